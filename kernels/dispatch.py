@@ -1,0 +1,39 @@
+"""Where an op runs: the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1) or kernels/reference.py."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+# Triton reads this variable when it is imported; read it the same way so the two always agree.
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_force_reference = 0
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """True when `x` should go through the Triton kernel rather than the PyTorch reference."""
+    if _force_reference:
+        return False
+    if x.is_cuda:
+        return True
+    return INTERPRET and x.device.type == "cpu"
+
+
+@contextlib.contextmanager
+def reference_ops() -> Iterator[None]:
+    """Run every op through kernels/reference.py inside this block (tests of engine logic on CPU)."""
+    global _force_reference
+    _force_reference += 1
+    try:
+        yield
+    finally:
+        _force_reference -= 1
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of a reference op: fp32 for half types, else the input's own."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
