@@ -1,0 +1,251 @@
+"""HF safetensors checkpoints <-> engine.model.Transformer.
+
+Loading reads tensor by tensor through safetensors slices, so peak host memory stays near one
+tensor and a tensor-parallel rank reads only its own slice from disk. Saving writes a directory
+that transformers' AutoModelForCausalLM / AutoModelForSequenceClassification load back, sharded
+above a size limit, into a temporary directory that is renamed into place only once complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from engine.config import ModelConfig
+from engine.model import Transformer
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Buffers old HF Llama checkpoints carry that are recomputed, not loaded.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass
+class TensorSpec:
+    """Where one HF tensor goes: module.load_part(source, part) / module.full_part(part)."""
+
+    module: torch.nn.Module
+    part: int
+    shape: tuple[int, ...]
+
+
+def hf_tensor_specs(model: Transformer, prefix: str = "model.") -> dict[str, TensorSpec]:
+    """HF tensor name -> spec, for every tensor the model expects (full, unsharded shapes)."""
+    c = model.config
+    h, i, d = c.hidden_size, c.intermediate_size, c.head_dim
+    specs = {f"{prefix}embed_tokens.weight": TensorSpec(model.embed_tokens, 0, (c.vocab_size, h))}
+    for n, layer in enumerate(model.layers):
+        p = f"{prefix}layers.{n}."
+        attn, mlp = layer.self_attn, layer.mlp
+        specs[p + "self_attn.q_proj.weight"] = TensorSpec(attn.qkv_proj, 0, (c.num_heads * d, h))
+        specs[p + "self_attn.k_proj.weight"] = TensorSpec(attn.qkv_proj, 1, (c.num_kv_heads * d, h))
+        specs[p + "self_attn.v_proj.weight"] = TensorSpec(attn.qkv_proj, 2, (c.num_kv_heads * d, h))
+        specs[p + "self_attn.o_proj.weight"] = TensorSpec(attn.o_proj, 0, (h, c.num_heads * d))
+        specs[p + "mlp.gate_proj.weight"] = TensorSpec(mlp.gate_up_proj, 0, (i, h))
+        specs[p + "mlp.up_proj.weight"] = TensorSpec(mlp.gate_up_proj, 1, (i, h))
+        specs[p + "mlp.down_proj.weight"] = TensorSpec(mlp.down_proj, 0, (h, i))
+        specs[p + "input_layernorm.weight"] = TensorSpec(layer.input_layernorm, 0, (h,))
+        specs[p + "post_attention_layernorm.weight"] = TensorSpec(layer.post_attention_layernorm, 0, (h,))
+    specs[f"{prefix}norm.weight"] = TensorSpec(model.norm, 0, (h,))
+    if model.head == "score":
+        specs["score.weight"] = TensorSpec(model.score, 0, (1, h))
+    elif model.lm_head is not None:
+        specs["lm_head.weight"] = TensorSpec(model.lm_head, 0, (c.vocab_size, h))
+    return specs
+
+
+def checkpoint_files(path: str) -> dict[str, str]:
+    """tensor name -> safetensors file path, from the index or from the single file."""
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = {name: os.path.join(path, fn) for name, fn in weight_map.items()}
+        for fn in sorted(set(files.values())):
+            if not os.path.exists(fn):
+                raise FileNotFoundError(f"{INDEX_FILE} names {os.path.basename(fn)}, which is not in {path}")
+        return files
+    shards = sorted(fn for fn in os.listdir(path) if fn.endswith(".safetensors"))
+    if not shards:
+        hint = (
+            " (PyTorch .bin checkpoints are not read: convert to safetensors)"
+            if any(fn.endswith(".bin") for fn in os.listdir(path))
+            else ""
+        )
+        raise FileNotFoundError(f"no safetensors files in {path}{hint}")
+    files = {}
+    for fn in shards:
+        with safe_open(os.path.join(path, fn), framework="pt") as f:
+            for name in f.keys():
+                files[name] = os.path.join(path, fn)
+    return files
+
+
+class _Source:
+    """A lazily sliced checkpoint tensor: source[a:b] reads only those rows, cast to the model dtype."""
+
+    def __init__(self, sl, dtype: torch.dtype):
+        self.sl, self.dtype = sl, dtype
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        return self.sl[idx].to(self.dtype)
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    *,
+    head: str = "lm",
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    group=None,
+) -> Transformer:
+    """Load an HF Llama checkpoint directory (config.json + safetensors) into a Transformer.
+
+    head: "lm" (LlamaForCausalLM) or "score" (LlamaForSequenceClassification with one label).
+    dtype: defaults to the checkpoint's stored dtype. group: a TP process group (load this rank's shard).
+    Missing, unexpected or wrongly shaped tensors raise ValueError naming the tensor and both shapes.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    config = ModelConfig.from_hf(path)
+    files = checkpoint_files(path)
+    names = [n for n in files if not n.endswith(IGNORED_SUFFIXES)]
+    prefix = "model." if any(n.startswith("model.") for n in names) else ""
+    dtype = dtype or config.torch_dtype
+    model = Transformer(config, head, group=group, dtype=dtype, device=device)
+    specs = hf_tensor_specs(model, prefix)
+
+    if head == "lm" and config.tie_word_embeddings:
+        names = [n for n in names if n != "lm_head.weight"]  # some writers save the tied copy too
+    missing = [n for n in specs if n not in files]
+    unexpected = [n for n in names if n not in specs]
+    if missing:
+        detail = ", ".join(f"{n} (expected shape {list(specs[n].shape)})" for n in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        hint = ""
+        if head == "lm" and "score.weight" in files:
+            hint = " (this is a sequence-classification checkpoint: load it with head='score')"
+        elif head == "score" and "lm_head.weight" in files:
+            hint = " (this is a causal-LM checkpoint: load it with head='lm')"
+        raise ValueError(f"checkpoint {path} is missing tensor {detail}{more}{hint}")
+    if unexpected:
+        raise ValueError(f"checkpoint {path} has unexpected tensor(s) {', '.join(unexpected[:5])}")
+
+    by_file: dict[str, list[str]] = {}
+    for name in specs:
+        by_file.setdefault(files[name], []).append(name)
+    with torch.no_grad():
+        for fn, tensor_names in by_file.items():
+            with safe_open(fn, framework="pt", device="cpu") as f:
+                for name in tensor_names:
+                    sl = f.get_slice(name)
+                    shape = tuple(sl.get_shape())
+                    spec = specs[name]
+                    if shape != spec.shape:
+                        raise ValueError(
+                            f"tensor {name} in {os.path.basename(fn)} has shape {list(shape)}, "
+                            f"expected {list(spec.shape)}"
+                        )
+                    spec.module.load_part(_Source(sl, dtype), spec.part, name)
+    return model
+
+
+def _is_writer(group) -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def save_pretrained(
+    model: Transformer,
+    path: str | os.PathLike,
+    *,
+    max_shard_bytes: int = 5 * 1024**3,
+    dtype: torch.dtype | None = None,
+    tokenizer_dir: str | os.PathLike | None = None,
+) -> None:
+    """Write `model` as an HF checkpoint directory at `path`, atomically (temp dir + rename).
+
+    With tensor parallelism every rank must call this (the shards are gathered); global rank 0 writes.
+    dtype: the stored dtype (default: the model's). tokenizer_dir: tokenizer files to copy alongside.
+    """
+    path = os.fspath(path).rstrip("/")
+    specs = hf_tensor_specs(model)
+    writer = _is_writer(model.group)
+    store_dtype = dtype or next(model.parameters()).dtype
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    if writer:
+        os.makedirs(tmp)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    sizes = [0]
+    # Gather on every rank (collectives), keep on the writer only; tensors go to CPU one at a time.
+    for name, spec in specs.items():
+        full = spec.module.full_part(spec.part)
+        if not writer:
+            continue
+        t = full.detach().to("cpu", store_dtype).contiguous()
+        nbytes = t.numel() * t.element_size()
+        if sizes[-1] and sizes[-1] + nbytes > max_shard_bytes:
+            shards.append({})
+            sizes.append(0)
+        shards[-1][name] = t
+        sizes[-1] += nbytes
+    if not writer:
+        if dist.is_initialized():
+            dist.barrier()
+        return
+    try:
+        n = len(shards)
+        weight_map = {}
+        for k, shard in enumerate(shards):
+            fn = SINGLE_FILE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+            save_file(shard, os.path.join(tmp, fn), metadata={"format": "pt"})
+            weight_map.update({name: fn for name in shard})
+        if n > 1:
+            _write_json(
+                os.path.join(tmp, INDEX_FILE), {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+            )
+        cfg = model.config.to_hf(model.head)
+        cfg["torch_dtype"] = str(store_dtype).replace("torch.", "")
+        _write_json(os.path.join(tmp, "config.json"), cfg)
+        if tokenizer_dir is not None:
+            for fn in os.listdir(tokenizer_dir):
+                if fn.startswith(("tokenizer", "special_tokens_map", "chat_template")):
+                    shutil.copy2(os.path.join(tokenizer_dir, fn), os.path.join(tmp, fn))
+        for fn in os.listdir(tmp):
+            _fsync(os.path.join(tmp, fn))
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def _write_json(fn: str, obj) -> None:
+    with open(fn, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+
+
+def _fsync(fn: str) -> None:
+    with open(fn, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _replace_dir(tmp: str, path: str) -> None:
+    """Move the finished tmp dir to path; an existing path is moved aside first and removed last."""
+    old = None
+    if os.path.exists(path):
+        old = f"{path}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(path, old)
+    os.rename(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,243 @@
+"""Configuration dataclasses: model shapes, sampling, PPO hyperparameters (RECIPE.md), parallel layout."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a Llama model. Field names follow ours; `from_hf` / `to_hf` translate HF's config.json."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int | None = None  # defaults to hidden_size // num_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = None
+    dtype: str = "bfloat16"  # the checkpoint's stored dtype
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for the rotary embedding")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def num_params(self, head: str = "lm") -> int:
+        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
+        layer = attn + 3 * h * i + 2 * h
+        out = self.vocab_size * h if head == "lm" and not self.tie_word_embeddings else (h if head == "score" else 0)
+        return self.vocab_size * h + self.num_layers * layer + h + out
+
+    @classmethod
+    def named(cls, name: str) -> ModelConfig:
+        if name not in MODEL_SHAPES:
+            raise ValueError(f"unknown model shape {name!r}; known: {', '.join(MODEL_SHAPES)}")
+        return dataclasses.replace(MODEL_SHAPES[name])
+
+    @classmethod
+    def from_hf(cls, source: str | os.PathLike | dict[str, Any]) -> ModelConfig:
+        """From an HF config.json (a path to the file or its directory, or the parsed dict)."""
+        if isinstance(source, dict):
+            cfg = source
+        else:
+            path = os.fspath(source)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"no config.json at {path}")
+            with open(path) as f:
+                cfg = json.load(f)
+        archs = cfg.get("architectures") or []
+        model_type = cfg.get("model_type")
+        if model_type != "llama" or any(a not in SUPPORTED_ARCHITECTURES for a in archs):
+            name = ", ".join(archs) or model_type
+            raise ValueError(f"architecture {name} (model_type {model_type!r}) is not supported: Llama only")
+        rope_params = cfg.get("rope_parameters") or {}
+        rope_scaling = cfg.get("rope_scaling")
+        rope_type = (
+            rope_params.get("rope_type") or (rope_scaling or {}).get("rope_type") or ((rope_scaling or {}).get("type"))
+        )
+        if rope_type not in (None, "default"):
+            raise ValueError(f"rope scaling {rope_type!r} is not supported (plain rotary only)")
+        for flag in ("attention_bias", "mlp_bias"):
+            if cfg.get(flag):
+                raise ValueError(f"{flag}=True is not supported (Llama-2 layers have no biases)")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {cfg['hidden_act']!r} is not supported (SwiGLU with silu only)")
+        eos = cfg.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=cfg["num_attention_heads"],
+            num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            head_dim=cfg.get("head_dim"),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_params.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=eos,
+            pad_token_id=cfg.get("pad_token_id"),
+            dtype=str(dtype).replace("torch.", ""),
+        )
+
+    def to_hf(self, head: str = "lm") -> dict[str, Any]:
+        """An HF config.json dict that transformers' Llama classes load."""
+        cfg: dict[str, Any] = {
+            "architectures": ["LlamaForCausalLM" if head == "lm" else "LlamaForSequenceClassification"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": self.dtype,
+        }
+        if head == "score":
+            cfg["num_labels"] = 1
+            cfg["id2label"] = {"0": "LABEL_0"}
+            cfg["label2id"] = {"LABEL_0": 0}
+        return cfg
+
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "LlamaForSequenceClassification", "LlamaModel")
+
+MODEL_SHAPES: dict[str, ModelConfig] = {
+    # A CPU-sized model for the embedded default and the tests: the vocabulary matches the shipped tokenizer.
+    "tiny": ModelConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=176,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=2048,
+        dtype="float32",
+    ),
+    "llama2-7b": ModelConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=4096,
+    ),
+    "llama2-13b": ModelConfig(
+        vocab_size=32000,
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_layers=40,
+        num_heads=40,
+        num_kv_heads=40,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=4096,
+    ),
+}
+
+
+@dataclass
+class GenerateConfig:
+    """Sampling parameters of one generate call (RECIPE.md: temperature 0.7, up to 1024 new tokens)."""
+
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k
+    max_new_tokens: int = 1024
+    stop_token_ids: list[int] = field(default_factory=list)
+    n: int = 1  # samples per prompt
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+
+
+@dataclass
+class PPOConfig:
+    """PPO hyperparameters; defaults are the Tulu V2.5 PPO 13B recipe (RECIPE.md)."""
+
+    learning_rate: float = 1e-6
+    lr_schedule: str = "linear"
+    warmup_ratio: float = 0.1
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    train_batch_size: int = 64  # sequences per optimizer step
+    rollout_batch_size: int = 512  # prompts per PPO iteration
+    samples_per_prompt: int = 1
+    ppo_epochs: int = 1
+    prompt_epochs: int = 1
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"
+    missing_eos_penalty: float = -10.0
+    whiten_rewards: bool = False
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True  # per optimizer minibatch
+    clip_ratio: float = 0.2
+    clip_value: float = 0.2
+    value_loss_coef: float = 0.1
+    temperature: float = 0.7
+    max_new_tokens: int = 1024
+    max_prompt_len: int = 1024
+    recompute_old_logprobs_per_minibatch: bool = False  # the EasyLM quirk, off by default
+
+
+@dataclass
+class ParallelConfig:
+    """Process grid: world = dp * tp; tp ranks are contiguous (one node's GPUs)."""
+
+    tp: int = 1
+    dp: int = 1

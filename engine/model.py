@@ -1,0 +1,311 @@
+"""The Llama model: one parameter set that serves training (packed forward, TP) and generation (paged KV).
+
+Every layer works on packed tokens [N, hidden]: a batch of sequences is concatenated and delimited by
+`cu_seqlens`, so no padding is ever computed. The padded `forward(input_ids [B, T], attention_mask)`
+packs, runs, and scatters back.
+
+Generation sets an `AttentionContext` (nano-vllm style) before calling `forward_packed`; the attention
+layers read it to write the paged KV cache during prefill, or to run paged decode attention, so the
+block tables and slot mappings never thread through every forward signature.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.config import ModelConfig
+from engine.parallel import (
+    ColumnParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    gather_from_tp,
+    group_size,
+)
+from kernels.rope_attention import rope_attention
+
+# ------------------------------------------------------------------------ attention context --
+
+
+@dataclass
+class AttentionContext:
+    """What the attention layers need during generation (set by engine.generate, else None).
+
+    kv_caches: per layer (k_cache, v_cache), each [num_blocks, block_size, Hkv_local, D].
+    slot_mapping: [N] int64 cache slot of each input token (-1: do not write).
+    decode: one new token per sequence (paged decode attention) rather than a prefill.
+    block_tables [B, max_blocks] int32 and context_lens [B] int32: decode only.
+    """
+
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    slot_mapping: torch.Tensor
+    decode: bool = False
+    block_tables: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None
+
+
+_CONTEXT: AttentionContext | None = None
+
+
+@contextlib.contextmanager
+def attention_context(ctx: AttentionContext | None) -> Iterator[None]:
+    global _CONTEXT
+    prev, _CONTEXT = _CONTEXT, ctx
+    try:
+        yield
+    finally:
+        _CONTEXT = prev
+
+
+# ---------------------------------------------------------------------------------- layers --
+
+
+class RMSNorm(nn.Module):
+    """HF Llama's RMSNorm: normalise in fp32, cast back, then scale (the order matters in bf16)."""
+
+    def __init__(self, hidden_size: int, eps: float, **factory):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(hidden_size, **factory))
+        self.weight.weight_loader = self.load_part
+
+    def load_part(self, source, part: int = 0, name: str = "weight") -> None:
+        src = source[:]
+        if tuple(src.shape) != tuple(self.weight.shape):
+            raise ValueError(f"tensor {name}: shape {tuple(src.shape)}, expected {tuple(self.weight.shape)}")
+        self.weight.data.copy_(src)
+
+    def full_part(self, part: int = 0) -> torch.Tensor:
+        return self.weight.data
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, group, **factory):
+        super().__init__()
+        tp = group_size(group)
+        d = cfg.head_dim
+        self.layer_idx = layer_idx
+        self.head_dim = d
+        self.rope_theta = cfg.rope_theta
+        self.qkv_proj = ColumnParallelLinear(
+            cfg.hidden_size,
+            [cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d],
+            group,
+            shard_units=[d, d, d],
+            names=["the attention heads", "the key/value heads", "the key/value heads"],
+            **factory,
+        )
+        self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, group, d, "the attention heads", **factory)
+        self.local_heads = cfg.num_heads // tp
+        self.local_kv_heads = cfg.num_kv_heads // tp
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        n, d = x.shape[0], self.head_dim
+        q, k, v = self.qkv_proj(x).split(
+            [self.local_heads * d, self.local_kv_heads * d, self.local_kv_heads * d], dim=-1
+        )
+        q = q.view(n, self.local_heads, d)
+        k = k.view(n, self.local_kv_heads, d)
+        v = v.view(n, self.local_kv_heads, d)
+        ctx = _CONTEXT
+        if ctx is None:
+            o = rope_attention(q, k, v, positions, cu_seqlens, rope_theta=self.rope_theta)
+        elif not ctx.decode:
+            o = rope_attention(
+                q,
+                k,
+                v,
+                positions,
+                cu_seqlens,
+                rope_theta=self.rope_theta,
+                kv_cache=ctx.kv_caches[self.layer_idx],
+                slot_mapping=ctx.slot_mapping,
+            )
+        else:
+            from kernels.paged_attention import paged_decode_attention, rope_write_kv
+
+            k_cache, v_cache = ctx.kv_caches[self.layer_idx]
+            q = rope_write_kv(q, k, v, positions, k_cache, v_cache, ctx.slot_mapping, rope_theta=self.rope_theta)
+            o = paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens)
+        return self.o_proj(o.reshape(n, self.local_heads * d))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused into one column-parallel weight."""
+
+    def __init__(self, cfg: ModelConfig, group, **factory):
+        super().__init__()
+        i = cfg.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(
+            cfg.hidden_size, [i, i], group, names=["the MLP width", "the MLP width"], **factory
+        )
+        self.down_proj = RowParallelLinear(i, cfg.hidden_size, group, 1, "the MLP width", **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, group, **factory):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
+        self.self_attn = Attention(cfg, layer_idx, group, **factory)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
+        self.mlp = MLP(cfg, group, **factory)
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), positions, cu_seqlens)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+# ---------------------------------------------------------------------------------- model --
+
+
+class Transformer(nn.Module):
+    """Llama with an "lm" head (logits over the vocabulary) or a "score" head (one scalar per token).
+
+    With a TP `group`, every weight is this rank's shard (see engine.parallel); the trainer updates
+    these very tensors and the generator reads them, so there is never a second copy.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        head: str = "lm",
+        *,
+        group=None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        if head not in ("lm", "score"):
+            raise ValueError(f"head must be 'lm' or 'score', got {head!r}")
+        self.config, self.head, self.group = config, head, group
+        self.tp = group_size(group)
+        factory = {"dtype": dtype or config.torch_dtype, "device": device}
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, group, **factory)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, group, **factory) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
+        if head == "lm":
+            if config.tie_word_embeddings:
+                self.lm_head = None
+            else:
+                self.lm_head = ColumnParallelLinear(
+                    config.hidden_size, [config.vocab_size], group, names=["the vocabulary"], **factory
+                )
+        else:
+            self.score = ReplicatedLinear(config.hidden_size, 1, **factory)
+
+    # The LM head's weight [V_local, hidden] (tied to the embedding or not), for fused log-prob kernels.
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        if self.head != "lm":
+            raise AttributeError("a score model has no LM head")
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, seed: int = 0) -> Transformer:
+        """Random weights (benchmarks, tests): normal(0, std) matrices, unit norms."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return self
+
+    def hidden_packed(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Final normed hidden states [N, hidden] of packed tokens input_ids [N] at positions [N]."""
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h = layer(h, positions, cu_seqlens)
+        return self.norm(h)
+
+    def head_packed(self, hidden: torch.Tensor, *, gather: bool = True) -> torch.Tensor:
+        """LM head -> logits [N, V] (this rank's vocab shard if not `gather`), or score head -> [N]."""
+        if self.head == "score":
+            return self.score(hidden).squeeze(-1)
+        logits = F.linear(hidden, self.lm_head_weight)
+        return gather_from_tp(logits, self.group) if gather else logits
+
+    def forward_packed(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cu_seqlens: torch.Tensor | None,
+        *,
+        gather: bool = True,
+    ) -> torch.Tensor:
+        """Packed forward: input_ids, positions [N]; cu_seqlens [S+1] int32 -> logits [N, V] or scores [N]."""
+        return self.head_packed(self.hidden_packed(input_ids, positions, cu_seqlens), gather=gather)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, gather: bool = True
+    ) -> torch.Tensor:
+        """Padded forward: input_ids [B, T] (left or right padding) -> logits [B, T, V] or scores [B, T].
+
+        Positions count only the real tokens of each row (a left-padded row starts at 0). Padding
+        positions come back as 0.
+        """
+        ids, positions, cu_seqlens, mask = pack_padded(input_ids, attention_mask)
+        self.check_token_ids(ids)
+        out = self.forward_packed(ids, positions, cu_seqlens, gather=gather)
+        full = out.new_zeros(*input_ids.shape, *out.shape[1:])
+        full[mask] = out
+        return full
+
+    def check_token_ids(self, ids: torch.Tensor) -> None:
+        """A clear error for an id outside the vocabulary (the embedding would fail obscurely or silently)."""
+        if ids.numel() == 0:
+            return
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+
+
+def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    """[B, T] ids and mask -> packed ids [N], positions [N], cu_seqlens [B+1] int32, bool mask [B, T]."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        mask = torch.ones_like(input_ids, dtype=torch.bool)
+    else:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
+        mask = attention_mask.bool()
+    positions = (mask.long().cumsum(-1) - 1)[mask]
+    lengths = mask.sum(-1, dtype=torch.int32)
+    cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    return input_ids[mask], positions, cu_seqlens, mask
+
+
+def last_token_scores(scores: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The score at each row's last real token: scores [B, T] -> [B] (the reward model's output)."""
+    if attention_mask is None:
+        return scores[:, -1]
+    idx = torch.arange(scores.shape[1], device=scores.device) * attention_mask.bool()
+    return scores.gather(1, idx.argmax(-1, keepdim=True)).squeeze(1)
+
+
+def flops_per_token(cfg: ModelConfig, context_len: int = 0) -> float:
+    """Forward FLOPs of one token: 2 per weight multiply-add plus attention over `context_len` tokens."""
+    weights = cfg.num_params("lm") - cfg.vocab_size * cfg.hidden_size  # embedding lookup is not a matmul
+    attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context_len
+    return 2.0 * weights + attn

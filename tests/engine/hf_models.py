@@ -1,0 +1,50 @@
+"""Small random HF Llama checkpoints the tests save themselves."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+
+def hf_config(**overrides) -> LlamaConfig:
+    kw = dict(
+        vocab_size=301,  # not a power of two
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,  # large enough that layers change the logits visibly
+        rms_norm_eps=1e-5,
+        pad_token_id=0,
+    )
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def save_hf_model(path, head: str = "lm", seed: int = 0, dtype=torch.float32, **overrides):
+    torch.manual_seed(seed)
+    cfg = hf_config(**overrides)
+    if head == "lm":
+        model = LlamaForCausalLM(cfg)
+    else:
+        cfg.num_labels = 1
+        model = LlamaForSequenceClassification(cfg)
+    model = model.to(dtype).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def padded_batch(vocab: int, lengths: list[int], side: str, pad_id: int = 0, seed: int = 0):
+    """ids [B, T] with real tokens drawn from 1..vocab-1 and pad_id elsewhere; mask [B, T]; HF position ids."""
+    g = torch.Generator().manual_seed(seed)
+    t = max(lengths)
+    ids = torch.full((len(lengths), t), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(lengths), t, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        sl = slice(t - n, t) if side == "left" else slice(0, n)
+        ids[b, sl] = torch.randint(1, vocab, (n,), generator=g)
+        mask[b, sl] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, position_ids

@@ -1,0 +1,140 @@
+"""Our Llama against transformers' LlamaForCausalLM / LlamaForSequenceClassification."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from engine.checkpoint import load_pretrained, save_pretrained
+from engine.config import ModelConfig
+from engine.model import Transformer, last_token_scores, pack_padded
+from tests.engine.hf_models import padded_batch, save_hf_model
+
+VARIANTS = {
+    "mha": dict(num_key_value_heads=4),
+    "gqa": dict(num_key_value_heads=2),
+    "theta500k": dict(rope_theta=500000.0),
+    "tied": dict(tie_word_embeddings=True),
+    "mqa_hd32": dict(num_attention_heads=2, num_key_value_heads=1, hidden_size=64),
+}
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_logits_match_transformers(tmp_path, variant, side):
+    hf = save_hf_model(tmp_path, **VARIANTS[variant])
+    ours = load_pretrained(tmp_path)
+    ids, mask, pos = padded_batch(301, [11, 5, 1, 8], side)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        out = ours(ids, mask)
+    m = mask.bool()
+    assert out.shape == ref.shape
+    assert rel_err(out[m], ref[m]) < 2e-5
+    assert (out[~m] == 0).all()
+
+
+def test_logits_bf16(tmp_path):
+    hf = save_hf_model(tmp_path, dtype=torch.bfloat16)
+    ours = load_pretrained(tmp_path)
+    assert next(ours.parameters()).dtype == torch.bfloat16
+    ids, mask, pos = padded_batch(301, [7, 4], "right")
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        out = ours(ids, mask)
+    assert rel_err(out[mask.bool()], ref[mask.bool()]) < 3e-2
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_score_head_matches_sequence_classification(tmp_path, side):
+    hf = save_hf_model(tmp_path, head="score")
+    ours = load_pretrained(tmp_path, head="score")
+    ids, mask, pos = padded_batch(301, [9, 3, 6], side)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits.squeeze(-1)  # pooled [B]
+        scores = ours(ids, mask)
+    assert scores.shape == ids.shape
+    assert rel_err(last_token_scores(scores, mask), ref) < 2e-5
+
+
+def test_save_then_transformers_loads(tmp_path):
+    save_hf_model(tmp_path / "src", tie_word_embeddings=False)
+    ours = load_pretrained(tmp_path / "src")
+    save_pretrained(ours, tmp_path / "out")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids, mask, pos = padded_batch(301, [6, 10], "left")
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        out = ours(ids, mask)
+    assert rel_err(out[mask.bool()], ref[mask.bool()]) < 2e-5
+
+
+def test_save_score_model_then_transformers_loads(tmp_path):
+    ours = Transformer(ModelConfig.named("tiny"), head="score").init_weights(std=0.1, seed=3)
+    ours.config.pad_token_id = 0
+    save_pretrained(ours, tmp_path)
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    ids, mask, pos = padded_batch(ours.config.vocab_size, [5, 8], "right")
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits.squeeze(-1)
+        out = last_token_scores(ours(ids, mask), mask)
+    assert rel_err(out, ref) < 2e-5
+
+
+def test_sharded_checkpoints_load(tmp_path):
+    hf = save_hf_model(tmp_path / "hf")
+    hf.save_pretrained(tmp_path / "hf_sharded", max_shard_size="40KB")
+    assert (tmp_path / "hf_sharded" / "model.safetensors.index.json").exists()
+    ours = load_pretrained(tmp_path / "hf_sharded")
+    save_pretrained(ours, tmp_path / "ours_sharded", max_shard_bytes=30_000)
+    files = sorted(p.name for p in (tmp_path / "ours_sharded").iterdir())
+    assert "model.safetensors.index.json" in files and len([f for f in files if f.endswith(".safetensors")]) > 2
+    again = load_pretrained(tmp_path / "ours_sharded")
+    for (n1, p1), (n2, p2) in zip(ours.named_parameters(), again.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+def test_packed_matches_padded(tmp_path):
+    save_hf_model(tmp_path)
+    ours = load_pretrained(tmp_path)
+    lengths = [4, 1, 13]
+    ids, mask, _ = padded_batch(301, lengths, "right")
+    packed_ids, positions, cu, m = pack_padded(ids, mask)
+    assert cu.tolist() == [0, 4, 5, 18]
+    with torch.no_grad():
+        padded = ours(ids, mask)
+        packed = ours.forward_packed(packed_ids, positions, cu)
+        # one sequence at a time, unpadded
+        single = torch.cat([ours(ids[b : b + 1, :n])[0] for b, n in enumerate(lengths)])
+    assert torch.allclose(padded[m], packed, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(single, packed, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_flow_to_every_parameter(tmp_path):
+    save_hf_model(tmp_path)
+    ours = load_pretrained(tmp_path)
+    ids, mask, _ = padded_batch(301, [5, 3], "left")
+    ours(ids, mask).logsumexp(-1).sum().backward()
+    for name, p in ours.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_token_id_outside_vocabulary():
+    model = Transformer(ModelConfig.named("tiny")).init_weights()
+    with pytest.raises(ValueError, match="token id 512 is outside the vocabulary"):
+        model(torch.tensor([[1, 2, 512]]))
+    with pytest.raises(ValueError, match="token id -1"):
+        model(torch.tensor([[1, -1]]))
+
+
+def test_named_shapes_are_llama2():
+    c13 = ModelConfig.named("llama2-13b")
+    assert (c13.hidden_size, c13.num_layers, c13.num_heads, c13.intermediate_size) == (5120, 40, 40, 13824)
+    assert abs(c13.num_params() - 13.016e9) / 13.016e9 < 1e-3
+    c7 = ModelConfig.named("llama2-7b")
+    assert abs(c7.num_params() - 6.738e9) / 6.738e9 < 1e-3
+    with pytest.raises(ValueError, match="unknown model shape"):
+        ModelConfig.named("llama3-8b")
