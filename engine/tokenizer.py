@@ -1,0 +1,131 @@
+"""HF tokenizer files, the Tulu chat template, and prompt files (JSONL).
+
+Tulu's chat format (RECIPE.md, newlines matter):
+    <|user|>\\n{prompt}\\n<|assistant|>\\n
+Earlier assistant turns end with the EOS token and a newline. Prompts longer than the limit are
+dropped, never truncated, and the number dropped is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+TINY_DIR = os.path.join(ASSETS_DIR, "tiny")  # the project's own small BPE tokenizer
+TINY_PROMPTS = os.path.join(ASSETS_DIR, "prompts_tiny.jsonl")
+
+# The same format as a Jinja chat template, stored in tokenizer_config.json of tokenizers we build.
+TULU_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endif %}"
+    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    "{% endfor %}"
+)
+ROLES = ("system", "user", "assistant")
+
+
+def load_tokenizer(path: str | os.PathLike = TINY_DIR):
+    """An HF fast tokenizer from local files (tokenizer.json / tokenizer_config.json); never downloads."""
+    from transformers import AutoTokenizer
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def format_chat(messages: list[dict], eos_token: str, add_generation_prompt: bool = True) -> str:
+    """Render messages in the Tulu format; ends with '<|assistant|>\\n' for generation."""
+    parts = []
+    for m in messages:
+        role, content = m["role"], m["content"]
+        if role == "system":
+            parts.append(f"<|system|>\n{content}\n")
+        elif role == "user":
+            parts.append(f"<|user|>\n{content}\n")
+        elif role == "assistant":
+            parts.append(f"<|assistant|>\n{content}{eos_token}\n")
+        else:
+            raise ValueError(f"unknown chat role {role!r} (expected one of {', '.join(ROLES)})")
+    if add_generation_prompt:
+        parts.append("<|assistant|>\n")
+    return "".join(parts)
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of the Tulu-formatted prompt, with the tokenizer's BOS as it adds it."""
+    text = format_chat(messages, tokenizer.eos_token or "")
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def prompt_messages(obj: dict, where: str) -> list[dict]:
+    """The conversation up to (and including) the last user turn, from one JSONL object.
+
+    Accepts {"prompt": str}, {"messages": [...]} or a preference pair's {"chosen": [...]}.
+    """
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "prompt" in obj and isinstance(obj["prompt"], str):
+        if not obj["prompt"].strip():
+            raise ValueError(f"{where}: empty prompt")
+        return [{"role": "user", "content": obj["prompt"]}]
+    msgs = obj.get("messages", obj.get("chosen"))
+    if not isinstance(msgs, list):
+        raise ValueError(f"{where}: needs a 'prompt' string or a 'messages' (or 'chosen') list")
+    for m in msgs:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}: each message needs a role in {ROLES} and a string content, got {m!r}")
+    last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=None)
+    if last_user is None:
+        raise ValueError(f"{where}: the conversation has no user turn")
+    return msgs[: last_user + 1]
+
+
+def read_prompt_file(path: str | os.PathLike) -> list[list[dict]]:
+    """Conversations (each a list of messages ending with a user turn) from a JSONL prompt file."""
+    path = os.fspath(path)
+    convs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            convs.append(prompt_messages(obj, where))
+    if not convs:
+        raise ValueError(f"prompt file {path} is empty")
+    return convs
+
+
+@dataclass
+class PromptSet:
+    prompts: list[list[int]]  # token ids, each within the limit
+    messages: list[list[dict]]
+    dropped: int = 0  # prompts over the limit
+    lengths: list[int] = field(default_factory=list)
+
+
+def load_prompts(path: str | os.PathLike, tokenizer, max_prompt_len: int = 1024, *, verbose: bool = True) -> PromptSet:
+    """Tokenise a prompt file with the Tulu template, dropping (not truncating) prompts over the limit."""
+    convs = read_prompt_file(path)
+    kept, kept_msgs, dropped = [], [], 0
+    for msgs in convs:
+        ids = encode_chat(tokenizer, msgs)
+        if len(ids) > max_prompt_len:
+            dropped += 1
+            continue
+        kept.append(ids)
+        kept_msgs.append(msgs)
+    if verbose:
+        print(f"prompts: {len(kept)} kept, {dropped} dropped as longer than {max_prompt_len} tokens ({path})")
+    if not kept:
+        raise ValueError(f"every prompt in {path} is longer than {max_prompt_len} tokens")
+    return PromptSet(kept, kept_msgs, dropped, [len(p) for p in kept])
