@@ -25,6 +25,7 @@ from engine.parallel import (
     ReplicatedLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    copy_to_tp,
     gather_from_tp,
     group_size,
 )
@@ -239,7 +240,7 @@ class Transformer(nn.Module):
         """LM head -> logits [N, V] (this rank's vocab shard if not `gather`), or score head -> [N]."""
         if self.head == "score":
             return self.score(hidden).squeeze(-1)
-        logits = F.linear(hidden, self.lm_head_weight)
+        logits = F.linear(copy_to_tp(hidden, self.group), self.lm_head_weight)
         return gather_from_tp(logits, self.group) if gather else logits
 
     def forward_packed(

@@ -1,0 +1,51 @@
+"""Run under torchrun (gloo, CPU): the model with TP=2 must match TP=1 in logits, gradients and saving.
+
+python -m torch.distributed.run --nproc_per_node 2 tests/engine/tp_worker.py CKPT OUT
+"""
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from engine.checkpoint import load_pretrained, save_pretrained
+from engine.parallel import init_process_grid
+
+
+def main(ckpt: str, out: str) -> None:
+    grid = init_process_grid(tp=2)
+    torch.manual_seed(0)
+    ids = torch.randint(1, 301, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # a left-padded row
+    mask[2, 5:] = 0  # a right-padded row
+    model = load_pretrained(ckpt, group=grid.tp_group)
+    logits = model(ids, mask)  # gathered over the vocabulary
+    logits.float().logsumexp(-1).sum().backward()
+    grads = {
+        "q_proj": model.layers[0].self_attn.qkv_proj.full_part(0),  # weights, gathered
+        "q_grad": _gather_rows(model.layers[0].self_attn.qkv_proj.weight.grad, model),
+        "down_grad": _gather_cols(model.layers[1].mlp.down_proj.weight.grad, model),
+        "embed_grad": _gather_rows(model.embed_tokens.weight.grad, model),
+    }
+    save_pretrained(model, out + "/saved")
+    if grid.rank == 0:
+        torch.save({"ids": ids, "mask": mask, "logits": logits.detach(), **grads}, out + "/tp2.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _gather_rows(t, model):
+    parts = [torch.empty_like(t) for _ in range(2)]
+    dist.all_gather(parts, t.contiguous(), group=model.group)
+    return torch.cat(parts, 0)
+
+
+def _gather_cols(t, model):
+    parts = [torch.empty_like(t) for _ in range(2)]
+    dist.all_gather(parts, t.contiguous(), group=model.group)
+    return torch.cat(parts, 1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
