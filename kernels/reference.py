@@ -106,3 +106,69 @@ def rope_attention(
 
 
 # ===================================================================================== gae ==
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Oracle of kernels.gae.gae: the reversed Python loop of TRL / OpenRLHF / veRL, masked.
+
+    rewards, values [B, T] float; mask [B, T] (bool or numbers, nonzero = response token).
+    Returns (advantages, returns) [B, T] in compute_dtype of the inputs (float64 stays float64).
+
+    The peers' loop runs over a contiguous response tensor. Here the masked positions of each row
+    are the steps, taken in order, and everything else is skipped (the carry of veRL's multi-turn
+    loop): V_next is the value at the row's next masked position (0 after the last one),
+    delta_t = r_t + gamma * V_next - V_t, A_t = delta_t + gamma * lam * A_next, returns = A + V.
+    Rewards and values outside the mask are never read into the result (even NaN there is fine);
+    advantages and returns outside the mask are exactly 0.
+    """
+    ct = compute_dtype(torch.promote_types(rewards.dtype, values.dtype))
+    m = mask != 0
+    r = torch.where(m, rewards.to(ct), 0.0)
+    v = torch.where(m, values.to(ct), 0.0)
+    n_rows, n_steps = r.shape
+    next_values = r.new_zeros(n_rows)
+    last_gae_lam = r.new_zeros(n_rows)
+    advantages_reversed = []
+    for t in reversed(range(n_steps)):
+        delta = r[:, t] + gamma * next_values - v[:, t]
+        gae_t = delta + gamma * lam * last_gae_lam
+        # Masked-out steps carry both the next value and the running advantage through unchanged.
+        next_values = torch.where(m[:, t], v[:, t], next_values)
+        last_gae_lam = torch.where(m[:, t], gae_t, last_gae_lam)
+        advantages_reversed.append(last_gae_lam)
+    if advantages_reversed:
+        advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    else:
+        advantages = r.new_zeros(n_rows, 0)
+    advantages = torch.where(m, advantages, 0.0)
+    returns = torch.where(m, advantages + v, 0.0)
+    return advantages, returns
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Oracle of kernels.gae.masked_mean (single process): mean of x over mask != 0; NaN if none."""
+    return x[mask != 0].to(compute_dtype(x.dtype)).mean()
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Oracle of kernels.gae.masked_whiten (single process), TRL's masked_whiten with unbiased variance.
+
+    (x - mean) * rsqrt(var + eps) over mask != 0, var with Bessel's correction (n - 1); with
+    shift_mean=False the mean is added back (TRL). var is taken as 0 when fewer than 2 elements are
+    masked (TRL raises there). Positions outside the mask are 0. Returns x's dtype.
+    """
+    ct = compute_dtype(x.dtype)
+    m = mask != 0
+    sel = x[m].to(ct)
+    mean = sel.mean() if sel.numel() else sel.new_zeros(())
+    var = sel.var(unbiased=True) if sel.numel() > 1 else sel.new_zeros(())
+    out = (x.to(ct) - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(m, out, 0.0).to(x.dtype)
