@@ -142,8 +142,10 @@ def paged_decode_attention(
     valid = t[None, :] < lens[:, None]  # [B, L]
     blocks = block_tables.to(torch.int64)[:, t // block_size]  # [B, L]
     slots = torch.where(valid, blocks * block_size + t % block_size, 0)
-    k = _flat_cache(k_cache)[slots.reshape(-1)].view(b, max_len, hkv, d).to(ct)
-    v = _flat_cache(v_cache)[slots.reshape(-1)].view(b, max_len, hkv, d).to(ct)
+    # Zero what lies past each context: unwritten slots may hold anything (NaN included).
+    keep = valid[:, :, None, None]
+    k = torch.where(keep, _flat_cache(k_cache)[slots.reshape(-1)].view(b, max_len, hkv, d).to(ct), 0.0)
+    v = torch.where(keep, _flat_cache(v_cache)[slots.reshape(-1)].view(b, max_len, hkv, d).to(ct), 0.0)
     qg = q.to(ct).view(b, hkv, hq // hkv, d)
     scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
