@@ -1,0 +1,165 @@
+"""Benchmark paged decode attention: ours vs the eager reference (gather + attention) vs torch.compile.
+
+    python bench/bench_paged_attention.py [--json out.json] [--bandwidth-tbs 3.0] [--shapes NAME ...]
+
+Shapes are Llama-2-13B decode steps (Hq = Hkv = 40, D = 128, block 16, bf16) plus a GQA one; every
+sequence of a batch has the same context length. Reported: time (ms), GB/s of KV read
+(context * Hkv * D * 2 tensors * bytes), its fraction of the copy bandwidth (3.0 TB/s on H100), the
+roofline floor and the extra peak memory of each variant. Also times rope_write_kv for the batch.
+Without a GPU it runs a tiny shape on CPU (reference eager only) and says that GPU figures need CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import reference  # noqa: E402
+from kernels.paged_attention import paged_decode_attention, rope_write_kv  # noqa: E402
+
+# name: (batch, context, Hq, Hkv, D, block_size)
+SHAPES = {
+    "13b-b64-c384": (64, 384, 40, 40, 128, 16),
+    "13b-b8-c4096": (8, 4096, 40, 40, 128, 16),
+    "13b-b1-c4096": (1, 4096, 40, 40, 128, 16),
+    "13b-b256-c1024": (256, 1024, 40, 40, 128, 16),
+    "13b-b32-c2048": (32, 2048, 40, 40, 128, 16),
+    "70b-gqa8-b32-c2048": (32, 2048, 64, 8, 128, 16),
+}
+CPU_SHAPES = {"tiny-b4-c100": (4, 100, 4, 2, 64, 16)}
+
+
+def _make(batch, ctx, hq, hkv, d, block_size, dtype, device):
+    """Random caches with each sequence's blocks scattered over the pool (a shuffled block table)."""
+    per_seq = -(-ctx // block_size)
+    num_blocks = batch * per_seq + 8
+    k_cache = torch.randn(num_blocks, block_size, hkv, d, dtype=dtype, device=device)
+    v_cache = torch.randn_like(k_cache)
+    perm = torch.randperm(num_blocks, device=device)[: batch * per_seq]
+    block_tables = perm.view(batch, per_seq).to(torch.int32)
+    context_lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+    q = torch.randn(batch, hq, d, dtype=dtype, device=device)
+    return q, k_cache, v_cache, block_tables, context_lens
+
+
+def _time_ms(fn, device) -> float:
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100))
+    fn()
+    n, start = 0, time.perf_counter()
+    while n < 3 or time.perf_counter() - start < 0.5:
+        fn()
+        n += 1
+    return (time.perf_counter() - start) / n * 1e3
+
+
+def _peak_extra_mb(fn, device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _bench_shape(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, compile_) -> dict:
+    q, kc, vc, bt, cl = _make(batch, ctx, hq, hkv, d, bs, dtype, device)
+    kv_bytes = batch * ctx * hkv * d * 2 * kc.element_size()
+    variants = {}
+    if device.type == "cuda":
+        variants["ours"] = lambda: paged_decode_attention(q, kc, vc, bt, cl, max_context_len=ctx)
+    variants["eager"] = lambda: reference.paged_decode_attention(q, kc, vc, bt, cl)
+    if device.type == "cuda" and compile_:
+        compiled = torch.compile(reference.paged_decode_attention)
+        variants["compile"] = lambda: compiled(q, kc, vc, bt, cl)
+    row = {"shape": name, "batch": batch, "context": ctx, "hq": hq, "hkv": hkv, "head_dim": d, "block": bs}
+    row.update({"dtype": str(dtype), "kv_bytes": kv_bytes, "floor_ms": kv_bytes / bw * 1e3})
+    for vname, fn in variants.items():
+        try:
+            ms = _time_ms(fn, device)
+            row[f"{vname}_ms"] = ms
+            row[f"{vname}_gbs"] = kv_bytes / (ms * 1e-3) / 1e9
+            row[f"{vname}_mem_mb"] = _peak_extra_mb(fn, device)
+        except Exception as e:  # a failing peer (OOM, compile error) must not hide the other figures
+            print(f"{name} {vname}: failed ({type(e).__name__}: {e})")
+    if device.type == "cuda":
+        # The decode-step companion: rotary + KV write of one token per sequence.
+        k1 = torch.randn(batch, hkv, d, dtype=dtype, device=device)
+        slots = bt[:, -1].to(torch.int64) * bs
+        pos = cl.to(torch.int64) - 1
+        row["rope_write_ms"] = _time_ms(lambda: rope_write_kv(q, k1, k1, pos, kc, vc, slots), device)
+    return row
+
+
+def run(args) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    shapes = SHAPES if device.type == "cuda" else CPU_SHAPES
+    if args.shapes:
+        shapes = {k: v for k, v in {**SHAPES, **CPU_SHAPES}.items() if k in args.shapes}
+    if device.type != "cuda":
+        print("no CUDA device: timing a tiny shape on CPU (reference only); GPU figures need a CUDA device")
+    bw = args.bandwidth_tbs * 1e12
+    rows = []
+    for name, shape in shapes.items():
+        rows.append(_bench_shape(name, *shape, dtype=dtype, device=device, bw=bw, compile_=not args.no_compile))
+    _print(rows, args.bandwidth_tbs)
+    if device.type == "cuda":
+        print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {_triton_version()}")
+    return rows
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return "n/a"
+
+
+def _print(rows, tbs) -> None:
+    head = f"{'shape':<20} {'KV MB':>8} {'floor ms':>9}"
+    for v in ("ours", "eager", "compile"):
+        head += f" {v + ' ms':>11} {v + ' GB/s':>11} {'%' + str(tbs) + 'TB/s':>10} {'+MB':>8}"
+    head += f" {'rope_write ms':>14}"
+    print(head)
+    for r in rows:
+        line = f"{r['shape']:<20} {r['kv_bytes'] / 1e6:8.1f} {r['floor_ms']:9.4f}"
+        for v in ("ours", "eager", "compile"):
+            ms = r.get(f"{v}_ms", float("nan"))
+            gbs = r.get(f"{v}_gbs", float("nan"))
+            frac = gbs / (tbs * 1e3) * 100 if not math.isnan(gbs) else float("nan")
+            line += f" {ms:11.4f} {gbs:11.1f} {frac:9.1f}% {r.get(f'{v}_mem_mb', float('nan')):8.1f}"
+        line += f" {r.get('rope_write_ms', float('nan')):14.4f}"
+        print(line)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", type=Path, default=None, help="write the figures to this JSON file")
+    p.add_argument("--bandwidth-tbs", type=float, default=3.0, help="copy bandwidth for the roofline (TB/s)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--shapes", nargs="*", default=None, help=f"subset of {list(SHAPES) + list(CPU_SHAPES)}")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to warm up)")
+    args = p.parse_args(argv)
+    rows = run(args)
+    if args.json:
+        clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
+        args.json.write_text(json.dumps(clean, indent=2))
+
+
+if __name__ == "__main__":
+    main()
