@@ -1,17 +1,20 @@
 """Benchmark paged decode attention: ours vs the eager reference (gather + attention) vs torch.compile.
 
-    python bench/bench_paged_attention.py [--json out.json] [--bandwidth-tbs 3.0] [--shapes NAME ...]
+    python bench/bench_paged_attention.py [--json out.json] [--bandwidth-tbs 3.0] [--shapes NAME ...] [--sweep]
 
 Shapes are Llama-2-13B decode steps (Hq = Hkv = 40, D = 128, block 16, bf16) plus a GQA one; every
 sequence of a batch has the same context length. Reported: time (ms), GB/s of KV read
 (context * Hkv * D * 2 tensors * bytes), its fraction of the copy bandwidth (3.0 TB/s on H100), the
 roofline floor and the extra peak memory of each variant. Also times rope_write_kv for the batch.
+--sweep also times the decode kernel's launch variants (tile, warps, stages, tl.dot or not) per
+shape and prints the fastest, to tune kernels.paged_attention.decode_config on a new GPU.
 Without a GPU it runs a tiny shape on CPU (reference eager only) and says that GPU figures need CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -103,6 +106,25 @@ def _bench_shape(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, compile
     return row
 
 
+def _sweep(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw) -> list[dict]:
+    q, kc, vc, bt, cl = _make(batch, ctx, hq, hkv, d, bs, dtype, device)
+    kv_bytes = batch * ctx * hkv * d * 2 * kc.element_size()
+    results = []
+    for block_n, warps, stages, dot_min in itertools.product((32, 64, 128), (4, 8), (1, 2, 3), (1, 2)):
+        cfg = {"block_n": block_n, "num_warps": warps, "num_stages": stages, "dot_min_group": dot_min}
+        try:
+            fn = lambda: paged_decode_attention(q, kc, vc, bt, cl, max_context_len=ctx, config=cfg)  # noqa: B023
+            ms = _time_ms(fn, device)
+        except Exception as e:  # out of shared memory / registers for this variant
+            print(f"{name} {cfg}: failed ({type(e).__name__})")
+            continue
+        results.append({"shape": name, **cfg, "ms": ms, "tbs": kv_bytes / (ms * 1e-3) / 1e12})
+    results.sort(key=lambda r: r["ms"])
+    for r in results[:5]:
+        print(f"  {name:<20} {r['ms']:.4f} ms {r['tbs']:.2f} TB/s ({r['tbs'] * 1e12 / bw * 100:.0f}%) {r}")
+    return results
+
+
 def run(args) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
@@ -115,7 +137,11 @@ def run(args) -> list[dict]:
     rows = []
     for name, shape in shapes.items():
         rows.append(_bench_shape(name, *shape, dtype=dtype, device=device, bw=bw, compile_=not args.no_compile))
-    _print(rows, args.bandwidth_tbs)
+    if args.sweep and device.type == "cuda":
+        print("fastest launch variants per shape:")
+        for name, shape in shapes.items():
+            rows.extend(_sweep(name, *shape, dtype=dtype, device=device, bw=bw))
+    _print([r for r in rows if "kv_bytes" in r], args.bandwidth_tbs)
     if device.type == "cuda":
         print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {_triton_version()}")
     return rows
@@ -153,6 +179,7 @@ def main(argv=None) -> None:
     p.add_argument("--bandwidth-tbs", type=float, default=3.0, help="copy bandwidth for the roofline (TB/s)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--shapes", nargs="*", default=None, help=f"subset of {list(SHAPES) + list(CPU_SHAPES)}")
+    p.add_argument("--sweep", action="store_true", help="also time the kernel's launch variants (GPU only)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to warm up)")
     args = p.parse_args(argv)
     rows = run(args)

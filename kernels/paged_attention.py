@@ -59,6 +59,7 @@ def _attend_tile(
     USE_DOT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
     """Online-softmax update of m, l [GROUP_PAD] and acc [GROUP_PAD, BLOCK_D] with tokens [n0, n0 + BLOCK_N)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -66,7 +67,11 @@ def _attend_tile(
     # Per-token gather through the block table: a tile may span several physical blocks.
     blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
     tok = offs_n % BLOCK_SIZE
-    kv_mask = n_mask[:, None] & d_mask[None, :]
+    if EVEN_D:
+        # A mask constant along D lets the compiler keep 16-byte vector loads.
+        kv_mask = n_mask[:, None]
+    else:
+        kv_mask = n_mask[:, None] & d_mask[None, :]
     k = tl.load(k_head + blk[:, None] * stride_kb + tok[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_head + blk[:, None] * stride_vb + tok[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
     if UPCAST:
@@ -75,7 +80,7 @@ def _attend_tile(
     if USE_DOT:
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     else:
-        # GROUP == 1: a [1, BLOCK_N] dot would waste the tensor core; multiply-reduce instead.
+        # Small group (MHA): a dot padded to 16 rows would mostly multiply zeros; multiply-reduce instead.
         s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
     s = tl.where(n_mask[None, :], s * scale_log2e, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -103,6 +108,7 @@ def _paged_decode_kernel(
     WS_ACC,
     scale_log2e,
     tokens_per_split,
+    max_tokens,
     stride_qb,
     stride_qh,
     stride_kb,
@@ -133,7 +139,8 @@ def _paged_decode_kernel(
     pid_s = tl.program_id(2)
     ctx = tl.load(CL + pid_b)
     start = pid_s * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, ctx)
+    # Clamp to what the block table can address: a too-long context must not read past the table.
+    end = tl.minimum(tl.minimum(start + tokens_per_split, ctx), max_tokens)
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, BLOCK_D)
@@ -178,6 +185,7 @@ def _paged_decode_kernel(
                 USE_DOT,
                 UPCAST,
                 DOT_PRECISION,
+                HEAD_DIM == BLOCK_D,
             )
             n0 += BLOCK_N
     else:
@@ -204,6 +212,7 @@ def _paged_decode_kernel(
                 USE_DOT,
                 UPCAST,
                 DOT_PRECISION,
+                HEAD_DIM == BLOCK_D,
             )
 
     out_mask = g_mask[:, None] & d_mask[None, :]
@@ -370,6 +379,16 @@ def _check_caches(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         raise ValueError(f"k_cache dtype {k_cache.dtype} != v_cache dtype {v_cache.dtype}")
 
 
+def decode_config(group: int, block_d: int) -> dict:
+    """Launch parameters of the decode kernel (tokens per tile, warps, pipeline stages, when to use tl.dot).
+
+    Chosen without a GPU to hand (see the report): 64-token tiles keep 32 KB of K/V in flight per
+    program at D = 128; group 1 (MHA) multiply-reduces on CUDA cores, larger groups pad to 16 rows for
+    tl.dot. bench/bench_paged_attention.py --sweep times the alternatives on a GPU.
+    """
+    return {"block_n": 64 if block_d <= 128 else 32, "num_warps": 4, "num_stages": 2, "dot_min_group": 2}
+
+
 def choose_num_splits(batch: int, kv_heads: int, max_context_len: int, block_n: int, device: torch.device) -> int:
     """Context splits so batch * kv_heads * splits programs fill the GPU, none shorter than 256 tokens."""
     programs = max(1, batch * kv_heads)
@@ -388,15 +407,17 @@ def _decode_launch(
     out: torch.Tensor,
     max_context_len: int,
     num_splits: int | None,
+    config: dict | None = None,
 ) -> None:
     b, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     group = hq // hkv
     block_d = triton.next_power_of_2(d)
-    use_dot = group > 1
+    cfg = {**decode_config(group, block_d), **(config or {})}
+    use_dot = group >= cfg["dot_min_group"]
     # tl.dot needs M >= 16: pad the query-head group (padding rows read q = 0 and are not stored).
-    group_pad = max(16, triton.next_power_of_2(group)) if use_dot else 1
-    block_n = 64 if block_d <= 128 else 32
+    group_pad = max(16, triton.next_power_of_2(group)) if use_dot else triton.next_power_of_2(group)
+    block_n = cfg["block_n"]
     if num_splits is None:
         num_splits = choose_num_splits(b, hkv, max_context_len, block_n, q.device)
     num_splits = max(1, int(num_splits))
@@ -421,6 +442,7 @@ def _decode_launch(
         ws_acc,
         scale * math.log2(math.e),
         tokens_per_split,
+        block_tables.shape[1] * block_size,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -444,8 +466,8 @@ def _decode_launch(
         UPCAST=upcast,
         DOT_PRECISION="ieee" if upcast else "tf32",
         LOOP_WHILE=INTERPRET,
-        num_warps=4,
-        num_stages=2,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     if num_splits > 1:
         _paged_decode_reduce_kernel[(b, hq)](
@@ -541,6 +563,7 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     max_context_len: int | None = None,
     num_splits: int | None = None,
+    config: dict | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over its paged context.
 
@@ -550,7 +573,8 @@ def paged_decode_attention(
     Returns [B, Hq, D] in q's dtype (into `out` if given). A context length of 0 gives zeros.
 
     max_context_len: a host-side upper bound of context_lens (no device sync); it sizes the context
-    splits. Default block_tables.shape[1] * block_size. num_splits: force the split count (tests).
+    splits. Default block_tables.shape[1] * block_size. num_splits: force the split count (tests);
+    config: override decode_config()'s launch parameters (tuning).
     """
     if q.dim() != 3:
         raise ValueError(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
@@ -597,7 +621,7 @@ def paged_decode_attention(
         raise ValueError(
             f"context length {int(context_lens.max())} needs more blocks than block_tables' {block_tables.shape[1]}"
         )
-    _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, out, max_context_len, num_splits)
+    _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, out, max_context_len, num_splits, config)
     return out
 
 

@@ -69,6 +69,7 @@ CASES = [
     (8, 1, 64, 16, torch.bfloat16, None),
     (8, 2, 128, 16, torch.float16, 2),
     (2, 2, 64, 8, torch.float16, 1),
+    (4, 2, 80, 16, torch.float32, 2),  # head dim not a power of two: masked D
 ]
 
 
@@ -95,6 +96,21 @@ def test_paged_decode_splits_and_scale():
     for splits in (2, 11):
         got = paged_decode_attention(q, kc, vc, bt, cl, softmax_scale=0.3, num_splits=splits, max_context_len=700)
         torch.testing.assert_close(got.double(), _expected(q, ks, vs, 0.3), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "hq,hkv,config",
+    [
+        (2, 2, {"dot_min_group": 1}),  # MHA through tl.dot (group padded to 16)
+        (8, 1, {"dot_min_group": 99, "block_n": 32}),  # group 8 through multiply-reduce
+        (16, 1, {"block_n": 16, "num_warps": 2}),  # group exactly 16
+    ],
+)
+def test_paged_decode_config_variants(hq, hkv, config):
+    """Every launch variant a GPU sweep may pick stays correct."""
+    q, kc, vc, bt, cl, ks, vs = _paged_setup([1, 33, 70], hq, hkv, 64, 16, torch.float32)
+    got = paged_decode_attention(q, kc, vc, bt, cl, num_splits=2, config=config)
+    torch.testing.assert_close(got.double(), _expected(q, ks, vs), atol=2e-5, rtol=2e-5)
 
 
 def test_choose_num_splits():
@@ -177,6 +193,7 @@ def _write_setup(n, hq, hkv, d, block_size, dtype, num_blocks=6):
         (8, 2, 128, 32, torch.float32, 4096, 5e-4),
         (8, 1, 64, 16, torch.bfloat16, 4096, 1e-2),
         (6, 3, 128, 16, torch.float16, 4096, 1e-2),
+        (4, 2, 80, 16, torch.float32, 64, 1e-5),  # half dim 40: masked
     ],
 )
 def test_rope_write_kv(hq, hkv, d, block_size, dtype, max_pos, tol):
