@@ -158,62 +158,24 @@ def _paged_decode_kernel(
     bt_row = BT + pid_b.to(tl.int64) * stride_btb
     k_head = K + pid_h.to(tl.int64) * stride_kh
     v_head = V + pid_h.to(tl.int64) * stride_vh
+    # fmt: off
     if LOOP_WHILE:
         # The interpreter (numpy 2) cannot use runtime scalars as range() bounds; a while loop runs the
         # same tile code. Compiled Triton takes the for loop, which it software-pipelines (num_stages).
         n0 = start
         while n0 < end:
             m_i, l_i, acc = _attend_tile(
-                q,
-                m_i,
-                l_i,
-                acc,
-                n0,
-                end,
-                bt_row,
-                k_head,
-                v_head,
-                stride_kb,
-                stride_kt,
-                stride_vb,
-                stride_vt,
-                scale_log2e,
-                offs_d,
-                d_mask,
-                BLOCK_SIZE,
-                BLOCK_N,
-                USE_DOT,
-                UPCAST,
-                DOT_PRECISION,
-                HEAD_DIM == BLOCK_D,
+                q, m_i, l_i, acc, n0, end, bt_row, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt,
+                scale_log2e, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, USE_DOT, UPCAST, DOT_PRECISION, HEAD_DIM == BLOCK_D,
             )
             n0 += BLOCK_N
     else:
         for n0 in range(start, end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
-                q,
-                m_i,
-                l_i,
-                acc,
-                n0,
-                end,
-                bt_row,
-                k_head,
-                v_head,
-                stride_kb,
-                stride_kt,
-                stride_vb,
-                stride_vt,
-                scale_log2e,
-                offs_d,
-                d_mask,
-                BLOCK_SIZE,
-                BLOCK_N,
-                USE_DOT,
-                UPCAST,
-                DOT_PRECISION,
-                HEAD_DIM == BLOCK_D,
+                q, m_i, l_i, acc, n0, end, bt_row, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt,
+                scale_log2e, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, USE_DOT, UPCAST, DOT_PRECISION, HEAD_DIM == BLOCK_D,
             )
+    # fmt: on
 
     out_mask = g_mask[:, None] & d_mask[None, :]
     if NUM_SPLITS == 1:
@@ -430,45 +392,18 @@ def _decode_launch(
     else:
         ws_m = ws_l = ws_acc = out  # unused
     upcast = INTERPRET or q.dtype == torch.float32
+    # fmt: off
     _paged_decode_kernel[(b, hkv, num_splits)](
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        context_lens,
-        out,
-        ws_m,
-        ws_l,
-        ws_acc,
-        scale * math.log2(math.e),
-        tokens_per_split,
-        block_tables.shape[1] * block_size,
-        q.stride(0),
-        q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        block_tables.stride(0),
-        out.stride(0),
-        out.stride(1),
-        hq,
-        HEAD_DIM=d,
-        BLOCK_D=block_d,
-        GROUP=group,
-        GROUP_PAD=group_pad,
-        BLOCK_SIZE=block_size,
-        BLOCK_N=block_n,
-        NUM_SPLITS=num_splits,
-        USE_DOT=use_dot,
-        UPCAST=upcast,
-        DOT_PRECISION="ieee" if upcast else "tf32",
-        LOOP_WHILE=INTERPRET,
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        q, k_cache, v_cache, block_tables, context_lens, out, ws_m, ws_l, ws_acc,
+        scale * math.log2(math.e), tokens_per_split, block_tables.shape[1] * block_size,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1), hq,
+        HEAD_DIM=d, BLOCK_D=block_d, GROUP=group, GROUP_PAD=group_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        NUM_SPLITS=num_splits, USE_DOT=use_dot, UPCAST=upcast, DOT_PRECISION="ieee" if upcast else "tf32",
+        LOOP_WHILE=INTERPRET, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    # fmt: on
     if num_splits > 1:
         _paged_decode_reduce_kernel[(b, hq)](
             ws_m,
@@ -513,40 +448,16 @@ def _write_launch(q, k, v, positions, k_cache, v_cache, slot_mapping, q_out, rop
     _, block_size, hkv, d = k_cache.shape
     hq = q.shape[1] if rotate else 1
     half = d // 2
+    # fmt: off
     _rope_write_kv_kernel[(n,)](
-        q,
-        k,
-        v,
-        positions,
-        slot_mapping,
-        q_out,
-        k_cache,
-        v_cache,
-        math.log2(rope_theta),
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
-        q_out.stride(0),
-        q_out.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        HQ=hq,
-        HKV=hkv,
-        HQ_PAD=triton.next_power_of_2(hq),
-        HKV_PAD=triton.next_power_of_2(hkv),
-        HALF=half,
-        HALF_PAD=triton.next_power_of_2(half),
-        BLOCK_SIZE=block_size,
-        ROTATE=rotate,
-        num_warps=4,
+        q, k, v, positions, slot_mapping, q_out, k_cache, v_cache, math.log2(rope_theta),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), q_out.stride(0), q_out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        HQ=hq, HKV=hkv, HQ_PAD=triton.next_power_of_2(hq), HKV_PAD=triton.next_power_of_2(hkv),
+        HALF=half, HALF_PAD=triton.next_power_of_2(half), BLOCK_SIZE=block_size, ROTATE=rotate, num_warps=4,
     )
+    # fmt: on
 
 
 # ======================================================================== public functions ==
