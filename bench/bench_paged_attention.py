@@ -8,6 +8,8 @@ sequence of a batch has the same context length. Reported: time (ms), GB/s of KV
 roofline floor and the extra peak memory of each variant. Also times rope_write_kv for the batch.
 --sweep also times the decode kernel's launch variants (tile, warps, stages, tl.dot or not) per
 shape and prints the fastest, to tune kernels.paged_attention.decode_config on a new GPU.
+--ptxas needs no GPU: it compiles the kernels for sm_90 at each shape's launch config and prints
+shared memory, registers, spills and the global-load mix from ptxas (bundled with Triton).
 Without a GPU it runs a tiny shape on CPU (reference eager only) and says that GPU figures need CUDA.
 """
 
@@ -125,9 +127,98 @@ def _sweep(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw) -> list[dict]
     return results
 
 
+def _ptxas(kernel, types: dict, consts: dict, warps: int, stages: int, arch: int) -> dict:
+    """Compile a jit kernel for sm_<arch> without a GPU (pointers and strides assumed 16-divisible, as
+    Triton's JIT specialises them) and read ptxas -v."""
+    import collections
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
+    div16 = [n for n in names if n not in consts and (sig[n].startswith("*") or n.startswith("stride"))]
+    src = ASTSource(
+        fn=kernel,
+        signature=sig,
+        constexprs={(names.index(n),): v for n, v in consts.items()},
+        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in div16},
+    )
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages}
+    )
+    ptx = compiled.asm["ptx"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    res = subprocess.run(
+        [ptxas, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull], capture_output=True, text=True
+    )
+    os.unlink(f.name)
+    regs = re.search(r"Used (\d+) registers", res.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", res.stderr)
+    loads = collections.Counter(re.findall(r"\b(ld\.global[\w.]*|cp\.async\.c[ag][\w.]*)", ptx))
+    return {
+        "shared": compiled.metadata.shared,
+        "regs": regs and int(regs.group(1)),
+        "spill_bytes": spill and int(spill.group(1)),
+        "loads": dict(loads),
+    }
+
+
+def ptxas_report(shapes: dict, dtype: torch.dtype, arch: int = 90) -> list[dict]:
+    """Registers / spills / shared memory of the decode and rope-write kernels at each shape's default config."""
+    import triton
+
+    import kernels.paged_attention as pa
+
+    tname = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    elem = torch.empty((), dtype=dtype).element_size()
+    rows = []
+    for name, (batch, ctx, hq, hkv, d, bs) in shapes.items():
+        group, block_d = hq // hkv, triton.next_power_of_2(d)
+        cfg = pa.decode_config(group, block_d, elem)
+        use_dot = group >= cfg["dot_min_group"]
+        splits = pa.choose_num_splits(batch, hkv, ctx, cfg["block_n"], 132)  # H100 SXM
+        types = {n: "i32" for n in pa._paged_decode_kernel.arg_names}
+        types.update({n: f"*{tname}" for n in ("Q", "K", "V", "O")})
+        types.update({"BT": "*i32", "CL": "*i32", "WS_M": "*fp32", "WS_L": "*fp32", "WS_ACC": "*fp32"})
+        types["scale_log2e"] = "fp32"
+        consts = dict(
+            HEAD_DIM=d, BLOCK_D=block_d, GROUP=group, BLOCK_SIZE=bs, BLOCK_N=cfg["block_n"], NUM_SPLITS=splits,
+            GROUP_PAD=max(16, triton.next_power_of_2(group)) if use_dot else triton.next_power_of_2(group),
+            USE_DOT=use_dot, UPCAST=dtype == torch.float32, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+            LOOP_WHILE=False,
+        )  # fmt: skip
+        info = _ptxas(pa._paged_decode_kernel, types, consts, cfg["num_warps"], cfg["num_stages"], arch)
+        rows.append({"shape": name, "kernel": "decode", "splits": splits, **cfg, **info})
+        types = {n: "i32" for n in pa._rope_write_kv_kernel.arg_names}
+        types.update({n: f"*{tname}" for n in ("Q", "K", "V", "QO", "KC", "VC")})
+        types.update({"POS": "*i64", "SLOT": "*i64", "log2_theta": "fp32"})
+        consts = dict(
+            HQ=hq, HKV=hkv, HQ_PAD=triton.next_power_of_2(hq), HKV_PAD=triton.next_power_of_2(hkv), HALF=d // 2,
+            HALF_PAD=triton.next_power_of_2(d // 2), BLOCK_SIZE=bs, ROTATE=True,
+        )  # fmt: skip
+        rows.append(
+            {"shape": name, "kernel": "rope_write", **_ptxas(pa._rope_write_kv_kernel, types, consts, 4, 1, arch)}
+        )
+    for r in rows:
+        print("  " + " ".join(f"{k}={v}" for k, v in r.items()))
+    return rows
+
+
 def run(args) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
+    if args.ptxas:
+        print(f"ptxas (sm_{args.arch}, no GPU needed), {args.dtype}:")
+        shapes = {k: v for k, v in SHAPES.items() if not args.shapes or k in args.shapes}
+        return ptxas_report(shapes, dtype, args.arch)
     shapes = SHAPES if device.type == "cuda" else CPU_SHAPES
     if args.shapes:
         shapes = {k: v for k, v in {**SHAPES, **CPU_SHAPES}.items() if k in args.shapes}
@@ -179,6 +270,8 @@ def main(argv=None) -> None:
     p.add_argument("--bandwidth-tbs", type=float, default=3.0, help="copy bandwidth for the roofline (TB/s)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--shapes", nargs="*", default=None, help=f"subset of {list(SHAPES) + list(CPU_SHAPES)}")
+    p.add_argument("--ptxas", action="store_true", help="compile for --arch and print ptxas register/spill use")
+    p.add_argument("--arch", type=int, default=90, help="compute capability for --ptxas (default 90: H100)")
     p.add_argument("--sweep", action="store_true", help="also time the kernel's launch variants (GPU only)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to warm up)")
     args = p.parse_args(argv)

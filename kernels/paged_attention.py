@@ -56,6 +56,7 @@ def _attend_tile(
     d_mask,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
     USE_DOT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -79,8 +80,11 @@ def _attend_tile(
         v = v.to(tl.float32)
     if USE_DOT:
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    elif GROUP_PAD == 1:
+        # MHA: a dot padded to 16 rows would mostly multiply zeros. Multiply-reduce in 2D ([1, D] against
+        # [BLOCK_N, D]) so K keeps its load layout; only [BLOCK_N] vectors change layout.
+        s = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1)[None, :]
     else:
-        # Small group (MHA): a dot padded to 16 rows would mostly multiply zeros; multiply-reduce instead.
         s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
     s = tl.where(n_mask[None, :], s * scale_log2e, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -89,6 +93,8 @@ def _attend_tile(
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if USE_DOT:
         pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    elif GROUP_PAD == 1:
+        pv = tl.sum(tl.sum(p, axis=0)[:, None] * v.to(tl.float32), axis=0)[None, :]
     else:
         pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
     acc = acc * alpha[:, None] + pv
@@ -166,14 +172,16 @@ def _paged_decode_kernel(
         while n0 < end:
             m_i, l_i, acc = _attend_tile(
                 q, m_i, l_i, acc, n0, end, bt_row, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt,
-                scale_log2e, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, USE_DOT, UPCAST, DOT_PRECISION, HEAD_DIM == BLOCK_D,
+                scale_log2e, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, GROUP_PAD, USE_DOT, UPCAST, DOT_PRECISION,
+                HEAD_DIM == BLOCK_D,
             )
             n0 += BLOCK_N
     else:
         for n0 in range(start, end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
                 q, m_i, l_i, acc, n0, end, bt_row, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt,
-                scale_log2e, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, USE_DOT, UPCAST, DOT_PRECISION, HEAD_DIM == BLOCK_D,
+                scale_log2e, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, GROUP_PAD, USE_DOT, UPCAST, DOT_PRECISION,
+                HEAD_DIM == BLOCK_D,
             )
     # fmt: on
 
@@ -341,20 +349,23 @@ def _check_caches(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         raise ValueError(f"k_cache dtype {k_cache.dtype} != v_cache dtype {v_cache.dtype}")
 
 
-def decode_config(group: int, block_d: int) -> dict:
+def decode_config(group: int, block_d: int, elem_size: int) -> dict:
     """Launch parameters of the decode kernel (tokens per tile, warps, pipeline stages, when to use tl.dot).
 
-    Chosen without a GPU to hand (see the report): 64-token tiles keep 32 KB of K/V in flight per
-    program at D = 128; group 1 (MHA) multiply-reduces on CUDA cores, larger groups pad to 16 rows for
-    tl.dot. bench/bench_paged_attention.py --sweep times the alternatives on a GPU.
+    Chosen without a GPU to hand, from ptxas on sm_90 (bench/bench_paged_attention.py --ptxas): 64-token
+    tiles of 256-byte rows keep 32 KB of K/V in flight per program with 16-byte loads, no spills (96
+    registers, ~5 programs per SM); 512-byte rows (fp32, or D = 256) halve the tile. Group 1 (MHA)
+    multiply-reduces on CUDA cores; larger groups pad to 16 rows for tl.dot (cp.async-pipelined).
+    bench/bench_paged_attention.py --sweep times the alternatives on a GPU.
     """
-    return {"block_n": 64 if block_d <= 128 else 32, "num_warps": 4, "num_stages": 2, "dot_min_group": 2}
+    block_n = 64 if block_d * elem_size <= 256 else 32
+    return {"block_n": block_n, "num_warps": 4, "num_stages": 2, "dot_min_group": 2}
 
 
-def choose_num_splits(batch: int, kv_heads: int, max_context_len: int, block_n: int, device: torch.device) -> int:
+def choose_num_splits(batch: int, kv_heads: int, max_context_len: int, block_n: int, num_sms: int) -> int:
     """Context splits so batch * kv_heads * splits programs fill the GPU, none shorter than 256 tokens."""
     programs = max(1, batch * kv_heads)
-    want = -(-_PROGRAMS_PER_SM * _sm_count(device) // programs)
+    want = -(-_PROGRAMS_PER_SM * num_sms // programs)
     most = max(1, -(-max_context_len // max(_MIN_TOKENS_PER_SPLIT, block_n)))
     return max(1, min(want, most, _MAX_SPLITS))
 
@@ -375,13 +386,13 @@ def _decode_launch(
     _, block_size, hkv, _ = k_cache.shape
     group = hq // hkv
     block_d = triton.next_power_of_2(d)
-    cfg = {**decode_config(group, block_d), **(config or {})}
+    cfg = {**decode_config(group, block_d, q.element_size()), **(config or {})}
     use_dot = group >= cfg["dot_min_group"]
     # tl.dot needs M >= 16: pad the query-head group (padding rows read q = 0 and are not stored).
     group_pad = max(16, triton.next_power_of_2(group)) if use_dot else triton.next_power_of_2(group)
     block_n = cfg["block_n"]
     if num_splits is None:
-        num_splits = choose_num_splits(b, hkv, max_context_len, block_n, q.device)
+        num_splits = choose_num_splits(b, hkv, max_context_len, block_n, _sm_count(q.device))
     num_splits = max(1, int(num_splits))
     tokens_per_split = triton.cdiv(triton.cdiv(max(max_context_len, 1), num_splits), block_n) * block_n
     num_splits = max(1, triton.cdiv(max_context_len, tokens_per_split))

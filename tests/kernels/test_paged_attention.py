@@ -114,18 +114,19 @@ def test_paged_decode_config_variants(hq, hkv, config):
 
 
 def test_choose_num_splits():
-    cpu = torch.device("cpu")
-    assert choose_num_splits(64, 40, 384, 64, cpu) == 1  # plenty of programs already
-    assert choose_num_splits(1, 1, 4096, 64, cpu) > 1  # one sequence, long context: split it
-    assert choose_num_splits(1, 1, 100, 64, cpu) == 1  # short context: never below 256 tokens a split
-    assert choose_num_splits(1, 1, 10**7, 64, cpu) <= 64
+    h100 = 132
+    assert choose_num_splits(64, 40, 384, 64, h100) == 1  # plenty of programs already
+    assert choose_num_splits(8, 40, 4096, 64, h100) == 2  # 320 programs: two waves' worth more
+    assert choose_num_splits(1, 40, 4096, 64, h100) == 14  # one sequence, long context: split it
+    assert choose_num_splits(1, 1, 100, 64, h100) == 1  # short context: never below 256 tokens a split
+    assert choose_num_splits(1, 1, 10**7, 64, h100) == 64  # capped
 
 
 def test_paged_decode_default_splits_long_context():
     """The default split count (from block_tables width) on a context that splits on a 4-SM stand-in."""
     ctx_lens = [600]
     q, kc, vc, bt, cl, ks, vs = _paged_setup(ctx_lens, 2, 2, 64, 32, torch.float32, width_extra=3)
-    assert choose_num_splits(1, 2, bt.shape[1] * 32, 64, q.device) > 1
+    assert choose_num_splits(1, 2, bt.shape[1] * 32, 64, 4) > 1  # 4: the CPU stand-in SM count
     got = paged_decode_attention(q, kc, vc, bt, cl)
     torch.testing.assert_close(got.double(), _expected(q, ks, vs), atol=2e-5, rtol=2e-5)
 
