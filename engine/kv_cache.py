@@ -14,6 +14,7 @@ prompt's blocks (`fork`) and copy a shared partial last block only when one of t
 from __future__ import annotations
 
 import gc
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -158,14 +159,32 @@ class KVCachePool:
         pool[:, :, dst] = pool[:, :, src]
 
     def release(self) -> None:
-        """Give the memory back (the training phase needs it). Views from layer() must be dropped too."""
+        """Give the memory back (the training phase needs it).
+
+        Views from layer() keep the storage alive: take them per forward rather than holding them.
+        On CUDA a warning says when the memory did not come back for that reason.
+        """
+        if self.tensor is None:
+            return
+        cuda = self.device.type == "cuda"
+        before = torch.cuda.memory_allocated(self.device) if cuda else 0
         self.tensor = None
         gc.collect()
-        if self.device.type == "cuda":
+        if cuda:
+            if before - torch.cuda.memory_allocated(self.device) < self.nbytes:
+                warnings.warn(
+                    "KV cache released but its memory is still referenced (a layer view alive?)", stacklevel=2
+                )
             torch.cuda.empty_cache()
 
-    def reallocate(self) -> None:
-        """Allocate the pool again with the same shape (contents undefined). No-op if allocated."""
+    def reallocate(self, num_blocks: int | None = None) -> None:
+        """Allocate the pool again (contents undefined), optionally with a new block count (e.g. re-sized
+        from num_blocks_for_memory after training). No-op if allocated with that shape already."""
+        if num_blocks is not None and num_blocks != self.num_blocks:
+            if num_blocks <= 0:
+                raise ValueError(f"num_blocks {num_blocks} must be positive")
+            self.release()
+            self.shape = (*self.shape[:2], num_blocks, *self.shape[3:])
         if self.tensor is None:
             self.tensor = torch.empty(self.shape, dtype=self.dtype, device=self.device)
 

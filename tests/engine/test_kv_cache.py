@@ -233,6 +233,20 @@ def test_pool_sizing_math():
     assert pool.nbytes <= 5000 and pool.tensor.shape == (2, 2, pool.num_blocks, 8, 2, 16)
 
 
+def test_num_blocks_from_cuda_free_memory(monkeypatch):
+    """The CUDA branch, with the memory queries faked: free + cached-but-unused, times the fraction."""
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 30 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 26 * gib)  # 13B weights, bf16
+    per = bytes_per_block(40, 16, 40, 128, torch.bfloat16)
+    n = num_blocks_for_memory(
+        0.9, num_layers=40, block_size=16, num_kv_heads=40, head_dim=128, dtype=torch.bfloat16, device="cuda"
+    )
+    assert n == int(44 * gib * 0.9) // per
+    assert n * 16 > 45_000  # ~45k tokens of 13B KV cache in 40 GB
+
+
 def test_pool_views_alias_storage_and_release():
     pool = KVCachePool(num_layers=3, num_blocks=5, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.float16)
     assert pool.tensor.shape == (3, 2, 5, 4, 2, 8) and pool.tensor.dtype == torch.float16
@@ -261,6 +275,8 @@ def test_pool_views_alias_storage_and_release():
         pool.layer(0)
     pool.reallocate()
     assert pool.is_allocated and pool.tensor.shape == (3, 2, 5, 4, 2, 8)
+    pool.reallocate(num_blocks=7)
+    assert pool.num_blocks == 7 and pool.tensor.shape == (3, 2, 7, 4, 2, 8)
     with pytest.raises(ValueError, match="power of two"):
         KVCachePool(1, 4, 6, 1, 8)
 

@@ -285,3 +285,30 @@ def test_write_errors():
         rope_write_kv(q, k, v, pos.float(), kc, vc, slots)
     with pytest.raises(ValueError, match="q must be"):
         rope_write_kv(q[:, :3], k, v, pos, kc, vc, slots)
+
+
+def test_strided_views_of_a_fused_qkv():
+    """q, k, v as column slices of one [N, (Hq + 2 Hkv) * D] projection; q rotated in place (q_out=q)."""
+    n, hq, hkv, d = 3, 4, 2, 64
+    qkv = torch.randn(n, (hq + 2 * hkv) * d)
+    q = qkv[:, : hq * d].view(n, hq, d)
+    k = qkv[:, hq * d : (hq + hkv) * d].view(n, hkv, d)
+    v = qkv[:, (hq + hkv) * d :].view(n, hkv, d)
+    q0, k0, v0 = q.clone(), k.clone(), v.clone()
+    kc = torch.full((4, 16, hkv, d), float("nan"))
+    vc = torch.full_like(kc, float("nan"))
+    pos = torch.tensor([5, 0, 30])
+    slots = torch.tensor([3, 17, 40])
+    got = rope_write_kv(q, k, v, pos, kc, vc, slots, q_out=q)
+    assert got.data_ptr() == q.data_ptr()
+    torch.testing.assert_close(q, reference.apply_rotary(q0, pos), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kc.view(-1, hkv, d)[slots], reference.apply_rotary(k0, pos), atol=1e-5, rtol=1e-5)
+    assert torch.equal(vc.view(-1, hkv, d)[slots], v0) and torch.equal(k, k0)
+    # Decode attention on the strided q view: all three tokens as one-token contexts of their own block.
+    tables = (slots // 16).to(torch.int32)[:, None]
+    lens = (slots % 16 + 1).to(torch.int32)
+    kc.view(-1, hkv, d)[:] = kc.view(-1, hkv, d).nan_to_num(0.0)  # earlier slots of each block: zeros
+    vc.view(-1, hkv, d)[:] = vc.view(-1, hkv, d).nan_to_num(0.0)
+    got = paged_decode_attention(q, kc, vc, tables, lens)
+    want = reference.paged_decode_attention(q.double(), kc.double(), vc.double(), tables, lens)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
