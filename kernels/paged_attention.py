@@ -450,6 +450,9 @@ def _check_write_inputs(k, v, k_cache, v_cache, slot_mapping) -> None:
         raise ValueError(f"slot_mapping dtype {slot_mapping.dtype} must be int32 or int64")
     if d % 2:
         raise ValueError(f"head dim {d} must be even")
+    devices = {t.device for t in (k, v, k_cache, v_cache, slot_mapping)}
+    if len(devices) > 1:
+        raise ValueError(f"k, v, caches and slot_mapping must share one device, got {devices}")
 
 
 def _write_launch(q, k, v, positions, k_cache, v_cache, slot_mapping, q_out, rope_theta, rotate) -> None:
@@ -495,7 +498,10 @@ def paged_decode_attention(
     Returns [B, Hq, D] in q's dtype (into `out` if given). A context length of 0 gives zeros.
 
     max_context_len: a host-side upper bound of context_lens (no device sync); it sizes the context
-    splits. Default block_tables.shape[1] * block_size. num_splits: force the split count (tests);
+    splits, and tokens past it are not read, so it must bound every context length. Default
+    block_tables.shape[1] * block_size (fixed per shape: what a CUDA graph needs). On CUDA, contexts
+    longer than that are clamped rather than checked (a check would need a host sync); the
+    interpreter and the CPU reference check them. num_splits: force the split count (tests);
     config: override decode_config()'s launch parameters (tuning).
     """
     if q.dim() != 3:
@@ -511,6 +517,9 @@ def paged_decode_attention(
         raise ValueError(f"q dtype {q.dtype} != cache dtype {k_cache.dtype}")
     if q.stride(-1) != 1:
         raise ValueError("q must be contiguous in its last (head) dimension")
+    devices = {t.device for t in (q, k_cache, v_cache, block_tables, context_lens)}
+    if len(devices) > 1:
+        raise ValueError(f"q, caches, block_tables and context_lens must share one device, got {devices}")
     if block_tables.dim() != 2 or block_tables.shape[0] != b:
         raise ValueError(f"block_tables must be [B={b}, max_blocks], got shape {tuple(block_tables.shape)}")
     if block_tables.dtype not in (torch.int32, torch.int64):
@@ -538,11 +547,13 @@ def paged_decode_attention(
         return out
     if b == 0:
         return out
-    if INTERPRET and int(context_lens.max()) > capacity:
+    if INTERPRET:
         # Only checkable with a host sync; the interpreter path is free to do it (CUDA must not).
-        raise ValueError(
-            f"context length {int(context_lens.max())} needs more blocks than block_tables' {block_tables.shape[1]}"
-        )
+        longest = int(context_lens.max())
+        if longest > capacity:
+            raise ValueError(f"context length {longest} needs more blocks than block_tables' {block_tables.shape[1]}")
+        if longest > max_context_len:
+            raise ValueError(f"context length {longest} exceeds max_context_len {max_context_len}")
     _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, out, max_context_len, num_splits, config)
     return out
 

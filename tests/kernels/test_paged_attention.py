@@ -154,6 +154,10 @@ def test_paged_decode_errors():
         paged_decode_attention(q, kc, vc, bt[:, :1], cl)  # 20 tokens need 2 blocks of 16
     with pytest.raises(ValueError, match="max_context_len"):
         paged_decode_attention(q, kc, vc, bt, cl, max_context_len=33)
+    with pytest.raises(ValueError, match="exceeds max_context_len 16"):
+        paged_decode_attention(q, kc, vc, bt, cl, max_context_len=16)
+    with pytest.raises(ValueError, match="one device"):
+        paged_decode_attention(q, kc, vc, bt.to("meta"), cl)
     with pytest.raises(ValueError, match="dtype"):
         paged_decode_attention(q.to(torch.bfloat16), kc, vc, bt, cl)
     with pytest.raises(ValueError, match="multiple of key/value heads"):
@@ -281,6 +285,8 @@ def test_write_errors():
         write_kv_cache(k, v[:3], kc, vc, slots)
     with pytest.raises(ValueError, match="v_cache dtype"):
         write_kv_cache(k, v, kc, vc.double(), slots)
+    with pytest.raises(ValueError, match="one device"):
+        write_kv_cache(k, v, kc, vc, slots.to("meta"))
     with pytest.raises(ValueError, match="positions"):
         rope_write_kv(q, k, v, pos.float(), kc, vc, slots)
     with pytest.raises(ValueError, match="q must be"):
