@@ -36,31 +36,12 @@ _PROGRAMS_PER_SM = 4
 # ============================================================================== jit kernels ==
 
 
+# fmt: off
 @triton.jit
 def _attend_tile(
-    q,
-    m_i,
-    l_i,
-    acc,
-    n0,
-    end,
-    bt_row,
-    k_head,
-    v_head,
-    stride_kb,
-    stride_kt,
-    stride_vb,
-    stride_vt,
-    scale_log2e,
-    offs_d,
-    d_mask,
-    BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
-    USE_DOT: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    EVEN_D: tl.constexpr,
+    q, m_i, l_i, acc, n0, end, bt_row, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt, scale_log2e,
+    offs_d, d_mask, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_PAD: tl.constexpr, USE_DOT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """Online-softmax update of m, l [GROUP_PAD] and acc [GROUP_PAD, BLOCK_D] with tokens [n0, n0 + BLOCK_N)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -99,45 +80,17 @@ def _attend_tile(
         pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
     acc = acc * alpha[:, None] + pv
     return m_new, l_i, acc
+# fmt: on
 
 
+# fmt: off
 @triton.jit
 def _paged_decode_kernel(
-    Q,
-    K,
-    V,
-    BT,
-    CL,
-    O,
-    WS_M,
-    WS_L,
-    WS_ACC,
-    scale_log2e,
-    tokens_per_split,
-    max_tokens,
-    stride_qb,
-    stride_qh,
-    stride_kb,
-    stride_kt,
-    stride_kh,
-    stride_vb,
-    stride_vt,
-    stride_vh,
-    stride_btb,
-    stride_ob,
-    stride_oh,
-    num_q_heads,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    GROUP: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    USE_DOT: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    LOOP_WHILE: tl.constexpr,
+    Q, K, V, BT, CL, O, WS_M, WS_L, WS_ACC, scale_log2e, tokens_per_split, max_tokens, stride_qb, stride_qh,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_btb, stride_ob, stride_oh, num_q_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_DOT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, LOOP_WHILE: tl.constexpr,
 ):
     """One (sequence, kv head, context split): online softmax over tokens [start, end) for GROUP query heads."""
     pid_b = tl.program_id(0)
@@ -198,21 +151,14 @@ def _paged_decode_kernel(
         tl.store(WS_M + row, m_i, mask=g_mask)
         tl.store(WS_L + row, l_i, mask=g_mask)
         tl.store(WS_ACC + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=out_mask)
+# fmt: on
 
 
+# fmt: off
 @triton.jit
 def _paged_decode_reduce_kernel(
-    WS_M,
-    WS_L,
-    WS_ACC,
-    O,
-    stride_ob,
-    stride_oh,
-    num_q_heads,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
+    WS_M, WS_L, WS_ACC, O, stride_ob, stride_oh, num_q_heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
 ):
     """Merge the NUM_SPLITS partial softmaxes of one (sequence, query head)."""
     pid_b = tl.program_id(0)
@@ -232,41 +178,16 @@ def _paged_decode_reduce_kernel(
     l_tot = tl.sum(w * l, axis=0)
     o = tl.sum(w[:, None] * acc, axis=0) / tl.where(l_tot > 0.0, l_tot, 1.0)
     tl.store(O + pid_b.to(tl.int64) * stride_ob + pid_h * stride_oh + offs_d, o.to(O.dtype.element_ty), mask=d_mask)
+# fmt: on
 
 
+# fmt: off
 @triton.jit
 def _rope_write_kv_kernel(
-    Q,
-    K,
-    V,
-    POS,
-    SLOT,
-    QO,
-    KC,
-    VC,
-    log2_theta,
-    stride_qn,
-    stride_qh,
-    stride_kn,
-    stride_kh,
-    stride_vn,
-    stride_vh,
-    stride_qon,
-    stride_qoh,
-    stride_kcb,
-    stride_kct,
-    stride_kch,
-    stride_vcb,
-    stride_vct,
-    stride_vch,
-    HQ: tl.constexpr,
-    HKV: tl.constexpr,
-    HQ_PAD: tl.constexpr,
-    HKV_PAD: tl.constexpr,
-    HALF: tl.constexpr,
-    HALF_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    ROTATE: tl.constexpr,
+    Q, K, V, POS, SLOT, QO, KC, VC, log2_theta, stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+    stride_qon, stride_qoh, stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
+    HQ: tl.constexpr, HKV: tl.constexpr, HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr, HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROTATE: tl.constexpr,
 ):
     """One token: (optionally) rotate q and k (HF rotate-half), write k and v to the token's slot."""
     pid = tl.program_id(0).to(tl.int64)
@@ -311,6 +232,7 @@ def _rope_write_kv_kernel(
     tl.store(vc_ptrs, tl.load(v_ptrs, mask=w_mask, other=0.0).to(VC.dtype.element_ty), mask=w_mask)
     v_hi = tl.load(v_ptrs + HALF, mask=w_mask, other=0.0)
     tl.store(vc_ptrs + HALF, v_hi.to(VC.dtype.element_ty), mask=w_mask)
+# fmt: on
 
 
 # =========================================================================== host launchers ==
@@ -581,6 +503,8 @@ def rope_write_kv(
         raise ValueError(f"q must be [N={n}, Hq (a multiple of {k.shape[1]}), D={k.shape[2]}], got {tuple(q.shape)}")
     if q.stride(-1) != 1 or q.dtype not in _FLOAT_DTYPES:
         raise ValueError("q must be fp32/fp16/bf16 and contiguous in its last (head) dimension")
+    if q.device != k.device or positions.device != k.device:
+        raise ValueError(f"q ({q.device}), positions ({positions.device}) and k ({k.device}) must share one device")
     if positions.shape != (n,) or positions.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"positions must be int32/int64 [N={n}], got {positions.dtype} {tuple(positions.shape)}")
     if q_out is None:
