@@ -117,7 +117,6 @@ def _paged_decode_kernel(
     bt_row = BT + pid_b.to(tl.int64) * stride_btb
     k_head = K + pid_h.to(tl.int64) * stride_kh
     v_head = V + pid_h.to(tl.int64) * stride_vh
-    # fmt: off
     if LOOP_WHILE:
         # The interpreter (numpy 2) cannot use runtime scalars as range() bounds; a while loop runs the
         # same tile code. Compiled Triton takes the for loop, which it software-pipelines (num_stages).
@@ -136,7 +135,6 @@ def _paged_decode_kernel(
                 scale_log2e, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, GROUP_PAD, USE_DOT, UPCAST, DOT_PRECISION,
                 HEAD_DIM == BLOCK_D,
             )
-    # fmt: on
 
     out_mask = g_mask[:, None] & d_mask[None, :]
     if NUM_SPLITS == 1:
