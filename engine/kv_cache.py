@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -192,6 +193,18 @@ class KVCachePool:
 # ================================================================================= bookkeeping ==
 
 
+@dataclass
+class DecodeBatch:
+    """Kernel arguments of one decode step (BlockManager.prepare_decode), on the requested device."""
+
+    slot_mapping: torch.Tensor  # [B] int64: where each new token's K/V goes (rope_write_kv)
+    positions: torch.Tensor  # [B] int64: each new token's position (rotary)
+    context_lens: torch.Tensor  # [B] int32: tokens attended, the new one included
+    block_tables: torch.Tensor  # [B, width] int32
+    copies: list[tuple[int, int]]  # copy-on-write (src, dst) blocks: KVCachePool.copy_blocks before the write
+    max_context_len: int  # host-side bound for paged_decode_attention (no device sync)
+
+
 class BlockManager:
     """Free list, reference counts and block tables of a pool of `num_blocks` blocks of `block_size` tokens.
 
@@ -331,6 +344,22 @@ class BlockManager:
         self.__init__(self.num_blocks, self.block_size)
 
     # ------------------------------------------------------------------------- kernel arguments
+
+    def prepare_decode(
+        self, seq_ids: Sequence[int], width: int | None = None, device: torch.device | str | None = None
+    ) -> DecodeBatch:
+        """Append one slot to every sequence (all or nothing, OutOfBlocks) and build the step's tensors.
+
+        width: block-table columns (fix it, e.g. max_model_len // block_size, for CUDA graphs).
+        """
+        positions = [self._lengths[self._known(s)] for s in seq_ids]
+        slots, copies = self.append_slots(seq_ids)
+        table = self.block_table(seq_ids, width)
+        host = torch.tensor([slots, positions], dtype=torch.int64)
+        lens = (host[1] + 1).to(torch.int32)
+        if device is not None:
+            host, lens, table = host.to(device), lens.to(device), table.to(device)
+        return DecodeBatch(host[0], host[1], lens, table, copies, max(positions, default=-1) + 1)
 
     def block_table(
         self, seq_ids: Sequence[int], width: int | None = None, device: torch.device | str | None = None

@@ -132,6 +132,22 @@ def test_block_table_and_slot_mapping():
     assert torch.equal(full, table[0, pos // 4].long() * 4 + pos % 4)
 
 
+def test_prepare_decode():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    bm.allocate(0, 4)
+    bm.allocate(1, 2)
+    bm.fork(1, 2)
+    batch = bm.prepare_decode([0, 1, 2], width=3)
+    assert batch.positions.tolist() == [4, 2, 2] and batch.context_lens.tolist() == [5, 3, 3]
+    assert batch.context_lens.dtype == torch.int32 and batch.slot_mapping.dtype == torch.int64
+    assert batch.block_tables.shape == (3, 3) and batch.max_context_len == 5
+    assert len(batch.copies) == 1  # 1 and 2 shared a partial block: one of them copies
+    for i, pos in enumerate(batch.positions.tolist()):  # slots agree with the tables the kernel reads
+        assert batch.slot_mapping[i] == batch.block_tables[i, pos // 4] * 4 + pos % 4
+    assert batch.slot_mapping.unique().numel() == 3
+    bm.check_invariants()
+
+
 def test_random_operations_never_leak():
     """Thousands of random allocate / fork / append / batched append / free, OutOfBlocks handled by freeing.
 
