@@ -102,6 +102,90 @@ def rope_attention(
 # ========================================================================= paged_attention ==
 
 
+def _flat_cache(cache: torch.Tensor) -> torch.Tensor:
+    """[num_blocks, block_size, Hkv, D] -> [num_blocks * block_size, Hkv, D], always a view (writes must land)."""
+    nb, bs, h, d = cache.shape
+    return cache.view(nb * bs, h, d)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Oracle of kernels.paged_attention.paged_decode_attention: one query token per sequence.
+
+    q [B, Hq, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int;
+    context_lens [B] int (tokens each query attends to, its own included). Returns [B, Hq, D] in q's
+    dtype; a sequence with context length 0 gets zeros. Gathers the context through the block table
+    (vectorised: one index_select for the whole batch), then softmax in at least fp32.
+    """
+    b, hq, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} are not a multiple of key/value heads {hkv}")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    ct = compute_dtype(q.dtype)
+    lens = context_lens.to(torch.int64)
+    max_len = int(lens.max()) if b else 0
+    if max_len == 0:
+        return q.new_zeros(q.shape)
+    if max_len > block_tables.shape[1] * block_size:
+        raise ValueError(
+            f"context length {max_len} needs {-(-max_len // block_size)} blocks but block_tables has "
+            f"{block_tables.shape[1]} columns"
+        )
+    t = torch.arange(max_len, device=q.device)
+    valid = t[None, :] < lens[:, None]  # [B, L]
+    blocks = block_tables.to(torch.int64)[:, t // block_size]  # [B, L]
+    slots = torch.where(valid, blocks * block_size + t % block_size, 0)
+    # Zero what lies past each context: unwritten slots may hold anything (NaN included).
+    keep = valid[:, :, None, None]
+    k = torch.where(keep, _flat_cache(k_cache)[slots.reshape(-1)].view(b, max_len, hkv, d).to(ct), 0.0)
+    v = torch.where(keep, _flat_cache(v_cache)[slots.reshape(-1)].view(b, max_len, hkv, d).to(ct), 0.0)
+    qg = q.to(ct).view(b, hkv, hq // hkv, d)
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows (length 0) -> zeros
+    out = torch.einsum("bhgl,blhd->bhgd", probs, v)
+    return out.reshape(b, hq, d).to(q.dtype)
+
+
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Oracle of kernels.paged_attention.write_kv_cache: k/v [N, Hkv, D] into their slots, in place.
+
+    slot = block_id * block_size + offset; slot -1 means "do not write".
+    """
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].to(torch.int64)
+    _flat_cache(k_cache).index_copy_(0, slots, k[keep].to(k_cache.dtype))
+    _flat_cache(v_cache).index_copy_(0, slots, v[keep].to(v_cache.dtype))
+
+
+def rope_write_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    rope_theta: float = 10000.0,
+) -> torch.Tensor:
+    """Oracle of kernels.paged_attention.rope_write_kv: rotate q and k, write rotated k and v, return rotated q.
+
+    q [N, Hq, D], k/v [N, Hkv, D], positions [N] int, slot_mapping [N] int64 (-1: skip).
+    """
+    kr = apply_rotary(k, positions, rope_theta)
+    write_kv_cache(kr, v, k_cache, v_cache, slot_mapping)
+    return apply_rotary(q, positions, rope_theta)
+
+
 # ================================================================================= logprob ==
 
 

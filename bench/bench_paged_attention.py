@@ -1,0 +1,285 @@
+"""Benchmark paged decode attention: ours vs the eager reference (gather + attention) vs torch.compile.
+
+    python bench/bench_paged_attention.py [--json out.json] [--bandwidth-tbs 3.0] [--shapes NAME ...] [--sweep]
+
+Shapes are Llama-2-13B decode steps (Hq = Hkv = 40, D = 128, block 16, bf16) plus a GQA one; every
+sequence of a batch has the same context length. Reported: time (ms), GB/s of KV read
+(context * Hkv * D * 2 tensors * bytes), its fraction of the copy bandwidth (3.0 TB/s on H100), the
+roofline floor and the extra peak memory of each variant. Also times rope_write_kv for the batch.
+--sweep also times the decode kernel's launch variants (tile, warps, stages, tl.dot or not) per
+shape and prints the fastest, to tune kernels.paged_attention.decode_config on a new GPU.
+--ptxas needs no GPU: it compiles the kernels for sm_90 at each shape's launch config and prints
+shared memory, registers, spills and the global-load mix from ptxas (bundled with Triton).
+Without a GPU it runs a tiny shape on CPU (reference eager only) and says that GPU figures need CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import reference  # noqa: E402
+from kernels.paged_attention import paged_decode_attention, rope_write_kv  # noqa: E402
+
+# name: (batch, context, Hq, Hkv, D, block_size)
+SHAPES = {
+    "13b-b64-c384": (64, 384, 40, 40, 128, 16),
+    "13b-b8-c4096": (8, 4096, 40, 40, 128, 16),
+    "13b-b1-c4096": (1, 4096, 40, 40, 128, 16),
+    "13b-b256-c1024": (256, 1024, 40, 40, 128, 16),
+    "13b-b32-c2048": (32, 2048, 40, 40, 128, 16),
+    "70b-gqa8-b32-c2048": (32, 2048, 64, 8, 128, 16),
+}
+CPU_SHAPES = {"tiny-b4-c100": (4, 100, 4, 2, 64, 16)}
+
+
+def _make(batch, ctx, hq, hkv, d, block_size, dtype, device):
+    """Random caches with each sequence's blocks scattered over the pool (a shuffled block table)."""
+    per_seq = -(-ctx // block_size)
+    num_blocks = batch * per_seq + 8
+    k_cache = torch.randn(num_blocks, block_size, hkv, d, dtype=dtype, device=device)
+    v_cache = torch.randn_like(k_cache)
+    perm = torch.randperm(num_blocks, device=device)[: batch * per_seq]
+    block_tables = perm.view(batch, per_seq).to(torch.int32)
+    context_lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+    q = torch.randn(batch, hq, d, dtype=dtype, device=device)
+    return q, k_cache, v_cache, block_tables, context_lens
+
+
+def _time_ms(fn, device) -> float:
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100))
+    fn()
+    n, start = 0, time.perf_counter()
+    while n < 3 or time.perf_counter() - start < 0.5:
+        fn()
+        n += 1
+    return (time.perf_counter() - start) / n * 1e3
+
+
+def _peak_extra_mb(fn, device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _bench_shape(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, compile_) -> dict:
+    q, kc, vc, bt, cl = _make(batch, ctx, hq, hkv, d, bs, dtype, device)
+    kv_bytes = batch * ctx * hkv * d * 2 * kc.element_size()
+    variants = {}
+    if device.type == "cuda":
+        variants["ours"] = lambda: paged_decode_attention(q, kc, vc, bt, cl, max_context_len=ctx)
+    variants["eager"] = lambda: reference.paged_decode_attention(q, kc, vc, bt, cl)
+    if device.type == "cuda" and compile_:
+        compiled = torch.compile(reference.paged_decode_attention)
+        variants["compile"] = lambda: compiled(q, kc, vc, bt, cl)
+    row = {"shape": name, "batch": batch, "context": ctx, "hq": hq, "hkv": hkv, "head_dim": d, "block": bs}
+    row.update({"dtype": str(dtype), "kv_bytes": kv_bytes, "floor_ms": kv_bytes / bw * 1e3})
+    for vname, fn in variants.items():
+        try:
+            ms = _time_ms(fn, device)
+            row[f"{vname}_ms"] = ms
+            row[f"{vname}_gbs"] = kv_bytes / (ms * 1e-3) / 1e9
+            row[f"{vname}_mem_mb"] = _peak_extra_mb(fn, device)
+        except Exception as e:  # a failing peer (OOM, compile error) must not hide the other figures
+            print(f"{name} {vname}: failed ({type(e).__name__}: {e})")
+    if device.type == "cuda":
+        # The decode-step companion: rotary + KV write of one token per sequence.
+        k1 = torch.randn(batch, hkv, d, dtype=dtype, device=device)
+        slots = bt[:, -1].to(torch.int64) * bs
+        pos = cl.to(torch.int64) - 1
+        row["rope_write_ms"] = _time_ms(lambda: rope_write_kv(q, k1, k1, pos, kc, vc, slots), device)
+    return row
+
+
+def _sweep(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw) -> list[dict]:
+    q, kc, vc, bt, cl = _make(batch, ctx, hq, hkv, d, bs, dtype, device)
+    kv_bytes = batch * ctx * hkv * d * 2 * kc.element_size()
+    results = []
+    for block_n, warps, stages, dot_min in itertools.product((32, 64, 128), (4, 8), (1, 2, 3), (1, 2)):
+        cfg = {"block_n": block_n, "num_warps": warps, "num_stages": stages, "dot_min_group": dot_min}
+        try:
+            fn = lambda: paged_decode_attention(q, kc, vc, bt, cl, max_context_len=ctx, config=cfg)  # noqa: B023
+            ms = _time_ms(fn, device)
+        except Exception as e:  # out of shared memory / registers for this variant
+            print(f"{name} {cfg}: failed ({type(e).__name__})")
+            continue
+        results.append({"shape": name, **cfg, "ms": ms, "tbs": kv_bytes / (ms * 1e-3) / 1e12})
+    results.sort(key=lambda r: r["ms"])
+    for r in results[:5]:
+        print(f"  {name:<20} {r['ms']:.4f} ms {r['tbs']:.2f} TB/s ({r['tbs'] * 1e12 / bw * 100:.0f}%) {r}")
+    return results
+
+
+def _ptxas(kernel, types: dict, consts: dict, warps: int, stages: int, arch: int) -> dict:
+    """Compile a jit kernel for sm_<arch> without a GPU (pointers and strides assumed 16-divisible, as
+    Triton's JIT specialises them) and read ptxas -v."""
+    import collections
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
+    div16 = [n for n in names if n not in consts and (sig[n].startswith("*") or n.startswith("stride"))]
+    src = ASTSource(
+        fn=kernel,
+        signature=sig,
+        constexprs={(names.index(n),): v for n, v in consts.items()},
+        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in div16},
+    )
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages}
+    )
+    ptx = compiled.asm["ptx"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    res = subprocess.run(
+        [ptxas, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull], capture_output=True, text=True
+    )
+    os.unlink(f.name)
+    regs = re.search(r"Used (\d+) registers", res.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", res.stderr)
+    loads = collections.Counter(re.findall(r"\b(ld\.global[\w.]*|cp\.async\.c[ag][\w.]*)", ptx))
+    return {
+        "shared": compiled.metadata.shared,
+        "regs": regs and int(regs.group(1)),
+        "spill_bytes": spill and int(spill.group(1)),
+        "loads": dict(loads),
+    }
+
+
+def ptxas_report(shapes: dict, dtype: torch.dtype, arch: int = 90) -> list[dict]:
+    """Registers / spills / shared memory of the decode and rope-write kernels at each shape's default config."""
+    import triton
+
+    import kernels.paged_attention as pa
+
+    tname = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    elem = torch.empty((), dtype=dtype).element_size()
+    rows = []
+    for name, (batch, ctx, hq, hkv, d, bs) in shapes.items():
+        group, block_d = hq // hkv, triton.next_power_of_2(d)
+        cfg = pa.decode_config(group, block_d, elem)
+        use_dot = group >= cfg["dot_min_group"]
+        splits = pa.choose_num_splits(batch, hkv, ctx, cfg["block_n"], 132)  # H100 SXM
+        types = {n: "i32" for n in pa._paged_decode_kernel.arg_names}
+        types.update({n: f"*{tname}" for n in ("Q", "K", "V", "O")})
+        types.update({"BT": "*i32", "CL": "*i32", "WS_M": "*fp32", "WS_L": "*fp32", "WS_ACC": "*fp32"})
+        types["scale_log2e"] = "fp32"
+        consts = dict(
+            HEAD_DIM=d, BLOCK_D=block_d, GROUP=group, BLOCK_SIZE=bs, BLOCK_N=cfg["block_n"], NUM_SPLITS=splits,
+            GROUP_PAD=max(16, triton.next_power_of_2(group)) if use_dot else triton.next_power_of_2(group),
+            USE_DOT=use_dot, UPCAST=dtype == torch.float32, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+            LOOP_WHILE=False,
+        )  # fmt: skip
+        info = _ptxas(pa._paged_decode_kernel, types, consts, cfg["num_warps"], cfg["num_stages"], arch)
+        rows.append({"shape": name, "kernel": "decode", "splits": splits, **cfg, **info})
+        types = {n: "i32" for n in pa._rope_write_kv_kernel.arg_names}
+        types.update({n: f"*{tname}" for n in ("Q", "K", "V", "QO", "KC", "VC")})
+        types.update({"POS": "*i64", "SLOT": "*i64", "log2_theta": "fp32"})
+        consts = dict(
+            HQ=hq, HKV=hkv, HQ_PAD=triton.next_power_of_2(hq), HKV_PAD=triton.next_power_of_2(hkv), HALF=d // 2,
+            HALF_PAD=triton.next_power_of_2(d // 2), BLOCK_SIZE=bs, ROTATE=True,
+        )  # fmt: skip
+        rows.append(
+            {"shape": name, "kernel": "rope_write", **_ptxas(pa._rope_write_kv_kernel, types, consts, 4, 1, arch)}
+        )
+    for r in rows:
+        print("  " + " ".join(f"{k}={v}" for k, v in r.items()))
+    return rows
+
+
+def run(args) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    if args.ptxas:
+        print(f"ptxas (sm_{args.arch}, no GPU needed), {args.dtype}:")
+        shapes = {k: v for k, v in SHAPES.items() if not args.shapes or k in args.shapes}
+        return ptxas_report(shapes, dtype, args.arch)
+    shapes = SHAPES if device.type == "cuda" else CPU_SHAPES
+    if args.shapes:
+        shapes = {k: v for k, v in {**SHAPES, **CPU_SHAPES}.items() if k in args.shapes}
+    if device.type != "cuda":
+        print("no CUDA device: timing a tiny shape on CPU (reference only); GPU figures need a CUDA device")
+    bw = args.bandwidth_tbs * 1e12
+    rows = []
+    for name, shape in shapes.items():
+        rows.append(_bench_shape(name, *shape, dtype=dtype, device=device, bw=bw, compile_=not args.no_compile))
+    if args.sweep and device.type == "cuda":
+        print("fastest launch variants per shape:")
+        for name, shape in shapes.items():
+            rows.extend(_sweep(name, *shape, dtype=dtype, device=device, bw=bw))
+    _print([r for r in rows if "kv_bytes" in r], args.bandwidth_tbs)
+    if device.type == "cuda":
+        print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {_triton_version()}")
+    return rows
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return "n/a"
+
+
+def _print(rows, tbs) -> None:
+    head = f"{'shape':<20} {'KV MB':>8} {'floor ms':>9}"
+    for v in ("ours", "eager", "compile"):
+        head += f" {v + ' ms':>11} {v + ' GB/s':>11} {'%' + str(tbs) + 'TB/s':>10} {'+MB':>8}"
+    head += f" {'rope_write ms':>14}"
+    print(head)
+    for r in rows:
+        line = f"{r['shape']:<20} {r['kv_bytes'] / 1e6:8.1f} {r['floor_ms']:9.4f}"
+        for v in ("ours", "eager", "compile"):
+            ms = r.get(f"{v}_ms", float("nan"))
+            gbs = r.get(f"{v}_gbs", float("nan"))
+            frac = gbs / (tbs * 1e3) * 100 if not math.isnan(gbs) else float("nan")
+            line += f" {ms:11.4f} {gbs:11.1f} {frac:9.1f}% {r.get(f'{v}_mem_mb', float('nan')):8.1f}"
+        line += f" {r.get('rope_write_ms', float('nan')):14.4f}"
+        print(line)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", type=Path, default=None, help="write the figures to this JSON file")
+    p.add_argument("--bandwidth-tbs", type=float, default=3.0, help="copy bandwidth for the roofline (TB/s)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--shapes", nargs="*", default=None, help=f"subset of {list(SHAPES) + list(CPU_SHAPES)}")
+    p.add_argument("--ptxas", action="store_true", help="compile for --arch and print ptxas register/spill use")
+    p.add_argument("--arch", type=int, default=90, help="compute capability for --ptxas (default 90: H100)")
+    p.add_argument("--sweep", action="store_true", help="also time the kernel's launch variants (GPU only)")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to warm up)")
+    args = p.parse_args(argv)
+    rows = run(args)
+    if args.json:
+        clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
+        args.json.write_text(json.dumps(clean, indent=2))
+
+
+if __name__ == "__main__":
+    main()

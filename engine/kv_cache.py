@@ -1,0 +1,445 @@
+"""Paged KV cache: one preallocated pool, and the host-side block bookkeeping that hands it out.
+
+Layout (the contract of kernels/paged_attention.py and the prefill kernel): the pool is one tensor
+[layers, 2, num_blocks, block_size, Hkv, D]; layer l reads k_cache = pool[l, 0] and v_cache = pool[l, 1],
+each [num_blocks, block_size, Hkv, D], as views (no copies). Token t of a sequence lives at
+slot = table[t // block_size] * block_size + t % block_size.
+
+`KVCachePool` owns the memory (sized explicitly or from measured free memory, released for the
+training phase and reallocated after). `BlockManager` is pure Python bookkeeping: a free list,
+per-block reference counts and per-sequence block tables, so the n samples of one prompt share the
+prompt's blocks (`fork`) and copy a shared partial last block only when one of them writes to it.
+"""
+
+from __future__ import annotations
+
+import gc
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+class OutOfBlocks(RuntimeError):
+    """Not enough free blocks; the scheduler catches this to preempt (free) sequences and retry."""
+
+    def __init__(self, needed: int, free: int) -> None:
+        super().__init__(f"out of KV-cache blocks: need {needed}, {free} free")
+        self.needed = needed
+        self.free = free
+
+
+# =========================================================================================== pool ==
+
+
+def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes one block index costs across the whole pool: every layer, K and V."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return num_layers * 2 * block_size * num_kv_heads * head_dim * elem
+
+
+def num_blocks_for_memory(
+    free_bytes_fraction: float = 0.9,
+    *,
+    num_layers: int,
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str = "cuda",
+    budget_bytes: int | None = None,
+) -> int:
+    """How many blocks fit in `free_bytes_fraction` of the memory available for the cache.
+
+    The available memory is `budget_bytes` when given; otherwise, on CUDA, what the driver reports free
+    (torch.cuda.mem_get_info) plus what PyTorch's caching allocator holds but does not use, measured
+    now, i.e. after the weights are loaded. On CPU a byte budget is required.
+    """
+    if not 0.0 < free_bytes_fraction <= 1.0:
+        raise ValueError(f"free_bytes_fraction {free_bytes_fraction} must be in (0, 1]")
+    device = torch.device(device)
+    if budget_bytes is None:
+        if device.type != "cuda":
+            raise ValueError(f"sizing the KV cache on {device.type} needs an explicit budget_bytes")
+        free, _total = torch.cuda.mem_get_info(device)
+        cached_unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        budget_bytes = free + cached_unused
+    per_block = bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype)
+    return max(0, int(budget_bytes * free_bytes_fraction) // per_block)
+
+
+class KVCachePool:
+    """The KV cache of every layer in one tensor [layers, 2, num_blocks, block_size, Hkv, D]."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if block_size <= 0 or block_size & (block_size - 1):
+            raise ValueError(f"block_size {block_size} must be a power of two (the kernels tile by it)")
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks {num_blocks} must be positive (not enough memory for one block?)")
+        self.shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.tensor: torch.Tensor | None = None
+        self.reallocate()
+
+    @classmethod
+    def from_memory(
+        cls,
+        num_layers: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cuda",
+        *,
+        free_bytes_fraction: float = 0.9,
+        budget_bytes: int | None = None,
+    ) -> KVCachePool:
+        """A pool as large as `free_bytes_fraction` of the free memory (or of `budget_bytes`) allows."""
+        num_blocks = num_blocks_for_memory(
+            free_bytes_fraction,
+            num_layers=num_layers,
+            block_size=block_size,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            dtype=dtype,
+            device=device,
+            budget_bytes=budget_bytes,
+        )
+        return cls(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
+
+    @property
+    def num_layers(self) -> int:
+        return self.shape[0]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.shape[2]
+
+    @property
+    def block_size(self) -> int:
+        return self.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return bytes_per_block(self.num_layers, self.block_size, *self.shape[4:], self.dtype) * self.num_blocks
+
+    @property
+    def is_allocated(self) -> bool:
+        return self.tensor is not None
+
+    def _pool(self) -> torch.Tensor:
+        if self.tensor is None:
+            raise RuntimeError("the KV cache pool was released; call reallocate() first")
+        return self.tensor
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k_cache, v_cache) of one layer: views [num_blocks, block_size, Hkv, D] into the pool."""
+        pool = self._pool()
+        if not -self.num_layers <= index < self.num_layers:
+            raise IndexError(f"layer {index} out of range for a pool of {self.num_layers} layers")
+        return pool[index, 0], pool[index, 1]
+
+    def copy_blocks(self, copies: Sequence[tuple[int, int]]) -> None:
+        """Copy-on-write: block src -> block dst in every layer, K and V, for each (src, dst) pair."""
+        if not copies:
+            return
+        pool = self._pool()
+        src = torch.tensor([s for s, _ in copies], dtype=torch.int64, device=self.device)
+        dst = torch.tensor([d for _, d in copies], dtype=torch.int64, device=self.device)
+        pool[:, :, dst] = pool[:, :, src]
+
+    def release(self) -> None:
+        """Give the memory back (the training phase needs it).
+
+        Views from layer() keep the storage alive: take them per forward rather than holding them.
+        On CUDA a warning says when the memory did not come back for that reason.
+        """
+        if self.tensor is None:
+            return
+        cuda = self.device.type == "cuda"
+        before = torch.cuda.memory_allocated(self.device) if cuda else 0
+        self.tensor = None
+        gc.collect()
+        if cuda:
+            if before - torch.cuda.memory_allocated(self.device) < self.nbytes:
+                warnings.warn(
+                    "KV cache released but its memory is still referenced (a layer view alive?)", stacklevel=2
+                )
+            torch.cuda.empty_cache()
+
+    def reallocate(self, num_blocks: int | None = None) -> None:
+        """Allocate the pool again (contents undefined), optionally with a new block count (e.g. re-sized
+        from num_blocks_for_memory after training). No-op if allocated with that shape already."""
+        if num_blocks is not None and num_blocks != self.num_blocks:
+            if num_blocks <= 0:
+                raise ValueError(f"num_blocks {num_blocks} must be positive")
+            self.release()
+            self.shape = (*self.shape[:2], num_blocks, *self.shape[3:])
+        if self.tensor is None:
+            self.tensor = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+
+
+# ================================================================================= bookkeeping ==
+
+
+@dataclass
+class DecodeBatch:
+    """Kernel arguments of one decode step (BlockManager.prepare_decode), on the requested device."""
+
+    slot_mapping: torch.Tensor  # [B] int64: where each new token's K/V goes (rope_write_kv)
+    positions: torch.Tensor  # [B] int64: each new token's position (rotary)
+    context_lens: torch.Tensor  # [B] int32: tokens attended, the new one included
+    block_tables: torch.Tensor  # [B, width] int32
+    copies: list[tuple[int, int]]  # copy-on-write (src, dst) blocks: KVCachePool.copy_blocks before the write
+    max_context_len: int  # host-side bound for paged_decode_attention (no device sync)
+
+
+class BlockManager:
+    """Free list, reference counts and block tables of a pool of `num_blocks` blocks of `block_size` tokens.
+
+    A sequence owns a block table (list of block ids) and a length (tokens that have a slot).
+    Blocks shared by forked sequences have reference count > 1; a shared block is never written:
+    appending into a shared partial last block first moves the writer to a private copy.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError(f"num_blocks {num_blocks} and block_size {block_size} must be positive")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        # Reversed so blocks come out 0, 1, 2, ... (LIFO reuse keeps recently freed blocks warm).
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._ref = [0] * num_blocks
+        self._tables: dict[int, list[int]] = {}
+        self._lengths: dict[int, int] = {}
+        self._freed: set[int] = set()
+
+    # ----------------------------------------------------------------------------------- queries
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self._tables)
+
+    def __contains__(self, seq_id: int) -> bool:
+        return seq_id in self._tables
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def can_allocate(self, num_tokens: int) -> bool:
+        """Whether a new sequence of num_tokens tokens fits now."""
+        return self.blocks_for(num_tokens) <= len(self._free)
+
+    def can_append(self, seq_ids: Iterable[int]) -> bool:
+        """Whether every sequence can get its next slot now (a new or copy-on-write block each at most)."""
+        return self._batch_need(list(seq_ids)) <= len(self._free)
+
+    def num_tokens(self, seq_id: int) -> int:
+        return self._lengths[self._known(seq_id)]
+
+    def blocks(self, seq_id: int) -> list[int]:
+        """The sequence's block table (a copy)."""
+        return list(self._tables[self._known(seq_id)])
+
+    def ref_count(self, block: int) -> int:
+        return self._ref[block]
+
+    # --------------------------------------------------------------------------------- mutations
+
+    def allocate(self, seq_id: int, num_tokens: int) -> list[int]:
+        """Blocks for a new sequence's first num_tokens tokens (its prompt). Raises OutOfBlocks."""
+        if seq_id in self._tables:
+            raise ValueError(f"sequence {seq_id} already has blocks")
+        if num_tokens < 0:
+            raise ValueError(f"num_tokens {num_tokens} must be >= 0")
+        need = self.blocks_for(num_tokens)
+        if need > len(self._free):
+            raise OutOfBlocks(need, len(self._free))
+        table = [self._take() for _ in range(need)]
+        self._tables[seq_id] = table
+        self._lengths[seq_id] = num_tokens
+        self._freed.discard(seq_id)
+        return list(table)
+
+    def append_slot(self, seq_id: int) -> tuple[int, tuple[int, int] | None]:
+        """Slot of the sequence's next token, and the (src, dst) block copy the caller must do first, or None.
+
+        A new block is taken when the last one is full; a shared partial last block is replaced by a
+        private one (copy-on-write): copy block src to dst (KVCachePool.copy_blocks) before writing.
+        Raises OutOfBlocks, leaving the sequence unchanged.
+        """
+        table = self._tables[self._known(seq_id)]
+        pos = self._lengths[seq_id]
+        need = self._blocks_to_append(seq_id)
+        if need > len(self._free):
+            raise OutOfBlocks(need, len(self._free))
+        copy = None
+        if pos % self.block_size == 0:
+            table.append(self._take())
+        elif self._ref[table[-1]] > 1:
+            src, dst = table[-1], self._take()
+            self._ref[src] -= 1
+            table[-1] = dst
+            copy = (src, dst)
+        self._lengths[seq_id] = pos + 1
+        return table[-1] * self.block_size + pos % self.block_size, copy
+
+    def append_slots(self, seq_ids: Sequence[int]) -> tuple[list[int], list[tuple[int, int]]]:
+        """append_slot for a decode batch, all or nothing: (slots, copies to do before the KV write)."""
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError("a sequence appears twice in one decode batch")
+        need = self._batch_need(seq_ids)
+        if need > len(self._free):
+            raise OutOfBlocks(need, len(self._free))
+        slots, copies = [], []
+        for s in seq_ids:
+            slot, copy = self.append_slot(s)
+            slots.append(slot)
+            if copy is not None:
+                copies.append(copy)
+        return slots, copies
+
+    def fork(self, parent_id: int, child_id: int) -> None:
+        """The child shares every block of the parent (one more reference each); same length."""
+        table = self._tables[self._known(parent_id)]
+        if child_id in self._tables:
+            raise ValueError(f"fork target sequence {child_id} already has blocks")
+        for b in table:
+            self._ref[b] += 1
+        self._tables[child_id] = list(table)
+        self._lengths[child_id] = self._lengths[parent_id]
+        self._freed.discard(child_id)
+
+    def free(self, seq_id: int) -> None:
+        """Drop the sequence; each of its blocks loses a reference and returns to the free list at zero."""
+        if seq_id not in self._tables and seq_id in self._freed:
+            raise ValueError(f"double free of sequence {seq_id}")
+        table = self._tables.pop(self._known(seq_id))
+        del self._lengths[seq_id]
+        for b in reversed(table):  # reversed: the LIFO free list hands them back in table order
+            self._ref[b] -= 1
+            if self._ref[b] == 0:
+                self._free.append(b)
+            elif self._ref[b] < 0:
+                raise AssertionError(f"block {b} reference count went negative")
+        self._freed.add(seq_id)
+
+    def reset(self) -> None:
+        """Forget every sequence (end of a rollout phase)."""
+        self.__init__(self.num_blocks, self.block_size)
+
+    # ------------------------------------------------------------------------- kernel arguments
+
+    def prepare_decode(
+        self, seq_ids: Sequence[int], width: int | None = None, device: torch.device | str | None = None
+    ) -> DecodeBatch:
+        """Append one slot to every sequence (all or nothing, OutOfBlocks) and build the step's tensors.
+
+        width: block-table columns (fix it, e.g. max_model_len // block_size, for CUDA graphs).
+        """
+        positions = [self._lengths[self._known(s)] for s in seq_ids]
+        slots, copies = self.append_slots(seq_ids)
+        table = self.block_table(seq_ids, width)
+        host = torch.tensor([slots, positions], dtype=torch.int64)
+        lens = (host[1] + 1).to(torch.int32)
+        if device is not None:
+            host, lens, table = host.to(device), lens.to(device), table.to(device)
+        return DecodeBatch(host[0], host[1], lens, table, copies, max(positions, default=-1) + 1)
+
+    def block_table(
+        self, seq_ids: Sequence[int], width: int | None = None, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """int32 [len(seq_ids), width] block tables, padded with block 0 (never read past a context)."""
+        tables = [self._tables[self._known(s)] for s in seq_ids]
+        longest = max((len(t) for t in tables), default=0)
+        if width is None:
+            width = max(longest, 1)
+        elif width < longest:
+            raise ValueError(f"block table width {width} is narrower than the longest table ({longest} blocks)")
+        out = torch.zeros((len(tables), width), dtype=torch.int32)
+        for i, t in enumerate(tables):
+            if t:
+                out[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        return out.to(device) if device is not None else out
+
+    def slot_mapping(
+        self,
+        seq_ids: Sequence[int],
+        starts: Sequence[int] | None = None,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """int64 slots of tokens [start, length) of each sequence, concatenated (a prefill's KV write).
+
+        starts defaults to 0 (the whole allocated prompt); pass the cached prefix length to skip it.
+        """
+        parts = []
+        for i, s in enumerate(seq_ids):
+            length = self._lengths[self._known(s)]
+            start = 0 if starts is None else starts[i]
+            if not 0 <= start <= length:
+                raise ValueError(f"start {start} outside the {length} tokens of sequence {s}")
+            pos = torch.arange(start, length, dtype=torch.int64)
+            table = torch.tensor(self._tables[s], dtype=torch.int64)
+            parts.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
+        out = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+        return out.to(device) if device is not None else out
+
+    # --------------------------------------------------------------------------------- internals
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the bookkeeping is inconsistent (tests, debugging)."""
+        counts = [0] * self.num_blocks
+        for s, table in self._tables.items():
+            assert len(table) == self.blocks_for(self._lengths[s]), f"sequence {s}: table/length mismatch"
+            for b in table:
+                counts[b] += 1
+        assert counts == self._ref, "reference counts do not match the block tables"
+        assert len(set(self._free)) == len(self._free), "a block is on the free list twice"
+        assert all(self._ref[b] == 0 for b in self._free), "a referenced block is on the free list"
+        used = sum(1 for c in counts if c > 0)
+        assert used + len(self._free) == self.num_blocks, "blocks leaked: free + used != total"
+
+    def _known(self, seq_id: int) -> int:
+        if seq_id not in self._tables:
+            raise KeyError(f"unknown sequence id {seq_id}")
+        return seq_id
+
+    def _take(self) -> int:
+        b = self._free.pop()
+        self._ref[b] = 1
+        return b
+
+    def _batch_need(self, seq_ids: Sequence[int]) -> int:
+        """Blocks one append to each of seq_ids takes: a shared block held only by batch members is
+        copied by all but the last of them (that one then owns it alone)."""
+        need = 0
+        sharers: dict[int, int] = {}
+        for s in seq_ids:
+            pos = self._lengths[self._known(s)]
+            if pos % self.block_size == 0:
+                need += 1
+            elif self._ref[self._tables[s][-1]] > 1:
+                last = self._tables[s][-1]
+                sharers[last] = sharers.get(last, 0) + 1
+        return need + sum(min(k, self._ref[b] - 1) for b, k in sharers.items())
+
+    def _blocks_to_append(self, seq_id: int) -> int:
+        pos = self._lengths[self._known(seq_id)]
+        if pos % self.block_size == 0:
+            return 1
+        return 1 if self._ref[self._tables[seq_id][-1]] > 1 else 0

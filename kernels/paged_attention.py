@@ -1,0 +1,527 @@
+"""Decode attention over a paged KV cache, and the KV-cache writes that feed it.
+
+Cache layout (shared with the prefill path): the engine's pool is one tensor
+[layers, 2, num_blocks, block_size, Hkv, D]; per layer k_cache = pool[l, 0] and v_cache = pool[l, 1],
+each [num_blocks, block_size, Hkv, D]. A token lives at slot = block_id * block_size + offset;
+slot_mapping [N] int64 uses -1 for "do not write". Keys are stored already rotated.
+
+- `paged_decode_attention`: flash-decoding. Grid (B, Hkv, num_splits): one program owns every query
+  head of one kv head (GQA group) so each K/V tile is loaded once for the group, over one slice of
+  the context; with several splits the partial (max, sum, acc) go to an fp32 workspace and a second
+  kernel merges them. Inference only (no autograd).
+- `rope_write_kv`: the decode-step companion: rotary on q and k (cos/sin from integer positions,
+  in fp32, in-kernel) and the write of rotated k and v into their slots, in one launch.
+- `write_kv_cache`: the plain write.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import reference
+from kernels.dispatch import INTERPRET, use_triton
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Splits shorter than this are not worth the merge: the workspace round trip costs ~S*D*4 bytes per
+# head against 256 * D * 4 bytes of K/V read per split.
+_MIN_TOKENS_PER_SPLIT = 256
+_MAX_SPLITS = 64
+# Enough programs in flight to cover the HBM latency on every SM (a few CTAs per SM).
+_PROGRAMS_PER_SM = 4
+
+# ============================================================================== jit kernels ==
+
+
+# fmt: off
+@triton.jit
+def _attend_tile(
+    q, m_i, l_i, acc, n0, end, bt_row, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt, scale_log2e,
+    offs_d, d_mask, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_PAD: tl.constexpr, USE_DOT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    """Online-softmax update of m, l [GROUP_PAD] and acc [GROUP_PAD, BLOCK_D] with tokens [n0, n0 + BLOCK_N)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < end
+    # Per-token gather through the block table: a tile may span several physical blocks.
+    blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+    tok = offs_n % BLOCK_SIZE
+    if EVEN_D:
+        # A mask constant along D lets the compiler keep 16-byte vector loads.
+        kv_mask = n_mask[:, None]
+    else:
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(k_head + blk[:, None] * stride_kb + tok[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_head + blk[:, None] * stride_vb + tok[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    if USE_DOT:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    elif GROUP_PAD == 1:
+        # MHA: a dot padded to 16 rows would mostly multiply zeros. Multiply-reduce in 2D ([1, D] against
+        # [BLOCK_N, D]) so K keeps its load layout; only [BLOCK_N] vectors change layout.
+        s = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1)[None, :]
+    else:
+        s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+    s = tl.where(n_mask[None, :], s * scale_log2e, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if USE_DOT:
+        pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    elif GROUP_PAD == 1:
+        pv = tl.sum(tl.sum(p, axis=0)[:, None] * v.to(tl.float32), axis=0)[None, :]
+    else:
+        pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+    acc = acc * alpha[:, None] + pv
+    return m_new, l_i, acc
+# fmt: on
+
+
+# fmt: off
+@triton.jit
+def _paged_decode_kernel(
+    Q, K, V, BT, CL, O, WS_M, WS_L, WS_ACC, scale_log2e, tokens_per_split, max_tokens, stride_qb, stride_qh,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_btb, stride_ob, stride_oh, num_q_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_DOT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, LOOP_WHILE: tl.constexpr,
+):
+    """One (sequence, kv head, context split): online softmax over tokens [start, end) for GROUP query heads."""
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    ctx = tl.load(CL + pid_b)
+    start = pid_s * tokens_per_split
+    # Clamp to what the block table can address: a too-long context must not read past the table.
+    end = tl.minimum(tl.minimum(start + tokens_per_split, ctx), max_tokens)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    heads = pid_h * GROUP + offs_g
+    q_ptrs = Q + pid_b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    bt_row = BT + pid_b.to(tl.int64) * stride_btb
+    k_head = K + pid_h.to(tl.int64) * stride_kh
+    v_head = V + pid_h.to(tl.int64) * stride_vh
+    if LOOP_WHILE:
+        # The interpreter (numpy 2) cannot use runtime scalars as range() bounds; a while loop runs the
+        # same tile code. Compiled Triton takes the for loop, which it software-pipelines (num_stages).
+        n0 = start
+        while n0 < end:
+            m_i, l_i, acc = _attend_tile(
+                q, m_i, l_i, acc, n0, end, bt_row, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt,
+                scale_log2e, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, GROUP_PAD, USE_DOT, UPCAST, DOT_PRECISION,
+                HEAD_DIM == BLOCK_D,
+            )
+            n0 += BLOCK_N
+    else:
+        for n0 in range(start, end, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(
+                q, m_i, l_i, acc, n0, end, bt_row, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt,
+                scale_log2e, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, GROUP_PAD, USE_DOT, UPCAST, DOT_PRECISION,
+                HEAD_DIM == BLOCK_D,
+            )
+
+    out_mask = g_mask[:, None] & d_mask[None, :]
+    if NUM_SPLITS == 1:
+        # An empty context (padding rows of a CUDA-graph batch) gives zeros, not NaN.
+        denom = tl.where(l_i > 0.0, l_i, 1.0)
+        o = acc / denom[:, None]
+        o_ptrs = O + pid_b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=out_mask)
+    else:
+        # Workspace [B, Hq, NUM_SPLITS] for m and l, [B, Hq, NUM_SPLITS, HEAD_DIM] for acc (contiguous).
+        row = (pid_b.to(tl.int64) * num_q_heads + heads) * NUM_SPLITS + pid_s
+        tl.store(WS_M + row, m_i, mask=g_mask)
+        tl.store(WS_L + row, l_i, mask=g_mask)
+        tl.store(WS_ACC + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=out_mask)
+# fmt: on
+
+
+# fmt: off
+@triton.jit
+def _paged_decode_reduce_kernel(
+    WS_M, WS_L, WS_ACC, O, stride_ob, stride_oh, num_q_heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    """Merge the NUM_SPLITS partial softmaxes of one (sequence, query head)."""
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < NUM_SPLITS
+    d_mask = offs_d < HEAD_DIM
+    row = (pid_b.to(tl.int64) * num_q_heads + pid_h) * NUM_SPLITS + offs_s
+    m = tl.load(WS_M + row, mask=s_mask, other=float("-inf"))
+    l = tl.load(WS_L + row, mask=s_mask, other=0.0)
+    acc = tl.load(WS_ACC + row[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    m_max = tl.max(m, axis=0)
+    # Empty splits carry m = -inf; if every split is empty keep exp2 finite and return zeros.
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_max)
+    l_tot = tl.sum(w * l, axis=0)
+    o = tl.sum(w[:, None] * acc, axis=0) / tl.where(l_tot > 0.0, l_tot, 1.0)
+    tl.store(O + pid_b.to(tl.int64) * stride_ob + pid_h * stride_oh + offs_d, o.to(O.dtype.element_ty), mask=d_mask)
+# fmt: on
+
+
+# fmt: off
+@triton.jit
+def _rope_write_kv_kernel(
+    Q, K, V, POS, SLOT, QO, KC, VC, log2_theta, stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+    stride_qon, stride_qoh, stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
+    HQ: tl.constexpr, HKV: tl.constexpr, HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr, HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROTATE: tl.constexpr,
+):
+    """One token: (optionally) rotate q and k (HF rotate-half), write k and v to the token's slot."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs_i = tl.arange(0, HALF_PAD)
+    i_mask = offs_i < HALF
+    slot = tl.load(SLOT + pid)
+    write = slot >= 0
+    blk = slot // BLOCK_SIZE
+    tok = slot % BLOCK_SIZE
+    offs_hkv = tl.arange(0, HKV_PAD)
+    kv_mask = (offs_hkv < HKV)[:, None] & i_mask[None, :]
+    k_lo_ptrs = K + pid * stride_kn + offs_hkv[:, None] * stride_kh + offs_i[None, :]
+    k_lo = tl.load(k_lo_ptrs, mask=kv_mask, other=0.0)
+    k_hi = tl.load(k_lo_ptrs + HALF, mask=kv_mask, other=0.0)
+    if ROTATE:
+        # Same arithmetic as HF in fp32: inv_freq = theta^(-2i/D), angle = pos * inv_freq.
+        pos = tl.load(POS + pid).to(tl.float32)
+        inv_freq = tl.exp2(-(offs_i.to(tl.float32) * 2.0 / (2 * HALF)) * log2_theta)
+        angle = pos * inv_freq
+        cos = tl.cos(angle)[None, :]
+        sin = tl.sin(angle)[None, :]
+        k_lo32 = k_lo.to(tl.float32)
+        k_hi32 = k_hi.to(tl.float32)
+        k_lo = k_lo32 * cos - k_hi32 * sin
+        k_hi = k_hi32 * cos + k_lo32 * sin
+
+        offs_hq = tl.arange(0, HQ_PAD)
+        q_mask = (offs_hq < HQ)[:, None] & i_mask[None, :]
+        q_lo_ptrs = Q + pid * stride_qn + offs_hq[:, None] * stride_qh + offs_i[None, :]
+        q_lo = tl.load(q_lo_ptrs, mask=q_mask, other=0.0).to(tl.float32)
+        q_hi = tl.load(q_lo_ptrs + HALF, mask=q_mask, other=0.0).to(tl.float32)
+        qo_ptrs = QO + pid * stride_qon + offs_hq[:, None] * stride_qoh + offs_i[None, :]
+        tl.store(qo_ptrs, (q_lo * cos - q_hi * sin).to(QO.dtype.element_ty), mask=q_mask)
+        tl.store(qo_ptrs + HALF, (q_hi * cos + q_lo * sin).to(QO.dtype.element_ty), mask=q_mask)
+
+    w_mask = kv_mask & write
+    kc_ptrs = KC + blk * stride_kcb + tok * stride_kct + offs_hkv[:, None] * stride_kch + offs_i[None, :]
+    tl.store(kc_ptrs, k_lo.to(KC.dtype.element_ty), mask=w_mask)
+    tl.store(kc_ptrs + HALF, k_hi.to(KC.dtype.element_ty), mask=w_mask)
+    v_ptrs = V + pid * stride_vn + offs_hkv[:, None] * stride_vh + offs_i[None, :]
+    vc_ptrs = VC + blk * stride_vcb + tok * stride_vct + offs_hkv[:, None] * stride_vch + offs_i[None, :]
+    tl.store(vc_ptrs, tl.load(v_ptrs, mask=w_mask, other=0.0).to(VC.dtype.element_ty), mask=w_mask)
+    v_hi = tl.load(v_ptrs + HALF, mask=w_mask, other=0.0)
+    tl.store(vc_ptrs + HALF, v_hi.to(VC.dtype.element_ty), mask=w_mask)
+# fmt: on
+
+
+# =========================================================================== host launchers ==
+
+_sm_counts: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached); a small stand-in elsewhere."""
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _sm_counts:
+        _sm_counts[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _sm_counts[idx]
+
+
+def _check_cache(name: str, cache: torch.Tensor) -> None:
+    if cache.dim() != 4:
+        raise ValueError(f"{name} must be [num_blocks, block_size, Hkv, D], got shape {tuple(cache.shape)}")
+    if cache.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} dtype {cache.dtype} is not one of fp32/fp16/bf16")
+    if cache.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last (head) dimension")
+    bs = cache.shape[1]
+    if bs <= 0 or bs & (bs - 1):
+        raise ValueError(f"{name} block_size {bs} must be a power of two")
+
+
+def _check_caches(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    _check_cache("k_cache", k_cache)
+    _check_cache("v_cache", v_cache)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache shape {tuple(k_cache.shape)} != v_cache shape {tuple(v_cache.shape)}")
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"k_cache dtype {k_cache.dtype} != v_cache dtype {v_cache.dtype}")
+
+
+def decode_config(group: int, block_d: int, elem_size: int) -> dict:
+    """Launch parameters of the decode kernel (tokens per tile, warps, pipeline stages, when to use tl.dot).
+
+    Chosen without a GPU to hand, from ptxas on sm_90 (bench/bench_paged_attention.py --ptxas): 64-token
+    tiles of 256-byte rows keep 32 KB of K/V in flight per program with 16-byte loads, no spills (96
+    registers, ~5 programs per SM); 512-byte rows (fp32, or D = 256) halve the tile. Group 1 (MHA)
+    multiply-reduces on CUDA cores; larger groups pad to 16 rows for tl.dot (cp.async-pipelined).
+    bench/bench_paged_attention.py --sweep times the alternatives on a GPU.
+    """
+    block_n = 64 if block_d * elem_size <= 256 else 32
+    return {"block_n": block_n, "num_warps": 4, "num_stages": 2, "dot_min_group": 2}
+
+
+def choose_num_splits(batch: int, kv_heads: int, max_context_len: int, block_n: int, num_sms: int) -> int:
+    """Context splits so batch * kv_heads * splits programs fill the GPU, none shorter than 256 tokens."""
+    programs = max(1, batch * kv_heads)
+    want = -(-_PROGRAMS_PER_SM * num_sms // programs)
+    most = max(1, -(-max_context_len // max(_MIN_TOKENS_PER_SPLIT, block_n)))
+    return max(1, min(want, most, _MAX_SPLITS))
+
+
+def _decode_launch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    max_context_len: int,
+    num_splits: int | None,
+    config: dict | None = None,
+) -> None:
+    b, hq, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    group = hq // hkv
+    block_d = triton.next_power_of_2(d)
+    cfg = {**decode_config(group, block_d, q.element_size()), **(config or {})}
+    use_dot = group >= cfg["dot_min_group"]
+    # tl.dot needs M >= 16: pad the query-head group (padding rows read q = 0 and are not stored).
+    group_pad = max(16, triton.next_power_of_2(group)) if use_dot else triton.next_power_of_2(group)
+    block_n = cfg["block_n"]
+    if num_splits is None:
+        num_splits = choose_num_splits(b, hkv, max_context_len, block_n, _sm_count(q.device))
+    num_splits = max(1, int(num_splits))
+    tokens_per_split = triton.cdiv(triton.cdiv(max(max_context_len, 1), num_splits), block_n) * block_n
+    num_splits = max(1, triton.cdiv(max_context_len, tokens_per_split))
+    if num_splits > 1:
+        ws_m = torch.empty((b, hq, num_splits), dtype=torch.float32, device=q.device)
+        ws_l = torch.empty_like(ws_m)
+        ws_acc = torch.empty((b, hq, num_splits, d), dtype=torch.float32, device=q.device)
+    else:
+        ws_m = ws_l = ws_acc = out  # unused
+    upcast = INTERPRET or q.dtype == torch.float32
+    # fmt: off
+    _paged_decode_kernel[(b, hkv, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, ws_m, ws_l, ws_acc,
+        scale * math.log2(math.e), tokens_per_split, block_tables.shape[1] * block_size,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1), hq,
+        HEAD_DIM=d, BLOCK_D=block_d, GROUP=group, GROUP_PAD=group_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        NUM_SPLITS=num_splits, USE_DOT=use_dot, UPCAST=upcast, DOT_PRECISION="ieee" if upcast else "tf32",
+        LOOP_WHILE=INTERPRET, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    # fmt: on
+    if num_splits > 1:
+        _paged_decode_reduce_kernel[(b, hq)](
+            ws_m,
+            ws_l,
+            ws_acc,
+            out,
+            out.stride(0),
+            out.stride(1),
+            hq,
+            HEAD_DIM=d,
+            BLOCK_D=block_d,
+            NUM_SPLITS=num_splits,
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )
+
+
+def _check_write_inputs(k, v, k_cache, v_cache, slot_mapping) -> None:
+    _check_caches(k_cache, v_cache)
+    _, _, hkv, d = k_cache.shape
+    for name, x in (("k", k), ("v", v)):
+        if x.dim() != 3 or tuple(x.shape[1:]) != (hkv, d):
+            raise ValueError(f"{name} must be [N, Hkv={hkv}, D={d}] to match the cache, got {tuple(x.shape)}")
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last (head) dimension")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} dtype {x.dtype} is not one of fp32/fp16/bf16")
+    if k.shape[0] != v.shape[0]:
+        raise ValueError(f"k has {k.shape[0]} tokens but v has {v.shape[0]}")
+    if slot_mapping.dim() != 1 or slot_mapping.shape[0] != k.shape[0]:
+        raise ValueError(f"slot_mapping must be [N={k.shape[0]}], got shape {tuple(slot_mapping.shape)}")
+    if slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slot_mapping dtype {slot_mapping.dtype} must be int32 or int64")
+    if d % 2:
+        raise ValueError(f"head dim {d} must be even")
+    devices = {t.device for t in (k, v, k_cache, v_cache, slot_mapping)}
+    if len(devices) > 1:
+        raise ValueError(f"k, v, caches and slot_mapping must share one device, got {devices}")
+
+
+def _write_launch(q, k, v, positions, k_cache, v_cache, slot_mapping, q_out, rope_theta, rotate) -> None:
+    n = k.shape[0]
+    if n == 0:
+        return
+    _, block_size, hkv, d = k_cache.shape
+    hq = q.shape[1] if rotate else 1
+    half = d // 2
+    # fmt: off
+    _rope_write_kv_kernel[(n,)](
+        q, k, v, positions, slot_mapping, q_out, k_cache, v_cache, math.log2(rope_theta),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), q_out.stride(0), q_out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        HQ=hq, HKV=hkv, HQ_PAD=triton.next_power_of_2(hq), HKV_PAD=triton.next_power_of_2(hkv),
+        HALF=half, HALF_PAD=triton.next_power_of_2(half), BLOCK_SIZE=block_size, ROTATE=rotate, num_warps=4,
+    )
+    # fmt: on
+
+
+# ======================================================================== public functions ==
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    *,
+    softmax_scale: float | None = None,
+    out: torch.Tensor | None = None,
+    max_context_len: int | None = None,
+    num_splits: int | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Attention of one query token per sequence over its paged context.
+
+    q [B, Hq, D] (already rotated); k_cache/v_cache [num_blocks, block_size, Hkv, D] (keys rotated);
+    block_tables [B, max_blocks] int32; context_lens [B] int32, the cached tokens each sequence attends
+    to, the current one (already written) included. Hq must be a multiple of Hkv (GQA).
+    Returns [B, Hq, D] in q's dtype (into `out` if given). A context length of 0 gives zeros.
+
+    max_context_len: a host-side upper bound of context_lens (no device sync); it sizes the context
+    splits, and tokens past it are not read, so it must bound every context length. Default
+    block_tables.shape[1] * block_size (fixed per shape: what a CUDA graph needs). On CUDA, contexts
+    longer than that are clamped rather than checked (a check would need a host sync); the
+    interpreter and the CPU reference check them. num_splits: force the split count (tests);
+    config: override decode_config()'s launch parameters (tuning).
+    """
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
+    _check_caches(k_cache, v_cache)
+    b, hq, d = q.shape
+    _, block_size, hkv, dk = k_cache.shape
+    if dk != d:
+        raise ValueError(f"q head dim {d} != cache head dim {dk}")
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} are not a multiple of key/value heads {hkv}")
+    if q.dtype != k_cache.dtype:
+        raise ValueError(f"q dtype {q.dtype} != cache dtype {k_cache.dtype}")
+    if q.stride(-1) != 1:
+        raise ValueError("q must be contiguous in its last (head) dimension")
+    devices = {t.device for t in (q, k_cache, v_cache, block_tables, context_lens)}
+    if len(devices) > 1:
+        raise ValueError(f"q, caches, block_tables and context_lens must share one device, got {devices}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != b:
+        raise ValueError(f"block_tables must be [B={b}, max_blocks], got shape {tuple(block_tables.shape)}")
+    if block_tables.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"block_tables dtype {block_tables.dtype} must be int32")
+    if context_lens.shape != (b,):
+        raise ValueError(f"context_lens must be [B={b}], got shape {tuple(context_lens.shape)}")
+    if context_lens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"context_lens dtype {context_lens.dtype} must be int32")
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be a {q.dtype} tensor of shape {tuple(q.shape)}, contiguous in D")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    capacity = block_tables.shape[1] * block_size
+    if max_context_len is None:
+        max_context_len = capacity
+    elif max_context_len > capacity:
+        raise ValueError(
+            f"max_context_len {max_context_len} needs {-(-max_context_len // block_size)} blocks but "
+            f"block_tables has {block_tables.shape[1]} columns"
+        )
+    if not use_triton(q):
+        # CPU reference path: the host sync is free here, so check the real lengths too.
+        out.copy_(reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale))
+        return out
+    if b == 0:
+        return out
+    if INTERPRET:
+        # Only checkable with a host sync; the interpreter path is free to do it (CUDA must not).
+        longest = int(context_lens.max())
+        if longest > capacity:
+            raise ValueError(f"context length {longest} needs more blocks than block_tables' {block_tables.shape[1]}")
+        if longest > max_context_len:
+            raise ValueError(f"context length {longest} exceeds max_context_len {max_context_len}")
+    _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, out, max_context_len, num_splits, config)
+    return out
+
+
+def rope_write_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    rope_theta: float = 10000.0,
+    q_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rotate q and k (HF rotate-half, fp32 cos/sin from integer positions), write rotated k and v to the cache.
+
+    q [N, Hq, D], k/v [N, Hkv, D], positions [N] int, slot_mapping [N] int64 (-1: skip the write);
+    caches [num_blocks, block_size, Hkv, D], written in place. Returns rotated q [N, Hq, D] (q_out if given).
+    """
+    _check_write_inputs(k, v, k_cache, v_cache, slot_mapping)
+    n = k.shape[0]
+    if q.dim() != 3 or q.shape[0] != n or q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q must be [N={n}, Hq (a multiple of {k.shape[1]}), D={k.shape[2]}], got {tuple(q.shape)}")
+    if q.stride(-1) != 1 or q.dtype not in _FLOAT_DTYPES:
+        raise ValueError("q must be fp32/fp16/bf16 and contiguous in its last (head) dimension")
+    if q.device != k.device or positions.device != k.device:
+        raise ValueError(f"q ({q.device}), positions ({positions.device}) and k ({k.device}) must share one device")
+    if positions.shape != (n,) or positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"positions must be int32/int64 [N={n}], got {positions.dtype} {tuple(positions.shape)}")
+    if q_out is None:
+        q_out = torch.empty_like(q)
+    elif q_out.shape != q.shape or q_out.dtype != q.dtype or q_out.stride(-1) != 1:
+        raise ValueError(f"q_out must be a {q.dtype} tensor of shape {tuple(q.shape)}, contiguous in D")
+    if not use_triton(q):
+        q_out.copy_(reference.rope_write_kv(q, k, v, positions, k_cache, v_cache, slot_mapping, rope_theta))
+        return q_out
+    _write_launch(q, k, v, positions, k_cache, v_cache, slot_mapping, q_out, rope_theta, rotate=True)
+    return q_out
+
+
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write k/v [N, Hkv, D] as they are into caches [num_blocks, block_size, Hkv, D] at slot_mapping [N] (-1: skip)."""
+    _check_write_inputs(k, v, k_cache, v_cache, slot_mapping)
+    if not use_triton(k):
+        reference.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+        return
+    _write_launch(k, k, v, slot_mapping, k_cache, v_cache, slot_mapping, k, 10000.0, rotate=False)

@@ -1,0 +1,326 @@
+"""engine/kv_cache.py: block bookkeeping invariants, copy-on-write, pool sizing and views."""
+
+import random
+
+import pytest
+import torch
+
+from engine.kv_cache import BlockManager, KVCachePool, OutOfBlocks, bytes_per_block, num_blocks_for_memory
+
+
+def _slots_of(bm: BlockManager, seq: int) -> list[int]:
+    return bm.slot_mapping([seq]).tolist()
+
+
+def test_allocate_append_free():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    assert bm.allocate(1, 6) == [0, 1]
+    assert bm.num_free_blocks == 6 and bm.num_tokens(1) == 6
+    assert _slots_of(bm, 1) == [0, 1, 2, 3, 4, 5]
+    assert bm.append_slot(1) == (6, None)
+    assert bm.append_slot(1) == (7, None)
+    assert bm.num_free_blocks == 6
+    slot, copy = bm.append_slot(1)  # block 1 is full: a new block
+    assert (slot, copy) == (8, None) and bm.blocks(1) == [0, 1, 2]
+    assert bm.num_free_blocks == 5
+    bm.check_invariants()
+    bm.free(1)
+    assert bm.num_free_blocks == 8 and bm.num_sequences == 0
+    bm.check_invariants()
+    # Empty sequence: the first append takes a block.
+    assert bm.allocate(2, 0) == []
+    assert bm.append_slot(2)[0] % 4 == 0 and bm.num_free_blocks == 7
+
+
+def test_fork_shares_and_copy_on_write():
+    bm = BlockManager(num_blocks=10, block_size=4)
+    prompt = bm.allocate(0, 6)  # blocks [a, b], b half full
+    for child in (1, 2, 3):
+        bm.fork(0, child)
+    assert all(bm.ref_count(b) == 4 for b in prompt) and bm.num_free_blocks == 8
+    bm.check_invariants()
+    # Child 1 writes into the shared partial block: it moves to a private copy first.
+    slot, copy = bm.append_slot(1)
+    assert copy is not None and copy[0] == prompt[1] and copy[1] not in prompt
+    assert slot == copy[1] * 4 + 2
+    assert bm.blocks(1) == [prompt[0], copy[1]] and bm.ref_count(prompt[1]) == 3
+    # Its next append lands in its now private block: no copy.
+    assert bm.append_slot(1) == (copy[1] * 4 + 3, None)
+    # The parent shares block b with children 2 and 3 still: it copies too.
+    _, copy0 = bm.append_slot(0)
+    assert copy0 is not None and copy0[0] == prompt[1]
+    bm.check_invariants()
+    # Children 2 and 3 in one decode batch: 2 copies (b has refcount 2), then 3 has it alone.
+    slots, copies = bm.append_slots([2, 3])
+    assert len(copies) == 1 and copies[0][0] == prompt[1] and bm.blocks(3)[1] == prompt[1]
+    assert slots[1] == prompt[1] * 4 + 2
+    bm.check_invariants()
+    # Freeing everything returns every block.
+    for s in (0, 1, 2, 3):
+        bm.free(s)
+    assert bm.num_free_blocks == 10
+    bm.check_invariants()
+
+
+def test_fork_at_block_edge_needs_no_copy():
+    bm = BlockManager(num_blocks=6, block_size=4)
+    prompt = bm.allocate(0, 8)
+    bm.fork(0, 1)
+    slot, copy = bm.append_slot(1)
+    assert copy is None and bm.blocks(1)[:2] == prompt and slot // 4 not in prompt
+
+
+def test_errors():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    bm.allocate(0, 5)
+    with pytest.raises(KeyError, match="unknown sequence id 7"):
+        bm.append_slot(7)
+    with pytest.raises(KeyError, match="unknown sequence"):
+        bm.fork(7, 8)
+    with pytest.raises(ValueError, match="already has blocks"):
+        bm.allocate(0, 1)
+    with pytest.raises(ValueError, match="already has blocks"):
+        bm.fork(0, 0)
+    with pytest.raises(OutOfBlocks, match="need 3, 2 free") as info:
+        bm.allocate(1, 9)
+    assert info.value.needed == 3 and info.value.free == 2
+    assert not bm.can_allocate(9) and bm.can_allocate(8)
+    bm.free(0)
+    with pytest.raises(ValueError, match="double free of sequence 0"):
+        bm.free(0)
+    with pytest.raises(KeyError, match="unknown sequence id 5"):
+        bm.free(5)
+    with pytest.raises(ValueError, match="block table width"):
+        bm.allocate(3, 9)
+        bm.block_table([3], width=2)
+    bm.check_invariants()
+
+
+def test_out_of_blocks_on_append_leaves_state_unchanged():
+    bm = BlockManager(num_blocks=2, block_size=2)
+    bm.allocate(0, 2)
+    bm.allocate(1, 1)
+    bm.fork(1, 2)
+    assert not bm.can_append([0, 1])
+    with pytest.raises(OutOfBlocks):
+        bm.append_slot(0)  # needs a fresh block, none free
+    with pytest.raises(OutOfBlocks):
+        bm.append_slots([1, 2])  # 1 copies the shared block: none free
+    assert bm.num_tokens(0) == 2 and bm.num_tokens(1) == 1 and bm.num_tokens(2) == 1
+    bm.check_invariants()
+    bm.free(0)
+    slots, copies = bm.append_slots([1, 2])
+    assert len(copies) == 1 and len(set(slots)) == 2
+    bm.check_invariants()
+
+
+def test_block_table_and_slot_mapping():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    bm.allocate(0, 3)
+    bm.allocate(1, 9)
+    table = bm.block_table([1, 0], width=5)
+    assert table.dtype == torch.int32 and table.shape == (2, 5)
+    assert table[0, :3].tolist() == bm.blocks(1) and table[1, :1].tolist() == bm.blocks(0)
+    assert bm.block_table([0, 1]).shape == (2, 3)
+    slots = bm.slot_mapping([0, 1], starts=[1, 8])
+    b0, b1 = bm.blocks(0), bm.blocks(1)
+    assert slots.dtype == torch.int64
+    assert slots.tolist() == [b0[0] * 4 + 1, b0[0] * 4 + 2, b1[2] * 4 + 0]
+    # Slots agree with what the kernels compute from the block table.
+    full = bm.slot_mapping([1])
+    pos = torch.arange(9)
+    assert torch.equal(full, table[0, pos // 4].long() * 4 + pos % 4)
+
+
+def test_prepare_decode():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    bm.allocate(0, 4)
+    bm.allocate(1, 2)
+    bm.fork(1, 2)
+    batch = bm.prepare_decode([0, 1, 2], width=3)
+    assert batch.positions.tolist() == [4, 2, 2] and batch.context_lens.tolist() == [5, 3, 3]
+    assert batch.context_lens.dtype == torch.int32 and batch.slot_mapping.dtype == torch.int64
+    assert batch.block_tables.shape == (3, 3) and batch.max_context_len == 5
+    assert len(batch.copies) == 1  # 1 and 2 shared a partial block: one of them copies
+    for i, pos in enumerate(batch.positions.tolist()):  # slots agree with the tables the kernel reads
+        assert batch.slot_mapping[i] == batch.block_tables[i, pos // 4] * 4 + pos % 4
+    assert batch.slot_mapping.unique().numel() == 3
+    bm.check_invariants()
+
+
+def test_random_operations_never_leak():
+    """Thousands of random allocate / fork / append / batched append / free, OutOfBlocks handled by freeing.
+
+    A fake cache maps slot -> (sequence, position) written there, with CoW copies applied, so a block
+    handed to two owners or written while shared shows up as a wrong position.
+    """
+    rng = random.Random(0)
+    bm = BlockManager(num_blocks=64, block_size=4)
+    live: list[int] = []
+    next_id = 0
+    cache: dict[int, int] = {}  # slot -> position written there
+
+    def apply_copy(copy):
+        if copy is not None:
+            src, dst = copy
+            for off in range(4):
+                if src * 4 + off in cache:
+                    cache[dst * 4 + off] = cache[src * 4 + off]
+
+    def write(seq, slot, pos):
+        assert bm.ref_count(slot // 4) == 1  # never write into a shared block
+        cache[slot] = pos
+
+    for _ in range(4000):
+        op = rng.random()
+        try:
+            if op < 0.2 or not live:
+                n = rng.randint(0, 20)
+                bm.allocate(next_id, n)
+                for p, s in enumerate(_slots_of(bm, next_id)):
+                    write(next_id, s, p)
+                live.append(next_id)
+                next_id += 1
+            elif op < 0.35:
+                bm.fork(rng.choice(live), next_id)
+                live.append(next_id)
+                next_id += 1
+            elif op < 0.65:
+                seq = rng.choice(live)
+                pos = bm.num_tokens(seq)
+                slot, copy = bm.append_slot(seq)
+                apply_copy(copy)
+                write(seq, slot, pos)
+            elif op < 0.85:
+                batch = rng.sample(live, rng.randint(1, len(live)))
+                positions = [bm.num_tokens(s) for s in batch]
+                fits = bm.can_append(batch)
+                try:
+                    slots, copies = bm.append_slots(batch)
+                except OutOfBlocks:
+                    assert not fits
+                    assert [bm.num_tokens(s) for s in batch] == positions  # all or nothing
+                    raise
+                assert fits
+                for copy in copies:
+                    apply_copy(copy)
+                for seq, slot, pos in zip(batch, slots, positions):
+                    write(seq, slot, pos)
+            else:
+                bm.free(live.pop(rng.randrange(len(live))))
+        except OutOfBlocks:
+            bm.free(live.pop(rng.randrange(len(live))))
+        if rng.random() < 0.05:
+            bm.check_invariants()
+            for seq in live:  # every live token's slot still holds what was written for its position
+                assert [cache[s] for s in _slots_of(bm, seq)] == list(range(bm.num_tokens(seq)))
+    bm.check_invariants()
+    assert next_id > 500 and bm.num_free_blocks < 64
+    for seq in live:
+        bm.free(seq)
+    assert bm.num_free_blocks == 64
+    bm.check_invariants()
+
+
+# ------------------------------------------------------------------------------------------ pool
+
+
+def test_pool_sizing_math():
+    per = bytes_per_block(40, 16, 40, 128, torch.bfloat16)
+    assert per == 40 * 2 * 16 * 40 * 128 * 2  # Llama-2-13B: 13.1 MB per 16-token block
+    n = num_blocks_for_memory(
+        0.9,
+        num_layers=40,
+        block_size=16,
+        num_kv_heads=40,
+        head_dim=128,
+        dtype=torch.bfloat16,
+        device="cpu",
+        budget_bytes=50 * 2**30,
+    )
+    assert n == int(50 * 2**30 * 0.9) // per
+    tiny = dict(num_layers=1, block_size=16, num_kv_heads=1, head_dim=8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="budget_bytes"):
+        num_blocks_for_memory(**tiny, device="cpu")
+    with pytest.raises(ValueError, match="free_bytes_fraction"):
+        num_blocks_for_memory(1.5, **tiny)
+    pool = KVCachePool.from_memory(2, 8, 2, 16, torch.float32, "cpu", free_bytes_fraction=0.5, budget_bytes=10_000)
+    assert pool.num_blocks == 5000 // bytes_per_block(2, 8, 2, 16, torch.float32)
+    assert pool.nbytes <= 5000 and pool.tensor.shape == (2, 2, pool.num_blocks, 8, 2, 16)
+
+
+def test_num_blocks_from_cuda_free_memory(monkeypatch):
+    """The CUDA branch, with the memory queries faked: free + cached-but-unused, times the fraction."""
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 30 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 26 * gib)  # 13B weights, bf16
+    per = bytes_per_block(40, 16, 40, 128, torch.bfloat16)
+    n = num_blocks_for_memory(
+        0.9, num_layers=40, block_size=16, num_kv_heads=40, head_dim=128, dtype=torch.bfloat16, device="cuda"
+    )
+    assert n == int(44 * gib * 0.9) // per
+    assert n * 16 > 45_000  # ~45k tokens of 13B KV cache in 40 GB
+
+
+def test_pool_views_alias_storage_and_release():
+    pool = KVCachePool(num_layers=3, num_blocks=5, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.float16)
+    assert pool.tensor.shape == (3, 2, 5, 4, 2, 8) and pool.tensor.dtype == torch.float16
+    for l in range(3):
+        k, v = pool.layer(l)
+        assert k.shape == (5, 4, 2, 8) and v.shape == (5, 4, 2, 8)
+        assert k.untyped_storage().data_ptr() == pool.tensor.untyped_storage().data_ptr()
+        assert k.data_ptr() == pool.tensor[l, 0].data_ptr() and v.data_ptr() == pool.tensor[l, 1].data_ptr()
+        k.fill_(l)
+        v.fill_(-l)
+    assert torch.equal(pool.tensor[2, 0], torch.full((5, 4, 2, 8), 2.0, dtype=torch.float16))
+    assert torch.equal(pool.tensor[1, 1], torch.full((5, 4, 2, 8), -1.0, dtype=torch.float16))
+    # Views are the per-layer caches the kernels accept: one flat slot index per token.
+    assert pool.layer(0)[0].view(-1, 2, 8).data_ptr() == pool.tensor.data_ptr()
+    with pytest.raises(IndexError):
+        pool.layer(3)
+    # Copy-on-write copies whole blocks in every layer.
+    pool.tensor.copy_(torch.randn(pool.shape).half())
+    before = pool.tensor.clone()
+    pool.copy_blocks([(1, 3), (0, 4)])
+    assert torch.equal(pool.tensor[:, :, 3], before[:, :, 1]) and torch.equal(pool.tensor[:, :, 4], before[:, :, 0])
+    assert torch.equal(pool.tensor[:, :, :3], before[:, :, :3])
+    pool.release()
+    assert not pool.is_allocated
+    with pytest.raises(RuntimeError, match="released"):
+        pool.layer(0)
+    pool.reallocate()
+    assert pool.is_allocated and pool.tensor.shape == (3, 2, 5, 4, 2, 8)
+    pool.reallocate(num_blocks=7)
+    assert pool.num_blocks == 7 and pool.tensor.shape == (3, 2, 7, 4, 2, 8)
+    with pytest.raises(ValueError, match="power of two"):
+        KVCachePool(1, 4, 6, 1, 8)
+
+
+def test_manager_and_pool_with_the_kernels():
+    """A prefill write, a fork, a CoW copy and decode attention through the manager's tables."""
+    from kernels import reference
+    from kernels.paged_attention import paged_decode_attention, write_kv_cache
+
+    pool = KVCachePool(num_layers=1, num_blocks=6, block_size=4, num_kv_heads=1, head_dim=16, dtype=torch.float32)
+    pool.tensor.fill_(float("nan"))
+    k_cache, v_cache = pool.layer(0)
+    bm = BlockManager(pool.num_blocks, pool.block_size)
+    bm.allocate(0, 6)
+    k, v = torch.randn(7, 1, 16), torch.randn(7, 1, 16)
+    write_kv_cache(k[:6], v[:6], k_cache, v_cache, bm.slot_mapping([0]))
+    bm.fork(0, 1)
+    slot, copy = bm.append_slot(1)
+    assert copy is not None
+    pool.copy_blocks([copy])
+    write_kv_cache(k[6:], v[6:], k_cache, v_cache, torch.tensor([slot]))
+    q = torch.randn(2, 2, 16)
+    tables = bm.block_table([0, 1], width=3)
+    lens = torch.tensor([6, 7], dtype=torch.int32)
+    got = paged_decode_attention(q, k_cache, v_cache, tables, lens)
+    for i, n in enumerate((6, 7)):
+        s = torch.einsum("hd,ld->hl", q[i].double(), k[:n, 0].double()) / 4.0
+        want = torch.softmax(s, -1) @ v[:n, 0].double()
+        torch.testing.assert_close(got[i].double(), want, atol=1e-5, rtol=1e-5)
+    ref = reference.paged_decode_attention(q, k_cache, v_cache, tables, lens)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

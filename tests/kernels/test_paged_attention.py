@@ -1,0 +1,320 @@
+"""kernels/paged_attention.py in Triton's interpreter against float64 attention over contiguous K/V.
+
+Each test draws per-sequence contiguous K/V first, scatters them into randomly chosen (non-contiguous)
+blocks of a NaN-poisoned cache, and computes the expected output from the contiguous tensors, so the
+gather through the block table is checked independently of kernels/reference.py (which is checked too).
+"""
+
+import math
+
+import pytest
+import torch
+
+from kernels import dispatch, reference
+from kernels.paged_attention import choose_num_splits, paged_decode_attention, rope_write_kv, write_kv_cache
+
+TOLS = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (1e-2, 1e-2), torch.float16: (1e-2, 1e-2)}
+
+
+def _paged_setup(ctx_lens, hq, hkv, d, block_size, dtype, *, spare_blocks=5, width_extra=1, pool_layers=1):
+    """Random q and per-sequence K/V scattered into a NaN-poisoned cache through random block tables."""
+    b = len(ctx_lens)
+    need = [-(-n // block_size) for n in ctx_lens]
+    width = max(need + [1]) + width_extra
+    num_blocks = sum(need) + spare_blocks
+    # The cache is a per-layer view of an engine-style pool [layers, 2, blocks, block_size, Hkv, D].
+    pool = torch.full((pool_layers, 2, num_blocks, block_size, hkv, d), float("nan"), dtype=dtype)
+    k_cache, v_cache = pool[-1, 0], pool[-1, 1]
+    perm = torch.randperm(num_blocks)
+    tables = torch.full((b, width), 10**6, dtype=torch.int32)  # unused columns point far away
+    ks, vs, used = [], [], 0
+    for i, n in enumerate(ctx_lens):
+        blocks = perm[used : used + need[i]]
+        used += need[i]
+        tables[i, : need[i]] = blocks.to(torch.int32)
+        k = torch.randn(n, hkv, d, dtype=torch.float64)
+        v = torch.randn(n, hkv, d, dtype=torch.float64)
+        t = torch.arange(n)
+        k_cache[blocks[t // block_size], t % block_size] = k.to(dtype)
+        v_cache[blocks[t // block_size], t % block_size] = v.to(dtype)
+        ks.append(k.to(dtype).double())
+        vs.append(v.to(dtype).double())
+    tables[tables == 10**6] = num_blocks - 1  # keep in range; never read past the context anyway
+    q = torch.randn(b, hq, d, dtype=torch.float64).to(dtype)
+    return q, k_cache, v_cache, tables, torch.tensor(ctx_lens, dtype=torch.int32), ks, vs
+
+
+def _expected(q, ks, vs, scale=None):
+    """Plain float64 attention of each query over its contiguous context."""
+    b, hq, d = q.shape
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    out = torch.zeros(b, hq, d, dtype=torch.float64)
+    for i, (k, v) in enumerate(zip(ks, vs)):
+        if k.shape[0] == 0:
+            continue
+        group = hq // k.shape[1]
+        kk = k.repeat_interleave(group, dim=1)  # [L, Hq, D]
+        vv = v.repeat_interleave(group, dim=1)
+        s = torch.einsum("hd,lhd->hl", q[i].double(), kk) * scale
+        out[i] = torch.einsum("hl,lhd->hd", torch.softmax(s, dim=-1), vv)
+    return out
+
+
+CASES = [
+    # (hq, hkv, d, block_size, dtype, num_splits)
+    (4, 4, 64, 16, torch.float32, None),  # MHA, group 1: multiply-reduce path
+    (8, 2, 64, 32, torch.float32, 3),  # GQA 4
+    (8, 1, 128, 16, torch.float32, 4),  # GQA 8, D 128
+    (4, 4, 128, 32, torch.bfloat16, 3),
+    (8, 1, 64, 16, torch.bfloat16, None),
+    (8, 2, 128, 16, torch.float16, 2),
+    (2, 2, 64, 8, torch.float16, 1),
+    (4, 2, 80, 16, torch.float32, 2),  # head dim not a power of two: masked D
+]
+
+
+@pytest.mark.parametrize("hq,hkv,d,block_size,dtype,num_splits", CASES)
+def test_paged_decode_matches_float64(hq, hkv, d, block_size, dtype, num_splits):
+    # Length 1, exactly one block, 17, and one long enough for several 64-token tiles and splits.
+    ctx_lens = [1, block_size, 17, 5 * 64 + 3]
+    q, kc, vc, bt, cl, ks, vs = _paged_setup(ctx_lens, hq, hkv, d, block_size, dtype, pool_layers=2)
+    out = torch.full_like(q, float("nan"))
+    got = paged_decode_attention(q, kc, vc, bt, cl, out=out, num_splits=num_splits)
+    assert got.data_ptr() == out.data_ptr() and got.dtype == dtype
+    want = _expected(q, ks, vs)
+    atol, rtol = TOLS[dtype]
+    torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol)
+    # The oracle, in float64, agrees with the independent computation.
+    ref = reference.paged_decode_attention(q.double(), kc.double(), vc.double(), bt, cl)
+    torch.testing.assert_close(ref, want, atol=1e-10, rtol=1e-10)
+
+
+def test_paged_decode_splits_and_scale():
+    """Many splits, some empty for short sequences (max_context_len hint), and a custom softmax scale."""
+    ctx_lens = [700, 3, 129]
+    q, kc, vc, bt, cl, ks, vs = _paged_setup(ctx_lens, 4, 2, 64, 16, torch.float32)
+    for splits in (2, 11):
+        got = paged_decode_attention(q, kc, vc, bt, cl, softmax_scale=0.3, num_splits=splits, max_context_len=700)
+        torch.testing.assert_close(got.double(), _expected(q, ks, vs, 0.3), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "hq,hkv,config",
+    [
+        (2, 2, {"dot_min_group": 1}),  # MHA through tl.dot (group padded to 16)
+        (8, 1, {"dot_min_group": 99, "block_n": 32}),  # group 8 through multiply-reduce
+        (16, 1, {"block_n": 16, "num_warps": 2}),  # group exactly 16
+    ],
+)
+def test_paged_decode_config_variants(hq, hkv, config):
+    """Every launch variant a GPU sweep may pick stays correct."""
+    q, kc, vc, bt, cl, ks, vs = _paged_setup([1, 33, 70], hq, hkv, 64, 16, torch.float32)
+    got = paged_decode_attention(q, kc, vc, bt, cl, num_splits=2, config=config)
+    torch.testing.assert_close(got.double(), _expected(q, ks, vs), atol=2e-5, rtol=2e-5)
+
+
+def test_choose_num_splits():
+    h100 = 132
+    assert choose_num_splits(64, 40, 384, 64, h100) == 1  # plenty of programs already
+    assert choose_num_splits(8, 40, 4096, 64, h100) == 2  # 320 programs: two waves' worth more
+    assert choose_num_splits(1, 40, 4096, 64, h100) == 14  # one sequence, long context: split it
+    assert choose_num_splits(1, 1, 100, 64, h100) == 1  # short context: never below 256 tokens a split
+    assert choose_num_splits(1, 1, 10**7, 64, h100) == 64  # capped
+
+
+def test_paged_decode_default_splits_long_context():
+    """The default split count (from block_tables width) on a context that splits on a 4-SM stand-in."""
+    ctx_lens = [600]
+    q, kc, vc, bt, cl, ks, vs = _paged_setup(ctx_lens, 2, 2, 64, 32, torch.float32, width_extra=3)
+    assert choose_num_splits(1, 2, bt.shape[1] * 32, 64, 4) > 1  # 4: the CPU stand-in SM count
+    got = paged_decode_attention(q, kc, vc, bt, cl)
+    torch.testing.assert_close(got.double(), _expected(q, ks, vs), atol=2e-5, rtol=2e-5)
+
+
+def test_paged_decode_empty_context_gives_zeros():
+    ctx_lens = [0, 40]
+    q, kc, vc, bt, cl, ks, vs = _paged_setup(ctx_lens, 4, 1, 64, 16, torch.float32)
+    for splits in (1, 3):
+        got = paged_decode_attention(q, kc, vc, bt, cl, num_splits=splits, out=torch.full_like(q, float("nan")))
+        assert torch.equal(got[0], torch.zeros_like(got[0]))
+        torch.testing.assert_close(got.double(), _expected(q, ks, vs), atol=2e-5, rtol=2e-5)
+
+
+def test_paged_decode_reference_path_on_cpu():
+    """Without the interpreter (the CPU demo path) the op runs kernels/reference.py."""
+    q, kc, vc, bt, cl, ks, vs = _paged_setup([5, 33], 4, 2, 64, 16, torch.float32)
+    with dispatch.reference_ops():
+        got = paged_decode_attention(q, kc, vc, bt, cl)
+    torch.testing.assert_close(got.double(), _expected(q, ks, vs), atol=2e-5, rtol=2e-5)
+
+
+def test_paged_decode_errors():
+    q, kc, vc, bt, cl, _, _ = _paged_setup([20, 5], 4, 2, 64, 16, torch.float32, width_extra=0)
+    with pytest.raises(ValueError, match="block_tables"):
+        paged_decode_attention(q, kc, vc, bt[:, :1], cl)  # 20 tokens need 2 blocks of 16
+    with pytest.raises(ValueError, match="max_context_len"):
+        paged_decode_attention(q, kc, vc, bt, cl, max_context_len=33)
+    with pytest.raises(ValueError, match="exceeds max_context_len 16"):
+        paged_decode_attention(q, kc, vc, bt, cl, max_context_len=16)
+    with pytest.raises(ValueError, match="one device"):
+        paged_decode_attention(q, kc, vc, bt.to("meta"), cl)
+    with pytest.raises(ValueError, match="dtype"):
+        paged_decode_attention(q.to(torch.bfloat16), kc, vc, bt, cl)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        paged_decode_attention(q[:, :3], kc, vc, bt, cl)
+    with pytest.raises(ValueError, match="head dim"):
+        paged_decode_attention(q[..., :32], kc, vc, bt, cl)
+    with pytest.raises(ValueError, match="v_cache shape"):
+        paged_decode_attention(q, kc, vc[:-1], bt, cl)
+    with pytest.raises(ValueError, match="context_lens"):
+        paged_decode_attention(q, kc, vc, bt, cl[:1])
+    with pytest.raises(ValueError, match="block_tables must be"):
+        paged_decode_attention(q, kc, vc, bt[:1], cl)
+    with pytest.raises(ValueError, match="power of two"):
+        paged_decode_attention(q, kc[:, :12], vc[:, :12], bt, cl)
+    with pytest.raises(ValueError, match="out must be"):
+        paged_decode_attention(q, kc, vc, bt, cl, out=torch.empty(2, 4, 32))
+
+
+# ----------------------------------------------------------------------------------- cache writes
+
+
+def _write_setup(n, hq, hkv, d, block_size, dtype, num_blocks=6):
+    kc = torch.full((num_blocks, block_size, hkv, d), float("nan"), dtype=dtype)
+    vc = kc.clone()
+    q = torch.randn(n, hq, d, dtype=torch.float64).to(dtype)
+    k = torch.randn(n, hkv, d, dtype=torch.float64).to(dtype)
+    v = torch.randn(n, hkv, d, dtype=torch.float64).to(dtype)
+    slots = torch.randperm(num_blocks * block_size)[:n].to(torch.int64)
+    slots[1] = -1
+    return q, k, v, kc, vc, slots
+
+
+@pytest.mark.parametrize(
+    "hq,hkv,d,block_size,dtype,max_pos,tol",
+    [
+        (4, 4, 64, 16, torch.float32, 64, 1e-5),
+        # fp32 angles pos * inv_freq carry ~pos * 1e-7 rad of rounding (as in HF), hence the looser bound.
+        (8, 2, 128, 32, torch.float32, 4096, 5e-4),
+        (8, 1, 64, 16, torch.bfloat16, 4096, 1e-2),
+        (6, 3, 128, 16, torch.float16, 4096, 1e-2),
+        (4, 2, 80, 16, torch.float32, 64, 1e-5),  # half dim 40: masked
+    ],
+)
+def test_rope_write_kv(hq, hkv, d, block_size, dtype, max_pos, tol):
+    n = 9
+    q, k, v, kc, vc, slots = _write_setup(n, hq, hkv, d, block_size, dtype)
+    positions = torch.randint(0, max_pos, (n,), dtype=torch.int32)
+    q_out = torch.full_like(q, float("nan"))
+    got = rope_write_kv(q, k, v, positions, kc, vc, slots, rope_theta=10000.0, q_out=q_out)
+    assert got.data_ptr() == q_out.data_ptr()
+    pos64 = positions.to(torch.int64)
+    torch.testing.assert_close(got.double(), reference.apply_rotary(q.double(), pos64), atol=tol, rtol=tol)
+    keep = slots >= 0
+    flat_k, flat_v = kc.view(-1, hkv, d), vc.view(-1, hkv, d)
+    want_k = reference.apply_rotary(k.double(), pos64)
+    torch.testing.assert_close(flat_k[slots[keep]].double(), want_k[keep], atol=tol, rtol=tol)
+    assert torch.equal(flat_v[slots[keep]], v[keep])  # v is copied bit for bit
+    untouched = torch.ones(flat_k.shape[0], dtype=torch.bool)
+    untouched[slots[keep]] = False
+    assert flat_k[untouched].isnan().all() and flat_v[untouched].isnan().all()  # slot -1 and the rest unwritten
+    # The oracle writes the same cache.
+    kc2, vc2 = torch.full_like(kc, float("nan")).double(), torch.full_like(vc, float("nan")).double()
+    q2 = reference.rope_write_kv(q.double(), k.double(), v.double(), pos64, kc2, vc2, slots)
+    torch.testing.assert_close(q2, reference.apply_rotary(q.double(), pos64))
+    torch.testing.assert_close(kc.double(), kc2, atol=tol, rtol=tol, equal_nan=True)
+
+
+def test_rope_write_kv_theta_and_reference_path():
+    q, k, v, kc, vc, slots = _write_setup(5, 4, 2, 64, 16, torch.float32)
+    positions = torch.arange(5, dtype=torch.int64) * 7
+    got = rope_write_kv(q, k, v, positions, kc, vc, slots, rope_theta=500000.0)
+    torch.testing.assert_close(got, reference.apply_rotary(q, positions, 500000.0), atol=1e-5, rtol=1e-5)
+    kc2, vc2 = torch.full_like(kc, float("nan")), torch.full_like(vc, float("nan"))
+    with dispatch.reference_ops():
+        got2 = rope_write_kv(q, k, v, positions, kc2, vc2, slots, rope_theta=500000.0)
+    torch.testing.assert_close(got2, got, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kc2, kc, atol=1e-5, rtol=1e-5, equal_nan=True)
+    assert torch.equal(vc2.nan_to_num(7.0), vc.nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_cache(dtype):
+    _, k, v, kc, vc, slots = _write_setup(11, 2, 2, 64, 8, dtype, num_blocks=4)
+    slots = slots.to(torch.int32)
+    kc2, vc2 = kc.clone(), vc.clone()
+    write_kv_cache(k, v, kc, vc, slots)
+    with dispatch.reference_ops():
+        write_kv_cache(k, v, kc2, vc2, slots)
+    keep = slots >= 0
+    assert torch.equal(kc.view(-1, 2, 64)[slots[keep].long()], k[keep])
+    assert torch.equal(vc.view(-1, 2, 64)[slots[keep].long()], v[keep])
+    assert torch.equal(kc.isnan(), kc2.isnan()) and torch.equal(kc.nan_to_num(0), kc2.nan_to_num(0))
+    assert kc.isnan().sum() == kc.numel() - int(keep.sum()) * 2 * 64
+
+
+def test_decode_step_end_to_end():
+    """rope_write_kv for the new token, then paged attention: equals rotary + attention on contiguous tensors."""
+    ctx_lens = [9, 16]
+    q_, kc, vc, bt, cl, ks, vs = _paged_setup([n - 1 for n in ctx_lens], 8, 2, 64, 16, torch.float32)
+    bt[:, 1] = torch.tensor([kc.shape[0] - 1, kc.shape[0] - 2], dtype=torch.int32)  # room for token 16
+    kc[-2:] = float("nan")
+    q = torch.randn(2, 8, 64)
+    k, v = torch.randn(2, 2, 64), torch.randn(2, 2, 64)
+    pos = torch.tensor(ctx_lens) - 1
+    slots = torch.stack([bt[i, pos[i] // 16].long() * 16 + pos[i] % 16 for i in range(2)])
+    q_rot = rope_write_kv(q, k, v, pos, kc, vc, slots)
+    got = paged_decode_attention(q_rot, kc, vc, bt, torch.tensor(ctx_lens, dtype=torch.int32))
+    k_rot = reference.apply_rotary(k.double(), pos)
+    ks = [torch.cat([ks[i], k_rot[i : i + 1]]) for i in range(2)]
+    vs = [torch.cat([vs[i], v[i : i + 1].double()]) for i in range(2)]
+    want = _expected(reference.apply_rotary(q.double(), pos), ks, vs)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_write_errors():
+    q, k, v, kc, vc, slots = _write_setup(4, 4, 2, 64, 16, torch.float32)
+    pos = torch.arange(4)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        write_kv_cache(k, v, kc, vc, slots[:3])
+    with pytest.raises(ValueError, match="slot_mapping dtype"):
+        write_kv_cache(k, v, kc, vc, slots.float())
+    with pytest.raises(ValueError, match="k must be"):
+        write_kv_cache(k[:, :1], v, kc, vc, slots)
+    with pytest.raises(ValueError, match="v has"):
+        write_kv_cache(k, v[:3], kc, vc, slots)
+    with pytest.raises(ValueError, match="v_cache dtype"):
+        write_kv_cache(k, v, kc, vc.double(), slots)
+    with pytest.raises(ValueError, match="one device"):
+        write_kv_cache(k, v, kc, vc, slots.to("meta"))
+    with pytest.raises(ValueError, match="positions"):
+        rope_write_kv(q, k, v, pos.float(), kc, vc, slots)
+    with pytest.raises(ValueError, match="q must be"):
+        rope_write_kv(q[:, :3], k, v, pos, kc, vc, slots)
+
+
+def test_strided_views_of_a_fused_qkv():
+    """q, k, v as column slices of one [N, (Hq + 2 Hkv) * D] projection; q rotated in place (q_out=q)."""
+    n, hq, hkv, d = 3, 4, 2, 64
+    qkv = torch.randn(n, (hq + 2 * hkv) * d)
+    q = qkv[:, : hq * d].view(n, hq, d)
+    k = qkv[:, hq * d : (hq + hkv) * d].view(n, hkv, d)
+    v = qkv[:, (hq + hkv) * d :].view(n, hkv, d)
+    q0, k0, v0 = q.clone(), k.clone(), v.clone()
+    kc = torch.full((4, 16, hkv, d), float("nan"))
+    vc = torch.full_like(kc, float("nan"))
+    pos = torch.tensor([5, 0, 30])
+    slots = torch.tensor([3, 17, 40])
+    got = rope_write_kv(q, k, v, pos, kc, vc, slots, q_out=q)
+    assert got.data_ptr() == q.data_ptr()
+    torch.testing.assert_close(q, reference.apply_rotary(q0, pos), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kc.view(-1, hkv, d)[slots], reference.apply_rotary(k0, pos), atol=1e-5, rtol=1e-5)
+    assert torch.equal(vc.view(-1, hkv, d)[slots], v0) and torch.equal(k, k0)
+    # Decode attention on the strided q view: all three tokens as one-token contexts of their own block.
+    tables = (slots // 16).to(torch.int32)[:, None]
+    lens = (slots % 16 + 1).to(torch.int32)
+    kc.view(-1, hkv, d)[:] = kc.view(-1, hkv, d).nan_to_num(0.0)  # earlier slots of each block: zeros
+    vc.view(-1, hkv, d)[:] = vc.view(-1, hkv, d).nan_to_num(0.0)
+    got = paged_decode_attention(q, kc, vc, tables, lens)
+    want = reference.paged_decode_attention(q.double(), kc.double(), vc.double(), tables, lens)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
