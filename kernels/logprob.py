@@ -310,16 +310,12 @@ def _chunk_rows(n: int, v: int, elt: int, chunk_rows: int | None) -> int:
     return max(1, min(n, rows - rows % 128 if rows >= 256 else rows))  # GEMM-tile friendly
 
 
-def _hidden_grad_chunk(hidden, weight, targets, r0, r1, lse, ent, glp, gent, temperature, v_start, gh, gw, first):
-    """Recompute one chunk's logits, turn them into grad_logits in place, and do the two grad GEMMs."""
-    h = hidden[r0:r1]
-    lg = h @ weight.t()
-    ent_c = ent[r0:r1] if ent is not None else None
-    gent_c = gent[r0:r1] if gent is not None else None
-    glp_c = glp[r0:r1] if glp is not None else None
-    logprob_backward(lg.unsqueeze(0), targets[r0:r1], lse[r0:r1], ent_c, glp_c, gent_c, temperature, v_start, out=lg)
+def _hidden_grad_chunk(lg, h, weight, targets, lse, ent, glp, gent, temperature, v_start, gh, gw, first):
+    """Turn one chunk's logits lg [c, V] into grad_logits in place, then the two grad GEMMs:
+    gh [c, H] = grad_logits @ weight, gw [V, H] (+)= grad_logits.T @ h."""
+    logprob_backward(lg.unsqueeze(0), targets, lse, ent, glp, gent, temperature, v_start, out=lg)
     if gh is not None:
-        torch.mm(lg, weight, out=gh[r0:r1])
+        torch.mm(lg, weight, out=gh)
     if gw is not None:
         if first:
             torch.mm(lg.t(), h, out=gw)
@@ -380,22 +376,13 @@ class _HiddenLogprobs(torch.autograd.Function):
         v_start, _ = _group_info(ctx.group, weight.shape[0])
         for i, r0 in enumerate(range(0, hidden.shape[0], ctx.rows)):
             r1 = min(hidden.shape[0], r0 + ctx.rows)
+            sl = slice(r0, r1)
+            pick = lambda t, sl=sl: t[sl] if t is not None else None
+            lg = hidden[sl] @ weight.t()  # recomputed: per-token outputs can receive any gradient
             _hidden_grad_chunk(
-                hidden,
-                weight,
-                targets,
-                r0,
-                r1,
-                lse,
-                ent,
-                grad_logp,
-                grad_ent,
-                ctx.temperature,
-                v_start,
-                gh,
-                gw,
-                i == 0,
-            )
+                lg, hidden[sl], weight, targets[sl], lse[sl], pick(ent), pick(grad_logp), pick(grad_ent),
+                ctx.temperature, v_start, pick(gh), gw, i == 0,
+            )  # fmt: skip
         if gw is not None and hidden.shape[0] == 0:
             gw.zero_()
         if gh is not None:
@@ -417,9 +404,8 @@ class _FusedHiddenLoss(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=torch.float32)
         for i, r0 in enumerate(range(0, n, rows)):
             r1 = min(n, r0 + rows)
-            lse_c, logp_c, ent_c = _hidden_forward(
-                hidden[r0:r1], weight, targets[r0:r1], temperature, True, group, rows
-            )
+            lg = hidden[r0:r1] @ weight.t()  # the only logits GEMM: the same buffer becomes grad_logits
+            lse_c, logp_c, ent_c = logprob_forward(lg.unsqueeze(0), targets[r0:r1], temperature, True, group)
             logp[r0:r1], ent[r0:r1] = logp_c, ent_c
             with torch.enable_grad():
                 lp = logp_c.detach().requires_grad_(True)
@@ -429,21 +415,9 @@ class _FusedHiddenLoss(torch.autograd.Function):
             total += loss_c.detach()
             if need_h or need_w:
                 _hidden_grad_chunk(
-                    hidden[r0:r1],
-                    weight,
-                    targets[r0:r1],
-                    0,
-                    r1 - r0,
-                    lse_c,
-                    ent_c,
-                    glp,
-                    gent,
-                    temperature,
-                    v_start,
-                    gh[r0:r1] if need_h else None,
-                    gw,
-                    i == 0,
-                )
+                    lg, hidden[r0:r1], weight, targets[r0:r1], lse_c, ent_c, glp, gent, temperature, v_start,
+                    gh[r0:r1] if need_h else None, gw, i == 0,
+                )  # fmt: skip
         if gw is not None and n == 0:
             gw.zero_()
         if gh is not None:

@@ -277,3 +277,37 @@ def test_ppo_token_loss_empty_mask_is_zero(small_block):
     (g,) = torch.autograd.grad(loss, logits)
     assert float(loss.detach()) == 0.0 and torch.all(g == 0)
     assert all(torch.isfinite(s) for s in stats.values())
+
+
+def test_gemm_counts_per_chunk(small_block):
+    """hidden_logprobs: 1 GEMM per chunk forward, 3 backward; the fused PPO loss: 3 per chunk in all."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMM(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (
+                torch.ops.aten.mm,
+                torch.ops.aten.addmm,
+                torch.ops.aten.addmm_,
+                torch.ops.aten.bmm,
+            ):
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    hidden = torch.randn(10, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (10,))
+    with CountMM() as c:
+        lp = L.hidden_logprobs(hidden, weight, targets, chunk_rows=4)  # 3 chunks
+        fwd = c.n
+        torch.autograd.grad(lp.sum(), (hidden, weight))
+    assert (fwd, c.n) == (3, 12)
+    z = torch.zeros(10)
+    with CountMM() as c:
+        loss, _ = L.ppo_token_loss(None, targets, z, z + 1, z + 1, hidden=hidden, weight=weight, chunk_rows=4)
+        torch.autograd.grad(loss, (hidden, weight))
+    assert c.n == 9
