@@ -218,6 +218,16 @@ def _combine_stats(stats: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tens
     return lse, z_t_all - lse, log_s - w_all / s_all
 
 
+def _fwd(x3, targets, temperature, has_ent, v_start, lse=None, logp=None, ent=None, stats=None) -> None:
+    """Launch the forward kernel: final (lse, logp, ent) when `stats` is None, else partial [N, 4] stats."""
+    ptrs = (lse, logp, ent, lse) if stats is None else (stats,) * 4
+    _launch(
+        _logprob_fwd_kernel, _fwd_tuned, targets.numel(), x3.shape[-1],
+        x3, x3.stride(0), x3.stride(1), x3.shape[1], targets, *ptrs,
+        x3.shape[-1], v_start, 1.0 / temperature, HAS_ENT=has_ent, FINALIZE=stats is None,
+    )  # fmt: skip
+
+
 def logprob_forward(
     x3: torch.Tensor,
     targets: torch.Tensor,
@@ -235,18 +245,10 @@ def logprob_forward(
     v_start, _ = _group_info(group, v)
     if group is None:
         lse, logp, ent = out if out is not None else (x3.new_empty(n, dtype=torch.float32) for _ in range(3))
-        _launch(
-            _logprob_fwd_kernel, _fwd_tuned, n, v,
-            x3, x3.stride(0), x3.stride(1), x3.shape[1], targets, lse, logp, ent, lse,
-            v, v_start, 1.0 / temperature, HAS_ENT=has_ent, FINALIZE=True,
-        )  # fmt: skip
+        _fwd(x3, targets, temperature, has_ent, v_start, lse, logp, ent)
         return lse, logp, ent if has_ent else None
     stats = x3.new_empty(n, 4, dtype=torch.float32)
-    _launch(
-        _logprob_fwd_kernel, _fwd_tuned, n, v,
-        x3, x3.stride(0), x3.stride(1), x3.shape[1], targets, stats, stats, stats, stats,
-        v, v_start, 1.0 / temperature, HAS_ENT=has_ent, FINALIZE=False,
-    )  # fmt: skip
+    _fwd(x3, targets, temperature, has_ent, v_start, stats=stats)
     lse, logp, ent = _combine_stats(stats, group)
     if out is not None:
         for dst, src in zip(out, (lse, logp, ent)):
@@ -287,6 +289,7 @@ def logprob_backward(
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, temperature, has_ent, group):
+        ctx.set_materialize_grads(False)  # an unused output (often the entropy) costs nothing backward
         x3 = _as_rows(logits)
         lse, logp, ent = logprob_forward(x3, targets, temperature, has_ent, group)
         ctx.save_for_backward(x3, targets, lse, ent)
@@ -324,28 +327,18 @@ def _hidden_grad_chunk(lg, h, weight, targets, lse, ent, glp, gent, temperature,
 
 
 def _hidden_forward(hidden, weight, targets, temperature, has_ent, group, rows):
+    """Chunked forward; with `group` the partial stats of all chunks are combined at once (2 collectives)."""
     n, v = hidden.shape[0], weight.shape[0]
     v_start, _ = _group_info(group, v)
     lse, logp, ent = (hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
     stats = hidden.new_empty(n, 4, dtype=torch.float32) if group is not None else None
     for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        lg = (hidden[r0:r1] @ weight.t()).unsqueeze(0)
-        tg = targets[r0:r1]
+        sl = slice(r0, min(n, r0 + rows))
+        lg = (hidden[sl] @ weight.t()).unsqueeze(0)
         if group is None:
-            out = (lse[r0:r1], logp[r0:r1], ent[r0:r1])
-            _launch(
-                _logprob_fwd_kernel, _fwd_tuned, r1 - r0, v,
-                lg, lg.stride(0), lg.stride(1), r1 - r0, tg, *out, lse,
-                v, v_start, 1.0 / temperature, HAS_ENT=has_ent, FINALIZE=True,
-            )  # fmt: skip
+            _fwd(lg, targets[sl], temperature, has_ent, v_start, lse[sl], logp[sl], ent[sl])
         else:
-            st = stats[r0:r1]
-            _launch(
-                _logprob_fwd_kernel, _fwd_tuned, r1 - r0, v,
-                lg, lg.stride(0), lg.stride(1), r1 - r0, tg, st, st, st, st,
-                v, v_start, 1.0 / temperature, HAS_ENT=has_ent, FINALIZE=False,
-            )  # fmt: skip
+            _fwd(lg, targets[sl], temperature, has_ent, v_start, stats=stats[sl])
     if group is not None:
         lse, logp, ent = _combine_stats(stats, group)
     return lse, logp, ent if has_ent else None
@@ -361,6 +354,7 @@ def _all_reduce_(t: torch.Tensor, group) -> None:
 class _HiddenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, has_ent, group, rows):
+        ctx.set_materialize_grads(False)
         lse, logp, ent = _hidden_forward(hidden, weight, targets, temperature, has_ent, group, rows)
         ctx.save_for_backward(hidden, weight, targets, lse, ent)
         ctx.temperature, ctx.group, ctx.rows = temperature, group, rows
