@@ -146,13 +146,24 @@ def _logprob_bwd_kernel(
 def _configs():
     # One program per row; the row is streamed in BLOCK_V chunks. Wide blocks with many warps keep
     # enough bytes in flight per SM to run at HBM bandwidth; autotuned per (V, dtype) on the GPU.
-    shapes = [(2048, 8), (4096, 8), (4096, 16), (8192, 16), (8192, 32), (16384, 32)]
+    shapes = [(256, 2), (1024, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16), (8192, 32), (16384, 32)]
     return [triton.Config({"BLOCK_V": b}, num_warps=w) for b, w in shapes]
 
 
-_fwd_tuned = triton.autotune(_configs(), key=["V", "HAS_ENT", "FINALIZE"])(_logprob_fwd_kernel)
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop blocks much wider than the row (a tiny vocabulary) and narrow blocks for a large one."""
+    v = named_args["V"]
+    cap = max(256, triton.next_power_of_2(v))
+    kept = [c for c in configs if c.kwargs["BLOCK_V"] <= cap and (v < 8192 or c.kwargs["BLOCK_V"] >= 2048)]
+    return kept or configs[:1]
+
+
+_prune = {"early_config_prune": _prune_configs}
+_fwd_tuned = triton.autotune(_configs(), key=["V", "HAS_ENT", "FINALIZE"], prune_configs_by=_prune)(_logprob_fwd_kernel)
 # restore_value: the grad may be written in place over the logits, which a re-run would then misread.
-_bwd_tuned = triton.autotune(_configs(), key=["V", "HAS_GENT"], restore_value=["gx_ptr"])(_logprob_bwd_kernel)
+_bwd_tuned = triton.autotune(_configs(), key=["V", "HAS_GENT"], prune_configs_by=_prune, restore_value=["gx_ptr"])(
+    _logprob_bwd_kernel
+)
 
 # ------------------------------------------------------------------------------- host launchers
 

@@ -311,3 +311,11 @@ def test_gemm_counts_per_chunk(small_block):
         loss, _ = L.ppo_token_loss(None, targets, z, z + 1, z + 1, hidden=hidden, weight=weight, chunk_rows=4)
         torch.autograd.grad(loss, (hidden, weight))
     assert c.n == 9
+
+
+def test_autotune_config_pruning():
+    """The GPU autotuner only tries blocks that fit the row (checked here since CI has no GPU)."""
+    blocks = lambda v: sorted({c.kwargs["BLOCK_V"] for c in L._prune_configs(L._configs(), {"V": v})})
+    assert blocks(3) == [256]
+    assert blocks(1000) == [256, 1024]
+    assert min(blocks(32000)) >= 2048 and max(blocks(32000)) == 16384
