@@ -38,7 +38,15 @@ def _close(actual, expected, atol, rtol, what):
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize(
     "shape,temperature,entropy",
-    [((1, 3), 1.0, True), ((7, 100), 0.7, True), ((3, 5, 129), 1.0, False), ((2, 1000), 2.5, True), ((4,), 1.0, True)],
+    [
+        ((1, 3), 1.0, True),
+        ((7, 100), 0.7, True),
+        ((2, 128), 1.0, True),  # rows end exactly at a block edge
+        ((3, 5, 129), 1.0, False),
+        ((2, 1000), 2.5, True),
+        ((4,), 1.0, True),
+        ((2, 2, 3, 70), 1.0, True),  # more than 3 dims
+    ],
 )
 def test_token_logprobs_matches_reference(small_block, shape, temperature, entropy, dtype, atol, rtol):
     logits = (torch.randn(shape) * 3).to(dtype).requires_grad_(True)
