@@ -416,7 +416,8 @@ class _FusedHiddenLoss(torch.autograd.Function):
                 lp = logp_c.detach().requires_grad_(True)
                 en = ent_c.detach().requires_grad_(True)
                 loss_c = token_loss(lp, en, r0, r1)
-                glp, gent = torch.autograd.grad(loss_c, (lp, en), allow_unused=True, materialize_grads=True)
+                # An unused entropy (entropy_coef = 0) gives None: the backward kernel then skips its term.
+                glp, gent = torch.autograd.grad(loss_c, (lp, en), allow_unused=True)
             total += loss_c.detach()
             if need_h or need_w:
                 _hidden_grad_chunk(
@@ -433,9 +434,16 @@ class _FusedHiddenLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
+        if getattr(ctx, "used", False):
+            raise RuntimeError(
+                "ppo_token_loss(hidden=...) supports one backward per forward (grads are scaled in place)"
+            )
+        ctx.used = True
         gh, gw = ctx.saved_tensors
-        gh = gh * grad_loss.to(gh.dtype) if gh is not None else None
-        gw = gw * grad_loss.to(gw.dtype) if gw is not None else None
+        # Scale in place: a [V, H] copy of the weight grad would cost as much as the logits chunk.
+        for g in (gh, gw):
+            if g is not None:
+                g.mul_(grad_loss.to(g.dtype))
         return gh, gw, None, None, None, None, None
 
 
