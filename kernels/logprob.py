@@ -39,6 +39,8 @@ _CHUNK_BYTES = 256 * 1024 * 1024
 # CUDA targets are range-checked with an async device assert (a few tiny launches, no host sync);
 # set False to skip it (out-of-range targets still come back as NaN log-probs).
 CHECK_TARGETS_ON_GPU = True
+# Tests set a fixed number of rows per chunk to exercise several (and ragged) chunks.
+_CHUNK_ROWS: int | None = None
 
 # ------------------------------------------------------------------------------------ jit kernels
 
@@ -317,11 +319,12 @@ class _TokenLogprobs(torch.autograd.Function):
         return gx.view(ctx.shape), None, None, None, None
 
 
-def _chunk_rows(n: int, v: int, elt: int, chunk_rows: int | None) -> int:
-    if chunk_rows is not None:
-        return max(1, chunk_rows)
+def _chunk_rows(n: int, v: int, elt: int) -> int:
+    """Rows C per [C, V] logits chunk: about _CHUNK_BYTES, a multiple of 128 rows (GEMM tiles) when large."""
+    if _CHUNK_ROWS is not None:
+        return _CHUNK_ROWS
     rows = max(1, _CHUNK_BYTES // max(1, v * elt))
-    return max(1, min(n, rows - rows % 128 if rows >= 256 else rows))  # GEMM-tile friendly
+    return max(1, min(n, rows - rows % 128 if rows >= 256 else rows))
 
 
 def _hidden_grad_chunk(lg, h, weight, targets, lse, ent, glp, gent, temperature, v_start, gh, gw, first):
@@ -515,13 +518,12 @@ def hidden_logprobs(
     *,
     return_entropy: bool = False,
     group=None,
-    chunk_rows: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """token_logprobs(hidden @ weight.T, targets, ...) without materialising the [N, V] logits.
 
     hidden [N, H], weight [V, H] (the LM head; with `group`, this rank's vocab rows), targets [N]
-    -> fp32 [N] (and entropy). Extra memory is one [chunk_rows, V] logits chunk (default about
-    256 MiB). Differentiable w.r.t. hidden and weight; with `group` the grad of hidden is summed over
+    -> fp32 [N] (and entropy). Extra memory is one [C, V] logits chunk (about 256 MiB,
+    _CHUNK_BYTES). Differentiable w.r.t. hidden and weight; with `group` the grad of hidden is summed over
     the group and the grad of weight is this rank's slice.
     """
     _check_hidden(hidden, weight, targets)
@@ -534,7 +536,7 @@ def hidden_logprobs(
     _check_targets(targets, v_total)
     t = targets.to(torch.int64).contiguous()
     hidden, weight = hidden.contiguous(), weight.contiguous()
-    rows = _chunk_rows(hidden.shape[0], weight.shape[0], weight.element_size(), chunk_rows)
+    rows = _chunk_rows(hidden.shape[0], weight.shape[0], weight.element_size())
     return _HiddenLogprobs.apply(hidden, weight, t, float(temperature), bool(return_entropy), group, rows)
 
 
@@ -586,7 +588,6 @@ def ppo_token_loss(
     kl_estimator: str = "k1",
     entropy_coef: float = 0.0,
     group=None,
-    chunk_rows: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped PPO policy loss, fused with the log-prob / entropy kernel; masked mean over tokens.
 
@@ -634,7 +635,7 @@ def ppo_token_loss(
         _, v_total = _group_info(group, weight.shape[0])
         _check_targets(targets, v_total)
         hidden, weight = hidden.contiguous(), weight.contiguous()
-        rows = _chunk_rows(hidden.shape[0], weight.shape[0], weight.element_size(), chunk_rows)
+        rows = _chunk_rows(hidden.shape[0], weight.shape[0], weight.element_size())
 
         def token_loss(lp, en, r0, r1):  # this chunk's share of the masked mean
             r_c = ref[r0:r1] if ref is not None else None

@@ -33,6 +33,7 @@ def main() -> None:
     group = dist.group.WORLD
     torch.manual_seed(0)  # identical inputs on every rank
     L._INTERPRET_BLOCK_V = 32  # several blocks per slice
+    L._CHUNK_ROWS = 4  # several LM-head chunks, the last one ragged
     n, v_local, hdim, temp = 11, 97, 16, 0.8
     v = v_local * world
     sl = slice(rank * v_local, (rank + 1) * v_local)
@@ -72,7 +73,7 @@ def main() -> None:
 
             h = hidden.clone().requires_grad_(True)
             w = weight[sl].clone().requires_grad_(True)
-            lp, ent = L.hidden_logprobs(h, w, targets, temp, return_entropy=True, group=group, chunk_rows=4)
+            lp, ent = L.hidden_logprobs(h, w, targets, temp, return_entropy=True, group=group)
             gh, gw = torch.autograd.grad((lp * g_lp).sum() + (ent * g_ent).sum(), (h, w))
             close(lp, rh_lp, f"{mode} hidden logp")
             close(ent, rh_ent, f"{mode} hidden entropy")
@@ -82,9 +83,7 @@ def main() -> None:
             h = hidden.clone().requires_grad_(True)
             w = weight[sl].clone().requires_grad_(True)
             kw = dict(ppo_kw, ref_logprobs=ref_lp)
-            loss, stats = L.ppo_token_loss(
-                None, targets, old, adv, mask, hidden=h, weight=w, group=group, chunk_rows=4, **kw
-            )
+            loss, stats = L.ppo_token_loss(None, targets, old, adv, mask, hidden=h, weight=w, group=group, **kw)
             pgh, pgw = torch.autograd.grad(loss, (h, w))
             close(loss, r_loss, f"{mode} ppo loss")
             for k in r_stats:

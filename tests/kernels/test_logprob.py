@@ -193,12 +193,15 @@ def test_cpu_path_without_interpreter_uses_reference(monkeypatch):
 
 @pytest.mark.parametrize("dtype,atol,rtol", [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 2e-2, 2e-2)])
 @pytest.mark.parametrize("entropy,temperature,chunk_rows", [(True, 1.0, 8), (False, 0.6, 13), (True, 1.7, None)])
-def test_hidden_logprobs_matches_reference(small_block, dtype, atol, rtol, entropy, temperature, chunk_rows):
+def test_hidden_logprobs_matches_reference(
+    small_block, monkeypatch, dtype, atol, rtol, entropy, temperature, chunk_rows
+):
+    monkeypatch.setattr(L, "_CHUNK_ROWS", chunk_rows)
     n, hdim, v = 29, 32, 211
     hidden = torch.randn(n, hdim).to(dtype).requires_grad_(True)
     weight = (torch.randn(v, hdim) / math.sqrt(hdim)).to(dtype).requires_grad_(True)
     targets = torch.randint(0, v, (n,))
-    out = L.hidden_logprobs(hidden, weight, targets, temperature, return_entropy=entropy, chunk_rows=chunk_rows)
+    out = L.hidden_logprobs(hidden, weight, targets, temperature, return_entropy=entropy)
     lp, ent = out if entropy else (out, None)
     g_lp, g_ent = torch.randn(n), torch.randn(n)
     obj = (lp * g_lp).sum() + ((ent * g_ent).sum() if entropy else 0.0)
@@ -215,11 +218,12 @@ def test_hidden_logprobs_matches_reference(small_block, dtype, atol, rtol, entro
     _close(gw, r_gw, 2 * atol, 2 * rtol, "grad_weight")
 
 
-def test_hidden_logprobs_grad_of_hidden_only(small_block):
+def test_hidden_logprobs_grad_of_hidden_only(small_block, monkeypatch):
+    monkeypatch.setattr(L, "_CHUNK_ROWS", 2)
     hidden = torch.randn(5, 16, requires_grad=True)
     weight = torch.randn(70, 16)
     targets = torch.randint(0, 70, (5,))
-    (gh,) = torch.autograd.grad(L.hidden_logprobs(hidden, weight, targets, chunk_rows=2).sum(), hidden)
+    (gh,) = torch.autograd.grad(L.hidden_logprobs(hidden, weight, targets).sum(), hidden)
     hd = hidden.detach().double().requires_grad_(True)
     (r_gh,) = torch.autograd.grad(reference.hidden_logprobs(hd, weight.double(), targets).sum(), hd)
     _close(gh, r_gh, 1e-5, 1e-5, "grad_hidden")
@@ -240,7 +244,8 @@ def test_kl_estimate_values():
 
 @pytest.mark.parametrize("path", ["logits", "hidden"])
 @pytest.mark.parametrize("kl_estimator,kl_coef,entropy_coef", [("k1", 0.1, 0.0), ("k2", 0.05, 0.01), ("k3", 0.2, 0.0)])
-def test_ppo_token_loss_matches_reference(small_block, path, kl_estimator, kl_coef, entropy_coef):
+def test_ppo_token_loss_matches_reference(small_block, monkeypatch, path, kl_estimator, kl_coef, entropy_coef):
+    monkeypatch.setattr(L, "_CHUNK_ROWS", 7)
     n, hdim, v, temperature = 23, 16, 150, 0.8
     hidden = torch.randn(n, hdim, requires_grad=True)
     weight = (torch.randn(v, hdim) / 2).requires_grad_(True)
@@ -256,7 +261,7 @@ def test_ppo_token_loss_matches_reference(small_block, path, kl_estimator, kl_co
         entropy_coef=entropy_coef,
     )  # fmt: skip
     if path == "hidden":
-        loss, stats = L.ppo_token_loss(None, targets, old, adv, mask, hidden=hidden, weight=weight, chunk_rows=7, **kw)
+        loss, stats = L.ppo_token_loss(None, targets, old, adv, mask, hidden=hidden, weight=weight, **kw)
         gh, gw = torch.autograd.grad(3.0 * loss, (hidden, weight))
     else:
         logits = (hidden @ weight.t()).detach().requires_grad_(True)
@@ -287,7 +292,7 @@ def test_ppo_token_loss_empty_mask_is_zero(small_block):
     assert all(torch.isfinite(s) for s in stats.values())
 
 
-def test_gemm_counts_per_chunk(small_block):
+def test_gemm_counts_per_chunk(small_block, monkeypatch):
     """hidden_logprobs: 1 GEMM per chunk forward, 3 backward; the fused PPO loss: 3 per chunk in all."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -306,17 +311,18 @@ def test_gemm_counts_per_chunk(small_block):
                 self.n += 1
             return func(*args, **(kwargs or {}))
 
+    monkeypatch.setattr(L, "_CHUNK_ROWS", 4)
     hidden = torch.randn(10, 16, requires_grad=True)
     weight = torch.randn(40, 16, requires_grad=True)
     targets = torch.randint(0, 40, (10,))
     with CountMM() as c:
-        lp = L.hidden_logprobs(hidden, weight, targets, chunk_rows=4)  # 3 chunks
+        lp = L.hidden_logprobs(hidden, weight, targets)  # 3 chunks
         fwd = c.n
         torch.autograd.grad(lp.sum(), (hidden, weight))
     assert (fwd, c.n) == (3, 12)
     z = torch.zeros(10)
     with CountMM() as c:
-        loss, _ = L.ppo_token_loss(None, targets, z, z + 1, z + 1, hidden=hidden, weight=weight, chunk_rows=4)
+        loss, _ = L.ppo_token_loss(None, targets, z, z + 1, z + 1, hidden=hidden, weight=weight)
         torch.autograd.grad(loss, (hidden, weight))
     assert c.n == 9
 
@@ -327,3 +333,11 @@ def test_autotune_config_pruning():
     assert blocks(3) == [256]
     assert blocks(1000) == [256, 1024]
     assert min(blocks(32000)) >= 2048 and max(blocks(32000)) == 16384
+
+
+def test_default_chunk_is_bounded():
+    """The LM-head chunk stays within _CHUNK_BYTES (the O(chunk x V) extra memory) and is GEMM-tile sized."""
+    rows = L._chunk_rows(8192, 32000, 2)
+    assert rows % 128 == 0 and 0 < rows * 32000 * 2 <= L._CHUNK_BYTES
+    assert L._chunk_rows(5, 32000, 2) == 5
+    assert L._chunk_rows(10, 10**9, 4) == 1
