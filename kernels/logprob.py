@@ -16,6 +16,11 @@ gradient). ppo_token_loss(hidden=..., weight=...) knows its gradient during the 
 scalar of per-token terms), so it writes the grads of hidden and weight in the forward, Liger-style:
 3 GEMMs in all, and its backward only scales them.
 
+Cost model (H100, bf16, N = 32768, V = 32000): forward reads the logits once (2.1 GB, 0.70 ms at
+3 TB/s), backward reads them once and writes grad_logits once (1.4 ms); extra memory O(N). Hidden path
+(N = 8192, H = 5120, V = 32000): each GEMM is 2.7 TFLOP, so hidden_logprobs forward + backward
+(4 GEMMs) has a 14.8 ms floor at 724 TFLOP/s, while the fused PPO loss (3 GEMMs) has an 11.1 ms floor.
+
 Vocab parallel (`group`): logits / weight rows are this rank's contiguous vocab slice
 [r * V_local, (r + 1) * V_local); targets are global ids. The kernel writes per-row partial stats
 (m, s, w, z_t) and the host combines them with one all_reduce(MAX) and one all_reduce(SUM) of a
