@@ -1,0 +1,201 @@
+"""Benchmark of kernels/logprob.py: token log-probs (+ entropy) and the LM-head-fused hidden path.
+
+    python bench/bench_logprob.py                     # H100 defaults: 32768 x 32000 bf16; 8192 x 5120 x 32000
+    python bench/bench_logprob.py --json out.json --n 16384 --v 32001
+
+Rows: ours, the eager reference (kernels/reference.py: log_softmax + gather, in fp32), torch.compile of
+that reference, Liger-Kernel when importable (cross entropy = -logp; fused linear cross entropy), and
+the roofline floor (bytes / bandwidth for the token ops, FLOPs / peak for the GEMM-bound hidden path).
+Time via triton.testing.do_bench; "extra" = peak memory allocated during the call minus what was
+allocated before it and minus the returned tensors (outputs and grads). Without CUDA it runs a tiny
+CPU shape (reference vs eager) and says that GPU figures need a CUDA device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import reference  # noqa: E402
+from kernels.logprob import hidden_logprobs, ppo_token_loss, token_logprobs  # noqa: E402
+
+try:  # Liger-Kernel is optional
+    from liger_kernel.transformers.functional import liger_cross_entropy, liger_fused_linear_cross_entropy
+except Exception:  # noqa: BLE001
+    liger_cross_entropy = liger_fused_linear_cross_entropy = None
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _first(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def _bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (tuple, list)):
+        return sum(_bytes(o) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_bytes(o) for o in obj.values())
+    return 0
+
+
+def measure(fn, device: str, warmup: int, rep: int) -> tuple[float, float]:
+    """(ms per call, extra peak GiB) of fn()."""
+    if device == "cuda":
+        import triton.testing
+
+        fn()  # compile / autotune outside the measurement
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base - _bytes(out)
+        del out
+        ms = triton.testing.do_bench(fn, warmup=warmup, rep=rep)
+        return ms, extra / 2**30
+    fn()
+    t0 = time.perf_counter()
+    iters = 5
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / iters, float("nan")
+
+
+def fwd_bwd(f, inputs):
+    """A callable doing f(*inputs) forward and the grads of sum(outputs * random weights) w.r.t. inputs."""
+    leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+
+    def run():
+        out = f()
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        obj = sum((o.float() * (i + 1)).sum() for i, o in enumerate(outs))
+        return torch.autograd.grad(obj, leaves)
+
+    return run
+
+
+def bench_token(args, device, dtype, rows):
+    n, v = args.n, args.v
+    logits = torch.randn(n, v, device=device, dtype=dtype) * 2
+    targets = torch.randint(0, v, (n,), device=device)
+    x = logits.clone().requires_grad_(True)
+    elt = logits.element_size()
+    floor = {
+        "fwd": (n * v * elt + n * 12) / (args.bandwidth * 1e12) * 1e3,
+        "fwd+ent": (n * v * elt + n * 16) / (args.bandwidth * 1e12) * 1e3,
+        "fwd+bwd": (3 * n * v * elt + n * 24) / (args.bandwidth * 1e12) * 1e3,
+    }
+    cands = {
+        "ours": lambda xx, ent: token_logprobs(xx, targets, return_entropy=ent),
+        "eager (reference)": lambda xx, ent: reference.token_logprobs(xx, targets, return_entropy=ent),
+    }
+    if device == "cuda" and not args.skip_compile:
+        compiled = torch.compile(reference.token_logprobs, dynamic=False)
+        cands["torch.compile"] = lambda xx, ent: compiled(xx, targets, return_entropy=ent)
+    cases = [("fwd", False, logits), ("fwd+ent", True, logits), ("fwd+bwd", True, x)]
+    jobs = [(name, case, (lambda f=f, i=inp, e=ent: f(i, e)) if case != "fwd+bwd" else fwd_bwd(
+        lambda f=f, e=ent: f(x, e), [x])) for name, f in cands.items() for case, ent, inp in cases]  # fmt: skip
+    if device == "cuda" and liger_cross_entropy is not None:
+        # Liger writes its gradient into the logits in place: give it its own copy. No entropy output;
+        # fwd+bwd uses reduction="sum" (its backward assumes a scalar loss).
+        lx = logits.clone()
+        jobs.append(("liger cross_entropy", "fwd", lambda: -_first(liger_cross_entropy(lx, targets, reduction="none"))))
+        lxg = logits.clone().requires_grad_(True)
+        jobs.append(("liger cross_entropy (no entropy)", "fwd+bwd", lambda: torch.autograd.grad(
+            _first(liger_cross_entropy(lxg, targets, reduction="sum")), lxg)))  # fmt: skip
+    for name, case, call in jobs:
+        try:
+            ms, gib = measure(call, device, args.warmup, args.rep)
+        except Exception as e:  # noqa: BLE001 (a peer failing must not stop the table)
+            print(f"  {name} {case}: failed: {type(e).__name__}: {str(e)[:120]}")
+            continue
+        rows.append(dict(op="token_logprobs", shape=f"{n}x{v}", case=case, impl=name, ms=ms, extra_gib=gib))
+    for case, ms in floor.items():
+        rows.append(dict(op="token_logprobs", shape=f"{n}x{v}", case=case, impl="floor", ms=ms, extra_gib=0.0))
+
+
+def bench_hidden(args, device, dtype, rows):
+    n, h, v = args.hn, args.hh, args.v
+    hidden = (torch.randn(n, h, device=device, dtype=dtype)).requires_grad_(True)
+    weight = (torch.randn(v, h, device=device, dtype=dtype) / h**0.5).requires_grad_(True)
+    targets = torch.randint(0, v, (n,), device=device)
+    shape = f"{n}x{h}x{v}"
+    ones = torch.ones(n, device=device)
+    old = torch.zeros(n, device=device) - 10.0
+    cands = {
+        "ours hidden_logprobs (4 GEMMs)": lambda: hidden_logprobs(hidden, weight, targets, return_entropy=True),
+        "eager (reference)": lambda: reference.hidden_logprobs(hidden, weight, targets, return_entropy=True),
+    }
+    ppo = {"ours ppo_token_loss(hidden) (3 GEMMs)": lambda: ppo_token_loss(
+        None, targets, old, ones, ones, hidden=hidden, weight=weight
+    )[0]}  # fmt: skip
+    if device == "cuda" and not args.skip_compile:
+        compiled = torch.compile(reference.hidden_logprobs, dynamic=False)
+        cands["torch.compile"] = lambda: compiled(hidden, weight, targets, return_entropy=True)
+    if device == "cuda" and liger_fused_linear_cross_entropy is not None:
+        ppo["liger fused_linear_cross_entropy (sum)"] = lambda: _first(
+            liger_fused_linear_cross_entropy(hidden, weight, targets, reduction="sum")
+        )
+    for name, f in {**cands, **ppo}.items():
+        try:
+            ms, gib = measure(fwd_bwd(f, [hidden, weight]), device, args.warmup, args.rep)
+        except Exception as e:  # noqa: BLE001
+            print(f"  {name}: failed: {type(e).__name__}: {str(e)[:120]}")
+            continue
+        rows.append(dict(op="hidden_logprobs", shape=shape, case="fwd+bwd", impl=name, ms=ms, extra_gib=gib))
+    for k in (3, 4):
+        ms = 2 * k * n * h * v / (args.tflops * 1e12) * 1e3
+        rows.append(
+            dict(op="hidden_logprobs", shape=shape, case="fwd+bwd", impl=f"floor ({k} GEMMs)", ms=ms, extra_gib=0)
+        )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=32768, help="token rows for token_logprobs")
+    p.add_argument("--v", type=int, default=32000, help="vocabulary size")
+    p.add_argument("--hn", type=int, default=8192, help="token rows for hidden_logprobs")
+    p.add_argument("--hh", type=int, default=5120, help="hidden size for hidden_logprobs")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--bandwidth", type=float, default=3.0, help="HBM TB/s for the floor (H100 SXM ~3.0)")
+    p.add_argument("--tflops", type=float, default=724.0, help="dense bf16 TFLOP/s for the floor")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warmup ms")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetition ms")
+    p.add_argument("--skip-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--skip-hidden", action="store_true", help="skip the hidden_logprobs rows")
+    p.add_argument("--json", type=str, default=None, help="write the figures to this path")
+    args = p.parse_args()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = DTYPES[args.dtype]
+    if device == "cpu":
+        print("No CUDA device: timing a tiny CPU shape (reference vs eager); GPU figures need a CUDA device.")
+        args.n, args.v, args.hn, args.hh, dtype = 64, 1000, 32, 64, torch.float32
+    torch.manual_seed(0)
+    rows: list[dict] = []
+    bench_token(args, device, dtype, rows)
+    if not args.skip_hidden:
+        bench_hidden(args, device, dtype, rows)
+
+    print(f"\ndevice: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, dtype {dtype}, torch "
+          f"{torch.__version__}")  # fmt: skip
+    print(f"{'op':<16} {'shape':<18} {'case':<8} {'impl':<40} {'ms':>9} {'extra GiB':>10}")
+    for r in rows:
+        print(f"{r['op']:<16} {r['shape']:<18} {r['case']:<8} {r['impl']:<40} {r['ms']:>9.3f} {r['extra_gib']:>10.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": device, "dtype": str(dtype), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

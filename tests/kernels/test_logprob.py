@@ -1,0 +1,343 @@
+"""kernels/logprob.py in Triton's interpreter against kernels/reference.py computed in float64."""
+
+import math
+
+import pytest
+import torch
+
+import kernels.logprob as L
+from kernels import dispatch, reference
+
+DTYPES = [
+    (torch.float32, 1e-5, 1e-5),
+    (torch.bfloat16, 1e-2, 1e-2),
+    (torch.float16, 1e-2, 1e-2),
+]
+
+
+@pytest.fixture
+def small_block(monkeypatch):
+    """A 64-wide block, so that small vocabularies still take several blocks per row."""
+    monkeypatch.setattr(L, "_INTERPRET_BLOCK_V", 64)
+
+
+def _ref_fwd_bwd(logits, targets, temperature, g_lp, g_ent):
+    """Reference outputs and grad of (g_lp . logp + g_ent . entropy) w.r.t. logits, in float64."""
+    x = logits.detach().double().requires_grad_(True)
+    lp, ent = reference.token_logprobs(x, targets, temperature, return_entropy=True)
+    obj = (lp * g_lp.double()).sum() + ((ent * g_ent.double()).sum() if g_ent is not None else 0.0)
+    (gx,) = torch.autograd.grad(obj, x)
+    return lp, ent, gx
+
+
+def _close(actual, expected, atol, rtol, what):
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} vs {expected.shape}"
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize(
+    "shape,temperature,entropy",
+    [
+        ((1, 3), 1.0, True),
+        ((7, 100), 0.7, True),
+        ((2, 128), 1.0, True),  # rows end exactly at a block edge
+        ((3, 5, 129), 1.0, False),
+        ((2, 1000), 2.5, True),
+        ((4,), 1.0, True),
+        ((2, 2, 3, 70), 1.0, True),  # more than 3 dims
+    ],
+)
+def test_token_logprobs_matches_reference(small_block, shape, temperature, entropy, dtype, atol, rtol):
+    logits = (torch.randn(shape) * 3).to(dtype).requires_grad_(True)
+    targets = torch.randint(0, shape[-1], shape[:-1])
+    g_lp = torch.randn(shape[:-1])
+    g_ent = torch.randn(shape[:-1]) if entropy else None
+    out = L.token_logprobs(logits, targets, temperature, return_entropy=entropy)
+    lp, ent = out if entropy else (out, None)
+    assert lp.dtype == torch.float32 and lp.shape == targets.shape
+    obj = (lp * g_lp).sum() + ((ent * g_ent).sum() if entropy else 0.0)
+    (gx,) = torch.autograd.grad(obj, logits)
+    assert gx.dtype == dtype
+    r_lp, r_ent, r_gx = _ref_fwd_bwd(logits, targets, temperature, g_lp, g_ent)
+    # Forward math is fp32 on the exact (rounded) inputs, so it stays tight even for half inputs.
+    _close(lp, r_lp, 1e-5, 1e-5, "logp")
+    if entropy:
+        _close(ent, r_ent, 1e-5, 1e-5, "entropy")
+    # grad_logits is stored in the logits' dtype.
+    _close(gx, r_gx, atol, rtol, "grad_logits")
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES[:2])
+def test_vocab_32001_single_row(dtype, atol, rtol):
+    """A real vocabulary that is not a multiple of any block (default interpreter block, several blocks)."""
+    logits = (torch.randn(2, 32001) * 2).to(dtype).requires_grad_(True)
+    targets = torch.tensor([0, 32000])
+    lp, ent = L.token_logprobs(logits, targets, 0.9, return_entropy=True)
+    g_lp, g_ent = torch.randn(2), torch.randn(2)
+    (gx,) = torch.autograd.grad((lp * g_lp).sum() + (ent * g_ent).sum(), logits)
+    r_lp, r_ent, r_gx = _ref_fwd_bwd(logits, targets, 0.9, g_lp, g_ent)
+    _close(lp, r_lp, 1e-5, 1e-5, "logp")
+    _close(ent, r_ent, 1e-4, 1e-5, "entropy")
+    _close(gx, r_gx, atol, rtol, "grad_logits")
+
+
+def test_poisoned_outputs_are_all_written(small_block):
+    logits = torch.randn(9, 200)
+    targets = torch.randint(0, 200, (9,))
+    x3 = L._as_rows(logits)
+    out = tuple(torch.full((9,), float("nan")) for _ in range(3))
+    lse, lp, ent = L.logprob_forward(x3, targets, 1.3, True, out=out)
+    assert lse is out[0] and lp is out[1] and ent is out[2]
+    r_lp, r_ent = reference.token_logprobs(logits.double(), targets, 1.3, return_entropy=True)
+    _close(lp, r_lp, 1e-5, 1e-5, "logp")
+    _close(ent, r_ent, 1e-5, 1e-5, "entropy")
+    _close(lse, torch.logsumexp(logits.double() / 1.3, -1), 1e-5, 1e-5, "lse")
+    g_lp, g_ent = torch.randn(9), torch.randn(9)
+    gx = torch.full((9, 200), float("nan"))
+    L.logprob_backward(x3, targets, lse, ent, g_lp, g_ent, 1.3, out=gx)
+    _close(gx, _ref_fwd_bwd(logits, targets, 1.3, g_lp, g_ent)[2], 1e-5, 1e-5, "grad_logits")
+
+
+def test_non_contiguous_logits_and_entropy_only_grad(small_block):
+    """logits[:, :-1] (the usual shift) is read through its strides; grad may come from entropy alone."""
+    full = torch.randn(3, 6, 130, requires_grad=True)
+    logits = full[:, :-1]
+    targets = torch.randint(0, 130, (3, 5))
+    lp, ent = L.token_logprobs(logits, targets, return_entropy=True)
+    g_ent = torch.randn(3, 5)
+    (gx,) = torch.autograd.grad((ent * g_ent).sum(), full)
+    r_lp, r_ent, r_gx = _ref_fwd_bwd(logits, targets, 1.0, torch.zeros(3, 5), g_ent)
+    _close(lp, r_lp, 1e-5, 1e-5, "logp")
+    _close(gx[:, :-1], r_gx, 1e-5, 1e-5, "grad_logits")
+    assert torch.all(gx[:, -1] == 0)
+
+
+@pytest.mark.parametrize("case", ["scale_1e4", "one_hot_peaked", "masked_vocab"])
+def test_numerics_stress(small_block, case):
+    n, v = 6, 300
+    logits = torch.randn(n, v)
+    targets = torch.randint(0, v, (n,))
+    if case == "scale_1e4":
+        logits = logits * 1e4
+        targets[0] = logits[0].argmax()  # one row whose target is the max, the rest deep in the tail
+    elif case == "one_hot_peaked":
+        logits = torch.full((n, v), -30.0)
+        logits[torch.arange(n), targets] = 30.0
+        logits[1] = 0.0
+        logits[1, 5] = 1e4  # a row whose target has probability exp(-1e4) = 0
+    else:
+        logits[:, : v // 2] = float("-inf")  # the first blocks entirely -inf: the running max stays -inf
+        logits[:, 200:205] = float("-inf")
+        targets = torch.randint(v // 2, v, (n,))
+        targets[0] = 202  # a masked target: logp = -inf, grads stay finite
+    logits.requires_grad_(True)
+    lp, ent = L.token_logprobs(logits, targets, return_entropy=True)
+    g_lp, g_ent = torch.randn(n), torch.randn(n)
+    if case == "masked_vocab":
+        g_lp[0] = 0.0  # d(-inf)/dx is meaningless; the row still gets its entropy grad
+    (gx,) = torch.autograd.grad((torch.where(g_lp != 0, lp, 0) * g_lp).sum() + (ent * g_ent).sum(), logits)
+    r_lp, r_ent, r_gx = _ref_fwd_bwd(logits, targets, 1.0, g_lp, g_ent)
+    _close(lp, r_lp, 1e-5, 1e-6, "logp")
+    _close(ent, r_ent, 1e-5, 1e-5, "entropy")
+    assert torch.isfinite(ent).all() and torch.isfinite(gx).all()
+    _close(gx, r_gx, 1e-5, 1e-5, "grad_logits")
+
+
+def test_errors_name_the_problem():
+    logits = torch.randn(4, 10)
+    with pytest.raises(ValueError, match="out of range"):
+        L.token_logprobs(logits, torch.tensor([0, 1, 10, 2]))
+    with pytest.raises(ValueError, match="out of range"):
+        L.token_logprobs(logits, torch.tensor([0, -1, 3, 2]))
+    with pytest.raises(ValueError, match="targets shape"):
+        L.token_logprobs(logits, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="int64"):
+        L.token_logprobs(logits, torch.zeros(4))
+    with pytest.raises(ValueError, match="temperature"):
+        L.token_logprobs(logits, torch.zeros(4, dtype=torch.long), 0.0)
+    with pytest.raises(ValueError, match="hidden size mismatch"):
+        L.hidden_logprobs(torch.randn(4, 8), torch.randn(10, 6), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="out of range"):
+        L.hidden_logprobs(torch.randn(4, 8), torch.randn(10, 8), torch.tensor([0, 1, 2, 10]))
+    with pytest.raises(ValueError, match="estimator"):
+        L.kl_estimate(torch.zeros(2), torch.zeros(2), "k4")
+    t = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="advantages shape"):
+        L.ppo_token_loss(logits, t, torch.zeros(4), torch.zeros(3), torch.ones(4))
+    with pytest.raises(ValueError, match="either logits or both hidden and weight"):
+        L.ppo_token_loss(None, t, torch.zeros(4), torch.zeros(4), torch.ones(4), hidden=torch.randn(4, 8))
+
+
+def test_cpu_path_without_interpreter_uses_reference(monkeypatch):
+    """Outside the interpreter a CPU tensor runs kernels/reference.py (never the Triton launcher)."""
+
+    def boom(*a, **k):
+        raise AssertionError("the Triton launcher ran on the reference path")
+
+    monkeypatch.setattr(L, "_launch", boom)
+    logits = torch.randn(3, 50, requires_grad=True)
+    targets = torch.randint(0, 50, (3,))
+    with dispatch.reference_ops():
+        lp, ent = L.token_logprobs(logits, targets, 1.5, return_entropy=True)
+        h, w = torch.randn(3, 8), torch.randn(50, 8)
+        hl = L.hidden_logprobs(h, w, targets)
+        loss, _ = L.ppo_token_loss(logits, targets, lp.detach(), torch.ones(3), torch.ones(3))
+    _close(lp, torch.log_softmax(logits.double() / 1.5, -1)[torch.arange(3), targets], 1e-6, 1e-6, "logp")
+    _close(hl, torch.log_softmax((h @ w.t()).double(), -1)[torch.arange(3), targets], 1e-5, 1e-5, "hidden logp")
+    assert loss.requires_grad
+    # float64 has no kernel: it takes the reference path even under the interpreter.
+    lp64 = L.token_logprobs(logits.double(), targets)
+    assert lp64.dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 2e-2, 2e-2)])
+@pytest.mark.parametrize("entropy,temperature,chunk_rows", [(True, 1.0, 8), (False, 0.6, 13), (True, 1.7, None)])
+def test_hidden_logprobs_matches_reference(
+    small_block, monkeypatch, dtype, atol, rtol, entropy, temperature, chunk_rows
+):
+    monkeypatch.setattr(L, "_CHUNK_ROWS", chunk_rows)
+    n, hdim, v = 29, 32, 211
+    hidden = torch.randn(n, hdim).to(dtype).requires_grad_(True)
+    weight = (torch.randn(v, hdim) / math.sqrt(hdim)).to(dtype).requires_grad_(True)
+    targets = torch.randint(0, v, (n,))
+    out = L.hidden_logprobs(hidden, weight, targets, temperature, return_entropy=entropy)
+    lp, ent = out if entropy else (out, None)
+    g_lp, g_ent = torch.randn(n), torch.randn(n)
+    obj = (lp * g_lp).sum() + ((ent * g_ent).sum() if entropy else 0.0)
+    gh, gw = torch.autograd.grad(obj, (hidden, weight))
+    hd, wd = hidden.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
+    r_lp, r_ent = reference.hidden_logprobs(hd, wd, targets, temperature, return_entropy=True)
+    r_obj = (r_lp * g_lp.double()).sum() + ((r_ent * g_ent.double()).sum() if entropy else 0.0)
+    r_gh, r_gw = torch.autograd.grad(r_obj, (hd, wd))
+    # bf16 logits chunks are rounded once by the GEMM, hence the looser forward tolerance there.
+    _close(lp, r_lp, atol, rtol, "logp")
+    if entropy:
+        _close(ent, r_ent, atol, rtol, "entropy")
+    _close(gh, r_gh, 2 * atol, 2 * rtol, "grad_hidden")
+    _close(gw, r_gw, 2 * atol, 2 * rtol, "grad_weight")
+
+
+def test_hidden_logprobs_grad_of_hidden_only(small_block, monkeypatch):
+    monkeypatch.setattr(L, "_CHUNK_ROWS", 2)
+    hidden = torch.randn(5, 16, requires_grad=True)
+    weight = torch.randn(70, 16)
+    targets = torch.randint(0, 70, (5,))
+    (gh,) = torch.autograd.grad(L.hidden_logprobs(hidden, weight, targets).sum(), hidden)
+    hd = hidden.detach().double().requires_grad_(True)
+    (r_gh,) = torch.autograd.grad(reference.hidden_logprobs(hd, weight.double(), targets).sum(), hd)
+    _close(gh, r_gh, 1e-5, 1e-5, "grad_hidden")
+
+
+def test_kl_estimate_values():
+    lp = torch.tensor([-1.0, -2.0, -0.5], dtype=torch.float64)
+    ref = torch.tensor([-2.0, -2.0, -0.25], dtype=torch.float64)
+    d = torch.tensor([1.0, 0.0, -0.25], dtype=torch.float64)
+    _close(L.kl_estimate(lp, ref, "k1"), d, 0, 1e-12, "k1")
+    _close(L.kl_estimate(lp, ref, "k2"), 0.5 * d**2, 0, 1e-12, "k2")
+    k3 = torch.tensor([math.exp(-1.0) - 1 + 1.0, 0.0, math.exp(0.25) - 1 - 0.25], dtype=torch.float64)
+    _close(L.kl_estimate(lp, ref, "k3"), k3, 1e-15, 1e-12, "k3")
+    for est in ("k1", "k2", "k3"):
+        _close(reference.kl_estimate(lp, ref, est), L.kl_estimate(lp, ref, est), 1e-15, 1e-12, f"reference {est}")
+    assert (L.kl_estimate(torch.randn(100), torch.randn(100), "k3") >= 0).all()
+
+
+@pytest.mark.parametrize("path", ["logits", "hidden"])
+@pytest.mark.parametrize("kl_estimator,kl_coef,entropy_coef", [("k1", 0.1, 0.0), ("k2", 0.05, 0.01), ("k3", 0.2, 0.0)])
+def test_ppo_token_loss_matches_reference(small_block, monkeypatch, path, kl_estimator, kl_coef, entropy_coef):
+    monkeypatch.setattr(L, "_CHUNK_ROWS", 7)
+    n, hdim, v, temperature = 23, 16, 150, 0.8
+    hidden = torch.randn(n, hdim, requires_grad=True)
+    weight = (torch.randn(v, hdim) / 2).requires_grad_(True)
+    targets = torch.randint(0, v, (n,))
+    with torch.no_grad():
+        cur = reference.hidden_logprobs(hidden.double(), weight.double(), targets, temperature).float()
+    old = cur + 0.4 * torch.randn(n)  # large enough that some ratios get clipped
+    ref_lp = cur + 0.2 * torch.randn(n)
+    adv = torch.randn(n)
+    mask = torch.rand(n) > 0.25
+    kw = dict(
+        clip_eps=0.2, temperature=temperature, ref_logprobs=ref_lp, kl_coef=kl_coef, kl_estimator=kl_estimator,
+        entropy_coef=entropy_coef,
+    )  # fmt: skip
+    if path == "hidden":
+        loss, stats = L.ppo_token_loss(None, targets, old, adv, mask, hidden=hidden, weight=weight, **kw)
+        gh, gw = torch.autograd.grad(3.0 * loss, (hidden, weight))
+    else:
+        logits = (hidden @ weight.t()).detach().requires_grad_(True)
+        loss, stats = L.ppo_token_loss(logits, targets, old, adv, mask, **kw)
+        (gl,) = torch.autograd.grad(3.0 * loss, logits)
+        gh, gw = gl @ weight.detach(), gl.t() @ hidden.detach()
+    hd, wd = hidden.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
+    kw["ref_logprobs"] = ref_lp.double()
+    r_loss, r_stats = reference.ppo_token_loss(
+        None, targets, old.double(), adv.double(), mask, hidden=hd, weight=wd, **kw
+    )
+    r_gh, r_gw = torch.autograd.grad(3.0 * r_loss, (hd, wd))
+    assert 0 < float(r_stats["clip_frac"]) < 1, "the test inputs should clip some tokens"
+    _close(loss, r_loss, 1e-5, 1e-5, "loss")
+    for k in ("ratio", "clip_frac", "entropy", "approx_kl", "kl_ref"):
+        _close(stats[k], r_stats[k], 1e-5, 1e-5, k)
+    _close(gh, r_gh, 1e-5, 1e-5, "grad_hidden")
+    _close(gw, r_gw, 1e-5, 1e-5, "grad_weight")
+
+
+def test_ppo_token_loss_empty_mask_is_zero(small_block):
+    logits = torch.randn(2, 3, 40, requires_grad=True)
+    targets = torch.randint(0, 40, (2, 3))
+    z = torch.zeros(2, 3)
+    loss, stats = L.ppo_token_loss(logits, targets, z, torch.ones(2, 3), z.bool())
+    (g,) = torch.autograd.grad(loss, logits)
+    assert float(loss.detach()) == 0.0 and torch.all(g == 0)
+    assert all(torch.isfinite(s) for s in stats.values())
+
+
+def test_gemm_counts_per_chunk(small_block, monkeypatch):
+    """hidden_logprobs: 1 GEMM per chunk forward, 3 backward; the fused PPO loss: 3 per chunk in all."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMM(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (
+                torch.ops.aten.mm,
+                torch.ops.aten.addmm,
+                torch.ops.aten.addmm_,
+                torch.ops.aten.bmm,
+            ):
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(L, "_CHUNK_ROWS", 4)
+    hidden = torch.randn(10, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (10,))
+    with CountMM() as c:
+        lp = L.hidden_logprobs(hidden, weight, targets)  # 3 chunks
+        fwd = c.n
+        torch.autograd.grad(lp.sum(), (hidden, weight))
+    assert (fwd, c.n) == (3, 12)
+    z = torch.zeros(10)
+    with CountMM() as c:
+        loss, _ = L.ppo_token_loss(None, targets, z, z + 1, z + 1, hidden=hidden, weight=weight)
+        torch.autograd.grad(loss, (hidden, weight))
+    assert c.n == 9
+
+
+def test_autotune_config_pruning():
+    """The GPU autotuner only tries blocks that fit the row (checked here since CI has no GPU)."""
+    blocks = lambda v: sorted({c.kwargs["BLOCK_V"] for c in L._prune_configs(L._configs(), {"V": v})})
+    assert blocks(3) == [256]
+    assert blocks(1000) == [256, 1024]
+    assert min(blocks(32000)) >= 2048 and max(blocks(32000)) == 16384
+
+
+def test_default_chunk_is_bounded():
+    """The LM-head chunk stays within _CHUNK_BYTES (the O(chunk x V) extra memory) and is GEMM-tile sized."""
+    rows = L._chunk_rows(8192, 32000, 2)
+    assert rows % 128 == 0 and 0 < rows * 32000 * 2 <= L._CHUNK_BYTES
+    assert L._chunk_rows(5, 32000, 2) == 5
+    assert L._chunk_rows(10, 10**9, 4) == 1
