@@ -1,0 +1,664 @@
+"""The PPO loop: rollout -> score -> advantages -> updates, with optimizers, checkpoints and metrics.
+
+Four models: policy ("lm", trained), reference ("lm", frozen, same checkpoint), value ("score",
+trained, initialised from the reward model) and reward ("score", frozen). One iteration:
+  1. generate: the Generator samples responses from the policy's own parameter tensors (no copy);
+  2. score: packed no-grad passes (prompt + response concatenated, no padding computed) give the
+     policy's and the reference's log-probs of every response token, the value of every state and
+     the RM score at each sequence's last token; engine.ppo turns them into rewards and GAE;
+  3. train: ppo_epochs x minibatches of train_batch_size sequences (global over data-parallel ranks),
+     each split into micro-batches of at most micro_batch_tokens tokens whose gradients accumulate;
+     one Adam step each for the policy and the value model (separate optimizers, grad-norm clip).
+With bf16 parameters the optimizers keep fp32 master weights and moments and write the update back
+into the very same bf16 tensors in place, so the generator sees it. Flat functions over TrainState.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from engine import ppo
+from engine.checkpoint import load_pretrained, save_pretrained
+from engine.config import GenerateConfig, PPOConfig
+from engine.data import PromptBatches
+from engine.model import Transformer
+from engine.parallel import (
+    ColumnParallelLinear,
+    ProcessGrid,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    group_size,
+    init_process_grid,
+    print0,
+)
+from engine.tokenizer import load_prompts, load_tokenizer
+from kernels.logprob import hidden_logprobs
+
+
+@dataclass
+class RunConfig:
+    """Everything about a run that is not a PPO hyperparameter (CLI flags next to PPOConfig's)."""
+
+    policy: str | None = None  # HF directory of the SFT policy (also the frozen reference)
+    reward: str | None = None  # HF directory of the reward model (also the value model's start)
+    prompts: str | None = None  # JSONL prompt file
+    tokenizer: str | None = None  # tokenizer directory (default: the policy's)
+    output_dir: str = "out/ppo"
+    tp: int = 1
+    resume: bool = False  # continue from output_dir's latest checkpoint
+    save_every: int = 0  # iterations between checkpoints (0: only at the end)
+    keep_checkpoints: int = 1
+    max_iterations: int = 0  # stop after this many iterations (0: the whole prompt set); the LR
+    # schedule always spans the whole prompt set, so a run cut short and resumed is the same run
+    seed: int = 0
+    device: str = "auto"  # auto: cuda if available
+    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    micro_batch_tokens: int = 16384  # tokens (prompt + response) per forward/backward micro-batch
+    gen_max_num_seqs: int = 256
+    kv_cache_fraction: float = 0.9
+    kv_cache_mb: int = 0  # KV cache budget in MiB (0: the generator's default / kv_cache_fraction)
+
+
+@dataclass
+class Optimizer:
+    """Adam over fp32 masters of one model's parameters (the parameters themselves when fp32)."""
+
+    params: list[torch.nn.Parameter]
+    masters: list[torch.Tensor]
+    sharded: list[bool]  # split across TP ranks (their squared grad norms are summed over the group)
+    adam: torch.optim.Optimizer
+
+
+@dataclass
+class TrainState:
+    cfg: PPOConfig
+    run: RunConfig
+    grid: ProcessGrid
+    device: torch.device
+    policy: Transformer
+    ref: Transformer
+    value: Transformer
+    reward: Transformer
+    policy_opt: Optimizer
+    value_opt: Optimizer
+    data: PromptBatches
+    generator: object
+    stop_ids: list[int]
+    tokenizer_dir: str
+    iterations: int  # iterations this run stops after
+    total_steps: int  # optimizer steps of the whole schedule
+    iteration: int = 0
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def dp_group(self):
+        return self.grid.dp_group if self.grid.dp > 1 else None
+
+
+@dataclass
+class Rollout:
+    """One rollout on this rank: sequences, and flat per-response-token tensors (sequence order)."""
+
+    prompts: list[list[int]]
+    responses: list[list[int]]
+    hit_eos: torch.Tensor  # [B] bool
+    gen_logprobs: torch.Tensor  # [N] the generator's log-probs of the sampled tokens
+    offsets: list[int]  # sequence i's response tokens are flat rows offsets[i]:offsets[i + 1]
+    logprobs: torch.Tensor | None = None  # [N] policy at rollout time (PPO's old log-probs)
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    scores: torch.Tensor | None = None  # [B] raw RM scores
+    targets: dict[str, torch.Tensor] = field(default_factory=dict)  # rewards, kl, advantages, returns [N]
+
+
+# ---------------------------------------------------------------------------------- setup --
+
+
+def resolve_device(name: str, grid: ProcessGrid) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def make_optimizer(model: Transformer, cfg: PPOConfig) -> Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    masters = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in params]
+    sharded_ids = {
+        id(m.weight)
+        for m in model.modules()
+        if isinstance(m, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)) and m.tp > 1
+    }
+    fused = {"fused": True} if params and params[0].is_cuda else {}
+    adam = torch.optim.AdamW(
+        masters, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay, **fused,
+    )  # fmt: skip
+    return Optimizer(params, masters, [id(p) in sharded_ids for p in params], adam)
+
+
+def accumulate_grads(opt: Optimizer) -> None:
+    """Move a micro-batch's bf16 grads into the fp32 master grads (no-op for fp32 parameters)."""
+    for p, m in zip(opt.params, opt.masters):
+        if m is p or p.grad is None:
+            continue
+        if m.grad is None:
+            m.grad = p.grad.float()
+        else:
+            m.grad.add_(p.grad)
+        p.grad = None
+
+
+def _all_reduce_flat(tensors: list[torch.Tensor], group, bucket_bytes: int = 256 * 2**20) -> None:
+    """Sum tensors over `group` in a few large flat all_reduces."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for t in tensors + [None]:
+        if t is not None:
+            bucket.append(t)
+            size += t.numel() * t.element_size()
+        if bucket and (t is None or size >= bucket_bytes):
+            flat = torch.cat([b.reshape(-1) for b in bucket])
+            dist.all_reduce(flat, group=group)
+            for b, f in zip(bucket, flat.split([b.numel() for b in bucket])):
+                b.copy_(f.view_as(b))
+            bucket, size = [], 0
+
+
+def optimizer_step(opt: Optimizer, lr: float, cfg: PPOConfig, grid: ProcessGrid) -> torch.Tensor:
+    """All-reduce grads over DP, clip the global grad norm, Adam, write back to the parameters.
+
+    Returns the grad norm before clipping (0-d tensor, no host sync).
+    """
+    for m in opt.masters:
+        if m.grad is None:
+            m.grad = torch.zeros_like(m)
+    grads = [m.grad for m in opt.masters]
+    if grid.dp > 1:
+        _all_reduce_flat(grads, grid.dp_group)
+    sq = torch.zeros(2, dtype=torch.float32, device=grads[0].device)
+    for g, sharded in zip(grads, opt.sharded):
+        sq[int(sharded)] += g.float().square().sum()
+    if grid.tp > 1:
+        sharded_sq = sq[1].clone()
+        dist.all_reduce(sharded_sq, group=grid.tp_group)
+        sq[1] = sharded_sq
+    norm = sq.sum().sqrt()
+    if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+        torch._foreach_mul_(grads, (cfg.max_grad_norm / (norm + 1e-6)).clamp(max=1.0))
+    for group in opt.adam.param_groups:
+        group["lr"] = lr
+    opt.adam.step()
+    opt.adam.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for p, m in zip(opt.params, opt.masters):
+            if m is not p:
+                p.copy_(m)  # in place: the generator reads these very tensors
+    return norm
+
+
+def make_generator(policy: Transformer, cfg: PPOConfig, run: RunConfig):
+    from engine.generate import Generator
+
+    kw = {"kv_cache_bytes": run.kv_cache_mb * 2**20} if run.kv_cache_mb else {}
+    return Generator(
+        policy,
+        max_num_seqs=run.gen_max_num_seqs,
+        max_model_len=cfg.max_prompt_len + cfg.max_new_tokens,
+        kv_cache_fraction=run.kv_cache_fraction,
+        **kw,
+    )
+
+
+def setup(
+    cfg: PPOConfig, run: RunConfig, *, grid: ProcessGrid | None = None, generator_factory=make_generator
+) -> TrainState:
+    """Process grid, tokenizer, prompts, the four models, optimizers; resumes when run.resume."""
+    if not (run.policy and run.reward and run.prompts):
+        raise ValueError("--policy, --reward and --prompts are all needed (or no flag at all for the tiny default)")
+    seqs = cfg.rollout_batch_size * cfg.samples_per_prompt
+    grid = grid or init_process_grid(run.tp)
+    if seqs % cfg.train_batch_size:
+        raise ValueError(f"rollout of {seqs} sequences is not a multiple of train_batch_size {cfg.train_batch_size}")
+    if cfg.train_batch_size % grid.dp or cfg.rollout_batch_size % grid.dp:
+        raise ValueError(f"train and rollout batch sizes must be multiples of the data-parallel size {grid.dp}")
+    device = resolve_device(run.device, grid)
+    dtype = resolve_dtype(run.dtype, device)
+    tokenizer_dir = run.tokenizer or run.policy
+    tokenizer = load_tokenizer(tokenizer_dir)
+    prompt_set = load_prompts(run.prompts, tokenizer, cfg.max_prompt_len, verbose=grid.rank == 0)
+    data = PromptBatches(
+        prompt_set, cfg.rollout_batch_size, seed=run.seed, epochs=cfg.prompt_epochs,
+        dp_rank=grid.dp_rank, dp_size=grid.dp,
+    )  # fmt: skip
+    ckpt = latest_checkpoint(run.output_dir) if run.resume else None
+    if run.resume and ckpt is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {run.output_dir}")
+    load = lambda path, head: load_pretrained(path, head=head, dtype=dtype, device=device, group=grid.tp_group)
+    policy = load(os.path.join(ckpt, "policy") if ckpt else run.policy, "lm")
+    ref = load(run.policy, "lm").requires_grad_(False)
+    value = load(os.path.join(ckpt, "value") if ckpt else run.reward, "score")
+    reward = load(run.reward, "score").requires_grad_(False)
+    iterations = len(data) if not run.max_iterations else min(run.max_iterations, len(data))
+    steps_per_rollout = cfg.ppo_epochs * seqs // cfg.train_batch_size
+    stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    state = TrainState(
+        cfg, run, grid, device, policy, ref, value, reward, make_optimizer(policy, cfg), make_optimizer(value, cfg),
+        data, None, stop_ids, tokenizer_dir, iterations, len(data) * steps_per_rollout,
+    )  # fmt: skip
+    if ckpt:
+        load_trainer_state(state, ckpt)
+    state.generator = generator_factory(policy, cfg, run)
+    return state
+
+
+# ------------------------------------------------------------------------------- packing --
+
+
+def split_by_tokens(lengths: list[int], budget: int) -> list[list[int]]:
+    """Contiguous groups of indices whose lengths sum to at most `budget` (a longer one stands alone)."""
+    groups: list[list[int]] = []
+    size = budget + 1
+    for i, n in enumerate(lengths):
+        if size + n > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += n
+    return groups
+
+
+def pack(ro: Rollout, seqs: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+    """Prompt + response of sequences `seqs`, packed: ids, positions [N], cu_seqlens [S+1] int32;
+    act [R]: packed row of the hidden state that predicts each response token; targets [R]: those
+    tokens; rows [R]: their flat rollout rows; last [S]: each sequence's last token.
+    """
+    ids: list[int] = []
+    positions: list[int] = []
+    act: list[int] = []
+    rows: list[int] = []
+    cu = [0]
+    for i in seqs:
+        p, r = ro.prompts[i], ro.responses[i]
+        off, n = cu[-1], len(p) + len(r)
+        ids += p
+        ids += r
+        positions.extend(range(n))
+        act.extend(range(off + len(p) - 1, off + n - 1))
+        rows.extend(range(ro.offsets[i], ro.offsets[i + 1]))
+        cu.append(off + n)
+    t = lambda x, dt=torch.int64: torch.tensor(x, dtype=dt).to(device, non_blocking=True)
+    ids_t, act_t = t(ids), t(act)
+    return {
+        "ids": ids_t,
+        "positions": t(positions),
+        "cu_seqlens": t(cu, torch.int32),
+        "act": act_t,
+        "targets": ids_t[act_t + 1],
+        "rows": t(rows),
+        "last": t(cu[1:]) - 1,
+    }
+
+
+def _to_padded(flat: torch.Tensor, offsets: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat per-token values -> [B, T] right-padded, with the bool mask and the flat -> (row, col) index."""
+    lens = torch.tensor([b - a for a, b in zip(offsets[:-1], offsets[1:])])
+    row = torch.repeat_interleave(torch.arange(len(lens)), lens)
+    col = torch.arange(len(row)) - torch.tensor(offsets[:-1])[row]
+    idx = (row.to(flat.device), col.to(flat.device))
+    out = flat.new_zeros(len(lens), int(lens.max()))
+    mask = torch.zeros(out.shape, dtype=torch.bool, device=flat.device)
+    out[idx], mask[idx] = flat, True
+    return out, mask, idx
+
+
+# --------------------------------------------------------------------------------- phases --
+
+
+def generate_rollout(state: TrainState, prompts: list[list[int]]) -> Rollout:
+    cfg = state.cfg
+    params = GenerateConfig(
+        temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, stop_token_ids=list(state.stop_ids),
+        n=cfg.samples_per_prompt, seed=(state.run.seed * 1_000_003 + state.iteration) * 1_009 + state.grid.dp_rank,
+    )  # fmt: skip
+    with torch.no_grad():
+        comps = state.generator.generate_completions(prompts, params)
+    state.generator.release()
+    offsets = [0]
+    for c in comps:
+        if not c.tokens:
+            raise RuntimeError(f"the generator returned an empty response for prompt {c.prompt_index}")
+        offsets.append(offsets[-1] + len(c.tokens))
+    return Rollout(
+        prompts=[prompts[c.prompt_index] for c in comps],
+        responses=[list(c.tokens) for c in comps],
+        hit_eos=torch.tensor([c.finish_reason == "stop" for c in comps], device=state.device),
+        gen_logprobs=torch.tensor([x for c in comps for x in c.logprobs], dtype=torch.float32, device=state.device),
+        offsets=offsets,
+    )
+
+
+@torch.no_grad()
+def policy_logprobs(model: Transformer, pk: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Log-probs (raw logits) of the packed response tokens, LM head fused: [R] fp32."""
+    h = model.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["act"]]
+    return hidden_logprobs(h, model.lm_head_weight, pk["targets"], group=model.group)
+
+
+def _chunks(state: TrainState, ro: Rollout, seqs: list[int]):
+    lengths = [len(ro.prompts[i]) + len(ro.responses[i]) for i in seqs]
+    for group in split_by_tokens(lengths, state.run.micro_batch_tokens):
+        yield pack(ro, [seqs[g] for g in group], state.device)
+
+
+@torch.no_grad()
+def score_rollout(state: TrainState, ro: Rollout) -> None:
+    """The no-grad passes, then rewards, advantages and returns (engine.ppo)."""
+    n = ro.offsets[-1]
+    flat = lambda: torch.empty(n, dtype=torch.float32, device=state.device)
+    ro.logprobs, ro.ref_logprobs, ro.values = flat(), flat(), flat()
+    ro.scores = torch.empty(len(ro.responses), dtype=torch.float32, device=state.device)
+    seq0 = 0
+    for pk in _chunks(state, ro, list(range(len(ro.responses)))):
+        rows, n_seq = pk["rows"], pk["last"].numel()
+        ro.logprobs[rows] = policy_logprobs(state.policy, pk)
+        ro.ref_logprobs[rows] = policy_logprobs(state.ref, pk)
+        h = state.value.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["act"]]
+        ro.values[rows] = state.value.head_packed(h).float()
+        h = state.reward.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["last"]]
+        ro.scores[seq0 : seq0 + n_seq] = state.reward.head_packed(h).float()
+        seq0 += n_seq
+    if not bool(torch.isfinite(ro.scores).all()):
+        raise FloatingPointError(f"the reward model returned non-finite scores at iteration {state.iteration}")
+    scores = ppo.scores_with_eos_penalty(ro.scores, ro.hit_eos, state.cfg.missing_eos_penalty)
+    padded = [_to_padded(x, ro.offsets) for x in (ro.logprobs, ro.ref_logprobs, ro.values)]
+    mask, idx = padded[0][1], padded[0][2]
+    out = ppo.advantages_and_returns(padded[0][0], padded[1][0], padded[2][0], mask, scores, state.cfg)
+    ro.targets = {k: v[idx] for k, v in out.items()}
+
+
+def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: torch.Tensor) -> None:
+    """One optimizer step of each model on this rank's share `seqs` of a global minibatch.
+
+    sums accumulates [policy loss, value loss, clip_frac, entropy, ratio, approx_kl, value clip_frac,
+    tokens, sequence tokens, policy grad norm, value grad norm] (token sums, DP-local).
+    """
+    cfg, dev, grid = state.cfg, state.device, state.grid
+    rows = torch.cat([torch.arange(ro.offsets[i], ro.offsets[i + 1]) for i in seqs]).to(dev)
+    n_global = torch.tensor(float(rows.numel()), device=dev)
+    if state.dp_group is not None:
+        dist.all_reduce(n_global, group=state.dp_group)
+    ones = torch.ones(rows.numel(), dtype=torch.bool, device=dev)
+    adv = ppo.minibatch_advantages(ro.targets["advantages"][rows], ones, cfg, state.dp_group)
+    pos = torch.full((ro.offsets[-1],), -1, dtype=torch.int64, device=dev)
+    pos[rows] = torch.arange(rows.numel(), device=dev)  # flat rollout row -> minibatch row
+    step_loss = torch.zeros(2, device=dev)
+    for pk in _chunks(state, ro, seqs):
+        mb = pos[pk["rows"]]
+        old = policy_logprobs(state.policy, pk) if cfg.recompute_old_logprobs_per_minibatch else ro.logprobs[pk["rows"]]
+        h = state.policy.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["act"]]
+        loss, st = ppo.policy_loss(
+            h, state.policy.lm_head_weight, pk["targets"], old, adv[mb], clip_eps=cfg.clip_ratio,
+            denom=n_global, group=state.policy.group,
+        )  # fmt: skip
+        loss.backward()
+        accumulate_grads(state.policy_opt)
+        h = state.value.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["act"]]
+        v = state.value.head_packed(h)
+        vloss, vst = ppo.value_loss(
+            v, ro.values[pk["rows"]], ro.targets["returns"][pk["rows"]], clip_value=cfg.clip_value, denom=n_global
+        )
+        (cfg.value_loss_coef * vloss).backward()
+        accumulate_grads(state.value_opt)
+        step_loss += torch.stack([loss.detach(), vloss.detach()])
+        n_tok = float(pk["rows"].numel())
+        sums[2:9] += torch.stack([
+            st["clip_frac"], st["entropy"], st["ratio"], st["approx_kl"], vst["clip_frac"],
+            torch.tensor(n_tok, device=dev), torch.tensor(float(pk["ids"].numel()), device=dev),
+        ]).float()  # fmt: skip
+    if state.dp_group is not None:
+        dist.all_reduce(step_loss, group=state.dp_group)
+    bad = [name for name, x in zip(("policy loss", "value loss"), step_loss.tolist()) if not math.isfinite(x)]
+    if bad:
+        raise FloatingPointError(
+            f"non-finite {' and '.join(bad)} ({step_loss.tolist()}) at iteration {state.iteration}, "
+            f"step {state.step} (optimizer step of the run); no update was applied"
+        )
+    lr = ppo.lr_at(state.step, state.total_steps, cfg)
+    gp = optimizer_step(state.policy_opt, lr, cfg, grid)
+    gv = optimizer_step(state.value_opt, lr, cfg, grid)
+    sums[:2] += step_loss
+    sums[9:11] += torch.stack([gp, gv])
+    state.step += 1
+
+
+def train_rollout(state: TrainState, ro: Rollout) -> torch.Tensor:
+    cfg = state.cfg
+    n_local = len(ro.responses)
+    per_step = cfg.train_batch_size // state.grid.dp
+    sums = torch.zeros(11, device=state.device)
+    for epoch in range(cfg.ppo_epochs):
+        order = list(range(n_local))
+        if epoch > 0:  # the same permutation on every rank keeps the DP shards balanced
+            gen = torch.Generator().manual_seed((state.run.seed * 1_000_003 + state.iteration) * 101 + epoch)
+            order = torch.randperm(n_local, generator=gen).tolist()
+        for k in range(n_local // per_step):
+            train_step(state, ro, order[k * per_step : (k + 1) * per_step], sums)
+    return sums
+
+
+def _sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def ppo_iteration(state: TrainState) -> dict:
+    """One rollout + its updates; returns the iteration's metrics (global over DP ranks)."""
+    dev = state.device
+    t0 = _sync(dev)
+    _, prompts = next(state.data)
+    ro = generate_rollout(state, prompts)
+    t1 = _sync(dev)
+    score_rollout(state, ro)
+    t2 = _sync(dev)
+    steps0 = state.step
+    train = train_rollout(state, ro)
+    t3 = _sync(dev)
+    n_steps = state.step - steps0
+    tg = ro.targets
+    seq_sum = lambda x: torch.zeros(len(ro.responses), device=dev).index_add_(
+        0, torch.repeat_interleave(torch.arange(len(ro.responses), device=dev), _lengths(ro, dev)), x
+    )
+    resp_tok = float(ro.offsets[-1])
+    seq_tok = float(sum(len(p) for p in ro.prompts)) + resp_tok
+    local = torch.cat([
+        torch.stack([
+            ro.scores.sum(), ppo.scores_with_eos_penalty(ro.scores, ro.hit_eos, state.cfg.missing_eos_penalty).sum(),
+            seq_sum(tg["kl"]).sum(), seq_sum(tg["rewards"]).sum(), (~ro.hit_eos).float().sum(),
+            torch.tensor(float(len(ro.responses)), device=dev), torch.tensor(resp_tok, device=dev),
+            torch.tensor(seq_tok, device=dev), ro.values.sum(), tg["returns"].sum(),
+            (ro.gen_logprobs - ro.logprobs).abs().sum(),
+        ]).float(),
+        train,
+    ])  # fmt: skip
+    if state.dp_group is not None:
+        dist.all_reduce(local, group=state.dp_group)
+    g = local.tolist()
+    n_seq, n_resp, n_seq_tok = g[5], g[6], g[7]
+    tr = g[11:]
+    n_tok = max(tr[7], 1.0)
+    state.iteration += 1
+    return {
+        "iteration": state.iteration,
+        "step": state.step,
+        "lr": ppo.lr_at(max(state.step - 1, 0), state.total_steps, state.cfg),
+        "score": g[0] / n_seq,
+        "score_penalized": g[1] / n_seq,
+        "kl": g[2] / n_seq,  # summed over each response's tokens, averaged over responses
+        "reward": g[3] / n_seq,
+        "no_eos_frac": g[4] / n_seq,
+        "response_len": n_resp / n_seq,
+        "value": g[8] / n_resp,
+        "returns": g[9] / n_resp,
+        "gen_logprob_gap": g[10] / n_resp,  # mean |generator log-prob - training log-prob|
+        "policy_loss": tr[0] / max(n_steps, 1),
+        "value_loss": tr[1] / max(n_steps, 1),
+        "clip_frac": tr[2] / n_tok,
+        "entropy": tr[3] / n_tok,
+        "ratio": tr[4] / n_tok,
+        "approx_kl": tr[5] / n_tok,
+        "value_clip_frac": tr[6] / n_tok,
+        "grad_norm_policy": tr[9] / max(n_steps, 1),
+        "grad_norm_value": tr[10] / max(n_steps, 1),
+        "gen_tok_s": n_resp / max(t1 - t0, 1e-9),
+        "score_tok_s": n_seq_tok / max(t2 - t1, 1e-9),
+        "train_tok_s": tr[8] / max(t3 - t2, 1e-9),  # sequence tokens through policy and value fwd + bwd
+        "time_generate": t1 - t0,
+        "time_score": t2 - t1,
+        "time_train": t3 - t2,
+        "time_iteration": t3 - t0,
+    }
+
+
+def _lengths(ro: Rollout, device) -> torch.Tensor:
+    return torch.tensor([len(r) for r in ro.responses], device=device)
+
+
+# ------------------------------------------------------------------------- checkpoints --
+
+LATEST = "latest"
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    path = os.path.join(output_dir, LATEST)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return os.path.join(output_dir, json.load(f)["checkpoint"])
+
+
+def _atomic_write(path: str, write) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def trainer_state_dict(state: TrainState) -> dict:
+    opt = lambda o: {
+        "adam": o.adam.state_dict(),
+        "masters": [m.detach().cpu() for m, p in zip(o.masters, o.params) if m is not p],
+    }
+    return {
+        "iteration": state.iteration,
+        "step": state.step,
+        "total_steps": state.total_steps,
+        "data": state.data.state_dict(),
+        "policy_opt": opt(state.policy_opt),
+        "value_opt": opt(state.value_opt),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(state.device) if state.device.type == "cuda" else None,
+        "world_size": state.grid.world_size,
+        "tp": state.grid.tp,
+        "ppo_config": dataclasses.asdict(state.cfg),
+    }
+
+
+def save_checkpoint(state: TrainState) -> str:
+    """checkpoint-NNNNNN/{policy, value (HF dirs), state-rankRRRRR.pt}, then the `latest` pointer."""
+    out = state.run.output_dir
+    name = f"checkpoint-{state.iteration:06d}"
+    path = os.path.join(out, name)
+    if state.grid.rank == 0:
+        os.makedirs(path, exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
+    save_pretrained(state.policy, os.path.join(path, "policy"), tokenizer_dir=state.tokenizer_dir)
+    save_pretrained(state.value, os.path.join(path, "value"))
+    sd = trainer_state_dict(state)
+    _atomic_write(os.path.join(path, f"state-rank{state.grid.rank:05d}.pt"), lambda f: torch.save(sd, f))
+    if dist.is_initialized():
+        dist.barrier()
+    if state.grid.rank == 0:
+        _atomic_write(os.path.join(out, LATEST), lambda f: f.write(json.dumps({"checkpoint": name}).encode()))
+        old = sorted(d for d in os.listdir(out) if d.startswith("checkpoint-") and d != name)
+        for d in old[: max(0, len(old) - state.run.keep_checkpoints + 1)]:
+            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+    return path
+
+
+def load_trainer_state(state: TrainState, ckpt: str) -> None:
+    fn = os.path.join(ckpt, f"state-rank{state.grid.rank:05d}.pt")
+    if not os.path.exists(fn):
+        raise FileNotFoundError(f"{fn} is missing (resume needs the same number of processes as the saved run)")
+    sd = torch.load(fn, map_location="cpu", weights_only=False)
+    if (sd["world_size"], sd["tp"]) != (state.grid.world_size, state.grid.tp):
+        raise ValueError(
+            f"checkpoint was written by world size {sd['world_size']} (tp {sd['tp']}); "
+            f"now world size {state.grid.world_size} (tp {state.grid.tp})"
+        )
+    state.iteration, state.step, state.total_steps = sd["iteration"], sd["step"], sd["total_steps"]
+    state.data.load_state_dict(sd["data"])
+    for opt, osd in ((state.policy_opt, sd["policy_opt"]), (state.value_opt, sd["value_opt"])):
+        mixed = [(m, p) for m, p in zip(opt.masters, opt.params) if m is not p]
+        with torch.no_grad():
+            for (m, p), saved in zip(mixed, osd["masters"]):
+                m.copy_(saved)
+                p.copy_(saved)
+        opt.adam.load_state_dict(osd["adam"])
+    torch.set_rng_state(sd["rng"])
+    if sd["cuda_rng"] is not None and state.device.type == "cuda":
+        torch.cuda.set_rng_state(sd["cuda_rng"], state.device)
+
+
+# -------------------------------------------------------------------------------- the loop --
+
+
+def log_metrics(state: TrainState, metrics: dict) -> None:
+    state.history.append(metrics)
+    if state.grid.rank != 0:
+        return
+    keys = ("score", "kl", "reward", "policy_loss", "value_loss", "clip_frac", "entropy", "response_len")
+    line = " ".join(f"{k} {metrics[k]:.4g}" for k in keys)
+    print0(
+        f"iter {metrics['iteration']}/{state.iterations} step {metrics['step']} {line} "
+        f"no_eos {metrics['no_eos_frac']:.2f} gen {metrics['gen_tok_s']:.0f} tok/s "
+        f"train {metrics['train_tok_s']:.0f} tok/s time {metrics['time_iteration']:.1f}s "
+        f"(gen {metrics['time_generate']:.1f} score {metrics['time_score']:.1f} train {metrics['time_train']:.1f})"
+    )
+    os.makedirs(state.run.output_dir, exist_ok=True)
+    with open(os.path.join(state.run.output_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+
+
+def train(state: TrainState) -> list[dict]:
+    """Run iterations until state.iterations; checkpoint every save_every and at the end."""
+    saved_at = state.iteration
+    while state.iteration < state.iterations:
+        log_metrics(state, ppo_iteration(state))
+        if state.run.save_every and state.iteration % state.run.save_every == 0:
+            save_checkpoint(state)
+            saved_at = state.iteration
+    if state.run.output_dir and saved_at != state.iteration:
+        save_checkpoint(state)
+    return state.history

@@ -1,0 +1,101 @@
+"""A test-only sampler with engine.generate.Generator's interface, and the torchrun worker of the DP test.
+
+NaiveGenerator recomputes the whole sequence every step (no KV cache): slow but obviously right, and
+each sequence draws from its own torch.Generator seeded by its prompt tokens, sample index and call
+number, so its samples do not depend on which other prompts share the batch (or the DP rank).
+
+Worker: python -m torch.distributed.run --nproc_per_node 2 tests/engine/ppo_dp_worker.py OUT_DIR [flags]
+runs engine.train_ppo.main (tiny default) with NaiveGenerator and writes OUT_DIR/result-rank{r}.pt.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+@dataclass
+class Completion:
+    prompt_index: int
+    sample_index: int
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: str
+
+
+class NaiveGenerator:
+    def __init__(self, model, *args, **kwargs):
+        self.model = model
+        self.calls = 0
+
+    def release(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def generate_completions(self, prompts: list[list[int]], params) -> list[Completion]:
+        self.calls += 1
+        seqs, gens, comps = [], [], []
+        for i, p in enumerate(prompts):
+            for s in range(params.n):
+                key = zlib.crc32(repr((p, s, self.calls)).encode())
+                gens.append(torch.Generator().manual_seed(key))
+                seqs.append(list(p))
+                comps.append(Completion(i, s, [], [], "length"))
+        live = list(range(len(seqs)))
+        dev = next(self.model.parameters()).device
+        for _ in range(params.max_new_tokens):
+            if not live:
+                break
+            lens = [len(seqs[j]) for j in live]
+            ids = torch.tensor([t for j in live for t in seqs[j]], device=dev)
+            pos = torch.cat([torch.arange(n) for n in lens]).to(dev)
+            cu = torch.tensor([0] + lens, device=dev).cumsum(0).to(torch.int32)
+            logits = self.model.forward_packed(ids, pos, cu)[cu[1:].long() - 1].float()
+            logp = torch.log_softmax(logits, -1).cpu()
+            probs = torch.softmax(logits / params.temperature, -1).cpu()
+            still = []
+            for k, j in enumerate(live):
+                tok = int(torch.multinomial(probs[k], 1, generator=gens[j]))
+                seqs[j].append(tok)
+                comps[j].tokens.append(tok)
+                comps[j].logprobs.append(float(logp[k, tok]))
+                if tok in params.stop_token_ids:
+                    comps[j].finish_reason = "stop"
+                else:
+                    still.append(j)
+            live = still
+        return comps
+
+
+def naive_factory(policy, cfg, run):
+    return NaiveGenerator(policy)
+
+
+if __name__ == "__main__":
+    import torch.distributed as dist
+
+    from engine.train_ppo import main
+
+    out = sys.argv[1]
+    history = []
+    holder = {}
+
+    def factory(policy, cfg, run):
+        holder["policy"] = policy
+        return NaiveGenerator(policy)
+
+    # main() destroys the process group on exit; read the rank first.
+    rank = int(os.environ.get("RANK", "0"))
+    history = main(sys.argv[2:], generator_factory=factory)
+    torch.save(
+        {"history": history, "policy": {k: v.detach().clone() for k, v in holder["policy"].state_dict().items()}},
+        os.path.join(out, f"result-rank{rank}.pt"),
+    )
+    assert not dist.is_initialized()
