@@ -36,7 +36,6 @@ from engine.parallel import (
     ProcessGrid,
     RowParallelLinear,
     VocabParallelEmbedding,
-    group_size,
     init_process_grid,
     print0,
 )
