@@ -189,6 +189,7 @@ class GenerateConfig:
     stop_token_ids: list[int] = field(default_factory=list)
     n: int = 1  # samples per prompt
     seed: int | None = None
+    ignore_eos: bool = False  # keep generating past the model's EOS (benchmarks)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:

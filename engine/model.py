@@ -218,13 +218,18 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int = 0) -> Transformer:
-        """Random weights (benchmarks, tests): normal(0, std) matrices, unit norms."""
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        """Random weights (benchmarks, tests): normal(0, std) matrices, unit norms, drawn on the
+        parameters' own device (a 13B model initialises on the GPU in seconds)."""
+        gens: dict[torch.device, torch.Generator] = {}
         for name, p in self.named_parameters():
             if name.endswith("layernorm.weight") or name == "norm.weight":
                 p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+                continue
+            gen = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
+            if p.dtype in (torch.float32, torch.float64):
+                p.normal_(0.0, std, generator=gen)
+            else:  # draw in fp32 (bf16 normal_ is not implemented everywhere), one tensor at a time
+                p.copy_(torch.empty(p.shape, device=p.device).normal_(0.0, std, generator=gen))
         return self
 
     def hidden_packed(

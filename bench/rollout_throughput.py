@@ -1,0 +1,243 @@
+"""Rollout throughput: our generator against transformers' generate on the same model and lengths.
+
+    python bench/rollout_throughput.py                       # tiny model on CPU (a smoke run)
+    python bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 --prompt-len 128 --gen-len 256
+    python bench/rollout_throughput.py --model /path/to/hf/checkpoint --batch 1 --json out.json
+
+Prints tokens/s of ours and of HF generate (dynamic cache, and static cache with --hf-static), the
+peak memory of each, and our fraction of the decode roofline: weight bytes plus the KV bytes each
+step reads, at the device-to-device copy bandwidth measured at the start of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine.checkpoint import hf_tensor_specs, load_pretrained  # noqa: E402
+from engine.config import MODEL_SHAPES, GenerateConfig, ModelConfig  # noqa: E402
+from engine.generate import Generator  # noqa: E402
+from engine.model import Transformer  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help=f"a named shape ({', '.join(MODEL_SHAPES)}) or an HF checkpoint dir")
+    p.add_argument(
+        "--random-weights", action="store_true", help="random weights for a named shape (default for 'tiny')"
+    )
+    p.add_argument("--batch", type=int, default=None, help="prompts per run (default 64 on GPU, 8 on CPU)")
+    p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 128 on GPU, 32 on CPU)")
+    p.add_argument("--gen-len", type=int, default=None, help="new tokens per prompt (default 256 on GPU, 32 on CPU)")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (the recipe samples at 0.7)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default bf16 on GPU")
+    p.add_argument("--device", default=None, help="default cuda if available")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-fraction", type=float, default=0.9)
+    p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
+    p.add_argument("--hf-static", action="store_true", help="also time HF generate with a static cache")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs of ours (the best is reported)")
+    p.add_argument("--bandwidth", type=float, default=None, help="copy bandwidth in GB/s (default: measured)")
+    p.add_argument("--json", default=None, help="write the figures to this file")
+    return p.parse_args(argv)
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_copy_bandwidth(device) -> float:
+    """Bytes/s of a device-to-device copy, counting bytes read plus written."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 26)
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    sync(device)
+    reps = 20 if device.type == "cuda" else 5
+    t = time.perf_counter()
+    for _ in range(reps):
+        b.copy_(a)
+    sync(device)
+    return 2 * n * reps / (time.perf_counter() - t)
+
+
+def peak_memory(device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+
+
+def reset_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def decode_roofline(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int, elem: int, bw: float) -> dict:
+    """Tokens/s if each decode step only streamed the weights once and each sequence's KV once."""
+    weight_bytes = (cfg.num_params("lm") - cfg.vocab_size * cfg.hidden_size) * elem  # the lookup reads B rows
+    avg_context = prompt_len + gen_len / 2
+    kv_bytes = batch * avg_context * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * elem
+    step = (weight_bytes + kv_bytes) / bw
+    return {
+        "weight_gb": weight_bytes / 1e9,
+        "kv_gb_per_step": kv_bytes / 1e9,
+        "tok_s": batch / step,
+        "step_ms": step * 1e3,
+    }
+
+
+def to_transformers(model: Transformer):
+    """An HF LlamaForCausalLM holding a copy of our weights (the peer users would run)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    p = next(model.parameters())
+    hf_cfg = LlamaConfig(**{k: v for k, v in model.config.to_hf().items() if k != "architectures"})
+    with torch.device(p.device):
+        hf = LlamaForCausalLM(hf_cfg).to(p.dtype).eval()
+    state = hf.state_dict()
+    with torch.no_grad():
+        for name, spec in hf_tensor_specs(model).items():
+            state[name].copy_(spec.module.full_part(spec.part))
+    return hf
+
+
+def time_ours(gen: Generator, prompts, params, repeats: int, device) -> dict:
+    warm = GenerateConfig(**{**params.__dict__, "max_new_tokens": min(8, params.max_new_tokens)})
+    gen.generate(prompts, warm)  # capture graphs, autotune, allocate
+    best = None
+    for _ in range(repeats):
+        reset_peak(device)
+        sync(device)
+        t = time.perf_counter()
+        comps = gen.generate_completions(prompts, params)
+        sync(device)
+        dt = time.perf_counter() - t
+        tokens = sum(len(c.tokens) for c in comps)
+        if best is None or dt < best["seconds"]:
+            best = {"seconds": dt, "tokens": tokens, "tok_s": tokens / dt, "peak_gib": peak_memory(device)}
+    best["preemptions"] = gen.stats.preemptions
+    best["decode_steps"] = gen.stats.decode_steps
+    return best
+
+
+def time_hf(hf, prompts, gen_len: int, temperature: float, device, static: bool) -> dict:
+    ids = torch.tensor(prompts, device=device)
+    kw = dict(max_new_tokens=gen_len, min_new_tokens=gen_len, pad_token_id=0)
+    kw.update(do_sample=True, temperature=temperature, top_k=0) if temperature > 0 else kw.update(do_sample=False)
+    if static:
+        kw["cache_implementation"] = "static"
+    with torch.no_grad():
+        hf.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
+        reset_peak(device)
+        sync(device)
+        t = time.perf_counter()
+        out = hf.generate(ids, **kw)
+        sync(device)
+    dt = time.perf_counter() - t
+    tokens = (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    return {"seconds": dt, "tokens": tokens, "tok_s": tokens / dt, "peak_gib": peak_memory(device)}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    batch = args.batch or (64 if on_gpu else 8)
+    prompt_len = args.prompt_len or (128 if on_gpu else 32)
+    gen_len = args.gen_len or (256 if on_gpu else 32)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
+
+    if args.model in MODEL_SHAPES:
+        if args.model != "tiny" and not args.random_weights:
+            raise SystemExit(f"--model {args.model} is a shape: pass --random-weights, or give a checkpoint directory")
+        cfg = ModelConfig.named(args.model)
+        cfg.max_position_embeddings = max(cfg.max_position_embeddings, prompt_len + gen_len)
+        model = Transformer(cfg, dtype=dtype, device=device).init_weights(std=0.02)
+    else:
+        model = load_pretrained(args.model, dtype=dtype, device=device)
+        cfg = model.config
+    model.eval()
+    if prompt_len + gen_len > cfg.max_position_embeddings:
+        raise SystemExit(
+            f"prompt-len + gen-len = {prompt_len + gen_len} exceeds the model's {cfg.max_position_embeddings}"
+        )
+
+    bw = args.bandwidth * 1e9 if args.bandwidth else measure_copy_bandwidth(device)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
+    params = GenerateConfig(temperature=args.temperature, max_new_tokens=gen_len, ignore_eos=True, seed=0)
+    elem = torch.empty((), dtype=dtype).element_size()
+    roof = decode_roofline(cfg, batch, prompt_len, gen_len, elem, bw)
+
+    gen = Generator(
+        model,
+        max_num_seqs=max(batch, 1),
+        block_size=args.block_size,
+        max_model_len=prompt_len + gen_len,
+        kv_cache_fraction=args.kv_cache_fraction,
+        use_cuda_graphs=not args.no_cuda_graphs and on_gpu,
+    )
+    ours = time_ours(gen, prompts, params, args.repeats, device)
+    ours["cuda_graphs"] = bool(gen.use_cuda_graphs)
+    gen.release()
+    del gen
+    gc.collect()
+
+    peers = {}
+    if not args.no_hf:
+        hf = to_transformers(model)
+        del model
+        gc.collect()
+        if on_gpu:
+            torch.cuda.empty_cache()
+        peers["hf_generate"] = time_hf(hf, prompts, gen_len, args.temperature, device, static=False)
+        if args.hf_static:
+            peers["hf_generate_static"] = time_hf(hf, prompts, gen_len, args.temperature, device, static=True)
+
+    name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
+    print(f"\nrollout throughput: {args.model}, {name}, {dtype}, batch {batch}, prompt {prompt_len}, new {gen_len}")
+    print(
+        f"measured copy bandwidth {bw / 1e9:.0f} GB/s; weights {roof['weight_gb']:.2f} GB, "
+        f"KV read per step {roof['kv_gb_per_step']:.3f} GB (average context)"
+    )
+    print(f"{'engine':<24}{'tok/s':>12}{'ms/token-step':>16}{'peak GiB':>11}{'roofline':>10}")
+    rows = [("ours", ours)] + list(peers.items())
+    for label, r in rows:
+        step_ms = r["seconds"] / gen_len * 1e3
+        print(
+            f"{label:<24}{r['tok_s']:>12.1f}{step_ms:>16.2f}{r['peak_gib']:>11.2f}{r['tok_s'] / roof['tok_s']:>10.1%}"
+        )
+    print(f"{'roofline (decode)':<24}{roof['tok_s']:>12.1f}{roof['step_ms']:>16.2f}{'':>11}{1:>10.0%}")
+    if ours.get("preemptions"):
+        print(f"(ours preempted {ours['preemptions']} sequences for lack of KV blocks)")
+    result = {
+        "model": args.model,
+        "device": name,
+        "dtype": str(dtype).replace("torch.", ""),
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "gen_len": gen_len,
+        "temperature": args.temperature,
+        "bandwidth_gbs": bw / 1e9,
+        "roofline": roof,
+        "ours": ours,
+        **peers,
+        "torch": torch.__version__,
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,478 @@
+"""Rollout engine: continuous batching over a paged KV cache, on the very model the trainer updates.
+
+One scheduler loop: admit waiting prompts (prefilled together as one packed forward that writes
+the KV cache), otherwise run one decode step for every running sequence (paged decode attention,
+captured as a CUDA graph per batch-size bucket on GPU). The n samples of a prompt share the
+prompt's cache blocks (fork, copy-on-write). When blocks run out the most recently admitted
+sequence is preempted (its blocks freed) and later recomputed from its tokens: nothing is lost.
+
+Sampling never synchronises with the host inside the step: randomness is counter-based (a hash
+of the sequence's seed and the token's position), so a seeded run is reproducible whatever the
+batching, preemption or tensor-parallel rank. The one host sync per step reads the sampled ids,
+which the scheduler needs for stop checks.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.config import GenerateConfig
+from engine.kv_cache import BlockManager, KVCachePool, OutOfBlocks, bytes_per_block
+from engine.model import AttentionContext, Transformer, attention_context
+
+# ----------------------------------------------------------------------------------- sampler --
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash on int64 tensors holding values in [0, 2^32); constants < 2^31 keep
+    every product below 2^63, so nothing overflows."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _M32
+    return x ^ (x >> 16)
+
+
+def seed_for(base_seed: int, prompt_index: int, sample_index: int) -> int:
+    """A 32-bit seed per (request seed, prompt, sample), independent of batching."""
+    t = torch.tensor([base_seed & _M32, prompt_index & _M32, sample_index & _M32], dtype=torch.int64)
+    h = _mix32(t[0:1])
+    h = _mix32(h ^ t[1:2])
+    h = _mix32((h + 0x632BE5AB) & _M32 ^ t[2:3])
+    return int(h)
+
+
+def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[B, V] uniforms in (0, 1) from per-row seeds [B] and counters [B] (int64): a pure function."""
+    row = _mix32(_mix32(seeds & _M32) ^ (counters & _M32))
+    col = _mix32(torch.arange(vocab, device=seeds.device, dtype=torch.int64) * 0x61C88647 & _M32)
+    bits = _mix32(row[:, None] ^ col[None, :])
+    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask (to -inf) all but the top_k largest logits and the smallest set with probability >= top_p."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p (the first always stays)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return logits
+
+
+def sample_tokens(
+    logits: torch.Tensor, params: GenerateConfig, seeds: torch.Tensor, counters: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row of logits [B, V] -> (tokens [B] int64, log-probs [B] fp32 under the raw logits).
+
+    Temperature 0 is greedy. Otherwise Gumbel-max over the temperature-scaled, top-k/top-p filtered
+    logits, with the noise from uniform_noise(seeds, counters): no host sync, no global RNG.
+    """
+    logits = logits.float()
+    if params.temperature == 0:
+        tokens = logits.argmax(-1)
+    else:
+        scaled = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+        gumbel = -torch.log(-torch.log(uniform_noise(seeds, counters, logits.shape[-1])))
+        tokens = (scaled + gumbel).argmax(-1)
+    logprobs = torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, logprobs
+
+
+# -------------------------------------------------------------------------------- sequences --
+
+
+@dataclass
+class Completion:
+    """One sample: the generated tokens (the stop token included if one was hit) and their log-probs."""
+
+    prompt_index: int
+    sample_index: int
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" or "length"
+
+
+@dataclass
+class _Seq:
+    seq_id: int
+    prompt_index: int
+    sample_index: int
+    tokens: list[int]  # prompt + generated
+    prompt_len: int
+    max_len: int  # prompt_len + max_new_tokens, capped at the model's limit
+    seed: int
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+@dataclass
+class GenerationStats:
+    prompts: int = 0
+    generated_tokens: int = 0
+    prefill_tokens: int = 0
+    decode_steps: int = 0
+    preemptions: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds else 0.0
+
+
+# -------------------------------------------------------------------------------- generator --
+
+
+class Generator:
+    """Generates from `model` (an "lm" Transformer, possibly TP-sharded) with a paged KV cache.
+
+    max_num_seqs: sequences decoded together at most. max_num_batched_tokens: prompt tokens per
+    prefill forward (a longer single prompt still goes alone). kv_cache_fraction: share of the GPU
+    memory left after weights and activations given to the cache; on CPU kv_cache_bytes is the
+    budget. num_blocks overrides both. The cache is allocated on first use and `release()` hands it
+    back (the training phase needs the memory); the next generate call reallocates it.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        *,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
+        block_size: int = 16,
+        max_model_len: int | None = None,
+        kv_cache_fraction: float = 0.9,
+        kv_cache_bytes: int | None = None,
+        num_blocks: int | None = None,
+        use_cuda_graphs: bool | None = None,
+    ):
+        if model.head != "lm":
+            raise ValueError("the generator needs a model with an 'lm' head")
+        self.model = model
+        cfg = model.config
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.block_size = block_size
+        self.table_width = -(-self.max_model_len // block_size)
+        self.kv_cache_fraction = kv_cache_fraction
+        self.kv_cache_bytes = kv_cache_bytes
+        self.requested_blocks = num_blocks
+        self.use_cuda_graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
+        self.pool: KVCachePool | None = None
+        self.blocks: BlockManager | None = None
+        self._graphs = None
+        self.stats = GenerationStats()
+        self._kv_heads = model.layers[0].self_attn.local_kv_heads
+
+    # ---------------------------------------------------------------------------- memory --
+
+    def _bytes_per_block(self) -> int:
+        c = self.model.config
+        return bytes_per_block(c.num_layers, self.block_size, self._kv_heads, c.head_dim, self.dtype)
+
+    def _num_blocks(self) -> int:
+        if self.requested_blocks is not None:
+            return self.requested_blocks
+        if self.device.type == "cuda":
+            budget = self._cuda_cache_budget()
+        else:
+            budget = self.kv_cache_bytes or 256 * 1024**2
+        return budget // self._bytes_per_block()
+
+    @torch.no_grad()
+    def _cuda_cache_budget(self) -> int:
+        """Bytes for the cache: fraction * total, less what is in use now and the activation peak of
+        the largest prefill (measured by running one)."""
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n = min(self.max_num_batched_tokens, self.max_model_len)
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        pos = torch.arange(n, device=self.device)
+        cu = torch.tensor([0, n], dtype=torch.int32, device=self.device)
+        h = self.model.hidden_packed(ids, pos, cu)
+        self.model.head_packed(h[-min(n, self.max_num_seqs) :])
+        del h
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        activation_peak = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
+        used = total - free
+        return max(0, int(total * self.kv_cache_fraction) - used - activation_peak)
+
+    def _ensure_cache(self) -> None:
+        if self.pool is not None and self.pool.is_allocated:
+            return
+        n = self._num_blocks()
+        if n < self.table_width:
+            raise ValueError(
+                f"the KV cache holds {n} blocks of {self.block_size} tokens, fewer than one sequence of "
+                f"max_model_len={self.max_model_len} needs ({self.table_width}): lower max_model_len or give "
+                "the cache more memory"
+            )
+        c = self.model.config
+        if self.pool is None:
+            self.pool = KVCachePool(
+                c.num_layers, n, self.block_size, self._kv_heads, c.head_dim, self.dtype, self.device
+            )
+        else:
+            self.pool.reallocate(n)
+        self.blocks = BlockManager(n, self.block_size)
+
+    def release(self) -> None:
+        """Free the KV cache (and the CUDA graphs that point into it) for the training phase."""
+        self._graphs = None
+        self.blocks = None
+        if self.pool is not None:
+            self.pool.release()
+
+    # --------------------------------------------------------------------------- forwards --
+
+    def _kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [self.pool.layer(i) for i in range(self.pool.num_layers)]
+
+    @torch.no_grad()
+    def _prefill(self, parents: list[_Seq]) -> torch.Tensor:
+        """Packed forward of the parents' tokens, writing their KV; logits [G, V] at each last token."""
+        dev = self.device
+        lens = [len(s.tokens) for s in parents]
+        ids = torch.tensor([t for s in parents for t in s.tokens], dtype=torch.long).to(dev, non_blocking=True)
+        pos = torch.cat([torch.arange(n) for n in lens]).to(dev, non_blocking=True)
+        cu = torch.tensor([0, *lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev, non_blocking=True)
+        slots = self.blocks.slot_mapping([s.seq_id for s in parents], device=dev)
+        ctx = AttentionContext(self._kv_caches(), slots, decode=False)
+        with attention_context(ctx):
+            hidden = self.model.hidden_packed(ids, pos, cu)
+        self.stats.prefill_tokens += sum(lens)
+        return self.model.head_packed(hidden[cu[1:].long() - 1])
+
+    @torch.no_grad()
+    def _decode(self, seqs: list[_Seq]) -> torch.Tensor:
+        """One decode step for every running sequence -> logits [B, V]. Raises OutOfBlocks."""
+        ids = [s.seq_id for s in seqs]
+        batch = self.blocks.prepare_decode(ids, width=self.table_width, device=self.device)
+        if batch.copies:
+            self.pool.copy_blocks(batch.copies)
+        last = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.long).to(self.device, non_blocking=True)
+        self.stats.decode_steps += 1
+        if self.use_cuda_graphs:
+            graphs = self._graphs or self._capture()
+            if graphs is not None:
+                return graphs.run(last, batch)
+        ctx = AttentionContext(self._kv_caches(), batch.slot_mapping, True, batch.block_tables, batch.context_lens)
+        with attention_context(ctx):
+            return self.model.head_packed(self.model.hidden_packed(last, batch.positions, None))
+
+    def _capture(self):
+        try:
+            self._graphs = _DecodeGraphs(self)
+        except Exception as e:  # a failed capture must not stop generation: fall back to eager
+            warnings.warn(f"CUDA graph capture failed ({e!r}); decoding eagerly", stacklevel=2)
+            self.use_cuda_graphs = False
+            self._graphs = None
+        return self._graphs
+
+    # ---------------------------------------------------------------------------- public --
+
+    def generate(self, prompts: list[list[int]], params: GenerateConfig | None = None, **overrides) -> list[list[int]]:
+        """Generated token ids for each prompt (n per prompt, prompt-major)."""
+        return [c.tokens for c in self.generate_completions(prompts, params, **overrides)]
+
+    def generate_completions(
+        self, prompts: list[list[int]], params: GenerateConfig | None = None, **overrides
+    ) -> list[Completion]:
+        """Completions for each prompt (n per prompt, prompt-major), with log-probs and finish reasons."""
+        params = params or GenerateConfig()
+        if overrides:
+            params = GenerateConfig(**{**params.__dict__, **overrides})
+        self._check_prompts(prompts)
+        if params.n > self.max_num_seqs:
+            raise ValueError(f"n={params.n} samples per prompt exceeds max_num_seqs={self.max_num_seqs}")
+        self._ensure_cache()
+        self.stats = GenerationStats(prompts=len(prompts))
+        start = time.perf_counter()
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos and self.model.config.eos_token_id is not None:
+            stop_ids.add(self.model.config.eos_token_id)
+        base_seed = params.seed if params.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+
+        waiting: collections.deque[list[_Seq]] = collections.deque()
+        next_id = 0
+        for i, p in enumerate(prompts):
+            group = []
+            for j in range(params.n):
+                max_len = min(len(p) + params.max_new_tokens, self.max_model_len)
+                group.append(_Seq(next_id, i, j, list(p), len(p), max_len, seed_for(base_seed, i, j)))
+                next_id += 1
+            waiting.append(group)
+        running: list[_Seq] = []
+        done: list[_Seq] = []
+        try:
+            while waiting or running:
+                admitted = self._admit(waiting, running)
+                if admitted:
+                    parents = [g[0] for g in admitted]
+                    logits = self._prefill(parents)
+                    rows = torch.tensor([k for k, g in enumerate(admitted) for _ in g], device=self.device)
+                    seqs = [s for g in admitted for s in g]
+                    self._sample_and_step(seqs, logits[rows], params, stop_ids, running, done)
+                    continue
+                while True:
+                    try:
+                        logits = self._decode(running)
+                        break
+                    except OutOfBlocks:
+                        victim = running.pop()  # the most recently admitted
+                        self.blocks.free(victim.seq_id)
+                        waiting.appendleft([victim])
+                        self.stats.preemptions += 1
+                        if not running:
+                            break
+                if running:
+                    self._sample_and_step(list(running), logits, params, stop_ids, running, done)
+        finally:
+            for s in running:
+                if s.seq_id in self.blocks:
+                    self.blocks.free(s.seq_id)
+        self.stats.seconds = time.perf_counter() - start
+        done.sort(key=lambda s: (s.prompt_index, s.sample_index))
+        self.stats.generated_tokens = sum(s.num_generated for s in done)
+        return [
+            Completion(s.prompt_index, s.sample_index, s.tokens[s.prompt_len :], s.logprobs, s.finish_reason)
+            for s in done
+        ]
+
+    # ------------------------------------------------------------------------- scheduling --
+
+    def _admit(self, waiting, running) -> list[list[_Seq]]:
+        """Take waiting groups that fit (sequence slots, prefill token budget, free blocks with headroom)."""
+        admitted, tokens = [], 0
+        free = self.blocks.num_free_blocks
+        while waiting:
+            group = waiting[0]
+            n_tokens = len(group[0].tokens)
+            active = len(running) + sum(len(g) for g in admitted)
+            if active and active + len(group) > self.max_num_seqs:
+                break
+            if admitted and tokens + n_tokens > self.max_num_batched_tokens:
+                break
+            # headroom: a free block per active sequence for the next decode step (none if nothing runs,
+            # so a lone sequence is always admitted: the pool holds at least one full-length sequence)
+            headroom = active + len(group) if active else 0
+            if self.blocks.blocks_for(n_tokens) + headroom > free:
+                break
+            waiting.popleft()
+            parent = group[0]
+            self.blocks.allocate(parent.seq_id, n_tokens)
+            for child in group[1:]:
+                self.blocks.fork(parent.seq_id, child.seq_id)
+            free = self.blocks.num_free_blocks
+            admitted.append(group)
+            tokens += n_tokens
+        return admitted
+
+    def _sample_and_step(self, seqs, logits, params, stop_ids, running, done) -> None:
+        seeds = torch.tensor([s.seed for s in seqs], dtype=torch.int64).to(self.device, non_blocking=True)
+        counters = torch.tensor([len(s.tokens) for s in seqs], dtype=torch.int64).to(self.device, non_blocking=True)
+        tokens, logprobs = sample_tokens(logits, params, seeds, counters)
+        tokens, logprobs = tokens.tolist(), logprobs.tolist()  # the step's one host sync
+        stepped = {s.seq_id for s in seqs}
+        new_running = [s for s in running if s.seq_id not in stepped]
+        for s, t, lp in zip(seqs, tokens, logprobs):
+            s.tokens.append(t)
+            s.logprobs.append(lp)
+            if t in stop_ids:
+                s.finish_reason = "stop"
+            elif len(s.tokens) >= s.max_len:
+                s.finish_reason = "length"
+            if s.finish_reason:
+                self.blocks.free(s.seq_id)
+                done.append(s)
+            else:
+                new_running.append(s)
+        # keep admission order: older sequences first, so preemption takes the newest
+        new_running.sort(key=lambda s: s.seq_id)
+        running[:] = new_running
+
+    def _check_prompts(self, prompts) -> None:
+        vocab = self.model.config.vocab_size
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("prompts must be a non-empty list of token-id lists")
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty")
+            if len(p) >= self.max_model_len:
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens; the limit is {self.max_model_len - 1} "
+                    f"(max_model_len {self.max_model_len} leaves room for at least one new token)"
+                )
+            lo, hi = min(p), max(p)
+            if lo < 0 or hi >= vocab:
+                raise ValueError(f"prompt {i} has token id {lo if lo < 0 else hi} outside the vocabulary [0, {vocab})")
+
+
+# ------------------------------------------------------------------------------ CUDA graphs --
+
+
+class _DecodeGraphs:
+    """Decode steps captured as CUDA graphs, one per batch-size bucket, sharing one memory pool.
+
+    Static inputs are padded to the bucket: padding rows write nowhere (slot -1) and attend to
+    nothing (context length 0). The graph covers the whole model forward and the LM head.
+    """
+
+    def __init__(self, gen: Generator):
+        self.gen = gen
+        dev, max_b = gen.device, gen.max_num_seqs
+        self.buckets = sorted({b for b in (1, 2, 4, 8) if b < max_b} | set(range(16, max_b, 16)) | {max_b})
+        self.ids = torch.zeros(max_b, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(max_b, dtype=torch.long, device=dev)
+        self.slots = torch.full((max_b,), -1, dtype=torch.long, device=dev)
+        self.context_lens = torch.zeros(max_b, dtype=torch.int32, device=dev)
+        self.tables = torch.zeros(max_b, gen.table_width, dtype=torch.int32, device=dev)
+        self.graphs, self.logits = {}, {}
+        caches = gen._kv_caches()
+        mempool = torch.cuda.graph_pool_handle()
+        for b in reversed(self.buckets):  # largest first so smaller graphs reuse its memory
+            ctx = AttentionContext(caches, self.slots[:b], True, self.tables[:b], self.context_lens[:b])
+            with attention_context(ctx):
+                self._forward(b)  # warm up (autotuning, allocations) outside the capture
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=mempool):
+                    self.logits[b] = self._forward(b)
+            self.graphs[b] = g
+        torch.cuda.synchronize()
+
+    def _forward(self, b: int) -> torch.Tensor:
+        m = self.gen.model
+        return m.head_packed(m.hidden_packed(self.ids[:b], self.positions[:b], None))
+
+    def run(self, last: torch.Tensor, batch) -> torch.Tensor:
+        n = last.shape[0]
+        b = next(x for x in self.buckets if x >= n)
+        self.ids[:n].copy_(last)
+        self.positions[:n].copy_(batch.positions)
+        self.slots[:n].copy_(batch.slot_mapping)
+        self.slots[n:b].fill_(-1)
+        self.context_lens[:n].copy_(batch.context_lens)
+        self.context_lens[n:b].zero_()
+        self.tables[:n].copy_(batch.block_tables)
+        self.graphs[b].replay()
+        return self.logits[b][:n]

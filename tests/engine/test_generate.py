@@ -1,0 +1,211 @@
+"""The rollout engine against transformers' generate, and its scheduler under memory pressure."""
+
+import math
+
+import pytest
+import torch
+
+from engine.checkpoint import load_pretrained
+from engine.config import GenerateConfig, ModelConfig
+from engine.generate import Generator, filter_logits, sample_tokens, uniform_noise
+from engine.model import Transformer
+from kernels.dispatch import reference_ops
+from tests.engine.hf_models import save_hf_model
+
+
+def _prompts(vocab, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def _hf_greedy(hf, prompts, max_new, eos):
+    """transformers' generate, one left-padded batch; cut each row after its first EOS."""
+    t = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), t, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p) :] = torch.tensor(p)
+        mask[i, t - len(p) :] = 1
+    out = hf.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False, pad_token_id=0, eos_token_id=eos
+    )[:, t:].tolist()
+    cut = []
+    for row in out:
+        cut.append(row[: row.index(eos) + 1] if eos in row else row)
+    return cut
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_greedy_matches_transformers(tmp_path, kv_heads):
+    hf = save_hf_model(tmp_path, num_key_value_heads=kv_heads, eos_token_id=2)
+    model = load_pretrained(tmp_path)
+    prompts = _prompts(301, [5, 12, 1, 8])
+    expected = _hf_greedy(hf, prompts, max_new=10, eos=2)
+    gen = Generator(model, block_size=4, num_blocks=64, max_model_len=64)
+    got = gen.generate(prompts, GenerateConfig(temperature=0.0, max_new_tokens=10))
+    assert got == expected
+    assert gen.blocks.num_free_blocks == 64
+
+
+def test_completions_carry_logprobs_and_finish_reasons(tmp_path):
+    save_hf_model(tmp_path, eos_token_id=2)
+    model = load_pretrained(tmp_path)
+    prompts = _prompts(301, [6, 3])
+    with reference_ops():
+        comps = Generator(model, block_size=4, num_blocks=64).generate_completions(
+            prompts, GenerateConfig(temperature=1.0, max_new_tokens=7, seed=3, n=2)
+        )
+    assert [(c.prompt_index, c.sample_index) for c in comps] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for c in comps:
+        p = prompts[c.prompt_index]
+        assert len(c.tokens) == len(c.logprobs) and 1 <= len(c.tokens) <= 7
+        assert c.finish_reason == ("stop" if c.tokens[-1] == 2 else "length")
+        # the log-probs are those of the raw logits (temperature 1), as the trainer computes them
+        with torch.no_grad():
+            logits = model(torch.tensor([p + c.tokens]))[0, len(p) - 1 : -1]
+        ref = torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(c.tokens)[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_seed_reproduces_whatever_the_batching(tmp_path):
+    save_hf_model(tmp_path)
+    model = load_pretrained(tmp_path)
+    prompts = _prompts(301, [4, 9, 2, 6, 5])
+    params = GenerateConfig(temperature=0.9, top_p=0.95, top_k=50, max_new_tokens=6, seed=1234, n=2, ignore_eos=True)
+    with reference_ops():
+        gen = Generator(model, block_size=4, num_blocks=128)
+        together = gen.generate(prompts, params)
+        again = gen.generate(prompts, params)
+        # one prompt at a time, through a smaller engine: the same samples
+        alone = []
+        for i, p in enumerate(prompts):
+            out = Generator(model, block_size=8, num_blocks=32, max_num_seqs=2).generate([p], params)
+            alone += out if i == 0 else []
+        other_seed = gen.generate(prompts, GenerateConfig(**{**params.__dict__, "seed": 99}))
+    assert together == again
+    assert alone == together[:2]
+    assert other_seed != together
+    assert together[0] != together[1]  # the n samples of one prompt differ
+
+
+def test_preemption_loses_nothing_and_leaks_no_block():
+    model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.05, seed=0)
+    prompts = _prompts(512, [(i * 7) % 23 + 1 for i in range(1000)], seed=1)
+    params = GenerateConfig(temperature=0.0, max_new_tokens=8, ignore_eos=True, n=1)
+    with reference_ops():
+        # 40 blocks of 4 tokens: far fewer than the running sequences want, so the scheduler must
+        # make requests wait and preempt running ones
+        gen = Generator(model, block_size=4, num_blocks=40, max_model_len=40, max_num_seqs=64)
+        comps = gen.generate_completions(prompts, params)
+        roomy = Generator(model, block_size=4, num_blocks=4000, max_model_len=40, max_num_seqs=256)
+        expected = roomy.generate(prompts[:50], params)
+    assert gen.stats.preemptions > 0
+    assert len(comps) == 1000 and all(len(c.tokens) == 8 and c.finish_reason == "length" for c in comps)
+    assert [c.tokens for c in comps[:50]] == expected  # preempted and recomputed: same greedy tokens
+    gen.blocks.check_invariants()
+    assert gen.blocks.num_free_blocks == 40 and gen.blocks.num_sequences == 0
+
+
+def test_release_and_reallocate(tmp_path):
+    model = Transformer(ModelConfig.named("tiny")).init_weights(seed=0)
+    gen = Generator(model, block_size=8, num_blocks=300)
+    with reference_ops():
+        a = gen.generate([[1, 5, 9]], temperature=0.0, max_new_tokens=4)
+        gen.release()
+        assert not gen.pool.is_allocated
+        b = gen.generate([[1, 5, 9]], temperature=0.0, max_new_tokens=4)
+    assert a == b
+
+
+def test_max_model_len_caps_generation():
+    model = Transformer(ModelConfig.named("tiny")).init_weights(seed=0)
+    with reference_ops():
+        comps = Generator(model, block_size=4, num_blocks=16, max_model_len=12).generate_completions(
+            [[1] * 9], GenerateConfig(temperature=0.0, max_new_tokens=100, ignore_eos=True)
+        )
+    assert len(comps[0].tokens) == 3 and comps[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    "prompts, message",
+    [
+        ([[1] * 12], "prompt 0 has 12 tokens; the limit is 11"),
+        ([[1, 2], [3, 512]], "prompt 1 has token id 512 outside the vocabulary"),
+        ([[1], []], "prompt 1 is empty"),
+        ([], "non-empty list"),
+    ],
+)
+def test_bad_prompts(prompts, message):
+    model = Transformer(ModelConfig.named("tiny")).init_weights(seed=0)
+    gen = Generator(model, block_size=4, num_blocks=16, max_model_len=12)
+    with pytest.raises(ValueError, match=message):
+        gen.generate(prompts, max_new_tokens=2)
+
+
+def test_cache_too_small_for_one_sequence():
+    model = Transformer(ModelConfig.named("tiny")).init_weights(seed=0)
+    with pytest.raises(ValueError, match="fewer than one sequence of max_model_len=64 needs"):
+        Generator(model, block_size=4, num_blocks=8, max_model_len=64).generate([[1, 2]], max_new_tokens=2)
+
+
+# ----------------------------------------------------------------------------------- sampler --
+
+
+def _chi2_ok(counts: torch.Tensor, probs: torch.Tensor, n: int) -> bool:
+    """Pearson chi-square against the expected distribution, at a 1e-4 false-alarm rate."""
+    keep = probs > 0
+    assert (counts[~keep] == 0).all(), "sampled a token the filter removed"
+    exp = probs[keep] * n
+    stat = ((counts[keep] - exp) ** 2 / exp).sum().item()
+    dof = int(keep.sum()) - 1
+    # Wilson-Hilferty approximation of the chi-square quantile at p = 1 - 1e-4 (z = 3.719)
+    z = 3.719
+    bound = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3 if dof > 0 else 0
+    return stat <= bound
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p",
+    [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 4, 1.0), (1.0, 0, 0.8), (1.3, 5, 0.9)],
+)
+def test_sampler_draws_from_the_filtered_distribution(temperature, top_k, top_p):
+    torch.manual_seed(0)
+    logits = torch.randn(12) * 1.5
+    n = 40000
+    params = GenerateConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    seeds = torch.full((n,), 77, dtype=torch.int64)
+    counters = torch.arange(n, dtype=torch.int64)
+    tokens, logprobs = sample_tokens(logits.expand(n, -1), params, seeds, counters)
+    counts = torch.bincount(tokens, minlength=12).double()
+    # expected, written out independently of filter_logits, in HF's order: top-k first, then top-p on
+    # the renormalised top-k distribution
+    p = torch.softmax(logits.double() / temperature, -1)
+    order = torch.argsort(p, descending=True).tolist()
+    if top_k:
+        order = order[:top_k]
+    total = sum(p[i].item() for i in order)
+    keep = torch.zeros(12, dtype=torch.bool)
+    mass = 0.0
+    for idx in order:
+        if top_p < 1.0 and mass >= top_p:
+            break
+        keep[idx] = True
+        mass += p[idx].item() / total
+    expected = torch.where(keep, p, 0.0)
+    expected /= expected.sum()
+    assert _chi2_ok(counts, expected, n)
+    torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1)[tokens])
+
+
+def test_sampler_noise_is_a_pure_function_of_seed_and_counter():
+    seeds = torch.tensor([1, 1, 2], dtype=torch.int64)
+    counters = torch.tensor([5, 5, 5], dtype=torch.int64)
+    u = uniform_noise(seeds, counters, 1000)
+    assert torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.02
+
+
+def test_filter_keeps_at_least_one_token():
+    logits = torch.tensor([[10.0, 0.0, -1.0]])
+    assert torch.isfinite(filter_logits(logits, 0, 0.01)).sum() == 1
+    assert torch.isfinite(filter_logits(logits, 1, 1.0)).sum() == 1
