@@ -1,0 +1,57 @@
+"""engine.data.PromptBatches: seeded epoch order, fixed batches, DP sharding, resumable position."""
+
+import pytest
+
+from engine.data import PromptBatches
+from engine.tokenizer import PromptSet
+
+PROMPTS = [[100 + i, i] for i in range(23)]  # prompt i is recognisable by its last token
+
+
+def _ids(batch):
+    idx, toks = batch
+    assert [t[-1] for t in toks] == idx
+    return idx
+
+
+def test_epochs_are_seeded_permutations_and_drop_the_last_batch():
+    data = PromptBatches(PROMPTS, 5, seed=3, epochs=2)
+    assert len(data) == 8  # 23 // 5 = 4 per epoch
+    batches = [_ids(b) for b in data]
+    assert len(batches) == 8 and all(len(b) == 5 for b in batches)
+    for epoch in (batches[:4], batches[4:]):
+        flat = [i for b in epoch for i in b]
+        assert len(set(flat)) == 20  # no prompt twice in an epoch
+    assert batches[:4] != batches[4:]  # a fresh order each epoch
+    assert [_ids(b) for b in PromptBatches(PROMPTS, 5, seed=3, epochs=2)] == batches  # deterministic
+    assert [_ids(b) for b in PromptBatches(PROMPTS, 5, seed=4, epochs=2)] != batches
+    assert sorted(batches[0]) != batches[0] or sorted(batches[1]) != batches[1]  # shuffled
+
+
+def test_dp_shards_are_strided_slices_of_the_global_batch():
+    full = [_ids(b) for b in PromptBatches(PROMPTS, 6, seed=1)]
+    shards = [[_ids(b) for b in PromptBatches(PROMPTS, 6, seed=1, dp_rank=r, dp_size=3)] for r in range(3)]
+    for k, batch in enumerate(full):
+        assert [shards[r][k] for r in range(3)] == [batch[r::3] for r in range(3)]
+
+
+def test_resume_continues_with_the_next_batch():
+    data = PromptBatches(PromptSet(PROMPTS, [[]] * len(PROMPTS)), 4, seed=7, epochs=3)
+    straight = [_ids(b) for b in data]
+    first = PromptBatches(PROMPTS, 4, seed=7, epochs=3)
+    head = [_ids(next(first)) for _ in range(6)]  # crosses the epoch boundary (5 per epoch)
+    state = first.state_dict()
+    resumed = PromptBatches(PROMPTS, 4, seed=7, epochs=3)
+    resumed.load_state_dict(state)
+    assert resumed.batches_done == 6
+    assert head + [_ids(b) for b in resumed] == straight
+
+
+def test_bad_sizes_and_mismatched_resume():
+    with pytest.raises(ValueError, match="multiple of the data-parallel size"):
+        PromptBatches(PROMPTS, 5, dp_size=2)
+    with pytest.raises(ValueError, match="cannot fill one rollout batch"):
+        PromptBatches(PROMPTS, 24)
+    state = PromptBatches(PROMPTS, 4, seed=7).state_dict()
+    with pytest.raises(ValueError, match="saved seed 7, now 8"):
+        PromptBatches(PROMPTS, 4, seed=8).load_state_dict(state)

@@ -1,0 +1,181 @@
+"""engine.ppo against straightforward float64 formulas written here (loops over Python floats)."""
+
+import math
+
+import pytest
+import torch
+
+from engine import ppo
+from engine.config import PPOConfig
+from kernels import dispatch
+
+
+def _rows(B=4, T=9, seed=0):
+    """Random [B, T] rollout tensors with response masks of varied lengths and starts (one row of length 1)."""
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    ref = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    values = torch.randn(B, T, generator=g, dtype=torch.float64)
+    scores = torch.randn(B, generator=g, dtype=torch.float64) * 2
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    spans = [(0, T), (2, 5), (T - 1, 1), (1, T - 3)][:B]
+    for b, (start, n) in enumerate(spans):
+        mask[b, start : start + n] = True
+    return lp, ref, values, scores, mask
+
+
+def _expected(lp, ref, values, scores, mask, beta, gamma, lam, estimator="k1"):
+    """Per row: kl, rewards (score at the last response token), GAE over the response positions."""
+    B, T = mask.shape
+    out = {k: [[0.0] * T for _ in range(B)] for k in ("kl", "rewards", "advantages", "returns")}
+    for b in range(B):
+        cols = [t for t in range(T) if mask[b, t]]
+        for t in cols:
+            d = float(lp[b, t]) - float(ref[b, t])
+            kl = {"k1": d, "k2": 0.5 * d * d, "k3": math.exp(-d) - 1 + d}[estimator]
+            out["kl"][b][t] = kl
+            out["rewards"][b][t] = -beta * kl
+        out["rewards"][b][cols[-1]] += float(scores[b])
+        next_v, next_a = 0.0, 0.0
+        for t in reversed(cols):
+            delta = out["rewards"][b][t] + gamma * next_v - float(values[b, t])
+            next_a = delta + gamma * lam * next_a
+            next_v = float(values[b, t])
+            out["advantages"][b][t] = next_a
+            out["returns"][b][t] = next_a + next_v
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("gamma,lam,estimator", [(1.0, 0.95, "k1"), (0.9, 0.7, "k3"), (1.0, 1.0, "k2")])
+def test_rewards_advantages_returns(gamma, lam, estimator):
+    lp, ref, values, scores, mask = _rows()
+    cfg = PPOConfig(gamma=gamma, lam=lam, kl_estimator=estimator)
+    with dispatch.reference_ops():
+        got = ppo.advantages_and_returns(lp.float(), ref.float(), values.float(), mask, scores.float(), cfg)
+    want = _expected(lp, ref, values, scores, mask, cfg.kl_coef, gamma, lam, estimator)
+    for k in want:
+        assert got[k].dtype == torch.float32
+        torch.testing.assert_close(got[k].double(), want[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_gae_kernel_path_matches():
+    """Same numbers through the GAE Triton kernel (interpreter) as through the reference."""
+    lp, ref, values, scores, mask = _rows(seed=3)
+    cfg = PPOConfig()
+    got = ppo.advantages_and_returns(lp.float(), ref.float(), values.float(), mask, scores.float(), cfg)
+    want = _expected(lp, ref, values, scores, mask, cfg.kl_coef, cfg.gamma, cfg.lam)
+    torch.testing.assert_close(got["advantages"].double(), want["advantages"], atol=1e-5, rtol=1e-5)
+
+
+def test_whiten_rewards_option():
+    lp, ref, values, scores, mask = _rows(seed=1)
+    cfg = PPOConfig(whiten_rewards=True)
+    with dispatch.reference_ops():
+        got = ppo.advantages_and_returns(lp.float(), ref.float(), values.float(), mask, scores.float(), cfg)
+    raw = _expected(lp, ref, values, scores, mask, cfg.kl_coef, 1.0, 0.95)["rewards"]
+    sel = [float(raw[b, t]) for b in range(mask.shape[0]) for t in range(mask.shape[1]) if mask[b, t]]
+    mean = sum(sel) / len(sel)
+    std = math.sqrt(sum((x - mean) ** 2 for x in sel) / (len(sel) - 1))
+    want = torch.where(mask, (raw - mean) / std + mean, 0.0)  # TRL keeps the mean (shift_mean=False)
+    torch.testing.assert_close(got["rewards"].double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_eos_penalty():
+    scores = torch.tensor([0.5, -1.0, 2.0])
+    got = ppo.scores_with_eos_penalty(scores, torch.tensor([True, False, True]), -10.0)
+    assert got.tolist() == [0.5, -10.0, 2.0]
+
+
+def test_minibatch_whitening():
+    x = torch.randn(37, dtype=torch.float64) * 3 + 2
+    m = torch.ones(37, dtype=torch.bool)
+    got = ppo.minibatch_advantages(x.float(), m, PPOConfig())
+    vals = x.tolist()
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+    torch.testing.assert_close(got.double(), (x - mean) / std, atol=1e-5, rtol=1e-5)
+    assert ppo.minibatch_advantages(x, m, PPOConfig(whiten_advantages=False)) is x
+
+
+def test_value_loss_and_grad():
+    g = torch.Generator().manual_seed(0)
+    n = 23
+    old = torch.randn(n, generator=g, dtype=torch.float64)
+    v = (old + torch.randn(n, generator=g, dtype=torch.float64) * 0.4).requires_grad_(True)
+    ret = torch.randn(n, generator=g, dtype=torch.float64)
+    denom, c = 40.0, 0.2
+    loss, stats = ppo.value_loss(v.float(), old.float(), ret.float(), clip_value=c, denom=denom)
+    want, clipped, grads = 0.0, 0, []
+    for vi, oi, ri in zip(v.tolist(), old.tolist(), ret.tolist()):
+        vc = min(max(vi, oi - c), oi + c)
+        a, b = (vi - ri) ** 2, (vc - ri) ** 2
+        want += 0.5 * max(a, b) / denom
+        clipped += b > a
+        # d/dv: the unclipped branch gives (v - R) / denom; the clipped one is flat outside the band
+        inside = oi - c < vi < oi + c
+        grads.append((vi - ri) / denom if a >= b else ((vc - ri) / denom if inside else 0.0))
+    assert abs(loss.item() - want) < 1e-6 * max(1.0, abs(want))
+    assert stats["clip_frac"].item() == clipped
+    vf = v.detach().float().requires_grad_(True)
+    ppo.value_loss(vf, old.float(), ret.float(), clip_value=c, denom=denom)[0].backward()
+    torch.testing.assert_close(vf.grad.double(), torch.tensor(grads, dtype=torch.float64), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", [False, True], ids=["reference", "interpreter"])
+def test_policy_loss_and_grads(kernel):
+    g = torch.Generator().manual_seed(0)
+    N, H, V, denom, eps = 13, 16, 37, 20.0, 0.2
+    hidden = torch.randn(N, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.5
+    targets = torch.randint(0, V, (N,), generator=g)
+    adv = torch.randn(N, generator=g, dtype=torch.float64)
+    logits = hidden @ weight.T
+    logp_true = torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
+    old = logp_true + torch.randn(N, generator=g, dtype=torch.float64) * 0.3  # ratios on both sides of the band
+
+    h = hidden.float().requires_grad_(True)
+    w = weight.float().requires_grad_(True)
+    ctx = dispatch.reference_ops() if not kernel else torch.enable_grad()
+    with ctx:
+        loss, stats = ppo.policy_loss(h, w, targets, old.float(), adv.float(), clip_eps=eps, denom=denom)
+        loss.backward()
+
+    # float64, written out: per token max(-A r, -A clip(r)), summed, / denom
+    h64 = hidden.clone().requires_grad_(True)
+    w64 = weight.clone().requires_grad_(True)
+    lsm = torch.log_softmax(h64 @ w64.T, -1)
+    total, n_clip = 0.0, 0
+    terms = []
+    for i in range(N):
+        r = torch.exp(lsm[i, targets[i]] - old[i])
+        a = float(adv[i])
+        u, c = -a * r, -a * torch.clamp(r, 1 - eps, 1 + eps)
+        terms.append(torch.maximum(u, c))
+        n_clip += bool(c > u)
+    want = torch.stack(terms).sum() / denom
+    want.backward()
+    total = want.item()
+    assert abs(loss.item() - total) < 1e-5 * max(1.0, abs(total))
+    assert abs(stats["clip_frac"].item() - n_clip) < 1e-4
+    torch.testing.assert_close(h.grad.double(), h64.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_lr_schedule():
+    cfg = PPOConfig(learning_rate=2.0, warmup_ratio=0.1)
+    total = 100  # warmup 10 steps
+    assert ppo.lr_at(0, total, cfg) == 0.0
+    assert ppo.lr_at(5, total, cfg) == pytest.approx(1.0)
+    assert ppo.lr_at(10, total, cfg) == pytest.approx(2.0)
+    assert ppo.lr_at(55, total, cfg) == pytest.approx(1.0)
+    assert ppo.lr_at(100, total, cfg) == 0.0
+    assert ppo.lr_at(7, 16, cfg) == pytest.approx(2.0 * (16 - 7) / (16 - 2))  # warmup ceil(1.6) = 2
+    cfg_c = PPOConfig(learning_rate=2.0, lr_schedule="constant")
+    assert ppo.lr_at(99, total, cfg_c) == 2.0
+    with pytest.raises(ValueError, match="lr_schedule"):
+        ppo.lr_at(50, total, PPOConfig(lr_schedule="cosine"))
+
+
+def test_last_response_index():
+    mask = torch.tensor([[0, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    assert ppo.last_response_index(mask).tolist() == [2, 0, 3]
