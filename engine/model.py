@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from kernels.rope_attention import rope_attention
 
 from engine.config import ModelConfig
 from engine.parallel import (
@@ -29,7 +30,6 @@ from engine.parallel import (
     gather_from_tp,
     group_size,
 )
-from kernels.rope_attention import rope_attention
 
 # ------------------------------------------------------------------------ attention context --
 

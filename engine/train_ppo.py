@@ -100,16 +100,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[PPOConfig, RunConfig, boo
 
 
 def build_tiny_models(directory: str, seed: int = 0) -> tuple[str, str]:
-    """A tiny random policy and reward model saved as HF checkpoints under `directory` (kept if there)."""
+    """A tiny random policy and reward model saved as HF checkpoints under `directory` (kept if there).
+
+    Under torchrun every rank calls this (save_pretrained is collective; global rank 0 writes).
+    """
     from engine.checkpoint import save_pretrained
     from engine.model import Transformer
     from engine.tokenizer import TINY_DIR
 
     cfg = ModelConfig.named("tiny")
     policy_dir, reward_dir = os.path.join(directory, "policy"), os.path.join(directory, "reward")
-    if not os.path.exists(os.path.join(policy_dir, "config.json")):
+    missing = [not os.path.exists(os.path.join(d, "config.json")) for d in (policy_dir, reward_dir)]
+    if dist.is_initialized():  # decide together, before rank 0 writes anything
+        flags = torch.tensor(missing, dtype=torch.int32)
+        dist.broadcast(flags, src=0)
+        missing = [bool(x) for x in flags.tolist()]
+    if missing[0]:
         save_pretrained(Transformer(cfg, "lm").init_weights(seed=seed), policy_dir, tokenizer_dir=TINY_DIR)
-    if not os.path.exists(os.path.join(reward_dir, "config.json")):
+    if missing[1]:
         rm = Transformer(cfg, "score").init_weights(seed=seed + 1)
         with torch.no_grad():
             rm.score.weight.mul_(10.0)  # scores of order 1, so the reward outweighs the KL term
@@ -117,15 +125,12 @@ def build_tiny_models(directory: str, seed: int = 0) -> tuple[str, str]:
     return policy_dir, reward_dir
 
 
-def prepare_tiny(run: RunConfig, rank: int) -> RunConfig:
-    """Fill the tiny default's paths (rank 0 writes the models; the others wait for it)."""
+def prepare_tiny(run: RunConfig) -> RunConfig:
+    """Build the tiny default's models (if not there yet) and fill in its paths."""
     from engine.tokenizer import TINY_DIR, TINY_PROMPTS
 
     init_dir = os.path.join(run.output_dir, "init")
-    if rank == 0:
-        build_tiny_models(init_dir, seed=run.seed)
-    if dist.is_initialized():
-        dist.barrier()
+    build_tiny_models(init_dir, seed=run.seed)
     return dataclasses.replace(
         run,
         policy=os.path.join(init_dir, "policy"),
@@ -143,7 +148,7 @@ def main(argv: list[str] | None = None, *, generator_factory=None) -> list[dict]
     grid = init_process_grid(run.tp)
     try:
         if tiny:
-            run = prepare_tiny(run, grid.rank)
+            run = prepare_tiny(run)
         kw = {"generator_factory": generator_factory} if generator_factory else {}
         state = setup(cfg, run, grid=grid, **kw)
         return train(state)

@@ -432,19 +432,21 @@ def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: torch.Tens
             st["clip_frac"], st["entropy"], st["ratio"], st["approx_kl"], vst["clip_frac"],
             torch.tensor(n_tok, device=dev), torch.tensor(float(pk["ids"].numel()), device=dev),
         ]).float()  # fmt: skip
-    if state.dp_group is not None:
+    sums[:2] += step_loss
+    if state.dp_group is not None:  # every rank sees the same losses, so all of them raise together
+        step_loss = step_loss.clone()
         dist.all_reduce(step_loss, group=state.dp_group)
-    bad = [name for name, x in zip(("policy loss", "value loss"), step_loss.tolist()) if not math.isfinite(x)]
+    losses = step_loss.tolist()
+    bad = [name for name, x in zip(("policy loss", "value loss"), losses) if not math.isfinite(x)]
     if bad:
         raise FloatingPointError(
-            f"non-finite {' and '.join(bad)} ({step_loss.tolist()}) at iteration {state.iteration}, "
+            f"non-finite {' and '.join(bad)} ({losses}) at iteration {state.iteration}, "
             f"step {state.step} (optimizer step of the run); no update was applied"
         )
     lr = ppo.lr_at(state.step, state.total_steps, cfg)
     gp = optimizer_step(state.policy_opt, lr, cfg, grid)
     gv = optimizer_step(state.value_opt, lr, cfg, grid)
-    sums[:2] += step_loss
-    sums[9:11] += torch.stack([gp, gv])
+    sums[9:11] += torch.stack([gp, gv]) / grid.dp  # the same on every DP rank; the metrics sum over ranks
     state.step += 1
 
 

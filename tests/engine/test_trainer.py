@@ -1,0 +1,191 @@
+"""The PPO loop on CPU with the tiny models: end to end, exact resume, micro-batching, bf16 masters,
+NaN errors, the CLI, and data parallel 2 (torchrun, gloo) against 1 on the same global batch."""
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine import trainer
+from engine.checkpoint import load_pretrained
+from engine.config import ModelConfig, PPOConfig
+from engine.model import Transformer
+from engine.train_ppo import build_parser, main, parse_args, prepare_tiny
+from kernels import dispatch
+from tests.engine.ppo_dp_worker import naive_factory
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SMALL = ["--rollout-batch-size", "8", "--train-batch-size", "4", "--max-new-tokens", "8"]
+TIMING = ("gen_tok_s", "score_tok_s", "train_tok_s", "time_generate", "time_score", "time_train", "time_iteration")
+
+
+def _run(out, *flags, factory=None):
+    with dispatch.reference_ops():
+        return main(["--output-dir", str(out), *SMALL, *flags], generator_factory=factory)
+
+
+def _state(out, *flags, factory=None):
+    cfg, run, _ = parse_args(["--output-dir", str(out), *SMALL, *flags])
+    return trainer.setup(cfg, prepare_tiny(run), generator_factory=factory or trainer.make_generator)
+
+
+def _weights(path, head):
+    return load_pretrained(path, head=head).state_dict()
+
+
+def _no_timing(history):
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in history]
+
+
+def test_tiny_default_end_to_end_and_exact_resume(tmp_path):
+    """Two iterations straight, against one iteration + checkpoint + --resume + one more."""
+    straight = _run(tmp_path / "a", "--max-iterations", "2")
+    assert [m["iteration"] for m in straight] == [1, 2]
+    assert straight[-1]["step"] == 4  # 8 sequences per rollout / 4 per step, 2 iterations
+    for m in straight:
+        assert all(math.isfinite(v) for v in m.values()), m
+        assert 1 <= m["response_len"] <= 8 and 0 <= m["clip_frac"] <= 1
+    assert straight[0]["kl"] == 0.0  # policy == reference before the first update
+    assert straight[0]["gen_logprob_gap"] < 1e-4  # the generator's log-probs match the training pass
+    lines = (tmp_path / "a/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["iteration"] for x in lines] == [1, 2]
+    a = trainer.latest_checkpoint(str(tmp_path / "a"))
+    assert os.path.basename(a) == "checkpoint-000002"
+    assert os.path.exists(f"{a}/policy/tokenizer.json")
+    trained, init = _weights(f"{a}/policy", "lm"), _weights(tmp_path / "a/init/policy", "lm")
+    assert any(not torch.equal(trained[k], init[k]) for k in init)  # it learned something
+    value, rm = _weights(f"{a}/value", "score"), _weights(tmp_path / "a/init/reward", "score")
+    assert any(not torch.equal(value[k], rm[k]) for k in rm)
+
+    first = _run(tmp_path / "b", "--max-iterations", "1")
+    second = _run(tmp_path / "b", "--max-iterations", "2", "--resume")
+    assert _no_timing(first + second) == _no_timing(straight)
+    b = trainer.latest_checkpoint(str(tmp_path / "b"))
+    for head, sub in (("lm", "policy"), ("score", "value")):
+        wa, wb = _weights(f"{a}/{sub}", head), _weights(f"{b}/{sub}", head)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), sub
+    sa = torch.load(f"{a}/state-rank00000.pt", weights_only=False)
+    sb = torch.load(f"{b}/state-rank00000.pt", weights_only=False)
+    for k in ("exp_avg", "exp_avg_sq"):
+        for i, st in sa["value_opt"]["adam"]["state"].items():
+            assert torch.equal(st[k], sb["value_opt"]["adam"]["state"][i][k])
+    assert not os.path.exists(tmp_path / "b/checkpoint-000001")  # keep_checkpoints=1
+    assert len((tmp_path / "b/metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_micro_batches_accumulate_to_the_same_update(tmp_path):
+    one = _run(tmp_path / "one", "--max-iterations", "1", "--micro-batch-tokens", "100000", factory=naive_factory)
+    many = _run(tmp_path / "many", "--max-iterations", "1", "--micro-batch-tokens", "30", factory=naive_factory)
+    for k in ("policy_loss", "value_loss", "entropy", "grad_norm_policy", "grad_norm_value"):
+        assert one[0][k] == pytest.approx(many[0][k], rel=1e-4, abs=1e-6), k
+    a, b = trainer.latest_checkpoint(str(tmp_path / "one")), trainer.latest_checkpoint(str(tmp_path / "many"))
+    wa, wb = _weights(f"{a}/policy", "lm"), _weights(f"{b}/policy", "lm")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_parameters_keep_fp32_masters_and_are_updated_in_place(tmp_path):
+    state = _state(tmp_path, "--dtype", "bfloat16", "--max-iterations", "1", "--learning-rate", "1e-3")
+    params = list(state.policy.parameters())
+    ptrs = [p.data_ptr() for p in params]
+    before = [p.detach().clone() for p in params]
+    assert state.generator.model is state.policy
+    assert all(m.dtype == torch.float32 and m is not p for m, p in zip(state.policy_opt.masters, params))
+    with dispatch.reference_ops():
+        trainer.train(state)
+    assert [p.data_ptr() for p in state.policy.parameters()] == ptrs  # the very same tensors
+    assert any(not torch.equal(b, p) for b, p in zip(before, params))
+    for m, p in zip(state.policy_opt.masters, params):
+        assert torch.equal(m.to(torch.bfloat16), p)
+
+
+def test_mixed_optimizer_step_matches_fp32_adam():
+    cfg = PPOConfig(max_grad_norm=0.5)
+    grid = trainer.ProcessGrid()
+    small = dataclasses.replace(ModelConfig.named("tiny"), num_layers=1)
+    m32 = Transformer(small, "score", dtype=torch.float32).init_weights(seed=1)
+    m16 = Transformer(small, "score", dtype=torch.bfloat16)
+    with torch.no_grad():
+        for a, b in zip(m32.parameters(), m16.parameters()):
+            a.copy_(a.to(torch.bfloat16))  # start both from bf16-exact values
+            b.copy_(a)
+    o32, o16 = trainer.make_optimizer(m32, cfg), trainer.make_optimizer(m16, cfg)
+    for _ in range(3):
+        for a, b in zip(m32.parameters(), m16.parameters()):
+            g = torch.randn(a.shape).to(torch.bfloat16)
+            a.grad, b.grad = g.float(), g.clone()
+        trainer.accumulate_grads(o16)
+        n32 = trainer.optimizer_step(o32, 1e-2, cfg, grid)
+        n16 = trainer.optimizer_step(o16, 1e-2, cfg, grid)
+        assert torch.equal(n32, n16)
+    for a, m, b in zip(m32.parameters(), o16.masters, m16.parameters()):
+        assert torch.equal(a, m) and torch.equal(m.to(torch.bfloat16), b)
+
+
+def test_nan_loss_names_the_loss_iteration_and_step(tmp_path):
+    state = _state(tmp_path, "--max-iterations", "1")
+    with torch.no_grad():
+        state.value.score.weight.fill_(float("nan"))
+    with dispatch.reference_ops(), pytest.raises(FloatingPointError, match=r"value loss .*iteration 0, step 0"):
+        trainer.train(state)
+
+
+def test_nonfinite_reward_scores_raise(tmp_path):
+    state = _state(tmp_path, "--max-iterations", "1")
+    with torch.no_grad():
+        state.reward.norm.weight.fill_(float("inf"))
+    with dispatch.reference_ops(), pytest.raises(FloatingPointError, match="reward model .* iteration 0"):
+        trainer.train(state)
+
+
+def test_pack_lines_up_hidden_states_and_targets():
+    ro = trainer.Rollout(
+        prompts=[[1, 5, 6], [1, 7]], responses=[[8, 9, 2], [4]], hit_eos=torch.tensor([True, False]),
+        gen_logprobs=torch.zeros(4), offsets=[0, 3, 4],
+    )  # fmt: skip
+    pk = trainer.pack(ro, [1, 0], torch.device("cpu"))
+    assert pk["ids"].tolist() == [1, 7, 4, 1, 5, 6, 8, 9, 2]
+    assert pk["positions"].tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5]
+    assert pk["cu_seqlens"].tolist() == [0, 3, 9]
+    assert pk["act"].tolist() == [1, 5, 6, 7]  # the token before each response token
+    assert pk["targets"].tolist() == [4, 8, 9, 2]
+    assert pk["rows"].tolist() == [3, 0, 1, 2]
+    assert pk["last"].tolist() == [2, 8]
+    assert trainer.split_by_tokens([3, 4, 2, 9, 1], 7) == [[0, 1], [2], [3], [4]]
+
+
+def test_help_lists_every_flag():
+    text = build_parser().format_help()
+    for cls in (PPOConfig, trainer.RunConfig):
+        for f in dataclasses.fields(cls):
+            assert "--" + f.name.replace("_", "-") in text, f.name
+    cfg, run, tiny = parse_args(["--policy", "p", "--reward", "r", "--prompts", "x", "--no-whiten-advantages",
+                                 "--adam-betas", "0.8", "0.9"])  # fmt: skip
+    assert not tiny and not cfg.whiten_advantages and cfg.adam_betas == (0.8, 0.9)
+    assert cfg.rollout_batch_size == 512 and run.policy == "p"  # the recipe, not the tiny preset
+
+
+def test_dp2_matches_dp1(tmp_path):
+    flags = ["--max-iterations", "1", *SMALL]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)  # the worker runs the CPU reference ops
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           os.path.join(ROOT, "tests/engine/ppo_dp_worker.py"), str(tmp_path), "--output-dir", str(tmp_path / "dp2"),
+           *flags]  # fmt: skip
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    dp2 = [torch.load(tmp_path / f"result-rank{k}.pt", weights_only=False) for k in range(2)]
+    dp1 = _run(tmp_path / "dp1", "--max-iterations", "1", factory=naive_factory)
+    for k, v in dp1[0].items():
+        if k not in TIMING:
+            assert dp2[0]["history"][0][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    ckpt = trainer.latest_checkpoint(str(tmp_path / "dp1"))
+    w1 = _weights(f"{ckpt}/policy", "lm")
+    for k, v in dp2[0]["policy"].items():
+        torch.testing.assert_close(v, w1[k], atol=1e-6, rtol=1e-5)
+        assert torch.equal(v, dp2[1]["policy"][k])  # the DP replicas stay identical
