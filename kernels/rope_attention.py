@@ -103,29 +103,51 @@ def _reduce_angle(a):
 
 
 @triton.jit
-def _cos_sin(
-    POS, tok0, start, n_valid, inv_freq, TAB, offs_h, R: tl.constexpr, HALF: tl.constexpr, TAB_ROWS: tl.constexpr
+def _rotate(
+    x1,
+    x2,
+    POS,
+    tok0,
+    start,
+    n_valid,
+    inv_freq,
+    TAB,
+    offs_h,
+    R: tl.constexpr,
+    HALF: tl.constexpr,
+    TAB_ROWS: tl.constexpr,
+    SIGN: tl.constexpr,
 ):
-    """cos, sin [R, HALF] fp32 of positions[tok0 + start + j] * inv_freq, j < R (rows past n_valid: any)."""
+    """Rotate halves x1, x2 [R, HALF] fp32 of rows at positions[tok0 + start + j]: x*cos + rotate_half(x)*sin.
+
+    SIGN = -1 rotates by minus the angle: the transpose of the rotation, which maps a gradient w.r.t. the
+    rotated vector back to the input.
+
+    Consecutive positions: rotate by p0 * f (a [HALF] row of cos/sin), then by j * f from the table, which
+    keeps fewer [R, HALF] fp32 temporaries alive than forming cos/sin of the sum first.
+    """
     j = tl.arange(0, R)
     valid = start + j < n_valid
     pos = tl.load(POS + tok0 + start + j, mask=valid, other=0)
     p0 = tl.load(POS + tok0 + start)
     gap = tl.where(valid, pos - p0 - j, 0)
     if tl.max(tl.abs(gap), axis=0) == 0:
-        # consecutive positions: angle addition with the cos/sin(j * f) table
         a0 = _reduce_angle(p0.to(tl.float32) * inv_freq)
         c0 = tl.cos(a0)[None, :]
-        s0 = tl.sin(a0)[None, :]
+        s0 = SIGN * tl.sin(a0)[None, :]
+        u1 = x1 * c0 - x2 * s0
+        u2 = x2 * c0 + x1 * s0
         tc = tl.load(TAB + j[:, None] * HALF + offs_h[None, :])
-        ts = tl.load(TAB + TAB_ROWS * HALF + j[:, None] * HALF + offs_h[None, :])
-        c = c0 * tc - s0 * ts
-        s = s0 * tc + c0 * ts
+        ts = SIGN * tl.load(TAB + TAB_ROWS * HALF + j[:, None] * HALF + offs_h[None, :])
+        y1 = u1 * tc - u2 * ts
+        y2 = u2 * tc + u1 * ts
     else:
         a = _reduce_angle(pos.to(tl.float32)[:, None] * inv_freq[None, :])
         c = tl.cos(a)
-        s = tl.sin(a)
-    return c, s
+        s = SIGN * tl.sin(a)
+        y1 = x1 * c - x2 * s
+        y2 = x2 * c + x1 * s
+    return y1, y2
 
 
 # ------------------------------------------------------------------------------------- forward --
@@ -219,9 +241,7 @@ def _fwd_step(
     rows_n = (tok0 + offs_n).to(tl.int64)
     k1 = _load_tile(k_base, rows_n, n_ok, stride_kn, offs_h, HALF_D, MASKED, PAD).to(tl.float32)
     k2 = _load_tile(k_base + HALF_D, rows_n, n_ok, stride_kn, offs_h, HALF_D, MASKED, PAD).to(tl.float32)
-    kc, ks = _cos_sin(POS, tok0, start_n, seq_len, inv_freq, TAB, offs_h, BLOCK_N, HALF, TAB_ROWS)
-    k1r = k1 * kc - k2 * ks
-    k2r = k2 * kc + k1 * ks
+    k1r, k2r = _rotate(k1, k2, POS, tok0, start_n, seq_len, inv_freq, TAB, offs_h, BLOCK_N, HALF, TAB_ROWS, 1.0)
     v = _load_tile(v_base, rows_n, n_ok, stride_vn, offs_d, HEAD_DIM, MASKED, False)
     if WRITE_CACHE:
         if MASKED:
@@ -298,9 +318,9 @@ def _fwd_kernel(
     q_base = Q + h * stride_qh
     q1 = _load_tile(q_base, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(tl.float32)
     q2 = _load_tile(q_base + HALF_D, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(tl.float32)
-    c, s = _cos_sin(POS, tok0, start_m, seq_len, inv_freq, TAB, offs_h, BLOCK_M, HALF, TAB_ROWS)
-    q1r = (q1 * c - q2 * s).to(DOT_DTYPE)
-    q2r = (q2 * c + q1 * s).to(DOT_DTYPE)
+    q1r, q2r = _rotate(q1, q2, POS, tok0, start_m, seq_len, inv_freq, TAB, offs_h, BLOCK_M, HALF, TAB_ROWS, 1.0)
+    q1r = q1r.to(DOT_DTYPE)
+    q2r = q2r.to(DOT_DTYPE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -389,9 +409,9 @@ def _bwd_dkdv_step(
     rows_m = (tok0 + offs_m).to(tl.int64)
     q1 = _load_tile(q_base, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(tl.float32)
     q2 = _load_tile(q_base + HALF_D, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(tl.float32)
-    c, s = _cos_sin(POS, tok0, start_m, seq_len, inv_freq, TAB, offs_h, BLOCK_M, HALF, TAB_ROWS)
-    q1r = (q1 * c - q2 * s).to(DOT_DTYPE)
-    q2r = (q2 * c + q1 * s).to(DOT_DTYPE)
+    q1r, q2r = _rotate(q1, q2, POS, tok0, start_m, seq_len, inv_freq, TAB, offs_h, BLOCK_M, HALF, TAB_ROWS, 1.0)
+    q1r = q1r.to(DOT_DTYPE)
+    q2r = q2r.to(DOT_DTYPE)
     do = _load_tile(do_base, rows_m, m_ok, stride_don, offs_d, HEAD_DIM, True, False).to(DOT_DTYPE)
     # rows past the sequence end get lse = +inf, hence p = 0: they contribute nothing
     lse = tl.load(lse_base + tok0 + offs_m, mask=m_ok, other=float("inf"))
@@ -441,9 +461,9 @@ def _bwd_dkdv_kernel(
     k_base = K + kvh * stride_kh
     k1 = _load_tile(k_base, rows_n, n_ok, stride_kn, offs_h, HALF_D, True, PAD).to(tl.float32)
     k2 = _load_tile(k_base + HALF_D, rows_n, n_ok, stride_kn, offs_h, HALF_D, True, PAD).to(tl.float32)
-    c, s = _cos_sin(POS, tok0, start_n, seq_len, inv_freq, TAB, offs_h, BLOCK_N, HALF, TAB_ROWS)
-    k1r = (k1 * c - k2 * s).to(DOT_DTYPE)
-    k2r = (k2 * c + k1 * s).to(DOT_DTYPE)
+    k1r, k2r = _rotate(k1, k2, POS, tok0, start_n, seq_len, inv_freq, TAB, offs_h, BLOCK_N, HALF, TAB_ROWS, 1.0)
+    k1r = k1r.to(DOT_DTYPE)
+    k2r = k2r.to(DOT_DTYPE)
     v = _load_tile(V + kvh * stride_vh, rows_n, n_ok, stride_vn, offs_d, HEAD_DIM, True, False).to(DOT_DTYPE)
 
     dk1 = tl.zeros([BLOCK_N, HALF], tl.float32)
@@ -475,8 +495,9 @@ def _bwd_dkdv_kernel(
     dk1 = dk1 * sm_scale
     dk2 = dk2 * sm_scale
     dk_base = DK + kvh * stride_dkh
-    _store_tile(dk_base, dk1 * c + dk2 * s, rows_n, n_ok, stride_dkn, offs_h, HALF_D, PAD)
-    _store_tile(dk_base + HALF_D, dk2 * c - dk1 * s, rows_n, n_ok, stride_dkn, offs_h, HALF_D, PAD)
+    dk1, dk2 = _rotate(dk1, dk2, POS, tok0, start_n, seq_len, inv_freq, TAB, offs_h, BLOCK_N, HALF, TAB_ROWS, -1.0)
+    _store_tile(dk_base, dk1, rows_n, n_ok, stride_dkn, offs_h, HALF_D, PAD)
+    _store_tile(dk_base + HALF_D, dk2, rows_n, n_ok, stride_dkn, offs_h, HALF_D, PAD)
     _store_tile(DV + kvh * stride_dvh, dv, rows_n, n_ok, stride_dvn, offs_d, HEAD_DIM, False)
 
 
@@ -519,9 +540,9 @@ def _bwd_dq_step(
     rows_n = (tok0 + offs_n).to(tl.int64)
     k1 = _load_tile(k_base, rows_n, n_ok, stride_kn, offs_h, HALF_D, MASKED, PAD).to(tl.float32)
     k2 = _load_tile(k_base + HALF_D, rows_n, n_ok, stride_kn, offs_h, HALF_D, MASKED, PAD).to(tl.float32)
-    c, s = _cos_sin(POS, tok0, start_n, seq_len, inv_freq, TAB, offs_h, BLOCK_N, HALF, TAB_ROWS)
-    k1r = (k1 * c - k2 * s).to(DOT_DTYPE)
-    k2r = (k2 * c + k1 * s).to(DOT_DTYPE)
+    k1r, k2r = _rotate(k1, k2, POS, tok0, start_n, seq_len, inv_freq, TAB, offs_h, BLOCK_N, HALF, TAB_ROWS, 1.0)
+    k1r = k1r.to(DOT_DTYPE)
+    k2r = k2r.to(DOT_DTYPE)
     v = _load_tile(v_base, rows_n, n_ok, stride_vn, offs_d, HEAD_DIM, MASKED, False).to(DOT_DTYPE)
     qk = tl.dot(q1r, tl.trans(k1r), input_precision=PREC)
     qk = tl.dot(q2r, tl.trans(k2r), qk, input_precision=PREC)
@@ -567,9 +588,9 @@ def _bwd_dq_kernel(
     q_base = Q + h * stride_qh
     q1 = _load_tile(q_base, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(tl.float32)
     q2 = _load_tile(q_base + HALF_D, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(tl.float32)
-    c, s = _cos_sin(POS, tok0, start_m, seq_len, inv_freq, TAB, offs_h, BLOCK_M, HALF, TAB_ROWS)
-    q1r = (q1 * c - q2 * s).to(DOT_DTYPE)
-    q2r = (q2 * c + q1 * s).to(DOT_DTYPE)
+    q1r, q2r = _rotate(q1, q2, POS, tok0, start_m, seq_len, inv_freq, TAB, offs_h, BLOCK_M, HALF, TAB_ROWS, 1.0)
+    q1r = q1r.to(DOT_DTYPE)
+    q2r = q2r.to(DOT_DTYPE)
     do = _load_tile(DO + h * stride_doh, rows_m, m_ok, stride_don, offs_d, HEAD_DIM, True, False).to(DOT_DTYPE)
     lse = tl.load(LSE + h * n_tokens + tok0 + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + h * n_tokens + tok0 + offs_m, mask=m_ok, other=0.0)
@@ -594,8 +615,9 @@ def _bwd_dq_kernel(
     dq1 = dq1 * sm_scale
     dq2 = dq2 * sm_scale
     dq_base = DQ + h * stride_dqh
-    _store_tile(dq_base, dq1 * c + dq2 * s, rows_m, m_ok, stride_dqn, offs_h, HALF_D, PAD)
-    _store_tile(dq_base + HALF_D, dq2 * c - dq1 * s, rows_m, m_ok, stride_dqn, offs_h, HALF_D, PAD)
+    dq1, dq2 = _rotate(dq1, dq2, POS, tok0, start_m, seq_len, inv_freq, TAB, offs_h, BLOCK_M, HALF, TAB_ROWS, -1.0)
+    _store_tile(dq_base, dq1, rows_m, m_ok, stride_dqn, offs_h, HALF_D, PAD)
+    _store_tile(dq_base + HALF_D, dq2, rows_m, m_ok, stride_dqn, offs_h, HALF_D, PAD)
 
 
 # Autotuned GPU variants (the sequence block, hence the grid, is fixed; only the inner tile and the
