@@ -622,14 +622,18 @@ def _bwd_dq_kernel(
 
 # Autotuned GPU variants (the sequence block, hence the grid, is fixed; only the inner tile and the
 # launch shape are tuned). Under the interpreter the plain kernels run with small fixed tiles.
-def _configs(inner_name: str, inner: tuple[int, ...], stages: tuple[int, ...]) -> list[triton.Config]:
-    return [triton.Config({inner_name: b}, num_warps=w, num_stages=s) for b in inner for w in (4, 8) for s in stages]
+def _configs(inner_name: str, shapes: tuple[tuple[int, int, int], ...]) -> list[triton.Config]:
+    return [triton.Config({inner_name: b}, num_warps=w, num_stages=s) for b, w, s in shapes]
 
 
+# (inner tile, warps, stages). Offline sm_90 builds (ptxas -v, D=128 bf16) guided the choice: the rotation
+# temporaries make 4-warp and 64+-wide inner tiles spill (fwd BLOCK_N=32 / 8 warps: none; 64: ~1.5 KB).
 _KEY = ["HEAD_DIM", "GROUP"]
-_fwd_tuned = triton.autotune(_configs("BLOCK_N", (64, 128), (2, 3, 4)), key=_KEY + ["WRITE_CACHE"])(_fwd_kernel)
-_dkdv_tuned = triton.autotune(_configs("BLOCK_M", (32, 64), (2, 3)), key=_KEY)(_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(_configs("BLOCK_N", (32, 64), (2, 3)), key=_KEY)(_bwd_dq_kernel)
+_FWD_SHAPES = ((32, 8, 2), (32, 8, 3), (32, 8, 4), (64, 8, 2), (64, 8, 3), (32, 4, 3))
+_BWD_SHAPES = ((16, 8, 2), (16, 8, 3), (32, 8, 2), (32, 8, 3))
+_fwd_tuned = triton.autotune(_configs("BLOCK_N", _FWD_SHAPES), key=_KEY + ["WRITE_CACHE"])(_fwd_kernel)
+_dkdv_tuned = triton.autotune(_configs("BLOCK_M", _BWD_SHAPES), key=_KEY)(_bwd_dkdv_kernel)
+_dq_tuned = triton.autotune(_configs("BLOCK_N", _BWD_SHAPES), key=_KEY)(_bwd_dq_kernel)
 
 # --------------------------------------------------------------------------------- host launchers --
 
