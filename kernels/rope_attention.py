@@ -104,20 +104,9 @@ def _reduce_angle(a):
 
 @triton.jit
 def _rotate(
-    x1,
-    x2,
-    POS,
-    tok0,
-    start,
-    n_valid,
-    inv_freq,
-    TAB,
-    offs_h,
-    R: tl.constexpr,
-    HALF: tl.constexpr,
-    TAB_ROWS: tl.constexpr,
-    SIGN: tl.constexpr,
-):
+    x1, x2, POS, tok0, start, n_valid, inv_freq, TAB, offs_h, R: tl.constexpr, HALF: tl.constexpr,
+    TAB_ROWS: tl.constexpr, SIGN: tl.constexpr,
+):  # fmt: skip
     """Rotate halves x1, x2 [R, HALF] fp32 of rows at positions[tok0 + start + j]: x*cos + rotate_half(x)*sin.
 
     SIGN = -1 rotates by minus the angle: the transpose of the rotation, which maps a gradient w.r.t. the
@@ -155,28 +144,9 @@ def _rotate(
 
 @triton.jit
 def _write_cache(
-    KC,
-    VC,
-    SLOT,
-    kvh,
-    tok0,
-    offs_n,
-    n_ok,
-    k1r,
-    k2r,
-    v,
-    offs_h,
-    offs_d,
-    stride_kc0,
-    stride_kc1,
-    stride_kc2,
-    stride_vc0,
-    stride_vc1,
-    stride_vc2,
-    cache_block_size,
-    HEAD_DIM: tl.constexpr,
-    PAD: tl.constexpr,
-):
+    KC, VC, SLOT, kvh, tok0, offs_n, n_ok, k1r, k2r, v, offs_h, offs_d, stride_kc0, stride_kc1, stride_kc2,
+    stride_vc0, stride_vc1, stride_vc2, cache_block_size, HEAD_DIM: tl.constexpr, PAD: tl.constexpr,
+):  # fmt: skip
     """Store rotated k and v of tokens tok0 + offs_n at their slots (slot = block * block_size + offset; -1 skips)."""
     HALF_D: tl.constexpr = HEAD_DIM // 2
     slot = tl.load(SLOT + tok0 + offs_n, mask=n_ok, other=-1)
@@ -193,46 +163,12 @@ def _write_cache(
 
 @triton.jit
 def _fwd_step(
-    acc,
-    l_i,
-    m_i,
-    q1r,
-    q2r,
-    offs_m,
-    start_n,
-    seq_len,
-    tok0,
-    k_base,
-    v_base,
-    stride_kn,
-    stride_vn,
-    POS,
-    inv_freq,
-    TAB,
-    offs_h,
-    offs_d,
-    qk_scale,
-    KC,
-    VC,
-    SLOT,
-    kvh,
-    write_cache_now,
-    stride_kc0,
-    stride_kc1,
-    stride_kc2,
-    stride_vc0,
-    stride_vc1,
-    stride_vc2,
-    cache_block_size,
-    MASKED: tl.constexpr,
-    WRITE_CACHE: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HALF: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    TAB_ROWS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    PREC: tl.constexpr,
-):
+    acc, l_i, m_i, q1r, q2r, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn, POS, inv_freq,
+    TAB, offs_h, offs_d, qk_scale, KC, VC, SLOT, kvh, write_cache_now, stride_kc0, stride_kc1, stride_kc2,
+    stride_vc0, stride_vc1, stride_vc2, cache_block_size, MASKED: tl.constexpr, WRITE_CACHE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, TAB_ROWS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
     """One key tile of the online softmax. MASKED: a diagonal tile (causal mask, keys may run past the end)."""
     HALF_D: tl.constexpr = HEAD_DIM // 2
     PAD: tl.constexpr = HALF != HALF_D
@@ -371,36 +307,10 @@ def _bwd_delta_kernel(
 
 @triton.jit
 def _bwd_dkdv_step(
-    dk1,
-    dk2,
-    dv,
-    k1r,
-    k2r,
-    v,
-    offs_n,
-    start_m,
-    seq_len,
-    tok0,
-    q_base,
-    do_base,
-    lse_base,
-    delta_base,
-    stride_qn,
-    stride_don,
-    POS,
-    inv_freq,
-    TAB,
-    offs_h,
-    offs_d,
-    qk_scale,
-    MASKED: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HALF: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    TAB_ROWS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    PREC: tl.constexpr,
-):
+    dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base, delta_base, stride_qn,
+    stride_don, POS, inv_freq, TAB, offs_h, offs_d, qk_scale, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_M: tl.constexpr, TAB_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
     """One query tile against this program's key tile (transposed scores [BLOCK_N, BLOCK_M])."""
     HALF_D: tl.constexpr = HEAD_DIM // 2
     PAD: tl.constexpr = HALF != HALF_D
@@ -503,35 +413,10 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_step(
-    dq1,
-    dq2,
-    q1r,
-    q2r,
-    do,
-    lse,
-    delta,
-    offs_m,
-    start_n,
-    seq_len,
-    tok0,
-    k_base,
-    v_base,
-    stride_kn,
-    stride_vn,
-    POS,
-    inv_freq,
-    TAB,
-    offs_h,
-    offs_d,
-    qk_scale,
-    MASKED: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HALF: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    TAB_ROWS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    PREC: tl.constexpr,
-):
+    dq1, dq2, q1r, q2r, do, lse, delta, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn, POS,
+    inv_freq, TAB, offs_h, offs_d, qk_scale, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_N: tl.constexpr, TAB_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
     """One key tile against this program's query tile."""
     HALF_D: tl.constexpr = HEAD_DIM // 2
     PAD: tl.constexpr = HALF != HALF_D
