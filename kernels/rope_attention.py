@@ -149,7 +149,7 @@ def _write_cache(
 ):  # fmt: skip
     """Store rotated k and v of tokens tok0 + offs_n at their slots (slot = block * block_size + offset; -1 skips)."""
     HALF_D: tl.constexpr = HEAD_DIM // 2
-    slot = tl.load(SLOT + tok0 + offs_n, mask=n_ok, other=-1)
+    slot = tl.load(SLOT + tok0 + offs_n, mask=n_ok, other=-1).to(tl.int64)  # caches can exceed 2^31 elements
     w_ok = slot >= 0
     cb = slot // cache_block_size
     co = slot % cache_block_size
@@ -628,8 +628,8 @@ def _rope_attention_fwd(
         raise ValueError("out must be [N, Hq, D] with a contiguous last dim and lse fp32 [Hq, N]")
     if n == 0:
         return out, lse
-    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-    positions = positions.to(q.device)
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+    positions = positions.to(q.device).contiguous()  # the kernels index it as a flat array
     inv_freq, tab = _rope_tables(d, rope_theta, q.device)
     cu_blk, grid0, n_steps = _block_index(cu, n, _BLOCK)
     write = kv_cache is not None
@@ -637,7 +637,7 @@ def _rope_attention_fwd(
         kc, vc = kv_cache
         if kc.stride(-1) != 1 or vc.stride(-1) != 1:
             raise ValueError("k_cache and v_cache must have a contiguous last dim")
-        slots = slot_mapping.to(q.device)
+        slots = slot_mapping.to(q.device).contiguous()
         cache_args = (*kc.stride()[:3], *vc.stride()[:3], kc.shape[1])
     else:
         kc, vc, slots = out, out, positions  # never read: WRITE_CACHE is False
@@ -683,8 +683,8 @@ def _rope_attention_bwd(
             raise ValueError("gradient buffers must match their input's shape with a contiguous last dim")
     if n == 0:
         return dq, dk, dv
-    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-    positions = positions.to(q.device)
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+    positions = positions.to(q.device).contiguous()  # the kernels index it as a flat array
     inv_freq, tab = _rope_tables(d, rope_theta, q.device)
     cu_blk, grid0, n_steps = _block_index(cu, n, _BLOCK)
     delta = torch.empty(hq, n, dtype=torch.float32, device=q.device)

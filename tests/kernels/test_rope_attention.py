@@ -89,19 +89,22 @@ def test_forward_backward_poisoned(dtype, hq, hkv, d, theta):
     _close(dv, ref_dv, dtype, "dv")
 
 
-def test_autograd_public_api():
-    """rope_attention is differentiable through torch.autograd (GQA, fp32)."""
+def test_autograd_public_api_strided_views():
+    """rope_attention is differentiable through torch.autograd; q, k, v are views of one fused qkv
+    projection (token stride != Hq*D) and positions is a strided view."""
     cu, positions = _pack([5, 40, 33], start=0)
     n = int(cu[-1])
-    q, k, v = (x.requires_grad_() for x in _inputs(n, 4, 2, 32, torch.float32))
+    qkv = torch.randn(n, 4 + 2 + 2, 32, requires_grad=True)
+    q, k, v = qkv[:, :4], qkv[:, 4:6], qkv[:, 6:]
+    strided_positions = torch.stack([positions, -positions], 1)[:, 0]
     do = torch.randn(n, 4, 32)
-    out = rope_attention(q, k, v, positions, cu, rope_theta=1000.0)
+    out = rope_attention(q, k, v, strided_positions, cu, rope_theta=1000.0)
     out.backward(do)
     ref_out, _, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, 1000.0, do)
     _close(out.detach(), ref_out, torch.float32, "out")
-    _close(q.grad, ref_dq, torch.float32, "dq")
-    _close(k.grad, ref_dk, torch.float32, "dk")
-    _close(v.grad, ref_dv, torch.float32, "dv")
+    _close(qkv.grad[:, :4], ref_dq, torch.float32, "dq")
+    _close(qkv.grad[:, 4:6], ref_dk, torch.float32, "dk")
+    _close(qkv.grad[:, 6:], ref_dv, torch.float32, "dv")
 
 
 def test_arbitrary_positions_and_empty_sequence():
