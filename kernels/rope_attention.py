@@ -544,12 +544,15 @@ def _rope_tables(head_dim: int, rope_theta: float, device: torch.device) -> tupl
 
 
 def _block_index(cu_seqlens: torch.Tensor, n_tokens: int, block: int) -> tuple[torch.Tensor, int, int]:
-    """Prefix sum [S+1] int32 of per-sequence block counts, the grid size bound, and binary-search steps."""
+    """Prefix sum [S+1] int32 of per-sequence block counts (on the device, no sync), the grid size bound
+    cdiv(N, block) + S, and the binary-search steps: ceil(log2(S + 1)) rounded up to a multiple of 4, so
+    that a varying number of sequences (prefill batches) compiles at most a handful of variants."""
     num_seqs = cu_seqlens.numel() - 1
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).clamp_(min=0)
     cu_blk = torch.zeros(num_seqs + 1, dtype=torch.int32, device=cu_seqlens.device)
-    torch.cumsum(torch.div(lens + (block - 1), block, rounding_mode="floor"), 0, out=cu_blk[1:])
-    return cu_blk, triton.cdiv(n_tokens, block) + num_seqs, max(num_seqs, 1).bit_length()
+    cu_blk[1:] = torch.cumsum(torch.div(lens + (block - 1), block, rounding_mode="floor"), 0)
+    n_steps = -(-max(num_seqs, 1).bit_length() // 4) * 4
+    return cu_blk, triton.cdiv(n_tokens, block) + num_seqs, n_steps
 
 
 def _dot_args(dtype: torch.dtype) -> dict:

@@ -144,6 +144,21 @@ def test_small_head_dims(d):
         _close(a, b, torch.float32, name)
 
 
+def test_many_short_sequences():
+    """20 sequences (a longer binary search over the block index), several ending mid-block."""
+    lengths = torch.randint(1, 13, (20,)).tolist()
+    cu, positions = _pack(lengths, start=3)
+    n = int(cu[-1])
+    q, k, v = _inputs(n, 2, 1, 32, torch.float32)
+    do = torch.randn(n, 2, 32)
+    scale = 1.0 / math.sqrt(32)
+    out, lse = _rope_attention_fwd(q, k, v, positions, cu, 10000.0, scale)
+    dq, dk, dv = _rope_attention_bwd(do, q, k, v, out, lse, positions, cu, 10000.0, scale)
+    ref_out, _, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, 10000.0, do)
+    for name, a, b in (("out", out, ref_out), ("dq", dq, ref_dq), ("dk", dk, ref_dk), ("dv", dv, ref_dv)):
+        _close(a, b, torch.float32, name)
+
+
 def _cache_case(dtype):
     cu, positions = _pack([3, 17, 40], start=5)
     n = int(cu[-1])
