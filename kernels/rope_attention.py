@@ -18,6 +18,10 @@ cos/sin per element.
 Sequence lookup: the grid covers cdiv(N, BLOCK) + S query (or key) blocks, an upper bound on the
 blocks of all sequences that needs no host sync; each program finds its (sequence, block) by binary
 search in a device-built prefix sum of per-sequence block counts and exits if it is past the end.
+
+GPU notes: the first call per (head dim, GQA group, dtype) autotunes, so warm up before CUDA-graph capture
+(the cos/sin tables are also built and cached on that first call). fp32 inputs use exact fp32 dots
+("ieee"): correct but far slower than bf16/fp16, which use tensor cores with fp32 accumulation.
 """
 
 from __future__ import annotations
