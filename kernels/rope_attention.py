@@ -211,11 +211,10 @@ def _fwd_step(
                 )
     qk = tl.dot(q1r, tl.trans(k1r.to(DOT_DTYPE)), input_precision=PREC)
     qk = tl.dot(q2r, tl.trans(k2r.to(DOT_DTYPE)), qk, input_precision=PREC)
-    qk = qk * qk_scale
     if MASKED:
         qk = tl.where(offs_n[None, :] <= offs_m[:, None], qk, float("-inf"))
-    m_ij = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.exp2(qk - m_ij[:, None])
+    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.exp2(qk * qk_scale - m_ij[:, None])  # one FMA per score
     alpha = tl.exp2(m_i - m_ij)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
