@@ -100,6 +100,13 @@ def _store_tile(base, x, rows, row_ok, stride_n, cols, ncols, MASK_COLS: tl.cons
 
 
 @triton.jit
+def _operand(x, like, DOT_DTYPE: tl.constexpr):
+    """A computed tile as a dot operand: rounded to the inputs' dtype (`like` points to one), which is what
+    the GPU multiplies, then to DOT_DTYPE (fp32 under the interpreter, so it rounds exactly like the GPU)."""
+    return x.to(like.dtype.element_ty).to(DOT_DTYPE)
+
+
+@triton.jit
 def _reduce_angle(a):
     """a mod 2*pi in [-pi, pi] (Cody-Waite, 2*pi = 6.28125 + c2): keeps sin/cos accurate at large positions."""
     k = tl.floor(a * 0.15915494309189535 + 0.5)
@@ -168,8 +175,9 @@ def _write_cache(
 @triton.jit
 def _fwd_step(
     acc, l_i, m_i, q1r, q2r, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn, POS, inv_freq,
-    TAB, offs_h, offs_d, qk_scale, KC, VC, SLOT, kvh, write_cache_now, stride_kc0, stride_kc1, stride_kc2,
-    stride_vc0, stride_vc1, stride_vc2, cache_block_size, MASKED: tl.constexpr, WRITE_CACHE: tl.constexpr,
+    TAB, offs_h, offs_d, qk_scale, KC, VC, SLOT, kvh, first_head, stride_kc0, stride_kc1, stride_kc2,
+    stride_vc0, stride_vc1, stride_vc2, cache_block_size, KR, stride_krn, SAVE_ROT: tl.constexpr,
+    MASKED: tl.constexpr, WRITE_CACHE: tl.constexpr,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, TAB_ROWS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -183,9 +191,16 @@ def _fwd_step(
     k2 = _load_tile(k_base + HALF_D, rows_n, n_ok, stride_kn, offs_h, HALF_D, MASKED, PAD).to(tl.float32)
     k1r, k2r = _rotate(k1, k2, POS, tok0, start_n, seq_len, inv_freq, TAB, offs_h, BLOCK_N, HALF, TAB_ROWS, 1.0)
     v = _load_tile(v_base, rows_n, n_ok, stride_vn, offs_d, HEAD_DIM, MASKED, False)
+    if SAVE_ROT:
+        if MASKED:
+            if first_head:
+                # each token's rotated k, once, for the backward (which then rotates nothing in its loops)
+                kr_base = KR + kvh * HEAD_DIM
+                _store_tile(kr_base, k1r, rows_n, n_ok, stride_krn, offs_h, HALF_D, PAD)
+                _store_tile(kr_base + HALF_D, k2r, rows_n, n_ok, stride_krn, offs_h, HALF_D, PAD)
     if WRITE_CACHE:
         if MASKED:
-            if write_cache_now:
+            if first_head:
                 _write_cache(
                     KC,
                     VC,
@@ -209,8 +224,8 @@ def _fwd_step(
                     HEAD_DIM,
                     PAD,
                 )
-    qk = tl.dot(q1r, tl.trans(k1r.to(DOT_DTYPE)), input_precision=PREC)
-    qk = tl.dot(q2r, tl.trans(k2r.to(DOT_DTYPE)), qk, input_precision=PREC)
+    qk = tl.dot(q1r, tl.trans(_operand(k1r, k_base, DOT_DTYPE)), input_precision=PREC)
+    qk = tl.dot(q2r, tl.trans(_operand(k2r, k_base, DOT_DTYPE)), qk, input_precision=PREC)
     if MASKED:
         qk = tl.where(offs_n[None, :] <= offs_m[:, None], qk, float("-inf"))
     m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -218,7 +233,7 @@ def _fwd_step(
     alpha = tl.exp2(m_i - m_ij)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, input_precision=PREC)
+    acc = tl.dot(_operand(p, v_base, DOT_DTYPE), v.to(DOT_DTYPE), acc, input_precision=PREC)
     return acc, l_i, m_ij
 
 
@@ -227,12 +242,14 @@ def _fwd_kernel(
     Q, K, V, O, LSE, POS, CU_SEQ, CU_BLK, INV_FREQ, TAB, KC, VC, SLOT,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
     stride_kc0, stride_kc1, stride_kc2, stride_vc0, stride_vc1, stride_vc2, cache_block_size,
-    n_tokens, num_seqs, qk_scale,
+    QR, KR, stride_qrn, stride_krn, n_tokens, num_seqs, qk_scale,
     N_STEPS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, TAB_ROWS: tl.constexpr, WRITE_CACHE: tl.constexpr,
+    BLOCK_N: tl.constexpr, TAB_ROWS: tl.constexpr, WRITE_CACHE: tl.constexpr, SAVE_ROT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Grid (query blocks of all sequences (upper bound), Hq). O [N, Hq, D]; LSE [Hq, N] fp32 (base 2)."""
+    """Grid (query blocks of all sequences (upper bound), Hq). O [N, Hq, D]; LSE [Hq, N] fp32 (base 2).
+
+    SAVE_ROT: also store rotated q [N, Hq, D] and k [N, Hkv, D] (QR, KR, head stride D) for the backward."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     if pid >= tl.load(CU_BLK + num_seqs):
@@ -258,30 +275,35 @@ def _fwd_kernel(
     q1 = _load_tile(q_base, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(tl.float32)
     q2 = _load_tile(q_base + HALF_D, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(tl.float32)
     q1r, q2r = _rotate(q1, q2, POS, tok0, start_m, seq_len, inv_freq, TAB, offs_h, BLOCK_M, HALF, TAB_ROWS, 1.0)
-    q1r = q1r.to(DOT_DTYPE)
-    q2r = q2r.to(DOT_DTYPE)
+    if SAVE_ROT:
+        qr_base = QR + h * HEAD_DIM
+        _store_tile(qr_base, q1r, rows_m, m_ok, stride_qrn, offs_h, HALF_D, PAD)
+        _store_tile(qr_base + HALF_D, q2r, rows_m, m_ok, stride_qrn, offs_h, HALF_D, PAD)
+    q1r = _operand(q1r, Q, DOT_DTYPE)
+    q2r = _operand(q2r, Q, DOT_DTYPE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     k_base = K + kvh * stride_kh
     v_base = V + kvh * stride_vh
-    write_now = h % GROUP == 0  # each token is in one diagonal block: the group's first head writes it
+    # each token is in exactly one diagonal block: the group's first head writes its k (cache, saved k_rot)
+    first_head = h % GROUP == 0
     # off-diagonal key tiles [0, start_m): all visible, no mask
     for start_n in range(0, _bound(start_m), BLOCK_N):
         acc, l_i, m_i = _fwd_step(
             acc, l_i, m_i, q1r, q2r, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn,
-            POS, inv_freq, TAB, offs_h, offs_d, qk_scale, KC, VC, SLOT, kvh, write_now,
+            POS, inv_freq, TAB, offs_h, offs_d, qk_scale, KC, VC, SLOT, kvh, first_head,
             stride_kc0, stride_kc1, stride_kc2, stride_vc0, stride_vc1, stride_vc2, cache_block_size,
-            False, WRITE_CACHE, HEAD_DIM, HALF, BLOCK_N, TAB_ROWS, DOT_DTYPE, PREC,
+            KR, stride_krn, SAVE_ROT, False, WRITE_CACHE, HEAD_DIM, HALF, BLOCK_N, TAB_ROWS, DOT_DTYPE, PREC,
         )  # fmt: skip
     # diagonal key tiles [start_m, min(start_m + BLOCK_M, seq_len)): causal mask
     for start_n in range(_bound(start_m), _bound(tl.minimum(start_m + BLOCK_M, seq_len)), BLOCK_N):
         acc, l_i, m_i = _fwd_step(
             acc, l_i, m_i, q1r, q2r, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn,
-            POS, inv_freq, TAB, offs_h, offs_d, qk_scale, KC, VC, SLOT, kvh, write_now,
+            POS, inv_freq, TAB, offs_h, offs_d, qk_scale, KC, VC, SLOT, kvh, first_head,
             stride_kc0, stride_kc1, stride_kc2, stride_vc0, stride_vc1, stride_vc2, cache_block_size,
-            True, WRITE_CACHE, HEAD_DIM, HALF, BLOCK_N, TAB_ROWS, DOT_DTYPE, PREC,
+            KR, stride_krn, SAVE_ROT, True, WRITE_CACHE, HEAD_DIM, HALF, BLOCK_N, TAB_ROWS, DOT_DTYPE, PREC,
         )  # fmt: skip
 
     acc = acc / l_i[:, None]
@@ -311,8 +333,8 @@ def _bwd_delta_kernel(
 @triton.jit
 def _bwd_dkdv_step(
     dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base, delta_base, stride_qn,
-    stride_don, POS, inv_freq, TAB, offs_h, offs_d, qk_scale, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HALF: tl.constexpr, BLOCK_M: tl.constexpr, TAB_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+    stride_don, offs_h, offs_d, qk_scale, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """One query tile against this program's key tile (transposed scores [BLOCK_N, BLOCK_M])."""
     HALF_D: tl.constexpr = HEAD_DIM // 2
@@ -320,11 +342,8 @@ def _bwd_dkdv_step(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_ok = offs_m < seq_len
     rows_m = (tok0 + offs_m).to(tl.int64)
-    q1 = _load_tile(q_base, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(tl.float32)
-    q2 = _load_tile(q_base + HALF_D, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(tl.float32)
-    q1r, q2r = _rotate(q1, q2, POS, tok0, start_m, seq_len, inv_freq, TAB, offs_h, BLOCK_M, HALF, TAB_ROWS, 1.0)
-    q1r = q1r.to(DOT_DTYPE)
-    q2r = q2r.to(DOT_DTYPE)
+    q1r = _load_tile(q_base, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(DOT_DTYPE)
+    q2r = _load_tile(q_base + HALF_D, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(DOT_DTYPE)
     do = _load_tile(do_base, rows_m, m_ok, stride_don, offs_d, HEAD_DIM, True, False).to(DOT_DTYPE)
     # rows past the sequence end get lse = +inf, hence p = 0: they contribute nothing
     lse = tl.load(lse_base + tok0 + offs_m, mask=m_ok, other=float("inf"))
@@ -334,9 +353,9 @@ def _bwd_dkdv_step(
     p_t = tl.exp2(qk_t * qk_scale - lse[None, :])
     if MASKED:
         p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
-    dv = tl.dot(p_t.to(DOT_DTYPE), do, dv, input_precision=PREC)
+    dv = tl.dot(_operand(p_t, q_base, DOT_DTYPE), do, dv, input_precision=PREC)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
-    ds_t = (p_t * (dp_t - delta[None, :])).to(DOT_DTYPE)
+    ds_t = _operand(p_t * (dp_t - delta[None, :]), q_base, DOT_DTYPE)
     dk1 = tl.dot(ds_t, q1r, dk1, input_precision=PREC)
     dk2 = tl.dot(ds_t, q2r, dk2, input_precision=PREC)
     return dk1, dk2, dv
@@ -351,7 +370,9 @@ def _bwd_dkdv_kernel(
     N_STEPS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr, TAB_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Grid (key blocks of all sequences (upper bound), Hkv). dk, dv of one key tile, summed over the group."""
+    """Grid (key blocks of all sequences (upper bound), Hkv). dk, dv of one key tile, summed over the group.
+
+    Q, K are the rotated q and k the forward saved; dk is rotated back (by -angle) at the end."""
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     if pid >= tl.load(CU_BLK + num_seqs):
@@ -372,11 +393,8 @@ def _bwd_dkdv_kernel(
     rows_n = (tok0 + offs_n).to(tl.int64)
     inv_freq = tl.load(INV_FREQ + offs_h)
     k_base = K + kvh * stride_kh
-    k1 = _load_tile(k_base, rows_n, n_ok, stride_kn, offs_h, HALF_D, True, PAD).to(tl.float32)
-    k2 = _load_tile(k_base + HALF_D, rows_n, n_ok, stride_kn, offs_h, HALF_D, True, PAD).to(tl.float32)
-    k1r, k2r = _rotate(k1, k2, POS, tok0, start_n, seq_len, inv_freq, TAB, offs_h, BLOCK_N, HALF, TAB_ROWS, 1.0)
-    k1r = k1r.to(DOT_DTYPE)
-    k2r = k2r.to(DOT_DTYPE)
+    k1r = _load_tile(k_base, rows_n, n_ok, stride_kn, offs_h, HALF_D, True, PAD).to(DOT_DTYPE)
+    k2r = _load_tile(k_base + HALF_D, rows_n, n_ok, stride_kn, offs_h, HALF_D, True, PAD).to(DOT_DTYPE)
     v = _load_tile(V + kvh * stride_vh, rows_n, n_ok, stride_vn, offs_d, HEAD_DIM, True, False).to(DOT_DTYPE)
 
     dk1 = tl.zeros([BLOCK_N, HALF], tl.float32)
@@ -393,15 +411,15 @@ def _bwd_dkdv_kernel(
         for start_m in range(_bound(start_n), _bound(diag_end), BLOCK_M):
             dk1, dk2, dv = _bwd_dkdv_step(
                 dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base,
-                delta_base, stride_qn, stride_don, POS, inv_freq, TAB, offs_h, offs_d, qk_scale,
-                True, HEAD_DIM, HALF, BLOCK_M, TAB_ROWS, DOT_DTYPE, PREC,
+                delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale,
+                True, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC,
             )  # fmt: skip
         # later query tiles see the whole key tile: no mask
         for start_m in range(_bound(start_n + BLOCK_N), _bound(seq_len), BLOCK_M):
             dk1, dk2, dv = _bwd_dkdv_step(
                 dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base,
-                delta_base, stride_qn, stride_don, POS, inv_freq, TAB, offs_h, offs_d, qk_scale,
-                False, HEAD_DIM, HALF, BLOCK_M, TAB_ROWS, DOT_DTYPE, PREC,
+                delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale,
+                False, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC,
             )  # fmt: skip
 
     # gradient w.r.t. the rotated k, then the inverse rotation (by -angle) gives the gradient w.r.t. k
@@ -416,9 +434,9 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_step(
-    dq1, dq2, q1r, q2r, do, lse, delta, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn, POS,
-    inv_freq, TAB, offs_h, offs_d, qk_scale, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-    BLOCK_N: tl.constexpr, TAB_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+    dq1, dq2, q1r, q2r, do, lse, delta, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn,
+    offs_h, offs_d, qk_scale, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """One key tile against this program's query tile."""
     HALF_D: tl.constexpr = HEAD_DIM // 2
@@ -426,11 +444,8 @@ def _bwd_dq_step(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n < seq_len
     rows_n = (tok0 + offs_n).to(tl.int64)
-    k1 = _load_tile(k_base, rows_n, n_ok, stride_kn, offs_h, HALF_D, MASKED, PAD).to(tl.float32)
-    k2 = _load_tile(k_base + HALF_D, rows_n, n_ok, stride_kn, offs_h, HALF_D, MASKED, PAD).to(tl.float32)
-    k1r, k2r = _rotate(k1, k2, POS, tok0, start_n, seq_len, inv_freq, TAB, offs_h, BLOCK_N, HALF, TAB_ROWS, 1.0)
-    k1r = k1r.to(DOT_DTYPE)
-    k2r = k2r.to(DOT_DTYPE)
+    k1r = _load_tile(k_base, rows_n, n_ok, stride_kn, offs_h, HALF_D, MASKED, PAD).to(DOT_DTYPE)
+    k2r = _load_tile(k_base + HALF_D, rows_n, n_ok, stride_kn, offs_h, HALF_D, MASKED, PAD).to(DOT_DTYPE)
     v = _load_tile(v_base, rows_n, n_ok, stride_vn, offs_d, HEAD_DIM, MASKED, False).to(DOT_DTYPE)
     qk = tl.dot(q1r, tl.trans(k1r), input_precision=PREC)
     qk = tl.dot(q2r, tl.trans(k2r), qk, input_precision=PREC)
@@ -438,7 +453,7 @@ def _bwd_dq_step(
     if MASKED:
         p = tl.where(offs_n[None, :] <= offs_m[:, None], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-    ds = (p * (dp - delta[:, None])).to(DOT_DTYPE)
+    ds = _operand(p * (dp - delta[:, None]), k_base, DOT_DTYPE)
     dq1 = tl.dot(ds, k1r, dq1, input_precision=PREC)
     dq2 = tl.dot(ds, k2r, dq2, input_precision=PREC)
     return dq1, dq2
@@ -453,7 +468,9 @@ def _bwd_dq_kernel(
     N_STEPS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, TAB_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Grid (query blocks of all sequences (upper bound), Hq). dq of one query tile."""
+    """Grid (query blocks of all sequences (upper bound), Hq). dq of one query tile.
+
+    Q, K are the rotated q and k the forward saved; dq is rotated back (by -angle) at the end."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     if pid >= tl.load(CU_BLK + num_seqs):
@@ -474,11 +491,8 @@ def _bwd_dq_kernel(
     rows_m = (tok0 + offs_m).to(tl.int64)
     inv_freq = tl.load(INV_FREQ + offs_h)
     q_base = Q + h * stride_qh
-    q1 = _load_tile(q_base, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(tl.float32)
-    q2 = _load_tile(q_base + HALF_D, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(tl.float32)
-    q1r, q2r = _rotate(q1, q2, POS, tok0, start_m, seq_len, inv_freq, TAB, offs_h, BLOCK_M, HALF, TAB_ROWS, 1.0)
-    q1r = q1r.to(DOT_DTYPE)
-    q2r = q2r.to(DOT_DTYPE)
+    q1r = _load_tile(q_base, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(DOT_DTYPE)
+    q2r = _load_tile(q_base + HALF_D, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(DOT_DTYPE)
     do = _load_tile(DO + h * stride_doh, rows_m, m_ok, stride_don, offs_d, HEAD_DIM, True, False).to(DOT_DTYPE)
     lse = tl.load(LSE + h * n_tokens + tok0 + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + h * n_tokens + tok0 + offs_m, mask=m_ok, other=0.0)
@@ -490,14 +504,14 @@ def _bwd_dq_kernel(
     for start_n in range(0, _bound(start_m), BLOCK_N):
         dq1, dq2 = _bwd_dq_step(
             dq1, dq2, q1r, q2r, do, lse, delta, offs_m, start_n, seq_len, tok0, k_base, v_base,
-            stride_kn, stride_vn, POS, inv_freq, TAB, offs_h, offs_d, qk_scale,
-            False, HEAD_DIM, HALF, BLOCK_N, TAB_ROWS, DOT_DTYPE, PREC,
+            stride_kn, stride_vn, offs_h, offs_d, qk_scale,
+            False, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC,
         )  # fmt: skip
     for start_n in range(_bound(start_m), _bound(tl.minimum(start_m + BLOCK_M, seq_len)), BLOCK_N):
         dq1, dq2 = _bwd_dq_step(
             dq1, dq2, q1r, q2r, do, lse, delta, offs_m, start_n, seq_len, tok0, k_base, v_base,
-            stride_kn, stride_vn, POS, inv_freq, TAB, offs_h, offs_d, qk_scale,
-            True, HEAD_DIM, HALF, BLOCK_N, TAB_ROWS, DOT_DTYPE, PREC,
+            stride_kn, stride_vn, offs_h, offs_d, qk_scale,
+            True, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC,
         )  # fmt: skip
 
     dq1 = dq1 * sm_scale
@@ -621,8 +635,10 @@ def _rope_attention_fwd(
     slot_mapping: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward. Returns out [N, Hq, D] (q's dtype) and lse [Hq, N] fp32 (base-2, scaled scores)."""
+    save_rotated: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Launch the forward. Returns out [N, Hq, D] (q's dtype), lse [Hq, N] fp32 (base-2, scaled scores) and,
+    with save_rotated (for the backward), the rotated q [N, Hq, D] and k [N, Hkv, D] (else None, None)."""
     n, hq, d = q.shape
     hkv = k.shape[1]
     if d not in _SUPPORTED_HEAD_DIMS:
@@ -632,8 +648,12 @@ def _rope_attention_fwd(
     lse = torch.empty(hq, n, dtype=torch.float32, device=q.device) if lse is None else lse
     if out.shape != q.shape or out.stride(-1) != 1 or lse.shape != (hq, n) or lse.dtype != torch.float32:
         raise ValueError("out must be [N, Hq, D] with a contiguous last dim and lse fp32 [Hq, N]")
+    q_rot = k_rot = None
+    if save_rotated:
+        q_rot = torch.empty(n, hq, d, dtype=q.dtype, device=q.device)
+        k_rot = torch.empty(n, hkv, d, dtype=q.dtype, device=q.device)
     if n == 0:
-        return out, lse
+        return out, lse, q_rot, k_rot
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     positions = positions.to(q.device).contiguous()  # the kernels index it as a flat array
     inv_freq, tab = _rope_tables(d, rope_theta, q.device)
@@ -651,21 +671,22 @@ def _rope_attention_fwd(
     args = (
         q, k, v, out, lse, positions, cu, cu_blk, inv_freq, tab, kc, vc, slots,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        *cache_args, n, cu.numel() - 1, softmax_scale * _LOG2E,
+        *cache_args, q_rot if save_rotated else out, k_rot if save_rotated else out, hq * d, hkv * d,
+        n, cu.numel() - 1, softmax_scale * _LOG2E,
     )  # fmt: skip
     meta = dict(N_STEPS=n_steps, GROUP=hq // hkv, HEAD_DIM=d, HALF=max(d // 2, 16), BLOCK_M=_BLOCK, TAB_ROWS=_TAB_ROWS,
-                WRITE_CACHE=write, **_dot_args(q.dtype))  # fmt: skip
+                WRITE_CACHE=write, SAVE_ROT=save_rotated, **_dot_args(q.dtype))  # fmt: skip
     if INTERPRET:
         _fwd_kernel[(grid0, hq)](*args, BLOCK_N=_INNER_INTERPRET, **meta)
     else:
         _fwd_tuned[(grid0, hq)](*args, **meta)
-    return out, lse
+    return out, lse, q_rot, k_rot
 
 
 def _rope_attention_bwd(
     do: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
+    q_rot: torch.Tensor,
+    k_rot: torch.Tensor,
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
@@ -677,7 +698,11 @@ def _rope_attention_bwd(
     dk: torch.Tensor | None = None,
     dv: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch delta, dk/dv and dq kernels. do [N, Hq, D] -> dq [N, Hq, D], dk, dv [N, Hkv, D] (inputs' dtype)."""
+    """Launch delta, dk/dv and dq kernels. do [N, Hq, D] -> dq [N, Hq, D], dk, dv [N, Hkv, D] (inputs' dtype).
+
+    q_rot, k_rot: the rotated q and k saved by the forward (save_rotated=True); dq and dk come back unrotated.
+    """
+    q, k = q_rot, k_rot
     n, hq, d = q.shape
     hkv = k.shape[1]
     do = _last_dim_contiguous(do)
@@ -722,19 +747,23 @@ def _rope_attention_bwd(
 class _RopeAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, positions, cu_seqlens, rope_theta, softmax_scale, kv_cache, slot_mapping):
-        out, lse = _rope_attention_fwd(
-            q, k, v, positions, cu_seqlens, rope_theta, softmax_scale, kv_cache, slot_mapping
+        # the rotated q and k are saved instead of q and k: same memory, and the backward rotates nothing
+        # in its inner loops (only dq and dk are rotated back, once per tile)
+        save = any(ctx.needs_input_grad[:3])
+        out, lse, q_rot, k_rot = _rope_attention_fwd(
+            q, k, v, positions, cu_seqlens, rope_theta, softmax_scale, kv_cache, slot_mapping, save_rotated=save
         )
-        ctx.save_for_backward(q, k, v, out, lse, positions, cu_seqlens)
+        if save:
+            ctx.save_for_backward(q_rot, k_rot, v, out, lse, positions, cu_seqlens)
         ctx.rope_theta = rope_theta
         ctx.softmax_scale = softmax_scale
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, out, lse, positions, cu_seqlens = ctx.saved_tensors
+        q_rot, k_rot, v, out, lse, positions, cu_seqlens = ctx.saved_tensors
         dq, dk, dv = _rope_attention_bwd(
-            do, q, k, v, out, lse, positions, cu_seqlens, ctx.rope_theta, ctx.softmax_scale
+            do, q_rot, k_rot, v, out, lse, positions, cu_seqlens, ctx.rope_theta, ctx.softmax_scale
         )
         return dq, dk, dv, None, None, None, None, None, None
 

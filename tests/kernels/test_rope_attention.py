@@ -77,13 +77,17 @@ def test_forward_backward_poisoned(dtype, hq, hkv, d, theta):
     scale = 1.0 / math.sqrt(d)
     out = torch.full_like(q, float("nan"))
     lse = torch.full((hq, n), float("nan"))
-    _rope_attention_fwd(q, k, v, positions, cu, theta, scale, out=out, lse=lse)
+    _, _, q_rot, k_rot = _rope_attention_fwd(q, k, v, positions, cu, theta, scale, out=out, lse=lse, save_rotated=True)
     dq, dk, dv = (torch.full_like(x, float("nan")) for x in (q, k, v))
-    _rope_attention_bwd(do, q, k, v, out, lse, positions, cu, theta, scale, dq=dq, dk=dk, dv=dv)
+    _rope_attention_bwd(do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dq=dq, dk=dk, dv=dv)
 
     ref_out, ref_lse, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, theta, do)
     _close(out, ref_out, dtype, "out")
-    torch.testing.assert_close(lse.double() * math.log(2.0), ref_lse, atol=1e-4, rtol=1e-4)
+    # lse comes from the scores of q, k rotated then rounded to the input dtype (as the GPU multiplies them)
+    _close(lse * math.log(2.0), ref_lse, dtype, "lse")
+    # the rotated q and k saved for the backward: every token, every head
+    _close(q_rot, reference.apply_rotary(q.double(), positions, theta), dtype, "q_rot")
+    _close(k_rot, reference.apply_rotary(k.double(), positions, theta), dtype, "k_rot")
     _close(dq, ref_dq, dtype, "dq")
     _close(dk, ref_dk, dtype, "dk")
     _close(dv, ref_dv, dtype, "dv")
@@ -118,8 +122,10 @@ def test_arbitrary_positions_and_empty_sequence():
     do = torch.randn(n, 2, 64)
     out = torch.full_like(q, float("nan"))
     lse = torch.full((2, n), float("nan"))
-    _rope_attention_fwd(q, k, v, positions, cu, 10000.0, 0.125, out=out, lse=lse)
-    dq, dk, dv = _rope_attention_bwd(do, q, k, v, out, lse, positions, cu, 10000.0, 0.125)
+    _, _, q_rot, k_rot = _rope_attention_fwd(
+        q, k, v, positions, cu, 10000.0, 0.125, out=out, lse=lse, save_rotated=True
+    )
+    dq, dk, dv = _rope_attention_bwd(do, q_rot, k_rot, v, out, lse, positions, cu, 10000.0, 0.125)
     ref_out, _, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, 10000.0, do)
     # positions up to 5000: fp32 angles carry ~2e-4 rad of rounding, as in HF's own fp32 rotary
     tol = dict(atol=2e-3, rtol=2e-3)
@@ -137,8 +143,8 @@ def test_small_head_dims(d):
     q, k, v = _inputs(n, 2, 2, d, torch.float32)
     do = torch.randn(n, 2, d)
     scale = 1.0 / math.sqrt(d)
-    out, lse = _rope_attention_fwd(q, k, v, positions, cu, 10000.0, scale)
-    dq, dk, dv = _rope_attention_bwd(do, q, k, v, out, lse, positions, cu, 10000.0, scale)
+    out, lse, q_rot, k_rot = _rope_attention_fwd(q, k, v, positions, cu, 10000.0, scale, save_rotated=True)
+    dq, dk, dv = _rope_attention_bwd(do, q_rot, k_rot, v, out, lse, positions, cu, 10000.0, scale)
     ref_out, _, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, 10000.0, do)
     for name, a, b in (("out", out, ref_out), ("dq", dq, ref_dq), ("dk", dk, ref_dk), ("dv", dv, ref_dv)):
         _close(a, b, torch.float32, name)
@@ -152,8 +158,8 @@ def test_many_short_sequences():
     q, k, v = _inputs(n, 2, 1, 32, torch.float32)
     do = torch.randn(n, 2, 32)
     scale = 1.0 / math.sqrt(32)
-    out, lse = _rope_attention_fwd(q, k, v, positions, cu, 10000.0, scale)
-    dq, dk, dv = _rope_attention_bwd(do, q, k, v, out, lse, positions, cu, 10000.0, scale)
+    out, lse, q_rot, k_rot = _rope_attention_fwd(q, k, v, positions, cu, 10000.0, scale, save_rotated=True)
+    dq, dk, dv = _rope_attention_bwd(do, q_rot, k_rot, v, out, lse, positions, cu, 10000.0, scale)
     ref_out, _, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, 10000.0, do)
     for name, a, b in (("out", out, ref_out), ("dq", dq, ref_dq), ("dk", dk, ref_dk), ("dv", dv, ref_dv)):
         _close(a, b, torch.float32, name)
