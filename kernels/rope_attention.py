@@ -6,8 +6,11 @@ them: the two halves of the head dim are loaded separately and rotated in regist
 computed in fp32 from the positions, so rotary costs no extra pass over memory. FlashAttention-2
 forward (online softmax, exp2 with log2(e) folded into the scale, causal mask only on diagonal blocks)
 and backward (delta preprocess, a dk/dv kernel looping over query blocks and over the query heads of
-the GQA group, a dq kernel looping over key blocks; no atomics). Optionally the forward also writes
-the rotated k and the v of each token into a paged KV cache (the generation engine's prefill).
+the GQA group, a dq kernel looping over key blocks; no atomics). When gradients are needed the forward
+also stores the rotated q and k (each token once, as it rotates them) and autograd saves those instead of
+q and k: same memory, and the backward's inner loops rotate nothing; only the finished dq and dk tiles
+are rotated back (by -angle). Optionally the forward also writes the rotated k and the v of each token
+into a paged KV cache (the generation engine's prefill).
 
 cos/sin: within one tile the positions are normally consecutive (p0, p0+1, ...). Then
 cos/sin((p0 + j) * f) come from cos/sin(p0 * f) (one row of transcendentals per tile) and a small
