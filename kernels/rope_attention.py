@@ -425,6 +425,8 @@ def _bwd_dkdv_kernel(
                 False, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC,
             )  # fmt: skip
 
+    # dv first: its registers are free before the rotation's temporaries are needed
+    _store_tile(DV + kvh * stride_dvh, dv, rows_n, n_ok, stride_dvn, offs_d, HEAD_DIM, False)
     # gradient w.r.t. the rotated k, then the inverse rotation (by -angle) gives the gradient w.r.t. k
     dk1 = dk1 * sm_scale
     dk2 = dk2 * sm_scale
@@ -432,7 +434,6 @@ def _bwd_dkdv_kernel(
     dk1, dk2 = _rotate(dk1, dk2, POS, tok0, start_n, seq_len, inv_freq, TAB, offs_h, BLOCK_N, HALF, TAB_ROWS, -1.0)
     _store_tile(dk_base, dk1, rows_n, n_ok, stride_dkn, offs_h, HALF_D, PAD)
     _store_tile(dk_base + HALF_D, dk2, rows_n, n_ok, stride_dkn, offs_h, HALF_D, PAD)
-    _store_tile(DV + kvh * stride_dvh, dv, rows_n, n_ok, stride_dvn, offs_d, HEAD_DIM, False)
 
 
 @triton.jit
