@@ -532,11 +532,12 @@ def _configs(inner_name: str, shapes: tuple[tuple[int, int, int], ...]) -> list[
     return [triton.Config({inner_name: b}, num_warps=w, num_stages=s) for b, w, s in shapes]
 
 
-# (inner tile, warps, stages). Offline sm_90 builds (ptxas -v, D=128 bf16) guided the choice: the rotation
-# temporaries make 4-warp and 64+-wide inner tiles spill (fwd BLOCK_N=32 / 8 warps: none; 64: ~1.5 KB).
+# (inner tile, warps, stages). Offline sm_90 builds (ptxas -v, D=128 bf16) guided the choice: 4 warps and
+# wide inner tiles spill. Spills at 8 warps: fwd BLOCK_N=32 ~50 B (64: ~1.5 KB); dq BLOCK_N=32 none (64: ~80 B);
+# dk/dv BLOCK_M=32 ~300 B (16: ~650 B). Measured timings on a GPU are still owed.
 _KEY = ["HEAD_DIM", "GROUP"]
 _FWD_SHAPES = ((32, 8, 2), (32, 8, 3), (32, 8, 4), (64, 8, 2), (64, 8, 3), (32, 4, 3))
-_BWD_SHAPES = ((16, 8, 2), (16, 8, 3), (32, 8, 2), (32, 8, 3))
+_BWD_SHAPES = ((16, 8, 2), (16, 8, 3), (32, 8, 2), (32, 8, 3), (64, 8, 2))
 _fwd_tuned = triton.autotune(_configs("BLOCK_N", _FWD_SHAPES), key=_KEY + ["WRITE_CACHE"])(_fwd_kernel)
 _dkdv_tuned = triton.autotune(_configs("BLOCK_M", _BWD_SHAPES), key=_KEY)(_bwd_dkdv_kernel)
 _dq_tuned = triton.autotune(_configs("BLOCK_N", _BWD_SHAPES), key=_KEY)(_bwd_dq_kernel)
