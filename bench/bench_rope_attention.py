@@ -194,6 +194,57 @@ def print_table(table):
         )
 
 
+def ptxas_report(head_dim: int, dtype: str, group: int) -> None:
+    """Compile every autotune config for sm_90 offline (no GPU needed) and print ptxas registers, spills and
+    shared memory: the one performance signal available on a machine without a GPU."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels import rope_attention as ra
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptr = "*" + dtype
+    ptrs = dict.fromkeys(["Q", "K", "V", "O", "DO", "DK", "DV", "DQ", "KC", "VC", "QR", "KR"], ptr)
+    ptrs.update(LSE="*fp32", DELTA="*fp32", INV_FREQ="*fp32", TAB="*fp32", POS="*i64", SLOT="*i64")
+    ptrs.update(CU_SEQ="*i32", CU_BLK="*i32")
+    tl_dtype = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype]
+    base = dict(N_STEPS=4, GROUP=group, HEAD_DIM=head_dim, HALF=max(head_dim // 2, 16), TAB_ROWS=ra._TAB_ROWS)
+    base.update(DOT_DTYPE=tl_dtype, PREC="ieee" if dtype == "fp32" else "tf32")
+    kernels = [
+        ("fwd", ra._fwd_kernel, "BLOCK_N", ra._FWD_SHAPES, dict(BLOCK_M=128, WRITE_CACHE=False, SAVE_ROT=True)),
+        ("dkdv", ra._bwd_dkdv_kernel, "BLOCK_M", ra._BWD_SHAPES, dict(BLOCK_N=128)),
+        ("dq", ra._bwd_dq_kernel, "BLOCK_N", ra._BWD_SHAPES, dict(BLOCK_M=128)),
+    ]
+    for name, fn, inner, shapes, extra in kernels:
+        for block, warps, stages in shapes:
+            consts = {**base, **extra, inner: block}
+            sig = {
+                a: "constexpr" if a in consts else ptrs.get(a, "fp32" if "scale" in a else "i32") for a in fn.arg_names
+            }
+            src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+            opts = {"num_warps": warps, "num_stages": stages}
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+                f.write(compiled.asm["ptx"])
+                f.flush()
+                res = subprocess.run(
+                    [ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True, text=True
+                )
+            info = " ".join(
+                line.split(":", 1)[-1].strip() for line in res.stderr.splitlines() if "spill" in line or "Used" in line
+            )
+            print(
+                f"{name:5} {inner}={block:<3} warps={warps} stages={stages} smem={compiled.metadata.shared:>6} {info}",
+                flush=True,
+            )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8)
@@ -210,7 +261,16 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=25, help="ms")
     p.add_argument("--rep", type=int, default=100, help="ms")
     p.add_argument("--json", type=str, default=None, help="write the figures here")
+    p.add_argument(
+        "--ptxas",
+        action="store_true",
+        help="no timing: compile each autotune config for sm_90 offline "
+        "and print registers / spills / shared memory for --head-dim, --dtype, --heads/--kv-heads",
+    )
     args = p.parse_args()
+    if args.ptxas:
+        ptxas_report(args.head_dim, args.dtype, args.heads // (args.kv_heads or args.heads))
+        return
 
     cuda = torch.cuda.is_available()
     if not cuda:

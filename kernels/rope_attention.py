@@ -537,7 +537,7 @@ def _configs(inner_name: str, shapes: tuple[tuple[int, int, int], ...]) -> list[
 # dk/dv BLOCK_M=32 ~300 B (16: ~650 B). Measured timings on a GPU are still owed.
 _KEY = ["HEAD_DIM", "GROUP"]
 _FWD_SHAPES = ((32, 8, 2), (32, 8, 3), (32, 8, 4), (64, 8, 2), (64, 8, 3), (32, 4, 3))
-_BWD_SHAPES = ((16, 8, 2), (16, 8, 3), (32, 8, 2), (32, 8, 3), (64, 8, 2))
+_BWD_SHAPES = ((16, 8, 2), (16, 8, 3), (32, 8, 2), (32, 8, 3), (64, 8, 2), (32, 4, 2))
 _fwd_tuned = triton.autotune(_configs("BLOCK_N", _FWD_SHAPES), key=_KEY + ["WRITE_CACHE"])(_fwd_kernel)
 _dkdv_tuned = triton.autotune(_configs("BLOCK_M", _BWD_SHAPES), key=_KEY)(_bwd_dkdv_kernel)
 _dq_tuned = triton.autotune(_configs("BLOCK_N", _BWD_SHAPES), key=_KEY)(_bwd_dq_kernel)
