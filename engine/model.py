@@ -12,6 +12,7 @@ block tables and slot mappings never thread through every forward signature.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -120,7 +121,9 @@ class Attention(nn.Module):
         k = k.view(n, self.local_kv_heads, d)
         v = v.view(n, self.local_kv_heads, d)
         ctx = _CONTEXT
-        if ctx is None:
+        if ctx is None and q.is_cuda and attention_backend() == "flash":
+            o = _flash_attention(q, k, v, positions, cu_seqlens, self.rope_theta)
+        elif ctx is None:
             o = rope_attention(q, k, v, positions, cu_seqlens, rope_theta=self.rope_theta)
         elif not ctx.decode:
             o = rope_attention(
@@ -140,6 +143,27 @@ class Attention(nn.Module):
             q = rope_write_kv(q, k, v, positions, k_cache, v_cache, ctx.slot_mapping, rope_theta=self.rope_theta)
             o = paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens)
         return self.o_proj(o.reshape(n, self.local_heads * d))
+
+
+def attention_backend() -> str:
+    """TULU_PPO_ATTENTION=flash uses flash-attn (when installed) for the training forward; default "triton"."""
+    backend = os.environ.get("TULU_PPO_ATTENTION", "triton")
+    if backend not in ("triton", "flash"):
+        raise ValueError(f"TULU_PPO_ATTENTION must be 'triton' or 'flash', got {backend!r}")
+    return backend
+
+
+def _flash_attention(q, k, v, positions, cu_seqlens, rope_theta: float) -> torch.Tensor:
+    """flash-attn's varlen kernel with the rotary applied separately (the optional path)."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as e:
+        raise ImportError("TULU_PPO_ATTENTION=flash needs flash-attn: pip install -e '.[flash]'") from e
+    from kernels.reference import apply_rotary
+
+    q, k = apply_rotary(q, positions, rope_theta), apply_rotary(k, positions, rope_theta)
+    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True)
 
 
 class MLP(nn.Module):

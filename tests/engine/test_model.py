@@ -138,3 +138,13 @@ def test_named_shapes_are_llama2():
     assert abs(c7.num_params() - 6.738e9) / 6.738e9 < 1e-3
     with pytest.raises(ValueError, match="unknown model shape"):
         ModelConfig.named("llama3-8b")
+
+
+def test_attention_backend_choice(monkeypatch):
+    from engine.model import attention_backend
+
+    monkeypatch.setenv("TULU_PPO_ATTENTION", "flash")
+    assert attention_backend() == "flash"
+    monkeypatch.setenv("TULU_PPO_ATTENTION", "xformers")
+    with pytest.raises(ValueError, match="must be 'triton' or 'flash', got 'xformers'"):
+        attention_backend()

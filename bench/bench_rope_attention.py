@@ -1,0 +1,345 @@
+"""Benchmark kernels.rope_attention (rotary inside the kernel) against SDPA with rotary applied separately.
+
+Rows: ours; SDPA flash and SDPA cuDNN backends (after kernels/reference.apply_rotary, as users do today);
+torch.compile of rotary + SDPA; the eager reference (kernels/reference.rope_attention); Liger's rope kernel +
+SDPA flash if Liger-Kernel is importable; the FLOP roofline. Forward and forward+backward, causal, default
+shape B8 H40 T2048 D128 bf16, plus a packed batch of mixed lengths (ours varlen vs SDPA padded to the longest).
+
+FLOPs (causal): forward = 4*B*H*T^2*D / 2 (two matmuls, half the score matrix); forward+backward counted as
+--fwd-bwd-factor (default 2.5) times the forward. A packed batch counts each sequence's own L^2.
+
+    python bench/bench_rope_attention.py [--batch 8 --heads 40 --kv-heads 40 --seqlen 2048 --head-dim 128]
+        [--dtype bf16] [--peak-tflops 724] [--json out.json]
+
+Without a CUDA device it runs a tiny shape on the CPU (the reference against eager rotary + SDPA) and says
+that GPU figures need a CUDA device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from kernels import reference
+from kernels.rope_attention import rope_attention
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def causal_flops(lengths: list[int], heads: int, head_dim: int) -> float:
+    return sum(4.0 * heads * n * n * head_dim / 2 for n in lengths)
+
+
+def timed(fn, warmup: int, rep: int, cuda: bool) -> tuple[float, float]:
+    """(milliseconds per call, extra peak memory in GiB over what was allocated before the call)."""
+    if cuda:
+        import triton.testing
+
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        extra = (torch.cuda.max_memory_allocated() - base) / 2**30
+        return triton.testing.do_bench(fn, warmup=warmup, rep=rep), extra
+    for _ in range(max(1, warmup // 25)):
+        fn()
+    t0 = time.perf_counter()
+    n = 0
+    while n < 3 or time.perf_counter() - t0 < rep / 1000:
+        fn()
+        n += 1
+    return (time.perf_counter() - t0) * 1000 / n, float("nan")
+
+
+def sdpa_with_rotary(q, k, v, positions, batch, seqlen, theta, backend=None):
+    """Users' path today: rotary as separate ops on [B*T, H, D], then SDPA on [B, H, T, D] views."""
+    qr = reference.apply_rotary(q, positions, theta).view(batch, seqlen, q.shape[1], -1).transpose(1, 2)
+    kr = reference.apply_rotary(k, positions, theta).view(batch, seqlen, k.shape[1], -1).transpose(1, 2)
+    vv = v.view(batch, seqlen, v.shape[1], -1).transpose(1, 2)
+    gqa = q.shape[1] != k.shape[1]
+    if backend is None:
+        return F.scaled_dot_product_attention(qr, kr, vv, is_causal=True, enable_gqa=gqa)
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(qr, kr, vv, is_causal=True, enable_gqa=gqa)
+
+
+def _padded_sdpa(q, k, v, *, positions, batch, seqlen, theta, backend):
+    return sdpa_with_rotary(q, k, v, positions, batch, seqlen, theta, backend)
+
+
+def check_against_reference(hq: int, hkv: int, d: int, dtype: torch.dtype, theta: float) -> None:
+    """Before timing on a GPU: ours vs the fp32 reference on a small packed batch (fwd and grads)."""
+    lengths = [1, 100, 128, 257, 1000]
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    cu = cu.cuda()
+    positions = torch.cat([torch.arange(37, 37 + n) for n in lengths]).cuda()
+    n = sum(lengths)
+    q, k, v = (torch.randn(n, h, d, device="cuda", dtype=dtype, requires_grad=True) for h in (hq, hkv, hkv))
+    do = torch.randn(n, hq, d, device="cuda", dtype=dtype)
+    out = rope_attention(q, k, v, positions, cu, rope_theta=theta)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    ref = reference.rope_attention(q32, k32, v32, positions, cu, rope_theta=theta)
+    ref_grads = torch.autograd.grad(ref, (q32, k32, v32), do.float())
+    errs = [(a.float() - b).abs().max().item() for a, b in zip((out, *grads), (ref, *ref_grads))]
+    print("check vs fp32 reference, max abs error out/dq/dk/dv: " + " ".join(f"{e:.2e}" for e in errs))
+
+
+def make_rows(args, q, k, v, positions, cu, batch, seqlen, padded_mask=None):
+    """name -> callable(q, k, v) -> output, for the dense (B, T) layout."""
+    theta = args.rope_theta
+    rows = {"ours (rotary inside)": lambda q, k, v: rope_attention(q, k, v, positions, cu, rope_theta=theta)}
+    if q.is_cuda:
+        from torch.nn.attention import SDPBackend
+
+        rows["SDPA flash + rotary"] = lambda q, k, v: sdpa_with_rotary(
+            q, k, v, positions, batch, seqlen, theta, SDPBackend.FLASH_ATTENTION
+        )
+        rows["SDPA cuDNN + rotary"] = lambda q, k, v: sdpa_with_rotary(
+            q, k, v, positions, batch, seqlen, theta, SDPBackend.CUDNN_ATTENTION
+        )
+        compiled = torch.compile(sdpa_with_rotary, static_argnums=(4, 5, 6))
+        rows["torch.compile(rotary + SDPA)"] = lambda q, k, v: compiled(q, k, v, positions, batch, seqlen, theta)
+        try:
+            from liger_kernel.ops.rope import LigerRopeFunction
+
+            cos, sin = reference.rotary_cos_sin(positions[:seqlen], q.shape[-1], theta, torch.float32)
+            cos, sin = cos.to(q.dtype)[None], sin.to(q.dtype)[None]
+
+            def liger(q, k, v):
+                qb = q.view(batch, seqlen, q.shape[1], -1).transpose(1, 2)
+                kb = k.view(batch, seqlen, k.shape[1], -1).transpose(1, 2)
+                qr, kr = LigerRopeFunction.apply(qb, kb, cos, sin)
+                vv = v.view(batch, seqlen, v.shape[1], -1).transpose(1, 2)
+                return F.scaled_dot_product_attention(qr, kr, vv, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+            rows["Liger rope + SDPA"] = liger
+        except Exception:  # noqa: BLE001 - Liger is optional
+            pass
+    rows["eager reference"] = lambda q, k, v: reference.rope_attention(q, k, v, positions, cu, rope_theta=theta)
+    return rows
+
+
+def bench_impl(fn, q, k, v, do, flops, args, cuda) -> dict:
+    """Forward and forward+backward figures of one implementation fn(q, k, v) -> output."""
+    ms, mem = timed(lambda: fn(q, k, v), args.warmup, args.rep, cuda)
+    entry = dict(fwd_ms=ms, fwd_tflops=flops / ms / 1e9, fwd_extra_gib=mem)
+    if args.backward:
+        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+
+        def step():
+            out = fn(qg, kg, vg)
+            # SDPA rows return [B, H, T, D] views of the packed [N, H, D] layout
+            g = do if out.shape == q.shape else do.view(out.shape[0], -1, *q.shape[1:]).transpose(1, 2)
+            torch.autograd.grad(out, (qg, kg, vg), g)
+
+        ms, mem = timed(step, args.warmup, args.rep, cuda)
+        entry.update(fwdbwd_ms=ms, fwdbwd_tflops=args.fwd_bwd_factor * flops / ms / 1e9, fwdbwd_extra_gib=mem)
+    return entry
+
+
+def run_rows(rows, q, k, v, flops, args, cuda, table, label, roofline=True):
+    do = torch.randn(q.shape, dtype=q.dtype, device=q.device)
+    for name, fn in rows.items():
+        entry = {"case": label, "impl": name}
+        try:
+            entry.update(bench_impl(fn, q, k, v, do, flops, args, cuda))
+        except Exception as e:  # noqa: BLE001 - a peer that fails on this device is reported, not fatal
+            entry["error"] = f"{type(e).__name__}: {str(e)[:80]}"
+        table.append(entry)
+    if not roofline:
+        return
+    roof_ms = flops / (args.peak_tflops * 1e9)
+    table.append(
+        {
+            "case": label,
+            "impl": f"roofline ({args.peak_tflops:.0f} TFLOP/s)",
+            "fwd_ms": roof_ms,
+            "fwd_tflops": args.peak_tflops,
+            "fwdbwd_ms": roof_ms * args.fwd_bwd_factor,
+            "fwdbwd_tflops": args.peak_tflops,
+        }
+    )
+
+
+def _fmt(e: dict, key: str, width: int, prec: int) -> str:
+    if key in e and not math.isnan(e[key]):
+        return f"{e[key]:>{width}.{prec}f}"
+    return " " * (width - 1) + "-"
+
+
+def print_table(table):
+    print(
+        f"{'case':<34} {'impl':<30} {'fwd ms':>8} {'TFLOP/s':>8} {'+GiB':>6} {'f+b ms':>8} {'TFLOP/s':>8} {'+GiB':>6}"
+    )
+    for e in table:
+        if "error" in e:
+            print(f"{e['case']:<34} {e['impl']:<30} {e['error']}")
+            continue
+        print(
+            f"{e['case']:<34} {e['impl']:<30} {_fmt(e, 'fwd_ms', 8, 3)} {_fmt(e, 'fwd_tflops', 8, 1)} "
+            f"{_fmt(e, 'fwd_extra_gib', 6, 2)} {_fmt(e, 'fwdbwd_ms', 8, 3)} {_fmt(e, 'fwdbwd_tflops', 8, 1)} "
+            f"{_fmt(e, 'fwdbwd_extra_gib', 6, 2)}"
+        )
+
+
+def ptxas_report(head_dim: int, dtype: str, group: int) -> None:
+    """Compile every autotune config for sm_90 offline (no GPU needed) and print ptxas registers, spills and
+    shared memory: the one performance signal available on a machine without a GPU."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels import rope_attention as ra
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptr = "*" + dtype
+    ptrs = dict.fromkeys(["Q", "K", "V", "O", "DO", "DK", "DV", "DQ", "KC", "VC", "QR", "KR"], ptr)
+    ptrs.update(LSE="*fp32", DELTA="*fp32", INV_FREQ="*fp32", TAB="*fp32", POS="*i64", SLOT="*i64")
+    ptrs.update(CU_SEQ="*i32", CU_BLK="*i32")
+    tl_dtype = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype]
+    base = dict(N_STEPS=4, GROUP=group, HEAD_DIM=head_dim, HALF=max(head_dim // 2, 16), TAB_ROWS=ra._TAB_ROWS)
+    base.update(DOT_DTYPE=tl_dtype, PREC="ieee" if dtype == "fp32" else "tf32")
+    kernels = [
+        ("fwd", ra._fwd_kernel, "BLOCK_N", ra._FWD_SHAPES, dict(BLOCK_M=128, WRITE_CACHE=False, SAVE_ROT=True)),
+        ("dkdv", ra._bwd_dkdv_kernel, "BLOCK_M", ra._BWD_SHAPES, dict(BLOCK_N=128)),
+        ("dq", ra._bwd_dq_kernel, "BLOCK_N", ra._BWD_SHAPES, dict(BLOCK_M=128)),
+    ]
+    for name, fn, inner, shapes, extra in kernels:
+        for block, warps, stages in shapes:
+            consts = {**base, **extra, inner: block}
+            sig = {
+                a: "constexpr" if a in consts else ptrs.get(a, "fp32" if "scale" in a else "i32") for a in fn.arg_names
+            }
+            src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+            opts = {"num_warps": warps, "num_stages": stages}
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+                f.write(compiled.asm["ptx"])
+                f.flush()
+                res = subprocess.run(
+                    [ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True, text=True
+                )
+            info = " ".join(
+                line.split(":", 1)[-1].strip() for line in res.stderr.splitlines() if "spill" in line or "Used" in line
+            )
+            print(
+                f"{name:5} {inner}={block:<3} warps={warps} stages={stages} smem={compiled.metadata.shared:>6} {info}",
+                flush=True,
+            )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--heads", type=int, default=40)
+    p.add_argument("--kv-heads", type=int, default=None, help="default: --heads (MHA)")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", choices=DTYPES, default="bf16")
+    p.add_argument("--rope-theta", type=float, default=10000.0)
+    p.add_argument("--peak-tflops", type=float, default=724.0, help="bf16 matmul roofline (H100 measured)")
+    p.add_argument("--fwd-bwd-factor", type=float, default=2.5, help="fwd+bwd FLOPs as a multiple of the forward")
+    p.add_argument("--no-backward", dest="backward", action="store_false")
+    p.add_argument("--no-mixed", dest="mixed", action="store_false", help="skip the packed mixed-length batch")
+    p.add_argument("--warmup", type=int, default=25, help="ms")
+    p.add_argument("--rep", type=int, default=100, help="ms")
+    p.add_argument("--json", type=str, default=None, help="write the figures here")
+    p.add_argument(
+        "--ptxas",
+        action="store_true",
+        help="no timing: compile each autotune config for sm_90 offline "
+        "and print registers / spills / shared memory for --head-dim, --dtype, --heads/--kv-heads",
+    )
+    args = p.parse_args()
+    if args.ptxas:
+        ptxas_report(args.head_dim, args.dtype, args.heads // (args.kv_heads or args.heads))
+        return
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        print("No CUDA device: tiny CPU run of the reference path; GPU figures need a CUDA device.")
+        args.batch, args.heads, args.seqlen, args.head_dim, args.dtype = 2, 4, 64, 64, "fp32"
+        args.mixed = False
+    device = "cuda" if cuda else "cpu"
+    dtype = DTYPES[args.dtype]
+    hq, hkv = args.heads, args.kv_heads or args.heads
+    b, t, d = args.batch, args.seqlen, args.head_dim
+    torch.manual_seed(0)
+
+    table: list[dict] = []
+    n = b * t
+    q = torch.randn(n, hq, d, device=device, dtype=dtype)
+    k = torch.randn(n, hkv, d, device=device, dtype=dtype)
+    v = torch.randn(n, hkv, d, device=device, dtype=dtype)
+    positions = torch.arange(t, device=device).repeat(b)
+    cu = torch.arange(0, n + 1, t, device=device, dtype=torch.int32)
+    if cuda:
+        check_against_reference(hq, hkv, d, dtype, args.rope_theta)
+    rows = make_rows(args, q, k, v, positions, cu, b, t)
+    if not cuda:
+        rows = {"reference (CPU path)": rows["ours (rotary inside)"]}
+        rows["eager rotary + SDPA"] = lambda q, k, v: sdpa_with_rotary(q, k, v, positions, b, t, args.rope_theta)
+    label = f"B{b} H{hq}/{hkv} T{t} D{d} {args.dtype}"
+    run_rows(rows, q, k, v, causal_flops([t] * b, hq, d), args, cuda, table, label)
+
+    if args.mixed:
+        # a packed batch of mixed lengths, about as many tokens as the dense case
+        lengths = []
+        gen = torch.Generator().manual_seed(1)
+        while sum(lengths) < n:
+            lengths.append(int(torch.randint(64, 2 * t, (1,), generator=gen)))
+        lengths[-1] -= sum(lengths) - n
+        lengths = [x for x in lengths if x > 0]
+        cu_m = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu_m[1:] = torch.tensor(lengths).cumsum(0)
+        cu_m = cu_m.to(device)
+        pos_m = torch.cat([torch.arange(x) for x in lengths]).to(device)
+        flops = causal_flops(lengths, hq, d)
+        label_m = f"packed {len(lengths)} seqs, {n} tok, max {max(lengths)}"
+        ours = {"ours varlen": lambda q, k, v: rope_attention(q, k, v, pos_m, cu_m, rope_theta=args.rope_theta)}
+        run_rows(ours, q, k, v, flops, args, cuda, table, label_m, roofline=False)
+        # SDPA pads every sequence to the longest one (useful FLOPs only are counted)
+        tmax = max(lengths)
+        qp = torch.randn(len(lengths) * tmax, hq, d, device=device, dtype=dtype)
+        kp = torch.randn(len(lengths) * tmax, hkv, d, device=device, dtype=dtype)
+        vp = torch.randn(len(lengths) * tmax, hkv, d, device=device, dtype=dtype)
+        pos_p = torch.arange(tmax, device=device).repeat(len(lengths))
+        from torch.nn.attention import SDPBackend
+
+        padded = {
+            f"SDPA {name} + rotary, padded": functools.partial(
+                _padded_sdpa, positions=pos_p, batch=len(lengths), seqlen=tmax, theta=args.rope_theta, backend=be
+            )
+            for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cuDNN", SDPBackend.CUDNN_ATTENTION))
+        }
+        run_rows(padded, qp, kp, vp, flops, args, cuda, table, label_m)
+
+    device_name = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"device: {device_name}, torch {torch.__version__}; causal FLOPs, fwd+bwd = {args.fwd_bwd_factor} x fwd")
+    print_table(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"device": device_name, "torch": torch.__version__, "args": vars(args), "rows": table}, f, indent=1
+            )
+
+
+if __name__ == "__main__":
+    main()

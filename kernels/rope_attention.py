@@ -1,0 +1,812 @@
+"""Causal flash attention over packed variable-length sequences with rotary embedding applied inside.
+
+q [N, Hq, D], k/v [N, Hkv, D]: N tokens of S sequences packed back to back (cu_seqlens int [S+1]),
+positions [N] any integers. RoPE (Llama / HF "rotate half") is applied to q and k as the kernels load
+them: the two halves of the head dim are loaded separately and rotated in registers, with cos/sin
+computed in fp32 from the positions, so rotary costs no extra pass over memory. FlashAttention-2
+forward (online softmax, exp2 with log2(e) folded into the scale, causal mask only on diagonal blocks)
+and backward (delta preprocess, a dk/dv kernel looping over query blocks and over the query heads of
+the GQA group, a dq kernel looping over key blocks; no atomics). When gradients are needed the forward
+also stores the rotated q and k (each token once, as it rotates them) and autograd saves those instead of
+q and k: same memory, and the backward's inner loops rotate nothing; only the finished dq and dk tiles
+are rotated back (by -angle). Optionally the forward also writes the rotated k and the v of each token
+into a paged KV cache (the generation engine's prefill).
+
+cos/sin: within one tile the positions are normally consecutive (p0, p0+1, ...). Then
+cos/sin((p0 + j) * f) come from cos/sin(p0 * f) (one row of transcendentals per tile) and a small
+host-built table of cos/sin(j * f) by the angle-addition formulas, which keeps the special-function
+units free for the softmax exponentials. Any other tile (left padding, arbitrary positions) computes
+cos/sin per element.
+
+Sequence lookup: the grid covers cdiv(N, BLOCK) + S query (or key) blocks, an upper bound on the
+blocks of all sequences that needs no host sync; each program finds its (sequence, block) by binary
+search in a device-built prefix sum of per-sequence block counts and exits if it is past the end.
+
+GPU notes: the first call per (head dim, GQA group, dtype) autotunes, so warm up before CUDA-graph capture
+(the cos/sin tables are also built and cached on that first call). fp32 inputs use exact fp32 dots
+("ieee"): correct but far slower than bf16/fp16, which use tensor cores with fp32 accumulation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import reference
+from kernels.dispatch import INTERPRET, use_triton
+
+_LOG2E = 1.4426950408889634
+_TAB_ROWS = 128  # rows of the cos/sin(j * f) table: at least every tile height used below
+# Sequence-block size shared by the forward (query blocks), dk/dv (key blocks) and dq (query blocks)
+# kernels, and the inner tile sizes used under the interpreter (small, so that the tests run the
+# off-diagonal loop and several diagonal sub-tiles on short sequences).
+_BLOCK = 32 if INTERPRET else 128
+_INNER_INTERPRET = 16
+_SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+_INTERP = tl.constexpr(INTERPRET)
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+# ---------------------------------------------------------------------------------- jit helpers --
+
+
+@triton.jit
+def _find_seq(CU_BLK, pid, num_seqs, N_STEPS: tl.constexpr):
+    """Largest s in [0, num_seqs) with CU_BLK[s] <= pid (binary search; empty sequences are skipped)."""
+    lo = num_seqs * 0
+    hi = num_seqs
+    for _ in tl.static_range(N_STEPS):
+        mid = (lo + hi) // 2
+        right = tl.load(CU_BLK + mid) <= pid
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid)
+    return lo
+
+
+@triton.jit
+def _bound(x):
+    """x as a loop bound. The interpreter keeps scalars as shape-(1,) numpy arrays, which numpy >= 2.4
+    refuses to turn into the int that range() needs; hand it the element. Compiled: x itself."""
+    if _INTERP:
+        y = x.handle.data[0]
+    else:
+        y = x
+    return y
+
+
+@triton.jit
+def _load_tile(base, rows, row_ok, stride_n, cols, ncols, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """x[rows, cols] of a [N, ., D] tensor (last dim contiguous); masked elements read as 0."""
+    ptrs = base + rows[:, None] * stride_n + cols[None, :]
+    if MASK_ROWS:
+        if MASK_COLS:
+            x = tl.load(ptrs, mask=row_ok[:, None] & (cols < ncols)[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        if MASK_COLS:
+            x = tl.load(ptrs, mask=(cols < ncols)[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _store_tile(base, x, rows, row_ok, stride_n, cols, ncols, MASK_COLS: tl.constexpr):
+    ptrs = base + rows[:, None] * stride_n + cols[None, :]
+    if MASK_COLS:
+        tl.store(ptrs, x.to(base.dtype.element_ty), mask=row_ok[:, None] & (cols < ncols)[None, :])
+    else:
+        tl.store(ptrs, x.to(base.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _operand(x, like, DOT_DTYPE: tl.constexpr):
+    """A computed tile as a dot operand: rounded to the inputs' dtype (`like` points to one), which is what
+    the GPU multiplies, then to DOT_DTYPE (fp32 under the interpreter, so it rounds exactly like the GPU)."""
+    return x.to(like.dtype.element_ty).to(DOT_DTYPE)
+
+
+@triton.jit
+def _reduce_angle(a):
+    """a mod 2*pi in [-pi, pi] (Cody-Waite, 2*pi = 6.28125 + c2): keeps sin/cos accurate at large positions."""
+    k = tl.floor(a * 0.15915494309189535 + 0.5)
+    return (a - k * 6.28125) - k * 0.0019353071795864769
+
+
+@triton.jit
+def _rotate(
+    x1, x2, POS, tok0, start, n_valid, inv_freq, TAB, offs_h, R: tl.constexpr, HALF: tl.constexpr,
+    TAB_ROWS: tl.constexpr, SIGN: tl.constexpr,
+):  # fmt: skip
+    """Rotate halves x1, x2 [R, HALF] fp32 of rows at positions[tok0 + start + j]: x*cos + rotate_half(x)*sin.
+
+    SIGN = -1 rotates by minus the angle: the transpose of the rotation, which maps a gradient w.r.t. the
+    rotated vector back to the input.
+
+    Consecutive positions: rotate by p0 * f (a [HALF] row of cos/sin), then by j * f from the table, which
+    keeps fewer [R, HALF] fp32 temporaries alive than forming cos/sin of the sum first.
+    """
+    j = tl.arange(0, R)
+    valid = start + j < n_valid
+    pos = tl.load(POS + tok0 + start + j, mask=valid, other=0)
+    p0 = tl.load(POS + tok0 + start)
+    gap = tl.where(valid, pos - p0 - j, 0)
+    if tl.max(tl.abs(gap), axis=0) == 0:
+        a0 = _reduce_angle(p0.to(tl.float32) * inv_freq)
+        c0 = tl.cos(a0)[None, :]
+        s0 = SIGN * tl.sin(a0)[None, :]
+        u1 = x1 * c0 - x2 * s0
+        u2 = x2 * c0 + x1 * s0
+        tc = tl.load(TAB + j[:, None] * HALF + offs_h[None, :])
+        ts = SIGN * tl.load(TAB + TAB_ROWS * HALF + j[:, None] * HALF + offs_h[None, :])
+        y1 = u1 * tc - u2 * ts
+        y2 = u2 * tc + u1 * ts
+    else:
+        a = _reduce_angle(pos.to(tl.float32)[:, None] * inv_freq[None, :])
+        c = tl.cos(a)
+        s = SIGN * tl.sin(a)
+        y1 = x1 * c - x2 * s
+        y2 = x2 * c + x1 * s
+    return y1, y2
+
+
+# ------------------------------------------------------------------------------------- forward --
+
+
+@triton.jit
+def _write_cache(
+    KC, VC, SLOT, kvh, tok0, offs_n, n_ok, k1r, k2r, v, offs_h, offs_d, stride_kc0, stride_kc1, stride_kc2,
+    stride_vc0, stride_vc1, stride_vc2, cache_block_size, HEAD_DIM: tl.constexpr, PAD: tl.constexpr,
+):  # fmt: skip
+    """Store rotated k and v of tokens tok0 + offs_n at their slots (slot = block * block_size + offset; -1 skips)."""
+    HALF_D: tl.constexpr = HEAD_DIM // 2
+    slot = tl.load(SLOT + tok0 + offs_n, mask=n_ok, other=-1).to(tl.int64)  # caches can exceed 2^31 elements
+    w_ok = slot >= 0
+    cb = slot // cache_block_size
+    co = slot % cache_block_size
+    k_rows = cb * stride_kc0 + co * stride_kc1
+    v_rows = cb * stride_vc0 + co * stride_vc1
+    kc_base = KC + kvh * stride_kc2
+    _store_tile(kc_base, k1r, k_rows, w_ok, 1, offs_h, HALF_D, PAD)
+    _store_tile(kc_base + HALF_D, k2r, k_rows, w_ok, 1, offs_h, HALF_D, PAD)
+    _store_tile(VC + kvh * stride_vc2, v, v_rows, w_ok, 1, offs_d, HEAD_DIM, False)
+
+
+@triton.jit
+def _fwd_step(
+    acc, l_i, m_i, q1r, q2r, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn, POS, inv_freq,
+    TAB, offs_h, offs_d, qk_scale, KC, VC, SLOT, kvh, first_head, stride_kc0, stride_kc1, stride_kc2,
+    stride_vc0, stride_vc1, stride_vc2, cache_block_size, KR, stride_krn, SAVE_ROT: tl.constexpr,
+    MASKED: tl.constexpr, WRITE_CACHE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, TAB_ROWS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """One key tile of the online softmax. MASKED: a diagonal tile (causal mask, keys may run past the end)."""
+    HALF_D: tl.constexpr = HEAD_DIM // 2
+    PAD: tl.constexpr = HALF != HALF_D
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < seq_len
+    rows_n = (tok0 + offs_n).to(tl.int64)
+    k1 = _load_tile(k_base, rows_n, n_ok, stride_kn, offs_h, HALF_D, MASKED, PAD).to(tl.float32)
+    k2 = _load_tile(k_base + HALF_D, rows_n, n_ok, stride_kn, offs_h, HALF_D, MASKED, PAD).to(tl.float32)
+    k1r, k2r = _rotate(k1, k2, POS, tok0, start_n, seq_len, inv_freq, TAB, offs_h, BLOCK_N, HALF, TAB_ROWS, 1.0)
+    v = _load_tile(v_base, rows_n, n_ok, stride_vn, offs_d, HEAD_DIM, MASKED, False)
+    if SAVE_ROT:
+        if MASKED:
+            if first_head:
+                # each token's rotated k, once, for the backward (which then rotates nothing in its loops)
+                kr_base = KR + kvh * HEAD_DIM
+                _store_tile(kr_base, k1r, rows_n, n_ok, stride_krn, offs_h, HALF_D, PAD)
+                _store_tile(kr_base + HALF_D, k2r, rows_n, n_ok, stride_krn, offs_h, HALF_D, PAD)
+    if WRITE_CACHE:
+        if MASKED:
+            if first_head:
+                _write_cache(
+                    KC,
+                    VC,
+                    SLOT,
+                    kvh,
+                    tok0,
+                    offs_n,
+                    n_ok,
+                    k1r,
+                    k2r,
+                    v,
+                    offs_h,
+                    offs_d,
+                    stride_kc0,
+                    stride_kc1,
+                    stride_kc2,
+                    stride_vc0,
+                    stride_vc1,
+                    stride_vc2,
+                    cache_block_size,
+                    HEAD_DIM,
+                    PAD,
+                )
+    qk = tl.dot(q1r, tl.trans(_operand(k1r, k_base, DOT_DTYPE)), input_precision=PREC)
+    qk = tl.dot(q2r, tl.trans(_operand(k2r, k_base, DOT_DTYPE)), qk, input_precision=PREC)
+    if MASKED:
+        qk = tl.where(offs_n[None, :] <= offs_m[:, None], qk, float("-inf"))
+    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.exp2(qk * qk_scale - m_ij[:, None])  # one FMA per score
+    alpha = tl.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(_operand(p, v_base, DOT_DTYPE), v.to(DOT_DTYPE), acc, input_precision=PREC)
+    return acc, l_i, m_ij
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, POS, CU_SEQ, CU_BLK, INV_FREQ, TAB, KC, VC, SLOT,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
+    stride_kc0, stride_kc1, stride_kc2, stride_vc0, stride_vc1, stride_vc2, cache_block_size,
+    QR, KR, stride_qrn, stride_krn, n_tokens, num_seqs, qk_scale,
+    N_STEPS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, TAB_ROWS: tl.constexpr, WRITE_CACHE: tl.constexpr, SAVE_ROT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Grid (query blocks of all sequences (upper bound), Hq). O [N, Hq, D]; LSE [Hq, N] fp32 (base 2).
+
+    SAVE_ROT: also store rotated q [N, Hq, D] and k [N, Hkv, D] (QR, KR, head stride D) for the backward."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    if pid >= tl.load(CU_BLK + num_seqs):
+        return
+    seq = _find_seq(CU_BLK, pid, num_seqs, N_STEPS)
+    # the last (longest) query blocks of a sequence run first: shorter tail at the end of the grid
+    blk = tl.load(CU_BLK + seq + 1) - 1 - pid  # local index, counted from the sequence's last block
+    tok0 = tl.load(CU_SEQ + seq)
+    seq_len = tl.minimum(tl.load(CU_SEQ + seq + 1), n_tokens) - tok0
+    start_m = blk * BLOCK_M
+    kvh = h // GROUP
+    HALF_D: tl.constexpr = HEAD_DIM // 2
+    PAD: tl.constexpr = HALF != HALF_D
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_h = tl.arange(0, HALF)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < seq_len
+    rows_m = (tok0 + offs_m).to(tl.int64)
+    inv_freq = tl.load(INV_FREQ + offs_h)
+
+    q_base = Q + h * stride_qh
+    q1 = _load_tile(q_base, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(tl.float32)
+    q2 = _load_tile(q_base + HALF_D, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(tl.float32)
+    q1r, q2r = _rotate(q1, q2, POS, tok0, start_m, seq_len, inv_freq, TAB, offs_h, BLOCK_M, HALF, TAB_ROWS, 1.0)
+    if SAVE_ROT:
+        qr_base = QR + h * HEAD_DIM
+        _store_tile(qr_base, q1r, rows_m, m_ok, stride_qrn, offs_h, HALF_D, PAD)
+        _store_tile(qr_base + HALF_D, q2r, rows_m, m_ok, stride_qrn, offs_h, HALF_D, PAD)
+    q1r = _operand(q1r, Q, DOT_DTYPE)
+    q2r = _operand(q2r, Q, DOT_DTYPE)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    k_base = K + kvh * stride_kh
+    v_base = V + kvh * stride_vh
+    # each token is in exactly one diagonal block: the group's first head writes its k (cache, saved k_rot)
+    first_head = h % GROUP == 0
+    # off-diagonal key tiles [0, start_m): all visible, no mask
+    for start_n in range(0, _bound(start_m), BLOCK_N):
+        acc, l_i, m_i = _fwd_step(
+            acc, l_i, m_i, q1r, q2r, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn,
+            POS, inv_freq, TAB, offs_h, offs_d, qk_scale, KC, VC, SLOT, kvh, first_head,
+            stride_kc0, stride_kc1, stride_kc2, stride_vc0, stride_vc1, stride_vc2, cache_block_size,
+            KR, stride_krn, SAVE_ROT, False, WRITE_CACHE, HEAD_DIM, HALF, BLOCK_N, TAB_ROWS, DOT_DTYPE, PREC,
+        )  # fmt: skip
+    # diagonal key tiles [start_m, min(start_m + BLOCK_M, seq_len)): causal mask
+    for start_n in range(_bound(start_m), _bound(tl.minimum(start_m + BLOCK_M, seq_len)), BLOCK_N):
+        acc, l_i, m_i = _fwd_step(
+            acc, l_i, m_i, q1r, q2r, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn,
+            POS, inv_freq, TAB, offs_h, offs_d, qk_scale, KC, VC, SLOT, kvh, first_head,
+            stride_kc0, stride_kc1, stride_kc2, stride_vc0, stride_vc1, stride_vc2, cache_block_size,
+            KR, stride_krn, SAVE_ROT, True, WRITE_CACHE, HEAD_DIM, HALF, BLOCK_N, TAB_ROWS, DOT_DTYPE, PREC,
+        )  # fmt: skip
+
+    acc = acc / l_i[:, None]
+    _store_tile(O + h * stride_oh, acc, rows_m, m_ok, stride_on, offs_d, HEAD_DIM, False)
+    # base-2 logsumexp of the scaled scores: p = exp2(s * qk_scale - lse) in the backward
+    tl.store(LSE + h * n_tokens + tok0 + offs_m, m_i + tl.log2(l_i), mask=m_ok)
+
+
+# ------------------------------------------------------------------------------------ backward --
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    O, DO, DELTA, stride_on, stride_oh, stride_don, stride_doh, n_tokens, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr
+):
+    """DELTA[h, n] = sum_d dO * O (fp32), the softmax-backward row term. Grid (cdiv(N, BLOCK_T), Hq)."""
+    h = tl.program_id(1)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, HEAD_DIM)
+    t_ok = offs_t < n_tokens
+    rows = offs_t.to(tl.int64)
+    o = _load_tile(O + h * stride_oh, rows, t_ok, stride_on, offs_d, HEAD_DIM, True, False).to(tl.float32)
+    do = _load_tile(DO + h * stride_doh, rows, t_ok, stride_don, offs_d, HEAD_DIM, True, False).to(tl.float32)
+    tl.store(DELTA + h * n_tokens + offs_t, tl.sum(o * do, 1), mask=t_ok)
+
+
+@triton.jit
+def _bwd_dkdv_step(
+    dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base, delta_base, stride_qn,
+    stride_don, offs_h, offs_d, qk_scale, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """One query tile against this program's key tile (transposed scores [BLOCK_N, BLOCK_M])."""
+    HALF_D: tl.constexpr = HEAD_DIM // 2
+    PAD: tl.constexpr = HALF != HALF_D
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < seq_len
+    rows_m = (tok0 + offs_m).to(tl.int64)
+    q1r = _load_tile(q_base, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(DOT_DTYPE)
+    q2r = _load_tile(q_base + HALF_D, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(DOT_DTYPE)
+    do = _load_tile(do_base, rows_m, m_ok, stride_don, offs_d, HEAD_DIM, True, False).to(DOT_DTYPE)
+    # rows past the sequence end get lse = +inf, hence p = 0: they contribute nothing
+    lse = tl.load(lse_base + tok0 + offs_m, mask=m_ok, other=float("inf"))
+    delta = tl.load(delta_base + tok0 + offs_m, mask=m_ok, other=0.0)
+    qk_t = tl.dot(k1r, tl.trans(q1r), input_precision=PREC)
+    qk_t = tl.dot(k2r, tl.trans(q2r), qk_t, input_precision=PREC)
+    p_t = tl.exp2(qk_t * qk_scale - lse[None, :])
+    if MASKED:
+        p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+    dv = tl.dot(_operand(p_t, q_base, DOT_DTYPE), do, dv, input_precision=PREC)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+    ds_t = _operand(p_t * (dp_t - delta[None, :]), q_base, DOT_DTYPE)
+    dk1 = tl.dot(ds_t, q1r, dk1, input_precision=PREC)
+    dk2 = tl.dot(ds_t, q2r, dk2, input_precision=PREC)
+    return dk1, dk2, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, POS, CU_SEQ, CU_BLK, INV_FREQ, TAB,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
+    stride_dkn, stride_dkh, stride_dvn, stride_dvh,
+    n_tokens, num_seqs, qk_scale, sm_scale,
+    N_STEPS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, TAB_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Grid (key blocks of all sequences (upper bound), Hkv). dk, dv of one key tile, summed over the group.
+
+    Q, K are the rotated q and k the forward saved; dk is rotated back (by -angle) at the end."""
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    if pid >= tl.load(CU_BLK + num_seqs):
+        return
+    seq = _find_seq(CU_BLK, pid, num_seqs, N_STEPS)
+    # key blocks near the start of a sequence see the most queries: run them first
+    blk = pid - tl.load(CU_BLK + seq)
+    tok0 = tl.load(CU_SEQ + seq)
+    seq_len = tl.minimum(tl.load(CU_SEQ + seq + 1), n_tokens) - tok0
+    start_n = blk * BLOCK_N
+    HALF_D: tl.constexpr = HEAD_DIM // 2
+    PAD: tl.constexpr = HALF != HALF_D
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_h = tl.arange(0, HALF)
+    offs_d = tl.arange(0, HEAD_DIM)
+    n_ok = offs_n < seq_len
+    rows_n = (tok0 + offs_n).to(tl.int64)
+    inv_freq = tl.load(INV_FREQ + offs_h)
+    k_base = K + kvh * stride_kh
+    k1r = _load_tile(k_base, rows_n, n_ok, stride_kn, offs_h, HALF_D, True, PAD).to(DOT_DTYPE)
+    k2r = _load_tile(k_base + HALF_D, rows_n, n_ok, stride_kn, offs_h, HALF_D, True, PAD).to(DOT_DTYPE)
+    v = _load_tile(V + kvh * stride_vh, rows_n, n_ok, stride_vn, offs_d, HEAD_DIM, True, False).to(DOT_DTYPE)
+
+    dk1 = tl.zeros([BLOCK_N, HALF], tl.float32)
+    dk2 = tl.zeros([BLOCK_N, HALF], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    diag_end = tl.minimum(start_n + BLOCK_N, seq_len)
+    for g in range(GROUP):
+        h = kvh * GROUP + g
+        q_base = Q + h * stride_qh
+        do_base = DO + h * stride_doh
+        lse_base = LSE + h * n_tokens
+        delta_base = DELTA + h * n_tokens
+        # diagonal query tiles [start_n, start_n + BLOCK_N): causal mask
+        for start_m in range(_bound(start_n), _bound(diag_end), BLOCK_M):
+            dk1, dk2, dv = _bwd_dkdv_step(
+                dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base,
+                delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale,
+                True, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC,
+            )  # fmt: skip
+        # later query tiles see the whole key tile: no mask
+        for start_m in range(_bound(start_n + BLOCK_N), _bound(seq_len), BLOCK_M):
+            dk1, dk2, dv = _bwd_dkdv_step(
+                dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base,
+                delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale,
+                False, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC,
+            )  # fmt: skip
+
+    # dv first: its registers are free before the rotation's temporaries are needed
+    _store_tile(DV + kvh * stride_dvh, dv, rows_n, n_ok, stride_dvn, offs_d, HEAD_DIM, False)
+    # gradient w.r.t. the rotated k, then the inverse rotation (by -angle) gives the gradient w.r.t. k
+    dk1 = dk1 * sm_scale
+    dk2 = dk2 * sm_scale
+    dk_base = DK + kvh * stride_dkh
+    dk1, dk2 = _rotate(dk1, dk2, POS, tok0, start_n, seq_len, inv_freq, TAB, offs_h, BLOCK_N, HALF, TAB_ROWS, -1.0)
+    _store_tile(dk_base, dk1, rows_n, n_ok, stride_dkn, offs_h, HALF_D, PAD)
+    _store_tile(dk_base + HALF_D, dk2, rows_n, n_ok, stride_dkn, offs_h, HALF_D, PAD)
+
+
+@triton.jit
+def _bwd_dq_step(
+    dq1, dq2, q1r, q2r, do, lse, delta, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn,
+    offs_h, offs_d, qk_scale, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """One key tile against this program's query tile."""
+    HALF_D: tl.constexpr = HEAD_DIM // 2
+    PAD: tl.constexpr = HALF != HALF_D
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < seq_len
+    rows_n = (tok0 + offs_n).to(tl.int64)
+    k1r = _load_tile(k_base, rows_n, n_ok, stride_kn, offs_h, HALF_D, MASKED, PAD).to(DOT_DTYPE)
+    k2r = _load_tile(k_base + HALF_D, rows_n, n_ok, stride_kn, offs_h, HALF_D, MASKED, PAD).to(DOT_DTYPE)
+    v = _load_tile(v_base, rows_n, n_ok, stride_vn, offs_d, HEAD_DIM, MASKED, False).to(DOT_DTYPE)
+    qk = tl.dot(q1r, tl.trans(k1r), input_precision=PREC)
+    qk = tl.dot(q2r, tl.trans(k2r), qk, input_precision=PREC)
+    p = tl.exp2(qk * qk_scale - lse[:, None])
+    if MASKED:
+        p = tl.where(offs_n[None, :] <= offs_m[:, None], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = _operand(p * (dp - delta[:, None]), k_base, DOT_DTYPE)
+    dq1 = tl.dot(ds, k1r, dq1, input_precision=PREC)
+    dq2 = tl.dot(ds, k2r, dq2, input_precision=PREC)
+    return dq1, dq2
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, POS, CU_SEQ, CU_BLK, INV_FREQ, TAB,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
+    stride_dqn, stride_dqh,
+    n_tokens, num_seqs, qk_scale, sm_scale,
+    N_STEPS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, TAB_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Grid (query blocks of all sequences (upper bound), Hq). dq of one query tile.
+
+    Q, K are the rotated q and k the forward saved; dq is rotated back (by -angle) at the end."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    if pid >= tl.load(CU_BLK + num_seqs):
+        return
+    seq = _find_seq(CU_BLK, pid, num_seqs, N_STEPS)
+    blk = tl.load(CU_BLK + seq + 1) - 1 - pid  # local index, counted from the sequence's last block
+    tok0 = tl.load(CU_SEQ + seq)
+    seq_len = tl.minimum(tl.load(CU_SEQ + seq + 1), n_tokens) - tok0
+    start_m = blk * BLOCK_M
+    kvh = h // GROUP
+    HALF_D: tl.constexpr = HEAD_DIM // 2
+    PAD: tl.constexpr = HALF != HALF_D
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_h = tl.arange(0, HALF)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < seq_len
+    rows_m = (tok0 + offs_m).to(tl.int64)
+    inv_freq = tl.load(INV_FREQ + offs_h)
+    q_base = Q + h * stride_qh
+    q1r = _load_tile(q_base, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(DOT_DTYPE)
+    q2r = _load_tile(q_base + HALF_D, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(DOT_DTYPE)
+    do = _load_tile(DO + h * stride_doh, rows_m, m_ok, stride_don, offs_d, HEAD_DIM, True, False).to(DOT_DTYPE)
+    lse = tl.load(LSE + h * n_tokens + tok0 + offs_m, mask=m_ok, other=float("inf"))
+    delta = tl.load(DELTA + h * n_tokens + tok0 + offs_m, mask=m_ok, other=0.0)
+
+    dq1 = tl.zeros([BLOCK_M, HALF], tl.float32)
+    dq2 = tl.zeros([BLOCK_M, HALF], tl.float32)
+    k_base = K + kvh * stride_kh
+    v_base = V + kvh * stride_vh
+    for start_n in range(0, _bound(start_m), BLOCK_N):
+        dq1, dq2 = _bwd_dq_step(
+            dq1, dq2, q1r, q2r, do, lse, delta, offs_m, start_n, seq_len, tok0, k_base, v_base,
+            stride_kn, stride_vn, offs_h, offs_d, qk_scale,
+            False, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC,
+        )  # fmt: skip
+    for start_n in range(_bound(start_m), _bound(tl.minimum(start_m + BLOCK_M, seq_len)), BLOCK_N):
+        dq1, dq2 = _bwd_dq_step(
+            dq1, dq2, q1r, q2r, do, lse, delta, offs_m, start_n, seq_len, tok0, k_base, v_base,
+            stride_kn, stride_vn, offs_h, offs_d, qk_scale,
+            True, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC,
+        )  # fmt: skip
+
+    dq1 = dq1 * sm_scale
+    dq2 = dq2 * sm_scale
+    dq_base = DQ + h * stride_dqh
+    dq1, dq2 = _rotate(dq1, dq2, POS, tok0, start_m, seq_len, inv_freq, TAB, offs_h, BLOCK_M, HALF, TAB_ROWS, -1.0)
+    _store_tile(dq_base, dq1, rows_m, m_ok, stride_dqn, offs_h, HALF_D, PAD)
+    _store_tile(dq_base + HALF_D, dq2, rows_m, m_ok, stride_dqn, offs_h, HALF_D, PAD)
+
+
+# Autotuned GPU variants (the sequence block, hence the grid, is fixed; only the inner tile and the
+# launch shape are tuned). Under the interpreter the plain kernels run with small fixed tiles.
+def _configs(inner_name: str, shapes: tuple[tuple[int, int, int], ...]) -> list[triton.Config]:
+    return [triton.Config({inner_name: b}, num_warps=w, num_stages=s) for b, w, s in shapes]
+
+
+# (inner tile, warps, stages). Offline sm_90 builds (ptxas -v, D=128 bf16) guided the choice: 4 warps and
+# wide inner tiles spill. Spills at 8 warps: fwd BLOCK_N=32 ~50 B (64: ~1.5 KB); dq BLOCK_N=32 none (64: ~80 B);
+# dk/dv BLOCK_M=32 ~300 B (16: ~650 B). Measured timings on a GPU are still owed.
+_KEY = ["HEAD_DIM", "GROUP"]
+_FWD_SHAPES = ((32, 8, 2), (32, 8, 3), (32, 8, 4), (64, 8, 2), (64, 8, 3), (32, 4, 3))
+_BWD_SHAPES = ((16, 8, 2), (16, 8, 3), (32, 8, 2), (32, 8, 3), (64, 8, 2), (32, 4, 2))
+_fwd_tuned = triton.autotune(_configs("BLOCK_N", _FWD_SHAPES), key=_KEY + ["WRITE_CACHE"])(_fwd_kernel)
+_dkdv_tuned = triton.autotune(_configs("BLOCK_M", _BWD_SHAPES), key=_KEY)(_bwd_dkdv_kernel)
+_dq_tuned = triton.autotune(_configs("BLOCK_N", _BWD_SHAPES), key=_KEY)(_bwd_dq_kernel)
+
+# --------------------------------------------------------------------------------- host launchers --
+
+_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _rope_tables(head_dim: int, rope_theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """inv_freq [HALF] fp32 (HF's fp32 formula) and cos/sin(j * inv_freq) [2, _TAB_ROWS, HALF] fp32.
+
+    HALF is the half head dim padded to at least 16 (tl.dot's minimum); padded columns have frequency 0.
+    Built on the device with no host sync, cached per (head_dim, theta, device).
+    """
+    key = (head_dim, float(rope_theta), str(device))
+    if key not in _tables:
+        half = head_dim // 2
+        inv = reference.rotary_inv_freq(head_dim, rope_theta, torch.float32, device)
+        inv_pad = torch.zeros(max(half, 16), dtype=torch.float32, device=device)
+        inv_pad[:half] = inv
+        ang = torch.arange(_TAB_ROWS, dtype=torch.float64, device=device)[:, None] * inv_pad.double()[None, :]
+        tab = torch.stack([ang.cos(), ang.sin()]).float().contiguous()
+        _tables[key] = (inv_pad, tab)
+    return _tables[key]
+
+
+def _block_index(cu_seqlens: torch.Tensor, n_tokens: int, block: int) -> tuple[torch.Tensor, int, int]:
+    """Prefix sum [S+1] int32 of per-sequence block counts (on the device, no sync), the grid size bound
+    cdiv(N, block) + S, and the binary-search steps: ceil(log2(S + 1)) rounded up to a multiple of 4, so
+    that a varying number of sequences (prefill batches) compiles at most a handful of variants."""
+    num_seqs = cu_seqlens.numel() - 1
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).clamp_(min=0)
+    cu_blk = torch.zeros(num_seqs + 1, dtype=torch.int32, device=cu_seqlens.device)
+    cu_blk[1:] = torch.cumsum(torch.div(lens + (block - 1), block, rounding_mode="floor"), 0)
+    n_steps = -(-max(num_seqs, 1).bit_length() // 4) * 4
+    return cu_blk, triton.cdiv(n_tokens, block) + num_seqs, n_steps
+
+
+def _dot_args(dtype: torch.dtype) -> dict:
+    """Dot operand dtype and precision: fp32 "ieee" under the interpreter (no bf16 arithmetic) and for fp32."""
+    if INTERPRET or dtype == torch.float32:
+        return {"DOT_DTYPE": tl.float32, "PREC": "ieee"}
+    return {"DOT_DTYPE": _TL_DTYPES[dtype], "PREC": "tf32"}
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check_inputs(q, k, v, positions, cu_seqlens, kv_cache, slot_mapping) -> None:
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"q, k, v must be [N, H, D]; got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    n, hq, d = q.shape
+    if k.shape != v.shape or k.shape[0] != n or k.shape[2] != d:
+        raise ValueError(f"k and v must be [N={n}, Hkv, D={d}]; got {tuple(k.shape)} and {tuple(v.shape)}")
+    if hq % k.shape[1]:
+        raise ValueError(f"query heads {hq} are not a multiple of key/value heads {k.shape[1]}")
+    if q.dtype not in _TL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype of fp16/bf16/fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if d % 2:
+        raise ValueError(f"head dim {d} must be even for rotary")
+    if positions.shape != (n,) or positions.dtype.is_floating_point or positions.dtype == torch.bool:
+        raise ValueError(f"positions must be integer [N={n}]; got {positions.dtype} {tuple(positions.shape)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"cu_seqlens must be int32 [S+1] with S >= 1; got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.device.type == "cpu":  # free to check here; on a GPU this would need a host sync
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n:
+            raise ValueError(f"cu_seqlens must start at 0 and end at N={n}; got {cu_seqlens[0]}..{cu_seqlens[-1]}")
+        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+            raise ValueError("cu_seqlens must be non-decreasing")
+    if (kv_cache is None) != (slot_mapping is None):
+        raise ValueError("kv_cache and slot_mapping must be given together")
+    if kv_cache is not None:
+        if len(kv_cache) != 2:
+            raise ValueError("kv_cache must be a pair (k_cache, v_cache)")
+        kc, vc = kv_cache
+        if kc.dim() != 4 or kc.shape != vc.shape or tuple(kc.shape[2:]) != (k.shape[1], d):
+            raise ValueError(
+                f"k_cache and v_cache must be [num_blocks, block_size, Hkv={k.shape[1]}, D={d}]; "
+                f"got {tuple(kc.shape)} and {tuple(vc.shape)}"
+            )
+        if slot_mapping.shape != (n,) or slot_mapping.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"slot_mapping must be int64 [N={n}]; got {slot_mapping.dtype} {tuple(slot_mapping.shape)}"
+            )
+
+
+def _rope_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    rope_theta: float,
+    softmax_scale: float,
+    kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+    slot_mapping: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    save_rotated: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Launch the forward. Returns out [N, Hq, D] (q's dtype), lse [Hq, N] fp32 (base-2, scaled scores) and,
+    with save_rotated (for the backward), the rotated q [N, Hq, D] and k [N, Hkv, D] (else None, None)."""
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    if d not in _SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {d} not supported by the kernel (supported: {_SUPPORTED_HEAD_DIMS})")
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
+    lse = torch.empty(hq, n, dtype=torch.float32, device=q.device) if lse is None else lse
+    if out.shape != q.shape or out.stride(-1) != 1 or lse.shape != (hq, n) or lse.dtype != torch.float32:
+        raise ValueError("out must be [N, Hq, D] with a contiguous last dim and lse fp32 [Hq, N]")
+    q_rot = k_rot = None
+    if save_rotated:
+        q_rot = torch.empty(n, hq, d, dtype=q.dtype, device=q.device)
+        k_rot = torch.empty(n, hkv, d, dtype=q.dtype, device=q.device)
+    if n == 0:
+        return out, lse, q_rot, k_rot
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+    positions = positions.to(q.device).contiguous()  # the kernels index it as a flat array
+    inv_freq, tab = _rope_tables(d, rope_theta, q.device)
+    cu_blk, grid0, n_steps = _block_index(cu, n, _BLOCK)
+    write = kv_cache is not None
+    if write:
+        kc, vc = kv_cache
+        if kc.stride(-1) != 1 or vc.stride(-1) != 1:
+            raise ValueError("k_cache and v_cache must have a contiguous last dim")
+        slots = slot_mapping.to(q.device).contiguous()
+        cache_args = (*kc.stride()[:3], *vc.stride()[:3], kc.shape[1])
+    else:
+        kc, vc, slots = out, out, positions  # never read: WRITE_CACHE is False
+        cache_args = (0, 0, 0, 0, 0, 0, 1)
+    args = (
+        q, k, v, out, lse, positions, cu, cu_blk, inv_freq, tab, kc, vc, slots,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        *cache_args, q_rot if save_rotated else out, k_rot if save_rotated else out, hq * d, hkv * d,
+        n, cu.numel() - 1, softmax_scale * _LOG2E,
+    )  # fmt: skip
+    meta = dict(N_STEPS=n_steps, GROUP=hq // hkv, HEAD_DIM=d, HALF=max(d // 2, 16), BLOCK_M=_BLOCK, TAB_ROWS=_TAB_ROWS,
+                WRITE_CACHE=write, SAVE_ROT=save_rotated, **_dot_args(q.dtype))  # fmt: skip
+    if INTERPRET:
+        _fwd_kernel[(grid0, hq)](*args, BLOCK_N=_INNER_INTERPRET, **meta)
+    else:
+        _fwd_tuned[(grid0, hq)](*args, **meta)
+    return out, lse, q_rot, k_rot
+
+
+def _rope_attention_bwd(
+    do: torch.Tensor,
+    q_rot: torch.Tensor,
+    k_rot: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    positions: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    rope_theta: float,
+    softmax_scale: float,
+    dq: torch.Tensor | None = None,
+    dk: torch.Tensor | None = None,
+    dv: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch delta, dk/dv and dq kernels. do [N, Hq, D] -> dq [N, Hq, D], dk, dv [N, Hkv, D] (inputs' dtype).
+
+    q_rot, k_rot: the rotated q and k saved by the forward (save_rotated=True); dq and dk come back unrotated.
+    """
+    q, k = q_rot, k_rot
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    do = _last_dim_contiguous(do)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format) if dq is None else dq
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format) if dk is None else dk
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format) if dv is None else dv
+    for g, x in ((dq, q), (dk, k), (dv, v)):
+        if g.shape != x.shape or g.stride(-1) != 1:
+            raise ValueError("gradient buffers must match their input's shape with a contiguous last dim")
+    if n == 0:
+        return dq, dk, dv
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+    positions = positions.to(q.device).contiguous()  # the kernels index it as a flat array
+    inv_freq, tab = _rope_tables(d, rope_theta, q.device)
+    cu_blk, grid0, n_steps = _block_index(cu, n, _BLOCK)
+    delta = torch.empty(hq, n, dtype=torch.float32, device=q.device)
+    block_t = 16 if INTERPRET else 64
+    _bwd_delta_kernel[(triton.cdiv(n, block_t), hq)](
+        out, do, delta, out.stride(0), out.stride(1), do.stride(0), do.stride(1), n, HEAD_DIM=d, BLOCK_T=block_t
+    )
+    common = dict(
+        N_STEPS=n_steps, GROUP=hq // hkv, HEAD_DIM=d, HALF=max(d // 2, 16), TAB_ROWS=_TAB_ROWS, **_dot_args(q.dtype)
+    )
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
+    scalars = (n, cu.numel() - 1, softmax_scale * _LOG2E, softmax_scale)
+    dkdv_args = (q, k, v, do, lse, delta, dk, dv, positions, cu, cu_blk, inv_freq, tab,
+                 *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *scalars)  # fmt: skip
+    dq_args = (q, k, v, do, lse, delta, dq, positions, cu, cu_blk, inv_freq, tab,
+               *strides, dq.stride(0), dq.stride(1), *scalars)  # fmt: skip
+    if INTERPRET:
+        _bwd_dkdv_kernel[(grid0, hkv)](*dkdv_args, BLOCK_N=_BLOCK, BLOCK_M=_INNER_INTERPRET, **common)
+        _bwd_dq_kernel[(grid0, hq)](*dq_args, BLOCK_M=_BLOCK, BLOCK_N=_INNER_INTERPRET, **common)
+    else:
+        _dkdv_tuned[(grid0, hkv)](*dkdv_args, BLOCK_N=_BLOCK, **common)
+        _dq_tuned[(grid0, hq)](*dq_args, BLOCK_M=_BLOCK, **common)
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------- autograd --
+
+
+class _RopeAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, positions, cu_seqlens, rope_theta, softmax_scale, kv_cache, slot_mapping):
+        # the rotated q and k are saved instead of q and k: same memory, and the backward rotates nothing
+        # in its inner loops (only dq and dk are rotated back, once per tile)
+        save = any(ctx.needs_input_grad[:3])
+        out, lse, q_rot, k_rot = _rope_attention_fwd(
+            q, k, v, positions, cu_seqlens, rope_theta, softmax_scale, kv_cache, slot_mapping, save_rotated=save
+        )
+        if save:
+            ctx.save_for_backward(q_rot, k_rot, v, out, lse, positions, cu_seqlens)
+        ctx.rope_theta = rope_theta
+        ctx.softmax_scale = softmax_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q_rot, k_rot, v, out, lse, positions, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = _rope_attention_bwd(
+            do, q_rot, k_rot, v, out, lse, positions, cu_seqlens, ctx.rope_theta, ctx.softmax_scale
+        )
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------- public --
+
+
+def rope_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    rope_theta: float = 10000.0,
+    softmax_scale: float | None = None,
+    kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+    slot_mapping: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention within each packed sequence, with rotary applied to q and k inside the kernel.
+
+    q [N, Hq, D], k/v [N, Hkv, D] (Hq a multiple of Hkv; fp16/bf16/fp32, one dtype); positions [N] int;
+    cu_seqlens int32 [S+1] (0, ..., N). Returns [N, Hq, D] in q's dtype; differentiable w.r.t. q, k, v.
+    Head dims 16, 32, 64, 128 on the kernel path. softmax_scale defaults to 1/sqrt(D).
+    kv_cache=(k_cache, v_cache), each [num_blocks, block_size, Hkv, D], with slot_mapping [N] int64
+    (block * block_size + offset, -1 = skip): also write the rotated k and the v of each token there.
+    cu_seqlens is validated on the host only when it lives on the CPU (no GPU sync); on the GPU the
+    kernels clamp the last sequence to N.
+    """
+    _check_inputs(q, k, v, positions, cu_seqlens, kv_cache, slot_mapping)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if use_triton(q):
+        if kv_cache is not None:
+            kv_cache = tuple(kv_cache)
+        return _RopeAttention.apply(q, k, v, positions, cu_seqlens, rope_theta, scale, kv_cache, slot_mapping)
+    if kv_cache is None:
+        return reference.rope_attention(q, k, v, positions, cu_seqlens, rope_theta=rope_theta, softmax_scale=scale)
+    k_rot = reference.apply_rotary(k, positions, rope_theta)
+    reference.rope_attention_cache_write(k_rot, v, kv_cache[0], kv_cache[1], slot_mapping)
+    q_rot = reference.apply_rotary(q, positions, rope_theta)
+    return reference.varlen_causal_attention(q_rot, k_rot, v, cu_seqlens, scale)

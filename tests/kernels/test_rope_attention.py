@@ -1,0 +1,235 @@
+"""kernels.rope_attention against kernels/reference.py in float64 (Triton interpreter on CPU)."""
+
+import math
+
+import pytest
+import torch
+
+from kernels import dispatch, reference
+from kernels.rope_attention import _rope_attention_bwd, _rope_attention_fwd, rope_attention
+
+# lengths 1 and 17 (odd), 64 (ends exactly on a block edge: interpreter blocks are 32/16), 129 (one past)
+LENGTHS = [1, 17, 64, 129]
+TOLS = {
+    torch.float32: dict(atol=5e-5, rtol=1e-4),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),  # grads ~3 in size: bf16 rounding alone is ~1e-2
+    torch.float16: dict(atol=1e-2, rtol=1e-2),
+}
+
+
+def _pack(lengths, start=37):
+    """cu_seqlens int32 [S+1] and positions [N] int64 (each sequence counts up from `start`)."""
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    positions = torch.cat([torch.arange(start, start + n) for n in lengths]) if sum(lengths) else torch.zeros(0)
+    return cu, positions.long()
+
+
+def _inputs(n, hq, hkv, d, dtype):
+    q = torch.randn(n, hq, d).to(dtype)
+    k = torch.randn(n, hkv, d).to(dtype)
+    v = torch.randn(n, hkv, d).to(dtype)
+    return q, k, v
+
+
+def _reference(q, k, v, positions, cu, theta, do=None):
+    """float64 output, lse [Hq, N] (natural log of the scaled scores) and, given do, grads of q, k, v."""
+    q64, k64, v64 = (x.detach().double().requires_grad_(do is not None) for x in (q, k, v))
+    out = reference.rope_attention(q64, k64, v64, positions, cu, rope_theta=theta)
+    # logsumexp rows, from the rotated inputs, for the saved statistic
+    qr = reference.apply_rotary(q64.detach(), positions, theta)
+    kr = reference.apply_rotary(k64.detach(), positions, theta)
+    group = q.shape[1] // k.shape[1]
+    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float64)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        if e == s:
+            continue
+        scores = torch.einsum("mhd,nhd->hmn", qr[s:e], kr[s:e].repeat_interleave(group, 1)) / math.sqrt(q.shape[2])
+        causal = torch.ones(e - s, e - s, dtype=torch.bool).tril()
+        lse[:, s:e] = scores.masked_fill(~causal, float("-inf")).logsumexp(-1)
+    grads = None
+    if do is not None:
+        out.backward(do.double())
+        grads = (q64.grad, k64.grad, v64.grad)
+    return out.detach(), lse, grads
+
+
+def _close(actual, expected, dtype, name):
+    torch.testing.assert_close(actual.double(), expected, **TOLS[dtype], msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize(
+    "dtype,hq,hkv,d,theta",
+    [
+        (torch.float32, 4, 2, 64, 10000.0),
+        (torch.float32, 2, 2, 128, 500000.0),
+        (torch.bfloat16, 4, 2, 128, 10000.0),
+        (torch.bfloat16, 2, 2, 64, 500000.0),
+        (torch.float16, 4, 1, 64, 10000.0),
+    ],
+)
+def test_forward_backward_poisoned(dtype, hq, hkv, d, theta):
+    """Launchers write every element (outputs poisoned with NaN first) and match float64 in fwd and bwd."""
+    cu, positions = _pack(LENGTHS)
+    n = int(cu[-1])
+    q, k, v = _inputs(n, hq, hkv, d, dtype)
+    do = torch.randn(n, hq, d).to(dtype)
+    scale = 1.0 / math.sqrt(d)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((hq, n), float("nan"))
+    _, _, q_rot, k_rot = _rope_attention_fwd(q, k, v, positions, cu, theta, scale, out=out, lse=lse, save_rotated=True)
+    dq, dk, dv = (torch.full_like(x, float("nan")) for x in (q, k, v))
+    _rope_attention_bwd(do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dq=dq, dk=dk, dv=dv)
+
+    ref_out, ref_lse, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, theta, do)
+    _close(out, ref_out, dtype, "out")
+    # lse comes from the scores of q, k rotated then rounded to the input dtype (as the GPU multiplies them)
+    _close(lse * math.log(2.0), ref_lse, dtype, "lse")
+    # the rotated q and k saved for the backward: every token, every head
+    _close(q_rot, reference.apply_rotary(q.double(), positions, theta), dtype, "q_rot")
+    _close(k_rot, reference.apply_rotary(k.double(), positions, theta), dtype, "k_rot")
+    _close(dq, ref_dq, dtype, "dq")
+    _close(dk, ref_dk, dtype, "dk")
+    _close(dv, ref_dv, dtype, "dv")
+
+
+def test_autograd_public_api_strided_views():
+    """rope_attention is differentiable through torch.autograd; q, k, v are views of one fused qkv
+    projection (token stride != Hq*D) and positions is a strided view."""
+    cu, positions = _pack([5, 40, 33], start=0)
+    n = int(cu[-1])
+    qkv = torch.randn(n, 4 + 2 + 2, 32, requires_grad=True)
+    q, k, v = qkv[:, :4], qkv[:, 4:6], qkv[:, 6:]
+    strided_positions = torch.stack([positions, -positions], 1)[:, 0]
+    do = torch.randn(n, 4, 32)
+    out = rope_attention(q, k, v, strided_positions, cu, rope_theta=1000.0)
+    out.backward(do)
+    ref_out, _, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, 1000.0, do)
+    _close(out.detach(), ref_out, torch.float32, "out")
+    _close(qkv.grad[:, :4], ref_dq, torch.float32, "dq")
+    _close(qkv.grad[:, 4:6], ref_dk, torch.float32, "dk")
+    _close(qkv.grad[:, 6:], ref_dv, torch.float32, "dv")
+
+
+def test_arbitrary_positions_and_empty_sequence():
+    """Non-consecutive positions (left padding, random) take the per-element cos/sin path; an empty sequence."""
+    lengths = [20, 0, 35]
+    cu, _ = _pack(lengths)
+    n = int(cu[-1])
+    left_padded = torch.tensor([1] * 6 + list(range(14)))  # HF: pads at position 1, then 0, 1, 2, ...
+    positions = torch.cat([left_padded, torch.randint(0, 5000, (35,))]).to(torch.int32)
+    q, k, v = _inputs(n, 2, 1, 64, torch.float32)
+    do = torch.randn(n, 2, 64)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((2, n), float("nan"))
+    _, _, q_rot, k_rot = _rope_attention_fwd(
+        q, k, v, positions, cu, 10000.0, 0.125, out=out, lse=lse, save_rotated=True
+    )
+    dq, dk, dv = _rope_attention_bwd(do, q_rot, k_rot, v, out, lse, positions, cu, 10000.0, 0.125)
+    ref_out, _, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, 10000.0, do)
+    # positions up to 5000: fp32 angles carry ~2e-4 rad of rounding, as in HF's own fp32 rotary
+    tol = dict(atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(out.double(), ref_out, **tol)
+    torch.testing.assert_close(dq.double(), ref_dq, **tol)
+    torch.testing.assert_close(dk.double(), ref_dk, **tol)
+    torch.testing.assert_close(dv.double(), ref_dv, **tol)
+
+
+@pytest.mark.parametrize("d", [16, 32])
+def test_small_head_dims(d):
+    """D = 16 pads each half to tl.dot's minimum of 16; D = 32 has halves of exactly 16."""
+    cu, positions = _pack([9, 33])
+    n = int(cu[-1])
+    q, k, v = _inputs(n, 2, 2, d, torch.float32)
+    do = torch.randn(n, 2, d)
+    scale = 1.0 / math.sqrt(d)
+    out, lse, q_rot, k_rot = _rope_attention_fwd(q, k, v, positions, cu, 10000.0, scale, save_rotated=True)
+    dq, dk, dv = _rope_attention_bwd(do, q_rot, k_rot, v, out, lse, positions, cu, 10000.0, scale)
+    ref_out, _, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, 10000.0, do)
+    for name, a, b in (("out", out, ref_out), ("dq", dq, ref_dq), ("dk", dk, ref_dk), ("dv", dv, ref_dv)):
+        _close(a, b, torch.float32, name)
+
+
+def test_many_short_sequences():
+    """20 sequences (a longer binary search over the block index), several ending mid-block."""
+    lengths = torch.randint(1, 13, (20,)).tolist()
+    cu, positions = _pack(lengths, start=3)
+    n = int(cu[-1])
+    q, k, v = _inputs(n, 2, 1, 32, torch.float32)
+    do = torch.randn(n, 2, 32)
+    scale = 1.0 / math.sqrt(32)
+    out, lse, q_rot, k_rot = _rope_attention_fwd(q, k, v, positions, cu, 10000.0, scale, save_rotated=True)
+    dq, dk, dv = _rope_attention_bwd(do, q_rot, k_rot, v, out, lse, positions, cu, 10000.0, scale)
+    ref_out, _, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, 10000.0, do)
+    for name, a, b in (("out", out, ref_out), ("dq", dq, ref_dq), ("dk", dk, ref_dk), ("dv", dv, ref_dv)):
+        _close(a, b, torch.float32, name)
+
+
+def _cache_case(dtype):
+    cu, positions = _pack([3, 17, 40], start=5)
+    n = int(cu[-1])
+    hkv, d, num_blocks, block_size = 2, 64, 8, 16
+    q, k, v = _inputs(n, 4, hkv, d, dtype)
+    slots = torch.randperm(num_blocks * block_size)[:n]
+    slots[::7] = -1  # these tokens are not written
+    k_cache = torch.full((num_blocks, block_size, hkv, d), float("nan"), dtype=dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    keep = slots >= 0
+    k_rot = reference.apply_rotary(k.double(), positions, 10000.0).to(dtype)
+    expected_k.view(-1, hkv, d)[slots[keep]] = k_rot[keep]
+    expected_v.view(-1, hkv, d)[slots[keep]] = v[keep]
+    return (q, k, v, positions, cu), (k_cache, v_cache), slots, (expected_k, expected_v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("path", ["triton", "reference"])
+def test_cache_write(dtype, path):
+    """kv_cache/slot_mapping: rotated k and v land in their slots, slot -1 and unused slots stay untouched."""
+    args, cache, slots, (expected_k, expected_v) = _cache_case(dtype)
+    if path == "reference":
+        with dispatch.reference_ops():
+            out = rope_attention(*args, kv_cache=cache, slot_mapping=slots)
+    else:
+        out = rope_attention(*args, kv_cache=cache, slot_mapping=slots)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(cache[0], expected_k, equal_nan=True, **tol)
+    torch.testing.assert_close(cache[1], expected_v, equal_nan=True, atol=0, rtol=0)
+    ref_out, _, _ = _reference(*args, 10000.0)
+    _close(out, ref_out, dtype, "out")
+
+
+def test_reference_path_matches_float64():
+    """The CPU path without the interpreter (engine CPU demo) runs the reference and returns q's dtype."""
+    cu, positions = _pack([4, 9])
+    q, k, v = _inputs(13, 2, 1, 16, torch.bfloat16)
+    assert dispatch.use_triton(q)  # tests run under the interpreter
+    with dispatch.reference_ops():
+        assert not dispatch.use_triton(q)
+        out = rope_attention(q, k, v, positions, cu)
+    assert out.dtype == torch.bfloat16
+    _close(out, _reference(q, k, v, positions, cu, 10000.0)[0], torch.bfloat16, "out")
+
+
+def test_bad_inputs():
+    cu, positions = _pack([3, 5])
+    q, k, v = _inputs(8, 4, 2, 64, torch.float32)
+    with pytest.raises(ValueError, match="not a multiple of key/value heads"):
+        rope_attention(q, k[:, :1].repeat(1, 3, 1), v[:, :1].repeat(1, 3, 1), positions, cu)
+    with pytest.raises(ValueError, match="head dim 96 not supported"):
+        rope_attention(*_inputs(8, 4, 2, 96, torch.float32), positions, cu)
+    with pytest.raises(ValueError, match="must be even"):
+        rope_attention(*_inputs(8, 4, 2, 65, torch.float32), positions, cu)
+    with pytest.raises(ValueError, match="end at N=8"):
+        rope_attention(q, k, v, positions, torch.tensor([0, 3, 7], dtype=torch.int32))
+    with pytest.raises(ValueError, match="share one dtype"):
+        rope_attention(q, k.half(), v, positions, cu)
+    with pytest.raises(ValueError, match="positions must be integer"):
+        rope_attention(q, k, v, positions.float(), cu)
+    with pytest.raises(ValueError, match="k and v must be"):
+        rope_attention(q, k, v[:7], positions, cu)
+    with pytest.raises(ValueError, match="given together"):
+        rope_attention(q, k, v, positions, cu, kv_cache=(torch.zeros(2, 4, 2, 64), torch.zeros(2, 4, 2, 64)))
+    with pytest.raises(ValueError, match="k_cache and v_cache must be"):
+        bad = torch.zeros(2, 4, 3, 64)
+        rope_attention(q, k, v, positions, cu, kv_cache=(bad, bad), slot_mapping=torch.zeros(8, dtype=torch.long))
