@@ -116,7 +116,14 @@ def build_tiny_models(directory: str, seed: int = 0) -> tuple[str, str]:
         dist.broadcast(flags, src=0)
         missing = [bool(x) for x in flags.tolist()]
     if missing[0]:
-        save_pretrained(Transformer(cfg, "lm").init_weights(seed=seed), policy_dir, tokenizer_dir=TINY_DIR)
+        policy = Transformer(cfg, "lm").init_weights(seed=seed)
+        with torch.no_grad():
+            # A random model almost never samples EOS (1 in 512), so every response would get the
+            # missing-EOS penalty and the RM score would never matter: give every embedding a shared
+            # component that the LM head turns into an EOS logit worth roughly 1 stop in 15 tokens.
+            policy.embed_tokens.weight[:, 0] += 0.1
+            policy.lm_head.weight[cfg.eos_token_id, 0] = 0.85
+        save_pretrained(policy, policy_dir, tokenizer_dir=TINY_DIR)
     if missing[1]:
         rm = Transformer(cfg, "score").init_weights(seed=seed + 1)
         with torch.no_grad():

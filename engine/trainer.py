@@ -65,6 +65,7 @@ class RunConfig:
     gen_max_num_seqs: int = 256
     kv_cache_fraction: float = 0.9
     kv_cache_mb: int = 0  # KV cache budget in MiB (0: the generator's default / kv_cache_fraction)
+    ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
 
 
 @dataclass
@@ -92,7 +93,7 @@ class TrainState:
     data: PromptBatches
     generator: object
     stop_ids: list[int]
-    tokenizer_dir: str
+    tokenizer_dir: str | None
     iterations: int  # iterations this run stops after
     total_steps: int  # optimizer steps of the whole schedule
     iteration: int = 0
@@ -229,42 +230,66 @@ def make_generator(policy: Transformer, cfg: PPOConfig, run: RunConfig):
 def setup(
     cfg: PPOConfig, run: RunConfig, *, grid: ProcessGrid | None = None, generator_factory=make_generator
 ) -> TrainState:
-    """Process grid, tokenizer, prompts, the four models, optimizers; resumes when run.resume."""
+    """Process grid, tokenizer, prompts, the four models (loaded), optimizers; resumes when run.resume."""
     if not (run.policy and run.reward and run.prompts):
         raise ValueError("--policy, --reward and --prompts are all needed (or no flag at all for the tiny default)")
-    seqs = cfg.rollout_batch_size * cfg.samples_per_prompt
     grid = grid or init_process_grid(run.tp)
-    if seqs % cfg.train_batch_size:
-        raise ValueError(f"rollout of {seqs} sequences is not a multiple of train_batch_size {cfg.train_batch_size}")
-    if cfg.train_batch_size % grid.dp or cfg.rollout_batch_size % grid.dp:
-        raise ValueError(f"train and rollout batch sizes must be multiples of the data-parallel size {grid.dp}")
     device = resolve_device(run.device, grid)
     dtype = resolve_dtype(run.dtype, device)
     tokenizer_dir = run.tokenizer or run.policy
     tokenizer = load_tokenizer(tokenizer_dir)
     prompt_set = load_prompts(run.prompts, tokenizer, cfg.max_prompt_len, verbose=grid.rank == 0)
-    data = PromptBatches(
-        prompt_set, cfg.rollout_batch_size, seed=run.seed, epochs=cfg.prompt_epochs,
-        dp_rank=grid.dp_rank, dp_size=grid.dp,
-    )  # fmt: skip
     ckpt = latest_checkpoint(run.output_dir) if run.resume else None
     if run.resume and ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {run.output_dir}")
     load = lambda path, head: load_pretrained(path, head=head, dtype=dtype, device=device, group=grid.tp_group)
-    policy = load(os.path.join(ckpt, "policy") if ckpt else run.policy, "lm")
-    ref = load(run.policy, "lm").requires_grad_(False)
-    value = load(os.path.join(ckpt, "value") if ckpt else run.reward, "score")
-    reward = load(run.reward, "score").requires_grad_(False)
+    models = (
+        load(os.path.join(ckpt, "policy") if ckpt else run.policy, "lm"),
+        load(run.policy, "lm"),
+        load(os.path.join(ckpt, "value") if ckpt else run.reward, "score"),
+        load(run.reward, "score"),
+    )
+    stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    state = make_state(cfg, run, grid, models, prompt_set.prompts, stop_ids, tokenizer_dir, generator_factory=None)
+    if ckpt:
+        load_trainer_state(state, ckpt)
+    state.generator = generator_factory(state.policy, cfg, run)
+    return state
+
+
+def make_state(
+    cfg: PPOConfig,
+    run: RunConfig,
+    grid: ProcessGrid,
+    models: tuple[Transformer, Transformer, Transformer, Transformer],
+    prompts: list[list[int]],
+    stop_ids: list[int],
+    tokenizer_dir: str | None = None,
+    *,
+    generator_factory=make_generator,
+) -> TrainState:
+    """TrainState from models already built: (policy, reference, value, reward); the frozen two are
+    set to requires_grad=False. Used by setup() and by bench/ppo_step.py (random weights)."""
+    seqs = cfg.rollout_batch_size * cfg.samples_per_prompt
+    if seqs % cfg.train_batch_size:
+        raise ValueError(f"rollout of {seqs} sequences is not a multiple of train_batch_size {cfg.train_batch_size}")
+    if cfg.train_batch_size % grid.dp or cfg.rollout_batch_size % grid.dp:
+        raise ValueError(f"train and rollout batch sizes must be multiples of the data-parallel size {grid.dp}")
+    policy, ref, value, reward = models
+    ref.requires_grad_(False)
+    reward.requires_grad_(False)
+    data = PromptBatches(
+        prompts, cfg.rollout_batch_size, seed=run.seed, epochs=cfg.prompt_epochs, dp_rank=grid.dp_rank, dp_size=grid.dp
+    )
     iterations = len(data) if not run.max_iterations else min(run.max_iterations, len(data))
     steps_per_rollout = cfg.ppo_epochs * seqs // cfg.train_batch_size
-    stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    device = next(policy.parameters()).device
     state = TrainState(
         cfg, run, grid, device, policy, ref, value, reward, make_optimizer(policy, cfg), make_optimizer(value, cfg),
         data, None, stop_ids, tokenizer_dir, iterations, len(data) * steps_per_rollout,
     )  # fmt: skip
-    if ckpt:
-        load_trainer_state(state, ckpt)
-    state.generator = generator_factory(policy, cfg, run)
+    if generator_factory is not None:
+        state.generator = generator_factory(policy, cfg, run)
     return state
 
 
@@ -334,8 +359,10 @@ def _to_padded(flat: torch.Tensor, offsets: list[int]) -> tuple[torch.Tensor, to
 def generate_rollout(state: TrainState, prompts: list[list[int]]) -> Rollout:
     cfg = state.cfg
     params = GenerateConfig(
-        temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, stop_token_ids=list(state.stop_ids),
+        temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+        stop_token_ids=[] if state.run.ignore_eos else list(state.stop_ids),
         n=cfg.samples_per_prompt, seed=(state.run.seed * 1_000_003 + state.iteration) * 1_009 + state.grid.dp_rank,
+        ignore_eos=state.run.ignore_eos,
     )  # fmt: skip
     with torch.no_grad():
         comps = state.generator.generate_completions(prompts, params)

@@ -1,0 +1,114 @@
+"""Time one PPO iteration by phase: generation, the scoring passes, training.
+
+    python bench/ppo_step.py                                   # tiny random models on CPU (a smoke run)
+    python bench/ppo_step.py --model llama2-7b --random-weights --num-layers 8 --rollout-batch-size 64 \\
+        --train-batch-size 16 --prompt-len 256 --max-new-tokens 256 --json out.json      # one GPU
+
+The four models (policy, reference, value, reward) get random weights of the named shape
+(--num-layers shrinks it so four models, two of them with fp32 masters and Adam moments, fit on one
+GPU). Prompts are random token ids of --prompt-len; --ignore-eos (default on) makes every response
+--max-new-tokens long so the phases see fixed token counts. One untimed warm-up iteration (CUDA
+graphs, autotuning), then --iterations timed ones through engine.trainer.ppo_iteration. Printed per
+phase: seconds, tokens, tokens/s, and model TFLOP/s from engine.model.flops_per_token (generation: one
+forward per new token; scoring: four forwards per sequence token; training: policy and value forward
++ backward, 3 forwards each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine.config import MODEL_SHAPES, ModelConfig, PPOConfig  # noqa: E402
+from engine.model import Transformer, flops_per_token  # noqa: E402
+from engine.parallel import init_process_grid  # noqa: E402
+from engine.trainer import RunConfig, make_state, ppo_iteration, resolve_device, resolve_dtype  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", choices=list(MODEL_SHAPES), help="a named shape")
+    p.add_argument("--random-weights", action="store_true", help="random weights (the only mode; kept for symmetry)")
+    p.add_argument("--num-layers", type=int, default=None, help="override the shape's layer count")
+    p.add_argument("--rollout-batch-size", type=int, default=None, help="prompts per rollout (CPU 8, GPU 64)")
+    p.add_argument("--train-batch-size", type=int, default=None, help="sequences per optimizer step (CPU 4, GPU 16)")
+    p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (CPU 24, GPU 256)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="response tokens (CPU 16, GPU 256)")
+    p.add_argument("--micro-batch-tokens", type=int, default=16384)
+    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--iterations", type=int, default=1, help="timed iterations (after one warm-up)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--kv-cache-fraction", type=float, default=0.5, help="GPU share for the KV cache")
+    p.add_argument("--json", default=None, help="write the figures to this file")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    grid = init_process_grid(1)
+    device = resolve_device(a.device, grid)
+    dtype = resolve_dtype(a.dtype, device)
+    gpu = device.type == "cuda"
+    pick = lambda v, cpu, cuda: v if v is not None else (cuda if gpu else cpu)
+    rollout, train_bs = pick(a.rollout_batch_size, 8, 64), pick(a.train_batch_size, 4, 16)
+    prompt_len, new_tokens = pick(a.prompt_len, 24, 256), pick(a.max_new_tokens, 16, 256)
+    mc = ModelConfig.named(a.model)
+    if a.num_layers:
+        mc.num_layers = a.num_layers
+    cfg = PPOConfig(
+        rollout_batch_size=rollout, train_batch_size=train_bs, max_new_tokens=new_tokens,
+        max_prompt_len=prompt_len, learning_rate=1e-6,
+    )  # fmt: skip
+    run = RunConfig(
+        output_dir="", micro_batch_tokens=a.micro_batch_tokens, gen_max_num_seqs=max(rollout, 1),
+        kv_cache_fraction=a.kv_cache_fraction, ignore_eos=a.ignore_eos,
+    )  # fmt: skip
+    models = tuple(
+        Transformer(mc, head, dtype=dtype, device=device).init_weights(seed=i)
+        for i, head in enumerate(("lm", "lm", "score", "score"))
+    )
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, mc.vocab_size, (2 * (a.iterations + 1) * rollout, prompt_len), generator=gen).tolist()
+    state = make_state(cfg, run, grid, models, prompts, stop_ids=[mc.eos_token_id])
+    ppo_iteration(state)  # warm-up
+    runs = [ppo_iteration(state) for _ in range(a.iterations)]
+    best = min(runs, key=lambda m: m["time_iteration"])
+
+    n_seq = rollout * cfg.samples_per_prompt
+    resp = best["response_len"] * n_seq
+    seq_tok = resp + prompt_len * n_seq
+    ctx = prompt_len + best["response_len"] / 2  # mean attention context
+    fpt = flops_per_token(mc, int(ctx))
+    phases = [
+        ("generate", best["time_generate"], resp, fpt * resp),
+        ("score (4 forwards)", best["time_score"], seq_tok, 4 * fpt * seq_tok),
+        ("train (policy + value, fwd + bwd)", best["time_train"], seq_tok * cfg.ppo_epochs, 6 * fpt * seq_tok),
+        ("iteration", best["time_iteration"], seq_tok, None),
+    ]
+    print(
+        f"PPO iteration, {a.model} ({mc.num_layers} layers) {dtype} on {device}: {rollout} prompts x "
+        f"{prompt_len} tokens, {best['response_len']:.0f} new tokens each, train batch {train_bs}"
+    )
+    print(f"{'phase':<36}{'seconds':>10}{'tokens':>10}{'tok/s':>12}{'TFLOP/s':>10}")
+    out = {"model": a.model, "num_layers": mc.num_layers, "device": str(device), "dtype": str(dtype), "phases": {}}
+    for name, sec, tok, flops in phases:
+        tf = f"{flops / sec / 1e12:10.2f}" if flops else f"{'':>10}"
+        print(f"{name:<36}{sec:>10.3f}{tok:>10.0f}{tok / sec:>12.0f}{tf}")
+        out["phases"][name] = {"seconds": sec, "tokens": tok, "tok_s": tok / sec, "flops": flops}
+    if not gpu:
+        print("(CPU figures: a smoke run; GPU figures need a CUDA device)")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({**out, "metrics": runs}, f, indent=2)
+    return out
+
+
+if __name__ == "__main__":
+    main()
