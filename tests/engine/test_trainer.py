@@ -89,6 +89,15 @@ def test_micro_batches_accumulate_to_the_same_update(tmp_path):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
 
 
+def test_easylm_quirk_recomputes_old_logprobs_per_minibatch(tmp_path):
+    """With the quirk the ratio is exactly 1 in every minibatch (1 PPO epoch); without it, not after step 1."""
+    flags = ("--max-iterations", "1", "--learning-rate", "1e-2", "--warmup-ratio", "0")
+    quirk = _run(tmp_path / "q", *flags, "--recompute-old-logprobs-per-minibatch", factory=naive_factory)[0]
+    plain = _run(tmp_path / "p", *flags, factory=naive_factory)[0]
+    assert quirk["ratio"] == pytest.approx(1.0, abs=1e-6) and quirk["approx_kl"] < 1e-10
+    assert abs(plain["ratio"] - 1.0) > 1e-4 and plain["approx_kl"] > 1e-8
+
+
 def test_bf16_parameters_keep_fp32_masters_and_are_updated_in_place(tmp_path):
     state = _state(tmp_path, "--dtype", "bfloat16", "--max-iterations", "1", "--learning-rate", "1e-3")
     params = list(state.policy.parameters())
@@ -170,22 +179,25 @@ def test_help_lists_every_flag():
     assert cfg.rollout_batch_size == 512 and run.policy == "p"  # the recipe, not the tiny preset
 
 
-def test_dp2_matches_dp1(tmp_path):
-    flags = ["--max-iterations", "1", *SMALL]
+def test_dp2_tp2_matches_one_process(tmp_path):
+    """4 processes (data parallel 2 x tensor parallel 2, gloo) against 1 on the same global batch."""
+    flags = ["--max-iterations", "1", *SMALL, "--tp", "2"]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    env.pop("TRITON_INTERPRET", None)  # the worker runs the CPU reference ops
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+    env.pop("TRITON_INTERPRET", None)  # the workers run the CPU reference ops
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--standalone",
            os.path.join(ROOT, "tests/engine/ppo_dp_worker.py"), str(tmp_path), "--output-dir", str(tmp_path / "dp2"),
            *flags]  # fmt: skip
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    dp2 = [torch.load(tmp_path / f"result-rank{k}.pt", weights_only=False) for k in range(2)]
-    dp1 = _run(tmp_path / "dp1", "--max-iterations", "1", factory=naive_factory)
-    for k, v in dp1[0].items():
+    ranks = [torch.load(tmp_path / f"result-rank{k}.pt", weights_only=False) for k in range(4)]
+    one = _run(tmp_path / "dp1", "--max-iterations", "1", factory=naive_factory)
+    for k, v in one[0].items():
         if k not in TIMING:
-            assert dp2[0]["history"][0][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
-    ckpt = trainer.latest_checkpoint(str(tmp_path / "dp1"))
-    w1 = _weights(f"{ckpt}/policy", "lm")
-    for k, v in dp2[0]["policy"].items():
-        torch.testing.assert_close(v, w1[k], atol=1e-6, rtol=1e-5)
-        assert torch.equal(v, dp2[1]["policy"][k])  # the DP replicas stay identical
+            assert ranks[0]["history"][0][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    for sub, head in (("policy", "lm"), ("value", "score")):
+        w1 = _weights(f"{trainer.latest_checkpoint(str(tmp_path / 'dp1'))}/{sub}", head)
+        w4 = _weights(f"{trainer.latest_checkpoint(str(tmp_path / 'dp2'))}/{sub}", head)  # gathered TP shards
+        for k in w1:
+            torch.testing.assert_close(w4[k], w1[k], atol=1e-6, rtol=1e-5, msg=f"{sub} {k}")
+    for k, v in ranks[0]["policy"].items():  # ranks 0 and 2: the same TP shard in the two DP replicas
+        assert torch.equal(v, ranks[2]["policy"][k]), k
