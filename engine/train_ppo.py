@@ -60,7 +60,8 @@ def _add_fields(parser: argparse.ArgumentParser, cls, title: str) -> None:
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = _flag_kind(f)
-        help_ = f"(default: {f.default})"
+        tiny = {**TINY_PPO, **TINY_RUN}.get(f.name)
+        help_ = f"(default: {f.default}" + (f"; tiny default: {tiny})" if tiny is not None else ")")
         if kind == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
         elif kind == "tuple":

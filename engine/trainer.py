@@ -193,14 +193,12 @@ def optimizer_step(opt: Optimizer, lr: float, cfg: PPOConfig, grid: ProcessGrid)
     grads = [m.grad for m in opt.masters]
     if grid.dp > 1:
         _all_reduce_flat(grads, grid.dp_group)
-    sq = torch.zeros(2, dtype=torch.float32, device=grads[0].device)
-    for g, sharded in zip(grads, opt.sharded):
-        sq[int(sharded)] += g.float().square().sum()
-    if grid.tp > 1:
-        sharded_sq = sq[1].clone()
+    sq = torch.stack(torch._foreach_norm(grads)).square()  # one fused launch per few tensors
+    sharded = torch.tensor(opt.sharded, device=sq.device)
+    sharded_sq = torch.where(sharded, sq, 0.0).sum()
+    if grid.tp > 1:  # TP shards: each rank holds a slice; replicated tensors are counted once
         dist.all_reduce(sharded_sq, group=grid.tp_group)
-        sq[1] = sharded_sq
-    norm = sq.sum().sqrt()
+    norm = (torch.where(sharded, 0.0, sq).sum() + sharded_sq).sqrt()
     if cfg.max_grad_norm and cfg.max_grad_norm > 0:
         torch._foreach_mul_(grads, (cfg.max_grad_norm / (norm + 1e-6)).clamp(max=1.0))
     for group in opt.adam.param_groups:
@@ -682,6 +680,12 @@ def log_metrics(state: TrainState, metrics: dict) -> None:
 def train(state: TrainState) -> list[dict]:
     """Run iterations until state.iterations; checkpoint every save_every and at the end."""
     saved_at = state.iteration
+    g = state.grid
+    print0(
+        f"PPO: world {g.world_size} (dp {g.dp} x tp {g.tp}) on {state.device}, "
+        f"{next(state.policy.parameters()).dtype} params, iterations {state.iteration}..{state.iterations} "
+        f"of {len(state.data)}, {state.total_steps} optimizer steps in the schedule"
+    )
     while state.iteration < state.iterations:
         log_metrics(state, ppo_iteration(state))
         if state.run.save_every and state.iteration % state.run.save_every == 0:
