@@ -1,13 +1,21 @@
-"""Prompt batches for PPO rollouts: a seeded shuffle per epoch, fixed-size batches, DP sharding, resumable.
+"""Prompt batches for PPO rollouts, and a rollout's sequences packed for the model.
+
+PromptBatches: a seeded shuffle per epoch, fixed-size batches, DP sharding, resumable.
 
 Each epoch over the PromptSet is a fresh permutation (seeded by (seed, epoch), the same on every
 rank); it is cut into global batches of `batch_size` prompts, the last incomplete batch dropped so
 every rollout has the same size. Data-parallel rank r takes the strided slice batch[r::dp]: with
 minibatches cut contiguously from each rank's rollout, global minibatch k is then the same set of
 prompts whatever the DP degree (rank r's local minibatch k holds global prompts k*m*dp + i*dp + r).
+
+Rollout: one rank's sampled sequences with flat per-response-token tensors. pack() concatenates
+prompt + response of some of them into the packed layout of Transformer.forward_packed (no padding is
+ever computed) and says which hidden state predicts which response token.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -90,3 +98,79 @@ class PromptBatches:
             if state[key] != mine:
                 raise ValueError(f"cannot resume the prompt order: saved {key} {state[key]}, now {mine}")
         self.epoch, self.batch = state["epoch"], state["batch"]
+
+
+@dataclass
+class Rollout:
+    """One rollout on this rank: sequences, and flat per-response-token tensors (sequence order)."""
+
+    prompts: list[list[int]]
+    responses: list[list[int]]
+    hit_eos: torch.Tensor  # [B] bool
+    gen_logprobs: torch.Tensor  # [N] the generator's log-probs of the sampled tokens
+    offsets: list[int]  # sequence i's response tokens are flat rows offsets[i]:offsets[i + 1]
+    logprobs: torch.Tensor | None = None  # [N] policy at rollout time (PPO's old log-probs)
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    scores: torch.Tensor | None = None  # [B] raw RM scores
+    targets: dict[str, torch.Tensor] = field(default_factory=dict)  # rewards, kl, advantages, returns [N]
+
+
+# ------------------------------------------------------------------- rollouts, packed --
+
+
+def split_by_tokens(lengths: list[int], budget: int) -> list[list[int]]:
+    """Contiguous groups of indices whose lengths sum to at most `budget` (a longer one stands alone)."""
+    groups: list[list[int]] = []
+    size = budget + 1
+    for i, n in enumerate(lengths):
+        if size + n > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += n
+    return groups
+
+
+def pack(ro: Rollout, seqs: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+    """Prompt + response of sequences `seqs`, packed: ids, positions [N], cu_seqlens [S+1] int32;
+    act [R]: packed row of the hidden state that predicts each response token; targets [R]: those
+    tokens; rows [R]: their flat rollout rows; last [S]: each sequence's last token.
+    """
+    ids: list[int] = []
+    positions: list[int] = []
+    act: list[int] = []
+    rows: list[int] = []
+    cu = [0]
+    for i in seqs:
+        p, r = ro.prompts[i], ro.responses[i]
+        off, n = cu[-1], len(p) + len(r)
+        ids += p
+        ids += r
+        positions.extend(range(n))
+        act.extend(range(off + len(p) - 1, off + n - 1))
+        rows.extend(range(ro.offsets[i], ro.offsets[i + 1]))
+        cu.append(off + n)
+    t = lambda x, dt=torch.int64: torch.tensor(x, dtype=dt).to(device, non_blocking=True)
+    ids_t, act_t = t(ids), t(act)
+    return {
+        "ids": ids_t,
+        "positions": t(positions),
+        "cu_seqlens": t(cu, torch.int32),
+        "act": act_t,
+        "targets": ids_t[act_t + 1],
+        "rows": t(rows),
+        "last": t(cu[1:]) - 1,
+    }
+
+
+def to_padded(flat: torch.Tensor, offsets: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat per-token values -> [B, T] right-padded, with the bool mask and the flat -> (row, col) index."""
+    lens = torch.tensor([b - a for a, b in zip(offsets[:-1], offsets[1:])])
+    row = torch.repeat_interleave(torch.arange(len(lens)), lens)
+    col = torch.arange(len(row)) - torch.tensor(offsets[:-1])[row]
+    idx = (row.to(flat.device), col.to(flat.device))
+    out = flat.new_zeros(len(lens), int(lens.max()))
+    mask = torch.zeros(out.shape, dtype=torch.bool, device=flat.device)
+    out[idx], mask[idx] = flat, True
+    return out, mask, idx

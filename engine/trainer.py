@@ -29,7 +29,7 @@ import torch.distributed as dist
 from engine import ppo
 from engine.checkpoint import load_pretrained, save_pretrained
 from engine.config import GenerateConfig, PPOConfig
-from engine.data import PromptBatches
+from engine.data import PromptBatches, Rollout, pack, split_by_tokens, to_padded
 from engine.model import Transformer
 from engine.parallel import (
     ColumnParallelLinear,
@@ -53,7 +53,7 @@ class RunConfig:
     tokenizer: str | None = None  # tokenizer directory (default: the policy's)
     output_dir: str = "out/ppo"
     tp: int = 1
-    resume: bool = False  # continue from output_dir's latest checkpoint
+    resume: bool = False  # continue from output_dir's latest checkpoint (if there is none, start fresh)
     save_every: int = 0  # iterations between checkpoints (0: only at the end)
     keep_checkpoints: int = 1
     max_iterations: int = 0  # stop after this many iterations (0: the whole prompt set); the LR
@@ -103,22 +103,6 @@ class TrainState:
     @property
     def dp_group(self):
         return self.grid.dp_group if self.grid.dp > 1 else None
-
-
-@dataclass
-class Rollout:
-    """One rollout on this rank: sequences, and flat per-response-token tensors (sequence order)."""
-
-    prompts: list[list[int]]
-    responses: list[list[int]]
-    hit_eos: torch.Tensor  # [B] bool
-    gen_logprobs: torch.Tensor  # [N] the generator's log-probs of the sampled tokens
-    offsets: list[int]  # sequence i's response tokens are flat rows offsets[i]:offsets[i + 1]
-    logprobs: torch.Tensor | None = None  # [N] policy at rollout time (PPO's old log-probs)
-    ref_logprobs: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-    scores: torch.Tensor | None = None  # [B] raw RM scores
-    targets: dict[str, torch.Tensor] = field(default_factory=dict)  # rewards, kl, advantages, returns [N]
 
 
 # ---------------------------------------------------------------------------------- setup --
@@ -238,8 +222,8 @@ def setup(
     tokenizer = load_tokenizer(tokenizer_dir)
     prompt_set = load_prompts(run.prompts, tokenizer, cfg.max_prompt_len, verbose=grid.rank == 0)
     ckpt = latest_checkpoint(run.output_dir) if run.resume else None
-    if run.resume and ckpt is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {run.output_dir}")
+    if run.resume:
+        print0(f"resuming from {ckpt}" if ckpt else f"--resume: no checkpoint in {run.output_dir} yet, starting fresh")
     load = lambda path, head: load_pretrained(path, head=head, dtype=dtype, device=device, group=grid.tp_group)
     models = (
         load(os.path.join(ckpt, "policy") if ckpt else run.policy, "lm"),
@@ -289,66 +273,6 @@ def make_state(
     if generator_factory is not None:
         state.generator = generator_factory(policy, cfg, run)
     return state
-
-
-# ------------------------------------------------------------------------------- packing --
-
-
-def split_by_tokens(lengths: list[int], budget: int) -> list[list[int]]:
-    """Contiguous groups of indices whose lengths sum to at most `budget` (a longer one stands alone)."""
-    groups: list[list[int]] = []
-    size = budget + 1
-    for i, n in enumerate(lengths):
-        if size + n > budget:
-            groups.append([])
-            size = 0
-        groups[-1].append(i)
-        size += n
-    return groups
-
-
-def pack(ro: Rollout, seqs: list[int], device: torch.device) -> dict[str, torch.Tensor]:
-    """Prompt + response of sequences `seqs`, packed: ids, positions [N], cu_seqlens [S+1] int32;
-    act [R]: packed row of the hidden state that predicts each response token; targets [R]: those
-    tokens; rows [R]: their flat rollout rows; last [S]: each sequence's last token.
-    """
-    ids: list[int] = []
-    positions: list[int] = []
-    act: list[int] = []
-    rows: list[int] = []
-    cu = [0]
-    for i in seqs:
-        p, r = ro.prompts[i], ro.responses[i]
-        off, n = cu[-1], len(p) + len(r)
-        ids += p
-        ids += r
-        positions.extend(range(n))
-        act.extend(range(off + len(p) - 1, off + n - 1))
-        rows.extend(range(ro.offsets[i], ro.offsets[i + 1]))
-        cu.append(off + n)
-    t = lambda x, dt=torch.int64: torch.tensor(x, dtype=dt).to(device, non_blocking=True)
-    ids_t, act_t = t(ids), t(act)
-    return {
-        "ids": ids_t,
-        "positions": t(positions),
-        "cu_seqlens": t(cu, torch.int32),
-        "act": act_t,
-        "targets": ids_t[act_t + 1],
-        "rows": t(rows),
-        "last": t(cu[1:]) - 1,
-    }
-
-
-def _to_padded(flat: torch.Tensor, offsets: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flat per-token values -> [B, T] right-padded, with the bool mask and the flat -> (row, col) index."""
-    lens = torch.tensor([b - a for a, b in zip(offsets[:-1], offsets[1:])])
-    row = torch.repeat_interleave(torch.arange(len(lens)), lens)
-    col = torch.arange(len(row)) - torch.tensor(offsets[:-1])[row]
-    idx = (row.to(flat.device), col.to(flat.device))
-    out = flat.new_zeros(len(lens), int(lens.max()))
-    mask = torch.zeros(out.shape, dtype=torch.bool, device=flat.device)
-    out[idx], mask[idx] = flat, True
-    return out, mask, idx
 
 
 # --------------------------------------------------------------------------------- phases --
@@ -412,17 +336,17 @@ def score_rollout(state: TrainState, ro: Rollout) -> None:
     if not bool(torch.isfinite(ro.scores).all()):
         raise FloatingPointError(f"the reward model returned non-finite scores at iteration {state.iteration}")
     scores = ppo.scores_with_eos_penalty(ro.scores, ro.hit_eos, state.cfg.missing_eos_penalty)
-    padded = [_to_padded(x, ro.offsets) for x in (ro.logprobs, ro.ref_logprobs, ro.values)]
+    padded = [to_padded(x, ro.offsets) for x in (ro.logprobs, ro.ref_logprobs, ro.values)]
     mask, idx = padded[0][1], padded[0][2]
     out = ppo.advantages_and_returns(padded[0][0], padded[1][0], padded[2][0], mask, scores, state.cfg)
     ro.targets = {k: v[idx] for k, v in out.items()}
 
 
-def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: torch.Tensor) -> None:
+def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, torch.Tensor]) -> None:
     """One optimizer step of each model on this rank's share `seqs` of a global minibatch.
 
-    sums accumulates [policy loss, value loss, clip_frac, entropy, ratio, approx_kl, value clip_frac,
-    tokens, sequence tokens, policy grad norm, value grad norm] (token sums, DP-local).
+    Adds to `sums` (DP-local sums): the losses (each already a share of the global minibatch mean),
+    token sums of the per-token stats, token counts, and the grad norms.
     """
     cfg, dev, grid = state.cfg, state.device, state.grid
     rows = torch.cat([torch.arange(ro.offsets[i], ro.offsets[i + 1]) for i in seqs]).to(dev)
@@ -435,29 +359,26 @@ def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: torch.Tens
     pos[rows] = torch.arange(rows.numel(), device=dev)  # flat rollout row -> minibatch row
     step_loss = torch.zeros(2, device=dev)
     for pk in _chunks(state, ro, seqs):
-        mb = pos[pk["rows"]]
-        old = policy_logprobs(state.policy, pk) if cfg.recompute_old_logprobs_per_minibatch else ro.logprobs[pk["rows"]]
+        r = pk["rows"]
+        old = policy_logprobs(state.policy, pk) if cfg.recompute_old_logprobs_per_minibatch else ro.logprobs[r]
         h = state.policy.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["act"]]
         loss, st = ppo.policy_loss(
-            h, state.policy.lm_head_weight, pk["targets"], old, adv[mb], clip_eps=cfg.clip_ratio,
+            h, state.policy.lm_head_weight, pk["targets"], old, adv[pos[r]], clip_eps=cfg.clip_ratio,
             denom=n_global, group=state.policy.group,
         )  # fmt: skip
         loss.backward()
         accumulate_grads(state.policy_opt)
         h = state.value.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["act"]]
-        v = state.value.head_packed(h)
         vloss, vst = ppo.value_loss(
-            v, ro.values[pk["rows"]], ro.targets["returns"][pk["rows"]], clip_value=cfg.clip_value, denom=n_global
-        )
+            state.value.head_packed(h), ro.values[r], ro.targets["returns"][r], clip_value=cfg.clip_value,
+            denom=n_global,
+        )  # fmt: skip
         (cfg.value_loss_coef * vloss).backward()
         accumulate_grads(state.value_opt)
         step_loss += torch.stack([loss.detach(), vloss.detach()])
-        n_tok = float(pk["rows"].numel())
-        sums[2:9] += torch.stack([
-            st["clip_frac"], st["entropy"], st["ratio"], st["approx_kl"], vst["clip_frac"],
-            torch.tensor(n_tok, device=dev), torch.tensor(float(pk["ids"].numel()), device=dev),
-        ]).float()  # fmt: skip
-    sums[:2] += step_loss
+        _add(sums, tokens=r.numel(), seq_tokens=pk["ids"].numel(), value_clip_frac=vst["clip_frac"],
+             **{k: st[k] for k in ("clip_frac", "entropy", "ratio", "approx_kl")})  # fmt: skip
+    _add(sums, policy_loss=step_loss[0], value_loss=step_loss[1])
     if state.dp_group is not None:  # every rank sees the same losses, so all of them raise together
         step_loss = step_loss.clone()
         dist.all_reduce(step_loss, group=state.dp_group)
@@ -471,15 +392,21 @@ def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: torch.Tens
     lr = ppo.lr_at(state.step, state.total_steps, cfg)
     gp = optimizer_step(state.policy_opt, lr, cfg, grid)
     gv = optimizer_step(state.value_opt, lr, cfg, grid)
-    sums[9:11] += torch.stack([gp, gv]) / grid.dp  # the same on every DP rank; the metrics sum over ranks
+    # the same on every DP rank, and the metrics sum over ranks
+    _add(sums, grad_norm_policy=gp / grid.dp, grad_norm_value=gv / grid.dp, steps=1.0 / grid.dp)
     state.step += 1
 
 
-def train_rollout(state: TrainState, ro: Rollout) -> torch.Tensor:
+def _add(sums: dict[str, torch.Tensor], **values) -> None:
+    for k, v in values.items():
+        sums[k] = sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else float(v))
+
+
+def train_rollout(state: TrainState, ro: Rollout) -> dict[str, torch.Tensor]:
     cfg = state.cfg
     n_local = len(ro.responses)
     per_step = cfg.train_batch_size // state.grid.dp
-    sums = torch.zeros(11, device=state.device)
+    sums: dict[str, torch.Tensor] = {}
     for epoch in range(cfg.ppo_epochs):
         order = list(range(n_local))
         if epoch > 0:  # the same permutation on every rank keeps the DP shards balanced
@@ -505,67 +432,54 @@ def ppo_iteration(state: TrainState) -> dict:
     t1 = _sync(dev)
     score_rollout(state, ro)
     t2 = _sync(dev)
-    steps0 = state.step
     train = train_rollout(state, ro)
     t3 = _sync(dev)
-    n_steps = state.step - steps0
-    tg = ro.targets
-    seq_sum = lambda x: torch.zeros(len(ro.responses), device=dev).index_add_(
-        0, torch.repeat_interleave(torch.arange(len(ro.responses), device=dev), _lengths(ro, dev)), x
-    )
-    resp_tok = float(ro.offsets[-1])
-    seq_tok = float(sum(len(p) for p in ro.prompts)) + resp_tok
-    local = torch.cat([
-        torch.stack([
-            ro.scores.sum(), ppo.scores_with_eos_penalty(ro.scores, ro.hit_eos, state.cfg.missing_eos_penalty).sum(),
-            seq_sum(tg["kl"]).sum(), seq_sum(tg["rewards"]).sum(), (~ro.hit_eos).float().sum(),
-            torch.tensor(float(len(ro.responses)), device=dev), torch.tensor(resp_tok, device=dev),
-            torch.tensor(seq_tok, device=dev), ro.values.sum(), tg["returns"].sum(),
-            (ro.gen_logprobs - ro.logprobs).abs().sum(),
-        ]).float(),
-        train,
-    ])  # fmt: skip
+    sums = dict(train)
+    penalized = ppo.scores_with_eos_penalty(ro.scores, ro.hit_eos, state.cfg.missing_eos_penalty)
+    _add(
+        sums, sequences=len(ro.responses), response_tokens=ro.offsets[-1], score=ro.scores.sum(),
+        rollout_tokens=ro.offsets[-1] + sum(len(p) for p in ro.prompts),
+        score_penalized=penalized.sum(), kl=ro.targets["kl"].sum(), reward=ro.targets["rewards"].sum(),
+        no_eos=(~ro.hit_eos).sum(), value=ro.values.sum(), returns=ro.targets["returns"].sum(),
+        gen_logprob_gap=(ro.gen_logprobs - ro.logprobs).abs().sum(),
+    )  # fmt: skip
+    keys = sorted(sums)
+    totals = torch.stack([torch.as_tensor(sums[k], device=dev, dtype=torch.float32) for k in keys])
     if state.dp_group is not None:
-        dist.all_reduce(local, group=state.dp_group)
-    g = local.tolist()
-    n_seq, n_resp, n_seq_tok = g[5], g[6], g[7]
-    tr = g[11:]
-    n_tok = max(tr[7], 1.0)
+        dist.all_reduce(totals, group=state.dp_group)
+    g = dict(zip(keys, totals.tolist()))
+    n_seq, n_resp, n_tok, n_steps = g["sequences"], g["response_tokens"], max(g["tokens"], 1.0), max(g["steps"], 1)
     state.iteration += 1
     return {
         "iteration": state.iteration,
         "step": state.step,
         "lr": ppo.lr_at(max(state.step - 1, 0), state.total_steps, state.cfg),
-        "score": g[0] / n_seq,
-        "score_penalized": g[1] / n_seq,
-        "kl": g[2] / n_seq,  # summed over each response's tokens, averaged over responses
-        "reward": g[3] / n_seq,
-        "no_eos_frac": g[4] / n_seq,
+        "score": g["score"] / n_seq,  # the RM's
+        "score_penalized": g["score_penalized"] / n_seq,  # with the missing-EOS penalty
+        "kl": g["kl"] / n_seq,  # summed over each response's tokens, averaged over responses
+        "reward": g["reward"] / n_seq,  # the same, of the per-token rewards (score + KL penalty)
+        "no_eos_frac": g["no_eos"] / n_seq,
         "response_len": n_resp / n_seq,
-        "value": g[8] / n_resp,
-        "returns": g[9] / n_resp,
-        "gen_logprob_gap": g[10] / n_resp,  # mean |generator log-prob - training log-prob|
-        "policy_loss": tr[0] / max(n_steps, 1),
-        "value_loss": tr[1] / max(n_steps, 1),
-        "clip_frac": tr[2] / n_tok,
-        "entropy": tr[3] / n_tok,
-        "ratio": tr[4] / n_tok,
-        "approx_kl": tr[5] / n_tok,
-        "value_clip_frac": tr[6] / n_tok,
-        "grad_norm_policy": tr[9] / max(n_steps, 1),
-        "grad_norm_value": tr[10] / max(n_steps, 1),
+        "value": g["value"] / n_resp,
+        "returns": g["returns"] / n_resp,
+        "gen_logprob_gap": g["gen_logprob_gap"] / n_resp,  # mean |generator log-prob - training log-prob|
+        "policy_loss": g["policy_loss"] / n_steps,
+        "value_loss": g["value_loss"] / n_steps,
+        "clip_frac": g["clip_frac"] / n_tok,
+        "entropy": g["entropy"] / n_tok,
+        "ratio": g["ratio"] / n_tok,
+        "approx_kl": g["approx_kl"] / n_tok,
+        "value_clip_frac": g["value_clip_frac"] / n_tok,
+        "grad_norm_policy": g["grad_norm_policy"] / n_steps,
+        "grad_norm_value": g["grad_norm_value"] / n_steps,
         "gen_tok_s": n_resp / max(t1 - t0, 1e-9),
-        "score_tok_s": n_seq_tok / max(t2 - t1, 1e-9),
-        "train_tok_s": tr[8] / max(t3 - t2, 1e-9),  # sequence tokens through policy and value fwd + bwd
+        "score_tok_s": g["rollout_tokens"] / max(t2 - t1, 1e-9),
+        "train_tok_s": g["seq_tokens"] / max(t3 - t2, 1e-9),  # sequence tokens through policy and value fwd + bwd
         "time_generate": t1 - t0,
         "time_score": t2 - t1,
         "time_train": t3 - t2,
         "time_iteration": t3 - t0,
     }
-
-
-def _lengths(ro: Rollout, device) -> torch.Tensor:
-    return torch.tensor([len(r) for r in ro.responses], device=device)
 
 
 # ------------------------------------------------------------------------- checkpoints --

@@ -1,8 +1,9 @@
-"""engine.data.PromptBatches: seeded epoch order, fixed batches, DP sharding, resumable position."""
+"""engine.data: PromptBatches (seeded epoch order, fixed batches, DP sharding, resumable) and rollout packing."""
 
 import pytest
+import torch
 
-from engine.data import PromptBatches
+from engine.data import PromptBatches, Rollout, pack, split_by_tokens, to_padded
 from engine.tokenizer import PromptSet
 
 PROMPTS = [[100 + i, i] for i in range(23)]  # prompt i is recognisable by its last token
@@ -55,3 +56,27 @@ def test_bad_sizes_and_mismatched_resume():
     state = PromptBatches(PROMPTS, 4, seed=7).state_dict()
     with pytest.raises(ValueError, match="saved seed 7, now 8"):
         PromptBatches(PROMPTS, 4, seed=8).load_state_dict(state)
+
+
+def test_pack_lines_up_hidden_states_and_targets():
+    ro = Rollout(
+        prompts=[[1, 5, 6], [1, 7]], responses=[[8, 9, 2], [4]], hit_eos=torch.tensor([True, False]),
+        gen_logprobs=torch.zeros(4), offsets=[0, 3, 4],
+    )  # fmt: skip
+    pk = pack(ro, [1, 0], torch.device("cpu"))
+    assert pk["ids"].tolist() == [1, 7, 4, 1, 5, 6, 8, 9, 2]
+    assert pk["positions"].tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5]
+    assert pk["cu_seqlens"].tolist() == [0, 3, 9]
+    assert pk["act"].tolist() == [1, 5, 6, 7]  # the token before each response token
+    assert pk["targets"].tolist() == [4, 8, 9, 2]
+    assert pk["rows"].tolist() == [3, 0, 1, 2]
+    assert pk["last"].tolist() == [2, 8]
+    assert split_by_tokens([3, 4, 2, 9, 1], 7) == [[0, 1], [2], [3], [4]]
+
+
+def test_to_padded_round_trips():
+    flat = torch.arange(6, dtype=torch.float32)
+    padded, mask, idx = to_padded(flat, [0, 2, 3, 6])
+    assert padded.tolist() == [[0, 1, 0], [2, 0, 0], [3, 4, 5]]
+    assert mask.tolist() == [[True, True, False], [True, False, False], [True, True, True]]
+    assert torch.equal(padded[idx], flat)

@@ -152,22 +152,6 @@ def test_nonfinite_reward_scores_raise(tmp_path):
         trainer.train(state)
 
 
-def test_pack_lines_up_hidden_states_and_targets():
-    ro = trainer.Rollout(
-        prompts=[[1, 5, 6], [1, 7]], responses=[[8, 9, 2], [4]], hit_eos=torch.tensor([True, False]),
-        gen_logprobs=torch.zeros(4), offsets=[0, 3, 4],
-    )  # fmt: skip
-    pk = trainer.pack(ro, [1, 0], torch.device("cpu"))
-    assert pk["ids"].tolist() == [1, 7, 4, 1, 5, 6, 8, 9, 2]
-    assert pk["positions"].tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5]
-    assert pk["cu_seqlens"].tolist() == [0, 3, 9]
-    assert pk["act"].tolist() == [1, 5, 6, 7]  # the token before each response token
-    assert pk["targets"].tolist() == [4, 8, 9, 2]
-    assert pk["rows"].tolist() == [3, 0, 1, 2]
-    assert pk["last"].tolist() == [2, 8]
-    assert trainer.split_by_tokens([3, 4, 2, 9, 1], 7) == [[0, 1], [2], [3], [4]]
-
-
 def test_help_lists_every_flag():
     text = build_parser().format_help()
     for cls in (PPOConfig, trainer.RunConfig):
