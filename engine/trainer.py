@@ -209,6 +209,14 @@ def make_generator(policy: Transformer, cfg: PPOConfig, run: RunConfig):
     )
 
 
+def check_batch_sizes(cfg: PPOConfig, grid: ProcessGrid) -> None:
+    seqs = cfg.rollout_batch_size * cfg.samples_per_prompt
+    if seqs % cfg.train_batch_size:
+        raise ValueError(f"rollout of {seqs} sequences is not a multiple of train_batch_size {cfg.train_batch_size}")
+    if cfg.train_batch_size % grid.dp or cfg.rollout_batch_size % grid.dp:
+        raise ValueError(f"train and rollout batch sizes must be multiples of the data-parallel size {grid.dp}")
+
+
 def setup(
     cfg: PPOConfig, run: RunConfig, *, grid: ProcessGrid | None = None, generator_factory=make_generator
 ) -> TrainState:
@@ -216,6 +224,7 @@ def setup(
     if not (run.policy and run.reward and run.prompts):
         raise ValueError("--policy, --reward and --prompts are all needed (or no flag at all for the tiny default)")
     grid = grid or init_process_grid(run.tp)
+    check_batch_sizes(cfg, grid)  # before loading four models
     device = resolve_device(run.device, grid)
     dtype = resolve_dtype(run.dtype, device)
     tokenizer_dir = run.tokenizer or run.policy
@@ -252,11 +261,8 @@ def make_state(
 ) -> TrainState:
     """TrainState from models already built: (policy, reference, value, reward); the frozen two are
     set to requires_grad=False. Used by setup() and by bench/ppo_step.py (random weights)."""
+    check_batch_sizes(cfg, grid)
     seqs = cfg.rollout_batch_size * cfg.samples_per_prompt
-    if seqs % cfg.train_batch_size:
-        raise ValueError(f"rollout of {seqs} sequences is not a multiple of train_batch_size {cfg.train_batch_size}")
-    if cfg.train_batch_size % grid.dp or cfg.rollout_batch_size % grid.dp:
-        raise ValueError(f"train and rollout batch sizes must be multiples of the data-parallel size {grid.dp}")
     policy, ref, value, reward = models
     ref.requires_grad_(False)
     reward.requires_grad_(False)
