@@ -185,3 +185,8 @@ def test_dp2_tp2_matches_one_process(tmp_path):
             torch.testing.assert_close(w4[k], w1[k], atol=1e-6, rtol=1e-5, msg=f"{sub} {k}")
     for k, v in ranks[0]["policy"].items():  # ranks 0 and 2: the same TP shard in the two DP replicas
         assert torch.equal(v, ranks[2]["policy"][k]), k
+
+
+def test_batch_sizes_that_do_not_divide_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="not a multiple of train_batch_size 4"):
+        _state(tmp_path, "--rollout-batch-size", "6")
