@@ -34,7 +34,7 @@ from engine.trainer import RunConfig, make_state, ppo_iteration, resolve_device,
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", choices=list(MODEL_SHAPES), help="a named shape")
-    p.add_argument("--random-weights", action="store_true", help="random weights (the only mode; kept for symmetry)")
+    p.add_argument("--random-weights", action="store_true", help="random weights for a named shape (implied for tiny)")
     p.add_argument("--num-layers", type=int, default=None, help="override the shape's layer count")
     p.add_argument("--rollout-batch-size", type=int, default=None, help="prompts per rollout (CPU 8, GPU 64)")
     p.add_argument("--train-batch-size", type=int, default=None, help="sequences per optimizer step (CPU 4, GPU 16)")
@@ -59,7 +59,10 @@ def main(argv=None) -> dict:
     pick = lambda v, cpu, cuda: v if v is not None else (cuda if gpu else cpu)
     rollout, train_bs = pick(a.rollout_batch_size, 8, 64), pick(a.train_batch_size, 4, 16)
     prompt_len, new_tokens = pick(a.prompt_len, 24, 256), pick(a.max_new_tokens, 16, 256)
+    if a.model != "tiny" and not a.random_weights:
+        raise SystemExit(f"--model {a.model} is a shape: pass --random-weights (this bench builds random models)")
     mc = ModelConfig.named(a.model)
+    mc.max_position_embeddings = max(mc.max_position_embeddings, prompt_len + new_tokens)
     if a.num_layers:
         mc.num_layers = a.num_layers
     cfg = PPOConfig(
