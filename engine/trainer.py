@@ -61,7 +61,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto: cuda if available
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
-    micro_batch_tokens: int = 16384  # tokens (prompt + response) per forward/backward micro-batch
+    micro_batch_tokens: int = 8192  # tokens (prompt + response) per forward/backward micro-batch (memory bound)
     gen_max_num_seqs: int = 256
     kv_cache_fraction: float = 0.9
     kv_cache_mb: int = 0  # KV cache budget in MiB (0: the generator's default / kv_cache_fraction)
