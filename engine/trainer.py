@@ -463,6 +463,7 @@ def ppo_iteration(state: TrainState) -> dict:
         "score": g["score"] / n_seq,  # the RM's
         "score_penalized": g["score_penalized"] / n_seq,  # with the missing-EOS penalty
         "kl": g["kl"] / n_seq,  # summed over each response's tokens, averaged over responses
+        "kl_per_token": g["kl"] / n_resp,
         "reward": g["reward"] / n_seq,  # the same, of the per-token rewards (score + KL penalty)
         "no_eos_frac": g["no_eos"] / n_seq,
         "response_len": n_resp / n_seq,
