@@ -340,7 +340,7 @@ def score_rollout(state: TrainState, ro: Rollout) -> None:
         ro.scores[seq0 : seq0 + n_seq] = state.reward.head_packed(h).float()
         seq0 += n_seq
     if not bool(torch.isfinite(ro.scores).all()):
-        raise FloatingPointError(f"the reward model returned non-finite scores at iteration {state.iteration}")
+        raise FloatingPointError(f"the reward model returned non-finite scores at iteration {state.iteration + 1}")
     scores = ppo.scores_with_eos_penalty(ro.scores, ro.hit_eos, state.cfg.missing_eos_penalty)
     padded = [to_padded(x, ro.offsets) for x in (ro.logprobs, ro.ref_logprobs, ro.values)]
     mask, idx = padded[0][1], padded[0][2]
@@ -392,8 +392,8 @@ def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, 
     bad = [name for name, x in zip(("policy loss", "value loss"), losses) if not math.isfinite(x)]
     if bad:
         raise FloatingPointError(
-            f"non-finite {' and '.join(bad)} ({losses}) at iteration {state.iteration}, "
-            f"step {state.step} (optimizer step of the run); no update was applied"
+            f"non-finite {' and '.join(bad)} ({losses}) at iteration {state.iteration + 1}, "
+            f"step {state.step + 1} (optimizer steps counted over the run, as in the metrics); no update was applied"
         )
     lr = ppo.lr_at(state.step, state.total_steps, cfg)
     gp = optimizer_step(state.policy_opt, lr, cfg, grid)
