@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from kernels.rope_attention import rope_attention
+import torch.utils.checkpoint
 
 from engine.config import ModelConfig
 from engine.parallel import (
@@ -31,6 +31,7 @@ from engine.parallel import (
     gather_from_tp,
     group_size,
 )
+from kernels.rope_attention import rope_attention
 
 # ------------------------------------------------------------------------ attention context --
 
@@ -219,6 +220,7 @@ class Transformer(nn.Module):
             raise ValueError(f"head must be 'lm' or 'score', got {head!r}")
         self.config, self.head, self.group = config, head, group
         self.tp = group_size(group)
+        self.activation_checkpointing = False  # recompute each layer in backward (training memory)
         factory = {"dtype": dtype or config.torch_dtype, "device": device}
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, group, **factory)
         self.layers = nn.ModuleList(DecoderLayer(config, i, group, **factory) for i in range(config.num_layers))
@@ -261,8 +263,12 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Final normed hidden states [N, hidden] of packed tokens input_ids [N] at positions [N]."""
         h = self.embed_tokens(input_ids)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and _CONTEXT is None
         for layer in self.layers:
-            h = layer(h, positions, cu_seqlens)
+            if recompute:  # keep only each layer's input; recompute its inside during backward
+                h = torch.utils.checkpoint.checkpoint(layer, h, positions, cu_seqlens, use_reentrant=False)
+            else:
+                h = layer(h, positions, cu_seqlens)
         return self.norm(h)
 
     def head_packed(self, hidden: torch.Tensor, *, gather: bool = True) -> torch.Tensor:

@@ -42,8 +42,9 @@ TINY_PPO = {
     "max_new_tokens": 24,
     "max_prompt_len": 128,
     "learning_rate": 1e-4,
+    "prompt_epochs": 4,  # 12 iterations: enough to watch the no-EOS penalty being learned away
 }
-TINY_RUN = {"output_dir": "out/ppo-tiny", "max_iterations": 2, "micro_batch_tokens": 1024, "gen_max_num_seqs": 16}
+TINY_RUN = {"output_dir": "out/ppo-tiny", "max_iterations": 0, "micro_batch_tokens": 1024, "gen_max_num_seqs": 16}
 
 
 def _flag_kind(f: dataclasses.Field) -> str:

@@ -66,6 +66,7 @@ class RunConfig:
     kv_cache_fraction: float = 0.9
     kv_cache_mb: int = 0  # KV cache budget in MiB (0: the generator's default / kv_cache_fraction)
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
+    activation_checkpointing: str = "auto"  # on / off / auto (on for cuda): recompute layers in backward
 
 
 @dataclass
@@ -272,6 +273,12 @@ def make_state(
     iterations = len(data) if not run.max_iterations else min(run.max_iterations, len(data))
     steps_per_rollout = cfg.ppo_epochs * seqs // cfg.train_batch_size
     device = next(policy.parameters()).device
+    if run.activation_checkpointing not in ("auto", "on", "off"):
+        raise ValueError(f"activation_checkpointing must be auto, on or off, got {run.activation_checkpointing!r}")
+    recompute = run.activation_checkpointing == "on" or (
+        run.activation_checkpointing == "auto" and device.type == "cuda"
+    )
+    policy.activation_checkpointing = value.activation_checkpointing = recompute
     state = TrainState(
         cfg, run, grid, device, policy, ref, value, reward, make_optimizer(policy, cfg), make_optimizer(value, cfg),
         data, None, stop_ids, tokenizer_dir, iterations, len(data) * steps_per_rollout,

@@ -148,3 +148,16 @@ def test_attention_backend_choice(monkeypatch):
     monkeypatch.setenv("TULU_PPO_ATTENTION", "xformers")
     with pytest.raises(ValueError, match="must be 'triton' or 'flash', got 'xformers'"):
         attention_backend()
+
+
+def test_activation_checkpointing_same_gradients(tmp_path):
+    save_hf_model(tmp_path)
+    grads = []
+    for recompute in (False, True):
+        model = load_pretrained(tmp_path)
+        model.activation_checkpointing = recompute
+        ids, mask, _ = padded_batch(301, [6, 4], "right")
+        model(ids, mask).logsumexp(-1).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
