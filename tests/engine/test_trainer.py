@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from engine import trainer
+from engine import optim, trainer
 from engine.checkpoint import load_pretrained
 from engine.config import ModelConfig, PPOConfig
 from engine.model import Transformer
@@ -123,14 +123,14 @@ def test_mixed_optimizer_step_matches_fp32_adam():
         for a, b in zip(m32.parameters(), m16.parameters()):
             a.copy_(a.to(torch.bfloat16))  # start both from bf16-exact values
             b.copy_(a)
-    o32, o16 = trainer.make_optimizer(m32, cfg), trainer.make_optimizer(m16, cfg)
+    o32, o16 = optim.make_optimizer(m32, cfg), optim.make_optimizer(m16, cfg)
     for _ in range(3):
         for a, b in zip(m32.parameters(), m16.parameters()):
             g = torch.randn(a.shape).to(torch.bfloat16)
             a.grad, b.grad = g.float(), g.clone()
-        trainer.accumulate_grads(o16)
-        n32 = trainer.optimizer_step(o32, 1e-2, cfg, grid)
-        n16 = trainer.optimizer_step(o16, 1e-2, cfg, grid)
+        optim.accumulate_grads(o16)
+        n32 = optim.optimizer_step(o32, 1e-2, cfg, grid)
+        n16 = optim.optimizer_step(o16, 1e-2, cfg, grid)
         assert torch.equal(n32, n16)
     for a, m, b in zip(m32.parameters(), o16.masters, m16.parameters()):
         assert torch.equal(a, m) and torch.equal(m.to(torch.bfloat16), b)
