@@ -182,7 +182,7 @@ MODEL_SHAPES: dict[str, ModelConfig] = {
 class GenerateConfig:
     """Sampling parameters of one generate call (RECIPE.md: temperature 0.7, up to 1024 new tokens)."""
 
-    temperature: float = 0.7
+    temperature: float = 0.7  # sampling temperature (training log-probs use raw logits)
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k
     max_new_tokens: int = 1024
@@ -208,31 +208,31 @@ class GenerateConfig:
 class PPOConfig:
     """PPO hyperparameters; defaults are the Tulu V2.5 PPO 13B recipe (RECIPE.md)."""
 
-    learning_rate: float = 1e-6
-    lr_schedule: str = "linear"
-    warmup_ratio: float = 0.1
+    learning_rate: float = 1e-6  # peak LR of both optimizers
+    lr_schedule: str = "linear"  # linear warmup, then linear decay to 0
+    warmup_ratio: float = 0.1  # share of the optimizer steps spent warming up
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0  # Adam (decoupled decay, 0 in the recipe)
+    max_grad_norm: float = 1.0  # global grad-norm clip per model (0: off)
     train_batch_size: int = 64  # sequences per optimizer step
     rollout_batch_size: int = 512  # prompts per PPO iteration
-    samples_per_prompt: int = 1
-    ppo_epochs: int = 1
-    prompt_epochs: int = 1
-    kl_coef: float = 0.05
-    kl_estimator: str = "k1"
-    missing_eos_penalty: float = -10.0
-    whiten_rewards: bool = False
-    gamma: float = 1.0
-    lam: float = 0.95
+    samples_per_prompt: int = 1  # responses sampled per prompt
+    ppo_epochs: int = 1  # passes over each rollout
+    prompt_epochs: int = 1  # passes over the prompt set
+    kl_coef: float = 0.05  # beta of the per-token KL penalty in the reward
+    kl_estimator: str = "k1"  # k1 (logp - ref_logp), k2 or k3
+    missing_eos_penalty: float = -10.0  # score of a response that hits the length limit without EOS
+    whiten_rewards: bool = False  # off in the recipe
+    gamma: float = 1.0  # GAE discount
+    lam: float = 0.95  # GAE lambda
     whiten_advantages: bool = True  # per optimizer minibatch
-    clip_ratio: float = 0.2
-    clip_value: float = 0.2
-    value_loss_coef: float = 0.1
+    clip_ratio: float = 0.2  # policy ratio clip
+    clip_value: float = 0.2  # value clip around the rollout values
+    value_loss_coef: float = 0.1  # weight of the value loss
     temperature: float = 0.7
-    max_new_tokens: int = 1024
-    max_prompt_len: int = 1024
+    max_new_tokens: int = 1024  # response length limit
+    max_prompt_len: int = 1024  # longer prompts are dropped, not truncated
     recompute_old_logprobs_per_minibatch: bool = False  # the EasyLM quirk, off by default
 
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import os
+import re
 import sys
 
 if __name__ == "__main__" and os.path.basename(sys.path[0]) == "engine":
@@ -56,13 +58,26 @@ def _flag_kind(f: dataclasses.Field) -> str:
     raise TypeError(f"no CLI flag type for field {f.name}: {f.type}")
 
 
+def _field_comments(cls) -> dict[str, str]:
+    """The `# ...` comment after each field in the dataclass source: one place documents a field."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=[^#]*#\s*(.+)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2).strip()
+    return comments
+
+
 def _add_fields(parser: argparse.ArgumentParser, cls, title: str) -> None:
     group = parser.add_argument_group(title)
+    comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = _flag_kind(f)
         tiny = {**TINY_PPO, **TINY_RUN}.get(f.name)
         help_ = f"(default: {f.default}" + (f"; tiny default: {tiny})" if tiny is not None else ")")
+        if f.name in comments:
+            help_ = f"{comments[f.name]} {help_}"
         if kind == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
         elif kind == "tuple":

@@ -49,19 +49,19 @@ class RunConfig:
     reward: str | None = None  # HF directory of the reward model (also the value model's start)
     prompts: str | None = None  # JSONL prompt file
     tokenizer: str | None = None  # tokenizer directory (default: the policy's)
-    output_dir: str = "out/ppo"
-    tp: int = 1
+    output_dir: str = "out/ppo"  # checkpoints, metrics.jsonl
+    tp: int = 1  # tensor parallel degree (must divide the heads; world = dp x tp)
     resume: bool = False  # continue from output_dir's latest checkpoint (if there is none, start fresh)
     save_every: int = 0  # iterations between checkpoints (0: only at the end)
-    keep_checkpoints: int = 1
-    max_iterations: int = 0  # stop after this many iterations (0: the whole prompt set); the LR
-    # schedule always spans the whole prompt set, so a run cut short and resumed is the same run
-    seed: int = 0
+    keep_checkpoints: int = 1  # older checkpoints are pruned
+    max_iterations: int = 0  # stop after this many iterations (0: the whole prompt set; the LR schedule spans it)
+    # the LR schedule always spans the whole prompt set, so a run cut short and resumed is the same run
+    seed: int = 0  # prompt order and sampling
     device: str = "auto"  # auto: cuda if available
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
     micro_batch_tokens: int = 8192  # tokens (prompt + response) per forward/backward micro-batch (memory bound)
-    gen_max_num_seqs: int = 256
-    kv_cache_fraction: float = 0.9
+    gen_max_num_seqs: int = 256  # sequences the generator decodes together at most
+    kv_cache_fraction: float = 0.9  # share of free GPU memory given to the KV cache during rollouts
     kv_cache_mb: int = 0  # KV cache budget in MiB (0: the generator's default / kv_cache_fraction)
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
     activation_checkpointing: str = "auto"  # on / off / auto (on for cuda): recompute layers in backward
