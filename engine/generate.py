@@ -446,19 +446,27 @@ class _DecodeGraphs:
         self.slots = torch.full((max_b,), -1, dtype=torch.long, device=dev)
         self.context_lens = torch.zeros(max_b, dtype=torch.int32, device=dev)
         self.tables = torch.zeros(max_b, gen.table_width, dtype=torch.int32, device=dev)
-        self.graphs, self.logits = {}, {}
+        self.replays, self.logits = {}, {}
         caches = gen._kv_caches()
-        mempool = torch.cuda.graph_pool_handle()
+        mempool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
         for b in reversed(self.buckets):  # largest first so smaller graphs reuse its memory
             ctx = AttentionContext(caches, self.slots[:b], True, self.tables[:b], self.context_lens[:b])
             with attention_context(ctx):
                 self._forward(b)  # warm up (autotuning, allocations) outside the capture
-                torch.cuda.synchronize()
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=mempool):
-                    self.logits[b] = self._forward(b)
-            self.graphs[b] = g
-        torch.cuda.synchronize()
+                self._sync()
+                self.replays[b], self.logits[b] = self._capture_one(b, mempool)
+        self._sync()
+
+    def _sync(self) -> None:
+        if self.gen.device.type == "cuda":
+            torch.cuda.synchronize(self.gen.device)
+
+    def _capture_one(self, b: int, mempool):
+        """Capture the bucket-b forward: (replay function, the static logits it writes)."""
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=mempool):
+            logits = self._forward(b)
+        return g.replay, logits
 
     def _forward(self, b: int) -> torch.Tensor:
         m = self.gen.model
@@ -474,5 +482,5 @@ class _DecodeGraphs:
         self.context_lens[:n].copy_(batch.context_lens)
         self.context_lens[n:b].zero_()
         self.tables[:n].copy_(batch.block_tables)
-        self.graphs[b].replay()
+        self.replays[b]()
         return self.logits[b][:n]
