@@ -42,6 +42,16 @@ def test_tp2_matches_tp1(tmp_path):
     torch.testing.assert_close(tp2["down_grad"], model.layers[1].mlp.down_proj.weight.grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(tp2["embed_grad"], model.embed_tokens.weight.grad, atol=1e-5, rtol=1e-4)
 
+    from engine.config import GenerateConfig
+    from engine.generate import Generator
+
+    gen = Generator(model, block_size=4, num_blocks=32, max_model_len=32)
+    comps = gen.generate_completions(
+        [[5, 9, 13], [7, 3, 22, 41, 8, 2, 19]], GenerateConfig(temperature=0.9, max_new_tokens=6, seed=3)
+    )
+    expected = torch.tensor([c.tokens + [-1] * (6 - len(c.tokens)) for c in comps])
+    assert torch.equal(tp2["generated"], expected)
+
     saved = load_pretrained(tmp_path / "saved")  # gathered from both ranks, written by rank 0
     for (n1, p1), (n2, p2) in zip(model.named_parameters(), saved.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2), n1

@@ -29,6 +29,18 @@ def main(ckpt: str, out: str) -> None:
         "embed_grad": _gather_rows(model.embed_tokens.weight.grad, model),
     }
     save_pretrained(model, out + "/saved")
+    # generation on the TP-sharded weights: every rank runs the same schedule and samples the same tokens
+    from engine.config import GenerateConfig
+    from engine.generate import Generator
+
+    gen = Generator(model, block_size=4, num_blocks=32, max_model_len=32)
+    prompts = [[5, 9, 13], [7, 3, 22, 41, 8, 2, 19]]
+    generated = gen.generate_completions(prompts, GenerateConfig(temperature=0.9, max_new_tokens=6, seed=3))
+    tokens = torch.tensor([c.tokens + [-1] * (6 - len(c.tokens)) for c in generated])
+    everyone = [torch.empty_like(tokens) for _ in range(2)]
+    dist.all_gather(everyone, tokens, group=model.group)
+    assert torch.equal(everyone[0], everyone[1]), "TP ranks sampled different tokens"
+    grads["generated"] = tokens
     if grid.rank == 0:
         torch.save({"ids": ids, "mask": mask, "logits": logits.detach(), **grads}, out + "/tp2.pt")
     dist.barrier()
