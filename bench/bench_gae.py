@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from kernels import reference
-from kernels.gae import gae
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import measure  # noqa: E402
+from kernels import reference  # noqa: E402
+from kernels.gae import gae  # noqa: E402
 
 
 def peer_gae_loop(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
@@ -48,29 +53,6 @@ def make_batch(batch: int, seq: int, device: str, seed: int = 0):
     rewards = torch.randn(batch, seq, generator=gen) * 0.1
     values = torch.randn(batch, seq, generator=gen)
     return rewards.to(device), values.to(device), mask.to(device)
-
-
-def time_ms(fn, device: str, reps: int) -> float:
-    if device == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=5, rep=max(reps, 20))
-    fn()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - start) * 1e3 / reps
-
-
-def peak_extra_mib(fn, device: str) -> float | None:
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def main() -> None:
@@ -118,8 +100,8 @@ def main() -> None:
 
     rows = []
     for name, fn in candidates.items():
-        ms = time_ms(fn, device, args.reps)
-        rows.append({"name": name, "ms": ms, "extra_peak_mib": peak_extra_mib(fn, device)})
+        ms, extra = measure(fn, device, min_reps=args.reps)
+        rows.append({"name": name, "ms": ms, "extra_peak_mib": None if extra != extra else extra / 2**20})
     rows.append({"name": f"bandwidth floor ({args.bandwidth:g} TB/s)", "ms": floor_ms, "extra_peak_mib": None})
     rows.append({"name": "Liger-Kernel", "ms": None, "extra_peak_mib": None, "note": "no GAE op"})
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import measure  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.logprob import hidden_logprobs, ppo_token_loss, token_logprobs  # noqa: E402
 
@@ -36,40 +36,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def _first(x):
     return x[0] if isinstance(x, (tuple, list)) else x
-
-
-def _bytes(obj) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, (tuple, list)):
-        return sum(_bytes(o) for o in obj)
-    if isinstance(obj, dict):
-        return sum(_bytes(o) for o in obj.values())
-    return 0
-
-
-def measure(fn, device: str, warmup: int, rep: int) -> tuple[float, float]:
-    """(ms per call, extra peak GiB) of fn()."""
-    if device == "cuda":
-        import triton.testing
-
-        fn()  # compile / autotune outside the measurement
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        out = fn()
-        torch.cuda.synchronize()
-        extra = torch.cuda.max_memory_allocated() - base - _bytes(out)
-        del out
-        ms = triton.testing.do_bench(fn, warmup=warmup, rep=rep)
-        return ms, extra / 2**30
-    fn()
-    t0 = time.perf_counter()
-    iters = 5
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t0) * 1e3 / iters, float("nan")
 
 
 def fwd_bwd(f, inputs):
@@ -116,7 +82,8 @@ def bench_token(args, device, dtype, rows):
             _first(liger_cross_entropy(lxg, targets, reduction="sum")), lxg)))  # fmt: skip
     for name, case, call in jobs:
         try:
-            ms, gib = measure(call, device, args.warmup, args.rep)
+            ms, extra = measure(call, device, warmup_ms=args.warmup, rep_ms=args.rep)
+            gib = extra / 2**30
         except Exception as e:  # noqa: BLE001 (a peer failing must not stop the table)
             print(f"  {name} {case}: failed: {type(e).__name__}: {str(e)[:120]}")
             continue
@@ -149,7 +116,8 @@ def bench_hidden(args, device, dtype, rows):
         )
     for name, f in {**cands, **ppo}.items():
         try:
-            ms, gib = measure(fwd_bwd(f, [hidden, weight]), device, args.warmup, args.rep)
+            ms, extra = measure(fwd_bwd(f, [hidden, weight]), device, warmup_ms=args.warmup, rep_ms=args.rep)
+            gib = extra / 2**30
         except Exception as e:  # noqa: BLE001
             print(f"  {name}: failed: {type(e).__name__}: {str(e)[:120]}")
             continue

@@ -20,13 +20,13 @@ import itertools
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import measure  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.paged_attention import paged_decode_attention, rope_write_kv  # noqa: E402
 
@@ -55,28 +55,8 @@ def _make(batch, ctx, hq, hkv, d, block_size, dtype, device):
     return q, k_cache, v_cache, block_tables, context_lens
 
 
-def _time_ms(fn, device) -> float:
-    if device.type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100))
-    fn()
-    n, start = 0, time.perf_counter()
-    while n < 3 or time.perf_counter() - start < 0.5:
-        fn()
-        n += 1
-    return (time.perf_counter() - start) / n * 1e3
-
-
-def _peak_extra_mb(fn, device) -> float:
-    if device.type != "cuda":
-        return float("nan")
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+def _ms(fn, device) -> float:
+    return measure(fn, device, rep_ms=500 if torch.device(device).type != "cuda" else 100)[0]
 
 
 def _bench_shape(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, compile_) -> dict:
@@ -93,10 +73,10 @@ def _bench_shape(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, compile
     row.update({"dtype": str(dtype), "kv_bytes": kv_bytes, "floor_ms": kv_bytes / bw * 1e3})
     for vname, fn in variants.items():
         try:
-            ms = _time_ms(fn, device)
+            ms = _ms(fn, device)
             row[f"{vname}_ms"] = ms
             row[f"{vname}_gbs"] = kv_bytes / (ms * 1e-3) / 1e9
-            row[f"{vname}_mem_mb"] = _peak_extra_mb(fn, device)
+            row[f"{vname}_mem_mb"] = measure(fn, device)[1] / 2**20
         except Exception as e:  # a failing peer (OOM, compile error) must not hide the other figures
             print(f"{name} {vname}: failed ({type(e).__name__}: {e})")
     if device.type == "cuda":
@@ -104,7 +84,7 @@ def _bench_shape(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, compile
         k1 = torch.randn(batch, hkv, d, dtype=dtype, device=device)
         slots = bt[:, -1].to(torch.int64) * bs
         pos = cl.to(torch.int64) - 1
-        row["rope_write_ms"] = _time_ms(lambda: rope_write_kv(q, k1, k1, pos, kc, vc, slots), device)
+        row["rope_write_ms"] = _ms(lambda: rope_write_kv(q, k1, k1, pos, kc, vc, slots), device)
     return row
 
 
@@ -116,7 +96,7 @@ def _sweep(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw) -> list[dict]
         cfg = {"block_n": block_n, "num_warps": warps, "num_stages": stages, "dot_min_group": dot_min}
         try:
             fn = lambda: paged_decode_attention(q, kc, vc, bt, cl, max_context_len=ctx, config=cfg)  # noqa: B023
-            ms = _time_ms(fn, device)
+            ms = _ms(fn, device)
         except Exception as e:  # out of shared memory / registers for this variant
             print(f"{name} {cfg}: failed ({type(e).__name__})")
             continue

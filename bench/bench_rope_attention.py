@@ -21,42 +21,23 @@ import argparse
 import functools
 import json
 import math
-import time
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch.nn.functional as F
 
-from kernels import reference
-from kernels.rope_attention import rope_attention
+from bench.common import measure  # noqa: E402
+from kernels import reference  # noqa: E402
+from kernels.rope_attention import rope_attention  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def causal_flops(lengths: list[int], heads: int, head_dim: int) -> float:
     return sum(4.0 * heads * n * n * head_dim / 2 for n in lengths)
-
-
-def timed(fn, warmup: int, rep: int, cuda: bool) -> tuple[float, float]:
-    """(milliseconds per call, extra peak memory in GiB over what was allocated before the call)."""
-    if cuda:
-        import triton.testing
-
-        fn()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        extra = (torch.cuda.max_memory_allocated() - base) / 2**30
-        return triton.testing.do_bench(fn, warmup=warmup, rep=rep), extra
-    for _ in range(max(1, warmup // 25)):
-        fn()
-    t0 = time.perf_counter()
-    n = 0
-    while n < 3 or time.perf_counter() - t0 < rep / 1000:
-        fn()
-        n += 1
-    return (time.perf_counter() - t0) * 1000 / n, float("nan")
 
 
 def sdpa_with_rotary(q, k, v, positions, batch, seqlen, theta, backend=None):
@@ -133,7 +114,8 @@ def make_rows(args, q, k, v, positions, cu, batch, seqlen, padded_mask=None):
 
 def bench_impl(fn, q, k, v, do, flops, args, cuda) -> dict:
     """Forward and forward+backward figures of one implementation fn(q, k, v) -> output."""
-    ms, mem = timed(lambda: fn(q, k, v), args.warmup, args.rep, cuda)
+    ms, mem = measure(lambda: fn(q, k, v), "cuda" if cuda else "cpu", warmup_ms=args.warmup, rep_ms=args.rep)
+    mem /= 2**30
     entry = dict(fwd_ms=ms, fwd_tflops=flops / ms / 1e9, fwd_extra_gib=mem)
     if args.backward:
         qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
@@ -144,7 +126,8 @@ def bench_impl(fn, q, k, v, do, flops, args, cuda) -> dict:
             g = do if out.shape == q.shape else do.view(out.shape[0], -1, *q.shape[1:]).transpose(1, 2)
             torch.autograd.grad(out, (qg, kg, vg), g)
 
-        ms, mem = timed(step, args.warmup, args.rep, cuda)
+        ms, mem = measure(step, "cuda" if cuda else "cpu", warmup_ms=args.warmup, rep_ms=args.rep)
+        mem /= 2**30
         entry.update(fwdbwd_ms=ms, fwdbwd_tflops=args.fwd_bwd_factor * flops / ms / 1e9, fwdbwd_extra_gib=mem)
     return entry
 

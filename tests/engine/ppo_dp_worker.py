@@ -13,21 +13,13 @@ from __future__ import annotations
 import os
 import sys
 import zlib
-from dataclasses import dataclass
 
 import torch
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-
-@dataclass
-class Completion:
-    prompt_index: int
-    sample_index: int
-    tokens: list[int]
-    logprobs: list[float]
-    finish_reason: str
+from engine.generate import Completion  # noqa: E402
 
 
 class NaiveGenerator:
