@@ -177,7 +177,7 @@ def print_table(table):
         )
 
 
-def ptxas_report(head_dim: int, dtype: str, group: int) -> None:
+def ptxas_report(head_dim: int, dtype: str, group: int, configs_per_kernel: int | None = None) -> None:
     """Compile every autotune config for sm_90 offline (no GPU needed) and print ptxas registers, spills and
     shared memory: the one performance signal available on a machine without a GPU."""
     import os
@@ -205,7 +205,7 @@ def ptxas_report(head_dim: int, dtype: str, group: int) -> None:
         ("dq", ra._bwd_dq_kernel, "BLOCK_N", ra._BWD_SHAPES, dict(BLOCK_M=128)),
     ]
     for name, fn, inner, shapes, extra in kernels:
-        for block, warps, stages in shapes:
+        for block, warps, stages in shapes[:configs_per_kernel]:
             consts = {**base, **extra, inner: block}
             sig = {
                 a: "constexpr" if a in consts else ptrs.get(a, "fp32" if "scale" in a else "i32") for a in fn.arg_names
