@@ -295,13 +295,24 @@ class Generator:
         return [c.tokens for c in self.generate_completions(prompts, params, **overrides)]
 
     def generate_completions(
-        self, prompts: list[list[int]], params: GenerateConfig | None = None, **overrides
+        self,
+        prompts: list[list[int]],
+        params: GenerateConfig | None = None,
+        *,
+        seed_keys: list[int] | None = None,
+        **overrides,
     ) -> list[Completion]:
-        """Completions for each prompt (n per prompt, prompt-major), with log-probs and finish reasons."""
+        """Completions for each prompt (n per prompt, prompt-major), with log-probs and finish reasons.
+
+        seed_keys: one integer per prompt that keys its samples' random streams (default: the prompt's
+        position in `prompts`); pass dataset indices so a prompt samples the same wherever it lands.
+        """
         params = params or GenerateConfig()
         if overrides:
             params = GenerateConfig(**{**params.__dict__, **overrides})
         self._check_prompts(prompts)
+        if seed_keys is not None and len(seed_keys) != len(prompts):
+            raise ValueError(f"{len(seed_keys)} seed_keys for {len(prompts)} prompts")
         if params.n > self.max_num_seqs:
             raise ValueError(f"n={params.n} samples per prompt exceeds max_num_seqs={self.max_num_seqs}")
         self._ensure_cache()
@@ -318,7 +329,8 @@ class Generator:
             group = []
             for j in range(params.n):
                 max_len = min(len(p) + params.max_new_tokens, self.max_model_len)
-                group.append(_Seq(next_id, i, j, list(p), len(p), max_len, seed_for(base_seed, i, j)))
+                key = i if seed_keys is None else seed_keys[i]
+                group.append(_Seq(next_id, i, j, list(p), len(p), max_len, seed_for(base_seed, key, j)))
                 next_id += 1
             waiting.append(group)
         running: list[_Seq] = []

@@ -205,16 +205,18 @@ def make_state(
 # --------------------------------------------------------------------------------- phases --
 
 
-def generate_rollout(state: TrainState, prompts: list[list[int]]) -> Rollout:
+def generate_rollout(state: TrainState, prompts: list[list[int]], prompt_ids: list[int] | None = None) -> Rollout:
+    """Sample the rollout; prompt_ids (the prompts' indices in the whole prompt set) key each sample's
+    random stream, so a data-parallel run samples exactly what one process would."""
     cfg = state.cfg
     params = GenerateConfig(
         temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
         stop_token_ids=[] if state.run.ignore_eos else list(state.stop_ids),
-        n=cfg.samples_per_prompt, seed=(state.run.seed * 1_000_003 + state.iteration) * 1_009 + state.grid.dp_rank,
+        n=cfg.samples_per_prompt, seed=state.run.seed * 1_000_003 + state.iteration,
         ignore_eos=state.run.ignore_eos,
     )  # fmt: skip
     with torch.no_grad():
-        comps = state.generator.generate_completions(prompts, params)
+        comps = state.generator.generate_completions(prompts, params, seed_keys=prompt_ids)
     state.generator.release()
     offsets = [0]
     for c in comps:
@@ -354,8 +356,8 @@ def ppo_iteration(state: TrainState) -> dict:
     """One rollout + its updates; returns the iteration's metrics (global over DP ranks)."""
     dev = state.device
     t0 = _sync(dev)
-    _, prompts = next(state.data)
-    ro = generate_rollout(state, prompts)
+    prompt_ids, prompts = next(state.data)
+    ro = generate_rollout(state, prompts, prompt_ids)
     t1 = _sync(dev)
     score_rollout(state, ro)
     t2 = _sync(dev)

@@ -31,7 +31,7 @@ class NaiveGenerator:
         pass
 
     @torch.no_grad()
-    def generate_completions(self, prompts: list[list[int]], params) -> list[Completion]:
+    def generate_completions(self, prompts: list[list[int]], params, seed_keys=None) -> list[Completion]:
         self.calls += 1
         seqs, gens, comps = [], [], []
         for i, p in enumerate(prompts):

@@ -82,8 +82,11 @@ def test_seed_reproduces_whatever_the_batching(tmp_path):
             out = Generator(model, block_size=8, num_blocks=32, max_num_seqs=2).generate([p], params)
             alone += out if i == 0 else []
         other_seed = gen.generate(prompts, GenerateConfig(**{**params.__dict__, "seed": 99}))
+        # the last three prompts on their own, keyed by their indices in the full list (a DP rank's share)
+        share = [c.tokens for c in gen.generate_completions(prompts[2:], params, seed_keys=[2, 3, 4])]
     assert together == again
     assert alone == together[:2]
+    assert share == together[4:]
     assert other_seed != together
     assert together[0] != together[1]  # the n samples of one prompt differ
 
