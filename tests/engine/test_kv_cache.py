@@ -324,3 +324,16 @@ def test_manager_and_pool_with_the_kernels():
         torch.testing.assert_close(got[i].double(), want, atol=1e-5, rtol=1e-5)
     ref = reference.paged_decode_attention(q, k_cache, v_cache, tables, lens)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_optional_native_slot_mapping_matches():
+    """csrc/block_ops.cpp (built only with TULU_PPO_BUILD_CSRC=1) computes the same slots as Python."""
+    native = pytest.importorskip("engine._csrc")
+    bm = BlockManager(num_blocks=64, block_size=4)
+    for sid, n in enumerate([5, 1, 12, 8]):
+        bm.allocate(sid, n)
+    ids = [0, 1, 2, 3]
+    starts = [2, 0, 7, 8]
+    counts = [bm.num_tokens(s) - st for s, st in zip(ids, starts)]
+    got = native.slot_mapping(bm.block_table(ids), torch.tensor(starts), torch.tensor(counts), 4)
+    assert torch.equal(got, bm.slot_mapping(ids, starts))
