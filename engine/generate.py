@@ -358,10 +358,9 @@ class Generator:
                             break
                 if running:
                     self._sample_and_step(list(running), logits, params, stop_ids, running, done)
-        finally:
-            for s in running:
-                if s.seq_id in self.blocks:
-                    self.blocks.free(s.seq_id)
+        except BaseException:
+            self.blocks.reset()  # an aborted call must not leave its sequences' blocks taken
+            raise
         self.stats.seconds = time.perf_counter() - start
         done.sort(key=lambda s: (s.prompt_index, s.sample_index))
         self.stats.generated_tokens = sum(s.num_generated for s in done)

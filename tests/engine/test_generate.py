@@ -248,3 +248,24 @@ def test_graph_decode_path_matches_eager(monkeypatch):
     torch.testing.assert_close(
         torch.tensor([x for c in graphed for x in c.logprobs]), torch.tensor([x for c in eager for x in c.logprobs])
     )
+
+
+def test_an_aborted_call_leaks_no_block(monkeypatch):
+    model = Transformer(ModelConfig.named("tiny")).init_weights(seed=0)
+    gen = Generator(model, block_size=4, num_blocks=64, max_model_len=32)
+    calls = {"n": 0}
+    real = gen._decode
+
+    def failing_decode(seqs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("device lost")
+        return real(seqs)
+
+    monkeypatch.setattr(gen, "_decode", failing_decode)
+    with reference_ops(), pytest.raises(RuntimeError, match="device lost"):
+        gen.generate([[1, 2, 3], [4, 5]], GenerateConfig(temperature=0.0, max_new_tokens=8, n=2, ignore_eos=True))
+    assert gen.blocks.num_free_blocks == 64 and gen.blocks.num_sequences == 0
+    monkeypatch.undo()
+    with reference_ops():
+        assert len(gen.generate([[1, 2, 3]], max_new_tokens=3, ignore_eos=True)[0]) == 3
