@@ -101,8 +101,13 @@ def to_transformers(model: Transformer):
 
     p = next(model.parameters())
     hf_cfg = LlamaConfig(**{k: v for k, v in model.config.to_hf().items() if k != "architectures"})
-    with torch.device(p.device):
-        hf = LlamaForCausalLM(hf_cfg).to(p.dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(p.dtype)  # build in bf16 directly: an fp32 13B copy would not fit beside ours
+    try:
+        with torch.device(p.device):
+            hf = LlamaForCausalLM(hf_cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
     state = hf.state_dict()
     with torch.no_grad():
         for name, spec in hf_tensor_specs(model).items():

@@ -203,10 +203,11 @@ class Generator:
         """Bytes for the cache: fraction * total, less what is in use now and the activation peak of
         the largest prefill (measured by running one)."""
         torch.cuda.reset_peak_memory_stats(self.device)
-        n = min(self.max_num_batched_tokens, self.max_model_len)
+        # the largest prefill the scheduler admits: max_num_batched_tokens, packed as max_model_len sequences
+        n, seq = self.max_num_batched_tokens, self.max_model_len
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
-        pos = torch.arange(n, device=self.device)
-        cu = torch.tensor([0, n], dtype=torch.int32, device=self.device)
+        pos = torch.arange(n, device=self.device) % seq
+        cu = torch.tensor([*range(0, n, seq), n], dtype=torch.int32, device=self.device)
         h = self.model.hidden_packed(ids, pos, cu)
         self.model.head_packed(h[-min(n, self.max_num_seqs) :])
         del h
