@@ -15,6 +15,7 @@ which the scheduler needs for stop checks.
 from __future__ import annotations
 
 import collections
+import functools
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -49,10 +50,16 @@ def seed_for(base_seed: int, prompt_index: int, sample_index: int) -> int:
     return int(h)
 
 
+@functools.lru_cache(maxsize=8)
+def _column_keys(vocab: int, device: torch.device) -> torch.Tensor:
+    """Per-vocabulary-entry hash keys, computed once per (vocab, device) rather than every step."""
+    return _mix32(torch.arange(vocab, device=device, dtype=torch.int64) * 0x61C88647 & _M32)
+
+
 def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
     """[B, V] uniforms in (0, 1) from per-row seeds [B] and counters [B] (int64): a pure function."""
     row = _mix32(_mix32(seeds & _M32) ^ (counters & _M32))
-    col = _mix32(torch.arange(vocab, device=seeds.device, dtype=torch.int64) * 0x61C88647 & _M32)
+    col = _column_keys(vocab, seeds.device)
     bits = _mix32(row[:, None] ^ col[None, :])
     return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
