@@ -371,10 +371,8 @@ class BlockManager:
             width = max(longest, 1)
         elif width < longest:
             raise ValueError(f"block table width {width} is narrower than the longest table ({longest} blocks)")
-        out = torch.zeros((len(tables), width), dtype=torch.int32)
-        for i, t in enumerate(tables):
-            if t:
-                out[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        # one tensor construction for the whole batch: this runs every decode step
+        out = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32).view(len(tables), width)
         return out.to(device) if device is not None else out
 
     def slot_mapping(
