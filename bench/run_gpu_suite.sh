@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Every GPU figure bench/RESULTS.md owes, in one command (one device call):
+#   bash bench/run_gpu_suite.sh OUT_DIR
+# Writes OUT_DIR/<bench>.json and OUT_DIR/<bench>.log; a failing bench does not stop the others.
+# Each kernel bench checks ours against the reference before it times anything.
+set -u
+out=${1:?usage: bash bench/run_gpu_suite.sh OUT_DIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+python - <<'PY' | tee "$out/env.log"
+import subprocess, torch, triton
+print("device", torch.cuda.get_device_name(0), "torch", torch.__version__, "triton", triton.__version__)
+print("commit", subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
+PY
+run() {  # name, command...
+  local name=$1; shift
+  echo "=== $name: $*"
+  "$@" --json "$out/$name.json" > "$out/$name.log" 2>&1; echo "exit $?" >> "$out/$name.log"
+  tail -n 25 "$out/$name.log"
+}
+run gae python bench/bench_gae.py
+run logprob python bench/bench_logprob.py
+run rope_attention python bench/bench_rope_attention.py
+run paged_attention python bench/bench_paged_attention.py
+run rollout_b64 python bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 --prompt-len 128 --gen-len 256 --hf-static
+run rollout_b1 python bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 --prompt-len 128 --gen-len 256
+run ppo_step python bench/ppo_step.py --model llama2-7b --random-weights --num-layers 8 --rollout-batch-size 64 \
+  --train-batch-size 16 --prompt-len 256 --max-new-tokens 256
