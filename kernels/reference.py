@@ -99,25 +99,6 @@ def rope_attention(
     return varlen_causal_attention(qr, kr, v, cu_seqlens, softmax_scale)
 
 
-def rope_attention_cache_write(
-    k_rot: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    """Write rotated k and v [N, Hkv, D] into paged caches [num_blocks, block_size, Hkv, D] in place.
-
-    slot_mapping [N] int: slot = block * block_size + offset; tokens with slot -1 are not written.
-    """
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
-    block_size = k_cache.shape[1]
-    blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, offsets] = k_rot[keep].to(k_cache.dtype)
-    v_cache[blocks, offsets] = v[keep].to(v_cache.dtype)
-
-
 # ========================================================================= paged_attention ==
 
 

@@ -807,6 +807,6 @@ def rope_attention(
     if kv_cache is None:
         return reference.rope_attention(q, k, v, positions, cu_seqlens, rope_theta=rope_theta, softmax_scale=scale)
     k_rot = reference.apply_rotary(k, positions, rope_theta)
-    reference.rope_attention_cache_write(k_rot, v, kv_cache[0], kv_cache[1], slot_mapping)
+    reference.write_kv_cache(k_rot, v, kv_cache[0], kv_cache[1], slot_mapping)
     q_rot = reference.apply_rotary(q, positions, rope_theta)
     return reference.varlen_causal_attention(q_rot, k_rot, v, cu_seqlens, scale)
