@@ -27,22 +27,6 @@ from kernels import reference  # noqa: E402
 from kernels.gae import gae  # noqa: E402
 
 
-def peer_gae_loop(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
-    """OpenRLHF's get_advantages_and_returns (TRL's loop plus the action mask), as the peers run it."""
-    values = mask * values
-    rewards = mask * rewards
-    lastgaelam = 0
-    advantages_reversed = []
-    response_length = rewards.size(1)
-    for t in reversed(range(response_length)):
-        nextvalues = values[:, t + 1] if t < response_length - 1 else 0.0
-        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
-        lastgaelam = delta + gamma * lam * lastgaelam
-        advantages_reversed.append(lastgaelam)
-    advantages = torch.stack(advantages_reversed[::-1], dim=1)
-    return advantages.detach(), advantages + values
-
-
 def make_batch(batch: int, seq: int, device: str, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, max(seq // 4, 1), (batch,), generator=gen)
@@ -77,17 +61,17 @@ def main() -> None:
 
     candidates = {
         "reference loop (masked, eager)": lambda: reference.gae(rewards, values, mask, g, lam),
-        "peer loop (OpenRLHF/TRL, eager)": lambda: peer_gae_loop(rewards, values, mask, g, lam),
+        "peer loop (OpenRLHF/TRL, eager)": lambda: reference.peer_gae_loop(rewards, values, g, lam, mask),
     }
     if device == "cuda":
         candidates = {"ours (Triton, 1 launch)": lambda: gae(rewards, values, mask, g, lam), **candidates}
     compile_s = None
     if args.compile:
-        compiled = torch.compile(peer_gae_loop, dynamic=False)
+        compiled = torch.compile(reference.peer_gae_loop, dynamic=False)
         start = time.perf_counter()
-        compiled(rewards, values, mask, g, lam)
+        compiled(rewards, values, g, lam, mask)
         compile_s = time.perf_counter() - start
-        candidates["peer loop, torch.compile"] = lambda: compiled(rewards, values, mask, g, lam)
+        candidates["peer loop, torch.compile"] = lambda: compiled(rewards, values, g, lam, mask)
 
     # Sanity before timing: ours must agree with the float64 oracle.
     want_adv, _ = reference.gae(rewards.double(), values.double(), mask, g, lam)

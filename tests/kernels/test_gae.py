@@ -21,20 +21,6 @@ REPO = Path(__file__).resolve().parents[2]
 DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 1e-2, 1e-2), (torch.float16, 1e-2, 1e-2)]
 
 
-def _peer_loop(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float):
-    """The loop exactly as TRL / OpenRLHF write it, on a contiguous response tensor [B, L] (no mask)."""
-    lastgaelam = 0
-    advantages_reversed = []
-    gen_length = rewards.shape[1]
-    for t in reversed(range(gen_length)):
-        nextvalues = values[:, t + 1] if t < gen_length - 1 else 0.0
-        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
-        lastgaelam = delta + gamma * lam * lastgaelam
-        advantages_reversed.append(lastgaelam)
-    advantages = torch.stack(advantages_reversed[::-1], dim=1)
-    return advantages, advantages + values
-
-
 def _skip_oracle(rewards, values, mask, gamma, lam):
     """Independent of reference.gae: gather each row's masked steps, run the peer loop, scatter back."""
     adv = torch.zeros(rewards.shape, dtype=torch.float64)
@@ -42,7 +28,7 @@ def _skip_oracle(rewards, values, mask, gamma, lam):
     for b in range(rewards.shape[0]):
         idx = (mask[b] != 0).nonzero().flatten()
         if idx.numel():
-            a, r = _peer_loop(rewards[b, idx][None].double(), values[b, idx][None].double(), gamma, lam)
+            a, r = reference.peer_gae_loop(rewards[b, idx][None].double(), values[b, idx][None].double(), gamma, lam)
             adv[b, idx], ret[b, idx] = a[0], r[0]
     return adv, ret
 
@@ -113,7 +99,7 @@ def test_gae_left_padded_prompts_variable_lengths_match_peer_loop():
         if n == 0:
             assert torch.equal(adv[b], torch.zeros(n_steps))
             continue
-        peer_adv, peer_ret = _peer_loop(
+        peer_adv, peer_ret = reference.peer_gae_loop(
             rewards[b : b + 1, p : p + n].double(), values[b : b + 1, p : p + n].double(), gamma, lam
         )
         _assert_close(adv[b, p : p + n], peer_adv[0], 1e-5, 1e-5)
