@@ -234,11 +234,3 @@ class PPOConfig:
     max_new_tokens: int = 1024  # response length limit
     max_prompt_len: int = 1024  # longer prompts are dropped, not truncated
     recompute_old_logprobs_per_minibatch: bool = False  # the EasyLM quirk, off by default
-
-
-@dataclass
-class ParallelConfig:
-    """Process grid: world = dp * tp; tp ranks are contiguous (one node's GPUs)."""
-
-    tp: int = 1
-    dp: int = 1

@@ -138,10 +138,6 @@ class GenerationStats:
     preemptions: int = 0
     seconds: float = 0.0
 
-    @property
-    def tokens_per_second(self) -> float:
-        return self.generated_tokens / self.seconds if self.seconds else 0.0
-
 
 # -------------------------------------------------------------------------------- generator --
 
@@ -187,6 +183,7 @@ class Generator:
         self.pool: KVCachePool | None = None
         self.blocks: BlockManager | None = None
         self._graphs = None
+        self._caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.stats = GenerationStats()
         self._kv_heads = model.layers[0].self_attn.local_kv_heads
 
@@ -246,6 +243,7 @@ class Generator:
     def release(self) -> None:
         """Free the KV cache (and the CUDA graphs that point into it) for the training phase."""
         self._graphs = None
+        self._caches = None  # views keep the pool's storage alive
         self.blocks = None
         if self.pool is not None:
             self.pool.release()
@@ -253,7 +251,10 @@ class Generator:
     # --------------------------------------------------------------------------- forwards --
 
     def _kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [self.pool.layer(i) for i in range(self.pool.num_layers)]
+        """Per-layer (k_cache, v_cache) views, built once per allocation (release() drops them)."""
+        if self._caches is None:
+            self._caches = [self.pool.layer(i) for i in range(self.pool.num_layers)]
+        return self._caches
 
     @torch.no_grad()
     def _prefill(self, parents: list[_Seq]) -> torch.Tensor:

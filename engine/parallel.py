@@ -8,7 +8,6 @@ copies in just its shard, so a TP load never reads more than its slice from disk
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -122,9 +121,7 @@ class _GatherFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=-1)
+        return _gather_dim(x, -1, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -146,8 +143,6 @@ def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------- layers --
-
-Source = Callable[..., torch.Tensor]  # a full tensor or safetensors slice: source[a:b] reads rows a..b
 
 
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:

@@ -1,6 +1,7 @@
 """The rollout engine against transformers' generate, and its scheduler under memory pressure."""
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -114,7 +115,9 @@ def test_release_and_reallocate(tmp_path):
     gen = Generator(model, block_size=8, num_blocks=300)
     with reference_ops():
         a = gen.generate([[1, 5, 9]], temperature=0.0, max_new_tokens=4)
+        pool_tensor = weakref.ref(gen.pool.tensor)
         gen.release()
+        assert pool_tensor() is None  # no cached layer view or graph keeps the cache's memory alive
         assert not gen.pool.is_allocated
         b = gen.generate([[1, 5, 9]], temperature=0.0, max_new_tokens=4)
     assert a == b
