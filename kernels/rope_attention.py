@@ -77,6 +77,29 @@ def _bound(x):
 
 
 @triton.jit
+def _locate_tile(CU_BLK, CU_SEQ, pid, num_seqs, n_tokens, N_STEPS: tl.constexpr, FROM_END: tl.constexpr):
+    """Program pid's tile: (first token of its sequence, the sequence's length, the tile's block index).
+
+    FROM_END counts blocks from the sequence's last one, so the grid runs the longest causal query
+    tiles first (shorter tail at the end); otherwise from its first (key tiles that see most queries)."""
+    seq = _find_seq(CU_BLK, pid, num_seqs, N_STEPS)
+    if FROM_END:
+        blk = tl.load(CU_BLK + seq + 1) - 1 - pid
+    else:
+        blk = pid - tl.load(CU_BLK + seq)
+    tok0 = tl.load(CU_SEQ + seq)
+    seq_len = tl.minimum(tl.load(CU_SEQ + seq + 1), n_tokens) - tok0
+    return tok0, seq_len, blk
+
+
+@triton.jit
+def _tile_rows(tok0, start, seq_len, BLOCK: tl.constexpr):
+    """Offsets in the sequence [BLOCK], which of them exist, and their packed rows (int64)."""
+    offs = start + tl.arange(0, BLOCK)
+    return offs, offs < seq_len, (tok0 + offs).to(tl.int64)
+
+
+@triton.jit
 def _load_tile(base, rows, row_ok, stride_n, cols, ncols, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
     """x[rows, cols] of a [N, ., D] tensor (last dim contiguous); masked elements read as 0."""
     ptrs = base + rows[:, None] * stride_n + cols[None, :]
@@ -187,9 +210,7 @@ def _fwd_step(
     """One key tile of the online softmax. MASKED: a diagonal tile (causal mask, keys may run past the end)."""
     HALF_D: tl.constexpr = HEAD_DIM // 2
     PAD: tl.constexpr = HALF != HALF_D
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < seq_len
-    rows_n = (tok0 + offs_n).to(tl.int64)
+    offs_n, n_ok, rows_n = _tile_rows(tok0, start_n, seq_len, BLOCK_N)
     k1 = _load_tile(k_base, rows_n, n_ok, stride_kn, offs_h, HALF_D, MASKED, PAD).to(tl.float32)
     k2 = _load_tile(k_base + HALF_D, rows_n, n_ok, stride_kn, offs_h, HALF_D, MASKED, PAD).to(tl.float32)
     k1r, k2r = _rotate(k1, k2, POS, tok0, start_n, seq_len, inv_freq, TAB, offs_h, BLOCK_N, HALF, TAB_ROWS, 1.0)
@@ -257,21 +278,15 @@ def _fwd_kernel(
     h = tl.program_id(1)
     if pid >= tl.load(CU_BLK + num_seqs):
         return
-    seq = _find_seq(CU_BLK, pid, num_seqs, N_STEPS)
-    # the last (longest) query blocks of a sequence run first: shorter tail at the end of the grid
-    blk = tl.load(CU_BLK + seq + 1) - 1 - pid  # local index, counted from the sequence's last block
-    tok0 = tl.load(CU_SEQ + seq)
-    seq_len = tl.minimum(tl.load(CU_SEQ + seq + 1), n_tokens) - tok0
+    tok0, seq_len, blk = _locate_tile(CU_BLK, CU_SEQ, pid, num_seqs, n_tokens, N_STEPS, True)
     start_m = blk * BLOCK_M
     kvh = h // GROUP
     HALF_D: tl.constexpr = HEAD_DIM // 2
     PAD: tl.constexpr = HALF != HALF_D
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_m, m_ok, rows_m = _tile_rows(tok0, start_m, seq_len, BLOCK_M)
     offs_h = tl.arange(0, HALF)
     offs_d = tl.arange(0, HEAD_DIM)
-    m_ok = offs_m < seq_len
-    rows_m = (tok0 + offs_m).to(tl.int64)
     inv_freq = tl.load(INV_FREQ + offs_h)
 
     q_base = Q + h * stride_qh
@@ -342,9 +357,7 @@ def _bwd_dkdv_step(
     """One query tile against this program's key tile (transposed scores [BLOCK_N, BLOCK_M])."""
     HALF_D: tl.constexpr = HEAD_DIM // 2
     PAD: tl.constexpr = HALF != HALF_D
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < seq_len
-    rows_m = (tok0 + offs_m).to(tl.int64)
+    offs_m, m_ok, rows_m = _tile_rows(tok0, start_m, seq_len, BLOCK_M)
     q1r = _load_tile(q_base, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(DOT_DTYPE)
     q2r = _load_tile(q_base + HALF_D, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(DOT_DTYPE)
     do = _load_tile(do_base, rows_m, m_ok, stride_don, offs_d, HEAD_DIM, True, False).to(DOT_DTYPE)
@@ -380,20 +393,14 @@ def _bwd_dkdv_kernel(
     kvh = tl.program_id(1)
     if pid >= tl.load(CU_BLK + num_seqs):
         return
-    seq = _find_seq(CU_BLK, pid, num_seqs, N_STEPS)
-    # key blocks near the start of a sequence see the most queries: run them first
-    blk = pid - tl.load(CU_BLK + seq)
-    tok0 = tl.load(CU_SEQ + seq)
-    seq_len = tl.minimum(tl.load(CU_SEQ + seq + 1), n_tokens) - tok0
+    tok0, seq_len, blk = _locate_tile(CU_BLK, CU_SEQ, pid, num_seqs, n_tokens, N_STEPS, False)
     start_n = blk * BLOCK_N
     HALF_D: tl.constexpr = HEAD_DIM // 2
     PAD: tl.constexpr = HALF != HALF_D
 
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_n, n_ok, rows_n = _tile_rows(tok0, start_n, seq_len, BLOCK_N)
     offs_h = tl.arange(0, HALF)
     offs_d = tl.arange(0, HEAD_DIM)
-    n_ok = offs_n < seq_len
-    rows_n = (tok0 + offs_n).to(tl.int64)
     inv_freq = tl.load(INV_FREQ + offs_h)
     k_base = K + kvh * stride_kh
     k1r = _load_tile(k_base, rows_n, n_ok, stride_kn, offs_h, HALF_D, True, PAD).to(DOT_DTYPE)
@@ -445,9 +452,7 @@ def _bwd_dq_step(
     """One key tile against this program's query tile."""
     HALF_D: tl.constexpr = HEAD_DIM // 2
     PAD: tl.constexpr = HALF != HALF_D
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < seq_len
-    rows_n = (tok0 + offs_n).to(tl.int64)
+    offs_n, n_ok, rows_n = _tile_rows(tok0, start_n, seq_len, BLOCK_N)
     k1r = _load_tile(k_base, rows_n, n_ok, stride_kn, offs_h, HALF_D, MASKED, PAD).to(DOT_DTYPE)
     k2r = _load_tile(k_base + HALF_D, rows_n, n_ok, stride_kn, offs_h, HALF_D, MASKED, PAD).to(DOT_DTYPE)
     v = _load_tile(v_base, rows_n, n_ok, stride_vn, offs_d, HEAD_DIM, MASKED, False).to(DOT_DTYPE)
@@ -479,20 +484,15 @@ def _bwd_dq_kernel(
     h = tl.program_id(1)
     if pid >= tl.load(CU_BLK + num_seqs):
         return
-    seq = _find_seq(CU_BLK, pid, num_seqs, N_STEPS)
-    blk = tl.load(CU_BLK + seq + 1) - 1 - pid  # local index, counted from the sequence's last block
-    tok0 = tl.load(CU_SEQ + seq)
-    seq_len = tl.minimum(tl.load(CU_SEQ + seq + 1), n_tokens) - tok0
+    tok0, seq_len, blk = _locate_tile(CU_BLK, CU_SEQ, pid, num_seqs, n_tokens, N_STEPS, True)
     start_m = blk * BLOCK_M
     kvh = h // GROUP
     HALF_D: tl.constexpr = HEAD_DIM // 2
     PAD: tl.constexpr = HALF != HALF_D
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_m, m_ok, rows_m = _tile_rows(tok0, start_m, seq_len, BLOCK_M)
     offs_h = tl.arange(0, HALF)
     offs_d = tl.arange(0, HEAD_DIM)
-    m_ok = offs_m < seq_len
-    rows_m = (tok0 + offs_m).to(tl.int64)
     inv_freq = tl.load(INV_FREQ + offs_h)
     q_base = Q + h * stride_qh
     q1r = _load_tile(q_base, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(DOT_DTYPE)
