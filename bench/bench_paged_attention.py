@@ -173,7 +173,6 @@ def ptxas_report(shapes: dict, dtype: torch.dtype, arch: int = 90) -> list[dict]
             HEAD_DIM=d, BLOCK_D=block_d, GROUP=group, BLOCK_SIZE=bs, BLOCK_N=cfg["block_n"], NUM_SPLITS=splits,
             GROUP_PAD=max(16, triton.next_power_of_2(group)) if use_dot else triton.next_power_of_2(group),
             USE_DOT=use_dot, UPCAST=dtype == torch.float32, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-            LOOP_WHILE=False,
         )  # fmt: skip
         info = _ptxas(pa._paged_decode_kernel, types, consts, cfg["num_warps"], cfg["num_stages"], arch)
         rows.append({"shape": name, "kernel": "decode", "splits": splits, **cfg, **info})

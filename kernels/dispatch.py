@@ -7,6 +7,8 @@ import os
 from collections.abc import Iterator
 
 import torch
+import triton
+import triton.language as tl
 
 # Triton reads this variable when it is imported; read it the same way so the two always agree.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -37,3 +39,21 @@ def reference_ops() -> Iterator[None]:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype of a reference op: fp32 for half types, else the input's own."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+_INTERP = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def loop_bound(x):
+    """A runtime value as a `range()` bound inside a kernel.
+
+    Triton 3.6's interpreter keeps scalars as shape-(1,) numpy arrays, which numpy >= 2.4 refuses to
+    turn into the int range() needs (triton#9171); hand it the element. Compiled code: x itself, so
+    loops stay ordinary (software-pipelined) for loops.
+    """
+    if _INTERP:
+        y = x.handle.data[0]
+    else:
+        y = x
+    return y

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.dispatch import compute_dtype, use_triton
+from kernels.dispatch import compute_dtype, loop_bound, use_triton
 
 _MAX_BLOCK_T = 1024  # a 1024-step response is one chunk; longer rows loop over chunks
 _MAX_TILE = 2048  # elements per program: 5 scan operands + loads stay in registers at 4-8 warps
@@ -79,10 +79,7 @@ def _gae_kernel(
     is_last = (steps == BLOCK_T - 1)[None, :]
     carry_a = tl.zeros([BLOCK_B], dtype=tl.float32)  # A at the next masked position (later chunks)
     carry_v = tl.zeros([BLOCK_B], dtype=tl.float32)  # V at the next masked position (later chunks)
-    # A while loop, not range(0, T, BLOCK_T): Triton 3.6's interpreter cannot index with a runtime
-    # scalar under numpy >= 2.4 (int() of a 1-element array); compiled code is the same scf loop.
-    start = 0
-    while start < T:
+    for start in range(0, loop_bound(T), BLOCK_T):
         t = (T - 1 - start - steps).to(tl.int64)  # descending time; t < 0 pads the earliest chunk
         ok = row_ok[:, None] & (t >= 0)[None, :]
         m = tl.load(m_ptr + rows[:, None] * stride_mb + t[None, :] * stride_mt, mask=ok, other=0) != 0
@@ -102,7 +99,6 @@ def _gae_kernel(
         # The last scan column holds the state after this chunk's earliest step (pad steps are identity).
         carry_a = tl.sum(tl.where(is_last, state_a, 0.0), axis=1)
         carry_v = tl.sum(tl.where(is_last, state_v, 0.0), axis=1)
-        start += BLOCK_T
 
 
 # ============================================================================ host launcher ==

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.dispatch import INTERPRET, use_triton
+from kernels.dispatch import INTERPRET, loop_bound, use_triton
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Splits shorter than this are not worth the merge: the workspace round trip costs ~S*D*4 bytes per
@@ -90,7 +90,7 @@ def _paged_decode_kernel(
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_btb, stride_ob, stride_oh, num_q_heads,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_DOT: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, LOOP_WHILE: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One (sequence, kv head, context split): online softmax over tokens [start, end) for GROUP query heads."""
     pid_b = tl.program_id(0)
@@ -117,24 +117,12 @@ def _paged_decode_kernel(
     bt_row = BT + pid_b.to(tl.int64) * stride_btb
     k_head = K + pid_h.to(tl.int64) * stride_kh
     v_head = V + pid_h.to(tl.int64) * stride_vh
-    if LOOP_WHILE:
-        # The interpreter (numpy 2) cannot use runtime scalars as range() bounds; a while loop runs the
-        # same tile code. Compiled Triton takes the for loop, which it software-pipelines (num_stages).
-        n0 = start
-        while n0 < end:
-            m_i, l_i, acc = _attend_tile(
-                q, m_i, l_i, acc, n0, end, bt_row, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt,
-                scale_log2e, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, GROUP_PAD, USE_DOT, UPCAST, DOT_PRECISION,
-                HEAD_DIM == BLOCK_D,
-            )
-            n0 += BLOCK_N
-    else:
-        for n0 in range(start, end, BLOCK_N):
-            m_i, l_i, acc = _attend_tile(
-                q, m_i, l_i, acc, n0, end, bt_row, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt,
-                scale_log2e, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, GROUP_PAD, USE_DOT, UPCAST, DOT_PRECISION,
-                HEAD_DIM == BLOCK_D,
-            )
+    for n0 in range(loop_bound(start), loop_bound(end), BLOCK_N):
+        m_i, l_i, acc = _attend_tile(
+            q, m_i, l_i, acc, n0, end, bt_row, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt,
+            scale_log2e, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, GROUP_PAD, USE_DOT, UPCAST, DOT_PRECISION,
+            HEAD_DIM == BLOCK_D,
+        )
 
     out_mask = g_mask[:, None] & d_mask[None, :]
     if NUM_SPLITS == 1:
@@ -332,7 +320,7 @@ def _decode_launch(
         out.stride(0), out.stride(1), hq,
         HEAD_DIM=d, BLOCK_D=block_d, GROUP=group, GROUP_PAD=group_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, USE_DOT=use_dot, UPCAST=upcast, DOT_PRECISION="ieee" if upcast else "tf32",
-        LOOP_WHILE=INTERPRET, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     # fmt: on
     if num_splits > 1:

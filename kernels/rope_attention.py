@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.dispatch import INTERPRET, use_triton
+from kernels.dispatch import INTERPRET, loop_bound, use_triton
 
 _LOG2E = 1.4426950408889634
 _TAB_ROWS = 128  # rows of the cos/sin(j * f) table: at least every tile height used below
@@ -46,7 +46,6 @@ _TAB_ROWS = 128  # rows of the cos/sin(j * f) table: at least every tile height 
 _BLOCK = 32 if INTERPRET else 128
 _INNER_INTERPRET = 16
 _SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-_INTERP = tl.constexpr(INTERPRET)
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 # ---------------------------------------------------------------------------------- jit helpers --
@@ -63,17 +62,6 @@ def _find_seq(CU_BLK, pid, num_seqs, N_STEPS: tl.constexpr):
         lo = tl.where(right, mid, lo)
         hi = tl.where(right, hi, mid)
     return lo
-
-
-@triton.jit
-def _bound(x):
-    """x as a loop bound. The interpreter keeps scalars as shape-(1,) numpy arrays, which numpy >= 2.4
-    refuses to turn into the int that range() needs; hand it the element. Compiled: x itself."""
-    if _INTERP:
-        y = x.handle.data[0]
-    else:
-        y = x
-    return y
 
 
 @triton.jit
@@ -308,7 +296,7 @@ def _fwd_kernel(
     # each token is in exactly one diagonal block: the group's first head writes its k (cache, saved k_rot)
     first_head = h % GROUP == 0
     # off-diagonal key tiles [0, start_m): all visible, no mask
-    for start_n in range(0, _bound(start_m), BLOCK_N):
+    for start_n in range(0, loop_bound(start_m), BLOCK_N):
         acc, l_i, m_i = _fwd_step(
             acc, l_i, m_i, q1r, q2r, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn,
             POS, inv_freq, TAB, offs_h, offs_d, qk_scale, KC, VC, SLOT, kvh, first_head,
@@ -316,7 +304,7 @@ def _fwd_kernel(
             KR, stride_krn, SAVE_ROT, False, WRITE_CACHE, HEAD_DIM, HALF, BLOCK_N, TAB_ROWS, DOT_DTYPE, PREC,
         )  # fmt: skip
     # diagonal key tiles [start_m, min(start_m + BLOCK_M, seq_len)): causal mask
-    for start_n in range(_bound(start_m), _bound(tl.minimum(start_m + BLOCK_M, seq_len)), BLOCK_N):
+    for start_n in range(loop_bound(start_m), loop_bound(tl.minimum(start_m + BLOCK_M, seq_len)), BLOCK_N):
         acc, l_i, m_i = _fwd_step(
             acc, l_i, m_i, q1r, q2r, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn,
             POS, inv_freq, TAB, offs_h, offs_d, qk_scale, KC, VC, SLOT, kvh, first_head,
@@ -418,14 +406,14 @@ def _bwd_dkdv_kernel(
         lse_base = LSE + h * n_tokens
         delta_base = DELTA + h * n_tokens
         # diagonal query tiles [start_n, start_n + BLOCK_N): causal mask
-        for start_m in range(_bound(start_n), _bound(diag_end), BLOCK_M):
+        for start_m in range(loop_bound(start_n), loop_bound(diag_end), BLOCK_M):
             dk1, dk2, dv = _bwd_dkdv_step(
                 dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base,
                 delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale,
                 True, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC,
             )  # fmt: skip
         # later query tiles see the whole key tile: no mask
-        for start_m in range(_bound(start_n + BLOCK_N), _bound(seq_len), BLOCK_M):
+        for start_m in range(loop_bound(start_n + BLOCK_N), loop_bound(seq_len), BLOCK_M):
             dk1, dk2, dv = _bwd_dkdv_step(
                 dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base,
                 delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale,
@@ -505,13 +493,13 @@ def _bwd_dq_kernel(
     dq2 = tl.zeros([BLOCK_M, HALF], tl.float32)
     k_base = K + kvh * stride_kh
     v_base = V + kvh * stride_vh
-    for start_n in range(0, _bound(start_m), BLOCK_N):
+    for start_n in range(0, loop_bound(start_m), BLOCK_N):
         dq1, dq2 = _bwd_dq_step(
             dq1, dq2, q1r, q2r, do, lse, delta, offs_m, start_n, seq_len, tok0, k_base, v_base,
             stride_kn, stride_vn, offs_h, offs_d, qk_scale,
             False, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC,
         )  # fmt: skip
-    for start_n in range(_bound(start_m), _bound(tl.minimum(start_m + BLOCK_M, seq_len)), BLOCK_N):
+    for start_n in range(loop_bound(start_m), loop_bound(tl.minimum(start_m + BLOCK_M, seq_len)), BLOCK_N):
         dq1, dq2 = _bwd_dq_step(
             dq1, dq2, q1r, q2r, do, lse, delta, offs_m, start_n, seq_len, tok0, k_base, v_base,
             stride_kn, stride_vn, offs_h, offs_d, qk_scale,
