@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import measure  # noqa: E402
+from bench.common import measure, ptxas_info  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.paged_attention import paged_decode_attention, rope_write_kv  # noqa: E402
 
@@ -107,55 +107,12 @@ def _sweep(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw) -> list[dict]
     return results
 
 
-def _ptxas(kernel, types: dict, consts: dict, warps: int, stages: int, arch: int) -> dict:
-    """Compile a jit kernel for sm_<arch> without a GPU (pointers and strides assumed 16-divisible, as
-    Triton's JIT specialises them) and read ptxas -v."""
-    import collections
-    import os
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = kernel.arg_names
-    sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
-    div16 = [n for n in names if n not in consts and (sig[n].startswith("*") or n.startswith("stride"))]
-    src = ASTSource(
-        fn=kernel,
-        signature=sig,
-        constexprs={(names.index(n),): v for n, v in consts.items()},
-        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in div16},
-    )
-    compiled = triton.compile(
-        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages}
-    )
-    ptx = compiled.asm["ptx"]
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    res = subprocess.run(
-        [ptxas, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull], capture_output=True, text=True
-    )
-    os.unlink(f.name)
-    regs = re.search(r"Used (\d+) registers", res.stderr)
-    spill = re.search(r"(\d+) bytes spill stores", res.stderr)
-    loads = collections.Counter(re.findall(r"\b(ld\.global[\w.]*|cp\.async\.c[ag][\w.]*)", ptx))
-    return {
-        "shared": compiled.metadata.shared,
-        "regs": regs and int(regs.group(1)),
-        "spill_bytes": spill and int(spill.group(1)),
-        "loads": dict(loads),
-    }
-
-
 def ptxas_report(shapes: dict, dtype: torch.dtype, arch: int = 90) -> list[dict]:
     """Registers / spills / shared memory of the decode and rope-write kernels at each shape's default config."""
     import triton
 
     import kernels.paged_attention as pa
+    from kernels import rotary
 
     tname = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     elem = torch.empty((), dtype=dtype).element_size()
@@ -174,18 +131,15 @@ def ptxas_report(shapes: dict, dtype: torch.dtype, arch: int = 90) -> list[dict]
             GROUP_PAD=max(16, triton.next_power_of_2(group)) if use_dot else triton.next_power_of_2(group),
             USE_DOT=use_dot, UPCAST=dtype == torch.float32, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         )  # fmt: skip
-        info = _ptxas(pa._paged_decode_kernel, types, consts, cfg["num_warps"], cfg["num_stages"], arch)
+        info = ptxas_info(pa._paged_decode_kernel, types, consts, cfg["num_warps"], cfg["num_stages"], arch)
         rows.append({"shape": name, "kernel": "decode", "splits": splits, **cfg, **info})
-        types = {n: "i32" for n in pa._rope_write_kv_kernel.arg_names}
-        types.update({n: f"*{tname}" for n in ("Q", "K", "V", "QO", "KC", "VC")})
-        types.update({"POS": "*i64", "SLOT": "*i64", "log2_theta": "fp32"})
-        consts = dict(
-            HQ=hq, HKV=hkv, HQ_PAD=triton.next_power_of_2(hq), HKV_PAD=triton.next_power_of_2(hkv), HALF=d // 2,
-            HALF_PAD=triton.next_power_of_2(d // 2), BLOCK_SIZE=bs, ROTATE=True,
-        )  # fmt: skip
-        rows.append(
-            {"shape": name, "kernel": "rope_write", **_ptxas(pa._rope_write_kv_kernel, types, consts, 4, 1, arch)}
-        )
+        types = {n: "i32" for n in rotary._rotary_kernel.arg_names}
+        types.update({n: f"*{tname}" for n in ("Q", "QO", "K", "KO", "V", "KC", "VC")})
+        types.update({"POS": "*i64", "SLOT": "*i64", "INV_FREQ": "*fp32"})
+        consts = dict(HQ=hq, HKV=hkv, **rotary.launch_shape(batch, hq, hkv, d)[1], CACHE_BLOCK=bs, ROTATE=True,
+                      WRITE_K=False, WRITE_CACHE=True)  # fmt: skip
+        info = ptxas_info(rotary._rotary_kernel, types, consts, 4, 1, arch)
+        rows.append({"shape": name, "kernel": "rope_write", **info})
     for r in rows:
         print("  " + " ".join(f"{k}={v}" for k, v in r.items()))
     return rows

@@ -1,6 +1,8 @@
-"""Benchmark kernels.rope_attention (rotary inside the kernel) against SDPA with rotary applied separately.
+"""Benchmark kernels.rope_attention (rotary fused) against SDPA with rotary applied separately.
 
-Rows: ours; SDPA flash and SDPA cuDNN backends (after kernels/reference.apply_rotary, as users do today);
+Rows: ours (k rotated once per token by kernels/rotary.py, then attention with q rotated in-kernel; the
+k rotation's own time is shown under it); SDPA flash and SDPA cuDNN backends (after
+kernels/reference.apply_rotary, as users do today);
 torch.compile of rotary + SDPA; the eager reference (kernels/reference.rope_attention); Liger's rope kernel +
 SDPA flash if Liger-Kernel is importable; the FLOP roofline. Forward and forward+backward, causal, default
 shape B8 H40 T2048 D128 bf16, plus a packed batch of mixed lengths (ours varlen vs SDPA padded to the longest).
@@ -29,9 +31,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch.nn.functional as F
 
-from bench.common import measure  # noqa: E402
+from bench.common import measure, ptxas_info  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.rope_attention import rope_attention  # noqa: E402
+from kernels.rotary import launch_rotary  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -80,7 +83,7 @@ def check_against_reference(hq: int, hkv: int, d: int, dtype: torch.dtype, theta
 def make_rows(args, q, k, v, positions, cu, batch, seqlen, padded_mask=None):
     """name -> callable(q, k, v) -> output, for the dense (B, T) layout."""
     theta = args.rope_theta
-    rows = {"ours (rotary inside)": lambda q, k, v: rope_attention(q, k, v, positions, cu, rope_theta=theta)}
+    rows = {"ours (rotary fused)": lambda q, k, v: rope_attention(q, k, v, positions, cu, rope_theta=theta)}
     if q.is_cuda:
         from torch.nn.attention import SDPBackend
 
@@ -177,55 +180,44 @@ def print_table(table):
         )
 
 
-def ptxas_report(head_dim: int, dtype: str, group: int, configs_per_kernel: int | None = None) -> None:
-    """Compile every autotune config for sm_90 offline (no GPU needed) and print ptxas registers, spills and
-    shared memory: the one performance signal available on a machine without a GPU."""
-    import os
-    import subprocess
-    import tempfile
-
-    import triton
+def ptxas_report(head_dim: int, dtype: str, group: int, configs_per_kernel: int | None = None) -> list[dict]:
+    """Compile every autotune config for sm_90 offline (no GPU needed) and print ptxas registers, spills, shared
+    memory and the global loads by kind (cp.async: pipelined): the one performance signal without a GPU."""
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from kernels import rope_attention as ra
+    from kernels import rotary
 
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     ptr = "*" + dtype
-    ptrs = dict.fromkeys(["Q", "K", "V", "O", "DO", "DK", "DV", "DQ", "KC", "VC", "QR", "KR"], ptr)
-    ptrs.update(LSE="*fp32", DELTA="*fp32", INV_FREQ="*fp32", TAB="*fp32", POS="*i64", SLOT="*i64")
-    ptrs.update(CU_SEQ="*i32", CU_BLK="*i32")
+    types = dict.fromkeys(["Q", "K", "V", "O", "DO", "DK", "DV", "DQ", "QR", "QO", "KO", "KC", "VC"], ptr)
+    types.update(LSE="*fp32", DELTA="*fp32", INV_FREQ="*fp32", TAB="*fp32", POS="*i64", SLOT="*i64")
+    types.update(CU_SEQ="*i32", CU_BLK="*i32")
     tl_dtype = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype]
-    base = dict(N_STEPS=4, GROUP=group, HEAD_DIM=head_dim, HALF=max(head_dim // 2, 16), TAB_ROWS=ra._TAB_ROWS)
+    base = dict(N_STEPS=4, GROUP=group, HEAD_DIM=head_dim, HALF=max(head_dim // 2, 16), TAB_ROWS=ra.TAB_ROWS)
     base.update(DOT_DTYPE=tl_dtype, PREC="ieee" if dtype == "fp32" else "tf32")
     kernels = [
-        ("fwd", ra._fwd_kernel, "BLOCK_N", ra._FWD_SHAPES, dict(BLOCK_M=128, WRITE_CACHE=False, SAVE_ROT=True)),
-        ("dkdv", ra._bwd_dkdv_kernel, "BLOCK_M", ra._BWD_SHAPES, dict(BLOCK_N=128)),
-        ("dq", ra._bwd_dq_kernel, "BLOCK_N", ra._BWD_SHAPES, dict(BLOCK_M=128)),
+        ("fwd", ra._fwd_kernel, "BLOCK_N", ra._FWD_SHAPES, dict(BLOCK_M=ra._BLOCK, SAVE_ROT=True)),
+        ("dkdv", ra._bwd_dkdv_kernel, "BLOCK_M", ra._BWD_SHAPES, dict(BLOCK_N=ra._BLOCK)),
+        ("dq", ra._bwd_dq_kernel, "BLOCK_N", ra._BWD_SHAPES, dict(BLOCK_M=ra._BLOCK)),
     ]
+    rows = []
+
+    def report(name, fn, consts, warps, stages, label):
+        arg_types = {a: types.get(a, "fp32" if "scale" in a else "i32") for a in fn.arg_names if a not in consts}
+        info = ptxas_info(fn, arg_types, consts, warps, stages)
+        rows.append({"kernel": name, "config": label, **info})
+        loads = " ".join(f"{k}:{v}" for k, v in sorted(info["loads"].items()))
+        print(f"{name:6} {label:28} smem={info['shared']:>6} regs={info['regs']} spill={info['spill_bytes']} {loads}",
+              flush=True)  # fmt: skip
+
+    # the rotary pre-pass of the forward (k only, written to a buffer), at the default shape's tiles
+    pre = dict(HQ=0, HKV=40 // group, **rotary.launch_shape(16384, 0, 40 // group, head_dim)[1], CACHE_BLOCK=1,
+               ROTATE=True, WRITE_K=True, WRITE_CACHE=False)  # fmt: skip
+    report("rotary", rotary._rotary_kernel, pre, 4, 1, f"BLOCK_T={pre['BLOCK_T']} BLOCK_H={pre['BLOCK_H']}")
     for name, fn, inner, shapes, extra in kernels:
         for block, warps, stages in shapes[:configs_per_kernel]:
-            consts = {**base, **extra, inner: block}
-            sig = {
-                a: "constexpr" if a in consts else ptrs.get(a, "fp32" if "scale" in a else "i32") for a in fn.arg_names
-            }
-            src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-            opts = {"num_warps": warps, "num_stages": stages}
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-            with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-                f.write(compiled.asm["ptx"])
-                f.flush()
-                res = subprocess.run(
-                    [ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True, text=True
-                )
-            info = " ".join(
-                line.split(":", 1)[-1].strip() for line in res.stderr.splitlines() if "spill" in line or "Used" in line
-            )
-            print(
-                f"{name:5} {inner}={block:<3} warps={warps} stages={stages} smem={compiled.metadata.shared:>6} {info}",
-                flush=True,
-            )
+            report(name, fn, {**base, **extra, inner: block}, warps, stages, f"{inner}={block} w={warps} s={stages}")
+    return rows
 
 
 def main() -> None:
@@ -277,10 +269,20 @@ def main() -> None:
         check_against_reference(hq, hkv, d, dtype, args.rope_theta)
     rows = make_rows(args, q, k, v, positions, cu, b, t)
     if not cuda:
-        rows = {"reference (CPU path)": rows["ours (rotary inside)"]}
+        rows = {"reference (CPU path)": rows["ours (rotary fused)"]}
         rows["eager rotary + SDPA"] = lambda q, k, v: sdpa_with_rotary(q, k, v, positions, b, t, args.rope_theta)
     label = f"B{b} H{hq}/{hkv} T{t} D{d} {args.dtype}"
     run_rows(rows, q, k, v, causal_flops([t] * b, hq, d), args, cuda, table, label)
+    if cuda:  # the share of ours spent in the once-per-token k rotation (memory-bound: read k, write k_rot)
+        k_out = torch.empty_like(k)
+        ms, _ = measure(
+            lambda: launch_rotary(k, v, positions, rope_theta=args.rope_theta, k_out=k_out),
+            "cuda",
+            warmup_ms=args.warmup,
+            rep_ms=args.rep,
+        )
+        gbps = 2 * k.numel() * k.element_size() / ms / 1e6
+        table.append({"case": label, "impl": f"  of ours: k rotary ({gbps:.0f} GB/s)", "fwd_ms": ms})
 
     if args.mixed:
         # a packed batch of mixed lengths, about as many tokens as the dense case

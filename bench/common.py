@@ -43,3 +43,53 @@ def measure(fn, device, *, warmup_ms: float = 25, rep_ms: float = 100, min_reps:
         fn()
         n += 1
     return (time.perf_counter() - start) * 1e3 / n, float("nan")
+
+
+def ptxas_info(kernel, types: dict, consts: dict, warps: int, stages: int, arch: int = 90) -> dict:
+    """Compile a jit kernel for sm_<arch> without a GPU and read ptxas -v: shared memory, registers, spills and
+    the global loads by kind (cp.async ones are software-pipelined). The one performance signal a machine
+    without a GPU has.
+
+    types: argument name -> Triton type ("*bf16", "i32", "fp32") for every non-constexpr argument. Pointers and
+    arguments named stride* are marked 16-divisible, as Triton's JIT specialises them in a real launch: without
+    that the compiler cannot vectorise the loads, does not pipeline them, and the report describes a kernel
+    that never runs."""
+    import collections
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
+    div16 = [n for n in names if n not in consts and (sig[n].startswith("*") or n.startswith("stride"))]
+    src = ASTSource(
+        fn=kernel,
+        signature=sig,
+        constexprs={(names.index(n),): v for n, v in consts.items()},
+        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in div16},
+    )
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages}
+    )
+    ptx = compiled.asm["ptx"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    res = subprocess.run(
+        [ptxas, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull], capture_output=True, text=True
+    )
+    os.unlink(f.name)
+    regs = re.search(r"Used (\d+) registers", res.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", res.stderr)
+    loads = collections.Counter(re.findall(r"\b(ld\.global[\w.]*|cp\.async\.c[ag][\w.]*)", ptx))
+    return {
+        "shared": compiled.metadata.shared,
+        "regs": regs and int(regs.group(1)),
+        "spill_bytes": spill and int(spill.group(1)),
+        "loads": dict(loads),
+    }

@@ -10,8 +10,9 @@ slot_mapping [N] int64 uses -1 for "do not write". Keys are stored already rotat
   the context; with several splits the partial (max, sum, acc) go to an fp32 workspace and a second
   kernel merges them. Inference only (no autograd).
 - `rope_write_kv`: the decode-step companion: rotary on q and k (cos/sin from integer positions,
-  in fp32, in-kernel) and the write of rotated k and v into their slots, in one launch.
-- `write_kv_cache`: the plain write.
+  in fp32, in-kernel) and the write of rotated k and v into their slots, in one launch of
+  kernels/rotary.py's kernel (the one prefill uses too, so both store the same rotated keys).
+- `write_kv_cache`: the plain write (the same kernel, no rotation).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import triton.language as tl
 
 from kernels import reference
 from kernels.dispatch import INTERPRET, loop_bound, use_triton
+from kernels.rotary import launch_rotary
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Splits shorter than this are not worth the merge: the workspace round trip costs ~S*D*4 bytes per
@@ -164,60 +166,6 @@ def _paged_decode_reduce_kernel(
     l_tot = tl.sum(w * l, axis=0)
     o = tl.sum(w[:, None] * acc, axis=0) / tl.where(l_tot > 0.0, l_tot, 1.0)
     tl.store(O + pid_b.to(tl.int64) * stride_ob + pid_h * stride_oh + offs_d, o.to(O.dtype.element_ty), mask=d_mask)
-# fmt: on
-
-
-# fmt: off
-@triton.jit
-def _rope_write_kv_kernel(
-    Q, K, V, POS, SLOT, QO, KC, VC, log2_theta, stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-    stride_qon, stride_qoh, stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
-    HQ: tl.constexpr, HKV: tl.constexpr, HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr, HALF: tl.constexpr,
-    HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROTATE: tl.constexpr,
-):
-    """One token: (optionally) rotate q and k (HF rotate-half), write k and v to the token's slot."""
-    pid = tl.program_id(0).to(tl.int64)
-    offs_i = tl.arange(0, HALF_PAD)
-    i_mask = offs_i < HALF
-    slot = tl.load(SLOT + pid)
-    write = slot >= 0
-    blk = slot // BLOCK_SIZE
-    tok = slot % BLOCK_SIZE
-    offs_hkv = tl.arange(0, HKV_PAD)
-    kv_mask = (offs_hkv < HKV)[:, None] & i_mask[None, :]
-    k_lo_ptrs = K + pid * stride_kn + offs_hkv[:, None] * stride_kh + offs_i[None, :]
-    k_lo = tl.load(k_lo_ptrs, mask=kv_mask, other=0.0)
-    k_hi = tl.load(k_lo_ptrs + HALF, mask=kv_mask, other=0.0)
-    if ROTATE:
-        # Same arithmetic as HF in fp32: inv_freq = theta^(-2i/D), angle = pos * inv_freq.
-        pos = tl.load(POS + pid).to(tl.float32)
-        inv_freq = tl.exp2(-(offs_i.to(tl.float32) * 2.0 / (2 * HALF)) * log2_theta)
-        angle = pos * inv_freq
-        cos = tl.cos(angle)[None, :]
-        sin = tl.sin(angle)[None, :]
-        k_lo32 = k_lo.to(tl.float32)
-        k_hi32 = k_hi.to(tl.float32)
-        k_lo = k_lo32 * cos - k_hi32 * sin
-        k_hi = k_hi32 * cos + k_lo32 * sin
-
-        offs_hq = tl.arange(0, HQ_PAD)
-        q_mask = (offs_hq < HQ)[:, None] & i_mask[None, :]
-        q_lo_ptrs = Q + pid * stride_qn + offs_hq[:, None] * stride_qh + offs_i[None, :]
-        q_lo = tl.load(q_lo_ptrs, mask=q_mask, other=0.0).to(tl.float32)
-        q_hi = tl.load(q_lo_ptrs + HALF, mask=q_mask, other=0.0).to(tl.float32)
-        qo_ptrs = QO + pid * stride_qon + offs_hq[:, None] * stride_qoh + offs_i[None, :]
-        tl.store(qo_ptrs, (q_lo * cos - q_hi * sin).to(QO.dtype.element_ty), mask=q_mask)
-        tl.store(qo_ptrs + HALF, (q_hi * cos + q_lo * sin).to(QO.dtype.element_ty), mask=q_mask)
-
-    w_mask = kv_mask & write
-    kc_ptrs = KC + blk * stride_kcb + tok * stride_kct + offs_hkv[:, None] * stride_kch + offs_i[None, :]
-    tl.store(kc_ptrs, k_lo.to(KC.dtype.element_ty), mask=w_mask)
-    tl.store(kc_ptrs + HALF, k_hi.to(KC.dtype.element_ty), mask=w_mask)
-    v_ptrs = V + pid * stride_vn + offs_hkv[:, None] * stride_vh + offs_i[None, :]
-    vc_ptrs = VC + blk * stride_vcb + tok * stride_vct + offs_hkv[:, None] * stride_vch + offs_i[None, :]
-    tl.store(vc_ptrs, tl.load(v_ptrs, mask=w_mask, other=0.0).to(VC.dtype.element_ty), mask=w_mask)
-    v_hi = tl.load(v_ptrs + HALF, mask=w_mask, other=0.0)
-    tl.store(vc_ptrs + HALF, v_hi.to(VC.dtype.element_ty), mask=w_mask)
 # fmt: on
 
 
@@ -363,25 +311,6 @@ def _check_write_inputs(k, v, k_cache, v_cache, slot_mapping) -> None:
         raise ValueError(f"k, v, caches and slot_mapping must share one device, got {devices}")
 
 
-def _write_launch(q, k, v, positions, k_cache, v_cache, slot_mapping, q_out, rope_theta, rotate) -> None:
-    n = k.shape[0]
-    if n == 0:
-        return
-    _, block_size, hkv, d = k_cache.shape
-    hq = q.shape[1] if rotate else 1
-    half = d // 2
-    # fmt: off
-    _rope_write_kv_kernel[(n,)](
-        q, k, v, positions, slot_mapping, q_out, k_cache, v_cache, math.log2(rope_theta),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), q_out.stride(0), q_out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HQ=hq, HKV=hkv, HQ_PAD=triton.next_power_of_2(hq), HKV_PAD=triton.next_power_of_2(hkv),
-        HALF=half, HALF_PAD=triton.next_power_of_2(half), BLOCK_SIZE=block_size, ROTATE=rotate, num_warps=4,
-    )
-    # fmt: on
-
-
 # ======================================================================== public functions ==
 
 
@@ -500,7 +429,8 @@ def rope_write_kv(
     if not use_triton(q):
         q_out.copy_(reference.rope_write_kv(q, k, v, positions, k_cache, v_cache, slot_mapping, rope_theta))
         return q_out
-    _write_launch(q, k, v, positions, k_cache, v_cache, slot_mapping, q_out, rope_theta, rotate=True)
+    launch_rotary(k, v, positions, rope_theta=rope_theta, q=q, q_out=q_out, k_cache=k_cache, v_cache=v_cache,
+                  slot_mapping=slot_mapping)  # fmt: skip
     return q_out
 
 
@@ -512,4 +442,4 @@ def write_kv_cache(
     if not use_triton(k):
         reference.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
         return
-    _write_launch(k, k, v, slot_mapping, k_cache, v_cache, slot_mapping, k, 10000.0, rotate=False)
+    launch_rotary(k, v, slot_mapping, rotate=False, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)

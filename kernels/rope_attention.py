@@ -1,18 +1,24 @@
 """Causal flash attention over packed variable-length sequences with rotary embedding applied inside.
 
 q [N, Hq, D], k/v [N, Hkv, D]: N tokens of S sequences packed back to back (cu_seqlens int [S+1]),
-positions [N] any integers. RoPE (Llama / HF "rotate half") is applied to q and k as the kernels load
-them: the two halves of the head dim are loaded separately and rotated in registers, with cos/sin
-computed in fp32 from the positions, so rotary costs no extra pass over memory. FlashAttention-2
-forward (online softmax, exp2 with log2(e) folded into the scale, causal mask only on diagonal blocks)
-and backward (delta preprocess, a dk/dv kernel looping over query blocks and over the query heads of
-the GQA group, a dq kernel looping over key blocks; no atomics). When gradients are needed the forward
-also stores the rotated q and k (each token once, as it rotates them) and autograd saves those instead of
-q and k: same memory, and the backward's inner loops rotate nothing; only the finished dq and dk tiles
-are rotated back (by -angle). Optionally the forward also writes the rotated k and the v of each token
-into a paged KV cache (the generation engine's prefill).
+positions [N] any integers. RoPE (Llama / HF "rotate half") is applied once per token, never per tile
+pair: a memory-bound pre-pass (kernels/rotary.py) rotates k into a [N, Hkv, D] buffer (in prefill the same
+launch writes the rotated k and v into the paged KV cache), and the attention kernel rotates each query
+tile in registers as it loads it (once per program). So the inner loops are plain flash-attention loops
+that read keys as they are: no cos/sin, no register round trip of K between its load and the tensor
+cores, and with GQA each key is rotated once rather than once per query head of its group.
+Rotating K inside the inner loop instead (an earlier version) repeats the rotation T/BLOCK_M times per key
+and per query head, and spilled registers at D = 128 (bench_rope_attention.py --ptxas); the pre-pass costs
+one read and one write of K, and training keeps the rotated k for the backward anyway.
 
-cos/sin: within one tile the positions are normally consecutive (p0, p0+1, ...). Then
+FlashAttention-2 forward (online softmax, exp2 with log2(e) folded into the scale, causal mask only on
+diagonal blocks) and backward (delta preprocess, a dk/dv kernel looping over query blocks and over the
+query heads of the GQA group, a dq kernel looping over key blocks; no atomics). When gradients are needed
+the forward also stores the rotated q and autograd saves the rotated q and k instead of q and k: same
+memory, and the backward's inner loops rotate nothing; only the finished dq and dk tiles are rotated back
+(by -angle).
+
+cos/sin of a query tile: within one tile the positions are normally consecutive (p0, p0+1, ...). Then
 cos/sin((p0 + j) * f) come from cos/sin(p0 * f) (one row of transcendentals per tile) and a small
 host-built table of cos/sin(j * f) by the angle-addition formulas, which keeps the special-function
 units free for the softmax exponentials. Any other tile (left padding, arbitrary positions) computes
@@ -37,9 +43,9 @@ import triton.language as tl
 
 from kernels import reference
 from kernels.dispatch import INTERPRET, loop_bound, use_triton
+from kernels.rotary import TAB_ROWS, launch_rotary, reduce_angle, rope_tables
 
 _LOG2E = 1.4426950408889634
-_TAB_ROWS = 128  # rows of the cos/sin(j * f) table: at least every tile height used below
 # Sequence-block size shared by the forward (query blocks), dk/dv (key blocks) and dq (query blocks)
 # kernels, and the inner tile sizes used under the interpreter (small, so that the tests run the
 # off-diagonal loop and several diagonal sub-tiles on short sequences).
@@ -121,13 +127,6 @@ def _operand(x, like, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _reduce_angle(a):
-    """a mod 2*pi in [-pi, pi] (Cody-Waite, 2*pi = 6.28125 + c2): keeps sin/cos accurate at large positions."""
-    k = tl.floor(a * 0.15915494309189535 + 0.5)
-    return (a - k * 6.28125) - k * 0.0019353071795864769
-
-
-@triton.jit
 def _rotate(
     x1, x2, POS, tok0, start, n_valid, inv_freq, TAB, offs_h, R: tl.constexpr, HALF: tl.constexpr,
     TAB_ROWS: tl.constexpr, SIGN: tl.constexpr,
@@ -146,7 +145,7 @@ def _rotate(
     p0 = tl.load(POS + tok0 + start)
     gap = tl.where(valid, pos - p0 - j, 0)
     if tl.max(tl.abs(gap), axis=0) == 0:
-        a0 = _reduce_angle(p0.to(tl.float32) * inv_freq)
+        a0 = reduce_angle(p0.to(tl.float32) * inv_freq)
         c0 = tl.cos(a0)[None, :]
         s0 = SIGN * tl.sin(a0)[None, :]
         u1 = x1 * c0 - x2 * s0
@@ -156,7 +155,7 @@ def _rotate(
         y1 = u1 * tc - u2 * ts
         y2 = u2 * tc + u1 * ts
     else:
-        a = _reduce_angle(pos.to(tl.float32)[:, None] * inv_freq[None, :])
+        a = reduce_angle(pos.to(tl.float32)[:, None] * inv_freq[None, :])
         c = tl.cos(a)
         s = SIGN * tl.sin(a)
         y1 = x1 * c - x2 * s
@@ -168,76 +167,21 @@ def _rotate(
 
 
 @triton.jit
-def _write_cache(
-    KC, VC, SLOT, kvh, tok0, offs_n, n_ok, k1r, k2r, v, offs_h, offs_d, stride_kc0, stride_kc1, stride_kc2,
-    stride_vc0, stride_vc1, stride_vc2, cache_block_size, HEAD_DIM: tl.constexpr, PAD: tl.constexpr,
-):  # fmt: skip
-    """Store rotated k and v of tokens tok0 + offs_n at their slots (slot = block * block_size + offset; -1 skips)."""
-    HALF_D: tl.constexpr = HEAD_DIM // 2
-    slot = tl.load(SLOT + tok0 + offs_n, mask=n_ok, other=-1).to(tl.int64)  # caches can exceed 2^31 elements
-    w_ok = slot >= 0
-    cb = slot // cache_block_size
-    co = slot % cache_block_size
-    k_rows = cb * stride_kc0 + co * stride_kc1
-    v_rows = cb * stride_vc0 + co * stride_vc1
-    kc_base = KC + kvh * stride_kc2
-    _store_tile(kc_base, k1r, k_rows, w_ok, 1, offs_h, HALF_D, PAD)
-    _store_tile(kc_base + HALF_D, k2r, k_rows, w_ok, 1, offs_h, HALF_D, PAD)
-    _store_tile(VC + kvh * stride_vc2, v, v_rows, w_ok, 1, offs_d, HEAD_DIM, False)
-
-
-@triton.jit
 def _fwd_step(
-    acc, l_i, m_i, q1r, q2r, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn, POS, inv_freq,
-    TAB, offs_h, offs_d, qk_scale, KC, VC, SLOT, kvh, first_head, stride_kc0, stride_kc1, stride_kc2,
-    stride_vc0, stride_vc1, stride_vc2, cache_block_size, KR, stride_krn, SAVE_ROT: tl.constexpr,
-    MASKED: tl.constexpr, WRITE_CACHE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, TAB_ROWS: tl.constexpr,
+    acc, l_i, m_i, q1r, q2r, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn, offs_h, offs_d,
+    qk_scale, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """One key tile of the online softmax. MASKED: a diagonal tile (causal mask, keys may run past the end)."""
+    """One key tile (keys already rotated) of the online softmax. MASKED: a diagonal tile (causal mask, keys may
+    run past the end)."""
     HALF_D: tl.constexpr = HEAD_DIM // 2
     PAD: tl.constexpr = HALF != HALF_D
     offs_n, n_ok, rows_n = _tile_rows(tok0, start_n, seq_len, BLOCK_N)
-    k1 = _load_tile(k_base, rows_n, n_ok, stride_kn, offs_h, HALF_D, MASKED, PAD).to(tl.float32)
-    k2 = _load_tile(k_base + HALF_D, rows_n, n_ok, stride_kn, offs_h, HALF_D, MASKED, PAD).to(tl.float32)
-    k1r, k2r = _rotate(k1, k2, POS, tok0, start_n, seq_len, inv_freq, TAB, offs_h, BLOCK_N, HALF, TAB_ROWS, 1.0)
-    v = _load_tile(v_base, rows_n, n_ok, stride_vn, offs_d, HEAD_DIM, MASKED, False)
-    if SAVE_ROT:
-        if MASKED:
-            if first_head:
-                # each token's rotated k, once, for the backward (which then rotates nothing in its loops)
-                kr_base = KR + kvh * HEAD_DIM
-                _store_tile(kr_base, k1r, rows_n, n_ok, stride_krn, offs_h, HALF_D, PAD)
-                _store_tile(kr_base + HALF_D, k2r, rows_n, n_ok, stride_krn, offs_h, HALF_D, PAD)
-    if WRITE_CACHE:
-        if MASKED:
-            if first_head:
-                _write_cache(
-                    KC,
-                    VC,
-                    SLOT,
-                    kvh,
-                    tok0,
-                    offs_n,
-                    n_ok,
-                    k1r,
-                    k2r,
-                    v,
-                    offs_h,
-                    offs_d,
-                    stride_kc0,
-                    stride_kc1,
-                    stride_kc2,
-                    stride_vc0,
-                    stride_vc1,
-                    stride_vc2,
-                    cache_block_size,
-                    HEAD_DIM,
-                    PAD,
-                )
-    qk = tl.dot(q1r, tl.trans(_operand(k1r, k_base, DOT_DTYPE)), input_precision=PREC)
-    qk = tl.dot(q2r, tl.trans(_operand(k2r, k_base, DOT_DTYPE)), qk, input_precision=PREC)
+    k1r = _load_tile(k_base, rows_n, n_ok, stride_kn, offs_h, HALF_D, MASKED, PAD).to(DOT_DTYPE)
+    k2r = _load_tile(k_base + HALF_D, rows_n, n_ok, stride_kn, offs_h, HALF_D, MASKED, PAD).to(DOT_DTYPE)
+    v = _load_tile(v_base, rows_n, n_ok, stride_vn, offs_d, HEAD_DIM, MASKED, False).to(DOT_DTYPE)
+    qk = tl.dot(q1r, tl.trans(k1r), input_precision=PREC)
+    qk = tl.dot(q2r, tl.trans(k2r), qk, input_precision=PREC)
     if MASKED:
         qk = tl.where(offs_n[None, :] <= offs_m[:, None], qk, float("-inf"))
     m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -245,23 +189,23 @@ def _fwd_step(
     alpha = tl.exp2(m_i - m_ij)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    acc = tl.dot(_operand(p, v_base, DOT_DTYPE), v.to(DOT_DTYPE), acc, input_precision=PREC)
+    acc = tl.dot(_operand(p, v_base, DOT_DTYPE), v, acc, input_precision=PREC)
     return acc, l_i, m_ij
 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, POS, CU_SEQ, CU_BLK, INV_FREQ, TAB, KC, VC, SLOT,
-    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
-    stride_kc0, stride_kc1, stride_kc2, stride_vc0, stride_vc1, stride_vc2, cache_block_size,
-    QR, KR, stride_qrn, stride_krn, n_tokens, num_seqs, qk_scale,
+    Q, K, V, O, LSE, POS, CU_SEQ, CU_BLK, INV_FREQ, TAB, QR,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh, stride_qrn,
+    n_tokens, num_seqs, qk_scale,
     N_STEPS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, TAB_ROWS: tl.constexpr, WRITE_CACHE: tl.constexpr, SAVE_ROT: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, TAB_ROWS: tl.constexpr, SAVE_ROT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
     """Grid (query blocks of all sequences (upper bound), Hq). O [N, Hq, D]; LSE [Hq, N] fp32 (base 2).
 
-    SAVE_ROT: also store rotated q [N, Hq, D] and k [N, Hkv, D] (QR, KR, head stride D) for the backward."""
+    K holds the keys already rotated (kernels/rotary.py, once per token); q is rotated here, once per tile.
+    SAVE_ROT: also store the rotated q in QR [N, Hq, D] (head stride D) for the backward."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     if pid >= tl.load(CU_BLK + num_seqs):
@@ -293,23 +237,17 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     k_base = K + kvh * stride_kh
     v_base = V + kvh * stride_vh
-    # each token is in exactly one diagonal block: the group's first head writes its k (cache, saved k_rot)
-    first_head = h % GROUP == 0
     # off-diagonal key tiles [0, start_m): all visible, no mask
     for start_n in range(0, loop_bound(start_m), BLOCK_N):
         acc, l_i, m_i = _fwd_step(
             acc, l_i, m_i, q1r, q2r, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn,
-            POS, inv_freq, TAB, offs_h, offs_d, qk_scale, KC, VC, SLOT, kvh, first_head,
-            stride_kc0, stride_kc1, stride_kc2, stride_vc0, stride_vc1, stride_vc2, cache_block_size,
-            KR, stride_krn, SAVE_ROT, False, WRITE_CACHE, HEAD_DIM, HALF, BLOCK_N, TAB_ROWS, DOT_DTYPE, PREC,
+            offs_h, offs_d, qk_scale, False, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC,
         )  # fmt: skip
     # diagonal key tiles [start_m, min(start_m + BLOCK_M, seq_len)): causal mask
     for start_n in range(loop_bound(start_m), loop_bound(tl.minimum(start_m + BLOCK_M, seq_len)), BLOCK_N):
         acc, l_i, m_i = _fwd_step(
             acc, l_i, m_i, q1r, q2r, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn,
-            POS, inv_freq, TAB, offs_h, offs_d, qk_scale, KC, VC, SLOT, kvh, first_head,
-            stride_kc0, stride_kc1, stride_kc2, stride_vc0, stride_vc1, stride_vc2, cache_block_size,
-            KR, stride_krn, SAVE_ROT, True, WRITE_CACHE, HEAD_DIM, HALF, BLOCK_N, TAB_ROWS, DOT_DTYPE, PREC,
+            offs_h, offs_d, qk_scale, True, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC,
         )  # fmt: skip
 
     acc = acc / l_i[:, None]
@@ -520,37 +458,19 @@ def _configs(inner_name: str, shapes: tuple[tuple[int, int, int], ...]) -> list[
     return [triton.Config({inner_name: b}, num_warps=w, num_stages=s) for b, w, s in shapes]
 
 
-# (inner tile, warps, stages). Offline sm_90 builds (ptxas -v, D=128 bf16) guided the choice: 4 warps and
-# wide inner tiles spill. Spills at 8 warps: fwd BLOCK_N=32 ~50 B (64: ~1.5 KB); dq BLOCK_N=32 none (64: ~80 B);
-# dk/dv BLOCK_M=32 ~300 B (16: ~650 B). Measured timings on a GPU are still owed.
+# (inner tile, warps, stages). Offline sm_90 builds at D=128 bf16 (bench_rope_attention.py --ptxas, with the
+# 16-divisible pointers and strides a real launch specialises) guided the choice: every fwd config at 8 warps
+# pipelines K/V with cp.async and does not spill (213 registers at BLOCK_N 32/64, 242 at 128; 4 warps spill
+# ~600 B); dq at 8 warps spills nothing up to BLOCK_N=64; dk/dv spills nothing at BLOCK_M 16/32 with 2 stages
+# (16 B at 3 stages, 72 B at BLOCK_M=64). Measured timings on a GPU are still owed.
 _KEY = ["HEAD_DIM", "GROUP"]
-_FWD_SHAPES = ((32, 8, 2), (32, 8, 3), (32, 8, 4), (64, 8, 2), (64, 8, 3), (32, 4, 3))
+_FWD_SHAPES = ((64, 8, 2), (64, 8, 3), (64, 8, 4), (128, 8, 2), (128, 8, 3), (32, 8, 3))
 _BWD_SHAPES = ((16, 8, 2), (16, 8, 3), (32, 8, 2), (32, 8, 3), (64, 8, 2), (32, 4, 2))
-_fwd_tuned = triton.autotune(_configs("BLOCK_N", _FWD_SHAPES), key=_KEY + ["WRITE_CACHE"])(_fwd_kernel)
+_fwd_tuned = triton.autotune(_configs("BLOCK_N", _FWD_SHAPES), key=_KEY)(_fwd_kernel)
 _dkdv_tuned = triton.autotune(_configs("BLOCK_M", _BWD_SHAPES), key=_KEY)(_bwd_dkdv_kernel)
 _dq_tuned = triton.autotune(_configs("BLOCK_N", _BWD_SHAPES), key=_KEY)(_bwd_dq_kernel)
 
 # --------------------------------------------------------------------------------- host launchers --
-
-_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _rope_tables(head_dim: int, rope_theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """inv_freq [HALF] fp32 (HF's fp32 formula) and cos/sin(j * inv_freq) [2, _TAB_ROWS, HALF] fp32.
-
-    HALF is the half head dim padded to at least 16 (tl.dot's minimum); padded columns have frequency 0.
-    Built on the device with no host sync, cached per (head_dim, theta, device).
-    """
-    key = (head_dim, float(rope_theta), str(device))
-    if key not in _tables:
-        half = head_dim // 2
-        inv = reference.rotary_inv_freq(head_dim, rope_theta, torch.float32, device)
-        inv_pad = torch.zeros(max(half, 16), dtype=torch.float32, device=device)
-        inv_pad[:half] = inv
-        ang = torch.arange(_TAB_ROWS, dtype=torch.float64, device=device)[:, None] * inv_pad.double()[None, :]
-        tab = torch.stack([ang.cos(), ang.sin()]).float().contiguous()
-        _tables[key] = (inv_pad, tab)
-    return _tables[key]
 
 
 def _block_index(cu_seqlens: torch.Tensor, n_tokens: int, block: int) -> tuple[torch.Tensor, int, int]:
@@ -630,8 +550,9 @@ def _rope_attention_fwd(
     lse: torch.Tensor | None = None,
     save_rotated: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Launch the forward. Returns out [N, Hq, D] (q's dtype), lse [Hq, N] fp32 (base-2, scaled scores) and,
-    with save_rotated (for the backward), the rotated q [N, Hq, D] and k [N, Hkv, D] (else None, None)."""
+    """Launch the rotary pre-pass and the forward. Returns out [N, Hq, D] (q's dtype), lse [Hq, N] fp32 (base-2,
+    scaled scores), the rotated q [N, Hq, D] with save_rotated (else None) and the rotated k [N, Hkv, D]: what
+    the backward needs."""
     n, hq, d = q.shape
     hkv = k.shape[1]
     if d not in _SUPPORTED_HEAD_DIMS:
@@ -641,34 +562,30 @@ def _rope_attention_fwd(
     lse = torch.empty(hq, n, dtype=torch.float32, device=q.device) if lse is None else lse
     if out.shape != q.shape or out.stride(-1) != 1 or lse.shape != (hq, n) or lse.dtype != torch.float32:
         raise ValueError("out must be [N, Hq, D] with a contiguous last dim and lse fp32 [Hq, N]")
-    q_rot = k_rot = None
-    if save_rotated:
-        q_rot = torch.empty(n, hq, d, dtype=q.dtype, device=q.device)
-        k_rot = torch.empty(n, hkv, d, dtype=q.dtype, device=q.device)
+    # the keys rotated once per token (kernels/rotary.py): the attention kernel reads them as they are; the
+    # backward reuses them; in prefill the same launch writes them (and v) into the paged KV cache
+    k_rot = torch.empty(n, hkv, d, dtype=q.dtype, device=q.device)
+    q_rot = torch.empty(n, hq, d, dtype=q.dtype, device=q.device) if save_rotated else None
     if n == 0:
         return out, lse, q_rot, k_rot
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     positions = positions.to(q.device).contiguous()  # the kernels index it as a flat array
-    inv_freq, tab = _rope_tables(d, rope_theta, q.device)
+    inv_freq, tab = rope_tables(d, rope_theta, q.device)
     cu_blk, grid0, n_steps = _block_index(cu, n, _BLOCK)
-    write = kv_cache is not None
-    if write:
+    cache = {}
+    if kv_cache is not None:
         kc, vc = kv_cache
         if kc.stride(-1) != 1 or vc.stride(-1) != 1:
             raise ValueError("k_cache and v_cache must have a contiguous last dim")
-        slots = slot_mapping.to(q.device).contiguous()
-        cache_args = (*kc.stride()[:3], *vc.stride()[:3], kc.shape[1])
-    else:
-        kc, vc, slots = out, out, positions  # never read: WRITE_CACHE is False
-        cache_args = (0, 0, 0, 0, 0, 0, 1)
+        cache = dict(k_cache=kc, v_cache=vc, slot_mapping=slot_mapping.to(q.device))
+    launch_rotary(k, v, positions, rope_theta=rope_theta, k_out=k_rot, **cache)
     args = (
-        q, k, v, out, lse, positions, cu, cu_blk, inv_freq, tab, kc, vc, slots,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        *cache_args, q_rot if save_rotated else out, k_rot if save_rotated else out, hq * d, hkv * d,
-        n, cu.numel() - 1, softmax_scale * _LOG2E,
+        q, k_rot, v, out, lse, positions, cu, cu_blk, inv_freq, tab, q_rot if save_rotated else out,
+        q.stride(0), q.stride(1), k_rot.stride(0), k_rot.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), hq * d, n, cu.numel() - 1, softmax_scale * _LOG2E,
     )  # fmt: skip
-    meta = dict(N_STEPS=n_steps, GROUP=hq // hkv, HEAD_DIM=d, HALF=max(d // 2, 16), BLOCK_M=_BLOCK, TAB_ROWS=_TAB_ROWS,
-                WRITE_CACHE=write, SAVE_ROT=save_rotated, **_dot_args(q.dtype))  # fmt: skip
+    meta = dict(N_STEPS=n_steps, GROUP=hq // hkv, HEAD_DIM=d, HALF=max(d // 2, 16), BLOCK_M=_BLOCK, TAB_ROWS=TAB_ROWS,
+                SAVE_ROT=save_rotated, **_dot_args(q.dtype))  # fmt: skip
     if INTERPRET:
         _fwd_kernel[(grid0, hq)](*args, BLOCK_N=_INNER_INTERPRET, **meta)
     else:
@@ -709,7 +626,7 @@ def _rope_attention_bwd(
         return dq, dk, dv
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     positions = positions.to(q.device).contiguous()  # the kernels index it as a flat array
-    inv_freq, tab = _rope_tables(d, rope_theta, q.device)
+    inv_freq, tab = rope_tables(d, rope_theta, q.device)
     cu_blk, grid0, n_steps = _block_index(cu, n, _BLOCK)
     delta = torch.empty(hq, n, dtype=torch.float32, device=q.device)
     block_t = 16 if INTERPRET else 64
@@ -717,7 +634,7 @@ def _rope_attention_bwd(
         out, do, delta, out.stride(0), out.stride(1), do.stride(0), do.stride(1), n, HEAD_DIM=d, BLOCK_T=block_t
     )
     common = dict(
-        N_STEPS=n_steps, GROUP=hq // hkv, HEAD_DIM=d, HALF=max(d // 2, 16), TAB_ROWS=_TAB_ROWS, **_dot_args(q.dtype)
+        N_STEPS=n_steps, GROUP=hq // hkv, HEAD_DIM=d, HALF=max(d // 2, 16), TAB_ROWS=TAB_ROWS, **_dot_args(q.dtype)
     )
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
     scalars = (n, cu.numel() - 1, softmax_scale * _LOG2E, softmax_scale)

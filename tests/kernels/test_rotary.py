@@ -1,0 +1,87 @@
+"""kernels/rotary.py (the once-per-token rotary and cache write) against float64 references, in the interpreter."""
+
+import pytest
+import torch
+
+from kernels import reference
+from kernels.paged_attention import rope_write_kv
+from kernels.rope_attention import rope_attention
+from kernels.rotary import launch_rotary, rope_tables
+
+
+def _nan(*shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "n,hq,hkv,d,dtype,max_pos,tol",
+    [
+        (37, 6, 3, 80, torch.float32, 64, 1e-5),  # half dim 40 (masked lanes), 3 heads: a partial head block
+        (70, 12, 12, 64, torch.float32, 100_000, 2e-5),  # > 64 tokens: several token blocks; large positions
+        (5, 16, 2, 128, torch.bfloat16, 4096, 1e-2),
+        (9, 0, 4, 32, torch.float16, 4096, 1e-2),  # no q (the prefill / training pre-pass)
+    ],
+)
+def test_every_output_against_float64(n, hq, hkv, d, dtype, max_pos, tol):
+    """q -> q_out, k -> k_out and k, v -> cache slots, in one launch; poisoned outputs, slot -1 untouched."""
+    q = torch.randn(n, hq, d).to(dtype) if hq else None
+    k, v = torch.randn(n, hkv, d).to(dtype), torch.randn(n, hkv, d).to(dtype)
+    positions = torch.randint(0, max_pos, (n,))
+    num_blocks, block_size = -(-n // 8) + 2, 8
+    slots = torch.randperm(num_blocks * block_size)[:n]
+    slots[::5] = -1
+    q_out = _nan(n, hq, d, dtype=dtype) if hq else None
+    k_out = _nan(n, hkv, d, dtype=dtype)
+    kc, vc = _nan(num_blocks, block_size, hkv, d, dtype=dtype), _nan(num_blocks, block_size, hkv, d, dtype=dtype)
+    launch_rotary(k, v, positions, rope_theta=10000.0, q=q, q_out=q_out, k_out=k_out, k_cache=kc, v_cache=vc,
+                  slot_mapping=slots)  # fmt: skip
+
+    # The angles are HF's: fl32(pos * inv_freq), one fp32 rounding (0.004 rad at position 1e5, in HF too); what is
+    # checked is everything after it (range reduction, cos/sin, the rotation): against fp32 angles, float64 rest.
+    def want(x):
+        angles = positions.float()[:, None] * reference.rotary_inv_freq(d, 10000.0)[None, :]
+        cos, sin = angles.double().cos()[:, None], angles.double().sin()[:, None]
+        x1, x2 = x.double().chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+    torch.testing.assert_close(k_out.double(), want(k), atol=tol, rtol=tol)
+    if hq:
+        torch.testing.assert_close(q_out.double(), want(q), atol=tol, rtol=tol)
+    keep = slots >= 0
+    flat_k, flat_v = kc.view(-1, hkv, d), vc.view(-1, hkv, d)
+    assert torch.equal(flat_k[slots[keep]], k_out[keep])  # the cache holds exactly the k_out values
+    assert torch.equal(flat_v[slots[keep]], v[keep])
+    untouched = torch.ones(flat_k.shape[0], dtype=torch.bool)
+    untouched[slots[keep]] = False
+    assert flat_k[untouched].isnan().all() and flat_v[untouched].isnan().all()
+
+
+def test_no_rotation_copies_bits():
+    k, v = torch.randn(11, 3, 64).bfloat16(), torch.randn(11, 3, 64).bfloat16()
+    k_out = _nan(11, 3, 64, dtype=torch.bfloat16)
+    launch_rotary(k, v, torch.arange(11), rotate=False, k_out=k_out)
+    assert torch.equal(k_out, k)
+
+
+def test_prefill_and_decode_cache_the_same_keys():
+    """A token's rotated key is bit-identical whether prefill (rope_attention with kv_cache) or a decode step
+    (rope_write_kv) wrote it: the two paths share one kernel, so decode never attends to a differently rounded
+    copy of a prefilled key."""
+    n, hq, hkv, d = 21, 4, 2, 64
+    q, k, v = torch.randn(n, hq, d).bfloat16(), torch.randn(n, hkv, d).bfloat16(), torch.randn(n, hkv, d).bfloat16()
+    positions = torch.arange(n) + 1000
+    cu = torch.tensor([0, n], dtype=torch.int32)
+    slots = torch.arange(n)
+    caches = [(_nan(4, 8, hkv, d, dtype=torch.bfloat16), _nan(4, 8, hkv, d, dtype=torch.bfloat16)) for _ in range(2)]
+    rope_attention(q, k, v, positions, cu, kv_cache=caches[0], slot_mapping=slots)
+    rope_write_kv(q, k, v, positions, *caches[1], slots)
+    assert torch.equal(caches[0][0].view(-1, hkv, d)[:n], caches[1][0].view(-1, hkv, d)[:n])
+    assert torch.equal(caches[0][1].view(-1, hkv, d)[:n], v)
+
+
+def test_tables():
+    inv, tab = rope_tables(16, 10000.0, torch.device("cpu"))
+    assert inv.shape == (16,) and torch.equal(inv[:8], reference.rotary_inv_freq(16, 10000.0)) and not inv[8:].any()
+    j = torch.arange(tab.shape[1], dtype=torch.float64)[:, None]
+    torch.testing.assert_close(tab[0].double(), (j * inv.double()).cos(), atol=1e-7, rtol=0)
+    torch.testing.assert_close(tab[1].double(), (j * inv.double()).sin(), atol=1e-7, rtol=0)
