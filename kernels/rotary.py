@@ -126,6 +126,12 @@ def rope_tables(head_dim: int, rope_theta: float, device: torch.device) -> tuple
     """
     key = (head_dim, float(rope_theta), str(device))
     if key not in _tables:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # a cached tensor allocated inside a capture would live in the graph's private pool
+            raise RuntimeError(
+                f"rotary tables for head_dim={head_dim}, theta={rope_theta} must be built before CUDA-graph "
+                "capture: run the step once eagerly first"
+            )
         half = head_dim // 2
         inv = reference.rotary_inv_freq(head_dim, rope_theta, torch.float32, device)
         inv_pad = torch.zeros(max(half, 16), dtype=torch.float32, device=device)
