@@ -256,35 +256,3 @@ def test_masked_whiten_group_matches_concatenation():
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     assert proc.stdout.count(": ok") == 2, proc.stdout
-
-
-_AOT_COMPILE = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from kernels.gae import _block_sizes, _gae_kernel
-
-ints = ["B", "T", "stride_rb", "stride_rt", "stride_vb", "stride_vt", "stride_mb", "stride_mt", "stride_ob"]
-for r_ty, m_ty, (n_rows, n_steps) in [("fp32", "u8", (64, 1024)), ("bf16", "fp32", (512, 200))]:
-    sig = {"r_ptr": "*" + r_ty, "v_ptr": "*" + r_ty, "m_ptr": "*" + m_ty, "adv_ptr": "*fp32", "ret_ptr": "*fp32"}
-    sig.update({name: "i32" for name in ints})
-    sig.update(gamma="fp32", gamma_lam="fp32", BLOCK_B="constexpr", BLOCK_T="constexpr")
-    block_b, block_t, num_warps = _block_sizes(n_rows, n_steps)
-    src = ASTSource(_gae_kernel, sig, constexprs={"BLOCK_B": block_b, "BLOCK_T": block_t})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    assert len(kernel.asm["cubin"]) > 0
-print("compiled")
-"""
-
-
-def test_gae_kernel_compiles_for_sm90():
-    """No GPU in CI: at least lower the real kernel (not the interpreter) to an sm_90 cubin."""
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, "-c", _AOT_COMPILE], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
-        pytest.skip("Triton's bundled ptxas is missing")
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]

@@ -28,6 +28,19 @@ fwd = [r for r in rows if r["kernel"] == "fwd"]
 assert fwd and all(r["spill_bytes"] == 0 and any("cp.async" in k for k in r["loads"]) for r in fwd), fwd
 print("compiled")
 """,
+    "gae": """
+from bench.common import ptxas_info
+from kernels.gae import _block_sizes, _gae_kernel
+
+for r_ty, m_ty, (n_rows, n_steps) in [("fp32", "u8", (64, 1024)), ("bf16", "fp32", (512, 200))]:
+    types = {"r_ptr": "*" + r_ty, "v_ptr": "*" + r_ty, "m_ptr": "*" + m_ty, "adv_ptr": "*fp32", "ret_ptr": "*fp32"}
+    types.update({a: "i32" for a in _gae_kernel.arg_names if a not in types}, gamma="fp32", gamma_lam="fp32")
+    block_b, block_t, num_warps = _block_sizes(n_rows, n_steps)
+    consts = {"BLOCK_B": block_b, "BLOCK_T": block_t}
+    info = ptxas_info(_gae_kernel, {a: t for a, t in types.items() if a not in consts}, consts, num_warps, 3)
+    assert info["regs"] and info["spill_bytes"] == 0, info
+print("compiled")
+""",
     "logprob": """
 from bench.common import ptxas_info
 import kernels.logprob as L
