@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -224,6 +225,11 @@ class BlockManager:
         self._tables: dict[int, list[int]] = {}
         self._lengths: dict[int, int] = {}
         self._freed: set[int] = set()
+        # The same tables as rows of one int32 array, kept in step with every mutation, so that a decode
+        # step's [B, width] block tables are one fancy-index gather rather than B * width Python ints.
+        self._rows = np.zeros((16, 16), dtype=np.int32)
+        self._row_of: dict[int, int] = {}
+        self._free_rows: list[int] = list(range(15, -1, -1))
 
     # ----------------------------------------------------------------------------------- queries
 
@@ -274,6 +280,7 @@ class BlockManager:
         self._tables[seq_id] = table
         self._lengths[seq_id] = num_tokens
         self._freed.discard(seq_id)
+        self._set_row(seq_id, table)
         return list(table)
 
     def append_slot(self, seq_id: int) -> tuple[int, tuple[int, int] | None]:
@@ -291,10 +298,12 @@ class BlockManager:
         copy = None
         if pos % self.block_size == 0:
             table.append(self._take())
+            self._set_entry(seq_id, len(table) - 1, table[-1])
         elif self._ref[table[-1]] > 1:
             src, dst = table[-1], self._take()
             self._ref[src] -= 1
             table[-1] = dst
+            self._set_entry(seq_id, len(table) - 1, dst)
             copy = (src, dst)
         self._lengths[seq_id] = pos + 1
         return table[-1] * self.block_size + pos % self.block_size, copy
@@ -324,6 +333,7 @@ class BlockManager:
         self._tables[child_id] = list(table)
         self._lengths[child_id] = self._lengths[parent_id]
         self._freed.discard(child_id)
+        self._set_row(child_id, table)
 
     def free(self, seq_id: int) -> None:
         """Drop the sequence; each of its blocks loses a reference and returns to the free list at zero."""
@@ -331,6 +341,9 @@ class BlockManager:
             raise ValueError(f"double free of sequence {seq_id}")
         table = self._tables.pop(self._known(seq_id))
         del self._lengths[seq_id]
+        row = self._row_of.pop(seq_id)
+        self._rows[row, : len(table)] = 0  # padding is block 0
+        self._free_rows.append(row)
         for b in reversed(table):  # reversed: the LIFO free list hands them back in table order
             self._ref[b] -= 1
             if self._ref[b] == 0:
@@ -365,14 +378,16 @@ class BlockManager:
         self, seq_ids: Sequence[int], width: int | None = None, device: torch.device | str | None = None
     ) -> torch.Tensor:
         """int32 [len(seq_ids), width] block tables, padded with block 0 (never read past a context)."""
-        tables = [self._tables[self._known(s)] for s in seq_ids]
-        longest = max((len(t) for t in tables), default=0)
+        rows = [self._row_of[self._known(s)] for s in seq_ids]
+        longest = self.blocks_for(max((self._lengths[s] for s in seq_ids), default=0))
         if width is None:
             width = max(longest, 1)
         elif width < longest:
             raise ValueError(f"block table width {width} is narrower than the longest table ({longest} blocks)")
-        # one tensor construction for the whole batch: this runs every decode step
-        out = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32).view(len(tables), width)
+        out = np.zeros((len(rows), width), dtype=np.int32)
+        cols = min(width, self._rows.shape[1])
+        out[:, :cols] = self._rows[rows, :cols]  # one gather: this runs every decode step
+        out = torch.from_numpy(out)
         return out.to(device) if device is not None else out
 
     def slot_mapping(
@@ -411,6 +426,32 @@ class BlockManager:
         assert all(self._ref[b] == 0 for b in self._free), "a referenced block is on the free list"
         used = sum(1 for c in counts if c > 0)
         assert used + len(self._free) == self.num_blocks, "blocks leaked: free + used != total"
+        assert set(self._row_of) == set(self._tables), "block-table rows out of step with the tables"
+        for s, table in self._tables.items():
+            row = self._rows[self._row_of[s]]
+            assert row[: len(table)].tolist() == table and not row[len(table) :].any(), f"sequence {s}: row differs"
+        assert not self._rows[self._free_rows].any(), "a free block-table row is not zeroed"
+
+    def _set_row(self, seq_id: int, table: list[int]) -> None:
+        """Give a new sequence an array row holding its table (the array grows by doubling)."""
+        if not self._free_rows:
+            n = self._rows.shape[0]
+            self._rows = np.concatenate([self._rows, np.zeros_like(self._rows)])
+            self._free_rows = list(range(2 * n - 1, n - 1, -1))
+        row = self._free_rows.pop()
+        self._row_of[seq_id] = row
+        self._grow_columns(len(table))
+        self._rows[row, : len(table)] = table
+
+    def _set_entry(self, seq_id: int, col: int, block: int) -> None:
+        self._grow_columns(col + 1)
+        self._rows[self._row_of[seq_id], col] = block
+
+    def _grow_columns(self, cols: int) -> None:
+        if cols > self._rows.shape[1]:
+            grown = np.zeros((self._rows.shape[0], max(cols, 2 * self._rows.shape[1])), dtype=np.int32)
+            grown[:, : self._rows.shape[1]] = self._rows
+            self._rows = grown
 
     def _known(self, seq_id: int) -> int:
         if seq_id not in self._tables:

@@ -214,6 +214,8 @@ def test_random_operations_never_leak():
             bm.check_invariants()
             for seq in live:  # every live token's slot still holds what was written for its position
                 assert [cache[s] for s in _slots_of(bm, seq)] == list(range(bm.num_tokens(seq)))
+            tables = bm.block_table(live).tolist() if live else []  # the step's array gather == the lists
+            assert tables == [bm.blocks(s) + [0] * (len(tables[0]) - len(bm.blocks(s))) for s in live]
     bm.check_invariants()
     assert next_id > 500 and bm.num_free_blocks < 64
     for seq in live:
