@@ -220,6 +220,65 @@ def ptxas_report(head_dim: int, dtype: str, group: int, configs_per_kernel: int 
     return rows
 
 
+# Launch variants the sweep times: (sequence block, inner tile, warps, stages) per kernel.
+SWEEP_FWD = [(128, n, 8, st) for n in (64, 128) for st in (2, 3, 4)] + [(128, 32, 8, 3)]
+SWEEP_FWD += [(64, n, 4, st) for n in (32, 64) for st in (2, 3)]
+SWEEP_DKDV = [(128, m, 8, st) for m in (16, 32) for st in (2, 3)]
+SWEEP_DKDV += [(64, m, w, 2) for m in (16, 32, 64) for w in (4, 8)]
+SWEEP_DQ = [(128, n, 8, st) for n in (16, 32, 64) for st in (2, 3)]
+SWEEP_DQ += [(64, n, 4, st) for n in (32, 64) for st in (2, 3)]
+
+
+def sweep(args, q, k, v, positions, cu, flops, fwd=SWEEP_FWD, dkdv=SWEEP_DKDV, dq=SWEEP_DQ) -> list[dict]:
+    """Time every launch variant of the three kernels on the dense shape (GPU): what the autotuner chooses
+    among, printed so that a new GPU's figures show which tiles to keep. Each variant is
+    (sequence block, inner tile, warps, stages); the backward variants time the whole backward with the
+    other kernel at a fixed launch."""
+    from kernels import rope_attention as ra
+
+    theta, scale = args.rope_theta, 1.0 / math.sqrt(q.shape[-1])
+    do = torch.randn_like(q)
+    out, lse, q_rot, k_rot = ra._rope_attention_fwd(q, k, v, positions, cu, theta, scale, save_rotated=True)
+    rows = []
+
+    def timed(kernel, cfg, fn, kernel_flops):
+        try:
+            ms, _ = measure(fn, q.device.type, warmup_ms=args.warmup, rep_ms=args.rep)
+            row = {"kernel": kernel, **cfg, "ms": ms, "tflops": kernel_flops / ms / 1e9}
+        except Exception as e:  # noqa: BLE001 - a variant that does not fit (shared memory) is reported
+            row = {"kernel": kernel, **cfg, "error": f"{type(e).__name__}: {str(e)[:60]}"}
+        rows.append(row)
+        cfg_s = " ".join(f"{k}={v}" for k, v in cfg.items())
+        res = f"{row['ms']:8.3f} ms {row['tflops']:7.1f} TFLOP/s" if "ms" in row else row["error"]
+        print(f"{kernel:5} {cfg_s:60} {res}", flush=True)
+
+    for bm, bn, w, st in fwd:
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+        fn = lambda cfg=cfg: ra._rope_attention_fwd(q, k, v, positions, cu, theta, scale, config=cfg)
+        timed("fwd", cfg, fn, flops)
+    bwd_flops = (args.fwd_bwd_factor - 1) * flops
+    default_dq = dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
+    default_dkdv = dict(BLOCK_N=128, BLOCK_M=32, num_warps=8, num_stages=2)
+    for bn, bm, w, st in dkdv:
+        cfg = dict(BLOCK_N=bn, BLOCK_M=bm, num_warps=w, num_stages=st)
+        fn = lambda cfg=cfg: ra._rope_attention_bwd(
+            do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dkdv_config=cfg, dq_config=default_dq
+        )
+        timed("dkdv", cfg, fn, bwd_flops)  # the whole backward, dq fixed
+    for bm, bn, w, st in dq:
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+        fn = lambda cfg=cfg: ra._rope_attention_bwd(
+            do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dkdv_config=default_dkdv, dq_config=cfg
+        )
+        timed("dq", cfg, fn, bwd_flops)  # the whole backward, dk/dv fixed
+    for kernel in ("fwd", "dkdv", "dq"):
+        ok = [r for r in rows if r["kernel"] == kernel and "ms" in r]
+        if ok:
+            best = min(ok, key=lambda r: r["ms"])
+            print(f"best {kernel}: " + " ".join(f"{k}={v}" for k, v in best.items() if k not in ("kernel",)))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8)
@@ -236,6 +295,11 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=25, help="ms")
     p.add_argument("--rep", type=int, default=100, help="ms")
     p.add_argument("--json", type=str, default=None, help="write the figures here")
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="GPU: instead of the comparison, time every launch variant of the forward, dk/dv and dq kernels",
+    )
     p.add_argument(
         "--ptxas",
         action="store_true",
@@ -267,6 +331,14 @@ def main() -> None:
     cu = torch.arange(0, n + 1, t, device=device, dtype=torch.int32)
     if cuda:
         check_against_reference(hq, hkv, d, dtype, args.rope_theta)
+    if args.sweep:
+        if not cuda:
+            raise SystemExit("--sweep times GPU launch variants: it needs a CUDA device")
+        rows = sweep(args, q, k, v, positions, cu, causal_flops([t] * b, hq, d))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "args": vars(args), "sweep": rows}, f, indent=1)
+        return
     rows = make_rows(args, q, k, v, positions, cu, b, t)
     if not cuda:
         rows = {"reference (CPU path)": rows["ours (rotary fused)"]}

@@ -22,6 +22,7 @@ run() {  # name, command...
 run gae python bench/bench_gae.py
 run logprob python bench/bench_logprob.py
 run rope_attention python bench/bench_rope_attention.py
+run rope_sweep python bench/bench_rope_attention.py --sweep   # every launch variant: which tiles to keep
 run paged_attention python bench/bench_paged_attention.py
 run rollout_b64 python bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 --prompt-len 128 --gen-len 256 --hf-static
 run rollout_b1 python bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 --prompt-len 128 --gen-len 256

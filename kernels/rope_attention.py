@@ -492,6 +492,12 @@ def _dot_args(dtype: torch.dtype) -> dict:
     return {"DOT_DTYPE": _TL_DTYPES[dtype], "PREC": "tf32"}
 
 
+def _check_config(config: dict | None, seq_block: str, inner: str) -> None:
+    """An explicit launch's inner tile must divide its sequence block (the diagonal loops step by it)."""
+    if config and config[seq_block] % config[inner]:
+        raise ValueError(f"{inner}={config[inner]} must divide {seq_block}={config[seq_block]}: {config}")
+
+
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -549,10 +555,12 @@ def _rope_attention_fwd(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     save_rotated: bool = False,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Launch the rotary pre-pass and the forward. Returns out [N, Hq, D] (q's dtype), lse [Hq, N] fp32 (base-2,
     scaled scores), the rotated q [N, Hq, D] with save_rotated (else None) and the rotated k [N, Hkv, D]: what
-    the backward needs."""
+    the backward needs. config: an explicit launch {BLOCK_M (query block), BLOCK_N, num_warps, num_stages}
+    instead of the autotuned one (benchmark sweeps, tests)."""
     n, hq, d = q.shape
     hkv = k.shape[1]
     if d not in _SUPPORTED_HEAD_DIMS:
@@ -571,7 +579,9 @@ def _rope_attention_fwd(
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     positions = positions.to(q.device).contiguous()  # the kernels index it as a flat array
     inv_freq, tab = rope_tables(d, rope_theta, q.device)
-    cu_blk, grid0, n_steps = _block_index(cu, n, _BLOCK)
+    _check_config(config, "BLOCK_M", "BLOCK_N")
+    block_m = config["BLOCK_M"] if config else _BLOCK
+    cu_blk, grid0, n_steps = _block_index(cu, n, block_m)
     cache = {}
     if kv_cache is not None:
         kc, vc = kv_cache
@@ -584,12 +594,14 @@ def _rope_attention_fwd(
         q.stride(0), q.stride(1), k_rot.stride(0), k_rot.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), hq * d, n, cu.numel() - 1, softmax_scale * _LOG2E,
     )  # fmt: skip
-    meta = dict(N_STEPS=n_steps, GROUP=hq // hkv, HEAD_DIM=d, HALF=max(d // 2, 16), BLOCK_M=_BLOCK, TAB_ROWS=TAB_ROWS,
+    meta = dict(N_STEPS=n_steps, GROUP=hq // hkv, HEAD_DIM=d, HALF=max(d // 2, 16), TAB_ROWS=TAB_ROWS,
                 SAVE_ROT=save_rotated, **_dot_args(q.dtype))  # fmt: skip
-    if INTERPRET:
-        _fwd_kernel[(grid0, hq)](*args, BLOCK_N=_INNER_INTERPRET, **meta)
+    if config:
+        _fwd_kernel[(grid0, hq)](*args, **config, **meta)
+    elif INTERPRET:
+        _fwd_kernel[(grid0, hq)](*args, BLOCK_M=_BLOCK, BLOCK_N=_INNER_INTERPRET, **meta)
     else:
-        _fwd_tuned[(grid0, hq)](*args, **meta)
+        _fwd_tuned[(grid0, hq)](*args, BLOCK_M=_BLOCK, **meta)
     return out, lse, q_rot, k_rot
 
 
@@ -607,10 +619,14 @@ def _rope_attention_bwd(
     dq: torch.Tensor | None = None,
     dk: torch.Tensor | None = None,
     dv: torch.Tensor | None = None,
+    dkdv_config: dict | None = None,
+    dq_config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch delta, dk/dv and dq kernels. do [N, Hq, D] -> dq [N, Hq, D], dk, dv [N, Hkv, D] (inputs' dtype).
 
     q_rot, k_rot: the rotated q and k saved by the forward (save_rotated=True); dq and dk come back unrotated.
+    dkdv_config {BLOCK_N (key block), BLOCK_M, num_warps, num_stages} and dq_config {BLOCK_M (query block),
+    BLOCK_N, num_warps, num_stages}: explicit launches instead of the autotuned ones (sweeps, tests).
     """
     q, k = q_rot, k_rot
     n, hq, d = q.shape
@@ -627,27 +643,39 @@ def _rope_attention_bwd(
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     positions = positions.to(q.device).contiguous()  # the kernels index it as a flat array
     inv_freq, tab = rope_tables(d, rope_theta, q.device)
-    cu_blk, grid0, n_steps = _block_index(cu, n, _BLOCK)
     delta = torch.empty(hq, n, dtype=torch.float32, device=q.device)
     block_t = 16 if INTERPRET else 64
     _bwd_delta_kernel[(triton.cdiv(n, block_t), hq)](
         out, do, delta, out.stride(0), out.stride(1), do.stride(0), do.stride(1), n, HEAD_DIM=d, BLOCK_T=block_t
     )
-    common = dict(
-        N_STEPS=n_steps, GROUP=hq // hkv, HEAD_DIM=d, HALF=max(d // 2, 16), TAB_ROWS=TAB_ROWS, **_dot_args(q.dtype)
-    )
+    common = dict(GROUP=hq // hkv, HEAD_DIM=d, HALF=max(d // 2, 16), TAB_ROWS=TAB_ROWS, **_dot_args(q.dtype))
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
     scalars = (n, cu.numel() - 1, softmax_scale * _LOG2E, softmax_scale)
-    dkdv_args = (q, k, v, do, lse, delta, dk, dv, positions, cu, cu_blk, inv_freq, tab,
-                 *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *scalars)  # fmt: skip
-    dq_args = (q, k, v, do, lse, delta, dq, positions, cu, cu_blk, inv_freq, tab,
-               *strides, dq.stride(0), dq.stride(1), *scalars)  # fmt: skip
-    if INTERPRET:
-        _bwd_dkdv_kernel[(grid0, hkv)](*dkdv_args, BLOCK_N=_BLOCK, BLOCK_M=_INNER_INTERPRET, **common)
-        _bwd_dq_kernel[(grid0, hq)](*dq_args, BLOCK_M=_BLOCK, BLOCK_N=_INNER_INTERPRET, **common)
+    # each kernel's grid covers the blocks of its own sequence-block size (the key block of dk/dv, the query
+    # block of dq), so the two can be tuned apart
+    _check_config(dkdv_config, "BLOCK_N", "BLOCK_M")
+    _check_config(dq_config, "BLOCK_M", "BLOCK_N")
+    block = dkdv_config["BLOCK_N"] if dkdv_config else _BLOCK
+    cu_blk, grid0, n_steps = _block_index(cu, n, block)
+    args = (q, k, v, do, lse, delta, dk, dv, positions, cu, cu_blk, inv_freq, tab,
+            *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *scalars)  # fmt: skip
+    if dkdv_config:
+        _bwd_dkdv_kernel[(grid0, hkv)](*args, N_STEPS=n_steps, **dkdv_config, **common)
+    elif INTERPRET:
+        _bwd_dkdv_kernel[(grid0, hkv)](*args, N_STEPS=n_steps, BLOCK_N=block, BLOCK_M=_INNER_INTERPRET, **common)
     else:
-        _dkdv_tuned[(grid0, hkv)](*dkdv_args, BLOCK_N=_BLOCK, **common)
-        _dq_tuned[(grid0, hq)](*dq_args, BLOCK_M=_BLOCK, **common)
+        _dkdv_tuned[(grid0, hkv)](*args, N_STEPS=n_steps, BLOCK_N=block, **common)
+
+    block = dq_config["BLOCK_M"] if dq_config else _BLOCK
+    cu_blk, grid0, n_steps = _block_index(cu, n, block)
+    args = (q, k, v, do, lse, delta, dq, positions, cu, cu_blk, inv_freq, tab,
+            *strides, dq.stride(0), dq.stride(1), *scalars)  # fmt: skip
+    if dq_config:
+        _bwd_dq_kernel[(grid0, hq)](*args, N_STEPS=n_steps, **dq_config, **common)
+    elif INTERPRET:
+        _bwd_dq_kernel[(grid0, hq)](*args, N_STEPS=n_steps, BLOCK_M=block, BLOCK_N=_INNER_INTERPRET, **common)
+    else:
+        _dq_tuned[(grid0, hq)](*args, N_STEPS=n_steps, BLOCK_M=block, **common)
     return dq, dk, dv
 
 

@@ -93,6 +93,32 @@ def test_forward_backward_poisoned(dtype, hq, hkv, d, theta):
     _close(dv, ref_dv, dtype, "dv")
 
 
+@pytest.mark.parametrize(
+    "fwd,dkdv,dq",
+    [
+        (dict(BLOCK_M=16, BLOCK_N=16), dict(BLOCK_N=64, BLOCK_M=16), dict(BLOCK_M=64, BLOCK_N=32)),
+        (dict(BLOCK_M=64, BLOCK_N=32), dict(BLOCK_N=16, BLOCK_M=16), dict(BLOCK_M=16, BLOCK_N=16)),
+    ],
+)
+def test_explicit_launch_configs(fwd, dkdv, dq):
+    """Sequence blocks other than the default (what a benchmark sweep launches), each kernel its own: the
+    dk/dv grid then differs from the dq grid. Lengths end inside, at and one past the blocks."""
+    cu, positions = _pack([1, 17, 64, 65, 100])
+    n = int(cu[-1])
+    q, k, v = _inputs(n, 4, 2, 32, torch.float32)
+    do = torch.randn(n, 4, 32)
+    scale = 1.0 / math.sqrt(32)
+    out, lse, q_rot, k_rot = _rope_attention_fwd(q, k, v, positions, cu, 10000.0, scale, save_rotated=True, config=fwd)
+    dq_, dk_, dv_ = _rope_attention_bwd(
+        do, q_rot, k_rot, v, out, lse, positions, cu, 10000.0, scale, dkdv_config=dkdv, dq_config=dq
+    )
+    ref_out, _, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, 10000.0, do)
+    for name, a, b in (("out", out, ref_out), ("dq", dq_, ref_dq), ("dk", dk_, ref_dk), ("dv", dv_, ref_dv)):
+        _close(a, b, torch.float32, name)
+    with pytest.raises(ValueError, match="must divide"):
+        _rope_attention_fwd(q, k, v, positions, cu, 10000.0, scale, config=dict(BLOCK_M=32, BLOCK_N=64))
+
+
 def test_autograd_public_api_strided_views():
     """rope_attention is differentiable through torch.autograd; q, k, v are views of one fused qkv
     projection (token stride != Hq*D) and positions is a strided view."""

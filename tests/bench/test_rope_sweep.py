@@ -1,0 +1,24 @@
+"""The rope-attention launch sweep (a GPU run's tuning table) runs end to end in the interpreter on tiny shapes."""
+
+from types import SimpleNamespace
+
+import torch
+
+
+def test_rope_sweep_smoke(capsys):
+    from bench.bench_rope_attention import causal_flops, sweep
+
+    b, t, h, d = 2, 40, 2, 32
+    q, k, v = (torch.randn(b * t, h, d) for _ in range(3))
+    positions = torch.arange(t).repeat(b)
+    cu = torch.arange(0, b * t + 1, t, dtype=torch.int32)
+    args = SimpleNamespace(rope_theta=10000.0, warmup=0, rep=0, fwd_bwd_factor=2.5)
+    rows = sweep(
+        args, q, k, v, positions, cu, causal_flops([t] * b, h, d),
+        fwd=[(32, 16, 4, 2), (32, 64, 4, 2)], dkdv=[(16, 16, 4, 2)], dq=[(32, 16, 4, 2)],
+    )  # fmt: skip
+    assert [r["kernel"] for r in rows] == ["fwd", "fwd", "dkdv", "dq"]
+    assert all(r["ms"] > 0 for i, r in enumerate(rows) if i != 1)
+    assert "must divide" in rows[1]["error"]  # an impossible variant is reported, not fatal
+    out = capsys.readouterr().out
+    assert "best fwd: BLOCK_M=32 BLOCK_N=16" in out and "best dq:" in out
