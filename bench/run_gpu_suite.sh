@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Every GPU figure bench/RESULTS.md owes, in one command (one device call):
-#   bash bench/run_gpu_suite.sh OUT_DIR
+#   bash bench/run_gpu_suite.sh OUT_DIR [NAME ...]
 # Writes OUT_DIR/<bench>.json and OUT_DIR/<bench>.log; a failing bench does not stop the others.
+# NAMEs (gae logprob rope_attention rope_sweep paged_attention rollout_b64 rollout_b1 ppo_step) run only
+# those: the whole suite can outlast one 10-minute device call, so a second call can finish the rest.
 # Each kernel bench checks ours against the reference before it times anything.
 set -u
-out=${1:?usage: bash bench/run_gpu_suite.sh OUT_DIR}
-mkdir -p "$out"
+out=${1:?usage: bash bench/run_gpu_suite.sh OUT_DIR [NAME ...]}
+shift
+only=" $* "
+out=$(mkdir -p "$out" && cd "$out" && pwd)  # absolute: the script changes directory next
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 python - <<'PY' | tee "$out/env.log"
@@ -15,6 +19,7 @@ print("commit", subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_
 PY
 run() {  # name, command...
   local name=$1; shift
+  if [ "$only" != "  " ] && [[ "$only" != *" $name "* ]]; then return; fi
   echo "=== $name: $*"
   "$@" --json "$out/$name.json" > "$out/$name.log" 2>&1; echo "exit $?" >> "$out/$name.log"
   tail -n 25 "$out/$name.log"
