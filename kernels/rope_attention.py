@@ -127,6 +127,62 @@ def _operand(x, like, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _load_hd(base, rows, row_ok, stride_n, offs_h, offs_d, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+             HALF: tl.constexpr, DOT_DTYPE: tl.constexpr):  # fmt: skip
+    """A [R, HEAD_DIM] tile as head-dim dot operands (x1, x2): the whole tile (x2 = x1) when each half is at least
+    tl.dot's minimum width, else its two halves padded to HALF columns. _dot_nt / _dot_acc consume the pair."""
+    HALF_D: tl.constexpr = HEAD_DIM // 2
+    if HALF != HALF_D:
+        x1 = _load_tile(base, rows, row_ok, stride_n, offs_h, HALF_D, MASK_ROWS, True).to(DOT_DTYPE)
+        x2 = _load_tile(base + HALF_D, rows, row_ok, stride_n, offs_h, HALF_D, MASK_ROWS, True).to(DOT_DTYPE)
+    else:
+        x1 = _load_tile(base, rows, row_ok, stride_n, offs_d, HEAD_DIM, MASK_ROWS, False).to(DOT_DTYPE)
+        x2 = x1
+    return x1, x2
+
+
+@triton.jit
+def _dot_nt(a1, a2, b1, b2, PAD: tl.constexpr, PREC: tl.constexpr):
+    """a @ b^T over the head dim, for operand pairs of _load_hd: one dot, or one per padded half."""
+    r = tl.dot(a1, tl.trans(b1), input_precision=PREC)
+    if PAD:
+        r = tl.dot(a2, tl.trans(b2), r, input_precision=PREC)
+    return r
+
+
+@triton.jit
+def _dot_acc(p, b1, b2, acc1, acc2, PAD: tl.constexpr, PREC: tl.constexpr):
+    """acc += p @ b for a head-dim operand pair b (accumulators from _zeros_hd)."""
+    acc1 = tl.dot(p, b1, acc1, input_precision=PREC)
+    if PAD:
+        acc2 = tl.dot(p, b2, acc2, input_precision=PREC)
+    return acc1, acc2
+
+
+@triton.jit
+def _zeros_hd(R: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr):
+    """fp32 accumulators for a head-dim pair: [R, HEAD_DIM] (and a placeholder), or two [R, HALF] halves."""
+    if HALF != HEAD_DIM // 2:
+        a1 = tl.zeros([R, HALF], tl.float32)
+        a2 = tl.zeros([R, HALF], tl.float32)
+    else:
+        a1 = tl.zeros([R, HEAD_DIM], tl.float32)
+        a2 = 0.0
+    return a1, a2
+
+
+@triton.jit
+def _halves(x1, x2, R: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr):
+    """A head-dim pair as its two halves [R, HALF] (what the rotation works on)."""
+    if HALF != HEAD_DIM // 2:
+        h1 = x1
+        h2 = x2
+    else:
+        h1, h2 = tl.split(tl.permute(tl.reshape(x1, (R, 2, HALF)), (0, 2, 1)))
+    return h1, h2
+
+
+@triton.jit
 def _rotate(
     x1, x2, POS, tok0, start, n_valid, inv_freq, TAB, offs_h, R: tl.constexpr, HALF: tl.constexpr,
     TAB_ROWS: tl.constexpr, SIGN: tl.constexpr,
@@ -173,15 +229,12 @@ def _fwd_step(
     DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """One key tile (keys already rotated) of the online softmax. MASKED: a diagonal tile (causal mask, keys may
-    run past the end)."""
-    HALF_D: tl.constexpr = HEAD_DIM // 2
-    PAD: tl.constexpr = HALF != HALF_D
+    run past the end). q1r, q2r: the rotated query tile as a head-dim pair (_load_hd)."""
+    PAD: tl.constexpr = HALF != HEAD_DIM // 2
     offs_n, n_ok, rows_n = _tile_rows(tok0, start_n, seq_len, BLOCK_N)
-    k1r = _load_tile(k_base, rows_n, n_ok, stride_kn, offs_h, HALF_D, MASKED, PAD).to(DOT_DTYPE)
-    k2r = _load_tile(k_base + HALF_D, rows_n, n_ok, stride_kn, offs_h, HALF_D, MASKED, PAD).to(DOT_DTYPE)
+    k1r, k2r = _load_hd(k_base, rows_n, n_ok, stride_kn, offs_h, offs_d, MASKED, HEAD_DIM, HALF, DOT_DTYPE)
+    qk = _dot_nt(q1r, q2r, k1r, k2r, PAD, PREC)
     v = _load_tile(v_base, rows_n, n_ok, stride_vn, offs_d, HEAD_DIM, MASKED, False).to(DOT_DTYPE)
-    qk = tl.dot(q1r, tl.trans(k1r), input_precision=PREC)
-    qk = tl.dot(q2r, tl.trans(k2r), qk, input_precision=PREC)
     if MASKED:
         qk = tl.where(offs_n[None, :] <= offs_m[:, None], qk, float("-inf"))
     m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -231,6 +284,9 @@ def _fwd_kernel(
         _store_tile(qr_base + HALF_D, q2r, rows_m, m_ok, stride_qrn, offs_h, HALF_D, PAD)
     q1r = _operand(q1r, Q, DOT_DTYPE)
     q2r = _operand(q2r, Q, DOT_DTYPE)
+    if not PAD:  # the halves side by side as one [BLOCK_M, HEAD_DIM] operand (the pair _load_hd gives)
+        q1r = tl.reshape(tl.permute(tl.join(q1r, q2r), (0, 2, 1)), (BLOCK_M, HEAD_DIM))
+        q2r = q1r
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -280,26 +336,23 @@ def _bwd_dkdv_step(
     stride_don, offs_h, offs_d, qk_scale, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """One query tile against this program's key tile (transposed scores [BLOCK_N, BLOCK_M])."""
-    HALF_D: tl.constexpr = HEAD_DIM // 2
-    PAD: tl.constexpr = HALF != HALF_D
+    """One query tile against this program's key tile (transposed scores [BLOCK_N, BLOCK_M]). k1r, k2r and
+    the accumulators dk1, dk2 are head-dim pairs (_load_hd, _zeros_hd)."""
+    PAD: tl.constexpr = HALF != HEAD_DIM // 2
     offs_m, m_ok, rows_m = _tile_rows(tok0, start_m, seq_len, BLOCK_M)
-    q1r = _load_tile(q_base, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(DOT_DTYPE)
-    q2r = _load_tile(q_base + HALF_D, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(DOT_DTYPE)
+    q1r, q2r = _load_hd(q_base, rows_m, m_ok, stride_qn, offs_h, offs_d, True, HEAD_DIM, HALF, DOT_DTYPE)
     do = _load_tile(do_base, rows_m, m_ok, stride_don, offs_d, HEAD_DIM, True, False).to(DOT_DTYPE)
     # rows past the sequence end get lse = +inf, hence p = 0: they contribute nothing
     lse = tl.load(lse_base + tok0 + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(delta_base + tok0 + offs_m, mask=m_ok, other=0.0)
-    qk_t = tl.dot(k1r, tl.trans(q1r), input_precision=PREC)
-    qk_t = tl.dot(k2r, tl.trans(q2r), qk_t, input_precision=PREC)
+    qk_t = _dot_nt(k1r, k2r, q1r, q2r, PAD, PREC)
     p_t = tl.exp2(qk_t * qk_scale - lse[None, :])
     if MASKED:
         p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
     dv = tl.dot(_operand(p_t, q_base, DOT_DTYPE), do, dv, input_precision=PREC)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
     ds_t = _operand(p_t * (dp_t - delta[None, :]), q_base, DOT_DTYPE)
-    dk1 = tl.dot(ds_t, q1r, dk1, input_precision=PREC)
-    dk2 = tl.dot(ds_t, q2r, dk2, input_precision=PREC)
+    dk1, dk2 = _dot_acc(ds_t, q1r, q2r, dk1, dk2, PAD, PREC)
     return dk1, dk2, dv
 
 
@@ -328,13 +381,10 @@ def _bwd_dkdv_kernel(
     offs_h = tl.arange(0, HALF)
     offs_d = tl.arange(0, HEAD_DIM)
     inv_freq = tl.load(INV_FREQ + offs_h)
-    k_base = K + kvh * stride_kh
-    k1r = _load_tile(k_base, rows_n, n_ok, stride_kn, offs_h, HALF_D, True, PAD).to(DOT_DTYPE)
-    k2r = _load_tile(k_base + HALF_D, rows_n, n_ok, stride_kn, offs_h, HALF_D, True, PAD).to(DOT_DTYPE)
+    k1r, k2r = _load_hd(K + kvh * stride_kh, rows_n, n_ok, stride_kn, offs_h, offs_d, True, HEAD_DIM, HALF, DOT_DTYPE)
     v = _load_tile(V + kvh * stride_vh, rows_n, n_ok, stride_vn, offs_d, HEAD_DIM, True, False).to(DOT_DTYPE)
 
-    dk1 = tl.zeros([BLOCK_N, HALF], tl.float32)
-    dk2 = tl.zeros([BLOCK_N, HALF], tl.float32)
+    dk1, dk2 = _zeros_hd(BLOCK_N, HEAD_DIM, HALF)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     diag_end = tl.minimum(start_n + BLOCK_N, seq_len)
     for g in range(GROUP):
@@ -361,6 +411,7 @@ def _bwd_dkdv_kernel(
     # dv first: its registers are free before the rotation's temporaries are needed
     _store_tile(DV + kvh * stride_dvh, dv, rows_n, n_ok, stride_dvn, offs_d, HEAD_DIM, False)
     # gradient w.r.t. the rotated k, then the inverse rotation (by -angle) gives the gradient w.r.t. k
+    dk1, dk2 = _halves(dk1, dk2, BLOCK_N, HEAD_DIM, HALF)
     dk1 = dk1 * sm_scale
     dk2 = dk2 * sm_scale
     dk_base = DK + kvh * stride_dkh
@@ -375,22 +426,19 @@ def _bwd_dq_step(
     offs_h, offs_d, qk_scale, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """One key tile against this program's query tile."""
-    HALF_D: tl.constexpr = HEAD_DIM // 2
-    PAD: tl.constexpr = HALF != HALF_D
+    """One key tile against this program's query tile. q1r, q2r and the accumulators dq1, dq2 are head-dim
+    pairs (_load_hd, _zeros_hd)."""
+    PAD: tl.constexpr = HALF != HEAD_DIM // 2
     offs_n, n_ok, rows_n = _tile_rows(tok0, start_n, seq_len, BLOCK_N)
-    k1r = _load_tile(k_base, rows_n, n_ok, stride_kn, offs_h, HALF_D, MASKED, PAD).to(DOT_DTYPE)
-    k2r = _load_tile(k_base + HALF_D, rows_n, n_ok, stride_kn, offs_h, HALF_D, MASKED, PAD).to(DOT_DTYPE)
+    k1r, k2r = _load_hd(k_base, rows_n, n_ok, stride_kn, offs_h, offs_d, MASKED, HEAD_DIM, HALF, DOT_DTYPE)
     v = _load_tile(v_base, rows_n, n_ok, stride_vn, offs_d, HEAD_DIM, MASKED, False).to(DOT_DTYPE)
-    qk = tl.dot(q1r, tl.trans(k1r), input_precision=PREC)
-    qk = tl.dot(q2r, tl.trans(k2r), qk, input_precision=PREC)
+    qk = _dot_nt(q1r, q2r, k1r, k2r, PAD, PREC)
     p = tl.exp2(qk * qk_scale - lse[:, None])
     if MASKED:
         p = tl.where(offs_n[None, :] <= offs_m[:, None], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = _operand(p * (dp - delta[:, None]), k_base, DOT_DTYPE)
-    dq1 = tl.dot(ds, k1r, dq1, input_precision=PREC)
-    dq2 = tl.dot(ds, k2r, dq2, input_precision=PREC)
+    dq1, dq2 = _dot_acc(ds, k1r, k2r, dq1, dq2, PAD, PREC)
     return dq1, dq2
 
 
@@ -420,15 +468,12 @@ def _bwd_dq_kernel(
     offs_h = tl.arange(0, HALF)
     offs_d = tl.arange(0, HEAD_DIM)
     inv_freq = tl.load(INV_FREQ + offs_h)
-    q_base = Q + h * stride_qh
-    q1r = _load_tile(q_base, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(DOT_DTYPE)
-    q2r = _load_tile(q_base + HALF_D, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(DOT_DTYPE)
+    q1r, q2r = _load_hd(Q + h * stride_qh, rows_m, m_ok, stride_qn, offs_h, offs_d, True, HEAD_DIM, HALF, DOT_DTYPE)
     do = _load_tile(DO + h * stride_doh, rows_m, m_ok, stride_don, offs_d, HEAD_DIM, True, False).to(DOT_DTYPE)
     lse = tl.load(LSE + h * n_tokens + tok0 + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + h * n_tokens + tok0 + offs_m, mask=m_ok, other=0.0)
 
-    dq1 = tl.zeros([BLOCK_M, HALF], tl.float32)
-    dq2 = tl.zeros([BLOCK_M, HALF], tl.float32)
+    dq1, dq2 = _zeros_hd(BLOCK_M, HEAD_DIM, HALF)
     k_base = K + kvh * stride_kh
     v_base = V + kvh * stride_vh
     for start_n in range(0, loop_bound(start_m), BLOCK_N):
@@ -444,6 +489,7 @@ def _bwd_dq_kernel(
             True, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC,
         )  # fmt: skip
 
+    dq1, dq2 = _halves(dq1, dq2, BLOCK_M, HEAD_DIM, HALF)
     dq1 = dq1 * sm_scale
     dq2 = dq2 * sm_scale
     dq_base = DQ + h * stride_dqh
@@ -460,9 +506,9 @@ def _configs(inner_name: str, shapes: tuple[tuple[int, int, int], ...]) -> list[
 
 # (inner tile, warps, stages). Offline sm_90 builds at D=128 bf16 (bench_rope_attention.py --ptxas, with the
 # 16-divisible pointers and strides a real launch specialises) guided the choice: every fwd config at 8 warps
-# pipelines K/V with cp.async and does not spill (213 registers at BLOCK_N 32/64, 242 at 128; 4 warps spill
-# ~600 B); dq at 8 warps spills nothing up to BLOCK_N=64; dk/dv spills nothing at BLOCK_M 16/32 with 2 stages
-# (16 B at 3 stages, 72 B at BLOCK_M=64). Measured timings on a GPU are still owed.
+# pipelines K/V with cp.async and does not spill (213 registers at BLOCK_N 32/64, 255 at 128; 4 warps spill);
+# dq at 8 warps spills nothing up to BLOCK_N=64; dk/dv spills nothing at BLOCK_M 16/32 (112 B at BLOCK_M=64,
+# ~3 KB at 4 warps). Measured timings on a GPU are still owed (bench_rope_attention.py --sweep).
 _KEY = ["HEAD_DIM", "GROUP"]
 _FWD_SHAPES = ((64, 8, 2), (64, 8, 3), (64, 8, 4), (128, 8, 2), (128, 8, 3), (32, 8, 3))
 _BWD_SHAPES = ((16, 8, 2), (16, 8, 3), (32, 8, 2), (32, 8, 3), (64, 8, 2), (32, 4, 2))
