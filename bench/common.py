@@ -45,7 +45,9 @@ def measure(fn, device, *, warmup_ms: float = 25, rep_ms: float = 100, min_reps:
     return (time.perf_counter() - start) * 1e3 / n, float("nan")
 
 
-def ptxas_info(kernel, types: dict, consts: dict, warps: int, stages: int, arch: int = 90) -> dict:
+def ptxas_info(
+    kernel, types: dict, consts: dict, warps: int, stages: int, arch: int = 90, divisible: tuple[str, ...] = ()
+) -> dict:
     """Compile a jit kernel for sm_<arch> without a GPU and read ptxas -v: shared memory, registers, spills and
     the global loads by kind (cp.async ones are software-pipelined). The one performance signal a machine
     without a GPU has.
@@ -53,7 +55,8 @@ def ptxas_info(kernel, types: dict, consts: dict, warps: int, stages: int, arch:
     types: argument name -> Triton type ("*bf16", "i32", "fp32") for every non-constexpr argument. Pointers and
     arguments named stride* are marked 16-divisible, as Triton's JIT specialises them in a real launch: without
     that the compiler cannot vectorise the loads, does not pipeline them, and the report describes a kernel
-    that never runs."""
+    that never runs. `divisible` names further integer arguments a real launch has 16-divisible (a width
+    that masks the columns, say: 13824 is, and a mask the compiler cannot prove 16-aligned blocks vectors)."""
     import collections
     import os
     import re
@@ -66,7 +69,9 @@ def ptxas_info(kernel, types: dict, consts: dict, warps: int, stages: int, arch:
 
     names = kernel.arg_names
     sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
-    div16 = [n for n in names if n not in consts and (sig[n].startswith("*") or n.startswith("stride"))]
+    div16 = [
+        n for n in names if n not in consts and (sig[n].startswith("*") or n.startswith("stride") or n in divisible)
+    ]
     src = ASTSource(
         fn=kernel,
         signature=sig,

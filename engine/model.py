@@ -31,7 +31,9 @@ from engine.parallel import (
     gather_from_tp,
     group_size,
 )
+from kernels.rmsnorm import rms_norm
 from kernels.rope_attention import rope_attention
+from kernels.swiglu import swiglu
 
 # ------------------------------------------------------------------------ attention context --
 
@@ -70,7 +72,7 @@ def attention_context(ctx: AttentionContext | None) -> Iterator[None]:
 
 
 class RMSNorm(nn.Module):
-    """HF Llama's RMSNorm: normalise in fp32, cast back, then scale (the order matters in bf16)."""
+    """HF Llama's RMSNorm: normalise in fp32, cast back, then scale (the order matters in bf16); kernels/rmsnorm.py."""
 
     def __init__(self, hidden_size: int, eps: float, **factory):
         super().__init__()
@@ -88,9 +90,7 @@ class RMSNorm(nn.Module):
         return self.weight.data
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)  # one fused pass each way (kernels/rmsnorm.py)
 
 
 class Attention(nn.Module):
@@ -179,8 +179,7 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(i, cfg.hidden_size, group, 1, "the MLP width", **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(swiglu(self.gate_up_proj(x)))  # silu(gate) * up, fused (kernels/swiglu.py)
 
 
 class DecoderLayer(nn.Module):

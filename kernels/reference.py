@@ -48,6 +48,22 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, rope_theta: float = 1
     return out.to(x.dtype)
 
 
+# ======================================================================= norm and activation ==
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """HF LlamaRMSNorm: normalise in (at least) fp32, round to x's dtype, then scale by weight."""
+    xf = x.to(compute_dtype(x.dtype))
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """HF Llama's MLP activation on the fused projection [..., 2I] = [gate | up]: silu(gate) * up."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 # ========================================================================== rope_attention ==
 
 

@@ -41,6 +41,26 @@ for r_ty, m_ty, (n_rows, n_steps) in [("fp32", "u8", (64, 1024)), ("bf16", "fp32
     assert info["regs"] and info["spill_bytes"] == 0, info
 print("compiled")
 """,
+    "rmsnorm_swiglu": """
+from bench.common import ptxas_info
+from kernels import rmsnorm, swiglu
+
+block_rows, block_h, warps = rmsnorm._tiles(5120)  # Llama-2-13B hidden
+consts = dict(BLOCK_ROWS=block_rows, BLOCK_H=block_h)
+for fn, ptrs in [
+    (rmsnorm._rmsnorm_fwd_kernel, dict(X="*bf16", W="*bf16", Y="*bf16", RSTD="*fp32", eps="fp32")),
+    (rmsnorm._rmsnorm_bwd_kernel, dict(X="*bf16", W="*bf16", DY="*bf16", DX="*bf16", RSTD="*fp32", DW_PART="*fp32")),
+]:
+    types = {a: ptrs.get(a, "i32") for a in fn.arg_names if a not in consts}
+    info = ptxas_info(fn, types, consts, warps, 3, divisible=("n_cols",))  # 5120 is
+    assert info["regs"] and info["spill_bytes"] == 0 and "ld.global.v4.b32" in info["loads"], info
+consts = dict(BLOCK_ROWS=swiglu._BLOCK_ROWS, BLOCK_C=swiglu._BLOCK_COLS)
+for fn in (swiglu._swiglu_fwd_kernel, swiglu._swiglu_bwd_kernel):
+    types = {a: "*bf16" if a.isupper() else "i32" for a in fn.arg_names if a not in consts}
+    info = ptxas_info(fn, types, consts, 4, 3, divisible=("n_cols",))  # 13824 is
+    assert info["regs"] and info["spill_bytes"] == 0 and "ld.global.v4.b32" in info["loads"], info
+print("compiled")
+""",
     "logprob": """
 from bench.common import ptxas_info
 import kernels.logprob as L

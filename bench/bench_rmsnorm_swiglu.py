@@ -1,0 +1,112 @@
+"""Benchmark kernels.rmsnorm and kernels.swiglu against eager PyTorch (HF's layers), torch.compile, Liger-Kernel
+(when importable) and the bandwidth floor, forward and forward+backward.
+
+    python bench/bench_rmsnorm_swiglu.py                      # 8192 tokens, Llama-2-13B widths, bf16, on CUDA
+    python bench/bench_rmsnorm_swiglu.py --tokens 16384 --hidden 4096 --intermediate 11008 --json norm.json
+
+Shapes: RMSNorm on [tokens, hidden]; SwiGLU on the fused gate_up [tokens, 2 * intermediate] (13B with TP=1:
+hidden 5120, intermediate 13824). The floor is the bytes the op must move at --bandwidth: RMSNorm reads x and
+writes y forward, reads x and dy and writes dx backward; SwiGLU reads gate and up and writes y forward, reads
+gate, up and dy and writes both halves of the gradient backward. Without a CUDA device: a tiny CPU run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import measure  # noqa: E402
+from kernels import reference  # noqa: E402
+from kernels.rmsnorm import rms_norm  # noqa: E402
+from kernels.swiglu import swiglu  # noqa: E402
+
+
+def _rows(args, device):
+    """op name -> (inputs maker, {impl: fn}, floor bytes forward, floor bytes forward+backward)."""
+    t, h, i, dt = args.tokens, args.hidden, args.intermediate, getattr(torch, args.dtype)
+    eps = 1e-5
+    elem = torch.empty((), dtype=dt).element_size()
+    norm_impls = {"ours": lambda x, w: rms_norm(x, w, eps), "eager (HF)": lambda x, w: reference.rms_norm(x, w, eps)}
+    act_impls = {"ours": swiglu, "eager (HF)": reference.swiglu}
+    if device == "cuda":
+        norm_impls["torch.compile"] = torch.compile(lambda x, w: reference.rms_norm(x, w, eps))
+        act_impls["torch.compile"] = torch.compile(reference.swiglu)
+        try:
+            from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+            from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+            norm_impls["Liger"] = lambda x, w: LigerRMSNormFunction.apply(x, w, eps)
+            act_impls["Liger"] = lambda gu: LigerSiLUMulFunction.apply(*gu.chunk(2, dim=-1))
+        except Exception:  # noqa: BLE001 - Liger is optional
+            pass
+    norm_inputs = lambda: (
+        torch.randn(t, h, device=device, dtype=dt),
+        1 + 0.1 * torch.randn(h, device=device, dtype=dt),
+    )
+    act_inputs = lambda: (2 * torch.randn(t, 2 * i, device=device, dtype=dt),)
+    return {
+        f"RMSNorm {t}x{h}": (norm_inputs, norm_impls, 2 * t * h * elem, 5 * t * h * elem),
+        f"SwiGLU {t}x2x{i}": (act_inputs, act_impls, 3 * t * i * elem, 8 * t * i * elem),
+    }
+
+
+def _time_impl(op: str, name: str, fn, inputs, dy, device) -> dict:
+    """Forward and forward+backward time (and extra peak memory) of fn(*inputs)."""
+    leaves = [x.detach().requires_grad_() for x in inputs]
+
+    def step():
+        torch.autograd.grad(fn(*leaves), leaves, dy)
+
+    try:
+        fwd_ms, fwd_mem = measure(lambda: fn(*inputs), device)
+        fb_ms, fb_mem = measure(step, device)
+    except Exception as e:  # noqa: BLE001 - a peer failing on this device is reported
+        return dict(op=op, impl=name, error=f"{type(e).__name__}: {str(e)[:80]}")
+    return dict(op=op, impl=name, fwd_ms=fwd_ms, fwdbwd_ms=fb_ms, fwd_extra_gib=fwd_mem / 2**30,
+                fwdbwd_extra_gib=fb_mem / 2**30)  # fmt: skip
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--hidden", type=int, default=5120)
+    ap.add_argument("--intermediate", type=int, default=13824)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--bandwidth", type=float, default=3.0, help="copy bandwidth in TB/s for the floor (H100: 3.0)")
+    ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        args.tokens, args.hidden, args.intermediate, args.dtype = 64, 256, 512, "float32"
+        print("no CUDA device: tiny CPU run (the reference path); GPU figures need a CUDA device.")
+    rows = []
+    for op, (make, impls, fwd_bytes, fb_bytes) in _rows(args, device).items():
+        inputs = make()
+        dy = torch.randn_like(impls["eager (HF)"](*inputs))
+        for name, fn in impls.items():
+            rows.append(_time_impl(op, name, fn, inputs, dy, device))
+        bw = args.bandwidth * 1e9  # bytes per ms
+        rows.append(dict(op=op, impl=f"floor ({args.bandwidth} TB/s)", fwd_ms=fwd_bytes / bw, fwdbwd_ms=fb_bytes / bw))
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"device: {name}, torch {torch.__version__}, {args.dtype}")
+    print(f"{'op':<24} {'impl':<20} {'fwd ms':>8} {'f+b ms':>8} {'fwd +GiB':>9} {'f+b +GiB':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['op']:<24} {r['impl']:<20} {r['error']}")
+            continue
+        mem = f"{r['fwd_extra_gib']:>9.3f} {r['fwdbwd_extra_gib']:>9.3f}" if "fwd_extra_gib" in r else ""
+        print(f"{r['op']:<24} {r['impl']:<20} {r['fwd_ms']:>8.3f} {r['fwdbwd_ms']:>8.3f} {mem}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "torch": torch.__version__, "args": vars(args), "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Llama's RMSNorm in one pass forward and one pass backward (plus a small reduction for the weight grad).
+
+y = weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype), statistics in fp32: HF LlamaRMSNorm's arithmetic
+(normalise in fp32, round to the input dtype, then scale). Eager PyTorch spends about six passes over
+[tokens, hidden] on it (upcast, square, mean, scale, downcast, weight), forward and again backward; at
+8192 tokens x 5120 that is ~1.5 GB of traffic per norm, two norms per layer. Here: read x, write y, and
+an fp32 rstd per row saved for the backward, which reads x and dy once and writes dx once.
+
+Backward (n = x * rstd in fp32, g = dy * weight):  dx = rstd * (g - n * mean(g * n)),  dweight = sum_rows dy * n_r
+with n_r the normalised x rounded to the input dtype as the forward multiplied it. Each backward program
+walks several row blocks and writes one fp32 partial of dweight; the partials are summed after.
+
+Rows are tiled [BLOCK_ROWS, BLOCK_H] (the whole hidden dim in one tile: up to 16384 columns).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import reference
+from kernels.dispatch import INTERPRET, loop_bound, use_triton
+
+_MAX_HIDDEN = 16384
+_ROW_ELEMENTS = 8192 if not INTERPRET else 1 << 20  # elements per tile (interpreter: few big programs)
+_BWD_PROGRAMS_PER_SM = 4
+
+
+@triton.jit
+def _rmsnorm_fwd_kernel(
+    X, W, Y, RSTD, n_rows, n_cols, stride_x, stride_y, eps,
+    BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """Rows [pid * BLOCK_ROWS, +BLOCK_ROWS): Y = W * (X * rstd).to(X dtype); RSTD [n_rows] fp32."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_H)
+    r_ok = rows < n_rows
+    c_ok = cols < n_cols
+    mask = r_ok[:, None] & c_ok[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=c_ok, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+    n = (x * rstd[:, None]).to(Y.dtype.element_ty).to(tl.float32)
+    tl.store(Y + rows64[:, None] * stride_y + cols[None, :], (n * w[None, :]).to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=r_ok)
+
+
+@triton.jit
+def _rmsnorm_bwd_kernel(
+    X, W, DY, DX, RSTD, DW_PART, n_rows, n_cols, stride_x, stride_dy, stride_dx, num_programs,
+    BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """Row blocks pid, pid + num_programs, ...: DX, and this program's fp32 partial of dweight in DW_PART[pid]."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_H)
+    c_ok = cols < n_cols
+    w = tl.load(W + cols, mask=c_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_H], tl.float32)
+    n_blocks = tl.cdiv(n_rows, BLOCK_ROWS)
+    for blk in range(loop_bound(pid), loop_bound(n_blocks), num_programs):
+        rows = blk * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        r_ok = rows < n_rows
+        mask = r_ok[:, None] & c_ok[None, :]
+        rows64 = rows.to(tl.int64)
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=r_ok, other=0.0)
+        n = x * rstd[:, None]
+        g = dy * w[None, :]
+        dx = rstd[:, None] * (g - n * (tl.sum(g * n, axis=1) / n_cols)[:, None])
+        tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        dw += tl.sum(dy * n.to(DX.dtype.element_ty).to(tl.float32), axis=0)
+    tl.store(DW_PART + pid * n_cols + cols, dw, mask=c_ok)
+
+
+def _tiles(n_cols: int) -> tuple[int, int, int]:
+    block_h = triton.next_power_of_2(n_cols)
+    block_rows = max(1, min(64, _ROW_ELEMENTS // block_h))
+    num_warps = 4 if block_h <= 2048 else 8 if block_h <= 8192 else 16
+    return block_rows, block_h, num_warps
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, hidden] with a contiguous last dim (a view when possible)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    x2 = _rows(x)
+    n_rows, n_cols = x2.shape
+    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    if n_rows:
+        block_rows, block_h, num_warps = _tiles(n_cols)
+        _rmsnorm_fwd_kernel[(triton.cdiv(n_rows, block_rows),)](
+            x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
+            BLOCK_ROWS=block_rows, BLOCK_H=block_h, num_warps=num_warps,
+        )  # fmt: skip
+    return y.view(x.shape), rstd
+
+
+def _rmsnorm_bwd(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x2, dy2 = _rows(x), _rows(dy)
+    n_rows, n_cols = x2.shape
+    dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    block_rows, block_h, num_warps = _tiles(n_cols)
+    n_blocks = triton.cdiv(n_rows, block_rows)
+    if x.is_cuda:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        programs = max(1, min(n_blocks, _BWD_PROGRAMS_PER_SM * sms))
+    else:
+        programs = max(1, min(n_blocks, 4))
+    partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
+    if n_rows:
+        _rmsnorm_bwd_kernel[(programs,)](
+            x2, weight, dy2, dx, rstd, partial, n_rows, n_cols, x2.stride(0), dy2.stride(0), dx.stride(0), programs,
+            BLOCK_ROWS=block_rows, BLOCK_H=block_h, num_warps=num_warps,
+        )  # fmt: skip
+    else:
+        partial.zero_()
+    return dx.view(x.shape), partial.sum(0).to(weight.dtype)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = _rmsnorm_fwd(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = _rmsnorm_bwd(dy, x, weight, rstd)
+        return dx, dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """HF LlamaRMSNorm: x [..., H] (fp32/bf16/fp16), weight [H] -> [..., H] in x's dtype; differentiable in both."""
+    if x.shape[-1] != weight.shape[0] or weight.dim() != 1:
+        raise ValueError(f"weight must be [H={x.shape[-1]}], got {tuple(weight.shape)}")
+    if not use_triton(x) or x.shape[-1] > _MAX_HIDDEN:
+        return reference.rms_norm(x, weight, eps)
+    if weight.dtype != x.dtype:
+        raise ValueError(f"x ({x.dtype}) and weight ({weight.dtype}) must share a dtype")
+    return _RMSNorm.apply(x, weight, eps)

@@ -1,0 +1,97 @@
+"""Llama's MLP activation silu(gate) * up in one pass, reading the fused gate_up projection as it is.
+
+gate_up [..., 2I] holds [gate | up] (the fused projection's output, this rank's shard under TP).
+Forward: y [..., I] = silu(gate).to(dtype) * up, HF's arithmetic in bf16 (silu rounded, then the product
+rounded). Backward writes d(gate_up) [..., 2I] in the same fused layout, so autograd never concatenates
+two half gradients:  d_up = dy * silu(gate),  d_gate = dy * up * sigmoid(gate) * (1 + gate * (1 - sigmoid(gate))).
+Eager PyTorch takes a chunk, a silu, a product (and in backward two more products and a cat); here each
+direction is one read and one write of each element.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import reference
+from kernels.dispatch import INTERPRET, use_triton
+
+_BLOCK_COLS = 1024
+_BLOCK_ROWS = 64 if INTERPRET else 4
+
+
+@triton.jit
+def _swiglu_fwd_kernel(GU, Y, n_rows, n_cols, stride_gu, stride_y, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    base = GU + rows[:, None] * stride_gu + cols[None, :]
+    g = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(base + n_cols, mask=mask, other=0.0).to(tl.float32)
+    act = (g * tl.sigmoid(g)).to(Y.dtype.element_ty).to(tl.float32)
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], (act * u).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(
+    GU, DY, DGU, n_rows, n_cols, stride_gu, stride_dy, stride_dgu, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr
+):
+    rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    base = GU + rows[:, None] * stride_gu + cols[None, :]
+    g = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(base + n_cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    act = g * sig
+    d_gate = dy * u * sig * (1.0 + g * (1.0 - sig))
+    out = DGU + rows[:, None] * stride_dgu + cols[None, :]
+    tl.store(out, d_gate.to(DGU.dtype.element_ty), mask=mask)
+    tl.store(out + n_cols, (dy * act).to(DGU.dtype.element_ty), mask=mask)
+
+
+def _grid(n_rows: int, n_cols: int) -> tuple[int, int]:
+    return triton.cdiv(n_rows, _BLOCK_ROWS), triton.cdiv(n_cols, _BLOCK_COLS)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up):
+        gu = gate_up.reshape(-1, gate_up.shape[-1])
+        if gu.stride(-1) != 1:
+            gu = gu.contiguous()
+        n_rows, n_cols = gu.shape[0], gu.shape[1] // 2
+        y = torch.empty((n_rows, n_cols), dtype=gu.dtype, device=gu.device)
+        if n_rows:
+            _swiglu_fwd_kernel[_grid(n_rows, n_cols)](
+                gu, y, n_rows, n_cols, gu.stride(0), y.stride(0), BLOCK_ROWS=_BLOCK_ROWS, BLOCK_C=_BLOCK_COLS
+            )
+        ctx.save_for_backward(gu)
+        ctx.shape = gate_up.shape
+        return y.view(*gate_up.shape[:-1], n_cols)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (gu,) = ctx.saved_tensors
+        n_rows, n_cols = gu.shape[0], gu.shape[1] // 2
+        dy2 = dy.reshape(n_rows, n_cols)
+        if dy2.stride(-1) != 1:
+            dy2 = dy2.contiguous()
+        dgu = torch.empty_like(gu)
+        if n_rows:
+            _swiglu_bwd_kernel[_grid(n_rows, n_cols)](
+                gu, dy2, dgu, n_rows, n_cols, gu.stride(0), dy2.stride(0), dgu.stride(0),
+                BLOCK_ROWS=_BLOCK_ROWS, BLOCK_C=_BLOCK_COLS,
+            )  # fmt: skip
+        return dgu.view(ctx.shape)
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up [..., 2I] = [gate | up] (fp32/bf16/fp16) -> [..., I]; differentiable."""
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"gate_up's last dim must be even ([gate | up]), got {gate_up.shape[-1]}")
+    if not use_triton(gate_up):
+        return reference.swiglu(gate_up)
+    return _SwiGLU.apply(gate_up)

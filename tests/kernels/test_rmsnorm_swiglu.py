@@ -1,0 +1,110 @@
+"""kernels.rmsnorm and kernels.swiglu against float64 references and HF's own layers (Triton interpreter on CPU)."""
+
+import pytest
+import torch
+
+from kernels import dispatch, reference
+from kernels.rmsnorm import rms_norm
+from kernels.swiglu import swiglu
+
+TOLS = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+}
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Every float tensor the launchers allocate with torch.empty starts as NaN: an unwritten element fails."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def _grads(fn, inputs, dy):
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    out = fn(*leaves)
+    out.backward(dy)
+    return out.detach(), [x.grad for x in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 64), (37, 1000), (3, 5, 96)])
+def test_rms_norm_forward_backward(dtype, shape, poisoned_outputs):
+    """Odd hidden sizes (1000: masked columns), one row, a 3-D input; forward and both gradients vs float64."""
+    x = torch.randn(shape).to(dtype)
+    w = (1.0 + 0.1 * torch.randn(shape[-1])).to(dtype)
+    dy = torch.randn(shape).to(dtype)
+    out, (dx, dw) = _grads(lambda x, w: rms_norm(x, w, 1e-5), (x, w), dy)
+    ref, (rdx, rdw) = _grads(lambda x, w: reference.rms_norm(x, w, 1e-5), (x.double(), w.double()), dy.double())
+    assert out.dtype == dx.dtype == dw.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, **TOLS[dtype])
+    torch.testing.assert_close(dx.double(), rdx, **TOLS[dtype])
+    # dweight sums over every row: compare relative to its size
+    torch.testing.assert_close(dw.double(), rdw, atol=TOLS[dtype]["atol"] * shape[0], rtol=TOLS[dtype]["rtol"])
+
+
+# Triton's interpreter converts fp32 to bf16 by truncation (the GPU rounds to nearest), so the bit-level
+# comparisons with HF run in fp16, which the interpreter rounds as the GPU does.
+def test_rms_norm_matches_hf_in_half_precision():
+    """The same arithmetic as transformers' LlamaRMSNorm in half precision (round after normalising, then scale)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    hf = LlamaRMSNorm(512, eps=1e-5).to(torch.float16)
+    with torch.no_grad():
+        hf.weight.copy_(1.0 + 0.1 * torch.randn(512))
+    x = torch.randn(70, 512).half() * 3
+    got, want = rms_norm(x, hf.weight.detach(), 1e-5), hf(x).detach()
+    # bit-identical except where the fp32 row sums, added in another order, round a value the other way
+    assert (got != want).float().mean() < 0.01
+    torch.testing.assert_close(got, want, atol=0, rtol=1e-2)
+
+
+def test_rms_norm_many_rows_weight_grad_partials():
+    """More row blocks than backward programs: every program walks several blocks into its dweight partial."""
+    x, w, dy = torch.randn(300, 64), torch.rand(64) + 0.5, torch.randn(300, 64)
+    _, (dx, dw) = _grads(lambda x, w: rms_norm(x, w, 1e-6), (x, w), dy)
+    _, (rdx, rdw) = _grads(lambda x, w: reference.rms_norm(x, w, 1e-6), (x.double(), w.double()), dy.double())
+    torch.testing.assert_close(dx.double(), rdx, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dw.double(), rdw, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 2 * 48), (37, 2 * 1100), (2, 3, 2 * 64)])
+def test_swiglu_forward_backward(dtype, shape, poisoned_outputs):
+    """Widths that do not fill a column block (1100), one row, a 3-D input; the fused [gate | up] gradient."""
+    gu = (2 * torch.randn(shape)).to(dtype)
+    dy = torch.randn(*shape[:-1], shape[-1] // 2).to(dtype)
+    out, (dgu,) = _grads(swiglu, (gu,), dy)
+    ref, (rdgu,) = _grads(reference.swiglu, (gu.double(),), dy.double())
+    assert out.shape == ref.shape and dgu.shape == gu.shape and dgu.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, **TOLS[dtype])
+    torch.testing.assert_close(dgu.double(), rdgu, **TOLS[dtype])
+
+
+def test_swiglu_strided_input_matches_hf_mlp_activation():
+    """A column slice of a wider tensor (row stride != 2I), against HF's silu(gate) * up in half precision."""
+    wide = torch.randn(9, 300).half()
+    gu = wide[:, 10:210]
+    gate, up = gu.chunk(2, dim=-1)
+    want = torch.nn.functional.silu(gate) * up
+    torch.testing.assert_close(swiglu(gu), want, atol=1e-3, rtol=2e-3)
+    assert (swiglu(gu) != want).float().mean() < 0.01
+
+
+def test_reference_paths_and_errors():
+    x = torch.randn(4, 32)
+    with dispatch.reference_ops():
+        torch.testing.assert_close(rms_norm(x, torch.ones(32)), reference.rms_norm(x, torch.ones(32)))
+        torch.testing.assert_close(swiglu(x), reference.swiglu(x))
+    with pytest.raises(ValueError, match="weight must be"):
+        rms_norm(x, torch.ones(31))
+    with pytest.raises(ValueError, match="share a dtype"):
+        rms_norm(x, torch.ones(32, dtype=torch.float64))
+    with pytest.raises(ValueError, match="must be even"):
+        swiglu(torch.randn(4, 33))
