@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.dispatch import INTERPRET, loop_bound, use_triton
+from kernels.dispatch import INTERPRET, loop_bound, sm_count, use_triton
 from kernels.rotary import launch_rotary
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -171,18 +171,6 @@ def _paged_decode_reduce_kernel(
 
 # =========================================================================== host launchers ==
 
-_sm_counts: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (cached); a small stand-in elsewhere."""
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _sm_counts:
-        _sm_counts[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _sm_counts[idx]
-
 
 def _check_cache(name: str, cache: torch.Tensor) -> None:
     if cache.dim() != 4:
@@ -248,7 +236,7 @@ def _decode_launch(
     group_pad = max(16, triton.next_power_of_2(group)) if use_dot else triton.next_power_of_2(group)
     block_n = cfg["block_n"]
     if num_splits is None:
-        num_splits = choose_num_splits(b, hkv, max_context_len, block_n, _sm_count(q.device))
+        num_splits = choose_num_splits(b, hkv, max_context_len, block_n, sm_count(q.device))
     num_splits = max(1, int(num_splits))
     tokens_per_split = triton.cdiv(triton.cdiv(max(max_context_len, 1), num_splits), block_n) * block_n
     num_splits = max(1, triton.cdiv(max_context_len, tokens_per_split))

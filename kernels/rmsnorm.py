@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.dispatch import INTERPRET, loop_bound, use_triton
+from kernels.dispatch import INTERPRET, loop_bound, sm_count, use_triton
 
 _MAX_HIDDEN = 16384
 _ROW_ELEMENTS = 8192 if not INTERPRET else 1 << 20  # elements per tile (interpreter: few big programs)
@@ -110,11 +110,8 @@ def _rmsnorm_bwd(
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     block_rows, block_h, num_warps = _tiles(n_cols)
     n_blocks = triton.cdiv(n_rows, block_rows)
-    if x.is_cuda:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        programs = max(1, min(n_blocks, _BWD_PROGRAMS_PER_SM * sms))
-    else:
-        programs = max(1, min(n_blocks, 4))
+    # a few programs per SM on a GPU; two elsewhere (the interpreter: each program walks several blocks)
+    programs = max(1, min(n_blocks, _BWD_PROGRAMS_PER_SM * sm_count(x.device) if x.is_cuda else 2))
     partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
     if n_rows:
         _rmsnorm_bwd_kernel[(programs,)](
