@@ -134,7 +134,9 @@ class GenerationStats:
     prompts: int = 0
     generated_tokens: int = 0
     prefill_tokens: int = 0
+    prefill_steps: int = 0  # forwards of prompts alone (each reads every weight once, like a decode step)
     decode_steps: int = 0
+    mixed_steps: int = 0  # decode steps that also took newly admitted prompts (no forward of their own)
     preemptions: int = 0
     seconds: float = 0.0
 
@@ -150,6 +152,10 @@ class Generator:
     memory left after weights and activations given to the cache; on CPU kv_cache_bytes is the
     budget. num_blocks overrides both. The cache is allocated on first use and `release()` hands it
     back (the training phase needs the memory); the next generate call reallocates it.
+    mix_prefill: prompts admitted while others run ride along with the running sequences' decode step
+    (one forward, eager) instead of a forward of their own: with more prompts than max_num_seqs, each
+    admission otherwise costs a whole read of the weights for a few prompts (a PPO rollout of 512 prompts
+    through 256 slots admits one group at a time as sequences finish).
     """
 
     def __init__(
@@ -164,6 +170,7 @@ class Generator:
         kv_cache_bytes: int | None = None,
         num_blocks: int | None = None,
         use_cuda_graphs: bool | None = None,
+        mix_prefill: bool = True,
     ):
         if model.head != "lm":
             raise ValueError("the generator needs a model with an 'lm' head")
@@ -180,6 +187,7 @@ class Generator:
         self.kv_cache_bytes = kv_cache_bytes
         self.requested_blocks = num_blocks
         self.use_cuda_graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
+        self.mix_prefill = mix_prefill
         self.pool: KVCachePool | None = None
         self.blocks: BlockManager | None = None
         self._graphs = None
@@ -256,20 +264,49 @@ class Generator:
             self._caches = [self.pool.layer(i) for i in range(self.pool.num_layers)]
         return self._caches
 
-    @torch.no_grad()
-    def _prefill(self, parents: list[_Seq]) -> torch.Tensor:
-        """Packed forward of the parents' tokens, writing their KV; logits [G, V] at each last token."""
+    def _prefill_inputs(self, parents: list[_Seq]):
+        """Packed token ids, positions, cu_seqlens (int32) and KV slots of the parents' prompts (on the device)."""
         dev = self.device
         lens = [len(s.tokens) for s in parents]
         ids = torch.tensor([t for s in parents for t in s.tokens], dtype=torch.long).to(dev, non_blocking=True)
         pos = torch.cat([torch.arange(n) for n in lens]).to(dev, non_blocking=True)
         cu = torch.tensor([0, *lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev, non_blocking=True)
         slots = self.blocks.slot_mapping([s.seq_id for s in parents], device=dev)
+        self.stats.prefill_tokens += sum(lens)
+        return ids, pos, cu, slots
+
+    @torch.no_grad()
+    def _prefill(self, parents: list[_Seq]) -> torch.Tensor:
+        """Packed forward of the parents' tokens, writing their KV; logits [G, V] at each last token."""
+        ids, pos, cu, slots = self._prefill_inputs(parents)
         ctx = AttentionContext(self._kv_caches(), slots, decode=False)
         with attention_context(ctx):
             hidden = self.model.hidden_packed(ids, pos, cu)
-        self.stats.prefill_tokens += sum(lens)
+        self.stats.prefill_steps += 1
         return self.model.head_packed(hidden[cu[1:].long() - 1])
+
+    @torch.no_grad()
+    def _prefill_and_decode(self, parents: list[_Seq], seqs: list[_Seq]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward for newly admitted prompts and a decode step of the running sequences, so an admission
+        costs no extra read of the weights: (prompt logits [G, V], decode logits [B, V]). Eager (the
+        shapes vary). Raises OutOfBlocks, before any change, when a running sequence gets no slot."""
+        batch = self.blocks.prepare_decode([s.seq_id for s in seqs], width=self.table_width, device=self.device)
+        if batch.copies:
+            self.pool.copy_blocks(batch.copies)
+        ids, pos, cu, slots = self._prefill_inputs(parents)
+        last = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.long).to(self.device, non_blocking=True)
+        p = ids.shape[0]
+        ctx = AttentionContext(
+            self._kv_caches(), torch.cat([slots, batch.slot_mapping]), False, batch.block_tables,
+            batch.context_lens, prefill_tokens=p,
+        )  # fmt: skip
+        with attention_context(ctx):
+            hidden = self.model.hidden_packed(torch.cat([ids, last]), torch.cat([pos, batch.positions]), cu)
+        rows = torch.cat([cu[1:].long() - 1, torch.arange(p, p + len(seqs), device=self.device)])
+        logits = self.model.head_packed(hidden[rows])
+        self.stats.decode_steps += 1
+        self.stats.mixed_steps += 1
+        return logits[: len(parents)], logits[len(parents) :]
 
     @torch.no_grad()
     def _decode(self, seqs: list[_Seq]) -> torch.Tensor:
@@ -349,9 +386,18 @@ class Generator:
                 admitted = self._admit(waiting, running)
                 if admitted:
                     parents = [g[0] for g in admitted]
-                    logits = self._prefill(parents)
                     rows = torch.tensor([k for k, g in enumerate(admitted) for _ in g], device=self.device)
                     seqs = [s for g in admitted for s in g]
+                    if running and self.mix_prefill:
+                        try:
+                            prompt_logits, decode_logits = self._prefill_and_decode(parents, running)
+                        except OutOfBlocks:  # the running sequences wait; the loop preempts if it must
+                            pass
+                        else:
+                            logits = torch.cat([decode_logits, prompt_logits[rows]])
+                            self._sample_and_step(list(running) + seqs, logits, params, stop_ids, running, done)
+                            continue
+                    logits = self._prefill(parents)
                     self._sample_and_step(seqs, logits[rows], params, stop_ids, running, done)
                     continue
                 while True:

@@ -45,7 +45,9 @@ class AttentionContext:
     kv_caches: per layer (k_cache, v_cache), each [num_blocks, block_size, Hkv_local, D].
     slot_mapping: [N] int64 cache slot of each input token (-1: do not write).
     decode: one new token per sequence (paged decode attention) rather than a prefill.
-    block_tables [B, max_blocks] int32 and context_lens [B] int32: decode only.
+    block_tables [B, max_blocks] int32 and context_lens [B] int32: for the decode tokens.
+    prefill_tokens: a mixed step (decode False): the first prefill_tokens tokens are prompts (delimited by the
+    forward's cu_seqlens), the remaining B are one decode token each, in block_tables' order.
     """
 
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
@@ -53,6 +55,13 @@ class AttentionContext:
     decode: bool = False
     block_tables: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
+    prefill_tokens: int | None = None
+
+    def num_prefill(self, n_tokens: int) -> int:
+        """How many of the n_tokens input tokens are prefill tokens (the rest decode)."""
+        if self.decode:
+            return 0
+        return n_tokens if self.prefill_tokens is None else self.prefill_tokens
 
 
 _CONTEXT: AttentionContext | None = None
@@ -126,24 +135,37 @@ class Attention(nn.Module):
             o = _flash_attention(q, k, v, positions, cu_seqlens, self.rope_theta)
         elif ctx is None:
             o = rope_attention(q, k, v, positions, cu_seqlens, rope_theta=self.rope_theta)
-        elif not ctx.decode:
-            o = rope_attention(
-                q,
-                k,
-                v,
-                positions,
-                cu_seqlens,
-                rope_theta=self.rope_theta,
-                kv_cache=ctx.kv_caches[self.layer_idx],
-                slot_mapping=ctx.slot_mapping,
-            )
         else:
-            from kernels.paged_attention import paged_decode_attention, rope_write_kv
-
-            k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-            q = rope_write_kv(q, k, v, positions, k_cache, v_cache, ctx.slot_mapping, rope_theta=self.rope_theta)
-            o = paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens)
+            o = self._cached_attention(q, k, v, positions, cu_seqlens, ctx)
         return self.o_proj(o.reshape(n, self.local_heads * d))
+
+    def _cached_attention(self, q, k, v, positions, cu_seqlens, ctx: AttentionContext) -> torch.Tensor:
+        """Generation: prompts (flash attention over the packed prompts, writing their KV) and/or decode tokens
+        (their KV written, then paged attention over each sequence's cache), in one step."""
+        from kernels.paged_attention import paged_decode_attention, rope_write_kv
+
+        kv_cache = ctx.kv_caches[self.layer_idx]
+        n, p = q.shape[0], ctx.num_prefill(q.shape[0])
+        outs = []
+        if p:
+            outs.append(
+                rope_attention(
+                    q[:p],
+                    k[:p],
+                    v[:p],
+                    positions[:p],
+                    cu_seqlens,
+                    rope_theta=self.rope_theta,
+                    kv_cache=kv_cache,
+                    slot_mapping=ctx.slot_mapping[:p],
+                )  # fmt: skip
+            )
+        if p < n:
+            qd = rope_write_kv(
+                q[p:], k[p:], v[p:], positions[p:], *kv_cache, ctx.slot_mapping[p:], rope_theta=self.rope_theta
+            )
+            outs.append(paged_decode_attention(qd, *kv_cache, ctx.block_tables, ctx.context_lens))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def attention_backend() -> str:

@@ -90,6 +90,34 @@ def test_seed_reproduces_whatever_the_batching(tmp_path):
     assert together[0] != together[1]  # the n samples of one prompt differ
 
 
+@pytest.mark.parametrize("path", ["kernels", "reference"])
+def test_prompts_admitted_mid_run_ride_along_with_a_decode_step(path):
+    """With more prompts than sequence slots, each admission joins the running sequences' decode step (one
+    forward): the samples are those of separate prefill forwards, with fewer forwards."""
+    model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.3, seed=2)
+    prompts = _prompts(512, [3, 11, 1, 7, 16, 5], seed=4)
+    params = GenerateConfig(temperature=1.0, max_new_tokens=7, stop_token_ids=list(range(3, 40)), seed=5, n=2)
+    runs = {}
+    for mix in (True, False):
+        gen = Generator(model, block_size=4, num_blocks=48, max_model_len=40, max_num_seqs=3, mix_prefill=mix)
+        if path == "reference":
+            with reference_ops():
+                runs[mix] = (gen.generate_completions(prompts, params), gen.stats)
+        else:
+            runs[mix] = (gen.generate_completions(prompts, params), gen.stats)
+        gen.blocks.check_invariants()
+        assert gen.blocks.num_free_blocks == 48
+    (mixed, st_mixed), (separate, st_separate) = runs[True], runs[False]
+    assert [c.tokens for c in mixed] == [c.tokens for c in separate]
+    assert len({len(c.tokens) for c in mixed}) > 2  # stop tokens end sequences at different steps
+    for a, b in zip(mixed, separate):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=1e-5)
+    assert st_mixed.mixed_steps > 0 and st_separate.mixed_steps == 0
+    # only admissions into an empty engine (the start) still take a forward of their own
+    assert st_mixed.prefill_steps + st_mixed.mixed_steps == st_separate.prefill_steps
+    assert st_mixed.prefill_tokens == st_separate.prefill_tokens
+
+
 def test_preemption_loses_nothing_and_leaks_no_block():
     model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.05, seed=0)
     prompts = _prompts(512, [(i * 7) % 23 + 1 for i in range(1000)], seed=1)
