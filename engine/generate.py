@@ -137,8 +137,20 @@ class GenerationStats:
     prefill_steps: int = 0  # forwards of prompts alone (each reads every weight once, like a decode step)
     decode_steps: int = 0
     mixed_steps: int = 0  # decode steps that also took newly admitted prompts (no forward of their own)
+    overlapped_steps: int = 0  # decode steps launched before the host had read the previous step's tokens
     preemptions: int = 0
     seconds: float = 0.0
+
+
+@dataclass
+class _Step:
+    """A sampled step whose tokens the host may not have read yet (copied out asynchronously on a GPU)."""
+
+    seqs: list[_Seq]
+    tokens: torch.Tensor  # [B] int64 on the device: the next step's input ids
+    host_tokens: torch.Tensor  # [B] int64 on the host (pinned; valid once `ready` has completed)
+    host_logprobs: torch.Tensor  # [B] fp32 on the host
+    ready: torch.cuda.Event | None  # recorded after the copies (None on a CPU: already there)
 
 
 # -------------------------------------------------------------------------------- generator --
@@ -156,6 +168,9 @@ class Generator:
     (one forward, eager) instead of a forward of their own: with more prompts than max_num_seqs, each
     admission otherwise costs a whole read of the weights for a few prompts (a PPO rollout of 512 prompts
     through 256 slots admits one group at a time as sequences finish).
+    overlap: once no prompt waits, launch each decode step before the host reads the previous step's
+    tokens (they feed the next step on the device), so the host's bookkeeping runs while the GPU works; a
+    sequence that sampled a stop token is then decoded once more and that extra token dropped.
     """
 
     def __init__(
@@ -171,6 +186,7 @@ class Generator:
         num_blocks: int | None = None,
         use_cuda_graphs: bool | None = None,
         mix_prefill: bool = True,
+        overlap: bool = True,
     ):
         if model.head != "lm":
             raise ValueError("the generator needs a model with an 'lm' head")
@@ -188,6 +204,7 @@ class Generator:
         self.requested_blocks = num_blocks
         self.use_cuda_graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
         self.mix_prefill = mix_prefill
+        self.overlap = overlap
         self.pool: KVCachePool | None = None
         self.blocks: BlockManager | None = None
         self._graphs = None
@@ -219,7 +236,7 @@ class Generator:
         n, seq = self.max_num_batched_tokens, self.max_model_len
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         pos = torch.arange(n, device=self.device) % seq
-        cu = torch.tensor([*range(0, n, seq), n], dtype=torch.int32, device=self.device)
+        cu = torch.tensor([*range(0, n, seq), n], dtype=torch.int32).to(self.device)
         h = self.model.hidden_packed(ids, pos, cu)
         self.model.head_packed(h[-min(n, self.max_num_seqs) :])
         del h
@@ -309,13 +326,16 @@ class Generator:
         return logits[: len(parents)], logits[len(parents) :]
 
     @torch.no_grad()
-    def _decode(self, seqs: list[_Seq]) -> torch.Tensor:
-        """One decode step for every running sequence -> logits [B, V]. Raises OutOfBlocks."""
+    def _decode(self, seqs: list[_Seq], last: torch.Tensor | None = None) -> torch.Tensor:
+        """One decode step for every running sequence -> logits [B, V]. Raises OutOfBlocks (nothing changed).
+
+        last: the input ids [B] on the device (an overlapped step: tokens the host has not read yet)."""
         ids = [s.seq_id for s in seqs]
         batch = self.blocks.prepare_decode(ids, width=self.table_width, device=self.device)
         if batch.copies:
             self.pool.copy_blocks(batch.copies)
-        last = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.long).to(self.device, non_blocking=True)
+        if last is None:
+            last = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.long).to(self.device, non_blocking=True)
         self.stats.decode_steps += 1
         if self.use_cuda_graphs:
             graphs = self._graphs or self._capture()
@@ -386,7 +406,9 @@ class Generator:
                 admitted = self._admit(waiting, running)
                 if admitted:
                     parents = [g[0] for g in admitted]
-                    rows = torch.tensor([k for k, g in enumerate(admitted) for _ in g], device=self.device)
+                    rows = torch.tensor([k for k, g in enumerate(admitted) for _ in g]).to(
+                        self.device, non_blocking=True
+                    )
                     seqs = [s for g in admitted for s in g]
                     if running and self.mix_prefill:
                         try:
@@ -412,7 +434,10 @@ class Generator:
                         if not running:
                             break
                 if running:
-                    self._sample_and_step(list(running), logits, params, stop_ids, running, done)
+                    step = self._sample(list(running), logits, params)
+                    if self.overlap and not waiting:
+                        step = self._decode_ahead(step, params, stop_ids, running, done)
+                    self._apply(step, stop_ids, running, done)
         except BaseException:
             self.blocks.reset()  # an aborted call must not leave its sequences' blocks taken
             raise
@@ -454,13 +479,60 @@ class Generator:
         return admitted
 
     def _sample_and_step(self, seqs, logits, params, stop_ids, running, done) -> None:
+        self._apply(self._sample(seqs, logits, params), stop_ids, running, done)
+
+    def _sample(self, seqs: list[_Seq], logits: torch.Tensor, params, pending: int = 0) -> _Step:
+        """Sample a token per row (on the device) and start copying them to the host. pending: tokens of each
+        sequence sampled but not yet appended on the host (its counter runs ahead by that many)."""
         seeds = torch.tensor([s.seed for s in seqs], dtype=torch.int64).to(self.device, non_blocking=True)
-        counters = torch.tensor([len(s.tokens) for s in seqs], dtype=torch.int64).to(self.device, non_blocking=True)
-        tokens, logprobs = sample_tokens(logits, params, seeds, counters)
-        tokens, logprobs = tokens.tolist(), logprobs.tolist()  # the step's one host sync
-        stepped = {s.seq_id for s in seqs}
+        counters = torch.tensor([len(s.tokens) + pending for s in seqs], dtype=torch.int64)
+        tokens, logprobs = sample_tokens(logits, params, seeds, counters.to(self.device, non_blocking=True))
+        if self.device.type != "cuda":
+            return _Step(seqs, tokens, tokens, logprobs, None)
+        host_tokens = torch.empty(len(seqs), dtype=torch.int64, pin_memory=True)
+        host_logprobs = torch.empty(len(seqs), dtype=torch.float32, pin_memory=True)
+        host_tokens.copy_(tokens, non_blocking=True)
+        host_logprobs.copy_(logprobs, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _Step(seqs, tokens, host_tokens, host_logprobs, ready)
+
+    def _decode_ahead(self, step: _Step, params, stop_ids, running, done) -> _Step:
+        """Steady decoding with nothing waiting: launch the next step (fed by `step`'s tokens on the device)
+        before reading `step` on the host, then read it while the next one runs; repeat. Returns the last
+        launched step, not yet applied. Stops overlapping when a step cannot get its slots (the caller's
+        loop then preempts) or every sequence is done."""
+        while True:
+            # those still running after `step` by length (a stop token is only known once `step` is read)
+            rows = [i for i, s in enumerate(step.seqs) if not s.finish_reason and len(s.tokens) + 1 < s.max_len]
+            if not rows:
+                return step
+            seqs = [step.seqs[i] for i in rows]
+            if len(rows) == len(step.seqs):
+                last = step.tokens
+            else:  # (a blocking copy of the row indices would wait for `step` to finish)
+                last = step.tokens[torch.tensor(rows).to(self.device, non_blocking=True)]
+            try:
+                logits = self._decode(seqs, last)
+            except OutOfBlocks:
+                return step
+            ahead = self._sample(seqs, logits, params, pending=1)
+            self.stats.overlapped_steps += 1
+            self._apply(step, stop_ids, running, done)
+            step = ahead
+
+    def _apply(self, step: _Step, stop_ids, running, done) -> None:
+        """Append a step's tokens on the host (the one sync of a step), finish sequences, free their blocks.
+
+        A sequence finished while `step` was in flight (an overlapped step) drops its token from `step`."""
+        if step.ready is not None:
+            step.ready.synchronize()
+        tokens, logprobs = step.host_tokens.tolist(), step.host_logprobs.tolist()
+        stepped = {s.seq_id for s in step.seqs}
         new_running = [s for s in running if s.seq_id not in stepped]
-        for s, t, lp in zip(seqs, tokens, logprobs):
+        for s, t, lp in zip(step.seqs, tokens, logprobs):
+            if s.finish_reason:
+                continue
             s.tokens.append(t)
             s.logprobs.append(lp)
             if t in stop_ids:

@@ -156,8 +156,9 @@ class KVCachePool:
         if not copies:
             return
         pool = self._pool()
-        src = torch.tensor([s for s, _ in copies], dtype=torch.int64, device=self.device)
-        dst = torch.tensor([d for _, d in copies], dtype=torch.int64, device=self.device)
+        # non-blocking: a blocking host-to-device copy would wait for every step already queued (overlap)
+        src = torch.tensor([s for s, _ in copies], dtype=torch.int64).to(self.device, non_blocking=True)
+        dst = torch.tensor([d for _, d in copies], dtype=torch.int64).to(self.device, non_blocking=True)
         pool[:, :, dst] = pool[:, :, src]
 
     def release(self) -> None:
@@ -371,7 +372,8 @@ class BlockManager:
         host = torch.tensor([slots, positions], dtype=torch.int64)
         lens = (host[1] + 1).to(torch.int32)
         if device is not None:
-            host, lens, table = host.to(device), lens.to(device), table.to(device)
+            # non-blocking: a blocking copy would wait for the decode step still running (the generator's overlap)
+            host, lens, table = (t.to(device, non_blocking=True) for t in (host, lens, table))
         return DecodeBatch(host[0], host[1], lens, table, copies, max(positions, default=-1) + 1)
 
     def block_table(
@@ -388,7 +390,7 @@ class BlockManager:
         cols = min(width, self._rows.shape[1])
         out[:, :cols] = self._rows[rows, :cols]  # one gather: this runs every decode step
         out = torch.from_numpy(out)
-        return out.to(device) if device is not None else out
+        return out.to(device, non_blocking=True) if device is not None else out
 
     def slot_mapping(
         self,
@@ -410,7 +412,7 @@ class BlockManager:
             table = torch.tensor(self._tables[s], dtype=torch.int64)
             parts.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
         out = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
-        return out.to(device) if device is not None else out
+        return out.to(device, non_blocking=True) if device is not None else out
 
     # --------------------------------------------------------------------------------- internals
 

@@ -118,6 +118,34 @@ def test_prompts_admitted_mid_run_ride_along_with_a_decode_step(path):
     assert st_mixed.prefill_tokens == st_separate.prefill_tokens
 
 
+@pytest.mark.parametrize("path", ["kernels", "reference"])
+def test_overlapped_decode_steps_sample_the_same(path):
+    """Steps launched before the host reads the previous step's tokens (fed on the device): the same samples
+    and log-probs; a sequence that hit a stop token mid-run has its one extra token dropped; no block leaks."""
+    model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.3, seed=3)
+    prompts = _prompts(512, [4, 13, 2, 8], seed=6)
+    params = GenerateConfig(temperature=1.0, max_new_tokens=8, stop_token_ids=list(range(3, 60)), seed=7, n=2)
+    runs = {}
+    for overlap in (True, False):
+        gen = Generator(model, block_size=4, num_blocks=64, max_model_len=40, overlap=overlap)
+        if path == "reference":
+            with reference_ops():
+                runs[overlap] = (gen.generate_completions(prompts, params), gen.stats)
+        else:
+            runs[overlap] = (gen.generate_completions(prompts, params), gen.stats)
+        gen.blocks.check_invariants()
+        assert gen.blocks.num_free_blocks == 64 and gen.blocks.num_sequences == 0
+    (ahead, st_ahead), (synced, st_synced) = runs[True], runs[False]
+    assert [c.tokens for c in ahead] == [c.tokens for c in synced]
+    assert [c.finish_reason for c in ahead] == [c.finish_reason for c in synced]
+    stopped = [c for c in ahead if c.finish_reason == "stop"]
+    assert stopped and any(len(c.tokens) < 7 for c in stopped)  # stops well before the last step
+    for a, b in zip(ahead, synced):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=1e-5)
+    assert st_ahead.overlapped_steps > 0 and st_synced.overlapped_steps == 0
+    assert st_ahead.generated_tokens == st_synced.generated_tokens
+
+
 def test_preemption_loses_nothing_and_leaks_no_block():
     model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.05, seed=0)
     prompts = _prompts(512, [(i * 7) % 23 + 1 for i in range(1000)], seed=1)
@@ -285,11 +313,11 @@ def test_an_aborted_call_leaks_no_block(monkeypatch):
     calls = {"n": 0}
     real = gen._decode
 
-    def failing_decode(seqs):
+    def failing_decode(seqs, last=None):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("device lost")
-        return real(seqs)
+        return real(seqs, last)
 
     monkeypatch.setattr(gen, "_decode", failing_decode)
     with reference_ops(), pytest.raises(RuntimeError, match="device lost"):
