@@ -43,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-fraction", type=float, default=0.9)
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--no-overlap", action="store_true", help="read each step's tokens before launching the next")
     p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
     p.add_argument("--hf-static", action="store_true", help="also time HF generate with a static cache")
     p.add_argument("--repeats", type=int, default=2, help="timed runs of ours (the best is reported)")
@@ -131,6 +132,7 @@ def time_ours(gen: Generator, prompts, params, repeats: int, device) -> dict:
             best = {"seconds": dt, "tokens": tokens, "tok_s": tokens / dt, "peak_gib": peak_memory(device)}
     best["preemptions"] = gen.stats.preemptions
     best["decode_steps"] = gen.stats.decode_steps
+    best["overlapped_steps"] = gen.stats.overlapped_steps
     return best
 
 
@@ -190,6 +192,7 @@ def main(argv=None) -> dict:
         max_model_len=prompt_len + gen_len,
         kv_cache_fraction=args.kv_cache_fraction,
         use_cuda_graphs=not args.no_cuda_graphs and on_gpu,
+        overlap=not args.no_overlap,
     )
     ours = time_ours(gen, prompts, params, args.repeats, device)
     ours["cuda_graphs"] = bool(gen.use_cuda_graphs)
