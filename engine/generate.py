@@ -168,9 +168,10 @@ class Generator:
     (one forward, eager) instead of a forward of their own: with more prompts than max_num_seqs, each
     admission otherwise costs a whole read of the weights for a few prompts (a PPO rollout of 512 prompts
     through 256 slots admits one group at a time as sequences finish).
-    overlap: once no prompt waits, launch each decode step before the host reads the previous step's
-    tokens (they feed the next step on the device), so the host's bookkeeping runs while the GPU works; a
-    sequence that sampled a stop token is then decoded once more and that extra token dropped.
+    overlap: launch each step before the host reads the previous step's tokens (they feed the next step on
+    the device), so the host's bookkeeping runs while the GPU works. Scheduling then lags a step: a
+    sequence that sampled a stop token is decoded once more (that token is dropped), and the slots it
+    frees are filled a step later. A sequence's samples do not depend on any of this (counter-based).
     """
 
     def __init__(
@@ -303,15 +304,19 @@ class Generator:
         return self.model.head_packed(hidden[cu[1:].long() - 1])
 
     @torch.no_grad()
-    def _prefill_and_decode(self, parents: list[_Seq], seqs: list[_Seq]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prefill_and_decode(
+        self, parents: list[_Seq], seqs: list[_Seq], last: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward for newly admitted prompts and a decode step of the running sequences, so an admission
         costs no extra read of the weights: (prompt logits [G, V], decode logits [B, V]). Eager (the
-        shapes vary). Raises OutOfBlocks, before any change, when a running sequence gets no slot."""
+        shapes vary). Raises OutOfBlocks, before any change, when a running sequence gets no slot.
+        last: the decode input ids on the device (as for _decode)."""
         batch = self.blocks.prepare_decode([s.seq_id for s in seqs], width=self.table_width, device=self.device)
         if batch.copies:
             self.pool.copy_blocks(batch.copies)
         ids, pos, cu, slots = self._prefill_inputs(parents)
-        last = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.long).to(self.device, non_blocking=True)
+        if last is None:
+            last = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.long).to(self.device, non_blocking=True)
         p = ids.shape[0]
         ctx = AttentionContext(
             self._kv_caches(), torch.cat([slots, batch.slot_mapping]), False, batch.block_tables,
@@ -399,44 +404,20 @@ class Generator:
                 group.append(_Seq(next_id, i, j, list(p), len(p), max_len, seed_for(base_seed, key, j)))
                 next_id += 1
             waiting.append(group)
-        running: list[_Seq] = []
+        running: list[_Seq] = []  # admitted and not known to be finished (oldest first)
         done: list[_Seq] = []
+        inflight: _Step | None = None  # the last launched step, when its tokens are not read yet (overlap)
         try:
-            while waiting or running:
-                admitted = self._admit(waiting, running)
-                if admitted:
-                    parents = [g[0] for g in admitted]
-                    rows = torch.tensor([k for k, g in enumerate(admitted) for _ in g]).to(
-                        self.device, non_blocking=True
-                    )
-                    seqs = [s for g in admitted for s in g]
-                    if running and self.mix_prefill:
-                        try:
-                            prompt_logits, decode_logits = self._prefill_and_decode(parents, running)
-                        except OutOfBlocks:  # the running sequences wait; the loop preempts if it must
-                            pass
-                        else:
-                            logits = torch.cat([decode_logits, prompt_logits[rows]])
-                            self._sample_and_step(list(running) + seqs, logits, params, stop_ids, running, done)
-                            continue
-                    logits = self._prefill(parents)
-                    self._sample_and_step(seqs, logits[rows], params, stop_ids, running, done)
+            while waiting or running or inflight:
+                step = self._launch(waiting, running, inflight, params)
+                if inflight is not None:
+                    self._apply(inflight, stop_ids, running, done)
+                    inflight = None
+                if step is None:
                     continue
-                while True:
-                    try:
-                        logits = self._decode(running)
-                        break
-                    except OutOfBlocks:
-                        victim = running.pop()  # the most recently admitted
-                        self.blocks.free(victim.seq_id)
-                        waiting.appendleft([victim])
-                        self.stats.preemptions += 1
-                        if not running:
-                            break
-                if running:
-                    step = self._sample(list(running), logits, params)
-                    if self.overlap and not waiting:
-                        step = self._decode_ahead(step, params, stop_ids, running, done)
+                if self.overlap:
+                    inflight = step
+                else:
                     self._apply(step, stop_ids, running, done)
         except BaseException:
             self.blocks.reset()  # an aborted call must not leave its sequences' blocks taken
@@ -478,14 +459,79 @@ class Generator:
             tokens += n_tokens
         return admitted
 
-    def _sample_and_step(self, seqs, logits, params, stop_ids, running, done) -> None:
-        self._apply(self._sample(seqs, logits, params), stop_ids, running, done)
+    def _launch(self, waiting, running, inflight: _Step | None, params) -> _Step | None:
+        """Admit what fits and launch one step: the newly admitted prompts and/or a decode step of the
+        running sequences, sampled on the device. With `inflight` (a step whose tokens the host has not
+        read) the decode takes its input ids from that step's device tokens, so this step is queued
+        behind it without waiting; returns None (nothing launched) when the host must read `inflight`
+        first: every sequence ends with it, or a sequence gets no KV slot (then, with nothing in flight,
+        the newest running sequences are preempted until the rest fit)."""
+        # the sequences to decode: those of `inflight` still running after it as far as the host can tell (a
+        # stop token shows once it is read), fed from its device tokens; then the running ones it left out
+        # (their last token is on the host)
+        rows, decode = [], []
+        if inflight is not None:
+            rows = [i for i, s in enumerate(inflight.seqs) if not s.finish_reason and len(s.tokens) + 1 < s.max_len]
+            decode = [inflight.seqs[i] for i in rows]
+        stepping = {s.seq_id for s in inflight.seqs} if inflight is not None else set()
+        others = [s for s in running if s.seq_id not in stepping]
+        admitted = self._admit(waiting, running)
+        new = [s for g in admitted for s in g]
+        running.extend(new)  # active from now on: the next admission (before this step is read) counts them
+        if admitted and not self.mix_prefill:  # the prompts get a forward of their own; the rest wait a step
+            rows, decode, others = [], [], []
+        pending = [1] * len(decode) + [0] * len(others)
+        decode += others
+        if not decode and not new:
+            return None
+        last = None
+        if rows:
+            # (a blocking copy of the row indices would wait for `inflight` to finish)
+            idx = torch.tensor(rows).to(self.device, non_blocking=True)
+            last = inflight.tokens if len(rows) == len(inflight.seqs) else inflight.tokens[idx]
+            if others:
+                host = torch.tensor([s.tokens[-1] for s in others], dtype=torch.long)
+                last = torch.cat([last, host.to(self.device, non_blocking=True)])
+        try:
+            if admitted and decode:
+                prompt_logits, decode_logits = self._prefill_and_decode([g[0] for g in admitted], decode, last)
+            elif decode:
+                decode_logits = self._decode(decode, last)
+            else:
+                prompt_logits, decode_logits = self._prefill([g[0] for g in admitted]), None
+        except OutOfBlocks:
+            for group in reversed(admitted):  # undo the admission: those prompts wait again
+                for seq in group:
+                    self.blocks.free(seq.seq_id)
+                waiting.appendleft(group)
+            running[:] = [s for s in running if s.seq_id not in {x.seq_id for x in new}]
+            if inflight is None:
+                self._preempt(waiting, running)
+            return None
+        logits = [] if decode_logits is None else [decode_logits]
+        if admitted:
+            rows_new = torch.tensor([k for k, g in enumerate(admitted) for _ in g]).to(self.device, non_blocking=True)
+            logits.append(prompt_logits[rows_new])
+        if rows:
+            self.stats.overlapped_steps += 1
+        return self._sample(
+            decode + new, torch.cat(logits) if len(logits) > 1 else logits[0], params, pending + [0] * len(new)
+        )
 
-    def _sample(self, seqs: list[_Seq], logits: torch.Tensor, params, pending: int = 0) -> _Step:
-        """Sample a token per row (on the device) and start copying them to the host. pending: tokens of each
-        sequence sampled but not yet appended on the host (its counter runs ahead by that many)."""
+    def _preempt(self, waiting, running) -> None:
+        """Free the newest running sequences until the others can all take their next slot; they wait (at the
+        front) and are recomputed when admitted again."""
+        while running and not self.blocks.can_append([s.seq_id for s in running]):
+            victim = running.pop()  # the most recently admitted
+            self.blocks.free(victim.seq_id)
+            waiting.appendleft([victim])
+            self.stats.preemptions += 1
+
+    def _sample(self, seqs: list[_Seq], logits: torch.Tensor, params, pending: list[int]) -> _Step:
+        """Sample a token per row (on the device) and start copying them to the host. pending: per sequence,
+        tokens sampled but not yet appended on the host (its counter runs ahead by that many)."""
         seeds = torch.tensor([s.seed for s in seqs], dtype=torch.int64).to(self.device, non_blocking=True)
-        counters = torch.tensor([len(s.tokens) + pending for s in seqs], dtype=torch.int64)
+        counters = torch.tensor([len(s.tokens) + k for s, k in zip(seqs, pending)], dtype=torch.int64)
         tokens, logprobs = sample_tokens(logits, params, seeds, counters.to(self.device, non_blocking=True))
         if self.device.type != "cuda":
             return _Step(seqs, tokens, tokens, logprobs, None)
@@ -496,30 +542,6 @@ class Generator:
         ready = torch.cuda.Event()
         ready.record()
         return _Step(seqs, tokens, host_tokens, host_logprobs, ready)
-
-    def _decode_ahead(self, step: _Step, params, stop_ids, running, done) -> _Step:
-        """Steady decoding with nothing waiting: launch the next step (fed by `step`'s tokens on the device)
-        before reading `step` on the host, then read it while the next one runs; repeat. Returns the last
-        launched step, not yet applied. Stops overlapping when a step cannot get its slots (the caller's
-        loop then preempts) or every sequence is done."""
-        while True:
-            # those still running after `step` by length (a stop token is only known once `step` is read)
-            rows = [i for i, s in enumerate(step.seqs) if not s.finish_reason and len(s.tokens) + 1 < s.max_len]
-            if not rows:
-                return step
-            seqs = [step.seqs[i] for i in rows]
-            if len(rows) == len(step.seqs):
-                last = step.tokens
-            else:  # (a blocking copy of the row indices would wait for `step` to finish)
-                last = step.tokens[torch.tensor(rows).to(self.device, non_blocking=True)]
-            try:
-                logits = self._decode(seqs, last)
-            except OutOfBlocks:
-                return step
-            ahead = self._sample(seqs, logits, params, pending=1)
-            self.stats.overlapped_steps += 1
-            self._apply(step, stop_ids, running, done)
-            step = ahead
 
     def _apply(self, step: _Step, stop_ids, running, done) -> None:
         """Append a step's tokens on the host (the one sync of a step), finish sequences, free their blocks.
