@@ -231,10 +231,12 @@ class Generator:
     @torch.no_grad()
     def _cuda_cache_budget(self) -> int:
         """Bytes for the cache: fraction * total, less what is in use now and the activation peak of
-        the largest prefill (measured by running one)."""
+        the largest step (measured by running one)."""
         torch.cuda.reset_peak_memory_stats(self.device)
-        # the largest prefill the scheduler admits: max_num_batched_tokens, packed as max_model_len sequences
-        n, seq = self.max_num_batched_tokens, self.max_model_len
+        # the largest step the scheduler launches: a prefill of max_num_batched_tokens (or one prompt up to
+        # max_model_len) with a decode token of every other sequence riding along, packed as long sequences
+        n = max(self.max_num_batched_tokens, self.max_model_len) + self.max_num_seqs
+        seq = self.max_model_len
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         pos = torch.arange(n, device=self.device) % seq
         cu = torch.tensor([*range(0, n, seq), n], dtype=torch.int32).to(self.device)
