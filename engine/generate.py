@@ -1,15 +1,17 @@
 """Rollout engine: continuous batching over a paged KV cache, on the very model the trainer updates.
 
-One scheduler loop: admit waiting prompts (prefilled together as one packed forward that writes
-the KV cache), otherwise run one decode step for every running sequence (paged decode attention,
-captured as a CUDA graph per batch-size bucket on GPU). The n samples of a prompt share the
-prompt's cache blocks (fork, copy-on-write). When blocks run out the most recently admitted
-sequence is preempted (its blocks freed) and later recomputed from its tokens: nothing is lost.
+One scheduler loop; each step is one forward: a decode step of every running sequence (paged decode
+attention, captured as a CUDA graph per batch-size bucket on GPU), with the prompts admitted since the
+last step packed in front of it (their prefill writes the KV cache in the same forward; eager). The n
+samples of a prompt share the prompt's cache blocks (fork, copy-on-write). When blocks run out the most
+recently admitted sequence is preempted (its blocks freed) and later recomputed from its tokens:
+nothing is lost.
 
 Sampling never synchronises with the host inside the step: randomness is counter-based (a hash
 of the sequence's seed and the token's position), so a seeded run is reproducible whatever the
-batching, preemption or tensor-parallel rank. The one host sync per step reads the sampled ids,
-which the scheduler needs for stop checks.
+batching, preemption or tensor-parallel rank. Each step is launched on the previous step's sampled
+ids as they lie on the device; the host reads those (its one sync per step, for stop checks and
+scheduling) while the next step runs.
 """
 
 from __future__ import annotations
