@@ -8,8 +8,9 @@ import torch
 
 from engine.checkpoint import load_pretrained
 from engine.config import GenerateConfig, ModelConfig
-from engine.generate import Generator, filter_logits, sample_tokens, uniform_noise
+from engine.generate import Generator
 from engine.model import Transformer
+from engine.sampler import filter_logits, sample_tokens, uniform_noise
 from kernels.dispatch import reference_ops
 from tests.engine.hf_models import save_hf_model
 
