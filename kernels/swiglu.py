@@ -22,13 +22,20 @@ _BLOCK_ROWS = 64 if INTERPRET else 4
 
 
 @triton.jit
-def _swiglu_fwd_kernel(GU, Y, n_rows, n_cols, stride_gu, stride_y, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+def _load_gate_up(GU, n_rows, n_cols, stride_gu, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile: rows, columns, mask, and gate and up in fp32."""
     rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
     base = GU + rows[:, None] * stride_gu + cols[None, :]
     g = tl.load(base, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(base + n_cols, mask=mask, other=0.0).to(tl.float32)
+    return rows, cols, mask, g, u
+
+
+@triton.jit
+def _swiglu_fwd_kernel(GU, Y, n_rows, n_cols, stride_gu, stride_y, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows, cols, mask, g, u = _load_gate_up(GU, n_rows, n_cols, stride_gu, BLOCK_ROWS, BLOCK_C)
     act = (g * tl.sigmoid(g)).to(Y.dtype.element_ty).to(tl.float32)
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], (act * u).to(Y.dtype.element_ty), mask=mask)
 
@@ -37,12 +44,7 @@ def _swiglu_fwd_kernel(GU, Y, n_rows, n_cols, stride_gu, stride_y, BLOCK_ROWS: t
 def _swiglu_bwd_kernel(
     GU, DY, DGU, n_rows, n_cols, stride_gu, stride_dy, stride_dgu, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr
 ):
-    rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    base = GU + rows[:, None] * stride_gu + cols[None, :]
-    g = tl.load(base, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(base + n_cols, mask=mask, other=0.0).to(tl.float32)
+    rows, cols, mask, g, u = _load_gate_up(GU, n_rows, n_cols, stride_gu, BLOCK_ROWS, BLOCK_C)
     dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
     act = g * sig

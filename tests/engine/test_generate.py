@@ -91,6 +91,18 @@ def test_seed_reproduces_whatever_the_batching(tmp_path):
     assert together[0] != together[1]  # the n samples of one prompt differ
 
 
+def _run_clean(gen, prompts, params, path):
+    """(completions, stats) of one generate call on the kernel or the reference path; every block freed."""
+    if path == "reference":
+        with reference_ops():
+            comps = gen.generate_completions(prompts, params)
+    else:
+        comps = gen.generate_completions(prompts, params)
+    gen.blocks.check_invariants()
+    assert gen.blocks.num_free_blocks == gen.blocks.num_blocks and gen.blocks.num_sequences == 0
+    return comps, gen.stats
+
+
 @pytest.mark.parametrize("path", ["kernels", "reference"])
 def test_prompts_admitted_mid_run_ride_along_with_a_decode_step(path):
     """With more prompts than sequence slots, each admission joins the running sequences' decode step (one
@@ -98,17 +110,8 @@ def test_prompts_admitted_mid_run_ride_along_with_a_decode_step(path):
     model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.3, seed=2)
     prompts = _prompts(512, [3, 11, 1, 7, 16, 5], seed=4)
     params = GenerateConfig(temperature=1.0, max_new_tokens=7, stop_token_ids=list(range(3, 40)), seed=5, n=2)
-    runs = {}
-    for mix in (True, False):
-        gen = Generator(model, block_size=4, num_blocks=48, max_model_len=40, max_num_seqs=3, mix_prefill=mix)
-        if path == "reference":
-            with reference_ops():
-                runs[mix] = (gen.generate_completions(prompts, params), gen.stats)
-        else:
-            runs[mix] = (gen.generate_completions(prompts, params), gen.stats)
-        gen.blocks.check_invariants()
-        assert gen.blocks.num_free_blocks == 48
-    (mixed, st_mixed), (separate, st_separate) = runs[True], runs[False]
+    make = lambda mix: Generator(model, block_size=4, num_blocks=48, max_model_len=40, max_num_seqs=3, mix_prefill=mix)
+    (mixed, st_mixed), (separate, st_separate) = (_run_clean(make(mix), prompts, params, path) for mix in (True, False))
     assert [c.tokens for c in mixed] == [c.tokens for c in separate]
     assert len({len(c.tokens) for c in mixed}) > 2  # stop tokens end sequences at different steps
     for a, b in zip(mixed, separate):
@@ -126,17 +129,8 @@ def test_overlapped_decode_steps_sample_the_same(path):
     model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.3, seed=3)
     prompts = _prompts(512, [4, 13, 2, 8], seed=6)
     params = GenerateConfig(temperature=1.0, max_new_tokens=8, stop_token_ids=list(range(3, 60)), seed=7, n=2)
-    runs = {}
-    for overlap in (True, False):
-        gen = Generator(model, block_size=4, num_blocks=64, max_model_len=40, overlap=overlap)
-        if path == "reference":
-            with reference_ops():
-                runs[overlap] = (gen.generate_completions(prompts, params), gen.stats)
-        else:
-            runs[overlap] = (gen.generate_completions(prompts, params), gen.stats)
-        gen.blocks.check_invariants()
-        assert gen.blocks.num_free_blocks == 64 and gen.blocks.num_sequences == 0
-    (ahead, st_ahead), (synced, st_synced) = runs[True], runs[False]
+    make = lambda overlap: Generator(model, block_size=4, num_blocks=64, max_model_len=40, overlap=overlap)
+    (ahead, st_ahead), (synced, st_synced) = (_run_clean(make(o), prompts, params, path) for o in (True, False))
     assert [c.tokens for c in ahead] == [c.tokens for c in synced]
     assert [c.finish_reason for c in ahead] == [c.finish_reason for c in synced]
     stopped = [c for c in ahead if c.finish_reason == "stop"]
