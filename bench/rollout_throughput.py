@@ -44,6 +44,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-cache-fraction", type=float, default=0.9)
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--no-overlap", action="store_true", help="read each step's tokens before launching the next")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="sequence slots (default --batch)")
+    p.add_argument(
+        "--stop-tokens",
+        type=int,
+        default=0,
+        help="make this many token ids stop tokens (responses of varied length; with --max-num-seqs below "
+        "--batch, prompts are admitted while others run, as in a PPO rollout); skips HF generate",
+    )
     p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
     p.add_argument("--hf-static", action="store_true", help="also time HF generate with a static cache")
     p.add_argument("--repeats", type=int, default=2, help="timed runs of ours (the best is reported)")
@@ -131,8 +139,8 @@ def time_ours(gen: Generator, prompts, params, repeats: int, device) -> dict:
         if best is None or dt < best["seconds"]:
             best = {"seconds": dt, "tokens": tokens, "tok_s": tokens / dt, "peak_gib": peak_memory(device)}
     best["preemptions"] = gen.stats.preemptions
-    best["decode_steps"] = gen.stats.decode_steps
-    best["overlapped_steps"] = gen.stats.overlapped_steps
+    for key in ("prefill_steps", "decode_steps", "mixed_steps", "overlapped_steps"):
+        best[key] = getattr(gen.stats, key)
     return best
 
 
@@ -181,13 +189,17 @@ def main(argv=None) -> dict:
     bw = args.bandwidth * 1e9 if args.bandwidth else measure_copy_bandwidth(device)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
-    params = GenerateConfig(temperature=args.temperature, max_new_tokens=gen_len, ignore_eos=True, seed=0)
+    stops = list(range(3, 3 + args.stop_tokens))
+    params = GenerateConfig(
+        temperature=args.temperature, max_new_tokens=gen_len, ignore_eos=not stops, stop_token_ids=stops, seed=0
+    )
+    args.no_hf = args.no_hf or bool(stops)
     elem = torch.empty((), dtype=dtype).element_size()
     roof = decode_roofline(cfg, batch, prompt_len, gen_len, elem, bw)
 
     gen = Generator(
         model,
-        max_num_seqs=max(batch, 1),
+        max_num_seqs=args.max_num_seqs or max(batch, 1),
         block_size=args.block_size,
         max_model_len=prompt_len + gen_len,
         kv_cache_fraction=args.kv_cache_fraction,
@@ -220,13 +232,18 @@ def main(argv=None) -> dict:
     print(f"{'engine':<24}{'tok/s':>12}{'ms/token-step':>16}{'peak GiB':>11}{'roofline':>10}")
     rows = [("ours", ours)] + list(peers.items())
     for label, r in rows:
-        step_ms = r["seconds"] / gen_len * 1e3
+        steps = r.get("decode_steps", 0) + r.get("prefill_steps", 0) or gen_len  # ours counts its forwards
+        step_ms = r["seconds"] / steps * 1e3
         print(
             f"{label:<24}{r['tok_s']:>12.1f}{step_ms:>16.2f}{r['peak_gib']:>11.2f}{r['tok_s'] / roof['tok_s']:>10.1%}"
         )
     print(f"{'roofline (decode)':<24}{roof['tok_s']:>12.1f}{roof['step_ms']:>16.2f}{'':>11}{1:>10.0%}")
     if ours.get("preemptions"):
         print(f"(ours preempted {ours['preemptions']} sequences for lack of KV blocks)")
+    print(
+        f"ours: {ours['tokens']} tokens in {ours['prefill_steps']} prompt-only + {ours['decode_steps']} decode steps "
+        f"({ours['mixed_steps']} carrying admitted prompts, {ours['overlapped_steps']} launched ahead of the host)"
+    )
     result = {
         "model": args.model,
         "device": name,

@@ -3,7 +3,7 @@
 #   bash bench/run_gpu_suite.sh OUT_DIR [NAME ...]
 # Writes OUT_DIR/<bench>.json and OUT_DIR/<bench>.log; a failing bench does not stop the others.
 # NAMEs (gae logprob rope_attention rope_sweep paged_attention rmsnorm_swiglu rollout_b64 rollout_b1
-# rollout_b64_sync ppo_step) run only those: the whole suite can outlast one 10-minute device call, so a second call can
+# rollout_b64_sync rollout_ppo_like ppo_step) run only those: the whole suite can outlast one 10-minute device call, so a second call can
 # finish the rest.
 # Each kernel bench checks ours against the reference before it times anything.
 set -u
@@ -35,5 +35,7 @@ run rollout_b64 python bench/rollout_throughput.py --model llama2-13b --random-w
 run rollout_b1 python bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 --prompt-len 128 --gen-len 256
 run rollout_b64_sync python bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 --prompt-len 128 \
   --gen-len 256 --no-overlap --no-hf   # what the overlapped scheduler buys
+run rollout_ppo_like python bench/rollout_throughput.py --model llama2-13b --random-weights --batch 256 \
+  --max-num-seqs 64 --prompt-len 128 --gen-len 256 --stop-tokens 160   # admissions mid-run: mixed steps
 run ppo_step python bench/ppo_step.py --model llama2-7b --random-weights --num-layers 8 --rollout-batch-size 64 \
   --train-batch-size 16 --prompt-len 256 --max-new-tokens 256
