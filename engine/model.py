@@ -146,26 +146,22 @@ class Attention(nn.Module):
 
         kv_cache = ctx.kv_caches[self.layer_idx]
         n, p = q.shape[0], ctx.num_prefill(q.shape[0])
-        outs = []
-        if p:
-            outs.append(
-                rope_attention(
-                    q[:p],
-                    k[:p],
-                    v[:p],
-                    positions[:p],
-                    cu_seqlens,
-                    rope_theta=self.rope_theta,
-                    kv_cache=kv_cache,
-                    slot_mapping=ctx.slot_mapping[:p],
-                )  # fmt: skip
-            )
-        if p < n:
-            qd = rope_write_kv(
-                q[p:], k[p:], v[p:], positions[p:], *kv_cache, ctx.slot_mapping[p:], rope_theta=self.rope_theta
-            )
-            outs.append(paged_decode_attention(qd, *kv_cache, ctx.block_tables, ctx.context_lens))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        if p == n:  # prompts only
+            return rope_attention(
+                q, k, v, positions, cu_seqlens, rope_theta=self.rope_theta, kv_cache=kv_cache,
+                slot_mapping=ctx.slot_mapping,
+            )  # fmt: skip
+        if p == 0:  # decode only (what a CUDA graph captures)
+            qd = rope_write_kv(q, k, v, positions, *kv_cache, ctx.slot_mapping, rope_theta=self.rope_theta)
+            return paged_decode_attention(qd, *kv_cache, ctx.block_tables, ctx.context_lens)
+        prompts = rope_attention(
+            q[:p], k[:p], v[:p], positions[:p], cu_seqlens, rope_theta=self.rope_theta, kv_cache=kv_cache,
+            slot_mapping=ctx.slot_mapping[:p],
+        )  # fmt: skip
+        qd = rope_write_kv(
+            q[p:], k[p:], v[p:], positions[p:], *kv_cache, ctx.slot_mapping[p:], rope_theta=self.rope_theta
+        )
+        return torch.cat([prompts, paged_decode_attention(qd, *kv_cache, ctx.block_tables, ctx.context_lens)])
 
 
 def attention_backend() -> str:

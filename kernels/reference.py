@@ -53,7 +53,8 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, rope_theta: float = 1
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """HF LlamaRMSNorm: normalise in (at least) fp32, round to x's dtype, then scale by weight."""
-    xf = x.to(compute_dtype(x.dtype))
+    ct = compute_dtype(x.dtype)
+    xf = x if x.dtype == ct else x.to(ct)
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
 
