@@ -45,12 +45,14 @@ def test_tp2_matches_tp1(tmp_path):
     from engine.config import GenerateConfig
     from engine.generate import Generator
 
-    gen = Generator(model, block_size=4, num_blocks=32, max_model_len=32)
+    # one process, every prompt admitted at once, read step by step: the same samples as TP=2's scheduling
+    gen = Generator(model, block_size=4, num_blocks=32, max_model_len=12, overlap=False)
     comps = gen.generate_completions(
-        [[5, 9, 13], [7, 3, 22, 41, 8, 2, 19]], GenerateConfig(temperature=0.9, max_new_tokens=6, seed=3)
+        [[5, 9, 13], [7, 3, 22, 41, 8, 2, 19], [11, 4]], GenerateConfig(temperature=0.9, max_new_tokens=8, seed=3)
     )
-    expected = torch.tensor([c.tokens + [-1] * (6 - len(c.tokens)) for c in comps])
+    expected = torch.tensor([c.tokens + [-1] * (8 - len(c.tokens)) for c in comps])
     assert torch.equal(tp2["generated"], expected)
+    assert tp2["mixed_steps"] > 0 and tp2["overlapped_steps"] > 0
 
     saved = load_pretrained(tmp_path / "saved")  # gathered from both ranks, written by rank 0
     for (n1, p1), (n2, p2) in zip(model.named_parameters(), saved.named_parameters()):

@@ -33,10 +33,14 @@ def main(ckpt: str, out: str) -> None:
     from engine.config import GenerateConfig
     from engine.generate import Generator
 
-    gen = Generator(model, block_size=4, num_blocks=32, max_model_len=32)
-    prompts = [[5, 9, 13], [7, 3, 22, 41, 8, 2, 19]]
-    generated = gen.generate_completions(prompts, GenerateConfig(temperature=0.9, max_new_tokens=6, seed=3))
-    tokens = torch.tensor([c.tokens + [-1] * (6 - len(c.tokens)) for c in generated])
+    # two slots for three prompts, the second capped by max_model_len (5 new tokens): the third is admitted
+    # while the first still runs (a mixed step), every step launched ahead of the host, on every rank alike
+    gen = Generator(model, block_size=4, num_blocks=32, max_model_len=12, max_num_seqs=2)
+    prompts = [[5, 9, 13], [7, 3, 22, 41, 8, 2, 19], [11, 4]]
+    generated = gen.generate_completions(prompts, GenerateConfig(temperature=0.9, max_new_tokens=8, seed=3))
+    grads["mixed_steps"] = gen.stats.mixed_steps
+    grads["overlapped_steps"] = gen.stats.overlapped_steps
+    tokens = torch.tensor([c.tokens + [-1] * (8 - len(c.tokens)) for c in generated])
     everyone = [torch.empty_like(tokens) for _ in range(2)]
     dist.all_gather(everyone, tokens, group=model.group)
     assert torch.equal(everyone[0], everyone[1]), "TP ranks sampled different tokens"
