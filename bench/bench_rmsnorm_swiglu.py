@@ -56,6 +56,19 @@ def _rows(args, device):
     }
 
 
+def check(op: str, fn, inputs, dy) -> None:
+    """Before timing: ours against the eager layer in float64 (output and every input's gradient)."""
+    ref = {"RMSNorm": lambda x, w: reference.rms_norm(x, w, 1e-5), "SwiGLU": reference.swiglu}[op.split()[0]]
+    outs = []
+    for f, cast in ((fn, lambda t: t), (ref, lambda t: t.double())):
+        leaves = [cast(x.detach()).requires_grad_() for x in inputs]
+        out = f(*leaves)
+        outs.append([out, *torch.autograd.grad(out, leaves, cast(dy))])
+    errs = [((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(*outs)]
+    shown = " ".join(f"{e:.1e}" for e in errs)
+    print(f"{op}: max error relative to the largest value, output then gradients: {shown}")
+
+
 def _time_impl(op: str, name: str, fn, inputs, dy, device) -> dict:
     """Forward and forward+backward time (and extra peak memory) of fn(*inputs)."""
     leaves = [x.detach().requires_grad_() for x in inputs]
@@ -89,6 +102,7 @@ def main(argv=None) -> list[dict]:
     for op, (make, impls, fwd_bytes, fb_bytes) in _rows(args, device).items():
         inputs = make()
         dy = torch.randn_like(impls["eager (HF)"](*inputs))
+        check(op, impls["ours"], inputs, dy)
         for name, fn in impls.items():
             rows.append(_time_impl(op, name, fn, inputs, dy, device))
         bw = args.bandwidth * 1e9  # bytes per ms
