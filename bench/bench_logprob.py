@@ -69,6 +69,14 @@ def bench_token(args, device, dtype, rows):
     if device == "cuda" and not args.skip_compile:
         compiled = torch.compile(reference.token_logprobs, dynamic=False)
         cands["torch.compile"] = lambda xx, ent: compiled(xx, targets, return_entropy=ent)
+    # before timing: ours against the fp32 reference on the same logits (log-probs, entropy)
+    got, want = (
+        token_logprobs(logits, targets, return_entropy=True),
+        reference.token_logprobs(logits.float(), targets, return_entropy=True),
+    )
+    errs = [(a.float() - b).abs().max().item() for a, b in zip(got, want)]
+    print(f"token_logprobs {n}x{v}: ours vs fp32 reference, max |err| log-prob {errs[0]:.2e}, entropy {errs[1]:.2e}")
+    del got, want
     cases = [("fwd", False, logits), ("fwd+ent", True, logits), ("fwd+bwd", True, x)]
     jobs = [(name, case, (lambda f=f, i=inp, e=ent: f(i, e)) if case != "fwd+bwd" else fwd_bwd(
         lambda f=f, e=ent: f(x, e), [x])) for name, f in cands.items() for case, ent, inp in cases]  # fmt: skip

@@ -71,6 +71,10 @@ def _bench_shape(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, compile
         variants["compile"] = lambda: compiled(q, kc, vc, bt, cl)
     row = {"shape": name, "batch": batch, "context": ctx, "hq": hq, "hkv": hkv, "head_dim": d, "block": bs}
     row.update({"dtype": str(dtype), "kv_bytes": kv_bytes, "floor_ms": kv_bytes / bw * 1e3})
+    if "ours" in variants:  # before timing: ours against the eager reference (fp32 inside) on the same inputs
+        err = (variants["ours"]().float() - variants["eager"]().float()).abs().max().item()
+        row["max_abs_err"] = err
+        print(f"{name}: ours vs eager reference, max |err| = {err:.2e}")
     for vname, fn in variants.items():
         try:
             ms = _ms(fn, device)
