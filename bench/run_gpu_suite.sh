@@ -2,9 +2,9 @@
 # Every GPU figure bench/RESULTS.md owes, in one command (one device call):
 #   bash bench/run_gpu_suite.sh OUT_DIR [NAME ...]
 # Writes OUT_DIR/<bench>.json and OUT_DIR/<bench>.log; a failing bench does not stop the others.
-# NAMEs (gae logprob rope_attention rope_sweep paged_attention rmsnorm_swiglu rollout_b64 rollout_b1
-# rollout_b64_sync rollout_ppo_like ppo_step) run only those: the whole suite can outlast one 10-minute device call, so a second call can
-# finish the rest.
+# NAMEs (gae logprob rope_attention rope_sweep paged_attention rmsnorm_swiglu sampling rollout_b64
+# rollout_b1 rollout_b64_sync rollout_ppo_like ppo_step) run only those: the whole suite can outlast one
+# 10-minute device call, so a second call can finish the rest.
 # Each kernel bench checks ours against the reference before it times anything.
 set -u
 out=${1:?usage: bash bench/run_gpu_suite.sh OUT_DIR [NAME ...]}
@@ -31,6 +31,7 @@ run rope_attention python bench/bench_rope_attention.py
 run rope_sweep python bench/bench_rope_attention.py --sweep   # every launch variant: which tiles to keep
 run paged_attention python bench/bench_paged_attention.py
 run rmsnorm_swiglu python bench/bench_rmsnorm_swiglu.py
+run sampling python bench/bench_sampling.py
 run rollout_b64 python bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 --prompt-len 128 --gen-len 256 --hf-static
 run rollout_b1 python bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 --prompt-len 128 --gen-len 256
 run rollout_b64_sync python bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 --prompt-len 128 \

@@ -9,6 +9,7 @@ Sections (one per kernel file) keep this file easy to extend without collisions.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -46,6 +47,49 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, rope_theta: float = 1
     rotated = torch.cat([-x2, x1], dim=-1)
     out = xc * cos[:, None, :] + rotated * sin[:, None, :]
     return out.to(x.dtype)
+
+
+# ================================================================================= sampling ==
+
+M32 = 0xFFFFFFFF
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash on int64 tensors holding values in [0, 2^32); constants < 2^31 keep
+    every product below 2^63, so nothing overflows."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & M32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & M32
+    return x ^ (x >> 16)
+
+
+@functools.lru_cache(maxsize=8)
+def _column_keys(vocab: int, device: torch.device) -> torch.Tensor:
+    """Per-vocabulary-entry hash keys, computed once per (vocab, device) rather than every step."""
+    return mix32(torch.arange(vocab, device=device, dtype=torch.int64) * 0x61C88647 & M32)
+
+
+def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[B, V] uniforms in (0, 1) from per-row seeds [B] and counters [B] (int64): a pure function."""
+    row = mix32(mix32(seeds & M32) ^ (counters & M32))
+    col = _column_keys(vocab, seeds.device)
+    bits = mix32(row[:, None] ^ col[None, :])
+    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def gumbel_sample(
+    logits: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Oracle of kernels.sampling.gumbel_sample: argmax of logits / temperature + Gumbel(uniform_noise) (argmax
+    of the logits at temperature 0) -> (tokens [B] int64, log_softmax(logits) at them [B] fp32)."""
+    logits = logits.float()
+    if temperature == 0:
+        tokens = logits.argmax(-1)
+    else:
+        gumbel = -torch.log(-torch.log(uniform_noise(seeds, counters, logits.shape[-1])))
+        tokens = (logits / temperature + gumbel).argmax(-1)
+    return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
 # ======================================================================= norm and activation ==

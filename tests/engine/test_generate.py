@@ -230,7 +230,8 @@ def test_sampler_draws_from_the_filtered_distribution(temperature, top_k, top_p)
     params = GenerateConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     seeds = torch.full((n,), 77, dtype=torch.int64)
     counters = torch.arange(n, dtype=torch.int64)
-    tokens, logprobs = sample_tokens(logits.expand(n, -1), params, seeds, counters)
+    with reference_ops():  # the reference's distribution (the kernel samples the same tokens: test_sampling.py)
+        tokens, logprobs = sample_tokens(logits.expand(n, -1), params, seeds, counters)
     counts = torch.bincount(tokens, minlength=12).double()
     # expected, written out independently of filter_logits, in HF's order: top-k first, then top-p on
     # the renormalised top-k distribution

@@ -61,6 +61,18 @@ for fn in (swiglu._swiglu_fwd_kernel, swiglu._swiglu_bwd_kernel):
     assert info["regs"] and info["spill_bytes"] == 0 and "ld.global.v4.b32" in info["loads"], info
 print("compiled")
 """,
+    "sampling": """
+from bench.common import ptxas_info
+from kernels import sampling
+
+types = dict(LOGITS="*bf16", SEEDS="*i64", COUNTERS="*i64", TOKENS="*i64", LOGPROBS="*fp32", vocab="i32",
+             stride_row="i32", temperature="fp32")
+for greedy in (False, True):
+    consts = dict(GREEDY=greedy, BLOCK_V=sampling._BLOCK_V)
+    info = ptxas_info(sampling._gumbel_sample_kernel, types, consts, 8, 3, divisible=("vocab",))  # 32000 is
+    assert info["regs"] and info["spill_bytes"] == 0, info
+print("compiled")
+""",
     "logprob": """
 from bench.common import ptxas_info
 import kernels.logprob as L
