@@ -41,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (CPU 24, GPU 256)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="response tokens (CPU 16, GPU 256)")
     p.add_argument("--micro-batch-tokens", type=int, default=16384)
+    p.add_argument(
+        "--gen-max-num-seqs", type=int, default=None, help="generator slots (default: the rollout batch, all at once)"
+    )
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--iterations", type=int, default=1, help="timed iterations (after one warm-up)")
     p.add_argument("--device", default="auto")
@@ -70,7 +73,7 @@ def main(argv=None) -> dict:
         max_prompt_len=prompt_len, learning_rate=1e-6,
     )  # fmt: skip
     run = RunConfig(
-        output_dir="", micro_batch_tokens=a.micro_batch_tokens, gen_max_num_seqs=max(rollout, 1),
+        output_dir="", micro_batch_tokens=a.micro_batch_tokens, gen_max_num_seqs=a.gen_max_num_seqs or max(rollout, 1),
         kv_cache_fraction=a.kv_cache_fraction, ignore_eos=a.ignore_eos,
     )  # fmt: skip
     models = tuple(
@@ -105,6 +108,9 @@ def main(argv=None) -> dict:
         tf = f"{flops / sec / 1e12:10.2f}" if flops else f"{'':>10}"
         print(f"{name:<36}{sec:>10.3f}{tok:>10.0f}{tok / sec:>12.0f}{tf}")
         out["phases"][name] = {"seconds": sec, "tokens": tok, "tok_s": tok / sec, "flops": flops}
+    st = state.generator.stats  # the last timed rollout's scheduler
+    out["generator"] = {k: getattr(st, k) for k in ("prefill_steps", "decode_steps", "mixed_steps", "overlapped_steps")}
+    print("generator steps: " + ", ".join(f"{k} {v}" for k, v in out["generator"].items()))
     if not gpu:
         print("(CPU figures: a smoke run; GPU figures need a CUDA device)")
     if a.json:
