@@ -15,3 +15,14 @@ def test_sampling_bench_smoke(tmp_path):
 
     rows = main(["--json", str(tmp_path / "s.json")])
     assert {r["impl"] for r in rows if "error" not in r} >= {"ours (one pass)", "eager (reference)"}
+
+
+def test_ppo_step_bench_smoke(tmp_path):
+    """One timed PPO iteration of the tiny models (reference ops), with fewer generator slots than prompts."""
+    from bench.ppo_step import main
+    from kernels.dispatch import reference_ops
+
+    with reference_ops():
+        out = main(["--gen-max-num-seqs", "3", "--no-ignore-eos", "--json", str(tmp_path / "p.json")])
+    assert set(out["phases"]) == {"generate", "score (4 forwards)", "train (policy + value, fwd + bwd)", "iteration"}
+    assert out["generator"]["decode_steps"] > 0 and (tmp_path / "p.json").exists()
