@@ -76,7 +76,9 @@ def checkpoint_files(path: str) -> dict[str, str]:
     shards = sorted(fn for fn in os.listdir(path) if fn.endswith(".safetensors"))
     if not shards:
         hint = (
-            " (PyTorch .bin checkpoints are not read: convert to safetensors)"
+            " (PyTorch .bin checkpoints are not read: convert once with transformers, e.g. "
+            "AutoModelForCausalLM.from_pretrained(src, torch_dtype='auto').save_pretrained(dst), "
+            "or AutoModelForSequenceClassification for a reward model)"
             if any(fn.endswith(".bin") for fn in os.listdir(path))
             else ""
         )

@@ -60,7 +60,7 @@ def test_other_architectures_refused(tmp_path):
 def test_no_safetensors(tmp_path):
     save_hf_model(tmp_path)
     (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
-    with pytest.raises(FileNotFoundError, match="no safetensors files.*bin"):
+    with pytest.raises(FileNotFoundError, match=r"no safetensors files.*\.bin.*save_pretrained\(dst\)"):
         load_pretrained(tmp_path)
 
 
