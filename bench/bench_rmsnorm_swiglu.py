@@ -13,7 +13,6 @@ gate, up and dy and writes both halves of the gradient backward. Without a CUDA 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import measure  # noqa: E402
+from bench.common import device_name, measure, save_json  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.rmsnorm import rms_norm  # noqa: E402
 from kernels.swiglu import swiglu  # noqa: E402
@@ -107,7 +106,7 @@ def main(argv=None) -> list[dict]:
             rows.append(_time_impl(op, name, fn, inputs, dy, device))
         bw = args.bandwidth * 1e9  # bytes per ms
         rows.append(dict(op=op, impl=f"floor ({args.bandwidth} TB/s)", fwd_ms=fwd_bytes / bw, fwdbwd_ms=fb_bytes / bw))
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    name = device_name(device)
     print(f"device: {name}, torch {torch.__version__}, {args.dtype}")
     print(f"{'op':<24} {'impl':<20} {'fwd ms':>8} {'f+b ms':>8} {'fwd +GiB':>9} {'f+b +GiB':>9}")
     for r in rows:
@@ -116,9 +115,7 @@ def main(argv=None) -> list[dict]:
             continue
         mem = f"{r['fwd_extra_gib']:>9.3f} {r['fwdbwd_extra_gib']:>9.3f}" if "fwd_extra_gib" in r else ""
         print(f"{r['op']:<24} {r['impl']:<20} {r['fwd_ms']:>8.3f} {r['fwdbwd_ms']:>8.3f} {mem}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "args": vars(args), "rows": rows}, f, indent=1)
+    save_json(args.json, rows, args, device)
     return rows
 
 

@@ -12,7 +12,6 @@ sampler's few hundred microseconds are a real share of a 13B step. Without a CUD
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import measure  # noqa: E402
+from bench.common import device_name, measure, save_json  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.sampling import gumbel_sample  # noqa: E402
 
@@ -61,15 +60,13 @@ def main(argv=None) -> list[dict]:
                 rows.append(dict(batch=b, vocab=args.vocab, impl=name, error=f"{type(e).__name__}: {str(e)[:80]}"))
         floor = b * args.vocab * logits.element_size() / (args.bandwidth * 1e9)
         rows.append(dict(batch=b, vocab=args.vocab, impl=f"floor ({args.bandwidth} TB/s)", ms=floor, extra_mib=0.0))
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    name = device_name(device)
     print(f"device: {name}, torch {torch.__version__}, {args.dtype} logits, temperature {args.temperature}")
     print(f"{'batch':>6} {'vocab':>7} {'impl':<24} {'ms':>9} {'+MiB':>9}")
     for r in rows:
         tail = r["error"] if "error" in r else f"{r['ms']:>9.4f} {r['extra_mib']:>9.1f}"
         print(f"{r['batch']:>6} {r['vocab']:>7} {r['impl']:<24} {tail}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "args": vars(args), "rows": rows}, f, indent=1)
+    save_json(args.json, rows, args, device)
     return rows
 
 

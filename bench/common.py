@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import torch
@@ -43,6 +44,18 @@ def measure(fn, device, *, warmup_ms: float = 25, rep_ms: float = 100, min_reps:
         fn()
         n += 1
     return (time.perf_counter() - start) * 1e3 / n, float("nan")
+
+
+def device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
+
+
+def save_json(path: str | None, rows: list[dict], args, device) -> None:
+    """Write a bench's rows with the device, torch version and arguments (nothing when path is None)."""
+    if path:
+        with open(path, "w") as f:
+            meta = {"device": device_name(device), "torch": torch.__version__, "args": vars(args)}
+            json.dump({**meta, "rows": rows}, f, indent=1)
 
 
 def ptxas_info(
