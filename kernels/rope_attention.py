@@ -538,10 +538,28 @@ def _dot_args(dtype: torch.dtype) -> dict:
     return {"DOT_DTYPE": _TL_DTYPES[dtype], "PREC": "tf32"}
 
 
-def _check_config(config: dict | None, seq_block: str, inner: str) -> None:
-    """An explicit launch's inner tile must divide its sequence block (the diagonal loops step by it)."""
-    if config and config[seq_block] % config[inner]:
+def _launch(
+    kernel, tuned, heads: int, make_args, cu: torch.Tensor, n: int, seq_block: str, inner: str,
+    config: dict | None, blocks: dict | None = None, **meta,
+) -> None:  # fmt: skip
+    """Launch one of the three attention kernels with an explicit config (sweeps, tests), the interpreter's small
+    inner tile, or the autotuned variants. The grid covers the blocks of the kernel's own sequence-block size
+    (`seq_block`); make_args(cu_blk) builds its arguments around that size's block index, kept in `blocks`
+    (block size -> index) so that the kernels of one call that share a size build it once."""
+    if config and config[seq_block] % config[inner]:  # the diagonal loops step by the inner tile
         raise ValueError(f"{inner}={config[inner]} must divide {seq_block}={config[seq_block]}: {config}")
+    block = config[seq_block] if config else _BLOCK
+    blocks = {} if blocks is None else blocks
+    if block not in blocks:
+        blocks[block] = _block_index(cu, n, block)
+    cu_blk, grid0, n_steps = blocks[block]
+    args, grid = make_args(cu_blk), (grid0, heads)
+    if config:
+        kernel[grid](*args, N_STEPS=n_steps, **config, **meta)
+    elif INTERPRET:
+        kernel[grid](*args, N_STEPS=n_steps, **{seq_block: block, inner: _INNER_INTERPRET}, **meta)
+    else:
+        tuned[grid](*args, N_STEPS=n_steps, **{seq_block: block}, **meta)
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -625,9 +643,6 @@ def _rope_attention_fwd(
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     positions = positions.to(q.device).contiguous()  # the kernels index it as a flat array
     inv_freq, tab = rope_tables(d, rope_theta, q.device)
-    _check_config(config, "BLOCK_M", "BLOCK_N")
-    block_m = config["BLOCK_M"] if config else _BLOCK
-    cu_blk, grid0, n_steps = _block_index(cu, n, block_m)
     cache = {}
     if kv_cache is not None:
         kc, vc = kv_cache
@@ -635,19 +650,13 @@ def _rope_attention_fwd(
             raise ValueError("k_cache and v_cache must have a contiguous last dim")
         cache = dict(k_cache=kc, v_cache=vc, slot_mapping=slot_mapping.to(q.device))
     launch_rotary(k, v, positions, rope_theta=rope_theta, k_out=k_rot, **cache)
-    args = (
+    make_args = lambda cu_blk: (
         q, k_rot, v, out, lse, positions, cu, cu_blk, inv_freq, tab, q_rot if save_rotated else out,
         q.stride(0), q.stride(1), k_rot.stride(0), k_rot.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), hq * d, n, cu.numel() - 1, softmax_scale * _LOG2E,
     )  # fmt: skip
-    meta = dict(N_STEPS=n_steps, GROUP=hq // hkv, HEAD_DIM=d, HALF=max(d // 2, 16), TAB_ROWS=TAB_ROWS,
-                SAVE_ROT=save_rotated, **_dot_args(q.dtype))  # fmt: skip
-    if config:
-        _fwd_kernel[(grid0, hq)](*args, **config, **meta)
-    elif INTERPRET:
-        _fwd_kernel[(grid0, hq)](*args, BLOCK_M=_BLOCK, BLOCK_N=_INNER_INTERPRET, **meta)
-    else:
-        _fwd_tuned[(grid0, hq)](*args, BLOCK_M=_BLOCK, **meta)
+    meta = dict(GROUP=hq // hkv, HEAD_DIM=d, HALF=max(d // 2, 16), TAB_ROWS=TAB_ROWS, SAVE_ROT=save_rotated)
+    _launch(_fwd_kernel, _fwd_tuned, hq, make_args, cu, n, "BLOCK_M", "BLOCK_N", config, **meta, **_dot_args(q.dtype))
     return out, lse, q_rot, k_rot
 
 
@@ -699,29 +708,13 @@ def _rope_attention_bwd(
     scalars = (n, cu.numel() - 1, softmax_scale * _LOG2E, softmax_scale)
     # each kernel's grid covers the blocks of its own sequence-block size (the key block of dk/dv, the query
     # block of dq), so the two can be tuned apart
-    _check_config(dkdv_config, "BLOCK_N", "BLOCK_M")
-    _check_config(dq_config, "BLOCK_M", "BLOCK_N")
-    block = dkdv_config["BLOCK_N"] if dkdv_config else _BLOCK
-    cu_blk, grid0, n_steps = _block_index(cu, n, block)
-    args = (q, k, v, do, lse, delta, dk, dv, positions, cu, cu_blk, inv_freq, tab,
-            *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *scalars)  # fmt: skip
-    if dkdv_config:
-        _bwd_dkdv_kernel[(grid0, hkv)](*args, N_STEPS=n_steps, **dkdv_config, **common)
-    elif INTERPRET:
-        _bwd_dkdv_kernel[(grid0, hkv)](*args, N_STEPS=n_steps, BLOCK_N=block, BLOCK_M=_INNER_INTERPRET, **common)
-    else:
-        _dkdv_tuned[(grid0, hkv)](*args, N_STEPS=n_steps, BLOCK_N=block, **common)
-
-    block = dq_config["BLOCK_M"] if dq_config else _BLOCK
-    cu_blk, grid0, n_steps = _block_index(cu, n, block)
-    args = (q, k, v, do, lse, delta, dq, positions, cu, cu_blk, inv_freq, tab,
-            *strides, dq.stride(0), dq.stride(1), *scalars)  # fmt: skip
-    if dq_config:
-        _bwd_dq_kernel[(grid0, hq)](*args, N_STEPS=n_steps, **dq_config, **common)
-    elif INTERPRET:
-        _bwd_dq_kernel[(grid0, hq)](*args, N_STEPS=n_steps, BLOCK_M=block, BLOCK_N=_INNER_INTERPRET, **common)
-    else:
-        _dq_tuned[(grid0, hq)](*args, N_STEPS=n_steps, BLOCK_M=block, **common)
+    dkdv_args = lambda cu_blk: (q, k, v, do, lse, delta, dk, dv, positions, cu, cu_blk, inv_freq, tab, *strides,
+                                dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *scalars)  # fmt: skip
+    dq_args = lambda cu_blk: (q, k, v, do, lse, delta, dq, positions, cu, cu_blk, inv_freq, tab, *strides,
+                              dq.stride(0), dq.stride(1), *scalars)  # fmt: skip
+    blocks: dict = {}
+    _launch(_bwd_dkdv_kernel, _dkdv_tuned, hkv, dkdv_args, cu, n, "BLOCK_N", "BLOCK_M", dkdv_config, blocks, **common)
+    _launch(_bwd_dq_kernel, _dq_tuned, hq, dq_args, cu, n, "BLOCK_M", "BLOCK_N", dq_config, blocks, **common)
     return dq, dk, dv
 
 
