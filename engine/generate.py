@@ -235,6 +235,16 @@ class Generator:
         self.stats.prefill_steps += 1
         return self.model.head_packed(hidden[cu[1:].long() - 1])
 
+    def _decode_inputs(self, seqs: list[_Seq], last: torch.Tensor | None):
+        """A slot for each sequence's next token (copy-on-write done first) and the step's tensors; the input ids
+        from the host unless `last` brings them on the device. Raises OutOfBlocks before any change."""
+        batch = self.blocks.prepare_decode([s.seq_id for s in seqs], width=self.table_width, device=self.device)
+        if batch.copies:
+            self.pool.copy_blocks(batch.copies)
+        if last is None:
+            last = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.long).to(self.device, non_blocking=True)
+        return batch, last
+
     @torch.no_grad()
     def _prefill_and_decode(
         self, parents: list[_Seq], seqs: list[_Seq], last: torch.Tensor | None = None
@@ -243,12 +253,8 @@ class Generator:
         costs no extra read of the weights: (prompt logits [G, V], decode logits [B, V]). Eager (the
         shapes vary). Raises OutOfBlocks, before any change, when a running sequence gets no slot.
         last: the decode input ids on the device (as for _decode)."""
-        batch = self.blocks.prepare_decode([s.seq_id for s in seqs], width=self.table_width, device=self.device)
-        if batch.copies:
-            self.pool.copy_blocks(batch.copies)
+        batch, last = self._decode_inputs(seqs, last)
         ids, pos, cu, slots = self._prefill_inputs(parents)
-        if last is None:
-            last = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.long).to(self.device, non_blocking=True)
         p = ids.shape[0]
         ctx = AttentionContext(
             self._kv_caches(), torch.cat([slots, batch.slot_mapping]), False, batch.block_tables,
@@ -267,12 +273,7 @@ class Generator:
         """One decode step for every running sequence -> logits [B, V]. Raises OutOfBlocks (nothing changed).
 
         last: the input ids [B] on the device (an overlapped step: tokens the host has not read yet)."""
-        ids = [s.seq_id for s in seqs]
-        batch = self.blocks.prepare_decode(ids, width=self.table_width, device=self.device)
-        if batch.copies:
-            self.pool.copy_blocks(batch.copies)
-        if last is None:
-            last = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.long).to(self.device, non_blocking=True)
+        batch, last = self._decode_inputs(seqs, last)
         self.stats.decode_steps += 1
         if self.use_cuda_graphs:
             graphs = self._graphs or self._capture()
@@ -418,9 +419,9 @@ class Generator:
             return None
         last = None
         if rows:
-            # (a blocking copy of the row indices would wait for `inflight` to finish)
-            idx = torch.tensor(rows).to(self.device, non_blocking=True)
-            last = inflight.tokens if len(rows) == len(inflight.seqs) else inflight.tokens[idx]
+            last = inflight.tokens
+            if len(rows) < len(inflight.seqs):  # (a blocking copy of the indices would wait for `inflight`)
+                last = last[torch.tensor(rows).to(self.device, non_blocking=True)]
             if others:
                 host = torch.tensor([s.tokens[-1] for s in others], dtype=torch.long)
                 last = torch.cat([last, host.to(self.device, non_blocking=True)])
