@@ -11,10 +11,8 @@ import torch
 
 from engine.config import GenerateConfig
 from kernels import reference
-from kernels.reference import M32, mix32, uniform_noise
+from kernels.reference import M32, mix32
 from kernels.sampling import gumbel_sample
-
-__all__ = ["filter_logits", "sample_tokens", "seed_for", "uniform_noise"]
 
 
 def seed_for(base_seed: int, prompt_index: int, sample_index: int) -> int:
@@ -47,7 +45,7 @@ def sample_tokens(
     """Sample one token per row of logits [B, V] -> (tokens [B] int64, log-probs [B] fp32 under the raw logits).
 
     Temperature 0 is greedy. Otherwise Gumbel-max over the temperature-scaled, top-k/top-p filtered
-    logits, with the noise from uniform_noise(seeds, counters): no host sync, no global RNG. Without
+    logits, with the noise from kernels.reference.uniform_noise(seeds, counters): no host sync, no global RNG. Without
     top-k / top-p (the recipe's sampling) one fused kernel does it all (kernels/sampling.py).
     """
     if params.temperature == 0 or (not (params.top_k and params.top_k < logits.shape[-1]) and params.top_p >= 1.0):

@@ -10,8 +10,9 @@ from engine.checkpoint import load_pretrained
 from engine.config import GenerateConfig, ModelConfig
 from engine.generate import Generator
 from engine.model import Transformer
-from engine.sampler import filter_logits, sample_tokens, uniform_noise
+from engine.sampler import filter_logits, sample_tokens
 from kernels.dispatch import reference_ops
+from kernels.reference import uniform_noise
 from tests.engine.hf_models import save_hf_model
 
 
