@@ -107,7 +107,7 @@ def _run_clean(gen, prompts, params, path):
 @pytest.mark.parametrize("path", ["kernels", "reference"])
 def test_prompts_admitted_mid_run_ride_along_with_a_decode_step(path):
     """With more prompts than sequence slots, each admission joins the running sequences' decode step (one
-    forward): the samples are those of separate prefill forwards, with fewer forwards."""
+    forward): the samples are those of separate prefill forwards, with fewer prompt-only forwards."""
     model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.3, seed=2)
     prompts = _prompts(512, [3, 11, 1, 7, 16, 5], seed=4)
     params = GenerateConfig(temperature=1.0, max_new_tokens=7, stop_token_ids=list(range(3, 40)), seed=5, n=2)
@@ -118,8 +118,9 @@ def test_prompts_admitted_mid_run_ride_along_with_a_decode_step(path):
     for a, b in zip(mixed, separate):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=1e-5)
     assert st_mixed.mixed_steps > 0 and st_separate.mixed_steps == 0
-    # only admissions into an empty engine (the start) still take a forward of their own
-    assert st_mixed.prefill_steps + st_mixed.mixed_steps == st_separate.prefill_steps
+    # mixed steps replace prompt-only forwards (admissions into an empty engine still need one); the same
+    # prompt tokens go through the model either way
+    assert st_mixed.prefill_steps < st_separate.prefill_steps
     assert st_mixed.prefill_tokens == st_separate.prefill_tokens
 
 
