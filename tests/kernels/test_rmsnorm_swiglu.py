@@ -45,8 +45,10 @@ def test_rms_norm_forward_backward(dtype, shape, poisoned_outputs):
     assert out.dtype == dx.dtype == dw.dtype == dtype
     torch.testing.assert_close(out.double(), ref, **TOLS[dtype])
     torch.testing.assert_close(dx.double(), rdx, **TOLS[dtype])
-    # dweight sums over every row: compare relative to its size
-    torch.testing.assert_close(dw.double(), rdw, atol=TOLS[dtype]["atol"] * shape[0], rtol=TOLS[dtype]["rtol"])
+    # dweight sums over every row (values up to ~20 here), so its error scales with its largest value: the
+    # rounding of its dtype there (measured: fp32 ~2e-7 of the largest value, bf16 ~3e-3, fp16 ~5e-4)
+    rel = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+    torch.testing.assert_close(dw.double(), rdw, atol=rel * rdw.abs().max().item(), rtol=0)
 
 
 # (tests/conftest.py makes the interpreter round fp32 -> bf16 to nearest, as the GPU does)
