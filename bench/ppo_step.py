@@ -109,8 +109,9 @@ def main(argv=None) -> dict:
         print(f"{name:<36}{sec:>10.3f}{tok:>10.0f}{tok / sec:>12.0f}{tf}")
         out["phases"][name] = {"seconds": sec, "tokens": tok, "tok_s": tok / sec, "flops": flops}
     st = state.generator.stats  # the last timed rollout's scheduler
-    out["generator"] = {k: getattr(st, k) for k in ("prefill_steps", "decode_steps", "mixed_steps", "overlapped_steps")}
-    print("generator steps: " + ", ".join(f"{k} {v}" for k, v in out["generator"].items()))
+    keys = ("prefill_steps", "decode_steps", "mixed_steps", "overlapped_steps", "graph_captures", "setup_seconds")
+    out["generator"] = {k: getattr(st, k) for k in keys}  # graph_captures 0: last iteration's graphs replayed
+    print("generator: " + ", ".join(f"{k} {v:.3g}" for k, v in out["generator"].items()))
     if not gpu:
         print("(CPU figures: a smoke run; GPU figures need a CUDA device)")
     if a.json:

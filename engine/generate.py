@@ -69,7 +69,9 @@ class GenerationStats:
     mixed_steps: int = 0  # decode steps that also took newly admitted prompts (no forward of their own)
     overlapped_steps: int = 0  # decode steps launched before the host had read the previous step's tokens
     preemptions: int = 0
-    seconds: float = 0.0
+    graph_captures: int = 0  # decode graphs captured in this call (0: the previous call's graphs replayed)
+    setup_seconds: float = 0.0  # allocating (and on a GPU sizing) the KV cache, capturing graphs
+    seconds: float = 0.0  # the whole call, setup included
 
 
 @dataclass
@@ -138,7 +140,8 @@ class Generator:
         self.overlap = overlap
         self.pool: KVCachePool | None = None
         self.blocks: BlockManager | None = None
-        self._graphs = None
+        self._graphs: _DecodeGraphs | None = None
+        self._activation_peak: int | None = None  # bytes, measured once (the largest step's activations)
         self._caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.stats = GenerationStats()
         self._kv_heads = model.layers[0].self_attn.local_kv_heads
@@ -156,12 +159,26 @@ class Generator:
             budget = self._cuda_cache_budget()
         else:
             budget = self.kv_cache_bytes or 256 * 1024**2
-        return budget // self._bytes_per_block()
+        n = budget // self._bytes_per_block()
+        last = self.pool.num_blocks if self.pool is not None else 0
+        if last <= n < last + last // 4:
+            # the size of the last rollout's cache: the allocator then tends to hand back the same address, and
+            # the decode graphs captured on it replay instead of being captured again
+            return last
+        return n
 
-    @torch.no_grad()
     def _cuda_cache_budget(self) -> int:
         """Bytes for the cache: fraction * total, less what is in use now and the activation peak of
-        the largest step (measured by running one)."""
+        the largest step (measured by running one, the first time)."""
+        if self._activation_peak is None:
+            self._activation_peak = self._measure_activation_peak()
+        free, total = torch.cuda.mem_get_info(self.device)
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        used = total - free - cached  # memory the caching allocator holds but nothing uses counts as free
+        return max(0, int(total * self.kv_cache_fraction) - used - self._activation_peak)
+
+    @torch.no_grad()
+    def _measure_activation_peak(self) -> int:
         torch.cuda.reset_peak_memory_stats(self.device)
         # the largest step the scheduler launches: a prefill of max_num_batched_tokens (or one prompt up to
         # max_model_len) with a decode token of every other sequence riding along, packed as long sequences
@@ -174,14 +191,18 @@ class Generator:
         self.model.head_packed(h[-min(n, self.max_num_seqs) :])
         del h
         torch.cuda.synchronize(self.device)
-        free, total = torch.cuda.mem_get_info(self.device)
-        activation_peak = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
-        used = total - free
-        return max(0, int(total * self.kv_cache_fraction) - used - activation_peak)
+        peak = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
+        torch.cuda.empty_cache()  # the probe's activations must not count as used when the budget is taken
+        return peak
 
     def _ensure_cache(self) -> None:
-        if self.pool is not None and self.pool.is_allocated:
-            return
+        """Allocate the cache if released; keep the decode graphs only where they would still be right."""
+        if self.pool is None or not self.pool.is_allocated:
+            self._allocate_cache()
+        if self._graphs is not None and self._graphs.key != self._graph_key():
+            self._graphs = None  # captured on another cache address or other parameter storage: capture anew
+
+    def _allocate_cache(self) -> None:
         n = self._num_blocks()
         if n < self.table_width:
             raise ValueError(
@@ -198,9 +219,15 @@ class Generator:
             self.pool.reallocate(n)
         self.blocks = BlockManager(n, self.block_size)
 
-    def release(self) -> None:
-        """Free the KV cache (and the CUDA graphs that point into it) for the training phase."""
-        self._graphs = None
+    def release(self, drop_graphs: bool = False) -> None:
+        """Free the KV cache for the training phase.
+
+        The decode graphs are kept (a few MiB of activations and logits) and replayed after the next
+        allocation if the cache comes back at the same address and every parameter and buffer of the
+        model still lives where it did (the trainer updates them in place); otherwise they are captured
+        again. drop_graphs: free them now as well."""
+        if drop_graphs:
+            self._graphs = None
         self._caches = None  # views keep the pool's storage alive
         self.blocks = None
         if self.pool is not None:
@@ -283,13 +310,23 @@ class Generator:
         with attention_context(ctx):
             return self.model.head_packed(self.model.hidden_packed(last, batch.positions, None))
 
+    def _graph_key(self) -> tuple:
+        """The storage a captured decode graph reads and writes through raw addresses: the KV cache and
+        every parameter and buffer of the model."""
+        pool = self.pool.tensor
+        m = self.model
+        return (pool.data_ptr(), tuple(pool.shape), *(t.data_ptr() for t in (*m.parameters(), *m.buffers())))
+
     def _capture(self):
+        start = time.perf_counter()
         try:
-            self._graphs = _DecodeGraphs(self)
+            self._graphs = _DecodeGraphs(self, self._graph_key())
+            self.stats.graph_captures += len(self._graphs.buckets)
         except Exception as e:  # a failed capture must not stop generation: fall back to eager
             warnings.warn(f"CUDA graph capture failed ({e!r}); decoding eagerly", stacklevel=2)
             self.use_cuda_graphs = False
             self._graphs = None
+        self.stats.setup_seconds += time.perf_counter() - start
         return self._graphs
 
     # ---------------------------------------------------------------------------- public --
@@ -319,9 +356,10 @@ class Generator:
             raise ValueError(f"{len(seed_keys)} seed_keys for {len(prompts)} prompts")
         if params.n > self.max_num_seqs:
             raise ValueError(f"n={params.n} samples per prompt exceeds max_num_seqs={self.max_num_seqs}")
-        self._ensure_cache()
         self.stats = GenerationStats(prompts=len(prompts))
         start = time.perf_counter()
+        self._ensure_cache()
+        self.stats.setup_seconds = time.perf_counter() - start
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos and self.model.config.eos_token_id is not None:
             stop_ids.add(self.model.config.eos_token_id)
@@ -530,8 +568,8 @@ class _DecodeGraphs:
     nothing (context length 0). The graph covers the whole model forward and the LM head.
     """
 
-    def __init__(self, gen: Generator):
-        self.gen = gen
+    def __init__(self, gen: Generator, key: tuple):
+        self.gen, self.key = gen, key
         dev, max_b = gen.device, gen.max_num_seqs
         self.buckets = sorted({b for b in (1, 2, 4, 8) if b < max_b} | set(range(16, max_b, 16)) | {max_b})
         self.ids = torch.zeros(max_b, dtype=torch.long, device=dev)

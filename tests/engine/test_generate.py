@@ -269,25 +269,33 @@ def test_filter_keeps_at_least_one_token():
     assert torch.isfinite(filter_logits(logits, 1, 1.0)).sum() == 1
 
 
-def test_graph_decode_path_matches_eager(monkeypatch):
-    """The CUDA-graph decode path's static buffers, padding and buckets, with an eager 'replay'
-    (the forward re-run on the static buffers) standing in for a captured graph on CPU."""
+def _eager_graphs(monkeypatch):
+    """Stand in for CUDA graph capture on CPU: a 'replay' re-runs the forward on the static buffers."""
     import engine.generate as generate
 
     class EagerGraphs(generate._DecodeGraphs):
         def _capture_one(self, b, mempool):
             out = self._forward(b)
-            ctx = generate.AttentionContext(
-                self.gen._kv_caches(), self.slots[:b], True, self.tables[:b], self.context_lens[:b]
-            )
 
             def replay():
+                # the cache views as they are now (a real graph holds no reference that keeps the cache alive)
+                ctx = generate.AttentionContext(
+                    self.gen._kv_caches(), self.slots[:b], True, self.tables[:b], self.context_lens[:b]
+                )
                 with generate.attention_context(ctx):
                     out.copy_(self._forward(b))
 
             return replay, out
 
     monkeypatch.setattr(generate, "_DecodeGraphs", EagerGraphs)
+
+
+def test_graph_decode_path_matches_eager(monkeypatch):
+    """The CUDA-graph decode path's static buffers, padding and buckets, with an eager 'replay'
+    (the forward re-run on the static buffers) standing in for a captured graph on CPU."""
+    import engine.generate as generate
+
+    _eager_graphs(monkeypatch)
     model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.05, seed=2)
     prompts = _prompts(512, [3, 7, 1, 12, 5], seed=4)
     params = GenerateConfig(temperature=0.8, max_new_tokens=9, seed=5, n=2, stop_token_ids=list(range(100, 160)))
@@ -303,6 +311,47 @@ def test_graph_decode_path_matches_eager(monkeypatch):
     torch.testing.assert_close(
         torch.tensor([x for c in graphed for x in c.logprobs]), torch.tensor([x for c in eager for x in c.logprobs])
     )
+
+
+def test_decode_graphs_outlive_the_training_phase_only_where_still_valid(monkeypatch):
+    """Graphs stay across calls and across release() when the cache and every parameter keep their storage
+    (an in-place update, as the trainer's), and are captured anew when either moved."""
+    _eager_graphs(monkeypatch)
+    model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.05, seed=2)
+    prompts = _prompts(512, [3, 7, 1], seed=4)
+    kw = dict(block_size=4, num_blocks=64, max_num_seqs=4, max_model_len=32)
+    params = GenerateConfig(temperature=0.8, max_new_tokens=5, seed=5)
+
+    def eager():
+        return Generator(model, **kw).generate(prompts, params)
+
+    with reference_ops():
+        gen = Generator(model, use_cuda_graphs=True, **kw)
+        first = gen.generate(prompts, params)
+        graphs = gen._graphs
+        assert gen.stats.graph_captures == len(graphs.buckets) == 3 and first == eager()
+
+        with torch.no_grad():  # an optimizer step: in place
+            for p in model.parameters():
+                p.mul_(1.5)
+        assert gen.generate(prompts, params) == eager() != first
+        assert gen._graphs is graphs and gen.stats.graph_captures == 0
+
+        held = gen.pool.tensor  # the next cache cannot come back at this address
+        gen.release()
+        assert gen._graphs is graphs
+        assert gen.generate(prompts, params) == eager()
+        assert gen._graphs is not graphs and gen.stats.graph_captures == 3
+        assert gen.pool.tensor.data_ptr() != held.data_ptr()
+        graphs = gen._graphs
+
+        w = model.layers[0].mlp.down_proj  # a parameter replaced by a new tensor (not in place)
+        w.weight = torch.nn.Parameter(w.weight.detach() * -1.0)
+        assert gen.generate(prompts, params) == eager()
+        assert gen._graphs is not graphs and gen.stats.graph_captures == 3
+
+        gen.release(drop_graphs=True)
+        assert gen._graphs is None
 
 
 def test_an_aborted_call_leaks_no_block(monkeypatch):
