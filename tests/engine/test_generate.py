@@ -293,7 +293,6 @@ def _eager_graphs(monkeypatch):
 def test_graph_decode_path_matches_eager(monkeypatch):
     """The CUDA-graph decode path's static buffers, padding and buckets, with an eager 'replay'
     (the forward re-run on the static buffers) standing in for a captured graph on CPU."""
-    import engine.generate as generate
 
     _eager_graphs(monkeypatch)
     model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.05, seed=2)
