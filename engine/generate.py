@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.config import GenerateConfig
+from engine.decode_graphs import DecodeGraphs, graph_key
 from engine.kv_cache import BlockManager, KVCachePool, OutOfBlocks, bytes_per_block
 from engine.model import AttentionContext, Transformer, attention_context
 from engine.sampler import sample_tokens, seed_for
@@ -140,7 +141,7 @@ class Generator:
         self.overlap = overlap
         self.pool: KVCachePool | None = None
         self.blocks: BlockManager | None = None
-        self._graphs: _DecodeGraphs | None = None
+        self._graphs: DecodeGraphs | None = None
         self._activation_peak: int | None = None  # bytes, measured once (the largest step's activations)
         self._caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.stats = GenerationStats()
@@ -312,16 +313,14 @@ class Generator:
             return self.model.head_packed(self.model.hidden_packed(last, batch.positions, None))
 
     def _graph_key(self) -> tuple:
-        """The storage a captured decode graph reads and writes through raw addresses: the KV cache and
-        every parameter and buffer of the model."""
-        pool = self.pool.tensor
-        m = self.model
-        return (pool.data_ptr(), tuple(pool.shape), *(t.data_ptr() for t in (*m.parameters(), *m.buffers())))
+        return graph_key(self.model, self.pool.tensor)
 
     def _capture(self):
         start = time.perf_counter()
         try:
-            self._graphs = _DecodeGraphs(self, self._graph_key())
+            self._graphs = DecodeGraphs(
+                self.model, self._kv_caches, self.max_num_seqs, self.table_width, self._graph_key()
+            )
             self.stats.graph_captures += len(self._graphs.buckets)
         except Exception as e:  # a failed capture must not stop generation: fall back to eager
             warnings.warn(f"CUDA graph capture failed ({e!r}); decoding eagerly", stacklevel=2)
@@ -557,62 +556,3 @@ class Generator:
             lo, hi = min(p), max(p)
             if lo < 0 or hi >= vocab:
                 raise ValueError(f"prompt {i} has token id {lo if lo < 0 else hi} outside the vocabulary [0, {vocab})")
-
-
-# ------------------------------------------------------------------------------ CUDA graphs --
-
-
-class _DecodeGraphs:
-    """Decode steps captured as CUDA graphs, one per batch-size bucket, sharing one memory pool.
-
-    Static inputs are padded to the bucket: padding rows write nowhere (slot -1) and attend to
-    nothing (context length 0). The graph covers the whole model forward and the LM head.
-    """
-
-    def __init__(self, gen: Generator, key: tuple):
-        self.gen, self.key = gen, key
-        dev, max_b = gen.device, gen.max_num_seqs
-        self.buckets = sorted({b for b in (1, 2, 4, 8) if b < max_b} | set(range(16, max_b, 16)) | {max_b})
-        self.ids = torch.zeros(max_b, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(max_b, dtype=torch.long, device=dev)
-        self.slots = torch.full((max_b,), -1, dtype=torch.long, device=dev)
-        self.context_lens = torch.zeros(max_b, dtype=torch.int32, device=dev)
-        self.tables = torch.zeros(max_b, gen.table_width, dtype=torch.int32, device=dev)
-        self.replays, self.logits = {}, {}
-        caches = gen._kv_caches()
-        mempool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
-        for b in reversed(self.buckets):  # largest first so smaller graphs reuse its memory
-            ctx = AttentionContext(caches, self.slots[:b], True, self.tables[:b], self.context_lens[:b])
-            with attention_context(ctx):
-                self._forward(b)  # warm up (autotuning, allocations) outside the capture
-                self._sync()
-                self.replays[b], self.logits[b] = self._capture_one(b, mempool)
-        self._sync()
-
-    def _sync(self) -> None:
-        if self.gen.device.type == "cuda":
-            torch.cuda.synchronize(self.gen.device)
-
-    def _capture_one(self, b: int, mempool):
-        """Capture the bucket-b forward: (replay function, the static logits it writes)."""
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=mempool):
-            logits = self._forward(b)
-        return g.replay, logits
-
-    def _forward(self, b: int) -> torch.Tensor:
-        m = self.gen.model
-        return m.head_packed(m.hidden_packed(self.ids[:b], self.positions[:b], None))
-
-    def run(self, last: torch.Tensor, batch) -> torch.Tensor:
-        n = last.shape[0]
-        b = next(x for x in self.buckets if x >= n)
-        self.ids[:n].copy_(last)
-        self.positions[:n].copy_(batch.positions)
-        self.slots[:n].copy_(batch.slot_mapping)
-        self.slots[n:b].fill_(-1)
-        self.context_lens[:n].copy_(batch.context_lens)
-        self.context_lens[n:b].zero_()
-        self.tables[:n].copy_(batch.block_tables)
-        self.replays[b]()
-        return self.logits[b][:n]

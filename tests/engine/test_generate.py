@@ -272,22 +272,21 @@ def test_filter_keeps_at_least_one_token():
 def _eager_graphs(monkeypatch):
     """Stand in for CUDA graph capture on CPU: a 'replay' re-runs the forward on the static buffers."""
     import engine.generate as generate
+    from engine.decode_graphs import DecodeGraphs
+    from engine.model import attention_context
 
-    class EagerGraphs(generate._DecodeGraphs):
+    class EagerGraphs(DecodeGraphs):
         def _capture_one(self, b, mempool):
             out = self._forward(b)
 
             def replay():
                 # the cache views as they are now (a real graph holds no reference that keeps the cache alive)
-                ctx = generate.AttentionContext(
-                    self.gen._kv_caches(), self.slots[:b], True, self.tables[:b], self.context_lens[:b]
-                )
-                with generate.attention_context(ctx):
+                with attention_context(self.context(b)):
                     out.copy_(self._forward(b))
 
             return replay, out
 
-    monkeypatch.setattr(generate, "_DecodeGraphs", EagerGraphs)
+    monkeypatch.setattr(generate, "DecodeGraphs", EagerGraphs)
 
 
 def test_graph_decode_path_matches_eager(monkeypatch):
