@@ -2,7 +2,7 @@
 # Every GPU figure bench/RESULTS.md owes, in one command (one device call):
 #   bash bench/run_gpu_suite.sh OUT_DIR [NAME ...]
 # Writes OUT_DIR/<bench>.json and OUT_DIR/<bench>.log; a failing bench does not stop the others.
-# NAMEs (gae logprob rope_attention rope_sweep paged_attention rmsnorm_swiglu sampling rollout_b64
+# NAMEs (tests gae logprob rope_attention rope_sweep paged_attention rmsnorm_swiglu sampling rollout_b64
 # rollout_b1 rollout_b64_sync rollout_ppo_like ppo_step) run only those: the whole suite can outlast one
 # 10-minute device call, so a second call can finish the rest.
 # Each kernel bench checks ours against the reference before it times anything.
@@ -25,6 +25,12 @@ run() {  # name, command...
   "$@" --json "$out/$name.json" > "$out/$name.log" 2>&1; echo "exit $?" >> "$out/$name.log"
   tail -n 25 "$out/$name.log"
 }
+if [ "$only" = "  " ] || [[ "$only" == *" tests "* ]]; then  # correctness first: compiled kernels, graphs
+  echo "=== tests: TULU_TEST_DEVICE=cuda pytest tests/kernels tests/engine/test_gpu.py"
+  TULU_TEST_DEVICE=cuda python -m pytest -q -rfEs tests/kernels tests/engine/test_gpu.py > "$out/tests.log" 2>&1
+  echo "exit $?" >> "$out/tests.log"
+  tail -n 40 "$out/tests.log"
+fi
 run gae python bench/bench_gae.py
 run logprob python bench/bench_logprob.py
 run rope_attention python bench/bench_rope_attention.py

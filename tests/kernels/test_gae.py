@@ -170,8 +170,8 @@ def test_gae_dispatch(monkeypatch):
     real = gae_mod.gae_forward
     monkeypatch.setattr(gae_mod, "gae_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     adv_kernel, ret_kernel = gae(rewards, values, mask)
-    assert calls == [1] and dispatch.use_triton(rewards) == dispatch.INTERPRET
-    # The non-interpreter CPU path (and float64 anywhere) runs the reference, never the kernel.
+    assert calls == [1] and dispatch.use_triton(rewards) == (dispatch.INTERPRET or rewards.is_cuda)
+    # reference_ops (the non-interpreter CPU path) and float64 anywhere run the reference, never the kernel.
     with dispatch.reference_ops():
         adv_ref, ret_ref = gae(rewards, values, mask)
     adv64, _ = gae(rewards.double(), values.double(), mask)
@@ -247,6 +247,7 @@ def test_masked_whiten_bad_input():
         masked_mean(torch.ones(3, 4, dtype=torch.int64), torch.ones(3, 4))
 
 
+@pytest.mark.cpu_only  # gloo ranks on CPU
 def test_masked_whiten_group_matches_concatenation():
     """Two gloo ranks on CPU vs the single-process oracle on the concatenated batch (see the worker)."""
     worker = Path(__file__).with_name("gae_dist_worker.py")

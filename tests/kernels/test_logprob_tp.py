@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("logprob_tp_worker.py")
 
 
+@pytest.mark.cpu_only  # gloo ranks on CPU
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 def test_vocab_parallel_matches_full_vocab():
     env = dict(os.environ)

@@ -80,7 +80,7 @@ def test_prefill_and_decode_cache_the_same_keys():
 
 
 def test_tables():
-    inv, tab = rope_tables(16, 10000.0, torch.device("cpu"))
+    inv, tab = rope_tables(16, 10000.0, torch.get_default_device())
     assert inv.shape == (16,) and torch.equal(inv[:8], reference.rotary_inv_freq(16, 10000.0)) and not inv[8:].any()
     j = torch.arange(tab.shape[1], dtype=torch.float64)[:, None]
     torch.testing.assert_close(tab[0].double(), (j * inv.double()).cos(), atol=1e-7, rtol=0)
