@@ -36,6 +36,21 @@ def save_hf_model(path, head: str = "lm", seed: int = 0, dtype=torch.float32, **
     return model
 
 
+def bf16_errors(hf, ours, ids, mask, pos) -> tuple[float, float]:
+    """Relative errors of ours and of transformers' own bf16 forward (bf16 `hf`, `ours` loaded from it), each
+    against an fp32 forward of the same weights, over the real tokens: bf16 rounds differently in each."""
+    m = mask.bool()
+    with torch.no_grad():
+        hf_bf16 = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits[m]
+        out = ours(ids, mask)[m]
+        truth = hf.float()(input_ids=ids, attention_mask=mask, position_ids=pos).logits[m]
+    return rel_err(out, truth), rel_err(hf_bf16, truth)
+
+
+def rel_err(a, b) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
 def padded_batch(vocab: int, lengths: list[int], side: str, pad_id: int = 0, seed: int = 0):
     """ids [B, T] with real tokens drawn from 1..vocab-1 and pad_id elsewhere; mask [B, T]; HF position ids."""
     g = torch.Generator().manual_seed(seed)

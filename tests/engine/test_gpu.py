@@ -19,15 +19,11 @@ from engine.config import GenerateConfig, ModelConfig
 from engine.generate import Generator
 from engine.model import Transformer
 from kernels.dispatch import reference_ops
-from tests.engine.hf_models import padded_batch, save_hf_model
+from tests.engine.hf_models import bf16_errors, padded_batch, rel_err, save_hf_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
 LENGTHS = [200, 11, 1, 129]  # two, one and one-plus-one 128-token tiles
-
-
-def _rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 def _prompts(vocab, lengths, seed=0):
@@ -45,20 +41,14 @@ def test_logits_match_transformers_on_gpu(tmp_path, kv_heads, side):
         ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
         out = ours(ids, mask)
     m = mask.bool()
-    assert _rel_err(out[m], ref[m]) < 5e-5
+    assert rel_err(out[m], ref[m]) < 5e-5
 
 
 def test_bf16_logits_as_accurate_as_transformers_on_gpu(tmp_path):
     hf = save_hf_model(tmp_path, dtype=torch.bfloat16).to(CUDA)
     ours = load_pretrained(tmp_path, device=CUDA)
     assert next(ours.parameters()).dtype == torch.bfloat16
-    ids, mask, pos = (t.to(CUDA) for t in padded_batch(301, LENGTHS, "right"))
-    m = mask.bool()
-    with torch.no_grad():
-        hf_bf16 = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits[m]
-        out = ours(ids, mask)[m]
-        truth = hf.float()(input_ids=ids, attention_mask=mask, position_ids=pos).logits[m]
-    ours_err, hf_err = _rel_err(out, truth), _rel_err(hf_bf16, truth)
+    ours_err, hf_err = bf16_errors(hf, ours, *(t.to(CUDA) for t in padded_batch(301, LENGTHS, "right")))
     assert ours_err < max(2 * hf_err, 1e-2), (ours_err, hf_err)
 
 
@@ -82,9 +72,9 @@ def test_packed_forward_backward_kernels_match_reference_on_gpu(dtype, tol):
     got, got_grads = run()
     with reference_ops():
         want, want_grads = run()
-    assert _rel_err(got, want) < tol
+    assert rel_err(got, want) < tol
     for name, g in want_grads.items():
-        assert _rel_err(got_grads[name], g) < tol, name
+        assert rel_err(got_grads[name], g) < tol, name
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])

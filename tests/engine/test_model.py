@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from engine.checkpoint import load_pretrained, save_pretrained
 from engine.config import ModelConfig
 from engine.model import Transformer, last_token_scores, pack_padded
-from tests.engine.hf_models import padded_batch, save_hf_model
+from tests.engine.hf_models import bf16_errors, padded_batch, rel_err, save_hf_model
 
 VARIANTS = {
     "mha": dict(num_key_value_heads=4),
@@ -16,10 +16,6 @@ VARIANTS = {
     "tied": dict(tie_word_embeddings=True),
     "mqa_hd32": dict(num_attention_heads=2, num_key_value_heads=1, hidden_size=64),
 }
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -44,13 +40,7 @@ def test_logits_bf16_as_accurate_as_transformers(tmp_path, seed):
     hf = save_hf_model(tmp_path, dtype=torch.bfloat16, seed=seed)
     ours = load_pretrained(tmp_path)
     assert next(ours.parameters()).dtype == torch.bfloat16
-    ids, mask, pos = padded_batch(301, [7, 4], "right", seed=seed)
-    m = mask.bool()
-    with torch.no_grad():
-        hf_bf16 = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits[m]
-        out = ours(ids, mask)[m]
-        truth = hf.float()(input_ids=ids, attention_mask=mask, position_ids=pos).logits[m]
-    ours_err, hf_err = rel_err(out, truth), rel_err(hf_bf16, truth)
+    ours_err, hf_err = bf16_errors(hf, ours, *padded_batch(301, [7, 4], "right", seed=seed))
     assert ours_err < max(2 * hf_err, 1e-2), (ours_err, hf_err)
 
 
