@@ -311,18 +311,39 @@ class BlockManager:
 
     def append_slots(self, seq_ids: Sequence[int]) -> tuple[list[int], list[tuple[int, int]]]:
         """append_slot for a decode batch, all or nothing: (slots, copies to do before the KV write)."""
+        slots, _, copies = self._append_batch(seq_ids)
+        return slots, copies
+
+    def _append_batch(self, seq_ids: Sequence[int]) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+        """append_slot for each of seq_ids, all or nothing: (slots, positions, copies). The loop of every
+        decode step (one pass, ~1 us a sequence): the checks come first, so the pass cannot fail half-way."""
         if len(set(seq_ids)) != len(seq_ids):
             raise ValueError("a sequence appears twice in one decode batch")
         need = self._batch_need(seq_ids)
         if need > len(self._free):
             raise OutOfBlocks(need, len(self._free))
-        slots, copies = [], []
+        bs, tables, lengths, ref = self.block_size, self._tables, self._lengths, self._ref
+        slots, positions, copies = [], [], []
         for s in seq_ids:
-            slot, copy = self.append_slot(s)
-            slots.append(slot)
-            if copy is not None:
-                copies.append(copy)
-        return slots, copies
+            table, pos = tables[s], lengths[s]
+            off = pos % bs
+            if off == 0:  # the last block is full: a new one
+                block = self._take()
+                table.append(block)
+                self._set_entry(s, len(table) - 1, block)
+            else:
+                block = table[-1]
+                if ref[block] > 1:  # shared partial block: copy-on-write into a private one
+                    dst = self._take()
+                    ref[block] -= 1
+                    table[-1] = dst
+                    self._set_entry(s, len(table) - 1, dst)
+                    copies.append((block, dst))
+                    block = dst
+            lengths[s] = pos + 1
+            slots.append(block * bs + off)
+            positions.append(pos)
+        return slots, positions, copies
 
     def fork(self, parent_id: int, child_id: int) -> None:
         """The child shares every block of the parent (one more reference each); same length."""
@@ -366,8 +387,7 @@ class BlockManager:
 
         width: block-table columns (fix it, e.g. max_model_len // block_size, for CUDA graphs).
         """
-        positions = [self._lengths[self._known(s)] for s in seq_ids]
-        slots, copies = self.append_slots(seq_ids)
+        slots, positions, copies = self._append_batch(seq_ids)
         table = self.block_table(seq_ids, width)
         host = torch.tensor([slots, positions], dtype=torch.int64)
         lens = (host[1] + 1).to(torch.int32)
@@ -470,14 +490,17 @@ class BlockManager:
         copied by all but the last of them (that one then owns it alone)."""
         need = 0
         sharers: dict[int, int] = {}
+        bs, tables, lengths, ref = self.block_size, self._tables, self._lengths, self._ref
         for s in seq_ids:
-            pos = self._lengths[self._known(s)]
-            if pos % self.block_size == 0:
+            if s not in tables:
+                raise KeyError(f"unknown sequence id {s}")
+            if lengths[s] % bs == 0:
                 need += 1
-            elif self._ref[self._tables[s][-1]] > 1:
-                last = self._tables[s][-1]
-                sharers[last] = sharers.get(last, 0) + 1
-        return need + sum(min(k, self._ref[b] - 1) for b, k in sharers.items())
+            else:
+                last = tables[s][-1]
+                if ref[last] > 1:
+                    sharers[last] = sharers.get(last, 0) + 1
+        return need + sum(min(k, ref[b] - 1) for b, k in sharers.items())
 
     def _blocks_to_append(self, seq_id: int) -> int:
         pos = self._lengths[self._known(seq_id)]
