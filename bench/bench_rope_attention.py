@@ -185,7 +185,9 @@ def ptxas_report(head_dim: int, dtype: str, group: int, configs_per_kernel: int 
     memory and the global loads by kind (cp.async: pipelined): the one performance signal without a GPU."""
     import triton.language as tl
 
+    from kernels import attention_tiles as tiles
     from kernels import rope_attention as ra
+    from kernels import rope_attention_bwd as ra_bwd
     from kernels import rotary
 
     ptr = "*" + dtype
@@ -193,12 +195,12 @@ def ptxas_report(head_dim: int, dtype: str, group: int, configs_per_kernel: int 
     types.update(LSE="*fp32", DELTA="*fp32", INV_FREQ="*fp32", TAB="*fp32", POS="*i64", SLOT="*i64")
     types.update(CU_SEQ="*i32", CU_BLK="*i32")
     tl_dtype = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype]
-    base = dict(N_STEPS=4, GROUP=group, HEAD_DIM=head_dim, HALF=max(head_dim // 2, 16), TAB_ROWS=ra.TAB_ROWS)
+    base = dict(N_STEPS=4, GROUP=group, HEAD_DIM=head_dim, HALF=max(head_dim // 2, 16), TAB_ROWS=rotary.TAB_ROWS)
     base.update(DOT_DTYPE=tl_dtype, PREC="ieee" if dtype == "fp32" else "tf32")
     kernels = [
-        ("fwd", ra._fwd_kernel, "BLOCK_N", ra._FWD_SHAPES, dict(BLOCK_M=ra._BLOCK, SAVE_ROT=True)),
-        ("dkdv", ra._bwd_dkdv_kernel, "BLOCK_M", ra._BWD_SHAPES, dict(BLOCK_N=ra._BLOCK)),
-        ("dq", ra._bwd_dq_kernel, "BLOCK_N", ra._BWD_SHAPES, dict(BLOCK_M=ra._BLOCK)),
+        ("fwd", ra._fwd_kernel, "BLOCK_N", tiles._FWD_SHAPES, dict(BLOCK_M=tiles._BLOCK, SAVE_ROT=True)),
+        ("dkdv", ra_bwd._bwd_dkdv_kernel, "BLOCK_M", tiles._BWD_SHAPES, dict(BLOCK_N=tiles._BLOCK)),
+        ("dq", ra_bwd._bwd_dq_kernel, "BLOCK_N", tiles._BWD_SHAPES, dict(BLOCK_M=tiles._BLOCK)),
     ]
     rows = []
 
@@ -235,6 +237,7 @@ def sweep(args, q, k, v, positions, cu, flops, fwd=SWEEP_FWD, dkdv=SWEEP_DKDV, d
     (sequence block, inner tile, warps, stages); the backward variants time the whole backward with the
     other kernel at a fixed launch."""
     from kernels import rope_attention as ra
+    from kernels import rope_attention_bwd as ra_bwd
 
     theta, scale = args.rope_theta, 1.0 / math.sqrt(q.shape[-1])
     do = torch.randn_like(q)
@@ -261,13 +264,13 @@ def sweep(args, q, k, v, positions, cu, flops, fwd=SWEEP_FWD, dkdv=SWEEP_DKDV, d
     default_dkdv = dict(BLOCK_N=128, BLOCK_M=32, num_warps=8, num_stages=2)
     for bn, bm, w, st in dkdv:
         cfg = dict(BLOCK_N=bn, BLOCK_M=bm, num_warps=w, num_stages=st)
-        fn = lambda cfg=cfg: ra._rope_attention_bwd(
+        fn = lambda cfg=cfg: ra_bwd._rope_attention_bwd(
             do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dkdv_config=cfg, dq_config=default_dq
         )
         timed("dkdv", cfg, fn, bwd_flops)  # the whole backward, dq fixed
     for bm, bn, w, st in dq:
         cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
-        fn = lambda cfg=cfg: ra._rope_attention_bwd(
+        fn = lambda cfg=cfg: ra_bwd._rope_attention_bwd(
             do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dkdv_config=default_dkdv, dq_config=cfg
         )
         timed("dq", cfg, fn, bwd_flops)  # the whole backward, dk/dv fixed

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kernels import dispatch, reference
-from kernels.rope_attention import _rope_attention_bwd, _rope_attention_fwd, rope_attention
+from kernels.rope_attention import _rope_attention_fwd, rope_attention
+from kernels.rope_attention_bwd import _rope_attention_bwd
 
 # lengths 1 and 17 (odd), 64 (ends exactly on a block edge: interpreter blocks are 32/16), 129 (one past)
 LENGTHS = [1, 17, 64, 129]

@@ -1,0 +1,255 @@
+"""Tile helpers and host launch code shared by the rope attention forward (kernels/rope_attention.py) and
+backward (kernels/rope_attention_bwd.py); the design is described in kernels/rope_attention.py.
+
+@triton.jit helpers: the sequence lookup (binary search in the prefix sum of per-sequence block counts),
+masked tile loads and stores, head-dim dot operands (the whole tile, or two halves padded to tl.dot's
+minimum width) and the rotation of a tile (by angle addition when its positions are consecutive). Host
+side: the block index, the dot dtype and precision, the autotune configs of the three attention kernels,
+and their launcher.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.dispatch import INTERPRET
+from kernels.rotary import reduce_angle
+
+_LOG2E = 1.4426950408889634
+# Sequence-block size shared by the forward (query blocks), dk/dv (key blocks) and dq (query blocks)
+# kernels, and the inner tile sizes used under the interpreter (small, so that the tests run the
+# off-diagonal loop and several diagonal sub-tiles on short sequences).
+_BLOCK = 32 if INTERPRET else 128
+_INNER_INTERPRET = 16
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+# ---------------------------------------------------------------------------------- jit helpers --
+
+
+@triton.jit
+def _find_seq(CU_BLK, pid, num_seqs, N_STEPS: tl.constexpr):
+    """Largest s in [0, num_seqs) with CU_BLK[s] <= pid (binary search; empty sequences are skipped)."""
+    lo = num_seqs * 0
+    hi = num_seqs
+    for _ in tl.static_range(N_STEPS):
+        mid = (lo + hi) // 2
+        right = tl.load(CU_BLK + mid) <= pid
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid)
+    return lo
+
+
+@triton.jit
+def _locate_tile(CU_BLK, CU_SEQ, pid, num_seqs, n_tokens, N_STEPS: tl.constexpr, FROM_END: tl.constexpr):
+    """Program pid's tile: (first token of its sequence, the sequence's length, the tile's block index).
+
+    FROM_END counts blocks from the sequence's last one, so the grid runs the longest causal query
+    tiles first (shorter tail at the end); otherwise from its first (key tiles that see most queries)."""
+    seq = _find_seq(CU_BLK, pid, num_seqs, N_STEPS)
+    if FROM_END:
+        blk = tl.load(CU_BLK + seq + 1) - 1 - pid
+    else:
+        blk = pid - tl.load(CU_BLK + seq)
+    tok0 = tl.load(CU_SEQ + seq)
+    seq_len = tl.minimum(tl.load(CU_SEQ + seq + 1), n_tokens) - tok0
+    return tok0, seq_len, blk
+
+
+@triton.jit
+def _tile_rows(tok0, start, seq_len, BLOCK: tl.constexpr):
+    """Offsets in the sequence [BLOCK], which of them exist, and their packed rows (int64)."""
+    offs = start + tl.arange(0, BLOCK)
+    return offs, offs < seq_len, (tok0 + offs).to(tl.int64)
+
+
+@triton.jit
+def _load_tile(base, rows, row_ok, stride_n, cols, ncols, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """x[rows, cols] of a [N, ., D] tensor (last dim contiguous); masked elements read as 0."""
+    ptrs = base + rows[:, None] * stride_n + cols[None, :]
+    if MASK_ROWS:
+        if MASK_COLS:
+            x = tl.load(ptrs, mask=row_ok[:, None] & (cols < ncols)[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        if MASK_COLS:
+            x = tl.load(ptrs, mask=(cols < ncols)[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _store_tile(base, x, rows, row_ok, stride_n, cols, ncols, MASK_COLS: tl.constexpr):
+    ptrs = base + rows[:, None] * stride_n + cols[None, :]
+    if MASK_COLS:
+        tl.store(ptrs, x.to(base.dtype.element_ty), mask=row_ok[:, None] & (cols < ncols)[None, :])
+    else:
+        tl.store(ptrs, x.to(base.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _operand(x, like, DOT_DTYPE: tl.constexpr):
+    """A computed tile as a dot operand: rounded to the inputs' dtype (`like` points to one), which is what
+    the GPU multiplies, then to DOT_DTYPE (fp32 under the interpreter, so it rounds exactly like the GPU)."""
+    return x.to(like.dtype.element_ty).to(DOT_DTYPE)
+
+
+@triton.jit
+def _load_hd(base, rows, row_ok, stride_n, offs_h, offs_d, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+             HALF: tl.constexpr, DOT_DTYPE: tl.constexpr):  # fmt: skip
+    """A [R, HEAD_DIM] tile as head-dim dot operands (x1, x2): the whole tile (x2 = x1) when each half is at least
+    tl.dot's minimum width, else its two halves padded to HALF columns. _dot_nt / _dot_acc consume the pair."""
+    HALF_D: tl.constexpr = HEAD_DIM // 2
+    if HALF != HALF_D:
+        x1 = _load_tile(base, rows, row_ok, stride_n, offs_h, HALF_D, MASK_ROWS, True).to(DOT_DTYPE)
+        x2 = _load_tile(base + HALF_D, rows, row_ok, stride_n, offs_h, HALF_D, MASK_ROWS, True).to(DOT_DTYPE)
+    else:
+        x1 = _load_tile(base, rows, row_ok, stride_n, offs_d, HEAD_DIM, MASK_ROWS, False).to(DOT_DTYPE)
+        x2 = x1
+    return x1, x2
+
+
+@triton.jit
+def _dot_nt(a1, a2, b1, b2, PAD: tl.constexpr, PREC: tl.constexpr):
+    """a @ b^T over the head dim, for operand pairs of _load_hd: one dot, or one per padded half."""
+    r = tl.dot(a1, tl.trans(b1), input_precision=PREC)
+    if PAD:
+        r = tl.dot(a2, tl.trans(b2), r, input_precision=PREC)
+    return r
+
+
+@triton.jit
+def _dot_acc(p, b1, b2, acc1, acc2, PAD: tl.constexpr, PREC: tl.constexpr):
+    """acc += p @ b for a head-dim operand pair b (accumulators from _zeros_hd)."""
+    acc1 = tl.dot(p, b1, acc1, input_precision=PREC)
+    if PAD:
+        acc2 = tl.dot(p, b2, acc2, input_precision=PREC)
+    return acc1, acc2
+
+
+@triton.jit
+def _zeros_hd(R: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr):
+    """fp32 accumulators for a head-dim pair: [R, HEAD_DIM] (and a placeholder), or two [R, HALF] halves."""
+    if HALF != HEAD_DIM // 2:
+        a1 = tl.zeros([R, HALF], tl.float32)
+        a2 = tl.zeros([R, HALF], tl.float32)
+    else:
+        a1 = tl.zeros([R, HEAD_DIM], tl.float32)
+        a2 = 0.0
+    return a1, a2
+
+
+@triton.jit
+def _halves(x1, x2, R: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr):
+    """A head-dim pair as its two halves [R, HALF] (what the rotation works on)."""
+    if HALF != HEAD_DIM // 2:
+        h1 = x1
+        h2 = x2
+    else:
+        h1, h2 = tl.split(tl.permute(tl.reshape(x1, (R, 2, HALF)), (0, 2, 1)))
+    return h1, h2
+
+
+@triton.jit
+def _rotate(
+    x1, x2, POS, tok0, start, n_valid, inv_freq, TAB, offs_h, R: tl.constexpr, HALF: tl.constexpr,
+    TAB_ROWS: tl.constexpr, SIGN: tl.constexpr,
+):  # fmt: skip
+    """Rotate halves x1, x2 [R, HALF] fp32 of rows at positions[tok0 + start + j]: x*cos + rotate_half(x)*sin.
+
+    SIGN = -1 rotates by minus the angle: the transpose of the rotation, which maps a gradient w.r.t. the
+    rotated vector back to the input.
+
+    Consecutive positions: rotate by p0 * f (a [HALF] row of cos/sin), then by j * f from the table, which
+    keeps fewer [R, HALF] fp32 temporaries alive than forming cos/sin of the sum first.
+    """
+    j = tl.arange(0, R)
+    valid = start + j < n_valid
+    pos = tl.load(POS + tok0 + start + j, mask=valid, other=0)
+    p0 = tl.load(POS + tok0 + start)
+    gap = tl.where(valid, pos - p0 - j, 0)
+    if tl.max(tl.abs(gap), axis=0) == 0:
+        a0 = reduce_angle(p0.to(tl.float32) * inv_freq)
+        c0 = tl.cos(a0)[None, :]
+        s0 = SIGN * tl.sin(a0)[None, :]
+        u1 = x1 * c0 - x2 * s0
+        u2 = x2 * c0 + x1 * s0
+        tc = tl.load(TAB + j[:, None] * HALF + offs_h[None, :])
+        ts = SIGN * tl.load(TAB + TAB_ROWS * HALF + j[:, None] * HALF + offs_h[None, :])
+        y1 = u1 * tc - u2 * ts
+        y2 = u2 * tc + u1 * ts
+    else:
+        a = reduce_angle(pos.to(tl.float32)[:, None] * inv_freq[None, :])
+        c = tl.cos(a)
+        s = SIGN * tl.sin(a)
+        y1 = x1 * c - x2 * s
+        y2 = x2 * c + x1 * s
+    return y1, y2
+
+
+# Autotuned GPU variants (the sequence block, hence the grid, is fixed; only the inner tile and the
+# launch shape are tuned). Under the interpreter the plain kernels run with small fixed tiles.
+def _configs(inner_name: str, shapes: tuple[tuple[int, int, int], ...]) -> list[triton.Config]:
+    return [triton.Config({inner_name: b}, num_warps=w, num_stages=s) for b, w, s in shapes]
+
+
+# (inner tile, warps, stages). Offline sm_90 builds at D=128 bf16 (bench_rope_attention.py --ptxas, with the
+# 16-divisible pointers and strides a real launch specialises) guided the choice: every fwd config at 8 warps
+# pipelines K/V with cp.async and does not spill (213 registers at BLOCK_N 32/64, 255 at 128; 4 warps spill);
+# dq at 8 warps spills nothing up to BLOCK_N=64; dk/dv spills nothing at BLOCK_M 16/32 (112 B at BLOCK_M=64,
+# ~3 KB at 4 warps). Measured timings on a GPU are still owed (bench_rope_attention.py --sweep).
+_KEY = ["HEAD_DIM", "GROUP"]
+_FWD_SHAPES = ((64, 8, 2), (64, 8, 3), (64, 8, 4), (128, 8, 2), (128, 8, 3), (32, 8, 3))
+_BWD_SHAPES = ((16, 8, 2), (16, 8, 3), (32, 8, 2), (32, 8, 3), (64, 8, 2), (32, 4, 2))
+
+# --------------------------------------------------------------------------------- host launchers --
+
+
+def _block_index(cu_seqlens: torch.Tensor, n_tokens: int, block: int) -> tuple[torch.Tensor, int, int]:
+    """Prefix sum [S+1] int32 of per-sequence block counts (on the device, no sync), the grid size bound
+    cdiv(N, block) + S, and the binary-search steps: ceil(log2(S + 1)) rounded up to a multiple of 4, so
+    that a varying number of sequences (prefill batches) compiles at most a handful of variants."""
+    num_seqs = cu_seqlens.numel() - 1
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).clamp_(min=0)
+    cu_blk = torch.zeros(num_seqs + 1, dtype=torch.int32, device=cu_seqlens.device)
+    cu_blk[1:] = torch.cumsum(torch.div(lens + (block - 1), block, rounding_mode="floor"), 0)
+    n_steps = -(-max(num_seqs, 1).bit_length() // 4) * 4
+    return cu_blk, triton.cdiv(n_tokens, block) + num_seqs, n_steps
+
+
+def _dot_args(dtype: torch.dtype) -> dict:
+    """Dot operand dtype and precision: fp32 "ieee" under the interpreter (no bf16 arithmetic) and for fp32."""
+    if INTERPRET or dtype == torch.float32:
+        return {"DOT_DTYPE": tl.float32, "PREC": "ieee"}
+    return {"DOT_DTYPE": _TL_DTYPES[dtype], "PREC": "tf32"}
+
+
+def _launch(
+    kernel, tuned, heads: int, make_args, cu: torch.Tensor, n: int, seq_block: str, inner: str,
+    config: dict | None, blocks: dict | None = None, **meta,
+) -> None:  # fmt: skip
+    """Launch one of the three attention kernels with an explicit config (sweeps, tests), the interpreter's small
+    inner tile, or the autotuned variants. The grid covers the blocks of the kernel's own sequence-block size
+    (`seq_block`); make_args(cu_blk) builds its arguments around that size's block index, kept in `blocks`
+    (block size -> index) so that the kernels of one call that share a size build it once."""
+    if config and config[seq_block] % config[inner]:  # the diagonal loops step by the inner tile
+        raise ValueError(f"{inner}={config[inner]} must divide {seq_block}={config[seq_block]}: {config}")
+    block = config[seq_block] if config else _BLOCK
+    blocks = {} if blocks is None else blocks
+    if block not in blocks:
+        blocks[block] = _block_index(cu, n, block)
+    cu_blk, grid0, n_steps = blocks[block]
+    args, grid = make_args(cu_blk), (grid0, heads)
+    if config:
+        kernel[grid](*args, N_STEPS=n_steps, **config, **meta)
+    elif INTERPRET:
+        kernel[grid](*args, N_STEPS=n_steps, **{seq_block: block, inner: _INNER_INTERPRET}, **meta)
+    else:
+        tuned[grid](*args, N_STEPS=n_steps, **{seq_block: block}, **meta)
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()

@@ -1,0 +1,286 @@
+"""Backward of kernels/rope_attention.py (FlashAttention-2, no atomics): the delta preprocess, a dk/dv kernel
+looping over query blocks and over the query heads of the GQA group, a dq kernel looping over key blocks,
+and their host launcher _rope_attention_bwd.
+
+The inputs are the rotated q and k the forward saved, so the inner loops rotate nothing; only the finished
+dq and dk tiles are rotated back (by -angle). Tile helpers and launch code: kernels/attention_tiles.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.attention_tiles import (
+    _BWD_SHAPES,
+    _KEY,
+    _LOG2E,
+    _configs,
+    _dot_acc,
+    _dot_args,
+    _dot_nt,
+    _halves,
+    _last_dim_contiguous,
+    _launch,
+    _load_hd,
+    _load_tile,
+    _locate_tile,
+    _operand,
+    _rotate,
+    _store_tile,
+    _tile_rows,
+    _zeros_hd,
+)
+from kernels.dispatch import INTERPRET, loop_bound
+from kernels.rotary import TAB_ROWS, rope_tables
+
+# ------------------------------------------------------------------------------------ backward --
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    O, DO, DELTA, stride_on, stride_oh, stride_don, stride_doh, n_tokens, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr
+):
+    """DELTA[h, n] = sum_d dO * O (fp32), the softmax-backward row term. Grid (cdiv(N, BLOCK_T), Hq)."""
+    h = tl.program_id(1)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, HEAD_DIM)
+    t_ok = offs_t < n_tokens
+    rows = offs_t.to(tl.int64)
+    o = _load_tile(O + h * stride_oh, rows, t_ok, stride_on, offs_d, HEAD_DIM, True, False).to(tl.float32)
+    do = _load_tile(DO + h * stride_doh, rows, t_ok, stride_don, offs_d, HEAD_DIM, True, False).to(tl.float32)
+    tl.store(DELTA + h * n_tokens + offs_t, tl.sum(o * do, 1), mask=t_ok)
+
+
+@triton.jit
+def _bwd_dkdv_step(
+    dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base, delta_base, stride_qn,
+    stride_don, offs_h, offs_d, qk_scale, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """One query tile against this program's key tile (transposed scores [BLOCK_N, BLOCK_M]). k1r, k2r and
+    the accumulators dk1, dk2 are head-dim pairs (_load_hd, _zeros_hd)."""
+    PAD: tl.constexpr = HALF != HEAD_DIM // 2
+    offs_m, m_ok, rows_m = _tile_rows(tok0, start_m, seq_len, BLOCK_M)
+    q1r, q2r = _load_hd(q_base, rows_m, m_ok, stride_qn, offs_h, offs_d, True, HEAD_DIM, HALF, DOT_DTYPE)
+    do = _load_tile(do_base, rows_m, m_ok, stride_don, offs_d, HEAD_DIM, True, False).to(DOT_DTYPE)
+    # rows past the sequence end get lse = +inf, hence p = 0: they contribute nothing
+    lse = tl.load(lse_base + tok0 + offs_m, mask=m_ok, other=float("inf"))
+    delta = tl.load(delta_base + tok0 + offs_m, mask=m_ok, other=0.0)
+    qk_t = _dot_nt(k1r, k2r, q1r, q2r, PAD, PREC)
+    p_t = tl.exp2(qk_t * qk_scale - lse[None, :])
+    if MASKED:
+        p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+    dv = tl.dot(_operand(p_t, q_base, DOT_DTYPE), do, dv, input_precision=PREC)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+    ds_t = _operand(p_t * (dp_t - delta[None, :]), q_base, DOT_DTYPE)
+    dk1, dk2 = _dot_acc(ds_t, q1r, q2r, dk1, dk2, PAD, PREC)
+    return dk1, dk2, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, POS, CU_SEQ, CU_BLK, INV_FREQ, TAB,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
+    stride_dkn, stride_dkh, stride_dvn, stride_dvh,
+    n_tokens, num_seqs, qk_scale, sm_scale,
+    N_STEPS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, TAB_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Grid (key blocks of all sequences (upper bound), Hkv). dk, dv of one key tile, summed over the group.
+
+    Q, K are the rotated q and k the forward saved; dk is rotated back (by -angle) at the end."""
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    if pid >= tl.load(CU_BLK + num_seqs):
+        return
+    tok0, seq_len, blk = _locate_tile(CU_BLK, CU_SEQ, pid, num_seqs, n_tokens, N_STEPS, False)
+    start_n = blk * BLOCK_N
+    HALF_D: tl.constexpr = HEAD_DIM // 2
+    PAD: tl.constexpr = HALF != HALF_D
+
+    offs_n, n_ok, rows_n = _tile_rows(tok0, start_n, seq_len, BLOCK_N)
+    offs_h = tl.arange(0, HALF)
+    offs_d = tl.arange(0, HEAD_DIM)
+    inv_freq = tl.load(INV_FREQ + offs_h)
+    k1r, k2r = _load_hd(K + kvh * stride_kh, rows_n, n_ok, stride_kn, offs_h, offs_d, True, HEAD_DIM, HALF, DOT_DTYPE)
+    v = _load_tile(V + kvh * stride_vh, rows_n, n_ok, stride_vn, offs_d, HEAD_DIM, True, False).to(DOT_DTYPE)
+
+    dk1, dk2 = _zeros_hd(BLOCK_N, HEAD_DIM, HALF)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    diag_end = tl.minimum(start_n + BLOCK_N, seq_len)
+    for g in range(GROUP):
+        h = kvh * GROUP + g
+        q_base = Q + h * stride_qh
+        do_base = DO + h * stride_doh
+        lse_base = LSE + h * n_tokens
+        delta_base = DELTA + h * n_tokens
+        # diagonal query tiles [start_n, start_n + BLOCK_N): causal mask
+        for start_m in range(loop_bound(start_n), loop_bound(diag_end), BLOCK_M):
+            dk1, dk2, dv = _bwd_dkdv_step(
+                dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base,
+                delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale,
+                True, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC,
+            )  # fmt: skip
+        # later query tiles see the whole key tile: no mask
+        for start_m in range(loop_bound(start_n + BLOCK_N), loop_bound(seq_len), BLOCK_M):
+            dk1, dk2, dv = _bwd_dkdv_step(
+                dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base,
+                delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale,
+                False, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC,
+            )  # fmt: skip
+
+    # dv first: its registers are free before the rotation's temporaries are needed
+    _store_tile(DV + kvh * stride_dvh, dv, rows_n, n_ok, stride_dvn, offs_d, HEAD_DIM, False)
+    # gradient w.r.t. the rotated k, then the inverse rotation (by -angle) gives the gradient w.r.t. k
+    dk1, dk2 = _halves(dk1, dk2, BLOCK_N, HEAD_DIM, HALF)
+    dk1 = dk1 * sm_scale
+    dk2 = dk2 * sm_scale
+    dk_base = DK + kvh * stride_dkh
+    dk1, dk2 = _rotate(dk1, dk2, POS, tok0, start_n, seq_len, inv_freq, TAB, offs_h, BLOCK_N, HALF, TAB_ROWS, -1.0)
+    _store_tile(dk_base, dk1, rows_n, n_ok, stride_dkn, offs_h, HALF_D, PAD)
+    _store_tile(dk_base + HALF_D, dk2, rows_n, n_ok, stride_dkn, offs_h, HALF_D, PAD)
+
+
+@triton.jit
+def _bwd_dq_step(
+    dq1, dq2, q1r, q2r, do, lse, delta, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn,
+    offs_h, offs_d, qk_scale, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """One key tile against this program's query tile. q1r, q2r and the accumulators dq1, dq2 are head-dim
+    pairs (_load_hd, _zeros_hd)."""
+    PAD: tl.constexpr = HALF != HEAD_DIM // 2
+    offs_n, n_ok, rows_n = _tile_rows(tok0, start_n, seq_len, BLOCK_N)
+    k1r, k2r = _load_hd(k_base, rows_n, n_ok, stride_kn, offs_h, offs_d, MASKED, HEAD_DIM, HALF, DOT_DTYPE)
+    v = _load_tile(v_base, rows_n, n_ok, stride_vn, offs_d, HEAD_DIM, MASKED, False).to(DOT_DTYPE)
+    qk = _dot_nt(q1r, q2r, k1r, k2r, PAD, PREC)
+    p = tl.exp2(qk * qk_scale - lse[:, None])
+    if MASKED:
+        p = tl.where(offs_n[None, :] <= offs_m[:, None], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = _operand(p * (dp - delta[:, None]), k_base, DOT_DTYPE)
+    dq1, dq2 = _dot_acc(ds, k1r, k2r, dq1, dq2, PAD, PREC)
+    return dq1, dq2
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, POS, CU_SEQ, CU_BLK, INV_FREQ, TAB,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
+    stride_dqn, stride_dqh,
+    n_tokens, num_seqs, qk_scale, sm_scale,
+    N_STEPS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, TAB_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Grid (query blocks of all sequences (upper bound), Hq). dq of one query tile.
+
+    Q, K are the rotated q and k the forward saved; dq is rotated back (by -angle) at the end."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    if pid >= tl.load(CU_BLK + num_seqs):
+        return
+    tok0, seq_len, blk = _locate_tile(CU_BLK, CU_SEQ, pid, num_seqs, n_tokens, N_STEPS, True)
+    start_m = blk * BLOCK_M
+    kvh = h // GROUP
+    HALF_D: tl.constexpr = HEAD_DIM // 2
+    PAD: tl.constexpr = HALF != HALF_D
+
+    offs_m, m_ok, rows_m = _tile_rows(tok0, start_m, seq_len, BLOCK_M)
+    offs_h = tl.arange(0, HALF)
+    offs_d = tl.arange(0, HEAD_DIM)
+    inv_freq = tl.load(INV_FREQ + offs_h)
+    q1r, q2r = _load_hd(Q + h * stride_qh, rows_m, m_ok, stride_qn, offs_h, offs_d, True, HEAD_DIM, HALF, DOT_DTYPE)
+    do = _load_tile(DO + h * stride_doh, rows_m, m_ok, stride_don, offs_d, HEAD_DIM, True, False).to(DOT_DTYPE)
+    lse = tl.load(LSE + h * n_tokens + tok0 + offs_m, mask=m_ok, other=float("inf"))
+    delta = tl.load(DELTA + h * n_tokens + tok0 + offs_m, mask=m_ok, other=0.0)
+
+    dq1, dq2 = _zeros_hd(BLOCK_M, HEAD_DIM, HALF)
+    k_base = K + kvh * stride_kh
+    v_base = V + kvh * stride_vh
+    for start_n in range(0, loop_bound(start_m), BLOCK_N):
+        dq1, dq2 = _bwd_dq_step(
+            dq1, dq2, q1r, q2r, do, lse, delta, offs_m, start_n, seq_len, tok0, k_base, v_base,
+            stride_kn, stride_vn, offs_h, offs_d, qk_scale,
+            False, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC,
+        )  # fmt: skip
+    for start_n in range(loop_bound(start_m), loop_bound(tl.minimum(start_m + BLOCK_M, seq_len)), BLOCK_N):
+        dq1, dq2 = _bwd_dq_step(
+            dq1, dq2, q1r, q2r, do, lse, delta, offs_m, start_n, seq_len, tok0, k_base, v_base,
+            stride_kn, stride_vn, offs_h, offs_d, qk_scale,
+            True, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC,
+        )  # fmt: skip
+
+    dq1, dq2 = _halves(dq1, dq2, BLOCK_M, HEAD_DIM, HALF)
+    dq1 = dq1 * sm_scale
+    dq2 = dq2 * sm_scale
+    dq_base = DQ + h * stride_dqh
+    dq1, dq2 = _rotate(dq1, dq2, POS, tok0, start_m, seq_len, inv_freq, TAB, offs_h, BLOCK_M, HALF, TAB_ROWS, -1.0)
+    _store_tile(dq_base, dq1, rows_m, m_ok, stride_dqn, offs_h, HALF_D, PAD)
+    _store_tile(dq_base + HALF_D, dq2, rows_m, m_ok, stride_dqn, offs_h, HALF_D, PAD)
+
+
+# the autotuned GPU variants (attention_tiles._configs, _BWD_SHAPES)
+_dkdv_tuned = triton.autotune(_configs("BLOCK_M", _BWD_SHAPES), key=_KEY)(_bwd_dkdv_kernel)
+_dq_tuned = triton.autotune(_configs("BLOCK_N", _BWD_SHAPES), key=_KEY)(_bwd_dq_kernel)
+
+# --------------------------------------------------------------------------------- host launchers --
+
+
+def _rope_attention_bwd(
+    do: torch.Tensor,
+    q_rot: torch.Tensor,
+    k_rot: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    positions: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    rope_theta: float,
+    softmax_scale: float,
+    dq: torch.Tensor | None = None,
+    dk: torch.Tensor | None = None,
+    dv: torch.Tensor | None = None,
+    dkdv_config: dict | None = None,
+    dq_config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch delta, dk/dv and dq kernels. do [N, Hq, D] -> dq [N, Hq, D], dk, dv [N, Hkv, D] (inputs' dtype).
+
+    q_rot, k_rot: the rotated q and k saved by the forward (save_rotated=True); dq and dk come back unrotated.
+    dkdv_config {BLOCK_N (key block), BLOCK_M, num_warps, num_stages} and dq_config {BLOCK_M (query block),
+    BLOCK_N, num_warps, num_stages}: explicit launches instead of the autotuned ones (sweeps, tests).
+    """
+    q, k = q_rot, k_rot
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    do = _last_dim_contiguous(do)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format) if dq is None else dq
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format) if dk is None else dk
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format) if dv is None else dv
+    for g, x in ((dq, q), (dk, k), (dv, v)):
+        if g.shape != x.shape or g.stride(-1) != 1:
+            raise ValueError("gradient buffers must match their input's shape with a contiguous last dim")
+    if n == 0:
+        return dq, dk, dv
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+    positions = positions.to(q.device).contiguous()  # the kernels index it as a flat array
+    inv_freq, tab = rope_tables(d, rope_theta, q.device)
+    delta = torch.empty(hq, n, dtype=torch.float32, device=q.device)
+    block_t = 16 if INTERPRET else 64
+    _bwd_delta_kernel[(triton.cdiv(n, block_t), hq)](
+        out, do, delta, out.stride(0), out.stride(1), do.stride(0), do.stride(1), n, HEAD_DIM=d, BLOCK_T=block_t
+    )
+    common = dict(GROUP=hq // hkv, HEAD_DIM=d, HALF=max(d // 2, 16), TAB_ROWS=TAB_ROWS, **_dot_args(q.dtype))
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
+    scalars = (n, cu.numel() - 1, softmax_scale * _LOG2E, softmax_scale)
+    # each kernel's grid covers the blocks of its own sequence-block size (the key block of dk/dv, the query
+    # block of dq), so the two can be tuned apart
+    dkdv_args = lambda cu_blk: (q, k, v, do, lse, delta, dk, dv, positions, cu, cu_blk, inv_freq, tab, *strides,
+                                dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *scalars)  # fmt: skip
+    dq_args = lambda cu_blk: (q, k, v, do, lse, delta, dq, positions, cu, cu_blk, inv_freq, tab, *strides,
+                              dq.stride(0), dq.stride(1), *scalars)  # fmt: skip
+    blocks: dict = {}
+    _launch(_bwd_dkdv_kernel, _dkdv_tuned, hkv, dkdv_args, cu, n, "BLOCK_N", "BLOCK_M", dkdv_config, blocks, **common)
+    _launch(_bwd_dq_kernel, _dq_tuned, hq, dq_args, cu, n, "BLOCK_M", "BLOCK_N", dq_config, blocks, **common)
+    return dq, dk, dv
