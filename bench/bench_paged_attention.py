@@ -1,11 +1,13 @@
 """Benchmark paged decode attention: ours vs the eager reference (gather + attention) vs torch.compile.
 
     python bench/bench_paged_attention.py [--json out.json] [--bandwidth-tbs 3.0] [--shapes NAME ...] [--sweep]
+        [--kv-dtype fp8]
 
 Shapes are Llama-2-13B decode steps (Hq = Hkv = 40, D = 128, block 16, bf16) plus a GQA one; every
 sequence of a batch has the same context length. Reported: time (ms), GB/s of KV read
 (context * Hkv * D * 2 tensors * bytes), its fraction of the copy bandwidth (3.0 TB/s on H100), the
 roofline floor and the extra peak memory of each variant. Also times rope_write_kv for the batch.
+--kv-dtype fp8: the cache in float8 e4m3 (the generator's kv_cache_dtype="fp8"), half the bytes of bf16.
 --sweep also times the decode kernel's launch variants (tile, warps, stages, tl.dot or not) per
 shape and prints the fastest, to tune kernels.paged_attention.decode_config on a new GPU.
 --ptxas needs no GPU: it compiles the kernels for sm_90 at each shape's launch config and prints
@@ -42,12 +44,12 @@ SHAPES = {
 CPU_SHAPES = {"tiny-b4-c100": (4, 100, 4, 2, 64, 16)}
 
 
-def _make(batch, ctx, hq, hkv, d, block_size, dtype, device):
-    """Random caches with each sequence's blocks scattered over the pool (a shuffled block table)."""
+def _make(batch, ctx, hq, hkv, d, block_size, dtype, device, cache_dtype=None):
+    """Random caches (in cache_dtype, default dtype) with each sequence's blocks scattered over the pool."""
     per_seq = -(-ctx // block_size)
     num_blocks = batch * per_seq + 8
-    k_cache = torch.randn(num_blocks, block_size, hkv, d, dtype=dtype, device=device)
-    v_cache = torch.randn_like(k_cache)
+    k_cache = torch.randn(num_blocks, block_size, hkv, d, dtype=dtype, device=device).to(cache_dtype or dtype)
+    v_cache = torch.randn(num_blocks, block_size, hkv, d, dtype=dtype, device=device).to(cache_dtype or dtype)
     perm = torch.randperm(num_blocks, device=device)[: batch * per_seq]
     block_tables = perm.view(batch, per_seq).to(torch.int32)
     context_lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
@@ -59,8 +61,8 @@ def _ms(fn, device) -> float:
     return measure(fn, device, rep_ms=500 if torch.device(device).type != "cuda" else 100)[0]
 
 
-def _bench_shape(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, compile_) -> dict:
-    q, kc, vc, bt, cl = _make(batch, ctx, hq, hkv, d, bs, dtype, device)
+def _bench_shape(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, compile_, cache_dtype=None) -> dict:
+    q, kc, vc, bt, cl = _make(batch, ctx, hq, hkv, d, bs, dtype, device, cache_dtype)
     kv_bytes = batch * ctx * hkv * d * 2 * kc.element_size()
     variants = {}
     if device.type == "cuda":
@@ -70,7 +72,7 @@ def _bench_shape(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, compile
         compiled = torch.compile(reference.paged_decode_attention)
         variants["compile"] = lambda: compiled(q, kc, vc, bt, cl)
     row = {"shape": name, "batch": batch, "context": ctx, "hq": hq, "hkv": hkv, "head_dim": d, "block": bs}
-    row.update({"dtype": str(dtype), "kv_bytes": kv_bytes, "floor_ms": kv_bytes / bw * 1e3})
+    row.update({"dtype": str(dtype), "kv_dtype": str(kc.dtype), "kv_bytes": kv_bytes, "floor_ms": kv_bytes / bw * 1e3})
     if "ours" in variants:  # before timing: ours against the eager reference (fp32 inside) on the same inputs
         err = (variants["ours"]().float() - variants["eager"]().float()).abs().max().item()
         row["max_abs_err"] = err
@@ -92,8 +94,8 @@ def _bench_shape(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, compile
     return row
 
 
-def _sweep(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw) -> list[dict]:
-    q, kc, vc, bt, cl = _make(batch, ctx, hq, hkv, d, bs, dtype, device)
+def _sweep(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, cache_dtype=None) -> list[dict]:
+    q, kc, vc, bt, cl = _make(batch, ctx, hq, hkv, d, bs, dtype, device, cache_dtype)
     kv_bytes = batch * ctx * hkv * d * 2 * kc.element_size()
     results = []
     for block_n, warps, stages, dot_min in itertools.product((32, 64, 128), (4, 8), (1, 2, 3), (1, 2)):
@@ -111,14 +113,18 @@ def _sweep(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw) -> list[dict]
     return results
 
 
-def ptxas_report(shapes: dict, dtype: torch.dtype, arch: int = 90) -> list[dict]:
-    """Registers / spills / shared memory of the decode and rope-write kernels at each shape's default config."""
+def ptxas_report(
+    shapes: dict, dtype: torch.dtype, arch: int = 90, cache_dtype: torch.dtype | None = None
+) -> list[dict]:
+    """Registers / spills / shared memory of the decode and rope-write kernels at each shape's default config
+    (the cache in cache_dtype, default dtype)."""
     import triton
 
     import kernels.paged_attention as pa
     from kernels import rotary
 
-    tname = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float8_e4m3fn: "fp8e4nv"}
+    tname, cname = names[dtype], names[cache_dtype or dtype]
     elem = torch.empty((), dtype=dtype).element_size()
     rows = []
     for name, (batch, ctx, hq, hkv, d, bs) in shapes.items():
@@ -127,7 +133,7 @@ def ptxas_report(shapes: dict, dtype: torch.dtype, arch: int = 90) -> list[dict]
         use_dot = group >= cfg["dot_min_group"]
         splits = pa.choose_num_splits(batch, hkv, ctx, cfg["block_n"], 132)  # H100 SXM
         types = {n: "i32" for n in pa._paged_decode_kernel.arg_names}
-        types.update({n: f"*{tname}" for n in ("Q", "K", "V", "O")})
+        types.update({n: f"*{tname}" for n in ("Q", "O")} | {n: f"*{cname}" for n in ("K", "V")})
         types.update({"BT": "*i32", "CL": "*i32", "WS_M": "*fp32", "WS_L": "*fp32", "WS_ACC": "*fp32"})
         types["scale_log2e"] = "fp32"
         consts = dict(
@@ -138,7 +144,7 @@ def ptxas_report(shapes: dict, dtype: torch.dtype, arch: int = 90) -> list[dict]
         info = ptxas_info(pa._paged_decode_kernel, types, consts, cfg["num_warps"], cfg["num_stages"], arch)
         rows.append({"shape": name, "kernel": "decode", "splits": splits, **cfg, **info})
         types = {n: "i32" for n in rotary._rotary_kernel.arg_names}
-        types.update({n: f"*{tname}" for n in ("Q", "QO", "K", "KO", "V", "KC", "VC")})
+        types.update({n: f"*{tname}" for n in ("Q", "QO", "K", "KO", "V")} | {n: f"*{cname}" for n in ("KC", "VC")})
         types.update({"POS": "*i64", "SLOT": "*i64", "INV_FREQ": "*fp32"})
         consts = dict(HQ=hq, HKV=hkv, **rotary.launch_shape(batch, hq, hkv, d)[1], CACHE_BLOCK=bs, ROTATE=True,
                       WRITE_K=False, WRITE_CACHE=True)  # fmt: skip
@@ -152,10 +158,11 @@ def ptxas_report(shapes: dict, dtype: torch.dtype, arch: int = 90) -> list[dict]
 def run(args) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
+    cache_dtype = torch.float8_e4m3fn if args.kv_dtype == "fp8" else dtype
     if args.ptxas:
-        print(f"ptxas (sm_{args.arch}, no GPU needed), {args.dtype}:")
+        print(f"ptxas (sm_{args.arch}, no GPU needed), {args.dtype}, cache {cache_dtype}:")
         shapes = {k: v for k, v in SHAPES.items() if not args.shapes or k in args.shapes}
-        return ptxas_report(shapes, dtype, args.arch)
+        return ptxas_report(shapes, dtype, args.arch, cache_dtype)
     shapes = SHAPES if device.type == "cuda" else CPU_SHAPES
     if args.shapes:
         shapes = {k: v for k, v in {**SHAPES, **CPU_SHAPES}.items() if k in args.shapes}
@@ -164,11 +171,15 @@ def run(args) -> list[dict]:
     bw = args.bandwidth_tbs * 1e12
     rows = []
     for name, shape in shapes.items():
-        rows.append(_bench_shape(name, *shape, dtype=dtype, device=device, bw=bw, compile_=not args.no_compile))
+        rows.append(
+            _bench_shape(
+                name, *shape, dtype=dtype, device=device, bw=bw, compile_=not args.no_compile, cache_dtype=cache_dtype
+            )
+        )
     if args.sweep and device.type == "cuda":
         print("fastest launch variants per shape:")
         for name, shape in shapes.items():
-            rows.extend(_sweep(name, *shape, dtype=dtype, device=device, bw=bw))
+            rows.extend(_sweep(name, *shape, dtype=dtype, device=device, bw=bw, cache_dtype=cache_dtype))
     _print([r for r in rows if "kv_bytes" in r], args.bandwidth_tbs)
     if device.type == "cuda":
         print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {_triton_version()}")
@@ -206,6 +217,7 @@ def main(argv=None) -> None:
     p.add_argument("--json", type=Path, default=None, help="write the figures to this JSON file")
     p.add_argument("--bandwidth-tbs", type=float, default=3.0, help="copy bandwidth for the roofline (TB/s)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", "fp8"], help="cache dtype (auto: --dtype)")
     p.add_argument("--shapes", nargs="*", default=None, help=f"subset of {list(SHAPES) + list(CPU_SHAPES)}")
     p.add_argument("--ptxas", action="store_true", help="compile for --arch and print ptxas register/spill use")
     p.add_argument("--arch", type=int, default=90, help="compute capability for --ptxas (default 90: H100)")

@@ -42,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default cuda if available")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-fraction", type=float, default=0.9)
+    p.add_argument(
+        "--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="fp8: float8 e4m3 K/V (half the bytes)"
+    )
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--no-overlap", action="store_true", help="read each step's tokens before launching the next")
     p.add_argument("--max-num-seqs", type=int, default=None, help="sequence slots (default --batch)")
@@ -90,11 +93,14 @@ def reset_peak(device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def decode_roofline(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int, elem: int, bw: float) -> dict:
-    """Tokens/s if each decode step only streamed the weights once and each sequence's KV once."""
+def decode_roofline(
+    cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int, elem: int, bw: float, kv_elem: int | None = None
+) -> dict:
+    """Tokens/s if each decode step only streamed the weights once and each sequence's KV once (kv_elem: bytes
+    per cached element, default elem)."""
     weight_bytes = (cfg.num_params("lm") - cfg.vocab_size * cfg.hidden_size) * elem  # the lookup reads B rows
     avg_context = prompt_len + gen_len / 2
-    kv_bytes = batch * avg_context * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * elem
+    kv_bytes = batch * avg_context * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * (kv_elem or elem)
     step = (weight_bytes + kv_bytes) / bw
     return {
         "weight_gb": weight_bytes / 1e9,
@@ -195,7 +201,8 @@ def main(argv=None) -> dict:
     )
     args.no_hf = args.no_hf or bool(stops)
     elem = torch.empty((), dtype=dtype).element_size()
-    roof = decode_roofline(cfg, batch, prompt_len, gen_len, elem, bw)
+    kv_elem = 1 if args.kv_cache_dtype == "fp8" else elem
+    roof = decode_roofline(cfg, batch, prompt_len, gen_len, elem, bw, kv_elem)
 
     gen = Generator(
         model,
@@ -205,6 +212,7 @@ def main(argv=None) -> dict:
         kv_cache_fraction=args.kv_cache_fraction,
         use_cuda_graphs=not args.no_cuda_graphs and on_gpu,
         overlap=not args.no_overlap,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     ours = time_ours(gen, prompts, params, args.repeats, device)
     ours["cuda_graphs"] = bool(gen.use_cuda_graphs)
@@ -248,6 +256,7 @@ def main(argv=None) -> dict:
         "model": args.model,
         "device": name,
         "dtype": str(dtype).replace("torch.", ""),
+        "kv_cache_dtype": args.kv_cache_dtype,
         "batch": batch,
         "prompt_len": prompt_len,
         "gen_len": gen_len,

@@ -2,8 +2,8 @@
 # Every GPU figure bench/RESULTS.md owes, in one command (one device call):
 #   bash bench/run_gpu_suite.sh OUT_DIR [NAME ...]
 # Writes OUT_DIR/<bench>.json and OUT_DIR/<bench>.log; a failing bench does not stop the others.
-# NAMEs (tests gae logprob rope_attention rope_sweep paged_attention rmsnorm_swiglu sampling rollout_b64
-# rollout_b1 rollout_b64_sync rollout_ppo_like ppo_step) run only those: the whole suite can outlast one
+# NAMEs (tests gae logprob rope_attention rope_sweep paged_attention paged_attention_fp8 rmsnorm_swiglu sampling rollout_b64
+# rollout_b1 rollout_b64_sync rollout_b64_fp8 rollout_ppo_like ppo_step) run only those: the whole suite can outlast one
 # 10-minute device call, so a second call can finish the rest.
 # Each kernel bench checks ours against the reference before it times anything.
 set -u
@@ -39,12 +39,15 @@ run logprob "$PY" bench/bench_logprob.py
 run rope_attention "$PY" bench/bench_rope_attention.py
 run rope_sweep "$PY" bench/bench_rope_attention.py --sweep   # every launch variant: which tiles to keep
 run paged_attention "$PY" bench/bench_paged_attention.py
+run paged_attention_fp8 "$PY" bench/bench_paged_attention.py --kv-dtype fp8 --no-compile  # half the KV bytes
 run rmsnorm_swiglu "$PY" bench/bench_rmsnorm_swiglu.py
 run sampling "$PY" bench/bench_sampling.py
 run rollout_b64 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 --prompt-len 128 --gen-len 256 --hf-static
 run rollout_b1 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 --prompt-len 128 --gen-len 256
 run rollout_b64_sync "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 --prompt-len 128 \
   --gen-len 256 --no-overlap --no-hf   # what the overlapped scheduler buys
+run rollout_b64_fp8 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 --prompt-len 128 \
+  --gen-len 256 --kv-cache-dtype fp8 --no-hf   # half the KV bytes per decode step
 run rollout_ppo_like "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 256 \
   --max-num-seqs 64 --prompt-len 128 --gen-len 256 --stop-tokens 160   # admissions mid-run: mixed steps
 run ppo_step "$PY" bench/ppo_step.py --model llama2-7b --random-weights --num-layers 8 --rollout-batch-size 64 \

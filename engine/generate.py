@@ -89,6 +89,18 @@ class _Step:
 # -------------------------------------------------------------------------------- generator --
 
 
+def resolve_cache_dtype(kv_cache_dtype: torch.dtype | str | None, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's dtype: None / "auto" -> the model's; "fp8" -> torch.float8_e4m3fn; or a torch dtype (name)."""
+    if kv_cache_dtype is None or kv_cache_dtype == "auto":
+        return model_dtype
+    dtype = kv_cache_dtype
+    if isinstance(dtype, str):
+        dtype = torch.float8_e4m3fn if dtype == "fp8" else getattr(torch, dtype, None)
+    if dtype not in (model_dtype, torch.float8_e4m3fn):
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}: the cache holds the model's dtype ({model_dtype}) or fp8")
+    return dtype
+
+
 class Generator:
     """Generates from `model` (an "lm" Transformer, possibly TP-sharded) with a paged KV cache.
 
@@ -101,6 +113,11 @@ class Generator:
     (one forward, eager) instead of a forward of their own: with more prompts than max_num_seqs, each
     admission otherwise costs a whole read of the weights for a few prompts (a PPO rollout of 512 prompts
     through 256 slots admits one group at a time as sequences finish).
+    kv_cache_dtype: the cache's element type: the model's (default) or "fp8" (torch.float8_e4m3fn, saturating
+    at +-448, no scale): half the bytes of bf16, so twice the tokens fit and each decode step reads half the
+    KV bytes (decode at long contexts is bound by them). Keys and values are rounded to 3 mantissa bits, so the
+    samples come from a slightly perturbed policy; PPO's old log-probs are recomputed by the training forward
+    anyway (the trainer reports the gap as gen_logprob_gap).
     overlap: launch each step before the host reads the previous step's tokens (they feed the next step on
     the device), so the host's bookkeeping runs while the GPU works. Scheduling then lags a step: a
     sequence that sampled a stop token is decoded once more (that token is dropped), and the slots it
@@ -121,6 +138,7 @@ class Generator:
         use_cuda_graphs: bool | None = None,
         mix_prefill: bool = True,
         overlap: bool = True,
+        kv_cache_dtype: torch.dtype | str | None = None,
     ):
         if model.head != "lm":
             raise ValueError("the generator needs a model with an 'lm' head")
@@ -128,6 +146,7 @@ class Generator:
         cfg = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        self.cache_dtype = resolve_cache_dtype(kv_cache_dtype, self.dtype)
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -151,7 +170,7 @@ class Generator:
 
     def _bytes_per_block(self) -> int:
         c = self.model.config
-        return bytes_per_block(c.num_layers, self.block_size, self._kv_heads, c.head_dim, self.dtype)
+        return bytes_per_block(c.num_layers, self.block_size, self._kv_heads, c.head_dim, self.cache_dtype)
 
     def _num_blocks(self) -> int:
         if self.requested_blocks is not None:
@@ -214,7 +233,7 @@ class Generator:
         c = self.model.config
         if self.pool is None:
             self.pool = KVCachePool(
-                c.num_layers, n, self.block_size, self._kv_heads, c.head_dim, self.dtype, self.device
+                c.num_layers, n, self.block_size, self._kv_heads, c.head_dim, self.cache_dtype, self.device
             )
         else:
             self.pool.reallocate(n)

@@ -159,6 +159,7 @@ class KVCachePool:
         # non-blocking: a blocking host-to-device copy would wait for every step already queued (overlap)
         src = torch.tensor([s for s, _ in copies], dtype=torch.int64).to(self.device, non_blocking=True)
         dst = torch.tensor([d for _, d in copies], dtype=torch.int64).to(self.device, non_blocking=True)
+        pool = pool.view(torch.uint8)  # bytes: exact for every cache dtype, float8 included
         pool[:, :, dst] = pool[:, :, src]
 
     def release(self) -> None:

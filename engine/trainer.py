@@ -63,6 +63,7 @@ class RunConfig:
     gen_max_num_seqs: int = 256  # sequences the generator decodes together at most
     kv_cache_fraction: float = 0.9  # share of free GPU memory given to the KV cache during rollouts
     kv_cache_mb: int = 0  # KV cache budget in MiB (0: the generator's default / kv_cache_fraction)
+    kv_cache_dtype: str = "auto"  # auto (the model's) or fp8: float8 e4m3 K/V, half the bytes read per decode step
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
     activation_checkpointing: str = "auto"  # on / off / auto (on for cuda): recompute layers in backward
 
@@ -120,6 +121,7 @@ def make_generator(policy: Transformer, cfg: PPOConfig, run: RunConfig):
         max_num_seqs=run.gen_max_num_seqs,
         max_model_len=cfg.max_prompt_len + cfg.max_new_tokens,
         kv_cache_fraction=run.kv_cache_fraction,
+        kv_cache_dtype=run.kv_cache_dtype,
         **kw,
     )
 

@@ -28,6 +28,9 @@ from kernels.dispatch import INTERPRET, loop_bound, sm_count, use_triton
 from kernels.rotary import launch_rotary
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# A cache may also hold float8 e4m3 (half the bytes of bf16 to write and, every decode step, to read): the write
+# converts with saturation at +-448 (no scale), the decode kernel converts each K/V tile back to q's dtype.
+_CACHE_DTYPES = (*_FLOAT_DTYPES, torch.float8_e4m3fn)
 # Splits shorter than this are not worth the merge: the workspace round trip costs ~S*D*4 bytes per
 # head against 256 * D * 4 bytes of K/V read per split.
 _MIN_TOKENS_PER_SPLIT = 256
@@ -45,7 +48,9 @@ def _attend_tile(
     offs_d, d_mask, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_PAD: tl.constexpr, USE_DOT: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
 ):
-    """Online-softmax update of m, l [GROUP_PAD] and acc [GROUP_PAD, BLOCK_D] with tokens [n0, n0 + BLOCK_N)."""
+    """Online-softmax update of m, l [GROUP_PAD] and acc [GROUP_PAD, BLOCK_D] with tokens [n0, n0 + BLOCK_N).
+    K/V tiles are converted to q's dtype (fp32 when UPCAST) right after the load: an fp8 cache is read at one
+    byte per element."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < end
     # Per-token gather through the block table: a tile may span several physical blocks.
@@ -61,6 +66,9 @@ def _attend_tile(
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
+    else:
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
     if USE_DOT:
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     elif GROUP_PAD == 1:
@@ -175,8 +183,8 @@ def _paged_decode_reduce_kernel(
 def _check_cache(name: str, cache: torch.Tensor) -> None:
     if cache.dim() != 4:
         raise ValueError(f"{name} must be [num_blocks, block_size, Hkv, D], got shape {tuple(cache.shape)}")
-    if cache.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name} dtype {cache.dtype} is not one of fp32/fp16/bf16")
+    if cache.dtype not in _CACHE_DTYPES:
+        raise ValueError(f"{name} dtype {cache.dtype} is not one of fp32/fp16/bf16/float8_e4m3fn")
     if cache.stride(-1) != 1:
         raise ValueError(f"{name} must be contiguous in its last (head) dimension")
     bs = cache.shape[1]
@@ -338,8 +346,8 @@ def paged_decode_attention(
         raise ValueError(f"q head dim {d} != cache head dim {dk}")
     if hq % hkv:
         raise ValueError(f"query heads {hq} are not a multiple of key/value heads {hkv}")
-    if q.dtype != k_cache.dtype:
-        raise ValueError(f"q dtype {q.dtype} != cache dtype {k_cache.dtype}")
+    if k_cache.dtype not in (q.dtype, torch.float8_e4m3fn):
+        raise ValueError(f"q dtype {q.dtype} != cache dtype {k_cache.dtype} (a cache may also be float8_e4m3fn)")
     if q.stride(-1) != 1:
         raise ValueError("q must be contiguous in its last (head) dimension")
     devices = {t.device for t in (q, k_cache, v_cache, block_tables, context_lens)}

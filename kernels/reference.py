@@ -224,8 +224,9 @@ def write_kv_cache(
     """
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].to(torch.int64)
-    _flat_cache(k_cache).index_copy_(0, slots, k[keep].to(k_cache.dtype))
-    _flat_cache(v_cache).index_copy_(0, slots, v[keep].to(v_cache.dtype))
+    for x, cache in ((k, k_cache), (v, v_cache)):
+        # as bytes: index_copy_ has no float8 kernel; torch's float8 conversion saturates at +-448 like the GPU's
+        _flat_cache(cache).view(torch.uint8).index_copy_(0, slots, x[keep].to(cache.dtype).view(torch.uint8))
 
 
 def rope_write_kv(
@@ -242,7 +243,7 @@ def rope_write_kv(
 
     q [N, Hq, D], k/v [N, Hkv, D], positions [N] int, slot_mapping [N] int64 (-1: skip).
     """
-    kr = apply_rotary(k, positions, rope_theta)
+    kr = apply_rotary(k.to(compute_dtype(k.dtype)), positions, rope_theta)  # one rounding, to the cache's dtype
     write_kv_cache(kr, v, k_cache, v_cache, slot_mapping)
     return apply_rotary(q, positions, rope_theta)
 

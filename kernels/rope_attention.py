@@ -323,7 +323,7 @@ def rope_attention(
         return _RopeAttention.apply(q, k, v, positions, cu_seqlens, rope_theta, scale, kv_cache, slot_mapping)
     if kv_cache is None:
         return reference.rope_attention(q, k, v, positions, cu_seqlens, rope_theta=rope_theta, softmax_scale=scale)
+    # the cache gets the fp32 rotation rounded once to its own dtype (as the kernel writes it, float8 included)
+    q_rot = reference.rope_write_kv(q, k, v, positions, *kv_cache, slot_mapping, rope_theta)
     k_rot = reference.apply_rotary(k, positions, rope_theta)
-    reference.write_kv_cache(k_rot, v, kv_cache[0], kv_cache[1], slot_mapping)
-    q_rot = reference.apply_rotary(q, positions, rope_theta)
     return reference.varlen_causal_attention(q_rot, k_rot, v, cu_seqlens, scale)

@@ -38,9 +38,13 @@ def _tile_ptrs(base, rows, stride_n, heads, stride_h, offs_i):
     return base + rows[:, None, None] * stride_n + heads[None, :, None] * stride_h + offs_i[None, None, :]
 
 
+FP8_MAX = 448.0  # largest finite float8 e4m3 (torch.float8_e4m3fn); conversions saturate to it
+
+
 @triton.jit
 def _rotate_store(x1, x2, c, s, out, mask, HALF: tl.constexpr, ROTATE: tl.constexpr):
-    """Store x (halves x1, x2) rotated by the angles whose cos/sin are c, s (or as it is) at out, out + HALF."""
+    """Store x (halves x1, x2) rotated by the angles whose cos/sin are c, s (or as it is) at out, out + HALF.
+    An fp8 output (a KV cache in float8 e4m3) saturates at +-448, as torch's and the GPU's conversions do."""
     if ROTATE:
         x1 = x1.to(tl.float32)
         x2 = x2.to(tl.float32)
@@ -49,6 +53,9 @@ def _rotate_store(x1, x2, c, s, out, mask, HALF: tl.constexpr, ROTATE: tl.conste
     else:
         y1 = x1
         y2 = x2
+    if out.dtype.element_ty == tl.float8e4nv:
+        y1 = tl.clamp(y1.to(tl.float32), -448.0, 448.0)
+        y2 = tl.clamp(y2.to(tl.float32), -448.0, 448.0)
     tl.store(out, y1.to(out.dtype.element_ty), mask=mask)
     tl.store(out + HALF, y2.to(out.dtype.element_ty), mask=mask)
 

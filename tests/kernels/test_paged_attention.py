@@ -16,14 +16,18 @@ from kernels.paged_attention import choose_num_splits, paged_decode_attention, r
 TOLS = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (1e-2, 1e-2), torch.float16: (1e-2, 1e-2)}
 
 
-def _paged_setup(ctx_lens, hq, hkv, d, block_size, dtype, *, spare_blocks=5, width_extra=1, pool_layers=1):
-    """Random q and per-sequence K/V scattered into a NaN-poisoned cache through random block tables."""
+def _paged_setup(
+    ctx_lens, hq, hkv, d, block_size, dtype, *, spare_blocks=5, width_extra=1, pool_layers=1, cache_dtype=None
+):
+    """Random q and per-sequence K/V scattered into a NaN-poisoned cache through random block tables (the
+    cache in `cache_dtype`, default q's; ks/vs hold the values the cache holds, in float64)."""
+    cache_dtype = cache_dtype or dtype
     b = len(ctx_lens)
     need = [-(-n // block_size) for n in ctx_lens]
     width = max(need + [1]) + width_extra
     num_blocks = sum(need) + spare_blocks
     # The cache is a per-layer view of an engine-style pool [layers, 2, blocks, block_size, Hkv, D].
-    pool = torch.full((pool_layers, 2, num_blocks, block_size, hkv, d), float("nan"), dtype=dtype)
+    pool = torch.full((pool_layers, 2, num_blocks, block_size, hkv, d), float("nan"), dtype=cache_dtype)
     k_cache, v_cache = pool[-1, 0], pool[-1, 1]
     perm = torch.randperm(num_blocks)
     tables = torch.full((b, width), 10**6, dtype=torch.int32)  # unused columns point far away
@@ -35,10 +39,10 @@ def _paged_setup(ctx_lens, hq, hkv, d, block_size, dtype, *, spare_blocks=5, wid
         k = torch.randn(n, hkv, d, dtype=torch.float64)
         v = torch.randn(n, hkv, d, dtype=torch.float64)
         t = torch.arange(n)
-        k_cache[blocks[t // block_size], t % block_size] = k.to(dtype)
-        v_cache[blocks[t // block_size], t % block_size] = v.to(dtype)
-        ks.append(k.to(dtype).double())
-        vs.append(v.to(dtype).double())
+        k_cache[blocks[t // block_size], t % block_size] = k.to(cache_dtype)
+        v_cache[blocks[t // block_size], t % block_size] = v.to(cache_dtype)
+        ks.append(k.to(cache_dtype).double())
+        vs.append(v.to(cache_dtype).double())
     tables[tables == 10**6] = num_blocks - 1  # keep in range; never read past the context anyway
     q = torch.randn(b, hq, d, dtype=torch.float64).to(dtype)
     return q, k_cache, v_cache, tables, torch.tensor(ctx_lens, dtype=torch.int32), ks, vs
@@ -87,6 +91,28 @@ def test_paged_decode_matches_float64(hq, hkv, d, block_size, dtype, num_splits)
     # The oracle, in float64, agrees with the independent computation.
     ref = reference.paged_decode_attention(q.double(), kc.double(), vc.double(), bt, cl)
     torch.testing.assert_close(ref, want, atol=1e-10, rtol=1e-10)
+
+
+FP8 = torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize(
+    "hq,hkv,dtype,num_splits",
+    [(4, 4, torch.bfloat16, 1), (8, 2, torch.bfloat16, 3), (4, 1, torch.float32, 2), (6, 3, torch.float16, 1)],
+)
+def test_paged_decode_fp8_cache(hq, hkv, dtype, num_splits):
+    """A float8 e4m3 cache (MHA, GQA and MQA paths, with and without splits): against float64 attention over the
+    values the cache holds, on the kernel and the reference path."""
+    q, kc, vc, bt, cl, ks, vs = _paged_setup([1, 37, 100], hq, hkv, 64, 16, dtype, cache_dtype=FP8)
+    want = _expected(q, ks, vs)
+    got = paged_decode_attention(q, kc, vc, bt, cl, num_splits=num_splits)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, atol=TOLS[dtype][0], rtol=TOLS[dtype][1])
+    with dispatch.reference_ops():
+        ref = paged_decode_attention(q, kc, vc, bt, cl)
+    torch.testing.assert_close(ref.double(), want, atol=TOLS[dtype][0], rtol=TOLS[dtype][1])
+    with pytest.raises(ValueError, match="cache dtype"):
+        paged_decode_attention(q, kc.to(torch.float16 if dtype != torch.float16 else torch.float32), vc, bt, cl)
 
 
 def test_paged_decode_splits_and_scale():
@@ -223,6 +249,53 @@ def test_rope_write_kv(hq, hkv, d, block_size, dtype, max_pos, tol):
     q2 = reference.rope_write_kv(q.double(), k.double(), v.double(), pos64, kc2, vc2, slots)
     torch.testing.assert_close(q2, reference.apply_rotary(q.double(), pos64))
     torch.testing.assert_close(kc.double(), kc2, atol=tol, rtol=tol, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_write_kv_fp8_cache_saturates(dtype):
+    """Rotated k and v into a float8 e4m3 cache: one rounding from the fp32 rotation, saturating at +-448 (as
+    torch and the GPU convert; Triton's interpreter would wrap); the reference writes the same cache."""
+    n, hq, hkv, d = 40, 4, 2, 64
+    q, k, v, kc, vc, slots = _write_setup(n, hq, hkv, d, 16, dtype, num_blocks=4)
+    kc, vc = kc.to(FP8), vc.to(FP8)  # NaN-poisoned, in fp8
+    k, v = (k.double() * 300).to(dtype), (v.double() * 300).to(dtype)  # a good share beyond 448
+    positions = torch.randint(0, 4096, (n,))
+    rope_write_kv(q, k, v, positions, kc, vc, slots)
+    keep = slots >= 0
+    flat_k, flat_v = kc.view(-1, hkv, d)[slots[keep]], vc.view(-1, hkv, d)[slots[keep]]
+    assert torch.equal(flat_v.view(torch.uint8), v[keep].to(FP8).view(torch.uint8))  # v: one saturating cast
+    want_k = reference.apply_rotary(k.double(), positions)[keep].to(torch.float32).to(FP8)
+    assert not flat_k.float().isnan().any() and flat_k.float().abs().max() == 448.0
+    # fp32 angles differ from float64 by ~1e-4 rad at these positions: at most one fp8 step apart, rarely
+    torch.testing.assert_close(flat_k.float(), want_k.float(), atol=0.0, rtol=0.125)
+    assert (flat_k.view(torch.uint8) == want_k.view(torch.uint8)).float().mean() > 0.98
+    kc2, vc2 = torch.full_like(kc, float("nan")), torch.full_like(vc, float("nan"))
+    with dispatch.reference_ops():
+        rope_write_kv(q, k, v, positions, kc2, vc2, slots)
+    assert torch.equal(vc2.view(torch.uint8), vc.view(torch.uint8))
+    assert (kc2.view(torch.uint8) == kc.view(torch.uint8)).float().mean() > 0.98
+
+
+@pytest.mark.parametrize("path", ["kernels", "reference"])
+def test_prefill_writes_the_fp8_cache_decode_writes(path):
+    """rope_attention's cache write (prefill) and rope_write_kv (decode) put the same fp8 bytes in the cache."""
+    from kernels.rope_attention import rope_attention
+
+    n, hq, hkv, d = 24, 4, 2, 64
+    q, k, v, kc, vc, slots = _write_setup(n, hq, hkv, d, 16, torch.bfloat16, num_blocks=4)
+    kc, vc = kc.to(FP8), vc.to(FP8)
+    positions = torch.randint(0, 2000, (n,))
+    cu = torch.tensor([0, 5, n], dtype=torch.int32)
+    caches = [(torch.full_like(kc, float("nan")), torch.full_like(vc, float("nan"))) for _ in range(2)]
+    if path == "reference":
+        with dispatch.reference_ops():
+            rope_attention(q, k, v, positions, cu, kv_cache=caches[0], slot_mapping=slots)
+            rope_write_kv(q, k, v, positions, *caches[1], slots)
+    else:
+        rope_attention(q, k, v, positions, cu, kv_cache=caches[0], slot_mapping=slots)
+        rope_write_kv(q, k, v, positions, *caches[1], slots)
+    for a, b in zip(*caches):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 def test_rope_write_kv_theta_and_reference_path():

@@ -15,8 +15,11 @@ CASES = {
     "paged_attention": """
 import torch
 from bench.bench_paged_attention import ptxas_report
-rows = ptxas_report({"gqa8": (8, 4096, 64, 8, 128, 16), "mha": (64, 384, 40, 40, 128, 16)}, torch.bfloat16)
+shapes = {"gqa8": (8, 4096, 64, 8, 128, 16), "mha": (64, 384, 40, 40, 128, 16)}
+rows = ptxas_report(shapes, torch.bfloat16)
 assert len(rows) == 4 and all(r["regs"] for r in rows), rows
+fp8 = ptxas_report(shapes, torch.bfloat16, cache_dtype=torch.float8_e4m3fn)  # kv_cache_dtype="fp8"
+assert len(fp8) == 4 and all(r["regs"] and r["spill_bytes"] == 0 for r in fp8), fp8
 print("compiled")
 """,
     "rope_attention": """
