@@ -132,6 +132,24 @@ def test_graphs_and_overlap_sample_what_the_eager_loop_samples_on_gpu():
     assert fast.stats.graph_captures == (0 if same_address else len(graphs.buckets))
 
 
+def test_fp8_kv_cache_on_gpu():
+    """kv_cache_dtype="fp8" with the compiled kernels and CUDA graphs: the tokens of the reference path reading
+    the same float8 cache, and the first token of each sample that of the model-dtype cache (exact prefill)."""
+    cfg = ModelConfig.named("tiny")
+    model = Transformer(cfg, dtype=torch.float32, device=CUDA).init_weights(std=0.05, seed=3)
+    prompts = _prompts(cfg.vocab_size, [3, 9, 150, 1], seed=6)
+    params = GenerateConfig(temperature=0.0, max_new_tokens=16, ignore_eos=True)
+    kw = dict(block_size=16, num_blocks=128, max_num_seqs=4, max_model_len=256)
+    fp8 = Generator(model, kv_cache_dtype="fp8", **kw)
+    got = fp8.generate(prompts, params)
+    assert fp8.pool.tensor.dtype == torch.float8_e4m3fn and fp8.stats.graph_captures > 0
+    with reference_ops():
+        want = Generator(model, kv_cache_dtype="fp8", use_cuda_graphs=False, **kw).generate(prompts, params)
+    exact = Generator(model, **kw).generate(prompts, params)
+    assert got == want
+    assert [t[0] for t in got] == [t[0] for t in exact]
+
+
 def test_ppo_iteration_on_gpu(tmp_path):
     """Generate (graphs) -> score -> train -> generate again on the updated tensors, with the tiny models."""
     from bench.ppo_step import main
