@@ -89,8 +89,11 @@ class _Step:
 # -------------------------------------------------------------------------------- generator --
 
 
-def resolve_cache_dtype(kv_cache_dtype: torch.dtype | str | None, model_dtype: torch.dtype) -> torch.dtype:
-    """The KV cache's dtype: None / "auto" -> the model's; "fp8" -> torch.float8_e4m3fn; or a torch dtype (name)."""
+def resolve_cache_dtype(
+    kv_cache_dtype: torch.dtype | str | None, model_dtype: torch.dtype, device: torch.device | None = None
+) -> torch.dtype:
+    """The KV cache's dtype: None / "auto" -> the model's; "fp8" -> torch.float8_e4m3fn; or a torch dtype (name).
+    float8 needs a GPU that converts it (compute capability 8.9: Ada, Hopper and later)."""
     if kv_cache_dtype is None or kv_cache_dtype == "auto":
         return model_dtype
     dtype = kv_cache_dtype
@@ -98,6 +101,13 @@ def resolve_cache_dtype(kv_cache_dtype: torch.dtype | str | None, model_dtype: t
         dtype = torch.float8_e4m3fn if dtype == "fp8" else getattr(torch, dtype, None)
     if dtype not in (model_dtype, torch.float8_e4m3fn):
         raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}: the cache holds the model's dtype ({model_dtype}) or fp8")
+    if dtype == torch.float8_e4m3fn and device is not None and device.type == "cuda":
+        cc = torch.cuda.get_device_capability(device)
+        if cc < (8, 9):
+            raise ValueError(
+                f"kv_cache_dtype fp8 needs a GPU of compute capability 8.9 or later (Ada, Hopper); "
+                f"{torch.cuda.get_device_name(device)} is {cc[0]}.{cc[1]}: use the model's dtype"
+            )
     return dtype
 
 
@@ -146,7 +156,7 @@ class Generator:
         cfg = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.cache_dtype = resolve_cache_dtype(kv_cache_dtype, self.dtype)
+        self.cache_dtype = resolve_cache_dtype(kv_cache_dtype, self.dtype, self.device)
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens

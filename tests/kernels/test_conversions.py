@@ -31,6 +31,8 @@ def _inputs(src):
     + [(torch.float32, torch.bfloat16)],
 )
 def test_kernel_conversions_match_torch(src, dst):
+    if dst == torch.float8_e4m3fn and torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("no float8 conversions on this GPU")
     x = _inputs(src)
     if dst == torch.float8_e4m3fn:
         x[~x.float().isfinite()] = 0.0  # an infinity has no fp8 value: torch gives NaN, the GPU saturates
