@@ -202,10 +202,11 @@ class Generator:
         the largest step (measured by running one, the first time)."""
         if self._activation_peak is None:
             self._activation_peak = self._measure_activation_peak()
+        # cached blocks nothing uses go back to the device; what stays reserved is in use (a kept decode graph's
+        # private pool included, which no other allocation could get)
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
-        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        used = total - free - cached  # memory the caching allocator holds but nothing uses counts as free
-        return max(0, int(total * self.kv_cache_fraction) - used - self._activation_peak)
+        return max(0, int(total * self.kv_cache_fraction) - (total - free) - self._activation_peak)
 
     @torch.no_grad()
     def _measure_activation_peak(self) -> int:
@@ -221,9 +222,7 @@ class Generator:
         self.model.head_packed(h[-min(n, self.max_num_seqs) :])
         del h
         torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
-        torch.cuda.empty_cache()  # the probe's activations must not count as used when the budget is taken
-        return peak
+        return torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
 
     def _ensure_cache(self) -> None:
         """Allocate the cache if released; keep the decode graphs only where they would still be right."""
