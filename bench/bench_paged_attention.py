@@ -64,9 +64,14 @@ def _ms(fn, device) -> float:
 def _bench_shape(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, compile_, cache_dtype=None) -> dict:
     q, kc, vc, bt, cl = _make(batch, ctx, hq, hkv, d, bs, dtype, device, cache_dtype)
     kv_bytes = batch * ctx * hkv * d * 2 * kc.element_size()
-    variants = {}
+    variants, read = {}, {}  # read: a variant's KV bytes where they differ from kv_bytes
     if device.type == "cuda":
         variants["ours"] = lambda: paged_decode_attention(q, kc, vc, bt, cl, max_context_len=ctx)
+        if kc.dtype != dtype:  # an fp8 cache: ours over the same context in the model's dtype, side by side
+            kc16, vc16 = kc.to(dtype), vc.to(dtype)
+            name16 = "ours_" + str(dtype).replace("torch.", "")
+            variants[name16] = lambda: paged_decode_attention(q, kc16, vc16, bt, cl, max_context_len=ctx)
+            read[name16] = kv_bytes * kc16.element_size() // kc.element_size()
     variants["eager"] = lambda: reference.paged_decode_attention(q, kc, vc, bt, cl)
     if device.type == "cuda" and compile_:
         compiled = torch.compile(reference.paged_decode_attention)
@@ -74,14 +79,14 @@ def _bench_shape(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, compile
     row = {"shape": name, "batch": batch, "context": ctx, "hq": hq, "hkv": hkv, "head_dim": d, "block": bs}
     row.update({"dtype": str(dtype), "kv_dtype": str(kc.dtype), "kv_bytes": kv_bytes, "floor_ms": kv_bytes / bw * 1e3})
     if "ours" in variants:  # before timing: ours against the eager reference (fp32 inside) on the same inputs
-        err = (variants["ours"]().float() - variants["eager"]().float()).abs().max().item()
+        err = (variants["ours"]().float() - variants["eager"]().float()).abs().max().item()  # the same fp8 values
         row["max_abs_err"] = err
         print(f"{name}: ours vs eager reference, max |err| = {err:.2e}")
     for vname, fn in variants.items():
         try:
             ms = _ms(fn, device)
             row[f"{vname}_ms"] = ms
-            row[f"{vname}_gbs"] = kv_bytes / (ms * 1e-3) / 1e9
+            row[f"{vname}_gbs"] = read.get(vname, kv_bytes) / (ms * 1e-3) / 1e9
             row[f"{vname}_mem_mb"] = measure(fn, device)[1] / 2**20
         except Exception as e:  # a failing peer (OOM, compile error) must not hide the other figures
             print(f"{name} {vname}: failed ({type(e).__name__}: {e})")
@@ -197,13 +202,15 @@ def _triton_version() -> str:
 
 def _print(rows, tbs) -> None:
     head = f"{'shape':<20} {'KV MB':>8} {'floor ms':>9}"
-    for v in ("ours", "eager", "compile"):
+    variants = ["ours", *sorted({k[:-3] for r in rows for k in r if k.startswith("ours_") and k.endswith("_ms")})]
+    variants += ["eager", "compile"]
+    for v in variants:
         head += f" {v + ' ms':>11} {v + ' GB/s':>11} {'%' + str(tbs) + 'TB/s':>10} {'+MB':>8}"
     head += f" {'rope_write ms':>14}"
     print(head)
     for r in rows:
         line = f"{r['shape']:<20} {r['kv_bytes'] / 1e6:8.1f} {r['floor_ms']:9.4f}"
-        for v in ("ours", "eager", "compile"):
+        for v in variants:
             ms = r.get(f"{v}_ms", float("nan"))
             gbs = r.get(f"{v}_gbs", float("nan"))
             frac = gbs / (tbs * 1e3) * 100 if not math.isnan(gbs) else float("nan")
