@@ -2,9 +2,10 @@
 # Every GPU figure bench/RESULTS.md owes, in one command (one device call):
 #   bash bench/run_gpu_suite.sh OUT_DIR [NAME ...]
 # Writes OUT_DIR/<bench>.json and OUT_DIR/<bench>.log; a failing bench does not stop the others.
-# NAMEs (tests gae logprob rope_attention rope_sweep paged_attention paged_attention_fp8 rmsnorm_swiglu sampling rollout_b64
-# rollout_b1 rollout_b64_sync rollout_b64_fp8 rollout_ppo_like ppo_step) run only those: the whole suite can outlast one
-# 10-minute device call, so a second call can finish the rest.
+# NAMEs (tests gae logprob rope_attention rope_sweep paged_attention paged_attention_fp8 paged_sweep
+# paged_sweep_fp8 rmsnorm_swiglu sampling rollout_b64 rollout_b1 rollout_b64_sync rollout_b64_fp8 rollout_ppo_like
+# ppo_step) run only those: the whole suite can outlast one 10-minute device call, so a second call can finish
+# the rest.
 # Each kernel bench checks ours against the reference before it times anything.
 set -u
 out=${1:?usage: bash bench/run_gpu_suite.sh OUT_DIR [NAME ...]}
@@ -40,6 +41,9 @@ run rope_attention "$PY" bench/bench_rope_attention.py
 run rope_sweep "$PY" bench/bench_rope_attention.py --sweep   # every launch variant: which tiles to keep
 run paged_attention "$PY" bench/bench_paged_attention.py
 run paged_attention_fp8 "$PY" bench/bench_paged_attention.py --kv-dtype fp8 --no-compile  # half the KV bytes
+sweep_shapes="13b-b64-c384 13b-b8-c4096 13b-b256-c1024 70b-gqa8-b32-c2048"
+run paged_sweep "$PY" bench/bench_paged_attention.py --sweep --no-compile --shapes $sweep_shapes  # decode_config
+run paged_sweep_fp8 "$PY" bench/bench_paged_attention.py --sweep --no-compile --kv-dtype fp8 --shapes $sweep_shapes
 run rmsnorm_swiglu "$PY" bench/bench_rmsnorm_swiglu.py
 run sampling "$PY" bench/bench_sampling.py
 run rollout_b64 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 --prompt-len 128 --gen-len 256 --hf-static
