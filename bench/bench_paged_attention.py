@@ -130,11 +130,11 @@ def ptxas_report(
 
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float8_e4m3fn: "fp8e4nv"}
     tname, cname = names[dtype], names[cache_dtype or dtype]
-    elem = torch.empty((), dtype=dtype).element_size()
+    cache_elem = torch.empty((), dtype=cache_dtype or dtype).element_size()
     rows = []
     for name, (batch, ctx, hq, hkv, d, bs) in shapes.items():
         group, block_d = hq // hkv, triton.next_power_of_2(d)
-        cfg = pa.decode_config(group, block_d, elem)
+        cfg = pa.decode_config(group, block_d, cache_elem)
         use_dot = group >= cfg["dot_min_group"]
         splits = pa.choose_num_splits(batch, hkv, ctx, cfg["block_n"], 132)  # H100 SXM
         types = {n: "i32" for n in pa._paged_decode_kernel.arg_names}

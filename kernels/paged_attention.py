@@ -202,15 +202,18 @@ def _check_caches(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
 
 
 def decode_config(group: int, block_d: int, elem_size: int) -> dict:
-    """Launch parameters of the decode kernel (tokens per tile, warps, pipeline stages, when to use tl.dot).
+    """Launch parameters of the decode kernel (tokens per tile, warps, pipeline stages, when to use tl.dot);
+    elem_size: bytes per cached element.
 
     Chosen without a GPU to hand, from ptxas on sm_90 (bench/bench_paged_attention.py --ptxas): 64-token
     tiles of 256-byte rows keep 32 KB of K/V in flight per program with 16-byte loads, no spills (96
-    registers, ~5 programs per SM); 512-byte rows (fp32, or D = 256) halve the tile. Group 1 (MHA)
-    multiply-reduces on CUDA cores; larger groups pad to 16 rows for tl.dot (cp.async-pipelined).
+    registers, ~5 programs per SM); 512-byte rows (fp32, or D = 256) halve the tile, 128-byte rows (an fp8
+    cache) double it (128 registers, no spills, the same 32 KB). Group 1 (MHA) multiply-reduces on CUDA
+    cores; larger groups pad to 16 rows for tl.dot (cp.async-pipelined).
     bench/bench_paged_attention.py --sweep times the alternatives on a GPU.
     """
-    block_n = 64 if block_d * elem_size <= 256 else 32
+    row_bytes = block_d * elem_size
+    block_n = 128 if row_bytes <= 128 else 64 if row_bytes <= 256 else 32
     return {"block_n": block_n, "num_warps": 4, "num_stages": 2, "dot_min_group": 2}
 
 
@@ -238,7 +241,7 @@ def _decode_launch(
     _, block_size, hkv, _ = k_cache.shape
     group = hq // hkv
     block_d = triton.next_power_of_2(d)
-    cfg = {**decode_config(group, block_d, q.element_size()), **(config or {})}
+    cfg = {**decode_config(group, block_d, k_cache.element_size()), **(config or {})}
     use_dot = group >= cfg["dot_min_group"]
     # tl.dot needs M >= 16: pad the query-head group (padding rows read q = 0 and are not stored).
     group_pad = max(16, triton.next_power_of_2(group)) if use_dot else triton.next_power_of_2(group)
