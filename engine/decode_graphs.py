@@ -25,7 +25,8 @@ class DecodeGraphs:
     """Decode steps captured as CUDA graphs, one per batch-size bucket, sharing one memory pool.
 
     Static inputs are padded to the bucket: padding rows write nowhere (slot -1) and attend to
-    nothing (context length 0). The graph covers the whole model forward and the LM head.
+    nothing (context length 0). The graph covers the whole model forward and the LM head (this rank's
+    vocabulary shard: the sampler, outside the graph, combines the ranks' samples).
     caches: returns the per-layer (k_cache, v_cache) views; key: graph_key() at capture.
     """
 
@@ -72,7 +73,7 @@ class DecodeGraphs:
 
     def _forward(self, b: int) -> torch.Tensor:
         m = self.model
-        return m.head_packed(m.hidden_packed(self.ids[:b], self.positions[:b], None))
+        return m.head_packed(m.hidden_packed(self.ids[:b], self.positions[:b], None), gather=False)
 
     def run(self, last: torch.Tensor, batch) -> torch.Tensor:
         """Replay the smallest bucket that holds the batch: logits [B, V] (a view of the graph's output)."""

@@ -175,6 +175,9 @@ class Generator:
         self._caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.stats = GenerationStats()
         self._kv_heads = model.layers[0].self_attn.local_kv_heads
+        # logits stay this rank's vocabulary shard (the LM head's split is the embedding's): the sampler exchanges
+        # B x 4 numbers between tensor-parallel ranks instead of all-gathering B x V logits
+        self._vocab_offset = model.embed_tokens.vocab_start
 
     # ---------------------------------------------------------------------------- memory --
 
@@ -219,7 +222,7 @@ class Generator:
         pos = torch.arange(n, device=self.device) % seq
         cu = torch.tensor([*range(0, n, seq), n], dtype=torch.int32).to(self.device)
         h = self.model.hidden_packed(ids, pos, cu)
-        self.model.head_packed(h[-min(n, self.max_num_seqs) :])
+        self.model.head_packed(h[-min(n, self.max_num_seqs) :], gather=False)
         del h
         torch.cuda.synchronize(self.device)
         return torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
@@ -284,13 +287,14 @@ class Generator:
 
     @torch.no_grad()
     def _prefill(self, parents: list[_Seq]) -> torch.Tensor:
-        """Packed forward of the parents' tokens, writing their KV; logits [G, V] at each last token."""
+        """Packed forward of the parents' tokens, writing their KV; logits [G, V_shard] at each last token
+        (V_shard: this tensor-parallel rank's vocabulary shard, the whole vocabulary without TP)."""
         ids, pos, cu, slots = self._prefill_inputs(parents)
         ctx = AttentionContext(self._kv_caches(), slots, decode=False)
         with attention_context(ctx):
             hidden = self.model.hidden_packed(ids, pos, cu)
         self.stats.prefill_steps += 1
-        return self.model.head_packed(hidden[cu[1:].long() - 1])
+        return self.model.head_packed(hidden[cu[1:].long() - 1], gather=False)
 
     def _decode_inputs(self, seqs: list[_Seq], last: torch.Tensor | None):
         """A slot for each sequence's next token (copy-on-write done first) and the step's tensors; the input ids
@@ -307,7 +311,7 @@ class Generator:
         self, parents: list[_Seq], seqs: list[_Seq], last: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward for newly admitted prompts and a decode step of the running sequences, so an admission
-        costs no extra read of the weights: (prompt logits [G, V], decode logits [B, V]). Eager (the
+        costs no extra read of the weights: (prompt logits [G, V_shard], decode logits [B, V_shard]). Eager (the
         shapes vary). Raises OutOfBlocks, before any change, when a running sequence gets no slot.
         last: the decode input ids on the device (as for _decode)."""
         batch, last = self._decode_inputs(seqs, last)
@@ -320,14 +324,14 @@ class Generator:
         with attention_context(ctx):
             hidden = self.model.hidden_packed(torch.cat([ids, last]), torch.cat([pos, batch.positions]), cu)
         rows = torch.cat([cu[1:].long() - 1, torch.arange(p, p + len(seqs), device=self.device)])
-        logits = self.model.head_packed(hidden[rows])
+        logits = self.model.head_packed(hidden[rows], gather=False)
         self.stats.decode_steps += 1
         self.stats.mixed_steps += 1
         return logits[: len(parents)], logits[len(parents) :]
 
     @torch.no_grad()
     def _decode(self, seqs: list[_Seq], last: torch.Tensor | None = None) -> torch.Tensor:
-        """One decode step for every running sequence -> logits [B, V]. Raises OutOfBlocks (nothing changed).
+        """One decode step for every running sequence -> logits [B, V_shard]. Raises OutOfBlocks (nothing changed).
 
         last: the input ids [B] on the device (an overlapped step: tokens the host has not read yet)."""
         batch, last = self._decode_inputs(seqs, last)
@@ -338,7 +342,7 @@ class Generator:
                 return graphs.run(last, batch)
         ctx = AttentionContext(self._kv_caches(), batch.slot_mapping, True, batch.block_tables, batch.context_lens)
         with attention_context(ctx):
-            return self.model.head_packed(self.model.hidden_packed(last, batch.positions, None))
+            return self.model.head_packed(self.model.hidden_packed(last, batch.positions, None), gather=False)
 
     def _graph_key(self) -> tuple:
         return graph_key(self.model, self.pool.tensor)
@@ -531,7 +535,8 @@ class Generator:
         tokens sampled but not yet appended on the host (its counter runs ahead by that many)."""
         seeds = torch.tensor([s.seed for s in seqs], dtype=torch.int64).to(self.device, non_blocking=True)
         counters = torch.tensor([len(s.tokens) + k for s, k in zip(seqs, pending)], dtype=torch.int64)
-        tokens, logprobs = sample_tokens(logits, params, seeds, counters.to(self.device, non_blocking=True))
+        counters = counters.to(self.device, non_blocking=True)
+        tokens, logprobs = sample_tokens(logits, params, seeds, counters, self.model.group, self._vocab_offset)
         if self.device.type != "cuda":
             return _Step(seqs, tokens, tokens, logprobs, None)
         host_tokens = torch.empty(len(seqs), dtype=torch.int64, pin_memory=True)

@@ -8,11 +8,13 @@ batched with, when it is preempted and recomputed, or which tensor-parallel rank
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from engine.config import GenerateConfig
+from engine.parallel import gather_from_tp, group_size
 from kernels import reference
 from kernels.reference import M32, mix32
-from kernels.sampling import gumbel_sample
+from kernels.sampling import combine_partial_samples, gumbel_sample, gumbel_sample_partial
 
 
 def seed_for(base_seed: int, prompt_index: int, sample_index: int) -> int:
@@ -40,16 +42,34 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 def sample_tokens(
-    logits: torch.Tensor, params: GenerateConfig, seeds: torch.Tensor, counters: torch.Tensor
+    logits: torch.Tensor,
+    params: GenerateConfig,
+    seeds: torch.Tensor,
+    counters: torch.Tensor,
+    group=None,
+    vocab_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row of logits [B, V] -> (tokens [B] int64, log-probs [B] fp32 under the raw logits).
 
     Temperature 0 is greedy. Otherwise Gumbel-max over the temperature-scaled, top-k/top-p filtered
     logits, with the noise from kernels.reference.uniform_noise(seeds, counters): no host sync, no global RNG. Without
     top-k / top-p (the recipe's sampling) one fused kernel does it all (kernels/sampling.py).
+    group: a tensor-parallel group whose ranks each hold a vocabulary shard [B, V / tp] starting at vocab_offset.
+    Without top-k / top-p each rank samples its shard and the ranks exchange B x 4 numbers (the same token as the
+    whole row, on every rank); with them the shards are gathered first.
     """
-    if params.temperature == 0 or (not (params.top_k and params.top_k < logits.shape[-1]) and params.top_p >= 1.0):
-        return gumbel_sample(logits, seeds, counters, params.temperature)
+    tp = group_size(group)
+    vocab = logits.shape[-1] * tp
+    if params.temperature == 0 or (not (params.top_k and params.top_k < vocab) and params.top_p >= 1.0):
+        if tp == 1:
+            return gumbel_sample(logits, seeds, counters, params.temperature)
+        tokens, stats = gumbel_sample_partial(logits, seeds, counters, params.temperature, vocab_offset)
+        mine = torch.cat([stats.double(), tokens[:, None].double()], -1)  # ids are exact in float64
+        every = mine.new_empty((tp * mine.shape[0], 4))
+        dist.all_gather_into_tensor(every, mine, group=group)
+        every = every.view(tp, -1, 4)  # [rank, row, (score, logit, lse, token)]
+        return combine_partial_samples(every[..., 3].long(), every[..., :3])
+    logits = gather_from_tp(logits, group)
     logits = logits.float()
     scaled = filter_logits(logits / params.temperature, params.top_k, params.top_p)
     tokens, _ = reference.gumbel_sample(scaled, seeds, counters, 1.0)  # already scaled: / 1.0 is exact

@@ -65,15 +65,16 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=8)
-def _column_keys(vocab: int, device: torch.device) -> torch.Tensor:
-    """Per-vocabulary-entry hash keys, computed once per (vocab, device) rather than every step."""
-    return mix32(torch.arange(vocab, device=device, dtype=torch.int64) * 0x61C88647 & M32)
+def _column_keys(vocab: int, device: torch.device, offset: int = 0) -> torch.Tensor:
+    """Hash keys of vocabulary entries [offset, offset + vocab), computed once per (vocab, device, offset)."""
+    return mix32(torch.arange(offset, offset + vocab, device=device, dtype=torch.int64) * 0x61C88647 & M32)
 
 
-def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[B, V] uniforms in (0, 1) from per-row seeds [B] and counters [B] (int64): a pure function."""
+def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int, offset: int = 0) -> torch.Tensor:
+    """[B, V] uniforms in (0, 1) from per-row seeds [B] and counters [B] (int64): a pure function. offset: the
+    first column's vocabulary id (a tensor-parallel rank's shard: the same noise as the whole row's slice)."""
     row = mix32(mix32(seeds & M32) ^ (counters & M32))
-    col = _column_keys(vocab, seeds.device)
+    col = _column_keys(vocab, seeds.device, offset)
     bits = mix32(row[:, None] ^ col[None, :])
     return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
@@ -90,6 +91,24 @@ def gumbel_sample(
         gumbel = -torch.log(-torch.log(uniform_noise(seeds, counters, logits.shape[-1])))
         tokens = (logits / temperature + gumbel).argmax(-1)
     return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def gumbel_sample_partial(
+    logits: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor, temperature: float, vocab_offset: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Oracle of kernels.sampling.gumbel_sample_partial: gumbel_sample over one vocabulary shard (columns
+    vocab_offset + [0, V)) -> (global token ids [B] int64, stats [B, 3] fp32: the best score, the logit at the
+    token, the shard's logsumexp)."""
+    logits = logits.float()
+    if temperature == 0:
+        score = logits
+    else:
+        noise = uniform_noise(seeds, counters, logits.shape[-1], vocab_offset)
+        score = logits / temperature - torch.log(-torch.log(noise))
+    idx = score.argmax(-1)[:, None]  # the first maximum
+    stats = torch.cat([score.gather(-1, idx), logits.gather(-1, idx), torch.logsumexp(logits, -1, keepdim=True)], -1)
+    idx = idx.squeeze(-1)
+    return idx + vocab_offset, stats
 
 
 # ======================================================================= norm and activation ==

@@ -6,6 +6,11 @@ token = argmax_v(logits_v / temperature + g_v) with g_v = -log(-log(u_v)), u_v a
 0 is greedy (argmax of the logits); logprob = log_softmax(logits)[token] under the raw logits (temperature
 1), as PPO's training side computes it. No host sync, no global RNG.
 
+gumbel_sample_partial(logits [B, V_shard], ..., vocab_offset): the same over one tensor-parallel rank's vocabulary
+shard (the noise keyed by global ids), returning the global id of the shard's best token and (best score, its
+logit, the shard's logsumexp) [B, 3]: the ranks exchange B x 3 numbers instead of all-gathering B x V logits
+(engine/sampler.py combines them into exactly the token the whole row gives).
+
 Eager PyTorch builds the [B, V] noise in int64 through a dozen elementwise passes, then the Gumbel
 transform, the argmax and a log-softmax: about 0.5 GB of traffic per decode step at batch 64 over a
 32000-word vocabulary (a few hundred microseconds, on every tensor-parallel rank). Here one program per
@@ -36,10 +41,11 @@ def _mix32(x):
 
 @triton.jit
 def _gumbel_sample_kernel(
-    LOGITS, SEEDS, COUNTERS, TOKENS, LOGPROBS, vocab, stride_row, temperature,
-    GREEDY: tl.constexpr, BLOCK_V: tl.constexpr,
+    LOGITS, SEEDS, COUNTERS, TOKENS, LOGPROBS, vocab, vocab_offset, stride_row, temperature,
+    GREEDY: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
-    """One row: stream the logits in blocks; running (best score, its index, its logit) and logsumexp."""
+    """One row: stream the logits in blocks; running (best score, its index, its logit) and logsumexp. PARTIAL:
+    LOGPROBS is [B, 3] (best score, its logit, logsumexp) and the token id is offset by vocab_offset."""
     row = tl.program_id(0)
     base = LOGITS + row.to(tl.int64) * stride_row
     seed = tl.load(SEEDS + row).to(tl.uint32)  # the low 32 bits, as the reference's & 0xFFFFFFFF
@@ -57,7 +63,7 @@ def _gumbel_sample_kernel(
         if GREEDY:
             score = x
         else:
-            bits = _mix32(row_key ^ _mix32(offs.to(tl.uint32) * 0x61C88647))
+            bits = _mix32(row_key ^ _mix32((offs + vocab_offset).to(tl.uint32) * 0x61C88647))
             u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
             score = tl.where(ok, x / temperature - tl.log(-tl.log(u)), -float("inf"))
         blk_best = tl.max(score, axis=0)
@@ -70,14 +76,47 @@ def _gumbel_sample_kernel(
         m_new = tl.maximum(m, tl.max(x, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.where(ok, tl.exp(x - m_new), 0.0), axis=0)
         m = m_new
-    tl.store(TOKENS + row, best_idx.to(tl.int64))
-    tl.store(LOGPROBS + row, best_logit - (m + tl.log(s)))
+    tl.store(TOKENS + row, best_idx.to(tl.int64) + vocab_offset)
+    if PARTIAL:
+        tl.store(LOGPROBS + row * 3, best)
+        tl.store(LOGPROBS + row * 3 + 1, best_logit)
+        tl.store(LOGPROBS + row * 3 + 2, m + tl.log(s))
+    else:
+        tl.store(LOGPROBS + row, best_logit - (m + tl.log(s)))
 
 
 def gumbel_sample(
     logits: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V] (fp32/bf16/fp16), seeds and counters [B] int64 -> tokens [B] int64, log-probs [B] fp32."""
+    _check(logits, seeds, counters, temperature)
+    if not use_triton(logits):
+        return reference.gumbel_sample(logits, seeds, counters, temperature)
+    return _launch(logits, seeds, counters, temperature, 0, partial=False)
+
+
+def gumbel_sample_partial(
+    logits: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor, temperature: float, vocab_offset: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V_shard] of vocabulary ids vocab_offset + [0, V_shard) -> (the shard's best token, a global id
+    [B] int64; stats [B, 3] fp32: its score, its logit, the shard's logsumexp of the raw logits)."""
+    _check(logits, seeds, counters, temperature)
+    if not use_triton(logits):
+        return reference.gumbel_sample_partial(logits, seeds, counters, temperature, vocab_offset)
+    return _launch(logits, seeds, counters, temperature, vocab_offset, partial=True)
+
+
+def combine_partial_samples(tokens: torch.Tensor, stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens [S, B] and stats [S, B, 3] of gumbel_sample_partial over S shards in vocabulary order -> (tokens [B]
+    int64, log-probs [B] fp32): the token of the whole row (the first shard holding the best score wins a tie,
+    as the row's first maximum does) and its logit less the logsumexp of the shards' logsumexps."""
+    shard = stats[..., 0].argmax(0, keepdim=True)  # [1, B]: the first maximum over shards
+    logit = stats[..., 1].gather(0, shard).squeeze(0)
+    lse = torch.logsumexp(stats[..., 2].double(), 0)
+    return tokens.gather(0, shard).squeeze(0), (logit.double() - lse).float()
+
+
+def _check(logits, seeds, counters, temperature) -> None:
     if logits.dim() != 2 or seeds.shape != (logits.shape[0],) or counters.shape != (logits.shape[0],):
         raise ValueError(
             f"logits must be [B, V] with seeds and counters [B]; got {tuple(logits.shape)}, "
@@ -85,16 +124,18 @@ def gumbel_sample(
         )
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not use_triton(logits):
-        return reference.gumbel_sample(logits, seeds, counters, temperature)
+
+
+def _launch(logits, seeds, counters, temperature, vocab_offset, *, partial):
     b, v = logits.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     tokens = torch.empty(b, dtype=torch.int64, device=logits.device)
-    logprobs = torch.empty(b, dtype=torch.float32, device=logits.device)
+    out = torch.empty((b, 3) if partial else (b,), dtype=torch.float32, device=logits.device)
     if b:
         _gumbel_sample_kernel[(b,)](
-            logits, seeds.contiguous(), counters.contiguous(), tokens, logprobs, v, logits.stride(0),
-            float(temperature) if temperature > 0 else 1.0, GREEDY=temperature == 0, BLOCK_V=_BLOCK_V, num_warps=8,
+            logits, seeds.contiguous(), counters.contiguous(), tokens, out, v, vocab_offset, logits.stride(0),
+            float(temperature) if temperature > 0 else 1.0, GREEDY=temperature == 0, PARTIAL=partial,
+            BLOCK_V=_BLOCK_V, num_warps=8,
         )  # fmt: skip
-    return tokens, logprobs
+    return tokens, out

@@ -45,13 +45,18 @@ def test_tp2_matches_tp1(tmp_path):
     from engine.config import GenerateConfig
     from engine.generate import Generator
 
-    # one process, every prompt admitted at once, read step by step: the same samples as TP=2's scheduling
+    # one process, every prompt admitted at once, read step by step: the same samples as TP=2's scheduling, whether
+    # the ranks combined their vocabulary shards' samples or gathered the logits (top-p)
     gen = Generator(model, block_size=4, num_blocks=32, max_model_len=12, overlap=False)
-    comps = gen.generate_completions(
-        [[5, 9, 13], [7, 3, 22, 41, 8, 2, 19], [11, 4]], GenerateConfig(temperature=0.9, max_new_tokens=8, seed=3)
-    )
-    expected = torch.tensor([c.tokens + [-1] * (8 - len(c.tokens)) for c in comps])
-    assert torch.equal(tp2["generated"], expected)
+    for key, params in [
+        ("generated", GenerateConfig(temperature=0.9, max_new_tokens=8, seed=3)),
+        ("generated_top_p", GenerateConfig(temperature=0.9, top_p=0.8, max_new_tokens=8, seed=4)),
+    ]:
+        comps = gen.generate_completions([[5, 9, 13], [7, 3, 22, 41, 8, 2, 19], [11, 4]], params)
+        expected = torch.tensor([c.tokens + [-1] * (8 - len(c.tokens)) for c in comps])
+        assert torch.equal(tp2[key], expected), key
+        logprobs = torch.tensor([lp for c in comps for lp in c.logprobs])
+        torch.testing.assert_close(tp2[key + "_logprobs"], logprobs, atol=1e-5, rtol=1e-5)
     assert tp2["mixed_steps"] > 0 and tp2["overlapped_steps"] > 0
 
     saved = load_pretrained(tmp_path / "saved")  # gathered from both ranks, written by rank 0

@@ -37,14 +37,20 @@ def main(ckpt: str, out: str) -> None:
     # while the first still runs (a mixed step), every step launched ahead of the host, on every rank alike
     gen = Generator(model, block_size=4, num_blocks=32, max_model_len=12, max_num_seqs=2)
     prompts = [[5, 9, 13], [7, 3, 22, 41, 8, 2, 19], [11, 4]]
-    generated = gen.generate_completions(prompts, GenerateConfig(temperature=0.9, max_new_tokens=8, seed=3))
-    grads["mixed_steps"] = gen.stats.mixed_steps
-    grads["overlapped_steps"] = gen.stats.overlapped_steps
-    tokens = torch.tensor([c.tokens + [-1] * (8 - len(c.tokens)) for c in generated])
-    everyone = [torch.empty_like(tokens) for _ in range(2)]
-    dist.all_gather(everyone, tokens, group=model.group)
-    assert torch.equal(everyone[0], everyone[1]), "TP ranks sampled different tokens"
-    grads["generated"] = tokens
+    # each rank samples its vocabulary shard and the ranks combine (no top-k/p), or the logits are gathered (top-p)
+    for key, params in [
+        ("generated", GenerateConfig(temperature=0.9, max_new_tokens=8, seed=3)),
+        ("generated_top_p", GenerateConfig(temperature=0.9, top_p=0.8, max_new_tokens=8, seed=4)),
+    ]:
+        generated = gen.generate_completions(prompts, params)
+        grads["mixed_steps"] = gen.stats.mixed_steps
+        grads["overlapped_steps"] = gen.stats.overlapped_steps
+        tokens = torch.tensor([c.tokens + [-1] * (8 - len(c.tokens)) for c in generated])
+        everyone = [torch.empty_like(tokens) for _ in range(2)]
+        dist.all_gather(everyone, tokens, group=model.group)
+        assert torch.equal(everyone[0], everyone[1]), "TP ranks sampled different tokens"
+        grads[key] = tokens
+        grads[key + "_logprobs"] = torch.tensor([lp for c in generated for lp in c.logprobs])
     if grid.rank == 0:
         torch.save({"ids": ids, "mask": mask, "logits": logits.detach(), **grads}, out + "/tp2.pt")
     dist.barrier()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kernels import dispatch, reference
-from kernels.sampling import gumbel_sample
+from kernels.sampling import combine_partial_samples, gumbel_sample, gumbel_sample_partial
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0, 1.5])
@@ -45,3 +45,32 @@ def test_reference_path_and_errors():
         gumbel_sample(logits[0], seeds, counters, 0.7)
     with pytest.raises(ValueError, match="temperature"):
         gumbel_sample(logits, seeds, counters, -1.0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+@pytest.mark.parametrize("shards", [2, 3])
+def test_vocabulary_shards_combine_into_the_whole_rows_sample(temperature, shards):
+    """Each tensor-parallel rank samples its shard (noise keyed by global ids); combining the shards' (token, best
+    score, logit, logsumexp) gives the whole row's token and log-prob, on the kernel and the reference path."""
+    b, v = 9, 3 * 1500  # shards of 1500 or 2250 columns: several kernel blocks, the last ragged
+    logits = (3 * torch.randn(b, v)).to(torch.bfloat16)
+    logits[0, 100] = logits[0, 2300] = logits[0].float().max() + 5  # a greedy tie across shards: the first wins
+    seeds = torch.randint(0, 2**32, (b,), dtype=torch.int64)
+    counters = torch.randint(0, 5000, (b,), dtype=torch.int64)
+    want_tokens, want_logprobs = gumbel_sample(logits, seeds, counters, temperature)
+    width = v // shards
+    parts = [
+        gumbel_sample_partial(logits[:, i * width : (i + 1) * width], seeds, counters, temperature, i * width)
+        for i in range(shards)
+    ]
+    for i, (tok, stats) in enumerate(parts):
+        ref_tok, ref_stats = reference.gumbel_sample_partial(
+            logits[:, i * width : (i + 1) * width], seeds, counters, temperature, i * width
+        )
+        assert torch.equal(tok, ref_tok) and stats.shape == (b, 3)
+        torch.testing.assert_close(stats, ref_stats, atol=1e-5, rtol=1e-5)
+    tokens, logprobs = combine_partial_samples(torch.stack([t for t, _ in parts]), torch.stack([s for _, s in parts]))
+    assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(logprobs, want_logprobs, atol=1e-5, rtol=1e-5)
+    if temperature == 0:
+        assert tokens[0] == 100

@@ -69,9 +69,9 @@ from bench.common import ptxas_info
 from kernels import sampling
 
 types = dict(LOGITS="*bf16", SEEDS="*i64", COUNTERS="*i64", TOKENS="*i64", LOGPROBS="*fp32", vocab="i32",
-             stride_row="i32", temperature="fp32")
-for greedy in (False, True):
-    consts = dict(GREEDY=greedy, BLOCK_V=sampling._BLOCK_V)
+             vocab_offset="i32", stride_row="i32", temperature="fp32")
+for greedy, partial in ((False, False), (True, False), (False, True)):  # partial: a TP rank's vocabulary shard
+    consts = dict(GREEDY=greedy, PARTIAL=partial, BLOCK_V=sampling._BLOCK_V)
     info = ptxas_info(sampling._gumbel_sample_kernel, types, consts, 8, 3, divisible=("vocab",))  # 32000 is
     assert info["regs"] and info["spill_bytes"] == 0, info
 print("compiled")
