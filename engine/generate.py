@@ -255,7 +255,7 @@ class Generator:
         """Free the KV cache for the training phase.
 
         The decode graphs are kept (their memory pool: each batch bucket's logits, ~0.15 GiB at
-        max_num_seqs 256 and a 32k vocabulary in bf16) and replayed after the next
+        max_num_seqs 256 and a 32k vocabulary in bf16, divided by the TP degree) and replayed after the next
         allocation if the cache comes back at the same address and every parameter and buffer of the
         model still lives where it did (the trainer updates them in place); otherwise they are captured
         again. drop_graphs: free them now as well."""
