@@ -58,6 +58,11 @@ def test_tp2_matches_tp1(tmp_path):
         logprobs = torch.tensor([lp for c in comps for lp in c.logprobs])
         torch.testing.assert_close(tp2[key + "_logprobs"], logprobs, atol=1e-5, rtol=1e-5)
     assert tp2["mixed_steps"] > 0 and tp2["overlapped_steps"] > 0
+    fp8 = Generator(model, block_size=4, num_blocks=32, max_model_len=12, overlap=False, kv_cache_dtype="fp8")
+    comps = fp8.generate_completions(
+        [[5, 9, 13], [7, 3, 22, 41, 8, 2, 19], [11, 4]], GenerateConfig(temperature=0.9, max_new_tokens=8, seed=3)
+    )
+    assert torch.equal(tp2["generated_fp8"], torch.tensor([c.tokens + [-1] * (8 - len(c.tokens)) for c in comps]))
 
     saved = load_pretrained(tmp_path / "saved")  # gathered from both ranks, written by rank 0
     for (n1, p1), (n2, p2) in zip(model.named_parameters(), saved.named_parameters()):

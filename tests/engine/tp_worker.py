@@ -10,6 +10,9 @@ import torch.distributed as dist
 
 from engine.checkpoint import load_pretrained, save_pretrained
 from engine.parallel import init_process_grid
+from tests.interpreter_fixes import interpreter_converts_like_the_gpu
+
+interpreter_converts_like_the_gpu()  # as in the pytest process this is compared with
 
 
 def main(ckpt: str, out: str) -> None:
@@ -51,6 +54,10 @@ def main(ckpt: str, out: str) -> None:
         assert torch.equal(everyone[0], everyone[1]), "TP ranks sampled different tokens"
         grads[key] = tokens
         grads[key + "_logprobs"] = torch.tensor([lp for c in generated for lp in c.logprobs])
+    # an fp8 KV cache holding each rank's heads
+    fp8 = Generator(model, block_size=4, num_blocks=32, max_model_len=12, max_num_seqs=2, kv_cache_dtype="fp8")
+    generated = fp8.generate_completions(prompts, GenerateConfig(temperature=0.9, max_new_tokens=8, seed=3))
+    grads["generated_fp8"] = torch.tensor([c.tokens + [-1] * (8 - len(c.tokens)) for c in generated])
     if grid.rank == 0:
         torch.save({"ids": ids, "mask": mask, "logits": logits.detach(), **grads}, out + "/tp2.pt")
     dist.barrier()

@@ -19,6 +19,9 @@ import torch.distributed as dist  # noqa: E402
 
 import kernels.logprob as L  # noqa: E402
 from kernels import dispatch, reference  # noqa: E402
+from tests.interpreter_fixes import interpreter_converts_like_the_gpu  # noqa: E402
+
+interpreter_converts_like_the_gpu()  # as in the pytest process
 
 
 def close(actual, expected, what, tol=1e-5):
