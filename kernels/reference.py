@@ -21,7 +21,12 @@ from kernels.dispatch import compute_dtype
 
 
 def rotary_inv_freq(head_dim: int, rope_theta: float, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-    """[D/2] inverse frequencies, as HF Llama computes them: 1 / theta^(2i/D)."""
+    """[D/2] inverse frequencies, as HF Llama computes them: 1 / theta^(2i/D) (cached: do not modify)."""
+    return _inv_freq(head_dim, float(rope_theta), dtype, torch.device(device) if device is not None else None)
+
+
+@functools.lru_cache(maxsize=64)
+def _inv_freq(head_dim: int, rope_theta: float, dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).to(dtype) / head_dim
     return 1.0 / (rope_theta**exponent)
 
@@ -40,13 +45,16 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, rope_theta: float = 1
     Computes in at least fp32 and returns x's dtype.
     """
     ct = compute_dtype(x.dtype)
+    cos, sin = rotary_cos_sin(positions, x.shape[-1], rope_theta, ct)
+    return _rotate(x, cos, sin, ct).to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ct: torch.dtype) -> torch.Tensor:
+    """x [N, H, D] rotated by cos, sin [N, D] (rotate-half), in ct."""
     d = x.shape[-1]
-    cos, sin = rotary_cos_sin(positions, d, rope_theta, ct)
     xc = x.to(ct)
     x1, x2 = xc[..., : d // 2], xc[..., d // 2 :]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    out = xc * cos[:, None, :] + rotated * sin[:, None, :]
-    return out.to(x.dtype)
+    return xc * cos[:, None, :] + torch.cat([-x2, x1], dim=-1) * sin[:, None, :]
 
 
 # ================================================================================= sampling ==
@@ -262,9 +270,10 @@ def rope_write_kv(
 
     q [N, Hq, D], k/v [N, Hkv, D], positions [N] int, slot_mapping [N] int64 (-1: skip).
     """
-    kr = apply_rotary(k.to(compute_dtype(k.dtype)), positions, rope_theta)  # one rounding, to the cache's dtype
-    write_kv_cache(kr, v, k_cache, v_cache, slot_mapping)
-    return apply_rotary(q, positions, rope_theta)
+    ct = compute_dtype(q.dtype)
+    cos, sin = rotary_cos_sin(positions, q.shape[-1], rope_theta, ct)  # once for q and k
+    write_kv_cache(_rotate(k, cos, sin, ct), v, k_cache, v_cache, slot_mapping)  # one rounding, to the cache's dtype
+    return _rotate(q, cos, sin, ct).to(q.dtype)
 
 
 # ================================================================================= logprob ==
