@@ -393,3 +393,19 @@ def test_fp8_kv_cache(path):
     assert [t[0] for t in want] == [t[0] for t in exact_tokens]
     with pytest.raises(ValueError, match="kv_cache_dtype 'float16'"):
         Generator(model, kv_cache_dtype="float16")
+
+
+def test_cache_keeps_its_size_across_small_budget_changes():
+    """After release(), a budget up to 25% larger keeps the last block count (the same-size allocation is what
+    lets the decode graphs replay); a larger budget grows the cache, a smaller one shrinks it."""
+    model = Transformer(ModelConfig.named("tiny")).init_weights(seed=0)
+    per_block = Generator(model, block_size=4, num_blocks=1)._bytes_per_block()
+    gen = Generator(model, block_size=4, kv_cache_bytes=100 * per_block, max_model_len=32)
+    sizes = []
+    for budget in (100, 110, 130, 90):
+        gen.kv_cache_bytes = budget * per_block
+        with reference_ops():
+            gen.generate([[1, 5, 9]], temperature=0.0, max_new_tokens=2)
+        sizes.append(gen.pool.num_blocks)
+        gen.release()
+    assert sizes == [100, 100, 130, 90]
