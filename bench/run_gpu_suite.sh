@@ -55,4 +55,4 @@ run rollout_b64_fp8 "$PY" bench/rollout_throughput.py --model llama2-13b --rando
 run rollout_ppo_like "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 256 \
   --max-num-seqs 64 --prompt-len 128 --gen-len 256 --stop-tokens 160   # admissions mid-run: mixed steps
 run ppo_step "$PY" bench/ppo_step.py --model llama2-7b --random-weights --num-layers 8 --rollout-batch-size 64 \
-  --train-batch-size 16 --prompt-len 256 --max-new-tokens 256
+  --train-batch-size 16 --prompt-len 256 --max-new-tokens 256 --iterations 2  # the 3rd: graphs replayed?

@@ -415,6 +415,9 @@ def ppo_iteration(state: TrainState) -> dict:
         "time_score": t2 - t1,
         "time_train": t3 - t2,
         "time_iteration": t3 - t0,
+        # the rollout's decode-graph captures (0: the previous iteration's graphs replayed) and setup time
+        "gen_graph_captures": getattr(getattr(state.generator, "stats", None), "graph_captures", 0),
+        "time_gen_setup": getattr(getattr(state.generator, "stats", None), "setup_seconds", 0.0),
     }
 
 
