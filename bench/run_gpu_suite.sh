@@ -31,7 +31,9 @@ if [ "$only" = "  " ] || [[ "$only" == *" tests "* ]]; then  # correctness first
   echo "=== tests: TULU_TEST_DEVICE=cuda pytest tests/kernels tests/engine/test_gpu.py"
   # pytest-xdist, where installed, spreads Triton's compilations over the CPU cores (one GPU serves all workers)
   xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
-  TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist tests/kernels tests/engine/test_gpu.py > "$out/tests.log" 2>&1
+  timeout=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 300")  # a hung test must not eat the call
+  TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $timeout tests/kernels tests/engine/test_gpu.py \
+    > "$out/tests.log" 2>&1
   echo "exit $?" >> "$out/tests.log"
   tail -n 40 "$out/tests.log"
 fi
