@@ -4,10 +4,12 @@
     python bench/bench_rmsnorm_swiglu.py                      # 8192 tokens, Llama-2-13B widths, bf16, on CUDA
     python bench/bench_rmsnorm_swiglu.py --tokens 16384 --hidden 4096 --intermediate 11008 --json norm.json
 
-Shapes: RMSNorm on [tokens, hidden]; SwiGLU on the fused gate_up [tokens, 2 * intermediate] (13B with TP=1:
-hidden 5120, intermediate 13824). The floor is the bytes the op must move at --bandwidth: RMSNorm reads x and
-writes y forward, reads x and dy and writes dx backward; SwiGLU reads gate and up and writes y forward, reads
-gate, up and dy and writes both halves of the gradient backward. Without a CUDA device: a tiny CPU run.
+Shapes: RMSNorm on [tokens, hidden]; the residual add fused into it (Add+RMSNorm: h = x + delta, rms_norm(h), what
+each decoder layer does twice); SwiGLU on the fused gate_up [tokens, 2 * intermediate] (13B with TP=1: hidden
+5120, intermediate 13824). The floor is the bytes the op must move at --bandwidth: RMSNorm reads x and writes y
+forward, reads x and dy and writes dx backward; Add+RMSNorm reads x and delta and writes h and y forward, reads
+h, dy and dh and writes one gradient backward; SwiGLU reads gate and up and writes y forward, reads gate, up and
+dy and writes both halves of the gradient backward. Without a CUDA device: a tiny CPU run.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import device_name, measure, save_json  # noqa: E402
 from kernels import reference  # noqa: E402
-from kernels.rmsnorm import rms_norm  # noqa: E402
+from kernels.rmsnorm import add_rms_norm, rms_norm  # noqa: E402
 from kernels.swiglu import swiglu  # noqa: E402
 
 
@@ -32,9 +34,14 @@ def _rows(args, device):
     eps = 1e-5
     elem = torch.empty((), dtype=dt).element_size()
     norm_impls = {"ours": lambda x, w: rms_norm(x, w, eps), "eager (HF)": lambda x, w: reference.rms_norm(x, w, eps)}
+    add_impls = {
+        "ours": lambda x, d, w: add_rms_norm(x, d, w, eps),
+        "eager (HF)": lambda x, d, w: reference.add_rms_norm(x, d, w, eps),
+    }
     act_impls = {"ours": swiglu, "eager (HF)": reference.swiglu}
     if device == "cuda":
         norm_impls["torch.compile"] = torch.compile(lambda x, w: reference.rms_norm(x, w, eps))
+        add_impls["torch.compile"] = torch.compile(lambda x, d, w: reference.add_rms_norm(x, d, w, eps))
         act_impls["torch.compile"] = torch.compile(reference.swiglu)
         try:
             from liger_kernel.ops.rms_norm import LigerRMSNormFunction
@@ -48,24 +55,34 @@ def _rows(args, device):
         torch.randn(t, h, device=device, dtype=dt),
         1 + 0.1 * torch.randn(h, device=device, dtype=dt),
     )
+    add_inputs = lambda: (torch.randn(t, h, device=device, dtype=dt), *norm_inputs())
     act_inputs = lambda: (2 * torch.randn(t, 2 * i, device=device, dtype=dt),)
     return {
         f"RMSNorm {t}x{h}": (norm_inputs, norm_impls, 2 * t * h * elem, 5 * t * h * elem),
+        f"Add+RMSNorm {t}x{h}": (add_inputs, add_impls, 4 * t * h * elem, 8 * t * h * elem),
         f"SwiGLU {t}x2x{i}": (act_inputs, act_impls, 3 * t * i * elem, 8 * t * i * elem),
     }
 
 
-def check(op: str, fn, inputs, dy) -> None:
-    """Before timing: ours against the eager layer in float64 (output and every input's gradient)."""
-    ref = {"RMSNorm": lambda x, w: reference.rms_norm(x, w, 1e-5), "SwiGLU": reference.swiglu}[op.split()[0]]
+def _outputs(out) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def check(op: str, fn, inputs, dy: tuple) -> None:
+    """Before timing: ours against the eager layer in float64 (outputs and every input's gradient)."""
+    ref = {
+        "RMSNorm": lambda x, w: reference.rms_norm(x, w, 1e-5),
+        "Add+RMSNorm": lambda x, d, w: reference.add_rms_norm(x, d, w, 1e-5),
+        "SwiGLU": reference.swiglu,
+    }[op.split()[0]]
     outs = []
     for f, cast in ((fn, lambda t: t), (ref, lambda t: t.double())):
         leaves = [cast(x.detach()).requires_grad_() for x in inputs]
-        out = f(*leaves)
-        outs.append([out, *torch.autograd.grad(out, leaves, cast(dy))])
+        out = _outputs(f(*leaves))
+        outs.append([*out, *torch.autograd.grad(out, leaves, [cast(g) for g in dy])])
     errs = [((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(*outs)]
     shown = " ".join(f"{e:.1e}" for e in errs)
-    print(f"{op}: max error relative to the largest value, output then gradients: {shown}")
+    print(f"{op}: max error relative to the largest value, outputs then gradients: {shown}")
 
 
 def _time_impl(op: str, name: str, fn, inputs, dy, device) -> dict:
@@ -73,7 +90,7 @@ def _time_impl(op: str, name: str, fn, inputs, dy, device) -> dict:
     leaves = [x.detach().requires_grad_() for x in inputs]
 
     def step():
-        torch.autograd.grad(fn(*leaves), leaves, dy)
+        torch.autograd.grad(_outputs(fn(*leaves)), leaves, dy)
 
     try:
         fwd_ms, fwd_mem = measure(lambda: fn(*inputs), device)
@@ -100,7 +117,7 @@ def main(argv=None) -> list[dict]:
     rows = []
     for op, (make, impls, fwd_bytes, fb_bytes) in _rows(args, device).items():
         inputs = make()
-        dy = torch.randn_like(impls["eager (HF)"](*inputs))
+        dy = tuple(torch.randn_like(o) for o in _outputs(impls["eager (HF)"](*inputs)))
         check(op, impls["ours"], inputs, dy)
         for name, fn in impls.items():
             rows.append(_time_impl(op, name, fn, inputs, dy, device))

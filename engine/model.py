@@ -31,7 +31,7 @@ from engine.parallel import (
     gather_from_tp,
     group_size,
 )
-from kernels.rmsnorm import rms_norm
+from kernels.rmsnorm import add_rms_norm, rms_norm
 from kernels.rope_attention import rope_attention
 from kernels.swiglu import swiglu
 
@@ -98,8 +98,12 @@ class RMSNorm(nn.Module):
     def full_part(self, part: int = 0) -> torch.Tensor:
         return self.weight.data
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)  # one fused pass each way (kernels/rmsnorm.py)
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None):
+        """rms_norm(x); with delta, (rms_norm(x + delta), x + delta): the residual add that feeds the norm, fused
+        (one pass each way, kernels/rmsnorm.py; the same rounding as HF's add then norm)."""
+        if delta is None:
+            return rms_norm(x, self.weight, self.eps)
+        return add_rms_norm(x, delta, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -208,9 +212,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
         self.mlp = MLP(cfg, group, **factory)
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), positions, cu_seqlens)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(
+        self, h: torch.Tensor, delta: torch.Tensor | None, positions: torch.Tensor, cu_seqlens: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream h and the previous layer's MLP output delta (None before the first layer) ->
+        (the stream after this layer's attention, this layer's MLP output): each residual add is fused into the
+        norm it feeds (this layer's two, the next layer's input norm, the final norm)."""
+        x, h = (self.input_layernorm(h), h) if delta is None else self.input_layernorm(h, delta)
+        x, h = self.post_attention_layernorm(h, self.self_attn(x, positions, cu_seqlens))
+        return h, self.mlp(x)
 
 
 # ---------------------------------------------------------------------------------- model --
@@ -279,14 +289,16 @@ class Transformer(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None
     ) -> torch.Tensor:
         """Final normed hidden states [N, hidden] of packed tokens input_ids [N] at positions [N]."""
-        h = self.embed_tokens(input_ids)
+        h, delta = self.embed_tokens(input_ids), None
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and _CONTEXT is None
         for layer in self.layers:
-            if recompute:  # keep only each layer's input; recompute its inside during backward
-                h = torch.utils.checkpoint.checkpoint(layer, h, positions, cu_seqlens, use_reentrant=False)
+            if recompute:  # keep only each layer's inputs; recompute its inside during backward
+                h, delta = torch.utils.checkpoint.checkpoint(
+                    layer, h, delta, positions, cu_seqlens, use_reentrant=False
+                )
             else:
-                h = layer(h, positions, cu_seqlens)
-        return self.norm(h)
+                h, delta = layer(h, delta, positions, cu_seqlens)
+        return self.norm(h) if delta is None else self.norm(h, delta)[0]
 
     def head_packed(self, hidden: torch.Tensor, *, gather: bool = True) -> torch.Tensor:
         """LM head -> logits [N, V] (this rank's vocab shard if not `gather`), or score head -> [N]."""

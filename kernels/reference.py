@@ -122,6 +122,14 @@ def gumbel_sample_partial(
 # ======================================================================= norm and activation ==
 
 
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Oracle of kernels.rmsnorm.add_rms_norm: h = x + delta (torch's add, rounded to the dtype), (rms_norm(h), h)."""
+    h = x + delta
+    return rms_norm(h, weight, eps), h
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """HF LlamaRMSNorm: normalise in (at least) fp32, round to x's dtype, then scale by weight."""
     ct = compute_dtype(x.dtype)

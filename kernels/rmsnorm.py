@@ -11,6 +11,10 @@ with n_r the normalised x rounded to the input dtype as the forward multiplied i
 walks several row blocks and writes one fp32 partial of dweight; the partials are summed after.
 
 Rows are tiled [BLOCK_ROWS, BLOCK_H] (the whole hidden dim in one tile: up to 16384 columns).
+
+add_rms_norm(x, delta, weight) -> (y, h): the residual add fused in (h = x + delta, rounded to the dtype as
+torch's add rounds it; y = rms_norm(h)), one pass instead of two: a decoder layer's two residual adds each
+feed a norm (the next layer's, or the final one). Backward: dx = ddelta = dh + the norm's dx, also one pass.
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ _BWD_PROGRAMS_PER_SM = 4
 
 @triton.jit
 def _rmsnorm_fwd_kernel(
-    X, W, Y, RSTD, n_rows, n_cols, stride_x, stride_y, eps,
-    BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+    X, DELTA, H, W, Y, RSTD, n_rows, n_cols, stride_x, stride_d, stride_h, stride_y, eps,
+    BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, HAS_DELTA: tl.constexpr,
 ):  # fmt: skip
-    """Rows [pid * BLOCK_ROWS, +BLOCK_ROWS): Y = W * (X * rstd).to(X dtype); RSTD [n_rows] fp32."""
+    """Rows [pid * BLOCK_ROWS, +BLOCK_ROWS): Y = W * (X * rstd).to(X dtype); RSTD [n_rows] fp32. HAS_DELTA: the
+    normalised rows are H = (X + DELTA).to(X dtype), stored."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_H)
     r_ok = rows < n_rows
@@ -40,6 +45,11 @@ def _rmsnorm_fwd_kernel(
     mask = r_ok[:, None] & c_ok[None, :]
     rows64 = rows.to(tl.int64)
     x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_DELTA:
+        d = tl.load(DELTA + rows64[:, None] * stride_d + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h = (x + d).to(H.dtype.element_ty)
+        tl.store(H + rows64[:, None] * stride_h + cols[None, :], h, mask=mask)
+        x = h.to(tl.float32)
     w = tl.load(W + cols, mask=c_ok, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
     n = (x * rstd[:, None]).to(Y.dtype.element_ty).to(tl.float32)
@@ -49,10 +59,11 @@ def _rmsnorm_fwd_kernel(
 
 @triton.jit
 def _rmsnorm_bwd_kernel(
-    X, W, DY, DX, RSTD, DW_PART, n_rows, n_cols, stride_x, stride_dy, stride_dx, num_programs,
-    BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+    X, W, DY, DX, RSTD, DW_PART, DRES, n_rows, n_cols, stride_x, stride_dy, stride_dx, stride_dres, num_programs,
+    BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, HAS_DRES: tl.constexpr,
 ):  # fmt: skip
-    """Row blocks pid, pid + num_programs, ...: DX, and this program's fp32 partial of dweight in DW_PART[pid]."""
+    """Row blocks pid, pid + num_programs, ...: DX, and this program's fp32 partial of dweight in DW_PART[pid].
+    HAS_DRES: DX also carries DRES (the gradient reaching the normalised rows directly: the residual stream)."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
     c_ok = cols < n_cols
@@ -70,6 +81,8 @@ def _rmsnorm_bwd_kernel(
         n = x * rstd[:, None]
         g = dy * w[None, :]
         dx = rstd[:, None] * (g - n * (tl.sum(g * n, axis=1) / n_cols)[:, None])
+        if HAS_DRES:
+            dx += tl.load(DRES + rows64[:, None] * stride_dres + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         dw += tl.sum(dy * n.to(DX.dtype.element_ty).to(tl.float32), axis=0)
     tl.store(DW_PART + pid * n_cols + cols, dw, mask=c_ok)
@@ -88,24 +101,31 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def _rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _rmsnorm_fwd(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, rstd, h): h the normalised rows, x + delta when delta is given (a new tensor), else x itself."""
     x2 = _rows(x)
     n_rows, n_cols = x2.shape
     y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    d2 = x2 if delta is None else _rows(delta)
+    h = x2 if delta is None else torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     if n_rows:
         block_rows, block_h, num_warps = _tiles(n_cols)
         _rmsnorm_fwd_kernel[(triton.cdiv(n_rows, block_rows),)](
-            x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
-            BLOCK_ROWS=block_rows, BLOCK_H=block_h, num_warps=num_warps,
+            x2, d2, h, weight, y, rstd, n_rows, n_cols, x2.stride(0), d2.stride(0), h.stride(0), y.stride(0), eps,
+            BLOCK_ROWS=block_rows, BLOCK_H=block_h, HAS_DELTA=delta is not None, num_warps=num_warps,
         )  # fmt: skip
-    return y.view(x.shape), rstd
+    return y.view(x.shape), rstd, h.view(x.shape)
 
 
 def _rmsnorm_bwd(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dres: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dweight) of y = rms_norm(x); with dres, dx + dres (x also fed the residual stream)."""
     x2, dy2 = _rows(x), _rows(dy)
+    r2 = dy2 if dres is None else _rows(dres)
     n_rows, n_cols = x2.shape
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     block_rows, block_h, num_warps = _tiles(n_cols)
@@ -115,8 +135,9 @@ def _rmsnorm_bwd(
     partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
     if n_rows:
         _rmsnorm_bwd_kernel[(programs,)](
-            x2, weight, dy2, dx, rstd, partial, n_rows, n_cols, x2.stride(0), dy2.stride(0), dx.stride(0), programs,
-            BLOCK_ROWS=block_rows, BLOCK_H=block_h, num_warps=num_warps,
+            x2, weight, dy2, dx, rstd, partial, r2, n_rows, n_cols, x2.stride(0), dy2.stride(0), dx.stride(0),
+            r2.stride(0), programs, BLOCK_ROWS=block_rows, BLOCK_H=block_h, HAS_DRES=dres is not None,
+            num_warps=num_warps,
         )  # fmt: skip
     else:
         partial.zero_()
@@ -126,7 +147,7 @@ def _rmsnorm_bwd(
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
-        y, rstd = _rmsnorm_fwd(x, weight, eps)
+        y, rstd, _ = _rmsnorm_fwd(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
         return y
 
@@ -135,6 +156,39 @@ class _RMSNorm(torch.autograd.Function):
         x, weight, rstd = ctx.saved_tensors
         dx, dw = _rmsnorm_bwd(dy, x, weight, rstd)
         return dx, dw, None
+
+
+class _AddRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, delta, weight, eps):
+        y, rstd, h = _rmsnorm_fwd(x, weight, eps, delta)
+        ctx.save_for_backward(h, weight, rstd)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None (no pass over zeros)
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy, dh):
+        h, weight, rstd = ctx.saved_tensors
+        if dy is None:  # only the sum was used
+            return dh, dh, None, None
+        dx, dw = _rmsnorm_bwd(dy.contiguous(), h, weight, rstd, None if dh is None else dh.contiguous())
+        return dx, dx, dw, None
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(h), h) with h = x + delta (both [..., H], one dtype): a residual add and the norm it feeds, in
+    one pass each way; differentiable in x, delta and weight."""
+    if x.shape != delta.shape or x.dtype != delta.dtype:
+        raise ValueError(f"x {x.dtype} {tuple(x.shape)} and delta {delta.dtype} {tuple(delta.shape)} must match")
+    if x.shape[-1] != weight.shape[0] or weight.dim() != 1:
+        raise ValueError(f"weight must be [H={x.shape[-1]}], got {tuple(weight.shape)}")
+    if not use_triton(x) or x.shape[-1] > _MAX_HIDDEN:
+        return reference.add_rms_norm(x, delta, weight, eps)
+    if weight.dtype != x.dtype:
+        raise ValueError(f"x ({x.dtype}) and weight ({weight.dtype}) must share a dtype")
+    return _AddRMSNorm.apply(x, delta, weight, eps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kernels import dispatch, reference
-from kernels.rmsnorm import rms_norm
+from kernels.rmsnorm import add_rms_norm, rms_norm
 from kernels.swiglu import swiglu
 
 TOLS = {
@@ -49,6 +49,35 @@ def test_rms_norm_forward_backward(dtype, shape, poisoned_outputs):
     # rounding of its dtype there (measured: fp32 ~2e-7 of the largest value, bf16 ~3e-3, fp16 ~5e-4)
     rel = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
     torch.testing.assert_close(dw.double(), rdw, atol=rel * rdw.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 64), (37, 1000), (3, 5, 96)])
+@pytest.mark.parametrize("use", ["both", "norm", "sum"])
+def test_add_rms_norm_forward_backward(dtype, shape, use, poisoned_outputs):
+    """h = x + delta and rms_norm(h) in one pass: both outputs, and the gradients of x, delta and weight when the
+    loss uses both outputs, only the norm, or only the sum; against float64."""
+    x, delta, dy, dh = (torch.randn(shape).to(dtype) for _ in range(4))
+    w = (1.0 + 0.1 * torch.randn(shape[-1])).to(dtype)
+
+    def loss(fn, *inputs):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        y, h = fn(*leaves)
+        terms = {"both": [(y, dy), (h, dh)], "norm": [(y, dy)], "sum": [(h, dh)]}[use]
+        sum((out * g.to(out.dtype)).sum() for out, g in terms).backward()
+        return y.detach(), h.detach(), [t.grad for t in leaves]
+
+    y, h, grads = loss(lambda a, b, c: add_rms_norm(a, b, c, 1e-5), x, delta, w)
+    ry, rh, rgrads = loss(lambda a, b, c: reference.add_rms_norm(a, b, c, 1e-5), x.double(), delta.double(), w.double())
+    assert torch.equal(h, x + delta)  # the sum rounded once, as torch's add
+    torch.testing.assert_close(y.double(), ry, **TOLS[dtype])
+    torch.testing.assert_close(h.double(), rh, **TOLS[dtype])
+    if use == "sum":
+        assert grads[2] is None
+        grads, rgrads = grads[:2], rgrads[:2]
+    for got, want in zip(grads, rgrads):
+        torch.testing.assert_close(got.double(), want, atol=TOLS[dtype]["atol"] * max(1.0, want.abs().max().item()),
+                                   rtol=TOLS[dtype]["rtol"])  # fmt: skip
 
 
 # (tests/conftest.py makes the interpreter round fp32 -> bf16 to nearest, as the GPU does)

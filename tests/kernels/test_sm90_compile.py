@@ -45,15 +45,19 @@ for r_ty, m_ty, (n_rows, n_steps) in [("fp32", "u8", (64, 1024)), ("bf16", "fp32
 print("compiled")
 """,
     "rmsnorm_swiglu": """
+import itertools
+
 from bench.common import ptxas_info
 from kernels import rmsnorm, swiglu
 
 block_rows, block_h, warps = rmsnorm._tiles(5120)  # Llama-2-13B hidden
-consts = dict(BLOCK_ROWS=block_rows, BLOCK_H=block_h)
-for fn, ptrs in [
-    (rmsnorm._rmsnorm_fwd_kernel, dict(X="*bf16", W="*bf16", Y="*bf16", RSTD="*fp32", eps="fp32")),
-    (rmsnorm._rmsnorm_bwd_kernel, dict(X="*bf16", W="*bf16", DY="*bf16", DX="*bf16", RSTD="*fp32", DW_PART="*fp32")),
-]:
+fwd_ptrs = dict(X="*bf16", DELTA="*bf16", H="*bf16", W="*bf16", Y="*bf16", RSTD="*fp32", eps="fp32")
+bwd_ptrs = dict(X="*bf16", W="*bf16", DY="*bf16", DX="*bf16", RSTD="*fp32", DW_PART="*fp32", DRES="*bf16")
+for (fn, ptrs, flag), fused in itertools.product(
+    [(rmsnorm._rmsnorm_fwd_kernel, fwd_ptrs, "HAS_DELTA"), (rmsnorm._rmsnorm_bwd_kernel, bwd_ptrs, "HAS_DRES")],
+    (False, True),  # the plain norm and the residual add fused in (add_rms_norm)
+):
+    consts = dict(BLOCK_ROWS=block_rows, BLOCK_H=block_h, **{flag: fused})
     types = {a: ptrs.get(a, "i32") for a in fn.arg_names if a not in consts}
     info = ptxas_info(fn, types, consts, warps, 3, divisible=("n_cols",))  # 5120 is
     assert info["regs"] and info["spill_bytes"] == 0 and "ld.global.v4.b32" in info["loads"], info
