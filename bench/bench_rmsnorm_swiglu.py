@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import device_name, measure, save_json  # noqa: E402
+from bench.common import add_elementwise_args, bench_device, device_name, measure, save_json  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.rmsnorm import add_rms_norm, rms_norm  # noqa: E402
 from kernels.swiglu import swiglu  # noqa: E402
@@ -106,14 +106,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--hidden", type=int, default=5120)
     ap.add_argument("--intermediate", type=int, default=13824)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--bandwidth", type=float, default=3.0, help="copy bandwidth in TB/s for the floor (H100: 3.0)")
-    ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    add_elementwise_args(ap)
     args = ap.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        args.tokens, args.hidden, args.intermediate, args.dtype = 64, 256, 512, "float32"
-        print("no CUDA device: tiny CPU run (the reference path); GPU figures need a CUDA device.")
+    device = bench_device(args, tokens=64, hidden=256, intermediate=512, dtype="float32")
     rows = []
     for op, (make, impls, fwd_bytes, fb_bytes) in _rows(args, device).items():
         inputs = make()

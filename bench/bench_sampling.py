@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import device_name, measure, save_json  # noqa: E402
+from bench.common import add_elementwise_args, bench_device, device_name, measure, save_json  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.sampling import gumbel_sample  # noqa: E402
 
@@ -29,14 +29,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--temperature", type=float, default=0.7)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--bandwidth", type=float, default=3.0, help="TB/s for the floor (H100: 3.0)")
-    ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    add_elementwise_args(ap, "TB/s for the floor (H100: 3.0)")
     args = ap.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        args.batch, args.vocab, args.dtype = [4], 1000, "float32"
-        print("no CUDA device: tiny CPU run (the reference path); GPU figures need a CUDA device.")
+    device = bench_device(args, batch=[4], vocab=1000, dtype="float32")
     dtype = getattr(torch, args.dtype)
     impls = {"ours (one pass)": gumbel_sample, "eager (reference)": reference.gumbel_sample}
     if device == "cuda":

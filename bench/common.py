@@ -50,6 +50,23 @@ def device_name(device) -> str:
     return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
 
 
+def add_elementwise_args(ap, bandwidth_help: str = "copy bandwidth in TB/s for the floor (H100: 3.0)") -> None:
+    """The flags every memory-bound kernel bench takes: --dtype, --bandwidth (TB/s), --json."""
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--bandwidth", type=float, default=3.0, help=bandwidth_help)
+    ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+
+
+def bench_device(args, **tiny_cpu) -> str:
+    """ "cuda" if there is one; else "cpu", with args shrunk to tiny_cpu (a smoke run of the reference path)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    for name, value in tiny_cpu.items():
+        setattr(args, name, value)
+    print("no CUDA device: tiny CPU run (the reference path); GPU figures need a CUDA device.")
+    return "cpu"
+
+
 def save_json(path: str | None, rows: list[dict], args, device) -> None:
     """Write a bench's rows with the device, torch version and arguments (nothing when path is None)."""
     if path:
