@@ -373,24 +373,28 @@ def test_an_aborted_call_leaks_no_block(monkeypatch):
         assert len(gen.generate([[1, 2, 3]], max_new_tokens=3, ignore_eos=True)[0]) == 3
 
 
-@pytest.mark.parametrize("path", ["kernels", "reference"])
-def test_fp8_kv_cache(path):
-    """kv_cache_dtype="fp8": a quarter of an fp32 cache's bytes per block (so 4x the blocks in one budget), the
-    same tokens on the kernel and the reference path, and the first token of each sample (its prompt attends
-    to itself exactly, in the prefill) the same as with the model-dtype cache; later tokens read rounded K/V."""
+def test_fp8_kv_cache():
+    """kv_cache_dtype="fp8": a quarter of an fp32 cache's bytes per block (so 4x the blocks in one budget); the
+    kernel path samples what the reference path samples from the same float8 cache; each sample's first token
+    and its log-prob are those of the model-dtype cache (the prompt attends to exact K/V in the prefill), and
+    later log-probs are not (they read rounded K/V: the cache really holds float8)."""
     model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.05, seed=3)
     prompts = _prompts(512, [3, 9, 17, 1], seed=6)
     params = GenerateConfig(temperature=0.0, max_new_tokens=12, ignore_eos=True)
     kw = dict(block_size=4, kv_cache_bytes=2**20, max_model_len=64)
     fp8 = Generator(model, kv_cache_dtype="fp8", **kw)
     exact = Generator(model, **kw)
+    got = fp8.generate_completions(prompts, params)
     with reference_ops():
-        want = fp8.generate(prompts, params)
-        exact_tokens = exact.generate(prompts, params)
-    got = fp8.generate(prompts, params) if path == "kernels" else want
+        want = fp8.generate_completions(prompts, params)
+        exact_comps = exact.generate_completions(prompts, params)
     assert fp8.pool.tensor.dtype == torch.float8_e4m3fn and fp8.pool.num_blocks == 4 * exact.pool.num_blocks
-    assert got == want
-    assert [t[0] for t in want] == [t[0] for t in exact_tokens]
+    assert [c.tokens for c in got] == [c.tokens for c in want]
+    flat = lambda comps, sl: torch.tensor([x for c in comps for x in c.logprobs[sl]])  # noqa: E731
+    torch.testing.assert_close(flat(got, slice(None)), flat(want, slice(None)), atol=1e-5, rtol=1e-5)
+    assert [c.tokens[0] for c in want] == [c.tokens[0] for c in exact_comps]
+    torch.testing.assert_close(flat(want, slice(0, 1)), flat(exact_comps, slice(0, 1)), atol=1e-6, rtol=1e-6)
+    assert not torch.equal(flat(want, slice(1, 2)), flat(exact_comps, slice(1, 2)))
     with pytest.raises(ValueError, match="kv_cache_dtype 'float16'"):
         Generator(model, kv_cache_dtype="float16")
 
