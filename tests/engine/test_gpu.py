@@ -52,7 +52,9 @@ def test_bf16_logits_as_accurate_as_transformers_on_gpu(tmp_path):
     assert ours_err < max(2 * hf_err, 1e-2), (ours_err, hf_err)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+# the same comparison in Triton's interpreter on CPU measured 8.6e-7 (fp32) and 1.0e-2 (bf16) at most, relative to
+# each gradient's largest value (a norm weight's in bf16)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_packed_forward_backward_kernels_match_reference_on_gpu(dtype, tol):
     """The training forward (rope flash attention, fused norm and activation) and every parameter's gradient."""
     cfg = ModelConfig.named("tiny")
