@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import measure, ptxas_info  # noqa: E402
+from engine.generate import resolve_cache_dtype  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.paged_attention import paged_decode_attention, rope_write_kv  # noqa: E402
 
@@ -163,7 +164,7 @@ def ptxas_report(
 def run(args) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
-    cache_dtype = torch.float8_e4m3fn if args.kv_dtype == "fp8" else dtype
+    cache_dtype = resolve_cache_dtype(args.kv_dtype, dtype, device)  # a clear error on GPUs without fp8
     if args.ptxas:
         print(f"ptxas (sm_{args.arch}, no GPU needed), {args.dtype}, cache {cache_dtype}:")
         shapes = {k: v for k, v in SHAPES.items() if not args.shapes or k in args.shapes}

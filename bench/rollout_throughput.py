@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.checkpoint import hf_tensor_specs, load_pretrained  # noqa: E402
 from engine.config import MODEL_SHAPES, GenerateConfig, ModelConfig  # noqa: E402
-from engine.generate import Generator  # noqa: E402
+from engine.generate import Generator, resolve_cache_dtype  # noqa: E402
 from engine.model import Transformer  # noqa: E402
 
 
@@ -201,7 +201,7 @@ def main(argv=None) -> dict:
     )
     args.no_hf = args.no_hf or bool(stops)
     elem = torch.empty((), dtype=dtype).element_size()
-    kv_elem = 1 if args.kv_cache_dtype == "fp8" else elem
+    kv_elem = torch.empty((), dtype=resolve_cache_dtype(args.kv_cache_dtype, dtype)).element_size()
     roof = decode_roofline(cfg, batch, prompt_len, gen_len, elem, bw, kv_elem)
 
     gen = Generator(
