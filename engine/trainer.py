@@ -30,6 +30,7 @@ from engine import ppo
 from engine.checkpoint import load_pretrained, save_pretrained
 from engine.config import GenerateConfig, PPOConfig
 from engine.data import PromptBatches, Rollout, pack, split_by_tokens, to_padded
+from engine.generate import GenerationStats
 from engine.model import Transformer
 from engine.optim import Optimizer, accumulate_grads, make_optimizer, optimizer_step
 from engine.parallel import (
@@ -383,6 +384,7 @@ def ppo_iteration(state: TrainState) -> dict:
     if state.dp_group is not None:
         dist.all_reduce(totals, group=state.dp_group)
     g = dict(zip(keys, totals.tolist()))
+    gen_stats = getattr(state.generator, "stats", None) or GenerationStats()  # a test's stand-in may keep none
     n_seq, n_resp, n_tok, n_steps = g["sequences"], g["response_tokens"], max(g["tokens"], 1.0), max(g["steps"], 1)
     state.iteration += 1
     return {
@@ -416,8 +418,8 @@ def ppo_iteration(state: TrainState) -> dict:
         "time_train": t3 - t2,
         "time_iteration": t3 - t0,
         # the rollout's decode-graph captures (0: the previous iteration's graphs replayed) and setup time
-        "gen_graph_captures": getattr(getattr(state.generator, "stats", None), "graph_captures", 0),
-        "time_gen_setup": getattr(getattr(state.generator, "stats", None), "setup_seconds", 0.0),
+        "gen_graph_captures": gen_stats.graph_captures,
+        "time_gen_setup": gen_stats.setup_seconds,
     }
 
 
