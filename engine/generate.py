@@ -116,9 +116,9 @@ class Generator:
 
     max_num_seqs: sequences decoded together at most. max_num_batched_tokens: prompt tokens per
     prefill forward (a longer single prompt still goes alone). kv_cache_fraction: share of the GPU
-    memory left after weights and activations given to the cache; on CPU kv_cache_bytes is the
-    budget. num_blocks overrides both. The cache is allocated on first use and `release()` hands it
-    back (the training phase needs the memory); the next generate call reallocates it.
+    memory left after weights and activations given to the cache. kv_cache_bytes: a fixed budget instead
+    (on CPU the default is 256 MiB). num_blocks overrides both. The cache is allocated on first use and
+    `release()` hands it back (the training phase needs the memory); the next generate call reallocates it.
     mix_prefill: prompts admitted while others run ride along with the running sequences' decode step
     (one forward, eager) instead of a forward of their own: with more prompts than max_num_seqs, each
     admission otherwise costs a whole read of the weights for a few prompts (a PPO rollout of 512 prompts
@@ -188,10 +188,12 @@ class Generator:
     def _num_blocks(self) -> int:
         if self.requested_blocks is not None:
             return self.requested_blocks
-        if self.device.type == "cuda":
+        if self.kv_cache_bytes:
+            budget = self.kv_cache_bytes
+        elif self.device.type == "cuda":
             budget = self._cuda_cache_budget()
         else:
-            budget = self.kv_cache_bytes or 256 * 1024**2
+            budget = 256 * 1024**2
         n = budget // self._bytes_per_block()
         last = self.pool.num_blocks if self.pool is not None else 0
         if last <= n < last + last // 4:
