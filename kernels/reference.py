@@ -93,12 +93,16 @@ def gumbel_sample(
     """Oracle of kernels.sampling.gumbel_sample: argmax of logits / temperature + Gumbel(uniform_noise) (argmax
     of the logits at temperature 0) -> (tokens [B] int64, log_softmax(logits) at them [B] fp32)."""
     logits = logits.float()
-    if temperature == 0:
-        tokens = logits.argmax(-1)
-    else:
-        gumbel = -torch.log(-torch.log(uniform_noise(seeds, counters, logits.shape[-1])))
-        tokens = (logits / temperature + gumbel).argmax(-1)
+    tokens = _gumbel_scores(logits, seeds, counters, temperature, 0).argmax(-1)
     return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _gumbel_scores(logits, seeds, counters, temperature: float, vocab_offset: int) -> torch.Tensor:
+    """logits / temperature + Gumbel noise of columns vocab_offset + [0, V) (the logits at temperature 0), fp32."""
+    if temperature == 0:
+        return logits
+    noise = uniform_noise(seeds, counters, logits.shape[-1], vocab_offset)
+    return logits / temperature - torch.log(-torch.log(noise))
 
 
 def gumbel_sample_partial(
@@ -108,11 +112,7 @@ def gumbel_sample_partial(
     vocab_offset + [0, V)) -> (global token ids [B] int64, stats [B, 3] fp32: the best score, the logit at the
     token, the shard's logsumexp)."""
     logits = logits.float()
-    if temperature == 0:
-        score = logits
-    else:
-        noise = uniform_noise(seeds, counters, logits.shape[-1], vocab_offset)
-        score = logits / temperature - torch.log(-torch.log(noise))
+    score = _gumbel_scores(logits, seeds, counters, temperature, vocab_offset)
     idx = score.argmax(-1)[:, None]  # the first maximum
     stats = torch.cat([score.gather(-1, idx), logits.gather(-1, idx), torch.logsumexp(logits, -1, keepdim=True)], -1)
     idx = idx.squeeze(-1)
