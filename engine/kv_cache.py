@@ -292,23 +292,8 @@ class BlockManager:
         private one (copy-on-write): copy block src to dst (KVCachePool.copy_blocks) before writing.
         Raises OutOfBlocks, leaving the sequence unchanged.
         """
-        table = self._tables[self._known(seq_id)]
-        pos = self._lengths[seq_id]
-        need = self._blocks_to_append(seq_id)
-        if need > len(self._free):
-            raise OutOfBlocks(need, len(self._free))
-        copy = None
-        if pos % self.block_size == 0:
-            table.append(self._take())
-            self._set_entry(seq_id, len(table) - 1, table[-1])
-        elif self._ref[table[-1]] > 1:
-            src, dst = table[-1], self._take()
-            self._ref[src] -= 1
-            table[-1] = dst
-            self._set_entry(seq_id, len(table) - 1, dst)
-            copy = (src, dst)
-        self._lengths[seq_id] = pos + 1
-        return table[-1] * self.block_size + pos % self.block_size, copy
+        slots, _, copies = self._append_batch([seq_id])
+        return slots[0], (copies[0] if copies else None)
 
     def append_slots(self, seq_ids: Sequence[int]) -> tuple[list[int], list[tuple[int, int]]]:
         """append_slot for a decode batch, all or nothing: (slots, copies to do before the KV write)."""
@@ -502,9 +487,3 @@ class BlockManager:
                 if ref[last] > 1:
                     sharers[last] = sharers.get(last, 0) + 1
         return need + sum(min(k, ref[b] - 1) for b, k in sharers.items())
-
-    def _blocks_to_append(self, seq_id: int) -> int:
-        pos = self._lengths[self._known(seq_id)]
-        if pos % self.block_size == 0:
-            return 1
-        return 1 if self._ref[self._tables[seq_id][-1]] > 1 else 0
