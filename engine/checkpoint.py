@@ -108,11 +108,13 @@ def load_pretrained(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     group=None,
+    sequence_parallel: bool = True,
 ) -> Transformer:
     """Load an HF Llama checkpoint directory (config.json + safetensors) into a Transformer.
 
     head: "lm" (LlamaForCausalLM) or "score" (LlamaForSequenceClassification with one label).
     dtype: defaults to the checkpoint's stored dtype. group: a TP process group (load this rank's shard).
+    sequence_parallel: under TP, split the tokens between the TP regions of the packed forward (Transformer).
     Missing, unexpected or wrongly shaped tensors raise ValueError naming the tensor and both shapes.
     """
     path = os.fspath(path)
@@ -123,7 +125,7 @@ def load_pretrained(
     names = [n for n in files if not n.endswith(IGNORED_SUFFIXES)]
     prefix = "model." if any(n.startswith("model.") for n in names) else ""
     dtype = dtype or config.torch_dtype
-    model = Transformer(config, head, group=group, dtype=dtype, device=device)
+    model = Transformer(config, head, group=group, dtype=dtype, device=device, sequence_parallel=sequence_parallel)
     specs = hf_tensor_specs(model, prefix)
 
     if head == "lm" and config.tie_word_embeddings:

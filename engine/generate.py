@@ -223,7 +223,7 @@ class Generator:
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         pos = torch.arange(n, device=self.device) % seq
         cu = torch.tensor([*range(0, n, seq), n], dtype=torch.int32).to(self.device)
-        h = self.model.hidden_packed(ids, pos, cu)
+        h = self.model.hidden_packed(ids, pos, cu, sequence_parallel=False)  # generation's layout under TP
         self.model.head_packed(h[-min(n, self.max_num_seqs) :], gather=False)
         del h
         torch.cuda.synchronize(self.device)

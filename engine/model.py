@@ -29,6 +29,7 @@ from engine.parallel import (
     VocabParallelEmbedding,
     copy_to_tp,
     gather_from_tp,
+    gather_tokens,
     group_size,
 )
 from kernels.rmsnorm import add_rms_norm, rms_norm
@@ -126,11 +127,15 @@ class Attention(nn.Module):
         self.local_heads = cfg.num_heads // tp
         self.local_kv_heads = cfg.num_kv_heads // tp
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-        n, d = x.shape[0], self.head_dim
-        q, k, v = self.qkv_proj(x).split(
-            [self.local_heads * d, self.local_kv_heads * d, self.local_kv_heads * d], dim=-1
-        )
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None, sp: bool = False
+    ) -> torch.Tensor:
+        """x [N, hidden] (with `sp`, [N/tp, hidden] this rank's tokens: see Transformer.hidden_packed); positions
+        and cu_seqlens describe all N tokens. Returns the same layout as x."""
+        d = self.head_dim
+        qkv = self.qkv_proj(x, sp)
+        n = qkv.shape[0]
+        q, k, v = qkv.split([self.local_heads * d, self.local_kv_heads * d, self.local_kv_heads * d], dim=-1)
         q = q.view(n, self.local_heads, d)
         k = k.view(n, self.local_kv_heads, d)
         v = v.view(n, self.local_kv_heads, d)
@@ -141,7 +146,7 @@ class Attention(nn.Module):
             o = rope_attention(q, k, v, positions, cu_seqlens, rope_theta=self.rope_theta)
         else:
             o = self._cached_attention(q, k, v, positions, cu_seqlens, ctx)
-        return self.o_proj(o.reshape(n, self.local_heads * d))
+        return self.o_proj(o.reshape(n, self.local_heads * d), sp)
 
     def _cached_attention(self, q, k, v, positions, cu_seqlens, ctx: AttentionContext) -> torch.Tensor:
         """Generation: prompts (flash attention over the packed prompts, writing their KV) and/or decode tokens
@@ -200,8 +205,8 @@ class MLP(nn.Module):
         )
         self.down_proj = RowParallelLinear(i, cfg.hidden_size, group, 1, "the MLP width", **factory)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_up_proj(x)))  # silu(gate) * up, fused (kernels/swiglu.py)
+    def forward(self, x: torch.Tensor, sp: bool = False) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_up_proj(x, sp)), sp)  # silu(gate) * up, fused (kernels/swiglu.py)
 
 
 class DecoderLayer(nn.Module):
@@ -213,14 +218,20 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, group, **factory)
 
     def forward(
-        self, h: torch.Tensor, delta: torch.Tensor | None, positions: torch.Tensor, cu_seqlens: torch.Tensor | None
+        self,
+        h: torch.Tensor,
+        delta: torch.Tensor | None,
+        positions: torch.Tensor,
+        cu_seqlens: torch.Tensor | None,
+        sp: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream h and the previous layer's MLP output delta (None before the first layer) ->
         (the stream after this layer's attention, this layer's MLP output): each residual add is fused into the
-        norm it feeds (this layer's two, the next layer's input norm, the final norm)."""
+        norm it feeds (this layer's two, the next layer's input norm, the final norm). With `sp` (sequence
+        parallel) h and delta hold this rank's tokens only, and so do the norms."""
         x, h = (self.input_layernorm(h), h) if delta is None else self.input_layernorm(h, delta)
-        x, h = self.post_attention_layernorm(h, self.self_attn(x, positions, cu_seqlens))
-        return h, self.mlp(x)
+        x, h = self.post_attention_layernorm(h, self.self_attn(x, positions, cu_seqlens, sp))
+        return h, self.mlp(x, sp)
 
 
 # ---------------------------------------------------------------------------------- model --
@@ -241,12 +252,16 @@ class Transformer(nn.Module):
         group=None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        sequence_parallel: bool = True,
     ):
         super().__init__()
         if head not in ("lm", "score"):
             raise ValueError(f"head must be 'lm' or 'score', got {head!r}")
         self.config, self.head, self.group = config, head, group
         self.tp = group_size(group)
+        # Under TP, the packed forward outside generation splits the tokens between the TP regions (see
+        # hidden_packed). Fixed at construction: the optimizer must know whether the norms' grads are partial.
+        self.sequence_parallel = sequence_parallel and self.tp > 1
         self.activation_checkpointing = False  # recompute each layer in backward (training memory)
         factory = {"dtype": dtype or config.torch_dtype, "device": device}
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, group, **factory)
@@ -286,19 +301,45 @@ class Transformer(nn.Module):
         return self
 
     def hidden_packed(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cu_seqlens: torch.Tensor | None,
+        *,
+        sequence_parallel: bool = True,
     ) -> torch.Tensor:
-        """Final normed hidden states [N, hidden] of packed tokens input_ids [N] at positions [N]."""
-        h, delta = self.embed_tokens(input_ids), None
+        """Final normed hidden states [N, hidden] of packed tokens input_ids [N] at positions [N].
+
+        Under TP outside generation (sequence parallel, Megatron's): the residual stream between the attention
+        and MLP regions holds only this rank's 1/tp of the tokens, so its adds and norms run once per token
+        across the group instead of once per rank; the tokens are padded to a multiple of tp with a dummy
+        sequence. The result is all-gathered and replicated; its grad must be the same on every rank (as
+        head_packed's and kernels.logprob.hidden_logprobs' are: each sums the vocabulary shards' parts). The
+        norms' weight grads are then this rank's tokens' share: see `tp_partial_grads`. `sequence_parallel=False`
+        keeps every token on every rank (the layout generation uses).
+        """
+        n = input_ids.shape[0]
+        sp = self.sequence_parallel and sequence_parallel and _CONTEXT is None
+        if sp:
+            input_ids, positions, cu_seqlens = _pad_tokens(input_ids, positions, cu_seqlens, self.tp)
+        h, delta = self.embed_tokens(input_ids, sp), None
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and _CONTEXT is None
         for layer in self.layers:
             if recompute:  # keep only each layer's inputs; recompute its inside during backward
                 h, delta = torch.utils.checkpoint.checkpoint(
-                    layer, h, delta, positions, cu_seqlens, use_reentrant=False
+                    layer, h, delta, positions, cu_seqlens, sp, use_reentrant=False
                 )
             else:
-                h, delta = layer(h, delta, positions, cu_seqlens)
-        return self.norm(h) if delta is None else self.norm(h, delta)[0]
+                h, delta = layer(h, delta, positions, cu_seqlens, sp)
+        out = self.norm(h) if delta is None else self.norm(h, delta)[0]
+        return gather_tokens(out, self.group, replicated_grad=True)[:n] if sp else out
+
+    def tp_partial_grads(self) -> list[nn.Parameter]:
+        """The parameters whose grads each TP rank holds only its tokens' share of, to be summed over the TP
+        group before the optimizer step (the norms' weights, under sequence parallelism; engine.optim does)."""
+        if not self.sequence_parallel:
+            return []
+        return [m.weight for m in self.modules() if isinstance(m, RMSNorm)]
 
     def head_packed(self, hidden: torch.Tensor, *, gather: bool = True) -> torch.Tensor:
         """LM head -> logits [N, V] (this rank's vocab shard if not `gather`), or score head -> [N]."""
@@ -359,6 +400,20 @@ def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
     lengths = mask.sum(-1, dtype=torch.int32)
     cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
     return input_ids[mask], positions, cu_seqlens, mask
+
+
+def _pad_tokens(ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None, tp: int):
+    """Pad packed tokens to a multiple of tp with one dummy sequence (attends only to itself; cut off after)."""
+    n = ids.shape[0]
+    if cu_seqlens is None:  # one sequence
+        cu_seqlens = torch.tensor([0, n], dtype=torch.int32, device=ids.device)
+    pad = -n % tp
+    if pad == 0:
+        return ids, positions, cu_seqlens
+    ids = torch.cat([ids, ids.new_zeros(pad)])
+    positions = torch.cat([positions, torch.arange(pad, dtype=positions.dtype, device=positions.device)])
+    cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_full((1,), n + pad)])
+    return ids, positions, cu_seqlens
 
 
 def last_token_scores(scores: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -26,6 +26,7 @@ class Optimizer:
     masters: list[torch.Tensor]
     sharded: list[bool]  # split across TP ranks (their squared grad norms are summed over the group)
     adam: torch.optim.Optimizer
+    tp_partial: list[bool]  # grads that each TP rank holds its tokens' share of (sequence parallel): summed
 
 
 def make_optimizer(model: Transformer, cfg: PPOConfig) -> Optimizer:
@@ -41,7 +42,10 @@ def make_optimizer(model: Transformer, cfg: PPOConfig) -> Optimizer:
         masters, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
         weight_decay=cfg.weight_decay, **fused,
     )  # fmt: skip
-    return Optimizer(params, masters, [id(p) in sharded_ids for p in params], adam)
+    partial_ids = {id(p) for p in model.tp_partial_grads()}
+    return Optimizer(
+        params, masters, [id(p) in sharded_ids for p in params], adam, [id(p) in partial_ids for p in params]
+    )
 
 
 def accumulate_grads(opt: Optimizer) -> None:
@@ -73,7 +77,8 @@ def _all_reduce_flat(tensors: list[torch.Tensor], group, bucket_bytes: int = 256
 
 
 def optimizer_step(opt: Optimizer, lr: float, cfg: PPOConfig, grid: ProcessGrid) -> torch.Tensor:
-    """All-reduce grads over DP, clip the global grad norm, Adam, write back to the parameters.
+    """All-reduce grads over DP (and the sequence-parallel partial ones over TP), clip the global grad norm,
+    Adam, write back to the parameters.
 
     Returns the grad norm before clipping (0-d tensor, no host sync).
     """
@@ -81,6 +86,9 @@ def optimizer_step(opt: Optimizer, lr: float, cfg: PPOConfig, grid: ProcessGrid)
         if m.grad is None:
             m.grad = torch.zeros_like(m)
     grads = [m.grad for m in opt.masters]
+    partial = [g for g, p in zip(grads, opt.tp_partial) if p]
+    if partial and grid.tp > 1:  # one flat all-reduce per step, not one per norm per micro-batch
+        _all_reduce_flat(partial, grid.tp_group)
     if grid.dp > 1:
         _all_reduce_flat(grads, grid.dp_group)
     sq = torch.stack(torch._foreach_norm(grads)).square()  # one fused launch per few tensors

@@ -121,13 +121,91 @@ class _GatherFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _gather_dim(x, -1, group)
+        return gather_dim(x, -1, group)
 
     @staticmethod
     def backward(ctx, grad):
         size = grad.shape[-1] // dist.get_world_size(ctx.group)
         r = dist.get_rank(ctx.group)
         return grad[..., r * size : (r + 1) * size].contiguous(), None
+
+
+# Sequence parallelism (Megatron's, for training): between the TP regions every rank holds only its
+# contiguous 1/tp of the tokens, so the per-token passes there (residual adds, norms) are not repeated on
+# every rank. A column-parallel layer all-gathers its input (reduce-scatter of the grad backward) in place
+# of copy_to_tp, a row-parallel one reduce-scatters its output (all-gather backward) in place of the
+# all-reduce: the same bytes on the wire as one all-reduce, split in its two halves.
+
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def gather_dim(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Every rank's x concatenated along dim in rank order (no autograd), with one collective into one buffer."""
+    tp = group_size(group)
+    if tp == 1:
+        return x
+    out = x.new_empty(x.shape[0] * tp, *x.shape[1:])
+    _all_gather_single(out, x.contiguous(), group=group)
+    if dim % x.dim() == 0:
+        return out
+    return torch.cat(out.view(tp, *x.shape).unbind(0), dim)
+
+
+def _reduce_scatter_tokens(x: torch.Tensor, group) -> torch.Tensor:
+    tp = group_size(group)
+    if x.shape[0] % tp:
+        raise ValueError(f"sequence parallel: {x.shape[0]} tokens do not split over {tp} tensor parallel ranks")
+    out = x.new_empty(x.shape[0] // tp, *x.shape[1:])
+    _reduce_scatter_single(out, x.contiguous(), group=group)
+    return out
+
+
+def _my_tokens(x: torch.Tensor, group) -> torch.Tensor:
+    n = x.shape[0] // group_size(group)
+    r = group_rank(group)
+    return x[r * n : (r + 1) * n].contiguous()
+
+
+class _GatherTokens(torch.autograd.Function):
+    """All-gather along the tokens forward; backward, this rank's tokens of the summed grad (reduce-scatter:
+    each rank's grad is a partial sum, as a column-parallel layer's is) or of the grad as it is (`replicated`:
+    every rank computed the same full grad)."""
+
+    @staticmethod
+    def forward(ctx, x, group, replicated):
+        ctx.group, ctx.replicated = group, replicated
+        return gather_dim(x, 0, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.replicated:
+            return _my_tokens(grad, ctx.group), None, None
+        return _reduce_scatter_tokens(grad, ctx.group), None, None
+
+
+class _ScatterTokens(torch.autograd.Function):
+    """Reduce-scatter along the tokens forward (partial sums -> this rank's tokens, summed), all-gather backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_tokens(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return gather_dim(grad, 0, ctx.group), None
+
+
+def gather_tokens(x: torch.Tensor, group, *, replicated_grad: bool = False) -> torch.Tensor:
+    """[N/tp, ...] this rank's tokens -> [N, ...] every rank's (sequence parallel -> TP region)."""
+    return x if group_size(group) == 1 else _GatherTokens.apply(x, group, replicated_grad)
+
+
+def scatter_tokens(x: torch.Tensor, group) -> torch.Tensor:
+    """[N, ...] partial sums over the TP ranks -> [N/tp, ...] this rank's tokens, summed (TP region -> sequence
+    parallel)."""
+    return x if group_size(group) == 1 else _ScatterTokens.apply(x, group)
 
 
 def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
@@ -196,10 +274,12 @@ class ColumnParallelLinear(nn.Module):
         """This part's full weight, gathered from every rank (for saving)."""
         offset = sum(self.local_sizes[:part])
         local = self.weight.data[offset : offset + self.local_sizes[part]]
-        return _gather_dim(local, 0, self.group)
+        return gather_dim(local, 0, self.group)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tp(x, self.group), self.weight)
+    def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
+        """x [N, in] replicated, or [N/tp, in] this rank's tokens with `sequence_parallel` (gathered first)."""
+        x = gather_tokens(x, self.group) if sequence_parallel else copy_to_tp(x, self.group)
+        return F.linear(x, self.weight)
 
 
 class RowParallelLinear(nn.Module):
@@ -219,10 +299,12 @@ class RowParallelLinear(nn.Module):
         _copy_checked(self.weight.data, _cols(source, start, start + self.local_in), name)
 
     def full_part(self, part: int = 0) -> torch.Tensor:
-        return _gather_dim(self.weight.data, 1, self.group)
+        return gather_dim(self.weight.data, 1, self.group)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reduce_from_tp(F.linear(x, self.weight), self.group)
+    def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
+        """-> [N, out] summed over the ranks, or with `sequence_parallel` [N/tp, out] this rank's tokens, summed."""
+        y = F.linear(x, self.weight)
+        return scatter_tokens(y, self.group) if sequence_parallel else reduce_from_tp(y, self.group)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -243,16 +325,17 @@ class VocabParallelEmbedding(nn.Module):
         _copy_checked(self.weight.data, _rows(source, start, start + self.local_vocab), name)
 
     def full_part(self, part: int = 0) -> torch.Tensor:
-        return _gather_dim(self.weight.data, 0, self.group)
+        return gather_dim(self.weight.data, 0, self.group)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
+        """ids [N] -> [N, hidden], or with `sequence_parallel` [N/tp, hidden] this rank's tokens."""
         if self.tp == 1:
             return F.embedding(ids, self.weight)
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.local_vocab)
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
         out = out.masked_fill(outside.unsqueeze(-1), 0)
-        return reduce_from_tp(out, self.group)
+        return scatter_tokens(out, self.group) if sequence_parallel else reduce_from_tp(out, self.group)
 
 
 class ReplicatedLinear(nn.Module):
@@ -271,11 +354,3 @@ class ReplicatedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
-
-
-def _gather_dim(local: torch.Tensor, dim: int, group) -> torch.Tensor:
-    if group_size(group) == 1:
-        return local
-    parts = [torch.empty_like(local) for _ in range(group_size(group))]
-    dist.all_gather(parts, local.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)

@@ -8,10 +8,9 @@ batched with, when it is preempted and recomputed, or which tensor-parallel rank
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from engine.config import GenerateConfig
-from engine.parallel import gather_from_tp, group_size
+from engine.parallel import gather_dim, gather_from_tp, group_size
 from kernels import reference
 from kernels.reference import M32, mix32
 from kernels.sampling import combine_partial_samples, gumbel_sample, gumbel_sample_partial
@@ -65,9 +64,7 @@ def sample_tokens(
             return gumbel_sample(logits, seeds, counters, params.temperature)
         tokens, stats = gumbel_sample_partial(logits, seeds, counters, params.temperature, vocab_offset)
         mine = torch.cat([stats.double(), tokens[:, None].double()], -1)  # ids are exact in float64
-        every = mine.new_empty((tp * mine.shape[0], 4))
-        dist.all_gather_into_tensor(every, mine, group=group)
-        every = every.view(tp, -1, 4)  # [rank, row, (score, logit, lse, token)]
+        every = gather_dim(mine, 0, group).view(tp, -1, 4)  # [rank, row, (score, logit, lse, token)]
         return combine_partial_samples(every[..., 3].long(), every[..., :3])
     logits = gather_from_tp(logits, group)
     logits = logits.float()

@@ -52,6 +52,7 @@ class RunConfig:
     tokenizer: str | None = None  # tokenizer directory (default: the policy's)
     output_dir: str = "out/ppo"  # checkpoints, metrics.jsonl
     tp: int = 1  # tensor parallel degree (must divide the heads; world = dp x tp)
+    sequence_parallel: bool = True  # under TP, split the tokens between the TP regions (norms run on 1/tp of them)
     resume: bool = False  # continue from output_dir's latest checkpoint (if there is none, start fresh)
     save_every: int = 0  # iterations between checkpoints (0: only at the end)
     keep_checkpoints: int = 1  # older checkpoints are pruned
@@ -151,7 +152,9 @@ def setup(
     ckpt = latest_checkpoint(run.output_dir) if run.resume else None
     if run.resume:
         print0(f"resuming from {ckpt}" if ckpt else f"--resume: no checkpoint in {run.output_dir} yet, starting fresh")
-    load = lambda path, head: load_pretrained(path, head=head, dtype=dtype, device=device, group=grid.tp_group)
+    load = lambda path, head: load_pretrained(
+        path, head=head, dtype=dtype, device=device, group=grid.tp_group, sequence_parallel=run.sequence_parallel
+    )
     models = (
         load(os.path.join(ckpt, "policy") if ckpt else run.policy, "lm"),
         load(run.policy, "lm"),

@@ -1,4 +1,5 @@
-"""Run under torchrun (gloo, CPU): the model with TP=2 must match TP=1 in logits, gradients and saving.
+"""Run under torchrun (gloo, CPU): the model with TP=2 (sequence parallel or not) must match TP=1 in logits,
+gradients and saving.
 
 python -m torch.distributed.run --nproc_per_node 2 tests/engine/tp_worker.py CKPT OUT
 """
@@ -22,15 +23,15 @@ def main(ckpt: str, out: str) -> None:
     mask = torch.ones_like(ids)
     mask[0, :2] = 0  # a left-padded row
     mask[2, 5:] = 0  # a right-padded row
-    model = load_pretrained(ckpt, group=grid.tp_group)
-    logits = model(ids, mask)  # gathered over the vocabulary
-    logits.float().logsumexp(-1).sum().backward()
-    grads = {
-        "q_proj": model.layers[0].self_attn.qkv_proj.full_part(0),  # weights, gathered
-        "q_grad": _gather_rows(model.layers[0].self_attn.qkv_proj.weight.grad, model),
-        "down_grad": _gather_cols(model.layers[1].mlp.down_proj.weight.grad, model),
-        "embed_grad": _gather_rows(model.embed_tokens.weight.grad, model),
-    }
+    # 17 tokens: sequence parallelism pads them to 18 with a dummy sequence
+    plain = load_pretrained(ckpt, group=grid.tp_group, sequence_parallel=False)
+    assert not plain.sequence_parallel and plain.tp_partial_grads() == []
+    _save_grads(plain, ids, mask, out + "/grads_tp")
+    model = load_pretrained(ckpt, group=grid.tp_group)  # sequence parallel: the default under TP
+    assert model.sequence_parallel and len(model.tp_partial_grads()) == 2 * len(model.layers) + 1
+    model.activation_checkpointing = True  # the recompute goes through the same collectives
+    logits = _save_grads(model, ids, mask, out + "/grads_sp")
+    grads = {"q_proj": model.layers[0].self_attn.qkv_proj.full_part(0)}  # weights, gathered
     save_pretrained(model, out + "/saved")
     # generation on the TP-sharded weights: every rank runs the same schedule and samples the same tokens
     from engine.config import GenerateConfig
@@ -59,21 +60,28 @@ def main(ckpt: str, out: str) -> None:
     generated = fp8.generate_completions(prompts, GenerateConfig(temperature=0.9, max_new_tokens=8, seed=3))
     grads["generated_fp8"] = torch.tensor([c.tokens + [-1] * (8 - len(c.tokens)) for c in generated])
     if grid.rank == 0:
-        torch.save({"ids": ids, "mask": mask, "logits": logits.detach(), **grads}, out + "/tp2.pt")
+        torch.save({"ids": ids, "mask": mask, "logits": logits, **grads}, out + "/tp2.pt")
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _gather_rows(t, model):
-    parts = [torch.empty_like(t) for _ in range(2)]
-    dist.all_gather(parts, t.contiguous(), group=model.group)
-    return torch.cat(parts, 0)
-
-
-def _gather_cols(t, model):
-    parts = [torch.empty_like(t) for _ in range(2)]
-    dist.all_gather(parts, t.contiguous(), group=model.group)
-    return torch.cat(parts, 1)
+def _save_grads(model, ids, mask, path):
+    """Backward of a loss over the gathered logits; every parameter's grad (the sequence-parallel partial ones
+    summed over the group, as the optimizer does) saved as a checkpoint in the HF layout, gathered from the
+    shards by the same code that saves weights. Returns the logits."""
+    logits = model(ids, mask)  # gathered over the vocabulary
+    logits.float().logsumexp(-1).sum().backward()
+    for p in model.tp_partial_grads():
+        dist.all_reduce(p.grad, group=model.group)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.grad)
+            p.grad = None
+        save_pretrained(model, path)
+        for name, p in model.named_parameters():
+            p.copy_(weights[name])
+    return logits.detach()
 
 
 if __name__ == "__main__":
