@@ -65,6 +65,23 @@ def _tile_rows(tok0, start, seq_len, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _open_tile(
+    CU_BLK, CU_SEQ, INV_FREQ, pid, num_seqs, n_tokens,
+    N_STEPS: tl.constexpr, FROM_END: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+):  # fmt: skip
+    """What every attention kernel opens with, for program pid's tile of BLOCK rows (see _locate_tile): the first
+    token of its sequence, the sequence's length, the tile's first offset in it, its offsets [BLOCK], which of
+    them exist, their packed rows, the half and whole head-dim column ranges, the rotary inverse frequencies."""
+    tok0, seq_len, blk = _locate_tile(CU_BLK, CU_SEQ, pid, num_seqs, n_tokens, N_STEPS, FROM_END)
+    start = blk * BLOCK
+    offs, ok, rows = _tile_rows(tok0, start, seq_len, BLOCK)
+    offs_h = tl.arange(0, HALF)
+    offs_d = tl.arange(0, HEAD_DIM)
+    inv_freq = tl.load(INV_FREQ + offs_h)
+    return tok0, seq_len, start, offs, ok, rows, offs_h, offs_d, inv_freq
+
+
+@triton.jit
 def _load_tile(base, rows, row_ok, stride_n, cols, ncols, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
     """x[rows, cols] of a [N, ., D] tensor (last dim contiguous); masked elements read as 0."""
     ptrs = base + rows[:, None] * stride_n + cols[None, :]

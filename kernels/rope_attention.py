@@ -58,7 +58,7 @@ from kernels.attention_tiles import (
     _launch,
     _load_hd,
     _load_tile,
-    _locate_tile,
+    _open_tile,
     _operand,
     _rotate,
     _store_tile,
@@ -114,16 +114,12 @@ def _fwd_kernel(
     h = tl.program_id(1)
     if pid >= tl.load(CU_BLK + num_seqs):
         return
-    tok0, seq_len, blk = _locate_tile(CU_BLK, CU_SEQ, pid, num_seqs, n_tokens, N_STEPS, True)
-    start_m = blk * BLOCK_M
     kvh = h // GROUP
+    tok0, seq_len, start_m, offs_m, m_ok, rows_m, offs_h, offs_d, inv_freq = _open_tile(
+        CU_BLK, CU_SEQ, INV_FREQ, pid, num_seqs, n_tokens, N_STEPS, True, BLOCK_M, HEAD_DIM, HALF
+    )
     HALF_D: tl.constexpr = HEAD_DIM // 2
     PAD: tl.constexpr = HALF != HALF_D
-
-    offs_m, m_ok, rows_m = _tile_rows(tok0, start_m, seq_len, BLOCK_M)
-    offs_h = tl.arange(0, HALF)
-    offs_d = tl.arange(0, HEAD_DIM)
-    inv_freq = tl.load(INV_FREQ + offs_h)
 
     q_base = Q + h * stride_qh
     q1 = _load_tile(q_base, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(tl.float32)

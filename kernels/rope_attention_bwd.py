@@ -25,7 +25,7 @@ from kernels.attention_tiles import (
     _launch,
     _load_hd,
     _load_tile,
-    _locate_tile,
+    _open_tile,
     _operand,
     _rotate,
     _store_tile,
@@ -95,15 +95,11 @@ def _bwd_dkdv_kernel(
     kvh = tl.program_id(1)
     if pid >= tl.load(CU_BLK + num_seqs):
         return
-    tok0, seq_len, blk = _locate_tile(CU_BLK, CU_SEQ, pid, num_seqs, n_tokens, N_STEPS, False)
-    start_n = blk * BLOCK_N
+    tok0, seq_len, start_n, offs_n, n_ok, rows_n, offs_h, offs_d, inv_freq = _open_tile(
+        CU_BLK, CU_SEQ, INV_FREQ, pid, num_seqs, n_tokens, N_STEPS, False, BLOCK_N, HEAD_DIM, HALF
+    )
     HALF_D: tl.constexpr = HEAD_DIM // 2
     PAD: tl.constexpr = HALF != HALF_D
-
-    offs_n, n_ok, rows_n = _tile_rows(tok0, start_n, seq_len, BLOCK_N)
-    offs_h = tl.arange(0, HALF)
-    offs_d = tl.arange(0, HEAD_DIM)
-    inv_freq = tl.load(INV_FREQ + offs_h)
     k1r, k2r = _load_hd(K + kvh * stride_kh, rows_n, n_ok, stride_kn, offs_h, offs_d, True, HEAD_DIM, HALF, DOT_DTYPE)
     v = _load_tile(V + kvh * stride_vh, rows_n, n_ok, stride_vn, offs_d, HEAD_DIM, True, False).to(DOT_DTYPE)
 
@@ -181,16 +177,12 @@ def _bwd_dq_kernel(
     h = tl.program_id(1)
     if pid >= tl.load(CU_BLK + num_seqs):
         return
-    tok0, seq_len, blk = _locate_tile(CU_BLK, CU_SEQ, pid, num_seqs, n_tokens, N_STEPS, True)
-    start_m = blk * BLOCK_M
     kvh = h // GROUP
+    tok0, seq_len, start_m, offs_m, m_ok, rows_m, offs_h, offs_d, inv_freq = _open_tile(
+        CU_BLK, CU_SEQ, INV_FREQ, pid, num_seqs, n_tokens, N_STEPS, True, BLOCK_M, HEAD_DIM, HALF
+    )
     HALF_D: tl.constexpr = HEAD_DIM // 2
     PAD: tl.constexpr = HALF != HALF_D
-
-    offs_m, m_ok, rows_m = _tile_rows(tok0, start_m, seq_len, BLOCK_M)
-    offs_h = tl.arange(0, HALF)
-    offs_d = tl.arange(0, HEAD_DIM)
-    inv_freq = tl.load(INV_FREQ + offs_h)
     q1r, q2r = _load_hd(Q + h * stride_qh, rows_m, m_ok, stride_qn, offs_h, offs_d, True, HEAD_DIM, HALF, DOT_DTYPE)
     do = _load_tile(DO + h * stride_doh, rows_m, m_ok, stride_don, offs_d, HEAD_DIM, True, False).to(DOT_DTYPE)
     lse = tl.load(LSE + h * n_tokens + tok0 + offs_m, mask=m_ok, other=float("inf"))
