@@ -32,6 +32,16 @@ def main(ckpt: str, out: str) -> None:
     model.activation_checkpointing = True  # the recompute goes through the same collectives
     logits = _save_grads(model, ids, mask, out + "/grads_sp")
     grads = {"q_proj": model.layers[0].self_attn.qkv_proj.full_part(0)}  # weights, gathered
+    # fewer tokens than ranks (one token: a rank holds only the dummy), and a sequence-less call (one sequence)
+    with torch.no_grad():
+        for n, cu in ((1, torch.tensor([0, 1], dtype=torch.int32)), (5, None)):
+            one, pos = torch.tensor([7, 3, 22, 41, 8][:n]), torch.arange(n)
+            torch.testing.assert_close(
+                model.forward_packed(one, pos, cu),
+                plain.forward_packed(one, pos, torch.tensor([0, n], dtype=torch.int32)),
+                atol=1e-5,
+                rtol=1e-5,
+            )
     save_pretrained(model, out + "/saved")
     # generation on the TP-sharded weights: every rank runs the same schedule and samples the same tokens
     from engine.config import GenerateConfig
