@@ -136,8 +136,8 @@ class _GatherFromTP(torch.autograd.Function):
 # of copy_to_tp, a row-parallel one reduce-scatters its output (all-gather backward) in place of the
 # all-reduce: the same bytes on the wire as one all-reduce, split in its two halves.
 
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def gather_dim(x: torch.Tensor, dim: int, group) -> torch.Tensor:
@@ -146,7 +146,7 @@ def gather_dim(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     if tp == 1:
         return x
     out = x.new_empty(x.shape[0] * tp, *x.shape[1:])
-    _all_gather_single(out, x.contiguous(), group=group)
+    all_gather_single(out, x.contiguous(), group=group)
     if dim % x.dim() == 0:
         return out
     return torch.cat(out.view(tp, *x.shape).unbind(0), dim)
@@ -157,7 +157,7 @@ def _reduce_scatter_tokens(x: torch.Tensor, group) -> torch.Tensor:
     if x.shape[0] % tp:
         raise ValueError(f"sequence parallel: {x.shape[0]} tokens do not split over {tp} tensor parallel ranks")
     out = x.new_empty(x.shape[0] // tp, *x.shape[1:])
-    _reduce_scatter_single(out, x.contiguous(), group=group)
+    reduce_scatter_single(out, x.contiguous(), group=group)
     return out
 
 

@@ -32,7 +32,14 @@ from engine.config import GenerateConfig, PPOConfig
 from engine.data import PromptBatches, Rollout, pack, split_by_tokens, to_padded
 from engine.generate import GenerationStats
 from engine.model import Transformer
-from engine.optim import Optimizer, accumulate_grads, make_optimizer, optimizer_step
+from engine.optim import (
+    Optimizer,
+    accumulate_grads,
+    load_optimizer_state,
+    make_optimizer,
+    optimizer_state,
+    optimizer_step,
+)
 from engine.parallel import (
     ProcessGrid,
     init_process_grid,
@@ -53,6 +60,7 @@ class RunConfig:
     output_dir: str = "out/ppo"  # checkpoints, metrics.jsonl
     tp: int = 1  # tensor parallel degree (must divide the heads; world = dp x tp)
     sequence_parallel: bool = True  # under TP, split the tokens between the TP regions (norms run on 1/tp of them)
+    distributed_optimizer: bool = True  # with DP, shard the fp32 masters and Adam moments over the DP ranks (ZeRO-1)
     resume: bool = False  # continue from output_dir's latest checkpoint (if there is none, start fresh)
     save_every: int = 0  # iterations between checkpoints (0: only at the end)
     keep_checkpoints: int = 1  # older checkpoints are pruned
@@ -199,8 +207,9 @@ def make_state(
         run.activation_checkpointing == "auto" and device.type == "cuda"
     )
     policy.activation_checkpointing = value.activation_checkpointing = recompute
+    optimizers = [make_optimizer(m, cfg, grid, distributed=run.distributed_optimizer) for m in (policy, value)]
     state = TrainState(
-        cfg, run, grid, device, policy, ref, value, reward, make_optimizer(policy, cfg), make_optimizer(value, cfg),
+        cfg, run, grid, device, policy, ref, value, reward, *optimizers,
         data, None, stop_ids, tokenizer_dir, iterations, len(data) * steps_per_rollout,
     )  # fmt: skip
     if generator_factory is not None:
@@ -445,17 +454,13 @@ def _atomic_write(path: str, write) -> None:
 
 
 def trainer_state_dict(state: TrainState) -> dict:
-    opt = lambda o: {
-        "adam": o.adam.state_dict(),
-        "masters": [m.detach().cpu() for m, p in zip(o.masters, o.params) if m is not p],
-    }
     return {
         "iteration": state.iteration,
         "step": state.step,
         "total_steps": state.total_steps,
         "data": state.data.state_dict(),
-        "policy_opt": opt(state.policy_opt),
-        "value_opt": opt(state.value_opt),
+        "policy_opt": optimizer_state(state.policy_opt),
+        "value_opt": optimizer_state(state.value_opt),
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(state.device) if state.device.type == "cuda" else None,
         "world_size": state.grid.world_size,
@@ -499,13 +504,8 @@ def load_trainer_state(state: TrainState, ckpt: str) -> None:
         )
     state.iteration, state.step, state.total_steps = sd["iteration"], sd["step"], sd["total_steps"]
     state.data.load_state_dict(sd["data"])
-    for opt, osd in ((state.policy_opt, sd["policy_opt"]), (state.value_opt, sd["value_opt"])):
-        mixed = [(m, p) for m, p in zip(opt.masters, opt.params) if m is not p]
-        with torch.no_grad():
-            for (m, p), saved in zip(mixed, osd["masters"]):
-                m.copy_(saved)
-                p.copy_(saved)
-        opt.adam.load_state_dict(osd["adam"])
+    load_optimizer_state(state.policy_opt, sd["policy_opt"])
+    load_optimizer_state(state.value_opt, sd["value_opt"])
     torch.set_rng_state(sd["rng"])
     if sd["cuda_rng"] is not None and state.device.type == "cuda":
         torch.cuda.set_rng_state(sd["cuda_rng"], state.device)

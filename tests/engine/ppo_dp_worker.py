@@ -1,8 +1,9 @@
 """A test-only sampler with engine.generate.Generator's interface, and the torchrun worker of the DP test.
 
 NaiveGenerator recomputes the whole sequence every step (no KV cache): slow but obviously right, and
-each sequence draws from its own torch.Generator seeded by its prompt tokens, sample index and call
-number, so its samples do not depend on which other prompts share the batch (or the DP rank).
+each sequence draws from its own torch.Generator seeded by its prompt tokens, sample index, seed key and the
+call's seed (the trainer's iteration), so its samples do not depend on which other prompts share the batch (or
+the DP rank), nor on whether the run was resumed.
 
 Worker: python -m torch.distributed.run --nproc_per_node 2 tests/engine/ppo_dp_worker.py OUT_DIR [flags]
 runs engine.train_ppo.main (tiny default) with NaiveGenerator and writes OUT_DIR/result-rank{r}.pt.
@@ -25,18 +26,16 @@ from engine.generate import Completion  # noqa: E402
 class NaiveGenerator:
     def __init__(self, model, *args, **kwargs):
         self.model = model
-        self.calls = 0
 
     def release(self) -> None:
         pass
 
     @torch.no_grad()
     def generate_completions(self, prompts: list[list[int]], params, seed_keys=None) -> list[Completion]:
-        self.calls += 1
         seqs, gens, comps = [], [], []
         for i, p in enumerate(prompts):
             for s in range(params.n):
-                key = zlib.crc32(repr((p, s, self.calls)).encode())
+                key = zlib.crc32(repr((p, s, params.seed, seed_keys and seed_keys[i])).encode())
                 gens.append(torch.Generator().manual_seed(key))
                 seqs.append(list(p))
                 comps.append(Completion(i, s, [], [], "length"))

@@ -137,6 +137,16 @@ def test_mixed_optimizer_step_matches_fp32_adam():
         assert torch.equal(a, m) and torch.equal(m.to(torch.bfloat16), b)
 
 
+def test_distributed_optimizer_matches_plain_adam():
+    """DP=2 (torchrun, gloo): the optimizer sharded over the ranks in small buckets against the unsharded one, and
+    its checkpointed state reloaded (tests/engine/optim_worker.py asserts)."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           os.path.join(ROOT, "tests/engine/optim_worker.py")]  # fmt: skip
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0 and r.stdout.count("optim worker ok") == 2, r.stdout[-3000:] + r.stderr[-3000:]
+
+
 def test_nan_loss_names_the_loss_iteration_and_step(tmp_path):
     state = _state(tmp_path, "--max-iterations", "1")
     with torch.no_grad():
@@ -164,17 +174,28 @@ def test_help_lists_every_flag():
     assert cfg.rollout_batch_size == 512 and run.policy == "p"  # the recipe, not the tiny preset
 
 
-def test_dp2_tp2_matches_one_process(tmp_path):
-    """4 processes (data parallel 2 x tensor parallel 2, gloo) against 1 on the same global batch."""
-    flags = ["--max-iterations", "1", *SMALL, "--tp", "2"]
+def _torchrun(tmp_path, nproc: int, name: str, *flags, fails: bool = False):
+    """engine.train_ppo under torchrun (gloo, the naive sampler) in tmp_path/name: every rank's result (or, with
+    `fails`, the output of a run that must fail)."""
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)  # the workers run the CPU reference ops
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--standalone",
-           os.path.join(ROOT, "tests/engine/ppo_dp_worker.py"), str(tmp_path), "--output-dir", str(tmp_path / "dp2"),
+    out = tmp_path / name
+    out.mkdir(exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+           os.path.join(ROOT, "tests/engine/ppo_dp_worker.py"), str(out), "--output-dir", str(out), *SMALL,
            *flags]  # fmt: skip
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if fails:
+        assert r.returncode != 0
+        return r.stdout + r.stderr
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"result-rank{k}.pt", weights_only=False) for k in range(4)]
+    return [torch.load(out / f"result-rank{k}.pt", weights_only=False) for k in range(nproc)]
+
+
+def test_dp2_tp2_matches_one_process(tmp_path):
+    """4 processes (data parallel 2 x tensor parallel 2, gloo; the optimizer sharded over the 2 DP ranks and the
+    tokens between the TP regions) against 1 on the same global batch."""
+    ranks = _torchrun(tmp_path, 4, "dp2", "--max-iterations", "1", "--tp", "2")
     one = _run(tmp_path / "dp1", "--max-iterations", "1", factory=naive_factory)
     for k, v in one[0].items():
         if k not in TIMING:
@@ -186,6 +207,42 @@ def test_dp2_tp2_matches_one_process(tmp_path):
             torch.testing.assert_close(w4[k], w1[k], atol=1e-6, rtol=1e-5, msg=f"{sub} {k}")
     for k, v in ranks[0]["policy"].items():  # ranks 0 and 2: the same TP shard in the two DP replicas
         assert torch.equal(v, ranks[2]["policy"][k]), k
+
+
+def test_dp2_distributed_optimizer_resumes_exactly(tmp_path):
+    """DP=2 with the optimizer sharded over the ranks: two iterations straight equal one + --resume + one (weights,
+    metrics, each rank's shard of the Adam moments), and the unsharded optimizer's run; resuming a sharded
+    checkpoint without sharding is refused with a clear error."""
+    straight = _torchrun(tmp_path, 2, "a", "--max-iterations", "2")
+    first = _torchrun(tmp_path, 2, "b", "--max-iterations", "1")
+    second = _torchrun(tmp_path, 2, "b", "--max-iterations", "2", "--resume")
+    assert _no_timing(first[0]["history"] + second[0]["history"]) == _no_timing(straight[0]["history"])
+    a, b = trainer.latest_checkpoint(str(tmp_path / "a")), trainer.latest_checkpoint(str(tmp_path / "b"))
+    for head, sub in (("lm", "policy"), ("score", "value")):
+        wa, wb = _weights(f"{a}/{sub}", head), _weights(f"{b}/{sub}", head)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), sub
+    for rank in range(2):
+        sa = torch.load(f"{a}/state-rank{rank:05d}.pt", weights_only=False)
+        sb = torch.load(f"{b}/state-rank{rank:05d}.pt", weights_only=False)
+        for opt in ("policy_opt", "value_opt"):
+            assert sa[opt]["distributed"] and len(sa[opt]["masters"]) >= 1
+            for m, n in zip(sa[opt]["masters"], sb[opt]["masters"], strict=True):
+                assert torch.equal(m, n)
+            for i, st in sa[opt]["adam"]["state"].items():
+                assert torch.equal(st["exp_avg_sq"], sb[opt]["adam"]["state"][i]["exp_avg_sq"])
+    s0 = torch.load(f"{a}/state-rank00000.pt", weights_only=False)["policy_opt"]["masters"]
+    s1 = torch.load(f"{a}/state-rank00001.pt", weights_only=False)["policy_opt"]["masters"]
+    numel = sum(v.numel() for v in _weights(f"{a}/policy", "lm").values())
+    assert sum(m.numel() for m in s0) == sum(m.numel() for m in s1) < numel  # each rank holds about half
+    plain = _torchrun(tmp_path, 2, "c", "--max-iterations", "2", "--no-distributed-optimizer")
+    for m, n in zip(plain[0]["history"], straight[0]["history"]):
+        for k, v in m.items():
+            if k not in TIMING:
+                assert n[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    for k, v in plain[0]["policy"].items():
+        torch.testing.assert_close(straight[0]["policy"][k], v, atol=1e-6, rtol=1e-5)
+    err = _torchrun(tmp_path, 2, "b", "--max-iterations", "3", "--resume", "--no-distributed-optimizer", fails=True)
+    assert "resume with the same --distributed-optimizer setting" in err
 
 
 def test_batch_sizes_that_do_not_divide_are_refused(tmp_path):
