@@ -181,60 +181,62 @@ def _grad_norm(grads: list[torch.Tensor], sharded: list[bool], grid: ProcessGrid
     return (replicated + tp_sharded).sqrt()
 
 
-def _clip_and_step(opt: Optimizer, grads: list[torch.Tensor], norm: torch.Tensor, lr: float, cfg: PPOConfig):
+def optimizer_step(opt: Optimizer, lr: float, cfg: PPOConfig, grid: ProcessGrid) -> torch.Tensor:
+    """reduce_grads then apply_update. Returns the grad norm before clipping (0-d tensor, no host sync)."""
+    norm = reduce_grads(opt, grid)
+    apply_update(opt, norm, lr, cfg)
+    return norm
+
+
+def reduce_grads(opt: Optimizer, grid: ProcessGrid) -> torch.Tensor:
+    """Sum the accumulated grads over DP (all-reduce, or reduce-scatter into this rank's shards with `buckets`)
+    and the sequence-parallel partial ones over TP; return the global grad norm (0-d, the same on every rank,
+    no host sync). Nothing is updated yet: a caller can check the norm first."""
+    if opt.buckets is not None:
+        accumulate_grads(opt)  # grads a caller left on the parameters
+        partial = [
+            b.grad[start : start + opt.params[i].numel()]
+            for b in opt.buckets
+            for i, start in zip(b.params, b.offsets)
+            if opt.tp_partial[i]
+        ]
+    else:
+        for m in opt.masters:
+            if m.grad is None:
+                m.grad = torch.zeros_like(m)
+        partial = [m.grad for m, p in zip(opt.masters, opt.tp_partial) if p]
+    if partial and grid.tp > 1:  # one flat all-reduce per step, not one per norm per micro-batch
+        _all_reduce_flat(partial, grid.tp_group)
+    if opt.buckets is None:
+        grads = [m.grad for m in opt.masters]
+        if grid.dp > 1:
+            _all_reduce_flat(grads, grid.dp_group)
+        return _grad_norm(grads, opt.sharded, grid, grads[0].device if grads else None)
+    for b, m in zip(opt.buckets, opt.masters):
+        m.grad = torch.empty_like(m)
+        reduce_scatter_single(m.grad, b.grad, group=opt.dp_group)
+        b.grad.zero_()
+    pieces = [(m.grad[a:z], opt.sharded[i]) for b, m in zip(opt.buckets, opt.masters) for i, a, z, _ in b.segments]
+    return _grad_norm([g for g, _ in pieces], [s for _, s in pieces], grid, opt.masters[0].device, opt.dp_group)
+
+
+def apply_update(opt: Optimizer, norm: torch.Tensor, lr: float, cfg: PPOConfig) -> None:
+    """Clip to cfg.max_grad_norm given the global norm, Adam, and write the result into the parameters in place
+    (the generator reads these very tensors)."""
+    grads = [m.grad for m in opt.masters]
     if cfg.max_grad_norm and cfg.max_grad_norm > 0:
         torch._foreach_mul_(grads, (cfg.max_grad_norm / (norm + 1e-6)).clamp(max=1.0))
     for group in opt.adam.param_groups:
         group["lr"] = lr
     opt.adam.step()
     opt.adam.zero_grad(set_to_none=True)
-
-
-def optimizer_step(opt: Optimizer, lr: float, cfg: PPOConfig, grid: ProcessGrid) -> torch.Tensor:
-    """All-reduce grads over DP (and the sequence-parallel partial ones over TP), clip the global grad norm,
-    Adam, write back to the parameters.
-
-    Returns the grad norm before clipping (0-d tensor, no host sync).
-    """
     if opt.buckets is not None:
-        return _distributed_step(opt, lr, cfg, grid)
-    for m in opt.masters:
-        if m.grad is None:
-            m.grad = torch.zeros_like(m)
-    grads = [m.grad for m in opt.masters]
-    partial = [g for g, p in zip(grads, opt.tp_partial) if p]
-    if partial and grid.tp > 1:  # one flat all-reduce per step, not one per norm per micro-batch
-        _all_reduce_flat(partial, grid.tp_group)
-    if grid.dp > 1:
-        _all_reduce_flat(grads, grid.dp_group)
-    norm = _grad_norm(grads, opt.sharded, grid, grads[0].device if grads else None)
-    _clip_and_step(opt, grads, norm, lr, cfg)
+        write_back(opt)
+        return
     with torch.no_grad():
         for p, m in zip(opt.params, opt.masters):
             if m is not p:
-                p.copy_(m)  # in place: the generator reads these very tensors
-    return norm
-
-
-def _distributed_step(opt: Optimizer, lr: float, cfg: PPOConfig, grid: ProcessGrid) -> torch.Tensor:
-    accumulate_grads(opt)  # grads a caller left on the parameters
-    partial = [
-        b.grad[start : start + opt.params[i].numel()]
-        for b in opt.buckets
-        for i, start in zip(b.params, b.offsets)
-        if opt.tp_partial[i]
-    ]
-    if partial and grid.tp > 1:
-        _all_reduce_flat(partial, grid.tp_group)
-    for b, m in zip(opt.buckets, opt.masters):
-        m.grad = torch.empty_like(m)
-        reduce_scatter_single(m.grad, b.grad, group=opt.dp_group)
-        b.grad.zero_()
-    pieces = [(m.grad[a:z], opt.sharded[i]) for b, m in zip(opt.buckets, opt.masters) for i, a, z, _ in b.segments]
-    norm = _grad_norm([g for g, _ in pieces], [s for _, s in pieces], grid, opt.masters[0].device, opt.dp_group)
-    _clip_and_step(opt, [m.grad for m in opt.masters], norm, lr, cfg)
-    write_back(opt)
-    return norm
+                p.copy_(m)
 
 
 @torch.no_grad()

@@ -35,10 +35,11 @@ from engine.model import Transformer
 from engine.optim import (
     Optimizer,
     accumulate_grads,
+    apply_update,
     load_optimizer_state,
     make_optimizer,
     optimizer_state,
-    optimizer_step,
+    reduce_grads,
 )
 from engine.parallel import (
     ProcessGrid,
@@ -333,9 +334,17 @@ def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, 
             f"non-finite {' and '.join(bad)} ({losses}) at iteration {state.iteration + 1}, "
             f"step {state.step + 1} (optimizer steps counted over the run, as in the metrics); no update was applied"
         )
+    gp, gv = reduce_grads(state.policy_opt, grid), reduce_grads(state.value_opt, grid)
+    norms = torch.stack([gp, gv]).tolist()  # the same on every rank, so all of them raise together
+    bad = [f"{name} ({x})" for name, x in zip(("policy", "value"), norms) if not math.isfinite(x)]
+    if bad:
+        raise FloatingPointError(
+            f"non-finite gradient norm of the {' and '.join(bad)} model at iteration {state.iteration + 1}, "
+            f"step {state.step + 1} (the losses were finite: an overflow in the backward?); no update was applied"
+        )
     lr = ppo.lr_at(state.step, state.total_steps, cfg)
-    gp = optimizer_step(state.policy_opt, lr, cfg, grid)
-    gv = optimizer_step(state.value_opt, lr, cfg, grid)
+    apply_update(state.policy_opt, gp, lr, cfg)
+    apply_update(state.value_opt, gv, lr, cfg)
     # the same on every DP rank, and the metrics sum over ranks
     _add(sums, grad_norm_policy=gp / grid.dp, grad_norm_value=gv / grid.dp, steps=1.0 / grid.dp)
     state.step += 1

@@ -155,6 +155,15 @@ def test_nan_loss_names_the_loss_iteration_and_step(tmp_path):
         trainer.train(state)
 
 
+def test_nonfinite_grad_norm_raises_before_any_update(tmp_path):
+    state = _state(tmp_path, "--max-iterations", "1")
+    before = {k: v.clone() for k, v in state.policy.state_dict().items()}
+    state.value.layers[0].mlp.down_proj.weight.register_hook(lambda g: g * float("inf"))  # finite loss, inf grad
+    with dispatch.reference_ops(), pytest.raises(FloatingPointError, match=r"gradient norm of the value \(.*step 1 "):
+        trainer.train(state)
+    assert all(torch.equal(v, state.policy.state_dict()[k]) for k, v in before.items())  # policy not stepped
+
+
 def test_nonfinite_reward_scores_raise(tmp_path):
     state = _state(tmp_path, "--max-iterations", "1")
     with torch.no_grad():
