@@ -262,7 +262,8 @@ class Transformer(nn.Module):
         # Under TP, the packed forward outside generation splits the tokens between the TP regions (see
         # hidden_packed). Fixed at construction: the optimizer must know whether the norms' grads are partial.
         self.sequence_parallel = sequence_parallel and self.tp > 1
-        self.activation_checkpointing = False  # recompute each layer in backward (training memory)
+        # recompute layers in the backward (training memory): True (all), False (none) or how many (the first k)
+        self.activation_checkpointing: bool | int = False
         factory = {"dtype": dtype or config.torch_dtype, "device": device}
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, group, **factory)
         self.layers = nn.ModuleList(DecoderLayer(config, i, group, **factory) for i in range(config.num_layers))
@@ -323,9 +324,10 @@ class Transformer(nn.Module):
         if sp:
             input_ids, positions, cu_seqlens = _pad_tokens(input_ids, positions, cu_seqlens, self.tp)
         h, delta = self.embed_tokens(input_ids, sp), None
-        recompute = self.activation_checkpointing and torch.is_grad_enabled() and _CONTEXT is None
-        for layer in self.layers:
-            if recompute:  # keep only each layer's inputs; recompute its inside during backward
+        ac = self.activation_checkpointing
+        recompute = (len(self.layers) if ac is True else int(ac)) if torch.is_grad_enabled() and _CONTEXT is None else 0
+        for i, layer in enumerate(self.layers):
+            if i < recompute:  # keep only the layer's inputs; recompute its inside during backward
                 h, delta = torch.utils.checkpoint.checkpoint(
                     layer, h, delta, positions, cu_seqlens, sp, use_reentrant=False
                 )

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from engine import ppo
+from engine import ppo, recompute
 from engine.checkpoint import load_pretrained, save_pretrained
 from engine.config import GenerateConfig, PPOConfig
 from engine.data import PromptBatches, Rollout, pack, split_by_tokens, to_padded
@@ -76,7 +76,9 @@ class RunConfig:
     kv_cache_mb: int = 0  # KV cache budget in MiB (0: the generator's default / kv_cache_fraction)
     kv_cache_dtype: str = "auto"  # auto (the model's) or fp8: float8 e4m3 K/V, half the bytes read per decode step
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
-    activation_checkpointing: str = "auto"  # on / off / auto (on for cuda): recompute layers in backward
+    # recompute layers in the backward: on / off / N (the first N layers) / auto (on a GPU the fewest layers
+    # that let a micro-batch fit the memory left, planned before each training phase; off on CPU)
+    activation_checkpointing: str = "auto"
 
 
 @dataclass
@@ -100,6 +102,7 @@ class TrainState:
     iteration: int = 0
     step: int = 0
     history: list[dict] = field(default_factory=list)
+    layer_bytes: dict[str, float] = field(default_factory=dict)  # per token, measured once (engine.recompute)
 
     @property
     def dp_group(self):
@@ -178,6 +181,16 @@ def setup(
     return state
 
 
+def plan_recompute(state: TrainState) -> None:
+    """activation_checkpointing=auto on a GPU: before a training phase, recompute the fewest layers of each
+    trained model that let a micro-batch fit the memory left (engine/recompute.py)."""
+    if state.run.activation_checkpointing == "auto" and state.device.type == "cuda":
+        recompute.plan_models(
+            {"policy": state.policy, "value": state.value}, [state.policy_opt, state.value_opt],
+            state.run.micro_batch_tokens, state.device, state.layer_bytes,
+        )  # fmt: skip
+
+
 def make_state(
     cfg: PPOConfig,
     run: RunConfig,
@@ -202,12 +215,8 @@ def make_state(
     iterations = len(data) if not run.max_iterations else min(run.max_iterations, len(data))
     steps_per_rollout = cfg.ppo_epochs * seqs // cfg.train_batch_size
     device = next(policy.parameters()).device
-    if run.activation_checkpointing not in ("auto", "on", "off"):
-        raise ValueError(f"activation_checkpointing must be auto, on or off, got {run.activation_checkpointing!r}")
-    recompute = run.activation_checkpointing == "on" or (
-        run.activation_checkpointing == "auto" and device.type == "cuda"
-    )
-    policy.activation_checkpointing = value.activation_checkpointing = recompute
+    setting = recompute.setting(run.activation_checkpointing, len(policy.layers), device)
+    policy.activation_checkpointing = value.activation_checkpointing = setting
     optimizers = [make_optimizer(m, cfg, grid, distributed=run.distributed_optimizer) for m in (policy, value)]
     state = TrainState(
         cfg, run, grid, device, policy, ref, value, reward, *optimizers,
@@ -385,6 +394,7 @@ def ppo_iteration(state: TrainState) -> dict:
     t1 = _sync(dev)
     score_rollout(state, ro)
     t2 = _sync(dev)
+    plan_recompute(state)
     train = train_rollout(state, ro)
     t3 = _sync(dev)  # (the generator returns cached training memory to the device when it sizes its cache)
     sums = dict(train)
@@ -437,6 +447,7 @@ def ppo_iteration(state: TrainState) -> dict:
         # the rollout's decode-graph captures (0: the previous iteration's graphs replayed) and setup time
         "gen_graph_captures": gen_stats.graph_captures,
         "time_gen_setup": gen_stats.setup_seconds,
+        "recompute_layers": recompute.layers_recomputed(state.policy),  # the policy's, in the backward
     }
 
 

@@ -172,3 +172,4 @@ def test_ppo_iteration_on_gpu(tmp_path):
     assert len(metrics) == 2 and metrics[-1]["iteration"] == 3  # after the warm-up
     for m in metrics:
         assert all(math.isfinite(v) for v in m.values()), m
+        assert m["recompute_layers"] == 0  # planned (activation_checkpointing=auto): the tiny models' activations fit

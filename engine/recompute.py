@@ -1,0 +1,129 @@
+"""How many layers to recompute in the backward (activation checkpointing), from the memory a micro-batch needs.
+
+Recomputing a layer costs one more forward of it (a third of its training FLOPs) and saves what autograd keeps
+of it for the backward; recomputing every layer is the safe choice and wastes that third wherever memory would
+have held the activations. `activation_checkpointing=auto` on a GPU recomputes the fewest layers (the first k)
+that let a micro-batch of `micro_batch_tokens` fit in the memory left once the models, their grads and the
+optimizer states are counted, re-planned before each training phase.
+
+What a layer keeps is measured, not modelled: one layer's forward on a short probe under autograd's saved-tensor
+hooks, the bytes of every distinct storage it saves other than the weights (linear in the tokens: the attention
+keeps a row statistic, not the scores). So the count is the same on every device and follows the kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from engine.model import Transformer
+
+
+def setting(ac: str, num_layers: int, device: torch.device) -> bool | int:
+    """RunConfig.activation_checkpointing -> Transformer.activation_checkpointing (auto: all layers on a GPU until
+    plan_models, none on CPU)."""
+    if ac in ("on", "off"):
+        return ac == "on"
+    if ac == "auto":
+        return device.type == "cuda"
+    if ac.isdigit() and int(ac) <= num_layers:
+        return int(ac)
+    raise ValueError(
+        f"activation_checkpointing must be auto, on, off or a number of layers up to {num_layers}, got {ac!r}"
+    )
+
+
+def layers_recomputed(model: Transformer) -> int:
+    ac = model.activation_checkpointing
+    return len(model.layers) if ac is True else int(ac)
+
+
+def layer_activation_bytes(model: Transformer, tokens: int = 256) -> float:
+    """Bytes per token that one decoder layer keeps for its backward (its inputs included), measured on `tokens`
+    tokens of one sequence. Under TP every rank of the group must call it (the layer's collectives)."""
+    tokens = -(-tokens // model.tp) * model.tp
+    sp = model.sequence_parallel
+    layer = model.layers[min(1, len(model.layers) - 1)]
+    p = next(model.parameters())
+    rows = tokens // model.tp if sp else tokens
+    h = torch.randn(rows, model.config.hidden_size, device=p.device, dtype=p.dtype, requires_grad=True)
+    delta = torch.randn_like(h, requires_grad=True)
+    positions = torch.arange(tokens, device=p.device)
+    cu = torch.tensor([0, tokens], dtype=torch.int32, device=p.device)
+    weights = {q.untyped_storage().data_ptr() for q in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(h, delta, positions, cu, sp)
+    del out
+    return sum(seen.values()) / tokens
+
+
+def checkpoint_bytes(model: Transformer) -> float:
+    """Bytes per token a recomputed layer keeps: its two inputs (the residual stream and the previous MLP output;
+    this rank's share of the tokens under sequence parallelism)."""
+    elt = next(model.parameters()).element_size()
+    return 2 * model.config.hidden_size * elt / (model.tp if model.sequence_parallel else 1)
+
+
+def plan_recompute(num_layers: int, tokens: int, per_layer: float, per_checkpoint: float, fixed: float, budget: float):
+    """The fewest layers k to recompute so that a micro-batch of `tokens` fits in `budget` bytes: k layers keep
+    their inputs, the others everything, one layer's worth is live again in the backward, plus `fixed` bytes per
+    token (the gathered final hidden states and their grad). num_layers when even that does not fit."""
+    for k in range(num_layers + 1):
+        need = tokens * ((num_layers - k) * per_layer + k * per_checkpoint + per_layer + fixed)
+        if need <= budget:
+            return k
+    return num_layers
+
+
+def training_budget(optimizers, device: torch.device, margin: float = 0.08) -> int:
+    """CUDA: the bytes a training micro-batch's activations may take: free memory (the allocator's cached blocks
+    included) less what the optimizers have yet to allocate (Adam moments before the first step, fp32 grads
+    before the first micro-batch, one model's bf16 grads during a backward) and a margin of the device's memory
+    (the log-prob chunks, fragmentation)."""
+    free, total = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    pending, transient = 0, 0
+    for opt in optimizers:
+        for m in opt.masters:
+            if not opt.adam.state.get(m):
+                pending += 2 * m.numel() * 4  # exp_avg, exp_avg_sq
+        if opt.buckets is None:
+            pending += sum(4 * m.numel() for m, p in zip(opt.masters, opt.params) if m is not p and m.grad is None)
+        transient = max(transient, sum(p.numel() * p.element_size() for p in opt.params))
+    return int(free - pending - transient - margin * total)
+
+
+def plan_models(models: dict[str, Transformer], optimizers, tokens: int, device: torch.device, cache: dict) -> None:
+    """Set each trained model's activation_checkpointing to the fewest layers that let a micro-batch of `tokens`
+    fit the training budget (CUDA). `cache` keeps each model's measured bytes per layer and token. Every rank
+    ends with the largest plan of any rank (its layers' collectives must match)."""
+    budget = training_budget(optimizers, device)
+    plans = []
+    for name, model in models.items():
+        if name not in cache:
+            cache[name] = layer_activation_bytes(model)
+        elt = next(model.parameters()).element_size()
+        plans.append(
+            plan_recompute(
+                len(model.layers),
+                tokens,
+                cache[name],
+                checkpoint_bytes(model),
+                4 * model.config.hidden_size * elt,
+                budget,
+            )
+        )
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        ks = torch.tensor(plans, device=device)
+        dist.all_reduce(ks, op=dist.ReduceOp.MAX)
+        plans = ks.tolist()
+    for model, k in zip(models.values(), plans):
+        model.activation_checkpointing = k

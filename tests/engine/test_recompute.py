@@ -1,0 +1,65 @@
+"""Activation checkpointing planned from memory (engine/recompute.py): the measured per-layer bytes, the plan,
+and the trainer's setting."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from engine import recompute, trainer
+from engine.config import ModelConfig
+from engine.model import Transformer
+from engine.trainer import RunConfig
+
+
+def _model(dtype=torch.float32):
+    return Transformer(dataclasses.replace(ModelConfig.named("tiny"), num_layers=2), dtype=dtype).init_weights()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_bytes_are_linear_in_tokens_and_count_what_the_layer_keeps(dtype):
+    m = _model(dtype)
+    a, b = recompute.layer_activation_bytes(m, 64), recompute.layer_activation_bytes(m, 320)
+    assert a == pytest.approx(b, rel=1e-2)  # the kernels keep no tokens x tokens scores
+    cfg, elt = m.config, dtype.itemsize
+    # at least: the two inputs, the normed inputs of both projections, q/k/v, the MLP's gate/up and its product
+    floor = elt * (4 * cfg.hidden_size + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim)
+    floor += elt * 3 * cfg.intermediate_size
+    assert floor < b < 3 * floor
+    assert recompute.checkpoint_bytes(m) == 2 * cfg.hidden_size * elt
+
+
+def test_plan_recomputes_the_fewest_layers_that_fit():
+    per_layer, ckpt, fixed, tokens, layers = 1000.0, 100.0, 50.0, 10, 8
+    full = tokens * (layers * per_layer + per_layer + fixed)
+    assert recompute.plan_recompute(layers, tokens, per_layer, ckpt, fixed, full) == 0
+    assert recompute.plan_recompute(layers, tokens, per_layer, ckpt, fixed, full - 1) == 1
+    assert recompute.plan_recompute(layers, tokens, per_layer, ckpt, fixed, full - 3 * 900 * tokens) == 3
+    assert recompute.plan_recompute(layers, tokens, per_layer, ckpt, fixed, 0) == layers  # nothing fits: all
+
+
+def test_trainer_setting():
+    cpu = torch.device("cpu")
+    setting = lambda ac: recompute.setting(ac, 2, cpu)
+    assert (setting("on"), setting("off"), setting("auto"), setting("1")) == (True, False, False, 1)
+    assert recompute.setting(RunConfig().activation_checkpointing, 2, torch.device("cuda")) is True  # until planned
+    for bad in ("3", "-1", "some"):
+        with pytest.raises(ValueError, match="a number of layers up to 2"):
+            setting(bad)
+
+
+def test_auto_plans_each_training_phase_from_the_budget(tmp_path, monkeypatch):
+    from tests.engine.test_trainer import _state
+
+    state = _state(tmp_path)
+    state.device = torch.device("cuda")  # the plan runs on GPUs only; its inputs are stubbed below
+    layers = len(state.policy.layers)
+    for budget, expected in ((0, layers), (2**40, 0)):
+        monkeypatch.setattr(recompute, "training_budget", lambda opts, dev, b=budget: b)
+        trainer.plan_recompute(state)
+        assert state.policy.activation_checkpointing == state.value.activation_checkpointing == expected
+    assert set(state.layer_bytes) == {"policy", "value"} and state.layer_bytes["policy"] > 0
+    state.run.activation_checkpointing = "on"
+    monkeypatch.setattr(recompute, "training_budget", lambda opts, dev: 0)
+    trainer.plan_recompute(state)  # only auto is planned
+    assert state.policy.activation_checkpointing == 0
