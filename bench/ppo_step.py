@@ -3,6 +3,7 @@
     python bench/ppo_step.py                                   # tiny random models on CPU (a smoke run)
     python bench/ppo_step.py --model llama2-7b --random-weights --num-layers 8 --rollout-batch-size 64 \\
         --train-batch-size 16 --prompt-len 256 --max-new-tokens 256 --json out.json      # one GPU
+    torchrun --nproc_per_node 8 bench/ppo_step.py --model llama2-13b --random-weights --tp 8 ...  # a node
 
 The four models (policy, reference, value, reward) get random weights of the named shape
 (--num-layers shrinks it so four models, two of them with fp32 masters and Adam moments, fit on one
@@ -27,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.config import MODEL_SHAPES, ModelConfig, PPOConfig  # noqa: E402
 from engine.model import Transformer, flops_per_token  # noqa: E402
-from engine.parallel import init_process_grid  # noqa: E402
+from engine.parallel import init_process_grid, print0  # noqa: E402
 from engine.trainer import RunConfig, make_state, ppo_iteration, resolve_device, resolve_dtype  # noqa: E402
 
 
@@ -49,13 +50,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--kv-cache-fraction", type=float, default=0.5, help="GPU share for the KV cache")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel degree (under torchrun; the rest is DP)")
+    p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--activation-checkpointing", default="auto", help="auto, on, off or a number of layers")
     p.add_argument("--json", default=None, help="write the figures to this file")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    grid = init_process_grid(1)
+    grid = init_process_grid(a.tp)
     device = resolve_device(a.device, grid)
     dtype = resolve_dtype(a.dtype, device)
     gpu = device.type == "cuda"
@@ -74,10 +79,14 @@ def main(argv=None) -> dict:
     )  # fmt: skip
     run = RunConfig(
         output_dir="", micro_batch_tokens=a.micro_batch_tokens, gen_max_num_seqs=a.gen_max_num_seqs or max(rollout, 1),
-        kv_cache_fraction=a.kv_cache_fraction, ignore_eos=a.ignore_eos,
+        kv_cache_fraction=a.kv_cache_fraction, ignore_eos=a.ignore_eos, tp=a.tp,
+        sequence_parallel=a.sequence_parallel, distributed_optimizer=a.distributed_optimizer,
+        activation_checkpointing=a.activation_checkpointing,
     )  # fmt: skip
     models = tuple(
-        Transformer(mc, head, dtype=dtype, device=device).init_weights(seed=i)
+        Transformer(
+            mc, head, dtype=dtype, device=device, group=grid.tp_group, sequence_parallel=a.sequence_parallel
+        ).init_weights(seed=i)
         for i, head in enumerate(("lm", "lm", "score", "score"))
     )
     gen = torch.Generator().manual_seed(0)
@@ -98,23 +107,25 @@ def main(argv=None) -> dict:
         ("train (policy + value, fwd + bwd)", best["time_train"], seq_tok * cfg.ppo_epochs, 6 * fpt * seq_tok),
         ("iteration", best["time_iteration"], seq_tok, None),
     ]
-    print(
-        f"PPO iteration, {a.model} ({mc.num_layers} layers) {dtype} on {device}: {rollout} prompts x "
-        f"{prompt_len} tokens, {best['response_len']:.0f} new tokens each, train batch {train_bs}"
+    print0(
+        f"PPO iteration, {a.model} ({mc.num_layers} layers) {dtype} on {device} x {grid.world_size} "
+        f"(dp {grid.dp} x tp {grid.tp}): {rollout} prompts x {prompt_len} tokens, {best['response_len']:.0f} new "
+        f"tokens each, train batch {train_bs}; layers recomputed in the backward: {best['recompute_layers']}"
     )
-    print(f"{'phase':<36}{'seconds':>10}{'tokens':>10}{'tok/s':>12}{'TFLOP/s':>10}")
+    print0(f"{'phase':<36}{'seconds':>10}{'tokens':>10}{'tok/s':>12}{'TFLOP/s':>10}")
     out = {"model": a.model, "num_layers": mc.num_layers, "device": str(device), "dtype": str(dtype), "phases": {}}
-    for name, sec, tok, flops in phases:
+    out.update(world_size=grid.world_size, tp=grid.tp, sequence_parallel=a.sequence_parallel)
+    for name, sec, tok, flops in phases:  # flops: the whole model's, so TFLOP/s over all the ranks
         tf = f"{flops / sec / 1e12:10.2f}" if flops else f"{'':>10}"
-        print(f"{name:<36}{sec:>10.3f}{tok:>10.0f}{tok / sec:>12.0f}{tf}")
+        print0(f"{name:<36}{sec:>10.3f}{tok:>10.0f}{tok / sec:>12.0f}{tf}")
         out["phases"][name] = {"seconds": sec, "tokens": tok, "tok_s": tok / sec, "flops": flops}
     st = state.generator.stats  # the last timed rollout's scheduler
     keys = ("prefill_steps", "decode_steps", "mixed_steps", "overlapped_steps", "graph_captures", "setup_seconds")
     out["generator"] = {k: getattr(st, k) for k in keys}  # graph_captures 0: last iteration's graphs replayed
-    print("generator: " + ", ".join(f"{k} {v:.3g}" for k, v in out["generator"].items()))
+    print0("generator: " + ", ".join(f"{k} {v:.3g}" for k, v in out["generator"].items()))
     if not gpu:
-        print("(CPU figures: a smoke run; GPU figures need a CUDA device)")
-    if a.json:
+        print0("(CPU figures: a smoke run; GPU figures need a CUDA device)")
+    if a.json and grid.rank == 0:
         with open(a.json, "w") as f:
             json.dump({**out, "metrics": runs}, f, indent=2)
     return out
@@ -122,3 +133,5 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
