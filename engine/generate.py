@@ -25,7 +25,7 @@ import torch
 
 from engine.config import GenerateConfig
 from engine.decode_graphs import DecodeGraphs, graph_key
-from engine.kv_cache import BlockManager, KVCachePool, OutOfBlocks, bytes_per_block
+from engine.kv_cache import BlockManager, KVCachePool, OutOfBlocks, cuda_cache_budget, num_blocks_for_memory
 from engine.model import AttentionContext, Transformer, attention_context
 from engine.sampler import sample_tokens, seed_for
 
@@ -181,37 +181,28 @@ class Generator:
 
     # ---------------------------------------------------------------------------- memory --
 
-    def _bytes_per_block(self) -> int:
-        c = self.model.config
-        return bytes_per_block(c.num_layers, self.block_size, self._kv_heads, c.head_dim, self.cache_dtype)
-
     def _num_blocks(self) -> int:
         if self.requested_blocks is not None:
             return self.requested_blocks
         if self.kv_cache_bytes:
             budget = self.kv_cache_bytes
         elif self.device.type == "cuda":
-            budget = self._cuda_cache_budget()
+            if self._activation_peak is None:  # the largest step's activations, measured once by running it
+                self._activation_peak = self._measure_activation_peak()
+            budget = cuda_cache_budget(self.device, self.kv_cache_fraction, self._activation_peak)
         else:
             budget = 256 * 1024**2
-        n = budget // self._bytes_per_block()
+        c = self.model.config
+        n = num_blocks_for_memory(
+            budget, num_layers=c.num_layers, block_size=self.block_size, num_kv_heads=self._kv_heads,
+            head_dim=c.head_dim, dtype=self.cache_dtype,
+        )  # fmt: skip
         last = self.pool.num_blocks if self.pool is not None else 0
         if last <= n < last + last // 4:
             # the size of the last rollout's cache: the allocator then tends to hand back the same address, and
             # the decode graphs captured on it replay instead of being captured again
             return last
         return n
-
-    def _cuda_cache_budget(self) -> int:
-        """Bytes for the cache: fraction * total, less what is in use now and the activation peak of
-        the largest step (measured by running one, the first time)."""
-        if self._activation_peak is None:
-            self._activation_peak = self._measure_activation_peak()
-        # cached blocks nothing uses go back to the device; what stays reserved is in use (a kept decode graph's
-        # private pool included, which no other allocation could get)
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(self.device)
-        return max(0, int(total * self.kv_cache_fraction) - (total - free) - self._activation_peak)
 
     @torch.no_grad()
     def _measure_activation_peak(self) -> int:

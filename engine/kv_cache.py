@@ -40,34 +40,22 @@ def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_di
     return num_layers * 2 * block_size * num_kv_heads * head_dim * elem
 
 
-def num_blocks_for_memory(
-    free_bytes_fraction: float = 0.9,
-    *,
-    num_layers: int,
-    block_size: int,
-    num_kv_heads: int,
-    head_dim: int,
-    dtype: torch.dtype,
-    device: torch.device | str = "cuda",
-    budget_bytes: int | None = None,
-) -> int:
-    """How many blocks fit in `free_bytes_fraction` of the memory available for the cache.
+def cuda_cache_budget(device: torch.device | str, fraction: float = 0.9, reserved_bytes: int = 0) -> int:
+    """Bytes the KV cache may take on a GPU: `fraction` of the device's memory, less what is in use now (the
+    weights; a kept decode graph's private pool) and `reserved_bytes` (the activations of the largest step).
+    The caching allocator's unused blocks go back to the device first, so they count as free."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"the KV cache's memory fraction {fraction} must be in (0, 1]")
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, int(total * fraction) - (total - free) - reserved_bytes)
 
-    The available memory is `budget_bytes` when given; otherwise, on CUDA, what the driver reports free
-    (torch.cuda.mem_get_info) plus what PyTorch's caching allocator holds but does not use, measured
-    now, i.e. after the weights are loaded. On CPU a byte budget is required.
-    """
-    if not 0.0 < free_bytes_fraction <= 1.0:
-        raise ValueError(f"free_bytes_fraction {free_bytes_fraction} must be in (0, 1]")
-    device = torch.device(device)
-    if budget_bytes is None:
-        if device.type != "cuda":
-            raise ValueError(f"sizing the KV cache on {device.type} needs an explicit budget_bytes")
-        free, _total = torch.cuda.mem_get_info(device)
-        cached_unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        budget_bytes = free + cached_unused
-    per_block = bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype)
-    return max(0, int(budget_bytes * free_bytes_fraction) // per_block)
+
+def num_blocks_for_memory(
+    budget_bytes: int, *, num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> int:
+    """How many blocks of the pool fit in budget_bytes."""
+    return max(0, budget_bytes // bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype))
 
 
 class KVCachePool:
@@ -92,32 +80,6 @@ class KVCachePool:
         self.device = torch.device(device)
         self.tensor: torch.Tensor | None = None
         self.reallocate()
-
-    @classmethod
-    def from_memory(
-        cls,
-        num_layers: int,
-        block_size: int,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype = torch.bfloat16,
-        device: torch.device | str = "cuda",
-        *,
-        free_bytes_fraction: float = 0.9,
-        budget_bytes: int | None = None,
-    ) -> KVCachePool:
-        """A pool as large as `free_bytes_fraction` of the free memory (or of `budget_bytes`) allows."""
-        num_blocks = num_blocks_for_memory(
-            free_bytes_fraction,
-            num_layers=num_layers,
-            block_size=block_size,
-            num_kv_heads=num_kv_heads,
-            head_dim=head_dim,
-            dtype=dtype,
-            device=device,
-            budget_bytes=budget_bytes,
-        )
-        return cls(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
 
     @property
     def num_layers(self) -> int:
@@ -183,7 +145,7 @@ class KVCachePool:
 
     def reallocate(self, num_blocks: int | None = None) -> None:
         """Allocate the pool again (contents undefined), optionally with a new block count (e.g. re-sized
-        from num_blocks_for_memory after training). No-op if allocated with that shape already."""
+        from the memory left after training). No-op if allocated with that shape already."""
         if num_blocks is not None and num_blocks != self.num_blocks:
             if num_blocks <= 0:
                 raise ValueError(f"num_blocks {num_blocks} must be positive")

@@ -9,6 +9,7 @@ import torch
 from engine.checkpoint import load_pretrained
 from engine.config import GenerateConfig, ModelConfig
 from engine.generate import Generator
+from engine.kv_cache import bytes_per_block
 from engine.model import Transformer
 from engine.sampler import filter_logits, sample_tokens
 from kernels.dispatch import reference_ops
@@ -403,7 +404,8 @@ def test_cache_keeps_its_size_across_small_budget_changes():
     """After release(), a budget up to 25% larger keeps the last block count (the same-size allocation is what
     lets the decode graphs replay); a larger budget grows the cache, a smaller one shrinks it."""
     model = Transformer(ModelConfig.named("tiny")).init_weights(seed=0)
-    per_block = Generator(model, block_size=4, num_blocks=1)._bytes_per_block()
+    c = model.config
+    per_block = bytes_per_block(c.num_layers, 4, c.num_kv_heads, c.head_dim, torch.float32)
     gen = Generator(model, block_size=4, kv_cache_bytes=100 * per_block, max_model_len=32)
     sizes = []
     for budget in (100, 110, 130, 90):

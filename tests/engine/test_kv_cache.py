@@ -5,7 +5,14 @@ import random
 import pytest
 import torch
 
-from engine.kv_cache import BlockManager, KVCachePool, OutOfBlocks, bytes_per_block, num_blocks_for_memory
+from engine.kv_cache import (
+    BlockManager,
+    KVCachePool,
+    OutOfBlocks,
+    bytes_per_block,
+    cuda_cache_budget,
+    num_blocks_for_memory,
+)
 
 
 def _slots_of(bm: BlockManager, seq: int) -> list[int]:
@@ -230,39 +237,26 @@ def test_random_operations_never_leak():
 def test_pool_sizing_math():
     per = bytes_per_block(40, 16, 40, 128, torch.bfloat16)
     assert per == 40 * 2 * 16 * 40 * 128 * 2  # Llama-2-13B: 13.1 MB per 16-token block
-    n = num_blocks_for_memory(
-        0.9,
-        num_layers=40,
-        block_size=16,
-        num_kv_heads=40,
-        head_dim=128,
-        dtype=torch.bfloat16,
-        device="cpu",
-        budget_bytes=50 * 2**30,
-    )
-    assert n == int(50 * 2**30 * 0.9) // per
-    tiny = dict(num_layers=1, block_size=16, num_kv_heads=1, head_dim=8, dtype=torch.float32)
-    with pytest.raises(ValueError, match="budget_bytes"):
-        num_blocks_for_memory(**tiny, device="cpu")
-    with pytest.raises(ValueError, match="free_bytes_fraction"):
-        num_blocks_for_memory(1.5, **tiny)
-    pool = KVCachePool.from_memory(2, 8, 2, 16, torch.float32, "cpu", free_bytes_fraction=0.5, budget_bytes=10_000)
-    assert pool.num_blocks == 5000 // bytes_per_block(2, 8, 2, 16, torch.float32)
-    assert pool.nbytes <= 5000 and pool.tensor.shape == (2, 2, pool.num_blocks, 8, 2, 16)
+    shape = dict(num_layers=40, block_size=16, num_kv_heads=40, head_dim=128, dtype=torch.bfloat16)
+    assert num_blocks_for_memory(50 * 2**30, **shape) == 50 * 2**30 // per
+    assert num_blocks_for_memory(per - 1, **shape) == 0
+    fp8 = dict(shape, dtype=torch.float8_e4m3fn)
+    assert num_blocks_for_memory(50 * 2**30, **fp8) == 50 * 2**30 // (per // 2)  # twice the blocks
 
 
-def test_num_blocks_from_cuda_free_memory(monkeypatch):
-    """The CUDA branch, with the memory queries faked: free + cached-but-unused, times the fraction."""
+def test_cuda_cache_budget(monkeypatch):
+    """The GPU budget, with the memory queries faked: the fraction of the device, less what is in use and the
+    largest step's activations."""
     gib = 2**30
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * gib, 80 * gib))
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 30 * gib)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 26 * gib)  # 13B weights, bf16
-    per = bytes_per_block(40, 16, 40, 128, torch.bfloat16)
-    n = num_blocks_for_memory(
-        0.9, num_layers=40, block_size=16, num_kv_heads=40, head_dim=128, dtype=torch.bfloat16, device="cuda"
-    )
-    assert n == int(44 * gib * 0.9) // per
-    assert n * 16 > 45_000  # ~45k tokens of 13B KV cache in 40 GB
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (50 * gib, 80 * gib))  # 30 GiB in use
+    assert cuda_cache_budget("cuda", 0.9, 2 * gib) == int(80 * gib * 0.9) - 30 * gib - 2 * gib
+    n = num_blocks_for_memory(cuda_cache_budget("cuda", 0.9, 2 * gib), num_layers=40, block_size=16,
+                              num_kv_heads=40, head_dim=128, dtype=torch.bfloat16)  # fmt: skip
+    assert n * 16 > 45_000  # ~46k tokens of 13B KV cache in 40 GB
+    assert cuda_cache_budget("cuda", 0.3) == 0  # less than what is in use: no cache (the generator says so)
+    with pytest.raises(ValueError, match="fraction 1.5"):
+        cuda_cache_budget("cuda", 1.5)
 
 
 def test_pool_views_alias_storage_and_release():
