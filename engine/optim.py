@@ -39,8 +39,11 @@ class _Bucket:
 
     params: list[int]  # indices into Optimizer.params
     offsets: list[int]  # where each starts in the flat buffer
-    grad: torch.Tensor  # [numel padded to a multiple of dp] fp32: this rank's sum over the micro-batches
+    numel: int  # the parameters' elements, padded to a multiple of dp
     lo: int  # this rank's shard of the buffer: [lo, lo + numel / dp)
+    # [numel] fp32, this rank's sum over a step's micro-batches: allocated by the first, freed by the reduce-scatter
+    # (so the rollout's KV cache has that memory between steps)
+    grad: torch.Tensor | None = None
     # the pieces of parameters in this rank's shard: (param, start, stop) in the shard, first element in the param
     segments: list[tuple[int, int, int, int]] = field(default_factory=list)
 
@@ -110,7 +113,7 @@ def _make_buckets(params: list[torch.nn.Parameter], grid: ProcessGrid, cap: int)
         numel = -(-offsets[-1] // grid.dp) * grid.dp
         shard = numel // grid.dp
         lo = grid.dp_rank * shard
-        b = _Bucket(idx, offsets[:-1], params[idx[0]].new_zeros(numel, dtype=torch.float32), lo)
+        b = _Bucket(idx, offsets[:-1], numel, lo)
         for i, start in zip(idx, b.offsets):
             a, z = max(start, lo), min(start + params[i].numel(), lo + shard)
             if a < z:
@@ -121,7 +124,7 @@ def _make_buckets(params: list[torch.nn.Parameter], grid: ProcessGrid, cap: int)
 
 def _flat_shard(params: list[torch.nn.Parameter], b: _Bucket, dp: int) -> torch.Tensor:
     """This rank's shard of the bucket's parameters, as fp32 (the masters)."""
-    shard = torch.zeros(b.grad.numel() // dp, dtype=torch.float32, device=b.grad.device)
+    shard = torch.zeros(b.numel // dp, dtype=torch.float32, device=params[b.params[0]].device)
     for i, start, stop, first in b.segments:
         shard[start:stop] = params[i].detach().reshape(-1)[first : first + stop - start]
     return shard
@@ -134,6 +137,8 @@ def accumulate_grads(opt: Optimizer) -> None:
             for i, start in zip(b.params, b.offsets):
                 p = opt.params[i]
                 if p.grad is not None:
+                    if b.grad is None:
+                        b.grad = torch.zeros(b.numel, dtype=torch.float32, device=p.grad.device)
                     b.grad[start : start + p.numel()].add_(p.grad.reshape(-1))
                     p.grad = None
         return
@@ -194,6 +199,9 @@ def reduce_grads(opt: Optimizer, grid: ProcessGrid) -> torch.Tensor:
     no host sync). Nothing is updated yet: a caller can check the norm first."""
     if opt.buckets is not None:
         accumulate_grads(opt)  # grads a caller left on the parameters
+        for b in opt.buckets:
+            if b.grad is None:  # no micro-batch reached these parameters
+                b.grad = torch.zeros(b.numel, dtype=torch.float32, device=opt.masters[0].device)
         partial = [
             b.grad[start : start + opt.params[i].numel()]
             for b in opt.buckets
@@ -215,7 +223,7 @@ def reduce_grads(opt: Optimizer, grid: ProcessGrid) -> torch.Tensor:
     for b, m in zip(opt.buckets, opt.masters):
         m.grad = torch.empty_like(m)
         reduce_scatter_single(m.grad, b.grad, group=opt.dp_group)
-        b.grad.zero_()
+        b.grad = None
     pieces = [(m.grad[a:z], opt.sharded[i]) for b, m in zip(opt.buckets, opt.masters) for i, a, z, _ in b.segments]
     return _grad_norm([g for g, _ in pieces], [s for _, s in pieces], grid, opt.masters[0].device, opt.dp_group)
 
@@ -244,7 +252,7 @@ def write_back(opt: Optimizer) -> None:
     """Distributed optimizer: every rank's updated shards all-gathered into the parameters, in place."""
     for b, m in zip(opt.buckets, opt.masters):
         dtype = opt.params[b.params[0]].dtype
-        flat = torch.empty(b.grad.numel(), dtype=dtype, device=m.device)
+        flat = torch.empty(b.numel, dtype=dtype, device=m.device)
         all_gather_single(flat, m.to(dtype), group=opt.dp_group)
         for i, start in zip(b.params, b.offsets):
             p = opt.params[i]

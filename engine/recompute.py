@@ -97,6 +97,8 @@ def training_budget(optimizers, device: torch.device, margin: float = 0.08) -> i
                 pending += 2 * m.numel() * 4  # exp_avg, exp_avg_sq
         if opt.buckets is None:
             pending += sum(4 * m.numel() for m, p in zip(opt.masters, opt.params) if m is not p and m.grad is None)
+        else:  # the flat fp32 grads, allocated by a step's first micro-batch
+            pending += sum(4 * b.numel for b in opt.buckets if b.grad is None)
         transient = max(transient, sum(p.numel() * p.element_size() for p in opt.params))
     return int(free - pending - transient - margin * total)
 
