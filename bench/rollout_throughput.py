@@ -3,10 +3,13 @@
     python bench/rollout_throughput.py                       # tiny model on CPU (a smoke run)
     python bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 --prompt-len 128 --gen-len 256
     python bench/rollout_throughput.py --model /path/to/hf/checkpoint --batch 1 --json out.json
+    torchrun --nproc_per_node 8 bench/rollout_throughput.py --model llama2-13b --random-weights --tp 8 --batch 256
 
 Prints tokens/s of ours and of HF generate (dynamic cache, and static cache with --hf-static), the
 peak memory of each, and our fraction of the decode roofline: weight bytes plus the KV bytes each
-step reads, at the device-to-device copy bandwidth measured at the start of the run.
+step reads, at the device-to-device copy bandwidth measured at the start of the run. With --tp (under
+torchrun) the model is split over the ranks (HF generate is not run: it has no tensor parallelism); the
+roofline is then each rank's share of the bytes.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from engine.checkpoint import hf_tensor_specs, load_pretrained  # noqa: E402
 from engine.config import MODEL_SHAPES, GenerateConfig, ModelConfig  # noqa: E402
 from engine.generate import Generator, resolve_cache_dtype  # noqa: E402
 from engine.model import Transformer  # noqa: E402
+from engine.parallel import init_process_grid, print0  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hf-static", action="store_true", help="also time HF generate with a static cache")
     p.add_argument("--repeats", type=int, default=2, help="timed runs of ours (the best is reported)")
     p.add_argument("--bandwidth", type=float, default=None, help="copy bandwidth in GB/s (default: measured)")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel degree (under torchrun)")
     p.add_argument("--json", default=None, help="write the figures to this file")
     return p.parse_args(argv)
 
@@ -94,13 +99,20 @@ def reset_peak(device) -> None:
 
 
 def decode_roofline(
-    cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int, elem: int, bw: float, kv_elem: int | None = None
+    cfg: ModelConfig,
+    batch: int,
+    prompt_len: int,
+    gen_len: int,
+    elem: int,
+    bw: float,
+    kv_elem: int | None = None,
+    tp: int = 1,
 ) -> dict:
     """Tokens/s if each decode step only streamed the weights once and each sequence's KV once (kv_elem: bytes
-    per cached element, default elem)."""
-    weight_bytes = (cfg.num_params("lm") - cfg.vocab_size * cfg.hidden_size) * elem  # the lookup reads B rows
+    per cached element, default elem); with tp, one rank's share of both (the all-reduces not counted)."""
+    weight_bytes = (cfg.num_params("lm") - cfg.vocab_size * cfg.hidden_size) * elem / tp  # the lookup reads B rows
     avg_context = prompt_len + gen_len / 2
-    kv_bytes = batch * avg_context * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * (kv_elem or elem)
+    kv_bytes = batch * avg_context * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * (kv_elem or elem) / tp
     step = (weight_bytes + kv_bytes) / bw
     return {
         "weight_gb": weight_bytes / 1e9,
@@ -170,7 +182,10 @@ def time_hf(hf, prompts, gen_len: int, temperature: float, device, static: bool)
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    grid = init_process_grid(args.tp)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # this rank's (torchrun's LOCAL_RANK)
     on_gpu = device.type == "cuda"
     batch = args.batch or (64 if on_gpu else 8)
     prompt_len = args.prompt_len or (128 if on_gpu else 32)
@@ -182,9 +197,9 @@ def main(argv=None) -> dict:
             raise SystemExit(f"--model {args.model} is a shape: pass --random-weights, or give a checkpoint directory")
         cfg = ModelConfig.named(args.model)
         cfg.max_position_embeddings = max(cfg.max_position_embeddings, prompt_len + gen_len)
-        model = Transformer(cfg, dtype=dtype, device=device).init_weights(std=0.02)
+        model = Transformer(cfg, dtype=dtype, device=device, group=grid.tp_group).init_weights(std=0.02)
     else:
-        model = load_pretrained(args.model, dtype=dtype, device=device)
+        model = load_pretrained(args.model, dtype=dtype, device=device, group=grid.tp_group)
         cfg = model.config
     model.eval()
     if prompt_len + gen_len > cfg.max_position_embeddings:
@@ -199,10 +214,10 @@ def main(argv=None) -> dict:
     params = GenerateConfig(
         temperature=args.temperature, max_new_tokens=gen_len, ignore_eos=not stops, stop_token_ids=stops, seed=0
     )
-    args.no_hf = args.no_hf or bool(stops)
+    args.no_hf = args.no_hf or bool(stops) or grid.tp > 1
     elem = torch.empty((), dtype=dtype).element_size()
     kv_elem = torch.empty((), dtype=resolve_cache_dtype(args.kv_cache_dtype, dtype)).element_size()
-    roof = decode_roofline(cfg, batch, prompt_len, gen_len, elem, bw, kv_elem)
+    roof = decode_roofline(cfg, batch, prompt_len, gen_len, elem, bw, kv_elem, grid.tp)
 
     gen = Generator(
         model,
@@ -232,29 +247,33 @@ def main(argv=None) -> dict:
             peers["hf_generate_static"] = time_hf(hf, prompts, gen_len, args.temperature, device, static=True)
 
     name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
-    print(f"\nrollout throughput: {args.model}, {name}, {dtype}, batch {batch}, prompt {prompt_len}, new {gen_len}")
-    print(
+    print0(
+        f"\nrollout throughput: {args.model}, {name} x {grid.world_size} (tp {grid.tp}), {dtype}, batch {batch}, "
+        f"prompt {prompt_len}, new {gen_len}"
+    )
+    print0(
         f"measured copy bandwidth {bw / 1e9:.0f} GB/s; weights {roof['weight_gb']:.2f} GB, "
         f"KV read per step {roof['kv_gb_per_step']:.3f} GB (average context)"
     )
-    print(f"{'engine':<24}{'tok/s':>12}{'ms/token-step':>16}{'peak GiB':>11}{'roofline':>10}")
+    print0(f"{'engine':<24}{'tok/s':>12}{'ms/token-step':>16}{'peak GiB':>11}{'roofline':>10}")
     rows = [("ours", ours)] + list(peers.items())
     for label, r in rows:
         steps = r.get("decode_steps", 0) + r.get("prefill_steps", 0) or gen_len  # ours counts its forwards
         step_ms = r["seconds"] / steps * 1e3
-        print(
+        print0(
             f"{label:<24}{r['tok_s']:>12.1f}{step_ms:>16.2f}{r['peak_gib']:>11.2f}{r['tok_s'] / roof['tok_s']:>10.1%}"
         )
-    print(f"{'roofline (decode)':<24}{roof['tok_s']:>12.1f}{roof['step_ms']:>16.2f}{'':>11}{1:>10.0%}")
+    print0(f"{'roofline (decode)':<24}{roof['tok_s']:>12.1f}{roof['step_ms']:>16.2f}{'':>11}{1:>10.0%}")
     if ours.get("preemptions"):
-        print(f"(ours preempted {ours['preemptions']} sequences for lack of KV blocks)")
-    print(
+        print0(f"(ours preempted {ours['preemptions']} sequences for lack of KV blocks)")
+    print0(
         f"ours: {ours['tokens']} tokens in {ours['prefill_steps']} prompt-only + {ours['decode_steps']} decode steps "
         f"({ours['mixed_steps']} carrying admitted prompts, {ours['overlapped_steps']} launched ahead of the host)"
     )
     result = {
         "model": args.model,
         "device": name,
+        "tp": grid.tp,
         "dtype": str(dtype).replace("torch.", ""),
         "kv_cache_dtype": args.kv_cache_dtype,
         "batch": batch,
@@ -267,7 +286,7 @@ def main(argv=None) -> dict:
         **peers,
         "torch": torch.__version__,
     }
-    if args.json:
+    if args.json and grid.rank == 0:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return result
@@ -275,3 +294,5 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
