@@ -26,3 +26,13 @@ def test_ppo_step_bench_smoke(tmp_path):
         out = main(["--gen-max-num-seqs", "3", "--no-ignore-eos", "--json", str(tmp_path / "p.json")])
     assert set(out["phases"]) == {"generate", "score (4 forwards)", "train (policy + value, fwd + bwd)", "iteration"}
     assert out["generator"]["decode_steps"] > 0 and (tmp_path / "p.json").exists()
+
+
+def test_activation_memory_bench_smoke(tmp_path):
+    """The activation-memory count runs (tiny shape, one process); its micro-batch totals follow its per-token
+    figures."""
+    from bench.activation_memory import main
+
+    (row,) = main(["--micro-batch-tokens", "100", "--json", str(tmp_path / "a.json")])
+    assert row["layer_bytes_per_token"] > row["checkpoint_bytes_per_token"] > 0
+    assert row["micro_batch_keep_all_gib"] == 100 * 2 * row["layer_bytes_per_token"] / 2**30
