@@ -317,8 +317,14 @@ class Transformer(nn.Module):
         sequence. The result is all-gathered and replicated; its grad must be the same on every rank (as
         head_packed's and kernels.logprob.hidden_logprobs' are: each sums the vocabulary shards' parts). The
         norms' weight grads are then this rank's tokens' share: see `tp_partial_grads`. `sequence_parallel=False`
-        keeps every token on every rank (the layout generation uses).
+        keeps every token on every rank (the layout generation uses; without autograd only, since the optimizer
+        sums the norms' grads as partial).
         """
+        if self.sequence_parallel and not sequence_parallel and torch.is_grad_enabled():
+            raise ValueError(
+                "hidden_packed(sequence_parallel=False) on a sequence-parallel model must run without autograd: "
+                "the norms' grads would be whole on every rank, and the optimizer sums them over the TP group"
+            )
         n = input_ids.shape[0]
         sp = self.sequence_parallel and sequence_parallel and _CONTEXT is None
         if sp:

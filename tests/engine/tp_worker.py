@@ -32,6 +32,11 @@ def main(ckpt: str, out: str) -> None:
     model.activation_checkpointing = True  # the recompute goes through the same collectives
     logits = _save_grads(model, ids, mask, out + "/grads_sp")
     grads = {"q_proj": model.layers[0].self_attn.qkv_proj.full_part(0)}  # weights, gathered
+    try:  # generation's layout with autograd on would leave whole norm grads that the optimizer sums as partial
+        model.hidden_packed(ids[0], torch.arange(7), None, sequence_parallel=False)
+        raise AssertionError("a sequence-parallel model ran the replicated layout with autograd")
+    except ValueError as e:
+        assert "without autograd" in str(e)
     # fewer tokens than ranks (one token: a rank holds only the dummy), and a sequence-less call (one sequence)
     with torch.no_grad():
         for n, cu in ((1, torch.tensor([0, 1], dtype=torch.int32)), (5, None)):
