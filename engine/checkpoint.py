@@ -3,7 +3,8 @@
 Loading reads tensor by tensor through safetensors slices, so peak host memory stays near one
 tensor and a tensor-parallel rank reads only its own slice from disk. Saving writes a directory
 that transformers' AutoModelForCausalLM / AutoModelForSequenceClassification load back, sharded
-above a size limit, into a temporary directory that is renamed into place only once complete.
+above a size limit, into a temporary directory that is renamed into place only once complete; under
+torchrun the ranks write the files in turn, in parallel.
 """
 
 from __future__ import annotations
@@ -163,8 +164,22 @@ def load_pretrained(
     return model
 
 
-def _is_writer(group) -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+def _world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _plan_shards(specs: dict[str, TensorSpec], elt: int, max_shard_bytes: int) -> list[list[str]]:
+    """The tensors of each file, in order, from the shapes alone (every rank computes the same plan)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, spec in specs.items():
+        nbytes = elt * int(torch.Size(spec.shape).numel())
+        if size and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
 
 
 def save_pretrained(
@@ -177,61 +192,86 @@ def save_pretrained(
 ) -> None:
     """Write `model` as an HF checkpoint directory at `path`, atomically (temp dir + rename).
 
-    With tensor parallelism every rank must call this (the shards are gathered); global rank 0 writes.
+    Under torchrun every rank must call this: the TP shards are gathered (collectives) and the files are
+    written by the ranks in turn (file k by global rank k % world size, each file as soon as its tensors are
+    gathered), so a large model is written in parallel with one file's worth of host memory per rank; global
+    rank 0 then writes the index and config.json and renames the directory into place. `path` must be on a
+    file system every rank sees (as the trainer's output directory is).
     dtype: the stored dtype (default: the model's). tokenizer_dir: tokenizer files to copy alongside.
     """
     path = os.fspath(path).rstrip("/")
     specs = hf_tensor_specs(model)
-    writer = _is_writer(model.group)
+    rank, world = _world()
     store_dtype = dtype or next(model.parameters()).dtype
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    if writer:
-        os.makedirs(tmp)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    sizes = [0]
-    # Gather on every rank (collectives), keep on the writer only; tensors go to CPU one at a time.
-    for name, spec in specs.items():
-        full = spec.module.full_part(spec.part)
-        if not writer:
-            continue
-        t = full.detach().to("cpu", store_dtype).contiguous()
-        nbytes = t.numel() * t.element_size()
-        if sizes[-1] and sizes[-1] + nbytes > max_shard_bytes:
-            shards.append({})
-            sizes.append(0)
-        shards[-1][name] = t
-        sizes[-1] += nbytes
-    if not writer:
-        if dist.is_initialized():
-            dist.barrier()
-        return
+    elt = torch.empty((), dtype=store_dtype).element_size()
+    plan = _plan_shards(specs, elt, max_shard_bytes)
+    n = len(plan)
+    names = [SINGLE_FILE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    tmp = [f"{path}.tmp-{uuid.uuid4().hex[:8]}"]
+    if world > 1:
+        dist.broadcast_object_list(tmp, src=0)  # one temporary directory for all ranks
+    tmp = tmp[0]
+    failed = None
+    if rank == 0:
+        try:
+            os.makedirs(tmp)
+        except BaseException as e:
+            failed = e
+    failed = _agree(failed)  # a rank that fails leaves the others free to stop too, not waiting in a collective
     try:
-        n = len(shards)
-        weight_map = {}
-        for k, shard in enumerate(shards):
-            fn = SINGLE_FILE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-            save_file(shard, os.path.join(tmp, fn), metadata={"format": "pt"})
-            weight_map.update({name: fn for name in shard})
-        if n > 1:
-            _write_json(
-                os.path.join(tmp, INDEX_FILE), {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
-            )
-        cfg = model.config.to_hf(model.head)
-        cfg["torch_dtype"] = str(store_dtype).replace("torch.", "")
-        _write_json(os.path.join(tmp, "config.json"), cfg)
-        if tokenizer_dir is not None:
-            for fn in os.listdir(tokenizer_dir):
-                if fn.startswith(("tokenizer", "special_tokens_map", "chat_template")):
-                    shutil.copy2(os.path.join(tokenizer_dir, fn), os.path.join(tmp, fn))
-        for fn in os.listdir(tmp):
-            _fsync(os.path.join(tmp, fn))
-        _replace_dir(tmp, path)
+        for k, shard in enumerate(plan):
+            mine = k % world == rank
+            tensors = {}
+            for name in shard:
+                full = specs[name].module.full_part(specs[name].part)  # collective within the TP group
+                if mine and failed is None:
+                    tensors[name] = full.detach().to("cpu", store_dtype).contiguous()
+            if mine and failed is None:
+                try:
+                    fn = os.path.join(tmp, names[k])
+                    save_file(tensors, fn, metadata={"format": "pt"})
+                    _fsync(fn)
+                except BaseException as e:
+                    failed = e
+        failed = _agree(failed)
+        if rank == 0:
+            if n > 1:
+                weight_map = {name: names[k] for k, shard in enumerate(plan) for name in shard}
+                total = elt * sum(torch.Size(spec.shape).numel() for spec in specs.values())
+                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+                _write_json(os.path.join(tmp, INDEX_FILE), index)
+            cfg = model.config.to_hf(model.head)
+            cfg["torch_dtype"] = str(store_dtype).replace("torch.", "")
+            _write_json(os.path.join(tmp, "config.json"), cfg)
+            if tokenizer_dir is not None:
+                for fn in os.listdir(tokenizer_dir):
+                    if fn.startswith(("tokenizer", "special_tokens_map", "chat_template")):
+                        shutil.copy2(os.path.join(tokenizer_dir, fn), os.path.join(tmp, fn))
+            for fn in os.listdir(tmp):
+                _fsync(os.path.join(tmp, fn))
+            _replace_dir(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        if dist.is_initialized():
+        if world > 1:
             dist.barrier()
+
+
+def _agree(error: BaseException | None) -> BaseException | None:
+    """Every rank learns whether any rank failed; a rank that did not fail raises a summary, the one that did
+    its own error (so no rank is left waiting in a collective)."""
+    _, world = _world()
+    if world > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        flag = torch.tensor([0 if error is None else 1], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if error is None and int(flag):
+            raise RuntimeError("save_pretrained failed on another rank (see its error)")
+    if error is not None:
+        raise error
+    return None
 
 
 def _write_json(fn: str, obj) -> None:

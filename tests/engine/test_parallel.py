@@ -67,6 +67,15 @@ def test_tp2_matches_tp1(tmp_path):
     )
     assert torch.equal(tp2["generated_fp8"], torch.tensor([c.tokens + [-1] * (8 - len(c.tokens)) for c in comps]))
 
-    saved = load_pretrained(tmp_path / "saved")  # gathered from both ranks, written by rank 0
-    for (n1, p1), (n2, p2) in zip(model.named_parameters(), saved.named_parameters()):
-        assert n1 == n2 and torch.equal(p1, p2), n1
+    # gathered from both ranks; in one file (written by rank 0) and in several (written by the two in turn)
+    for name in ("saved", "saved_sharded"):
+        saved = load_pretrained(tmp_path / name)
+        for (n1, p1), (n2, p2) in zip(model.named_parameters(), saved.named_parameters()):
+            assert n1 == n2 and torch.equal(p1, p2), f"{name}: {n1}"
+    files = sorted(p.name for p in (tmp_path / "saved_sharded").iterdir())
+    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) >= 4
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "saved_sharded")
+    torch.testing.assert_close(hf.model.embed_tokens.weight, model.embed_tokens.weight)
