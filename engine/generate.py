@@ -22,11 +22,13 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from engine.config import GenerateConfig
 from engine.decode_graphs import DecodeGraphs, graph_key
 from engine.kv_cache import BlockManager, KVCachePool, OutOfBlocks, cuda_cache_budget, num_blocks_for_memory
 from engine.model import AttentionContext, Transformer, attention_context
+from engine.parallel import group_size
 from engine.sampler import sample_tokens, seed_for
 
 # -------------------------------------------------------------------------------- sequences --
@@ -182,6 +184,21 @@ class Generator:
     # ---------------------------------------------------------------------------- memory --
 
     def _num_blocks(self) -> int:
+        """The cache's blocks: the same on every TP rank (each rank schedules alike: one rank with more blocks
+        would admit or preempt differently, and the ranks' collectives would no longer match)."""
+        n = self._local_num_blocks()
+        if group_size(self.model.group) > 1:  # each rank measured its own memory: take the smallest
+            t = torch.tensor([n], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.model.group)
+            n = int(t)
+        last = self.pool.num_blocks if self.pool is not None else 0
+        if last <= n < last + last // 4 and self.requested_blocks is None:
+            # the size of the last rollout's cache: the allocator then tends to hand back the same address, and
+            # the decode graphs captured on it replay instead of being captured again
+            return last
+        return n
+
+    def _local_num_blocks(self) -> int:
         if self.requested_blocks is not None:
             return self.requested_blocks
         if self.kv_cache_bytes:
@@ -193,16 +210,10 @@ class Generator:
         else:
             budget = 256 * 1024**2
         c = self.model.config
-        n = num_blocks_for_memory(
+        return num_blocks_for_memory(
             budget, num_layers=c.num_layers, block_size=self.block_size, num_kv_heads=self._kv_heads,
             head_dim=c.head_dim, dtype=self.cache_dtype,
         )  # fmt: skip
-        last = self.pool.num_blocks if self.pool is not None else 0
-        if last <= n < last + last // 4:
-            # the size of the last rollout's cache: the allocator then tends to hand back the same address, and
-            # the decode graphs captured on it replay instead of being captured again
-            return last
-        return n
 
     @torch.no_grad()
     def _measure_activation_peak(self) -> int:

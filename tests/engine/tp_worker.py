@@ -82,6 +82,17 @@ def main(ckpt: str, out: str) -> None:
         assert torch.equal(everyone[0], everyone[1]), "TP ranks sampled different tokens"
         grads[key] = tokens
         grads[key + "_logprobs"] = torch.tensor([lp for c in generated for lp in c.logprobs])
+    # ranks that measure different memory still size the cache alike (the smallest), or they would schedule apart
+    from engine.kv_cache import bytes_per_block
+
+    per_block = bytes_per_block(model.config.num_layers, 4, model.config.num_kv_heads // 2, model.config.head_dim,
+                                torch.float32)  # fmt: skip
+    uneven = Generator(model, block_size=4, kv_cache_bytes=(9 + 4 * grid.rank) * per_block, max_model_len=12)
+    uneven.generate_completions(prompts, GenerateConfig(temperature=0.9, max_new_tokens=8, seed=3))
+    blocks = torch.tensor([uneven.pool.num_blocks])
+    everyone = [torch.empty_like(blocks) for _ in range(2)]
+    dist.all_gather(everyone, blocks, group=model.group)
+    assert [int(b) for b in everyone] == [9, 9], everyone
     # an fp8 KV cache holding each rank's heads
     fp8 = Generator(model, block_size=4, num_blocks=32, max_model_len=12, max_num_seqs=2, kv_cache_dtype="fp8")
     generated = fp8.generate_completions(prompts, GenerateConfig(temperature=0.9, max_new_tokens=8, seed=3))
