@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from engine.config import ModelConfig
 from engine.model import Transformer
+from engine.parallel import agree
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -262,13 +263,9 @@ def save_pretrained(
 def _agree(error: BaseException | None) -> BaseException | None:
     """Every rank learns whether any rank failed; a rank that did not fail raises a summary, the one that did
     its own error (so no rank is left waiting in a collective)."""
-    _, world = _world()
-    if world > 1:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-        flag = torch.tensor([0 if error is None else 1], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if error is None and int(flag):
-            raise RuntimeError("save_pretrained failed on another rank (see its error)")
+    (failed,) = agree([int(error is not None)], "max")
+    if error is None and failed:
+        raise RuntimeError("save_pretrained failed on another rank (see its error)")
     if error is not None:
         raise error
     return None

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from engine.model import AttentionContext, Transformer, attention_context
+from engine.parallel import agree
 
 
 def graph_key(model: Transformer, kv_pool: torch.Tensor) -> tuple:
@@ -27,7 +28,8 @@ class DecodeGraphs:
     Static inputs are padded to the bucket: padding rows write nowhere (slot -1) and attend to
     nothing (context length 0). The graph covers the whole model forward and the LM head (this rank's
     vocabulary shard: the sampler, outside the graph, combines the ranks' samples).
-    caches: returns the per-layer (k_cache, v_cache) views; key: graph_key() at capture.
+    caches: returns the per-layer (k_cache, v_cache) views; key: graph_key() at capture; group: the model's TP
+    group (its ranks capture together and fail together).
     """
 
     def __init__(
@@ -37,6 +39,7 @@ class DecodeGraphs:
         max_num_seqs: int,
         table_width: int,
         key: tuple,
+        group=None,
     ):
         self.model, self.caches, self.key = model, caches, key
         dev, max_b = next(model.parameters()).device, max_num_seqs
@@ -50,10 +53,18 @@ class DecodeGraphs:
         self.replays, self.logits = {}, {}
         mempool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
         for b in reversed(self.buckets):  # largest first so smaller graphs reuse its memory
-            with attention_context(self.context(b)):
-                self._forward(b)  # warm up (autotuning, allocations) outside the capture
-                self._sync()
-                self.replays[b], self.logits[b] = self._capture_one(b, mempool)
+            error = None
+            try:
+                with attention_context(self.context(b)):
+                    self._forward(b)  # warm up (autotuning, allocations) outside the capture
+                    self._sync()
+                    self.replays[b], self.logits[b] = self._capture_one(b, mempool)
+            except Exception as e:
+                error = e
+            # a TP rank whose capture failed stops every rank at the same bucket (the warm-ups run collectives)
+            (failed,) = agree([int(error is not None)], "max", group)
+            if failed:
+                raise error or RuntimeError(f"CUDA graph capture failed on another tensor-parallel rank (bucket {b})")
         self._sync()
 
     def context(self, b: int) -> AttentionContext:

@@ -22,13 +22,12 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from engine.config import GenerateConfig
 from engine.decode_graphs import DecodeGraphs, graph_key
 from engine.kv_cache import BlockManager, KVCachePool, OutOfBlocks, cuda_cache_budget, num_blocks_for_memory
 from engine.model import AttentionContext, Transformer, attention_context
-from engine.parallel import group_size
+from engine.parallel import agree
 from engine.sampler import sample_tokens, seed_for
 
 # -------------------------------------------------------------------------------- sequences --
@@ -186,11 +185,7 @@ class Generator:
     def _num_blocks(self) -> int:
         """The cache's blocks: the same on every TP rank (each rank schedules alike: one rank with more blocks
         would admit or preempt differently, and the ranks' collectives would no longer match)."""
-        n = self._local_num_blocks()
-        if group_size(self.model.group) > 1:  # each rank measured its own memory: take the smallest
-            t = torch.tensor([n], device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.model.group)
-            n = int(t)
+        (n,) = agree([self._local_num_blocks()], "min", self.model.group)  # each rank measured its own memory
         last = self.pool.num_blocks if self.pool is not None else 0
         if last <= n < last + last // 4 and self.requested_blocks is None:
             # the size of the last rollout's cache: the allocator then tends to hand back the same address, and
@@ -235,8 +230,12 @@ class Generator:
         """Allocate the cache if released; keep the decode graphs only where they would still be right."""
         if self.pool is None or not self.pool.is_allocated:
             self._allocate_cache()
-        if self._graphs is not None and self._graphs.key != self._graph_key():
-            self._graphs = None  # captured on another cache address or other parameter storage: capture anew
+        if self._graphs is not None and self.use_cuda_graphs:
+            # captured on another cache address or other parameter storage: capture anew, every TP rank alike (one
+            # rank capturing while another replays would pair the capture's warm-up collectives with the replay's)
+            (stale,) = agree([int(self._graphs.key != self._graph_key())], "max", self.model.group)
+            if stale:
+                self._graphs = None
 
     def _allocate_cache(self) -> None:
         n = self._num_blocks()
@@ -355,7 +354,7 @@ class Generator:
         start = time.perf_counter()
         try:
             self._graphs = DecodeGraphs(
-                self.model, self._kv_caches, self.max_num_seqs, self.table_width, self._graph_key()
+                self.model, self._kv_caches, self.max_num_seqs, self.table_width, self._graph_key(), self.model.group
             )
             self.stats.graph_captures += len(self._graphs.buckets)
         except Exception as e:  # a failed capture must not stop generation: fall back to eager

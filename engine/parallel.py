@@ -75,6 +75,18 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
+def agree(values: list[int], op: str, group: dist.ProcessGroup | None = None) -> list[int]:
+    """The element-wise "min" or "max" of small integers over `group` (the default group when None and
+    torch.distributed is initialised): for decisions every rank must take alike (how large a cache, whether to
+    capture again, whether any rank failed). Without a group of several ranks, the values themselves."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return list(values)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(t, op={"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op], group=group)
+    return t.tolist()
+
+
 def group_size(group: dist.ProcessGroup | None) -> int:
     return 1 if group is None else dist.get_world_size(group)
 

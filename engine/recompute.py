@@ -14,9 +14,9 @@ keeps a row statistic, not the scores). So the count is the same on every device
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from engine.model import Transformer
+from engine.parallel import agree
 
 
 def setting(ac: str, num_layers: int, device: torch.device) -> bool | int:
@@ -123,9 +123,6 @@ def plan_models(models: dict[str, Transformer], optimizers, tokens: int, device:
                 budget,
             )
         )
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        ks = torch.tensor(plans, device=device)
-        dist.all_reduce(ks, op=dist.ReduceOp.MAX)
-        plans = ks.tolist()
+    plans = agree(plans, "max")
     for model, k in zip(models.values(), plans):
         model.activation_checkpointing = k

@@ -5,6 +5,7 @@ python -m torch.distributed.run --nproc_per_node 2 tests/engine/tp_worker.py CKP
 """
 
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -97,10 +98,61 @@ def main(ckpt: str, out: str) -> None:
     fp8 = Generator(model, block_size=4, num_blocks=32, max_model_len=12, max_num_seqs=2, kv_cache_dtype="fp8")
     generated = fp8.generate_completions(prompts, GenerateConfig(temperature=0.9, max_new_tokens=8, seed=3))
     grads["generated_fp8"] = torch.tensor([c.tokens + [-1] * (8 - len(c.tokens)) for c in generated])
+    _graphs_agree_across_ranks(model, grid, prompts, grads["generated"])
     if grid.rank == 0:
         torch.save({"ids": ids, "mask": mask, "logits": logits, **grads}, out + "/tp2.pt")
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _graphs_agree_across_ranks(model, grid, prompts, expected):
+    """Decode graphs under TP (captures stood in for on CPU by an eager re-run, as in test_generate): a rank
+    whose graphs went stale makes every rank capture again, and a capture failing on one rank sends every rank
+    to eager decoding, with the same tokens in each case."""
+    import engine.generate as generate
+    from engine.config import GenerateConfig
+    from engine.model import attention_context
+
+    real = generate.DecodeGraphs
+    fail = {"on": False}
+
+    class EagerGraphs(real):
+        def _capture_one(self, b, mempool):
+            out = self._forward(b)  # the stand-in runs the collectives a real capture records
+            if fail["on"] and grid.rank == 1 and b == 1:
+                raise RuntimeError("capture failed on rank 1")
+
+            def replay():
+                with attention_context(self.context(b)):
+                    out.copy_(self._forward(b))
+
+            return replay, out
+
+    generate.DecodeGraphs = EagerGraphs
+    params = GenerateConfig(temperature=0.9, max_new_tokens=8, seed=3)
+    gen = generate.Generator(model, block_size=4, num_blocks=32, max_model_len=12, max_num_seqs=2,
+                             use_cuda_graphs=True)  # fmt: skip
+
+    def run():
+        comps = gen.generate_completions(prompts, params)
+        assert torch.equal(torch.tensor([c.tokens + [-1] * (8 - len(c.tokens)) for c in comps]), expected)
+        captures = torch.tensor([gen.stats.graph_captures, int(gen.use_cuda_graphs)])
+        everyone = [torch.empty_like(captures) for _ in range(2)]
+        dist.all_gather(everyone, captures, group=model.group)
+        assert torch.equal(everyone[0], everyone[1]), everyone
+        return captures.tolist()
+
+    assert run() == [2, 1]  # buckets 2 and 1 captured
+    assert run() == [0, 1]  # replayed on both ranks
+    if grid.rank == 1:  # as if rank 1's cache had come back at another address after a release
+        gen._graphs.key = ("moved",)
+    assert run() == [2, 1]  # captured again on both
+    gen.release(drop_graphs=True)
+    fail["on"] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert run() == [0, 0]  # failed on rank 1, after bucket 2 was captured: eager on both
+    generate.DecodeGraphs = real
 
 
 def _save_grads(model, ids, mask, path):
