@@ -15,37 +15,29 @@ into the very same bf16 tensors in place, so the generator sees it. Flat functio
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from engine import ppo, recompute
-from engine.checkpoint import load_pretrained, save_pretrained
+from engine.checkpoint import load_pretrained
 from engine.config import GenerateConfig, PPOConfig
 from engine.data import PromptBatches, Rollout, pack, split_by_tokens, to_padded
 from engine.generate import GenerationStats
 from engine.model import Transformer
-from engine.optim import (
-    Optimizer,
-    accumulate_grads,
-    apply_update,
-    load_optimizer_state,
-    make_optimizer,
-    optimizer_state,
-    reduce_grads,
-)
+from engine.optim import Optimizer, accumulate_grads, apply_update, make_optimizer, reduce_grads
 from engine.parallel import (
     ProcessGrid,
     init_process_grid,
     print0,
 )
+from engine.resume import latest_checkpoint, load_trainer_state, save_checkpoint
 from engine.tokenizer import load_prompts, load_tokenizer
 from kernels.logprob import hidden_logprobs
 
@@ -76,6 +68,7 @@ class RunConfig:
     kv_cache_mb: int = 0  # KV cache budget in MiB (0: the generator's default / kv_cache_fraction)
     kv_cache_dtype: str = "auto"  # auto (the model's) or fp8: float8 e4m3 K/V, half the bytes read per decode step
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
+    profile_iteration: int = 0  # write a torch.profiler trace of this iteration (1-based) per rank to output_dir
     # recompute layers in the backward: on / off / N (the first N layers) / auto (on a GPU the fewest layers
     # that let a micro-batch fit the memory left, planned before each training phase; off on CPU)
     activation_checkpointing: str = "auto"
@@ -390,12 +383,15 @@ def ppo_iteration(state: TrainState) -> dict:
     dev = state.device
     t0 = _sync(dev)
     prompt_ids, prompts = next(state.data)
-    ro = generate_rollout(state, prompts, prompt_ids)
+    with record_function("ppo/generate"):
+        ro = generate_rollout(state, prompts, prompt_ids)
     t1 = _sync(dev)
-    score_rollout(state, ro)
+    with record_function("ppo/score"):
+        score_rollout(state, ro)
     t2 = _sync(dev)
     plan_recompute(state)
-    train = train_rollout(state, ro)
+    with record_function("ppo/train"):
+        train = train_rollout(state, ro)
     t3 = _sync(dev)  # (the generator returns cached training memory to the device when it sizes its cache)
     sums = dict(train)
     penalized = ppo.scores_with_eos_penalty(ro.scores, ro.hit_eos, state.cfg.missing_eos_penalty)
@@ -451,86 +447,6 @@ def ppo_iteration(state: TrainState) -> dict:
     }
 
 
-# ------------------------------------------------------------------------- checkpoints --
-
-LATEST = "latest"
-
-
-def latest_checkpoint(output_dir: str) -> str | None:
-    path = os.path.join(output_dir, LATEST)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return os.path.join(output_dir, json.load(f)["checkpoint"])
-
-
-def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def trainer_state_dict(state: TrainState) -> dict:
-    return {
-        "iteration": state.iteration,
-        "step": state.step,
-        "total_steps": state.total_steps,
-        "data": state.data.state_dict(),
-        "policy_opt": optimizer_state(state.policy_opt),
-        "value_opt": optimizer_state(state.value_opt),
-        "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state(state.device) if state.device.type == "cuda" else None,
-        "world_size": state.grid.world_size,
-        "tp": state.grid.tp,
-        "ppo_config": dataclasses.asdict(state.cfg),
-    }
-
-
-def save_checkpoint(state: TrainState) -> str:
-    """checkpoint-NNNNNN/{policy, value (HF dirs), state-rankRRRRR.pt}, then the `latest` pointer."""
-    out = state.run.output_dir
-    name = f"checkpoint-{state.iteration:06d}"
-    path = os.path.join(out, name)
-    if state.grid.rank == 0:
-        os.makedirs(path, exist_ok=True)
-    if dist.is_initialized():
-        dist.barrier()
-    save_pretrained(state.policy, os.path.join(path, "policy"), tokenizer_dir=state.tokenizer_dir)
-    save_pretrained(state.value, os.path.join(path, "value"))
-    sd = trainer_state_dict(state)
-    _atomic_write(os.path.join(path, f"state-rank{state.grid.rank:05d}.pt"), lambda f: torch.save(sd, f))
-    if dist.is_initialized():
-        dist.barrier()
-    if state.grid.rank == 0:
-        _atomic_write(os.path.join(out, LATEST), lambda f: f.write(json.dumps({"checkpoint": name}).encode()))
-        old = sorted(d for d in os.listdir(out) if d.startswith("checkpoint-") and d != name)
-        for d in old[: max(0, len(old) - state.run.keep_checkpoints + 1)]:
-            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
-    return path
-
-
-def load_trainer_state(state: TrainState, ckpt: str) -> None:
-    fn = os.path.join(ckpt, f"state-rank{state.grid.rank:05d}.pt")
-    if not os.path.exists(fn):
-        raise FileNotFoundError(f"{fn} is missing (resume needs the same number of processes as the saved run)")
-    sd = torch.load(fn, map_location="cpu", weights_only=False)
-    if (sd["world_size"], sd["tp"]) != (state.grid.world_size, state.grid.tp):
-        raise ValueError(
-            f"checkpoint was written by world size {sd['world_size']} (tp {sd['tp']}); "
-            f"now world size {state.grid.world_size} (tp {state.grid.tp})"
-        )
-    state.iteration, state.step, state.total_steps = sd["iteration"], sd["step"], sd["total_steps"]
-    state.data.load_state_dict(sd["data"])
-    load_optimizer_state(state.policy_opt, sd["policy_opt"])
-    load_optimizer_state(state.value_opt, sd["value_opt"])
-    torch.set_rng_state(sd["rng"])
-    if sd["cuda_rng"] is not None and state.device.type == "cuda":
-        torch.cuda.set_rng_state(sd["cuda_rng"], state.device)
-
-
 # -------------------------------------------------------------------------------- the loop --
 
 
@@ -551,6 +467,21 @@ def log_metrics(state: TrainState, metrics: dict) -> None:
         f.write(json.dumps(metrics) + "\n")
 
 
+def _profiled_iteration(state: TrainState) -> dict:
+    """ppo_iteration under torch.profiler: a Chrome trace per rank in output_dir (open it in Perfetto), the phases
+    marked ppo/generate, ppo/score, ppo/train."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if state.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        metrics = ppo_iteration(state)
+    os.makedirs(state.run.output_dir, exist_ok=True)
+    path = os.path.join(state.run.output_dir, f"trace-iter{state.iteration:06d}-rank{state.grid.rank:05d}.json")
+    prof.export_chrome_trace(path)
+    print0(f"profiled iteration {state.iteration}: {path} (one per rank)")
+    return metrics
+
+
 def train(state: TrainState) -> list[dict]:
     """Run iterations until state.iterations; checkpoint every save_every and at the end."""
     saved_at = state.iteration
@@ -561,7 +492,10 @@ def train(state: TrainState) -> list[dict]:
         f"of {len(state.data)}, {state.total_steps} optimizer steps in the schedule"
     )
     while state.iteration < state.iterations:
-        log_metrics(state, ppo_iteration(state))
+        if state.iteration + 1 == state.run.profile_iteration:
+            log_metrics(state, _profiled_iteration(state))
+        else:
+            log_metrics(state, ppo_iteration(state))
         if state.run.save_every and state.iteration % state.run.save_every == 0:
             save_checkpoint(state)
             saved_at = state.iteration

@@ -172,6 +172,14 @@ def test_nonfinite_reward_scores_raise(tmp_path):
         trainer.train(state)
 
 
+def test_profile_iteration_writes_a_trace_with_the_phases(tmp_path):
+    _run(tmp_path, "--max-iterations", "2", "--profile-iteration", "2")
+    (trace,) = [p for p in tmp_path.iterdir() if p.name.startswith("trace-")]
+    assert trace.name == "trace-iter000002-rank00000.json"
+    names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
+    assert {"ppo/generate", "ppo/score", "ppo/train"} <= names
+
+
 def test_help_lists_every_flag():
     text = build_parser().format_help()
     for cls in (PPOConfig, trainer.RunConfig):

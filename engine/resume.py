@@ -1,0 +1,98 @@
+"""A PPO run's checkpoints: checkpoint-NNNNNN/{policy, value} (HF directories every rank writes its share of),
+each rank's state-rankRRRRR.pt (iteration, step, data order, optimizer state, RNG), and the `latest` pointer,
+each written atomically; resuming restores all of it, so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from engine.checkpoint import save_pretrained
+from engine.optim import load_optimizer_state, optimizer_state
+
+if TYPE_CHECKING:
+    from engine.trainer import TrainState
+
+LATEST = "latest"
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    path = os.path.join(output_dir, LATEST)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return os.path.join(output_dir, json.load(f)["checkpoint"])
+
+
+def _atomic_write(path: str, write) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def trainer_state_dict(state: TrainState) -> dict:
+    return {
+        "iteration": state.iteration,
+        "step": state.step,
+        "total_steps": state.total_steps,
+        "data": state.data.state_dict(),
+        "policy_opt": optimizer_state(state.policy_opt),
+        "value_opt": optimizer_state(state.value_opt),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(state.device) if state.device.type == "cuda" else None,
+        "world_size": state.grid.world_size,
+        "tp": state.grid.tp,
+        "ppo_config": dataclasses.asdict(state.cfg),
+    }
+
+
+def save_checkpoint(state: TrainState) -> str:
+    """checkpoint-NNNNNN/{policy, value (HF dirs), state-rankRRRRR.pt}, then the `latest` pointer."""
+    out = state.run.output_dir
+    name = f"checkpoint-{state.iteration:06d}"
+    path = os.path.join(out, name)
+    if state.grid.rank == 0:
+        os.makedirs(path, exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
+    save_pretrained(state.policy, os.path.join(path, "policy"), tokenizer_dir=state.tokenizer_dir)
+    save_pretrained(state.value, os.path.join(path, "value"))
+    sd = trainer_state_dict(state)
+    _atomic_write(os.path.join(path, f"state-rank{state.grid.rank:05d}.pt"), lambda f: torch.save(sd, f))
+    if dist.is_initialized():
+        dist.barrier()
+    if state.grid.rank == 0:
+        _atomic_write(os.path.join(out, LATEST), lambda f: f.write(json.dumps({"checkpoint": name}).encode()))
+        old = sorted(d for d in os.listdir(out) if d.startswith("checkpoint-") and d != name)
+        for d in old[: max(0, len(old) - state.run.keep_checkpoints + 1)]:
+            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+    return path
+
+
+def load_trainer_state(state: TrainState, ckpt: str) -> None:
+    fn = os.path.join(ckpt, f"state-rank{state.grid.rank:05d}.pt")
+    if not os.path.exists(fn):
+        raise FileNotFoundError(f"{fn} is missing (resume needs the same number of processes as the saved run)")
+    sd = torch.load(fn, map_location="cpu", weights_only=False)
+    if (sd["world_size"], sd["tp"]) != (state.grid.world_size, state.grid.tp):
+        raise ValueError(
+            f"checkpoint was written by world size {sd['world_size']} (tp {sd['tp']}); "
+            f"now world size {state.grid.world_size} (tp {state.grid.tp})"
+        )
+    state.iteration, state.step, state.total_steps = sd["iteration"], sd["step"], sd["total_steps"]
+    state.data.load_state_dict(sd["data"])
+    load_optimizer_state(state.policy_opt, sd["policy_opt"])
+    load_optimizer_state(state.value_opt, sd["value_opt"])
+    torch.set_rng_state(sd["rng"])
+    if sd["cuda_rng"] is not None and state.device.type == "cuda":
+        torch.cuda.set_rng_state(sd["cuda_rng"], state.device)
