@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
@@ -22,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import run_main, write_json  # noqa: E402
 from engine import recompute  # noqa: E402
 from engine.config import MODEL_SHAPES, ModelConfig  # noqa: E402
 from engine.model import Transformer  # noqa: E402
@@ -66,13 +66,9 @@ def main(argv=None) -> list[dict]:
             f"{r['checkpoint_bytes_per_token'] / 1024:>12.2f}{r['micro_batch_keep_all_gib']:>14.2f}"
             f"{r['micro_batch_recompute_all_gib']:>15.2f}"
         )
-    if a.json and grid.rank == 0:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    write_json(a.json, rows)
     return rows
 
 
 if __name__ == "__main__":
-    main()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    run_main(main)

@@ -67,6 +67,20 @@ def bench_device(args, **tiny_cpu) -> str:
     return "cpu"
 
 
+def write_json(path: str | None, obj) -> None:
+    """obj as JSON at path, written by global rank 0 only under torchrun (nothing when path is None)."""
+    if path and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=2)
+
+
+def run_main(main) -> None:
+    """A bench's entry point: main(), then leave torch.distributed if torchrun launched it."""
+    main()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def save_json(path: str | None, rows: list[dict], args, device) -> None:
     """Write a bench's rows with the device, torch version and arguments (nothing when path is None)."""
     if path:

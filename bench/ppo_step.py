@@ -18,7 +18,6 @@ forward per new token; scoring: four forwards per sequence token; training: poli
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -26,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import run_main, write_json  # noqa: E402
 from engine.config import MODEL_SHAPES, ModelConfig, PPOConfig  # noqa: E402
 from engine.model import Transformer, flops_per_token  # noqa: E402
 from engine.parallel import init_process_grid, print0  # noqa: E402
@@ -125,13 +125,9 @@ def main(argv=None) -> dict:
     print0("generator: " + ", ".join(f"{k} {v:.3g}" for k, v in out["generator"].items()))
     if not gpu:
         print0("(CPU figures: a smoke run; GPU figures need a CUDA device)")
-    if a.json and grid.rank == 0:
-        with open(a.json, "w") as f:
-            json.dump({**out, "metrics": runs}, f, indent=2)
+    write_json(a.json, {**out, "metrics": runs})
     return out
 
 
 if __name__ == "__main__":
-    main()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    run_main(main)
