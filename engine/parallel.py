@@ -7,6 +7,7 @@ copies in just its shard, so a TP load never reads more than its slice from disk
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -36,10 +37,13 @@ class ProcessGrid:
         return self.rank // self.tp
 
 
-def init_process_grid(tp: int = 1, backend: str | None = None) -> ProcessGrid:
+def init_process_grid(tp: int = 1, backend: str | None = None, timeout_minutes: float = 60.0) -> ProcessGrid:
     """Initialise torch.distributed from torchrun's environment (NCCL on GPUs, gloo on CPU).
 
-    Without torchrun (no WORLD_SIZE) returns a single-process grid and starts nothing.
+    Without torchrun (no WORLD_SIZE) returns a single-process grid and starts nothing. timeout_minutes: how long
+    a collective may wait for a peer before the job is stopped. Data-parallel ranks meet after each rollout,
+    and one whose responses run longer keeps the others waiting for it: torch's 10-minute default could stop a
+    healthy run at the recipe's scale (1,024-token responses).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and not dist.is_initialized():
@@ -50,7 +54,7 @@ def init_process_grid(tp: int = 1, backend: str | None = None) -> ProcessGrid:
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % tp:
         raise ValueError(f"world size {world} is not a multiple of the tensor parallel degree {tp}")

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None, *, generator_factory=None) -> list[dict]
     from engine.parallel import init_process_grid
 
     cfg, run, tiny = parse_args(argv)
-    grid = init_process_grid(run.tp)
+    grid = init_process_grid(run.tp, timeout_minutes=run.dist_timeout_minutes)
     try:
         if tiny:
             run = prepare_tiny(run)

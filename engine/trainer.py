@@ -52,6 +52,7 @@ class RunConfig:
     tokenizer: str | None = None  # tokenizer directory (default: the policy's)
     output_dir: str = "out/ppo"  # checkpoints, metrics.jsonl
     tp: int = 1  # tensor parallel degree (must divide the heads; world = dp x tp)
+    dist_timeout_minutes: float = 60.0  # how long a rank waits for its peers in a collective (a slow rollout)
     sequence_parallel: bool = True  # under TP, split the tokens between the TP regions (norms run on 1/tp of them)
     distributed_optimizer: bool = True  # with DP, shard the fp32 masters and Adam moments over the DP ranks (ZeRO-1)
     resume: bool = False  # continue from output_dir's latest checkpoint (if there is none, start fresh)
@@ -147,7 +148,7 @@ def setup(
     """Process grid, tokenizer, prompts, the four models (loaded), optimizers; resumes when run.resume."""
     if not (run.policy and run.reward and run.prompts):
         raise ValueError("--policy, --reward and --prompts are all needed (or no flag at all for the tiny default)")
-    grid = grid or init_process_grid(run.tp)
+    grid = grid or init_process_grid(run.tp, timeout_minutes=run.dist_timeout_minutes)
     check_batch_sizes(cfg, grid)  # before loading four models
     device = resolve_device(run.device, grid)
     dtype = resolve_dtype(run.dtype, device)

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from engine.checkpoint import load_pretrained
@@ -79,3 +80,26 @@ def test_tp2_matches_tp1(tmp_path):
 
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "saved_sharded")
     torch.testing.assert_close(hf.model.embed_tokens.weight, model.embed_tokens.weight)
+
+
+def test_process_group_timeout_is_the_runs(monkeypatch):
+    """The collectives' timeout reaches init_process_group (torch's 10-minute default would stop a run whose DP
+    ranks wait on a long rollout)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from engine import parallel
+
+    seen = {}
+
+    def fake_init(backend, **kw):
+        seen.update(kw, backend=backend)
+        raise InterruptedError  # stop here: nothing to initialise in this process
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", fake_init)
+    with pytest.raises(InterruptedError):
+        parallel.init_process_grid(1, backend="gloo", timeout_minutes=77)
+    assert seen == {"backend": "gloo", "timeout": datetime.timedelta(minutes=77)}
