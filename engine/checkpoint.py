@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from engine.config import ModelConfig
 from engine.model import Transformer
-from engine.parallel import agree
+from engine.parallel import raise_together
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -218,7 +218,7 @@ def save_pretrained(
             os.makedirs(tmp)
         except BaseException as e:
             failed = e
-    failed = _agree(failed)  # a rank that fails leaves the others free to stop too, not waiting in a collective
+    raise_together(failed, "save_pretrained")  # no rank is left waiting in a collective
     try:
         for k, shard in enumerate(plan):
             mine = k % world == rank
@@ -234,23 +234,13 @@ def save_pretrained(
                     _fsync(fn)
                 except BaseException as e:
                     failed = e
-        failed = _agree(failed)
+        raise_together(failed, "save_pretrained")
         if rank == 0:
-            if n > 1:
-                weight_map = {name: names[k] for k, shard in enumerate(plan) for name in shard}
-                total = elt * sum(torch.Size(spec.shape).numel() for spec in specs.values())
-                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-                _write_json(os.path.join(tmp, INDEX_FILE), index)
-            cfg = model.config.to_hf(model.head)
-            cfg["torch_dtype"] = str(store_dtype).replace("torch.", "")
-            _write_json(os.path.join(tmp, "config.json"), cfg)
-            if tokenizer_dir is not None:
-                for fn in os.listdir(tokenizer_dir):
-                    if fn.startswith(("tokenizer", "special_tokens_map", "chat_template")):
-                        shutil.copy2(os.path.join(tokenizer_dir, fn), os.path.join(tmp, fn))
-            for fn in os.listdir(tmp):
-                _fsync(os.path.join(tmp, fn))
-            _replace_dir(tmp, path)
+            try:
+                _finish_checkpoint_dir(model, tmp, path, plan, names, specs, elt, store_dtype, tokenizer_dir)
+            except BaseException as e:
+                failed = e
+        raise_together(failed, "save_pretrained")
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -260,15 +250,22 @@ def save_pretrained(
             dist.barrier()
 
 
-def _agree(error: BaseException | None) -> BaseException | None:
-    """Every rank learns whether any rank failed; a rank that did not fail raises a summary, the one that did
-    its own error (so no rank is left waiting in a collective)."""
-    (failed,) = agree([int(error is not None)], "max")
-    if error is None and failed:
-        raise RuntimeError("save_pretrained failed on another rank (see its error)")
-    if error is not None:
-        raise error
-    return None
+def _finish_checkpoint_dir(model, tmp, path, plan, names, specs, elt, store_dtype, tokenizer_dir) -> None:
+    """Rank 0, once every file is written: the index, config.json, the tokenizer files, fsync, rename."""
+    if len(plan) > 1:
+        weight_map = {name: names[k] for k, shard in enumerate(plan) for name in shard}
+        total = elt * sum(torch.Size(spec.shape).numel() for spec in specs.values())
+        _write_json(os.path.join(tmp, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
+    cfg = model.config.to_hf(model.head)
+    cfg["torch_dtype"] = str(store_dtype).replace("torch.", "")
+    _write_json(os.path.join(tmp, "config.json"), cfg)
+    if tokenizer_dir is not None:
+        for fn in os.listdir(tokenizer_dir):
+            if fn.startswith(("tokenizer", "special_tokens_map", "chat_template")):
+                shutil.copy2(os.path.join(tokenizer_dir, fn), os.path.join(tmp, fn))
+    for fn in os.listdir(tmp):
+        _fsync(os.path.join(tmp, fn))
+    _replace_dir(tmp, path)
 
 
 def _write_json(fn: str, obj) -> None:

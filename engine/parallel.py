@@ -91,6 +91,16 @@ def agree(values: list[int], op: str, group: dist.ProcessGroup | None = None) ->
     return t.tolist()
 
 
+def raise_together(error: BaseException | None, what: str) -> None:
+    """Every rank learns whether any rank failed at `what`: the one that did raises its own error, the others a
+    summary, so no rank is left waiting in a collective for a peer that has stopped. Returns None if none did."""
+    (failed,) = agree([int(error is not None)], "max")
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"{what} failed on another rank (see its error)")
+
+
 def group_size(group: dist.ProcessGroup | None) -> int:
     return 1 if group is None else dist.get_world_size(group)
 

@@ -12,10 +12,10 @@ import shutil
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 
 from engine.checkpoint import save_pretrained
 from engine.optim import load_optimizer_state, optimizer_state
+from engine.parallel import raise_together
 
 if TYPE_CHECKING:
     from engine.trainer import TrainState
@@ -61,16 +61,21 @@ def save_checkpoint(state: TrainState) -> str:
     out = state.run.output_dir
     name = f"checkpoint-{state.iteration:06d}"
     path = os.path.join(out, name)
-    if state.grid.rank == 0:
-        os.makedirs(path, exist_ok=True)
-    if dist.is_initialized():
-        dist.barrier()
+    error = None
+    try:
+        if state.grid.rank == 0:
+            os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        error = e
+    raise_together(error, "saving a checkpoint")  # (a disk error on one rank stops every rank, none waits)
     save_pretrained(state.policy, os.path.join(path, "policy"), tokenizer_dir=state.tokenizer_dir)
     save_pretrained(state.value, os.path.join(path, "value"))
     sd = trainer_state_dict(state)
-    _atomic_write(os.path.join(path, f"state-rank{state.grid.rank:05d}.pt"), lambda f: torch.save(sd, f))
-    if dist.is_initialized():
-        dist.barrier()
+    try:
+        _atomic_write(os.path.join(path, f"state-rank{state.grid.rank:05d}.pt"), lambda f: torch.save(sd, f))
+    except OSError as e:
+        error = e
+    raise_together(error, "saving a checkpoint")
     if state.grid.rank == 0:
         _atomic_write(os.path.join(out, LATEST), lambda f: f.write(json.dumps({"checkpoint": name}).encode()))
         old = sorted(d for d in os.listdir(out) if d.startswith("checkpoint-") and d != name)

@@ -52,15 +52,18 @@ def main(ckpt: str, out: str) -> None:
     save_pretrained(model, out + "/saved_sharded", max_shard_bytes=40_000)  # files written by both ranks
     import engine.checkpoint as ckpt
 
-    real = ckpt.save_file
-    if grid.rank == 1:  # a disk error on one rank: every rank raises (none waits in a collective), nothing is left
-        ckpt.save_file = lambda *a, **k: (_ for _ in ()).throw(OSError("disk full on rank 1"))
-    try:
-        save_pretrained(model, out + "/saved_sharded", max_shard_bytes=40_000)
-        raise AssertionError("a failed save did not raise")
-    except (OSError, RuntimeError) as e:
-        assert ("disk full on rank 1" if grid.rank == 1 else "failed on another rank") in str(e), e
-    ckpt.save_file = real
+    # a disk error on one rank, writing its files (rank 1) or the index (rank 0): every rank raises (none waits in
+    # a collective), and nothing is left behind
+    for fn, bad_rank in (("save_file", 1), ("_write_json", 0)):
+        real = getattr(ckpt, fn)
+        if grid.rank == bad_rank:
+            setattr(ckpt, fn, lambda *a, **k: (_ for _ in ()).throw(OSError(f"disk full on rank {grid.rank}")))
+        try:
+            save_pretrained(model, out + "/saved_sharded", max_shard_bytes=40_000)
+            raise AssertionError("a failed save did not raise")
+        except (OSError, RuntimeError) as e:
+            assert (f"disk full on rank {bad_rank}" if grid.rank == bad_rank else "failed on another rank") in str(e)
+        setattr(ckpt, fn, real)
     # generation on the TP-sharded weights: every rank runs the same schedule and samples the same tokens
     from engine.config import GenerateConfig
     from engine.generate import Generator
