@@ -86,14 +86,17 @@ def save_checkpoint(state: TrainState) -> str:
 
 def load_trainer_state(state: TrainState, ckpt: str) -> None:
     fn = os.path.join(ckpt, f"state-rank{state.grid.rank:05d}.pt")
+    error, sd = None, None
     if not os.path.exists(fn):
-        raise FileNotFoundError(f"{fn} is missing (resume needs the same number of processes as the saved run)")
-    sd = torch.load(fn, map_location="cpu", weights_only=False)
-    if (sd["world_size"], sd["tp"]) != (state.grid.world_size, state.grid.tp):
-        raise ValueError(
-            f"checkpoint was written by world size {sd['world_size']} (tp {sd['tp']}); "
-            f"now world size {state.grid.world_size} (tp {state.grid.tp})"
-        )
+        error = FileNotFoundError(f"{fn} is missing (resume needs the same number of processes as the saved run)")
+    else:
+        sd = torch.load(fn, map_location="cpu", weights_only=False)
+        if (sd["world_size"], sd["tp"]) != (state.grid.world_size, state.grid.tp):
+            error = ValueError(
+                f"checkpoint was written by world size {sd['world_size']} (tp {sd['tp']}); "
+                f"now world size {state.grid.world_size} (tp {state.grid.tp})"
+            )
+    raise_together(error, "resuming")  # (the optimizers' state loads through collectives below)
     state.iteration, state.step, state.total_steps = sd["iteration"], sd["step"], sd["total_steps"]
     state.data.load_state_dict(sd["data"])
     load_optimizer_state(state.policy_opt, sd["policy_opt"])

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -260,6 +261,11 @@ def test_dp2_distributed_optimizer_resumes_exactly(tmp_path):
         torch.testing.assert_close(straight[0]["policy"][k], v, atol=1e-6, rtol=1e-5)
     err = _torchrun(tmp_path, 2, "b", "--max-iterations", "3", "--resume", "--no-distributed-optimizer", fails=True)
     assert "resume with the same --distributed-optimizer setting" in err
+    # rank 1's state file lost: rank 1 stops, and so does rank 0 (rather than wait for it in a collective)
+    shutil.copytree(tmp_path / "b", tmp_path / "lost")
+    os.remove(f"{trainer.latest_checkpoint(str(tmp_path / 'lost'))}/state-rank00001.pt")
+    err = _torchrun(tmp_path, 2, "lost", "--max-iterations", "3", "--resume", fails=True)
+    assert "state-rank00001.pt is missing" in err and "resuming failed on another rank" in err
 
 
 def test_batch_sizes_that_do_not_divide_are_refused(tmp_path):
