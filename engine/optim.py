@@ -92,8 +92,27 @@ def make_optimizer(
         masters, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
         weight_decay=cfg.weight_decay, **fused,
     )  # fmt: skip
+    _allocate_moments(adam)
     dp_group = grid.dp_group if buckets else None
     return Optimizer(params, masters, sharded, adam, tp_partial, buckets, dp_group)
+
+
+def _allocate_moments(adam: torch.optim.Optimizer) -> None:
+    """Allocate Adam's moments now rather than at the first step (torch's way), so the memory they take is in use
+    before the first rollout sizes its KV cache: every rollout then gets a cache of the same size, and its decode
+    graphs can replay from the second rollout on. One step at lr 0 on zero grads (the values stay as they are:
+    p * (1 - 0 * wd) - 0 * update), then the step count back to 0, so the first real step is the first."""
+    lrs = [g["lr"] for g in adam.param_groups]
+    for g in adam.param_groups:
+        g["lr"] = 0.0
+        for p in g["params"]:
+            p.grad = torch.zeros_like(p)
+    adam.step()
+    adam.zero_grad(set_to_none=True)
+    for g, lr in zip(adam.param_groups, lrs):
+        g["lr"] = lr
+    for st in adam.state.values():
+        st["step"] = torch.zeros_like(st["step"]) if torch.is_tensor(st["step"]) else 0
 
 
 def _make_buckets(params: list[torch.nn.Parameter], grid: ProcessGrid, cap: int) -> list[_Bucket]:

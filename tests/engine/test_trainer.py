@@ -148,6 +148,28 @@ def test_distributed_optimizer_matches_plain_adam():
     assert r.returncode == 0 and r.stdout.count("optim worker ok") == 2, r.stdout[-3000:] + r.stderr[-3000:]
 
 
+def test_optimizer_steps_as_torch_adamw_from_the_first_step():
+    """Our optimizer allocates Adam's moments at construction (a step at lr 0): the parameters stay as they were,
+    and its steps equal a fresh torch.optim.AdamW's bit for bit (the step count starts from 0 again)."""
+    cfg = PPOConfig(max_grad_norm=0.0, weight_decay=0.1)
+    small = dataclasses.replace(ModelConfig.named("tiny"), num_layers=1)
+    ours = Transformer(small, "score", dtype=torch.float32).init_weights(seed=3)
+    plain = Transformer(small, "score", dtype=torch.float32).init_weights(seed=3)
+    opt = optim.make_optimizer(ours, cfg)
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), plain.parameters()))
+    assert all(st["exp_avg"].shape == p.shape for p, st in opt.adam.state.items())  # allocated already
+    ref = torch.optim.AdamW(plain.parameters(), lr=1e-2, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+                            weight_decay=cfg.weight_decay)  # fmt: skip
+    for step in range(3):
+        for a, b in zip(ours.parameters(), plain.parameters()):
+            g = torch.randn(a.shape, generator=torch.Generator().manual_seed(step))
+            a.grad, b.grad = g.clone(), g.clone()
+        optim.optimizer_step(opt, 1e-2, cfg, trainer.ProcessGrid())
+        ref.step()
+        for a, b in zip(ours.parameters(), plain.parameters()):
+            assert torch.equal(a, b)
+
+
 def test_nan_loss_names_the_loss_iteration_and_step(tmp_path):
     state = _state(tmp_path, "--max-iterations", "1")
     with torch.no_grad():
