@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -32,11 +34,7 @@ from engine.data import PromptBatches, Rollout, pack, split_by_tokens, to_padded
 from engine.generate import GenerationStats
 from engine.model import Transformer
 from engine.optim import Optimizer, accumulate_grads, apply_update, make_optimizer, reduce_grads
-from engine.parallel import (
-    ProcessGrid,
-    init_process_grid,
-    print0,
-)
+from engine.parallel import ProcessGrid, agree, init_process_grid, print0
 from engine.resume import latest_checkpoint, load_trainer_state, save_checkpoint
 from engine.tokenizer import load_prompts, load_tokenizer
 from kernels.logprob import hidden_logprobs
@@ -483,8 +481,34 @@ def _profiled_iteration(state: TrainState) -> dict:
     return metrics
 
 
+class _StopSignals:
+    """SIGTERM / SIGUSR1 (a scheduler's notice before it ends or preempts a job) ask the run to stop after the
+    current iteration, with a checkpoint, instead of dying mid-iteration and losing the iterations since the last
+    one. Installed for the loop only, on the main thread (where Python delivers signals)."""
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 def train(state: TrainState) -> list[dict]:
-    """Run iterations until state.iterations; checkpoint every save_every and at the end."""
+    """Run iterations until state.iterations; checkpoint every save_every and at the end. SIGTERM or SIGUSR1 to
+    any rank stops every rank after the current iteration, with a checkpoint (resume with --resume)."""
     saved_at = state.iteration
     g = state.grid
     print0(
@@ -492,14 +516,19 @@ def train(state: TrainState) -> list[dict]:
         f"{next(state.policy.parameters()).dtype} params, iterations {state.iteration}..{state.iterations} "
         f"of {len(state.data)}, {state.total_steps} optimizer steps in the schedule"
     )
-    while state.iteration < state.iterations:
-        if state.iteration + 1 == state.run.profile_iteration:
-            log_metrics(state, _profiled_iteration(state))
-        else:
-            log_metrics(state, ppo_iteration(state))
-        if state.run.save_every and state.iteration % state.run.save_every == 0:
-            save_checkpoint(state)
-            saved_at = state.iteration
+    with _StopSignals() as signals:
+        while state.iteration < state.iterations:
+            if state.iteration + 1 == state.run.profile_iteration:
+                log_metrics(state, _profiled_iteration(state))
+            else:
+                log_metrics(state, ppo_iteration(state))
+            if state.run.save_every and state.iteration % state.run.save_every == 0:
+                save_checkpoint(state)
+                saved_at = state.iteration
+            (stop,) = agree([int(signals.received is not None)], "max")  # every rank stops at the same iteration
+            if stop:
+                print0(f"stopping after iteration {state.iteration} on a signal: checkpoint, then exit")
+                break
     if state.run.output_dir and saved_at != state.iteration:
         save_checkpoint(state)
     return state.history

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -78,6 +79,37 @@ def test_tiny_default_end_to_end_and_exact_resume(tmp_path):
             assert torch.equal(st[k], sb["value_opt"]["adam"]["state"][i][k])
     assert not os.path.exists(tmp_path / "b/checkpoint-000001")  # keep_checkpoints=1
     assert len((tmp_path / "b/metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_sigterm_stops_after_the_iteration_with_a_checkpoint_and_resume_is_exact(tmp_path):
+    """A scheduler's SIGTERM during iteration 2 of 3: the run finishes that iteration, checkpoints and returns; a
+    resumed run then ends where a straight one does (weights and metrics)."""
+    straight = _run(tmp_path / "a", "--max-iterations", "3")
+    calls, before = {"n": 0}, signal.getsignal(signal.SIGTERM)
+
+    def factory(policy, cfg, run):
+        gen = trainer.make_generator(policy, cfg, run)
+        real = gen.generate_completions
+
+        def generate_completions(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                os.kill(os.getpid(), signal.SIGTERM)  # delivered to our handler, between two bytecodes
+            return real(*a, **k)
+
+        gen.generate_completions = generate_completions
+        return gen
+
+    first = _run(tmp_path / "b", "--max-iterations", "3", factory=factory)
+    assert [m["iteration"] for m in first] == [1, 2]
+    assert os.path.basename(trainer.latest_checkpoint(str(tmp_path / "b"))) == "checkpoint-000002"
+    assert signal.getsignal(signal.SIGTERM) is before  # the loop's handler is gone with the loop
+    second = _run(tmp_path / "b", "--max-iterations", "3", "--resume")
+    assert _no_timing(first + second) == _no_timing(straight)
+    a, b = trainer.latest_checkpoint(str(tmp_path / "a")), trainer.latest_checkpoint(str(tmp_path / "b"))
+    for head, sub in (("lm", "policy"), ("score", "value")):
+        wa, wb = _weights(f"{a}/{sub}", head), _weights(f"{b}/{sub}", head)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), sub
 
 
 def test_micro_batches_accumulate_to_the_same_update(tmp_path):
