@@ -68,6 +68,7 @@ class RunConfig:
     kv_cache_dtype: str = "auto"  # auto (the model's) or fp8: float8 e4m3 K/V, half the bytes read per decode step
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
     profile_iteration: int = 0  # write a torch.profiler trace of this iteration (1-based) per rank to output_dir
+    save_every_minutes: float = 0.0  # also checkpoint when this long has passed since the last one (0: off)
     # recompute layers in the backward: on / off / N (the first N layers) / auto (on a GPU the fewest layers
     # that let a micro-batch fit the memory left, planned before each training phase; off on CPU)
     activation_checkpointing: str = "auto"
@@ -377,21 +378,34 @@ def _sync(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def _peak_gib(device: torch.device) -> float:
+    """This rank's peak GPU memory since the last call, in GiB (0 on CPU); starts the next phase's count."""
+    if device.type != "cuda":
+        return 0.0
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
 def ppo_iteration(state: TrainState) -> dict:
     """One rollout + its updates; returns the iteration's metrics (global over DP ranks)."""
     dev = state.device
     t0 = _sync(dev)
+    _peak_gib(dev)
     prompt_ids, prompts = next(state.data)
     with record_function("ppo/generate"):
         ro = generate_rollout(state, prompts, prompt_ids)
     t1 = _sync(dev)
+    peak_generate = _peak_gib(dev)
     with record_function("ppo/score"):
         score_rollout(state, ro)
     t2 = _sync(dev)
+    peak_score = _peak_gib(dev)
     plan_recompute(state)
     with record_function("ppo/train"):
         train = train_rollout(state, ro)
     t3 = _sync(dev)  # (the generator returns cached training memory to the device when it sizes its cache)
+    peak_train = _peak_gib(dev)
     sums = dict(train)
     penalized = ppo.scores_with_eos_penalty(ro.scores, ro.hit_eos, state.cfg.missing_eos_penalty)
     _add(
@@ -443,6 +457,10 @@ def ppo_iteration(state: TrainState) -> dict:
         "gen_graph_captures": gen_stats.graph_captures,
         "time_gen_setup": gen_stats.setup_seconds,
         "recompute_layers": recompute.layers_recomputed(state.policy),  # the policy's, in the backward
+        # this rank's peak GPU memory in each phase, GiB (0 on CPU): room left for the cache and the micro-batches
+        "mem_gib_generate": peak_generate,
+        "mem_gib_score": peak_score,
+        "mem_gib_train": peak_train,
     }
 
 
@@ -516,16 +534,20 @@ def train(state: TrainState) -> list[dict]:
         f"{next(state.policy.parameters()).dtype} params, iterations {state.iteration}..{state.iterations} "
         f"of {len(state.data)}, {state.total_steps} optimizer steps in the schedule"
     )
+    last_save = time.monotonic()
     with _StopSignals() as signals:
         while state.iteration < state.iterations:
             if state.iteration + 1 == state.run.profile_iteration:
                 log_metrics(state, _profiled_iteration(state))
             else:
                 log_metrics(state, ppo_iteration(state))
-            if state.run.save_every and state.iteration % state.run.save_every == 0:
+            minutes = state.run.save_every_minutes
+            late = bool(minutes) and time.monotonic() - last_save >= 60 * minutes
+            # every rank decides alike: a clock or a signal seen by one rank
+            stop, late = agree([int(signals.received is not None), int(late)], "max")
+            if (state.run.save_every and state.iteration % state.run.save_every == 0) or late:
                 save_checkpoint(state)
-                saved_at = state.iteration
-            (stop,) = agree([int(signals.received is not None)], "max")  # every rank stops at the same iteration
+                saved_at, last_save = state.iteration, time.monotonic()
             if stop:
                 print0(f"stopping after iteration {state.iteration} on a signal: checkpoint, then exit")
                 break

@@ -112,6 +112,27 @@ def test_sigterm_stops_after_the_iteration_with_a_checkpoint_and_resume_is_exact
         assert all(torch.equal(wa[k], wb[k]) for k in wa), sub
 
 
+def test_save_every_minutes_checkpoints_by_the_clock(tmp_path, monkeypatch):
+    clock = {"t": 0.0}
+    monkeypatch.setattr(trainer.time, "monotonic", lambda: clock["t"])
+    saved = []
+    real = trainer.save_checkpoint
+
+    def save(state):
+        saved.append(state.iteration)
+        return real(state)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
+
+    def tick(*a, **k):  # each log line is 4 minutes later
+        clock["t"] += 240.0
+
+    monkeypatch.setattr(trainer, "print0", tick)
+    history = _run(tmp_path, "--max-iterations", "4", "--save-every-minutes", "7", "--keep-checkpoints", "9")
+    assert len(history) == 4 and saved == [2, 4]  # 8 minutes after the start, then after the save at 2
+    assert all(m["mem_gib_generate"] == m["mem_gib_train"] == 0.0 for m in history)  # (GPU only)
+
+
 def test_micro_batches_accumulate_to_the_same_update(tmp_path):
     one = _run(tmp_path / "one", "--max-iterations", "1", "--micro-batch-tokens", "100000", factory=naive_factory)
     many = _run(tmp_path / "many", "--max-iterations", "1", "--micro-batch-tokens", "30", factory=naive_factory)
