@@ -173,3 +173,4 @@ def test_ppo_iteration_on_gpu(tmp_path):
     for m in metrics:
         assert all(math.isfinite(v) for v in m.values()), m
         assert m["recompute_layers"] == 0  # planned (activation_checkpointing=auto): the tiny models' activations fit
+        assert min(m["mem_gib_generate"], m["mem_gib_score"], m["mem_gib_train"]) > 0  # each phase's peak
