@@ -84,6 +84,19 @@ def save_checkpoint(state: TrainState) -> str:
     return path
 
 
+def trim_metrics(output_dir: str, iteration: int) -> None:
+    """Keep the lines of output_dir/metrics.jsonl up to `iteration` (the checkpoint resumed from): a run that
+    died after it had logged iterations the resumed run repeats (rewritten atomically; rank 0 calls this)."""
+    fn = os.path.join(output_dir, "metrics.jsonl")
+    if not os.path.exists(fn):
+        return
+    with open(fn) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line)["iteration"] <= iteration]
+    if len(kept) != len(lines):
+        _atomic_write(fn, lambda f: f.write("".join(kept).encode()))
+
+
 def load_trainer_state(state: TrainState, ckpt: str) -> None:
     fn = os.path.join(ckpt, f"state-rank{state.grid.rank:05d}.pt")
     error, sd = None, None
@@ -99,6 +112,8 @@ def load_trainer_state(state: TrainState, ckpt: str) -> None:
     raise_together(error, "resuming")  # (the optimizers' state loads through collectives below)
     state.iteration, state.step, state.total_steps = sd["iteration"], sd["step"], sd["total_steps"]
     state.data.load_state_dict(sd["data"])
+    if state.grid.rank == 0:
+        trim_metrics(state.run.output_dir, state.iteration)
     load_optimizer_state(state.policy_opt, sd["policy_opt"])
     load_optimizer_state(state.value_opt, sd["value_opt"])
     torch.set_rng_state(sd["rng"])

@@ -133,6 +133,17 @@ def test_save_every_minutes_checkpoints_by_the_clock(tmp_path, monkeypatch):
     assert all(m["mem_gib_generate"] == m["mem_gib_train"] == 0.0 for m in history)  # (GPU only)
 
 
+def test_resume_after_a_crash_keeps_one_metrics_line_per_iteration(tmp_path):
+    """A run that logged iteration 3 but died before checkpointing it resumes from 2: metrics.jsonl then holds
+    iterations 1, 2, 3 once each, the 3rd from the resumed run."""
+    _run(tmp_path, "--max-iterations", "3", "--save-every", "2", "--keep-checkpoints", "2")
+    (tmp_path / "latest").write_text(json.dumps({"checkpoint": "checkpoint-000002"}))  # as if it died at 3
+    resumed = _run(tmp_path, "--max-iterations", "3", "--resume")
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in lines] == [1, 2, 3]
+    assert _no_timing(lines[2:]) == _no_timing(resumed)
+
+
 def test_micro_batches_accumulate_to_the_same_update(tmp_path):
     one = _run(tmp_path / "one", "--max-iterations", "1", "--micro-batch-tokens", "100000", factory=naive_factory)
     many = _run(tmp_path / "many", "--max-iterations", "1", "--micro-batch-tokens", "30", factory=naive_factory)
