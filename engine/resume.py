@@ -84,6 +84,27 @@ def save_checkpoint(state: TrainState) -> str:
     return path
 
 
+def start_fresh(output_dir: str, overwrite: bool, rank: int) -> None:
+    """Before a run that starts from iteration 0: an output_dir holding an earlier run's checkpoints or metrics is
+    refused (its metrics would mix with this run's, its `latest` would point at the other run), or with
+    `overwrite` emptied of them (rank 0; other files, such as the tiny default's init models, stay)."""
+    held = []
+    if os.path.isdir(output_dir):
+        ours = lambda n: n in (LATEST, "metrics.jsonl") or n.startswith("checkpoint-")  # noqa: E731
+        held = sorted(n for n in os.listdir(output_dir) if ours(n))
+    error = None
+    if held and not overwrite:
+        error = FileExistsError(
+            f"{output_dir} holds an earlier run ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): pass "
+            "--resume to continue it, --overwrite-output-dir to start over there, or another --output-dir"
+        )
+    raise_together(error, "starting the run")
+    if held and rank == 0:
+        for name in held:
+            target = os.path.join(output_dir, name)
+            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+
+
 def trim_metrics(output_dir: str, iteration: int) -> None:
     """Keep the lines of output_dir/metrics.jsonl up to `iteration` (the checkpoint resumed from): a run that
     died after it had logged iterations the resumed run repeats (rewritten atomically; rank 0 calls this)."""

@@ -157,6 +157,7 @@ def prepare_tiny(run: RunConfig) -> RunConfig:
     build_tiny_models(init_dir, seed=run.seed)
     return dataclasses.replace(
         run,
+        overwrite_output_dir=True,  # the demo starts over each time (--resume still continues it)
         policy=os.path.join(init_dir, "policy"),
         reward=os.path.join(init_dir, "reward"),
         prompts=TINY_PROMPTS,

@@ -35,7 +35,7 @@ from engine.generate import GenerationStats
 from engine.model import Transformer
 from engine.optim import Optimizer, accumulate_grads, apply_update, make_optimizer, reduce_grads
 from engine.parallel import ProcessGrid, agree, init_process_grid, print0
-from engine.resume import latest_checkpoint, load_trainer_state, save_checkpoint
+from engine.resume import latest_checkpoint, load_trainer_state, save_checkpoint, start_fresh
 from engine.tokenizer import load_prompts, load_tokenizer
 from kernels.logprob import hidden_logprobs
 
@@ -54,6 +54,7 @@ class RunConfig:
     sequence_parallel: bool = True  # under TP, split the tokens between the TP regions (norms run on 1/tp of them)
     distributed_optimizer: bool = True  # with DP, shard the fp32 masters and Adam moments over the DP ranks (ZeRO-1)
     resume: bool = False  # continue from output_dir's latest checkpoint (if there is none, start fresh)
+    overwrite_output_dir: bool = False  # start over in an output_dir that holds a run (its checkpoints are deleted)
     save_every: int = 0  # iterations between checkpoints (0: only at the end)
     keep_checkpoints: int = 1  # older checkpoints are pruned
     max_iterations: int = 0  # stop after this many iterations (0: the whole prompt set; the LR schedule spans it)
@@ -157,6 +158,8 @@ def setup(
     ckpt = latest_checkpoint(run.output_dir) if run.resume else None
     if run.resume:
         print0(f"resuming from {ckpt}" if ckpt else f"--resume: no checkpoint in {run.output_dir} yet, starting fresh")
+    if ckpt is None and run.output_dir:  # (a resume with nothing to resume drops the dead run's metrics)
+        start_fresh(run.output_dir, run.overwrite_output_dir or run.resume, grid.rank)
     load = lambda path, head: load_pretrained(
         path, head=head, dtype=dtype, device=device, group=grid.tp_group, sequence_parallel=run.sequence_parallel
     )

@@ -144,6 +144,19 @@ def test_resume_after_a_crash_keeps_one_metrics_line_per_iteration(tmp_path):
     assert _no_timing(lines[2:]) == _no_timing(resumed)
 
 
+def test_a_fresh_run_into_a_used_output_dir_is_refused_unless_overwritten(tmp_path):
+    from engine.tokenizer import TINY_DIR, TINY_PROMPTS
+
+    _run(tmp_path, "--max-iterations", "1")  # the tiny default (which starts over each time) leaves a run here
+    flags = ["--policy", str(tmp_path / "init/policy"), "--reward", str(tmp_path / "init/reward"),
+             "--prompts", TINY_PROMPTS, "--tokenizer", TINY_DIR, "--max-iterations", "1"]  # fmt: skip
+    with pytest.raises(FileExistsError, match=r"holds an earlier run \(checkpoint-000001, latest, metrics.jsonl\)"):
+        _run(tmp_path, *flags)
+    _run(tmp_path, *flags, "--overwrite-output-dir")
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1  # this run's line only
+    assert (tmp_path / "init/policy/config.json").exists()  # other files stay
+
+
 def test_micro_batches_accumulate_to_the_same_update(tmp_path):
     one = _run(tmp_path / "one", "--max-iterations", "1", "--micro-batch-tokens", "100000", factory=naive_factory)
     many = _run(tmp_path / "many", "--max-iterations", "1", "--micro-batch-tokens", "30", factory=naive_factory)
