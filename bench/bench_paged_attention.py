@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import measure, ptxas_info  # noqa: E402
-from engine.generate import resolve_cache_dtype  # noqa: E402
+from engine.kv_cache import resolve_cache_dtype  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.paged_attention import paged_decode_attention, rope_write_kv  # noqa: E402
 

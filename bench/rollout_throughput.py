@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import run_main, write_json  # noqa: E402
 from engine.checkpoint import hf_tensor_specs, load_pretrained  # noqa: E402
 from engine.config import MODEL_SHAPES, GenerateConfig, ModelConfig  # noqa: E402
-from engine.generate import Generator, resolve_cache_dtype  # noqa: E402
+from engine.generate import Generator  # noqa: E402
+from engine.kv_cache import resolve_cache_dtype  # noqa: E402
 from engine.model import Transformer  # noqa: E402
 from engine.parallel import init_process_grid, print0  # noqa: E402
 

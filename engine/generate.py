@@ -25,7 +25,14 @@ import torch
 
 from engine.config import GenerateConfig
 from engine.decode_graphs import DecodeGraphs, graph_key
-from engine.kv_cache import BlockManager, KVCachePool, OutOfBlocks, cuda_cache_budget, num_blocks_for_memory
+from engine.kv_cache import (
+    BlockManager,
+    KVCachePool,
+    OutOfBlocks,
+    cuda_cache_budget,
+    num_blocks_for_memory,
+    resolve_cache_dtype,
+)
 from engine.model import AttentionContext, Transformer, attention_context
 from engine.parallel import agree
 from engine.sampler import sample_tokens, seed_for
@@ -88,28 +95,6 @@ class _Step:
 
 
 # -------------------------------------------------------------------------------- generator --
-
-
-def resolve_cache_dtype(
-    kv_cache_dtype: torch.dtype | str | None, model_dtype: torch.dtype, device: torch.device | None = None
-) -> torch.dtype:
-    """The KV cache's dtype: None / "auto" -> the model's; "fp8" -> torch.float8_e4m3fn; or a torch dtype (name).
-    float8 needs a GPU that converts it (compute capability 8.9: Ada, Hopper and later)."""
-    if kv_cache_dtype is None or kv_cache_dtype == "auto":
-        return model_dtype
-    dtype = kv_cache_dtype
-    if isinstance(dtype, str):
-        dtype = torch.float8_e4m3fn if dtype == "fp8" else getattr(torch, dtype, None)
-    if dtype not in (model_dtype, torch.float8_e4m3fn):
-        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}: the cache holds the model's dtype ({model_dtype}) or fp8")
-    if dtype == torch.float8_e4m3fn and device is not None and device.type == "cuda":
-        cc = torch.cuda.get_device_capability(device)
-        if cc < (8, 9):
-            raise ValueError(
-                f"kv_cache_dtype fp8 needs a GPU of compute capability 8.9 or later (Ada, Hopper); "
-                f"{torch.cuda.get_device_name(device)} is {cc[0]}.{cc[1]}: use the model's dtype"
-            )
-    return dtype
 
 
 class Generator:

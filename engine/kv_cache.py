@@ -40,6 +40,28 @@ def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_di
     return num_layers * 2 * block_size * num_kv_heads * head_dim * elem
 
 
+def resolve_cache_dtype(
+    kv_cache_dtype: torch.dtype | str | None, model_dtype: torch.dtype, device: torch.device | None = None
+) -> torch.dtype:
+    """The KV cache's dtype: None / "auto" -> the model's; "fp8" -> torch.float8_e4m3fn; or a torch dtype (name).
+    float8 needs a GPU that converts it (compute capability 8.9: Ada, Hopper and later)."""
+    if kv_cache_dtype is None or kv_cache_dtype == "auto":
+        return model_dtype
+    dtype = kv_cache_dtype
+    if isinstance(dtype, str):
+        dtype = torch.float8_e4m3fn if dtype == "fp8" else getattr(torch, dtype, None)
+    if dtype not in (model_dtype, torch.float8_e4m3fn):
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}: the cache holds the model's dtype ({model_dtype}) or fp8")
+    if dtype == torch.float8_e4m3fn and device is not None and device.type == "cuda":
+        cc = torch.cuda.get_device_capability(device)
+        if cc < (8, 9):
+            raise ValueError(
+                f"kv_cache_dtype fp8 needs a GPU of compute capability 8.9 or later (Ada, Hopper); "
+                f"{torch.cuda.get_device_name(device)} is {cc[0]}.{cc[1]}: use the model's dtype"
+            )
+    return dtype
+
+
 def cuda_cache_budget(device: torch.device | str, fraction: float = 0.9, reserved_bytes: int = 0) -> int:
     """Bytes the KV cache may take on a GPU: `fraction` of the device's memory, less what is in use now (the
     weights; a kept decode graph's private pool) and `reserved_bytes` (the activations of the largest step).
