@@ -1,60 +1,98 @@
 #!/usr/bin/env bash
-# Every GPU figure bench/RESULTS.md owes, in one command (one device call):
+# Every GPU figure bench/RESULTS.md owes, under one deadline (one device call):
 #   bash bench/run_gpu_suite.sh OUT_DIR [NAME ...]
-# Writes OUT_DIR/<bench>.json and OUT_DIR/<bench>.log; a failing bench does not stop the others.
-# NAMEs (tests gae logprob rope_attention rope_sweep paged_attention paged_attention_fp8 paged_sweep
-# paged_sweep_fp8 rmsnorm_swiglu sampling rollout_b64 rollout_b1 rollout_b64_sync rollout_b64_fp8 rollout_ppo_like
-# ppo_step) run only those: the whole suite can outlast one 10-minute device call, so a second call can finish
-# the rest.
-# Each kernel bench checks ours against the reference before it times anything.
+#   SUITE_BUDGET_S=540 bash bench/run_gpu_suite.sh "$OUT" first     # a first lease: the headline checks
+# NAMEs: gpu_tests kernel_tests (or tests: both) gae logprob rope_attention rope_sweep paged_attention
+# paged_attention_fp8 paged_sweep paged_sweep_fp8 rmsnorm_swiglu sampling rollout_b64 rollout_b64_hf_static rollout_b1
+# rollout_b64_sync rollout_b64_fp8 rollout_ppo_like ppo_step; the group `first` is what a 15-minute lease can hold
+# (engine on the GPU, then the two issues' headline figures, then the kernel tests with the time left). No NAME:
+# everything, in the order below.
+#
+# The lease's limits shape this script: a call returns at most 8 files from OUT_DIR and is killed at its timeout.
+# So every step runs under `timeout` within SUITE_BUDGET_S seconds overall (default 540; give the device call
+# ~40 s more), a step that would start with under SUITE_MIN_STEP_S (20) left is skipped and says so, and after
+# each step the logs and JSON are packed again into OUT_DIR/suite.tgz next to OUT_DIR/summary.txt (one line per
+# step: exit code, seconds); a killed call still returns everything finished before it. `tar xzf suite.tgz` gives
+# <name>.log and <name>.json per step. Each kernel bench checks ours against its reference before it times anything.
 set -u
 out=${1:?usage: bash bench/run_gpu_suite.sh OUT_DIR [NAME ...]}
 shift
-only=" $* "
+budget=${SUITE_BUDGET_S:-540}
+min_step=${SUITE_MIN_STEP_S:-20}  # a step that would start with less left than this is skipped
+start=$SECONDS
+names=" $* "
+[[ "$names" == *" first "* ]] && names="$names gpu_tests rope_attention rollout_b64 rollout_b1 paged_attention logprob kernel_tests "
+[[ "$names" == *" tests "* ]] && names="$names gpu_tests kernel_tests "
 out=$(mkdir -p "$out" && cd "$out" && pwd)  # absolute: the script changes directory next
+work=${SUITE_WORK_DIR:-$(mktemp -d)}  # the per-step files; OUT_DIR gets only the archive and the summary
+mkdir -p "$work"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-$(command -v python3 || command -v python)}  # the device image names its interpreter python3
-"$PY" - <<'EOF_PY' | tee "$out/env.log"
+"$PY" - <<'EOF_PY' 2>&1 | tee "$work/env.log" "$out/summary.txt"
 import subprocess, torch, triton
-print("device", torch.cuda.get_device_name(0), "torch", torch.__version__, "triton", triton.__version__)
+name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+print("device", name, "torch", torch.__version__, "triton", triton.__version__)
 print("commit", subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
 EOF_PY
-run() {  # name, command...
-  local name=$1; shift
-  if [ "$only" != "  " ] && [[ "$only" != *" $name "* ]]; then return; fi
-  echo "=== $name: $*"
-  "$@" --json "$out/$name.json" > "$out/$name.log" 2>&1; echo "exit $?" >> "$out/$name.log"
-  tail -n 25 "$out/$name.log"
+echo "budget ${budget}s; steps: ${*:-all}" | tee -a "$out/summary.txt"
+
+wanted() { [ "$names" = "  " ] || [[ "$names" == *" $1 "* ]]; }
+pack() { tar czf "$out/suite.tgz.tmp" -C "$work" . && mv "$out/suite.tgz.tmp" "$out/suite.tgz"; }
+step() {  # name, cap seconds, command...: run it under the smaller of its cap and the time left
+  local name=$1 cap=$2; shift 2
+  wanted "$name" || return 0
+  local left=$((budget - (SECONDS - start)))
+  if [ "$left" -lt "$min_step" ]; then
+    echo "$name: skipped (${left}s of the budget left)" | tee -a "$out/summary.txt"
+    return 0
+  fi
+  [ "$cap" -gt "$left" ] && cap=$left
+  echo "=== $name (up to ${cap}s): $*"
+  local t0=$SECONDS rc
+  timeout -k 10 "$cap" "$@" > "$work/$name.log" 2>&1
+  rc=$?
+  [ "$rc" = 124 ] && rc="124 (stopped at its ${cap}s cap)"
+  echo "exit $rc" >> "$work/$name.log"
+  tail -n 25 "$work/$name.log"
+  echo "$name: exit $rc, $((SECONDS - t0))s" | tee -a "$out/summary.txt"
+  pack
 }
-if [ "$only" = "  " ] || [[ "$only" == *" tests "* ]]; then  # correctness first: compiled kernels, graphs
-  echo "=== tests: TULU_TEST_DEVICE=cuda pytest tests/kernels tests/engine/test_gpu.py"
-  # pytest-xdist, where installed, spreads Triton's compilations over the CPU cores (one GPU serves all workers)
-  xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
-  timeout=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 300")  # a hung test must not eat the call
-  TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $timeout tests/kernels tests/engine/test_gpu.py \
-    > "$out/tests.log" 2>&1
-  echo "exit $?" >> "$out/tests.log"
-  tail -n 40 "$out/tests.log"
-fi
-run gae "$PY" bench/bench_gae.py
-run logprob "$PY" bench/bench_logprob.py
-run rope_attention "$PY" bench/bench_rope_attention.py
-run rope_sweep "$PY" bench/bench_rope_attention.py --sweep   # every launch variant: which tiles to keep
-run paged_attention "$PY" bench/bench_paged_attention.py
-run paged_attention_fp8 "$PY" bench/bench_paged_attention.py --kv-dtype fp8 --no-compile  # half the KV bytes
+bench() {  # name, cap, command...: a bench that writes <name>.json
+  local name=$1 cap=$2; shift 2
+  step "$name" "$cap" "$@" --json "$work/$name.json"
+}
+
+# correctness first. pytest-xdist (in the device image) spreads Triton's compilations over the CPU cores, one GPU
+# serving every worker; pytest-timeout stops a hung test before it eats the call.
+xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+per_test=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120")
+step gpu_tests 180 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $per_test tests/engine/test_gpu.py
+bench rope_attention 90 "$PY" bench/bench_rope_attention.py                    # issue 4's figures
+bench rollout_b64 150 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 \
+  --prompt-len 128 --gen-len 256                                                # issue 5's figures (HF dynamic cache)
+bench rollout_b1 100 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 \
+  --prompt-len 128 --gen-len 256
+bench paged_attention 60 "$PY" bench/bench_paged_attention.py
+bench logprob 60 "$PY" bench/bench_logprob.py
+step kernel_tests 300 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test tests/kernels
+bench gae 40 "$PY" bench/bench_gae.py
+bench rmsnorm_swiglu 60 "$PY" bench/bench_rmsnorm_swiglu.py
+bench sampling 40 "$PY" bench/bench_sampling.py
+bench rope_sweep 240 "$PY" bench/bench_rope_attention.py --sweep   # every launch variant: which tiles to keep
+bench paged_attention_fp8 60 "$PY" bench/bench_paged_attention.py --kv-dtype fp8 --no-compile  # half the KV bytes
 sweep_shapes="13b-b64-c384 13b-b8-c4096 13b-b256-c1024 70b-gqa8-b32-c2048"
-run paged_sweep "$PY" bench/bench_paged_attention.py --sweep --no-compile --shapes $sweep_shapes  # decode_config
-run paged_sweep_fp8 "$PY" bench/bench_paged_attention.py --sweep --no-compile --kv-dtype fp8 --shapes $sweep_shapes
-run rmsnorm_swiglu "$PY" bench/bench_rmsnorm_swiglu.py
-run sampling "$PY" bench/bench_sampling.py
-run rollout_b64 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 --prompt-len 128 --gen-len 256 --hf-static
-run rollout_b1 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 --prompt-len 128 --gen-len 256
-run rollout_b64_sync "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 --prompt-len 128 \
-  --gen-len 256 --no-overlap --no-hf   # what the overlapped scheduler buys
-run rollout_b64_fp8 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 --prompt-len 128 \
-  --gen-len 256 --kv-cache-dtype fp8 --no-hf   # half the KV bytes per decode step
-run rollout_ppo_like "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 256 \
+bench paged_sweep 180 "$PY" bench/bench_paged_attention.py --sweep --no-compile --shapes $sweep_shapes  # decode_config
+bench paged_sweep_fp8 180 "$PY" bench/bench_paged_attention.py --sweep --no-compile --kv-dtype fp8 --shapes $sweep_shapes
+bench rollout_b64_hf_static 200 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 \
+  --prompt-len 128 --gen-len 256 --hf-static                                    # + HF's static cache (~70 s more)
+bench rollout_b64_sync 100 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 \
+  --prompt-len 128 --gen-len 256 --no-overlap --no-hf   # what the overlapped scheduler buys
+bench rollout_b64_fp8 100 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 \
+  --prompt-len 128 --gen-len 256 --kv-cache-dtype fp8 --no-hf   # half the KV bytes per decode step
+bench rollout_ppo_like 150 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 256 \
   --max-num-seqs 64 --prompt-len 128 --gen-len 256 --stop-tokens 160   # admissions mid-run: mixed steps
-run ppo_step "$PY" bench/ppo_step.py --model llama2-7b --random-weights --num-layers 8 --rollout-batch-size 64 \
+bench ppo_step 240 "$PY" bench/ppo_step.py --model llama2-7b --random-weights --num-layers 8 --rollout-batch-size 64 \
   --train-batch-size 16 --prompt-len 256 --max-new-tokens 256 --iterations 2  # the 3rd: graphs replayed?
+pack
+echo "done in $((SECONDS - start))s" | tee -a "$out/summary.txt"

@@ -1,0 +1,56 @@
+"""bench/run_gpu_suite.sh's deadline and packing, with a stand-in interpreter (no GPU needed): a lease returns at
+most 8 files and kills a call at its timeout, so the suite must cap each step, skip what cannot start in time,
+and leave every finished step's log in one archive."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tarfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Stands in for python3: the env probe, the module probes (absent), pytest, and benches (rollout_b64 is slow).
+STUB = """#!/usr/bin/env bash
+case "$1" in
+  -) cat > /dev/null; echo "device stub torch 0 triton 0";;
+  -c) exit 1;;
+  -m) echo "pytest $*"; echo "1 passed";;
+  *) echo "bench $*"; [[ "$*" == *"--batch 64"* ]] && sleep 30; echo '{"ok": 1}' > "${@: -1}";;
+esac
+"""
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("tar") is None, reason="needs coreutils and tar")
+def test_suite_caps_steps_and_packs_logs(tmp_path):
+    stub = tmp_path / "py"
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "PYTHON": str(stub),
+        "SUITE_BUDGET_S": "8",
+        "SUITE_MIN_STEP_S": "3",
+        "SUITE_WORK_DIR": str(tmp_path / "work"),
+    }
+    proc = subprocess.run(
+        ["bash", os.path.join(ROOT, "bench", "run_gpu_suite.sh"), str(out), "first"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary = (out / "summary.txt").read_text()
+    lines = {line.split(":")[0]: line for line in summary.splitlines() if ": " in line}
+    assert lines["gpu_tests"].startswith("gpu_tests: exit 0")
+    assert lines["rope_attention"].startswith("rope_attention: exit 0")
+    assert "stopped at its" in lines["rollout_b64"], summary  # 30 s of work in what is left of 8 s
+    for name in ("rollout_b1", "paged_attention", "logprob", "kernel_tests"):
+        assert "skipped" in lines[name], summary
+    assert "gae" not in lines and "rope_sweep" not in lines  # not in the group
+    assert sorted(os.listdir(out)) == ["suite.tgz", "summary.txt"]  # far under the lease's 8 files
+    with tarfile.open(out / "suite.tgz") as tar:
+        names = {os.path.basename(n) for n in tar.getnames()}
+    assert {"env.log", "gpu_tests.log", "rope_attention.log", "rope_attention.json", "rollout_b64.log"} <= names
