@@ -354,8 +354,8 @@ def test_dp2_distributed_optimizer_resumes_exactly(tmp_path):
     plain = _torchrun(tmp_path, 2, "c", "--max-iterations", "2", "--no-distributed-optimizer")
     for m, n in zip(plain[0]["history"], straight[0]["history"]):
         for k, v in m.items():
-            if k not in TIMING:
-                assert n[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+            if k not in TIMING:  # (the weights differ in last bits; the KL sums differences of fp32 log-probs of ~6)
+                assert n[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
     for k, v in plain[0]["policy"].items():
         torch.testing.assert_close(straight[0]["policy"][k], v, atol=1e-6, rtol=1e-5)
     err = _torchrun(tmp_path, 2, "b", "--max-iterations", "3", "--resume", "--no-distributed-optimizer", fails=True)
