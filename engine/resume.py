@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from engine.trainer import TrainState
 
 LATEST = "latest"
+LOGS = ("metrics.jsonl", "eval.jsonl", "samples.jsonl")  # a line per iteration, evaluation or sample
+EVAL_DIR = "eval"  # iter-NNNNNN.jsonl: every answer of the evaluation after iteration N
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
@@ -31,7 +33,8 @@ def latest_checkpoint(output_dir: str) -> str | None:
         return os.path.join(output_dir, json.load(f)["checkpoint"])
 
 
-def _atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
+    """write(f) into a temporary file beside `path`, synced, then renamed over it: `path` is whole or untouched."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
         write(f)
@@ -72,12 +75,12 @@ def save_checkpoint(state: TrainState) -> str:
     save_pretrained(state.value, os.path.join(path, "value"))
     sd = trainer_state_dict(state)
     try:
-        _atomic_write(os.path.join(path, f"state-rank{state.grid.rank:05d}.pt"), lambda f: torch.save(sd, f))
+        atomic_write(os.path.join(path, f"state-rank{state.grid.rank:05d}.pt"), lambda f: torch.save(sd, f))
     except OSError as e:
         error = e
     raise_together(error, "saving a checkpoint")
     if state.grid.rank == 0:
-        _atomic_write(os.path.join(out, LATEST), lambda f: f.write(json.dumps({"checkpoint": name}).encode()))
+        atomic_write(os.path.join(out, LATEST), lambda f: f.write(json.dumps({"checkpoint": name}).encode()))
         old = sorted(d for d in os.listdir(out) if d.startswith("checkpoint-") and d != name)
         for d in old[: max(0, len(old) - state.run.keep_checkpoints + 1)]:
             shutil.rmtree(os.path.join(out, d), ignore_errors=True)
@@ -85,12 +88,12 @@ def save_checkpoint(state: TrainState) -> str:
 
 
 def start_fresh(output_dir: str, overwrite: bool, rank: int) -> None:
-    """Before a run that starts from iteration 0: an output_dir holding an earlier run's checkpoints or metrics is
+    """Before a run that starts from iteration 0: an output_dir holding an earlier run's checkpoints or logs is
     refused (its metrics would mix with this run's, its `latest` would point at the other run), or with
     `overwrite` emptied of them (rank 0; other files, such as the tiny default's init models, stay)."""
     held = []
     if os.path.isdir(output_dir):
-        ours = lambda n: n in (LATEST, "metrics.jsonl") or n.startswith("checkpoint-")  # noqa: E731
+        ours = lambda n: n in (LATEST, EVAL_DIR, *LOGS) or n.startswith("checkpoint-")  # noqa: E731
         held = sorted(n for n in os.listdir(output_dir) if ours(n))
     error = None
     if held and not overwrite:
@@ -105,17 +108,24 @@ def start_fresh(output_dir: str, overwrite: bool, rank: int) -> None:
             shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
 
 
-def trim_metrics(output_dir: str, iteration: int) -> None:
-    """Keep the lines of output_dir/metrics.jsonl up to `iteration` (the checkpoint resumed from): a run that
-    died after it had logged iterations the resumed run repeats (rewritten atomically; rank 0 calls this)."""
-    fn = os.path.join(output_dir, "metrics.jsonl")
-    if not os.path.exists(fn):
-        return
-    with open(fn) as f:
-        lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line)["iteration"] <= iteration]
-    if len(kept) != len(lines):
-        _atomic_write(fn, lambda f: f.write("".join(kept).encode()))
+def trim_logs(output_dir: str, iteration: int) -> None:
+    """Keep what output_dir's logs (LOGS, EVAL_DIR) say of iterations up to `iteration` (the checkpoint resumed
+    from): a run that died after it had logged iterations the resumed run repeats (rewritten atomically; rank 0
+    calls this)."""
+    for name in LOGS:
+        fn = os.path.join(output_dir, name)
+        if not os.path.exists(fn):
+            continue
+        with open(fn) as f:
+            lines = [line for line in f if line.strip()]
+        kept = [line for line in lines if json.loads(line)["iteration"] <= iteration]
+        if len(kept) != len(lines):
+            data = "".join(kept).encode()
+            atomic_write(fn, lambda f, data=data: f.write(data))
+    eval_dir = os.path.join(output_dir, EVAL_DIR)
+    for name in os.listdir(eval_dir) if os.path.isdir(eval_dir) else []:
+        if name.startswith("iter-") and int(name[5:].split(".")[0]) > iteration:
+            os.remove(os.path.join(eval_dir, name))
 
 
 def load_trainer_state(state: TrainState, ckpt: str) -> None:
@@ -134,7 +144,7 @@ def load_trainer_state(state: TrainState, ckpt: str) -> None:
     state.iteration, state.step, state.total_steps = sd["iteration"], sd["step"], sd["total_steps"]
     state.data.load_state_dict(sd["data"])
     if state.grid.rank == 0:
-        trim_metrics(state.run.output_dir, state.iteration)
+        trim_logs(state.run.output_dir, state.iteration)
     load_optimizer_state(state.policy_opt, sd["policy_opt"])
     load_optimizer_state(state.value_opt, sd["value_opt"])
     torch.set_rng_state(sd["rng"])

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 TINY_DIR = os.path.join(ASSETS_DIR, "tiny")  # the project's own small BPE tokenizer
 TINY_PROMPTS = os.path.join(ASSETS_DIR, "prompts_tiny.jsonl")
+TINY_EVAL_PROMPTS = os.path.join(ASSETS_DIR, "prompts_tiny_eval.jsonl")  # held out: none of them is in TINY_PROMPTS
 
 # The same format as a Jinja chat template, stored in tokenizer_config.json of tokenizers we build.
 TULU_CHAT_TEMPLATE = (

@@ -14,7 +14,10 @@ the same path), uses the shipped tokenizer and prompts, and runs a few small ite
 
 Every PPOConfig field (engine/config.py) is a flag (--learning-rate, --kl-coef, ...; booleans take
 --x / --no-x), next to the run flags of engine.trainer.RunConfig; `--help` lists them all.
-Metrics: printed per iteration on rank 0 and appended to OUTPUT_DIR/metrics.jsonl.
+Metrics: printed per iteration on rank 0 and appended to OUTPUT_DIR/metrics.jsonl; a few scored samples of each
+rollout go to OUTPUT_DIR/samples.jsonl (--log-samples). With --eval-prompts FILE (held-out prompts) the policy is
+evaluated before the first iteration, every --eval-every iterations and after the last: OUTPUT_DIR/eval.jsonl (RM
+score, KL, reward, length per evaluation) and every answer in OUTPUT_DIR/eval/iter-NNNNNN.jsonl (engine/evaluate.py).
 """
 
 from __future__ import annotations
@@ -46,7 +49,13 @@ TINY_PPO = {
     "learning_rate": 1e-4,
     "prompt_epochs": 4,  # 12 iterations: enough to watch the no-EOS penalty being learned away
 }
-TINY_RUN = {"output_dir": "out/ppo-tiny", "max_iterations": 0, "micro_batch_tokens": 1024, "gen_max_num_seqs": 16}
+TINY_RUN = {
+    "output_dir": "out/ppo-tiny",
+    "max_iterations": 0,
+    "micro_batch_tokens": 1024,
+    "gen_max_num_seqs": 16,
+    "eval_every": 4,  # on the shipped held-out prompts (engine/assets/prompts_tiny_eval.jsonl)
+}
 
 
 def _flag_kind(f: dataclasses.Field) -> str:
@@ -151,16 +160,18 @@ def build_tiny_models(directory: str, seed: int = 0) -> tuple[str, str]:
 
 def prepare_tiny(run: RunConfig) -> RunConfig:
     """Build the tiny default's models (if not there yet) and fill in its paths."""
-    from engine.tokenizer import TINY_DIR, TINY_PROMPTS
+    from engine.tokenizer import TINY_DIR, TINY_EVAL_PROMPTS, TINY_PROMPTS
 
     init_dir = os.path.join(run.output_dir, "init")
     build_tiny_models(init_dir, seed=run.seed)
     return dataclasses.replace(
         run,
+        eval_every=run.eval_every if run.eval_prompts != "" else 0,  # (the preset's, with evaluation turned off)
         overwrite_output_dir=True,  # the demo starts over each time (--resume still continues it)
         policy=os.path.join(init_dir, "policy"),
         reward=os.path.join(init_dir, "reward"),
         prompts=TINY_PROMPTS,
+        eval_prompts=TINY_EVAL_PROMPTS if run.eval_prompts is None else run.eval_prompts,  # "": no evaluation
         tokenizer=run.tokenizer or TINY_DIR,
     )
 

@@ -29,15 +29,16 @@ from torch.profiler import record_function
 
 from engine import ppo, recompute
 from engine.checkpoint import load_pretrained
-from engine.config import GenerateConfig, PPOConfig
-from engine.data import PromptBatches, Rollout, pack, split_by_tokens, to_padded
+from engine.config import PPOConfig
+from engine.data import PromptBatches, Rollout, to_padded
+from engine.evaluate import eval_due, evaluate, log_samples
 from engine.generate import GenerationStats
 from engine.model import Transformer
 from engine.optim import Optimizer, accumulate_grads, apply_update, make_optimizer, reduce_grads
 from engine.parallel import ProcessGrid, agree, init_process_grid, print0
 from engine.resume import latest_checkpoint, load_trainer_state, save_checkpoint, start_fresh
-from engine.tokenizer import load_prompts, load_tokenizer
-from kernels.logprob import hidden_logprobs
+from engine.rollout import add_to, chunks, forward_rollout, generate_rollout, policy_logprobs, reduce_sums
+from engine.tokenizer import PromptSet, load_prompts, load_tokenizer
 
 
 @dataclass
@@ -73,6 +74,11 @@ class RunConfig:
     # recompute layers in the backward: on / off / N (the first N layers) / auto (on a GPU the fewest layers
     # that let a micro-batch fit the memory left, planned before each training phase; off on CPU)
     activation_checkpointing: str = "auto"
+    eval_prompts: str | None = None  # held-out JSONL prompts, answered and scored before, during and after training
+    # (the tiny default evaluates on its shipped held-out prompts; an empty string turns evaluation off)
+    eval_every: int = 0  # iterations between evaluations (0: only before the first and after the last)
+    eval_greedy: bool = False  # evaluate with greedy decoding instead of the rollouts' sampling
+    log_samples: int = 2  # rollout sequences per iteration written with their scores to samples.jsonl
 
 
 @dataclass
@@ -96,6 +102,9 @@ class TrainState:
     iteration: int = 0
     step: int = 0
     history: list[dict] = field(default_factory=list)
+    tokenizer: object | None = None  # decodes the logged samples
+    eval_prompts: PromptSet | None = None  # held-out prompts (engine.evaluate)
+    evals: list[dict] = field(default_factory=list)
     layer_bytes: dict[str, float] = field(default_factory=dict)  # per token, measured once (engine.recompute)
 
     @property
@@ -155,6 +164,13 @@ def setup(
     tokenizer_dir = run.tokenizer or run.policy
     tokenizer = load_tokenizer(tokenizer_dir)
     prompt_set = load_prompts(run.prompts, tokenizer, cfg.max_prompt_len, verbose=grid.rank == 0)
+    eval_set = None
+    if run.eval_prompts:
+        eval_set = load_prompts(run.eval_prompts, tokenizer, cfg.max_prompt_len, verbose=grid.rank == 0)
+        if len(eval_set.prompts) < grid.dp:
+            raise ValueError(f"{len(eval_set.prompts)} eval prompts cannot be split over {grid.dp} data-parallel ranks")
+    elif run.eval_every:
+        raise ValueError("--eval-every needs --eval-prompts (a held-out prompt file)")
     ckpt = latest_checkpoint(run.output_dir) if run.resume else None
     if run.resume:
         print0(f"resuming from {ckpt}" if ckpt else f"--resume: no checkpoint in {run.output_dir} yet, starting fresh")
@@ -171,6 +187,7 @@ def setup(
     )
     stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     state = make_state(cfg, run, grid, models, prompt_set.prompts, stop_ids, tokenizer_dir, generator_factory=None)
+    state.tokenizer, state.eval_prompts = tokenizer, eval_set
     if ckpt:
         load_trainer_state(state, ckpt)
     state.generator = generator_factory(state.policy, cfg, run)
@@ -226,65 +243,10 @@ def make_state(
 # --------------------------------------------------------------------------------- phases --
 
 
-def generate_rollout(state: TrainState, prompts: list[list[int]], prompt_ids: list[int] | None = None) -> Rollout:
-    """Sample the rollout; prompt_ids (the prompts' indices in the whole prompt set) key each sample's
-    random stream, so a data-parallel run samples exactly what one process would."""
-    cfg = state.cfg
-    params = GenerateConfig(
-        temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-        stop_token_ids=[] if state.run.ignore_eos else list(state.stop_ids),
-        n=cfg.samples_per_prompt, seed=state.run.seed * 1_000_003 + state.iteration,
-        ignore_eos=state.run.ignore_eos,
-    )  # fmt: skip
-    with torch.no_grad():
-        comps = state.generator.generate_completions(prompts, params, seed_keys=prompt_ids)
-    state.generator.release()
-    offsets = [0]
-    for c in comps:
-        if not c.tokens:
-            raise RuntimeError(f"the generator returned an empty response for prompt {c.prompt_index}")
-        offsets.append(offsets[-1] + len(c.tokens))
-    return Rollout(
-        prompts=[prompts[c.prompt_index] for c in comps],
-        responses=[list(c.tokens) for c in comps],
-        hit_eos=torch.tensor([c.finish_reason == "stop" for c in comps], device=state.device),
-        gen_logprobs=torch.tensor([x for c in comps for x in c.logprobs], dtype=torch.float32, device=state.device),
-        offsets=offsets,
-    )
-
-
-@torch.no_grad()
-def policy_logprobs(model: Transformer, pk: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Log-probs (raw logits) of the packed response tokens, LM head fused: [R] fp32."""
-    h = model.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["act"]]
-    return hidden_logprobs(h, model.lm_head_weight, pk["targets"], group=model.group)
-
-
-def _chunks(state: TrainState, ro: Rollout, seqs: list[int]):
-    lengths = [len(ro.prompts[i]) + len(ro.responses[i]) for i in seqs]
-    for group in split_by_tokens(lengths, state.run.micro_batch_tokens):
-        yield pack(ro, [seqs[g] for g in group], state.device)
-
-
 @torch.no_grad()
 def score_rollout(state: TrainState, ro: Rollout) -> None:
-    """The no-grad passes, then rewards, advantages and returns (engine.ppo)."""
-    n = ro.offsets[-1]
-    flat = lambda: torch.empty(n, dtype=torch.float32, device=state.device)
-    ro.logprobs, ro.ref_logprobs, ro.values = flat(), flat(), flat()
-    ro.scores = torch.empty(len(ro.responses), dtype=torch.float32, device=state.device)
-    seq0 = 0
-    for pk in _chunks(state, ro, list(range(len(ro.responses)))):
-        rows, n_seq = pk["rows"], pk["last"].numel()
-        ro.logprobs[rows] = policy_logprobs(state.policy, pk)
-        ro.ref_logprobs[rows] = policy_logprobs(state.ref, pk)
-        h = state.value.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["act"]]
-        ro.values[rows] = state.value.head_packed(h).float()
-        h = state.reward.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["last"]]
-        ro.scores[seq0 : seq0 + n_seq] = state.reward.head_packed(h).float()
-        seq0 += n_seq
-    if not bool(torch.isfinite(ro.scores).all()):
-        raise FloatingPointError(f"the reward model returned non-finite scores at iteration {state.iteration + 1}")
+    """The no-grad passes (engine.rollout), then rewards, advantages and returns (engine.ppo)."""
+    forward_rollout(state, ro)
     scores = ppo.scores_with_eos_penalty(ro.scores, ro.hit_eos, state.cfg.missing_eos_penalty)
     padded = [to_padded(x, ro.offsets) for x in (ro.logprobs, ro.ref_logprobs, ro.values)]
     mask, idx = padded[0][1], padded[0][2]
@@ -308,7 +270,7 @@ def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, 
     pos = torch.full((ro.offsets[-1],), -1, dtype=torch.int64, device=dev)
     pos[rows] = torch.arange(rows.numel(), device=dev)  # flat rollout row -> minibatch row
     step_loss = torch.zeros(2, device=dev)
-    for pk in _chunks(state, ro, seqs):
+    for pk in chunks(state, ro, seqs):
         r = pk["rows"]
         old = policy_logprobs(state.policy, pk) if cfg.recompute_old_logprobs_per_minibatch else ro.logprobs[r]
         h = state.policy.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["act"]]
@@ -326,9 +288,9 @@ def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, 
         (cfg.value_loss_coef * vloss).backward()
         accumulate_grads(state.value_opt)
         step_loss += torch.stack([loss.detach(), vloss.detach()])
-        _add(sums, tokens=r.numel(), seq_tokens=pk["ids"].numel(), value_clip_frac=vst["clip_frac"],
+        add_to(sums, tokens=r.numel(), seq_tokens=pk["ids"].numel(), value_clip_frac=vst["clip_frac"],
              **{k: st[k] for k in ("clip_frac", "entropy", "ratio", "approx_kl")})  # fmt: skip
-    _add(sums, policy_loss=step_loss[0], value_loss=step_loss[1])
+    add_to(sums, policy_loss=step_loss[0], value_loss=step_loss[1])
     if state.dp_group is not None:  # every rank sees the same losses, so all of them raise together
         step_loss = step_loss.clone()
         dist.all_reduce(step_loss, group=state.dp_group)
@@ -351,13 +313,8 @@ def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, 
     apply_update(state.policy_opt, gp, lr, cfg)
     apply_update(state.value_opt, gv, lr, cfg)
     # the same on every DP rank, and the metrics sum over ranks
-    _add(sums, grad_norm_policy=gp / grid.dp, grad_norm_value=gv / grid.dp, steps=1.0 / grid.dp)
+    add_to(sums, grad_norm_policy=gp / grid.dp, grad_norm_value=gv / grid.dp, steps=1.0 / grid.dp)
     state.step += 1
-
-
-def _add(sums: dict[str, torch.Tensor], **values) -> None:
-    for k, v in values.items():
-        sums[k] = sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else float(v))
 
 
 def train_rollout(state: TrainState, ro: Rollout) -> dict[str, torch.Tensor]:
@@ -402,6 +359,7 @@ def ppo_iteration(state: TrainState) -> dict:
     peak_generate = _peak_gib(dev)
     with record_function("ppo/score"):
         score_rollout(state, ro)
+    log_samples(state, ro)
     t2 = _sync(dev)
     peak_score = _peak_gib(dev)
     plan_recompute(state)
@@ -411,18 +369,14 @@ def ppo_iteration(state: TrainState) -> dict:
     peak_train = _peak_gib(dev)
     sums = dict(train)
     penalized = ppo.scores_with_eos_penalty(ro.scores, ro.hit_eos, state.cfg.missing_eos_penalty)
-    _add(
+    add_to(
         sums, sequences=len(ro.responses), response_tokens=ro.offsets[-1], score=ro.scores.sum(),
         rollout_tokens=ro.offsets[-1] + sum(len(p) for p in ro.prompts),
         score_penalized=penalized.sum(), kl=ro.targets["kl"].sum(), reward=ro.targets["rewards"].sum(),
         no_eos=(~ro.hit_eos).sum(), value=ro.values.sum(), returns=ro.targets["returns"].sum(),
         gen_logprob_gap=(ro.gen_logprobs - ro.logprobs).abs().sum(),
     )  # fmt: skip
-    keys = sorted(sums)
-    totals = torch.stack([torch.as_tensor(sums[k], device=dev, dtype=torch.float32) for k in keys])
-    if state.dp_group is not None:
-        dist.all_reduce(totals, group=state.dp_group)
-    g = dict(zip(keys, totals.tolist()))
+    g = reduce_sums(sums, dev, state.dp_group)
     gen_stats = getattr(state.generator, "stats", None) or GenerationStats()  # a test's stand-in may keep none
     n_seq, n_resp, n_tok, n_steps = g["sequences"], g["response_tokens"], max(g["tokens"], 1.0), max(g["steps"], 1)
     state.iteration += 1
@@ -539,6 +493,8 @@ def train(state: TrainState) -> list[dict]:
     )
     last_save = time.monotonic()
     with _StopSignals() as signals:
+        if eval_due(state, at_start=True):  # the starting point (a signal during it stops after iteration 1)
+            state.evals.append(evaluate(state))
         while state.iteration < state.iterations:
             if state.iteration + 1 == state.run.profile_iteration:
                 log_metrics(state, _profiled_iteration(state))
@@ -548,6 +504,8 @@ def train(state: TrainState) -> list[dict]:
             late = bool(minutes) and time.monotonic() - last_save >= 60 * minutes
             # every rank decides alike: a clock or a signal seen by one rank
             stop, late = agree([int(signals.received is not None), int(late)], "max")
+            if eval_due(state) and not stop:  # (before the checkpoint: a resumed run does not evaluate again)
+                state.evals.append(evaluate(state))
             if (state.run.save_every and state.iteration % state.run.save_every == 0) or late:
                 save_checkpoint(state)
                 saved_at, last_save = state.iteration, time.monotonic()

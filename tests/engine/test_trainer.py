@@ -84,7 +84,8 @@ def test_tiny_default_end_to_end_and_exact_resume(tmp_path):
 def test_sigterm_stops_after_the_iteration_with_a_checkpoint_and_resume_is_exact(tmp_path):
     """A scheduler's SIGTERM during iteration 2 of 3: the run finishes that iteration, checkpoints and returns; a
     resumed run then ends where a straight one does (weights and metrics)."""
-    straight = _run(tmp_path / "a", "--max-iterations", "3")
+    flags = ["--max-iterations", "3", "--eval-prompts", ""]  # (every generate call a rollout's)
+    straight = _run(tmp_path / "a", *flags)
     calls, before = {"n": 0}, signal.getsignal(signal.SIGTERM)
 
     def factory(policy, cfg, run):
@@ -100,11 +101,11 @@ def test_sigterm_stops_after_the_iteration_with_a_checkpoint_and_resume_is_exact
         gen.generate_completions = generate_completions
         return gen
 
-    first = _run(tmp_path / "b", "--max-iterations", "3", factory=factory)
+    first = _run(tmp_path / "b", *flags, factory=factory)
     assert [m["iteration"] for m in first] == [1, 2]
     assert os.path.basename(trainer.latest_checkpoint(str(tmp_path / "b"))) == "checkpoint-000002"
     assert signal.getsignal(signal.SIGTERM) is before  # the loop's handler is gone with the loop
-    second = _run(tmp_path / "b", "--max-iterations", "3", "--resume")
+    second = _run(tmp_path / "b", *flags, "--resume")
     assert _no_timing(first + second) == _no_timing(straight)
     a, b = trainer.latest_checkpoint(str(tmp_path / "a")), trainer.latest_checkpoint(str(tmp_path / "b"))
     for head, sub in (("lm", "policy"), ("score", "value")):
@@ -150,10 +151,12 @@ def test_a_fresh_run_into_a_used_output_dir_is_refused_unless_overwritten(tmp_pa
     _run(tmp_path, "--max-iterations", "1")  # the tiny default (which starts over each time) leaves a run here
     flags = ["--policy", str(tmp_path / "init/policy"), "--reward", str(tmp_path / "init/reward"),
              "--prompts", TINY_PROMPTS, "--tokenizer", TINY_DIR, "--max-iterations", "1"]  # fmt: skip
-    with pytest.raises(FileExistsError, match=r"holds an earlier run \(checkpoint-000001, latest, metrics.jsonl\)"):
+    with pytest.raises(FileExistsError, match=r"holds an earlier run \(checkpoint-000001, eval, eval.jsonl, ...\)"):
         _run(tmp_path, *flags)
     _run(tmp_path, *flags, "--overwrite-output-dir")
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1  # this run's line only
+    assert not (tmp_path / "eval").exists()  # the earlier run's evaluations are gone (this one has no --eval-prompts)
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2  # this run's samples only
     assert (tmp_path / "init/policy/config.json").exists()  # other files stay
 
 
@@ -324,6 +327,16 @@ def test_dp2_tp2_matches_one_process(tmp_path):
             torch.testing.assert_close(w4[k], w1[k], atol=1e-6, rtol=1e-5, msg=f"{sub} {k}")
     for k, v in ranks[0]["policy"].items():  # ranks 0 and 2: the same TP shard in the two DP replicas
         assert torch.equal(v, ranks[2]["policy"][k]), k
+    # the held-out evaluations (the tiny default's, before and after): prompts split over the DP ranks
+    evals = [[json.loads(x) for x in (tmp_path / d / "eval.jsonl").read_text().splitlines()] for d in ("dp1", "dp2")]
+    assert [e["iteration"] for e in evals[1]] == [0, 1]
+    for e1, e4 in zip(*evals, strict=True):
+        for k, v in e1.items():
+            if k != "time":
+                assert e4[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    recs = [[json.loads(x) for x in (tmp_path / d / "eval/iter-000001.jsonl").read_text().splitlines()]
+            for d in ("dp1", "dp2")]  # fmt: skip
+    assert [r["response"] for r in recs[1]] == [r["response"] for r in recs[0]] and len(recs[1]) == 16
 
 
 def test_dp2_distributed_optimizer_resumes_exactly(tmp_path):

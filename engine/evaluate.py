@@ -1,0 +1,143 @@
+"""Held-out evaluation and rollout samples: the curves and the texts that tell a policy that learns from one that
+games its reward model.
+
+Evaluation (--eval-prompts FILE): the policy answers a held-out prompt set with the rollouts' sampling (or greedy
+decoding, --eval-greedy) on the same random stream at every evaluation, so the curve moves with the policy and not
+with the sampling noise; the reward model scores the answers and the frozen reference gives their KL. It runs before
+the first iteration (the starting point), every --eval-every iterations and after the last one. Each evaluation
+appends one line to OUTPUT_DIR/eval.jsonl (means over the set: score, score_penalized (with the missing-EOS
+penalty), kl (summed over a response's tokens, the estimator of the rollouts), reward (score_penalized - kl_coef *
+kl: the objective PPO maximises), response_len, no_eos_frac) and writes every answer to
+OUTPUT_DIR/eval/iter-NNNNNN.jsonl. The prompts are split over the data-parallel ranks. An evaluation draws none of
+the run's random numbers, so training is the same with or without it.
+
+Samples (--log-samples K): the first K sequences of each iteration's rollout (data-parallel rank 0's share), with
+their scores and KL, appended to OUTPUT_DIR/samples.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from engine import ppo
+from engine.data import Rollout
+from engine.parallel import print0
+from engine.resume import EVAL_DIR, atomic_write
+from engine.rollout import forward_rollout, generate_rollout, reduce_sums, sampling_params
+from kernels.logprob import kl_estimate
+
+if TYPE_CHECKING:
+    from engine.trainer import TrainState
+
+EVAL_STREAM = -1  # the random stream evaluations sample from (a rollout's is its iteration index, >= 0)
+EVAL_KEYS = ("score", "score_penalized", "kl", "reward", "response_len", "no_eos_frac")
+
+
+def eval_due(state: TrainState, *, at_start: bool = False) -> bool:
+    """Whether to evaluate now: before the first iteration, every eval_every iterations, after the last one."""
+    if state.eval_prompts is None:
+        return False
+    if at_start:
+        return state.iteration == 0
+    every = state.run.eval_every
+    return state.iteration == state.iterations or (every > 0 and state.iteration % every == 0)
+
+
+def sequence_stats(state: TrainState, ro: Rollout) -> dict[str, torch.Tensor]:
+    """Per sequence [B] fp32, from a rollout through forward_rollout: score, score_penalized, kl (summed over the
+    response), reward (score_penalized - kl_coef * kl), response_len, no_eos."""
+    cfg = state.cfg
+    lens = torch.tensor([b - a for a, b in zip(ro.offsets[:-1], ro.offsets[1:])], device=state.device)
+    seq = torch.repeat_interleave(torch.arange(len(lens), device=state.device), lens)
+    kl_tok = kl_estimate(ro.logprobs.float(), ro.ref_logprobs.float(), cfg.kl_estimator)
+    kl = torch.zeros(len(lens), device=state.device).index_add_(0, seq, kl_tok)
+    penalized = ppo.scores_with_eos_penalty(ro.scores, ro.hit_eos, cfg.missing_eos_penalty)
+    return {
+        "score": ro.scores.float(),
+        "score_penalized": penalized,
+        "kl": kl,
+        "reward": penalized - cfg.kl_coef * kl,
+        "response_len": lens.float(),
+        "no_eos": (~ro.hit_eos).float(),
+    }
+
+
+def sample_records(state: TrainState, ro: Rollout, stats: dict[str, torch.Tensor], rows: list[int]) -> list[dict]:
+    """JSON-ready records of the rollout's sequences `rows`: prompt and response (text when the run has a
+    tokenizer, else token ids) and their statistics."""
+    tok = state.tokenizer
+    host = {k: v.tolist() for k, v in stats.items()}
+    records = []
+    for i in rows:
+        rec: dict = {}
+        if tok is not None:
+            rec["prompt"] = tok.decode(ro.prompts[i], skip_special_tokens=False)
+            rec["response"] = tok.decode(ro.responses[i], skip_special_tokens=True)
+        else:
+            rec["prompt_ids"], rec["response_ids"] = ro.prompts[i], ro.responses[i]
+        rec.update({k: host[k][i] for k in ("score", "score_penalized", "kl", "reward")})
+        rec["response_len"], rec["hit_eos"] = int(host["response_len"][i]), not host["no_eos"][i]
+        records.append(rec)
+    return records
+
+
+def _gather_to_rank0(state: TrainState, records: list[dict]) -> list[dict] | None:
+    """Every data-parallel rank's records on global rank 0 (None elsewhere); a TP group's ranks hold the same."""
+    if not dist.is_initialized() or state.grid.world_size == 1:
+        return records
+    mine = records if state.grid.tp_rank == 0 else []
+    out = [None] * state.grid.world_size if state.grid.rank == 0 else None
+    dist.gather_object(mine, out, dst=0)
+    return [r for part in out for r in part] if out is not None else None
+
+
+def evaluate(state: TrainState) -> dict:
+    """Answer the held-out prompts with the current policy, score them, log eval.jsonl and eval/iter-N.jsonl."""
+    t0 = time.perf_counter()
+    grid, prompt_set = state.grid, state.eval_prompts
+    ids = list(range(grid.dp_rank, len(prompt_set.prompts), grid.dp))
+    params = sampling_params(state, EVAL_STREAM, greedy=state.run.eval_greedy, n=1)
+    ro = generate_rollout(state, [prompt_set.prompts[i] for i in ids], ids, params)
+    forward_rollout(state, ro, values=False)
+    stats = sequence_stats(state, ro)
+    g = reduce_sums({"sequences": float(len(ids)), **{k: v.sum() for k, v in stats.items()}}, state.device,
+                    state.dp_group)  # fmt: skip
+    n = g["sequences"]
+    metrics = {"iteration": state.iteration, "step": state.step, "prompts": int(n)}
+    metrics.update({k: g[k] / n for k in EVAL_KEYS if k != "no_eos_frac"})
+    metrics["no_eos_frac"] = g["no_eos"] / n
+    records = sample_records(state, ro, stats, list(range(len(ids))))
+    for rec, i in zip(records, ids):
+        rec["prompt_index"] = i
+    records = _gather_to_rank0(state, records)
+    metrics["time"] = time.perf_counter() - t0
+    if grid.rank == 0:
+        out = state.run.output_dir
+        os.makedirs(os.path.join(out, EVAL_DIR), exist_ok=True)
+        data = "".join(json.dumps(r) + "\n" for r in sorted(records, key=lambda r: r["prompt_index"])).encode()
+        atomic_write(os.path.join(out, EVAL_DIR, f"iter-{state.iteration:06d}.jsonl"), lambda f: f.write(data))
+        with open(os.path.join(out, "eval.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        print0(
+            f"eval after iteration {state.iteration} ({int(n)} prompts, {metrics['time']:.1f}s): "
+            + " ".join(f"{k} {metrics[k]:.4g}" for k in EVAL_KEYS)
+        )
+    return metrics
+
+
+def log_samples(state: TrainState, ro: Rollout) -> None:
+    """Append the first log_samples sequences of data-parallel rank 0's rollout (scored) to samples.jsonl."""
+    k = min(state.run.log_samples, len(ro.responses))
+    if k <= 0 or state.grid.rank != 0 or not state.run.output_dir:  # (a bench's run writes nothing)
+        return
+    records = sample_records(state, ro, sequence_stats(state, ro), list(range(k)))
+    os.makedirs(state.run.output_dir, exist_ok=True)
+    with open(os.path.join(state.run.output_dir, "samples.jsonl"), "a") as f:
+        for rec in records:
+            f.write(json.dumps({"iteration": state.iteration + 1, **rec}) + "\n")

@@ -1,0 +1,112 @@
+"""A rollout's no-grad halves, shared by PPO training (engine.trainer) and held-out evaluation (engine.evaluate).
+
+- generate_rollout: the Generator samples responses from the policy's own parameter tensors (no copy);
+- forward_rollout: packed passes (prompt + response concatenated, no padding computed) give the policy's and the
+  reference's log-probs of every response token, the value of every state and the reward model's score at each
+  sequence's last token;
+- reduce_sums: per-rank metric sums added up over the data-parallel ranks in one collective.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from engine.config import GenerateConfig
+from engine.data import Rollout, pack, split_by_tokens
+from engine.model import Transformer
+from kernels.logprob import hidden_logprobs
+
+if TYPE_CHECKING:
+    from engine.trainer import TrainState
+
+
+def sampling_params(state: TrainState, stream: int, *, greedy: bool = False, n: int | None = None) -> GenerateConfig:
+    """The recipe's sampling (temperature, response limit, EOS) with the random stream `stream`: the PPO iteration's
+    index for rollouts, so a resumed run samples what a straight one does."""
+    cfg, run = state.cfg, state.run
+    return GenerateConfig(
+        temperature=0.0 if greedy else cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+        stop_token_ids=[] if run.ignore_eos else list(state.stop_ids), n=n or cfg.samples_per_prompt,
+        seed=run.seed * 1_000_003 + stream, ignore_eos=run.ignore_eos,
+    )  # fmt: skip
+
+
+def generate_rollout(
+    state: TrainState,
+    prompts: list[list[int]],
+    prompt_ids: list[int] | None = None,
+    params: GenerateConfig | None = None,
+) -> Rollout:
+    """Sample responses (default: the rollout of iteration state.iteration); prompt_ids (the prompts' indices in their
+    prompt set) key each sample's random stream, so a data-parallel run samples exactly what one process would."""
+    params = params or sampling_params(state, state.iteration)
+    with torch.no_grad():
+        comps = state.generator.generate_completions(prompts, params, seed_keys=prompt_ids)
+    state.generator.release()
+    offsets = [0]
+    for c in comps:
+        if not c.tokens:
+            raise RuntimeError(f"the generator returned an empty response for prompt {c.prompt_index}")
+        offsets.append(offsets[-1] + len(c.tokens))
+    return Rollout(
+        prompts=[prompts[c.prompt_index] for c in comps],
+        responses=[list(c.tokens) for c in comps],
+        hit_eos=torch.tensor([c.finish_reason == "stop" for c in comps], device=state.device),
+        gen_logprobs=torch.tensor([x for c in comps for x in c.logprobs], dtype=torch.float32, device=state.device),
+        offsets=offsets,
+    )
+
+
+@torch.no_grad()
+def policy_logprobs(model: Transformer, pk: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Log-probs (raw logits) of the packed response tokens, LM head fused: [R] fp32."""
+    h = model.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["act"]]
+    return hidden_logprobs(h, model.lm_head_weight, pk["targets"], group=model.group)
+
+
+def chunks(state: TrainState, ro: Rollout, seqs: list[int]):
+    """Micro-batches of the sequences `seqs`, packed (engine.data.pack), each within micro_batch_tokens."""
+    lengths = [len(ro.prompts[i]) + len(ro.responses[i]) for i in seqs]
+    for group in split_by_tokens(lengths, state.run.micro_batch_tokens):
+        yield pack(ro, [seqs[g] for g in group], state.device)
+
+
+@torch.no_grad()
+def forward_rollout(state: TrainState, ro: Rollout, *, values: bool = True) -> None:
+    """Fill ro.logprobs and ro.ref_logprobs [N], ro.values [N] (with `values`) and ro.scores [B] (the RM's)."""
+    n = ro.offsets[-1]
+    flat = lambda: torch.empty(n, dtype=torch.float32, device=state.device)
+    ro.logprobs, ro.ref_logprobs = flat(), flat()
+    ro.values = flat() if values else None
+    ro.scores = torch.empty(len(ro.responses), dtype=torch.float32, device=state.device)
+    seq0 = 0
+    for pk in chunks(state, ro, list(range(len(ro.responses)))):
+        rows, n_seq = pk["rows"], pk["last"].numel()
+        ro.logprobs[rows] = policy_logprobs(state.policy, pk)
+        ro.ref_logprobs[rows] = policy_logprobs(state.ref, pk)
+        if values:
+            h = state.value.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["act"]]
+            ro.values[rows] = state.value.head_packed(h).float()
+        h = state.reward.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["last"]]
+        ro.scores[seq0 : seq0 + n_seq] = state.reward.head_packed(h).float()
+        seq0 += n_seq
+    if not bool(torch.isfinite(ro.scores).all()):
+        raise FloatingPointError(f"the reward model returned non-finite scores at iteration {state.iteration + 1}")
+
+
+def add_to(sums: dict[str, torch.Tensor | float], **values) -> None:
+    """sums[k] += v for each value (tensors detached, as fp32)."""
+    for k, v in values.items():
+        sums[k] = sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else float(v))
+
+
+def reduce_sums(sums: dict[str, torch.Tensor | float], device: torch.device, group=None) -> dict[str, float]:
+    """Per-rank sums -> their totals over the data-parallel `group` (one all-reduce), as floats on every rank."""
+    keys = sorted(sums)
+    totals = torch.stack([torch.as_tensor(sums[k], device=device, dtype=torch.float32) for k in keys])
+    if group is not None:
+        dist.all_reduce(totals, group=group)
+    return dict(zip(keys, totals.tolist()))

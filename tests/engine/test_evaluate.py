@@ -1,0 +1,132 @@
+"""Held-out evaluation and rollout samples (engine/evaluate.py) on the tiny default, on CPU: training unchanged by
+it, its logs, its scores and KL against transformers, greedy evaluation, resume, bad flags. Data parallel: in
+test_trainer.py's DP x TP test."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from engine import evaluate, trainer
+from engine.tokenizer import TINY_EVAL_PROMPTS, read_prompt_file
+from engine.train_ppo import parse_args, prepare_tiny
+from kernels import dispatch
+from tests.engine.test_trainer import _no_timing, _run, _state
+
+N_EVAL = len(read_prompt_file(TINY_EVAL_PROMPTS))
+
+
+def _lines(path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def _train(state) -> list[dict]:
+    with dispatch.reference_ops():
+        return trainer.train(state)
+
+
+def test_evaluation_leaves_training_unchanged_and_logs_every_answer(tmp_path):
+    with_eval = _run(tmp_path / "a", "--max-iterations", "3", "--eval-every", "2")
+    without = _run(tmp_path / "b", "--max-iterations", "3", "--eval-prompts", "", "--log-samples", "0")
+    assert _no_timing(with_eval) == _no_timing(without)  # evaluation draws none of the run's random numbers
+    assert not (tmp_path / "b/eval.jsonl").exists() and not (tmp_path / "b/samples.jsonl").exists()
+
+    evals = _lines(tmp_path / "a/eval.jsonl")
+    assert [e["iteration"] for e in evals] == [0, 2, 3]  # before the first, every 2nd, after the last
+    assert sorted(os.listdir(tmp_path / "a/eval")) == ["iter-000000.jsonl", "iter-000002.jsonl", "iter-000003.jsonl"]
+    questions = [m[-1]["content"] for m in read_prompt_file(TINY_EVAL_PROMPTS)]
+    for e in evals:
+        recs = _lines(tmp_path / f"a/eval/iter-{e['iteration']:06d}.jsonl")
+        assert [r["prompt_index"] for r in recs] == list(range(N_EVAL)) and e["prompts"] == N_EVAL
+        assert all(q in r["prompt"] and r["prompt"].endswith("<|assistant|>\n") for q, r in zip(questions, recs))
+        for k in ("score", "score_penalized", "kl", "reward", "response_len"):
+            assert e[k] == pytest.approx(sum(r[k] for r in recs) / N_EVAL, rel=1e-5, abs=1e-6), k
+        assert e["no_eos_frac"] == pytest.approx(sum(not r["hit_eos"] for r in recs) / N_EVAL)
+        for r in recs:
+            assert r["score_penalized"] == (r["score"] if r["hit_eos"] else -10.0)
+            assert r["reward"] == pytest.approx(r["score_penalized"] - 0.05 * r["kl"], abs=1e-5)
+            assert 1 <= r["response_len"] <= 8
+    first = _lines(tmp_path / "a/eval/iter-000000.jsonl")
+    assert all(r["kl"] == 0.0 for r in first)  # policy == reference before any update
+    assert evals[-1]["kl"] > 0 and evals[-1]["step"] == 6
+    samples = _lines(tmp_path / "a/samples.jsonl")
+    assert [s["iteration"] for s in samples] == [1, 1, 2, 2, 3, 3]  # --log-samples 2 (the default)
+    assert all("<|assistant|>" in s["prompt"] and isinstance(s["response"], str) for s in samples)
+
+
+@torch.no_grad()
+def _hf_score_and_kl(out, rec) -> tuple[float, float]:
+    ids = torch.tensor([rec["prompt_ids"] + rec["response_ids"]])
+    n_prompt = len(rec["prompt_ids"])
+    load = lambda cls, path: cls.from_pretrained(path, dtype=torch.float64).eval()  # noqa: E731
+    policy = load(AutoModelForCausalLM, f"{trainer.latest_checkpoint(str(out))}/policy")
+    ref = load(AutoModelForCausalLM, out / "init/policy")
+    rm = load(AutoModelForSequenceClassification, out / "init/reward")
+    logps = []
+    for m in (policy, ref):
+        logp = torch.log_softmax(m(ids).logits[0, n_prompt - 1 : -1], -1)
+        logps.append(logp.gather(1, ids[0, n_prompt:, None]).sum())
+    return float(rm(ids).logits[0, 0]), float(logps[0] - logps[1])
+
+
+def test_eval_scores_and_kl_match_transformers(tmp_path):
+    """After one update (policy != reference), each answer's RM score and summed KL equal transformers' float64
+    LlamaForSequenceClassification score and LlamaForCausalLM log-probs of the same tokens."""
+    state = _state(tmp_path, "--max-iterations", "1")
+    state.tokenizer = None  # records keep the token ids
+    _train(state)
+    assert [e["iteration"] for e in state.evals] == [0, 1]
+    recs = _lines(tmp_path / "eval/iter-000001.jsonl")
+    assert any(abs(r["kl"]) > 1e-3 for r in recs)
+    for rec in recs[:4]:
+        score, kl = _hf_score_and_kl(tmp_path, rec)
+        assert rec["score"] == pytest.approx(score, abs=1e-4)
+        assert rec["kl"] == pytest.approx(kl, abs=1e-4)
+        assert rec["response_len"] == len(rec["response_ids"])
+
+
+def test_greedy_evaluation_does_not_depend_on_the_seed(tmp_path):
+    answers = {}
+    for seed in (0, 1):
+        for greedy in ("--eval-greedy", "--no-eval-greedy"):
+            state = _state(tmp_path / f"{seed}{greedy}", "--seed", str(seed), greedy)
+            state.tokenizer = None
+            with dispatch.reference_ops():
+                evaluate.evaluate(state)
+            answers[seed, greedy] = [
+                r["response_ids"] for r in _lines(tmp_path / f"{seed}{greedy}/eval/iter-000000.jsonl")
+            ]
+    state.iteration = 5  # the same policy evaluated later samples the same answers (one stream for every evaluation)
+    with dispatch.reference_ops():
+        evaluate.evaluate(state)
+    later = [r["response_ids"] for r in _lines(tmp_path / "1--no-eval-greedy/eval/iter-000005.jsonl")]
+    assert later == answers[1, "--no-eval-greedy"]
+    assert answers[0, "--eval-greedy"] == answers[1, "--eval-greedy"]
+    assert answers[0, "--no-eval-greedy"] != answers[1, "--no-eval-greedy"]  # sampled: the run's seed matters
+    assert answers[0, "--eval-greedy"] != answers[0, "--no-eval-greedy"]
+
+
+def test_resume_after_a_crash_keeps_one_line_per_evaluation_and_sample(tmp_path):
+    _run(tmp_path, "--max-iterations", "3", "--save-every", "2", "--keep-checkpoints", "2", "--eval-every", "1")
+    (tmp_path / "latest").write_text(json.dumps({"checkpoint": "checkpoint-000002"}))  # as if it died at 3
+    os.remove(tmp_path / "eval/iter-000003.jsonl")
+    (tmp_path / "eval/iter-000004.jsonl").write_text("{}\n")  # a later evaluation of the dead run
+    _run(tmp_path, "--max-iterations", "3", "--resume", "--eval-every", "1")
+    assert [e["iteration"] for e in _lines(tmp_path / "eval.jsonl")] == [0, 1, 2, 3]
+    assert [s["iteration"] for s in _lines(tmp_path / "samples.jsonl")] == [1, 1, 2, 2, 3, 3]
+    assert sorted(os.listdir(tmp_path / "eval")) == [f"iter-{i:06d}.jsonl" for i in range(4)]
+
+
+def test_bad_evaluation_flags_are_refused(tmp_path):
+    cfg, run, _ = parse_args(["--output-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="--eval-every needs --eval-prompts"):
+        trainer.setup(cfg, dataclasses.replace(prepare_tiny(run), eval_prompts=None, eval_every=2))
+    with pytest.raises(FileNotFoundError):
+        _state(tmp_path, "--eval-prompts", str(tmp_path / "missing.jsonl"))
+    grid = trainer.ProcessGrid(world_size=32, dp=32)  # more data-parallel ranks than eval prompts
+    cfg, run, _ = parse_args(["--output-dir", str(tmp_path), "--rollout-batch-size", "32", "--train-batch-size", "32"])
+    with pytest.raises(ValueError, match=f"{N_EVAL} eval prompts cannot be split over 32 data-parallel ranks"):
+        trainer.setup(cfg, prepare_tiny(run), grid=grid)
