@@ -34,6 +34,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "ruff"],
         "flash": ["flash-attn>=2.6"],
+        "wandb": ["wandb>=0.16"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

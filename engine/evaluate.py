@@ -124,6 +124,8 @@ def evaluate(state: TrainState) -> dict:
         atomic_write(os.path.join(out, EVAL_DIR, f"iter-{state.iteration:06d}.jsonl"), lambda f: f.write(data))
         with open(os.path.join(out, "eval.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
+        if state.tracker is not None:
+            state.tracker.log(metrics, prefix="eval/")
         print0(
             f"eval after iteration {state.iteration} ({int(n)} prompts, {metrics['time']:.1f}s): "
             + " ".join(f"{k} {metrics[k]:.4g}" for k in EVAL_KEYS)

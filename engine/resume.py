@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 LATEST = "latest"
 LOGS = ("metrics.jsonl", "eval.jsonl", "samples.jsonl")  # a line per iteration, evaluation or sample
 EVAL_DIR = "eval"  # iter-NNNNNN.jsonl: every answer of the evaluation after iteration N
+WANDB_RUN_ID = "wandb-run-id"  # the W&B run a resumed run continues (engine/tracking.py)
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
@@ -93,7 +94,7 @@ def start_fresh(output_dir: str, overwrite: bool, rank: int) -> None:
     `overwrite` emptied of them (rank 0; other files, such as the tiny default's init models, stay)."""
     held = []
     if os.path.isdir(output_dir):
-        ours = lambda n: n in (LATEST, EVAL_DIR, *LOGS) or n.startswith("checkpoint-")  # noqa: E731
+        ours = lambda n: n in (LATEST, EVAL_DIR, WANDB_RUN_ID, *LOGS) or n.startswith("checkpoint-")  # noqa: E731
         held = sorted(n for n in os.listdir(output_dir) if ours(n))
     error = None
     if held and not overwrite:

@@ -39,6 +39,7 @@ from engine.parallel import ProcessGrid, agree, init_process_grid, print0
 from engine.resume import latest_checkpoint, load_trainer_state, save_checkpoint, start_fresh
 from engine.rollout import add_to, chunks, forward_rollout, generate_rollout, policy_logprobs, reduce_sums
 from engine.tokenizer import PromptSet, load_prompts, load_tokenizer
+from engine.tracking import Tracker, check_available
 
 
 @dataclass
@@ -79,6 +80,8 @@ class RunConfig:
     eval_every: int = 0  # iterations between evaluations (0: only before the first and after the last)
     eval_greedy: bool = False  # evaluate with greedy decoding instead of the rollouts' sampling
     log_samples: int = 2  # rollout sequences per iteration written with their scores to samples.jsonl
+    wandb_project: str = ""  # also log the metrics to this Weights & Biases project (needs `pip install wandb`)
+    wandb_run_name: str = ""  # the W&B run's name (default: the output directory's name)
 
 
 @dataclass
@@ -105,6 +108,7 @@ class TrainState:
     tokenizer: object | None = None  # decodes the logged samples
     eval_prompts: PromptSet | None = None  # held-out prompts (engine.evaluate)
     evals: list[dict] = field(default_factory=list)
+    tracker: Tracker | None = None  # Weights & Biases, on global rank 0 (engine/tracking.py)
     layer_bytes: dict[str, float] = field(default_factory=dict)  # per token, measured once (engine.recompute)
 
     @property
@@ -159,6 +163,7 @@ def setup(
         raise ValueError("--policy, --reward and --prompts are all needed (or no flag at all for the tiny default)")
     grid = grid or init_process_grid(run.tp, timeout_minutes=run.dist_timeout_minutes)
     check_batch_sizes(cfg, grid)  # before loading four models
+    check_available(run.wandb_project, grid.rank)
     device = resolve_device(run.device, grid)
     dtype = resolve_dtype(run.dtype, device)
     tokenizer_dir = run.tokenizer or run.policy
@@ -428,6 +433,8 @@ def log_metrics(state: TrainState, metrics: dict) -> None:
     state.history.append(metrics)
     if state.grid.rank != 0:
         return
+    if state.tracker is not None:
+        state.tracker.log(metrics)
     keys = ("score", "kl", "reward", "policy_loss", "value_loss", "clip_frac", "entropy", "response_len")
     line = " ".join(f"{k} {metrics[k]:.4g}" for k in keys)
     print0(
@@ -484,14 +491,24 @@ class _StopSignals:
 def train(state: TrainState) -> list[dict]:
     """Run iterations until state.iterations; checkpoint every save_every and at the end. SIGTERM or SIGUSR1 to
     any rank stops every rank after the current iteration, with a checkpoint (resume with --resume)."""
-    saved_at = state.iteration
     g = state.grid
     print0(
         f"PPO: world {g.world_size} (dp {g.dp} x tp {g.tp}) on {state.device}, "
         f"{next(state.policy.parameters()).dtype} params, iterations {state.iteration}..{state.iterations} "
         f"of {len(state.data)}, {state.total_steps} optimizer steps in the schedule"
     )
-    last_save = time.monotonic()
+    state.tracker = state.tracker or Tracker(state)
+    try:
+        _loop(state)
+    except BaseException:
+        state.tracker.finish(failed=True)
+        raise
+    state.tracker.finish()
+    return state.history
+
+
+def _loop(state: TrainState) -> None:
+    saved_at, last_save = state.iteration, time.monotonic()
     with _StopSignals() as signals:
         if eval_due(state, at_start=True):  # the starting point (a signal during it stops after iteration 1)
             state.evals.append(evaluate(state))
@@ -514,4 +531,3 @@ def train(state: TrainState) -> list[dict]:
                 break
     if state.run.output_dir and saved_at != state.iteration:
         save_checkpoint(state)
-    return state.history

@@ -1,0 +1,70 @@
+"""Experiment tracking in Weights & Biases (optional: `pip install wandb`), next to the JSONL logs.
+
+With --wandb-project P, global rank 0 sends every line it writes to metrics.jsonl (at step = iteration) and to
+eval.jsonl (as eval/<key>, at the iteration it evaluated), with the PPO and run configuration as the W&B run's
+config. The W&B run's id is kept in OUTPUT_DIR/wandb-run-id, so --resume continues the same W&B run (a fresh run,
+or --overwrite-output-dir, starts a new one). WANDB_MODE=offline and the other WANDB_* variables work as usual.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+from typing import TYPE_CHECKING
+
+from engine.parallel import raise_together
+from engine.resume import WANDB_RUN_ID
+
+if TYPE_CHECKING:
+    from engine.trainer import TrainState
+
+
+def check_available(project: str, rank: int) -> None:
+    """With a project, rank 0 must be able to import wandb; every rank raises together if it cannot."""
+    error = None
+    if project and rank == 0:
+        try:
+            import wandb  # noqa: F401
+        except ImportError as e:
+            error = ImportError(f"--wandb-project {project} needs the wandb package (pip install wandb): {e}")
+    raise_together(error, "importing wandb")
+
+
+class Tracker:
+    """Sends metrics to a W&B run on global rank 0; does nothing elsewhere or without a project."""
+
+    def __init__(self, state: TrainState):
+        run = state.run
+        self.wandb = None
+        if not run.wandb_project or state.grid.rank != 0:
+            return
+        import wandb
+
+        os.makedirs(run.output_dir, exist_ok=True)
+        id_file = os.path.join(run.output_dir, WANDB_RUN_ID)
+        if os.path.exists(id_file):  # a resumed run (a fresh one has had the file removed)
+            with open(id_file) as f:
+                run_id = f.read().strip()
+        else:
+            run_id = secrets.token_hex(6)  # W&B ids: letters and digits, unique within the project
+            with open(id_file, "w") as f:
+                f.write(run_id + "\n")
+        name = run.wandb_run_name or os.path.basename(os.path.normpath(run.output_dir))
+        config = {"ppo": dataclasses.asdict(state.cfg), "run": dataclasses.asdict(run), "world": state.grid.world_size}
+        self.run = wandb.init(
+            project=run.wandb_project, name=name, id=run_id, resume="allow", config=config, dir=run.output_dir
+        )
+        self.wandb = wandb
+
+    def log(self, metrics: dict, *, prefix: str = "") -> None:
+        if self.wandb is None:
+            return
+        step = metrics["iteration"]
+        self.wandb.log({prefix + k: v for k, v in metrics.items() if k != "iteration"}, step=step)
+
+    def finish(self, failed: bool = False) -> None:
+        """End the W&B run (marked failed when the training loop raised)."""
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=1 if failed else 0)
+            self.wandb = None

@@ -1,0 +1,85 @@
+"""Weights & Biases tracking (engine/tracking.py): what the trainer sends, through a recording stand-in for the wandb
+module (always), and through the real package in offline mode (where it is installed)."""
+
+import json
+import os
+import sys
+import types
+
+import pytest
+
+from engine import trainer
+from tests.engine.test_trainer import _run
+
+
+class FakeWandb(types.ModuleType):
+    """Records init / log / finish as the trainer calls them."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.calls = []
+
+    def init(self, **kw):
+        self.calls.append(("init", kw))
+        return object()
+
+    def log(self, data, step=None):
+        self.calls.append(("log", step, dict(data)))
+
+    def finish(self, exit_code=None):
+        self.calls.append(("finish", exit_code))
+
+
+def test_metrics_and_evaluations_go_to_the_wandb_run_and_a_resume_continues_it(tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    history = _run(tmp_path / "run", "--max-iterations", "2", "--eval-every", "2", "--wandb-project", "p")
+    (kind, init), *logs, finish = fake.calls
+    assert kind == "init" and finish == ("finish", 0)
+    run_id = (tmp_path / "run/wandb-run-id").read_text().strip()
+    assert init["project"] == "p" and init["name"] == "run" and init["id"] == run_id and init["resume"] == "allow"
+    assert init["config"]["ppo"]["kl_coef"] == 0.05 and init["config"]["run"]["wandb_project"] == "p"
+    assert [(c[1], "eval/score" in c[2]) for c in logs] == [(0, True), (1, False), (2, False), (2, True)]
+    assert logs[1][2] == {k: v for k, v in history[0].items() if k != "iteration"}
+    evals = [json.loads(x) for x in (tmp_path / "run/eval.jsonl").read_text().splitlines()]
+    assert logs[3][2]["eval/score"] == evals[-1]["score"]
+
+    fake.calls.clear()
+    _run(tmp_path / "run", "--max-iterations", "3", "--wandb-project", "p", "--resume")
+    assert fake.calls[0][1]["id"] == run_id  # the same W&B run
+    assert [c[1] for c in fake.calls if c[0] == "log"] == [3, 3]  # iteration 3 and the evaluation after it
+
+    fake.calls.clear()
+    _run(tmp_path / "run", "--max-iterations", "1", "--wandb-project", "p", "--overwrite-output-dir")
+    assert fake.calls[0][1]["id"] != run_id  # starting over starts a new W&B run
+
+
+def test_a_failing_run_is_marked_failed(tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+
+    def factory(policy, cfg, run):
+        gen = trainer.make_generator(policy, cfg, run)
+        gen.generate_completions = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+        return gen
+
+    with pytest.raises(RuntimeError, match="boom"):
+        _run(tmp_path, "--max-iterations", "1", "--wandb-project", "p", factory=factory)
+    assert fake.calls[-1] == ("finish", 1)
+
+
+def test_missing_wandb_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    with pytest.raises(ImportError, match=r"--wandb-project p needs the wandb package \(pip install wandb\)"):
+        _run(tmp_path, "--max-iterations", "1", "--wandb-project", "p")
+
+
+def test_real_wandb_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    _run(tmp_path, "--max-iterations", "1", "--wandb-project", "p")
+    _run(tmp_path, "--max-iterations", "2", "--wandb-project", "p", "--resume")
+    run_id = (tmp_path / "wandb-run-id").read_text().strip()
+    runs = sorted(d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-"))
+    assert len(runs) == 2 and all(d.endswith(run_id) for d in runs)  # one W&B run, continued
