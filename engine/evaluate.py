@@ -1,7 +1,7 @@
 """Held-out evaluation and rollout samples: the curves and the texts that tell a policy that learns from one that
 games its reward model.
 
-Evaluation (--eval-prompts FILE): the policy answers a held-out prompt set with the rollouts' sampling (or greedy
+Evaluation (--eval-prompts FILE, or --eval-holdout N prompts of --prompts kept out of training): the policy answers a held-out prompt set with the rollouts' sampling (or greedy
 decoding, --eval-greedy) on the same random stream at every evaluation, so the curve moves with the policy and not
 with the sampling noise; the reward model scores the answers and the frozen reference gives their KL. It runs before
 the first iteration (the starting point), every --eval-every iterations and after the last one. Each evaluation

@@ -12,6 +12,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+import torch
+
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 TINY_DIR = os.path.join(ASSETS_DIR, "tiny")  # the project's own small BPE tokenizer
 TINY_PROMPTS = os.path.join(ASSETS_DIR, "prompts_tiny.jsonl")
@@ -112,6 +114,18 @@ class PromptSet:
     messages: list[list[dict]]
     dropped: int = 0  # prompts over the limit
     lengths: list[int] = field(default_factory=list)
+
+    def hold_out(self, n: int, seed: int) -> tuple[PromptSet, PromptSet]:
+        """(the rest, n prompts drawn by a seeded permutation): a held-out evaluation set; the rest keep their order,
+        and the same seed draws the same prompts (a resumed run trains on the same set)."""
+        if not 0 < n < len(self.prompts):
+            raise ValueError(f"cannot hold out {n} of {len(self.prompts)} prompts for evaluation")
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + 7_919)
+        held = sorted(torch.randperm(len(self.prompts), generator=gen)[:n].tolist())
+        rest = sorted(set(range(len(self.prompts))) - set(held))
+        pick = lambda idx: PromptSet([self.prompts[i] for i in idx], [self.messages[i] for i in idx], 0,  # noqa: E731
+                                     [len(self.prompts[i]) for i in idx])  # fmt: skip
+        return pick(rest), pick(held)
 
 
 def load_prompts(path: str | os.PathLike, tokenizer, max_prompt_len: int = 1024, *, verbose: bool = True) -> PromptSet:

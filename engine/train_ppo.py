@@ -171,7 +171,8 @@ def prepare_tiny(run: RunConfig) -> RunConfig:
         policy=os.path.join(init_dir, "policy"),
         reward=os.path.join(init_dir, "reward"),
         prompts=TINY_PROMPTS,
-        eval_prompts=TINY_EVAL_PROMPTS if run.eval_prompts is None else run.eval_prompts,  # "": no evaluation
+        # the shipped held-out prompts unless evaluation is turned off ("") or given otherwise
+        eval_prompts=TINY_EVAL_PROMPTS if run.eval_prompts is None and not run.eval_holdout else run.eval_prompts,
         tokenizer=run.tokenizer or TINY_DIR,
     )
 

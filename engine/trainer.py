@@ -78,6 +78,7 @@ class RunConfig:
     eval_prompts: str | None = None  # held-out JSONL prompts, answered and scored before, during and after training
     # (the tiny default evaluates on its shipped held-out prompts; an empty string turns evaluation off)
     eval_every: int = 0  # iterations between evaluations (0: only before the first and after the last)
+    eval_holdout: int = 0  # hold this many prompts of --prompts out of training as the evaluation set (seeded)
     eval_greedy: bool = False  # evaluate with greedy decoding instead of the rollouts' sampling
     log_samples: int = 2  # rollout sequences per iteration written with their scores to samples.jsonl
     wandb_project: str = ""  # also log the metrics to this Weights & Biases project (needs `pip install wandb`)
@@ -170,12 +171,17 @@ def setup(
     tokenizer = load_tokenizer(tokenizer_dir)
     prompt_set = load_prompts(run.prompts, tokenizer, cfg.max_prompt_len, verbose=grid.rank == 0)
     eval_set = None
-    if run.eval_prompts:
+    if run.eval_holdout:
+        if run.eval_prompts:
+            raise ValueError("--eval-holdout and --eval-prompts both name an evaluation set: give one")
+        prompt_set, eval_set = prompt_set.hold_out(run.eval_holdout, run.seed)
+        print0(f"prompts: {len(eval_set.prompts)} held out for evaluation, {len(prompt_set.prompts)} to train on")
+    elif run.eval_prompts:
         eval_set = load_prompts(run.eval_prompts, tokenizer, cfg.max_prompt_len, verbose=grid.rank == 0)
-        if len(eval_set.prompts) < grid.dp:
-            raise ValueError(f"{len(eval_set.prompts)} eval prompts cannot be split over {grid.dp} data-parallel ranks")
     elif run.eval_every:
-        raise ValueError("--eval-every needs --eval-prompts (a held-out prompt file)")
+        raise ValueError("--eval-every needs --eval-prompts (a held-out prompt file) or --eval-holdout")
+    if eval_set is not None and len(eval_set.prompts) < grid.dp:
+        raise ValueError(f"{len(eval_set.prompts)} eval prompts cannot be split over {grid.dp} data-parallel ranks")
     ckpt = latest_checkpoint(run.output_dir) if run.resume else None
     if run.resume:
         print0(f"resuming from {ckpt}" if ckpt else f"--resume: no checkpoint in {run.output_dir} yet, starting fresh")

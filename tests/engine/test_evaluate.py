@@ -130,3 +130,22 @@ def test_bad_evaluation_flags_are_refused(tmp_path):
     cfg, run, _ = parse_args(["--output-dir", str(tmp_path), "--rollout-batch-size", "32", "--train-batch-size", "32"])
     with pytest.raises(ValueError, match=f"{N_EVAL} eval prompts cannot be split over 32 data-parallel ranks"):
         trainer.setup(cfg, prepare_tiny(run), grid=grid)
+
+
+def test_eval_holdout_takes_the_evaluation_set_out_of_the_training_prompts(tmp_path):
+    from engine.tokenizer import TINY_PROMPTS
+
+    held = {}
+    for seed in (0, 0, 1):
+        state = _state(tmp_path / "s", "--eval-holdout", "8", "--seed", str(seed), "--overwrite-output-dir")
+        train_set, eval_set = state.data.prompts, state.eval_prompts.prompts
+        assert len(eval_set) == 8 and len(train_set) == 40
+        assert not {tuple(p) for p in eval_set} & {tuple(p) for p in train_set}
+        held.setdefault(seed, []).append(eval_set)
+    assert held[0][0] == held[0][1] != held[1][0]  # the seed draws them: a resumed run trains on the same set
+    all_prompts = state.data.prompts + state.eval_prompts.prompts
+    assert len({tuple(p) for p in all_prompts}) == len(read_prompt_file(TINY_PROMPTS))
+    with pytest.raises(ValueError, match="--eval-holdout and --eval-prompts both name an evaluation set"):
+        _state(tmp_path / "b", "--eval-holdout", "8", "--eval-prompts", TINY_EVAL_PROMPTS)
+    with pytest.raises(ValueError, match="cannot hold out 48 of 48 prompts"):
+        _state(tmp_path / "c", "--eval-holdout", "48")

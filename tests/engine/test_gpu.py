@@ -174,3 +174,19 @@ def test_ppo_iteration_on_gpu(tmp_path):
         assert all(math.isfinite(v) for v in m.values()), m
         assert m["recompute_layers"] == 0  # planned (activation_checkpointing=auto): the tiny models' activations fit
         assert min(m["mem_gib_generate"], m["mem_gib_score"], m["mem_gib_train"]) > 0  # each phase's peak
+
+
+def test_train_ppo_tiny_with_evaluation_on_gpu(tmp_path):
+    """The entry point's tiny default on the GPU (bf16 parameters, the kernels, CUDA graphs), with the held-out
+    evaluations (generation, reference, RM) and the samples log."""
+    from engine.train_ppo import main
+
+    history = main(["--device", "cuda", "--output-dir", str(tmp_path), "--max-iterations", "2", "--eval-every", "1",
+                    "--rollout-batch-size", "8", "--train-batch-size", "4", "--max-new-tokens", "8"])  # fmt: skip
+    assert [m["iteration"] for m in history] == [1, 2]
+    evals = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [e["iteration"] for e in evals] == [0, 1, 2]
+    for m in history + evals:
+        assert all(math.isfinite(v) for v in m.values()), m
+    assert evals[0]["kl"] == 0.0 and evals[0]["prompts"] == 16  # policy == reference before the first update
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 4
