@@ -1,15 +1,16 @@
 """Held-out evaluation and rollout samples: the curves and the texts that tell a policy that learns from one that
 games its reward model.
 
-Evaluation (--eval-prompts FILE, or --eval-holdout N prompts of --prompts kept out of training): the policy answers a held-out prompt set with the rollouts' sampling (or greedy
-decoding, --eval-greedy) on the same random stream at every evaluation, so the curve moves with the policy and not
-with the sampling noise; the reward model scores the answers and the frozen reference gives their KL. It runs before
-the first iteration (the starting point), every --eval-every iterations and after the last one. Each evaluation
-appends one line to OUTPUT_DIR/eval.jsonl (means over the set: score, score_penalized (with the missing-EOS
-penalty), kl (summed over a response's tokens, the estimator of the rollouts), reward (score_penalized - kl_coef *
-kl: the objective PPO maximises), response_len, no_eos_frac) and writes every answer to
-OUTPUT_DIR/eval/iter-NNNNNN.jsonl. The prompts are split over the data-parallel ranks. An evaluation draws none of
-the run's random numbers, so training is the same with or without it.
+Evaluation (--eval-prompts FILE, or --eval-holdout N prompts of --prompts kept out of training): the policy answers
+a held-out prompt set with the rollouts' sampling (or greedy decoding, --eval-greedy) on the same random stream at
+every evaluation, so the curve moves with the policy and not with the sampling noise; the reward model scores the
+answers and the frozen reference gives their KL. It runs before the first iteration (the starting point), every
+--eval-every iterations and after the last one. Each evaluation appends one line to OUTPUT_DIR/eval.jsonl (means
+over the set: score, score_penalized (with the missing-EOS penalty), kl (summed over a response's tokens, the
+estimator of the rollouts), reward (score_penalized - kl_coef * kl: the objective PPO maximises), response_len,
+no_eos_frac) and writes every answer to OUTPUT_DIR/eval/iter-NNNNNN.jsonl. The prompts are split over the
+data-parallel ranks. An evaluation draws none of the run's random numbers, so training is the same with or without
+it.
 
 Samples (--log-samples K): the first K sequences of each iteration's rollout (data-parallel rank 0's share), with
 their scores and KL, appended to OUTPUT_DIR/samples.jsonl.

@@ -141,11 +141,13 @@ def _make_buckets(params: list[torch.nn.Parameter], grid: ProcessGrid, cap: int)
     return buckets
 
 
-def _flat_shard(params: list[torch.nn.Parameter], b: _Bucket, dp: int) -> torch.Tensor:
-    """This rank's shard of the bucket's parameters, as fp32 (the masters)."""
-    shard = torch.zeros(b.numel // dp, dtype=torch.float32, device=params[b.params[0]].device)
+def _flat_shard(tensors: list[torch.Tensor], b: _Bucket, dp: int, device: torch.device | None = None) -> torch.Tensor:
+    """This rank's shard of bucket b of per-parameter `tensors` (the parameters: the masters; or Adam's moments),
+    flat fp32."""
+    device = device if device is not None else tensors[b.params[0]].device
+    shard = torch.zeros(b.numel // dp, dtype=torch.float32, device=device)
     for i, start, stop, first in b.segments:
-        shard[start:stop] = params[i].detach().reshape(-1)[first : first + stop - start]
+        shard[start:stop] = tensors[i].detach().reshape(-1)[first : first + stop - start]
     return shard
 
 
@@ -279,29 +281,89 @@ def write_back(opt: Optimizer) -> None:
 
 
 def optimizer_state(opt: Optimizer) -> dict:
-    """What a checkpoint keeps of an optimizer (the parameters themselves go to the HF checkpoint)."""
+    """What a checkpoint keeps of an optimizer (the parameters themselves go to the HF checkpoint); with buckets,
+    their parameters too, so that a run with another number of DP ranks can re-shard it."""
     if opt.buckets is not None:
         masters = [m.detach().cpu() for m in opt.masters]
     else:
         masters = [m.detach().cpu() for m, p in zip(opt.masters, opt.params) if m is not p]
-    return {"adam": opt.adam.state_dict(), "masters": masters, "distributed": opt.buckets is not None}
+    buckets = [b.params for b in opt.buckets] if opt.buckets is not None else None
+    return {
+        "adam": opt.adam.state_dict(),
+        "masters": masters,
+        "distributed": opt.buckets is not None,
+        "buckets": buckets,
+    }
 
 
-def load_optimizer_state(opt: Optimizer, state: dict) -> None:
-    if state.get("distributed", False) != (opt.buckets is not None):
-        raise ValueError(
-            "the checkpoint's optimizer was "
-            + ("sharded over the data-parallel ranks" if state.get("distributed") else "not sharded")
-            + "; resume with the same --distributed-optimizer setting"
-        )
+def load_optimizer_state(opt: Optimizer, states: dict | list[dict]) -> None:
+    """Restore `opt` from a checkpoint's optimizer state: its own (the same layout), or, to resume with another
+    number of DP ranks or another --distributed-optimizer setting, every saved DP rank's state of this TP rank
+    (in DP-rank order; one is enough when they were not sharded), re-sharded here."""
+    states = [states] if isinstance(states, dict) else states
+    if len(states) == 1 and states[0]["distributed"] == (opt.buckets is not None):  # the same layout
+        masters, adam = states[0]["masters"], states[0]["adam"]
+    else:
+        masters, adam = _reshard(opt, *_per_parameter(opt, states))
     with torch.no_grad():
         if opt.buckets is not None:
-            for m, saved in zip(opt.masters, state["masters"], strict=True):
+            for m, saved in zip(opt.masters, masters, strict=True):
                 m.copy_(saved)
             write_back(opt)
         else:
             mixed = [(m, p) for m, p in zip(opt.masters, opt.params) if m is not p]
-            for (m, p), saved in zip(mixed, state["masters"], strict=True):
+            for (m, p), saved in zip(mixed, masters, strict=True):
                 m.copy_(saved)
                 p.copy_(saved)
-    opt.adam.load_state_dict(state["adam"])
+    opt.adam.load_state_dict(adam)
+
+
+def _per_parameter(opt: Optimizer, states: list[dict]):
+    """The saved optimizer as whole per-parameter tensors of this TP rank (fp32 master, exp_avg, exp_avg_sq, on
+    the CPU) and Adam's step count, whatever DP layout saved it."""
+    n = len(opt.params)
+    m1, m2, masters = [None] * n, [None] * n, [None] * n
+    first = next(iter(states[0]["adam"]["state"].values()))
+    if states[0]["distributed"]:
+        if states[0].get("buckets") is None:
+            raise ValueError("this checkpoint's sharded optimizer predates re-sharding: resume with the same DP size")
+        for k, idx in enumerate(states[0]["buckets"]):
+            total = sum(opt.params[i].numel() for i in idx)
+            if sum(s["masters"][k].numel() for s in states) < total:
+                raise ValueError(
+                    f"the checkpoint's optimizer is sharded over data-parallel ranks and {len(states)} of their states "
+                    "do not cover it: re-sharding needs every rank's"
+                )
+            pieces = [
+                torch.cat([s["masters"][k] for s in states])[:total],
+                torch.cat([s["adam"]["state"][k]["exp_avg"] for s in states])[:total],
+                torch.cat([s["adam"]["state"][k]["exp_avg_sq"] for s in states])[:total],
+            ]
+            start = 0
+            for i in idx:
+                shape, size = opt.params[i].shape, opt.params[i].numel()
+                masters[i], m1[i], m2[i] = (t[start : start + size].view(shape) for t in pieces)
+                start += size
+    else:
+        saved = iter(states[0]["masters"])
+        for i, p in enumerate(opt.params):  # a run's parameters of one dtype, so the same ones had masters
+            st = states[0]["adam"]["state"][i]
+            masters[i] = next(saved) if p.dtype != torch.float32 else p.detach().float().cpu()
+            m1[i], m2[i] = st["exp_avg"], st["exp_avg_sq"]
+    return masters, m1, m2, first["step"]
+
+
+def _reshard(opt: Optimizer, masters, m1, m2, step) -> tuple[list[torch.Tensor], dict]:
+    """(masters, Adam state dict) in `opt`'s layout from whole per-parameter tensors."""
+    if opt.buckets is not None:
+        dp = opt.buckets[0].numel // opt.masters[0].numel()
+        shards = lambda ts: [_flat_shard(ts, b, dp, torch.device("cpu")) for b in opt.buckets]  # noqa: E731
+        masters, m1, m2 = shards(masters), shards(m1), shards(m2)
+    else:
+        masters = [m for m, p in zip(masters, opt.params) if p.dtype != torch.float32]
+    adam = opt.adam.state_dict()  # this optimizer's param_groups (hyperparameters are set every step anyway)
+    adam["state"] = {
+        k: {"step": step.clone() if torch.is_tensor(step) else step, "exp_avg": a, "exp_avg_sq": b}
+        for k, (a, b) in enumerate(zip(m1, m2))
+    }
+    return masters, adam

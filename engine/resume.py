@@ -129,25 +129,48 @@ def trim_logs(output_dir: str, iteration: int) -> None:
             os.remove(os.path.join(eval_dir, name))
 
 
+def _state_file(ckpt: str, rank: int) -> str:
+    return os.path.join(ckpt, f"state-rank{rank:05d}.pt")
+
+
+def _load_states(ckpt: str, grid, distributed: bool) -> tuple[dict | None, list[dict] | None, BaseException | None]:
+    """This rank's saved state (after a run of another DP size: the saved state of its TP rank at DP rank 0) and,
+    when the optimizers must be re-sharded, every saved DP rank's state of its TP rank; or the error. The files are
+    memory-mapped: only the tensors used are read."""
+    load = lambda fn: torch.load(fn, map_location="cpu", weights_only=False, mmap=True)  # noqa: E731
+    missing = lambda fn, why: (None, None, FileNotFoundError(f"{fn} is missing ({why})"))  # noqa: E731
+    if not os.path.exists(head := _state_file(ckpt, 0)):
+        return missing(head, "every run writes it")
+    sd = load(head)
+    if sd["tp"] != grid.tp:
+        why = f"resume with --tp {sd['tp']}: the optimizer state is split by tensor-parallel slices"
+        return None, None, ValueError(f"checkpoint was written with tp {sd['tp']}, now tp {grid.tp} ({why})")
+    saved_dp, sharded = sd["world_size"] // sd["tp"], sd["policy_opt"]["distributed"]
+    if saved_dp == grid.dp and (distributed or not sharded):  # this rank's own state
+        if not os.path.exists(own := _state_file(ckpt, grid.rank)):
+            return missing(own, "resume reads the state file each rank wrote")
+        return load(own), None, None
+    if not sharded:  # every DP rank saved the same: DP rank 0's of this TP rank
+        return load(_state_file(ckpt, grid.tp_rank)), None, None
+    files = [_state_file(ckpt, d * grid.tp + grid.tp_rank) for d in range(saved_dp)]
+    for fn in files:
+        if not os.path.exists(fn):
+            return missing(fn, "re-sharding the optimizer reads every DP rank's state")
+    states = [load(fn) for fn in files]
+    return states[0], states, None
+
+
 def load_trainer_state(state: TrainState, ckpt: str) -> None:
-    fn = os.path.join(ckpt, f"state-rank{state.grid.rank:05d}.pt")
-    error, sd = None, None
-    if not os.path.exists(fn):
-        error = FileNotFoundError(f"{fn} is missing (resume needs the same number of processes as the saved run)")
-    else:
-        sd = torch.load(fn, map_location="cpu", weights_only=False)
-        if (sd["world_size"], sd["tp"]) != (state.grid.world_size, state.grid.tp):
-            error = ValueError(
-                f"checkpoint was written by world size {sd['world_size']} (tp {sd['tp']}); "
-                f"now world size {state.grid.world_size} (tp {state.grid.tp})"
-            )
+    """Restore the run from checkpoint `ckpt`, also with another number of data-parallel ranks (the same --tp):
+    the prompt order and the samples do not depend on it, and the optimizers are re-sharded."""
+    sd, all_dp, error = _load_states(ckpt, state.grid, state.policy_opt.buckets is not None)
     raise_together(error, "resuming")  # (the optimizers' state loads through collectives below)
     state.iteration, state.step, state.total_steps = sd["iteration"], sd["step"], sd["total_steps"]
     state.data.load_state_dict(sd["data"])
     if state.grid.rank == 0:
         trim_logs(state.run.output_dir, state.iteration)
-    load_optimizer_state(state.policy_opt, sd["policy_opt"])
-    load_optimizer_state(state.value_opt, sd["value_opt"])
+    for name, opt in (("policy_opt", state.policy_opt), ("value_opt", state.value_opt)):
+        load_optimizer_state(opt, [s[name] for s in all_dp] if all_dp else sd[name])
     torch.set_rng_state(sd["rng"])
     if sd["cuda_rng"] is not None and state.device.type == "cuda":
         torch.cuda.set_rng_state(sd["cuda_rng"], state.device)

@@ -371,13 +371,38 @@ def test_dp2_distributed_optimizer_resumes_exactly(tmp_path):
                 assert n[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
     for k, v in plain[0]["policy"].items():
         torch.testing.assert_close(straight[0]["policy"][k], v, atol=1e-6, rtol=1e-5)
-    err = _torchrun(tmp_path, 2, "b", "--max-iterations", "3", "--resume", "--no-distributed-optimizer", fails=True)
-    assert "resume with the same --distributed-optimizer setting" in err
+    # the sharded optimizer re-gathered for a resume without sharding
+    third = _torchrun(tmp_path, 2, "b", "--max-iterations", "3", "--resume", "--no-distributed-optimizer")
+    assert [m["iteration"] for m in third[0]["history"]] == [3]
     # rank 1's state file lost: rank 1 stops, and so does rank 0 (rather than wait for it in a collective)
     shutil.copytree(tmp_path / "b", tmp_path / "lost")
     os.remove(f"{trainer.latest_checkpoint(str(tmp_path / 'lost'))}/state-rank00001.pt")
     err = _torchrun(tmp_path, 2, "lost", "--max-iterations", "3", "--resume", fails=True)
     assert "state-rank00001.pt is missing" in err and "resuming failed on another rank" in err
+
+
+def test_resume_with_another_number_of_dp_ranks(tmp_path):
+    """A run checkpointed by 2 DP ranks (optimizer sharded) resumed by 1 process, and one checkpointed by 1 process
+    resumed by 2 ranks (sharded anew): each continues as a straight DP=2 run does (the same up to the order of the
+    reductions), since the prompt order and the samples do not depend on the DP size and the optimizer is
+    re-sharded; another --tp is refused by name."""
+    straight = _torchrun(tmp_path, 2, "straight", "--max-iterations", "2")[0]["history"]
+    _torchrun(tmp_path, 2, "two_to_one", "--max-iterations", "1")
+    one = _run(tmp_path / "two_to_one", "--max-iterations", "2", "--resume", factory=naive_factory)
+    _run(tmp_path / "one_to_two", "--max-iterations", "1", factory=naive_factory)
+    two = _torchrun(tmp_path, 2, "one_to_two", "--max-iterations", "2", "--resume")[0]["history"]
+    for resumed in (one, two):
+        assert [m["iteration"] for m in resumed] == [2]
+        for k, v in straight[1].items():
+            if k not in TIMING:
+                assert resumed[0][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    w = {d: _weights(f"{trainer.latest_checkpoint(str(tmp_path / d))}/policy", "lm") for d in
+         ("straight", "two_to_one", "one_to_two")}  # fmt: skip
+    for d in ("two_to_one", "one_to_two"):
+        for k, v in w["straight"].items():
+            torch.testing.assert_close(w[d][k], v, atol=1e-6, rtol=1e-5, msg=f"{d} {k}")
+    err = _torchrun(tmp_path, 2, "two_to_one", "--max-iterations", "3", "--resume", "--tp", "2", fails=True)
+    assert "checkpoint was written with tp 1, now tp 2 (resume with --tp 1" in err
 
 
 def test_batch_sizes_that_do_not_divide_are_refused(tmp_path):
