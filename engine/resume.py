@@ -15,7 +15,7 @@ import torch
 
 from engine.checkpoint import save_pretrained
 from engine.optim import load_optimizer_state, optimizer_state
-from engine.parallel import raise_together
+from engine.parallel import print0, raise_together
 
 if TYPE_CHECKING:
     from engine.trainer import TrainState
@@ -160,12 +160,22 @@ def _load_states(ckpt: str, grid, distributed: bool) -> tuple[dict | None, list[
     return states[0], states, None
 
 
+def _changed_hyperparameters(saved: dict, now: dict) -> str:
+    """'name saved -> now' for each PPOConfig field whose value differs ('' if none)."""
+    norm = lambda v: list(v) if isinstance(v, (tuple, list)) else v  # noqa: E731
+    keys = sorted(set(saved) | set(now))
+    return ", ".join(f"{k} {saved.get(k)} -> {now.get(k)}" for k in keys if norm(saved.get(k)) != norm(now.get(k)))
+
+
 def load_trainer_state(state: TrainState, ckpt: str) -> None:
     """Restore the run from checkpoint `ckpt`, also with another number of data-parallel ranks (the same --tp):
     the prompt order and the samples do not depend on it, and the optimizers are re-sharded."""
     sd, all_dp, error = _load_states(ckpt, state.grid, state.policy_opt.buckets is not None)
     raise_together(error, "resuming")  # (the optimizers' state loads through collectives below)
     state.iteration, state.step, state.total_steps = sd["iteration"], sd["step"], sd["total_steps"]
+    changed = _changed_hyperparameters(sd["ppo_config"], dataclasses.asdict(state.cfg))
+    if changed:  # (it may be meant, as a lower learning rate after a spike; it is never silent)
+        print0(f"resuming with PPO hyperparameters other than the checkpoint's: {changed}")
     state.data.load_state_dict(sd["data"])
     if state.grid.rank == 0:
         trim_logs(state.run.output_dir, state.iteration)

@@ -447,11 +447,20 @@ def log_metrics(state: TrainState, metrics: dict) -> None:
         f"iter {metrics['iteration']}/{state.iterations} step {metrics['step']} {line} "
         f"no_eos {metrics['no_eos_frac']:.2f} gen {metrics['gen_tok_s']:.0f} tok/s "
         f"train {metrics['train_tok_s']:.0f} tok/s time {metrics['time_iteration']:.1f}s "
-        f"(gen {metrics['time_generate']:.1f} score {metrics['time_score']:.1f} train {metrics['time_train']:.1f})"
+        f"(gen {metrics['time_generate']:.1f} score {metrics['time_score']:.1f} train {metrics['time_train']:.1f}) "
+        f"eta {_eta(state)}"
     )
     os.makedirs(state.run.output_dir, exist_ok=True)
     with open(os.path.join(state.run.output_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(metrics) + "\n")
+
+
+def _eta(state: TrainState) -> str:
+    """The time the run's remaining iterations take at this process's mean so far, as 1h02m."""
+    seconds = (
+        sum(m["time_iteration"] for m in state.history) / len(state.history) * (state.iterations - state.iteration)
+    )
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
 
 
 def _profiled_iteration(state: TrainState) -> dict:

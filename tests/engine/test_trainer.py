@@ -408,3 +408,16 @@ def test_resume_with_another_number_of_dp_ranks(tmp_path):
 def test_batch_sizes_that_do_not_divide_are_refused(tmp_path):
     with pytest.raises(ValueError, match="not a multiple of train_batch_size 4"):
         _state(tmp_path, "--rollout-batch-size", "6")
+
+
+def test_resume_names_changed_hyperparameters(tmp_path, capsys):
+    _run(tmp_path, "--max-iterations", "1")
+    capsys.readouterr()
+    _run(tmp_path, "--max-iterations", "2", "--resume", "--adam-betas", "0.9", "0.999")  # the same values
+    out = capsys.readouterr().out
+    assert "other than the checkpoint's" not in out and "eta 0h00m" in out
+    _run(tmp_path, "--max-iterations", "3", "--resume", "--kl-coef", "0.1", "--clip-ratio", "0.3")
+    assert (
+        "hyperparameters other than the checkpoint's: clip_ratio 0.2 -> 0.3, kl_coef 0.05 -> 0.1"
+        in capsys.readouterr().out
+    )
