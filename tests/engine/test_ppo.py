@@ -179,3 +179,26 @@ def test_lr_schedule():
 def test_last_response_index():
     mask = torch.tensor([[0, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
     assert ppo.last_response_index(mask).tolist() == [2, 0, 3]
+
+
+def test_defaults_are_the_recipe():
+    """PPOConfig's defaults and the 13B shape are RECIPE.md's table (Tulu V2.5 PPO 13B), value by value: a default
+    changed by accident would change every run that relies on it."""
+    from engine.config import ModelConfig
+
+    recipe = dict(
+        learning_rate=1e-6, lr_schedule="linear", warmup_ratio=0.1, adam_betas=(0.9, 0.999), adam_eps=1e-8,
+        weight_decay=0.0, max_grad_norm=1.0, train_batch_size=64, rollout_batch_size=512, samples_per_prompt=1,
+        ppo_epochs=1, prompt_epochs=1, kl_coef=0.05, kl_estimator="k1", missing_eos_penalty=-10.0,
+        whiten_rewards=False, gamma=1.0, lam=0.95, whiten_advantages=True, clip_ratio=0.2, clip_value=0.2,
+        value_loss_coef=0.1, temperature=0.7, max_new_tokens=1024, max_prompt_len=1024,
+        recompute_old_logprobs_per_minibatch=False,
+    )  # fmt: skip
+    cfg = PPOConfig()
+    assert {k: getattr(cfg, k) for k in recipe} == recipe
+    assert set(recipe) == {f for f in cfg.__dataclass_fields__}  # a new field needs its recipe value here
+    assert cfg.rollout_batch_size * cfg.samples_per_prompt // cfg.train_batch_size == 8  # optimizer steps a rollout
+    m = ModelConfig.named("llama2-13b")
+    shape = (m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.intermediate_size, m.vocab_size)
+    assert shape == (5120, 40, 40, 40, 13824, 32000)
+    assert (m.rms_norm_eps, m.rope_theta, m.max_position_embeddings, m.dtype) == (1e-5, 10000.0, 4096, "bfloat16")
