@@ -12,6 +12,9 @@ no_eos_frac) and writes every answer to OUTPUT_DIR/eval/iter-NNNNNN.jsonl. The p
 data-parallel ranks. An evaluation draws none of the run's random numbers, so training is the same with or without
 it.
 
+Evaluation alone (--eval-only): --policy (say a PPO checkpoint's policy/) against --reference (say the SFT model) and
+--reward on the evaluation set, without training, no value model or optimizer built (setup_evaluation).
+
 Samples (--log-samples K): the first K sequences of each iteration's rollout (data-parallel rank 0's share), with
 their scores and KL, appended to OUTPUT_DIR/samples.jsonl.
 """
@@ -127,11 +130,39 @@ def evaluate(state: TrainState) -> dict:
             f.write(json.dumps(metrics) + "\n")
         if state.tracker is not None:
             state.tracker.log(metrics, prefix="eval/")
+        what = f"eval of {state.run.policy}" if state.run.eval_only else f"eval after iteration {state.iteration}"
         print0(
-            f"eval after iteration {state.iteration} ({int(n)} prompts, {metrics['time']:.1f}s): "
+            f"{what} ({int(n)} prompts, {metrics['time']:.1f}s): "
             + " ".join(f"{k} {metrics[k]:.4g}" for k in EVAL_KEYS)
         )
     return metrics
+
+
+def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
+    """The state --eval-only needs: the policy, the reference (--reference, default the policy) and the reward
+    model, frozen, the evaluation set and a generator; no value model, optimizers or training prompts."""
+    from engine.resume import start_fresh
+    from engine.tokenizer import load_tokenizer
+    from engine.trainer import TrainState, evaluation_set, make_generator, model_loader
+
+    if not (run.policy and run.reward and (run.eval_prompts or run.eval_holdout)):
+        raise ValueError("--eval-only needs --policy, --reward and --eval-prompts")
+    if run.eval_holdout:
+        raise ValueError("--eval-only takes --eval-prompts (--eval-holdout draws from a training set)")
+    tokenizer_dir = run.tokenizer or run.policy
+    tokenizer = load_tokenizer(tokenizer_dir)
+    _, eval_set = evaluation_set(cfg, run, grid, tokenizer, None)
+    start_fresh(run.output_dir, run.overwrite_output_dir, grid.rank)
+    device, load = model_loader(run, grid)
+    policy, ref, reward = load(run.policy, "lm"), load(run.reference or run.policy, "lm"), load(run.reward, "score")
+    for m in (policy, ref, reward):
+        m.requires_grad_(False)
+    stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    state = TrainState(cfg, run, grid, device, policy, ref, None, reward, None, None, None, None, stop_ids,
+                       tokenizer_dir, 0, 0)  # fmt: skip
+    state.tokenizer, state.eval_prompts = tokenizer, eval_set
+    state.generator = (generator_factory or make_generator)(policy, cfg, run)
+    return state
 
 
 def log_samples(state: TrainState, ro: Rollout) -> None:

@@ -178,7 +178,7 @@ def prepare_tiny(run: RunConfig) -> RunConfig:
 
 
 def main(argv: list[str] | None = None, *, generator_factory=None) -> list[dict]:
-    """Parse flags, set up, train; returns the per-iteration metrics."""
+    """Parse flags, set up, train; returns the per-iteration metrics (with --eval-only: the evaluation's)."""
     from engine.parallel import init_process_grid
 
     cfg, run, tiny = parse_args(argv)
@@ -186,6 +186,10 @@ def main(argv: list[str] | None = None, *, generator_factory=None) -> list[dict]
     try:
         if tiny:
             run = prepare_tiny(run)
+        if run.eval_only:
+            from engine.evaluate import evaluate, setup_evaluation
+
+            return [evaluate(setup_evaluation(cfg, run, grid, generator_factory))]
         kw = {"generator_factory": generator_factory} if generator_factory else {}
         state = setup(cfg, run, grid=grid, **kw)
         return train(state)

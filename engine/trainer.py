@@ -47,6 +47,7 @@ class RunConfig:
     """Everything about a run that is not a PPO hyperparameter (CLI flags next to PPOConfig's)."""
 
     policy: str | None = None  # HF directory of the SFT policy (also the frozen reference)
+    reference: str | None = None  # HF directory of the frozen KL reference (default: --policy, the recipe's)
     reward: str | None = None  # HF directory of the reward model (also the value model's start)
     prompts: str | None = None  # JSONL prompt file
     tokenizer: str | None = None  # tokenizer directory (default: the policy's)
@@ -80,6 +81,7 @@ class RunConfig:
     eval_every: int = 0  # iterations between evaluations (0: only before the first and after the last)
     eval_holdout: int = 0  # hold this many prompts of --prompts out of training as the evaluation set (seeded)
     eval_greedy: bool = False  # evaluate with greedy decoding instead of the rollouts' sampling
+    eval_only: bool = False  # evaluate --policy (against --reference) on the evaluation set, then stop: no training
     log_samples: int = 2  # rollout sequences per iteration written with their scores to samples.jsonl
     wandb_project: str = ""  # also log the metrics to this Weights & Biases project (needs `pip install wandb`)
     wandb_run_name: str = ""  # the W&B run's name (default: the output directory's name)
@@ -165,11 +167,33 @@ def setup(
     grid = grid or init_process_grid(run.tp, timeout_minutes=run.dist_timeout_minutes)
     check_batch_sizes(cfg, grid)  # before loading four models
     check_available(run.wandb_project, grid.rank)
-    device = resolve_device(run.device, grid)
-    dtype = resolve_dtype(run.dtype, device)
+    device, load = model_loader(run, grid)
     tokenizer_dir = run.tokenizer or run.policy
     tokenizer = load_tokenizer(tokenizer_dir)
     prompt_set = load_prompts(run.prompts, tokenizer, cfg.max_prompt_len, verbose=grid.rank == 0)
+    prompt_set, eval_set = evaluation_set(cfg, run, grid, tokenizer, prompt_set)
+    ckpt = latest_checkpoint(run.output_dir) if run.resume else None
+    if run.resume:
+        print0(f"resuming from {ckpt}" if ckpt else f"--resume: no checkpoint in {run.output_dir} yet, starting fresh")
+    if ckpt is None and run.output_dir:  # (a resume with nothing to resume drops the dead run's metrics)
+        start_fresh(run.output_dir, run.overwrite_output_dir or run.resume, grid.rank)
+    models = (
+        load(os.path.join(ckpt, "policy") if ckpt else run.policy, "lm"),
+        load(run.reference or run.policy, "lm"),
+        load(os.path.join(ckpt, "value") if ckpt else run.reward, "score"),
+        load(run.reward, "score"),
+    )
+    stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    state = make_state(cfg, run, grid, models, prompt_set.prompts, stop_ids, tokenizer_dir, generator_factory=None)
+    state.tokenizer, state.eval_prompts = tokenizer, eval_set
+    if ckpt:
+        load_trainer_state(state, ckpt)
+    state.generator = generator_factory(state.policy, cfg, run)
+    return state
+
+
+def evaluation_set(cfg: PPOConfig, run: RunConfig, grid: ProcessGrid, tokenizer, prompt_set: PromptSet | None):
+    """(training prompts, evaluation prompts or None) from --eval-prompts or --eval-holdout."""
     eval_set = None
     if run.eval_holdout:
         if run.eval_prompts:
@@ -182,27 +206,15 @@ def setup(
         raise ValueError("--eval-every needs --eval-prompts (a held-out prompt file) or --eval-holdout")
     if eval_set is not None and len(eval_set.prompts) < grid.dp:
         raise ValueError(f"{len(eval_set.prompts)} eval prompts cannot be split over {grid.dp} data-parallel ranks")
-    ckpt = latest_checkpoint(run.output_dir) if run.resume else None
-    if run.resume:
-        print0(f"resuming from {ckpt}" if ckpt else f"--resume: no checkpoint in {run.output_dir} yet, starting fresh")
-    if ckpt is None and run.output_dir:  # (a resume with nothing to resume drops the dead run's metrics)
-        start_fresh(run.output_dir, run.overwrite_output_dir or run.resume, grid.rank)
-    load = lambda path, head: load_pretrained(
-        path, head=head, dtype=dtype, device=device, group=grid.tp_group, sequence_parallel=run.sequence_parallel
-    )
-    models = (
-        load(os.path.join(ckpt, "policy") if ckpt else run.policy, "lm"),
-        load(run.policy, "lm"),
-        load(os.path.join(ckpt, "value") if ckpt else run.reward, "score"),
-        load(run.reward, "score"),
-    )
-    stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    state = make_state(cfg, run, grid, models, prompt_set.prompts, stop_ids, tokenizer_dir, generator_factory=None)
-    state.tokenizer, state.eval_prompts = tokenizer, eval_set
-    if ckpt:
-        load_trainer_state(state, ckpt)
-    state.generator = generator_factory(state.policy, cfg, run)
-    return state
+    return prompt_set, eval_set
+
+
+def model_loader(run: RunConfig, grid: ProcessGrid):
+    """(device, load(path, head) -> Transformer on it, this run's dtype, TP group and layout)."""
+    device = resolve_device(run.device, grid)
+    dtype = resolve_dtype(run.dtype, device)
+    kw = {"dtype": dtype, "device": device, "group": grid.tp_group, "sequence_parallel": run.sequence_parallel}
+    return device, lambda path, head: load_pretrained(path, head=head, **kw)
 
 
 def plan_recompute(state: TrainState) -> None:

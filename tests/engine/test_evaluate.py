@@ -149,3 +149,24 @@ def test_eval_holdout_takes_the_evaluation_set_out_of_the_training_prompts(tmp_p
         _state(tmp_path / "b", "--eval-holdout", "8", "--eval-prompts", TINY_EVAL_PROMPTS)
     with pytest.raises(ValueError, match="cannot hold out 48 of 48 prompts"):
         _state(tmp_path / "c", "--eval-holdout", "48")
+
+
+def test_eval_only_reproduces_the_evaluation_after_training(tmp_path):
+    """--eval-only of a checkpoint's policy against the initial one (--reference) gives the evaluation the run made
+    after that iteration (the same stream, the same models), without building a value model or optimizers."""
+    from engine.train_ppo import main
+
+    _run(tmp_path / "run", "--max-iterations", "2")
+    ckpt, init = trainer.latest_checkpoint(str(tmp_path / "run")), tmp_path / "run/init"
+    with dispatch.reference_ops():
+        (only,) = main(["--eval-only", "--policy", f"{ckpt}/policy", "--reference", str(init / "policy"),
+                        "--reward", str(init / "reward"), "--eval-prompts", TINY_EVAL_PROMPTS, "--output-dir",
+                        str(tmp_path / "only"), "--max-prompt-len", "128", "--max-new-tokens", "8"])  # fmt: skip
+    during = _lines(tmp_path / "run/eval.jsonl")[-1]
+    assert during["iteration"] == 2 and during["kl"] > 0
+    for k in evaluate.EVAL_KEYS:
+        assert only[k] == during[k], k
+    answers = lambda path: [r["response"] for r in _lines(path)]  # noqa: E731
+    assert answers(tmp_path / "only/eval/iter-000000.jsonl") == answers(tmp_path / "run/eval/iter-000002.jsonl")
+    with pytest.raises(ValueError, match="--eval-only needs --policy, --reward and --eval-prompts"):
+        main(["--eval-only", "--policy", f"{ckpt}/policy", "--reward", str(init / "reward")])
