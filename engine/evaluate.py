@@ -143,12 +143,14 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     model, frozen, the evaluation set and a generator; no value model, optimizers or training prompts."""
     from engine.resume import start_fresh
     from engine.tokenizer import load_tokenizer
+    from engine.tracking import Tracker, check_available
     from engine.trainer import TrainState, evaluation_set, make_generator, model_loader
 
     if not (run.policy and run.reward and (run.eval_prompts or run.eval_holdout)):
         raise ValueError("--eval-only needs --policy, --reward and --eval-prompts")
     if run.eval_holdout:
         raise ValueError("--eval-only takes --eval-prompts (--eval-holdout draws from a training set)")
+    check_available(run.wandb_project, grid.rank)
     tokenizer_dir = run.tokenizer or run.policy
     tokenizer = load_tokenizer(tokenizer_dir)
     _, eval_set = evaluation_set(cfg, run, grid, tokenizer, None)
@@ -162,7 +164,15 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
                        tokenizer_dir, 0, 0)  # fmt: skip
     state.tokenizer, state.eval_prompts = tokenizer, eval_set
     state.generator = (generator_factory or make_generator)(policy, cfg, run)
+    state.tracker = Tracker(state)
     return state
+
+
+def evaluate_only(cfg, run, grid, generator_factory=None) -> dict:
+    """--eval-only: set up, evaluate once (logged as usual, W&B included), return the metrics."""
+    state = setup_evaluation(cfg, run, grid, generator_factory)
+    with state.tracker:
+        return evaluate(state)
 
 
 def log_samples(state: TrainState, ro: Rollout) -> None:

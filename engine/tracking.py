@@ -63,6 +63,12 @@ class Tracker:
         step = metrics["iteration"]
         self.wandb.log({prefix + k: v for k, v in metrics.items() if k != "iteration"}, step=step)
 
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.finish(failed=exc_type is not None)
+
     def finish(self, failed: bool = False) -> None:
         """End the W&B run (marked failed when the training loop raised)."""
         if self.wandb is not None:

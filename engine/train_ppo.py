@@ -187,9 +187,9 @@ def main(argv: list[str] | None = None, *, generator_factory=None) -> list[dict]
         if tiny:
             run = prepare_tiny(run)
         if run.eval_only:
-            from engine.evaluate import evaluate, setup_evaluation
+            from engine.evaluate import evaluate_only
 
-            return [evaluate(setup_evaluation(cfg, run, grid, generator_factory))]
+            return [evaluate_only(cfg, run, grid, generator_factory)]
         kw = {"generator_factory": generator_factory} if generator_factory else {}
         state = setup(cfg, run, grid=grid, **kw)
         return train(state)

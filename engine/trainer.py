@@ -46,7 +46,7 @@ from engine.tracking import Tracker, check_available
 class RunConfig:
     """Everything about a run that is not a PPO hyperparameter (CLI flags next to PPOConfig's)."""
 
-    policy: str | None = None  # HF directory of the SFT policy (also the frozen reference)
+    policy: str | None = None  # HF directory of the SFT policy (also the frozen reference, unless --reference)
     reference: str | None = None  # HF directory of the frozen KL reference (default: --policy, the recipe's)
     reward: str | None = None  # HF directory of the reward model (also the value model's start)
     prompts: str | None = None  # JSONL prompt file
@@ -382,9 +382,9 @@ def ppo_iteration(state: TrainState) -> dict:
     peak_generate = _peak_gib(dev)
     with record_function("ppo/score"):
         score_rollout(state, ro)
-    log_samples(state, ro)
     t2 = _sync(dev)
     peak_score = _peak_gib(dev)
+    log_samples(state, ro)
     plan_recompute(state)
     with record_function("ppo/train"):
         train = train_rollout(state, ro)
@@ -525,12 +525,8 @@ def train(state: TrainState) -> list[dict]:
         f"of {len(state.data)}, {state.total_steps} optimizer steps in the schedule"
     )
     state.tracker = state.tracker or Tracker(state)
-    try:
+    with state.tracker:  # (a W&B run ends with the loop, marked failed if it raised)
         _loop(state)
-    except BaseException:
-        state.tracker.finish(failed=True)
-        raise
-    state.tracker.finish()
     return state.history
 
 

@@ -83,3 +83,19 @@ def test_real_wandb_offline(tmp_path, monkeypatch):
     run_id = (tmp_path / "wandb-run-id").read_text().strip()
     runs = sorted(d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-"))
     assert len(runs) == 2 and all(d.endswith(run_id) for d in runs)  # one W&B run, continued
+
+
+def test_eval_only_goes_to_wandb_too(tmp_path, monkeypatch):
+    from engine.tokenizer import TINY_EVAL_PROMPTS
+    from engine.train_ppo import main
+
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    _run(tmp_path / "run", "--max-iterations", "1")
+    fake.calls.clear()
+    init = tmp_path / "run/init"
+    main(["--eval-only", "--policy", str(init / "policy"), "--reward", str(init / "reward"), "--eval-prompts",
+          TINY_EVAL_PROMPTS, "--output-dir", str(tmp_path / "only"), "--wandb-project", "p"])  # fmt: skip
+    (kind, init_kw), (_, step, data), finish = fake.calls
+    assert kind == "init" and init_kw["name"] == "only" and finish == ("finish", 0)
+    assert step == 0 and data["eval/prompts"] == 16
