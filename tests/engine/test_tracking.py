@@ -9,6 +9,7 @@ import types
 import pytest
 
 from engine import trainer
+from kernels import dispatch
 from tests.engine.test_trainer import _run
 
 
@@ -94,8 +95,9 @@ def test_eval_only_goes_to_wandb_too(tmp_path, monkeypatch):
     _run(tmp_path / "run", "--max-iterations", "1")
     fake.calls.clear()
     init = tmp_path / "run/init"
-    main(["--eval-only", "--policy", str(init / "policy"), "--reward", str(init / "reward"), "--eval-prompts",
-          TINY_EVAL_PROMPTS, "--output-dir", str(tmp_path / "only"), "--wandb-project", "p"])  # fmt: skip
+    with dispatch.reference_ops():
+        main(["--eval-only", "--policy", str(init / "policy"), "--reward", str(init / "reward"), "--eval-prompts",
+              TINY_EVAL_PROMPTS, "--output-dir", str(tmp_path / "only"), "--wandb-project", "p"])  # fmt: skip
     (kind, init_kw), (_, step, data), finish = fake.calls
     assert kind == "init" and init_kw["name"] == "only" and finish == ("finish", 0)
     assert step == 0 and data["eval/prompts"] == 16
