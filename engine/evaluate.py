@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 EVAL_STREAM = -1  # the random stream evaluations sample from (a rollout's is its iteration index, >= 0)
 EVAL_KEYS = ("score", "score_penalized", "kl", "reward", "response_len", "no_eos_frac")
+EVAL_TABLE_ROWS = 32  # answers of each evaluation shown in W&B (eval/iter-N.jsonl holds them all)
 
 
 def eval_due(state: TrainState, *, at_start: bool = False) -> bool:
@@ -124,12 +125,14 @@ def evaluate(state: TrainState) -> dict:
     if grid.rank == 0:
         out = state.run.output_dir
         os.makedirs(os.path.join(out, EVAL_DIR), exist_ok=True)
-        data = "".join(json.dumps(r) + "\n" for r in sorted(records, key=lambda r: r["prompt_index"])).encode()
+        records = sorted(records, key=lambda r: r["prompt_index"])
+        data = "".join(json.dumps(r) + "\n" for r in records).encode()
         atomic_write(os.path.join(out, EVAL_DIR, f"iter-{state.iteration:06d}.jsonl"), lambda f: f.write(data))
         with open(os.path.join(out, "eval.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if state.tracker is not None:
             state.tracker.log(metrics, prefix="eval/")
+            state.tracker.log_table("eval/answers", records[:EVAL_TABLE_ROWS], step=state.iteration)
         what = f"eval of {state.run.policy}" if state.run.eval_only else f"eval after iteration {state.iteration}"
         print0(
             f"{what} ({int(n)} prompts, {metrics['time']:.1f}s): "
@@ -182,6 +185,8 @@ def log_samples(state: TrainState, ro: Rollout) -> None:
         return
     records = sample_records(state, ro, sequence_stats(state, ro), list(range(k)))
     os.makedirs(state.run.output_dir, exist_ok=True)
+    records = [{"iteration": state.iteration + 1, **rec} for rec in records]
     with open(os.path.join(state.run.output_dir, "samples.jsonl"), "a") as f:
-        for rec in records:
-            f.write(json.dumps({"iteration": state.iteration + 1, **rec}) + "\n")
+        f.write("".join(json.dumps(rec) + "\n" for rec in records))
+    if state.tracker is not None:
+        state.tracker.log_table("samples", records, step=state.iteration + 1)

@@ -2,8 +2,10 @@
 
 With --wandb-project P, global rank 0 sends every line it writes to metrics.jsonl (at step = iteration) and to
 eval.jsonl (as eval/<key>, at the iteration it evaluated), with the PPO and run configuration as the W&B run's
-config. The W&B run's id is kept in OUTPUT_DIR/wandb-run-id, so --resume continues the same W&B run (a fresh run,
-or --overwrite-output-dir, starts a new one). WANDB_MODE=offline and the other WANDB_* variables work as usual.
+config, and tables of answers: each evaluation's first EVAL_TABLE_ROWS (eval/answers) and each iteration's logged
+samples (samples). The W&B run's id is kept in OUTPUT_DIR/wandb-run-id, so --resume continues the same W&B run (a
+fresh run, or --overwrite-output-dir, starts a new one). WANDB_MODE=offline and the other WANDB_* variables work as
+usual.
 """
 
 from __future__ import annotations
@@ -62,6 +64,14 @@ class Tracker:
             return
         step = metrics["iteration"]
         self.wandb.log({prefix + k: v for k, v in metrics.items() if k != "iteration"}, step=step)
+
+    def log_table(self, key: str, records: list[dict], step: int) -> None:
+        """Records (dicts with the same keys: sampled answers) as a W&B table at `step`."""
+        if self.wandb is None or not records:
+            return
+        columns = list(records[0])
+        table = self.wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in records])
+        self.wandb.log({key: table}, step=step)
 
     def __enter__(self) -> Tracker:
         return self

@@ -24,6 +24,10 @@ class FakeWandb(types.ModuleType):
         self.calls.append(("init", kw))
         return object()
 
+    class Table:
+        def __init__(self, columns, data):
+            self.columns, self.data = columns, data
+
     def log(self, data, step=None):
         self.calls.append(("log", step, dict(data)))
 
@@ -37,6 +41,14 @@ def test_metrics_and_evaluations_go_to_the_wandb_run_and_a_resume_continues_it(t
     history = _run(tmp_path / "run", "--max-iterations", "2", "--eval-every", "2", "--wandb-project", "p")
     (kind, init), *logs, finish = fake.calls
     assert kind == "init" and finish == ("finish", 0)
+    tables = [c for c in logs if any(isinstance(v, FakeWandb.Table) for v in c[2].values())]
+    logs = [c for c in logs if c not in tables]
+    assert [(step, list(data)) for _, step, data in tables] == [(0, ["eval/answers"]), (1, ["samples"]),
+                                                                 (2, ["samples"]), (2, ["eval/answers"])]  # fmt: skip
+    answers = tables[-1][2]["eval/answers"]
+    assert len(answers.data) == 16 and answers.columns[:2] == ["prompt", "response"]
+    assert [row[answers.columns.index("prompt_index")] for row in answers.data] == list(range(16))
+    assert tables[1][2]["samples"].columns[0] == "iteration" and len(tables[1][2]["samples"].data) == 2
     run_id = (tmp_path / "run/wandb-run-id").read_text().strip()
     assert init["project"] == "p" and init["name"] == "run" and init["id"] == run_id and init["resume"] == "allow"
     assert init["config"]["ppo"]["kl_coef"] == 0.05 and init["config"]["run"]["wandb_project"] == "p"
@@ -48,7 +60,7 @@ def test_metrics_and_evaluations_go_to_the_wandb_run_and_a_resume_continues_it(t
     fake.calls.clear()
     _run(tmp_path / "run", "--max-iterations", "3", "--wandb-project", "p", "--resume")
     assert fake.calls[0][1]["id"] == run_id  # the same W&B run
-    assert [c[1] for c in fake.calls if c[0] == "log"] == [3, 3]  # iteration 3 and the evaluation after it
+    assert [c[1] for c in fake.calls if c[0] == "log"] == [3, 3, 3, 3]  # iteration 3 (+ samples), its evaluation (+)
 
     fake.calls.clear()
     _run(tmp_path / "run", "--max-iterations", "1", "--wandb-project", "p", "--overwrite-output-dir")
@@ -98,6 +110,6 @@ def test_eval_only_goes_to_wandb_too(tmp_path, monkeypatch):
     with dispatch.reference_ops():
         main(["--eval-only", "--policy", str(init / "policy"), "--reward", str(init / "reward"), "--eval-prompts",
               TINY_EVAL_PROMPTS, "--output-dir", str(tmp_path / "only"), "--wandb-project", "p"])  # fmt: skip
-    (kind, init_kw), (_, step, data), finish = fake.calls
+    (kind, init_kw), (_, step, data), (_, _, table), finish = fake.calls
     assert kind == "init" and init_kw["name"] == "only" and finish == ("finish", 0)
-    assert step == 0 and data["eval/prompts"] == 16
+    assert step == 0 and data["eval/prompts"] == 16 and len(table["eval/answers"].data) == 16
