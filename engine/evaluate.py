@@ -93,12 +93,11 @@ def sample_records(state: TrainState, ro: Rollout, stats: dict[str, torch.Tensor
 
 
 def _gather_to_rank0(state: TrainState, records: list[dict]) -> list[dict] | None:
-    """Every data-parallel rank's records on global rank 0 (None elsewhere); a TP group's ranks hold the same."""
+    """Every data-parallel rank's records on global rank 0 (None elsewhere); TP ranks other than 0 send none."""
     if not dist.is_initialized() or state.grid.world_size == 1:
         return records
-    mine = records if state.grid.tp_rank == 0 else []
     out = [None] * state.grid.world_size if state.grid.rank == 0 else None
-    dist.gather_object(mine, out, dst=0)
+    dist.gather_object(records, out, dst=0)
     return [r for part in out for r in part] if out is not None else None
 
 
@@ -117,9 +116,11 @@ def evaluate(state: TrainState) -> dict:
     metrics = {"iteration": state.iteration, "step": state.step, "prompts": int(n)}
     metrics.update({k: g[k] / n for k in EVAL_KEYS if k != "no_eos_frac"})
     metrics["no_eos_frac"] = g["no_eos"] / n
-    records = sample_records(state, ro, stats, list(range(len(ids))))
-    for rec, i in zip(records, ids):
-        rec["prompt_index"] = i
+    records = []  # (a TP group's ranks hold the same answers: its rank 0 decodes them)
+    if grid.tp_rank == 0:
+        records = sample_records(state, ro, stats, list(range(len(ids))))
+        for rec, i in zip(records, ids):
+            rec["prompt_index"] = i
     records = _gather_to_rank0(state, records)
     metrics["time"] = time.perf_counter() - t0
     if grid.rank == 0:
@@ -145,7 +146,7 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     """The state --eval-only needs: the policy, the reference (--reference, default the policy) and the reward
     model, frozen, the evaluation set and a generator; no value model, optimizers or training prompts."""
     from engine.resume import start_fresh
-    from engine.tokenizer import load_tokenizer
+    from engine.tokenizer import load_tokenizer, response_stop_ids
     from engine.tracking import Tracker, check_available
     from engine.trainer import TrainState, evaluation_set, make_generator, model_loader
 
@@ -162,9 +163,9 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     policy, ref, reward = load(run.policy, "lm"), load(run.reference or run.policy, "lm"), load(run.reward, "score")
     for m in (policy, ref, reward):
         m.requires_grad_(False)
-    stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    state = TrainState(cfg, run, grid, device, policy, ref, None, reward, None, None, None, None, stop_ids,
-                       tokenizer_dir, 0, 0)  # fmt: skip
+    stops = response_stop_ids(tokenizer)
+    state = TrainState(cfg, run, grid, device, policy, ref, None, reward, None, None, None, None, stops, tokenizer_dir,
+                       0, 0)  # fmt: skip
     state.tokenizer, state.eval_prompts = tokenizer, eval_set
     state.generator = (generator_factory or make_generator)(policy, cfg, run)
     state.tracker = Tracker(state)

@@ -42,6 +42,11 @@ def load_tokenizer(path: str | os.PathLike = TINY_DIR):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
+def response_stop_ids(tokenizer) -> list[int]:
+    """The token ids that end a response: the tokenizer's EOS (none if it has no EOS)."""
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
 def format_chat(messages: list[dict], eos_token: str, add_generation_prompt: bool = True) -> str:
     """Render messages in the Tulu format; ends with '<|assistant|>\\n' for generation."""
     parts = []

@@ -54,9 +54,7 @@ class Tracker:
                 f.write(run_id + "\n")
         name = run.wandb_run_name or os.path.basename(os.path.normpath(run.output_dir))
         config = {"ppo": dataclasses.asdict(state.cfg), "run": dataclasses.asdict(run), "world": state.grid.world_size}
-        self.run = wandb.init(
-            project=run.wandb_project, name=name, id=run_id, resume="allow", config=config, dir=run.output_dir
-        )
+        wandb.init(project=run.wandb_project, name=name, id=run_id, resume="allow", config=config, dir=run.output_dir)
         self.wandb = wandb
 
     def log(self, metrics: dict, *, prefix: str = "") -> None:

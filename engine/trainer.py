@@ -38,7 +38,7 @@ from engine.optim import Optimizer, accumulate_grads, apply_update, make_optimiz
 from engine.parallel import ProcessGrid, agree, init_process_grid, print0
 from engine.resume import latest_checkpoint, load_trainer_state, save_checkpoint, start_fresh
 from engine.rollout import add_to, chunks, forward_rollout, generate_rollout, policy_logprobs, reduce_sums
-from engine.tokenizer import PromptSet, load_prompts, load_tokenizer
+from engine.tokenizer import PromptSet, load_prompts, load_tokenizer, response_stop_ids
 from engine.tracking import Tracker, check_available
 
 
@@ -183,8 +183,9 @@ def setup(
         load(os.path.join(ckpt, "value") if ckpt else run.reward, "score"),
         load(run.reward, "score"),
     )
-    stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    state = make_state(cfg, run, grid, models, prompt_set.prompts, stop_ids, tokenizer_dir, generator_factory=None)
+    state = make_state(
+        cfg, run, grid, models, prompt_set.prompts, response_stop_ids(tokenizer), tokenizer_dir, generator_factory=None
+    )
     state.tokenizer, state.eval_prompts = tokenizer, eval_set
     if ckpt:
         load_trainer_state(state, ckpt)
