@@ -228,6 +228,58 @@ def test_distributed_optimizer_matches_plain_adam():
     assert r.returncode == 0 and r.stdout.count("optim worker ok") == 2, r.stdout[-3000:] + r.stderr[-3000:]
 
 
+def test_optimizer_state_reshards_between_dp_sizes():
+    """Sharded over 3 DP ranks (uneven padding, parameters straddling buckets and shards), re-sharded for 2 ranks and
+    for an unsharded optimizer: every master and moment equals the slice of the whole flat bucket built here from the
+    per-parameter values (not through the optimizer's own sharding). In one process: no collective is needed."""
+    cfg = PPOConfig()
+    small = dataclasses.replace(ModelConfig.named("tiny"), num_layers=1)
+    model = Transformer(small, "score", dtype=torch.bfloat16).init_weights(seed=2)
+    gen = torch.Generator().manual_seed(0)
+    whole = {k: [torch.randn(p.shape, generator=gen) for p in model.parameters()] for k in ("m", "a", "b")}
+
+    def make(dp, rank, distributed=True):
+        grid = trainer.ProcessGrid(rank=rank, world_size=dp, dp=dp)
+        return optim.make_optimizer(model, cfg, grid, distributed=distributed, bucket_bytes=4 * 3001)
+
+    def flat_slices(opt, dp):  # each bucket's whole flat values, zero-padded, cut into this rank's shard
+        out = {k: [] for k in whole}
+        for b in opt.buckets:
+            for k, ts in whole.items():
+                flat = torch.cat([ts[i].reshape(-1) for i in b.params])
+                flat = torch.cat([flat, flat.new_zeros(b.numel - flat.numel())])
+                out[k].append(flat[b.lo : b.lo + b.numel // dp])
+        return out
+
+    states = []
+    for rank in range(3):
+        src = make(3, rank)
+        assert len(src.buckets) > 3
+        ref = flat_slices(src, 3)
+        for k, m in enumerate(src.masters):
+            m.copy_(ref["m"][k])
+            st = src.adam.state[m]
+            st["exp_avg"].copy_(ref["a"][k])
+            st["exp_avg_sq"].copy_(ref["b"][k])
+            st["step"].fill_(7)
+        states.append(optim.optimizer_state(src))
+    for rank in range(2):
+        dst = make(2, rank)
+        masters, adam = optim._reshard(dst, *optim._per_parameter(dst, states))
+        ref = flat_slices(dst, 2)
+        for k in range(len(dst.buckets)):
+            assert torch.equal(masters[k], ref["m"][k]), k
+            assert torch.equal(adam["state"][k]["exp_avg"], ref["a"][k])
+            assert torch.equal(adam["state"][k]["exp_avg_sq"], ref["b"][k])
+            assert float(adam["state"][k]["step"]) == 7
+    plain = make(1, 0, distributed=False)
+    masters, adam = optim._reshard(plain, *optim._per_parameter(plain, states))
+    for i, m in enumerate(masters):  # bf16 parameters: every one has an fp32 master
+        assert torch.equal(m, whole["m"][i]) and torch.equal(adam["state"][i]["exp_avg_sq"], whole["b"][i])
+    with pytest.raises(ValueError, match="re-sharding needs every rank's"):
+        optim._per_parameter(plain, states[:2])
+
+
 def test_optimizer_steps_as_torch_adamw_from_the_first_step():
     """Our optimizer allocates Adam's moments at construction (a step at lr 0): the parameters stay as they were,
     and its steps equal a fresh torch.optim.AdamW's bit for bit (the step count starts from 0 again)."""
