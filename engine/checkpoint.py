@@ -1,7 +1,8 @@
 """HF safetensors checkpoints <-> engine.model.Transformer.
 
 Loading reads tensor by tensor through safetensors slices, so peak host memory stays near one
-tensor and a tensor-parallel rank reads only its own slice from disk. Saving writes a directory
+tensor and a tensor-parallel rank reads only its own slice from disk (older checkpoints stored as
+pytorch_model*.bin are read too, memory-mapped). Saving writes a directory
 that transformers' AutoModelForCausalLM / AutoModelForSequenceClassification load back, sharded
 above a size limit, into a temporary directory that is renamed into place only once complete; under
 torchrun the ranks write the files in turn, in parallel.
@@ -26,6 +27,7 @@ from engine.parallel import raise_together
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+BIN_INDEX_FILE = "pytorch_model.bin.index.json"  # older checkpoints: PyTorch pickles, read (never written)
 # Buffers old HF Llama checkpoints carry that are recomputed, not loaded.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -65,32 +67,72 @@ def hf_tensor_specs(model: Transformer, prefix: str = "model.") -> dict[str, Ten
 
 
 def checkpoint_files(path: str) -> dict[str, str]:
-    """tensor name -> safetensors file path, from the index or from the single file."""
-    index = os.path.join(path, INDEX_FILE)
-    if os.path.exists(index):
+    """tensor name -> file path, from the index or from the files: safetensors (model.safetensors[.index.json]),
+    else PyTorch pickles (pytorch_model.bin[.index.json], as older HF checkpoints are stored)."""
+    for index_file in (INDEX_FILE, BIN_INDEX_FILE):
+        index = os.path.join(path, index_file)
+        if not os.path.exists(index):
+            continue
         with open(index) as f:
             weight_map = json.load(f)["weight_map"]
         files = {name: os.path.join(path, fn) for name, fn in weight_map.items()}
         for fn in sorted(set(files.values())):
             if not os.path.exists(fn):
-                raise FileNotFoundError(f"{INDEX_FILE} names {os.path.basename(fn)}, which is not in {path}")
+                raise FileNotFoundError(f"{index_file} names {os.path.basename(fn)}, which is not in {path}")
         return files
-    shards = sorted(fn for fn in os.listdir(path) if fn.endswith(".safetensors"))
+    listed = sorted(os.listdir(path))
+    shards = [fn for fn in listed if fn.endswith(".safetensors")]
+    shards = shards or [fn for fn in listed if fn.startswith("pytorch_model") and fn.endswith(".bin")]
     if not shards:
-        hint = (
-            " (PyTorch .bin checkpoints are not read: convert once with transformers, e.g. "
-            "AutoModelForCausalLM.from_pretrained(src, torch_dtype='auto').save_pretrained(dst), "
-            "or AutoModelForSequenceClassification for a reward model)"
-            if any(fn.endswith(".bin") for fn in os.listdir(path))
-            else ""
-        )
-        raise FileNotFoundError(f"no safetensors files in {path}{hint}")
+        raise FileNotFoundError(f"no model weights in {path} (neither *.safetensors nor pytorch_model*.bin)")
     files = {}
     for fn in shards:
-        with safe_open(os.path.join(path, fn), framework="pt") as f:
+        with _open_weights(os.path.join(path, fn)) as f:
             for name in f.keys():
                 files[name] = os.path.join(path, fn)
     return files
+
+
+class _TorchFile:
+    """A PyTorch weights pickle read like safetensors' safe_open: memory-mapped (only the slices used are read),
+    with weights_only=True (a pickle can run code; weights_only unpickles tensors and plain containers only)."""
+
+    def __init__(self, fn: str):
+        try:
+            self.tensors = torch.load(fn, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (pre-zip, torch < 1.6) format cannot be memory-mapped: read it whole
+            self.tensors = torch.load(fn, map_location="cpu", weights_only=True)
+        if not isinstance(self.tensors, dict):
+            raise ValueError(f"{fn} holds a {type(self.tensors).__name__}, not a state dict of tensors")
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def get_slice(self, name: str) -> _TensorSlice:
+        return _TensorSlice(self.tensors[name])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.tensors = None
+
+
+class _TensorSlice:
+    """safetensors' slice interface over a tensor: get_shape() and [a:b] / [:, a:b]."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+    def get_shape(self) -> list[int]:
+        return list(self.t.shape)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        return self.t[idx]
+
+
+def _open_weights(fn: str):
+    return _TorchFile(fn) if fn.endswith(".bin") else safe_open(fn, framework="pt", device="cpu")
 
 
 class _Source:
@@ -112,7 +154,7 @@ def load_pretrained(
     group=None,
     sequence_parallel: bool = True,
 ) -> Transformer:
-    """Load an HF Llama checkpoint directory (config.json + safetensors) into a Transformer.
+    """Load an HF Llama checkpoint directory (config.json + safetensors, or pytorch_model*.bin) into a Transformer.
 
     head: "lm" (LlamaForCausalLM) or "score" (LlamaForSequenceClassification with one label).
     dtype: defaults to the checkpoint's stored dtype. group: a TP process group (load this rank's shard).
@@ -151,7 +193,7 @@ def load_pretrained(
         by_file.setdefault(files[name], []).append(name)
     with torch.no_grad():
         for fn, tensor_names in by_file.items():
-            with safe_open(fn, framework="pt", device="cpu") as f:
+            with _open_weights(fn) as f:
                 for name in tensor_names:
                     sl = f.get_slice(name)
                     shape = tuple(sl.get_shape())
@@ -261,7 +303,7 @@ def _finish_checkpoint_dir(model, tmp, path, plan, names, specs, elt, store_dtyp
     _write_json(os.path.join(tmp, "config.json"), cfg)
     if tokenizer_dir is not None:
         for fn in os.listdir(tokenizer_dir):
-            if fn.startswith(("tokenizer", "special_tokens_map", "chat_template")):
+            if fn.startswith(("tokenizer", "special_tokens_map", "chat_template", "added_tokens")):
                 shutil.copy2(os.path.join(tokenizer_dir, fn), os.path.join(tmp, fn))
     for fn in os.listdir(tmp):
         _fsync(os.path.join(tmp, fn))

@@ -39,7 +39,19 @@ def load_tokenizer(path: str | os.PathLike = TINY_DIR):
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory {path} does not exist")
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        listed = os.listdir(path)
+        if "tokenizer.json" in listed or "tokenizer.model" not in listed:
+            raise
+        # Only a SentencePiece model: transformers would have to convert it (with sentencepiece and protobuf),
+        # and a converted tokenizer can split text differently from the one the model was trained with.
+        raise ValueError(
+            f"tokenizer directory {path} has tokenizer.model but no tokenizer.json, and transformers could not "
+            f"build a fast tokenizer from it ({type(e).__name__}: {str(e).strip().splitlines()[-1]}); copy the "
+            "tokenizer.json the model was trained with (Llama-2 checkpoints ship one) into it"
+        ) from e
 
 
 def response_stop_ids(tokenizer) -> list[int]:

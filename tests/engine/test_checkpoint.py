@@ -10,7 +10,7 @@ import engine.checkpoint as ckpt
 from engine.checkpoint import load_pretrained, save_pretrained
 from engine.config import ModelConfig
 from engine.model import Transformer
-from tests.engine.hf_models import save_hf_model
+from tests.engine.hf_models import rel_err, save_hf_model
 
 
 def _rewrite(path, fn):
@@ -57,11 +57,80 @@ def test_other_architectures_refused(tmp_path):
         load_pretrained(tmp_path)
 
 
-def test_no_safetensors(tmp_path):
+def _write_bin(src, dst, shards: int, legacy: bool = False) -> None:
+    """src's safetensors weights as PyTorch pickles in dst (pytorch_model.bin, or `shards` files and the index), as
+    older HF checkpoints are stored."""
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    tensors = load_file(src / "model.safetensors")
+    names = sorted(tensors)
+    save = lambda sd, fn: torch.save(sd, dst / fn, _use_new_zipfile_serialization=not legacy)  # noqa: E731
+    if shards == 1:
+        save(tensors, "pytorch_model.bin")
+        return
+    weight_map = {}
+    for k in range(shards):
+        fn = f"pytorch_model-{k + 1:05d}-of-{shards:05d}.bin"
+        part = {n: tensors[n] for n in names[k::shards]}
+        save(part, fn)
+        weight_map.update(dict.fromkeys(part, fn))
+    (dst / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def _same_parameters(a, b) -> None:
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert na == nb and pa.dtype == pb.dtype and torch.equal(pa, pb), na
+
+
+@pytest.mark.parametrize("head", ["lm", "score"])
+@pytest.mark.parametrize("shards,legacy", [(1, False), (3, False), (1, True)])
+def test_pytorch_bin_checkpoints_load(tmp_path, head, shards, legacy):
+    """pytorch_model.bin (one file, sharded with its index, the legacy pre-zip format) loads the same weights as
+    the safetensors it was written from; transformers' forward of the model agrees."""
+    hf = save_hf_model(tmp_path / "st", head=head)
+    _write_bin(tmp_path / "st", tmp_path / "bin", shards, legacy)
+    ours = load_pretrained(tmp_path / "bin", head=head)
+    _same_parameters(ours, load_pretrained(tmp_path / "st", head=head))
+    bf16 = lambda d: load_pretrained(tmp_path / d, head=head, dtype=torch.bfloat16)  # noqa: E731
+    _same_parameters(bf16("bin"), bf16("st"))
+    ids = torch.randint(1, 301, (2, 7))
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits
+        got = ours(ids)
+    if head == "score":  # transformers' score at the last token (no padding), ours at every token
+        got, want = got[:, -1], want[:, 0]
+    assert rel_err(got, want) < 2e-5
+
+
+def test_pytorch_bin_tp_slices(tmp_path, monkeypatch):
+    """A tensor-parallel rank reads its slices of a .bin checkpoint as of a safetensors one (TP rank 1 of 2)."""
+    import engine.model
+    import engine.parallel
+
+    save_hf_model(tmp_path / "st", vocab_size=302)
+    _write_bin(tmp_path / "st", tmp_path / "bin", 2)
+    for mod in (engine.parallel, engine.model):  # a stand-in group: rank 1 of 2, no collective is called
+        monkeypatch.setattr(mod, "group_size", lambda g: 1 if g is None else 2, raising=False)
+        monkeypatch.setattr(mod, "group_rank", lambda g: 0 if g is None else 1, raising=False)
+    a, b = (load_pretrained(tmp_path / d, group=object()) for d in ("bin", "st"))
+    assert a.layers[0].mlp.down_proj.weight.shape == (64, 48)  # half of the columns: sliced
+    assert torch.equal(a.norm.weight, b.norm.weight)
+    _same_parameters(a, b)
+
+
+def test_no_weights_named(tmp_path):
     save_hf_model(tmp_path)
-    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
-    with pytest.raises(FileNotFoundError, match=r"no safetensors files.*\.bin.*save_pretrained\(dst\)"):
+    (tmp_path / "model.safetensors").rename(tmp_path / "training_args.bin")  # not model weights
+    with pytest.raises(FileNotFoundError, match=r"no model weights in .*pytorch_model\*\.bin"):
         load_pretrained(tmp_path)
+
+
+def test_bin_index_names_missing_shard(tmp_path):
+    save_hf_model(tmp_path / "st")
+    _write_bin(tmp_path / "st", tmp_path / "bin", 2)
+    (tmp_path / "bin" / "pytorch_model-00002-of-00002.bin").unlink()
+    with pytest.raises(FileNotFoundError, match=r"pytorch_model.bin.index.json names pytorch_model-00002-of-00002"):
+        load_pretrained(tmp_path / "bin")
 
 
 def test_tp_degree_must_divide_heads():

@@ -106,3 +106,18 @@ def test_every_prompt_too_long(tmp_path, tok):
     p.write_text(json.dumps({"prompt": "word " * 100}) + "\n")
     with pytest.raises(ValueError, match="every prompt .* longer than 8 tokens"):
         load_prompts(p, tok, max_prompt_len=8, verbose=False)
+
+
+def test_sentencepiece_only_directory_named(tmp_path):
+    """A directory with tokenizer.model and no tokenizer.json (and no converter installed) is named, with the fix."""
+    pytest.importorskip("transformers")
+    try:
+        import sentencepiece  # noqa: F401
+
+        pytest.skip("sentencepiece is installed: transformers converts the model instead")
+    except ImportError:
+        pass
+    (tmp_path / "tokenizer.model").write_bytes(b"not a real model")
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}')
+    with pytest.raises(ValueError, match=r"has tokenizer.model but no tokenizer.json.*copy the tokenizer.json"):
+        load_tokenizer(tmp_path)
