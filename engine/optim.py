@@ -29,6 +29,7 @@ from engine.parallel import (
     all_gather_single,
     reduce_scatter_single,
 )
+from engine.reshard import SavedOptimizer, relayout
 
 BUCKET_BYTES = 256 * 2**20  # fp32 grads per flat bucket (and per all-reduce / reduce-scatter)
 
@@ -60,6 +61,9 @@ class Optimizer:
     tp_partial: list[bool]  # grads that each TP rank holds its tokens' share of (sequence parallel): summed
     buckets: list[_Bucket] | None = None  # the distributed optimizer (ZeRO-1) over grid.dp_group
     dp_group: dist.ProcessGroup | None = None
+    # how each parameter is split over the TP ranks, whatever the degree (the layer's tp_split: dim, part sizes),
+    # None where every rank holds it whole: what re-laying a checkpoint for another TP degree needs
+    splits: list[tuple[int, list[int]] | None] = field(default_factory=list)
 
 
 def make_optimizer(
@@ -73,11 +77,11 @@ def make_optimizer(
     """Adam for `model`; `distributed` (and more than one DP rank in `grid`): shard it over the DP ranks, in
     buckets of about `bucket_bytes` of fp32 grads (a larger parameter has a bucket of its own)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    sharded_ids = {
-        id(m.weight)
-        for m in model.modules()
-        if isinstance(m, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)) and m.tp > 1
-    }
+    parallel = [
+        m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding))
+    ]
+    split_of = {id(m.weight): m.tp_split for m in parallel}
+    sharded_ids = {id(m.weight) for m in parallel if m.tp > 1}
     partial_ids = {id(p) for p in model.tp_partial_grads()}
     sharded = [id(p) in sharded_ids for p in params]
     tp_partial = [id(p) in partial_ids for p in params]
@@ -94,7 +98,8 @@ def make_optimizer(
     )  # fmt: skip
     _allocate_moments(adam)
     dp_group = grid.dp_group if buckets else None
-    return Optimizer(params, masters, sharded, adam, tp_partial, buckets, dp_group)
+    splits = [split_of.get(id(p)) for p in params]
+    return Optimizer(params, masters, sharded, adam, tp_partial, buckets, dp_group, splits)
 
 
 def _allocate_moments(adam: torch.optim.Optimizer) -> None:
@@ -282,7 +287,7 @@ def write_back(opt: Optimizer) -> None:
 
 def optimizer_state(opt: Optimizer) -> dict:
     """What a checkpoint keeps of an optimizer (the parameters themselves go to the HF checkpoint); with buckets,
-    their parameters too, so that a run with another number of DP ranks can re-shard it."""
+    their parameters too, so that a run of another layout can re-lay it (engine/reshard.py)."""
     if opt.buckets is not None:
         masters = [m.detach().cpu() for m in opt.masters]
     else:
@@ -296,74 +301,27 @@ def optimizer_state(opt: Optimizer) -> dict:
     }
 
 
-def load_optimizer_state(opt: Optimizer, states: dict | list[dict]) -> None:
-    """Restore `opt` from a checkpoint's optimizer state: its own (the same layout), or, to resume with another
-    number of DP ranks or another --distributed-optimizer setting, every saved DP rank's state of this TP rank
-    (in DP-rank order; one is enough when they were not sharded), re-sharded here."""
-    states = [states] if isinstance(states, dict) else states
-    if len(states) == 1 and states[0]["distributed"] == (opt.buckets is not None):  # the same layout
-        masters, adam = states[0]["masters"], states[0]["adam"]
+def load_optimizer_state(opt: Optimizer, saved: dict | SavedOptimizer, tp: int = 1, tp_rank: int = 0) -> None:
+    """Restore `opt` (on TP rank `tp_rank` of `tp`) from a checkpoint's optimizer state: this rank's own (a dict,
+    the same layout), or every saved rank's (SavedOptimizer) to resume with another TP degree, number of DP ranks or
+    --distributed-optimizer setting, re-laid here (engine/reshard.py)."""
+    if isinstance(saved, dict):
+        if saved["distributed"] != (opt.buckets is not None):
+            raise ValueError(
+                "the checkpoint's optimizer is laid out otherwise (sharded over the data-parallel ranks or not): "
+                "re-sharding needs every rank's state"
+            )
+        masters, adam = saved["masters"], saved["adam"]
     else:
-        masters, adam = _reshard(opt, *_per_parameter(opt, states))
+        masters, adam = relayout(opt, saved, tp, tp_rank)
     with torch.no_grad():
         if opt.buckets is not None:
-            for m, saved in zip(opt.masters, masters, strict=True):
-                m.copy_(saved)
+            for m, v in zip(opt.masters, masters, strict=True):
+                m.copy_(v)
             write_back(opt)
         else:
             mixed = [(m, p) for m, p in zip(opt.masters, opt.params) if m is not p]
-            for (m, p), saved in zip(mixed, masters, strict=True):
-                m.copy_(saved)
-                p.copy_(saved)
+            for (m, p), v in zip(mixed, masters, strict=True):
+                m.copy_(v)
+                p.copy_(v)
     opt.adam.load_state_dict(adam)
-
-
-def _per_parameter(opt: Optimizer, states: list[dict]):
-    """The saved optimizer as whole per-parameter tensors of this TP rank (fp32 master, exp_avg, exp_avg_sq, on
-    the CPU) and Adam's step count, whatever DP layout saved it."""
-    n = len(opt.params)
-    m1, m2, masters = [None] * n, [None] * n, [None] * n
-    first = next(iter(states[0]["adam"]["state"].values()))
-    if states[0]["distributed"]:
-        if states[0].get("buckets") is None:
-            raise ValueError("this checkpoint's sharded optimizer predates re-sharding: resume with the same DP size")
-        for k, idx in enumerate(states[0]["buckets"]):
-            total = sum(opt.params[i].numel() for i in idx)
-            if sum(s["masters"][k].numel() for s in states) < total:
-                raise ValueError(
-                    f"the checkpoint's optimizer is sharded over data-parallel ranks and {len(states)} of their states "
-                    "do not cover it: re-sharding needs every rank's"
-                )
-            pieces = [
-                torch.cat([s["masters"][k] for s in states])[:total],
-                torch.cat([s["adam"]["state"][k]["exp_avg"] for s in states])[:total],
-                torch.cat([s["adam"]["state"][k]["exp_avg_sq"] for s in states])[:total],
-            ]
-            start = 0
-            for i in idx:
-                shape, size = opt.params[i].shape, opt.params[i].numel()
-                masters[i], m1[i], m2[i] = (t[start : start + size].view(shape) for t in pieces)
-                start += size
-    else:
-        saved = iter(states[0]["masters"])
-        for i, p in enumerate(opt.params):  # a run's parameters of one dtype, so the same ones had masters
-            st = states[0]["adam"]["state"][i]
-            masters[i] = next(saved) if p.dtype != torch.float32 else p.detach().float().cpu()
-            m1[i], m2[i] = st["exp_avg"], st["exp_avg_sq"]
-    return masters, m1, m2, first["step"]
-
-
-def _reshard(opt: Optimizer, masters, m1, m2, step) -> tuple[list[torch.Tensor], dict]:
-    """(masters, Adam state dict) in `opt`'s layout from whole per-parameter tensors."""
-    if opt.buckets is not None:
-        dp = opt.buckets[0].numel // opt.masters[0].numel()
-        shards = lambda ts: [_flat_shard(ts, b, dp, torch.device("cpu")) for b in opt.buckets]  # noqa: E731
-        masters, m1, m2 = shards(masters), shards(m1), shards(m2)
-    else:
-        masters = [m for m, p in zip(masters, opt.params) if p.dtype != torch.float32]
-    adam = opt.adam.state_dict()  # this optimizer's param_groups (hyperparameters are set every step anyway)
-    adam["state"] = {
-        k: {"step": step.clone() if torch.is_tensor(step) else step, "exp_avg": a, "exp_avg_sq": b}
-        for k, (a, b) in enumerate(zip(m1, m2))
-    }
-    return masters, adam

@@ -296,6 +296,11 @@ class ColumnParallelLinear(nn.Module):
         start = self.tp_rank * size
         _copy_checked(self.weight.data[offset : offset + size], _rows(source, start, start + size), name)
 
+    @property
+    def tp_split(self) -> tuple[int, list[int]]:
+        """(the split dim, the full sizes of the parts along it): each rank holds 1/tp of every part, in order."""
+        return 0, self.output_sizes
+
     def full_part(self, part: int = 0) -> torch.Tensor:
         """This part's full weight, gathered from every rank (for saving)."""
         offset = sum(self.local_sizes[:part])
@@ -324,6 +329,10 @@ class RowParallelLinear(nn.Module):
         start = self.tp_rank * self.local_in
         _copy_checked(self.weight.data, _cols(source, start, start + self.local_in), name)
 
+    @property
+    def tp_split(self) -> tuple[int, list[int]]:
+        return 1, [self.local_in * self.tp]
+
     def full_part(self, part: int = 0) -> torch.Tensor:
         return gather_dim(self.weight.data, 1, self.group)
 
@@ -349,6 +358,10 @@ class VocabParallelEmbedding(nn.Module):
     def load_part(self, source, part: int = 0, name: str = "weight") -> None:
         start = self.vocab_start
         _copy_checked(self.weight.data, _rows(source, start, start + self.local_vocab), name)
+
+    @property
+    def tp_split(self) -> tuple[int, list[int]]:
+        return 0, [self.vocab_size]
 
     def full_part(self, part: int = 0) -> torch.Tensor:
         return gather_dim(self.weight.data, 0, self.group)

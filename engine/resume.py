@@ -16,6 +16,7 @@ import torch
 from engine.checkpoint import save_pretrained
 from engine.optim import load_optimizer_state, optimizer_state
 from engine.parallel import print0, raise_together
+from engine.reshard import SavedOptimizer, needed_ranks
 
 if TYPE_CHECKING:
     from engine.trainer import TrainState
@@ -133,31 +134,35 @@ def _state_file(ckpt: str, rank: int) -> str:
     return os.path.join(ckpt, f"state-rank{rank:05d}.pt")
 
 
-def _load_states(ckpt: str, grid, distributed: bool) -> tuple[dict | None, list[dict] | None, BaseException | None]:
-    """This rank's saved state (after a run of another DP size: the saved state of its TP rank at DP rank 0) and,
-    when the optimizers must be re-sharded, every saved DP rank's state of its TP rank; or the error. The files are
-    memory-mapped: only the tensors used are read."""
+def _load_states(
+    ckpt: str, grid, distributed: bool
+) -> tuple[dict | None, list[dict | None] | None, BaseException | None]:
+    """This rank's saved state and, when the optimizers must be re-laid (another TP degree, number of DP ranks or
+    --distributed-optimizer setting), every saved rank's state that re-laying reads (None for the others); or the
+    error. After a run of another grid, the iteration, data order and RNG come from the saved state of this TP rank
+    at DP rank 0 (of TP rank 0 when the TP degree changed). The files are memory-mapped: only the tensors used are
+    read."""
     load = lambda fn: torch.load(fn, map_location="cpu", weights_only=False, mmap=True)  # noqa: E731
     missing = lambda fn, why: (None, None, FileNotFoundError(f"{fn} is missing ({why})"))  # noqa: E731
     if not os.path.exists(head := _state_file(ckpt, 0)):
         return missing(head, "every run writes it")
     sd = load(head)
-    if sd["tp"] != grid.tp:
-        why = f"resume with --tp {sd['tp']}: the optimizer state is split by tensor-parallel slices"
-        return None, None, ValueError(f"checkpoint was written with tp {sd['tp']}, now tp {grid.tp} ({why})")
-    saved_dp, sharded = sd["world_size"] // sd["tp"], sd["policy_opt"]["distributed"]
-    if saved_dp == grid.dp and (distributed or not sharded):  # this rank's own state
+    saved_tp, saved_dp, sharded = sd["tp"], sd["world_size"] // sd["tp"], sd["policy_opt"]["distributed"]
+    same_grid = saved_tp == grid.tp and saved_dp == grid.dp
+    if same_grid:  # this rank's own state (its RNG too)
         if not os.path.exists(own := _state_file(ckpt, grid.rank)):
             return missing(own, "resume reads the state file each rank wrote")
-        return load(own), None, None
-    if not sharded:  # every DP rank saved the same: DP rank 0's of this TP rank
+        if distributed == sharded:
+            return load(own), None, None
+    elif saved_tp == grid.tp and not sharded and not distributed:  # every DP rank saved the same: DP rank 0's
         return load(_state_file(ckpt, grid.tp_rank)), None, None
-    files = [_state_file(ckpt, d * grid.tp + grid.tp_rank) for d in range(saved_dp)]
-    for fn in files:
-        if not os.path.exists(fn):
-            return missing(fn, "re-sharding the optimizer reads every DP rank's state")
-    states = [load(fn) for fn in files]
-    return states[0], states, None
+    states: list[dict | None] = [None] * sd["world_size"]
+    for r in needed_ranks(saved_tp, saved_dp, sharded):
+        if not os.path.exists(fn := _state_file(ckpt, r)):
+            return missing(fn, "re-laying the optimizer for another layout reads it")
+        states[r] = load(fn)
+    head = load(own) if same_grid else states[grid.tp_rank if saved_tp == grid.tp else 0]
+    return head, states, None
 
 
 def _changed_hyperparameters(saved: dict, now: dict) -> str:
@@ -168,19 +173,24 @@ def _changed_hyperparameters(saved: dict, now: dict) -> str:
 
 
 def load_trainer_state(state: TrainState, ckpt: str) -> None:
-    """Restore the run from checkpoint `ckpt`, also with another number of data-parallel ranks (the same --tp):
-    the prompt order and the samples do not depend on it, and the optimizers are re-sharded."""
-    sd, all_dp, error = _load_states(ckpt, state.grid, state.policy_opt.buckets is not None)
+    """Restore the run from checkpoint `ckpt`, also with another TP degree or number of data-parallel ranks: the
+    prompt order and the samples do not depend on them, and the optimizers are re-laid (engine/reshard.py)."""
+    grid = state.grid
+    sd, saved, error = _load_states(ckpt, grid, state.policy_opt.buckets is not None)
     raise_together(error, "resuming")  # (the optimizers' state loads through collectives below)
     state.iteration, state.step, state.total_steps = sd["iteration"], sd["step"], sd["total_steps"]
     changed = _changed_hyperparameters(sd["ppo_config"], dataclasses.asdict(state.cfg))
     if changed:  # (it may be meant, as a lower learning rate after a spike; it is never silent)
         print0(f"resuming with PPO hyperparameters other than the checkpoint's: {changed}")
     state.data.load_state_dict(sd["data"])
-    if state.grid.rank == 0:
+    if grid.rank == 0:
         trim_logs(state.run.output_dir, state.iteration)
     for name, opt in (("policy_opt", state.policy_opt), ("value_opt", state.value_opt)):
-        load_optimizer_state(opt, [s[name] for s in all_dp] if all_dp else sd[name])
+        if saved is None:
+            load_optimizer_state(opt, sd[name])
+        else:
+            states = [s[name] if s is not None else None for s in saved]
+            load_optimizer_state(opt, SavedOptimizer(states, sd["tp"], len(saved) // sd["tp"]), grid.tp, grid.tp_rank)
     torch.set_rng_state(sd["rng"])
     if sd["cuda_rng"] is not None and state.device.type == "cuda":
         torch.cuda.set_rng_state(sd["cuda_rng"], state.device)

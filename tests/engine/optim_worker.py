@@ -22,6 +22,7 @@ from engine import optim  # noqa: E402
 from engine.config import ModelConfig, PPOConfig  # noqa: E402
 from engine.model import Transformer  # noqa: E402
 from engine.parallel import init_process_grid  # noqa: E402
+from engine.reshard import SavedOptimizer  # noqa: E402
 
 
 def model():
@@ -83,7 +84,7 @@ def main() -> None:
     dist.all_gather_object(states, optim.optimizer_state(zero))
     unsharded_m = model()
     unsharded = optim.make_optimizer(unsharded_m, cfg, grid)
-    optim.load_optimizer_state(unsharded, states)
+    optim.load_optimizer_state(unsharded, SavedOptimizer(states, tp=1, dp=grid.dp))
     for a, b in zip(zero_m.parameters(), unsharded_m.parameters()):
         assert torch.equal(a, b)
     whole = [unsharded.adam.state[u]["exp_avg_sq"] for u in unsharded.masters]

@@ -17,6 +17,7 @@ from engine import optim, trainer
 from engine.checkpoint import load_pretrained
 from engine.config import ModelConfig, PPOConfig
 from engine.model import Transformer
+from engine.reshard import SavedOptimizer, relayout
 from engine.train_ppo import build_parser, main, parse_args, prepare_tiny
 from kernels import dispatch
 from tests.engine.ppo_dp_worker import naive_factory
@@ -265,7 +266,7 @@ def test_optimizer_state_reshards_between_dp_sizes():
         states.append(optim.optimizer_state(src))
     for rank in range(2):
         dst = make(2, rank)
-        masters, adam = optim._reshard(dst, *optim._per_parameter(dst, states))
+        masters, adam = relayout(dst, SavedOptimizer(states, tp=1, dp=3), 1, 0)
         ref = flat_slices(dst, 2)
         for k in range(len(dst.buckets)):
             assert torch.equal(masters[k], ref["m"][k]), k
@@ -273,11 +274,85 @@ def test_optimizer_state_reshards_between_dp_sizes():
             assert torch.equal(adam["state"][k]["exp_avg_sq"], ref["b"][k])
             assert float(adam["state"][k]["step"]) == 7
     plain = make(1, 0, distributed=False)
-    masters, adam = optim._reshard(plain, *optim._per_parameter(plain, states))
+    masters, adam = relayout(plain, SavedOptimizer(states, tp=1, dp=3), 1, 0)
     for i, m in enumerate(masters):  # bf16 parameters: every one has an fp32 master
         assert torch.equal(m, whole["m"][i]) and torch.equal(adam["state"][i]["exp_avg_sq"], whole["b"][i])
-    with pytest.raises(ValueError, match="re-sharding needs every rank's"):
-        optim._per_parameter(plain, states[:2])
+    with pytest.raises(ValueError, match="re-laying the optimizer needs the state of saved rank 2"):
+        relayout(plain, SavedOptimizer([*states[:2], None], tp=1, dp=3), 1, 0)
+
+
+class _FakeGroup:
+    """A stand-in TP group for building one rank's shards in one process (no collective is called)."""
+
+    def __init__(self, size, rank):
+        self.size, self.rank = size, rank
+
+
+@pytest.mark.parametrize("src_tp,src_dp,src_dist,dst_tp,dst_dp,dst_dist", [
+    (2, 3, True, 1, 1, False),  # TP 2 x DP 3 sharded -> one process
+    (2, 1, False, 1, 2, True),  # TP 2 unsharded -> DP 2 sharded
+    (1, 2, True, 2, 1, False),  # DP 2 sharded -> TP 2
+    (1, 1, False, 2, 3, True),  # one process -> TP 2 x DP 3 sharded
+])  # fmt: skip
+def test_optimizer_state_relaid_for_another_tp_degree(monkeypatch, src_tp, src_dp, src_dist, dst_tp, dst_dp, dst_dist):
+    """Saved at one (TP, DP, sharded or not) layout, re-laid for another: every master and moment of every rank
+    equals the slice the checkpoint loader cuts for that TP rank (load_part, from whole HF-layout tensors drawn
+    here), laid flat and cut into the DP shard by hand. Fused parts (q/k/v, gate/up), row- and vocab-parallel and
+    replicated weights. In one process, with stand-in TP groups."""
+    import engine.model
+    import engine.parallel
+    from engine.checkpoint import hf_tensor_specs
+
+    for mod in (engine.parallel, engine.model):
+        monkeypatch.setattr(mod, "group_size", lambda g: 1 if g is None else g.size, raising=False)
+        monkeypatch.setattr(mod, "group_rank", lambda g: 0 if g is None else g.rank, raising=False)
+    cfg, small = PPOConfig(), dataclasses.replace(ModelConfig.named("tiny"), num_layers=1)
+    gen = torch.Generator().manual_seed(0)
+    specs = hf_tensor_specs(Transformer(small, "lm", dtype=torch.bfloat16))
+    whole = {k: {n: torch.randn(sp.shape, generator=gen) for n, sp in specs.items()} for k in ("m", "a", "b")}
+
+    def make(tp, dp, rank, distributed):  # rank's model (its TP slices), optimizer, and its expected values
+        group = _FakeGroup(tp, rank % tp) if tp > 1 else None
+        model = Transformer(small, "lm", group=group, dtype=torch.float32)
+        local = {}
+        for k, full in whole.items():
+            for n, sp in hf_tensor_specs(model).items():
+                sp.module.load_part(full[n], sp.part, n)  # what a TP rank loads of a whole tensor
+            local[k] = [p.detach().clone() for p in model.parameters()]
+        model.to(torch.bfloat16)
+        grid = trainer.ProcessGrid(rank=rank, world_size=tp * dp, tp=tp, dp=dp)
+        opt = optim.make_optimizer(model, cfg, grid, distributed=distributed, bucket_bytes=4 * 3001)
+        if opt.buckets is None:
+            return opt, local
+        shards = {k: [] for k in local}
+        for b in opt.buckets:  # each bucket's flat values, zero-padded, cut into this rank's shard
+            for k, ts in local.items():
+                flat = torch.cat([ts[i].reshape(-1) for i in b.params])
+                flat = torch.cat([flat, flat.new_zeros(b.numel - flat.numel())])
+                shards[k].append(flat[b.lo : b.lo + b.numel // dp])
+        return opt, shards
+
+    states = []
+    for rank in range(src_tp * src_dp):
+        src, want = make(src_tp, src_dp, rank, src_dist)
+        assert (src.buckets is not None) == src_dist
+        for k, m in enumerate(src.masters):
+            m.copy_(want["m"][k])
+            st = src.adam.state[m]
+            st["exp_avg"].copy_(want["a"][k])
+            st["exp_avg_sq"].copy_(want["b"][k])
+            st["step"].fill_(5)
+        states.append(optim.optimizer_state(src))
+    saved = SavedOptimizer(states, src_tp, src_dp)
+    for rank in range(dst_tp * dst_dp):
+        dst, want = make(dst_tp, dst_dp, rank, dst_dist)
+        masters, adam = relayout(dst, saved, dst_tp, rank % dst_tp)
+        assert len(masters) == len(want["m"]) == len(adam["state"])
+        for k, m in enumerate(masters):
+            assert torch.equal(m, want["m"][k]), (rank, k)
+            assert torch.equal(adam["state"][k]["exp_avg"], want["a"][k]), (rank, k)
+            assert torch.equal(adam["state"][k]["exp_avg_sq"], want["b"][k]), (rank, k)
+            assert float(adam["state"][k]["step"]) == 5
 
 
 def test_optimizer_steps_as_torch_adamw_from_the_first_step():
@@ -433,28 +508,31 @@ def test_dp2_distributed_optimizer_resumes_exactly(tmp_path):
     assert "state-rank00001.pt is missing" in err and "resuming failed on another rank" in err
 
 
-def test_resume_with_another_number_of_dp_ranks(tmp_path):
-    """A run checkpointed by 2 DP ranks (optimizer sharded) resumed by 1 process, and one checkpointed by 1 process
-    resumed by 2 ranks (sharded anew): each continues as a straight DP=2 run does (the same up to the order of the
-    reductions), since the prompt order and the samples do not depend on the DP size and the optimizer is
-    re-sharded; another --tp is refused by name."""
+def test_resume_with_another_layout(tmp_path):
+    """Resumed on another layout, each run continues as a straight DP=2 run does (the same up to the order of the
+    reductions: the prompt order and the samples depend on neither the DP size nor the TP degree, and the optimizer is
+    re-laid): 2 DP ranks (optimizer sharded) -> 1 process, 1 process -> 2 DP ranks (sharded anew), 2 DP ranks -> TP 2,
+    TP 2 -> 1 process."""
     straight = _torchrun(tmp_path, 2, "straight", "--max-iterations", "2")[0]["history"]
     _torchrun(tmp_path, 2, "two_to_one", "--max-iterations", "1")
+    shutil.copytree(tmp_path / "two_to_one", tmp_path / "dp2_to_tp2")
     one = _run(tmp_path / "two_to_one", "--max-iterations", "2", "--resume", factory=naive_factory)
     _run(tmp_path / "one_to_two", "--max-iterations", "1", factory=naive_factory)
     two = _torchrun(tmp_path, 2, "one_to_two", "--max-iterations", "2", "--resume")[0]["history"]
-    for resumed in (one, two):
+    tp2 = _torchrun(tmp_path, 2, "dp2_to_tp2", "--max-iterations", "2", "--resume", "--tp", "2")[0]["history"]
+    _torchrun(tmp_path, 2, "tp2_to_one", "--max-iterations", "1", "--tp", "2")
+    tp1 = _run(tmp_path / "tp2_to_one", "--max-iterations", "2", "--resume", factory=naive_factory)
+    for resumed in (one, two, tp2, tp1):
         assert [m["iteration"] for m in resumed] == [2]
         for k, v in straight[1].items():
             if k not in TIMING:
                 assert resumed[0][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
-    w = {d: _weights(f"{trainer.latest_checkpoint(str(tmp_path / d))}/policy", "lm") for d in
-         ("straight", "two_to_one", "one_to_two")}  # fmt: skip
-    for d in ("two_to_one", "one_to_two"):
-        for k, v in w["straight"].items():
-            torch.testing.assert_close(w[d][k], v, atol=1e-6, rtol=1e-5, msg=f"{d} {k}")
-    err = _torchrun(tmp_path, 2, "two_to_one", "--max-iterations", "3", "--resume", "--tp", "2", fails=True)
-    assert "checkpoint was written with tp 1, now tp 2 (resume with --tp 1" in err
+    runs = ("two_to_one", "one_to_two", "dp2_to_tp2", "tp2_to_one")
+    for sub, head in (("policy", "lm"), ("value", "score")):
+        w = {d: _weights(f"{trainer.latest_checkpoint(str(tmp_path / d))}/{sub}", head) for d in ("straight", *runs)}
+        for d in runs:
+            for k, v in w["straight"].items():
+                torch.testing.assert_close(w[d][k], v, atol=1e-6, rtol=1e-5, msg=f"{d} {sub} {k}")
 
 
 def test_batch_sizes_that_do_not_divide_are_refused(tmp_path):
