@@ -29,7 +29,8 @@ from bench.common import run_main, write_json  # noqa: E402
 from engine.config import MODEL_SHAPES, ModelConfig, PPOConfig  # noqa: E402
 from engine.model import Transformer, flops_per_token  # noqa: E402
 from engine.parallel import init_process_grid, print0  # noqa: E402
-from engine.trainer import RunConfig, make_state, ppo_iteration, resolve_device, resolve_dtype  # noqa: E402
+from engine.state import RunConfig, make_state, resolve_device, resolve_dtype  # noqa: E402
+from engine.trainer import ppo_iteration  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

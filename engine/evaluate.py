@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -34,10 +33,8 @@ from engine.data import Rollout
 from engine.parallel import print0
 from engine.resume import EVAL_DIR, atomic_write
 from engine.rollout import forward_rollout, generate_rollout, reduce_sums, sampling_params
+from engine.state import TrainState, setup_evaluation
 from kernels.logprob import kl_estimate
-
-if TYPE_CHECKING:
-    from engine.trainer import TrainState
 
 EVAL_STREAM = -1  # the random stream evaluations sample from (a rollout's is its iteration index, >= 0)
 EVAL_KEYS = ("score", "score_penalized", "kl", "reward", "response_len", "no_eos_frac")
@@ -140,36 +137,6 @@ def evaluate(state: TrainState) -> dict:
             + " ".join(f"{k} {metrics[k]:.4g}" for k in EVAL_KEYS)
         )
     return metrics
-
-
-def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
-    """The state --eval-only needs: the policy, the reference (--reference, default the policy) and the reward
-    model, frozen, the evaluation set and a generator; no value model, optimizers or training prompts."""
-    from engine.resume import start_fresh
-    from engine.tokenizer import load_tokenizer, response_stop_ids
-    from engine.tracking import Tracker, check_available
-    from engine.trainer import TrainState, evaluation_set, make_generator, model_loader
-
-    if not (run.policy and run.reward and (run.eval_prompts or run.eval_holdout)):
-        raise ValueError("--eval-only needs --policy, --reward and --eval-prompts")
-    if run.eval_holdout:
-        raise ValueError("--eval-only takes --eval-prompts (--eval-holdout draws from a training set)")
-    check_available(run.wandb_project, grid.rank)
-    tokenizer_dir = run.tokenizer or run.policy
-    tokenizer = load_tokenizer(tokenizer_dir)
-    _, eval_set = evaluation_set(cfg, run, grid, tokenizer, None)
-    start_fresh(run.output_dir, run.overwrite_output_dir, grid.rank)
-    device, load = model_loader(run, grid)
-    policy, ref, reward = load(run.policy, "lm"), load(run.reference or run.policy, "lm"), load(run.reward, "score")
-    for m in (policy, ref, reward):
-        m.requires_grad_(False)
-    stops = response_stop_ids(tokenizer)
-    state = TrainState(cfg, run, grid, device, policy, ref, None, reward, None, None, None, None, stops, tokenizer_dir,
-                       0, 0)  # fmt: skip
-    state.tokenizer, state.eval_prompts = tokenizer, eval_set
-    state.generator = (generator_factory or make_generator)(policy, cfg, run)
-    state.tracker = Tracker(state)
-    return state
 
 
 def evaluate_only(cfg, run, grid, generator_factory=None) -> dict:

@@ -19,7 +19,7 @@ from engine.parallel import print0, raise_together
 from engine.reshard import SavedOptimizer, needed_ranks
 
 if TYPE_CHECKING:
-    from engine.trainer import TrainState
+    from engine.state import TrainState
 
 LATEST = "latest"
 LOGS = ("metrics.jsonl", "eval.jsonl", "samples.jsonl")  # a line per iteration, evaluation or sample

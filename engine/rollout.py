@@ -20,7 +20,7 @@ from engine.model import Transformer
 from kernels.logprob import hidden_logprobs
 
 if TYPE_CHECKING:
-    from engine.trainer import TrainState
+    from engine.state import TrainState
 
 
 def sampling_params(state: TrainState, stream: int, *, greedy: bool = False, n: int | None = None) -> GenerateConfig:

@@ -19,7 +19,7 @@ from engine.parallel import raise_together
 from engine.resume import WANDB_RUN_ID
 
 if TYPE_CHECKING:
-    from engine.trainer import TrainState
+    from engine.state import TrainState
 
 
 def check_available(project: str, rank: int) -> None:

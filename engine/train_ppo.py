@@ -13,7 +13,7 @@ the same path), uses the shipped tokenizer and prompts, and runs a few small ite
     torchrun --nproc_per_node 2 engine/train_ppo.py       # data parallel 2 on CPU (gloo)
 
 Every PPOConfig field (engine/config.py) is a flag (--learning-rate, --kl-coef, ...; booleans take
---x / --no-x), next to the run flags of engine.trainer.RunConfig; `--help` lists them all.
+--x / --no-x), next to the run flags of engine.state.RunConfig; `--help` lists them all.
 Metrics: printed per iteration on rank 0 and appended to OUTPUT_DIR/metrics.jsonl; a few scored samples of each
 rollout go to OUTPUT_DIR/samples.jsonl (--log-samples). With --eval-prompts FILE (held-out prompts) the policy is
 evaluated before the first iteration, every --eval-every iterations and after the last: OUTPUT_DIR/eval.jsonl (RM
@@ -37,7 +37,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from engine.config import ModelConfig, PPOConfig  # noqa: E402
-from engine.trainer import RunConfig, setup, train  # noqa: E402
+from engine.state import RunConfig, setup  # noqa: E402
+from engine.trainer import train  # noqa: E402
 
 # What the no-flag run changes from the recipe: small batches and responses for a 2-core CPU, and a
 # larger learning rate so a few steps move the tiny policy visibly.

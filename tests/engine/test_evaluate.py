@@ -11,6 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from engine import evaluate, trainer
+from engine import state as state_mod
+from engine.parallel import ProcessGrid
+from engine.resume import latest_checkpoint
 from engine.tokenizer import TINY_EVAL_PROMPTS, read_prompt_file
 from engine.train_ppo import parse_args, prepare_tiny
 from kernels import dispatch
@@ -62,7 +65,7 @@ def _hf_score_and_kl(out, rec) -> tuple[float, float]:
     ids = torch.tensor([rec["prompt_ids"] + rec["response_ids"]])
     n_prompt = len(rec["prompt_ids"])
     load = lambda cls, path: cls.from_pretrained(path, dtype=torch.float64).eval()  # noqa: E731
-    policy = load(AutoModelForCausalLM, f"{trainer.latest_checkpoint(str(out))}/policy")
+    policy = load(AutoModelForCausalLM, f"{latest_checkpoint(str(out))}/policy")
     ref = load(AutoModelForCausalLM, out / "init/policy")
     rm = load(AutoModelForSequenceClassification, out / "init/reward")
     logps = []
@@ -123,13 +126,13 @@ def test_resume_after_a_crash_keeps_one_line_per_evaluation_and_sample(tmp_path)
 def test_bad_evaluation_flags_are_refused(tmp_path):
     cfg, run, _ = parse_args(["--output-dir", str(tmp_path)])
     with pytest.raises(ValueError, match="--eval-every needs --eval-prompts"):
-        trainer.setup(cfg, dataclasses.replace(prepare_tiny(run), eval_prompts=None, eval_every=2))
+        state_mod.setup(cfg, dataclasses.replace(prepare_tiny(run), eval_prompts=None, eval_every=2))
     with pytest.raises(FileNotFoundError):
         _state(tmp_path, "--eval-prompts", str(tmp_path / "missing.jsonl"))
-    grid = trainer.ProcessGrid(world_size=32, dp=32)  # more data-parallel ranks than eval prompts
+    grid = ProcessGrid(world_size=32, dp=32)  # more data-parallel ranks than eval prompts
     cfg, run, _ = parse_args(["--output-dir", str(tmp_path), "--rollout-batch-size", "32", "--train-batch-size", "32"])
     with pytest.raises(ValueError, match=f"{N_EVAL} eval prompts cannot be split over 32 data-parallel ranks"):
-        trainer.setup(cfg, prepare_tiny(run), grid=grid)
+        state_mod.setup(cfg, prepare_tiny(run), grid=grid)
 
 
 def test_eval_holdout_takes_the_evaluation_set_out_of_the_training_prompts(tmp_path):
@@ -157,7 +160,7 @@ def test_eval_only_reproduces_the_evaluation_after_training(tmp_path):
     from engine.train_ppo import main
 
     _run(tmp_path / "run", "--max-iterations", "2")
-    ckpt, init = trainer.latest_checkpoint(str(tmp_path / "run")), tmp_path / "run/init"
+    ckpt, init = latest_checkpoint(str(tmp_path / "run")), tmp_path / "run/init"
     with dispatch.reference_ops():
         (only,) = main(["--eval-only", "--policy", f"{ckpt}/policy", "--reference", str(init / "policy"),
                         "--reward", str(init / "reward"), "--eval-prompts", TINY_EVAL_PROMPTS, "--output-dir",

@@ -9,7 +9,7 @@ import torch
 from engine import recompute, trainer
 from engine.config import ModelConfig
 from engine.model import Transformer
-from engine.trainer import RunConfig
+from engine.state import RunConfig
 
 
 def _model(dtype=torch.float32):

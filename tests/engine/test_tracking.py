@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from engine import trainer
+from engine import state as state_mod
 from kernels import dispatch
 from tests.engine.test_trainer import _run
 
@@ -72,7 +72,7 @@ def test_a_failing_run_is_marked_failed(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", fake)
 
     def factory(policy, cfg, run):
-        gen = trainer.make_generator(policy, cfg, run)
+        gen = state_mod.make_generator(policy, cfg, run)
         gen.generate_completions = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
         return gen
 

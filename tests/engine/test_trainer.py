@@ -14,10 +14,14 @@ import pytest
 import torch
 
 from engine import optim, trainer
+from engine import state as state_mod
 from engine.checkpoint import load_pretrained
 from engine.config import ModelConfig, PPOConfig
 from engine.model import Transformer
+from engine.parallel import ProcessGrid
 from engine.reshard import SavedOptimizer, relayout
+from engine.resume import latest_checkpoint, save_checkpoint
+from engine.state import RunConfig
 from engine.train_ppo import build_parser, main, parse_args, prepare_tiny
 from kernels import dispatch
 from tests.engine.ppo_dp_worker import naive_factory
@@ -35,7 +39,7 @@ def _run(out, *flags, factory=None):
 
 def _state(out, *flags, factory=None):
     cfg, run, _ = parse_args(["--output-dir", str(out), *SMALL, *flags])
-    return trainer.setup(cfg, prepare_tiny(run), generator_factory=factory or trainer.make_generator)
+    return state_mod.setup(cfg, prepare_tiny(run), generator_factory=factory or state_mod.make_generator)
 
 
 def _weights(path, head):
@@ -58,7 +62,7 @@ def test_tiny_default_end_to_end_and_exact_resume(tmp_path):
     assert straight[0]["gen_logprob_gap"] < 1e-4  # the generator's log-probs match the training pass
     lines = (tmp_path / "a/metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["iteration"] for x in lines] == [1, 2]
-    a = trainer.latest_checkpoint(str(tmp_path / "a"))
+    a = latest_checkpoint(str(tmp_path / "a"))
     assert os.path.basename(a) == "checkpoint-000002"
     assert os.path.exists(f"{a}/policy/tokenizer.json")
     trained, init = _weights(f"{a}/policy", "lm"), _weights(tmp_path / "a/init/policy", "lm")
@@ -69,7 +73,7 @@ def test_tiny_default_end_to_end_and_exact_resume(tmp_path):
     first = _run(tmp_path / "b", "--max-iterations", "1")
     second = _run(tmp_path / "b", "--max-iterations", "2", "--resume")
     assert _no_timing(first + second) == _no_timing(straight)
-    b = trainer.latest_checkpoint(str(tmp_path / "b"))
+    b = latest_checkpoint(str(tmp_path / "b"))
     for head, sub in (("lm", "policy"), ("score", "value")):
         wa, wb = _weights(f"{a}/{sub}", head), _weights(f"{b}/{sub}", head)
         assert all(torch.equal(wa[k], wb[k]) for k in wa), sub
@@ -90,7 +94,7 @@ def test_sigterm_stops_after_the_iteration_with_a_checkpoint_and_resume_is_exact
     calls, before = {"n": 0}, signal.getsignal(signal.SIGTERM)
 
     def factory(policy, cfg, run):
-        gen = trainer.make_generator(policy, cfg, run)
+        gen = state_mod.make_generator(policy, cfg, run)
         real = gen.generate_completions
 
         def generate_completions(*a, **k):
@@ -104,11 +108,11 @@ def test_sigterm_stops_after_the_iteration_with_a_checkpoint_and_resume_is_exact
 
     first = _run(tmp_path / "b", *flags, factory=factory)
     assert [m["iteration"] for m in first] == [1, 2]
-    assert os.path.basename(trainer.latest_checkpoint(str(tmp_path / "b"))) == "checkpoint-000002"
+    assert os.path.basename(latest_checkpoint(str(tmp_path / "b"))) == "checkpoint-000002"
     assert signal.getsignal(signal.SIGTERM) is before  # the loop's handler is gone with the loop
     second = _run(tmp_path / "b", *flags, "--resume")
     assert _no_timing(first + second) == _no_timing(straight)
-    a, b = trainer.latest_checkpoint(str(tmp_path / "a")), trainer.latest_checkpoint(str(tmp_path / "b"))
+    a, b = latest_checkpoint(str(tmp_path / "a")), latest_checkpoint(str(tmp_path / "b"))
     for head, sub in (("lm", "policy"), ("score", "value")):
         wa, wb = _weights(f"{a}/{sub}", head), _weights(f"{b}/{sub}", head)
         assert all(torch.equal(wa[k], wb[k]) for k in wa), sub
@@ -118,7 +122,7 @@ def test_save_every_minutes_checkpoints_by_the_clock(tmp_path, monkeypatch):
     clock = {"t": 0.0}
     monkeypatch.setattr(trainer.time, "monotonic", lambda: clock["t"])
     saved = []
-    real = trainer.save_checkpoint
+    real = save_checkpoint
 
     def save(state):
         saved.append(state.iteration)
@@ -166,7 +170,7 @@ def test_micro_batches_accumulate_to_the_same_update(tmp_path):
     many = _run(tmp_path / "many", "--max-iterations", "1", "--micro-batch-tokens", "30", factory=naive_factory)
     for k in ("policy_loss", "value_loss", "entropy", "grad_norm_policy", "grad_norm_value"):
         assert one[0][k] == pytest.approx(many[0][k], rel=1e-4, abs=1e-6), k
-    a, b = trainer.latest_checkpoint(str(tmp_path / "one")), trainer.latest_checkpoint(str(tmp_path / "many"))
+    a, b = latest_checkpoint(str(tmp_path / "one")), latest_checkpoint(str(tmp_path / "many"))
     wa, wb = _weights(f"{a}/policy", "lm"), _weights(f"{b}/policy", "lm")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
@@ -198,7 +202,7 @@ def test_bf16_parameters_keep_fp32_masters_and_are_updated_in_place(tmp_path):
 
 def test_mixed_optimizer_step_matches_fp32_adam():
     cfg = PPOConfig(max_grad_norm=0.5)
-    grid = trainer.ProcessGrid()
+    grid = ProcessGrid()
     small = dataclasses.replace(ModelConfig.named("tiny"), num_layers=1)
     m32 = Transformer(small, "score", dtype=torch.float32).init_weights(seed=1)
     m16 = Transformer(small, "score", dtype=torch.bfloat16)
@@ -240,7 +244,7 @@ def test_optimizer_state_reshards_between_dp_sizes():
     whole = {k: [torch.randn(p.shape, generator=gen) for p in model.parameters()] for k in ("m", "a", "b")}
 
     def make(dp, rank, distributed=True):
-        grid = trainer.ProcessGrid(rank=rank, world_size=dp, dp=dp)
+        grid = ProcessGrid(rank=rank, world_size=dp, dp=dp)
         return optim.make_optimizer(model, cfg, grid, distributed=distributed, bucket_bytes=4 * 3001)
 
     def flat_slices(opt, dp):  # each bucket's whole flat values, zero-padded, cut into this rank's shard
@@ -320,7 +324,7 @@ def test_optimizer_state_relaid_for_another_tp_degree(monkeypatch, src_tp, src_d
                 sp.module.load_part(full[n], sp.part, n)  # what a TP rank loads of a whole tensor
             local[k] = [p.detach().clone() for p in model.parameters()]
         model.to(torch.bfloat16)
-        grid = trainer.ProcessGrid(rank=rank, world_size=tp * dp, tp=tp, dp=dp)
+        grid = ProcessGrid(rank=rank, world_size=tp * dp, tp=tp, dp=dp)
         opt = optim.make_optimizer(model, cfg, grid, distributed=distributed, bucket_bytes=4 * 3001)
         if opt.buckets is None:
             return opt, local
@@ -371,7 +375,7 @@ def test_optimizer_steps_as_torch_adamw_from_the_first_step():
         for a, b in zip(ours.parameters(), plain.parameters()):
             g = torch.randn(a.shape, generator=torch.Generator().manual_seed(step))
             a.grad, b.grad = g.clone(), g.clone()
-        optim.optimizer_step(opt, 1e-2, cfg, trainer.ProcessGrid())
+        optim.optimizer_step(opt, 1e-2, cfg, ProcessGrid())
         ref.step()
         for a, b in zip(ours.parameters(), plain.parameters()):
             assert torch.equal(a, b)
@@ -412,7 +416,7 @@ def test_profile_iteration_writes_a_trace_with_the_phases(tmp_path):
 
 def test_help_lists_every_flag():
     text = build_parser().format_help()
-    for cls in (PPOConfig, trainer.RunConfig):
+    for cls in (PPOConfig, RunConfig):
         for f in dataclasses.fields(cls):
             assert "--" + f.name.replace("_", "-") in text, f.name
     cfg, run, tiny = parse_args(["--policy", "p", "--reward", "r", "--prompts", "x", "--no-whiten-advantages",
@@ -448,8 +452,8 @@ def test_dp2_tp2_matches_one_process(tmp_path):
         if k not in TIMING:
             assert ranks[0]["history"][0][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
     for sub, head in (("policy", "lm"), ("value", "score")):
-        w1 = _weights(f"{trainer.latest_checkpoint(str(tmp_path / 'dp1'))}/{sub}", head)
-        w4 = _weights(f"{trainer.latest_checkpoint(str(tmp_path / 'dp2'))}/{sub}", head)  # gathered TP shards
+        w1 = _weights(f"{latest_checkpoint(str(tmp_path / 'dp1'))}/{sub}", head)
+        w4 = _weights(f"{latest_checkpoint(str(tmp_path / 'dp2'))}/{sub}", head)  # gathered TP shards
         for k in w1:
             torch.testing.assert_close(w4[k], w1[k], atol=1e-6, rtol=1e-5, msg=f"{sub} {k}")
     for k, v in ranks[0]["policy"].items():  # ranks 0 and 2: the same TP shard in the two DP replicas
@@ -474,7 +478,7 @@ def test_dp2_distributed_optimizer_resumes_exactly(tmp_path):
     first = _torchrun(tmp_path, 2, "b", "--max-iterations", "1")
     second = _torchrun(tmp_path, 2, "b", "--max-iterations", "2", "--resume")
     assert _no_timing(first[0]["history"] + second[0]["history"]) == _no_timing(straight[0]["history"])
-    a, b = trainer.latest_checkpoint(str(tmp_path / "a")), trainer.latest_checkpoint(str(tmp_path / "b"))
+    a, b = latest_checkpoint(str(tmp_path / "a")), latest_checkpoint(str(tmp_path / "b"))
     for head, sub in (("lm", "policy"), ("score", "value")):
         wa, wb = _weights(f"{a}/{sub}", head), _weights(f"{b}/{sub}", head)
         assert all(torch.equal(wa[k], wb[k]) for k in wa), sub
@@ -503,7 +507,7 @@ def test_dp2_distributed_optimizer_resumes_exactly(tmp_path):
     assert [m["iteration"] for m in third[0]["history"]] == [3]
     # rank 1's state file lost: rank 1 stops, and so does rank 0 (rather than wait for it in a collective)
     shutil.copytree(tmp_path / "b", tmp_path / "lost")
-    os.remove(f"{trainer.latest_checkpoint(str(tmp_path / 'lost'))}/state-rank00001.pt")
+    os.remove(f"{latest_checkpoint(str(tmp_path / 'lost'))}/state-rank00001.pt")
     err = _torchrun(tmp_path, 2, "lost", "--max-iterations", "3", "--resume", fails=True)
     assert "state-rank00001.pt is missing" in err and "resuming failed on another rank" in err
 
@@ -529,7 +533,7 @@ def test_resume_with_another_layout(tmp_path):
                 assert resumed[0][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
     runs = ("two_to_one", "one_to_two", "dp2_to_tp2", "tp2_to_one")
     for sub, head in (("policy", "lm"), ("value", "score")):
-        w = {d: _weights(f"{trainer.latest_checkpoint(str(tmp_path / d))}/{sub}", head) for d in ("straight", *runs)}
+        w = {d: _weights(f"{latest_checkpoint(str(tmp_path / d))}/{sub}", head) for d in ("straight", *runs)}
         for d in runs:
             for k, v in w["straight"].items():
                 torch.testing.assert_close(w[d][k], v, atol=1e-6, rtol=1e-5, msg=f"{d} {sub} {k}")

@@ -1,0 +1,278 @@
+"""A run's state and how it is built: RunConfig (the flags that are not PPO hyperparameters), TrainState (what the
+flat functions of engine/trainer.py and engine/evaluate.py work on), and setup(): the process grid, tokenizer, prompts,
+the four models loaded from their checkpoints (the policy and value from the run's own when resuming), the
+optimizers and the generator; setup_evaluation() the part --eval-only needs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from engine import memory_plan, recompute
+from engine.checkpoint import load_pretrained
+from engine.config import ModelConfig, PPOConfig
+from engine.data import PromptBatches
+from engine.model import Transformer
+from engine.optim import Optimizer, make_optimizer
+from engine.parallel import ProcessGrid, init_process_grid, print0, raise_together
+from engine.resume import latest_checkpoint, load_trainer_state, start_fresh
+from engine.tokenizer import PromptSet, load_prompts, load_tokenizer, response_stop_ids
+from engine.tracking import Tracker, check_available
+
+
+@dataclass
+class RunConfig:
+    """Everything about a run that is not a PPO hyperparameter (CLI flags next to PPOConfig's)."""
+
+    policy: str | None = None  # HF directory of the SFT policy (also the frozen reference, unless --reference)
+    reference: str | None = None  # HF directory of the frozen KL reference (default: --policy, the recipe's)
+    reward: str | None = None  # HF directory of the reward model (also the value model's start)
+    prompts: str | None = None  # JSONL prompt file
+    tokenizer: str | None = None  # tokenizer directory (default: the policy's)
+    output_dir: str = "out/ppo"  # checkpoints, metrics.jsonl
+    tp: int = 1  # tensor parallel degree (must divide the heads; world = dp x tp)
+    dist_timeout_minutes: float = 60.0  # how long a rank waits for its peers in a collective (a slow rollout)
+    sequence_parallel: bool = True  # under TP, split the tokens between the TP regions (norms run on 1/tp of them)
+    distributed_optimizer: bool = True  # with DP, shard the fp32 masters and Adam moments over the DP ranks (ZeRO-1)
+    resume: bool = False  # continue from output_dir's latest checkpoint (if there is none, start fresh)
+    overwrite_output_dir: bool = False  # start over in an output_dir that holds a run (its checkpoints are deleted)
+    save_every: int = 0  # iterations between checkpoints (0: only at the end)
+    keep_checkpoints: int = 1  # older checkpoints are pruned
+    max_iterations: int = 0  # stop after this many iterations (0: the whole prompt set; the LR schedule spans it)
+    # the LR schedule always spans the whole prompt set, so a run cut short and resumed is the same run
+    seed: int = 0  # prompt order and sampling
+    device: str = "auto"  # auto: cuda if available
+    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    micro_batch_tokens: int = 8192  # tokens (prompt + response) per forward/backward micro-batch (memory bound)
+    gen_max_num_seqs: int = 256  # sequences the generator decodes together at most
+    kv_cache_fraction: float = 0.9  # share of free GPU memory given to the KV cache during rollouts
+    kv_cache_mb: int = 0  # KV cache budget in MiB (0: the generator's default / kv_cache_fraction)
+    kv_cache_dtype: str = "auto"  # auto (the model's) or fp8: float8 e4m3 K/V, half the bytes read per decode step
+    ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
+    profile_iteration: int = 0  # write a torch.profiler trace of this iteration (1-based) per rank to output_dir
+    save_every_minutes: float = 0.0  # also checkpoint when this long has passed since the last one (0: off)
+    # recompute layers in the backward: on / off / N (the first N layers) / auto (on a GPU the fewest layers
+    # that let a micro-batch fit the memory left, planned before each training phase; off on CPU)
+    activation_checkpointing: str = "auto"
+    eval_prompts: str | None = None  # held-out JSONL prompts, answered and scored before, during and after training
+    # (the tiny default evaluates on its shipped held-out prompts; an empty string turns evaluation off)
+    eval_every: int = 0  # iterations between evaluations (0: only before the first and after the last)
+    eval_holdout: int = 0  # hold this many prompts of --prompts out of training as the evaluation set (seeded)
+    eval_greedy: bool = False  # evaluate with greedy decoding instead of the rollouts' sampling
+    eval_only: bool = False  # evaluate --policy (against --reference) on the evaluation set, then stop: no training
+    log_samples: int = 2  # rollout sequences per iteration written with their scores to samples.jsonl
+    wandb_project: str = ""  # also log the metrics to this Weights & Biases project (needs `pip install wandb`)
+    wandb_run_name: str = ""  # the W&B run's name (default: the output directory's name)
+
+
+@dataclass
+class TrainState:
+    cfg: PPOConfig
+    run: RunConfig
+    grid: ProcessGrid
+    device: torch.device
+    policy: Transformer
+    ref: Transformer
+    value: Transformer
+    reward: Transformer
+    policy_opt: Optimizer
+    value_opt: Optimizer
+    data: PromptBatches
+    generator: object
+    stop_ids: list[int]
+    tokenizer_dir: str | None
+    iterations: int  # iterations this run stops after
+    total_steps: int  # optimizer steps of the whole schedule
+    iteration: int = 0
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    tokenizer: object | None = None  # decodes the logged samples
+    eval_prompts: PromptSet | None = None  # held-out prompts (engine.evaluate)
+    evals: list[dict] = field(default_factory=list)
+    tracker: Tracker | None = None  # Weights & Biases, on global rank 0 (engine/tracking.py)
+    layer_bytes: dict[str, float] = field(default_factory=dict)  # per token, measured once (engine.recompute)
+
+    @property
+    def dp_group(self):
+        return self.grid.dp_group if self.grid.dp > 1 else None
+
+
+def resolve_device(name: str, grid: ProcessGrid) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def make_generator(policy: Transformer, cfg: PPOConfig, run: RunConfig):
+    from engine.generate import Generator
+
+    kw = {"kv_cache_bytes": run.kv_cache_mb * 2**20} if run.kv_cache_mb else {}
+    return Generator(
+        policy,
+        max_num_seqs=run.gen_max_num_seqs,
+        max_model_len=cfg.max_prompt_len + cfg.max_new_tokens,
+        kv_cache_fraction=run.kv_cache_fraction,
+        kv_cache_dtype=run.kv_cache_dtype,
+        **kw,
+    )
+
+
+def check_batch_sizes(cfg: PPOConfig, grid: ProcessGrid) -> None:
+    seqs = cfg.rollout_batch_size * cfg.samples_per_prompt
+    if seqs % cfg.train_batch_size:
+        raise ValueError(f"rollout of {seqs} sequences is not a multiple of train_batch_size {cfg.train_batch_size}")
+    if cfg.train_batch_size % grid.dp or cfg.rollout_batch_size % grid.dp:
+        raise ValueError(f"train and rollout batch sizes must be multiples of the data-parallel size {grid.dp}")
+
+
+def setup(
+    cfg: PPOConfig, run: RunConfig, *, grid: ProcessGrid | None = None, generator_factory=make_generator
+) -> TrainState:
+    """Process grid, tokenizer, prompts, the four models (loaded), optimizers; resumes when run.resume."""
+    if not (run.policy and run.reward and run.prompts):
+        raise ValueError("--policy, --reward and --prompts are all needed (or no flag at all for the tiny default)")
+    grid = grid or init_process_grid(run.tp, timeout_minutes=run.dist_timeout_minutes)
+    check_batch_sizes(cfg, grid)  # before loading four models
+    check_available(run.wandb_project, grid.rank)
+    device, load = model_loader(run, grid)
+    check_memory(run, grid, device)
+    tokenizer_dir = run.tokenizer or run.policy
+    tokenizer = load_tokenizer(tokenizer_dir)
+    prompt_set = load_prompts(run.prompts, tokenizer, cfg.max_prompt_len, verbose=grid.rank == 0)
+    prompt_set, eval_set = evaluation_set(cfg, run, grid, tokenizer, prompt_set)
+    ckpt = latest_checkpoint(run.output_dir) if run.resume else None
+    if run.resume:
+        print0(f"resuming from {ckpt}" if ckpt else f"--resume: no checkpoint in {run.output_dir} yet, starting fresh")
+    if ckpt is None and run.output_dir:  # (a resume with nothing to resume drops the dead run's metrics)
+        start_fresh(run.output_dir, run.overwrite_output_dir or run.resume, grid.rank)
+    models = (
+        load(os.path.join(ckpt, "policy") if ckpt else run.policy, "lm"),
+        load(run.reference or run.policy, "lm"),
+        load(os.path.join(ckpt, "value") if ckpt else run.reward, "score"),
+        load(run.reward, "score"),
+    )
+    state = make_state(
+        cfg, run, grid, models, prompt_set.prompts, response_stop_ids(tokenizer), tokenizer_dir, generator_factory=None
+    )
+    state.tokenizer, state.eval_prompts = tokenizer, eval_set
+    if ckpt:
+        load_trainer_state(state, ckpt)
+    state.generator = generator_factory(state.policy, cfg, run)
+    return state
+
+
+def check_memory(run: RunConfig, grid: ProcessGrid, device: torch.device) -> None:
+    """On a GPU, before the models are loaded: refuse a layout whose weights and optimizer state cannot fit (with the
+    layouts that would), else print what they take and what is left (engine/memory_plan.py)."""
+    if device.type != "cuda":
+        return
+    configs = {"policy": (run.policy, "lm"), "reference": (run.reference or run.policy, "lm"),
+               "value": (run.reward, "score"), "reward": (run.reward, "score")}  # fmt: skip
+    error, line = None, ""
+    try:
+        configs = {k: (ModelConfig.from_hf(path), head) for k, (path, head) in configs.items()}
+        free = torch.cuda.mem_get_info(device)[0]
+        dtype = resolve_dtype(run.dtype, device)
+        trained, sharded = ("policy", "value"), run.distributed_optimizer  # (it shards only with dp > 1)
+        line = memory_plan.plan(configs, trained, dtype, grid.tp, grid.dp, sharded, free, grid.tp_group)
+    except ValueError as e:
+        error = e
+    raise_together(error, "planning memory")
+    print0(line)
+
+
+def evaluation_set(cfg: PPOConfig, run: RunConfig, grid: ProcessGrid, tokenizer, prompt_set: PromptSet | None):
+    """(training prompts, evaluation prompts or None) from --eval-prompts or --eval-holdout."""
+    eval_set = None
+    if run.eval_holdout:
+        if run.eval_prompts:
+            raise ValueError("--eval-holdout and --eval-prompts both name an evaluation set: give one")
+        prompt_set, eval_set = prompt_set.hold_out(run.eval_holdout, run.seed)
+        print0(f"prompts: {len(eval_set.prompts)} held out for evaluation, {len(prompt_set.prompts)} to train on")
+    elif run.eval_prompts:
+        eval_set = load_prompts(run.eval_prompts, tokenizer, cfg.max_prompt_len, verbose=grid.rank == 0)
+    elif run.eval_every:
+        raise ValueError("--eval-every needs --eval-prompts (a held-out prompt file) or --eval-holdout")
+    if eval_set is not None and len(eval_set.prompts) < grid.dp:
+        raise ValueError(f"{len(eval_set.prompts)} eval prompts cannot be split over {grid.dp} data-parallel ranks")
+    return prompt_set, eval_set
+
+
+def model_loader(run: RunConfig, grid: ProcessGrid):
+    """(device, load(path, head) -> Transformer on it, this run's dtype, TP group and layout)."""
+    device = resolve_device(run.device, grid)
+    dtype = resolve_dtype(run.dtype, device)
+    kw = {"dtype": dtype, "device": device, "group": grid.tp_group, "sequence_parallel": run.sequence_parallel}
+    return device, lambda path, head: load_pretrained(path, head=head, **kw)
+
+
+def make_state(
+    cfg: PPOConfig,
+    run: RunConfig,
+    grid: ProcessGrid,
+    models: tuple[Transformer, Transformer, Transformer, Transformer],
+    prompts: list[list[int]],
+    stop_ids: list[int],
+    tokenizer_dir: str | None = None,
+    *,
+    generator_factory=make_generator,
+) -> TrainState:
+    """TrainState from models already built: (policy, reference, value, reward); the frozen two are
+    set to requires_grad=False. Used by setup() and by bench/ppo_step.py (random weights)."""
+    check_batch_sizes(cfg, grid)
+    seqs = cfg.rollout_batch_size * cfg.samples_per_prompt
+    policy, ref, value, reward = models
+    ref.requires_grad_(False)
+    reward.requires_grad_(False)
+    data = PromptBatches(
+        prompts, cfg.rollout_batch_size, seed=run.seed, epochs=cfg.prompt_epochs, dp_rank=grid.dp_rank, dp_size=grid.dp
+    )
+    iterations = len(data) if not run.max_iterations else min(run.max_iterations, len(data))
+    steps_per_rollout = cfg.ppo_epochs * seqs // cfg.train_batch_size
+    device = next(policy.parameters()).device
+    setting = recompute.setting(run.activation_checkpointing, len(policy.layers), device)
+    policy.activation_checkpointing = value.activation_checkpointing = setting
+    optimizers = [make_optimizer(m, cfg, grid, distributed=run.distributed_optimizer) for m in (policy, value)]
+    state = TrainState(
+        cfg, run, grid, device, policy, ref, value, reward, *optimizers,
+        data, None, stop_ids, tokenizer_dir, iterations, len(data) * steps_per_rollout,
+    )  # fmt: skip
+    if generator_factory is not None:
+        state.generator = generator_factory(policy, cfg, run)
+    return state
+
+
+def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
+    """The state --eval-only needs: the policy, the reference (--reference, default the policy) and the reward
+    model, frozen, the evaluation set and a generator; no value model, optimizers or training prompts."""
+    if not (run.policy and run.reward and (run.eval_prompts or run.eval_holdout)):
+        raise ValueError("--eval-only needs --policy, --reward and --eval-prompts")
+    if run.eval_holdout:
+        raise ValueError("--eval-only takes --eval-prompts (--eval-holdout draws from a training set)")
+    check_available(run.wandb_project, grid.rank)
+    tokenizer_dir = run.tokenizer or run.policy
+    tokenizer = load_tokenizer(tokenizer_dir)
+    _, eval_set = evaluation_set(cfg, run, grid, tokenizer, None)
+    start_fresh(run.output_dir, run.overwrite_output_dir, grid.rank)
+    device, load = model_loader(run, grid)
+    policy, ref, reward = load(run.policy, "lm"), load(run.reference or run.policy, "lm"), load(run.reward, "score")
+    for m in (policy, ref, reward):
+        m.requires_grad_(False)
+    stops = response_stop_ids(tokenizer)
+    state = TrainState(cfg, run, grid, device, policy, ref, None, reward, None, None, None, None, stops, tokenizer_dir,
+                       0, 0)  # fmt: skip
+    state.tokenizer, state.eval_prompts = tokenizer, eval_set
+    state.generator = (generator_factory or make_generator)(policy, cfg, run)
+    state.tracker = Tracker(state)
+    return state

@@ -1,0 +1,79 @@
+"""The memory plan made before the models are loaded: parameter counts against transformers', the bytes of each
+part, and the refusal of a layout that cannot fit (with the ones that would)."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+import engine.model
+import engine.parallel
+from engine import memory_plan
+from engine.config import ModelConfig
+from engine.parallel import ProcessGrid
+from engine.state import RunConfig, check_memory
+from tests.engine.hf_models import save_hf_model
+
+GiB = 2**30
+
+
+class _FakeGroup:
+    def __init__(self, size, rank=0):
+        self.size, self.rank = size, rank
+
+
+@pytest.fixture
+def fake_groups(monkeypatch):
+    """Meta models of one TP rank without a process group (no collective is called to build them)."""
+    for mod in (engine.parallel, engine.model):
+        monkeypatch.setattr(mod, "group_size", lambda g: 1 if g is None else g.size, raising=False)
+        monkeypatch.setattr(mod, "group_rank", lambda g: 0 if g is None else g.rank, raising=False)
+
+
+@pytest.mark.parametrize("head", ["lm", "score"])
+def test_local_numel_is_transformers_count_split_over_tp(fake_groups, head):
+    c = ModelConfig.named("llama2-13b")
+    cls = LlamaForCausalLM if head == "lm" else LlamaForSequenceClassification
+    with torch.device("meta"):
+        hf = cls(LlamaConfig(**c.to_hf(head)))
+    total = sum(p.numel() for p in hf.parameters())
+    assert memory_plan.local_numel(c, head) == total
+    replicated = (2 * c.num_layers + 1) * c.hidden_size + (c.hidden_size if head == "score" else 0)
+    for tp in (2, 4, 8):
+        assert memory_plan.local_numel(c, head, _FakeGroup(tp, tp - 1)) * tp == total + (tp - 1) * replicated
+
+
+def test_fixed_bytes_of_each_part():
+    numels = {"policy": 1000, "reference": 1000, "value": 600, "reward": 600}
+    parts = memory_plan.fixed_bytes(numels, ("policy", "value"), torch.bfloat16, 1, False)
+    assert parts["weights (policy)"] == 2000 and parts["weights (reward)"] == 1200
+    assert parts["optimizer (masters, Adam moments)"] == 12 * 1600 and parts["fp32 gradients"] == 4 * 1600
+    sharded = memory_plan.fixed_bytes(numels, ("policy", "value"), torch.bfloat16, 4, True)
+    assert sharded["optimizer (masters, Adam moments)"] == 12 * 1600 // 4 and sharded["fp32 gradients"] == 4 * 1600
+    fp32 = memory_plan.fixed_bytes(numels, ("policy", "value"), torch.float32, 1, False)  # the weights are masters
+    assert fp32["weights (value)"] == 2400 and fp32["optimizer (masters, Adam moments)"] == 8 * 1600
+
+
+def test_recipe_layouts_on_an_80gb_gpu(fake_groups):
+    """The recipe's four 13B models: TP 8 fits one H100 80GB (with what is left said); TP 4 is refused naming TP 8
+    and the DP size whose sharded optimizer would fit."""
+    c = ModelConfig.named("llama2-13b")
+    configs = {"policy": (c, "lm"), "reference": (c, "lm"), "value": (c, "score"), "reward": (c, "score")}
+    free = 79 * GiB
+    line = memory_plan.plan(configs, ("policy", "value"), torch.bfloat16, 8, 1, False, free, _FakeGroup(8))
+    assert line.startswith("memory plan: 60.") and "GiB left for KV cache and activations" in line
+    with pytest.raises(ValueError, match=r"need 120\.5 GiB of 79\.0 GiB free per GPU .*it would fit with --tp 8 or "
+                       r"4 data-parallel ranks of --tp 4 \(16 GPUs\)"):  # fmt: skip
+        memory_plan.plan(configs, ("policy", "value"), torch.bfloat16, 4, 1, True, free, _FakeGroup(4))
+
+
+def test_check_memory_refuses_before_loading(tmp_path, monkeypatch):
+    """setup's check on a GPU reads only the checkpoints' config.json: too little free memory is refused by name."""
+    save_hf_model(tmp_path / "policy")
+    save_hf_model(tmp_path / "rm", head="score")
+    run = RunConfig(policy=str(tmp_path / "policy"), reward=str(tmp_path / "rm"), dtype="bfloat16")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100_000, 10**9))
+    with pytest.raises(ValueError, match=r"the models and optimizer state need .* of 0\.0 GiB free per GPU"):
+        check_memory(run, ProcessGrid(), torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * GiB, 10 * GiB))
+    check_memory(run, ProcessGrid(), torch.device("cuda", 0))
+    check_memory(run, ProcessGrid(), torch.device("cpu"))  # on CPU nothing is planned
