@@ -233,58 +233,6 @@ def test_distributed_optimizer_matches_plain_adam():
     assert r.returncode == 0 and r.stdout.count("optim worker ok") == 2, r.stdout[-3000:] + r.stderr[-3000:]
 
 
-def test_optimizer_state_reshards_between_dp_sizes():
-    """Sharded over 3 DP ranks (uneven padding, parameters straddling buckets and shards), re-sharded for 2 ranks and
-    for an unsharded optimizer: every master and moment equals the slice of the whole flat bucket built here from the
-    per-parameter values (not through the optimizer's own sharding). In one process: no collective is needed."""
-    cfg = PPOConfig()
-    small = dataclasses.replace(ModelConfig.named("tiny"), num_layers=1)
-    model = Transformer(small, "score", dtype=torch.bfloat16).init_weights(seed=2)
-    gen = torch.Generator().manual_seed(0)
-    whole = {k: [torch.randn(p.shape, generator=gen) for p in model.parameters()] for k in ("m", "a", "b")}
-
-    def make(dp, rank, distributed=True):
-        grid = ProcessGrid(rank=rank, world_size=dp, dp=dp)
-        return optim.make_optimizer(model, cfg, grid, distributed=distributed, bucket_bytes=4 * 3001)
-
-    def flat_slices(opt, dp):  # each bucket's whole flat values, zero-padded, cut into this rank's shard
-        out = {k: [] for k in whole}
-        for b in opt.buckets:
-            for k, ts in whole.items():
-                flat = torch.cat([ts[i].reshape(-1) for i in b.params])
-                flat = torch.cat([flat, flat.new_zeros(b.numel - flat.numel())])
-                out[k].append(flat[b.lo : b.lo + b.numel // dp])
-        return out
-
-    states = []
-    for rank in range(3):
-        src = make(3, rank)
-        assert len(src.buckets) > 3
-        ref = flat_slices(src, 3)
-        for k, m in enumerate(src.masters):
-            m.copy_(ref["m"][k])
-            st = src.adam.state[m]
-            st["exp_avg"].copy_(ref["a"][k])
-            st["exp_avg_sq"].copy_(ref["b"][k])
-            st["step"].fill_(7)
-        states.append(optim.optimizer_state(src))
-    for rank in range(2):
-        dst = make(2, rank)
-        masters, adam = relayout(dst, SavedOptimizer(states, tp=1, dp=3), 1, 0)
-        ref = flat_slices(dst, 2)
-        for k in range(len(dst.buckets)):
-            assert torch.equal(masters[k], ref["m"][k]), k
-            assert torch.equal(adam["state"][k]["exp_avg"], ref["a"][k])
-            assert torch.equal(adam["state"][k]["exp_avg_sq"], ref["b"][k])
-            assert float(adam["state"][k]["step"]) == 7
-    plain = make(1, 0, distributed=False)
-    masters, adam = relayout(plain, SavedOptimizer(states, tp=1, dp=3), 1, 0)
-    for i, m in enumerate(masters):  # bf16 parameters: every one has an fp32 master
-        assert torch.equal(m, whole["m"][i]) and torch.equal(adam["state"][i]["exp_avg_sq"], whole["b"][i])
-    with pytest.raises(ValueError, match="re-laying the optimizer needs the state of saved rank 2"):
-        relayout(plain, SavedOptimizer([*states[:2], None], tp=1, dp=3), 1, 0)
-
-
 class _FakeGroup:
     """A stand-in TP group for building one rank's shards in one process (no collective is called)."""
 
@@ -293,6 +241,8 @@ class _FakeGroup:
 
 
 @pytest.mark.parametrize("src_tp,src_dp,src_dist,dst_tp,dst_dp,dst_dist", [
+    (1, 3, True, 1, 2, True),  # DP 3 sharded -> DP 2 sharded (uneven padding, parameters across buckets and shards)
+    (1, 3, True, 1, 1, False),  # DP 3 sharded -> one process
     (2, 3, True, 1, 1, False),  # TP 2 x DP 3 sharded -> one process
     (2, 1, False, 1, 2, True),  # TP 2 unsharded -> DP 2 sharded
     (1, 2, True, 2, 1, False),  # DP 2 sharded -> TP 2
@@ -301,8 +251,9 @@ class _FakeGroup:
 def test_optimizer_state_relaid_for_another_tp_degree(monkeypatch, src_tp, src_dp, src_dist, dst_tp, dst_dp, dst_dist):
     """Saved at one (TP, DP, sharded or not) layout, re-laid for another: every master and moment of every rank
     equals the slice the checkpoint loader cuts for that TP rank (load_part, from whole HF-layout tensors drawn
-    here), laid flat and cut into the DP shard by hand. Fused parts (q/k/v, gate/up), row- and vocab-parallel and
-    replicated weights. In one process, with stand-in TP groups."""
+    here), laid flat and cut into the DP shard by hand (not through the optimizer's own sharding). Fused parts
+    (q/k/v, gate/up), row- and vocab-parallel and replicated weights; small buckets, so that parameters straddle
+    buckets and shards. In one process, with stand-in TP groups."""
     import engine.model
     import engine.parallel
     from engine.checkpoint import hf_tensor_specs
@@ -339,7 +290,7 @@ def test_optimizer_state_relaid_for_another_tp_degree(monkeypatch, src_tp, src_d
     states = []
     for rank in range(src_tp * src_dp):
         src, want = make(src_tp, src_dp, rank, src_dist)
-        assert (src.buckets is not None) == src_dist
+        assert (src.buckets is not None) == src_dist and (not src_dist or len(src.buckets) > 3)
         for k, m in enumerate(src.masters):
             m.copy_(want["m"][k])
             st = src.adam.state[m]
@@ -357,6 +308,10 @@ def test_optimizer_state_relaid_for_another_tp_degree(monkeypatch, src_tp, src_d
             assert torch.equal(adam["state"][k]["exp_avg"], want["a"][k]), (rank, k)
             assert torch.equal(adam["state"][k]["exp_avg_sq"], want["b"][k]), (rank, k)
             assert float(adam["state"][k]["step"]) == 5
+    if src_dist and not dst_dist:  # the whole parameters need every saved rank's shards
+        lost = SavedOptimizer([*states[:-1], None], src_tp, src_dp)
+        with pytest.raises(ValueError, match=f"needs the state of saved rank {len(states) - 1}"):
+            relayout(dst, lost, dst_tp, 0)
 
 
 def test_optimizer_steps_as_torch_adamw_from_the_first_step():
