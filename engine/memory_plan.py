@@ -1,33 +1,33 @@
-"""What each GPU will hold before anything is loaded: the four models' weights (this rank's TP slices), the two
-trained models' fp32 masters and Adam moments (1/dp of them with the distributed optimizer) and their fp32
-gradients. A run whose fixed share does not fit is refused before four checkpoints are read, with the numbers and
-the layouts that would fit; one that fits prints what is left for the KV cache and the activations.
+"""What each GPU holds for the whole run, known before anything is loaded: the four models' weights (this rank's TP
+slices), the two trained models' fp32 masters and Adam moments (1/dp of them with the distributed optimizer) and
+their fp32 gradients. setup() refuses a run whose fixed share does not fit before four checkpoints are read, with the
+numbers and the layouts that would fit; one that fits prints what is left for the KV cache and the activations.
 
-The shapes come from meta-device models built as the run builds them (this rank's TP slices, no memory).
+Also a planning tool that needs no GPU:
+    python -m engine.memory_plan --policy llama2-13b --reward llama2-13b --tp 8 --dp 2 --gpu-gib 80
+(a named shape or a checkpoint directory each; the reference is the policy's shape unless --reference).
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import sys
+
 import torch
 
-from engine.config import ModelConfig
-from engine.model import Transformer
+from engine.config import MODEL_SHAPES, ModelConfig
 
 GiB = 2**30
 FIXED_SHARE_LIMIT = 0.95  # of the free memory: the rest goes to the CUDA context, NCCL buffers and fragmentation
-
-
-def local_numel(config: ModelConfig, head: str, group=None) -> int:
-    """Parameters of `config` that this TP rank holds (its slices of the split weights, the replicated ones)."""
-    model = Transformer(config, head, group=group, dtype=torch.bfloat16, device="meta")
-    return sum(p.numel() for p in model.parameters())
+TRAINED = ("policy", "value")
 
 
 def fixed_bytes(numels: dict[str, int], trained: tuple[str, ...], dtype: torch.dtype, dp: int, distributed: bool):
-    """{what: bytes} this rank holds for the whole run: every model's weights in `dtype`; for the trained ones the
-    fp32 masters (none for fp32 weights, which are their own) and the two Adam moments, split over the `dp` ranks
-    with the distributed optimizer, and the fp32 gradients (summed over a step's micro-batches, whole on every
-    rank until the reduce-scatter)."""
+    """{what: bytes} one rank holds for the whole run, given each model's parameters on the rank: every model's
+    weights in `dtype`; for the trained ones the fp32 masters (none for fp32 weights, which are their own) and the
+    two Adam moments, split over the `dp` ranks with the distributed optimizer, and the fp32 gradients (summed over
+    a step's micro-batches, whole on every rank until the reduce-scatter)."""
     elt = torch.empty((), dtype=dtype).element_size()
     state_per_param = (8 if dtype == torch.float32 else 12) / (dp if distributed and dp > 1 else 1)
     out = {f"weights ({name})": n * elt for name, n in numels.items()}
@@ -36,51 +36,76 @@ def fixed_bytes(numels: dict[str, int], trained: tuple[str, ...], dtype: torch.d
     return out
 
 
-def describe(parts: dict[str, int], free: int) -> str:
+def _describe(parts: dict[str, int], free: int) -> str:
     used = sum(parts.values())
     items = ", ".join(f"{k} {v / GiB:.1f}" for k, v in parts.items())
     return f"{used / GiB:.1f} GiB of {free / GiB:.1f} GiB free per GPU ({items})"
 
 
-def check_fits(parts: dict[str, int], free: int, alternatives: list[str]) -> str:
-    """The plan's line (for the log), or ValueError naming the numbers and `alternatives` that would fit."""
-    used = sum(parts.values())
-    if used <= FIXED_SHARE_LIMIT * free:
-        return f"memory plan: {describe(parts, free)}; {(free - used) / GiB:.1f} GiB left for KV cache and activations"
+def plan(
+    configs: dict[str, tuple[ModelConfig, str]], dtype: torch.dtype, tp: int, dp: int, distributed: bool, free: int
+) -> str:
+    """The plan's line for models {name: (config, head)} (the trained ones named "policy" and "value") on a rank of
+    a dp x tp grid with `free` bytes, or ValueError naming the numbers and, when it does not fit, the next TP degree
+    (one that divides the heads, vocabulary and MLP) and, with the distributed optimizer, the DP size that would."""
+    trained = tuple(m for m in TRAINED if m in configs)
+    parts_at = lambda t, d: fixed_bytes(  # noqa: E731
+        {k: c.num_params(head, t) for k, (c, head) in configs.items()}, trained, dtype, d, distributed
+    )
+    fits = lambda parts: sum(parts.values()) <= FIXED_SHARE_LIMIT * free  # noqa: E731
+    parts = parts_at(tp, dp)
+    if fits(parts):
+        left = (free - sum(parts.values())) / GiB
+        return f"memory plan: {_describe(parts, free)}; {left:.1f} GiB left for KV cache and activations"
+    alternatives = []
+    sizes = [n for c, _ in configs.values() for n in (c.num_kv_heads, c.vocab_size, c.intermediate_size)]
+    for t in (2 * tp, 4 * tp, 8 * tp):
+        if all(n % t == 0 for n in sizes) and fits(parts_at(t, dp)):
+            alternatives.append(f"--tp {t}")
+            break
+    for d in (2 * dp, 4 * dp, 8 * dp, 16 * dp) if distributed else ():
+        if fits(parts_at(tp, d)):
+            alternatives.append(f"{d} data-parallel ranks of --tp {tp} ({d * tp} GPUs)")
+            break
     hint = f"; it would fit with {' or '.join(alternatives)}" if alternatives else ""
     raise ValueError(
-        f"the models and optimizer state need {describe(parts, free)}: more than {FIXED_SHARE_LIMIT:.0%} of the "
+        f"the models and optimizer state need {_describe(parts, free)}: more than {FIXED_SHARE_LIMIT:.0%} of the "
         f"free memory, before any KV cache or activation{hint} (a larger --tp splits every model; more "
         "data-parallel ranks with --distributed-optimizer split the optimizer state)"
     )
 
 
-def plan(
-    configs: dict[str, tuple[ModelConfig, str]],
-    trained: tuple[str, ...],
-    dtype: torch.dtype,
-    tp: int,
-    dp: int,
-    distributed: bool,
-    free: int,
-    group=None,
-) -> str:
-    """check_fits for models {name: (config, head)} at this grid; when they do not fit, the alternatives named are
-    the next TP degree that would (one that divides the heads, vocabulary and MLP) and, with the distributed
-    optimizer, the DP size that would."""
-    numels = {name: local_numel(c, head, group) for name, (c, head) in configs.items()}
-    parts = fixed_bytes(numels, trained, dtype, dp, distributed)
-    fits = lambda p: sum(p.values()) <= FIXED_SHARE_LIMIT * free  # noqa: E731
-    alternatives = []
-    if not fits(parts):
-        sizes = [n for c, _ in configs.values() for n in (c.num_kv_heads, c.vocab_size, c.intermediate_size)]
-        for t in (2 * tp, 4 * tp, 8 * tp):  # the TP slices scale as 1/tp (the replicated norms are negligible)
-            scaled = {k: v * tp // t for k, v in numels.items()}
-            if all(n % t == 0 for n in sizes) and fits(fixed_bytes(scaled, trained, dtype, dp, distributed)):
-                alternatives.append(f"--tp {t}")
-                break
-        for d in (2 * dp, 4 * dp, 8 * dp, 16 * dp) if distributed else ():
-            if fits(fixed_bytes(numels, trained, dtype, d, True)):
-                alternatives.append(f"{d} data-parallel ranks of --tp {tp} ({d * tp} GPUs)")
-                break
-    return check_fits(parts, free, alternatives)
+def run_configs(policy, reference, reward) -> dict[str, tuple[ModelConfig, str]]:
+    """The four models of a run from their checkpoint directories (config.json only) or named shapes."""
+    load = lambda src: ModelConfig.named(src) if src in MODEL_SHAPES else ModelConfig.from_hf(src)  # noqa: E731
+    lm, rm = load(policy), load(reward)
+    return {"policy": (lm, "lm"), "reference": (load(reference) if reference else lm, "lm"),
+            "value": (rm, "score"), "reward": (rm, "score")}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    shapes = f"a named shape ({', '.join(MODEL_SHAPES)}) or a checkpoint directory"
+    p.add_argument("--policy", default="llama2-13b", help=shapes)
+    p.add_argument("--reference", default=None, help=f"{shapes} (default: the policy's)")
+    p.add_argument("--reward", default="llama2-13b", help=f"{shapes}; the value model has its shape")
+    p.add_argument("--tp", type=int, default=8)
+    p.add_argument("--dp", type=int, default=1)
+    p.add_argument("--no-distributed-optimizer", dest="distributed", action="store_false")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--gpu-gib", type=float, default=79.0, help="free memory per GPU (an H100 80GB has about 79)")
+    a = p.parse_args(argv)
+    for src in (a.policy, a.reference, a.reward):
+        if src and src not in MODEL_SHAPES and not os.path.isdir(src):
+            p.error(f"{src} is neither {shapes}")
+    configs = run_configs(a.policy, a.reference, a.reward)
+    try:
+        print(plan(configs, getattr(torch, a.dtype), a.tp, a.dp, a.distributed, int(a.gpu_gib * GiB)))
+    except ValueError as e:
+        print(e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,7 +13,7 @@ import torch
 
 from engine import memory_plan, recompute
 from engine.checkpoint import load_pretrained
-from engine.config import ModelConfig, PPOConfig
+from engine.config import PPOConfig
 from engine.data import PromptBatches
 from engine.model import Transformer
 from engine.optim import Optimizer, make_optimizer
@@ -177,15 +177,11 @@ def check_memory(run: RunConfig, grid: ProcessGrid, device: torch.device) -> Non
     layouts that would), else print what they take and what is left (engine/memory_plan.py)."""
     if device.type != "cuda":
         return
-    configs = {"policy": (run.policy, "lm"), "reference": (run.reference or run.policy, "lm"),
-               "value": (run.reward, "score"), "reward": (run.reward, "score")}  # fmt: skip
     error, line = None, ""
     try:
-        configs = {k: (ModelConfig.from_hf(path), head) for k, (path, head) in configs.items()}
-        free = torch.cuda.mem_get_info(device)[0]
-        dtype = resolve_dtype(run.dtype, device)
-        trained, sharded = ("policy", "value"), run.distributed_optimizer  # (it shards only with dp > 1)
-        line = memory_plan.plan(configs, trained, dtype, grid.tp, grid.dp, sharded, free, grid.tp_group)
+        configs = memory_plan.run_configs(run.policy, run.reference, run.reward)
+        dtype, free = resolve_dtype(run.dtype, device), torch.cuda.mem_get_info(device)[0]
+        line = memory_plan.plan(configs, dtype, grid.tp, grid.dp, run.distributed_optimizer, free)
     except ValueError as e:
         error = e
     raise_together(error, "planning memory")

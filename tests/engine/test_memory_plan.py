@@ -1,5 +1,6 @@
-"""The memory plan made before the models are loaded: parameter counts against transformers', the bytes of each
-part, and the refusal of a layout that cannot fit (with the ones that would)."""
+"""The memory plan made before the models are loaded: parameter counts against transformers' and against the
+model's own TP slices, the bytes of each part, and the refusal of a layout that cannot fit (with the ones that
+would), in setup and from the command line."""
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import engine.model
 import engine.parallel
 from engine import memory_plan
 from engine.config import ModelConfig
+from engine.model import Transformer
 from engine.parallel import ProcessGrid
 from engine.state import RunConfig, check_memory
 from tests.engine.hf_models import save_hf_model
@@ -21,25 +23,22 @@ class _FakeGroup:
         self.size, self.rank = size, rank
 
 
-@pytest.fixture
-def fake_groups(monkeypatch):
-    """Meta models of one TP rank without a process group (no collective is called to build them)."""
+@pytest.mark.parametrize("head", ["lm", "score"])
+@pytest.mark.parametrize("shape", ["llama2-13b", "tiny"])
+def test_num_params_per_tp_rank(monkeypatch, head, shape):
+    """num_params(head, tp): transformers' count at tp 1; at tp > 1 what a TP rank of our model holds (a meta-device
+    model built with a stand-in group of that size)."""
     for mod in (engine.parallel, engine.model):
         monkeypatch.setattr(mod, "group_size", lambda g: 1 if g is None else g.size, raising=False)
         monkeypatch.setattr(mod, "group_rank", lambda g: 0 if g is None else g.rank, raising=False)
-
-
-@pytest.mark.parametrize("head", ["lm", "score"])
-def test_local_numel_is_transformers_count_split_over_tp(fake_groups, head):
-    c = ModelConfig.named("llama2-13b")
+    c = ModelConfig.named(shape)
     cls = LlamaForCausalLM if head == "lm" else LlamaForSequenceClassification
     with torch.device("meta"):
         hf = cls(LlamaConfig(**c.to_hf(head)))
-    total = sum(p.numel() for p in hf.parameters())
-    assert memory_plan.local_numel(c, head) == total
-    replicated = (2 * c.num_layers + 1) * c.hidden_size + (c.hidden_size if head == "score" else 0)
-    for tp in (2, 4, 8):
-        assert memory_plan.local_numel(c, head, _FakeGroup(tp, tp - 1)) * tp == total + (tp - 1) * replicated
+    assert c.num_params(head) == sum(p.numel() for p in hf.parameters())
+    for tp in (2, 4, 8) if shape != "tiny" else (2,):
+        ours = Transformer(c, head, group=_FakeGroup(tp, tp - 1), dtype=torch.bfloat16, device="meta")
+        assert c.num_params(head, tp) == sum(p.numel() for p in ours.parameters()), tp
 
 
 def test_fixed_bytes_of_each_part():
@@ -53,17 +52,25 @@ def test_fixed_bytes_of_each_part():
     assert fp32["weights (value)"] == 2400 and fp32["optimizer (masters, Adam moments)"] == 8 * 1600
 
 
-def test_recipe_layouts_on_an_80gb_gpu(fake_groups):
+def test_recipe_layouts_on_an_80gb_gpu():
     """The recipe's four 13B models: TP 8 fits one H100 80GB (with what is left said); TP 4 is refused naming TP 8
     and the DP size whose sharded optimizer would fit."""
-    c = ModelConfig.named("llama2-13b")
-    configs = {"policy": (c, "lm"), "reference": (c, "lm"), "value": (c, "score"), "reward": (c, "score")}
+    configs = memory_plan.run_configs("llama2-13b", None, "llama2-13b")
     free = 79 * GiB
-    line = memory_plan.plan(configs, ("policy", "value"), torch.bfloat16, 8, 1, False, free, _FakeGroup(8))
+    line = memory_plan.plan(configs, torch.bfloat16, 8, 1, False, free)
     assert line.startswith("memory plan: 60.") and "GiB left for KV cache and activations" in line
     with pytest.raises(ValueError, match=r"need 120\.5 GiB of 79\.0 GiB free per GPU .*it would fit with --tp 8 or "
                        r"4 data-parallel ranks of --tp 4 \(16 GPUs\)"):  # fmt: skip
-        memory_plan.plan(configs, ("policy", "value"), torch.bfloat16, 4, 1, True, free, _FakeGroup(4))
+        memory_plan.plan(configs, torch.bfloat16, 4, 1, True, free)
+    with pytest.raises(ValueError, match=r"it would fit with --tp 8 \("):  # no DP alternative without sharding
+        memory_plan.plan(configs, torch.bfloat16, 4, 1, False, free)
+
+
+def test_command_line(capsys):
+    assert memory_plan.main(["--tp", "8", "--dp", "2"]) == 0
+    assert capsys.readouterr().out.startswith("memory plan: 42.")  # the optimizer state halved over 2 DP ranks
+    assert memory_plan.main(["--tp", "2", "--gpu-gib", "141"]) == 1
+    assert "it would fit with --tp 4" in capsys.readouterr().out
 
 
 def test_check_memory_refuses_before_loading(tmp_path, monkeypatch):
