@@ -26,13 +26,16 @@ TRAINED = ("policy", "value")
 def fixed_bytes(numels: dict[str, int], trained: tuple[str, ...], dtype: torch.dtype, dp: int, distributed: bool):
     """{what: bytes} one rank holds for the whole run, given each model's parameters on the rank: every model's
     weights in `dtype`; for the trained ones the fp32 masters (none for fp32 weights, which are their own) and the
-    two Adam moments, split over the `dp` ranks with the distributed optimizer, and the fp32 gradients (summed over
-    a step's micro-batches, whole on every rank until the reduce-scatter)."""
+    two Adam moments, split over the `dp` ranks with the distributed optimizer, and the fp32 gradients summed over a
+    step's micro-batches (every trained model's whole; with the distributed optimizer one model's whole at a time,
+    the others' reduce-scattered into their 1/dp shards: engine.trainer.train_step)."""
     elt = torch.empty((), dtype=dtype).element_size()
-    state_per_param = (8 if dtype == torch.float32 else 12) / (dp if distributed and dp > 1 else 1)
+    sharded = distributed and dp > 1
+    state_per_param = (8 if dtype == torch.float32 else 12) / (dp if sharded else 1)
     out = {f"weights ({name})": n * elt for name, n in numels.items()}
     out["optimizer (masters, Adam moments)"] = int(sum(numels[m] for m in trained) * state_per_param)
-    out["fp32 gradients"] = sum(numels[m] for m in trained) * 4
+    grads = [numels[m] * 4 for m in trained]
+    out["fp32 gradients"] = max(grads) + sum(grads) // dp if sharded else sum(grads)
     return out
 
 

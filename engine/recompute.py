@@ -86,21 +86,24 @@ def plan_recompute(num_layers: int, tokens: int, per_layer: float, per_checkpoin
 def training_budget(optimizers, device: torch.device, margin: float = 0.08) -> int:
     """CUDA: the bytes a training micro-batch's activations may take: free memory (the allocator's cached blocks
     included) less what the optimizers have yet to allocate (Adam moments before the first step, fp32 grads
-    before the first micro-batch, one model's bf16 grads during a backward) and a margin of the device's memory
+    before the first micro-batch: one model's whole with the distributed optimizer, every model's without; one
+    model's bf16 grads during a backward) and a margin of the device's memory
     (the log-prob chunks, fragmentation)."""
     free, total = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    pending, transient = 0, 0
+    pending, transient, flat = 0, 0, 0
     for opt in optimizers:
         for m in opt.masters:
             if not opt.adam.state.get(m):
                 pending += 2 * m.numel() * 4  # exp_avg, exp_avg_sq
-        if opt.buckets is None:
+        if opt.buckets is None:  # every model's, held until the step's updates
             pending += sum(4 * m.numel() for m, p in zip(opt.masters, opt.params) if m is not p and m.grad is None)
-        else:  # the flat fp32 grads, allocated by a step's first micro-batch
-            pending += sum(4 * b.numel for b in opt.buckets if b.grad is None)
+        else:  # the flat fp32 grads, allocated by a model's first micro-batch of a step and reduce-scattered into
+            # its shard before the next model's backward (engine.trainer.train_step): one model's at a time
+            flat = max(flat, sum(4 * b.numel for b in opt.buckets if b.grad is None))
+            pending += sum(4 * m.numel() for m in opt.masters if m.grad is None)  # the shards, until the update
         transient = max(transient, sum(p.numel() * p.element_size() for p in opt.params))
-    return int(free - pending - transient - margin * total)
+    return int(free - pending - flat - transient - margin * total)
 
 
 def plan_models(models: dict[str, Transformer], optimizers, tokens: int, device: torch.device, cache: dict) -> None:

@@ -65,8 +65,13 @@ def score_rollout(state: TrainState, ro: Rollout) -> None:
 def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, torch.Tensor]) -> None:
     """One optimizer step of each model on this rank's share `seqs` of a global minibatch.
 
-    Adds to `sums` (DP-local sums): the losses (each already a share of the global minibatch mean),
-    token sums of the per-token stats, token counts, and the grad norms.
+    The policy's micro-batches and its grads' DP reduction, then the value model's (the two are independent within a
+    step): with the distributed optimizer only one model's whole fp32 grads exist at a time (the first's are
+    reduce-scattered into its shards before the second's backward). Both updates are applied once both models'
+    losses and grad norms are known to be finite, so a step that raises has changed nothing.
+
+    Adds to `sums` (DP-local sums): the losses (each already a share of the global minibatch mean), token sums of the
+    per-token stats, token counts, and the grad norms.
     """
     cfg, dev, grid = state.cfg, state.device, state.grid
     rows = torch.cat([torch.arange(ro.offsets[i], ro.offsets[i + 1]) for i in seqs]).to(dev)
@@ -77,51 +82,56 @@ def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, 
     adv = ppo.minibatch_advantages(ro.targets["advantages"][rows], ones, cfg, state.dp_group)
     pos = torch.full((ro.offsets[-1],), -1, dtype=torch.int64, device=dev)
     pos[rows] = torch.arange(rows.numel(), device=dev)  # flat rollout row -> minibatch row
-    step_loss = torch.zeros(2, device=dev)
-    for pk in chunks(state, ro, seqs):
-        r = pk["rows"]
-        old = policy_logprobs(state.policy, pk) if cfg.recompute_old_logprobs_per_minibatch else ro.logprobs[r]
-        h = state.policy.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["act"]]
-        loss, st = ppo.policy_loss(
-            h, state.policy.lm_head_weight, pk["targets"], old, adv[pos[r]], clip_eps=cfg.clip_ratio,
-            denom=n_global, group=state.policy.group,
-        )  # fmt: skip
-        loss.backward()
-        accumulate_grads(state.policy_opt)
-        h = state.value.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["act"]]
-        vloss, vst = ppo.value_loss(
-            state.value.head_packed(h), ro.values[r], ro.targets["returns"][r], clip_value=cfg.clip_value,
-            denom=n_global,
-        )  # fmt: skip
-        (cfg.value_loss_coef * vloss).backward()
-        accumulate_grads(state.value_opt)
-        step_loss += torch.stack([loss.detach(), vloss.detach()])
-        add_to(sums, tokens=r.numel(), seq_tokens=pk["ids"].numel(), value_clip_frac=vst["clip_frac"],
-             **{k: st[k] for k in ("clip_frac", "entropy", "ratio", "approx_kl")})  # fmt: skip
-    add_to(sums, policy_loss=step_loss[0], value_loss=step_loss[1])
+    losses, norms = {}, {}
+    for name, opt in (("policy", state.policy_opt), ("value", state.value_opt)):
+        step_loss = torch.zeros((), device=dev)
+        for pk in chunks(state, ro, seqs):
+            r = pk["rows"]
+            if name == "policy":
+                old = policy_logprobs(state.policy, pk) if cfg.recompute_old_logprobs_per_minibatch else ro.logprobs[r]
+                h = state.policy.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["act"]]
+                loss, st = ppo.policy_loss(
+                    h, state.policy.lm_head_weight, pk["targets"], old, adv[pos[r]], clip_eps=cfg.clip_ratio,
+                    denom=n_global, group=state.policy.group,
+                )  # fmt: skip
+                loss.backward()
+                add_to(sums, tokens=r.numel(), seq_tokens=pk["ids"].numel(),
+                       **{k: st[k] for k in ("clip_frac", "entropy", "ratio", "approx_kl")})  # fmt: skip
+            else:
+                h = state.value.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["act"]]
+                loss, vst = ppo.value_loss(
+                    state.value.head_packed(h), ro.values[r], ro.targets["returns"][r], clip_value=cfg.clip_value,
+                    denom=n_global,
+                )  # fmt: skip
+                (cfg.value_loss_coef * loss).backward()
+                add_to(sums, value_clip_frac=vst["clip_frac"])
+            accumulate_grads(opt)
+            step_loss += loss.detach()
+        losses[name] = step_loss
+        norms[name] = reduce_grads(opt, grid)  # (with the distributed optimizer: frees the whole fp32 grads)
+    add_to(sums, policy_loss=losses["policy"], value_loss=losses["value"])
+    step_loss = torch.stack([losses["policy"], losses["value"]])
     if state.dp_group is not None:  # every rank sees the same losses, so all of them raise together
-        step_loss = step_loss.clone()
         dist.all_reduce(step_loss, group=state.dp_group)
-    losses = step_loss.tolist()
-    bad = [name for name, x in zip(("policy loss", "value loss"), losses) if not math.isfinite(x)]
+    bad = [f"{name} loss ({x})" for name, x in zip(("policy", "value"), step_loss.tolist()) if not math.isfinite(x)]
     if bad:
         raise FloatingPointError(
-            f"non-finite {' and '.join(bad)} ({losses}) at iteration {state.iteration + 1}, "
-            f"step {state.step + 1} (optimizer steps counted over the run, as in the metrics); no update was applied"
+            f"non-finite {' and '.join(bad)} at iteration {state.iteration + 1}, step {state.step + 1} "
+            "(optimizer steps counted over the run, as in the metrics); no update was applied"
         )
-    gp, gv = reduce_grads(state.policy_opt, grid), reduce_grads(state.value_opt, grid)
-    norms = torch.stack([gp, gv]).tolist()  # the same on every rank, so all of them raise together
-    bad = [f"{name} ({x})" for name, x in zip(("policy", "value"), norms) if not math.isfinite(x)]
+    values = torch.stack([norms["policy"], norms["value"]]).tolist()  # the same on every rank: all raise together
+    bad = [f"{name} ({x})" for name, x in zip(("policy", "value"), values) if not math.isfinite(x)]
     if bad:
         raise FloatingPointError(
             f"non-finite gradient norm of the {' and '.join(bad)} model at iteration {state.iteration + 1}, "
             f"step {state.step + 1} (the losses were finite: an overflow in the backward?); no update was applied"
         )
     lr = ppo.lr_at(state.step, state.total_steps, cfg)
-    apply_update(state.policy_opt, gp, lr, cfg)
-    apply_update(state.value_opt, gv, lr, cfg)
+    apply_update(state.policy_opt, norms["policy"], lr, cfg)
+    apply_update(state.value_opt, norms["value"], lr, cfg)
     # the same on every DP rank, and the metrics sum over ranks
-    add_to(sums, grad_norm_policy=gp / grid.dp, grad_norm_value=gv / grid.dp, steps=1.0 / grid.dp)
+    add_to(sums, grad_norm_policy=norms["policy"] / grid.dp, grad_norm_value=norms["value"] / grid.dp,
+           steps=1.0 / grid.dp)  # fmt: skip
     state.step += 1
 
 

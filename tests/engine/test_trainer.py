@@ -336,6 +336,39 @@ def test_optimizer_steps_as_torch_adamw_from_the_first_step():
             assert torch.equal(a, b)
 
 
+def test_one_model_is_reduced_before_the_other_backward(tmp_path, monkeypatch):
+    """A step runs the policy's micro-batches and reduces its grads (with the distributed optimizer that frees its
+    whole fp32 grads) before the value model's backward, and updates both only after both reductions."""
+    state = _state(tmp_path, "--max-iterations", "1", "--micro-batch-tokens", "16")
+    names = {id(state.policy_opt): "policy", id(state.value_opt): "value"}
+    calls = []
+
+    def recorded(fn):
+        orig = getattr(trainer, fn)
+
+        def call(opt, *args):
+            calls.append((fn, names[id(opt)]))
+            return orig(opt, *args)
+
+        monkeypatch.setattr(trainer, fn, call)
+
+    for fn in ("accumulate_grads", "reduce_grads", "apply_update"):
+        recorded(fn)
+    with dispatch.reference_ops():
+        trainer.train(state)
+    steps, start = [], 0
+    for i, c in enumerate(calls):
+        if c == ("apply_update", "value"):
+            steps.append(calls[start : i + 1])
+            start = i + 1
+    assert len(steps) == state.step == 2 and start == len(calls)
+    for step in steps:
+        k = step.index(("reduce_grads", "policy"))
+        assert k > 1 and set(step[:k]) == {("accumulate_grads", "policy")}  # several micro-batches
+        assert set(step[k + 1 : -3]) == {("accumulate_grads", "value")} and len(step) == 2 * k + 4
+        assert step[-3:] == [("reduce_grads", "value"), ("apply_update", "policy"), ("apply_update", "value")]
+
+
 def test_nan_loss_names_the_loss_iteration_and_step(tmp_path):
     state = _state(tmp_path, "--max-iterations", "1")
     with torch.no_grad():
