@@ -190,3 +190,15 @@ def test_train_ppo_tiny_with_evaluation_on_gpu(tmp_path):
         assert all(math.isfinite(v) for v in m.values()), m
     assert evals[0]["kl"] == 0.0 and evals[0]["prompts"] == 16  # policy == reference before the first update
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 4
+
+
+def test_memory_plan_is_what_cuda_allocates():
+    """The memory plan's weights and optimizer state (engine/memory_plan.py) against what the CUDA allocator hands
+    out for four bf16 models and two optimizers (within its 512-byte rounding and Adam's step counters)."""
+    from tests.engine.test_memory_plan import build_and_plan
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(CUDA)
+    built = build_and_plan(CUDA)
+    allocated = torch.cuda.memory_allocated(CUDA) - before
+    assert abs(allocated - built[2]) < 0.01 * built[2], (allocated, built[2])

@@ -85,3 +85,29 @@ def test_check_memory_refuses_before_loading(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * GiB, 10 * GiB))
     check_memory(run, ProcessGrid(), torch.device("cuda", 0))
     check_memory(run, ProcessGrid(), torch.device("cpu"))  # on CPU nothing is planned
+
+
+def build_and_plan(device: torch.device):
+    """Four models of a small shape in bf16 on `device`, the trained two's optimizers (masters and moments are
+    allocated at construction), and the plan's weights and optimizer bytes for them."""
+    from engine.config import PPOConfig
+    from engine.optim import make_optimizer
+
+    c = ModelConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_layers=3, num_heads=4, num_kv_heads=2)
+    heads = {"policy": "lm", "reference": "lm", "value": "score", "reward": "score"}
+    models = {k: Transformer(c, h, dtype=torch.bfloat16, device=device) for k, h in heads.items()}
+    opts = [make_optimizer(models[k], PPOConfig()) for k in memory_plan.TRAINED]
+    parts = memory_plan.fixed_bytes({k: c.num_params(h) for k, h in heads.items()}, memory_plan.TRAINED,
+                                    torch.bfloat16, 1, False)  # fmt: skip
+    planned = sum(v for k, v in parts.items() if k != "fp32 gradients")
+    return models, opts, planned
+
+
+def test_plan_counts_what_models_and_optimizers_allocate():
+    """Every byte of the weights, fp32 masters and Adam moments built (CPU: the tensors' own bytes)."""
+    models, opts, planned = build_and_plan(torch.device("cpu"))
+    tensors = [p for m in models.values() for p in m.parameters()]
+    tensors += [t for o in opts for t in o.masters]
+    tensors += [t for o in opts for st in o.adam.state.values() for t in st.values() if t.numel() > 1]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    assert sum(storages.values()) == planned
