@@ -1,11 +1,11 @@
 """Experiment tracking in Weights & Biases (optional: `pip install wandb`), next to the JSONL logs.
 
-With --wandb-project P, global rank 0 sends every line it writes to metrics.jsonl (at step = iteration) and to
-eval.jsonl (as eval/<key>, at the iteration it evaluated), with the PPO and run configuration as the W&B run's
-config, and tables of answers: each evaluation's first EVAL_TABLE_ROWS (eval/answers) and each iteration's logged
-samples (samples). The W&B run's id is kept in OUTPUT_DIR/wandb-run-id, so --resume continues the same W&B run (a
-fresh run, or --overwrite-output-dir, starts a new one). WANDB_MODE=offline and the other WANDB_* variables work as
-usual.
+With --wandb-project P, global rank 0 sends every line it writes to metrics.jsonl and to eval.jsonl (as eval/<key>),
+charted against the run's iteration (a crash-resumed run's repeated iterations are kept, not dropped), with the PPO
+and run configuration as the W&B run's config, and tables of answers: each evaluation's first EVAL_TABLE_ROWS
+(eval/answers) and each iteration's logged samples (samples). The W&B run's id is kept in OUTPUT_DIR/wandb-run-id,
+so --resume continues the same W&B run (a fresh run, or --overwrite-output-dir, starts a new one). WANDB_MODE=offline
+and the other WANDB_* variables work as usual.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from engine.resume import WANDB_RUN_ID
 
 if TYPE_CHECKING:
     from engine.state import TrainState
+
+ITERATION = "iteration"  # the x-axis of every chart (W&B's step metric)
 
 
 def check_available(project: str, rank: int) -> None:
@@ -55,13 +57,16 @@ class Tracker:
         name = run.wandb_run_name or os.path.basename(os.path.normpath(run.output_dir))
         config = {"ppo": dataclasses.asdict(state.cfg), "run": dataclasses.asdict(run), "world": state.grid.world_size}
         wandb.init(project=run.wandb_project, name=name, id=run_id, resume="allow", config=config, dir=run.output_dir)
+        # Charts against the run's iteration, logged as a metric: W&B's own step only grows, so the iterations that a
+        # run resumed after a crash repeats are kept beside the dead run's (at steps W&B had seen they'd be dropped)
+        wandb.define_metric(ITERATION)
+        wandb.define_metric("*", step_metric=ITERATION)
         self.wandb = wandb
 
     def log(self, metrics: dict, *, prefix: str = "") -> None:
         if self.wandb is None:
             return
-        step = metrics["iteration"]
-        self.wandb.log({prefix + k: v for k, v in metrics.items() if k != "iteration"}, step=step)
+        self.wandb.log({**{prefix + k: v for k, v in metrics.items() if k != ITERATION}, ITERATION: metrics[ITERATION]})
 
     def log_table(self, key: str, records: list[dict], step: int) -> None:
         """Records (dicts with the same keys: sampled answers) as a W&B table at `step`."""
@@ -69,7 +74,7 @@ class Tracker:
             return
         columns = list(records[0])
         table = self.wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in records])
-        self.wandb.log({key: table}, step=step)
+        self.wandb.log({key: table, ITERATION: step})
 
     def __enter__(self) -> Tracker:
         return self

@@ -18,7 +18,7 @@ class FakeWandb(types.ModuleType):
 
     def __init__(self):
         super().__init__("wandb")
-        self.calls = []
+        self.calls, self.metrics = [], {}
 
     def init(self, **kw):
         self.calls.append(("init", kw))
@@ -28,8 +28,13 @@ class FakeWandb(types.ModuleType):
         def __init__(self, columns, data):
             self.columns, self.data = columns, data
 
-    def log(self, data, step=None):
-        self.calls.append(("log", step, dict(data)))
+    def define_metric(self, name, step_metric=None):
+        self.metrics[name] = step_metric
+
+    def log(self, data, step=None):  # recorded as (iteration, the rest): the trainer charts against the iteration
+        assert step is None, "an explicit W&B step drops a resumed run's repeated iterations"
+        data = dict(data)
+        self.calls.append(("log", data.pop("iteration"), data))
 
     def finish(self, exit_code=None):
         self.calls.append(("finish", exit_code))
@@ -41,6 +46,7 @@ def test_metrics_and_evaluations_go_to_the_wandb_run_and_a_resume_continues_it(t
     history = _run(tmp_path / "run", "--max-iterations", "2", "--eval-every", "2", "--wandb-project", "p")
     (kind, init), *logs, finish = fake.calls
     assert kind == "init" and finish == ("finish", 0)
+    assert fake.metrics == {"iteration": None, "*": "iteration"}  # every chart against the iteration
     tables = [c for c in logs if any(isinstance(v, FakeWandb.Table) for v in c[2].values())]
     logs = [c for c in logs if c not in tables]
     assert [(step, list(data)) for _, step, data in tables] == [(0, ["eval/answers"]), (1, ["samples"]),
