@@ -17,6 +17,7 @@ import sys
 import torch
 
 from engine.config import MODEL_SHAPES, ModelConfig
+from engine.kv_cache import bytes_per_block
 
 GiB = 2**30
 FIXED_SHARE_LIMIT = 0.95  # of the free memory: the rest goes to the CUDA context, NCCL buffers and fragmentation
@@ -45,12 +46,29 @@ def _describe(parts: dict[str, int], free: int) -> str:
     return f"{used / GiB:.1f} GiB of {free / GiB:.1f} GiB free per GPU ({items})"
 
 
+def rollout_cache(config: ModelConfig, tp: int, held: int, total: int, fraction: float, seq_len: int, kv_dtype) -> str:
+    """What a rollout's KV cache gets (engine.kv_cache.cuda_cache_budget: `fraction` of the GPU's `total` memory less
+    what is held then, the weights and optimizer state) in tokens and in sequences of `seq_len` tokens."""
+    budget = max(0, int(total * fraction) - held)
+    per_token = bytes_per_block(config.num_layers, 1, config.num_kv_heads // tp, config.head_dim, kv_dtype)
+    tokens = budget // per_token
+    seqs = f"{tokens // seq_len} sequences of {seq_len}"
+    return f"rollouts: a KV cache of {budget / GiB:.1f} GiB, {tokens:,} tokens ({seqs})"
+
+
 def plan(
-    configs: dict[str, tuple[ModelConfig, str]], dtype: torch.dtype, tp: int, dp: int, distributed: bool, free: int
+    configs: dict[str, tuple[ModelConfig, str]],
+    dtype: torch.dtype,
+    tp: int,
+    dp: int,
+    distributed: bool,
+    free: int,
+    cache: dict | None = None,
 ) -> str:
     """The plan's line for models {name: (config, head)} (the trained ones named "policy" and "value") on a rank of
     a dp x tp grid with `free` bytes, or ValueError naming the numbers and, when it does not fit, the next TP degree
-    (one that divides the heads, vocabulary and MLP) and, with the distributed optimizer, the DP size that would."""
+    (one that divides the heads, vocabulary and MLP) and, with the distributed optimizer, the DP size that would.
+    `cache` (rollout_cache's total, fraction, seq_len, kv_dtype) adds what the rollouts' KV cache gets."""
     trained = tuple(m for m in TRAINED if m in configs)
     parts_at = lambda t, d: fixed_bytes(  # noqa: E731
         {k: c.num_params(head, t) for k, (c, head) in configs.items()}, trained, dtype, d, distributed
@@ -59,7 +77,11 @@ def plan(
     parts = parts_at(tp, dp)
     if fits(parts):
         left = (free - sum(parts.values())) / GiB
-        return f"memory plan: {_describe(parts, free)}; {left:.1f} GiB left for KV cache and activations"
+        line = f"memory plan: {_describe(parts, free)}; {left:.1f} GiB left for KV cache and activations"
+        if cache:  # during a rollout the grads are freed: the weights and the optimizer state are held
+            held = sum(v for k, v in parts.items() if k != "fp32 gradients")
+            line += "; " + rollout_cache(configs["policy"][0], tp, held, **cache)
+        return line
     alternatives = []
     sizes = [n for c, _ in configs.values() for n in (c.num_kv_heads, c.vocab_size, c.intermediate_size)]
     for t in (2 * tp, 4 * tp, 8 * tp):
@@ -96,14 +118,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dp", type=int, default=1)
     p.add_argument("--no-distributed-optimizer", dest="distributed", action="store_false")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--gpu-gib", type=float, default=79.0, help="free memory per GPU (an H100 80GB has about 79)")
+    p.add_argument("--gpu-gib", type=float, default=79.0, help="memory per GPU (an H100 80GB has about 79 GiB)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    p.add_argument("--kv-cache-fraction", type=float, default=0.9)
+    p.add_argument("--seq-len", type=int, default=2048, help="prompt + response tokens (the recipe: 1024 + 1024)")
     a = p.parse_args(argv)
     for src in (a.policy, a.reference, a.reward):
         if src and src not in MODEL_SHAPES and not os.path.isdir(src):
             p.error(f"{src} is neither {shapes}")
     configs = run_configs(a.policy, a.reference, a.reward)
+    dtype, gpu = getattr(torch, a.dtype), int(a.gpu_gib * GiB)
+    kv_dtype = torch.float8_e4m3fn if a.kv_cache_dtype == "fp8" else dtype
+    cache = {"total": gpu, "fraction": a.kv_cache_fraction, "seq_len": a.seq_len, "kv_dtype": kv_dtype}
     try:
-        print(plan(configs, getattr(torch, a.dtype), a.tp, a.dp, a.distributed, int(a.gpu_gib * GiB)))
+        print(plan(configs, dtype, a.tp, a.dp, a.distributed, gpu, cache))
     except ValueError as e:
         print(e)
         return 1

@@ -15,6 +15,7 @@ from engine import memory_plan, recompute
 from engine.checkpoint import load_pretrained
 from engine.config import PPOConfig
 from engine.data import PromptBatches
+from engine.kv_cache import resolve_cache_dtype
 from engine.model import Transformer
 from engine.optim import Optimizer, make_optimizer
 from engine.parallel import ProcessGrid, init_process_grid, print0, raise_together
@@ -146,7 +147,7 @@ def setup(
     check_batch_sizes(cfg, grid)  # before loading four models
     check_available(run.wandb_project, grid.rank)
     device, load = model_loader(run, grid)
-    check_memory(run, grid, device)
+    check_memory(cfg, run, grid, device)
     tokenizer_dir = run.tokenizer or run.policy
     tokenizer = load_tokenizer(tokenizer_dir)
     prompt_set = load_prompts(run.prompts, tokenizer, cfg.max_prompt_len, verbose=grid.rank == 0)
@@ -172,7 +173,7 @@ def setup(
     return state
 
 
-def check_memory(run: RunConfig, grid: ProcessGrid, device: torch.device) -> None:
+def check_memory(cfg: PPOConfig, run: RunConfig, grid: ProcessGrid, device: torch.device) -> None:
     """On a GPU, before the models are loaded: refuse a layout whose weights and optimizer state cannot fit (with the
     layouts that would), else print what they take and what is left (engine/memory_plan.py)."""
     if device.type != "cuda":
@@ -180,8 +181,11 @@ def check_memory(run: RunConfig, grid: ProcessGrid, device: torch.device) -> Non
     error, line = None, ""
     try:
         configs = memory_plan.run_configs(run.policy, run.reference, run.reward)
-        dtype, free = resolve_dtype(run.dtype, device), torch.cuda.mem_get_info(device)[0]
-        line = memory_plan.plan(configs, dtype, grid.tp, grid.dp, run.distributed_optimizer, free)
+        dtype, (free, total) = resolve_dtype(run.dtype, device), torch.cuda.mem_get_info(device)
+        kv_dtype = resolve_cache_dtype(run.kv_cache_dtype, dtype)
+        seq_len = cfg.max_prompt_len + cfg.max_new_tokens
+        cache = {"total": total, "fraction": run.kv_cache_fraction, "seq_len": seq_len, "kv_dtype": kv_dtype}
+        line = memory_plan.plan(configs, dtype, grid.tp, grid.dp, run.distributed_optimizer, free, cache)
     except ValueError as e:
         error = e
     raise_together(error, "planning memory")

@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 import engine.model
 import engine.parallel
 from engine import memory_plan
-from engine.config import ModelConfig
+from engine.config import ModelConfig, PPOConfig
 from engine.model import Transformer
 from engine.parallel import ProcessGrid
 from engine.state import RunConfig, check_memory
@@ -67,9 +67,23 @@ def test_recipe_layouts_on_an_80gb_gpu():
         memory_plan.plan(configs, torch.bfloat16, 4, 1, False, free)
 
 
+def _tokens(out: str) -> int:
+    return int(out.split("GiB, ")[-1].split(" tokens")[0].replace(",", ""))
+
+
 def test_command_line(capsys):
+    """The recipe at TP 8 x DP 2 on 79 GiB GPUs, and what a rollout's KV cache gets: 0.9 of the memory less the
+    weights and the optimizer state held then; a token takes 2 (K, V) x 40 layers x 5 heads x 128 x 2 bytes."""
     assert memory_plan.main(["--tp", "8", "--dp", "2"]) == 0
-    assert capsys.readouterr().out.startswith("memory plan: 42.")  # the optimizer state halved over 2 DP ranks
+    out = capsys.readouterr().out
+    assert out.startswith("memory plan: 42.")  # the optimizer state halved over 2 DP ranks
+    c = ModelConfig.named("llama2-13b")
+    lm, score = c.num_params("lm", 8), c.num_params("score", 8)
+    held = 2 * (2 * lm + 2 * score) + 12 * (lm + score) // 2
+    assert _tokens(out) == (int(0.9 * 79 * GiB) - held) // (2 * 40 * 5 * 128 * 2) and "(209 sequences of 2048)" in out
+    assert memory_plan.main(["--tp", "8", "--dp", "2", "--kv-cache-dtype", "fp8", "--seq-len", "1024"]) == 0
+    fp8 = capsys.readouterr().out
+    assert _tokens(fp8) == 2 * _tokens(out) and "(839 sequences of 1024)" in fp8
     assert memory_plan.main(["--tp", "2", "--gpu-gib", "141"]) == 1
     assert "it would fit with --tp 4" in capsys.readouterr().out
 
@@ -81,10 +95,10 @@ def test_check_memory_refuses_before_loading(tmp_path, monkeypatch):
     run = RunConfig(policy=str(tmp_path / "policy"), reward=str(tmp_path / "rm"), dtype="bfloat16")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100_000, 10**9))
     with pytest.raises(ValueError, match=r"the models and optimizer state need .* of 0\.0 GiB free per GPU"):
-        check_memory(run, ProcessGrid(), torch.device("cuda", 0))
+        check_memory(PPOConfig(), run, ProcessGrid(), torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * GiB, 10 * GiB))
-    check_memory(run, ProcessGrid(), torch.device("cuda", 0))
-    check_memory(run, ProcessGrid(), torch.device("cpu"))  # on CPU nothing is planned
+    check_memory(PPOConfig(), run, ProcessGrid(), torch.device("cuda", 0))
+    check_memory(PPOConfig(), run, ProcessGrid(), torch.device("cpu"))  # on CPU nothing is planned
 
 
 def build_and_plan(device: torch.device):
