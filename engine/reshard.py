@@ -61,7 +61,7 @@ class _SavedParameters:
     KEYS = ("master", "exp_avg", "exp_avg_sq")
 
     def __init__(self, opt: Optimizer, saved: SavedOptimizer, tp_rank: int, tp_now: int):
-        self.opt, self.saved, self.tp_rank = opt, saved, tp_rank
+        self.saved, self.tp_rank = saved, tp_rank
         self.shapes = [_local_shape(p.shape, s, tp_now, saved.tp) for p, s in zip(opt.params, opt.splits)]
         head = saved.rank_state(0, tp_rank)
         self.where: dict[int, tuple[int, int]] = {}  # distributed: param -> (bucket, offset in its flat buffer)
