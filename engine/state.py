@@ -15,6 +15,7 @@ from engine import memory_plan, recompute
 from engine.checkpoint import load_pretrained
 from engine.config import PPOConfig
 from engine.data import PromptBatches
+from engine.hub import resolve_run
 from engine.kv_cache import resolve_cache_dtype
 from engine.model import Transformer
 from engine.optim import Optimizer, make_optimizer
@@ -146,6 +147,7 @@ def setup(
     grid = grid or init_process_grid(run.tp, timeout_minutes=run.dist_timeout_minutes)
     check_batch_sizes(cfg, grid)  # before loading four models
     check_available(run.wandb_project, grid.rank)
+    run = resolve_run(run)  # Hub ids -> local directories (engine/hub.py)
     device, load = model_loader(run, grid)
     check_memory(cfg, run, grid, device)
     tokenizer_dir = run.tokenizer or run.policy
@@ -261,6 +263,7 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     if run.eval_holdout:
         raise ValueError("--eval-only takes --eval-prompts (--eval-holdout draws from a training set)")
     check_available(run.wandb_project, grid.rank)
+    run = resolve_run(run)
     tokenizer_dir = run.tokenizer or run.policy
     tokenizer = load_tokenizer(tokenizer_dir)
     _, eval_set = evaluation_set(cfg, run, grid, tokenizer, None)

@@ -1,0 +1,84 @@
+"""Checkpoints named by Hugging Face Hub id: --policy allenai/tulu-2-13b works as a local directory does.
+
+A name that is not a local directory but reads as a Hub repo id ("org/name", optionally "org/name@revision") is
+downloaded into the Hugging Face cache (HF_HOME, HF_TOKEN and HF_HUB_OFFLINE work as usual): only what the engine
+reads, the configs, tokenizer files and the weights in one format (safetensors when the repo has them, else
+pytorch_model*.bin). On each node local rank 0 downloads while the other ranks wait; they then read the cache.
+Without a network (a compute node) a repo already in the cache is used as it is (`huggingface-cli download` it on
+a machine that has one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+import torch.distributed as dist
+
+from engine.parallel import raise_together
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+KEEP = ["*.json", "tokenizer*", "*.model"]  # configs, index files, tokenizer files
+
+
+def is_repo_id(name: str) -> bool:
+    return not os.path.isdir(name) and bool(REPO_ID.match(name))
+
+
+def weight_patterns(files: list[str]) -> list[str]:
+    """The weights to fetch from a repo's file list: its safetensors, else its pytorch_model*.bin."""
+    if any(f.endswith(".safetensors") for f in files):
+        return ["*.safetensors"]
+    return ["pytorch_model*.bin"]
+
+
+def _download(name: str, local_only: bool) -> str:
+    from huggingface_hub import list_repo_files, snapshot_download
+
+    repo, _, revision = name.partition("@")
+    revision = revision or None
+    if local_only:
+        patterns = KEEP + ["*.safetensors", "pytorch_model*.bin"]  # whatever local rank 0 fetched
+    else:
+        patterns = KEEP + weight_patterns(list_repo_files(repo, revision=revision))
+    return snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=local_only)
+
+
+def resolve(names: list[str | None]) -> list[str | None]:
+    """Local directories for checkpoint names (None stays None): a local directory as it is; a Hub repo id fetched
+    into the cache by each node's local rank 0, then found there by the other ranks. Under torchrun every rank must
+    call this (a failed download stops every rank, none waits); a name neither local nor on the Hub is named."""
+    remote = sorted({n for n in names if n and is_repo_id(n)})
+    if not remote:
+        return names
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    paths, error = {}, None
+    if local_rank == 0:
+        for n in remote:
+            try:
+                paths[n] = _download(n, local_only=False)
+            except Exception as e:  # offline (a compute node): the cache may hold it (downloaded on a login node)
+                try:
+                    paths[n] = _download(n, local_only=True)
+                except Exception:  # (a gated repo, a typo, not cached): named, for every rank
+                    error = FileNotFoundError(
+                        f"{n} is not a local directory, could not be fetched from the Hugging Face Hub "
+                        f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}) "
+                        "and is not in the Hugging Face cache"
+                    )
+                    break
+    if dist.is_initialized():
+        raise_together(error, "fetching checkpoints")
+    elif error is not None:
+        raise error
+    if local_rank != 0:
+        paths = {n: _download(n, local_only=True) for n in remote}
+    return [paths.get(n, n) if n else n for n in names]
+
+
+def resolve_run(run):
+    """`run` (engine.state.RunConfig) with its checkpoint and tokenizer names made local directories."""
+    fields = ("policy", "reference", "reward", "tokenizer")
+    values = resolve([getattr(run, f) for f in fields])
+    return dataclasses.replace(run, **dict(zip(fields, values)))

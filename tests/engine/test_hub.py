@@ -1,0 +1,104 @@
+"""Checkpoints named by Hugging Face Hub id (engine/hub.py), through a stand-in for huggingface_hub that serves
+local directories: what is fetched, and that a run set up from Hub ids is the run set up from the directories."""
+
+import os
+import shutil
+
+import huggingface_hub
+import pytest
+
+from engine import hub
+from engine.tokenizer import TINY_PROMPTS
+from engine.train_ppo import build_tiny_models, main
+from kernels import dispatch
+from tests.engine.test_trainer import SMALL
+
+
+class FakeHub:
+    """list_repo_files / snapshot_download over local directories, into a cache directory; records the calls."""
+
+    def __init__(self, repos: dict[str, str], cache):
+        self.repos, self.cache, self.calls = repos, cache, []
+
+    offline = False
+
+    def list_repo_files(self, repo, revision=None):
+        if self.offline:
+            raise OSError("Cannot reach https://huggingface.co/api/models: offline mode is enabled")
+        if repo not in self.repos:
+            raise OSError(f"404 Client Error: Repository Not Found for url: .../api/models/{repo}")
+        return sorted(os.listdir(self.repos[repo]))
+
+    def snapshot_download(self, repo, revision=None, allow_patterns=None, local_files_only=False):
+        import fnmatch
+
+        self.calls.append((repo, revision, tuple(allow_patterns), local_files_only))
+        dst = self.cache / repo.replace("/", "--") / (revision or "main")
+        if local_files_only and not dst.exists():
+            raise FileNotFoundError(f"{repo}: no snapshot in the local cache")
+        if not local_files_only:
+            dst.mkdir(parents=True, exist_ok=True)
+            for f in self.list_repo_files(repo, revision):
+                if any(fnmatch.fnmatch(f, pat) for pat in allow_patterns):
+                    shutil.copy(os.path.join(self.repos[repo], f), dst / f)
+        return str(dst)
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    build_tiny_models(str(tmp_path / "src"), seed=0)
+    open(tmp_path / "src/policy/training_args.bin", "wb").close()  # a trainer's file: not fetched
+    fake = FakeHub({"org/policy": str(tmp_path / "src/policy"), "org/rm": str(tmp_path / "src/reward")},
+                   tmp_path / "cache")  # fmt: skip
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", fake.list_repo_files)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake.snapshot_download)
+    return fake
+
+
+def test_is_repo_id(tmp_path):
+    assert hub.is_repo_id("allenai/tulu-2-13b") and hub.is_repo_id("allenai/tulu-v2.5-13b-uf-rm@main")
+    (tmp_path / "a").mkdir()
+    assert not hub.is_repo_id(str(tmp_path / "a")) and not hub.is_repo_id("runs/ppo/checkpoint-000010/policy")
+    assert hub.weight_patterns(["model.safetensors", "pytorch_model.bin"]) == ["*.safetensors"]
+    assert hub.weight_patterns(["pytorch_model-00001-of-00002.bin", "training_args.bin"]) == ["pytorch_model*.bin"]
+
+
+def run(out, *flags):
+    with dispatch.reference_ops():
+        return main(["--output-dir", str(out), "--prompts", TINY_PROMPTS,
+                     "--max-iterations", "1", "--eval-prompts", "", *SMALL, *flags])  # fmt: skip
+
+
+def test_a_run_from_hub_ids_is_the_run_from_the_directories(tmp_path, fake_hub):
+    local = run(tmp_path / "local", "--policy", str(tmp_path / "src/policy"), "--reward", str(tmp_path / "src/reward"))
+    remote = run(tmp_path / "remote", "--policy", "org/policy", "--reward", "org/rm@v1")
+    assert [{k: v for k, v in m.items() if not k.startswith("time") and "tok_s" not in k} for m in remote] == [
+        {k: v for k, v in m.items() if not k.startswith("time") and "tok_s" not in k} for m in local
+    ]
+    assert [c[:2] for c in fake_hub.calls] == [("org/policy", None), ("org/rm", "v1")]
+    assert all("*.safetensors" in c[2] and "pytorch_model*.bin" not in c[2] for c in fake_hub.calls)
+    fetched = sorted(os.listdir(tmp_path / "cache/org--policy/main"))
+    assert "training_args.bin" not in fetched and {"config.json", "model.safetensors", "tokenizer.json"} <= set(fetched)
+
+
+def test_unknown_repo_is_named(tmp_path, fake_hub):
+    named = r"org/missing is not a local directory, could not be fetched from the Hugging Face Hub "
+    with pytest.raises(FileNotFoundError, match=named + r"\(OSError: 404 Client Error.*\) and is not in the .* cache"):
+        run(tmp_path, "--policy", "org/missing", "--reward", "org/rm")
+
+
+def test_other_local_ranks_and_offline_nodes_read_the_cache(tmp_path, fake_hub, monkeypatch):
+    """Local rank 0 of a node fetches; the others only look the snapshot up in the cache. Without a network, local
+    rank 0 too uses what the cache holds, and a repo it does not hold is named."""
+    local, cached = str(tmp_path / "src/reward"), str(tmp_path / "cache/org--policy/main")
+    assert hub.resolve(["org/policy"]) == [cached]  # local rank 0: fetched
+    fake_hub.calls.clear()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert hub.resolve(["org/policy", None, local]) == [cached, None, local]
+    assert fake_hub.calls == [("org/policy", None, tuple(hub.KEEP + ["*.safetensors", "pytorch_model*.bin"]), True)]
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    fake_hub.offline = True
+    assert hub.resolve(["org/policy"]) == [cached]
+    named = r"org/rm is not a local directory, .*\(OSError: Cannot reach .*\) and is not in the Hugging Face cache"
+    with pytest.raises(FileNotFoundError, match=named):
+        hub.resolve(["org/rm"])
