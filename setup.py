@@ -29,6 +29,7 @@ setup(
         "transformers>=4.45",
         "safetensors>=0.4",
         "tokenizers>=0.19",
+        "huggingface_hub",  # checkpoints named by Hub id (engine/hub.py); transformers needs it anyway
         "numpy",
     ],
     extras_require={

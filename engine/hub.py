@@ -19,7 +19,7 @@ import torch.distributed as dist
 from engine.parallel import raise_together
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
-KEEP = ["*.json", "tokenizer*", "*.model"]  # configs, index files, tokenizer files
+KEEP = ["*.json", "tokenizer*", "*.model", "*.jinja"]  # configs, index files, tokenizer files, chat template
 
 
 def is_repo_id(name: str) -> bool:
