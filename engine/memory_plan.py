@@ -5,7 +5,8 @@ numbers and the layouts that would fit; one that fits prints what is left for th
 
 Also a planning tool that needs no GPU:
     python -m engine.memory_plan --policy llama2-13b --reward llama2-13b --tp 8 --dp 2 --gpu-gib 80
-(a named shape or a checkpoint directory each; the reference is the policy's shape unless --reference).
+(a named shape, a checkpoint directory or a Hub id each, of which only config.json is fetched; the reference is
+the policy's shape unless --reference).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import torch
 
 from engine.config import MODEL_SHAPES, ModelConfig
+from engine.hub import is_repo_id
 from engine.kv_cache import bytes_per_block
 
 GiB = 2**30
@@ -110,7 +112,7 @@ def run_configs(policy, reference, reward) -> dict[str, tuple[ModelConfig, str]]
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    shapes = f"a named shape ({', '.join(MODEL_SHAPES)}) or a checkpoint directory"
+    shapes = f"a named shape ({', '.join(MODEL_SHAPES)}), a checkpoint directory or a Hub id"
     p.add_argument("--policy", default="llama2-13b", help=shapes)
     p.add_argument("--reference", default=None, help=f"{shapes} (default: the policy's)")
     p.add_argument("--reward", default="llama2-13b", help=f"{shapes}; the value model has its shape")
@@ -123,10 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-cache-fraction", type=float, default=0.9)
     p.add_argument("--seq-len", type=int, default=2048, help="prompt + response tokens (the recipe: 1024 + 1024)")
     a = p.parse_args(argv)
+    names = {}
     for src in (a.policy, a.reference, a.reward):
         if src and src not in MODEL_SHAPES and not os.path.isdir(src):
-            p.error(f"{src} is neither {shapes}")
-    configs = run_configs(a.policy, a.reference, a.reward)
+            if not is_repo_id(src):
+                p.error(f"{src} is neither {shapes}")
+            from huggingface_hub import hf_hub_download  # a Hub id: its config.json only
+
+            repo, _, revision = src.partition("@")
+            names[src] = os.path.dirname(hf_hub_download(repo, "config.json", revision=revision or None))
+    configs = run_configs(*(names.get(x, x) for x in (a.policy, a.reference, a.reward)))
     dtype, gpu = getattr(torch, a.dtype), int(a.gpu_gib * GiB)
     kv_dtype = torch.float8_e4m3fn if a.kv_cache_dtype == "fp8" else dtype
     cache = {"total": gpu, "fraction": a.kv_cache_fraction, "seq_len": a.seq_len, "kv_dtype": kv_dtype}

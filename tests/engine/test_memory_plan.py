@@ -2,6 +2,8 @@
 model's own TP slices, the bytes of each part, and the refusal of a layout that cannot fit (with the ones that
 would), in setup and from the command line."""
 
+import json
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
@@ -125,3 +127,28 @@ def test_plan_counts_what_models_and_optimizers_allocate():
     tensors += [t for o in opts for st in o.adam.state.values() for t in st.values() if t.numel() > 1]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     assert sum(storages.values()) == planned
+
+
+def test_command_line_reads_configs_of_directories_and_hub_ids(tmp_path, monkeypatch, capsys):
+    """A checkpoint directory's config.json, or a Hub id's alone (fetched, not the weights)."""
+    import huggingface_hub
+
+    from engine.config import MODEL_SHAPES
+
+    save_hf_model(tmp_path / "rm", head="score")
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub/config.json").write_text(json.dumps(MODEL_SHAPES["llama2-7b"].to_hf("lm")))
+    fetched = []
+
+    def hf_hub_download(repo, filename, revision=None):
+        fetched.append((repo, filename, revision))
+        return str(tmp_path / "hub" / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    argv = ["--policy", "org/llama@v2", "--reward", str(tmp_path / "rm"), "--tp", "1", "--gpu-gib", "400"]
+    assert memory_plan.main(argv) == 0
+    assert fetched == [("org/llama", "config.json", "v2")]
+    c7 = ModelConfig.named("llama2-7b")
+    assert f"weights (policy) {c7.num_params('lm') * 2 / GiB:.1f}," in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        memory_plan.main(["--policy", str(tmp_path / "missing/dir/x")])
