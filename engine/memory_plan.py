@@ -133,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             from huggingface_hub import hf_hub_download  # a Hub id: its config.json only
 
             repo, _, revision = src.partition("@")
-            names[src] = os.path.dirname(hf_hub_download(repo, "config.json", revision=revision or None))
+            try:
+                names[src] = os.path.dirname(hf_hub_download(repo, "config.json", revision=revision or None))
+            except Exception as e:  # (offline and not cached, a typo, a gated repo)
+                p.error(f"{src}: its config.json could not be fetched from the Hugging Face Hub ({type(e).__name__})")
     configs = run_configs(*(names.get(x, x) for x in (a.policy, a.reference, a.reward)))
     dtype, gpu = getattr(torch, a.dtype), int(a.gpu_gib * GiB)
     kv_dtype = torch.float8_e4m3fn if a.kv_cache_dtype == "fp8" else dtype
