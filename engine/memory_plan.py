@@ -104,7 +104,14 @@ def plan(
 
 def run_configs(policy, reference, reward) -> dict[str, tuple[ModelConfig, str]]:
     """The four models of a run from their checkpoint directories (config.json only) or named shapes."""
-    load = lambda src: ModelConfig.named(src) if src in MODEL_SHAPES else ModelConfig.from_hf(src)  # noqa: E731
+
+    def load(src: str) -> ModelConfig:
+        if os.path.isdir(src):
+            return ModelConfig.from_hf(src)
+        if src in MODEL_SHAPES:
+            return ModelConfig.named(src)
+        raise FileNotFoundError(f"checkpoint directory {src} does not exist")
+
     lm, rm = load(policy), load(reward)
     return {"policy": (lm, "lm"), "reference": (load(reference) if reference else lm, "lm"),
             "value": (rm, "score"), "reward": (rm, "score")}  # fmt: skip

@@ -100,6 +100,9 @@ def test_check_memory_refuses_before_loading(tmp_path, monkeypatch):
         check_memory(PPOConfig(), run, ProcessGrid(), torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * GiB, 10 * GiB))
     check_memory(PPOConfig(), run, ProcessGrid(), torch.device("cuda", 0))
+    missing = RunConfig(policy=str(tmp_path / "nowhere"), reward=str(tmp_path / "rm"))
+    with pytest.raises(FileNotFoundError, match=r"checkpoint directory .*nowhere does not exist"):
+        check_memory(PPOConfig(), missing, ProcessGrid(), torch.device("cuda", 0))
     check_memory(PPOConfig(), run, ProcessGrid(), torch.device("cpu"))  # on CPU nothing is planned
 
 
