@@ -161,7 +161,10 @@ def _load_states(
         if not os.path.exists(fn := _state_file(ckpt, r)):
             return missing(fn, "re-laying the optimizer for another layout reads it")
         states[r] = load(fn)
-    head = load(own) if same_grid else states[grid.tp_rank if saved_tp == grid.tp else 0]
+    if same_grid:
+        head = states[grid.rank] if states[grid.rank] is not None else load(own)
+    else:
+        head = states[grid.tp_rank if saved_tp == grid.tp else 0]
     return head, states, None
 
 

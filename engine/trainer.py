@@ -83,9 +83,10 @@ def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, 
     pos = torch.full((ro.offsets[-1],), -1, dtype=torch.int64, device=dev)
     pos[rows] = torch.arange(rows.numel(), device=dev)  # flat rollout row -> minibatch row
     losses, norms = {}, {}
+    packs = list(chunks(state, ro, seqs))  # packed once for both models (a few int tensors per micro-batch)
     for name, opt in (("policy", state.policy_opt), ("value", state.value_opt)):
         step_loss = torch.zeros((), device=dev)
-        for pk in chunks(state, ro, seqs):
+        for pk in packs:
             r = pk["rows"]
             if name == "policy":
                 old = policy_logprobs(state.policy, pk) if cfg.recompute_old_logprobs_per_minibatch else ro.logprobs[r]
