@@ -33,6 +33,14 @@ def weight_patterns(files: list[str]) -> list[str]:
     return ["pytorch_model*.bin"]
 
 
+def config_dir(name: str) -> str:
+    """A directory holding a Hub repo's config.json alone (fetched into the cache, without the weights)."""
+    from huggingface_hub import hf_hub_download
+
+    repo, _, revision = name.partition("@")
+    return os.path.dirname(hf_hub_download(repo, "config.json", revision=revision or None))
+
+
 def _download(name: str, local_only: bool) -> str:
     from huggingface_hub import list_repo_files, snapshot_download
 

@@ -18,7 +18,7 @@ import sys
 import torch
 
 from engine.config import MODEL_SHAPES, ModelConfig
-from engine.hub import is_repo_id
+from engine.hub import config_dir, is_repo_id
 from engine.kv_cache import bytes_per_block
 
 GiB = 2**30
@@ -137,11 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         if src and src not in MODEL_SHAPES and not os.path.isdir(src):
             if not is_repo_id(src):
                 p.error(f"{src} is neither {shapes}")
-            from huggingface_hub import hf_hub_download  # a Hub id: its config.json only
-
-            repo, _, revision = src.partition("@")
             try:
-                names[src] = os.path.dirname(hf_hub_download(repo, "config.json", revision=revision or None))
+                names[src] = config_dir(src)
             except Exception as e:  # (offline and not cached, a typo, a gated repo)
                 p.error(f"{src}: its config.json could not be fetched from the Hugging Face Hub ({type(e).__name__})")
     configs = run_configs(*(names.get(x, x) for x in (a.policy, a.reference, a.reward)))

@@ -59,11 +59,11 @@ class Optimizer:
     sharded: list[bool]  # split across TP ranks (their squared grad norms are summed over the group)
     adam: torch.optim.Optimizer
     tp_partial: list[bool]  # grads that each TP rank holds its tokens' share of (sequence parallel): summed
-    buckets: list[_Bucket] | None = None  # the distributed optimizer (ZeRO-1) over grid.dp_group
-    dp_group: dist.ProcessGroup | None = None
     # how each parameter is split over the TP ranks, whatever the degree (the layer's tp_split: dim, part sizes),
     # None where every rank holds it whole: what re-laying a checkpoint for another TP degree needs
-    splits: list[tuple[int, list[int]] | None] = field(default_factory=list)
+    splits: list[tuple[int, list[int]] | None]
+    buckets: list[_Bucket] | None = None  # the distributed optimizer (ZeRO-1) over grid.dp_group
+    dp_group: dist.ProcessGroup | None = None
 
 
 def make_optimizer(
@@ -99,7 +99,7 @@ def make_optimizer(
     _allocate_moments(adam)
     dp_group = grid.dp_group if buckets else None
     splits = [split_of.get(id(p)) for p in params]
-    return Optimizer(params, masters, sharded, adam, tp_partial, buckets, dp_group, splits)
+    return Optimizer(params, masters, sharded, adam, tp_partial, splits, buckets, dp_group)
 
 
 def _allocate_moments(adam: torch.optim.Optimizer) -> None:

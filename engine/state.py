@@ -29,9 +29,10 @@ from engine.tracking import Tracker, check_available
 class RunConfig:
     """Everything about a run that is not a PPO hyperparameter (CLI flags next to PPOConfig's)."""
 
-    policy: str | None = None  # HF directory of the SFT policy (also the frozen reference, unless --reference)
-    reference: str | None = None  # HF directory of the frozen KL reference (default: --policy, the recipe's)
-    reward: str | None = None  # HF directory of the reward model (also the value model's start)
+    # checkpoints: HF directories or Hugging Face Hub ids (engine/hub.py)
+    policy: str | None = None  # the SFT policy (also the frozen reference, unless --reference)
+    reference: str | None = None  # the frozen KL reference (default: --policy, the recipe's)
+    reward: str | None = None  # the reward model (also the value model's start)
     prompts: str | None = None  # JSONL prompt file
     tokenizer: str | None = None  # tokenizer directory (default: the policy's)
     output_dir: str = "out/ppo"  # checkpoints, metrics.jsonl
@@ -50,7 +51,7 @@ class RunConfig:
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
     micro_batch_tokens: int = 8192  # tokens (prompt + response) per forward/backward micro-batch (memory bound)
     gen_max_num_seqs: int = 256  # sequences the generator decodes together at most
-    kv_cache_fraction: float = 0.9  # share of free GPU memory given to the KV cache during rollouts
+    kv_cache_fraction: float = 0.9  # share of the GPU's memory the rollouts may fill, their KV cache included
     kv_cache_mb: int = 0  # KV cache budget in MiB (0: the generator's default / kv_cache_fraction)
     kv_cache_dtype: str = "auto"  # auto (the model's) or fp8: float8 e4m3 K/V, half the bytes read per decode step
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)

@@ -47,9 +47,10 @@ def load_tokenizer(path: str | os.PathLike = TINY_DIR):
             raise
         # Only a SentencePiece model: transformers would have to convert it (with sentencepiece and protobuf),
         # and a converted tokenizer can split text differently from the one the model was trained with.
+        why = (str(e).strip().splitlines() or [""])[-1]  # (transformers' last line says what is missing)
         raise ValueError(
             f"tokenizer directory {path} has tokenizer.model but no tokenizer.json, and transformers could not "
-            f"build a fast tokenizer from it ({type(e).__name__}: {str(e).strip().splitlines()[-1]}); copy the "
+            f"build a fast tokenizer from it ({type(e).__name__}: {why}); copy the "
             "tokenizer.json the model was trained with (Llama-2 checkpoints ship one) into it"
         ) from e
 
