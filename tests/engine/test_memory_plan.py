@@ -62,6 +62,10 @@ def test_recipe_layouts_on_an_80gb_gpu():
     free = 79 * GiB
     line = memory_plan.plan(configs, torch.bfloat16, 8, 1, False, free)
     assert line.startswith("memory plan: 60.") and "GiB left for KV cache and activations" in line
+    c = ModelConfig.named("llama2-13b")
+    lm, score = c.num_params("lm", 4), c.num_params("score", 4)  # (checked against transformers above)
+    need = (2 * (2 * lm + 2 * score) + 12 * (lm + score) + 4 * (lm + score)) / GiB  # weights, Adam + masters, grads
+    assert f"{need:.1f}" == "120.5"
     with pytest.raises(ValueError, match=r"need 120\.5 GiB of 79\.0 GiB free per GPU .*it would fit with --tp 8 or "
                        r"4 data-parallel ranks of --tp 4 \(16 GPUs\)"):  # fmt: skip
         memory_plan.plan(configs, torch.bfloat16, 4, 1, True, free)
