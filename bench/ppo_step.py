@@ -55,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--activation-checkpointing", default="auto", help="auto, on, off or a number of layers")
+    p.add_argument("--offload-optimizer", default="auto", help="auto, on or off: optimizer state in host memory")
     p.add_argument("--json", default=None, help="write the figures to this file")
     return p.parse_args(argv)
 
@@ -82,7 +83,7 @@ def main(argv=None) -> dict:
         output_dir="", micro_batch_tokens=a.micro_batch_tokens, gen_max_num_seqs=a.gen_max_num_seqs or max(rollout, 1),
         kv_cache_fraction=a.kv_cache_fraction, ignore_eos=a.ignore_eos, tp=a.tp,
         sequence_parallel=a.sequence_parallel, distributed_optimizer=a.distributed_optimizer,
-        activation_checkpointing=a.activation_checkpointing,
+        activation_checkpointing=a.activation_checkpointing, offload_optimizer=a.offload_optimizer,
     )  # fmt: skip
     models = tuple(
         Transformer(
@@ -111,11 +112,12 @@ def main(argv=None) -> dict:
     print0(
         f"PPO iteration, {a.model} ({mc.num_layers} layers) {dtype} on {device} x {grid.world_size} "
         f"(dp {grid.dp} x tp {grid.tp}): {rollout} prompts x {prompt_len} tokens, {best['response_len']:.0f} new "
-        f"tokens each, train batch {train_bs}; layers recomputed in the backward: {best['recompute_layers']}"
+        f"tokens each, train batch {train_bs}; layers recomputed in the backward: {best['recompute_layers']}; "
+        f"optimizer state {'in host memory' if state.offload else 'on the device'} during rollouts"
     )
     print0(f"{'phase':<36}{'seconds':>10}{'tokens':>10}{'tok/s':>12}{'TFLOP/s':>10}")
     out = {"model": a.model, "num_layers": mc.num_layers, "device": str(device), "dtype": str(dtype), "phases": {}}
-    out.update(world_size=grid.world_size, tp=grid.tp, sequence_parallel=a.sequence_parallel)
+    out.update(world_size=grid.world_size, tp=grid.tp, sequence_parallel=a.sequence_parallel, offload=state.offload)
     for name, sec, tok, flops in phases:  # flops: the whole model's, so TFLOP/s over all the ranks
         tf = f"{flops / sec / 1e12:10.2f}" if flops else f"{'':>10}"
         print0(f"{name:<36}{sec:>10.3f}{tok:>10.0f}{tok / sec:>12.0f}{tf}")

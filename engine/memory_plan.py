@@ -54,8 +54,56 @@ def rollout_cache(config: ModelConfig, tp: int, held: int, total: int, fraction:
     budget = max(0, int(total * fraction) - held)
     per_token = bytes_per_block(config.num_layers, 1, config.num_kv_heads // tp, config.head_dim, kv_dtype)
     tokens = budget // per_token
-    seqs = f"{tokens // seq_len} sequences of {seq_len}"
-    return f"rollouts: a KV cache of {budget / GiB:.1f} GiB, {tokens:,} tokens ({seqs})"
+    return f"a KV cache of {budget / GiB:.1f} GiB, {tokens:,} tokens ({tokens // seq_len} sequences of {seq_len})"
+
+
+def host_available() -> int:
+    """Bytes of host memory available now (MemAvailable: free plus reclaimable page cache)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_offload_setting(setting: str) -> None:
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"--offload-optimizer must be auto, on or off, got {setting!r}")
+
+
+OFFLOAD_HOST_SHARE = 0.5  # auto offloads when every local rank's state takes at most this share of the free host RAM
+
+
+def offload_decision(
+    setting: str, device: torch.device, state: int, local_ranks: int, seqs: tuple[int, int], wanted: int, host: int
+) -> tuple[bool, str]:
+    """Whether the trained models' optimizer state (`state` bytes on this GPU) goes to host memory during rollouts
+    (--offload-optimizer auto|on|off), and a line saying why. `seqs`: the full-length sequences a rollout's KV cache
+    holds without and with it; `wanted`: how many the generator would decode together (its max_num_seqs, or the
+    rank's rollout if fewer); `host`: host memory available, shared by `local_ranks` ranks. auto offloads on a GPU
+    when the cache cannot hold `wanted` sequences otherwise and the host has room for it (OFFLOAD_HOST_SHARE)."""
+    check_offload_setting(setting)
+    need = state * local_ranks
+    room = f"{need / GiB:.1f} GiB of host memory for {local_ranks} rank(s) on this node, {host / GiB:.1f} available"
+    gain = f"the rollouts' KV cache holds {seqs[1]} instead of {seqs[0]} full-length sequences"
+    if device.type != "cuda":
+        if setting == "on" and state:
+            return True, "optimizer state: moved to other host memory during rollouts (on CPU this frees nothing)"
+        return False, "optimizer state: in place throughout (on CPU)"
+    if setting == "off" or state == 0:
+        return False, "optimizer state: on the GPU throughout"
+    if setting == "on":
+        if need > 0.9 * host:
+            raise ValueError(f"--offload-optimizer on needs {room}: use --offload-optimizer off")
+        return True, f"optimizer state: {state / GiB:.1f} GiB per GPU in host memory during rollouts ({gain}; {room})"
+    if seqs[0] >= wanted:
+        return False, f"optimizer state: on the GPU throughout (the rollouts' KV cache holds {seqs[0]} sequences)"
+    if need > OFFLOAD_HOST_SHARE * host:
+        return False, f"optimizer state: on the GPU throughout (offloading it would take {room})"
+    return True, f"optimizer state: {state / GiB:.1f} GiB per GPU in host memory during rollouts ({gain}; {room})"
 
 
 def plan(
@@ -81,8 +129,11 @@ def plan(
         left = (free - sum(parts.values())) / GiB
         line = f"memory plan: {_describe(parts, free)}; {left:.1f} GiB left for KV cache and activations"
         if cache:  # during a rollout the grads are freed: the weights and the optimizer state are held
-            held = sum(v for k, v in parts.items() if k != "fp32 gradients")
-            line += "; " + rollout_cache(configs["policy"][0], tp, held, **cache)
+            weights = sum(v for k, v in parts.items() if k.startswith("weights"))
+            state = parts["optimizer (masters, Adam moments)"]
+            at = lambda held: rollout_cache(configs["policy"][0], tp, held, **cache)  # noqa: E731
+            line += f"; rollouts: {at(weights + state)}; with the optimizer state in host memory (--offload-optimizer "
+            line += f"on, {state / GiB:.1f} GiB per GPU): {at(weights)}"
         return line
     alternatives = []
     sizes = [n for c, _ in configs.values() for n in (c.num_kv_heads, c.vocab_size, c.intermediate_size)]

@@ -10,6 +10,10 @@ distributed optimizer): the parameters are laid end to end in buckets of flat fp
 reduce-scatters every bucket over the DP group (half an all-reduce's bytes), each rank updates the fp32
 masters and Adam moments of its 1/dp of every bucket, and an all-gather (the other half) brings the updated
 values back into the parameters. The same update; 12 / dp instead of 12 bytes of optimizer state per parameter.
+
+Between updates the state is idle: offload_state() moves the fp32 masters and Adam moments to pinned host memory (the
+rollout's KV cache gets their GPU memory) and onload_state() brings them back on a side stream, overlapping whatever
+runs next (the scoring passes); the update waits for it.
 """
 
 from __future__ import annotations
@@ -64,6 +68,18 @@ class Optimizer:
     splits: list[tuple[int, list[int]] | None]
     buckets: list[_Bucket] | None = None  # the distributed optimizer (ZeRO-1) over grid.dp_group
     dp_group: dist.ProcessGroup | None = None
+    offload: _Offload | None = None  # where the state is while it is idle (offload_state)
+
+
+@dataclass
+class _Offload:
+    """The host copies of an optimizer's state (offload_state), kept for the run (pinning memory is slow)."""
+
+    home: torch.device  # where the state lives while in use
+    host: list[torch.Tensor] = field(default_factory=list)  # pinned on CUDA, one per moved tensor
+    on_host: bool = False
+    stream: torch.cuda.Stream | None = None  # the onload's copies
+    pending: torch.cuda.Event | None = None  # their end, which the next use of the state waits for
 
 
 def make_optimizer(
@@ -257,6 +273,7 @@ def reduce_grads(opt: Optimizer, grid: ProcessGrid) -> torch.Tensor:
 def apply_update(opt: Optimizer, norm: torch.Tensor, lr: float, cfg: PPOConfig) -> None:
     """Clip to cfg.max_grad_norm given the global norm, Adam, and write the result into the parameters in place
     (the generator reads these very tensors)."""
+    ensure_state(opt)
     grads = [m.grad for m in opt.masters]
     if cfg.max_grad_norm and cfg.max_grad_norm > 0:
         torch._foreach_mul_(grads, (cfg.max_grad_norm / (norm + 1e-6)).clamp(max=1.0))
@@ -285,9 +302,90 @@ def write_back(opt: Optimizer) -> None:
             p.copy_(flat[start : start + p.numel()].view_as(p))  # the generator reads these very tensors
 
 
+# ------------------------------------------------------------------ the idle state in host memory --
+
+
+def movable_state(opt: Optimizer) -> list[torch.Tensor]:
+    """The tensors offload_state moves: the fp32 masters that are not the parameters themselves (the generator
+    reads those) and Adam's moments (its scalar step counts stay)."""
+    masters = [m for m, p in zip(opt.masters, opt.params) if m is not p] if opt.buckets is None else list(opt.masters)
+    moments = [
+        st[k] for group in opt.adam.param_groups for m in group["params"]
+        for st in [opt.adam.state.get(m, {})] for k in ("exp_avg", "exp_avg_sq") if k in st
+    ]  # fmt: skip
+    return masters + moments
+
+
+def state_bytes(opt: Optimizer) -> int:
+    """Bytes offload_state frees on the device."""
+    return sum(t.numel() * t.element_size() for t in movable_state(opt))
+
+
+@torch.no_grad()
+def offload_state(opt: Optimizer) -> None:
+    """Move the idle state to host memory (pinned when it lives on a GPU); its device memory is free when this
+    returns (the copies are queued on the current stream, so the allocator reuses that memory only after them).
+    Each tensor keeps its identity (only its storage moves): Adam's state and the masters' list stay valid."""
+    tensors = movable_state(opt)
+    off = opt.offload
+    if off is None:
+        off = opt.offload = _Offload(tensors[0].device if tensors else torch.device("cpu"))
+    if off.on_host:
+        return
+    _settle(off)
+    if [h.shape for h in off.host] != [t.shape for t in tensors]:  # first use (or a state of another layout)
+        pin = off.home.type == "cuda"
+        off.host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in tensors]
+    for t, h in zip(tensors, off.host):
+        h.copy_(t, non_blocking=True)
+        t.data = h
+    off.on_host = True
+
+
+@torch.no_grad()
+def onload_state(opt: Optimizer) -> None:
+    """Bring the state back from host memory: the device memory is allocated now, the copies run on a side stream
+    (on CUDA) while the caller goes on; anything here that reads the state first waits for them (ensure_state)."""
+    off = opt.offload
+    if off is None or not off.on_host:
+        return
+    tensors = movable_state(opt)
+    cuda = off.home.type == "cuda"
+    if cuda and off.stream is None:
+        off.stream = torch.cuda.Stream(off.home)
+    dev = [torch.empty(h.shape, dtype=h.dtype, device=off.home) for h in off.host]  # on the current stream
+    if cuda:
+        off.stream.wait_stream(torch.cuda.current_stream(off.home))  # after the offload's copies into `host`
+        with torch.cuda.stream(off.stream):
+            for d, h in zip(dev, off.host):
+                d.copy_(h, non_blocking=True)
+                d.record_stream(off.stream)  # (freed later on the current stream: not reused before the copy ends)
+        off.pending = off.stream.record_event()
+    else:
+        for d, h in zip(dev, off.host):
+            d.copy_(h)
+    for t, d in zip(tensors, dev):
+        t.data = d
+    off.on_host = False
+
+
+def ensure_state(opt: Optimizer) -> None:
+    """The state on its device and its copies done (for the current stream): before anything reads or writes it."""
+    if opt.offload is not None:
+        onload_state(opt)
+        _settle(opt.offload)
+
+
+def _settle(off: _Offload) -> None:
+    if off.pending is not None:
+        torch.cuda.current_stream(off.home).wait_event(off.pending)
+        off.pending = None
+
+
 def optimizer_state(opt: Optimizer) -> dict:
     """What a checkpoint keeps of an optimizer (the parameters themselves go to the HF checkpoint); with buckets,
     their parameters too, so that a run of another layout can re-lay it (engine/reshard.py)."""
+    ensure_state(opt)
     if opt.buckets is not None:
         masters = [m.detach().cpu() for m in opt.masters]
     else:
@@ -305,6 +403,7 @@ def load_optimizer_state(opt: Optimizer, saved: dict | SavedOptimizer, tp: int =
     """Restore `opt` (on TP rank `tp_rank` of `tp`) from a checkpoint's optimizer state: this rank's own (a dict,
     the same layout), or every saved rank's (SavedOptimizer) to resume with another TP degree, number of DP ranks or
     --distributed-optimizer setting, re-laid here (engine/reshard.py)."""
+    ensure_state(opt)
     if isinstance(saved, dict):
         if saved["distributed"] != (opt.buckets is not None):
             raise ValueError(

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from engine.config import GenerateConfig
 from engine.data import Rollout, pack, split_by_tokens
 from engine.model import Transformer
+from engine.optim import offload_state, onload_state
 from kernels.logprob import hidden_logprobs
 
 if TYPE_CHECKING:
@@ -43,9 +44,14 @@ def generate_rollout(
     """Sample responses (default: the rollout of iteration state.iteration); prompt_ids (the prompts' indices in their
     prompt set) key each sample's random stream, so a data-parallel run samples exactly what one process would."""
     params = params or sampling_params(state, state.iteration)
+    opts = [o for o in (state.policy_opt, state.value_opt) if o is not None] if state.offload else []
+    for o in opts:  # the idle optimizer state to host memory: the KV cache gets its GPU memory
+        offload_state(o)
     with torch.no_grad():
         comps = state.generator.generate_completions(prompts, params, seed_keys=prompt_ids)
     state.generator.release()
+    for o in opts:  # back on a side stream, overlapping the scoring passes (the update waits for it)
+        onload_state(o)
     offsets = [0]
     for c in comps:
         if not c.tokens:

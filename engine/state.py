@@ -16,10 +16,10 @@ from engine.checkpoint import load_pretrained
 from engine.config import PPOConfig
 from engine.data import PromptBatches
 from engine.hub import resolve_run
-from engine.kv_cache import resolve_cache_dtype
+from engine.kv_cache import bytes_per_block, cuda_cache_budget, resolve_cache_dtype
 from engine.model import Transformer
-from engine.optim import Optimizer, make_optimizer
-from engine.parallel import ProcessGrid, init_process_grid, print0, raise_together
+from engine.optim import Optimizer, make_optimizer, state_bytes
+from engine.parallel import ProcessGrid, agree, init_process_grid, print0, raise_together
 from engine.resume import latest_checkpoint, load_trainer_state, start_fresh
 from engine.tokenizer import PromptSet, load_prompts, load_tokenizer, response_stop_ids
 from engine.tracking import Tracker, check_available
@@ -54,6 +54,10 @@ class RunConfig:
     kv_cache_fraction: float = 0.9  # share of the GPU's memory the rollouts may fill, their KV cache included
     kv_cache_mb: int = 0  # KV cache budget in MiB (0: the generator's default / kv_cache_fraction)
     kv_cache_dtype: str = "auto"  # auto (the model's) or fp8: float8 e4m3 K/V, half the bytes read per decode step
+    # the trained models' fp32 masters and Adam moments in pinned host memory during rollouts, their GPU memory in the
+    # KV cache: on / off / auto (on a GPU when the cache would otherwise hold fewer sequences than the generator
+    # decodes together and the host has room)
+    offload_optimizer: str = "auto"
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
     profile_iteration: int = 0  # write a torch.profiler trace of this iteration (1-based) per rank to output_dir
     save_every_minutes: float = 0.0  # also checkpoint when this long has passed since the last one (0: off)
@@ -97,6 +101,7 @@ class TrainState:
     evals: list[dict] = field(default_factory=list)
     tracker: Tracker | None = None  # Weights & Biases, on global rank 0 (engine/tracking.py)
     layer_bytes: dict[str, float] = field(default_factory=dict)  # per token, measured once (engine.recompute)
+    offload: bool = False  # optimizer state in host memory during rollouts (decide_offload)
 
     @property
     def dp_group(self):
@@ -145,6 +150,7 @@ def setup(
     """Process grid, tokenizer, prompts, the four models (loaded), optimizers; resumes when run.resume."""
     if not (run.policy and run.reward and run.prompts):
         raise ValueError("--policy, --reward and --prompts are all needed (or no flag at all for the tiny default)")
+    memory_plan.check_offload_setting(run.offload_optimizer)
     grid = grid or init_process_grid(run.tp, timeout_minutes=run.dist_timeout_minutes)
     check_batch_sizes(cfg, grid)  # before loading four models
     check_available(run.wandb_project, grid.rank)
@@ -251,9 +257,38 @@ def make_state(
         cfg, run, grid, device, policy, ref, value, reward, *optimizers,
         data, None, stop_ids, tokenizer_dir, iterations, len(data) * steps_per_rollout,
     )  # fmt: skip
+    state.offload = decide_offload(state)
     if generator_factory is not None:
         state.generator = generator_factory(policy, cfg, run)
     return state
+
+
+def decide_offload(state: TrainState) -> bool:
+    """--offload-optimizer, decided from what the models and optimizers hold now; every rank alike (offloading only if
+    every rank would: their memory differs a little)."""
+    run, cfg, dev = state.run, state.cfg, state.device
+    nbytes = sum(state_bytes(o) for o in (state.policy_opt, state.value_opt))
+    seqs = (0, 0)
+    if dev.type == "cuda":  # full-length sequences the rollouts' cache holds without and with the state offloaded
+        seq_len = cfg.max_prompt_len + cfg.max_new_tokens
+        c, heads = state.policy.config, state.policy.layers[0].self_attn.local_kv_heads
+        kv_dtype = resolve_cache_dtype(run.kv_cache_dtype, next(state.policy.parameters()).dtype)
+        per_seq = bytes_per_block(c.num_layers, 1, heads, c.head_dim, kv_dtype) * seq_len
+        budget = cuda_cache_budget(dev, run.kv_cache_fraction)
+        seqs = (budget // per_seq, (budget + nbytes) // per_seq)
+    wanted = min(run.gen_max_num_seqs, cfg.rollout_batch_size * cfg.samples_per_prompt // state.grid.dp)
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    on, line, error = False, "", None
+    try:
+        on, line = memory_plan.offload_decision(
+            run.offload_optimizer, dev, nbytes, local_ranks, seqs, wanted, memory_plan.host_available()
+        )
+    except ValueError as e:
+        error = e
+    raise_together(error, "deciding --offload-optimizer")
+    (every,) = agree([int(on)], "min")
+    print0(line if every == on else "optimizer state: on the GPU throughout (another rank has no room to offload it)")
+    return bool(every)
 
 
 def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:

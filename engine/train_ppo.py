@@ -69,12 +69,15 @@ def _flag_kind(f: dataclasses.Field) -> str:
 
 
 def _field_comments(cls) -> dict[str, str]:
-    """The `# ...` comment after each field in the dataclass source: one place documents a field."""
-    comments = {}
+    """The `# ...` comment after each field in the dataclass source, or else the comment lines right above it: one
+    place documents a field."""
+    comments, above = {}, []
     for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+): [^=]+=[^#]*#\s*(.+)$", line)
-        if m:
-            comments[m.group(1)] = m.group(2).strip()
+        m = re.match(r"\s+(\w+): [^=]+=[^#]*(?:#\s*(.+))?$", line)
+        if m and (m.group(2) or above):
+            comments[m.group(1)] = (m.group(2) or " ".join(above)).strip()
+        c = re.match(r"\s+#\s*(.+)$", line)
+        above = [*above, c.group(1)] if c else []
     return comments
 
 

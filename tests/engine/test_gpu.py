@@ -178,11 +178,13 @@ def test_ppo_iteration_on_gpu(tmp_path):
 
 def test_train_ppo_tiny_with_evaluation_on_gpu(tmp_path):
     """The entry point's tiny default on the GPU (bf16 parameters, the kernels, CUDA graphs), with the held-out
-    evaluations (generation, reference, RM) and the samples log."""
+    evaluations (generation, reference, RM), the samples log and the optimizer state in host memory during rollouts
+    (test_ppo_iteration_on_gpu runs the default, auto, which keeps it on the GPU for models this small)."""
     from engine.train_ppo import main
 
     history = main(["--device", "cuda", "--output-dir", str(tmp_path), "--max-iterations", "2", "--eval-every", "1",
-                    "--rollout-batch-size", "8", "--train-batch-size", "4", "--max-new-tokens", "8"])  # fmt: skip
+                    "--rollout-batch-size", "8", "--train-batch-size", "4", "--max-new-tokens", "8",
+                    "--offload-optimizer", "on"])  # fmt: skip
     assert [m["iteration"] for m in history] == [1, 2]
     evals = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
     assert [e["iteration"] for e in evals] == [0, 1, 2]
@@ -202,3 +204,34 @@ def test_memory_plan_is_what_cuda_allocates():
     built = build_and_plan(CUDA)
     allocated = torch.cuda.memory_allocated(CUDA) - before
     assert abs(allocated - built[2]) < 0.01 * built[2], (allocated, built[2])
+
+
+def test_offloaded_optimizer_state_frees_its_gpu_memory_and_comes_back():
+    """offload_state frees exactly the state's bytes on the GPU into pinned host buffers; onload_state copies them
+    back on a side stream, and an update issued at once (it waits for the copies) equals a twin's that never moved."""
+    from engine import optim
+    from engine.config import PPOConfig
+    from engine.parallel import ProcessGrid
+
+    cfg, small = PPOConfig(max_grad_norm=0.5), ModelConfig.named("tiny")
+    models = [Transformer(small, "score", dtype=torch.bfloat16, device=CUDA).init_weights(seed=2) for _ in range(2)]
+    moved, twin = (optim.make_optimizer(m, cfg) for m in models)
+    nbytes = optim.state_bytes(moved)
+    for step in range(3):
+        for a, b in zip(*(m.parameters() for m in models)):
+            g = torch.randn(a.shape, device=CUDA).to(torch.bfloat16)
+            a.grad, b.grad = g.clone(), g.clone()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated(CUDA)
+        optim.offload_state(moved)
+        freed = before - torch.cuda.memory_allocated(CUDA)
+        assert abs(freed - nbytes) <= 512 * len(moved.offload.host), (freed, nbytes)
+        assert all(h.is_pinned() and h.device.type == "cpu" for h in moved.offload.host)
+        optim.onload_state(moved)  # no synchronize: the update below must wait for the side stream itself
+        assert moved.offload.pending is not None
+        for o in (moved, twin):
+            optim.accumulate_grads(o)
+            optim.optimizer_step(o, 1e-2, cfg, ProcessGrid())
+        assert all(torch.equal(a, b) for a, b in zip(*(m.parameters() for m in models))), step
+    for a, b in zip(optim.movable_state(moved), optim.movable_state(twin)):
+        assert a.is_cuda and torch.equal(a, b)

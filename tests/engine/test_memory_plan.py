@@ -73,8 +73,9 @@ def test_recipe_layouts_on_an_80gb_gpu():
         memory_plan.plan(configs, torch.bfloat16, 4, 1, False, free)
 
 
-def _tokens(out: str) -> int:
-    return int(out.split("GiB, ")[-1].split(" tokens")[0].replace(",", ""))
+def _tokens(out: str, which: int = 0) -> int:
+    """The rollout cache's tokens in a plan's line: the first figure (state on the GPU) or the second (offloaded)."""
+    return int(out.split("GiB, ")[1 + which].split(" tokens")[0].replace(",", ""))
 
 
 def test_command_line(capsys):
@@ -87,9 +88,13 @@ def test_command_line(capsys):
     lm, score = c.num_params("lm", 8), c.num_params("score", 8)
     held = 2 * (2 * lm + 2 * score) + 12 * (lm + score) // 2
     assert _tokens(out) == (int(0.9 * 79 * GiB) - held) // (2 * 40 * 5 * 128 * 2) and "(209 sequences of 2048)" in out
+    weights = 2 * (2 * lm + 2 * score)  # with the optimizer state in host memory during rollouts
+    assert _tokens(out, 1) == (int(0.9 * 79 * GiB) - weights) // (2 * 40 * 5 * 128 * 2)
+    assert f"--offload-optimizer on, {12 * (lm + score) // 2 / GiB:.1f} GiB per GPU" in out
     assert memory_plan.main(["--tp", "8", "--dp", "2", "--kv-cache-dtype", "fp8", "--seq-len", "1024"]) == 0
     fp8 = capsys.readouterr().out
     assert _tokens(fp8) == 2 * _tokens(out) and "(839 sequences of 1024)" in fp8
+    assert _tokens(fp8, 1) == (int(0.9 * 79 * GiB) - weights) // (2 * 40 * 5 * 128)  # a float8 byte per value
     assert memory_plan.main(["--tp", "2", "--gpu-gib", "141"]) == 1
     assert "it would fit with --tp 4" in capsys.readouterr().out
 
@@ -159,3 +164,29 @@ def test_command_line_reads_configs_of_directories_and_hub_ids(tmp_path, monkeyp
     assert f"weights (policy) {c7.num_params('lm') * 2 / GiB:.1f}," in capsys.readouterr().out
     with pytest.raises(SystemExit):
         memory_plan.main(["--policy", str(tmp_path / "missing/dir/x")])
+
+
+def test_offload_decision():
+    """--offload-optimizer: auto offloads on a GPU only when the rollout cache would otherwise hold fewer sequences
+    than the generator decodes together and the node's ranks' state takes at most half the available host memory;
+    on refuses a host without room by name; on CPU nothing moves unless asked."""
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    state, host = 36 * GiB, 1024 * GiB
+    decide = memory_plan.offload_decision
+    on, line = decide("auto", cuda, state, 8, (117, 302), 256, host)
+    assert on and "36.0 GiB per GPU in host memory" in line and "holds 302 instead of 117" in line
+    assert "288.0 GiB of host memory for 8 rank(s)" in line
+    on, line = decide("auto", cuda, state, 8, (300, 500), 256, host)  # the cache holds max_num_seqs already
+    assert not on and "holds 300 sequences" in line
+    assert decide("auto", cuda, state, 8, (117, 302), 64, host)[0] is False  # a rank's rollout of 64 fits
+    on, line = decide("auto", cuda, state, 8, (117, 302), 256, 500 * GiB)  # 288 GiB > half of 500
+    assert not on and "would take 288.0 GiB of host memory" in line
+    assert decide("on", cuda, state, 8, (300, 500), 256, 500 * GiB)[0]  # asked for: below 90% of the host
+    with pytest.raises(ValueError, match=r"--offload-optimizer on needs 288\.0 GiB of host memory for 8 rank\(s\) "
+                       r"on this node, 300\.0 available"):  # fmt: skip
+        decide("on", cuda, state, 8, (117, 302), 256, 300 * GiB)
+    assert not decide("off", cuda, state, 8, (117, 302), 256, host)[0]
+    assert not decide("auto", cpu, state, 1, (0, 0), 256, host)[0]
+    assert decide("on", cpu, state, 1, (0, 0), 256, host)[0]
+    with pytest.raises(ValueError, match="must be auto, on or off, got 'yes'"):
+        decide("yes", cuda, state, 8, (117, 302), 256, host)

@@ -543,3 +543,99 @@ def test_resume_names_changed_hyperparameters(tmp_path, capsys):
         "hyperparameters other than the checkpoint's: clip_ratio 0.2 -> 0.3, kl_coef 0.05 -> 0.1"
         in capsys.readouterr().out
     )
+
+
+@pytest.mark.parametrize("dtype,dp", [(torch.bfloat16, 1), (torch.float32, 1), (torch.bfloat16, 2)])
+def test_optimizer_state_goes_to_host_memory_and_back(dtype, dp):
+    """offload_state moves the masters (not the fp32 parameters, which are their own masters and which the generator
+    reads) and Adam's moments into host buffers kept for the run, each tensor keeping its identity (Adam's state
+    and the masters' list stay valid); onload_state brings back the same values into fresh device storage. With
+    DP 2 the distributed optimizer's flat shards move (built in one process: no collective runs here)."""
+    cfg, small = PPOConfig(), dataclasses.replace(ModelConfig.named("tiny"), num_layers=1)
+    model = Transformer(small, "score", dtype=dtype).init_weights(seed=1)
+    grid = ProcessGrid(rank=0, world_size=dp, tp=1, dp=dp)
+    opt = optim.make_optimizer(model, cfg, grid, distributed=True, bucket_bytes=4 * 3001)
+    assert (opt.buckets is not None) == (dp > 1)
+    tensors = optim.movable_state(opt)
+    n_masters = len(opt.buckets) if dp > 1 else len(opt.params) if dtype != torch.float32 else 0
+    assert len(tensors) == n_masters + 2 * len(opt.masters)  # (masters,) exp_avg, exp_avg_sq
+    gen = torch.Generator().manual_seed(0)
+    for t in tensors:
+        t.copy_(torch.randn(t.shape, generator=gen))
+    values = [t.clone() for t in tensors]
+    params = [(p.data_ptr(), p.clone()) for p in model.parameters()]
+    on_device = [t.data_ptr() for t in tensors]
+    host_ptrs = None
+    for _ in range(2):
+        optim.offload_state(opt)
+        optim.offload_state(opt)  # twice: a no-op
+        assert [id(t) for t in optim.movable_state(opt)] == [id(t) for t in tensors]
+        assert [t.data_ptr() for t in tensors] == [h.data_ptr() for h in opt.offload.host]
+        assert not set(on_device) & {t.data_ptr() for t in tensors}
+        host_ptrs = host_ptrs or [h.data_ptr() for h in opt.offload.host]
+        assert [h.data_ptr() for h in opt.offload.host] == host_ptrs  # the same host buffers every time
+        assert all(torch.equal(t, v) for t, v in zip(tensors, values))
+        optim.onload_state(opt)
+        assert not {t.data_ptr() for t in tensors} & set(host_ptrs)
+        assert all(torch.equal(t, v) for t, v in zip(tensors, values))
+        on_device = [t.data_ptr() for t in tensors]
+    assert all(p.data_ptr() == ptr and torch.equal(p, v) for p, (ptr, v) in zip(model.parameters(), params))
+
+
+def test_an_update_or_a_checkpoint_of_offloaded_state_brings_it_back():
+    """Steps of an optimizer whose state went to host memory and back (or is still there: the update brings it back
+    first) equal a twin's that never moved, bit for bit; a state loaded from a checkpoint (new tensors in Adam's
+    state) is offloaded as well."""
+    cfg, small = PPOConfig(max_grad_norm=0.5), dataclasses.replace(ModelConfig.named("tiny"), num_layers=1)
+    models = [Transformer(small, "score", dtype=torch.bfloat16).init_weights(seed=2) for _ in range(2)]
+    moved, twin = (optim.make_optimizer(m, cfg) for m in models)
+    for step in range(4):
+        for a, b in zip(*(m.parameters() for m in models)):
+            g = torch.randn(a.shape, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)
+            a.grad, b.grad = g.clone(), g.clone()
+        optim.offload_state(moved)
+        if step % 2:
+            optim.onload_state(moved)
+        optim.accumulate_grads(moved)
+        optim.accumulate_grads(twin)
+        optim.optimizer_step(moved, 1e-2, cfg, ProcessGrid())
+        optim.optimizer_step(twin, 1e-2, cfg, ProcessGrid())
+        assert not moved.offload.on_host
+        assert all(torch.equal(a, b) for a, b in zip(*(m.parameters() for m in models)))
+    optim.offload_state(moved)
+    saved = optim.optimizer_state(moved)  # (brings it back first)
+    assert not moved.offload.on_host
+    optim.offload_state(moved)
+    optim.load_optimizer_state(moved, saved)
+    optim.offload_state(moved)  # Adam's state is new tensors now: those move
+    assert [t.data_ptr() for t in optim.movable_state(moved)] == [h.data_ptr() for h in moved.offload.host]
+    optim.onload_state(moved)
+    for a, b in zip(optim.movable_state(moved), optim.movable_state(twin)):
+        assert torch.equal(a, b)
+
+
+def test_offloaded_optimizer_trains_the_same(tmp_path):
+    """--offload-optimizer on (bf16 parameters with fp32 masters, on CPU): during each rollout and evaluation the
+    state is in the host buffers, and the run's metrics and weights equal those of a run that never moved it."""
+    flags = ["--dtype", "bfloat16", "--max-iterations", "3", "--eval-every", "2", "--learning-rate", "1e-3"]
+    state = _state(tmp_path / "on", *flags, "--offload-optimizer", "on")
+    assert state.offload
+    seen = []
+    generate = state.generator.generate_completions
+
+    def spy(*args, **kw):
+        opts = (state.policy_opt, state.value_opt)
+        seen.append(all(o.offload.on_host and optim.movable_state(o)[0].data_ptr() == o.offload.host[0].data_ptr()
+                        for o in opts))  # fmt: skip
+        return generate(*args, **kw)
+
+    state.generator.generate_completions = spy
+    with dispatch.reference_ops():
+        on = trainer.train(state)
+    assert seen == [True] * 6  # 3 rollouts, evaluations before, at 2 and after
+    off = _run(tmp_path / "off", *flags, "--offload-optimizer", "off")
+    assert _no_timing(on) == _no_timing(off)
+    for name, head in (("policy", "lm"), ("value", "score")):
+        a = _weights(latest_checkpoint(str(tmp_path / "on")) + f"/{name}", head)
+        b = _weights(latest_checkpoint(str(tmp_path / "off")) + f"/{name}", head)
+        assert all(torch.equal(a[k], b[k]) for k in a)
