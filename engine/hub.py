@@ -33,12 +33,33 @@ def weight_patterns(files: list[str]) -> list[str]:
     return ["pytorch_model*.bin"]
 
 
-def config_dir(name: str) -> str:
+def config_dir(name: str, local_only: bool = False) -> str:
     """A directory holding a Hub repo's config.json alone (fetched into the cache, without the weights)."""
     from huggingface_hub import hf_hub_download
 
     repo, _, revision = name.partition("@")
-    return os.path.dirname(hf_hub_download(repo, "config.json", revision=revision or None))
+    return os.path.dirname(hf_hub_download(repo, "config.json", revision=revision or None, local_files_only=local_only))
+
+
+def config_sources(names: list[str | None]) -> list[str | None] | None:
+    """For planning memory before any weight is fetched: the names as they are, with each Hub id replaced by a
+    directory that holds its config.json alone (each node's local rank 0 fetches it, then the others read the
+    cache); None when one cannot be had (resolve() names the problem when it fetches the checkpoints). Every rank
+    under torchrun calls this."""
+    remote = sorted({n for n in names if n and is_repo_id(n)})
+    if not remote:
+        return names
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dirs, ok = {}, True
+    for turn in (0, 1):  # local rank 0 fetches, then the other ranks read the cache
+        if (local_rank == 0) == (turn == 0):
+            try:
+                dirs = {n: config_dir(n, local_only=turn == 1) for n in remote}
+            except Exception:  # (offline and not cached, a typo, a gated repo)
+                ok = False
+        if turn == 0 and dist.is_initialized():
+            dist.barrier()
+    return [dirs.get(n, n) if n else n for n in names] if ok else None
 
 
 def _download(name: str, local_only: bool) -> str:

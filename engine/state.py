@@ -15,7 +15,7 @@ from engine import memory_plan, recompute
 from engine.checkpoint import load_pretrained
 from engine.config import PPOConfig
 from engine.data import PromptBatches
-from engine.hub import resolve_run
+from engine.hub import config_sources, resolve_run
 from engine.kv_cache import bytes_per_block, cuda_cache_budget, resolve_cache_dtype
 from engine.model import Transformer
 from engine.optim import Optimizer, make_optimizer, state_bytes
@@ -154,9 +154,9 @@ def setup(
     grid = grid or init_process_grid(run.tp, timeout_minutes=run.dist_timeout_minutes)
     check_batch_sizes(cfg, grid)  # before loading four models
     check_available(run.wandb_project, grid.rank)
-    run = resolve_run(run)  # Hub ids -> local directories (engine/hub.py)
     device, load = model_loader(run, grid)
-    check_memory(cfg, run, grid, device)
+    check_memory(cfg, run, grid, device)  # (from config.json alone: before a Hub id's weights are fetched)
+    run = resolve_run(run)  # Hub ids -> local directories (engine/hub.py)
     tokenizer_dir = run.tokenizer or run.policy
     tokenizer = load_tokenizer(tokenizer_dir)
     prompt_set = load_prompts(run.prompts, tokenizer, cfg.max_prompt_len, verbose=grid.rank == 0)
@@ -183,22 +183,26 @@ def setup(
 
 
 def check_memory(cfg: PPOConfig, run: RunConfig, grid: ProcessGrid, device: torch.device) -> None:
-    """On a GPU, before the models are loaded: refuse a layout whose weights and optimizer state cannot fit (with the
-    layouts that would), else print what they take and what is left (engine/memory_plan.py)."""
+    """On a GPU, before the models are loaded (and before a Hub id's weights are fetched: its config.json alone is):
+    refuse a layout whose weights and optimizer state cannot fit (with the layouts that would), else print what they
+    take and what is left (engine/memory_plan.py)."""
     if device.type != "cuda":
         return
     error, line = None, ""
-    try:
-        configs = memory_plan.run_configs(run.policy, run.reference, run.reward)
-        dtype, (free, total) = resolve_dtype(run.dtype, device), torch.cuda.mem_get_info(device)
-        kv_dtype = resolve_cache_dtype(run.kv_cache_dtype, dtype)
-        seq_len = cfg.max_prompt_len + cfg.max_new_tokens
-        cache = {"total": total, "fraction": run.kv_cache_fraction, "seq_len": seq_len, "kv_dtype": kv_dtype}
-        line = memory_plan.plan(configs, dtype, grid.tp, grid.dp, run.distributed_optimizer, free, cache)
-    except ValueError as e:
-        error = e
+    sources = config_sources([run.policy, run.reference, run.reward])
+    if sources is not None:  # (None: a Hub id's config.json could not be had; resolve_run names the problem)
+        try:
+            configs = memory_plan.run_configs(*sources)
+            dtype, (free, total) = resolve_dtype(run.dtype, device), torch.cuda.mem_get_info(device)
+            kv_dtype = resolve_cache_dtype(run.kv_cache_dtype, dtype)
+            seq_len = cfg.max_prompt_len + cfg.max_new_tokens
+            cache = {"total": total, "fraction": run.kv_cache_fraction, "seq_len": seq_len, "kv_dtype": kv_dtype}
+            line = memory_plan.plan(configs, dtype, grid.tp, grid.dp, run.distributed_optimizer, free, cache)
+        except ValueError as e:
+            error = e
     raise_together(error, "planning memory")
-    print0(line)
+    if line:
+        print0(line)
 
 
 def evaluation_set(cfg: PPOConfig, run: RunConfig, grid: ProcessGrid, tokenizer, prompt_set: PromptSet | None):

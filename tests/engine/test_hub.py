@@ -18,9 +18,22 @@ class FakeHub:
     """list_repo_files / snapshot_download over local directories, into a cache directory; records the calls."""
 
     def __init__(self, repos: dict[str, str], cache):
-        self.repos, self.cache, self.calls = repos, cache, []
+        self.repos, self.cache, self.calls, self.config_calls = repos, cache, [], []
 
     offline = False
+    config_calls: list
+
+    def hf_hub_download(self, repo, filename, revision=None, local_files_only=False):
+        self.config_calls.append((repo, revision, local_files_only))
+        dst = self.cache / repo.replace("/", "--") / f"{revision or 'main'}-{filename}"
+        if not local_files_only:
+            if self.offline or repo not in self.repos:
+                raise OSError(f"cannot fetch {repo}")
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copy(os.path.join(self.repos[repo], filename), dst / filename)
+        if not (dst / filename).exists():
+            raise FileNotFoundError(f"{repo}/{filename}: not in the local cache")
+        return str(dst / filename)
 
     def list_repo_files(self, repo, revision=None):
         if self.offline:
@@ -52,6 +65,7 @@ def fake_hub(tmp_path, monkeypatch):
                    tmp_path / "cache")  # fmt: skip
     monkeypatch.setattr(huggingface_hub, "list_repo_files", fake.list_repo_files)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake.snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake.hf_hub_download)
     return fake
 
 
@@ -102,3 +116,40 @@ def test_other_local_ranks_and_offline_nodes_read_the_cache(tmp_path, fake_hub, 
     named = r"org/rm is not a local directory, .*\(OSError: Cannot reach .*\) and is not in the Hugging Face cache"
     with pytest.raises(FileNotFoundError, match=named):
         hub.resolve(["org/rm"])
+
+
+def test_memory_is_planned_from_config_json_before_any_weight_is_fetched(tmp_path, fake_hub, monkeypatch, capsys):
+    """setup() plans (and refuses) from each Hub id's config.json alone, before the checkpoints are downloaded; the
+    other local ranks read the configs from the cache; a config that cannot be had skips the plan (the download
+    that follows names the problem)."""
+    import torch
+
+    from engine import state as state_mod
+    from engine.config import PPOConfig
+    from engine.parallel import ProcessGrid
+    from engine.state import RunConfig, check_memory
+
+    order = []
+    monkeypatch.setattr(state_mod, "check_memory", lambda *a: order.append(list(fake_hub.calls)))
+    with pytest.raises(FileNotFoundError, match="org/missing is not a local directory"):
+        run(tmp_path, "--policy", "org/missing", "--reward", "org/rm")
+    assert order == [[]]  # planned before anything was downloaded
+    monkeypatch.setattr(state_mod, "check_memory", check_memory)
+    fake_hub.calls.clear()
+    cuda, run_cfg = torch.device("cuda", 0), RunConfig(policy="org/policy", reward="org/rm@v1")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100_000, 10**9))
+    with pytest.raises(ValueError, match=r"the models and optimizer state need .* of 0\.0 GiB free per GPU"):
+        check_memory(PPOConfig(), run_cfg, ProcessGrid(), cuda)
+    assert fake_hub.calls == [] and sorted(fake_hub.config_calls) == [
+        ("org/policy", None, False),
+        ("org/rm", "v1", False),
+    ]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 10 * 2**30))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    fake_hub.config_calls.clear()
+    check_memory(PPOConfig(), run_cfg, ProcessGrid(), cuda)
+    assert capsys.readouterr().out.startswith("memory plan: ")
+    assert sorted(fake_hub.config_calls) == [("org/policy", None, True), ("org/rm", "v1", True)]  # the cache only
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    check_memory(PPOConfig(), RunConfig(policy="org/missing", reward="org/rm"), ProcessGrid(), cuda)
+    assert "memory plan" not in capsys.readouterr().out  # skipped: resolve_run names org/missing

@@ -152,7 +152,7 @@ def test_command_line_reads_configs_of_directories_and_hub_ids(tmp_path, monkeyp
     (tmp_path / "hub/config.json").write_text(json.dumps(MODEL_SHAPES["llama2-7b"].to_hf("lm")))
     fetched = []
 
-    def hf_hub_download(repo, filename, revision=None):
+    def hf_hub_download(repo, filename, revision=None, local_files_only=False):
         fetched.append((repo, filename, revision))
         return str(tmp_path / "hub" / filename)
 
