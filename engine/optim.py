@@ -174,6 +174,7 @@ def _flat_shard(tensors: list[torch.Tensor], b: _Bucket, dp: int, device: torch.
 
 def accumulate_grads(opt: Optimizer) -> None:
     """Move a micro-batch's grads into the fp32 master grads (no-op for fp32 parameters without `buckets`)."""
+    onload_state(opt)  # (the masters' grads live where the masters do)
     if opt.buckets is not None:
         for b in opt.buckets:
             for i, start in zip(b.params, b.offsets):
@@ -239,6 +240,7 @@ def reduce_grads(opt: Optimizer, grid: ProcessGrid) -> torch.Tensor:
     """Sum the accumulated grads over DP (all-reduce, or reduce-scatter into this rank's shards with `buckets`)
     and the sequence-parallel partial ones over TP; return the global grad norm (0-d, the same on every rank,
     no host sync). Nothing is updated yet: a caller can check the norm first."""
+    onload_state(opt)
     if opt.buckets is not None:
         accumulate_grads(opt)  # grads a caller left on the parameters
         for b in opt.buckets:

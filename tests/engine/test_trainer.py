@@ -596,7 +596,7 @@ def test_an_update_or_a_checkpoint_of_offloaded_state_brings_it_back():
         optim.offload_state(moved)
         if step % 2:
             optim.onload_state(moved)
-        optim.accumulate_grads(moved)
+        optim.accumulate_grads(moved)  # (brings the state back if it is still on the host)
         optim.accumulate_grads(twin)
         optim.optimizer_step(moved, 1e-2, cfg, ProcessGrid())
         optim.optimizer_step(twin, 1e-2, cfg, ProcessGrid())
