@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--activation-checkpointing", default="auto", help="auto, on, off or a number of layers")
-    p.add_argument("--offload-optimizer", default="auto", help="auto, on or off: optimizer state in host memory")
+    p.add_argument("--offload-optimizer", default="auto", help="auto, off, rollouts or always (RunConfig's)")
     p.add_argument("--json", default=None, help="write the figures to this file")
     return p.parse_args(argv)
 
@@ -109,15 +109,17 @@ def main(argv=None) -> dict:
         ("train (policy + value, fwd + bwd)", best["time_train"], seq_tok * cfg.ppo_epochs, 6 * fpt * seq_tok),
         ("iteration", best["time_iteration"], seq_tok, None),
     ]
+    where = "on the device" if not state.offload else "in host memory during rollouts"
+    where = "in host memory, updated in chunks" if state.policy_opt.host_resident else where
     print0(
         f"PPO iteration, {a.model} ({mc.num_layers} layers) {dtype} on {device} x {grid.world_size} "
         f"(dp {grid.dp} x tp {grid.tp}): {rollout} prompts x {prompt_len} tokens, {best['response_len']:.0f} new "
         f"tokens each, train batch {train_bs}; layers recomputed in the backward: {best['recompute_layers']}; "
-        f"optimizer state {'in host memory' if state.offload else 'on the device'} during rollouts"
+        f"optimizer state: {where}"
     )
     print0(f"{'phase':<36}{'seconds':>10}{'tokens':>10}{'tok/s':>12}{'TFLOP/s':>10}")
     out = {"model": a.model, "num_layers": mc.num_layers, "device": str(device), "dtype": str(dtype), "phases": {}}
-    out.update(world_size=grid.world_size, tp=grid.tp, sequence_parallel=a.sequence_parallel, offload=state.offload)
+    out.update(world_size=grid.world_size, tp=grid.tp, sequence_parallel=a.sequence_parallel, optimizer_state=where)
     for name, sec, tok, flops in phases:  # flops: the whole model's, so TFLOP/s over all the ranks
         tf = f"{flops / sec / 1e12:10.2f}" if flops else f"{'':>10}"
         print0(f"{name:<36}{sec:>10.3f}{tok:>10.0f}{tok / sec:>12.0f}{tf}")

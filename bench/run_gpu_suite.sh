@@ -4,7 +4,8 @@
 #   SUITE_BUDGET_S=540 bash bench/run_gpu_suite.sh "$OUT" first     # a first lease: the headline checks
 # NAMEs: gpu_tests kernel_tests (or tests: both) gae logprob rope_attention rope_sweep paged_attention
 # paged_attention_fp8 paged_sweep paged_sweep_fp8 rmsnorm_swiglu sampling rollout_b64 rollout_b64_hf_static rollout_b1
-# rollout_b64_sync rollout_b64_fp8 rollout_ppo_like ppo_step ppo_step_offload; the group `first` is what a 15-minute lease can hold
+# rollout_b64_sync rollout_b64_fp8 rollout_ppo_like ppo_step ppo_step_offload
+# ppo_step_resident; the group `first` is what a 15-minute lease can hold
 # (engine on the GPU, then the two issues' headline figures, then the kernel tests with the time left). No NAME:
 # everything, in the order below.
 #
@@ -96,6 +97,9 @@ bench ppo_step 240 "$PY" bench/ppo_step.py --model llama2-7b --random-weights --
   --train-batch-size 16 --prompt-len 256 --max-new-tokens 256 --iterations 2  # the 3rd: graphs replayed?
 bench ppo_step_offload 240 "$PY" bench/ppo_step.py --model llama2-7b --random-weights --num-layers 8 \
   --rollout-batch-size 64 --train-batch-size 16 --prompt-len 256 --max-new-tokens 256 --iterations 2 \
-  --offload-optimizer on   # the same with the optimizer state in host memory during rollouts: its cost per phase
+  --offload-optimizer rollouts   # the same with the optimizer state in host memory during rollouts: cost per phase
+bench ppo_step_resident 240 "$PY" bench/ppo_step.py --model llama2-7b --random-weights --num-layers 8 \
+  --rollout-batch-size 64 --train-batch-size 16 --prompt-len 256 --max-new-tokens 256 --iterations 2 \
+  --offload-optimizer always   # the state in host memory throughout: what streaming it through each update costs
 pack
 echo "done in $((SECONDS - start))s" | tee -a "$out/summary.txt"

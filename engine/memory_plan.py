@@ -20,23 +20,40 @@ import torch
 from engine.config import MODEL_SHAPES, ModelConfig
 from engine.hub import config_dir, is_repo_id
 from engine.kv_cache import bytes_per_block
+from engine.optim import CHUNK_ELEMENTS
 
 GiB = 2**30
 FIXED_SHARE_LIMIT = 0.95  # of the free memory: the rest goes to the CUDA context, NCCL buffers and fragmentation
 TRAINED = ("policy", "value")
 
 
-def fixed_bytes(numels: dict[str, int], trained: tuple[str, ...], dtype: torch.dtype, dp: int, distributed: bool):
+STATE = "optimizer (masters, Adam moments)"
+CHUNKS = "optimizer chunks in flight (the state in host memory)"
+
+
+def fixed_bytes(
+    numels: dict[str, int],
+    trained: tuple[str, ...],
+    dtype: torch.dtype,
+    dp: int,
+    distributed: bool,
+    resident_chunk: int = 0,
+):
     """{what: bytes} one rank holds for the whole run, given each model's parameters on the rank: every model's
     weights in `dtype`; for the trained ones the fp32 masters (none for fp32 weights, which are their own) and the
     two Adam moments, split over the `dp` ranks with the distributed optimizer, and the fp32 gradients summed over a
     step's micro-batches (every trained model's whole; with the distributed optimizer one model's whole at a time,
-    the others' reduce-scattered into their 1/dp shards: engine.trainer.train_step)."""
+    the others' reduce-scattered into their 1/dp shards: engine.trainer.train_step). `resident_chunk`: the state
+    lives in host memory (--offload-optimizer always) and an update holds three chunks of this many elements on
+    the device (one updated, one coming in, one going out)."""
     elt = torch.empty((), dtype=dtype).element_size()
     sharded = distributed and dp > 1
-    state_per_param = (8 if dtype == torch.float32 else 12) / (dp if sharded else 1)
+    per_elt = 8 if dtype == torch.float32 else 12
     out = {f"weights ({name})": n * elt for name, n in numels.items()}
-    out["optimizer (masters, Adam moments)"] = int(sum(numels[m] for m in trained) * state_per_param)
+    if resident_chunk:
+        out[CHUNKS] = 3 * per_elt * resident_chunk
+    else:
+        out[STATE] = int(sum(numels[m] for m in trained) * per_elt / (dp if sharded else 1))
     grads = [numels[m] * 4 for m in trained]
     out["fp32 gradients"] = max(grads) + sum(grads) // dp if sharded else sum(grads)
     return out
@@ -69,9 +86,12 @@ def host_available() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+OFFLOAD_SETTINGS = ("auto", "off", "rollouts", "always")
+
+
 def check_offload_setting(setting: str) -> None:
-    if setting not in ("auto", "on", "off"):
-        raise ValueError(f"--offload-optimizer must be auto, on or off, got {setting!r}")
+    if setting not in OFFLOAD_SETTINGS:
+        raise ValueError(f"--offload-optimizer must be one of {', '.join(OFFLOAD_SETTINGS)}, got {setting!r}")
 
 
 OFFLOAD_HOST_SHARE = 0.5  # auto offloads when every local rank's state takes at most this share of the free host RAM
@@ -80,24 +100,28 @@ OFFLOAD_HOST_SHARE = 0.5  # auto offloads when every local rank's state takes at
 def offload_decision(
     setting: str, device: torch.device, state: int, local_ranks: int, seqs: tuple[int, int], wanted: int, host: int
 ) -> tuple[bool, str]:
-    """Whether the trained models' optimizer state (`state` bytes on this GPU) goes to host memory during rollouts
-    (--offload-optimizer auto|on|off), and a line saying why. `seqs`: the full-length sequences a rollout's KV cache
-    holds without and with it; `wanted`: how many the generator would decode together (its max_num_seqs, or the
-    rank's rollout if fewer); `host`: host memory available, shared by `local_ranks` ranks. auto offloads on a GPU
-    when the cache cannot hold `wanted` sequences otherwise and the host has room for it (OFFLOAD_HOST_SHARE)."""
+    """Whether the trained models' optimizer state (`state` bytes per GPU) is in host memory during rollouts
+    (--offload-optimizer auto|off|rollouts|always; always: it lives there, engine.optim's host_resident), and a
+    line saying why. `seqs`: the full-length sequences a rollout's KV cache holds without and with it; `wanted`: how
+    many the generator would decode together (its max_num_seqs, or the rank's rollout if fewer); `host`: host memory
+    available, shared by `local_ranks` ranks. auto offloads on a GPU when the cache cannot hold `wanted` sequences
+    otherwise and the host has room for it (OFFLOAD_HOST_SHARE); setup() has turned auto into always already where
+    the state fits nowhere else."""
     check_offload_setting(setting)
     need = state * local_ranks
     room = f"{need / GiB:.1f} GiB of host memory for {local_ranks} rank(s) on this node, {host / GiB:.1f} available"
     gain = f"the rollouts' KV cache holds {seqs[1]} instead of {seqs[0]} full-length sequences"
     if device.type != "cuda":
-        if setting == "on" and state:
-            return True, "optimizer state: moved to other host memory during rollouts (on CPU this frees nothing)"
+        if setting in ("rollouts", "always") and state:
+            return True, f"optimizer state: in other host memory ({setting}; on CPU this frees nothing)"
         return False, "optimizer state: in place throughout (on CPU)"
     if setting == "off" or state == 0:
         return False, "optimizer state: on the GPU throughout"
-    if setting == "on":
+    if setting in ("rollouts", "always"):
         if need > 0.9 * host:
-            raise ValueError(f"--offload-optimizer on needs {room}: use --offload-optimizer off")
+            raise ValueError(f"--offload-optimizer {setting} needs {room}: use fewer ranks per node or a larger --tp")
+        if setting == "always":
+            return True, f"optimizer state: {state / GiB:.1f} GiB per GPU in host memory, updated in chunks ({room})"
         return True, f"optimizer state: {state / GiB:.1f} GiB per GPU in host memory during rollouts ({gain}; {room})"
     if seqs[0] >= wanted:
         return False, f"optimizer state: on the GPU throughout (the rollouts' KV cache holds {seqs[0]} sequences)"
@@ -114,15 +138,23 @@ def plan(
     distributed: bool,
     free: int,
     cache: dict | None = None,
+    resident: bool = False,
 ) -> str:
     """The plan's line for models {name: (config, head)} (the trained ones named "policy" and "value") on a rank of
     a dp x tp grid with `free` bytes, or ValueError naming the numbers and, when it does not fit, the next TP degree
-    (one that divides the heads, vocabulary and MLP) and, with the distributed optimizer, the DP size that would.
-    `cache` (rollout_cache's total, fraction, seq_len, kv_dtype) adds what the rollouts' KV cache gets."""
+    (one that divides the heads, vocabulary and MLP), with the distributed optimizer the DP size, and the optimizer
+    state in host memory (--offload-optimizer always), that would. `cache` (rollout_cache's total, fraction,
+    seq_len, kv_dtype) adds what the rollouts' KV cache gets. `resident`: the state lives in host memory."""
     trained = tuple(m for m in TRAINED if m in configs)
-    parts_at = lambda t, d: fixed_bytes(  # noqa: E731
-        {k: c.num_params(head, t) for k, (c, head) in configs.items()}, trained, dtype, d, distributed
-    )
+
+    def parts_at(t: int, d: int, host: bool = resident) -> dict[str, int]:
+        chunk = 0
+        if host:  # a chunk: CHUNK_ELEMENTS or the largest tensor of this rank (the vocabulary or the MLP's)
+            chunk = max(CHUNK_ELEMENTS, *(c.hidden_size * max(c.vocab_size, 2 * c.intermediate_size) // t
+                                          for c, _ in configs.values()))  # fmt: skip
+        numels = {k: c.num_params(head, t) for k, (c, head) in configs.items()}
+        return fixed_bytes(numels, trained, dtype, d, distributed, chunk)
+
     fits = lambda parts: sum(parts.values()) <= FIXED_SHARE_LIMIT * free  # noqa: E731
     parts = parts_at(tp, dp)
     if fits(parts):
@@ -130,10 +162,12 @@ def plan(
         line = f"memory plan: {_describe(parts, free)}; {left:.1f} GiB left for KV cache and activations"
         if cache:  # during a rollout the grads are freed: the weights and the optimizer state are held
             weights = sum(v for k, v in parts.items() if k.startswith("weights"))
-            state = parts["optimizer (masters, Adam moments)"]
             at = lambda held: rollout_cache(configs["policy"][0], tp, held, **cache)  # noqa: E731
+            if resident:
+                return line + f"; rollouts: {at(weights)}"
+            state = parts[STATE]
             line += f"; rollouts: {at(weights + state)}; with the optimizer state in host memory (--offload-optimizer "
-            line += f"on, {state / GiB:.1f} GiB per GPU): {at(weights)}"
+            line += f"rollouts, {state / GiB:.1f} GiB per GPU): {at(weights)}"
         return line
     alternatives = []
     sizes = [n for c, _ in configs.values() for n in (c.num_kv_heads, c.vocab_size, c.intermediate_size)]
@@ -145,12 +179,32 @@ def plan(
         if fits(parts_at(tp, d)):
             alternatives.append(f"{d} data-parallel ranks of --tp {tp} ({d * tp} GPUs)")
             break
+    if not resident and fits(parts_at(tp, dp, host=True)):
+        alternatives.append("--offload-optimizer always (the optimizer state in host memory)")
     hint = f"; it would fit with {' or '.join(alternatives)}" if alternatives else ""
     raise ValueError(
         f"the models and optimizer state need {_describe(parts, free)}: more than {FIXED_SHARE_LIMIT:.0%} of the "
         f"free memory, before any KV cache or activation{hint} (a larger --tp splits every model; more "
         "data-parallel ranks with --distributed-optimizer split the optimizer state)"
     )
+
+
+def plan_for(setting: str, *args, **kw) -> tuple[str, bool]:
+    """(plan(*args, **kw)'s line, whether the optimizer state lives in host memory) under --offload-optimizer
+    `setting`: always plans it there; auto does so only where the layout fits no other way, and says so."""
+    check_offload_setting(setting)
+    if setting == "always":
+        return plan(*args, **kw, resident=True), True
+    try:
+        return plan(*args, **kw), False
+    except ValueError as e:
+        if setting != "auto":
+            raise
+        try:
+            line = plan(*args, **kw, resident=True)
+        except ValueError:
+            raise e from None
+    return line + " (--offload-optimizer auto: always, the only way this layout fits)", True
 
 
 def run_configs(policy, reference, reward) -> dict[str, tuple[ModelConfig, str]]:
@@ -182,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--kv-cache-fraction", type=float, default=0.9)
     p.add_argument("--seq-len", type=int, default=2048, help="prompt + response tokens (the recipe: 1024 + 1024)")
+    p.add_argument("--offload-optimizer", default="auto", choices=OFFLOAD_SETTINGS)
     a = p.parse_args(argv)
     names = {}
     for src in (a.policy, a.reference, a.reward):
@@ -197,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     kv_dtype = torch.float8_e4m3fn if a.kv_cache_dtype == "fp8" else dtype
     cache = {"total": gpu, "fraction": a.kv_cache_fraction, "seq_len": a.seq_len, "kv_dtype": kv_dtype}
     try:
-        print(plan(configs, dtype, a.tp, a.dp, a.distributed, gpu, cache))
+        print(plan_for(a.offload_optimizer, configs, dtype, a.tp, a.dp, a.distributed, gpu, cache)[0])
     except ValueError as e:
         print(e)
         return 1

@@ -13,7 +13,10 @@ values back into the parameters. The same update; 12 / dp instead of 12 bytes of
 
 Between updates the state is idle: offload_state() moves the fp32 masters and Adam moments to pinned host memory (the
 rollout's KV cache gets their GPU memory) and onload_state() brings them back on a side stream, overlapping whatever
-runs next (the scoring passes); the update waits for it.
+runs next (the scoring passes); the update waits for it. With `host_resident` the state lives in host memory
+throughout and each update streams it through the device in chunks (the next chunk coming in and the last going out
+while one is updated): the device holds the weights, the grads and a few chunks, and the update is the same
+(engine/offload.py moves the tensors).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch.distributed as dist
 
 from engine.config import PPOConfig
 from engine.model import Transformer
+from engine.offload import Group, HostCopies
 from engine.parallel import (
     ColumnParallelLinear,
     ProcessGrid,
@@ -36,6 +40,7 @@ from engine.parallel import (
 from engine.reshard import SavedOptimizer, relayout
 
 BUCKET_BYTES = 256 * 2**20  # fp32 grads per flat bucket (and per all-reduce / reduce-scatter)
+CHUNK_ELEMENTS = 2**26  # masters' elements whose state a host-resident update moves to the device at once (768 MiB)
 
 
 @dataclass
@@ -68,18 +73,10 @@ class Optimizer:
     splits: list[tuple[int, list[int]] | None]
     buckets: list[_Bucket] | None = None  # the distributed optimizer (ZeRO-1) over grid.dp_group
     dp_group: dist.ProcessGroup | None = None
-    offload: _Offload | None = None  # where the state is while it is idle (offload_state)
-
-
-@dataclass
-class _Offload:
-    """The host copies of an optimizer's state (offload_state), kept for the run (pinning memory is slow)."""
-
-    home: torch.device  # where the state lives while in use
-    host: list[torch.Tensor] = field(default_factory=list)  # pinned on CUDA, one per moved tensor
-    on_host: bool = False
-    stream: torch.cuda.Stream | None = None  # the onload's copies
-    pending: torch.cuda.Event | None = None  # their end, which the next use of the state waits for
+    # per master, its fp32 grad summed over a step's micro-batches (and reduced) on the device, until the update
+    grads: list[torch.Tensor | None] = field(default_factory=list)
+    offload: HostCopies | None = None  # the state's host copies (offload_state, or host_resident)
+    host_resident: bool = False  # the state lives in host memory; each update streams it through the device
 
 
 def make_optimizer(
@@ -89,9 +86,11 @@ def make_optimizer(
     *,
     distributed: bool = False,
     bucket_bytes: int = BUCKET_BYTES,
+    host_resident: bool = False,
 ) -> Optimizer:
     """Adam for `model`; `distributed` (and more than one DP rank in `grid`): shard it over the DP ranks, in
-    buckets of about `bucket_bytes` of fp32 grads (a larger parameter has a bucket of its own)."""
+    buckets of about `bucket_bytes` of fp32 grads (a larger parameter has a bucket of its own); `host_resident`:
+    the masters and moments are built in pinned host memory and stay there (never whole on the device)."""
     params = [p for p in model.parameters() if p.requires_grad]
     parallel = [
         m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding))
@@ -102,20 +101,31 @@ def make_optimizer(
     sharded = [id(p) in sharded_ids for p in params]
     tp_partial = [id(p) in partial_ids for p in params]
     buckets = None
+    home = params[0].device if params else torch.device("cpu")
+    where = torch.device("cpu") if host_resident else None  # (None: the parameters' device)
     if distributed and grid is not None and grid.dp > 1:
         buckets = _make_buckets(params, grid, bucket_bytes // 4)
-        masters = [_flat_shard(params, b, grid.dp) for b in buckets]
+        masters = [_flat_shard(params, b, grid.dp, where) for b in buckets]
     else:
-        masters = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in params]
-    fused = {"fused": True} if params and params[0].is_cuda else {}
+        masters = [p if p.dtype == torch.float32 else p.detach().to(where or p.device, torch.float32, copy=True)
+                   for p in params]  # fmt: skip
+    fused = {"fused": True} if home.type == "cuda" else {}
     adam = torch.optim.AdamW(
         masters, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
         weight_decay=cfg.weight_decay, **fused,
     )  # fmt: skip
-    _allocate_moments(adam)
     dp_group = grid.dp_group if buckets else None
     splits = [split_of.get(id(p)) for p in params]
-    return Optimizer(params, masters, sharded, adam, tp_partial, splits, buckets, dp_group)
+    opt = Optimizer(params, masters, sharded, adam, tp_partial, splits, buckets, dp_group, [None] * len(masters))
+    if not host_resident:
+        _allocate_moments(adam)
+        return opt
+    for m in masters:  # what torch's first step would create: zero moments, a step count of 0 (on the device if fused)
+        step = torch.zeros((), dtype=torch.float32, device=home if fused else "cpu")
+        adam.state[m] = {"step": step, "exp_avg": torch.zeros(m.shape), "exp_avg_sq": torch.zeros(m.shape)}
+    opt.host_resident, opt.offload = True, HostCopies(home)
+    opt.offload.adopt(_groups(opt))  # into pinned memory
+    return opt
 
 
 def _allocate_moments(adam: torch.optim.Optimizer) -> None:
@@ -174,7 +184,6 @@ def _flat_shard(tensors: list[torch.Tensor], b: _Bucket, dp: int, device: torch.
 
 def accumulate_grads(opt: Optimizer) -> None:
     """Move a micro-batch's grads into the fp32 master grads (no-op for fp32 parameters without `buckets`)."""
-    onload_state(opt)  # (the masters' grads live where the masters do)
     if opt.buckets is not None:
         for b in opt.buckets:
             for i, start in zip(b.params, b.offsets):
@@ -185,13 +194,13 @@ def accumulate_grads(opt: Optimizer) -> None:
                     b.grad[start : start + p.numel()].add_(p.grad.reshape(-1))
                     p.grad = None
         return
-    for p, m in zip(opt.params, opt.masters):
-        if m is p or p.grad is None:
+    for i, (p, m) in enumerate(zip(opt.params, opt.masters)):
+        if m is p or p.grad is None:  # (an fp32 parameter's grad accumulates in place)
             continue
-        if m.grad is None:
-            m.grad = p.grad.float()
+        if opt.grads[i] is None:
+            opt.grads[i] = p.grad.float()
         else:
-            m.grad.add_(p.grad)
+            opt.grads[i].add_(p.grad)
         p.grad = None
 
 
@@ -240,12 +249,12 @@ def reduce_grads(opt: Optimizer, grid: ProcessGrid) -> torch.Tensor:
     """Sum the accumulated grads over DP (all-reduce, or reduce-scatter into this rank's shards with `buckets`)
     and the sequence-parallel partial ones over TP; return the global grad norm (0-d, the same on every rank,
     no host sync). Nothing is updated yet: a caller can check the norm first."""
-    onload_state(opt)
+    device = opt.params[0].device
     if opt.buckets is not None:
         accumulate_grads(opt)  # grads a caller left on the parameters
         for b in opt.buckets:
             if b.grad is None:  # no micro-batch reached these parameters
-                b.grad = torch.zeros(b.numel, dtype=torch.float32, device=opt.masters[0].device)
+                b.grad = torch.zeros(b.numel, dtype=torch.float32, device=device)
         partial = [
             b.grad[start : start + opt.params[i].numel()]
             for b in opt.buckets
@@ -253,135 +262,147 @@ def reduce_grads(opt: Optimizer, grid: ProcessGrid) -> torch.Tensor:
             if opt.tp_partial[i]
         ]
     else:
-        for m in opt.masters:
-            if m.grad is None:
-                m.grad = torch.zeros_like(m)
-        partial = [m.grad for m, p in zip(opt.masters, opt.tp_partial) if p]
+        for i, (m, p) in enumerate(zip(opt.masters, opt.params)):
+            if m is p:  # an fp32 parameter, its own master: autograd summed its grad in place
+                opt.grads[i], p.grad = p.grad, None
+            if opt.grads[i] is None:
+                opt.grads[i] = torch.zeros(p.shape, dtype=torch.float32, device=device)
+        partial = [g for g, p in zip(opt.grads, opt.tp_partial) if p]
     if partial and grid.tp > 1:  # one flat all-reduce per step, not one per norm per micro-batch
         _all_reduce_flat(partial, grid.tp_group)
     if opt.buckets is None:
-        grads = [m.grad for m in opt.masters]
         if grid.dp > 1:
-            _all_reduce_flat(grads, grid.dp_group)
-        return _grad_norm(grads, opt.sharded, grid, grads[0].device if grads else None)
-    for b, m in zip(opt.buckets, opt.masters):
-        m.grad = torch.empty_like(m)
-        reduce_scatter_single(m.grad, b.grad, group=opt.dp_group)
+            _all_reduce_flat(opt.grads, grid.dp_group)
+        return _grad_norm(opt.grads, opt.sharded, grid, device)
+    for k, (b, m) in enumerate(zip(opt.buckets, opt.masters)):
+        opt.grads[k] = torch.empty(m.shape, dtype=torch.float32, device=device)
+        reduce_scatter_single(opt.grads[k], b.grad, group=opt.dp_group)
         b.grad = None
-    pieces = [(m.grad[a:z], opt.sharded[i]) for b, m in zip(opt.buckets, opt.masters) for i, a, z, _ in b.segments]
-    return _grad_norm([g for g, _ in pieces], [s for _, s in pieces], grid, opt.masters[0].device, opt.dp_group)
+    pieces = [(opt.grads[k][a:z], opt.sharded[i]) for k, b in enumerate(opt.buckets) for i, a, z, _ in b.segments]
+    return _grad_norm([g for g, _ in pieces], [s for _, s in pieces], grid, device, opt.dp_group)
 
 
 def apply_update(opt: Optimizer, norm: torch.Tensor, lr: float, cfg: PPOConfig) -> None:
     """Clip to cfg.max_grad_norm given the global norm, Adam, and write the result into the parameters in place
-    (the generator reads these very tensors)."""
-    ensure_state(opt)
-    grads = [m.grad for m in opt.masters]
+    (the generator reads these very tensors). A host-resident state is updated chunk by chunk on the device."""
+    grads = opt.grads
     if cfg.max_grad_norm and cfg.max_grad_norm > 0:
         torch._foreach_mul_(grads, (cfg.max_grad_norm / (norm + 1e-6)).clamp(max=1.0))
     for group in opt.adam.param_groups:
         group["lr"] = lr
-    opt.adam.step()
-    opt.adam.zero_grad(set_to_none=True)
-    if opt.buckets is not None:
-        write_back(opt)
-        return
-    with torch.no_grad():
-        for p, m in zip(opt.params, opt.masters):
-            if m is not p:
-                p.copy_(m)
+
+    def update(idx: list[int]) -> None:
+        for i in idx:
+            opt.masters[i].grad = opt.grads[i]
+        opt.adam.step()  # (the masters without a grad are left as they are)
+        for i in idx:
+            opt.masters[i].grad = opt.grads[i] = None
+        write_back(opt, idx)
+
+    if opt.host_resident:
+        _streamed(opt, update)
+    else:
+        ensure_state(opt)
+        update(list(range(len(opt.masters))))
 
 
 @torch.no_grad()
-def write_back(opt: Optimizer) -> None:
-    """Distributed optimizer: every rank's updated shards all-gathered into the parameters, in place."""
-    for b, m in zip(opt.buckets, opt.masters):
+def write_back(opt: Optimizer, idx: list[int] | None = None) -> None:
+    """The updated masters `idx` (default all) into the parameters, in place (the generator reads these very
+    tensors); the distributed optimizer's shards (one per bucket) all-gathered over the DP ranks."""
+    idx = range(len(opt.masters)) if idx is None else idx
+    if opt.buckets is None:
+        for i in idx:
+            if opt.masters[i] is not opt.params[i]:
+                opt.params[i].copy_(opt.masters[i])
+        return
+    for k in idx:
+        b, m = opt.buckets[k], opt.masters[k]
         dtype = opt.params[b.params[0]].dtype
         flat = torch.empty(b.numel, dtype=dtype, device=m.device)
         all_gather_single(flat, m.to(dtype), group=opt.dp_group)
         for i, start in zip(b.params, b.offsets):
             p = opt.params[i]
-            p.copy_(flat[start : start + p.numel()].view_as(p))  # the generator reads these very tensors
+            p.copy_(flat[start : start + p.numel()].view_as(p))
+
+
+def _chunks(opt: Optimizer) -> list[list[int]]:
+    """Consecutive masters of about CHUNK_ELEMENTS elements (a larger one alone)."""
+    chunks, size = [], 0
+    for i, m in enumerate(opt.masters):
+        if not chunks or size + m.numel() > CHUNK_ELEMENTS:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(i)
+        size += m.numel()
+    return chunks
+
+
+def _streamed(opt: Optimizer, fn) -> None:
+    """fn(chunk) for each chunk of masters, with the chunk's state on the device: the next chunk's copies in run
+    while fn works on this one, and this one's copies out while the next is worked on."""
+    chunks = _chunks(opt)
+    event = opt.offload.move_in(_groups(opt, chunks[0])) if chunks else None
+    for k, idx in enumerate(chunks):
+        following = opt.offload.move_in(_groups(opt, chunks[k + 1])) if k + 1 < len(chunks) else None
+        opt.offload.wait(event)
+        fn(idx)
+        opt.offload.move_out(_groups(opt, idx))
+        event = following
 
 
 # ------------------------------------------------------------------ the idle state in host memory --
 
 
+def _groups(opt: Optimizer, idx=None) -> list[Group]:
+    """Per master (index), the tensors that move with it: the master unless it is the parameter itself (an fp32
+    parameter, which the generator reads), and its Adam moments (the scalar step counts stay)."""
+    out = []
+    for i in range(len(opt.masters)) if idx is None else idx:
+        m = opt.masters[i]
+        st = opt.adam.state.get(m, {})
+        own = opt.buckets is not None or m is not opt.params[i]
+        tensors = [m] * own + [st[k] for k in ("exp_avg", "exp_avg_sq") if k in st]
+        if tensors:
+            out.append((i, tensors))
+    return out
+
+
 def movable_state(opt: Optimizer) -> list[torch.Tensor]:
-    """The tensors offload_state moves: the fp32 masters that are not the parameters themselves (the generator
-    reads those) and Adam's moments (its scalar step counts stay)."""
-    masters = [m for m, p in zip(opt.masters, opt.params) if m is not p] if opt.buckets is None else list(opt.masters)
-    moments = [
-        st[k] for group in opt.adam.param_groups for m in group["params"]
-        for st in [opt.adam.state.get(m, {})] for k in ("exp_avg", "exp_avg_sq") if k in st
-    ]  # fmt: skip
-    return masters + moments
+    """The tensors offload_state moves (each master's group in turn)."""
+    return [t for _, ts in _groups(opt) for t in ts]
 
 
 def state_bytes(opt: Optimizer) -> int:
-    """Bytes offload_state frees on the device."""
+    """Bytes of the optimizer's state that can live in host memory."""
     return sum(t.numel() * t.element_size() for t in movable_state(opt))
 
 
-@torch.no_grad()
 def offload_state(opt: Optimizer) -> None:
-    """Move the idle state to host memory (pinned when it lives on a GPU); its device memory is free when this
-    returns (the copies are queued on the current stream, so the allocator reuses that memory only after them).
-    Each tensor keeps its identity (only its storage moves): Adam's state and the masters' list stay valid."""
-    tensors = movable_state(opt)
-    off = opt.offload
-    if off is None:
-        off = opt.offload = _Offload(tensors[0].device if tensors else torch.device("cpu"))
-    if off.on_host:
-        return
-    _settle(off)
-    if [h.shape for h in off.host] != [t.shape for t in tensors]:  # first use (or a state of another layout)
-        pin = off.home.type == "cuda"
-        off.host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in tensors]
-    for t, h in zip(tensors, off.host):
-        h.copy_(t, non_blocking=True)
-        t.data = h
-    off.on_host = True
+    """Move the idle state to host memory (pinned when it lives on a GPU); its device memory is free for reuse
+    once the copies have read it. Each tensor keeps its identity (only its storage moves)."""
+    if opt.offload is None:
+        opt.offload = HostCopies(opt.params[0].device if opt.params else torch.device("cpu"))
+    opt.offload.move_out(_groups(opt))
 
 
-@torch.no_grad()
 def onload_state(opt: Optimizer) -> None:
-    """Bring the state back from host memory: the device memory is allocated now, the copies run on a side stream
-    (on CUDA) while the caller goes on; anything here that reads the state first waits for them (ensure_state)."""
-    off = opt.offload
-    if off is None or not off.on_host:
-        return
-    tensors = movable_state(opt)
-    cuda = off.home.type == "cuda"
-    if cuda and off.stream is None:
-        off.stream = torch.cuda.Stream(off.home)
-    dev = [torch.empty(h.shape, dtype=h.dtype, device=off.home) for h in off.host]  # on the current stream
-    if cuda:
-        off.stream.wait_stream(torch.cuda.current_stream(off.home))  # after the offload's copies into `host`
-        with torch.cuda.stream(off.stream):
-            for d, h in zip(dev, off.host):
-                d.copy_(h, non_blocking=True)
-                d.record_stream(off.stream)  # (freed later on the current stream: not reused before the copy ends)
-        off.pending = off.stream.record_event()
-    else:
-        for d, h in zip(dev, off.host):
-            d.copy_(h)
-    for t, d in zip(tensors, dev):
-        t.data = d
-    off.on_host = False
+    """Bring the state back to the device (not a host-resident one): the memory is allocated now, the copies run on
+    a side stream while the caller goes on; the update (and a checkpoint) waits for them first."""
+    if opt.offload is not None and not opt.host_resident:
+        opt.offload.move_in(_groups(opt))
 
 
 def ensure_state(opt: Optimizer) -> None:
-    """The state on its device and its copies done (for the current stream): before anything reads or writes it."""
-    if opt.offload is not None:
-        onload_state(opt)
-        _settle(opt.offload)
-
-
-def _settle(off: _Offload) -> None:
-    if off.pending is not None:
-        torch.cuda.current_stream(off.home).wait_event(off.pending)
-        off.pending = None
+    """Before the current stream reads or writes the state: on the device, its copies done (a host-resident state:
+    the CPU waits for its copies out)."""
+    if opt.offload is None:
+        return
+    if opt.host_resident:
+        opt.offload.host_ready()
+        return
+    onload_state(opt)
+    opt.offload.settle()
 
 
 def optimizer_state(opt: Optimizer) -> dict:
@@ -419,10 +440,19 @@ def load_optimizer_state(opt: Optimizer, saved: dict | SavedOptimizer, tp: int =
         if opt.buckets is not None:
             for m, v in zip(opt.masters, masters, strict=True):
                 m.copy_(v)
-            write_back(opt)
+            if opt.host_resident:  # (the shards are all-gathered on the device)
+                _streamed(opt, lambda idx: write_back(opt, idx))
+            else:
+                write_back(opt)
         else:
             mixed = [(m, p) for m, p in zip(opt.masters, opt.params) if m is not p]
             for (m, p), v in zip(mixed, masters, strict=True):
                 m.copy_(v)
                 p.copy_(v)
-    opt.adam.load_state_dict(adam)
+    opt.adam.load_state_dict(adam)  # (the moments land where the masters are; a fused step count belongs on the device)
+    if opt.host_resident:
+        fused = opt.adam.param_groups[0].get("fused")
+        for st in opt.adam.state.values():
+            if fused and torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].to(opt.offload.home)
+        opt.offload.adopt(_groups(opt))  # the loaded moments into the pinned buffers

@@ -97,11 +97,13 @@ def training_budget(optimizers, device: torch.device, margin: float = 0.08) -> i
             if not opt.adam.state.get(m):
                 pending += 2 * m.numel() * 4  # exp_avg, exp_avg_sq
         if opt.buckets is None:  # every model's, held until the step's updates
-            pending += sum(4 * m.numel() for m, p in zip(opt.masters, opt.params) if m is not p and m.grad is None)
+            held = zip(opt.masters, opt.params, opt.grads)
+            pending += sum(4 * m.numel() for m, p, g in held if m is not p and g is None)
         else:  # the flat fp32 grads, allocated by a model's first micro-batch of a step and reduce-scattered into
             # its shard before the next model's backward (engine.trainer.train_step): one model's at a time
             flat = max(flat, sum(4 * b.numel for b in opt.buckets if b.grad is None))
-            pending += sum(4 * m.numel() for m in opt.masters if m.grad is None)  # the shards, until the update
+            # the shards, until the update
+            pending += sum(4 * m.numel() for m, g in zip(opt.masters, opt.grads) if g is None)
         transient = max(transient, sum(p.numel() * p.element_size() for p in opt.params))
     return int(free - pending - flat - transient - margin * total)
 

@@ -6,6 +6,7 @@ optimizers and the generator; setup_evaluation() the part --eval-only needs.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -54,9 +55,10 @@ class RunConfig:
     kv_cache_fraction: float = 0.9  # share of the GPU's memory the rollouts may fill, their KV cache included
     kv_cache_mb: int = 0  # KV cache budget in MiB (0: the generator's default / kv_cache_fraction)
     kv_cache_dtype: str = "auto"  # auto (the model's) or fp8: float8 e4m3 K/V, half the bytes read per decode step
-    # the trained models' fp32 masters and Adam moments in pinned host memory during rollouts, their GPU memory in the
-    # KV cache: on / off / auto (on a GPU when the cache would otherwise hold fewer sequences than the generator
-    # decodes together and the host has room)
+    # the trained models' fp32 masters and Adam moments in pinned host memory: rollouts (during rollouts, their GPU
+    # memory in the KV cache), always (throughout: each update streams them through the GPU in chunks; the GPU holds
+    # the weights and grads), off, or auto (on a GPU: always where the layout fits no other way, else rollouts when
+    # the cache would otherwise hold fewer sequences than the generator decodes together and the host has room)
     offload_optimizer: str = "auto"
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
     profile_iteration: int = 0  # write a torch.profiler trace of this iteration (1-based) per rank to output_dir
@@ -155,7 +157,8 @@ def setup(
     check_batch_sizes(cfg, grid)  # before loading four models
     check_available(run.wandb_project, grid.rank)
     device, load = model_loader(run, grid)
-    check_memory(cfg, run, grid, device)  # (from config.json alone: before a Hub id's weights are fetched)
+    if check_memory(cfg, run, grid, device):  # (from config.json alone: before a Hub id's weights are fetched)
+        run = dataclasses.replace(run, offload_optimizer="always")  # (auto, where nothing else fits)
     run = resolve_run(run)  # Hub ids -> local directories (engine/hub.py)
     tokenizer_dir = run.tokenizer or run.policy
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -182,13 +185,14 @@ def setup(
     return state
 
 
-def check_memory(cfg: PPOConfig, run: RunConfig, grid: ProcessGrid, device: torch.device) -> None:
+def check_memory(cfg: PPOConfig, run: RunConfig, grid: ProcessGrid, device: torch.device) -> bool:
     """On a GPU, before the models are loaded (and before a Hub id's weights are fetched: its config.json alone is):
     refuse a layout whose weights and optimizer state cannot fit (with the layouts that would), else print what they
-    take and what is left (engine/memory_plan.py)."""
+    take and what is left (engine/memory_plan.py). Returns whether the optimizer state must live in host memory
+    (--offload-optimizer always, or auto where nothing else fits; every rank alike)."""
     if device.type != "cuda":
-        return
-    error, line = None, ""
+        return False
+    error, line, resident = None, "", False
     sources = config_sources([run.policy, run.reference, run.reward])
     if sources is not None:  # (None: a Hub id's config.json could not be had; resolve_run names the problem)
         try:
@@ -197,12 +201,15 @@ def check_memory(cfg: PPOConfig, run: RunConfig, grid: ProcessGrid, device: torc
             kv_dtype = resolve_cache_dtype(run.kv_cache_dtype, dtype)
             seq_len = cfg.max_prompt_len + cfg.max_new_tokens
             cache = {"total": total, "fraction": run.kv_cache_fraction, "seq_len": seq_len, "kv_dtype": kv_dtype}
-            line = memory_plan.plan(configs, dtype, grid.tp, grid.dp, run.distributed_optimizer, free, cache)
+            line, resident = memory_plan.plan_for(
+                run.offload_optimizer, configs, dtype, grid.tp, grid.dp, run.distributed_optimizer, free, cache
+            )
         except ValueError as e:
             error = e
     raise_together(error, "planning memory")
     if line:
         print0(line)
+    return bool(agree([int(resident)], "max")[0])
 
 
 def evaluation_set(cfg: PPOConfig, run: RunConfig, grid: ProcessGrid, tokenizer, prompt_set: PromptSet | None):
@@ -256,7 +263,11 @@ def make_state(
     device = next(policy.parameters()).device
     setting = recompute.setting(run.activation_checkpointing, len(policy.layers), device)
     policy.activation_checkpointing = value.activation_checkpointing = setting
-    optimizers = [make_optimizer(m, cfg, grid, distributed=run.distributed_optimizer) for m in (policy, value)]
+    resident = run.offload_optimizer == "always"  # (on CPU too: it frees nothing there, but runs the same path)
+    optimizers = [
+        make_optimizer(m, cfg, grid, distributed=run.distributed_optimizer, host_resident=resident)
+        for m in (policy, value)
+    ]
     state = TrainState(
         cfg, run, grid, device, policy, ref, value, reward, *optimizers,
         data, None, stop_ids, tokenizer_dir, iterations, len(data) * steps_per_rollout,

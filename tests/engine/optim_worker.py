@@ -5,9 +5,11 @@ python -m torch.distributed.run --nproc_per_node 2 tests/engine/optim_worker.py
 bf16 parameters, buckets small enough that parameters straddle buckets and shard boundaries, a rank-dependent
 grad in two micro-batches per step, clipping active: after three steps both optimizers hold the same parameters
 (to the last bf16 bit but for a few roundings) and report the same grad norms; a checkpointed state loads back
-into a fresh optimizer that then steps the same.
+into a fresh optimizer that then steps the same. A host-resident ZeRO optimizer (its state in host memory, updated in
+chunks that cross the buckets) steps exactly as the device one, and loads the same checkpoint.
 """
 
+import copy
 import dataclasses
 import io
 import os
@@ -49,10 +51,17 @@ def main() -> None:
     assert zero.buckets is not None and len(zero.buckets) > 3 and plain.buckets is None
     numel = sum(p.numel() for p in zero_m.parameters())
     assert numel // 2 <= sum(m.numel() for m in zero.masters) <= numel // 2 + len(zero.buckets)  # half each
+    optim.CHUNK_ELEMENTS = 6000  # a few buckets' shards per chunk
+    res_m = model()
+    res = optim.make_optimizer(res_m, cfg, grid, distributed=True, bucket_bytes=4 * 5000, host_resident=True)
+    assert 1 < len(optim._chunks(res)) < len(res.buckets)
     for it in range(3):
         n_plain, n_zero = step(plain, plain_m, cfg, grid, it), step(zero, zero_m, cfg, grid, it)
         torch.testing.assert_close(n_zero, n_plain, rtol=1e-6, atol=0)
         assert n_plain > cfg.max_grad_norm  # clipping is on
+        assert torch.equal(step(res, res_m, cfg, grid, it), n_zero)
+        assert all(torch.equal(a, b) for a, b in zip(zero_m.parameters(), res_m.parameters()))
+        assert res.offload.on_host == set(range(len(res.masters)))
     # the same fp32 updates up to the clip factor's last bit (the norm summed in another order): the bf16
     # parameters equal but for a few elements rounded the other way, by one bf16 step (or ~0 near 0)
     differ = 0
@@ -70,10 +79,16 @@ def main() -> None:
     optim.load_optimizer_state(again, saved)
     for a, b in zip(zero_m.parameters(), again_m.parameters()):
         assert torch.equal(a, b)  # the parameters written back from the loaded masters
+    res_again_m = model()
+    res_again = optim.make_optimizer(
+        res_again_m, cfg, grid, distributed=True, bucket_bytes=4 * 5000, host_resident=True
+    )
+    optim.load_optimizer_state(res_again, copy.deepcopy(saved))  # (torch would share the tensors with `again`)
     step(zero, zero_m, cfg, grid, 3)
     step(again, again_m, cfg, grid, 3)
-    for a, b in zip(zero_m.parameters(), again_m.parameters()):
-        assert torch.equal(a, b)
+    step(res_again, res_again_m, cfg, grid, 3)
+    for a, b, c in zip(zero_m.parameters(), again_m.parameters(), res_again_m.parameters()):
+        assert torch.equal(a, b) and torch.equal(a, c)
     try:
         optim.load_optimizer_state(plain, saved)  # this rank's shard alone cannot make the whole state
         raise AssertionError("one rank's shard loaded into an unsharded optimizer")

@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 
 import engine.model
 import engine.parallel
-from engine import memory_plan
+from engine import memory_plan, optim
 from engine.config import ModelConfig, PPOConfig
 from engine.model import Transformer
 from engine.parallel import ProcessGrid
@@ -69,8 +69,30 @@ def test_recipe_layouts_on_an_80gb_gpu():
     with pytest.raises(ValueError, match=r"need 120\.5 GiB of 79\.0 GiB free per GPU .*it would fit with --tp 8 or "
                        r"4 data-parallel ranks of --tp 4 \(16 GPUs\)"):  # fmt: skip
         memory_plan.plan(configs, torch.bfloat16, 4, 1, True, free)
-    with pytest.raises(ValueError, match=r"it would fit with --tp 8 \("):  # no DP alternative without sharding
+    with pytest.raises(ValueError, match=r"it would fit with --tp 8 or --offload-optimizer always \("):  # (no DP)
         memory_plan.plan(configs, torch.bfloat16, 4, 1, False, free)
+
+
+def test_optimizer_state_in_host_memory_lets_fewer_gpus_train():
+    """--offload-optimizer always: a GPU holds the weights, the fp32 grads and three chunks of the state (one
+    updated, one coming in, one going out): the recipe at TP 4 on 79 GiB (refused above) needs 50.4 GiB; auto picks
+    it only where nothing else fits; a layout too large even so is refused with the first plan's numbers."""
+    configs = memory_plan.run_configs("llama2-13b", None, "llama2-13b")
+    free = 79 * GiB
+    c = ModelConfig.named("llama2-13b")
+    lm, score = c.num_params("lm", 4), c.num_params("score", 4)
+    chunk = 3 * 12 * max(optim.CHUNK_ELEMENTS, 5120 * 32000 // 4)  # the embedding's quarter is the largest tensor
+    need = 2 * (2 * lm + 2 * score) + 4 * (lm + score) + chunk
+    line = memory_plan.plan(configs, torch.bfloat16, 4, 1, False, free, resident=True)
+    assert line.startswith(f"memory plan: {need / GiB:.1f} GiB of 79.0") and f"{need / GiB:.1f}" == "50.4"
+    assert "optimizer chunks in flight (the state in host memory) 2.2," in line
+    auto, resident = memory_plan.plan_for("auto", configs, torch.bfloat16, 4, 1, False, free)
+    assert resident and auto == line + " (--offload-optimizer auto: always, the only way this layout fits)"
+    assert memory_plan.plan_for("auto", configs, torch.bfloat16, 8, 1, False, free)[1] is False  # TP 8 fits as is
+    with pytest.raises(ValueError, match="need 120.5 GiB"):
+        memory_plan.plan_for("off", configs, torch.bfloat16, 4, 1, False, free)
+    with pytest.raises(ValueError, match=r"need 120\.5 GiB of 30\.0"):  # too small even with the state on the host
+        memory_plan.plan_for("auto", configs, torch.bfloat16, 4, 1, False, 30 * GiB)
 
 
 def _tokens(out: str, which: int = 0) -> int:
@@ -90,13 +112,17 @@ def test_command_line(capsys):
     assert _tokens(out) == (int(0.9 * 79 * GiB) - held) // (2 * 40 * 5 * 128 * 2) and "(209 sequences of 2048)" in out
     weights = 2 * (2 * lm + 2 * score)  # with the optimizer state in host memory during rollouts
     assert _tokens(out, 1) == (int(0.9 * 79 * GiB) - weights) // (2 * 40 * 5 * 128 * 2)
-    assert f"--offload-optimizer on, {12 * (lm + score) // 2 / GiB:.1f} GiB per GPU" in out
+    assert f"--offload-optimizer rollouts, {12 * (lm + score) // 2 / GiB:.1f} GiB per GPU" in out
     assert memory_plan.main(["--tp", "8", "--dp", "2", "--kv-cache-dtype", "fp8", "--seq-len", "1024"]) == 0
     fp8 = capsys.readouterr().out
     assert _tokens(fp8) == 2 * _tokens(out) and "(839 sequences of 1024)" in fp8
     assert _tokens(fp8, 1) == (int(0.9 * 79 * GiB) - weights) // (2 * 40 * 5 * 128)  # a float8 byte per value
-    assert memory_plan.main(["--tp", "2", "--gpu-gib", "141"]) == 1
-    assert "it would fit with --tp 4" in capsys.readouterr().out
+    assert memory_plan.main(["--tp", "2", "--gpu-gib", "141", "--offload-optimizer", "off"]) == 1
+    assert "it would fit with --tp 4 or 4 data-parallel ranks of --tp 2 (8 GPUs) or --offload-optimizer always" in (
+        capsys.readouterr().out
+    )
+    assert memory_plan.main(["--tp", "2", "--gpu-gib", "141"]) == 0  # auto: the state in host memory
+    assert "(--offload-optimizer auto: always" in capsys.readouterr().out
 
 
 def test_check_memory_refuses_before_loading(tmp_path, monkeypatch):
@@ -167,26 +193,30 @@ def test_command_line_reads_configs_of_directories_and_hub_ids(tmp_path, monkeyp
 
 
 def test_offload_decision():
-    """--offload-optimizer: auto offloads on a GPU only when the rollout cache would otherwise hold fewer sequences
-    than the generator decodes together and the node's ranks' state takes at most half the available host memory;
-    on refuses a host without room by name; on CPU nothing moves unless asked."""
+    """--offload-optimizer: auto offloads around rollouts on a GPU only when the rollout cache would otherwise hold
+    fewer sequences than the generator decodes together and the node's ranks' state takes at most half the
+    available host memory; rollouts and always refuse a host without room by name; on CPU nothing moves unless
+    asked."""
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     state, host = 36 * GiB, 1024 * GiB
     decide = memory_plan.offload_decision
     on, line = decide("auto", cuda, state, 8, (117, 302), 256, host)
-    assert on and "36.0 GiB per GPU in host memory" in line and "holds 302 instead of 117" in line
+    assert on and "36.0 GiB per GPU in host memory during rollouts" in line and "holds 302 instead of 117" in line
     assert "288.0 GiB of host memory for 8 rank(s)" in line
     on, line = decide("auto", cuda, state, 8, (300, 500), 256, host)  # the cache holds max_num_seqs already
     assert not on and "holds 300 sequences" in line
     assert decide("auto", cuda, state, 8, (117, 302), 64, host)[0] is False  # a rank's rollout of 64 fits
     on, line = decide("auto", cuda, state, 8, (117, 302), 256, 500 * GiB)  # 288 GiB > half of 500
     assert not on and "would take 288.0 GiB of host memory" in line
-    assert decide("on", cuda, state, 8, (300, 500), 256, 500 * GiB)[0]  # asked for: below 90% of the host
-    with pytest.raises(ValueError, match=r"--offload-optimizer on needs 288\.0 GiB of host memory for 8 rank\(s\) "
-                       r"on this node, 300\.0 available"):  # fmt: skip
-        decide("on", cuda, state, 8, (117, 302), 256, 300 * GiB)
+    assert decide("rollouts", cuda, state, 8, (300, 500), 256, 500 * GiB)[0]  # asked for: below 90% of the host
+    on, line = decide("always", cuda, state, 8, (0, 0), 256, 500 * GiB)
+    assert on and "36.0 GiB per GPU in host memory, updated in chunks" in line
+    for setting in ("rollouts", "always"):
+        with pytest.raises(ValueError, match=rf"--offload-optimizer {setting} needs 288\.0 GiB of host memory for 8 "
+                           r"rank\(s\) on this node, 300\.0 available"):  # fmt: skip
+            decide(setting, cuda, state, 8, (117, 302), 256, 300 * GiB)
     assert not decide("off", cuda, state, 8, (117, 302), 256, host)[0]
     assert not decide("auto", cpu, state, 1, (0, 0), 256, host)[0]
-    assert decide("on", cpu, state, 1, (0, 0), 256, host)[0]
-    with pytest.raises(ValueError, match="must be auto, on or off, got 'yes'"):
-        decide("yes", cuda, state, 8, (117, 302), 256, host)
+    assert decide("rollouts", cpu, state, 1, (0, 0), 256, host)[0]
+    with pytest.raises(ValueError, match="must be one of auto, off, rollouts, always, got 'on'"):
+        decide("on", cuda, state, 8, (117, 302), 256, host)

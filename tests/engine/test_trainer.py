@@ -545,6 +545,11 @@ def test_resume_names_changed_hyperparameters(tmp_path, capsys):
     )
 
 
+def _host_buffers(opt):
+    """The pinned buffers of an optimizer's offloaded state, in movable_state's order."""
+    return [h for k, _ in optim._groups(opt) for h in opt.offload.host[k]]
+
+
 @pytest.mark.parametrize("dtype,dp", [(torch.bfloat16, 1), (torch.float32, 1), (torch.bfloat16, 2)])
 def test_optimizer_state_goes_to_host_memory_and_back(dtype, dp):
     """offload_state moves the masters (not the fp32 parameters, which are their own masters and which the generator
@@ -564,42 +569,49 @@ def test_optimizer_state_goes_to_host_memory_and_back(dtype, dp):
         t.copy_(torch.randn(t.shape, generator=gen))
     values = [t.clone() for t in tensors]
     params = [(p.data_ptr(), p.clone()) for p in model.parameters()]
-    on_device = [t.data_ptr() for t in tensors]
     host_ptrs = None
     for _ in range(2):
+        on_device = [t.data for t in tensors]  # (kept alive: their memory cannot be handed out again meanwhile)
         optim.offload_state(opt)
         optim.offload_state(opt)  # twice: a no-op
         assert [id(t) for t in optim.movable_state(opt)] == [id(t) for t in tensors]
-        assert [t.data_ptr() for t in tensors] == [h.data_ptr() for h in opt.offload.host]
-        assert not set(on_device) & {t.data_ptr() for t in tensors}
-        host_ptrs = host_ptrs or [h.data_ptr() for h in opt.offload.host]
-        assert [h.data_ptr() for h in opt.offload.host] == host_ptrs  # the same host buffers every time
+        assert [t.data_ptr() for t in tensors] == [h.data_ptr() for h in _host_buffers(opt)]
+        assert not {d.data_ptr() for d in on_device} & {t.data_ptr() for t in tensors}
+        host_ptrs = host_ptrs or [h.data_ptr() for h in _host_buffers(opt)]
+        assert [h.data_ptr() for h in _host_buffers(opt)] == host_ptrs  # the same host buffers every time
         assert all(torch.equal(t, v) for t, v in zip(tensors, values))
         optim.onload_state(opt)
         assert not {t.data_ptr() for t in tensors} & set(host_ptrs)
         assert all(torch.equal(t, v) for t, v in zip(tensors, values))
-        on_device = [t.data_ptr() for t in tensors]
     assert all(p.data_ptr() == ptr and torch.equal(p, v) for p, (ptr, v) in zip(model.parameters(), params))
+
+
+def _twins(dtype=torch.bfloat16, num_layers=1, **kw):
+    """Two identical small models and their optimizers (the first's built with **kw)."""
+    cfg, small = PPOConfig(max_grad_norm=0.5), dataclasses.replace(ModelConfig.named("tiny"), num_layers=num_layers)
+    models = [Transformer(small, "score", dtype=dtype).init_weights(seed=2) for _ in range(2)]
+    return cfg, models, optim.make_optimizer(models[0], cfg, **kw), optim.make_optimizer(models[1], cfg)
+
+
+def _step_both(cfg, models, opts, step):
+    for a, b in zip(*(m.parameters() for m in models)):
+        g = torch.randn(a.shape, generator=torch.Generator().manual_seed(step)).to(a.dtype)
+        a.grad, b.grad = g.clone(), g.clone()
+    for o in opts:
+        optim.accumulate_grads(o)
+        optim.optimizer_step(o, 1e-2, cfg, ProcessGrid())
 
 
 def test_an_update_or_a_checkpoint_of_offloaded_state_brings_it_back():
     """Steps of an optimizer whose state went to host memory and back (or is still there: the update brings it back
     first) equal a twin's that never moved, bit for bit; a state loaded from a checkpoint (new tensors in Adam's
     state) is offloaded as well."""
-    cfg, small = PPOConfig(max_grad_norm=0.5), dataclasses.replace(ModelConfig.named("tiny"), num_layers=1)
-    models = [Transformer(small, "score", dtype=torch.bfloat16).init_weights(seed=2) for _ in range(2)]
-    moved, twin = (optim.make_optimizer(m, cfg) for m in models)
+    cfg, models, moved, twin = _twins()
     for step in range(4):
-        for a, b in zip(*(m.parameters() for m in models)):
-            g = torch.randn(a.shape, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)
-            a.grad, b.grad = g.clone(), g.clone()
         optim.offload_state(moved)
         if step % 2:
             optim.onload_state(moved)
-        optim.accumulate_grads(moved)  # (brings the state back if it is still on the host)
-        optim.accumulate_grads(twin)
-        optim.optimizer_step(moved, 1e-2, cfg, ProcessGrid())
-        optim.optimizer_step(twin, 1e-2, cfg, ProcessGrid())
+        _step_both(cfg, models, (moved, twin), step)
         assert not moved.offload.on_host
         assert all(torch.equal(a, b) for a, b in zip(*(m.parameters() for m in models)))
     optim.offload_state(moved)
@@ -608,34 +620,86 @@ def test_an_update_or_a_checkpoint_of_offloaded_state_brings_it_back():
     optim.offload_state(moved)
     optim.load_optimizer_state(moved, saved)
     optim.offload_state(moved)  # Adam's state is new tensors now: those move
-    assert [t.data_ptr() for t in optim.movable_state(moved)] == [h.data_ptr() for h in moved.offload.host]
+    assert [t.data_ptr() for t in optim.movable_state(moved)] == [h.data_ptr() for h in _host_buffers(moved)]
     optim.onload_state(moved)
     for a, b in zip(optim.movable_state(moved), optim.movable_state(twin)):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_host_resident_optimizer_updates_in_chunks_as_the_device_one(monkeypatch, dtype):
+    """host_resident: the masters and moments are built in host buffers and stay there between updates (never
+    whole on the device: each update moves a chunk at a time, here 3 layers' worth); the updates equal a twin's
+    that keeps its state on the device, bit for bit, and so does a checkpoint of it and its reload."""
+    monkeypatch.setattr(optim, "CHUNK_ELEMENTS", 40_000)
+    cfg, models, resident, twin = _twins(dtype, num_layers=3, host_resident=True)
+    assert len(optim._chunks(resident)) > 3
+    chunks_seen = []
+    streamed = optim._streamed
+
+    def spy(opt, fn):
+        def counted(idx):
+            here = [k for k, _ in optim._groups(opt) if k not in opt.offload.on_host]
+            chunks_seen.append((sorted(here), list(idx)))
+            fn(idx)
+
+        streamed(opt, counted)
+
+    monkeypatch.setattr(optim, "_streamed", spy)
+    assert all(torch.equal(a, b) for a, b in zip(optim.movable_state(resident), optim.movable_state(twin)))
+    for step in range(3):
+        assert resident.offload.on_host == {k for k, _ in optim._groups(resident)}  # all of it on the host
+        assert [t.data_ptr() for t in optim.movable_state(resident)] == [h.data_ptr() for h in _host_buffers(resident)]
+        _step_both(cfg, models, (resident, twin), step)
+        assert all(torch.equal(a, b) for a, b in zip(*(m.parameters() for m in models)))
+    for here, idx in chunks_seen:  # on the device during a chunk's update: that chunk and the one coming in
+        assert set(idx) <= set(here) and len(here) < len(resident.masters)
+    assert [idx for _, idx in chunks_seen] == optim._chunks(resident) * 3
+    offloaded = optim.offload_state, optim.onload_state
+    for f in offloaded:  # (a host-resident state stays where it is)
+        f(resident)
+    assert resident.offload.on_host == {k for k, _ in optim._groups(resident)}
+    saved, same = optim.optimizer_state(resident), optim.optimizer_state(twin)
+    assert all(torch.equal(a, b) for a, b in zip(saved["masters"], same["masters"]))
+    for k, st in saved["adam"]["state"].items():
+        assert all(torch.equal(st[n], same["adam"]["state"][k][n]) for n in ("exp_avg", "exp_avg_sq", "step"))
+    saved = {k: v for k, v in saved.items()}
+    saved["adam"] = {
+        **same["adam"],
+        "state": {k: {n: t.clone() for n, t in st.items()} for k, st in same["adam"]["state"].items()},
+    }
+    optim.load_optimizer_state(resident, saved)  # loaded into the host buffers again
+    assert resident.offload.on_host == {k for k, _ in optim._groups(resident)}
+    assert [t.data_ptr() for t in optim.movable_state(resident)] == [h.data_ptr() for h in _host_buffers(resident)]
+    _step_both(cfg, models, (resident, twin), 3)
+    assert all(torch.equal(a, b) for a, b in zip(*(m.parameters() for m in models)))
+
+
 def test_offloaded_optimizer_trains_the_same(tmp_path):
-    """--offload-optimizer on (bf16 parameters with fp32 masters, on CPU): during each rollout and evaluation the
-    state is in the host buffers, and the run's metrics and weights equal those of a run that never moved it."""
+    """--offload-optimizer rollouts and always (bf16 parameters with fp32 masters, on CPU): during each rollout and
+    evaluation the state is in the host buffers, and the run's metrics and weights equal those of a run that never
+    moved it."""
     flags = ["--dtype", "bfloat16", "--max-iterations", "3", "--eval-every", "2", "--learning-rate", "1e-3"]
-    state = _state(tmp_path / "on", *flags, "--offload-optimizer", "on")
-    assert state.offload
-    seen = []
-    generate = state.generator.generate_completions
-
-    def spy(*args, **kw):
-        opts = (state.policy_opt, state.value_opt)
-        seen.append(all(o.offload.on_host and optim.movable_state(o)[0].data_ptr() == o.offload.host[0].data_ptr()
-                        for o in opts))  # fmt: skip
-        return generate(*args, **kw)
-
-    state.generator.generate_completions = spy
-    with dispatch.reference_ops():
-        on = trainer.train(state)
-    assert seen == [True] * 6  # 3 rollouts, evaluations before, at 2 and after
     off = _run(tmp_path / "off", *flags, "--offload-optimizer", "off")
-    assert _no_timing(on) == _no_timing(off)
-    for name, head in (("policy", "lm"), ("value", "score")):
-        a = _weights(latest_checkpoint(str(tmp_path / "on")) + f"/{name}", head)
-        b = _weights(latest_checkpoint(str(tmp_path / "off")) + f"/{name}", head)
-        assert all(torch.equal(a[k], b[k]) for k in a)
+    for mode in ("rollouts", "always"):
+        state = _state(tmp_path / mode, *flags, "--offload-optimizer", mode)
+        assert state.offload and state.policy_opt.host_resident == (mode == "always")
+        seen = []
+        generate = state.generator.generate_completions
+
+        def spy(*args, state=state, generate=generate, seen=seen, **kw):
+            opts = (state.policy_opt, state.value_opt)
+            seen.append(all(o.offload.on_host == {k for k, _ in optim._groups(o)}
+                            and optim.movable_state(o)[0].data_ptr() == _host_buffers(o)[0].data_ptr()
+                            for o in opts))  # fmt: skip
+            return generate(*args, **kw)
+
+        state.generator.generate_completions = spy
+        with dispatch.reference_ops():
+            on = trainer.train(state)
+        assert seen == [True] * 6  # 3 rollouts, evaluations before, at 2 and after
+        assert _no_timing(on) == _no_timing(off)
+        for name, head in (("policy", "lm"), ("value", "score")):
+            a = _weights(latest_checkpoint(str(tmp_path / mode)) + f"/{name}", head)
+            b = _weights(latest_checkpoint(str(tmp_path / "off")) + f"/{name}", head)
+            assert all(torch.equal(a[k], b[k]) for k in a)
