@@ -94,6 +94,7 @@ def check_offload_setting(setting: str) -> None:
         raise ValueError(f"--offload-optimizer must be one of {', '.join(OFFLOAD_SETTINGS)}, got {setting!r}")
 
 
+HOST_LIMIT = 0.9  # of the available host memory that the offloaded state may take
 OFFLOAD_HOST_SHARE = 0.5  # auto offloads when every local rank's state takes at most this share of the free host RAM
 
 
@@ -118,7 +119,7 @@ def offload_decision(
     if setting == "off" or state == 0:
         return False, "optimizer state: on the GPU throughout"
     if setting in ("rollouts", "always"):
-        if need > 0.9 * host:
+        if need > HOST_LIMIT * host:
             raise ValueError(f"--offload-optimizer {setting} needs {room}: use fewer ranks per node or a larger --tp")
         if setting == "always":
             return True, f"optimizer state: {state / GiB:.1f} GiB per GPU in host memory, updated in chunks ({room})"
@@ -189,22 +190,37 @@ def plan(
     )
 
 
-def plan_for(setting: str, *args, **kw) -> tuple[str, bool]:
-    """(plan(*args, **kw)'s line, whether the optimizer state lives in host memory) under --offload-optimizer
-    `setting`: always plans it there; auto does so only where the layout fits no other way, and says so."""
+def plan_for(setting: str, configs, dtype, tp, dp, distributed, free, cache=None, host=None, local_ranks=1):
+    """(plan()'s line, whether the optimizer state lives in host memory) under --offload-optimizer `setting`: always
+    plans it there; auto does so only where the layout fits no other way, and says so. With `host` (bytes of host
+    memory available to the node's `local_ranks` ranks) a state to be put there that the host cannot hold is
+    refused."""
     check_offload_setting(setting)
+    args = (configs, dtype, tp, dp, distributed, free, cache)
     if setting == "always":
-        return plan(*args, **kw, resident=True), True
-    try:
-        return plan(*args, **kw), False
-    except ValueError as e:
-        if setting != "auto":
-            raise
+        line, resident = plan(*args, resident=True), True
+    else:
         try:
-            line = plan(*args, **kw, resident=True)
-        except ValueError:
-            raise e from None
-    return line + " (--offload-optimizer auto: always, the only way this layout fits)", True
+            line, resident = plan(*args), False
+        except ValueError as e:
+            if setting != "auto":
+                raise
+            try:
+                line, resident = plan(*args, resident=True), True
+            except ValueError:
+                raise e from None
+            line += " (--offload-optimizer auto: always, the only way this layout fits)"
+    if host is not None and (resident or setting == "rollouts"):
+        numels = {k: c.num_params(head, tp) for k, (c, head) in configs.items()}
+        state = fixed_bytes(numels, TRAINED, dtype, dp, distributed)[STATE]
+        if local_ranks * state > HOST_LIMIT * host:
+            why = ", the only way this layout fits the GPUs" if setting == "auto" else ""
+            raise ValueError(
+                f"the optimizer state in host memory (--offload-optimizer {'always' if resident else setting}{why}) "
+                f"needs {local_ranks * state / GiB:.1f} GiB of host memory for {local_ranks} rank(s) on this node, "
+                f"{host / GiB:.1f} available"
+            )
+    return line, resident
 
 
 def run_configs(policy, reference, reward) -> dict[str, tuple[ModelConfig, str]]:

@@ -202,8 +202,9 @@ def check_memory(cfg: PPOConfig, run: RunConfig, grid: ProcessGrid, device: torc
             seq_len = cfg.max_prompt_len + cfg.max_new_tokens
             cache = {"total": total, "fraction": run.kv_cache_fraction, "seq_len": seq_len, "kv_dtype": kv_dtype}
             line, resident = memory_plan.plan_for(
-                run.offload_optimizer, configs, dtype, grid.tp, grid.dp, run.distributed_optimizer, free, cache
-            )
+                run.offload_optimizer, configs, dtype, grid.tp, grid.dp, run.distributed_optimizer, free, cache,
+                host=memory_plan.host_available(), local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+            )  # fmt: skip
         except ValueError as e:
             error = e
     raise_together(error, "planning memory")

@@ -93,6 +93,17 @@ def test_optimizer_state_in_host_memory_lets_fewer_gpus_train():
         memory_plan.plan_for("off", configs, torch.bfloat16, 4, 1, False, free)
     with pytest.raises(ValueError, match=r"need 120\.5 GiB of 30\.0"):  # too small even with the state on the host
         memory_plan.plan_for("auto", configs, torch.bfloat16, 4, 1, False, 30 * GiB)
+    state = 12 * (lm + score)  # a host that cannot hold 4 ranks' state is refused before anything is loaded
+    assert memory_plan.plan_for("auto", configs, torch.bfloat16, 4, 1, False, free, host=2 * 4 * state, local_ranks=4)
+    with pytest.raises(
+        ValueError,
+        match=r"--offload-optimizer always, the only way this layout fits the GPUs\) needs "
+        rf"{4 * state / GiB:.1f} GiB of host memory for 4 rank\(s\) on this node, 200\.0 available",
+    ):
+        memory_plan.plan_for("auto", configs, torch.bfloat16, 4, 1, False, free, host=200 * GiB, local_ranks=4)
+    with pytest.raises(ValueError, match=r"\(--offload-optimizer rollouts\) needs"):
+        memory_plan.plan_for("rollouts", configs, torch.bfloat16, 8, 1, False, free, host=100 * GiB, local_ranks=8)
+    assert memory_plan.plan_for("off", configs, torch.bfloat16, 8, 1, False, free, host=GiB, local_ranks=8)[1] is False
 
 
 def _tokens(out: str, which: int = 0) -> int:
