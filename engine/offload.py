@@ -44,6 +44,10 @@ class HostCopies:
         if self.pending is not None:
             self.pending.synchronize()  # (no copy out of a buffer may still be running)
         for key, tensors in groups:
+            if key not in self.host and all(
+                t.device.type == "cpu" and (not self.cuda or t.is_pinned()) for t in tensors
+            ):
+                self.host[key] = [t.data for t in tensors]  # where they belong already: their storage is the buffer
             bufs = self._buffers(key, tensors)
             for t, h in zip(tensors, bufs):
                 if t.data_ptr() != h.data_ptr():

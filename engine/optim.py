@@ -103,12 +103,12 @@ def make_optimizer(
     buckets = None
     home = params[0].device if params else torch.device("cpu")
     where = torch.device("cpu") if host_resident else None  # (None: the parameters' device)
+    pin = host_resident and home.type == "cuda"  # (built in pinned memory: no second copy of the state on the host)
     if distributed and grid is not None and grid.dp > 1:
         buckets = _make_buckets(params, grid, bucket_bytes // 4)
-        masters = [_flat_shard(params, b, grid.dp, where) for b in buckets]
+        masters = [_flat_shard(params, b, grid.dp, where, pin) for b in buckets]
     else:
-        masters = [p if p.dtype == torch.float32 else p.detach().to(where or p.device, torch.float32, copy=True)
-                   for p in params]  # fmt: skip
+        masters = [p if p.dtype == torch.float32 else _fp32_copy(p, where, pin) for p in params]
     fused = {"fused": True} if home.type == "cuda" else {}
     adam = torch.optim.AdamW(
         masters, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
@@ -122,10 +122,16 @@ def make_optimizer(
         return opt
     for m in masters:  # what torch's first step would create: zero moments, a step count of 0 (on the device if fused)
         step = torch.zeros((), dtype=torch.float32, device=home if fused else "cpu")
-        adam.state[m] = {"step": step, "exp_avg": torch.zeros(m.shape), "exp_avg_sq": torch.zeros(m.shape)}
+        moments = [torch.zeros(m.shape, pin_memory=pin) for _ in range(2)]
+        adam.state[m] = {"step": step, "exp_avg": moments[0], "exp_avg_sq": moments[1]}
     opt.host_resident, opt.offload = True, HostCopies(home)
-    opt.offload.adopt(_groups(opt))  # into pinned memory
+    opt.offload.adopt(_groups(opt))  # (their own storage becomes the host buffers)
     return opt
+
+
+def _fp32_copy(p: torch.Tensor, device: torch.device | None, pin: bool) -> torch.Tensor:
+    out = torch.empty(p.shape, dtype=torch.float32, device=device or p.device, pin_memory=pin)
+    return out.copy_(p.detach())
 
 
 def _allocate_moments(adam: torch.optim.Optimizer) -> None:
@@ -172,11 +178,13 @@ def _make_buckets(params: list[torch.nn.Parameter], grid: ProcessGrid, cap: int)
     return buckets
 
 
-def _flat_shard(tensors: list[torch.Tensor], b: _Bucket, dp: int, device: torch.device | None = None) -> torch.Tensor:
+def _flat_shard(
+    tensors: list[torch.Tensor], b: _Bucket, dp: int, device: torch.device | None = None, pin: bool = False
+) -> torch.Tensor:
     """This rank's shard of bucket b of per-parameter `tensors` (the parameters: the masters; or Adam's moments),
-    flat fp32."""
+    flat fp32 (on `device`, default theirs; `pin`: in pinned host memory)."""
     device = device if device is not None else tensors[b.params[0]].device
-    shard = torch.zeros(b.numel // dp, dtype=torch.float32, device=device)
+    shard = torch.zeros(b.numel // dp, dtype=torch.float32, device=device, pin_memory=pin)
     for i, start, stop, first in b.segments:
         shard[start:stop] = tensors[i].detach().reshape(-1)[first : first + stop - start]
     return shard
