@@ -176,15 +176,17 @@ def test_ppo_iteration_on_gpu(tmp_path):
         assert min(m["mem_gib_generate"], m["mem_gib_score"], m["mem_gib_train"]) > 0  # each phase's peak
 
 
-def test_train_ppo_tiny_with_evaluation_on_gpu(tmp_path):
+@pytest.mark.parametrize("offload", ["rollouts", "always"])
+def test_train_ppo_tiny_with_evaluation_on_gpu(tmp_path, offload):
     """The entry point's tiny default on the GPU (bf16 parameters, the kernels, CUDA graphs), with the held-out
     evaluations (generation, reference, RM), the samples log and the optimizer state in host memory during rollouts
-    (test_ppo_iteration_on_gpu runs the default, auto, which keeps it on the GPU for models this small)."""
+    or throughout (test_ppo_iteration_on_gpu runs the default, auto, which keeps it on the GPU for models this
+    small)."""
     from engine.train_ppo import main
 
     history = main(["--device", "cuda", "--output-dir", str(tmp_path), "--max-iterations", "2", "--eval-every", "1",
                     "--rollout-batch-size", "8", "--train-batch-size", "4", "--max-new-tokens", "8",
-                    "--offload-optimizer", "rollouts"])  # fmt: skip
+                    "--offload-optimizer", offload])  # fmt: skip
     assert [m["iteration"] for m in history] == [1, 2]
     evals = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
     assert [e["iteration"] for e in evals] == [0, 1, 2]
