@@ -20,7 +20,7 @@ import torch
 from engine.config import MODEL_SHAPES, ModelConfig
 from engine.hub import config_dir, is_repo_id
 from engine.kv_cache import bytes_per_block
-from engine.optim import CHUNK_ELEMENTS
+from engine.offload import CHUNK_ELEMENTS
 
 GiB = 2**30
 FIXED_SHARE_LIMIT = 0.95  # of the free memory: the rest goes to the CUDA context, NCCL buffers and fragmentation

@@ -1,5 +1,9 @@
 """Tensors kept in pinned host memory while the device does not need them (--offload-optimizer, engine/optim.py).
 
+offload_state / onload_state move an optimizer's idle state (the fp32 masters and Adam moments) out before a rollout
+and back after it; a host-resident optimizer's state lives on the host and each update works through it in chunks
+(streamed), the next chunk coming in and the last going out while one is updated.
+
 HostCopies moves groups of tensors (each keyed, e.g. one master weight with its two Adam moments) between their
 device and pinned host buffers kept for the run (pinning is slow). A tensor keeps its identity as it moves (only its
 storage is swapped, `t.data = ...`), so an optimizer's state and its list of masters stay valid. On CUDA the copies
@@ -11,10 +15,15 @@ read it; the host buffers are read on the CPU only after host_ready()).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from engine.optim import Optimizer
+
 Group = tuple[int, list[torch.Tensor]]  # (key, tensors that move together)
+CHUNK_ELEMENTS = 2**26  # masters' elements whose state a host-resident update moves to the device at once (768 MiB)
 
 
 @dataclass
@@ -138,3 +147,82 @@ class HostCopies:
             self.last_written.synchronize()
             self.last_written = None
             self.written.clear()
+
+
+# -------------------------------------------------------------- an optimizer's state --
+
+
+def groups(opt: Optimizer, idx=None) -> list[Group]:
+    """Per master (index), the tensors that move with it: the master unless it is the parameter itself (an fp32
+    parameter, which the generator reads), and its Adam moments (the scalar step counts stay)."""
+    out = []
+    for i in range(len(opt.masters)) if idx is None else idx:
+        m = opt.masters[i]
+        st = opt.adam.state.get(m, {})
+        own = opt.buckets is not None or m is not opt.params[i]
+        tensors = [m] * own + [st[k] for k in ("exp_avg", "exp_avg_sq") if k in st]
+        if tensors:
+            out.append((i, tensors))
+    return out
+
+
+def movable_state(opt: Optimizer) -> list[torch.Tensor]:
+    """The tensors offload_state moves (each master's group in turn)."""
+    return [t for _, ts in groups(opt) for t in ts]
+
+
+def state_bytes(opt: Optimizer) -> int:
+    """Bytes of the optimizer's state that can live in host memory."""
+    return sum(t.numel() * t.element_size() for t in movable_state(opt))
+
+
+def offload_state(opt: Optimizer) -> None:
+    """Move the idle state to host memory (pinned when it lives on a GPU); its device memory is free for reuse
+    once the copies have read it. Each tensor keeps its identity (only its storage moves)."""
+    if opt.offload is None:
+        opt.offload = HostCopies(opt.params[0].device if opt.params else torch.device("cpu"))
+    opt.offload.move_out(groups(opt))
+
+
+def onload_state(opt: Optimizer) -> None:
+    """Bring the state back to the device (not a host-resident one): the memory is allocated now, the copies run on
+    a side stream while the caller goes on; the update (and a checkpoint) waits for them first."""
+    if opt.offload is not None and not opt.host_resident:
+        opt.offload.move_in(groups(opt))
+
+
+def ensure_state(opt: Optimizer) -> None:
+    """Before the current stream reads or writes the state: on the device, its copies done (a host-resident state:
+    the CPU waits for its copies out)."""
+    if opt.offload is None:
+        return
+    if opt.host_resident:
+        opt.offload.host_ready()
+        return
+    onload_state(opt)
+    opt.offload.settle()
+
+
+def chunks(opt: Optimizer) -> list[list[int]]:
+    """Consecutive masters of about CHUNK_ELEMENTS elements (a larger one alone)."""
+    out, size = [], 0
+    for i, m in enumerate(opt.masters):
+        if not out or size + m.numel() > CHUNK_ELEMENTS:
+            out.append([])
+            size = 0
+        out[-1].append(i)
+        size += m.numel()
+    return out
+
+
+def streamed(opt: Optimizer, fn) -> None:
+    """fn(chunk) for each chunk of masters, with the chunk's state on the device: the next chunk's copies in run
+    while fn works on this one, and this one's copies out while the next is worked on."""
+    parts = chunks(opt)
+    event = opt.offload.move_in(groups(opt, parts[0])) if parts else None
+    for k, idx in enumerate(parts):
+        following = opt.offload.move_in(groups(opt, parts[k + 1])) if k + 1 < len(parts) else None
+        opt.offload.wait(event)
+        fn(idx)
+        opt.offload.move_out(groups(opt, idx))
+        event = following

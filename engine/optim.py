@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from engine.config import PPOConfig
 from engine.model import Transformer
-from engine.offload import Group, HostCopies
+from engine.offload import HostCopies, ensure_state, groups, streamed
 from engine.parallel import (
     ColumnParallelLinear,
     ProcessGrid,
@@ -40,7 +40,6 @@ from engine.parallel import (
 from engine.reshard import SavedOptimizer, relayout
 
 BUCKET_BYTES = 256 * 2**20  # fp32 grads per flat bucket (and per all-reduce / reduce-scatter)
-CHUNK_ELEMENTS = 2**26  # masters' elements whose state a host-resident update moves to the device at once (768 MiB)
 
 
 @dataclass
@@ -125,7 +124,7 @@ def make_optimizer(
         moments = [torch.zeros(m.shape, pin_memory=pin) for _ in range(2)]
         adam.state[m] = {"step": step, "exp_avg": moments[0], "exp_avg_sq": moments[1]}
     opt.host_resident, opt.offload = True, HostCopies(home)
-    opt.offload.adopt(_groups(opt))  # (their own storage becomes the host buffers)
+    opt.offload.adopt(groups(opt))  # (their own storage becomes the host buffers)
     return opt
 
 
@@ -308,7 +307,7 @@ def apply_update(opt: Optimizer, norm: torch.Tensor, lr: float, cfg: PPOConfig) 
         write_back(opt, idx)
 
     if opt.host_resident:
-        _streamed(opt, update)
+        streamed(opt, update)
     else:
         ensure_state(opt)
         update(list(range(len(opt.masters))))
@@ -332,85 +331,6 @@ def write_back(opt: Optimizer, idx: list[int] | None = None) -> None:
         for i, start in zip(b.params, b.offsets):
             p = opt.params[i]
             p.copy_(flat[start : start + p.numel()].view_as(p))
-
-
-def _chunks(opt: Optimizer) -> list[list[int]]:
-    """Consecutive masters of about CHUNK_ELEMENTS elements (a larger one alone)."""
-    chunks, size = [], 0
-    for i, m in enumerate(opt.masters):
-        if not chunks or size + m.numel() > CHUNK_ELEMENTS:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(i)
-        size += m.numel()
-    return chunks
-
-
-def _streamed(opt: Optimizer, fn) -> None:
-    """fn(chunk) for each chunk of masters, with the chunk's state on the device: the next chunk's copies in run
-    while fn works on this one, and this one's copies out while the next is worked on."""
-    chunks = _chunks(opt)
-    event = opt.offload.move_in(_groups(opt, chunks[0])) if chunks else None
-    for k, idx in enumerate(chunks):
-        following = opt.offload.move_in(_groups(opt, chunks[k + 1])) if k + 1 < len(chunks) else None
-        opt.offload.wait(event)
-        fn(idx)
-        opt.offload.move_out(_groups(opt, idx))
-        event = following
-
-
-# ------------------------------------------------------------------ the idle state in host memory --
-
-
-def _groups(opt: Optimizer, idx=None) -> list[Group]:
-    """Per master (index), the tensors that move with it: the master unless it is the parameter itself (an fp32
-    parameter, which the generator reads), and its Adam moments (the scalar step counts stay)."""
-    out = []
-    for i in range(len(opt.masters)) if idx is None else idx:
-        m = opt.masters[i]
-        st = opt.adam.state.get(m, {})
-        own = opt.buckets is not None or m is not opt.params[i]
-        tensors = [m] * own + [st[k] for k in ("exp_avg", "exp_avg_sq") if k in st]
-        if tensors:
-            out.append((i, tensors))
-    return out
-
-
-def movable_state(opt: Optimizer) -> list[torch.Tensor]:
-    """The tensors offload_state moves (each master's group in turn)."""
-    return [t for _, ts in _groups(opt) for t in ts]
-
-
-def state_bytes(opt: Optimizer) -> int:
-    """Bytes of the optimizer's state that can live in host memory."""
-    return sum(t.numel() * t.element_size() for t in movable_state(opt))
-
-
-def offload_state(opt: Optimizer) -> None:
-    """Move the idle state to host memory (pinned when it lives on a GPU); its device memory is free for reuse
-    once the copies have read it. Each tensor keeps its identity (only its storage moves)."""
-    if opt.offload is None:
-        opt.offload = HostCopies(opt.params[0].device if opt.params else torch.device("cpu"))
-    opt.offload.move_out(_groups(opt))
-
-
-def onload_state(opt: Optimizer) -> None:
-    """Bring the state back to the device (not a host-resident one): the memory is allocated now, the copies run on
-    a side stream while the caller goes on; the update (and a checkpoint) waits for them first."""
-    if opt.offload is not None and not opt.host_resident:
-        opt.offload.move_in(_groups(opt))
-
-
-def ensure_state(opt: Optimizer) -> None:
-    """Before the current stream reads or writes the state: on the device, its copies done (a host-resident state:
-    the CPU waits for its copies out)."""
-    if opt.offload is None:
-        return
-    if opt.host_resident:
-        opt.offload.host_ready()
-        return
-    onload_state(opt)
-    opt.offload.settle()
 
 
 def optimizer_state(opt: Optimizer) -> dict:
@@ -449,7 +369,7 @@ def load_optimizer_state(opt: Optimizer, saved: dict | SavedOptimizer, tp: int =
             for m, v in zip(opt.masters, masters, strict=True):
                 m.copy_(v)
             if opt.host_resident:  # (the shards are all-gathered on the device)
-                _streamed(opt, lambda idx: write_back(opt, idx))
+                streamed(opt, lambda idx: write_back(opt, idx))
             else:
                 write_back(opt)
         else:
@@ -463,4 +383,4 @@ def load_optimizer_state(opt: Optimizer, saved: dict | SavedOptimizer, tp: int =
         for st in opt.adam.state.values():
             if fused and torch.is_tensor(st.get("step")):
                 st["step"] = st["step"].to(opt.offload.home)
-        opt.offload.adopt(_groups(opt))  # the loaded moments into the pinned buffers
+        opt.offload.adopt(groups(opt))  # the loaded moments into the pinned buffers

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from engine.config import GenerateConfig
 from engine.data import Rollout, pack, split_by_tokens
 from engine.model import Transformer
-from engine.optim import offload_state, onload_state
+from engine.offload import offload_state, onload_state
 from kernels.logprob import hidden_logprobs
 
 if TYPE_CHECKING:

@@ -19,7 +19,8 @@ from engine.data import PromptBatches
 from engine.hub import config_sources, resolve_run
 from engine.kv_cache import bytes_per_block, cuda_cache_budget, resolve_cache_dtype
 from engine.model import Transformer
-from engine.optim import Optimizer, make_optimizer, state_bytes
+from engine.offload import state_bytes
+from engine.optim import Optimizer, make_optimizer
 from engine.parallel import ProcessGrid, agree, init_process_grid, print0, raise_together
 from engine.resume import latest_checkpoint, load_trainer_state, start_fresh
 from engine.tokenizer import PromptSet, load_prompts, load_tokenizer, response_stop_ids

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from engine import optim  # noqa: E402
+from engine import offload, optim  # noqa: E402
 from engine.config import ModelConfig, PPOConfig  # noqa: E402
 from engine.model import Transformer  # noqa: E402
 from engine.parallel import init_process_grid  # noqa: E402
@@ -51,10 +51,10 @@ def main() -> None:
     assert zero.buckets is not None and len(zero.buckets) > 3 and plain.buckets is None
     numel = sum(p.numel() for p in zero_m.parameters())
     assert numel // 2 <= sum(m.numel() for m in zero.masters) <= numel // 2 + len(zero.buckets)  # half each
-    optim.CHUNK_ELEMENTS = 6000  # a few buckets' shards per chunk
+    offload.CHUNK_ELEMENTS = 6000  # a few buckets' shards per chunk
     res_m = model()
     res = optim.make_optimizer(res_m, cfg, grid, distributed=True, bucket_bytes=4 * 5000, host_resident=True)
-    assert 1 < len(optim._chunks(res)) < len(res.buckets)
+    assert 1 < len(offload.chunks(res)) < len(res.buckets)
     for it in range(3):
         n_plain, n_zero = step(plain, plain_m, cfg, grid, it), step(zero, zero_m, cfg, grid, it)
         torch.testing.assert_close(n_zero, n_plain, rtol=1e-6, atol=0)

@@ -211,34 +211,34 @@ def test_memory_plan_is_what_cuda_allocates():
 def test_offloaded_optimizer_state_frees_its_gpu_memory_and_comes_back():
     """offload_state frees exactly the state's bytes on the GPU into pinned host buffers; onload_state copies them
     back on a side stream, and an update issued at once (it waits for the copies) equals a twin's that never moved."""
-    from engine import optim
+    from engine import offload, optim
     from engine.config import PPOConfig
     from engine.parallel import ProcessGrid
 
     cfg, small = PPOConfig(max_grad_norm=0.5), ModelConfig.named("tiny")
     models = [Transformer(small, "score", dtype=torch.bfloat16, device=CUDA).init_weights(seed=2) for _ in range(2)]
     moved, twin = (optim.make_optimizer(m, cfg) for m in models)
-    nbytes = optim.state_bytes(moved)
+    nbytes = offload.state_bytes(moved)
     for step in range(3):
         for a, b in zip(*(m.parameters() for m in models)):
             g = torch.randn(a.shape, device=CUDA).to(torch.bfloat16)
             a.grad, b.grad = g.clone(), g.clone()
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated(CUDA)
-        optim.offload_state(moved)
+        offload.offload_state(moved)
         torch.cuda.synchronize()  # the copies out run on a side stream: their memory is released after them,
         torch.empty(1, device=CUDA)  # when the allocator next looks (at an allocation)
         freed = before - torch.cuda.memory_allocated(CUDA)
         host = [h for bufs in moved.offload.host.values() for h in bufs]
         assert abs(freed - nbytes) <= 512 * len(host), (freed, nbytes)
         assert all(h.is_pinned() and h.device.type == "cpu" for h in host)
-        optim.onload_state(moved)  # no synchronize: the update below must wait for the side stream itself
+        offload.onload_state(moved)  # no synchronize: the update below must wait for the side stream itself
         assert moved.offload.pending is not None and not moved.offload.on_host
         for o in (moved, twin):
             optim.accumulate_grads(o)
             optim.optimizer_step(o, 1e-2, cfg, ProcessGrid())
         assert all(torch.equal(a, b) for a, b in zip(*(m.parameters() for m in models))), step
-    for a, b in zip(optim.movable_state(moved), optim.movable_state(twin)):
+    for a, b in zip(offload.movable_state(moved), offload.movable_state(twin)):
         assert a.is_cuda and torch.equal(a, b)
 
 
@@ -246,11 +246,11 @@ def test_host_resident_optimizer_on_gpu(monkeypatch):
     """--offload-optimizer always on the GPU: the state is built in pinned host memory (the device holds none of
     it), and each update streams it through in chunks on the side streams; the updates equal a twin's whose state
     stays on the device (the same fused Adam on the same values), step after step."""
-    from engine import optim
+    from engine import offload, optim
     from engine.config import PPOConfig
     from engine.parallel import ProcessGrid
 
-    monkeypatch.setattr(optim, "CHUNK_ELEMENTS", 200_000)
+    monkeypatch.setattr(offload, "CHUNK_ELEMENTS", 200_000)
     cfg, small = PPOConfig(max_grad_norm=0.5), ModelConfig.named("tiny")
     models = [Transformer(small, "lm", dtype=torch.bfloat16, device=CUDA).init_weights(seed=3) for _ in range(2)]
     torch.cuda.synchronize()
@@ -258,7 +258,7 @@ def test_host_resident_optimizer_on_gpu(monkeypatch):
     resident = optim.make_optimizer(models[0], cfg, host_resident=True)
     assert torch.cuda.memory_allocated(CUDA) - before <= 512 * len(resident.masters)  # the step counts only
     twin = optim.make_optimizer(models[1], cfg)
-    assert len(optim._chunks(resident)) > 2
+    assert len(offload.chunks(resident)) > 2
     for step in range(3):
         for a, b in zip(*(m.parameters() for m in models)):
             g = torch.randn(a.shape, device=CUDA).to(torch.bfloat16)
@@ -267,7 +267,7 @@ def test_host_resident_optimizer_on_gpu(monkeypatch):
             optim.accumulate_grads(o)
             optim.optimizer_step(o, 1e-2, cfg, ProcessGrid())
         assert all(torch.equal(a, b) for a, b in zip(*(m.parameters() for m in models))), step
-        assert all(not t.is_cuda and t.is_pinned() for t in optim.movable_state(resident))
+        assert all(not t.is_cuda and t.is_pinned() for t in offload.movable_state(resident))
     resident.offload.host_ready()
-    for a, b in zip(optim.movable_state(resident), optim.movable_state(twin)):
+    for a, b in zip(offload.movable_state(resident), offload.movable_state(twin)):
         assert torch.equal(a, b.cpu())

@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 
 import engine.model
 import engine.parallel
-from engine import memory_plan, optim
+from engine import memory_plan, offload
 from engine.config import ModelConfig, PPOConfig
 from engine.model import Transformer
 from engine.parallel import ProcessGrid
@@ -81,7 +81,7 @@ def test_optimizer_state_in_host_memory_lets_fewer_gpus_train():
     free = 79 * GiB
     c = ModelConfig.named("llama2-13b")
     lm, score = c.num_params("lm", 4), c.num_params("score", 4)
-    chunk = 3 * 12 * max(optim.CHUNK_ELEMENTS, 5120 * 32000 // 4)  # the embedding's quarter is the largest tensor
+    chunk = 3 * 12 * max(offload.CHUNK_ELEMENTS, 5120 * 32000 // 4)  # the embedding's quarter is the largest tensor
     need = 2 * (2 * lm + 2 * score) + 4 * (lm + score) + chunk
     line = memory_plan.plan(configs, torch.bfloat16, 4, 1, False, free, resident=True)
     assert line.startswith(f"memory plan: {need / GiB:.1f} GiB of 79.0") and f"{need / GiB:.1f}" == "50.4"

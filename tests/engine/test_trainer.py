@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from engine import optim, trainer
+from engine import offload, optim, trainer
 from engine import state as state_mod
 from engine.checkpoint import load_pretrained
 from engine.config import ModelConfig, PPOConfig
@@ -551,7 +551,12 @@ def test_resume_names_changed_hyperparameters(tmp_path, capsys):
 
 def _host_buffers(opt):
     """The pinned buffers of an optimizer's offloaded state, in movable_state's order."""
-    return [h for k, _ in optim._groups(opt) for h in opt.offload.host[k]]
+    return [h for k, _ in offload.groups(opt) for h in opt.offload.host[k]]
+
+
+def _in_host_buffers(opt) -> bool:
+    """Every tensor of the optimizer's state uses its host buffer."""
+    return [t.data_ptr() for t in offload.movable_state(opt)] == [h.data_ptr() for h in _host_buffers(opt)]
 
 
 @pytest.mark.parametrize("dtype,dp", [(torch.bfloat16, 1), (torch.float32, 1), (torch.bfloat16, 2)])
@@ -565,7 +570,7 @@ def test_optimizer_state_goes_to_host_memory_and_back(dtype, dp):
     grid = ProcessGrid(rank=0, world_size=dp, tp=1, dp=dp)
     opt = optim.make_optimizer(model, cfg, grid, distributed=True, bucket_bytes=4 * 3001)
     assert (opt.buckets is not None) == (dp > 1)
-    tensors = optim.movable_state(opt)
+    tensors = offload.movable_state(opt)
     n_masters = len(opt.buckets) if dp > 1 else len(opt.params) if dtype != torch.float32 else 0
     assert len(tensors) == n_masters + 2 * len(opt.masters)  # (masters,) exp_avg, exp_avg_sq
     gen = torch.Generator().manual_seed(0)
@@ -576,15 +581,15 @@ def test_optimizer_state_goes_to_host_memory_and_back(dtype, dp):
     host_ptrs = None
     for _ in range(2):
         on_device = [t.data for t in tensors]  # (kept alive: their memory cannot be handed out again meanwhile)
-        optim.offload_state(opt)
-        optim.offload_state(opt)  # twice: a no-op
-        assert [id(t) for t in optim.movable_state(opt)] == [id(t) for t in tensors]
+        offload.offload_state(opt)
+        offload.offload_state(opt)  # twice: a no-op
+        assert [id(t) for t in offload.movable_state(opt)] == [id(t) for t in tensors]
         assert [t.data_ptr() for t in tensors] == [h.data_ptr() for h in _host_buffers(opt)]
         assert not {d.data_ptr() for d in on_device} & {t.data_ptr() for t in tensors}
         host_ptrs = host_ptrs or [h.data_ptr() for h in _host_buffers(opt)]
         assert [h.data_ptr() for h in _host_buffers(opt)] == host_ptrs  # the same host buffers every time
         assert all(torch.equal(t, v) for t, v in zip(tensors, values))
-        optim.onload_state(opt)
+        offload.onload_state(opt)
         assert not {t.data_ptr() for t in tensors} & set(host_ptrs)
         assert all(torch.equal(t, v) for t, v in zip(tensors, values))
     assert all(p.data_ptr() == ptr and torch.equal(p, v) for p, (ptr, v) in zip(model.parameters(), params))
@@ -612,21 +617,21 @@ def test_an_update_or_a_checkpoint_of_offloaded_state_brings_it_back():
     state) is offloaded as well."""
     cfg, models, moved, twin = _twins()
     for step in range(4):
-        optim.offload_state(moved)
+        offload.offload_state(moved)
         if step % 2:
-            optim.onload_state(moved)
+            offload.onload_state(moved)
         _step_both(cfg, models, (moved, twin), step)
         assert not moved.offload.on_host
         assert all(torch.equal(a, b) for a, b in zip(*(m.parameters() for m in models)))
-    optim.offload_state(moved)
+    offload.offload_state(moved)
     saved = optim.optimizer_state(moved)  # (brings it back first)
     assert not moved.offload.on_host
-    optim.offload_state(moved)
+    offload.offload_state(moved)
     optim.load_optimizer_state(moved, saved)
-    optim.offload_state(moved)  # Adam's state is new tensors now: those move
-    assert [t.data_ptr() for t in optim.movable_state(moved)] == [h.data_ptr() for h in _host_buffers(moved)]
-    optim.onload_state(moved)
-    for a, b in zip(optim.movable_state(moved), optim.movable_state(twin)):
+    offload.offload_state(moved)  # Adam's state is new tensors now: those move
+    assert _in_host_buffers(moved)
+    offload.onload_state(moved)
+    for a, b in zip(offload.movable_state(moved), offload.movable_state(twin)):
         assert torch.equal(a, b)
 
 
@@ -635,34 +640,34 @@ def test_host_resident_optimizer_updates_in_chunks_as_the_device_one(monkeypatch
     """host_resident: the masters and moments are built in host buffers and stay there between updates (never
     whole on the device: each update moves a chunk at a time, here 3 layers' worth); the updates equal a twin's
     that keeps its state on the device, bit for bit, and so does a checkpoint of it and its reload."""
-    monkeypatch.setattr(optim, "CHUNK_ELEMENTS", 40_000)
+    monkeypatch.setattr(offload, "CHUNK_ELEMENTS", 40_000)
     cfg, models, resident, twin = _twins(dtype, num_layers=3, host_resident=True)
-    assert len(optim._chunks(resident)) > 3
+    assert len(offload.chunks(resident)) > 3
     chunks_seen = []
-    streamed = optim._streamed
+    streamed = offload.streamed
 
     def spy(opt, fn):
         def counted(idx):
-            here = [k for k, _ in optim._groups(opt) if k not in opt.offload.on_host]
+            here = [k for k, _ in offload.groups(opt) if k not in opt.offload.on_host]
             chunks_seen.append((sorted(here), list(idx)))
             fn(idx)
 
         streamed(opt, counted)
 
-    monkeypatch.setattr(optim, "_streamed", spy)
-    assert all(torch.equal(a, b) for a, b in zip(optim.movable_state(resident), optim.movable_state(twin)))
+    monkeypatch.setattr(optim, "streamed", spy)
+    assert all(torch.equal(a, b) for a, b in zip(offload.movable_state(resident), offload.movable_state(twin)))
     for step in range(3):
-        assert resident.offload.on_host == {k for k, _ in optim._groups(resident)}  # all of it on the host
-        assert [t.data_ptr() for t in optim.movable_state(resident)] == [h.data_ptr() for h in _host_buffers(resident)]
+        assert resident.offload.on_host == {k for k, _ in offload.groups(resident)}  # all of it on the host
+        assert _in_host_buffers(resident)
         _step_both(cfg, models, (resident, twin), step)
         assert all(torch.equal(a, b) for a, b in zip(*(m.parameters() for m in models)))
     for here, idx in chunks_seen:  # on the device during a chunk's update: that chunk and the one coming in
         assert set(idx) <= set(here) and len(here) < len(resident.masters)
-    assert [idx for _, idx in chunks_seen] == optim._chunks(resident) * 3
-    offloaded = optim.offload_state, optim.onload_state
+    assert [idx for _, idx in chunks_seen] == offload.chunks(resident) * 3
+    offloaded = offload.offload_state, offload.onload_state
     for f in offloaded:  # (a host-resident state stays where it is)
         f(resident)
-    assert resident.offload.on_host == {k for k, _ in optim._groups(resident)}
+    assert resident.offload.on_host == {k for k, _ in offload.groups(resident)}
     saved, same = optim.optimizer_state(resident), optim.optimizer_state(twin)
     assert all(torch.equal(a, b) for a, b in zip(saved["masters"], same["masters"]))
     for k, st in saved["adam"]["state"].items():
@@ -673,8 +678,8 @@ def test_host_resident_optimizer_updates_in_chunks_as_the_device_one(monkeypatch
         "state": {k: {n: t.clone() for n, t in st.items()} for k, st in same["adam"]["state"].items()},
     }
     optim.load_optimizer_state(resident, saved)  # loaded into the host buffers again
-    assert resident.offload.on_host == {k for k, _ in optim._groups(resident)}
-    assert [t.data_ptr() for t in optim.movable_state(resident)] == [h.data_ptr() for h in _host_buffers(resident)]
+    assert resident.offload.on_host == {k for k, _ in offload.groups(resident)}
+    assert _in_host_buffers(resident)
     _step_both(cfg, models, (resident, twin), 3)
     assert all(torch.equal(a, b) for a, b in zip(*(m.parameters() for m in models)))
 
@@ -693,8 +698,8 @@ def test_offloaded_optimizer_trains_the_same(tmp_path):
 
         def spy(*args, state=state, generate=generate, seen=seen, **kw):
             opts = (state.policy_opt, state.value_opt)
-            seen.append(all(o.offload.on_host == {k for k, _ in optim._groups(o)}
-                            and optim.movable_state(o)[0].data_ptr() == _host_buffers(o)[0].data_ptr()
+            seen.append(all(o.offload.on_host == {k for k, _ in offload.groups(o)}
+                            and offload.movable_state(o)[0].data_ptr() == _host_buffers(o)[0].data_ptr()
                             for o in opts))  # fmt: skip
             return generate(*args, **kw)
 
