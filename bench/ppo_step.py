@@ -10,9 +10,9 @@ The four models (policy, reference, value, reward) get random weights of the nam
 GPU). Prompts are random token ids of --prompt-len; --ignore-eos (default on) makes every response
 --max-new-tokens long so the phases see fixed token counts. One untimed warm-up iteration (CUDA
 graphs, autotuning), then --iterations timed ones through engine.trainer.ppo_iteration. Printed per
-phase: seconds, tokens, tokens/s, and model TFLOP/s from engine.model.flops_per_token (generation: one
-forward per new token; scoring: four forwards per sequence token; training: policy and value forward
-+ backward, 3 forwards each).
+phase: seconds, tokens, tokens/s, and model TFLOP/s per GPU, the trainer's own metrics (engine.model.forward_flops;
+generation: a policy forward per sequence token, prompts included; scoring: four forwards; training: the policy's and
+the value model's forward + backward, 3 forwards each).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import run_main, write_json  # noqa: E402
 from engine.config import MODEL_SHAPES, ModelConfig, PPOConfig  # noqa: E402
-from engine.model import Transformer, flops_per_token  # noqa: E402
+from engine.model import Transformer  # noqa: E402
 from engine.parallel import init_process_grid, print0  # noqa: E402
 from engine.state import RunConfig, make_state, resolve_device, resolve_dtype  # noqa: E402
 from engine.trainer import ppo_iteration  # noqa: E402
@@ -101,12 +101,10 @@ def main(argv=None) -> dict:
     n_seq = rollout * cfg.samples_per_prompt
     resp = best["response_len"] * n_seq
     seq_tok = resp + prompt_len * n_seq
-    ctx = prompt_len + best["response_len"] / 2  # mean attention context
-    fpt = flops_per_token(mc, int(ctx))
-    phases = [
-        ("generate", best["time_generate"], resp, fpt * resp),
-        ("score (4 forwards)", best["time_score"], seq_tok, 4 * fpt * seq_tok),
-        ("train (policy + value, fwd + bwd)", best["time_train"], seq_tok * cfg.ppo_epochs, 6 * fpt * seq_tok),
+    phases = [  # (the model TFLOP/s per GPU are the trainer's metrics: engine.model.forward_flops)
+        ("generate", best["time_generate"], resp, best["gen_tflops_gpu"]),
+        ("score (4 forwards)", best["time_score"], seq_tok, best["score_tflops_gpu"]),
+        ("train (policy + value, fwd + bwd)", best["time_train"], seq_tok * cfg.ppo_epochs, best["train_tflops_gpu"]),
         ("iteration", best["time_iteration"], seq_tok, None),
     ]
     where = "on the device" if not state.offload else "in host memory during rollouts"
@@ -117,13 +115,13 @@ def main(argv=None) -> dict:
         f"tokens each, train batch {train_bs}; layers recomputed in the backward: {best['recompute_layers']}; "
         f"optimizer state: {where}"
     )
-    print0(f"{'phase':<36}{'seconds':>10}{'tokens':>10}{'tok/s':>12}{'TFLOP/s':>10}")
+    print0(f"{'phase':<36}{'seconds':>10}{'tokens':>10}{'tok/s':>12}{'TFLOP/s per GPU':>16}")
     out = {"model": a.model, "num_layers": mc.num_layers, "device": str(device), "dtype": str(dtype), "phases": {}}
     out.update(world_size=grid.world_size, tp=grid.tp, sequence_parallel=a.sequence_parallel, optimizer_state=where)
-    for name, sec, tok, flops in phases:  # flops: the whole model's, so TFLOP/s over all the ranks
-        tf = f"{flops / sec / 1e12:10.2f}" if flops else f"{'':>10}"
+    for name, sec, tok, tflops in phases:
+        tf = f"{tflops:16.2f}" if tflops is not None else f"{'':>16}"
         print0(f"{name:<36}{sec:>10.3f}{tok:>10.0f}{tok / sec:>12.0f}{tf}")
-        out["phases"][name] = {"seconds": sec, "tokens": tok, "tok_s": tok / sec, "flops": flops}
+        out["phases"][name] = {"seconds": sec, "tokens": tok, "tok_s": tok / sec, "tflops_per_gpu": tflops}
     st = state.generator.stats  # the last timed rollout's scheduler
     keys = ("prefill_steps", "decode_steps", "mixed_steps", "overlapped_steps", "graph_captures", "setup_seconds")
     out["generator"] = {k: getattr(st, k) for k in keys}  # graph_captures 0: last iteration's graphs replayed

@@ -432,8 +432,11 @@ def last_token_scores(scores: torch.Tensor, attention_mask: torch.Tensor | None)
     return scores.gather(1, idx.argmax(-1, keepdim=True)).squeeze(1)
 
 
-def flops_per_token(cfg: ModelConfig, context_len: int = 0) -> float:
-    """Forward FLOPs of one token: 2 per weight multiply-add plus attention over `context_len` tokens."""
-    weights = cfg.num_params("lm") - cfg.vocab_size * cfg.hidden_size  # embedding lookup is not a matmul
-    attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context_len
-    return 2.0 * weights + attn
+def forward_flops(cfg: ModelConfig, tokens: float, sum_sq_len: float = 0.0, head: str = "lm") -> float:
+    """Forward FLOPs of `tokens` tokens in causal sequences whose lengths squared sum to `sum_sq_len`: 2 per weight
+    multiply-add of a matrix (not the embedding lookup, not the norms' scales) and attention's QK^T and PV, 4 x heads x
+    head_dim FLOPs per pair of tokens, about L^2 / 2 pairs in a sequence of L. A backward is twice a forward;
+    recomputed layers are not counted (the model FLOPs a step needs, as MFU counts them)."""
+    norms = (2 * cfg.num_layers + 1) * cfg.hidden_size
+    weights = cfg.num_params(head) - cfg.vocab_size * cfg.hidden_size - norms
+    return 2.0 * weights * tokens + 2.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * sum_sq_len

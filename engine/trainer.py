@@ -31,6 +31,7 @@ from engine import ppo, recompute
 from engine.data import Rollout, to_padded
 from engine.evaluate import eval_due, evaluate, log_samples
 from engine.generate import GenerationStats
+from engine.model import forward_flops
 from engine.optim import accumulate_grads, apply_update, reduce_grads
 from engine.parallel import agree, print0
 from engine.resume import save_checkpoint
@@ -191,6 +192,7 @@ def ppo_iteration(state: TrainState) -> dict:
     add_to(
         sums, sequences=len(ro.responses), response_tokens=ro.offsets[-1], score=ro.scores.sum(),
         rollout_tokens=ro.offsets[-1] + sum(len(p) for p in ro.prompts),
+        seq_len_sq=float(sum((len(p) + len(r)) ** 2 for p, r in zip(ro.prompts, ro.responses))),
         score_penalized=penalized.sum(), kl=ro.targets["kl"].sum(), reward=ro.targets["rewards"].sum(),
         no_eos=(~ro.hit_eos).sum(), value=ro.values.sum(), returns=ro.targets["returns"].sum(),
         gen_logprob_gap=(ro.gen_logprobs - ro.logprobs).abs().sum(),
@@ -198,6 +200,11 @@ def ppo_iteration(state: TrainState) -> dict:
     g = reduce_sums(sums, dev, state.dp_group)
     gen_stats = getattr(state.generator, "stats", None) or GenerationStats()  # a test's stand-in may keep none
     n_seq, n_resp, n_tok, n_steps = g["sequences"], g["response_tokens"], max(g["tokens"], 1.0), max(g["steps"], 1)
+    # model FLOPs per GPU and second of each phase: forwards over the rollout's sequences (prompt + response)
+    fwd = {k: forward_flops(m.config, g["rollout_tokens"], g["seq_len_sq"], head)
+           for k, m, head in (("policy", state.policy, "lm"), ("reference", state.ref, "lm"),
+                              ("value", state.value, "score"), ("reward", state.reward, "score"))}  # fmt: skip
+    per_gpu = lambda flops, seconds: flops / max(seconds, 1e-9) / state.grid.world_size / 1e12  # noqa: E731
     state.iteration += 1
     return {
         "iteration": state.iteration,
@@ -225,6 +232,11 @@ def ppo_iteration(state: TrainState) -> dict:
         "gen_tok_s": n_resp / max(t1 - t0, 1e-9),
         "score_tok_s": g["rollout_tokens"] / max(t2 - t1, 1e-9),
         "train_tok_s": g["seq_tokens"] / max(t3 - t2, 1e-9),  # sequence tokens through policy and value fwd + bwd
+        # (generation: one policy forward per token, prompts included; scoring: the four models' forwards; training:
+        # the policy's and the value model's forward and backward, 3 forwards each, per PPO epoch)
+        "gen_tflops_gpu": per_gpu(fwd["policy"], t1 - t0),
+        "score_tflops_gpu": per_gpu(sum(fwd.values()), t2 - t1),
+        "train_tflops_gpu": per_gpu(3 * state.cfg.ppo_epochs * (fwd["policy"] + fwd["value"]), t3 - t2),
         "time_generate": t1 - t0,
         "time_score": t2 - t1,
         "time_train": t3 - t2,

@@ -11,7 +11,7 @@ from engine import hub
 from engine.tokenizer import TINY_PROMPTS
 from engine.train_ppo import build_tiny_models, main
 from kernels import dispatch
-from tests.engine.test_trainer import SMALL
+from tests.engine.test_trainer import SMALL, _no_timing
 
 
 class FakeHub:
@@ -86,9 +86,7 @@ def run(out, *flags):
 def test_a_run_from_hub_ids_is_the_run_from_the_directories(tmp_path, fake_hub):
     local = run(tmp_path / "local", "--policy", str(tmp_path / "src/policy"), "--reward", str(tmp_path / "src/reward"))
     remote = run(tmp_path / "remote", "--policy", "org/policy", "--reward", "org/rm@v1")
-    assert [{k: v for k, v in m.items() if not k.startswith("time") and "tok_s" not in k} for m in remote] == [
-        {k: v for k, v in m.items() if not k.startswith("time") and "tok_s" not in k} for m in local
-    ]
+    assert _no_timing(remote) == _no_timing(local)
     assert [c[:2] for c in fake_hub.calls] == [("org/policy", None), ("org/rm", "v1")]
     assert all("*.safetensors" in c[2] and "pytorch_model*.bin" not in c[2] for c in fake_hub.calls)
     fetched = sorted(os.listdir(tmp_path / "cache/org--policy/main"))

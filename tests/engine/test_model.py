@@ -177,3 +177,25 @@ def test_activation_checkpointing_same_gradients(tmp_path):
     for other in grads[1:]:
         for a, b in zip(grads[0], other):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["lm", "score"])
+def test_forward_flops_are_what_the_forward_multiplies(head):
+    """engine.model.forward_flops (the metrics' TFLOP/s) against torch's FLOP counter on a packed forward of three
+    sequences through the reference ops: the same weight FLOPs; attention's twice ours, as torch counts the causal
+    SDPA as dense (every pair of tokens, where a causal one computes about half)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from engine.model import forward_flops
+
+    cfg = ModelConfig.named("tiny")
+    model = Transformer(cfg, head).init_weights(seed=0)
+    lengths = [5, 17, 33]
+    ids = torch.randint(0, cfg.vocab_size, (sum(lengths),))
+    pos = torch.cat([torch.arange(n) for n in lengths])
+    cu = torch.tensor([0, 5, 22, 55], dtype=torch.int32)
+    with torch.no_grad(), reference_ops(), FlopCounterMode(display=False) as counter:
+        model.head_packed(model.hidden_packed(ids, pos, cu))
+    sum_sq = sum(n * n for n in lengths)
+    attention = 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * sum_sq  # ours: the causal half
+    assert counter.get_total_flops() == forward_flops(cfg, sum(lengths), sum_sq, head) + attention

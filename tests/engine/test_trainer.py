@@ -29,7 +29,7 @@ from tests.engine.ppo_dp_worker import naive_factory
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = ["--rollout-batch-size", "8", "--train-batch-size", "4", "--max-new-tokens", "8"]
 TIMING = ("gen_tok_s", "score_tok_s", "train_tok_s", "time_generate", "time_score", "time_train", "time_iteration")
-TIMING += ("time_gen_setup",)
+TIMING += ("time_gen_setup", "gen_tflops_gpu", "score_tflops_gpu", "train_tflops_gpu")
 
 
 def _run(out, *flags, factory=None):
