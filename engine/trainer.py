@@ -266,7 +266,8 @@ def log_metrics(state: TrainState, metrics: dict) -> None:
     print0(
         f"iter {metrics['iteration']}/{state.iterations} step {metrics['step']} {line} "
         f"no_eos {metrics['no_eos_frac']:.2f} gen {metrics['gen_tok_s']:.0f} tok/s "
-        f"train {metrics['train_tok_s']:.0f} tok/s time {metrics['time_iteration']:.1f}s "
+        f"train {metrics['train_tok_s']:.0f} tok/s ({metrics['train_tflops_gpu']:.3g} TFLOP/s per GPU) "
+        f"time {metrics['time_iteration']:.1f}s "
         f"(gen {metrics['time_generate']:.1f} score {metrics['time_score']:.1f} train {metrics['time_train']:.1f}) "
         f"eta {_eta(state)}"
     )
