@@ -75,15 +75,28 @@ def rollout_cache(config: ModelConfig, tp: int, held: int, total: int, fraction:
 
 
 def host_available() -> int:
-    """Bytes of host memory available now (MemAvailable: free plus reclaimable page cache)."""
+    """Bytes of host memory available now: MemAvailable (free plus reclaimable page cache), or less where this
+    process's cgroup (a container, a job's allocation) has a limit, less what the cgroup uses."""
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for limit, usage in (
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ):
+        try:  # cgroup v2, then v1
+            with open(f"/sys/fs/cgroup/{limit}") as a, open(f"/sys/fs/cgroup/{usage}") as b:
+                cap, used = a.read().strip(), int(b.read().strip())
+        except (OSError, ValueError):
+            continue
+        if cap.isdigit() and int(cap) < 2**60:  # ("max", or v1's huge number: no limit)
+            return max(0, min(available, int(cap) - used))
+    return available
 
 
 OFFLOAD_SETTINGS = ("auto", "off", "rollouts", "always")
@@ -118,11 +131,11 @@ def offload_decision(
         return False, "optimizer state: in place throughout (on CPU)"
     if setting == "off" or state == 0:
         return False, "optimizer state: on the GPU throughout"
-    if setting in ("rollouts", "always"):
+    if setting == "always":  # (built there already: the plan checked the host's room before anything was loaded)
+        return True, f"optimizer state: {state / GiB:.1f} GiB per GPU in host memory, updated in chunks"
+    if setting == "rollouts":
         if need > HOST_LIMIT * host:
             raise ValueError(f"--offload-optimizer {setting} needs {room}: use fewer ranks per node or a larger --tp")
-        if setting == "always":
-            return True, f"optimizer state: {state / GiB:.1f} GiB per GPU in host memory, updated in chunks ({room})"
         return True, f"optimizer state: {state / GiB:.1f} GiB per GPU in host memory during rollouts ({gain}; {room})"
     if seqs[0] >= wanted:
         return False, f"optimizer state: on the GPU throughout (the rollouts' KV cache holds {seqs[0]} sequences)"

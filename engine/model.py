@@ -437,6 +437,7 @@ def forward_flops(cfg: ModelConfig, tokens: float, sum_sq_len: float = 0.0, head
     multiply-add of a matrix (not the embedding lookup, not the norms' scales) and attention's QK^T and PV, 4 x heads x
     head_dim FLOPs per pair of tokens, about L^2 / 2 pairs in a sequence of L. A backward is twice a forward;
     recomputed layers are not counted (the model FLOPs a step needs, as MFU counts them)."""
-    norms = (2 * cfg.num_layers + 1) * cfg.hidden_size
-    weights = cfg.num_params(head) - cfg.vocab_size * cfg.hidden_size - norms
+    h, embedding = cfg.hidden_size, cfg.vocab_size * cfg.hidden_size
+    tied_head = embedding if head == "lm" and cfg.tie_word_embeddings else 0  # (it multiplies, though not a parameter)
+    weights = cfg.num_params(head) - embedding - (2 * cfg.num_layers + 1) * h + tied_head
     return 2.0 * weights * tokens + 2.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * sum_sq_len

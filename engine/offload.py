@@ -5,8 +5,10 @@ and back after it; a host-resident optimizer's state lives on the host and each 
 (streamed), the next chunk coming in and the last going out while one is updated.
 
 HostCopies moves groups of tensors (each keyed, e.g. one master weight with its two Adam moments) between their
-device and pinned host buffers kept for the run (pinning is slow). A tensor keeps its identity as it moves (only its
-storage is swapped, `t.data = ...`), so an optimizer's state and its list of masters stay valid. On CUDA the copies
+device and host buffers kept for the run: one block per batch of buffers, page-locked by registering it with CUDA
+(torch's pinned allocator would round every buffer up to a power of two: up to twice the memory, locked). A tensor
+keeps its identity as it moves (only its storage is swapped, `t.data = ...`), so an optimizer's state and its list
+of masters stay valid. On CUDA the copies
 run on two side streams: into the device while the caller goes on (move_in returns an event that whoever reads the
 tensors first waits for), out of it after the work queued so far (the device memory is reused only once the copy has
 read it; the host buffers are read on the CPU only after host_ready()).
@@ -14,6 +16,8 @@ read it; the host buffers are read on the CPU only after host_ready()).
 
 from __future__ import annotations
 
+import math
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,6 +27,8 @@ if TYPE_CHECKING:
     from engine.optim import Optimizer
 
 Group = tuple[int, list[torch.Tensor]]  # (key, tensors that move together)
+Spec = tuple[int, list[tuple[torch.Size, torch.dtype]]]  # (key, the shapes and dtypes of its tensors)
+ALIGN = 512  # bytes: where each buffer starts in its block
 CHUNK_ELEMENTS = 2**26  # masters' elements whose state a host-resident update moves to the device at once (768 MiB)
 
 
@@ -36,6 +42,7 @@ class HostCopies:
     written: dict[int, torch.cuda.Event] = field(default_factory=dict)  # per key, its last move_out's copies
     pending: torch.cuda.Event | None = None  # the last move_in's copies (and every earlier one's: one stream)
     last_written: torch.cuda.Event | None = None  # the last move_out's copies (likewise)
+    blocks: list[torch.Tensor] = field(default_factory=list)  # the host memory of the buffers, page-locked on CUDA
 
     @property
     def cuda(self) -> bool:
@@ -46,37 +53,49 @@ class HostCopies:
             self.streams = (torch.cuda.Stream(self.home), torch.cuda.Stream(self.home))
         return self.streams
 
+    def reserve(self, specs: list[Spec]) -> None:
+        """Host buffers for the keys that have none of these shapes yet, in one new block (page-locked on CUDA)."""
+        specs = [(k, shapes) for k, shapes in specs if [(b.shape, b.dtype) for b in self.host.get(k, [])] != shapes]
+        if not specs:
+            return
+        sizes = [[math.prod(shape) * dtype.itemsize for shape, dtype in shapes] for _, shapes in specs]
+        block = torch.empty(sum(-(-n // ALIGN) * ALIGN for ns in sizes for n in ns), dtype=torch.uint8)
+        if self.cuda and block.numel():
+            _page_lock(self, block)
+        self.blocks.append(block)
+        at = 0
+        for (key, shapes), ns in zip(specs, sizes):
+            self.host[key] = []
+            for (shape, dtype), n in zip(shapes, ns):
+                self.host[key].append(block[at : at + n].view(dtype).view(shape))
+                at += -(-n // ALIGN) * ALIGN
+
+    def _reserve_for(self, groups: list[Group]) -> None:
+        self.reserve([(k, [(t.shape, t.dtype) for t in ts]) for k, ts in groups])
+
     def adopt(self, groups: list[Group]) -> None:
-        """Tensors to keep on the host, wherever they are now (built on the host, loaded from a checkpoint): their
-        values are copied into the keys' pinned buffers, which the tensors then use."""
+        """Tensors to keep on the host, wherever they are now (loaded from a checkpoint, say): their values are copied
+        into the keys' host buffers, which the tensors then use."""
         self.host_ready()
         if self.pending is not None:
             self.pending.synchronize()  # (no copy out of a buffer may still be running)
+        self._reserve_for(groups)
         for key, tensors in groups:
-            if key not in self.host and all(
-                t.device.type == "cpu" and (not self.cuda or t.is_pinned()) for t in tensors
-            ):
-                self.host[key] = [t.data for t in tensors]  # where they belong already: their storage is the buffer
-            bufs = self._buffers(key, tensors)
-            for t, h in zip(tensors, bufs):
+            for t, h in zip(tensors, self.host[key]):
                 if t.data_ptr() != h.data_ptr():
                     h.copy_(t)
                     t.data = h
             self.on_host.add(key)
 
-    def _buffers(self, key: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        bufs = self.host.get(key)
-        if bufs is None or [(b.shape, b.dtype) for b in bufs] != [(t.shape, t.dtype) for t in tensors]:
-            bufs = self.host[key] = [torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda) for t in tensors]
-        return bufs
-
     @torch.no_grad()
-    def move_out(self, groups: list[Group]) -> None:
+    def move_out(self, groups: list[Group]) -> torch.cuda.Event | None:
         """Into the host buffers after the work queued so far on the current stream; the device memory is free for
-        reuse once the copies have read it (the caching allocator waits for them)."""
+        reuse once the copies have read it (the caching allocator waits for them). Returns their event (None on CPU
+        or when nothing moved)."""
         groups = [(k, ts) for k, ts in groups if k not in self.on_host]
         if not groups:
-            return
+            return None
+        self._reserve_for(groups)
         if self.cuda:
             _, out = self._streams()
             out.wait_stream(torch.cuda.current_stream(self.home))
@@ -84,8 +103,7 @@ class HostCopies:
                 if k in self.arrived:
                     out.wait_event(self.arrived.pop(k))
         for key, tensors in groups:
-            bufs = self._buffers(key, tensors)
-            for t, h in zip(tensors, bufs):
+            for t, h in zip(tensors, self.host[key]):
                 if self.cuda:
                     with torch.cuda.stream(out):
                         h.copy_(t, non_blocking=True)
@@ -94,9 +112,11 @@ class HostCopies:
                     h.copy_(t)
                 t.data = h
             self.on_host.add(key)
-        if self.cuda:
-            self.last_written = out.record_event()
-            self.written.update({k: self.last_written for k, _ in groups})
+        if not self.cuda:
+            return None
+        self.last_written = out.record_event()
+        self.written.update({k: self.last_written for k, _ in groups})
+        return self.last_written
 
     @torch.no_grad()
     def move_in(self, groups: list[Group]) -> torch.cuda.Event | None:
@@ -130,6 +150,12 @@ class HostCopies:
             self.on_host.discard(k)
         return event
 
+    def on_buffers(self, specs: list[Spec]) -> dict[int, list[torch.Tensor]]:
+        """New tensors (not views) on the keys' host buffers (reserved for `specs`), to build a state there."""
+        self.reserve(specs)
+        self.on_host.update(k for k, _ in specs)
+        return {k: [torch.empty(0, dtype=h.dtype).set_(h) for h in self.host[k]] for k, _ in specs}
+
     def wait(self, event: torch.cuda.Event | None) -> None:
         """The current stream waits for a move_in's copies."""
         if event is not None:
@@ -147,6 +173,27 @@ class HostCopies:
             self.last_written.synchronize()
             self.last_written = None
             self.written.clear()
+
+
+def _page_lock(owner: HostCopies, block: torch.Tensor) -> None:
+    """Register `block` with CUDA (page-locked: copies to and from it run asynchronously at full speed) until
+    `owner` is collected."""
+    cudart = torch.cuda.cudart()
+    nbytes = block.numel()
+    err = int(cudart.cudaHostRegister(block.data_ptr(), nbytes, 0))
+    if err != 0:
+        raise RuntimeError(
+            f"could not page-lock {nbytes / 2**30:.1f} GiB of host memory for the optimizer state (cudaError {err}): "
+            "--offload-optimizer off keeps it on the GPU"
+        )
+    weakref.finalize(owner, _unlock, block)  # (holds the block until it is unregistered)
+
+
+def _unlock(block: torch.Tensor) -> None:
+    try:
+        torch.cuda.cudart().cudaHostUnregister(block.data_ptr())
+    except Exception:  # (at interpreter exit the CUDA runtime may be gone: the process frees everything anyway)
+        pass
 
 
 # -------------------------------------------------------------- an optimizer's state --
@@ -217,12 +264,16 @@ def chunks(opt: Optimizer) -> list[list[int]]:
 
 def streamed(opt: Optimizer, fn) -> None:
     """fn(chunk) for each chunk of masters, with the chunk's state on the device: the next chunk's copies in run
-    while fn works on this one, and this one's copies out while the next is worked on."""
-    parts = chunks(opt)
+    while fn works on this one, and this one's copies out while the next is worked on. The CPU waits for a chunk's
+    copies out before it allocates the one two after it (else it would queue every chunk's allocation ahead of the
+    GPU, and the device would hold much more than three chunks)."""
+    parts, gone = chunks(opt), []
     event = opt.offload.move_in(groups(opt, parts[0])) if parts else None
     for k, idx in enumerate(parts):
+        if k >= 2 and gone[k - 2] is not None:  # the CPU no further ahead: chunk k - 2's memory serves chunk k + 1
+            gone[k - 2].synchronize()
         following = opt.offload.move_in(groups(opt, parts[k + 1])) if k + 1 < len(parts) else None
         opt.offload.wait(event)
         fn(idx)
-        opt.offload.move_out(groups(opt, idx))
+        gone.append(opt.offload.move_out(groups(opt, idx)))
         event = following

@@ -101,13 +101,18 @@ def make_optimizer(
     tp_partial = [id(p) in partial_ids for p in params]
     buckets = None
     home = params[0].device if params else torch.device("cpu")
-    where = torch.device("cpu") if host_resident else None  # (None: the parameters' device)
-    pin = host_resident and home.type == "cuda"  # (built in pinned memory: no second copy of the state on the host)
     if distributed and grid is not None and grid.dp > 1:
         buckets = _make_buckets(params, grid, bucket_bytes // 4)
-        masters = [_flat_shard(params, b, grid.dp, where, pin) for b in buckets]
+    # a host-resident state is made on its host buffers (one page-locked block): never whole on the device, nor twice
+    # on the host. {master index: [its master (unless the parameter is its own), exp_avg, exp_avg_sq]}
+    copies = HostCopies(home) if host_resident else None
+    built = copies.on_buffers(_state_specs(params, buckets, grid)) if copies else None
+    if buckets is not None:
+        masters = [_flat_shard(params, b, grid.dp, out=built[k][0] if built else None) for k, b in enumerate(buckets)]
+    elif built:
+        masters = [built[i][0].copy_(p.detach()) if p.dtype != torch.float32 else p for i, p in enumerate(params)]
     else:
-        masters = [p if p.dtype == torch.float32 else _fp32_copy(p, where, pin) for p in params]
+        masters = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in params]
     fused = {"fused": True} if home.type == "cuda" else {}
     adam = torch.optim.AdamW(
         masters, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
@@ -116,21 +121,22 @@ def make_optimizer(
     dp_group = grid.dp_group if buckets else None
     splits = [split_of.get(id(p)) for p in params]
     opt = Optimizer(params, masters, sharded, adam, tp_partial, splits, buckets, dp_group, [None] * len(masters))
-    if not host_resident:
+    if built is None:
         _allocate_moments(adam)
         return opt
-    for m in masters:  # what torch's first step would create: zero moments, a step count of 0 (on the device if fused)
-        step = torch.zeros((), dtype=torch.float32, device=home if fused else "cpu")
-        moments = [torch.zeros(m.shape, pin_memory=pin) for _ in range(2)]
-        adam.state[m] = {"step": step, "exp_avg": moments[0], "exp_avg_sq": moments[1]}
-    opt.host_resident, opt.offload = True, HostCopies(home)
-    opt.offload.adopt(groups(opt))  # (their own storage becomes the host buffers)
+    for i, m in enumerate(masters):  # what torch's first step would create: zero moments, a step count of 0
+        step = torch.zeros((), dtype=torch.float32, device=home if fused else "cpu")  # (on the device if fused)
+        adam.state[m] = {"step": step, "exp_avg": built[i][-2].zero_(), "exp_avg_sq": built[i][-1].zero_()}
+    opt.host_resident, opt.offload = True, copies
     return opt
 
 
-def _fp32_copy(p: torch.Tensor, device: torch.device | None, pin: bool) -> torch.Tensor:
-    out = torch.empty(p.shape, dtype=torch.float32, device=device or p.device, pin_memory=pin)
-    return out.copy_(p.detach())
+def _state_specs(params, buckets, grid):
+    """Per master (index), the shapes of the tensors offload.groups() moves: its master unless the parameter is its
+    own (fp32), and the two moments."""
+    if buckets is not None:
+        return [(k, [(torch.Size([b.numel // grid.dp]), torch.float32)] * 3) for k, b in enumerate(buckets)]
+    return [(i, [(p.shape, torch.float32)] * (2 if p.dtype == torch.float32 else 3)) for i, p in enumerate(params)]
 
 
 def _allocate_moments(adam: torch.optim.Optimizer) -> None:
@@ -177,13 +183,12 @@ def _make_buckets(params: list[torch.nn.Parameter], grid: ProcessGrid, cap: int)
     return buckets
 
 
-def _flat_shard(
-    tensors: list[torch.Tensor], b: _Bucket, dp: int, device: torch.device | None = None, pin: bool = False
-) -> torch.Tensor:
+def _flat_shard(tensors: list[torch.Tensor], b: _Bucket, dp: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """This rank's shard of bucket b of per-parameter `tensors` (the parameters: the masters; or Adam's moments),
-    flat fp32 (on `device`, default theirs; `pin`: in pinned host memory)."""
-    device = device if device is not None else tensors[b.params[0]].device
-    shard = torch.zeros(b.numel // dp, dtype=torch.float32, device=device, pin_memory=pin)
+    flat fp32, on their device (or into `out`)."""
+    if out is None:
+        out = torch.empty(b.numel // dp, dtype=torch.float32, device=tensors[b.params[0]].device)
+    shard = out.zero_()
     for i, start, stop, first in b.segments:
         shard[start:stop] = tensors[i].detach().reshape(-1)[first : first + stop - start]
     return shard
@@ -377,10 +382,14 @@ def load_optimizer_state(opt: Optimizer, saved: dict | SavedOptimizer, tp: int =
             for (m, p), v in zip(mixed, masters, strict=True):
                 m.copy_(v)
                 p.copy_(v)
-    opt.adam.load_state_dict(adam)  # (the moments land where the masters are; a fused step count belongs on the device)
-    if opt.host_resident:
-        fused = opt.adam.param_groups[0].get("fused")
+    kinds = [{k: g.get(k) for k in ("fused", "foreach")} for g in opt.adam.param_groups]
+    opt.adam.load_state_dict(adam)  # (the moments land where the masters are)
+    for g, kind in zip(opt.adam.param_groups, kinds):
+        g.update(kind)  # this run's Adam kernel, whichever the saved run used (a CPU run's checkpoint on a GPU)
+    if kinds and kinds[0]["fused"]:  # a fused step count lives on the device, wherever a host-resident state is
+        home = opt.params[0].device
         for st in opt.adam.state.values():
-            if fused and torch.is_tensor(st.get("step")):
-                st["step"] = st["step"].to(opt.offload.home)
-        opt.offload.adopt(groups(opt))  # the loaded moments into the pinned buffers
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].to(home)
+    if opt.host_resident:
+        opt.offload.adopt(groups(opt))  # the loaded moments into the host buffers

@@ -243,29 +243,42 @@ def test_offloaded_optimizer_state_frees_its_gpu_memory_and_comes_back():
 
 
 def test_host_resident_optimizer_on_gpu(monkeypatch):
-    """--offload-optimizer always on the GPU: the state is built in pinned host memory (the device holds none of
-    it), and each update streams it through in chunks on the side streams; the updates equal a twin's whose state
-    stays on the device (the same fused Adam on the same values), step after step."""
+    """--offload-optimizer always on the GPU: the state is built in page-locked host memory (the device holds none of
+    it), and each update streams it through in chunks on the side streams, holding a few chunks at a time (not the
+    whole state: the CPU waits for the copies out); the updates equal a twin's whose state stays on the device (the
+    same fused Adam on the same values), step after step."""
     from engine import offload, optim
     from engine.config import PPOConfig
     from engine.parallel import ProcessGrid
 
-    monkeypatch.setattr(offload, "CHUNK_ELEMENTS", 200_000)
-    cfg, small = PPOConfig(max_grad_norm=0.5), ModelConfig.named("tiny")
+    monkeypatch.setattr(offload, "CHUNK_ELEMENTS", 1_000_000)
+    cfg = PPOConfig(max_grad_norm=0.5)
+    small = ModelConfig(vocab_size=2048, hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8,
+                        num_kv_heads=8)  # fmt: skip
     models = [Transformer(small, "lm", dtype=torch.bfloat16, device=CUDA).init_weights(seed=3) for _ in range(2)]
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated(CUDA)
     resident = optim.make_optimizer(models[0], cfg, host_resident=True)
     assert torch.cuda.memory_allocated(CUDA) - before <= 512 * len(resident.masters)  # the step counts only
     twin = optim.make_optimizer(models[1], cfg)
-    assert len(offload.chunks(resident)) > 2
+    parts = offload.chunks(resident)
+    largest = max(sum(resident.masters[i].numel() for i in idx) for idx in parts)
+    whole = offload.state_bytes(resident)
+    assert len(parts) > 8 and 5 * 12 * largest < whole / 2
     for step in range(3):
         for a, b in zip(*(m.parameters() for m in models)):
             g = torch.randn(a.shape, device=CUDA).to(torch.bfloat16)
             a.grad, b.grad = g.clone(), g.clone()
         for o in (resident, twin):
             optim.accumulate_grads(o)
-            optim.optimizer_step(o, 1e-2, cfg, ProcessGrid())
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(CUDA)
+        base = torch.cuda.memory_allocated(CUDA)
+        optim.optimizer_step(resident, 1e-2, cfg, ProcessGrid())
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(CUDA) - base
+        assert peak <= 5 * 12 * largest + 2**20, (peak, largest, whole)
+        optim.optimizer_step(twin, 1e-2, cfg, ProcessGrid())
         assert all(torch.equal(a, b) for a, b in zip(*(m.parameters() for m in models))), step
         assert all(not t.is_cuda and t.is_pinned() for t in offload.movable_state(resident))
     resident.offload.host_ready()

@@ -206,8 +206,7 @@ def test_command_line_reads_configs_of_directories_and_hub_ids(tmp_path, monkeyp
 def test_offload_decision():
     """--offload-optimizer: auto offloads around rollouts on a GPU only when the rollout cache would otherwise hold
     fewer sequences than the generator decodes together and the node's ranks' state takes at most half the
-    available host memory; rollouts and always refuse a host without room by name; on CPU nothing moves unless
-    asked."""
+    available host memory; rollouts refuses a host without room by name; on CPU nothing moves unless asked."""
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     state, host = 36 * GiB, 1024 * GiB
     decide = memory_plan.offload_decision
@@ -220,14 +219,38 @@ def test_offload_decision():
     on, line = decide("auto", cuda, state, 8, (117, 302), 256, 500 * GiB)  # 288 GiB > half of 500
     assert not on and "would take 288.0 GiB of host memory" in line
     assert decide("rollouts", cuda, state, 8, (300, 500), 256, 500 * GiB)[0]  # asked for: below 90% of the host
-    on, line = decide("always", cuda, state, 8, (0, 0), 256, 500 * GiB)
+    # always: the state is in host memory already when this is decided (plan_for checked the room before loading)
+    on, line = decide("always", cuda, state, 8, (0, 0), 256, 10 * GiB)
     assert on and "36.0 GiB per GPU in host memory, updated in chunks" in line
-    for setting in ("rollouts", "always"):
-        with pytest.raises(ValueError, match=rf"--offload-optimizer {setting} needs 288\.0 GiB of host memory for 8 "
-                           r"rank\(s\) on this node, 300\.0 available"):  # fmt: skip
-            decide(setting, cuda, state, 8, (117, 302), 256, 300 * GiB)
+    with pytest.raises(ValueError, match=r"--offload-optimizer rollouts needs 288\.0 GiB of host memory for 8 "
+                       r"rank\(s\) on this node, 300\.0 available"):  # fmt: skip
+        decide("rollouts", cuda, state, 8, (117, 302), 256, 300 * GiB)
     assert not decide("off", cuda, state, 8, (117, 302), 256, host)[0]
     assert not decide("auto", cpu, state, 1, (0, 0), 256, host)[0]
     assert decide("rollouts", cpu, state, 1, (0, 0), 256, host)[0]
     with pytest.raises(ValueError, match="must be one of auto, off, rollouts, always, got 'on'"):
         decide("on", cuda, state, 8, (117, 302), 256, host)
+
+
+def test_host_memory_available_is_capped_by_the_cgroup(monkeypatch, tmp_path):
+    """A job's cgroup limit (less its use) caps what /proc/meminfo says is available; no limit leaves it."""
+    import builtins
+
+    files = {"/proc/meminfo": "MemTotal: 100 kB\nMemAvailable:  1048576 kB\n"}  # 1 GiB
+    real_open = builtins.open
+
+    def fake_open(path, *a, **kw):
+        if str(path) in files:
+            copy = tmp_path / str(path).replace("/", "_")
+            copy.write_text(files[str(path)])
+            return real_open(copy, *a, **kw)
+        if str(path).startswith("/sys/fs/cgroup/"):
+            raise FileNotFoundError(path)
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    assert memory_plan.host_available() == GiB
+    files.update({"/sys/fs/cgroup/memory.max": "max\n", "/sys/fs/cgroup/memory.current": "5\n"})
+    assert memory_plan.host_available() == GiB
+    files.update({"/sys/fs/cgroup/memory.max": f"{GiB // 2}\n", "/sys/fs/cgroup/memory.current": f"{GiB // 8}\n"})
+    assert memory_plan.host_available() == GiB // 2 - GiB // 8

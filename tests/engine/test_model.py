@@ -1,6 +1,7 @@
 """Our Llama against transformers' LlamaForCausalLM / LlamaForSequenceClassification."""
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -179,16 +180,17 @@ def test_activation_checkpointing_same_gradients(tmp_path):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("head", ["lm", "score"])
-def test_forward_flops_are_what_the_forward_multiplies(head):
+@pytest.mark.parametrize("head,tied", [("lm", False), ("lm", True), ("score", False)])
+def test_forward_flops_are_what_the_forward_multiplies(head, tied):
     """engine.model.forward_flops (the metrics' TFLOP/s) against torch's FLOP counter on a packed forward of three
-    sequences through the reference ops: the same weight FLOPs; attention's twice ours, as torch counts the causal
-    SDPA as dense (every pair of tokens, where a causal one computes about half)."""
+    sequences through the reference ops (an LM head tied to the embedding still multiplies): the same weight FLOPs;
+    attention's twice ours, as torch counts the causal attention as dense (every pair of tokens, where a causal one
+    computes about half)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from engine.model import forward_flops
 
-    cfg = ModelConfig.named("tiny")
+    cfg = dataclasses.replace(ModelConfig.named("tiny"), tie_word_embeddings=tied)
     model = Transformer(cfg, head).init_weights(seed=0)
     lengths = [5, 17, 33]
     ids = torch.randint(0, cfg.vocab_size, (sum(lengths),))
