@@ -8,10 +8,9 @@ HostCopies moves groups of tensors (each keyed, e.g. one master weight with its 
 device and host buffers kept for the run: one block per batch of buffers, page-locked by registering it with CUDA
 (torch's pinned allocator would round every buffer up to a power of two: up to twice the memory, locked). A tensor
 keeps its identity as it moves (only its storage is swapped, `t.data = ...`), so an optimizer's state and its list
-of masters stay valid. On CUDA the copies
-run on two side streams: into the device while the caller goes on (move_in returns an event that whoever reads the
-tensors first waits for), out of it after the work queued so far (the device memory is reused only once the copy has
-read it; the host buffers are read on the CPU only after host_ready()).
+of masters stay valid. On CUDA the copies run on two side streams: into the device while the caller goes on (move_in
+returns an event that whoever reads the tensors first waits for), out of it after the work queued so far (the device
+memory is reused only once the copy has read it; the host buffers are read on the CPU only after host_ready()).
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ CHUNK_ELEMENTS = 2**26  # masters' elements whose state a host-resident update m
 @dataclass
 class HostCopies:
     home: torch.device  # where the tensors live while in use
-    host: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # per key, the pinned buffers
+    host: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # per key, its host buffers
     on_host: set[int] = field(default_factory=set)  # keys whose tensors are in their host buffers now
     streams: tuple | None = None  # (in, out) side streams, on CUDA
     arrived: dict[int, torch.cuda.Event] = field(default_factory=dict)  # per key, its last move_in's copies
@@ -224,11 +223,14 @@ def state_bytes(opt: Optimizer) -> int:
 
 
 def offload_state(opt: Optimizer) -> None:
-    """Move the idle state to host memory (pinned when it lives on a GPU); its device memory is free for reuse
-    once the copies have read it. Each tensor keeps its identity (only its storage moves)."""
+    """Move the idle state to host memory (a host-resident one is there: its last update's copies finish). Returns
+    when the copies are done: a rollout's KV cache is sized from the memory they free (which it needs before it can
+    start anyway), and no copy is in flight while its decode graphs are captured. Each tensor keeps its identity
+    (only its storage moves)."""
     if opt.offload is None:
         opt.offload = HostCopies(opt.params[0].device if opt.params else torch.device("cpu"))
     opt.offload.move_out(groups(opt))
+    opt.offload.host_ready()
 
 
 def onload_state(opt: Optimizer) -> None:
