@@ -321,7 +321,8 @@ def apply_update(opt: Optimizer, norm: torch.Tensor, lr: float, cfg: PPOConfig) 
 @torch.no_grad()
 def write_back(opt: Optimizer, idx: list[int] | None = None) -> None:
     """The updated masters `idx` (default all) into the parameters, in place (the generator reads these very
-    tensors); the distributed optimizer's shards (one per bucket) all-gathered over the DP ranks."""
+    tensors); the distributed optimizer's shards (one per bucket) all-gathered over the DP ranks. A master may be on
+    the host (a host-resident state being loaded)."""
     idx = range(len(opt.masters)) if idx is None else idx
     if opt.buckets is None:
         for i in idx:
@@ -331,8 +332,9 @@ def write_back(opt: Optimizer, idx: list[int] | None = None) -> None:
     for k in idx:
         b, m = opt.buckets[k], opt.masters[k]
         dtype = opt.params[b.params[0]].dtype
-        flat = torch.empty(b.numel, dtype=dtype, device=m.device)
-        all_gather_single(flat, m.to(dtype), group=opt.dp_group)
+        device = opt.params[b.params[0]].device
+        flat = torch.empty(b.numel, dtype=dtype, device=device)
+        all_gather_single(flat, m.to(device, dtype), group=opt.dp_group)
         for i, start in zip(b.params, b.offsets):
             p = opt.params[i]
             p.copy_(flat[start : start + p.numel()].view_as(p))
@@ -373,10 +375,7 @@ def load_optimizer_state(opt: Optimizer, saved: dict | SavedOptimizer, tp: int =
         if opt.buckets is not None:
             for m, v in zip(opt.masters, masters, strict=True):
                 m.copy_(v)
-            if opt.host_resident:  # (the shards are all-gathered on the device)
-                streamed(opt, lambda idx: write_back(opt, idx))
-            else:
-                write_back(opt)
+            write_back(opt)  # (a host-resident shard is copied to the device for its all-gather)
         else:
             mixed = [(m, p) for m, p in zip(opt.masters, opt.params) if m is not p]
             for (m, p), v in zip(mixed, masters, strict=True):
