@@ -75,8 +75,9 @@ def rollout_cache(config: ModelConfig, tp: int, held: int, total: int, fraction:
 
 
 def host_available() -> int:
-    """Bytes of host memory available now: MemAvailable (free plus reclaimable page cache), or less where this
-    process's cgroup (a container, a job's allocation) has a limit, less what the cgroup uses."""
+    """Bytes of host memory available now: MemAvailable (free plus reclaimable page cache), or less where a cgroup of
+    this process (a container, a job's allocation, or one above it) has a limit: its limit less what it uses, its
+    reclaimable page cache not counted as used."""
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     try:
         with open("/proc/meminfo") as f:
@@ -85,18 +86,51 @@ def host_available() -> int:
                     available = int(line.split()[1]) * 1024
     except OSError:
         pass
-    for limit, usage in (
-        ("memory.max", "memory.current"),
-        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
-    ):
-        try:  # cgroup v2, then v1
-            with open(f"/sys/fs/cgroup/{limit}") as a, open(f"/sys/fs/cgroup/{usage}") as b:
-                cap, used = a.read().strip(), int(b.read().strip())
-        except (OSError, ValueError):
+    room = _cgroup_room()
+    return available if room is None else max(0, min(available, room))
+
+
+def _cgroup_room() -> int | None:
+    """The least (limit - usage + inactive page cache) over this process's memory cgroup and those above it (v2, or
+    v1's memory controller), or None where none has a limit."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    v2 = ("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file")
+    v1 = ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+    best = None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        layout = v2 if controllers == "" else v1 if "memory" in controllers.split(",") else None
+        if layout is None:
             continue
-        if cap.isdigit() and int(cap) < 2**60:  # ("max", or v1's huge number: no limit)
-            return max(0, min(available, int(cap) - used))
-    return available
+        root, limit_name, usage_name, cache_name = layout
+        parts = [x for x in path.split("/") if x]
+        for depth in range(len(parts), -1, -1):  # this cgroup, then each one above it
+            where = os.path.join(root, *parts[:depth])
+            try:
+                with open(os.path.join(where, limit_name)) as f:
+                    limit = f.read().strip()
+                with open(os.path.join(where, usage_name)) as f:
+                    used = int(f.read().strip())
+            except (OSError, ValueError):
+                continue
+            if not limit.isdigit() or int(limit) >= 2**60:  # ("max", or v1's huge number: no limit here)
+                continue
+            cache = 0
+            try:
+                with open(os.path.join(where, "memory.stat")) as f:
+                    for stat in f:
+                        key, _, value = stat.partition(" ")
+                        if key == cache_name:
+                            cache = int(value)
+            except (OSError, ValueError):
+                pass
+            room = int(limit) - used + cache
+            best = room if best is None else min(best, room)
+    return best
 
 
 OFFLOAD_SETTINGS = ("auto", "off", "rollouts", "always")

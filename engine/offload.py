@@ -16,6 +16,7 @@ memory is reused only once the copy has read it; the host buffers are read on th
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -58,7 +59,7 @@ class HostCopies:
         if not specs:
             return
         sizes = [[math.prod(shape) * dtype.itemsize for shape, dtype in shapes] for _, shapes in specs]
-        block = torch.empty(sum(-(-n // ALIGN) * ALIGN for ns in sizes for n in ns), dtype=torch.uint8)
+        block = _whole_pages(sum(-(-n // ALIGN) * ALIGN for ns in sizes for n in ns))
         if self.cuda and block.numel():
             _page_lock(self, block)
         self.blocks.append(block)
@@ -174,6 +175,16 @@ class HostCopies:
             self.written.clear()
 
 
+def _whole_pages(nbytes: int) -> torch.Tensor:
+    """A uint8 host tensor of whole pages covering `nbytes`, starting at a page boundary: registering it with CUDA
+    then page-locks no page that other memory shares (a small allocation from the C heap may share its pages)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    length = -(-nbytes // page) * page
+    raw = torch.empty(length + page, dtype=torch.uint8)
+    start = -raw.data_ptr() % page
+    return raw[start : start + length]  # (a view: it keeps `raw` alive)
+
+
 def _page_lock(owner: HostCopies, block: torch.Tensor) -> None:
     """Register `block` with CUDA (page-locked: copies to and from it run asynchronously at full speed) until
     `owner` is collected."""
@@ -190,6 +201,7 @@ def _page_lock(owner: HostCopies, block: torch.Tensor) -> None:
 
 def _unlock(block: torch.Tensor) -> None:
     try:
+        torch.cuda.synchronize()  # (no copy may still be using it)
         torch.cuda.cudart().cudaHostUnregister(block.data_ptr())
     except Exception:  # (at interpreter exit the CUDA runtime may be gone: the process frees everything anyway)
         pass

@@ -233,7 +233,8 @@ def test_offload_decision():
 
 
 def test_host_memory_available_is_capped_by_the_cgroup(monkeypatch, tmp_path):
-    """A job's cgroup limit (less its use) caps what /proc/meminfo says is available; no limit leaves it."""
+    """A limit on this process's cgroup or one above it (less its use, its inactive page cache not counted as used)
+    caps what /proc/meminfo says is available; no limit leaves it (cgroup v2, and v1's memory controller)."""
     import builtins
 
     files = {"/proc/meminfo": "MemTotal: 100 kB\nMemAvailable:  1048576 kB\n"}  # 1 GiB
@@ -244,13 +245,31 @@ def test_host_memory_available_is_capped_by_the_cgroup(monkeypatch, tmp_path):
             copy = tmp_path / str(path).replace("/", "_")
             copy.write_text(files[str(path)])
             return real_open(copy, *a, **kw)
-        if str(path).startswith("/sys/fs/cgroup/"):
+        if str(path).startswith(("/sys/fs/cgroup", "/proc/self/cgroup")):
             raise FileNotFoundError(path)
         return real_open(path, *a, **kw)
 
     monkeypatch.setattr(builtins, "open", fake_open)
-    assert memory_plan.host_available() == GiB
-    files.update({"/sys/fs/cgroup/memory.max": "max\n", "/sys/fs/cgroup/memory.current": "5\n"})
-    assert memory_plan.host_available() == GiB
-    files.update({"/sys/fs/cgroup/memory.max": f"{GiB // 2}\n", "/sys/fs/cgroup/memory.current": f"{GiB // 8}\n"})
-    assert memory_plan.host_available() == GiB // 2 - GiB // 8
+    assert memory_plan.host_available() == GiB  # no cgroup information
+    files["/proc/self/cgroup"] = "0::/job/step\n"
+    files.update({"/sys/fs/cgroup/job/step/memory.max": "max\n", "/sys/fs/cgroup/job/step/memory.current": "5\n"})
+    assert memory_plan.host_available() == GiB  # no limit on the way up
+    files.update(
+        {
+            "/sys/fs/cgroup/job/memory.max": f"{GiB // 2}\n",
+            "/sys/fs/cgroup/job/memory.current": f"{GiB // 4}\n",
+            "/sys/fs/cgroup/job/memory.stat": f"anon 1\ninactive_file {GiB // 8}\nactive_file 3\n",
+        }
+    )
+    assert memory_plan.host_available() == GiB // 2 - GiB // 4 + GiB // 8  # the job's, a level above the step
+    files["/sys/fs/cgroup/job/step/memory.max"] = f"{GiB // 4}\n"  # a tighter limit on the step itself
+    assert memory_plan.host_available() == GiB // 4 - 5
+    files.clear()
+    files["/proc/meminfo"] = "MemAvailable:  1048576 kB\n"
+    files["/proc/self/cgroup"] = "12:cpu,cpuacct:/a\n9:memory:/slurm/uid_0/job_7\n"
+    files.update({"/sys/fs/cgroup/memory/slurm/uid_0/job_7/memory.limit_in_bytes": f"{GiB // 2}\n",
+                  "/sys/fs/cgroup/memory/slurm/uid_0/job_7/memory.usage_in_bytes": f"{GiB // 8}\n",
+                  "/sys/fs/cgroup/memory/slurm/uid_0/job_7/memory.stat": f"total_inactive_file {GiB // 8}\n",
+                  "/sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n",
+                  "/sys/fs/cgroup/memory/memory.usage_in_bytes": "1\n"})  # fmt: skip
+    assert memory_plan.host_available() == GiB // 2
