@@ -142,6 +142,24 @@ def check_offload_setting(setting: str) -> None:
 
 
 HOST_LIMIT = 0.9  # of the available host memory that the offloaded state may take
+
+
+def local_ranks() -> int:
+    """This node's ranks (torchrun's LOCAL_WORLD_SIZE): they share its host memory."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def check_host_room(state: int, ranks: int, host: int, how: str) -> None:
+    """Refuse optimizer state (`state` bytes per rank, `ranks` ranks on the node) to be put in host memory (`how`:
+    the setting that puts it there) where it would take more than HOST_LIMIT of what the host has available."""
+    if ranks * state > HOST_LIMIT * host:
+        raise ValueError(
+            f"the optimizer state in host memory (--offload-optimizer {how}) needs {ranks * state / GiB:.1f} GiB of "
+            f"host memory for {ranks} rank(s) on this node, {host / GiB:.1f} available: use fewer ranks per node, a "
+            "larger --tp or more data-parallel ranks"
+        )
+
+
 OFFLOAD_HOST_SHARE = 0.5  # auto offloads when every local rank's state takes at most this share of the free host RAM
 
 
@@ -168,8 +186,7 @@ def offload_decision(
     if setting == "always":  # (built there already: the plan checked the host's room before anything was loaded)
         return True, f"optimizer state: {state / GiB:.1f} GiB per GPU in host memory, updated in chunks"
     if setting == "rollouts":
-        if need > HOST_LIMIT * host:
-            raise ValueError(f"--offload-optimizer {setting} needs {room}: use fewer ranks per node or a larger --tp")
+        check_host_room(state, local_ranks, host, setting)
         return True, f"optimizer state: {state / GiB:.1f} GiB per GPU in host memory during rollouts ({gain}; {room})"
     if seqs[0] >= wanted:
         return False, f"optimizer state: on the GPU throughout (the rollouts' KV cache holds {seqs[0]} sequences)"
@@ -260,13 +277,8 @@ def plan_for(setting: str, configs, dtype, tp, dp, distributed, free, cache=None
     if host is not None and (resident or setting == "rollouts"):
         numels = {k: c.num_params(head, tp) for k, (c, head) in configs.items()}
         state = fixed_bytes(numels, TRAINED, dtype, dp, distributed)[STATE]
-        if local_ranks * state > HOST_LIMIT * host:
-            why = ", the only way this layout fits the GPUs" if setting == "auto" else ""
-            raise ValueError(
-                f"the optimizer state in host memory (--offload-optimizer {'always' if resident else setting}{why}) "
-                f"needs {local_ranks * state / GiB:.1f} GiB of host memory for {local_ranks} rank(s) on this node, "
-                f"{host / GiB:.1f} available"
-            )
+        how = "auto: always, the only way this layout fits the GPUs" if setting == "auto" else setting
+        check_host_room(state, local_ranks, host, how)
     return line, resident
 
 

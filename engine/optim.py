@@ -77,6 +77,9 @@ class Optimizer:
     offload: HostCopies | None = None  # the state's host copies (offload_state, or host_resident)
     host_resident: bool = False  # the state lives in host memory; each update streams it through the device
 
+    def __post_init__(self) -> None:
+        self.grads = self.grads or [None] * len(self.masters)
+
 
 def make_optimizer(
     model: Transformer,
@@ -120,7 +123,7 @@ def make_optimizer(
     )  # fmt: skip
     dp_group = grid.dp_group if buckets else None
     splits = [split_of.get(id(p)) for p in params]
-    opt = Optimizer(params, masters, sharded, adam, tp_partial, splits, buckets, dp_group, [None] * len(masters))
+    opt = Optimizer(params, masters, sharded, adam, tp_partial, splits, buckets, dp_group)
     if built is None:
         _allocate_moments(adam)
         return opt

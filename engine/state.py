@@ -204,7 +204,7 @@ def check_memory(cfg: PPOConfig, run: RunConfig, grid: ProcessGrid, device: torc
             cache = {"total": total, "fraction": run.kv_cache_fraction, "seq_len": seq_len, "kv_dtype": kv_dtype}
             line, resident = memory_plan.plan_for(
                 run.offload_optimizer, configs, dtype, grid.tp, grid.dp, run.distributed_optimizer, free, cache,
-                host=memory_plan.host_available(), local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+                host=memory_plan.host_available(), local_ranks=memory_plan.local_ranks(),
             )  # fmt: skip
         except ValueError as e:
             error = e
@@ -286,7 +286,8 @@ def decide_offload(state: TrainState) -> bool:
     run, cfg, dev = state.run, state.cfg, state.device
     nbytes = sum(state_bytes(o) for o in (state.policy_opt, state.value_opt))
     seqs = (0, 0)
-    if dev.type == "cuda":  # full-length sequences the rollouts' cache holds without and with the state offloaded
+    if dev.type == "cuda" and run.offload_optimizer in ("auto", "rollouts"):
+        # full-length sequences the rollouts' cache holds without and with the state offloaded
         seq_len = cfg.max_prompt_len + cfg.max_new_tokens
         c, heads = state.policy.config, state.policy.layers[0].self_attn.local_kv_heads
         kv_dtype = resolve_cache_dtype(run.kv_cache_dtype, next(state.policy.parameters()).dtype)
@@ -294,11 +295,10 @@ def decide_offload(state: TrainState) -> bool:
         budget = cuda_cache_budget(dev, run.kv_cache_fraction)
         seqs = (budget // per_seq, (budget + nbytes) // per_seq)
     wanted = min(run.gen_max_num_seqs, cfg.rollout_batch_size * cfg.samples_per_prompt // state.grid.dp)
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     on, line, error = False, "", None
     try:
         on, line = memory_plan.offload_decision(
-            run.offload_optimizer, dev, nbytes, local_ranks, seqs, wanted, memory_plan.host_available()
+            run.offload_optimizer, dev, nbytes, memory_plan.local_ranks(), seqs, wanted, memory_plan.host_available()
         )
     except ValueError as e:
         error = e

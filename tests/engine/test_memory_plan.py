@@ -97,7 +97,7 @@ def test_optimizer_state_in_host_memory_lets_fewer_gpus_train():
     assert memory_plan.plan_for("auto", configs, torch.bfloat16, 4, 1, False, free, host=2 * 4 * state, local_ranks=4)
     with pytest.raises(
         ValueError,
-        match=r"--offload-optimizer always, the only way this layout fits the GPUs\) needs "
+        match=r"--offload-optimizer auto: always, the only way this layout fits the GPUs\) needs "
         rf"{4 * state / GiB:.1f} GiB of host memory for 4 rank\(s\) on this node, 200\.0 available",
     ):
         memory_plan.plan_for("auto", configs, torch.bfloat16, 4, 1, False, free, host=200 * GiB, local_ranks=4)
@@ -222,7 +222,7 @@ def test_offload_decision():
     # always: the state is in host memory already when this is decided (plan_for checked the room before loading)
     on, line = decide("always", cuda, state, 8, (0, 0), 256, 10 * GiB)
     assert on and "36.0 GiB per GPU in host memory, updated in chunks" in line
-    with pytest.raises(ValueError, match=r"--offload-optimizer rollouts needs 288\.0 GiB of host memory for 8 "
+    with pytest.raises(ValueError, match=r"--offload-optimizer rollouts\) needs 288\.0 GiB of host memory for 8 "
                        r"rank\(s\) on this node, 300\.0 available"):  # fmt: skip
         decide("rollouts", cuda, state, 8, (117, 302), 256, 300 * GiB)
     assert not decide("off", cuda, state, 8, (117, 302), 256, host)[0]
