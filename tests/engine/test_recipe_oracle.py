@@ -1,0 +1,265 @@
+"""One PPO iteration of the engine against PPO written out from RECIPE.md alone, in float64, on transformers' models.
+
+The oracle below shares no code with the engine: transformers' LlamaForCausalLM / LlamaForSequenceClassification
+(float64, eager attention, one unpadded sequence at a time), the recipe's definitions written as loops (k1 KL
+penalty per token, the RM score or the missing-EOS penalty at the last response token, GAE backwards over each
+response, advantages whitened over each minibatch with TRL's unbiased variance, the clipped surrogate on raw-logit
+log-probs, the clipped value loss times its coefficient, token means over the minibatch), torch's Adam with
+transformers' linear warmup/decay schedule and torch's grad-norm clip, one optimizer per model.
+
+The engine runs its own iteration on the tiny default (fp32) against a reference checkpoint near the policy (the policy
+itself would make every KL term 0), with its rollout captured (and one response replaced by a lone EOS: the shortest
+response there is). Compared: the scoring pass (old and reference log-probs, values, RM
+scores), rewards, advantages and returns token by token; each reported loss, grad norm and per-token statistic (a
+loss scaled by mistake changes no Adam update but changes these); and every weight of both trained models after the
+iteration's four optimizer steps, as the update the step made (after - before). Each of these changes to the engine
+fails it: biased variance in the whitening, the KL penalty's sign, the value loss coefficient, the warmup's rounding,
+the EOS penalty's condition, the value clip dropped or doubled, gamma in GAE's lambda term, the clip fraction's
+comparison, a loss metric scaled by 1e-4, the Triton GAE kernel's gamma * lambda off by 1e-3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM, LlamaForSequenceClassification, get_linear_schedule_with_warmup
+
+from engine import state as state_mod
+from engine import trainer
+from engine.checkpoint import save_pretrained
+from engine.data import Rollout
+from engine.train_ppo import parse_args, prepare_tiny
+from kernels import dispatch, gae, rmsnorm, rope_attention, swiglu
+
+F64 = torch.float64
+FLAGS = ["--rollout-batch-size", "8", "--train-batch-size", "2", "--max-new-tokens", "12", "--learning-rate", "3e-3"]
+
+
+# ------------------------------------------------------------------------------------------------- the oracle --
+
+
+def _load(path, cls):
+    return cls.from_pretrained(path, torch_dtype=F64, attn_implementation="eager")
+
+
+def _logprobs(model, ids, p):
+    """log pi(response token j | its prefix) for the tokens after the prompt's p, raw logits."""
+    logits = model(input_ids=torch.tensor([ids])).logits[0]
+    logp = torch.log_softmax(logits[p - 1 : len(ids) - 1], dim=-1)
+    return logp, logp.gather(1, torch.tensor(ids[p:])[:, None])[:, 0]
+
+
+def _values(model, ids, p):
+    """The scalar head at every state that emits a response token (the prefix ending just before it)."""
+    h = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+    return model.score(h)[p - 1 : len(ids) - 1, 0]
+
+
+class RecipeOracle:
+    """PPO of RECIPE.md over one rollout, step by step."""
+
+    def __init__(self, policy_dir, reference_dir, reward_dir, cfg, total_steps):
+        self.cfg = cfg
+        self.policy, self.ref = _load(policy_dir, LlamaForCausalLM), _load(reference_dir, LlamaForCausalLM)
+        self.value, self.rm = (
+            _load(reward_dir, LlamaForSequenceClassification),
+            _load(reward_dir, LlamaForSequenceClassification),
+        )
+        self.opts, self.scheds, self.lrs = {}, {}, []
+        warmup = math.ceil(cfg.warmup_ratio * total_steps)  # (HF Trainer's warmup steps from a ratio)
+        for name, model in (("policy", self.policy), ("value", self.value)):
+            opt = torch.optim.Adam(
+                model.parameters(), lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+                weight_decay=0.0,
+            )  # fmt: skip
+            self.opts[name], self.scheds[name] = opt, get_linear_schedule_with_warmup(opt, warmup, total_steps)
+
+    @torch.no_grad()
+    def score(self, prompts, responses, hit_eos):
+        """Per sequence: old log-probs, reference log-probs, values, the RM score; rewards, advantages, returns."""
+        cfg, out = self.cfg, []
+        for prompt, resp, eos in zip(prompts, responses, hit_eos):
+            ids, p = prompt + resp, len(prompt)
+            old, ref = _logprobs(self.policy, ids, p)[1], _logprobs(self.ref, ids, p)[1]
+            values = _values(self.value, ids, p)
+            score = self.rm(input_ids=torch.tensor([ids])).logits[0, 0]  # transformers' pooling: the last token
+            rewards = [-cfg.kl_coef * (old[j] - ref[j]) for j in range(len(resp))]
+            rewards[-1] = rewards[-1] + (score if eos else cfg.missing_eos_penalty)
+            adv, last = [0.0] * len(resp), 0.0
+            for j in reversed(range(len(resp))):
+                next_value = values[j + 1] if j + 1 < len(resp) else 0.0
+                delta = rewards[j] + cfg.gamma * next_value - values[j]
+                last = delta + cfg.gamma * cfg.lam * last
+                adv[j] = last
+            adv = torch.stack([torch.as_tensor(a, dtype=F64) for a in adv])
+            out.append(dict(logprobs=old, ref_logprobs=ref, values=values, score=score,
+                            rewards=torch.stack(rewards), advantages=adv, returns=adv + values))  # fmt: skip
+        return out
+
+    def step(self, prompts, responses, scored):
+        """One optimizer step of each model on a minibatch; returns its losses, grad norms and token stats."""
+        cfg = self.cfg
+        adv = torch.cat([s["advantages"] for s in scored])
+        adv = (adv - adv.mean()) / torch.sqrt(adv.var(unbiased=True) + 1e-8)  # whitened over the minibatch
+        n = adv.numel()
+        stats = dict(clip_frac=0.0, entropy=0.0, ratio=0.0, approx_kl=0.0, value_clip_frac=0.0)
+        policy_loss = value_loss = 0.0
+        at = 0
+        for prompt, resp, s in zip(prompts, responses, scored):
+            ids, p, a = prompt + resp, len(prompt), adv[at : at + len(resp)]
+            at += len(resp)
+            logp_all, logp = _logprobs(self.policy, ids, p)
+            ratio = torch.exp(logp - s["logprobs"])
+            pg1, pg2 = -a * ratio, -a * ratio.clamp(1 - cfg.clip_ratio, 1 + cfg.clip_ratio)
+            loss = torch.maximum(pg1, pg2).sum() / n
+            loss.backward()
+            policy_loss += loss.item()
+            with torch.no_grad():
+                stats["clip_frac"] += (pg2 > pg1).sum().item()
+                stats["entropy"] += -(logp_all.exp() * logp_all).sum().item()
+                stats["ratio"] += ratio.sum().item()
+                stats["approx_kl"] += (0.5 * (logp - s["logprobs"]) ** 2).sum().item()
+            v, old_v, ret = _values(self.value, ids, p), s["values"], s["returns"]
+            v_clipped = old_v + (v - old_v).clamp(-cfg.clip_value, cfg.clip_value)
+            l1, l2 = (v - ret) ** 2, (v_clipped - ret) ** 2
+            loss = 0.5 * torch.maximum(l1, l2).sum() / n
+            (cfg.value_loss_coef * loss).backward()
+            value_loss += loss.item()
+            stats["value_clip_frac"] += (l2 > l1).sum().item()
+        norms = {}
+        self.lrs.append(self.opts["policy"].param_groups[0]["lr"])
+        for name, model in (("policy", self.policy), ("value", self.value)):
+            norms[name] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
+            self.opts[name].step()
+            self.scheds[name].step()
+            self.opts[name].zero_grad(set_to_none=True)
+        return dict(policy_loss=policy_loss, value_loss=value_loss, grad_norm_policy=norms["policy"],
+                    grad_norm_value=norms["value"], tokens=n, **stats)  # fmt: skip
+
+
+# -------------------------------------------------------------------------------------------------- the test --
+
+
+def _engine_weights(model, path):
+    """The model's weights under transformers' names, as save_pretrained writes them and transformers reads them."""
+    save_pretrained(model, str(path))
+    cls = LlamaForCausalLM if model.head == "lm" else LlamaForSequenceClassification
+    return {k: v.double() for k, v in cls.from_pretrained(str(path), torch_dtype=torch.float32).state_dict().items()}
+
+
+KERNEL_MODULES = (rope_attention, rmsnorm, swiglu, gae, dispatch)  # (logprob asks dispatch.use_triton itself)
+
+
+@pytest.mark.parametrize("ops", ["reference", "kernels"])
+def test_one_iteration_equals_ppo_written_from_the_recipe_in_float64(tmp_path, monkeypatch, ops):
+    """`kernels`: the scoring and training passes through the Triton kernels (interpreted), as on a GPU;
+    `reference`: through kernels/reference.py, as on a CPU. The rollout is sampled with the reference ops."""
+    run = prepare_tiny(parse_args(["--output-dir", str(tmp_path / "run"), *FLAGS])[1])
+    reference = _perturbed(run.policy, tmp_path / "reference")  # (the SFT policy itself: every KL would be 0)
+    cfg, run, _ = parse_args(["--output-dir", str(tmp_path / "run"), *FLAGS, "--reference", reference])
+    run = prepare_tiny(run)
+    state = state_mod.setup(cfg, run, generator_factory=state_mod.make_generator)
+    eos = state.policy.config.eos_token_id
+    captured, launched = [], {}
+
+    def rollout_with_a_lone_eos(st, prompts, prompt_ids=None, params=None):
+        with dispatch.reference_ops():
+            ro = original(st, prompts, prompt_ids, params)
+        responses = [[eos]] + ro.responses[1:]  # the shortest response there is: one token, EOS
+        offsets = [0]
+        for r in responses:
+            offsets.append(offsets[-1] + len(r))
+        gen = torch.cat([ro.gen_logprobs[:1], ro.gen_logprobs[ro.offsets[1] :]])
+        hit = ro.hit_eos.clone()
+        hit[0] = True
+        captured.append(Rollout(ro.prompts, responses, hit, gen, offsets))
+        return captured[-1]
+
+    original = trainer.generate_rollout
+    monkeypatch.setattr(trainer, "generate_rollout", rollout_with_a_lone_eos)
+    for mod in KERNEL_MODULES:  # which kernel families ran
+        monkeypatch.setattr(mod, "use_triton", _spy(mod.use_triton, mod.__name__, launched))
+    before = {
+        "policy": _engine_weights(state.policy, tmp_path / "p0"),
+        "value": _engine_weights(state.value, tmp_path / "v0"),
+    }
+    with dispatch.reference_ops() if ops == "reference" else contextlib.nullcontext():
+        metrics = trainer.ppo_iteration(state)
+    ran = {name for name, n in launched.items() if n}
+    assert ran == ({m.__name__ for m in KERNEL_MODULES} if ops == "kernels" else set()), launched
+    ro = captured[0]
+    hit = ro.hit_eos.tolist()
+    assert hit[0] and not all(hit), hit  # both kinds of response: ended by EOS, cut at the limit
+
+    # the scoring pass and the advantages, token by token
+    oracle = RecipeOracle(run.policy, reference, run.reward, cfg, state.total_steps)
+    scored = oracle.score(ro.prompts, ro.responses, hit)
+    flat = lambda key: torch.cat([s[key] for s in scored])  # noqa: E731
+    close = dict(rtol=1e-5, atol=1e-5)
+    for key in ("logprobs", "ref_logprobs", "values"):
+        torch.testing.assert_close(getattr(ro, key).double(), flat(key), **close, msg=key)
+    torch.testing.assert_close(ro.scores.double(), torch.stack([s["score"] for s in scored]), **close)
+    for key in ("rewards", "advantages", "returns"):
+        torch.testing.assert_close(ro.targets[key].double(), flat(key), **close, msg=key)
+    kl = flat("logprobs") - flat("ref_logprobs")
+    n_seq, n_tok = len(scored), kl.numel()
+    penalized = [s["score"] if e else cfg.missing_eos_penalty for s, e in zip(scored, hit)]
+    expected = {"kl": kl.sum() / n_seq, "reward": flat("rewards").sum() / n_seq,
+                "score": sum(s["score"] for s in scored) / n_seq, "score_penalized": sum(penalized) / n_seq,
+                "value": flat("values").sum() / n_tok, "returns": flat("returns").sum() / n_tok,
+                "response_len": n_tok / n_seq, "no_eos_frac": hit.count(False) / n_seq}  # fmt: skip
+    for k, v in expected.items():
+        assert metrics[k] == pytest.approx(float(v), rel=1e-5, abs=1e-6), (k, metrics[k], v)
+    assert kl.abs().mean() > 0.05, kl  # (the KL penalty matters: the reference is not the policy)
+
+    # the four optimizer steps: minibatches of train_batch_size sequences in rollout order (one PPO epoch)
+    per_step = cfg.train_batch_size
+    steps = [oracle.step(ro.prompts[k : k + per_step], ro.responses[k : k + per_step], scored[k : k + per_step])
+             for k in range(0, len(ro.responses), per_step)]  # fmt: skip
+    assert metrics["step"] == len(steps) == 4
+    tokens = sum(s["tokens"] for s in steps)
+    expected = {k: sum(s[k] for s in steps) / len(steps) for k in PER_STEP}
+    expected.update({k: sum(s[k] for s in steps) / tokens for k in PER_TOKEN})
+    for k, v in expected.items():
+        assert metrics[k] == pytest.approx(v, rel=1e-5, abs=1e-7), (k, metrics[k], v)
+    # every branch of the recipe taken: clipped ratios and values, clipped grad norms, a zero-LR warmup step
+    assert 0 < expected["clip_frac"] < 0.5 and 0 < expected["value_clip_frac"] < 0.5, expected
+    assert all(s["grad_norm_value"] > cfg.max_grad_norm for s in steps), steps
+    assert oracle.lrs[0] == 0 and len(set(oracle.lrs)) == 4, oracle.lrs
+
+    # every weight of both models after the iteration, as the update it made (up to 1e-3 of the largest change)
+    for name, model, hf in (("policy", state.policy, oracle.policy), ("value", state.value, oracle.value)):
+        after = _engine_weights(model, tmp_path / f"{name}1")
+        assert after.keys() == hf.state_dict().keys()
+        for key, w in hf.state_dict().items():
+            ours, theirs = after[key] - before[name][key], w - before[name][key]
+            scale = theirs.abs().max().item()
+            assert scale > 0, (name, key)
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-3 * scale, msg=f"{name} {key}")
+
+
+PER_STEP = ("policy_loss", "value_loss", "grad_norm_policy", "grad_norm_value")  # means over the optimizer steps
+PER_TOKEN = ("clip_frac", "entropy", "ratio", "approx_kl", "value_clip_frac")  # means over the response tokens
+
+
+def _perturbed(policy_dir, path):
+    """A reference checkpoint near the policy (as after some training): noise of 1/4 of each tensor's spread."""
+    model = LlamaForCausalLM.from_pretrained(policy_dir, torch_dtype=torch.float32)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for w in model.parameters():
+            w.add_(torch.randn(w.shape, generator=gen) * 0.25 * w.std())
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+def _spy(fn, name, launched):
+    def use_triton(x):
+        out = fn(x)
+        launched[name] = launched.get(name, 0) + bool(out)
+        return out
+
+    return use_triton
