@@ -176,6 +176,14 @@ def test_ppo_iteration_on_gpu(tmp_path):
         assert min(m["mem_gib_generate"], m["mem_gib_score"], m["mem_gib_train"]) > 0  # each phase's peak
 
 
+def test_one_iteration_equals_ppo_written_from_the_recipe_on_gpu(tmp_path, monkeypatch):
+    """tests/engine/test_recipe_oracle.py's check with the compiled kernels and CUDA graphs: one PPO iteration (fp32
+    parameters) against PPO written from RECIPE.md in float64 on transformers' models (on the CPU)."""
+    from tests.engine.test_recipe_oracle import check_iteration_against_the_oracle
+
+    check_iteration_against_the_oracle(tmp_path, monkeypatch, "kernels", "cuda")
+
+
 @pytest.mark.parametrize("offload", ["rollouts", "always"])
 def test_train_ppo_tiny_with_evaluation_on_gpu(tmp_path, offload):
     """The entry point's tiny default on the GPU (bf16 parameters, the kernels, CUDA graphs), with the held-out

@@ -156,25 +156,36 @@ KERNEL_MODULES = (rope_attention, rmsnorm, swiglu, gae, dispatch)  # (logprob as
 @pytest.mark.parametrize("ops", ["reference", "kernels"])
 def test_one_iteration_equals_ppo_written_from_the_recipe_in_float64(tmp_path, monkeypatch, ops):
     """`kernels`: the scoring and training passes through the Triton kernels (interpreted), as on a GPU;
-    `reference`: through kernels/reference.py, as on a CPU. The rollout is sampled with the reference ops."""
+    `reference`: through kernels/reference.py, as on a CPU. The rollout is sampled with the reference ops (the
+    interpreter's decode steps would only add minutes). tests/engine/test_gpu.py runs it compiled on a GPU."""
+    check_iteration_against_the_oracle(tmp_path, monkeypatch, ops, "cpu")
+
+
+def check_iteration_against_the_oracle(tmp_path, monkeypatch, ops: str, device: str) -> None:
+    """The engine's iteration on `device` (fp32 parameters) with `ops` ("kernels" or "reference") against the
+    oracle on the CPU in float64."""
     run = prepare_tiny(parse_args(["--output-dir", str(tmp_path / "run"), *FLAGS])[1])
     reference = _perturbed(run.policy, tmp_path / "reference")  # (the SFT policy itself: every KL would be 0)
-    cfg, run, _ = parse_args(["--output-dir", str(tmp_path / "run"), *FLAGS, "--reference", reference])
+    flags = [*FLAGS, "--reference", reference, "--device", device, "--dtype", "float32"]
+    cfg, run, _ = parse_args(["--output-dir", str(tmp_path / "run"), *flags])
     run = prepare_tiny(run)
     state = state_mod.setup(cfg, run, generator_factory=state_mod.make_generator)
     eos = state.policy.config.eos_token_id
     captured, launched = [], {}
 
     def rollout_with_a_lone_eos(st, prompts, prompt_ids=None, params=None):
-        with dispatch.reference_ops():
+        with dispatch.reference_ops() if device == "cpu" else contextlib.nullcontext():
             ro = original(st, prompts, prompt_ids, params)
-        responses = [[eos]] + ro.responses[1:]  # the shortest response there is: one token, EOS
+        # both kinds of response whatever was sampled: the shortest there is (one token, EOS) first, and one without
+        # EOS last (the sample's EOS dropped if it had one)
+        responses, hit = [[eos]] + ro.responses[1:], ro.hit_eos.clone()
+        hit[0], hit[-1] = True, False
+        if ro.hit_eos[-1]:
+            responses[-1] = responses[-1][:-1] or [eos + 1]
         offsets = [0]
         for r in responses:
             offsets.append(offsets[-1] + len(r))
-        gen = torch.cat([ro.gen_logprobs[:1], ro.gen_logprobs[ro.offsets[1] :]])
-        hit = ro.hit_eos.clone()
-        hit[0] = True
+        gen = torch.cat([ro.gen_logprobs[a : a + len(r)] for a, r in zip(ro.offsets, responses)])
         captured.append(Rollout(ro.prompts, responses, hit, gen, offsets))
         return captured[-1]
 
@@ -191,8 +202,11 @@ def test_one_iteration_equals_ppo_written_from_the_recipe_in_float64(tmp_path, m
     ran = {name for name, n in launched.items() if n}
     assert ran == ({m.__name__ for m in KERNEL_MODULES} if ops == "kernels" else set()), launched
     ro = captured[0]
+    for key in ("logprobs", "ref_logprobs", "values", "scores"):
+        setattr(ro, key, getattr(ro, key).cpu())
+    ro.targets = {k: v.cpu() for k, v in ro.targets.items()}
     hit = ro.hit_eos.tolist()
-    assert hit[0] and not all(hit), hit  # both kinds of response: ended by EOS, cut at the limit
+    assert hit[0] and not hit[-1] and len(ro.responses[0]) == 1, hit
 
     # the scoring pass and the advantages, token by token
     oracle = RecipeOracle(run.policy, reference, run.reward, cfg, state.total_steps)
