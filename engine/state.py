@@ -14,7 +14,7 @@ import torch
 
 from engine import memory_plan, recompute
 from engine.checkpoint import load_pretrained
-from engine.config import PPOConfig
+from engine.config import ModelConfig, PPOConfig
 from engine.data import PromptBatches
 from engine.hub import config_sources, resolve_run
 from engine.kv_cache import bytes_per_block, cuda_cache_budget, resolve_cache_dtype
@@ -23,7 +23,7 @@ from engine.offload import state_bytes
 from engine.optim import Optimizer, make_optimizer
 from engine.parallel import ProcessGrid, agree, init_process_grid, print0, raise_together
 from engine.resume import latest_checkpoint, load_trainer_state, start_fresh
-from engine.tokenizer import PromptSet, load_prompts, load_tokenizer, response_stop_ids
+from engine.tokenizer import PromptSet, check_vocabularies, load_prompts, load_tokenizer, response_stop_ids
 from engine.tracking import Tracker, check_available
 
 
@@ -165,6 +165,7 @@ def setup(
     tokenizer = load_tokenizer(tokenizer_dir)
     prompt_set = load_prompts(run.prompts, tokenizer, cfg.max_prompt_len, verbose=grid.rank == 0)
     prompt_set, eval_set = evaluation_set(cfg, run, grid, tokenizer, prompt_set)
+    check_tokenizer(run, tokenizer, tokenizer_dir, prompt_set, eval_set)
     ckpt = latest_checkpoint(run.output_dir) if run.resume else None
     if run.resume:
         print0(f"resuming from {ckpt}" if ckpt else f"--resume: no checkpoint in {run.output_dir} yet, starting fresh")
@@ -184,6 +185,14 @@ def setup(
         load_trainer_state(state, ckpt)
     state.generator = generator_factory(state.policy, cfg, run)
     return state
+
+
+def check_tokenizer(run: RunConfig, tokenizer, tokenizer_dir: str, *prompt_sets) -> None:
+    """The three checkpoints (config.json, tokenizer files) against the run's tokenizer and its tokenised prompts,
+    before any weight is read (engine.tokenizer.check_vocabularies)."""
+    dirs = {"policy": run.policy, "reference": run.reference or run.policy, "reward": run.reward}
+    models = {role: (path, ModelConfig.from_hf(path).vocab_size) for role, path in dirs.items()}
+    check_vocabularies(tokenizer, tokenizer_dir, models, [s.prompts for s in prompt_sets if s is not None])
 
 
 def check_memory(cfg: PPOConfig, run: RunConfig, grid: ProcessGrid, device: torch.device) -> bool:
@@ -320,6 +329,7 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     tokenizer_dir = run.tokenizer or run.policy
     tokenizer = load_tokenizer(tokenizer_dir)
     _, eval_set = evaluation_set(cfg, run, grid, tokenizer, None)
+    check_tokenizer(run, tokenizer, tokenizer_dir, eval_set)
     start_fresh(run.output_dir, run.overwrite_output_dir, grid.rank)
     device, load = model_loader(run, grid)
     policy, ref, reward = load(run.policy, "lm"), load(run.reference or run.policy, "lm"), load(run.reward, "score")

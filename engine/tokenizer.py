@@ -60,6 +60,58 @@ def response_stop_ids(tokenizer) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+PROBE = [{"role": "user", "content": "Résumé of 12 tests:\n\tWhy?  ü  — 東京 🙂 def f(x): return x**2"}]
+
+
+def check_vocabularies(tokenizer, tokenizer_dir: str, models: dict[str, tuple[str, int]], prompts) -> None:
+    """Refuse, before any weight is read, models that cannot share `tokenizer` (from `tokenizer_dir`): `models`
+    maps each role ("policy", "reference", "reward") to (its checkpoint directory, its config's vocab_size);
+    `prompts` are the tokenised prompt sets. Every prompt id and the EOS must be in every model's vocabulary; the
+    reference and the reward model (the value model's start) must embed every id the policy can sample; and a
+    checkpoint that ships tokenizer files must map every id the two share to the same token and encode a probe
+    chat alike (the reward model would otherwise score other text than the policy wrote, silently)."""
+    policy_vocab = models["policy"][1]
+    for role, (path, vocab) in models.items():
+        if role != "policy" and vocab < policy_vocab:
+            raise ValueError(
+                f"the {role} model's vocabulary ({path}: vocab_size {vocab}) is smaller than the policy's "
+                f"({policy_vocab}): it could not read every token the policy samples; it needs the policy's tokenizer"
+            )
+    smallest = min(v for _, v in models.values())
+    ids = [max(max(p) for p in ps) for ps in prompts if ps]
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    if ids and max(ids) >= smallest:
+        role = min(models, key=lambda r: models[r][1])
+        what = "the EOS token" if max(ids) == tokenizer.eos_token_id else "a prompt token"
+        raise ValueError(
+            f"the tokenizer ({tokenizer_dir}) gives {what} id {max(ids)}, outside the {role} model's vocabulary "
+            f"({models[role][0]}: vocab_size {smallest}): the tokenizer is not this model's"
+        )
+    here = os.path.realpath(tokenizer_dir)
+    for role, (path, _) in models.items():
+        if os.path.realpath(path) == here or not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+            continue  # (the same files, or none to compare with)
+        other = load_tokenizer(path)
+        n = min(len(tokenizer), len(other))
+        mine, theirs = tokenizer.convert_ids_to_tokens(range(n)), other.convert_ids_to_tokens(range(n))
+        bad = next((i for i in range(n) if mine[i] != theirs[i]), None)
+        if bad is not None:
+            raise ValueError(
+                f"the {role} model's tokenizer ({path}) maps id {bad} to {theirs[bad]!r} where the policy's tokenizer "
+                f"({tokenizer_dir}) has {mine[bad]!r}: the models read tokens as different text; use models trained "
+                "with one tokenizer (or --tokenizer, if the policy's own files are the wrong ones)"
+            )
+        a, b = encode_chat(tokenizer, PROBE), encode_chat(other, PROBE)
+        if a != b:
+            raise ValueError(
+                f"the {role} model's tokenizer ({path}) encodes a chat prompt as {b[:12]}... where the policy's "
+                f"({tokenizer_dir}) gives {a[:12]}...: the same vocabulary split or marked differently (BOS, "
+                "normalisation); use models trained with one tokenizer"
+            )
+
+
 def format_chat(messages: list[dict], eos_token: str, add_generation_prompt: bool = True) -> str:
     """Render messages in the Tulu format; ends with '<|assistant|>\\n' for generation."""
     parts = []

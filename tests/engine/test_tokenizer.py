@@ -1,18 +1,23 @@
 """Tulu chat template, prompt files, and the shipped tiny tokenizer."""
 
 import json
+import os
+import shutil
 
 import pytest
 
 from engine.config import ModelConfig
 from engine.tokenizer import (
+    TINY_DIR,
     TINY_PROMPTS,
+    check_vocabularies,
     encode_chat,
     format_chat,
     load_prompts,
     load_tokenizer,
     read_prompt_file,
 )
+from engine.train_ppo import build_tiny_models
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +126,64 @@ def test_sentencepiece_only_directory_named(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}')
     with pytest.raises(ValueError, match=r"has tokenizer.model but no tokenizer.json.*copy the tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+def _tokenizer_copy(path, edit=None):
+    """The shipped tokenizer's files in `path`, tokenizer.json changed by `edit(dict)`."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in os.listdir(TINY_DIR):
+        shutil.copy(os.path.join(TINY_DIR, name), path / name)
+    if edit:
+        data = json.loads((path / "tokenizer.json").read_text())
+        edit(data)
+        (path / "tokenizer.json").write_text(json.dumps(data))
+    return str(path)
+
+
+def _swap_vocab(data):  # two ordinary tokens trade ids
+    vocab = data["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+
+
+def _no_bos(data):  # the same vocabulary, no BOS added
+    data["post_processor"] = None
+
+
+def test_models_that_cannot_share_the_tokenizer_are_refused(tmp_path, tok):
+    """engine.tokenizer.check_vocabularies: what setup() checks before any weight is read."""
+    prompts = [load_prompts(TINY_PROMPTS, tok, verbose=False).prompts]
+    v = ModelConfig.named("tiny").vocab_size
+    same = _tokenizer_copy(tmp_path / "same")  # another directory, the same files: fine
+    bare = str(tmp_path / "bare")  # no tokenizer files: nothing to compare
+    os.makedirs(bare)
+    check_vocabularies(
+        tok, TINY_DIR, {"policy": (TINY_DIR, v), "reference": (same, v), "reward": (bare, v + 8)}, prompts
+    )
+
+    swapped = _tokenizer_copy(tmp_path / "swapped", _swap_vocab)
+    a, b = tok.convert_tokens_to_ids(["a", "b"])
+    with pytest.raises(ValueError, match=rf"reward model's tokenizer \(.*swapped\) maps id {min(a, b)} to"):
+        check_vocabularies(tok, TINY_DIR, {"policy": (TINY_DIR, v), "reward": (swapped, v)}, prompts)
+    no_bos = _tokenizer_copy(tmp_path / "no_bos", _no_bos)
+    with pytest.raises(ValueError, match=r"reference model's tokenizer \(.*no_bos\) encodes a chat prompt as"):
+        check_vocabularies(tok, TINY_DIR, {"policy": (TINY_DIR, v), "reference": (no_bos, v)}, prompts)
+    with pytest.raises(ValueError, match=rf"reward model's vocabulary \(.*vocab_size {v - 1}\) is smaller than the po"):
+        check_vocabularies(tok, TINY_DIR, {"policy": (TINY_DIR, v), "reward": (bare, v - 1)}, prompts)
+    top = max(max(p) for p in prompts[0])
+    with pytest.raises(ValueError, match=rf"gives a prompt token id {top}, outside the policy model's vocabulary"):
+        check_vocabularies(tok, TINY_DIR, {"policy": (bare, top), "reward": (bare, top)}, prompts)
+    with pytest.raises(ValueError, match=r"gives the EOS token id 2, outside the policy"):
+        check_vocabularies(tok, TINY_DIR, {"policy": (bare, 2), "reward": (bare, 2)}, [])
+
+
+def test_setup_refuses_a_reward_model_with_another_tokenizer(tmp_path):
+    """Through the entry point: the tiny default's reward model given a tokenizer that swaps two tokens."""
+    from engine.train_ppo import main
+
+    init = tmp_path / "init"
+    build_tiny_models(str(init))
+    _tokenizer_copy(init / "reward", _swap_vocab)
+    flags = ["--output-dir", str(tmp_path), "--policy", str(init / "policy"), "--reward", str(init / "reward"),
+             "--prompts", TINY_PROMPTS, "--max-iterations", "1"]  # fmt: skip
+    with pytest.raises(ValueError, match="reward model's tokenizer"):
+        main(flags)
