@@ -25,6 +25,7 @@ LATEST = "latest"
 LOGS = ("metrics.jsonl", "eval.jsonl", "samples.jsonl")  # a line per iteration, evaluation or sample
 EVAL_DIR = "eval"  # iter-NNNNNN.jsonl: every answer of the evaluation after iteration N
 WANDB_RUN_ID = "wandb-run-id"  # the W&B run a resumed run continues (engine/tracking.py)
+LAUNCHES = "launches.jsonl"  # a line per launch (fresh or resumed): configuration, layout, versions (record_launch)
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
@@ -95,7 +96,7 @@ def start_fresh(output_dir: str, overwrite: bool, rank: int) -> None:
     `overwrite` emptied of them (rank 0; other files, such as the tiny default's init models, stay)."""
     held = []
     if os.path.isdir(output_dir):
-        ours = lambda n: n in (LATEST, EVAL_DIR, WANDB_RUN_ID, *LOGS) or n.startswith("checkpoint-")  # noqa: E731
+        ours = lambda n: n in (LATEST, EVAL_DIR, WANDB_RUN_ID, LAUNCHES, *LOGS) or n.startswith("checkpoint-")  # noqa: E731
         held = sorted(n for n in os.listdir(output_dir) if ours(n))
     error = None
     if held and not overwrite:
@@ -108,6 +109,60 @@ def start_fresh(output_dir: str, overwrite: bool, rank: int) -> None:
         for name in held:
             target = os.path.join(output_dir, name)
             shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+
+
+def record_launch(state: TrainState) -> None:
+    """Global rank 0 appends this launch to output_dir/launches.jsonl (atomically; a resumed run's launch is added
+    after the earlier ones, which stay): when, from which iteration, the command line, the layout and device, the
+    software versions and the engine's commit, and the whole resolved configuration (PPOConfig and RunConfig, the
+    Hub ids made local paths). What a run was can be read back without its checkpoints or W&B."""
+    import platform
+    import sys
+    import time
+
+    import transformers
+    import triton
+
+    if not state.run.output_dir or state.grid.rank != 0:
+        return
+    dev = state.device
+    record = {
+        "launched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "iteration": state.iteration,  # (0: a fresh start; else resumed from checkpoint-<iteration>)
+        "command": sys.argv,
+        "world_size": state.grid.world_size, "tp": state.grid.tp, "dp": state.grid.dp,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "dtype": str(next(state.policy.parameters()).dtype).removeprefix("torch."),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+                     "transformers": transformers.__version__, "engine": engine_version()},
+        "ppo": dataclasses.asdict(state.cfg),
+        "run": dataclasses.asdict(state.run),
+    }  # fmt: skip
+    path = os.path.join(state.run.output_dir, LAUNCHES)
+    earlier = open(path, "rb").read() if os.path.exists(path) else b""
+    line = (json.dumps(record, default=str) + "\n").encode()
+    atomic_write(path, lambda f: f.write(earlier + line))
+
+
+def engine_version() -> str:
+    """The engine's git commit (with "+changes" when tracked files differ from it), or its package version outside a
+    checkout."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True, timeout=10)  # noqa: E731
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode == 0 and head.stdout.strip():
+            dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+            return head.stdout.strip() + ("+changes" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        return version("tulu-ppo-engine")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def trim_logs(output_dir: str, iteration: int) -> None:

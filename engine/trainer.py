@@ -34,7 +34,7 @@ from engine.generate import GenerationStats
 from engine.model import forward_flops
 from engine.optim import accumulate_grads, apply_update, reduce_grads
 from engine.parallel import agree, print0
-from engine.resume import save_checkpoint
+from engine.resume import record_launch, save_checkpoint
 from engine.rollout import add_to, chunks, forward_rollout, generate_rollout, policy_logprobs, reduce_sums
 from engine.state import TrainState  # (the state and its setup: engine/state.py)
 from engine.tracking import Tracker
@@ -333,6 +333,7 @@ def train(state: TrainState) -> list[dict]:
         f"{next(state.policy.parameters()).dtype} params, iterations {state.iteration}..{state.iterations} "
         f"of {len(state.data)}, {state.total_steps} optimizer steps in the schedule"
     )
+    record_launch(state)
     state.tracker = state.tracker or Tracker(state)
     with state.tracker:  # (a W&B run ends with the loop, marked failed if it raised)
         _loop(state)

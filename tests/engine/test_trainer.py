@@ -84,6 +84,18 @@ def test_tiny_default_end_to_end_and_exact_resume(tmp_path):
             assert torch.equal(st[k], sb["value_opt"]["adam"]["state"][i][k])
     assert not os.path.exists(tmp_path / "b/checkpoint-000001")  # keep_checkpoints=1
     assert len((tmp_path / "b/metrics.jsonl").read_text().splitlines()) == 2
+    launches = [json.loads(x) for x in (tmp_path / "b/launches.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in launches] == [0, 1]  # a fresh start, then the resumed launch
+    assert [x["run"]["resume"] for x in launches] == [False, True] and launches[1]["run"]["max_iterations"] == 2
+    assert set(launches[0]["ppo"]) == {f.name for f in dataclasses.fields(PPOConfig)}  # every hyperparameter
+    assert launches[0]["ppo"]["kl_coef"] == PPOConfig().kl_coef and launches[0]["ppo"]["train_batch_size"] == 4
+    assert launches[0]["versions"]["torch"] == torch.__version__ and launches[0]["versions"]["engine"]
+    assert (launches[0]["world_size"], launches[0]["tp"], launches[0]["dp"], launches[0]["dtype"]) == (
+        1,
+        1,
+        1,
+        "float32",
+    )
 
 
 def test_sigterm_stops_after_the_iteration_with_a_checkpoint_and_resume_is_exact(tmp_path):
