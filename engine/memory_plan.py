@@ -149,12 +149,15 @@ def local_ranks() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
-def check_host_room(state: int, ranks: int, host: int, how: str) -> None:
-    """Refuse optimizer state (`state` bytes per rank, `ranks` ranks on the node) to be put in host memory (`how`:
-    the setting that puts it there) where it would take more than HOST_LIMIT of what the host has available."""
+def check_host_room(
+    state: int, ranks: int, host: int, how: str, what: str = "optimizer state", flag: str = "--offload-optimizer"
+) -> None:
+    """Refuse the optimizer state (or `what`: `state` bytes per rank, `ranks` ranks on the node) to be put in host
+    memory (`flag` `how`: the setting that puts it there) where it would take more than HOST_LIMIT of what the host has
+    available."""
     if ranks * state > HOST_LIMIT * host:
         raise ValueError(
-            f"the optimizer state in host memory (--offload-optimizer {how}) needs {ranks * state / GiB:.1f} GiB of "
+            f"the {what} in host memory ({flag} {how}) needs {ranks * state / GiB:.1f} GiB of "
             f"host memory for {ranks} rank(s) on this node, {host / GiB:.1f} available: use fewer ranks per node, a "
             "larger --tp or more data-parallel ranks"
         )
@@ -164,7 +167,15 @@ OFFLOAD_HOST_SHARE = 0.5  # auto offloads when every local rank's state takes at
 
 
 def offload_decision(
-    setting: str, device: torch.device, state: int, local_ranks: int, seqs: tuple[int, int], wanted: int, host: int
+    setting: str,
+    device: torch.device,
+    state: int,
+    local_ranks: int,
+    seqs: tuple[int, int],
+    wanted: int,
+    host: int,
+    what: str = "optimizer state",
+    flag: str = "--offload-optimizer",
 ) -> tuple[bool, str]:
     """Whether the trained models' optimizer state (`state` bytes per GPU) is in host memory during rollouts
     (--offload-optimizer auto|off|rollouts|always; always: it lives there, engine.optim's host_resident), and a
@@ -172,27 +183,28 @@ def offload_decision(
     many the generator would decode together (its max_num_seqs, or the rank's rollout if fewer); `host`: host memory
     available, shared by `local_ranks` ranks. auto offloads on a GPU when the cache cannot hold `wanted` sequences
     otherwise and the host has room for it (OFFLOAD_HOST_SHARE); setup() has turned auto into always already where
-    the state fits nowhere else."""
+    the state fits nowhere else. The same rules decide --offload-idle-models (`what` and `flag` name it: the weights
+    of the models a rollout does not run)."""
     check_offload_setting(setting)
     need = state * local_ranks
     room = f"{need / GiB:.1f} GiB of host memory for {local_ranks} rank(s) on this node, {host / GiB:.1f} available"
     gain = f"the rollouts' KV cache holds {seqs[1]} instead of {seqs[0]} full-length sequences"
     if device.type != "cuda":
         if setting in ("rollouts", "always") and state:
-            return True, f"optimizer state: in other host memory ({setting}; on CPU this frees nothing)"
-        return False, "optimizer state: in place throughout (on CPU)"
+            return True, f"{what}: in other host memory ({setting}; on CPU this frees nothing)"
+        return False, f"{what}: in place throughout (on CPU)"
     if setting == "off" or state == 0:
-        return False, "optimizer state: on the GPU throughout"
+        return False, f"{what}: on the GPU throughout"
     if setting == "always":  # (built there already: the plan checked the host's room before anything was loaded)
-        return True, f"optimizer state: {state / GiB:.1f} GiB per GPU in host memory, updated in chunks"
+        return True, f"{what}: {state / GiB:.1f} GiB per GPU in host memory, updated in chunks"
     if setting == "rollouts":
-        check_host_room(state, local_ranks, host, setting)
-        return True, f"optimizer state: {state / GiB:.1f} GiB per GPU in host memory during rollouts ({gain}; {room})"
+        check_host_room(state, local_ranks, host, setting, what, flag)
+        return True, f"{what}: {state / GiB:.1f} GiB per GPU in host memory during rollouts ({gain}; {room})"
     if seqs[0] >= wanted:
-        return False, f"optimizer state: on the GPU throughout (the rollouts' KV cache holds {seqs[0]} sequences)"
+        return False, f"{what}: on the GPU throughout (the rollouts' KV cache holds {seqs[0]} sequences)"
     if need > OFFLOAD_HOST_SHARE * host:
-        return False, f"optimizer state: on the GPU throughout (offloading it would take {room})"
-    return True, f"optimizer state: {state / GiB:.1f} GiB per GPU in host memory during rollouts ({gain}; {room})"
+        return False, f"{what}: on the GPU throughout (offloading would take {room})"
+    return True, f"{what}: {state / GiB:.1f} GiB per GPU in host memory during rollouts ({gain}; {room})"
 
 
 def plan(
@@ -228,11 +240,13 @@ def plan(
         if cache:  # during a rollout the grads are freed: the weights and the optimizer state are held
             weights = sum(v for k, v in parts.items() if k.startswith("weights"))
             at = lambda held: rollout_cache(configs["policy"][0], tp, held, **cache)  # noqa: E731
+            own = parts["weights (policy)"]  # (what generation runs)
+            idle = f"the idle models' weights (--offload-idle-models rollouts, {(weights - own) / GiB:.1f} GiB per GPU)"
             if resident:
-                return line + f"; rollouts: {at(weights)}"
+                return line + f"; rollouts: {at(weights)}; with {idle} in host memory: {at(own)}"
             state = parts[STATE]
             line += f"; rollouts: {at(weights + state)}; with the optimizer state in host memory (--offload-optimizer "
-            line += f"rollouts, {state / GiB:.1f} GiB per GPU): {at(weights)}"
+            line += f"rollouts, {state / GiB:.1f} GiB per GPU): {at(weights)}; with {idle} too: {at(own)}"
         return line
     alternatives = []
     sizes = [n for c, _ in configs.values() for n in (c.num_kv_heads, c.vocab_size, c.intermediate_size)]

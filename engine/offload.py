@@ -1,8 +1,10 @@
-"""Tensors kept in pinned host memory while the device does not need them (--offload-optimizer, engine/optim.py).
+"""Tensors kept in pinned host memory while the device does not need them (--offload-optimizer, engine/optim.py, and
+--offload-idle-models, engine/rollout.py).
 
 offload_state / onload_state move an optimizer's idle state (the fp32 masters and Adam moments) out before a rollout
-and back after it; a host-resident optimizer's state lives on the host and each update works through it in chunks
-(streamed), the next chunk coming in and the last going out while one is updated.
+and back after it (offload_weights / onload_weights the weights of the models a rollout does not run); a
+host-resident optimizer's state lives on the host and each update works through it in chunks (streamed), the next
+chunk coming in and the last going out while one is updated.
 
 HostCopies moves groups of tensors (each keyed, e.g. one master weight with its two Adam moments) between their
 device and host buffers kept for the run: one block per batch of buffers, page-locked by registering it with CUDA
@@ -88,12 +90,19 @@ class HostCopies:
             self.on_host.add(key)
 
     @torch.no_grad()
-    def move_out(self, groups: list[Group]) -> torch.cuda.Event | None:
+    def move_out(self, groups: list[Group], copy: bool = True) -> torch.cuda.Event | None:
         """Into the host buffers after the work queued so far on the current stream; the device memory is free for
         reuse once the copies have read it (the caching allocator waits for them). Returns their event (None on CPU
-        or when nothing moved)."""
+        or when nothing moved). copy=False: the host buffers hold these values already (a frozen model's weights
+        since their first move out): the tensors only go back to them."""
         groups = [(k, ts) for k, ts in groups if k not in self.on_host]
         if not groups:
+            return None
+        if not copy and all(k in self.host for k, _ in groups):
+            for key, tensors in groups:
+                for t, h in zip(tensors, self.host[key]):
+                    t.data = h
+                self.on_host.add(key)
             return None
         self._reserve_for(groups)
         if self.cuda:
@@ -193,8 +202,8 @@ def _page_lock(owner: HostCopies, block: torch.Tensor) -> None:
     err = int(cudart.cudaHostRegister(block.data_ptr(), nbytes, 0))
     if err != 0:
         raise RuntimeError(
-            f"could not page-lock {nbytes / 2**30:.1f} GiB of host memory for the optimizer state (cudaError {err}): "
-            "--offload-optimizer off keeps it on the GPU"
+            f"could not page-lock {nbytes / 2**30:.1f} GiB of host memory (cudaError {err}): --offload-optimizer off "
+            "and --offload-idle-models off keep the optimizer state and the models on the GPU"
         )
     weakref.finalize(owner, _unlock, block)  # (holds the block until it is unregistered)
 
@@ -205,6 +214,32 @@ def _unlock(block: torch.Tensor) -> None:
         torch.cuda.cudart().cudaHostUnregister(block.data_ptr())
     except Exception:  # (at interpreter exit the CUDA runtime may be gone: the process frees everything anyway)
         pass
+
+
+# ------------------------------------------------- the weights of a model a rollout does not run --
+
+
+def weight_groups(model: torch.nn.Module) -> list[Group]:
+    """Each parameter on its own (its buffers, a few small tables, stay)."""
+    return [(i, [p]) for i, p in enumerate(model.parameters())]
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def offload_weights(model: torch.nn.Module, copies: HostCopies, frozen: bool) -> None:
+    """A model's weights to its host buffers while a rollout generates (--offload-idle-models), back when this returns
+    (the cache is sized from the memory they free). A `frozen` model's host copy is made once: each later offload
+    only drops the device copy (nothing writes a frozen model's weights)."""
+    copies.move_out(weight_groups(model), copy=not frozen)
+    copies.host_ready()
+
+
+def onload_weights(model: torch.nn.Module, copies: HostCopies) -> None:
+    """Back to the device, the current stream waiting for the copies (the scoring passes read them next)."""
+    copies.move_in(weight_groups(model))
+    copies.settle()
 
 
 # -------------------------------------------------------------- an optimizer's state --

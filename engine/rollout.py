@@ -17,7 +17,7 @@ import torch.distributed as dist
 from engine.config import GenerateConfig
 from engine.data import Rollout, pack, split_by_tokens
 from engine.model import Transformer
-from engine.offload import offload_state, onload_state
+from engine.offload import HostCopies, offload_state, offload_weights, onload_state, onload_weights
 from kernels.logprob import hidden_logprobs
 
 if TYPE_CHECKING:
@@ -45,13 +45,18 @@ def generate_rollout(
     prompt set) key each sample's random stream, so a data-parallel run samples exactly what one process would."""
     params = params or sampling_params(state, state.iteration)
     opts = [o for o in (state.policy_opt, state.value_opt) if o is not None] if state.offload else []
+    idle = idle_models(state) if state.offload_models else []
     for o in opts:  # the idle optimizer state to host memory: the KV cache gets its GPU memory
         offload_state(o)
+    for name, model, frozen in idle:  # likewise the weights of the models generation does not run
+        offload_weights(model, state.model_copies.setdefault(name, HostCopies(state.device)), frozen)
     with torch.no_grad():
         comps = state.generator.generate_completions(prompts, params, seed_keys=prompt_ids)
     state.generator.release()
     for o in opts:  # back on a side stream, overlapping the scoring passes (the update waits for it)
         onload_state(o)
+    for name, model, _ in idle:  # (the scoring passes read them next)
+        onload_weights(model, state.model_copies[name])
     offsets = [0]
     for c in comps:
         if not c.tokens:
@@ -64,6 +69,13 @@ def generate_rollout(
         gen_logprobs=torch.tensor([x for c in comps for x in c.logprobs], dtype=torch.float32, device=state.device),
         offsets=offsets,
     )
+
+
+def idle_models(state: TrainState) -> list[tuple[str, Transformer, bool]]:
+    """(name, model, frozen) of the models a rollout's generation does not run: the reference and the reward model
+    (frozen) and the value model (trained: copied out anew each time); none that is the policy itself."""
+    models = [("reference", state.ref, True), ("reward", state.reward, True), ("value", state.value, False)]
+    return [(n, m, f) for n, m, f in models if m is not None and m is not state.policy]
 
 
 @torch.no_grad()

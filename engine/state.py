@@ -19,12 +19,15 @@ from engine.data import PromptBatches
 from engine.hub import config_sources, resolve_run
 from engine.kv_cache import bytes_per_block, cuda_cache_budget, resolve_cache_dtype
 from engine.model import Transformer
-from engine.offload import state_bytes
+from engine.offload import HostCopies, state_bytes, weight_bytes
 from engine.optim import Optimizer, make_optimizer
 from engine.parallel import ProcessGrid, agree, init_process_grid, print0, raise_together
 from engine.resume import latest_checkpoint, load_trainer_state, start_fresh
+from engine.rollout import idle_models
 from engine.tokenizer import PromptSet, check_vocabularies, load_prompts, load_tokenizer, response_stop_ids
 from engine.tracking import Tracker, check_available
+
+IDLE_MODEL_SETTINGS = ("auto", "off", "rollouts")
 
 
 @dataclass
@@ -61,6 +64,11 @@ class RunConfig:
     # the weights and grads), off, or auto (on a GPU: always where the layout fits no other way, else rollouts when
     # the cache would otherwise hold fewer sequences than the generator decodes together and the host has room)
     offload_optimizer: str = "auto"
+    # the weights of the models a rollout's generation does not run (the frozen reference and reward model, the value
+    # model) in pinned host memory while it generates, their GPU memory in its KV cache: rollouts, off, or auto (on a
+    # GPU: when the cache would otherwise hold fewer sequences than the generator decodes together, the optimizer
+    # state's offload counted, and the host has room). A frozen model is copied out once, then only copied back in
+    offload_idle_models: str = "auto"
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
     profile_iteration: int = 0  # write a torch.profiler trace of this iteration (1-based) per rank to output_dir
     save_every_minutes: float = 0.0  # also checkpoint when this long has passed since the last one (0: off)
@@ -105,6 +113,8 @@ class TrainState:
     tracker: Tracker | None = None  # Weights & Biases, on global rank 0 (engine/tracking.py)
     layer_bytes: dict[str, float] = field(default_factory=dict)  # per token, measured once (engine.recompute)
     offload: bool = False  # optimizer state in host memory during rollouts (decide_offload)
+    offload_models: bool = False  # the idle models' weights in host memory during rollouts (decide_offload)
+    model_copies: dict[str, HostCopies] = field(default_factory=dict)  # their host buffers, by name
 
     @property
     def dp_group(self):
@@ -154,6 +164,9 @@ def setup(
     if not (run.policy and run.reward and run.prompts):
         raise ValueError("--policy, --reward and --prompts are all needed (or no flag at all for the tiny default)")
     memory_plan.check_offload_setting(run.offload_optimizer)
+    if run.offload_idle_models not in IDLE_MODEL_SETTINGS:
+        raise ValueError(f"--offload-idle-models must be one of {', '.join(IDLE_MODEL_SETTINGS)}, got "
+                         f"{run.offload_idle_models!r}")  # fmt: skip
     grid = grid or init_process_grid(run.tp, timeout_minutes=run.dist_timeout_minutes)
     check_batch_sizes(cfg, grid)  # before loading four models
     check_available(run.wandb_project, grid.rank)
@@ -283,38 +296,46 @@ def make_state(
         cfg, run, grid, device, policy, ref, value, reward, *optimizers,
         data, None, stop_ids, tokenizer_dir, iterations, len(data) * steps_per_rollout,
     )  # fmt: skip
-    state.offload = decide_offload(state)
+    state.offload, state.offload_models = decide_offload(state)
     if generator_factory is not None:
         state.generator = generator_factory(policy, cfg, run)
     return state
 
 
-def decide_offload(state: TrainState) -> bool:
-    """--offload-optimizer, decided from what the models and optimizers hold now; every rank alike (offloading only if
-    every rank would: their memory differs a little)."""
+def decide_offload(state: TrainState) -> tuple[bool, bool]:
+    """--offload-optimizer, then --offload-idle-models (with the first's choice counted), decided from what the models
+    and optimizers hold now; every rank alike (offloading only if every rank would: their memory differs a little).
+    Returns (the optimizer state, the idle models' weights) in host memory during rollouts."""
     run, cfg, dev = state.run, state.cfg, state.device
     nbytes = sum(state_bytes(o) for o in (state.policy_opt, state.value_opt))
-    seqs = (0, 0)
-    if dev.type == "cuda" and run.offload_optimizer in ("auto", "rollouts"):
-        # full-length sequences the rollouts' cache holds without and with the state offloaded
+    mbytes = sum(weight_bytes(m) for _, m, _ in idle_models(state))
+    wanted = min(run.gen_max_num_seqs, cfg.rollout_batch_size * cfg.samples_per_prompt // state.grid.dp)
+    budget, per_seq = 0, 1
+    if dev.type == "cuda" and "auto" in (run.offload_optimizer, run.offload_idle_models):
+        # the rollouts' KV cache in full-length sequences, with and without what is offloaded
         seq_len = cfg.max_prompt_len + cfg.max_new_tokens
         c, heads = state.policy.config, state.policy.layers[0].self_attn.local_kv_heads
         kv_dtype = resolve_cache_dtype(run.kv_cache_dtype, next(state.policy.parameters()).dtype)
         per_seq = bytes_per_block(c.num_layers, 1, heads, c.head_dim, kv_dtype) * seq_len
         budget = cuda_cache_budget(dev, run.kv_cache_fraction)
-        seqs = (budget // per_seq, (budget + nbytes) // per_seq)
-    wanted = min(run.gen_max_num_seqs, cfg.rollout_batch_size * cfg.samples_per_prompt // state.grid.dp)
-    on, line, error = False, "", None
-    try:
-        on, line = memory_plan.offload_decision(
-            run.offload_optimizer, dev, nbytes, memory_plan.local_ranks(), seqs, wanted, memory_plan.host_available()
-        )
-    except ValueError as e:
-        error = e
-    raise_together(error, "deciding --offload-optimizer")
-    (every,) = agree([int(on)], "min")
-    print0(line if every == on else "optimizer state: on the GPU throughout (another rank has no room to offload it)")
-    return bool(every)
+    host, ranks, out = memory_plan.host_available(), memory_plan.local_ranks(), []
+    for setting, nb, what, flag in (
+        (run.offload_optimizer, nbytes, "optimizer state", "--offload-optimizer"),
+        (run.offload_idle_models, mbytes, "idle models' weights (reference, reward, value)", "--offload-idle-models"),
+    ):
+        on, line, error = False, "", None
+        try:
+            seqs = (budget // per_seq, (budget + nb) // per_seq)
+            on, line = memory_plan.offload_decision(setting, dev, nb, ranks, seqs, wanted, host, what, flag)
+        except ValueError as e:
+            error = e
+        raise_together(error, f"deciding {flag}")
+        (every,) = agree([int(on)], "min")
+        print0(line if every == on else f"{what}: on the GPU throughout (another rank has no room to offload it)")
+        out.append(bool(every))
+        if every:  # what the next decision starts from: a larger cache, less host memory
+            budget, host = budget + nb, host - nb * ranks
+    return out[0], out[1]
 
 
 def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:

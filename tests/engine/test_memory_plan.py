@@ -230,6 +230,12 @@ def test_offload_decision():
     assert decide("rollouts", cpu, state, 1, (0, 0), 256, host)[0]
     with pytest.raises(ValueError, match="must be one of auto, off, rollouts, always, got 'on'"):
         decide("on", cuda, state, 8, (117, 302), 256, host)
+    # --offload-idle-models: the same rules, its own name in the line and the refusal
+    models = ("idle models' weights", "--offload-idle-models")
+    on, line = decide("auto", cuda, 9 * GiB, 8, (302, 348), 512, host, *models)
+    assert on and line.startswith("idle models' weights: 9.0 GiB per GPU in host memory during rollouts (the rollo")
+    with pytest.raises(ValueError, match=r"the idle models' weights in host memory \(--offload-idle-models rollouts\)"):
+        decide("rollouts", cuda, 9 * GiB, 8, (302, 348), 256, 50 * GiB, *models)
 
 
 def test_host_memory_available_is_capped_by_the_cgroup(monkeypatch, tmp_path):

@@ -701,29 +701,69 @@ def test_host_resident_optimizer_updates_in_chunks_as_the_device_one(monkeypatch
     assert all(torch.equal(a, b) for a, b in zip(*(m.parameters() for m in models)))
 
 
+def test_idle_model_weights_go_to_host_memory_and_back():
+    """offload_weights: every parameter to its host buffer (identity kept), back with the same values; a frozen
+    model's host copy is made once (a later offload copies nothing: shown by a device value the host never gets),
+    a trained model's each time."""
+    small = dataclasses.replace(ModelConfig.named("tiny"), num_layers=1)
+    model = Transformer(small, "score", dtype=torch.bfloat16).init_weights(seed=4)
+    params = list(model.parameters())
+    for frozen in (True, False):
+        copies = offload.HostCopies(torch.device("cpu"))
+        values = [p.detach().clone() for p in params]
+        offload.offload_weights(model, copies, frozen)
+        host = [copies.host[k][0] for k, _ in offload.weight_groups(model)]
+        assert [p.data_ptr() for p in params] == [h.data_ptr() for h in host] and len(copies.blocks) == 1
+        assert list(model.parameters()) == params and all(torch.equal(p, v) for p, v in zip(params, values))
+        offload.onload_weights(model, copies)
+        assert all(p.data_ptr() != h.data_ptr() for p, h in zip(params, host))
+        assert all(torch.equal(p, v) for p, v in zip(params, values))
+        with torch.no_grad():
+            params[0].add_(1.0)  # (an update between rollouts: a trained model's only)
+        offload.offload_weights(model, copies, frozen)
+        assert torch.equal(host[0], values[0] if frozen else values[0] + 1.0)
+        assert len(copies.blocks) == 1  # the same buffers
+        offload.onload_weights(model, copies)
+
+
+def _idle_on_host(state) -> list[bool]:
+    """Per idle model (reference, reward, value): whether its weights use their host buffers now."""
+    out = []
+    for name, model in (("reference", state.ref), ("reward", state.reward), ("value", state.value)):
+        copies = state.model_copies.get(name)
+        out.append(copies is not None and [p.data_ptr() for p in model.parameters()] ==
+                   [copies.host[k][0].data_ptr() for k, _ in offload.weight_groups(model)])  # fmt: skip
+    return out
+
+
 def test_offloaded_optimizer_trains_the_same(tmp_path):
     """--offload-optimizer rollouts and always (bf16 parameters with fp32 masters, on CPU): during each rollout and
-    evaluation the state is in the host buffers, and the run's metrics and weights equal those of a run that never
-    moved it."""
+    evaluation the state is in the host buffers (with rollouts, and --offload-idle-models rollouts, so are the
+    reference's, reward model's and value model's weights), and the run's metrics and weights equal those of a run
+    that never moved them."""
     flags = ["--dtype", "bfloat16", "--max-iterations", "3", "--eval-every", "2", "--learning-rate", "1e-3"]
-    off = _run(tmp_path / "off", *flags, "--offload-optimizer", "off")
+    off = _run(tmp_path / "off", *flags, "--offload-optimizer", "off", "--offload-idle-models", "off")
     for mode in ("rollouts", "always"):
-        state = _state(tmp_path / mode, *flags, "--offload-optimizer", mode)
+        models = "rollouts" if mode == "rollouts" else "off"
+        state = _state(tmp_path / mode, *flags, "--offload-optimizer", mode, "--offload-idle-models", models)
         assert state.offload and state.policy_opt.host_resident == (mode == "always")
+        assert state.offload_models == (models == "rollouts")
         seen = []
         generate = state.generator.generate_completions
 
         def spy(*args, state=state, generate=generate, seen=seen, **kw):
             opts = (state.policy_opt, state.value_opt)
-            seen.append(all(o.offload.on_host == {k for k, _ in offload.groups(o)}
-                            and offload.movable_state(o)[0].data_ptr() == _host_buffers(o)[0].data_ptr()
-                            for o in opts))  # fmt: skip
+            ok = all(o.offload.on_host == {k for k, _ in offload.groups(o)}
+                     and offload.movable_state(o)[0].data_ptr() == _host_buffers(o)[0].data_ptr()
+                     for o in opts)  # fmt: skip
+            seen.append(ok and all(on_host == state.offload_models for on_host in _idle_on_host(state)))
             return generate(*args, **kw)
 
         state.generator.generate_completions = spy
         with dispatch.reference_ops():
             on = trainer.train(state)
         assert seen == [True] * 6  # 3 rollouts, evaluations before, at 2 and after
+        assert not any(_idle_on_host(state))  # back on the "device" after each
         assert _no_timing(on) == _no_timing(off)
         for name, head in (("policy", "lm"), ("value", "score")):
             a = _weights(latest_checkpoint(str(tmp_path / mode)) + f"/{name}", head)
