@@ -188,13 +188,13 @@ def test_one_iteration_equals_ppo_written_from_the_recipe_on_gpu(tmp_path, monke
 def test_train_ppo_tiny_with_evaluation_on_gpu(tmp_path, offload):
     """The entry point's tiny default on the GPU (bf16 parameters, the kernels, CUDA graphs), with the held-out
     evaluations (generation, reference, RM), the samples log and the optimizer state in host memory during rollouts
-    or throughout (test_ppo_iteration_on_gpu runs the default, auto, which keeps it on the GPU for models this
-    small)."""
+    or throughout, and the idle models' weights in host memory during rollouts (test_ppo_iteration_on_gpu runs the
+    defaults, auto, which keep them on the GPU for models this small)."""
     from engine.train_ppo import main
 
     history = main(["--device", "cuda", "--output-dir", str(tmp_path), "--max-iterations", "2", "--eval-every", "1",
                     "--rollout-batch-size", "8", "--train-batch-size", "4", "--max-new-tokens", "8",
-                    "--offload-optimizer", offload])  # fmt: skip
+                    "--offload-optimizer", offload, "--offload-idle-models", "rollouts"])  # fmt: skip
     assert [m["iteration"] for m in history] == [1, 2]
     evals = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
     assert [e["iteration"] for e in evals] == [0, 1, 2]
@@ -214,6 +214,35 @@ def test_memory_plan_is_what_cuda_allocates():
     built = build_and_plan(CUDA)
     allocated = torch.cuda.memory_allocated(CUDA) - before
     assert abs(allocated - built[2]) < 0.01 * built[2], (allocated, built[2])
+
+
+def test_idle_model_weights_free_their_gpu_memory_during_generation(tmp_path, monkeypatch):
+    """--offload-idle-models rollouts: while the generator runs, the reference's, reward model's and value model's
+    weights are off the GPU (the memory allocated is lower by their bytes) in page-locked buffers, and back after."""
+    from engine import offload, trainer
+    from engine import state as state_mod
+    from engine.train_ppo import parse_args, prepare_tiny
+
+    cfg, run, _ = parse_args(["--device", "cuda", "--output-dir", str(tmp_path), "--max-iterations", "1",
+                              "--rollout-batch-size", "8", "--train-batch-size", "4", "--max-new-tokens", "8",
+                              "--offload-idle-models", "rollouts"])  # fmt: skip
+    state = state_mod.setup(cfg, prepare_tiny(run))
+    idle = [state.ref, state.reward, state.value]
+    nbytes = sum(offload.weight_bytes(m) for m in idle)
+    torch.cuda.synchronize()
+    before, during = torch.cuda.memory_allocated(CUDA), []
+    generate = state.generator.generate_completions
+
+    def spy(*args, **kw):
+        torch.empty(1, device=CUDA)  # (the allocator releases blocks whose copies finished when it next looks)
+        during.append(torch.cuda.memory_allocated(CUDA))
+        assert all(p.device.type == "cpu" and p.is_pinned() for m in idle for p in m.parameters())
+        return generate(*args, **kw)
+
+    monkeypatch.setattr(state.generator, "generate_completions", spy)
+    trainer.ppo_iteration(state)
+    assert before - during[0] >= nbytes - 512, (before, during, nbytes)
+    assert all(p.is_cuda for m in idle for p in m.parameters())
 
 
 def test_offloaded_optimizer_state_frees_its_gpu_memory_and_comes_back():
