@@ -56,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--activation-checkpointing", default="auto", help="auto, on, off or a number of layers")
     p.add_argument("--offload-optimizer", default="auto", help="auto, off, rollouts or always (RunConfig's)")
+    p.add_argument("--offload-idle-models", default="auto", help="auto, off or rollouts (RunConfig's)")
     p.add_argument("--json", default=None, help="write the figures to this file")
     return p.parse_args(argv)
 
@@ -84,6 +85,7 @@ def main(argv=None) -> dict:
         kv_cache_fraction=a.kv_cache_fraction, ignore_eos=a.ignore_eos, tp=a.tp,
         sequence_parallel=a.sequence_parallel, distributed_optimizer=a.distributed_optimizer,
         activation_checkpointing=a.activation_checkpointing, offload_optimizer=a.offload_optimizer,
+        offload_idle_models=a.offload_idle_models,
     )  # fmt: skip
     models = tuple(
         Transformer(
@@ -113,11 +115,13 @@ def main(argv=None) -> dict:
         f"PPO iteration, {a.model} ({mc.num_layers} layers) {dtype} on {device} x {grid.world_size} "
         f"(dp {grid.dp} x tp {grid.tp}): {rollout} prompts x {prompt_len} tokens, {best['response_len']:.0f} new "
         f"tokens each, train batch {train_bs}; layers recomputed in the backward: {best['recompute_layers']}; "
-        f"optimizer state: {where}"
+        f"optimizer state: {where}; idle models' weights: "
+        f"{'in host memory during rollouts' if state.offload_models else 'on the device'}"
     )
     print0(f"{'phase':<36}{'seconds':>10}{'tokens':>10}{'tok/s':>12}{'TFLOP/s per GPU':>16}")
     out = {"model": a.model, "num_layers": mc.num_layers, "device": str(device), "dtype": str(dtype), "phases": {}}
-    out.update(world_size=grid.world_size, tp=grid.tp, sequence_parallel=a.sequence_parallel, optimizer_state=where)
+    out.update(world_size=grid.world_size, tp=grid.tp, sequence_parallel=a.sequence_parallel, optimizer_state=where,
+               idle_models_offloaded=state.offload_models)  # fmt: skip
     for name, sec, tok, tflops in phases:
         tf = f"{tflops:16.2f}" if tflops is not None else f"{'':>16}"
         print0(f"{name:<36}{sec:>10.3f}{tok:>10.0f}{tok / sec:>12.0f}{tf}")

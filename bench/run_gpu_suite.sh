@@ -97,7 +97,8 @@ bench ppo_step 240 "$PY" bench/ppo_step.py --model llama2-7b --random-weights --
   --train-batch-size 16 --prompt-len 256 --max-new-tokens 256 --iterations 2  # the 3rd: graphs replayed?
 bench ppo_step_offload 240 "$PY" bench/ppo_step.py --model llama2-7b --random-weights --num-layers 8 \
   --rollout-batch-size 64 --train-batch-size 16 --prompt-len 256 --max-new-tokens 256 --iterations 2 \
-  --offload-optimizer rollouts   # the same with the optimizer state in host memory during rollouts: cost per phase
+  --offload-optimizer rollouts --offload-idle-models rollouts   # the optimizer state and the idle models' weights in
+  # host memory during rollouts: what the copies cost per phase, and whether the decode graphs still replay
 bench ppo_step_resident 240 "$PY" bench/ppo_step.py --model llama2-7b --random-weights --num-layers 8 \
   --rollout-batch-size 64 --train-batch-size 16 --prompt-len 256 --max-new-tokens 256 --iterations 2 \
   --offload-optimizer always   # the state in host memory throughout: what streaming it through each update costs
