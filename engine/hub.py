@@ -62,22 +62,26 @@ def config_sources(names: list[str | None]) -> list[str | None] | None:
     return [dirs.get(n, n) if n else n for n in names] if ok else None
 
 
-def _download(name: str, local_only: bool) -> str:
+def _download(name: str, local_only: bool, weights: bool = True) -> str:
     from huggingface_hub import list_repo_files, snapshot_download
 
     repo, _, revision = name.partition("@")
     revision = revision or None
-    if local_only:
+    if not weights:
+        patterns = KEEP
+    elif local_only:
         patterns = KEEP + ["*.safetensors", "pytorch_model*.bin"]  # whatever local rank 0 fetched
     else:
         patterns = KEEP + weight_patterns(list_repo_files(repo, revision=revision))
     return snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=local_only)
 
 
-def resolve(names: list[str | None]) -> list[str | None]:
+def resolve(names: list[str | None], weights: bool = True) -> list[str | None]:
     """Local directories for checkpoint names (None stays None): a local directory as it is; a Hub repo id fetched
-    into the cache by each node's local rank 0, then found there by the other ranks. Under torchrun every rank must
-    call this (a failed download stops every rank, none waits); a name neither local nor on the Hub is named."""
+    into the cache by each node's local rank 0, then found there by the other ranks (without `weights`, only its
+    configs and tokenizer files: the same snapshot directory, its weights fetched by a later call). Under torchrun
+    every rank must call this (a failed download stops every rank, none waits); a name neither local nor on the Hub
+    is named."""
     remote = sorted({n for n in names if n and is_repo_id(n)})
     if not remote:
         return names
@@ -86,10 +90,10 @@ def resolve(names: list[str | None]) -> list[str | None]:
     if local_rank == 0:
         for n in remote:
             try:
-                paths[n] = _download(n, local_only=False)
+                paths[n] = _download(n, local_only=False, weights=weights)
             except Exception as e:  # offline (a compute node): the cache may hold it (downloaded on a login node)
                 try:
-                    paths[n] = _download(n, local_only=True)
+                    paths[n] = _download(n, local_only=True, weights=weights)
                 except Exception:  # (a gated repo, a typo, not cached): named, for every rank
                     error = FileNotFoundError(
                         f"{n} is not a local directory, could not be fetched from the Hugging Face Hub "
@@ -102,12 +106,13 @@ def resolve(names: list[str | None]) -> list[str | None]:
     elif error is not None:
         raise error
     if local_rank != 0:
-        paths = {n: _download(n, local_only=True) for n in remote}
+        paths = {n: _download(n, local_only=True, weights=weights) for n in remote}
     return [paths.get(n, n) if n else n for n in names]
 
 
-def resolve_run(run):
-    """`run` (engine.state.RunConfig) with its checkpoint and tokenizer names made local directories."""
+def resolve_run(run, weights: bool = True):
+    """`run` (engine.state.RunConfig) with its checkpoint and tokenizer names made local directories (without
+    `weights`: holding a Hub id's configs and tokenizer files alone, to check before the weights are fetched)."""
     fields = ("policy", "reference", "reward", "tokenizer")
-    values = resolve([getattr(run, f) for f in fields])
+    values = resolve([getattr(run, f) for f in fields], weights)
     return dataclasses.replace(run, **dict(zip(fields, values)))

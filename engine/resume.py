@@ -138,6 +138,7 @@ def record_launch(state: TrainState) -> None:
         "ppo": dataclasses.asdict(state.cfg),
         "run": dataclasses.asdict(state.run),
     }  # fmt: skip
+    os.makedirs(state.run.output_dir, exist_ok=True)
     path = os.path.join(state.run.output_dir, LAUNCHES)
     earlier = open(path, "rb").read() if os.path.exists(path) else b""
     line = (json.dumps(record, default=str) + "\n").encode()

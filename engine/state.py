@@ -173,12 +173,13 @@ def setup(
     device, load = model_loader(run, grid)
     if check_memory(cfg, run, grid, device):  # (from config.json alone: before a Hub id's weights are fetched)
         run = dataclasses.replace(run, offload_optimizer="always")  # (auto, where nothing else fits)
-    run = resolve_run(run)  # Hub ids -> local directories (engine/hub.py)
-    tokenizer_dir = run.tokenizer or run.policy
+    light = resolve_run(run, weights=False)  # a Hub id's configs and tokenizer files, checked before its weights
+    tokenizer_dir = light.tokenizer or light.policy
     tokenizer = load_tokenizer(tokenizer_dir)
     prompt_set = load_prompts(run.prompts, tokenizer, cfg.max_prompt_len, verbose=grid.rank == 0)
     prompt_set, eval_set = evaluation_set(cfg, run, grid, tokenizer, prompt_set)
-    check_tokenizer(run, tokenizer, tokenizer_dir, prompt_set, eval_set)
+    check_tokenizer(light, tokenizer, tokenizer_dir, prompt_set, eval_set)
+    run = resolve_run(run)  # Hub ids -> local directories with the weights (engine/hub.py; the same directories)
     ckpt = latest_checkpoint(run.output_dir) if run.resume else None
     if run.resume:
         print0(f"resuming from {ckpt}" if ckpt else f"--resume: no checkpoint in {run.output_dir} yet, starting fresh")
@@ -205,7 +206,8 @@ def check_tokenizer(run: RunConfig, tokenizer, tokenizer_dir: str, *prompt_sets)
     before any weight is read (engine.tokenizer.check_vocabularies)."""
     dirs = {"policy": run.policy, "reference": run.reference or run.policy, "reward": run.reward}
     models = {role: (path, ModelConfig.from_hf(path).vocab_size) for role, path in dirs.items()}
-    check_vocabularies(tokenizer, tokenizer_dir, models, [s.prompts for s in prompt_sets if s is not None])
+    for line in check_vocabularies(tokenizer, tokenizer_dir, models, [s.prompts for s in prompt_sets if s is not None]):
+        print0(f"warning: {line}")
 
 
 def check_memory(cfg: PPOConfig, run: RunConfig, grid: ProcessGrid, device: torch.device) -> bool:
@@ -346,11 +348,12 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     if run.eval_holdout:
         raise ValueError("--eval-only takes --eval-prompts (--eval-holdout draws from a training set)")
     check_available(run.wandb_project, grid.rank)
-    run = resolve_run(run)
-    tokenizer_dir = run.tokenizer or run.policy
+    light = resolve_run(run, weights=False)  # (as in setup)
+    tokenizer_dir = light.tokenizer or light.policy
     tokenizer = load_tokenizer(tokenizer_dir)
     _, eval_set = evaluation_set(cfg, run, grid, tokenizer, None)
-    check_tokenizer(run, tokenizer, tokenizer_dir, eval_set)
+    check_tokenizer(light, tokenizer, tokenizer_dir, eval_set)
+    run = resolve_run(run)
     start_fresh(run.output_dir, run.overwrite_output_dir, grid.rank)
     device, load = model_loader(run, grid)
     policy, ref, reward = load(run.policy, "lm"), load(run.reference or run.policy, "lm"), load(run.reward, "score")

@@ -60,18 +60,20 @@ def response_stop_ids(tokenizer) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 PROBE = [{"role": "user", "content": "Résumé of 12 tests:\n\tWhy?  ü  — 東京 🙂 def f(x): return x**2"}]
 
 
-def check_vocabularies(tokenizer, tokenizer_dir: str, models: dict[str, tuple[str, int]], prompts) -> None:
-    """Refuse, before any weight is read, models that cannot share `tokenizer` (from `tokenizer_dir`): `models`
-    maps each role ("policy", "reference", "reward") to (its checkpoint directory, its config's vocab_size);
+def check_vocabularies(tokenizer, tokenizer_dir: str, models: dict[str, tuple[str, int]], prompts) -> list[str]:
+    """Refuse, before any weight is read, models that cannot share the run's `tokenizer` (from `tokenizer_dir`):
+    `models` maps each role ("policy", "reference", "reward") to (its checkpoint directory, its config's vocab_size);
     `prompts` are the tokenised prompt sets. Every prompt id and the EOS must be in every model's vocabulary; the
     reference and the reward model (the value model's start) must embed every id the policy can sample; and a
-    checkpoint that ships tokenizer files must map every id the two share to the same token and encode a probe
-    chat alike (the reward model would otherwise score other text than the policy wrote, silently)."""
-    policy_vocab = models["policy"][1]
+    reference or reward checkpoint (not the policy's directory) that ships a tokenizer.json must map every ordinary
+    token they share to the same id and split a probe chat alike (the reward model would otherwise score other text
+    than the policy wrote, silently). Special and added tokens (renamed reserved tokens, an added pad) are not
+    compared; a different choice of special tokens around a text (BOS, an appended EOS) is returned as a warning:
+    the engine feeds every model the run's tokens."""
+    policy_dir, policy_vocab = models["policy"]
     for role, (path, vocab) in models.items():
         if role != "policy" and vocab < policy_vocab:
             raise ValueError(
@@ -86,30 +88,39 @@ def check_vocabularies(tokenizer, tokenizer_dir: str, models: dict[str, tuple[st
         role = min(models, key=lambda r: models[r][1])
         what = "the EOS token" if max(ids) == tokenizer.eos_token_id else "a prompt token"
         raise ValueError(
-            f"the tokenizer ({tokenizer_dir}) gives {what} id {max(ids)}, outside the {role} model's vocabulary "
-            f"({models[role][0]}: vocab_size {smallest}): the tokenizer is not this model's"
+            f"the run's tokenizer ({tokenizer_dir}) gives {what} id {max(ids)}, outside the {role} model's "
+            f"vocabulary ({models[role][0]}: vocab_size {smallest}): the tokenizer is not this model's"
         )
-    here = os.path.realpath(tokenizer_dir)
+    warnings, skip = [], {os.path.realpath(tokenizer_dir), os.path.realpath(policy_dir)}
     for role, (path, _) in models.items():
-        if os.path.realpath(path) == here or not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
-            continue  # (the same files, or none to compare with)
+        if os.path.realpath(path) in skip or not os.path.exists(os.path.join(path, "tokenizer.json")):
+            continue  # (the run's or the policy's own files, or none that can be read exactly to compare with)
         other = load_tokenizer(path)
         n = min(len(tokenizer), len(other))
+        special = {i for t in (tokenizer, other) for i in (*t.all_special_ids, *t.added_tokens_decoder)}
         mine, theirs = tokenizer.convert_ids_to_tokens(range(n)), other.convert_ids_to_tokens(range(n))
-        bad = next((i for i in range(n) if mine[i] != theirs[i]), None)
+        bad = next((i for i in range(n) if mine[i] != theirs[i] and i not in special), None)
         if bad is not None:
             raise ValueError(
-                f"the {role} model's tokenizer ({path}) maps id {bad} to {theirs[bad]!r} where the policy's tokenizer "
+                f"the {role} model's tokenizer ({path}) maps id {bad} to {theirs[bad]!r} where the run's tokenizer "
                 f"({tokenizer_dir}) has {mine[bad]!r}: the models read tokens as different text; use models trained "
                 "with one tokenizer (or --tokenizer, if the policy's own files are the wrong ones)"
             )
-        a, b = encode_chat(tokenizer, PROBE), encode_chat(other, PROBE)
+        text = format_chat(PROBE, tokenizer.eos_token or "")
+        a, b = (t(text, add_special_tokens=False)["input_ids"] for t in (tokenizer, other))
         if a != b:
+            at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
             raise ValueError(
-                f"the {role} model's tokenizer ({path}) encodes a chat prompt as {b[:12]}... where the policy's "
-                f"({tokenizer_dir}) gives {a[:12]}...: the same vocabulary split or marked differently (BOS, "
-                "normalisation); use models trained with one tokenizer"
+                f"the {role} model's tokenizer ({path}) splits a chat prompt differently from the run's tokenizer "
+                f"({tokenizer_dir}): {len(b)} tokens against {len(a)}, first differing at token {at} ({b[at : at + 4]} "
+                f"against {a[at : at + 4]}); use models trained with one tokenizer"
             )
+        if encode_chat(tokenizer, PROBE) != encode_chat(other, PROBE):
+            warnings.append(
+                f"the {role} model's tokenizer ({path}) adds other special tokens around a text (BOS, EOS) than the "
+                f"run's ({tokenizer_dir}); the engine feeds every model the run's tokens"
+            )
+    return warnings
 
 
 def format_chat(messages: list[dict], eos_token: str, add_generation_prompt: bool = True) -> str:

@@ -177,8 +177,9 @@ def test_ppo_iteration_on_gpu(tmp_path):
 
 
 def test_one_iteration_equals_ppo_written_from_the_recipe_on_gpu(tmp_path, monkeypatch):
-    """tests/engine/test_recipe_oracle.py's check with the compiled kernels and CUDA graphs: one PPO iteration (fp32
-    parameters) against PPO written from RECIPE.md in float64 on transformers' models (on the CPU)."""
+    """tests/engine/test_recipe_oracle.py's check with the compiled kernels in the scoring and training passes: one
+    PPO iteration (fp32 parameters; the rollout sampled through the decode graphs) against PPO written from
+    RECIPE.md in float64 on transformers' models (on the CPU)."""
     from tests.engine.test_recipe_oracle import check_iteration_against_the_oracle
 
     check_iteration_against_the_oracle(tmp_path, monkeypatch, "kernels", "cuda")

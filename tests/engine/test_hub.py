@@ -50,8 +50,9 @@ class FakeHub:
         if local_files_only and not dst.exists():
             raise FileNotFoundError(f"{repo}: no snapshot in the local cache")
         if not local_files_only:
+            files = self.list_repo_files(repo, revision)  # (raises for a repo it does not have, before any directory)
             dst.mkdir(parents=True, exist_ok=True)
-            for f in self.list_repo_files(repo, revision):
+            for f in files:
                 if any(fnmatch.fnmatch(f, pat) for pat in allow_patterns):
                     shutil.copy(os.path.join(self.repos[repo], f), dst / f)
         return str(dst)
@@ -87,10 +88,26 @@ def test_a_run_from_hub_ids_is_the_run_from_the_directories(tmp_path, fake_hub):
     local = run(tmp_path / "local", "--policy", str(tmp_path / "src/policy"), "--reward", str(tmp_path / "src/reward"))
     remote = run(tmp_path / "remote", "--policy", "org/policy", "--reward", "org/rm@v1")
     assert _no_timing(remote) == _no_timing(local)
-    assert [c[:2] for c in fake_hub.calls] == [("org/policy", None), ("org/rm", "v1")]
-    assert all("*.safetensors" in c[2] and "pytorch_model*.bin" not in c[2] for c in fake_hub.calls)
+    # configs and tokenizer files first (checked before any weight is fetched), then the weights
+    assert [c[:3] for c in fake_hub.calls[:2]] == [
+        ("org/policy", None, tuple(hub.KEEP)),
+        ("org/rm", "v1", tuple(hub.KEEP)),
+    ]
+    assert [c[:2] for c in fake_hub.calls[2:]] == [("org/policy", None), ("org/rm", "v1")]
+    assert all("*.safetensors" in c[2] and "pytorch_model*.bin" not in c[2] for c in fake_hub.calls[2:])
     fetched = sorted(os.listdir(tmp_path / "cache/org--policy/main"))
     assert "training_args.bin" not in fetched and {"config.json", "model.safetensors", "tokenizer.json"} <= set(fetched)
+
+
+def test_a_reward_model_with_another_tokenizer_is_refused_before_its_weights_are_fetched(tmp_path, fake_hub):
+    from tests.engine.test_tokenizer import _swap_vocab, _tokenizer_copy
+
+    shutil.copytree(tmp_path / "src/reward", tmp_path / "src/other")
+    _tokenizer_copy(tmp_path / "src/other", _swap_vocab)
+    fake_hub.repos["org/other"] = str(tmp_path / "src/other")
+    with pytest.raises(ValueError, match=r"the reward model's tokenizer \(.*org--other.*\) maps id"):
+        run(tmp_path, "--policy", "org/policy", "--reward", "org/other")
+    assert fake_hub.calls and all(c[2] == tuple(hub.KEEP) for c in fake_hub.calls)  # no weights fetched
 
 
 def test_unknown_repo_is_named(tmp_path, fake_hub):

@@ -149,24 +149,48 @@ def _no_bos(data):  # the same vocabulary, no BOS added
     data["post_processor"] = None
 
 
+def _merge_dropped(data):  # the same vocabulary, one merge fewer: some text splits into more tokens
+    data["model"]["merges"] = data["model"]["merges"][1:]
+
+
+def _special_renamed(data):  # a special token under another name (as Llama 3.1 renamed reserved tokens)
+    vocab = data["model"]["vocab"]
+    vocab["<|end|>"] = vocab.pop("</s>")
+    for t in data["added_tokens"]:
+        t["content"] = "<|end|>" if t["content"] == "</s>" else t["content"]
+
+
 def test_models_that_cannot_share_the_tokenizer_are_refused(tmp_path, tok):
-    """engine.tokenizer.check_vocabularies: what setup() checks before any weight is read."""
+    """engine.tokenizer.check_vocabularies: what setup() checks before any weight is read (or fetched)."""
     prompts = [load_prompts(TINY_PROMPTS, tok, verbose=False).prompts]
     v = ModelConfig.named("tiny").vocab_size
     same = _tokenizer_copy(tmp_path / "same")  # another directory, the same files: fine
     bare = str(tmp_path / "bare")  # no tokenizer files: nothing to compare
     os.makedirs(bare)
-    check_vocabularies(
-        tok, TINY_DIR, {"policy": (TINY_DIR, v), "reference": (same, v), "reward": (bare, v + 8)}, prompts
-    )
+    sentencepiece = str(tmp_path / "sp")  # tokenizer.model alone (transformers would convert it): not compared
+    os.makedirs(sentencepiece)
+    open(os.path.join(sentencepiece, "tokenizer.model"), "wb").close()
+    renamed = _tokenizer_copy(tmp_path / "renamed", _special_renamed)
+    assert load_tokenizer(renamed).convert_ids_to_tokens(2) == "<|end|>" != tok.convert_ids_to_tokens(2)
+    ok = {"policy": (TINY_DIR, v), "reference": (same, v), "reward": (bare, v + 8)}
+    assert check_vocabularies(tok, TINY_DIR, ok, prompts) == []
+    for other in (sentencepiece, renamed):
+        assert check_vocabularies(tok, TINY_DIR, {"policy": (TINY_DIR, v), "reward": (other, v)}, prompts) == []
+    no_bos = _tokenizer_copy(tmp_path / "no_bos", _no_bos)  # (the engine gives every model the run's tokens)
+    (warning,) = check_vocabularies(tok, TINY_DIR, {"policy": (TINY_DIR, v), "reference": (no_bos, v)}, prompts)
+    assert warning.startswith("the reference model's tokenizer (") and "other special tokens" in warning
 
     swapped = _tokenizer_copy(tmp_path / "swapped", _swap_vocab)
     a, b = tok.convert_tokens_to_ids(["a", "b"])
     with pytest.raises(ValueError, match=rf"reward model's tokenizer \(.*swapped\) maps id {min(a, b)} to"):
         check_vocabularies(tok, TINY_DIR, {"policy": (TINY_DIR, v), "reward": (swapped, v)}, prompts)
-    no_bos = _tokenizer_copy(tmp_path / "no_bos", _no_bos)
-    with pytest.raises(ValueError, match=r"reference model's tokenizer \(.*no_bos\) encodes a chat prompt as"):
-        check_vocabularies(tok, TINY_DIR, {"policy": (TINY_DIR, v), "reference": (no_bos, v)}, prompts)
+    merges = _tokenizer_copy(tmp_path / "merges", _merge_dropped)
+    with pytest.raises(ValueError, match=r"reward model's tokenizer \(.*merges\) splits a chat prompt differently"):
+        check_vocabularies(tok, TINY_DIR, {"policy": (TINY_DIR, v), "reward": (merges, v)}, prompts)
+    # --tokenizer: the policy's own files are not compared (the flag overrides them); the others are, with the run's
+    assert check_vocabularies(tok, TINY_DIR, {"policy": (swapped, v), "reference": (swapped, v)}, prompts) == []
+    with pytest.raises(ValueError, match=r"where the run's tokenizer \("):
+        check_vocabularies(tok, TINY_DIR, {"policy": (bare, v), "reward": (swapped, v)}, prompts)
     with pytest.raises(ValueError, match=rf"reward model's vocabulary \(.*vocab_size {v - 1}\) is smaller than the po"):
         check_vocabularies(tok, TINY_DIR, {"policy": (TINY_DIR, v), "reward": (bare, v - 1)}, prompts)
     top = max(max(p) for p in prompts[0])
