@@ -313,7 +313,7 @@ def decide_offload(state: TrainState) -> tuple[bool, bool]:
     mbytes = sum(weight_bytes(m) for _, m, _ in idle_models(state))
     wanted = min(run.gen_max_num_seqs, cfg.rollout_batch_size * cfg.samples_per_prompt // state.grid.dp)
     budget, per_seq = 0, 1
-    if dev.type == "cuda" and "auto" in (run.offload_optimizer, run.offload_idle_models):
+    if dev.type == "cuda" and {run.offload_optimizer, run.offload_idle_models} & {"auto", "rollouts"}:
         # the rollouts' KV cache in full-length sequences, with and without what is offloaded
         seq_len = cfg.max_prompt_len + cfg.max_new_tokens
         c, heads = state.policy.config, state.policy.layers[0].self_attn.local_kv_heads
@@ -335,8 +335,8 @@ def decide_offload(state: TrainState) -> tuple[bool, bool]:
         (every,) = agree([int(on)], "min")
         print0(line if every == on else f"{what}: on the GPU throughout (another rank has no room to offload it)")
         out.append(bool(every))
-        if every:  # what the next decision starts from: a larger cache, less host memory
-            budget, host = budget + nb, host - nb * ranks
+        if every and setting != "always":  # what the next decision starts from: a larger cache, less host memory
+            budget, host = budget + nb, host - nb * ranks  # (a host-resident state is counted in both already)
     return out[0], out[1]
 
 

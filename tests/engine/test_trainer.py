@@ -769,3 +769,37 @@ def test_offloaded_optimizer_trains_the_same(tmp_path):
             a = _weights(latest_checkpoint(str(tmp_path / mode)) + f"/{name}", head)
             b = _weights(latest_checkpoint(str(tmp_path / "off")) + f"/{name}", head)
             assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_offload_decisions_follow_one_another(tmp_path, monkeypatch, capsys):
+    """decide_offload as on a GPU (the cache's budget and the host's memory given): --offload-optimizer first, then
+    --offload-idle-models from the cache the first left; a host-resident state (always) is not counted twice."""
+    from engine import memory_plan
+    from engine.kv_cache import bytes_per_block
+
+    state = _state(tmp_path, "--max-iterations", "1")
+    state.device = torch.device("cuda", 0)
+    c, cfg = state.policy.config, state.cfg
+    per_seq = bytes_per_block(c.num_layers, 1, c.num_kv_heads, c.head_dim, torch.float32)
+    per_seq *= cfg.max_prompt_len + cfg.max_new_tokens
+    nbytes = offload.state_bytes(state.policy_opt) + offload.state_bytes(state.value_opt)
+    mbytes = sum(offload.weight_bytes(m) for m in (state.ref, state.reward, state.value))
+    monkeypatch.setattr(state_mod, "cuda_cache_budget", lambda device, fraction: 2 * per_seq)  # 2 of the 8 wanted
+    monkeypatch.setattr(memory_plan, "host_available", lambda: 2**40)
+    assert nbytes // per_seq > 8 and mbytes // per_seq > 8  # (either alone makes room for the rollout's 8)
+
+    def decide(opt, models):
+        state.run = dataclasses.replace(state.run, offload_optimizer=opt, offload_idle_models=models)
+        capsys.readouterr()
+        return state_mod.decide_offload(state), capsys.readouterr().out
+
+    (o, m), out = decide("auto", "auto")
+    assert (o, m) == (True, False) and f"holds {(2 * per_seq + nbytes) // per_seq} sequences" in out
+    (o, m), out = decide("off", "auto")
+    assert (o, m) == (False, True) and f"holds {(2 * per_seq + mbytes) // per_seq} instead of 2 full-length" in out
+    (o, m), out = decide("always", "auto")  # (its state is in host memory already: the budget above excludes it)
+    assert (o, m) == (True, True) and "updated in chunks" in out
+    (o, m), out = decide("rollouts", "rollouts")
+    assert (o, m) == (True, True) and f"holds {(2 * per_seq + nbytes + mbytes) // per_seq} instead of " in out
+    (o, m), out = decide("off", "off")
+    assert (o, m) == (False, False)
