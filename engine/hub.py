@@ -69,8 +69,9 @@ def _download(name: str, local_only: bool, weights: bool = True) -> str:
     revision = revision or None
     if not weights:
         patterns = KEEP
-    elif local_only:
-        patterns = KEEP + ["*.safetensors", "pytorch_model*.bin"]  # whatever local rank 0 fetched
+    elif local_only:  # the weight format the cached snapshot holds (what local rank 0 fetched, or a full download)
+        cached = snapshot_download(repo, revision=revision, allow_patterns=KEEP, local_files_only=True)
+        patterns = KEEP + weight_patterns(os.listdir(cached))
     else:
         patterns = KEEP + weight_patterns(list_repo_files(repo, revision=revision))
     return snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=local_only)
@@ -106,7 +107,14 @@ def resolve(names: list[str | None], weights: bool = True) -> list[str | None]:
     elif error is not None:
         raise error
     if local_rank != 0:
-        paths = {n: _download(n, local_only=True, weights=weights) for n in remote}
+        try:
+            paths = {n: _download(n, local_only=True, weights=weights) for n in remote}
+        except Exception as e:  # (every rank learns of it: none is left waiting in a collective)
+            error = FileNotFoundError(f"a checkpoint local rank 0 fetched is not whole in this rank's cache: {e}")
+    if dist.is_initialized():
+        raise_together(error, "finding the fetched checkpoints in the cache")
+    elif error is not None:
+        raise error
     return [paths.get(n, n) if n else n for n in names]
 
 

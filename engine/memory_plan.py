@@ -136,9 +136,13 @@ def _cgroup_room() -> int | None:
 OFFLOAD_SETTINGS = ("auto", "off", "rollouts", "always")
 
 
-def check_offload_setting(setting: str) -> None:
-    if setting not in OFFLOAD_SETTINGS:
-        raise ValueError(f"--offload-optimizer must be one of {', '.join(OFFLOAD_SETTINGS)}, got {setting!r}")
+IDLE_MODEL_SETTINGS = ("auto", "off", "rollouts")  # --offload-idle-models (no "always": scoring runs them)
+
+
+def check_offload_setting(setting: str, flag: str = "--offload-optimizer") -> None:
+    allowed = IDLE_MODEL_SETTINGS if flag == "--offload-idle-models" else OFFLOAD_SETTINGS
+    if setting not in allowed:
+        raise ValueError(f"{flag} must be one of {', '.join(allowed)}, got {setting!r}")
 
 
 HOST_LIMIT = 0.9  # of the available host memory that the offloaded state may take
@@ -185,7 +189,7 @@ def offload_decision(
     otherwise and the host has room for it (OFFLOAD_HOST_SHARE); setup() has turned auto into always already where
     the state fits nowhere else. The same rules decide --offload-idle-models (`what` and `flag` name it: the weights
     of the models a rollout does not run)."""
-    check_offload_setting(setting)
+    check_offload_setting(setting, flag)
     need = state * local_ranks
     room = f"{need / GiB:.1f} GiB of host memory for {local_ranks} rank(s) on this node, {host / GiB:.1f} available"
     gain = f"the rollouts' KV cache holds {seqs[1]} instead of {seqs[0]} full-length sequences"
@@ -268,11 +272,13 @@ def plan(
     )
 
 
-def plan_for(setting: str, configs, dtype, tp, dp, distributed, free, cache=None, host=None, local_ranks=1):
+def plan_for(
+    setting: str, configs, dtype, tp, dp, distributed, free, cache=None, host=None, local_ranks=1, idle_models="off"
+):
     """(plan()'s line, whether the optimizer state lives in host memory) under --offload-optimizer `setting`: always
     plans it there; auto does so only where the layout fits no other way, and says so. With `host` (bytes of host
     memory available to the node's `local_ranks` ranks) a state to be put there that the host cannot hold is
-    refused."""
+    refused, and so are the idle models' weights with --offload-idle-models `idle_models` rollouts."""
     check_offload_setting(setting)
     args = (configs, dtype, tp, dp, distributed, free, cache)
     if setting == "always":
@@ -288,11 +294,15 @@ def plan_for(setting: str, configs, dtype, tp, dp, distributed, free, cache=None
             except ValueError:
                 raise e from None
             line += " (--offload-optimizer auto: always, the only way this layout fits)"
+    numels = {k: c.num_params(head, tp) for k, (c, head) in configs.items()}
     if host is not None and (resident or setting == "rollouts"):
-        numels = {k: c.num_params(head, tp) for k, (c, head) in configs.items()}
         state = fixed_bytes(numels, TRAINED, dtype, dp, distributed)[STATE]
         how = "auto: always, the only way this layout fits the GPUs" if setting == "auto" else setting
         check_host_room(state, local_ranks, host, how)
+        host -= state * local_ranks
+    if host is not None and idle_models == "rollouts":
+        idle = sum(n for k, n in numels.items() if k != "policy") * torch.empty((), dtype=dtype).element_size()
+        check_host_room(idle, local_ranks, host, "rollouts", "idle models' weights", "--offload-idle-models")
     return line, resident
 
 

@@ -18,6 +18,7 @@ memory is reused only once the copy has read it; the host buffers are read on th
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import weakref
 from dataclasses import dataclass, field
@@ -185,13 +186,14 @@ class HostCopies:
 
 
 def _whole_pages(nbytes: int) -> torch.Tensor:
-    """A uint8 host tensor of whole pages covering `nbytes`, starting at a page boundary: registering it with CUDA
-    then page-locks no page that other memory shares (a small allocation from the C heap may share its pages)."""
+    """A uint8 host tensor of whole pages covering `nbytes`, its own anonymous mapping: registering it with CUDA then
+    page-locks no page that other memory shares, and every view of it has a registered storage start (torch's
+    is_pinned() looks at the storage's first byte)."""
     page = os.sysconf("SC_PAGE_SIZE")
     length = -(-nbytes // page) * page
-    raw = torch.empty(length + page, dtype=torch.uint8)
-    start = -raw.data_ptr() % page
-    return raw[start : start + length]  # (a view: it keeps `raw` alive)
+    if length == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(mmap.mmap(-1, length), dtype=torch.uint8)  # (the tensor keeps the mapping alive)
 
 
 def _page_lock(owner: HostCopies, block: torch.Tensor) -> None:

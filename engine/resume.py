@@ -115,7 +115,19 @@ def record_launch(state: TrainState) -> None:
     """Global rank 0 appends this launch to output_dir/launches.jsonl (atomically; a resumed run's launch is added
     after the earlier ones, which stay): when, from which iteration, the command line, the layout and device, the
     software versions and the engine's commit, and the whole resolved configuration (PPOConfig and RunConfig, the
-    Hub ids made local paths). What a run was can be read back without its checkpoints or W&B."""
+    Hub ids made local paths). What a run was can be read back without its checkpoints or W&B. Every rank calls it."""
+    if not state.run.output_dir:
+        return
+    error = None
+    if state.grid.rank == 0:
+        try:
+            _append_launch(state)
+        except OSError as e:  # (a full disk: every rank stops, none waits for rank 0 in a collective)
+            error = e
+    raise_together(error, "recording the launch in launches.jsonl")
+
+
+def _append_launch(state: TrainState) -> None:
     import platform
     import sys
     import time
@@ -123,8 +135,6 @@ def record_launch(state: TrainState) -> None:
     import transformers
     import triton
 
-    if not state.run.output_dir or state.grid.rank != 0:
-        return
     dev = state.device
     record = {
         "launched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -140,7 +150,10 @@ def record_launch(state: TrainState) -> None:
     }  # fmt: skip
     os.makedirs(state.run.output_dir, exist_ok=True)
     path = os.path.join(state.run.output_dir, LAUNCHES)
-    earlier = open(path, "rb").read() if os.path.exists(path) else b""
+    earlier = b""
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            earlier = f.read()
     line = (json.dumps(record, default=str) + "\n").encode()
     atomic_write(path, lambda f: f.write(earlier + line))
 

@@ -50,13 +50,15 @@ def generate_rollout(
         offload_state(o)
     for name, model, frozen in idle:  # likewise the weights of the models generation does not run
         offload_weights(model, state.model_copies.setdefault(name, HostCopies(state.device)), frozen)
-    with torch.no_grad():
-        comps = state.generator.generate_completions(prompts, params, seed_keys=prompt_ids)
-    state.generator.release()
-    for o in opts:  # back on a side stream, overlapping the scoring passes (the update waits for it)
-        onload_state(o)
-    for name, model, _ in idle:  # (the scoring passes read them next)
-        onload_weights(model, state.model_copies[name])
+    try:
+        with torch.no_grad():
+            comps = state.generator.generate_completions(prompts, params, seed_keys=prompt_ids)
+        state.generator.release()
+    finally:  # (the weights first: the scoring passes wait for them, the optimizer state only the update does)
+        for name, model, _ in idle:
+            onload_weights(model, state.model_copies[name])
+        for o in opts:  # back on a side stream, overlapping the scoring passes
+            onload_state(o)
     offsets = [0]
     for c in comps:
         if not c.tokens:

@@ -27,8 +27,6 @@ from engine.rollout import idle_models
 from engine.tokenizer import PromptSet, check_vocabularies, load_prompts, load_tokenizer, response_stop_ids
 from engine.tracking import Tracker, check_available
 
-IDLE_MODEL_SETTINGS = ("auto", "off", "rollouts")
-
 
 @dataclass
 class RunConfig:
@@ -164,9 +162,7 @@ def setup(
     if not (run.policy and run.reward and run.prompts):
         raise ValueError("--policy, --reward and --prompts are all needed (or no flag at all for the tiny default)")
     memory_plan.check_offload_setting(run.offload_optimizer)
-    if run.offload_idle_models not in IDLE_MODEL_SETTINGS:
-        raise ValueError(f"--offload-idle-models must be one of {', '.join(IDLE_MODEL_SETTINGS)}, got "
-                         f"{run.offload_idle_models!r}")  # fmt: skip
+    memory_plan.check_offload_setting(run.offload_idle_models, "--offload-idle-models")
     grid = grid or init_process_grid(run.tp, timeout_minutes=run.dist_timeout_minutes)
     check_batch_sizes(cfg, grid)  # before loading four models
     check_available(run.wandb_project, grid.rank)
@@ -229,6 +225,7 @@ def check_memory(cfg: PPOConfig, run: RunConfig, grid: ProcessGrid, device: torc
             line, resident = memory_plan.plan_for(
                 run.offload_optimizer, configs, dtype, grid.tp, grid.dp, run.distributed_optimizer, free, cache,
                 host=memory_plan.host_available(), local_ranks=memory_plan.local_ranks(),
+                idle_models=run.offload_idle_models,
             )  # fmt: skip
         except ValueError as e:
             error = e
@@ -309,8 +306,11 @@ def decide_offload(state: TrainState) -> tuple[bool, bool]:
     and optimizers hold now; every rank alike (offloading only if every rank would: their memory differs a little).
     Returns (the optimizer state, the idle models' weights) in host memory during rollouts."""
     run, cfg, dev = state.run, state.cfg, state.device
-    nbytes = sum(state_bytes(o) for o in (state.policy_opt, state.value_opt))
-    mbytes = sum(weight_bytes(m) for _, m, _ in idle_models(state))
+    memory_plan.check_offload_setting(run.offload_optimizer)
+    memory_plan.check_offload_setting(run.offload_idle_models, "--offload-idle-models")
+    nbytes = sum(state_bytes(o) for o in (state.policy_opt, state.value_opt) if o is not None)
+    idle = idle_models(state)
+    mbytes = sum(weight_bytes(m) for _, m, _ in idle)
     wanted = min(run.gen_max_num_seqs, cfg.rollout_batch_size * cfg.samples_per_prompt // state.grid.dp)
     budget, per_seq = 0, 1
     if dev.type == "cuda" and {run.offload_optimizer, run.offload_idle_models} & {"auto", "rollouts"}:
@@ -323,8 +323,12 @@ def decide_offload(state: TrainState) -> tuple[bool, bool]:
     host, ranks, out = memory_plan.host_available(), memory_plan.local_ranks(), []
     for setting, nb, what, flag in (
         (run.offload_optimizer, nbytes, "optimizer state", "--offload-optimizer"),
-        (run.offload_idle_models, mbytes, "idle models' weights (reference, reward, value)", "--offload-idle-models"),
-    ):
+        (run.offload_idle_models, mbytes, f"idle models' weights ({', '.join(n for n, _, _ in idle)})",
+         "--offload-idle-models"),
+    ):  # fmt: skip
+        if nb == 0:  # (--eval-only has no optimizer)
+            out.append(False)
+            continue
         on, line, error = False, "", None
         try:
             seqs = (budget // per_seq, (budget + nb) // per_seq)
@@ -333,7 +337,7 @@ def decide_offload(state: TrainState) -> tuple[bool, bool]:
             error = e
         raise_together(error, f"deciding {flag}")
         (every,) = agree([int(on)], "min")
-        print0(line if every == on else f"{what}: on the GPU throughout (another rank has no room to offload it)")
+        print0(line if every == on else f"{what}: on the GPU throughout (another rank has no room to offload)")
         out.append(bool(every))
         if every and setting != "always":  # what the next decision starts from: a larger cache, less host memory
             budget, host = budget + nb, host - nb * ranks  # (a host-resident state is counted in both already)
@@ -363,6 +367,7 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     state = TrainState(cfg, run, grid, device, policy, ref, None, reward, None, None, None, None, stops, tokenizer_dir,
                        0, 0)  # fmt: skip
     state.tokenizer, state.eval_prompts = tokenizer, eval_set
+    state.offload, state.offload_models = decide_offload(state)  # (the reference's and reward model's weights)
     state.generator = (generator_factory or make_generator)(policy, cfg, run)
     state.tracker = Tracker(state)
     return state

@@ -156,15 +156,34 @@ def test_eval_holdout_takes_the_evaluation_set_out_of_the_training_prompts(tmp_p
 
 def test_eval_only_reproduces_the_evaluation_after_training(tmp_path):
     """--eval-only of a checkpoint's policy against the initial one (--reference) gives the evaluation the run made
-    after that iteration (the same stream, the same models), without building a value model or optimizers."""
+    after that iteration (the same stream, the same models), without building a value model or optimizers (here
+    with the reference's and reward model's weights in host memory during generation)."""
     from engine.train_ppo import main
 
     _run(tmp_path / "run", "--max-iterations", "2")
     ckpt, init = latest_checkpoint(str(tmp_path / "run")), tmp_path / "run/init"
     with dispatch.reference_ops():
-        (only,) = main(["--eval-only", "--policy", f"{ckpt}/policy", "--reference", str(init / "policy"),
-                        "--reward", str(init / "reward"), "--eval-prompts", TINY_EVAL_PROMPTS, "--output-dir",
-                        str(tmp_path / "only"), "--max-prompt-len", "128", "--max-new-tokens", "8"])  # fmt: skip
+        (only,) = main(
+            [
+                "--eval-only",
+                "--policy",
+                f"{ckpt}/policy",
+                "--reference",
+                str(init / "policy"),
+                "--reward",
+                str(init / "reward"),
+                "--eval-prompts",
+                TINY_EVAL_PROMPTS,
+                "--output-dir",
+                str(tmp_path / "only"),
+                "--max-prompt-len",
+                "128",
+                "--max-new-tokens",
+                "8",
+                "--offload-idle-models",
+                "rollouts",
+            ]
+        )  # fmt: skip (the reference and RM to host while sampling)
     during = _lines(tmp_path / "run/eval.jsonl")[-1]
     assert during["iteration"] == 2 and during["kl"] > 0
     for k in evaluate.EVAL_KEYS:

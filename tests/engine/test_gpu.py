@@ -218,32 +218,42 @@ def test_memory_plan_is_what_cuda_allocates():
 
 
 def test_idle_model_weights_free_their_gpu_memory_during_generation(tmp_path, monkeypatch):
-    """--offload-idle-models rollouts: while the generator runs, the reference's, reward model's and value model's
-    weights are off the GPU (the memory allocated is lower by their bytes) in page-locked buffers, and back after."""
-    from engine import offload, trainer
+    """--offload-idle-models rollouts over two iterations and three evaluations: each generation frees the
+    reference's, reward model's and value model's weights from the GPU (the memory allocated lower by their bytes)
+    into page-locked buffers (the frozen two copied only the first time), and the run's metrics and evaluations are
+    those of a run that kept them there (the copies back are waited for before scoring)."""
+    from engine import offload, rollout, trainer
     from engine import state as state_mod
     from engine.train_ppo import parse_args, prepare_tiny
+    from tests.engine.test_trainer import TIMING
 
-    cfg, run, _ = parse_args(["--device", "cuda", "--output-dir", str(tmp_path), "--max-iterations", "1",
-                              "--rollout-batch-size", "8", "--train-batch-size", "4", "--max-new-tokens", "8",
-                              "--offload-idle-models", "rollouts"])  # fmt: skip
-    state = state_mod.setup(cfg, prepare_tiny(run))
-    idle = [state.ref, state.reward, state.value]
-    nbytes = sum(offload.weight_bytes(m) for m in idle)
-    torch.cuda.synchronize()
-    before, during = torch.cuda.memory_allocated(CUDA), []
-    generate = state.generator.generate_completions
+    def run(out, setting):
+        cfg, run, _ = parse_args(["--device", "cuda", "--output-dir", str(out), "--max-iterations", "2",
+                                  "--eval-every", "1", "--rollout-batch-size", "8", "--train-batch-size", "4",
+                                  "--max-new-tokens", "8", "--offload-idle-models", setting])  # fmt: skip
+        state = state_mod.setup(cfg, prepare_tiny(run))
+        assert state.offload_models == (setting == "rollouts")
+        return trainer.train(state), state.evals
 
-    def spy(*args, **kw):
+    seen, real = [], offload.offload_weights
+
+    def spy(model, copies, frozen):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated(CUDA)
+        real(model, copies, frozen)
         torch.empty(1, device=CUDA)  # (the allocator releases blocks whose copies finished when it next looks)
-        during.append(torch.cuda.memory_allocated(CUDA))
-        assert all(p.device.type == "cpu" and p.is_pinned() for m in idle for p in m.parameters())
-        return generate(*args, **kw)
+        pinned = all(p.device.type == "cpu" and p.is_pinned() for p in model.parameters())
+        seen.append((before - torch.cuda.memory_allocated(CUDA) >= offload.weight_bytes(model) - 512, pinned, frozen))
 
-    monkeypatch.setattr(state.generator, "generate_completions", spy)
-    trainer.ppo_iteration(state)
-    assert before - during[0] >= nbytes - 512, (before, during, nbytes)
-    assert all(p.is_cuda for m in idle for p in m.parameters())
+    monkeypatch.setattr(rollout, "offload_weights", spy)
+    history, evals = run(tmp_path / "on", "rollouts")
+    assert len(seen) == 3 * 5 and all(freed and pinned for freed, pinned, _ in seen), seen
+    assert sum(frozen for *_, frozen in seen) == 10
+    off_history, off_evals = run(tmp_path / "off", "off")
+    for a, b in zip(history + evals, off_history + off_evals, strict=True):
+        for k, v in b.items():
+            if k not in TIMING and not k.startswith("mem_gib") and k != "gen_graph_captures":  # (memory, layout)
+                assert a[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
 
 
 def test_offloaded_optimizer_state_frees_its_gpu_memory_and_comes_back():

@@ -49,6 +49,11 @@ class FakeHub:
         dst = self.cache / repo.replace("/", "--") / (revision or "main")
         if local_files_only and not dst.exists():
             raise FileNotFoundError(f"{repo}: no snapshot in the local cache")
+        if local_files_only and repo in self.repos:  # (huggingface_hub checks the cached snapshot is whole)
+            wanted = [f for f in os.listdir(self.repos[repo]) if any(fnmatch.fnmatch(f, p) for p in allow_patterns)]
+            missing = [f for f in wanted if not (dst / f).exists()]
+            if missing:
+                raise FileNotFoundError(f"{repo}: {len(missing)} file(s) are missing from the cached snapshot")
         if not local_files_only:
             files = self.list_repo_files(repo, revision)  # (raises for a repo it does not have, before any directory)
             dst.mkdir(parents=True, exist_ok=True)
@@ -62,6 +67,7 @@ class FakeHub:
 def fake_hub(tmp_path, monkeypatch):
     build_tiny_models(str(tmp_path / "src"), seed=0)
     open(tmp_path / "src/policy/training_args.bin", "wb").close()  # a trainer's file: not fetched
+    open(tmp_path / "src/policy/pytorch_model.bin", "wb").close()  # the other weight format: not fetched
     fake = FakeHub({"org/policy": str(tmp_path / "src/policy"), "org/rm": str(tmp_path / "src/reward")},
                    tmp_path / "cache")  # fmt: skip
     monkeypatch.setattr(huggingface_hub, "list_repo_files", fake.list_repo_files)
@@ -124,7 +130,9 @@ def test_other_local_ranks_and_offline_nodes_read_the_cache(tmp_path, fake_hub, 
     fake_hub.calls.clear()
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert hub.resolve(["org/policy", None, local]) == [cached, None, local]
-    assert fake_hub.calls == [("org/policy", None, tuple(hub.KEEP + ["*.safetensors", "pytorch_model*.bin"]), True)]
+    # the weight format the cached snapshot holds (a repo with both formats: only the one local rank 0 fetched)
+    assert fake_hub.calls == [("org/policy", None, tuple(hub.KEEP), True),
+                              ("org/policy", None, tuple(hub.KEEP + ["*.safetensors"]), True)]  # fmt: skip
     monkeypatch.setenv("LOCAL_RANK", "0")
     fake_hub.offline = True
     assert hub.resolve(["org/policy"]) == [cached]

@@ -104,6 +104,17 @@ def test_optimizer_state_in_host_memory_lets_fewer_gpus_train():
     with pytest.raises(ValueError, match=r"\(--offload-optimizer rollouts\) needs"):
         memory_plan.plan_for("rollouts", configs, torch.bfloat16, 8, 1, False, free, host=100 * GiB, local_ranks=8)
     assert memory_plan.plan_for("off", configs, torch.bfloat16, 8, 1, False, free, host=GiB, local_ranks=8)[1] is False
+    # --offload-idle-models rollouts: the reference's, value model's and reward model's bf16 weights, 8 ranks' of them,
+    # in what the host has left beside the optimizer state
+    lm8, score8 = c.num_params("lm", 8), c.num_params("score", 8)
+    state8, idle8 = 12 * (lm8 + score8), 2 * (lm8 + 2 * score8)
+    args = ("rollouts", configs, torch.bfloat16, 8, 1, False, free)
+    host = 8 * state8 + 8 * idle8 / 0.9  # (HOST_LIMIT: 90% of what is available, once the state has its share)
+    assert host > 8 * state8 / 0.9 + GiB  # (the idle models' check is the one that binds)
+    memory_plan.plan_for(*args, host=int(host) + GiB, local_ranks=8, idle_models="rollouts")
+    with pytest.raises(ValueError, match=r"the idle models' weights in host memory \(--offload-idle-models rollouts\)"):
+        memory_plan.plan_for(*args, host=int(host) - GiB, local_ranks=8, idle_models="rollouts")
+    memory_plan.plan_for(*args, host=int(host) - GiB, local_ranks=8, idle_models="auto")  # (decided after loading)
 
 
 def _tokens(out: str, which: int = 0) -> int:

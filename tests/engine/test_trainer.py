@@ -472,7 +472,8 @@ def test_dp2_tp2_matches_one_process(tmp_path):
 
 def test_dp2_distributed_optimizer_resumes_exactly(tmp_path):
     """DP=2 with the optimizer sharded over the ranks: two iterations straight equal one + --resume + one (weights,
-    metrics, each rank's shard of the Adam moments), also with the state in host memory throughout, and the unsharded
+    metrics, each rank's shard of the Adam moments), also with the state in host memory throughout (and the idle
+    models' weights during the resumed run's rollout), and the unsharded
     optimizer's run; resuming a sharded checkpoint without sharding is refused with a clear error."""
     straight = _torchrun(tmp_path, 2, "a", "--max-iterations", "2")
     first = _torchrun(tmp_path, 2, "b", "--max-iterations", "1")
@@ -504,7 +505,18 @@ def test_dp2_distributed_optimizer_resumes_exactly(tmp_path):
         torch.testing.assert_close(straight[0]["policy"][k], v, atol=1e-6, rtol=1e-5)
     # the state in host memory throughout (--offload-optimizer always), checkpointed and resumed: the same run
     resident = _torchrun(tmp_path, 2, "d", "--max-iterations", "1", "--offload-optimizer", "always")
-    resident += _torchrun(tmp_path, 2, "d", "--max-iterations", "2", "--resume", "--offload-optimizer", "always")
+    resident += _torchrun(
+        tmp_path,
+        2,
+        "d",
+        "--max-iterations",
+        "2",
+        "--resume",
+        "--offload-optimizer",
+        "always",
+        "--offload-idle-models",
+        "rollouts",
+    )  # (and the idle models' weights during the rollout)
     assert _no_timing(resident[0]["history"] + resident[2]["history"]) == _no_timing(straight[0]["history"])
     # the sharded optimizer re-gathered for a resume without sharding
     third = _torchrun(tmp_path, 2, "b", "--max-iterations", "3", "--resume", "--no-distributed-optimizer")
