@@ -68,7 +68,7 @@ bench() {  # name, cap, command...: a bench that writes <name>.json
 # serving every worker; pytest-timeout stops a hung test before it eats the call.
 xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 per_test=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120")
-step gpu_tests 180 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test tests/engine/test_gpu.py
+step gpu_tests 210 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test tests/engine/test_gpu.py
 bench rope_attention 90 "$PY" bench/bench_rope_attention.py                    # issue 4's figures
 bench rollout_b64 150 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 \
   --prompt-len 128 --gen-len 256                                                # issue 5's figures (HF dynamic cache)

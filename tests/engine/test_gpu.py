@@ -218,7 +218,7 @@ def test_memory_plan_is_what_cuda_allocates():
 
 
 def test_idle_model_weights_free_their_gpu_memory_during_generation(tmp_path, monkeypatch):
-    """--offload-idle-models rollouts over two iterations and three evaluations: each generation frees the
+    """--offload-idle-models rollouts over an iteration and two evaluations: each generation frees the
     reference's, reward model's and value model's weights from the GPU (the memory allocated lower by their bytes)
     into page-locked buffers (the frozen two copied only the first time), and the run's metrics and evaluations are
     those of a run that kept them there (the copies back are waited for before scoring)."""
@@ -228,7 +228,7 @@ def test_idle_model_weights_free_their_gpu_memory_during_generation(tmp_path, mo
     from tests.engine.test_trainer import TIMING
 
     def run(out, setting):
-        cfg, run, _ = parse_args(["--device", "cuda", "--output-dir", str(out), "--max-iterations", "2",
+        cfg, run, _ = parse_args(["--device", "cuda", "--output-dir", str(out), "--max-iterations", "1",
                                   "--eval-every", "1", "--rollout-batch-size", "8", "--train-batch-size", "4",
                                   "--max-new-tokens", "8", "--offload-idle-models", setting])  # fmt: skip
         state = state_mod.setup(cfg, prepare_tiny(run))
@@ -247,8 +247,8 @@ def test_idle_model_weights_free_their_gpu_memory_during_generation(tmp_path, mo
 
     monkeypatch.setattr(rollout, "offload_weights", spy)
     history, evals = run(tmp_path / "on", "rollouts")
-    assert len(seen) == 3 * 5 and all(freed and pinned for freed, pinned, _ in seen), seen
-    assert sum(frozen for *_, frozen in seen) == 10
+    assert len(seen) == 3 * 3 and all(freed and pinned for freed, pinned, _ in seen), seen
+    assert sum(frozen for *_, frozen in seen) == 6  # (copied out at the first generation only)
     off_history, off_evals = run(tmp_path / "off", "off")
     for a, b in zip(history + evals, off_history + off_evals, strict=True):
         for k, v in b.items():
