@@ -351,6 +351,7 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
         raise ValueError("--eval-only needs --policy, --reward and --eval-prompts")
     if run.eval_holdout:
         raise ValueError("--eval-only takes --eval-prompts (--eval-holdout draws from a training set)")
+    memory_plan.check_offload_setting(run.offload_idle_models, "--offload-idle-models")
     check_available(run.wandb_project, grid.rank)
     light = resolve_run(run, weights=False)  # (as in setup)
     tokenizer_dir = light.tokenizer or light.policy

@@ -192,3 +192,17 @@ def test_eval_only_reproduces_the_evaluation_after_training(tmp_path):
     assert answers(tmp_path / "only/eval/iter-000000.jsonl") == answers(tmp_path / "run/eval/iter-000002.jsonl")
     with pytest.raises(ValueError, match="--eval-only needs --policy, --reward and --eval-prompts"):
         main(["--eval-only", "--policy", f"{ckpt}/policy", "--reward", str(init / "reward")])
+    with pytest.raises(ValueError, match="--offload-idle-models must be one of auto, off, rollouts, got 'always'"):
+        main(
+            [
+                "--eval-only",
+                "--policy",
+                "/nowhere",
+                "--reward",
+                "/nowhere",
+                "--eval-prompts",
+                TINY_EVAL_PROMPTS,
+                "--offload-idle-models",
+                "always",
+            ]
+        )  # fmt: skip (refused before anything is read)
