@@ -2,7 +2,7 @@
 # Every GPU figure bench/RESULTS.md owes, under one deadline (one device call):
 #   bash bench/run_gpu_suite.sh OUT_DIR [NAME ...]
 #   SUITE_BUDGET_S=540 bash bench/run_gpu_suite.sh "$OUT" first     # a first lease: the headline checks
-# NAMEs: gpu_tests kernel_tests (or tests: both) gae logprob rope_attention rope_sweep paged_attention
+# NAMEs: gpu_tests kernel_tests (or tests: both) offload gae logprob rope_attention rope_sweep paged_attention
 # paged_attention_fp8 paged_sweep paged_sweep_fp8 rmsnorm_swiglu sampling rollout_b64 rollout_b64_hf_static rollout_b1
 # rollout_b64_sync rollout_b64_fp8 rollout_ppo_like ppo_step ppo_step_offload
 # ppo_step_resident; the group `first` is what a 15-minute lease can hold
@@ -77,6 +77,7 @@ bench rollout_b1 100 "$PY" bench/rollout_throughput.py --model llama2-13b --rand
 bench paged_attention 60 "$PY" bench/bench_paged_attention.py
 bench logprob 60 "$PY" bench/bench_logprob.py
 step kernel_tests 300 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test tests/kernels
+bench offload 90 "$PY" bench/bench_offload.py   # PCIe rates, a streamed Adam step, the offload settings' cost
 bench gae 40 "$PY" bench/bench_gae.py
 bench rmsnorm_swiglu 60 "$PY" bench/bench_rmsnorm_swiglu.py
 bench sampling 40 "$PY" bench/bench_sampling.py

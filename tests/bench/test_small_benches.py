@@ -36,3 +36,15 @@ def test_activation_memory_bench_smoke(tmp_path):
     (row,) = main(["--micro-batch-tokens", "100", "--json", str(tmp_path / "a.json")])
     assert row["layer_bytes_per_token"] > row["checkpoint_bytes_per_token"] > 0
     assert row["micro_batch_keep_all_gib"] == 100 * 2 * row["layer_bytes_per_token"] / 2**30
+
+
+def test_offload_bench_smoke(tmp_path):
+    """The offload bench's copies and Adam steps run (host to host on CPU), and its recipe figures follow the
+    memory plan's bytes (the optimizer state at TP 8: 36.1 GiB per GPU each way)."""
+    from bench.bench_offload import main
+
+    out = main(["--reps", "1", "--json", str(tmp_path / "o.json")])
+    assert all(rate > 0 for rate in out["copies_gb_s"].values()) and len(out["copies_gb_s"]) == 8
+    assert set(out["adam_seconds"]) == {"state on the device (fused Adam)", "state in host memory (streamed)"}
+    (rollouts,) = [r for r in out["recipe"] if r["tp"] == 8 and r["setting"] == "--offload-optimizer rollouts"]
+    assert f"{rollouts['gb_out'] * 1e9 / 2**30:.1f}" == "36.1" and (tmp_path / "o.json").exists()
