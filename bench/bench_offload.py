@@ -1,7 +1,7 @@
 """What moving state between the GPU and pinned host memory costs (engine/offload.py): the figures the offload settings
 (--offload-optimizer, --offload-idle-models) are chosen on, and what each costs the recipe per PPO iteration.
 
-    python bench/bench_offload.py                       # 1 GiB each way, an Adam step of 1B parameters on CUDA
+    python bench/bench_offload.py                       # 1 GiB each way, a step of about 1B parameters on CUDA
     python bench/bench_offload.py --gib 4 --json offload.json
 
 Copies, in GB/s of the same bytes: ours (engine.offload.HostCopies: one page-locked block, side streams) out to the
@@ -131,7 +131,7 @@ def adam_seconds(config: ModelConfig, device: torch.device, reps: int) -> dict[s
             optimizer_step(opt, 1e-6, cfg, ProcessGrid())
 
         out[name] = _best(step, device, reps)
-        del opt
+        del opt, step
         if device.type == "cuda":
             torch.cuda.empty_cache()
     out["parameters"] = sum(p.numel() for p in model.parameters())
@@ -186,7 +186,8 @@ def main(argv=None) -> dict:
         print(f"  {name:<40}{rate:>10.1f} GB/s")
     adam = adam_seconds(config, device, a.reps)
     n = adam.pop("parameters")
-    print(f"Adam step, {n / 1e9:.3f}B parameters ({config.num_layers} layers of the {shape} shape)")
+    print(f"optimizer step (grads in, norm, clip, Adam), {n / 1e9:.3f}B parameters ({config.num_layers} layers of "
+          f"the {shape} shape)")  # fmt: skip
     for name, sec in adam.items():
         print(f"  {name:<40}{sec * 1e3:>10.1f} ms{sec / n * 1e9:>10.2f} s per 1B parameters")
     costs = recipe_costs(rates)

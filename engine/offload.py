@@ -196,9 +196,14 @@ def _whole_pages(nbytes: int) -> torch.Tensor:
     return torch.frombuffer(mmap.mmap(-1, length), dtype=torch.uint8)  # (the tensor keeps the mapping alive)
 
 
+_UNLOCK_LATER: list[torch.Tensor] = []  # blocks collected while a CUDA graph was being captured
+
+
 def _page_lock(owner: HostCopies, block: torch.Tensor) -> None:
     """Register `block` with CUDA (page-locked: copies to and from it run asynchronously at full speed) until
     `owner` is collected."""
+    while _UNLOCK_LATER:
+        _unlock(_UNLOCK_LATER.pop())
     cudart = torch.cuda.cudart()
     nbytes = block.numel()
     err = int(cudart.cudaHostRegister(block.data_ptr(), nbytes, 0))
@@ -212,6 +217,9 @@ def _page_lock(owner: HostCopies, block: torch.Tensor) -> None:
 
 def _unlock(block: torch.Tensor) -> None:
     try:
+        if torch.cuda.is_current_stream_capturing():  # (a collection during a capture: synchronizing would end it)
+            _UNLOCK_LATER.append(block)
+            return
         torch.cuda.synchronize()  # (no copy may still be using it)
         torch.cuda.cudart().cudaHostUnregister(block.data_ptr())
     except Exception:  # (at interpreter exit the CUDA runtime may be gone: the process frees everything anyway)

@@ -57,3 +57,27 @@ def _kernel_tests_on_device(request):
         yield
     finally:
         torch.set_default_device(None)
+
+
+GPU_TEST_CACHE_BYTES = 2**30  # each test generator's KV cache under test_gpu.py on a GPU
+
+
+@pytest.fixture(autouse=True)
+def _one_gpu_shared_by_workers(request, monkeypatch):
+    """tests/engine/test_gpu.py on a GPU runs in several pytest-xdist workers sharing the device: each generator's KV
+    cache gets a fixed GiB instead of 90% of the device less what is in use (the first worker's cache would leave the
+    others none, and their activation-checkpointing plans would see a full device), and the attention kernels keep
+    one autotune config (each other config is a compilation in every worker; tests/kernels tries them all)."""
+    if not (torch.cuda.is_available() and request.node.path.as_posix().endswith("tests/engine/test_gpu.py")):
+        yield
+        return
+    import engine.generate
+    import engine.state
+    from kernels import rope_attention, rope_attention_bwd
+
+    fixed = lambda device, fraction=0.9, reserved_bytes=0: GPU_TEST_CACHE_BYTES  # noqa: E731
+    monkeypatch.setattr(engine.generate, "cuda_cache_budget", fixed)
+    monkeypatch.setattr(engine.state, "cuda_cache_budget", fixed)
+    for tuned in (rope_attention._fwd_tuned, rope_attention_bwd._dkdv_tuned, rope_attention_bwd._dq_tuned):
+        monkeypatch.setattr(tuned, "configs", tuned.configs[:1])
+    yield

@@ -815,3 +815,32 @@ def test_offload_decisions_follow_one_another(tmp_path, monkeypatch, capsys):
     assert (o, m) == (True, True) and f"holds {(2 * per_seq + nbytes + mbytes) // per_seq} instead of " in out
     (o, m), out = decide("off", "off")
     assert (o, m) == (False, False)
+
+
+def test_a_host_block_collected_during_a_graph_capture_is_unregistered_later(monkeypatch):
+    """A host block's finalizer (engine.offload._unlock) run by a garbage collection during a CUDA graph capture must
+    not synchronize (that would end the capture): the block waits, and the next registration unregisters it."""
+    calls = []
+
+    class FakeCudart:
+        def cudaHostRegister(self, ptr, nbytes, flags):
+            calls.append(("register", ptr))
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            calls.append(("unregister", ptr))
+
+    capturing = [True]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append(("synchronize", None)))
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart())
+    old, new = offload._whole_pages(10), offload._whole_pages(10)
+    offload._unlock(old)
+    assert calls == [] and offload._UNLOCK_LATER == [old]
+    capturing[0] = False
+    owner = offload.HostCopies(torch.device("cpu"))
+    offload._page_lock(owner, new)
+    assert calls == [("synchronize", None), ("unregister", old.data_ptr()), ("register", new.data_ptr())]
+    assert offload._UNLOCK_LATER == []
+    del owner  # (its finalizer unregisters the new block, no capture running)
+    assert calls[-1] == ("unregister", new.data_ptr())
