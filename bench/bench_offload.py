@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,23 +34,18 @@ from engine.model import Transformer  # noqa: E402
 from engine.offload import HostCopies  # noqa: E402
 from engine.optim import accumulate_grads, make_optimizer, optimizer_step  # noqa: E402
 from engine.parallel import ProcessGrid  # noqa: E402
+from engine.trainer import clock  # noqa: E402
 
 GB = 1e9
-
-
-def _sync(device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def _best(fn, device, reps: int, after=None) -> float:
     """Seconds of the fastest of `reps` calls of fn (after one warm-up); after(), untimed, follows each call."""
     times = []
     for _ in range(reps + 1):
-        t0 = _sync(device)
+        t0 = clock(device)
         fn()
-        times.append(_sync(device) - t0)
+        times.append(clock(device) - t0)
         if after is not None:
             after()
     return min(times[1:])
@@ -141,17 +135,17 @@ def adam_seconds(config: ModelConfig, device: torch.device, reps: int) -> dict[s
 def recipe_costs(rates: dict[str, float]) -> list[dict]:
     """Bytes each offload setting moves per GPU and PPO iteration for the recipe's four 13B models, and seconds at the
     measured rates (8 optimizer steps of both trained models per iteration)."""
-    c = ModelConfig.named("llama2-13b")
+    c, cfg = ModelConfig.named("llama2-13b"), PPOConfig()
+    steps = cfg.ppo_epochs * cfg.rollout_batch_size // cfg.train_batch_size  # optimizer steps of both models
     rows = []
     for tp in (8, 4):
         numels = {"policy": c.num_params("lm", tp), "reference": c.num_params("lm", tp),
                   "value": c.num_params("score", tp), "reward": c.num_params("score", tp)}  # fmt: skip
         state = fixed_bytes(numels, ("policy", "value"), torch.bfloat16, 1, False)[STATE]
-        trained = numels["policy"] + numels["value"]
         idle_in = 2 * (numels["reference"] + numels["value"] + numels["reward"])
-        moves = [
-            ("--offload-optimizer rollouts", state, state),  # (out, in) bytes per iteration
-            ("--offload-optimizer always", 8 * 12 * trained, 8 * 12 * trained),  # masters + moments, out and in
+        moves = [  # (out, in) bytes per iteration
+            ("--offload-optimizer rollouts", state, state),  # (once around the rollout)
+            ("--offload-optimizer always", steps * state, steps * state),  # (through the device at each step)
             ("--offload-idle-models rollouts", 2 * numels["value"], idle_in),  # (the frozen two: in only)
         ]
         for name, out_b, in_b in moves:
@@ -168,9 +162,7 @@ def recipe_costs(rates: dict[str, float]) -> list[dict]:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gib", type=float, default=1.0, help="bytes moved each way per copy measurement (GiB)")
-    ap.add_argument(
-        "--layers", type=int, default=8, help="layers of the llama2-7b-shaped model whose Adam step is timed"
-    )
+    ap.add_argument("--layers", type=int, default=4, help="layers of the llama2-7b shape whose optimizer step is timed")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     a = ap.parse_args(argv)

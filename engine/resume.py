@@ -8,7 +8,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 import shutil
+import sys
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -128,10 +131,6 @@ def record_launch(state: TrainState) -> None:
 
 
 def _append_launch(state: TrainState) -> None:
-    import platform
-    import sys
-    import time
-
     import transformers
     import triton
 

@@ -152,7 +152,8 @@ def train_rollout(state: TrainState, ro: Rollout) -> dict[str, torch.Tensor]:
     return sums
 
 
-def _sync(device: torch.device) -> float:
+def clock(device: torch.device) -> float:
+    """perf_counter() once the device has finished what was queued (phase timing, benchmarks)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
@@ -170,22 +171,22 @@ def _peak_gib(device: torch.device) -> float:
 def ppo_iteration(state: TrainState) -> dict:
     """One rollout + its updates; returns the iteration's metrics (global over DP ranks)."""
     dev = state.device
-    t0 = _sync(dev)
+    t0 = clock(dev)
     _peak_gib(dev)
     prompt_ids, prompts = next(state.data)
     with record_function("ppo/generate"):
         ro = generate_rollout(state, prompts, prompt_ids)
-    t1 = _sync(dev)
+    t1 = clock(dev)
     peak_generate = _peak_gib(dev)
     with record_function("ppo/score"):
         score_rollout(state, ro)
-    t2 = _sync(dev)
+    t2 = clock(dev)
     peak_score = _peak_gib(dev)
     log_samples(state, ro)
     plan_recompute(state)
     with record_function("ppo/train"):
         train = train_rollout(state, ro)
-    t3 = _sync(dev)  # (the generator returns cached training memory to the device when it sizes its cache)
+    t3 = clock(dev)  # (the generator returns cached training memory to the device when it sizes its cache)
     peak_train = _peak_gib(dev)
     sums = dict(train)
     penalized = ppo.scores_with_eos_penalty(ro.scores, ro.hit_eos, state.cfg.missing_eos_penalty)
