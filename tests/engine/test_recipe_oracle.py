@@ -24,16 +24,32 @@ the EOS penalty's condition, the value clip dropped or doubled, gamma in GAE's l
 comparison, a loss metric scaled by 1e-4, a micro-batch's loss divided by its own tokens, no LR decay after the
 warmup, the grad-norm clip applied to norms under the limit, every response marked as ended by EOS, the Triton GAE
 kernel's gamma * lambda off by 1e-3.
+
+The engine's options beyond the recipe run against the same oracle in two more iterations (reference ops): "epochs"
+(two PPO epochs, the second in a fresh order of the rollout's sequences; two samples per prompt; the k3 estimator;
+rewards whitened over the rollout with their mean kept, TRL's variant; advantages not whitened; no grad-norm clip; a
+constant LR after the warmup) and "easylm" (EasyLM's quirk: old log-probs recomputed by the current policy before each
+minibatch, so every ratio is 1; the k2 estimator; AdamW's decoupled weight decay). Where the recipe leaves the order
+of a later epoch open, the oracle takes the engine's and checks that it is a permutation of the rollout. Each of these
+changes to the engine fails one of them: k3's log term halved, k2 without its 1/2, whitened rewards without their mean,
+advantages whitened when asked not to, a grad clip of 1 when asked for none, the constant schedule decaying, the quirk
+ignored, the weight decay dropped or coupled (Adam's L2), a later epoch's ratio taken against the sampler's log-probs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections import Counter
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM, LlamaForSequenceClassification, get_linear_schedule_with_warmup
+from transformers import (
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    get_constant_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
 
 from engine import state as state_mod
 from engine import trainer
@@ -49,6 +65,15 @@ F64 = torch.float64
 # steps warm up and decay; a grad-norm clip some steps exceed and some do not)
 FLAGS = ["--rollout-batch-size", "8", "--train-batch-size", "2", "--max-new-tokens", "12", "--learning-rate", "3e-3",
          "--micro-batch-tokens", "30", "--warmup-ratio", "0.02", "--max-grad-norm", "5.0"]  # fmt: skip
+# the options beyond the recipe (the later flag of a pair wins): see the module's docstring; the epochs variant's
+# warmup ratio makes four of its 384 steps warm up, so its eight steps take both halves of the schedule
+VARIANTS = {
+    "recipe": [],
+    "epochs": ["--ppo-epochs", "2", "--samples-per-prompt", "2", "--rollout-batch-size", "4", "--kl-estimator", "k3",
+               "--whiten-rewards", "--no-whiten-advantages", "--max-grad-norm", "0", "--lr-schedule", "constant",
+               "--warmup-ratio", "0.01"],
+    "easylm": ["--recompute-old-logprobs-per-minibatch", "--kl-estimator", "k2", "--weight-decay", "0.5"],
+}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- the oracle --
@@ -84,39 +109,55 @@ class RecipeOracle:
         self.opts, self.scheds, self.lrs = {}, {}, []
         warmup = math.ceil(cfg.warmup_ratio * total_steps)  # (HF Trainer's warmup steps from a ratio)
         for name, model in (("policy", self.policy), ("value", self.value)):
-            opt = torch.optim.Adam(
+            opt = torch.optim.AdamW(  # (Adam with decoupled weight decay; the recipe's decay is 0: plain Adam)
                 model.parameters(), lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
-                weight_decay=0.0,
+                weight_decay=cfg.weight_decay,
             )  # fmt: skip
-            self.opts[name], self.scheds[name] = opt, get_linear_schedule_with_warmup(opt, warmup, total_steps)
+            if cfg.lr_schedule == "linear":
+                sched = get_linear_schedule_with_warmup(opt, warmup, total_steps)
+            else:
+                assert cfg.lr_schedule == "constant", cfg.lr_schedule
+                sched = get_constant_schedule_with_warmup(opt, warmup)
+            self.opts[name], self.scheds[name] = opt, sched
 
     @torch.no_grad()
     def score(self, prompts, responses, hit_eos):
-        """Per sequence: old log-probs, reference log-probs, values, the RM score; rewards, advantages, returns."""
+        """Per sequence: old log-probs, reference log-probs, values, the RM score; KL, rewards, advantages, returns."""
         cfg, out = self.cfg, []
         for prompt, resp, eos in zip(prompts, responses, hit_eos):
             ids, p = prompt + resp, len(prompt)
             old, ref = _logprobs(self.policy, ids, p)[1], _logprobs(self.ref, ids, p)[1]
-            values = _values(self.value, ids, p)
             score = self.rm(input_ids=torch.tensor([ids])).logits[0, 0]  # transformers' pooling: the last token
-            rewards = [-cfg.kl_coef * (old[j] - ref[j]) for j in range(len(resp))]
+            log_ratio = old - ref  # log pi / ref of the sampled token; Schulman's estimators of KL(pi || ref):
+            kl = {"k1": log_ratio, "k2": 0.5 * log_ratio**2, "k3": torch.exp(-log_ratio) - 1 + log_ratio}
+            kl = kl[cfg.kl_estimator]
+            rewards = [-cfg.kl_coef * kl[j] for j in range(len(resp))]
             rewards[-1] = rewards[-1] + (score if eos else cfg.missing_eos_penalty)
-            adv, last = [0.0] * len(resp), 0.0
-            for j in reversed(range(len(resp))):
-                next_value = values[j + 1] if j + 1 < len(resp) else 0.0
+            out.append(dict(logprobs=old, ref_logprobs=ref, values=_values(self.value, ids, p), score=score, kl=kl,
+                            rewards=torch.stack(rewards)))  # fmt: skip
+        if cfg.whiten_rewards:  # over the rollout's response tokens, unbiased variance, the mean kept (TRL)
+            flat = torch.cat([s["rewards"] for s in out])
+            mean, std = flat.mean(), torch.sqrt(flat.var(unbiased=True) + 1e-8)
+            for s in out:
+                s["rewards"] = (s["rewards"] - mean) / std + mean
+        for s in out:
+            rewards, values, n = s["rewards"], s["values"], len(s["rewards"])
+            adv, last = [0.0] * n, 0.0
+            for j in reversed(range(n)):
+                next_value = values[j + 1] if j + 1 < n else 0.0
                 delta = rewards[j] + cfg.gamma * next_value - values[j]
                 last = delta + cfg.gamma * cfg.lam * last
                 adv[j] = last
-            adv = torch.stack([torch.as_tensor(a, dtype=F64) for a in adv])
-            out.append(dict(logprobs=old, ref_logprobs=ref, values=values, score=score,
-                            rewards=torch.stack(rewards), advantages=adv, returns=adv + values))  # fmt: skip
+            s["advantages"] = torch.stack([torch.as_tensor(a, dtype=F64) for a in adv])
+            s["returns"] = s["advantages"] + values
         return out
 
     def step(self, prompts, responses, scored):
         """One optimizer step of each model on a minibatch; returns its losses, grad norms and token stats."""
         cfg = self.cfg
         adv = torch.cat([s["advantages"] for s in scored])
-        adv = (adv - adv.mean()) / torch.sqrt(adv.var(unbiased=True) + 1e-8)  # whitened over the minibatch
+        if cfg.whiten_advantages:  # over the minibatch
+            adv = (adv - adv.mean()) / torch.sqrt(adv.var(unbiased=True) + 1e-8)
         n = adv.numel()
         stats = dict(clip_frac=0.0, entropy=0.0, ratio=0.0, approx_kl=0.0, value_clip_frac=0.0)
         policy_loss = value_loss = 0.0
@@ -125,7 +166,10 @@ class RecipeOracle:
             ids, p, a = prompt + resp, len(prompt), adv[at : at + len(resp)]
             at += len(resp)
             logp_all, logp = _logprobs(self.policy, ids, p)
-            ratio = torch.exp(logp - s["logprobs"])
+            old = s["logprobs"]
+            if cfg.recompute_old_logprobs_per_minibatch:  # EasyLM: the policy as this step found it
+                old = logp.detach()
+            ratio = torch.exp(logp - old)
             pg1, pg2 = -a * ratio, -a * ratio.clamp(1 - cfg.clip_ratio, 1 + cfg.clip_ratio)
             loss = torch.maximum(pg1, pg2).sum() / n
             loss.backward()
@@ -134,7 +178,7 @@ class RecipeOracle:
                 stats["clip_frac"] += (pg2 > pg1).sum().item()
                 stats["entropy"] += -(logp_all.exp() * logp_all).sum().item()
                 stats["ratio"] += ratio.sum().item()
-                stats["approx_kl"] += (0.5 * (logp - s["logprobs"]) ** 2).sum().item()
+                stats["approx_kl"] += (0.5 * (logp - old) ** 2).sum().item()
             v, old_v, ret = _values(self.value, ids, p), s["values"], s["returns"]
             v_clipped = old_v + (v - old_v).clamp(-cfg.clip_value, cfg.clip_value)
             l1, l2 = (v - ret) ** 2, (v_clipped - ret) ** 2
@@ -145,7 +189,10 @@ class RecipeOracle:
         norms = {}
         self.lrs.append(self.opts["policy"].param_groups[0]["lr"])
         for name, model in (("policy", self.policy), ("value", self.value)):
-            norms[name] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
+            if cfg.max_grad_norm > 0:
+                norms[name] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
+            else:  # no clip: the norm is still reported
+                norms[name] = torch.nn.utils.get_total_norm([w.grad for w in model.parameters()]).item()
             self.opts[name].step()
             self.scheds[name].step()
             self.opts[name].zero_grad(set_to_none=True)
@@ -174,17 +221,25 @@ def test_one_iteration_equals_ppo_written_from_the_recipe_in_float64(tmp_path, m
     check_iteration_against_the_oracle(tmp_path, monkeypatch, ops, "cpu")
 
 
-def check_iteration_against_the_oracle(tmp_path, monkeypatch, ops: str, device: str) -> None:
-    """The engine's iteration on `device` (fp32 parameters) with `ops` ("kernels" or "reference") against the
-    oracle on the CPU in float64."""
-    run = prepare_tiny(parse_args(["--output-dir", str(tmp_path / "run"), *FLAGS])[1])
+@pytest.mark.parametrize("variant", ["epochs", "easylm"])
+def test_the_options_beyond_the_recipe_equal_the_oracle(tmp_path, monkeypatch, variant):
+    """Later PPO epochs, several samples per prompt, the other KL estimators, whitened rewards, raw advantages, no clip,
+    the constant schedule, EasyLM's recomputed old log-probs, weight decay (VARIANTS), through the reference ops."""
+    check_iteration_against_the_oracle(tmp_path, monkeypatch, "reference", "cpu", variant)
+
+
+def check_iteration_against_the_oracle(tmp_path, monkeypatch, ops: str, device: str, variant: str = "recipe") -> None:
+    """The engine's iteration on `device` (fp32 parameters) with `ops` ("kernels" or "reference") and the flags of
+    VARIANTS[variant] against the oracle on the CPU in float64."""
+    base = [*FLAGS, *VARIANTS[variant]]
+    run = prepare_tiny(parse_args(["--output-dir", str(tmp_path / "run"), *base])[1])
     reference = _perturbed(run.policy, tmp_path / "reference")  # (the SFT policy itself: every KL would be 0)
-    flags = [*FLAGS, "--reference", reference, "--device", device, "--dtype", "float32"]
+    flags = [*base, "--reference", reference, "--device", device, "--dtype", "float32"]
     cfg, run, _ = parse_args(["--output-dir", str(tmp_path / "run"), *flags])
     run = prepare_tiny(run)
     state = state_mod.setup(cfg, run, generator_factory=state_mod.make_generator)
     eos = state.policy.config.eos_token_id
-    captured, launched = [], {}
+    captured, launched, minibatches = [], {}, []
 
     def rollout_with_a_lone_eos(st, prompts, prompt_ids=None, params=None):
         with dispatch.reference_ops() if device == "cpu" else contextlib.nullcontext():
@@ -202,8 +257,13 @@ def check_iteration_against_the_oracle(tmp_path, monkeypatch, ops: str, device: 
         captured.append(Rollout(ro.prompts, responses, hit, gen, offsets))
         return captured[-1]
 
-    original = trainer.generate_rollout
+    def train_step(st, ro, seqs, sums):  # (the sequences of each optimizer step, in the engine's order)
+        minibatches.append(list(seqs))
+        return original_step(st, ro, seqs, sums)
+
+    original, original_step = trainer.generate_rollout, trainer.train_step
     monkeypatch.setattr(trainer, "generate_rollout", rollout_with_a_lone_eos)
+    monkeypatch.setattr(trainer, "train_step", train_step)
     for mod in KERNEL_MODULES:  # which kernel families ran
         monkeypatch.setattr(mod, "use_triton", _spy(mod.use_triton, mod.__name__, launched))
     before = {
@@ -221,13 +281,17 @@ def check_iteration_against_the_oracle(tmp_path, monkeypatch, ops: str, device: 
     hit = ro.hit_eos.tolist()
     assert hit[0] and not hit[-1] and len(ro.responses[0]) == 1, hit
     assert hit == [r[-1] == eos for r in ro.responses]  # (the recipe's rule: a response ends with EOS or is cut)
+    n_seq = len(ro.responses)
+    assert n_seq == cfg.rollout_batch_size * cfg.samples_per_prompt
+    # each prompt samples_per_prompt times (the tiny prompts are distinct)
+    assert sorted(Counter(map(tuple, ro.prompts)).values()) == [cfg.samples_per_prompt] * cfg.rollout_batch_size
 
     # the scoring pass and the advantages, token by token
     with open(TINY_PROMPTS) as f:  # the schedule: every prompt (none too long), prompt_epochs times, in rollouts
         prompts = sum(1 for line in f if line.strip())
-    total_steps = prompts * cfg.prompt_epochs // cfg.rollout_batch_size * cfg.ppo_epochs
-    total_steps *= cfg.rollout_batch_size // cfg.train_batch_size
-    assert state.total_steps == total_steps == 96
+    steps_per_epoch = n_seq // cfg.train_batch_size
+    total_steps = prompts * cfg.prompt_epochs // cfg.rollout_batch_size * cfg.ppo_epochs * steps_per_epoch
+    assert state.total_steps == total_steps == {"recipe": 96, "epochs": 384, "easylm": 96}[variant]
     oracle = RecipeOracle(run.policy, reference, run.reward, cfg, total_steps)
     scored = oracle.score(ro.prompts, ro.responses, hit)
     flat = lambda key: torch.cat([s[key] for s in scored])  # noqa: E731
@@ -235,38 +299,53 @@ def check_iteration_against_the_oracle(tmp_path, monkeypatch, ops: str, device: 
     for key in ("logprobs", "ref_logprobs", "values"):
         torch.testing.assert_close(getattr(ro, key).double(), flat(key), **close, msg=key)
     torch.testing.assert_close(ro.scores.double(), torch.stack([s["score"] for s in scored]), **close)
-    for key in ("rewards", "advantages", "returns"):
+    for key in ("kl", "rewards", "advantages", "returns"):
         torch.testing.assert_close(ro.targets[key].double(), flat(key), **close, msg=key)
-    kl = flat("logprobs") - flat("ref_logprobs")
-    n_seq, n_tok = len(scored), kl.numel()
+    n_tok = flat("kl").numel()
     penalized = [s["score"] if e else cfg.missing_eos_penalty for s, e in zip(scored, hit)]
-    expected = {"kl": kl.sum() / n_seq, "reward": flat("rewards").sum() / n_seq,
+    expected = {"kl": flat("kl").sum() / n_seq, "reward": flat("rewards").sum() / n_seq,
                 "score": sum(s["score"] for s in scored) / n_seq, "score_penalized": sum(penalized) / n_seq,
                 "value": flat("values").sum() / n_tok, "returns": flat("returns").sum() / n_tok,
                 "response_len": n_tok / n_seq, "no_eos_frac": hit.count(False) / n_seq}  # fmt: skip
     for k, v in expected.items():
         assert metrics[k] == pytest.approx(float(v), rel=1e-5, abs=1e-6), (k, metrics[k], v)
     if device == "cpu":  # (what was sampled: another device samples other responses)
-        assert kl.abs().mean() > 0.05, kl  # the KL penalty matters: the reference is not the policy
+        log_ratio = flat("logprobs") - flat("ref_logprobs")
+        assert log_ratio.abs().mean() > 0.05, log_ratio  # the KL penalty matters: the reference is not the policy
 
-    # the four optimizer steps: minibatches of train_batch_size sequences in rollout order (one PPO epoch)
+    # the optimizer steps: minibatches of train_batch_size sequences, in rollout order in the first PPO epoch and in
+    # the engine's order (each sequence once) in a later one
     per_step = cfg.train_batch_size
-    steps = [oracle.step(ro.prompts[k : k + per_step], ro.responses[k : k + per_step], scored[k : k + per_step])
-             for k in range(0, len(ro.responses), per_step)]  # fmt: skip
-    assert metrics["step"] == len(steps) == 4
+    assert len(minibatches) == metrics["step"] == cfg.ppo_epochs * steps_per_epoch
+    epochs = [sum(minibatches[e * steps_per_epoch : (e + 1) * steps_per_epoch], []) for e in range(cfg.ppo_epochs)]
+    assert all(len(mb) == per_step for mb in minibatches), minibatches
+    assert epochs[0] == list(range(n_seq)), epochs
+    for order in epochs[1:]:
+        assert sorted(order) == list(range(n_seq)) != order, order  # a permutation, and a new one
+    steps = [oracle.step([ro.prompts[i] for i in mb], [ro.responses[i] for i in mb], [scored[i] for i in mb])
+             for mb in minibatches]  # fmt: skip
     tokens = sum(s["tokens"] for s in steps)
     expected = {k: sum(s[k] for s in steps) / len(steps) for k in PER_STEP}
     expected.update({k: sum(s[k] for s in steps) / tokens for k in PER_TOKEN})
     for k, v in expected.items():
         assert metrics[k] == pytest.approx(v, rel=1e-5, abs=1e-7), (k, metrics[k], v)
-    # every branch of the recipe taken: clipped ratios and values, clipped grad norms, a zero-LR warmup step
+    # every branch taken: the warmup from a zero LR and what follows it; (on the CPU, where the samples are known)
+    # clipped ratios and values, grad norms over and under the clip
     assert metrics["lr"] == pytest.approx(oracle.lrs[-1], rel=1e-12)
-    lrs = oracle.lrs  # warmup from 0, then the linear decay
-    assert lrs[0] == 0 < lrs[1] < lrs[2] == cfg.learning_rate > lrs[3], lrs
-    if device == "cpu":  # every data-dependent branch taken: clipped ratios and values, grad norms over and under
-        norms = [s[k] for s in steps for k in ("grad_norm_policy", "grad_norm_value")]
-        assert 0 < expected["clip_frac"] < 0.5 and 0 < expected["value_clip_frac"] < 0.5, expected
-        assert min(norms) < cfg.max_grad_norm < max(norms), norms
+    lrs, lr = oracle.lrs, cfg.learning_rate
+    norms = [s[k] for s in steps for k in ("grad_norm_policy", "grad_norm_value")]
+    if variant == "recipe":  # the linear decay after two warmup steps
+        assert lrs[0] == 0 < lrs[1] < lrs[2] == lr > lrs[3], lrs
+        if device == "cpu":
+            assert 0 < expected["clip_frac"] < 0.5 and 0 < expected["value_clip_frac"] < 0.5, expected
+            assert min(norms) < cfg.max_grad_norm < max(norms), norms
+    elif variant == "epochs":  # four warmup steps, then constant; norms a clip of 1 (the recipe's) would change
+        assert lrs[0] == 0 < lrs[1] < lrs[2] < lrs[3] < lrs[4] == lrs[5] == lrs[6] == lrs[7] == lr, lrs
+        assert 0 < expected["clip_frac"] < 1 and 0 < expected["value_clip_frac"] < 1, expected
+        assert max(norms) > 1.0, norms
+    else:  # easylm: every ratio is 1 (old log-probs from the policy as each step finds it), so nothing is clipped
+        assert expected["ratio"] == 1 and expected["clip_frac"] == 0, expected
+        assert metrics["ratio"] == pytest.approx(1.0, abs=1e-6) and metrics["approx_kl"] < 1e-10, metrics
 
     # every weight of both models after the iteration, as the update it made (up to 1e-3 of the largest change)
     for name, model, hf in (("policy", state.policy, oracle.policy), ("value", state.value, oracle.value)):
