@@ -64,16 +64,19 @@ def advantages_and_returns(
     mask: torch.Tensor,
     scores: torch.Tensor,
     cfg: PPOConfig,
+    group=None,
 ) -> dict[str, torch.Tensor]:
     """From one rollout's [B, T] log-probs, reference log-probs, values and mask and its [B] scores:
     rewards, kl, advantages and returns, all [B, T] fp32 (0 outside the mask). Advantages are not
-    whitened here (that is per optimizer minibatch, `minibatch_advantages`).
+    whitened here (that is per optimizer minibatch, `minibatch_advantages`). With cfg.whiten_rewards the rewards are
+    whitened over the whole rollout: every rank's rows of it with the data-parallel `group`, so the ranks of a DP run
+    whiten as one process would.
     """
     rewards, kl = shaped_rewards(
         logprobs, ref_logprobs, mask, scores, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator
     )
     if cfg.whiten_rewards:  # off in the recipe; TRL's variant keeps the mean
-        rewards = masked_whiten(rewards, mask, shift_mean=False)
+        rewards = masked_whiten(rewards, mask, shift_mean=False, group=group)
     advantages, returns = gae(rewards, values.float(), mask, cfg.gamma, cfg.lam)
     return {"rewards": rewards, "kl": kl, "advantages": advantages, "returns": returns}
 

@@ -59,7 +59,7 @@ def score_rollout(state: TrainState, ro: Rollout) -> None:
     scores = ppo.scores_with_eos_penalty(ro.scores, ro.hit_eos, state.cfg.missing_eos_penalty)
     padded = [to_padded(x, ro.offsets) for x in (ro.logprobs, ro.ref_logprobs, ro.values)]
     mask, idx = padded[0][1], padded[0][2]
-    out = ppo.advantages_and_returns(padded[0][0], padded[1][0], padded[2][0], mask, scores, state.cfg)
+    out = ppo.advantages_and_returns(padded[0][0], padded[1][0], padded[2][0], mask, scores, state.cfg, state.dp_group)
     ro.targets = {k: v[idx] for k, v in out.items()}
 
 

@@ -1,4 +1,5 @@
-"""torchrun worker for tests/kernels/test_gae.py: masked_whiten / masked_mean over a process group.
+"""torchrun worker for tests/kernels/test_gae.py: masked_whiten / masked_mean over a process group, and a rollout's
+rewards, advantages and returns with the rewards whitened over the ranks (engine.ppo, what a DP run's ranks do).
 
 Every rank builds the same global batch, keeps its own rows (different row counts per rank), and
 checks the group result against the single-process float64 oracle on the whole batch. Run as:
@@ -11,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from engine import ppo
+from engine.config import PPOConfig
 from kernels import reference
 from kernels.gae import masked_mean, masked_whiten
 
@@ -50,6 +53,17 @@ def main() -> None:
             means = [torch.empty_like(mean) for _ in range(world)]
             dist.all_gather(means, mean)
             assert all(torch.equal(m, means[0]) for m in means), f"ranks disagree on the mean: {means}"
+    # a rollout's targets with whitened rewards: this rank's rows, whitened with the group, equal the whole batch's
+    cfg = PPOConfig(whiten_rewards=True)
+    lp, ref, values = (torch.randn(sum(rows), n_steps, generator=gen) for _ in range(3))
+    scores = torch.randn(sum(rows), generator=gen)
+    mask = torch.arange(n_steps) < torch.randint(1, n_steps + 1, (sum(rows), 1), generator=gen)  # prefix masks
+    whole = ppo.advantages_and_returns(lp, ref, values, mask, scores, cfg)
+    got = ppo.advantages_and_returns(lp[mine], ref[mine], values[mine], mask[mine], scores[mine], cfg, group)
+    local = ppo.advantages_and_returns(lp[mine], ref[mine], values[mine], mask[mine], scores[mine], cfg)
+    for key in ("rewards", "kl", "advantages", "returns"):
+        _check(f"whitened rewards: {key} rank {rank}", got[key], whole[key][mine], 1e-5)
+    assert not torch.allclose(local["rewards"], whole["rewards"][mine]), "a rank's own statistics would pass too"
     dist.barrier()
     print(f"rank {rank}: ok", flush=True)
     dist.destroy_process_group()
