@@ -2,6 +2,7 @@
 slices), the two trained models' fp32 masters and Adam moments (1/dp of them with the distributed optimizer) and
 their fp32 gradients. setup() refuses a run whose fixed share does not fit before four checkpoints are read, with the
 numbers and the layouts that would fit; one that fits prints what is left for the KV cache and the activations.
+--eval-only plans its three frozen models (policy, reference, reward) the same way.
 
 Also a planning tool that needs no GPU:
     python -m engine.memory_plan --policy llama2-13b --reward llama2-13b --tp 8 --dp 2 --gpu-gib 80
@@ -52,10 +53,11 @@ def fixed_bytes(
     out = {f"weights ({name})": n * elt for name, n in numels.items()}
     if resident_chunk:
         out[CHUNKS] = 3 * per_elt * resident_chunk
-    else:
+    elif trained:
         out[STATE] = int(sum(numels[m] for m in trained) * per_elt / (dp if sharded else 1))
     grads = [numels[m] * 4 for m in trained]
-    out["fp32 gradients"] = max(grads) + sum(grads) // dp if sharded else sum(grads)
+    if grads:  # (none to hold for an evaluation's frozen models)
+        out["fp32 gradients"] = max(grads) + sum(grads) // dp if sharded else sum(grads)
     return out
 
 
@@ -220,13 +222,15 @@ def plan(
     free: int,
     cache: dict | None = None,
     resident: bool = False,
+    trained: tuple[str, ...] = TRAINED,
 ) -> str:
     """The plan's line for models {name: (config, head)} (the trained ones named "policy" and "value") on a rank of
     a dp x tp grid with `free` bytes, or ValueError naming the numbers and, when it does not fit, the next TP degree
     (one that divides the heads, vocabulary and MLP), with the distributed optimizer the DP size, and the optimizer
     state in host memory (--offload-optimizer always), that would. `cache` (rollout_cache's total, fraction,
-    seq_len, kv_dtype) adds what the rollouts' KV cache gets. `resident`: the state lives in host memory."""
-    trained = tuple(m for m in TRAINED if m in configs)
+    seq_len, kv_dtype) adds what the rollouts' KV cache gets. `resident`: the state lives in host memory. `trained`:
+    the models with an optimizer; none for --eval-only (its policy, reference and reward model are frozen)."""
+    trained = tuple(m for m in trained if m in configs)
 
     def parts_at(t: int, d: int, host: bool = resident) -> dict[str, int]:
         chunk = 0
@@ -246,7 +250,7 @@ def plan(
             at = lambda held: rollout_cache(configs["policy"][0], tp, held, **cache)  # noqa: E731
             own = parts["weights (policy)"]  # (what generation runs)
             idle = f"the idle models' weights (--offload-idle-models rollouts, {(weights - own) / GiB:.1f} GiB per GPU)"
-            if resident:
+            if resident or not trained:
                 return line + f"; rollouts: {at(weights)}; with {idle} in host memory: {at(own)}"
             state = parts[STATE]
             line += f"; rollouts: {at(weights + state)}; with the optimizer state in host memory (--offload-optimizer "
@@ -258,13 +262,18 @@ def plan(
         if all(n % t == 0 for n in sizes) and fits(parts_at(t, dp)):
             alternatives.append(f"--tp {t}")
             break
-    for d in (2 * dp, 4 * dp, 8 * dp, 16 * dp) if distributed else ():
+    for d in (2 * dp, 4 * dp, 8 * dp, 16 * dp) if distributed and trained else ():
         if fits(parts_at(tp, d)):
             alternatives.append(f"{d} data-parallel ranks of --tp {tp} ({d * tp} GPUs)")
             break
-    if not resident and fits(parts_at(tp, dp, host=True)):
+    if trained and not resident and fits(parts_at(tp, dp, host=True)):
         alternatives.append("--offload-optimizer always (the optimizer state in host memory)")
     hint = f"; it would fit with {' or '.join(alternatives)}" if alternatives else ""
+    if not trained:
+        raise ValueError(
+            f"the models need {_describe(parts, free)}: more than {FIXED_SHARE_LIMIT:.0%} of the free memory, before "
+            f"any KV cache or activation{hint} (a larger --tp splits every model)"
+        )
     raise ValueError(
         f"the models and optimizer state need {_describe(parts, free)}: more than {FIXED_SHARE_LIMIT:.0%} of the "
         f"free memory, before any KV cache or activation{hint} (a larger --tp splits every model; more "
@@ -273,16 +282,20 @@ def plan(
 
 
 def plan_for(
-    setting: str, configs, dtype, tp, dp, distributed, free, cache=None, host=None, local_ranks=1, idle_models="off"
-):
+    setting: str, configs, dtype, tp, dp, distributed, free, cache=None, host=None, local_ranks=1, idle_models="off",
+    evaluation: bool = False,
+):  # fmt: skip
     """(plan()'s line, whether the optimizer state lives in host memory) under --offload-optimizer `setting`: always
     plans it there; auto does so only where the layout fits no other way, and says so. With `host` (bytes of host
     memory available to the node's `local_ranks` ranks) a state to be put there that the host cannot hold is
-    refused, and so are the idle models' weights with --offload-idle-models `idle_models` rollouts."""
+    refused, and so are the idle models' weights with --offload-idle-models `idle_models` rollouts. `evaluation`:
+    --eval-only's frozen models (run_configs(evaluation=True)), no optimizer state whatever `setting` says."""
     check_offload_setting(setting)
-    args = (configs, dtype, tp, dp, distributed, free, cache)
+    if evaluation:
+        setting = "off"
+    args = (configs, dtype, tp, dp, distributed, free, cache, False, () if evaluation else TRAINED)
     if setting == "always":
-        line, resident = plan(*args, resident=True), True
+        line, resident = plan(*args[:7], True, *args[8:]), True
     else:
         try:
             line, resident = plan(*args), False
@@ -290,7 +303,7 @@ def plan_for(
             if setting != "auto":
                 raise
             try:
-                line, resident = plan(*args, resident=True), True
+                line, resident = plan(*args[:7], True, *args[8:]), True
             except ValueError:
                 raise e from None
             line += " (--offload-optimizer auto: always, the only way this layout fits)"
@@ -306,8 +319,9 @@ def plan_for(
     return line, resident
 
 
-def run_configs(policy, reference, reward) -> dict[str, tuple[ModelConfig, str]]:
-    """The four models of a run from their checkpoint directories (config.json only) or named shapes."""
+def run_configs(policy, reference, reward, evaluation: bool = False) -> dict[str, tuple[ModelConfig, str]]:
+    """The four models of a run from their checkpoint directories (config.json only) or named shapes; `evaluation`:
+    --eval-only's three (no value model)."""
 
     def load(src: str) -> ModelConfig:
         if os.path.isdir(src):
@@ -317,8 +331,11 @@ def run_configs(policy, reference, reward) -> dict[str, tuple[ModelConfig, str]]
         raise FileNotFoundError(f"checkpoint directory {src} does not exist")
 
     lm, rm = load(policy), load(reward)
-    return {"policy": (lm, "lm"), "reference": (load(reference) if reference else lm, "lm"),
-            "value": (rm, "score"), "reward": (rm, "score")}  # fmt: skip
+    configs = {"policy": (lm, "lm"), "reference": (load(reference) if reference else lm, "lm"),
+               "value": (rm, "score"), "reward": (rm, "score")}  # fmt: skip
+    if evaluation:
+        del configs["value"]
+    return configs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-cache-fraction", type=float, default=0.9)
     p.add_argument("--seq-len", type=int, default=2048, help="prompt + response tokens (the recipe: 1024 + 1024)")
     p.add_argument("--offload-optimizer", default="auto", choices=OFFLOAD_SETTINGS)
+    p.add_argument("--eval-only", action="store_true", help="plan --eval-only: policy, reference and reward model")
     a = p.parse_args(argv)
     names = {}
     for src in (a.policy, a.reference, a.reward):
@@ -346,12 +364,13 @@ def main(argv: list[str] | None = None) -> int:
                 names[src] = config_dir(src)
             except Exception as e:  # (offline and not cached, a typo, a gated repo)
                 p.error(f"{src}: its config.json could not be fetched from the Hugging Face Hub ({type(e).__name__})")
-    configs = run_configs(*(names.get(x, x) for x in (a.policy, a.reference, a.reward)))
+    configs = run_configs(*(names.get(x, x) for x in (a.policy, a.reference, a.reward)), evaluation=a.eval_only)
     dtype, gpu = getattr(torch, a.dtype), int(a.gpu_gib * GiB)
     kv_dtype = torch.float8_e4m3fn if a.kv_cache_dtype == "fp8" else dtype
     cache = {"total": gpu, "fraction": a.kv_cache_fraction, "seq_len": a.seq_len, "kv_dtype": kv_dtype}
     try:
-        print(plan_for(a.offload_optimizer, configs, dtype, a.tp, a.dp, a.distributed, gpu, cache)[0])
+        print(plan_for(a.offload_optimizer, configs, dtype, a.tp, a.dp, a.distributed, gpu, cache,
+                       evaluation=a.eval_only)[0])  # fmt: skip
     except ValueError as e:
         print(e)
         return 1

@@ -206,18 +206,21 @@ def check_tokenizer(run: RunConfig, tokenizer, tokenizer_dir: str, *prompt_sets)
         print0(f"warning: {line}")
 
 
-def check_memory(cfg: PPOConfig, run: RunConfig, grid: ProcessGrid, device: torch.device) -> bool:
+def check_memory(
+    cfg: PPOConfig, run: RunConfig, grid: ProcessGrid, device: torch.device, evaluation: bool = False
+) -> bool:
     """On a GPU, before the models are loaded (and before a Hub id's weights are fetched: its config.json alone is):
     refuse a layout whose weights and optimizer state cannot fit (with the layouts that would), else print what they
     take and what is left (engine/memory_plan.py). Returns whether the optimizer state must live in host memory
-    (--offload-optimizer always, or auto where nothing else fits; every rank alike)."""
+    (--offload-optimizer always, or auto where nothing else fits; every rank alike). `evaluation`: --eval-only's
+    three frozen models, no optimizer."""
     if device.type != "cuda":
         return False
     error, line, resident = None, "", False
     sources = config_sources([run.policy, run.reference, run.reward])
     if sources is not None:  # (None: a Hub id's config.json could not be had; resolve_run names the problem)
         try:
-            configs = memory_plan.run_configs(*sources)
+            configs = memory_plan.run_configs(*sources, evaluation=evaluation)
             dtype, (free, total) = resolve_dtype(run.dtype, device), torch.cuda.mem_get_info(device)
             kv_dtype = resolve_cache_dtype(run.kv_cache_dtype, dtype)
             seq_len = cfg.max_prompt_len + cfg.max_new_tokens
@@ -225,7 +228,7 @@ def check_memory(cfg: PPOConfig, run: RunConfig, grid: ProcessGrid, device: torc
             line, resident = memory_plan.plan_for(
                 run.offload_optimizer, configs, dtype, grid.tp, grid.dp, run.distributed_optimizer, free, cache,
                 host=memory_plan.host_available(), local_ranks=memory_plan.local_ranks(),
-                idle_models=run.offload_idle_models,
+                idle_models=run.offload_idle_models, evaluation=evaluation,
             )  # fmt: skip
         except ValueError as e:
             error = e
@@ -353,14 +356,15 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
         raise ValueError("--eval-only takes --eval-prompts (--eval-holdout draws from a training set)")
     memory_plan.check_offload_setting(run.offload_idle_models, "--offload-idle-models")
     check_available(run.wandb_project, grid.rank)
-    light = resolve_run(run, weights=False)  # (as in setup)
+    device, load = model_loader(run, grid)
+    check_memory(cfg, run, grid, device, evaluation=True)  # (as in setup: before a Hub id's weights are fetched)
+    light = resolve_run(run, weights=False)
     tokenizer_dir = light.tokenizer or light.policy
     tokenizer = load_tokenizer(tokenizer_dir)
     _, eval_set = evaluation_set(cfg, run, grid, tokenizer, None)
     check_tokenizer(light, tokenizer, tokenizer_dir, eval_set)
     run = resolve_run(run)
     start_fresh(run.output_dir, run.overwrite_output_dir, grid.rank)
-    device, load = model_loader(run, grid)
     policy, ref, reward = load(run.policy, "lm"), load(run.reference or run.policy, "lm"), load(run.reward, "score")
     for m in (policy, ref, reward):
         m.requires_grad_(False)

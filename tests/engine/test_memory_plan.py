@@ -163,6 +163,58 @@ def test_check_memory_refuses_before_loading(tmp_path, monkeypatch):
     check_memory(PPOConfig(), run, ProcessGrid(), torch.device("cpu"))  # on CPU nothing is planned
 
 
+def test_eval_only_plans_its_three_frozen_models(tmp_path, monkeypatch, capsys):
+    """--eval-only's policy, reference and reward model, no optimizer: the recipe's three 13B models fit one 79 GiB GPU
+    with no room left for a rollout's cache but 29 full-length sequences with the idle two in host memory; on 60 GiB
+    they are refused naming --tp 2 (and no optimizer or data-parallel remedy); setup's check and the command line
+    plan the same (before anything is loaded or fetched: setup_evaluation plans first)."""
+    configs = memory_plan.run_configs("llama2-13b", None, "llama2-13b", evaluation=True)
+    assert sorted(configs) == ["policy", "reference", "reward"]
+    c = ModelConfig.named("llama2-13b")
+    need = 2 * (2 * c.num_params("lm") + c.num_params("score")) / GiB
+    cache = {"total": 79 * GiB, "fraction": 0.9, "seq_len": 2048, "kv_dtype": torch.bfloat16}
+    for setting in ("auto", "always", "rollouts"):  # (no optimizer state, whatever the flag says)
+        line, resident = memory_plan.plan_for(setting, configs, torch.bfloat16, 1, 1, True, 79 * GiB, cache,
+                                              evaluation=True)  # fmt: skip
+        assert not resident and line.startswith(f"memory plan: {need:.1f} GiB of 79.0 GiB free per GPU") and need > 72
+        assert "optimizer" not in line and "gradients" not in line, line
+        assert "rollouts: a KV cache of 0.0 GiB, 0 tokens (0 sequences of 2048)" in line, line
+        assert "in host memory: a KV cache of 46.9 GiB, 61,415 tokens (29 sequences of 2048)" in line, line
+    with pytest.raises(ValueError, match=r"^the models need 72\.4 GiB of 60\.0 GiB free per GPU \(weights \(policy\) "
+                       r"24\.2, weights \(reference\) 24\.2, weights \(reward\) 23\.9\): .*it would fit with --tp 2 "
+                       r"\(a larger --tp splits every model\)$"):  # fmt: skip
+        memory_plan.plan_for("auto", configs, torch.bfloat16, 1, 4, True, 60 * GiB, evaluation=True)
+    assert memory_plan.main(["--eval-only", "--tp", "1", "--gpu-gib", "60"]) == 1
+    assert "the models need 72.4 GiB" in capsys.readouterr().out
+    assert memory_plan.main(["--eval-only", "--tp", "2", "--gpu-gib", "60"]) == 0
+    assert capsys.readouterr().out.startswith("memory plan: 36.2 GiB of 60.0 GiB")
+
+    save_hf_model(tmp_path / "policy")
+    save_hf_model(tmp_path / "rm", head="score")
+    run = RunConfig(policy=str(tmp_path / "policy"), reward=str(tmp_path / "rm"), dtype="bfloat16")
+    c = ModelConfig.from_hf(str(tmp_path / "policy"))
+    weights = 2 * (2 * c.num_params("lm") + ModelConfig.from_hf(str(tmp_path / "rm")).num_params("score"))
+    room = int(weights / memory_plan.FIXED_SHARE_LIMIT) + 4096  # the three models' weights, not a value model's
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (room, 10**9))
+    check_memory(PPOConfig(), run, ProcessGrid(), torch.device("cuda", 0), evaluation=True)
+    assert "optimizer" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"the models and optimizer state need"):  # (training needs more)
+        check_memory(PPOConfig(), run, ProcessGrid(), torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (room - 8192, 10**9))
+    with pytest.raises(ValueError, match=r"^the models need "):
+        check_memory(PPOConfig(), run, ProcessGrid(), torch.device("cuda", 0), evaluation=True)
+
+    import engine.state as state_mod
+
+    planned = []
+    monkeypatch.setattr(state_mod, "check_memory", lambda *a, **k: planned.append(k) or False)
+    monkeypatch.setattr(state_mod, "resolve_run", lambda *a, **k: pytest.fail("read before the plan"))
+    eval_run = RunConfig(policy=run.policy, reward=run.reward, eval_prompts="p.jsonl", device="cpu")
+    with pytest.raises(pytest.fail.Exception, match="read before the plan"):
+        state_mod.setup_evaluation(PPOConfig(), eval_run, ProcessGrid())
+    assert planned == [{"evaluation": True}]
+
+
 def build_and_plan(device: torch.device):
     """Four models of a small shape in bf16 on `device`, the trained two's optimizers (masters and moments are
     allocated at construction), and the plan's weights and optimizer bytes for them."""
