@@ -222,7 +222,7 @@ class PPOConfig:
     train_batch_size: int = 64  # sequences per optimizer step
     rollout_batch_size: int = 512  # prompts per PPO iteration
     samples_per_prompt: int = 1  # responses sampled per prompt
-    ppo_epochs: int = 1  # passes over each rollout
+    ppo_epochs: int = 1  # passes over each rollout (a later one reshuffled into new minibatches, alike on any DP size)
     prompt_epochs: int = 1  # passes over the prompt set
     kl_coef: float = 0.05  # beta of the per-token KL penalty in the reward
     kl_estimator: str = "k1"  # k1 (logp - ref_logp), k2 or k3

@@ -137,16 +137,39 @@ def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, 
     state.step += 1
 
 
+def epoch_order(state: TrainState, epoch: int, n_local: int) -> list[int]:
+    """This rank's rollout sequences in the order PPO epoch `epoch` trains on them, train_batch_size / dp at a time.
+
+    Epoch 0 takes them in rollout order. A later epoch reshuffles the minibatches column by column: seen as one
+    process would see it, the rollout is a [steps, train_batch_size] grid (minibatch k is row k) and each column c
+    draws its own permutation of the rows from (seed, iteration, epoch, c), so every minibatch is a new mix. A
+    data-parallel rank holds whole columns of that grid (engine.data.PromptBatches deals prompts out in turn, each
+    with its samples_per_prompt samples; as long as those divide a rank's share of a minibatch), so it reshuffles
+    its own sequences alone and the global minibatches are those of a single process: a DP run trains on the same
+    minibatches in every epoch, whatever the number of ranks.
+    """
+    per_step = state.cfg.train_batch_size // state.grid.dp
+    if epoch == 0:
+        return list(range(n_local))
+    steps, s, dp, rank = n_local // per_step, state.cfg.samples_per_prompt, state.grid.dp, state.grid.dp_rank
+    order = [0] * (steps * per_step)
+    for lc in range(per_step):  # this rank's column lc of a minibatch
+        block, sample = divmod(lc, s)
+        column = (block * dp + rank) * s + sample  # (that column in one process's minibatch)
+        seed = ((state.run.seed * 1_000_003 + state.iteration) * 101 + epoch) * 100_003 + column
+        rows = torch.randperm(steps, generator=torch.Generator().manual_seed(seed)).tolist()
+        for k, row in enumerate(rows):
+            order[k * per_step + lc] = row * per_step + lc
+    return order
+
+
 def train_rollout(state: TrainState, ro: Rollout) -> dict[str, torch.Tensor]:
     cfg = state.cfg
     n_local = len(ro.responses)
     per_step = cfg.train_batch_size // state.grid.dp
     sums: dict[str, torch.Tensor] = {}
     for epoch in range(cfg.ppo_epochs):
-        order = list(range(n_local))
-        if epoch > 0:  # the same permutation on every rank keeps the DP shards balanced
-            gen = torch.Generator().manual_seed((state.run.seed * 1_000_003 + state.iteration) * 101 + epoch)
-            order = torch.randperm(n_local, generator=gen).tolist()
+        order = epoch_order(state, epoch, n_local)
         for k in range(n_local // per_step):
             train_step(state, ro, order[k * per_step : (k + 1) * per_step], sums)
     return sums

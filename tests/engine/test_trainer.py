@@ -425,6 +425,43 @@ def test_help_lists_every_flag():
     assert cfg.rollout_batch_size == 512 and run.policy == "p"  # the recipe, not the tiny preset
 
 
+@pytest.mark.parametrize("samples", [1, 2])
+def test_later_ppo_epochs_reshuffle_into_the_same_minibatches_on_any_dp_size(samples):
+    """engine.trainer.epoch_order: the ranks of DP 1, 2 and 4 (each holding the prompts PromptBatches deals it, with
+    their samples) train on the same global minibatches in every epoch; each later epoch is a permutation of every
+    rank's sequences, a new one per epoch and iteration, and mixes the minibatches (no two of epoch 0 stay together)."""
+    from types import SimpleNamespace
+
+    from engine.data import PromptBatches
+
+    prompts, train = 16, 8  # 16 x samples sequences, minibatches of 8: 2 x samples steps per epoch
+
+    def minibatches(dp, epoch, iteration=0):
+        cfg = PPOConfig(train_batch_size=train, samples_per_prompt=samples, rollout_batch_size=prompts)
+        steps = []
+        for rank in range(dp):
+            state = SimpleNamespace(cfg=cfg, grid=SimpleNamespace(dp=dp, dp_rank=rank), run=RunConfig(seed=3),
+                                    iteration=iteration)  # fmt: skip
+            batches = PromptBatches([[i] for i in range(prompts)], prompts, dp_rank=rank, dp_size=dp)
+            positions = next(batches)[0]  # (the prompts' places in the global batch: a permutation's values)
+            glob = [batches.global_batch(0, 0).index(p) * samples + a for p in positions for a in range(samples)]
+            order, per_step = trainer.epoch_order(state, epoch, len(glob)), train // dp
+            assert sorted(order) == list(range(len(glob))), order
+            for k in range(len(glob) // per_step):
+                if rank == 0:
+                    steps.append(set())
+                steps[k] |= {glob[i] for i in order[k * per_step : (k + 1) * per_step]}
+        return steps
+
+    first = minibatches(1, 0)
+    assert first == [set(range(k * train, (k + 1) * train)) for k in range(prompts * samples // train)]
+    for epoch in (1, 2):
+        one = minibatches(1, epoch)
+        assert minibatches(2, epoch) == one == minibatches(4, epoch) != first
+        assert all(len(a & b) < train for a in one for b in first), (one, first)
+    assert minibatches(1, 1) != minibatches(1, 2) and minibatches(1, 1) != minibatches(1, 1, iteration=1)
+
+
 def _torchrun(tmp_path, nproc: int, name: str, *flags, fails: bool = False):
     """engine.train_ppo under torchrun (gloo, the naive sampler) in tmp_path/name: every rank's result (or, with
     `fails`, the output of a run that must fail)."""
@@ -445,9 +482,12 @@ def _torchrun(tmp_path, nproc: int, name: str, *flags, fails: bool = False):
 
 def test_dp2_tp2_matches_one_process(tmp_path):
     """4 processes (data parallel 2 x tensor parallel 2, gloo; the optimizer sharded over the 2 DP ranks and the
-    tokens between the TP regions) against 1 on the same global batch."""
-    ranks = _torchrun(tmp_path, 4, "dp2", "--max-iterations", "1", "--tp", "2")
-    one = _run(tmp_path / "dp1", "--max-iterations", "1", factory=naive_factory)
+    tokens between the TP regions) against 1 on the same global batch: two samples per prompt and two PPO epochs, the
+    second reshuffled into the same global minibatches on 2 ranks as on one (engine.trainer.epoch_order)."""
+    flags = ["--max-iterations", "1", "--ppo-epochs", "2", "--samples-per-prompt", "2"]
+    ranks = _torchrun(tmp_path, 4, "dp2", *flags, "--tp", "2")
+    one = _run(tmp_path / "dp1", *flags, factory=naive_factory)
+    assert one[0]["step"] == 8  # (16 sequences, four minibatches in each epoch)
     for k, v in one[0].items():
         if k not in TIMING:
             assert ranks[0]["history"][0][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
