@@ -10,6 +10,7 @@ torchrun the ranks write the files in turn, in parallel.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -64,6 +65,23 @@ def hf_tensor_specs(model: Transformer, prefix: str = "model.") -> dict[str, Ten
     elif model.lm_head is not None:
         specs["lm_head.weight"] = TensorSpec(model.lm_head, 0, (c.vocab_size, h))
     return specs
+
+
+def weights_fingerprint(path: str, samples: int = 16, sample_bytes: int = 1 << 16) -> str:
+    """A short hash telling two checkpoint directories' weights apart without reading them whole: config.json, and
+    each weight file's name, size and `samples` slices of `sample_bytes` spread over it (1 MiB a file: two models of
+    one shape with other weights differ there). The same files moved elsewhere keep it."""
+    h = hashlib.sha256()
+    with open(os.path.join(path, "config.json"), "rb") as f:
+        h.update(f.read())
+    for fn in sorted(set(checkpoint_files(path).values())):
+        size = os.path.getsize(fn)
+        h.update(f"{os.path.basename(fn)} {size}".encode())
+        with open(fn, "rb") as f:
+            for k in range(samples):
+                f.seek(size * k // samples)
+                h.update(f.read(sample_bytes))
+    return h.hexdigest()[:16]
 
 
 def checkpoint_files(path: str) -> dict[str, str]:
@@ -307,6 +325,7 @@ def _finish_checkpoint_dir(model, tmp, path, plan, names, specs, elt, store_dtyp
                 shutil.copy2(os.path.join(tokenizer_dir, fn), os.path.join(tmp, fn))
     for fn in os.listdir(tmp):
         _fsync(os.path.join(tmp, fn))
+    fsync_dir(tmp)  # (its entries: the files' names)
     _replace_dir(tmp, path)
 
 
@@ -320,12 +339,30 @@ def _fsync(fn: str) -> None:
         os.fsync(f.fileno())
 
 
+def fsync_dir(path: str) -> None:
+    """Make a directory's entries (files created, renamed or removed in it) durable, as a file's fsync does its
+    bytes: without it a crash of the node can lose a rename that was made after the file's own fsync. A file system
+    that cannot sync a directory (some network ones refuse it) is left as it is."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _replace_dir(tmp: str, path: str) -> None:
-    """Move the finished tmp dir to path; an existing path is moved aside first and removed last."""
+    """Move the finished tmp dir to path (durably: the parent directory synced); an existing path is moved aside
+    first and removed last."""
     old = None
     if os.path.exists(path):
         old = f"{path}.old-{uuid.uuid4().hex[:8]}"
         os.rename(path, old)
     os.rename(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from engine import ppo
 from engine.data import Rollout
-from engine.parallel import print0
+from engine.parallel import agree, print0
 from engine.resume import EVAL_DIR, atomic_write
 from engine.rollout import forward_rollout, generate_rollout, reduce_sums, sampling_params
 from engine.state import TrainState, setup_evaluation
@@ -42,13 +42,23 @@ EVAL_TABLE_ROWS = 32  # answers of each evaluation shown in W&B (eval/iter-N.jso
 
 
 def eval_due(state: TrainState, *, at_start: bool = False) -> bool:
-    """Whether to evaluate now: before the first iteration, every eval_every iterations, after the last one."""
+    """Whether to evaluate now: before the first iteration, every eval_every iterations, after the last one. A
+    resumed run's start (`at_start`) also makes up for an evaluation due at the checkpoint's iteration that is not
+    in eval.jsonl (a stop signal during that iteration checkpoints first and leaves it out). Every rank alike."""
     if state.eval_prompts is None:
         return False
-    if at_start:
-        return state.iteration == 0
     every = state.run.eval_every
-    return state.iteration == state.iterations or (every > 0 and state.iteration % every == 0)
+    due = state.iteration == state.iterations or (every > 0 and state.iteration % every == 0)
+    if not at_start or state.iteration == 0:
+        return at_start or due
+    if not due:
+        return False
+    logged = 1
+    if state.grid.rank == 0:
+        fn = os.path.join(state.run.output_dir, "eval.jsonl")
+        lines = open(fn).read().splitlines() if os.path.exists(fn) else []
+        logged = int(any(json.loads(x)["iteration"] == state.iteration for x in lines if x.strip()))
+    return not agree([logged], "min")[0]
 
 
 def sequence_stats(state: TrainState, ro: Rollout) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.checkpoint import save_pretrained
+from engine.checkpoint import fsync_dir, save_pretrained
 from engine.optim import load_optimizer_state, optimizer_state
 from engine.parallel import print0, raise_together
 from engine.reshard import SavedOptimizer, needed_ranks
@@ -40,13 +40,15 @@ def latest_checkpoint(output_dir: str) -> str | None:
 
 
 def atomic_write(path: str, write) -> None:
-    """write(f) into a temporary file beside `path`, synced, then renamed over it: `path` is whole or untouched."""
+    """write(f) into a temporary file beside `path`, synced, then renamed over it (the rename synced too): `path` is
+    whole or untouched, also after a crash of the node."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def trainer_state_dict(state: TrainState) -> dict:
@@ -62,6 +64,7 @@ def trainer_state_dict(state: TrainState) -> dict:
         "world_size": state.grid.world_size,
         "tp": state.grid.tp,
         "ppo_config": dataclasses.asdict(state.cfg),
+        "models": state.model_fingerprints,  # (the frozen models' weights, as a resume checks them; global rank 0)
     }
 
 
@@ -84,13 +87,34 @@ def save_checkpoint(state: TrainState) -> str:
         atomic_write(os.path.join(path, f"state-rank{state.grid.rank:05d}.pt"), lambda f: torch.save(sd, f))
     except OSError as e:
         error = e
-    raise_together(error, "saving a checkpoint")
+    raise_together(error, "saving a checkpoint")  # (every file and name in checkpoint-N durable: `latest` may move)
     if state.grid.rank == 0:
+        fsync_dir(out)  # (checkpoint-N's own entry)
         atomic_write(os.path.join(out, LATEST), lambda f: f.write(json.dumps({"checkpoint": name}).encode()))
-        old = sorted(d for d in os.listdir(out) if d.startswith("checkpoint-") and d != name)
-        for d in old[: max(0, len(old) - state.run.keep_checkpoints + 1)]:
-            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+        prune_checkpoints(out, name, state.run.keep_checkpoints)
     return path
+
+
+def _complete(ckpt: str) -> bool:
+    """Whether a checkpoint directory holds what a resume reads first (both models and rank 0's state)."""
+    return all(os.path.exists(os.path.join(ckpt, x)) for x in ("policy/config.json", "value/config.json",
+                                                                 "state-rank00000.pt"))  # fmt: skip
+
+
+def prune_checkpoints(out: str, current: str, keep: int) -> None:
+    """After checkpoint `current` is the latest: keep it and the keep - 1 newest complete checkpoints before it;
+    remove the older ones and what a dead run left (an incomplete checkpoint, or one after `current` that `latest`
+    never pointed to), which would otherwise count among the kept and push out a complete one."""
+    number = lambda d: int(d.removeprefix("checkpoint-")) if d.removeprefix("checkpoint-").isdigit() else None  # noqa: E731
+    now = number(current)
+    kept, doomed = [], []
+    for d in sorted(os.listdir(out)):
+        if d == current or number(d) is None:
+            continue
+        (kept if number(d) < now and _complete(os.path.join(out, d)) else doomed).append(d)
+    doomed += kept[: max(0, len(kept) - keep + 1)]
+    for d in doomed:
+        shutil.rmtree(os.path.join(out, d), ignore_errors=True)
 
 
 def start_fresh(output_dir: str, overwrite: bool, rank: int) -> None:
@@ -181,14 +205,24 @@ def engine_version() -> str:
 def trim_logs(output_dir: str, iteration: int) -> None:
     """Keep what output_dir's logs (LOGS, EVAL_DIR) say of iterations up to `iteration` (the checkpoint resumed
     from): a run that died after it had logged iterations the resumed run repeats (rewritten atomically; rank 0
-    calls this)."""
+    calls this). A last line the dead run left half written is dropped; a line elsewhere that is not JSON is an
+    error naming it (the file was edited)."""
     for name in LOGS:
         fn = os.path.join(output_dir, name)
         if not os.path.exists(fn):
             continue
         with open(fn) as f:
             lines = [line for line in f if line.strip()]
-        kept = [line for line in lines if json.loads(line)["iteration"] <= iteration]
+        records = []
+        for k, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if k + 1 < len(lines):
+                    raise ValueError(f"{fn}, line {k + 1}, is not a JSON record ({e}): mend or remove it") from None
+                print0(f"{fn}: dropping its last line, written only in part when the run stopped")
+                lines.pop()
+        kept = [line for line, rec in zip(lines, records) if rec["iteration"] <= iteration]
         if len(kept) != len(lines):
             data = "".join(kept).encode()
             atomic_write(fn, lambda f, data=data: f.write(data))
@@ -210,7 +244,7 @@ def _load_states(
     error. After a run of another grid, the iteration, data order and RNG come from the saved state of this TP rank
     at DP rank 0 (of TP rank 0 when the TP degree changed). The files are memory-mapped: only the tensors used are
     read."""
-    load = lambda fn: torch.load(fn, map_location="cpu", weights_only=False, mmap=True)  # noqa: E731
+    load = lambda fn: torch.load(fn, map_location="cpu", weights_only=True, mmap=True)  # noqa: E731 (no code run)
     missing = lambda fn, why: (None, None, FileNotFoundError(f"{fn} is missing ({why})"))  # noqa: E731
     if not os.path.exists(head := _state_file(ckpt, 0)):
         return missing(head, "every run writes it")
@@ -234,6 +268,48 @@ def _load_states(
     else:
         head = states[grid.tp_rank if saved_tp == grid.tp else 0]
     return head, states, None
+
+
+def model_fingerprints(run) -> dict[str, dict[str, str]]:
+    """{reference, reward: {path, fingerprint}}: the frozen models a run scores with (global rank 0 saves them with
+    each checkpoint; a resume compares)."""
+    from engine.checkpoint import weights_fingerprint
+
+    dirs = {"reference": run.reference or run.policy, "reward": run.reward}
+    return {k: {"path": d, "fingerprint": weights_fingerprint(d)} for k, d in dirs.items()}
+
+
+def fingerprint_models(run, ckpt: str | None, rank: int) -> dict | None:
+    """Global rank 0: the frozen models' fingerprints (model_fingerprints) and, resuming from `ckpt`, their check
+    against the ones saved there (check_models), before any weight is loaded; every rank raises together."""
+    found, error = None, None
+    if rank == 0:
+        try:
+            found = model_fingerprints(run)
+            head = _state_file(ckpt, 0) if ckpt else None
+            if head and os.path.exists(head):  # (a missing one is named by load_trainer_state)
+                saved = torch.load(head, map_location="cpu", weights_only=True, mmap=True).get("models")
+                check_models(saved, found, run.resume_other_models)
+        except (OSError, ValueError) as e:
+            error = e
+    raise_together(error, "checking the reference and reward models")
+    return found
+
+
+def check_models(saved: dict | None, now: dict | None, allow: bool) -> None:
+    """Refuse (or with `allow` only warn) a resume whose reference or reward model has other weights than the run
+    saved had: its KL terms and rewards would silently measure against another model. A checkpoint of a run without
+    fingerprints (or a benchmark's state without paths) is not checked."""
+    if not saved or not now:
+        return
+    other = [f"the {k} model (then {saved[k]['path']}, now {now[k]['path']})" for k in ("reference", "reward")
+             if k in saved and k in now and saved[k]["fingerprint"] != now[k]["fingerprint"]]  # fmt: skip
+    if not other:
+        return
+    what = f"resuming with {' and '.join(other)} whose weights differ from those the checkpoint's run used"
+    if not allow:
+        raise ValueError(f"{what}: pass the same checkpoints, or --resume-other-models if that is meant")
+    print0(f"warning: {what} (--resume-other-models)")
 
 
 def _changed_hyperparameters(saved: dict, now: dict) -> str:

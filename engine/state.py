@@ -22,7 +22,7 @@ from engine.model import Transformer
 from engine.offload import HostCopies, state_bytes, weight_bytes
 from engine.optim import Optimizer, make_optimizer
 from engine.parallel import ProcessGrid, agree, init_process_grid, print0, raise_together
-from engine.resume import latest_checkpoint, load_trainer_state, start_fresh
+from engine.resume import fingerprint_models, latest_checkpoint, load_trainer_state, start_fresh
 from engine.rollout import idle_models
 from engine.tokenizer import PromptSet, check_vocabularies, load_prompts, load_tokenizer, response_stop_ids
 from engine.tracking import Tracker, check_available
@@ -47,6 +47,9 @@ class RunConfig:
     overwrite_output_dir: bool = False  # start over in an output_dir that holds a run (its checkpoints are deleted)
     save_every: int = 0  # iterations between checkpoints (0: only at the end)
     keep_checkpoints: int = 1  # older checkpoints are pruned
+    # --resume with a reference or reward model whose weights differ from those the checkpoint's run used (refused
+    # otherwise: its KL and rewards would measure against another model)
+    resume_other_models: bool = False
     max_iterations: int = 0  # stop after this many iterations (0: the whole prompt set; the LR schedule spans it)
     # the LR schedule always spans the whole prompt set, so a run cut short and resumed is the same run
     seed: int = 0  # prompt order and sampling
@@ -113,6 +116,7 @@ class TrainState:
     offload: bool = False  # optimizer state in host memory during rollouts (decide_offload)
     offload_models: bool = False  # the idle models' weights in host memory during rollouts (decide_offload)
     model_copies: dict[str, HostCopies] = field(default_factory=dict)  # their host buffers, by name
+    model_fingerprints: dict | None = None  # the frozen models' weights (global rank 0; engine.resume.check_models)
 
     @property
     def dp_group(self):
@@ -179,6 +183,7 @@ def setup(
     ckpt = latest_checkpoint(run.output_dir) if run.resume else None
     if run.resume:
         print0(f"resuming from {ckpt}" if ckpt else f"--resume: no checkpoint in {run.output_dir} yet, starting fresh")
+    fingerprints = fingerprint_models(run, ckpt, grid.rank)  # (a resume with other frozen models: refused here)
     if ckpt is None and run.output_dir:  # (a resume with nothing to resume drops the dead run's metrics)
         start_fresh(run.output_dir, run.overwrite_output_dir or run.resume, grid.rank)
     models = (
@@ -190,7 +195,7 @@ def setup(
     state = make_state(
         cfg, run, grid, models, prompt_set.prompts, response_stop_ids(tokenizer), tokenizer_dir, generator_factory=None
     )
-    state.tokenizer, state.eval_prompts = tokenizer, eval_set
+    state.tokenizer, state.eval_prompts, state.model_fingerprints = tokenizer, eval_set, fingerprints
     if ckpt:
         load_trainer_state(state, ckpt)
     state.generator = generator_factory(state.policy, cfg, run)

@@ -367,7 +367,8 @@ def train(state: TrainState) -> list[dict]:
 def _loop(state: TrainState) -> None:
     saved_at, last_save = state.iteration, time.monotonic()
     with _StopSignals() as signals:
-        if eval_due(state, at_start=True):  # the starting point (a signal during it stops after iteration 1)
+        # the starting point, or an evaluation a stop signal put off (a signal during it stops after iteration 1)
+        if eval_due(state, at_start=True):
             state.evals.append(evaluate(state))
         while state.iteration < state.iterations:
             if state.iteration + 1 == state.run.profile_iteration:

@@ -20,7 +20,7 @@ from engine.config import ModelConfig, PPOConfig
 from engine.model import Transformer
 from engine.parallel import ProcessGrid
 from engine.reshard import SavedOptimizer, relayout
-from engine.resume import latest_checkpoint, save_checkpoint
+from engine.resume import latest_checkpoint, save_checkpoint, trim_logs
 from engine.state import RunConfig
 from engine.train_ppo import build_parser, main, parse_args, prepare_tiny
 from kernels import dispatch
@@ -152,14 +152,123 @@ def test_save_every_minutes_checkpoints_by_the_clock(tmp_path, monkeypatch):
 
 
 def test_resume_after_a_crash_keeps_one_metrics_line_per_iteration(tmp_path):
-    """A run that logged iteration 3 but died before checkpointing it resumes from 2: metrics.jsonl then holds
-    iterations 1, 2, 3 once each, the 3rd from the resumed run."""
+    """A run that logged iteration 3 but died before checkpointing it (and in the middle of writing iteration 4's
+    line, and after leaving a checkpoint 1 without its value model and a 5 `latest` never pointed to) resumes from 2:
+    metrics.jsonl then holds iterations 1, 2, 3 once each, the 3rd from the resumed run; the pruning keeps the
+    complete checkpoint 2 beside the new 3 (--keep-checkpoints 2), not the dead run's leftovers."""
     _run(tmp_path, "--max-iterations", "3", "--save-every", "2", "--keep-checkpoints", "2")
     (tmp_path / "latest").write_text(json.dumps({"checkpoint": "checkpoint-000002"}))  # as if it died at 3
-    resumed = _run(tmp_path, "--max-iterations", "3", "--resume")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 4, "step": 8, "lr": 1e-')  # (killed mid-write)
+    shutil.copytree(tmp_path / "checkpoint-000002/policy", tmp_path / "checkpoint-000001/policy")
+    shutil.copytree(tmp_path / "checkpoint-000003", tmp_path / "checkpoint-000005")
+    resumed = _run(tmp_path, "--max-iterations", "3", "--resume", "--keep-checkpoints", "2")
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in lines] == [1, 2, 3]
     assert _no_timing(lines[2:]) == _no_timing(resumed)
+    assert sorted(d.name for d in tmp_path.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000003"]
+    (tmp_path / "metrics.jsonl").write_text('{"iteration": 1}\nnot json\n{"iteration": 2}\n')  # (an edited file)
+    with pytest.raises(ValueError, match=r"metrics\.jsonl, line 2, is not a JSON record .*: mend or remove it"):
+        trim_logs(str(tmp_path), 1)
+
+
+def test_a_checkpoint_is_durable_before_latest_points_to_it(tmp_path, monkeypatch):
+    """Every file is fsynced before its rename and every directory whose entries changed after it: each model's
+    directory before it is renamed into place, the checkpoint's parent after, checkpoint-N before `latest` moves,
+    and the output directory after `latest` is replaced and before the previous checkpoint is removed."""
+    import engine.checkpoint as ckpt_mod
+    import engine.resume as resume_mod
+
+    state = _state(tmp_path, "--max-iterations", "1")
+    events, real_rmtree = [], shutil.rmtree
+
+    def fsync_dir(path):
+        events.append(("dir", os.path.relpath(path, tmp_path)))
+
+    monkeypatch.setattr(ckpt_mod, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(resume_mod, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(resume_mod.os, "replace", lambda a, b: (events.append(("replace", os.path.basename(b))),
+                                                               os.rename(a, b)))  # fmt: skip
+    monkeypatch.setattr(resume_mod.shutil, "rmtree", lambda p, **k: (events.append(("rm", os.path.basename(p))),
+                                                                     real_rmtree(p, **k)))  # fmt: skip
+    save_checkpoint(state)
+    state.iteration = 1
+    events.clear()
+    save_checkpoint(state)
+    dirs = [e[1] for e in events if e[0] == "dir"]
+    assert sum(d.startswith("checkpoint-000001/policy.tmp-") for d in dirs) == 1, dirs
+    assert sum(d.startswith("checkpoint-000001/value.tmp-") for d in dirs) == 1, dirs
+    tail = events[events.index(("replace", "state-rank00000.pt")) :]
+    assert tail == [("replace", "state-rank00000.pt"), ("dir", "checkpoint-000001"), ("dir", "."),
+                    ("replace", "latest"), ("dir", "."), ("rm", "checkpoint-000000")], tail  # fmt: skip
+
+
+def test_a_stop_signal_at_an_evaluation_is_made_up_for_when_resumed(tmp_path):
+    """SIGTERM during the last iteration, when the final evaluation is due: the run checkpoints without it (a
+    scheduler's grace period is for the checkpoint) and the resumed run evaluates first, so eval.jsonl ends as a
+    straight run's; a resume with nothing put off evaluates nothing again."""
+    straight = _run(tmp_path / "a", "--max-iterations", "2")
+    evals = lambda d: [json.loads(x) for x in (tmp_path / d / "eval.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [e["iteration"] for e in evals("a")] == [0, 2]
+    calls = {"n": 0}
+
+    def factory(policy, cfg, run):
+        gen = state_mod.make_generator(policy, cfg, run)
+        real = gen.generate_completions
+
+        def generate_completions(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 3:  # (the evaluation at the start, iteration 1's rollout, iteration 2's)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(*a, **k)
+
+        gen.generate_completions = generate_completions
+        return gen
+
+    first = _run(tmp_path / "b", "--max-iterations", "2", factory=factory)
+    assert [m["iteration"] for m in first] == [1, 2] and [e["iteration"] for e in evals("b")] == [0]
+    assert _run(tmp_path / "b", "--max-iterations", "2", "--resume") == []  # (no iteration left: the evaluation)
+    ours, theirs = evals("b"), evals("a")
+    assert [e["iteration"] for e in ours] == [0, 2]
+    for k in ("score", "kl", "reward", "response_len"):
+        assert ours[1][k] == theirs[1][k], k
+    assert _no_timing(first) == _no_timing(straight)
+    _run(tmp_path / "b", "--max-iterations", "2", "--resume")
+    assert [e["iteration"] for e in evals("b")] == [0, 2]  # (made up once)
+
+
+def test_resuming_with_other_frozen_models_is_refused(tmp_path, monkeypatch, capsys):
+    """The reference's and reward model's weights are fingerprinted into each checkpoint: a resume with a reward
+    model of the same shape but other weights is refused before any weight is loaded (its rewards would measure
+    something else), --resume-other-models lets it through with a warning, and the same files moved are accepted."""
+    from engine.tokenizer import TINY_PROMPTS
+
+    _run(tmp_path / "tiny", "--max-iterations", "1")  # (the tiny default's models, in tiny/init)
+    init = tmp_path / "tiny/init"
+    shutil.copytree(init, tmp_path / "moved")
+    other = load_pretrained(str(init / "reward"), head="score")
+    with torch.no_grad():
+        other.norm.weight.mul_(1.5)
+    from engine.checkpoint import save_pretrained
+
+    save_pretrained(other, str(tmp_path / "other-rm"), tokenizer_dir=str(init / "reward"))
+    flags = ["--prompts", TINY_PROMPTS, "--max-prompt-len", "128", "--output-dir", str(tmp_path / "run")]
+    run = lambda *f: _run(tmp_path / "run", *flags, "--policy", str(init / "policy"), *f)  # noqa: E731
+    run("--reward", str(init / "reward"), "--max-iterations", "1")
+    with pytest.raises(ValueError, match=r"resuming with the reward model \(then .*init/reward, now .*other-rm\) "
+                       r"whose weights differ .*--resume-other-models if that is meant"):  # fmt: skip
+        run("--reward", str(tmp_path / "other-rm"), "--max-iterations", "2", "--resume")
+    loaded = []
+    monkeypatch.setattr(state_mod, "load_pretrained", lambda *a, **k: loaded.append(a) or pytest.fail("loaded"))
+    with pytest.raises(ValueError, match="whose weights differ"):
+        run("--reward", str(tmp_path / "other-rm"), "--max-iterations", "2", "--resume")
+    assert loaded == []  # (refused before a weight was read)
+    monkeypatch.undo()
+    capsys.readouterr()
+    run("--reward", str(tmp_path / "moved/reward"), "--max-iterations", "2", "--resume")  # the same weights, moved
+    assert "whose weights differ" not in capsys.readouterr().out
+    run("--reward", str(tmp_path / "other-rm"), "--max-iterations", "3", "--resume", "--resume-other-models")
+    assert "warning: resuming with the reward model" in capsys.readouterr().out
 
 
 def test_a_fresh_run_into_a_used_output_dir_is_refused_unless_overwritten(tmp_path):
