@@ -28,6 +28,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
+    extra_eos_token_ids: tuple[int, ...] = ()  # the rest of a config.json list of EOS ids (Llama 3's); all stop
     pad_token_id: int | None = None
     dtype: str = "bfloat16"  # the checkpoint's stored dtype
 
@@ -92,9 +93,9 @@ class ModelConfig:
                 raise ValueError(f"{flag}=True is not supported (Llama-2 layers have no biases)")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {cfg['hidden_act']!r} is not supported (SwiGLU with silu only)")
-        eos = cfg.get("eos_token_id")
+        eos, extra = cfg.get("eos_token_id"), ()
         if isinstance(eos, list):
-            eos = eos[0] if eos else None
+            eos, extra = (eos[0], tuple(eos[1:])) if eos else (None, ())
         dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
         return cls(
             vocab_size=cfg["vocab_size"],
@@ -110,6 +111,7 @@ class ModelConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=eos,
+            extra_eos_token_ids=extra,
             pad_token_id=cfg.get("pad_token_id"),
             dtype=str(dtype).replace("torch.", ""),
         )
@@ -134,7 +136,9 @@ class ModelConfig:
             "attention_bias": False,
             "mlp_bias": False,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
+            "eos_token_id": [self.eos_token_id, *self.extra_eos_token_ids]
+            if self.extra_eos_token_ids
+            else self.eos_token_id,
             "pad_token_id": self.pad_token_id,
             "torch_dtype": self.dtype,
         }

@@ -9,14 +9,17 @@ nothing is lost.
 
 Sampling never synchronises with the host inside the step: randomness is counter-based (a hash
 of the sequence's seed and the token's position), so a seeded run is reproducible whatever the
-batching, preemption or tensor-parallel rank. Each step is launched on the previous step's sampled
-ids as they lie on the device; the host reads those (its one sync per step, for stop checks and
-scheduling) while the next step runs.
+batching, preemption or tensor-parallel rank, as far as the logits are: in fp32 exactly (tested), in bf16 a step
+computed in another batch (a bucket's padding, a prefill after a preemption) may round its logits differently
+and flip a near-tie. Without a seed the tensor-parallel ranks draw one together. Each step is launched on the
+previous step's sampled ids as they lie on the device; the host reads those (its one sync per step, for stop checks
+and scheduling) while the next step runs.
 """
 
 from __future__ import annotations
 
 import collections
+import numbers
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -381,9 +384,12 @@ class Generator:
         self._ensure_cache()
         self.stats.setup_seconds = time.perf_counter() - start
         stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos and self.model.config.eos_token_id is not None:
-            stop_ids.add(self.model.config.eos_token_id)
-        base_seed = params.seed if params.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+        config = self.model.config
+        if not params.ignore_eos and config.eos_token_id is not None:  # (every EOS of a config's list)
+            stop_ids.update([config.eos_token_id, *config.extra_eos_token_ids])
+        base_seed = params.seed
+        if base_seed is None:  # drawn once for the TP group: its ranks must sample the same tokens
+            (base_seed,) = agree([int(torch.randint(0, 2**31 - 1, ()).item())], "max", self.model.group)
 
         waiting: collections.deque[list[_Seq]] = collections.deque()
         next_id = 0
@@ -574,6 +580,9 @@ class Generator:
                     f"prompt {i} has {len(p)} tokens; the limit is {self.max_model_len - 1} "
                     f"(max_model_len {self.max_model_len} leaves room for at least one new token)"
                 )
+            for j, t in enumerate(p) if any(type(t) is not int for t in p) else ():  # (plain ints: no more)
+                if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                    raise ValueError(f"prompt {i} has {t!r} at position {j}: token ids are integers")
             lo, hi = min(p), max(p)
             if lo < 0 or hi >= vocab:
                 raise ValueError(f"prompt {i} has token id {lo if lo < 0 else hi} outside the vocabulary [0, {vocab})")

@@ -189,6 +189,8 @@ def test_max_model_len_caps_generation():
     [
         ([[1] * 12], "prompt 0 has 12 tokens; the limit is 11"),
         ([[1, 2], [3, 512]], "prompt 1 has token id 512 outside the vocabulary"),
+        ([[1.5, 2]], "prompt 0 has 1.5 at position 0: token ids are integers"),
+        ([[1, 2], [3, True]], "prompt 1 has True at position 1: token ids are integers"),
         ([[1], []], "prompt 1 is empty"),
         ([], "non-empty list"),
     ],
@@ -198,6 +200,25 @@ def test_bad_prompts(prompts, message):
     gen = Generator(model, block_size=4, num_blocks=16, max_model_len=12)
     with pytest.raises(ValueError, match=message):
         gen.generate(prompts, max_new_tokens=2)
+
+
+def test_every_eos_of_a_config_list_stops():
+    """A config.json whose eos_token_id is a list (Llama 3's) keeps every id, writes the list back, and generation
+    stops at any of them (here the first token greedy decoding emits, made an extra EOS)."""
+    hf = ModelConfig.named("tiny").to_hf("lm")
+    hf["eos_token_id"] = [2, 7]
+    cfg = ModelConfig.from_hf(hf)
+    assert (cfg.eos_token_id, cfg.extra_eos_token_ids) == (2, (7,)) and cfg.to_hf("lm")["eos_token_id"] == [2, 7]
+    model = Transformer(ModelConfig.named("tiny")).init_weights(seed=0)
+    greedy = GenerateConfig(temperature=0.0, max_new_tokens=6)
+    with reference_ops():
+        (free,) = Generator(model, block_size=4, num_blocks=16, max_model_len=12).generate_completions([[1, 5]], greedy)
+        assert len(free.tokens) == 6 and free.finish_reason == "length", free
+        model.config.extra_eos_token_ids = (free.tokens[0],)
+        (stopped,) = Generator(model, block_size=4, num_blocks=16, max_model_len=12).generate_completions(
+            [[1, 5]], greedy
+        )
+    assert stopped.tokens == free.tokens[:1] and stopped.finish_reason == "stop"
 
 
 def test_cache_too_small_for_one_sequence():

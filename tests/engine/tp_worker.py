@@ -86,6 +86,14 @@ def main(ckpt: str, out: str) -> None:
         assert torch.equal(everyone[0], everyone[1]), "TP ranks sampled different tokens"
         grads[key] = tokens
         grads[key + "_logprobs"] = torch.tensor([lp for c in generated for lp in c.logprobs])
+    # no seed given, and each rank's own RNG elsewhere: the ranks draw one seed (top-p gathers the logits and every
+    # rank samples them: with seeds of their own they would feed their shards different tokens)
+    torch.manual_seed(100 + grid.rank)
+    unseeded = gen.generate_completions(prompts, GenerateConfig(temperature=0.9, top_p=0.8, max_new_tokens=8))
+    tokens = torch.tensor([c.tokens + [-1] * (8 - len(c.tokens)) for c in unseeded])
+    everyone = [torch.empty_like(tokens) for _ in range(2)]
+    dist.all_gather(everyone, tokens, group=model.group)
+    assert torch.equal(everyone[0], everyone[1]), "TP ranks sampled different tokens without a seed"
     # ranks that measure different memory still size the cache alike (the smallest), or they would schedule apart
     from engine.kv_cache import bytes_per_block
 
