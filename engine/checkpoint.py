@@ -10,6 +10,8 @@ torchrun the ranks write the files in turn, in parallel.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -67,20 +69,24 @@ def hf_tensor_specs(model: Transformer, prefix: str = "model.") -> dict[str, Ten
     return specs
 
 
-def weights_fingerprint(path: str, samples: int = 16, sample_bytes: int = 1 << 16) -> str:
-    """A short hash telling two checkpoint directories' weights apart without reading them whole: config.json, and
-    each weight file's name, size and `samples` slices of `sample_bytes` spread over it (1 MiB a file: two models of
-    one shape with other weights differ there). The same files moved elsewhere keep it."""
+def weights_fingerprint(path: str, rows: int = 4) -> str:
+    """A short hash telling two checkpoints' weights apart without reading them whole: the model's shape (config.json
+    parsed: not its transformers version or stored dtype) and, per tensor, its name, shape and first `rows` rows as
+    fp32 (about 20 MB for a 13B model). The same weights moved, re-sharded or re-saved in the other file format keep
+    it; two models of one shape with other weights differ in it."""
     h = hashlib.sha256()
-    with open(os.path.join(path, "config.json"), "rb") as f:
-        h.update(f.read())
-    for fn in sorted(set(checkpoint_files(path).values())):
-        size = os.path.getsize(fn)
-        h.update(f"{os.path.basename(fn)} {size}".encode())
-        with open(fn, "rb") as f:
-            for k in range(samples):
-                f.seek(size * k // samples)
-                h.update(f.read(sample_bytes))
+    shape = dataclasses.asdict(ModelConfig.from_hf(path))
+    shape.pop("dtype")
+    h.update(json.dumps(shape, sort_keys=True).encode())
+    files, tensors = checkpoint_files(path), {}
+    for fn in sorted(set(files.values())):
+        with _open_weights(fn) as f:
+            for name in (n for n, where in files.items() if where == fn):
+                part = f.get_slice(name)
+                head = part[:rows].to(torch.float32).contiguous().numpy().tobytes()
+                tensors[name] = f"{name} {list(part.get_shape())}".encode() + head
+    for name in sorted(tensors):  # (by name: however the tensors are split into files)
+        h.update(tensors[name])
     return h.hexdigest()[:16]
 
 
@@ -342,15 +348,19 @@ def _fsync(fn: str) -> None:
 def fsync_dir(path: str) -> None:
     """Make a directory's entries (files created, renamed or removed in it) durable, as a file's fsync does its
     bytes: without it a crash of the node can lose a rename that was made after the file's own fsync. A file system
-    that cannot sync a directory (some network ones refuse it) is left as it is."""
+    that cannot sync a directory (some network ones refuse it: EINVAL, ENOTSUP) is left as it is; a failure to write
+    back (EIO, ENOSPC) raises, as a file's fsync would."""
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EISDIR, errno.EINVAL, errno.ENOTSUP):
+            return
+        raise
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
     finally:
         os.close(fd)
 

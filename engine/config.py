@@ -43,6 +43,11 @@ class ModelConfig:
             raise ValueError(f"head_dim {self.head_dim} must be even for the rotary embedding")
 
     @property
+    def eos_token_ids(self) -> list[int]:
+        """Every id that ends a response (config.json's eos_token_id, one or a list; none without one)."""
+        return [] if self.eos_token_id is None else [self.eos_token_id, *self.extra_eos_token_ids]
+
+    @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
 
@@ -136,9 +141,7 @@ class ModelConfig:
             "attention_bias": False,
             "mlp_bias": False,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": [self.eos_token_id, *self.extra_eos_token_ids]
-            if self.extra_eos_token_ids
-            else self.eos_token_id,
+            "eos_token_id": self.eos_token_ids if self.extra_eos_token_ids else self.eos_token_id,
             "pad_token_id": self.pad_token_id,
             "torch_dtype": self.dtype,
         }
@@ -226,7 +229,7 @@ class PPOConfig:
     train_batch_size: int = 64  # sequences per optimizer step
     rollout_batch_size: int = 512  # prompts per PPO iteration
     samples_per_prompt: int = 1  # responses sampled per prompt
-    ppo_epochs: int = 1  # passes over each rollout (a later one reshuffled into new minibatches, alike on any DP size)
+    ppo_epochs: int = 1  # passes over each rollout (a later one reshuffled into new minibatches)
     prompt_epochs: int = 1  # passes over the prompt set
     kl_coef: float = 0.05  # beta of the per-token KL penalty in the reward
     kl_estimator: str = "k1"  # k1 (logp - ref_logp), k2 or k3
@@ -242,3 +245,32 @@ class PPOConfig:
     max_new_tokens: int = 1024  # response length limit
     max_prompt_len: int = 1024  # longer prompts are dropped, not truncated
     recompute_old_logprobs_per_minibatch: bool = False  # the EasyLM quirk, off by default
+
+    def __post_init__(self) -> None:
+        """Refuse a value that makes no sense when the flags are parsed, not after four models are loaded (or an
+        hour in, when the warmup ends and the schedule is first asked for)."""
+        bad = []
+        for name in ("train_batch_size", "rollout_batch_size", "samples_per_prompt", "ppo_epochs", "prompt_epochs",
+                     "max_new_tokens", "max_prompt_len"):  # fmt: skip
+            if getattr(self, name) < 1:
+                bad.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("learning_rate", "weight_decay", "max_grad_norm", "kl_coef", "clip_ratio", "clip_value",
+                     "value_loss_coef"):  # fmt: skip
+            if not getattr(self, name) >= 0:
+                bad.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("warmup_ratio", "gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                bad.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            bad.append(f"adam_betas must be two numbers in [0, 1), got {tuple(self.adam_betas)}")
+        if not self.adam_eps > 0:
+            bad.append(f"adam_eps must be > 0, got {self.adam_eps}")
+        if self.lr_schedule not in ("linear", "constant"):
+            bad.append(f"lr_schedule must be 'linear' or 'constant', got {self.lr_schedule!r}")
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            bad.append(f"kl_estimator must be 'k1', 'k2' or 'k3', got {self.kl_estimator!r}")
+        if not self.temperature > 0:  # (0 is greedy decoding: PPO would train on samples its policy never draws)
+            bad.append(f"temperature must be > 0 for PPO's rollouts, got {self.temperature} (--eval-greedy evaluates "
+                       "greedily)")  # fmt: skip
+        if bad:
+            raise ValueError("; ".join(bad))

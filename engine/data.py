@@ -22,6 +22,11 @@ import torch
 from engine.tokenizer import PromptSet
 
 
+def check_fills_a_rollout(prompts: int, batch_size: int) -> None:
+    if prompts < batch_size:
+        raise ValueError(f"{prompts} prompts cannot fill one rollout batch of {batch_size} (--rollout-batch-size)")
+
+
 class PromptBatches:
     """Iterates rollout batches: lists of (prompt index, token ids) for this DP rank.
 
@@ -46,8 +51,7 @@ class PromptBatches:
             raise ValueError(f"rollout batch size {batch_size} is not a multiple of the data-parallel size {dp_size}")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
-        if len(self.prompts) < batch_size:
-            raise ValueError(f"{len(self.prompts)} prompts cannot fill one rollout batch of {batch_size}")
+        check_fills_a_rollout(len(self.prompts), batch_size)
         self.batch_size, self.seed, self.epochs = batch_size, seed, epochs
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.batches_per_epoch = len(self.prompts) // batch_size

@@ -30,8 +30,8 @@ import torch.distributed as dist
 
 from engine import ppo
 from engine.data import Rollout
-from engine.parallel import agree, print0
-from engine.resume import EVAL_DIR, atomic_write
+from engine.parallel import agree, print0, raise_together
+from engine.resume import EVAL_DIR, atomic_write, read_log
 from engine.rollout import forward_rollout, generate_rollout, reduce_sums, sampling_params
 from engine.state import TrainState, setup_evaluation
 from kernels.logprob import kl_estimate
@@ -53,17 +53,21 @@ def eval_due(state: TrainState, *, at_start: bool = False) -> bool:
         return at_start or due
     if not due:
         return False
-    logged = 1
+    logged, error = 1, None
     if state.grid.rank == 0:
         fn = os.path.join(state.run.output_dir, "eval.jsonl")
-        lines = open(fn).read().splitlines() if os.path.exists(fn) else []
-        logged = int(any(json.loads(x)["iteration"] == state.iteration for x in lines if x.strip()))
+        try:
+            logged = int(os.path.exists(fn) and any(r.get("iteration") == state.iteration for r in read_log(fn)[1]))
+        except Exception as e:  # (an unreadable log: every rank stops, none waits in the agreement)
+            error = e
+    raise_together(error, "reading eval.jsonl")
     return not agree([logged], "min")[0]
 
 
 def sequence_stats(state: TrainState, ro: Rollout) -> dict[str, torch.Tensor]:
     """Per sequence [B] fp32, from a rollout through forward_rollout: score, score_penalized, kl (summed over the
-    response), reward (score_penalized - kl_coef * kl), response_len, no_eos."""
+    response), reward (score_penalized - kl_coef * kl), response_len, no_eos. With --eval-greedy the tokens are the
+    argmax, not samples of the policy: kl is then the estimator summed over them, not an estimate of KL(pi || ref)."""
     cfg = state.cfg
     lens = torch.tensor([b - a for a, b in zip(ro.offsets[:-1], ro.offsets[1:])], device=state.device)
     seq = torch.repeat_interleave(torch.arange(len(lens), device=state.device), lens)

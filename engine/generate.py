@@ -384,12 +384,13 @@ class Generator:
         self._ensure_cache()
         self.stats.setup_seconds = time.perf_counter() - start
         stop_ids = set(params.stop_token_ids)
-        config = self.model.config
-        if not params.ignore_eos and config.eos_token_id is not None:  # (every EOS of a config's list)
-            stop_ids.update([config.eos_token_id, *config.extra_eos_token_ids])
+        if not params.ignore_eos:  # (every EOS of a config's list)
+            stop_ids.update(self.model.config.eos_token_ids)
         base_seed = params.seed
-        if base_seed is None:  # drawn once for the TP group: its ranks must sample the same tokens
-            (base_seed,) = agree([int(torch.randint(0, 2**31 - 1, ()).item())], "max", self.model.group)
+        if base_seed is None:
+            base_seed = int(torch.randint(0, 2**31 - 1, ()).item())
+            if self.model.group is not None:  # drawn once for the TP group: its ranks must sample the same tokens
+                (base_seed,) = agree([base_seed], "max", self.model.group)
 
         waiting: collections.deque[list[_Seq]] = collections.deque()
         next_id = 0

@@ -293,17 +293,18 @@ def plan_for(
     check_offload_setting(setting)
     if evaluation:
         setting = "off"
-    args = (configs, dtype, tp, dp, distributed, free, cache, False, () if evaluation else TRAINED)
+    args = (configs, dtype, tp, dp, distributed, free, cache)
+    trained = () if evaluation else TRAINED
     if setting == "always":
-        line, resident = plan(*args[:7], True, *args[8:]), True
+        line, resident = plan(*args, resident=True, trained=trained), True
     else:
         try:
-            line, resident = plan(*args), False
+            line, resident = plan(*args, trained=trained), False
         except ValueError as e:
             if setting != "auto":
                 raise
             try:
-                line, resident = plan(*args[:7], True, *args[8:]), True
+                line, resident = plan(*args, resident=True, trained=trained), True
             except ValueError:
                 raise e from None
             line += " (--offload-optimizer auto: always, the only way this layout fits)"

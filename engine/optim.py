@@ -235,12 +235,24 @@ def _all_reduce_flat(tensors: list[torch.Tensor], group, bucket_bytes: int = BUC
             bucket, size = [], 0
 
 
+_FLAGS: dict[tuple, torch.Tensor] = {}
+
+
+def _device_flags(flags: list[bool], device: torch.device) -> torch.Tensor:
+    """A bool mask on the device, copied there once per distinct mask (a copy from pageable host memory waits for
+    the stream: each step's would stall the CPU behind the backward it is queueing work after)."""
+    key = (tuple(flags), str(device))
+    if key not in _FLAGS:
+        _FLAGS[key] = torch.tensor(flags, device=device)
+    return _FLAGS[key]
+
+
 def _grad_norm(grads: list[torch.Tensor], sharded: list[bool], grid: ProcessGrid, device, dp_group=None):
     """sqrt of the sum of squares: TP-sharded pieces summed over the TP group, replicated ones counted once; with
     `dp_group` the pieces are disjoint shards over the DP ranks, summed over them too."""
     if grads:
         sq = torch.stack(torch._foreach_norm(grads)).square()  # one fused launch per few tensors
-        is_sharded = torch.tensor(sharded, device=sq.device)
+        is_sharded = _device_flags(sharded, sq.device)
         parts = torch.stack([torch.where(is_sharded, 0.0, sq).sum(), torch.where(is_sharded, sq, 0.0).sum()])
     else:  # a rank whose shards hold only padding
         parts = torch.zeros(2, device=device)
@@ -384,11 +396,13 @@ def load_optimizer_state(opt: Optimizer, saved: dict | SavedOptimizer, tp: int =
             for (m, p), v in zip(mixed, masters, strict=True):
                 m.copy_(v)
                 p.copy_(v)
-    kinds = [{k: g.get(k) for k in ("fused", "foreach")} for g in opt.adam.param_groups]
+    # this run's hyperparameters (betas, eps, weight decay: a resume may change them, and a re-laid one does) and Adam
+    # kernel (a CPU run's checkpoint on a GPU), whatever the saved groups held; only the moments and steps are loaded
+    kept = [{k: v for k, v in g.items() if k != "params"} for g in opt.adam.param_groups]
     opt.adam.load_state_dict(adam)  # (the moments land where the masters are)
-    for g, kind in zip(opt.adam.param_groups, kinds):
-        g.update(kind)  # this run's Adam kernel, whichever the saved run used (a CPU run's checkpoint on a GPU)
-    if kinds and kinds[0]["fused"]:  # a fused step count lives on the device, wherever a host-resident state is
+    for g, own in zip(opt.adam.param_groups, kept):
+        g.update(own)
+    if kept and kept[0].get("fused"):  # a fused step count lives on the device, wherever a host-resident state is
         home = opt.params[0].device
         for st in opt.adam.state.values():
             if torch.is_tensor(st.get("step")):

@@ -101,17 +101,22 @@ def _complete(ckpt: str) -> bool:
                                                                  "state-rank00000.pt"))  # fmt: skip
 
 
+def _number(name: str) -> int | None:
+    """N of a checkpoint-N directory's name (None for any other name)."""
+    digits = name.removeprefix("checkpoint-")
+    return int(digits) if name.startswith("checkpoint-") and digits.isdigit() else None
+
+
 def prune_checkpoints(out: str, current: str, keep: int) -> None:
     """After checkpoint `current` is the latest: keep it and the keep - 1 newest complete checkpoints before it;
     remove the older ones and what a dead run left (an incomplete checkpoint, or one after `current` that `latest`
     never pointed to), which would otherwise count among the kept and push out a complete one."""
-    number = lambda d: int(d.removeprefix("checkpoint-")) if d.removeprefix("checkpoint-").isdigit() else None  # noqa: E731
-    now = number(current)
+    now = _number(current)
     kept, doomed = [], []
     for d in sorted(os.listdir(out)):
-        if d == current or number(d) is None:
+        if d == current or _number(d) is None:
             continue
-        (kept if number(d) < now and _complete(os.path.join(out, d)) else doomed).append(d)
+        (kept if _number(d) < now and _complete(os.path.join(out, d)) else doomed).append(d)
     doomed += kept[: max(0, len(kept) - keep + 1)]
     for d in doomed:
         shutil.rmtree(os.path.join(out, d), ignore_errors=True)
@@ -211,25 +216,31 @@ def trim_logs(output_dir: str, iteration: int) -> None:
         fn = os.path.join(output_dir, name)
         if not os.path.exists(fn):
             continue
-        with open(fn) as f:
-            lines = [line for line in f if line.strip()]
-        records = []
-        for k, line in enumerate(lines):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                if k + 1 < len(lines):
-                    raise ValueError(f"{fn}, line {k + 1}, is not a JSON record ({e}): mend or remove it") from None
-                print0(f"{fn}: dropping its last line, written only in part when the run stopped")
-                lines.pop()
+        lines, records = read_log(fn)
         kept = [line for line, rec in zip(lines, records) if rec["iteration"] <= iteration]
-        if len(kept) != len(lines):
+        if len(kept) != len(lines):  # (a half-written last line has no record: rewritten without it too)
             data = "".join(kept).encode()
             atomic_write(fn, lambda f, data=data: f.write(data))
     eval_dir = os.path.join(output_dir, EVAL_DIR)
     for name in os.listdir(eval_dir) if os.path.isdir(eval_dir) else []:
         if name.startswith("iter-") and int(name[5:].split(".")[0]) > iteration:
             os.remove(os.path.join(eval_dir, name))
+
+
+def read_log(fn: str) -> tuple[list[str], list[dict]]:
+    """A JSONL log's lines and their records; a last line written only in part (a run killed mid-write) has no
+    record (and is reported); a line elsewhere that is not JSON is an error naming it (the file was edited)."""
+    with open(fn) as f:
+        lines = [line for line in f if line.strip()]
+    records = []
+    for k, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if k + 1 < len(lines):
+                raise ValueError(f"{fn}, line {k + 1}, is not a JSON record ({e}): mend or remove it") from None
+            print0(f"{fn}: dropping its last line, written only in part when the run stopped")
+    return lines, records
 
 
 def _state_file(ckpt: str, rank: int) -> str:
@@ -290,7 +301,7 @@ def fingerprint_models(run, ckpt: str | None, rank: int) -> dict | None:
             if head and os.path.exists(head):  # (a missing one is named by load_trainer_state)
                 saved = torch.load(head, map_location="cpu", weights_only=True, mmap=True).get("models")
                 check_models(saved, found, run.resume_other_models)
-        except (OSError, ValueError) as e:
+        except Exception as e:  # (a truncated state file, unreadable weights: every rank stops, none waits)
             error = e
     raise_together(error, "checking the reference and reward models")
     return found

@@ -15,7 +15,7 @@ import torch
 from engine import memory_plan, recompute
 from engine.checkpoint import load_pretrained
 from engine.config import ModelConfig, PPOConfig
-from engine.data import PromptBatches
+from engine.data import PromptBatches, check_fills_a_rollout
 from engine.hub import config_sources, resolve_run
 from engine.kv_cache import bytes_per_block, cuda_cache_budget, resolve_cache_dtype
 from engine.model import Transformer
@@ -76,8 +76,9 @@ class RunConfig:
     # recompute layers in the backward: on / off / N (the first N layers) / auto (on a GPU the fewest layers
     # that let a micro-batch fit the memory left, planned before each training phase; off on CPU)
     activation_checkpointing: str = "auto"
-    eval_prompts: str | None = None  # held-out JSONL prompts, answered and scored before, during and after training
-    # (the tiny default evaluates on its shipped held-out prompts; an empty string turns evaluation off)
+    # held-out JSONL prompts, answered and scored before, during and after training (the tiny default evaluates on
+    # its shipped held-out prompts; an empty string turns evaluation off)
+    eval_prompts: str | None = None
     eval_every: int = 0  # iterations between evaluations (0: only before the first and after the last)
     eval_holdout: int = 0  # hold this many prompts of --prompts out of training as the evaluation set (seeded)
     eval_greedy: bool = False  # evaluate with greedy decoding instead of the rollouts' sampling
@@ -85,6 +86,18 @@ class RunConfig:
     log_samples: int = 2  # rollout sequences per iteration written with their scores to samples.jsonl
     wandb_project: str = ""  # also log the metrics to this Weights & Biases project (needs `pip install wandb`)
     wandb_run_name: str = ""  # the W&B run's name (default: the output directory's name)
+
+    def __post_init__(self) -> None:
+        """Refuse nonsense when the flags are parsed (a run that would train nothing and exit 0, or fail late)."""
+        bad = [f"{n} must be >= {lo}, got {getattr(self, n)}" for n, lo in (
+            ("tp", 1), ("save_every", 0), ("keep_checkpoints", 1), ("max_iterations", 0), ("micro_batch_tokens", 1),
+            ("gen_max_num_seqs", 1), ("kv_cache_mb", 0), ("profile_iteration", 0), ("save_every_minutes", 0),
+            ("eval_every", 0), ("eval_holdout", 0), ("log_samples", 0), ("dist_timeout_minutes", 0))
+            if not getattr(self, n) >= lo]  # fmt: skip
+        if not 0 < self.kv_cache_fraction <= 1:
+            bad.append(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
+        if bad:
+            raise ValueError("; ".join(bad))
 
 
 @dataclass
@@ -157,6 +170,12 @@ def check_batch_sizes(cfg: PPOConfig, grid: ProcessGrid) -> None:
         raise ValueError(f"rollout of {seqs} sequences is not a multiple of train_batch_size {cfg.train_batch_size}")
     if cfg.train_batch_size % grid.dp or cfg.rollout_batch_size % grid.dp:
         raise ValueError(f"train and rollout batch sizes must be multiples of the data-parallel size {grid.dp}")
+    if grid.dp > 1 and (cfg.train_batch_size // grid.dp) % cfg.samples_per_prompt:
+        print0(
+            f"warning: a rank's share of a minibatch ({cfg.train_batch_size // grid.dp} sequences) does not hold "
+            f"whole prompts' {cfg.samples_per_prompt} samples: the minibatches differ from one process's (a run on "
+            "another number of ranks trains on other minibatches)"
+        )
 
 
 def setup(
@@ -178,7 +197,9 @@ def setup(
     tokenizer = load_tokenizer(tokenizer_dir)
     prompt_set = load_prompts(run.prompts, tokenizer, cfg.max_prompt_len, verbose=grid.rank == 0)
     prompt_set, eval_set = evaluation_set(cfg, run, grid, tokenizer, prompt_set)
+    check_fills_a_rollout(len(prompt_set.prompts), cfg.rollout_batch_size)
     check_tokenizer(light, tokenizer, tokenizer_dir, prompt_set, eval_set)
+    check_context(light, cfg)
     run = resolve_run(run)  # Hub ids -> local directories with the weights (engine/hub.py; the same directories)
     ckpt = latest_checkpoint(run.output_dir) if run.resume else None
     if run.resume:
@@ -202,11 +223,28 @@ def setup(
     return state
 
 
+def _checkpoint_dirs(run: RunConfig) -> dict[str, str]:
+    return {"policy": run.policy, "reference": run.reference or run.policy, "reward": run.reward}
+
+
+def check_context(run: RunConfig, cfg: PPOConfig) -> None:
+    """A sequence of max_prompt_len + max_new_tokens tokens must fit every model's context (config.json's
+    max_position_embeddings): the generator would otherwise cut responses short at the context, and PPO would score
+    each as a response that hit the length limit without EOS."""
+    need = cfg.max_prompt_len + cfg.max_new_tokens
+    for role, path in _checkpoint_dirs(run).items():
+        context = ModelConfig.from_hf(path).max_position_embeddings
+        if need > context:
+            raise ValueError(
+                f"--max-prompt-len {cfg.max_prompt_len} + --max-new-tokens {cfg.max_new_tokens} = {need} tokens do not "
+                f"fit the {role} model's context ({path}: max_position_embeddings {context}); lower either"
+            )
+
+
 def check_tokenizer(run: RunConfig, tokenizer, tokenizer_dir: str, *prompt_sets) -> None:
     """The three checkpoints (config.json, tokenizer files) against the run's tokenizer and its tokenised prompts,
     before any weight is read (engine.tokenizer.check_vocabularies)."""
-    dirs = {"policy": run.policy, "reference": run.reference or run.policy, "reward": run.reward}
-    models = {role: (path, ModelConfig.from_hf(path).vocab_size) for role, path in dirs.items()}
+    models = {role: (path, ModelConfig.from_hf(path).vocab_size) for role, path in _checkpoint_dirs(run).items()}
     for line in check_vocabularies(tokenizer, tokenizer_dir, models, [s.prompts for s in prompt_sets if s is not None]):
         print0(f"warning: {line}")
 
@@ -253,6 +291,11 @@ def evaluation_set(cfg: PPOConfig, run: RunConfig, grid: ProcessGrid, tokenizer,
         print0(f"prompts: {len(eval_set.prompts)} held out for evaluation, {len(prompt_set.prompts)} to train on")
     elif run.eval_prompts:
         eval_set = load_prompts(run.eval_prompts, tokenizer, cfg.max_prompt_len, verbose=grid.rank == 0)
+        if prompt_set is not None:  # (not held out: an evaluation on prompts the policy trains on is no check)
+            seen = {tuple(p) for p in prompt_set.prompts}
+            shared = sum(tuple(p) in seen for p in eval_set.prompts)
+            if shared:
+                print0(f"warning: {shared} of the {len(eval_set.prompts)} evaluation prompts are training prompts too")
     elif run.eval_every:
         raise ValueError("--eval-every needs --eval-prompts (a held-out prompt file) or --eval-holdout")
     if eval_set is not None and len(eval_set.prompts) < grid.dp:
@@ -368,6 +411,7 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     tokenizer = load_tokenizer(tokenizer_dir)
     _, eval_set = evaluation_set(cfg, run, grid, tokenizer, None)
     check_tokenizer(light, tokenizer, tokenizer_dir, eval_set)
+    check_context(light, cfg)
     run = resolve_run(run)
     start_fresh(run.output_dir, run.overwrite_output_dir, grid.rank)
     policy, ref, reward = load(run.policy, "lm"), load(run.reference or run.policy, "lm"), load(run.reward, "score")

@@ -167,6 +167,8 @@ def prompt_messages(obj: dict, where: str) -> list[dict]:
     last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=None)
     if last_user is None:
         raise ValueError(f"{where}: the conversation has no user turn")
+    if not msgs[last_user]["content"].strip():
+        raise ValueError(f"{where}: the last user turn is empty")
     return msgs[: last_user + 1]
 
 
@@ -197,13 +199,21 @@ class PromptSet:
     lengths: list[int] = field(default_factory=list)
 
     def hold_out(self, n: int, seed: int) -> tuple[PromptSet, PromptSet]:
-        """(the rest, n prompts drawn by a seeded permutation): a held-out evaluation set; the rest keep their order,
-        and the same seed draws the same prompts (a resumed run trains on the same set)."""
-        if not 0 < n < len(self.prompts):
-            raise ValueError(f"cannot hold out {n} of {len(self.prompts)} prompts for evaluation")
+        """(the rest, n distinct prompts drawn by a seeded permutation): a held-out evaluation set; the rest keep
+        their order, and the same seed draws the same prompts (a resumed run trains on the same set). A prompt the
+        file repeats (a preference split's several pairs per question) is held out with every copy: none is left
+        to train on."""
+        copies: dict[tuple[int, ...], list[int]] = {}  # prompt -> its lines, in the order of first appearance
+        for i, p in enumerate(self.prompts):
+            copies.setdefault(tuple(p), []).append(i)
+        distinct = list(copies.values())
+        if not 0 < n < len(distinct):
+            repeated = f" ({len(self.prompts)} lines, some repeated)" if len(distinct) < len(self.prompts) else ""
+            raise ValueError(f"cannot hold out {n} of {len(distinct)} prompts{repeated} for evaluation")
         gen = torch.Generator().manual_seed(seed * 1_000_003 + 7_919)
-        held = sorted(torch.randperm(len(self.prompts), generator=gen)[:n].tolist())
-        rest = sorted(set(range(len(self.prompts))) - set(held))
+        drawn = [distinct[k] for k in torch.randperm(len(distinct), generator=gen)[:n].tolist()]
+        held = sorted(lines[0] for lines in drawn)
+        rest = sorted(set(range(len(self.prompts))) - {i for lines in drawn for i in lines})
         pick = lambda idx: PromptSet([self.prompts[i] for i in idx], [self.messages[i] for i in idx], 0,  # noqa: E731
                                      [len(self.prompts[i]) for i in idx])  # fmt: skip
         return pick(rest), pick(held)

@@ -1,6 +1,7 @@
 """Checkpoint errors name the problem; saving is atomic."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -184,3 +185,23 @@ def test_transformers_ignores_our_kernels_package():
     import kernels  # noqa: F401
 
     assert not is_kernels_available()
+
+
+def test_fsync_dir_ignores_only_a_file_system_that_cannot_sync_directories(tmp_path, monkeypatch):
+    """A directory fsync that a file system refuses (EINVAL) is skipped; one that fails to write back (EIO) raises,
+    as a file's would: `latest` must not move to a checkpoint whose names may not be on disk."""
+    import errno
+
+    from engine import checkpoint
+
+    def failing(code):
+        def fsync(fd):
+            raise OSError(code, os.strerror(code))
+
+        return fsync
+
+    monkeypatch.setattr(checkpoint.os, "fsync", failing(errno.EINVAL))
+    checkpoint.fsync_dir(str(tmp_path))
+    monkeypatch.setattr(checkpoint.os, "fsync", failing(errno.EIO))
+    with pytest.raises(OSError, match="Input/output error"):
+        checkpoint.fsync_dir(str(tmp_path))

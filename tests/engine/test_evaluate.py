@@ -135,8 +135,14 @@ def test_bad_evaluation_flags_are_refused(tmp_path):
         state_mod.setup(cfg, prepare_tiny(run), grid=grid)
 
 
-def test_eval_holdout_takes_the_evaluation_set_out_of_the_training_prompts(tmp_path):
+def test_eval_holdout_takes_the_evaluation_set_out_of_the_training_prompts(tmp_path, capsys):
     from engine.tokenizer import TINY_PROMPTS
+
+    capsys.readouterr()
+    _state(tmp_path / "w", "--eval-prompts", TINY_PROMPTS)  # (evaluating on the training prompts: said)
+    assert "warning: 48 of the 48 evaluation prompts are training prompts too" in capsys.readouterr().out
+    _state(tmp_path / "x")  # (the shipped held-out prompts: no warning)
+    assert "evaluation prompts are training prompts" not in capsys.readouterr().out
 
     held = {}
     for seed in (0, 0, 1):

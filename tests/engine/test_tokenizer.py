@@ -97,6 +97,7 @@ def test_shipped_prompts_load(tok):
         ('{"messages": [{"role": "assistant", "content": "x"}]}\n', "no user turn"),
         ('{"messages": [{"role": "robot", "content": "x"}]}\n', "each message needs a role"),
         ('{"prompt": "   "}\n', "empty prompt"),
+        ('{"messages": [{"role": "user", "content": " "}]}\n', r"p\.jsonl:1: the last user turn is empty"),
     ],
 )
 def test_prompt_file_errors(tmp_path, content, message):
@@ -104,6 +105,21 @@ def test_prompt_file_errors(tmp_path, content, message):
     p.write_text(content)
     with pytest.raises(ValueError, match=message):
         read_prompt_file(p)
+
+
+def test_a_held_out_prompt_leaves_training_with_every_copy():
+    """--eval-holdout draws distinct prompts: a prompt the file repeats (a preference split's several pairs per
+    question) goes to the evaluation set once and none of its copies stays in training; the draw is seeded."""
+    from engine.tokenizer import PromptSet
+
+    prompts = [[q, q + 1] for q in range(20) for _ in range(3)]  # 20 questions, 3 lines each
+    rest, held = PromptSet(prompts, [[{"role": "user", "content": str(p)}] for p in prompts]).hold_out(6, seed=1)
+    assert len(held.prompts) == len({tuple(p) for p in held.prompts}) == 6
+    assert not {tuple(p) for p in held.prompts} & {tuple(p) for p in rest.prompts}
+    assert len(rest.prompts) == 60 - 18 and rest.prompts == [p for p in prompts if p not in held.prompts]
+    assert held.prompts == PromptSet(prompts, [[]] * 60).hold_out(6, seed=1)[1].prompts  # (the same seed)
+    with pytest.raises(ValueError, match=r"cannot hold out 20 of 20 prompts \(60 lines, some repeated\)"):
+        PromptSet(prompts, [[]] * 60).hold_out(20, seed=1)
 
 
 def test_every_prompt_too_long(tmp_path, tok):

@@ -169,6 +169,9 @@ def test_resume_after_a_crash_keeps_one_metrics_line_per_iteration(tmp_path):
     assert [m["iteration"] for m in lines] == [1, 2, 3]
     assert _no_timing(lines[2:]) == _no_timing(resumed)
     assert sorted(d.name for d in tmp_path.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000003"]
+    (tmp_path / "metrics.jsonl").write_text('{"iteration": 1}\n{"iteration": 2}\n{"iteration": 3, "lr')  # (alone)
+    trim_logs(str(tmp_path), 2)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"iteration": 1}\n{"iteration": 2}\n'  # (rewritten)
     (tmp_path / "metrics.jsonl").write_text('{"iteration": 1}\nnot json\n{"iteration": 2}\n')  # (an edited file)
     with pytest.raises(ValueError, match=r"metrics\.jsonl, line 2, is not a JSON record .*: mend or remove it"):
         trim_logs(str(tmp_path), 1)
@@ -254,6 +257,13 @@ def test_resuming_with_other_frozen_models_is_refused(tmp_path, monkeypatch, cap
     from engine.checkpoint import save_pretrained
 
     save_pretrained(other, str(tmp_path / "other-rm"), tokenizer_dir=str(init / "reward"))
+    from engine.checkpoint import weights_fingerprint
+
+    same = load_pretrained(str(init / "reward"), head="score")  # the same weights re-saved in four shards
+    save_pretrained(same, str(tmp_path / "resharded"), max_shard_bytes=same.norm.weight.numel() * 400)
+    assert len(list((tmp_path / "resharded").glob("*.safetensors"))) > 1
+    assert weights_fingerprint(str(tmp_path / "resharded")) == weights_fingerprint(str(init / "reward"))
+    assert weights_fingerprint(str(tmp_path / "other-rm")) != weights_fingerprint(str(init / "reward"))
     flags = ["--prompts", TINY_PROMPTS, "--max-prompt-len", "128", "--output-dir", str(tmp_path / "run")]
     run = lambda *f: _run(tmp_path / "run", *flags, "--policy", str(init / "policy"), *f)  # noqa: E731
     run("--reward", str(init / "reward"), "--max-iterations", "1")
@@ -459,6 +469,27 @@ def test_optimizer_steps_as_torch_adamw_from_the_first_step():
             assert torch.equal(a, b)
 
 
+def test_a_loaded_optimizer_keeps_this_runs_hyperparameters():
+    """Loading a saved optimizer (the same layout, or re-laid for another) takes its moments and step counts and keeps
+    this run's betas, eps and weight decay (a resume may change them, and says so): the next step is the one a fresh
+    AdamW with those hyperparameters and the saved moments takes."""
+    small = dataclasses.replace(ModelConfig.named("tiny"), num_layers=1)
+    model = lambda: Transformer(small, "score", dtype=torch.float32).init_weights(seed=3)  # noqa: E731
+    saved = optim.make_optimizer(model(), PPOConfig(max_grad_norm=0.0))
+    for p in saved.params:
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(1))
+    optim.optimizer_step(saved, 1e-2, PPOConfig(max_grad_norm=0.0), ProcessGrid())
+    state = optim.optimizer_state(saved)
+    new = PPOConfig(max_grad_norm=0.0, weight_decay=0.1, adam_betas=(0.5, 0.9), adam_eps=1e-6)
+    for how in (state, SavedOptimizer([state], 1, 1)):
+        opt = optim.make_optimizer(model(), new)
+        optim.load_optimizer_state(opt, how)
+        g = opt.adam.param_groups[0]
+        assert (g["weight_decay"], tuple(g["betas"]), g["eps"]) == (0.1, (0.5, 0.9), 1e-6), type(how)
+        assert all(torch.equal(opt.adam.state[m]["exp_avg"], saved.adam.state[n]["exp_avg"])
+                   for m, n in zip(opt.masters, saved.masters))  # fmt: skip
+
+
 def test_one_model_is_reduced_before_the_other_backward(tmp_path, monkeypatch):
     """A step runs the policy's micro-batches and reduces its grads (with the distributed optimizer that frees its
     whole fp32 grads) before the value model's backward, and updates both only after both reductions."""
@@ -525,6 +556,46 @@ def test_profile_iteration_writes_a_trace_with_the_phases(tmp_path):
     assert {"ppo/generate", "ppo/score", "ppo/train"} <= names
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--train-batch-size", "0"], "train_batch_size must be >= 1, got 0"),
+        (["--ppo-epochs", "0"], "ppo_epochs must be >= 1, got 0"),
+        (["--lr-schedule", "cosine"], "lr_schedule must be 'linear' or 'constant', got 'cosine'"),
+        (["--kl-estimator", "k9"], "kl_estimator must be 'k1', 'k2' or 'k3'"),
+        (["--temperature", "0"], r"temperature must be > 0 for PPO's rollouts, got 0\.0 \(--eval-greedy"),
+        (["--warmup-ratio", "2"], r"warmup_ratio must be in \[0, 1\], got 2\.0"),
+        (["--clip-ratio", "-0.2"], "clip_ratio must be >= 0"),
+        (["--adam-betas", "0.9", "1.0"], r"adam_betas must be two numbers in \[0, 1\)"),
+        (["--max-iterations", "-1", "--keep-checkpoints", "0"], "keep_checkpoints must be >= 1, got 0; max_iterations"),
+        (["--save-every", "-1"], "save_every must be >= 0"),
+        (["--kv-cache-fraction", "1.5"], r"kv_cache_fraction must be in \(0, 1\]"),
+    ],
+)
+def test_nonsense_flags_are_refused_when_parsed(flags, message):
+    with pytest.raises(ValueError, match=message):
+        parse_args(flags)
+
+
+def test_a_layout_that_cannot_run_is_refused_before_any_weight_is_read(tmp_path, monkeypatch, capsys):
+    """Too few prompts for one rollout batch, or prompt + response limits beyond a model's context (the generator
+    would cut responses there and PPO score them as without EOS), are refused before a checkpoint's weights are
+    read; a rank's share of a minibatch that splits a prompt's samples is warned about."""
+    from engine.data import check_fills_a_rollout
+
+    monkeypatch.setattr(state_mod, "load_pretrained", lambda *a, **k: pytest.fail("weights read"))
+    with pytest.raises(ValueError, match=r"48 prompts cannot fill one rollout batch of 64 \(--rollout-batch-size\)"):
+        _state(tmp_path / "a", "--rollout-batch-size", "64")
+    with pytest.raises(ValueError, match=r"--max-prompt-len 128 \+ --max-new-tokens 2000 = 2128 tokens do not fit "
+                       r"the policy model's context \(.*: max_position_embeddings 2048\); lower either"):  # fmt: skip
+        _state(tmp_path / "b", "--max-new-tokens", "2000")
+    check_fills_a_rollout(64, 64)
+    state_mod.check_batch_sizes(PPOConfig(train_batch_size=8, rollout_batch_size=16, samples_per_prompt=3),
+                                ProcessGrid(world_size=2, dp=2))  # fmt: skip
+    out = capsys.readouterr().out
+    assert "a rank's share of a minibatch (4 sequences) does not hold whole prompts' 3 samples" in out
+
+
 def test_help_lists_every_flag():
     text = build_parser().format_help()
     for cls in (PPOConfig, RunConfig):
@@ -540,7 +611,8 @@ def test_help_lists_every_flag():
 def test_later_ppo_epochs_reshuffle_into_the_same_minibatches_on_any_dp_size(samples):
     """engine.trainer.epoch_order: the ranks of DP 1, 2 and 4 (each holding the prompts PromptBatches deals it, with
     their samples) train on the same global minibatches in every epoch; each later epoch is a permutation of every
-    rank's sequences, a new one per epoch and iteration, and mixes the minibatches (no two of epoch 0 stay together)."""
+    rank's sequences, a new one per epoch and iteration, and mixes the minibatches (no minibatch of epoch 0 comes
+    back whole)."""
     from types import SimpleNamespace
 
     from engine.data import PromptBatches
