@@ -197,9 +197,9 @@ def setup(
     tokenizer = load_tokenizer(tokenizer_dir)
     prompt_set = load_prompts(run.prompts, tokenizer, cfg.max_prompt_len, verbose=grid.rank == 0)
     prompt_set, eval_set = evaluation_set(cfg, run, grid, tokenizer, prompt_set)
-    check_fills_a_rollout(len(prompt_set.prompts), cfg.rollout_batch_size)
     check_tokenizer(light, tokenizer, tokenizer_dir, prompt_set, eval_set)
     check_context(light, cfg)
+    check_fills_a_rollout(len(prompt_set.prompts), cfg.rollout_batch_size)
     run = resolve_run(run)  # Hub ids -> local directories with the weights (engine/hub.py; the same directories)
     ckpt = latest_checkpoint(run.output_dir) if run.resume else None
     if run.resume:
