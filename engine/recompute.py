@@ -96,15 +96,17 @@ def training_budget(optimizers, device: torch.device, margin: float = 0.08) -> i
         for m in opt.masters:
             if not opt.adam.state.get(m):
                 pending += 2 * m.numel() * 4  # exp_avg, exp_avg_sq
-        if opt.buckets is None:  # every model's, held until the step's updates
+        if opt.buckets is None:  # every model's, held until the step's updates (an fp32 parameter's in its .grad)
             held = zip(opt.masters, opt.params, opt.grads)
-            pending += sum(4 * m.numel() for m, p, g in held if m is not p and g is None)
+            pending += sum(4 * m.numel() for m, p, g in held if g is None and (m is not p or p.grad is None))
         else:  # the flat fp32 grads, allocated by a model's first micro-batch of a step and reduce-scattered into
             # its shard before the next model's backward (engine.trainer.train_step): one model's at a time
             flat = max(flat, sum(4 * b.numel for b in opt.buckets if b.grad is None))
             # the shards, until the update
             pending += sum(4 * m.numel() for m, g in zip(opt.masters, opt.grads) if g is None)
-        transient = max(transient, sum(p.numel() * p.element_size() for p in opt.params))
+        # a backward's grads in the parameters' dtype before they join the fp32 ones (an fp32 parameter's are those)
+        transient = max(transient, sum(p.numel() * p.element_size() for p, m in zip(opt.params, opt.masters)
+                                       if m is not p))  # fmt: skip
     return int(free - pending - flat - transient - margin * total)
 
 

@@ -110,11 +110,33 @@ def forward_rollout(state: TrainState, ro: Rollout, *, values: bool = True) -> N
         if values:
             h = state.value.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["act"]]
             ro.values[rows] = state.value.head_packed(h).float()
-        h = state.reward.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["last"]]
+        where = reward_positions(pk, state.reward.config.pad_token_id)
+        h = state.reward.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[where]
         ro.scores[seq0 : seq0 + n_seq] = state.reward.head_packed(h).float()
         seq0 += n_seq
     if not bool(torch.isfinite(ro.scores).all()):
         raise FloatingPointError(f"the reward model returned non-finite scores at iteration {state.iteration + 1}")
+
+
+def reward_positions(pk: dict[str, torch.Tensor], pad_token_id: int | None) -> torch.Tensor:
+    """[S] the packed row of each sequence the reward model scores: its last token, or, when the reward model's config
+    names a pad_token_id, its last token that is not that id (transformers' LlamaForSequenceClassification pooling: a
+    config whose pad is the EOS scores the token before a final EOS; a sequence of pads alone, its first token)."""
+    if pad_token_id is None:
+        return pk["last"]
+    ids, cu = pk["ids"], pk["cu_seqlens"].long()
+    seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=ids.device), cu.diff())
+    rows = torch.where(ids != pad_token_id, torch.arange(ids.numel(), device=ids.device), cu[:-1][seq])
+    return torch.zeros_like(pk["last"]).scatter_reduce(0, seq, rows, "amax", include_self=False)
+
+
+def reduce_max(values: dict[str, float], device: torch.device, group=None) -> dict[str, float]:
+    """Per-rank values -> their maximum over the data-parallel `group` (one all-reduce), as floats on every rank."""
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    if group is not None:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return dict(zip(keys, t.tolist()))
 
 
 def add_to(sums: dict[str, torch.Tensor | float], **values) -> None:

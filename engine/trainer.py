@@ -35,7 +35,7 @@ from engine.model import forward_flops
 from engine.optim import accumulate_grads, apply_update, reduce_grads
 from engine.parallel import agree, print0
 from engine.resume import record_launch, save_checkpoint
-from engine.rollout import add_to, chunks, forward_rollout, generate_rollout, policy_logprobs, reduce_sums
+from engine.rollout import add_to, chunks, forward_rollout, generate_rollout, policy_logprobs, reduce_max, reduce_sums
 from engine.state import TrainState  # (the state and its setup: engine/state.py)
 from engine.tracking import Tracker
 
@@ -46,9 +46,12 @@ def plan_recompute(state: TrainState) -> None:
     """activation_checkpointing=auto on a GPU: before a training phase, recompute the fewest layers of each
     trained model that let a micro-batch fit the memory left (engine/recompute.py)."""
     if state.run.activation_checkpointing == "auto" and state.device.type == "cuda":
+        # the largest micro-batch: micro_batch_tokens, or a longer sequence alone, and sequence parallelism's padding
+        cfg, run = state.cfg, state.run
+        tokens = max(run.micro_batch_tokens, cfg.max_prompt_len + cfg.max_new_tokens) + state.grid.tp - 1
         recompute.plan_models(
-            {"policy": state.policy, "value": state.value}, [state.policy_opt, state.value_opt],
-            state.run.micro_batch_tokens, state.device, state.layer_bytes,
+            {"policy": state.policy, "value": state.value}, [state.policy_opt, state.value_opt], tokens,
+            state.device, state.layer_bytes,
         )  # fmt: skip
 
 
@@ -205,8 +208,12 @@ def ppo_iteration(state: TrainState) -> dict:
         score_rollout(state, ro)
     t2 = clock(dev)
     peak_score = _peak_gib(dev)
+    if state.dp_group is not None:  # a slower rank's rollout is waited for here, not inside the first training step
+        dist.barrier(group=state.dp_group)  # (whose time it would otherwise count)
+    waited = clock(dev) - t2
     log_samples(state, ro)
     plan_recompute(state)
+    t_train = clock(dev)
     with record_function("ppo/train"):
         train = train_rollout(state, ro)
     t3 = clock(dev)  # (the generator returns cached training memory to the device when it sizes its cache)
@@ -222,6 +229,9 @@ def ppo_iteration(state: TrainState) -> dict:
         gen_logprob_gap=(ro.gen_logprobs - ro.logprobs).abs().sum(),
     )  # fmt: skip
     g = reduce_sums(sums, dev, state.dp_group)
+    # each phase's time: the slowest rank's (the others wait for it); the wait: the longest any rank waited
+    times = reduce_max({"generate": t1 - t0, "score": t2 - t1, "train": t3 - t_train, "dp_wait": waited}, dev,
+                       state.dp_group)  # fmt: skip
     gen_stats = getattr(state.generator, "stats", None) or GenerationStats()  # a test's stand-in may keep none
     n_seq, n_resp, n_tok, n_steps = g["sequences"], g["response_tokens"], max(g["tokens"], 1.0), max(g["steps"], 1)
     # model FLOPs per GPU and second of each phase: forwards over the rollout's sequences (prompt + response)
@@ -253,17 +263,18 @@ def ppo_iteration(state: TrainState) -> dict:
         "value_clip_frac": g["value_clip_frac"] / n_tok,
         "grad_norm_policy": g["grad_norm_policy"] / n_steps,
         "grad_norm_value": g["grad_norm_value"] / n_steps,
-        "gen_tok_s": n_resp / max(t1 - t0, 1e-9),
-        "score_tok_s": g["rollout_tokens"] / max(t2 - t1, 1e-9),
-        "train_tok_s": g["seq_tokens"] / max(t3 - t2, 1e-9),  # sequence tokens through policy and value fwd + bwd
+        "gen_tok_s": n_resp / max(times["generate"], 1e-9),
+        "score_tok_s": g["rollout_tokens"] / max(times["score"], 1e-9),
+        "train_tok_s": g["seq_tokens"] / max(times["train"], 1e-9),  # sequence tokens, policy and value fwd + bwd
         # (generation: one policy forward per token, prompts included; scoring: the four models' forwards; training:
         # the policy's and the value model's forward and backward, 3 forwards each, per PPO epoch)
-        "gen_tflops_gpu": per_gpu(fwd["policy"], t1 - t0),
-        "score_tflops_gpu": per_gpu(sum(fwd.values()), t2 - t1),
-        "train_tflops_gpu": per_gpu(3 * state.cfg.ppo_epochs * (fwd["policy"] + fwd["value"]), t3 - t2),
-        "time_generate": t1 - t0,
-        "time_score": t2 - t1,
-        "time_train": t3 - t2,
+        "gen_tflops_gpu": per_gpu(fwd["policy"], times["generate"]),
+        "score_tflops_gpu": per_gpu(sum(fwd.values()), times["score"]),
+        "train_tflops_gpu": per_gpu(3 * state.cfg.ppo_epochs * (fwd["policy"] + fwd["value"]), times["train"]),
+        "time_generate": times["generate"],  # (the slowest data-parallel rank's)
+        "time_score": times["score"],
+        "time_train": times["train"],
+        "time_dp_wait": times["dp_wait"],  # the longest a rank waited for the others' rollouts (their imbalance)
         "time_iteration": t3 - t0,
         # the rollout's decode-graph captures (0: the previous iteration's graphs replayed) and setup time
         "gen_graph_captures": gen_stats.graph_captures,

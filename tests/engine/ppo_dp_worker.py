@@ -80,7 +80,19 @@ if __name__ == "__main__":
 
     def factory(policy, cfg, run):
         holder["policy"] = policy
-        return NaiveGenerator(policy)
+        gen = NaiveGenerator(policy)
+        slow = os.environ.get("TEST_SLOW_ROLLOUT")  # "RANK:SECONDS": that rank's rollouts take that much longer
+        if slow and int(slow.split(":")[0]) == int(os.environ.get("RANK", "0")):
+            import time
+
+            real = gen.generate_completions
+
+            def generate_completions(*a, **k):
+                time.sleep(float(slow.split(":")[1]))
+                return real(*a, **k)
+
+            gen.generate_completions = generate_completions
+        return gen
 
     # main() destroys the process group on exit; read the rank first.
     rank = int(os.environ.get("RANK", "0"))

@@ -63,3 +63,22 @@ def test_auto_plans_each_training_phase_from_the_budget(tmp_path, monkeypatch):
     monkeypatch.setattr(recompute, "training_budget", lambda opts, dev: 0)
     trainer.plan_recompute(state)  # only auto is planned
     assert state.policy.activation_checkpointing == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_budget_leaves_room_for_every_grad_the_step_will_hold(monkeypatch, dtype):
+    """Without the distributed optimizer every trained model's fp32 grads are held until the step's updates (an fp32
+    parameter's in its .grad), and one model's backward holds its grads in the parameters' dtype first (not for fp32
+    parameters, whose grads those are): the budget is the free memory less all of that (and the margin)."""
+    from engine.config import PPOConfig
+    from engine.optim import make_optimizer
+
+    models = [_model(dtype), _model(dtype)]
+    opts = [make_optimizer(m, PPOConfig()) for m in models]
+    numel = sum(p.numel() for p in models[0].parameters())
+    free, total = 10 * 2**30, 16 * 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, total))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    held = 2 * 4 * numel + (0 if dtype == torch.float32 else numel * dtype.itemsize)
+    assert recompute.training_budget(opts, torch.device("cuda"), margin=0.0) == free - held

@@ -29,7 +29,7 @@ from tests.engine.ppo_dp_worker import naive_factory
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = ["--rollout-batch-size", "8", "--train-batch-size", "4", "--max-new-tokens", "8"]
 TIMING = ("gen_tok_s", "score_tok_s", "train_tok_s", "time_generate", "time_score", "time_train", "time_iteration")
-TIMING += ("time_gen_setup", "gen_tflops_gpu", "score_tflops_gpu", "train_tflops_gpu")
+TIMING += ("time_gen_setup", "gen_tflops_gpu", "score_tflops_gpu", "train_tflops_gpu", "time_dp_wait")
 
 
 def _run(out, *flags, factory=None):
@@ -596,6 +596,35 @@ def test_a_layout_that_cannot_run_is_refused_before_any_weight_is_read(tmp_path,
     assert "a rank's share of a minibatch (4 sequences) does not hold whole prompts' 3 samples" in out
 
 
+@pytest.mark.parametrize("pad", [None, 2, 0])
+def test_the_reward_is_read_where_transformers_reads_it(tmp_path, pad):
+    """The reward model scores each packed sequence where LlamaForSequenceClassification does: its last token, or
+    with a pad_token_id in the reward model's config its last token that is not the pad (a pad that is the EOS: the
+    token before a final EOS)."""
+    from transformers import LlamaForSequenceClassification
+
+    from engine.data import Rollout, pack
+    from engine.rollout import reward_positions
+    from engine.train_ppo import build_tiny_models
+
+    _, reward = build_tiny_models(str(tmp_path / "tiny"))
+    hf = LlamaForSequenceClassification.from_pretrained(reward, torch_dtype=torch.float64)
+    hf.config.pad_token_id = pad
+    hf.save_pretrained(tmp_path / "rm")
+    ours = load_pretrained(str(tmp_path / "rm"), head="score", dtype=torch.float32)
+    assert ours.config.pad_token_id == pad
+    prompts, responses = [[1, 5, 9], [1, 7], [1, 4, 4]], [[11, 12, 2], [13, 14, 15], [2, 2]]  # ends with EOS or not
+    ro = Rollout(prompts, responses, torch.tensor([True, False, True]), torch.zeros(8), [0, 3, 6, 8])
+    pk = pack(ro, [0, 1, 2], torch.device("cpu"))
+    with torch.no_grad(), dispatch.reference_ops():
+        h = ours.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[reward_positions(pk, pad)]
+        got = ours.head_packed(h)
+        want = torch.cat([hf(input_ids=torch.tensor([p + r])).logits[:, 0] for p, r in zip(prompts, responses)])
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    if pad == 2:  # (read before the final EOS: not at the last token)
+        assert (reward_positions(pk, pad) != pk["last"]).tolist() == [True, False, True]
+
+
 def test_help_lists_every_flag():
     text = build_parser().format_help()
     for cls in (PPOConfig, RunConfig):
@@ -643,6 +672,16 @@ def test_later_ppo_epochs_reshuffle_into_the_same_minibatches_on_any_dp_size(sam
         assert minibatches(2, epoch) == one == minibatches(4, epoch) != first
         assert all(len(a & b) < train for a in one for b in first), (one, first)
     assert minibatches(1, 1) != minibatches(1, 2) and minibatches(1, 1) != minibatches(1, 1, iteration=1)
+
+
+def test_phase_times_are_the_slowest_ranks(tmp_path, monkeypatch):
+    """DP 2 with rank 1's rollout 3 s slower: the generation's time is the slowest rank's (rank 0's own would make its
+    tokens/s 100x too high), the wait is shown as time_dp_wait, and training's time holds none of it."""
+    monkeypatch.setenv("TEST_SLOW_ROLLOUT", "1:3")
+    (m,) = _torchrun(tmp_path, 2, "slow", "--max-iterations", "1", "--eval-prompts", "")[0]["history"]
+    assert m["time_generate"] >= 3.0 and m["time_dp_wait"] >= 2.5, m
+    assert m["time_train"] < m["time_generate"] - 2.0, m
+    assert m["gen_tok_s"] == pytest.approx(m["response_len"] * 8 / m["time_generate"], rel=1e-6)  # (8 sequences)
 
 
 def _torchrun(tmp_path, nproc: int, name: str, *flags, fails: bool = False):
