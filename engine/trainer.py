@@ -209,7 +209,7 @@ def ppo_iteration(state: TrainState) -> dict:
     t2 = clock(dev)
     peak_score = _peak_gib(dev)
     if state.dp_group is not None:  # a slower rank's rollout is waited for here, not inside the first training step
-        dist.barrier(group=state.dp_group)  # (whose time it would otherwise count)
+        agree([0], "max", state.dp_group)  # (whose time it would otherwise count; a barrier on the device, as NCCL's)
     waited = clock(dev) - t2
     log_samples(state, ro)
     plan_recompute(state)
