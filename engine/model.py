@@ -432,12 +432,19 @@ def last_token_scores(scores: torch.Tensor, attention_mask: torch.Tensor | None)
     return scores.gather(1, idx.argmax(-1, keepdim=True)).squeeze(1)
 
 
-def forward_flops(cfg: ModelConfig, tokens: float, sum_sq_len: float = 0.0, head: str = "lm") -> float:
-    """Forward FLOPs of `tokens` tokens in causal sequences whose lengths squared sum to `sum_sq_len`: 2 per weight
-    multiply-add of a matrix (not the embedding lookup, not the norms' scales) and attention's QK^T and PV, 4 x heads x
-    head_dim FLOPs per pair of tokens, about L^2 / 2 pairs in a sequence of L. A backward is twice a forward;
-    recomputed layers are not counted (the model FLOPs a step needs, as MFU counts them)."""
+def forward_flops(
+    cfg: ModelConfig, tokens: float, sum_sq_len: float = 0.0, head: str = "lm", head_tokens: float | None = None
+) -> float:
+    """Forward FLOPs of `tokens` tokens in causal sequences whose lengths squared sum to `sum_sq_len`, the head (LM or
+    score) applied to `head_tokens` of them (default: all; the engine's passes apply it to the response rows, or the
+    last token): 2 per weight multiply-add of a matrix (not the embedding lookup, not the norms' scales) and
+    attention's QK^T and PV, 4 x heads x head_dim FLOPs per pair of tokens, about L^2 / 2 pairs in a sequence of L.
+    A backward is twice a forward; recomputed layers are not counted (the model FLOPs a step needs, as MFU counts
+    them)."""
     h, embedding = cfg.hidden_size, cfg.vocab_size * cfg.hidden_size
     tied_head = embedding if head == "lm" and cfg.tie_word_embeddings else 0  # (it multiplies, though not a parameter)
     weights = cfg.num_params(head) - embedding - (2 * cfg.num_layers + 1) * h + tied_head
-    return 2.0 * weights * tokens + 2.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * sum_sq_len
+    head_weights = embedding if head == "lm" else h  # (the LM head, tied or not; the score head's one row)
+    head_tokens = tokens if head_tokens is None else head_tokens
+    attention = 2.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * sum_sq_len
+    return 2.0 * (weights - head_weights) * tokens + 2.0 * head_weights * head_tokens + attention

@@ -223,6 +223,7 @@ def ppo_iteration(state: TrainState) -> dict:
     add_to(
         sums, sequences=len(ro.responses), response_tokens=ro.offsets[-1], score=ro.scores.sum(),
         rollout_tokens=ro.offsets[-1] + sum(len(p) for p in ro.prompts),
+        prefill_tokens=sum(len(p) for p in ro.prompts) / state.cfg.samples_per_prompt,  # (a prompt's n samples: once)
         seq_len_sq=float(sum((len(p) + len(r)) ** 2 for p, r in zip(ro.prompts, ro.responses))),
         score_penalized=penalized.sum(), kl=ro.targets["kl"].sum(), reward=ro.targets["rewards"].sum(),
         no_eos=(~ro.hit_eos).sum(), value=ro.values.sum(), returns=ro.targets["returns"].sum(),
@@ -234,10 +235,16 @@ def ppo_iteration(state: TrainState) -> dict:
                        state.dp_group)  # fmt: skip
     gen_stats = getattr(state.generator, "stats", None) or GenerationStats()  # a test's stand-in may keep none
     n_seq, n_resp, n_tok, n_steps = g["sequences"], g["response_tokens"], max(g["tokens"], 1.0), max(g["steps"], 1)
-    # model FLOPs per GPU and second of each phase: forwards over the rollout's sequences (prompt + response)
-    fwd = {k: forward_flops(m.config, g["rollout_tokens"], g["seq_len_sq"], head)
-           for k, m, head in (("policy", state.policy, "lm"), ("reference", state.ref, "lm"),
-                              ("value", state.value, "score"), ("reward", state.reward, "score"))}  # fmt: skip
+    # model FLOPs per GPU and second of each phase: forwards over the rollout's sequences (prompt + response), each
+    # head applied where the passes apply it (the response rows; the reward model's: a token per sequence)
+    fwd = {k: forward_flops(m.config, g["rollout_tokens"], g["seq_len_sq"], head, rows)
+           for k, m, head, rows in (("policy", state.policy, "lm", n_resp), ("reference", state.ref, "lm", n_resp),
+                                    ("value", state.value, "score", n_resp),
+                                    ("reward", state.reward, "score", n_seq))}  # fmt: skip
+    # generation: each prompt's prefill once (its samples share its cache), a token at a time after it, a logits row
+    # per sampled token
+    gen_flops = forward_flops(state.policy.config, g["prefill_tokens"] + n_resp, g["seq_len_sq"], "lm", n_resp)
+    quirk = fwd["policy"] if state.cfg.recompute_old_logprobs_per_minibatch else 0.0  # (its extra no-grad forward)
     per_gpu = lambda flops, seconds: flops / max(seconds, 1e-9) / state.grid.world_size / 1e12  # noqa: E731
     state.iteration += 1
     return {
@@ -268,9 +275,11 @@ def ppo_iteration(state: TrainState) -> dict:
         "train_tok_s": g["seq_tokens"] / max(times["train"], 1e-9),  # sequence tokens, policy and value fwd + bwd
         # (generation: one policy forward per token, prompts included; scoring: the four models' forwards; training:
         # the policy's and the value model's forward and backward, 3 forwards each, per PPO epoch)
-        "gen_tflops_gpu": per_gpu(fwd["policy"], times["generate"]),
+        "gen_tflops_gpu": per_gpu(gen_flops, times["generate"]),
         "score_tflops_gpu": per_gpu(sum(fwd.values()), times["score"]),
-        "train_tflops_gpu": per_gpu(3 * state.cfg.ppo_epochs * (fwd["policy"] + fwd["value"]), times["train"]),
+        "train_tflops_gpu": per_gpu(
+            state.cfg.ppo_epochs * (3 * (fwd["policy"] + fwd["value"]) + quirk), times["train"]
+        ),
         "time_generate": times["generate"],  # (the slowest data-parallel rank's)
         "time_score": times["score"],
         "time_train": times["train"],

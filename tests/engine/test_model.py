@@ -201,3 +201,7 @@ def test_forward_flops_are_what_the_forward_multiplies(head, tied):
     sum_sq = sum(n * n for n in lengths)
     attention = 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * sum_sq  # ours: the causal half
     assert counter.get_total_flops() == forward_flops(cfg, sum(lengths), sum_sq, head) + attention
+    rows = torch.tensor([3, 4, 20, 54])  # the head on a few rows only, as the engine's passes apply it
+    with torch.no_grad(), reference_ops(), FlopCounterMode(display=False) as counter:
+        model.head_packed(model.hidden_packed(ids, pos, cu)[rows])
+    assert counter.get_total_flops() == forward_flops(cfg, sum(lengths), sum_sq, head, len(rows)) + attention
