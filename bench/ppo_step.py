@@ -11,8 +11,8 @@ GPU). Prompts are random token ids of --prompt-len; --ignore-eos (default on) ma
 --max-new-tokens long so the phases see fixed token counts. One untimed warm-up iteration (CUDA
 graphs, autotuning), then --iterations timed ones through engine.trainer.ppo_iteration. Printed per
 phase: seconds, tokens, tokens/s, and model TFLOP/s per GPU, the trainer's own metrics (engine.model.forward_flops;
-generation: a policy forward per sequence token, prompts included; scoring: four forwards; training: the policy's and
-the value model's forward + backward, 3 forwards each).
+generation: each prompt's prefill once, a policy forward per sampled token after it; scoring: four forwards; training:
+the policy's and the value model's forward + backward, 3 forwards each; LM heads on the response rows only).
 """
 
 from __future__ import annotations

@@ -104,9 +104,10 @@ def training_budget(optimizers, device: torch.device, margin: float = 0.08) -> i
             flat = max(flat, sum(4 * b.numel for b in opt.buckets if b.grad is None))
             # the shards, until the update
             pending += sum(4 * m.numel() for m, g in zip(opt.masters, opt.grads) if g is None)
-        # a backward's grads in the parameters' dtype before they join the fp32 ones (an fp32 parameter's are those)
-        transient = max(transient, sum(p.numel() * p.element_size() for p, m in zip(opt.params, opt.masters)
-                                       if m is not p))  # fmt: skip
+        # a backward's grads in the parameters' dtype before they join the fp32 ones (without buckets an fp32
+        # parameter's are those, counted above; `masters` pairs with `params` only then)
+        own = {id(p) for p, m in zip(opt.params, opt.masters) if m is p} if opt.buckets is None else set()
+        transient = max(transient, sum(p.numel() * p.element_size() for p in opt.params if id(p) not in own))
     return int(free - pending - flat - transient - margin * total)
 
 

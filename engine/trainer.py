@@ -33,7 +33,7 @@ from engine.evaluate import eval_due, evaluate, log_samples
 from engine.generate import GenerationStats
 from engine.model import forward_flops
 from engine.optim import accumulate_grads, apply_update, reduce_grads
-from engine.parallel import agree, print0
+from engine.parallel import agree, print0, raise_together
 from engine.resume import record_launch, save_checkpoint
 from engine.rollout import add_to, chunks, forward_rollout, generate_rollout, policy_logprobs, reduce_max, reduce_sums
 from engine.state import TrainState  # (the state and its setup: engine/state.py)
@@ -204,12 +204,17 @@ def ppo_iteration(state: TrainState) -> dict:
         ro = generate_rollout(state, prompts, prompt_ids)
     t1 = clock(dev)
     peak_generate = _peak_gib(dev)
+    error = None
     with record_function("ppo/score"):
-        score_rollout(state, ro)
+        try:
+            score_rollout(state, ro)
+        except FloatingPointError as e:  # (non-finite scores on one rank)
+            error = e
     t2 = clock(dev)
     peak_score = _peak_gib(dev)
-    if state.dp_group is not None:  # a slower rank's rollout is waited for here, not inside the first training step
-        agree([0], "max", state.dp_group)  # (whose time it would otherwise count; a barrier on the device, as NCCL's)
+    # the ranks meet: one's failure stops every rank (none is left waiting in a collective), and a slower rank's
+    # rollout is waited for here, not inside the first training step (whose time it would otherwise count)
+    raise_together(error, "scoring the rollout")
     waited = clock(dev) - t2
     log_samples(state, ro)
     plan_recompute(state)
@@ -224,6 +229,7 @@ def ppo_iteration(state: TrainState) -> dict:
         sums, sequences=len(ro.responses), response_tokens=ro.offsets[-1], score=ro.scores.sum(),
         rollout_tokens=ro.offsets[-1] + sum(len(p) for p in ro.prompts),
         prefill_tokens=sum(len(p) for p in ro.prompts) / state.cfg.samples_per_prompt,  # (a prompt's n samples: once)
+        shared_prefill_sq=sum(len(p) ** 2 for p in ro.prompts) * (1 - 1 / state.cfg.samples_per_prompt),
         seq_len_sq=float(sum((len(p) + len(r)) ** 2 for p, r in zip(ro.prompts, ro.responses))),
         score_penalized=penalized.sum(), kl=ro.targets["kl"].sum(), reward=ro.targets["rewards"].sum(),
         no_eos=(~ro.hit_eos).sum(), value=ro.values.sum(), returns=ro.targets["returns"].sum(),
@@ -243,7 +249,13 @@ def ppo_iteration(state: TrainState) -> dict:
                                     ("reward", state.reward, "score", n_seq))}  # fmt: skip
     # generation: each prompt's prefill once (its samples share its cache), a token at a time after it, a logits row
     # per sampled token
-    gen_flops = forward_flops(state.policy.config, g["prefill_tokens"] + n_resp, g["seq_len_sq"], "lm", n_resp)
+    gen_flops = forward_flops(  # (a sequence's last token is never fed; a shared prompt's attention counted once)
+        state.policy.config,
+        g["prefill_tokens"] + n_resp - n_seq,
+        g["seq_len_sq"] - g["shared_prefill_sq"],
+        "lm",
+        n_resp,
+    )
     quirk = fwd["policy"] if state.cfg.recompute_old_logprobs_per_minibatch else 0.0  # (its extra no-grad forward)
     per_gpu = lambda flops, seconds: flops / max(seconds, 1e-9) / state.grid.world_size / 1e12  # noqa: E731
     state.iteration += 1
@@ -273,8 +285,9 @@ def ppo_iteration(state: TrainState) -> dict:
         "gen_tok_s": n_resp / max(times["generate"], 1e-9),
         "score_tok_s": g["rollout_tokens"] / max(times["score"], 1e-9),
         "train_tok_s": g["seq_tokens"] / max(times["train"], 1e-9),  # sequence tokens, policy and value fwd + bwd
-        # (generation: one policy forward per token, prompts included; scoring: the four models' forwards; training:
-        # the policy's and the value model's forward and backward, 3 forwards each, per PPO epoch)
+        # (generation: each prompt's prefill once, a policy forward per sampled token after it; scoring: the four
+        # models' forwards; training: the policy's and the value model's forward and backward, 3 forwards each, per PPO
+        # epoch; every LM head on the response rows only)
         "gen_tflops_gpu": per_gpu(gen_flops, times["generate"]),
         "score_tflops_gpu": per_gpu(sum(fwd.values()), times["score"]),
         "train_tflops_gpu": per_gpu(

@@ -82,3 +82,13 @@ def test_the_budget_leaves_room_for_every_grad_the_step_will_hold(monkeypatch, d
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
     held = 2 * 4 * numel + (0 if dtype == torch.float32 else numel * dtype.itemsize)
     assert recompute.training_budget(opts, torch.device("cuda"), margin=0.0) == free - held
+    # the distributed optimizer (2 DP ranks): one model's flat fp32 grads at a time, both models' shards until the
+    # updates, and a backward's grads in the parameters' dtype (an fp32 parameter's too: they join the flat buffer)
+    from engine.parallel import ProcessGrid
+
+    opts = [make_optimizer(m, PPOConfig(), ProcessGrid(world_size=2, dp=2), distributed=True) for m in models]
+    assert all(o.buckets is not None and len(o.masters) < len(o.params) for o in opts)
+    flat = sum(4 * b.numel for b in opts[0].buckets)
+    shards = sum(4 * m.numel() for o in opts for m in o.masters)
+    held = flat + shards + numel * dtype.itemsize
+    assert recompute.training_budget(opts, torch.device("cuda"), margin=0.0) == free - held

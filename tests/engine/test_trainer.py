@@ -596,11 +596,12 @@ def test_a_layout_that_cannot_run_is_refused_before_any_weight_is_read(tmp_path,
     assert "a rank's share of a minibatch (4 sequences) does not hold whole prompts' 3 samples" in out
 
 
-@pytest.mark.parametrize("pad", [None, 2, 0])
+@pytest.mark.parametrize("pad", [None, 2, 15])
 def test_the_reward_is_read_where_transformers_reads_it(tmp_path, pad):
     """The reward model scores each packed sequence where LlamaForSequenceClassification does: its last token, or
     with a pad_token_id in the reward model's config its last token that is not the pad (a pad that is the EOS: the
-    token before a final EOS)."""
+    token before a final EOS; another id that ends a response: the token before it; a sequence of pads alone: its
+    first token)."""
     from transformers import LlamaForSequenceClassification
 
     from engine.data import Rollout, pack
@@ -613,16 +614,16 @@ def test_the_reward_is_read_where_transformers_reads_it(tmp_path, pad):
     hf.save_pretrained(tmp_path / "rm")
     ours = load_pretrained(str(tmp_path / "rm"), head="score", dtype=torch.float32)
     assert ours.config.pad_token_id == pad
-    prompts, responses = [[1, 5, 9], [1, 7], [1, 4, 4]], [[11, 12, 2], [13, 14, 15], [2, 2]]  # ends with EOS or not
-    ro = Rollout(prompts, responses, torch.tensor([True, False, True]), torch.zeros(8), [0, 3, 6, 8])
-    pk = pack(ro, [0, 1, 2], torch.device("cpu"))
+    prompts, responses = [[1, 5, 9], [1, 7], [1, 4, 4], [2]], [[11, 12, 2], [13, 14, 15], [2, 2], [2]]
+    ro = Rollout(prompts, responses, torch.tensor([True, False, True, True]), torch.zeros(9), [0, 3, 6, 8, 9])
+    pk = pack(ro, [0, 1, 2, 3], torch.device("cpu"))
     with torch.no_grad(), dispatch.reference_ops():
         h = ours.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[reward_positions(pk, pad)]
         got = ours.head_packed(h)
         want = torch.cat([hf(input_ids=torch.tensor([p + r])).logits[:, 0] for p, r in zip(prompts, responses)])
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    if pad == 2:  # (read before the final EOS: not at the last token)
-        assert (reward_positions(pk, pad) != pk["last"]).tolist() == [True, False, True]
+    moved = (reward_positions(pk, pad) != pk["last"]).tolist()  # (read elsewhere than at the last token)
+    assert moved == {None: [False] * 4, 2: [True, False, True, True], 15: [False, True, False, False]}[pad]
 
 
 def test_help_lists_every_flag():
