@@ -5,7 +5,9 @@ downloaded into the Hugging Face cache (HF_HOME, HF_TOKEN and HF_HUB_OFFLINE wor
 reads, the configs, tokenizer files and the weights in one format (safetensors when the repo has them, else
 pytorch_model*.bin). On each node local rank 0 downloads while the other ranks wait; they then read the cache.
 Without a network (a compute node) a repo already in the cache is used as it is (`huggingface-cli download` it on
-a machine that has one).
+a machine that has one). With a network, global rank 0 first pins each id to the commit its revision names then
+("org/name@<sha>"), so every node, and the configs and weights of one node, come from one commit even if the repo
+changes during the downloads.
 """
 
 from __future__ import annotations
@@ -31,6 +33,37 @@ def weight_patterns(files: list[str]) -> list[str]:
     if any(f.endswith(".safetensors") for f in files):
         return ["*.safetensors"]
     return ["pytorch_model*.bin"]
+
+
+SHA = re.compile(r"^[0-9a-f]{40}$")
+RUN_FIELDS = ("policy", "reference", "reward", "tokenizer")  # the RunConfig fields that name a checkpoint
+
+
+def pin_revisions(names: list[str | None], rank: int) -> list[str | None]:
+    """Each Hub id as "org/name@<commit>" of the revision it names now (global rank 0 asks the Hub, every rank gets its
+    answer); a local directory, an id already pinned, or one the Hub does not answer for (offline, a typo: resolve()
+    names it) stays as it is. Under torchrun every rank must call this."""
+    pinned = list(names)
+    if rank == 0:
+        from huggingface_hub import model_info
+
+        for k, n in enumerate(names):
+            if n and is_repo_id(n) and not SHA.match(n.partition("@")[2]):
+                repo, _, revision = n.partition("@")
+                try:
+                    pinned[k] = f"{repo}@{model_info(repo, revision=revision or None).sha}"
+                except Exception:  # (offline: the cache is used as it is)
+                    continue
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(pinned, src=0)
+    return pinned
+
+
+def pin_run(run):
+    """`run` (engine.state.RunConfig) with its Hub ids pinned to their commits (pin_revisions)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    values = pin_revisions([getattr(run, f) for f in RUN_FIELDS], rank)
+    return dataclasses.replace(run, **dict(zip(RUN_FIELDS, values)))
 
 
 def config_dir(name: str, local_only: bool = False) -> str:
@@ -121,6 +154,5 @@ def resolve(names: list[str | None], weights: bool = True) -> list[str | None]:
 def resolve_run(run, weights: bool = True):
     """`run` (engine.state.RunConfig) with its checkpoint and tokenizer names made local directories (without
     `weights`: holding a Hub id's configs and tokenizer files alone, to check before the weights are fetched)."""
-    fields = ("policy", "reference", "reward", "tokenizer")
-    values = resolve([getattr(run, f) for f in fields], weights)
-    return dataclasses.replace(run, **dict(zip(fields, values)))
+    values = resolve([getattr(run, f) for f in RUN_FIELDS], weights)
+    return dataclasses.replace(run, **dict(zip(RUN_FIELDS, values)))

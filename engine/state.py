@@ -16,7 +16,7 @@ from engine import memory_plan, recompute
 from engine.checkpoint import load_pretrained
 from engine.config import ModelConfig, PPOConfig
 from engine.data import PromptBatches, check_fills_a_rollout
-from engine.hub import config_sources, resolve_run
+from engine.hub import config_sources, pin_run, resolve_run
 from engine.kv_cache import bytes_per_block, cuda_cache_budget, resolve_cache_dtype
 from engine.model import Transformer
 from engine.offload import HostCopies, state_bytes, weight_bytes
@@ -188,6 +188,7 @@ def setup(
     memory_plan.check_offload_setting(run.offload_idle_models, "--offload-idle-models")
     grid = grid or init_process_grid(run.tp, timeout_minutes=run.dist_timeout_minutes)
     check_batch_sizes(cfg, grid)  # before loading four models
+    run = pin_run(run)  # a Hub id to the commit it names now: every node fetches that one
     check_available(run.wandb_project, grid.rank)
     device, load = model_loader(run, grid)
     if check_memory(cfg, run, grid, device):  # (from config.json alone: before a Hub id's weights are fetched)
@@ -404,6 +405,7 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
         raise ValueError("--eval-only takes --eval-prompts (--eval-holdout draws from a training set)")
     memory_plan.check_offload_setting(run.offload_idle_models, "--offload-idle-models")
     check_available(run.wandb_project, grid.rank)
+    run = pin_run(run)  # (as in setup)
     device, load = model_loader(run, grid)
     check_memory(cfg, run, grid, device, evaluation=True)  # (as in setup: before a Hub id's weights are fetched)
     light = resolve_run(run, weights=False)

@@ -35,6 +35,20 @@ class FakeHub:
             raise FileNotFoundError(f"{repo}/{filename}: not in the local cache")
         return str(dst / filename)
 
+    def model_info(self, repo, revision=None):
+        """The commit a revision names: a hash of (repo, revision, the number of pushes so far)."""
+        import hashlib
+        from types import SimpleNamespace
+
+        if self.offline:
+            raise OSError("Cannot reach https://huggingface.co/api/models: offline mode is enabled")
+        if repo not in self.repos:
+            raise OSError(f"404 Client Error: Repository Not Found for url: .../api/models/{repo}")
+        key = f"{repo}@{revision or 'main'}#{self.pushes.get(repo, 0)}"
+        return SimpleNamespace(sha=hashlib.sha1(key.encode()).hexdigest())
+
+    pushes: dict = {}
+
     def list_repo_files(self, repo, revision=None):
         if self.offline:
             raise OSError("Cannot reach https://huggingface.co/api/models: offline mode is enabled")
@@ -73,6 +87,8 @@ def fake_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "list_repo_files", fake.list_repo_files)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake.snapshot_download)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake.hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "model_info", fake.model_info)
+    fake.pushes = {}
     return fake
 
 
@@ -95,13 +111,15 @@ def test_a_run_from_hub_ids_is_the_run_from_the_directories(tmp_path, fake_hub):
     remote = run(tmp_path / "remote", "--policy", "org/policy", "--reward", "org/rm@v1")
     assert _no_timing(remote) == _no_timing(local)
     # configs and tokenizer files first (checked before any weight is fetched), then the weights
+    # each id pinned to the commit its revision names (configs and weights from one commit, on every node)
+    policy, rm = (fake_hub.model_info(r, v).sha for r, v in (("org/policy", None), ("org/rm", "v1")))
     assert [c[:3] for c in fake_hub.calls[:2]] == [
-        ("org/policy", None, tuple(hub.KEEP)),
-        ("org/rm", "v1", tuple(hub.KEEP)),
+        ("org/policy", policy, tuple(hub.KEEP)),
+        ("org/rm", rm, tuple(hub.KEEP)),
     ]
-    assert [c[:2] for c in fake_hub.calls[2:]] == [("org/policy", None), ("org/rm", "v1")]
+    assert [c[:2] for c in fake_hub.calls[2:]] == [("org/policy", policy), ("org/rm", rm)]
     assert all("*.safetensors" in c[2] and "pytorch_model*.bin" not in c[2] for c in fake_hub.calls[2:])
-    fetched = sorted(os.listdir(tmp_path / "cache/org--policy/main"))
+    fetched = sorted(os.listdir(tmp_path / f"cache/org--policy/{policy}"))
     assert "training_args.bin" not in fetched and {"config.json", "model.safetensors", "tokenizer.json"} <= set(fetched)
 
 
@@ -114,6 +132,21 @@ def test_a_reward_model_with_another_tokenizer_is_refused_before_its_weights_are
     with pytest.raises(ValueError, match=r"the reward model's tokenizer \(.*org--other.*\) maps id"):
         run(tmp_path, "--policy", "org/policy", "--reward", "org/other")
     assert fake_hub.calls and all(c[2] == tuple(hub.KEEP) for c in fake_hub.calls)  # no weights fetched
+
+
+def test_ids_are_pinned_to_the_commit_their_revision_names(fake_hub, tmp_path):
+    """Global rank 0 pins each Hub id to a commit (a push after it changes nothing this run fetches); a pinned id, a
+    local directory, and (offline) an id the Hub does not answer for stay as they are."""
+    local = str(tmp_path / "src/policy")
+    pinned = hub.pin_revisions(["org/policy", "org/rm@v1", local, None], rank=0)
+    assert pinned[0] == "org/policy@" + fake_hub.model_info("org/policy").sha and pinned[2:] == [local, None]
+    assert pinned[1] == "org/rm@" + fake_hub.model_info("org/rm", "v1").sha and hub.is_repo_id(pinned[1])
+    fake_hub.pushes["org/policy"] = 1  # a push: main names another commit now
+    assert hub.pin_revisions(pinned, rank=0) == pinned  # (already pinned: unchanged)
+    assert hub.pin_revisions(["org/policy"], rank=0) != pinned[:1]
+    assert hub.pin_revisions(["org/policy"], rank=1) == ["org/policy"]  # (another rank waits for rank 0's answer)
+    fake_hub.offline = True
+    assert hub.pin_revisions(["org/policy", "org/missing"], rank=0) == ["org/policy", "org/missing"]
 
 
 def test_unknown_repo_is_named(tmp_path, fake_hub):
