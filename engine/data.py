@@ -22,6 +22,14 @@ import torch
 from engine.tokenizer import PromptSet
 
 
+def global_position(local: int, rank: int, dp: int, samples: int) -> int:
+    """Where data-parallel rank `rank`'s `local`-th rollout sequence (its prompt local // samples, that prompt's sample
+    local % samples) stands in the rollout one process would hold: PromptBatches deals a batch's prompts out in turn
+    (rank r gets positions r, r + dp, ...), each with its samples."""
+    prompt, sample = divmod(local, samples)
+    return (prompt * dp + rank) * samples + sample
+
+
 def check_fills_a_rollout(prompts: int, batch_size: int) -> None:
     if prompts < batch_size:
         raise ValueError(f"{prompts} prompts cannot fill one rollout batch of {batch_size} (--rollout-batch-size)")
@@ -84,7 +92,7 @@ class PromptBatches:
             self.epoch, self.batch = self.epoch + 1, 0
         if self.epoch >= self.epochs:
             raise StopIteration
-        idx = self.global_batch(self.epoch, self.batch)[self.dp_rank :: self.dp_size]
+        idx = self.global_batch(self.epoch, self.batch)[self.dp_rank :: self.dp_size]  # (dealt out: global_position)
         self.batch += 1
         return idx, [self.prompts[i] for i in idx]
 

@@ -581,8 +581,8 @@ class Generator:
                     f"prompt {i} has {len(p)} tokens; the limit is {self.max_model_len - 1} "
                     f"(max_model_len {self.max_model_len} leaves room for at least one new token)"
                 )
-            for j, t in enumerate(p) if any(type(t) is not int for t in p) else ():  # (plain ints: no more)
-                if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            for j, t in enumerate(p):
+                if type(t) is not int and (isinstance(t, bool) or not isinstance(t, numbers.Integral)):
                     raise ValueError(f"prompt {i} has {t!r} at position {j}: token ids are integers")
             lo, hi = min(p), max(p)
             if lo < 0 or hi >= vocab:

@@ -59,6 +59,12 @@ def pin_revisions(names: list[str | None], rank: int) -> list[str | None]:
     return pinned
 
 
+def model_dirs(run) -> dict[str, str]:
+    """{policy, reference, reward}: the checkpoints a run (engine.state.RunConfig) reads; the reference defaults to
+    the policy (the recipe's)."""
+    return {"policy": run.policy, "reference": run.reference or run.policy, "reward": run.reward}
+
+
 def pin_run(run):
     """`run` (engine.state.RunConfig) with its Hub ids pinned to their commits (pin_revisions)."""
     rank = dist.get_rank() if dist.is_initialized() else 0

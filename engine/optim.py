@@ -76,6 +76,9 @@ class Optimizer:
     grads: list[torch.Tensor | None] = field(default_factory=list)
     offload: HostCopies | None = None  # the state's host copies (offload_state, or host_resident)
     host_resident: bool = False  # the state lives in host memory; each update streams it through the device
+    # which of the grad norm's pieces are TP-sharded, on the device: built at the first norm (a copy from pageable
+    # host memory waits for the stream: each step's would stall the CPU behind the backward it queues work after)
+    norm_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.grads = self.grads or [None] * len(self.masters)
@@ -235,24 +238,16 @@ def _all_reduce_flat(tensors: list[torch.Tensor], group, bucket_bytes: int = BUC
             bucket, size = [], 0
 
 
-_FLAGS: dict[tuple, torch.Tensor] = {}
-
-
-def _device_flags(flags: list[bool], device: torch.device) -> torch.Tensor:
-    """A bool mask on the device, copied there once per distinct mask (a copy from pageable host memory waits for
-    the stream: each step's would stall the CPU behind the backward it is queueing work after)."""
-    key = (tuple(flags), str(device))
-    if key not in _FLAGS:
-        _FLAGS[key] = torch.tensor(flags, device=device)
-    return _FLAGS[key]
-
-
-def _grad_norm(grads: list[torch.Tensor], sharded: list[bool], grid: ProcessGrid, device, dp_group=None):
-    """sqrt of the sum of squares: TP-sharded pieces summed over the TP group, replicated ones counted once; with
-    `dp_group` the pieces are disjoint shards over the DP ranks, summed over them too."""
+def _grad_norm(opt: Optimizer, grads: list[torch.Tensor], sharded: list[bool], grid: ProcessGrid, device,
+               dp_group=None):  # fmt: skip
+    """sqrt of the sum of squares: TP-sharded pieces (`sharded`, the same every step: opt.norm_mask) summed over the
+    TP group, replicated ones counted once; with `dp_group` the pieces are disjoint shards over the DP ranks, summed
+    over them too."""
     if grads:
         sq = torch.stack(torch._foreach_norm(grads)).square()  # one fused launch per few tensors
-        is_sharded = _device_flags(sharded, sq.device)
+        if opt.norm_mask is None:
+            opt.norm_mask = torch.tensor(sharded, device=sq.device)
+        is_sharded = opt.norm_mask
         parts = torch.stack([torch.where(is_sharded, 0.0, sq).sum(), torch.where(is_sharded, sq, 0.0).sum()])
     else:  # a rank whose shards hold only padding
         parts = torch.zeros(2, device=device)
@@ -300,13 +295,13 @@ def reduce_grads(opt: Optimizer, grid: ProcessGrid) -> torch.Tensor:
     if opt.buckets is None:
         if grid.dp > 1:
             _all_reduce_flat(opt.grads, grid.dp_group)
-        return _grad_norm(opt.grads, opt.sharded, grid, device)
+        return _grad_norm(opt, opt.grads, opt.sharded, grid, device)
     for k, (b, m) in enumerate(zip(opt.buckets, opt.masters)):
         opt.grads[k] = torch.empty(m.shape, dtype=torch.float32, device=device)
         reduce_scatter_single(opt.grads[k], b.grad, group=opt.dp_group)
         b.grad = None
     pieces = [(opt.grads[k][a:z], opt.sharded[i]) for k, b in enumerate(opt.buckets) for i, a, z, _ in b.segments]
-    return _grad_norm([g for g, _ in pieces], [s for _, s in pieces], grid, device, opt.dp_group)
+    return _grad_norm(opt, [g for g, _ in pieces], [s for _, s in pieces], grid, device, opt.dp_group)
 
 
 def apply_update(opt: Optimizer, norm: torch.Tensor, lr: float, cfg: PPOConfig) -> None:

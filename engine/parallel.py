@@ -79,14 +79,15 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def agree(values: list[int], op: str, group: dist.ProcessGroup | None = None) -> list[int]:
-    """The element-wise "min" or "max" of small integers over `group` (the default group when None and
-    torch.distributed is initialised): for decisions every rank must take alike (how large a cache, whether to
-    capture again, whether any rank failed). Without a group of several ranks, the values themselves."""
+def agree(values: list, op: str, group: dist.ProcessGroup | None = None, dtype: torch.dtype = torch.int64) -> list:
+    """The element-wise "min" or "max" of small integers (or of `dtype` numbers: the slowest rank's times) over
+    `group` (the default group when None and torch.distributed is initialised): for decisions every rank must take
+    alike (how large a cache, whether to capture again, whether any rank failed). Without a group of several ranks,
+    the values themselves."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return list(values)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
-    t = torch.tensor(values, dtype=torch.int64, device=device)
+    t = torch.tensor(values, dtype=dtype, device=device)
     dist.all_reduce(t, op={"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op], group=group)
     return t.tolist()
 

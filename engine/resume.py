@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.checkpoint import fsync_dir, save_pretrained
+from engine.hub import model_dirs
 from engine.optim import load_optimizer_state, optimizer_state
 from engine.parallel import print0, raise_together
 from engine.reshard import SavedOptimizer, needed_ranks
@@ -97,8 +98,8 @@ def save_checkpoint(state: TrainState) -> str:
 
 def _complete(ckpt: str) -> bool:
     """Whether a checkpoint directory holds what a resume reads first (both models and rank 0's state)."""
-    return all(os.path.exists(os.path.join(ckpt, x)) for x in ("policy/config.json", "value/config.json",
-                                                                 "state-rank00000.pt"))  # fmt: skip
+    files = (os.path.join(ckpt, "policy/config.json"), os.path.join(ckpt, "value/config.json"), _state_file(ckpt, 0))
+    return all(os.path.exists(f) for f in files)
 
 
 def _number(name: str) -> int | None:
@@ -286,8 +287,8 @@ def model_fingerprints(run) -> dict[str, dict[str, str]]:
     each checkpoint; a resume compares)."""
     from engine.checkpoint import weights_fingerprint
 
-    dirs = {"reference": run.reference or run.policy, "reward": run.reward}
-    return {k: {"path": d, "fingerprint": weights_fingerprint(d)} for k, d in dirs.items()}
+    dirs = model_dirs(run)
+    return {k: {"path": dirs[k], "fingerprint": weights_fingerprint(dirs[k])} for k in ("reference", "reward")}
 
 
 def fingerprint_models(run, ckpt: str | None, rank: int) -> dict | None:

@@ -130,15 +130,6 @@ def reward_positions(pk: dict[str, torch.Tensor], pad_token_id: int | None) -> t
     return torch.zeros_like(pk["last"]).scatter_reduce(0, seq, rows, "amax", include_self=False)
 
 
-def reduce_max(values: dict[str, float], device: torch.device, group=None) -> dict[str, float]:
-    """Per-rank values -> their maximum over the data-parallel `group` (one all-reduce), as floats on every rank."""
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    if group is not None:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return dict(zip(keys, t.tolist()))
-
-
 def add_to(sums: dict[str, torch.Tensor | float], **values) -> None:
     """sums[k] += v for each value (tensors detached, as fp32)."""
     for k, v in values.items():

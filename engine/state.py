@@ -16,7 +16,7 @@ from engine import memory_plan, recompute
 from engine.checkpoint import load_pretrained
 from engine.config import ModelConfig, PPOConfig
 from engine.data import PromptBatches, check_fills_a_rollout
-from engine.hub import config_sources, pin_run, resolve_run
+from engine.hub import config_sources, model_dirs, pin_run, resolve_run
 from engine.kv_cache import bytes_per_block, cuda_cache_budget, resolve_cache_dtype
 from engine.model import Transformer
 from engine.offload import HostCopies, state_bytes, weight_bytes
@@ -224,16 +224,12 @@ def setup(
     return state
 
 
-def _checkpoint_dirs(run: RunConfig) -> dict[str, str]:
-    return {"policy": run.policy, "reference": run.reference or run.policy, "reward": run.reward}
-
-
 def check_context(run: RunConfig, cfg: PPOConfig) -> None:
     """A sequence of max_prompt_len + max_new_tokens tokens must fit every model's context (config.json's
     max_position_embeddings): the generator would otherwise cut responses short at the context, and PPO would score
     each as a response that hit the length limit without EOS."""
     need = cfg.max_prompt_len + cfg.max_new_tokens
-    for role, path in _checkpoint_dirs(run).items():
+    for role, path in model_dirs(run).items():
         context = ModelConfig.from_hf(path).max_position_embeddings
         if need > context:
             raise ValueError(
@@ -245,7 +241,7 @@ def check_context(run: RunConfig, cfg: PPOConfig) -> None:
 def check_tokenizer(run: RunConfig, tokenizer, tokenizer_dir: str, *prompt_sets) -> None:
     """The three checkpoints (config.json, tokenizer files) against the run's tokenizer and its tokenised prompts,
     before any weight is read (engine.tokenizer.check_vocabularies)."""
-    models = {role: (path, ModelConfig.from_hf(path).vocab_size) for role, path in _checkpoint_dirs(run).items()}
+    models = {role: (path, ModelConfig.from_hf(path).vocab_size) for role, path in model_dirs(run).items()}
     for line in check_vocabularies(tokenizer, tokenizer_dir, models, [s.prompts for s in prompt_sets if s is not None]):
         print0(f"warning: {line}")
 

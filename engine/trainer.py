@@ -28,14 +28,14 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from engine import ppo, recompute
-from engine.data import Rollout, to_padded
+from engine.data import Rollout, global_position, to_padded
 from engine.evaluate import eval_due, evaluate, log_samples
 from engine.generate import GenerationStats
 from engine.model import forward_flops
 from engine.optim import accumulate_grads, apply_update, reduce_grads
 from engine.parallel import agree, print0, raise_together
 from engine.resume import record_launch, save_checkpoint
-from engine.rollout import add_to, chunks, forward_rollout, generate_rollout, policy_logprobs, reduce_max, reduce_sums
+from engine.rollout import add_to, chunks, forward_rollout, generate_rollout, policy_logprobs, reduce_sums
 from engine.state import TrainState  # (the state and its setup: engine/state.py)
 from engine.tracking import Tracker
 
@@ -140,7 +140,7 @@ def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, 
     state.step += 1
 
 
-def epoch_order(state: TrainState, epoch: int, n_local: int) -> list[int]:
+def minibatch_order(state: TrainState, epoch: int, n_local: int) -> list[int]:
     """This rank's rollout sequences in the order PPO epoch `epoch` trains on them, train_batch_size / dp at a time.
 
     Epoch 0 takes them in rollout order. A later epoch reshuffles the minibatches column by column: seen as one
@@ -154,11 +154,10 @@ def epoch_order(state: TrainState, epoch: int, n_local: int) -> list[int]:
     per_step = state.cfg.train_batch_size // state.grid.dp
     if epoch == 0:
         return list(range(n_local))
-    steps, s, dp, rank = n_local // per_step, state.cfg.samples_per_prompt, state.grid.dp, state.grid.dp_rank
+    steps, grid = n_local // per_step, state.grid
     order = [0] * (steps * per_step)
     for lc in range(per_step):  # this rank's column lc of a minibatch
-        block, sample = divmod(lc, s)
-        column = (block * dp + rank) * s + sample  # (that column in one process's minibatch)
+        column = global_position(lc, grid.dp_rank, grid.dp, state.cfg.samples_per_prompt)  # (in one process's)
         seed = ((state.run.seed * 1_000_003 + state.iteration) * 101 + epoch) * 100_003 + column
         rows = torch.randperm(steps, generator=torch.Generator().manual_seed(seed)).tolist()
         for k, row in enumerate(rows):
@@ -172,7 +171,7 @@ def train_rollout(state: TrainState, ro: Rollout) -> dict[str, torch.Tensor]:
     per_step = cfg.train_batch_size // state.grid.dp
     sums: dict[str, torch.Tensor] = {}
     for epoch in range(cfg.ppo_epochs):
-        order = epoch_order(state, epoch, n_local)
+        order = minibatch_order(state, epoch, n_local)
         for k in range(n_local // per_step):
             train_step(state, ro, order[k * per_step : (k + 1) * per_step], sums)
     return sums
@@ -237,8 +236,8 @@ def ppo_iteration(state: TrainState) -> dict:
     )  # fmt: skip
     g = reduce_sums(sums, dev, state.dp_group)
     # each phase's time: the slowest rank's (the others wait for it); the wait: the longest any rank waited
-    times = reduce_max({"generate": t1 - t0, "score": t2 - t1, "train": t3 - t_train, "dp_wait": waited}, dev,
-                       state.dp_group)  # fmt: skip
+    names = ("generate", "score", "train", "dp_wait")
+    times = dict(zip(names, agree([t1 - t0, t2 - t1, t3 - t_train, waited], "max", state.dp_group, torch.float64)))
     gen_stats = getattr(state.generator, "stats", None) or GenerationStats()  # a test's stand-in may keep none
     n_seq, n_resp, n_tok, n_steps = g["sequences"], g["response_tokens"], max(g["tokens"], 1.0), max(g["steps"], 1)
     # model FLOPs per GPU and second of each phase: forwards over the rollout's sequences (prompt + response), each

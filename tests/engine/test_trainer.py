@@ -639,7 +639,7 @@ def test_help_lists_every_flag():
 
 @pytest.mark.parametrize("samples", [1, 2])
 def test_later_ppo_epochs_reshuffle_into_the_same_minibatches_on_any_dp_size(samples):
-    """engine.trainer.epoch_order: the ranks of DP 1, 2 and 4 (each holding the prompts PromptBatches deals it, with
+    """engine.trainer.minibatch_order: the ranks of DP 1, 2 and 4 (each holding the prompts PromptBatches deals it, with
     their samples) train on the same global minibatches in every epoch; each later epoch is a permutation of every
     rank's sequences, a new one per epoch and iteration, and mixes the minibatches (no minibatch of epoch 0 comes
     back whole)."""
@@ -658,7 +658,7 @@ def test_later_ppo_epochs_reshuffle_into_the_same_minibatches_on_any_dp_size(sam
             batches = PromptBatches([[i] for i in range(prompts)], prompts, dp_rank=rank, dp_size=dp)
             positions = next(batches)[0]  # (the prompts' places in the global batch: a permutation's values)
             glob = [batches.global_batch(0, 0).index(p) * samples + a for p in positions for a in range(samples)]
-            order, per_step = trainer.epoch_order(state, epoch, len(glob)), train // dp
+            order, per_step = trainer.minibatch_order(state, epoch, len(glob)), train // dp
             assert sorted(order) == list(range(len(glob))), order
             for k in range(len(glob) // per_step):
                 if rank == 0:
@@ -706,7 +706,7 @@ def _torchrun(tmp_path, nproc: int, name: str, *flags, fails: bool = False):
 def test_dp2_tp2_matches_one_process(tmp_path):
     """4 processes (data parallel 2 x tensor parallel 2, gloo; the optimizer sharded over the 2 DP ranks and the
     tokens between the TP regions) against 1 on the same global batch: two samples per prompt and two PPO epochs, the
-    second reshuffled into the same global minibatches on 2 ranks as on one (engine.trainer.epoch_order)."""
+    second reshuffled into the same global minibatches on 2 ranks as on one (engine.trainer.minibatch_order)."""
     flags = ["--max-iterations", "1", "--ppo-epochs", "2", "--samples-per-prompt", "2"]
     ranks = _torchrun(tmp_path, 4, "dp2", *flags, "--tp", "2")
     one = _run(tmp_path / "dp1", *flags, factory=naive_factory)
