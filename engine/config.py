@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from kernels.reference import Rope
+
 
 @dataclass
 class ModelConfig:
@@ -24,6 +26,9 @@ class ModelConfig:
     head_dim: int | None = None  # defaults to hidden_size // num_heads
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # config.json's rope_scaling without the theta (None: plain rotary), e.g. Llama 3.1's {"rope_type": "llama3",
+    # "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 1
@@ -41,6 +46,14 @@ class ModelConfig:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for the rotary embedding")
+        self.rope_scaling = self.rope.to_hf()  # checked, and in one spelling
+
+    @property
+    def rope(self) -> Rope:
+        """The rotary embedding's frequencies (what every attention kernel's `rope_theta` takes)."""
+        return Rope.from_hf(
+            {"rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling}, self.max_position_embeddings
+        )
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -86,13 +99,8 @@ class ModelConfig:
         if model_type != "llama" or any(a not in SUPPORTED_ARCHITECTURES for a in archs):
             name = ", ".join(archs) or model_type
             raise ValueError(f"architecture {name} (model_type {model_type!r}) is not supported: Llama only")
-        rope_params = cfg.get("rope_parameters") or {}
-        rope_scaling = cfg.get("rope_scaling")
-        rope_type = (
-            rope_params.get("rope_type") or (rope_scaling or {}).get("rope_type") or ((rope_scaling or {}).get("type"))
-        )
-        if rope_type not in (None, "default"):
-            raise ValueError(f"rope scaling {rope_type!r} is not supported (plain rotary only)")
+        max_pos = cfg.get("max_position_embeddings", 4096)
+        rope = Rope.from_hf(cfg, max_pos)
         for flag in ("attention_bias", "mlp_bias"):
             if cfg.get(flag):
                 raise ValueError(f"{flag}=True is not supported (Llama-2 layers have no biases)")
@@ -111,8 +119,9 @@ class ModelConfig:
             num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
             head_dim=cfg.get("head_dim"),
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_params.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            rope_theta=rope.theta,
+            rope_scaling=rope.to_hf(),
+            max_position_embeddings=max_pos,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=eos,
@@ -136,6 +145,7 @@ class ModelConfig:
             "hidden_act": "silu",
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope.to_hf(),
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "attention_bias": False,
@@ -185,6 +195,28 @@ MODEL_SHAPES: dict[str, ModelConfig] = {
         num_kv_heads=40,
         rms_norm_eps=1e-5,
         max_position_embeddings=4096,
+    ),
+    # Llama 3.1 8B (Tulu 3's base): GQA, a 128k vocabulary, scaled rotary, three EOS ids
+    "llama3.1-8b": ModelConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        max_position_embeddings=131072,
+        bos_token_id=128000,
+        eos_token_id=128001,
+        extra_eos_token_ids=(128008, 128009),
     ),
 }
 

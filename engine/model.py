@@ -114,7 +114,7 @@ class Attention(nn.Module):
         d = cfg.head_dim
         self.layer_idx = layer_idx
         self.head_dim = d
-        self.rope_theta = cfg.rope_theta
+        self.rope = cfg.rope  # theta and scaling (kernels.reference.Rope)
         self.qkv_proj = ColumnParallelLinear(
             cfg.hidden_size,
             [cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d],
@@ -141,9 +141,9 @@ class Attention(nn.Module):
         v = v.view(n, self.local_kv_heads, d)
         ctx = _CONTEXT
         if ctx is None and q.is_cuda and attention_backend() == "flash":
-            o = _flash_attention(q, k, v, positions, cu_seqlens, self.rope_theta)
+            o = _flash_attention(q, k, v, positions, cu_seqlens, self.rope)
         elif ctx is None:
-            o = rope_attention(q, k, v, positions, cu_seqlens, rope_theta=self.rope_theta)
+            o = rope_attention(q, k, v, positions, cu_seqlens, rope_theta=self.rope)
         else:
             o = self._cached_attention(q, k, v, positions, cu_seqlens, ctx)
         return self.o_proj(o.reshape(n, self.local_heads * d), sp)
@@ -157,19 +157,17 @@ class Attention(nn.Module):
         n, p = q.shape[0], ctx.num_prefill(q.shape[0])
         if p == n:  # prompts only
             return rope_attention(
-                q, k, v, positions, cu_seqlens, rope_theta=self.rope_theta, kv_cache=kv_cache,
+                q, k, v, positions, cu_seqlens, rope_theta=self.rope, kv_cache=kv_cache,
                 slot_mapping=ctx.slot_mapping,
             )  # fmt: skip
         if p == 0:  # decode only (what a CUDA graph captures)
-            qd = rope_write_kv(q, k, v, positions, *kv_cache, ctx.slot_mapping, rope_theta=self.rope_theta)
+            qd = rope_write_kv(q, k, v, positions, *kv_cache, ctx.slot_mapping, rope_theta=self.rope)
             return paged_decode_attention(qd, *kv_cache, ctx.block_tables, ctx.context_lens)
         prompts = rope_attention(
-            q[:p], k[:p], v[:p], positions[:p], cu_seqlens, rope_theta=self.rope_theta, kv_cache=kv_cache,
+            q[:p], k[:p], v[:p], positions[:p], cu_seqlens, rope_theta=self.rope, kv_cache=kv_cache,
             slot_mapping=ctx.slot_mapping[:p],
         )  # fmt: skip
-        qd = rope_write_kv(
-            q[p:], k[p:], v[p:], positions[p:], *kv_cache, ctx.slot_mapping[p:], rope_theta=self.rope_theta
-        )
+        qd = rope_write_kv(q[p:], k[p:], v[p:], positions[p:], *kv_cache, ctx.slot_mapping[p:], rope_theta=self.rope)
         return torch.cat([prompts, paged_decode_attention(qd, *kv_cache, ctx.block_tables, ctx.context_lens)])
 
 
@@ -181,7 +179,7 @@ def attention_backend() -> str:
     return backend
 
 
-def _flash_attention(q, k, v, positions, cu_seqlens, rope_theta: float) -> torch.Tensor:
+def _flash_attention(q, k, v, positions, cu_seqlens, rope) -> torch.Tensor:
     """flash-attn's varlen kernel with the rotary applied separately (the optional path)."""
     try:
         from flash_attn import flash_attn_varlen_func
@@ -189,7 +187,7 @@ def _flash_attention(q, k, v, positions, cu_seqlens, rope_theta: float) -> torch
         raise ImportError("TULU_PPO_ATTENTION=flash needs flash-attn: pip install -e '.[flash]'") from e
     from kernels.reference import apply_rotary
 
-    q, k = apply_rotary(q, positions, rope_theta), apply_rotary(k, positions, rope_theta)
+    q, k = apply_rotary(q, positions, rope), apply_rotary(k, positions, rope)
     max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True)
 

@@ -403,7 +403,7 @@ def rope_write_kv(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     *,
-    rope_theta: float = 10000.0,
+    rope_theta: float | reference.Rope = 10000.0,
     q_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rotate q and k (HF rotate-half, fp32 cos/sin from integer positions), write rotated k and v to the cache.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,18 +21,137 @@ from kernels.dispatch import compute_dtype
 # ===================================================================================== rotary ==
 
 
-def rotary_inv_freq(head_dim: int, rope_theta: float, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-    """[D/2] inverse frequencies, as HF Llama computes them: 1 / theta^(2i/D) (cached: do not modify)."""
-    return _inv_freq(head_dim, float(rope_theta), dtype, torch.device(device) if device is not None else None)
+@dataclass(frozen=True)
+class Rope:
+    """The rotary embedding's frequencies, as HF's Llama computes them from config.json's rope parameters.
+
+    kind is HF's rope_type: "default" (1 / theta^(2i/D)), "linear" (those divided by `factor`: positions
+    interpolated) or "llama3" (Llama 3.1's: wavelengths longer than original_max_position_embeddings / low_freq_factor
+    divided by `factor`, shorter than original_max_position_embeddings / high_freq_factor kept, smoothly blended in
+    between). Every kernel's `rope_theta` takes a float theta (the default kind) or one of these. Types whose
+    frequencies depend on the batch's length ("dynamic") or that scale the attention ("yarn", "longrope") are refused.
+    """
+
+    theta: float = 10000.0
+    kind: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    KINDS = ("default", "linear", "llama3")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "theta", float(self.theta))
+        # fields a kind does not use are left at their defaults, so equal frequencies are one cache key
+        unused = {
+            "default": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+            "linear": ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+        }
+        for name in unused.get(self.kind, ()):
+            object.__setattr__(self, name, type(self).__dataclass_fields__[name].default)
+        if self.kind not in self.KINDS:
+            raise ValueError(f"rope scaling {self.kind!r} is not supported (supported: {', '.join(self.KINDS)})")
+        if not self.theta > 0:
+            raise ValueError(f"rope_theta must be positive, got {self.theta}")
+        if self.kind != "default" and not self.factor > 0:
+            raise ValueError(f"rope scaling {self.kind!r} needs a positive factor, got {self.factor}")
+        if self.kind == "llama3":
+            if not 0 < self.low_freq_factor < self.high_freq_factor:
+                raise ValueError(
+                    f"rope scaling 'llama3' needs 0 < low_freq_factor < high_freq_factor, got {self.low_freq_factor} "
+                    f"and {self.high_freq_factor}"
+                )
+            if not self.original_max_position_embeddings > 0:
+                raise ValueError("rope scaling 'llama3' needs a positive original_max_position_embeddings")
+
+    @classmethod
+    def of(cls, spec: float | Rope) -> Rope:
+        """A Rope from a kernel's `rope_theta` argument: a float theta (the default kind) or a Rope."""
+        return spec if isinstance(spec, Rope) else cls(theta=float(spec))
+
+    @classmethod
+    def from_hf(cls, cfg: dict, max_position_embeddings: int | None = None) -> Rope:
+        """From an HF config.json dict: `rope_parameters` (transformers 5) or `rope_scaling` and `rope_theta` (older
+        files). A missing original_max_position_embeddings is max_position_embeddings, as transformers fills it."""
+        params = dict(cfg.get("rope_scaling") or {})
+        params.update(cfg.get("rope_parameters") or {})
+        kind = params.get("rope_type") or params.get("type") or "default"
+        theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        if kind not in cls.KINDS:
+            why = {
+                "dynamic": "its frequencies change with each batch's length",
+                "yarn": "it scales the attention",
+                "longrope": "it scales the attention",
+            }.get(kind, "an unknown type")
+            raise ValueError(
+                f"rope scaling {kind!r} is not supported ({why}); supported: {', '.join(cls.KINDS)} (Llama 2, "
+                "Llama 3 and 3.1+ checkpoints)"
+            )
+        if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise ValueError(f"partial_rotary_factor {params['partial_rotary_factor']} is not supported (Llama: 1.0)")
+        if kind == "default":
+            return cls(theta=theta)
+        need = ("factor",) if kind == "linear" else ("factor", "low_freq_factor", "high_freq_factor")
+        missing = [k for k in need if k not in params]
+        if missing:
+            raise ValueError(f"rope scaling {kind!r} is missing {', '.join(missing)} in config.json")
+        if kind == "linear":
+            return cls(theta=theta, kind=kind, factor=float(params["factor"]))
+        original = params.get("original_max_position_embeddings") or max_position_embeddings
+        if original is None:
+            raise ValueError("rope scaling 'llama3' is missing original_max_position_embeddings in config.json")
+        return cls(
+            theta=theta,
+            kind=kind,
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(original),
+        )
+
+    def to_hf(self) -> dict | None:
+        """config.json's `rope_scaling` for this kind (None for the default)."""
+        if self.kind == "default":
+            return None
+        if self.kind == "linear":
+            return {"rope_type": "linear", "factor": self.factor}
+        return {
+            "rope_type": "llama3",
+            "factor": self.factor,
+            "low_freq_factor": self.low_freq_factor,
+            "high_freq_factor": self.high_freq_factor,
+            "original_max_position_embeddings": self.original_max_position_embeddings,
+        }
+
+
+def rotary_inv_freq(
+    head_dim: int, rope_theta: float | Rope, dtype: torch.dtype = torch.float32, device=None
+) -> torch.Tensor:
+    """[D/2] inverse frequencies, as HF Llama computes them (in `dtype`; HF's are fp32) for a theta or a Rope
+    (cached: do not modify)."""
+    return _inv_freq(head_dim, Rope.of(rope_theta), dtype, torch.device(device) if device is not None else None)
 
 
 @functools.lru_cache(maxsize=64)
-def _inv_freq(head_dim: int, rope_theta: float, dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
+def _inv_freq(head_dim: int, rope: Rope, dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).to(dtype) / head_dim
-    return 1.0 / (rope_theta**exponent)
+    inv_freq = 1.0 / (rope.theta**exponent)
+    if rope.kind == "linear":
+        return inv_freq / rope.factor
+    if rope.kind == "llama3":  # HF's _compute_llama3_parameters, op for op
+        old_len = rope.original_max_position_embeddings
+        low_wavelen, high_wavelen = old_len / rope.low_freq_factor, old_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
 
 
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, rope_theta: float, dtype: torch.dtype):
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, rope_theta: float | Rope, dtype: torch.dtype):
     """cos, sin of shape [N, D] for integer positions [N] (the "rotate half" layout: halves repeated)."""
     inv_freq = rotary_inv_freq(head_dim, rope_theta, dtype, positions.device)
     angles = positions.to(dtype)[:, None] * inv_freq[None, :]
@@ -39,7 +159,7 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, rope_theta: float, dt
     return emb.cos(), emb.sin()
 
 
-def apply_rotary(x: torch.Tensor, positions: torch.Tensor, rope_theta: float = 10000.0) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, rope_theta: float | Rope = 10000.0) -> torch.Tensor:
     """Rotate x [N, H, D] at positions [N] with the Llama / HF rotate-half convention.
 
     Computes in at least fp32 and returns x's dtype.
@@ -186,7 +306,7 @@ def rope_attention(
     positions: torch.Tensor,
     cu_seqlens: torch.Tensor,
     *,
-    rope_theta: float = 10000.0,
+    rope_theta: float | Rope = 10000.0,
     softmax_scale: float | None = None,
 ) -> torch.Tensor:
     """Oracle of kernels.rope_attention.rope_attention: rotary on q and k, then varlen causal attention."""
@@ -272,7 +392,7 @@ def rope_write_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
-    rope_theta: float = 10000.0,
+    rope_theta: float | Rope = 10000.0,
 ) -> torch.Tensor:
     """Oracle of kernels.paged_attention.rope_write_kv: rotate q and k, write rotated k and v, return rotated q.
 

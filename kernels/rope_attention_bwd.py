@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import reference
 from kernels.attention_tiles import (
     _BWD_SHAPES,
     _KEY,
@@ -229,7 +230,7 @@ def _rope_attention_bwd(
     lse: torch.Tensor,
     positions: torch.Tensor,
     cu_seqlens: torch.Tensor,
-    rope_theta: float,
+    rope_theta: float | reference.Rope,
     softmax_scale: float,
     dq: torch.Tensor | None = None,
     dk: torch.Tensor | None = None,

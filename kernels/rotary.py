@@ -125,13 +125,15 @@ def _rotary_kernel(
 _tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def rope_tables(head_dim: int, rope_theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    head_dim: int, rope_theta: float | reference.Rope, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """inv_freq [max(D/2, 16)] fp32 (HF's fp32 formula) and cos/sin(j * inv_freq) [2, TAB_ROWS, max(D/2, 16)] fp32.
 
     The half head dim is padded to at least 16 (tl.dot's minimum); padded columns have frequency 0.
-    Built on the device with no host sync, cached per (head_dim, theta, device).
+    Built on the device with no host sync, cached per (head_dim, rope, device).
     """
-    key = (head_dim, float(rope_theta), str(device))
+    key = (head_dim, reference.Rope.of(rope_theta), str(device))
     if key not in _tables:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             # a cached tensor allocated inside a capture would live in the graph's private pool
@@ -163,7 +165,7 @@ def launch_rotary(
     v: torch.Tensor,
     positions: torch.Tensor,
     *,
-    rope_theta: float = 10000.0,
+    rope_theta: float | reference.Rope = 10000.0,
     rotate: bool = True,
     q: torch.Tensor | None = None,
     q_out: torch.Tensor | None = None,

@@ -39,9 +39,15 @@ def _hf_greedy(hf, prompts, max_new, eos):
     return cut
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
-def test_greedy_matches_transformers(tmp_path, kv_heads):
-    hf = save_hf_model(tmp_path, num_key_value_heads=kv_heads, eos_token_id=2)
+LLAMA31_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=16)  # fmt: skip
+
+
+@pytest.mark.parametrize("kv_heads,rope", [(4, None), (2, None), (2, LLAMA31_ROPE)], ids=["mha", "gqa", "llama3_rope"])
+def test_greedy_matches_transformers(tmp_path, kv_heads, rope):
+    hf = save_hf_model(
+        tmp_path, num_key_value_heads=kv_heads, eos_token_id=2, **({"rope_parameters": rope} if rope else {})
+    )
     model = load_pretrained(tmp_path)
     prompts = _prompts(301, [5, 12, 1, 8])
     expected = _hf_greedy(hf, prompts, max_new=10, eos=2)

@@ -20,6 +20,41 @@ VARIANTS = {
     "tied": dict(tie_word_embeddings=True),
     "mqa_hd32": dict(num_attention_heads=2, num_key_value_heads=1, hidden_size=64),
 }
+# head dim 16, original length 64: of the 8 frequencies 2 are kept, 1 blended, 5 divided (Llama 3.1's rule)
+LLAMA3_ROPE = dict(
+    rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+    original_max_position_embeddings=64,
+)  # fmt: skip
+SCALED = {"llama3": LLAMA3_ROPE, "linear": dict(rope_type="linear", rope_theta=10000.0, factor=4.0)}
+
+
+@pytest.mark.parametrize("kind", list(SCALED))
+def test_scaled_rotary_matches_transformers(tmp_path, kind):
+    """Llama 3.1-style and linear rope scaling: logits equal transformers' over positions up to 200 (past the
+    original length), read from transformers 5's config.json (`rope_parameters`) and from the older spelling Llama
+    3.1 checkpoints ship (`rope_scaling` beside a top-level `rope_theta`); what we save, transformers loads back."""
+    import json
+
+    hf = save_hf_model(tmp_path / "hf", num_key_value_heads=2, rope_parameters=SCALED[kind])
+    ids, mask, pos = padded_batch(301, [200, 37, 1], "right")
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        plain = save_hf_model(tmp_path / "plain", num_key_value_heads=2)(input_ids=ids, attention_mask=mask).logits
+    m = mask.bool()
+    assert rel_err(plain[m], ref[m]) > 1e-3  # the scaling matters at these positions
+    ours = load_pretrained(tmp_path / "hf")
+    assert ours.config.rope.kind == kind
+    legacy = json.loads((tmp_path / "hf" / "config.json").read_text())
+    params = legacy.pop("rope_parameters")
+    legacy["rope_theta"] = params.pop("rope_theta")
+    legacy["rope_scaling"] = params
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(legacy))
+    assert load_pretrained(tmp_path / "hf").config.rope == ours.config.rope
+    save_pretrained(ours, tmp_path / "ours")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        for out in (ours(ids, mask), back(input_ids=ids, attention_mask=mask, position_ids=pos).logits):
+            assert rel_err(out[m], ref[m]) < 2e-5
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -136,8 +171,11 @@ def test_named_shapes_are_llama2():
     assert abs(c13.num_params() - 13.016e9) / 13.016e9 < 1e-3
     c7 = ModelConfig.named("llama2-7b")
     assert abs(c7.num_params() - 6.738e9) / 6.738e9 < 1e-3
+    c8 = ModelConfig.named("llama3.1-8b")
+    assert abs(c8.num_params() - 8.030e9) / 8.030e9 < 1e-3 and c8.rope.kind == "llama3"
+    assert ModelConfig.from_hf(c8.to_hf()) == c8
     with pytest.raises(ValueError, match="unknown model shape"):
-        ModelConfig.named("llama3-8b")
+        ModelConfig.named("llama2-70b-chat")
 
 
 def test_attention_backend_choice(monkeypatch):

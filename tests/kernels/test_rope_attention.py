@@ -67,6 +67,7 @@ def _close(actual, expected, dtype, name):
         (torch.bfloat16, 4, 2, 128, 10000.0),
         (torch.bfloat16, 2, 2, 64, 500000.0),
         (torch.float16, 4, 1, 64, 10000.0),
+        (torch.float32, 4, 2, 64, reference.Rope(10000.0, "llama3", 8.0, 1.0, 4.0, 64)),  # Llama 3.1's scaling
     ],
 )
 def test_forward_backward_poisoned(dtype, hq, hkv, d, theta):

@@ -13,16 +13,21 @@ def _nan(*shape, dtype):
     return torch.full(shape, float("nan"), dtype=dtype)
 
 
+LLAMA31 = reference.Rope(500000.0, "llama3", 8.0, 1.0, 4.0, 8192)  # Llama 3.1's config.json
+
+
 @pytest.mark.parametrize(
-    "n,hq,hkv,d,dtype,max_pos,tol",
+    "n,hq,hkv,d,dtype,max_pos,tol,rope",
     [
-        (37, 6, 3, 80, torch.float32, 64, 1e-5),  # half dim 40 (masked lanes), 3 heads: a partial head block
-        (70, 12, 12, 64, torch.float32, 100_000, 2e-5),  # > 64 tokens: several token blocks; large positions
-        (5, 16, 2, 128, torch.bfloat16, 4096, 1e-2),
-        (9, 0, 4, 32, torch.float16, 4096, 1e-2),  # no q (the prefill / training pre-pass)
+        (37, 6, 3, 80, torch.float32, 64, 1e-5, 10000.0),  # half dim 40 (masked lanes), 3 heads: a partial head block
+        (70, 12, 12, 64, torch.float32, 100_000, 2e-5, 10000.0),  # > 64 tokens: several token blocks; large positions
+        (5, 16, 2, 128, torch.bfloat16, 4096, 1e-2, 10000.0),
+        (9, 0, 4, 32, torch.float16, 4096, 1e-2, 10000.0),  # no q (the prefill / training pre-pass)
+        (33, 8, 2, 128, torch.float32, 100_000, 2e-5, LLAMA31),  # scaled frequencies (Llama 3.1)
+        (6, 4, 4, 64, torch.float32, 4096, 1e-5, reference.Rope(10000.0, "linear", 4.0)),
     ],
 )
-def test_every_output_against_float64(n, hq, hkv, d, dtype, max_pos, tol):
+def test_every_output_against_float64(n, hq, hkv, d, dtype, max_pos, tol, rope):
     """q -> q_out, k -> k_out and k, v -> cache slots, in one launch; poisoned outputs, slot -1 untouched."""
     q = torch.randn(n, hq, d).to(dtype) if hq else None
     k, v = torch.randn(n, hkv, d).to(dtype), torch.randn(n, hkv, d).to(dtype)
@@ -33,13 +38,13 @@ def test_every_output_against_float64(n, hq, hkv, d, dtype, max_pos, tol):
     q_out = _nan(n, hq, d, dtype=dtype) if hq else None
     k_out = _nan(n, hkv, d, dtype=dtype)
     kc, vc = _nan(num_blocks, block_size, hkv, d, dtype=dtype), _nan(num_blocks, block_size, hkv, d, dtype=dtype)
-    launch_rotary(k, v, positions, rope_theta=10000.0, q=q, q_out=q_out, k_out=k_out, k_cache=kc, v_cache=vc,
+    launch_rotary(k, v, positions, rope_theta=rope, q=q, q_out=q_out, k_out=k_out, k_cache=kc, v_cache=vc,
                   slot_mapping=slots)  # fmt: skip
 
     # The angles are HF's: fl32(pos * inv_freq), one fp32 rounding (0.004 rad at position 1e5, in HF too); what is
     # checked is everything after it (range reduction, cos/sin, the rotation): against fp32 angles, float64 rest.
     def want(x):
-        angles = positions.float()[:, None] * reference.rotary_inv_freq(d, 10000.0)[None, :]
+        angles = positions.float()[:, None] * reference.rotary_inv_freq(d, rope)[None, :]
         cos, sin = angles.double().cos()[:, None], angles.double().sin()[:, None]
         x1, x2 = x.double().chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
@@ -85,3 +90,77 @@ def test_tables():
     j = torch.arange(tab.shape[1], dtype=torch.float64)[:, None]
     torch.testing.assert_close(tab[0].double(), (j * inv.double()).cos(), atol=1e-7, rtol=0)
     torch.testing.assert_close(tab[1].double(), (j * inv.double()).sin(), atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"rope_type": "default", "rope_theta": 10000.0},
+        {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+        # original length 256 at head dim 16: frequencies kept, blended and divided
+        {
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 256,
+        },
+        {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },  # Llama 3.2's
+    ],
+    ids=["default", "linear", "llama3_all_branches", "llama3.2"],
+)
+@pytest.mark.parametrize("d", [16, 128])
+def test_inv_freq_is_transformers(params, d):
+    """The fp32 frequencies every kernel rotates with are bit for bit those transformers computes from the same
+    config.json, for each supported rope type."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = LlamaConfig(hidden_size=4 * d, num_attention_heads=4, max_position_embeddings=131072, rope_parameters=params)
+    want = ROPE_INIT_FUNCTIONS[params["rope_type"]](cfg, None)[0] if params["rope_type"] != "default" else None
+    if want is None:
+        want = 1.0 / (params["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rope = reference.Rope.from_hf(cfg.to_dict())
+    assert torch.equal(reference.rotary_inv_freq(d, rope), want)
+    assert torch.equal(rope_tables(d, rope, torch.get_default_device())[0][: d // 2], want)
+    if params.get("original_max_position_embeddings") == 256 and d == 16:  # the three branches all taken
+        base = reference.rotary_inv_freq(d, params["rope_theta"])
+        ratio = (want / base).tolist()
+        assert ratio[0] == 1.0 and ratio[-1] == 1 / 8 and any(1 / 8 < r < 1 for r in ratio)
+
+
+@pytest.mark.parametrize(
+    "cfg,message",
+    [
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope scaling 'dynamic' is not supported"),
+        ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope scaling 'yarn' is not supported"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "'llama3' is missing low_freq_factor, high_freq"),
+        ({"rope_scaling": {"rope_type": "linear"}}, "'linear' is missing factor"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 0}}, "needs a positive factor"),
+        (
+            {"rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 4}},
+            "0 < low_freq_factor < high_freq_factor",
+        ),
+        ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}}, "partial_rotary_factor 0.5"),
+        ({"rope_theta": -1.0}, "rope_theta must be positive"),
+    ],
+)
+def test_bad_rope_parameters(cfg, message):
+    with pytest.raises(ValueError, match=message):
+        reference.Rope.from_hf(cfg, max_position_embeddings=4096)
+
+
+def test_rope_spellings_are_one_key():
+    """A float theta and the default Rope of it are one table; fields a kind does not use are dropped."""
+    assert reference.Rope.of(10000.0) == reference.Rope(10000.0) == reference.Rope(10000, factor=3.0)
+    assert reference.Rope(1e4, "linear", 2.0, low_freq_factor=9.0) == reference.Rope(1e4, "linear", 2.0)
+    d = torch.get_default_device()
+    assert rope_tables(16, 10000.0, d)[0] is rope_tables(16, reference.Rope(10000.0), d)[0]
