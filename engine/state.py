@@ -24,7 +24,14 @@ from engine.optim import Optimizer, make_optimizer
 from engine.parallel import ProcessGrid, agree, init_process_grid, print0, raise_together
 from engine.resume import fingerprint_models, latest_checkpoint, load_trainer_state, start_fresh
 from engine.rollout import idle_models
-from engine.tokenizer import PromptSet, check_vocabularies, load_prompts, load_tokenizer, response_stop_ids
+from engine.tokenizer import (
+    CHAT_TEMPLATES,
+    PromptSet,
+    check_vocabularies,
+    load_prompts,
+    load_tokenizer,
+    response_stop_ids,
+)
 from engine.tracking import Tracker, check_available
 
 
@@ -38,6 +45,8 @@ class RunConfig:
     reward: str | None = None  # the reward model (also the value model's start)
     prompts: str | None = None  # JSONL prompt file
     tokenizer: str | None = None  # tokenizer directory (default: the policy's)
+    # how prompts become tokens: tulu (the recipe's <|user|> format) or tokenizer (the tokenizer's chat_template)
+    chat_template: str = "tulu"
     output_dir: str = "out/ppo"  # checkpoints, metrics.jsonl
     tp: int = 1  # tensor parallel degree (must divide the heads; world = dp x tp)
     dist_timeout_minutes: float = 60.0  # how long a rank waits for its peers in a collective (a slow rollout)
@@ -94,6 +103,8 @@ class RunConfig:
             ("gen_max_num_seqs", 1), ("kv_cache_mb", 0), ("profile_iteration", 0), ("save_every_minutes", 0),
             ("eval_every", 0), ("eval_holdout", 0), ("log_samples", 0), ("dist_timeout_minutes", 0))
             if not getattr(self, n) >= lo]  # fmt: skip
+        if self.chat_template not in CHAT_TEMPLATES:
+            bad.append(f"chat_template must be one of {', '.join(CHAT_TEMPLATES)}, got {self.chat_template!r}")
         if not 0 < self.kv_cache_fraction <= 1:
             bad.append(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
         if bad:
@@ -196,7 +207,9 @@ def setup(
     light = resolve_run(run, weights=False)  # a Hub id's configs and tokenizer files, checked before its weights
     tokenizer_dir = light.tokenizer or light.policy
     tokenizer = load_tokenizer(tokenizer_dir)
-    prompt_set = load_prompts(run.prompts, tokenizer, cfg.max_prompt_len, verbose=grid.rank == 0)
+    prompt_set = load_prompts(
+        run.prompts, tokenizer, cfg.max_prompt_len, verbose=grid.rank == 0, template=run.chat_template
+    )
     prompt_set, eval_set = evaluation_set(cfg, run, grid, tokenizer, prompt_set)
     check_tokenizer(light, tokenizer, tokenizer_dir, prompt_set, eval_set)
     check_context(light, cfg)
@@ -287,7 +300,9 @@ def evaluation_set(cfg: PPOConfig, run: RunConfig, grid: ProcessGrid, tokenizer,
         prompt_set, eval_set = prompt_set.hold_out(run.eval_holdout, run.seed)
         print0(f"prompts: {len(eval_set.prompts)} held out for evaluation, {len(prompt_set.prompts)} to train on")
     elif run.eval_prompts:
-        eval_set = load_prompts(run.eval_prompts, tokenizer, cfg.max_prompt_len, verbose=grid.rank == 0)
+        eval_set = load_prompts(
+            run.eval_prompts, tokenizer, cfg.max_prompt_len, verbose=grid.rank == 0, template=run.chat_template
+        )
         if prompt_set is not None:  # (not held out: an evaluation on prompts the policy trains on is no check)
             seen = {tuple(p) for p in prompt_set.prompts}
             shared = sum(tuple(p) in seen for p in eval_set.prompts)

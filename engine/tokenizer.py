@@ -19,9 +19,10 @@ TINY_DIR = os.path.join(ASSETS_DIR, "tiny")  # the project's own small BPE token
 TINY_PROMPTS = os.path.join(ASSETS_DIR, "prompts_tiny.jsonl")
 TINY_EVAL_PROMPTS = os.path.join(ASSETS_DIR, "prompts_tiny_eval.jsonl")  # held out: none of them is in TINY_PROMPTS
 
-# The same format as a Jinja chat template, stored in tokenizer_config.json of tokenizers we build.
+# The same format as a Jinja chat template (with the BOS the engine's prompts start with), stored with tokenizers we
+# build: `--chat-template tokenizer` then encodes exactly as the built-in Tulu format does.
 TULU_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
+    "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '\n' }}"
     "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
     "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + eos_token + '\n' }}"
@@ -30,6 +31,10 @@ TULU_CHAT_TEMPLATE = (
     "{% endfor %}"
 )
 ROLES = ("system", "user", "assistant")
+# How prompts become tokens: "tulu" (the recipe's format above, the tokenizer's BOS first) or "tokenizer" (the
+# tokenizer's own chat_template, e.g. Llama 3.1 Instruct's, rendered with the generation prompt and tokenised as
+# it is: the template places BOS and every special token, as transformers' apply_chat_template does)
+CHAT_TEMPLATES = ("tulu", "tokenizer")
 
 
 def load_tokenizer(path: str | os.PathLike = TINY_DIR):
@@ -141,10 +146,29 @@ def format_chat(messages: list[dict], eos_token: str, add_generation_prompt: boo
     return "".join(parts)
 
 
-def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of the Tulu-formatted prompt, with the tokenizer's BOS as it adds it."""
-    text = format_chat(messages, tokenizer.eos_token or "")
-    return tokenizer(text, add_special_tokens=True)["input_ids"]
+def encode_chat(tokenizer, messages: list[dict], template: str = "tulu") -> list[int]:
+    """Token ids of a prompt ending where the assistant's answer starts: in the Tulu format with the tokenizer's BOS
+    as it adds it, or (template "tokenizer") through the tokenizer's own chat_template (see CHAT_TEMPLATES)."""
+    if template == "tulu":
+        text = format_chat(messages, tokenizer.eos_token or "")
+        return tokenizer(text, add_special_tokens=True)["input_ids"]
+    check_chat_template(tokenizer, template)
+    for m in messages:
+        if m.get("role") not in ROLES:
+            raise ValueError(f"unknown chat role {m.get('role')!r} (expected one of {', '.join(ROLES)})")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def check_chat_template(tokenizer, template: str) -> None:
+    """Refuse an unknown --chat-template, or "tokenizer" with a tokenizer that has no chat_template."""
+    if template not in CHAT_TEMPLATES:
+        raise ValueError(f"chat template {template!r} is not one of {', '.join(CHAT_TEMPLATES)}")
+    if template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"--chat-template tokenizer: the tokenizer ({tokenizer.name_or_path}) has no chat_template (in "
+            "tokenizer_config.json or chat_template.jinja); use --chat-template tulu or a tokenizer that has one"
+        )
 
 
 def prompt_messages(obj: dict, where: str) -> list[dict]:
@@ -219,12 +243,16 @@ class PromptSet:
         return pick(rest), pick(held)
 
 
-def load_prompts(path: str | os.PathLike, tokenizer, max_prompt_len: int = 1024, *, verbose: bool = True) -> PromptSet:
-    """Tokenise a prompt file with the Tulu template, dropping (not truncating) prompts over the limit."""
+def load_prompts(
+    path: str | os.PathLike, tokenizer, max_prompt_len: int = 1024, *, verbose: bool = True, template: str = "tulu"
+) -> PromptSet:
+    """Tokenise a prompt file with the chat template (CHAT_TEMPLATES), dropping (not truncating) prompts over the
+    limit."""
+    check_chat_template(tokenizer, template)
     convs = read_prompt_file(path)
     kept, kept_msgs, dropped = [], [], 0
     for msgs in convs:
-        ids = encode_chat(tokenizer, msgs)
+        ids = encode_chat(tokenizer, msgs, template)
         if len(ids) > max_prompt_len:
             dropped += 1
             continue

@@ -43,7 +43,48 @@ def test_jinja_template_matches_python_format(tok):
         {"role": "user", "content": "z z"},
     ]
     rendered = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    assert rendered == format_chat(msgs, tok.eos_token)
+    assert rendered == tok.bos_token + format_chat(msgs, tok.eos_token)
+
+
+def test_tokenizer_template_encodes_as_the_tulu_format(tok):
+    """--chat-template tokenizer on the shipped tokenizer (whose template is Tulu's) gives every shipped prompt the
+    very ids of the built-in format, BOS included once."""
+    tulu = load_prompts(TINY_PROMPTS, tok, verbose=False)
+    own = load_prompts(TINY_PROMPTS, tok, verbose=False, template="tokenizer")
+    assert own.prompts == tulu.prompts and all(p[0] == tok.bos_token_id != p[1] for p in own.prompts)
+
+
+LLAMA3_STYLE = (  # Llama 3.1 Instruct's shape of template: BOS and headers are the template's own text
+    "{{ bos_token }}{% for m in messages %}{{ '[' + m['role'] + ']' + m['content'] | trim + eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '[assistant]' }}{% endif %}"
+)
+
+
+def test_tokenizer_template_is_rendered_then_tokenised_as_it_is(tmp_path, tok):
+    shutil.copytree(TINY_DIR, tmp_path / "tok")
+    (tmp_path / "tok" / "chat_template.jinja").write_text(LLAMA3_STYLE)
+    other = load_tokenizer(tmp_path / "tok")
+    msgs = [{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "Why is the sky blue?"}]
+    ids = encode_chat(other, msgs, "tokenizer")
+    text = "<s>[system]Be brief.</s>[user]Why is the sky blue?</s>[assistant]"
+    assert ids == other(text, add_special_tokens=False)["input_ids"]
+    assert ids.count(other.bos_token_id) == 1 and ids != encode_chat(other, msgs)  # (the Tulu format's)
+    with pytest.raises(ValueError, match="unknown chat role 'tool'"):
+        encode_chat(other, [{"role": "tool", "content": "x"}], "tokenizer")
+
+
+def test_chat_template_choice_is_checked(tmp_path, tok):
+    from engine.state import RunConfig
+
+    with pytest.raises(ValueError, match="chat_template must be one of tulu, tokenizer, got 'chatml'"):
+        RunConfig(chat_template="chatml")
+    with pytest.raises(ValueError, match="chat template 'chatml' is not one of"):
+        encode_chat(tok, [{"role": "user", "content": "x"}], "chatml")
+    shutil.copytree(TINY_DIR, tmp_path / "tok")
+    os.remove(tmp_path / "tok" / "chat_template.jinja")
+    bare = load_tokenizer(tmp_path / "tok")
+    with pytest.raises(ValueError, match="has no chat_template"):
+        load_prompts(TINY_PROMPTS, bare, template="tokenizer")
 
 
 def test_tiny_tokenizer_round_trip(tok):

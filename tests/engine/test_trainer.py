@@ -1107,3 +1107,18 @@ def test_a_host_block_collected_during_a_graph_capture_is_unregistered_later(mon
     assert offload._UNLOCK_LATER == []
     del owner  # (its finalizer unregisters the new block, no capture running)
     assert calls[-1] == ("unregister", new.data_ptr())
+
+
+def test_chat_template_flag_encodes_training_and_evaluation_prompts_with_the_tokenizers_template(tmp_path):
+    from engine.tokenizer import TINY_DIR, TINY_EVAL_PROMPTS, TINY_PROMPTS, load_prompts, load_tokenizer
+
+    shutil.copytree(TINY_DIR, tmp_path / "tok")
+    (tmp_path / "tok" / "chat_template.jinja").write_text(
+        "{{ bos_token }}{% for m in messages %}{{ '[' + m['role'] + ']' + m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '[assistant]' }}{% endif %}"
+    )
+    tok = load_tokenizer(tmp_path / "tok")
+    st = _state(tmp_path / "out", "--tokenizer", str(tmp_path / "tok"), "--chat-template", "tokenizer")
+    for have, path in ((st.data.prompts, TINY_PROMPTS), (st.eval_prompts.prompts, TINY_EVAL_PROMPTS)):
+        want = load_prompts(path, tok, verbose=False, template="tokenizer").prompts
+        assert have == want and want != load_prompts(path, tok, verbose=False).prompts
