@@ -337,10 +337,17 @@ def load_trainer_state(state: TrainState, ckpt: str) -> None:
     grid = state.grid
     sd, saved, error = _load_states(ckpt, grid, state.policy_opt.buckets is not None)
     raise_together(error, "resuming")  # (the optimizers' state loads through collectives below)
-    state.iteration, state.step, state.total_steps = sd["iteration"], sd["step"], sd["total_steps"]
+    state.iteration, state.step = sd["iteration"], sd["step"]
     changed = _changed_hyperparameters(sd["ppo_config"], dataclasses.asdict(state.cfg))
     if changed:  # (it may be meant, as a lower learning rate after a spike; it is never silent)
         print0(f"resuming with PPO hyperparameters other than the checkpoint's: {changed}")
+    if sd["total_steps"] != state.total_steps:
+        # More prompt epochs, PPO epochs or samples, or another train batch size: the schedule spans this run's steps
+        # (the checkpoint's would have ended the learning rate at 0 before the run does, or left it undecayed)
+        print0(
+            f"resuming with a learning-rate schedule of {state.total_steps} optimizer steps (the checkpoint's run: "
+            f"{sd['total_steps']}): the learning rate continues at step {state.step} of the new schedule"
+        )
     state.data.load_state_dict(sd["data"])
     if grid.rank == 0:
         trim_logs(state.run.output_dir, state.iteration)

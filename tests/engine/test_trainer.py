@@ -836,6 +836,23 @@ def test_resume_names_changed_hyperparameters(tmp_path, capsys):
     )
 
 
+def test_resume_with_a_longer_schedule_spans_it(tmp_path, capsys):
+    """Resumed with twice the prompt epochs, the learning rate follows this run's schedule (the checkpoint's ended
+    at 0 halfway, and every later update was a no-op)."""
+    from engine import ppo
+
+    plans = [_state(tmp_path / f"plan{e}", "--prompt-epochs", e) for e in ("1", "2")]
+    (old, new), cfg = [p.total_steps for p in plans], plans[1].cfg
+    assert new == 2 * old
+    _run(tmp_path, "--max-iterations", "1", "--prompt-epochs", "1")
+    capsys.readouterr()
+    history = _run(tmp_path, "--max-iterations", "2", "--resume", "--prompt-epochs", "2")
+    out = capsys.readouterr().out
+    assert f"a learning-rate schedule of {new} optimizer steps (the checkpoint's run: {old}): " in out
+    lr = history[-1]["lr"]
+    assert lr == pytest.approx(ppo.lr_at(history[-1]["step"] - 1, new, cfg)) and lr > 0
+
+
 def _host_buffers(opt):
     """The pinned buffers of an optimizer's offloaded state, in movable_state's order."""
     return [h for k, _ in offload.groups(opt) for h in opt.offload.host[k]]
