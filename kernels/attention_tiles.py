@@ -213,6 +213,19 @@ def _configs(inner_name: str, shapes: tuple[tuple[int, int, int], ...]) -> list[
     return [triton.Config({inner_name: b}, num_warps=w, num_stages=s) for b, w, s in shapes]
 
 
+def _prune_fp32(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Autotune's early prune: with fp32 operands (tests and fp32 runs, not the engine's bf16 path) only the two
+    smallest two-stage inner tiles. The others spill registers or overflow shared memory in fp32 (a 64-wide tile in
+    4 stages needs 295 KB at D=128) and each takes tens of seconds to compile before it is thrown away."""
+    if kwargs.get("DOT_DTYPE") != tl.float32:
+        return configs
+    small = sorted((c for c in configs if c.num_stages <= 2), key=lambda c: sorted(c.kwargs.values()))
+    return small[:2] or configs[:1]
+
+
+_PRUNE = {"early_config_prune": _prune_fp32}
+
+
 # (inner tile, warps, stages). Offline sm_90 builds at D=128 bf16 (bench_rope_attention.py --ptxas, with the
 # 16-divisible pointers and strides a real launch specialises) guided the choice: every fwd config at 8 warps
 # pipelines K/V with cp.async and does not spill (213 registers at BLOCK_N 32/64, 255 at 128; 4 warps spill);

@@ -200,11 +200,20 @@ def _column_keys(vocab: int, device: torch.device, offset: int = 0) -> torch.Ten
 
 def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int, offset: int = 0) -> torch.Tensor:
     """[B, V] uniforms in (0, 1) from per-row seeds [B] and counters [B] (int64): a pure function. offset: the
-    first column's vocabulary id (a tensor-parallel rank's shard: the same noise as the whole row's slice)."""
-    row = mix32(mix32(seeds & M32) ^ (counters & M32))
+    first column's vocabulary id (a tensor-parallel rank's shard: the same noise as the whole row's slice).
+
+    23 bits a value, (k + 0.5) / 2^23: the largest is 1 - 2^-24, exact in fp32 (24 bits would round the largest
+    to 1.0, whose Gumbel noise is +inf: one draw in 2^24 per entry, a random token in 0.2% of a 32k vocabulary's
+    steps). The counter is hashed before it meets the seed: XORed in plain, two seeds whose hashes differ by d
+    would draw the same noise at every pair of counters c and c ^ d."""
+    row = mix32(mix32(seeds & M32) ^ mix32((counters & M32) ^ 0x5BD1E995))
     col = _column_keys(vocab, seeds.device, offset)
-    bits = mix32(row[:, None] ^ col[None, :])
-    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return bits_to_uniform(mix32(row[:, None] ^ col[None, :]))
+
+
+def bits_to_uniform(bits: torch.Tensor) -> torch.Tensor:
+    """fp32 uniforms in (0, 1) from 32-bit hashes (int64 tensors): (bits >> 9 + 0.5) / 2^23, never 1."""
+    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 def gumbel_sample(
@@ -370,6 +379,27 @@ def paged_decode_attention(
     return out.reshape(b, hq, d).to(q.dtype)
 
 
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in a KV cache's dtype; float8 e4m3 saturates at +-448 as the GPU's conversion does (torch's own cast
+    saturates only from 2.12 on: before, a value past 464 became NaN)."""
+    if dtype == torch.float8_e4m3fn:
+        x = x.float().clamp(-448.0, 448.0)
+    return x.to(dtype)
+
+
+def read_back_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v [N, Hkv, D] as the cache holds them after a write (a float8 cache's rounding), in k's and v's dtypes;
+    tokens with slot -1 as they are. Prefill attends to these, so that it sees what later decode steps read."""
+    keep = (slot_mapping >= 0)[:, None, None]
+    slots = slot_mapping.clamp(min=0).to(torch.int64)
+    # (gathered as bytes: indexing has no float8 kernel on every device)
+    k_back = _flat_cache(k_cache).view(torch.uint8)[slots].view(k_cache.dtype).to(k.dtype)
+    v_back = _flat_cache(v_cache).view(torch.uint8)[slots].view(v_cache.dtype).to(v.dtype)
+    return torch.where(keep, k_back, k), torch.where(keep, v_back, v)
+
+
 def write_kv_cache(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
@@ -380,8 +410,10 @@ def write_kv_cache(
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].to(torch.int64)
     for x, cache in ((k, k_cache), (v, v_cache)):
-        # as bytes: index_copy_ has no float8 kernel; torch's float8 conversion saturates at +-448 like the GPU's
-        _flat_cache(cache).view(torch.uint8).index_copy_(0, slots, x[keep].to(cache.dtype).view(torch.uint8))
+        # as bytes: index_copy_ has no float8 kernel
+        _flat_cache(cache).view(torch.uint8).index_copy_(
+            0, slots, to_cache_dtype(x[keep], cache.dtype).view(torch.uint8)
+        )
 
 
 def rope_write_kv(

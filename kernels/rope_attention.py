@@ -50,6 +50,7 @@ from kernels.attention_tiles import (
     _FWD_SHAPES,
     _KEY,
     _LOG2E,
+    _PRUNE,
     _TL_DTYPES,
     _configs,
     _dot_args,
@@ -160,7 +161,7 @@ def _fwd_kernel(
 
 
 # the autotuned GPU variant (attention_tiles._configs, _FWD_SHAPES)
-_fwd_tuned = triton.autotune(_configs("BLOCK_N", _FWD_SHAPES), key=_KEY)(_fwd_kernel)
+_fwd_tuned = triton.autotune(_configs("BLOCK_N", _FWD_SHAPES), key=_KEY, prune_configs_by=_PRUNE)(_fwd_kernel)
 
 # --------------------------------------------------------------------------------- host launchers --
 
@@ -249,6 +250,8 @@ def _rope_attention_fwd(
             raise ValueError("k_cache and v_cache must have a contiguous last dim")
         cache = dict(k_cache=kc, v_cache=vc, slot_mapping=slot_mapping.to(q.device))
     launch_rotary(k, v, positions, rope_theta=rope_theta, k_out=k_rot, **cache)
+    if cache and cache["k_cache"].dtype != q.dtype:  # a float8 cache: attend to what the decode steps will read
+        k_rot, v = reference.read_back_kv(k_rot, v, cache["k_cache"], cache["v_cache"], cache["slot_mapping"])
     make_args = lambda cu_blk: (
         q, k_rot, v, out, lse, positions, cu, cu_blk, inv_freq, tab, q_rot if save_rotated else out,
         q.stride(0), q.stride(1), k_rot.stride(0), k_rot.stride(1), v.stride(0), v.stride(1),
@@ -322,4 +325,6 @@ def rope_attention(
     # the cache gets the fp32 rotation rounded once to its own dtype (as the kernel writes it, float8 included)
     q_rot = reference.rope_write_kv(q, k, v, positions, *kv_cache, slot_mapping, rope_theta)
     k_rot = reference.apply_rotary(k, positions, rope_theta)
+    if kv_cache[0].dtype != q.dtype:  # a float8 cache: attend to what the decode steps will read
+        k_rot, v = reference.read_back_kv(k_rot, v, *kv_cache, slot_mapping)
     return reference.varlen_causal_attention(q_rot, k_rot, v, cu_seqlens, scale)

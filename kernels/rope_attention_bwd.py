@@ -17,6 +17,7 @@ from kernels.attention_tiles import (
     _BWD_SHAPES,
     _KEY,
     _LOG2E,
+    _PRUNE,
     _configs,
     _dot_acc,
     _dot_args,
@@ -215,8 +216,8 @@ def _bwd_dq_kernel(
 
 
 # the autotuned GPU variants (attention_tiles._configs, _BWD_SHAPES)
-_dkdv_tuned = triton.autotune(_configs("BLOCK_M", _BWD_SHAPES), key=_KEY)(_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(_configs("BLOCK_N", _BWD_SHAPES), key=_KEY)(_bwd_dq_kernel)
+_dkdv_tuned = triton.autotune(_configs("BLOCK_M", _BWD_SHAPES), key=_KEY, prune_configs_by=_PRUNE)(_bwd_dkdv_kernel)
+_dq_tuned = triton.autotune(_configs("BLOCK_N", _BWD_SHAPES), key=_KEY, prune_configs_by=_PRUNE)(_bwd_dq_kernel)
 
 # --------------------------------------------------------------------------------- host launchers --
 

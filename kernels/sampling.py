@@ -40,6 +40,12 @@ def _mix32(x):
 
 
 @triton.jit
+def _uniform(bits):
+    """kernels.reference.bits_to_uniform on uint32: in (0, 1), never 1."""
+    return ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+
+
+@triton.jit
 def _gumbel_sample_kernel(
     LOGITS, SEEDS, COUNTERS, TOKENS, LOGPROBS, vocab, vocab_offset, stride_row, temperature,
     GREEDY: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -50,7 +56,7 @@ def _gumbel_sample_kernel(
     base = LOGITS + row.to(tl.int64) * stride_row
     seed = tl.load(SEEDS + row).to(tl.uint32)  # the low 32 bits, as the reference's & 0xFFFFFFFF
     counter = tl.load(COUNTERS + row).to(tl.uint32)
-    row_key = _mix32(_mix32(seed) ^ counter)
+    row_key = _mix32(_mix32(seed) ^ _mix32(counter ^ 0x5BD1E995))  # (see reference.uniform_noise)
     best = tl.full([], -float("inf"), tl.float32)
     best_idx = tl.full([], 0, tl.int32)
     best_logit = tl.full([], 0.0, tl.float32)
@@ -64,7 +70,7 @@ def _gumbel_sample_kernel(
             score = x
         else:
             bits = _mix32(row_key ^ _mix32((offs + vocab_offset).to(tl.uint32) * 0x61C88647))
-            u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+            u = _uniform(bits)
             score = tl.where(ok, x / temperature - tl.log(-tl.log(u)), -float("inf"))
         blk_best = tl.max(score, axis=0)
         blk_idx = v0 + tl.argmax(score, axis=0)  # the first maximum, as torch.argmax

@@ -26,7 +26,8 @@ def interpreter_converts_like_the_gpu() -> None:
         return np.ascontiguousarray(src.data, dtype=np.float32)
 
     def to_fp8(src, dst_type):
-        bits = torch.from_numpy(as_float32(src)).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        # saturating at +-448 as the GPU does (clamped first: torch's cast saturates only from 2.12 on)
+        bits = torch.from_numpy(as_float32(src)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
         return interpreter.TensorHandle(bits, dst_type.scalar)
 
     def cast_impl(self, src, dst_type):

@@ -185,8 +185,9 @@ def test_paged_decode_errors():
         paged_decode_attention(q, kc, vc, bt[:, :1], cl)  # 20 tokens need 2 blocks of 16
     with pytest.raises(ValueError, match="max_context_len"):
         paged_decode_attention(q, kc, vc, bt, cl, max_context_len=33)
-    with pytest.raises(ValueError, match="exceeds max_context_len 16"):
-        paged_decode_attention(q, kc, vc, bt, cl, max_context_len=16)
+    if not q.is_cuda:  # (checked in the interpreter: on a GPU reading the lengths back would sync each decode step)
+        with pytest.raises(ValueError, match="exceeds max_context_len 16"):
+            paged_decode_attention(q, kc, vc, bt, cl, max_context_len=16)
     with pytest.raises(ValueError, match="one device"):
         paged_decode_attention(q, kc, vc, bt.to("meta"), cl)
     with pytest.raises(ValueError, match="dtype"):
@@ -269,8 +270,9 @@ def test_rope_write_kv_fp8_cache_saturates(dtype):
     rope_write_kv(q, k, v, positions, kc, vc, slots)
     keep = slots >= 0
     flat_k, flat_v = kc.view(-1, hkv, d)[slots[keep]], vc.view(-1, hkv, d)[slots[keep]]
-    assert torch.equal(flat_v.view(torch.uint8), v[keep].to(FP8).view(torch.uint8))  # v: one saturating cast
-    want_k = reference.apply_rotary(k.double(), positions)[keep].to(torch.float32).to(FP8)
+    want_v = reference.to_cache_dtype(v[keep], FP8)
+    assert torch.equal(flat_v.view(torch.uint8), want_v.view(torch.uint8))  # v: one saturating cast
+    want_k = reference.to_cache_dtype(reference.apply_rotary(k.double(), positions)[keep].to(torch.float32), FP8)
     assert not flat_k.float().isnan().any() and flat_k.float().abs().max() == 448.0
     # fp32 angles differ from float64 by ~1e-4 rad at these positions: at most one fp8 step apart, rarely
     torch.testing.assert_close(flat_k.float(), want_k.float(), atol=0.0, rtol=0.125)

@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kernels import dispatch, reference
-from kernels.sampling import combine_partial_samples, gumbel_sample, gumbel_sample_partial
+from kernels.sampling import _uniform, combine_partial_samples, gumbel_sample, gumbel_sample_partial
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0, 1.5])
@@ -74,3 +76,36 @@ def test_vocabulary_shards_combine_into_the_whole_rows_sample(temperature, shard
     torch.testing.assert_close(logprobs, want_logprobs, atol=1e-5, rtol=1e-5)
     if temperature == 0:
         assert tokens[0] == 100
+
+
+@triton.jit
+def _uniform_of(BITS, OUT, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(OUT + offs, _uniform(tl.load(BITS + offs)))
+
+
+def test_every_noise_code_is_strictly_inside_0_1():
+    """Each of the 2^23 codes a hash can give (its top 23 bits; the low 9 set: the largest hashes) is a distinct
+    uniform strictly below 1, in the kernel and in the reference alike: a 1.0 is Gumbel noise of +inf, which would
+    make its token win whatever its probability (24 bits rounded the largest code to 1.0)."""
+    bits = (torch.arange(1 << 23, dtype=torch.int64) << 9) | 511
+    want = reference.bits_to_uniform(bits)
+    assert want.max() < 1 and want.min() > 0 and torch.unique(want).numel() == 1 << 23
+    got = torch.empty(1 << 23, dtype=torch.float32)
+    block = 1 << 16
+    _uniform_of[((1 << 23) // block,)](bits.to(torch.int32).view(torch.uint32), got, BLOCK=block)
+    assert torch.equal(got, want)
+
+
+def test_a_certain_token_is_always_drawn():
+    """One token at logit 40 against 2^17 at 0 (probability 1 - 4e-13), 2000 draws at temperature 0.7: never
+    another token (noise that could reach 1.0 drew a random one about 16 times here)."""
+    v, rows = 1 << 17, 2000
+    seeds = torch.arange(rows, dtype=torch.int64) * 7919 + 12345
+    counters = torch.arange(rows, dtype=torch.int64) % 300
+    for chunk in range(0, rows, 250):
+        s, c = seeds[chunk : chunk + 250], counters[chunk : chunk + 250]
+        logits = torch.zeros(len(s), v)
+        logits[:, 123] = 40.0
+        tokens, _ = reference.gumbel_sample(logits, s, c, 0.7)
+        assert (tokens == 123).all(), tokens[tokens != 123]
