@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import measure  # noqa: E402
+from bench.common import fill_peaks, measure  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.gae import gae  # noqa: E402
 
@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=1024, help="time steps T (default 1024)")
     ap.add_argument("--gamma", type=float, default=1.0)
     ap.add_argument("--lam", type=float, default=0.95)
-    ap.add_argument("--bandwidth", type=float, default=3.0, help="memory bandwidth in TB/s for the floor (H100: 3.0)")
+    ap.add_argument("--bandwidth", type=float, default=None, help="TB/s for the floor (default: measured)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the peers' loop")
     ap.add_argument("--reps", type=int, default=20, help="repetitions on CPU (CUDA uses do_bench)")
     ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
@@ -56,6 +56,7 @@ def main() -> None:
     if device == "cpu":
         batch, seq = min(batch, 4), min(seq, 64)
         print(f"no CUDA device: tiny CPU run at {batch} x {seq}; GPU figures need a CUDA device.")
+    fill_peaks(args, device, bandwidth="bandwidth")
     rewards, values, mask = make_batch(batch, seq, device)
     g, lam = args.gamma, args.lam
 

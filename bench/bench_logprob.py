@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import measure  # noqa: E402
+from bench.common import fill_peaks, measure  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.logprob import hidden_logprobs, ppo_token_loss, token_logprobs  # noqa: E402
 
@@ -144,8 +144,8 @@ def main() -> None:
     p.add_argument("--hn", type=int, default=8192, help="token rows for hidden_logprobs")
     p.add_argument("--hh", type=int, default=5120, help="hidden size for hidden_logprobs")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    p.add_argument("--bandwidth", type=float, default=3.0, help="HBM TB/s for the floor (H100 SXM ~3.0)")
-    p.add_argument("--tflops", type=float, default=724.0, help="dense bf16 TFLOP/s for the floor")
+    p.add_argument("--bandwidth", type=float, default=None, help="copy TB/s for the floor (default: measured)")
+    p.add_argument("--tflops", type=float, default=None, help="dense bf16 TFLOP/s for the floor (default: measured)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition ms")
     p.add_argument("--skip-compile", action="store_true", help="skip the torch.compile rows")
@@ -158,19 +158,23 @@ def main() -> None:
     if device == "cpu":
         print("No CUDA device: timing a tiny CPU shape (reference vs eager); GPU figures need a CUDA device.")
         args.n, args.v, args.hn, args.hh, dtype = 64, 1000, 32, 64, torch.float32
+    fill_peaks(args, device, bandwidth="bandwidth", tflops=None if args.skip_hidden else "tflops")
     torch.manual_seed(0)
     rows: list[dict] = []
-    bench_token(args, device, dtype, rows)
-    if not args.skip_hidden:
-        bench_hidden(args, device, dtype, rows)
-
-    print(f"\ndevice: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, dtype {dtype}, torch "
+    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, dtype {dtype}, torch "
           f"{torch.__version__}")  # fmt: skip
     print(f"{'op':<16} {'shape':<18} {'case':<8} {'impl':<40} {'ms':>9} {'extra GiB':>10}")
-    for r in rows:
-        print(f"{r['op']:<16} {r['shape']:<18} {r['case']:<8} {r['impl']:<40} {r['ms']:>9.3f} {r['extra_gib']:>10.3f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": device, "dtype": str(dtype), "rows": rows}, indent=1))
+    parts = [bench_token] + ([] if args.skip_hidden else [bench_hidden])
+    for part in parts:  # each part's rows printed and saved as it ends: a run stopped at its deadline keeps them
+        done = len(rows)
+        part(args, device, dtype, rows)
+        for r in rows[done:]:
+            print(
+                f"{r['op']:<16} {r['shape']:<18} {r['case']:<8} {r['impl']:<40} {r['ms']:>9.3f} {r['extra_gib']:>10.3f}"
+            )
+        if args.json:
+            meta = {"device": device, "dtype": str(dtype), "bandwidth_tbs": args.bandwidth, "tflops": args.tflops}
+            Path(args.json).write_text(json.dumps({**meta, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

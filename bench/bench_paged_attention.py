@@ -1,12 +1,13 @@
 """Benchmark paged decode attention: ours vs the eager reference (gather + attention) vs torch.compile.
 
-    python bench/bench_paged_attention.py [--json out.json] [--bandwidth-tbs 3.0] [--shapes NAME ...] [--sweep]
+    python bench/bench_paged_attention.py [--json out.json] [--bandwidth-tbs TBS] [--shapes NAME ...] [--sweep]
         [--kv-dtype fp8]
 
 Shapes are Llama-2-13B decode steps (Hq = Hkv = 40, D = 128, block 16, bf16) plus a GQA one; every
 sequence of a batch has the same context length. Reported: time (ms), GB/s of KV read
-(context * Hkv * D * 2 tensors * bytes), its fraction of the copy bandwidth (3.0 TB/s on H100), the
-roofline floor and the extra peak memory of each variant. Also times rope_write_kv for the batch.
+(context * Hkv * D * 2 tensors * bytes), its fraction of the copy bandwidth (measured at the start: about 3.0
+TB/s on an H100, 4.3 on an H200), the roofline floor and the extra peak memory of each variant.
+Also times rope_write_kv for the batch.
 --kv-dtype fp8: the cache in float8 e4m3 (the generator's kv_cache_dtype="fp8"), half the bytes of bf16.
 --sweep also times the decode kernel's launch variants (tile, warps, stages, tl.dot or not) per
 shape and prints the fastest, to tune kernels.paged_attention.decode_config on a new GPU.
@@ -28,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import measure, ptxas_info  # noqa: E402
+from bench.common import fill_peaks, measure, ptxas_info  # noqa: E402
 from engine.kv_cache import resolve_cache_dtype  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.paged_attention import paged_decode_attention, rope_write_kv  # noqa: E402
@@ -174,6 +175,7 @@ def run(args) -> list[dict]:
         shapes = {k: v for k, v in {**SHAPES, **CPU_SHAPES}.items() if k in args.shapes}
     if device.type != "cuda":
         print("no CUDA device: timing a tiny shape on CPU (reference only); GPU figures need a CUDA device")
+    fill_peaks(args, device, bandwidth="bandwidth_tbs")
     bw = args.bandwidth_tbs * 1e12
     rows = []
     for name, shape in shapes.items():
@@ -182,6 +184,8 @@ def run(args) -> list[dict]:
                 name, *shape, dtype=dtype, device=device, bw=bw, compile_=not args.no_compile, cache_dtype=cache_dtype
             )
         )
+        _print(rows[-1:], args.bandwidth_tbs)  # as it is measured: a run stopped at its deadline keeps what it had
+        _save(args.json, rows)
     if args.sweep and device.type == "cuda":
         print("fastest launch variants per shape:")
         for name, shape in shapes.items():
@@ -223,7 +227,8 @@ def _print(rows, tbs) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, default=None, help="write the figures to this JSON file")
-    p.add_argument("--bandwidth-tbs", type=float, default=3.0, help="copy bandwidth for the roofline (TB/s)")
+    p.add_argument("--bandwidth-tbs", type=float, default=None, help="copy bandwidth for the roofline (TB/s; default: "
+                   "measured on the device)")  # fmt: skip
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--kv-dtype", default="auto", choices=["auto", "fp8"], help="cache dtype (auto: --dtype)")
     p.add_argument("--shapes", nargs="*", default=None, help=f"subset of {list(SHAPES) + list(CPU_SHAPES)}")
@@ -232,10 +237,13 @@ def main(argv=None) -> None:
     p.add_argument("--sweep", action="store_true", help="also time the kernel's launch variants (GPU only)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to warm up)")
     args = p.parse_args(argv)
-    rows = run(args)
-    if args.json:
+    _save(args.json, run(args))
+
+
+def _save(path: Path | None, rows: list[dict]) -> None:
+    if path:
         clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
-        args.json.write_text(json.dumps(clean, indent=2))
+        path.write_text(json.dumps(clean, indent=2))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ FLOPs (causal): forward = 4*B*H*T^2*D / 2 (two matmuls, half the score matrix); 
 --fwd-bwd-factor (default 2.5) times the forward. A packed batch counts each sequence's own L^2.
 
     python bench/bench_rope_attention.py [--batch 8 --heads 40 --kv-heads 40 --seqlen 2048 --head-dim 128]
-        [--dtype bf16] [--peak-tflops 724] [--json out.json]
+        [--dtype bf16] [--peak-tflops TFLOPS (default: measured)] [--no-compile] [--json out.json]
 
 Without a CUDA device it runs a tiny shape on the CPU (the reference against eager rotary + SDPA) and says
 that GPU figures need a CUDA device.
@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch.nn.functional as F
 
-from bench.common import measure, ptxas_info  # noqa: E402
+from bench.common import fill_peaks, measure, ptxas_info  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.rope_attention import rope_attention  # noqa: E402
 from kernels.rotary import launch_rotary  # noqa: E402
@@ -93,8 +93,9 @@ def make_rows(args, q, k, v, positions, cu, batch, seqlen, padded_mask=None):
         rows["SDPA cuDNN + rotary"] = lambda q, k, v: sdpa_with_rotary(
             q, k, v, positions, batch, seqlen, theta, SDPBackend.CUDNN_ATTENTION
         )
-        compiled = torch.compile(sdpa_with_rotary, static_argnums=(4, 5, 6))
-        rows["torch.compile(rotary + SDPA)"] = lambda q, k, v: compiled(q, k, v, positions, batch, seqlen, theta)
+        if args.compile:  # (its integer arguments are specialised on by default)
+            compiled = torch.compile(sdpa_with_rotary)
+            rows["torch.compile(rotary + SDPA)"] = lambda q, k, v: compiled(q, k, v, positions, batch, seqlen, theta)
         try:
             from liger_kernel.ops.rope import LigerRopeFunction
 
@@ -144,13 +145,15 @@ def run_rows(rows, q, k, v, flops, args, cuda, table, label, roofline=True):
         except Exception as e:  # noqa: BLE001 - a peer that fails on this device is reported, not fatal
             entry["error"] = f"{type(e).__name__}: {str(e)[:80]}"
         table.append(entry)
+        print_table([entry], header=False)  # as it is measured: a run stopped at its deadline keeps what it had
+        save(args, table, cuda)
     if not roofline:
         return
     roof_ms = flops / (args.peak_tflops * 1e9)
     table.append(
         {
             "case": label,
-            "impl": f"roofline ({args.peak_tflops:.0f} TFLOP/s)",
+            "impl": f"roofline ({args.peak_tflops:.4g} TFLOP/s)",
             "fwd_ms": roof_ms,
             "fwd_tflops": args.peak_tflops,
             "fwdbwd_ms": roof_ms * args.fwd_bwd_factor,
@@ -165,10 +168,12 @@ def _fmt(e: dict, key: str, width: int, prec: int) -> str:
     return " " * (width - 1) + "-"
 
 
-def print_table(table):
-    print(
-        f"{'case':<34} {'impl':<30} {'fwd ms':>8} {'TFLOP/s':>8} {'+GiB':>6} {'f+b ms':>8} {'TFLOP/s':>8} {'+GiB':>6}"
-    )
+def print_table(table, header: bool = True):
+    if header:
+        print(
+            f"{'case':<34} {'impl':<30} {'fwd ms':>8} {'TFLOP/s':>8} {'+GiB':>6} {'f+b ms':>8} {'TFLOP/s':>8} "
+            f"{'+GiB':>6}"
+        )
     for e in table:
         if "error" in e:
             print(f"{e['case']:<34} {e['impl']:<30} {e['error']}")
@@ -291,7 +296,8 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", choices=DTYPES, default="bf16")
     p.add_argument("--rope-theta", type=float, default=10000.0)
-    p.add_argument("--peak-tflops", type=float, default=724.0, help="bf16 matmul roofline (H100 measured)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="matmul roofline (default: measured on the device)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile peer row")
     p.add_argument("--fwd-bwd-factor", type=float, default=2.5, help="fwd+bwd FLOPs as a multiple of the forward")
     p.add_argument("--no-backward", dest="backward", action="store_false")
     p.add_argument("--no-mixed", dest="mixed", action="store_false", help="skip the packed mixed-length batch")
@@ -332,6 +338,8 @@ def main() -> None:
     v = torch.randn(n, hkv, d, device=device, dtype=dtype)
     positions = torch.arange(t, device=device).repeat(b)
     cu = torch.arange(0, n + 1, t, device=device, dtype=torch.int32)
+    if not args.ptxas:
+        fill_peaks(args, device, tflops="peak_tflops")
     if cuda:
         check_against_reference(hq, hkv, d, dtype, args.rope_theta)
     if args.sweep:
@@ -394,7 +402,13 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"device: {device_name}, torch {torch.__version__}; causal FLOPs, fwd+bwd = {args.fwd_bwd_factor} x fwd")
     print_table(table)
+    save(args, table, cuda)
+
+
+def save(args, table: list[dict], cuda: bool) -> None:
+    """The figures so far as JSON at --json (rewritten after each row)."""
     if args.json:
+        device_name = torch.cuda.get_device_name() if cuda else "cpu"
         with open(args.json, "w") as f:
             json.dump(
                 {"device": device_name, "torch": torch.__version__, "args": vars(args), "rows": table}, f, indent=1

@@ -29,7 +29,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--temperature", type=float, default=0.7)
-    add_elementwise_args(ap, "TB/s for the floor (H100: 3.0)")
+    add_elementwise_args(ap)
     args = ap.parse_args(argv)
     device = bench_device(args, batch=[4], vocab=1000, dtype="float32")
     dtype = getattr(torch, args.dtype)

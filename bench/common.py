@@ -46,25 +46,84 @@ def measure(fn, device, *, warmup_ms: float = 25, rep_ms: float = 100, min_reps:
     return (time.perf_counter() - start) * 1e3 / n, float("nan")
 
 
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measured_copy_tbs(device) -> float:
+    """TB/s of a device-to-device copy, counting bytes read plus written: the ceiling of a memory-bound kernel on
+    this very device (an H100 SXM moves about 3.0, an H200 about 4.3; a datasheet's figure is not reached)."""
+    cuda = torch.device(device).type == "cuda"
+    n = (1 << 30) if cuda else (1 << 26)
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    _sync(device)
+    reps = 20 if cuda else 5
+    t = time.perf_counter()
+    for _ in range(reps):
+        b.copy_(a)
+    _sync(device)
+    return 2 * n * reps / (time.perf_counter() - t) / 1e12
+
+
+def measured_matmul_tflops(device) -> float:
+    """TFLOP/s of a dense 8192^3 bf16 matrix product on random data (the mean of ten after three warm-ups): the
+    ceiling of a GEMM-bound kernel on this device (an H100 or H200 SXM about 720-790, not the datasheet's 990).
+    On CPU, a 512^3 fp32 product (a smoke figure)."""
+    cuda = torch.device(device).type == "cuda"
+    n, dtype, reps = (8192, torch.bfloat16, 10) if cuda else (512, torch.float32, 3)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def fill_peaks(args, device, *, bandwidth: str | None = None, tflops: str | None = None) -> None:
+    """Set the args attributes named `bandwidth` (TB/s) and `tflops` (TFLOP/s) that are None (their flags' default)
+    to this device's measured ceilings, and print them: a roofline drawn from the machine it runs on."""
+    said = []
+    if bandwidth and getattr(args, bandwidth) is None:
+        setattr(args, bandwidth, float(f"{measured_copy_tbs(device):.4g}"))
+        said.append(f"copy bandwidth {getattr(args, bandwidth):.2f} TB/s")
+    if tflops and getattr(args, tflops) is None:
+        setattr(args, tflops, float(f"{measured_matmul_tflops(device):.4g}"))
+        said.append(f"matmul {getattr(args, tflops):.4g} TFLOP/s")
+    if said:
+        print(f"measured on {device_name(device)}: " + ", ".join(said) + " (the roofline's ceilings)")
+
+
 def device_name(device) -> str:
     return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
 
 
-def add_elementwise_args(ap, bandwidth_help: str = "copy bandwidth in TB/s for the floor (H100: 3.0)") -> None:
-    """The flags every memory-bound kernel bench takes: --dtype, --bandwidth (TB/s), --json."""
+def add_elementwise_args(
+    ap, bandwidth_help: str = "copy bandwidth in TB/s for the floor (default: measured on the device)"
+) -> None:
+    """The flags every memory-bound kernel bench takes: --dtype, --bandwidth (TB/s; fill_peaks measures it when
+    not given), --json."""
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--bandwidth", type=float, default=3.0, help=bandwidth_help)
+    ap.add_argument("--bandwidth", type=float, default=None, help=bandwidth_help)
     ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
 
 
 def bench_device(args, **tiny_cpu) -> str:
     """ "cuda" if there is one; else "cpu", with args shrunk to tiny_cpu (a smoke run of the reference path)."""
-    if torch.cuda.is_available():
-        return "cuda"
-    for name, value in tiny_cpu.items():
-        setattr(args, name, value)
-    print("no CUDA device: tiny CPU run (the reference path); GPU figures need a CUDA device.")
-    return "cpu"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        for name, value in tiny_cpu.items():
+            setattr(args, name, value)
+        print("no CUDA device: tiny CPU run (the reference path); GPU figures need a CUDA device.")
+    fill_peaks(args, device, bandwidth="bandwidth" if hasattr(args, "bandwidth") else None)
+    return device
 
 
 def write_json(path: str | None, obj) -> None:

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import run_main, write_json  # noqa: E402
+from bench.common import measured_copy_tbs, run_main, write_json  # noqa: E402
 from engine.checkpoint import hf_tensor_specs, load_pretrained  # noqa: E402
 from engine.config import MODEL_SHAPES, GenerateConfig, ModelConfig  # noqa: E402
 from engine.generate import Generator  # noqa: E402
@@ -72,22 +72,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def measure_copy_bandwidth(device) -> float:
-    """Bytes/s of a device-to-device copy, counting bytes read plus written."""
-    n = (1 << 30) if device.type == "cuda" else (1 << 26)
-    a = torch.empty(n, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    sync(device)
-    reps = 20 if device.type == "cuda" else 5
-    t = time.perf_counter()
-    for _ in range(reps):
-        b.copy_(a)
-    sync(device)
-    return 2 * n * reps / (time.perf_counter() - t)
 
 
 def peak_memory(device) -> float:
@@ -208,7 +192,7 @@ def main(argv=None) -> dict:
             f"prompt-len + gen-len = {prompt_len + gen_len} exceeds the model's {cfg.max_position_embeddings}"
         )
 
-    bw = args.bandwidth * 1e9 if args.bandwidth else measure_copy_bandwidth(device)
+    bw = args.bandwidth * 1e9 if args.bandwidth else measured_copy_tbs(device) * 1e12
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
     stops = list(range(3, 3 + args.stop_tokens))

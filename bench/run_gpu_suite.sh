@@ -5,9 +5,9 @@
 # NAMEs: gpu_tests kernel_tests (or tests: both) offload gae logprob rope_attention rope_sweep paged_attention
 # paged_attention_fp8 paged_sweep paged_sweep_fp8 rmsnorm_swiglu sampling rollout_b64 rollout_b64_hf_static rollout_b1
 # rollout_b64_sync rollout_b64_fp8 rollout_ppo_like ppo_step ppo_step_offload
-# ppo_step_resident; the group `first` is what a 15-minute lease can hold
-# (engine on the GPU, then the two issues' headline figures, then the kernel tests with the time left). No NAME:
-# everything, in the order below.
+# ppo_step_resident; the group `first` is what a 15-minute lease can hold (the two issues' headline figures and the
+# kernels' comparisons without their torch.compile rows, then the engine's GPU tests and the kernel tests with the
+# time left). No NAME: everything, in the order below. SUITE_COMMIT names the commit in summary.txt.
 #
 # The lease's limits shape this script: a call returns at most 8 files from OUT_DIR and is killed at its timeout.
 # So every step runs under `timeout` within SUITE_BUDGET_S seconds overall (default 540; give the device call
@@ -22,7 +22,10 @@ budget=${SUITE_BUDGET_S:-540}
 min_step=${SUITE_MIN_STEP_S:-20}  # a step that would start with less left than this is skipped
 start=$SECONDS
 names=" $* "
-[[ "$names" == *" first "* ]] && names="$names gpu_tests rope_attention rollout_b64 rollout_b1 paged_attention logprob kernel_tests "
+# the headline figures first (each bench checks ours against its reference before it times anything), the lighter
+# way (no torch.compile peer rows: their cold compiles cost a minute each); then the tests with the time left
+first=0
+[[ "$names" == *" first "* ]] && first=1 && names="$names rope_attention rollout_b64 rollout_b1 paged_attention logprob gpu_tests kernel_tests "
 [[ "$names" == *" tests "* ]] && names="$names gpu_tests kernel_tests "
 out=$(mkdir -p "$out" && cd "$out" && pwd)  # absolute: the script changes directory next
 work=${SUITE_WORK_DIR:-$(mktemp -d)}  # the per-step files; OUT_DIR gets only the archive and the summary
@@ -31,11 +34,13 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-$(command -v python3 || command -v python)}  # the device image names its interpreter python3
 "$PY" - <<'EOF_PY' 2>&1 | tee "$work/env.log" "$out/summary.txt"
-import subprocess, torch, triton
+import torch, triton
 name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
 print("device", name, "torch", torch.__version__, "triton", triton.__version__)
-print("commit", subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
 EOF_PY
+# (the device gets a copy of the files, maybe without .git or git: SUITE_COMMIT says which commit it is)
+echo "commit ${SUITE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo "unknown (set SUITE_COMMIT)")}" \
+  | tee -a "$work/env.log" "$out/summary.txt"
 echo "budget ${budget}s; steps: ${*:-all}" | tee -a "$out/summary.txt"
 
 wanted() { [ "$names" = "  " ] || [[ "$names" == *" $1 "* ]]; }
@@ -64,18 +69,21 @@ bench() {  # name, cap, command...: a bench that writes <name>.json
   step "$name" "$cap" "$@" --json "$work/$name.json"
 }
 
-# correctness first. pytest-xdist (in the device image) spreads Triton's compilations over the CPU cores, one GPU
-# serving every worker; pytest-timeout stops a hung test before it eats the call.
+# pytest-xdist (in the device image) spreads Triton's compilations over the CPU cores, one GPU serving every
+# worker; pytest-timeout stops a hung test before it eats the call.
 xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 per_test=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120")
-step gpu_tests 210 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test tests/engine/test_gpu.py
-bench rope_attention 90 "$PY" bench/bench_rope_attention.py                    # issue 4's figures
+light=()  # the `first` group's lighter benches
+[ "$first" = 1 ] && light=(--no-compile)
+bench rope_attention 150 "$PY" bench/bench_rope_attention.py "${light[@]}"      # issue 4's figures
 bench rollout_b64 150 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 \
   --prompt-len 128 --gen-len 256                                                # issue 5's figures (HF dynamic cache)
 bench rollout_b1 100 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 \
   --prompt-len 128 --gen-len 256
-bench paged_attention 60 "$PY" bench/bench_paged_attention.py
-bench logprob 60 "$PY" bench/bench_logprob.py
+bench paged_attention 60 "$PY" bench/bench_paged_attention.py "${light[@]}"
+[ "$first" = 1 ] && light=(--skip-compile)
+bench logprob 60 "$PY" bench/bench_logprob.py "${light[@]}"
+step gpu_tests 210 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test tests/engine/test_gpu.py
 step kernel_tests 300 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test tests/kernels
 bench offload 90 "$PY" bench/bench_offload.py   # PCIe rates, a streamed Adam step, the offload settings' cost
 bench gae 40 "$PY" bench/bench_gae.py

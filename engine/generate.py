@@ -141,6 +141,14 @@ class Generator:
     ):
         if model.head != "lm":
             raise ValueError("the generator needs a model with an 'lm' head")
+        bad = [f"{name} must be >= 1, got {value}" for name, value in (
+            ("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
+            ("block_size", block_size), ("max_model_len", max_model_len), ("kv_cache_bytes", kv_cache_bytes),
+            ("num_blocks", num_blocks)) if value is not None and value < 1]  # fmt: skip
+        if not 0 < kv_cache_fraction <= 1:
+            bad.append(f"kv_cache_fraction must be in (0, 1], got {kv_cache_fraction}")
+        if bad:  # (a 0 would otherwise read as "unset" or fail late)
+            raise ValueError("; ".join(bad))
         self.model = model
         cfg = model.config
         p = next(model.parameters())

@@ -53,8 +53,8 @@ def generate_rollout(
     try:
         with torch.no_grad():
             comps = state.generator.generate_completions(prompts, params, seed_keys=prompt_ids)
-        state.generator.release()
     finally:  # (the weights first: the scoring passes wait for them, the optimizer state only the update does)
+        state.generator.release()  # (first, also after an error: its memory is what the models come back into)
         for name, model, _ in idle:
             onload_weights(model, state.model_copies[name])
         for o in opts:  # back on a side stream, overlapping the scoring passes

@@ -36,6 +36,7 @@ def test_suite_caps_steps_and_packs_logs(tmp_path):
         "SUITE_BUDGET_S": "12",
         "SUITE_MIN_STEP_S": "3",
         "SUITE_WORK_DIR": str(tmp_path / "work"),
+        "SUITE_COMMIT": "abc1234",
     }
     proc = subprocess.run(
         ["bash", os.path.join(ROOT, "bench", "run_gpu_suite.sh"), str(out), "first"],
@@ -44,13 +45,15 @@ def test_suite_caps_steps_and_packs_logs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = (out / "summary.txt").read_text()
     lines = {line.split(":")[0]: line for line in summary.splitlines() if ": " in line}
-    assert lines["gpu_tests"].startswith("gpu_tests: exit 0")
-    assert lines["rope_attention"].startswith("rope_attention: exit 0")
+    assert lines["rope_attention"].startswith("rope_attention: exit 0")  # the headline figures first
     assert "stopped at its" in lines["rollout_b64"], summary  # 60 s of work in what is left of 12 s
-    for name in ("rollout_b1", "paged_attention", "logprob", "kernel_tests"):
+    for name in ("rollout_b1", "paged_attention", "logprob", "gpu_tests", "kernel_tests"):
         assert "skipped" in lines[name], summary
+    assert "commit abc1234" in summary  # (SUITE_COMMIT: the device's copy of the files may have no .git)
     assert "gae" not in lines and "rope_sweep" not in lines  # not in the group
     assert sorted(os.listdir(out)) == ["suite.tgz", "summary.txt"]  # far under the lease's 8 files
     with tarfile.open(out / "suite.tgz") as tar:
         names = {os.path.basename(n) for n in tar.getnames()}
-    assert {"env.log", "gpu_tests.log", "rope_attention.log", "rope_attention.json", "rollout_b64.log"} <= names
+    assert {"env.log", "rope_attention.log", "rope_attention.json", "rollout_b64.log"} <= names
+    log = (tmp_path / "work" / "rope_attention.log").read_text()
+    assert "bench_rope_attention.py --no-compile --json" in log  # the group's lighter run

@@ -1139,3 +1139,21 @@ def test_chat_template_flag_encodes_training_and_evaluation_prompts_with_the_tok
     for have, path in ((st.data.prompts, TINY_PROMPTS), (st.eval_prompts.prompts, TINY_EVAL_PROMPTS)):
         want = load_prompts(path, tok, verbose=False, template="tokenizer").prompts
         assert have == want and want != load_prompts(path, tok, verbose=False).prompts
+
+
+def test_a_failed_rollout_hands_the_kv_cache_back(tmp_path, monkeypatch):
+    """The generator's cache is released also when sampling raises, before any model's weights come back into the
+    memory it held (an out-of-memory error there would hide the first error)."""
+    from engine.rollout import generate_rollout
+
+    st = _state(tmp_path)
+    calls = []
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("sampling failed")
+
+    monkeypatch.setattr(st.generator, "generate_completions", boom)
+    monkeypatch.setattr(st.generator, "release", lambda: calls.append("release"))
+    with pytest.raises(RuntimeError, match="sampling failed"):
+        generate_rollout(st, [[1, 5, 9]], [0])
+    assert calls == ["release"]
