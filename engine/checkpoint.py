@@ -77,6 +77,8 @@ def weights_fingerprint(path: str, rows: int = 4) -> str:
     h = hashlib.sha256()
     shape = dataclasses.asdict(ModelConfig.from_hf(path))
     shape.pop("dtype")
+    if shape.get("rope_scaling") is None:  # (a field added later: plain rotary hashes as it always did)
+        shape.pop("rope_scaling", None)
     h.update(json.dumps(shape, sort_keys=True).encode())
     files, tensors = checkpoint_files(path), {}
     for fn in sorted(set(files.values())):

@@ -46,7 +46,8 @@ class ModelConfig:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for the rotary embedding")
-        self.rope_scaling = self.rope.to_hf()  # checked, and in one spelling
+        rope = self.rope  # checked, and in one spelling (a theta given inside rope_scaling is the theta)
+        self.rope_theta, self.rope_scaling = rope.theta, rope.to_hf()
 
     @property
     def rope(self) -> Rope:

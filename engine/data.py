@@ -15,6 +15,9 @@ ever computed) and says which hidden state predicts which response token.
 
 from __future__ import annotations
 
+import array
+import functools
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -96,6 +99,11 @@ class PromptBatches:
         self.batch += 1
         return idx, [self.prompts[i] for i in idx]
 
+    @functools.cached_property
+    def digest(self) -> str:
+        """prompts_digest of this set (its prompts do not change)."""
+        return prompts_digest(self.prompts)
+
     def state_dict(self) -> dict:
         return {
             "epoch": self.epoch,
@@ -103,13 +111,27 @@ class PromptBatches:
             "seed": self.seed,
             "num_prompts": len(self.prompts),
             "batch_size": self.batch_size,
+            "prompts_digest": self.digest,
         }
 
     def load_state_dict(self, state: dict) -> None:
         for key, mine in (("seed", self.seed), ("num_prompts", len(self.prompts)), ("batch_size", self.batch_size)):
             if state[key] != mine:
                 raise ValueError(f"cannot resume the prompt order: saved {key} {state[key]}, now {mine}")
+        if state.get("prompts_digest", self.digest) != self.digest:  # (older checkpoints have none)
+            raise ValueError(
+                "cannot resume: the prompts are other tokens than the checkpoint's run trained on (another --prompts "
+                "file, tokenizer, --chat-template or --max-prompt-len); resume with the same ones"
+            )
         self.epoch, self.batch = state["epoch"], state["batch"]
+
+
+def prompts_digest(prompts: list[list[int]]) -> str:
+    """A short hash of a prompt set's token ids, in order."""
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update(array.array("q", [len(p), *p]).tobytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass

@@ -260,6 +260,14 @@ def load_prompts(
         kept_msgs.append(msgs)
     if verbose:
         print(f"prompts: {len(kept)} kept, {dropped} dropped as longer than {max_prompt_len} tokens ({path})")
+        bos = tokenizer.bos_token_id
+        adds_bos = bos is not None and tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [bos]
+        if template == "tokenizer" and adds_bos and kept and kept[0][:1] != [bos]:
+            print(
+                f"warning: the tokenizer's chat template starts a prompt without its BOS ({tokenizer.bos_token}), "
+                "which the tokenizer adds to plain text: a model trained with BOS first may want it (the template "
+                "decides, as in transformers' apply_chat_template; --chat-template tulu adds it)"
+            )
     if not kept:
         raise ValueError(f"every prompt in {path} is longer than {max_prompt_len} tokens")
     return PromptSet(kept, kept_msgs, dropped, [len(p) for p in kept])

@@ -394,10 +394,11 @@ def read_back_kv(
     tokens with slot -1 as they are. Prefill attends to these, so that it sees what later decode steps read."""
     keep = (slot_mapping >= 0)[:, None, None]
     slots = slot_mapping.clamp(min=0).to(torch.int64)
+    # straight through for autograd (the rounding passes the gradient on, as the kernel path's backward does)
     # (gathered as bytes: indexing has no float8 kernel on every device)
     k_back = _flat_cache(k_cache).view(torch.uint8)[slots].view(k_cache.dtype).to(k.dtype)
     v_back = _flat_cache(v_cache).view(torch.uint8)[slots].view(v_cache.dtype).to(v.dtype)
-    return torch.where(keep, k_back, k), torch.where(keep, v_back, v)
+    return k + (torch.where(keep, k_back, k) - k).detach(), v + (torch.where(keep, v_back, v) - v).detach()
 
 
 def write_kv_cache(

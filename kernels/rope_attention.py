@@ -275,6 +275,8 @@ class _RopeAttention(torch.autograd.Function):
             q, k, v, positions, cu_seqlens, rope_theta, softmax_scale, kv_cache, slot_mapping, save_rotated=save
         )
         if save:
+            if kv_cache is not None and kv_cache[0].dtype != q.dtype:  # (the V the forward attended to: read back)
+                v = reference.read_back_kv(k_rot, v, *kv_cache, slot_mapping.to(q.device))[1]
             ctx.save_for_backward(q_rot, k_rot, v, out, lse, positions, cu_seqlens)
         ctx.rope_theta = rope_theta
         ctx.softmax_scale = softmax_scale

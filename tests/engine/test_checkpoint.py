@@ -205,3 +205,17 @@ def test_fsync_dir_ignores_only_a_file_system_that_cannot_sync_directories(tmp_p
     monkeypatch.setattr(checkpoint.os, "fsync", failing(errno.EIO))
     with pytest.raises(OSError, match="Input/output error"):
         checkpoint.fsync_dir(str(tmp_path))
+
+
+def test_weights_fingerprint_is_stable_across_versions(tmp_path):
+    """The fingerprint a checkpoint's run recorded must come out the same from later code, or --resume refuses the
+    very models it ran with: pinned for fixed weights (the value the code of the first runs gave; a config field
+    added since, rope_scaling, is left out of it while unset)."""
+    from engine.checkpoint import weights_fingerprint
+
+    model = Transformer(ModelConfig.named("tiny"))
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.copy_((torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape) % 97 - 48) / (100 + i))
+    save_pretrained(model, tmp_path / "ckpt")
+    assert weights_fingerprint(str(tmp_path / "ckpt")) == "2c022413dbc4d1b8"

@@ -80,3 +80,18 @@ def test_to_padded_round_trips():
     assert padded.tolist() == [[0, 1, 0], [2, 0, 0], [3, 4, 5]]
     assert mask.tolist() == [[True, True, False], [True, False, False], [True, True, True]]
     assert torch.equal(padded[idx], flat)
+
+
+def test_resume_refuses_prompts_that_encode_otherwise():
+    """The same number of prompts, other tokens (another template, tokenizer or file): a resume would train on
+    other prompts than the checkpoint's run dealt, so it is refused by name; the same prompts resume."""
+    from engine.data import PromptBatches
+
+    prompts = [[1, 5, 9], [1, 7], [1, 4, 4, 2]] * 4
+    saved = PromptBatches(prompts, 4, seed=3).state_dict()
+    PromptBatches([list(p) for p in prompts], 4, seed=3).load_state_dict(saved)
+    other = [p[:-1] + [p[-1] + 1] for p in prompts]
+    with pytest.raises(ValueError, match="the prompts are other tokens than the checkpoint's run trained on"):
+        PromptBatches(other, 4, seed=3).load_state_dict(saved)
+    del saved["prompts_digest"]  # (a checkpoint from before the digest: not checked)
+    PromptBatches(other, 4, seed=3).load_state_dict(saved)

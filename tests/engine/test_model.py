@@ -243,3 +243,12 @@ def test_forward_flops_are_what_the_forward_multiplies(head, tied):
     with torch.no_grad(), reference_ops(), FlopCounterMode(display=False) as counter:
         model.head_packed(model.hidden_packed(ids, pos, cu)[rows])
     assert counter.get_total_flops() == forward_flops(cfg, sum(lengths), sum_sq, head, len(rows)) + attention
+
+
+def test_rope_config_in_one_spelling():
+    """A theta given inside rope_scaling is the model's theta (not silently 10000), and the scaling is stored as
+    config.json's rope_scaling (without the theta); an unknown type is refused when the config is made."""
+    cfg = ModelConfig(rope_scaling={"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0})
+    assert (cfg.rope_theta, cfg.rope_scaling, cfg.rope.theta) == (500000.0, {"rope_type": "linear", "factor": 2.0}, 5e5)
+    with pytest.raises(ValueError, match="rope scaling 'yarn' is not supported"):
+        ModelConfig(rope_scaling={"rope_type": "yarn", "factor": 4.0})

@@ -268,3 +268,15 @@ def test_setup_refuses_a_reward_model_with_another_tokenizer(tmp_path):
              "--prompts", TINY_PROMPTS, "--max-iterations", "1"]  # fmt: skip
     with pytest.raises(ValueError, match="reward model's tokenizer"):
         main(flags)
+
+
+def test_a_template_without_bos_is_warned_about(tmp_path, capsys):
+    shutil.copytree(TINY_DIR, tmp_path / "tok")
+    (tmp_path / "tok" / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ '<|user|>\\n' + m['content'] + '\\n' }}{% endfor %}{{ '<|assistant|>\\n' }}"
+    )
+    other = load_tokenizer(tmp_path / "tok")
+    load_prompts(TINY_PROMPTS, other, template="tokenizer")
+    assert "chat template starts a prompt without its BOS (<s>)" in capsys.readouterr().out
+    load_prompts(TINY_PROMPTS, load_tokenizer(), template="tokenizer")  # (the shipped one places it)
+    assert "warning" not in capsys.readouterr().out

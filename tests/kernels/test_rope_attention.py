@@ -1,5 +1,6 @@
 """kernels.rope_attention against kernels/reference.py in float64 (Triton interpreter on CPU)."""
 
+import contextlib
 import math
 
 import pytest
@@ -261,3 +262,47 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="k_cache and v_cache must be"):
         bad = torch.zeros(2, 4, 3, 64)
         rope_attention(q, k, v, positions, cu, kv_cache=(bad, bad), slot_mapping=torch.zeros(8, dtype=torch.long))
+
+
+def test_fp32_autotune_keeps_the_two_smallest_tiles():
+    """fp32 operands: autotune compiles only the two smallest inner tiles (a 128-wide forward tile needs 256 KB of
+    shared memory at D=128, more than a Hopper block has); bf16 keeps every config."""
+    import triton.language as tl
+
+    from kernels.attention_tiles import _BWD_SHAPES, _FWD_SHAPES, _configs, _prune_fp32
+
+    def kept(shapes, dtype):
+        return [
+            (*c.kwargs.values(), c.num_warps, c.num_stages)
+            for c in _prune_fp32(_configs("B", shapes), {}, DOT_DTYPE=dtype)
+        ]
+
+    assert kept(_FWD_SHAPES, tl.float32) == [(32, 8, 3), (64, 8, 2)]
+    assert kept(_BWD_SHAPES, tl.float32) == [(16, 8, 2), (16, 8, 3)]
+    assert len(kept(_FWD_SHAPES, tl.bfloat16)) == len(_FWD_SHAPES)
+
+
+@pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="no float8 in this torch")
+def test_fp8_cache_prefill_reads_back_and_passes_gradients_through():
+    """With a float8 cache the prefill attends to the K/V the cache holds (what decode reads), on both paths, and the
+    gradients pass through the rounding alike (a slot -1 token: its exact K/V)."""
+    n, hq, hkv, d = 12, 4, 2, 64
+    cu, positions = _pack([5, 7])
+    q, k, v = _inputs(n, hq, hkv, d, torch.float32)
+    do = torch.randn(n, hq, d)
+    slots = torch.arange(n)
+    slots[3] = -1
+    results = []
+    for ref in (False, True):
+        kc = torch.zeros(4, 4, hkv, d, dtype=torch.float8_e4m3fn)
+        vc = torch.zeros_like(kc)
+        qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+        with dispatch.reference_ops() if ref else contextlib.nullcontext():
+            out = rope_attention(qg, kg, vg, positions, cu, kv_cache=(kc, vc), slot_mapping=slots)
+        out.backward(do)
+        results.append((out.detach(), qg.grad, kg.grad, vg.grad))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    assert results[1][2][:3].abs().sum() > 0  # cached tokens' dk is not cut off by the read-back
+    exact = reference.rope_attention(q, k, v, positions, cu)
+    assert not torch.allclose(results[1][0], exact, atol=1e-3)  # (it does attend to float8-rounded K/V)
