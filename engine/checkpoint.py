@@ -69,6 +69,20 @@ def hf_tensor_specs(model: Transformer, prefix: str = "model.") -> dict[str, Ten
     return specs
 
 
+GENERATION_CONFIG = "generation_config.json"
+
+
+def generation_eos_ids(path: str | os.PathLike | None) -> list[int]:
+    """The EOS ids of a checkpoint directory's generation_config.json (an id or a list; none without the file): where
+    transformers' generate stops, which can name more than config.json does (Llama 3 Instruct's <|eot_id|>)."""
+    fn = os.path.join(os.fspath(path), GENERATION_CONFIG) if path is not None else ""
+    if not os.path.isfile(fn):
+        return []
+    with open(fn) as f:
+        eos = json.load(f).get("eos_token_id")
+    return [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+
+
 def weights_fingerprint(path: str, rows: int = 4) -> str:
     """A short hash telling two checkpoints' weights apart without reading them whole: the model's shape (config.json
     parsed: not its transformers version or stored dtype) and, per tensor, its name, shape and first `rows` rows as
@@ -258,6 +272,7 @@ def save_pretrained(
     max_shard_bytes: int = 5 * 1024**3,
     dtype: torch.dtype | None = None,
     tokenizer_dir: str | os.PathLike | None = None,
+    source_dir: str | os.PathLike | None = None,
 ) -> None:
     """Write `model` as an HF checkpoint directory at `path`, atomically (temp dir + rename).
 
@@ -266,7 +281,8 @@ def save_pretrained(
     gathered), so a large model is written in parallel with one file's worth of host memory per rank; global
     rank 0 then writes the index and config.json and renames the directory into place. `path` must be on a
     file system every rank sees (as the trainer's output directory is).
-    dtype: the stored dtype (default: the model's). tokenizer_dir: tokenizer files to copy alongside.
+    dtype: the stored dtype (default: the model's). tokenizer_dir: tokenizer files to copy alongside. source_dir: the
+    checkpoint the model started from, whose generation_config.json (its EOS ids, its sampling defaults) is copied.
     """
     path = os.fspath(path).rstrip("/")
     specs = hf_tensor_specs(model)
@@ -305,7 +321,9 @@ def save_pretrained(
         raise_together(failed, "save_pretrained")
         if rank == 0:
             try:
-                _finish_checkpoint_dir(model, tmp, path, plan, names, specs, elt, store_dtype, tokenizer_dir)
+                _finish_checkpoint_dir(
+                    model, tmp, path, plan, names, specs, elt, store_dtype, tokenizer_dir, source_dir
+                )
             except BaseException as e:
                 failed = e
         raise_together(failed, "save_pretrained")
@@ -318,8 +336,9 @@ def save_pretrained(
             dist.barrier()
 
 
-def _finish_checkpoint_dir(model, tmp, path, plan, names, specs, elt, store_dtype, tokenizer_dir) -> None:
-    """Rank 0, once every file is written: the index, config.json, the tokenizer files, fsync, rename."""
+def _finish_checkpoint_dir(model, tmp, path, plan, names, specs, elt, store_dtype, tokenizer_dir, source_dir) -> None:
+    """Rank 0, once every file is written: the index, config.json, the tokenizer files, the source's
+    generation_config.json, fsync, rename."""
     if len(plan) > 1:
         weight_map = {name: names[k] for k, shard in enumerate(plan) for name in shard}
         total = elt * sum(torch.Size(spec.shape).numel() for spec in specs.values())
@@ -331,6 +350,8 @@ def _finish_checkpoint_dir(model, tmp, path, plan, names, specs, elt, store_dtyp
         for fn in os.listdir(tokenizer_dir):
             if fn.startswith(("tokenizer", "special_tokens_map", "chat_template", "added_tokens")):
                 shutil.copy2(os.path.join(tokenizer_dir, fn), os.path.join(tmp, fn))
+    if source_dir is not None and os.path.isfile(os.path.join(source_dir, GENERATION_CONFIG)):
+        shutil.copy2(os.path.join(source_dir, GENERATION_CONFIG), os.path.join(tmp, GENERATION_CONFIG))
     for fn in os.listdir(tmp):
         _fsync(os.path.join(tmp, fn))
     fsync_dir(tmp)  # (its entries: the files' names)

@@ -81,7 +81,8 @@ def save_checkpoint(state: TrainState) -> str:
     except OSError as e:
         error = e
     raise_together(error, "saving a checkpoint")  # (a disk error on one rank stops every rank, none waits)
-    save_pretrained(state.policy, os.path.join(path, "policy"), tokenizer_dir=state.tokenizer_dir)
+    policy_dir = os.path.join(path, "policy")
+    save_pretrained(state.policy, policy_dir, tokenizer_dir=state.tokenizer_dir, source_dir=state.run.policy)
     save_pretrained(state.value, os.path.join(path, "value"))
     sd = trainer_state_dict(state)
     try:

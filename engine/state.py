@@ -228,7 +228,14 @@ def setup(
         load(run.reward, "score"),
     )
     state = make_state(
-        cfg, run, grid, models, prompt_set.prompts, response_stop_ids(tokenizer), tokenizer_dir, generator_factory=None
+        cfg,
+        run,
+        grid,
+        models,
+        prompt_set.prompts,
+        response_stop_ids(tokenizer, run.policy),
+        tokenizer_dir,
+        generator_factory=None,
     )
     state.tokenizer, state.eval_prompts, state.model_fingerprints = tokenizer, eval_set, fingerprints
     if ckpt:
@@ -430,7 +437,7 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     policy, ref, reward = load(run.policy, "lm"), load(run.reference or run.policy, "lm"), load(run.reward, "score")
     for m in (policy, ref, reward):
         m.requires_grad_(False)
-    stops = response_stop_ids(tokenizer)
+    stops = response_stop_ids(tokenizer, run.policy)
     state = TrainState(cfg, run, grid, device, policy, ref, None, reward, None, None, None, None, stops, tokenizer_dir,
                        0, 0)  # fmt: skip
     state.tokenizer, state.eval_prompts = tokenizer, eval_set

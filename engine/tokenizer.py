@@ -35,6 +35,9 @@ ROLES = ("system", "user", "assistant")
 # tokenizer's own chat_template, e.g. Llama 3.1 Instruct's, rendered with the generation prompt and tokenised as
 # it is: the template places BOS and every special token, as transformers' apply_chat_template does)
 CHAT_TEMPLATES = ("tulu", "tokenizer")
+# The date a template that prints one sees (Llama 3.x's "Today Date:"; the fallback their own templates use): today's
+# would make the same prompt file other tokens on another day, and a resume or an --eval-only a day later differ
+TEMPLATE_DATE = "26 Jul 2024"
 
 
 def load_tokenizer(path: str | os.PathLike = TINY_DIR):
@@ -60,9 +63,13 @@ def load_tokenizer(path: str | os.PathLike = TINY_DIR):
         ) from e
 
 
-def response_stop_ids(tokenizer) -> list[int]:
-    """The token ids that end a response: the tokenizer's EOS (none if it has no EOS)."""
-    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+def response_stop_ids(tokenizer, policy_dir: str | os.PathLike | None = None) -> list[int]:
+    """The token ids that end a response: the tokenizer's EOS and those of the policy checkpoint's
+    generation_config.json (where transformers' generate stops; the generator adds config.json's own)."""
+    from engine.checkpoint import generation_eos_ids
+
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return ids + [i for i in generation_eos_ids(policy_dir) if i not in ids]
 
 
 PROBE = [{"role": "user", "content": "Résumé of 12 tests:\n\tWhy?  ü  — 東京 🙂 def f(x): return x**2"}]
@@ -156,7 +163,9 @@ def encode_chat(tokenizer, messages: list[dict], template: str = "tulu") -> list
     for m in messages:
         if m.get("role") not in ROLES:
             raise ValueError(f"unknown chat role {m.get('role')!r} (expected one of {', '.join(ROLES)})")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, date_string=TEMPLATE_DATE
+    )
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -196,8 +205,9 @@ def prompt_messages(obj: dict, where: str) -> list[dict]:
     return msgs[: last_user + 1]
 
 
-def read_prompt_file(path: str | os.PathLike) -> list[list[dict]]:
-    """Conversations (each a list of messages ending with a user turn) from a JSONL prompt file."""
+def read_prompt_file(path: str | os.PathLike, lines: list[int] | None = None) -> list[list[dict]]:
+    """Conversations (each a list of messages ending with a user turn) from a JSONL prompt file; `lines`, when given,
+    gets each one's line number."""
     path = os.fspath(path)
     convs = []
     with open(path, encoding="utf-8") as f:
@@ -210,6 +220,8 @@ def read_prompt_file(path: str | os.PathLike) -> list[list[dict]]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
             convs.append(prompt_messages(obj, where))
+            if lines is not None:
+                lines.append(lineno)
     if not convs:
         raise ValueError(f"prompt file {path} is empty")
     return convs
@@ -249,10 +261,14 @@ def load_prompts(
     """Tokenise a prompt file with the chat template (CHAT_TEMPLATES), dropping (not truncating) prompts over the
     limit."""
     check_chat_template(tokenizer, template)
-    convs = read_prompt_file(path)
+    lines: list[int] = []
+    convs = read_prompt_file(path, lines)
     kept, kept_msgs, dropped = [], [], 0
-    for msgs in convs:
-        ids = encode_chat(tokenizer, msgs, template)
+    for msgs, lineno in zip(convs, lines):
+        try:
+            ids = encode_chat(tokenizer, msgs, template)
+        except Exception as e:  # (a template's own raise_exception, a role it does not know: which prompt it was)
+            raise ValueError(f"{os.fspath(path)}:{lineno}: the chat template failed on this prompt: {e}") from e
         if len(ids) > max_prompt_len:
             dropped += 1
             continue

@@ -280,3 +280,42 @@ def test_a_template_without_bos_is_warned_about(tmp_path, capsys):
     assert "chat template starts a prompt without its BOS (<s>)" in capsys.readouterr().out
     load_prompts(TINY_PROMPTS, load_tokenizer(), template="tokenizer")  # (the shipped one places it)
     assert "warning" not in capsys.readouterr().out
+
+
+def test_template_dates_are_fixed_and_template_errors_name_the_prompt(tmp_path):
+    """A template that prints today's date (Llama 3.x's) gets a fixed one: the same file is the same tokens on any
+    day (a resume or --eval-only a day later). A template's own error names the file and line of the prompt."""
+    from engine.tokenizer import TEMPLATE_DATE
+
+    shutil.copytree(TINY_DIR, tmp_path / "tok")
+    (tmp_path / "tok" / "chat_template.jinja").write_text(
+        "{{ bos_token }}{% if not date_string is defined %}{% set date_string = strftime_now('%d %b %Y') %}{% endif %}"
+        "Today Date: {{ date_string }}\n{% for m in messages %}"
+        "{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    other = load_tokenizer(tmp_path / "tok")
+    ids = encode_chat(other, [{"role": "user", "content": "hi"}], "tokenizer")
+    assert other.decode(ids) == f"<s>Today Date: {TEMPLATE_DATE}\nhi"
+    p = tmp_path / "p.jsonl"
+    rows = [
+        {"prompt": "one"},
+        {"prompt": "two"},
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]},
+    ]
+    p.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + json.dumps(rows[2]) + "\n")
+    with pytest.raises(ValueError, match=r"p.jsonl:4: the chat template failed on this prompt: System role not"):
+        load_prompts(p, other, template="tokenizer")
+
+
+def test_generation_config_eos_ids_end_responses(tmp_path):
+    """generation_config.json's EOS ids (Llama 3 Instruct's <|eot_id|> beside config.json's <|end_of_text|>) end a
+    response as transformers' generate stops there; without the file, the tokenizer's EOS alone."""
+    from engine.tokenizer import response_stop_ids
+
+    tok = load_tokenizer()
+    assert response_stop_ids(tok, tmp_path) == [2]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7], "temperature": 0.6}))
+    assert response_stop_ids(tok, tmp_path) == [2, 7]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 9}))
+    assert response_stop_ids(tok, tmp_path) == [2, 9]

@@ -1157,3 +1157,18 @@ def test_a_failed_rollout_hands_the_kv_cache_back(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="sampling failed"):
         generate_rollout(st, [[1, 5, 9]], [0])
     assert calls == ["release"]
+
+
+def test_the_policys_generation_config_stops_rollouts_and_is_saved(tmp_path):
+    from engine.tokenizer import TINY_PROMPTS
+    from engine.train_ppo import build_tiny_models
+
+    policy, reward = build_tiny_models(str(tmp_path / "tiny"))
+    with open(os.path.join(policy, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": [2, 7], "top_p": 0.9}, f)
+    flags = ("--policy", policy, "--reward", reward, "--prompts", TINY_PROMPTS, "--max-iterations", "1")
+    cfg, run, _ = parse_args(["--output-dir", str(tmp_path / "out"), *SMALL, *flags])
+    assert state_mod.setup(cfg, run, generator_factory=state_mod.make_generator).stop_ids == [2, 7]
+    _run(tmp_path / "run", *flags)
+    with open(tmp_path / "run" / "checkpoint-000001" / "policy" / "generation_config.json") as f:
+        assert json.load(f) == {"eos_token_id": [2, 7], "top_p": 0.9}
