@@ -22,6 +22,8 @@ fp32 numbers per element, log2(BLOCK_T) combine levels instead of T serial steps
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import triton
@@ -124,8 +126,8 @@ def _check_gae_inputs(rewards: torch.Tensor, values: torch.Tensor, mask: torch.T
     if mask.dtype.is_complex:
         raise ValueError(f"gae: mask must be bool, integer or float, got {mask.dtype}")
     for name, x in (("gamma", gamma), ("lam", lam)):
-        if not isinstance(x, (int, float)) or x != x:
-            raise ValueError(f"gae: {name} must be a real number, got {x!r}")
+        if not isinstance(x, (int, float)) or not math.isfinite(x):
+            raise ValueError(f"gae: {name} must be a finite real number, got {x!r}")
 
 
 def _block_sizes(n_rows: int, n_steps: int) -> tuple[int, int, int]:

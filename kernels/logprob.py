@@ -30,6 +30,8 @@ of its own slice (no collective), and the grad of `hidden` is all-reduced (hidde
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -482,8 +484,8 @@ class _FusedHiddenLoss(torch.autograd.Function):
 
 
 def _check_temperature(temperature: float) -> None:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be > 0 and finite, got {temperature}")
 
 
 def token_logprobs(
@@ -650,13 +652,14 @@ def ppo_token_loss(
         )  # fmt: skip
     m = mask.to(torch.float32)
     denom = m.sum().clamp_min(1.0)
-    old, adv = old_logprobs.float(), advantages.float()
-    ref = ref_logprobs.float() if ref_logprobs is not None else None
+    keep = mask.bool()  # (off the mask: whatever old, advantages and ref hold there, NaN or a huge value, is not read)
+    old, adv = torch.where(keep, old_logprobs.float(), 0.0), torch.where(keep, advantages.float(), 0.0)
+    ref = torch.where(keep, ref_logprobs.float(), 0.0) if ref_logprobs is not None else None
     terms = (clip_eps, kl_coef, kl_estimator, entropy_coef)
     if logits is not None:
         logp, ent = token_logprobs(logits, targets, temperature, return_entropy=True, group=group)
         per_tok = _ppo_per_token(logp, ent, old, adv, ref, *terms)[0]
-        loss = (per_tok * m).sum() / denom
+        loss = torch.where(keep, per_tok * m, 0.0).sum() / denom
     else:
         _check_hidden(hidden, weight, targets)
         _check_temperature(temperature)
@@ -668,13 +671,13 @@ def ppo_token_loss(
         def token_loss(lp, en, r0, r1):  # this chunk's share of the masked mean
             r_c = ref[r0:r1] if ref is not None else None
             per = _ppo_per_token(lp, en, old[r0:r1], adv[r0:r1], r_c, *terms)[0]
-            return (per * m[r0:r1]).sum() / denom
+            return torch.where(keep[r0:r1], per * m[r0:r1], 0.0).sum() / denom
 
         t = targets.to(torch.int64).contiguous()
         loss, logp, ent = _FusedHiddenLoss.apply(hidden, weight, t, float(temperature), group, rows, token_loss)
     with torch.no_grad():
         _, ratio, pg1, pg2, kl = _ppo_per_token(logp.detach(), ent.detach(), old, adv, ref, *terms)
-        mean = lambda x: (x * m).sum() / denom
+        mean = lambda x: torch.where(keep, x * m, 0.0).sum() / denom
         stats = {
             "ratio": mean(ratio),
             "clip_frac": mean((pg2 > pg1).float()),

@@ -347,6 +347,8 @@ def paged_decode_attention(
     _, block_size, hkv, dk = k_cache.shape
     if dk != d:
         raise ValueError(f"q head dim {d} != cache head dim {dk}")
+    if hq < 1 or hkv < 1:
+        raise ValueError(f"q and the caches need at least one head, got {hq} query and {hkv} key/value heads")
     if hq % hkv:
         raise ValueError(f"query heads {hq} are not a multiple of key/value heads {hkv}")
     if k_cache.dtype not in (q.dtype, torch.float8_e4m3fn):

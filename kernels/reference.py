@@ -553,19 +553,20 @@ def ppo_token_loss(
     ct = logp.dtype
     m = mask.to(ct)
     denom = m.sum().clamp_min(1.0)
-    old = old_logprobs.to(ct)
-    adv = advantages.to(ct)
+    keep = mask.bool()  # (off the mask: whatever old, advantages and ref hold there, NaN or a huge value, is not read)
+    old = torch.where(keep, old_logprobs.to(ct), 0.0)
+    adv = torch.where(keep, advantages.to(ct), 0.0)
     ratio = torch.exp(logp - old)
     pg1 = -adv * ratio
     pg2 = -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
     per_tok = torch.maximum(pg1, pg2) - entropy_coef * ent
     kl_ref = None
     if ref_logprobs is not None:
-        kl_ref = kl_estimate(logp, ref_logprobs.to(ct), kl_estimator)
+        kl_ref = kl_estimate(logp, torch.where(keep, ref_logprobs.to(ct), 0.0), kl_estimator)
         per_tok = per_tok + kl_coef * kl_ref
-    loss = (per_tok * m).sum() / denom
+    loss = torch.where(keep, per_tok * m, 0.0).sum() / denom
     with torch.no_grad():
-        mean = lambda x: (x * m).sum() / denom
+        mean = lambda x: torch.where(keep, x * m, 0.0).sum() / denom
         stats = {
             "ratio": mean(ratio),
             "clip_frac": mean((pg2 > pg1).to(ct)),

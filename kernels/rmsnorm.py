@@ -182,20 +182,28 @@ def add_rms_norm(
     one pass each way; differentiable in x, delta and weight."""
     if x.shape != delta.shape or x.dtype != delta.dtype:
         raise ValueError(f"x {x.dtype} {tuple(x.shape)} and delta {delta.dtype} {tuple(delta.shape)} must match")
-    if x.shape[-1] != weight.shape[0] or weight.dim() != 1:
-        raise ValueError(f"weight must be [H={x.shape[-1]}], got {tuple(weight.shape)}")
-    if not use_triton(x) or x.shape[-1] > _MAX_HIDDEN:
+    _check_norm_args(x, weight)
+    if not use_triton(x) or x.shape[-1] > _MAX_HIDDEN or x.dtype not in _KERNEL_DTYPES:
         return reference.add_rms_norm(x, delta, weight, eps)
     if weight.dtype != x.dtype:
         raise ValueError(f"x ({x.dtype}) and weight ({weight.dtype}) must share a dtype")
     return _AddRMSNorm.apply(x, delta, weight, eps)
 
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # (float64 goes to the reference, in float64)
+
+
+def _check_norm_args(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.dim() < 1 or not x.dtype.is_floating_point:
+        raise ValueError(f"x must be a floating-point [..., H] tensor, got {x.dtype} of shape {tuple(x.shape)}")
+    if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"weight must be [H={x.shape[-1]}], got {tuple(weight.shape)}")
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """HF LlamaRMSNorm: x [..., H] (fp32/bf16/fp16), weight [H] -> [..., H] in x's dtype; differentiable in both."""
-    if x.shape[-1] != weight.shape[0] or weight.dim() != 1:
-        raise ValueError(f"weight must be [H={x.shape[-1]}], got {tuple(weight.shape)}")
-    if not use_triton(x) or x.shape[-1] > _MAX_HIDDEN:
+    _check_norm_args(x, weight)
+    if not use_triton(x) or x.shape[-1] > _MAX_HIDDEN or x.dtype not in _KERNEL_DTYPES:
         return reference.rms_norm(x, weight, eps)
     if weight.dtype != x.dtype:
         raise ValueError(f"x ({x.dtype}) and weight ({weight.dtype}) must share a dtype")

@@ -19,6 +19,8 @@ row streams its logits once, computes the noise in registers and keeps a running
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -80,7 +82,8 @@ def _gumbel_sample_kernel(
         best_idx = tl.where(better, blk_idx, best_idx)
         best = tl.where(better, blk_best, best)
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.where(ok, tl.exp(x - m_new), 0.0), axis=0)
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # (every logit so far -inf: exp(-inf - -inf) is NaN)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.where(ok, tl.exp(x - m_safe), 0.0), axis=0)
         m = m_new
     tl.store(TOKENS + row, best_idx.to(tl.int64) + vocab_offset)
     if PARTIAL:
@@ -128,8 +131,12 @@ def _check(logits, seeds, counters, temperature) -> None:
             f"logits must be [B, V] with seeds and counters [B]; got {tuple(logits.shape)}, "
             f"{tuple(seeds.shape)}, {tuple(counters.shape)}"
         )
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be >= 0 and finite, got {temperature}")
+    if logits.shape[1] == 0:
+        raise ValueError("logits have an empty vocabulary dimension")
+    if seeds.is_floating_point() or counters.is_floating_point():
+        raise ValueError(f"seeds and counters must be integer tensors, got {seeds.dtype} and {counters.dtype}")
 
 
 def _launch(logits, seeds, counters, temperature, vocab_offset, *, partial):

@@ -92,8 +92,12 @@ class _SwiGLU(torch.autograd.Function):
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up [..., 2I] = [gate | up] (fp32/bf16/fp16) -> [..., I]; differentiable."""
+    if gate_up.dim() < 1 or not gate_up.dtype.is_floating_point:
+        raise ValueError(
+            f"gate_up must be a floating-point [..., 2I] tensor, got {gate_up.dtype} {tuple(gate_up.shape)}"
+        )
     if gate_up.shape[-1] % 2:
         raise ValueError(f"gate_up's last dim must be even ([gate | up]), got {gate_up.shape[-1]}")
-    if not use_triton(gate_up):
+    if not use_triton(gate_up) or gate_up.dtype == torch.float64:  # (float64: the reference, in float64)
         return reference.swiglu(gate_up)
     return _SwiGLU.apply(gate_up)

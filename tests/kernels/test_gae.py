@@ -194,7 +194,9 @@ def test_gae_bad_input():
         gae(r, r, torch.ones(5, 2))
     with pytest.raises(ValueError, match="rewards must be floating point"):
         gae(torch.ones(2, 5, dtype=torch.int64), r, torch.ones(2, 5))
-    with pytest.raises(ValueError, match="gamma must be a real number"):
+    with pytest.raises(ValueError, match="lam must be a finite real number, got inf"):
+        gae(torch.zeros(1, 3), torch.zeros(1, 3), torch.ones(1, 3), 1.0, float("inf"))
+    with pytest.raises(ValueError, match="gamma must be a finite real number"):
         gae(r, r, torch.ones(2, 5), gamma=float("nan"))
     with pytest.raises(ValueError, match="out advantages must be fp32"):
         gae_forward(r, r, torch.ones(2, 5), out=(torch.empty(2, 5, dtype=torch.float64), torch.empty(2, 5)))

@@ -1,5 +1,6 @@
 """kernels/logprob.py in Triton's interpreter against kernels/reference.py computed in float64."""
 
+import contextlib
 import math
 
 import pytest
@@ -157,6 +158,8 @@ def test_targets_out_of_range_are_named():
 
 def test_errors_name_the_problem():
     logits = torch.randn(4, 10)
+    with pytest.raises(ValueError, match="temperature must be > 0 and finite, got inf"):
+        L.token_logprobs(logits, torch.zeros(4, dtype=torch.long), math.inf)
     with pytest.raises(ValueError, match="targets shape"):
         L.token_logprobs(logits, torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="int64"):
@@ -295,6 +298,41 @@ def test_ppo_token_loss_empty_mask_is_zero(small_block):
     (g,) = torch.autograd.grad(loss, logits)
     assert float(loss.detach()) == 0.0 and torch.all(g == 0)
     assert all(torch.isfinite(s) for s in stats.values())
+
+
+@pytest.mark.parametrize("path", ["logits", "hidden", "reference"])
+def test_ppo_token_loss_ignores_what_lies_off_the_mask(small_block, path):
+    """Padding may hold anything in old log-probs, advantages and reference log-probs (NaN, -200 whose ratio
+    overflows to inf): the loss, its gradients and the stats are those of the masked tokens alone."""
+    gen = torch.Generator().manual_seed(3)
+    n, h, v = 8, 16, 40
+    hidden = torch.randn(n, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) / 4
+    targets = torch.randint(0, v, (n,), generator=gen)
+    mask = torch.tensor([1, 1, 1, 0, 1, 1, 0, 0], dtype=torch.bool)
+    clean = [torch.randn(n, generator=gen) - 2, torch.randn(n, generator=gen), torch.randn(n, generator=gen) - 2]
+    dirty = [x.clone() for x in clean]
+    dirty[0][3], dirty[0][6], dirty[0][7] = -200.0, float("nan"), float("inf")
+    dirty[1][3], dirty[1][6] = 0.0, float("nan")
+    dirty[2][6], dirty[2][7] = float("nan"), -float("inf")
+    results = []
+    for old, adv, ref in (clean, dirty):
+        hd, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        kw = dict(ref_logprobs=ref, kl_coef=0.1, kl_estimator="k3")
+        with dispatch.reference_ops() if path == "reference" else contextlib.nullcontext():
+            if path == "hidden":
+                loss, stats = L.ppo_token_loss(None, targets, old, adv, mask, hidden=hd, weight=w, **kw)
+            else:
+                loss, stats = L.ppo_token_loss(hd @ w.T, targets, old, adv, mask, **kw)
+        loss.backward()
+        results.append((loss.detach(), hd.grad, w.grad, stats))
+    (l0, gh0, gw0, s0), (l1, gh1, gw1, s1) = results
+    assert torch.isfinite(l1) and torch.isfinite(gh1).all() and torch.isfinite(gw1).all()
+    torch.testing.assert_close(l1, l0)
+    torch.testing.assert_close(gh1, gh0)
+    torch.testing.assert_close(gw1, gw0)
+    for k in s0:
+        torch.testing.assert_close(s1[k], s0[k], msg=k)
 
 
 def test_gemm_counts_per_chunk(small_block, monkeypatch):

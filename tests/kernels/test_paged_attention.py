@@ -181,6 +181,8 @@ def test_paged_decode_reference_path_on_cpu():
 
 def test_paged_decode_errors():
     q, kc, vc, bt, cl, _, _ = _paged_setup([20, 5], 4, 2, 64, 16, torch.float32, width_extra=0)
+    with pytest.raises(ValueError, match="at least one head, got 0 query"):
+        paged_decode_attention(q[:, :0], kc, vc, bt, cl)
     with pytest.raises(ValueError, match="block_tables"):
         paged_decode_attention(q, kc, vc, bt[:, :1], cl)  # 20 tokens need 2 blocks of 16
     with pytest.raises(ValueError, match="max_context_len"):

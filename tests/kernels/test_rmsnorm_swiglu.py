@@ -140,3 +140,19 @@ def test_reference_paths_and_errors():
         rms_norm(x, torch.ones(32, dtype=torch.float64))
     with pytest.raises(ValueError, match="must be even"):
         swiglu(torch.randn(4, 33))
+
+
+def test_shapes_and_dtypes_the_kernels_do_not_take():
+    """A 0-d weight or input, an integer input: a ValueError naming it; float64 is computed in float64 (the
+    reference), not silently in the kernel's fp32."""
+    with pytest.raises(ValueError, match="weight must be"):
+        rms_norm(torch.randn(4, 8), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="x must be a floating-point"):
+        rms_norm(torch.tensor(1.0), torch.ones(1))
+    with pytest.raises(ValueError, match="gate_up must be a floating-point"):
+        swiglu(torch.arange(8).view(2, 4))
+    x, w = torch.randn(5, 24, dtype=torch.float64), torch.randn(24, dtype=torch.float64)
+    want = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-5) * w
+    torch.testing.assert_close(rms_norm(x, w), want, atol=1e-12, rtol=1e-12)
+    gu = torch.randn(5, 24, dtype=torch.float64)
+    torch.testing.assert_close(swiglu(gu), torch.nn.functional.silu(gu[:, :12]) * gu[:, 12:], atol=1e-12, rtol=1e-12)

@@ -109,3 +109,32 @@ def test_a_certain_token_is_always_drawn():
         logits[:, 123] = 40.0
         tokens, _ = reference.gumbel_sample(logits, s, c, 0.7)
         assert (tokens == 123).all(), tokens[tokens != 123]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_rows_that_open_with_a_block_of_masked_logits(temperature):
+    """A row whose first vocabulary block is all -inf (a banned range, a shard with nothing allowed): the same token
+    and a finite log-prob (the running log-sum-exp started as exp(-inf - -inf), NaN)."""
+    from kernels import sampling
+
+    b, v = 3, 2 * sampling._BLOCK_V + 100
+    logits = torch.randn(b, v)
+    logits[0, : sampling._BLOCK_V] = -float("inf")
+    logits[2, : 2 * sampling._BLOCK_V] = -float("inf")
+    seeds, counters = torch.arange(b) + 11, torch.zeros(b, dtype=torch.int64)
+    tokens, logprobs = gumbel_sample(logits, seeds, counters, temperature)
+    want_tokens, want = reference.gumbel_sample(logits.double(), seeds, counters, temperature)
+    assert torch.equal(tokens, want_tokens) and torch.isfinite(logprobs).all()
+    torch.testing.assert_close(logprobs.double(), want.double(), atol=1e-5, rtol=1e-5)
+    stats = gumbel_sample_partial(logits, seeds, counters, temperature, 0)[1]
+    assert torch.isfinite(stats[:, 2]).all()
+
+
+def test_sampler_inputs_are_checked():
+    logits, seeds, counters = torch.randn(2, 10), torch.arange(2), torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="temperature must be >= 0 and finite, got nan"):
+        gumbel_sample(logits, seeds, counters, float("nan"))
+    with pytest.raises(ValueError, match="empty vocabulary"):
+        gumbel_sample(torch.randn(2, 0), seeds, counters, 1.0)
+    with pytest.raises(ValueError, match="must be integer tensors"):
+        gumbel_sample(logits, seeds.float(), counters, 1.0)
