@@ -49,7 +49,8 @@ def fixed_bytes(
     the device (one updated, one coming in, one going out)."""
     elt = torch.empty((), dtype=dtype).element_size()
     sharded = distributed and dp > 1
-    per_elt = 8 if dtype == torch.float32 else 12
+    # fp32 masters of their own (none for fp32 weights, unless the distributed optimizer shards them) + two moments
+    per_elt = 8 if dtype == torch.float32 and not sharded else 12
     out = {f"weights ({name})": n * elt for name, n in numels.items()}
     if resident_chunk:
         out[CHUNKS] = 3 * per_elt * resident_chunk
@@ -67,13 +68,46 @@ def _describe(parts: dict[str, int], free: int) -> str:
     return f"{used / GiB:.1f} GiB of {free / GiB:.1f} GiB free per GPU ({items})"
 
 
-def rollout_cache(config: ModelConfig, tp: int, held: int, total: int, fraction: float, seq_len: int, kv_dtype) -> str:
-    """What a rollout's KV cache gets (engine.kv_cache.cuda_cache_budget: `fraction` of the GPU's `total` memory less
-    what is held then, the weights and optimizer state) in tokens and in sequences of `seq_len` tokens."""
-    budget = max(0, int(total * fraction) - held)
+def generation_reserve(
+    config: ModelConfig, tp: int, seq_len: int, dtype: torch.dtype, max_num_seqs: int = 256, batched_tokens: int = 8192
+) -> int:
+    """Bytes the generator keeps free beside its KV cache for its largest step's activations (it measures them on the
+    GPU, engine.generate.Generator._measure_activation_peak; this estimates them from the shapes): a prefill of
+    max(batched_tokens, seq_len) tokens with a decode token of every other sequence, each token's hidden state,
+    residual, q/k/v, attention output and MLP activations of one layer at a time, and the sampled rows' logits."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    c = config
+    tokens = max(batched_tokens, seq_len) + max_num_seqs
+    per_token = (
+        4 * c.hidden_size + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim // tp + 3 * c.intermediate_size // tp
+    )
+    return tokens * per_token * elt + max_num_seqs * (c.vocab_size // tp) * (elt + 4)
+
+
+def cache_tokens(
+    config: ModelConfig, tp: int, held: int, total: int, fraction: float, seq_len: int, kv_dtype, reserve: int = 0
+) -> tuple[int, int]:
+    """(bytes, tokens) of a rollout's KV cache (engine.kv_cache.cuda_cache_budget: `fraction` of the GPU's `total`
+    memory less what is held then, the weights and optimizer state, and the generator's activation `reserve`)."""
+    budget = max(0, int(total * fraction) - held - reserve)
     per_token = bytes_per_block(config.num_layers, 1, config.num_kv_heads // tp, config.head_dim, kv_dtype)
-    tokens = budget // per_token
+    return budget, budget // per_token
+
+
+def rollout_cache(config: ModelConfig, tp: int, held: int, total: int, fraction: float, seq_len: int, kv_dtype,
+                  reserve: int = 0) -> str:  # fmt: skip
+    """What a rollout's KV cache gets (cache_tokens) in tokens and in sequences of `seq_len` tokens."""
+    budget, tokens = cache_tokens(config, tp, held, total, fraction, seq_len, kv_dtype, reserve)
     return f"a KV cache of {budget / GiB:.1f} GiB, {tokens:,} tokens ({tokens // seq_len} sequences of {seq_len})"
+
+
+def check_tp(configs: dict[str, tuple[ModelConfig, str]], tp: int) -> None:
+    """Refuse a TP degree that does not divide every model's heads, key/value heads, vocabulary and MLP width."""
+    for name, (c, _) in configs.items():
+        for what, n in (("attention heads", c.num_heads), ("key/value heads", c.num_kv_heads),
+                        ("vocabulary", c.vocab_size), ("MLP width", c.intermediate_size)):  # fmt: skip
+            if tp < 1 or n % tp:
+                raise ValueError(f"--tp {tp} does not divide the {name} model's {what} ({n})")
 
 
 def host_available() -> int:
@@ -208,6 +242,11 @@ def offload_decision(
         return True, f"{what}: {state / GiB:.1f} GiB per GPU in host memory during rollouts ({gain}; {room})"
     if seqs[0] >= wanted:
         return False, f"{what}: on the GPU throughout (the rollouts' KV cache holds {seqs[0]} sequences)"
+    if seqs[1] <= seqs[0]:
+        return (
+            False,
+            f"{what}: on the GPU throughout (offloading would not enlarge the KV cache: --kv-cache-mb fixes it)",
+        )
     if need > OFFLOAD_HOST_SHARE * host:
         return False, f"{what}: on the GPU throughout (offloading would take {room})"
     return True, f"{what}: {state / GiB:.1f} GiB per GPU in host memory during rollouts ({gain}; {room})"
@@ -231,6 +270,7 @@ def plan(
     seq_len, kv_dtype) adds what the rollouts' KV cache gets. `resident`: the state lives in host memory. `trained`:
     the models with an optimizer; none for --eval-only (its policy, reference and reward model are frozen)."""
     trained = tuple(m for m in trained if m in configs)
+    check_tp(configs, tp)
 
     def parts_at(t: int, d: int, host: bool = resident) -> dict[str, int]:
         chunk = 0
@@ -249,6 +289,11 @@ def plan(
             weights = sum(v for k, v in parts.items() if k.startswith("weights"))
             at = lambda held: rollout_cache(configs["policy"][0], tp, held, **cache)  # noqa: E731
             own = parts["weights (policy)"]  # (what generation runs)
+            if cache_tokens(configs["policy"][0], tp, own, **cache)[1] < cache["seq_len"]:
+                raise ValueError(
+                    f"{line}; but a rollout's KV cache would not hold one sequence of {cache['seq_len']} tokens, even "
+                    f"with every other model in host memory: {at(own)} (a larger --tp splits every model)"
+                )
             idle = f"the idle models' weights (--offload-idle-models rollouts, {(weights - own) / GiB:.1f} GiB per GPU)"
             if resident or not trained:
                 return line + f"; rollouts: {at(weights)}; with {idle} in host memory: {at(own)}"
@@ -314,9 +359,32 @@ def plan_for(
         how = "auto: always, the only way this layout fits the GPUs" if setting == "auto" else setting
         check_host_room(state, local_ranks, host, how)
         host -= state * local_ranks
+    idle = sum(n for k, n in numels.items() if k != "policy") * torch.empty((), dtype=dtype).element_size()
     if host is not None and idle_models == "rollouts":
-        idle = sum(n for k, n in numels.items() if k != "policy") * torch.empty((), dtype=dtype).element_size()
         check_host_room(idle, local_ranks, host, "rollouts", "idle models' weights", "--offload-idle-models")
+    if cache is not None:  # a rollout must hold one sequence with what these settings keep on the GPU then
+        parts = fixed_bytes(numels, trained, dtype, dp, distributed)
+        weights = sum(v for k, v in parts.items() if k.startswith("weights"))
+        moved = idle_models == "rollouts" or (
+            idle_models == "auto" and (host is None or idle * local_ranks <= OFFLOAD_HOST_SHARE * host)
+        )
+        held = weights - (idle if moved else 0) + (parts.get(STATE, 0) if setting == "off" and not resident else 0)
+        if cache_tokens(configs["policy"][0], tp, held, **cache)[1] < cache["seq_len"]:
+            raise ValueError(
+                f"{line}; but a rollout's KV cache would not hold one sequence of {cache['seq_len']} tokens with what "
+                f"--offload-optimizer {setting} and --offload-idle-models {idle_models} keep on the GPU"
+                + (
+                    " (the host has no room for the idle models' weights)"
+                    if idle_models == "auto" and not moved
+                    else ""
+                )
+                + ": a larger --tp splits every model"
+                + (
+                    "; --offload-idle-models rollouts puts the idle models' weights in host memory"
+                    if idle_models == "off"
+                    else ""
+                )
+            )
     return line, resident
 
 
@@ -353,9 +421,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--kv-cache-fraction", type=float, default=0.9)
     p.add_argument("--seq-len", type=int, default=2048, help="prompt + response tokens (the recipe: 1024 + 1024)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences the generator decodes together at most")
     p.add_argument("--offload-optimizer", default="auto", choices=OFFLOAD_SETTINGS)
     p.add_argument("--eval-only", action="store_true", help="plan --eval-only: policy, reference and reward model")
     a = p.parse_args(argv)
+    for flag, value in (("--tp", a.tp), ("--dp", a.dp), ("--seq-len", a.seq_len), ("--max-num-seqs", a.max_num_seqs)):
+        if value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
     names = {}
     for src in (a.policy, a.reference, a.reward):
         if src and src not in MODEL_SHAPES and not os.path.isdir(src):
@@ -365,13 +437,24 @@ def main(argv: list[str] | None = None) -> int:
                 names[src] = config_dir(src)
             except Exception as e:  # (offline and not cached, a typo, a gated repo)
                 p.error(f"{src}: its config.json could not be fetched from the Hugging Face Hub ({type(e).__name__})")
-    configs = run_configs(*(names.get(x, x) for x in (a.policy, a.reference, a.reward)), evaluation=a.eval_only)
+    try:
+        configs = run_configs(*(names.get(x, x) for x in (a.policy, a.reference, a.reward)), evaluation=a.eval_only)
+    except ValueError as e:  # (an unsupported config.json)
+        print(e)
+        return 1
     dtype, gpu = getattr(torch, a.dtype), int(a.gpu_gib * GiB)
     kv_dtype = torch.float8_e4m3fn if a.kv_cache_dtype == "fp8" else dtype
-    cache = {"total": gpu, "fraction": a.kv_cache_fraction, "seq_len": a.seq_len, "kv_dtype": kv_dtype}
+    reserve = generation_reserve(configs["policy"][0], a.tp, a.seq_len, dtype, a.max_num_seqs)
+    cache = {
+        "total": gpu,
+        "fraction": a.kv_cache_fraction,
+        "seq_len": a.seq_len,
+        "kv_dtype": kv_dtype,
+        "reserve": reserve,
+    }
     try:
         print(plan_for(a.offload_optimizer, configs, dtype, a.tp, a.dp, a.distributed, gpu, cache,
-                       evaluation=a.eval_only)[0])  # fmt: skip
+                       idle_models="auto", evaluation=a.eval_only)[0])  # fmt: skip
     except ValueError as e:
         print(e)
         return 1

@@ -284,7 +284,12 @@ def check_memory(
             dtype, (free, total) = resolve_dtype(run.dtype, device), torch.cuda.mem_get_info(device)
             kv_dtype = resolve_cache_dtype(run.kv_cache_dtype, dtype)
             seq_len = cfg.max_prompt_len + cfg.max_new_tokens
-            cache = {"total": total, "fraction": run.kv_cache_fraction, "seq_len": seq_len, "kv_dtype": kv_dtype}
+            reserve = memory_plan.generation_reserve(
+                configs["policy"][0], grid.tp, seq_len, dtype, run.gen_max_num_seqs
+            )
+            cache = dict(
+                total=total, fraction=run.kv_cache_fraction, seq_len=seq_len, kv_dtype=kv_dtype, reserve=reserve
+            )
             line, resident = memory_plan.plan_for(
                 run.offload_optimizer, configs, dtype, grid.tp, grid.dp, run.distributed_optimizer, free, cache,
                 host=memory_plan.host_available(), local_ranks=memory_plan.local_ranks(),
@@ -389,7 +394,11 @@ def decide_offload(state: TrainState) -> tuple[bool, bool]:
         c, heads = state.policy.config, state.policy.layers[0].self_attn.local_kv_heads
         kv_dtype = resolve_cache_dtype(run.kv_cache_dtype, next(state.policy.parameters()).dtype)
         per_seq = bytes_per_block(c.num_layers, 1, heads, c.head_dim, kv_dtype) * seq_len
-        budget = cuda_cache_budget(dev, run.kv_cache_fraction)
+        dtype = next(state.policy.parameters()).dtype
+        reserve = memory_plan.generation_reserve(c, state.grid.tp, seq_len, dtype, run.gen_max_num_seqs)
+        budget = cuda_cache_budget(dev, run.kv_cache_fraction, reserve)
+        if run.kv_cache_mb:  # a fixed cache: what is offloaded does not enlarge it
+            budget = run.kv_cache_mb * 2**20
     host, ranks, out = memory_plan.host_available(), memory_plan.local_ranks(), []
     for setting, nb, what, flag in (
         (run.offload_optimizer, nbytes, "optimizer state", "--offload-optimizer"),
@@ -401,7 +410,7 @@ def decide_offload(state: TrainState) -> tuple[bool, bool]:
             continue
         on, line, error = False, "", None
         try:
-            seqs = (budget // per_seq, (budget + nb) // per_seq)
+            seqs = (budget // per_seq, (budget + (0 if run.kv_cache_mb else nb)) // per_seq)
             on, line = memory_plan.offload_decision(setting, dev, nb, ranks, seqs, wanted, host, what, flag)
         except ValueError as e:
             error = e

@@ -53,6 +53,20 @@ def test_fixed_bytes_of_each_part():
     assert sharded["fp32 gradients"] == 4 * 1000 + 4 * 1600 // 4  # the policy's whole, then both models' shards
     fp32 = memory_plan.fixed_bytes(numels, ("policy", "value"), torch.float32, 1, False)  # the weights are masters
     assert fp32["weights (value)"] == 2400 and fp32["optimizer (masters, Adam moments)"] == 8 * 1600
+    # the distributed optimizer keeps fp32 master shards of its own even for fp32 weights (engine.optim's buckets)
+    fp32_sharded = memory_plan.fixed_bytes(numels, ("policy", "value"), torch.float32, 2, True)
+    assert fp32_sharded["optimizer (masters, Adam moments)"] == 12 * 1600 // 2
+
+
+def test_a_tp_degree_that_does_not_divide_is_refused(capsys):
+    configs = memory_plan.run_configs("llama3.1-8b", None, "llama3.1-8b")
+    for tp, what in ((16, "key/value heads \\(8\\)"), (3, "attention heads \\(32\\)")):
+        with pytest.raises(ValueError, match=f"--tp {tp} does not divide the policy model's {what}"):
+            memory_plan.plan(configs, torch.bfloat16, tp, 1, True, 79 * GiB)
+    assert memory_plan.main(["--policy", "llama3.1-8b", "--reward", "llama3.1-8b", "--tp", "16"]) == 1
+    assert "--tp 16 does not divide the policy model's key/value heads (8)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        memory_plan.main(["--seq-len", "0"])
 
 
 def test_recipe_layouts_on_an_80gb_gpu():
@@ -130,14 +144,18 @@ def test_command_line(capsys):
     assert out.startswith("memory plan: 42.")  # the optimizer state halved over 2 DP ranks
     c = ModelConfig.named("llama2-13b")
     lm, score = c.num_params("lm", 8), c.num_params("score", 8)
-    held = 2 * (2 * lm + 2 * score) + 12 * (lm + score) // 2
-    assert _tokens(out) == (int(0.9 * 79 * GiB) - held) // (2 * 40 * 5 * 128 * 2) and "(209 sequences of 2048)" in out
-    weights = 2 * (2 * lm + 2 * score)  # with the optimizer state in host memory during rollouts
+    # the generator's activations beside the cache: 8448 tokens of (4 x 5120 + 15 x 128 + 3 x 1728) bf16 values, and
+    # 256 rows of 4000 logits in bf16 and fp32
+    reserve = 8448 * (4 * 5120 + 15 * 128 + 3 * 1728) * 2 + 256 * 4000 * 6
+    assert memory_plan.generation_reserve(c, 8, 2048, torch.bfloat16) == reserve
+    held = 2 * (2 * lm + 2 * score) + 12 * (lm + score) // 2 + reserve
+    assert _tokens(out) == (int(0.9 * 79 * GiB) - held) // (2 * 40 * 5 * 128 * 2) and "(207 sequences of 2048)" in out
+    weights = 2 * (2 * lm + 2 * score) + reserve  # with the optimizer state in host memory during rollouts
     assert _tokens(out, 1) == (int(0.9 * 79 * GiB) - weights) // (2 * 40 * 5 * 128 * 2)
     assert f"--offload-optimizer rollouts, {12 * (lm + score) // 2 / GiB:.1f} GiB per GPU" in out
     assert memory_plan.main(["--tp", "8", "--dp", "2", "--kv-cache-dtype", "fp8", "--seq-len", "1024"]) == 0
     fp8 = capsys.readouterr().out
-    assert _tokens(fp8) == 2 * _tokens(out) and "(839 sequences of 1024)" in fp8
+    assert _tokens(fp8) == (int(0.9 * 79 * GiB) - held) // (2 * 40 * 5 * 128) and "(83" in fp8
     assert _tokens(fp8, 1) == (int(0.9 * 79 * GiB) - weights) // (2 * 40 * 5 * 128)  # a float8 byte per value
     assert memory_plan.main(["--tp", "2", "--gpu-gib", "141", "--offload-optimizer", "off"]) == 1
     assert "it would fit with --tp 4 or 4 data-parallel ranks of --tp 2 (8 GPUs) or --offload-optimizer always" in (
@@ -175,11 +193,21 @@ def test_eval_only_plans_its_three_frozen_models(tmp_path, monkeypatch, capsys):
     cache = {"total": 79 * GiB, "fraction": 0.9, "seq_len": 2048, "kv_dtype": torch.bfloat16}
     for setting in ("auto", "always", "rollouts"):  # (no optimizer state, whatever the flag says)
         line, resident = memory_plan.plan_for(setting, configs, torch.bfloat16, 1, 1, True, 79 * GiB, cache,
-                                              evaluation=True)  # fmt: skip
+                                              idle_models="auto", evaluation=True)  # fmt: skip
         assert not resident and line.startswith(f"memory plan: {need:.1f} GiB of 79.0 GiB free per GPU") and need > 72
         assert "optimizer" not in line and "gradients" not in line, line
         assert "rollouts: a KV cache of 0.0 GiB, 0 tokens (0 sequences of 2048)" in line, line
         assert "in host memory: a KV cache of 46.9 GiB, 61,415 tokens (29 sequences of 2048)" in line, line
+    # where the idle models cannot leave the GPU, a rollout would hold no sequence: refused before anything loads
+    with pytest.raises(
+        ValueError,
+        match="would not hold one sequence of 2048 tokens with what --offload-optimizer off "
+        "and --offload-idle-models off keep on the GPU: a larger --tp .*--offload-idle-models rollouts",
+    ):
+        memory_plan.plan_for("auto", configs, torch.bfloat16, 1, 1, True, 79 * GiB, cache, evaluation=True)
+    with pytest.raises(ValueError, match="the host has no room for the idle models' weights"):
+        memory_plan.plan_for("auto", configs, torch.bfloat16, 1, 1, True, 79 * GiB, cache, host=60 * GiB,
+                             idle_models="auto", evaluation=True)  # fmt: skip
     with pytest.raises(ValueError, match=r"^the models need 72\.4 GiB of 60\.0 GiB free per GPU \(weights \(policy\) "
                        r"24\.2, weights \(reference\) 24\.2, weights \(reward\) 23\.9\): .*it would fit with --tp 2 "
                        r"\(a larger --tp splits every model\)$"):  # fmt: skip
@@ -289,6 +317,8 @@ def test_offload_decision():
                        r"rank\(s\) on this node, 300\.0 available"):  # fmt: skip
         decide("rollouts", cuda, state, 8, (117, 302), 256, 300 * GiB)
     assert not decide("off", cuda, state, 8, (117, 302), 256, host)[0]
+    on, line = decide("auto", cuda, state, 8, (117, 117), 256, host)  # a fixed cache (--kv-cache-mb): no gain
+    assert not on and "would not enlarge the KV cache" in line
     assert not decide("auto", cpu, state, 1, (0, 0), 256, host)[0]
     assert decide("rollouts", cpu, state, 1, (0, 0), 256, host)[0]
     with pytest.raises(ValueError, match="must be one of auto, off, rollouts, always, got 'on'"):

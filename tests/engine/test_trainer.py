@@ -1076,7 +1076,9 @@ def test_offload_decisions_follow_one_another(tmp_path, monkeypatch, capsys):
     per_seq *= cfg.max_prompt_len + cfg.max_new_tokens
     nbytes = offload.state_bytes(state.policy_opt) + offload.state_bytes(state.value_opt)
     mbytes = sum(offload.weight_bytes(m) for m in (state.ref, state.reward, state.value))
-    monkeypatch.setattr(state_mod, "cuda_cache_budget", lambda device, fraction: 2 * per_seq)  # 2 of the 8 wanted
+    monkeypatch.setattr(
+        state_mod, "cuda_cache_budget", lambda device, fraction, reserve=0: 2 * per_seq
+    )  # 2 of the 8 wanted
     monkeypatch.setattr(memory_plan, "host_available", lambda: 2**40)
     assert nbytes // per_seq > 8 and mbytes // per_seq > 8  # (either alone makes room for the rollout's 8)
 
@@ -1095,6 +1097,9 @@ def test_offload_decisions_follow_one_another(tmp_path, monkeypatch, capsys):
     assert (o, m) == (True, True) and f"holds {(2 * per_seq + nbytes + mbytes) // per_seq} instead of " in out
     (o, m), out = decide("off", "off")
     assert (o, m) == (False, False)
+    state.run = dataclasses.replace(state.run, kv_cache_mb=1)  # a fixed cache, whatever the GPU's memory
+    (o, m), out = decide("auto", "auto")
+    assert (o, m) == (False, False) and out.count(f"KV cache holds {2**20 // per_seq} sequences") == 2
 
 
 def test_a_host_block_collected_during_a_graph_capture_is_unregistered_later(monkeypatch):
