@@ -83,12 +83,12 @@ def plan_recompute(num_layers: int, tokens: int, per_layer: float, per_checkpoin
     return num_layers
 
 
-def training_budget(optimizers, device: torch.device, margin: float = 0.08) -> int:
+def training_budget(optimizers, device: torch.device, margin: float = 0.08, held: int = 0) -> int:
     """CUDA: the bytes a training micro-batch's activations may take: free memory (the allocator's cached blocks
     included) less what the optimizers have yet to allocate (Adam moments before the first step, fp32 grads
     before the first micro-batch: one model's whole with the distributed optimizer, every model's without; one
-    model's bf16 grads during a backward) and a margin of the device's memory
-    (the log-prob chunks, fragmentation)."""
+    model's bf16 grads during a backward), `held` (what a micro-batch holds beside its activations: the fused
+    loss's fp32 LM-head gradient) and a margin of the device's memory (the log-prob chunks, fragmentation)."""
     free, total = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     pending, transient, flat = 0, 0, 0
@@ -97,8 +97,8 @@ def training_budget(optimizers, device: torch.device, margin: float = 0.08) -> i
             if not opt.adam.state.get(m):
                 pending += 2 * m.numel() * 4  # exp_avg, exp_avg_sq
         if opt.buckets is None:  # every model's, held until the step's updates (an fp32 parameter's in its .grad)
-            held = zip(opt.masters, opt.params, opt.grads)
-            pending += sum(4 * m.numel() for m, p, g in held if g is None and (m is not p or p.grad is None))
+            pairs = zip(opt.masters, opt.params, opt.grads)
+            pending += sum(4 * m.numel() for m, p, g in pairs if g is None and (m is not p or p.grad is None))
         else:  # the flat fp32 grads, allocated by a model's first micro-batch of a step and reduce-scattered into
             # its shard before the next model's backward (engine.trainer.train_step): one model's at a time
             flat = max(flat, sum(4 * b.numel for b in opt.buckets if b.grad is None))
@@ -108,14 +108,28 @@ def training_budget(optimizers, device: torch.device, margin: float = 0.08) -> i
         # parameter's are those, counted above; `masters` pairs with `params` only then)
         own = {id(p) for p, m in zip(opt.params, opt.masters) if m is p} if opt.buckets is None else set()
         transient = max(transient, sum(p.numel() * p.element_size() for p in opt.params if id(p) not in own))
-    return int(free - pending - flat - transient - margin * total)
+    return int(free - pending - flat - transient - held - margin * total)
+
+
+def lm_head_grad_bytes(models: dict[str, Transformer]) -> int:
+    """The fused PPO loss's fp32 gradient of this rank's LM head, summed over a micro-batch's chunks from its forward
+    through its backward (kernels.logprob; a weight in fp32 accumulates in its own .grad instead): the largest of
+    the trained LM models' (1.96 GiB for a 128k vocabulary of width 4096 at TP 1)."""
+    return max(
+        (
+            4 * m.lm_head_weight.numel()
+            for m in models.values()
+            if m.head == "lm" and m.lm_head_weight.dtype != torch.float32
+        ),
+        default=0,
+    )
 
 
 def plan_models(models: dict[str, Transformer], optimizers, tokens: int, device: torch.device, cache: dict) -> None:
     """Set each trained model's activation_checkpointing to the fewest layers that let a micro-batch of `tokens`
     fit the training budget (CUDA). `cache` keeps each model's measured bytes per layer and token. Every rank
     ends with the largest plan of any rank (its layers' collectives must match)."""
-    budget = training_budget(optimizers, device)
+    budget = training_budget(optimizers, device, held=lm_head_grad_bytes(models))
     plans = []
     for name, model in models.items():
         if name not in cache:

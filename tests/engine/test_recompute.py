@@ -55,12 +55,12 @@ def test_auto_plans_each_training_phase_from_the_budget(tmp_path, monkeypatch):
     state.device = torch.device("cuda")  # the plan runs on GPUs only; its inputs are stubbed below
     layers = len(state.policy.layers)
     for budget, expected in ((0, layers), (2**40, 0)):
-        monkeypatch.setattr(recompute, "training_budget", lambda opts, dev, b=budget: b)
+        monkeypatch.setattr(recompute, "training_budget", lambda opts, dev, b=budget, held=0: b)
         trainer.plan_recompute(state)
         assert state.policy.activation_checkpointing == state.value.activation_checkpointing == expected
     assert set(state.layer_bytes) == {"policy", "value"} and state.layer_bytes["policy"] > 0
     state.run.activation_checkpointing = "on"
-    monkeypatch.setattr(recompute, "training_budget", lambda opts, dev: 0)
+    monkeypatch.setattr(recompute, "training_budget", lambda opts, dev, held=0: 0)
     trainer.plan_recompute(state)  # only auto is planned
     assert state.policy.activation_checkpointing == 0
 
@@ -92,3 +92,18 @@ def test_the_budget_leaves_room_for_every_grad_the_step_will_hold(monkeypatch, d
     shards = sum(4 * m.numel() for o in opts for m in o.masters)
     held = flat + shards + numel * dtype.itemsize
     assert recompute.training_budget(opts, torch.device("cuda"), margin=0.0) == free - held
+
+
+def test_the_fused_losss_lm_head_grad_is_set_aside(monkeypatch):
+    """A bf16 LM head's fp32 gradient lives from the fused loss's forward through the backward, beside the
+    micro-batch's activations: plan_models leaves it out of their budget (an fp32 head's is its own .grad)."""
+    budgets = []
+    monkeypatch.setattr(recompute, "training_budget", lambda opts, dev, held=0: budgets.append(held) or 10**12)
+    monkeypatch.setattr(recompute, "agree", lambda values, op: values)
+    for dtype in (torch.bfloat16, torch.float32):
+        policy, value = _model(dtype), _model(dtype)
+        value.head = "score"  # (the value model has no LM head)
+        recompute.plan_models({"policy": policy}, [], 64, torch.device("cuda"), {"policy": 1})
+        assert recompute.lm_head_grad_bytes({"policy": policy, "value": value}) == budgets[-1]
+    bf16 = _model(torch.bfloat16)
+    assert budgets == [4 * bf16.lm_head_weight.numel(), 0]
