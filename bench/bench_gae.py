@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import fill_peaks, measure  # noqa: E402
+from bench.common import check_close, fill_peaks, measure  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.gae import gae  # noqa: E402
 
@@ -78,6 +78,7 @@ def main() -> None:
     want_adv, _ = reference.gae(rewards.double(), values.double(), mask, g, lam)
     got_adv, _ = gae(rewards, values, mask, g, lam)
     max_err = (got_adv.double() - want_adv).abs().max().item()
+    check_close("gae advantages", max_err / want_adv.abs().max().item(), torch.float32)
 
     n = batch * seq
     bytes_moved = n * (rewards.element_size() + values.element_size() + mask.element_size() + 2 * 4)

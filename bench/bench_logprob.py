@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import fill_peaks, measure  # noqa: E402
+from bench.common import check_close, fill_peaks, measure  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.logprob import hidden_logprobs, ppo_token_loss, token_logprobs  # noqa: E402
 
@@ -76,6 +76,8 @@ def bench_token(args, device, dtype, rows):
     )
     errs = [(a.float() - b).abs().max().item() for a, b in zip(got, want)]
     print(f"token_logprobs {n}x{v}: ours vs fp32 reference, max |err| log-prob {errs[0]:.2e}, entropy {errs[1]:.2e}")
+    rel = max(e / b.abs().max().item() for e, b in zip(errs, want))  # (the same logits: fp32 inside both)
+    check_close(f"token_logprobs {n}x{v}", rel, torch.float32)
     del got, want
     cases = [("fwd", False, logits), ("fwd+ent", True, logits), ("fwd+bwd", True, x)]
     jobs = [(name, case, (lambda f=f, i=inp, e=ent: f(i, e)) if case != "fwd+bwd" else fwd_bwd(

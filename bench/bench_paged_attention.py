@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import fill_peaks, measure, ptxas_info  # noqa: E402
+from bench.common import check_close, fill_peaks, measure, ptxas_info  # noqa: E402
 from engine.kv_cache import resolve_cache_dtype  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.paged_attention import paged_decode_attention, rope_write_kv  # noqa: E402
@@ -81,9 +81,11 @@ def _bench_shape(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, compile
     row = {"shape": name, "batch": batch, "context": ctx, "hq": hq, "hkv": hkv, "head_dim": d, "block": bs}
     row.update({"dtype": str(dtype), "kv_dtype": str(kc.dtype), "kv_bytes": kv_bytes, "floor_ms": kv_bytes / bw * 1e3})
     if "ours" in variants:  # before timing: ours against the eager reference (fp32 inside) on the same inputs
-        err = (variants["ours"]().float() - variants["eager"]().float()).abs().max().item()  # the same fp8 values
+        want = variants["eager"]().float()
+        err = (variants["ours"]().float() - want).abs().max().item()  # the same fp8 values
         row["max_abs_err"] = err
         print(f"{name}: ours vs eager reference, max |err| = {err:.2e}")
+        check_close(f"paged decode {name}", err / want.abs().max().item(), dtype)
     for vname, fn in variants.items():
         try:
             ms = _ms(fn, device)

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import add_elementwise_args, bench_device, device_name, measure, save_json  # noqa: E402
+from bench.common import add_elementwise_args, bench_device, check_close, device_name, measure, save_json  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.rmsnorm import add_rms_norm, rms_norm  # noqa: E402
 from kernels.swiglu import swiglu  # noqa: E402
@@ -83,6 +83,7 @@ def check(op: str, fn, inputs, dy: tuple) -> None:
     errs = [((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(*outs)]
     shown = " ".join(f"{e:.1e}" for e in errs)
     print(f"{op}: max error relative to the largest value, outputs then gradients: {shown}")
+    check_close(op, max(errs), inputs[0].dtype)
 
 
 def _time_impl(op: str, name: str, fn, inputs, dy, device) -> dict:

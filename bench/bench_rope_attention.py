@@ -1,14 +1,16 @@
 """Benchmark kernels.rope_attention (rotary fused) against SDPA with rotary applied separately.
 
 Rows: ours (k rotated once per token by kernels/rotary.py, then attention with q rotated in-kernel; the
-k rotation's own time is shown under it); SDPA flash and SDPA cuDNN backends (after
-kernels/reference.apply_rotary, as users do today);
-torch.compile of rotary + SDPA; the eager reference (kernels/reference.rope_attention); Liger's rope kernel +
-SDPA flash if Liger-Kernel is importable; the FLOP roofline. Forward and forward+backward, causal, default
-shape B8 H40 T2048 D128 bf16, plus a packed batch of mixed lengths (ours varlen vs SDPA padded to the longest).
+k rotation's own time is shown under it); SDPA flash and SDPA cuDNN backends after HF's rotary (bf16, its cos/sin
+computed once, as transformers' Llama does: what users run today), and each backend alone without the rotary;
+torch.compile of HF rotary + SDPA; the eager reference (kernels/reference.rope_attention); Liger's rope kernel +
+SDPA flash if Liger-Kernel is importable; the FLOP roofline (the device's measured matmul rate). Forward and
+forward+backward, causal, default shape B8 H40 T2048 D128 bf16, plus a packed batch of mixed lengths (ours varlen
+vs SDPA padded to the longest). Ours is checked against the fp32 reference first; a mismatch stops the run.
 
 FLOPs (causal): forward = 4*B*H*T^2*D / 2 (two matmuls, half the score matrix); forward+backward counted as
---fwd-bwd-factor (default 2.5) times the forward. A packed batch counts each sequence's own L^2.
+--fwd-bwd-factor (default 3.5, FlashAttention's convention: the backward 2.5x the forward) times the forward. A
+packed batch counts each sequence's own L^2 (useful FLOPs only, for ours and the padded peers alike).
 
     python bench/bench_rope_attention.py [--batch 8 --heads 40 --kv-heads 40 --seqlen 2048 --head-dim 128]
         [--dtype bf16] [--peak-tflops TFLOPS (default: measured)] [--no-compile] [--json out.json]
@@ -31,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch.nn.functional as F
 
-from bench.common import fill_peaks, measure, ptxas_info  # noqa: E402
+from bench.common import check_close, fill_peaks, measure, ptxas_info  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.rope_attention import rope_attention  # noqa: E402
 from kernels.rotary import launch_rotary  # noqa: E402
@@ -43,10 +45,25 @@ def causal_flops(lengths: list[int], heads: int, head_dim: int) -> float:
     return sum(4.0 * heads * n * n * head_dim / 2 for n in lengths)
 
 
-def sdpa_with_rotary(q, k, v, positions, batch, seqlen, theta, backend=None):
-    """Users' path today: rotary as separate ops on [B*T, H, D], then SDPA on [B, H, T, D] views."""
-    qr = reference.apply_rotary(q, positions, theta).view(batch, seqlen, q.shape[1], -1).transpose(1, 2)
-    kr = reference.apply_rotary(k, positions, theta).view(batch, seqlen, k.shape[1], -1).transpose(1, 2)
+def rotary_tables(positions, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [N, D] in the model's dtype, computed once (as HF's LlamaRotaryEmbedding hands them to every layer)."""
+    cos, sin = reference.rotary_cos_sin(positions, head_dim, theta, torch.float32)
+    return cos.to(dtype), sin.to(dtype)
+
+
+def hf_rotary(x, cos, sin):
+    """HF's apply_rotary_pos_emb on [N, H, D], in x's dtype: x * cos + rotate_half(x) * sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
+
+
+def sdpa_with_rotary(q, k, v, cos, sin, batch, seqlen, backend=None, rotary: bool = True):
+    """Users' path today: HF's rotary as separate ops on [B*T, H, D] (bf16, tables computed once), then SDPA on
+    [B, H, T, D] views. rotary=False: the attention alone (what the rotary costs them, by difference)."""
+    if rotary:
+        q, k = hf_rotary(q, cos, sin), hf_rotary(k, cos, sin)
+    qr = q.view(batch, seqlen, q.shape[1], -1).transpose(1, 2)
+    kr = k.view(batch, seqlen, k.shape[1], -1).transpose(1, 2)
     vv = v.view(batch, seqlen, v.shape[1], -1).transpose(1, 2)
     gqa = q.shape[1] != k.shape[1]
     if backend is None:
@@ -57,8 +74,8 @@ def sdpa_with_rotary(q, k, v, positions, batch, seqlen, theta, backend=None):
         return F.scaled_dot_product_attention(qr, kr, vv, is_causal=True, enable_gqa=gqa)
 
 
-def _padded_sdpa(q, k, v, *, positions, batch, seqlen, theta, backend):
-    return sdpa_with_rotary(q, k, v, positions, batch, seqlen, theta, backend)
+def _padded_sdpa(q, k, v, *, cos, sin, batch, seqlen, backend):
+    return sdpa_with_rotary(q, k, v, cos, sin, batch, seqlen, backend)
 
 
 def check_against_reference(hq: int, hkv: int, d: int, dtype: torch.dtype, theta: float) -> None:
@@ -78,6 +95,8 @@ def check_against_reference(hq: int, hkv: int, d: int, dtype: torch.dtype, theta
     ref_grads = torch.autograd.grad(ref, (q32, k32, v32), do.float())
     errs = [(a.float() - b).abs().max().item() for a, b in zip((out, *grads), (ref, *ref_grads))]
     print("check vs fp32 reference, max abs error out/dq/dk/dv: " + " ".join(f"{e:.2e}" for e in errs))
+    rel = max(e / b.abs().max().item() for e, b in zip(errs, (ref, *ref_grads)))
+    check_close(f"rope attention Hq{hq}/Hkv{hkv} D{d} {dtype}", rel, dtype)
 
 
 def make_rows(args, q, k, v, positions, cu, batch, seqlen, padded_mask=None):
@@ -87,15 +106,18 @@ def make_rows(args, q, k, v, positions, cu, batch, seqlen, padded_mask=None):
     if q.is_cuda:
         from torch.nn.attention import SDPBackend
 
-        rows["SDPA flash + rotary"] = lambda q, k, v: sdpa_with_rotary(
-            q, k, v, positions, batch, seqlen, theta, SDPBackend.FLASH_ATTENTION
-        )
-        rows["SDPA cuDNN + rotary"] = lambda q, k, v: sdpa_with_rotary(
-            q, k, v, positions, batch, seqlen, theta, SDPBackend.CUDNN_ATTENTION
-        )
+        cos, sin = rotary_tables(positions, q.shape[-1], theta, q.dtype)
+        for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cuDNN", SDPBackend.CUDNN_ATTENTION)):
+            rows[f"SDPA {name} + HF rotary"] = functools.partial(
+                sdpa_with_rotary, cos=cos, sin=sin, batch=batch, seqlen=seqlen, backend=be
+            )
+        for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cuDNN", SDPBackend.CUDNN_ATTENTION)):
+            rows[f"  SDPA {name} alone (no rotary)"] = functools.partial(
+                sdpa_with_rotary, cos=cos, sin=sin, batch=batch, seqlen=seqlen, backend=be, rotary=False
+            )
         if args.compile:  # (its integer arguments are specialised on by default)
             compiled = torch.compile(sdpa_with_rotary)
-            rows["torch.compile(rotary + SDPA)"] = lambda q, k, v: compiled(q, k, v, positions, batch, seqlen, theta)
+            rows["torch.compile(HF rotary + SDPA)"] = lambda q, k, v: compiled(q, k, v, cos, sin, batch, seqlen)
         try:
             from liger_kernel.ops.rope import LigerRopeFunction
 
@@ -298,7 +320,10 @@ def main() -> None:
     p.add_argument("--rope-theta", type=float, default=10000.0)
     p.add_argument("--peak-tflops", type=float, default=None, help="matmul roofline (default: measured on the device)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile peer row")
-    p.add_argument("--fwd-bwd-factor", type=float, default=2.5, help="fwd+bwd FLOPs as a multiple of the forward")
+    p.add_argument(
+        "--fwd-bwd-factor", type=float, default=3.5,
+        help="fwd+bwd FLOPs as a multiple of the forward (FlashAttention's convention: the backward 2.5x)",
+    )  # fmt: skip
     p.add_argument("--no-backward", dest="backward", action="store_false")
     p.add_argument("--no-mixed", dest="mixed", action="store_false", help="skip the packed mixed-length batch")
     p.add_argument("--warmup", type=int, default=25, help="ms")
@@ -353,7 +378,8 @@ def main() -> None:
     rows = make_rows(args, q, k, v, positions, cu, b, t)
     if not cuda:
         rows = {"reference (CPU path)": rows["ours (rotary fused)"]}
-        rows["eager rotary + SDPA"] = lambda q, k, v: sdpa_with_rotary(q, k, v, positions, b, t, args.rope_theta)
+        cos, sin = rotary_tables(positions, d, args.rope_theta, dtype)
+        rows["HF rotary + SDPA"] = functools.partial(sdpa_with_rotary, cos=cos, sin=sin, batch=b, seqlen=t)
     label = f"B{b} H{hq}/{hkv} T{t} D{d} {args.dtype}"
     run_rows(rows, q, k, v, causal_flops([t] * b, hq, d), args, cuda, table, label)
     if cuda:  # the share of ours spent in the once-per-token k rotation (memory-bound: read k, write k_rot)
@@ -389,11 +415,12 @@ def main() -> None:
         kp = torch.randn(len(lengths) * tmax, hkv, d, device=device, dtype=dtype)
         vp = torch.randn(len(lengths) * tmax, hkv, d, device=device, dtype=dtype)
         pos_p = torch.arange(tmax, device=device).repeat(len(lengths))
+        cos_p, sin_p = rotary_tables(pos_p, d, args.rope_theta, dtype)
         from torch.nn.attention import SDPBackend
 
         padded = {
-            f"SDPA {name} + rotary, padded": functools.partial(
-                _padded_sdpa, positions=pos_p, batch=len(lengths), seqlen=tmax, theta=args.rope_theta, backend=be
+            f"SDPA {name} + HF rotary, padded": functools.partial(
+                _padded_sdpa, cos=cos_p, sin=sin_p, batch=len(lengths), seqlen=tmax, backend=be
             )
             for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cuDNN", SDPBackend.CUDNN_ATTENTION))
         }

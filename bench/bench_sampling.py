@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import add_elementwise_args, bench_device, device_name, measure, save_json  # noqa: E402
+from bench.common import add_elementwise_args, bench_device, check_close, device_name, measure, save_json  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.sampling import gumbel_sample  # noqa: E402
 
@@ -46,6 +46,7 @@ def main(argv=None) -> list[dict]:
         same = (ours[0] == ref[0]).float().mean().item()
         err = (ours[1] - ref[1]).abs().max().item()
         print(f"batch {b}: ours vs eager, same token in {same:.1%} of rows, max |log-prob err| {err:.1e}")
+        check_close(f"sampler batch {b} (rows sampling another token)", 1.0 - same, dtype, tol=0.01)
         for name, fn in impls.items():
             try:
                 call = lambda fn=fn, x=logits, s=seeds, c=counters: fn(x, s, c, args.temperature)  # noqa: E731

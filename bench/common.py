@@ -8,6 +8,30 @@ import time
 import torch
 
 
+def _storages_alive() -> set[int]:
+    import gc
+
+    return {o.untyped_storage().data_ptr() for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.is_cuda}
+
+
+def _new_outputs(obj, before: set[int]):
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.untyped_storage().data_ptr() not in before else None
+    if isinstance(obj, (tuple, list)):
+        return [_new_outputs(o, before) for o in obj]
+    if isinstance(obj, dict):
+        return [_new_outputs(o, before) for o in obj.values()]
+    return None
+
+
+def check_close(what: str, err: float, dtype: torch.dtype, tol: float | None = None) -> None:
+    """Stop the bench before anything is timed when ours differs from the reference by more than `tol` (a relative
+    error; default 2e-2 for bf16/fp16/fp8 inputs, 1e-3 for fp32): a wrong kernel's figures are not published."""
+    tol = tol if tol is not None else (1e-3 if dtype in (torch.float32, torch.float64) else 2e-2)
+    if not err <= tol:  # (NaN too)
+        raise SystemExit(f"{what}: ours differs from the reference by {err:.3g} (more than {tol:g}): not timed")
+
+
 def _nbytes(obj) -> int:
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
@@ -33,11 +57,15 @@ def measure(fn, device, *, warmup_ms: float = 25, rep_ms: float = 100, min_reps:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+        before = _storages_alive()
         out = fn()
         torch.cuda.synchronize()
-        extra = torch.cuda.max_memory_allocated() - base - _nbytes(out)
+        # the outputs are not extra memory, unless they live in storage that existed before the call (an in-place
+        # gradient written into its input: Liger's cross-entropy)
+        extra = torch.cuda.max_memory_allocated() - base - _nbytes(_new_outputs(out, before))
         del out
-        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms)), float(max(extra, 0))
+        ms = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+        return float(ms), float(max(extra, 0))
     fn()
     n, start = 0, time.perf_counter()
     while n < min_reps or time.perf_counter() - start < rep_ms / 1000:
