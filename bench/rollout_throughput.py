@@ -66,7 +66,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bandwidth", type=float, default=None, help="copy bandwidth in GB/s (default: measured)")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel degree (under torchrun)")
     p.add_argument("--json", default=None, help="write the figures to this file")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    for flag in ("batch", "prompt_len", "gen_len", "max_num_seqs", "block_size", "tp"):
+        if getattr(a, flag) is not None and getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
+    if a.repeats < 1 or a.stop_tokens < 0:
+        p.error("--repeats must be >= 1 and --stop-tokens >= 0")
+    if not 0 < a.kv_cache_fraction <= 1:
+        p.error(f"--kv-cache-fraction must be in (0, 1], got {a.kv_cache_fraction}")
+    if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
+        p.error(f"--json {a.json}: its directory does not exist (the figures would be lost after the run)")
+    return a
 
 
 def sync(device) -> None:
@@ -202,6 +212,10 @@ def main(argv=None) -> dict:
     bw = args.bandwidth * 1e9 if args.bandwidth else measured_copy_tbs(device) * 1e12
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
+    if args.stop_tokens >= cfg.vocab_size - 3:
+        raise SystemExit(
+            f"--stop-tokens {args.stop_tokens} leaves no token of the {cfg.vocab_size}-token vocabulary free"
+        )
     stops = list(range(3, 3 + args.stop_tokens))
     params = GenerateConfig(
         temperature=args.temperature, max_new_tokens=gen_len, ignore_eos=not stops, stop_token_ids=stops, seed=0

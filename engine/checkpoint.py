@@ -172,7 +172,12 @@ class _TensorSlice:
 
 
 def _open_weights(fn: str):
-    return _TorchFile(fn) if fn.endswith(".bin") else safe_open(fn, framework="pt", device="cpu")
+    try:
+        return _TorchFile(fn) if fn.endswith(".bin") else safe_open(fn, framework="pt", device="cpu")
+    except ValueError:
+        raise
+    except Exception as e:  # (a truncated or damaged file: safetensors' own error names no file)
+        raise ValueError(f"cannot read the weights file {fn} ({type(e).__name__}: {e})") from e
 
 
 class _Source:

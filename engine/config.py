@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -289,8 +290,8 @@ class PPOConfig:
                 bad.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("learning_rate", "weight_decay", "max_grad_norm", "kl_coef", "clip_ratio", "clip_value",
                      "value_loss_coef"):  # fmt: skip
-            if not getattr(self, name) >= 0:
-                bad.append(f"{name} must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:
+                bad.append(f"{name} must be >= 0 and finite, got {getattr(self, name)}")
         for name in ("warmup_ratio", "gamma", "lam"):
             if not 0 <= getattr(self, name) <= 1:
                 bad.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -305,5 +306,8 @@ class PPOConfig:
         if not self.temperature > 0:  # (0 is greedy decoding: PPO would train on samples its policy never draws)
             bad.append(f"temperature must be > 0 for PPO's rollouts, got {self.temperature} (--eval-greedy evaluates "
                        "greedily)")  # fmt: skip
+        for name, value in vars(self).items():  # every other number finite too (the missing-EOS score, the temperature)
+            if isinstance(value, float) and not math.isfinite(value) and not any(name in b for b in bad):
+                bad.append(f"{name} must be finite, got {value}")
         if bad:
             raise ValueError("; ".join(bad))

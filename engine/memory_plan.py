@@ -428,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value in (("--tp", a.tp), ("--dp", a.dp), ("--seq-len", a.seq_len), ("--max-num-seqs", a.max_num_seqs)):
         if value < 1:
             p.error(f"{flag} must be >= 1, got {value}")
+    if not 0 < a.kv_cache_fraction <= 1:
+        p.error(f"--kv-cache-fraction must be in (0, 1], got {a.kv_cache_fraction}")
+    if not 0 < a.gpu_gib < float("inf"):
+        p.error(f"--gpu-gib must be a positive number, got {a.gpu_gib}")
     names = {}
     for src in (a.policy, a.reference, a.reward):
         if src and src not in MODEL_SHAPES and not os.path.isdir(src):
@@ -439,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
                 p.error(f"{src}: its config.json could not be fetched from the Hugging Face Hub ({type(e).__name__})")
     try:
         configs = run_configs(*(names.get(x, x) for x in (a.policy, a.reference, a.reward)), evaluation=a.eval_only)
-    except ValueError as e:  # (an unsupported config.json)
+    except (ValueError, FileNotFoundError) as e:  # (an unsupported config.json, a directory without one)
         print(e)
         return 1
     dtype, gpu = getattr(torch, a.dtype), int(a.gpu_gib * GiB)

@@ -36,8 +36,23 @@ def latest_checkpoint(output_dir: str) -> str | None:
     path = os.path.join(output_dir, LATEST)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return os.path.join(output_dir, json.load(f)["checkpoint"])
+    try:
+        with open(path) as f:
+            return os.path.join(output_dir, json.load(f)["checkpoint"])
+    except (ValueError, KeyError, TypeError) as e:  # (written atomically: only a damaged disk or hand leaves it so)
+        raise ValueError(
+            f'{path} is damaged ({type(e).__name__}: {e}); write {{"checkpoint": "checkpoint-NNNNNN"}} naming the '
+            "checkpoint to resume from"
+        ) from e
+
+
+def load_state_file(fn: str) -> dict:
+    """A checkpoint's state-rankRRRRR.pt, memory-mapped with weights_only (no code run); a damaged one is named."""
+    try:
+        return torch.load(fn, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ValueError(f"cannot read the state file {fn} ({type(e).__name__}: {e}): the checkpoint is damaged; "
+                         "resume from an earlier one (write its name into `latest`)") from e  # fmt: skip
 
 
 def atomic_write(path: str, write) -> None:
@@ -124,7 +139,24 @@ def prune_checkpoints(out: str, current: str, keep: int) -> None:
         shutil.rmtree(os.path.join(out, d), ignore_errors=True)
 
 
-def start_fresh(output_dir: str, overwrite: bool, rank: int) -> None:
+def check_writable(output_dir: str, rank: int) -> None:
+    """Before anything is loaded or run: global rank 0 makes output_dir and writes a file there (a read-only or
+    full file system is named now, not after the training or evaluation it would lose); every rank raises
+    together."""
+    error = None
+    if rank == 0:
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            probe = os.path.join(output_dir, f".write-test-{os.getpid()}")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as e:
+            error = OSError(e.errno, f"cannot write to the output directory {output_dir}: {e.strerror}")
+    raise_together(error, "checking the output directory")
+
+
+def start_fresh(output_dir: str, overwrite: bool, rank: int, evaluation: bool = False) -> None:
     """Before a run that starts from iteration 0: an output_dir holding an earlier run's checkpoints or logs is
     refused (its metrics would mix with this run's, its `latest` would point at the other run), or with
     `overwrite` emptied of them (rank 0; other files, such as the tiny default's init models, stay)."""
@@ -134,9 +166,13 @@ def start_fresh(output_dir: str, overwrite: bool, rank: int) -> None:
         held = sorted(n for n in os.listdir(output_dir) if ours(n))
     error = None
     if held and not overwrite:
+        how = (
+            "--eval-only writes an evaluation of its own: give it another --output-dir (or --overwrite-output-dir)"
+            if evaluation
+            else "pass --resume to continue it, --overwrite-output-dir to start over there, or another --output-dir"
+        )
         error = FileExistsError(
-            f"{output_dir} holds an earlier run ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): pass "
-            "--resume to continue it, --overwrite-output-dir to start over there, or another --output-dir"
+            f"{output_dir} holds an earlier run ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): {how}"
         )
     raise_together(error, "starting the run")
     if held and rank == 0:
@@ -257,7 +293,7 @@ def _load_states(
     error. After a run of another grid, the iteration, data order and RNG come from the saved state of this TP rank
     at DP rank 0 (of TP rank 0 when the TP degree changed). The files are memory-mapped: only the tensors used are
     read."""
-    load = lambda fn: torch.load(fn, map_location="cpu", weights_only=True, mmap=True)  # noqa: E731 (no code run)
+    load = load_state_file
     missing = lambda fn, why: (None, None, FileNotFoundError(f"{fn} is missing ({why})"))  # noqa: E731
     if not os.path.exists(head := _state_file(ckpt, 0)):
         return missing(head, "every run writes it")
@@ -301,7 +337,7 @@ def fingerprint_models(run, ckpt: str | None, rank: int) -> dict | None:
             found = model_fingerprints(run)
             head = _state_file(ckpt, 0) if ckpt else None
             if head and os.path.exists(head):  # (a missing one is named by load_trainer_state)
-                saved = torch.load(head, map_location="cpu", weights_only=True, mmap=True).get("models")
+                saved = load_state_file(head).get("models")
                 check_models(saved, found, run.resume_other_models)
         except Exception as e:  # (a truncated state file, unreadable weights: every rank stops, none waits)
             error = e

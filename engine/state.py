@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +23,7 @@ from engine.model import Transformer
 from engine.offload import HostCopies, state_bytes, weight_bytes
 from engine.optim import Optimizer, make_optimizer
 from engine.parallel import ProcessGrid, agree, init_process_grid, print0, raise_together
-from engine.resume import fingerprint_models, latest_checkpoint, load_trainer_state, start_fresh
+from engine.resume import check_writable, fingerprint_models, latest_checkpoint, load_trainer_state, start_fresh
 from engine.rollout import idle_models
 from engine.tokenizer import (
     CHAT_TEMPLATES,
@@ -103,6 +104,17 @@ class RunConfig:
             ("gen_max_num_seqs", 1), ("kv_cache_mb", 0), ("profile_iteration", 0), ("save_every_minutes", 0),
             ("eval_every", 0), ("eval_holdout", 0), ("log_samples", 0), ("dist_timeout_minutes", 0))
             if not getattr(self, n) >= lo]  # fmt: skip
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            bad.append(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            bad.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            bad.append(f"kv_cache_dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
+        if not re.fullmatch(r"auto|on|off|\d+", self.activation_checkpointing):
+            bad.append(f"activation_checkpointing must be auto, on, off or a number of layers, got "
+                       f"{self.activation_checkpointing!r}")  # fmt: skip
+        if not self.output_dir:
+            bad.append("output_dir must not be empty")
         if self.chat_template not in CHAT_TEMPLATES:
             bad.append(f"chat_template must be one of {', '.join(CHAT_TEMPLATES)}, got {self.chat_template!r}")
         if not 0 < self.kv_cache_fraction <= 1:
@@ -150,6 +162,8 @@ class TrainState:
 def resolve_device(name: str, grid: ProcessGrid) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}, but torch sees no CUDA device (a CPU build of torch, or no GPU visible)")
     if name == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(name)
@@ -199,6 +213,7 @@ def setup(
     memory_plan.check_offload_setting(run.offload_idle_models, "--offload-idle-models")
     grid = grid or init_process_grid(run.tp, timeout_minutes=run.dist_timeout_minutes)
     check_batch_sizes(cfg, grid)  # before loading four models
+    check_writable(run.output_dir, grid.rank)
     run = pin_run(run)  # a Hub id to the commit it names now: every node fetches that one
     check_available(run.wandb_project, grid.rank)
     device, load = model_loader(run, grid)
@@ -432,6 +447,7 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
         raise ValueError("--eval-only takes --eval-prompts (--eval-holdout draws from a training set)")
     memory_plan.check_offload_setting(run.offload_idle_models, "--offload-idle-models")
     check_available(run.wandb_project, grid.rank)
+    check_writable(run.output_dir, grid.rank)
     run = pin_run(run)  # (as in setup)
     device, load = model_loader(run, grid)
     check_memory(cfg, run, grid, device, evaluation=True)  # (as in setup: before a Hub id's weights are fetched)
@@ -442,7 +458,7 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     check_tokenizer(light, tokenizer, tokenizer_dir, eval_set)
     check_context(light, cfg)
     run = resolve_run(run)
-    start_fresh(run.output_dir, run.overwrite_output_dir, grid.rank)
+    start_fresh(run.output_dir, run.overwrite_output_dir, grid.rank, evaluation=True)
     policy, ref, reward = load(run.policy, "lm"), load(run.reference or run.policy, "lm"), load(run.reward, "score")
     for m in (policy, ref, reward):
         m.requires_grad_(False)

@@ -47,6 +47,11 @@ def load_tokenizer(path: str | os.PathLike = TINY_DIR):
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+    if not {"tokenizer.json", "tokenizer.model", "vocab.json"} & set(os.listdir(path)):
+        raise FileNotFoundError(
+            f"{path} holds no tokenizer (no tokenizer.json): pass --tokenizer with the directory of the model's "
+            "tokenizer files (a checkpoint of this engine has them beside its policy's weights)"
+        )
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:
@@ -210,8 +215,15 @@ def read_prompt_file(path: str | os.PathLike, lines: list[int] | None = None) ->
     gets each one's line number."""
     path = os.fspath(path)
     convs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                what = (
+                    "a compressed file" if lineno == 1 and raw[:2] == b"\x1f\x8b" else f"byte {e.start + 1} of the line"
+                )
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({what}): a prompt file is JSONL in UTF-8") from None
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"

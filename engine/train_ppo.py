@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import json
 import os
 import re
 import sys
@@ -109,12 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_fields(parser, RunConfig, "run")
     _add_fields(parser, PPOConfig, "PPO hyperparameters (defaults: the Tulu V2.5 PPO 13B recipe)")
+    # a negative number in scientific notation (--missing-eos-penalty -1e3) is a value, not a flag: argparse's own
+    # test (a private attribute, stable since Python 3.2) knows only -12 and -1.5
+    parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf$")
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[PPOConfig, RunConfig, bool]:
     """(PPOConfig, RunConfig, tiny): flags override the recipe, or the tiny preset when --policy is absent."""
-    given = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    given = vars(parser.parse_args(argv))
     tiny = "policy" not in given
     if tiny and ("reward" in given or "prompts" in given):
         raise SystemExit("--reward/--prompts need --policy (without --policy the tiny default builds its own models)")
@@ -126,11 +131,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[PPOConfig, RunConfig, boo
             ppo_kw[k] = tuple(v) if isinstance(v, list) else v
         else:
             run_kw[k] = v
-    return PPOConfig(**ppo_kw), RunConfig(**run_kw), tiny
+    try:
+        return PPOConfig(**ppo_kw), RunConfig(**run_kw), tiny
+    except ValueError as e:  # (nonsense values: a usage error, exit code 2, not a traceback)
+        parser.error(str(e))
 
 
 def build_tiny_models(directory: str, seed: int = 0) -> tuple[str, str]:
-    """A tiny random policy and reward model saved as HF checkpoints under `directory` (kept if there).
+    """A tiny random policy and reward model saved as HF checkpoints under `directory` (kept if there, built from
+    this `seed`: another seed's are built again).
 
     Under torchrun every rank calls this (save_pretrained is collective; global rank 0 writes).
     """
@@ -140,7 +149,13 @@ def build_tiny_models(directory: str, seed: int = 0) -> tuple[str, str]:
 
     cfg = ModelConfig.named("tiny")
     policy_dir, reward_dir = os.path.join(directory, "policy"), os.path.join(directory, "reward")
-    missing = [not os.path.exists(os.path.join(d, "config.json")) for d in (policy_dir, reward_dir)]
+    seed_file = os.path.join(directory, "seed.json")
+    try:
+        with open(seed_file) as f:
+            same_seed = json.load(f).get("seed") == seed
+    except (OSError, ValueError):
+        same_seed = False
+    missing = [not (same_seed and os.path.exists(os.path.join(d, "config.json"))) for d in (policy_dir, reward_dir)]
     if dist.is_initialized():  # decide together, before rank 0 writes anything
         flags = torch.tensor(missing, dtype=torch.int32)
         dist.broadcast(flags, src=0)
@@ -159,19 +174,26 @@ def build_tiny_models(directory: str, seed: int = 0) -> tuple[str, str]:
         with torch.no_grad():
             rm.score.weight.mul_(10.0)  # scores of order 1, so the reward outweighs the KL term
         save_pretrained(rm, reward_dir, tokenizer_dir=TINY_DIR)
+    if any(missing) and (not dist.is_initialized() or dist.get_rank() == 0):
+        with open(seed_file, "w") as f:
+            json.dump({"seed": seed}, f)
     return policy_dir, reward_dir
 
 
 def prepare_tiny(run: RunConfig) -> RunConfig:
     """Build the tiny default's models (if not there yet) and fill in its paths."""
+    from engine.resume import check_writable
     from engine.tokenizer import TINY_DIR, TINY_EVAL_PROMPTS, TINY_PROMPTS
 
+    check_writable(run.output_dir, dist.get_rank() if dist.is_initialized() else 0)  # (before building models there)
     init_dir = os.path.join(run.output_dir, "init")
+    demo_dir = os.path.isdir(init_dir)  # (a directory the demo ran in before; another run's is not overwritten)
     build_tiny_models(init_dir, seed=run.seed)
     return dataclasses.replace(
         run,
         eval_every=run.eval_every if run.eval_prompts != "" else 0,  # (the preset's, with evaluation turned off)
-        overwrite_output_dir=True,  # the demo starts over each time (--resume still continues it)
+        # the demo starts over each time in its own directory (--resume still continues it)
+        overwrite_output_dir=run.overwrite_output_dir or demo_dir,
         policy=os.path.join(init_dir, "policy"),
         reward=os.path.join(init_dir, "reward"),
         prompts=TINY_PROMPTS,

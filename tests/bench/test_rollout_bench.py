@@ -18,3 +18,20 @@ def test_rollout_bench_smoke(tmp_path):
     # the roofline: 13B bf16 weights alone at 3.0 TB/s, batch 1 -> about 115 tok/s (RECIPE.md)
     roof = decode_roofline(ModelConfig.named("llama2-13b"), 1, 0, 0, 2, 3.0e12)
     assert 110 < roof["tok_s"] < 120
+
+
+def test_rollout_bench_refuses_impossible_flags(tmp_path, capsys):
+    """0 is not the default in disguise, and a --json whose directory is missing is refused before the run."""
+    import pytest
+
+    from bench.rollout_throughput import parse_args
+
+    for flags, message in (
+        (["--batch", "0"], "--batch must be >= 1, got 0"),
+        (["--gen-len", "0"], "--gen-len must be >= 1, got 0"),
+        (["--repeats", "0"], "--repeats must be >= 1"),
+        (["--json", str(tmp_path / "nodir" / "r.json")], "its directory does not exist"),
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(flags)
+        assert message in capsys.readouterr().err

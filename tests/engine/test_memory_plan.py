@@ -3,6 +3,7 @@ model's own TP slices, the bytes of each part, and the refusal of a layout that 
 would), in setup and from the command line."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -372,3 +373,15 @@ def test_host_memory_available_is_capped_by_the_cgroup(monkeypatch, tmp_path):
                   "/sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n",
                   "/sys/fs/cgroup/memory/memory.usage_in_bytes": "1\n"})  # fmt: skip
     assert memory_plan.host_available() == GiB // 2
+
+
+def test_command_line_refuses_impossible_numbers(tmp_path, capsys):
+    for flags, message in (
+        (["--kv-cache-fraction", "5"], r"--kv-cache-fraction must be in \(0, 1\], got 5.0"),
+        (["--gpu-gib", "-5"], "--gpu-gib must be a positive number, got -5.0"),
+    ):
+        with pytest.raises(SystemExit):
+            memory_plan.main(flags)
+        assert re.search(message, capsys.readouterr().err)
+    assert memory_plan.main(["--policy", str(tmp_path)]) == 1
+    assert f"no config.json at {tmp_path}" in capsys.readouterr().out

@@ -319,3 +319,19 @@ def test_generation_config_eos_ids_end_responses(tmp_path):
     assert response_stop_ids(tok, tmp_path) == [2, 7]
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 9}))
     assert response_stop_ids(tok, tmp_path) == [2, 9]
+
+
+def test_files_that_are_no_tokenizer_or_no_text_are_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no tokenizer \\(no tokenizer.json\\)"):
+        load_tokenizer(tmp_path / "empty")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin.jsonl:2: not UTF-8 text \(byte 16 of the line\)"):
+        read_prompt_file(latin)
+    import gzip
+
+    packed = tmp_path / "p.jsonl.gz"
+    packed.write_bytes(gzip.compress(b'{"prompt": "x"}\n' * 50))
+    with pytest.raises(ValueError, match=r"p.jsonl.gz:1: not UTF-8 text \(a compressed file\)"):
+        read_prompt_file(packed)

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -570,11 +571,25 @@ def test_profile_iteration_writes_a_trace_with_the_phases(tmp_path):
         (["--max-iterations", "-1", "--keep-checkpoints", "0"], "keep_checkpoints must be >= 1, got 0; max_iterations"),
         (["--save-every", "-1"], "save_every must be >= 0"),
         (["--kv-cache-fraction", "1.5"], r"kv_cache_fraction must be in \(0, 1\]"),
+        (["--learning-rate", "inf"], "learning_rate must be >= 0 and finite, got inf"),
+        (["--missing-eos-penalty", "-inf"], "missing_eos_penalty must be finite, got -inf"),
+        (["--dtype", "int8"], "dtype must be auto, bfloat16, float16 or float32, got 'int8'"),
+        (["--device", "tpu"], "device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+        (["--kv-cache-dtype", "int4"], "kv_cache_dtype must be auto or fp8, got 'int4'"),
+        (["--activation-checkpointing", "maybe"], "activation_checkpointing must be auto, on, off or a number"),
+        (["--output-dir", ""], "output_dir must not be empty"),
     ],
 )
-def test_nonsense_flags_are_refused_when_parsed(flags, message):
-    with pytest.raises(ValueError, match=message):
+def test_nonsense_flags_are_refused_when_parsed(flags, message, capsys):
+    """A usage error (exit code 2, the message after the usage lines), not a traceback from inside."""
+    with pytest.raises(SystemExit) as e:
         parse_args(flags)
+    assert e.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+def test_negative_numbers_in_scientific_notation_are_values():
+    assert parse_args(["--missing-eos-penalty", "-1e3"])[0].missing_eos_penalty == -1000.0
+    assert parse_args(["--missing-eos-penalty", "-2.5E+1"])[0].missing_eos_penalty == -25.0
 
 
 def test_a_layout_that_cannot_run_is_refused_before_any_weight_is_read(tmp_path, monkeypatch, capsys):
@@ -1177,3 +1192,54 @@ def test_the_policys_generation_config_stops_rollouts_and_is_saved(tmp_path):
     _run(tmp_path / "run", *flags)
     with open(tmp_path / "run" / "checkpoint-000001" / "policy" / "generation_config.json") as f:
         assert json.load(f) == {"eos_token_id": [2, 7], "top_p": 0.9}
+
+
+def test_the_tiny_default_never_deletes_another_run(tmp_path):
+    """Without --policy the demo starts over in a directory it ran in before (its init/ models there), but a
+    directory holding another run is refused as any fresh run's would be (it was emptied)."""
+    other = tmp_path / "other"
+    (other / "checkpoint-000006").mkdir(parents=True)
+    (other / "metrics.jsonl").write_text('{"iteration": 6}\n')
+    with pytest.raises(FileExistsError, match="holds an earlier run"):
+        _run(other, "--max-iterations", "1")
+    assert (other / "checkpoint-000006").is_dir() and (other / "metrics.jsonl").read_text() == '{"iteration": 6}\n'
+    _run(tmp_path / "demo", "--max-iterations", "1")
+    _run(tmp_path / "demo", "--max-iterations", "1")  # (its own directory: starts over)
+
+
+def test_the_tiny_models_follow_the_seed(tmp_path):
+    from engine.train_ppo import build_tiny_models
+
+    policy, _ = build_tiny_models(str(tmp_path), seed=0)
+    w0 = _weights(policy, "lm")
+    build_tiny_models(str(tmp_path), seed=7)
+    w7 = _weights(policy, "lm")
+    assert not torch.equal(w0["embed_tokens.weight"], w7["embed_tokens.weight"])
+    stamp = os.stat(os.path.join(policy, "model.safetensors")).st_mtime_ns
+    build_tiny_models(str(tmp_path), seed=7)  # (the same seed: kept)
+    assert os.stat(os.path.join(policy, "model.safetensors")).st_mtime_ns == stamp
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_anything_runs(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for flags in ((), ("--eval-only", "--eval-prompts", os.path.join(ROOT, "engine/assets/prompts_tiny_eval.jsonl"))):
+        with pytest.raises(OSError, match="cannot write to the output directory"):
+            _run(tmp_path / "file" / "out", "--max-iterations", "1", *flags)
+
+
+def test_damaged_files_are_named(tmp_path):
+    from engine.resume import LATEST, latest_checkpoint, load_state_file
+    from engine.train_ppo import build_tiny_models
+
+    policy, _ = build_tiny_models(str(tmp_path / "tiny"))
+    weights = os.path.join(policy, "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match=f"cannot read the weights file {re.escape(weights)}"):
+        load_pretrained(policy, head="lm")
+    (tmp_path / "state.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="cannot read the state file .*state.pt .*the checkpoint is damaged"):
+        load_state_file(str(tmp_path / "state.pt"))
+    (tmp_path / LATEST).write_text('{"checkp')
+    with pytest.raises(ValueError, match="latest is damaged"):
+        latest_checkpoint(str(tmp_path))
