@@ -113,8 +113,6 @@ class RunConfig:
         if not re.fullmatch(r"auto|on|off|\d+", self.activation_checkpointing):
             bad.append(f"activation_checkpointing must be auto, on, off or a number of layers, got "
                        f"{self.activation_checkpointing!r}")  # fmt: skip
-        if not self.output_dir:
-            bad.append("output_dir must not be empty")
         if self.chat_template not in CHAT_TEMPLATES:
             bad.append(f"chat_template must be one of {', '.join(CHAT_TEMPLATES)}, got {self.chat_template!r}")
         if not 0 < self.kv_cache_fraction <= 1:

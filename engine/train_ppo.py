@@ -131,6 +131,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[PPOConfig, RunConfig, boo
             ppo_kw[k] = tuple(v) if isinstance(v, list) else v
         else:
             run_kw[k] = v
+    if run_kw.get("output_dir", "x") == "":  # (RunConfig's "" is a bench's: no files at all)
+        parser.error("output_dir must not be empty")
     try:
         return PPOConfig(**ppo_kw), RunConfig(**run_kw), tiny
     except ValueError as e:  # (nonsense values: a usage error, exit code 2, not a traceback)
