@@ -304,7 +304,7 @@ def test_ppo_token_loss_empty_mask_is_zero(small_block):
 def test_ppo_token_loss_ignores_what_lies_off_the_mask(small_block, path):
     """Padding may hold anything in old log-probs, advantages and reference log-probs (NaN, -200 whose ratio
     overflows to inf): the loss, its gradients and the stats are those of the masked tokens alone."""
-    gen = torch.Generator().manual_seed(3)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(3)  # (the GPU test mode: cuda)
     n, h, v = 8, 16, 40
     hidden = torch.randn(n, h, generator=gen)
     weight = torch.randn(v, h, generator=gen) / 4

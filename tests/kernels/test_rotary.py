@@ -122,17 +122,17 @@ def test_inv_freq_is_transformers(params, d):
     """The fp32 frequencies every kernel rotates with are bit for bit those transformers computes from the same
     config.json, for each supported rope type."""
     from transformers import LlamaConfig
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     cfg = LlamaConfig(hidden_size=4 * d, num_attention_heads=4, max_position_embeddings=131072, rope_parameters=params)
-    want = ROPE_INIT_FUNCTIONS[params["rope_type"]](cfg, None)[0] if params["rope_type"] != "default" else None
-    if want is None:
-        want = 1.0 / (params["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rotary = LlamaRotaryEmbedding(cfg)  # (what transformers' Llama rotates with, every kind)
+    want = rotary.inv_freq.cpu()
+    assert rotary.attention_scaling == 1.0
     rope = reference.Rope.from_hf(cfg.to_dict())
-    assert torch.equal(reference.rotary_inv_freq(d, rope), want)
-    assert torch.equal(rope_tables(d, rope, torch.get_default_device())[0][: d // 2], want)
+    assert torch.equal(reference.rotary_inv_freq(d, rope).cpu(), want)
+    assert torch.equal(rope_tables(d, rope, torch.get_default_device())[0][: d // 2].cpu(), want)
     if params.get("original_max_position_embeddings") == 256 and d == 16:  # the three branches all taken
-        base = reference.rotary_inv_freq(d, params["rope_theta"])
+        base = reference.rotary_inv_freq(d, params["rope_theta"]).cpu()
         ratio = (want / base).tolist()
         assert ratio[0] == 1.0 and ratio[-1] == 1 / 8 and any(1 / 8 < r < 1 for r in ratio)
 
