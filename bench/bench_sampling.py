@@ -1,6 +1,7 @@
 """Benchmark the decode-step sampler: kernels.sampling.gumbel_sample (one pass per row) against the eager
 PyTorch sampler it replaces (kernels.reference.gumbel_sample: int64 hash noise, Gumbel, argmax, log-softmax),
-torch.compile of it, and the floor (reading the logits once at --bandwidth).
+torch.compile of it, transformers' own step (softmax, torch.multinomial, and the sampled token's log-prob a rollout
+keeps), and the floor (reading the logits once at --bandwidth, measured on the device).
 
     python bench/bench_sampling.py                     # batch 64 and 256 x vocab 32000, bf16 logits, on CUDA
     python bench/bench_sampling.py --batch 1 64 256 --vocab 32000 --json sampling.json
@@ -24,6 +25,14 @@ from kernels import reference  # noqa: E402
 from kernels.sampling import gumbel_sample  # noqa: E402
 
 
+def hf_sample(logits, seeds, counters, temperature):
+    """The peer users run: transformers' sampling step (logits / T, softmax, torch.multinomial), plus the log-prob
+    of the sampled token that a PPO rollout keeps (a log_softmax of the raw logits)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    tokens = torch.multinomial(probs, 1).squeeze(-1)
+    return tokens, torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 256])
@@ -33,7 +42,11 @@ def main(argv=None) -> list[dict]:
     args = ap.parse_args(argv)
     device = bench_device(args, batch=[4], vocab=1000, dtype="float32")
     dtype = getattr(torch, args.dtype)
-    impls = {"ours (one pass)": gumbel_sample, "eager (reference)": reference.gumbel_sample}
+    impls = {
+        "ours (one pass)": gumbel_sample,
+        "eager (reference)": reference.gumbel_sample,
+        "HF: softmax + multinomial": hf_sample,  # what transformers' generate does per step (token and its log-prob)
+    }
     if device == "cuda":
         impls["torch.compile(eager)"] = torch.compile(reference.gumbel_sample)
     rows = []
