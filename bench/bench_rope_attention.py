@@ -51,17 +51,13 @@ def rotary_tables(positions, head_dim: int, theta: float, dtype) -> tuple[torch.
     return cos.to(dtype), sin.to(dtype)
 
 
-def hf_rotary(x, cos, sin):
-    """HF's apply_rotary_pos_emb on [N, H, D], in x's dtype: x * cos + rotate_half(x) * sin."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
-
-
 def sdpa_with_rotary(q, k, v, cos, sin, batch, seqlen, backend=None, rotary: bool = True):
     """Users' path today: HF's rotary as separate ops on [B*T, H, D] (bf16, tables computed once), then SDPA on
     [B, H, T, D] views. rotary=False: the attention alone (what the rotary costs them, by difference)."""
     if rotary:
-        q, k = hf_rotary(q, cos, sin), hf_rotary(k, cos, sin)
+        # HF's apply_rotary_pos_emb: x * cos + rotate_half(x) * sin, in the model's dtype (the oracle's own rotation,
+        # computed in that dtype instead of fp32)
+        q, k = reference._rotate(q, cos, sin, q.dtype), reference._rotate(k, cos, sin, k.dtype)
     qr = q.view(batch, seqlen, q.shape[1], -1).transpose(1, 2)
     kr = k.view(batch, seqlen, k.shape[1], -1).transpose(1, 2)
     vv = v.view(batch, seqlen, v.shape[1], -1).transpose(1, 2)

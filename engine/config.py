@@ -307,7 +307,7 @@ class PPOConfig:
             bad.append(f"temperature must be > 0 for PPO's rollouts, got {self.temperature} (--eval-greedy evaluates "
                        "greedily)")  # fmt: skip
         for name, value in vars(self).items():  # every other number finite too (the missing-EOS score, the temperature)
-            if isinstance(value, float) and not math.isfinite(value) and not any(name in b for b in bad):
+            if isinstance(value, float) and not math.isfinite(value) and not any(b.startswith(f"{name} ") for b in bad):
                 bad.append(f"{name} must be finite, got {value}")
         if bad:
             raise ValueError("; ".join(bad))
