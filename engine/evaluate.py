@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from engine import ppo
-from engine.data import Rollout
+from engine.data import Rollout, prompts_digest
 from engine.parallel import agree, print0, raise_together
 from engine.resume import EVAL_DIR, atomic_write, read_log
 from engine.rollout import forward_rollout, generate_rollout, reduce_sums, sampling_params
@@ -62,6 +62,30 @@ def eval_due(state: TrainState, *, at_start: bool = False) -> bool:
             error = e
     raise_together(error, "reading eval.jsonl")
     return not agree([logged], "min")[0]
+
+
+def eval_identity(state: TrainState) -> dict:
+    """What makes two evaluations comparable, logged with each: the prompt set's digest and the decoding."""
+    return {"eval_set": prompts_digest(state.eval_prompts.prompts), "eval_greedy": state.run.eval_greedy}
+
+
+def check_resumed_eval(state: TrainState) -> None:
+    """A resumed run evaluating on another prompt set (or decoding otherwise) than the evaluations eval.jsonl holds
+    would draw one curve through two sets: say so (each line names its set: `eval_set`)."""
+    if state.eval_prompts is None or state.iteration == 0 or state.grid.rank != 0 or not state.run.output_dir:
+        return
+    fn = os.path.join(state.run.output_dir, "eval.jsonl")
+    try:
+        logged = [r for r in read_log(fn)[1] if "eval_set" in r] if os.path.exists(fn) else []
+    except ValueError:  # (named by eval_due, which reads it too)
+        return
+    now = eval_identity(state)
+    if logged and any(logged[-1].get(k) != v for k, v in now.items()):
+        before = {k: logged[-1].get(k) for k in now}
+        print0(
+            f"warning: {fn} holds evaluations of another set or decoding ({before}) than this resumed run's ({now}): "
+            "its curve changes set here (each line names its own)"
+        )
 
 
 def sequence_stats(state: TrainState, ro: Rollout) -> dict[str, torch.Tensor]:
@@ -124,7 +148,7 @@ def evaluate(state: TrainState) -> dict:
     g = reduce_sums({"sequences": float(len(ids)), **{k: v.sum() for k, v in stats.items()}}, state.device,
                     state.dp_group)  # fmt: skip
     n = g["sequences"]
-    metrics = {"iteration": state.iteration, "step": state.step, "prompts": int(n)}
+    metrics = {"iteration": state.iteration, "step": state.step, "prompts": int(n), **eval_identity(state)}
     metrics.update({k: g[k] / n for k in EVAL_KEYS if k != "no_eos_frac"})
     metrics["no_eos_frac"] = g["no_eos"] / n
     records = []  # (a TP group's ranks hold the same answers: its rank 0 decodes them)

@@ -201,6 +201,21 @@ def check_batch_sizes(cfg: PPOConfig, grid: ProcessGrid) -> None:
         )
 
 
+def run_iterations(prompts: int, cfg: PPOConfig, run: RunConfig) -> int:
+    """Rollouts the run makes: every prompt epoch's full batches (PromptBatches), or --max-iterations of them."""
+    total = prompts // cfg.rollout_batch_size * cfg.prompt_epochs
+    return min(run.max_iterations, total) if run.max_iterations else total
+
+
+def check_profile_iteration(run: RunConfig, iterations: int) -> None:
+    """--profile-iteration past the run's last iteration would profile nothing, silently."""
+    if run.profile_iteration > iterations:
+        raise ValueError(
+            f"--profile-iteration {run.profile_iteration} is past the run's last iteration ({iterations}): "
+            "it would profile nothing"
+        )
+
+
 def setup(
     cfg: PPOConfig, run: RunConfig, *, grid: ProcessGrid | None = None, generator_factory=make_generator
 ) -> TrainState:
@@ -227,6 +242,7 @@ def setup(
     check_tokenizer(light, tokenizer, tokenizer_dir, prompt_set, eval_set)
     check_context(light, cfg)
     check_fills_a_rollout(len(prompt_set.prompts), cfg.rollout_batch_size)
+    check_profile_iteration(run, run_iterations(len(prompt_set.prompts), cfg, run))
     run = resolve_run(run)  # Hub ids -> local directories with the weights (engine/hub.py; the same directories)
     ckpt = latest_checkpoint(run.output_dir) if run.resume else None
     if run.resume:
@@ -369,7 +385,7 @@ def make_state(
     data = PromptBatches(
         prompts, cfg.rollout_batch_size, seed=run.seed, epochs=cfg.prompt_epochs, dp_rank=grid.dp_rank, dp_size=grid.dp
     )
-    iterations = len(data) if not run.max_iterations else min(run.max_iterations, len(data))
+    iterations = run_iterations(len(prompts), cfg, run)
     steps_per_rollout = cfg.ppo_epochs * seqs // cfg.train_batch_size
     device = next(policy.parameters()).device
     setting = recompute.setting(run.activation_checkpointing, len(policy.layers), device)

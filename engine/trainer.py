@@ -29,7 +29,7 @@ from torch.profiler import record_function
 
 from engine import ppo, recompute
 from engine.data import Rollout, global_position, to_padded
-from engine.evaluate import eval_due, evaluate, log_samples
+from engine.evaluate import check_resumed_eval, eval_due, evaluate, log_samples
 from engine.generate import GenerationStats
 from engine.model import forward_flops
 from engine.optim import accumulate_grads, apply_update, reduce_grads
@@ -398,6 +398,10 @@ def train(state: TrainState) -> list[dict]:
 
 def _loop(state: TrainState) -> None:
     saved_at, last_save = state.iteration, time.monotonic()
+    if 0 < state.run.profile_iteration <= state.iteration:
+        print0(f"warning: --profile-iteration {state.run.profile_iteration} was done before the checkpoint this run "
+               f"resumes from (iteration {state.iteration}): nothing is profiled")  # fmt: skip
+    check_resumed_eval(state)
     with _StopSignals() as signals:
         # the starting point, or an evaluation a stop signal put off (a signal during it stops after iteration 1)
         if eval_due(state, at_start=True):

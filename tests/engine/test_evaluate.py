@@ -112,15 +112,36 @@ def test_greedy_evaluation_does_not_depend_on_the_seed(tmp_path):
     assert answers[0, "--eval-greedy"] != answers[0, "--no-eval-greedy"]
 
 
-def test_resume_after_a_crash_keeps_one_line_per_evaluation_and_sample(tmp_path):
+def test_resume_after_a_crash_keeps_one_line_per_evaluation_and_sample(tmp_path, capsys):
     _run(tmp_path, "--max-iterations", "3", "--save-every", "2", "--keep-checkpoints", "2", "--eval-every", "1")
     (tmp_path / "latest").write_text(json.dumps({"checkpoint": "checkpoint-000002"}))  # as if it died at 3
     os.remove(tmp_path / "eval/iter-000003.jsonl")
     (tmp_path / "eval/iter-000004.jsonl").write_text("{}\n")  # a later evaluation of the dead run
-    _run(tmp_path, "--max-iterations", "3", "--resume", "--eval-every", "1")
-    assert [e["iteration"] for e in _lines(tmp_path / "eval.jsonl")] == [0, 1, 2, 3]
+    capsys.readouterr()
+    _run(tmp_path, "--max-iterations", "3", "--resume", "--eval-every", "1", "--keep-checkpoints", "2")
+    assert "holds evaluations of another set" not in capsys.readouterr().out
+    evals = _lines(tmp_path / "eval.jsonl")
+    assert [e["iteration"] for e in evals] == [0, 1, 2, 3]
+    assert len({e["eval_set"] for e in evals}) == 1 and not any(e["eval_greedy"] for e in evals)
     assert [s["iteration"] for s in _lines(tmp_path / "samples.jsonl")] == [1, 1, 2, 2, 3, 3]
     assert sorted(os.listdir(tmp_path / "eval")) == [f"iter-{i:06d}.jsonl" for i in range(4)]
+    # resumed with another evaluation set: warned, and each line names its set
+    (tmp_path / "latest").write_text(json.dumps({"checkpoint": "checkpoint-000002"}))
+    with open(TINY_EVAL_PROMPTS) as f:
+        (tmp_path / "fewer.jsonl").write_text("".join(f.readlines()[:8]))
+    _run(
+        tmp_path,
+        "--max-iterations",
+        "3",
+        "--resume",
+        "--eval-every",
+        "1",
+        "--eval-prompts",
+        str(tmp_path / "fewer.jsonl"),
+    )
+    assert "eval.jsonl holds evaluations of another set or decoding" in capsys.readouterr().out
+    last = _lines(tmp_path / "eval.jsonl")[-1]
+    assert last["iteration"] == 3 and last["prompts"] == 8 and last["eval_set"] != evals[-1]["eval_set"]
 
 
 def test_bad_evaluation_flags_are_refused(tmp_path):

@@ -555,6 +555,9 @@ def test_profile_iteration_writes_a_trace_with_the_phases(tmp_path):
     assert trace.name == "trace-iter000002-rank00000.json"
     names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
     assert {"ppo/generate", "ppo/score", "ppo/train"} <= names
+    with pytest.raises(ValueError, match=r"--profile-iteration 3 is past the run's last iteration \(2\)"):
+        _run(tmp_path / "b", "--max-iterations", "2", "--profile-iteration", "3")  # (refused before loading models)
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").glob("checkpoint-*"))
 
 
 @pytest.mark.parametrize(
