@@ -1,4 +1,6 @@
-"""Benchmark paged decode attention: ours vs the eager reference (gather + attention) vs torch.compile.
+"""Benchmark paged decode attention: ours vs the eager reference (gather + attention) vs torch.compile vs the
+peers' decode over an unpaged cache (transformers' static cache through SDPA; flash-attn's kvcache kernel when
+installed).
 
     python bench/bench_paged_attention.py [--json out.json] [--bandwidth-tbs TBS] [--shapes NAME ...] [--sweep]
         [--kv-dtype fp8]
@@ -59,6 +61,25 @@ def _make(batch, ctx, hq, hkv, d, block_size, dtype, device, cache_dtype=None):
     return q, k_cache, v_cache, block_tables, context_lens
 
 
+def _dense_peers(q, kc, vc, bt, ctx, dtype) -> dict:
+    """Decode attention over an unpaged cache, as users run it today: transformers' static cache (K/V contiguous
+    [batch, Hkv, context, D] in the model's dtype) through SDPA, one query per sequence; flash-attn's
+    flash_attn_with_kvcache on the same cache when flash-attn is installed."""
+    batch, hkv, d = q.shape[0], kc.shape[2], kc.shape[3]
+    dense = lambda c: c[bt.long()].reshape(batch, -1, hkv, d)[:, :ctx].to(dtype)  # noqa: E731  [B, ctx, Hkv, D]
+    kd, vd = dense(kc), dense(vc)
+    kt, vt = kd.transpose(1, 2).contiguous(), vd.transpose(1, 2).contiguous()
+    gqa = q.shape[1] != hkv
+    peers = {"sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q[:, :, None], kt, vt, enable_gqa=gqa)}
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except ImportError:
+        return peers
+    seqlens = torch.full((batch,), ctx, dtype=torch.int32, device=q.device)
+    peers["flash_attn"] = lambda: flash_attn_with_kvcache(q[:, None], kd, vd, cache_seqlens=seqlens)
+    return peers
+
+
 def _ms(fn, device) -> float:
     return measure(fn, device, rep_ms=500 if torch.device(device).type != "cuda" else 100)[0]
 
@@ -75,17 +96,22 @@ def _bench_shape(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, compile
             variants[name16] = lambda: paged_decode_attention(q, kc16, vc16, bt, cl, max_context_len=ctx)
             read[name16] = kv_bytes * kc16.element_size() // kc.element_size()
     variants["eager"] = lambda: reference.paged_decode_attention(q, kc, vc, bt, cl)
+    variants.update(_dense_peers(q, kc, vc, bt, ctx, dtype))  # what transformers' static cache runs (+ flash-attn)
+    for peer in ("sdpa", "flash_attn"):
+        if kc.dtype != dtype and peer in variants:  # (their cache is in the model's dtype)
+            read[peer] = kv_bytes * torch.empty((), dtype=dtype).element_size() // kc.element_size()
     if device.type == "cuda" and compile_:
         compiled = torch.compile(reference.paged_decode_attention)
         variants["compile"] = lambda: compiled(q, kc, vc, bt, cl)
     row = {"shape": name, "batch": batch, "context": ctx, "hq": hq, "hkv": hkv, "head_dim": d, "block": bs}
     row.update({"dtype": str(dtype), "kv_dtype": str(kc.dtype), "kv_bytes": kv_bytes, "floor_ms": kv_bytes / bw * 1e3})
-    if "ours" in variants:  # before timing: ours against the eager reference (fp32 inside) on the same inputs
-        want = variants["eager"]().float()
-        err = (variants["ours"]().float() - want).abs().max().item()  # the same fp8 values
-        row["max_abs_err"] = err
-        print(f"{name}: ours vs eager reference, max |err| = {err:.2e}")
-        check_close(f"paged decode {name}", err / want.abs().max().item(), dtype)
+    want = variants["eager"]().float()  # before timing: ours and the peers against the eager reference (fp32 inside)
+    for vname in ("ours", "sdpa", "flash_attn"):
+        if vname in variants:
+            err = (variants[vname]().float().reshape(want.shape) - want).abs().max().item()  # the same fp8 values
+            row["max_abs_err" if vname == "ours" else f"{vname}_max_abs_err"] = err
+            print(f"{name}: {vname} vs eager reference, max |err| = {err:.2e}")
+            check_close(f"paged decode {name} ({vname})", err / want.abs().max().item(), dtype)
     for vname, fn in variants.items():
         try:
             ms = _ms(fn, device)
@@ -210,7 +236,7 @@ def _triton_version() -> str:
 def _print(rows, tbs) -> None:
     head = f"{'shape':<20} {'KV MB':>8} {'floor ms':>9}"
     variants = ["ours", *sorted({k[:-3] for r in rows for k in r if k.startswith("ours_") and k.endswith("_ms")})]
-    variants += ["eager", "compile"]
+    variants += ["eager", "compile", "sdpa"] + (["flash_attn"] if any("flash_attn_ms" in r for r in rows) else [])
     for v in variants:
         head += f" {v + ' ms':>11} {v + ' GB/s':>11} {'%' + str(tbs) + 'TB/s':>10} {'+MB':>8}"
     head += f" {'rope_write ms':>14}"
