@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import add_elementwise_args, bench_device, check_close, device_name, measure, save_json  # noqa: E402
+from engine.sampler import topk_floor  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.sampling import gumbel_sample  # noqa: E402
 
@@ -33,11 +34,24 @@ def hf_sample(logits, seeds, counters, temperature):
     return tokens, torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
+def hf_sample_top_k(logits, seeds, counters, temperature, top_k):
+    """transformers' step with its TopKLogitsWarper (the k-th largest scaled logit as a floor, -inf below it)."""
+    scaled = logits.float() / temperature
+    kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
+    return hf_sample(scaled.masked_fill(scaled < kth, float("-inf")) * temperature, seeds, counters, temperature)
+
+
+def ours_top_k(logits, seeds, counters, temperature, top_k):
+    """engine.sampler's top-k: torch.topk finds each row's floor, then the one-pass kernel samples above it."""
+    return gumbel_sample(logits, seeds, counters, temperature, topk_floor(logits, top_k))
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--top-k", type=int, default=50, help="also time top-k sampling (the recipe's rollouts; 0: not)")
     add_elementwise_args(ap)
     args = ap.parse_args(argv)
     device = bench_device(args, batch=[4], vocab=1000, dtype="float32")
@@ -49,6 +63,10 @@ def main(argv=None) -> list[dict]:
     }
     if device == "cuda":
         impls["torch.compile(eager)"] = torch.compile(reference.gumbel_sample)
+    if args.top_k > 0:
+        k = args.top_k
+        impls[f"ours top-{k}"] = lambda x, s, c, t: ours_top_k(x, s, c, t, k)
+        impls[f"HF top-{k}"] = lambda x, s, c, t: hf_sample_top_k(x, s, c, t, k)
     rows = []
     for b in args.batch:
         logits = torch.randn(b, args.vocab, device=device, dtype=dtype) * 3

@@ -217,31 +217,46 @@ def bits_to_uniform(bits: torch.Tensor) -> torch.Tensor:
 
 
 def gumbel_sample(
-    logits: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor, temperature: float
+    logits: torch.Tensor,
+    seeds: torch.Tensor,
+    counters: torch.Tensor,
+    temperature: float,
+    min_logit: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Oracle of kernels.sampling.gumbel_sample: argmax of logits / temperature + Gumbel(uniform_noise) (argmax
-    of the logits at temperature 0) -> (tokens [B] int64, log_softmax(logits) at them [B] fp32)."""
+    of the logits at temperature 0) -> (tokens [B] int64, log_softmax(logits) at them [B] fp32). min_logit [B]:
+    only tokens whose logit is >= their row's may be drawn (top-k: the k-th largest logit); the log-prob stays
+    under the whole row's raw logits."""
     logits = logits.float()
-    tokens = _gumbel_scores(logits, seeds, counters, temperature, 0).argmax(-1)
+    tokens = _gumbel_scores(logits, seeds, counters, temperature, 0, min_logit).argmax(-1)
     return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def _gumbel_scores(logits, seeds, counters, temperature: float, vocab_offset: int) -> torch.Tensor:
-    """logits / temperature + Gumbel noise of columns vocab_offset + [0, V) (the logits at temperature 0), fp32."""
+def _gumbel_scores(logits, seeds, counters, temperature: float, vocab_offset: int, min_logit=None) -> torch.Tensor:
+    """logits / temperature + Gumbel noise of columns vocab_offset + [0, V) (the logits at temperature 0), fp32;
+    -inf where a logit is below its row's min_logit."""
     if temperature == 0:
         return logits
     noise = uniform_noise(seeds, counters, logits.shape[-1], vocab_offset)
-    return logits / temperature - torch.log(-torch.log(noise))
+    score = logits / temperature - torch.log(-torch.log(noise))
+    if min_logit is not None:
+        score = score.masked_fill(logits < min_logit.float()[:, None], float("-inf"))
+    return score
 
 
 def gumbel_sample_partial(
-    logits: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor, temperature: float, vocab_offset: int
+    logits: torch.Tensor,
+    seeds: torch.Tensor,
+    counters: torch.Tensor,
+    temperature: float,
+    vocab_offset: int,
+    min_logit: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Oracle of kernels.sampling.gumbel_sample_partial: gumbel_sample over one vocabulary shard (columns
     vocab_offset + [0, V)) -> (global token ids [B] int64, stats [B, 3] fp32: the best score, the logit at the
     token, the shard's logsumexp)."""
     logits = logits.float()
-    score = _gumbel_scores(logits, seeds, counters, temperature, vocab_offset)
+    score = _gumbel_scores(logits, seeds, counters, temperature, vocab_offset, min_logit)
     idx = score.argmax(-1)[:, None]  # the first maximum
     stats = torch.cat([score.gather(-1, idx), logits.gather(-1, idx), torch.logsumexp(logits, -1, keepdim=True)], -1)
     idx = idx.squeeze(-1)

@@ -49,11 +49,12 @@ def _uniform(bits):
 
 @triton.jit
 def _gumbel_sample_kernel(
-    LOGITS, SEEDS, COUNTERS, TOKENS, LOGPROBS, vocab, vocab_offset, stride_row, temperature,
-    GREEDY: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_V: tl.constexpr,
+    LOGITS, SEEDS, COUNTERS, MIN_LOGIT, TOKENS, LOGPROBS, vocab, vocab_offset, stride_row, temperature,
+    GREEDY: tl.constexpr, PARTIAL: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     """One row: stream the logits in blocks; running (best score, its index, its logit) and logsumexp. PARTIAL:
-    LOGPROBS is [B, 3] (best score, its logit, logsumexp) and the token id is offset by vocab_offset."""
+    LOGPROBS is [B, 3] (best score, its logit, logsumexp) and the token id is offset by vocab_offset. HAS_MIN: a
+    logit below the row's MIN_LOGIT is never drawn (it still counts in the logsumexp)."""
     row = tl.program_id(0)
     base = LOGITS + row.to(tl.int64) * stride_row
     seed = tl.load(SEEDS + row).to(tl.uint32)  # the low 32 bits, as the reference's & 0xFFFFFFFF
@@ -73,7 +74,10 @@ def _gumbel_sample_kernel(
         else:
             bits = _mix32(row_key ^ _mix32((offs + vocab_offset).to(tl.uint32) * 0x61C88647))
             u = _uniform(bits)
-            score = tl.where(ok, x / temperature - tl.log(-tl.log(u)), -float("inf"))
+            drawable = ok
+            if HAS_MIN:
+                drawable = ok & (x >= tl.load(MIN_LOGIT + row))
+            score = tl.where(drawable, x / temperature - tl.log(-tl.log(u)), -float("inf"))
         blk_best = tl.max(score, axis=0)
         blk_idx = v0 + tl.argmax(score, axis=0)  # the first maximum, as torch.argmax
         blk_logit = tl.sum(tl.where(offs == blk_idx, x, 0.0), axis=0)
@@ -95,24 +99,36 @@ def _gumbel_sample_kernel(
 
 
 def gumbel_sample(
-    logits: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor, temperature: float
+    logits: torch.Tensor,
+    seeds: torch.Tensor,
+    counters: torch.Tensor,
+    temperature: float,
+    min_logit: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] (fp32/bf16/fp16), seeds and counters [B] int64 -> tokens [B] int64, log-probs [B] fp32."""
-    _check(logits, seeds, counters, temperature)
+    """logits [B, V] (fp32/bf16/fp16), seeds and counters [B] int64 -> tokens [B] int64, log-probs [B] fp32.
+    min_logit [B] (optional): only a logit >= its row's may be drawn (top-k sampling: the k-th largest logit,
+    engine/sampler.py), in the same single pass; the log-prob stays under the whole row."""
+    _check(logits, seeds, counters, temperature, min_logit)
     if not use_triton(logits):
-        return reference.gumbel_sample(logits, seeds, counters, temperature)
-    return _launch(logits, seeds, counters, temperature, 0, partial=False)
+        return reference.gumbel_sample(logits, seeds, counters, temperature, min_logit)
+    return _launch(logits, seeds, counters, temperature, 0, min_logit, partial=False)
 
 
 def gumbel_sample_partial(
-    logits: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor, temperature: float, vocab_offset: int
+    logits: torch.Tensor,
+    seeds: torch.Tensor,
+    counters: torch.Tensor,
+    temperature: float,
+    vocab_offset: int,
+    min_logit: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V_shard] of vocabulary ids vocab_offset + [0, V_shard) -> (the shard's best token, a global id
-    [B] int64; stats [B, 3] fp32: its score, its logit, the shard's logsumexp of the raw logits)."""
-    _check(logits, seeds, counters, temperature)
+    [B] int64; stats [B, 3] fp32: its score, its logit, the shard's logsumexp of the raw logits). A shard with no
+    logit >= min_logit has a best score of -inf (another shard's token wins)."""
+    _check(logits, seeds, counters, temperature, min_logit)
     if not use_triton(logits):
-        return reference.gumbel_sample_partial(logits, seeds, counters, temperature, vocab_offset)
-    return _launch(logits, seeds, counters, temperature, vocab_offset, partial=True)
+        return reference.gumbel_sample_partial(logits, seeds, counters, temperature, vocab_offset, min_logit)
+    return _launch(logits, seeds, counters, temperature, vocab_offset, min_logit, partial=True)
 
 
 def combine_partial_samples(tokens: torch.Tensor, stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +141,7 @@ def combine_partial_samples(tokens: torch.Tensor, stats: torch.Tensor) -> tuple[
     return tokens.gather(0, shard).squeeze(0), (logit.double() - lse).float()
 
 
-def _check(logits, seeds, counters, temperature) -> None:
+def _check(logits, seeds, counters, temperature, min_logit=None) -> None:
     if logits.dim() != 2 or seeds.shape != (logits.shape[0],) or counters.shape != (logits.shape[0],):
         raise ValueError(
             f"logits must be [B, V] with seeds and counters [B]; got {tuple(logits.shape)}, "
@@ -135,20 +151,24 @@ def _check(logits, seeds, counters, temperature) -> None:
         raise ValueError(f"temperature must be >= 0 and finite, got {temperature}")
     if logits.shape[1] == 0:
         raise ValueError("logits have an empty vocabulary dimension")
+    if min_logit is not None and min_logit.shape != (logits.shape[0],):
+        raise ValueError(f"min_logit must be [B] = [{logits.shape[0]}], got {tuple(min_logit.shape)}")
     if seeds.is_floating_point() or counters.is_floating_point():
         raise ValueError(f"seeds and counters must be integer tensors, got {seeds.dtype} and {counters.dtype}")
 
 
-def _launch(logits, seeds, counters, temperature, vocab_offset, *, partial):
+def _launch(logits, seeds, counters, temperature, vocab_offset, min_logit=None, *, partial):
     b, v = logits.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     tokens = torch.empty(b, dtype=torch.int64, device=logits.device)
     out = torch.empty((b, 3) if partial else (b,), dtype=torch.float32, device=logits.device)
+    has_min = min_logit is not None and temperature > 0  # (greedy draws the row's largest logit anyway)
+    floor = min_logit.float().contiguous() if has_min else out  # (a placeholder pointer, never read)
     if b:
         _gumbel_sample_kernel[(b,)](
-            logits, seeds.contiguous(), counters.contiguous(), tokens, out, v, vocab_offset, logits.stride(0),
+            logits, seeds.contiguous(), counters.contiguous(), floor, tokens, out, v, vocab_offset, logits.stride(0),
             float(temperature) if temperature > 0 else 1.0, GREEDY=temperature == 0, PARTIAL=partial,
-            BLOCK_V=_BLOCK_V, num_warps=8,
+            HAS_MIN=has_min, BLOCK_V=_BLOCK_V, num_warps=8,
         )  # fmt: skip
     return tokens, out

@@ -78,6 +78,46 @@ def test_vocabulary_shards_combine_into_the_whole_rows_sample(temperature, shard
         assert tokens[0] == 100
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_logit_floor_restricts_the_draw_and_keeps_the_whole_rows_logprob(temperature, dtype):
+    """min_logit (top-k's k-th largest logit): kernel and reference draw the same token, always one at or above its
+    row's floor (ties at it included), the log-prob under the whole row; over vocabulary shards too, including a
+    shard with no logit above the floor."""
+    b, v, k = 40, 3000, 7
+    logits = (3 * torch.randn(b, v)).to(dtype)
+    logits[1, :5] = logits[1].float().max() + 1  # a tie at the floor (k = 7 > 5 equal maxima: the 6th, 7th differ)
+    logits[2, 1500:] = -30.0  # the second shard holds nothing above the floor
+    floor = torch.topk(logits.float(), k, dim=-1).values[:, -1]
+    seeds = torch.randint(0, 2**32, (b,), dtype=torch.int64)
+    counters = torch.randint(0, 5000, (b,), dtype=torch.int64)
+    tokens, logprobs = gumbel_sample(logits, seeds, counters, temperature, floor)
+    want_tokens, want_logprobs = reference.gumbel_sample(logits, seeds, counters, temperature, floor)
+    assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(logprobs, want_logprobs, atol=1e-5, rtol=1e-5)
+    assert (logits.float().gather(-1, tokens[:, None]).squeeze(-1) >= floor).all()
+    exact = torch.log_softmax(logits.double(), -1).gather(-1, tokens[:, None]).squeeze(-1)
+    torch.testing.assert_close(logprobs.double(), exact, atol=1e-5, rtol=1e-5)
+    if temperature:  # the floor changes draws (without it, most rows take a token outside their top 7)
+        free, _ = gumbel_sample(logits, seeds, counters, temperature)
+        assert (logits.float().gather(-1, free[:, None]).squeeze(-1) < floor).any()
+    parts = [gumbel_sample_partial(logits[:, i : i + 1500], seeds, counters, temperature, i, floor) for i in (0, 1500)]
+    for i, (tok, stats) in zip((0, 1500), parts):
+        ref_tok, ref_stats = reference.gumbel_sample_partial(logits[:, i : i + 1500], seeds, counters, temperature,
+                                                             i, floor)  # fmt: skip
+        assert torch.equal(tok, ref_tok)
+        drawn = stats[:, 0] > -float("inf")  # (a shard with nothing to draw: its 'logit' is never read)
+        torch.testing.assert_close(stats[:, 0::2], ref_stats[:, 0::2], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(stats[drawn, 1], ref_stats[drawn, 1], atol=1e-5, rtol=1e-5)
+    if temperature:
+        assert parts[1][1][2, 0] == -float("inf")
+    tokens2, logprobs2 = combine_partial_samples(torch.stack([t for t, _ in parts]), torch.stack([s for _, s in parts]))
+    assert torch.equal(tokens2, tokens)
+    torch.testing.assert_close(logprobs2, logprobs, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"min_logit must be \[B\] = \[40\]"):
+        gumbel_sample(logits, seeds, counters, temperature, floor[:3])
+
+
 @triton.jit
 def _uniform_of(BITS, OUT, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

@@ -72,10 +72,12 @@ print("compiled")
 from bench.common import ptxas_info
 from kernels import sampling
 
-types = dict(LOGITS="*bf16", SEEDS="*i64", COUNTERS="*i64", TOKENS="*i64", LOGPROBS="*fp32", vocab="i32",
-             vocab_offset="i32", stride_row="i32", temperature="fp32")
-for greedy, partial in ((False, False), (True, False), (False, True)):  # partial: a TP rank's vocabulary shard
-    consts = dict(GREEDY=greedy, PARTIAL=partial, BLOCK_V=sampling._BLOCK_V)
+types = dict(LOGITS="*bf16", SEEDS="*i64", COUNTERS="*i64", MIN_LOGIT="*fp32", TOKENS="*i64", LOGPROBS="*fp32",
+             vocab="i32", vocab_offset="i32", stride_row="i32", temperature="fp32")
+# partial: a TP rank's vocabulary shard; has_min: top-k's floor
+for greedy, partial, has_min in ((False, False, False), (True, False, False), (False, True, False),
+                                 (False, False, True), (False, True, True)):  # fmt: skip
+    consts = dict(GREEDY=greedy, PARTIAL=partial, HAS_MIN=has_min, BLOCK_V=sampling._BLOCK_V)
     info = ptxas_info(sampling._gumbel_sample_kernel, types, consts, 8, 3, divisible=("vocab",))  # 32000 is
     assert info["regs"] and info["spill_bytes"] == 0, info
 print("compiled")
