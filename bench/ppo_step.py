@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import run_main, write_json  # noqa: E402
 from engine.config import MODEL_SHAPES, ModelConfig, PPOConfig  # noqa: E402
 from engine.model import Transformer  # noqa: E402
-from engine.parallel import init_process_grid, print0  # noqa: E402
+from engine.parallel import backend_for, init_process_grid, print0  # noqa: E402
 from engine.state import RunConfig, make_state, resolve_device, resolve_dtype  # noqa: E402
 from engine.trainer import ppo_iteration  # noqa: E402
 
@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    grid = init_process_grid(a.tp)
+    grid = init_process_grid(a.tp, backend_for(a.device))
     device = resolve_device(a.device, grid)
     dtype = resolve_dtype(a.dtype, device)
     gpu = device.type == "cuda"

@@ -26,11 +26,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import measured_copy_tbs, run_main, write_json  # noqa: E402
 from engine.checkpoint import hf_tensor_specs, load_pretrained  # noqa: E402
-from engine.config import MODEL_SHAPES, GenerateConfig, ModelConfig  # noqa: E402
+from engine.config import MODEL_SHAPES, GenerateConfig, ModelConfig, PPOConfig  # noqa: E402
 from engine.generate import Generator  # noqa: E402
 from engine.kv_cache import resolve_cache_dtype  # noqa: E402
 from engine.model import Transformer  # noqa: E402
-from engine.parallel import init_process_grid, print0  # noqa: E402
+from engine.parallel import backend_for, init_process_grid, print0  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,6 +43,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 128 on GPU, 32 on CPU)")
     p.add_argument("--gen-len", type=int, default=None, help="new tokens per prompt (default 256 on GPU, 32 on CPU)")
     p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (the recipe samples at 0.7)")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=PPOConfig().top_k,
+        help="sample from the k likeliest tokens, ours and HF's alike (default: the recipe's rollouts; 0: off)",
+    )
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default bf16 on GPU")
     p.add_argument("--device", default=None, help="default cuda if available")
     p.add_argument("--block-size", type=int, default=16)
@@ -72,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
     if a.repeats < 1 or a.stop_tokens < 0:
         p.error("--repeats must be >= 1 and --stop-tokens >= 0")
+    if a.top_k < 0:
+        p.error(f"--top-k must be >= 0 (0: off), got {a.top_k}")
     if not 0 < a.kv_cache_fraction <= 1:
         p.error(f"--kv-cache-fraction must be in (0, 1], got {a.kv_cache_fraction}")
     if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
@@ -157,13 +165,13 @@ def time_ours(gen: Generator, prompts, params, repeats: int, device) -> dict:
     return best
 
 
-def time_hf(hf, prompts, gen_len: int, temperature: float, device, static: bool, repeats: int) -> dict:
+def time_hf(hf, prompts, gen_len: int, temperature: float, top_k: int, device, static: bool, repeats: int) -> dict:
     """HF generate producing exactly gen_len tokens per prompt, timed as ours is (the best of `repeats` runs after a
     warm-up). A static cache is warmed up at the full length: transformers compiles generate for a static cache
     and recompiles for another cache length, which would land in the timed run."""
     ids = torch.tensor(prompts, device=device)
     kw = dict(max_new_tokens=gen_len, min_new_tokens=gen_len, pad_token_id=0)
-    kw.update(do_sample=True, temperature=temperature, top_k=0) if temperature > 0 else kw.update(do_sample=False)
+    kw.update(do_sample=True, temperature=temperature, top_k=top_k) if temperature > 0 else kw.update(do_sample=False)
     if static:
         kw["cache_implementation"] = "static"
     best = None
@@ -184,7 +192,7 @@ def time_hf(hf, prompts, gen_len: int, temperature: float, device, static: bool,
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    grid = init_process_grid(args.tp)
+    grid = init_process_grid(args.tp, backend_for(args.device))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # this rank's (torchrun's LOCAL_RANK)
@@ -218,8 +226,9 @@ def main(argv=None) -> dict:
         )
     stops = list(range(3, 3 + args.stop_tokens))
     params = GenerateConfig(
-        temperature=args.temperature, max_new_tokens=gen_len, ignore_eos=not stops, stop_token_ids=stops, seed=0
-    )
+        temperature=args.temperature, top_k=args.top_k, max_new_tokens=gen_len, ignore_eos=not stops,
+        stop_token_ids=stops, seed=0,
+    )  # fmt: skip
     args.no_hf = args.no_hf or bool(stops) or grid.tp > 1
     elem = torch.empty((), dtype=dtype).element_size()
     kv_elem = torch.empty((), dtype=resolve_cache_dtype(args.kv_cache_dtype, dtype)).element_size()
@@ -252,9 +261,11 @@ def main(argv=None) -> dict:
         gc.collect()
         if on_gpu:
             torch.cuda.empty_cache()
-        peers["hf_generate"] = time_hf(hf, prompts, gen_len, args.temperature, device, False, args.repeats)
+        peers["hf_generate"] = time_hf(hf, prompts, gen_len, args.temperature, args.top_k, device, False, args.repeats)
         if args.hf_static:
-            peers["hf_generate_static"] = time_hf(hf, prompts, gen_len, args.temperature, device, True, args.repeats)
+            peers["hf_generate_static"] = time_hf(
+                hf, prompts, gen_len, args.temperature, args.top_k, device, True, args.repeats
+            )
 
     name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
     print0(
@@ -294,6 +305,7 @@ def main(argv=None) -> dict:
         "prompt_len": prompt_len,
         "gen_len": gen_len,
         "temperature": args.temperature,
+        "top_k": args.top_k,
         "bandwidth_gbs": bw / 1e9,
         "roofline": roof,
         "ours": ours,

@@ -341,6 +341,12 @@ def save_pretrained(
             dist.barrier()
 
 
+# what a tokenizer directory holds, whatever its kind (fast tokenizer.json, SentencePiece's tokenizer.model or
+# spiece.model, BPE's vocab.json + merges.txt, WordPiece's vocab.txt), so that AutoTokenizer loads the saved model's
+TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "chat_template", "added_tokens", "vocab.", "merges.txt",
+                   "spiece.model", "sentencepiece")  # fmt: skip
+
+
 def _finish_checkpoint_dir(model, tmp, path, plan, names, specs, elt, store_dtype, tokenizer_dir, source_dir) -> None:
     """Rank 0, once every file is written: the index, config.json, the tokenizer files, the source's
     generation_config.json, fsync, rename."""
@@ -353,7 +359,7 @@ def _finish_checkpoint_dir(model, tmp, path, plan, names, specs, elt, store_dtyp
     _write_json(os.path.join(tmp, "config.json"), cfg)
     if tokenizer_dir is not None:
         for fn in os.listdir(tokenizer_dir):
-            if fn.startswith(("tokenizer", "special_tokens_map", "chat_template", "added_tokens")):
+            if fn.startswith(TOKENIZER_FILES):
                 shutil.copy2(os.path.join(tokenizer_dir, fn), os.path.join(tmp, fn))
     if source_dir is not None and os.path.isfile(os.path.join(source_dir, GENERATION_CONFIG)):
         shutil.copy2(os.path.join(source_dir, GENERATION_CONFIG), os.path.join(tmp, GENERATION_CONFIG))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -237,8 +238,13 @@ class GenerateConfig:
     ignore_eos: bool = False  # keep generating past the model's EOS (benchmarks)
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:  # (NaN too)
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # (NaN too)
+            raise ValueError(f"temperature must be >= 0 and finite, got {self.temperature}")
+        integer = lambda x: isinstance(x, numbers.Integral) and not isinstance(x, bool)  # noqa: E731  (numpy's too)
+        if isinstance(self.stop_token_ids, (int, str)) or not all(integer(t) for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
+        if self.seed is not None and not integer(self.seed):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -254,7 +260,9 @@ class PPOConfig:
     """PPO hyperparameters; defaults are the Tulu V2.5 PPO 13B recipe (RECIPE.md)."""
 
     learning_rate: float = 1e-6  # peak LR of both optimizers
-    lr_schedule: str = "linear"  # linear warmup, then linear decay to 0
+    # constant: linear warmup, then the peak LR to the end, as EasyLM's PPO (the recipe's code) builds its optimizer
+    # (init_lr 0, end_lr = the peak); linear: decay to 0 after the warmup (RECIPE.md's model card reads "linear")
+    lr_schedule: str = "constant"
     warmup_ratio: float = 0.1  # share of the optimizer steps spent warming up
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
@@ -276,6 +284,10 @@ class PPOConfig:
     clip_value: float = 0.2  # value clip around the rollout values
     value_loss_coef: float = 0.1  # weight of the value loss
     temperature: float = 0.7
+    # rollouts sample from the 50 likeliest tokens: EasyLM's rollouts (the recipe's code) called transformers' Flax
+    # generate with a GenerationConfig that left top_k at its default, 50, which Flax applies (0: the whole vocabulary)
+    top_k: int = 50
+    top_p: float = 1.0  # nucleus sampling of rollouts (1: off, as in the recipe)
     max_new_tokens: int = 1024  # response length limit
     max_prompt_len: int = 1024  # longer prompts are dropped, not truncated
     recompute_old_logprobs_per_minibatch: bool = False  # the EasyLM quirk, off by default
@@ -303,6 +315,10 @@ class PPOConfig:
             bad.append(f"lr_schedule must be 'linear' or 'constant', got {self.lr_schedule!r}")
         if self.kl_estimator not in ("k1", "k2", "k3"):
             bad.append(f"kl_estimator must be 'k1', 'k2' or 'k3', got {self.kl_estimator!r}")
+        if self.top_k < 0:
+            bad.append(f"top_k must be >= 0 (0: no top-k), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            bad.append(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.temperature > 0:  # (0 is greedy decoding: PPO would train on samples its policy never draws)
             bad.append(f"temperature must be > 0 for PPO's rollouts, got {self.temperature} (--eval-greedy evaluates "
                        "greedily)")  # fmt: skip

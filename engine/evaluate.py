@@ -8,7 +8,8 @@ answers and the frozen reference gives their KL. It runs before the first iterat
 --eval-every iterations and after the last one. Each evaluation appends one line to OUTPUT_DIR/eval.jsonl (means
 over the set: score, score_penalized (with the missing-EOS penalty), kl (summed over a response's tokens, the
 estimator of the rollouts), reward (score_penalized - kl_coef * kl: the objective PPO maximises), response_len,
-no_eos_frac) and writes every answer to OUTPUT_DIR/eval/iter-NNNNNN.jsonl. The prompts are split over the
+no_eos_frac; and what makes two lines comparable: the prompt set's digest, eval_set, and eval_greedy) and writes
+every answer to OUTPUT_DIR/eval/iter-NNNNNN.jsonl. The prompts are split over the
 data-parallel ranks. An evaluation draws none of the run's random numbers, so training is the same with or without
 it.
 

@@ -286,17 +286,30 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int = 0) -> Transformer:
         """Random weights (benchmarks, tests): normal(0, std) matrices, unit norms, drawn on the
-        parameters' own device (a 13B model initialises on the GPU in seconds)."""
+        parameters' own device (a 13B model initialises on the GPU in seconds). Under tensor parallelism each rank
+        draws a parameter's whole tensor, as one process does, and keeps its shard: the same model at any TP degree
+        (drawing only the shard made every rank's shard a copy of rank 0's: duplicated heads and vocabulary)."""
         gens: dict[torch.device, torch.Generator] = {}
         for name, p in self.named_parameters():
             if name.endswith("layernorm.weight") or name == "norm.weight":
                 p.fill_(1.0)
                 continue
             gen = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
-            if p.dtype in (torch.float32, torch.float64):
+            module = self.get_submodule(name.rpartition(".")[0])
+            split = getattr(module, "tp_split", None) if getattr(module, "tp", 1) > 1 else None
+            if split is None and p.dtype in (torch.float32, torch.float64):
                 p.normal_(0.0, std, generator=gen)
-            else:  # draw in fp32 (bf16 normal_ is not implemented everywhere), one tensor at a time
-                p.copy_(torch.empty(p.shape, device=p.device).normal_(0.0, std, generator=gen))
+                continue
+            shape = list(p.shape)
+            if split is not None:
+                dim, sizes = split
+                shape[dim] = sum(sizes)
+            # (drawn in fp32: bf16 normal_ is not implemented everywhere; one tensor at a time)
+            full = torch.empty(shape, device=p.device).normal_(0.0, std, generator=gen)
+            if split is not None:  # this rank's 1/tp of each fused part, in order
+                starts = [sum(sizes[:k]) + module.tp_rank * (n // module.tp) for k, n in enumerate(sizes)]
+                full = torch.cat([full.narrow(dim, a, n // module.tp) for a, n in zip(starts, sizes)], dim)
+            p.copy_(full)
         return self
 
     def hidden_packed(

@@ -37,6 +37,12 @@ class ProcessGrid:
         return self.rank // self.tp
 
 
+def backend_for(device: str | None) -> str | None:
+    """The process group backend a run on `device` needs: gloo for --device cpu (NCCL, the default where a GPU
+    exists, takes no CPU tensor), else None (NCCL on a GPU machine, gloo without one)."""
+    return "gloo" if device is not None and str(device).startswith("cpu") else None
+
+
 def init_process_grid(tp: int = 1, backend: str | None = None, timeout_minutes: float = 60.0) -> ProcessGrid:
     """Initialise torch.distributed from torchrun's environment (NCCL on GPUs, gloo on CPU).
 

@@ -156,16 +156,30 @@ def check_writable(output_dir: str, rank: int) -> None:
     raise_together(error, "checking the output directory")
 
 
-def start_fresh(output_dir: str, overwrite: bool, rank: int, evaluation: bool = False) -> None:
+def start_fresh(
+    output_dir: str, overwrite: bool, rank: int, evaluation: bool = False, inputs: dict[str, str | None] | None = None
+) -> None:
     """Before a run that starts from iteration 0: an output_dir holding an earlier run's checkpoints or logs is
     refused (its metrics would mix with this run's, its `latest` would point at the other run), or with
-    `overwrite` emptied of them (rank 0; other files, such as the tiny default's init models, stay)."""
+    `overwrite` emptied of them (rank 0; other files, such as the tiny default's init models, stay). `inputs` (flag:
+    path, say {"--policy": ...}): a path the run reads that lies in what would be emptied (a checkpoint's policy/ as the
+    next stage's --policy) is refused, overwrite or not: deleting it would lose the model."""
     held = []
     if os.path.isdir(output_dir):
         ours = lambda n: n in (LATEST, EVAL_DIR, WANDB_RUN_ID, LAUNCHES, *LOGS) or n.startswith("checkpoint-")  # noqa: E731
         held = sorted(n for n in os.listdir(output_dir) if ours(n))
     error = None
-    if held and not overwrite:
+    doomed = {os.path.realpath(os.path.join(output_dir, n)): n for n in held}
+    for flag, path in (inputs or {}).items():
+        real = os.path.realpath(path) if path else None
+        inside = [n for d, n in doomed.items() if real and (real == d or real.startswith(d + os.sep))]
+        if inside:
+            error = ValueError(
+                f"{flag} {path} lies in {os.path.join(output_dir, inside[0])}, which starting a fresh run in "
+                f"{output_dir} would delete: copy it out of there first, or give this run another --output-dir"
+            )
+            break
+    if error is None and held and not overwrite:
         how = (
             "--eval-only writes an evaluation of its own: give it another --output-dir (or --overwrite-output-dir)"
             if evaluation

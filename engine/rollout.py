@@ -25,11 +25,12 @@ if TYPE_CHECKING:
 
 
 def sampling_params(state: TrainState, stream: int, *, greedy: bool = False, n: int | None = None) -> GenerateConfig:
-    """The recipe's sampling (temperature, response limit, EOS) with the random stream `stream`: the PPO iteration's
-    index for rollouts, so a resumed run samples what a straight one does."""
+    """The recipe's sampling (temperature, top-k / top-p, response limit, EOS) with the random stream `stream`: the PPO
+    iteration's index for rollouts, so a resumed run samples what a straight one does."""
     cfg, run = state.cfg, state.run
     return GenerateConfig(
-        temperature=0.0 if greedy else cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+        temperature=0.0 if greedy else cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens,
         stop_token_ids=[] if run.ignore_eos else list(state.stop_ids), n=n or cfg.samples_per_prompt,
         seed=run.seed * 1_000_003 + stream, ignore_eos=run.ignore_eos,
     )  # fmt: skip

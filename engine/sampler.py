@@ -7,6 +7,8 @@ batched with, when it is preempted and recomputed, or which tensor-parallel rank
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from engine.config import GenerateConfig
@@ -14,6 +16,10 @@ from engine.parallel import gather_dim, gather_from_tp, group_size
 from kernels import reference
 from kernels.reference import M32, mix32
 from kernels.sampling import combine_partial_samples, gumbel_sample, gumbel_sample_partial
+
+# below this a temperature samples what greedy decoding picks (its limit), computed as greedy: logit / T overflows
+# float32 near T = 1e-37 (every positive logit +inf, the first of them drawn)
+MIN_TEMPERATURE = 1e-20
 
 
 def seed_for(base_seed: int, prompt_index: int, sample_index: int) -> int:
@@ -25,11 +31,20 @@ def seed_for(base_seed: int, prompt_index: int, sample_index: int) -> int:
     return int(h)
 
 
+def topk_floor(logits: torch.Tensor, top_k: int, group=None) -> torch.Tensor:
+    """The k-th largest logit of each row [B] fp32: top-k sampling draws only logits >= it (ties at it included).
+    Under tensor parallelism (`group`, each rank a vocabulary shard) the ranks' own top k are gathered: B x k x tp
+    numbers instead of the B x V logits."""
+    local = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values.float()
+    if group_size(group) > 1:
+        local = gather_dim(local, -1, group)
+    return torch.topk(local, top_k, dim=-1).values[:, -1]
+
+
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Mask (to -inf) all but the top_k largest logits and the smallest set with probability >= top_p."""
     if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = logits.masked_fill(logits < topk_floor(logits, top_k)[:, None], float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
@@ -52,22 +67,32 @@ def sample_tokens(
 
     Temperature 0 is greedy. Otherwise Gumbel-max over the temperature-scaled, top-k/top-p filtered
     logits, with the noise from kernels.reference.uniform_noise(seeds, counters): no host sync, no global RNG. Without
-    top-k / top-p (the recipe's sampling) one fused kernel does it all (kernels/sampling.py).
+    top-p (the recipe's sampling, top-k or not) one fused kernel does it all (kernels/sampling.py), top-k's floor
+    (the k-th largest logit) found by torch.topk first.
     group: a tensor-parallel group whose ranks each hold a vocabulary shard [B, V / tp] starting at vocab_offset.
-    Without top-k / top-p each rank samples its shard and the ranks exchange B x 4 numbers (the same token as the
-    whole row, on every rank); with them the shards are gathered first.
+    Without top-p each rank samples its shard and the ranks exchange B x 4 numbers (the same token as the whole row,
+    on every rank; top-k's floor from each rank's top k); with top-p the shards are gathered first.
     """
+    if params.temperature < MIN_TEMPERATURE:  # (logits / T would overflow fp32 to +inf: a tie of every positive logit)
+        params = dataclasses.replace(params, temperature=0.0)
     tp = group_size(group)
     vocab = logits.shape[-1] * tp
-    if params.temperature == 0 or (not (params.top_k and params.top_k < vocab) and params.top_p >= 1.0):
+    top_k = params.top_k if params.top_k and params.top_k < vocab and params.temperature > 0 else 0
+    if params.temperature == 0 or params.top_p >= 1.0:  # one pass over the logits (top-k: a floor found first)
+        floor = topk_floor(logits, top_k, group) if top_k else None
         if tp == 1:
-            return gumbel_sample(logits, seeds, counters, params.temperature)
-        tokens, stats = gumbel_sample_partial(logits, seeds, counters, params.temperature, vocab_offset)
+            return gumbel_sample(logits, seeds, counters, params.temperature, floor)
+        tokens, stats = gumbel_sample_partial(logits, seeds, counters, params.temperature, vocab_offset, floor)
         mine = torch.cat([stats.double(), tokens[:, None].double()], -1)  # ids are exact in float64
         every = gather_dim(mine, 0, group).view(tp, -1, 4)  # [rank, row, (score, logit, lse, token)]
         return combine_partial_samples(every[..., 3].long(), every[..., :3])
-    logits = gather_from_tp(logits, group)
+    logits = gather_from_tp(logits, group)  # top-p: the whole rows, sorted
     logits = logits.float()
-    scaled = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+    # top-k on the raw logits (the same tokens as on the scaled ones; the one-pass path's floor exactly)
+    if top_k:
+        logits_k = logits.masked_fill(logits < topk_floor(logits, top_k)[:, None], float("-inf"))
+    else:
+        logits_k = logits
+    scaled = filter_logits(logits_k / params.temperature, 0, params.top_p)
     tokens, _ = reference.gumbel_sample(scaled, seeds, counters, 1.0)  # already scaled: / 1.0 is exact
     return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)

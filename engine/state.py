@@ -22,7 +22,7 @@ from engine.kv_cache import bytes_per_block, cuda_cache_budget, resolve_cache_dt
 from engine.model import Transformer
 from engine.offload import HostCopies, state_bytes, weight_bytes
 from engine.optim import Optimizer, make_optimizer
-from engine.parallel import ProcessGrid, agree, init_process_grid, print0, raise_together
+from engine.parallel import ProcessGrid, agree, backend_for, init_process_grid, print0, raise_together
 from engine.resume import check_writable, fingerprint_models, latest_checkpoint, load_trainer_state, start_fresh
 from engine.rollout import idle_models
 from engine.tokenizer import (
@@ -201,6 +201,14 @@ def check_batch_sizes(cfg: PPOConfig, grid: ProcessGrid) -> None:
         )
 
 
+def run_inputs(run: RunConfig) -> dict[str, str | None]:
+    """The paths a run reads, by flag (local directories and files once resolve_run has made Hub ids local)."""
+    return {
+        "--policy": run.policy, "--reference": run.reference, "--reward": run.reward, "--tokenizer": run.tokenizer,
+        "--prompts": run.prompts, "--eval-prompts": run.eval_prompts,
+    }  # fmt: skip
+
+
 def run_iterations(prompts: int, cfg: PPOConfig, run: RunConfig) -> int:
     """Rollouts the run makes: every prompt epoch's full batches (PromptBatches), or --max-iterations of them."""
     total = prompts // cfg.rollout_batch_size * cfg.prompt_epochs
@@ -224,7 +232,7 @@ def setup(
         raise ValueError("--policy, --reward and --prompts are all needed (or no flag at all for the tiny default)")
     memory_plan.check_offload_setting(run.offload_optimizer)
     memory_plan.check_offload_setting(run.offload_idle_models, "--offload-idle-models")
-    grid = grid or init_process_grid(run.tp, timeout_minutes=run.dist_timeout_minutes)
+    grid = grid or init_process_grid(run.tp, backend_for(run.device), timeout_minutes=run.dist_timeout_minutes)
     check_batch_sizes(cfg, grid)  # before loading four models
     check_writable(run.output_dir, grid.rank)
     run = pin_run(run)  # a Hub id to the commit it names now: every node fetches that one
@@ -249,7 +257,7 @@ def setup(
         print0(f"resuming from {ckpt}" if ckpt else f"--resume: no checkpoint in {run.output_dir} yet, starting fresh")
     fingerprints = fingerprint_models(run, ckpt, grid.rank)  # (a resume with other frozen models: refused here)
     if ckpt is None and run.output_dir:  # (a resume with nothing to resume drops the dead run's metrics)
-        start_fresh(run.output_dir, run.overwrite_output_dir or run.resume, grid.rank)
+        start_fresh(run.output_dir, run.overwrite_output_dir or run.resume, grid.rank, inputs=run_inputs(run))
     models = (
         load(os.path.join(ckpt, "policy") if ckpt else run.policy, "lm"),
         load(run.reference or run.policy, "lm"),
@@ -472,7 +480,7 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     check_tokenizer(light, tokenizer, tokenizer_dir, eval_set)
     check_context(light, cfg)
     run = resolve_run(run)
-    start_fresh(run.output_dir, run.overwrite_output_dir, grid.rank, evaluation=True)
+    start_fresh(run.output_dir, run.overwrite_output_dir, grid.rank, evaluation=True, inputs=run_inputs(run))
     policy, ref, reward = load(run.policy, "lm"), load(run.reference or run.policy, "lm"), load(run.reward, "score")
     for m in (policy, ref, reward):
         m.requires_grad_(False)

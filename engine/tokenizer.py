@@ -163,7 +163,10 @@ def encode_chat(tokenizer, messages: list[dict], template: str = "tulu") -> list
     as it adds it, or (template "tokenizer") through the tokenizer's own chat_template (see CHAT_TEMPLATES)."""
     if template == "tulu":
         text = format_chat(messages, tokenizer.eos_token or "")
-        return tokenizer(text, add_special_tokens=True)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if ids and tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id:
+            ids = ids[:-1]  # (a tokenizer that appends EOS, Llama's add_eos_token: the prompt ends at the answer)
+        return ids
     check_chat_template(tokenizer, template)
     for m in messages:
         if m.get("role") not in ROLES:

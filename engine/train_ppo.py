@@ -207,10 +207,10 @@ def prepare_tiny(run: RunConfig) -> RunConfig:
 
 def main(argv: list[str] | None = None, *, generator_factory=None) -> list[dict]:
     """Parse flags, set up, train; returns the per-iteration metrics (with --eval-only: the evaluation's)."""
-    from engine.parallel import init_process_grid
+    from engine.parallel import backend_for, init_process_grid
 
     cfg, run, tiny = parse_args(argv)
-    grid = init_process_grid(run.tp, timeout_minutes=run.dist_timeout_minutes)
+    grid = init_process_grid(run.tp, backend_for(run.device), timeout_minutes=run.dist_timeout_minutes)
     try:
         if tiny:
             run = prepare_tiny(run)

@@ -246,8 +246,29 @@ def test_nonsense_generator_settings_are_refused(kw, message):
     model = Transformer(ModelConfig.named("tiny")).init_weights(seed=0)
     with pytest.raises(ValueError, match=message):
         Generator(model, **kw)
-    with pytest.raises(ValueError, match="temperature must be >= 0, got nan"):
-        GenerateConfig(temperature=float("nan"))
+    for bad, message in [
+        (dict(temperature=float("nan")), "temperature must be >= 0 and finite, got nan"),
+        (dict(temperature=float("inf")), "temperature must be >= 0 and finite, got inf"),
+        (dict(stop_token_ids=5), "stop_token_ids must be a list of token ids, got 5"),
+        (dict(stop_token_ids=[2, 2.0]), r"stop_token_ids must be a list of token ids, got \[2, 2.0\]"),
+        (dict(seed=1.5), "seed must be an integer or None, got 1.5"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            GenerateConfig(**bad)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_a_vanishing_temperature_samples_the_greedy_token(top_p):
+    """logits / T overflows float32 near T = 1e-37 (every positive logit +inf, the first of them drawn): such a
+    temperature draws the argmax, its limit, on the one-pass path and the top-p path alike."""
+    torch.manual_seed(0)
+    logits = 20 + torch.randn(16, 300)
+    seeds, counters = torch.arange(16), torch.arange(16)
+    greedy, _ = sample_tokens(logits, GenerateConfig(temperature=0.0), seeds, counters)
+    for t in (1e-30, 1e-38, 1e-45):
+        tokens, logprobs = sample_tokens(logits, GenerateConfig(temperature=t, top_p=top_p, top_k=5), seeds, counters)
+        assert torch.equal(tokens, greedy), t
+        torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1).gather(-1, greedy[:, None]).squeeze(-1))
 
 
 # ----------------------------------------------------------------------------------- sampler --

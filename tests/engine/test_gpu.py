@@ -172,7 +172,7 @@ def test_ppo_iteration_on_gpu(tmp_path):
     metrics = json.loads((tmp_path / "ppo.json").read_text())["metrics"]
     assert len(metrics) == 2 and metrics[-1]["iteration"] == 3  # after the warm-up
     for m in metrics:
-        assert all(math.isfinite(v) for v in m.values()), m
+        assert all(math.isfinite(v) for v in m.values() if not isinstance(v, str)), m
         assert m["recompute_layers"] == 0  # planned (activation_checkpointing=auto): the tiny models' activations fit
         assert min(m["mem_gib_generate"], m["mem_gib_score"], m["mem_gib_train"]) > 0  # each phase's peak
 
@@ -201,7 +201,7 @@ def test_train_ppo_tiny_with_evaluation_on_gpu(tmp_path, offload):
     evals = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
     assert [e["iteration"] for e in evals] == [0, 1, 2]
     for m in history + evals:
-        assert all(math.isfinite(v) for v in m.values()), m
+        assert all(math.isfinite(v) for v in m.values() if not isinstance(v, str)), m
     assert evals[0]["kl"] == 0.0 and evals[0]["prompts"] == 16  # policy == reference before the first update
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 4
 
@@ -254,7 +254,7 @@ def test_idle_model_weights_free_their_gpu_memory_during_generation(tmp_path, mo
     for a, b in zip(history + evals, off_history + off_evals, strict=True):
         for k, v in b.items():
             if k not in (*TIMING, "time", "gen_graph_captures") and not k.startswith("mem_gib"):  # (clock, memory)
-                assert a[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+                assert a[k] == (v if isinstance(v, (str, bool)) else pytest.approx(v, rel=1e-5, abs=1e-6)), k
 
 
 def test_offloaded_optimizer_state_frees_its_gpu_memory_and_comes_back():

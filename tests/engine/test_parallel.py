@@ -50,11 +50,13 @@ def test_tp2_matches_tp1(tmp_path):
     from engine.generate import Generator
 
     # one process, every prompt admitted at once, read step by step: the same samples as TP=2's scheduling, whether
-    # the ranks combined their vocabulary shards' samples or gathered the logits (top-p)
+    # the ranks combined their vocabulary shards' samples (top-k: the floor from each rank's top k) or gathered the
+    # logits (top-p)
     gen = Generator(model, block_size=4, num_blocks=32, max_model_len=12, overlap=False)
     for key, params in [
         ("generated", GenerateConfig(temperature=0.9, max_new_tokens=8, seed=3)),
         ("generated_top_p", GenerateConfig(temperature=0.9, top_p=0.8, max_new_tokens=8, seed=4)),
+        ("generated_top_k", GenerateConfig(temperature=0.9, top_k=5, max_new_tokens=8, seed=5)),
     ]:
         comps = gen.generate_completions([[5, 9, 13], [7, 3, 22, 41, 8, 2, 19], [11, 4]], params)
         expected = torch.tensor([c.tokens + [-1] * (8 - len(c.tokens)) for c in comps])
@@ -67,6 +69,15 @@ def test_tp2_matches_tp1(tmp_path):
         [[5, 9, 13], [7, 3, 22, 41, 8, 2, 19], [11, 4]], GenerateConfig(temperature=0.9, max_new_tokens=8, seed=3)
     )
     assert torch.equal(tp2["generated_fp8"], torch.tensor([c.tokens + [-1] * (8 - len(c.tokens)) for c in comps]))
+
+    # random weights at TP=2 are TP=1's (tied embeddings or not: the tiny config's, and a score head)
+    from engine.model import Transformer
+
+    for head in ("lm", "score"):
+        one = Transformer(model.config, head, dtype=torch.bfloat16).init_weights(seed=7)
+        two = load_pretrained(tmp_path / f"random_{head}", head=head)
+        for (n1, p1), (n2, p2) in zip(one.named_parameters(), two.named_parameters()):
+            assert n1 == n2 and torch.equal(p1, p2.to(p1.dtype)), f"random {head}: {n1}"
 
     # gathered from both ranks; in one file (written by rank 0) and in several (written by the two in turn)
     for name in ("saved", "saved_sharded"):

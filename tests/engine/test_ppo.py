@@ -162,7 +162,7 @@ def test_policy_loss_and_grads(kernel):
 
 
 def test_lr_schedule():
-    cfg = PPOConfig(learning_rate=2.0, warmup_ratio=0.1)
+    cfg = PPOConfig(learning_rate=2.0, warmup_ratio=0.1, lr_schedule="linear")
     total = 100  # warmup 10 steps
     assert ppo.lr_at(0, total, cfg) == 0.0
     assert ppo.lr_at(5, total, cfg) == pytest.approx(1.0)
@@ -170,8 +170,9 @@ def test_lr_schedule():
     assert ppo.lr_at(55, total, cfg) == pytest.approx(1.0)
     assert ppo.lr_at(100, total, cfg) == 0.0
     assert ppo.lr_at(7, 16, cfg) == pytest.approx(2.0 * (16 - 7) / (16 - 2))  # warmup ceil(1.6) = 2
-    cfg_c = PPOConfig(learning_rate=2.0, lr_schedule="constant")
-    assert ppo.lr_at(99, total, cfg_c) == 2.0
+    cfg_c = PPOConfig(learning_rate=2.0)  # the default: EasyLM's (the same warmup, then the peak to the end)
+    assert cfg_c.lr_schedule == "constant"
+    assert [ppo.lr_at(s, total, cfg_c) for s in (0, 5, 10, 55, 99)] == [0.0, 1.0, 2.0, 2.0, 2.0]
     with pytest.raises(ValueError, match="lr_schedule"):
         ppo.lr_at(50, total, PPOConfig(lr_schedule="cosine"))
 
@@ -187,11 +188,14 @@ def test_defaults_are_the_recipe():
     from engine.config import ModelConfig
 
     recipe = dict(
-        learning_rate=1e-6, lr_schedule="linear", warmup_ratio=0.1, adam_betas=(0.9, 0.999), adam_eps=1e-8,
+        learning_rate=1e-6, lr_schedule="constant", warmup_ratio=0.1, adam_betas=(0.9, 0.999), adam_eps=1e-8,
         weight_decay=0.0, max_grad_norm=1.0, train_batch_size=64, rollout_batch_size=512, samples_per_prompt=1,
         ppo_epochs=1, prompt_epochs=1, kl_coef=0.05, kl_estimator="k1", missing_eos_penalty=-10.0,
         whiten_rewards=False, gamma=1.0, lam=0.95, whiten_advantages=True, clip_ratio=0.2, clip_value=0.2,
         value_loss_coef=0.1, temperature=0.7, max_new_tokens=1024, max_prompt_len=1024,
+        # RECIPE.md names no top-k, and its card's "linear schedule" is EasyLM's linear warmup: its PPO script sets
+        # end_lr to the peak (constant after the warmup) and its Flax generate applies GenerationConfig's top_k 50
+        top_k=50, top_p=1.0,
         recompute_old_logprobs_per_minibatch=False,
     )  # fmt: skip
     cfg = PPOConfig()

@@ -5,7 +5,8 @@ The oracle below shares no code with the engine: transformers' LlamaForCausalLM 
 penalty per token, the RM score or the missing-EOS penalty at the last response token, GAE backwards over each
 response, advantages whitened over each minibatch with TRL's unbiased variance, the clipped surrogate on raw-logit
 log-probs, the clipped value loss times its coefficient, token means over the minibatch), torch's Adam with
-transformers' linear warmup/decay schedule and torch's grad-norm clip, one optimizer per model.
+transformers' warmup schedule (constant after the warmup: EasyLM's end_lr = the peak; linear decay in a variant) and
+torch's grad-norm clip, one optimizer per model.
 
 Where RECIPE.md leaves a choice open the oracle makes the engine's documented one: losses are token means over the
 whole minibatch (micro-batches and ranks contribute sum / minibatch tokens); one PPO epoch takes the rollout's
@@ -21,19 +22,20 @@ loss scaled by mistake changes no Adam update but changes these); and every weig
 iteration's four optimizer steps, as the update the step made (after - before). Each of these changes to the engine
 fails it: biased variance in the whitening, the KL penalty's sign, the value loss coefficient, the warmup's rounding,
 the EOS penalty's condition, the value clip dropped or doubled, gamma in GAE's lambda term, the clip fraction's
-comparison, a loss metric scaled by 1e-4, a micro-batch's loss divided by its own tokens, no LR decay after the
+comparison, a loss metric scaled by 1e-4, a micro-batch's loss divided by its own tokens, the LR decaying after the
 warmup, the grad-norm clip applied to norms under the limit, every response marked as ended by EOS, the Triton GAE
 kernel's gamma * lambda off by 1e-3.
 
 The engine's options beyond the recipe run against the same oracle in two more iterations (reference ops): "epochs"
 (two PPO epochs, the second in a fresh order of the rollout's sequences; two samples per prompt; the k3 estimator;
-rewards whitened over the rollout with their mean kept, TRL's variant; advantages not whitened; no grad-norm clip; a
-constant LR after the warmup) and "easylm" (EasyLM's quirk: old log-probs recomputed by the current policy before each
-minibatch, so every ratio is 1; the k2 estimator; AdamW's decoupled weight decay). Where the recipe leaves the order
-of a later epoch open, the oracle takes the engine's and checks that it is a permutation of the rollout. Each of these
-changes to the engine fails one of them: k3's log term halved, k2 without its 1/2, whitened rewards without their mean,
-advantages whitened when asked not to, a grad clip of 1 when asked for none, the constant schedule decaying, the quirk
-ignored, the weight decay dropped or coupled (Adam's L2), a later epoch's ratio taken against the sampler's log-probs.
+rewards whitened over the rollout with their mean kept, TRL's variant; advantages not whitened; no grad-norm clip; the
+LR decaying linearly to 0 after the warmup) and "easylm" (EasyLM's quirk: old log-probs recomputed by the current
+policy before each minibatch, so every ratio is 1; the k2 estimator; AdamW's decoupled weight decay). Where the recipe
+leaves the order of a later epoch open, the oracle takes the engine's and checks that it is a permutation of the
+rollout. Each of these changes to the engine fails one of them: k3's log term halved, k2 without its 1/2, whitened
+rewards without their mean, advantages whitened when asked not to, a grad clip of 1 when asked for none, the linear
+schedule not decaying, the quirk ignored, the weight decay dropped or coupled (Adam's L2), a later epoch's ratio taken
+against the sampler's log-probs.
 """
 
 from __future__ import annotations
@@ -62,15 +64,15 @@ from kernels import dispatch, gae, rmsnorm, rope_attention, swiglu
 F64 = torch.float64
 # Beside the recipe's hyperparameters, sizes for the tiny models (and a few to take every branch in four steps: a
 # micro-batch of one sequence, so two per optimizer step; a warmup of two of the schedule's 96 steps, so the four
-# steps warm up and decay; a grad-norm clip some steps exceed and some do not)
+# steps warm up and then hold the peak; a grad-norm clip some steps exceed and some do not)
 FLAGS = ["--rollout-batch-size", "8", "--train-batch-size", "2", "--max-new-tokens", "12", "--learning-rate", "3e-3",
          "--micro-batch-tokens", "30", "--warmup-ratio", "0.02", "--max-grad-norm", "5.0"]  # fmt: skip
 # the options beyond the recipe (the later flag of a pair wins): see the module's docstring; the epochs variant's
-# warmup ratio makes four of its 384 steps warm up, so its eight steps take both halves of the schedule
+# warmup ratio makes four of its 384 steps warm up, so its eight steps take both halves of the linear schedule
 VARIANTS = {
     "recipe": [],
     "epochs": ["--ppo-epochs", "2", "--samples-per-prompt", "2", "--rollout-batch-size", "4", "--kl-estimator", "k3",
-               "--whiten-rewards", "--no-whiten-advantages", "--max-grad-norm", "0", "--lr-schedule", "constant",
+               "--whiten-rewards", "--no-whiten-advantages", "--max-grad-norm", "0", "--lr-schedule", "linear",
                "--warmup-ratio", "0.01"],
     "easylm": ["--recompute-old-logprobs-per-minibatch", "--kl-estimator", "k2", "--weight-decay", "0.5"],
 }  # fmt: skip
@@ -334,13 +336,13 @@ def check_iteration_against_the_oracle(tmp_path, monkeypatch, ops: str, device: 
     assert metrics["lr"] == pytest.approx(oracle.lrs[-1], rel=1e-12)
     lrs, lr = oracle.lrs, cfg.learning_rate
     norms = [s[k] for s in steps for k in ("grad_norm_policy", "grad_norm_value")]
-    if variant == "recipe":  # the linear decay after two warmup steps
-        assert lrs[0] == 0 < lrs[1] < lrs[2] == lr > lrs[3], lrs
+    if variant == "recipe":  # two warmup steps, then the peak (EasyLM's end_lr = lr)
+        assert lrs[0] == 0 < lrs[1] < lrs[2] == lrs[3] == lr, lrs
         if device == "cpu":
             assert 0 < expected["clip_frac"] < 0.5 and 0 < expected["value_clip_frac"] < 0.5, expected
             assert min(norms) < cfg.max_grad_norm < max(norms), norms
-    elif variant == "epochs":  # four warmup steps, then constant; norms a clip of 1 (the recipe's) would change
-        assert lrs[0] == 0 < lrs[1] < lrs[2] < lrs[3] < lrs[4] == lrs[5] == lrs[6] == lrs[7] == lr, lrs
+    elif variant == "epochs":  # four warmup steps, then the linear decay; norms a clip of 1 (the recipe's) would change
+        assert lrs[0] == 0 < lrs[1] < lrs[2] < lrs[3] < lrs[4] == lr > lrs[5] > lrs[6] > lrs[7], lrs
         assert 0 < expected["clip_frac"] < 1 and 0 < expected["value_clip_frac"] < 1, expected
         assert max(norms) > 1.0, norms
     else:  # easylm: every ratio is 1 (old log-probs from the policy as each step finds it), so nothing is clipped

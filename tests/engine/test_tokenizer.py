@@ -335,3 +335,47 @@ def test_files_that_are_no_tokenizer_or_no_text_are_named(tmp_path):
     packed.write_bytes(gzip.compress(b'{"prompt": "x"}\n' * 50))
     with pytest.raises(ValueError, match=r"p.jsonl.gz:1: not UTF-8 text \(a compressed file\)"):
         read_prompt_file(packed)
+
+
+def test_a_tokenizer_that_appends_eos_gives_prompts_without_it(tmp_path, tok):
+    """A tokenizer whose post-processor appends EOS (Llama's add_eos_token=True) would end every Tulu prompt with EOS,
+    so each rollout would start after an end of text: the prompt ends at '<|assistant|>\\n', as the plain one does."""
+    d = tmp_path / "eos"
+    shutil.copytree(TINY_DIR, d)
+    tj = json.loads((d / "tokenizer.json").read_text())
+    post = tj["post_processor"]
+    post["single"].append({"SpecialToken": {"id": "</s>", "type_id": 0}})
+    post["special_tokens"]["</s>"] = {"id": "</s>", "ids": [tok.eos_token_id], "tokens": ["</s>"]}
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    eos_tok = load_tokenizer(d)
+    assert eos_tok("x")["input_ids"][-1] == tok.eos_token_id  # (it does append EOS)
+    assert (
+        load_prompts(TINY_PROMPTS, eos_tok, verbose=False).prompts
+        == load_prompts(TINY_PROMPTS, tok, verbose=False).prompts
+    )
+
+
+def test_a_saved_policy_keeps_a_bpe_tokenizers_vocabulary_files(tmp_path, tok):
+    """A tokenizer of vocab.json + merges.txt (no tokenizer.json), which the engine loads, is saved with the policy
+    whole: transformers' AutoTokenizer on the saved policy encodes as the source does (without merges.txt it
+    silently encoded every text to nothing)."""
+    from transformers import AutoTokenizer
+
+    from engine.checkpoint import load_pretrained, save_pretrained
+
+    src = tmp_path / "bpe"
+    src.mkdir()
+    model = json.loads(tok.backend_tokenizer.to_str())["model"]
+    (src / "vocab.json").write_text(json.dumps(model["vocab"]))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (src / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (src / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    ))  # fmt: skip
+    text = "How do I reverse a list in Python?"
+    want = load_tokenizer(src)(text)["input_ids"]
+    assert len(want) > 3
+    policy, _ = build_tiny_models(str(tmp_path / "init"))
+    save_pretrained(load_pretrained(policy), str(tmp_path / "saved"), tokenizer_dir=str(src))
+    assert {"vocab.json", "merges.txt"} <= set(os.listdir(tmp_path / "saved"))
+    assert AutoTokenizer.from_pretrained(tmp_path / "saved")(text)["input_ids"] == want

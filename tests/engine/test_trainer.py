@@ -297,6 +297,14 @@ def test_a_fresh_run_into_a_used_output_dir_is_refused_unless_overwritten(tmp_pa
     assert not (tmp_path / "eval").exists()  # the earlier run's evaluations are gone (this one has no --eval-prompts)
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2  # this run's samples only
     assert (tmp_path / "init/policy/config.json").exists()  # other files stay
+    # the next stage from this run's checkpoint, in the same directory: refused (starting over would delete the very
+    # policy it loads), --overwrite-output-dir or not, and nothing is deleted
+    ckpt = tmp_path / "checkpoint-000001"
+    for how in ([], ["--overwrite-output-dir"], ["--tokenizer", str(ckpt / "policy")]):
+        stage = [*flags[:1], str(ckpt / "policy"), *flags[2:]] if not how or how[0] != "--tokenizer" else flags
+        with pytest.raises(ValueError, match=f"--(policy|tokenizer) {ckpt}/policy lies in {ckpt}, which starting a"):
+            _run(tmp_path, *stage, *how, "--overwrite-output-dir")
+        assert (ckpt / "policy/model.safetensors").exists() and (tmp_path / "metrics.jsonl").exists()
 
 
 def test_micro_batches_accumulate_to_the_same_update(tmp_path):
@@ -581,6 +589,8 @@ def test_profile_iteration_writes_a_trace_with_the_phases(tmp_path):
         (["--kv-cache-dtype", "int4"], "kv_cache_dtype must be auto or fp8, got 'int4'"),
         (["--activation-checkpointing", "maybe"], "activation_checkpointing must be auto, on, off or a number"),
         (["--output-dir", ""], "output_dir must not be empty"),
+        (["--top-k", "-1"], r"top_k must be >= 0 \(0: no top-k\), got -1"),
+        (["--top-p", "0"], r"top_p must be in \(0, 1\], got 0\.0"),
     ],
 )
 def test_nonsense_flags_are_refused_when_parsed(flags, message, capsys):
@@ -588,6 +598,29 @@ def test_nonsense_flags_are_refused_when_parsed(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(flags)
     assert e.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+def test_rollouts_sample_with_the_runs_top_k(tmp_path):
+    """--top-k reaches the rollouts (and the evaluations that sample): top-k 1 draws what greedy decoding does, and
+    the recipe's 50 draws other tokens than the whole vocabulary does (the tiny vocabulary has 512)."""
+    from engine.rollout import generate_rollout, sampling_params
+
+    prompts, ids = [[1, 5, 9], [1, 7, 3, 22], [1, 11]], [0, 1, 2]
+    state = _state(tmp_path / "a", "--top-k", "1", "--max-new-tokens", "12", "--ignore-eos")
+    with dispatch.reference_ops():
+        top1 = generate_rollout(state, prompts, ids, sampling_params(state, 0)).responses
+        greedy = generate_rollout(state, prompts, ids, sampling_params(state, 0, greedy=True)).responses
+        state.cfg.top_k = 0
+        free = generate_rollout(state, prompts, ids, sampling_params(state, 0)).responses
+    assert top1 == greedy != free  # (the tiny init policy's likeliest token is EOS: without top-k it draws others)
+    state = _state(tmp_path / "b", "--max-new-tokens", "12", "--ignore-eos")
+    assert sampling_params(state, 0).top_k == 50 and sampling_params(state, 0).top_p == 1.0
+    responses = {}
+    for k in (50, 0):
+        state.cfg.top_k = k
+        with dispatch.reference_ops():
+            responses[k] = generate_rollout(state, prompts * 4, ids * 4, sampling_params(state, 0)).responses
+    assert responses[50] != responses[0]
 
 
 def test_negative_numbers_in_scientific_notation_are_values():
@@ -745,7 +778,7 @@ def test_dp2_tp2_matches_one_process(tmp_path):
     for e1, e4 in zip(*evals, strict=True):
         for k, v in e1.items():
             if k != "time":
-                assert e4[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+                assert e4[k] == (v if isinstance(v, (str, bool)) else pytest.approx(v, rel=1e-4, abs=1e-6)), k
     recs = [[json.loads(x) for x in (tmp_path / d / "eval/iter-000001.jsonl").read_text().splitlines()]
             for d in ("dp1", "dp2")]  # fmt: skip
     assert [r["response"] for r in recs[1]] == [r["response"] for r in recs[0]] and len(recs[1]) == 16

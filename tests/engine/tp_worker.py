@@ -49,6 +49,11 @@ def main(ckpt: str, out: str) -> None:
                 rtol=1e-5,
             )
     save_pretrained(model, out + "/saved")
+    from engine.model import Transformer
+
+    for head in ("lm", "score"):  # random weights: each rank its shard of the tensors one process draws
+        random = Transformer(plain.config, head, group=grid.tp_group, dtype=torch.bfloat16).init_weights(seed=7)
+        save_pretrained(random, f"{out}/random_{head}")
     save_pretrained(model, out + "/saved_sharded", max_shard_bytes=40_000)  # files written by both ranks
     import engine.checkpoint as ckpt
 
@@ -76,6 +81,7 @@ def main(ckpt: str, out: str) -> None:
     for key, params in [
         ("generated", GenerateConfig(temperature=0.9, max_new_tokens=8, seed=3)),
         ("generated_top_p", GenerateConfig(temperature=0.9, top_p=0.8, max_new_tokens=8, seed=4)),
+        ("generated_top_k", GenerateConfig(temperature=0.9, top_k=5, max_new_tokens=8, seed=5)),
     ]:
         generated = gen.generate_completions(prompts, params)
         grads["mixed_steps"] = gen.stats.mixed_steps
