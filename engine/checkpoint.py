@@ -278,6 +278,7 @@ def save_pretrained(
     dtype: torch.dtype | None = None,
     tokenizer_dir: str | os.PathLike | None = None,
     source_dir: str | os.PathLike | None = None,
+    chat_template: str | None = None,
 ) -> None:
     """Write `model` as an HF checkpoint directory at `path`, atomically (temp dir + rename).
 
@@ -288,6 +289,8 @@ def save_pretrained(
     file system every rank sees (as the trainer's output directory is).
     dtype: the stored dtype (default: the model's). tokenizer_dir: tokenizer files to copy alongside. source_dir: the
     checkpoint the model started from, whose generation_config.json (its EOS ids, its sampling defaults) is copied.
+    chat_template: the chat template the model was trained with (the run's --chat-template tulu), written into the
+    copied tokenizer files in place of their own, so that apply_chat_template formats prompts as the model learned.
     """
     path = os.fspath(path).rstrip("/")
     specs = hf_tensor_specs(model)
@@ -327,7 +330,7 @@ def save_pretrained(
         if rank == 0:
             try:
                 _finish_checkpoint_dir(
-                    model, tmp, path, plan, names, specs, elt, store_dtype, tokenizer_dir, source_dir
+                    model, tmp, path, plan, names, specs, elt, store_dtype, tokenizer_dir, source_dir, chat_template
                 )
             except BaseException as e:
                 failed = e
@@ -347,9 +350,11 @@ TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "chat_template", "added_to
                    "spiece.model", "sentencepiece")  # fmt: skip
 
 
-def _finish_checkpoint_dir(model, tmp, path, plan, names, specs, elt, store_dtype, tokenizer_dir, source_dir) -> None:
-    """Rank 0, once every file is written: the index, config.json, the tokenizer files, the source's
-    generation_config.json, fsync, rename."""
+def _finish_checkpoint_dir(
+    model, tmp, path, plan, names, specs, elt, store_dtype, tokenizer_dir, source_dir, chat_template=None
+) -> None:
+    """Rank 0, once every file is written: the index, config.json, the tokenizer files (with `chat_template`), the
+    source's generation_config.json, fsync, rename."""
     if len(plan) > 1:
         weight_map = {name: names[k] for k, shard in enumerate(plan) for name in shard}
         total = elt * sum(torch.Size(spec.shape).numel() for spec in specs.values())
@@ -361,12 +366,31 @@ def _finish_checkpoint_dir(model, tmp, path, plan, names, specs, elt, store_dtyp
         for fn in os.listdir(tokenizer_dir):
             if fn.startswith(TOKENIZER_FILES):
                 shutil.copy2(os.path.join(tokenizer_dir, fn), os.path.join(tmp, fn))
+        if chat_template is not None:
+            _set_chat_template(tmp, chat_template)
     if source_dir is not None and os.path.isfile(os.path.join(source_dir, GENERATION_CONFIG)):
         shutil.copy2(os.path.join(source_dir, GENERATION_CONFIG), os.path.join(tmp, GENERATION_CONFIG))
     for fn in os.listdir(tmp):
         _fsync(os.path.join(tmp, fn))
     fsync_dir(tmp)  # (its entries: the files' names)
     _replace_dir(tmp, path)
+
+
+def _set_chat_template(directory: str, template: str) -> None:
+    """Make `template` the chat template of the tokenizer files in `directory`: tokenizer_config.json's chat_template
+    (chat_template.jinja / .json, which transformers reads first, removed); chat_template.jinja without that file."""
+    for fn in ("chat_template.jinja", "chat_template.json"):
+        if os.path.exists(os.path.join(directory, fn)):
+            os.remove(os.path.join(directory, fn))
+    cfg_fn = os.path.join(directory, "tokenizer_config.json")
+    if not os.path.isfile(cfg_fn):
+        with open(os.path.join(directory, "chat_template.jinja"), "w") as f:
+            f.write(template)
+        return
+    with open(cfg_fn) as f:
+        cfg = json.load(f)
+    cfg["chat_template"] = template
+    _write_json(cfg_fn, cfg)
 
 
 def _write_json(fn: str, obj) -> None:

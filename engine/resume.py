@@ -21,6 +21,7 @@ from engine.hub import model_dirs
 from engine.optim import load_optimizer_state, optimizer_state
 from engine.parallel import print0, raise_together
 from engine.reshard import SavedOptimizer, needed_ranks
+from engine.tokenizer import TULU_CHAT_TEMPLATE
 
 if TYPE_CHECKING:
     from engine.state import TrainState
@@ -97,7 +98,10 @@ def save_checkpoint(state: TrainState) -> str:
         error = e
     raise_together(error, "saving a checkpoint")  # (a disk error on one rank stops every rank, none waits)
     policy_dir = os.path.join(path, "policy")
-    save_pretrained(state.policy, policy_dir, tokenizer_dir=state.tokenizer_dir, source_dir=state.run.policy)
+    template = TULU_CHAT_TEMPLATE if state.run.chat_template == "tulu" else None  # (as the policy was trained)
+    save_pretrained(
+        state.policy, policy_dir, tokenizer_dir=state.tokenizer_dir, source_dir=state.run.policy, chat_template=template
+    )
     save_pretrained(state.value, os.path.join(path, "value"))
     sd = trainer_state_dict(state)
     try:

@@ -50,6 +50,9 @@ TINY_PPO = {
     "max_prompt_len": 128,
     "learning_rate": 1e-4,
     "prompt_epochs": 4,  # 12 iterations: enough to watch the no-EOS penalty being learned away
+    # the whole vocabulary (the random tiny policy's likeliest token is EOS: among only its 50 likeliest, responses
+    # end at once and there is no missing-EOS penalty to learn away)
+    "top_k": 0,
 }
 TINY_RUN = {
     "output_dir": "out/ppo-tiny",

@@ -379,3 +379,32 @@ def test_a_saved_policy_keeps_a_bpe_tokenizers_vocabulary_files(tmp_path, tok):
     save_pretrained(load_pretrained(policy), str(tmp_path / "saved"), tokenizer_dir=str(src))
     assert {"vocab.json", "merges.txt"} <= set(os.listdir(tmp_path / "saved"))
     assert AutoTokenizer.from_pretrained(tmp_path / "saved")(text)["input_ids"] == want
+
+
+def test_a_saved_policy_carries_the_chat_template_it_was_trained_with(tmp_path, tok):
+    """A policy trained on Tulu-format prompts (--chat-template tulu, the default) is saved with the Tulu template in
+    place of its tokenizer's own (Llama 3's here), so transformers' apply_chat_template formats as the model learned;
+    with --chat-template tokenizer the tokenizer's own stays."""
+    from transformers import AutoTokenizer
+
+    from engine.resume import latest_checkpoint
+    from engine.train_ppo import main
+    from kernels import dispatch
+
+    other = tmp_path / "tok"
+    shutil.copytree(TINY_DIR, other)
+    (other / "chat_template.jinja").write_text(LLAMA3_STYLE)
+    policy, reward = build_tiny_models(str(tmp_path / "init"))
+    msgs = [{"role": "user", "content": "Why is the sky blue?"}]
+    rendered = {}
+    for template in ("tulu", "tokenizer"):
+        out = tmp_path / template
+        with dispatch.reference_ops():
+            main(["--policy", policy, "--reward", reward, "--prompts", TINY_PROMPTS, "--tokenizer", str(other),
+                  "--output-dir", str(out), "--chat-template", template, "--max-iterations", "1",
+                  "--rollout-batch-size", "8", "--train-batch-size", "8", "--max-new-tokens", "4", "--max-prompt-len",
+                  "128"])  # fmt: skip
+        saved = AutoTokenizer.from_pretrained(f"{latest_checkpoint(str(out))}/policy")
+        rendered[template] = saved.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert rendered["tulu"] == tok.bos_token + format_chat(msgs, tok.eos_token)
+    assert rendered["tokenizer"] == "<s>[user]Why is the sky blue?</s>[assistant]"
