@@ -285,7 +285,8 @@ class PPOConfig:
     value_loss_coef: float = 0.1  # weight of the value loss
     temperature: float = 0.7
     # rollouts sample from the 50 likeliest tokens: EasyLM's rollouts (the recipe's code) called transformers' Flax
-    # generate with a GenerationConfig that left top_k at its default, 50, which Flax applies (0: the whole vocabulary)
+    # generate with a GenerationConfig that left top_k at its default, 50, which Flax applies (0: the whole vocabulary;
+    # logits tied with the 50th are kept, as transformers' PyTorch TopKLogitsWarper does)
     top_k: int = 50
     top_p: float = 1.0  # nucleus sampling of rollouts (1: off, as in the recipe)
     max_new_tokens: int = 1024  # response length limit

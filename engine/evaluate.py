@@ -1,17 +1,17 @@
 """Held-out evaluation and rollout samples: the curves and the texts that tell a policy that learns from one that
 games its reward model.
 
-Evaluation (--eval-prompts FILE, or --eval-holdout N prompts of --prompts kept out of training): the policy answers
-a held-out prompt set with the rollouts' sampling (or greedy decoding, --eval-greedy) on the same random stream at
+Evaluation (--eval-prompts FILE, or --eval-holdout N prompts of --prompts kept out of training): the policy answers a
+held-out prompt set with the rollouts' sampling (or greedy decoding, --eval-greedy) on the same random stream at
 every evaluation, so the curve moves with the policy and not with the sampling noise; the reward model scores the
 answers and the frozen reference gives their KL. It runs before the first iteration (the starting point), every
---eval-every iterations and after the last one. Each evaluation appends one line to OUTPUT_DIR/eval.jsonl (means
-over the set: score, score_penalized (with the missing-EOS penalty), kl (summed over a response's tokens, the
-estimator of the rollouts), reward (score_penalized - kl_coef * kl: the objective PPO maximises), response_len,
-no_eos_frac; and what makes two lines comparable: the prompt set's digest, eval_set, and eval_greedy) and writes
-every answer to OUTPUT_DIR/eval/iter-NNNNNN.jsonl. The prompts are split over the
-data-parallel ranks. An evaluation draws none of the run's random numbers, so training is the same with or without
-it.
+--eval-every iterations and after the last one. Each evaluation appends one line to OUTPUT_DIR/eval.jsonl (means over
+the set: score, score_penalized (with the missing-EOS penalty), kl (summed over a response's tokens, the estimator of
+the rollouts), reward (score_penalized - kl_coef * kl: the objective PPO maximises), response_len, no_eos_frac; and
+what makes two lines comparable: the prompt set's digest, eval_set, and the decoding, eval_greedy, eval_temperature,
+eval_top_k, eval_top_p, eval_max_new_tokens) and writes every answer to OUTPUT_DIR/eval/iter-NNNNNN.jsonl. The
+prompts are split over the data-parallel ranks. An evaluation draws none of the run's random numbers, so training is
+the same with or without it.
 
 Evaluation alone (--eval-only): --policy (say a PPO checkpoint's policy/) against --reference (say the SFT model) and
 --reward on the evaluation set, without training, no value model or optimizer built (setup_evaluation).
@@ -66,8 +66,14 @@ def eval_due(state: TrainState, *, at_start: bool = False) -> bool:
 
 
 def eval_identity(state: TrainState) -> dict:
-    """What makes two evaluations comparable, logged with each: the prompt set's digest and the decoding."""
-    return {"eval_set": prompts_digest(state.eval_prompts.prompts), "eval_greedy": state.run.eval_greedy}
+    """What makes two evaluations comparable, logged with each: the prompt set's digest and the decoding (greedy, or
+    the sampling: temperature, top-k, top-p; and the response limit)."""
+    params = sampling_params(state, EVAL_STREAM, greedy=state.run.eval_greedy, n=1)
+    return {
+        "eval_set": prompts_digest(state.eval_prompts.prompts), "eval_greedy": state.run.eval_greedy,
+        "eval_temperature": params.temperature, "eval_top_k": params.top_k, "eval_top_p": params.top_p,
+        "eval_max_new_tokens": params.max_new_tokens,
+    }  # fmt: skip
 
 
 def check_resumed_eval(state: TrainState) -> None:
@@ -81,8 +87,8 @@ def check_resumed_eval(state: TrainState) -> None:
     except ValueError:  # (named by eval_due, which reads it too)
         return
     now = eval_identity(state)
-    if logged and any(logged[-1].get(k) != v for k, v in now.items()):
-        before = {k: logged[-1].get(k) for k in now}
+    if logged and any(k in logged[-1] and logged[-1][k] != v for k, v in now.items()):
+        before = {k: logged[-1].get(k) for k in now if k in logged[-1]}
         print0(
             f"warning: {fn} holds evaluations of another set or decoding ({before}) than this resumed run's ({now}): "
             "its curve changes set here (each line names its own)"

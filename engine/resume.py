@@ -379,8 +379,20 @@ def check_models(saved: dict | None, now: dict | None, allow: bool) -> None:
     print0(f"warning: {what} (--resume-other-models)")
 
 
+def saved_ppo_config(ckpt: str) -> dict:
+    """The PPOConfig a checkpoint's run had (from rank 0's state file, memory-mapped: its tensors are not read)."""
+    fn = _state_file(ckpt, 0)
+    if not os.path.exists(fn):
+        raise FileNotFoundError(f"{fn} is missing (every run writes it)")
+    return dict(load_state_file(fn)["ppo_config"])
+
+
 def _changed_hyperparameters(saved: dict, now: dict) -> str:
-    """'name saved -> now' for each PPOConfig field whose value differs ('' if none)."""
+    """'name saved -> now' for each PPOConfig field whose value differs ('' if none); a field the checkpoint predates
+    counts at the value its run had (state.LEGACY_PPO_VALUES)."""
+    from engine.state import LEGACY_PPO_VALUES
+
+    saved = {**LEGACY_PPO_VALUES, **saved}
     norm = lambda v: list(v) if isinstance(v, (tuple, list)) else v  # noqa: E731
     keys = sorted(set(saved) | set(now))
     return ", ".join(f"{k} {saved.get(k)} -> {now.get(k)}" for k in keys if norm(saved.get(k)) != norm(now.get(k)))

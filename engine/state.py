@@ -23,7 +23,14 @@ from engine.model import Transformer
 from engine.offload import HostCopies, state_bytes, weight_bytes
 from engine.optim import Optimizer, make_optimizer
 from engine.parallel import ProcessGrid, agree, backend_for, init_process_grid, print0, raise_together
-from engine.resume import check_writable, fingerprint_models, latest_checkpoint, load_trainer_state, start_fresh
+from engine.resume import (
+    check_writable,
+    fingerprint_models,
+    latest_checkpoint,
+    load_trainer_state,
+    saved_ppo_config,
+    start_fresh,
+)
 from engine.rollout import idle_models
 from engine.tokenizer import (
     CHAT_TEMPLATES,
@@ -54,6 +61,9 @@ class RunConfig:
     sequence_parallel: bool = True  # under TP, split the tokens between the TP regions (norms run on 1/tp of them)
     distributed_optimizer: bool = True  # with DP, shard the fp32 masters and Adam moments over the DP ranks (ZeRO-1)
     resume: bool = False  # continue from output_dir's latest checkpoint (if there is none, start fresh)
+    # the PPO hyperparameters given on the command line (set by train_ppo.parse_args; not a flag): a resumed run takes
+    # every other one from its checkpoint, so it continues with its own. None (the API's): all of them are as meant
+    ppo_flags: tuple[str, ...] | None = field(default=None, metadata={"cli": False})
     overwrite_output_dir: bool = False  # start over in an output_dir that holds a run (its checkpoints are deleted)
     save_every: int = 0  # iterations between checkpoints (0: only at the end)
     keep_checkpoints: int = 1  # older checkpoints are pruned
@@ -201,6 +211,28 @@ def check_batch_sizes(cfg: PPOConfig, grid: ProcessGrid) -> None:
         )
 
 
+# PPOConfig fields added after checkpoints were first written, at the value those runs had: an older run resumed
+# samples as it did
+LEGACY_PPO_VALUES = {"top_k": 0, "top_p": 1.0}
+
+
+def resumed_config(cfg: PPOConfig, run: RunConfig) -> PPOConfig:
+    """--resume: the latest checkpoint's PPO hyperparameters for every one not given on this command line
+    (run.ppo_flags), so a default changed since (lr_schedule, top_k) does not change a run halfway; those given win
+    (load_trainer_state names them). No checkpoint yet, or run.ppo_flags None (the API's): cfg as it is."""
+    ckpt = latest_checkpoint(run.output_dir)
+    if ckpt is None or run.ppo_flags is None:
+        return cfg
+    saved = saved_ppo_config(ckpt)
+    kw = {}
+    for f in dataclasses.fields(PPOConfig):
+        if f.name in run.ppo_flags or (f.name not in saved and f.name not in LEGACY_PPO_VALUES):
+            continue
+        value = saved.get(f.name, LEGACY_PPO_VALUES.get(f.name))
+        kw[f.name] = tuple(value) if isinstance(value, list) else value
+    return dataclasses.replace(cfg, **kw)
+
+
 def run_inputs(run: RunConfig) -> dict[str, str | None]:
     """The paths a run reads, by flag (local directories and files once resolve_run has made Hub ids local)."""
     return {
@@ -235,6 +267,9 @@ def setup(
     grid = grid or init_process_grid(run.tp, backend_for(run.device), timeout_minutes=run.dist_timeout_minutes)
     check_batch_sizes(cfg, grid)  # before loading four models
     check_writable(run.output_dir, grid.rank)
+    if run.resume:  # (before anything is planned from the hyperparameters: the checkpoint's, where not given now)
+        cfg = resumed_config(cfg, run)
+        check_batch_sizes(cfg, grid)
     run = pin_run(run)  # a Hub id to the commit it names now: every node fetches that one
     check_available(run.wandb_project, grid.rank)
     device, load = model_loader(run, grid)

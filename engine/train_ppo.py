@@ -89,6 +89,8 @@ def _add_fields(parser: argparse.ArgumentParser, cls, title: str) -> None:
     group = parser.add_argument_group(title)
     comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
+        if f.metadata.get("cli") is False:
+            continue
         flag = "--" + f.name.replace("_", "-")
         kind = _flag_kind(f)
         tiny = {**TINY_PPO, **TINY_RUN}.get(f.name)
@@ -134,6 +136,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PPOConfig, RunConfig, boo
             ppo_kw[k] = tuple(v) if isinstance(v, list) else v
         else:
             run_kw[k] = v
+    run_kw["ppo_flags"] = tuple(sorted(k for k in given if k in ppo_names))  # (a resume takes the others' saved)
     if run_kw.get("output_dir", "x") == "":  # (RunConfig's "" is a bench's: no files at all)
         parser.error("output_dir must not be empty")
     try:

@@ -207,6 +207,8 @@ def test_eval_only_reproduces_the_evaluation_after_training(tmp_path):
                 "128",
                 "--max-new-tokens",
                 "8",
+                "--top-k",
+                "0",
                 "--offload-idle-models",
                 "rollouts",
             ]

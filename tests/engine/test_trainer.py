@@ -300,10 +300,10 @@ def test_a_fresh_run_into_a_used_output_dir_is_refused_unless_overwritten(tmp_pa
     # the next stage from this run's checkpoint, in the same directory: refused (starting over would delete the very
     # policy it loads), --overwrite-output-dir or not, and nothing is deleted
     ckpt = tmp_path / "checkpoint-000001"
-    for how in ([], ["--overwrite-output-dir"], ["--tokenizer", str(ckpt / "policy")]):
-        stage = [*flags[:1], str(ckpt / "policy"), *flags[2:]] if not how or how[0] != "--tokenizer" else flags
+    for how in ([], ["--overwrite-output-dir"], ["--tokenizer", str(ckpt / "policy"), "--overwrite-output-dir"]):
+        stage = [*flags[:1], str(ckpt / "policy"), *flags[2:]] if "--tokenizer" not in how else flags
         with pytest.raises(ValueError, match=f"--(policy|tokenizer) {ckpt}/policy lies in {ckpt}, which starting a"):
-            _run(tmp_path, *stage, *how, "--overwrite-output-dir")
+            _run(tmp_path, *stage, *how)
         assert (ckpt / "policy/model.safetensors").exists() and (tmp_path / "metrics.jsonl").exists()
 
 
@@ -602,7 +602,8 @@ def test_nonsense_flags_are_refused_when_parsed(flags, message, capsys):
 
 def test_rollouts_sample_with_the_runs_top_k(tmp_path):
     """--top-k reaches the rollouts (and the evaluations that sample): top-k 1 draws what greedy decoding does, and
-    the recipe's 50 draws other tokens than the whole vocabulary does (the tiny vocabulary has 512)."""
+    the recipe's 50 draws other tokens than the whole vocabulary (the tiny preset's) does (the tiny vocabulary has
+    512)."""
     from engine.rollout import generate_rollout, sampling_params
 
     prompts, ids = [[1, 5, 9], [1, 7, 3, 22], [1, 11]], [0, 1, 2]
@@ -614,13 +615,38 @@ def test_rollouts_sample_with_the_runs_top_k(tmp_path):
         free = generate_rollout(state, prompts, ids, sampling_params(state, 0)).responses
     assert top1 == greedy != free  # (the tiny init policy's likeliest token is EOS: without top-k it draws others)
     state = _state(tmp_path / "b", "--max-new-tokens", "12", "--ignore-eos")
-    assert sampling_params(state, 0).top_k == 50 and sampling_params(state, 0).top_p == 1.0
+    assert sampling_params(state, 0).top_k == 0 and sampling_params(state, 0).top_p == 1.0  # (the tiny preset's)
     responses = {}
     for k in (50, 0):
         state.cfg.top_k = k
         with dispatch.reference_ops():
             responses[k] = generate_rollout(state, prompts * 4, ids * 4, sampling_params(state, 0)).responses
     assert responses[50] != responses[0]
+
+
+def test_a_resume_keeps_the_checkpoints_hyperparameters_unless_given_again(tmp_path, capsys):
+    """--resume takes every PPO hyperparameter not on its command line from the checkpoint (a default changed since,
+    as lr_schedule and top_k were, does not change a run halfway; the resumed run is the straight one); one given
+    again wins, and is named; a checkpoint from before top-k existed resumes sampling the whole vocabulary."""
+    flags = ["--lr-schedule", "linear", "--top-k", "7", "--learning-rate", "3e-3"]
+    straight = _run(tmp_path / "a", "--max-iterations", "2", *flags)
+    _run(tmp_path / "b", "--max-iterations", "1", *flags)
+    capsys.readouterr()
+    resumed = _run(tmp_path / "b", "--max-iterations", "2", "--resume")
+    assert "other than the checkpoint's" not in capsys.readouterr().out
+    assert _no_timing(resumed) == _no_timing(straight[1:])
+    state = _state(tmp_path / "b", "--max-iterations", "2", "--resume", "--top-k", "3")
+    assert (state.cfg.lr_schedule, state.cfg.top_k, state.cfg.learning_rate) == ("linear", 3, 3e-3)
+    assert "PPO hyperparameters other than the checkpoint's: top_k 7 -> 3" in capsys.readouterr().out
+    # a checkpoint written before top_k / top_p were hyperparameters: its run sampled the whole vocabulary
+    ckpt = latest_checkpoint(str(tmp_path / "b"))
+    fn = f"{ckpt}/state-rank00000.pt"
+    sd = torch.load(fn, weights_only=False)
+    del sd["ppo_config"]["top_k"], sd["ppo_config"]["top_p"]
+    torch.save(sd, fn)
+    state = _state(tmp_path / "b", "--max-iterations", "2", "--resume")
+    assert (state.cfg.top_k, state.cfg.top_p, state.cfg.lr_schedule) == (0, 1.0, "linear")
+    assert "other than the checkpoint's" not in capsys.readouterr().out
 
 
 def test_negative_numbers_in_scientific_notation_are_values():
@@ -681,7 +707,8 @@ def test_help_lists_every_flag():
     text = build_parser().format_help()
     for cls in (PPOConfig, RunConfig):
         for f in dataclasses.fields(cls):
-            assert "--" + f.name.replace("_", "-") in text, f.name
+            if f.metadata.get("cli") is not False:  # (RunConfig.ppo_flags: what parse_args saw, not a flag)
+                assert "--" + f.name.replace("_", "-") in text, f.name
     cfg, run, tiny = parse_args(["--policy", "p", "--reward", "r", "--prompts", "x", "--no-whiten-advantages",
                                  "--adam-betas", "0.8", "0.9"])  # fmt: skip
     assert not tiny and not cfg.whiten_advantages and cfg.adam_betas == (0.8, 0.9)

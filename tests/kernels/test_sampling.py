@@ -86,7 +86,6 @@ def test_a_logit_floor_restricts_the_draw_and_keeps_the_whole_rows_logprob(tempe
     shard with no logit above the floor."""
     b, v, k = 40, 3000, 7
     logits = (3 * torch.randn(b, v)).to(dtype)
-    logits[1, :5] = logits[1].float().max() + 1  # a tie at the floor (k = 7 > 5 equal maxima: the 6th, 7th differ)
     logits[2, 1500:] = -30.0  # the second shard holds nothing above the floor
     floor = torch.topk(logits.float(), k, dim=-1).values[:, -1]
     seeds = torch.randint(0, 2**32, (b,), dtype=torch.int64)
@@ -116,6 +115,20 @@ def test_a_logit_floor_restricts_the_draw_and_keeps_the_whole_rows_logprob(tempe
     torch.testing.assert_close(logprobs2, logprobs, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"min_logit must be \[B\] = \[40\]"):
         gumbel_sample(logits, seeds, counters, temperature, floor[:3])
+
+
+def test_every_logit_tied_at_the_floor_may_be_drawn():
+    """Nine equal largest logits and k = 7: the floor is their value and all nine are drawn (transformers' PyTorch
+    TopKLogitsWarper keeps ties at the k-th logit too), none below them, in the kernel and the reference."""
+    n, v = 400, 3000
+    logits = torch.randn(1, v).expand(n, v).clone()
+    logits[:, 2000:2009] = 10.0  # (across the kernel's blocks of 1024)
+    floor = torch.topk(logits, 7, dim=-1).values[:, -1]
+    assert (floor == 10.0).all()
+    seeds, counters = torch.full((n,), 5, dtype=torch.int64), torch.arange(n, dtype=torch.int64)
+    for fn in (gumbel_sample, reference.gumbel_sample):
+        tokens, _ = fn(logits, seeds, counters, 1.0, floor)
+        assert set(tokens.tolist()) == set(range(2000, 2009)), fn
 
 
 @triton.jit
