@@ -66,7 +66,11 @@ def _dense_peers(q, kc, vc, bt, ctx, dtype) -> dict:
     [batch, Hkv, context, D] in the model's dtype) through SDPA, one query per sequence; flash-attn's
     flash_attn_with_kvcache on the same cache when flash-attn is installed."""
     batch, hkv, d = q.shape[0], kc.shape[2], kc.shape[3]
-    dense = lambda c: c[bt.long()].reshape(batch, -1, hkv, d)[:, :ctx].to(dtype)  # noqa: E731  [B, ctx, Hkv, D]
+
+    def dense(c):  # [B, ctx, Hkv, D] in the model's dtype (gathered as bytes: float8 indexing is not everywhere)
+        rows = c.view(torch.uint8)[bt.long()] if c.element_size() == 1 else c[bt.long()]
+        return rows.view(c.dtype).reshape(batch, -1, hkv, d)[:, :ctx].to(dtype)
+
     kd, vd = dense(kc), dense(vc)
     kt, vt = kd.transpose(1, 2).contiguous(), vd.transpose(1, 2).contiguous()
     gqa = q.shape[1] != hkv
@@ -96,7 +100,10 @@ def _bench_shape(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, compile
             variants[name16] = lambda: paged_decode_attention(q, kc16, vc16, bt, cl, max_context_len=ctx)
             read[name16] = kv_bytes * kc16.element_size() // kc.element_size()
     variants["eager"] = lambda: reference.paged_decode_attention(q, kc, vc, bt, cl)
-    variants.update(_dense_peers(q, kc, vc, bt, ctx, dtype))  # what transformers' static cache runs (+ flash-attn)
+    try:  # what transformers' static cache runs (+ flash-attn); a peer failing here must not stop ours
+        variants.update(_dense_peers(q, kc, vc, bt, ctx, dtype))
+    except Exception as e:
+        print(f"{name}: the dense-cache peers could not be set up ({type(e).__name__}: {e})")
     for peer in ("sdpa", "flash_attn"):
         if kc.dtype != dtype and peer in variants:  # (their cache is in the model's dtype)
             read[peer] = kv_bytes * torch.empty((), dtype=dtype).element_size() // kc.element_size()
