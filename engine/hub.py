@@ -4,7 +4,7 @@ A name that is not a local directory but reads as a Hub repo id ("org/name", opt
 downloaded into the Hugging Face cache (HF_HOME, HF_TOKEN and HF_HUB_OFFLINE work as usual): only what the engine
 reads, the configs, tokenizer files and the weights in one format (safetensors when the repo has them, else
 pytorch_model*.bin). On each node local rank 0 downloads while the other ranks wait; they then read the cache.
-Without a network (a compute node) a repo already in the cache is used as it is (`huggingface-cli download` it on
+Without a network (a compute node) a repo already in the cache is used as it is (`hf download` it on
 a machine that has one). With a network, global rank 0 first pins each id to the commit its revision names then
 ("org/name@<sha>"), so every node, and the configs and weights of one node, come from one commit even if the repo
 changes during the downloads.

@@ -95,8 +95,10 @@ def _add_fields(parser: argparse.ArgumentParser, cls, title: str) -> None:
         kind = _flag_kind(f)
         tiny = {**TINY_PPO, **TINY_RUN}.get(f.name)
         help_ = f"(default: {f.default}" + (f"; tiny default: {tiny})" if tiny is not None else ")")
-        if f.name in comments:
-            help_ = f"{comments[f.name]} {help_}"
+        if f.name in comments:  # (a comment that states the default itself is not followed by a second one)
+            says_default = "(default:" in comments[f.name] and f.default is None
+            own = f"(tiny default: {tiny})" if tiny is not None else ""
+            help_ = f"{comments[f.name]} {own if says_default else help_}".rstrip()
         if kind == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
         elif kind == "tuple":

@@ -226,7 +226,7 @@ def test_one_iteration_equals_ppo_written_from_the_recipe_in_float64(tmp_path, m
 @pytest.mark.parametrize("variant", ["epochs", "easylm"])
 def test_the_options_beyond_the_recipe_equal_the_oracle(tmp_path, monkeypatch, variant):
     """Later PPO epochs, several samples per prompt, the other KL estimators, whitened rewards, raw advantages, no clip,
-    the constant schedule, EasyLM's recomputed old log-probs, weight decay (VARIANTS), through the reference ops."""
+    the linear decay to 0, EasyLM's recomputed old log-probs, weight decay (VARIANTS), through the reference ops."""
     check_iteration_against_the_oracle(tmp_path, monkeypatch, "reference", "cpu", variant)
 
 
