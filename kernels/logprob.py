@@ -100,7 +100,8 @@ def _logprob_fwd_kernel(
         log_s = tl.log(s)
         lse = m + log_s
         # An out-of-range target (the host checks CPU tensors; CUDA gets an async assert) gives NaN.
-        tl.store(logp_ptr + row, tl.where(in_shard, z_t - lse, float("nan")))
+        # (z_t - m) - log(s), not z_t - lse: lse = m + log(s) rounds at ulp(m), 1e-3 for logits of 1e4
+        tl.store(logp_ptr + row, tl.where(in_shard, (z_t - m) - log_s, float("nan")))
         tl.store(lse_ptr + row, lse)
         if HAS_ENT:
             tl.store(ent_ptr + row, log_s - w / s)

@@ -239,6 +239,8 @@ def _decode_launch(
 ) -> None:
     b, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
+    # the kernel reads a table row and the lengths with unit stride (a no-op for the engine's row slices)
+    block_tables, context_lens = block_tables.contiguous(), context_lens.contiguous()
     group = hq // hkv
     block_d = triton.next_power_of_2(d)
     cfg = {**decode_config(group, block_d, k_cache.element_size()), **(config or {})}

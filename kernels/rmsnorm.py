@@ -105,7 +105,7 @@ def _rmsnorm_fwd(
     x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, rstd, h): h the normalised rows, x + delta when delta is given (a new tensor), else x itself."""
-    x2 = _rows(x)
+    x2, weight = _rows(x), weight.contiguous()  # (the kernels read weight with unit stride)
     n_rows, n_cols = x2.shape
     y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
@@ -124,7 +124,7 @@ def _rmsnorm_bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dres: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dweight) of y = rms_norm(x); with dres, dx + dres (x also fed the residual stream)."""
-    x2, dy2 = _rows(x), _rows(dy)
+    x2, dy2, weight = _rows(x), _rows(dy), weight.contiguous()
     r2 = dy2 if dres is None else _rows(dres)
     n_rows, n_cols = x2.shape
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)

@@ -10,7 +10,8 @@ It serves three callers:
 So prefill and decode put bit-identical rotated keys into the cache for the same (k, position).
 
 Angles: HF's fp32 inverse frequencies (kernels.reference.rotary_inv_freq, passed in as a tensor), pos * f in
-fp32, reduced mod 2*pi before cos/sin (accurate at large positions whatever the device's sin/cos do).
+fp32, reduced mod 2*pi before cos/sin (accurate at large positions whatever the device's sin/cos do: to about 4e5,
+where k * 6.28125 stops being exact in fp32; Llama contexts end at 131072).
 Tiles are [BLOCK_T tokens, BLOCK_H heads, half head dim]: cos/sin are computed once per (token, frequency)
 in a program and shared by its heads. Grid (token blocks, q-head blocks + k-head blocks).
 """
@@ -22,6 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
+from kernels.dispatch import INTERPRET
 
 TAB_ROWS = 128  # rows of the cos/sin(j * f) table (kernels.rope_attention's tile rotation)
 
@@ -190,6 +192,10 @@ def launch_rotary(
     k_out_ = k if k_out is None else k_out
     kc, vc = (k_cache, v_cache) if write_cache else (k, v)
     slots = slot_mapping.contiguous() if write_cache else positions
+    if write_cache and INTERPRET:  # (a host sync, free in the interpreter; the reference path raises likewise)
+        capacity = k_cache.shape[0] * k_cache.shape[1]
+        if slots.numel() and int(slots.max()) >= capacity:
+            raise IndexError(f"slot {int(slots.max())} is outside the KV cache's {capacity} slots")
     cache_strides = (*kc.stride()[:3], *vc.stride()[:3]) if write_cache else (0,) * 6
     # fmt: off
     _rotary_kernel[grid](

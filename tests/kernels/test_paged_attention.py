@@ -93,6 +93,21 @@ def test_paged_decode_matches_float64(hq, hkv, d, block_size, dtype, num_splits)
     torch.testing.assert_close(ref, want, atol=1e-10, rtol=1e-10)
 
 
+def test_paged_decode_reads_strided_tables_and_lengths():
+    """A block table or context lengths passed as strided views (a column slice, a transposed table) read as their
+    values, not their storage (the kernel reads a table row with unit stride: it gave garbage)."""
+    q, kc, vc, bt, cl, ks, vs = _paged_setup([5, 33, 17], 4, 2, 64, 8, torch.float32)
+    wide = torch.zeros(bt.shape[0], 2 * bt.shape[1], dtype=torch.int32)
+    wide[:, ::2] = bt
+    lens = torch.zeros(2 * len(cl), dtype=torch.int32)
+    lens[::2] = cl
+    col_major = bt.t().contiguous().t()
+    want = _expected(q, ks, vs)
+    for tables, lengths in ((wide[:, ::2], cl), (col_major, lens[::2])):
+        got = paged_decode_attention(q, kc, vc, tables, lengths, num_splits=2)
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
 FP8 = torch.float8_e4m3fn
 # float8 conversions need compute capability 8.9 on a GPU (TULU_TEST_DEVICE=cuda); the interpreter has them
 needs_fp8 = pytest.mark.skipif(
@@ -375,6 +390,12 @@ def test_write_errors():
         rope_write_kv(q, k, v, pos.float(), kc, vc, slots)
     with pytest.raises(ValueError, match="q must be"):
         rope_write_kv(q[:, :3], k, v, pos, kc, vc, slots)
+    beyond = slots.clone()
+    beyond[0] = kc.shape[0] * kc.shape[1]  # one past the last slot: it wrote into the next layer's cache
+    with pytest.raises(IndexError, match="outside the KV cache's|out of bounds"):
+        write_kv_cache(k, v, kc, vc, beyond)
+    with pytest.raises(IndexError, match="outside the KV cache's|out of bounds"):
+        rope_write_kv(q, k, v, pos, kc, vc, beyond)
 
 
 def test_strided_views_of_a_fused_qkv():
