@@ -62,15 +62,19 @@ def resolve_cache_dtype(
     return dtype
 
 
-def cuda_cache_budget(device: torch.device | str, fraction: float = 0.9, reserved_bytes: int = 0) -> int:
+def cuda_cache_budget(
+    device: torch.device | str, fraction: float = 0.9, reserved_bytes: int = 0, *, clamp: bool = True
+) -> int:
     """Bytes the KV cache may take on a GPU: `fraction` of the device's memory, less what is in use now (the
     weights; a kept decode graph's private pool) and `reserved_bytes` (the activations of the largest step).
-    The caching allocator's unused blocks go back to the device first, so they count as free."""
+    The caching allocator's unused blocks go back to the device first, so they count as free. `clamp` False: a
+    shortfall is negative (what freeing memory must first make up)."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"the KV cache's memory fraction {fraction} must be in (0, 1]")
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
-    return max(0, int(total * fraction) - (total - free) - reserved_bytes)
+    budget = int(total * fraction) - (total - free) - reserved_bytes
+    return max(0, budget) if clamp else budget
 
 
 def num_blocks_for_memory(

@@ -52,10 +52,11 @@ def fixed_bytes(
     # fp32 masters of their own (none for fp32 weights, unless the distributed optimizer shards them) + two moments
     per_elt = 8 if dtype == torch.float32 and not sharded else 12
     out = {f"weights ({name})": n * elt for name, n in numels.items()}
-    if resident_chunk:
-        out[CHUNKS] = 3 * per_elt * resident_chunk
+    state = int(sum(numels[m] for m in trained) * per_elt / (dp if sharded else 1))
+    if resident_chunk:  # (never more than the whole state: a small model's chunks are its tensors)
+        out[CHUNKS] = min(3 * per_elt * resident_chunk, state)
     elif trained:
-        out[STATE] = int(sum(numels[m] for m in trained) * per_elt / (dp if sharded else 1))
+        out[STATE] = state
     grads = [numels[m] * 4 for m in trained]
     if grads:  # (none to hold for an evaluation's frozen models)
         out["fp32 gradients"] = max(grads) + sum(grads) // dp if sharded else sum(grads)
@@ -199,8 +200,11 @@ def check_host_room(
         raise ValueError(
             f"the {what} in host memory ({flag} {how}) needs {ranks * state / GiB:.1f} GiB of "
             f"host memory for {ranks} rank(s) on this node, {host / GiB:.1f} available: use fewer ranks per node, a "
-            "larger --tp or more data-parallel ranks"
-        )
+            "larger --tp"
+            + (" or more data-parallel ranks (the distributed optimizer shards the state)" if what == "optimizer state"
+               else "")
+            + (f", or {flag} off" if how == "rollouts" else "")
+        )  # fmt: skip
 
 
 OFFLOAD_HOST_SHARE = 0.5  # auto offloads when every local rank's state takes at most this share of the free host RAM
@@ -364,20 +368,28 @@ def plan_for(
         check_host_room(idle, local_ranks, host, "rollouts", "idle models' weights", "--offload-idle-models")
     if cache is not None:  # a rollout must hold one sequence with what these settings keep on the GPU then
         parts = fixed_bytes(numels, trained, dtype, dp, distributed)
-        weights = sum(v for k, v in parts.items() if k.startswith("weights"))
+        weights, state = sum(v for k, v in parts.items() if k.startswith("weights")), parts.get(STATE, 0)
+        # auto moves the optimizer state out for rollouts only where the host has room (offload_decision), and the
+        # idle models' weights then get what room is left
+        state_moved = (
+            resident
+            or setting == "rollouts"
+            or (setting == "auto" and (host is None or state * local_ranks <= OFFLOAD_HOST_SHARE * host))
+        )
+        if host is not None and setting == "auto" and state_moved and not resident:
+            host -= state * local_ranks
         moved = idle_models == "rollouts" or (
             idle_models == "auto" and (host is None or idle * local_ranks <= OFFLOAD_HOST_SHARE * host)
         )
-        held = weights - (idle if moved else 0) + (parts.get(STATE, 0) if setting == "off" and not resident else 0)
+        held = weights - (idle if moved else 0) + (0 if state_moved else state)
         if cache_tokens(configs["policy"][0], tp, held, **cache)[1] < cache["seq_len"]:
+            no_room = [what for what, lacks in (("the optimizer state", setting == "auto" and not state_moved),
+                                                ("the idle models' weights", idle_models == "auto" and not moved))
+                       if lacks]  # fmt: skip
             raise ValueError(
                 f"{line}; but a rollout's KV cache would not hold one sequence of {cache['seq_len']} tokens with what "
                 f"--offload-optimizer {setting} and --offload-idle-models {idle_models} keep on the GPU"
-                + (
-                    " (the host has no room for the idle models' weights)"
-                    if idle_models == "auto" and not moved
-                    else ""
-                )
+                + (f" (the host has no room for {' and '.join(no_room)})" if no_room else "")
                 + ": a larger --tp splits every model"
                 + (
                     "; --offload-idle-models rollouts puts the idle models' weights in host memory"

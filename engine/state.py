@@ -468,7 +468,7 @@ def decide_offload(state: TrainState) -> tuple[bool, bool]:
         per_seq = bytes_per_block(c.num_layers, 1, heads, c.head_dim, kv_dtype) * seq_len
         dtype = next(state.policy.parameters()).dtype
         reserve = memory_plan.generation_reserve(c, state.grid.tp, seq_len, dtype, run.gen_max_num_seqs)
-        budget = cuda_cache_budget(dev, run.kv_cache_fraction, reserve)
+        budget = cuda_cache_budget(dev, run.kv_cache_fraction, reserve, clamp=False)  # (a shortfall counts)
         if run.kv_cache_mb:  # a fixed cache: what is offloaded does not enlarge it
             budget = run.kv_cache_mb * 2**20
     host, ranks, out = memory_plan.host_available(), memory_plan.local_ranks(), []
@@ -482,7 +482,7 @@ def decide_offload(state: TrainState) -> tuple[bool, bool]:
             continue
         on, line, error = False, "", None
         try:
-            seqs = (budget // per_seq, (budget + (0 if run.kv_cache_mb else nb)) // per_seq)
+            seqs = (max(0, budget) // per_seq, max(0, budget + (0 if run.kv_cache_mb else nb)) // per_seq)
             on, line = memory_plan.offload_decision(setting, dev, nb, ranks, seqs, wanted, host, what, flag)
         except ValueError as e:
             error = e

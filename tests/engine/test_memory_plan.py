@@ -130,6 +130,16 @@ def test_optimizer_state_in_host_memory_lets_fewer_gpus_train():
     with pytest.raises(ValueError, match=r"the idle models' weights in host memory \(--offload-idle-models rollouts\)"):
         memory_plan.plan_for(*args, host=int(host) - GiB, local_ranks=8, idle_models="rollouts")
     memory_plan.plan_for(*args, host=int(host) - GiB, local_ranks=8, idle_models="auto")  # (decided after loading)
+    # auto moves the state out for rollouts only where the host has room: without it (500 GiB for 8 ranks' 289 GiB,
+    # more than half) a layout whose cache then holds nothing is refused here, not after loading four models
+    seq = 2048
+    reserve = memory_plan.generation_reserve(c, 8, seq, torch.bfloat16, 256)
+    cache = dict(total=free, fraction=0.6, seq_len=seq, kv_dtype=torch.bfloat16, reserve=reserve)
+    auto = ("auto", configs, torch.bfloat16, 8, 1, True, free, cache)
+    with pytest.raises(ValueError, match=r"keep on the GPU \(the host has no room for the optimizer state\)"):
+        memory_plan.plan_for(*auto, host=500 * GiB, local_ranks=8)
+    assert memory_plan.plan_for(*auto, host=700 * GiB, local_ranks=8)[1] is False  # (room: moved during rollouts)
+    assert memory_plan.plan_for(*auto)[1] is False  # (no host figure: as the runtime decides)
 
 
 def _tokens(out: str, which: int = 0) -> int:
@@ -385,3 +395,18 @@ def test_command_line_refuses_impossible_numbers(tmp_path, capsys):
         assert re.search(message, capsys.readouterr().err)
     assert memory_plan.main(["--policy", str(tmp_path)]) == 1
     assert f"no config.json at {tmp_path}" in capsys.readouterr().out
+
+
+def test_a_small_states_chunks_and_the_host_advice():
+    """--offload-optimizer always holds three chunks of the state on the device, never more than the whole state (a
+    small model's is its tensors: the plan charged 2.2 GiB for a state of a few MiB); a host without room for the idle
+    models' weights names the setting that needs none."""
+    configs = memory_plan.run_configs("tiny", None, "tiny")
+    numels = {k: c.num_params(head, 1) for k, (c, head) in configs.items()}
+    args = (numels, memory_plan.TRAINED, torch.bfloat16, 1, False)
+    state = memory_plan.fixed_bytes(*args)[memory_plan.STATE]
+    assert 0 < memory_plan.fixed_bytes(*args, offload.CHUNK_ELEMENTS)[memory_plan.CHUNKS] == state < 2**30
+    big = memory_plan.run_configs("llama2-13b", None, "llama2-13b")
+    with pytest.raises(ValueError, match=r"a larger --tp, or --offload-idle-models off$"):
+        memory_plan.plan_for("off", big, torch.bfloat16, 8, 1, False, 79 * GiB, host=GiB, local_ranks=8,
+                             idle_models="rollouts")  # fmt: skip
