@@ -88,11 +88,6 @@ def sample_tokens(
         return combine_partial_samples(every[..., 3].long(), every[..., :3])
     logits = gather_from_tp(logits, group)  # top-p: the whole rows, sorted
     logits = logits.float()
-    # top-k on the raw logits (the same tokens as on the scaled ones; the one-pass path's floor exactly)
-    if top_k:
-        logits_k = logits.masked_fill(logits < topk_floor(logits, top_k)[:, None], float("-inf"))
-    else:
-        logits_k = logits
-    scaled = filter_logits(logits_k / params.temperature, 0, params.top_p)
+    scaled = filter_logits(logits / params.temperature, top_k, params.top_p)  # (HF's order: top-k, then top-p)
     tokens, _ = reference.gumbel_sample(scaled, seeds, counters, 1.0)  # already scaled: / 1.0 is exact
     return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
