@@ -255,6 +255,7 @@ def test_cuda_cache_budget(monkeypatch):
                               num_kv_heads=40, head_dim=128, dtype=torch.bfloat16)  # fmt: skip
     assert n * 16 > 45_000  # ~46k tokens of 13B KV cache in 40 GB
     assert cuda_cache_budget("cuda", 0.3) == 0  # less than what is in use: no cache (the generator says so)
+    assert cuda_cache_budget("cuda", 0.3, clamp=False) == int(80 * gib * 0.3) - 30 * gib  # (the shortfall)
     with pytest.raises(ValueError, match="fraction 1.5"):
         cuda_cache_budget("cuda", 1.5)
 

@@ -1155,7 +1155,7 @@ def test_offload_decisions_follow_one_another(tmp_path, monkeypatch, capsys):
     nbytes = offload.state_bytes(state.policy_opt) + offload.state_bytes(state.value_opt)
     mbytes = sum(offload.weight_bytes(m) for m in (state.ref, state.reward, state.value))
     monkeypatch.setattr(
-        state_mod, "cuda_cache_budget", lambda device, fraction, reserve=0: 2 * per_seq
+        state_mod, "cuda_cache_budget", lambda device, fraction, reserve=0, clamp=True: 2 * per_seq
     )  # 2 of the 8 wanted
     monkeypatch.setattr(memory_plan, "host_available", lambda: 2**40)
     assert nbytes // per_seq > 8 and mbytes // per_seq > 8  # (either alone makes room for the rollout's 8)
