@@ -236,7 +236,7 @@ def _combine_stats(stats: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tens
     s_all, w_all, z_t_all = local.unbind(-1)
     log_s = torch.log(s_all)
     lse = m_all + log_s
-    return lse, z_t_all - lse, log_s - w_all / s_all
+    return lse, (z_t_all - m_all) - log_s, log_s - w_all / s_all  # (as the kernel: not rounded at ulp(m))
 
 
 def _fwd(x3, targets, temperature, has_ent, v_start, lse=None, logp=None, ent=None, stats=None) -> None:

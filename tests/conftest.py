@@ -75,7 +75,7 @@ def _one_gpu_shared_by_workers(request, monkeypatch):
     import engine.state
     from kernels import rope_attention, rope_attention_bwd
 
-    fixed = lambda device, fraction=0.9, reserved_bytes=0: GPU_TEST_CACHE_BYTES  # noqa: E731
+    fixed = lambda device, fraction=0.9, reserved_bytes=0, clamp=True: GPU_TEST_CACHE_BYTES  # noqa: E731
     monkeypatch.setattr(engine.generate, "cuda_cache_budget", fixed)
     monkeypatch.setattr(engine.state, "cuda_cache_budget", fixed)
     for tuned in (rope_attention._fwd_tuned, rope_attention_bwd._dkdv_tuned, rope_attention_bwd._dq_tuned):
