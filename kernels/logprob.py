@@ -4,8 +4,8 @@ token_logprobs(logits [..., V], targets [...]) -> log softmax(logits / T)[target
 optionally the entropy of softmax(logits / T) (fp32 [...]). One read of each row forward: an online
 logsumexp over BLOCK_V chunks keeps the running max m, sum s = sum exp(z - m) and, for the entropy,
 w = sum exp(z - m) * (z - m) (relative to m so logits of 1e4 do not cancel); then
-lse = m + log s, logp = z_t - lse, entropy = log s - w / s. Backward is one more read of the row that
-writes grad_logits in the logits' dtype from the saved per-row lse and entropy:
+lse = m + log s, logp = (z_t - m) - log s (not rounded at ulp(m)), entropy = log s - w / s. Backward is one more
+read of the row that writes grad_logits in the logits' dtype from the saved per-row lse and entropy:
     dlogp/dz_j = [j == t] - p_j,    dH/dz_j = -p_j (log p_j + H).
 
 hidden_logprobs(hidden [N, H], weight [V, H], targets [N]) fuses the LM head: rows are processed in
