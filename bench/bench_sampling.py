@@ -26,19 +26,15 @@ from kernels import reference  # noqa: E402
 from kernels.sampling import gumbel_sample  # noqa: E402
 
 
-def hf_sample(logits, seeds, counters, temperature):
-    """The peer users run: transformers' sampling step (logits / T, softmax, torch.multinomial), plus the log-prob
-    of the sampled token that a PPO rollout keeps (a log_softmax of the raw logits)."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    tokens = torch.multinomial(probs, 1).squeeze(-1)
-    return tokens, torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None]).squeeze(-1)
-
-
-def hf_sample_top_k(logits, seeds, counters, temperature, top_k):
-    """transformers' step with its TopKLogitsWarper (the k-th largest scaled logit as a floor, -inf below it)."""
+def hf_sample(logits, seeds, counters, temperature, top_k=0):
+    """The peer users run: transformers' sampling step (logits / T, with top_k its TopKLogitsWarper: -inf below the
+    k-th largest, softmax, torch.multinomial), plus the log-prob of the sampled token that a PPO rollout keeps (a
+    log_softmax of the raw logits)."""
     scaled = logits.float() / temperature
-    kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
-    return hf_sample(scaled.masked_fill(scaled < kth, float("-inf")) * temperature, seeds, counters, temperature)
+    if top_k:
+        scaled = scaled.masked_fill(scaled < torch.topk(scaled, top_k, dim=-1).values[:, -1:], float("-inf"))
+    tokens = torch.multinomial(torch.softmax(scaled, dim=-1), 1).squeeze(-1)
+    return tokens, torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
 def ours_top_k(logits, seeds, counters, temperature, top_k):
@@ -66,7 +62,7 @@ def main(argv=None) -> list[dict]:
     if args.top_k > 0:
         k = args.top_k
         impls[f"ours top-{k}"] = lambda x, s, c, t: ours_top_k(x, s, c, t, k)
-        impls[f"HF top-{k}"] = lambda x, s, c, t: hf_sample_top_k(x, s, c, t, k)
+        impls[f"HF top-{k}"] = lambda x, s, c, t: hf_sample(x, s, c, t, k)
     rows = []
     for b in args.batch:
         logits = torch.randn(b, args.vocab, device=device, dtype=dtype) * 3

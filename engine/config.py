@@ -256,6 +256,11 @@ class GenerateConfig:
             raise ValueError(f"n must be >= 1, got {self.n}")
 
 
+# PPOConfig fields added after checkpoints were first written, at the value those runs had: an older run resumed
+# samples as it did (engine.state.resumed_config)
+LEGACY_PPO_VALUES = {"top_k": 0, "top_p": 1.0}
+
+
 @dataclass
 class PPOConfig:
     """PPO hyperparameters; defaults are the Tulu V2.5 PPO 13B recipe (RECIPE.md)."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.checkpoint import fsync_dir, save_pretrained
+from engine.config import LEGACY_PPO_VALUES
 from engine.hub import model_dirs
 from engine.optim import load_optimizer_state, optimizer_state
 from engine.parallel import print0, raise_together
@@ -389,9 +390,7 @@ def saved_ppo_config(ckpt: str) -> dict:
 
 def _changed_hyperparameters(saved: dict, now: dict) -> str:
     """'name saved -> now' for each PPOConfig field whose value differs ('' if none); a field the checkpoint predates
-    counts at the value its run had (state.LEGACY_PPO_VALUES)."""
-    from engine.state import LEGACY_PPO_VALUES
-
+    counts at the value its run had (config.LEGACY_PPO_VALUES)."""
     saved = {**LEGACY_PPO_VALUES, **saved}
     norm = lambda v: list(v) if isinstance(v, (tuple, list)) else v  # noqa: E731
     keys = sorted(set(saved) | set(now))

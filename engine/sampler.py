@@ -73,7 +73,7 @@ def sample_tokens(
     Without top-p each rank samples its shard and the ranks exchange B x 4 numbers (the same token as the whole row,
     on every rank; top-k's floor from each rank's top k); with top-p the shards are gathered first.
     """
-    if params.temperature < MIN_TEMPERATURE:  # (logits / T would overflow fp32 to +inf: a tie of every positive logit)
+    if 0 < params.temperature < MIN_TEMPERATURE:  # (logits / T would overflow fp32: a tie of every positive logit)
         params = dataclasses.replace(params, temperature=0.0)
     tp = group_size(group)
     vocab = logits.shape[-1] * tp

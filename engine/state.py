@@ -15,7 +15,7 @@ import torch
 
 from engine import memory_plan, recompute
 from engine.checkpoint import load_pretrained
-from engine.config import ModelConfig, PPOConfig
+from engine.config import LEGACY_PPO_VALUES, ModelConfig, PPOConfig
 from engine.data import PromptBatches, check_fills_a_rollout
 from engine.hub import config_sources, model_dirs, pin_run, resolve_run
 from engine.kv_cache import bytes_per_block, cuda_cache_budget, resolve_cache_dtype
@@ -209,11 +209,6 @@ def check_batch_sizes(cfg: PPOConfig, grid: ProcessGrid) -> None:
             f"whole prompts' {cfg.samples_per_prompt} samples: the minibatches differ from one process's (a run on "
             "another number of ranks trains on other minibatches)"
         )
-
-
-# PPOConfig fields added after checkpoints were first written, at the value those runs had: an older run resumed
-# samples as it did
-LEGACY_PPO_VALUES = {"top_k": 0, "top_p": 1.0}
 
 
 def resumed_config(cfg: PPOConfig, run: RunConfig) -> PPOConfig:
