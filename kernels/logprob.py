@@ -4,8 +4,9 @@ token_logprobs(logits [..., V], targets [...]) -> log softmax(logits / T)[target
 optionally the entropy of softmax(logits / T) (fp32 [...]). One read of each row forward: an online
 logsumexp over BLOCK_V chunks keeps the running max m, sum s = sum exp(z - m) and, for the entropy,
 w = sum exp(z - m) * (z - m) (relative to m so logits of 1e4 do not cancel); then
-lse = m + log s, logp = (z_t - m) - log s (not rounded at ulp(m)), entropy = log s - w / s. Backward is one more
-read of the row that writes grad_logits in the logits' dtype from the saved per-row lse and entropy:
+logp = (z_t - m) - log s, entropy = log s - w / s, never forming lse = m + log s (it rounds at ulp(m), 1e-3 for
+logits of 1e4). Backward is one more read of the row that writes grad_logits in the logits' dtype from the saved
+per-row (m, log s) pair and entropy, with p_j = exp((z_j - m) - log s):
     dlogp/dz_j = [j == t] - p_j,    dH/dz_j = -p_j (log p_j + H).
 
 hidden_logprobs(hidden [N, H], weight [V, H], targets [N]) fuses the LM head: rows are processed in
@@ -59,7 +60,7 @@ def _logprob_fwd_kernel(
     stride_t,
     T,
     tgt_ptr,  # [B * T] int64 global target ids
-    lse_ptr,  # [B * T] fp32 out (FINALIZE)
+    norm_ptr,  # [B * T, 2] fp32 out (FINALIZE): m, log s
     logp_ptr,  # [B * T] fp32 out (FINALIZE)
     ent_ptr,  # [B * T] fp32 out (FINALIZE and HAS_ENT)
     stats_ptr,  # [B * T, 4] fp32 out (not FINALIZE): m, s, w, z_target
@@ -98,11 +99,11 @@ def _logprob_fwd_kernel(
     z_t = tl.load(x_row + t_local, mask=in_shard, other=0.0).to(tl.float32) * inv_temp
     if FINALIZE:
         log_s = tl.log(s)
-        lse = m + log_s
         # An out-of-range target (the host checks CPU tensors; CUDA gets an async assert) gives NaN.
         # (z_t - m) - log(s), not z_t - lse: lse = m + log(s) rounds at ulp(m), 1e-3 for logits of 1e4
         tl.store(logp_ptr + row, tl.where(in_shard, (z_t - m) - log_s, float("nan")))
-        tl.store(lse_ptr + row, lse)
+        tl.store(norm_ptr + row * 2, m)
+        tl.store(norm_ptr + row * 2 + 1, log_s)
         if HAS_ENT:
             tl.store(ent_ptr + row, log_s - w / s)
     else:
@@ -120,7 +121,7 @@ def _logprob_bwd_kernel(
     T,
     gx_ptr,  # [B * T, V] grad of the logits, contiguous (may alias x when x is contiguous)
     tgt_ptr,  # [B * T] int64
-    lse_ptr,  # [B * T] fp32 global logsumexp of z = x / temperature
+    norm_ptr,  # [B * T, 2] fp32 global (max, log sum exp(z - max)) of z = x / temperature
     ent_ptr,  # [B * T] fp32 entropy (HAS_GENT)
     glp_ptr,  # [B * T] fp32 grad of the log-probs
     gent_ptr,  # [B * T] fp32 grad of the entropy (HAS_GENT)
@@ -134,7 +135,8 @@ def _logprob_bwd_kernel(
     x_row = x_ptr + (row // T) * stride_b + (row % T) * stride_t
     gx_row = gx_ptr + row * V
     cols = tl.arange(0, BLOCK_V)
-    lse = tl.load(lse_ptr + row)
+    m = tl.load(norm_ptr + row * 2)
+    log_s = tl.load(norm_ptr + row * 2 + 1)
     glp = tl.load(glp_ptr + row)
     t_local = tl.load(tgt_ptr + row) - v_start
     if HAS_GENT:
@@ -144,7 +146,7 @@ def _logprob_bwd_kernel(
         offs = start + cols
         mask = offs < V
         z = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-        lp = z - lse
+        lp = (z - m) - log_s  # (not z - lse: lse rounds at ulp(m))
         p = tl.exp(lp)
         g = tl.where(offs == t_local, glp, 0.0) - glp * p
         if HAS_GENT:
@@ -223,7 +225,7 @@ def _group_info(group, v_local: int) -> tuple[int, int]:
 
 
 def _combine_stats(stats: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-rank [N, 4] (m, s, w, z_t) -> global (lse, logp, entropy) with two collectives."""
+    """Per-rank [N, 4] (m, s, w, z_t) -> global (norm [N, 2] = (m, log s), logp, entropy) with two collectives."""
     import torch.distributed as dist
 
     m, s, w, z_t = stats.unbind(-1)
@@ -235,13 +237,22 @@ def _combine_stats(stats: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tens
     dist.all_reduce(local, op=dist.ReduceOp.SUM, group=group)
     s_all, w_all, z_t_all = local.unbind(-1)
     log_s = torch.log(s_all)
-    lse = m_all + log_s
-    return lse, (z_t_all - m_all) - log_s, log_s - w_all / s_all  # (as the kernel: not rounded at ulp(m))
+    # (as the kernel: never m + log s, which rounds at ulp(m))
+    return torch.stack([m_all, log_s], dim=-1), (z_t_all - m_all) - log_s, log_s - w_all / s_all
 
 
-def _fwd(x3, targets, temperature, has_ent, v_start, lse=None, logp=None, ent=None, stats=None) -> None:
-    """Launch the forward kernel: final (lse, logp, ent) when `stats` is None, else partial [N, 4] stats."""
-    ptrs = (lse, logp, ent, lse) if stats is None else (stats,) * 4
+def _fwd_outputs(like: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty (norm [n, 2], logp [n], entropy [n]) fp32 on `like`'s device."""
+    return (
+        like.new_empty(n, 2, dtype=torch.float32),
+        like.new_empty(n, dtype=torch.float32),
+        like.new_empty(n, dtype=torch.float32),
+    )
+
+
+def _fwd(x3, targets, temperature, has_ent, v_start, norm=None, logp=None, ent=None, stats=None) -> None:
+    """Launch the forward kernel: final (norm [N, 2], logp, ent) when `stats` is None, else partial [N, 4] stats."""
+    ptrs = (norm, logp, ent, norm) if stats is None else (stats,) * 4
     _launch(
         _logprob_fwd_kernel, _fwd_tuned, targets.numel(), x3.shape[-1],
         x3, x3.stride(0), x3.stride(1), x3.shape[1], targets, *ptrs,
@@ -258,30 +269,31 @@ def logprob_forward(
     *,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """x3 [B, T, V] (this rank's slice), targets [B*T] int64 -> (lse, logp, entropy or None), fp32 [B*T].
+    """x3 [B, T, V] (this rank's slice), targets [B*T] int64 -> (norm, logp, entropy or None), fp32: norm [B*T, 2]
+    = the row's (max, log sum exp(z - max)) of z = x / temperature, which the backward needs; logp, entropy [B*T].
 
-    `out` = preallocated (lse, logp, entropy) fp32 tensors (tests poison them with NaN).
+    `out` = preallocated (norm, logp, entropy) fp32 tensors (tests poison them with NaN).
     """
     n, v = targets.numel(), x3.shape[-1]
     v_start, _ = _group_info(group, v)
     if group is None:
-        lse, logp, ent = out if out is not None else (x3.new_empty(n, dtype=torch.float32) for _ in range(3))
-        _fwd(x3, targets, temperature, has_ent, v_start, lse, logp, ent)
-        return lse, logp, ent if has_ent else None
+        norm, logp, ent = out if out is not None else _fwd_outputs(x3, n)
+        _fwd(x3, targets, temperature, has_ent, v_start, norm, logp, ent)
+        return norm, logp, ent if has_ent else None
     stats = x3.new_empty(n, 4, dtype=torch.float32)
     _fwd(x3, targets, temperature, has_ent, v_start, stats=stats)
-    lse, logp, ent = _combine_stats(stats, group)
+    norm, logp, ent = _combine_stats(stats, group)
     if out is not None:
-        for dst, src in zip(out, (lse, logp, ent)):
+        for dst, src in zip(out, (norm, logp, ent)):
             dst.copy_(src)
-        lse, logp, ent = out
-    return lse, logp, ent if has_ent else None
+        norm, logp, ent = out
+    return norm, logp, ent if has_ent else None
 
 
 def logprob_backward(
     x3: torch.Tensor,
     targets: torch.Tensor,
-    lse: torch.Tensor,
+    norm: torch.Tensor,
     ent: torch.Tensor | None,
     grad_logp: torch.Tensor | None,
     grad_ent: torch.Tensor | None,
@@ -293,12 +305,12 @@ def logprob_backward(
     """grad of this rank's logits slice, [B*T, V] contiguous in x3's dtype (`out` may alias x3)."""
     n, v = targets.numel(), x3.shape[-1]
     gx = out if out is not None else torch.empty(n, v, dtype=x3.dtype, device=x3.device)
-    glp = grad_logp.float().contiguous() if grad_logp is not None else lse.new_zeros(n)
+    glp = grad_logp.float().contiguous() if grad_logp is not None else norm.new_zeros(n)
     has_gent = grad_ent is not None and ent is not None
     gent = grad_ent.float().contiguous() if has_gent else glp
     _launch(
         _logprob_bwd_kernel, _bwd_tuned, n, v,
-        x3, x3.stride(0), x3.stride(1), x3.shape[1], gx, targets, lse, ent if has_gent else lse, glp, gent,
+        x3, x3.stride(0), x3.stride(1), x3.shape[1], gx, targets, norm, ent if has_gent else glp, glp, gent,
         v, v_start, 1.0 / temperature, HAS_GENT=has_gent,
     )  # fmt: skip
     return gx
@@ -312,8 +324,8 @@ class _TokenLogprobs(torch.autograd.Function):
     def forward(ctx, logits, targets, temperature, has_ent, group):
         ctx.set_materialize_grads(False)  # an unused output (often the entropy) costs nothing backward
         x3 = _as_rows(logits)
-        lse, logp, ent = logprob_forward(x3, targets, temperature, has_ent, group)
-        ctx.save_for_backward(x3, targets, lse, ent)
+        norm, logp, ent = logprob_forward(x3, targets, temperature, has_ent, group)
+        ctx.save_for_backward(x3, targets, norm, ent)
         ctx.temperature, ctx.group, ctx.shape = temperature, group, logits.shape
         if has_ent:
             return logp, ent
@@ -321,9 +333,9 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ent=None):
-        x3, targets, lse, ent = ctx.saved_tensors
+        x3, targets, norm, ent = ctx.saved_tensors
         v_start, _ = _group_info(ctx.group, x3.shape[-1])
-        gx = logprob_backward(x3, targets, lse, ent, grad_logp, grad_ent, ctx.temperature, v_start)
+        gx = logprob_backward(x3, targets, norm, ent, grad_logp, grad_ent, ctx.temperature, v_start)
         return gx.view(ctx.shape), None, None, None, None
 
 
@@ -335,11 +347,11 @@ def _chunk_rows(n: int, v: int, elt: int) -> int:
     return max(1, min(n, rows - rows % 128 if rows >= 256 else rows))
 
 
-def _hidden_grad_chunk(lg, h, weight, targets, lse, ent, glp, gent, temperature, v_start, gh, gw, first):
+def _hidden_grad_chunk(lg, h, weight, targets, norm, ent, glp, gent, temperature, v_start, gh, gw, first):
     """Turn one chunk's logits lg [c, V] into grad_logits in place, then the two grad GEMMs:
     gh [c, H] = grad_logits @ weight, gw [V, H] (+)= grad_logits.T @ h. A gw in fp32 under half weights (_weight_grad:
     several chunks) adds each chunk's product once rounded, never the running sum."""
-    logprob_backward(lg.unsqueeze(0), targets, lse, ent, glp, gent, temperature, v_start, out=lg)
+    logprob_backward(lg.unsqueeze(0), targets, norm, ent, glp, gent, temperature, v_start, out=lg)
     if gh is not None:
         torch.mm(lg, weight, out=gh)
     if gw is not None:
@@ -374,18 +386,18 @@ def _hidden_forward(hidden, weight, targets, temperature, has_ent, group, rows):
     """Chunked forward; with `group` the partial stats of all chunks are combined at once (2 collectives)."""
     n, v = hidden.shape[0], weight.shape[0]
     v_start, _ = _group_info(group, v)
-    lse, logp, ent = (hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
+    norm, logp, ent = _fwd_outputs(hidden, n)
     stats = hidden.new_empty(n, 4, dtype=torch.float32) if group is not None else None
     for r0 in range(0, n, rows):
         sl = slice(r0, min(n, r0 + rows))
         lg = (hidden[sl] @ weight.t()).unsqueeze(0)
         if group is None:
-            _fwd(lg, targets[sl], temperature, has_ent, v_start, lse[sl], logp[sl], ent[sl])
+            _fwd(lg, targets[sl], temperature, has_ent, v_start, norm[sl], logp[sl], ent[sl])
         else:
             _fwd(lg, targets[sl], temperature, has_ent, v_start, stats=stats[sl])
     if group is not None:
-        lse, logp, ent = _combine_stats(stats, group)
-    return lse, logp, ent if has_ent else None
+        norm, logp, ent = _combine_stats(stats, group)
+    return norm, logp, ent if has_ent else None
 
 
 def _all_reduce_(t: torch.Tensor, group) -> None:
@@ -399,14 +411,14 @@ class _HiddenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, has_ent, group, rows):
         ctx.set_materialize_grads(False)
-        lse, logp, ent = _hidden_forward(hidden, weight, targets, temperature, has_ent, group, rows)
-        ctx.save_for_backward(hidden, weight, targets, lse, ent)
+        norm, logp, ent = _hidden_forward(hidden, weight, targets, temperature, has_ent, group, rows)
+        ctx.save_for_backward(hidden, weight, targets, norm, ent)
         ctx.temperature, ctx.group, ctx.rows = temperature, group, rows
         return (logp, ent) if has_ent else logp
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ent=None):
-        hidden, weight, targets, lse, ent = ctx.saved_tensors
+        hidden, weight, targets, norm, ent = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gh = torch.empty_like(hidden) if need_h else None
         gw = _weight_grad(weight, hidden.shape[0], ctx.rows) if need_w else None
@@ -417,7 +429,7 @@ class _HiddenLogprobs(torch.autograd.Function):
             pick = lambda t, sl=sl: t[sl] if t is not None else None
             lg = hidden[sl] @ weight.t()  # recomputed: per-token outputs can receive any gradient
             _hidden_grad_chunk(
-                lg, hidden[sl], weight, targets[sl], lse[sl], pick(ent), pick(grad_logp), pick(grad_ent),
+                lg, hidden[sl], weight, targets[sl], norm[sl], pick(ent), pick(grad_logp), pick(grad_ent),
                 ctx.temperature, v_start, pick(gh), gw, i == 0,
             )  # fmt: skip
         if gw is not None and hidden.shape[0] == 0:
@@ -442,7 +454,7 @@ class _FusedHiddenLoss(torch.autograd.Function):
         for i, r0 in enumerate(range(0, n, rows)):
             r1 = min(n, r0 + rows)
             lg = hidden[r0:r1] @ weight.t()  # the only logits GEMM: the same buffer becomes grad_logits
-            lse_c, logp_c, ent_c = logprob_forward(lg.unsqueeze(0), targets[r0:r1], temperature, True, group)
+            norm_c, logp_c, ent_c = logprob_forward(lg.unsqueeze(0), targets[r0:r1], temperature, True, group)
             logp[r0:r1], ent[r0:r1] = logp_c, ent_c
             with torch.enable_grad():
                 lp = logp_c.detach().requires_grad_(True)
@@ -453,7 +465,7 @@ class _FusedHiddenLoss(torch.autograd.Function):
             total += loss_c.detach()
             if need_h or need_w:
                 _hidden_grad_chunk(
-                    lg, hidden[r0:r1], weight, targets[r0:r1], lse_c, ent_c, glp, gent, temperature, v_start,
+                    lg, hidden[r0:r1], weight, targets[r0:r1], norm_c, ent_c, glp, gent, temperature, v_start,
                     gh[r0:r1] if need_h else None, gw, i == 0,
                 )  # fmt: skip
         if gw is not None and n == 0:

@@ -87,9 +87,9 @@ from bench.common import ptxas_info
 import kernels.logprob as L
 
 for fn, ptrs, flags in [
-    (L._logprob_fwd_kernel, dict(x_ptr="*bf16", tgt_ptr="*i64", lse_ptr="*fp32", logp_ptr="*fp32", ent_ptr="*fp32",
+    (L._logprob_fwd_kernel, dict(x_ptr="*bf16", tgt_ptr="*i64", norm_ptr="*fp32", logp_ptr="*fp32", ent_ptr="*fp32",
                                  stats_ptr="*fp32"), dict(HAS_ENT=True, FINALIZE=True)),
-    (L._logprob_bwd_kernel, dict(x_ptr="*bf16", gx_ptr="*bf16", tgt_ptr="*i64", lse_ptr="*fp32", ent_ptr="*fp32",
+    (L._logprob_bwd_kernel, dict(x_ptr="*bf16", gx_ptr="*bf16", tgt_ptr="*i64", norm_ptr="*fp32", ent_ptr="*fp32",
                                  glp_ptr="*fp32", gent_ptr="*fp32"), dict(HAS_GENT=True)),
 ]:
     for cfg in L._configs()[-3:]:  # the configs a 32000-wide vocabulary keeps
