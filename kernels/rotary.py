@@ -65,7 +65,7 @@ def _rotate_store(x1, x2, c, s, out, mask, HALF: tl.constexpr, ROTATE: tl.conste
 # fmt: off
 @triton.jit
 def _rotary_kernel(
-    Q, QO, K, KO, V, KC, VC, POS, SLOT, INV_FREQ, n_tokens,
+    Q, QO, K, KO, V, KC, VC, POS, SLOT, INV_FREQ, n_tokens, n_slots,
     stride_qn, stride_qh, stride_qon, stride_qoh, stride_kn, stride_kh, stride_kon, stride_koh, stride_vn, stride_vh,
     stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
     HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -75,7 +75,8 @@ def _rotary_kernel(
     """Program (t, j): tokens [t * BLOCK_T, +BLOCK_T); head block j of q (j < cdiv(HQ, BLOCK_H)) or else of k/v.
 
     q heads: QO = rot(Q). k heads: KO = rot(K) if WRITE_K; if WRITE_CACHE, rot(K) and V at each token's slot
-    (slot = block * CACHE_BLOCK + offset, -1 skips). HQ = 0: no q. ROTATE False: copies (no rotation)."""
+    (slot = block * CACHE_BLOCK + offset; -1 skips, and so does a slot past the cache's n_slots: on a GPU, where the
+    host cannot check without a sync, nothing outside the cache is written). HQ = 0: no q. ROTATE False: copies."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     j = tl.program_id(1)
     t_ok = offs_t < n_tokens
@@ -109,7 +110,7 @@ def _rotary_kernel(
             _rotate_store(x1, x2, c, s, ko_ptrs, mask, HALF, ROTATE)
         if WRITE_CACHE:
             slot = tl.load(SLOT + offs_t, mask=t_ok, other=-1).to(tl.int64)  # caches can exceed 2^31 elements
-            w_mask = mask & (slot >= 0)[:, None, None]
+            w_mask = mask & ((slot >= 0) & (slot < n_slots))[:, None, None]
             blk = slot // CACHE_BLOCK
             off = slot % CACHE_BLOCK
             kc_ptrs = _tile_ptrs(KC + off[:, None, None] * stride_kct, blk, stride_kcb, heads, stride_kch, offs_i)
@@ -199,7 +200,7 @@ def launch_rotary(
     cache_strides = (*kc.stride()[:3], *vc.stride()[:3]) if write_cache else (0,) * 6
     # fmt: off
     _rotary_kernel[grid](
-        q, q_out, k, k_out_, v, kc, vc, positions, slots, inv_freq, n,
+        q, q_out, k, k_out_, v, kc, vc, positions, slots, inv_freq, n, kc.shape[0] * kc.shape[1] if write_cache else 0,
         q.stride(0), q.stride(1), q_out.stride(0), q_out.stride(1), k.stride(0), k.stride(1),
         k_out_.stride(0), k_out_.stride(1), v.stride(0), v.stride(1), *cache_strides,
         HQ=hq, HKV=hkv, **tiles, CACHE_BLOCK=kc.shape[1] if write_cache else 1, ROTATE=rotate,
