@@ -231,7 +231,9 @@ _PRUNE = {"early_config_prune": _prune_fp32}
 # pipelines K/V with cp.async and does not spill (213 registers at BLOCK_N 32/64, 255 at 128; 4 warps spill);
 # dq at 8 warps spills nothing up to BLOCK_N=64; dk/dv spills nothing at BLOCK_M 16/32 (112 B at BLOCK_M=64,
 # ~3 KB at 4 warps). Measured timings on a GPU are still owed (bench_rope_attention.py --sweep).
-_KEY = ["HEAD_DIM", "GROUP"]
+# tune_bucket (an argument the kernels do not read): tokens in coarse buckets, so a config tuned on a small prefill
+# (a few hundred programs, launch-bound) is not reused for a training micro-batch or a long prefill, nor the reverse
+_KEY = ["HEAD_DIM", "GROUP", "tune_bucket"]
 _FWD_SHAPES = ((64, 8, 2), (64, 8, 3), (64, 8, 4), (128, 8, 2), (128, 8, 3), (32, 8, 3))
 _BWD_SHAPES = ((16, 8, 2), (16, 8, 3), (32, 8, 2), (32, 8, 3), (64, 8, 2), (32, 4, 2))
 
@@ -257,6 +259,11 @@ def _dot_args(dtype: torch.dtype) -> dict:
     return {"DOT_DTYPE": _TL_DTYPES[dtype], "PREC": "tf32"}
 
 
+def tune_bucket(n_tokens: int) -> int:
+    """Autotuning bucket of a launch over n_tokens packed tokens: < 2k, < 8k, < 32k, more."""
+    return min(3, max(0, (n_tokens.bit_length() - 10) // 2))
+
+
 def _launch(
     kernel, tuned, heads: int, make_args, cu: torch.Tensor, n: int, seq_block: str, inner: str,
     config: dict | None, blocks: dict | None = None, **meta,
@@ -273,6 +280,7 @@ def _launch(
         blocks[block] = _block_index(cu, n, block)
     cu_blk, grid0, n_steps = blocks[block]
     args, grid = make_args(cu_blk), (grid0, heads)
+    meta["tune_bucket"] = tune_bucket(n)
     if config:
         kernel[grid](*args, N_STEPS=n_steps, **config, **meta)
     elif INTERPRET:

@@ -105,7 +105,7 @@ def _fwd_kernel(
     n_tokens, num_seqs, qk_scale,
     N_STEPS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, TAB_ROWS: tl.constexpr, SAVE_ROT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, tune_bucket,
 ):  # fmt: skip
     """Grid (query blocks of all sequences (upper bound), Hq). O [N, Hq, D]; LSE [Hq, N] fp32 (base 2).
 

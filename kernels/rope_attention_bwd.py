@@ -88,7 +88,7 @@ def _bwd_dkdv_kernel(
     stride_dkn, stride_dkh, stride_dvn, stride_dvh,
     n_tokens, num_seqs, qk_scale, sm_scale,
     N_STEPS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, TAB_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, TAB_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, tune_bucket,
 ):  # fmt: skip
     """Grid (key blocks of all sequences (upper bound), Hkv). dk, dv of one key tile, summed over the group.
 
@@ -170,7 +170,7 @@ def _bwd_dq_kernel(
     stride_dqn, stride_dqh,
     n_tokens, num_seqs, qk_scale, sm_scale,
     N_STEPS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, TAB_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, TAB_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, tune_bucket,
 ):  # fmt: skip
     """Grid (query blocks of all sequences (upper bound), Hq). dq of one query tile.
 
