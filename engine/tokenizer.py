@@ -20,7 +20,8 @@ TINY_PROMPTS = os.path.join(ASSETS_DIR, "prompts_tiny.jsonl")
 TINY_EVAL_PROMPTS = os.path.join(ASSETS_DIR, "prompts_tiny_eval.jsonl")  # held out: none of them is in TINY_PROMPTS
 
 # The same format as a Jinja chat template (with the BOS the engine's prompts start with), stored with tokenizers we
-# build: `--chat-template tokenizer` then encodes exactly as the built-in Tulu format does.
+# build: `--chat-template tokenizer` then encodes exactly as the built-in Tulu format does. A saved policy gets the
+# variant of it that encodes so with its tokenizer (tulu_chat_template).
 TULU_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '\n' }}"
@@ -177,6 +178,45 @@ def encode_chat(tokenizer, messages: list[dict], template: str = "tulu") -> list
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+# Conversations a saved Tulu template is checked on: one turn, and a system turn and an exchange before the question
+TEMPLATE_PROBES = (
+    [{"role": "user", "content": "Why is the sky blue?"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "  Two words,\n\tplease."},
+    ],
+)
+
+
+def template_ids(tokenizer, messages: list[dict], template: str | None = None) -> list[int]:
+    """What transformers' apply_chat_template(tokenize=True) gives for a prompt (the tokenizer's own template, or
+    `template`): ids in 4.x, a BatchEncoding in 5.x."""
+    out = tokenizer.apply_chat_template(
+        messages, chat_template=template, add_generation_prompt=True, tokenize=True, date_string=TEMPLATE_DATE
+    )
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def tulu_chat_template(tokenizer) -> str | None:
+    """The Tulu format as a chat template that apply_chat_template turns into exactly the ids the run's prompts had
+    (encode_chat "tulu", checked on TEMPLATE_PROBES), or None when no variant does.
+
+    The template writes the BOS as text and is tokenised without special tokens added: a byte-level BPE (Llama 3's,
+    the shipped one) then encodes the text after the BOS as it encodes the start of a string, but a sentencepiece
+    Llama tokenizer read without its legacy mode (transformers 5: '▁' only before the string's first piece) gives
+    '<|user|>' after the BOS no '▁'; its variant has a space there, which becomes that '▁'."""
+    for lead in ("", " "):
+        template = TULU_CHAT_TEMPLATE.replace("{{ bos_token }}", "{{ bos_token }}" + lead, 1)
+        try:
+            if all(template_ids(tokenizer, m, template) == encode_chat(tokenizer, m) for m in TEMPLATE_PROBES):
+                return template
+        except Exception:  # (a template this tokenizer cannot render: not this variant)
+            continue
+    return None
+
+
 def check_chat_template(tokenizer, template: str) -> None:
     """Refuse an unknown --chat-template, or "tokenizer" with a tokenizer that has no chat_template."""
     if template not in CHAT_TEMPLATES:
@@ -221,7 +261,7 @@ def read_prompt_file(path: str | os.PathLike, lines: list[int] | None = None) ->
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # (a byte order mark before line 1)
             except UnicodeDecodeError as e:
                 what = (
                     "a compressed file" if lineno == 1 and raw[:2] == b"\x1f\x8b" else f"byte {e.start + 1} of the line"

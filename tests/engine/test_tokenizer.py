@@ -8,14 +8,18 @@ import pytest
 
 from engine.config import ModelConfig
 from engine.tokenizer import (
+    TEMPLATE_PROBES,
     TINY_DIR,
     TINY_PROMPTS,
+    TULU_CHAT_TEMPLATE,
     check_vocabularies,
     encode_chat,
     format_chat,
     load_prompts,
     load_tokenizer,
     read_prompt_file,
+    template_ids,
+    tulu_chat_template,
 )
 from engine.train_ppo import build_tiny_models
 
@@ -408,3 +412,59 @@ def test_a_saved_policy_carries_the_chat_template_it_was_trained_with(tmp_path, 
         rendered[template] = saved.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert rendered["tulu"] == tok.bos_token + format_chat(msgs, tok.eos_token)
     assert rendered["tokenizer"] == "<s>[user]Why is the sky blue?</s>[assistant]"
+
+
+def _llama2_style_tokenizer(path, legacy: bool):
+    """A sentencepiece-style Llama-2 tokenizer (BPE with byte fallback, '▁' for spaces and before the text), as
+    transformers reads Llama-2's files: with `legacy` as its tokenizer_config.json says."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+
+    from engine.tokenizer import ASSETS_DIR
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    with open(os.path.join(ASSETS_DIR, "corpus.txt"), encoding="utf-8") as f:
+        lines = f.read().splitlines() + ["<|user|>\nhello\n<|assistant|>\n", "<|system|>\n"] * 5
+    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    os.makedirs(path, exist_ok=True)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+              "add_bos_token": True, "add_eos_token": False, "legacy": legacy}  # fmt: skip
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["tiny", "llama2_legacy", "llama2"])
+def test_the_saved_tulu_template_encodes_as_the_run_did(tmp_path, kind):
+    """A saved policy's template (tulu_chat_template, written by checkpoint._set_chat_template) gives through
+    apply_chat_template the very ids its run's prompts had, for a byte-level BPE and for sentencepiece-style Llama-2
+    tokenizers read with and without their legacy mode (without it, the BOS written as text took the '▁' off
+    '<|user|>': another first token for every prompt)."""
+    from engine.checkpoint import _set_chat_template
+
+    src = TINY_DIR if kind == "tiny" else _llama2_style_tokenizer(tmp_path / "src", legacy=kind == "llama2_legacy")
+    tok = load_tokenizer(src)
+    template = tulu_chat_template(tok)
+    assert template is not None
+    assert (template == TULU_CHAT_TEMPLATE) == (kind != "llama2")
+    saved = tmp_path / "saved"
+    shutil.copytree(src, saved)
+    _set_chat_template(str(saved), template)
+    again = load_tokenizer(saved)
+    tulu = load_prompts(TINY_PROMPTS, again, verbose=False)
+    own = load_prompts(TINY_PROMPTS, again, verbose=False, template="tokenizer")
+    assert own.prompts == tulu.prompts
+    probe = TEMPLATE_PROBES[1]
+    assert template_ids(again, probe) == encode_chat(tok, probe)
+    if kind == "llama2":  # (what the plain template gives there: the reason for the variant)
+        assert template_ids(again, probe, TULU_CHAT_TEMPLATE)[1] != encode_chat(tok, probe)[1]
+
+
+def test_a_prompt_file_may_start_with_a_byte_order_mark(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "one"}).encode() + b"\n" + b'{"prompt": "two"}\n')
+    assert [c[0]["content"] for c in read_prompt_file(p)] == ["one", "two"]
