@@ -206,6 +206,7 @@ def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int, offse
     to 1.0, whose Gumbel noise is +inf: one draw in 2^24 per entry, a random token in 0.2% of a 32k vocabulary's
     steps). The counter is hashed before it meets the seed: XORed in plain, two seeds whose hashes differ by d
     would draw the same noise at every pair of counters c and c ^ d."""
+    seeds, counters = seeds.long(), counters.long()  # (int32 products would wrap before the mask)
     row = mix32(mix32(seeds & M32) ^ mix32((counters & M32) ^ 0x5BD1E995))
     col = _column_keys(vocab, seeds.device, offset)
     return bits_to_uniform(mix32(row[:, None] ^ col[None, :]))

@@ -62,7 +62,7 @@ def _gumbel_sample_kernel(
     row_key = _mix32(_mix32(seed) ^ _mix32(counter ^ 0x5BD1E995))  # (see reference.uniform_noise)
     best = tl.full([], -float("inf"), tl.float32)
     best_idx = tl.full([], 0, tl.int32)
-    best_logit = tl.full([], 0.0, tl.float32)
+    best_logit = tl.load(base).to(tl.float32)  # token 0's: what a row with nothing drawable returns (as argmax)
     m = tl.full([], -float("inf"), tl.float32)
     s = tl.full([], 0.0, tl.float32)
     for v0 in range(0, loop_bound(vocab), BLOCK_V):

@@ -191,3 +191,24 @@ def test_sampler_inputs_are_checked():
         gumbel_sample(torch.randn(2, 0), seeds, counters, 1.0)
     with pytest.raises(ValueError, match="must be integer tensors"):
         gumbel_sample(logits, seeds.float(), counters, 1.0)
+
+
+def test_int32_seeds_and_a_floor_above_every_logit():
+    """Seeds and counters as int32 (negative ones too) draw what their int64 values draw, on both paths (the
+    reference's hash wrapped int32 products: other noise); a floor above every logit leaves nothing drawable, and
+    both paths return token 0 with its own log-prob (the kernel paired token 0 with a logit of 0)."""
+    b, v = 6, 300
+    logits = 2 * torch.randn(b, v)
+    seeds = torch.tensor([5, -1, 123456789, 7, -(2**31), 2**31 - 1], dtype=torch.int64)
+    counters = torch.tensor([3, 2, 1000, -4, 0, 77], dtype=torch.int64)
+    want = reference.gumbel_sample(logits, seeds, counters, 0.8)
+    for s, c in ((seeds.int(), counters.int()), (seeds, counters.int())):
+        for got in (gumbel_sample(logits, s, c, 0.8), reference.gumbel_sample(logits, s, c, 0.8)):
+            assert torch.equal(got[0], want[0])
+            torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-6)
+    floor = logits.max(-1).values + 1.0
+    exact = torch.log_softmax(logits.double(), -1)[:, 0].float()
+    for got in (gumbel_sample(logits, seeds, counters, 0.8, floor), reference.gumbel_sample(logits, seeds, counters,
+                                                                                            0.8, floor)):  # fmt: skip
+        assert got[0].tolist() == [0] * b
+        torch.testing.assert_close(got[1], exact, atol=1e-5, rtol=1e-5)
