@@ -38,6 +38,23 @@ def _first(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
+def check_fwd_bwd(what: str, ours, ref, leaves: list[torch.Tensor], dtype: torch.dtype) -> None:
+    """Before timing: ours' outputs and the grads of a random weighting of them (w.r.t. every leaf) against the fp32
+    reference on the same values; a wrong backward's figures are not published."""
+    found, weights = [], []
+    for f, cast in ((ours, lambda t: t), (ref, lambda t: t.float())):
+        xs = [cast(t.detach()).requires_grad_() for t in leaves]
+        outs = f(*xs)
+        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        weights = weights or [torch.randn(o.shape, device=o.device) for o in outs]
+        obj = sum((o.float() * w).sum() for o, w in zip(outs, weights))
+        found.append([o.detach().float() for o in outs] + [g.float() for g in torch.autograd.grad(obj, xs)])
+    errs = [((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(*found)]
+    shown = " ".join(f"{e:.1e}" for e in errs)
+    print(f"{what}: ours vs fp32 reference, max error relative to the largest value, outputs then gradients: {shown}")
+    check_close(what, max(errs), dtype)
+
+
 def fwd_bwd(f, inputs):
     """A callable doing f(*inputs) forward and the grads of sum(outputs * random weights) w.r.t. inputs."""
     leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
@@ -79,6 +96,13 @@ def bench_token(args, device, dtype, rows):
     rel = max(e / b.abs().max().item() for e, b in zip(errs, want))  # (the same logits: fp32 inside both)
     check_close(f"token_logprobs {n}x{v}", rel, torch.float32)
     del got, want
+    rows_checked = min(n, 512)  # (the backward: on a slice of the rows, each row's gradient its own)
+    check_fwd_bwd(
+        f"token_logprobs backward {rows_checked}x{v}",
+        lambda xx: token_logprobs(xx, targets[:rows_checked], return_entropy=True),
+        lambda xx: reference.token_logprobs(xx, targets[:rows_checked], return_entropy=True),
+        [logits[:rows_checked]], dtype,
+    )  # fmt: skip
     cases = [("fwd", False, logits), ("fwd+ent", True, logits), ("fwd+bwd", True, x)]
     jobs = [(name, case, (lambda f=f, i=inp, e=ent: f(i, e)) if case != "fwd+bwd" else fwd_bwd(
         lambda f=f, e=ent: f(x, e), [x])) for name, f in cands.items() for case, ent, inp in cases]  # fmt: skip
@@ -117,6 +141,20 @@ def bench_hidden(args, device, dtype, rows):
     ppo = {"ours ppo_token_loss(hidden) (3 GEMMs)": lambda: ppo_token_loss(
         None, targets, old, ones, ones, hidden=hidden, weight=weight
     )[0]}  # fmt: skip
+    # before timing, on a slice of the rows: both fused paths against the fp32 reference, outputs and both grads; the
+    # PPO loss with old log-probs near the new ones (ratios near 1, some clipped) and advantages of either sign
+    m = min(n, 256)
+    t_m = targets[:m]
+    with torch.no_grad():
+        near = reference.hidden_logprobs(hidden[:m].float(), weight.float(), t_m) + 0.1 * torch.randn(m, device=device)
+    adv, keep = torch.randn(m, device=device), torch.rand(m, device=device) < 0.9
+    check_fwd_bwd(f"hidden_logprobs {m}x{h}x{v}", lambda hh, ww: hidden_logprobs(hh, ww, t_m, return_entropy=True),
+                  lambda hh, ww: reference.hidden_logprobs(hh, ww, t_m, return_entropy=True),
+                  [hidden[:m], weight], dtype)  # fmt: skip
+    check_fwd_bwd(f"ppo_token_loss(hidden) {m}x{h}x{v}",
+                  lambda hh, ww: ppo_token_loss(None, t_m, near, adv, keep, hidden=hh, weight=ww)[0],
+                  lambda hh, ww: reference.ppo_token_loss(None, t_m, near, adv, keep, hidden=hh, weight=ww)[0],
+                  [hidden[:m], weight], dtype)  # fmt: skip
     if device == "cuda" and not args.skip_compile:
         compiled = torch.compile(reference.hidden_logprobs, dynamic=False)
         cands["torch.compile"] = lambda: compiled(hidden, weight, targets, return_entropy=True)
@@ -139,7 +177,7 @@ def bench_hidden(args, device, dtype, rows):
         )
 
 
-def main() -> None:
+def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=32768, help="token rows for token_logprobs")
     p.add_argument("--v", type=int, default=32000, help="vocabulary size")
@@ -153,7 +191,7 @@ def main() -> None:
     p.add_argument("--skip-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--skip-hidden", action="store_true", help="skip the hidden_logprobs rows")
     p.add_argument("--json", type=str, default=None, help="write the figures to this path")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[args.dtype]
@@ -177,6 +215,7 @@ def main() -> None:
         if args.json:
             meta = {"device": device, "dtype": str(dtype), "bandwidth_tbs": args.bandwidth, "tflops": args.tflops}
             Path(args.json).write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    return rows
 
 
 if __name__ == "__main__":

@@ -48,7 +48,10 @@ def _rows(args, device):
             from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
             norm_impls["Liger"] = lambda x, w: LigerRMSNormFunction.apply(x, w, eps)
-            act_impls["Liger"] = lambda gu: LigerSiLUMulFunction.apply(*gu.chunk(2, dim=-1))
+            # HF + Liger hands it gate_proj's and up_proj's outputs, each contiguous (given the halves of one tensor,
+            # Liger copies both on every call): split before timing, as _time_impl does for a (fn, prepare) pair
+            halves = lambda gu: tuple(x.contiguous() for x in gu.chunk(2, dim=-1))
+            act_impls["Liger"] = (LigerSiLUMulFunction.apply, halves)
         except Exception:  # noqa: BLE001 - Liger is optional
             pass
     norm_inputs = lambda: (
@@ -87,7 +90,11 @@ def check(op: str, fn, inputs, dy: tuple) -> None:
 
 
 def _time_impl(op: str, name: str, fn, inputs, dy, device) -> dict:
-    """Forward and forward+backward time (and extra peak memory) of fn(*inputs)."""
+    """Forward and forward+backward time (and extra peak memory) of fn(*inputs); fn may be a pair (fn, prepare):
+    fn(*prepare(*inputs)), the inputs laid out as that peer takes them, before any timing."""
+    if isinstance(fn, tuple):
+        fn, prepare = fn
+        inputs = prepare(*inputs)
     leaves = [x.detach().requires_grad_() for x in inputs]
 
     def step():

@@ -74,6 +74,15 @@ def main(argv=None) -> list[dict]:
         err = (ours[1] - ref[1]).abs().max().item()
         print(f"batch {b}: ours vs eager, same token in {same:.1%} of rows, max |log-prob err| {err:.1e}")
         check_close(f"sampler batch {b} (rows sampling another token)", 1.0 - same, dtype, tol=0.01)
+        if args.top_k > 0:  # the top-k path too: the reference's draw under the same floor, always within the top k
+            floor_k = topk_floor(logits, args.top_k)
+            ours = ours_top_k(logits, seeds, counters, t, args.top_k)
+            ref = reference.gumbel_sample(logits, seeds, counters, t, floor_k)
+            same = (ours[0] == ref[0]).float().mean().item()
+            outside = (logits.float().gather(-1, ours[0][:, None]).squeeze(-1) < floor_k).float().mean().item()
+            print(f"batch {b}, top-{args.top_k}: same token in {same:.1%} of rows, {outside:.1%} drawn below the floor")
+            check_close(f"top-{args.top_k} sampler batch {b} (rows sampling another token)", 1.0 - same, dtype, 0.01)
+            check_close(f"top-{args.top_k} sampler batch {b} (rows drawn outside the top k)", outside, dtype, 0.0)
         for name, fn in impls.items():
             try:
                 call = lambda fn=fn, x=logits, s=seeds, c=counters: fn(x, s, c, args.temperature)  # noqa: E731

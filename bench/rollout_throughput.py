@@ -7,7 +7,10 @@
 
 Prints tokens/s of ours and of HF generate (dynamic cache, and static cache with --hf-static), the
 peak memory of each, and our fraction of the decode roofline: weight bytes plus the KV bytes each
-step reads, at the device-to-device copy bandwidth measured at the start of the run. With --tp (under
+step reads, at the device-to-device copy bandwidth measured at the start of the run; and of the end-to-end
+roofline, which adds the prefill at the measured matmul rate (what a run timed from the prompts to the last token,
+as both engines are, could reach at best). Our row and the rooflines are printed (and the JSON written) before HF's
+generate runs, so a run stopped during HF's still leaves them. With --tp (under
 torchrun) the model is split over the ranks (HF generate is not run: it has no tensor parallelism); the
 roofline is then each rank's share of the bytes.
 """
@@ -24,12 +27,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import measured_copy_tbs, run_main, write_json  # noqa: E402
+from bench.common import measured_copy_tbs, measured_matmul_tflops, run_main, write_json  # noqa: E402
 from engine.checkpoint import hf_tensor_specs, load_pretrained  # noqa: E402
 from engine.config import MODEL_SHAPES, GenerateConfig, ModelConfig, PPOConfig  # noqa: E402
 from engine.generate import Generator  # noqa: E402
 from engine.kv_cache import resolve_cache_dtype  # noqa: E402
-from engine.model import Transformer  # noqa: E402
+from engine.model import Transformer, forward_flops  # noqa: E402
 from engine.parallel import backend_for, init_process_grid, print0  # noqa: E402
 
 
@@ -69,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
     p.add_argument("--hf-static", action="store_true", help="also time HF generate with a static cache")
     p.add_argument("--repeats", type=int, default=2, help="timed runs of ours and of HF each (the best is reported)")
-    p.add_argument("--bandwidth", type=float, default=None, help="copy bandwidth in GB/s (default: measured)")
+    p.add_argument("--bandwidth", type=float, default=None, help="copy bandwidth in TB/s (default: measured)")
+    p.add_argument("--tflops", type=float, default=None, help="bf16 matmul TFLOP/s (default: measured)")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel degree (under torchrun)")
     p.add_argument("--json", default=None, help="write the figures to this file")
     a = p.parse_args(argv)
@@ -123,6 +127,37 @@ def decode_roofline(
         "tok_s": batch / step,
         "step_ms": step * 1e3,
     }
+
+
+def rollout_roofline(
+    cfg: ModelConfig,
+    batch: int,
+    prompt_len: int,
+    gen_len: int,
+    elem: int,
+    bw: float,
+    flops: float,
+    kv_elem: int | None = None,
+    tp: int = 1,
+) -> dict:
+    """decode_roofline plus the prefill: batch x prompt_len tokens at `flops` FLOP/s (or the weights' read, if
+    longer), whose logits give the first new token; then gen_len - 1 decode steps. tok_s_e2e: new tokens over that
+    time, the best a run timed from the prompts to the last token can reach."""
+    roof = decode_roofline(cfg, batch, prompt_len, gen_len, elem, bw, kv_elem, tp)
+    work = forward_flops(cfg, batch * prompt_len, batch * prompt_len**2, head_tokens=batch) / tp
+    prefill = max(work / flops, roof["weight_gb"] * 1e9 / bw)
+    total = prefill + (gen_len - 1) * roof["step_ms"] / 1e3
+    return {**roof, "prefill_ms": prefill * 1e3, "tok_s_e2e": batch * gen_len / total}
+
+
+def _print_row(label: str, r: dict, roof: dict, gen_len: int) -> None:
+    steps = r.get("decode_steps", 0) + r.get("prefill_steps", 0) or gen_len  # ours counts its forwards
+    step_ms = r["seconds"] / steps * 1e3
+    own = r["peak_gib"] - r.get("kv_pool_gib", 0.0)  # (HF's cache grows within its peak)
+    print0(
+        f"{label:<24}{r['tok_s']:>12.1f}{step_ms:>16.2f}{r['peak_gib']:>11.2f}{own:>14.2f}"
+        f"{r['tok_s'] / roof['tok_s']:>10.1%}{r['tok_s'] / roof['tok_s_e2e']:>14.1%}"
+    )
 
 
 def to_transformers(model: Transformer):
@@ -217,7 +252,8 @@ def main(argv=None) -> dict:
             f"prompt-len + gen-len = {prompt_len + gen_len} exceeds the model's {cfg.max_position_embeddings}"
         )
 
-    bw = args.bandwidth * 1e9 if args.bandwidth else measured_copy_tbs(device) * 1e12
+    bw = (args.bandwidth or measured_copy_tbs(device)) * 1e12
+    flops = (args.tflops or measured_matmul_tflops(device)) * 1e12
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
     if args.stop_tokens >= cfg.vocab_size - 3:
@@ -233,7 +269,7 @@ def main(argv=None) -> dict:
     elem = torch.empty((), dtype=dtype).element_size()
     kv_elem = torch.empty((), dtype=resolve_cache_dtype(args.kv_cache_dtype, dtype)).element_size()
     slots = min(batch, args.max_num_seqs or batch)  # the sequences a decode step carries at most
-    roof = decode_roofline(cfg, slots, prompt_len, gen_len, elem, bw, kv_elem, grid.tp)
+    roof = rollout_roofline(cfg, slots, prompt_len, gen_len, elem, bw, flops, kv_elem, grid.tp)
 
     gen = Generator(
         model,
@@ -254,41 +290,25 @@ def main(argv=None) -> dict:
     del gen
     gc.collect()
 
-    peers = {}
-    if not args.no_hf:
-        hf = to_transformers(model)
-        del model
-        gc.collect()
-        if on_gpu:
-            torch.cuda.empty_cache()
-        peers["hf_generate"] = time_hf(hf, prompts, gen_len, args.temperature, args.top_k, device, False, args.repeats)
-        if args.hf_static:
-            peers["hf_generate_static"] = time_hf(
-                hf, prompts, gen_len, args.temperature, args.top_k, device, True, args.repeats
-            )
-
     name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
     print0(
         f"\nrollout throughput: {args.model}, {name} x {grid.world_size} (tp {grid.tp}), {dtype}, batch {batch}, "
         f"prompt {prompt_len}, new {gen_len}"
     )
     print0(
-        f"measured copy bandwidth {bw / 1e9:.0f} GB/s; weights {roof['weight_gb']:.2f} GB, "
-        f"KV read per step {roof['kv_gb_per_step']:.3f} GB (average context)"
+        f"measured copy bandwidth {bw / 1e9:.0f} GB/s, matmul {flops / 1e12:.3g} TFLOP/s; weights "
+        f"{roof['weight_gb']:.2f} GB, KV read per step {roof['kv_gb_per_step']:.3f} GB (average context), prefill "
+        f"{roof['prefill_ms']:.1f} ms at best"
     )
-    print0(f"{'engine':<24}{'tok/s':>12}{'ms/token-step':>16}{'peak GiB':>11}{'less KV pool':>14}{'roofline':>10}")
-    rows = [("ours", ours)] + list(peers.items())
-    for label, r in rows:
-        steps = r.get("decode_steps", 0) + r.get("prefill_steps", 0) or gen_len  # ours counts its forwards
-        step_ms = r["seconds"] / steps * 1e3
-        own = r["peak_gib"] - r.get("kv_pool_gib", 0.0)  # (HF's cache grows within its peak)
-        print0(
-            f"{label:<24}{r['tok_s']:>12.1f}{step_ms:>16.2f}{r['peak_gib']:>11.2f}{own:>14.2f}"
-            f"{r['tok_s'] / roof['tok_s']:>10.1%}"
-        )
+    print0(
+        f"{'engine':<24}{'tok/s':>12}{'ms/token-step':>16}{'peak GiB':>11}{'less KV pool':>14}{'roofline':>10}"
+        f"{'e2e roofline':>14}"
+    )
+    print0(f"{'roofline (decode)':<24}{roof['tok_s']:>12.1f}{roof['step_ms']:>16.2f}{'':>25}{1:>10.0%}")
+    print0(f"{'roofline (end to end)':<24}{roof['tok_s_e2e']:>12.1f}{'':>16}{'':>25}{'':>10}{1:>14.0%}")
+    _print_row("ours", ours, roof, gen_len)
     if ours.get("kv_pool_gib"):
         print0(f"(ours' peak includes its KV pool of {ours['kv_pool_gib']:.2f} GiB, sized from the free memory)")
-    print0(f"{'roofline (decode)':<24}{roof['tok_s']:>12.1f}{roof['step_ms']:>16.2f}{'':>11}{1:>10.0%}")
     if ours.get("preemptions"):
         print0(f"(ours preempted {ours['preemptions']} sequences for lack of KV blocks)")
     print0(
@@ -307,12 +327,24 @@ def main(argv=None) -> dict:
         "temperature": args.temperature,
         "top_k": args.top_k,
         "bandwidth_gbs": bw / 1e9,
+        "matmul_tflops": flops / 1e12,
         "roofline": roof,
         "ours": ours,
-        **peers,
         "torch": torch.__version__,
     }
-    write_json(args.json, result)
+    write_json(args.json, result)  # (written again with the peers: a run stopped during HF's keeps ours)
+
+    if not args.no_hf:
+        hf = to_transformers(model)
+        del model
+        gc.collect()
+        if on_gpu:
+            torch.cuda.empty_cache()
+        runs = [("hf_generate", False)] + ([("hf_generate_static", True)] if args.hf_static else [])
+        for label, static in runs:
+            result[label] = time_hf(hf, prompts, gen_len, args.temperature, args.top_k, device, static, args.repeats)
+            _print_row(label, result[label], roof, gen_len)
+            write_json(args.json, result)
     return result
 
 

@@ -17,6 +17,24 @@ def test_sampling_bench_smoke(tmp_path):
     assert {r["impl"] for r in rows if "error" not in r} >= {"ours (one pass)", "eager (reference)"}
 
 
+def test_logprob_bench_checks_before_timing(tmp_path, monkeypatch):
+    """The log-prob bench (tiny CPU shapes, the kernels in the interpreter) checks every timed path of ours, forward
+    and backward, against the fp32 reference first; a wrong gradient stops it before any timing."""
+    import pytest
+
+    import bench.bench_logprob as B
+    from kernels import reference
+
+    rows = B.main(["--warmup", "1", "--rep", "1", "--skip-compile", "--json", str(tmp_path / "l.json")])
+    assert {(r["op"], r["case"]) for r in rows if r["impl"] == "ours"} == {
+        ("token_logprobs", c) for c in ("fwd", "fwd+ent", "fwd+bwd")
+    }
+    wrong = lambda h, w, t, return_entropy=False: reference.hidden_logprobs(h, w * 1.05, t, return_entropy=True)
+    monkeypatch.setattr(B, "hidden_logprobs", wrong)
+    with pytest.raises(SystemExit, match="hidden_logprobs .* differs from the reference"):
+        B.main(["--warmup", "1", "--rep", "1", "--skip-compile"])
+
+
 def test_ppo_step_bench_smoke(tmp_path):
     """One timed PPO iteration of the tiny models (reference ops), with fewer generator slots than prompts."""
     from bench.ppo_step import main
