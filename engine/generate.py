@@ -117,6 +117,10 @@ class Generator:
     KV bytes (decode at long contexts is bound by them). Keys and values are rounded to 3 mantissa bits, so the
     samples come from a slightly perturbed policy; PPO's old log-probs are recomputed by the training forward
     anyway (the trainer reports the gap as gen_logprob_gap).
+    admit_min_seqs: while sequences run, prompts are admitted only once this many slots are free (or every
+    waiting sequence fits): a step that carries prompts runs eagerly (its shapes vary), hundreds of launches that on
+    a GPU can outlast the step itself, so slots freed one or two at a time are filled a few at once. Default
+    max_num_seqs // 16 (4 of 64 slots, 16 of 256), at least 1 (admit at once).
     overlap: launch each step before the host reads the previous step's tokens (they feed the next step on
     the device), so the host's bookkeeping runs while the GPU works. Scheduling then lags a step: a
     sequence that sampled a stop token is decoded once more (that token is dropped), and the slots it
@@ -136,6 +140,7 @@ class Generator:
         num_blocks: int | None = None,
         use_cuda_graphs: bool | None = None,
         mix_prefill: bool = True,
+        admit_min_seqs: int | None = None,
         overlap: bool = True,
         kv_cache_dtype: torch.dtype | str | None = None,
     ):
@@ -144,7 +149,8 @@ class Generator:
         bad = [f"{name} must be >= 1, got {value}" for name, value in (
             ("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
             ("block_size", block_size), ("max_model_len", max_model_len), ("kv_cache_bytes", kv_cache_bytes),
-            ("num_blocks", num_blocks)) if value is not None and value < 1]  # fmt: skip
+            ("num_blocks", num_blocks), ("admit_min_seqs", admit_min_seqs),
+        ) if value is not None and value < 1]  # fmt: skip
         if not 0 < kv_cache_fraction <= 1:
             bad.append(f"kv_cache_fraction must be in (0, 1], got {kv_cache_fraction}")
         if bad:  # (a 0 would otherwise read as "unset" or fail late)
@@ -164,6 +170,7 @@ class Generator:
         self.requested_blocks = num_blocks
         self.use_cuda_graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
         self.mix_prefill = mix_prefill
+        self.admit_min_seqs = max(1, max_num_seqs // 16) if admit_min_seqs is None else admit_min_seqs
         self.overlap = overlap
         self.pool: KVCachePool | None = None
         self.blocks: BlockManager | None = None
@@ -439,8 +446,13 @@ class Generator:
     # ------------------------------------------------------------------------- scheduling --
 
     def _admit(self, waiting, running) -> list[list[_Seq]]:
-        """Take waiting groups that fit (sequence slots, prefill token budget, free blocks with headroom)."""
+        """Take waiting groups that fit (sequence slots, prefill token budget, free blocks with headroom), once
+        admit_min_seqs slots are free while others run (or every waiting sequence fits)."""
         admitted, tokens = [], 0
+        if running and waiting:
+            free_slots = self.max_num_seqs - len(running)
+            if free_slots < min(self.admit_min_seqs, sum(len(g) for g in waiting)):
+                return admitted
         free = self.blocks.num_free_blocks
         while waiting:
             group = waiting[0]

@@ -131,6 +131,23 @@ def test_prompts_admitted_mid_run_ride_along_with_a_decode_step(path):
     assert st_mixed.prefill_tokens == st_separate.prefill_tokens
 
 
+def test_admissions_wait_for_a_few_free_slots():
+    """admit_min_seqs: while sequences run, prompts are admitted once that many slots are free (each step carrying
+    prompts runs eagerly on a GPU), fewer such steps for a few more steps in all; the samples are the same."""
+    model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.3, seed=2)
+    prompts = _prompts(512, [3, 11, 1, 7, 16, 5] * 8, seed=4)
+    params = GenerateConfig(temperature=1.0, max_new_tokens=9, stop_token_ids=list(range(3, 60)), seed=5)
+    make = lambda k: Generator(model, block_size=4, num_blocks=200, max_model_len=40, max_num_seqs=8, admit_min_seqs=k)
+    (each, st_each), (four, st_four) = (_run_clean(make(k), prompts, params, "reference") for k in (1, 4))
+    assert make(None).admit_min_seqs == 1 and Generator(model, max_num_seqs=256).admit_min_seqs == 16
+    assert [c.tokens for c in four] == [c.tokens for c in each]
+    for a, b in zip(four, each):  # (other batches around a sequence: rounding)
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=1e-5)
+    assert st_four.mixed_steps < st_each.mixed_steps and st_four.decode_steps >= st_each.decode_steps
+    with pytest.raises(ValueError, match="admit_min_seqs must be >= 1, got 0"):
+        make(0)
+
+
 @pytest.mark.parametrize("path", ["kernels", "reference"])
 def test_overlapped_decode_steps_sample_the_same(path):
     """Steps launched before the host reads the previous step's tokens (fed on the device): the same samples
