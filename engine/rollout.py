@@ -126,7 +126,7 @@ def reward_positions(pk: dict[str, torch.Tensor], pad_token_id: int | None) -> t
     if pad_token_id is None:
         return pk["last"]
     ids, cu = pk["ids"], pk["cu_seqlens"].long()
-    seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=ids.device), cu.diff())
+    seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=ids.device), cu.diff(), output_size=ids.numel())
     rows = torch.where(ids != pad_token_id, torch.arange(ids.numel(), device=ids.device), cu[:-1][seq])
     return torch.zeros_like(pk["last"]).scatter_reduce(0, seq, rows, "amax", include_self=False)
 

@@ -306,3 +306,21 @@ def test_fp8_cache_prefill_reads_back_and_passes_gradients_through():
     assert results[1][2][:3].abs().sum() > 0  # cached tokens' dk is not cut off by the read-back
     exact = reference.rope_attention(q, k, v, positions, cu)
     assert not torch.allclose(results[1][0], exact, atol=1e-3)  # (it does attend to float8-rounded K/V)
+
+
+def test_block_index_is_built_once_per_cu_seqlens():
+    """Every layer of a forward (and its backward) passes the same cu_seqlens: its block index is built once; an
+    in-place change to it, or another tensor, gets its own, built from its values."""
+    from kernels import attention_tiles
+
+    cu = torch.tensor([0, 5, 9], dtype=torch.int32)
+    first = attention_tiles._block_index(cu, 9, 4)
+    assert attention_tiles._block_index(cu, 9, 4) is first
+    assert first[0].tolist() == [0, 2, 3] and first[1:] == (3 + 2, 4)
+    other = cu.clone()
+    other[2] = 20
+    assert attention_tiles._block_index(other, 20, 4)[0].tolist() == [0, 2, 6]
+    cu[2] = 20  # (in place: the same tensor, other values)
+    again = attention_tiles._block_index(cu, 20, 4)
+    assert again is not first and again[0].tolist() == [0, 2, 6]
+    assert attention_tiles._block_index(cu, 20, 8)[0].tolist() == [0, 1, 3]  # another block size
