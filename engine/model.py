@@ -185,10 +185,12 @@ def _flash_attention(q, k, v, positions, cu_seqlens, rope) -> torch.Tensor:
         from flash_attn import flash_attn_varlen_func
     except ImportError as e:
         raise ImportError("TULU_PPO_ATTENTION=flash needs flash-attn: pip install -e '.[flash]'") from e
+    from kernels.dispatch import derived
     from kernels.reference import apply_rotary
 
     q, k = apply_rotary(q, positions, rope), apply_rotary(k, positions, rope)
-    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    # (a host sync: once per cu_seqlens, not once per layer)
+    max_len = derived(cu_seqlens, ("max_len",), lambda: int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
     return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True)
 
 

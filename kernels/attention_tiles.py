@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import INTERPRET
+from kernels.dispatch import INTERPRET, derived
 from kernels.rotary import reduce_angle
 
 _LOG2E = 1.4426950408889634
@@ -240,23 +240,13 @@ _BWD_SHAPES = ((16, 8, 2), (16, 8, 3), (32, 8, 2), (32, 8, 3), (64, 8, 2), (32, 
 # --------------------------------------------------------------------------------- host launchers --
 
 
-# The last few block indices, with the cu_seqlens tensor each was built from (held, so its identity is not reused)
-# and that tensor's version (an in-place change makes a new one): every layer of a forward, and its backward, share
-# one cu_seqlens and would otherwise rebuild the same index, a few small launches each time
-_BLOCK_INDEX_CACHE: list[tuple] = []
-
-
 def _block_index(cu_seqlens: torch.Tensor, n_tokens: int, block: int) -> tuple[torch.Tensor, int, int]:
     """Prefix sum [S+1] int32 of per-sequence block counts (on the device, no sync), the grid size bound
     cdiv(N, block) + S, and the binary-search steps: ceil(log2(S + 1)) rounded up to a multiple of 4, so
-    that a varying number of sequences (prefill batches) compiles at most a handful of variants."""
-    key = (cu_seqlens._version, n_tokens, block)
-    for cu, cu_key, index in list(_BLOCK_INDEX_CACHE):  # (a copy: the backward may run on another thread)
-        if cu is cu_seqlens and cu_key == key:
-            return index
-    index = _build_block_index(cu_seqlens, n_tokens, block)
-    _BLOCK_INDEX_CACHE[:] = [(cu_seqlens, key, index), *_BLOCK_INDEX_CACHE[:3]]
-    return index
+    that a varying number of sequences (prefill batches) compiles at most a handful of variants. Built once per
+    cu_seqlens (dispatch.derived): every layer of a forward and its backward share one."""
+    build = lambda: _build_block_index(cu_seqlens, n_tokens, block)  # noqa: E731
+    return derived(cu_seqlens, ("block_index", n_tokens, block), build)
 
 
 def _build_block_index(cu_seqlens: torch.Tensor, n_tokens: int, block: int) -> tuple[torch.Tensor, int, int]:

@@ -70,3 +70,19 @@ def loop_bound(x):
     else:
         y = x
     return y
+
+
+# The last few values derived from a tensor, with the tensor (held, so its identity is not reused) and its version
+# (an in-place change makes a new one): what every layer of a forward rebuilds from the same cu_seqlens
+_DERIVED: list[tuple] = []
+
+
+def derived(t: torch.Tensor, key: tuple, build):
+    """build(), or the value it gave for this very tensor, unchanged since, under `key` (one of the last 8)."""
+    full = (key, t._version)
+    for held, held_key, value in list(_DERIVED):  # (a copy: a backward may run on another thread)
+        if held is t and held_key == full:
+            return value
+    value = build()
+    _DERIVED[:] = [(t, full, value), *_DERIVED[:7]]
+    return value

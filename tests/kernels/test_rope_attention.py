@@ -309,8 +309,8 @@ def test_fp8_cache_prefill_reads_back_and_passes_gradients_through():
 
 
 def test_block_index_is_built_once_per_cu_seqlens():
-    """Every layer of a forward (and its backward) passes the same cu_seqlens: its block index is built once; an
-    in-place change to it, or another tensor, gets its own, built from its values."""
+    """Every layer of a forward (and its backward) passes the same cu_seqlens: its block index is built once
+    (dispatch.derived); an in-place change to it, or another tensor, gets its own, built from its values."""
     from kernels import attention_tiles
 
     cu = torch.tensor([0, 5, 9], dtype=torch.int32)
