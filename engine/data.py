@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.kv_cache import upload
 from engine.tokenizer import PromptSet
 
 
@@ -185,7 +186,7 @@ def pack(ro: Rollout, seqs: list[int], device: torch.device) -> dict[str, torch.
         act.extend(range(off + len(p) - 1, off + n - 1))
         rows.extend(range(ro.offsets[i], ro.offsets[i + 1]))
         cu.append(off + n)
-    t = lambda x, dt=torch.int64: torch.tensor(x, dtype=dt).to(device, non_blocking=True)
+    t = lambda x, dt=torch.int64: upload(torch.tensor(x, dtype=dt), device)
     ids_t, act_t = t(ids), t(act)
     return {
         "ids": ids_t,

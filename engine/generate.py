@@ -35,6 +35,7 @@ from engine.kv_cache import (
     cuda_cache_budget,
     num_blocks_for_memory,
     resolve_cache_dtype,
+    upload,
 )
 from engine.model import AttentionContext, Transformer, attention_context
 from engine.parallel import agree
@@ -284,9 +285,9 @@ class Generator:
         """Packed token ids, positions, cu_seqlens (int32) and KV slots of the parents' prompts (on the device)."""
         dev = self.device
         lens = [len(s.tokens) for s in parents]
-        ids = torch.tensor([t for s in parents for t in s.tokens], dtype=torch.long).to(dev, non_blocking=True)
-        pos = torch.cat([torch.arange(n) for n in lens]).to(dev, non_blocking=True)
-        cu = torch.tensor([0, *lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev, non_blocking=True)
+        ids = upload(torch.tensor([t for s in parents for t in s.tokens], dtype=torch.long), dev)
+        pos = upload(torch.cat([torch.arange(n) for n in lens]), dev)
+        cu = upload(torch.tensor([0, *lens], dtype=torch.int32).cumsum(0, dtype=torch.int32), dev)
         slots = self.blocks.slot_mapping([s.seq_id for s in parents], device=dev)
         self.stats.prefill_tokens += sum(lens)
         return ids, pos, cu, slots
@@ -309,7 +310,7 @@ class Generator:
         if batch.copies:
             self.pool.copy_blocks(batch.copies)
         if last is None:
-            last = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.long).to(self.device, non_blocking=True)
+            last = upload(torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.long), self.device)
         return batch, last
 
     @torch.no_grad()
@@ -506,10 +507,10 @@ class Generator:
         if rows:
             last = inflight.tokens
             if len(rows) < len(inflight.seqs):  # (a blocking copy of the indices would wait for `inflight`)
-                last = last[torch.tensor(rows).to(self.device, non_blocking=True)]
+                last = last[upload(torch.tensor(rows), self.device)]
             if others:
                 host = torch.tensor([s.tokens[-1] for s in others], dtype=torch.long)
-                last = torch.cat([last, host.to(self.device, non_blocking=True)])
+                last = torch.cat([last, upload(host, self.device)])
         try:
             if admitted and decode:
                 prompt_logits, decode_logits = self._prefill_and_decode([g[0] for g in admitted], decode, last)
@@ -528,7 +529,7 @@ class Generator:
             return None
         logits = [] if decode_logits is None else [decode_logits]
         if admitted:
-            rows_new = torch.tensor([k for k, g in enumerate(admitted) for _ in g]).to(self.device, non_blocking=True)
+            rows_new = upload(torch.tensor([k for k, g in enumerate(admitted) for _ in g]), self.device)
             logits.append(prompt_logits[rows_new])
         if rows:
             self.stats.overlapped_steps += 1
@@ -548,9 +549,9 @@ class Generator:
     def _sample(self, seqs: list[_Seq], logits: torch.Tensor, params, pending: list[int]) -> _Step:
         """Sample a token per row (on the device) and start copying them to the host. pending: per sequence,
         tokens sampled but not yet appended on the host (its counter runs ahead by that many)."""
-        seeds = torch.tensor([s.seed for s in seqs], dtype=torch.int64).to(self.device, non_blocking=True)
-        counters = torch.tensor([len(s.tokens) + k for s, k in zip(seqs, pending)], dtype=torch.int64)
-        counters = counters.to(self.device, non_blocking=True)
+        counts = [len(s.tokens) + k for s, k in zip(seqs, pending)]
+        host = torch.tensor([[s.seed for s in seqs], counts], dtype=torch.int64)
+        seeds, counters = upload(host, self.device)  # (one copy: seeds and counters as int64 rows)
         tokens, logprobs = sample_tokens(logits, params, seeds, counters, self.model.group, self._vocab_offset)
         if self.device.type != "cuda":
             return _Step(seqs, tokens, tokens, logprobs, None)

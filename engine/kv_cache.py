@@ -22,6 +22,15 @@ import numpy as np
 import torch
 
 
+def upload(t: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+    """A host tensor on `device` without making the host wait: to a GPU through pinned memory (a copy from pageable
+    memory may wait for the work already queued on the stream, which would undo the generator's overlapped steps;
+    torch's pinned block stays reserved until its copy has run). Elsewhere (or device None) as it is."""
+    if device is None or torch.device(device).type != "cuda":
+        return t if device is None else t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class OutOfBlocks(RuntimeError):
     """Not enough free blocks; the scheduler catches this to preempt (free) sequences and retry."""
 
@@ -144,9 +153,8 @@ class KVCachePool:
         if not copies:
             return
         pool = self._pool()
-        # non-blocking: a blocking host-to-device copy would wait for every step already queued (overlap)
-        src = torch.tensor([s for s, _ in copies], dtype=torch.int64).to(self.device, non_blocking=True)
-        dst = torch.tensor([d for _, d in copies], dtype=torch.int64).to(self.device, non_blocking=True)
+        # (upload: a blocking host-to-device copy would wait for every step already queued, the overlap)
+        src, dst = upload(torch.tensor(copies, dtype=torch.int64).view(-1, 2).t().contiguous(), self.device)
         pool = pool.view(torch.uint8)  # bytes: exact for every cache dtype, float8 included
         pool[:, :, dst] = pool[:, :, src]
 
@@ -367,7 +375,7 @@ class BlockManager:
         lens = (host[1] + 1).to(torch.int32)
         if device is not None:
             # non-blocking: a blocking copy would wait for the decode step still running (the generator's overlap)
-            host, lens, table = (t.to(device, non_blocking=True) for t in (host, lens, table))
+            host, lens, table = (upload(t, device) for t in (host, lens, table))
         return DecodeBatch(host[0], host[1], lens, table, copies, max(positions, default=-1) + 1)
 
     def block_table(
@@ -383,8 +391,7 @@ class BlockManager:
         out = np.zeros((len(rows), width), dtype=np.int32)
         cols = min(width, self._rows.shape[1])
         out[:, :cols] = self._rows[rows, :cols]  # one gather: this runs every decode step
-        out = torch.from_numpy(out)
-        return out.to(device, non_blocking=True) if device is not None else out
+        return upload(torch.from_numpy(out), device)
 
     def slot_mapping(
         self,
@@ -405,8 +412,7 @@ class BlockManager:
             pos = torch.arange(start, length, dtype=torch.int64)
             table = torch.tensor(self._tables[s], dtype=torch.int64)
             parts.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
-        out = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
-        return out.to(device, non_blocking=True) if device is not None else out
+        return upload(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64), device)
 
     # --------------------------------------------------------------------------------- internals
 
