@@ -38,9 +38,10 @@ def _first(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
-def check_fwd_bwd(what: str, ours, ref, leaves: list[torch.Tensor], dtype: torch.dtype) -> None:
+def check_fwd_bwd(what: str, ours, ref, leaves: list[torch.Tensor], dtype: torch.dtype, scale: float = 0.0) -> None:
     """Before timing: ours' outputs and the grads of a random weighting of them (w.r.t. every leaf) against the fp32
-    reference on the same values; a wrong backward's figures are not published."""
+    reference on the same values; a wrong backward's figures are not published. Errors are relative to the largest
+    value of each, an output's to `scale` where that is larger (a loss near 0: relative to its terms' size)."""
     found, weights = [], []
     for f, cast in ((ours, lambda t: t), (ref, lambda t: t.float())):
         xs = [cast(t.detach()).requires_grad_() for t in leaves]
@@ -49,7 +50,8 @@ def check_fwd_bwd(what: str, ours, ref, leaves: list[torch.Tensor], dtype: torch
         weights = weights or [torch.randn(o.shape, device=o.device) for o in outs]
         obj = sum((o.float() * w).sum() for o, w in zip(outs, weights))
         found.append([o.detach().float() for o in outs] + [g.float() for g in torch.autograd.grad(obj, xs)])
-    errs = [((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(*found)]
+    floors = [max(scale, 1e-30)] * len(weights) + [1e-30] * len(leaves)  # (the outputs, then the gradients)
+    errs = [((a - b).abs().max() / b.abs().max().clamp_min(f)).item() for a, b, f in zip(*found, floors)]
     shown = " ".join(f"{e:.1e}" for e in errs)
     print(f"{what}: ours vs fp32 reference, max error relative to the largest value, outputs then gradients: {shown}")
     check_close(what, max(errs), dtype)
@@ -142,11 +144,15 @@ def bench_hidden(args, device, dtype, rows):
         None, targets, old, ones, ones, hidden=hidden, weight=weight
     )[0]}  # fmt: skip
     # before timing, on a slice of the rows: both fused paths against the fp32 reference, outputs and both grads; the
-    # PPO loss with old log-probs near the new ones (ratios near 1, some clipped) and advantages of either sign
+    # PPO loss with advantages of either sign and old log-probs giving ratios well inside the clip range or well
+    # outside it, never near its edges, where a bf16 logit's rounding (ours) would flip a token's clipping
     m = min(n, 256)
     t_m = targets[:m]
+    u = torch.rand(3, m, device=device)
+    size = torch.where(u[0] < 0.5, 0.05 + 0.05 * u[1], 0.3 + 0.2 * u[1])  # |log ratio|: clip edges at 0.18 and 0.22
+    gap = torch.where(u[2] < 0.5, size, -size)
     with torch.no_grad():
-        near = reference.hidden_logprobs(hidden[:m].float(), weight.float(), t_m) + 0.1 * torch.randn(m, device=device)
+        near = reference.hidden_logprobs(hidden[:m].float(), weight.float(), t_m) + gap
     adv, keep = torch.randn(m, device=device), torch.rand(m, device=device) < 0.9
     check_fwd_bwd(f"hidden_logprobs {m}x{h}x{v}", lambda hh, ww: hidden_logprobs(hh, ww, t_m, return_entropy=True),
                   lambda hh, ww: reference.hidden_logprobs(hh, ww, t_m, return_entropy=True),
@@ -154,7 +160,7 @@ def bench_hidden(args, device, dtype, rows):
     check_fwd_bwd(f"ppo_token_loss(hidden) {m}x{h}x{v}",
                   lambda hh, ww: ppo_token_loss(None, t_m, near, adv, keep, hidden=hh, weight=ww)[0],
                   lambda hh, ww: reference.ppo_token_loss(None, t_m, near, adv, keep, hidden=hh, weight=ww)[0],
-                  [hidden[:m], weight], dtype)  # fmt: skip
+                  [hidden[:m], weight], dtype, scale=adv.abs().mean().item())  # fmt: skip
     if device == "cuda" and not args.skip_compile:
         compiled = torch.compile(reference.hidden_logprobs, dynamic=False)
         cands["torch.compile"] = lambda: compiled(hidden, weight, targets, return_entropy=True)

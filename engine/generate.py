@@ -118,10 +118,11 @@ class Generator:
     KV bytes (decode at long contexts is bound by them). Keys and values are rounded to 3 mantissa bits, so the
     samples come from a slightly perturbed policy; PPO's old log-probs are recomputed by the training forward
     anyway (the trainer reports the gap as gen_logprob_gap).
-    admit_min_seqs: while sequences run, prompts are admitted only once this many slots are free (or every
-    waiting sequence fits): a step that carries prompts runs eagerly (its shapes vary), hundreds of launches that on
-    a GPU can outlast the step itself, so slots freed one or two at a time are filled a few at once. Default
-    max_num_seqs // 16 (4 of 64 slots, 16 of 256), at least 1 (admit at once).
+    admit_min_seqs: while sequences run, prompts are admitted only once the free slots take this many waiting
+    sequences (whole groups of a prompt's samples, in order; or every waiting one): a step that carries prompts runs
+    eagerly (its shapes vary), hundreds of launches that on a GPU can outlast the step itself, so slots freed one or
+    two at a time are filled a few at once. Default max_num_seqs // 16 (4 of 64 slots, 16 of 256), at least 1
+    (admit at once).
     overlap: launch each step before the host reads the previous step's tokens (they feed the next step on
     the device), so the host's bookkeeping runs while the GPU works. Scheduling then lags a step: a
     sequence that sampled a stop token is decoded once more (that token is dropped), and the slots it
@@ -446,14 +447,26 @@ class Generator:
 
     # ------------------------------------------------------------------------- scheduling --
 
+    def _admission_waits(self, waiting, running) -> bool:
+        """While sequences run: whether the waiting groups that the free slots would take now (in order, whole
+        groups) hold fewer than admit_min_seqs sequences while more wait."""
+        free, fits, queued, blocked = self.max_num_seqs - len(running), 0, 0, False
+        for group in waiting:
+            blocked = blocked or fits + len(group) > free
+            fits += 0 if blocked else len(group)
+            queued += len(group)
+            if fits >= self.admit_min_seqs:
+                return False
+            if blocked and queued >= self.admit_min_seqs:
+                return True
+        return fits < min(self.admit_min_seqs, queued)
+
     def _admit(self, waiting, running) -> list[list[_Seq]]:
         """Take waiting groups that fit (sequence slots, prefill token budget, free blocks with headroom), once
         admit_min_seqs slots are free while others run (or every waiting sequence fits)."""
         admitted, tokens = [], 0
-        if running and waiting:
-            free_slots = self.max_num_seqs - len(running)
-            if free_slots < min(self.admit_min_seqs, sum(len(g) for g in waiting)):
-                return admitted
+        if running and waiting and self._admission_waits(waiting, running):
+            return admitted
         free = self.blocks.num_free_blocks
         while waiting:
             group = waiting[0]

@@ -22,7 +22,7 @@ from engine.hub import model_dirs
 from engine.optim import load_optimizer_state, optimizer_state
 from engine.parallel import print0, raise_together
 from engine.reshard import SavedOptimizer, needed_ranks
-from engine.tokenizer import tulu_chat_template
+from engine.tokenizer import TULU_CHAT_TEMPLATE, tulu_chat_template
 
 if TYPE_CHECKING:
     from engine.state import TrainState
@@ -101,13 +101,15 @@ def save_checkpoint(state: TrainState) -> str:
     policy_dir = os.path.join(path, "policy")
     template = None  # (--chat-template tokenizer: the tokenizer's own, as the policy was trained)
     if state.run.chat_template == "tulu":
-        template = tulu_chat_template(state.tokenizer)
-        if template is None and not getattr(state, "template_warned", False):
-            state.template_warned = True
-            print0(
-                "warning: no chat template reproduces the Tulu prompts' tokens with this tokenizer; the saved policy "
-                "keeps the tokenizer's own (format its prompts as engine.tokenizer.encode_chat does)"
-            )
+        template = tulu_chat_template(state.tokenizer) if state.tokenizer is not None else TULU_CHAT_TEMPLATE
+        if template is None:
+            template = TULU_CHAT_TEMPLATE  # (its text is the format's; its ids may differ from the run's)
+            if not getattr(state, "template_warned", False):
+                state.template_warned = True
+                print0(
+                    "warning: no variant of the Tulu chat template gives this tokenizer's apply_chat_template the "
+                    "ids of the run's prompts; the saved policy gets the plain one (encode_chat formats exactly)"
+                )
     save_pretrained(
         state.policy, policy_dir, tokenizer_dir=state.tokenizer_dir, source_dir=state.run.policy, chat_template=template
     )

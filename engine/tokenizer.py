@@ -207,12 +207,17 @@ def tulu_chat_template(tokenizer) -> str | None:
     the shipped one) then encodes the text after the BOS as it encodes the start of a string, but a sentencepiece
     Llama tokenizer read without its legacy mode (transformers 5: '▁' only before the string's first piece) gives
     '<|user|>' after the BOS no '▁'; its variant has a space there, which becomes that '▁'."""
+    try:
+        from jinja2 import TemplateError  # (what transformers renders chat templates with)
+    except ImportError:  # (then no template can be rendered here, nor checked)
+        return None
+    want = [encode_chat(tokenizer, m) for m in TEMPLATE_PROBES]
     for lead in ("", " "):
         template = TULU_CHAT_TEMPLATE.replace("{{ bos_token }}", "{{ bos_token }}" + lead, 1)
         try:
-            if all(template_ids(tokenizer, m, template) == encode_chat(tokenizer, m) for m in TEMPLATE_PROBES):
+            if [template_ids(tokenizer, m, template) for m in TEMPLATE_PROBES] == want:
                 return template
-        except Exception:  # (a template this tokenizer cannot render: not this variant)
+        except TemplateError:  # (a template this tokenizer cannot render: not this variant)
             continue
     return None
 

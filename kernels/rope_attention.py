@@ -98,7 +98,7 @@ def _fwd_step(
     return acc, l_i, m_ij
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tune_bucket"])  # (read by the autotuner only: one binary for all)
 def _fwd_kernel(
     Q, K, V, O, LSE, POS, CU_SEQ, CU_BLK, INV_FREQ, TAB, QR,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh, stride_qrn,

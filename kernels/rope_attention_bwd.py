@@ -81,7 +81,7 @@ def _bwd_dkdv_step(
     return dk1, dk2, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tune_bucket"])  # (read by the autotuner only: one binary for all)
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, POS, CU_SEQ, CU_BLK, INV_FREQ, TAB,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
@@ -163,7 +163,7 @@ def _bwd_dq_step(
     return dq1, dq2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tune_bucket"])  # (read by the autotuner only: one binary for all)
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, POS, CU_SEQ, CU_BLK, INV_FREQ, TAB,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
