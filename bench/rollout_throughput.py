@@ -114,40 +114,25 @@ def decode_roofline(
     bw: float,
     kv_elem: int | None = None,
     tp: int = 1,
+    flops: float | None = None,
 ) -> dict:
     """Tokens/s if each decode step only streamed the weights once and each sequence's KV once (kv_elem: bytes
-    per cached element, default elem); with tp, one rank's share of both (the all-reduces not counted)."""
+    per cached element, default elem); with tp, one rank's share of both (the all-reduces not counted).
+
+    flops (FLOP/s) adds the prefill: batch x prompt_len tokens at that rate (or the weights' read, if longer), whose
+    logits give the first new token, then gen_len - 1 decode steps; tok_s_e2e: new tokens over that time, the best a
+    run timed from the prompts to the last token can reach."""
     weight_bytes = (cfg.num_params("lm") - cfg.vocab_size * cfg.hidden_size) * elem / tp  # the lookup reads B rows
     avg_context = prompt_len + gen_len / 2
     kv_bytes = batch * avg_context * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * (kv_elem or elem) / tp
     step = (weight_bytes + kv_bytes) / bw
-    return {
-        "weight_gb": weight_bytes / 1e9,
-        "kv_gb_per_step": kv_bytes / 1e9,
-        "tok_s": batch / step,
-        "step_ms": step * 1e3,
-    }
-
-
-def rollout_roofline(
-    cfg: ModelConfig,
-    batch: int,
-    prompt_len: int,
-    gen_len: int,
-    elem: int,
-    bw: float,
-    flops: float,
-    kv_elem: int | None = None,
-    tp: int = 1,
-) -> dict:
-    """decode_roofline plus the prefill: batch x prompt_len tokens at `flops` FLOP/s (or the weights' read, if
-    longer), whose logits give the first new token; then gen_len - 1 decode steps. tok_s_e2e: new tokens over that
-    time, the best a run timed from the prompts to the last token can reach."""
-    roof = decode_roofline(cfg, batch, prompt_len, gen_len, elem, bw, kv_elem, tp)
-    work = forward_flops(cfg, batch * prompt_len, batch * prompt_len**2, head_tokens=batch) / tp
-    prefill = max(work / flops, roof["weight_gb"] * 1e9 / bw)
-    total = prefill + (gen_len - 1) * roof["step_ms"] / 1e3
-    return {**roof, "prefill_ms": prefill * 1e3, "tok_s_e2e": batch * gen_len / total}
+    roof = {"weight_gb": weight_bytes / 1e9, "kv_gb_per_step": kv_bytes / 1e9, "tok_s": batch / step}
+    roof["step_ms"] = step * 1e3
+    if flops is not None:
+        work = forward_flops(cfg, batch * prompt_len, batch * prompt_len**2, head_tokens=batch) / tp
+        prefill = max(work / flops, weight_bytes / bw)
+        roof.update(prefill_ms=prefill * 1e3, tok_s_e2e=batch * gen_len / (prefill + (gen_len - 1) * step))
+    return roof
 
 
 def _print_row(label: str, r: dict, roof: dict, gen_len: int) -> None:
@@ -269,7 +254,7 @@ def main(argv=None) -> dict:
     elem = torch.empty((), dtype=dtype).element_size()
     kv_elem = torch.empty((), dtype=resolve_cache_dtype(args.kv_cache_dtype, dtype)).element_size()
     slots = min(batch, args.max_num_seqs or batch)  # the sequences a decode step carries at most
-    roof = rollout_roofline(cfg, slots, prompt_len, gen_len, elem, bw, flops, kv_elem, grid.tp)
+    roof = decode_roofline(cfg, slots, prompt_len, gen_len, elem, bw, kv_elem, grid.tp, flops)
 
     gen = Generator(
         model,

@@ -6,7 +6,7 @@ from kernels.dispatch import reference_ops
 
 
 def test_rollout_bench_smoke(tmp_path):
-    from bench.rollout_throughput import decode_roofline, main, rollout_roofline
+    from bench.rollout_throughput import decode_roofline, main
     from engine.config import ModelConfig
 
     out = tmp_path / "r.json"
@@ -20,7 +20,7 @@ def test_rollout_bench_smoke(tmp_path):
     assert 110 < roof["tok_s"] < 120
     # batch 64, 128 + 256 at 3.0 TB/s: 4,907 tok/s decoding (RESULTS.md); with the prefill's 8,192 tokens at
     # 720 TFLOP/s (0.29 s against 3.3 s of decoding) about 4,530 from the prompts to the last token
-    roof = rollout_roofline(ModelConfig.named("llama2-13b"), 64, 128, 256, 2, 3.0e12, 720e12)
+    roof = decode_roofline(ModelConfig.named("llama2-13b"), 64, 128, 256, 2, 3.0e12, flops=720e12)
     assert 4900 < roof["tok_s"] < 4915 and 280 < roof["prefill_ms"] < 300 and 4500 < roof["tok_s_e2e"] < 4560
     assert saved["roofline"]["tok_s_e2e"] > 0 and saved["matmul_tflops"] > 0
 
