@@ -34,6 +34,7 @@ from engine.generate import Generator  # noqa: E402
 from engine.kv_cache import resolve_cache_dtype  # noqa: E402
 from engine.model import Transformer, forward_flops  # noqa: E402
 from engine.parallel import backend_for, init_process_grid, print0  # noqa: E402
+from engine.state import resolve_device  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -213,9 +214,7 @@ def time_hf(hf, prompts, gen_len: int, temperature: float, top_k: int, device, s
 def main(argv=None) -> dict:
     args = parse_args(argv)
     grid = init_process_grid(args.tp, backend_for(args.device))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())  # this rank's (torchrun's LOCAL_RANK)
+    device = resolve_device(args.device or "auto", grid)  # (a GPU: this rank's, torchrun's LOCAL_RANK)
     on_gpu = device.type == "cuda"
     batch = args.batch or (64 if on_gpu else 8)
     prompt_len = args.prompt_len or (128 if on_gpu else 32)

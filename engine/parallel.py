@@ -61,6 +61,9 @@ def init_process_grid(tp: int = 1, backend: str | None = None, timeout_minutes: 
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    # (a subgroup does not inherit the default group's timeout: NCCL's own default, 10 minutes, would then stop a
+    # run whose tensor- or data-parallel peers wait on a long checkpoint write or an uneven rollout)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % tp:
         raise ValueError(f"world size {world} is not a multiple of the tensor parallel degree {tp}")
@@ -68,12 +71,12 @@ def init_process_grid(tp: int = 1, backend: str | None = None, timeout_minutes: 
     grid = ProcessGrid(rank=rank, world_size=world, tp=tp, dp=dp)
     for d in range(dp):  # every rank must create every group, in the same order
         ranks = list(range(d * tp, (d + 1) * tp))
-        g = dist.new_group(ranks)
+        g = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             grid.tp_group = g
     for t in range(tp):
         ranks = list(range(t, world, tp))
-        g = dist.new_group(ranks)
+        g = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             grid.dp_group = g
     return grid
@@ -85,6 +88,12 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device | None:
+    """Where a small tensor for a collective over `group` must live: this rank's GPU under NCCL (which takes no CPU
+    tensor), else None (the CPU, for gloo)."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+
+
 def agree(values: list, op: str, group: dist.ProcessGroup | None = None, dtype: torch.dtype = torch.int64) -> list:
     """The element-wise "min" or "max" of small integers (or of `dtype` numbers: the slowest rank's times) over
     `group` (the default group when None and torch.distributed is initialised): for decisions every rank must take
@@ -92,8 +101,7 @@ def agree(values: list, op: str, group: dist.ProcessGroup | None = None, dtype: 
     the values themselves."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return list(values)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
-    t = torch.tensor(values, dtype=dtype, device=device)
+    t = torch.tensor(values, dtype=dtype, device=collective_device(group))
     dist.all_reduce(t, op={"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op], group=group)
     return t.tolist()
 

@@ -172,9 +172,19 @@ def resolve_device(name: str, grid: ProcessGrid) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}, but torch sees no CUDA device (a CPU build of torch, or no GPU visible)")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device(name)
+        return torch.device("cuda", local)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None:
+        if grid.world_size > 1 and device.index != local:
+            raise ValueError(
+                f"--device {name} under torchrun: each process uses the GPU of its LOCAL_RANK ({local} here; every "
+                "rank on one GPU would fail in its first collective); pass --device cuda, and choose the GPUs with "
+                "CUDA_VISIBLE_DEVICES"
+            )
+        torch.cuda.set_device(device)  # (what the collectives and the memory queries take as this rank's GPU)
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

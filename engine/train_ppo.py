@@ -155,6 +155,7 @@ def build_tiny_models(directory: str, seed: int = 0) -> tuple[str, str]:
     """
     from engine.checkpoint import save_pretrained
     from engine.model import Transformer
+    from engine.parallel import collective_device
     from engine.tokenizer import TINY_DIR
 
     cfg = ModelConfig.named("tiny")
@@ -167,7 +168,7 @@ def build_tiny_models(directory: str, seed: int = 0) -> tuple[str, str]:
         same_seed = False
     missing = [not (same_seed and os.path.exists(os.path.join(d, "config.json"))) for d in (policy_dir, reward_dir)]
     if dist.is_initialized():  # decide together, before rank 0 writes anything
-        flags = torch.tensor(missing, dtype=torch.int32)
+        flags = torch.tensor(missing, dtype=torch.int32, device=collective_device())
         dist.broadcast(flags, src=0)
         missing = [bool(x) for x in flags.tolist()]
     if missing[0]:

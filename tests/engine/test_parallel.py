@@ -114,3 +114,31 @@ def test_process_group_timeout_is_the_runs(monkeypatch):
     with pytest.raises(InterruptedError):
         parallel.init_process_grid(1, backend="gloo", timeout_minutes=77)
     assert seen == {"backend": "gloo", "timeout": datetime.timedelta(minutes=77)}
+    # and the tensor- and data-parallel subgroups get it too (a subgroup does not inherit it: NCCL's 10 minutes)
+    groups = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: None)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "new_group", lambda ranks, **kw: groups.append((ranks, kw)) or len(groups))
+    grid = parallel.init_process_grid(2, backend="gloo", timeout_minutes=77)
+    assert (grid.tp, grid.dp) == (2, 2) and [r for r, _ in groups] == [[0, 1], [2, 3], [0, 2], [1, 3]]
+    assert all(kw == {"timeout": datetime.timedelta(minutes=77)} for _, kw in groups)
+
+
+def test_a_gpu_named_by_index_under_torchrun_must_be_the_ranks(monkeypatch):
+    """--device cuda:N puts every rank on GPU N (NCCL fails at the first collective): refused under several
+    processes unless N is the rank's LOCAL_RANK; --device cuda takes the LOCAL_RANK's GPU."""
+    import torch
+
+    from engine.parallel import ProcessGrid
+    from engine.state import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    two = ProcessGrid(rank=1, world_size=2, tp=2, dp=1)
+    assert resolve_device("cuda", two) == torch.device("cuda", 1)
+    assert resolve_device("cuda:1", two) == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"--device cuda:0 under torchrun: each process uses the GPU of its"):
+        resolve_device("cuda:0", two)
+    assert resolve_device("cuda:0", ProcessGrid()) == torch.device("cuda", 0)  # (one process: any GPU)
