@@ -39,6 +39,18 @@ def test_allocate_append_free():
     assert bm.append_slot(2)[0] % 4 == 0 and bm.num_free_blocks == 7
 
 
+def test_freed_blocks_come_back_in_table_order():
+    """A sequence's freed blocks go back so that the next allocation of that size takes the same blocks in the same
+    order (a sequence's cache stays contiguous in the pool while it can)."""
+    bm = BlockManager(num_blocks=12, block_size=4)
+    bm.allocate(0, 10)
+    first = bm.blocks(0)
+    bm.free(0)
+    bm.allocate(1, 10)
+    assert bm.blocks(1) == first
+    bm.check_invariants()
+
+
 def test_fork_shares_and_copy_on_write():
     bm = BlockManager(num_blocks=10, block_size=4)
     prompt = bm.allocate(0, 6)  # blocks [a, b], b half full

@@ -206,3 +206,18 @@ def test_defaults_are_the_recipe():
     shape = (m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.intermediate_size, m.vocab_size)
     assert shape == (5120, 40, 40, 40, 13824, 32000)
     assert (m.rms_norm_eps, m.rope_theta, m.max_position_embeddings, m.dtype) == (1e-5, 10000.0, 4096, "bfloat16")
+
+
+def test_a_row_without_response_tokens_gets_nothing():
+    """An all-masked row (no response token) gets no reward, KL, advantage or return: its score is not placed at
+    column 0 (0 outside the mask, as the contract says), and the other rows are as without it."""
+    lp, ref, values, scores, mask = _rows(B=3, T=7, seed=3)
+    mask[1] = 0
+    cfg = PPOConfig(kl_coef=0.1)
+    out = ppo.advantages_and_returns(lp, ref, values, mask, scores, cfg)
+    for name in ("rewards", "kl", "advantages", "returns"):
+        assert torch.all(out[name][1] == 0), name
+    keep = [0, 2]
+    alone = ppo.advantages_and_returns(lp[keep], ref[keep], values[keep], mask[keep], scores[keep], cfg)
+    for name in ("rewards", "advantages", "returns"):
+        torch.testing.assert_close(out[name][keep], alone[name])

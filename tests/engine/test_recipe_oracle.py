@@ -74,7 +74,8 @@ VARIANTS = {
     "epochs": ["--ppo-epochs", "2", "--samples-per-prompt", "2", "--rollout-batch-size", "4", "--kl-estimator", "k3",
                "--whiten-rewards", "--no-whiten-advantages", "--max-grad-norm", "0", "--lr-schedule", "linear",
                "--warmup-ratio", "0.01"],
-    "easylm": ["--recompute-old-logprobs-per-minibatch", "--kl-estimator", "k2", "--weight-decay", "0.5"],
+    "easylm": ["--recompute-old-logprobs-per-minibatch", "--kl-estimator", "k2", "--weight-decay", "0.5",
+               "--clip-value", "0.05"],  # (a value clip other than the policy's: each used where it belongs)
 }  # fmt: skip
 
 

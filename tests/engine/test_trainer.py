@@ -343,6 +343,8 @@ def test_bf16_parameters_keep_fp32_masters_and_are_updated_in_place(tmp_path):
 
 
 def test_mixed_optimizer_step_matches_fp32_adam():
+    """bf16 parameters with fp32 masters step as fp32 Adam on the same values, each step's grads the fp32 sum of two
+    micro-batches' bf16 grads (accumulate_grads adds each into the master grads)."""
     cfg = PPOConfig(max_grad_norm=0.5)
     grid = ProcessGrid()
     small = dataclasses.replace(ModelConfig.named("tiny"), num_layers=1)
@@ -354,10 +356,13 @@ def test_mixed_optimizer_step_matches_fp32_adam():
             b.copy_(a)
     o32, o16 = optim.make_optimizer(m32, cfg), optim.make_optimizer(m16, cfg)
     for _ in range(3):
-        for a, b in zip(m32.parameters(), m16.parameters()):
-            g = torch.randn(a.shape).to(torch.bfloat16)
-            a.grad, b.grad = g.float(), g.clone()
-        optim.accumulate_grads(o16)
+        grads = [[torch.randn(a.shape).to(torch.bfloat16) for a in m32.parameters()] for _ in range(2)]
+        for a, g1, g2 in zip(m32.parameters(), *grads):
+            a.grad = g1.float() + g2.float()
+        for micro in grads:
+            for b, g in zip(m16.parameters(), micro):
+                b.grad = g.clone()
+            optim.accumulate_grads(o16)
         n32 = optim.optimizer_step(o32, 1e-2, cfg, grid)
         n16 = optim.optimizer_step(o16, 1e-2, cfg, grid)
         assert torch.equal(n32, n16)
@@ -622,6 +627,21 @@ def test_rollouts_sample_with_the_runs_top_k(tmp_path):
         with dispatch.reference_ops():
             responses[k] = generate_rollout(state, prompts * 4, ids * 4, sampling_params(state, 0)).responses
     assert responses[50] != responses[0]
+
+
+def test_each_iteration_and_the_evaluations_sample_their_own_noise(tmp_path):
+    """A rollout's random stream is its iteration's (a later prompt epoch draws new responses to a prompt seen
+    before) and evaluations have one of their own; the same stream draws the same responses."""
+    from engine.evaluate import EVAL_STREAM
+    from engine.rollout import generate_rollout, sampling_params
+
+    state = _state(tmp_path / "a", "--max-new-tokens", "8", "--ignore-eos")
+    prompts, ids = [[1, 5, 9], [1, 7, 3, 22]], [0, 1]
+    with dispatch.reference_ops():
+        draw = lambda stream: generate_rollout(state, prompts, ids, sampling_params(state, stream)).responses
+        drawn = {s: draw(s) for s in (0, 1, EVAL_STREAM)}
+        again = draw(1)
+    assert again == drawn[1] and len({str(r) for r in drawn.values()}) == 3
 
 
 def test_a_resume_keeps_the_checkpoints_hyperparameters_unless_given_again(tmp_path, capsys):
