@@ -104,7 +104,7 @@ def save_checkpoint(state: TrainState) -> str:
         template = tulu_chat_template(state.tokenizer) if state.tokenizer is not None else TULU_CHAT_TEMPLATE
         if template is None:
             template = TULU_CHAT_TEMPLATE  # (its text is the format's; its ids may differ from the run's)
-            if not getattr(state, "template_warned", False):
+            if not state.template_warned:
                 state.template_warned = True
                 print0(
                     "warning: no variant of the Tulu chat template gives this tokenizer's apply_chat_template the "

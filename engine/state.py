@@ -161,6 +161,7 @@ class TrainState:
     offload_models: bool = False  # the idle models' weights in host memory during rollouts (decide_offload)
     model_copies: dict[str, HostCopies] = field(default_factory=dict)  # their host buffers, by name
     model_fingerprints: dict | None = None  # the frozen models' weights (global rank 0; engine.resume.check_models)
+    template_warned: bool = False  # a saved policy's chat template could not reproduce the prompts' ids (said once)
 
     @property
     def dp_group(self):

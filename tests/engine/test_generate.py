@@ -132,8 +132,8 @@ def test_prompts_admitted_mid_run_ride_along_with_a_decode_step(path):
 
 
 def test_admissions_wait_for_a_few_free_slots():
-    """admit_min_seqs: while sequences run, prompts are admitted once that many slots are free (each step carrying
-    prompts runs eagerly on a GPU), fewer such steps for a few more steps in all; the samples are the same."""
+    """admit_min_seqs: while sequences run, prompts are admitted once the free slots take that many (each step
+    carrying prompts runs eagerly on a GPU), fewer such steps for a few more steps in all; the samples are the same."""
     model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.3, seed=2)
     prompts = _prompts(512, [3, 11, 1, 7, 16, 5] * 8, seed=4)
     params = GenerateConfig(temperature=1.0, max_new_tokens=9, stop_token_ids=list(range(3, 60)), seed=5)
