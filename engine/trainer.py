@@ -31,6 +31,7 @@ from engine import ppo, recompute
 from engine.data import Rollout, global_position, to_padded
 from engine.evaluate import check_resumed_eval, eval_due, evaluate, log_samples
 from engine.generate import GenerationStats
+from engine.kv_cache import upload
 from engine.model import forward_flops
 from engine.optim import accumulate_grads, apply_update, reduce_grads
 from engine.parallel import agree, print0, raise_together
@@ -78,8 +79,9 @@ def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, 
     per-token stats, token counts, and the grad norms.
     """
     cfg, dev, grid = state.cfg, state.device, state.grid
-    rows = torch.cat([torch.arange(ro.offsets[i], ro.offsets[i + 1]) for i in seqs]).to(dev)
-    n_global = torch.tensor(float(rows.numel()), device=dev)
+    # (no blocking host-to-device copy: it would wait here for the previous step's update before the packing below)
+    rows = upload(torch.cat([torch.arange(ro.offsets[i], ro.offsets[i + 1]) for i in seqs]), dev)
+    n_global = torch.full((), float(rows.numel()), device=dev)
     if state.dp_group is not None:
         dist.all_reduce(n_global, group=state.dp_group)
     ones = torch.ones(rows.numel(), dtype=torch.bool, device=dev)
@@ -177,10 +179,12 @@ def train_rollout(state: TrainState, ro: Rollout) -> dict[str, torch.Tensor]:
     return sums
 
 
-def clock(device: torch.device) -> float:
-    """perf_counter() once the device has finished what was queued (phase timing, benchmarks)."""
+def clock(device: torch.device, every_stream: bool = False) -> float:
+    """perf_counter() once the device has finished what was queued on the current stream (phase timing): not the side
+    streams', whose copies (the optimizer state coming back from host memory after a rollout) overlap the next phase
+    and are waited for by their own events where they are used; every_stream: theirs too (timing those copies)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.synchronize(device) if every_stream else torch.cuda.current_stream(device).synchronize()
     return time.perf_counter()
 
 
