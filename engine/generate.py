@@ -210,10 +210,13 @@ class Generator:
         else:
             budget = 256 * 1024**2
         c = self.model.config
-        return num_blocks_for_memory(
+        fit = num_blocks_for_memory(
             budget, num_layers=c.num_layers, block_size=self.block_size, num_kv_heads=self._kv_heads,
             head_dim=c.head_dim, dtype=self.cache_dtype,
         )  # fmt: skip
+        # never more than every slot's sequence at full length holds (a small model on a large GPU would otherwise
+        # take most of its memory, and a block manager of tens of millions of blocks rebuilt every rollout)
+        return min(fit, self.max_num_seqs * self.table_width)
 
     @torch.no_grad()
     def _measure_activation_peak(self) -> int:

@@ -509,3 +509,17 @@ def test_cache_keeps_its_size_across_small_budget_changes():
         sizes.append(gen.pool.num_blocks)
         gen.release()
     assert sizes == [100, 100, 130, 90]
+
+
+def test_the_cache_holds_no_more_than_every_slot_can_use():
+    """A budget larger than max_num_seqs sequences of max_model_len can fill (a small model on a large GPU) gives
+    that many blocks, not the budget's; a smaller budget gives what fits."""
+    model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.3, seed=2)
+    params = GenerateConfig(temperature=0.0, max_new_tokens=3)
+    big = Generator(model, block_size=4, kv_cache_bytes=2**30, max_model_len=40, max_num_seqs=3)
+    big.generate(_prompts(512, [5, 7], seed=1), params)
+    assert big.pool.num_blocks == 3 * 10
+    small = Generator(model, block_size=4, kv_cache_bytes=2**16, max_model_len=40, max_num_seqs=64)
+    small.generate(_prompts(512, [5, 7], seed=1), params)
+    per_block = small.pool.nbytes // small.pool.num_blocks
+    assert small.pool.num_blocks == 2**16 // per_block < 64 * 10
