@@ -86,19 +86,30 @@ def generation_reserve(
 
 
 def cache_tokens(
-    config: ModelConfig, tp: int, held: int, total: int, fraction: float, seq_len: int, kv_dtype, reserve: int = 0
+    config: ModelConfig,
+    tp: int,
+    held: int,
+    total: int,
+    fraction: float,
+    seq_len: int,
+    kv_dtype,
+    reserve: int = 0,
+    max_num_seqs: int | None = None,
 ) -> tuple[int, int]:
     """(bytes, tokens) of a rollout's KV cache (engine.kv_cache.cuda_cache_budget: `fraction` of the GPU's `total`
-    memory less what is held then, the weights and optimizer state, and the generator's activation `reserve`)."""
+    memory less what is held then, the weights and optimizer state, and the generator's activation `reserve`), at
+    most max_num_seqs sequences of seq_len (the generator allocates no more than its slots can fill)."""
     budget = max(0, int(total * fraction) - held - reserve)
     per_token = bytes_per_block(config.num_layers, 1, config.num_kv_heads // tp, config.head_dim, kv_dtype)
+    if max_num_seqs is not None:
+        budget = min(budget, max_num_seqs * seq_len * per_token)
     return budget, budget // per_token
 
 
 def rollout_cache(config: ModelConfig, tp: int, held: int, total: int, fraction: float, seq_len: int, kv_dtype,
-                  reserve: int = 0) -> str:  # fmt: skip
+                  reserve: int = 0, max_num_seqs: int | None = None) -> str:  # fmt: skip
     """What a rollout's KV cache gets (cache_tokens) in tokens and in sequences of `seq_len` tokens."""
-    budget, tokens = cache_tokens(config, tp, held, total, fraction, seq_len, kv_dtype, reserve)
+    budget, tokens = cache_tokens(config, tp, held, total, fraction, seq_len, kv_dtype, reserve, max_num_seqs)
     return f"a KV cache of {budget / GiB:.1f} GiB, {tokens:,} tokens ({tokens // seq_len} sequences of {seq_len})"
 
 
@@ -467,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         "seq_len": a.seq_len,
         "kv_dtype": kv_dtype,
         "reserve": reserve,
+        "max_num_seqs": a.max_num_seqs,
     }
     try:
         print(plan_for(a.offload_optimizer, configs, dtype, a.tp, a.dp, a.distributed, gpu, cache,

@@ -366,7 +366,12 @@ def check_memory(
                 configs["policy"][0], grid.tp, seq_len, dtype, run.gen_max_num_seqs
             )
             cache = dict(
-                total=total, fraction=run.kv_cache_fraction, seq_len=seq_len, kv_dtype=kv_dtype, reserve=reserve
+                total=total,
+                fraction=run.kv_cache_fraction,
+                seq_len=seq_len,
+                kv_dtype=kv_dtype,
+                reserve=reserve,
+                max_num_seqs=run.gen_max_num_seqs,
             )
             line, resident = memory_plan.plan_for(
                 run.offload_optimizer, configs, dtype, grid.tp, grid.dp, run.distributed_optimizer, free, cache,
@@ -489,6 +494,7 @@ def decide_offload(state: TrainState) -> tuple[bool, bool]:
         on, line, error = False, "", None
         try:
             seqs = (max(0, budget) // per_seq, max(0, budget + (0 if run.kv_cache_mb else nb)) // per_seq)
+            seqs = tuple(min(n, run.gen_max_num_seqs) for n in seqs)  # (the generator's cap: its slots, full length)
             on, line = memory_plan.offload_decision(setting, dev, nb, ranks, seqs, wanted, host, what, flag)
         except ValueError as e:
             error = e

@@ -224,7 +224,9 @@ def ppo_iteration(state: TrainState) -> dict:
     t_train = clock(dev)
     with record_function("ppo/train"):
         train = train_rollout(state, ro)
-    t3 = clock(dev)  # (the generator returns cached training memory to the device when it sizes its cache)
+    # (every stream: with --offload-optimizer always the last chunk's copy back to host memory is still running; the
+    # generator returns cached training memory to the device when it sizes its cache)
+    t3 = clock(dev, every_stream=True)
     peak_train = _peak_gib(dev)
     sums = dict(train)
     penalized = ppo.scores_with_eos_penalty(ro.scores, ro.hit_eos, state.cfg.missing_eos_penalty)

@@ -133,12 +133,28 @@ def test_a_gpu_named_by_index_under_torchrun_must_be_the_ranks(monkeypatch):
     from engine.parallel import ProcessGrid
     from engine.state import resolve_device
 
+    current = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
     monkeypatch.setenv("LOCAL_RANK", "1")
     two = ProcessGrid(rank=1, world_size=2, tp=2, dp=1)
     assert resolve_device("cuda", two) == torch.device("cuda", 1)
-    assert resolve_device("cuda:1", two) == torch.device("cuda", 1)
+    assert resolve_device("cuda:1", two) == torch.device("cuda", 1) and current == [torch.device("cuda", 1)]
     with pytest.raises(ValueError, match=r"--device cuda:0 under torchrun: each process uses the GPU of its"):
         resolve_device("cuda:0", two)
     assert resolve_device("cuda:0", ProcessGrid()) == torch.device("cuda", 0)  # (one process: any GPU)
+
+
+def test_small_collective_tensors_go_to_the_ranks_gpu_under_nccl(monkeypatch):
+    """NCCL takes no CPU tensor: agree's and the tiny default's small tensors go to this rank's current GPU under it,
+    stay on the CPU under gloo."""
+    import torch
+    import torch.distributed as dist
+
+    from engine.parallel import collective_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    assert collective_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert collective_device() is None
