@@ -272,19 +272,16 @@ def tune_bucket(n_tokens: int) -> int:
 
 def _launch(
     kernel, tuned, heads: int, make_args, cu: torch.Tensor, n: int, seq_block: str, inner: str,
-    config: dict | None, blocks: dict | None = None, **meta,
+    config: dict | None, **meta,
 ) -> None:  # fmt: skip
     """Launch one of the three attention kernels with an explicit config (sweeps, tests), the interpreter's small
     inner tile, or the autotuned variants. The grid covers the blocks of the kernel's own sequence-block size
-    (`seq_block`); make_args(cu_blk) builds its arguments around that size's block index, kept in `blocks`
-    (block size -> index) so that the kernels of one call that share a size build it once."""
+    (`seq_block`); make_args(cu_blk) builds its arguments around that size's block index (_block_index: built once
+    per cu_seqlens and size, whichever kernel, layer or pass asks)."""
     if config and config[seq_block] % config[inner]:  # the diagonal loops step by the inner tile
         raise ValueError(f"{inner}={config[inner]} must divide {seq_block}={config[seq_block]}: {config}")
     block = config[seq_block] if config else _BLOCK
-    blocks = {} if blocks is None else blocks
-    if block not in blocks:
-        blocks[block] = _block_index(cu, n, block)
-    cu_blk, grid0, n_steps = blocks[block]
+    cu_blk, grid0, n_steps = _block_index(cu, n, block)
     args, grid = make_args(cu_blk), (grid0, heads)
     meta["tune_bucket"] = tune_bucket(n)
     if config:

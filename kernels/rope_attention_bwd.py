@@ -274,7 +274,6 @@ def _rope_attention_bwd(
                                 dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *scalars)  # fmt: skip
     dq_args = lambda cu_blk: (q, k, v, do, lse, delta, dq, positions, cu, cu_blk, inv_freq, tab, *strides,
                               dq.stride(0), dq.stride(1), *scalars)  # fmt: skip
-    blocks: dict = {}
-    _launch(_bwd_dkdv_kernel, _dkdv_tuned, hkv, dkdv_args, cu, n, "BLOCK_N", "BLOCK_M", dkdv_config, blocks, **common)
-    _launch(_bwd_dq_kernel, _dq_tuned, hq, dq_args, cu, n, "BLOCK_M", "BLOCK_N", dq_config, blocks, **common)
+    _launch(_bwd_dkdv_kernel, _dkdv_tuned, hkv, dkdv_args, cu, n, "BLOCK_N", "BLOCK_M", dkdv_config, **common)
+    _launch(_bwd_dq_kernel, _dq_tuned, hq, dq_args, cu, n, "BLOCK_M", "BLOCK_N", dq_config, **common)
     return dq, dk, dv
