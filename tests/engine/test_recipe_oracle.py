@@ -19,7 +19,8 @@ response there is, and the last one's EOS dropped if it had one: both kinds of r
 Compared: the scoring pass (old and reference log-probs, values, RM scores), rewards, advantages and returns token by
 token; each reported loss, grad norm and per-token statistic (a
 loss scaled by mistake changes no Adam update but changes these); and every weight of both trained models after the
-iteration's four optimizer steps, as the update the step made (after - before). Each of these changes to the engine
+iteration's four optimizer steps, as the update the step made (after - before; a few elements, whose update rounding
+can sway, get a looser bound: assert_update_close). Each of these changes to the engine
 fails it: biased variance in the whitening, the KL penalty's sign, the value loss coefficient, the warmup's rounding,
 the EOS penalty's condition, the value clip dropped or doubled, gamma in GAE's lambda term, the clip fraction's
 comparison, a loss metric scaled by 1e-4, a micro-batch's loss divided by its own tokens, the LR decaying after the
@@ -350,15 +351,32 @@ def check_iteration_against_the_oracle(tmp_path, monkeypatch, ops: str, device: 
         assert expected["ratio"] == 1 and expected["clip_frac"] == 0, expected
         assert metrics["ratio"] == pytest.approx(1.0, abs=1e-6) and metrics["approx_kl"] < 1e-10, metrics
 
-    # every weight of both models after the iteration, as the update it made (up to 1e-3 of the largest change)
+    # every weight of both models after the iteration, as the update it made
     for name, model, hf in (("policy", state.policy, oracle.policy), ("value", state.value, oracle.value)):
         after = _engine_weights(model, tmp_path / f"{name}1")
         assert after.keys() == hf.state_dict().keys()
         for key, w in hf.state_dict().items():
-            ours, theirs = after[key] - before[name][key], w - before[name][key]
-            scale = theirs.abs().max().item()
-            assert scale > 0, (name, key)
-            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-3 * scale, msg=f"{name} {key}")
+            assert_update_close(after[key] - before[name][key], w - before[name][key], f"{name} {key}")
+
+
+def assert_update_close(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
+    """An optimizer's change to one weight tensor against the oracle's: every element within 1e-3 of the largest change,
+    but for a few (at most 1 in 2000, at least one) within 2e-2 of it.
+
+    The few: Adam divides each element's gradient by its own running RMS, so an element whose gradient at some step
+    is a sum that nearly cancels (an embedding row whose token's contributions offset) turns fp32 rounding into a
+    visible share of its update. The same iteration reads 0.019, 0.32 and 1.8 times the 1e-3 bound at one element of
+    the embedding, with nothing changed but how the micro-batches split (so the order of the fp32 sums), and the
+    order also differs between CPU instruction sets and torch builds; every other element stays under 0.1 of it.
+    A wrong update (a learning rate, a step, a clip, a decay, a micro-batch's grads lost) moves most elements."""
+    scale = theirs.abs().max().item()
+    assert scale > 0, what
+    err = (ours.double() - theirs.double()).abs()
+    over = int((err > 1e-3 * scale).sum())
+    assert over <= max(1, theirs.numel() // 2000) and err.max().item() <= 2e-2 * scale, (
+        f"{what}: {over} of {theirs.numel()} elements off by more than 1e-3 of the largest change ({scale:.3g}), "
+        f"the worst by {err.max().item() / scale:.3g} of it"
+    )
 
 
 PER_STEP = ("policy_loss", "value_loss", "grad_norm_policy", "grad_norm_value")  # means over the optimizer steps
