@@ -190,6 +190,54 @@ class _Source:
         return self.sl[idx].to(self.dtype)
 
 
+HEAD_CLASSES = {"lm": "a causal LM (LlamaForCausalLM)", "score": "a LlamaForSequenceClassification with num_labels=1"}
+
+
+def check_checkpoint(path: str | os.PathLike, head: str = "lm") -> tuple[ModelConfig, dict[str, str], str]:
+    """A checkpoint directory against what a model with `head` loads from it, from config.json and the weight files'
+    headers alone (no weight is read): every tensor there, none unexpected, each of its shape. Cheap, so a run checks
+    all its checkpoints before it loads (or clears) anything. Returns (config, tensor name -> file, name prefix).
+    Raises FileNotFoundError / ValueError naming the directory, the tensor, both shapes and the head a checkpoint
+    of another kind has."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    config = ModelConfig.from_hf(path)
+    files = checkpoint_files(path)
+    names = [n for n in files if not n.endswith(IGNORED_SUFFIXES)]
+    prefix = "model." if any(n.startswith("model.") for n in names) else ""
+    shapes = {n: spec.shape for n, spec in hf_tensor_specs(Transformer(config, head, device="meta"), prefix).items()}
+    if head == "lm" and config.tie_word_embeddings:
+        names = [n for n in names if n != "lm_head.weight"]  # some writers save the tied copy too
+    other = {"lm": "score.weight", "score": "lm_head.weight"}[head]  # (what a checkpoint of the other kind holds)
+    kind = f" (a {'sequence-classification' if head == 'lm' else 'causal-LM'} checkpoint: this model is " \
+        f"{HEAD_CLASSES[head]})" if other in files else ""  # fmt: skip
+    missing = [n for n in shapes if n not in files]
+    if missing:
+        detail = ", ".join(f"{n} (expected shape {list(shapes[n])})" for n in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(f"checkpoint {path} is missing tensor {detail}{more}{kind}")
+    unexpected = [n for n in names if n not in shapes]
+    if unexpected:
+        raise ValueError(f"checkpoint {path} has unexpected tensor(s) {', '.join(unexpected[:5])}{kind}")
+    by_file: dict[str, list[str]] = {}
+    for name in shapes:
+        by_file.setdefault(files[name], []).append(name)
+    for fn, tensor_names in by_file.items():
+        with _open_weights(fn) as f:
+            for name in tensor_names:
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != shapes[name]:
+                    labels = ""
+                    if name == "score.weight" and len(shape) == 2 and shape[1:] == shapes[name][1:]:
+                        labels = f" (a classification head of {shape[0]} labels: this model is {HEAD_CLASSES[head]})"
+                    raise ValueError(
+                        f"checkpoint {path}: tensor {name} in {os.path.basename(fn)} has shape {list(shape)}, "
+                        f"expected {list(shapes[name])}{labels}"
+                    )
+    return config, files, prefix
+
+
 def load_pretrained(
     path: str | os.PathLike,
     *,
@@ -204,35 +252,13 @@ def load_pretrained(
     head: "lm" (LlamaForCausalLM) or "score" (LlamaForSequenceClassification with one label).
     dtype: defaults to the checkpoint's stored dtype. group: a TP process group (load this rank's shard).
     sequence_parallel: under TP, split the tokens between the TP regions of the packed forward (Transformer).
-    Missing, unexpected or wrongly shaped tensors raise ValueError naming the tensor and both shapes.
+    Missing, unexpected or wrongly shaped tensors raise ValueError naming the tensor and both shapes
+    (check_checkpoint, before anything is allocated).
     """
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    config = ModelConfig.from_hf(path)
-    files = checkpoint_files(path)
-    names = [n for n in files if not n.endswith(IGNORED_SUFFIXES)]
-    prefix = "model." if any(n.startswith("model.") for n in names) else ""
+    config, files, prefix = check_checkpoint(path, head)
     dtype = dtype or config.torch_dtype
     model = Transformer(config, head, group=group, dtype=dtype, device=device, sequence_parallel=sequence_parallel)
     specs = hf_tensor_specs(model, prefix)
-
-    if head == "lm" and config.tie_word_embeddings:
-        names = [n for n in names if n != "lm_head.weight"]  # some writers save the tied copy too
-    missing = [n for n in specs if n not in files]
-    unexpected = [n for n in names if n not in specs]
-    if missing:
-        detail = ", ".join(f"{n} (expected shape {list(specs[n].shape)})" for n in missing[:5])
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        hint = ""
-        if head == "lm" and "score.weight" in files:
-            hint = " (this is a sequence-classification checkpoint: load it with head='score')"
-        elif head == "score" and "lm_head.weight" in files:
-            hint = " (this is a causal-LM checkpoint: load it with head='lm')"
-        raise ValueError(f"checkpoint {path} is missing tensor {detail}{more}{hint}")
-    if unexpected:
-        raise ValueError(f"checkpoint {path} has unexpected tensor(s) {', '.join(unexpected[:5])}")
-
     by_file: dict[str, list[str]] = {}
     for name in specs:
         by_file.setdefault(files[name], []).append(name)
@@ -240,15 +266,7 @@ def load_pretrained(
         for fn, tensor_names in by_file.items():
             with _open_weights(fn) as f:
                 for name in tensor_names:
-                    sl = f.get_slice(name)
-                    shape = tuple(sl.get_shape())
-                    spec = specs[name]
-                    if shape != spec.shape:
-                        raise ValueError(
-                            f"tensor {name} in {os.path.basename(fn)} has shape {list(shape)}, "
-                            f"expected {list(spec.shape)}"
-                        )
-                    spec.module.load_part(_Source(sl, dtype), spec.part, name)
+                    specs[name].module.load_part(_Source(f.get_slice(name), dtype), specs[name].part, name)
     return model
 
 

@@ -54,7 +54,10 @@ def init_process_grid(tp: int = 1, backend: str | None = None, timeout_minutes: 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and not dist.is_initialized():
         if tp != 1:
-            raise ValueError(f"tensor parallel degree {tp} needs {tp} processes; launch with torchrun")
+            raise ValueError(
+                f"tensor parallel degree {tp} needs a multiple of {tp} processes, and this is one process: launch "
+                f"with torchrun --nproc_per_node {tp} (or a multiple of it: data parallelism takes the rest)"
+            )
         return ProcessGrid()
     if not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")

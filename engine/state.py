@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import torch
 
 from engine import memory_plan, recompute
-from engine.checkpoint import load_pretrained
+from engine.checkpoint import check_checkpoint, load_pretrained
 from engine.config import LEGACY_PPO_VALUES, ModelConfig, PPOConfig
 from engine.data import PromptBatches, check_fills_a_rollout
-from engine.hub import config_sources, model_dirs, pin_run, resolve_run
+from engine.hub import RUN_FIELDS, config_sources, model_dirs, pin_run, resolve_run
 from engine.kv_cache import bytes_per_block, cuda_cache_budget, resolve_cache_dtype
 from engine.model import Transformer
 from engine.offload import HostCopies, state_bytes, weight_bytes
@@ -282,6 +282,7 @@ def setup(
     if check_memory(cfg, run, grid, device):  # (from config.json alone: before a Hub id's weights are fetched)
         run = dataclasses.replace(run, offload_optimizer="always")  # (auto, where nothing else fits)
     light = resolve_run(run, weights=False)  # a Hub id's configs and tokenizer files, checked before its weights
+    check_dirs(light)
     tokenizer_dir = light.tokenizer or light.policy
     tokenizer = load_tokenizer(tokenizer_dir)
     prompt_set = load_prompts(
@@ -296,15 +297,12 @@ def setup(
     ckpt = latest_checkpoint(run.output_dir) if run.resume else None
     if run.resume:
         print0(f"resuming from {ckpt}" if ckpt else f"--resume: no checkpoint in {run.output_dir} yet, starting fresh")
+    sources = model_sources(run, ckpt)
+    check_checkpoints(sources)  # (before an output directory is cleared and before any weight is read)
     fingerprints = fingerprint_models(run, ckpt, grid.rank)  # (a resume with other frozen models: refused here)
     if ckpt is None and run.output_dir:  # (a resume with nothing to resume drops the dead run's metrics)
         start_fresh(run.output_dir, run.overwrite_output_dir or run.resume, grid.rank, inputs=run_inputs(run))
-    models = (
-        load(os.path.join(ckpt, "policy") if ckpt else run.policy, "lm"),
-        load(run.reference or run.policy, "lm"),
-        load(os.path.join(ckpt, "value") if ckpt else run.reward, "score"),
-        load(run.reward, "score"),
-    )
+    models = tuple(load(path, head) for _, path, head in sources.values())
     state = make_state(
         cfg,
         run,
@@ -320,6 +318,52 @@ def setup(
         load_trainer_state(state, ckpt)
     state.generator = generator_factory(state.policy, cfg, run)
     return state
+
+
+def check_dirs(run: RunConfig) -> None:
+    """Each checkpoint and tokenizer named (a Hub id already fetched, as resolve_run leaves it) is a directory: a
+    path that is not would otherwise be reported as the tokenizer's, which defaults to the policy's."""
+    for name in RUN_FIELDS:
+        path = getattr(run, name)
+        if path and not os.path.isdir(path):
+            what = "tokenizer" if name == "tokenizer" else "checkpoint"
+            raise FileNotFoundError(
+                f"--{name} {path}: no such directory (a local {what} directory or a Hugging Face Hub id)"
+            )
+
+
+def model_sources(run: RunConfig, ckpt: str | None, evaluation: bool = False) -> dict[str, tuple[str, str, str]]:
+    """{role: (what names it, checkpoint directory, head)} for the models a run loads, in the order it loads them:
+    the policy, the reference, then (training) the value model and the reward model; a resumed run's trained
+    models from its checkpoint `ckpt`."""
+    reference = ("--reference", run.reference) if run.reference else ("--policy (the reference)", run.policy)
+    sources = {
+        "policy": (f"the checkpoint {ckpt}'s policy", os.path.join(ckpt, "policy"), "lm") if ckpt
+        else ("--policy", run.policy, "lm"),
+        "reference": (*reference, "lm"),
+        "value": (f"the checkpoint {ckpt}'s value model", os.path.join(ckpt, "value"), "score") if ckpt
+        else ("--reward (the value model's start)", run.reward, "score"),
+        "reward": ("--reward", run.reward, "score"),
+    }  # fmt: skip
+    if evaluation:
+        del sources["value"]
+    return sources
+
+
+def check_checkpoints(sources: dict[str, tuple[str, str, str]]) -> None:
+    """Every checkpoint of model_sources against its role, from config.json and the weight files' headers
+    (engine.checkpoint.check_checkpoint): before an output directory given --overwrite-output-dir is cleared and
+    before any weight is read, so a reward model saved as a causal LM or with two labels is refused in seconds, not
+    after the policy's and the reference's weights (52 GB at 13B), and the old run is still there."""
+    checked = set()
+    for what, path, head in sources.values():
+        if (path, head) in checked:
+            continue
+        checked.add((path, head))
+        try:
+            check_checkpoint(path, head)
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"{what}: {e}") from None
 
 
 def check_context(run: RunConfig, cfg: PPOConfig) -> None:
@@ -521,14 +565,17 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     device, load = model_loader(run, grid)
     check_memory(cfg, run, grid, device, evaluation=True)  # (as in setup: before a Hub id's weights are fetched)
     light = resolve_run(run, weights=False)
+    check_dirs(light)
     tokenizer_dir = light.tokenizer or light.policy
     tokenizer = load_tokenizer(tokenizer_dir)
     _, eval_set = evaluation_set(cfg, run, grid, tokenizer, None)
     check_tokenizer(light, tokenizer, tokenizer_dir, eval_set)
     check_context(light, cfg)
     run = resolve_run(run)
+    sources = model_sources(run, None, evaluation=True)
+    check_checkpoints(sources)  # (as in setup)
     start_fresh(run.output_dir, run.overwrite_output_dir, grid.rank, evaluation=True, inputs=run_inputs(run))
-    policy, ref, reward = load(run.policy, "lm"), load(run.reference or run.policy, "lm"), load(run.reward, "score")
+    policy, ref, reward = (load(path, head) for _, path, head in sources.values())
     for m in (policy, ref, reward):
         m.requires_grad_(False)
     stops = response_stop_ids(tokenizer, run.policy)

@@ -44,9 +44,61 @@ def test_unexpected_tensor_is_named(tmp_path):
 
 
 def test_wrong_head_gives_a_hint(tmp_path):
+    save_hf_model(tmp_path / "rm", head="score")
+    with pytest.raises(ValueError, match=r"missing tensor lm_head.weight.*a sequence-classification checkpoint: .*"
+                       r"a causal LM \(LlamaForCausalLM\)"):  # fmt: skip
+        load_pretrained(tmp_path / "rm", head="lm")
+    save_hf_model(tmp_path / "lm")
+    with pytest.raises(ValueError, match=r"missing tensor score.weight.*a causal-LM checkpoint: .*"
+                       r"LlamaForSequenceClassification with num_labels=1"):  # fmt: skip
+        load_pretrained(tmp_path / "lm", head="score")
+
+
+def test_a_classification_head_of_two_labels_is_named(tmp_path):
+    """transformers' LlamaForSequenceClassification defaults to two labels: score.weight [2, hidden]."""
     save_hf_model(tmp_path, head="score")
-    with pytest.raises(ValueError, match="missing tensor lm_head.weight.*head='score'"):
-        load_pretrained(tmp_path, head="lm")
+    _rewrite(tmp_path, lambda t: t.update({"score.weight": torch.zeros(2, 64)}))
+    with pytest.raises(ValueError, match=rf"checkpoint {tmp_path}: tensor score.weight .*shape \[2, 64\], expected "
+                       r"\[1, 64\] \(a classification head of 2 labels: .*num_labels=1\)"):  # fmt: skip
+        load_pretrained(tmp_path, head="score")
+
+
+def test_check_checkpoint_reads_no_weight(tmp_path, monkeypatch):
+    """The check a run makes of all its checkpoints before loading any: names and shapes from the headers only."""
+    save_hf_model(tmp_path)
+
+    class Headers:  # a weights file that gives its tensors' names and shapes, and nothing else
+        def __init__(self, fn):
+            self.f = real(fn)
+
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def keys(self):
+            return self.f.keys()
+
+        def get_slice(self, name):
+            return Shape(self.f.get_slice(name).get_shape())
+
+    class Shape:
+        def __init__(self, shape):
+            self.shape = shape
+
+        def get_shape(self):
+            return self.shape
+
+    real = ckpt._open_weights
+    monkeypatch.setattr(ckpt, "_open_weights", Headers)
+    config, files, prefix = ckpt.check_checkpoint(tmp_path)
+    assert (
+        prefix == "model." and config.hidden_size == 64 and set(files.values()) == {str(tmp_path / "model.safetensors")}
+    )
+    with pytest.raises(TypeError, match="not subscriptable"):  # (the same files refuse a load, which reads them)
+        load_pretrained(tmp_path)
 
 
 def test_other_architectures_refused(tmp_path):

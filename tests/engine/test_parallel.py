@@ -158,3 +158,12 @@ def test_small_collective_tensors_go_to_the_ranks_gpu_under_nccl(monkeypatch):
     assert collective_device() == torch.device("cuda", 3)
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
     assert collective_device() is None
+
+
+def test_tensor_parallelism_in_one_process_says_how_to_launch(monkeypatch):
+    from engine.parallel import init_process_grid
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match=r"degree 3 needs a multiple of 3 processes, .*torchrun --nproc_per_node 3"):
+        init_process_grid(tp=3)
+    assert init_process_grid(tp=1).world_size == 1

@@ -307,6 +307,35 @@ def test_a_fresh_run_into_a_used_output_dir_is_refused_unless_overwritten(tmp_pa
         assert (ckpt / "policy/model.safetensors").exists() and (tmp_path / "metrics.jsonl").exists()
 
 
+def test_a_checkpoint_of_the_wrong_kind_is_refused_before_anything_is_read_or_cleared(tmp_path, monkeypatch):
+    """A reward model saved as a causal LM (or a policy as a classifier) is refused from the files' headers: before
+    any model's weights are read, and before --overwrite-output-dir clears the run there (nothing is lost); a
+    checkpoint path that is no directory is named as its flag's, not as the tokenizer's it defaults to."""
+    from engine.evaluate import evaluate_only
+    from engine.tokenizer import TINY_DIR, TINY_EVAL_PROMPTS, TINY_PROMPTS
+
+    _run(tmp_path, "--max-iterations", "1")  # the tiny default leaves a run here
+    init = tmp_path / "init"
+    flags = ["--prompts", TINY_PROMPTS, "--tokenizer", TINY_DIR, "--max-iterations", "1", "--overwrite-output-dir"]
+    monkeypatch.setattr(state_mod, "load_pretrained", lambda *a, **k: pytest.fail("weights read"))
+    with pytest.raises(ValueError, match=rf"--reward \(the value model's start\): checkpoint {init}/policy is missing "
+                       r"tensor score.weight .*a causal-LM checkpoint: this model is a LlamaForSequenceClassification "
+                       r"with num_labels=1"):  # fmt: skip
+        _run(tmp_path, "--policy", str(init / "policy"), "--reward", str(init / "policy"), *flags)
+    with pytest.raises(ValueError, match=rf"--reference: checkpoint {init}/reward is missing tensor lm_head.weight "
+                       r".*a sequence-classification checkpoint: this model is a causal LM"):  # fmt: skip
+        _run(tmp_path, "--policy", str(init / "policy"), "--reference", str(init / "reward"),
+             "--reward", str(init / "reward"), *flags)  # fmt: skip
+    with pytest.raises(FileNotFoundError, match=r"--policy /nowhere/policy: no such directory \(a local checkpoint"):
+        _run(tmp_path, "--policy", "/nowhere/policy", "--reward", str(init / "reward"), *flags)
+    assert (tmp_path / "checkpoint-000001/policy/model.safetensors").exists() and (tmp_path / "metrics.jsonl").exists()
+    cfg, run, _ = parse_args(["--eval-only", "--policy", str(init / "policy"), "--reward", str(init / "policy"),
+                              "--eval-prompts", TINY_EVAL_PROMPTS, "--output-dir", str(tmp_path)])  # fmt: skip
+    with pytest.raises(ValueError, match=rf"--reward: checkpoint {init}/policy is missing tensor score.weight"):
+        evaluate_only(cfg, run, ProcessGrid())
+    assert (tmp_path / "metrics.jsonl").exists()
+
+
 def test_micro_batches_accumulate_to_the_same_update(tmp_path):
     one = _run(tmp_path / "one", "--max-iterations", "1", "--micro-batch-tokens", "100000", factory=naive_factory)
     many = _run(tmp_path / "many", "--max-iterations", "1", "--micro-batch-tokens", "30", factory=naive_factory)
