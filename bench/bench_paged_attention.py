@@ -109,7 +109,7 @@ def _bench_shape(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, compile
             read[peer] = kv_bytes * torch.empty((), dtype=dtype).element_size() // kc.element_size()
     if device.type == "cuda" and compile_:
         compiled = torch.compile(reference.paged_decode_attention)
-        variants["compile"] = lambda: compiled(q, kc, vc, bt, cl)
+        variants["compile"] = lambda: compiled(q, kc, vc, bt, cl, max_context_len=ctx)  # (no sync: one graph)
     row = {"shape": name, "batch": batch, "context": ctx, "hq": hq, "hkv": hkv, "head_dim": d, "block": bs}
     row.update({"dtype": str(dtype), "kv_dtype": str(kc.dtype), "kv_bytes": kv_bytes, "floor_ms": kv_bytes / bw * 1e3})
     want = variants["eager"]().float()  # before timing: ours and the peers against the eager reference (fp32 inside)

@@ -356,13 +356,15 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     softmax_scale: float | None = None,
+    max_context_len: int | None = None,
 ) -> torch.Tensor:
     """Oracle of kernels.paged_attention.paged_decode_attention: one query token per sequence.
 
     q [B, Hq, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int;
     context_lens [B] int (tokens each query attends to, its own included). Returns [B, Hq, D] in q's
     dtype; a sequence with context length 0 gets zeros. Gathers the context through the block table
-    (vectorised: one index_select for the whole batch), then softmax in at least fp32.
+    (vectorised: one index_select for the whole batch), then softmax in at least fp32. max_context_len: a bound
+    on context_lens known on the host (else read from them: a device sync, and a graph break under torch.compile).
     """
     b, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
@@ -371,7 +373,7 @@ def paged_decode_attention(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     ct = compute_dtype(q.dtype)
     lens = context_lens.to(torch.int64)
-    max_len = int(lens.max()) if b else 0
+    max_len = (int(lens.max()) if max_context_len is None else max_context_len) if b else 0
     if max_len == 0:
         return q.new_zeros(q.shape)
     if max_len > block_tables.shape[1] * block_size:
@@ -477,7 +479,8 @@ def token_logprobs(
         parts[dist.get_rank(group)] = z
         z = torch.cat(parts, dim=-1)
     v = z.shape[-1]
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= v):
+    # (a device sync: skipped under torch.compile, where it would split the graph, as benches compile this oracle)
+    if targets.numel() and not torch.compiler.is_compiling() and (int(targets.min()) < 0 or int(targets.max()) >= v):
         raise ValueError(f"targets out of range [0, {v})")
     logp_all = torch.log_softmax(z, dim=-1)
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)

@@ -66,3 +66,28 @@ def test_offload_bench_smoke(tmp_path):
     assert set(out["adam_seconds"]) == {"state on the device (fused Adam)", "state in host memory (streamed)"}
     (rollouts,) = [r for r in out["recipe"] if r["tp"] == 8 and r["setting"] == "--offload-optimizer rollouts"]
     assert f"{rollouts['gb_out'] * 1e9 / 2**30:.1f}" == "36.1" and (tmp_path / "o.json").exists()
+
+
+def test_the_oracles_the_benches_compile_trace_as_one_graph():
+    """The torch.compile peer rows compile these reference oracles: a device sync inside (a range check, a length
+    read from the device) would split each call into graphs with a host round trip between them, and understate
+    the peer. Traced by dynamo (no backend compile), each is one graph."""
+    import torch
+    import torch._dynamo
+
+    from kernels import reference
+
+    x, t = torch.randn(6, 11), torch.randint(0, 11, (6,))
+    h, w = torch.randn(6, 8), torch.randn(11, 8)
+    q, kc, vc = torch.randn(2, 4, 16), torch.randn(5, 4, 2, 16), torch.randn(5, 4, 2, 16)
+    bt, cl = torch.tensor([[0, 1], [2, 3]]), torch.tensor([5, 7])
+    for fn, args, kw in (
+        (reference.token_logprobs, (x, t), {"return_entropy": True}),
+        (reference.hidden_logprobs, (h, w, t), {"return_entropy": True}),
+        (reference.paged_decode_attention, (q, kc, vc, bt, cl), {"max_context_len": 7}),
+    ):
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(fn)(*args, **kw)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), (fn.__name__, explained.break_reasons)
+    out = reference.paged_decode_attention(q, kc, vc, bt, cl, max_context_len=7)
+    torch.testing.assert_close(out, reference.paged_decode_attention(q, kc, vc, bt, cl))
