@@ -278,7 +278,7 @@ def read_prompt_file(path: str | os.PathLike, lines: list[int] | None = None) ->
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+                raise ValueError(f"{where}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
             convs.append(prompt_messages(obj, where))
             if lines is not None:
                 lines.append(lineno)

@@ -94,9 +94,10 @@ def _add_fields(parser: argparse.ArgumentParser, cls, title: str) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = _flag_kind(f)
         tiny = {**TINY_PPO, **TINY_RUN}.get(f.name)
+        tiny = None if tiny == f.default else tiny  # (the tiny default's own value only where it differs)
         help_ = f"(default: {f.default}" + (f"; tiny default: {tiny})" if tiny is not None else ")")
         if f.name in comments:  # (a comment that states the default itself is not followed by a second one)
-            says_default = "(default:" in comments[f.name] and f.default is None
+            says_default = "(default:" in comments[f.name]
             own = f"(tiny default: {tiny})" if tiny is not None else ""
             help_ = f"{comments[f.name]} {own if says_default else help_}".rstrip()
         if kind == "bool":

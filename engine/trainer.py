@@ -395,6 +395,9 @@ def train(state: TrainState) -> list[dict]:
         f"{next(state.policy.parameters()).dtype} params, iterations {state.iteration}..{state.iterations} "
         f"of {len(state.data)}, {state.total_steps} optimizer steps in the schedule"
     )
+    if state.iteration >= state.iterations:  # (a resumed run that has finished)
+        more = f" (--max-iterations up to {len(state.data)} continues it)" if state.iterations < len(state.data) else ""
+        print0(f"nothing to train: the run has made its {state.iterations} iterations{more}")
     record_launch(state)
     state.tracker = state.tracker or Tracker(state)
     with state.tracker:  # (a W&B run ends with the loop, marked failed if it raised)

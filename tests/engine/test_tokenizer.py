@@ -137,7 +137,11 @@ def test_shipped_prompts_load(tok):
     "content, message",
     [
         ("", "is empty"),
-        ('{"prompt": "ok"}\n{"prompt": "bad"\n', r"p\.jsonl:2: malformed JSON"),
+        (
+            '{"prompt": "ok"}\n{"prompt": "bad"\n',
+            r"p\.jsonl:2: malformed JSON \(Expecting ',' delimiter at column",
+        ),
+        ('{"prompt": "a\tb"}\n', r"p\.jsonl:1: malformed JSON \(Invalid control character at column 14\)"),
         ('{"text": "x"}\n', r"p\.jsonl:1: needs a 'prompt' string"),
         ('{"messages": [{"role": "assistant", "content": "x"}]}\n', "no user turn"),
         ('{"messages": [{"role": "robot", "content": "x"}]}\n', "each message needs a role"),

@@ -209,7 +209,7 @@ def test_a_checkpoint_is_durable_before_latest_points_to_it(tmp_path, monkeypatc
                     ("replace", "latest"), ("dir", "."), ("rm", "checkpoint-000000")], tail  # fmt: skip
 
 
-def test_a_stop_signal_at_an_evaluation_is_made_up_for_when_resumed(tmp_path):
+def test_a_stop_signal_at_an_evaluation_is_made_up_for_when_resumed(tmp_path, capsys):
     """SIGTERM during the last iteration, when the final evaluation is due: the run checkpoints without it (a
     scheduler's grace period is for the checkpoint) and the resumed run evaluates first, so eval.jsonl ends as a
     straight run's; a resume with nothing put off evaluates nothing again."""
@@ -239,8 +239,12 @@ def test_a_stop_signal_at_an_evaluation_is_made_up_for_when_resumed(tmp_path):
     for k in ("score", "kl", "reward", "response_len"):
         assert ours[1][k] == theirs[1][k], k
     assert _no_timing(first) == _no_timing(straight)
+    capsys.readouterr()
     _run(tmp_path / "b", "--max-iterations", "2", "--resume")
     assert [e["iteration"] for e in evals("b")] == [0, 2]  # (made up once)
+    assert "nothing to train: the run has made its 2 iterations (--max-iterations up to 24 continues it)" in (
+        capsys.readouterr().out
+    )
 
 
 def test_resuming_with_other_frozen_models_is_refused(tmp_path, monkeypatch, capsys):
@@ -762,6 +766,9 @@ def test_help_lists_every_flag():
                                  "--adam-betas", "0.8", "0.9"])  # fmt: skip
     assert not tiny and not cfg.whiten_advantages and cfg.adam_betas == (0.8, 0.9)
     assert cfg.rollout_batch_size == 512 and run.policy == "p"  # the recipe, not the tiny preset
+    flat = " ".join(text.split())  # each default said once: the tiny one where it differs, none after a comment's own
+    assert "(default: 512; tiny default: 16)" in flat and "(default: 0; tiny default: 0)" not in flat
+    assert "(default: the output directory's name) (default" not in flat
 
 
 @pytest.mark.parametrize("samples", [1, 2])
