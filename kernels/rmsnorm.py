@@ -70,7 +70,7 @@ def _rmsnorm_bwd_kernel(
     w = tl.load(W + cols, mask=c_ok, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_H], tl.float32)
     n_blocks = tl.cdiv(n_rows, BLOCK_ROWS)
-    for blk in range(loop_bound(pid), loop_bound(n_blocks), num_programs):
+    for blk in range(loop_bound(pid), loop_bound(n_blocks), loop_bound(num_programs)):
         rows = blk * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         r_ok = rows < n_rows
         mask = r_ok[:, None] & c_ok[None, :]
