@@ -270,6 +270,13 @@ def load_pretrained(
     return model
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it: there is no other way; set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
@@ -341,6 +348,7 @@ def save_pretrained(
                 try:
                     fn = os.path.join(tmp, names[k])
                     save_file(tensors, fn, metadata={"format": "pt"})
+                    os.chmod(fn, 0o666 & ~_umask())  # (safetensors writes 0600: unreadable to a team's other users)
                     _fsync(fn)
                 except BaseException as e:
                     failed = e

@@ -229,6 +229,19 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert torch.equal(reloaded.embed_tokens.weight, model.embed_tokens.weight)
 
 
+def test_saved_files_take_the_umasks_permissions(tmp_path):
+    """Every file of a checkpoint is as readable as the user's umask makes a new file (safetensors alone writes its
+    files 0600: a team's other users could not read the weights beside a readable config.json)."""
+    model = Transformer(ModelConfig.named("tiny")).init_weights(seed=1)
+    old = os.umask(0o027)
+    try:
+        save_pretrained(model, tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "ckpt").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o640}, modes
+
+
 def test_transformers_ignores_our_kernels_package():
     # PyPI has another package named `kernels`; transformers must not mistake ours for it.
     import transformers  # noqa: F401
