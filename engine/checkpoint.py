@@ -195,7 +195,8 @@ HEAD_CLASSES = {"lm": "a causal LM (LlamaForCausalLM)", "score": "a LlamaForSequ
 
 def check_checkpoint(path: str | os.PathLike, head: str = "lm") -> tuple[ModelConfig, dict[str, str], str]:
     """A checkpoint directory against what a model with `head` loads from it, from config.json and the weight files'
-    headers alone (no weight is read): every tensor there, none unexpected, each of its shape. Cheap, so a run checks
+    headers alone (no weight is read, but for a legacy pre-zip .bin, which cannot be memory-mapped): every tensor
+    there, none unexpected, each of its shape. Cheap, so a run checks
     all its checkpoints before it loads (or clears) anything. Returns (config, tensor name -> file, name prefix).
     Raises FileNotFoundError / ValueError naming the directory, the tensor, both shapes and the head a checkpoint
     of another kind has."""
@@ -206,7 +207,8 @@ def check_checkpoint(path: str | os.PathLike, head: str = "lm") -> tuple[ModelCo
     files = checkpoint_files(path)
     names = [n for n in files if not n.endswith(IGNORED_SUFFIXES)]
     prefix = "model." if any(n.startswith("model.") for n in names) else ""
-    shapes = {n: spec.shape for n, spec in hf_tensor_specs(Transformer(config, head, device="meta"), prefix).items()}
+    meta = Transformer(config, head, dtype=torch.float32, device="meta")  # (shapes alone; any config.json dtype)
+    shapes = {n: spec.shape for n, spec in hf_tensor_specs(meta, prefix).items()}
     if head == "lm" and config.tie_word_embeddings:
         names = [n for n in names if n != "lm_head.weight"]  # some writers save the tied copy too
     other = {"lm": "score.weight", "score": "lm_head.weight"}[head]  # (what a checkpoint of the other kind holds)

@@ -97,7 +97,10 @@ class ModelConfig:
             if not os.path.exists(path):
                 raise FileNotFoundError(f"no config.json at {path}")
             with open(path) as f:
-                cfg = json.load(f)
+                try:
+                    cfg = json.load(f)
+                except json.JSONDecodeError as e:  # (a truncated copy: name the file)
+                    raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
         archs = cfg.get("architectures") or []
         model_type = cfg.get("model_type")
         if model_type != "llama" or any(a not in SUPPORTED_ARCHITECTURES for a in archs):

@@ -17,7 +17,7 @@ from engine import memory_plan, recompute
 from engine.checkpoint import check_checkpoint, load_pretrained
 from engine.config import LEGACY_PPO_VALUES, ModelConfig, PPOConfig
 from engine.data import PromptBatches, check_fills_a_rollout
-from engine.hub import RUN_FIELDS, config_sources, model_dirs, pin_run, resolve_run
+from engine.hub import RUN_FIELDS, config_sources, is_repo_id, model_dirs, pin_run, resolve_run
 from engine.kv_cache import bytes_per_block, cuda_cache_budget, resolve_cache_dtype
 from engine.model import Transformer
 from engine.offload import HostCopies, state_bytes, weight_bytes
@@ -276,13 +276,13 @@ def setup(
     if run.resume:  # (before anything is planned from the hyperparameters: the checkpoint's, where not given now)
         cfg = resumed_config(cfg, run)
         check_batch_sizes(cfg, grid)
+    check_dirs(run)
     run = pin_run(run)  # a Hub id to the commit it names now: every node fetches that one
     check_available(run.wandb_project, grid.rank)
     device, load = model_loader(run, grid)
     if check_memory(cfg, run, grid, device):  # (from config.json alone: before a Hub id's weights are fetched)
         run = dataclasses.replace(run, offload_optimizer="always")  # (auto, where nothing else fits)
     light = resolve_run(run, weights=False)  # a Hub id's configs and tokenizer files, checked before its weights
-    check_dirs(light)
     tokenizer_dir = light.tokenizer or light.policy
     tokenizer = load_tokenizer(tokenizer_dir)
     prompt_set = load_prompts(
@@ -321,11 +321,12 @@ def setup(
 
 
 def check_dirs(run: RunConfig) -> None:
-    """Each checkpoint and tokenizer named (a Hub id already fetched, as resolve_run leaves it) is a directory: a
-    path that is not would otherwise be reported as the tokenizer's, which defaults to the policy's."""
+    """Each checkpoint and tokenizer named is a directory or a Hub id (engine.hub fetches or names those), checked
+    first: a path that is neither would otherwise be reported by the first reader of it (the memory plan's, on a
+    GPU, or the tokenizer's, which defaults to the policy's), under another name."""
     for name in RUN_FIELDS:
         path = getattr(run, name)
-        if path and not os.path.isdir(path):
+        if path and not os.path.isdir(path) and not is_repo_id(path):
             what = "tokenizer" if name == "tokenizer" else "checkpoint"
             raise FileNotFoundError(
                 f"--{name} {path}: no such directory (a local {what} directory or a Hugging Face Hub id)"
@@ -355,15 +356,21 @@ def check_checkpoints(sources: dict[str, tuple[str, str, str]]) -> None:
     (engine.checkpoint.check_checkpoint): before an output directory given --overwrite-output-dir is cleared and
     before any weight is read, so a reward model saved as a causal LM or with two labels is refused in seconds, not
     after the policy's and the reference's weights (52 GB at 13B), and the old run is still there."""
-    checked = set()
-    for what, path, head in sources.values():
+    checked, error = set(), None
+    # (the reward model before the value model it starts: a bad --reward is named as itself)
+    for _, (what, path, head) in sorted(sources.items(), key=lambda item: item[0] == "value"):
         if (path, head) in checked:
             continue
         checked.add((path, head))
         try:
             check_checkpoint(path, head)
-        except (ValueError, FileNotFoundError) as e:
-            raise type(e)(f"{what}: {e}") from None
+        except FileNotFoundError as e:
+            error = FileNotFoundError(f"{what}: {e}")
+            break
+        except ValueError as e:  # (a JSONDecodeError too: re-raised as what it is, a ValueError, with the flag)
+            error = ValueError(f"{what}: {e}")
+            break
+    raise_together(error, "checking the checkpoints")  # (a rank whose copy differs, on a node's disk: none waits)
 
 
 def check_context(run: RunConfig, cfg: PPOConfig) -> None:
@@ -561,11 +568,11 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     memory_plan.check_offload_setting(run.offload_idle_models, "--offload-idle-models")
     check_available(run.wandb_project, grid.rank)
     check_writable(run.output_dir, grid.rank)
+    check_dirs(run)
     run = pin_run(run)  # (as in setup)
     device, load = model_loader(run, grid)
     check_memory(cfg, run, grid, device, evaluation=True)  # (as in setup: before a Hub id's weights are fetched)
     light = resolve_run(run, weights=False)
-    check_dirs(light)
     tokenizer_dir = light.tokenizer or light.policy
     tokenizer = load_tokenizer(tokenizer_dir)
     _, eval_set = evaluation_set(cfg, run, grid, tokenizer, None)

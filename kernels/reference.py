@@ -363,8 +363,9 @@ def paged_decode_attention(
     q [B, Hq, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int;
     context_lens [B] int (tokens each query attends to, its own included). Returns [B, Hq, D] in q's
     dtype; a sequence with context length 0 gets zeros. Gathers the context through the block table
-    (vectorised: one index_select for the whole batch), then softmax in at least fp32. max_context_len: a bound
-    on context_lens known on the host (else read from them: a device sync, and a graph break under torch.compile).
+    (vectorised: one index_select for the whole batch), then softmax in at least fp32. max_context_len: at least
+    max(context_lens), known on the host (else read from them: a device sync, and a graph break under torch.compile);
+    a smaller one cuts the contexts short.
     """
     b, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape

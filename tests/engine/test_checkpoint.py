@@ -229,6 +229,17 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert torch.equal(reloaded.embed_tokens.weight, model.embed_tokens.weight)
 
 
+def test_a_config_dtype_of_auto_loads_at_the_dtype_asked(tmp_path):
+    """The check before loading reads shapes only: a config.json whose torch_dtype is "auto" loads at the dtype the
+    caller gives, as it did before the check."""
+    save_hf_model(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.pop("dtype", None)
+    cfg["torch_dtype"] = "auto"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert load_pretrained(tmp_path, dtype=torch.float32).embed_tokens.weight.dtype == torch.float32
+
+
 def test_saved_files_take_the_umasks_permissions(tmp_path):
     """Every file of a checkpoint is as readable as the user's umask makes a new file (safetensors alone writes its
     files 0600: a team's other users could not read the weights beside a readable config.json)."""

@@ -322,16 +322,25 @@ def test_a_checkpoint_of_the_wrong_kind_is_refused_before_anything_is_read_or_cl
     init = tmp_path / "init"
     flags = ["--prompts", TINY_PROMPTS, "--tokenizer", TINY_DIR, "--max-iterations", "1", "--overwrite-output-dir"]
     monkeypatch.setattr(state_mod, "load_pretrained", lambda *a, **k: pytest.fail("weights read"))
-    with pytest.raises(ValueError, match=rf"--reward \(the value model's start\): checkpoint {init}/policy is missing "
-                       r"tensor score.weight .*a causal-LM checkpoint: this model is a LlamaForSequenceClassification "
-                       r"with num_labels=1"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"^--reward: checkpoint {init}/policy is missing tensor score.weight .*"
+        r"a causal-LM checkpoint: this model is a LlamaForSequenceClassification with num_labels=1",
+    ):
         _run(tmp_path, "--policy", str(init / "policy"), "--reward", str(init / "policy"), *flags)
     with pytest.raises(ValueError, match=rf"--reference: checkpoint {init}/reward is missing tensor lm_head.weight "
                        r".*a sequence-classification checkpoint: this model is a causal LM"):  # fmt: skip
         _run(tmp_path, "--policy", str(init / "policy"), "--reference", str(init / "reward"),
              "--reward", str(init / "reward"), *flags)  # fmt: skip
+    monkeypatch.setattr(state_mod, "check_memory", lambda *a, **k: pytest.fail("planned before the paths were checked"))
     with pytest.raises(FileNotFoundError, match=r"--policy /nowhere/policy: no such directory \(a local checkpoint"):
         _run(tmp_path, "--policy", "/nowhere/policy", "--reward", str(init / "reward"), *flags)
+    monkeypatch.undo()
+    monkeypatch.setattr(state_mod, "load_pretrained", lambda *a, **k: pytest.fail("weights read"))
+    shutil.copytree(init / "reward", tmp_path / "truncated")
+    (tmp_path / "truncated/config.json").write_text("{")
+    with pytest.raises(ValueError, match=rf"{tmp_path}/truncated/config.json is not valid JSON \(Expecting"):
+        _run(tmp_path, "--policy", str(init / "policy"), "--reward", str(tmp_path / "truncated"), *flags)
     assert (tmp_path / "checkpoint-000001/policy/model.safetensors").exists() and (tmp_path / "metrics.jsonl").exists()
     cfg, run, _ = parse_args(["--eval-only", "--policy", str(init / "policy"), "--reward", str(init / "policy"),
                               "--eval-prompts", TINY_EVAL_PROMPTS, "--output-dir", str(tmp_path)])  # fmt: skip
