@@ -196,10 +196,9 @@ HEAD_CLASSES = {"lm": "a causal LM (LlamaForCausalLM)", "score": "a LlamaForSequ
 def check_checkpoint(path: str | os.PathLike, head: str = "lm") -> tuple[ModelConfig, dict[str, str], str]:
     """A checkpoint directory against what a model with `head` loads from it, from config.json and the weight files'
     headers alone (no weight is read, but for a legacy pre-zip .bin, which cannot be memory-mapped): every tensor
-    there, none unexpected, each of its shape. Cheap, so a run checks
-    all its checkpoints before it loads (or clears) anything. Returns (config, tensor name -> file, name prefix).
-    Raises FileNotFoundError / ValueError naming the directory, the tensor, both shapes and the head a checkpoint
-    of another kind has."""
+    there, none unexpected, each of its shape. Cheap, so a run checks all its checkpoints before it loads (or
+    clears) anything. Returns (config, tensor name -> file, name prefix). Raises FileNotFoundError / ValueError
+    naming the directory, the tensor, both shapes and, for a checkpoint of the other kind, what this model is."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
@@ -211,9 +210,10 @@ def check_checkpoint(path: str | os.PathLike, head: str = "lm") -> tuple[ModelCo
     shapes = {n: spec.shape for n, spec in hf_tensor_specs(meta, prefix).items()}
     if head == "lm" and config.tie_word_embeddings:
         names = [n for n in names if n != "lm_head.weight"]  # some writers save the tied copy too
-    other = {"lm": "score.weight", "score": "lm_head.weight"}[head]  # (what a checkpoint of the other kind holds)
-    kind = f" (a {'sequence-classification' if head == 'lm' else 'causal-LM'} checkpoint: this model is " \
-        f"{HEAD_CLASSES[head]})" if other in files else ""  # fmt: skip
+    kind = ""
+    if {"lm": "score.weight", "score": "lm_head.weight"}[head] in files:  # (a checkpoint of the other kind)
+        other = "sequence-classification" if head == "lm" else "causal-LM"
+        kind = f" (a {other} checkpoint: this model is {HEAD_CLASSES[head]})"
     missing = [n for n in shapes if n not in files]
     if missing:
         detail = ", ".join(f"{n} (expected shape {list(shapes[n])})" for n in missing[:5])
