@@ -222,10 +222,7 @@ def check_checkpoint(path: str | os.PathLike, head: str = "lm") -> tuple[ModelCo
     unexpected = [n for n in names if n not in shapes]
     if unexpected:
         raise ValueError(f"checkpoint {path} has unexpected tensor(s) {', '.join(unexpected[:5])}{kind}")
-    by_file: dict[str, list[str]] = {}
-    for name in shapes:
-        by_file.setdefault(files[name], []).append(name)
-    for fn, tensor_names in by_file.items():
+    for fn, tensor_names in _by_file(shapes, files).items():
         with _open_weights(fn) as f:
             for name in tensor_names:
                 shape = tuple(f.get_slice(name).get_shape())
@@ -238,6 +235,14 @@ def check_checkpoint(path: str | os.PathLike, head: str = "lm") -> tuple[ModelCo
                         f"expected {list(shapes[name])}{labels}"
                     )
     return config, files, prefix
+
+
+def _by_file(names, files: dict[str, str]) -> dict[str, list[str]]:
+    """The tensor names grouped by the file holding them (each file opened once)."""
+    grouped: dict[str, list[str]] = {}
+    for name in names:
+        grouped.setdefault(files[name], []).append(name)
+    return grouped
 
 
 def load_pretrained(
@@ -261,11 +266,8 @@ def load_pretrained(
     dtype = dtype or config.torch_dtype
     model = Transformer(config, head, group=group, dtype=dtype, device=device, sequence_parallel=sequence_parallel)
     specs = hf_tensor_specs(model, prefix)
-    by_file: dict[str, list[str]] = {}
-    for name in specs:
-        by_file.setdefault(files[name], []).append(name)
     with torch.no_grad():
-        for fn, tensor_names in by_file.items():
+        for fn, tensor_names in _by_file(specs, files).items():
             with _open_weights(fn) as f:
                 for name in tensor_names:
                     specs[name].module.load_part(_Source(f.get_slice(name), dtype), specs[name].part, name)

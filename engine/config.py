@@ -16,6 +16,12 @@ import torch
 from kernels.reference import Rope
 
 
+def json_error(e: json.JSONDecodeError, line: bool = False) -> str:
+    """Where and why a JSON text failed to parse, in words ("Expecting value at line 1, column 2"; `line` False: the
+    column alone, for one line of a JSONL file); json's own message for some errors ends in "at"."""
+    return f"{e.msg.removesuffix(' at')} at {f'line {e.lineno}, ' if line else ''}column {e.colno}"
+
+
 @dataclass
 class ModelConfig:
     """Shape of a Llama model. Field names follow ours; `from_hf` / `to_hf` translate HF's config.json."""
@@ -100,7 +106,7 @@ class ModelConfig:
                 try:
                     cfg = json.load(f)
                 except json.JSONDecodeError as e:  # (a truncated copy: name the file)
-                    raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
+                    raise ValueError(f"{path} is not valid JSON ({json_error(e, line=True)})") from e
         archs = cfg.get("architectures") or []
         model_type = cfg.get("model_type")
         if model_type != "llama" or any(a not in SUPPORTED_ARCHITECTURES for a in archs):

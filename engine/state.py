@@ -337,14 +337,14 @@ def model_sources(run: RunConfig, ckpt: str | None, evaluation: bool = False) ->
     """{role: (what names it, checkpoint directory, head)} for the models a run loads, in the order it loads them:
     the policy, the reference, then (training) the value model and the reward model; a resumed run's trained
     models from its checkpoint `ckpt`."""
-    reference = ("--reference", run.reference) if run.reference else ("--policy (the reference)", run.policy)
+    dirs = model_dirs(run)  # (the reference defaults to the policy)
     sources = {
         "policy": (f"the checkpoint {ckpt}'s policy", os.path.join(ckpt, "policy"), "lm") if ckpt
-        else ("--policy", run.policy, "lm"),
-        "reference": (*reference, "lm"),
+        else ("--policy", dirs["policy"], "lm"),
+        "reference": ("--reference" if run.reference else "--policy (the reference)", dirs["reference"], "lm"),
         "value": (f"the checkpoint {ckpt}'s value model", os.path.join(ckpt, "value"), "score") if ckpt
-        else ("--reward (the value model's start)", run.reward, "score"),
-        "reward": ("--reward", run.reward, "score"),
+        else ("--reward (the value model's start)", dirs["reward"], "score"),
+        "reward": ("--reward", dirs["reward"], "score"),
     }  # fmt: skip
     if evaluation:
         del sources["value"]

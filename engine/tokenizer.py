@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.config import json_error
+
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 TINY_DIR = os.path.join(ASSETS_DIR, "tiny")  # the project's own small BPE tokenizer
 TINY_PROMPTS = os.path.join(ASSETS_DIR, "prompts_tiny.jsonl")
@@ -278,7 +280,7 @@ def read_prompt_file(path: str | os.PathLike, lines: list[int] | None = None) ->
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
+                raise ValueError(f"{where}: malformed JSON ({json_error(e)})") from None
             convs.append(prompt_messages(obj, where))
             if lines is not None:
                 lines.append(lineno)
