@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine.config import ModelConfig
+from engine.errors import InvalidInput, MissingInput
 from engine.model import Transformer
 from engine.parallel import raise_together
 
@@ -118,13 +119,13 @@ def checkpoint_files(path: str) -> dict[str, str]:
         files = {name: os.path.join(path, fn) for name, fn in weight_map.items()}
         for fn in sorted(set(files.values())):
             if not os.path.exists(fn):
-                raise FileNotFoundError(f"{index_file} names {os.path.basename(fn)}, which is not in {path}")
+                raise MissingInput(f"{index_file} names {os.path.basename(fn)}, which is not in {path}")
         return files
     listed = sorted(os.listdir(path))
     shards = [fn for fn in listed if fn.endswith(".safetensors")]
     shards = shards or [fn for fn in listed if fn.startswith("pytorch_model") and fn.endswith(".bin")]
     if not shards:
-        raise FileNotFoundError(f"no model weights in {path} (neither *.safetensors nor pytorch_model*.bin)")
+        raise MissingInput(f"no model weights in {path} (neither *.safetensors nor pytorch_model*.bin)")
     files = {}
     for fn in shards:
         with _open_weights(os.path.join(path, fn)) as f:
@@ -143,7 +144,7 @@ class _TorchFile:
         except RuntimeError:  # the legacy (pre-zip, torch < 1.6) format cannot be memory-mapped: read it whole
             self.tensors = torch.load(fn, map_location="cpu", weights_only=True)
         if not isinstance(self.tensors, dict):
-            raise ValueError(f"{fn} holds a {type(self.tensors).__name__}, not a state dict of tensors")
+            raise InvalidInput(f"{fn} holds a {type(self.tensors).__name__}, not a state dict of tensors")
 
     def keys(self):
         return self.tensors.keys()
@@ -177,7 +178,7 @@ def _open_weights(fn: str):
     except ValueError:
         raise
     except Exception as e:  # (a truncated or damaged file: safetensors' own error names no file)
-        raise ValueError(f"cannot read the weights file {fn} ({type(e).__name__}: {e})") from e
+        raise InvalidInput(f"cannot read the weights file {fn} ({type(e).__name__}: {e})") from e
 
 
 class _Source:
@@ -201,7 +202,7 @@ def check_checkpoint(path: str | os.PathLike, head: str = "lm") -> tuple[ModelCo
     naming the directory, the tensor, both shapes and, for a checkpoint of the other kind, what this model is."""
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+        raise MissingInput(f"checkpoint directory {path} does not exist")
     config = ModelConfig.from_hf(path)
     files = checkpoint_files(path)
     names = [n for n in files if not n.endswith(IGNORED_SUFFIXES)]
@@ -218,10 +219,10 @@ def check_checkpoint(path: str | os.PathLike, head: str = "lm") -> tuple[ModelCo
     if missing:
         detail = ", ".join(f"{n} (expected shape {list(shapes[n])})" for n in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise ValueError(f"checkpoint {path} is missing tensor {detail}{more}{kind}")
+        raise InvalidInput(f"checkpoint {path} is missing tensor {detail}{more}{kind}")
     unexpected = [n for n in names if n not in shapes]
     if unexpected:
-        raise ValueError(f"checkpoint {path} has unexpected tensor(s) {', '.join(unexpected[:5])}{kind}")
+        raise InvalidInput(f"checkpoint {path} has unexpected tensor(s) {', '.join(unexpected[:5])}{kind}")
     for fn, tensor_names in _by_file(shapes, files).items():
         with _open_weights(fn) as f:
             for name in tensor_names:
@@ -230,7 +231,7 @@ def check_checkpoint(path: str | os.PathLike, head: str = "lm") -> tuple[ModelCo
                     labels = ""
                     if name == "score.weight" and len(shape) == 2 and shape[1:] == shapes[name][1:]:
                         labels = f" (a classification head of {shape[0]} labels: this model is {HEAD_CLASSES[head]})"
-                    raise ValueError(
+                    raise InvalidInput(
                         f"checkpoint {path}: tensor {name} in {os.path.basename(fn)} has shape {list(shape)}, "
                         f"expected {list(shapes[name])}{labels}"
                     )

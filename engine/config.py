@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from engine.errors import InvalidInput, MissingInput
 from kernels.reference import Rope
 
 
@@ -20,6 +21,15 @@ def json_error(e: json.JSONDecodeError, line: bool = False) -> str:
     """Where and why a JSON text failed to parse, in words ("Expecting value at line 1, column 2"; `line` False: the
     column alone, for one line of a JSONL file); json's own message for some errors ends in "at"."""
     return f"{e.msg.removesuffix(' at')} at {f'line {e.lineno}, ' if line else ''}column {e.colno}"
+
+
+def checked_rope(params: dict, max_position_embeddings: int) -> Rope:
+    """kernels.reference.Rope from config.json's settings, its ValueError for unsupported ones an InvalidInput (the
+    kernels know no engine error; these settings are a run's input)."""
+    try:
+        return Rope.from_hf(params, max_position_embeddings)
+    except ValueError as e:
+        raise InvalidInput(str(e)) from e
 
 
 @dataclass
@@ -49,19 +59,22 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
-                raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+                raise InvalidInput(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
             self.head_dim = self.hidden_size // self.num_heads
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+            raise InvalidInput(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim {self.head_dim} must be even for the rotary embedding")
-        rope = self.rope  # checked, and in one spelling (a theta given inside rope_scaling is the theta)
+            raise InvalidInput(f"head_dim {self.head_dim} must be even for the rotary embedding")
+        try:
+            rope = self.rope  # checked, and in one spelling (a theta given inside rope_scaling is the theta)
+        except ValueError as e:  # (kernels/ knows no engine error: config.json's rope settings are the run's input)
+            raise InvalidInput(str(e)) from e
         self.rope_theta, self.rope_scaling = rope.theta, rope.to_hf()
 
     @property
     def rope(self) -> Rope:
         """The rotary embedding's frequencies (what every attention kernel's `rope_theta` takes)."""
-        return Rope.from_hf(
+        return checked_rope(
             {"rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling}, self.max_position_embeddings
         )
 
@@ -88,7 +101,7 @@ class ModelConfig:
     @classmethod
     def named(cls, name: str) -> ModelConfig:
         if name not in MODEL_SHAPES:
-            raise ValueError(f"unknown model shape {name!r}; known: {', '.join(MODEL_SHAPES)}")
+            raise InvalidInput(f"unknown model shape {name!r}; known: {', '.join(MODEL_SHAPES)}")
         return dataclasses.replace(MODEL_SHAPES[name])
 
     @classmethod
@@ -101,24 +114,24 @@ class ModelConfig:
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
             if not os.path.exists(path):
-                raise FileNotFoundError(f"no config.json at {path}")
+                raise MissingInput(f"no config.json at {path}")
             with open(path) as f:
                 try:
                     cfg = json.load(f)
                 except json.JSONDecodeError as e:  # (a truncated copy: name the file)
-                    raise ValueError(f"{path} is not valid JSON ({json_error(e, line=True)})") from e
+                    raise InvalidInput(f"{path} is not valid JSON ({json_error(e, line=True)})") from e
         archs = cfg.get("architectures") or []
         model_type = cfg.get("model_type")
         if model_type != "llama" or any(a not in SUPPORTED_ARCHITECTURES for a in archs):
             name = ", ".join(archs) or model_type
-            raise ValueError(f"architecture {name} (model_type {model_type!r}) is not supported: Llama only")
+            raise InvalidInput(f"architecture {name} (model_type {model_type!r}) is not supported: Llama only")
         max_pos = cfg.get("max_position_embeddings", 4096)
-        rope = Rope.from_hf(cfg, max_pos)
+        rope = checked_rope(cfg, max_pos)
         for flag in ("attention_bias", "mlp_bias"):
             if cfg.get(flag):
-                raise ValueError(f"{flag}=True is not supported (Llama-2 layers have no biases)")
+                raise InvalidInput(f"{flag}=True is not supported (Llama-2 layers have no biases)")
         if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {cfg['hidden_act']!r} is not supported (SwiGLU with silu only)")
+            raise InvalidInput(f"hidden_act {cfg['hidden_act']!r} is not supported (SwiGLU with silu only)")
         eos, extra = cfg.get("eos_token_id"), ()
         if isinstance(eos, list):
             eos, extra = (eos[0], tuple(eos[1:])) if eos else (None, ())
@@ -249,20 +262,20 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.temperature < math.inf:  # (NaN too)
-            raise ValueError(f"temperature must be >= 0 and finite, got {self.temperature}")
+            raise InvalidInput(f"temperature must be >= 0 and finite, got {self.temperature}")
         integer = lambda x: isinstance(x, numbers.Integral) and not isinstance(x, bool)  # noqa: E731  (numpy's too)
         if isinstance(self.stop_token_ids, (int, str)) or not all(integer(t) for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
+            raise InvalidInput(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
         if self.seed is not None and not integer(self.seed):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+            raise InvalidInput(f"seed must be an integer or None, got {self.seed!r}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidInput(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise InvalidInput(f"top_k must be >= 0, got {self.top_k}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise InvalidInput(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
+            raise InvalidInput(f"n must be >= 1, got {self.n}")
 
 
 # PPOConfig fields added after checkpoints were first written, at the value those runs had: an older run resumed
@@ -342,4 +355,4 @@ class PPOConfig:
             if isinstance(value, float) and not math.isfinite(value) and not any(b.startswith(f"{name} ") for b in bad):
                 bad.append(f"{name} must be finite, got {value}")
         if bad:
-            raise ValueError("; ".join(bad))
+            raise InvalidInput("; ".join(bad))

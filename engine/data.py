@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.errors import InvalidInput
 from engine.kv_cache import upload
 from engine.tokenizer import PromptSet
 
@@ -36,7 +37,7 @@ def global_position(local: int, rank: int, dp: int, samples: int) -> int:
 
 def check_fills_a_rollout(prompts: int, batch_size: int) -> None:
     if prompts < batch_size:
-        raise ValueError(f"{prompts} prompts cannot fill one rollout batch of {batch_size} (--rollout-batch-size)")
+        raise InvalidInput(f"{prompts} prompts cannot fill one rollout batch of {batch_size} (--rollout-batch-size)")
 
 
 class PromptBatches:
@@ -58,9 +59,9 @@ class PromptBatches:
     ):
         self.prompts = prompts.prompts if isinstance(prompts, PromptSet) else prompts
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InvalidInput(f"batch_size must be >= 1, got {batch_size}")
         if batch_size % dp_size:
-            raise ValueError(f"rollout batch size {batch_size} is not a multiple of the data-parallel size {dp_size}")
+            raise InvalidInput(f"rollout batch size {batch_size} is not a multiple of the data-parallel size {dp_size}")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
         check_fills_a_rollout(len(self.prompts), batch_size)
@@ -118,9 +119,9 @@ class PromptBatches:
     def load_state_dict(self, state: dict) -> None:
         for key, mine in (("seed", self.seed), ("num_prompts", len(self.prompts)), ("batch_size", self.batch_size)):
             if state[key] != mine:
-                raise ValueError(f"cannot resume the prompt order: saved {key} {state[key]}, now {mine}")
+                raise InvalidInput(f"cannot resume the prompt order: saved {key} {state[key]}, now {mine}")
         if state.get("prompts_digest", self.digest) != self.digest:  # (older checkpoints have none)
-            raise ValueError(
+            raise InvalidInput(
                 "cannot resume: the prompts are other tokens than the checkpoint's run trained on (another --prompts "
                 "file, tokenizer, --chat-template or --max-prompt-len); resume with the same ones"
             )

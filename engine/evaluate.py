@@ -14,7 +14,8 @@ prompts are split over the data-parallel ranks. An evaluation draws none of the 
 the same with or without it.
 
 Evaluation alone (--eval-only): --policy (say a PPO checkpoint's policy/) against --reference (say the SFT model) and
---reward on the evaluation set, without training, no value model or optimizer built (setup_evaluation).
+--reward on the evaluation set, without training, no value model or optimizer built (setup_evaluation); a PPO
+checkpoint's policy is logged at that checkpoint's iteration and step (engine.state.checkpoint_position).
 
 Samples (--log-samples K): the first K sequences of each iteration's rollout (data-parallel rank 0's share), with
 their scores and KL, appended to OUTPUT_DIR/samples.jsonl.

@@ -18,6 +18,7 @@ import re
 
 import torch.distributed as dist
 
+from engine.errors import MissingInput
 from engine.parallel import raise_together
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -135,7 +136,7 @@ def resolve(names: list[str | None], weights: bool = True) -> list[str | None]:
                 try:
                     paths[n] = _download(n, local_only=True, weights=weights)
                 except Exception:  # (a gated repo, a typo, not cached): named, for every rank
-                    error = FileNotFoundError(
+                    error = MissingInput(
                         f"{n} is not a local directory, could not be fetched from the Hugging Face Hub "
                         f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}) "
                         "and is not in the Hugging Face cache"

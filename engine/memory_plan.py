@@ -19,6 +19,7 @@ import sys
 import torch
 
 from engine.config import MODEL_SHAPES, ModelConfig
+from engine.errors import InvalidInput, MissingInput
 from engine.hub import config_dir, is_repo_id
 from engine.kv_cache import bytes_per_block
 from engine.offload import CHUNK_ELEMENTS
@@ -119,7 +120,7 @@ def check_tp(configs: dict[str, tuple[ModelConfig, str]], tp: int) -> None:
         for what, n in (("attention heads", c.num_heads), ("key/value heads", c.num_kv_heads),
                         ("vocabulary", c.vocab_size), ("MLP width", c.intermediate_size)):  # fmt: skip
             if tp < 1 or n % tp:
-                raise ValueError(f"--tp {tp} does not divide the {name} model's {what} ({n})")
+                raise InvalidInput(f"--tp {tp} does not divide the {name} model's {what} ({n})")
 
 
 def host_available() -> int:
@@ -190,7 +191,7 @@ IDLE_MODEL_SETTINGS = ("auto", "off", "rollouts")  # --offload-idle-models (no "
 def check_offload_setting(setting: str, flag: str = "--offload-optimizer") -> None:
     allowed = IDLE_MODEL_SETTINGS if flag == "--offload-idle-models" else OFFLOAD_SETTINGS
     if setting not in allowed:
-        raise ValueError(f"{flag} must be one of {', '.join(allowed)}, got {setting!r}")
+        raise InvalidInput(f"{flag} must be one of {', '.join(allowed)}, got {setting!r}")
 
 
 HOST_LIMIT = 0.9  # of the available host memory that the offloaded state may take
@@ -208,7 +209,7 @@ def check_host_room(
     memory (`flag` `how`: the setting that puts it there) where it would take more than HOST_LIMIT of what the host has
     available."""
     if ranks * state > HOST_LIMIT * host:
-        raise ValueError(
+        raise InvalidInput(
             f"the {what} in host memory ({flag} {how}) needs {ranks * state / GiB:.1f} GiB of "
             f"host memory for {ranks} rank(s) on this node, {host / GiB:.1f} available: use fewer ranks per node, a "
             "larger --tp"
@@ -305,7 +306,7 @@ def plan(
             at = lambda held: rollout_cache(configs["policy"][0], tp, held, **cache)  # noqa: E731
             own = parts["weights (policy)"]  # (what generation runs)
             if cache_tokens(configs["policy"][0], tp, own, **cache)[1] < cache["seq_len"]:
-                raise ValueError(
+                raise InvalidInput(
                     f"{line}; but a rollout's KV cache would not hold one sequence of {cache['seq_len']} tokens, even "
                     f"with every other model in host memory: {at(own)} (a larger --tp splits every model)"
                 )
@@ -330,11 +331,11 @@ def plan(
         alternatives.append("--offload-optimizer always (the optimizer state in host memory)")
     hint = f"; it would fit with {' or '.join(alternatives)}" if alternatives else ""
     if not trained:
-        raise ValueError(
+        raise InvalidInput(
             f"the models need {_describe(parts, free)}: more than {FIXED_SHARE_LIMIT:.0%} of the free memory, before "
             f"any KV cache or activation{hint} (a larger --tp splits every model)"
         )
-    raise ValueError(
+    raise InvalidInput(
         f"the models and optimizer state need {_describe(parts, free)}: more than {FIXED_SHARE_LIMIT:.0%} of the "
         f"free memory, before any KV cache or activation{hint} (a larger --tp splits every model; more "
         "data-parallel ranks with --distributed-optimizer split the optimizer state)"
@@ -397,7 +398,7 @@ def plan_for(
             no_room = [what for what, lacks in (("the optimizer state", setting == "auto" and not state_moved),
                                                 ("the idle models' weights", idle_models == "auto" and not moved))
                        if lacks]  # fmt: skip
-            raise ValueError(
+            raise InvalidInput(
                 f"{line}; but a rollout's KV cache would not hold one sequence of {cache['seq_len']} tokens with what "
                 f"--offload-optimizer {setting} and --offload-idle-models {idle_models} keep on the GPU"
                 + (f" (the host has no room for {' and '.join(no_room)})" if no_room else "")
@@ -420,7 +421,7 @@ def run_configs(policy, reference, reward, evaluation: bool = False) -> dict[str
             return ModelConfig.from_hf(src)
         if src in MODEL_SHAPES:
             return ModelConfig.named(src)
-        raise FileNotFoundError(f"checkpoint directory {src} does not exist")
+        raise MissingInput(f"checkpoint directory {src} does not exist")
 
     lm, rm = load(policy), load(reward)
     configs = {"policy": (lm, "lm"), "reference": (load(reference) if reference else lm, "lm"),

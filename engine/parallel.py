@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.errors import FailedOnAnotherRank, InputError, InvalidInput
+
 # ------------------------------------------------------------------------------ process grid --
 
 
@@ -54,7 +56,7 @@ def init_process_grid(tp: int = 1, backend: str | None = None, timeout_minutes: 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and not dist.is_initialized():
         if tp != 1:
-            raise ValueError(
+            raise InvalidInput(
                 f"tensor parallel degree {tp} needs a multiple of {tp} processes, and this is one process: launch "
                 f"with torchrun --nproc_per_node {tp} (or a multiple of it: data parallelism takes the rest)"
             )
@@ -69,7 +71,7 @@ def init_process_grid(tp: int = 1, backend: str | None = None, timeout_minutes: 
     timeout = datetime.timedelta(minutes=timeout_minutes)
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % tp:
-        raise ValueError(f"world size {world} is not a multiple of the tensor parallel degree {tp}")
+        raise InvalidInput(f"world size {world} is not a multiple of the tensor parallel degree {tp}")
     dp = world // tp
     grid = ProcessGrid(rank=rank, world_size=world, tp=tp, dp=dp)
     for d in range(dp):  # every rank must create every group, in the same order
@@ -111,12 +113,18 @@ def agree(values: list, op: str, group: dist.ProcessGroup | None = None, dtype: 
 
 def raise_together(error: BaseException | None, what: str) -> None:
     """Every rank learns whether any rank failed at `what`: the one that did raises its own error, the others a
-    summary, so no rank is left waiting in a collective for a peer that has stopped. Returns None if none did."""
-    (failed,) = agree([int(error is not None)], "max")
+    summary naming the first rank that failed (an input error when that rank's was one: engine.errors), so no rank is
+    left waiting in a collective for a peer that has stopped. Returns None if none did."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    failed, input_error, first = agree(
+        [int(error is not None), int(isinstance(error, InputError)), -rank if error is not None else -world], "max"
+    )
     if error is not None:
         raise error
     if failed:
-        raise RuntimeError(f"{what} failed on another rank (see its error)")
+        message = f"{what} failed on rank {-first} (see its error)"
+        raise FailedOnAnotherRank(message) if input_error else RuntimeError(message)
 
 
 def group_size(group: dist.ProcessGroup | None) -> int:
@@ -283,7 +291,7 @@ def _cols(source, start: int, stop: int) -> torch.Tensor:
 
 def _split(n: int, tp: int, what: str) -> int:
     if n % tp:
-        raise ValueError(f"tensor parallel degree {tp} does not divide {what} ({n})")
+        raise InvalidInput(f"tensor parallel degree {tp} does not divide {what} ({n})")
     return n // tp
 
 

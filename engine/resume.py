@@ -18,6 +18,7 @@ import torch
 
 from engine.checkpoint import fsync_dir, save_pretrained
 from engine.config import LEGACY_PPO_VALUES
+from engine.errors import InvalidInput, MissingInput, OutputInUse, UnwritableOutput
 from engine.hub import model_dirs
 from engine.optim import load_optimizer_state, optimizer_state
 from engine.parallel import print0, raise_together
@@ -42,7 +43,7 @@ def latest_checkpoint(output_dir: str) -> str | None:
         with open(path) as f:
             return os.path.join(output_dir, json.load(f)["checkpoint"])
     except (ValueError, KeyError, TypeError) as e:  # (written atomically: only a damaged disk or hand leaves it so)
-        raise ValueError(
+        raise InvalidInput(
             f'{path} is damaged ({type(e).__name__}: {e}); write {{"checkpoint": "checkpoint-NNNNNN"}} naming the '
             "checkpoint to resume from"
         ) from e
@@ -53,7 +54,7 @@ def load_state_file(fn: str) -> dict:
     try:
         return torch.load(fn, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise ValueError(f"cannot read the state file {fn} ({type(e).__name__}: {e}): the checkpoint is damaged; "
+        raise InvalidInput(f"cannot read the state file {fn} ({type(e).__name__}: {e}): the checkpoint is damaged; "
                          "resume from an earlier one (write its name into `latest`)") from e  # fmt: skip
 
 
@@ -167,7 +168,7 @@ def check_writable(output_dir: str, rank: int) -> None:
                 f.write("ok")
             os.remove(probe)
         except OSError as e:
-            error = OSError(e.errno, f"cannot write to the output directory {output_dir}: {e.strerror}")
+            error = UnwritableOutput(e.errno, f"cannot write to the output directory {output_dir}: {e.strerror}")
     raise_together(error, "checking the output directory")
 
 
@@ -189,7 +190,7 @@ def start_fresh(
         real = os.path.realpath(path) if path else None
         inside = [n for d, n in doomed.items() if real and (real == d or real.startswith(d + os.sep))]
         if inside:
-            error = ValueError(
+            error = InvalidInput(
                 f"{flag} {path} lies in {os.path.join(output_dir, inside[0])}, which starting a fresh run in "
                 f"{output_dir} would delete: copy it out of there first, or give this run another --output-dir"
             )
@@ -200,7 +201,7 @@ def start_fresh(
             if evaluation
             else "pass --resume to continue it, --overwrite-output-dir to start over there, or another --output-dir"
         )
-        error = FileExistsError(
+        error = OutputInUse(
             f"{output_dir} holds an earlier run ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): {how}"
         )
     raise_together(error, "starting the run")
@@ -305,7 +306,7 @@ def read_log(fn: str) -> tuple[list[str], list[dict]]:
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
             if k + 1 < len(lines):
-                raise ValueError(f"{fn}, line {k + 1}, is not a JSON record ({e}): mend or remove it") from None
+                raise InvalidInput(f"{fn}, line {k + 1}, is not a JSON record ({e}): mend or remove it") from None
             print0(f"{fn}: dropping its last line, written only in part when the run stopped")
     return lines, records
 
@@ -323,7 +324,7 @@ def _load_states(
     at DP rank 0 (of TP rank 0 when the TP degree changed). The files are memory-mapped: only the tensors used are
     read."""
     load = load_state_file
-    missing = lambda fn, why: (None, None, FileNotFoundError(f"{fn} is missing ({why})"))  # noqa: E731
+    missing = lambda fn, why: (None, None, MissingInput(f"{fn} is missing ({why})"))  # noqa: E731
     if not os.path.exists(head := _state_file(ckpt, 0)):
         return missing(head, "every run writes it")
     sd = load(head)
@@ -386,7 +387,7 @@ def check_models(saved: dict | None, now: dict | None, allow: bool) -> None:
         return
     what = f"resuming with {' and '.join(other)} whose weights differ from those the checkpoint's run used"
     if not allow:
-        raise ValueError(f"{what}: pass the same checkpoints, or --resume-other-models if that is meant")
+        raise InvalidInput(f"{what}: pass the same checkpoints, or --resume-other-models if that is meant")
     print0(f"warning: {what} (--resume-other-models)")
 
 
@@ -394,7 +395,7 @@ def saved_ppo_config(ckpt: str) -> dict:
     """The PPOConfig a checkpoint's run had (from rank 0's state file, memory-mapped: its tensors are not read)."""
     fn = _state_file(ckpt, 0)
     if not os.path.exists(fn):
-        raise FileNotFoundError(f"{fn} is missing (every run writes it)")
+        raise MissingInput(f"{fn} is missing (every run writes it)")
     return dict(load_state_file(fn)["ppo_config"])
 
 

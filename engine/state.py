@@ -17,6 +17,7 @@ from engine import memory_plan, recompute
 from engine.checkpoint import check_checkpoint, load_pretrained
 from engine.config import LEGACY_PPO_VALUES, ModelConfig, PPOConfig
 from engine.data import PromptBatches, check_fills_a_rollout
+from engine.errors import InvalidInput, MissingInput
 from engine.hub import RUN_FIELDS, config_sources, is_repo_id, model_dirs, pin_run, resolve_run
 from engine.kv_cache import bytes_per_block, cuda_cache_budget, resolve_cache_dtype
 from engine.model import Transformer
@@ -27,6 +28,7 @@ from engine.resume import (
     check_writable,
     fingerprint_models,
     latest_checkpoint,
+    load_state_file,
     load_trainer_state,
     saved_ppo_config,
     start_fresh,
@@ -128,7 +130,7 @@ class RunConfig:
         if not 0 < self.kv_cache_fraction <= 1:
             bad.append(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
         if bad:
-            raise ValueError("; ".join(bad))
+            raise InvalidInput("; ".join(bad))
 
 
 @dataclass
@@ -172,14 +174,14 @@ def resolve_device(name: str, grid: ProcessGrid) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}, but torch sees no CUDA device (a CPU build of torch, or no GPU visible)")
+        raise InvalidInput(f"--device {name}, but torch sees no CUDA device (a CPU build of torch, or no GPU visible)")
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if name == "cuda":
         return torch.device("cuda", local)
     device = torch.device(name)
     if device.type == "cuda" and device.index is not None:
         if grid.world_size > 1 and device.index != local:
-            raise ValueError(
+            raise InvalidInput(
                 f"--device {name} under torchrun: each process uses the GPU of its LOCAL_RANK ({local} here; every "
                 "rank on one GPU would fail in its first collective); pass --device cuda, and choose the GPUs with "
                 "CUDA_VISIBLE_DEVICES"
@@ -211,9 +213,9 @@ def make_generator(policy: Transformer, cfg: PPOConfig, run: RunConfig):
 def check_batch_sizes(cfg: PPOConfig, grid: ProcessGrid) -> None:
     seqs = cfg.rollout_batch_size * cfg.samples_per_prompt
     if seqs % cfg.train_batch_size:
-        raise ValueError(f"rollout of {seqs} sequences is not a multiple of train_batch_size {cfg.train_batch_size}")
+        raise InvalidInput(f"rollout of {seqs} sequences is not a multiple of train_batch_size {cfg.train_batch_size}")
     if cfg.train_batch_size % grid.dp or cfg.rollout_batch_size % grid.dp:
-        raise ValueError(f"train and rollout batch sizes must be multiples of the data-parallel size {grid.dp}")
+        raise InvalidInput(f"train and rollout batch sizes must be multiples of the data-parallel size {grid.dp}")
     if grid.dp > 1 and (cfg.train_batch_size // grid.dp) % cfg.samples_per_prompt:
         print0(
             f"warning: a rank's share of a minibatch ({cfg.train_batch_size // grid.dp} sequences) does not hold "
@@ -256,7 +258,7 @@ def run_iterations(prompts: int, cfg: PPOConfig, run: RunConfig) -> int:
 def check_profile_iteration(run: RunConfig, iterations: int) -> None:
     """--profile-iteration past the run's last iteration would profile nothing, silently."""
     if run.profile_iteration > iterations:
-        raise ValueError(
+        raise InvalidInput(
             f"--profile-iteration {run.profile_iteration} is past the run's last iteration ({iterations}): "
             "it would profile nothing"
         )
@@ -267,16 +269,16 @@ def setup(
 ) -> TrainState:
     """Process grid, tokenizer, prompts, the four models (loaded), optimizers; resumes when run.resume."""
     if not (run.policy and run.reward and run.prompts):
-        raise ValueError("--policy, --reward and --prompts are all needed (or no flag at all for the tiny default)")
+        raise InvalidInput("--policy, --reward and --prompts are all needed (or no flag at all for the tiny default)")
     memory_plan.check_offload_setting(run.offload_optimizer)
     memory_plan.check_offload_setting(run.offload_idle_models, "--offload-idle-models")
     grid = grid or init_process_grid(run.tp, backend_for(run.device), timeout_minutes=run.dist_timeout_minutes)
     check_batch_sizes(cfg, grid)  # before loading four models
-    check_writable(run.output_dir, grid.rank)
+    check_dirs(run)
+    check_writable(run.output_dir, grid.rank)  # (which creates it: after the flags that name no directory)
     if run.resume:  # (before anything is planned from the hyperparameters: the checkpoint's, where not given now)
         cfg = resumed_config(cfg, run)
         check_batch_sizes(cfg, grid)
-    check_dirs(run)
     run = pin_run(run)  # a Hub id to the commit it names now: every node fetches that one
     check_available(run.wandb_project, grid.rank)
     device, load = model_loader(run, grid)
@@ -321,16 +323,24 @@ def setup(
 
 
 def check_dirs(run: RunConfig) -> None:
-    """Each checkpoint and tokenizer named is a directory or a Hub id (engine.hub fetches or names those), checked
-    first: a path that is neither would otherwise be reported by the first reader of it (the memory plan's, on a
-    GPU, or the tokenizer's, which defaults to the policy's), under another name."""
+    """Each checkpoint and tokenizer named is a directory or a Hub id (engine.hub fetches or names those), and a
+    local checkpoint's config.json one this engine runs, checked first: a path that is neither, or a config.json cut
+    short, would otherwise be reported by the first reader of it (the memory plan's, on a GPU, or the tokenizer
+    check's), without the flag that named it."""
     for name in RUN_FIELDS:
         path = getattr(run, name)
         if path and not os.path.isdir(path) and not is_repo_id(path):
             what = "tokenizer" if name == "tokenizer" else "checkpoint"
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"--{name} {path}: no such directory (a local {what} directory or a Hugging Face Hub id)"
             )
+        if path and name != "tokenizer" and os.path.isdir(path):
+            try:
+                ModelConfig.from_hf(path)
+            except MissingInput as e:
+                raise MissingInput(f"--{name}: {e}") from e
+            except InvalidInput as e:
+                raise InvalidInput(f"--{name}: {e}") from e
 
 
 def model_sources(run: RunConfig, ckpt: str | None, evaluation: bool = False) -> dict[str, tuple[str, str, str]]:
@@ -365,10 +375,10 @@ def check_checkpoints(sources: dict[str, tuple[str, str, str]]) -> None:
         try:
             check_checkpoint(path, head)
         except FileNotFoundError as e:
-            error = FileNotFoundError(f"{what}: {e}")
+            error = MissingInput(f"{what}: {e}")
             break
         except ValueError as e:  # (a JSONDecodeError too: re-raised as what it is, a ValueError, with the flag)
-            error = ValueError(f"{what}: {e}")
+            error = InvalidInput(f"{what}: {e}")
             break
     raise_together(error, "checking the checkpoints")  # (a rank whose copy differs, on a node's disk: none waits)
 
@@ -381,7 +391,7 @@ def check_context(run: RunConfig, cfg: PPOConfig) -> None:
     for role, path in model_dirs(run).items():
         context = ModelConfig.from_hf(path).max_position_embeddings
         if need > context:
-            raise ValueError(
+            raise InvalidInput(
                 f"--max-prompt-len {cfg.max_prompt_len} + --max-new-tokens {cfg.max_new_tokens} = {need} tokens do not "
                 f"fit the {role} model's context ({path}: max_position_embeddings {context}); lower either"
             )
@@ -442,7 +452,7 @@ def evaluation_set(cfg: PPOConfig, run: RunConfig, grid: ProcessGrid, tokenizer,
     eval_set = None
     if run.eval_holdout:
         if run.eval_prompts:
-            raise ValueError("--eval-holdout and --eval-prompts both name an evaluation set: give one")
+            raise InvalidInput("--eval-holdout and --eval-prompts both name an evaluation set: give one")
         prompt_set, eval_set = prompt_set.hold_out(run.eval_holdout, run.seed)
         print0(f"prompts: {len(eval_set.prompts)} held out for evaluation, {len(prompt_set.prompts)} to train on")
     elif run.eval_prompts:
@@ -455,9 +465,9 @@ def evaluation_set(cfg: PPOConfig, run: RunConfig, grid: ProcessGrid, tokenizer,
             if shared:
                 print0(f"warning: {shared} of the {len(eval_set.prompts)} evaluation prompts are training prompts too")
     elif run.eval_every:
-        raise ValueError("--eval-every needs --eval-prompts (a held-out prompt file) or --eval-holdout")
+        raise InvalidInput("--eval-every needs --eval-prompts (a held-out prompt file) or --eval-holdout")
     if eval_set is not None and len(eval_set.prompts) < grid.dp:
-        raise ValueError(f"{len(eval_set.prompts)} eval prompts cannot be split over {grid.dp} data-parallel ranks")
+        raise InvalidInput(f"{len(eval_set.prompts)} eval prompts cannot be split over {grid.dp} data-parallel ranks")
     return prompt_set, eval_set
 
 
@@ -558,17 +568,27 @@ def decide_offload(state: TrainState) -> tuple[bool, bool]:
     return out[0], out[1]
 
 
+def checkpoint_position(policy_dir: str) -> tuple[int, int]:
+    """(iteration, step) of a PPO checkpoint's policy (checkpoint-N/policy, its state files beside it), from global
+    rank 0's state file (memory-mapped: its tensors are not read); (0, 0) for any other checkpoint."""
+    fn = os.path.join(os.path.dirname(os.path.abspath(policy_dir)), "state-rank00000.pt")
+    if os.path.basename(os.path.normpath(policy_dir)) != "policy" or not os.path.isfile(fn):
+        return 0, 0
+    sd = load_state_file(fn)
+    return int(sd["iteration"]), int(sd["step"])
+
+
 def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     """The state --eval-only needs: the policy, the reference (--reference, default the policy) and the reward
     model, frozen, the evaluation set and a generator; no value model, optimizers or training prompts."""
     if not (run.policy and run.reward and (run.eval_prompts or run.eval_holdout)):
-        raise ValueError("--eval-only needs --policy, --reward and --eval-prompts")
+        raise InvalidInput("--eval-only needs --policy, --reward and --eval-prompts")
     if run.eval_holdout:
-        raise ValueError("--eval-only takes --eval-prompts (--eval-holdout draws from a training set)")
+        raise InvalidInput("--eval-only takes --eval-prompts (--eval-holdout draws from a training set)")
     memory_plan.check_offload_setting(run.offload_idle_models, "--offload-idle-models")
     check_available(run.wandb_project, grid.rank)
-    check_writable(run.output_dir, grid.rank)
     check_dirs(run)
+    check_writable(run.output_dir, grid.rank)
     run = pin_run(run)  # (as in setup)
     device, load = model_loader(run, grid)
     check_memory(cfg, run, grid, device, evaluation=True)  # (as in setup: before a Hub id's weights are fetched)
@@ -586,8 +606,9 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     for m in (policy, ref, reward):
         m.requires_grad_(False)
     stops = response_stop_ids(tokenizer, run.policy)
+    iteration, step = checkpoint_position(run.policy)  # (what eval.jsonl and eval/iter-N.jsonl name)
     state = TrainState(cfg, run, grid, device, policy, ref, None, reward, None, None, None, None, stops, tokenizer_dir,
-                       0, 0)  # fmt: skip
+                       iterations=0, total_steps=0, iteration=iteration, step=step)  # fmt: skip
     state.tokenizer, state.eval_prompts = tokenizer, eval_set
     state.offload, state.offload_models = decide_offload(state)  # (the reference's and reward model's weights)
     state.generator = (generator_factory or make_generator)(policy, cfg, run)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.config import json_error
+from engine.errors import InvalidInput, MissingInput
 
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 TINY_DIR = os.path.join(ASSETS_DIR, "tiny")  # the project's own small BPE tokenizer
@@ -49,9 +50,9 @@ def load_tokenizer(path: str | os.PathLike = TINY_DIR):
 
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+        raise MissingInput(f"tokenizer directory {path} does not exist")
     if not {"tokenizer.json", "tokenizer.model", "vocab.json"} & set(os.listdir(path)):
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{path} holds no tokenizer (no tokenizer.json): pass --tokenizer with the directory of the model's "
             "tokenizer files (a checkpoint of this engine has them beside its policy's weights)"
         )
@@ -64,7 +65,7 @@ def load_tokenizer(path: str | os.PathLike = TINY_DIR):
         # Only a SentencePiece model: transformers would have to convert it (with sentencepiece and protobuf),
         # and a converted tokenizer can split text differently from the one the model was trained with.
         why = (str(e).strip().splitlines() or [""])[-1]  # (transformers' last line says what is missing)
-        raise ValueError(
+        raise InvalidInput(
             f"tokenizer directory {path} has tokenizer.model but no tokenizer.json, and transformers could not "
             f"build a fast tokenizer from it ({type(e).__name__}: {why}); copy the "
             "tokenizer.json the model was trained with (Llama-2 checkpoints ship one) into it"
@@ -96,7 +97,7 @@ def check_vocabularies(tokenizer, tokenizer_dir: str, models: dict[str, tuple[st
     policy_dir, policy_vocab = models["policy"]
     for role, (path, vocab) in models.items():
         if role != "policy" and vocab < policy_vocab:
-            raise ValueError(
+            raise InvalidInput(
                 f"the {role} model's vocabulary ({path}: vocab_size {vocab}) is smaller than the policy's "
                 f"({policy_vocab}): it could not read every token the policy samples; it needs the policy's tokenizer"
             )
@@ -107,7 +108,7 @@ def check_vocabularies(tokenizer, tokenizer_dir: str, models: dict[str, tuple[st
     if ids and max(ids) >= smallest:
         role = min(models, key=lambda r: models[r][1])
         what = "the EOS token" if max(ids) == tokenizer.eos_token_id else "a prompt token"
-        raise ValueError(
+        raise InvalidInput(
             f"the run's tokenizer ({tokenizer_dir}) gives {what} id {max(ids)}, outside the {role} model's "
             f"vocabulary ({models[role][0]}: vocab_size {smallest}): the tokenizer is not this model's"
         )
@@ -121,7 +122,7 @@ def check_vocabularies(tokenizer, tokenizer_dir: str, models: dict[str, tuple[st
         mine, theirs = tokenizer.convert_ids_to_tokens(range(n)), other.convert_ids_to_tokens(range(n))
         bad = next((i for i in range(n) if mine[i] != theirs[i] and i not in special), None)
         if bad is not None:
-            raise ValueError(
+            raise InvalidInput(
                 f"the {role} model's tokenizer ({path}) maps id {bad} to {theirs[bad]!r} where the run's tokenizer "
                 f"({tokenizer_dir}) has {mine[bad]!r}: the models read tokens as different text; use models trained "
                 "with one tokenizer (or --tokenizer, if the policy's own files are the wrong ones)"
@@ -130,7 +131,7 @@ def check_vocabularies(tokenizer, tokenizer_dir: str, models: dict[str, tuple[st
         a, b = (t(text, add_special_tokens=False)["input_ids"] for t in (tokenizer, other))
         if a != b:
             at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            raise ValueError(
+            raise InvalidInput(
                 f"the {role} model's tokenizer ({path}) splits a chat prompt differently from the run's tokenizer "
                 f"({tokenizer_dir}): {len(b)} tokens against {len(a)}, first differing at token {at} ({b[at : at + 4]} "
                 f"against {a[at : at + 4]}); use models trained with one tokenizer"
@@ -155,7 +156,7 @@ def format_chat(messages: list[dict], eos_token: str, add_generation_prompt: boo
         elif role == "assistant":
             parts.append(f"<|assistant|>\n{content}{eos_token}\n")
         else:
-            raise ValueError(f"unknown chat role {role!r} (expected one of {', '.join(ROLES)})")
+            raise InvalidInput(f"unknown chat role {role!r} (expected one of {', '.join(ROLES)})")
     if add_generation_prompt:
         parts.append("<|assistant|>\n")
     return "".join(parts)
@@ -173,7 +174,7 @@ def encode_chat(tokenizer, messages: list[dict], template: str = "tulu") -> list
     check_chat_template(tokenizer, template)
     for m in messages:
         if m.get("role") not in ROLES:
-            raise ValueError(f"unknown chat role {m.get('role')!r} (expected one of {', '.join(ROLES)})")
+            raise InvalidInput(f"unknown chat role {m.get('role')!r} (expected one of {', '.join(ROLES)})")
     text = tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True, date_string=TEMPLATE_DATE
     )
@@ -227,9 +228,9 @@ def tulu_chat_template(tokenizer) -> str | None:
 def check_chat_template(tokenizer, template: str) -> None:
     """Refuse an unknown --chat-template, or "tokenizer" with a tokenizer that has no chat_template."""
     if template not in CHAT_TEMPLATES:
-        raise ValueError(f"chat template {template!r} is not one of {', '.join(CHAT_TEMPLATES)}")
+        raise InvalidInput(f"chat template {template!r} is not one of {', '.join(CHAT_TEMPLATES)}")
     if template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
+        raise InvalidInput(
             f"--chat-template tokenizer: the tokenizer ({tokenizer.name_or_path}) has no chat_template (in "
             "tokenizer_config.json or chat_template.jinja); use --chat-template tulu or a tokenizer that has one"
         )
@@ -241,22 +242,22 @@ def prompt_messages(obj: dict, where: str) -> list[dict]:
     Accepts {"prompt": str}, {"messages": [...]} or a preference pair's {"chosen": [...]}.
     """
     if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        raise InvalidInput(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "prompt" in obj and isinstance(obj["prompt"], str):
         if not obj["prompt"].strip():
-            raise ValueError(f"{where}: empty prompt")
+            raise InvalidInput(f"{where}: empty prompt")
         return [{"role": "user", "content": obj["prompt"]}]
     msgs = obj.get("messages", obj.get("chosen"))
     if not isinstance(msgs, list):
-        raise ValueError(f"{where}: needs a 'prompt' string or a 'messages' (or 'chosen') list")
+        raise InvalidInput(f"{where}: needs a 'prompt' string or a 'messages' (or 'chosen') list")
     for m in msgs:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(f"{where}: each message needs a role in {ROLES} and a string content, got {m!r}")
+            raise InvalidInput(f"{where}: each message needs a role in {ROLES} and a string content, got {m!r}")
     last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=None)
     if last_user is None:
-        raise ValueError(f"{where}: the conversation has no user turn")
+        raise InvalidInput(f"{where}: the conversation has no user turn")
     if not msgs[last_user]["content"].strip():
-        raise ValueError(f"{where}: the last user turn is empty")
+        raise InvalidInput(f"{where}: the last user turn is empty")
     return msgs[: last_user + 1]
 
 
@@ -273,19 +274,21 @@ def read_prompt_file(path: str | os.PathLike, lines: list[int] | None = None) ->
                 what = (
                     "a compressed file" if lineno == 1 and raw[:2] == b"\x1f\x8b" else f"byte {e.start + 1} of the line"
                 )
-                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({what}): a prompt file is JSONL in UTF-8") from None
+                raise InvalidInput(
+                    f"{path}:{lineno}: not UTF-8 text ({what}): a prompt file is JSONL in UTF-8"
+                ) from None
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({json_error(e)})") from None
+                raise InvalidInput(f"{where}: malformed JSON ({json_error(e)})") from None
             convs.append(prompt_messages(obj, where))
             if lines is not None:
                 lines.append(lineno)
     if not convs:
-        raise ValueError(f"prompt file {path} is empty")
+        raise InvalidInput(f"prompt file {path} is empty")
     return convs
 
 
@@ -307,7 +310,7 @@ class PromptSet:
         distinct = list(copies.values())
         if not 0 < n < len(distinct):
             repeated = f" ({len(self.prompts)} lines, some repeated)" if len(distinct) < len(self.prompts) else ""
-            raise ValueError(f"cannot hold out {n} of {len(distinct)} prompts{repeated} for evaluation")
+            raise InvalidInput(f"cannot hold out {n} of {len(distinct)} prompts{repeated} for evaluation")
         gen = torch.Generator().manual_seed(seed * 1_000_003 + 7_919)
         drawn = [distinct[k] for k in torch.randperm(len(distinct), generator=gen)[:n].tolist()]
         held = sorted(lines[0] for lines in drawn)
@@ -330,7 +333,7 @@ def load_prompts(
         try:
             ids = encode_chat(tokenizer, msgs, template)
         except Exception as e:  # (a template's own raise_exception, a role it does not know: which prompt it was)
-            raise ValueError(f"{os.fspath(path)}:{lineno}: the chat template failed on this prompt: {e}") from e
+            raise InvalidInput(f"{os.fspath(path)}:{lineno}: the chat template failed on this prompt: {e}") from e
         if len(ids) > max_prompt_len:
             dropped += 1
             continue
@@ -347,5 +350,5 @@ def load_prompts(
                 "decides, as in transformers' apply_chat_template; --chat-template tulu adds it)"
             )
     if not kept:
-        raise ValueError(f"every prompt in {path} is longer than {max_prompt_len} tokens")
+        raise InvalidInput(f"every prompt in {path} is longer than {max_prompt_len} tokens")
     return PromptSet(kept, kept_msgs, dropped, [len(p) for p in kept])

@@ -15,6 +15,7 @@ import os
 import secrets
 from typing import TYPE_CHECKING
 
+from engine.errors import MissingPackage
 from engine.parallel import raise_together
 from engine.resume import WANDB_RUN_ID
 
@@ -31,7 +32,7 @@ def check_available(project: str, rank: int) -> None:
         try:
             import wandb  # noqa: F401
         except ImportError as e:
-            error = ImportError(f"--wandb-project {project} needs the wandb package (pip install wandb): {e}")
+            error = MissingPackage(f"--wandb-project {project} needs the wandb package (pip install wandb): {e}")
     raise_together(error, "importing wandb")
 
 

@@ -110,8 +110,17 @@ def _add_fields(parser: argparse.ArgumentParser, cls, title: str) -> None:
             )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's, printing (usage errors, --help) on global rank 0 only: under torchrun every rank parses the same
+    flags, and one copy is enough (every rank still exits)."""
+
+    def _print_message(self, message: str, file=None) -> None:  # (argparse's one printer, stable since Python 3.2)
+        if int(os.environ.get("RANK", "0")) == 0:
+            super()._print_message(message, file)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="With no --policy: the embedded tiny default (random tiny models, shipped prompts) on CPU.",
@@ -130,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PPOConfig, RunConfig, boo
     given = vars(parser.parse_args(argv))
     tiny = "policy" not in given
     if tiny and ("reward" in given or "prompts" in given):
-        raise SystemExit("--reward/--prompts need --policy (without --policy the tiny default builds its own models)")
+        parser.error("--reward/--prompts need --policy (without --policy the tiny default builds its own models)")
     ppo_names = {f.name for f in dataclasses.fields(PPOConfig)}
     ppo_kw = dict(TINY_PPO) if tiny else {}
     run_kw = dict(TINY_RUN) if tiny else {}
@@ -236,5 +245,13 @@ def main(argv: list[str] | None = None, *, generator_factory=None) -> list[dict]
             dist.destroy_process_group()
 
 
+def cli(argv: list[str] | None = None, **kw) -> list[dict]:
+    """The command line: main(argv, **kw), an error in the run's inputs reported in one line with exit code 2, any
+    other with its traceback (engine.errors.run_command)."""
+    from engine.errors import run_command
+
+    return run_command(lambda: main(argv, **kw), "train_ppo.py")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -6,7 +6,7 @@ call's seed (the trainer's iteration), so its samples do not depend on which oth
 the DP rank), nor on whether the run was resumed.
 
 Worker: python -m torch.distributed.run --nproc_per_node 2 tests/engine/ppo_dp_worker.py OUT_DIR [flags]
-runs engine.train_ppo.main (tiny default) with NaiveGenerator and writes OUT_DIR/result-rank{r}.pt.
+runs engine.train_ppo.cli (tiny default) with NaiveGenerator and writes OUT_DIR/result-rank{r}.pt.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def naive_factory(policy, cfg, run):
 if __name__ == "__main__":
     import torch.distributed as dist
 
-    from engine.train_ppo import main
+    from engine.train_ppo import cli
 
     out = sys.argv[1]
     history = []
@@ -96,7 +96,7 @@ if __name__ == "__main__":
 
     # main() destroys the process group on exit; read the rank first.
     rank = int(os.environ.get("RANK", "0"))
-    history = main(sys.argv[2:], generator_factory=factory)
+    history = cli(sys.argv[2:], generator_factory=factory)  # (input errors in one line, as the command line)
     torch.save(
         {"history": history, "policy": {k: v.detach().clone() for k, v in holder["policy"].state_dict().items()}},
         os.path.join(out, f"result-rank{rank}.pt"),

@@ -215,10 +215,11 @@ def test_eval_only_reproduces_the_evaluation_after_training(tmp_path):
         )  # fmt: skip (the reference and RM to host while sampling)
     during = _lines(tmp_path / "run/eval.jsonl")[-1]
     assert during["iteration"] == 2 and during["kl"] > 0
-    for k in evaluate.EVAL_KEYS:
+    for k in (*evaluate.EVAL_KEYS, "iteration", "step"):  # (logged at the checkpoint's iteration and step)
         assert only[k] == during[k], k
+    assert _lines(tmp_path / "only/eval.jsonl")[-1]["iteration"] == 2
     answers = lambda path: [r["response"] for r in _lines(path)]  # noqa: E731
-    assert answers(tmp_path / "only/eval/iter-000000.jsonl") == answers(tmp_path / "run/eval/iter-000002.jsonl")
+    assert answers(tmp_path / "only/eval/iter-000002.jsonl") == answers(tmp_path / "run/eval/iter-000002.jsonl")
     with pytest.raises(ValueError, match="--eval-only needs --policy, --reward and --eval-prompts"):
         main(["--eval-only", "--policy", f"{ckpt}/policy", "--reward", str(init / "reward")])
     with pytest.raises(ValueError, match="--offload-idle-models must be one of auto, off, rollouts, got 'always'"):

@@ -339,8 +339,12 @@ def test_a_checkpoint_of_the_wrong_kind_is_refused_before_anything_is_read_or_cl
     monkeypatch.setattr(state_mod, "load_pretrained", lambda *a, **k: pytest.fail("weights read"))
     shutil.copytree(init / "reward", tmp_path / "truncated")
     (tmp_path / "truncated/config.json").write_text("{")
-    with pytest.raises(ValueError, match=rf"{tmp_path}/truncated/config.json is not valid JSON \(Expecting"):
+    with pytest.raises(ValueError, match=rf"^--reward: {tmp_path}/truncated/config.json is not valid JSON \(Expecting"):
         _run(tmp_path, "--policy", str(init / "policy"), "--reward", str(tmp_path / "truncated"), *flags)
+    (tmp_path / "truncated/config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
+    with pytest.raises(ValueError, match=r"^--reference: architecture GPT2LMHeadModel \(model_type 'gpt2'\) is not"):
+        _run(tmp_path, "--policy", str(init / "policy"), "--reference", str(tmp_path / "truncated"),
+             "--reward", str(init / "reward"), *flags)  # fmt: skip
     assert (tmp_path / "checkpoint-000001/policy/model.safetensors").exists() and (tmp_path / "metrics.jsonl").exists()
     cfg, run, _ = parse_args(["--eval-only", "--policy", str(init / "policy"), "--reward", str(init / "policy"),
                               "--eval-prompts", TINY_EVAL_PROMPTS, "--output-dir", str(tmp_path)])  # fmt: skip
@@ -638,6 +642,7 @@ def test_profile_iteration_writes_a_trace_with_the_phases(tmp_path):
         (["--output-dir", ""], "output_dir must not be empty"),
         (["--top-k", "-1"], r"top_k must be >= 0 \(0: no top-k\), got -1"),
         (["--top-p", "0"], r"top_p must be in \(0, 1\], got 0\.0"),
+        (["--reward", "r"], r"--reward/--prompts need --policy \(without --policy the tiny default builds its own"),
     ],
 )
 def test_nonsense_flags_are_refused_when_parsed(flags, message, capsys):
@@ -645,6 +650,68 @@ def test_nonsense_flags_are_refused_when_parsed(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(flags)
     assert e.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+def test_only_global_rank_0_prints_usage_errors_and_help(monkeypatch, capsys):
+    """Under torchrun every rank parses the same flags: one copy of a usage error or of --help is printed."""
+    monkeypatch.setenv("RANK", "1")
+    for flags in (["--top-k", "-1"], ["--help"]):
+        with pytest.raises(SystemExit):
+            parse_args(flags)
+        assert capsys.readouterr() == ("", "")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert "--policy" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:Unable to enable fault handler")  # (@record's, under pytest's capture)
+def test_an_input_error_is_one_line_and_a_fault_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    """The command line (cli) reports an error in the run's inputs in one line with exit code 2, and writes it into
+    torchrun's error file (which torchrun's failure summary prints); TULU_TRACEBACK=1 raises it; any other error is
+    raised with its traceback, which torch's @record writes into the error file."""
+    from engine import train_ppo
+    from engine.errors import MissingInput
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    monkeypatch.delenv("TULU_TRACEBACK", raising=False)
+    flags = ["--policy", str(tmp_path / "none"), "--reward", str(tmp_path), "--prompts", "p.jsonl"]
+    line = f"train_ppo.py: error: --policy {tmp_path / 'none'}: no such directory (a local checkpoint directory or a "
+    with pytest.raises(SystemExit) as e:
+        train_ppo.cli(flags)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(line) and err.count("\n") == 1 and "Traceback" not in err
+    assert json.loads(error_file.read_text())["message"] == err.strip()
+    monkeypatch.setenv("RANK", "1")  # (another rank of a torchrun: into its error file only)
+    with pytest.raises(SystemExit):
+        train_ppo.cli(flags)
+    assert capsys.readouterr().err == "" and json.loads(error_file.read_text())["message"] == err.strip()
+    monkeypatch.setenv("TULU_TRACEBACK", "1")
+    with pytest.raises(MissingInput, match="no such directory"):
+        train_ppo.cli(flags)
+    monkeypatch.delenv("TULU_TRACEBACK")
+
+    def fault(*args, **kwargs):
+        raise KeyError("a fault of the engine's")
+
+    monkeypatch.setattr(train_ppo, "main", fault)
+    with pytest.raises(KeyError):
+        train_ppo.cli([])
+    recorded = json.loads(error_file.read_text())["message"]
+    assert "Traceback" in recorded["extraInfo"]["py_callstack"] and "a fault of the engine's" in recorded["message"]
+
+
+def test_the_command_line_reports_an_input_error_in_one_line(tmp_path):
+    """engine/train_ppo.py as a script: exit code 2 and one line on stderr, with nothing written."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TULU_TRACEBACK", None)
+    cmd = [sys.executable, os.path.join(ROOT, "engine/train_ppo.py"), "--policy", str(tmp_path / "none"),
+           "--reward", str(tmp_path), "--prompts", str(tmp_path / "p.jsonl"),
+           "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("train_ppo.py: error: --policy ") and r.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_rollouts_sample_with_the_runs_top_k(tmp_path):
@@ -931,7 +998,9 @@ def test_dp2_distributed_optimizer_resumes_exactly(tmp_path):
     shutil.copytree(tmp_path / "b", tmp_path / "lost")
     os.remove(f"{latest_checkpoint(str(tmp_path / 'lost'))}/state-rank00001.pt")
     err = _torchrun(tmp_path, 2, "lost", "--max-iterations", "3", "--resume", fails=True)
-    assert "state-rank00001.pt is missing" in err and "resuming failed on another rank" in err
+    # each in one line (rank 0's on stderr, rank 1's in torchrun's failure summary), no traceback of the engine's
+    assert "error: resuming failed on rank 1 (see its error)" in err and "error: " in err.split("state-rank00001")[0]
+    assert "state-rank00001.pt is missing" in err and "engine/" not in err.split("Traceback")[-1].split("====")[0]
 
 
 def test_resume_with_another_layout(tmp_path):

@@ -67,7 +67,8 @@ def main(ckpt: str, out: str) -> None:
             save_pretrained(model, out + "/saved_sharded", max_shard_bytes=40_000)
             raise AssertionError("a failed save did not raise")
         except (OSError, RuntimeError) as e:
-            assert (f"disk full on rank {bad_rank}" if grid.rank == bad_rank else "failed on another rank") in str(e)
+            expected = f"disk full on rank {bad_rank}" if grid.rank == bad_rank else f"failed on rank {bad_rank}"
+            assert expected in str(e)
         setattr(ckpt, fn, real)
     # generation on the TP-sharded weights: every rank runs the same schedule and samples the same tokens
     from engine.config import GenerateConfig

@@ -1,0 +1,84 @@
+"""Errors in what a run was given: a flag, a file, a checkpoint, a prompt.
+
+The command lines (`engine/train_ppo.py`, and the benches through bench.common.run_main: run_command) report an
+`InputError` in one line, `train_ppo.py: error: <message>`, with exit code 2 and no traceback (under torchrun the line
+also goes into torchrun's failure summary, the last thing it prints); any other exception is a fault of the engine's
+and keeps its traceback. Each class is also the built-in
+error a caller of the library would catch (an `InvalidInput` is a ValueError, a `MissingInput` a FileNotFoundError).
+`TULU_TRACEBACK=1` shows the traceback of an input error too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class InputError(Exception):
+    """Base of the errors in a run's inputs (mixed into the built-in error each subclass also is)."""
+
+
+class InvalidInput(InputError, ValueError):
+    """A value, file or checkpoint that cannot serve: a flag out of range, a prompt file that is not JSONL, a
+    checkpoint of the wrong kind, a model that does not fit in memory, a TP degree that does not divide the heads."""
+
+
+class MissingInput(InputError, FileNotFoundError):
+    """A directory or file the run needs is not there."""
+
+
+class OutputInUse(InputError, FileExistsError):
+    """The output directory holds an earlier run that neither --resume nor --overwrite-output-dir claims."""
+
+
+class UnwritableOutput(InputError, OSError):
+    """The output directory cannot be written (OSError(errno, message), as the built-in takes)."""
+
+
+class MissingPackage(InputError, ImportError):
+    """A flag needs an optional package that is not installed."""
+
+
+class FailedOnAnotherRank(InputError, RuntimeError):
+    """Another rank's input error, as raise_together reports it on the ranks that had none."""
+
+
+def report(error: BaseException, prog: str) -> None:
+    """One line for an input error in place of a traceback: on stderr from global rank 0 (every rank of a torchrun
+    met the same one, or was told which rank did), and under torchrun into this rank's error file, which torchrun's
+    failure summary shows last."""
+    line = f"{prog}: error: {error}"
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line, file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:  # (its reader takes a plain message: torch.distributed.elastic.multiprocessing.errors)
+        try:
+            with open(error_file, "w") as f:
+                json.dump({"message": line, "timestamp": int(time.time())}, f)
+        except OSError:
+            pass
+
+
+def run_command(main: Callable[[], T], prog: str) -> T:
+    """main() as a command line named `prog`: an InputError reported in one line (report) with exit code 2, with its
+    traceback where TULU_TRACEBACK is set (not "0"); any other error raised with its traceback, which torch's
+    @record also writes into torchrun's failure summary."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    @record
+    def run() -> T:
+        try:
+            return main()
+        except InputError as e:
+            if os.environ.get("TULU_TRACEBACK", "") not in ("", "0"):
+                raise
+            report(e, prog)
+            raise SystemExit(2) from None
+
+    return run()
