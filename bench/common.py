@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 
 import torch
@@ -161,11 +163,31 @@ def write_json(path: str | None, obj) -> None:
             json.dump(obj, f, indent=2)
 
 
+def check_fits(what: str, need: int, device: torch.device) -> None:
+    """Refuse a bench whose `need` bytes (its models' weights, a lower bound of what it allocates) exceed the device's
+    free memory, or on a CPU the host's available memory, before any is allocated: a 13B shape run on a CPU by
+    mistake is otherwise killed by the kernel's OOM killer without a word."""
+    from engine.errors import InvalidInput
+    from engine.memory_plan import host_available
+
+    if device.type == "cuda":
+        free, where = torch.cuda.mem_get_info(device)[0], f"{device_name(device)} has free"
+    else:
+        free, where = host_available(), "this machine has available (the CPU runs it: no GPU given)"
+    if need > free:
+        raise InvalidInput(f"{what} need {need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB {where}")
+
+
 def run_main(main) -> None:
-    """A bench's entry point: main(), then leave torch.distributed if torchrun launched it."""
-    main()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    """A bench's entry point: main() (an input error in one line, exit code 2: engine.errors.run_command), then leave
+    torch.distributed if torchrun launched it."""
+    from engine.errors import run_command
+
+    try:
+        run_command(main, os.path.basename(sys.argv[0]))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def save_json(path: str | None, rows: list[dict], args, device) -> None:

@@ -25,8 +25,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import run_main, write_json  # noqa: E402
+from bench.common import check_fits, run_main, write_json  # noqa: E402
 from engine.config import MODEL_SHAPES, ModelConfig, PPOConfig  # noqa: E402
+from engine.errors import InvalidInput  # noqa: E402
 from engine.model import Transformer  # noqa: E402
 from engine.parallel import backend_for, init_process_grid, print0  # noqa: E402
 from engine.state import RunConfig, make_state, resolve_device, resolve_dtype  # noqa: E402
@@ -71,11 +72,16 @@ def main(argv=None) -> dict:
     rollout, train_bs = pick(a.rollout_batch_size, 8, 64), pick(a.train_batch_size, 4, 16)
     prompt_len, new_tokens = pick(a.prompt_len, 24, 256), pick(a.max_new_tokens, 16, 256)
     if a.model != "tiny" and not a.random_weights:
-        raise SystemExit(f"--model {a.model} is a shape: pass --random-weights (this bench builds random models)")
+        raise InvalidInput(f"--model {a.model} is a shape: pass --random-weights (this bench builds random models)")
     mc = ModelConfig.named(a.model)
     mc.max_position_embeddings = max(mc.max_position_embeddings, prompt_len + new_tokens)
     if a.num_layers:
         mc.num_layers = a.num_layers
+    elem = torch.empty((), dtype=dtype).element_size()
+    check_fits(
+        f"--model {a.model}'s four models' {str(dtype).replace('torch.', '')} weights (before any optimizer state)",
+        sum(mc.num_params(head, a.tp) for head in ("lm", "lm", "score", "score")) * elem, device,
+    )  # fmt: skip
     cfg = PPOConfig(
         rollout_batch_size=rollout, train_batch_size=train_bs, max_new_tokens=new_tokens,
         max_prompt_len=prompt_len, learning_rate=1e-6,

@@ -27,9 +27,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import measured_copy_tbs, measured_matmul_tflops, run_main, write_json  # noqa: E402
+from bench.common import check_fits, measured_copy_tbs, measured_matmul_tflops, run_main, write_json  # noqa: E402
 from engine.checkpoint import hf_tensor_specs, load_pretrained  # noqa: E402
 from engine.config import MODEL_SHAPES, GenerateConfig, ModelConfig, PPOConfig  # noqa: E402
+from engine.errors import InvalidInput  # noqa: E402
 from engine.generate import Generator  # noqa: E402
 from engine.kv_cache import resolve_cache_dtype  # noqa: E402
 from engine.model import Transformer, forward_flops  # noqa: E402
@@ -221,36 +222,45 @@ def main(argv=None) -> dict:
     gen_len = args.gen_len or (256 if on_gpu else 32)
     dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
 
-    if args.model in MODEL_SHAPES:
-        if args.model != "tiny" and not args.random_weights:
-            raise SystemExit(f"--model {args.model} is a shape: pass --random-weights, or give a checkpoint directory")
-        cfg = ModelConfig.named(args.model)
+    shape = args.model in MODEL_SHAPES
+    if not shape and not os.path.isdir(args.model):
+        shapes = ", ".join(MODEL_SHAPES)
+        raise InvalidInput(f"--model {args.model}: neither a shape ({shapes}) nor a checkpoint directory")
+    if shape and args.model != "tiny" and not args.random_weights:
+        raise InvalidInput(f"--model {args.model} is a shape: pass --random-weights, or give a checkpoint directory")
+    cfg = ModelConfig.named(args.model) if shape else ModelConfig.from_hf(args.model)
+    if shape:
         cfg.max_position_embeddings = max(cfg.max_position_embeddings, prompt_len + gen_len)
+    if prompt_len + gen_len > cfg.max_position_embeddings:
+        raise InvalidInput(
+            f"prompt-len + gen-len = {prompt_len + gen_len} exceeds the model's {cfg.max_position_embeddings}"
+        )
+    if args.stop_tokens >= cfg.vocab_size - 3:
+        raise InvalidInput(
+            f"--stop-tokens {args.stop_tokens} leaves no token of the {cfg.vocab_size}-token vocabulary free"
+        )
+    args.no_hf = args.no_hf or bool(args.stop_tokens) or grid.tp > 1
+    elem = torch.empty((), dtype=dtype).element_size()
+    copies = 1 if args.no_hf else 2  # (transformers' copy is built beside ours)
+    what = f"--model {args.model}'s {str(dtype).replace('torch.', '')} weights"
+    what += "" if args.no_hf else " (and transformers' copy)"
+    check_fits(what, copies * cfg.num_params("lm", grid.tp) * elem, device)
+    if shape:
         model = Transformer(cfg, dtype=dtype, device=device, group=grid.tp_group).init_weights(std=0.02)
     else:
         model = load_pretrained(args.model, dtype=dtype, device=device, group=grid.tp_group)
         cfg = model.config
     model.eval()
-    if prompt_len + gen_len > cfg.max_position_embeddings:
-        raise SystemExit(
-            f"prompt-len + gen-len = {prompt_len + gen_len} exceeds the model's {cfg.max_position_embeddings}"
-        )
 
     bw = (args.bandwidth or measured_copy_tbs(device)) * 1e12
     flops = (args.tflops or measured_matmul_tflops(device)) * 1e12
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
-    if args.stop_tokens >= cfg.vocab_size - 3:
-        raise SystemExit(
-            f"--stop-tokens {args.stop_tokens} leaves no token of the {cfg.vocab_size}-token vocabulary free"
-        )
     stops = list(range(3, 3 + args.stop_tokens))
     params = GenerateConfig(
         temperature=args.temperature, top_k=args.top_k, max_new_tokens=gen_len, ignore_eos=not stops,
         stop_token_ids=stops, seed=0,
     )  # fmt: skip
-    args.no_hf = args.no_hf or bool(stops) or grid.tp > 1
-    elem = torch.empty((), dtype=dtype).element_size()
     kv_elem = torch.empty((), dtype=resolve_cache_dtype(args.kv_cache_dtype, dtype)).element_size()
     slots = min(batch, args.max_num_seqs or batch)  # the sequences a decode step carries at most
     roof = decode_roofline(cfg, slots, prompt_len, gen_len, elem, bw, kv_elem, grid.tp, flops)

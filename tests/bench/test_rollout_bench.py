@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from kernels.dispatch import reference_ops
 
 
@@ -27,8 +29,6 @@ def test_rollout_bench_smoke(tmp_path):
 
 def test_rollout_bench_refuses_impossible_flags(tmp_path, capsys):
     """0 is not the default in disguise, and a --json whose directory is missing is refused before the run."""
-    import pytest
-
     from bench.rollout_throughput import parse_args
 
     for flags, message in (
@@ -40,3 +40,33 @@ def test_rollout_bench_refuses_impossible_flags(tmp_path, capsys):
         with pytest.raises(SystemExit):
             parse_args(flags)
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:Unable to enable fault handler")  # (@record's, under pytest's capture)
+def test_a_model_that_cannot_fit_is_refused_before_it_is_built(tmp_path, monkeypatch, capsys):
+    """The 13B shape on a CPU by mistake: refused in one line (exit code 2) before a byte is allocated, as are a
+    --model that names nothing and a shape without --random-weights; the same for the PPO step bench."""
+    import sys
+
+    import bench.ppo_step as ppo_step
+    import bench.rollout_throughput as rollout
+    from bench.common import run_main
+    from engine.errors import InvalidInput
+
+    monkeypatch.setattr(rollout.Transformer, "__init__", lambda *a, **k: pytest.fail("a model was built"))
+    monkeypatch.setattr(ppo_step.Transformer, "__init__", lambda *a, **k: pytest.fail("a model was built"))
+    monkeypatch.setattr("engine.memory_plan.host_available", lambda: 20 * 2**30)
+    with pytest.raises(InvalidInput, match=r"llama2-13b's bfloat16 weights need 24\.2 GiB, more than the 20\.0 GiB"):
+        rollout.main(["--model", "llama2-13b", "--random-weights", "--no-hf", "--dtype", "bfloat16"])
+    with pytest.raises(InvalidInput, match=r"weights \(and transformers' copy\) need 48\.5 GiB"):
+        rollout.main(["--model", "llama2-13b", "--random-weights", "--dtype", "bfloat16"])
+    with pytest.raises(InvalidInput, match=r"four models' float32 weights \(before any optimizer state\) need 192\.7"):
+        ppo_step.main(["--model", "llama2-13b", "--random-weights"])
+    monkeypatch.setattr(sys, "argv", ["rollout_throughput.py"])
+    for flags, message in (
+        (["--model", str(tmp_path / "none")], f"--model {tmp_path / 'none'}: neither a shape (tiny, llama2-7b"),
+        (["--model", "llama2-13b"], "--model llama2-13b is a shape: pass --random-weights"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            run_main(lambda flags=flags: rollout.main(flags))
+        assert e.value.code == 2 and capsys.readouterr().err.startswith(f"rollout_throughput.py: error: {message}")
