@@ -174,6 +174,9 @@ def check_fits(what: str, need: int, device: torch.device) -> None:
         free, where = torch.cuda.mem_get_info(device)[0], f"{device_name(device)} has free"
     else:
         free, where = host_available(), "this machine has available (the CPU runs it: no GPU given)"
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # (torchrun's processes share the host)
+        if ranks > 1:
+            need, what = need * ranks, f"{what} ({ranks} processes on this machine)"
     if need > free:
         raise InvalidInput(f"{what} need {need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB {where}")
 

@@ -24,8 +24,8 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine.config import ModelConfig
-from engine.errors import InvalidInput, MissingInput
+from engine.config import ModelConfig, json_error
+from engine.errors import InvalidInput, MissingInput, first_line
 from engine.model import Transformer
 from engine.parallel import raise_together
 
@@ -80,8 +80,15 @@ def generation_eos_ids(path: str | os.PathLike | None) -> list[int]:
     if not os.path.isfile(fn):
         return []
     with open(fn) as f:
-        eos = json.load(f).get("eos_token_id")
-    return [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+        try:
+            eos = json.load(f)
+        except json.JSONDecodeError as e:  # (a truncated copy: name the file)
+            raise InvalidInput(f"{fn} is not valid JSON ({json_error(e, line=True)})") from e
+    eos = eos.get("eos_token_id") if isinstance(eos, dict) else None
+    ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if any(type(e) is not int or e < 0 for e in ids):
+        raise InvalidInput(f"{fn}: eos_token_id {eos!r} is not a token id (or a list of them)")
+    return ids
 
 
 def weights_fingerprint(path: str, rows: int = 4) -> str:
@@ -175,10 +182,12 @@ class _TensorSlice:
 def _open_weights(fn: str):
     try:
         return _TorchFile(fn) if fn.endswith(".bin") else safe_open(fn, framework="pt", device="cpu")
-    except ValueError:
+    except (ValueError, MemoryError):
         raise
+    except OSError as e:  # (no permission, an I/O error: the file may be whole)
+        raise InvalidInput(f"cannot read the weights file {fn}: {e.strerror or e}") from e
     except Exception as e:  # (a truncated or damaged file: safetensors' own error names no file)
-        raise InvalidInput(f"cannot read the weights file {fn} ({type(e).__name__}: {e})") from e
+        raise InvalidInput(f"cannot read the weights file {fn} ({type(e).__name__}: {first_line(e)})") from e
 
 
 class _Source:

@@ -32,6 +32,10 @@ def checked_rope(params: dict, max_position_embeddings: int) -> Rope:
         raise InvalidInput(str(e)) from e
 
 
+# the config.json entries a model's shape cannot do without
+HF_SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
 @dataclass
 class ModelConfig:
     """Shape of a Llama model. Field names follow ours; `from_hf` / `to_hf` translate HF's config.json."""
@@ -108,7 +112,7 @@ class ModelConfig:
     def from_hf(cls, source: str | os.PathLike | dict[str, Any]) -> ModelConfig:
         """From an HF config.json (a path to the file or its directory, or the parsed dict)."""
         if isinstance(source, dict):
-            cfg = source
+            cfg, path = source, "config.json"
         else:
             path = os.fspath(source)
             if os.path.isdir(path):
@@ -120,6 +124,8 @@ class ModelConfig:
                     cfg = json.load(f)
                 except json.JSONDecodeError as e:  # (a truncated copy: name the file)
                     raise InvalidInput(f"{path} is not valid JSON ({json_error(e, line=True)})") from e
+        if not isinstance(cfg, dict):
+            raise InvalidInput(f"{path} holds a JSON {type(cfg).__name__}, not an object of settings")
         archs = cfg.get("architectures") or []
         model_type = cfg.get("model_type")
         if model_type != "llama" or any(a not in SUPPORTED_ARCHITECTURES for a in archs):
@@ -132,6 +138,13 @@ class ModelConfig:
                 raise InvalidInput(f"{flag}=True is not supported (Llama-2 layers have no biases)")
         if cfg.get("hidden_act", "silu") != "silu":
             raise InvalidInput(f"hidden_act {cfg['hidden_act']!r} is not supported (SwiGLU with silu only)")
+        missing = [k for k in HF_SHAPE_KEYS if k not in cfg]
+        if missing:
+            raise InvalidInput(f"{path} has no {', '.join(missing)}")
+        sizes = (*HF_SHAPE_KEYS, "num_key_value_heads", "head_dim", "max_position_embeddings")
+        bad = [k for k in sizes if cfg.get(k) is not None and (type(cfg[k]) is not int or cfg[k] < 1)]
+        if bad:
+            raise InvalidInput(f"{path}: {', '.join(f'{k} {cfg[k]!r}' for k in bad)}: not a positive integer")
         eos, extra = cfg.get("eos_token_id"), ()
         if isinstance(eos, list):
             eos, extra = (eos[0], tuple(eos[1:])) if eos else (None, ())
@@ -262,20 +275,20 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.temperature < math.inf:  # (NaN too)
-            raise InvalidInput(f"temperature must be >= 0 and finite, got {self.temperature}")
+            raise ValueError(f"temperature must be >= 0 and finite, got {self.temperature}")
         integer = lambda x: isinstance(x, numbers.Integral) and not isinstance(x, bool)  # noqa: E731  (numpy's too)
         if isinstance(self.stop_token_ids, (int, str)) or not all(integer(t) for t in self.stop_token_ids):
-            raise InvalidInput(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
+            raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
         if self.seed is not None and not integer(self.seed):
-            raise InvalidInput(f"seed must be an integer or None, got {self.seed!r}")
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         if not 0 < self.top_p <= 1:
-            raise InvalidInput(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise InvalidInput(f"top_k must be >= 0, got {self.top_k}")
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.max_new_tokens < 1:
-            raise InvalidInput(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.n < 1:
-            raise InvalidInput(f"n must be >= 1, got {self.n}")
+            raise ValueError(f"n must be >= 1, got {self.n}")
 
 
 # PPOConfig fields added after checkpoints were first written, at the value those runs had: an older run resumed

@@ -59,9 +59,9 @@ class PromptBatches:
     ):
         self.prompts = prompts.prompts if isinstance(prompts, PromptSet) else prompts
         if batch_size < 1:
-            raise InvalidInput(f"batch_size must be >= 1, got {batch_size}")
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if batch_size % dp_size:
-            raise InvalidInput(f"rollout batch size {batch_size} is not a multiple of the data-parallel size {dp_size}")
+            raise ValueError(f"rollout batch size {batch_size} is not a multiple of the data-parallel size {dp_size}")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
         check_fills_a_rollout(len(self.prompts), batch_size)

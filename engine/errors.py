@@ -3,9 +3,11 @@
 The command lines (`engine/train_ppo.py`, and the benches through bench.common.run_main: run_command) report an
 `InputError` in one line, `train_ppo.py: error: <message>`, with exit code 2 and no traceback (under torchrun the line
 also goes into torchrun's failure summary, the last thing it prints); any other exception is a fault of the engine's
-and keeps its traceback. Each class is also the built-in
-error a caller of the library would catch (an `InvalidInput` is a ValueError, a `MissingInput` a FileNotFoundError).
-`TULU_TRACEBACK=1` shows the traceback of an input error too.
+and keeps its traceback. Each class is also the built-in error a caller of the library would catch (an `InvalidInput`
+is a ValueError, a `MissingInput` a FileNotFoundError). `TULU_TRACEBACK=1` shows the traceback of an input error too.
+
+Raise one only for what the user gave and can mend; an invariant of the engine's own stays a plain error (a traceback
+is what finds a bug), and a handler that catches a check's errors to add the flag catches these classes only.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class OutputInUse(InputError, FileExistsError):
 
 
 class UnwritableOutput(InputError, OSError):
-    """The output directory cannot be written (OSError(errno, message), as the built-in takes)."""
+    """The output directory cannot be written."""
 
 
 class MissingPackage(InputError, ImportError):
@@ -46,23 +48,42 @@ class MissingPackage(InputError, ImportError):
 
 
 class FailedOnAnotherRank(InputError, RuntimeError):
-    """Another rank's input error, as raise_together reports it on the ranks that had none."""
+    """Another rank's input error, as raise_together reports it (with that error's message) on the ranks that had
+    none."""
 
 
-def report(error: BaseException, prog: str) -> None:
-    """One line for an input error in place of a traceback: on stderr from global rank 0 (every rank of a torchrun
-    met the same one, or was told which rank did), and under torchrun into this rank's error file, which torchrun's
-    failure summary shows last."""
-    line = f"{prog}: error: {error}"
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(line, file=sys.stderr, flush=True)
+def first_line(error: BaseException) -> str:
+    """The first line of another library's error message (a Jinja or torch error may run over several), for a message
+    of ours that quotes it in one line."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def global_rank() -> int:
+    """This process's global rank as torchrun sets it (RANK), 0 without one (or an empty or odd value)."""
+    rank = os.environ.get("RANK", "")
+    return int(rank) if rank.isdigit() else 0
+
+
+def write_error_file(line: str) -> None:
+    """Under torchrun, `line` into this rank's error file (TORCHELASTIC_ERROR_FILE), which torchrun's failure summary
+    prints (its reader takes a plain message: torch.distributed.elastic.multiprocessing.errors)."""
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if error_file:  # (its reader takes a plain message: torch.distributed.elastic.multiprocessing.errors)
+    if error_file:
         try:
             with open(error_file, "w") as f:
                 json.dump({"message": line, "timestamp": int(time.time())}, f)
         except OSError:
             pass
+
+
+def report(error: BaseException, prog: str) -> None:
+    """An input error's message in place of a traceback: on stderr from global rank 0 (every rank of a torchrun met
+    the same one, or was told by raise_together which rank met which), and into this rank's torchrun error file."""
+    line = f"{prog}: error: {error}"
+    if global_rank() == 0:
+        print(line, file=sys.stderr, flush=True)
+    write_error_file(line)
 
 
 def run_command(main: Callable[[], T], prog: str) -> T:

@@ -28,6 +28,7 @@ import torch
 
 from engine.config import GenerateConfig
 from engine.decode_graphs import DecodeGraphs, graph_key
+from engine.errors import InvalidInput
 from engine.kv_cache import (
     BlockManager,
     KVCachePool,
@@ -248,7 +249,7 @@ class Generator:
     def _allocate_cache(self) -> None:
         n = self._num_blocks()
         if n < self.table_width:
-            raise ValueError(
+            raise InvalidInput(
                 f"the KV cache holds {n} blocks of {self.block_size} tokens, fewer than one sequence of "
                 f"max_model_len={self.max_model_len} needs ({self.table_width}): lower max_model_len or give "
                 "the cache more memory"

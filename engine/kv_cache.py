@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.errors import InvalidInput
+
 
 def upload(t: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
     """A host tensor on `device` without making the host wait: to a GPU through pinned memory (a copy from pageable
@@ -64,7 +66,7 @@ def resolve_cache_dtype(
     if dtype == torch.float8_e4m3fn and device is not None and device.type == "cuda":
         cc = torch.cuda.get_device_capability(device)
         if cc < (8, 9):
-            raise ValueError(
+            raise InvalidInput(
                 f"kv_cache_dtype fp8 needs a GPU of compute capability 8.9 or later (Ada, Hopper); "
                 f"{torch.cuda.get_device_name(device)} is {cc[0]}.{cc[1]}: use the model's dtype"
             )

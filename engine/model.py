@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from engine.config import ModelConfig
+from engine.errors import InvalidInput, MissingPackage
 from engine.parallel import (
     ColumnParallelLinear,
     ReplicatedLinear,
@@ -175,7 +176,7 @@ def attention_backend() -> str:
     """TULU_PPO_ATTENTION=flash uses flash-attn (when installed) for the training forward; default "triton"."""
     backend = os.environ.get("TULU_PPO_ATTENTION", "triton")
     if backend not in ("triton", "flash"):
-        raise ValueError(f"TULU_PPO_ATTENTION must be 'triton' or 'flash', got {backend!r}")
+        raise InvalidInput(f"TULU_PPO_ATTENTION must be 'triton' or 'flash', got {backend!r}")
     return backend
 
 
@@ -184,7 +185,7 @@ def _flash_attention(q, k, v, positions, cu_seqlens, rope) -> torch.Tensor:
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError as e:
-        raise ImportError("TULU_PPO_ATTENTION=flash needs flash-attn: pip install -e '.[flash]'") from e
+        raise MissingPackage("TULU_PPO_ATTENTION=flash needs flash-attn: pip install -e '.[flash]'") from e
     from kernels.dispatch import derived
     from kernels.reference import apply_rotary
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.errors import InvalidInput
 from engine.model import Transformer
 from engine.parallel import agree
 
@@ -28,8 +29,8 @@ def setting(ac: str, num_layers: int, device: torch.device) -> bool | int:
         return device.type == "cuda"
     if ac.isdigit() and int(ac) <= num_layers:
         return int(ac)
-    raise ValueError(
-        f"activation_checkpointing must be auto, on, off or a number of layers up to {num_layers}, got {ac!r}"
+    raise InvalidInput(
+        f"--activation-checkpointing must be auto, on, off or a number of layers up to {num_layers}, got {ac!r}"
     )
 
 

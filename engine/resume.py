@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import platform
 import shutil
 import sys
@@ -18,7 +19,7 @@ import torch
 
 from engine.checkpoint import fsync_dir, save_pretrained
 from engine.config import LEGACY_PPO_VALUES
-from engine.errors import InvalidInput, MissingInput, OutputInUse, UnwritableOutput
+from engine.errors import InvalidInput, MissingInput, OutputInUse, UnwritableOutput, first_line
 from engine.hub import model_dirs
 from engine.optim import load_optimizer_state, optimizer_state
 from engine.parallel import print0, raise_together
@@ -42,7 +43,7 @@ def latest_checkpoint(output_dir: str) -> str | None:
     try:
         with open(path) as f:
             return os.path.join(output_dir, json.load(f)["checkpoint"])
-    except (ValueError, KeyError, TypeError) as e:  # (written atomically: only a damaged disk or hand leaves it so)
+    except (ValueError, KeyError, TypeError, OSError) as e:  # (written atomically: only a damaged disk or a hand)
         raise InvalidInput(
             f'{path} is damaged ({type(e).__name__}: {e}); write {{"checkpoint": "checkpoint-NNNNNN"}} naming the '
             "checkpoint to resume from"
@@ -53,9 +54,11 @@ def load_state_file(fn: str) -> dict:
     """A checkpoint's state-rankRRRRR.pt, memory-mapped with weights_only (no code run); a damaged one is named."""
     try:
         return torch.load(fn, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise InvalidInput(f"cannot read the state file {fn} ({type(e).__name__}: {e}): the checkpoint is damaged; "
-                         "resume from an earlier one (write its name into `latest`)") from e  # fmt: skip
+    except OSError as e:  # (no permission, an I/O error: the file may be whole)
+        raise InvalidInput(f"cannot read the state file {fn}: {e.strerror or e}") from e
+    except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:  # (what torch.load raises on bad bytes)
+        raise InvalidInput(f"cannot read the state file {fn} ({type(e).__name__}: {first_line(e)}): the checkpoint "
+                           "is damaged; resume from an earlier one (write its name into `latest`)") from e  # fmt: skip
 
 
 def atomic_write(path: str, write) -> None:
@@ -168,7 +171,8 @@ def check_writable(output_dir: str, rank: int) -> None:
                 f.write("ok")
             os.remove(probe)
         except OSError as e:
-            error = UnwritableOutput(e.errno, f"cannot write to the output directory {output_dir}: {e.strerror}")
+            why = "a file of that name is there" if os.path.isfile(output_dir) else e.strerror or str(e)
+            error = UnwritableOutput(f"cannot write to the output directory {output_dir}: {why}")
     raise_together(error, "checking the output directory")
 
 

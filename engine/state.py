@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine import memory_plan, recompute
-from engine.checkpoint import check_checkpoint, load_pretrained
+from engine.checkpoint import check_checkpoint, generation_eos_ids, load_pretrained
 from engine.config import LEGACY_PPO_VALUES, ModelConfig, PPOConfig
 from engine.data import PromptBatches, check_fills_a_rollout
 from engine.errors import InvalidInput, MissingInput
@@ -274,7 +274,12 @@ def setup(
     memory_plan.check_offload_setting(run.offload_idle_models, "--offload-idle-models")
     grid = grid or init_process_grid(run.tp, backend_for(run.device), timeout_minutes=run.dist_timeout_minutes)
     check_batch_sizes(cfg, grid)  # before loading four models
-    check_dirs(run)
+    if cfg.samples_per_prompt > run.gen_max_num_seqs:  # (a prompt's samples decode together)
+        raise InvalidInput(
+            f"--samples-per-prompt {cfg.samples_per_prompt} exceeds --gen-max-num-seqs {run.gen_max_num_seqs}: the "
+            "samples of a prompt are decoded together"
+        )
+    check_paths(run)
     check_writable(run.output_dir, grid.rank)  # (which creates it: after the flags that name no directory)
     if run.resume:  # (before anything is planned from the hyperparameters: the checkpoint's, where not given now)
         cfg = resumed_config(cfg, run)
@@ -292,7 +297,7 @@ def setup(
     )
     prompt_set, eval_set = evaluation_set(cfg, run, grid, tokenizer, prompt_set)
     check_tokenizer(light, tokenizer, tokenizer_dir, prompt_set, eval_set)
-    check_context(light, cfg)
+    check_context(light, cfg, grid)
     check_fills_a_rollout(len(prompt_set.prompts), cfg.rollout_batch_size)
     check_profile_iteration(run, run_iterations(len(prompt_set.prompts), cfg, run))
     run = resolve_run(run)  # Hub ids -> local directories with the weights (engine/hub.py; the same directories)
@@ -322,11 +327,11 @@ def setup(
     return state
 
 
-def check_dirs(run: RunConfig) -> None:
-    """Each checkpoint and tokenizer named is a directory or a Hub id (engine.hub fetches or names those), and a
-    local checkpoint's config.json one this engine runs, checked first: a path that is neither, or a config.json cut
-    short, would otherwise be reported by the first reader of it (the memory plan's, on a GPU, or the tokenizer
-    check's), without the flag that named it."""
+def check_paths(run: RunConfig) -> None:
+    """Each checkpoint and tokenizer named is a directory or a Hub id (engine.hub fetches or names those), a local
+    checkpoint's config.json one this engine runs, and each prompt file a file, checked first: a path that is none of
+    these, or a config.json cut short, would otherwise be reported by the first reader of it (the memory plan's, on a
+    GPU, or the tokenizer check's), without the flag that named it."""
     for name in RUN_FIELDS:
         path = getattr(run, name)
         if path and not os.path.isdir(path) and not is_repo_id(path):
@@ -337,10 +342,17 @@ def check_dirs(run: RunConfig) -> None:
         if path and name != "tokenizer" and os.path.isdir(path):
             try:
                 ModelConfig.from_hf(path)
+                generation_eos_ids(path)  # (where a rollout stops: read after the weights otherwise)
             except MissingInput as e:
                 raise MissingInput(f"--{name}: {e}") from e
             except InvalidInput as e:
                 raise InvalidInput(f"--{name}: {e}") from e
+    for name in ("prompts", "eval_prompts"):
+        path = getattr(run, name)
+        if path and not os.path.isfile(path):
+            flag = "--" + name.replace("_", "-")
+            why = "a directory, not a JSONL file" if os.path.isdir(path) else "no such file"
+            raise MissingInput(f"{flag} {path}: {why}")
 
 
 def model_sources(run: RunConfig, ckpt: str | None, evaluation: bool = False) -> dict[str, tuple[str, str, str]]:
@@ -374,22 +386,32 @@ def check_checkpoints(sources: dict[str, tuple[str, str, str]]) -> None:
         checked.add((path, head))
         try:
             check_checkpoint(path, head)
-        except FileNotFoundError as e:
+        except MissingInput as e:  # (only the check's own findings: any other error is a fault, with its traceback)
             error = MissingInput(f"{what}: {e}")
             break
-        except ValueError as e:  # (a JSONDecodeError too: re-raised as what it is, a ValueError, with the flag)
+        except InvalidInput as e:
             error = InvalidInput(f"{what}: {e}")
             break
     raise_together(error, "checking the checkpoints")  # (a rank whose copy differs, on a node's disk: none waits)
 
 
-def check_context(run: RunConfig, cfg: PPOConfig) -> None:
-    """A sequence of max_prompt_len + max_new_tokens tokens must fit every model's context (config.json's
-    max_position_embeddings): the generator would otherwise cut responses short at the context, and PPO would score
-    each as a response that hit the length limit without EOS."""
+def check_context(run: RunConfig, cfg: PPOConfig, grid: ProcessGrid) -> None:
+    """The models' shapes (config.json) against the run's flags, before any weight is read: a sequence of
+    max_prompt_len + max_new_tokens tokens must fit every model's context (max_position_embeddings: the generator
+    would otherwise cut responses short at the context, and PPO would score each as a response that hit the length
+    limit without EOS); --tp must divide every model's heads, vocabulary and MLP width (on a GPU the memory plan says
+    so too; on a CPU building a model would, without the flag); a number of layers to recompute is at most the
+    trained models' layers."""
+    configs = {role: ModelConfig.from_hf(path) for role, path in model_dirs(run).items()}
+    memory_plan.check_tp({role: (c, "score" if role == "reward" else "lm") for role, c in configs.items()}, grid.tp)
+    ac = run.activation_checkpointing
+    for role in ("policy", "reward"):
+        if ac.isdigit() and int(ac) > configs[role].num_layers:
+            what = "the value model (from --reward)" if role == "reward" else "the policy"
+            raise InvalidInput(f"--activation-checkpointing {ac}: {what} has {configs[role].num_layers} layers")
     need = cfg.max_prompt_len + cfg.max_new_tokens
     for role, path in model_dirs(run).items():
-        context = ModelConfig.from_hf(path).max_position_embeddings
+        context = configs[role].max_position_embeddings
         if need > context:
             raise InvalidInput(
                 f"--max-prompt-len {cfg.max_prompt_len} + --max-new-tokens {cfg.max_new_tokens} = {need} tokens do not "
@@ -587,7 +609,7 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
         raise InvalidInput("--eval-only takes --eval-prompts (--eval-holdout draws from a training set)")
     memory_plan.check_offload_setting(run.offload_idle_models, "--offload-idle-models")
     check_available(run.wandb_project, grid.rank)
-    check_dirs(run)
+    check_paths(run)
     check_writable(run.output_dir, grid.rank)
     run = pin_run(run)  # (as in setup)
     device, load = model_loader(run, grid)
@@ -597,7 +619,7 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     tokenizer = load_tokenizer(tokenizer_dir)
     _, eval_set = evaluation_set(cfg, run, grid, tokenizer, None)
     check_tokenizer(light, tokenizer, tokenizer_dir, eval_set)
-    check_context(light, cfg)
+    check_context(light, cfg, grid)
     run = resolve_run(run)
     sources = model_sources(run, None, evaluation=True)
     check_checkpoints(sources)  # (as in setup)

@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.config import json_error
-from engine.errors import InvalidInput, MissingInput
+from engine.errors import InputError, InvalidInput, MissingInput, first_line
+
+try:
+    from jinja2 import TemplateError  # (what transformers renders chat templates with, and a template raises)
+
+    HAVE_JINJA = True
+except ImportError:  # (then no chat template renders at all: apply_chat_template says so)
+    TemplateError, HAVE_JINJA = ImportError, False
 
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 TINY_DIR = os.path.join(ASSETS_DIR, "tiny")  # the project's own small BPE tokenizer
@@ -60,7 +67,12 @@ def load_tokenizer(path: str | os.PathLike = TINY_DIR):
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:
         listed = os.listdir(path)
-        if "tokenizer.json" in listed or "tokenizer.model" not in listed:
+        if "tokenizer.json" in listed:  # (a damaged one: the tokenizers library's parse error names no file)
+            raise InvalidInput(
+                f"transformers cannot load the tokenizer in {path} ({type(e).__name__}: {first_line(e)}): is its "
+                "tokenizer.json whole?"
+            ) from e
+        if "tokenizer.model" not in listed:
             raise
         # Only a SentencePiece model: transformers would have to convert it (with sentencepiece and protobuf),
         # and a converted tokenizer can split text differently from the one the model was trained with.
@@ -210,9 +222,7 @@ def tulu_chat_template(tokenizer) -> str | None:
     the shipped one) then encodes the text after the BOS as it encodes the start of a string, but a sentencepiece
     Llama tokenizer read without its legacy mode (transformers 5: '▁' only before the string's first piece) gives
     '<|user|>' after the BOS no '▁'; its variant has a space there, which becomes that '▁'."""
-    try:
-        from jinja2 import TemplateError  # (what transformers renders chat templates with)
-    except ImportError:  # (then no template can be rendered here, nor checked)
+    if not HAVE_JINJA:  # (then no template can be rendered here, nor checked)
         return None
     want = [encode_chat(tokenizer, m) for m in TEMPLATE_PROBES]
     for lead in ("", " "):
@@ -332,8 +342,11 @@ def load_prompts(
     for msgs, lineno in zip(convs, lines):
         try:
             ids = encode_chat(tokenizer, msgs, template)
-        except Exception as e:  # (a template's own raise_exception, a role it does not know: which prompt it was)
-            raise InvalidInput(f"{os.fspath(path)}:{lineno}: the chat template failed on this prompt: {e}") from e
+        except InputError:
+            raise
+        except (TemplateError, ValueError, KeyError, TypeError) as e:  # (a template's raise_exception, its own errors)
+            where = f"{os.fspath(path)}:{lineno}"
+            raise InvalidInput(f"{where}: the chat template failed on this prompt: {first_line(e)}") from e
         if len(ids) > max_prompt_len:
             dropped += 1
             continue

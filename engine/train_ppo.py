@@ -38,6 +38,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from engine.config import ModelConfig, PPOConfig  # noqa: E402
+from engine.errors import global_rank, write_error_file  # noqa: E402
 from engine.state import RunConfig, setup  # noqa: E402
 from engine.trainer import train  # noqa: E402
 
@@ -112,11 +113,15 @@ def _add_fields(parser: argparse.ArgumentParser, cls, title: str) -> None:
 
 class _Parser(argparse.ArgumentParser):
     """argparse's, printing (usage errors, --help) on global rank 0 only: under torchrun every rank parses the same
-    flags, and one copy is enough (every rank still exits)."""
+    flags, and one copy is enough (every rank still exits); a usage error also goes into torchrun's failure summary."""
 
     def _print_message(self, message: str, file=None) -> None:  # (argparse's one printer, stable since Python 3.2)
-        if int(os.environ.get("RANK", "0")) == 0:
+        if global_rank() == 0:
             super()._print_message(message, file)
+
+    def error(self, message: str):
+        write_error_file(f"{self.prog}: error: {message}")
+        super().error(message)
 
 
 def build_parser() -> argparse.ArgumentParser:

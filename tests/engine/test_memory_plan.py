@@ -251,7 +251,9 @@ def test_eval_only_plans_its_three_frozen_models(tmp_path, monkeypatch, capsys):
     planned = []
     monkeypatch.setattr(state_mod, "check_memory", lambda *a, **k: planned.append(k) or False)
     monkeypatch.setattr(state_mod, "resolve_run", lambda *a, **k: pytest.fail("read before the plan"))
-    eval_run = RunConfig(policy=run.policy, reward=run.reward, eval_prompts="p.jsonl", device="cpu")
+    from engine.tokenizer import TINY_EVAL_PROMPTS
+
+    eval_run = RunConfig(policy=run.policy, reward=run.reward, eval_prompts=TINY_EVAL_PROMPTS, device="cpu")
     with pytest.raises(pytest.fail.Exception, match="read before the plan"):
         state_mod.setup_evaluation(PPOConfig(), eval_run, ProcessGrid())
     assert planned == [{"evaluation": True}]

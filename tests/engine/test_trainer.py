@@ -691,6 +691,10 @@ def test_an_input_error_is_one_line_and_a_fault_keeps_its_traceback(tmp_path, mo
     with pytest.raises(MissingInput, match="no such directory"):
         train_ppo.cli(flags)
     monkeypatch.delenv("TULU_TRACEBACK")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit):  # (a usage error: into torchrun's summary too)
+        train_ppo.cli(["--top-k", "-1"])
+    assert "error: top_k must be >= 0" in json.loads(error_file.read_text())["message"]
 
     def fault(*args, **kwargs):
         raise KeyError("a fault of the engine's")
@@ -700,6 +704,61 @@ def test_an_input_error_is_one_line_and_a_fault_keeps_its_traceback(tmp_path, mo
         train_ppo.cli([])
     recorded = json.loads(error_file.read_text())["message"]
     assert "Traceback" in recorded["extraInfo"]["py_callstack"] and "a fault of the engine's" in recorded["message"]
+
+
+def test_mistakes_in_the_inputs_are_input_errors_named_before_anything_is_built(tmp_path, monkeypatch):
+    """Each common mistake is an InputError naming the flag or file, found before a model is built or anything is
+    written; a fault inside a check (not the user's) keeps its own type and traceback."""
+    from engine.errors import InputError
+    from engine.resume import LATEST
+    from engine.tokenizer import TINY_PROMPTS
+    from engine.train_ppo import build_tiny_models
+
+    policy, reward = build_tiny_models(str(tmp_path / "m"))
+    out = tmp_path / "out"
+    monkeypatch.setattr(state_mod, "load_pretrained", lambda *a, **k: pytest.fail("weights read"))
+    monkeypatch.setattr(state_mod, "make_state", lambda *a, **k: pytest.fail("models built"))
+
+    def refused(match, *flags, **paths):
+        given = {"policy": policy, "reward": reward, "prompts": TINY_PROMPTS, **paths}
+        argv = [x for k, v in given.items() for x in (f"--{k}", str(v))] + ["--max-iterations", "1", *flags]
+        with pytest.raises(InputError, match=match):
+            _run(out, *argv)
+        assert not out.exists() or not any(out.iterdir())  # (nothing written: at most the directory checked)
+
+    refused(rf"^--prompts {tmp_path}/none.jsonl: no such file", prompts=tmp_path / "none.jsonl")
+    refused(rf"^--prompts {tmp_path}: a directory, not a JSONL file", prompts=tmp_path)
+    refused(rf"^--eval-prompts {tmp_path}/e.jsonl: no such file", "--eval-prompts", str(tmp_path / "e.jsonl"))
+    refused(r"^--samples-per-prompt 4 exceeds --gen-max-num-seqs 2", "--samples-per-prompt", "4",
+            "--gen-max-num-seqs", "2", "--rollout-batch-size", "8", "--train-batch-size", "8")  # fmt: skip
+    refused(r"^--activation-checkpointing 9: the policy has 2 layers", "--activation-checkpointing", "9")
+    for name, text, match in (
+        ("config.json", "[1]", r"config.json holds a JSON list, not an object"),
+        ("config.json", '{"model_type": "llama"}', r"config.json has no vocab_size, hidden_size, intermediate_size"),
+        ("config.json", None, r"config.json: num_attention_heads '4': not a positive integer"),
+        ("generation_config.json", '{"eos_token_id": "x"}', r"generation_config.json: eos_token_id 'x' is not a"),
+        ("tokenizer.json", '{"version": ', r"transformers cannot load the tokenizer in .*: is its tokenizer.json"),
+    ):
+        bad = tmp_path / f"bad-{len(text or '')}-{name}"
+        shutil.copytree(policy, bad)
+        if text is None:
+            cfg = json.loads((bad / name).read_text())
+            text = json.dumps({**cfg, "num_attention_heads": "4"})
+        (bad / name).write_text(text)
+        refused(("" if name == "tokenizer.json" else f"^--policy: {bad}/") + match, policy=bad)
+    grid = ProcessGrid(rank=0, world_size=3, tp=3)
+    cfg, run, _ = parse_args(["--policy", policy, "--reward", reward, "--prompts", TINY_PROMPTS])
+    with pytest.raises(InputError, match=r"--tp 3 does not divide the policy model's attention heads \(4\)"):
+        state_mod.check_context(run, cfg, grid)  # (on a CPU too: no memory plan there)
+    # a damaged `latest` (here a directory) names itself
+    (out / LATEST).mkdir(parents=True)
+    with pytest.raises(InputError, match=r"latest is damaged \(IsADirectoryError"):
+        _run(out, "--policy", policy, "--reward", reward, "--prompts", TINY_PROMPTS, "--resume")
+    # a fault inside a check is no input error: it keeps its own type (and so its traceback at the command line)
+    monkeypatch.setattr(state_mod, "check_checkpoint", lambda *a: (_ for _ in ()).throw(ValueError("a bug")))
+    with pytest.raises(ValueError, match="^a bug$") as e:
+        _run(tmp_path / "o2", "--policy", policy, "--reward", reward, "--prompts", TINY_PROMPTS)
+    assert not isinstance(e.value, InputError)
 
 
 def test_the_command_line_reports_an_input_error_in_one_line(tmp_path):
@@ -999,8 +1058,9 @@ def test_dp2_distributed_optimizer_resumes_exactly(tmp_path):
     os.remove(f"{latest_checkpoint(str(tmp_path / 'lost'))}/state-rank00001.pt")
     err = _torchrun(tmp_path, 2, "lost", "--max-iterations", "3", "--resume", fails=True)
     # each in one line (rank 0's on stderr, rank 1's in torchrun's failure summary), no traceback of the engine's
-    assert "error: resuming failed on rank 1 (see its error)" in err and "error: " in err.split("state-rank00001")[0]
-    assert "state-rank00001.pt is missing" in err and "engine/" not in err.split("Traceback")[-1].split("====")[0]
+    assert "error: resuming failed on rank 1: " in err and "state-rank00001.pt is missing (resume reads" in err
+    assert err.count("error: resuming failed on rank 1: ") == 1 + 1  # (rank 0's line, and in torchrun's summary)
+    assert "engine/" not in err.split("Traceback")[-1].split("====")[0]  # (no traceback of the engine's)
 
 
 def test_resume_with_another_layout(tmp_path):
