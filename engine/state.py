@@ -405,8 +405,8 @@ def check_context(run: RunConfig, cfg: PPOConfig, grid: ProcessGrid) -> None:
     configs = {role: ModelConfig.from_hf(path) for role, path in model_dirs(run).items()}
     memory_plan.check_tp({role: (c, "score" if role == "reward" else "lm") for role, c in configs.items()}, grid.tp)
     ac = run.activation_checkpointing
-    for role in ("policy", "reward"):
-        if ac.isdigit() and int(ac) > configs[role].num_layers:
+    for role in ("policy", "reward") if ac.isdigit() else ():  # (the trained two: the value model is --reward's)
+        if int(ac) > configs[role].num_layers:
             what = "the value model (from --reward)" if role == "reward" else "the policy"
             raise InvalidInput(f"--activation-checkpointing {ac}: {what} has {configs[role].num_layers} layers")
     need = cfg.max_prompt_len + cfg.max_new_tokens
