@@ -365,7 +365,7 @@ def paged_decode_attention(
     dtype; a sequence with context length 0 gets zeros. Gathers the context through the block table
     (vectorised: one index_select for the whole batch), then softmax in at least fp32. max_context_len: at least
     max(context_lens), known on the host (else read from them: a device sync, and a graph break under torch.compile);
-    a smaller one cuts the contexts short.
+    a smaller one is refused where the lengths are on the host (on a GPU it would cut the contexts short).
     """
     b, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
@@ -375,6 +375,10 @@ def paged_decode_attention(
     ct = compute_dtype(q.dtype)
     lens = context_lens.to(torch.int64)
     max_len = (int(lens.max()) if max_context_len is None else max_context_len) if b else 0
+    if max_context_len is not None and b and lens.device.type == "cpu" and not torch.compiler.is_compiling():
+        longest = int(lens.max())  # (free on the host: a bound below the real lengths would cut contexts short)
+        if longest > max_context_len:
+            raise ValueError(f"context length {longest} exceeds max_context_len {max_context_len}")
     if max_len == 0:
         return q.new_zeros(q.shape)
     if max_len > block_tables.shape[1] * block_size:

@@ -205,6 +205,8 @@ def test_paged_decode_errors():
     if not q.is_cuda:  # (checked in the interpreter: on a GPU reading the lengths back would sync each decode step)
         with pytest.raises(ValueError, match="exceeds max_context_len 16"):
             paged_decode_attention(q, kc, vc, bt, cl, max_context_len=16)
+        with pytest.raises(ValueError, match="context length 20 exceeds max_context_len 16"):  # (the oracle too)
+            reference.paged_decode_attention(q, kc, vc, bt, cl, max_context_len=16)
     with pytest.raises(ValueError, match="one device"):
         paged_decode_attention(q, kc, vc, bt.to("meta"), cl)
     with pytest.raises(ValueError, match="dtype"):
