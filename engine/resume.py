@@ -200,11 +200,15 @@ def start_fresh(
             )
             break
     if error is None and held and not overwrite:
-        how = (
-            "--eval-only writes an evaluation of its own: give it another --output-dir (or --overwrite-output-dir)"
-            if evaluation
-            else "pass --resume to continue it, --overwrite-output-dir to start over there, or another --output-dir"
-        )
+        # (a run that stopped before its first iteration ended, say out of memory in its first rollout, left no
+        # checkpoint or metrics: there is nothing to continue, and --resume starts over as --overwrite-output-dir does)
+        unfinished = not any(n.startswith("checkpoint-") or n in (LATEST, "metrics.jsonl") for n in held)
+        if evaluation:
+            how = "--eval-only writes an evaluation of its own: another --output-dir (or --overwrite-output-dir)"
+        elif unfinished:
+            how = "it ended no iteration: --resume or --overwrite-output-dir starts over there, or another --output-dir"
+        else:
+            how = "pass --resume to continue it, --overwrite-output-dir to start over there, or another --output-dir"
         error = OutputInUse(
             f"{output_dir} holds an earlier run ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): {how}"
         )

@@ -309,6 +309,16 @@ def test_a_fresh_run_into_a_used_output_dir_is_refused_unless_overwritten(tmp_pa
         with pytest.raises(ValueError, match=f"--(policy|tokenizer) {ckpt}/policy lies in {ckpt}, which starting a"):
             _run(tmp_path, *stage, *how)
         assert (ckpt / "policy/model.safetensors").exists() and (tmp_path / "metrics.jsonl").exists()
+    # a run that ended no iteration (out of memory in its first rollout, say) left only its launch and first evaluation:
+    # the refusal says there is nothing to continue, and --resume starts over
+    fresh = tmp_path / "unfinished"
+    fresh.mkdir()
+    (fresh / "launches.jsonl").write_text('{"iteration": 0}\n')
+    (fresh / "eval.jsonl").write_text('{"iteration": 0}\n')
+    with pytest.raises(FileExistsError, match=r"\(eval.jsonl, launches.jsonl\): it ended no iteration: --resume or"):
+        _run(fresh, *flags)
+    _run(fresh, *flags, "--resume")
+    assert len((fresh / "metrics.jsonl").read_text().splitlines()) == 1
 
 
 def test_a_checkpoint_of_the_wrong_kind_is_refused_before_anything_is_read_or_cleared(tmp_path, monkeypatch):
