@@ -69,10 +69,7 @@ class ModelConfig:
             raise InvalidInput(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.head_dim % 2:
             raise InvalidInput(f"head_dim {self.head_dim} must be even for the rotary embedding")
-        try:
-            rope = self.rope  # checked, and in one spelling (a theta given inside rope_scaling is the theta)
-        except ValueError as e:  # (kernels/ knows no engine error: config.json's rope settings are the run's input)
-            raise InvalidInput(str(e)) from e
+        rope = self.rope  # checked (checked_rope), and in one spelling (a theta given inside rope_scaling is the theta)
         self.rope_theta, self.rope_scaling = rope.theta, rope.to_hf()
 
     @property

@@ -52,6 +52,12 @@ class FailedOnAnotherRank(InputError, RuntimeError):
     none."""
 
 
+def named(error: InputError, what: str) -> InputError:
+    """The same kind of input error with its message led by `what` (the flag that named the input), for a handler
+    that knows which flag a check's finding belongs to (the check's own exception stays its __cause__)."""
+    return type(error)(f"{what}: {error}")
+
+
 def first_line(error: BaseException) -> str:
     """The first line of another library's error message (a Jinja or torch error may run over several), for a message
     of ours that quotes it in one line."""

@@ -17,7 +17,7 @@ from engine import memory_plan, recompute
 from engine.checkpoint import check_checkpoint, generation_eos_ids, load_pretrained
 from engine.config import LEGACY_PPO_VALUES, ModelConfig, PPOConfig
 from engine.data import PromptBatches, check_fills_a_rollout
-from engine.errors import InvalidInput, MissingInput
+from engine.errors import InputError, InvalidInput, MissingInput, named
 from engine.hub import RUN_FIELDS, config_sources, is_repo_id, model_dirs, pin_run, resolve_run
 from engine.kv_cache import bytes_per_block, cuda_cache_budget, resolve_cache_dtype
 from engine.model import Transformer
@@ -343,10 +343,8 @@ def check_paths(run: RunConfig) -> None:
             try:
                 ModelConfig.from_hf(path)
                 generation_eos_ids(path)  # (where a rollout stops: read after the weights otherwise)
-            except MissingInput as e:
-                raise MissingInput(f"--{name}: {e}") from e
-            except InvalidInput as e:
-                raise InvalidInput(f"--{name}: {e}") from e
+            except InputError as e:  # (only the checks' own findings: any other error is a fault, with its traceback)
+                raise named(e, f"--{name}") from e
     for name in ("prompts", "eval_prompts"):
         path = getattr(run, name)
         if path and not os.path.isfile(path):
@@ -386,11 +384,8 @@ def check_checkpoints(sources: dict[str, tuple[str, str, str]]) -> None:
         checked.add((path, head))
         try:
             check_checkpoint(path, head)
-        except MissingInput as e:  # (only the check's own findings: any other error is a fault, with its traceback)
-            error = MissingInput(f"{what}: {e}")
-            break
-        except InvalidInput as e:
-            error = InvalidInput(f"{what}: {e}")
+        except InputError as e:  # (only the check's own findings: any other error is a fault, with its traceback)
+            error = named(e, what)
             break
     raise_together(error, "checking the checkpoints")  # (a rank whose copy differs, on a node's disk: none waits)
 

@@ -44,8 +44,9 @@ def test_rollout_bench_refuses_impossible_flags(tmp_path, capsys):
 
 @pytest.mark.filterwarnings("ignore:Unable to enable fault handler")  # (@record's, under pytest's capture)
 def test_a_model_that_cannot_fit_is_refused_before_it_is_built(tmp_path, monkeypatch, capsys):
-    """The 13B shape on a CPU by mistake: refused in one line (exit code 2) before a byte is allocated, as are a
-    --model that names nothing and a shape without --random-weights; the same for the PPO step bench."""
+    """The 13B shape on a CPU by mistake (--device cpu: the host's memory, stubbed here, on any machine): refused
+    in one line (exit code 2) before a byte is allocated, as are a --model that names nothing and a shape without
+    --random-weights; the same for the PPO step bench."""
     import sys
 
     import bench.ppo_step as ppo_step
@@ -57,11 +58,11 @@ def test_a_model_that_cannot_fit_is_refused_before_it_is_built(tmp_path, monkeyp
     monkeypatch.setattr(ppo_step.Transformer, "__init__", lambda *a, **k: pytest.fail("a model was built"))
     monkeypatch.setattr("engine.memory_plan.host_available", lambda: 20 * 2**30)
     with pytest.raises(InvalidInput, match=r"llama2-13b's bfloat16 weights need 24\.2 GiB, more than the 20\.0 GiB"):
-        rollout.main(["--model", "llama2-13b", "--random-weights", "--no-hf", "--dtype", "bfloat16"])
+        rollout.main(["--model", "llama2-13b", "--random-weights", "--no-hf", "--dtype", "bfloat16", "--device", "cpu"])
     with pytest.raises(InvalidInput, match=r"weights \(and transformers' copy\) need 48\.5 GiB"):
-        rollout.main(["--model", "llama2-13b", "--random-weights", "--dtype", "bfloat16"])
+        rollout.main(["--model", "llama2-13b", "--random-weights", "--dtype", "bfloat16", "--device", "cpu"])
     with pytest.raises(InvalidInput, match=r"four models' float32 weights \(before any optimizer state\) need 192\.7"):
-        ppo_step.main(["--model", "llama2-13b", "--random-weights"])
+        ppo_step.main(["--model", "llama2-13b", "--random-weights", "--device", "cpu"])  # (the host's memory, stubbed)
     monkeypatch.setattr(sys, "argv", ["rollout_throughput.py"])
     for flags, message in (
         (["--model", str(tmp_path / "none")], f"--model {tmp_path / 'none'}: neither a shape (tiny, llama2-7b"),
