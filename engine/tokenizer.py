@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.config import json_error
-from engine.errors import InputError, InvalidInput, MissingInput, first_line
+from engine.errors import InputError, InvalidInput, MissingInput, first_line, named
 
 try:
     from jinja2 import TemplateError  # (what transformers renders chat templates with, and a template raises)
@@ -187,9 +187,12 @@ def encode_chat(tokenizer, messages: list[dict], template: str = "tulu") -> list
     for m in messages:
         if m.get("role") not in ROLES:
             raise InvalidInput(f"unknown chat role {m.get('role')!r} (expected one of {', '.join(ROLES)})")
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True, date_string=TEMPLATE_DATE
-    )
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, date_string=TEMPLATE_DATE
+        )
+    except (TemplateError, ValueError, KeyError, TypeError) as e:  # (a template's raise_exception, its own errors)
+        raise InvalidInput(f"the chat template failed on this prompt: {first_line(e)}") from e
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -342,11 +345,8 @@ def load_prompts(
     for msgs, lineno in zip(convs, lines):
         try:
             ids = encode_chat(tokenizer, msgs, template)
-        except InputError:
-            raise
-        except (TemplateError, ValueError, KeyError, TypeError) as e:  # (a template's raise_exception, its own errors)
-            where = f"{os.fspath(path)}:{lineno}"
-            raise InvalidInput(f"{where}: the chat template failed on this prompt: {first_line(e)}") from e
+        except InputError as e:  # (the template's failure on this prompt: an error of ours stays a traceback)
+            raise named(e, f"{os.fspath(path)}:{lineno}") from e
         if len(ids) > max_prompt_len:
             dropped += 1
             continue

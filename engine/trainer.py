@@ -35,7 +35,7 @@ from engine.kv_cache import upload
 from engine.model import forward_flops
 from engine.optim import accumulate_grads, apply_update, reduce_grads
 from engine.parallel import agree, print0, raise_together
-from engine.resume import record_launch, save_checkpoint
+from engine.resume import latest_checkpoint, record_launch, save_checkpoint
 from engine.rollout import add_to, chunks, forward_rollout, generate_rollout, policy_logprobs, reduce_sums
 from engine.state import TrainState  # (the state and its setup: engine/state.py)
 from engine.tracking import Tracker
@@ -405,6 +405,18 @@ def train(state: TrainState) -> list[dict]:
     return state.history
 
 
+def _where_to_resume(state: TrainState) -> str:
+    """For a run that diverged: the checkpoint to go back to, and that a resume repeats the run exactly unless a
+    hyperparameter given again changes it."""
+    last = latest_checkpoint(state.run.output_dir) if state.run.output_dir else None
+    if last is None:
+        return "no checkpoint was saved before it (--save-every N saves one every N iterations)"
+    return (
+        f"the last checkpoint is {last}: --resume continues from it exactly as this run did (the same rollouts), so "
+        "give it a changed hyperparameter (a lower --learning-rate, say) to take another way"
+    )
+
+
 def _loop(state: TrainState) -> None:
     saved_at, last_save = state.iteration, time.monotonic()
     if 0 < state.run.profile_iteration <= state.iteration:
@@ -416,10 +428,14 @@ def _loop(state: TrainState) -> None:
         if eval_due(state, at_start=True):
             state.evals.append(evaluate(state))
         while state.iteration < state.iterations:
-            if state.iteration + 1 == state.run.profile_iteration:
-                log_metrics(state, _profiled_iteration(state))
-            else:
-                log_metrics(state, ppo_iteration(state))
+            try:
+                if state.iteration + 1 == state.run.profile_iteration:
+                    metrics = _profiled_iteration(state)
+                else:
+                    metrics = ppo_iteration(state)
+            except FloatingPointError as e:  # (every rank alike: a loss, a gradient norm or the scores)
+                raise FloatingPointError(f"{e}; {_where_to_resume(state)}") from e
+            log_metrics(state, metrics)
             minutes = state.run.save_every_minutes
             late = bool(minutes) and time.monotonic() - last_save >= 60 * minutes
             # every rank decides alike: a clock or a signal seen by one rank

@@ -17,7 +17,7 @@ from engine.resume import latest_checkpoint
 from engine.tokenizer import TINY_EVAL_PROMPTS, read_prompt_file
 from engine.train_ppo import parse_args, prepare_tiny
 from kernels import dispatch
-from tests.engine.test_trainer import _no_timing, _run, _state
+from tests.engine.runs import no_timing, run_tiny, tiny_state
 
 N_EVAL = len(read_prompt_file(TINY_EVAL_PROMPTS))
 
@@ -32,9 +32,9 @@ def _train(state) -> list[dict]:
 
 
 def test_evaluation_leaves_training_unchanged_and_logs_every_answer(tmp_path):
-    with_eval = _run(tmp_path / "a", "--max-iterations", "3", "--eval-every", "2")
-    without = _run(tmp_path / "b", "--max-iterations", "3", "--eval-prompts", "", "--log-samples", "0")
-    assert _no_timing(with_eval) == _no_timing(without)  # evaluation draws none of the run's random numbers
+    with_eval = run_tiny(tmp_path / "a", "--max-iterations", "3", "--eval-every", "2")
+    without = run_tiny(tmp_path / "b", "--max-iterations", "3", "--eval-prompts", "", "--log-samples", "0")
+    assert no_timing(with_eval) == no_timing(without)  # evaluation draws none of the run's random numbers
     assert not (tmp_path / "b/eval.jsonl").exists() and not (tmp_path / "b/samples.jsonl").exists()
 
     evals = _lines(tmp_path / "a/eval.jsonl")
@@ -78,7 +78,7 @@ def _hf_score_and_kl(out, rec) -> tuple[float, float]:
 def test_eval_scores_and_kl_match_transformers(tmp_path):
     """After one update (policy != reference), each answer's RM score and summed KL equal transformers' float64
     LlamaForSequenceClassification score and LlamaForCausalLM log-probs of the same tokens."""
-    state = _state(tmp_path, "--max-iterations", "1")
+    state = tiny_state(tmp_path, "--max-iterations", "1")
     state.tokenizer = None  # records keep the token ids
     _train(state)
     assert [e["iteration"] for e in state.evals] == [0, 1]
@@ -95,7 +95,7 @@ def test_greedy_evaluation_does_not_depend_on_the_seed(tmp_path):
     answers = {}
     for seed in (0, 1):
         for greedy in ("--eval-greedy", "--no-eval-greedy"):
-            state = _state(tmp_path / f"{seed}{greedy}", "--seed", str(seed), greedy)
+            state = tiny_state(tmp_path / f"{seed}{greedy}", "--seed", str(seed), greedy)
             state.tokenizer = None
             with dispatch.reference_ops():
                 evaluate.evaluate(state)
@@ -113,12 +113,12 @@ def test_greedy_evaluation_does_not_depend_on_the_seed(tmp_path):
 
 
 def test_resume_after_a_crash_keeps_one_line_per_evaluation_and_sample(tmp_path, capsys):
-    _run(tmp_path, "--max-iterations", "3", "--save-every", "2", "--keep-checkpoints", "2", "--eval-every", "1")
+    run_tiny(tmp_path, "--max-iterations", "3", "--save-every", "2", "--keep-checkpoints", "2", "--eval-every", "1")
     (tmp_path / "latest").write_text(json.dumps({"checkpoint": "checkpoint-000002"}))  # as if it died at 3
     os.remove(tmp_path / "eval/iter-000003.jsonl")
     (tmp_path / "eval/iter-000004.jsonl").write_text("{}\n")  # a later evaluation of the dead run
     capsys.readouterr()
-    _run(tmp_path, "--max-iterations", "3", "--resume", "--eval-every", "1", "--keep-checkpoints", "2")
+    run_tiny(tmp_path, "--max-iterations", "3", "--resume", "--eval-every", "1", "--keep-checkpoints", "2")
     assert "holds evaluations of another set" not in capsys.readouterr().out
     evals = _lines(tmp_path / "eval.jsonl")
     assert [e["iteration"] for e in evals] == [0, 1, 2, 3]
@@ -129,7 +129,7 @@ def test_resume_after_a_crash_keeps_one_line_per_evaluation_and_sample(tmp_path,
     (tmp_path / "latest").write_text(json.dumps({"checkpoint": "checkpoint-000002"}))
     with open(TINY_EVAL_PROMPTS) as f:
         (tmp_path / "fewer.jsonl").write_text("".join(f.readlines()[:8]))
-    _run(
+    run_tiny(
         tmp_path,
         "--max-iterations",
         "3",
@@ -149,7 +149,7 @@ def test_bad_evaluation_flags_are_refused(tmp_path):
     with pytest.raises(ValueError, match="--eval-every needs --eval-prompts"):
         state_mod.setup(cfg, dataclasses.replace(prepare_tiny(run), eval_prompts=None, eval_every=2))
     with pytest.raises(FileNotFoundError):
-        _state(tmp_path, "--eval-prompts", str(tmp_path / "missing.jsonl"))
+        tiny_state(tmp_path, "--eval-prompts", str(tmp_path / "missing.jsonl"))
     grid = ProcessGrid(world_size=32, dp=32)  # more data-parallel ranks than eval prompts
     cfg, run, _ = parse_args(["--output-dir", str(tmp_path), "--rollout-batch-size", "32", "--train-batch-size", "32"])
     with pytest.raises(ValueError, match=f"{N_EVAL} eval prompts cannot be split over 32 data-parallel ranks"):
@@ -160,14 +160,14 @@ def test_eval_holdout_takes_the_evaluation_set_out_of_the_training_prompts(tmp_p
     from engine.tokenizer import TINY_PROMPTS
 
     capsys.readouterr()
-    _state(tmp_path / "w", "--eval-prompts", TINY_PROMPTS)  # (evaluating on the training prompts: said)
+    tiny_state(tmp_path / "w", "--eval-prompts", TINY_PROMPTS)  # (evaluating on the training prompts: said)
     assert "warning: 48 of the 48 evaluation prompts are training prompts too" in capsys.readouterr().out
-    _state(tmp_path / "x")  # (the shipped held-out prompts: no warning)
+    tiny_state(tmp_path / "x")  # (the shipped held-out prompts: no warning)
     assert "evaluation prompts are training prompts" not in capsys.readouterr().out
 
     held = {}
     for seed in (0, 0, 1):
-        state = _state(tmp_path / "s", "--eval-holdout", "8", "--seed", str(seed), "--overwrite-output-dir")
+        state = tiny_state(tmp_path / "s", "--eval-holdout", "8", "--seed", str(seed), "--overwrite-output-dir")
         train_set, eval_set = state.data.prompts, state.eval_prompts.prompts
         assert len(eval_set) == 8 and len(train_set) == 40
         assert not {tuple(p) for p in eval_set} & {tuple(p) for p in train_set}
@@ -176,9 +176,9 @@ def test_eval_holdout_takes_the_evaluation_set_out_of_the_training_prompts(tmp_p
     all_prompts = state.data.prompts + state.eval_prompts.prompts
     assert len({tuple(p) for p in all_prompts}) == len(read_prompt_file(TINY_PROMPTS))
     with pytest.raises(ValueError, match="--eval-holdout and --eval-prompts both name an evaluation set"):
-        _state(tmp_path / "b", "--eval-holdout", "8", "--eval-prompts", TINY_EVAL_PROMPTS)
+        tiny_state(tmp_path / "b", "--eval-holdout", "8", "--eval-prompts", TINY_EVAL_PROMPTS)
     with pytest.raises(ValueError, match="cannot hold out 48 of 48 prompts"):
-        _state(tmp_path / "c", "--eval-holdout", "48")
+        tiny_state(tmp_path / "c", "--eval-holdout", "48")
 
 
 def test_eval_only_reproduces_the_evaluation_after_training(tmp_path):
@@ -187,7 +187,7 @@ def test_eval_only_reproduces_the_evaluation_after_training(tmp_path):
     with the reference's and reward model's weights in host memory during generation)."""
     from engine.train_ppo import main
 
-    _run(tmp_path / "run", "--max-iterations", "2")
+    run_tiny(tmp_path / "run", "--max-iterations", "2")
     ckpt, init = latest_checkpoint(str(tmp_path / "run")), tmp_path / "run/init"
     with dispatch.reference_ops():
         (only,) = main(

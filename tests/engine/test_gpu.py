@@ -237,7 +237,7 @@ def test_idle_model_weights_free_their_gpu_memory_during_generation(tmp_path, mo
     from engine import offload, rollout, trainer
     from engine import state as state_mod
     from engine.train_ppo import parse_args, prepare_tiny
-    from tests.engine.test_trainer import TIMING
+    from tests.engine.runs import TIMING
 
     def run(out, setting):
         cfg, run, _ = parse_args(["--device", "cuda", "--output-dir", str(out), "--max-iterations", "1",

@@ -11,7 +11,7 @@ from engine import hub
 from engine.tokenizer import TINY_PROMPTS
 from engine.train_ppo import build_tiny_models, main
 from kernels import dispatch
-from tests.engine.test_trainer import SMALL, _no_timing
+from tests.engine.runs import SMALL, no_timing
 
 
 class FakeHub:
@@ -109,7 +109,7 @@ def run(out, *flags):
 def test_a_run_from_hub_ids_is_the_run_from_the_directories(tmp_path, fake_hub):
     local = run(tmp_path / "local", "--policy", str(tmp_path / "src/policy"), "--reward", str(tmp_path / "src/reward"))
     remote = run(tmp_path / "remote", "--policy", "org/policy", "--reward", "org/rm@v1")
-    assert _no_timing(remote) == _no_timing(local)
+    assert no_timing(remote) == no_timing(local)
     # configs and tokenizer files first (checked before any weight is fetched), then the weights
     # each id pinned to the commit its revision names (configs and weights from one commit, on every node)
     policy, rm = (fake_hub.model_info(r, v).sha for r, v in (("org/policy", None), ("org/rm", "v1")))

@@ -49,9 +49,9 @@ def test_trainer_setting():
 
 
 def test_auto_plans_each_training_phase_from_the_budget(tmp_path, monkeypatch):
-    from tests.engine.test_trainer import _state
+    from tests.engine.runs import tiny_state
 
-    state = _state(tmp_path)
+    state = tiny_state(tmp_path)
     state.device = torch.device("cuda")  # the plan runs on GPUs only; its inputs are stubbed below
     layers = len(state.policy.layers)
     for budget, expected in ((0, layers), (2**40, 0)):

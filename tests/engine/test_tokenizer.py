@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from engine.config import ModelConfig
+from engine.errors import InputError
 from engine.tokenizer import (
     TEMPLATE_PROBES,
     TINY_DIR,
@@ -314,6 +315,24 @@ def test_template_dates_are_fixed_and_template_errors_name_the_prompt(tmp_path):
     p.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + json.dumps(rows[2]) + "\n")
     with pytest.raises(ValueError, match=r"p.jsonl:4: the chat template failed on this prompt: System role not"):
         load_prompts(p, other, template="tokenizer")
+
+
+def test_a_fault_of_ours_in_encoding_a_prompt_is_not_blamed_on_the_template(tmp_path, monkeypatch):
+    """Only the template's rendering is reported as the template's failure (an input error naming the prompt's
+    line); the same kinds of error raised by our own formatting or by the tokenizer keep their traceback."""
+    import engine.tokenizer as tokenizer_mod
+
+    tok = load_tokenizer()
+    p = tmp_path / "p.jsonl"
+    p.write_text(json.dumps({"prompt": "one"}) + "\n")
+
+    def broken(*args, **kwargs):
+        raise KeyError("content")
+
+    monkeypatch.setattr(tokenizer_mod, "format_chat", broken)
+    with pytest.raises(KeyError) as caught:
+        load_prompts(p, tok)
+    assert not isinstance(caught.value, InputError)
 
 
 def test_generation_config_eos_ids_end_responses(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from engine import state as state_mod
 from kernels import dispatch
-from tests.engine.test_trainer import _run
+from tests.engine.runs import run_tiny
 
 
 class FakeWandb(types.ModuleType):
@@ -43,7 +43,7 @@ class FakeWandb(types.ModuleType):
 def test_metrics_and_evaluations_go_to_the_wandb_run_and_a_resume_continues_it(tmp_path, monkeypatch):
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    history = _run(tmp_path / "run", "--max-iterations", "2", "--eval-every", "2", "--wandb-project", "p")
+    history = run_tiny(tmp_path / "run", "--max-iterations", "2", "--eval-every", "2", "--wandb-project", "p")
     (kind, init), *logs, finish = fake.calls
     assert kind == "init" and finish == ("finish", 0)
     assert fake.metrics == {"iteration": None, "*": "iteration"}  # every chart against the iteration
@@ -64,12 +64,12 @@ def test_metrics_and_evaluations_go_to_the_wandb_run_and_a_resume_continues_it(t
     assert logs[3][2]["eval/score"] == evals[-1]["score"]
 
     fake.calls.clear()
-    _run(tmp_path / "run", "--max-iterations", "3", "--wandb-project", "p", "--resume")
+    run_tiny(tmp_path / "run", "--max-iterations", "3", "--wandb-project", "p", "--resume")
     assert fake.calls[0][1]["id"] == run_id  # the same W&B run
     assert [c[1] for c in fake.calls if c[0] == "log"] == [3, 3, 3, 3]  # iteration 3 (+ samples), its evaluation (+)
 
     fake.calls.clear()
-    _run(tmp_path / "run", "--max-iterations", "1", "--wandb-project", "p", "--overwrite-output-dir")
+    run_tiny(tmp_path / "run", "--max-iterations", "1", "--wandb-project", "p", "--overwrite-output-dir")
     assert fake.calls[0][1]["id"] != run_id  # starting over starts a new W&B run
 
 
@@ -83,22 +83,22 @@ def test_a_failing_run_is_marked_failed(tmp_path, monkeypatch):
         return gen
 
     with pytest.raises(RuntimeError, match="boom"):
-        _run(tmp_path, "--max-iterations", "1", "--wandb-project", "p", factory=factory)
+        run_tiny(tmp_path, "--max-iterations", "1", "--wandb-project", "p", factory=factory)
     assert fake.calls[-1] == ("finish", 1)
 
 
 def test_missing_wandb_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
     with pytest.raises(ImportError, match=r"--wandb-project p needs the wandb package \(pip install wandb\)"):
-        _run(tmp_path, "--max-iterations", "1", "--wandb-project", "p")
+        run_tiny(tmp_path, "--max-iterations", "1", "--wandb-project", "p")
 
 
 def test_real_wandb_offline(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    _run(tmp_path, "--max-iterations", "1", "--wandb-project", "p")
-    _run(tmp_path, "--max-iterations", "2", "--wandb-project", "p", "--resume")
+    run_tiny(tmp_path, "--max-iterations", "1", "--wandb-project", "p")
+    run_tiny(tmp_path, "--max-iterations", "2", "--wandb-project", "p", "--resume")
     run_id = (tmp_path / "wandb-run-id").read_text().strip()
     runs = sorted(d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-"))
     assert len(runs) == 2 and all(d.endswith(run_id) for d in runs)  # one W&B run, continued
@@ -110,7 +110,7 @@ def test_eval_only_goes_to_wandb_too(tmp_path, monkeypatch):
 
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    _run(tmp_path / "run", "--max-iterations", "1")
+    run_tiny(tmp_path / "run", "--max-iterations", "1")
     fake.calls.clear()
     init = tmp_path / "run/init"
     with dispatch.reference_ops():

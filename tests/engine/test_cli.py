@@ -1,0 +1,331 @@
+"""The command line of train_ppo.py: flags refused when parsed, input errors named in one line (by the flag
+or file) before anything is built or written, --help, and the output directory's refusals."""
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from engine import state as state_mod
+from engine.checkpoint import load_pretrained
+from engine.config import PPOConfig
+from engine.parallel import ProcessGrid
+from engine.state import RunConfig
+from engine.train_ppo import build_parser, parse_args
+from tests.engine.runs import ROOT, run_tiny, tiny_state
+
+
+def test_a_fresh_run_into_a_used_output_dir_is_refused_unless_overwritten(tmp_path):
+    from engine.tokenizer import TINY_DIR, TINY_PROMPTS
+
+    run_tiny(tmp_path, "--max-iterations", "1")  # the tiny default (which starts over each time) leaves a run here
+    flags = ["--policy", str(tmp_path / "init/policy"), "--reward", str(tmp_path / "init/reward"),
+             "--prompts", TINY_PROMPTS, "--tokenizer", TINY_DIR, "--max-iterations", "1"]  # fmt: skip
+    with pytest.raises(FileExistsError, match=r"holds an earlier run \(checkpoint-000001, eval, eval.jsonl, ...\)"):
+        run_tiny(tmp_path, *flags)
+    run_tiny(tmp_path, *flags, "--overwrite-output-dir")
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1  # this run's line only
+    assert not (tmp_path / "eval").exists()  # the earlier run's evaluations are gone (this one has no --eval-prompts)
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2  # this run's samples only
+    assert (tmp_path / "init/policy/config.json").exists()  # other files stay
+    # the next stage from this run's checkpoint, in the same directory: refused (starting over would delete the very
+    # policy it loads), --overwrite-output-dir or not, and nothing is deleted
+    ckpt = tmp_path / "checkpoint-000001"
+    for how in ([], ["--overwrite-output-dir"], ["--tokenizer", str(ckpt / "policy"), "--overwrite-output-dir"]):
+        stage = [*flags[:1], str(ckpt / "policy"), *flags[2:]] if "--tokenizer" not in how else flags
+        with pytest.raises(ValueError, match=f"--(policy|tokenizer) {ckpt}/policy lies in {ckpt}, which starting a"):
+            run_tiny(tmp_path, *stage, *how)
+        assert (ckpt / "policy/model.safetensors").exists() and (tmp_path / "metrics.jsonl").exists()
+    # a run that ended no iteration (out of memory in its first rollout, say) left only its launch and first evaluation:
+    # the refusal says there is nothing to continue, and --resume starts over
+    fresh = tmp_path / "unfinished"
+    fresh.mkdir()
+    (fresh / "launches.jsonl").write_text('{"iteration": 0}\n')
+    (fresh / "eval.jsonl").write_text('{"iteration": 0}\n')
+    with pytest.raises(FileExistsError, match=r"\(eval.jsonl, launches.jsonl\): it ended no iteration: --resume or"):
+        run_tiny(fresh, *flags)
+    run_tiny(fresh, *flags, "--resume")
+    assert len((fresh / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_checkpoint_of_the_wrong_kind_is_refused_before_anything_is_read_or_cleared(tmp_path, monkeypatch):
+    """A reward model saved as a causal LM (or a policy as a classifier) is refused from the files' headers: before
+    any model's weights are read, and before --overwrite-output-dir clears the run there (nothing is lost); a
+    checkpoint path that is no directory is named as its flag's, not as the tokenizer's it defaults to."""
+    from engine.evaluate import evaluate_only
+    from engine.tokenizer import TINY_DIR, TINY_EVAL_PROMPTS, TINY_PROMPTS
+
+    run_tiny(tmp_path, "--max-iterations", "1")  # the tiny default leaves a run here
+    init = tmp_path / "init"
+    flags = ["--prompts", TINY_PROMPTS, "--tokenizer", TINY_DIR, "--max-iterations", "1", "--overwrite-output-dir"]
+    monkeypatch.setattr(state_mod, "load_pretrained", lambda *a, **k: pytest.fail("weights read"))
+    with pytest.raises(
+        ValueError,
+        match=rf"^--reward: checkpoint {init}/policy is missing tensor score.weight .*"
+        r"a causal-LM checkpoint: this model is a LlamaForSequenceClassification with num_labels=1",
+    ):
+        run_tiny(tmp_path, "--policy", str(init / "policy"), "--reward", str(init / "policy"), *flags)
+    with pytest.raises(ValueError, match=rf"--reference: checkpoint {init}/reward is missing tensor lm_head.weight "
+                       r".*a sequence-classification checkpoint: this model is a causal LM"):  # fmt: skip
+        run_tiny(tmp_path, "--policy", str(init / "policy"), "--reference", str(init / "reward"),
+             "--reward", str(init / "reward"), *flags)  # fmt: skip
+    monkeypatch.setattr(state_mod, "check_memory", lambda *a, **k: pytest.fail("planned before the paths were checked"))
+    with pytest.raises(FileNotFoundError, match=r"--policy /nowhere/policy: no such directory \(a local checkpoint"):
+        run_tiny(tmp_path, "--policy", "/nowhere/policy", "--reward", str(init / "reward"), *flags)
+    monkeypatch.undo()
+    monkeypatch.setattr(state_mod, "load_pretrained", lambda *a, **k: pytest.fail("weights read"))
+    shutil.copytree(init / "reward", tmp_path / "truncated")
+    (tmp_path / "truncated/config.json").write_text("{")
+    with pytest.raises(ValueError, match=rf"^--reward: {tmp_path}/truncated/config.json is not valid JSON \(Expecting"):
+        run_tiny(tmp_path, "--policy", str(init / "policy"), "--reward", str(tmp_path / "truncated"), *flags)
+    (tmp_path / "truncated/config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
+    with pytest.raises(ValueError, match=r"^--reference: architecture GPT2LMHeadModel \(model_type 'gpt2'\) is not"):
+        run_tiny(tmp_path, "--policy", str(init / "policy"), "--reference", str(tmp_path / "truncated"),
+             "--reward", str(init / "reward"), *flags)  # fmt: skip
+    assert (tmp_path / "checkpoint-000001/policy/model.safetensors").exists() and (tmp_path / "metrics.jsonl").exists()
+    cfg, run, _ = parse_args(["--eval-only", "--policy", str(init / "policy"), "--reward", str(init / "policy"),
+                              "--eval-prompts", TINY_EVAL_PROMPTS, "--output-dir", str(tmp_path)])  # fmt: skip
+    with pytest.raises(ValueError, match=rf"--reward: checkpoint {init}/policy is missing tensor score.weight"):
+        evaluate_only(cfg, run, ProcessGrid())
+    assert (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--train-batch-size", "0"], "train_batch_size must be >= 1, got 0"),
+        (["--ppo-epochs", "0"], "ppo_epochs must be >= 1, got 0"),
+        (["--lr-schedule", "cosine"], "lr_schedule must be 'linear' or 'constant', got 'cosine'"),
+        (["--kl-estimator", "k9"], "kl_estimator must be 'k1', 'k2' or 'k3'"),
+        (["--temperature", "0"], r"temperature must be > 0 for PPO's rollouts, got 0\.0 \(--eval-greedy"),
+        (["--warmup-ratio", "2"], r"warmup_ratio must be in \[0, 1\], got 2\.0"),
+        (["--clip-ratio", "-0.2"], "clip_ratio must be >= 0"),
+        (["--adam-betas", "0.9", "1.0"], r"adam_betas must be two numbers in \[0, 1\)"),
+        (["--max-iterations", "-1", "--keep-checkpoints", "0"], "keep_checkpoints must be >= 1, got 0; max_iterations"),
+        (["--save-every", "-1"], "save_every must be >= 0"),
+        (["--kv-cache-fraction", "1.5"], r"kv_cache_fraction must be in \(0, 1\]"),
+        (["--learning-rate", "inf"], "learning_rate must be >= 0 and finite, got inf"),
+        (["--missing-eos-penalty", "-inf"], "missing_eos_penalty must be finite, got -inf"),
+        (["--dtype", "int8"], "dtype must be auto, bfloat16, float16 or float32, got 'int8'"),
+        (["--device", "tpu"], "device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+        (["--kv-cache-dtype", "int4"], "kv_cache_dtype must be auto or fp8, got 'int4'"),
+        (["--activation-checkpointing", "maybe"], "activation_checkpointing must be auto, on, off or a number"),
+        (["--output-dir", ""], "output_dir must not be empty"),
+        (["--top-k", "-1"], r"top_k must be >= 0 \(0: no top-k\), got -1"),
+        (["--top-p", "0"], r"top_p must be in \(0, 1\], got 0\.0"),
+        (["--reward", "r"], r"--reward/--prompts need --policy \(without --policy the tiny default builds its own"),
+    ],
+)
+def test_nonsense_flags_are_refused_when_parsed(flags, message, capsys):
+    """A usage error (exit code 2, the message after the usage lines), not a traceback from inside."""
+    with pytest.raises(SystemExit) as e:
+        parse_args(flags)
+    assert e.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+def test_only_global_rank_0_prints_usage_errors_and_help(monkeypatch, capsys):
+    """Under torchrun every rank parses the same flags: one copy of a usage error or of --help is printed."""
+    monkeypatch.setenv("RANK", "1")
+    for flags in (["--top-k", "-1"], ["--help"]):
+        with pytest.raises(SystemExit):
+            parse_args(flags)
+        assert capsys.readouterr() == ("", "")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert "--policy" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:Unable to enable fault handler")  # (@record's, under pytest's capture)
+def test_an_input_error_is_one_line_and_a_fault_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    """The command line (cli) reports an error in the run's inputs in one line with exit code 2, and writes it into
+    torchrun's error file (which torchrun's failure summary prints); TULU_TRACEBACK=1 raises it; any other error is
+    raised with its traceback, which torch's @record writes into the error file."""
+    from engine import train_ppo
+    from engine.errors import MissingInput
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    monkeypatch.delenv("TULU_TRACEBACK", raising=False)
+    flags = ["--policy", str(tmp_path / "none"), "--reward", str(tmp_path), "--prompts", "p.jsonl"]
+    line = f"train_ppo.py: error: --policy {tmp_path / 'none'}: no such directory (a local checkpoint directory or a "
+    with pytest.raises(SystemExit) as e:
+        train_ppo.cli(flags)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(line) and err.count("\n") == 1 and "Traceback" not in err
+    assert json.loads(error_file.read_text())["message"] == err.strip()
+    monkeypatch.setenv("RANK", "1")  # (another rank of a torchrun: into its error file only)
+    with pytest.raises(SystemExit):
+        train_ppo.cli(flags)
+    assert capsys.readouterr().err == "" and json.loads(error_file.read_text())["message"] == err.strip()
+    monkeypatch.setenv("TULU_TRACEBACK", "1")
+    with pytest.raises(MissingInput, match="no such directory"):
+        train_ppo.cli(flags)
+    monkeypatch.delenv("TULU_TRACEBACK")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit):  # (a usage error: into torchrun's summary too)
+        train_ppo.cli(["--top-k", "-1"])
+    assert "error: top_k must be >= 0" in json.loads(error_file.read_text())["message"]
+
+    def fault(*args, **kwargs):
+        raise KeyError("a fault of the engine's")
+
+    monkeypatch.setattr(train_ppo, "main", fault)
+    with pytest.raises(KeyError):
+        train_ppo.cli([])
+    recorded = json.loads(error_file.read_text())["message"]
+    assert "Traceback" in recorded["extraInfo"]["py_callstack"] and "a fault of the engine's" in recorded["message"]
+
+
+def test_mistakes_in_the_inputs_are_input_errors_named_before_anything_is_built(tmp_path, monkeypatch):
+    """Each common mistake is an InputError naming the flag or file, found before a model is built or anything is
+    written; a fault inside a check (not the user's) keeps its own type and traceback."""
+    from engine.errors import InputError
+    from engine.resume import LATEST
+    from engine.tokenizer import TINY_PROMPTS
+    from engine.train_ppo import build_tiny_models
+
+    policy, reward = build_tiny_models(str(tmp_path / "m"))
+    out = tmp_path / "out"
+    monkeypatch.setattr(state_mod, "load_pretrained", lambda *a, **k: pytest.fail("weights read"))
+    monkeypatch.setattr(state_mod, "make_state", lambda *a, **k: pytest.fail("models built"))
+
+    def refused(match, *flags, **paths):
+        given = {"policy": policy, "reward": reward, "prompts": TINY_PROMPTS, **paths}
+        argv = [x for k, v in given.items() for x in (f"--{k}", str(v))] + ["--max-iterations", "1", *flags]
+        with pytest.raises(InputError, match=match):
+            run_tiny(out, *argv)
+        assert not out.exists() or not any(out.iterdir())  # (nothing written: at most the directory checked)
+
+    refused(rf"^--prompts {tmp_path}/none.jsonl: no such file", prompts=tmp_path / "none.jsonl")
+    refused(rf"^--prompts {tmp_path}: a directory, not a JSONL file", prompts=tmp_path)
+    refused(rf"^--eval-prompts {tmp_path}/e.jsonl: no such file", "--eval-prompts", str(tmp_path / "e.jsonl"))
+    refused(r"^--samples-per-prompt 4 exceeds --gen-max-num-seqs 2", "--samples-per-prompt", "4",
+            "--gen-max-num-seqs", "2", "--rollout-batch-size", "8", "--train-batch-size", "8")  # fmt: skip
+    refused(r"^--activation-checkpointing 9: the policy has 2 layers", "--activation-checkpointing", "9")
+    for name, text, match in (
+        ("config.json", "[1]", r"config.json holds a JSON list, not an object"),
+        ("config.json", '{"model_type": "llama"}', r"config.json has no vocab_size, hidden_size, intermediate_size"),
+        ("config.json", None, r"config.json: num_attention_heads '4': not a positive integer"),
+        ("generation_config.json", '{"eos_token_id": "x"}', r"generation_config.json: eos_token_id 'x' is not a"),
+        ("tokenizer.json", '{"version": ', r"transformers cannot load the tokenizer in .*: is its tokenizer.json"),
+    ):
+        bad = tmp_path / f"bad-{len(text or '')}-{name}"
+        shutil.copytree(policy, bad)
+        if text is None:
+            cfg = json.loads((bad / name).read_text())
+            text = json.dumps({**cfg, "num_attention_heads": "4"})
+        (bad / name).write_text(text)
+        refused(("" if name == "tokenizer.json" else f"^--policy: {bad}/") + match, policy=bad)
+    grid = ProcessGrid(rank=0, world_size=3, tp=3)
+    cfg, run, _ = parse_args(["--policy", policy, "--reward", reward, "--prompts", TINY_PROMPTS])
+    with pytest.raises(InputError, match=r"--tp 3 does not divide the policy model's attention heads \(4\)"):
+        state_mod.check_context(run, cfg, grid)  # (on a CPU too: no memory plan there)
+    # a damaged `latest` (here a directory) names itself
+    (out / LATEST).mkdir(parents=True)
+    with pytest.raises(InputError, match=r"latest is damaged \(IsADirectoryError"):
+        run_tiny(out, "--policy", policy, "--reward", reward, "--prompts", TINY_PROMPTS, "--resume")
+    # a fault inside a check is no input error: it keeps its own type (and so its traceback at the command line)
+    monkeypatch.setattr(state_mod, "check_checkpoint", lambda *a: (_ for _ in ()).throw(ValueError("a bug")))
+    with pytest.raises(ValueError, match="^a bug$") as e:
+        run_tiny(tmp_path / "o2", "--policy", policy, "--reward", reward, "--prompts", TINY_PROMPTS)
+    assert not isinstance(e.value, InputError)
+
+
+def test_the_command_line_reports_an_input_error_in_one_line(tmp_path):
+    """engine/train_ppo.py as a script: exit code 2 and one line on stderr, with nothing written."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TULU_TRACEBACK", None)
+    cmd = [sys.executable, os.path.join(ROOT, "engine/train_ppo.py"), "--policy", str(tmp_path / "none"),
+           "--reward", str(tmp_path), "--prompts", str(tmp_path / "p.jsonl"),
+           "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("train_ppo.py: error: --policy ") and r.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_negative_numbers_in_scientific_notation_are_values():
+    assert parse_args(["--missing-eos-penalty", "-1e3"])[0].missing_eos_penalty == -1000.0
+    assert parse_args(["--missing-eos-penalty", "-2.5E+1"])[0].missing_eos_penalty == -25.0
+
+
+def test_a_layout_that_cannot_run_is_refused_before_any_weight_is_read(tmp_path, monkeypatch, capsys):
+    """Too few prompts for one rollout batch, or prompt + response limits beyond a model's context (the generator
+    would cut responses there and PPO score them as without EOS), are refused before a checkpoint's weights are
+    read; a rank's share of a minibatch that splits a prompt's samples is warned about."""
+    from engine.data import check_fills_a_rollout
+
+    monkeypatch.setattr(state_mod, "load_pretrained", lambda *a, **k: pytest.fail("weights read"))
+    with pytest.raises(ValueError, match=r"48 prompts cannot fill one rollout batch of 64 \(--rollout-batch-size\)"):
+        tiny_state(tmp_path / "a", "--rollout-batch-size", "64")
+    with pytest.raises(ValueError, match=r"--max-prompt-len 128 \+ --max-new-tokens 2000 = 2128 tokens do not fit "
+                       r"the policy model's context \(.*: max_position_embeddings 2048\); lower either"):  # fmt: skip
+        tiny_state(tmp_path / "b", "--max-new-tokens", "2000")
+    check_fills_a_rollout(64, 64)
+    state_mod.check_batch_sizes(PPOConfig(train_batch_size=8, rollout_batch_size=16, samples_per_prompt=3),
+                                ProcessGrid(world_size=2, dp=2))  # fmt: skip
+    out = capsys.readouterr().out
+    assert "a rank's share of a minibatch (4 sequences) does not hold whole prompts' 3 samples" in out
+
+
+def test_help_lists_every_flag():
+    text = build_parser().format_help()
+    for cls in (PPOConfig, RunConfig):
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("cli") is not False:  # (RunConfig.ppo_flags: what parse_args saw, not a flag)
+                assert "--" + f.name.replace("_", "-") in text, f.name
+    cfg, run, tiny = parse_args(["--policy", "p", "--reward", "r", "--prompts", "x", "--no-whiten-advantages",
+                                 "--adam-betas", "0.8", "0.9"])  # fmt: skip
+    assert not tiny and not cfg.whiten_advantages and cfg.adam_betas == (0.8, 0.9)
+    assert cfg.rollout_batch_size == 512 and run.policy == "p"  # the recipe, not the tiny preset
+    flat = " ".join(text.split())  # each default said once: the tiny one where it differs, none after a comment's own
+    assert "(default: 512; tiny default: 16)" in flat and "(default: 0; tiny default: 0)" not in flat
+    assert "(default: the output directory's name) (default" not in flat
+
+
+def test_batch_sizes_that_do_not_divide_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="not a multiple of train_batch_size 4"):
+        tiny_state(tmp_path, "--rollout-batch-size", "6")
+
+
+def test_the_tiny_default_never_deletes_another_run(tmp_path):
+    """Without --policy the demo starts over in a directory it ran in before (its init/ models there), but a
+    directory holding another run is refused as any fresh run's would be (it was emptied)."""
+    other = tmp_path / "other"
+    (other / "checkpoint-000006").mkdir(parents=True)
+    (other / "metrics.jsonl").write_text('{"iteration": 6}\n')
+    with pytest.raises(FileExistsError, match="holds an earlier run"):
+        run_tiny(other, "--max-iterations", "1")
+    assert (other / "checkpoint-000006").is_dir() and (other / "metrics.jsonl").read_text() == '{"iteration": 6}\n'
+    run_tiny(tmp_path / "demo", "--max-iterations", "1")
+    run_tiny(tmp_path / "demo", "--max-iterations", "1")  # (its own directory: starts over)
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_anything_runs(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for flags in ((), ("--eval-only", "--eval-prompts", os.path.join(ROOT, "engine/assets/prompts_tiny_eval.jsonl"))):
+        with pytest.raises(OSError, match="cannot write to the output directory"):
+            run_tiny(tmp_path / "file" / "out", "--max-iterations", "1", *flags)
+
+
+def test_damaged_files_are_named(tmp_path):
+    from engine.resume import LATEST, latest_checkpoint, load_state_file
+    from engine.train_ppo import build_tiny_models
+
+    policy, _ = build_tiny_models(str(tmp_path / "tiny"))
+    weights = os.path.join(policy, "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match=f"cannot read the weights file {re.escape(weights)}"):
+        load_pretrained(policy, head="lm")
+    (tmp_path / "state.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="cannot read the state file .*state.pt .*the checkpoint is damaged"):
+        load_state_file(str(tmp_path / "state.pt"))
+    (tmp_path / LATEST).write_text('{"checkp')
+    with pytest.raises(ValueError, match="latest is damaged"):
+        latest_checkpoint(str(tmp_path))

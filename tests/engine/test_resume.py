@@ -1,0 +1,486 @@
+"""Checkpoints and exact resume on CPU with the tiny models: the tiny default resumed exactly, stops by signal and
+by the clock, crashes, durability, refused resumes, hyperparameters kept or named, resumes under DP 2 and another
+layout (torchrun, gloo), and the optimizer state re-laid for another TP degree / DP size."""
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import signal
+
+import pytest
+import torch
+
+from engine import optim, trainer
+from engine import state as state_mod
+from engine.checkpoint import load_pretrained
+from engine.config import ModelConfig, PPOConfig
+from engine.model import Transformer
+from engine.parallel import ProcessGrid
+from engine.reshard import SavedOptimizer, relayout
+from engine.resume import latest_checkpoint, save_checkpoint, trim_logs
+from tests.engine.ppo_dp_worker import naive_factory
+from tests.engine.runs import TIMING, no_timing, run_tiny, saved_weights, tiny_state, torchrun_ranks
+
+
+def test_tiny_default_end_to_end_and_exact_resume(tmp_path):
+    """Two iterations straight, against one iteration + checkpoint + --resume + one more."""
+    straight = run_tiny(tmp_path / "a", "--max-iterations", "2")
+    assert [m["iteration"] for m in straight] == [1, 2]
+    assert straight[-1]["step"] == 4  # 8 sequences per rollout / 4 per step, 2 iterations
+    for m in straight:
+        assert all(math.isfinite(v) for v in m.values()), m
+        assert 1 <= m["response_len"] <= 8 and 0 <= m["clip_frac"] <= 1
+    assert straight[0]["kl"] == 0.0  # policy == reference before the first update
+    # the generator's log-probs match the training pass, also after an update (it samples from the very tensors the
+    # optimizer wrote: a copy would be one update behind)
+    assert all(m["gen_logprob_gap"] < 1e-4 for m in straight), [m["gen_logprob_gap"] for m in straight]
+    lines = (tmp_path / "a/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["iteration"] for x in lines] == [1, 2]
+    a = latest_checkpoint(str(tmp_path / "a"))
+    assert os.path.basename(a) == "checkpoint-000002"
+    assert os.path.exists(f"{a}/policy/tokenizer.json")
+    trained, init = saved_weights(f"{a}/policy", "lm"), saved_weights(tmp_path / "a/init/policy", "lm")
+    assert any(not torch.equal(trained[k], init[k]) for k in init)  # it learned something
+    value, rm = saved_weights(f"{a}/value", "score"), saved_weights(tmp_path / "a/init/reward", "score")
+    assert any(not torch.equal(value[k], rm[k]) for k in rm)
+
+    first = run_tiny(tmp_path / "b", "--max-iterations", "1")
+    second = run_tiny(tmp_path / "b", "--max-iterations", "2", "--resume")
+    assert no_timing(first + second) == no_timing(straight)
+    b = latest_checkpoint(str(tmp_path / "b"))
+    for head, sub in (("lm", "policy"), ("score", "value")):
+        wa, wb = saved_weights(f"{a}/{sub}", head), saved_weights(f"{b}/{sub}", head)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), sub
+    sa = torch.load(f"{a}/state-rank00000.pt", weights_only=False)
+    sb = torch.load(f"{b}/state-rank00000.pt", weights_only=False)
+    for k in ("exp_avg", "exp_avg_sq"):
+        for i, st in sa["value_opt"]["adam"]["state"].items():
+            assert torch.equal(st[k], sb["value_opt"]["adam"]["state"][i][k])
+    assert not os.path.exists(tmp_path / "b/checkpoint-000001")  # keep_checkpoints=1
+    assert len((tmp_path / "b/metrics.jsonl").read_text().splitlines()) == 2
+    launches = [json.loads(x) for x in (tmp_path / "b/launches.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in launches] == [0, 1]  # a fresh start, then the resumed launch
+    assert [x["run"]["resume"] for x in launches] == [False, True] and launches[1]["run"]["max_iterations"] == 2
+    assert set(launches[0]["ppo"]) == {f.name for f in dataclasses.fields(PPOConfig)}  # every hyperparameter
+    assert launches[0]["ppo"]["kl_coef"] == PPOConfig().kl_coef and launches[0]["ppo"]["train_batch_size"] == 4
+    assert launches[0]["versions"]["torch"] == torch.__version__ and launches[0]["versions"]["engine"]
+    assert (launches[0]["world_size"], launches[0]["tp"], launches[0]["dp"], launches[0]["dtype"]) == (
+        1,
+        1,
+        1,
+        "float32",
+    )
+
+
+def test_sigterm_stops_after_the_iteration_with_a_checkpoint_and_resume_is_exact(tmp_path):
+    """A scheduler's SIGTERM during iteration 2 of 3: the run finishes that iteration, checkpoints and returns; a
+    resumed run then ends where a straight one does (weights and metrics)."""
+    flags = ["--max-iterations", "3", "--eval-prompts", ""]  # (every generate call a rollout's)
+    straight = run_tiny(tmp_path / "a", *flags)
+    calls, before = {"n": 0}, signal.getsignal(signal.SIGTERM)
+
+    def factory(policy, cfg, run):
+        gen = state_mod.make_generator(policy, cfg, run)
+        real = gen.generate_completions
+
+        def generate_completions(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                os.kill(os.getpid(), signal.SIGTERM)  # delivered to our handler, between two bytecodes
+            return real(*a, **k)
+
+        gen.generate_completions = generate_completions
+        return gen
+
+    first = run_tiny(tmp_path / "b", *flags, factory=factory)
+    assert [m["iteration"] for m in first] == [1, 2]
+    assert os.path.basename(latest_checkpoint(str(tmp_path / "b"))) == "checkpoint-000002"
+    assert signal.getsignal(signal.SIGTERM) is before  # the loop's handler is gone with the loop
+    second = run_tiny(tmp_path / "b", *flags, "--resume")
+    assert no_timing(first + second) == no_timing(straight)
+    a, b = latest_checkpoint(str(tmp_path / "a")), latest_checkpoint(str(tmp_path / "b"))
+    for head, sub in (("lm", "policy"), ("score", "value")):
+        wa, wb = saved_weights(f"{a}/{sub}", head), saved_weights(f"{b}/{sub}", head)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), sub
+
+
+def test_save_every_minutes_checkpoints_by_the_clock(tmp_path, monkeypatch):
+    clock = {"t": 0.0}
+    monkeypatch.setattr(trainer.time, "monotonic", lambda: clock["t"])
+    saved = []
+    real = save_checkpoint
+
+    def save(state):
+        saved.append(state.iteration)
+        return real(state)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
+
+    def tick(*a, **k):  # each log line is 4 minutes later
+        clock["t"] += 240.0
+
+    monkeypatch.setattr(trainer, "print0", tick)
+    history = run_tiny(tmp_path, "--max-iterations", "4", "--save-every-minutes", "7", "--keep-checkpoints", "9")
+    assert len(history) == 4 and saved == [2, 4]  # 8 minutes after the start, then after the save at 2
+    assert all(m["mem_gib_generate"] == m["mem_gib_train"] == 0.0 for m in history)  # (GPU only)
+
+
+def test_resume_after_a_crash_keeps_one_metrics_line_per_iteration(tmp_path):
+    """A run that logged iteration 3 but died before checkpointing it (and in the middle of writing iteration 4's
+    line, and after leaving a checkpoint 1 without its value model and a 5 `latest` never pointed to) resumes from 2:
+    metrics.jsonl then holds iterations 1, 2, 3 once each, the 3rd from the resumed run; the pruning keeps the
+    complete checkpoint 2 beside the new 3 (--keep-checkpoints 2), not the dead run's leftovers."""
+    run_tiny(tmp_path, "--max-iterations", "3", "--save-every", "2", "--keep-checkpoints", "2")
+    (tmp_path / "latest").write_text(json.dumps({"checkpoint": "checkpoint-000002"}))  # as if it died at 3
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 4, "step": 8, "lr": 1e-')  # (killed mid-write)
+    shutil.copytree(tmp_path / "checkpoint-000002/policy", tmp_path / "checkpoint-000001/policy")
+    shutil.copytree(tmp_path / "checkpoint-000003", tmp_path / "checkpoint-000005")
+    resumed = run_tiny(tmp_path, "--max-iterations", "3", "--resume", "--keep-checkpoints", "2")
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in lines] == [1, 2, 3]
+    assert no_timing(lines[2:]) == no_timing(resumed)
+    assert sorted(d.name for d in tmp_path.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000003"]
+    (tmp_path / "metrics.jsonl").write_text('{"iteration": 1}\n{"iteration": 2}\n{"iteration": 3, "lr')  # (alone)
+    trim_logs(str(tmp_path), 2)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"iteration": 1}\n{"iteration": 2}\n'  # (rewritten)
+    (tmp_path / "metrics.jsonl").write_text('{"iteration": 1}\nnot json\n{"iteration": 2}\n')  # (an edited file)
+    with pytest.raises(ValueError, match=r"metrics\.jsonl, line 2, is not a JSON record .*: mend or remove it"):
+        trim_logs(str(tmp_path), 1)
+
+
+def test_a_checkpoint_is_durable_before_latest_points_to_it(tmp_path, monkeypatch):
+    """Every file is fsynced before its rename and every directory whose entries changed after it: each model's
+    directory before it is renamed into place, the checkpoint's parent after, checkpoint-N before `latest` moves,
+    and the output directory after `latest` is replaced and before the previous checkpoint is removed."""
+    import engine.checkpoint as ckpt_mod
+    import engine.resume as resume_mod
+
+    state = tiny_state(tmp_path, "--max-iterations", "1")
+    events, real_rmtree = [], shutil.rmtree
+
+    def fsync_dir(path):
+        events.append(("dir", os.path.relpath(path, tmp_path)))
+
+    monkeypatch.setattr(ckpt_mod, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(resume_mod, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(resume_mod.os, "replace", lambda a, b: (events.append(("replace", os.path.basename(b))),
+                                                               os.rename(a, b)))  # fmt: skip
+    monkeypatch.setattr(resume_mod.shutil, "rmtree", lambda p, **k: (events.append(("rm", os.path.basename(p))),
+                                                                     real_rmtree(p, **k)))  # fmt: skip
+    save_checkpoint(state)
+    state.iteration = 1
+    events.clear()
+    save_checkpoint(state)
+    dirs = [e[1] for e in events if e[0] == "dir"]
+    assert sum(d.startswith("checkpoint-000001/policy.tmp-") for d in dirs) == 1, dirs
+    assert sum(d.startswith("checkpoint-000001/value.tmp-") for d in dirs) == 1, dirs
+    tail = events[events.index(("replace", "state-rank00000.pt")) :]
+    assert tail == [("replace", "state-rank00000.pt"), ("dir", "checkpoint-000001"), ("dir", "."),
+                    ("replace", "latest"), ("dir", "."), ("rm", "checkpoint-000000")], tail  # fmt: skip
+
+
+def test_a_stop_signal_at_an_evaluation_is_made_up_for_when_resumed(tmp_path, capsys):
+    """SIGTERM during the last iteration, when the final evaluation is due: the run checkpoints without it (a
+    scheduler's grace period is for the checkpoint) and the resumed run evaluates first, so eval.jsonl ends as a
+    straight run's; a resume with nothing put off evaluates nothing again."""
+    straight = run_tiny(tmp_path / "a", "--max-iterations", "2")
+    evals = lambda d: [json.loads(x) for x in (tmp_path / d / "eval.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [e["iteration"] for e in evals("a")] == [0, 2]
+    calls = {"n": 0}
+
+    def factory(policy, cfg, run):
+        gen = state_mod.make_generator(policy, cfg, run)
+        real = gen.generate_completions
+
+        def generate_completions(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 3:  # (the evaluation at the start, iteration 1's rollout, iteration 2's)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(*a, **k)
+
+        gen.generate_completions = generate_completions
+        return gen
+
+    first = run_tiny(tmp_path / "b", "--max-iterations", "2", factory=factory)
+    assert [m["iteration"] for m in first] == [1, 2] and [e["iteration"] for e in evals("b")] == [0]
+    assert run_tiny(tmp_path / "b", "--max-iterations", "2", "--resume") == []  # (no iteration left: the evaluation)
+    ours, theirs = evals("b"), evals("a")
+    assert [e["iteration"] for e in ours] == [0, 2]
+    for k in ("score", "kl", "reward", "response_len"):
+        assert ours[1][k] == theirs[1][k], k
+    assert no_timing(first) == no_timing(straight)
+    capsys.readouterr()
+    run_tiny(tmp_path / "b", "--max-iterations", "2", "--resume")
+    assert [e["iteration"] for e in evals("b")] == [0, 2]  # (made up once)
+    assert "nothing to train: the run has made its 2 iterations (--max-iterations up to 24 continues it)" in (
+        capsys.readouterr().out
+    )
+
+
+def test_resuming_with_other_frozen_models_is_refused(tmp_path, monkeypatch, capsys):
+    """The reference's and reward model's weights are fingerprinted into each checkpoint: a resume with a reward
+    model of the same shape but other weights is refused before any weight is loaded (its rewards would measure
+    something else), --resume-other-models lets it through with a warning, and the same files moved are accepted."""
+    from engine.tokenizer import TINY_PROMPTS
+
+    run_tiny(tmp_path / "tiny", "--max-iterations", "1")  # (the tiny default's models, in tiny/init)
+    init = tmp_path / "tiny/init"
+    shutil.copytree(init, tmp_path / "moved")
+    other = load_pretrained(str(init / "reward"), head="score")
+    with torch.no_grad():
+        other.norm.weight.mul_(1.5)
+    from engine.checkpoint import save_pretrained
+
+    save_pretrained(other, str(tmp_path / "other-rm"), tokenizer_dir=str(init / "reward"))
+    from engine.checkpoint import weights_fingerprint
+
+    same = load_pretrained(str(init / "reward"), head="score")  # the same weights re-saved in four shards
+    save_pretrained(same, str(tmp_path / "resharded"), max_shard_bytes=same.norm.weight.numel() * 400)
+    assert len(list((tmp_path / "resharded").glob("*.safetensors"))) > 1
+    assert weights_fingerprint(str(tmp_path / "resharded")) == weights_fingerprint(str(init / "reward"))
+    assert weights_fingerprint(str(tmp_path / "other-rm")) != weights_fingerprint(str(init / "reward"))
+    flags = ["--prompts", TINY_PROMPTS, "--max-prompt-len", "128", "--output-dir", str(tmp_path / "run")]
+    run = lambda *f: run_tiny(tmp_path / "run", *flags, "--policy", str(init / "policy"), *f)  # noqa: E731
+    run("--reward", str(init / "reward"), "--max-iterations", "1")
+    with pytest.raises(ValueError, match=r"resuming with the reward model \(then .*init/reward, now .*other-rm\) "
+                       r"whose weights differ .*--resume-other-models if that is meant"):  # fmt: skip
+        run("--reward", str(tmp_path / "other-rm"), "--max-iterations", "2", "--resume")
+    loaded = []
+    monkeypatch.setattr(state_mod, "load_pretrained", lambda *a, **k: loaded.append(a) or pytest.fail("loaded"))
+    with pytest.raises(ValueError, match="whose weights differ"):
+        run("--reward", str(tmp_path / "other-rm"), "--max-iterations", "2", "--resume")
+    assert loaded == []  # (refused before a weight was read)
+    monkeypatch.undo()
+    capsys.readouterr()
+    run("--reward", str(tmp_path / "moved/reward"), "--max-iterations", "2", "--resume")  # the same weights, moved
+    assert "whose weights differ" not in capsys.readouterr().out
+    run("--reward", str(tmp_path / "other-rm"), "--max-iterations", "3", "--resume", "--resume-other-models")
+    assert "warning: resuming with the reward model" in capsys.readouterr().out
+
+
+def test_a_resume_keeps_the_checkpoints_hyperparameters_unless_given_again(tmp_path, capsys):
+    """--resume takes every PPO hyperparameter not on its command line from the checkpoint (a default changed since,
+    as lr_schedule and top_k were, does not change a run halfway; the resumed run is the straight one); one given
+    again wins, and is named; a checkpoint from before top-k existed resumes sampling the whole vocabulary."""
+    flags = ["--lr-schedule", "linear", "--top-k", "7", "--learning-rate", "3e-3"]
+    straight = run_tiny(tmp_path / "a", "--max-iterations", "2", *flags)
+    run_tiny(tmp_path / "b", "--max-iterations", "1", *flags)
+    capsys.readouterr()
+    resumed = run_tiny(tmp_path / "b", "--max-iterations", "2", "--resume")
+    assert "other than the checkpoint's" not in capsys.readouterr().out
+    assert no_timing(resumed) == no_timing(straight[1:])
+    state = tiny_state(tmp_path / "b", "--max-iterations", "2", "--resume", "--top-k", "3")
+    assert (state.cfg.lr_schedule, state.cfg.top_k, state.cfg.learning_rate) == ("linear", 3, 3e-3)
+    assert "PPO hyperparameters other than the checkpoint's: top_k 7 -> 3" in capsys.readouterr().out
+    # a checkpoint written before top_k / top_p were hyperparameters: its run sampled the whole vocabulary
+    ckpt = latest_checkpoint(str(tmp_path / "b"))
+    fn = f"{ckpt}/state-rank00000.pt"
+    sd = torch.load(fn, weights_only=False)
+    del sd["ppo_config"]["top_k"], sd["ppo_config"]["top_p"]
+    torch.save(sd, fn)
+    state = tiny_state(tmp_path / "b", "--max-iterations", "2", "--resume")
+    assert (state.cfg.top_k, state.cfg.top_p, state.cfg.lr_schedule) == (0, 1.0, "linear")
+    assert "other than the checkpoint's" not in capsys.readouterr().out
+
+
+def test_dp2_distributed_optimizer_resumes_exactly(tmp_path):
+    """DP=2 with the optimizer sharded over the ranks: two iterations straight equal one + --resume + one (weights,
+    metrics, each rank's shard of the Adam moments), also with the state in host memory throughout (and the idle
+    models' weights during the resumed run's rollout), and the unsharded
+    optimizer's run; resuming a sharded checkpoint without sharding is refused with a clear error."""
+    straight = torchrun_ranks(tmp_path, 2, "a", "--max-iterations", "2")
+    first = torchrun_ranks(tmp_path, 2, "b", "--max-iterations", "1")
+    second = torchrun_ranks(tmp_path, 2, "b", "--max-iterations", "2", "--resume")
+    assert no_timing(first[0]["history"] + second[0]["history"]) == no_timing(straight[0]["history"])
+    a, b = latest_checkpoint(str(tmp_path / "a")), latest_checkpoint(str(tmp_path / "b"))
+    for head, sub in (("lm", "policy"), ("score", "value")):
+        wa, wb = saved_weights(f"{a}/{sub}", head), saved_weights(f"{b}/{sub}", head)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), sub
+    for rank in range(2):
+        sa = torch.load(f"{a}/state-rank{rank:05d}.pt", weights_only=False)
+        sb = torch.load(f"{b}/state-rank{rank:05d}.pt", weights_only=False)
+        for opt in ("policy_opt", "value_opt"):
+            assert sa[opt]["distributed"] and len(sa[opt]["masters"]) >= 1
+            for m, n in zip(sa[opt]["masters"], sb[opt]["masters"], strict=True):
+                assert torch.equal(m, n)
+            for i, st in sa[opt]["adam"]["state"].items():
+                assert torch.equal(st["exp_avg_sq"], sb[opt]["adam"]["state"][i]["exp_avg_sq"])
+    s0 = torch.load(f"{a}/state-rank00000.pt", weights_only=False)["policy_opt"]["masters"]
+    s1 = torch.load(f"{a}/state-rank00001.pt", weights_only=False)["policy_opt"]["masters"]
+    numel = sum(v.numel() for v in saved_weights(f"{a}/policy", "lm").values())
+    assert sum(m.numel() for m in s0) == sum(m.numel() for m in s1) < numel  # each rank holds about half
+    plain = torchrun_ranks(tmp_path, 2, "c", "--max-iterations", "2", "--no-distributed-optimizer")
+    for m, n in zip(plain[0]["history"], straight[0]["history"]):
+        for k, v in m.items():
+            if k not in TIMING:  # (the weights differ in last bits; the KL sums differences of fp32 log-probs of ~6)
+                assert n[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    for k, v in plain[0]["policy"].items():
+        torch.testing.assert_close(straight[0]["policy"][k], v, atol=1e-6, rtol=1e-5)
+    # the state in host memory throughout (--offload-optimizer always), checkpointed and resumed: the same run
+    resident = torchrun_ranks(tmp_path, 2, "d", "--max-iterations", "1", "--offload-optimizer", "always")
+    resident += torchrun_ranks(
+        tmp_path,
+        2,
+        "d",
+        "--max-iterations",
+        "2",
+        "--resume",
+        "--offload-optimizer",
+        "always",
+        "--offload-idle-models",
+        "rollouts",
+    )  # (and the idle models' weights during the rollout)
+    assert no_timing(resident[0]["history"] + resident[2]["history"]) == no_timing(straight[0]["history"])
+    # the sharded optimizer re-gathered for a resume without sharding
+    third = torchrun_ranks(tmp_path, 2, "b", "--max-iterations", "3", "--resume", "--no-distributed-optimizer")
+    assert [m["iteration"] for m in third[0]["history"]] == [3]
+    # rank 1's state file lost: rank 1 stops, and so does rank 0 (rather than wait for it in a collective)
+    shutil.copytree(tmp_path / "b", tmp_path / "lost")
+    os.remove(f"{latest_checkpoint(str(tmp_path / 'lost'))}/state-rank00001.pt")
+    err = torchrun_ranks(tmp_path, 2, "lost", "--max-iterations", "3", "--resume", fails=True)
+    # each in one line (rank 0's on stderr, rank 1's in torchrun's failure summary), no traceback of the engine's
+    assert "error: resuming failed on rank 1: " in err and "state-rank00001.pt is missing (resume reads" in err
+    assert err.count("error: resuming failed on rank 1: ") == 1 + 1  # (rank 0's line, and in torchrun's summary)
+    assert not re.search(r'File "[^"]*/engine/\w+\.py"', err)  # (no traceback through the engine: torchrun's only)
+
+
+def test_resume_with_another_layout(tmp_path):
+    """Resumed on another layout, each run continues as a straight DP=2 run does (the same up to the order of the
+    reductions: the prompt order and the samples depend on neither the DP size nor the TP degree, and the optimizer is
+    re-laid): 2 DP ranks (optimizer sharded) -> 1 process, 1 process -> 2 DP ranks (sharded anew), 2 DP ranks -> TP 2,
+    TP 2 -> 1 process."""
+    straight = torchrun_ranks(tmp_path, 2, "straight", "--max-iterations", "2")[0]["history"]
+    torchrun_ranks(tmp_path, 2, "two_to_one", "--max-iterations", "1")
+    shutil.copytree(tmp_path / "two_to_one", tmp_path / "dp2_to_tp2")
+    one = run_tiny(tmp_path / "two_to_one", "--max-iterations", "2", "--resume", factory=naive_factory)
+    run_tiny(tmp_path / "one_to_two", "--max-iterations", "1", factory=naive_factory)
+    two = torchrun_ranks(tmp_path, 2, "one_to_two", "--max-iterations", "2", "--resume")[0]["history"]
+    tp2 = torchrun_ranks(tmp_path, 2, "dp2_to_tp2", "--max-iterations", "2", "--resume", "--tp", "2")[0]["history"]
+    torchrun_ranks(tmp_path, 2, "tp2_to_one", "--max-iterations", "1", "--tp", "2")
+    tp1 = run_tiny(tmp_path / "tp2_to_one", "--max-iterations", "2", "--resume", factory=naive_factory)
+    for resumed in (one, two, tp2, tp1):
+        assert [m["iteration"] for m in resumed] == [2]
+        for k, v in straight[1].items():
+            if k not in TIMING:
+                assert resumed[0][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    runs = ("two_to_one", "one_to_two", "dp2_to_tp2", "tp2_to_one")
+    for sub, head in (("policy", "lm"), ("value", "score")):
+        w = {d: saved_weights(f"{latest_checkpoint(str(tmp_path / d))}/{sub}", head) for d in ("straight", *runs)}
+        for d in runs:
+            for k, v in w["straight"].items():
+                torch.testing.assert_close(w[d][k], v, atol=1e-6, rtol=1e-5, msg=f"{d} {sub} {k}")
+
+
+def test_resume_names_changed_hyperparameters(tmp_path, capsys):
+    run_tiny(tmp_path, "--max-iterations", "1")
+    capsys.readouterr()
+    run_tiny(tmp_path, "--max-iterations", "2", "--resume", "--adam-betas", "0.9", "0.999")  # the same values
+    out = capsys.readouterr().out
+    assert "other than the checkpoint's" not in out and "eta 0h00m" in out
+    run_tiny(tmp_path, "--max-iterations", "3", "--resume", "--kl-coef", "0.1", "--clip-ratio", "0.3")
+    assert (
+        "hyperparameters other than the checkpoint's: clip_ratio 0.2 -> 0.3, kl_coef 0.05 -> 0.1"
+        in capsys.readouterr().out
+    )
+
+
+def test_resume_with_a_longer_schedule_spans_it(tmp_path, capsys):
+    """Resumed with twice the prompt epochs, the learning rate follows this run's schedule (the checkpoint's ended
+    at 0 halfway, and every later update was a no-op)."""
+    from engine import ppo
+
+    plans = [tiny_state(tmp_path / f"plan{e}", "--prompt-epochs", e) for e in ("1", "2")]
+    (old, new), cfg = [p.total_steps for p in plans], plans[1].cfg
+    assert new == 2 * old
+    run_tiny(tmp_path, "--max-iterations", "1", "--prompt-epochs", "1")
+    capsys.readouterr()
+    history = run_tiny(tmp_path, "--max-iterations", "2", "--resume", "--prompt-epochs", "2")
+    out = capsys.readouterr().out
+    assert f"a learning-rate schedule of {new} optimizer steps (the checkpoint's run: {old}): " in out
+    lr = history[-1]["lr"]
+    assert lr == pytest.approx(ppo.lr_at(history[-1]["step"] - 1, new, cfg)) and lr > 0
+
+
+class _FakeGroup:
+    """A stand-in TP group for building one rank's shards in one process (no collective is called)."""
+
+    def __init__(self, size, rank):
+        self.size, self.rank = size, rank
+
+
+@pytest.mark.parametrize("src_tp,src_dp,src_dist,dst_tp,dst_dp,dst_dist", [
+    (1, 3, True, 1, 2, True),  # DP 3 sharded -> DP 2 sharded (uneven padding, parameters across buckets and shards)
+    (1, 3, True, 1, 1, False),  # DP 3 sharded -> one process
+    (2, 3, True, 1, 1, False),  # TP 2 x DP 3 sharded -> one process
+    (2, 1, False, 1, 2, True),  # TP 2 unsharded -> DP 2 sharded
+    (1, 2, True, 2, 1, False),  # DP 2 sharded -> TP 2
+    (1, 1, False, 2, 3, True),  # one process -> TP 2 x DP 3 sharded
+])  # fmt: skip
+def test_optimizer_state_relaid_for_another_tp_degree(monkeypatch, src_tp, src_dp, src_dist, dst_tp, dst_dp, dst_dist):
+    """Saved at one (TP, DP, sharded or not) layout, re-laid for another: every master and moment of every rank
+    equals the slice the checkpoint loader cuts for that TP rank (load_part, from whole HF-layout tensors drawn
+    here), laid flat and cut into the DP shard by hand (not through the optimizer's own sharding). Fused parts
+    (q/k/v, gate/up), row- and vocab-parallel and replicated weights; small buckets, so that parameters straddle
+    buckets and shards. In one process, with stand-in TP groups."""
+    import engine.model
+    import engine.parallel
+    from engine.checkpoint import hf_tensor_specs
+
+    for mod in (engine.parallel, engine.model):
+        monkeypatch.setattr(mod, "group_size", lambda g: 1 if g is None else g.size, raising=False)
+        monkeypatch.setattr(mod, "group_rank", lambda g: 0 if g is None else g.rank, raising=False)
+    cfg, small = PPOConfig(), dataclasses.replace(ModelConfig.named("tiny"), num_layers=1)
+    gen = torch.Generator().manual_seed(0)
+    specs = hf_tensor_specs(Transformer(small, "lm", dtype=torch.bfloat16))
+    whole = {k: {n: torch.randn(sp.shape, generator=gen) for n, sp in specs.items()} for k in ("m", "a", "b")}
+
+    def make(tp, dp, rank, distributed):  # rank's model (its TP slices), optimizer, and its expected values
+        group = _FakeGroup(tp, rank % tp) if tp > 1 else None
+        model = Transformer(small, "lm", group=group, dtype=torch.float32)
+        local = {}
+        for k, full in whole.items():
+            for n, sp in hf_tensor_specs(model).items():
+                sp.module.load_part(full[n], sp.part, n)  # what a TP rank loads of a whole tensor
+            local[k] = [p.detach().clone() for p in model.parameters()]
+        model.to(torch.bfloat16)
+        grid = ProcessGrid(rank=rank, world_size=tp * dp, tp=tp, dp=dp)
+        opt = optim.make_optimizer(model, cfg, grid, distributed=distributed, bucket_bytes=4 * 3001)
+        if opt.buckets is None:
+            return opt, local
+        shards = {k: [] for k in local}
+        for b in opt.buckets:  # each bucket's flat values, zero-padded, cut into this rank's shard
+            for k, ts in local.items():
+                flat = torch.cat([ts[i].reshape(-1) for i in b.params])
+                flat = torch.cat([flat, flat.new_zeros(b.numel - flat.numel())])
+                shards[k].append(flat[b.lo : b.lo + b.numel // dp])
+        return opt, shards
+
+    states = []
+    for rank in range(src_tp * src_dp):
+        src, want = make(src_tp, src_dp, rank, src_dist)
+        assert (src.buckets is not None) == src_dist and (not src_dist or len(src.buckets) > 3)
+        for k, m in enumerate(src.masters):
+            m.copy_(want["m"][k])
+            st = src.adam.state[m]
+            st["exp_avg"].copy_(want["a"][k])
+            st["exp_avg_sq"].copy_(want["b"][k])
+            st["step"].fill_(5)
+        states.append(optim.optimizer_state(src))
+    saved = SavedOptimizer(states, src_tp, src_dp)
+    for rank in range(dst_tp * dst_dp):
+        dst, want = make(dst_tp, dst_dp, rank, dst_dist)
+        masters, adam = relayout(dst, saved, dst_tp, rank % dst_tp)
+        assert len(masters) == len(want["m"]) == len(adam["state"])
+        for k, m in enumerate(masters):
+            assert torch.equal(m, want["m"][k]), (rank, k)
+            assert torch.equal(adam["state"][k]["exp_avg"], want["a"][k]), (rank, k)
+            assert torch.equal(adam["state"][k]["exp_avg_sq"], want["b"][k]), (rank, k)
+            assert float(adam["state"][k]["step"]) == 5
+    if src_dist and not dst_dist:  # the whole parameters need every saved rank's shards
+        lost = SavedOptimizer([*states[:-1], None], src_tp, src_dp)
+        with pytest.raises(ValueError, match=f"needs the state of saved rank {len(states) - 1}"):
+            relayout(dst, lost, dst_tp, 0)
