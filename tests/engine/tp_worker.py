@@ -70,6 +70,20 @@ def main(ckpt: str, out: str) -> None:
             expected = f"disk full on rank {bad_rank}" if grid.rank == bad_rank else f"failed on rank {bad_rank}"
             assert expected in str(e)
         setattr(ckpt, fn, real)
+    from engine.errors import FailedOnAnotherRank, InvalidInput
+    from engine.parallel import raise_together
+
+    # the ranks without an error raise the kind of the failing rank's: an input error, a divergence, anything else
+    for made, kind in ((InvalidInput("a bad flag"), FailedOnAnotherRank), (FloatingPointError("a NaN loss"),
+                       FloatingPointError), (KeyError("a bug"), RuntimeError)):  # fmt: skip
+        try:
+            raise_together(made if grid.rank == 1 else None, "testing")
+            raise AssertionError("raise_together raised nothing")
+        except Exception as e:
+            if grid.rank == 1:
+                assert e is made, e
+            else:
+                assert type(e) is kind and str(e) == f"testing failed on rank 1: {made}", (type(e), e)
     # generation on the TP-sharded weights: every rank runs the same schedule and samples the same tokens
     from engine.config import GenerateConfig
     from engine.generate import Generator
