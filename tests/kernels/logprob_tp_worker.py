@@ -45,6 +45,8 @@ def main() -> None:
     logits[1, 5:20] = float("-inf")
     targets = torch.randint(0, v, (n,))
     targets[0] = v - 1
+    targets[1], targets[2] = v_local, v_local - 1  # the ids either side of a slice boundary (rank 1's first id: one
+    # past rank 0's slice, whose row there is the next row's first logit)
     g_lp, g_ent = torch.randn(n), torch.randn(n)
     hidden = torch.randn(n, hdim)
     weight = torch.randn(v, hdim) / 3

@@ -122,6 +122,21 @@ def test_gae_mask_with_holes_skips_to_next_masked(n_steps):
     _assert_close(ret, want_ret, 1e-5, 1e-5)
 
 
+def test_gae_carries_across_a_chunk_with_no_masked_step(monkeypatch):
+    """A hole longer than a whole chunk (a 1024-step gap in production; 16 here): the value and advantage of the
+    next masked step are carried through the chunk that has none."""
+    monkeypatch.setattr(gae_mod, "_MAX_BLOCK_T", 16)
+    mask = torch.zeros(3, 40, dtype=torch.bool)
+    mask[:, :5] = True
+    mask[:, 35:] = True
+    mask[2, 20] = True  # (and one row with a step inside the long hole)
+    rewards, values = torch.randn(3, 40), torch.randn(3, 40)
+    adv, ret = _run_kernel(rewards, values, mask, 0.99, 0.95)
+    want_adv, want_ret = _skip_oracle(rewards, values, mask, 0.99, 0.95)
+    _assert_close(adv, want_adv, 1e-5, 1e-5)
+    _assert_close(ret, want_ret, 1e-5, 1e-5)
+
+
 def test_gae_hand_computed_two_steps_with_hole():
     # Steps at t=1 and t=3 (t=0 prompt, t=2 hole, t=4 pad): A3 = r3 - V3; A1 = r1 + g V3 - V1 + g l A3.
     rewards = torch.tensor([[9.0, 1.0, 9.0, 2.0, 9.0]])

@@ -421,3 +421,12 @@ def test_half_lm_head_grads_keep_their_scale_and_precision(small_block, monkeypa
     # running sum over the 64 chunks: 0.7-0.9%
     error = float((gw.double() - r_gw).norm() / r_gw.norm())
     assert error < 5.5e-3, error
+
+
+def test_the_in_place_backward_is_autotuned_with_its_grad_restored():
+    """The fused LM-head path writes the logits' grad over the logits (logprob_backward's `out` aliases them): the
+    autotuner's timing runs of the backward (GPU only: the interpreter never tunes) would each read the previous
+    run's grads as logits unless it restores that buffer between them. The forward writes only its own outputs."""
+    assert L._bwd_tuned.restore_value == ["gx_ptr"]
+    assert "gx_ptr" in L._bwd_tuned.arg_names
+    assert not L._fwd_tuned.restore_value

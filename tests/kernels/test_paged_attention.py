@@ -186,6 +186,20 @@ def test_paged_decode_empty_context_gives_zeros():
         torch.testing.assert_close(got.double(), _expected(q, ks, vs), atol=2e-5, rtol=2e-5)
 
 
+def test_a_context_longer_than_its_table_is_clamped_on_the_gpu_path(monkeypatch):
+    """On CUDA no host check sees a context longer than its block table row addresses (it would take a sync): the
+    kernel clamps it to the row's tokens and reads nothing past the row (here the next row's blocks, which the
+    unclamped kernel attended to). The interpreter's own check is turned off to run the CUDA path's arithmetic."""
+    import kernels.paged_attention as pa
+
+    monkeypatch.setattr(pa, "INTERPRET", False)
+    q, kc, vc, bt, cl, ks, vs = _paged_setup([32, 20], 4, 2, 64, 16, torch.float32, width_extra=0)
+    cl[0] = 40  # its row holds two blocks of 16
+    for splits in (1, 2):
+        got = pa.paged_decode_attention(q, kc, vc, bt, cl, num_splits=splits, max_context_len=32)
+        torch.testing.assert_close(got.double(), _expected(q, ks, vs), atol=2e-5, rtol=2e-5)
+
+
 def test_paged_decode_reference_path_on_cpu():
     """Without the interpreter (the CPU demo path) the op runs kernels/reference.py."""
     q, kc, vc, bt, cl, ks, vs = _paged_setup([5, 33], 4, 2, 64, 16, torch.float32)
@@ -352,6 +366,24 @@ def test_write_kv_cache(dtype):
     assert torch.equal(vc.view(-1, 2, 64)[slots[keep].long()], v[keep])
     assert torch.equal(kc.isnan(), kc2.isnan()) and torch.equal(kc.nan_to_num(0), kc2.nan_to_num(0))
     assert kc.isnan().sum() == kc.numel() - int(keep.sum()) * 2 * 64
+
+
+def test_caches_of_different_layouts():
+    """A v cache laid out otherwise than the k cache (a [block_size, num_blocks, ...] buffer seen transposed, and a
+    k cache whose heads lie 2 D apart): the write and the decode kernels each follow every cache's own strides."""
+    nb, bs, h, d, n = 4, 8, 2, 64, 11
+    k, v = torch.randn(n, h, d), torch.randn(n, h, d)
+    kc = torch.full((nb, bs, h, 2 * d), float("nan"))[..., :d]
+    vc = torch.full((bs, nb, h, d), float("nan")).transpose(0, 1)
+    slots = torch.randperm(nb * bs)[:n]
+    write_kv_cache(k, v, kc, vc, slots.to(torch.int32))
+    assert torch.equal(kc[slots // bs, slots % bs], k) and torch.equal(vc[slots // bs, slots % bs], v)
+    # one sequence of those 11 tokens, its table the blocks they went to in order: the slots as its positions
+    blocks = torch.randperm(nb).to(torch.int32)
+    write_kv_cache(k, v, kc, vc, (blocks.long()[torch.arange(n) // bs] * bs + torch.arange(n) % bs).to(torch.int32))
+    q = torch.randn(1, 4, d)
+    got = paged_decode_attention(q, kc, vc, blocks[None, :2].contiguous(), torch.tensor([n], dtype=torch.int32))
+    torch.testing.assert_close(got.double(), _expected(q, [k.double()], [v.double()]), atol=2e-5, rtol=2e-5)
 
 
 def test_decode_step_end_to_end():

@@ -1,12 +1,16 @@
 """kernels/rotary.py (the once-per-token rotary and cache write) against float64 references, in the interpreter."""
 
+import math
+
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kernels import reference
 from kernels.paged_attention import rope_write_kv
 from kernels.rope_attention import rope_attention
-from kernels.rotary import launch_rotary, rope_tables
+from kernels.rotary import launch_rotary, reduce_angle, rope_tables
 
 
 def _nan(*shape, dtype):
@@ -82,6 +86,24 @@ def test_prefill_and_decode_cache_the_same_keys():
     rope_write_kv(q, k, v, positions, *caches[1], slots)
     assert torch.equal(caches[0][0].view(-1, hkv, d)[:n], caches[1][0].view(-1, hkv, d)[:n])
     assert torch.equal(caches[0][1].view(-1, hkv, d)[:n], v)
+
+
+@triton.jit
+def _reduce_angles(A, OUT, N, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(OUT + offs, reduce_angle(tl.load(A + offs, mask=offs < N)), mask=offs < N)
+
+
+def test_angles_are_reduced_into_one_turn():
+    """reduce_angle gives a mod 2 pi in [-pi, pi] up to the positions a model reaches (~4e5 radians at j = 0):
+    the interpreter's sin and cos are exact at any angle, a GPU's fast ones are not, so the rotary's accuracy at
+    large positions rests on this reduction, checked here on its own."""
+    a = torch.tensor([0.0, 0.5, -3.0, 3.2, 7.0, 1000.0, 65537.0, 131072.5, 4.0e5, -3.0e5, 12345.678, 2.5e5])
+    out = torch.full_like(a, float("nan"))
+    _reduce_angles[(1,)](a, out, a.numel(), BLOCK=16)
+    want = torch.remainder(a.double() + math.pi, 2 * math.pi) - math.pi  # (of the float32 angles, in float64)
+    assert out.abs().max().item() <= math.pi + 1e-5
+    torch.testing.assert_close(out.double(), want, atol=5e-5, rtol=0)
 
 
 def test_tables():
