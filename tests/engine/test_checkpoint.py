@@ -157,15 +157,12 @@ def test_pytorch_bin_checkpoints_load(tmp_path, head, shards, legacy):
 
 def test_pytorch_bin_tp_slices(tmp_path, monkeypatch):
     """A tensor-parallel rank reads its slices of a .bin checkpoint as of a safetensors one (TP rank 1 of 2)."""
-    import engine.model
-    import engine.parallel
+    from tests.engine.fake_tp import FakeGroup, fake_tp
 
     save_hf_model(tmp_path / "st", vocab_size=302)
     _write_bin(tmp_path / "st", tmp_path / "bin", 2)
-    for mod in (engine.parallel, engine.model):  # a stand-in group: rank 1 of 2, no collective is called
-        monkeypatch.setattr(mod, "group_size", lambda g: 1 if g is None else 2, raising=False)
-        monkeypatch.setattr(mod, "group_rank", lambda g: 0 if g is None else 1, raising=False)
-    a, b = (load_pretrained(tmp_path / d, group=object()) for d in ("bin", "st"))
+    fake_tp(monkeypatch)
+    a, b = (load_pretrained(tmp_path / d, group=FakeGroup(2, 1)) for d in ("bin", "st"))
     assert a.layers[0].mlp.down_proj.weight.shape == (64, 48)  # half of the columns: sliced
     assert torch.equal(a.norm.weight, b.norm.weight)
     _same_parameters(a, b)

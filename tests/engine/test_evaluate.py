@@ -236,3 +236,21 @@ def test_eval_only_reproduces_the_evaluation_after_training(tmp_path):
                 "always",
             ]
         )  # fmt: skip (refused before anything is read)
+
+
+def test_a_resumed_evaluation_is_compared_with_the_last_logged_set(tmp_path, monkeypatch, capsys):
+    """A run that changed its evaluation set once and is resumed again with that set is not warned again; another
+    set is."""
+    import types
+
+    (tmp_path / "eval.jsonl").write_text(
+        json.dumps({"iteration": 0, "eval_set": "A"}) + "\n" + json.dumps({"iteration": 2, "eval_set": "B"}) + "\n"
+    )
+    state = types.SimpleNamespace(eval_prompts=object(), iteration=3, grid=types.SimpleNamespace(rank=0),
+                                  run=types.SimpleNamespace(output_dir=str(tmp_path)))  # fmt: skip
+    monkeypatch.setattr(evaluate, "eval_identity", lambda state: {"eval_set": "B"})
+    evaluate.check_resumed_eval(state)
+    assert "another set" not in capsys.readouterr().out
+    monkeypatch.setattr(evaluate, "eval_identity", lambda state: {"eval_set": "C"})
+    evaluate.check_resumed_eval(state)
+    assert "another set" in capsys.readouterr().out

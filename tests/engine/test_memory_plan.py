@@ -9,21 +9,15 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-import engine.model
-import engine.parallel
 from engine import memory_plan, offload
 from engine.config import ModelConfig, PPOConfig
 from engine.model import Transformer
 from engine.parallel import ProcessGrid
 from engine.state import RunConfig, check_memory
+from tests.engine.fake_tp import FakeGroup, fake_tp
 from tests.engine.hf_models import save_hf_model
 
 GiB = 2**30
-
-
-class _FakeGroup:
-    def __init__(self, size, rank=0):
-        self.size, self.rank = size, rank
 
 
 @pytest.mark.parametrize("head", ["lm", "score"])
@@ -31,16 +25,14 @@ class _FakeGroup:
 def test_num_params_per_tp_rank(monkeypatch, head, shape):
     """num_params(head, tp): transformers' count at tp 1; at tp > 1 what a TP rank of our model holds (a meta-device
     model built with a stand-in group of that size)."""
-    for mod in (engine.parallel, engine.model):
-        monkeypatch.setattr(mod, "group_size", lambda g: 1 if g is None else g.size, raising=False)
-        monkeypatch.setattr(mod, "group_rank", lambda g: 0 if g is None else g.rank, raising=False)
+    fake_tp(monkeypatch)
     c = ModelConfig.named(shape)
     cls = LlamaForCausalLM if head == "lm" else LlamaForSequenceClassification
     with torch.device("meta"):
         hf = cls(LlamaConfig(**c.to_hf(head)))
     assert c.num_params(head) == sum(p.numel() for p in hf.parameters())
     for tp in (2, 4, 8) if shape != "tiny" else (2,):
-        ours = Transformer(c, head, group=_FakeGroup(tp, tp - 1), dtype=torch.bfloat16, device="meta")
+        ours = Transformer(c, head, group=FakeGroup(tp, tp - 1), dtype=torch.bfloat16, device="meta")
         assert c.num_params(head, tp) == sum(p.numel() for p in ours.parameters()), tp
 
 
@@ -415,3 +407,15 @@ def test_a_small_states_chunks_and_the_host_advice():
     with pytest.raises(ValueError, match=r"a larger --tp, or --offload-idle-models off$"):
         memory_plan.plan_for("off", big, torch.bfloat16, 8, 1, False, 79 * GiB, host=GiB, local_ranks=8,
                              idle_models="rollouts")  # fmt: skip
+
+
+def test_a_suggested_tp_degree_divides_the_models():
+    """llama2-13b at --tp 8 that does not fit, with memory enough for --tp 16: 16 does not divide its 40 heads, so
+    the refusal does not suggest it."""
+    configs = memory_plan.run_configs("llama2-13b", None, "llama2-13b")
+    numels = {k: c.num_params(head, 16) for k, (c, head) in configs.items()}
+    need16 = sum(memory_plan.fixed_bytes(numels, memory_plan.TRAINED, torch.bfloat16, 1, True).values())
+    free = int(need16 / memory_plan.FIXED_SHARE_LIMIT * 1.01)
+    with pytest.raises(ValueError) as e:
+        memory_plan.plan(configs, torch.bfloat16, 8, 1, True, free)
+    assert "--tp" in str(e.value) and "--tp 16" not in str(e.value), str(e.value)

@@ -252,3 +252,31 @@ def test_rope_config_in_one_spelling():
     assert (cfg.rope_theta, cfg.rope_scaling, cfg.rope.theta) == (500000.0, {"rope_type": "linear", "factor": 2.0}, 5e5)
     with pytest.raises(ValueError, match="rope scaling 'yarn' is not supported"):
         ModelConfig(rope_scaling={"rope_type": "yarn", "factor": 4.0})
+
+
+def test_a_config_without_optional_keys_reads_as_transformers_reads_it():
+    """rms_norm_eps and tie_word_embeddings missing from config.json: LlamaConfig's defaults."""
+    from transformers import LlamaConfig
+
+    hf = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 176,
+          "num_hidden_layers": 2, "num_attention_heads": 4}  # fmt: skip
+    ours, theirs = ModelConfig.from_hf(hf), LlamaConfig(**{k: v for k, v in hf.items() if k != "model_type"})
+    assert ours.rms_norm_eps == theirs.rms_norm_eps
+    assert ours.tie_word_embeddings == theirs.tie_word_embeddings
+
+
+def test_last_token_scores_without_a_mask_is_the_last_column():
+    s = torch.arange(12.0).view(3, 4)
+    assert torch.equal(last_token_scores(s, None), s[:, -1])
+    assert torch.equal(last_token_scores(s, torch.ones(3, 4)), s[:, -1])
+
+
+@pytest.mark.parametrize("n,tp", [(5, 4), (13, 8), (6, 3), (7, 2), (8, 8)])
+def test_sequence_parallel_padding_makes_a_multiple_of_tp(n, tp):
+    """The packed tokens padded to split evenly over any TP degree (the tests' torchrun runs only TP 2, where n % tp
+    and -n % tp agree), the padding a sequence of its own."""
+    from engine.model import _pad_tokens
+
+    ids, pos, cu = _pad_tokens(torch.arange(n), torch.arange(n), torch.tensor([0, n], dtype=torch.int32), tp)
+    assert ids.shape[0] % tp == 0 and ids.shape[0] - n < tp and pos.shape == ids.shape
+    assert int(cu[-1]) == ids.shape[0] and (cu.numel() == 2) == (ids.shape[0] == n)

@@ -397,3 +397,11 @@ def test_a_host_block_collected_during_a_graph_capture_is_unregistered_later(mon
     assert offload._UNLOCK_LATER == []
     del owner  # (its finalizer unregisters the new block, no capture running)
     assert calls[-1] == ("unregister", new.data_ptr())
+
+
+def test_host_buffers_start_aligned():
+    """Every host buffer starts at an ALIGN boundary (the copy engines' fast path), whatever the sizes before it."""
+    c = offload.HostCopies(torch.device("cpu"))
+    c.reserve([(0, [(torch.Size([3]), torch.bfloat16), (torch.Size([5]), torch.float32)]),
+               (1, [(torch.Size([7, 3]), torch.bfloat16)])])  # fmt: skip
+    assert all(h.data_ptr() % offload.ALIGN == 0 for hs in c.host.values() for h in hs)

@@ -167,3 +167,49 @@ def test_tensor_parallelism_in_one_process_says_how_to_launch(monkeypatch):
     with pytest.raises(ValueError, match=r"degree 3 needs a multiple of 3 processes, .*torchrun --nproc_per_node 3"):
         init_process_grid(tp=3)
     assert init_process_grid(tp=1).world_size == 1
+
+
+def test_the_vocab_parallel_embedding_at_its_shards_edges(monkeypatch):
+    """The ids either side of each shard's edge (the first id past rank 0's slice is rank 1's): the ranks' partial
+    embeddings sum to the whole embedding (built in one process, the all-reduce left to the sum here)."""
+    import engine.parallel
+    from tests.engine.fake_tp import FakeGroup, fake_tp
+
+    fake_tp(monkeypatch)
+    monkeypatch.setattr(engine.parallel, "reduce_from_tp", lambda x, group: x)  # each rank's partial sum
+    vocab, hidden = 10, 4
+    full = torch.randn(vocab, hidden)
+    ids = torch.tensor([0, 4, 5, 9, 5, 4])
+    total = 0
+    for rank in range(2):
+        emb = engine.parallel.VocabParallelEmbedding(vocab, hidden, FakeGroup(2, rank))
+        emb.load_part(full)
+        total = total + emb(ids)
+    torch.testing.assert_close(total, full[ids])
+
+
+def _raise_together_rank(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    from engine.errors import InvalidInput
+    from engine.parallel import raise_together
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        raise_together(InvalidInput(f"bad input on rank {rank}") if rank in (1, 2) else None, "testing")
+        got = "nothing"
+    except Exception as e:
+        got = str(e)
+    with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
+        f.write(got)
+    dist.destroy_process_group()
+
+
+def test_raise_together_names_the_first_failing_rank(tmp_path):
+    """Ranks 1 and 2 of 3 fail: rank 0, which reports for the run, names rank 1 and its message; each failing rank
+    raises its own error."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_raise_together_rank, args=(3, str(tmp_path / "init"), str(tmp_path)), nprocs=3, join=True)
+    got = [(tmp_path / f"rank{r}").read_text() for r in range(3)]
+    assert got == ["testing failed on rank 1: bad input on rank 1", "bad input on rank 1", "bad input on rank 2"]

@@ -107,3 +107,40 @@ def test_the_fused_losss_lm_head_grad_is_set_aside(monkeypatch):
         assert recompute.lm_head_grad_bytes({"policy": policy, "value": value}) == budgets[-1]
     bf16 = _model(torch.bfloat16)
     assert budgets == [4 * bf16.lm_head_weight.numel(), 0]
+
+
+def test_a_recomputed_layer_keeps_this_ranks_share_of_its_input(monkeypatch):
+    """Under sequence parallelism a checkpointed layer keeps its input (and the residual) for this rank's 1/tp of
+    the tokens; without it, for every token."""
+    from tests.engine.fake_tp import FakeGroup, fake_tp
+
+    fake_tp(monkeypatch)
+    cfg = ModelConfig.named("tiny")
+    split = Transformer(cfg, group=FakeGroup(2, 0), dtype=torch.bfloat16)
+    assert split.sequence_parallel
+    assert recompute.checkpoint_bytes(split) == 2 * cfg.hidden_size * 2 / 2
+    whole = Transformer(cfg, group=FakeGroup(2, 0), dtype=torch.bfloat16, sequence_parallel=False)
+    assert recompute.checkpoint_bytes(whole) == 2 * cfg.hidden_size * 2
+
+
+def test_every_layer_may_be_named_and_all_are_counted():
+    """--activation-checkpointing N takes N up to the layer count; `on` recomputes (and the metric counts) them all."""
+    assert recompute.setting("2", 2, torch.device("cpu")) == 2
+    m = Transformer(dataclasses.replace(ModelConfig.named("tiny"), num_layers=3))
+    m.activation_checkpointing = True
+    assert recompute.layers_recomputed(m) == 3
+    m.activation_checkpointing = 2
+    assert recompute.layers_recomputed(m) == 2
+
+
+def test_the_plan_counts_the_gathered_hidden_states_and_their_grad(monkeypatch):
+    """Beside the layers, a micro-batch holds 4 x hidden values per token (the final hidden states and their grad):
+    a budget of exactly what no recompute needs plans none, one byte less one layer."""
+    m = Transformer(dataclasses.replace(ModelConfig.named("tiny"), num_layers=4), dtype=torch.bfloat16)
+    tokens, per_layer, elt, h, n = 64, 5000.0, 2, m.config.hidden_size, 4
+    need = tokens * (n * per_layer + per_layer + 4 * h * elt)
+    monkeypatch.setattr(recompute, "agree", lambda values, op: values)
+    for budget, want in ((need, 0), (need - 1, 1)):
+        monkeypatch.setattr(recompute, "training_budget", lambda opts, dev, held=0, b=budget: b)
+        recompute.plan_models({"policy": m}, [], tokens, torch.device("cuda"), {"policy": per_layer})
+        assert m.activation_checkpointing == want, (budget, m.activation_checkpointing)

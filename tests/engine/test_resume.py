@@ -21,6 +21,7 @@ from engine.model import Transformer
 from engine.parallel import ProcessGrid
 from engine.reshard import SavedOptimizer, relayout
 from engine.resume import latest_checkpoint, save_checkpoint, trim_logs
+from tests.engine.fake_tp import FakeGroup, fake_tp
 from tests.engine.ppo_dp_worker import naive_factory
 from tests.engine.runs import TIMING, no_timing, run_tiny, saved_weights, tiny_state, torchrun_ranks
 
@@ -405,13 +406,6 @@ def test_resume_with_a_longer_schedule_spans_it(tmp_path, capsys):
     assert lr == pytest.approx(ppo.lr_at(history[-1]["step"] - 1, new, cfg)) and lr > 0
 
 
-class _FakeGroup:
-    """A stand-in TP group for building one rank's shards in one process (no collective is called)."""
-
-    def __init__(self, size, rank):
-        self.size, self.rank = size, rank
-
-
 @pytest.mark.parametrize("src_tp,src_dp,src_dist,dst_tp,dst_dp,dst_dist", [
     (1, 3, True, 1, 2, True),  # DP 3 sharded -> DP 2 sharded (uneven padding, parameters across buckets and shards)
     (1, 3, True, 1, 1, False),  # DP 3 sharded -> one process
@@ -419,6 +413,8 @@ class _FakeGroup:
     (2, 1, False, 1, 2, True),  # TP 2 unsharded -> DP 2 sharded
     (1, 2, True, 2, 1, False),  # DP 2 sharded -> TP 2
     (1, 1, False, 2, 3, True),  # one process -> TP 2 x DP 3 sharded
+    (2, 1, False, 2, 2, True),  # TP 2 unsharded -> TP 2 x DP 2 sharded (each TP rank reads its own saved slices)
+    (2, 3, True, 2, 2, True),  # TP 2 x DP 3 sharded -> TP 2 x DP 2 sharded
 ])  # fmt: skip
 def test_optimizer_state_relaid_for_another_tp_degree(monkeypatch, src_tp, src_dp, src_dist, dst_tp, dst_dp, dst_dist):
     """Saved at one (TP, DP, sharded or not) layout, re-laid for another: every master and moment of every rank
@@ -426,20 +422,16 @@ def test_optimizer_state_relaid_for_another_tp_degree(monkeypatch, src_tp, src_d
     here), laid flat and cut into the DP shard by hand (not through the optimizer's own sharding). Fused parts
     (q/k/v, gate/up), row- and vocab-parallel and replicated weights; small buckets, so that parameters straddle
     buckets and shards. In one process, with stand-in TP groups."""
-    import engine.model
-    import engine.parallel
     from engine.checkpoint import hf_tensor_specs
 
-    for mod in (engine.parallel, engine.model):
-        monkeypatch.setattr(mod, "group_size", lambda g: 1 if g is None else g.size, raising=False)
-        monkeypatch.setattr(mod, "group_rank", lambda g: 0 if g is None else g.rank, raising=False)
+    fake_tp(monkeypatch)
     cfg, small = PPOConfig(), dataclasses.replace(ModelConfig.named("tiny"), num_layers=1)
     gen = torch.Generator().manual_seed(0)
     specs = hf_tensor_specs(Transformer(small, "lm", dtype=torch.bfloat16))
     whole = {k: {n: torch.randn(sp.shape, generator=gen) for n, sp in specs.items()} for k in ("m", "a", "b")}
 
     def make(tp, dp, rank, distributed):  # rank's model (its TP slices), optimizer, and its expected values
-        group = _FakeGroup(tp, rank % tp) if tp > 1 else None
+        group = FakeGroup(tp, rank % tp) if tp > 1 else None
         model = Transformer(small, "lm", group=group, dtype=torch.float32)
         local = {}
         for k, full in whole.items():

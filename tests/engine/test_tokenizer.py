@@ -491,3 +491,15 @@ def test_a_prompt_file_may_start_with_a_byte_order_mark(tmp_path):
     p = tmp_path / "p.jsonl"
     p.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "one"}).encode() + b"\n" + b'{"prompt": "two"}\n')
     assert [c[0]["content"] for c in read_prompt_file(p)] == ["one", "two"]
+
+
+def test_a_prompt_of_exactly_the_limit_is_kept(tmp_path):
+    """Only prompts longer than --max-prompt-len are dropped."""
+    tok = load_tokenizer()
+    n = len(encode_chat(tok, [{"role": "user", "content": "exactly"}]))
+    p = tmp_path / "p.jsonl"
+    p.write_text(json.dumps({"prompt": "exactly"}) + "\n")
+    kept = load_prompts(p, tok, max_prompt_len=n, verbose=False)
+    assert kept.dropped == 0 and len(kept.prompts[0]) == n
+    with pytest.raises(ValueError, match="longer than"):
+        load_prompts(p, tok, max_prompt_len=n - 1, verbose=False)
