@@ -292,3 +292,30 @@ def test_weights_fingerprint_is_stable_across_versions(tmp_path):
             p.copy_((torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape) % 97 - 48) / (100 + i))
     save_pretrained(model, tmp_path / "ckpt")
     assert weights_fingerprint(str(tmp_path / "ckpt")) == "2c022413dbc4d1b8"
+
+
+def test_save_pretrained_syncs_every_file_and_the_rename(tmp_path, monkeypatch):
+    import engine.checkpoint as ckpt
+
+    synced, dirs = [], []
+    target = tmp_path / "ckpt"
+    real_fsync = ckpt._fsync
+    monkeypatch.setattr(ckpt, "_fsync", lambda fn: (synced.append(os.path.basename(fn)), real_fsync(fn)))
+    monkeypatch.setattr(ckpt, "fsync_dir", lambda p: dirs.append((os.path.abspath(p), target.exists())))
+    ckpt.save_pretrained(Transformer(ModelConfig.named("tiny")).init_weights(seed=1), target)
+    assert "config.json" in synced and "model.safetensors" in synced, synced
+    assert (os.path.abspath(tmp_path), True) in dirs, dirs
+
+
+def test_sharded_index_total_size_is_bytes(tmp_path):
+    from safetensors.torch import load_file
+
+    import engine.checkpoint as ckpt
+
+    model = Transformer(ModelConfig.named("tiny")).init_weights(seed=1)
+    ckpt.save_pretrained(model, tmp_path / "c", max_shard_bytes=200_000)
+    index = json.load(open(tmp_path / "c" / ckpt.INDEX_FILE))
+    files = set(index["weight_map"].values())
+    assert len(files) > 1
+    nbytes = sum(t.numel() * t.element_size() for f in files for t in load_file(tmp_path / "c" / f).values())
+    assert index["metadata"]["total_size"] == nbytes

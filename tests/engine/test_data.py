@@ -95,3 +95,35 @@ def test_resume_refuses_prompts_that_encode_otherwise():
         PromptBatches(other, 4, seed=3).load_state_dict(saved)
     del saved["prompts_digest"]  # (a checkpoint from before the digest: not checked)
     PromptBatches(other, 4, seed=3).load_state_dict(saved)
+
+
+def test_prompts_digest_separates_prompt_boundaries():
+    from engine.data import prompts_digest
+
+    assert prompts_digest([[1, 2], [3]]) != prompts_digest([[1], [2, 3]])
+
+
+def test_resume_refuses_another_batch_size():
+    from engine.data import PromptBatches
+
+    state = PromptBatches(PROMPTS, 4, seed=7).state_dict()
+    with pytest.raises(ValueError, match="saved batch_size 4, now 5"):
+        PromptBatches(PROMPTS, 5, seed=7).load_state_dict(state)
+
+
+def test_epoch_orders_of_neighbouring_seeds_differ():
+    from engine.data import PromptBatches
+
+    assert PromptBatches(PROMPTS, 4, seed=3).epoch_order(1) != PromptBatches(PROMPTS, 4, seed=4).epoch_order(0)
+
+
+def test_resume_restores_epoch_and_batch_not_swapped():
+    from engine.data import PromptBatches
+
+    first = PromptBatches(PROMPTS, 4, seed=7, epochs=3)
+    for _ in range(2):
+        next(first)
+    resumed = PromptBatches(PROMPTS, 4, seed=7, epochs=3)
+    resumed.load_state_dict(first.state_dict())
+    assert (resumed.epoch, resumed.batch) == (0, 2)
+    assert next(resumed) == next(first)

@@ -1,5 +1,6 @@
 """The rollout engine against transformers' generate, and its scheduler under memory pressure."""
 
+import collections
 import math
 import weakref
 
@@ -523,3 +524,67 @@ def test_the_cache_holds_no_more_than_every_slot_can_use():
     small.generate(_prompts(512, [5, 7], seed=1), params)
     per_block = small.pool.nbytes // small.pool.num_blocks
     assert small.pool.num_blocks == 2**16 // per_block < 64 * 10
+
+
+def test_a_stop_token_on_the_last_allowed_position_is_a_stop():
+    from engine.generate import Generator
+
+    k = 5
+    for seed in range(20):
+        model = Transformer(ModelConfig.named("tiny"), dtype=torch.float32).init_weights(seed=seed)
+        greedy = GenerateConfig(temperature=0.0, max_new_tokens=k, ignore_eos=True)
+        with reference_ops():
+            (free,) = Generator(model, block_size=4, num_blocks=16, max_model_len=16).generate_completions(
+                [[1, 5]], greedy
+            )
+        if free.tokens[-1] not in free.tokens[:-1]:
+            break
+    else:
+        pytest.skip("no seed whose last greedy token is new")
+    params = GenerateConfig(temperature=0.0, max_new_tokens=k, stop_token_ids=[free.tokens[-1]], ignore_eos=True)
+    with reference_ops():
+        (c,) = Generator(model, block_size=4, num_blocks=16, max_model_len=16).generate_completions([[1, 5]], params)
+    assert c.tokens == free.tokens and c.finish_reason == "stop"
+
+
+def test_admission_does_not_wait_when_every_waiting_sequence_fits():
+    from engine.generate import Generator
+
+    gen = object.__new__(Generator)
+    gen.max_num_seqs, gen.admit_min_seqs = 8, 4
+    waiting = collections.deque([[object()], [object()]])
+    assert gen._admission_waits(waiting, running=[object()] * 2) is False
+
+
+def test_top_p_drops_the_token_that_reaches_exactly_top_p():
+    from engine.sampler import filter_logits
+
+    out = filter_logits(torch.zeros(1, 4), 0, 0.5)
+    assert torch.isfinite(out).sum() == 2
+
+
+def _sample_counts(logits, params, n=4000):
+    seeds = torch.full((n,), 11, dtype=torch.int64)
+    counters = torch.arange(n, dtype=torch.int64)
+    with reference_ops():
+        tokens, _ = sample_tokens(logits.expand(n, -1).contiguous(), params, seeds, counters)
+    return torch.bincount(tokens, minlength=logits.shape[-1])
+
+
+def test_top_p_applies_to_the_temperature_scaled_distribution():
+    counts = _sample_counts(torch.tensor([2.0, 1.0, 0.0]), GenerateConfig(temperature=0.5, top_p=0.7))
+    assert counts[1] == 0 and counts[2] == 0
+
+
+def test_top_k_keeps_ties_on_the_top_p_path():
+    counts = _sample_counts(torch.tensor([3.0, 2.0, 2.0, 0.0]), GenerateConfig(temperature=1.0, top_k=2, top_p=0.99))
+    assert counts[1] > 0 and counts[2] > 0 and counts[3] == 0
+
+
+def test_top_k_above_the_vocabulary_is_no_filter():
+    logits = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
+    seeds, counters = torch.arange(3), torch.arange(3)
+    with reference_ops():
+        a, _ = sample_tokens(logits, GenerateConfig(temperature=1.0, top_k=50), seeds, counters)
+        b, _ = sample_tokens(logits, GenerateConfig(temperature=1.0, top_k=0), seeds, counters)
+    assert torch.equal(a, b)

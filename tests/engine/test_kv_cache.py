@@ -346,3 +346,11 @@ def test_optional_native_slot_mapping_matches():
     counts = [bm.num_tokens(s) - st for s, st in zip(ids, starts)]
     got = native.slot_mapping(bm.block_table(ids), torch.tensor(starts), torch.tensor(counts), 4)
     assert torch.equal(got, bm.slot_mapping(ids, starts))
+
+
+def test_block_table_as_wide_as_the_longest_table():
+    from engine.kv_cache import BlockManager
+
+    bm = BlockManager(8, 4)
+    bm.allocate(0, 8)  # two full blocks
+    assert bm.block_table([0], width=2).tolist() == [bm.blocks(0)]

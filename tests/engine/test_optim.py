@@ -2,6 +2,7 @@
 optimizer, its state in host memory (offloaded for rollouts or resident and updated in chunks), idle models'
 weights offloaded, and the offload decisions."""
 
+import collections
 import dataclasses
 import os
 import subprocess
@@ -405,3 +406,38 @@ def test_host_buffers_start_aligned():
     c.reserve([(0, [(torch.Size([3]), torch.bfloat16), (torch.Size([5]), torch.float32)]),
                (1, [(torch.Size([7, 3]), torch.bfloat16)])])  # fmt: skip
     assert all(h.data_ptr() % offload.ALIGN == 0 for hs in c.host.values() for h in hs)
+
+
+def test_bf16_micro_batch_grads_accumulate_once_each():
+    import dataclasses
+
+    from engine import optim
+    from engine.parallel import ProcessGrid
+
+    small = dataclasses.replace(ModelConfig.named("tiny"), num_layers=1)
+    model = Transformer(small, "score", dtype=torch.bfloat16).init_weights(seed=0)
+    opt = optim.make_optimizer(model, PPOConfig())
+    want = [torch.zeros(p.shape) for p in opt.params]
+    for step in range(3):
+        for p, w in zip(opt.params, want):
+            g = torch.randn(p.shape, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)
+            p.grad = g.clone() if p.grad is None else p.grad + g  # (as autograd accumulates)
+            w += g.float()
+        optim.accumulate_grads(opt)
+    optim.reduce_grads(opt, ProcessGrid())
+    for g, w in zip(opt.grads, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_distributed_buckets_cover_an_odd_number_of_elements():
+    from engine.optim import _make_buckets
+    from engine.parallel import ProcessGrid
+
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))]
+    covered = collections.Counter()
+    for rank in range(2):
+        for b in _make_buckets(params, ProcessGrid(rank=rank, world_size=2, dp=2), cap=1000):
+            for i, lo, hi, first in b.segments:
+                covered.update((i, first + k) for k in range(hi - lo))
+    assert sorted(covered) == [(0, k) for k in range(3)] + [(1, k) for k in range(4)]
+    assert set(covered.values()) == {1}

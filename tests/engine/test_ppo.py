@@ -1,13 +1,15 @@
 """engine.ppo against straightforward float64 formulas written here (loops over Python floats)."""
 
 import math
+import os
 
 import pytest
 import torch
 
 from engine import ppo
-from engine.config import PPOConfig
+from engine.config import ModelConfig, PPOConfig
 from kernels import dispatch
+from kernels.dispatch import reference_ops
 
 
 def _rows(B=4, T=9, seed=0):
@@ -185,7 +187,6 @@ def test_last_response_index():
 def test_defaults_are_the_recipe():
     """PPOConfig's defaults and the 13B shape are RECIPE.md's table (Tulu V2.5 PPO 13B), value by value: a default
     changed by accident would change every run that relies on it."""
-    from engine.config import ModelConfig
 
     recipe = dict(
         learning_rate=1e-6, lr_schedule="constant", warmup_ratio=0.1, adam_betas=(0.9, 0.999), adam_eps=1e-8,
@@ -221,3 +222,60 @@ def test_a_row_without_response_tokens_gets_nothing():
     alone = ppo.advantages_and_returns(lp[keep], ref[keep], values[keep], mask[keep], scores[keep], cfg)
     for name in ("rewards", "advantages", "returns"):
         torch.testing.assert_close(out[name][keep], alone[name])
+
+
+def test_policy_loss_stats_are_token_sums():
+    g = torch.Generator().manual_seed(0)
+    N, H, V = 11, 8, 19
+    hidden = torch.randn(N, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * 0.5
+    targets = torch.randint(0, V, (N,), generator=g)
+    logp = torch.log_softmax(hidden.double() @ weight.double().T, -1)
+    old = logp.gather(1, targets[:, None]).squeeze(1) + torch.randn(N, generator=g, dtype=torch.float64) * 0.3
+    adv = torch.randn(N, generator=g)
+    with reference_ops():
+        _, stats = ppo.policy_loss(hidden, weight, targets, old.float(), adv, clip_eps=0.2, denom=30.0)
+    ratio = torch.exp(logp.gather(1, targets[:, None]).squeeze(1) - old)
+    entropy = -(logp.exp() * logp).sum(-1)
+    assert stats["ratio"].item() == pytest.approx(ratio.sum().item(), rel=1e-4)
+    assert stats["entropy"].item() == pytest.approx(entropy.sum().item(), rel=1e-4)
+
+
+def _split_rows():
+    g = torch.Generator().manual_seed(5)
+    B, T = 4, 7
+    lp, ref = -torch.rand(B, T, generator=g) * 3, -torch.rand(B, T, generator=g) * 3
+    values, scores = torch.randn(B, T, generator=g), torch.randn(B, generator=g) * 2
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, (s, n) in enumerate([(0, 7), (1, 3), (2, 5), (0, 2)]):
+        mask[b, s : s + n] = True
+    return lp, ref, values, scores, mask
+
+
+def _whiten_rank(rank, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    lp, ref, values, scores, mask = _split_rows()
+    rows = [rank, rank + 2]
+    with reference_ops():
+        out = ppo.advantages_and_returns(
+            lp[rows], ref[rows], values[rows], mask[rows], scores[rows], PPOConfig(whiten_rewards=True),
+            dist.group.WORLD,
+        )  # fmt: skip
+    torch.save(out["rewards"], os.path.join(out_dir, f"rewards{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_whitened_rewards_are_whitened_over_every_dp_rank(tmp_path):
+    """With --whiten-rewards, two DP ranks (gloo processes) holding half the rows each whiten as one process holding
+    all of them (the statistics are the global batch's, not each rank's)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_whiten_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    lp, ref, values, scores, mask = _split_rows()
+    with reference_ops():
+        one = ppo.advantages_and_returns(lp, ref, values, mask, scores, PPOConfig(whiten_rewards=True))["rewards"]
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rewards{rank}.pt")
+        torch.testing.assert_close(got, one[[rank, rank + 2]], atol=1e-5, rtol=1e-5)

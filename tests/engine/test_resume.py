@@ -13,7 +13,7 @@ import signal
 import pytest
 import torch
 
-from engine import optim, trainer
+from engine import optim, ppo, trainer
 from engine import state as state_mod
 from engine.checkpoint import load_pretrained
 from engine.config import ModelConfig, PPOConfig
@@ -392,8 +392,6 @@ def test_resume_names_changed_hyperparameters(tmp_path, capsys):
 def test_resume_with_a_longer_schedule_spans_it(tmp_path, capsys):
     """Resumed with twice the prompt epochs, the learning rate follows this run's schedule (the checkpoint's ended
     at 0 halfway, and every later update was a no-op)."""
-    from engine import ppo
-
     plans = [tiny_state(tmp_path / f"plan{e}", "--prompt-epochs", e) for e in ("1", "2")]
     (old, new), cfg = [p.total_steps for p in plans], plans[1].cfg
     assert new == 2 * old
@@ -476,3 +474,46 @@ def test_optimizer_state_relaid_for_another_tp_degree(monkeypatch, src_tp, src_d
         lost = SavedOptimizer([*states[:-1], None], src_tp, src_dp)
         with pytest.raises(ValueError, match=f"needs the state of saved rank {len(states) - 1}"):
             relayout(dst, lost, dst_tp, 0)
+
+
+def _fake_ckpt(out, n, complete=True, state=True):
+    d = os.path.join(out, f"checkpoint-{n:06d}")
+    for m in ("policy", "value"):
+        os.makedirs(os.path.join(d, m))
+        if complete:
+            open(os.path.join(d, m, "config.json"), "w").close()
+    if state:
+        open(os.path.join(d, "state-rank00000.pt"), "w").close()
+    return d
+
+
+def test_prune_keeps_complete_checkpoints_before_an_incomplete_one(tmp_path):
+    from engine.resume import prune_checkpoints
+
+    _fake_ckpt(tmp_path, 1)
+    _fake_ckpt(tmp_path, 2, complete=False)
+    _fake_ckpt(tmp_path, 3)
+    prune_checkpoints(str(tmp_path), "checkpoint-000003", keep=2)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-000001", "checkpoint-000003"]
+
+
+def test_a_checkpoint_without_its_state_file_is_incomplete(tmp_path):
+    from engine.resume import prune_checkpoints
+
+    _fake_ckpt(tmp_path, 1)
+    _fake_ckpt(tmp_path, 2, state=False)
+    _fake_ckpt(tmp_path, 3)
+    prune_checkpoints(str(tmp_path), "checkpoint-000003", keep=2)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-000001", "checkpoint-000003"]
+
+
+def test_atomic_write_syncs_the_file_before_the_rename(tmp_path, monkeypatch):
+    import engine.resume as resume
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))  # fmt: skip
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", None)), real_replace(a, b)))
+    resume.atomic_write(str(tmp_path / "x"), lambda f: f.write(b"data"))
+    assert events.index(("fsync", False)) < events.index(("replace", None)), events

@@ -5,6 +5,7 @@ epochs' reshuffle, phase times, DP 2 x TP 2 against one process (torchrun, gloo)
 import json
 import os
 import shutil
+import types
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 from engine import state as state_mod
 from engine import trainer
 from engine.checkpoint import load_pretrained
-from engine.config import PPOConfig
+from engine.config import GenerateConfig, PPOConfig
 from engine.resume import latest_checkpoint
 from engine.state import RunConfig
 from engine.train_ppo import parse_args
@@ -337,3 +338,25 @@ def test_the_tiny_models_follow_the_seed(tmp_path):
     stamp = os.stat(os.path.join(policy, "model.safetensors")).st_mtime_ns
     build_tiny_models(str(tmp_path), seed=7)  # (the same seed: kept)
     assert os.stat(os.path.join(policy, "model.safetensors")).st_mtime_ns == stamp
+
+
+def test_a_response_cut_by_the_length_limit_did_not_hit_eos():
+    from engine.generate import Completion
+    from engine.rollout import generate_rollout
+
+    comps = [Completion(0, 0, [5, 6], [-1.0, -1.0], "length"), Completion(1, 0, [7, 2], [-1.0, -1.0], "stop")]
+    gen = types.SimpleNamespace(generate_completions=lambda *a, **k: comps, release=lambda: None)
+    state = types.SimpleNamespace(offload=False, offload_models=False, generator=gen, device=torch.device("cpu"))
+    ro = generate_rollout(state, [[1, 3], [1, 4]], [0, 1], GenerateConfig(max_new_tokens=8, seed=0))
+    assert ro.hit_eos.tolist() == [False, True]
+
+
+def test_rollout_seeds_of_neighbouring_run_seeds_differ():
+    from engine.rollout import sampling_params
+
+    def state(seed):
+        cfg = PPOConfig()
+        run = types.SimpleNamespace(seed=seed, ignore_eos=False)
+        return types.SimpleNamespace(cfg=cfg, run=run, stop_ids=[2])
+
+    assert sampling_params(state(1), 1).seed != sampling_params(state(2), 0).seed
