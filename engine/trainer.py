@@ -29,6 +29,7 @@ from torch.profiler import record_function
 
 from engine import ppo, recompute
 from engine.data import Rollout, global_position, to_padded
+from engine.errors import InputError
 from engine.evaluate import check_resumed_eval, eval_due, evaluate, log_samples
 from engine.generate import GenerationStats
 from engine.kv_cache import upload
@@ -408,7 +409,10 @@ def train(state: TrainState) -> list[dict]:
 def _where_to_resume(state: TrainState) -> str:
     """For a run that diverged: the checkpoint to go back to, and that a resume repeats the run exactly unless a
     hyperparameter given again changes it."""
-    last = latest_checkpoint(state.run.output_dir) if state.run.output_dir else None
+    try:
+        last = latest_checkpoint(state.run.output_dir) if state.run.output_dir else None
+    except InputError as e:  # (a damaged `latest`: said, without hiding the divergence)
+        return f"the last checkpoint cannot be told: {e}"
     if last is None:
         return "no checkpoint was saved before it (--save-every N saves one every N iterations)"
     return (

@@ -102,6 +102,8 @@ def test_a_run_that_diverges_names_the_checkpoint_to_resume_from(tmp_path, monke
     last = tmp_path / "checkpoint-000002"
     assert f"the last checkpoint is {last}: --resume continues from it exactly" in str(e.value)
     assert latest_checkpoint(str(tmp_path)) == str(last)
+    (tmp_path / "latest").write_text("{")  # a damaged pointer is said, and does not hide the divergence
+    assert trainer._where_to_resume(state).startswith("the last checkpoint cannot be told: ")
 
 
 def test_nonfinite_grad_norm_raises_before_any_update(tmp_path):
