@@ -487,21 +487,14 @@ def _fake_ckpt(out, n, complete=True, state=True):
     return d
 
 
-def test_prune_keeps_complete_checkpoints_before_an_incomplete_one(tmp_path):
+@pytest.mark.parametrize("lacks", [{"complete": False}, {"state": False}], ids=["config", "state_file"])
+def test_pruning_keeps_complete_checkpoints_past_an_incomplete_one(tmp_path, lacks):
+    """An incomplete checkpoint (a model's config.json or rank 0's state file missing: a run died writing it) is
+    removed and does not count among the kept ones."""
     from engine.resume import prune_checkpoints
 
     _fake_ckpt(tmp_path, 1)
-    _fake_ckpt(tmp_path, 2, complete=False)
-    _fake_ckpt(tmp_path, 3)
-    prune_checkpoints(str(tmp_path), "checkpoint-000003", keep=2)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-000001", "checkpoint-000003"]
-
-
-def test_a_checkpoint_without_its_state_file_is_incomplete(tmp_path):
-    from engine.resume import prune_checkpoints
-
-    _fake_ckpt(tmp_path, 1)
-    _fake_ckpt(tmp_path, 2, state=False)
+    _fake_ckpt(tmp_path, 2, **lacks)
     _fake_ckpt(tmp_path, 3)
     prune_checkpoints(str(tmp_path), "checkpoint-000003", keep=2)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-000001", "checkpoint-000003"]
