@@ -588,3 +588,35 @@ def test_top_k_above_the_vocabulary_is_no_filter():
         a, _ = sample_tokens(logits, GenerateConfig(temperature=1.0, top_k=50), seeds, counters)
         b, _ = sample_tokens(logits, GenerateConfig(temperature=1.0, top_k=0), seeds, counters)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("step", ["_prefill_and_decode", "_prefill"])
+def test_a_step_out_of_blocks_puts_its_admitted_prompts_back(monkeypatch, step):
+    """The blocks run out in a step that admits prompts (here: the step's first call raises as an append would):
+    the admitted prompts wait again with their blocks freed, and the run samples exactly what an untroubled one does
+    (the noise is keyed by seed and position, not by the step), with no block lost."""
+    from engine.kv_cache import OutOfBlocks
+
+    model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.3, seed=2)
+    prompts = _prompts(512, [3, 11, 1, 7, 16, 5], seed=4)  # (stop tokens free slots mid-run: prompts ride along)
+    params = GenerateConfig(temperature=1.0, max_new_tokens=7, stop_token_ids=list(range(3, 40)), seed=5)
+
+    def run():
+        gen = Generator(model, block_size=4, num_blocks=64, max_model_len=40, max_num_seqs=3)
+        with reference_ops():
+            return gen, [c.tokens for c in gen.generate_completions(prompts, params)]
+
+    _, want = run()
+    real, calls = getattr(Generator, step), []
+
+    def flaky(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OutOfBlocks(1, 0)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Generator, step, flaky)
+    gen, got = run()
+    assert len(calls) > 1 and got == want
+    gen.blocks.check_invariants()
+    assert gen.blocks.num_free_blocks == 64 and gen.blocks.num_sequences == 0
