@@ -14,6 +14,7 @@ import pytest
 from engine import state as state_mod
 from engine.checkpoint import load_pretrained
 from engine.config import PPOConfig
+from engine.errors import InputError, InvalidInput, first_line, run_command
 from engine.parallel import ProcessGrid
 from engine.state import RunConfig
 from engine.train_ppo import build_parser, parse_args
@@ -185,7 +186,6 @@ def test_an_input_error_is_one_line_and_a_fault_keeps_its_traceback(tmp_path, mo
 def test_mistakes_in_the_inputs_are_input_errors_named_before_anything_is_built(tmp_path, monkeypatch):
     """Each common mistake is an InputError naming the flag or file, found before a model is built or anything is
     written; a fault inside a check (not the user's) keeps its own type and traceback."""
-    from engine.errors import InputError
     from engine.resume import LATEST
     from engine.tokenizer import TINY_PROMPTS
     from engine.train_ppo import build_tiny_models
@@ -329,3 +329,22 @@ def test_damaged_files_are_named(tmp_path):
     (tmp_path / LATEST).write_text('{"checkp')
     with pytest.raises(ValueError, match="latest is damaged"):
         latest_checkpoint(str(tmp_path))
+
+
+def test_first_line():
+    assert first_line(ValueError("  first\nsecond\nthird ")) == "first"
+    assert first_line(KeyError()) == "KeyError"
+
+
+@pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
+def test_tulu_traceback_0_still_reports_in_one_line(monkeypatch, capsys):
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("TULU_TRACEBACK", "0")
+
+    def main():
+        raise InvalidInput("bad flag")
+
+    with pytest.raises(SystemExit) as e:
+        run_command(main, "prog")
+    assert e.value.code == 2 and capsys.readouterr().err == "prog: error: bad flag\n"

@@ -1,6 +1,7 @@
 """Weights & Biases tracking (engine/tracking.py): what the trainer sends, through a recording stand-in for the wandb
 module (always), and through the real package in offline mode (where it is installed)."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -9,6 +10,9 @@ import types
 import pytest
 
 from engine import state as state_mod
+from engine.config import PPOConfig
+from engine.parallel import ProcessGrid
+from engine.state import RunConfig
 from kernels import dispatch
 from tests.engine.runs import run_tiny
 
@@ -119,3 +123,17 @@ def test_eval_only_goes_to_wandb_too(tmp_path, monkeypatch):
     (kind, init_kw), (_, step, data), (_, _, table), finish = fake.calls
     assert kind == "init" and init_kw["name"] == "only" and finish == ("finish", 0)
     assert step == 0 and data["eval/prompts"] == 16 and len(table["eval/answers"].data) == 16
+
+
+def test_wandb_run_name_is_used(tmp_path, monkeypatch):
+    from engine.tracking import Tracker
+
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run = RunConfig(output_dir=str(tmp_path / "out"), wandb_project="p", wandb_run_name="my-run")
+    Tracker(types.SimpleNamespace(run=run, cfg=PPOConfig(), grid=ProcessGrid()))
+    (kind, init), *_ = fake.calls
+    assert kind == "init" and init["name"] == "my-run"
+    fake.calls.clear()
+    Tracker(types.SimpleNamespace(run=dataclasses.replace(run, wandb_run_name=""), cfg=PPOConfig(), grid=ProcessGrid()))
+    assert fake.calls[0][1]["name"] == "out"
