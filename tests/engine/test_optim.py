@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from engine import offload, optim, trainer
-from engine import state as state_mod
 from engine.config import ModelConfig, PPOConfig
 from engine.model import Transformer
 from engine.parallel import ProcessGrid
@@ -326,49 +325,6 @@ def test_offloaded_optimizer_trains_the_same(tmp_path):
             a = saved_weights(latest_checkpoint(str(tmp_path / mode)) + f"/{name}", head)
             b = saved_weights(latest_checkpoint(str(tmp_path / "off")) + f"/{name}", head)
             assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_offload_decisions_follow_one_another(tmp_path, monkeypatch, capsys):
-    """decide_offload as on a GPU (the cache's budget and the host's memory given): --offload-optimizer first, then
-    --offload-idle-models from the cache the first left; a host-resident state (always) is not counted twice."""
-    from engine import memory_plan
-    from engine.kv_cache import bytes_per_block
-
-    state = tiny_state(tmp_path, "--max-iterations", "1")
-    state.device = torch.device("cuda", 0)
-    c, cfg = state.policy.config, state.cfg
-    per_seq = bytes_per_block(c.num_layers, 1, c.num_kv_heads, c.head_dim, torch.float32)
-    per_seq *= cfg.max_prompt_len + cfg.max_new_tokens
-    nbytes = offload.state_bytes(state.policy_opt) + offload.state_bytes(state.value_opt)
-    mbytes = sum(offload.weight_bytes(m) for m in (state.ref, state.reward, state.value))
-    monkeypatch.setattr(
-        state_mod, "cuda_cache_budget", lambda device, fraction, reserve=0, clamp=True: 2 * per_seq
-    )  # 2 of the 8 wanted
-    monkeypatch.setattr(memory_plan, "host_available", lambda: 2**40)
-    assert nbytes // per_seq > 8 and mbytes // per_seq > 8  # (either alone makes room for the rollout's 8)
-
-    def decide(opt, models):
-        state.run = dataclasses.replace(state.run, offload_optimizer=opt, offload_idle_models=models)
-        capsys.readouterr()
-        return state_mod.decide_offload(state), capsys.readouterr().out
-
-    # (the sequences a cache of 2 plus what moves out holds, at most what the generator's slots fill: it allocates
-    # no more)
-    holds = lambda moved: min((2 * per_seq + moved) // per_seq, state.run.gen_max_num_seqs)  # noqa: E731
-    assert holds(nbytes) == holds(mbytes) == state.run.gen_max_num_seqs > 8
-    (o, m), out = decide("auto", "auto")
-    assert (o, m) == (True, False) and f"holds {holds(nbytes)} sequences" in out
-    (o, m), out = decide("off", "auto")
-    assert (o, m) == (False, True) and f"holds {holds(mbytes)} instead of 2 full-length" in out
-    (o, m), out = decide("always", "auto")  # (its state is in host memory already: the budget above excludes it)
-    assert (o, m) == (True, True) and "updated in chunks" in out
-    (o, m), out = decide("rollouts", "rollouts")
-    assert (o, m) == (True, True) and f"holds {holds(nbytes + mbytes)} instead of " in out
-    (o, m), out = decide("off", "off")
-    assert (o, m) == (False, False)
-    state.run = dataclasses.replace(state.run, kv_cache_mb=1)  # a fixed cache, whatever the GPU's memory
-    (o, m), out = decide("auto", "auto")
-    assert (o, m) == (False, False) and out.count(f"KV cache holds {2**20 // per_seq} sequences") == 2
 
 
 def test_a_host_block_collected_during_a_graph_capture_is_unregistered_later(monkeypatch):

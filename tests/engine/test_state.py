@@ -84,6 +84,8 @@ def test_recomputing_more_layers_than_the_value_model_has_is_refused(tmp_path):
 
 @pytest.fixture
 def gpu_like(tmp_path, monkeypatch):
+    """The tiny state with decide_offload run as on a GPU: the cache's budget (2 full-length sequences unless given)
+    and the host's memory stubbed."""
     state = tiny_state(tmp_path, "--max-iterations", "1")
     state.device = torch.device("cuda", 0)
     c, cfg = state.policy.config, state.cfg
@@ -99,6 +101,34 @@ def gpu_like(tmp_path, monkeypatch):
         return state_mod.decide_offload(state)
 
     return types.SimpleNamespace(state=state, per_seq=per_seq, nbytes=nbytes, mbytes=mbytes, decide=decide)
+
+
+def test_offload_decisions_follow_one_another(gpu_like, capsys):
+    """decide_offload as on a GPU (the cache's budget and the host's memory given): --offload-optimizer first, then
+    --offload-idle-models from the cache the first left; a host-resident state (always) is not counted twice."""
+    state, per_seq, nbytes, mbytes = gpu_like.state, gpu_like.per_seq, gpu_like.nbytes, gpu_like.mbytes
+    assert nbytes // per_seq > 8 and mbytes // per_seq > 8  # (either alone makes room for the rollout's 8)
+
+    def decide(opt, models, **run_kw):
+        capsys.readouterr()
+        return gpu_like.decide(opt, models, **run_kw), capsys.readouterr().out
+
+    # (the sequences a cache of 2 plus what moves out holds, at most what the generator's slots fill: it allocates
+    # no more)
+    holds = lambda moved: min((2 * per_seq + moved) // per_seq, state.run.gen_max_num_seqs)  # noqa: E731
+    assert holds(nbytes) == holds(mbytes) == state.run.gen_max_num_seqs > 8
+    (o, m), out = decide("auto", "auto")
+    assert (o, m) == (True, False) and f"holds {holds(nbytes)} sequences" in out
+    (o, m), out = decide("off", "auto")
+    assert (o, m) == (False, True) and f"holds {holds(mbytes)} instead of 2 full-length" in out
+    (o, m), out = decide("always", "auto")  # (its state is in host memory already: the budget above excludes it)
+    assert (o, m) == (True, True) and "updated in chunks" in out
+    (o, m), out = decide("rollouts", "rollouts")
+    assert (o, m) == (True, True) and f"holds {holds(nbytes + mbytes)} instead of " in out
+    (o, m), out = decide("off", "off")
+    assert (o, m) == (False, False)
+    (o, m), out = decide("auto", "auto", kv_cache_mb=1)  # a fixed cache, whatever the GPU's memory
+    assert (o, m) == (False, False) and out.count(f"KV cache holds {2**20 // per_seq} sequences") == 2
 
 
 def test_host_memory_taken_by_the_first_offload_counts_every_local_rank(gpu_like, monkeypatch):
