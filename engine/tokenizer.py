@@ -252,17 +252,32 @@ def check_chat_template(tokenizer, template: str) -> None:
 def prompt_messages(obj: dict, where: str) -> list[dict]:
     """The conversation up to (and including) the last user turn, from one JSONL object.
 
-    Accepts {"prompt": str}, {"messages": [...]} or a preference pair's {"chosen": [...]}.
+    Accepts {"prompt": str}, {"messages": [...]}, a preference pair's {"chosen": [...]} (the whole conversation, the
+    answer included) or TRL's conversational {"prompt": [...]} (the turns before the answers). A line with both a
+    "prompt" string and a conversation takes the string, unless the conversation holds earlier turns before its last
+    user turn: then the conversation, whose context the string alone would lose.
     """
     if not isinstance(obj, dict):
         raise InvalidInput(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    if "prompt" in obj and isinstance(obj["prompt"], str):
-        if not obj["prompt"].strip():
+    text = obj.get("prompt")
+    conv = next((obj[k] for k in ("messages", "prompt", "chosen") if isinstance(obj.get(k), list)), None)
+    if isinstance(text, str):
+        if conv is not None:
+            try:
+                turns = _conversation(conv, where)
+            except InvalidInput:
+                turns = []  # a conversation in some other form: the string is the prompt
+            if len(turns) > 1:
+                return turns
+        if not text.strip():
             raise InvalidInput(f"{where}: empty prompt")
-        return [{"role": "user", "content": obj["prompt"]}]
-    msgs = obj.get("messages", obj.get("chosen"))
-    if not isinstance(msgs, list):
-        raise InvalidInput(f"{where}: needs a 'prompt' string or a 'messages' (or 'chosen') list")
+        return [{"role": "user", "content": text}]
+    if conv is None:
+        raise InvalidInput(f"{where}: needs a 'prompt' string or a 'messages' (or 'chosen' or 'prompt') list")
+    return _conversation(conv, where)
+
+
+def _conversation(msgs: list, where: str) -> list[dict]:
     for m in msgs:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise InvalidInput(f"{where}: each message needs a role in {ROLES} and a string content, got {m!r}")

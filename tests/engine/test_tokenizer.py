@@ -114,11 +114,30 @@ def test_prompt_file_formats(tmp_path):
             ]
         },
     ]
+    multi_turn = rows[2]["chosen"]
+    rows += [
+        # a preference line with both: the conversation when it holds turns before the prompt (else the string
+        # alone would lose them), the string when it is single-turn or not a conversation we read
+        {"prompt": "q2", "chosen": multi_turn, "rejected": multi_turn[:3] + [{"role": "assistant", "content": "b"}]},
+        {"prompt": "single", "chosen": [{"role": "user", "content": "single "}, {"role": "assistant", "content": "a"}]},
+        {"prompt": "hh", "chosen": "\n\nHuman: hh\n\nAssistant: a"},
+        {"prompt": "odd", "chosen": [{"from": "human", "value": "odd"}]},
+        # TRL's conversational preference format: the prompt's turns, the answers apart
+        {
+            "prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "trl"}],
+            "chosen": [{"role": "assistant", "content": "a"}],
+        },
+        {"messages": [{"role": "user", "content": "m"}], "prompt": [{"role": "user", "content": "p"}]},
+    ]
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     convs = read_prompt_file(p)
     assert convs[0] == [{"role": "user", "content": "one"}]
     assert convs[1] == [{"role": "user", "content": "two"}]
     assert [m["content"] for m in convs[2]] == ["q1", "a1", "q2"]  # up to the last user turn
+    assert convs[3] == convs[2]
+    assert convs[4:7] == [[{"role": "user", "content": c}] for c in ("single", "hh", "odd")]
+    assert [(m["role"], m["content"]) for m in convs[7]] == [("system", "s"), ("user", "trl")]
+    assert convs[8] == [{"role": "user", "content": "m"}]
 
 
 def test_long_prompts_dropped_and_counted(tmp_path, tok, capsys):
@@ -145,6 +164,8 @@ def test_shipped_prompts_load(tok):
         ('{"prompt": "a\tb"}\n', r"p\.jsonl:1: malformed JSON \(Invalid control character at column 14\)"),
         ('{"text": "x"}\n', r"p\.jsonl:1: needs a 'prompt' string"),
         ('{"messages": [{"role": "assistant", "content": "x"}]}\n', "no user turn"),
+        ('{"prompt": [{"role": "assistant", "content": "x"}], "chosen": []}\n', "no user turn"),
+        ('{"prompt": 3}\n', r"p\.jsonl:1: needs a 'prompt' string"),
         ('{"messages": [{"role": "robot", "content": "x"}]}\n', "each message needs a role"),
         ('{"prompt": "   "}\n', "empty prompt"),
         ('{"messages": [{"role": "user", "content": " "}]}\n', r"p\.jsonl:1: the last user turn is empty"),
