@@ -17,6 +17,7 @@ from engine.model import Transformer
 from engine.parallel import ProcessGrid
 from engine.reshard import SavedOptimizer
 from engine.resume import latest_checkpoint
+from engine.rollout import idle_models
 from kernels import dispatch
 from tests.engine.runs import ROOT, no_timing, run_tiny, saved_weights, tiny_state
 
@@ -280,6 +281,17 @@ def test_idle_model_weights_go_to_host_memory_and_back():
         assert torch.equal(host[0], values[0] if frozen else values[0] + 1.0)
         assert len(copies.blocks) == 1  # the same buffers
         offload.onload_weights(model, copies)
+
+
+def test_no_idle_model_is_the_policy(tmp_path):
+    """idle_models: the reference, the reward and the value model go to host memory while the policy generates, but
+    a library caller's state whose reference is the policy object itself keeps it (offloading it would leave the
+    generator reading host buffers); a missing model is skipped."""
+    state = tiny_state(tmp_path / "run")
+    assert [n for n, _, _ in idle_models(state)] == ["reference", "reward", "value"]
+    assert [f for _, _, f in idle_models(state)] == [True, True, False]
+    state.ref, state.value = state.policy, None
+    assert [(n, m) for n, m, _ in idle_models(state)] == [("reward", state.reward)]
 
 
 def _idle_on_host(state) -> list[bool]:
