@@ -10,8 +10,12 @@ import torch
 import triton
 import triton.language as tl
 
-# Triton reads this variable when it is imported; read it the same way so the two always agree.
-INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Whether Triton runs its interpreter: its own reading of TRITON_INTERPRET (which takes 1, true, on, yes, ...), so the
+# two always agree; Triton before its knobs (3.4) took "1" alone.
+_knobs = getattr(triton, "knobs", None)
+INTERPRET: bool = (
+    bool(_knobs.runtime.interpret) if _knobs is not None else os.environ.get("TRITON_INTERPRET", "0") == "1"
+)
 
 _force_reference = 0
 

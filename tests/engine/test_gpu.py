@@ -10,7 +10,6 @@ everything here is placed on the GPU explicitly. Lengths cross the compiled kern
 import gc
 import json
 import math
-import os
 import warnings
 
 import pytest
@@ -20,13 +19,13 @@ from engine.checkpoint import load_pretrained
 from engine.config import GenerateConfig, ModelConfig
 from engine.generate import Generator
 from engine.model import Transformer
-from kernels.dispatch import reference_ops
+from kernels.dispatch import INTERPRET, reference_ops
 from tests.engine.hf_models import bf16_errors, padded_batch, rel_err, save_hf_model
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
     pytest.mark.skipif(  # (without it the conftest keeps Triton's interpreter: the kernels would not be compiled)
-        torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1",
+        torch.cuda.is_available() and INTERPRET,
         reason="run with TULU_TEST_DEVICE=cuda (the kernels compiled, not interpreted)",
     ),
 ]

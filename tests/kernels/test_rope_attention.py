@@ -240,6 +240,34 @@ def test_reference_path_matches_float64():
     _close(out, _reference(q, k, v, positions, cu, 10000.0)[0], torch.bfloat16, "out")
 
 
+def test_reference_ops_nest_and_end_with_their_block():
+    q = torch.zeros(1)
+    with dispatch.reference_ops():
+        with dispatch.reference_ops():
+            assert not dispatch.use_triton(q)
+        assert not dispatch.use_triton(q)  # (the outer block still holds)
+    assert dispatch.use_triton(q) == dispatch.INTERPRET  # (the CPU rule again)
+
+
+def test_the_interpreter_is_detected_as_triton_detects_it():
+    """TRITON_INTERPRET=true (or on, yes) runs Triton's interpreter as =1 does: dispatch must know (loop_bound)."""
+    import subprocess
+    import sys
+
+    from tests.engine.runs import ROOT
+
+    code = (
+        "import importlib, os, triton\n"
+        "from kernels import dispatch\n"
+        "for v in ('1', 'true', 'ON', 'yes', '0', 'false', ''):\n"
+        "    os.environ['TRITON_INTERPRET'] = v\n"
+        "    importlib.reload(dispatch)\n"
+        "    assert dispatch.INTERPRET == bool(triton.knobs.runtime.interpret), v\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_bad_inputs():
     cu, positions = _pack([3, 5])
     q, k, v = _inputs(8, 4, 2, 64, torch.float32)
@@ -324,3 +352,7 @@ def test_block_index_is_built_once_per_cu_seqlens():
     again = attention_tiles._block_index(cu, 20, 4)
     assert again is not first and again[0].tolist() == [0, 2, 6]
     assert attention_tiles._block_index(cu, 20, 8)[0].tolist() == [0, 1, 3]  # another block size
+    fresh = torch.tensor([0, 3, 9], dtype=torch.int32)  # another tensor, as unchanged as cu was: not cu's index
+    assert attention_tiles._block_index(fresh, 9, 4)[0].tolist() == [0, 1, 3]
+    cu[1] = 9  # in place, the same total: not the index of the values it held
+    assert attention_tiles._block_index(cu, 20, 4)[0].tolist() == [0, 3, 6]
