@@ -306,6 +306,22 @@ def test_the_tiny_default_never_deletes_another_run(tmp_path):
     run_tiny(tmp_path / "demo", "--max-iterations", "1")  # (its own directory: starts over)
 
 
+def test_the_tiny_default_takes_the_tokenizer_and_the_generator_it_is_given(tmp_path):
+    from engine.train_ppo import prepare_tiny
+
+    run = prepare_tiny(parse_args(["--output-dir", str(tmp_path), "--tokenizer", str(tmp_path / "tok")])[1])
+    assert run.tokenizer == str(tmp_path / "tok") and run.policy == str(tmp_path / "init/policy")
+
+    class Made(Exception):
+        pass
+
+    def factory(policy, cfg, run):
+        raise Made(run.output_dir)
+
+    with pytest.raises(Made, match=str(tmp_path / "gen")):
+        run_tiny(tmp_path / "gen", "--max-iterations", "1", factory=factory)
+
+
 def test_an_output_dir_that_cannot_be_written_is_refused_before_anything_runs(tmp_path):
     (tmp_path / "file").write_text("x")
     for flags in ((), ("--eval-only", "--eval-prompts", os.path.join(ROOT, "engine/assets/prompts_tiny_eval.jsonl"))):

@@ -395,6 +395,30 @@ def test_graph_decode_path_matches_eager(monkeypatch):
     )
 
 
+def test_graph_buckets_of_a_large_batch_and_a_full_one(monkeypatch):
+    """Buckets 1, 2, 4, 8, then every 16 up to max_num_seqs (itself the last), in order; a batch of exactly
+    max_num_seqs replays the largest."""
+    _eager_graphs(monkeypatch)
+    model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.05, seed=2)
+    prompts = _prompts(512, [3, 5, 2, 4] * 10, seed=4)
+    kw = dict(block_size=4, num_blocks=128, max_num_seqs=40, max_model_len=16)
+    params = GenerateConfig(temperature=0.8, max_new_tokens=3, seed=5)
+    with reference_ops():
+        gen = Generator(model, use_cuda_graphs=True, **kw)
+        assert gen.generate(prompts, params) == Generator(model, **kw).generate(prompts, params)
+    assert gen._graphs.buckets == [1, 2, 4, 8, 16, 32, 40]
+
+
+def test_graph_key_names_the_cache_shape_as_well_as_its_address():
+    """A cache allocated anew at the same address with another number of blocks is another graph's."""
+    from engine.decode_graphs import graph_key
+
+    model = Transformer(ModelConfig.named("tiny"))
+    pool = torch.zeros(2, 6, 4)
+    assert graph_key(model, pool) == graph_key(model, pool.view(2, 6, 4))
+    assert graph_key(model, pool) != graph_key(model, pool[:, :5])
+
+
 def test_decode_graphs_outlive_the_training_phase_only_where_still_valid(monkeypatch):
     """Graphs stay across calls and across release() when the cache and every parameter keep their storage
     (an in-place update, as the trainer's), and are captured anew when either moved."""

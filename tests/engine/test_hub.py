@@ -53,7 +53,8 @@ class FakeHub:
         if self.offline:
             raise OSError("Cannot reach https://huggingface.co/api/models: offline mode is enabled")
         if repo not in self.repos:
-            raise OSError(f"404 Client Error: Repository Not Found for url: .../api/models/{repo}")
+            # (as huggingface_hub's: the status first, the explanation on later lines)
+            raise OSError(f"404 Client Error. (Request ID: Root=1-a)\n\nRepository Not Found for url: .../{repo}.")
         return sorted(os.listdir(self.repos[repo]))
 
     def snapshot_download(self, repo, revision=None, allow_patterns=None, local_files_only=False):
@@ -92,10 +93,14 @@ def fake_hub(tmp_path, monkeypatch):
     return fake
 
 
-def test_is_repo_id(tmp_path):
+def test_is_repo_id(tmp_path, monkeypatch):
     assert hub.is_repo_id("allenai/tulu-2-13b") and hub.is_repo_id("allenai/tulu-v2.5-13b-uf-rm@main")
     (tmp_path / "a").mkdir()
     assert not hub.is_repo_id(str(tmp_path / "a")) and not hub.is_repo_id("runs/ppo/checkpoint-000010/policy")
+    assert not hub.is_repo_id("./policy") and not hub.is_repo_id("~/policy")  # (a path, not an org)
+    (tmp_path / "models/llama").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert not hub.is_repo_id("models/llama")  # a relative local directory shaped like an id: the directory
     assert hub.weight_patterns(["model.safetensors", "pytorch_model.bin"]) == ["*.safetensors"]
     assert hub.weight_patterns(["pytorch_model-00001-of-00002.bin", "training_args.bin"]) == ["pytorch_model*.bin"]
 
@@ -155,6 +160,30 @@ def test_unknown_repo_is_named(tmp_path, fake_hub):
         run(tmp_path, "--policy", "org/missing", "--reward", "org/rm")
 
 
+def test_the_first_id_that_cannot_be_had_is_named_and_nothing_after_it_is_fetched(tmp_path, fake_hub):
+    with pytest.raises(FileNotFoundError, match=r"^org/q-missing is not a local directory, .*\(OSError: 404 Client"):
+        hub.resolve(["org/policy", "org/q-missing", "org/rm"])
+    assert [c[0] for c in fake_hub.calls] == ["org/policy", "org/q-missing"]  # (org/rm: not downloaded in vain)
+
+
+def test_a_tokenizer_named_by_hub_id_is_pinned_and_fetched_as_the_checkpoints_are(tmp_path, fake_hub):
+    from engine.state import RunConfig
+
+    run = hub.resolve_run(hub.pin_run(RunConfig(policy="org/policy", reward="org/rm", tokenizer="org/rm@v1")))
+    sha = fake_hub.model_info("org/rm", "v1").sha
+    assert run.tokenizer == str(tmp_path / f"cache/org--rm/{sha}")
+    assert os.path.exists(os.path.join(run.tokenizer, "tokenizer_config.json"))
+
+
+def test_the_tokenizer_files_and_chat_template_are_fetched(tmp_path, fake_hub):
+    for name in ("chat_template.jinja", "tokenizer.model", "special_tokens_map.json"):
+        (tmp_path / "src/policy" / name).write_text("x")
+    (path,) = hub.resolve(["org/policy"], weights=False)
+    fetched = set(os.listdir(path))
+    assert {"chat_template.jinja", "tokenizer.model", "special_tokens_map.json", "config.json"} <= fetched
+    assert not any(f.endswith((".safetensors", ".bin")) for f in fetched)
+
+
 def test_other_local_ranks_and_offline_nodes_read_the_cache(tmp_path, fake_hub, monkeypatch):
     """Local rank 0 of a node fetches; the others only look the snapshot up in the cache. Without a network, local
     rank 0 too uses what the cache holds, and a repo it does not hold is named."""
@@ -171,6 +200,9 @@ def test_other_local_ranks_and_offline_nodes_read_the_cache(tmp_path, fake_hub, 
     assert hub.resolve(["org/policy"]) == [cached]
     named = r"org/rm is not a local directory, .*\(OSError: Cannot reach .*\) and is not in the Hugging Face cache"
     with pytest.raises(FileNotFoundError, match=named):
+        hub.resolve(["org/rm"])
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a rank whose cache lacks what local rank 0 fetched (another filesystem)
+    with pytest.raises(FileNotFoundError, match=r"^a checkpoint local rank 0 fetched is not whole in this rank's"):
         hub.resolve(["org/rm"])
 
 
