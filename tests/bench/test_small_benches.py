@@ -1,20 +1,33 @@
 """The small kernel benchmarks (RMSNorm / SwiGLU, sampling) run end to end on CPU (tiny shapes, no timing)."""
 
+import pytest
+
 
 def test_norm_act_bench_smoke(tmp_path):
     from bench.bench_rmsnorm_swiglu import main
 
-    rows = main(["--json", str(tmp_path / "n.json")])
+    rows = main(["--bandwidth", "2", "--json", str(tmp_path / "n.json")])
     impls = {(r["op"].split()[0], r["impl"]) for r in rows if "error" not in r}
     assert {("RMSNorm", "ours"), ("RMSNorm", "eager (HF)"), ("SwiGLU", "ours"), ("SwiGLU", "eager (HF)")} <= impls
     assert (tmp_path / "n.json").exists()
+    # the floors: the bytes each op must move (fp32, 64 tokens, hidden 256, intermediate 512) at 2 TB/s, in ms
+    floor_rows = [r for r in rows if r["impl"] == "floor (2.0 TB/s)"]
+    floors = {(r["op"].split()[0], k): r[k] for r in floor_rows for k in ("fwd_ms", "fwdbwd_ms")}
+    th, ti = 64 * 256 * 4, 64 * 512 * 4
+    assert floors == pytest.approx({
+        ("RMSNorm", "fwd_ms"): 2 * th / 2e9, ("RMSNorm", "fwdbwd_ms"): 5 * th / 2e9,
+        ("Add+RMSNorm", "fwd_ms"): 4 * th / 2e9, ("Add+RMSNorm", "fwdbwd_ms"): 8 * th / 2e9,
+        ("SwiGLU", "fwd_ms"): 3 * ti / 2e9, ("SwiGLU", "fwdbwd_ms"): 8 * ti / 2e9,
+    })  # fmt: skip
 
 
 def test_sampling_bench_smoke(tmp_path):
     from bench.bench_sampling import main
 
-    rows = main(["--json", str(tmp_path / "s.json")])
+    rows = main(["--bandwidth", "2", "--json", str(tmp_path / "s.json")])
     assert {r["impl"] for r in rows if "error" not in r} >= {"ours (one pass)", "eager (reference)"}
+    (floor,) = [r for r in rows if r["impl"].startswith("floor")]
+    assert floor["ms"] == pytest.approx(4 * 1000 * 4 / 2e12 * 1e3)  # 4 x 1000 fp32 logits read once at 2 TB/s
 
 
 def test_logprob_bench_checks_before_timing(tmp_path, monkeypatch):
@@ -25,10 +38,22 @@ def test_logprob_bench_checks_before_timing(tmp_path, monkeypatch):
     import bench.bench_logprob as B
     from kernels import reference
 
-    rows = B.main(["--warmup", "1", "--rep", "1", "--skip-compile", "--json", str(tmp_path / "l.json")])
+    flags = ["--warmup", "1", "--rep", "1", "--skip-compile", "--bandwidth", "2", "--tflops", "3"]
+    rows = B.main(flags + ["--json", str(tmp_path / "l.json")])
     assert {(r["op"], r["case"]) for r in rows if r["impl"] == "ours"} == {
         ("token_logprobs", c) for c in ("fwd", "fwd+ent", "fwd+bwd")
     }
+    # the floors (CPU: 64 x 1000 fp32 logits; hidden 32 x 64 x 1000): the logits read (twice and the gradient
+    # written, backward) and 12/16/24 bytes a row at 2 TB/s; 2 x rows x hidden x vocab FLOPs a GEMM at 3 TFLOP/s
+    floors = {(r["op"], r["impl"], r["case"]): r["ms"] for r in rows if r["impl"].startswith("floor")}
+    logits = 64 * 1000 * 4
+    assert floors == pytest.approx({
+        ("token_logprobs", "floor", "fwd"): (logits + 64 * 12) / 2e9,
+        ("token_logprobs", "floor", "fwd+ent"): (logits + 64 * 16) / 2e9,
+        ("token_logprobs", "floor", "fwd+bwd"): (3 * logits + 64 * 24) / 2e9,
+        ("hidden_logprobs", "floor (3 GEMMs)", "fwd+bwd"): 3 * 2 * 32 * 64 * 1000 / 3e9,
+        ("hidden_logprobs", "floor (4 GEMMs)", "fwd+bwd"): 4 * 2 * 32 * 64 * 1000 / 3e9,
+    })  # fmt: skip
     wrong = lambda h, w, t, return_entropy=False: reference.hidden_logprobs(h, w * 1.05, t, return_entropy=True)
     monkeypatch.setattr(B, "hidden_logprobs", wrong)
     with pytest.raises(SystemExit, match="hidden_logprobs .* differs from the reference"):
@@ -40,10 +65,26 @@ def test_ppo_step_bench_smoke(tmp_path):
     from bench.ppo_step import main
     from kernels.dispatch import reference_ops
 
+    flags = ["--gen-max-num-seqs", "3", "--no-ignore-eos", "--iterations", "2", "--json", str(tmp_path / "p.json")]
     with reference_ops():
-        out = main(["--gen-max-num-seqs", "3", "--no-ignore-eos", "--json", str(tmp_path / "p.json")])
+        out = main(flags)
     assert set(out["phases"]) == {"generate", "score (4 forwards)", "train (policy + value, fwd + bwd)", "iteration"}
     assert out["generator"]["decode_steps"] > 0 and (tmp_path / "p.json").exists()
+    # the fastest timed iteration's figures: generation counts the new tokens only (8 prompts, their mean response
+    # length), the scoring passes, training (one epoch) and the iteration the prompts' 24 tokens too
+    import json
+
+    best = min(json.loads((tmp_path / "p.json").read_text())["metrics"], key=lambda m: m["time_iteration"])
+    new = 8 * best["response_len"]
+    for name, seconds, tokens in (
+        ("generate", best["time_generate"], new),
+        ("score (4 forwards)", best["time_score"], new + 8 * 24),
+        ("train (policy + value, fwd + bwd)", best["time_train"], new + 8 * 24),
+        ("iteration", best["time_iteration"], new + 8 * 24),
+    ):
+        phase = out["phases"][name]
+        assert (phase["seconds"], phase["tokens"]) == (seconds, pytest.approx(tokens))
+        assert phase["tok_s"] == pytest.approx(tokens / seconds)
 
 
 def test_activation_memory_bench_smoke(tmp_path):

@@ -1,0 +1,333 @@
+"""The arithmetic behind the benches' figures (tok/s, TFLOP/s, GB/s, floors, rooflines, memory), checked against
+hand-computed values with the timer stubbed out: no timing is asserted, only what a measured time becomes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+approx = pytest.approx
+
+
+def _fake_clock(module, monkeypatch, times):
+    """module.time.perf_counter returning `times` in turn."""
+    ticks = iter(times)
+    monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+
+
+# bench/common.py
+
+
+def test_measure_on_cpu_is_the_mean_call_after_one_untimed_warmup(monkeypatch):
+    import bench.common as C
+
+    now, calls = [0.0], []
+
+    def fn():  # 2 ms a call on the stubbed clock
+        calls.append(now[0])
+        now[0] += 0.002
+
+    monkeypatch.setattr(C, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    ms, mem = C.measure(fn, "cpu", rep_ms=10, min_reps=3)
+    assert ms == approx(2.0) and mem != mem  # (memory: nan on CPU)
+    assert len(calls) == 1 + 5  # the warm-up, then 10 ms of 2 ms calls
+    calls.clear()
+    assert C.measure(fn, "cpu", rep_ms=0, min_reps=3)[0] == approx(2.0) and len(calls) == 1 + 3
+
+
+def test_measured_ceilings_count_the_bytes_and_flops_of_their_work(monkeypatch):
+    """The copy counts its bytes read plus written (2 x 64 MiB x 5 copies on CPU), the matmul 2 n^3 (512^3 x 3), each
+    over the time between its two clock reads (1 s here), in units of 1e12."""
+    import bench.common as C
+
+    _fake_clock(C, monkeypatch, [0.0, 1.0])
+    assert C.measured_copy_tbs("cpu") == approx(2 * 2**26 * 5 / 1e12)
+    _fake_clock(C, monkeypatch, [0.0, 1.0])
+    assert C.measured_matmul_tflops("cpu") == approx(2 * 512**3 * 3 / 1e12)
+
+
+def test_fill_peaks_sets_each_ceiling_from_its_own_measurement(monkeypatch, capsys):
+    import bench.common as C
+
+    monkeypatch.setattr(C, "measured_copy_tbs", lambda device: 3.14159)
+    monkeypatch.setattr(C, "measured_matmul_tflops", lambda device: 789.123)
+    args = SimpleNamespace(bandwidth=None, tflops=None, given=5.0)
+    C.fill_peaks(args, "cpu", bandwidth="bandwidth", tflops="tflops")
+    assert (args.bandwidth, args.tflops) == (3.142, 789.1)
+    C.fill_peaks(args, "cpu", bandwidth="given")  # a flag's value is kept
+    assert args.given == 5.0 and "copy bandwidth 3.14 TB/s, matmul 789.1 TFLOP/s" in capsys.readouterr().out
+
+
+def test_check_close_tolerances():
+    from bench.common import check_close
+
+    check_close("ok", 0.019, torch.bfloat16)
+    check_close("ok", 9e-4, torch.float32)
+    for err, dtype in ((0.03, torch.bfloat16), (2e-3, torch.float32), (float("nan"), torch.bfloat16)):
+        with pytest.raises(SystemExit, match="not timed"):
+            check_close("bad", err, dtype)
+
+
+def test_extra_memory_leaves_out_the_new_outputs_only():
+    """measure's extra peak (CUDA) subtracts the bytes of the outputs a call returns, not of a tensor it returns
+    that lived before the call (an in-place gradient)."""
+    from bench.common import _nbytes, _new_outputs
+
+    old = torch.zeros(4, dtype=torch.float64)  # (32 bytes: not the new outputs' 24)
+    before = {old.untyped_storage().data_ptr()}
+    out = (old, [torch.zeros(5, dtype=torch.float32)], {"x": torch.zeros(2, dtype=torch.int16)}, 7)
+    assert _nbytes(_new_outputs(out, before)) == 5 * 4 + 2 * 2
+
+
+def test_check_fits_counts_every_process_on_the_host(monkeypatch):
+    from bench.common import check_fits
+    from engine.errors import InvalidInput
+
+    monkeypatch.setattr("engine.memory_plan.host_available", lambda: 20 * 2**30)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    check_fits("weights", 3 * 2**30, torch.device("cpu"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    with pytest.raises(InvalidInput, match=r"weights \(8 processes on this machine\) need 24\.0 GiB, more than the 20"):
+        check_fits("weights", 3 * 2**30, torch.device("cpu"))
+
+
+# bench/rollout_throughput.py
+
+
+def test_decode_roofline_by_hand():
+    """The tiny shape (GQA: 4 heads, 2 KV heads of 16), batch 4, prompts of 10, 6 new tokens, bf16 weights, fp8 KV,
+    TP 2, 1 TB/s, 1 TFLOP/s."""
+    from bench.rollout_throughput import decode_roofline
+    from engine.config import ModelConfig
+
+    cfg = ModelConfig.named("tiny")
+    attn, mlp = 64 * 16 * (2 * 4 + 2 * 2), 3 * 64 * 176
+    weights = 2 * (attn + mlp + 2 * 64) + 64 + 512 * 64  # layers, final norm, LM head (not the embedding lookup)
+    weight_bytes = weights * 2 / 2  # bf16, half on each rank
+    kv_bytes = 4 * (10 + 6 / 2) * 2 * 2 * 2 * 16 * 1 / 2  # sequences x average context x layers x K,V x heads x D
+    step = (weight_bytes + kv_bytes) / 1e12
+    # prefill: 40 tokens through the layers' matrices, the LM head on the 4 last rows, causal attention (4 x heads x
+    # D FLOPs a pair of tokens, L^2 / 2 pairs in each of the 4 sequences, 2 layers); half on each rank
+    work = (2 * 2 * (attn + mlp) * 40 + 2 * 512 * 64 * 4 + 4 * 4 * 16 * (4 * 10 * 10 / 2) * 2) / 2
+    roof = decode_roofline(cfg, 4, 10, 6, 2, 1e12, kv_elem=1, tp=2, flops=1e12)
+    assert roof["weight_gb"] == approx(weight_bytes / 1e9) and roof["kv_gb_per_step"] == approx(kv_bytes / 1e9)
+    assert roof["step_ms"] == approx(step * 1e3) and roof["tok_s"] == approx(4 / step)
+    assert roof["prefill_ms"] == approx(work / 1e12 * 1e3)  # compute-bound: more than the weights' read
+    assert roof["tok_s_e2e"] == approx(4 * 6 / (work / 1e12 + 5 * step))  # new tokens only; 5 decode steps
+    # a rate the weights cannot feed: the prefill is the weights' read
+    roof = decode_roofline(cfg, 4, 10, 6, 2, 1e12, kv_elem=1, tp=2, flops=1e21)
+    assert roof["prefill_ms"] == approx(weight_bytes / 1e12 * 1e3)
+
+
+def test_rollout_row_figures(capsys):
+    """ms per token step over every forward ours ran, its peak less its KV pool, tok/s over each roofline."""
+    from bench.rollout_throughput import _print_row
+
+    r = {"tok_s": 50.0, "seconds": 2.0, "decode_steps": 15, "prefill_steps": 5, "peak_gib": 3.0, "kv_pool_gib": 1.0}
+    _print_row("ours", r, {"tok_s": 200.0, "tok_s_e2e": 100.0}, 999)
+    assert capsys.readouterr().out.split() == ["ours", "50.0", "100.00", "3.00", "2.00", "25.0%", "50.0%"]
+    _print_row("hf", {"tok_s": 50.0, "seconds": 2.0, "peak_gib": 3.0}, {"tok_s": 200.0, "tok_s_e2e": 100.0}, 4)
+    assert capsys.readouterr().out.split()[1:5] == ["50.0", "500.00", "3.00", "3.00"]  # (HF: gen_len steps)
+
+
+def test_rollout_bench_reports_the_best_run_at_the_given_peaks(tmp_path, monkeypatch):
+    """The fastest of --repeats runs (the clock stubbed: 5 s then 2 s for ours, 3 s then 1 s for HF), new tokens
+    only, and the rooflines at --bandwidth / --tflops with --max-num-seqs slots."""
+    import bench.rollout_throughput as R
+    from engine.config import ModelConfig
+    from kernels.dispatch import reference_ops
+
+    _fake_clock(R, monkeypatch, [0.0, 5.0, 10.0, 12.0, 20.0, 23.0, 30.0, 31.0])
+    pools, release = [], R.Generator.release
+
+    def release_noting_the_pool(g):
+        pools.append(g.pool.tensor.numel() * g.pool.tensor.element_size())
+        release(g)
+
+    monkeypatch.setattr(R.Generator, "release", release_noting_the_pool)
+    out = tmp_path / "r.json"
+    flags = ["--batch", "3", "--prompt-len", "5", "--gen-len", "4", "--repeats", "2", "--max-num-seqs", "2"]
+    with reference_ops():
+        R.main(flags + ["--bandwidth", "2", "--tflops", "3", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    ours, hf = saved["ours"], saved["hf_generate"]
+    assert (ours["seconds"], ours["tokens"], ours["tok_s"]) == (2.0, 12, 6.0)
+    assert (hf["seconds"], hf["tokens"], hf["tok_s"]) == (1.0, 12, 12.0)
+    assert saved["bandwidth_gbs"] == 2000 and saved["matmul_tflops"] == 3
+    want = R.decode_roofline(ModelConfig.named("tiny"), 2, 5, 4, 4, 2e12, 4, 1, 3e12)  # fp32 on CPU
+    assert saved["roofline"] == approx(want)
+    assert saved["ours"]["kv_pool_gib"] == pools[0] / 2**30 > 0
+
+
+# bench/bench_rope_attention.py
+
+
+def test_causal_flops_count_each_sequence_half_its_square():
+    from bench.bench_rope_attention import causal_flops
+
+    # 2 matmuls x 2 FLOPs x heads x D per (query, key) pair, L^2 / 2 pairs in each sequence of a packed batch
+    assert causal_flops([4, 2], heads=3, head_dim=8) == 4 * 3 * 8 * (4 * 4 + 2 * 2) / 2 == 960
+
+
+def test_rope_rows_figures(monkeypatch):
+    """TFLOP/s = FLOPs / ms / 1e9; forward+backward counts --fwd-bwd-factor x the forward's FLOPs; the roofline row
+    is the FLOPs at --peak-tflops; extra memory in GiB."""
+    import bench.bench_rope_attention as B
+
+    monkeypatch.setattr(B, "measure", lambda fn, device, **kw: (2.0, 3 * 2**30))  # 2 ms, 3 GiB a call
+    args = SimpleNamespace(warmup=0, rep=0, backward=True, fwd_bwd_factor=3.5, peak_tflops=100.0, json=None)
+    q = torch.zeros(4, 1, 8)
+    entry = B.bench_impl(None, q, q, q, q, 4e9, args, cuda=False)
+    assert entry == approx(dict(fwd_ms=2.0, fwd_tflops=2.0, fwd_extra_gib=3.0, fwdbwd_ms=2.0, fwdbwd_tflops=7.0,
+                                fwdbwd_extra_gib=3.0))  # fmt: skip
+    table = []
+    B.run_rows({}, q, q, q, 4e9, args, False, table, "case")
+    (roof,) = table
+    assert roof["fwd_ms"] == approx(0.04) and roof["fwdbwd_ms"] == approx(0.14) and roof["fwd_tflops"] == 100.0
+
+
+def test_rope_sweep_figures_and_best(monkeypatch, capsys):
+    """Each variant's TFLOP/s from its (stubbed) time, the backward's FLOPs (factor - 1) x the forward's, and the
+    fastest variant named."""
+    import bench.bench_rope_attention as B
+
+    times = iter([4.0, 2.0, 5.0, 10.0])
+    monkeypatch.setattr(B, "measure", lambda fn, device, **kw: (next(times), float("nan")))
+    b, t, h, d = 1, 40, 1, 32
+    q, k, v = (torch.randn(b * t, h, d) for _ in range(3))
+    cu = torch.arange(0, b * t + 1, t, dtype=torch.int32)
+    args = SimpleNamespace(rope_theta=10000.0, warmup=0, rep=0, fwd_bwd_factor=3.5)
+    rows = B.sweep(
+        args, q, k, v, torch.arange(t), cu, 1e9,
+        fwd=[(32, 16, 4, 2), (16, 16, 4, 2)], dkdv=[(16, 16, 4, 2)], dq=[(32, 16, 4, 2)],
+    )  # fmt: skip
+    assert [r["tflops"] for r in rows] == approx([1e9 / 4 / 1e9, 1e9 / 2 / 1e9, 2.5 * 1e9 / 5 / 1e9, 0.25])
+    assert "best fwd: BLOCK_M=16 BLOCK_N=16" in capsys.readouterr().out
+
+
+# bench/bench_paged_attention.py
+
+PAGED_TINY = (4, 100, 4, 2, 64, 16)  # batch, context, Hq, Hkv, D, block
+
+
+def test_paged_shape_figures_fp8_cache(monkeypatch):
+    """KV bytes = batch x context x Hkv x D x (K, V) x the cache's bytes (fp8: 1); GB/s = those bytes over the
+    time; the dense-cache peer reads its cache in the model's dtype (fp32: 4x); the floor at the bandwidth."""
+    import bench.bench_paged_attention as B
+
+    monkeypatch.setattr(B, "measure", lambda fn, device, **kw: (2.0, 3 * 2**20))  # 2 ms, 3 MiB a call
+    row = B._bench_shape("tiny", *PAGED_TINY, dtype=torch.float32, device=torch.device("cpu"), bw=2e12,
+                         compile_=False, cache_dtype=torch.float8_e4m3fn)  # fmt: skip
+    kv = 4 * 100 * 2 * 64 * 2 * 1
+    assert row["kv_bytes"] == kv and row["floor_ms"] == approx(kv / 2e12 * 1e3)
+    assert row["eager_gbs"] == approx(kv / 2e-3 / 1e9) and row["sdpa_gbs"] == approx(4 * kv / 2e-3 / 1e9)
+    assert row["eager_mem_mb"] == row["sdpa_mem_mb"] == 3.0
+
+
+def test_paged_table_and_sweep_figures(monkeypatch, capsys):
+    import bench.bench_paged_attention as B
+
+    B._print([{"shape": "s", "kv_bytes": 2e6, "floor_ms": 1.0, "ours_ms": 0.5, "ours_gbs": 1500.0}], 3.0)
+    line = capsys.readouterr().out.splitlines()[1].split()
+    assert line[:6] == ["s", "2.0", "1.0000", "0.5000", "1500.0", "50.0%"]  # 1500 GB/s of 3 TB/s
+    monkeypatch.setattr(B, "measure", lambda fn, device, **kw: (2.0, float("nan")))
+    rows = B._sweep("s", *PAGED_TINY, dtype=torch.float32, device=torch.device("cpu"), bw=2e12)
+    assert rows and all(r["tbs"] == approx(4 * 100 * 2 * 64 * 2 * 4 / 2e-3 / 1e12) for r in rows)
+
+
+# bench/bench_gae.py
+
+
+def test_gae_floor(tmp_path, monkeypatch):
+    """The floor reads rewards, values (fp32) and the mask (bool), and writes advantages and returns (fp32)."""
+    import bench.bench_gae as B
+
+    out = tmp_path / "g.json"
+    monkeypatch.setattr(sys, "argv", ["bench_gae.py", "--bandwidth", "2", "--reps", "1", "--json", str(out)])
+    B.main()
+    saved = json.loads(out.read_text())
+    moved = 4 * 64 * (4 + 4 + 1 + 4 + 4)  # the CPU run's 4 x 64
+    assert saved["meta"]["bytes"] == moved
+    (floor,) = [r for r in saved["rows"] if r["name"].startswith("bandwidth floor")]
+    assert floor["ms"] == approx(moved / 2e12 * 1e3)
+
+
+# bench/bench_offload.py
+
+
+def test_offload_best_leaves_out_the_warmup(monkeypatch):
+    import bench.bench_offload as B
+
+    now, durations = [0.0], iter([1.0, 5.0, 3.0, 4.0])  # the warm-up fastest of all
+    monkeypatch.setattr(B, "clock", lambda device, every_stream: now[0])
+
+    def fn():
+        now[0] += next(durations)
+
+    assert B._best(fn, torch.device("cpu"), 3) == 3.0
+
+
+def test_offload_copy_rates_count_their_bytes(monkeypatch):
+    """GB/s (1e9) of the bytes moved: both ways at once and a device-to-device copy move them twice."""
+    import bench.bench_offload as B
+
+    seconds = {"to_host": 0.25, "to_device": 0.5}
+    monkeypatch.setattr(B, "_best", lambda fn, device, reps, after=None: seconds.get(fn.__name__, 1.0))
+    rates = B.copy_rates(2**20, torch.device("cpu"), 1)
+    gb = 2**20 / 1e9
+    assert rates["ours: out (device -> host)"] == approx(gb) and rates["ours: in (host -> device)"] == approx(gb)
+    assert rates["ours: both ways at once"] == approx(2 * gb)
+    assert rates["device to device (read + write)"] == approx(2 * gb)
+    assert rates["torch pinned allocator: out"] == approx(4 * gb)  # (0.25 s)
+    assert rates["pageable host memory: in"] == approx(2 * gb)  # (0.5 s)
+
+
+def test_offload_recipe_costs_by_hand():
+    """At 10 GB/s out, 20 in, 25 both ways: rollouts moves the two trained models' state out and back once;
+    always streams it through at each of the 8 optimizer steps (512 rollouts / 64 per step, one epoch) both ways
+    at once; the idle models bring the frozen two and the value model's bf16 weights in, and the value model's out."""
+    from bench.bench_offload import recipe_costs
+    from engine.config import ModelConfig, PPOConfig
+    from engine.memory_plan import STATE, fixed_bytes
+
+    c, cfg = ModelConfig.named("llama2-13b"), PPOConfig()
+    steps = cfg.ppo_epochs * cfg.rollout_batch_size // cfg.train_batch_size
+    assert steps == 8
+    rows = {(r["tp"], r["setting"]): r for r in recipe_costs({"ours: out (device -> host)": 10.0,
+            "ours: in (host -> device)": 20.0, "ours: both ways at once": 25.0})}  # fmt: skip
+    for tp in (8, 4):
+        lm, score = c.num_params("lm", tp), c.num_params("score", tp)
+        state = fixed_bytes({"policy": lm, "reference": lm, "value": score, "reward": score}, ("policy", "value"),
+                            torch.bfloat16, 1, False)[STATE]  # fmt: skip
+        r = rows[tp, "--offload-optimizer rollouts"]
+        assert (r["gb_out"], r["gb_in"]) == approx((state / 1e9, state / 1e9))
+        assert r["seconds"] == approx(state / 10e9 + state / 20e9)
+        r = rows[tp, "--offload-optimizer always"]
+        assert (r["gb_out"], r["gb_in"]) == approx((8 * state / 1e9, 8 * state / 1e9))
+        assert r["seconds"] == approx(16 * state / 25e9)
+        r = rows[tp, "--offload-idle-models rollouts"]
+        out_b, in_b = 2 * score, 2 * (lm + score + score)
+        assert (r["gb_out"], r["gb_in"]) == approx((out_b / 1e9, in_b / 1e9))
+        assert r["seconds"] == approx(out_b / 10e9 + in_b / 20e9)
+
+
+# bench/activation_memory.py
+
+
+def test_activation_memory_totals_use_the_full_models_layers(tmp_path, monkeypatch):
+    """Measured on two layers, totalled over the named shape's (five here): keep all = tokens x layers x kept;
+    recompute all = tokens x (layers x checkpoint + one layer's kept, the one being recomputed)."""
+    import dataclasses
+
+    import bench.activation_memory as A
+    from engine.config import MODEL_SHAPES
+
+    monkeypatch.setattr(A.ModelConfig, "named", lambda name: dataclasses.replace(MODEL_SHAPES["tiny"], num_layers=5))
+    (row,) = A.main(["--micro-batch-tokens", "100"])
+    kept, ckpt = row["layer_bytes_per_token"], row["checkpoint_bytes_per_token"]
+    assert row["micro_batch_keep_all_gib"] == approx(100 * 5 * kept / 2**30)
+    assert row["micro_batch_recompute_all_gib"] == approx(100 * (5 * ckpt + kept) / 2**30)
