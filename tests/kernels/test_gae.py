@@ -274,3 +274,16 @@ def test_masked_whiten_group_matches_concatenation():
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     assert proc.stdout.count(": ok") == 2, proc.stdout
+
+
+def test_gae_mask_strides_differ_from_the_rewards():
+    """Each input read through its own strides: transposed rewards, a contiguous mask, column-sliced values."""
+    rewards = torch.randn(37, 5).t()
+    values = torch.randn(5, 50)[:, 4:41]
+    mask = torch.rand(5, 37) < 0.6
+    adv, ret = _run_kernel(rewards, values, mask, 0.99, 0.95)
+    want_adv, want_ret = reference.gae(rewards.double(), values.double(), mask, 0.99, 0.95)
+    _assert_close(adv, want_adv, 1e-5, 1e-5)
+    _assert_close(ret, want_ret, 1e-5, 1e-5)
+    with pytest.raises(ValueError, match="mask must be bool, integer or float"):
+        gae(rewards, values, mask.to(torch.complex64))

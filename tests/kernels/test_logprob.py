@@ -430,3 +430,77 @@ def test_the_in_place_backward_is_autotuned_with_its_grad_restored():
     assert L._bwd_tuned.restore_value == ["gx_ptr"]
     assert "gx_ptr" in L._bwd_tuned.arg_names
     assert not L._fwd_tuned.restore_value
+
+
+def test_logits_without_unit_last_stride(small_block):
+    """A transposed view (last stride != 1) is copied for the kernel, which reads a row with unit stride."""
+    for base, perm in ((torch.randn(130, 5), (1, 0)), (torch.randn(2, 97, 3), (0, 2, 1))):
+        full = base.requires_grad_(True)
+        logits = full.permute(*perm)
+        assert logits.stride(-1) != 1
+        targets = torch.randint(0, logits.shape[-1], logits.shape[:-1])
+        lp, ent = L.token_logprobs(logits, targets, 0.9, return_entropy=True)
+        g_lp, g_ent = torch.randn(targets.shape), torch.randn(targets.shape)
+        (gx,) = torch.autograd.grad((lp * g_lp).sum() + (ent * g_ent).sum(), full)
+        r_lp, r_ent, r_gx = _ref_fwd_bwd(logits, targets, 0.9, g_lp, g_ent)
+        _close(lp, r_lp, 1e-5, 1e-5, "logp")
+        _close(ent, r_ent, 1e-5, 1e-5, "entropy")
+        _close(gx.permute(*perm), r_gx, 1e-5, 1e-5, "grad_logits")
+
+
+def test_empty_inputs(small_block, monkeypatch):
+    """0 tokens: empty outputs and grads; the LM head's grad is all zeros (its buffer, poisoned here, is written by
+    no chunk)."""
+    for shape in ((0, 50), (2, 0, 50)):
+        logits = torch.randn(shape, requires_grad=True)
+        targets = torch.zeros(shape[:-1], dtype=torch.long)
+        lp, ent = L.token_logprobs(logits, targets, return_entropy=True)
+        assert lp.shape == ent.shape == targets.shape and lp.dtype == torch.float32
+        (gx,) = torch.autograd.grad(lp.sum() + ent.sum(), logits)
+        assert gx.shape == logits.shape
+    weight_grad = L._weight_grad
+    monkeypatch.setattr(L, "_weight_grad", lambda w, n, rows: weight_grad(w, n, rows).fill_(float("nan")))
+    hidden = torch.randn(0, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    targets = torch.zeros(0, dtype=torch.long)
+    lp = L.hidden_logprobs(hidden, weight, targets)
+    assert lp.shape == (0,)
+    gh, gw = torch.autograd.grad(lp.sum(), (hidden, weight))
+    assert gh.shape == (0, 8) and torch.all(gw == 0)
+    z = torch.zeros(0)
+    loss, _ = L.ppo_token_loss(None, targets, z, z, z.bool(), hidden=hidden, weight=weight)
+    gh, gw = torch.autograd.grad(loss, (hidden, weight))
+    assert float(loss.detach()) == 0.0 and gh.shape == (0, 8) and torch.all(gw == 0)
+
+
+def test_more_errors_name_the_problem():
+    t = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="non-empty last"):
+        L.token_logprobs(torch.randn(4, 0), t)
+    with pytest.raises(ValueError, match="targets shape"):  # the same count of tokens, another shape
+        L.token_logprobs(torch.randn(2, 3, 10), torch.zeros(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty vocab"):
+        L.hidden_logprobs(torch.randn(4, 8), torch.randn(0, 8), t)
+    with pytest.raises(ValueError, match="dtype"):
+        L.hidden_logprobs(torch.randn(4, 8), torch.randn(10, 8).double(), t)
+    with pytest.raises(ValueError, match="targets shape"):
+        L.hidden_logprobs(torch.randn(4, 8), torch.randn(10, 8), t.view(4, 1))
+    z, one = torch.zeros(4), torch.ones(4)
+    with pytest.raises(ValueError, match="not both"):
+        L.ppo_token_loss(torch.randn(4, 10), t, z, z, one, weight=torch.randn(10, 8))
+    with pytest.raises(ValueError, match="ref_logprobs shape"):
+        L.ppo_token_loss(torch.randn(4, 10), t, z, z, one, ref_logprobs=torch.zeros(1))
+    with pytest.raises(ValueError, match="hidden size mismatch"):
+        L.ppo_token_loss(None, t, z, z, one, hidden=torch.randn(4, 8), weight=torch.randn(10, 6))
+    blocks = lambda v: sorted({c.kwargs["BLOCK_V"] for c in L._prune_configs(L._configs(), {"V": v})})
+    assert min(blocks(8192)) == 2048 and min(blocks(8191)) == 256  # (narrow blocks only below 8192)
+
+
+def test_fused_ppo_loss_refuses_a_second_backward(small_block):
+    """The fused path scales its saved grads in place: a second backward would return them scaled twice."""
+    hidden, weight = torch.randn(5, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
+    targets, z = torch.randint(0, 30, (5,)), torch.zeros(5)
+    loss, _ = L.ppo_token_loss(None, targets, z - 3, torch.randn(5), torch.ones(5), hidden=hidden, weight=weight)
+    (2 * loss).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()

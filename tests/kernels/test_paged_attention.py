@@ -473,3 +473,59 @@ def test_strided_views_of_a_fused_qkv():
     got = paged_decode_attention(q, kc, vc, tables, lens)
     want = reference.paged_decode_attention(q.double(), kc.double(), vc.double(), tables, lens)
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_cache_layout_and_dtype_errors():
+    """Caches of two valid dtypes, or with a strided head dim, are refused by decode and by the writes."""
+    q, kc, vc, bt, cl, _, _ = _paged_setup([20, 5], 4, 2, 64, 16, torch.float32, width_extra=0)
+    with pytest.raises(ValueError, match="k_cache dtype torch.float32 != v_cache dtype torch.bfloat16"):
+        paged_decode_attention(q, kc, vc.bfloat16(), bt, cl)
+    strided = torch.zeros(*vc.shape[:-1], 2 * vc.shape[-1])[..., ::2]
+    with pytest.raises(ValueError, match="v_cache must be contiguous in its last"):
+        paged_decode_attention(q, kc, strided, bt, cl)
+    _, k, v, kc, vc, slots = _write_setup(4, 4, 2, 64, 16, torch.float32)
+    with pytest.raises(ValueError, match="v_cache dtype"):
+        write_kv_cache(k, v, kc, vc.bfloat16(), slots)
+    with pytest.raises(ValueError, match="k_cache must be contiguous in its last"):
+        write_kv_cache(k, v, torch.zeros(*kc.shape[:-1], 2 * kc.shape[-1])[..., ::2], vc, slots)
+
+
+def test_paged_decode_empty_batch_and_a_context_one_past_max_context_len():
+    q, kc, vc, bt, cl, _, _ = _paged_setup([17, 5], 4, 2, 64, 16, torch.float32, width_extra=0)
+    out = paged_decode_attention(q[:0], kc, vc, bt[:0], cl[:0])
+    assert out.shape == (0, 4, 64)
+    if not q.is_cuda:  # (the interpreter's host check)
+        with pytest.raises(ValueError, match="context length 17 exceeds max_context_len 16"):
+            paged_decode_attention(q, kc, vc, bt, cl, max_context_len=16)
+
+
+def test_out_buffers_and_odd_head_dims_are_refused():
+    q, kc, vc, bt, cl, _, _ = _paged_setup([20, 5], 4, 2, 64, 16, torch.float32, width_extra=0)
+    for out in (torch.empty(q.shape, dtype=torch.bfloat16), torch.empty(2, 4, 128)[..., ::2]):
+        with pytest.raises(ValueError, match="out must be"):
+            paged_decode_attention(q, kc, vc, bt, cl, out=out)
+    q, k, v, kc, vc, slots = _write_setup(4, 4, 2, 64, 16, torch.float32)
+    with pytest.raises(ValueError, match="q_out must be"):
+        rope_write_kv(q, k, v, torch.arange(4), kc, vc, slots, q_out=torch.empty(q.shape, dtype=torch.bfloat16))
+    q, k, v, kc, vc, slots = _write_setup(4, 4, 2, 63, 16, torch.float32)
+    with pytest.raises(ValueError, match="head dim 63 must be even"):
+        rope_write_kv(q, k, v, torch.arange(4), kc, vc, slots)
+
+
+def test_k_and_v_of_different_layouts_and_strided_positions():
+    """v a strided view while k is contiguous (each read through its own strides); positions and q_out strided
+    views: the same rotated q and cache contents as the reference path."""
+    q, k, v, kc, vc, slots = _write_setup(9, 4, 2, 64, 8, torch.float32, num_blocks=4)
+    v_strided = torch.stack([v, -v], 2).flatten(1, 2)[:, ::2]  # [N, Hkv, D], head stride 2*D
+    assert v_strided.stride() != k.stride() and torch.equal(v_strided, v)
+    pos = torch.randint(0, 300, (9,))
+    pos_strided = torch.stack([pos, -pos], 1)[:, 0]
+    kc2, vc2 = kc.clone(), vc.clone()
+    q_out = torch.full((9, 4, 128), float("nan"))[..., :64]  # (a strided q_out, written through its strides)
+    q_rot = rope_write_kv(q, k, v_strided, pos_strided, kc, vc, slots, q_out=q_out)
+    assert q_rot is q_out
+    with dispatch.reference_ops():
+        want = rope_write_kv(q, k, v, pos, kc2, vc2, slots)
+    torch.testing.assert_close(q_rot, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kc, kc2, atol=1e-5, rtol=1e-5, equal_nan=True)
+    torch.testing.assert_close(vc, vc2, atol=0, rtol=0, equal_nan=True)

@@ -188,3 +188,44 @@ def test_shapes_and_dtypes_the_kernels_do_not_take():
     torch.testing.assert_close(rms_norm(x, w), want, atol=1e-12, rtol=1e-12)
     gu = torch.randn(5, 24, dtype=torch.float64)
     torch.testing.assert_close(swiglu(gu), torch.nn.functional.silu(gu[:, :12]) * gu[:, 12:], atol=1e-12, rtol=1e-12)
+
+
+def test_rms_norm_layouts_empty_rows_and_a_mismatched_delta(poisoned_outputs):
+    """x with a non-unit last stride (copied for the kernel), delta with another row stride than x (each read
+    through its own), 0 rows (the weight's grad is zeros, not the unwritten partial sums); a delta of another
+    dtype is named."""
+    w = 1.0 + 0.1 * torch.randn(40)
+    x = torch.randn(40, 7).t()  # [7, 40], last stride 7
+    dy = torch.randn(7, 40)
+    out, (dx, _) = _grads(lambda x, w: rms_norm(x, w), (x, w), dy)
+    ref, (rdx, _) = _grads(lambda x, w: reference.rms_norm(x, w), (x.double(), w.double()), dy.double())
+    torch.testing.assert_close(out.double(), ref, **TOLS[torch.float32])
+    torch.testing.assert_close(dx.double(), rdx, **TOLS[torch.float32])
+    x = torch.randn(7, 40)
+    delta = torch.randn(7, 96)[:, 3:43]  # row stride 96
+    y, h = add_rms_norm(x, delta, w)
+    torch.testing.assert_close(h, x + delta, atol=0, rtol=0)
+    torch.testing.assert_close(y.double(), reference.rms_norm((x + delta).double(), w.double()), **TOLS[torch.float32])
+    _, (dx, dw) = _grads(lambda x, w: rms_norm(x, w), (torch.randn(0, 40), w), torch.randn(0, 40))
+    assert dx.shape == (0, 40) and torch.equal(dw, torch.zeros(40))
+    with pytest.raises(ValueError, match="must match"):
+        add_rms_norm(x, delta.double(), w)
+
+
+@pytest.mark.parametrize("layout", ["row_strided", "transposed"])
+def test_swiglu_input_and_grad_layouts(layout):
+    """gate_up with a row stride != 2I (the grad buffer is contiguous: each read through its own strides) or with
+    a non-unit last stride; the output's grad arriving transposed (last stride != 1)."""
+    n, inter = 5, 36
+    base = torch.randn(n, 2 * inter + 6) if layout == "row_strided" else torch.randn(2 * inter, n)
+    leaf = base.requires_grad_(True)
+    gate_up = leaf[:, 3 : 3 + 2 * inter] if layout == "row_strided" else leaf.t()
+    g = torch.randn(inter, n)  # dy = g.t()
+    y = swiglu(gate_up)
+    (grad,) = torch.autograd.grad((y.t() * g).sum(), leaf)
+    gu = gate_up.detach().double().requires_grad_(True)
+    ry = reference.swiglu(gu)
+    (rgrad,) = torch.autograd.grad((ry.t() * g.double()).sum(), gu)
+    torch.testing.assert_close(y.double(), ry, **TOLS[torch.float32])
+    got = grad[:, 3 : 3 + 2 * inter] if layout == "row_strided" else grad.t()
+    torch.testing.assert_close(got.double(), rgrad, **TOLS[torch.float32])

@@ -356,3 +356,60 @@ def test_block_index_is_built_once_per_cu_seqlens():
     assert attention_tiles._block_index(fresh, 9, 4)[0].tolist() == [0, 1, 3]
     cu[1] = 9  # in place, the same total: not the index of the values it held
     assert attention_tiles._block_index(cu, 20, 4)[0].tolist() == [0, 3, 6]
+
+
+def test_grads_of_k_and_v_alone_and_a_strided_output_grad():
+    """Only k and v require grad (q frozen): the forward still saves what the backward needs. The output's grad
+    arrives as a transposed view (token stride != Hq*D), read through its own strides."""
+    cu, positions = _pack([7, 19], start=3)
+    n = int(cu[-1])
+    q, k, v = _inputs(n, 4, 2, 32, torch.float32)
+    k.requires_grad_(True)
+    v.requires_grad_(True)
+    g = torch.randn(4, n, 32)  # [Hq, N, D]: do = g.transpose(0, 1)
+    out = rope_attention(q, k, v, positions, cu)
+    dk, dv = torch.autograd.grad((out.transpose(0, 1) * g).sum(), (k, v))
+    ref_out, _, (_, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, 10000.0, g.transpose(0, 1))
+    _close(out.detach(), ref_out, torch.float32, "out")
+    _close(dk, ref_dk, torch.float32, "dk")
+    _close(dv, ref_dv, torch.float32, "dv")
+
+
+def test_more_bad_inputs():
+    cu, positions = _pack([3, 5])
+    q, k, v = _inputs(8, 4, 2, 64, torch.float32)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        rope_attention(q, k, v, positions, torch.tensor([0, 5, 3, 8], dtype=torch.int32))
+    with pytest.raises(ValueError, match="positions must be integer"):
+        rope_attention(q, k, v, positions.bool(), cu)
+    cache = (torch.zeros(2, 4, 2, 64), torch.zeros(2, 4, 2, 64))
+    with pytest.raises(ValueError, match="slot_mapping must be"):
+        rope_attention(q, k, v, positions, cu, kv_cache=cache, slot_mapping=torch.zeros(8))
+    strided = torch.zeros(2, 4, 2, 128)[..., ::2]
+    with pytest.raises(ValueError, match="contiguous last dim"):
+        rope_attention(q, k, v, positions, cu, kv_cache=(cache[0], strided), slot_mapping=torch.zeros(8).long())
+    with pytest.raises(ValueError, match="lse fp32"):
+        _rope_attention_fwd(q, k, v, positions, cu, 10000.0, 0.125, lse=torch.empty(4, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="out must be"):
+        _rope_attention_fwd(q, k, v, positions, cu, 10000.0, 0.125, out=torch.empty(8, 4, 128)[..., ::2])
+    lse = torch.zeros(4, 8)
+    for bad in (dict(dq=torch.empty(9, 4, 64)), dict(dk=torch.empty(8, 2, 128)[..., ::2])):  # (larger: in bounds)
+        with pytest.raises(ValueError, match="gradient buffers"):
+            _rope_attention_bwd(q, q, k, v, q, lse, positions, cu, 10000.0, 0.125, **bad)
+
+
+def test_q_and_output_grad_without_unit_last_stride():
+    """q [N, Hq, D] as a transposed view (last stride Hq) and an output grad likewise: copied for the kernels."""
+    cu, positions = _pack([9, 14], start=0)
+    n = int(cu[-1])
+    qt = torch.randn(n, 32, 4, requires_grad=True)
+    q = qt.transpose(1, 2)
+    k, v = torch.randn(n, 2, 32, requires_grad=True), torch.randn(n, 2, 32, requires_grad=True)
+    g = torch.randn(n, 32, 4)
+    out = rope_attention(q, k, v, positions, cu)
+    dqt, dk, dv = torch.autograd.grad((out.transpose(1, 2) * g).sum(), (qt, k, v))
+    ref_out, _, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, 10000.0, g.transpose(1, 2))
+    _close(out.detach(), ref_out, torch.float32, "out")
+    _close(dqt.transpose(1, 2), ref_dq, torch.float32, "dq")
+    _close(dk, ref_dk, torch.float32, "dk")
+    _close(dv, ref_dv, torch.float32, "dv")

@@ -212,3 +212,26 @@ def test_int32_seeds_and_a_floor_above_every_logit():
                                                                                             0.8, floor)):  # fmt: skip
         assert got[0].tolist() == [0] * b
         torch.testing.assert_close(got[1], exact, atol=1e-5, rtol=1e-5)
+
+
+def test_logits_without_unit_last_stride_and_more_input_checks():
+    """A transposed view (last stride != 1) draws what its contiguous copy draws; greedy ignores a floor (as the
+    reference does), even one above every logit; bad seeds/counters/temperature are named."""
+    b, v = 5, 300
+    logits = (2 * torch.randn(v, b)).t()
+    assert logits.stride(-1) != 1
+    seeds, counters = torch.randint(0, 2**32, (b,), dtype=torch.int64), torch.arange(b)
+    for temperature in (0.0, 0.9):
+        got = gumbel_sample(logits, seeds, counters, temperature)
+        want = gumbel_sample(logits.contiguous(), seeds, counters, temperature)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    floor = logits.max(-1).values + 1.0
+    got = gumbel_sample(logits, seeds, counters, 0.0, floor)
+    assert torch.equal(got[0], reference.gumbel_sample(logits, seeds, counters, 0.0, floor)[0])
+    assert torch.equal(got[0], logits.argmax(-1))
+    with pytest.raises(ValueError, match="temperature must be >= 0 and finite, got inf"):
+        gumbel_sample(logits, seeds, counters, float("inf"))
+    with pytest.raises(ValueError, match="must be integer tensors"):
+        gumbel_sample(logits, seeds, counters.float(), 1.0)
+    with pytest.raises(ValueError, match="seeds and counters"):
+        gumbel_sample(logits, seeds, counters[:3], 1.0)
