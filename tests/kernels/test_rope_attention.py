@@ -2,6 +2,9 @@
 
 import contextlib
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,6 +12,8 @@ import torch
 from kernels import dispatch, reference
 from kernels.rope_attention import _rope_attention_fwd, rope_attention
 from kernels.rope_attention_bwd import _rope_attention_bwd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # lengths 1 and 17 (odd), 64 (ends exactly on a block edge: interpreter blocks are 32/16), 129 (one past)
 LENGTHS = [1, 17, 64, 129]
@@ -251,11 +256,6 @@ def test_reference_ops_nest_and_end_with_their_block():
 
 def test_the_interpreter_is_detected_as_triton_detects_it():
     """TRITON_INTERPRET=true (or on, yes) runs Triton's interpreter as =1 does: dispatch must know (loop_bound)."""
-    import subprocess
-    import sys
-
-    from tests.engine.runs import ROOT
-
     code = (
         "import importlib, os, triton\n"
         "from kernels import dispatch\n"
