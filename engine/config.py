@@ -290,7 +290,7 @@ class GenerateConfig:
 
 # PPOConfig fields added after checkpoints were first written, at the value those runs had: an older run resumed
 # samples as it did (engine.state.resumed_config)
-LEGACY_PPO_VALUES = {"top_k": 0, "top_p": 1.0}
+LEGACY_PPO_VALUES = {"top_k": 0, "top_p": 1.0, "kl_target": 0.0, "kl_horizon": 10000}
 
 
 @dataclass
@@ -313,6 +313,11 @@ class PPOConfig:
     prompt_epochs: int = 1  # passes over the prompt set
     kl_coef: float = 0.05  # beta of the per-token KL penalty in the reward
     kl_estimator: str = "k1"  # k1 (logp - ref_logp), k2 or k3
+    # adaptive KL coefficient (Ziegler et al. 2019, as TRL, OpenRLHF and veRL offer it): after each rollout, kl_coef *=
+    # 1 + clip(KL / kl_target - 1, -0.2, 0.2) * sequences / kl_horizon, KL the rollout's mean over responses of the
+    # estimate summed over each response's tokens (the "kl" metric), sequences the rollout's; 0: fixed (the recipe)
+    kl_target: float = 0.0
+    kl_horizon: int = 10000  # sequences over which the adaptive coefficient moves by at most a factor e^0.2
     missing_eos_penalty: float = -10.0  # score of a response that hits the length limit without EOS
     whiten_rewards: bool = False  # off in the recipe
     gamma: float = 1.0  # GAE discount
@@ -336,11 +341,11 @@ class PPOConfig:
         hour in, when the warmup ends and the schedule is first asked for)."""
         bad = []
         for name in ("train_batch_size", "rollout_batch_size", "samples_per_prompt", "ppo_epochs", "prompt_epochs",
-                     "max_new_tokens", "max_prompt_len"):  # fmt: skip
+                     "max_new_tokens", "max_prompt_len", "kl_horizon"):  # fmt: skip
             if getattr(self, name) < 1:
                 bad.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("learning_rate", "weight_decay", "max_grad_norm", "kl_coef", "clip_ratio", "clip_value",
-                     "value_loss_coef"):  # fmt: skip
+        for name in ("learning_rate", "weight_decay", "max_grad_norm", "kl_coef", "kl_target", "clip_ratio",
+                     "clip_value", "value_loss_coef"):  # fmt: skip
             if not 0 <= getattr(self, name) < math.inf:
                 bad.append(f"{name} must be >= 0 and finite, got {getattr(self, name)}")
         for name in ("warmup_ratio", "gamma", "lam"):
@@ -350,6 +355,12 @@ class PPOConfig:
             bad.append(f"adam_betas must be two numbers in [0, 1), got {tuple(self.adam_betas)}")
         if not self.adam_eps > 0:
             bad.append(f"adam_eps must be > 0, got {self.adam_eps}")
+        if self.kl_target > 0 and self.kl_coef == 0:  # (the controller scales the coefficient: 0 stays 0)
+            bad.append(f"kl_target {self.kl_target} needs a kl_coef > 0 to start the adaptive coefficient from")
+        sequences = self.rollout_batch_size * self.samples_per_prompt
+        if self.kl_target > 0 and self.kl_horizon <= 0.2 * sequences:  # (a rollout moves it by <= 0.2 seqs / horizon)
+            bad.append(f"kl_horizon must exceed a fifth of a rollout's {sequences} sequences (one rollout could take "
+                       f"the adaptive KL coefficient to 0 or below), got {self.kl_horizon}")  # fmt: skip
         if self.lr_schedule not in ("linear", "constant"):
             bad.append(f"lr_schedule must be 'linear' or 'constant', got {self.lr_schedule!r}")
         if self.kl_estimator not in ("k1", "k2", "k3"):

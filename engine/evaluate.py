@@ -7,18 +7,19 @@ every evaluation, so the curve moves with the policy and not with the sampling n
 answers and the frozen reference gives their KL. It runs before the first iteration (the starting point), every
 --eval-every iterations and after the last one. Each evaluation appends one line to OUTPUT_DIR/eval.jsonl (means over
 the set: score, score_penalized (with the missing-EOS penalty), kl (summed over a response's tokens, the estimator of
-the rollouts), reward (score_penalized - kl_coef * kl: the objective PPO maximises), response_len, no_eos_frac; and
-what makes two lines comparable: the prompt set's digest, eval_set, and the decoding, eval_greedy, eval_temperature,
-eval_top_k, eval_top_p, eval_max_new_tokens) and writes every answer to OUTPUT_DIR/eval/iter-NNNNNN.jsonl. The
-prompts are split over the data-parallel ranks. An evaluation draws none of the run's random numbers, so training is
-the same with or without it.
+the rollouts), reward (score_penalized - kl_coef * kl: the objective PPO maximises; with an adaptive coefficient,
+--kl-target, the one the run started from, so that the curve moves with the policy alone), response_len,
+no_eos_frac; and what makes two lines comparable: the prompt set's digest, eval_set, and the decoding, eval_greedy,
+eval_temperature, eval_top_k, eval_top_p, eval_max_new_tokens) and writes every answer to
+OUTPUT_DIR/eval/iter-NNNNNN.jsonl. The prompts are split over the data-parallel ranks. An evaluation draws none of
+the run's random numbers, so training is the same with or without it.
 
 Evaluation alone (--eval-only): --policy (say a PPO checkpoint's policy/) against --reference (say the SFT model) and
 --reward on the evaluation set, without training, no value model or optimizer built (setup_evaluation); a PPO
 checkpoint's policy is logged at that checkpoint's iteration and step (engine.state.checkpoint_position).
 
 Samples (--log-samples K): the first K sequences of each iteration's rollout (data-parallel rank 0's share), with
-their scores and KL, appended to OUTPUT_DIR/samples.jsonl.
+their scores, KL and reward (at the KL coefficient of that rollout's rewards), appended to OUTPUT_DIR/samples.jsonl.
 """
 
 from __future__ import annotations
@@ -96,10 +97,11 @@ def check_resumed_eval(state: TrainState) -> None:
         )
 
 
-def sequence_stats(state: TrainState, ro: Rollout) -> dict[str, torch.Tensor]:
+def sequence_stats(state: TrainState, ro: Rollout, kl_coef: float | None = None) -> dict[str, torch.Tensor]:
     """Per sequence [B] fp32, from a rollout through forward_rollout: score, score_penalized, kl (summed over the
-    response), reward (score_penalized - kl_coef * kl), response_len, no_eos. With --eval-greedy the tokens are the
-    argmax, not samples of the policy: kl is then the estimator summed over them, not an estimate of KL(pi || ref)."""
+    response), reward (score_penalized - kl_coef * kl; kl_coef by default the run's --kl-coef), response_len, no_eos.
+    With --eval-greedy the tokens are the argmax, not samples of the policy: kl is then the estimator summed over
+    them, not an estimate of KL(pi || ref)."""
     cfg = state.cfg
     lens = torch.tensor([b - a for a, b in zip(ro.offsets[:-1], ro.offsets[1:])], device=state.device)
     seq = torch.repeat_interleave(torch.arange(len(lens), device=state.device), lens)
@@ -110,7 +112,7 @@ def sequence_stats(state: TrainState, ro: Rollout) -> dict[str, torch.Tensor]:
         "score": ro.scores.float(),
         "score_penalized": penalized,
         "kl": kl,
-        "reward": penalized - cfg.kl_coef * kl,
+        "reward": penalized - (cfg.kl_coef if kl_coef is None else kl_coef) * kl,
         "response_len": lens.float(),
         "no_eos": (~ro.hit_eos).float(),
     }
@@ -197,7 +199,7 @@ def log_samples(state: TrainState, ro: Rollout) -> None:
     k = min(state.run.log_samples, len(ro.responses))
     if k <= 0 or state.grid.rank != 0 or not state.run.output_dir:  # (a bench's run writes nothing)
         return
-    records = sample_records(state, ro, sequence_stats(state, ro), list(range(k)))
+    records = sample_records(state, ro, sequence_stats(state, ro, state.kl_coef), list(range(k)))  # (its rewards')
     os.makedirs(state.run.output_dir, exist_ok=True)
     records = [{"iteration": state.iteration + 1, **rec} for rec in records]
     with open(os.path.join(state.run.output_dir, "samples.jsonl"), "a") as f:

@@ -5,6 +5,7 @@ or, for the losses, on the flat [N] response tokens of a micro-batch. Definition
     kl_t      = kl_estimate(logp_t, ref_logp_t)          (k1: logp_t - ref_logp_t)
     reward_t  = -kl_coef * kl_t, plus the score at the row's last response token, where the score
                 is the RM score, or missing_eos_penalty for a response that hit the length limit
+                (kl_coef fixed, or adapted after each rollout: adapt_kl_coef)
     A, R      = GAE(reward, value, gamma, lam)           (kernels.gae.gae)
     A         whitened over each optimizer minibatch     (kernels.gae.masked_whiten, DP group)
     L_policy  = clipped surrogate on raw-logit log-probs (kernels.logprob.ppo_token_loss, fused)
@@ -65,16 +66,19 @@ def advantages_and_returns(
     scores: torch.Tensor,
     cfg: PPOConfig,
     group=None,
+    kl_coef: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """From one rollout's [B, T] log-probs, reference log-probs, values and mask and its [B] scores:
-    rewards, kl, advantages and returns, all [B, T] fp32 (0 outside the mask). Advantages are not
+    rewards, kl, advantages and returns, all [B, T] fp32 (0 outside the mask); the KL penalty's coefficient is
+    `kl_coef` (the run's adaptive one), else cfg.kl_coef. Advantages are not
     whitened here (that is per optimizer minibatch, `minibatch_advantages`). With cfg.whiten_rewards the rewards are
     whitened over the whole rollout: every rank's rows of it with the data-parallel `group`, so the ranks of a DP run
     whiten as one process would.
     """
     rewards, kl = shaped_rewards(
-        logprobs, ref_logprobs, mask, scores, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator
-    )
+        logprobs, ref_logprobs, mask, scores, kl_coef=cfg.kl_coef if kl_coef is None else kl_coef,
+        kl_estimator=cfg.kl_estimator,
+    )  # fmt: skip
     if cfg.whiten_rewards:  # off in the recipe; TRL's variant keeps the mean
         rewards = masked_whiten(rewards, mask, shift_mean=False, group=group)
     advantages, returns = gae(rewards, values.float(), mask, cfg.gamma, cfg.lam)
@@ -139,6 +143,22 @@ def value_loss(
     with torch.no_grad():
         stats = {"clip_frac": (loss2 > loss1).float().sum(), "value": v.sum(), "error": loss1.sum()}
     return loss, stats
+
+
+def adapt_kl_coef(kl_coef: float, kl: float, sequences: float, cfg: PPOConfig) -> float:
+    """The KL coefficient of the next rollout, from this one's (Ziegler et al. 2019, "Fine-Tuning Language Models from
+    Human Preferences", as TRL's AdaptiveKLController): the proportional error clip(kl / kl_target - 1, -0.2, 0.2)
+    moves it by error * sequences / kl_horizon of itself, so it grows while the policy drifts past the target and
+    shrinks while it stays under. kl: the rollout's mean over responses of the KL estimate summed over each response;
+    sequences: the rollout's responses (over every data-parallel rank). cfg.kl_target 0: kl_coef unchanged."""
+    if not cfg.kl_target:
+        return kl_coef
+    if not math.isfinite(kl):
+        raise FloatingPointError(
+            f"the rollout's KL to the reference is {kl}: the adaptive KL coefficient cannot follow it"
+        )
+    error = min(max(kl / cfg.kl_target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * sequences / cfg.kl_horizon)
 
 
 def lr_at(step: int, total_steps: int, cfg: PPOConfig) -> float:

@@ -78,6 +78,7 @@ def trainer_state_dict(state: TrainState) -> dict:
         "iteration": state.iteration,
         "step": state.step,
         "total_steps": state.total_steps,
+        "kl_coef": state.kl_coef,  # (the next rollout's: adaptive with kl_target)
         "data": state.data.state_dict(),
         "policy_opt": optimizer_state(state.policy_opt),
         "value_opt": optimizer_state(state.value_opt),
@@ -416,6 +417,20 @@ def _changed_hyperparameters(saved: dict, now: dict) -> str:
     return ", ".join(f"{k} {saved.get(k)} -> {now.get(k)}" for k in keys if norm(saved.get(k)) != norm(now.get(k)))
 
 
+def _resume_kl_coef(state: TrainState, sd: dict) -> None:
+    """An adaptive KL coefficient (kl_target) continues where the checkpoint's run left it, unless the coefficient it
+    starts from (--kl-coef) was given again with another value: then it starts over from that one. A fixed one is the
+    run's --kl-coef."""
+    saved = sd.get("kl_coef")  # (None: a checkpoint from before the adaptive coefficient, whose runs had it fixed)
+    if not state.cfg.kl_target or saved is None:
+        return
+    if sd["ppo_config"].get("kl_coef") == state.cfg.kl_coef:
+        state.kl_coef = saved
+    else:
+        print0(f"the adaptive KL coefficient starts over from --kl-coef {state.cfg.kl_coef} (the checkpoint's run had "
+               f"taken it to {saved:.6g})")  # fmt: skip
+
+
 def load_trainer_state(state: TrainState, ckpt: str) -> None:
     """Restore the run from checkpoint `ckpt`, also with another TP degree or number of data-parallel ranks: the
     prompt order and the samples do not depend on them, and the optimizers are re-laid (engine/reshard.py)."""
@@ -433,6 +448,7 @@ def load_trainer_state(state: TrainState, ckpt: str) -> None:
             f"resuming with a learning-rate schedule of {state.total_steps} optimizer steps (the checkpoint's run: "
             f"{sd['total_steps']}): the learning rate continues at step {state.step} of the new schedule"
         )
+    _resume_kl_coef(state, sd)
     state.data.load_state_dict(sd["data"])
     if grid.rank == 0:
         trim_logs(state.run.output_dir, state.iteration)

@@ -164,6 +164,11 @@ class TrainState:
     model_copies: dict[str, HostCopies] = field(default_factory=dict)  # their host buffers, by name
     model_fingerprints: dict | None = None  # the frozen models' weights (global rank 0; engine.resume.check_models)
     template_warned: bool = False  # a saved policy's chat template could not reproduce the prompts' ids (said once)
+    kl_coef: float | None = None  # the KL penalty's coefficient now: cfg.kl_coef, or the adaptive one (cfg.kl_target)
+
+    def __post_init__(self) -> None:
+        if self.kl_coef is None:
+            self.kl_coef = self.cfg.kl_coef
 
     @property
     def dp_group(self):

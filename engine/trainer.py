@@ -64,7 +64,9 @@ def score_rollout(state: TrainState, ro: Rollout) -> None:
     scores = ppo.scores_with_eos_penalty(ro.scores, ro.hit_eos, state.cfg.missing_eos_penalty)
     padded = [to_padded(x, ro.offsets) for x in (ro.logprobs, ro.ref_logprobs, ro.values)]
     mask, idx = padded[0][1], padded[0][2]
-    out = ppo.advantages_and_returns(padded[0][0], padded[1][0], padded[2][0], mask, scores, state.cfg, state.dp_group)
+    out = ppo.advantages_and_returns(
+        padded[0][0], padded[1][0], padded[2][0], mask, scores, state.cfg, state.dp_group, kl_coef=state.kl_coef
+    )
     ro.targets = {k: v[idx] for k, v in out.items()}
 
 
@@ -264,6 +266,8 @@ def ppo_iteration(state: TrainState) -> dict:
     )
     quirk = fwd["policy"] if state.cfg.recompute_old_logprobs_per_minibatch else 0.0  # (its extra no-grad forward)
     per_gpu = lambda flops, seconds: flops / max(seconds, 1e-9) / state.grid.world_size / 1e12  # noqa: E731
+    kl_coef = state.kl_coef  # this rollout's; the next one's follows its KL (every rank alike: global sums)
+    state.kl_coef = ppo.adapt_kl_coef(kl_coef, g["kl"] / n_seq, n_seq, state.cfg)
     state.iteration += 1
     return {
         "iteration": state.iteration,
@@ -273,6 +277,7 @@ def ppo_iteration(state: TrainState) -> dict:
         "score_penalized": g["score_penalized"] / n_seq,  # with the missing-EOS penalty
         "kl": g["kl"] / n_seq,  # summed over each response's tokens, averaged over responses
         "kl_per_token": g["kl"] / n_resp,
+        "kl_coef": kl_coef,  # the KL penalty's coefficient in this rollout's rewards (adaptive with --kl-target)
         "reward": g["reward"] / n_seq,  # the same, of the per-token rewards (score + KL penalty)
         "no_eos_frac": g["no_eos"] / n_seq,
         "response_len": n_resp / n_seq,
@@ -325,6 +330,7 @@ def log_metrics(state: TrainState, metrics: dict) -> None:
     if state.tracker is not None:
         state.tracker.log(metrics)
     keys = ("score", "kl", "reward", "policy_loss", "value_loss", "clip_frac", "entropy", "response_len")
+    keys = keys[:2] + ("kl_coef",) + keys[2:] if state.cfg.kl_target else keys
     line = " ".join(f"{k} {metrics[k]:.4g}" for k in keys)
     print0(
         f"iter {metrics['iteration']}/{state.iterations} step {metrics['step']} {line} "

@@ -179,6 +179,20 @@ def test_lr_schedule():
         ppo.lr_at(50, total, PPOConfig(lr_schedule="cosine"))
 
 
+def test_adaptive_kl_coef():
+    """Ziegler et al.'s controller, worked by hand: the proportional error clipped to +-0.2, times the rollout's
+    sequences over the horizon; no change without a target."""
+    cfg = PPOConfig(kl_coef=0.05, kl_target=6.0, kl_horizon=10000)
+    assert ppo.adapt_kl_coef(0.05, 6.6, 512, cfg) == pytest.approx(0.05 * (1 + 0.1 * 512 / 10000), rel=1e-12)
+    assert ppo.adapt_kl_coef(0.05, 3.0, 512, cfg) == pytest.approx(0.05 * (1 - 0.2 * 512 / 10000), rel=1e-12)
+    assert ppo.adapt_kl_coef(0.04, 60.0, 100, cfg) == pytest.approx(0.04 * (1 + 0.2 * 100 / 10000), rel=1e-12)
+    assert ppo.adapt_kl_coef(0.04, -1.5, 100, cfg) == pytest.approx(0.04 * (1 - 0.2 * 100 / 10000), rel=1e-12)
+    assert ppo.adapt_kl_coef(0.05, 6.0, 512, cfg) == 0.05  # on target
+    assert ppo.adapt_kl_coef(0.05, 60.0, 512, PPOConfig()) == 0.05  # kl_target 0: the recipe's fixed beta
+    with pytest.raises(FloatingPointError, match="KL to the reference is nan"):
+        ppo.adapt_kl_coef(0.05, math.nan, 512, cfg)
+
+
 def test_last_response_index():
     mask = torch.tensor([[0, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
     assert ppo.last_response_index(mask).tolist() == [2, 0, 3]
@@ -198,6 +212,7 @@ def test_defaults_are_the_recipe():
         # end_lr to the peak (constant after the warmup) and its Flax generate applies GenerationConfig's top_k 50
         top_k=50, top_p=1.0,
         recompute_old_logprobs_per_minibatch=False,
+        kl_target=0.0, kl_horizon=10000,  # the fixed coefficient (kl_horizon: TRL's and OpenRLHF's default)
     )  # fmt: skip
     cfg = PPOConfig()
     assert {k: getattr(cfg, k) for k in recipe} == recipe

@@ -389,6 +389,47 @@ def test_resume_names_changed_hyperparameters(tmp_path, capsys):
     )
 
 
+def test_the_adaptive_kl_coefficient_follows_the_kl_and_resumes_exactly(tmp_path, capsys):
+    """--kl-target: each rollout's rewards take the coefficient the controller (engine.ppo.adapt_kl_coef, checked by
+    hand in test_ppo.py) made of the previous rollout's KL, the samples' rewards theirs, the held-out evaluations' the
+    run's --kl-coef (a curve that moves with the policy alone); a resume continues the coefficient where the
+    checkpoint left it (the run is the straight one), and starts over from a --kl-coef given again."""
+    flags = ["--kl-target", "0.02", "--kl-horizon", "8"]  # (8 sequences a rollout: each moves it by up to 20%)
+    straight = run_tiny(tmp_path / "a", "--max-iterations", "3", *flags)
+    coef = [m["kl_coef"] for m in straight]
+    assert coef[0] == 0.05 and len(set(coef)) == 3
+    for m, nxt in zip(straight, coef[1:]):
+        error = min(max(m["kl"] / 0.02 - 1, -0.2), 0.2)
+        assert nxt == pytest.approx(m["kl_coef"] * (1 + error * 8 / 8), rel=1e-9)
+    for m in straight:  # the rewards of the rollout: its RM scores less its coefficient times its KL
+        assert m["reward"] == pytest.approx(m["score_penalized"] - m["kl_coef"] * m["kl"], rel=1e-5, abs=1e-6)
+    samples = [json.loads(x) for x in (tmp_path / "a/samples.jsonl").read_text().splitlines()]
+    assert {r["iteration"] for r in samples} == {1, 2, 3}
+    for r in samples:
+        want = r["score_penalized"] - coef[r["iteration"] - 1] * r["kl"]
+        assert r["reward"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+    last_eval = json.loads((tmp_path / "a/eval.jsonl").read_text().splitlines()[-1])
+    assert last_eval["kl"] > 0 and last_eval["iteration"] == 3
+    assert last_eval["reward"] == pytest.approx(last_eval["score_penalized"] - 0.05 * last_eval["kl"], rel=1e-5)
+
+    run_tiny(tmp_path / "b", "--max-iterations", "2", *flags)
+    resumed = run_tiny(tmp_path / "b", "--max-iterations", "3", "--resume")  # (the flags: the checkpoint's)
+    assert no_timing(resumed) == no_timing(straight[2:])
+    capsys.readouterr()
+    state = tiny_state(tmp_path / "b", "--max-iterations", "4", "--resume", "--kl-coef", "0.1")
+    assert state.kl_coef == 0.1 and state.cfg.kl_target == 0.02
+    out = capsys.readouterr().out
+    nxt = coef[2] * (1 + min(max(straight[2]["kl"] / 0.02 - 1, -0.2), 0.2))  # (the checkpoint's: iteration 4's)
+    assert f"the adaptive KL coefficient starts over from --kl-coef 0.1 (the checkpoint's run had taken it to " \
+        f"{nxt:.6g})" in out  # fmt: skip
+    # a checkpoint from before the adaptive coefficient (no kl_coef in its state): its run's fixed one
+    fn = f"{latest_checkpoint(str(tmp_path / 'b'))}/state-rank00000.pt"
+    sd = torch.load(fn, weights_only=False)
+    del sd["kl_coef"]
+    torch.save(sd, fn)
+    assert tiny_state(tmp_path / "b", "--max-iterations", "4", "--resume").kl_coef == 0.05
+
+
 def test_resume_with_a_longer_schedule_spans_it(tmp_path, capsys):
     """Resumed with twice the prompt epochs, the learning rate follows this run's schedule (the checkpoint's ended
     at 0 halfway, and every later update was a no-op)."""

@@ -254,8 +254,10 @@ def test_phase_times_are_the_slowest_ranks(tmp_path, monkeypatch):
 def test_dp2_tp2_matches_one_process(tmp_path):
     """4 processes (data parallel 2 x tensor parallel 2, gloo; the optimizer sharded over the 2 DP ranks and the
     tokens between the TP regions) against 1 on the same global batch: two samples per prompt and two PPO epochs, the
-    second reshuffled into the same global minibatches on 2 ranks as on one (engine.trainer.minibatch_order)."""
-    flags = ["--max-iterations", "1", "--ppo-epochs", "2", "--samples-per-prompt", "2"]
+    second reshuffled into the same global minibatches on 2 ranks as on one (engine.trainer.minibatch_order), and the
+    adaptive KL coefficient the next rollout gets (from the whole rollout's KL and sequences) on every rank."""
+    flags = ["--max-iterations", "1", "--ppo-epochs", "2", "--samples-per-prompt", "2", "--kl-target", "0.02",
+             "--kl-horizon", "8"]  # fmt: skip
     ranks = torchrun_ranks(tmp_path, 4, "dp2", *flags, "--tp", "2")
     one = run_tiny(tmp_path / "dp1", *flags, factory=naive_factory)
     assert one[0]["step"] == 8  # (16 sequences, four minibatches in each epoch)
@@ -267,6 +269,9 @@ def test_dp2_tp2_matches_one_process(tmp_path):
         w4 = saved_weights(f"{latest_checkpoint(str(tmp_path / 'dp2'))}/{sub}", head)  # gathered TP shards
         for k in w1:
             torch.testing.assert_close(w4[k], w1[k], atol=1e-6, rtol=1e-5, msg=f"{sub} {k}")
+    coef = [torch.load(f"{latest_checkpoint(str(tmp_path / d))}/state-rank{r:05d}.pt", weights_only=False)["kl_coef"]
+            for d, r in (("dp1", 0), ("dp2", 0), ("dp2", 1), ("dp2", 2), ("dp2", 3))]  # fmt: skip
+    assert coef[0] != 0.05 and coef == pytest.approx([coef[0]] * 5, rel=1e-6), coef
     for k, v in ranks[0]["policy"].items():  # ranks 0 and 2: the same TP shard in the two DP replicas
         assert torch.equal(v, ranks[2]["policy"][k]), k
     # the held-out evaluations (the tiny default's, before and after): prompts split over the DP ranks
