@@ -117,7 +117,11 @@ def weights_fingerprint(path: str, rows: int = 4) -> str:
 def checkpoint_files(path: str) -> dict[str, str]:
     """tensor name -> file path, from the index or from the files: safetensors (model.safetensors[.index.json]),
     else PyTorch pickles (pytorch_model.bin[.index.json], as older HF checkpoints are stored)."""
-    for index_file in (INDEX_FILE, BIN_INDEX_FILE):
+    listed = sorted(os.listdir(path))
+    shards = [fn for fn in listed if fn.endswith(".safetensors")]
+    # (safetensors first, as transformers reads them: a repo with both formats and only its .bin copy sharded has a
+    # pytorch_model.bin.index.json beside its model.safetensors, and engine.hub fetches every *.json but no .bin)
+    for index_file in (INDEX_FILE,) if SINGLE_FILE in listed else (INDEX_FILE, BIN_INDEX_FILE):
         index = os.path.join(path, index_file)
         if not os.path.exists(index):
             continue
@@ -128,8 +132,6 @@ def checkpoint_files(path: str) -> dict[str, str]:
             if not os.path.exists(fn):
                 raise MissingInput(f"{index_file} names {os.path.basename(fn)}, which is not in {path}")
         return files
-    listed = sorted(os.listdir(path))
-    shards = [fn for fn in listed if fn.endswith(".safetensors")]
     shards = shards or [fn for fn in listed if fn.startswith("pytorch_model") and fn.endswith(".bin")]
     if not shards:
         raise MissingInput(f"no model weights in {path} (neither *.safetensors nor pytorch_model*.bin)")

@@ -183,6 +183,21 @@ def test_bin_index_names_missing_shard(tmp_path):
         load_pretrained(tmp_path / "bin")
 
 
+def test_model_safetensors_is_read_before_a_bin_index(tmp_path):
+    """A repo holding both formats, its .bin copy sharded and its safetensors in one file: engine.hub fetches the
+    safetensors and every *.json, so the directory has model.safetensors and a pytorch_model.bin.index.json whose
+    shards were never fetched. The safetensors are read (as transformers reads them), not the index refused."""
+    hf = save_hf_model(tmp_path / "st")
+    _write_bin(tmp_path / "st", tmp_path / "bin", 2)
+    (tmp_path / "st" / "pytorch_model.bin.index.json").write_text(
+        (tmp_path / "bin/pytorch_model.bin.index.json").read_text()
+    )
+    ours = load_pretrained(tmp_path / "st")
+    ids = torch.randint(1, 301, (2, 7))
+    with torch.no_grad():
+        assert rel_err(ours(ids), hf(input_ids=ids).logits) < 2e-5
+
+
 def test_tp_degree_must_divide_heads():
     from engine.parallel import ColumnParallelLinear
 
