@@ -125,9 +125,7 @@ def checkpoint_files(path: str) -> dict[str, str]:
         index = os.path.join(path, index_file)
         if not os.path.exists(index):
             continue
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = {name: os.path.join(path, fn) for name, fn in weight_map.items()}
+        files = {name: os.path.join(path, fn) for name, fn in _weight_map(index).items()}
         for fn in sorted(set(files.values())):
             if not os.path.exists(fn):
                 raise MissingInput(f"{index_file} names {os.path.basename(fn)}, which is not in {path}")
@@ -141,6 +139,19 @@ def checkpoint_files(path: str) -> dict[str, str]:
             for name in f.keys():
                 files[name] = os.path.join(path, fn)
     return files
+
+
+def _weight_map(index: str) -> dict[str, str]:
+    """An index file's weight_map (tensor name -> file name); a damaged index (cut short, no weight_map) is named."""
+    with open(index) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:  # (a truncated copy: name the file)
+            raise InvalidInput(f"{index} is not valid JSON ({json_error(e, line=True)})") from e
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(fn, str) for fn in weight_map.values()):
+        raise InvalidInput(f"{index} has no weight_map (an object of tensor name -> file name)")
+    return weight_map
 
 
 class _TorchFile:
@@ -236,7 +247,13 @@ def check_checkpoint(path: str | os.PathLike, head: str = "lm") -> tuple[ModelCo
         raise InvalidInput(f"checkpoint {path} has unexpected tensor(s) {', '.join(unexpected[:5])}{kind}")
     for fn, tensor_names in _by_file(shapes, files).items():
         with _open_weights(fn) as f:
+            held = set(f.keys())
             for name in tensor_names:
+                if name not in held:  # (an index whose weight_map names another file than the one holding it)
+                    raise InvalidInput(
+                        f"checkpoint {path}: the index puts tensor {name} in {os.path.basename(fn)}, which does not "
+                        "hold it"
+                    )
                 shape = tuple(f.get_slice(name).get_shape())
                 if shape != shapes[name]:
                     labels = ""

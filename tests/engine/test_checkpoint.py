@@ -198,6 +198,35 @@ def test_model_safetensors_is_read_before_a_bin_index(tmp_path):
         assert rel_err(ours(ids), hf(input_ids=ids).logits) < 2e-5
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_a_damaged_index_is_named(tmp_path, fmt):
+    """An index cut short, without its weight_map, or putting a tensor in a file that does not hold it: refused,
+    naming the index or the file and the tensor (not json's, KeyError's or safetensors' bare messages)."""
+    from transformers import LlamaForCausalLM
+
+    from tests.engine.hf_models import hf_config
+
+    path = tmp_path / fmt
+    if fmt == "safetensors":
+        LlamaForCausalLM(hf_config()).save_pretrained(path, max_shard_size="100KB")
+    else:
+        save_hf_model(tmp_path / "one")
+        _write_bin(tmp_path / "one", path, 3)
+    index = path / (ckpt.INDEX_FILE if fmt == "safetensors" else ckpt.BIN_INDEX_FILE)
+    good = json.loads(index.read_text())
+    index.write_text(json.dumps(good)[:60])
+    with pytest.raises(ValueError, match=rf"{index.name} is not valid JSON \(.* at line 1, column"):
+        load_pretrained(path)
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(ValueError, match=rf"{index.name} has no weight_map"):
+        load_pretrained(path)
+    shard = good["weight_map"]["model.norm.weight"]
+    other = next(fn for fn in sorted(set(good["weight_map"].values())) if fn != shard)
+    index.write_text(json.dumps({**good, "weight_map": {**good["weight_map"], "model.norm.weight": other}}))
+    with pytest.raises(ValueError, match=rf"the index puts tensor model\.norm\.weight in {other}, which does not hold"):
+        load_pretrained(path)
+
+
 def test_tp_degree_must_divide_heads():
     from engine.parallel import ColumnParallelLinear
 
