@@ -22,7 +22,9 @@ from engine.errors import MissingInput
 from engine.parallel import raise_together
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
-KEEP = ["*.json", "tokenizer*", "*.model", "*.jinja"]  # configs, index files, tokenizer files, chat template
+# configs, index files, tokenizer files (a BPE tokenizer's vocab.json needs its merges.txt: without it transformers
+# refuses the vocabulary with a message naming neither file; WordPiece's vocab.txt), chat template
+KEEP = ["*.json", "tokenizer*", "*.model", "*.jinja", "merges.txt", "vocab.txt"]
 
 
 def is_repo_id(name: str) -> bool:

@@ -1,6 +1,7 @@
 """Checkpoints named by Hugging Face Hub id (engine/hub.py), through a stand-in for huggingface_hub that serves
 local directories: what is fetched, and that a run set up from Hub ids is the run set up from the directories."""
 
+import json
 import os
 import shutil
 
@@ -182,6 +183,27 @@ def test_the_tokenizer_files_and_chat_template_are_fetched(tmp_path, fake_hub):
     fetched = set(os.listdir(path))
     assert {"chat_template.jinja", "tokenizer.model", "special_tokens_map.json", "config.json"} <= fetched
     assert not any(f.endswith((".safetensors", ".bin")) for f in fetched)
+
+
+def test_a_bpe_tokenizers_merges_are_fetched_with_its_vocabulary(tmp_path, fake_hub):
+    """A tokenizer of vocab.json + merges.txt (no tokenizer.json: one load_tokenizer reads, and save_pretrained copies
+    whole) named by Hub id comes whole: vocab.json alone fails to load, naming neither file."""
+    from engine.tokenizer import TINY_DIR, load_tokenizer
+
+    src = tmp_path / "src/bpe"
+    src.mkdir()
+    model = json.loads(load_tokenizer(TINY_DIR).backend_tokenizer.to_str())["model"]
+    (src / "vocab.json").write_text(json.dumps(model["vocab"]))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (src / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (src / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    ))  # fmt: skip
+    fake_hub.repos["org/bpe"] = str(src)
+    (path,) = hub.resolve(["org/bpe"], weights=False)
+    assert {"vocab.json", "merges.txt"} <= set(os.listdir(path))
+    text = "How do I reverse a list in Python?"
+    assert load_tokenizer(path)(text)["input_ids"] == load_tokenizer(src)(text)["input_ids"]
 
 
 def test_other_local_ranks_and_offline_nodes_read_the_cache(tmp_path, fake_hub, monkeypatch):
