@@ -2,7 +2,7 @@
 
 A name that is not a local directory but reads as a Hub repo id ("org/name", optionally "org/name@revision") is
 downloaded into the Hugging Face cache (HF_HOME, HF_TOKEN and HF_HUB_OFFLINE work as usual): only what the engine
-reads, the configs, tokenizer files and the weights in one format (safetensors when the repo has them, else
+reads, the configs, tokenizer files and the top-level weights in one format (safetensors when the repo has them, else
 pytorch_model*.bin). On each node local rank 0 downloads while the other ranks wait; they then read the cache.
 Without a network (a compute node) a repo already in the cache is used as it is (`hf download` it on
 a machine that has one). With a network, global rank 0 first pins each id to the commit its revision names then
@@ -13,6 +13,7 @@ changes during the downloads.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import re
 
@@ -32,10 +33,13 @@ def is_repo_id(name: str) -> bool:
 
 
 def weight_patterns(files: list[str]) -> list[str]:
-    """The weights to fetch from a repo's file list: its safetensors, else its pytorch_model*.bin."""
-    if any(f.endswith(".safetensors") for f in files):
-        return ["*.safetensors"]
-    return ["pytorch_model*.bin"]
+    """The weights to fetch from a repo's file list: its top-level safetensors, else its top-level pytorch_model*.bin,
+    each by its own name (a pattern would match a subfolder's copy too: a Trainer's last-checkpoint/, say, fetching
+    the weights twice; a repo whose safetensors are all in a subfolder gets its top-level .bin, which is what loads)."""
+    top = sorted(f for f in files if "/" not in f)
+    names = [f for f in top if f.endswith(".safetensors")]
+    names = names or [f for f in top if f.startswith("pytorch_model") and f.endswith(".bin")]
+    return [glob.escape(f) for f in names]
 
 
 SHA = re.compile(r"^[0-9a-f]{40}$")

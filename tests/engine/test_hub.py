@@ -1,6 +1,7 @@
 """Checkpoints named by Hugging Face Hub id (engine/hub.py), through a stand-in for huggingface_hub that serves
 local directories: what is fetched, and that a run set up from Hub ids is the run set up from the directories."""
 
+import fnmatch
 import json
 import os
 import shutil
@@ -102,8 +103,26 @@ def test_is_repo_id(tmp_path, monkeypatch):
     (tmp_path / "models/llama").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     assert not hub.is_repo_id("models/llama")  # a relative local directory shaped like an id: the directory
-    assert hub.weight_patterns(["model.safetensors", "pytorch_model.bin"]) == ["*.safetensors"]
-    assert hub.weight_patterns(["pytorch_model-00001-of-00002.bin", "training_args.bin"]) == ["pytorch_model*.bin"]
+
+
+def test_the_weights_fetched_are_the_top_level_ones_of_one_format():
+    """Safetensors before pickles, by name, the top level only: a subfolder's copy (a Trainer's last-checkpoint/, an
+    original/ folder) is not fetched beside them, and a repo whose safetensors are all in a subfolder gets the
+    top-level .bin that loads; a name with glob characters matches itself only."""
+    assert hub.weight_patterns(["model.safetensors", "pytorch_model.bin", "config.json"]) == ["model.safetensors"]
+    shards = ["pytorch_model-00002-of-00002.bin", "pytorch_model-00001-of-00002.bin"]
+    assert hub.weight_patterns([*shards, "training_args.bin"]) == sorted(shards)
+    listing = [
+        "model-00001-of-00002.safetensors",
+        "last-checkpoint/model.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+    assert hub.weight_patterns(listing) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert hub.weight_patterns(["onnx/model.safetensors", "pytorch_model.bin"]) == ["pytorch_model.bin"]
+    assert hub.weight_patterns(["m[1].safetensors"]) == ["m[[]1].safetensors"]
+    assert fnmatch.fnmatch("m[1].safetensors", "m[[]1].safetensors")
+    assert not fnmatch.fnmatch("m1.safetensors", "m[[]1].safetensors")
+    assert hub.weight_patterns(["README.md"]) == []
 
 
 def run(out, *flags):
@@ -124,7 +143,7 @@ def test_a_run_from_hub_ids_is_the_run_from_the_directories(tmp_path, fake_hub):
         ("org/rm", rm, tuple(hub.KEEP)),
     ]
     assert [c[:2] for c in fake_hub.calls[2:]] == [("org/policy", policy), ("org/rm", rm)]
-    assert all("*.safetensors" in c[2] and "pytorch_model*.bin" not in c[2] for c in fake_hub.calls[2:])
+    assert all("model.safetensors" in c[2] and "pytorch_model.bin" not in c[2] for c in fake_hub.calls[2:])
     fetched = sorted(os.listdir(tmp_path / f"cache/org--policy/{policy}"))
     assert "training_args.bin" not in fetched and {"config.json", "model.safetensors", "tokenizer.json"} <= set(fetched)
 
@@ -216,7 +235,7 @@ def test_other_local_ranks_and_offline_nodes_read_the_cache(tmp_path, fake_hub, 
     assert hub.resolve(["org/policy", None, local]) == [cached, None, local]
     # the weight format the cached snapshot holds (a repo with both formats: only the one local rank 0 fetched)
     assert fake_hub.calls == [("org/policy", None, tuple(hub.KEEP), True),
-                              ("org/policy", None, tuple(hub.KEEP + ["*.safetensors"]), True)]  # fmt: skip
+                              ("org/policy", None, tuple(hub.KEEP + ["model.safetensors"]), True)]  # fmt: skip
     monkeypatch.setenv("LOCAL_RANK", "0")
     fake_hub.offline = True
     assert hub.resolve(["org/policy"]) == [cached]
