@@ -128,7 +128,7 @@ class ModelConfig:
         if model_type != "llama" or any(a not in SUPPORTED_ARCHITECTURES for a in archs):
             name = ", ".join(archs) or model_type
             raise InvalidInput(f"architecture {name} (model_type {model_type!r}) is not supported: Llama only")
-        max_pos = cfg.get("max_position_embeddings", 4096)
+        max_pos = cfg.get("max_position_embeddings") or 2048  # (missing: LlamaConfig's default, as transformers)
         rope = checked_rope(cfg, max_pos)
         for flag in ("attention_bias", "mlp_bias"):
             if cfg.get(flag):

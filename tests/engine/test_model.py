@@ -255,7 +255,8 @@ def test_rope_config_in_one_spelling():
 
 
 def test_a_config_without_optional_keys_reads_as_transformers_reads_it():
-    """rms_norm_eps and tie_word_embeddings missing from config.json: LlamaConfig's defaults."""
+    """rms_norm_eps, tie_word_embeddings, num_key_value_heads and max_position_embeddings (the context a run may
+    fill) missing from config.json: LlamaConfig's defaults."""
     from transformers import LlamaConfig
 
     hf = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 176,
@@ -263,6 +264,8 @@ def test_a_config_without_optional_keys_reads_as_transformers_reads_it():
     ours, theirs = ModelConfig.from_hf(hf), LlamaConfig(**{k: v for k, v in hf.items() if k != "model_type"})
     assert ours.rms_norm_eps == theirs.rms_norm_eps
     assert ours.tie_word_embeddings == theirs.tie_word_embeddings
+    assert ours.num_kv_heads == theirs.num_key_value_heads
+    assert ours.max_position_embeddings == theirs.max_position_embeddings
 
 
 def test_last_token_scores_without_a_mask_is_the_last_column():
