@@ -94,8 +94,9 @@ def generation_eos_ids(path: str | os.PathLike | None) -> list[int]:
 def weights_fingerprint(path: str, rows: int = 4) -> str:
     """A short hash telling two checkpoints' weights apart without reading them whole: the model's shape (config.json
     parsed: not its transformers version or stored dtype) and, per tensor, its name, shape and first `rows` rows as
-    fp32 (about 20 MB for a 13B model). The same weights moved, re-sharded or re-saved in the other file format keep
-    it; two models of one shape with other weights differ in it."""
+    fp32 (about 20 MB for a 13B model), of the tensors loading reads. The same weights moved, re-sharded or re-saved
+    (in the other file format, without what loading ignores) keep it; two models of one shape with other weights
+    differ in it."""
     h = hashlib.sha256()
     shape = dataclasses.asdict(ModelConfig.from_hf(path))
     shape.pop("dtype")
@@ -103,12 +104,17 @@ def weights_fingerprint(path: str, rows: int = 4) -> str:
         shape.pop("rope_scaling", None)
     h.update(json.dumps(shape, sort_keys=True).encode())
     files, tensors = checkpoint_files(path), {}
+    # the tensors a model loads, by their names in transformers' layout: a re-saved copy that drops what loading
+    # ignores (old rotary buffers, the tied LM head's duplicate) or writes the "model." prefix keeps the fingerprint
+    loaded = {n: n if n.startswith("model.") or n in ("lm_head.weight", "score.weight") else f"model.{n}"
+              for n in files if not n.endswith(IGNORED_SUFFIXES)
+              and not (n == "lm_head.weight" and shape["tie_word_embeddings"])}  # fmt: skip
     for fn in sorted(set(files.values())):
         with _open_weights(fn) as f:
-            for name in (n for n, where in files.items() if where == fn):
+            for name in (n for n in loaded if files[n] == fn):
                 part = f.get_slice(name)
                 head = part[:rows].to(torch.float32).contiguous().numpy().tobytes()
-                tensors[name] = f"{name} {list(part.get_shape())}".encode() + head
+                tensors[loaded[name]] = f"{loaded[name]} {list(part.get_shape())}".encode() + head
     for name in sorted(tensors):  # (by name: however the tensors are split into files)
         h.update(tensors[name])
     return h.hexdigest()[:16]

@@ -338,6 +338,38 @@ def test_weights_fingerprint_is_stable_across_versions(tmp_path):
     assert weights_fingerprint(str(tmp_path / "ckpt")) == "2c022413dbc4d1b8"
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_weights_fingerprint_ignores_what_loading_ignores(tmp_path, tied):
+    """A copy re-saved without what loading skips (an old checkpoint's rotary inv_freq buffers, a tied LM head's
+    duplicate) or with the "model." prefix an unprefixed export lacked keeps the fingerprint (a --resume with it is
+    not refused); a changed weight still changes it."""
+    import dataclasses
+
+    cfg = dataclasses.replace(ModelConfig.named("tiny"), tie_word_embeddings=tied)
+    model = Transformer(cfg)
+    save_pretrained(model, tmp_path / "base")
+    base = ckpt.weights_fingerprint(str(tmp_path / "base"))
+    tensors = load_file(tmp_path / "base/model.safetensors")
+
+    def variant(name, tensors):
+        (tmp_path / name).mkdir()
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / name / "model.safetensors")
+        for fn in ("config.json",):
+            (tmp_path / name / fn).write_text((tmp_path / "base" / fn).read_text())
+        return ckpt.weights_fingerprint(str(tmp_path / name))
+
+    inv_freq = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.rand(cfg.head_dim // 2) for i in range(2)}
+    assert variant("inv_freq", {**tensors, **inv_freq}) == base
+    plain = {k.removeprefix("model."): v for k, v in tensors.items()}
+    assert variant("unprefixed", plain) == base
+    if tied:
+        assert "lm_head.weight" not in tensors
+        assert variant("head_copy", {**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"].clone()}) == base
+    changed = dict(tensors)
+    changed["model.norm.weight"] = changed["model.norm.weight"] + 1
+    assert variant("changed", changed) != base
+
+
 def test_save_pretrained_syncs_every_file_and_the_rename(tmp_path, monkeypatch):
     import engine.checkpoint as ckpt
 
