@@ -237,8 +237,9 @@ def check_checkpoint(path: str | os.PathLike, head: str = "lm") -> tuple[ModelCo
     prefix = "model." if any(n.startswith("model.") for n in names) else ""
     meta = Transformer(config, head, dtype=torch.float32, device="meta")  # (shapes alone; any config.json dtype)
     shapes = {n: spec.shape for n, spec in hf_tensor_specs(meta, prefix).items()}
-    if head == "lm" and config.tie_word_embeddings:
-        names = [n for n in names if n != "lm_head.weight"]  # some writers save the tied copy too
+    if head == "lm" and config.tie_word_embeddings and "lm_head.weight" in files:  # some writers save the tied copy
+        _check_tied_copy(path, files, f"{prefix}embed_tokens.weight")
+        names = [n for n in names if n != "lm_head.weight"]
     kind = ""
     if {"lm": "score.weight", "score": "lm_head.weight"}[head] in files:  # (a checkpoint of the other kind)
         other = "sequence-classification" if head == "lm" else "causal-LM"
@@ -270,6 +271,26 @@ def check_checkpoint(path: str | os.PathLike, head: str = "lm") -> tuple[ModelCo
                         f"expected {list(shapes[name])}{labels}"
                     )
     return config, files, prefix
+
+
+def _check_tied_copy(path: str, files: dict[str, str], embed: str) -> None:
+    """A config.json that ties the LM head to the embeddings beside an lm_head.weight of other values is refused:
+    transformers (5) then reads the two untied, with that head, while a tied model reads the embeddings; which one
+    was trained is the checkpoint writer's to say."""
+    if embed not in files:
+        return  # (named as missing by the check)
+    with _open_weights(files["lm_head.weight"]) as f:
+        lm_head = f.get_slice("lm_head.weight")[:]
+    with _open_weights(files[embed]) as f:
+        same = tuple(lm_head.shape) == tuple(f.get_slice(embed).get_shape()) and torch.equal(
+            lm_head, f.get_slice(embed)[:]
+        )
+    if not same:
+        raise InvalidInput(
+            f"checkpoint {path}: config.json ties the LM head to the embeddings (tie_word_embeddings) but "
+            f"lm_head.weight differs from {embed}: transformers reads the two untied, this engine would read the "
+            "embeddings; set tie_word_embeddings to false in config.json to use that head, or remove lm_head.weight"
+        )
 
 
 def _by_file(names, files: dict[str, str]) -> dict[str, list[str]]:

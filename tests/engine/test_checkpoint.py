@@ -370,6 +370,38 @@ def test_weights_fingerprint_ignores_what_loading_ignores(tmp_path, tied):
     assert variant("changed", changed) != base
 
 
+def test_a_tied_config_beside_a_head_of_other_values_is_refused(tmp_path):
+    """tie_word_embeddings with an lm_head.weight in the file: an equal copy loads (the tied model), one of other
+    values is refused by name (transformers reads it untied, with that head); its config told untied, the engine
+    reads it as transformers does."""
+    from transformers import LlamaForCausalLM
+
+    save_hf_model(tmp_path / "tied", tie_word_embeddings=True)
+    tensors = load_file(tmp_path / "tied/model.safetensors")
+    assert "lm_head.weight" not in tensors
+    embed = tensors["model.embed_tokens.weight"]
+    for name, head in (("copy", embed.clone()), ("other", torch.randn_like(embed))):
+        (tmp_path / name).mkdir()
+        save_file({**tensors, "lm_head.weight": head}, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+        (tmp_path / name / "config.json").write_text((tmp_path / "tied/config.json").read_text())
+    assert load_pretrained(tmp_path / "copy").config.tie_word_embeddings
+    with pytest.raises(
+        ValueError,
+        match=r"config.json ties the LM head to the embeddings \(tie_word_embeddings\) but "
+        r"lm_head.weight differs from model.embed_tokens.weight: transformers reads the two untied",
+    ):
+        ckpt.check_checkpoint(tmp_path / "other")
+    config = json.loads((tmp_path / "other/config.json").read_text())
+    (tmp_path / "other/config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    ours = load_pretrained(tmp_path / "other")
+    theirs = LlamaForCausalLM.from_pretrained(tmp_path / "other").eval()
+    ids = torch.randint(0, embed.shape[0], (1, 9))
+    with torch.no_grad():
+        want = theirs(ids).logits[0]
+        got = ours.forward_packed(ids[0], torch.arange(9), torch.tensor([0, 9], dtype=torch.int32))
+    assert rel_err(got, want) < 1e-5
+
+
 def test_save_pretrained_syncs_every_file_and_the_rename(tmp_path, monkeypatch):
     import engine.checkpoint as ckpt
 
