@@ -224,9 +224,10 @@ HEAD_CLASSES = {"lm": "a causal LM (LlamaForCausalLM)", "score": "a LlamaForSequ
 
 def check_checkpoint(path: str | os.PathLike, head: str = "lm") -> tuple[ModelConfig, dict[str, str], str]:
     """A checkpoint directory against what a model with `head` loads from it, from config.json and the weight files'
-    headers alone (no weight is read, but for a legacy pre-zip .bin, which cannot be memory-mapped): every tensor
-    there, none unexpected, each of its shape. Cheap, so a run checks all its checkpoints before it loads (or
-    clears) anything. Returns (config, tensor name -> file, name prefix). Raises FileNotFoundError / ValueError
+    headers alone (no weight is read, but for a legacy pre-zip .bin, which cannot be memory-mapped, and an LM head
+    saved beside a tied config, compared with the embeddings): every tensor there, none unexpected, each of its
+    shape. Cheap, so a run checks all its checkpoints before it loads (or clears) anything. Returns (config, tensor
+    name -> file, name prefix). Raises FileNotFoundError / ValueError
     naming the directory, the tensor, both shapes and, for a checkpoint of the other kind, what this model is."""
     path = os.fspath(path)
     if not os.path.isdir(path):
