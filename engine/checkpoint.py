@@ -24,7 +24,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine.config import ModelConfig, json_error
+from engine.config import ModelConfig, read_json
 from engine.errors import InvalidInput, MissingInput, first_line
 from engine.model import Transformer
 from engine.parallel import raise_together
@@ -79,11 +79,7 @@ def generation_eos_ids(path: str | os.PathLike | None) -> list[int]:
     fn = os.path.join(os.fspath(path), GENERATION_CONFIG) if path is not None else ""
     if not os.path.isfile(fn):
         return []
-    with open(fn) as f:
-        try:
-            eos = json.load(f)
-        except json.JSONDecodeError as e:  # (a truncated copy: name the file)
-            raise InvalidInput(f"{fn} is not valid JSON ({json_error(e, line=True)})") from e
+    eos = read_json(fn)
     eos = eos.get("eos_token_id") if isinstance(eos, dict) else None
     ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
     if any(type(e) is not int or e < 0 for e in ids):
@@ -149,11 +145,7 @@ def checkpoint_files(path: str) -> dict[str, str]:
 
 def _weight_map(index: str) -> dict[str, str]:
     """An index file's weight_map (tensor name -> file name); a damaged index (cut short, no weight_map) is named."""
-    with open(index) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:  # (a truncated copy: name the file)
-            raise InvalidInput(f"{index} is not valid JSON ({json_error(e, line=True)})") from e
+    data = read_json(index)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(fn, str) for fn in weight_map.values()):
         raise InvalidInput(f"{index} has no weight_map (an object of tensor name -> file name)")

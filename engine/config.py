@@ -23,6 +23,15 @@ def json_error(e: json.JSONDecodeError, line: bool = False) -> str:
     return f"{e.msg.removesuffix(' at')} at {f'line {e.lineno}, ' if line else ''}column {e.colno}"
 
 
+def read_json(path: str):
+    """A JSON file's value; one that does not parse (a truncated copy, say) is an InvalidInput naming the file."""
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise InvalidInput(f"{path} is not valid JSON ({json_error(e, line=True)})") from e
+
+
 def checked_rope(params: dict, max_position_embeddings: int) -> Rope:
     """kernels.reference.Rope from config.json's settings, its ValueError for unsupported ones an InvalidInput (the
     kernels know no engine error; these settings are a run's input)."""
@@ -116,11 +125,7 @@ class ModelConfig:
                 path = os.path.join(path, "config.json")
             if not os.path.exists(path):
                 raise MissingInput(f"no config.json at {path}")
-            with open(path) as f:
-                try:
-                    cfg = json.load(f)
-                except json.JSONDecodeError as e:  # (a truncated copy: name the file)
-                    raise InvalidInput(f"{path} is not valid JSON ({json_error(e, line=True)})") from e
+            cfg = read_json(path)
         if not isinstance(cfg, dict):
             raise InvalidInput(f"{path} holds a JSON {type(cfg).__name__}, not an object of settings")
         archs = cfg.get("architectures") or []

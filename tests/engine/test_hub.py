@@ -2,7 +2,6 @@
 local directories: what is fetched, and that a run set up from Hub ids is the run set up from the directories."""
 
 import fnmatch
-import json
 import os
 import shutil
 
@@ -208,16 +207,9 @@ def test_a_bpe_tokenizers_merges_are_fetched_with_its_vocabulary(tmp_path, fake_
     """A tokenizer of vocab.json + merges.txt (no tokenizer.json: one load_tokenizer reads, and save_pretrained copies
     whole) named by Hub id comes whole: vocab.json alone fails to load, naming neither file."""
     from engine.tokenizer import TINY_DIR, load_tokenizer
+    from tests.engine.test_tokenizer import bpe_tokenizer_files
 
-    src = tmp_path / "src/bpe"
-    src.mkdir()
-    model = json.loads(load_tokenizer(TINY_DIR).backend_tokenizer.to_str())["model"]
-    (src / "vocab.json").write_text(json.dumps(model["vocab"]))
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    (src / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    (src / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    ))  # fmt: skip
+    src = bpe_tokenizer_files(tmp_path / "src/bpe", load_tokenizer(TINY_DIR))
     fake_hub.repos["org/bpe"] = str(src)
     (path,) = hub.resolve(["org/bpe"], weights=False)
     assert {"vocab.json", "merges.txt"} <= set(os.listdir(path))

@@ -403,6 +403,19 @@ def test_a_tokenizer_that_appends_eos_gives_prompts_without_it(tmp_path, tok):
     )
 
 
+def bpe_tokenizer_files(src, tok):
+    """`tok`'s BPE vocabulary written as vocab.json + merges.txt (no tokenizer.json) in a new directory `src`."""
+    src.mkdir(parents=True)
+    model = json.loads(tok.backend_tokenizer.to_str())["model"]
+    (src / "vocab.json").write_text(json.dumps(model["vocab"]))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (src / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (src / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    ))  # fmt: skip
+    return src
+
+
 def test_a_saved_policy_keeps_a_bpe_tokenizers_vocabulary_files(tmp_path, tok):
     """A tokenizer of vocab.json + merges.txt (no tokenizer.json), which the engine loads, is saved with the policy
     whole: transformers' AutoTokenizer on the saved policy encodes as the source does (without merges.txt it
@@ -411,15 +424,7 @@ def test_a_saved_policy_keeps_a_bpe_tokenizers_vocabulary_files(tmp_path, tok):
 
     from engine.checkpoint import load_pretrained, save_pretrained
 
-    src = tmp_path / "bpe"
-    src.mkdir()
-    model = json.loads(tok.backend_tokenizer.to_str())["model"]
-    (src / "vocab.json").write_text(json.dumps(model["vocab"]))
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    (src / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    (src / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    ))  # fmt: skip
+    src = bpe_tokenizer_files(tmp_path / "bpe", tok)
     text = "How do I reverse a list in Python?"
     want = load_tokenizer(src)(text)["input_ids"]
     assert len(want) > 3
