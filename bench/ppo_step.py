@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (CPU 24, GPU 256)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="response tokens (CPU 16, GPU 256)")
     p.add_argument("--micro-batch-tokens", type=int, default=16384)
+    p.add_argument("--samples-per-prompt", type=int, default=1, help="responses sampled per prompt (the recipe's 1)")
+    p.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout (the recipe's 1)")
     p.add_argument(
         "--gen-max-num-seqs", type=int, default=None, help="generator slots (default: the rollout batch, all at once)"
     )
@@ -84,7 +86,8 @@ def main(argv=None) -> dict:
     )  # fmt: skip
     cfg = PPOConfig(
         rollout_batch_size=rollout, train_batch_size=train_bs, max_new_tokens=new_tokens,
-        max_prompt_len=prompt_len, learning_rate=1e-6,
+        max_prompt_len=prompt_len, learning_rate=1e-6, samples_per_prompt=a.samples_per_prompt,
+        ppo_epochs=a.ppo_epochs,
     )  # fmt: skip
     run = RunConfig(
         output_dir="", micro_batch_tokens=a.micro_batch_tokens, gen_max_num_seqs=a.gen_max_num_seqs or max(rollout, 1),

@@ -61,26 +61,29 @@ def test_logprob_bench_checks_before_timing(tmp_path, monkeypatch):
 
 
 def test_ppo_step_bench_smoke(tmp_path):
-    """One timed PPO iteration of the tiny models (reference ops), with fewer generator slots than prompts."""
+    """Timed PPO iterations of the tiny models (reference ops), with fewer generator slots than sequences, two samples
+    per prompt and two PPO epochs."""
     from bench.ppo_step import main
     from kernels.dispatch import reference_ops
 
-    flags = ["--gen-max-num-seqs", "3", "--no-ignore-eos", "--iterations", "2", "--json", str(tmp_path / "p.json")]
+    flags = ["--gen-max-num-seqs", "3", "--no-ignore-eos", "--iterations", "2", "--json", str(tmp_path / "p.json"),
+             "--samples-per-prompt", "2", "--ppo-epochs", "2"]  # fmt: skip
     with reference_ops():
         out = main(flags)
     assert set(out["phases"]) == {"generate", "score (4 forwards)", "train (policy + value, fwd + bwd)", "iteration"}
     assert out["generator"]["decode_steps"] > 0 and (tmp_path / "p.json").exists()
-    # the fastest timed iteration's figures: generation counts the new tokens only (8 prompts, their mean response
-    # length), the scoring passes, training (one epoch) and the iteration the prompts' 24 tokens too
+    # the fastest timed iteration's figures: generation counts the new tokens only (8 prompts x 2 samples, their mean
+    # response length), the scoring passes and the iteration the prompts' 24 tokens too, training them twice (epochs)
     import json
 
     best = min(json.loads((tmp_path / "p.json").read_text())["metrics"], key=lambda m: m["time_iteration"])
-    new = 8 * best["response_len"]
+    assert best["step"] in (2 * 8, 3 * 8)  # (after the warm-up: 2 epochs of 16 sequences, 4 a step, per iteration)
+    new = 16 * best["response_len"]
     for name, seconds, tokens in (
         ("generate", best["time_generate"], new),
-        ("score (4 forwards)", best["time_score"], new + 8 * 24),
-        ("train (policy + value, fwd + bwd)", best["time_train"], new + 8 * 24),
-        ("iteration", best["time_iteration"], new + 8 * 24),
+        ("score (4 forwards)", best["time_score"], new + 16 * 24),
+        ("train (policy + value, fwd + bwd)", best["time_train"], 2 * (new + 16 * 24)),
+        ("iteration", best["time_iteration"], new + 16 * 24),
     ):
         phase = out["phases"][name]
         assert (phase["seconds"], phase["tokens"]) == (seconds, pytest.approx(tokens))
