@@ -612,6 +612,8 @@ class Generator:
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a non-empty list of token-id lists")
         for i, p in enumerate(prompts):
+            if isinstance(p, numbers.Number) or not hasattr(p, "__len__"):  # (a flat list of ids: one prompt)
+                raise ValueError(f"prompt {i} is {p!r}, not a list of token ids: prompts is a list of token-id lists")
             if len(p) == 0:
                 raise ValueError(f"prompt {i} is empty")
             if len(p) >= self.max_model_len:

@@ -216,6 +216,8 @@ def test_max_model_len_caps_generation():
         ([[1.5, 2]], "prompt 0 has 1.5 at position 0: token ids are integers"),
         ([[1, 2], [3, True]], "prompt 1 has True at position 1: token ids are integers"),
         ([[1], []], "prompt 1 is empty"),
+        ([1, 2, 3], r"prompt 0 is 1, not a list of token ids: prompts is a list of token-id lists"),
+        ([[1, 2], None], "prompt 1 is None, not a list of token ids"),
         ([], "non-empty list"),
     ],
 )
