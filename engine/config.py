@@ -285,12 +285,10 @@ class GenerateConfig:
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
+        for name, low in (("top_k", 0), ("max_new_tokens", 1), ("n", 1)):  # (2.5 tokens, or True samples: a mistake)
+            value = getattr(self, name)
+            if not integer(value) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 # PPOConfig fields added after checkpoints were first written, at the value those runs had: an older run resumed

@@ -272,6 +272,12 @@ def test_nonsense_generator_settings_are_refused(kw, message):
         (dict(stop_token_ids=5), "stop_token_ids must be a list of token ids, got 5"),
         (dict(stop_token_ids=[2, 2.0]), r"stop_token_ids must be a list of token ids, got \[2, 2.0\]"),
         (dict(seed=1.5), "seed must be an integer or None, got 1.5"),
+        (dict(max_new_tokens=2.5), "max_new_tokens must be an integer >= 1, got 2.5"),  # (not 3 tokens quietly)
+        (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),
+        (dict(n=2.0), r"n must be an integer >= 1, got 2\.0"),
+        (dict(n=True), "n must be an integer >= 1, got True"),
+        (dict(top_k=2.5), r"top_k must be an integer >= 0, got 2\.5"),
+        (dict(top_k=-1), "top_k must be an integer >= 0, got -1"),
     ]:
         with pytest.raises(ValueError, match=message):
             GenerateConfig(**bad)
