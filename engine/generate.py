@@ -102,6 +102,13 @@ class _Step:
 # -------------------------------------------------------------------------------- generator --
 
 
+def _integer_key(key) -> bool:
+    """An int (numpy's too), or a 0-d tensor of an integer dtype; not a bool."""
+    if isinstance(key, torch.Tensor):
+        return key.dim() == 0 and not (key.is_floating_point() or key.is_complex() or key.dtype == torch.bool)
+    return isinstance(key, numbers.Integral) and not isinstance(key, bool)
+
+
 class Generator:
     """Generates from `model` (an "lm" Transformer, possibly TP-sharded) with a paged KV cache.
 
@@ -398,6 +405,9 @@ class Generator:
         self._check_prompts(prompts)
         if seed_keys is not None and len(seed_keys) != len(prompts):
             raise ValueError(f"{len(seed_keys)} seed_keys for {len(prompts)} prompts")
+        for i, key in enumerate(seed_keys or ()):
+            if not _integer_key(key):
+                raise ValueError(f"seed_keys[{i}] is {key!r}, not an integer")
         if params.n > self.max_num_seqs:
             raise ValueError(f"n={params.n} samples per prompt exceeds max_num_seqs={self.max_num_seqs}")
         self.stats = GenerationStats(prompts=len(prompts))

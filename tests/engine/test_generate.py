@@ -228,6 +228,23 @@ def test_bad_prompts(prompts, message):
         gen.generate(prompts, max_new_tokens=2)
 
 
+def test_seed_keys_must_be_integers():
+    """A key of another kind (a float, None, a bool, a float or 1-d tensor) is refused by name before anything runs
+    (it failed inside the seed hash); an int, a numpy int or a 0-d integer tensor keys the same stream."""
+    import numpy as np
+
+    model = Transformer(ModelConfig.named("tiny")).init_weights(seed=0)
+    gen = Generator(model, block_size=4, num_blocks=16, max_model_len=12)
+    params = GenerateConfig(temperature=1.0, max_new_tokens=3, seed=5, ignore_eos=True)
+    for bad in (1.5, None, True, torch.tensor(1.0), torch.tensor([1])):
+        with pytest.raises(ValueError, match=r"seed_keys\[1\] is .*, not an integer"):
+            gen.generate_completions([[1, 2], [3, 4]], params, seed_keys=[0, bad])
+    with reference_ops():
+        runs = [[c.tokens for c in gen.generate_completions([[1, 2], [3, 4]], params, seed_keys=[0, key])]
+                for key in (7, np.int64(7), torch.tensor(7))]  # fmt: skip
+    assert runs[0] == runs[1] == runs[2]
+
+
 def test_every_eos_of_a_config_list_stops():
     """A config.json whose eos_token_id is a list (Llama 3's) keeps every id, writes the list back, and generation
     stops at any of them (here the first token greedy decoding emits, made an extra EOS)."""
