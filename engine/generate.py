@@ -414,6 +414,10 @@ class Generator:
         start = time.perf_counter()
         self._ensure_cache()
         self.stats.setup_seconds = time.perf_counter() - start
+        vocab = self.model.config.vocab_size
+        for t in params.stop_token_ids:  # (one the model cannot emit: another tokenizer's id, say)
+            if not 0 <= t < vocab:
+                raise ValueError(f"stop token id {t} is outside the vocabulary [0, {vocab})")
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:  # (every EOS of a config's list)
             stop_ids.update(self.model.config.eos_token_ids)

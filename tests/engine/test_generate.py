@@ -228,6 +228,14 @@ def test_bad_prompts(prompts, message):
         gen.generate(prompts, max_new_tokens=2)
 
 
+def test_stop_ids_outside_the_vocabulary_are_refused():
+    model = Transformer(ModelConfig.named("tiny")).init_weights(seed=0)
+    gen = Generator(model, block_size=4, num_blocks=16, max_model_len=12)
+    for bad in (512, -1):
+        with pytest.raises(ValueError, match=rf"stop token id {bad} is outside the vocabulary \[0, 512\)"):
+            gen.generate([[1, 2]], max_new_tokens=2, stop_token_ids=[5, bad])
+
+
 def test_seed_keys_must_be_integers():
     """A key of another kind (a float, None, a bool, a float or 1-d tensor) is refused by name before anything runs
     (it failed inside the seed hash); an int, a numpy int or a 0-d integer tensor keys the same stream."""
