@@ -312,7 +312,17 @@ def read_prompt_file(path: str | os.PathLike, lines: list[int] | None = None) ->
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise InvalidInput(f"{where}: malformed JSON ({json_error(e)})") from None
-            convs.append(prompt_messages(obj, where))
+            msgs = prompt_messages(obj, where)
+            for m in msgs:
+                try:
+                    m["content"].encode("utf-8")
+                except UnicodeEncodeError as e:  # (json reads an unpaired \\ud83d escape; no tokenizer takes it)
+                    half = ord(m["content"][e.start])
+                    raise InvalidInput(
+                        f"{where}: a {m['role']} turn holds an unpaired surrogate (\\u{half:04x}), which is no Unicode "
+                        "text (half of an emoji's escape pair?)"
+                    ) from None
+            convs.append(msgs)
             if lines is not None:
                 lines.append(lineno)
     if not convs:

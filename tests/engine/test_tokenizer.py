@@ -529,3 +529,13 @@ def test_a_prompt_of_exactly_the_limit_is_kept(tmp_path):
     assert kept.dropped == 0 and len(kept.prompts[0]) == n
     with pytest.raises(ValueError, match="longer than"):
         load_prompts(p, tok, max_prompt_len=n - 1, verbose=False)
+
+
+@pytest.mark.parametrize("template", ["tulu", "tokenizer"])
+def test_an_unpaired_surrogate_escape_is_refused_by_line(tmp_path, tok, template):
+    """JSON may escape half of a surrogate pair ("\\ud83d" alone: an emoji cut in two); json reads it into a string no
+    tokenizer takes. The file and line are named, not a TypeError of the tokenizers library."""
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "fine \\ud83d\\ude42"}\n{"messages": [{"role": "user", "content": "cut \\ud83d"}]}\n')
+    with pytest.raises(ValueError, match=r"p\.jsonl:2: a user turn holds an unpaired surrogate \(\\ud83d\)"):
+        load_prompts(p, tok, verbose=False, template=template)
