@@ -308,6 +308,11 @@ def read_prompt_file(path: str | os.PathLike, lines: list[int] | None = None) ->
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
+            if not convs and line.lstrip().startswith("["):  # (a .json file of one array, maybe over many lines)
+                raise InvalidInput(
+                    f"{where}: a JSON array where a JSON object should be: a prompt file is JSON Lines, one object per "
+                    "line, not one array of them (datasets' to_json writes JSON Lines)"
+                )
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:

@@ -531,6 +531,16 @@ def test_a_prompt_of_exactly_the_limit_is_kept(tmp_path):
         load_prompts(p, tok, max_prompt_len=n - 1, verbose=False)
 
 
+@pytest.mark.parametrize("indent", [None, 2])
+def test_a_json_array_file_is_refused_by_name(tmp_path, indent):
+    """A .json file holding one array of prompt objects (json.dump, pretty-printed or not) is valid JSON but no JSONL:
+    it is refused as an array, not called malformed."""
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps([{"prompt": "a"}, {"prompt": "b"}], indent=indent))
+    with pytest.raises(ValueError, match=r"p\.json:1: a JSON array where a JSON object should be: .* not one array"):
+        read_prompt_file(p)
+
+
 @pytest.mark.parametrize("template", ["tulu", "tokenizer"])
 def test_an_unpaired_surrogate_escape_is_refused_by_line(tmp_path, tok, template):
     """JSON may escape half of a surrogate pair ("\\ud83d" alone: an emoji cut in two); json reads it into a string no
