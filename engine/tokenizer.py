@@ -278,11 +278,12 @@ def prompt_messages(obj: dict, where: str) -> list[dict]:
 
 
 def _conversation(msgs: list, where: str) -> list[dict]:
-    for m in msgs:
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+    last_user = max((i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "user"), default=-1)
+    for i, m in enumerate(msgs):  # (the answers after the last user turn are cut off: their content is not read)
+        role_ok = isinstance(m, dict) and m.get("role") in ROLES
+        if not role_ok or (i <= last_user and not isinstance(m.get("content"), str)):
             raise InvalidInput(f"{where}: each message needs a role in {ROLES} and a string content, got {m!r}")
-    last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=None)
-    if last_user is None:
+    if last_user < 0:
         raise InvalidInput(f"{where}: the conversation has no user turn")
     if not msgs[last_user]["content"].strip():
         raise InvalidInput(f"{where}: the last user turn is empty")

@@ -549,3 +549,14 @@ def test_an_unpaired_surrogate_escape_is_refused_by_line(tmp_path, tok, template
     p.write_text('{"prompt": "fine \\ud83d\\ude42"}\n{"messages": [{"role": "user", "content": "cut \\ud83d"}]}\n')
     with pytest.raises(ValueError, match=r"p\.jsonl:2: a user turn holds an unpaired surrogate \(\\ud83d\)"):
         load_prompts(p, tok, verbose=False, template=template)
+
+
+def test_the_answer_after_the_last_user_turn_is_not_read(tmp_path):
+    """A conversation's answer is cut off, so its content is not checked: an answer of null (a missing value) or of
+    parts neither refuses the line nor, beside a "prompt" string, silently loses the turns before the question."""
+    turns = [{"role": r, "content": c} for r, c in (("user", "q1"), ("assistant", "a1"), ("user", "q2"))]
+    rows = [{"prompt": "q2", "chosen": turns + [{"role": "assistant", "content": None}]}]
+    rows += [{"chosen": turns + [{"role": "assistant", "content": [{"type": "text", "text": "a2"}]}]}]
+    p = tmp_path / "p.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_prompt_file(p) == [turns, turns]
