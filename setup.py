@@ -33,9 +33,10 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff"],
+        "test": ["pytest>=8", "ruff", "tensorboard>=2.14"],  # (tensorboard: the real writer's test)
         "flash": ["flash-attn>=2.6"],
         "wandb": ["wandb>=0.16"],
+        "tensorboard": ["tensorboard>=2.14"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -108,6 +108,9 @@ class RunConfig:
     log_samples: int = 2  # rollout sequences per iteration written with their scores to samples.jsonl
     wandb_project: str = ""  # also log the metrics to this Weights & Biases project (needs `pip install wandb`)
     wandb_run_name: str = ""  # the W&B run's name (default: the output directory's name)
+    tensorboard_dir: str = (
+        ""  # also write the metrics as TensorBoard event files here (needs `pip install tensorboard`)
+    )
 
     def __post_init__(self) -> None:
         """Refuse nonsense when the flags are parsed (a run that would train nothing and exit 0, or fail late)."""
@@ -290,7 +293,7 @@ def setup(
         cfg = resumed_config(cfg, run)
         check_batch_sizes(cfg, grid)
     run = pin_run(run)  # a Hub id to the commit it names now: every node fetches that one
-    check_available(run.wandb_project, grid.rank)
+    check_available(run, grid.rank)
     device, load = model_loader(run, grid)
     if check_memory(cfg, run, grid, device):  # (from config.json alone: before a Hub id's weights are fetched)
         run = dataclasses.replace(run, offload_optimizer="always")  # (auto, where nothing else fits)
@@ -608,7 +611,7 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     if run.eval_holdout:
         raise InvalidInput("--eval-only takes --eval-prompts (--eval-holdout draws from a training set)")
     memory_plan.check_offload_setting(run.offload_idle_models, "--offload-idle-models")
-    check_available(run.wandb_project, grid.rank)
+    check_available(run, grid.rank)
     check_paths(run)
     check_writable(run.output_dir, grid.rank)
     run = pin_run(run)  # (as in setup)

@@ -6,11 +6,17 @@ and run configuration as the W&B run's config, and tables of answers: each evalu
 (eval/answers) and each iteration's logged samples (samples). The W&B run's id is kept in OUTPUT_DIR/wandb-run-id,
 so --resume continues the same W&B run (a fresh run, or --overwrite-output-dir, starts a new one). WANDB_MODE=offline
 and the other WANDB_* variables work as usual.
+
+With --tensorboard-dir D (optional: `pip install tensorboard`), global rank 0 writes the same lines as TensorBoard
+scalars (eval/<key> for the evaluations; numbers only), against the iteration, and the tables as text, flushed after
+each line. A resumed run purges what the dead run wrote after its checkpoint's iteration (the iterations it repeats);
+a fresh run purges every earlier event in D.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import secrets
 from typing import TYPE_CHECKING
@@ -25,25 +31,53 @@ if TYPE_CHECKING:
 ITERATION = "iteration"  # the x-axis of every chart (W&B's step metric)
 
 
-def check_available(project: str, rank: int) -> None:
-    """With a project, rank 0 must be able to import wandb; every rank raises together if it cannot."""
+def check_available(run, rank: int) -> None:
+    """With a W&B project, rank 0 must be able to import wandb, and with a TensorBoard directory torch's TensorBoard
+    writer (the tensorboard package); every rank raises together if it cannot."""
     error = None
-    if project and rank == 0:
+    if rank == 0:
         try:
-            import wandb  # noqa: F401
-        except ImportError as e:
-            error = MissingPackage(f"--wandb-project {project} needs the wandb package (pip install wandb): {e}")
-    raise_together(error, "importing wandb")
+            if run.wandb_project:
+                try:
+                    import wandb  # noqa: F401
+                except ImportError as e:
+                    raise MissingPackage(
+                        f"--wandb-project {run.wandb_project} needs the wandb package (pip install wandb): {e}"
+                    ) from e
+            if run.tensorboard_dir:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+                except ImportError as e:
+                    raise MissingPackage(
+                        f"--tensorboard-dir {run.tensorboard_dir} needs the tensorboard package (pip install "
+                        f"tensorboard): {e}"
+                    ) from e
+        except MissingPackage as e:
+            error = e
+    raise_together(error, "importing the trackers")
 
 
 class Tracker:
-    """Sends metrics to a W&B run on global rank 0; does nothing elsewhere or without a project."""
+    """Sends metrics to a W&B run and/or TensorBoard event files on global rank 0; does nothing elsewhere or without
+    either."""
 
     def __init__(self, state: TrainState):
         run = state.run
-        self.wandb = None
-        if not run.wandb_project or state.grid.rank != 0:
+        self.wandb = self.tensorboard = None
+        if state.grid.rank != 0:
             return
+        if run.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # a fresh run hides every earlier event in the directory, a resumed one those after its checkpoint (the
+            # dead run's iterations it repeats); an evaluation alone adds its line without hiding anything
+            purge = None if run.eval_only else state.iteration + 1 if state.iteration else 0
+            self.tensorboard = SummaryWriter(run.tensorboard_dir, purge_step=purge)
+        if run.wandb_project:
+            self._init_wandb(state)
+
+    def _init_wandb(self, state: TrainState) -> None:
+        run = state.run
         import wandb
 
         os.makedirs(run.output_dir, exist_ok=True)
@@ -65,17 +99,31 @@ class Tracker:
         self.wandb = wandb
 
     def log(self, metrics: dict, *, prefix: str = "") -> None:
-        if self.wandb is None:
-            return
-        self.wandb.log({**{prefix + k: v for k, v in metrics.items() if k != ITERATION}, ITERATION: metrics[ITERATION]})
+        if self.tensorboard is not None:
+            step = metrics[ITERATION]
+            for k, v in metrics.items():  # (numbers: an evaluation's set digest and decoding flags are not charts)
+                if k != ITERATION and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tensorboard.add_scalar(prefix + k, v, global_step=step)
+            self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log(
+                {**{prefix + k: v for k, v in metrics.items() if k != ITERATION}, ITERATION: metrics[ITERATION]}
+            )
 
     def log_table(self, key: str, records: list[dict], step: int) -> None:
-        """Records (dicts with the same keys: sampled answers) as a W&B table at `step`."""
-        if self.wandb is None or not records:
+        """Records (dicts with the same keys: sampled answers) as a W&B table, and as TensorBoard text, at `step`."""
+        if not records:
             return
-        columns = list(records[0])
-        table = self.wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in records])
-        self.wandb.log({key: table, ITERATION: step})
+        if (
+            self.tensorboard is not None
+        ):  # (one JSON record a paragraph, as code: markdown would eat the prompts' marks)
+            text = "\n\n".join("    " + json.dumps(r, ensure_ascii=False) for r in records)
+            self.tensorboard.add_text(key, text, global_step=step)
+            self.tensorboard.flush()
+        if self.wandb is not None:
+            columns = list(records[0])
+            table = self.wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in records])
+            self.wandb.log({key: table, ITERATION: step})
 
     def __enter__(self) -> Tracker:
         return self
@@ -84,7 +132,10 @@ class Tracker:
         self.finish(failed=exc_type is not None)
 
     def finish(self, failed: bool = False) -> None:
-        """End the W&B run (marked failed when the training loop raised)."""
+        """End the W&B run (marked failed when the training loop raised) and close the TensorBoard writer."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
         if self.wandb is not None:
             self.wandb.finish(exit_code=1 if failed else 0)
             self.wandb = None

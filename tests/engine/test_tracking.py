@@ -1,5 +1,6 @@
-"""Weights & Biases tracking (engine/tracking.py): what the trainer sends, through a recording stand-in for the wandb
-module (always), and through the real package in offline mode (where it is installed)."""
+"""Weights & Biases and TensorBoard tracking (engine/tracking.py): what the trainer sends, through recording stand-ins
+for the wandb module and torch's SummaryWriter (always), through the real wandb package in offline mode (where it is
+installed), and the real TensorBoard event files read back."""
 
 import dataclasses
 import json
@@ -108,21 +109,29 @@ def test_real_wandb_offline(tmp_path, monkeypatch):
     assert len(runs) == 2 and all(d.endswith(run_id) for d in runs)  # one W&B run, continued
 
 
-def test_eval_only_goes_to_wandb_too(tmp_path, monkeypatch):
+def test_eval_only_goes_to_wandb_and_tensorboard_too(tmp_path, monkeypatch):
     from engine.tokenizer import TINY_EVAL_PROMPTS
     from engine.train_ppo import main
 
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
+    tensorboard = types.ModuleType("torch.utils.tensorboard")
+    tensorboard.SummaryWriter = FakeSummaryWriter
+    FakeSummaryWriter.writers = []
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", tensorboard)
     run_tiny(tmp_path / "run", "--max-iterations", "1")
     fake.calls.clear()
     init = tmp_path / "run/init"
     with dispatch.reference_ops():
         main(["--eval-only", "--policy", str(init / "policy"), "--reward", str(init / "reward"), "--eval-prompts",
-              TINY_EVAL_PROMPTS, "--output-dir", str(tmp_path / "only"), "--wandb-project", "p"])  # fmt: skip
+              TINY_EVAL_PROMPTS, "--output-dir", str(tmp_path / "only"), "--wandb-project", "p",
+              "--tensorboard-dir", str(tmp_path / "tb")])  # fmt: skip
     (kind, init_kw), (_, step, data), (_, _, table), finish = fake.calls
     assert kind == "init" and init_kw["name"] == "only" and finish == ("finish", 0)
     assert step == 0 and data["eval/prompts"] == 16 and len(table["eval/answers"].data) == 16
+    (w,) = FakeSummaryWriter.writers
+    assert w.purge_step is None  # (an evaluation alone hides nothing of the run's events)
+    assert ("scalar", "eval/prompts", 0, 16) in w.calls
 
 
 def test_wandb_run_name_is_used(tmp_path, monkeypatch):
@@ -137,3 +146,83 @@ def test_wandb_run_name_is_used(tmp_path, monkeypatch):
     fake.calls.clear()
     Tracker(types.SimpleNamespace(run=dataclasses.replace(run, wandb_run_name=""), cfg=PPOConfig(), grid=ProcessGrid()))
     assert fake.calls[0][1]["name"] == "out"
+
+
+class FakeSummaryWriter:
+    """Records what the trainer writes (torch.utils.tensorboard.SummaryWriter's methods it calls)."""
+
+    writers: list = []
+
+    def __init__(self, log_dir, purge_step=None):
+        self.log_dir, self.purge_step, self.calls = log_dir, purge_step, []
+        FakeSummaryWriter.writers.append(self)
+
+    def add_scalar(self, tag, value, global_step=None):
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), (tag, value)
+        self.calls.append(("scalar", tag, global_step, value))
+
+    def add_text(self, tag, text, global_step=None):
+        self.calls.append(("text", tag, global_step, text))
+
+    def flush(self):
+        self.calls.append(("flush",))
+
+    def close(self):
+        self.calls.append(("close",))
+
+
+def test_metrics_and_evaluations_go_to_tensorboard_and_a_resume_purges_what_it_repeats(tmp_path, monkeypatch):
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = FakeSummaryWriter
+    FakeSummaryWriter.writers = []
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    tb = str(tmp_path / "tb")
+    history = run_tiny(tmp_path / "run", "--max-iterations", "2", "--eval-every", "2", "--tensorboard-dir", tb)
+    (w,) = FakeSummaryWriter.writers
+    assert (w.log_dir, w.purge_step) == (tb, 0) and w.calls[-1] == ("close",)  # (a fresh run: every older event)
+    scalars = {(tag, step): v for kind, *rest in w.calls if kind == "scalar" for tag, step, v in [rest]}
+    for m in history:
+        for k, v in m.items():
+            if k != "iteration":
+                assert scalars[(k, m["iteration"])] == v, k
+    evals = [json.loads(x) for x in (tmp_path / "run/eval.jsonl").read_text().splitlines()]
+    assert [e["iteration"] for e in evals] == [0, 2]
+    for e in evals:
+        assert scalars[("eval/score", e["iteration"])] == e["score"]
+        assert ("eval/eval_set", e["iteration"]) not in scalars and ("eval/eval_greedy", e["iteration"]) not in scalars
+    texts = [(tag, step, text) for kind, *rest in w.calls if kind == "text" for tag, step, text in [rest]]
+    assert [(tag, step) for tag, step, _ in texts] == [("eval/answers", 0), ("samples", 1), ("samples", 2),
+                                                       ("eval/answers", 2)]  # fmt: skip
+    first = json.loads(texts[1][2].split("\n\n")[0])  # (a record a paragraph)
+    samples = [json.loads(x) for x in (tmp_path / "run/samples.jsonl").read_text().splitlines()]
+    assert first == samples[0]
+    assert w.calls.index(("flush",)) < len(w.calls) - 1  # (flushed as it goes, not only at the end)
+
+    run_tiny(tmp_path / "run", "--max-iterations", "3", "--resume", "--tensorboard-dir", tb)
+    assert FakeSummaryWriter.writers[1].purge_step == 3  # (the events past checkpoint 2: a dead run's repeats)
+
+
+def test_missing_tensorboard_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # -> ImportError
+    with pytest.raises(ImportError, match=r"--tensorboard-dir .*tb needs the tensorboard package"):
+        run_tiny(tmp_path, "--max-iterations", "1", "--tensorboard-dir", str(tmp_path / "tb"))
+    assert not (tmp_path / "metrics.jsonl").exists()  # (refused before anything ran)
+
+
+def test_real_tensorboard_events_read_back(tmp_path):
+    """The event files a run writes, read back with TensorBoard's own reader: every iteration's metrics once, also
+    after a run that died having logged iteration 3 past its checkpoint 2 is resumed (its repeat replaces it)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = str(tmp_path / "tb")
+    run_tiny(tmp_path / "run", "--max-iterations", "3", "--save-every", "2", "--keep-checkpoints", "2",
+             "--tensorboard-dir", tb)  # fmt: skip
+    (tmp_path / "run/latest").write_text(json.dumps({"checkpoint": "checkpoint-000002"}))  # as if it died at 3
+    run_tiny(tmp_path / "run", "--max-iterations", "3", "--resume", "--tensorboard-dir", tb)
+    events = EventAccumulator(tb)
+    events.Reload()
+    metrics = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    score = [(e.step, e.value) for e in events.Scalars("score")]
+    assert score == [(m["iteration"], pytest.approx(m["score"], rel=1e-6)) for m in metrics]  # 1, 2, 3 once each
+    assert [e.step for e in events.Scalars("eval/score")] == [0, 3]
