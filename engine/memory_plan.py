@@ -98,8 +98,9 @@ def cache_tokens(
     max_num_seqs: int | None = None,
 ) -> tuple[int, int]:
     """(bytes, tokens) of a rollout's KV cache (engine.kv_cache.cuda_cache_budget: `fraction` of the GPU's `total`
-    memory less what is held then, the weights and optimizer state, and the generator's activation `reserve`), at
-    most max_num_seqs sequences of seq_len (the generator allocates no more than its slots can fill)."""
+    memory less what is held then, the weights and optimizer state and what was in use before they were loaded, and
+    the generator's activation `reserve`), at most max_num_seqs sequences of seq_len (the generator allocates no more
+    than its slots can fill)."""
     budget = max(0, int(total * fraction) - held - reserve)
     per_token = bytes_per_block(config.num_layers, 1, config.num_kv_heads // tp, config.head_dim, kv_dtype)
     if max_num_seqs is not None:
@@ -303,9 +304,10 @@ def plan(
         line = f"memory plan: {_describe(parts, free)}; {left:.1f} GiB left for KV cache and activations"
         if cache:  # during a rollout the grads are freed: the weights and the optimizer state are held
             weights = sum(v for k, v in parts.items() if k.startswith("weights"))
-            at = lambda held: rollout_cache(configs["policy"][0], tp, held, **cache)  # noqa: E731
+            in_use = max(0, cache["total"] - free)  # (before loading: the CUDA context, other processes)
+            at = lambda held: rollout_cache(configs["policy"][0], tp, held + in_use, **cache)  # noqa: E731
             own = parts["weights (policy)"]  # (what generation runs)
-            if cache_tokens(configs["policy"][0], tp, own, **cache)[1] < cache["seq_len"]:
+            if cache_tokens(configs["policy"][0], tp, own + in_use, **cache)[1] < cache["seq_len"]:
                 raise InvalidInput(
                     f"{line}; but a rollout's KV cache would not hold one sequence of {cache['seq_len']} tokens, even "
                     f"with every other model in host memory: {at(own)} (a larger --tp splits every model)"
@@ -393,7 +395,7 @@ def plan_for(
         moved = idle_models == "rollouts" or (
             idle_models == "auto" and (host is None or idle * local_ranks <= OFFLOAD_HOST_SHARE * host)
         )
-        held = weights - (idle if moved else 0) + (0 if state_moved else state)
+        held = weights - (idle if moved else 0) + (0 if state_moved else state) + max(0, cache["total"] - free)
         if cache_tokens(configs["policy"][0], tp, held, **cache)[1] < cache["seq_len"]:
             no_room = [what for what, lacks in (("the optimizer state", setting == "auto" and not state_moved),
                                                 ("the idle models' weights", idle_models == "auto" and not moved))

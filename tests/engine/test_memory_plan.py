@@ -226,17 +226,22 @@ def test_eval_only_plans_its_three_frozen_models(tmp_path, monkeypatch, capsys):
     save_hf_model(tmp_path / "policy")
     save_hf_model(tmp_path / "rm", head="score")
     run = RunConfig(policy=str(tmp_path / "policy"), reward=str(tmp_path / "rm"), dtype="bfloat16")
-    c = ModelConfig.from_hf(str(tmp_path / "policy"))
-    weights = 2 * (2 * c.num_params("lm") + ModelConfig.from_hf(str(tmp_path / "rm")).num_params("score"))
+    # setup's check of the 13B shapes' config.json (a tiny model's weights are far below the generator's activations)
+    for name, head in (("policy-13b", "lm"), ("rm-13b", "score")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(ModelConfig.named("llama2-13b").to_hf(head)))
+    big = RunConfig(policy=str(tmp_path / "policy-13b"), reward=str(tmp_path / "rm-13b"), dtype="bfloat16")
+    weights = 2 * (2 * c.num_params("lm") + c.num_params("score"))  # (the 13B shapes')
     room = int(weights / memory_plan.FIXED_SHARE_LIMIT) + 4096  # the three models' weights, not a value model's
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (room, 10**9))
-    check_memory(PPOConfig(), run, ProcessGrid(), torch.device("cuda", 0), evaluation=True)
+    monkeypatch.setattr(memory_plan, "host_available", lambda: 1000 * GiB)  # (the idle two in host memory)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (room, room + GiB))  # (1 GiB in use)
+    check_memory(PPOConfig(), big, ProcessGrid(), torch.device("cuda", 0), evaluation=True)
     assert "optimizer" not in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"the models and optimizer state need"):  # (training needs more)
-        check_memory(PPOConfig(), run, ProcessGrid(), torch.device("cuda", 0))
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (room - 8192, 10**9))
+        check_memory(PPOConfig(), big, ProcessGrid(), torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (room - 8192, room + GiB))
     with pytest.raises(ValueError, match=r"^the models need "):
-        check_memory(PPOConfig(), run, ProcessGrid(), torch.device("cuda", 0), evaluation=True)
+        check_memory(PPOConfig(), big, ProcessGrid(), torch.device("cuda", 0), evaluation=True)
 
     import engine.state as state_mod
 
@@ -419,3 +424,24 @@ def test_a_suggested_tp_degree_divides_the_models():
     with pytest.raises(ValueError) as e:
         memory_plan.plan(configs, torch.bfloat16, 8, 1, True, free)
     assert "--tp" in str(e.value) and "--tp 16" not in str(e.value), str(e.value)
+
+
+def test_rollout_cache_counts_the_memory_in_use_before_loading():
+    """A rollout's KV cache gets `fraction` of the GPU's total memory less all that is in use then
+    (engine.kv_cache.cuda_cache_budget): the CUDA context and any other process's memory too, which the plan sees as
+    total - free before anything is loaded, beside the weights and the optimizer state."""
+    configs = memory_plan.run_configs("llama2-13b", None, "llama2-13b")
+    c = ModelConfig.named("llama2-13b")
+    lm, score = c.num_params("lm", 8), c.num_params("score", 8)
+    weights, state, per_token = 2 * (2 * lm + 2 * score), 12 * (lm + score), 2 * 40 * 5 * 128 * 2
+    total, free = 80 * GiB, 79 * GiB  # (1 GiB in use: the context, another process)
+    cache = dict(total=total, fraction=0.9, seq_len=2048, kv_dtype=torch.bfloat16, reserve=0)
+    line = memory_plan.plan(configs, torch.bfloat16, 8, 1, False, free, cache)
+    assert _tokens(line) == (int(0.9 * total) - (total - free) - weights - state) // per_token
+    # the policy's weights and one sequence fit the fraction with half a GiB to spare, the GiB in use does not
+    cache["fraction"] = (2 * lm + 2048 * per_token + GiB // 2) / total
+    with pytest.raises(ValueError, match="would not hold one sequence of 2048 tokens, even with every other model"):
+        memory_plan.plan(configs, torch.bfloat16, 8, 1, False, free, cache)
+    cache["fraction"] = (weights + 2048 * per_token + GiB // 2) / total  # (the four models' weights, likewise)
+    with pytest.raises(ValueError, match="would not hold one sequence of 2048 tokens with what --offload-optimizer"):
+        memory_plan.plan_for("rollouts", configs, torch.bfloat16, 8, 1, False, free, cache)
