@@ -293,7 +293,7 @@ class GenerateConfig:
 
 # PPOConfig fields added after checkpoints were first written, at the value those runs had: an older run resumed
 # samples as it did (engine.state.resumed_config)
-LEGACY_PPO_VALUES = {"top_k": 0, "top_p": 1.0, "kl_target": 0.0, "kl_horizon": 10000}
+LEGACY_PPO_VALUES = {"top_k": 0, "top_p": 1.0, "kl_target": 0.0, "kl_horizon": 10000, "entropy_coef": 0.0}
 
 
 @dataclass
@@ -329,6 +329,9 @@ class PPOConfig:
     clip_ratio: float = 0.2  # policy ratio clip
     clip_value: float = 0.2  # value clip around the rollout values
     value_loss_coef: float = 0.1  # weight of the value loss
+    # entropy bonus: the policy loss less entropy_coef x each response token's entropy (of the raw logits, as the
+    # log-probs), its gradient fused in the loss kernel; 0 in the recipe
+    entropy_coef: float = 0.0
     temperature: float = 0.7
     # rollouts sample from the 50 likeliest tokens: EasyLM's rollouts (the recipe's code) called transformers' Flax
     # generate with a GenerationConfig that left top_k at its default, 50, which Flax applies (0: the whole vocabulary;
@@ -348,7 +351,7 @@ class PPOConfig:
             if getattr(self, name) < 1:
                 bad.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("learning_rate", "weight_decay", "max_grad_norm", "kl_coef", "kl_target", "clip_ratio",
-                     "clip_value", "value_loss_coef"):  # fmt: skip
+                     "clip_value", "value_loss_coef", "entropy_coef"):  # fmt: skip
             if not 0 <= getattr(self, name) < math.inf:
                 bad.append(f"{name} must be >= 0 and finite, got {getattr(self, name)}")
         for name in ("warmup_ratio", "gamma", "lam"):

@@ -8,7 +8,8 @@ or, for the losses, on the flat [N] response tokens of a micro-batch. Definition
                 (kl_coef fixed, or adapted after each rollout: adapt_kl_coef)
     A, R      = GAE(reward, value, gamma, lam)           (kernels.gae.gae)
     A         whitened over each optimizer minibatch     (kernels.gae.masked_whiten, DP group)
-    L_policy  = clipped surrogate on raw-logit log-probs (kernels.logprob.ppo_token_loss, fused)
+    L_policy  = clipped surrogate on raw-logit log-probs (kernels.logprob.ppo_token_loss, fused), less
+                entropy_coef x the entropy of the raw logits (0 in the recipe)
     L_value   = 0.5 * max((v - R)^2, (clip(v, v_old - c, v_old + c) - R)^2), times value_loss_coef
 Losses are token means with an explicit denominator, so micro-batches and data-parallel ranks each
 contribute sum(loss_t) / (tokens in the whole minibatch) and their gradients simply add up.
@@ -102,8 +103,10 @@ def policy_loss(
     clip_eps: float,
     denom: float | torch.Tensor,
     group=None,
+    entropy_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped PPO policy loss of N response tokens, LM head fused (no [N, V] logits in memory).
+    """Clipped PPO policy loss of N response tokens, LM head fused (no [N, V] logits in memory), less entropy_coef x
+    each token's entropy (the entropy bonus; 0 in the recipe).
 
     hidden [N, H]: the final hidden state that predicts each response token; weight [V, H] the LM head
     (this rank's vocab shard with `group`); targets, old_logprobs, advantages [N]. Log-probs use the raw
@@ -115,7 +118,7 @@ def policy_loss(
     mask = torch.ones(n, dtype=torch.float32, device=targets.device)
     loss, stats = ppo_token_loss(
         None, targets, old_logprobs, advantages, mask, hidden=hidden, weight=weight, clip_eps=clip_eps,
-        temperature=1.0, group=group,
+        temperature=1.0, entropy_coef=entropy_coef, group=group,
     )  # fmt: skip
     return loss * (n / denom), {k: v * n for k, v in stats.items()}
 

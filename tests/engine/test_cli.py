@@ -120,6 +120,7 @@ def test_a_checkpoint_of_the_wrong_kind_is_refused_before_anything_is_read_or_cl
         (["--top-k", "-1"], r"top_k must be >= 0 \(0: no top-k\), got -1"),
         (["--top-p", "0"], r"top_p must be in \(0, 1\], got 0\.0"),
         (["--kl-target", "-1"], r"kl_target must be >= 0 and finite, got -1\.0"),
+        (["--entropy-coef", "-0.01"], r"entropy_coef must be >= 0 and finite, got -0\.01"),
         (["--kl-horizon", "0"], "kl_horizon must be >= 1, got 0"),
         (["--kl-target", "6", "--kl-coef", "0"], "kl_target 6.0 needs a kl_coef > 0"),
         (

@@ -213,6 +213,7 @@ def test_defaults_are_the_recipe():
         top_k=50, top_p=1.0,
         recompute_old_logprobs_per_minibatch=False,
         kl_target=0.0, kl_horizon=10000,  # the fixed coefficient (kl_horizon: TRL's and OpenRLHF's default)
+        entropy_coef=0.0,
     )  # fmt: skip
     cfg = PPOConfig()
     assert {k: getattr(cfg, k) for k in recipe} == recipe

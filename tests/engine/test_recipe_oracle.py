@@ -31,12 +31,13 @@ The engine's options beyond the recipe run against the same oracle in two more i
 (two PPO epochs, the second in a fresh order of the rollout's sequences; two samples per prompt; the k3 estimator;
 rewards whitened over the rollout with their mean kept, TRL's variant; advantages not whitened; no grad-norm clip; the
 LR decaying linearly to 0 after the warmup) and "easylm" (EasyLM's quirk: old log-probs recomputed by the current
-policy before each minibatch, so every ratio is 1; the k2 estimator; AdamW's decoupled weight decay). Where the recipe
+policy before each minibatch, so every ratio is 1; the k2 estimator; AdamW's decoupled weight decay; an entropy
+bonus). Where the recipe
 leaves the order of a later epoch open, the oracle takes the engine's and checks that it is a permutation of the
 rollout. Each of these changes to the engine fails one of them: k3's log term halved, k2 without its 1/2, whitened
 rewards without their mean, advantages whitened when asked not to, a grad clip of 1 when asked for none, the linear
 schedule not decaying, the quirk ignored, the weight decay dropped or coupled (Adam's L2), a later epoch's ratio taken
-against the sampler's log-probs.
+against the sampler's log-probs, the entropy bonus dropped or its sign flipped.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ VARIANTS = {
                "--whiten-rewards", "--no-whiten-advantages", "--max-grad-norm", "0", "--lr-schedule", "linear",
                "--warmup-ratio", "0.01"],
     "easylm": ["--recompute-old-logprobs-per-minibatch", "--kl-estimator", "k2", "--weight-decay", "0.5",
-               "--clip-value", "0.05"],  # (a value clip other than the policy's: each used where it belongs)
+               "--clip-value", "0.05",  # (a value clip other than the policy's: each used where it belongs)
+               "--entropy-coef", "0.05"],
 }  # fmt: skip
 
 
@@ -177,12 +179,13 @@ class RecipeOracle:
                 old = logp.detach()
             ratio = torch.exp(logp - old)
             pg1, pg2 = -a * ratio, -a * ratio.clamp(1 - cfg.clip_ratio, 1 + cfg.clip_ratio)
-            loss = torch.maximum(pg1, pg2).sum() / n
+            entropy = -(logp_all.exp() * logp_all).sum(-1)  # (of the raw logits, per response token)
+            loss = (torch.maximum(pg1, pg2) - cfg.entropy_coef * entropy).sum() / n
             loss.backward()
             policy_loss += loss.item()
             with torch.no_grad():
                 stats["clip_frac"] += (pg2 > pg1).sum().item()
-                stats["entropy"] += -(logp_all.exp() * logp_all).sum().item()
+                stats["entropy"] += entropy.sum().item()
                 stats["ratio"] += ratio.sum().item()
                 stats["approx_kl"] += (0.5 * (logp - old) ** 2).sum().item()
             v, old_v, ret = _values(self.value, ids, p), s["values"], s["returns"]
