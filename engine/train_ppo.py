@@ -206,14 +206,36 @@ def build_tiny_models(directory: str, seed: int = 0) -> tuple[str, str]:
     return policy_dir, reward_dir
 
 
+def _demo_ran_in(output_dir: str, init_dir: str) -> bool:
+    """Whether the tiny default ran in output_dir before: its init/ models are there and the last launch recorded there
+    (if any) trained them, not a run of other models that only holds an init/ directory."""
+    from engine.resume import LAUNCHES
+
+    if not os.path.isdir(init_dir):
+        return False
+    try:
+        with open(os.path.join(output_dir, LAUNCHES)) as f:
+            lines = [line for line in f.read().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return True
+    try:
+        policy = json.loads(lines[-1])["run"]["policy"] if lines else os.path.join(init_dir, "policy")
+    except (ValueError, KeyError, TypeError):  # (a damaged record: not known to be the demo's)
+        return False
+    return os.path.realpath(str(policy)) == os.path.realpath(os.path.join(init_dir, "policy"))
+
+
 def prepare_tiny(run: RunConfig) -> RunConfig:
     """Build the tiny default's models (if not there yet) and fill in its paths."""
-    from engine.resume import check_writable
+    from engine.resume import check_writable, start_fresh
     from engine.tokenizer import TINY_DIR, TINY_EVAL_PROMPTS, TINY_PROMPTS
 
-    check_writable(run.output_dir, dist.get_rank() if dist.is_initialized() else 0)  # (before building models there)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    check_writable(run.output_dir, rank)  # (before building models there)
     init_dir = os.path.join(run.output_dir, "init")
-    demo_dir = os.path.isdir(init_dir)  # (a directory the demo ran in before; another run's is not overwritten)
+    demo_dir = _demo_ran_in(run.output_dir, init_dir)  # (the demo starts over there; another run's is not overwritten)
+    if not (demo_dir or run.overwrite_output_dir or run.resume):
+        start_fresh(run.output_dir, False, rank)  # another run's directory: refused before the demo writes models in it
     build_tiny_models(init_dir, seed=run.seed)
     return dataclasses.replace(
         run,

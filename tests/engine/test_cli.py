@@ -310,6 +310,13 @@ def test_the_tiny_default_never_deletes_another_run(tmp_path):
     with pytest.raises(FileExistsError, match="holds an earlier run"):
         run_tiny(other, "--max-iterations", "1")
     assert (other / "checkpoint-000006").is_dir() and (other / "metrics.jsonl").read_text() == '{"iteration": 6}\n'
+    assert not (other / "init").exists()  # (refused before the demo's models are written there)
+    # a run of other models whose directory holds an init/ (an older refused demo left one) is refused as well
+    (other / "init").mkdir()
+    (other / "launches.jsonl").write_text(json.dumps({"run": {"policy": "/elsewhere/policy"}}) + "\n")
+    with pytest.raises(FileExistsError, match="holds an earlier run"):
+        run_tiny(other, "--max-iterations", "1")
+    assert (other / "checkpoint-000006").is_dir()
     run_tiny(tmp_path / "demo", "--max-iterations", "1")
     run_tiny(tmp_path / "demo", "--max-iterations", "1")  # (its own directory: starts over)
 
