@@ -23,6 +23,11 @@ def json_error(e: json.JSONDecodeError, line: bool = False) -> str:
     return f"{e.msg.removesuffix(' at')} at {f'line {e.lineno}, ' if line else ''}column {e.colno}"
 
 
+def is_integer(x) -> bool:
+    """An int (numpy's too), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def read_json(path: str):
     """A JSON file's value; one that does not parse (a truncated copy, say) is an InvalidInput naming the file."""
     with open(path) as f:
@@ -278,16 +283,15 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.temperature < math.inf:  # (NaN too)
             raise ValueError(f"temperature must be >= 0 and finite, got {self.temperature}")
-        integer = lambda x: isinstance(x, numbers.Integral) and not isinstance(x, bool)  # noqa: E731  (numpy's too)
-        if isinstance(self.stop_token_ids, (int, str)) or not all(integer(t) for t in self.stop_token_ids):
+        if isinstance(self.stop_token_ids, (int, str)) or not all(is_integer(t) for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
-        if self.seed is not None and not integer(self.seed):
+        if self.seed is not None and not is_integer(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         for name, low in (("top_k", 0), ("max_new_tokens", 1), ("n", 1)):  # (2.5 tokens, or True samples: a mistake)
             value = getattr(self, name)
-            if not integer(value) or value < low:
+            if not is_integer(value) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.config import GenerateConfig
+from engine.config import GenerateConfig, is_integer
 from engine.decode_graphs import DecodeGraphs, graph_key
 from engine.errors import InvalidInput
 from engine.kv_cache import (
@@ -106,7 +106,7 @@ def _integer_key(key) -> bool:
     """An int (numpy's too), or a 0-d tensor of an integer dtype; not a bool."""
     if isinstance(key, torch.Tensor):
         return key.dim() == 0 and not (key.is_floating_point() or key.is_complex() or key.dtype == torch.bool)
-    return isinstance(key, numbers.Integral) and not isinstance(key, bool)
+    return is_integer(key)
 
 
 class Generator:
@@ -410,14 +410,14 @@ class Generator:
                 raise ValueError(f"seed_keys[{i}] is {key!r}, not an integer")
         if params.n > self.max_num_seqs:
             raise ValueError(f"n={params.n} samples per prompt exceeds max_num_seqs={self.max_num_seqs}")
-        self.stats = GenerationStats(prompts=len(prompts))
-        start = time.perf_counter()
-        self._ensure_cache()
-        self.stats.setup_seconds = time.perf_counter() - start
         vocab = self.model.config.vocab_size
         for t in params.stop_token_ids:  # (one the model cannot emit: another tokenizer's id, say)
             if not 0 <= t < vocab:
                 raise ValueError(f"stop token id {t} is outside the vocabulary [0, {vocab})")
+        self.stats = GenerationStats(prompts=len(prompts))
+        start = time.perf_counter()
+        self._ensure_cache()
+        self.stats.setup_seconds = time.perf_counter() - start
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:  # (every EOS of a config's list)
             stop_ids.update(self.model.config.eos_token_ids)

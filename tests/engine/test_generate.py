@@ -234,6 +234,7 @@ def test_stop_ids_outside_the_vocabulary_are_refused():
     for bad in (512, -1):
         with pytest.raises(ValueError, match=rf"stop token id {bad} is outside the vocabulary \[0, 512\)"):
             gen.generate([[1, 2]], max_new_tokens=2, stop_token_ids=[5, bad])
+    assert gen.pool is None  # (refused before the KV cache is allocated)
 
 
 def test_seed_keys_must_be_integers():
