@@ -16,6 +16,7 @@ a fresh run purges every earlier event in D.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import secrets
@@ -35,25 +36,14 @@ def check_available(run, rank: int) -> None:
     """With a W&B project, rank 0 must be able to import wandb, and with a TensorBoard directory torch's TensorBoard
     writer (the tensorboard package); every rank raises together if it cannot."""
     error = None
-    if rank == 0:
-        try:
-            if run.wandb_project:
-                try:
-                    import wandb  # noqa: F401
-                except ImportError as e:
-                    raise MissingPackage(
-                        f"--wandb-project {run.wandb_project} needs the wandb package (pip install wandb): {e}"
-                    ) from e
-            if run.tensorboard_dir:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-                except ImportError as e:
-                    raise MissingPackage(
-                        f"--tensorboard-dir {run.tensorboard_dir} needs the tensorboard package (pip install "
-                        f"tensorboard): {e}"
-                    ) from e
-        except MissingPackage as e:
-            error = e
+    for flag, value, package, module in (("--wandb-project", run.wandb_project, "wandb", "wandb"),
+                                         ("--tensorboard-dir", run.tensorboard_dir, "tensorboard",
+                                          "torch.utils.tensorboard")):  # fmt: skip
+        if value and rank == 0 and error is None:
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                error = MissingPackage(f"{flag} {value} needs the {package} package (pip install {package}): {e}")
     raise_together(error, "importing the trackers")
 
 
@@ -114,9 +104,7 @@ class Tracker:
         """Records (dicts with the same keys: sampled answers) as a W&B table, and as TensorBoard text, at `step`."""
         if not records:
             return
-        if (
-            self.tensorboard is not None
-        ):  # (one JSON record a paragraph, as code: markdown would eat the prompts' marks)
+        if self.tensorboard is not None:  # (a JSON record a paragraph, as code: markdown would eat prompts' marks)
             text = "\n\n".join("    " + json.dumps(r, ensure_ascii=False) for r in records)
             self.tensorboard.add_text(key, text, global_step=step)
             self.tensorboard.flush()
