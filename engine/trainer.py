@@ -164,7 +164,8 @@ def minibatch_order(state: TrainState, epoch: int, n_local: int) -> list[int]:
     for lc in range(per_step):  # this rank's column lc of a minibatch
         column = global_position(lc, grid.dp_rank, grid.dp, state.cfg.samples_per_prompt)  # (in one process's)
         seed = ((state.run.seed * 1_000_003 + state.iteration) * 101 + epoch) * 100_003 + column
-        rows = torch.randperm(steps, generator=torch.Generator().manual_seed(seed)).tolist()
+        # (modulo 2^64: torch takes no larger seed, and maps a negative one to the same residue)
+        rows = torch.randperm(steps, generator=torch.Generator().manual_seed(seed % 2**64)).tolist()
         for k, row in enumerate(rows):
             order[k * per_step + lc] = row * per_step + lc
     return order

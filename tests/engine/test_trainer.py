@@ -241,6 +241,24 @@ def test_later_ppo_epochs_reshuffle_into_the_same_minibatches_on_any_dp_size(sam
     assert minibatches(1, 1) != minibatches(1, 2) and minibatches(1, 1) != minibatches(1, 1, iteration=1)
 
 
+def test_later_ppo_epochs_reshuffle_with_any_seed():
+    """A later PPO epoch's order is drawn for any --seed: a large one (a date, 20240607) or a negative one does not
+    overflow torch's 64-bit seed (it crashed after the rollout), and a seed that fitted keeps its order."""
+    from types import SimpleNamespace
+
+    def order(seed):
+        cfg = PPOConfig(train_batch_size=4, rollout_batch_size=12)
+        state = SimpleNamespace(cfg=cfg, grid=SimpleNamespace(dp=1, dp_rank=0), run=RunConfig(seed=seed), iteration=5)
+        return trainer.minibatch_order(state, 1, 12)
+
+    for seed in (20240607, 2**40, -(2**40)):
+        assert sorted(order(seed)) == list(range(12)), seed
+    assert order(20240607) != order(20240608)
+    gen = torch.Generator().manual_seed(((3 * 1_000_003 + 5) * 101 + 1) * 100_003 + 2)  # (column 2 of seed 3)
+    rows = torch.randperm(3, generator=gen).tolist()
+    assert [order(3)[k * 4 + 2] for k in range(3)] == [r * 4 + 2 for r in rows]
+
+
 def test_phase_times_are_the_slowest_ranks(tmp_path, monkeypatch):
     """DP 2 with rank 1's rollout 3 s slower: the generation's time is the slowest rank's (rank 0's own would make its
     tokens/s 100x too high), the wait is shown as time_dp_wait, and training's time holds none of it."""
