@@ -35,7 +35,7 @@ from engine import ppo
 from engine.data import Rollout, prompts_digest
 from engine.parallel import agree, print0, raise_together
 from engine.resume import EVAL_DIR, atomic_write, read_log
-from engine.rollout import forward_rollout, generate_rollout, reduce_sums, sampling_params
+from engine.rollout import check_scores, forward_rollout, generate_rollout, reduce_sums, sampling_params
 from engine.state import TrainState, setup_evaluation
 from kernels.logprob import kl_estimate
 
@@ -154,6 +154,7 @@ def evaluate(state: TrainState) -> dict:
     params = sampling_params(state, EVAL_STREAM, greedy=state.run.eval_greedy, n=1)
     ro = generate_rollout(state, [prompt_set.prompts[i] for i in ids], ids, params)
     forward_rollout(state, ro, values=False)
+    check_scores(ro, f"in the evaluation after iteration {state.iteration}")
     stats = sequence_stats(state, ro)
     g = reduce_sums({"sequences": float(len(ids)), **{k: v.sum() for k, v in stats.items()}}, state.device,
                     state.dp_group)  # fmt: skip

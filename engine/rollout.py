@@ -3,7 +3,7 @@
 - generate_rollout: the Generator samples responses from the policy's own parameter tensors (no copy);
 - forward_rollout: packed passes (prompt + response concatenated, no padding computed) give the policy's and the
   reference's log-probs of every response token, the value of every state and the reward model's score at each
-  sequence's last token;
+  sequence's last token (check_scores: every rank stops together on a non-finite score);
 - reduce_sums: per-rank metric sums added up over the data-parallel ranks in one collective.
 """
 
@@ -18,6 +18,7 @@ from engine.config import GenerateConfig
 from engine.data import Rollout, pack, split_by_tokens
 from engine.model import Transformer
 from engine.offload import HostCopies, offload_state, offload_weights, onload_state, onload_weights
+from engine.parallel import raise_together
 from kernels.logprob import hidden_logprobs
 
 if TYPE_CHECKING:
@@ -115,8 +116,14 @@ def forward_rollout(state: TrainState, ro: Rollout, *, values: bool = True) -> N
         h = state.reward.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[where]
         ro.scores[seq0 : seq0 + n_seq] = state.reward.head_packed(h).float()
         seq0 += n_seq
-    if not bool(torch.isfinite(ro.scores).all()):
-        raise FloatingPointError(f"the reward model returned non-finite scores at iteration {state.iteration + 1}")
+
+
+def check_scores(ro: Rollout, where: str) -> None:
+    """Every rank raises together (engine.parallel.raise_together) if any rank's reward model returned a non-finite
+    score `where`: called after forward_rollout and before any collective a failing rank would skip."""
+    bad = int((~torch.isfinite(ro.scores)).sum())
+    error = FloatingPointError(f"the reward model returned {bad} non-finite scores {where}") if bad else None
+    raise_together(error, "scoring the rollout")
 
 
 def reward_positions(pk: dict[str, torch.Tensor], pad_token_id: int | None) -> torch.Tensor:

@@ -35,9 +35,9 @@ from engine.generate import GenerationStats
 from engine.kv_cache import upload
 from engine.model import forward_flops
 from engine.optim import accumulate_grads, apply_update, reduce_grads
-from engine.parallel import agree, print0, raise_together
+from engine.parallel import agree, print0
 from engine.resume import latest_checkpoint, record_launch, save_checkpoint
-from engine.rollout import add_to, chunks, forward_rollout, generate_rollout, policy_logprobs, reduce_sums
+from engine.rollout import add_to, check_scores, chunks, forward_rollout, generate_rollout, policy_logprobs, reduce_sums
 from engine.state import TrainState  # (the state and its setup: engine/state.py)
 from engine.tracking import Tracker
 
@@ -58,9 +58,9 @@ def plan_recompute(state: TrainState) -> None:
 
 
 @torch.no_grad()
-def score_rollout(state: TrainState, ro: Rollout) -> None:
-    """The no-grad passes (engine.rollout), then rewards, advantages and returns (engine.ppo)."""
-    forward_rollout(state, ro)
+def rollout_targets(state: TrainState, ro: Rollout) -> None:
+    """A scored rollout's (engine.rollout.forward_rollout) rewards, advantages and returns (engine.ppo); with
+    --whiten-rewards a collective over the data-parallel ranks."""
     scores = ppo.scores_with_eos_penalty(ro.scores, ro.hit_eos, state.cfg.missing_eos_penalty)
     padded = [to_padded(x, ro.offsets) for x in (ro.logprobs, ro.ref_logprobs, ro.values)]
     mask, idx = padded[0][1], padded[0][2]
@@ -211,18 +211,18 @@ def ppo_iteration(state: TrainState) -> dict:
         ro = generate_rollout(state, prompts, prompt_ids)
     t1 = clock(dev)
     peak_generate = _peak_gib(dev)
-    error = None
-    with record_function("ppo/score"):
-        try:
-            score_rollout(state, ro)
-        except FloatingPointError as e:  # (non-finite scores on one rank)
-            error = e
+    with record_function("ppo/score"), torch.no_grad():
+        forward_rollout(state, ro)
     t2 = clock(dev)
     peak_score = _peak_gib(dev)
-    # the ranks meet: one's failure stops every rank (none is left waiting in a collective), and a slower rank's
-    # rollout is waited for here, not inside the first training step (whose time it would otherwise count)
-    raise_together(error, "scoring the rollout")
+    # the ranks meet: a non-finite score on one stops every rank before the rewards' collectives (none is left
+    # waiting in one), and a slower rank's rollout is waited for here, not inside the first training step (whose time
+    # it would otherwise count)
+    check_scores(ro, f"at iteration {state.iteration + 1}")
     waited = clock(dev) - t2
+    with record_function("ppo/score"):
+        rollout_targets(state, ro)
+    t2 = clock(dev) - waited  # (the targets' time counts as the scoring phase's, the wait does not)
     log_samples(state, ro)
     plan_recompute(state)
     t_train = clock(dev)

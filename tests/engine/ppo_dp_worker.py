@@ -96,6 +96,18 @@ if __name__ == "__main__":
 
     # main() destroys the process group on exit; read the rank first.
     rank = int(os.environ.get("RANK", "0"))
+    nan = os.environ.get("TEST_NAN_SCORES")  # "RANK:MODULE": that rank's reward model scores NaN in trainer or evaluate
+    if nan and int(nan.split(":")[0]) == rank:
+        import importlib
+
+        module = importlib.import_module(f"engine.{nan.split(':')[1]}")
+        real_forward = module.forward_rollout
+
+        def forward_rollout(state, ro, **kw):
+            real_forward(state, ro, **kw)
+            ro.scores[0] = float("nan")
+
+        module.forward_rollout = forward_rollout
     history = cli(sys.argv[2:], generator_factory=factory)  # (input errors in one line, as the command line)
     torch.save(
         {"history": history, "policy": {k: v.detach().clone() for k, v in holder["policy"].state_dict().items()}},

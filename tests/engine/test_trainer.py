@@ -115,11 +115,17 @@ def test_nonfinite_grad_norm_raises_before_any_update(tmp_path):
     assert all(torch.equal(v, state.policy.state_dict()[k]) for k, v in before.items())  # policy not stepped
 
 
-def test_nonfinite_reward_scores_raise(tmp_path):
-    state = tiny_state(tmp_path, "--max-iterations", "1")
+@pytest.mark.parametrize("evals", [False, True])
+def test_nonfinite_reward_scores_raise(tmp_path, evals):
+    """Named by where they came: a rollout's iteration, or the evaluation before the first iteration."""
+    state = tiny_state(tmp_path, "--max-iterations", "1", *([] if evals else ["--eval-prompts", ""]))
     with torch.no_grad():
         state.reward.norm.weight.fill_(float("inf"))
-    with dispatch.reference_ops(), pytest.raises(FloatingPointError, match="reward model .* iteration 1"):
+    where = "in the evaluation after iteration 0" if evals else "at iteration 1"
+    with (
+        dispatch.reference_ops(),
+        pytest.raises(FloatingPointError, match=rf"reward model returned \d+ non-finite scores {where}(;|$)"),
+    ):
         trainer.train(state)
 
 
@@ -267,6 +273,19 @@ def test_phase_times_are_the_slowest_ranks(tmp_path, monkeypatch):
     assert m["time_generate"] >= 3.0 and m["time_dp_wait"] >= 2.5, m
     assert m["time_train"] < m["time_generate"] - 2.0, m
     assert m["gen_tok_s"] == pytest.approx(m["response_len"] * 8 / m["time_generate"], rel=1e-6)  # (8 sequences)
+
+
+@pytest.mark.parametrize("where", ["trainer", "evaluate"])
+def test_a_nonfinite_score_on_one_rank_stops_every_rank(tmp_path, monkeypatch, where):
+    """A reward model's NaN on rank 1 only stops both ranks with its message: in training before the rewards are
+    whitened over the ranks (a collective rank 1 would never reach), and in an evaluation before its metrics' sums."""
+    monkeypatch.setenv("TEST_NAN_SCORES", f"1:{where}")
+    out = torchrun_ranks(tmp_path, 2, "nan", "--max-iterations", "1", "--whiten-rewards", "--dist-timeout-minutes", "2",
+                         fails=True)  # fmt: skip
+    when = "at iteration 1" if where == "trainer" else "in the evaluation after iteration 0"
+    mine = f"the reward model returned 1 non-finite scores {when}"
+    assert f"scoring the rollout failed on rank 1: {mine}" in out, out[-3000:]
+    assert "Timeout" not in out and "timed out" not in out
 
 
 def test_dp2_tp2_matches_one_process(tmp_path):
