@@ -671,7 +671,8 @@ def ppo_token_loss(
     terms = (clip_eps, kl_coef, kl_estimator, entropy_coef)
     if logits is not None:
         logp, ent = token_logprobs(logits, targets, temperature, return_entropy=True, group=group)
-        per_tok = _ppo_per_token(logp, ent, old, adv, ref, *terms)[0]
+        # (off the mask the token's own log-prob is 0 too: one of -300 would give k3 an inf, and its grad 0 * inf)
+        per_tok = _ppo_per_token(torch.where(keep, logp, 0.0), ent, old, adv, ref, *terms)[0]
         loss = torch.where(keep, per_tok * m, 0.0).sum() / denom
     else:
         _check_hidden(hidden, weight, targets)
@@ -683,7 +684,7 @@ def ppo_token_loss(
 
         def token_loss(lp, en, r0, r1):  # this chunk's share of the masked mean
             r_c = ref[r0:r1] if ref is not None else None
-            per = _ppo_per_token(lp, en, old[r0:r1], adv[r0:r1], r_c, *terms)[0]
+            per = _ppo_per_token(torch.where(keep[r0:r1], lp, 0.0), en, old[r0:r1], adv[r0:r1], r_c, *terms)[0]
             return torch.where(keep[r0:r1], per * m[r0:r1], 0.0).sum() / denom
 
         t = targets.to(torch.int64).contiguous()

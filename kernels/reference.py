@@ -580,13 +580,15 @@ def ppo_token_loss(
     keep = mask.bool()  # (off the mask: whatever old, advantages and ref hold there, NaN or a huge value, is not read)
     old = torch.where(keep, old_logprobs.to(ct), 0.0)
     adv = torch.where(keep, advantages.to(ct), 0.0)
-    ratio = torch.exp(logp - old)
+    # (and the token's own log-prob: one of -300 would give k3 an inf off the mask, and its grad 0 * inf = NaN)
+    logp_on = torch.where(keep, logp, 0.0)
+    ratio = torch.exp(logp_on - old)
     pg1 = -adv * ratio
     pg2 = -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
     per_tok = torch.maximum(pg1, pg2) - entropy_coef * ent
     kl_ref = None
     if ref_logprobs is not None:
-        kl_ref = kl_estimate(logp, torch.where(keep, ref_logprobs.to(ct), 0.0), kl_estimator)
+        kl_ref = kl_estimate(logp_on, torch.where(keep, ref_logprobs.to(ct), 0.0), kl_estimator)
         per_tok = per_tok + kl_coef * kl_ref
     loss = torch.where(keep, per_tok * m, 0.0).sum() / denom
     with torch.no_grad():

@@ -340,6 +340,38 @@ def test_ppo_token_loss_ignores_what_lies_off_the_mask(small_block, path):
         torch.testing.assert_close(s1[k], s0[k], msg=k)
 
 
+@pytest.mark.parametrize("path", ["logits", "hidden", "reference"])
+def test_ppo_token_loss_off_the_mask_a_far_unlikely_target_adds_no_nan(small_block, path):
+    """A padding token whose own log-prob is far below zero (-300: exp(ref - logp) of k3 overflows to inf there)
+    leaves the loss and the grads those of the masked tokens alone: no 0 * inf = NaN in any gradient."""
+    gen = torch.Generator(torch.get_default_device()).manual_seed(5)
+    n, h, v = 6, 16, 40
+    hidden = torch.randn(n, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) / 4
+    targets = torch.randint(0, v, (n,), generator=gen)
+    hidden[4] = -weight[targets[4]] * (300.0 / weight[targets[4]].square().sum())  # that target's logit: -300
+    mask = torch.tensor([1, 1, 1, 1, 0, 1], dtype=torch.bool)
+    old, adv, ref = torch.randn(n, generator=gen) - 2, torch.randn(n, generator=gen), torch.randn(n, generator=gen) - 2
+    results = []
+    for rows in (torch.arange(n), mask.nonzero().squeeze(1)):  # with the padding token, then without it
+        hd, w = hidden[rows].clone().requires_grad_(), weight.clone().requires_grad_()
+        kw = dict(ref_logprobs=ref[rows], kl_coef=0.1, kl_estimator="k3")
+        args = (targets[rows], old[rows], adv[rows], mask[rows])
+        with dispatch.reference_ops() if path == "reference" else contextlib.nullcontext():
+            if path == "hidden":
+                loss, _ = L.ppo_token_loss(None, *args, hidden=hd, weight=w, **kw)
+            else:
+                loss, _ = L.ppo_token_loss(hd @ w.T, *args, **kw)
+        loss.backward()
+        results.append((loss.detach(), hd.grad, w.grad))
+    (l0, gh0, gw0), (l1, gh1, gw1) = results
+    assert torch.isfinite(gh0).all() and torch.isfinite(gw0).all()
+    assert torch.all(gh0[4] == 0)
+    torch.testing.assert_close(l0, l1)
+    torch.testing.assert_close(gh0[mask], gh1)
+    torch.testing.assert_close(gw0, gw1)
+
+
 def test_gemm_counts_per_chunk(small_block, monkeypatch):
     """hidden_logprobs: 1 GEMM per chunk forward, 3 backward; the fused PPO loss: 3 per chunk in all."""
     from torch.utils._python_dispatch import TorchDispatchMode
