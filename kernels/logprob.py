@@ -656,6 +656,9 @@ def ppo_token_loss(
             raise ValueError(f"{name} shape {tuple(t.shape)} must equal targets shape {tuple(targets.shape)}")
     if ref_logprobs is not None and ref_logprobs.shape != targets.shape:
         raise ValueError(f"ref_logprobs shape {tuple(ref_logprobs.shape)} must equal targets shape")
+    if logits is None:
+        _check_hidden(hidden, weight, targets)
+    _check_temperature(temperature)  # (before the dispatch: the reference path would take 0 or inf silently)
     src = logits if logits is not None else hidden
     if not dispatch.use_triton(src) or src.dtype not in _SUPPORTED:
         return reference.ppo_token_loss(
@@ -675,8 +678,6 @@ def ppo_token_loss(
         per_tok = _ppo_per_token(torch.where(keep, logp, 0.0), ent, old, adv, ref, *terms)[0]
         loss = torch.where(keep, per_tok * m, 0.0).sum() / denom
     else:
-        _check_hidden(hidden, weight, targets)
-        _check_temperature(temperature)
         _, v_total = _group_info(group, weight.shape[0])
         _check_targets(targets, v_total)
         hidden, weight = hidden.contiguous(), weight.contiguous()

@@ -528,6 +528,21 @@ def test_more_errors_name_the_problem():
     assert min(blocks(8192)) == 2048 and min(blocks(8191)) == 256  # (narrow blocks only below 8192)
 
 
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+@pytest.mark.parametrize("temperature", [0.0, -1.0, math.inf])
+def test_ppo_token_loss_refuses_a_bad_temperature_on_either_path(path, temperature):
+    """The CPU reference path (the engine's without the interpreter) refuses what token_logprobs refuses, rather
+    than a NaN (temperature 0) or a silently wrong loss."""
+    t, z, one = torch.zeros(4, dtype=torch.long), torch.zeros(4), torch.ones(4)
+    with dispatch.reference_ops() if path == "reference" else contextlib.nullcontext():
+        with pytest.raises(ValueError, match="temperature"):
+            L.ppo_token_loss(torch.randn(4, 10), t, z, z, one, temperature=temperature)
+        with pytest.raises(ValueError, match="temperature"):
+            L.ppo_token_loss(
+                None, t, z, z, one, hidden=torch.randn(4, 8), weight=torch.randn(10, 8), temperature=temperature
+            )
+
+
 def test_fused_ppo_loss_refuses_a_second_backward(small_block):
     """The fused path scales its saved grads in place: a second backward would return them scaled twice."""
     hidden, weight = torch.randn(5, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
