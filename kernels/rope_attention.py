@@ -318,6 +318,8 @@ def rope_attention(
     """
     _check_inputs(q, k, v, positions, cu_seqlens, kv_cache, slot_mapping)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if not 0 < scale < math.inf:  # (the kernel scales the masked -inf scores: 0 * -inf is NaN, -1 * -inf is +inf)
+        raise ValueError(f"softmax_scale must be > 0 and finite, got {softmax_scale}")
     if use_triton(q):
         if kv_cache is not None:
             kv_cache = tuple(kv_cache)

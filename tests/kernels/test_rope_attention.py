@@ -398,6 +398,17 @@ def test_more_bad_inputs():
             _rope_attention_bwd(q, q, k, v, q, lse, positions, cu, 10000.0, 0.125, **bad)
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.125, math.inf, math.nan])
+def test_a_softmax_scale_the_kernel_cannot_take_is_refused(scale):
+    """The kernel scales the causally masked (-inf) scores: 0 * -inf is NaN and a negative scale makes them +inf,
+    so such a scale came back as an all-NaN output; it is refused by name (on the reference path too)."""
+    cu, positions = _pack([3, 5])
+    q, k, v = _inputs(8, 4, 2, 16, torch.float32)
+    for ctx in (contextlib.nullcontext(), dispatch.reference_ops()):
+        with ctx, pytest.raises(ValueError, match="softmax_scale"):
+            rope_attention(q, k, v, positions, cu, softmax_scale=scale)
+
+
 def test_q_and_output_grad_without_unit_last_stride():
     """q [N, Hq, D] as a transposed view (last stride Hq) and an output grad likewise: copied for the kernels."""
     cu, positions = _pack([9, 14], start=0)
