@@ -374,6 +374,7 @@ def paged_decode_attention(
         raise ValueError(f"out must be a {q.dtype} tensor of shape {tuple(q.shape)}, contiguous in D")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     capacity = block_tables.shape[1] * block_size
+    bound = max_context_len  # (the caller's own, for the reference: the default would make it gather every column)
     if max_context_len is None:
         max_context_len = capacity
     elif max_context_len > capacity:
@@ -383,7 +384,7 @@ def paged_decode_attention(
         )
     if not use_triton(q):
         # CPU reference path: the host sync is free here, so check the real lengths too.
-        out.copy_(reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale))
+        out.copy_(reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, bound))
         return out
     if b == 0:
         return out

@@ -208,6 +208,19 @@ def test_paged_decode_reference_path_on_cpu():
     torch.testing.assert_close(got.double(), _expected(q, ks, vs), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.cpu_only  # (the reference checks lengths held on the host only: on a GPU it would take a sync)
+def test_paged_decode_reference_path_checks_max_context_len():
+    """The docstring's promise: the CPU reference path checks the lengths against max_context_len as the interpreter
+    does (it attended to the whole context, where a GPU reads only max_context_len tokens), and a bound that holds
+    gives the same output."""
+    q, kc, vc, bt, cl, ks, vs = _paged_setup([17, 5], 4, 2, 64, 16, torch.float32)
+    with dispatch.reference_ops():
+        with pytest.raises(ValueError, match="context length 17 exceeds max_context_len 16"):
+            paged_decode_attention(q, kc, vc, bt, cl, max_context_len=16)
+        got = paged_decode_attention(q, kc, vc, bt, cl, max_context_len=17)
+    torch.testing.assert_close(got.double(), _expected(q, ks, vs), atol=2e-5, rtol=2e-5)
+
+
 def test_paged_decode_errors():
     q, kc, vc, bt, cl, _, _ = _paged_setup([20, 5], 4, 2, 64, 16, torch.float32, width_extra=0)
     with pytest.raises(ValueError, match="at least one head, got 0 query"):
