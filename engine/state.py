@@ -281,6 +281,8 @@ def setup(
     memory_plan.check_offload_setting(run.offload_optimizer)
     memory_plan.check_offload_setting(run.offload_idle_models, "--offload-idle-models")
     grid = grid or init_process_grid(run.tp, backend_for(run.device), timeout_minutes=run.dist_timeout_minutes)
+    if run.resume:  # (before anything is checked or planned from the hyperparameters: the checkpoint's, unless given)
+        cfg = resumed_config(cfg, run)
     check_batch_sizes(cfg, grid)  # before loading four models
     if cfg.samples_per_prompt > run.gen_max_num_seqs:  # (a prompt's samples decode together)
         raise InvalidInput(
@@ -289,9 +291,6 @@ def setup(
         )
     check_paths(run)
     check_writable(run.output_dir, grid.rank)  # (which creates it: after the flags that name no directory)
-    if run.resume:  # (before anything is planned from the hyperparameters: the checkpoint's, where not given now)
-        cfg = resumed_config(cfg, run)
-        check_batch_sizes(cfg, grid)
     run = pin_run(run)  # a Hub id to the commit it names now: every node fetches that one
     check_available(run, grid.rank)
     device, load = model_loader(run, grid)

@@ -21,6 +21,8 @@ from engine.model import Transformer
 from engine.parallel import ProcessGrid
 from engine.reshard import SavedOptimizer, relayout
 from engine.resume import latest_checkpoint, save_checkpoint, trim_logs
+from engine.train_ppo import main
+from kernels import dispatch
 from tests.engine.fake_tp import FakeGroup, fake_tp
 from tests.engine.ppo_dp_worker import naive_factory
 from tests.engine.runs import TIMING, no_timing, run_tiny, saved_weights, tiny_state, torchrun_ranks
@@ -445,6 +447,19 @@ def test_resume_with_a_longer_schedule_spans_it(tmp_path, capsys):
     assert f"a learning-rate schedule of {new} optimizer steps (the checkpoint's run: {old}): " in out
     lr = history[-1]["lr"]
     assert lr == pytest.approx(ppo.lr_at(history[-1]["step"] - 1, new, cfg)) and lr > 0
+
+
+def test_a_resume_checks_the_batch_sizes_it_runs_with(tmp_path):
+    """The batch sizes are checked once the checkpoint's hyperparameters are in: a resume that gives a new
+    --train-batch-size, which divides the checkpoint's rollouts, runs (the tiny preset's --rollout-batch-size 16,
+    which it does not divide, is not the run's), and one that divides neither is refused naming the run's."""
+    run_tiny(tmp_path, "--max-iterations", "1", "--rollout-batch-size", "12", "--train-batch-size", "6")
+    flags = ["--output-dir", str(tmp_path), "--max-new-tokens", "8", "--max-iterations", "2", "--resume"]
+    with dispatch.reference_ops():
+        history = main([*flags, "--train-batch-size", "12"])
+    assert [(m["iteration"], m["step"]) for m in history] == [(2, 3)]  # (12 sequences, 2 steps, then 1)
+    with pytest.raises(ValueError, match="rollout of 12 sequences is not a multiple of train_batch_size 8"):
+        main([*flags, "--train-batch-size", "8"])
 
 
 @pytest.mark.parametrize("src_tp,src_dp,src_dist,dst_tp,dst_dp,dst_dist", [
