@@ -7,6 +7,7 @@ optimizers and the generator; setup_evaluation() the part --eval-only needs.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -117,8 +118,10 @@ class RunConfig:
         bad = [f"{n} must be >= {lo}, got {getattr(self, n)}" for n, lo in (
             ("tp", 1), ("save_every", 0), ("keep_checkpoints", 1), ("max_iterations", 0), ("micro_batch_tokens", 1),
             ("gen_max_num_seqs", 1), ("kv_cache_mb", 0), ("profile_iteration", 0), ("save_every_minutes", 0),
-            ("eval_every", 0), ("eval_holdout", 0), ("log_samples", 0), ("dist_timeout_minutes", 0))
+            ("eval_every", 0), ("eval_holdout", 0), ("log_samples", 0))
             if not getattr(self, n) >= lo]  # fmt: skip
+        if not 0 < self.dist_timeout_minutes < math.inf:  # (0: every collective times out at once; inf: no timedelta)
+            bad.append(f"dist_timeout_minutes must be > 0 and finite, got {self.dist_timeout_minutes}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             bad.append(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):

@@ -109,6 +109,8 @@ def test_a_checkpoint_of_the_wrong_kind_is_refused_before_anything_is_read_or_cl
         (["--adam-betas", "0.9", "1.0"], r"adam_betas must be two numbers in \[0, 1\)"),
         (["--max-iterations", "-1", "--keep-checkpoints", "0"], "keep_checkpoints must be >= 1, got 0; max_iterations"),
         (["--save-every", "-1"], "save_every must be >= 0"),
+        (["--dist-timeout-minutes", "0"], r"dist_timeout_minutes must be > 0 and finite, got 0\.0"),
+        (["--dist-timeout-minutes", "inf"], r"dist_timeout_minutes must be > 0 and finite, got inf"),
         (["--kv-cache-fraction", "1.5"], r"kv_cache_fraction must be in \(0, 1\]"),
         (["--learning-rate", "inf"], "learning_rate must be >= 0 and finite, got inf"),
         (["--missing-eos-penalty", "-inf"], "missing_eos_penalty must be finite, got -inf"),
