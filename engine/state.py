@@ -109,9 +109,8 @@ class RunConfig:
     log_samples: int = 2  # rollout sequences per iteration written with their scores to samples.jsonl
     wandb_project: str = ""  # also log the metrics to this Weights & Biases project (needs `pip install wandb`)
     wandb_run_name: str = ""  # the W&B run's name (default: the output directory's name)
-    tensorboard_dir: str = (
-        ""  # also write the metrics as TensorBoard event files here (needs `pip install tensorboard`)
-    )
+    # also write the metrics as TensorBoard event files here (needs `pip install tensorboard`)
+    tensorboard_dir: str = ""
 
     def __post_init__(self) -> None:
         """Refuse nonsense when the flags are parsed (a run that would train nothing and exit 0, or fail late)."""

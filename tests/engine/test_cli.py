@@ -296,6 +296,10 @@ def test_help_lists_every_flag():
     flat = " ".join(text.split())  # each default said once: the tiny one where it differs, none after a comment's own
     assert "(default: 512; tiny default: 16)" in flat and "(default: 0; tiny default: 0)" not in flat
     assert "(default: the output directory's name) (default" not in flat
+    run_flags = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)}
+    for action in build_parser()._actions:  # every run flag says what it is (its field's comment), not only its default
+        if action.option_strings[0] in run_flags:
+            assert not action.help.startswith("(default:"), action.option_strings[0]
 
 
 def test_batch_sizes_that_do_not_divide_are_refused(tmp_path):
