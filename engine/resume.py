@@ -177,6 +177,14 @@ def check_writable(output_dir: str, rank: int) -> None:
     raise_together(error, "checking the output directory")
 
 
+def run_files(output_dir: str) -> list[str]:
+    """The names in output_dir that a run writes (its checkpoints, `latest`, logs, launches, W&B id), sorted."""
+    if not os.path.isdir(output_dir):
+        return []
+    ours = lambda n: n in (LATEST, EVAL_DIR, WANDB_RUN_ID, LAUNCHES, *LOGS) or n.startswith("checkpoint-")  # noqa: E731
+    return sorted(n for n in os.listdir(output_dir) if ours(n))
+
+
 def start_fresh(
     output_dir: str, overwrite: bool, rank: int, evaluation: bool = False, inputs: dict[str, str | None] | None = None
 ) -> None:
@@ -185,10 +193,7 @@ def start_fresh(
     `overwrite` emptied of them (rank 0; other files, such as the tiny default's init models, stay). `inputs` (flag:
     path, say {"--policy": ...}): a path the run reads that lies in what would be emptied (a checkpoint's policy/ as the
     next stage's --policy) is refused, overwrite or not: deleting it would lose the model."""
-    held = []
-    if os.path.isdir(output_dir):
-        ours = lambda n: n in (LATEST, EVAL_DIR, WANDB_RUN_ID, LAUNCHES, *LOGS) or n.startswith("checkpoint-")  # noqa: E731
-        held = sorted(n for n in os.listdir(output_dir) if ours(n))
+    held = run_files(output_dir)
     error = None
     doomed = {os.path.realpath(os.path.join(output_dir, n)): n for n in held}
     for flag, path in (inputs or {}).items():

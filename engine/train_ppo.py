@@ -206,9 +206,10 @@ def build_tiny_models(directory: str, seed: int = 0) -> tuple[str, str]:
     return policy_dir, reward_dir
 
 
-def _demo_ran_in(output_dir: str, init_dir: str) -> bool:
+def _demo_ran_in(output_dir: str, init_dir: str, moved: bool = False) -> bool:
     """Whether the tiny default ran in output_dir before: its init/ models are there and the last launch recorded there
-    (if any) trained them, not a run of other models that only holds an init/ directory."""
+    (if any) trained them, not a run of other models that only holds an init/ directory. `moved`: also when the
+    directory has been moved or copied since (that launch trained the init/ models of the directory it ran in)."""
     from engine.resume import LAUNCHES
 
     if not os.path.isdir(init_dir):
@@ -219,15 +220,20 @@ def _demo_ran_in(output_dir: str, init_dir: str) -> bool:
     except FileNotFoundError:
         return True
     try:
-        policy = json.loads(lines[-1])["run"]["policy"] if lines else os.path.join(init_dir, "policy")
+        record = json.loads(lines[-1])["run"] if lines else {"policy": os.path.join(init_dir, "policy")}
+        policy = str(record["policy"])
+        if moved and lines:
+            return os.path.relpath(policy, str(record["output_dir"])) == os.path.join("init", "policy")
     except (ValueError, KeyError, TypeError):  # (a damaged record: not known to be the demo's)
         return False
-    return os.path.realpath(str(policy)) == os.path.realpath(os.path.join(init_dir, "policy"))
+    return os.path.realpath(policy) == os.path.realpath(os.path.join(init_dir, "policy"))
 
 
 def prepare_tiny(run: RunConfig) -> RunConfig:
     """Build the tiny default's models (if not there yet) and fill in its paths."""
-    from engine.resume import check_writable, start_fresh
+    from engine.errors import OutputInUse
+    from engine.parallel import raise_together
+    from engine.resume import check_writable, run_files, start_fresh
     from engine.tokenizer import TINY_DIR, TINY_EVAL_PROMPTS, TINY_PROMPTS
 
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -236,6 +242,14 @@ def prepare_tiny(run: RunConfig) -> RunConfig:
     demo_dir = _demo_ran_in(run.output_dir, init_dir)  # (the demo starts over there; another run's is not overwritten)
     if not (demo_dir or run.overwrite_output_dir or run.resume):
         start_fresh(run.output_dir, False, rank)  # another run's directory: refused before the demo writes models in it
+    elif run.resume and not _demo_ran_in(run.output_dir, init_dir, moved=True):
+        error = None  # (the demo would write its models into another run's directory, and start over or fail there)
+        if run_files(run.output_dir):
+            error = OutputInUse(
+                f"{run.output_dir} holds a run of other models than the tiny default's: resume it with its own "
+                "--policy, --reward and --prompts (without --policy, --resume continues the tiny default)"
+            )
+        raise_together(error, "resuming the tiny default")
     build_tiny_models(init_dir, seed=run.seed)
     return dataclasses.replace(
         run,

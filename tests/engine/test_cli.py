@@ -317,6 +317,12 @@ def test_the_tiny_default_never_deletes_another_run(tmp_path):
         run_tiny(other, "--max-iterations", "1")
     assert (other / "checkpoint-000006").is_dir() and (other / "metrics.jsonl").read_text() == '{"iteration": 6}\n'
     assert not (other / "init").exists()  # (refused before the demo's models are written there)
+    # --resume without --policy continues the demo: another run's directory is refused too (its own flags resume it)
+    with pytest.raises(FileExistsError, match=r"holds a run of other models than the tiny default's: resume it with "
+                       r"its own --policy, --reward and --prompts"):  # fmt: skip
+        run_tiny(other, "--max-iterations", "1", "--resume")
+    assert (other / "checkpoint-000006").is_dir() and (other / "metrics.jsonl").read_text() == '{"iteration": 6}\n'
+    assert not (other / "init").exists()
     # a run of other models whose directory holds an init/ (an older refused demo left one) is refused as well
     (other / "init").mkdir()
     (other / "launches.jsonl").write_text(json.dumps({"run": {"policy": "/elsewhere/policy"}}) + "\n")
@@ -325,6 +331,8 @@ def test_the_tiny_default_never_deletes_another_run(tmp_path):
     assert (other / "checkpoint-000006").is_dir()
     run_tiny(tmp_path / "demo", "--max-iterations", "1")
     run_tiny(tmp_path / "demo", "--max-iterations", "1")  # (its own directory: starts over)
+    shutil.copytree(tmp_path / "demo", tmp_path / "copy")  # (a demo's directory moved or copied: --resume continues it)
+    assert [m["iteration"] for m in run_tiny(tmp_path / "copy", "--max-iterations", "2", "--resume")] == [2]
 
 
 def test_the_tiny_default_takes_the_tokenizer_and_the_generator_it_is_given(tmp_path):
