@@ -388,6 +388,16 @@ def load_optimizer_state(opt: Optimizer, saved: dict | SavedOptimizer, tp: int =
             write_back(opt)  # (a host-resident shard is copied to the device for its all-gather)
         else:
             mixed = [(m, p) for m, p in zip(opt.masters, opt.params) if m is not p]
+            if len(masters) != len(mixed):  # the checkpoint's run had another dtype
+                if len(masters) == len(opt.params):  # a bf16 or fp16 run's masters: these fp32 parameters' values
+                    mixed = list(zip(opt.masters, opt.params))
+                elif not masters:  # an fp32 run's (each parameter its own master): the weights as loaded
+                    masters = [p.detach().float() for _, p in mixed]
+                else:
+                    raise ValueError(
+                        f"the checkpoint's optimizer holds fp32 masters of {len(masters)} of the {len(opt.params)} "
+                        "parameters: resume with the dtype of the run that saved it"
+                    )
             for (m, p), v in zip(mixed, masters, strict=True):
                 m.copy_(v)
                 p.copy_(v)

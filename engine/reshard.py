@@ -75,8 +75,11 @@ class _SavedParameters:
                     self.where[i] = (k, offset)
                     offset += _numel(self.shapes[i])
                 self.bucket_numel.append(-(-offset // saved.dp) * saved.dp)
-        else:  # the saved masters are those of the parameters that are not fp32, in order
+        else:  # the saved masters are those of the parameters that were not fp32 in the checkpoint's run, in order
             mixed = [i for i, p in enumerate(opt.params) if p.dtype != torch.float32]
+            saved_masters = len(head["masters"])
+            if saved_masters != len(mixed):  # a run of another dtype: a bf16 run's masters of all, an fp32 run's none
+                mixed = _saved_mixed(saved_masters, len(opt.params))
             self.master_index = {i: n for n, i in enumerate(mixed)}
 
     def get(self, i: int) -> list[torch.Tensor | None]:
@@ -100,6 +103,17 @@ class _SavedParameters:
                 pieces.append(flat[max(start, lo) - lo : min(stop, lo + shard) - lo])
             out.append(torch.cat(pieces).view(shape))
         return out
+
+
+def _saved_mixed(saved_masters: int, params: int) -> list[int]:
+    """The parameters whose fp32 masters a checkpoint of another dtype's run holds (saved_masters of them): every
+    one (a bf16 or fp16 run's) or none (an fp32 run's, each parameter its own master)."""
+    if saved_masters not in (0, params):
+        raise ValueError(
+            f"the checkpoint's optimizer holds fp32 masters of {saved_masters} of the {params} parameters: "
+            "resume with the dtype of the run that saved it"
+        )
+    return list(range(saved_masters))
 
 
 def _numel(shape) -> int:
@@ -126,6 +140,7 @@ def relayout(opt: Optimizer, saved: SavedOptimizer, tp: int, tp_rank: int) -> tu
     n = len(opt.params)
     same_tp = saved.tp == tp
     readers = {}
+    own: set[int] = set()  # the parameters whose master the checkpoint holds
 
     def reader(t: int) -> _SavedParameters:
         if t not in readers:
@@ -145,6 +160,8 @@ def relayout(opt: Optimizer, saved: SavedOptimizer, tp: int, tp_rank: int) -> tu
             ]
         if got[0] is None:  # an fp32 parameter, its own master: it was loaded from the checkpoint's weights
             got[0] = p.detach().float().cpu()
+        else:
+            own.add(i)
         return [t.reshape(p.shape).float() for t in got]
 
     head = saved.rank_state(0, 0)
@@ -159,7 +176,10 @@ def relayout(opt: Optimizer, saved: SavedOptimizer, tp: int, tp_rank: int) -> tu
         masters, m1, m2 = flat
     else:
         whole = [mine(i) for i in range(n)]
-        masters = [w[0] for w, p in zip(whole, opt.params) if p.dtype != torch.float32]
+        # this run's masters; with every saved parameter's (a bf16 run's) for fp32 parameters, whose own masters they
+        # become (load_optimizer_state)
+        every = all(i in own for i in range(n))
+        masters = [w[0] for w, p in zip(whole, opt.params) if p.dtype != torch.float32 or every]
         m1, m2 = [w[1].clone() for w in whole], [w[2].clone() for w in whole]
     adam = opt.adam.state_dict()  # this optimizer's param_groups (hyperparameters are set every step anyway)
     adam["state"] = {

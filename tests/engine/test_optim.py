@@ -118,6 +118,35 @@ def test_a_loaded_optimizer_keeps_this_runs_hyperparameters():
                    for m, n in zip(opt.masters, saved.masters))  # fmt: skip
 
 
+@pytest.mark.parametrize("saved_dtype,dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("relaid", [False, True])
+def test_an_optimizer_saved_at_another_dtype_loads(saved_dtype, dtype, relaid):
+    """A checkpoint of a bf16 run resumed in fp32 (--dtype auto on a machine without a GPU) or the other way round, in
+    the same layout or re-laid: the parameters start from the checkpoint's fp32 masters where it kept them (a bf16
+    run's), else from the weights as loaded (an fp32 run's parameters were their own masters); the moments and step
+    counts are the checkpoint's."""
+    cfg, small = PPOConfig(max_grad_norm=0.0), dataclasses.replace(ModelConfig.named("tiny"), num_layers=1)
+    model = Transformer(small, "score", dtype=saved_dtype).init_weights(seed=3)
+    saved = optim.make_optimizer(model, cfg)
+    for step in range(2):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step)).to(p.dtype)
+        optim.accumulate_grads(saved)
+        optim.optimizer_step(saved, 1e-2, cfg, ProcessGrid())
+    state = optim.optimizer_state(saved)
+    resumed = Transformer(small, "score", dtype=dtype)
+    with torch.no_grad():  # the checkpoint's weights, loaded at this run's dtype
+        for a, b in zip(resumed.parameters(), model.parameters()):
+            a.copy_(b)
+    opt = optim.make_optimizer(resumed, cfg)
+    optim.load_optimizer_state(opt, SavedOptimizer([state], 1, 1) if relaid else state)
+    for m, p, n in zip(opt.masters, resumed.parameters(), saved.masters):
+        want = n if saved_dtype != torch.float32 else n.to(dtype).float()  # (an fp32 run's: the weights as loaded)
+        assert torch.equal(m, want) and torch.equal(p, want.to(dtype))
+        assert torch.equal(opt.adam.state[m]["exp_avg"], saved.adam.state[n]["exp_avg"])
+        assert float(opt.adam.state[m]["step"]) == 2
+
+
 def _host_buffers(opt):
     """The pinned buffers of an optimizer's offloaded state, in movable_state's order."""
     return [h for k, _ in offload.groups(opt) for h in opt.offload.host[k]]
