@@ -77,7 +77,7 @@ class RunConfig:
     # the LR schedule always spans the whole prompt set, so a run cut short and resumed is the same run
     seed: int = 0  # prompt order and sampling
     device: str = "auto"  # auto: cuda if available
-    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu (float16: --eval-only alone, no loss scaling)
     micro_batch_tokens: int = 8192  # tokens (prompt + response) per forward/backward micro-batch (memory bound)
     gen_max_num_seqs: int = 256  # sequences the generator decodes together at most
     kv_cache_fraction: float = 0.9  # share of the GPU's memory the rollouts may fill, their KV cache included
@@ -119,10 +119,15 @@ class RunConfig:
             ("gen_max_num_seqs", 1), ("kv_cache_mb", 0), ("profile_iteration", 0), ("save_every_minutes", 0),
             ("eval_every", 0), ("eval_holdout", 0), ("log_samples", 0))
             if not getattr(self, n) >= lo]  # fmt: skip
+        if not 0 <= self.seed < 2**32:  # (the samples' streams take 32 bits of it: engine.sampler.seed_for)
+            bad.append(f"seed must be in [0, 2**32), got {self.seed}")
         if not 0 < self.dist_timeout_minutes < math.inf:  # (0: every collective times out at once; inf: no timedelta)
             bad.append(f"dist_timeout_minutes must be > 0 and finite, got {self.dist_timeout_minutes}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             bad.append(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        elif self.dtype == "float16" and not self.eval_only:  # (the losses are divided by a rollout's token count)
+            bad.append("dtype float16 trains without loss scaling (the gradients would underflow); use bfloat16 or "
+                       "float32 (float16 serves --eval-only)")  # fmt: skip
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             bad.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.kv_cache_dtype not in ("auto", "fp8"):
