@@ -402,7 +402,7 @@ def save_pretrained(
                     fn = os.path.join(tmp, names[k])
                     save_file(tensors, fn, metadata={"format": "pt"})
                     os.chmod(fn, 0o666 & ~_umask())  # (safetensors writes 0600: unreadable to a team's other users)
-                    _fsync(fn)
+                    fsync_file(fn)
                 except BaseException as e:
                     failed = e
         raise_together(failed, "save_pretrained")
@@ -450,7 +450,7 @@ def _finish_checkpoint_dir(
     if source_dir is not None and os.path.isfile(os.path.join(source_dir, GENERATION_CONFIG)):
         shutil.copy2(os.path.join(source_dir, GENERATION_CONFIG), os.path.join(tmp, GENERATION_CONFIG))
     for fn in os.listdir(tmp):
-        _fsync(os.path.join(tmp, fn))
+        fsync_file(os.path.join(tmp, fn))
     fsync_dir(tmp)  # (its entries: the files' names)
     _replace_dir(tmp, path)
 
@@ -477,7 +477,7 @@ def _write_json(fn: str, obj) -> None:
         json.dump(obj, f, indent=2, sort_keys=True)
 
 
-def _fsync(fn: str) -> None:
+def fsync_file(fn: str) -> None:
     with open(fn, "rb") as f:
         os.fsync(f.fileno())
 

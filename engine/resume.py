@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import platform
+import re
 import shutil
 import sys
 import time
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.checkpoint import fsync_dir, save_pretrained
+from engine.checkpoint import fsync_dir, fsync_file, save_pretrained
 from engine.config import LEGACY_PPO_VALUES
 from engine.errors import InvalidInput, MissingInput, OutputInUse, UnwritableOutput, first_line
 from engine.hub import model_dirs
@@ -100,6 +101,7 @@ def save_checkpoint(state: TrainState) -> str:
     try:
         if state.grid.rank == 0:
             os.makedirs(path, exist_ok=True)
+            remove_leftovers(path)
     except OSError as e:
         error = e
     raise_together(error, "saving a checkpoint")  # (a disk error on one rank stops every rank, none waits)
@@ -126,10 +128,22 @@ def save_checkpoint(state: TrainState) -> str:
         error = e
     raise_together(error, "saving a checkpoint")  # (every file and name in checkpoint-N durable: `latest` may move)
     if state.grid.rank == 0:
+        for name_ in LOGS:  # (the lines of the iterations checkpoint-N holds: durable before `latest` names it)
+            if os.path.exists(log := os.path.join(out, name_)):
+                fsync_file(log)
         fsync_dir(out)  # (checkpoint-N's own entry)
         atomic_write(os.path.join(out, LATEST), lambda f: f.write(json.dumps({"checkpoint": name}).encode()))
         prune_checkpoints(out, name, state.run.keep_checkpoints)
     return path
+
+
+def remove_leftovers(ckpt: str) -> None:
+    """What a save of this checkpoint killed midway left in it (a model's policy.tmp-*/.old-* directory, a state
+    file's .tmp-PID: a 13B model's is 26 GB), before it is saved again (rank 0, before any rank writes into it)."""
+    for name in os.listdir(ckpt):
+        if re.search(r"\.(tmp|old)-[0-9a-f]+$", name):
+            p = os.path.join(ckpt, name)
+            shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
 
 
 def _complete(ckpt: str) -> bool:
@@ -436,6 +450,18 @@ def _resume_kl_coef(state: TrainState, sd: dict) -> None:
                f"taken it to {saved:.6g})")  # fmt: skip
 
 
+def _warn_of_later_checkpoints(out: str, resumed: str) -> None:
+    """Complete checkpoints after the one resumed (`latest` pointed back by hand): this run replaces them, and its
+    next save removes them (prune_checkpoints); said now, while they can still be moved away."""
+    later = [d for d in sorted(os.listdir(out))
+             if (_number(d) or 0) > (_number(resumed) or 0) and _complete(os.path.join(out, d))]  # fmt: skip
+    if later:
+        print0(
+            f"warning: resuming from {resumed}, before {', '.join(later)}: this run replaces them, and its next "
+            f"checkpoint removes them (move them out of {out} to keep them)"
+        )
+
+
 def load_trainer_state(state: TrainState, ckpt: str) -> None:
     """Restore the run from checkpoint `ckpt`, also with another TP degree or number of data-parallel ranks: the
     prompt order and the samples do not depend on them, and the optimizers are re-laid (engine/reshard.py)."""
@@ -457,6 +483,7 @@ def load_trainer_state(state: TrainState, ckpt: str) -> None:
     state.data.load_state_dict(sd["data"])
     if grid.rank == 0:
         trim_logs(state.run.output_dir, state.iteration)
+        _warn_of_later_checkpoints(state.run.output_dir, os.path.basename(ckpt))
     for name, opt in (("policy_opt", state.policy_opt), ("value_opt", state.value_opt)):
         if saved is None:
             load_optimizer_state(opt, sd[name])

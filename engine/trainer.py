@@ -405,7 +405,7 @@ def train(state: TrainState) -> list[dict]:
     )
     if state.iteration >= state.iterations:  # (a resumed run that has finished)
         more = f" (--max-iterations up to {len(state.data)} continues it)" if state.iterations < len(state.data) else ""
-        print0(f"nothing to train: the run has made its {state.iterations} iterations{more}")
+        print0(f"nothing to train: the run has made {state.iteration} iterations{more}")
     record_launch(state)
     state.tracker = state.tracker or Tracker(state)
     with state.tracker:  # (a W&B run ends with the loop, marked failed if it raised)

@@ -407,8 +407,8 @@ def test_save_pretrained_syncs_every_file_and_the_rename(tmp_path, monkeypatch):
 
     synced, dirs = [], []
     target = tmp_path / "ckpt"
-    real_fsync = ckpt._fsync
-    monkeypatch.setattr(ckpt, "_fsync", lambda fn: (synced.append(os.path.basename(fn)), real_fsync(fn)))
+    real_fsync = ckpt.fsync_file
+    monkeypatch.setattr(ckpt, "fsync_file", lambda fn: (synced.append(os.path.basename(fn)), real_fsync(fn)))
     monkeypatch.setattr(ckpt, "fsync_dir", lambda p: dirs.append((os.path.abspath(p), target.exists())))
     ckpt.save_pretrained(Transformer(ModelConfig.named("tiny")).init_weights(seed=1), target)
     assert "config.json" in synced and "model.safetensors" in synced, synced

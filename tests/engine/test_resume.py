@@ -170,6 +170,9 @@ def test_a_checkpoint_is_durable_before_latest_points_to_it(tmp_path, monkeypatc
 
     monkeypatch.setattr(ckpt_mod, "fsync_dir", fsync_dir)
     monkeypatch.setattr(resume_mod, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(resume_mod, "fsync_file", lambda fn: events.append(("file", os.path.relpath(fn, tmp_path))))
+    for log in ("metrics.jsonl", "samples.jsonl"):  # (the logs' lines of the iterations saved: durable first)
+        (tmp_path / log).write_text('{"iteration": 1}\n')
     monkeypatch.setattr(resume_mod.os, "replace", lambda a, b: (events.append(("replace", os.path.basename(b))),
                                                                os.rename(a, b)))  # fmt: skip
     monkeypatch.setattr(resume_mod.shutil, "rmtree", lambda p, **k: (events.append(("rm", os.path.basename(p))),
@@ -182,8 +185,31 @@ def test_a_checkpoint_is_durable_before_latest_points_to_it(tmp_path, monkeypatc
     assert sum(d.startswith("checkpoint-000001/policy.tmp-") for d in dirs) == 1, dirs
     assert sum(d.startswith("checkpoint-000001/value.tmp-") for d in dirs) == 1, dirs
     tail = events[events.index(("replace", "state-rank00000.pt")) :]
-    assert tail == [("replace", "state-rank00000.pt"), ("dir", "checkpoint-000001"), ("dir", "."),
-                    ("replace", "latest"), ("dir", "."), ("rm", "checkpoint-000000")], tail  # fmt: skip
+    assert tail == [("replace", "state-rank00000.pt"), ("dir", "checkpoint-000001"), ("file", "metrics.jsonl"),
+                    ("file", "samples.jsonl"), ("dir", "."), ("replace", "latest"), ("dir", "."),
+                    ("rm", "checkpoint-000000")], tail  # fmt: skip
+
+
+def test_a_checkpoint_saved_again_loses_what_a_killed_save_left_in_it(tmp_path, capsys):
+    """A save killed midway leaves a model's .tmp-/.old- directory and a state file's .tmp-PID in checkpoint-N; when
+    a resume from an earlier checkpoint saves N again they are removed (at 13B a model's copy is 26 GB), and that
+    resume warns first that it replaces the later complete checkpoints `latest` no longer names."""
+    run_tiny(tmp_path, "--max-iterations", "2", "--save-every", "1", "--keep-checkpoints", "3")
+    ckpt = tmp_path / "checkpoint-000002"
+    shutil.copytree(ckpt / "policy", ckpt / "policy.tmp-1a2b3c4d")
+    shutil.copytree(ckpt / "value", ckpt / "value.old-9f8e7d6c")
+    (ckpt / "state-rank00000.pt.tmp-4242").write_bytes(b"half")
+    (tmp_path / "latest").write_text(json.dumps({"checkpoint": "checkpoint-000001"}))  # (pointed back by hand)
+    capsys.readouterr()
+    run_tiny(tmp_path, "--max-iterations", "2", "--resume")
+    out = capsys.readouterr().out
+    assert (f"warning: resuming from checkpoint-000001, before checkpoint-000002: this run replaces them, and its "
+            f"next checkpoint removes them (move them out of {tmp_path} to keep them)") in out  # fmt: skip
+    assert sorted(p.name for p in ckpt.iterdir()) == ["policy", "state-rank00000.pt", "value"]
+    assert latest_checkpoint(str(tmp_path)) == str(ckpt)
+    capsys.readouterr()
+    run_tiny(tmp_path, "--max-iterations", "3", "--resume")  # (nothing after the latest: no warning)
+    assert "warning: resuming from" not in capsys.readouterr().out
 
 
 def test_a_stop_signal_at_an_evaluation_is_made_up_for_when_resumed(tmp_path, capsys):
@@ -219,7 +245,7 @@ def test_a_stop_signal_at_an_evaluation_is_made_up_for_when_resumed(tmp_path, ca
     capsys.readouterr()
     run_tiny(tmp_path / "b", "--max-iterations", "2", "--resume")
     assert [e["iteration"] for e in evals("b")] == [0, 2]  # (made up once)
-    assert "nothing to train: the run has made its 2 iterations (--max-iterations up to 24 continues it)" in (
+    assert "nothing to train: the run has made 2 iterations (--max-iterations up to 24 continues it)" in (
         capsys.readouterr().out
     )
 
