@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from engine.errors import MissingPackage
 from engine.parallel import raise_together
-from engine.resume import WANDB_RUN_ID
+from engine.resume import WANDB_RUN_ID, atomic_write
 
 if TYPE_CHECKING:
     from engine.state import TrainState
@@ -77,8 +77,7 @@ class Tracker:
                 run_id = f.read().strip()
         else:
             run_id = secrets.token_hex(6)  # W&B ids: letters and digits, unique within the project
-            with open(id_file, "w") as f:
-                f.write(run_id + "\n")
+            atomic_write(id_file, lambda f: f.write(run_id.encode() + b"\n"))  # (never an empty id after a crash)
         name = run.wandb_run_name or os.path.basename(os.path.normpath(run.output_dir))
         config = {"ppo": dataclasses.asdict(state.cfg), "run": dataclasses.asdict(run), "world": state.grid.world_size}
         wandb.init(project=run.wandb_project, name=name, id=run_id, resume="allow", config=config, dir=run.output_dir)
