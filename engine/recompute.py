@@ -87,8 +87,8 @@ def plan_recompute(num_layers: int, tokens: int, per_layer: float, per_checkpoin
 def training_budget(optimizers, device: torch.device, margin: float = 0.08, held: int = 0) -> int:
     """CUDA: the bytes a training micro-batch's activations may take: free memory (the allocator's cached blocks
     included) less what the optimizers have yet to allocate (Adam moments before the first step, fp32 grads
-    before the first micro-batch: one model's whole with the distributed optimizer, every model's without; one
-    model's bf16 grads during a backward), `held` (what a micro-batch holds beside its activations: the fused
+    before the first micro-batch: one model's whole with the distributed optimizer, every model's without; a
+    parameter's bf16 grad during a backward), `held` (what a micro-batch holds beside its activations: the fused
     loss's fp32 LM-head gradient) and a margin of the device's memory (the log-prob chunks, fragmentation)."""
     free, total = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
@@ -105,10 +105,11 @@ def training_budget(optimizers, device: torch.device, margin: float = 0.08, held
             flat = max(flat, sum(4 * b.numel for b in opt.buckets if b.grad is None))
             # the shards, until the update
             pending += sum(4 * m.numel() for m, g in zip(opt.masters, opt.grads) if g is None)
-        # a backward's grads in the parameters' dtype before they join the fp32 ones (without buckets an fp32
-        # parameter's are those, counted above; `masters` pairs with `params` only then)
+        # a backward's grad in the parameters' dtype before it joins the fp32 ones: one parameter's at a time, folded
+        # as autograd finishes it (engine.optim.fold_during_backward; without buckets an fp32 parameter's is its
+        # fp32 grad, counted above; `masters` pairs with `params` only then)
         own = {id(p) for p, m in zip(opt.params, opt.masters) if m is p} if opt.buckets is None else set()
-        transient = max(transient, sum(p.numel() * p.element_size() for p in opt.params if id(p) not in own))
+        transient = max([transient, *(p.numel() * p.element_size() for p in opt.params if id(p) not in own)])
     return int(free - pending - flat - transient - held - margin * total)
 
 

@@ -65,6 +65,50 @@ def test_mixed_optimizer_step_matches_fp32_adam():
         assert torch.equal(a, m) and torch.equal(m.to(torch.bfloat16), b)
 
 
+def test_a_backward_folds_each_grad_into_its_fp32_sum_as_autograd_finishes_it():
+    """A bf16 model's grads never stand whole in bf16 during a backward: when autograd reaches the embedding (the
+    last grad it makes) the layers' and the head's grads are already in their fp32 sums, the bf16 ones freed. Two
+    micro-batches' backwards sum as accumulate_grads summed the grads autograd left (the same fp32 adds); the
+    optimizer built last for a model takes its grads, and the fp32 parameters keep their grads in place."""
+    cfg, grid = PPOConfig(), ProcessGrid()
+    small = dataclasses.replace(ModelConfig.named("tiny"), num_layers=2)
+    model = Transformer(small, "score", dtype=torch.bfloat16).init_weights(seed=3)
+    optim.make_optimizer(model, cfg)  # (an earlier optimizer of the same model: the later one gets the grads)
+    opt = optim.make_optimizer(model, cfg)
+    params = list(model.parameters())
+    emb = model.embed_tokens.weight
+    seen = []
+    emb.register_hook(lambda g: seen.append([p.grad is None and opt.grads[i] is not None
+                                             for i, p in enumerate(params) if p is not emb]))  # fmt: skip
+    ids = [torch.randint(0, small.vocab_size, (n,), generator=torch.Generator().manual_seed(n)) for n in (7, 5)]
+    want = [torch.zeros(p.shape) for p in params]
+    ref = Transformer(small, "score", dtype=torch.bfloat16)
+    ref.load_state_dict(model.state_dict())
+    with dispatch.reference_ops():
+        for x in ids:
+            pos, cu = torch.arange(x.numel()), torch.tensor([0, x.numel()], dtype=torch.int32)
+            model.head_packed(model.hidden_packed(x, pos, cu)).float().square().sum().backward()
+            ref.head_packed(ref.hidden_packed(x, pos, cu)).float().square().sum().backward()
+            for w, p in zip(want, ref.parameters()):
+                w.add_(p.grad)  # (what accumulate_grads did after each backward)
+                p.grad = None
+    assert len(seen) == 2 and all(all(s) for s in seen), seen
+    optim.accumulate_grads(opt)  # (the embedding's, finished after its grad hook ran)
+    assert all(p.grad is None for p in params)
+    for i, w in enumerate(want):
+        assert torch.equal(opt.grads[i], w), i
+    m32 = Transformer(small, "score", dtype=torch.float32)
+    o32 = optim.make_optimizer(m32, cfg)
+    with dispatch.reference_ops():
+        x = ids[0]
+        m32.head_packed(
+            m32.hidden_packed(x, torch.arange(x.numel()), torch.tensor([0, x.numel()]).int())
+        ).sum().backward()
+    assert all(p.grad is not None for p in m32.parameters()) and all(g is None for g in o32.grads)
+    optim.reduce_grads(o32, grid)
+    assert all(g is not None for g in o32.grads)
+
+
 def test_distributed_optimizer_matches_plain_adam():
     """DP=2 (torchrun, gloo): the optimizer sharded over the ranks in small buckets against the unsharded one, and
     its checkpointed state reloaded (tests/engine/optim_worker.py asserts)."""

@@ -68,29 +68,31 @@ def test_auto_plans_each_training_phase_from_the_budget(tmp_path, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_budget_leaves_room_for_every_grad_the_step_will_hold(monkeypatch, dtype):
     """Without the distributed optimizer every trained model's fp32 grads are held until the step's updates (an fp32
-    parameter's in its .grad), and one model's backward holds its grads in the parameters' dtype first (not for fp32
-    parameters, whose grads those are): the budget is the free memory less all of that (and the margin)."""
+    parameter's in its .grad), and a backward holds a parameter's grad in the parameters' dtype before it folds it
+    into those (one at a time; not for fp32 parameters, whose grads those are): the budget is the free memory less
+    all of that (and the margin)."""
     from engine.config import PPOConfig
     from engine.optim import make_optimizer
 
     models = [_model(dtype), _model(dtype)]
     opts = [make_optimizer(m, PPOConfig()) for m in models]
     numel = sum(p.numel() for p in models[0].parameters())
+    largest = max(p.numel() for p in models[0].parameters())
     free, total = 10 * 2**30, 16 * 2**30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, total))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
-    held = 2 * 4 * numel + (0 if dtype == torch.float32 else numel * dtype.itemsize)
+    held = 2 * 4 * numel + (0 if dtype == torch.float32 else largest * dtype.itemsize)
     assert recompute.training_budget(opts, torch.device("cuda"), margin=0.0) == free - held
     # the distributed optimizer (2 DP ranks): one model's flat fp32 grads at a time, both models' shards until the
-    # updates, and a backward's grads in the parameters' dtype (an fp32 parameter's too: they join the flat buffer)
+    # updates, and a backward's grad in the parameters' dtype (an fp32 parameter's too: it joins the flat buffer)
     from engine.parallel import ProcessGrid
 
     opts = [make_optimizer(m, PPOConfig(), ProcessGrid(world_size=2, dp=2), distributed=True) for m in models]
     assert all(o.buckets is not None and len(o.masters) < len(o.params) for o in opts)
     flat = sum(4 * b.numel for b in opts[0].buckets)
     shards = sum(4 * m.numel() for o in opts for m in o.masters)
-    held = flat + shards + numel * dtype.itemsize
+    held = flat + shards + largest * dtype.itemsize
     assert recompute.training_budget(opts, torch.device("cuda"), margin=0.0) == free - held
 
 
