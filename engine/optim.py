@@ -303,8 +303,8 @@ def reduce_grads(opt: Optimizer, grid: ProcessGrid) -> torch.Tensor:
     and the sequence-parallel partial ones over TP; return the global grad norm (0-d, the same on every rank,
     no host sync). Nothing is updated yet: a caller can check the norm first."""
     device = opt.params[0].device
+    accumulate_grads(opt)  # grads a caller left on the parameters
     if opt.buckets is not None:
-        accumulate_grads(opt)  # grads a caller left on the parameters
         for b in opt.buckets:
             if b.grad is None:  # no micro-batch reached these parameters
                 b.grad = torch.zeros(b.numel, dtype=torch.float32, device=device)

@@ -107,6 +107,12 @@ def test_a_backward_folds_each_grad_into_its_fp32_sum_as_autograd_finishes_it():
     assert all(p.grad is not None for p in m32.parameters()) and all(g is None for g in o32.grads)
     optim.reduce_grads(o32, grid)
     assert all(g is not None for g in o32.grads)
+    for p in params:  # (grads a caller set by hand, not accumulated: reduce_grads takes them)
+        p.grad = torch.ones_like(p)
+    optim.reduce_grads(opt, grid)
+    assert all(p.grad is None for p in params)
+    for i, w in enumerate(want):
+        assert torch.equal(opt.grads[i], w + 1), i
 
 
 def test_distributed_optimizer_matches_plain_adam():
