@@ -331,3 +331,18 @@ def test_activation_memory_totals_use_the_full_models_layers(tmp_path, monkeypat
     kept, ckpt = row["layer_bytes_per_token"], row["checkpoint_bytes_per_token"]
     assert row["micro_batch_keep_all_gib"] == approx(100 * 5 * kept / 2**30)
     assert row["micro_batch_recompute_all_gib"] == approx(100 * (5 * ckpt + kept) / 2**30)
+
+
+def test_paged_table_has_one_column_per_variant(capsys):
+    """A GPU row holds ours_ms (and, with an fp8 cache, ours_bfloat16_ms): each variant gets one column, ours not
+    twice (ours_ms also starts with "ours_")."""
+    import bench.bench_paged_attention as B
+
+    row = {"shape": "s", "kv_bytes": 2e6, "floor_ms": 1.0, "ours_ms": 0.5, "ours_gbs": 4000.0,
+           "ours_bfloat16_ms": 1.0, "ours_bfloat16_gbs": 2000.0, "eager_ms": 4.0, "eager_gbs": 500.0}  # fmt: skip
+    B._print([row], 4.0)
+    head, line = capsys.readouterr().out.splitlines()
+    words = head.split()
+    assert [w for w, nxt in zip(words, words[1:]) if nxt == "ms"][1:] == ["ours", "ours_bfloat16", "eager", "compile",
+                                                                          "sdpa", "rope_write"]  # fmt: skip
+    assert line.split()[3:11] == ["0.5000", "4000.0", "100.0%", "nan", "1.0000", "2000.0", "50.0%", "nan"]
