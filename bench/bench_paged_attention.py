@@ -274,6 +274,9 @@ def main(argv=None) -> None:
     p.add_argument("--sweep", action="store_true", help="also time the kernel's launch variants (GPU only)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to warm up)")
     args = p.parse_args(argv)
+    unknown = [s for s in args.shapes or () if s not in {**SHAPES, **CPU_SHAPES}]
+    if unknown:  # (else skipped without a word: a typo left an empty table and exit code 0)
+        p.error(f"--shapes {' '.join(unknown)}: no such shape (known: {', '.join([*SHAPES, *CPU_SHAPES])})")
     _save(args.json, run(args))
 
 

@@ -135,3 +135,22 @@ def test_the_oracles_the_benches_compile_trace_as_one_graph():
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), (fn.__name__, explained.break_reasons)
     out = reference.paged_decode_attention(q, kc, vc, bt, cl, max_context_len=7)
     torch.testing.assert_close(out, reference.paged_decode_attention(q, kc, vc, bt, cl))
+
+
+def test_paged_bench_refuses_an_unknown_shape(capsys):
+    """A misspelt --shapes name is refused with the known names (it left nothing to time: an empty table, exit 0)."""
+    from bench.bench_paged_attention import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--shapes", "13b-b64-c384", "13b-b64-c38", "--bandwidth-tbs", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--shapes 13b-b64-c38: no such shape (known: 13b-b64-c384," in err
+    # the GPU suite's sweeps name shapes that exist
+    import os
+    import re
+
+    suite = open(os.path.join(os.path.dirname(__file__), "..", "..", "bench", "run_gpu_suite.sh")).read()
+    from bench.bench_paged_attention import SHAPES
+
+    (names,) = re.findall(r'^sweep_shapes="([^"]*)"', suite, re.M)
+    assert names.split() and set(names.split()) <= set(SHAPES)
