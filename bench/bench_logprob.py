@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import check_close, fill_peaks, measure  # noqa: E402
+from bench.common import check_close, exit_if_ours_failed, fill_peaks, measure  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.logprob import hidden_logprobs, ppo_token_loss, token_logprobs  # noqa: E402
 
@@ -32,6 +32,10 @@ except Exception:  # noqa: BLE001
     liger_cross_entropy = liger_fused_linear_cross_entropy = None
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e)[:120]}"
 
 
 def _first(x):
@@ -121,7 +125,8 @@ def bench_token(args, device, dtype, rows):
             ms, extra = measure(call, device, warmup_ms=args.warmup, rep_ms=args.rep)
             gib = extra / 2**30
         except Exception as e:  # noqa: BLE001 (a peer failing must not stop the table)
-            print(f"  {name} {case}: failed: {type(e).__name__}: {str(e)[:120]}")
+            print(f"  {name} {case}: failed: {_error(e)}")
+            rows.append(dict(op="token_logprobs", shape=f"{n}x{v}", case=case, impl=name, error=_error(e)))
             continue
         rows.append(dict(op="token_logprobs", shape=f"{n}x{v}", case=case, impl=name, ms=ms, extra_gib=gib))
     for case, ms in floor.items():
@@ -173,7 +178,8 @@ def bench_hidden(args, device, dtype, rows):
             ms, extra = measure(fwd_bwd(f, [hidden, weight]), device, warmup_ms=args.warmup, rep_ms=args.rep)
             gib = extra / 2**30
         except Exception as e:  # noqa: BLE001
-            print(f"  {name}: failed: {type(e).__name__}: {str(e)[:120]}")
+            print(f"  {name}: failed: {_error(e)}")
+            rows.append(dict(op="hidden_logprobs", shape=shape, case="fwd+bwd", impl=name, error=_error(e)))
             continue
         rows.append(dict(op="hidden_logprobs", shape=shape, case="fwd+bwd", impl=name, ms=ms, extra_gib=gib))
     for k in (3, 4):
@@ -215,12 +221,17 @@ def main(argv=None) -> list[dict]:
         done = len(rows)
         part(args, device, dtype, rows)
         for r in rows[done:]:
-            print(
-                f"{r['op']:<16} {r['shape']:<18} {r['case']:<8} {r['impl']:<40} {r['ms']:>9.3f} {r['extra_gib']:>10.3f}"
-            )
+            figures = f"failed: {r['error']}" if "error" in r else f"{r['ms']:>9.3f} {r['extra_gib']:>10.3f}"
+            print(f"{r['op']:<16} {r['shape']:<18} {r['case']:<8} {r['impl']:<40} {figures}")
         if args.json:
             meta = {"device": device, "dtype": str(dtype), "bandwidth_tbs": args.bandwidth, "tflops": args.tflops}
             Path(args.json).write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    failed = [
+        f"{r['op']} {r['case']} {r['impl']}: {r['error']}"
+        for r in rows
+        if "error" in r and r["impl"].startswith("ours")
+    ]
+    exit_if_ours_failed("bench_logprob", failed)
     return rows
 
 

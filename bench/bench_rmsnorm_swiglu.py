@@ -22,7 +22,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import add_elementwise_args, bench_device, check_close, device_name, measure, save_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    add_elementwise_args,
+    bench_device,
+    check_close,
+    device_name,
+    exit_if_ours_failed,
+    measure,
+    save_json,
+)
 from kernels import reference  # noqa: E402
 from kernels.rmsnorm import add_rms_norm, rms_norm  # noqa: E402
 from kernels.swiglu import swiglu  # noqa: E402
@@ -136,6 +144,8 @@ def main(argv=None) -> list[dict]:
         mem = f"{r['fwd_extra_gib']:>9.3f} {r['fwdbwd_extra_gib']:>9.3f}" if "fwd_extra_gib" in r else ""
         print(f"{r['op']:<24} {r['impl']:<20} {r['fwd_ms']:>8.3f} {r['fwdbwd_ms']:>8.3f} {mem}")
     save_json(args.json, rows, args, device)
+    failed = [f"{r['op']} {r['impl']}: {r['error']}" for r in rows if "error" in r and r["impl"] == "ours"]
+    exit_if_ours_failed("bench_rmsnorm_swiglu", failed)
     return rows
 
 

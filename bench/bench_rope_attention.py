@@ -33,12 +33,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch.nn.functional as F
 
-from bench.common import check_close, fill_peaks, measure, ptxas_info  # noqa: E402
+from bench.common import check_close, exit_if_ours_failed, fill_peaks, measure, ptxas_info  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.rope_attention import rope_attention  # noqa: E402
 from kernels.rotary import launch_rotary  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+OURS = ("ours", "reference (CPU path)")  # ours' rows (on a CPU, rope_attention runs the reference path)
 
 
 def causal_flops(lengths: list[int], heads: int, head_dim: int) -> float:
@@ -426,6 +427,8 @@ def main() -> None:
     print(f"device: {device_name}, torch {torch.__version__}; causal FLOPs, fwd+bwd = {args.fwd_bwd_factor} x fwd")
     print_table(table)
     save(args, table, cuda)
+    failed = [f"{e['case']} {e['impl']}: {e['error']}" for e in table if "error" in e and e["impl"].startswith(OURS)]
+    exit_if_ours_failed("bench_rope_attention", failed)
 
 
 def save(args, table: list[dict], cuda: bool) -> None:

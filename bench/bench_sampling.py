@@ -20,7 +20,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import add_elementwise_args, bench_device, check_close, device_name, measure, save_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    add_elementwise_args,
+    bench_device,
+    check_close,
+    device_name,
+    exit_if_ours_failed,
+    measure,
+    save_json,
+)
 from engine.sampler import topk_floor  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.sampling import gumbel_sample  # noqa: E402
@@ -99,6 +107,10 @@ def main(argv=None) -> list[dict]:
         tail = r["error"] if "error" in r else f"{r['ms']:>9.4f} {r['extra_mib']:>9.1f}"
         print(f"{r['batch']:>6} {r['vocab']:>7} {r['impl']:<24} {tail}")
     save_json(args.json, rows, args, device)
+    failed = [
+        f"batch {r['batch']} {r['impl']}: {r['error']}" for r in rows if "error" in r and r["impl"].startswith("ours")
+    ]
+    exit_if_ours_failed("bench_sampling", failed)
     return rows
 
 

@@ -34,6 +34,14 @@ def check_close(what: str, err: float, dtype: torch.dtype, tol: float | None = N
         raise SystemExit(f"{what}: ours differs from the reference by {err:.3g} (more than {tol:g}): not timed")
 
 
+def exit_if_ours_failed(what: str, failed: list[str]) -> None:
+    """After a bench has printed and saved its figures: exit non-zero naming each case where ours raised while it was
+    timed (a peer's failure is only reported). The exit code is all bench/run_gpu_suite.sh's summary keeps of a
+    step: ours failing at the timed shape must not read "exit 0" there."""
+    if failed:
+        raise SystemExit(f"{what}: ours failed where it was timed: " + "; ".join(failed))
+
+
 def _nbytes(obj) -> int:
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
