@@ -29,7 +29,7 @@ first=0
 [[ "$names" == *" tests "* ]] && names="$names gpu_tests kernel_tests "
 out=$(mkdir -p "$out" && cd "$out" && pwd)  # absolute: the script changes directory next
 work=${SUITE_WORK_DIR:-$(mktemp -d)}  # the per-step files; OUT_DIR gets only the archive and the summary
-mkdir -p "$work"
+work=$(mkdir -p "$work" && cd "$work" && pwd)  # (absolute too)
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-$(command -v python3 || command -v python)}  # the device image names its interpreter python3

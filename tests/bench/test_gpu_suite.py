@@ -57,3 +57,24 @@ def test_suite_caps_steps_and_packs_logs(tmp_path):
     assert {"env.log", "rope_attention.log", "rope_attention.json", "rollout_b64.log"} <= names
     log = (tmp_path / "work" / "rope_attention.log").read_text()
     assert "bench_rope_attention.py --no-compile --json" in log  # the group's lighter run
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("tar") is None, reason="needs coreutils and tar")
+def test_suite_takes_relative_out_and_work_dirs(tmp_path):
+    """OUT_DIR and SUITE_WORK_DIR relative to the caller's directory (the script changes directory before the steps
+    run): every step's log lands in the one work directory and in the archive."""
+    stub = tmp_path / "py"
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub), "SUITE_WORK_DIR": "work", "SUITE_COMMIT": "abc1234"}
+    proc = subprocess.run(
+        ["bash", os.path.join(ROOT, "bench", "run_gpu_suite.sh"), "out", "gae", "sampling"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "gae: exit 0" in summary and "sampling: exit 0" in summary, summary
+    assert {"env.log", "gae.log", "gae.json", "sampling.log"} <= set(os.listdir(tmp_path / "work"))
+    with tarfile.open(tmp_path / "out" / "suite.tgz") as tar:
+        assert {"gae.log", "gae.json", "sampling.json"} <= {os.path.basename(n) for n in tar.getnames()}
+    assert not os.path.exists(os.path.join(ROOT, "work"))
