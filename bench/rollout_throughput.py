@@ -124,7 +124,9 @@ def decode_roofline(
     flops (FLOP/s) adds the prefill: batch x prompt_len tokens at that rate (or the weights' read, if longer), whose
     logits give the first new token, then gen_len - 1 decode steps; tok_s_e2e: new tokens over that time, the best a
     run timed from the prompts to the last token can reach."""
-    weight_bytes = (cfg.num_params("lm") - cfg.vocab_size * cfg.hidden_size) * elem / tp  # the lookup reads B rows
+    # every weight but the embedding (its lookup reads B rows); tied, the embedding is also the LM head, read whole
+    lookup = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size
+    weight_bytes = (cfg.num_params("lm") - lookup) * elem / tp
     avg_context = prompt_len + gen_len / 2
     kv_bytes = batch * avg_context * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * (kv_elem or elem) / tp
     step = (weight_bytes + kv_bytes) / bw

@@ -123,6 +123,22 @@ def test_decode_roofline_by_hand():
     assert roof["prefill_ms"] == approx(weight_bytes / 1e12 * 1e3)
 
 
+def test_decode_roofline_reads_a_tied_lm_head():
+    """Tied embeddings (Llama 3.2): the embedding matrix is also the LM head, read whole at every decode step; only
+    the lookup of B rows is left out, as for an untied model (whose head is a matrix of the same size)."""
+    import dataclasses
+
+    from bench.rollout_throughput import decode_roofline
+    from engine.config import ModelConfig
+
+    cfg = ModelConfig.named("tiny")
+    tied = dataclasses.replace(cfg, tie_word_embeddings=True)
+    assert tied.num_params("lm") == cfg.num_params("lm") - 512 * 64  # (one matrix fewer held...)
+    untied_roof, tied_roof = (decode_roofline(c, 4, 10, 6, 2, 1e12) for c in (cfg, tied))
+    assert tied_roof["weight_gb"] == approx(untied_roof["weight_gb"])  # (... the same bytes read)
+    assert tied_roof["tok_s"] == approx(untied_roof["tok_s"])
+
+
 def test_rollout_row_figures(capsys):
     """ms per token step over every forward ours ran, its peak less its KV pool, tok/s over each roofline."""
     from bench.rollout_throughput import _print_row
