@@ -149,7 +149,9 @@ def _sweep(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, cache_dtype=N
             print(f"{name} {cfg}: failed ({type(e).__name__})")
             continue
         results.append({"shape": name, **cfg, "ms": ms, "tbs": kv_bytes / (ms * 1e-3) / 1e12})
+        print(f"{name} {cfg}: {ms:.4f} ms {results[-1]['tbs']:.2f} TB/s", flush=True)  # (a run stopped at its cap)
     results.sort(key=lambda r: r["ms"])
+    print(f"fastest launch variants of {name}:")
     for r in results[:5]:
         print(f"  {name:<20} {r['ms']:.4f} ms {r['tbs']:.2f} TB/s ({r['tbs'] * 1e12 / bw * 100:.0f}%) {r}")
     return results
@@ -222,9 +224,9 @@ def run(args) -> list[dict]:
         _print(rows[-1:], args.bandwidth_tbs)  # as it is measured: a run stopped at its deadline keeps what it had
         _save(args.json, rows)
     if args.sweep and device.type == "cuda":
-        print("fastest launch variants per shape:")
         for name, shape in shapes.items():
             rows.extend(_sweep(name, *shape, dtype=dtype, device=device, bw=bw, cache_dtype=cache_dtype))
+            _save(args.json, rows)  # (each shape's variants as they are done: a run stopped at its cap keeps them)
     _print([r for r in rows if "kv_bytes" in r], args.bandwidth_tbs)
     if device.type == "cuda":
         print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {_triton_version()}")

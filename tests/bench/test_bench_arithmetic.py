@@ -362,3 +362,47 @@ def test_paged_table_has_one_column_per_variant(capsys):
     assert [w for w, nxt in zip(words, words[1:]) if nxt == "ms"][1:] == ["ours", "ours_bfloat16", "eager", "compile",
                                                                           "sdpa", "rope_write"]  # fmt: skip
     assert line.split()[3:11] == ["0.5000", "4000.0", "100.0%", "nan", "1.0000", "2000.0", "50.0%", "nan"]
+
+
+def test_paged_sweep_stopped_midway_keeps_what_it_measured(monkeypatch, capsys, tmp_path):
+    """The sweep steps of bench/run_gpu_suite.sh stop at a cap (a killed process): each variant is printed as it is
+    measured, and the JSON holds every shape swept so far (it held none of the sweep until the very end)."""
+    import argparse
+
+    import bench.bench_paged_attention as B
+
+    times = iter([2.0, 1.0, 4.0])
+
+    def measure_then_stop(fn, device, **kw):
+        ms = next(times, None)
+        if ms is None:
+            raise KeyboardInterrupt  # (the cap's signal, as far as this process gets)
+        return ms, float("nan")
+
+    monkeypatch.setattr(B, "measure", measure_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        B._sweep("s", *PAGED_TINY, dtype=torch.float32, device=torch.device("cpu"), bw=2e12)
+    printed = [line for line in capsys.readouterr().out.splitlines() if " ms " in line]
+    assert len(printed) == 3 and "4.0000 ms" in printed[2]
+
+    # run(): on a GPU (stubbed here), the sweep rows of each finished shape are saved before the next shape
+    monkeypatch.setattr(B.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(B, "fill_peaks", lambda args, device, bandwidth: setattr(args, bandwidth, 3.0))
+    monkeypatch.setattr(B, "_bench_shape", lambda name, *a, **k: {"shape": name, "kv_bytes": 1.0, "floor_ms": 1.0})
+    swept = []
+
+    def sweep(name, *a, **k):
+        if swept:
+            raise KeyboardInterrupt
+        swept.append(name)
+        return [{"shape": name, "block_n": 64, "ms": 1.0, "tbs": 1.0}]
+
+    monkeypatch.setattr(B, "_sweep", sweep)
+    out = tmp_path / "p.json"
+    args = argparse.Namespace(json=out, bandwidth_tbs=None, dtype="bfloat16", kv_dtype="auto", ptxas=False,
+                              shapes=["13b-b64-c384", "13b-b8-c4096"], sweep=True, no_compile=True)  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        B.run(args)
+    saved = json.loads(out.read_text())
+    assert [r["shape"] for r in saved] == ["13b-b64-c384", "13b-b8-c4096", "13b-b64-c384"]
+    assert saved[-1]["block_n"] == 64
