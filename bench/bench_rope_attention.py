@@ -275,6 +275,7 @@ def sweep(args, q, k, v, positions, cu, flops, fwd=SWEEP_FWD, dkdv=SWEEP_DKDV, d
         except Exception as e:  # noqa: BLE001 - a variant that does not fit (shared memory) is reported
             row = {"kernel": kernel, **cfg, "error": f"{type(e).__name__}: {str(e)[:60]}"}
         rows.append(row)
+        save_sweep(args, rows, q.device)  # (as measured: a sweep stopped at its cap keeps what it had)
         cfg_s = " ".join(f"{k}={v}" for k, v in cfg.items())
         res = f"{row['ms']:8.3f} ms {row['tflops']:7.1f} TFLOP/s" if "ms" in row else row["error"]
         print(f"{kernel:5} {cfg_s:60} {res}", flush=True)
@@ -367,10 +368,7 @@ def main() -> None:
     if args.sweep:
         if not cuda:
             raise SystemExit("--sweep times GPU launch variants: it needs a CUDA device")
-        rows = sweep(args, q, k, v, positions, cu, causal_flops([t] * b, hq, d))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"device": torch.cuda.get_device_name(), "args": vars(args), "sweep": rows}, f, indent=1)
+        sweep(args, q, k, v, positions, cu, causal_flops([t] * b, hq, d))
         return
     rows = make_rows(args, q, k, v, positions, cu, b, t)
     if not cuda:
@@ -429,6 +427,14 @@ def main() -> None:
     save(args, table, cuda)
     failed = [f"{e['case']} {e['impl']}: {e['error']}" for e in table if "error" in e and e["impl"].startswith(OURS)]
     exit_if_ours_failed("bench_rope_attention", failed)
+
+
+def save_sweep(args, rows: list[dict], device) -> None:
+    """The sweep's variants so far as JSON at --json."""
+    if getattr(args, "json", None):
+        with open(args.json, "w") as f:
+            name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+            json.dump({"device": name, "args": vars(args), "sweep": rows}, f, indent=1)
 
 
 def save(args, table: list[dict], cuda: bool) -> None:

@@ -406,3 +406,27 @@ def test_paged_sweep_stopped_midway_keeps_what_it_measured(monkeypatch, capsys, 
     saved = json.loads(out.read_text())
     assert [r["shape"] for r in saved] == ["13b-b64-c384", "13b-b8-c4096", "13b-b64-c384"]
     assert saved[-1]["block_n"] == 64
+
+
+def test_rope_sweep_stopped_midway_keeps_what_it_measured(monkeypatch, tmp_path):
+    """The rope_sweep step stops at its cap: the JSON holds every variant measured so far (none until the end)."""
+    import bench.bench_rope_attention as B
+
+    times = iter([4.0, 2.0])
+
+    def measure_then_stop(fn, device, **kw):
+        ms = next(times, None)
+        if ms is None:
+            raise KeyboardInterrupt  # (the cap's signal, as far as this process gets)
+        return ms, float("nan")
+
+    monkeypatch.setattr(B, "measure", measure_then_stop)
+    b, t, h, d = 1, 40, 1, 32
+    q, k, v = (torch.randn(b * t, h, d) for _ in range(3))
+    cu = torch.arange(0, b * t + 1, t, dtype=torch.int32)
+    out = tmp_path / "s.json"
+    args = SimpleNamespace(rope_theta=10000.0, warmup=0, rep=0, fwd_bwd_factor=3.5, json=str(out))
+    with pytest.raises(KeyboardInterrupt):
+        B.sweep(args, q, k, v, torch.arange(t), cu, 1e9, fwd=[(32, 16, 4, 2), (16, 16, 4, 2), (32, 32, 4, 2)])
+    saved = json.loads(out.read_text())
+    assert [r["ms"] for r in saved["sweep"]] == [4.0, 2.0] and saved["device"] == "cpu"
