@@ -117,6 +117,15 @@ def _time_impl(op: str, name: str, fn, inputs, dy, device) -> dict:
                 fwdbwd_extra_gib=fb_mem / 2**30)  # fmt: skip
 
 
+def _print_rows(rows: list[dict]) -> None:
+    for r in rows:
+        if "error" in r:
+            print(f"{r['op']:<24} {r['impl']:<20} {r['error']}")
+            continue
+        mem = f"{r['fwd_extra_gib']:>9.3f} {r['fwdbwd_extra_gib']:>9.3f}" if "fwd_extra_gib" in r else ""
+        print(f"{r['op']:<24} {r['impl']:<20} {r['fwd_ms']:>8.3f} {r['fwdbwd_ms']:>8.3f} {mem}", flush=True)
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=8192)
@@ -132,17 +141,14 @@ def main(argv=None) -> list[dict]:
         check(op, impls["ours"], inputs, dy)
         for name, fn in impls.items():
             rows.append(_time_impl(op, name, fn, inputs, dy, device))
+            _print_rows(rows[-1:])  # as it is measured: a run stopped at its deadline keeps what it had
+            save_json(args.json, rows, args, device)
         bw = args.bandwidth * 1e9  # bytes per ms
         rows.append(dict(op=op, impl=f"floor ({args.bandwidth} TB/s)", fwd_ms=fwd_bytes / bw, fwdbwd_ms=fb_bytes / bw))
     name = device_name(device)
     print(f"device: {name}, torch {torch.__version__}, {args.dtype}")
     print(f"{'op':<24} {'impl':<20} {'fwd ms':>8} {'f+b ms':>8} {'fwd +GiB':>9} {'f+b +GiB':>9}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['op']:<24} {r['impl']:<20} {r['error']}")
-            continue
-        mem = f"{r['fwd_extra_gib']:>9.3f} {r['fwdbwd_extra_gib']:>9.3f}" if "fwd_extra_gib" in r else ""
-        print(f"{r['op']:<24} {r['impl']:<20} {r['fwd_ms']:>8.3f} {r['fwdbwd_ms']:>8.3f} {mem}")
+    _print_rows(rows)
     save_json(args.json, rows, args, device)
     failed = [f"{r['op']} {r['impl']}: {r['error']}" for r in rows if "error" in r and r["impl"] == "ours"]
     exit_if_ours_failed("bench_rmsnorm_swiglu", failed)

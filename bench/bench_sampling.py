@@ -50,6 +50,12 @@ def ours_top_k(logits, seeds, counters, temperature, top_k):
     return gumbel_sample(logits, seeds, counters, temperature, topk_floor(logits, top_k))
 
 
+def _print_rows(rows: list[dict]) -> None:
+    for r in rows:
+        tail = r["error"] if "error" in r else f"{r['ms']:>9.4f} {r['extra_mib']:>9.1f}"
+        print(f"{r['batch']:>6} {r['vocab']:>7} {r['impl']:<24} {tail}", flush=True)
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 256])
@@ -98,14 +104,14 @@ def main(argv=None) -> list[dict]:
                 rows.append(dict(batch=b, vocab=args.vocab, impl=name, ms=ms, extra_mib=mem / 2**20))
             except Exception as e:  # noqa: BLE001 - a peer failing on this device is reported
                 rows.append(dict(batch=b, vocab=args.vocab, impl=name, error=f"{type(e).__name__}: {str(e)[:80]}"))
+            _print_rows(rows[-1:])  # as it is measured: a run stopped at its deadline keeps what it had
+            save_json(args.json, rows, args, device)
         floor = b * args.vocab * logits.element_size() / (args.bandwidth * 1e9)
         rows.append(dict(batch=b, vocab=args.vocab, impl=f"floor ({args.bandwidth} TB/s)", ms=floor, extra_mib=0.0))
     name = device_name(device)
     print(f"device: {name}, torch {torch.__version__}, {args.dtype} logits, temperature {args.temperature}")
     print(f"{'batch':>6} {'vocab':>7} {'impl':<24} {'ms':>9} {'+MiB':>9}")
-    for r in rows:
-        tail = r["error"] if "error" in r else f"{r['ms']:>9.4f} {r['extra_mib']:>9.1f}"
-        print(f"{r['batch']:>6} {r['vocab']:>7} {r['impl']:<24} {tail}")
+    _print_rows(rows)
     save_json(args.json, rows, args, device)
     failed = [
         f"batch {r['batch']} {r['impl']}: {r['error']}" for r in rows if "error" in r and r["impl"].startswith("ours")

@@ -193,3 +193,29 @@ def test_a_bench_whose_own_kernel_fails_when_timed_exits_non_zero(module, flags,
     assert len(calls) > 2 and "illegal memory access (stub)" in capsys.readouterr().out  # the rest was timed
     rows = json.loads(out.read_text())["rows"]
     assert any("ms" in r or "fwd_ms" in r for r in rows)  # the others' figures are saved
+
+
+@pytest.mark.parametrize("module", ["bench_rmsnorm_swiglu", "bench_sampling"])
+def test_a_bench_stopped_midway_keeps_what_it_measured(module, tmp_path, monkeypatch, capsys):
+    """The GPU suite stops a step at its cap (the torch.compile rows' cold compiles can outlast it): each row is
+    printed and saved as it is measured (these two printed and saved nothing before the very end)."""
+    import importlib
+    import json
+
+    B = importlib.import_module(f"bench.{module}")
+    calls = []
+
+    def measure_then_stop(fn, device, **kw):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt  # (the cap's signal, as far as this process gets)
+        return 1.5, 0.0
+
+    monkeypatch.setattr(B, "measure", measure_then_stop)
+    out = tmp_path / "b.json"
+    with pytest.raises(KeyboardInterrupt):
+        B.main(["--bandwidth", "2", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) >= 1 and all(r.get("ms", r.get("fwd_ms")) == 1.5 for r in rows)
+    printed = [line for line in capsys.readouterr().out.splitlines() if "1.5000" in line or "1.500 " in line]
+    assert len(printed) == len(rows)
