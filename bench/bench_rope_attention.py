@@ -339,6 +339,10 @@ def main() -> None:
         "and print registers / spills / shared memory for --head-dim, --dtype, --heads/--kv-heads",
     )
     args = p.parse_args()
+    if args.heads < 1 or (args.kv_heads is not None and args.kv_heads < 1):
+        p.error(f"--heads and --kv-heads must be >= 1, got {args.heads} and {args.kv_heads}")
+    if args.heads % (args.kv_heads or args.heads):
+        p.error(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads} (each serves a group of heads)")
     if args.ptxas:
         ptxas_report(args.head_dim, args.dtype, args.heads // (args.kv_heads or args.heads))
         return
@@ -346,7 +350,9 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     if not cuda:
         print("No CUDA device: tiny CPU run of the reference path; GPU figures need a CUDA device.")
-        args.batch, args.heads, args.seqlen, args.head_dim, args.dtype = 2, 4, 64, 64, "fp32"
+        group = args.heads // (args.kv_heads or args.heads)  # (GQA: the same group of query heads per KV head)
+        args.heads, args.kv_heads = (4, None) if group == 1 else (2 * group, 2)
+        args.batch, args.seqlen, args.head_dim, args.dtype = 2, 64, 64, "fp32"
         args.mixed = False
     device = "cuda" if cuda else "cpu"
     dtype = DTYPES[args.dtype]

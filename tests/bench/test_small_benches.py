@@ -219,3 +219,23 @@ def test_a_bench_stopped_midway_keeps_what_it_measured(module, tmp_path, monkeyp
     assert len(rows) >= 1 and all(r.get("ms", r.get("fwd_ms")) == 1.5 for r in rows)
     printed = [line for line in capsys.readouterr().out.splitlines() if "1.5000" in line or "1.500 " in line]
     assert len(printed) == len(rows)
+
+
+def test_rope_bench_keeps_the_gqa_group_on_cpu_and_refuses_an_impossible_one(tmp_path, monkeypatch, capsys):
+    """--heads 32 --kv-heads 8 on a CPU: the tiny run keeps the group of 4 (it kept --kv-heads 8 beside its 4 query
+    heads: every row failed); a --kv-heads that does not divide --heads is refused up front, in one line."""
+    import json
+    import sys
+
+    import bench.bench_rope_attention as B
+
+    out = tmp_path / "r.json"
+    flags = ["--heads", "32", "--kv-heads", "8", "--peak-tflops", "1", "--warmup", "1", "--rep", "1"]
+    monkeypatch.setattr(sys, "argv", ["bench_rope_attention.py", *flags, "--json", str(out)])
+    B.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and not [r for r in rows if "error" in r] and rows[0]["case"].startswith("B2 H8/2 ")
+    monkeypatch.setattr(sys, "argv", ["bench_rope_attention.py", "--heads", "32", "--kv-heads", "6"])
+    with pytest.raises(SystemExit) as e:
+        B.main()
+    assert e.value.code == 2 and "--heads 32 is not a multiple of --kv-heads 6" in capsys.readouterr().err
