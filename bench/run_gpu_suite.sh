@@ -59,6 +59,7 @@ step() {  # name, cap seconds, command...: run it under the smaller of its cap a
   timeout -k 10 "$cap" "$@" > "$work/$name.log" 2>&1
   rc=$?
   [ "$rc" = 124 ] && rc="124 (stopped at its ${cap}s cap)"
+  [ "$rc" = 137 ] && rc="137 (killed 10 s after its ${cap}s cap: it did not stop on SIGTERM)"
   echo "exit $rc" >> "$work/$name.log"
   tail -n 25 "$work/$name.log"
   echo "$name: exit $rc, $((SECONDS - t0))s" | tee -a "$out/summary.txt"

@@ -5,6 +5,7 @@ and leave every finished step's log in one archive."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -78,3 +79,21 @@ def test_suite_takes_relative_out_and_work_dirs(tmp_path):
     with tarfile.open(tmp_path / "out" / "suite.tgz") as tar:
         assert {"gae.log", "gae.json", "sampling.json"} <= {os.path.basename(n) for n in tar.getnames()}
     assert not os.path.exists(os.path.join(ROOT, "work"))
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("tar") is None, reason="needs coreutils and tar")
+def test_a_step_that_ignores_sigterm_is_said_to_be_killed(tmp_path):
+    """A step that does not stop at its cap is killed 10 s later (exit 137): the summary says so, as it says a
+    stopped one (124), rather than a bare exit code."""
+    stub = tmp_path / "py"
+    stub.write_text(STUB.replace('*) echo "bench $*";', "*) trap '' TERM; sleep 30;"))
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub), "SUITE_BUDGET_S": "4", "SUITE_MIN_STEP_S": "1",
+           "SUITE_WORK_DIR": str(tmp_path / "work"), "SUITE_COMMIT": "abc1234"}  # fmt: skip
+    proc = subprocess.run(
+        ["bash", os.path.join(ROOT, "bench", "run_gpu_suite.sh"), str(tmp_path / "out"), "gae"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert re.search(r"gae: exit 137 \(killed 10 s after its \ds cap: it did not stop on SIGTERM\)", summary), summary
