@@ -105,8 +105,14 @@ def main(argv=None) -> dict:
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, mc.vocab_size, (2 * (a.iterations + 1) * rollout, prompt_len), generator=gen).tolist()
     state = make_state(cfg, run, grid, models, prompts, stop_ids=[mc.eos_token_id])
-    ppo_iteration(state)  # warm-up
-    runs = [ppo_iteration(state) for _ in range(a.iterations)]
+    runs = []
+    for k in range(a.iterations + 1):  # the first a warm-up; each printed and saved as it ends (a step stopped at
+        m = ppo_iteration(state)  # the GPU suite's cap keeps what it measured)
+        print0(f"iteration {k} ({'timed' if k else 'warm-up'}): {m['time_iteration']:.2f} s (generate "
+               f"{m['time_generate']:.2f}, score {m['time_score']:.2f}, train {m['time_train']:.2f})")  # fmt: skip
+        if k:
+            runs.append(m)
+            write_json(a.json, {"model": a.model, "partial": True, "metrics": runs})
     best = min(runs, key=lambda m: m["time_iteration"])
 
     n_seq = rollout * cfg.samples_per_prompt

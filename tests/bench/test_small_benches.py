@@ -90,6 +90,31 @@ def test_ppo_step_bench_smoke(tmp_path):
         assert phase["tok_s"] == pytest.approx(tokens / seconds)
 
 
+def test_ppo_step_bench_stopped_midway_keeps_its_timed_iterations(tmp_path, monkeypatch, capsys):
+    """Each iteration is printed and saved as it ends: the GPU suite's cap stopping the bench in its second timed
+    iteration leaves the first's figures in the JSON and the log."""
+    import json
+
+    import bench.ppo_step as ppo_step
+    from kernels.dispatch import reference_ops
+
+    real, calls = ppo_step.ppo_iteration, []
+
+    def iteration(state):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # (as the cap's SIGTERM would stop it)
+        return real(state)
+
+    monkeypatch.setattr(ppo_step, "ppo_iteration", iteration)
+    with reference_ops(), pytest.raises(KeyboardInterrupt):
+        ppo_step.main(["--iterations", "2", "--json", str(tmp_path / "p.json")])
+    saved = json.loads((tmp_path / "p.json").read_text())
+    assert saved["partial"] and [m["iteration"] for m in saved["metrics"]] == [2]
+    out = capsys.readouterr().out
+    assert "iteration 0 (warm-up): " in out and "iteration 1 (timed): " in out
+
+
 def test_activation_memory_bench_smoke(tmp_path):
     """The activation-memory count runs (tiny shape, one process); its micro-batch totals follow its per-token
     figures."""
