@@ -132,6 +132,8 @@ def checkpoint_files(path: str) -> dict[str, str]:
             if not os.path.exists(fn):
                 raise MissingInput(f"{index_file} names {os.path.basename(fn)}, which is not in {path}")
         return files
+    if SINGLE_FILE in listed:  # (alone, as transformers reads it: not an adapter_model.safetensors saved beside it)
+        shards = [SINGLE_FILE]
     shards = shards or [fn for fn in listed if fn.startswith("pytorch_model") and fn.endswith(".bin")]
     if not shards:
         raise MissingInput(f"no model weights in {path} (neither *.safetensors nor pytorch_model*.bin)")

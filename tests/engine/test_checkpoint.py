@@ -198,6 +198,20 @@ def test_model_safetensors_is_read_before_a_bin_index(tmp_path):
         assert rel_err(ours(ids), hf(input_ids=ids).logits) < 2e-5
 
 
+def test_model_safetensors_is_read_alone_as_transformers_reads_it(tmp_path):
+    """A directory with model.safetensors (and no index) beside other safetensors files, a LoRA adapter saved next to
+    the merged model say: transformers reads model.safetensors alone, and so does the engine (not the adapter's
+    tensors refused as unexpected)."""
+    hf = save_hf_model(tmp_path)
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(8, 64)},
+              tmp_path / "adapter_model.safetensors")  # fmt: skip
+    ours = load_pretrained(tmp_path)
+    ids = torch.randint(1, 301, (2, 7))
+    with torch.no_grad():
+        assert rel_err(ours(ids), hf(input_ids=ids).logits) < 2e-5
+    assert set(ckpt.checkpoint_files(str(tmp_path)).values()) == {str(tmp_path / "model.safetensors")}
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_a_damaged_index_is_named(tmp_path, fmt):
     """An index cut short, without its weight_map, or putting a tensor in a file that does not hold it: refused,
