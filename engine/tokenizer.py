@@ -255,7 +255,7 @@ def prompt_messages(obj: dict, where: str) -> list[dict]:
     Accepts {"prompt": str}, {"messages": [...]}, a preference pair's {"chosen": [...]} (the whole conversation, the
     answer included) or TRL's conversational {"prompt": [...]} (the turns before the answers). A line with both a
     "prompt" string and a conversation takes the string, unless the conversation holds earlier turns before its last
-    user turn: then the conversation, whose context the string alone would lose.
+    user turn, or the string is empty: then the conversation, whose context the string alone would lose.
     """
     if not isinstance(obj, dict):
         raise InvalidInput(f"{where}: expected a JSON object, got {type(obj).__name__}")
@@ -267,7 +267,7 @@ def prompt_messages(obj: dict, where: str) -> list[dict]:
                 turns = _conversation(conv, where)
             except InvalidInput:
                 turns = []  # a conversation in some other form: the string is the prompt
-            if len(turns) > 1:
+            if len(turns) > 1 or (turns and not text.strip()):  # (an empty string: a placeholder)
                 return turns
         if not text.strip():
             raise InvalidInput(f"{where}: empty prompt")

@@ -560,3 +560,13 @@ def test_the_answer_after_the_last_user_turn_is_not_read(tmp_path):
     p = tmp_path / "p.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert read_prompt_file(p) == [turns, turns]
+
+
+def test_an_empty_prompt_string_beside_a_conversation_takes_the_conversation(tmp_path):
+    """A preference line whose "prompt" string is empty (a placeholder) reads its conversation, as a line without the
+    string does: not refused as an empty prompt while the question is right there."""
+    q = [{"role": "user", "content": "q"}]
+    rows = [{"prompt": "", "chosen": q + [{"role": "assistant", "content": "a"}]}, {"prompt": " ", "messages": q}]
+    p = tmp_path / "p.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_prompt_file(p) == [q, q]
