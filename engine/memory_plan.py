@@ -436,11 +436,14 @@ def run_configs(policy, reference, reward, evaluation: bool = False) -> dict[str
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     shapes = f"a named shape ({', '.join(MODEL_SHAPES)}), a checkpoint directory or a Hub id"
-    p.add_argument("--policy", default="llama2-13b", help=shapes)
+    # (the defaults are the recipe's: a --policy given alone is planned beside the recipe's 13B reward model)
+    p.add_argument("--policy", default="llama2-13b", help=f"{shapes} (default: llama2-13b)")
     p.add_argument("--reference", default=None, help=f"{shapes} (default: the policy's)")
-    p.add_argument("--reward", default="llama2-13b", help=f"{shapes}; the value model has its shape")
-    p.add_argument("--tp", type=int, default=8)
-    p.add_argument("--dp", type=int, default=1)
+    p.add_argument(
+        "--reward", default="llama2-13b", help=f"{shapes}; the value model has its shape (default: llama2-13b)"
+    )
+    p.add_argument("--tp", type=int, default=8, help="tensor parallel degree (default: 8)")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel ranks (default: 1)")
     p.add_argument("--no-distributed-optimizer", dest="distributed", action="store_false")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--gpu-gib", type=float, default=79.0, help="memory per GPU (an H100 80GB has about 79 GiB)")

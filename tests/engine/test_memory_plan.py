@@ -445,3 +445,14 @@ def test_rollout_cache_counts_the_memory_in_use_before_loading():
     cache["fraction"] = (weights + 2048 * per_token + GiB // 2) / total  # (the four models' weights, likewise)
     with pytest.raises(ValueError, match="would not hold one sequence of 2048 tokens with what --offload-optimizer"):
         memory_plan.plan_for("rollouts", configs, torch.bfloat16, 8, 1, False, free, cache)
+
+
+def test_command_line_help_names_the_recipes_defaults(capsys):
+    """A --policy given alone is planned beside the recipe's 13B reward model at TP 8: --help says so (a user planning
+    their own checkpoint otherwise reads a refusal of "--tp 8" they never typed, or a 13B value model they never
+    named)."""
+    with pytest.raises(SystemExit):
+        memory_plan.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "a Hub id (default: llama2-13b)" in out and "its shape (default: llama2-13b)" in out
+    assert "--tp TP tensor parallel degree (default: 8)" in out
