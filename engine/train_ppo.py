@@ -254,8 +254,9 @@ def prepare_tiny(run: RunConfig) -> RunConfig:
     return dataclasses.replace(
         run,
         eval_every=run.eval_every if run.eval_prompts != "" else 0,  # (the preset's, with evaluation turned off)
-        # the demo starts over each time in its own directory (--resume still continues it)
-        overwrite_output_dir=run.overwrite_output_dir or demo_dir,
+        # the demo starts over each time in its own directory (--resume still continues it); an --eval-only there is
+        # refused as in any run's directory, not the demo's training run deleted
+        overwrite_output_dir=run.overwrite_output_dir or (demo_dir and not run.eval_only),
         policy=os.path.join(init_dir, "policy"),
         reward=os.path.join(init_dir, "reward"),
         prompts=TINY_PROMPTS,

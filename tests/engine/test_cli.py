@@ -338,6 +338,18 @@ def test_the_tiny_default_never_deletes_another_run(tmp_path):
     assert [m["iteration"] for m in run_tiny(tmp_path / "copy", "--max-iterations", "2", "--resume")] == [2]
 
 
+def test_an_evaluation_of_the_tiny_default_never_deletes_its_training_run(tmp_path):
+    """--eval-only without --policy (the tiny default's init models) into the directory the demo trained in is refused
+    as any --eval-only into a run's directory is, not taken for the demo starting over: its checkpoints and logs
+    stay."""
+    run_tiny(tmp_path, "--max-iterations", "1")
+    held = sorted(os.listdir(tmp_path))
+    with pytest.raises(FileExistsError, match="--eval-only writes an evaluation of its own"):
+        run_tiny(tmp_path, "--eval-only")
+    assert sorted(os.listdir(tmp_path)) == held and (tmp_path / "checkpoint-000001/policy").is_dir()
+    assert run_tiny(tmp_path / "eval", "--eval-only")[0]["prompts"] == 16  # (its own directory: evaluated there)
+
+
 def test_the_tiny_default_takes_the_tokenizer_and_the_generator_it_is_given(tmp_path):
     from engine.train_ppo import prepare_tiny
 
