@@ -137,7 +137,11 @@ class ModelConfig:
         model_type = cfg.get("model_type")
         if model_type != "llama" or any(a not in SUPPORTED_ARCHITECTURES for a in archs):
             name = ", ".join(archs) or model_type
-            raise InvalidInput(f"architecture {name} (model_type {model_type!r}) is not supported: Llama only")
+            known = f"{', '.join(SUPPORTED_ARCHITECTURES[:-1])} or {SUPPORTED_ARCHITECTURES[-1]}"
+            raise InvalidInput(
+                f"architecture {name} (model_type {model_type!r}) is not supported: "
+                + (f"{known} only" if model_type == "llama" else "Llama only")
+            )
         max_pos = cfg.get("max_position_embeddings") or 2048  # (missing: LlamaConfig's default, as transformers)
         rope = checked_rope(cfg, max_pos)
         for flag in ("attention_bias", "mlp_bias"):

@@ -108,6 +108,13 @@ def test_other_architectures_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="architecture MistralForCausalLM .* not supported"):
         load_pretrained(tmp_path)
+    # a Llama model with a head class of its own (OpenRLHF saves its reward model as "RewardModel"): the message names
+    # the classes that load, not "Llama only" of a model whose model_type is llama
+    cfg.update(architectures=["RewardModel"], model_type="llama")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"architecture RewardModel \(model_type 'llama'\) is not supported: "
+                       r"LlamaForCausalLM, LlamaForSequenceClassification or LlamaModel only"):  # fmt: skip
+        load_pretrained(tmp_path)
 
 
 def _write_bin(src, dst, shards: int, legacy: bool = False) -> None:
