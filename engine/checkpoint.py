@@ -121,9 +121,11 @@ def checkpoint_files(path: str) -> dict[str, str]:
     else PyTorch pickles (pytorch_model.bin[.index.json], as older HF checkpoints are stored)."""
     listed = sorted(os.listdir(path))
     shards = [fn for fn in listed if fn.endswith(".safetensors")]
-    # (safetensors first, as transformers reads them: a repo with both formats and only its .bin copy sharded has a
-    # pytorch_model.bin.index.json beside its model.safetensors, and engine.hub fetches every *.json but no .bin)
-    for index_file in (INDEX_FILE,) if SINGLE_FILE in listed else (INDEX_FILE, BIN_INDEX_FILE):
+    # (model.safetensors first, then the safetensors index, as transformers reads them: a repo with both formats and
+    # only its .bin copy sharded has a pytorch_model.bin.index.json beside its model.safetensors, and engine.hub
+    # fetches every *.json but no .bin; transformers' save_pretrained of a sharded model's weights, unsharded, into
+    # its directory deletes the shards but leaves their model.safetensors.index.json)
+    for index_file in () if SINGLE_FILE in listed else (INDEX_FILE, BIN_INDEX_FILE):
         index = os.path.join(path, index_file)
         if not os.path.exists(index):
             continue

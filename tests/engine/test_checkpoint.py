@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import LlamaForCausalLM
 
 import engine.checkpoint as ckpt
 from engine.checkpoint import load_pretrained, save_pretrained
@@ -200,6 +201,23 @@ def test_model_safetensors_is_read_before_a_bin_index(tmp_path):
         (tmp_path / "bin/pytorch_model.bin.index.json").read_text()
     )
     ours = load_pretrained(tmp_path / "st")
+    ids = torch.randint(1, 301, (2, 7))
+    with torch.no_grad():
+        assert rel_err(ours(ids), hf(input_ids=ids).logits) < 2e-5
+
+
+def test_model_safetensors_is_read_before_a_stale_safetensors_index(tmp_path):
+    """transformers' save_pretrained of a sharded checkpoint's model, unsharded, into its own directory (fp32 shards
+    re-saved in bf16, say) writes model.safetensors and deletes the shards but leaves their index: transformers reads
+    model.safetensors first and loads it; so does the engine (the stale index, naming shards that are gone, is not
+    read)."""
+    hf = save_hf_model(tmp_path)
+    hf.save_pretrained(tmp_path, max_shard_size="50KB")
+    hf.to(torch.bfloat16).save_pretrained(tmp_path)
+    assert {"model.safetensors", "model.safetensors.index.json"} <= set(os.listdir(tmp_path))
+    assert not any(fn.startswith("model-") for fn in os.listdir(tmp_path))
+    hf = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)  # (what transformers reads there)
+    ours = load_pretrained(tmp_path, dtype=torch.float32)
     ids = torch.randint(1, 301, (2, 7))
     with torch.no_grad():
         assert rel_err(ours(ids), hf(input_ids=ids).logits) < 2e-5
