@@ -32,6 +32,7 @@ from engine.parallel import raise_together
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 BIN_INDEX_FILE = "pytorch_model.bin.index.json"  # older checkpoints: PyTorch pickles, read (never written)
+BIN_SINGLE_FILE = "pytorch_model.bin"
 # Buffers old HF Llama checkpoints carry that are recomputed, not loaded.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -121,21 +122,22 @@ def checkpoint_files(path: str) -> dict[str, str]:
     else PyTorch pickles (pytorch_model.bin[.index.json], as older HF checkpoints are stored)."""
     listed = sorted(os.listdir(path))
     shards = [fn for fn in listed if fn.endswith(".safetensors")]
-    # (model.safetensors first, then the safetensors index, as transformers reads them: a repo with both formats and
-    # only its .bin copy sharded has a pytorch_model.bin.index.json beside its model.safetensors, and engine.hub
-    # fetches every *.json but no .bin; transformers' save_pretrained of a sharded model's weights, unsharded, into
-    # its directory deletes the shards but leaves their model.safetensors.index.json)
-    for index_file in () if SINGLE_FILE in listed else (INDEX_FILE, BIN_INDEX_FILE):
-        index = os.path.join(path, index_file)
-        if not os.path.exists(index):
+    # transformers' order: model.safetensors, its index, pytorch_model.bin, its index; a file found first is read alone
+    # (not an adapter_model.safetensors saved beside it, nor a stale index: transformers' save_pretrained of a sharded
+    # model's weights, unsharded, into its directory deletes the shards but leaves their index). A repo with both
+    # formats and only its .bin copy sharded has a pytorch_model.bin.index.json beside its model.safetensors, and
+    # engine.hub fetches every *.json but no .bin: the safetensors are read.
+    for name in (SINGLE_FILE, INDEX_FILE, BIN_SINGLE_FILE, BIN_INDEX_FILE):
+        if name not in listed:
             continue
-        files = {name: os.path.join(path, fn) for name, fn in _weight_map(index).items()}
+        if name in (SINGLE_FILE, BIN_SINGLE_FILE):
+            shards = [name]
+            break
+        files = {n: os.path.join(path, fn) for n, fn in _weight_map(os.path.join(path, name)).items()}
         for fn in sorted(set(files.values())):
             if not os.path.exists(fn):
-                raise MissingInput(f"{index_file} names {os.path.basename(fn)}, which is not in {path}")
+                raise MissingInput(f"{name} names {os.path.basename(fn)}, which is not in {path}")
         return files
-    if SINGLE_FILE in listed:  # (alone, as transformers reads it: not an adapter_model.safetensors saved beside it)
-        shards = [SINGLE_FILE]
     shards = shards or [fn for fn in listed if fn.startswith("pytorch_model") and fn.endswith(".bin")]
     if not shards:
         raise MissingInput(f"no model weights in {path} (neither *.safetensors nor pytorch_model*.bin)")

@@ -223,6 +223,21 @@ def test_model_safetensors_is_read_before_a_stale_safetensors_index(tmp_path):
         assert rel_err(ours(ids), hf(input_ids=ids).logits) < 2e-5
 
 
+def test_pytorch_model_bin_is_read_before_a_stale_bin_index(tmp_path):
+    """The same for the older format: a pytorch_model.bin beside the index of shards it replaced is read (transformers
+    reads pytorch_model.bin before pytorch_model.bin.index.json)."""
+    hf = save_hf_model(tmp_path / "st")
+    _write_bin(tmp_path / "st", tmp_path / "bin", 2)
+    for fn in os.listdir(tmp_path / "bin"):
+        if fn.startswith("pytorch_model-"):
+            os.remove(tmp_path / "bin" / fn)
+    torch.save(load_file(tmp_path / "st/model.safetensors"), tmp_path / "bin/pytorch_model.bin")
+    ours = load_pretrained(tmp_path / "bin")
+    ids = torch.randint(1, 301, (2, 7))
+    with torch.no_grad():
+        assert rel_err(ours(ids), hf(input_ids=ids).logits) < 2e-5
+
+
 def test_model_safetensors_is_read_alone_as_transformers_reads_it(tmp_path):
     """A directory with model.safetensors (and no index) beside other safetensors files, a LoRA adapter saved next to
     the merged model say: transformers reads model.safetensors alone, and so does the engine (not the adapter's
