@@ -33,13 +33,20 @@ def is_repo_id(name: str) -> bool:
 
 
 def weight_patterns(files: list[str]) -> list[str]:
-    """The weights to fetch from a repo's file list: its top-level safetensors, else its top-level pytorch_model*.bin,
-    each by its own name (a pattern would match a subfolder's copy too: a Trainer's last-checkpoint/, say, fetching
-    the weights twice; a repo whose safetensors are all in a subfolder gets its top-level .bin, which is what loads)."""
+    """The weights to fetch from a repo's file list, as engine.checkpoint reads them (transformers' order):
+    model.safetensors alone, else the top-level safetensors, else pytorch_model.bin alone, else the top-level
+    pytorch_model*.bin; each by its own name (a pattern would match a subfolder's copy too: a Trainer's
+    last-checkpoint/, say, fetching the weights twice; a repo whose safetensors are all in a subfolder gets its
+    top-level .bin, which is what loads). Not fetched: a file beside model.safetensors that is not read, such as an
+    adapter_model.safetensors."""
     top = sorted(f for f in files if "/" not in f)
-    names = [f for f in top if f.endswith(".safetensors")]
-    names = names or [f for f in top if f.startswith("pytorch_model") and f.endswith(".bin")]
-    return [glob.escape(f) for f in names]
+    for single, kind in (("model.safetensors", ".safetensors"), ("pytorch_model.bin", ".bin")):
+        if single in top:
+            return [single]
+        names = [f for f in top if f.endswith(kind) and (kind == ".safetensors" or f.startswith("pytorch_model"))]
+        if names:
+            return [glob.escape(f) for f in names]
+    return []
 
 
 SHA = re.compile(r"^[0-9a-f]{40}$")

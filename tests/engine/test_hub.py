@@ -122,6 +122,9 @@ def test_the_weights_fetched_are_the_top_level_ones_of_one_format():
     assert fnmatch.fnmatch("m[1].safetensors", "m[[]1].safetensors")
     assert not fnmatch.fnmatch("m1.safetensors", "m[[]1].safetensors")
     assert hub.weight_patterns(["README.md"]) == []
+    # what the loader reads alone, as transformers does: not an adapter beside it, nor a .bin's shards
+    assert hub.weight_patterns(["adapter_model.safetensors", "model.safetensors"]) == ["model.safetensors"]
+    assert hub.weight_patterns(["pytorch_model.bin", "pytorch_model-00001-of-00002.bin"]) == ["pytorch_model.bin"]
 
 
 def run(out, *flags):
