@@ -129,7 +129,8 @@ class ModelConfig:
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
             if not os.path.exists(path):
-                raise MissingInput(f"no config.json at {path}")
+                hint = _where_the_models_are(os.path.dirname(path)) if path.endswith("config.json") else ""
+                raise MissingInput(f"no config.json at {path}{hint}")
             cfg = read_json(path)
         if not isinstance(cfg, dict):
             raise InvalidInput(f"{path} holds a JSON {type(cfg).__name__}, not an object of settings")
@@ -391,3 +392,15 @@ class PPOConfig:
                 bad.append(f"{name} must be finite, got {value}")
         if bad:
             raise InvalidInput("; ".join(bad))
+
+
+def _where_the_models_are(directory: str) -> str:
+    """A hint for a directory without config.json: a checkpoint of this engine holds its models in policy/ and
+    value/; a PEFT adapter's directory has adapter_config.json (the engine reads merged weights)."""
+    subs = [d for d in ("policy", "value") if os.path.exists(os.path.join(directory, d, "config.json"))]
+    if subs:
+        dirs = " and ".join(os.path.join(directory, d) for d in subs)
+        return f" (a checkpoint of this engine: its models are in {dirs})"
+    if os.path.exists(os.path.join(directory, "adapter_config.json")):
+        return " (a PEFT adapter: merge it into its base model and save that, e.g. with peft's merge_and_unload)"
+    return ""

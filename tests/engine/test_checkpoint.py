@@ -118,6 +118,26 @@ def test_other_architectures_refused(tmp_path):
         load_pretrained(tmp_path)
 
 
+def test_a_directory_without_config_says_where_the_models_are(tmp_path):
+    """--policy out/checkpoint-N (the run's checkpoint, not its policy/ in it) names the models' directories; a PEFT
+    adapter's directory says to merge it."""
+    from engine.config import ModelConfig
+    from engine.errors import MissingInput
+
+    save_hf_model(tmp_path / "checkpoint-000004" / "policy")
+    save_hf_model(tmp_path / "checkpoint-000004" / "value", head="score")
+    ckpt = tmp_path / "checkpoint-000004"
+    with pytest.raises(MissingInput, match=rf"no config.json at {ckpt}/config.json \(a checkpoint of this engine: its "
+                       rf"models are in {ckpt}/policy and {ckpt}/value\)$"):  # fmt: skip
+        ModelConfig.from_hf(ckpt)
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "adapter_config.json").write_text("{}")
+    with pytest.raises(MissingInput, match=r"\(a PEFT adapter: merge it into its base model and save that"):
+        ModelConfig.from_hf(tmp_path / "lora")
+    with pytest.raises(MissingInput, match=r"no config.json at .*/none$"):
+        ModelConfig.from_hf(tmp_path / "none")
+
+
 def _write_bin(src, dst, shards: int, legacy: bool = False) -> None:
     """src's safetensors weights as PyTorch pickles in dst (pytorch_model.bin, or `shards` files and the index), as
     older HF checkpoints are stored."""
