@@ -473,8 +473,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         configs = run_configs(*(names.get(x, x) for x in (a.policy, a.reference, a.reward)), evaluation=a.eval_only)
     except (ValueError, FileNotFoundError) as e:  # (an unsupported config.json, a directory without one)
-        print(e)
-        return 1
+        p.error(str(e))
+    for name, (c, _) in configs.items():  # (train_ppo refuses these limits for such a model)
+        if a.seq_len > c.max_position_embeddings:
+            p.error(f"--seq-len {a.seq_len} is longer than the {name} model's context ({c.max_position_embeddings} "
+                    "tokens, its max_position_embeddings)")  # fmt: skip
     dtype, gpu = getattr(torch, a.dtype), int(a.gpu_gib * GiB)
     kv_dtype = torch.float8_e4m3fn if a.kv_cache_dtype == "fp8" else dtype
     reserve = generation_reserve(configs["policy"][0], a.tp, a.seq_len, dtype, a.max_num_seqs)

@@ -299,6 +299,11 @@ def test_command_line_reads_configs_of_directories_and_hub_ids(tmp_path, monkeyp
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
     argv = ["--policy", "org/llama@v2", "--reward", str(tmp_path / "rm"), "--tp", "1", "--gpu-gib", "400"]
+    with pytest.raises(SystemExit):  # (the small reward model's context: 256 tokens)
+        memory_plan.main(argv)
+    assert "--seq-len 2048 is longer than the value model's context (256 tokens" in capsys.readouterr().err
+    fetched.clear()
+    argv += ["--seq-len", "256"]
     assert memory_plan.main(argv) == 0
     assert fetched == [("org/llama", "config.json", "v2")]
     c7 = ModelConfig.named("llama2-7b")
@@ -395,8 +400,12 @@ def test_command_line_refuses_impossible_numbers(tmp_path, capsys):
         with pytest.raises(SystemExit):
             memory_plan.main(flags)
         assert re.search(message, capsys.readouterr().err)
-    assert memory_plan.main(["--policy", str(tmp_path)]) == 1
-    assert f"no config.json at {tmp_path}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # (a usage error: on stderr, exit 2, as train_ppo's)
+        memory_plan.main(["--policy", str(tmp_path)])
+    assert e.value.code == 2 and f"no config.json at {tmp_path}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        memory_plan.main(["--policy", "tiny", "--reward", "tiny", "--tp", "1", "--seq-len", "9000"])
+    assert "--seq-len 9000 is longer than the policy model's context (" in capsys.readouterr().err
 
 
 def test_a_small_states_chunks_and_the_host_advice():
