@@ -486,6 +486,7 @@ class Generator:
         if running and waiting and self._admission_waits(waiting, running):
             return admitted
         free = self.blocks.num_free_blocks
+        headroom = None
         while waiting:
             group = waiting[0]
             n_tokens = len(group[0].tokens)
@@ -494,10 +495,15 @@ class Generator:
                 break
             if admitted and tokens + n_tokens > self.max_num_batched_tokens:
                 break
-            # headroom: a free block per active sequence for the next decode step (none if nothing runs,
-            # so a lone sequence is always admitted: the pool holds at least one full-length sequence)
-            headroom = active + len(group) if active else 0
-            if self.blocks.blocks_for(n_tokens) + headroom > free:
+            # headroom: a free block for each active sequence that will still take one (it grows past its blocks, or
+            # copies a shared partial block), so every one can grow by a block before any is preempted; none for one
+            # that holds every block it will need (a cache of every slot at full length then admits every slot), and
+            # none if nothing runs, so a lone sequence is always admitted (the pool holds one at full length).
+            # A sequence holds at most max_len - 1 tokens' K/V (its last token is sampled, never fed back)
+            if headroom is None:
+                headroom = self.blocks.headroom((s.seq_id, s.max_len - 1) for s in running) if running else 0
+            own = self.blocks.prompt_headroom(n_tokens, len(group), group[0].max_len - 1)
+            if active and self.blocks.blocks_for(n_tokens) + headroom + own > free:
                 break
             waiting.popleft()
             parent = group[0]
@@ -505,6 +511,7 @@ class Generator:
             for child in group[1:]:
                 self.blocks.fork(parent.seq_id, child.seq_id)
             free = self.blocks.num_free_blocks
+            headroom += own
             admitted.append(group)
             tokens += n_tokens
         return admitted

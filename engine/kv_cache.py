@@ -255,6 +255,33 @@ class BlockManager:
         """Whether every sequence can get its next slot now (a new or copy-on-write block each at most)."""
         return self._batch_need(list(seq_ids)) <= len(self._free)
 
+    def headroom(self, seqs: Iterable[tuple[int, int]]) -> int:
+        """Free blocks to keep for (seq_id, the most tokens it will hold) pairs: one for each sequence that will still
+        take a block (a new one as it grows, or a copy of the partial last block it shares: all but one of its sharers
+        copy it), so that each can grow by a block before any is preempted; none for one that already holds every
+        block it will need (a shared full-length prompt, a sequence on its last block)."""
+        need = 0
+        sharers: dict[int, int] = {}
+        bs, tables, lengths, ref = self.block_size, self._tables, self._lengths, self._ref
+        for s, most in seqs:
+            table, length = tables[self._known(s)], lengths[s]
+            if length >= most:  # no slot left to take
+                continue
+            if self.blocks_for(most) > len(table):  # a new block ahead (a copy of a shared last one first: one block)
+                need += 1
+            elif length % bs and ref[table[-1]] > 1:
+                sharers[table[-1]] = sharers.get(table[-1], 0) + 1
+        return need + sum(min(k, ref[b] - 1) for b, k in sharers.items())
+
+    def prompt_headroom(self, num_tokens: int, n: int, most: int) -> int:
+        """headroom() of a prompt of num_tokens tokens and its n - 1 forks, each to hold at most `most` tokens, before
+        they are allocated."""
+        if num_tokens >= most:
+            return 0
+        if self.blocks_for(most) > self.blocks_for(num_tokens):
+            return n
+        return n - 1 if num_tokens % self.block_size else 0
+
     def num_tokens(self, seq_id: int) -> int:
         return self._lengths[self._known(seq_id)]
 

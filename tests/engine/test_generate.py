@@ -678,3 +678,21 @@ def test_a_step_out_of_blocks_puts_its_admitted_prompts_back(monkeypatch, step):
     assert len(calls) > 1 and got == want
     gen.blocks.check_invariants()
     assert gen.blocks.num_free_blocks == 64 and gen.blocks.num_sequences == 0
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_cache_of_every_slot_at_full_length_admits_every_slot_at_once(n):
+    """The cache holds max_num_seqs sequences of max_model_len (its cap): prompts of about a block whose whole length
+    fits in it are admitted together (they waited in waves: a free block per sequence was kept for growth that none
+    of them has left), and sample what a roomier cache samples."""
+    model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.3, seed=2)
+    prompts = _prompts(512, [8, 8], seed=4)
+    params = GenerateConfig(temperature=1.0, max_new_tokens=8, ignore_eos=True, seed=5, n=n)
+    kw = dict(block_size=16, max_model_len=16, max_num_seqs=2 * n)
+    with reference_ops():
+        capped = Generator(model, kv_cache_bytes=2**30, **kw)
+        got = capped.generate(prompts, params)
+        want = Generator(model, num_blocks=64, **kw).generate(prompts, params)
+    assert capped.pool.num_blocks == 2 * n  # (the cap: a block of 16 per slot)
+    assert (capped.stats.prefill_steps, capped.stats.decode_steps, capped.stats.preemptions) == (1, 7, 0)
+    assert got == want

@@ -354,3 +354,27 @@ def test_block_table_as_wide_as_the_longest_table():
     bm = BlockManager(8, 4)
     bm.allocate(0, 8)  # two full blocks
     assert bm.block_table([0], width=2).tolist() == [bm.blocks(0)]
+
+
+def test_headroom_counts_the_sequences_that_will_take_a_block():
+    """headroom(): a block for each sequence that will still take one (a new block, or a copy of a shared partial
+    last block: all its sharers but one copy it); none for one already holding every block it will need.
+    prompt_headroom() says the same of a prompt and its forks before they are allocated."""
+    bm = BlockManager(num_blocks=64, block_size=4)
+    for tokens, n, most in [(6, 3, 7), (6, 3, 8), (6, 3, 9), (8, 2, 9), (8, 2, 8), (3, 1, 4), (3, 1, 5), (4, 1, 4)]:
+        bm.allocate(0, tokens)
+        for child in range(1, n):
+            bm.fork(0, child)
+        got = bm.headroom((s, most) for s in range(n))
+        assert got == bm.prompt_headroom(tokens, n, most), (tokens, n, most)
+        # at most the blocks they will take before they end (copies, then new blocks up to `most` tokens each)
+        free = bm.num_free_blocks
+        for _ in range(most - tokens):
+            bm.append_slots(list(range(n)))
+        assert got <= free - bm.num_free_blocks, (tokens, n, most)
+        assert got >= min(n, free - bm.num_free_blocks), (tokens, n, most)
+        for s in range(n):
+            bm.free(s)
+    assert bm.prompt_headroom(6, 3, 7) == 2 and bm.prompt_headroom(6, 3, 9) == 3 and bm.prompt_headroom(4, 1, 4) == 0
+    bm.allocate(0, 5)
+    assert bm.headroom([(0, 5)]) == 0 and bm.headroom([(0, 6)]) == 0 and bm.headroom([(0, 9)]) == 1
