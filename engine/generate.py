@@ -163,6 +163,8 @@ class Generator:
         ) if value is not None and value < 1]  # fmt: skip
         if not 0 < kv_cache_fraction <= 1:
             bad.append(f"kv_cache_fraction must be in (0, 1], got {kv_cache_fraction}")
+        if block_size >= 1 and block_size & (block_size - 1):  # (refused here, not at the first generate's cache)
+            bad.append(f"block_size {block_size} must be a power of two (the kernels tile by it)")
         if bad:  # (a 0 would otherwise read as "unset" or fail late)
             raise ValueError("; ".join(bad))
         self.model = model

@@ -286,6 +286,7 @@ def test_cache_too_small_for_one_sequence():
         (dict(kv_cache_bytes=0), "kv_cache_bytes must be >= 1, got 0"),
         (dict(block_size=0, num_blocks=0), "block_size must be >= 1, got 0; num_blocks must be >= 1, got 0"),
         (dict(kv_cache_fraction=1.5), r"kv_cache_fraction must be in \(0, 1\], got 1.5"),
+        (dict(block_size=3), r"block_size 3 must be a power of two"),  # (when built, not at the first generate)
     ],
 )
 def test_nonsense_generator_settings_are_refused(kw, message):
