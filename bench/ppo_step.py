@@ -108,8 +108,10 @@ def main(argv=None) -> dict:
     runs = []
     for k in range(a.iterations + 1):  # the first a warm-up; each printed and saved as it ends (a step stopped at
         m = ppo_iteration(state)  # the GPU suite's cap keeps what it measured)
-        print0(f"iteration {k} ({'timed' if k else 'warm-up'}): {m['time_iteration']:.2f} s (generate "
-               f"{m['time_generate']:.2f}, score {m['time_score']:.2f}, train {m['time_train']:.2f})")  # fmt: skip
+        phases = ("generate", "score", "train")
+        print0(f"iteration {k} ({'timed' if k else 'warm-up'}): {m['time_iteration']:.2f} s ("
+               + ", ".join(f"{p} {m['time_' + p]:.2f}" for p in phases) + "); peak GiB "
+               + ", ".join(f"{p} {m['mem_gib_' + p]:.1f}" for p in phases))  # fmt: skip
         if k:
             runs.append(m)
             write_json(a.json, {"model": a.model, "partial": True, "metrics": runs})
