@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engine.data import PromptBatches, Rollout, pack, split_by_tokens, to_padded
+from engine.data import PromptBatches, Rollout, global_position, pack, split_by_tokens, to_padded
 from engine.tokenizer import PromptSet
 
 PROMPTS = [[100 + i, i] for i in range(23)]  # prompt i is recognisable by its last token
@@ -127,3 +127,14 @@ def test_resume_restores_epoch_and_batch_not_swapped():
     resumed.load_state_dict(first.state_dict())
     assert (resumed.epoch, resumed.batch) == (0, 2)
     assert next(resumed) == next(first)
+
+
+def test_global_position_is_where_a_ranks_sequence_stands_in_the_whole_rollout():
+    """Rank r's local sequence l (its prompt l // samples, sample l % samples) stands where one process's rollout
+    of the same global batch holds that prompt's sample."""
+    samples, dp = 3, 2
+    whole = [(i, s) for i in next(iter(PromptBatches(PROMPTS, 4, seed=1)))[0] for s in range(samples)]
+    for rank in range(dp):
+        mine = [(i, s) for i in next(iter(PromptBatches(PROMPTS, 4, seed=1, dp_rank=rank, dp_size=dp)))[0]
+                for s in range(samples)]  # fmt: skip
+        assert [whole[global_position(k, rank, dp, samples)] for k in range(len(mine))] == mine
