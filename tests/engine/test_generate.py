@@ -12,7 +12,7 @@ from engine.config import GenerateConfig, ModelConfig
 from engine.generate import Generator
 from engine.kv_cache import bytes_per_block
 from engine.model import Transformer
-from engine.sampler import filter_logits, sample_tokens
+from engine.sampler import filter_logits, sample_tokens, seed_for
 from kernels.dispatch import reference_ops
 from kernels.reference import uniform_noise
 from tests.engine.hf_models import save_hf_model
@@ -386,6 +386,24 @@ def test_filter_keeps_at_least_one_token():
     logits = torch.tensor([[10.0, 0.0, -1.0]])
     assert torch.isfinite(filter_logits(logits, 0, 0.01)).sum() == 1
     assert torch.isfinite(filter_logits(logits, 1, 1.0)).sum() == 1
+
+
+def test_filter_top_k_one_below_the_vocabulary_drops_the_smallest():
+    logits = torch.tensor([[3.0, 1.0, 2.0, 0.5]])
+    assert torch.isfinite(filter_logits(logits, 3, 1.0)).tolist() == [[True, True, True, False]]
+    assert torch.isfinite(filter_logits(logits, 4, 1.0)).all()
+
+
+def test_top_p_sums_probabilities_in_float32():
+    """A token whose predecessors hold 0.4999 of the mass stays under top_p 0.5 (in fp16 the sum would round to 0.5)."""
+    logits = torch.tensor([[0.4999, 0.3, 0.2001]]).log()
+    assert torch.isfinite(filter_logits(logits, 0, 0.5)).tolist() == [[True, True, False]]
+
+
+def test_seed_for_depends_on_the_seed_the_prompt_and_the_sample():
+    seeds = {seed_for(b, p, s) for b in range(3) for p in range(4) for s in range(4)}
+    assert len(seeds) == 3 * 4 * 4 and all(0 <= x < 2**32 for x in seeds)
+    assert seed_for(7, 2, 1) == seed_for(7, 2, 1)
 
 
 def _eager_graphs(monkeypatch):
