@@ -488,3 +488,39 @@ def test_distributed_buckets_cover_an_odd_number_of_elements():
                 covered.update((i, first + k) for k in range(hi - lo))
     assert sorted(covered) == [(0, k) for k in range(3)] + [(1, k) for k in range(4)]
     assert set(covered.values()) == {1}
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0], ids=["clipped", "under_the_limit"])
+def test_grad_norm_clip_matches_torch(max_norm):
+    """The norm returned and the clip applied are torch's clip_grad_norm_ (then AdamW) on the same grads, for a norm
+    above the limit (scaled down) and one under it (left as it is)."""
+    cfg = PPOConfig(max_grad_norm=max_norm)
+    small = dataclasses.replace(ModelConfig.named("tiny"), num_layers=1)
+    ours = Transformer(small, "score", dtype=torch.float32).init_weights(seed=1)
+    ref = Transformer(small, "score", dtype=torch.float32)
+    ref.load_state_dict(ours.state_dict())
+    opt = optim.make_optimizer(ours, cfg)
+    adam = torch.optim.AdamW(ref.parameters(), lr=1e-2, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+                             weight_decay=cfg.weight_decay)  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        a.grad = torch.randn(a.shape, generator=gen) * 0.01
+        b.grad = a.grad.clone()
+    norm = optim.optimizer_step(opt, 1e-2, cfg, ProcessGrid())
+    want = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+    assert (want > max_norm) == (max_norm == 0.5)
+    torch.testing.assert_close(norm, want, rtol=1e-6, atol=0)
+    adam.step()
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_grad_norm_counts_tp_sharded_grads_once_at_tp_1():
+    """With one TP rank the sharded pieces are summed over a group of one: the norm is every grad's, each once."""
+    model = Transformer(dataclasses.replace(ModelConfig.named("tiny"), num_layers=1), "score", dtype=torch.float32)
+    opt = optim.make_optimizer(model.init_weights(seed=1), PPOConfig())
+    opt.sharded = [k % 2 == 0 for k in range(len(opt.params))]
+    for p in opt.params:
+        p.grad = torch.randn(p.shape)
+    want = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in opt.params]))
+    torch.testing.assert_close(optim.reduce_grads(opt, ProcessGrid()), want)
