@@ -501,3 +501,14 @@ def test_sharded_index_total_size_is_bytes(tmp_path):
     assert len(files) > 1
     nbytes = sum(t.numel() * t.element_size() for f in files for t in load_file(tmp_path / "c" / f).values())
     assert index["metadata"]["total_size"] == nbytes
+
+
+def test_save_pretrained_stores_the_dtype_asked(tmp_path):
+    """dtype= casts the stored tensors and config.json's torch_dtype says so; loading reads them back at that dtype."""
+    model = Transformer(ModelConfig.named("tiny"), dtype=torch.float32).init_weights(seed=1)
+    save_pretrained(model, tmp_path / "c", dtype=torch.bfloat16)
+    assert {t.dtype for t in load_file(tmp_path / "c" / "model.safetensors").values()} == {torch.bfloat16}
+    assert json.load(open(tmp_path / "c" / "config.json"))["torch_dtype"] == "bfloat16"
+    back = load_pretrained(tmp_path / "c")
+    for a, b in zip(model.parameters(), back.parameters()):
+        assert b.dtype == torch.bfloat16 and torch.equal(a.to(torch.bfloat16), b)
