@@ -594,3 +594,24 @@ def test_atomic_write_syncs_the_file_before_the_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", None)), real_replace(a, b)))
     resume.atomic_write(str(tmp_path / "x"), lambda f: f.write(b"data"))
     assert events.index(("fsync", False)) < events.index(("replace", None)), events
+
+
+def test_pruning_keeps_exactly_keep_checkpoints(tmp_path):
+    from engine.resume import prune_checkpoints
+
+    for n in range(1, 6):
+        _fake_ckpt(tmp_path, n)
+    prune_checkpoints(str(tmp_path), "checkpoint-000005", keep=3)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-000003", "checkpoint-000004", "checkpoint-000005"]
+    prune_checkpoints(str(tmp_path), "checkpoint-000005", keep=1)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-000005"]
+
+
+def test_trim_logs_removes_the_evaluations_after_the_checkpoint(tmp_path):
+    """eval/iter-N.jsonl of iterations after the one resumed from go (the resumed run evaluates them again); the
+    checkpoint's own and earlier ones stay."""
+    os.makedirs(tmp_path / "eval")
+    for n in (2, 4, 6):
+        (tmp_path / "eval" / f"iter-{n:06d}.jsonl").write_text("{}\n")
+    trim_logs(str(tmp_path), 4)
+    assert sorted(os.listdir(tmp_path / "eval")) == ["iter-000002.jsonl", "iter-000004.jsonl"]
