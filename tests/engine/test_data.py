@@ -53,6 +53,9 @@ def test_bad_sizes_and_mismatched_resume():
         PromptBatches(PROMPTS, 5, dp_size=2)
     with pytest.raises(ValueError, match="cannot fill one rollout batch"):
         PromptBatches(PROMPTS, 24)
+    for rank in (-1, 2):
+        with pytest.raises(ValueError, match=f"dp_rank {rank} outside"):
+            PromptBatches(PROMPTS, 4, dp_rank=rank, dp_size=2)
     state = PromptBatches(PROMPTS, 4, seed=7).state_dict()
     with pytest.raises(ValueError, match="saved seed 7, now 8"):
         PromptBatches(PROMPTS, 4, seed=8).load_state_dict(state)
