@@ -512,3 +512,14 @@ def test_save_pretrained_stores_the_dtype_asked(tmp_path):
     back = load_pretrained(tmp_path / "c")
     for a, b in zip(model.parameters(), back.parameters()):
         assert b.dtype == torch.bfloat16 and torch.equal(a.to(torch.bfloat16), b)
+
+
+def test_a_checkpoint_without_the_model_prefix_loads(tmp_path):
+    """Tensors named as a bare LlamaModel names them (no "model." prefix) load as the prefixed ones do."""
+    save_hf_model(tmp_path)
+    want = load_pretrained(tmp_path)
+    _rewrite(tmp_path, lambda t: t.update({k[len("model.") :]: t.pop(k) for k in list(t) if k.startswith("model.")}))
+    assert not any(k.startswith("model.") for k in load_file(tmp_path / "model.safetensors"))
+    got = load_pretrained(tmp_path)
+    for a, b in zip(want.parameters(), got.parameters(), strict=True):
+        assert torch.equal(a, b)
