@@ -400,6 +400,28 @@ def test_top_p_sums_probabilities_in_float32():
     assert torch.isfinite(filter_logits(logits, 0, 0.5)).tolist() == [[True, True, False]]
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.9], ids=["one_pass", "top_p"])
+def test_a_small_temperature_above_the_limit_still_samples(top_p):
+    """Temperature 1e-4 is not greedy: two tied logits are each drawn (greedy would take the first every time)."""
+    n = 64
+    logits = torch.tensor([[5.0, 5.0, 0.0, -1.0]]).expand(n, -1).contiguous()
+    tokens, _ = sample_tokens(logits, GenerateConfig(temperature=1e-4, top_p=top_p), torch.arange(n), torch.arange(n))
+    assert set(tokens.tolist()) == {0, 1}
+
+
+def test_top_p_that_drops_nothing_samples_what_the_one_pass_path_samples():
+    """The top-p path draws with the same noise (seed, counter) as the fused one: when top-p keeps every token the
+    tokens are the same."""
+    torch.manual_seed(0)
+    n = 32
+    logits = torch.randn(n, 50)
+    seeds, counters = torch.arange(n), torch.arange(n) * 3
+    a, la = sample_tokens(logits, GenerateConfig(temperature=1.0, top_p=1.0), seeds, counters)
+    b, lb = sample_tokens(logits, GenerateConfig(temperature=1.0, top_p=0.999999), seeds, counters)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(la, lb)
+
+
 def test_seed_for_depends_on_the_seed_the_prompt_and_the_sample():
     seeds = {seed_for(b, p, s) for b in range(3) for p in range(4) for s in range(4)}
     assert len(seeds) == 3 * 4 * 4 and all(0 <= x < 2**32 for x in seeds)
