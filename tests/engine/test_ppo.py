@@ -295,3 +295,64 @@ def test_whitened_rewards_are_whitened_over_every_dp_rank(tmp_path):
     for rank in range(2):
         got = torch.load(tmp_path / f"rewards{rank}.pt")
         torch.testing.assert_close(got, one[[rank, rank + 2]], atol=1e-5, rtol=1e-5)
+
+
+def test_value_loss_stats_are_the_values_and_errors_summed():
+    """stats["value"] is the sum of the new values v (not the rollout's), stats["error"] that of (v - R)^2 (the
+    unclipped error, whichever branch the loss took)."""
+    old = torch.tensor([0.0, 1.0, -2.0])
+    v = torch.tensor([0.5, 1.1, -1.0])  # the first and last move past the clip band 0.2
+    ret = torch.tensor([1.0, 0.0, -3.0])
+    _, stats = ppo.value_loss(v, old, ret, clip_value=0.2, denom=3.0)
+    assert stats["value"].item() == pytest.approx(0.5 + 1.1 - 1.0)
+    assert stats["error"].item() == pytest.approx(0.5**2 + 1.1**2 + 2.0**2)
+
+
+def test_lr_without_warmup_starts_at_the_peak():
+    cfg = PPOConfig(learning_rate=2.0, warmup_ratio=0.0, lr_schedule="linear")
+    assert [ppo.lr_at(s, 10, cfg) for s in (0, 5)] == [2.0, pytest.approx(1.0)]
+    assert ppo.lr_at(0, 10, PPOConfig(learning_rate=2.0, warmup_ratio=0.0)) == 2.0
+
+
+def test_adaptive_kl_coef_refuses_an_infinite_kl():
+    cfg = PPOConfig(kl_coef=0.05, kl_target=6.0)
+    for kl in (math.inf, -math.inf):
+        with pytest.raises(FloatingPointError, match="KL to the reference is -?inf"):
+            ppo.adapt_kl_coef(0.05, kl, 512, cfg)
+
+
+def test_the_adaptive_kl_coef_argument_replaces_the_configured_one():
+    """advantages_and_returns(kl_coef=...) (the run's adaptive coefficient) shapes the rewards, not cfg.kl_coef."""
+    lp, ref, values, scores, mask = _rows(seed=2)
+    cfg = PPOConfig()
+    with dispatch.reference_ops():
+        got = ppo.advantages_and_returns(
+            lp.float(), ref.float(), values.float(), mask, scores.float(), cfg, kl_coef=0.3
+        )
+    want = _expected(lp, ref, values, scores, mask, 0.3, cfg.gamma, cfg.lam)
+    for k in ("rewards", "advantages"):
+        torch.testing.assert_close(got[k].double(), want[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+def _minibatch_rank(rank, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    _, _, values, _, mask = _split_rows()
+    rows = [rank, rank + 2]
+    got = ppo.minibatch_advantages(values[rows], mask[rows], PPOConfig(), dist.group.WORLD)
+    torch.save(got, os.path.join(out_dir, f"adv{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_minibatch_advantages_are_whitened_over_every_dp_rank(tmp_path):
+    """Two DP ranks (gloo processes) holding half a minibatch's rows each whiten its advantages as one process holding
+    all of them."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_minibatch_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    _, _, values, _, mask = _split_rows()
+    one = ppo.minibatch_advantages(values, mask, PPOConfig())
+    for rank in range(2):
+        got = torch.load(tmp_path / f"adv{rank}.pt")
+        torch.testing.assert_close(got, one[[rank, rank + 2]], atol=1e-5, rtol=1e-5)
