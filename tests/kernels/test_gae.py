@@ -197,6 +197,19 @@ def test_gae_dispatch(monkeypatch):
     _assert_close(adv_ref, adv64, 1e-5, 1e-5)
 
 
+def test_gae_float64_values_with_float32_rewards_take_the_reference():
+    """Either input in float64 runs the reference (the kernel takes fp32 / half only): fp32 rewards with float64
+    values (a value head kept in double) give the oracle's numbers, not the kernel's dtype error."""
+    g = torch.Generator().manual_seed(4)
+    rewards, values = torch.randn(3, 20, generator=g), torch.randn(3, 20, generator=g, dtype=torch.float64)
+    mask = torch.rand(3, 20, generator=g) < 0.7
+    adv, ret = gae(rewards, values, mask, 0.9, 0.8)
+    want_adv, want_ret = _skip_oracle(rewards, values, mask, 0.9, 0.8)
+    assert adv.dtype == torch.float64
+    _assert_close(adv, want_adv, 1e-6, 1e-6)
+    _assert_close(ret, want_ret, 1e-6, 1e-6)
+
+
 def test_gae_bad_input():
     r = torch.randn(2, 5)
     with pytest.raises(ValueError, match="rewards must be 2-D"):
