@@ -254,3 +254,30 @@ def test_a_resumed_evaluation_is_compared_with_the_last_logged_set(tmp_path, mon
     monkeypatch.setattr(evaluate, "eval_identity", lambda state: {"eval_set": "C"})
     evaluate.check_resumed_eval(state)
     assert "another set" in capsys.readouterr().out
+
+
+def test_sequence_stats_written_out_by_hand():
+    """sequence_stats' arithmetic per sequence: the configured estimator summed over each response, the missing-EOS
+    penalty in place of the score, the reward with the run's --kl-coef or the one passed (a rollout's adaptive one)."""
+    from types import SimpleNamespace
+
+    from engine.config import PPOConfig
+    from engine.data import Rollout
+
+    lp = torch.tensor([-1.0, -2.0, -0.5, -3.0, -1.5, -0.25])
+    ref = torch.tensor([-1.5, -1.0, -0.5, -2.0, -2.5, -1.0])
+    ro = Rollout(prompts=[[1], [2], [3]], responses=[[4, 5], [6], [7, 8, 9]], hit_eos=torch.tensor([True, False, True]),
+                 gen_logprobs=lp, offsets=[0, 2, 3, 6], logprobs=lp, ref_logprobs=ref,
+                 scores=torch.tensor([1.0, 2.0, -0.5]))  # fmt: skip
+    cfg = PPOConfig(kl_coef=0.1, kl_estimator="k2", missing_eos_penalty=-7.0)
+    state = SimpleNamespace(cfg=cfg, device=torch.device("cpu"))
+    k2 = [0.5 * (a - b) ** 2 for a, b in zip(lp.tolist(), ref.tolist())]
+    kl = [k2[0] + k2[1], k2[2], k2[3] + k2[4] + k2[5]]
+    penalized = [1.0, -7.0, -0.5]
+    for coef, stats in ((0.1, evaluate.sequence_stats(state, ro)), (0.3, evaluate.sequence_stats(state, ro, 0.3))):
+        assert stats["score"].tolist() == [1.0, 2.0, -0.5]
+        assert stats["score_penalized"].tolist() == penalized
+        assert stats["kl"].tolist() == pytest.approx(kl, rel=1e-6)
+        assert stats["reward"].tolist() == pytest.approx([p - coef * k for p, k in zip(penalized, kl)], rel=1e-6)
+        assert stats["response_len"].tolist() == [2.0, 1.0, 3.0]
+        assert stats["no_eos"].tolist() == [0.0, 1.0, 0.0]
