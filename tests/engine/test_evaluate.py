@@ -281,3 +281,34 @@ def test_sequence_stats_written_out_by_hand():
         assert stats["reward"].tolist() == pytest.approx([p - coef * k for p, k in zip(penalized, kl)], rel=1e-6)
         assert stats["response_len"].tolist() == [2.0, 1.0, 3.0]
         assert stats["no_eos"].tolist() == [0.0, 1.0, 0.0]
+
+
+def test_sampling_params_are_the_runs_and_each_stream_its_own():
+    """engine.rollout.sampling_params: the recipe's sampling from the config (top-p included), the rollout's samples
+    per prompt unless n is given (an evaluation's one answer), greedy at temperature 0, a seed per stream."""
+    from types import SimpleNamespace
+
+    from engine.config import PPOConfig
+    from engine.rollout import sampling_params
+
+    cfg = PPOConfig(temperature=0.7, top_k=7, top_p=0.9, max_new_tokens=5, samples_per_prompt=2)
+    state = SimpleNamespace(cfg=cfg, run=SimpleNamespace(seed=3, ignore_eos=False), stop_ids=[2])
+    p = sampling_params(state, 4)
+    assert (p.temperature, p.top_k, p.top_p, p.max_new_tokens, p.n, p.stop_token_ids) == (0.7, 7, 0.9, 5, 2, [2])
+    assert sampling_params(state, 4, greedy=True, n=1).temperature == 0.0
+    assert sampling_params(state, 4, n=1).n == 1
+    assert len({sampling_params(state, s).seed for s in (0, 1, 4)}) == 3
+
+
+def test_check_scores_refuses_infinite_scores_too():
+    from engine.data import Rollout
+    from engine.rollout import check_scores
+
+    inf = float("inf")
+    ro = Rollout(prompts=[[1]] * 3, responses=[[2]] * 3, hit_eos=torch.ones(3, dtype=torch.bool),
+                 gen_logprobs=torch.zeros(3), offsets=[0, 1, 2, 3], scores=torch.tensor([1.0, inf, -inf]))  # fmt: skip
+    with pytest.raises(FloatingPointError, match="reward model returned 2 non-finite scores in the test"):
+        check_scores(ro, "in the test")
+    ro.scores = torch.tensor([1.0, float("nan"), 0.0])
+    with pytest.raises(FloatingPointError, match="returned 1 non-finite scores"):
+        check_scores(ro, "in the test")
