@@ -364,6 +364,20 @@ def test_paged_table_has_one_column_per_variant(capsys):
     assert line.split()[3:11] == ["0.5000", "4000.0", "100.0%", "nan", "1.0000", "2000.0", "50.0%", "nan"]
 
 
+def measure_then_stop(*times):
+    """A stand-in for bench.common.measure: `times` (ms) one per call, then the GPU suite's cap stopping the bench
+    (as far as this process gets the signal)."""
+    left = iter(times)
+
+    def measure(fn, device, **kw):
+        ms = next(left, None)
+        if ms is None:
+            raise KeyboardInterrupt
+        return ms, float("nan")
+
+    return measure
+
+
 def test_paged_sweep_stopped_midway_keeps_what_it_measured(monkeypatch, capsys, tmp_path):
     """The sweep steps of bench/run_gpu_suite.sh stop at a cap (a killed process): each variant is printed as it is
     measured, and the JSON holds every shape swept so far (it held none of the sweep until the very end)."""
@@ -371,15 +385,7 @@ def test_paged_sweep_stopped_midway_keeps_what_it_measured(monkeypatch, capsys, 
 
     import bench.bench_paged_attention as B
 
-    times = iter([2.0, 1.0, 4.0])
-
-    def measure_then_stop(fn, device, **kw):
-        ms = next(times, None)
-        if ms is None:
-            raise KeyboardInterrupt  # (the cap's signal, as far as this process gets)
-        return ms, float("nan")
-
-    monkeypatch.setattr(B, "measure", measure_then_stop)
+    monkeypatch.setattr(B, "measure", measure_then_stop(2.0, 1.0, 4.0))
     with pytest.raises(KeyboardInterrupt):
         B._sweep("s", *PAGED_TINY, dtype=torch.float32, device=torch.device("cpu"), bw=2e12)
     printed = [line for line in capsys.readouterr().out.splitlines() if " ms " in line]
@@ -412,15 +418,7 @@ def test_rope_sweep_stopped_midway_keeps_what_it_measured(monkeypatch, tmp_path)
     """The rope_sweep step stops at its cap: the JSON holds every variant measured so far (none until the end)."""
     import bench.bench_rope_attention as B
 
-    times = iter([4.0, 2.0])
-
-    def measure_then_stop(fn, device, **kw):
-        ms = next(times, None)
-        if ms is None:
-            raise KeyboardInterrupt  # (the cap's signal, as far as this process gets)
-        return ms, float("nan")
-
-    monkeypatch.setattr(B, "measure", measure_then_stop)
+    monkeypatch.setattr(B, "measure", measure_then_stop(4.0, 2.0))
     b, t, h, d = 1, 40, 1, 32
     q, k, v = (torch.randn(b * t, h, d) for _ in range(3))
     cu = torch.arange(0, b * t + 1, t, dtype=torch.int32)
