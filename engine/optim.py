@@ -85,6 +85,8 @@ class Optimizer:
 
     def __post_init__(self) -> None:
         self.grads = self.grads or [None] * len(self.masters)
+        for b in self.buckets or ():
+            self.slots.update({i: (b, start) for i, start in zip(b.params, b.offsets)})
 
 
 def make_optimizer(
@@ -219,8 +221,6 @@ def _fold(opt: Optimizer, i: int) -> None:
     if p.grad is None:
         return
     if opt.buckets is not None:
-        if not opt.slots:
-            opt.slots.update({j: (b, start) for b in opt.buckets for j, start in zip(b.params, b.offsets)})
         b, start = opt.slots[i]
         if b.grad is None:
             b.grad = torch.zeros(b.numel, dtype=torch.float32, device=p.grad.device)

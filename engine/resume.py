@@ -128,8 +128,8 @@ def save_checkpoint(state: TrainState) -> str:
         error = e
     raise_together(error, "saving a checkpoint")  # (every file and name in checkpoint-N durable: `latest` may move)
     if state.grid.rank == 0:
-        for name_ in LOGS:  # (the lines of the iterations checkpoint-N holds: durable before `latest` names it)
-            if os.path.exists(log := os.path.join(out, name_)):
+        for log in (os.path.join(out, n) for n in LOGS):  # (the lines of the iterations checkpoint-N holds: durable
+            if os.path.exists(log):  # before `latest` names it)
                 fsync_file(log)
         fsync_dir(out)  # (checkpoint-N's own entry)
         atomic_write(os.path.join(out, LATEST), lambda f: f.write(json.dumps({"checkpoint": name}).encode()))
@@ -142,8 +142,11 @@ def remove_leftovers(ckpt: str) -> None:
     file's .tmp-PID: a 13B model's is 26 GB), before it is saved again (rank 0, before any rank writes into it)."""
     for name in os.listdir(ckpt):
         if re.search(r"\.(tmp|old)-[0-9a-f]+$", name):
-            p = os.path.join(ckpt, name)
-            shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
+            path = os.path.join(ckpt, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
 
 
 def _complete(ckpt: str) -> bool:
