@@ -30,6 +30,7 @@ from engine.config import GenerateConfig, is_integer
 from engine.decode_graphs import DecodeGraphs, graph_key
 from engine.errors import InvalidInput
 from engine.kv_cache import (
+    BLOCK_SIZE,
     BlockManager,
     KVCachePool,
     OutOfBlocks,
@@ -143,7 +144,7 @@ class Generator:
         *,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 8192,
-        block_size: int = 16,
+        block_size: int = BLOCK_SIZE,
         max_model_len: int | None = None,
         kv_cache_fraction: float = 0.9,
         kv_cache_bytes: int | None = None,

@@ -44,6 +44,8 @@ class OutOfBlocks(RuntimeError):
 
 # =========================================================================================== pool ==
 
+BLOCK_SIZE = 16  # tokens per block: the Generator's default (the memory planner counts the cache in such blocks)
+
 
 def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
     """Bytes one block index costs across the whole pool: every layer, K and V."""

@@ -21,7 +21,7 @@ import torch
 from engine.config import MODEL_SHAPES, ModelConfig
 from engine.errors import InvalidInput, MissingInput
 from engine.hub import config_dir, is_repo_id
-from engine.kv_cache import bytes_per_block
+from engine.kv_cache import BLOCK_SIZE, bytes_per_block
 from engine.offload import CHUNK_ELEMENTS
 
 GiB = 2**30
@@ -99,13 +99,14 @@ def cache_tokens(
 ) -> tuple[int, int]:
     """(bytes, tokens) of a rollout's KV cache (engine.kv_cache.cuda_cache_budget: `fraction` of the GPU's `total`
     memory less what is held then, the weights and optimizer state and what was in use before they were loaded, and
-    the generator's activation `reserve`), at most max_num_seqs sequences of seq_len (the generator allocates no more
-    than its slots can fill)."""
-    budget = max(0, int(total * fraction) - held - reserve)
-    per_token = bytes_per_block(config.num_layers, 1, config.num_kv_heads // tp, config.head_dim, kv_dtype)
+    the generator's activation `reserve`), in whole blocks of BLOCK_SIZE tokens as the generator allocates it, and at
+    most max_num_seqs sequences of seq_len, each in whole blocks (the generator allocates no more than its slots can
+    fill)."""
+    per_block = bytes_per_block(config.num_layers, BLOCK_SIZE, config.num_kv_heads // tp, config.head_dim, kv_dtype)
+    blocks = max(0, int(total * fraction) - held - reserve) // per_block
     if max_num_seqs is not None:
-        budget = min(budget, max_num_seqs * seq_len * per_token)
-    return budget, budget // per_token
+        blocks = min(blocks, max_num_seqs * -(-seq_len // BLOCK_SIZE))
+    return blocks * per_block, blocks * BLOCK_SIZE
 
 
 def rollout_cache(config: ModelConfig, tp: int, held: int, total: int, fraction: float, seq_len: int, kv_dtype,

@@ -152,17 +152,18 @@ def test_command_line(capsys):
     reserve = 8448 * (4 * 5120 + 15 * 128 + 3 * 1728) * 2 + 256 * 4000 * 6
     assert memory_plan.generation_reserve(c, 8, 2048, torch.bfloat16) == reserve
     held = 2 * (2 * lm + 2 * score) + 12 * (lm + score) // 2 + reserve
-    assert _tokens(out) == (int(0.9 * 79 * GiB) - held) // (2 * 40 * 5 * 128 * 2) and "(207 sequences of 2048)" in out
+    assert _tokens(out) == (int(0.9 * 79 * GiB) - held) // (16 * 2 * 40 * 5 * 128 * 2) * 16  # (in blocks of 16)
+    assert "(207 sequences of 2048)" in out
     weights = 2 * (2 * lm + 2 * score) + reserve  # with the optimizer state in host memory during rollouts
     # (at most what the generator's 256 slots fill at full length: it allocates no more)
-    assert _tokens(out, 1) == min((int(0.9 * 79 * GiB) - weights) // (2 * 40 * 5 * 128 * 2), 256 * 2048)
+    assert _tokens(out, 1) == min((int(0.9 * 79 * GiB) - weights) // (16 * 2 * 40 * 5 * 128 * 2) * 16, 256 * 2048)
     assert "(256 sequences of 2048)" in out
     assert f"--offload-optimizer rollouts, {12 * (lm + score) // 2 / GiB:.1f} GiB per GPU" in out
     assert memory_plan.main(["--tp", "8", "--dp", "2", "--kv-cache-dtype", "fp8", "--seq-len", "1024"]) == 0
     fp8 = capsys.readouterr().out
     assert (int(0.9 * 79 * GiB) - held) // (2 * 40 * 5 * 128) // 1024 == 830  # (what the memory would hold)
     assert _tokens(fp8) == 256 * 1024 and "(256 sequences of 1024)" in fp8  # (what the generator's slots fill)
-    assert _tokens(fp8, 1) == min((int(0.9 * 79 * GiB) - weights) // (2 * 40 * 5 * 128), 256 * 1024)  # (float8)
+    assert _tokens(fp8, 1) == min((int(0.9 * 79 * GiB) - weights) // (16 * 2 * 40 * 5 * 128) * 16, 256 * 1024)  # fp8
     assert memory_plan.main(["--tp", "2", "--gpu-gib", "141", "--offload-optimizer", "off"]) == 1
     assert "it would fit with --tp 4 or 4 data-parallel ranks of --tp 2 (8 GPUs) or --offload-optimizer always" in (
         capsys.readouterr().out
@@ -203,7 +204,7 @@ def test_eval_only_plans_its_three_frozen_models(tmp_path, monkeypatch, capsys):
         assert not resident and line.startswith(f"memory plan: {need:.1f} GiB of 79.0 GiB free per GPU") and need > 72
         assert "optimizer" not in line and "gradients" not in line, line
         assert "rollouts: a KV cache of 0.0 GiB, 0 tokens (0 sequences of 2048)" in line, line
-        assert "in host memory: a KV cache of 46.9 GiB, 61,415 tokens (29 sequences of 2048)" in line, line
+        assert "in host memory: a KV cache of 46.9 GiB, 61,408 tokens (29 sequences of 2048)" in line, line
     # where the idle models cannot leave the GPU, a rollout would hold no sequence: refused before anything loads
     with pytest.raises(
         ValueError,
@@ -446,7 +447,7 @@ def test_rollout_cache_counts_the_memory_in_use_before_loading():
     total, free = 80 * GiB, 79 * GiB  # (1 GiB in use: the context, another process)
     cache = dict(total=total, fraction=0.9, seq_len=2048, kv_dtype=torch.bfloat16, reserve=0)
     line = memory_plan.plan(configs, torch.bfloat16, 8, 1, False, free, cache)
-    assert _tokens(line) == (int(0.9 * total) - (total - free) - weights - state) // per_token
+    assert _tokens(line) == (int(0.9 * total) - (total - free) - weights - state) // (16 * per_token) * 16
     # the policy's weights and one sequence fit the fraction with half a GiB to spare, the GiB in use does not
     cache["fraction"] = (2 * lm + 2048 * per_token + GiB // 2) / total
     with pytest.raises(ValueError, match="would not hold one sequence of 2048 tokens, even with every other model"):
@@ -454,6 +455,24 @@ def test_rollout_cache_counts_the_memory_in_use_before_loading():
     cache["fraction"] = (weights + 2048 * per_token + GiB // 2) / total  # (the four models' weights, likewise)
     with pytest.raises(ValueError, match="would not hold one sequence of 2048 tokens with what --offload-optimizer"):
         memory_plan.plan_for("rollouts", configs, torch.bfloat16, 8, 1, False, free, cache)
+
+
+def test_rollout_cache_is_counted_as_the_generator_allocates_it():
+    """The plan's cache is what engine.generate.Generator allocates from the same budget: whole blocks of 16 tokens,
+    at most max_num_seqs sequences each in whole blocks. A --seq-len that is not a multiple of 16 takes a partly
+    filled last block per sequence; a budget short of a whole block gets none of it."""
+    from engine.generate import Generator
+
+    model = Transformer(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                                    num_kv_heads=2, max_position_embeddings=256), dtype=torch.float32)  # fmt: skip
+    per_block = 16 * 2 * 2 * 2 * 8 * 4  # tokens x layers x (K, V) x heads x head dim x fp32
+    for seq_len, max_num_seqs, budget in [(100, 3, 10**6), (100, 3, 10 * per_block + per_block // 2), (40, 64, 10**6)]:
+        gen = Generator(model, max_num_seqs=max_num_seqs, max_model_len=seq_len, kv_cache_bytes=budget)
+        blocks = gen._local_num_blocks()
+        assert memory_plan.cache_tokens(
+            model.config, 1, 0, budget, 1.0, seq_len, torch.float32, max_num_seqs=max_num_seqs
+        ) == (blocks * per_block, blocks * 16), (seq_len, max_num_seqs, budget)
+    assert blocks == 64 * 3 and Generator(model, max_model_len=100, kv_cache_bytes=10**6)._local_num_blocks() == 244
 
 
 def test_command_line_help_names_the_recipes_defaults(capsys):
