@@ -176,11 +176,7 @@ def build_tiny_models(directory: str, seed: int = 0) -> tuple[str, str]:
     cfg = ModelConfig.named("tiny")
     policy_dir, reward_dir = os.path.join(directory, "policy"), os.path.join(directory, "reward")
     seed_file = os.path.join(directory, "seed.json")
-    try:
-        with open(seed_file) as f:
-            same_seed = json.load(f).get("seed") == seed
-    except (OSError, ValueError):
-        same_seed = False
+    same_seed = _built_seed(directory) == seed
     missing = [not (same_seed and os.path.exists(os.path.join(d, "config.json"))) for d in (policy_dir, reward_dir)]
     if dist.is_initialized():  # decide together, before rank 0 writes anything
         flags = torch.tensor(missing, dtype=torch.int32, device=collective_device())
@@ -204,6 +200,15 @@ def build_tiny_models(directory: str, seed: int = 0) -> tuple[str, str]:
         with open(seed_file, "w") as f:
             json.dump({"seed": seed}, f)
     return policy_dir, reward_dir
+
+
+def _built_seed(directory: str) -> int | None:
+    """The --seed the tiny models in `directory` were built from (None: not recorded)."""
+    try:
+        with open(os.path.join(directory, "seed.json")) as f:
+            return json.load(f).get("seed")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _demo_ran_in(output_dir: str, init_dir: str, moved: bool = False) -> bool:
@@ -231,9 +236,9 @@ def _demo_ran_in(output_dir: str, init_dir: str, moved: bool = False) -> bool:
 
 def prepare_tiny(run: RunConfig) -> RunConfig:
     """Build the tiny default's models (if not there yet) and fill in its paths."""
-    from engine.errors import OutputInUse
+    from engine.errors import InvalidInput, OutputInUse
     from engine.parallel import raise_together
-    from engine.resume import check_writable, run_files, start_fresh
+    from engine.resume import check_writable, latest_checkpoint, run_files, start_fresh
     from engine.tokenizer import TINY_DIR, TINY_EVAL_PROMPTS, TINY_PROMPTS
 
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -242,6 +247,8 @@ def prepare_tiny(run: RunConfig) -> RunConfig:
     demo_dir = _demo_ran_in(run.output_dir, init_dir)  # (the demo starts over there; another run's is not overwritten)
     if not (demo_dir or run.overwrite_output_dir or run.resume):
         start_fresh(run.output_dir, False, rank)  # another run's directory: refused before the demo writes models in it
+    elif run.eval_only and not run.overwrite_output_dir:  # (the demo's run there: refused before init/ is rebuilt)
+        start_fresh(run.output_dir, False, rank, evaluation=True)
     elif run.resume and not _demo_ran_in(run.output_dir, init_dir, moved=True):
         error = None  # (the demo would write its models into another run's directory, and start over or fail there)
         if run_files(run.output_dir):
@@ -250,6 +257,16 @@ def prepare_tiny(run: RunConfig) -> RunConfig:
                 "--policy, --reward and --prompts (without --policy, --resume continues the tiny default)"
             )
         raise_together(error, "resuming the tiny default")
+    built = _built_seed(init_dir)
+    if run.resume and built is not None and built != run.seed and latest_checkpoint(run.output_dir) is not None:
+        # (refused here, before init/ is rebuilt from another seed: its policy is the run's reference model)
+        raise_together(
+            InvalidInput(
+                f"--seed {run.seed}: the tiny default's run in {run.output_dir} was built and trained with --seed "
+                f"{built}; resume it with --seed {built}"
+            ),
+            "resuming the tiny default",
+        )
     build_tiny_models(init_dir, seed=run.seed)
     return dataclasses.replace(
         run,
