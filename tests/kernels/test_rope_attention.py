@@ -169,6 +169,25 @@ def test_arbitrary_positions_and_empty_sequence():
     torch.testing.assert_close(dv.double(), ref_dv, **tol)
 
 
+def test_positions_one_off_consecutive_within_a_tile():
+    """Positions that are consecutive except for a step of 2 (one position skipped) or of 0 (one repeated) inside a
+    query tile: one element off by 1 is enough to leave the angle-addition table (exact only for p0 + j) for the
+    per-element cos/sin, in the forward's q rotation and in the backward's rotation of dq and dk."""
+    lengths = [40, 27]
+    cu, _ = _pack(lengths)
+    n = int(cu[-1])
+    skipped = torch.cat([torch.arange(0, 10), torch.arange(11, 41)])  # 10 is missing
+    repeated = torch.cat([torch.arange(5, 20), torch.arange(19, 31)])  # 19 twice
+    positions = torch.cat([skipped, repeated])
+    q, k, v = _inputs(n, 2, 1, 64, torch.float32)
+    do = torch.randn(n, 2, 64)
+    out, lse, q_rot, k_rot = _rope_attention_fwd(q, k, v, positions, cu, 10000.0, 0.125, save_rotated=True)
+    dq, dk, dv = _rope_attention_bwd(do, q_rot, k_rot, v, out, lse, positions, cu, 10000.0, 0.125)
+    ref_out, _, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, 10000.0, do)
+    for name, a, b in (("out", out, ref_out), ("dq", dq, ref_dq), ("dk", dk, ref_dk), ("dv", dv, ref_dv)):
+        _close(a, b, torch.float32, name)
+
+
 @pytest.mark.parametrize("d", [16, 32])
 def test_small_head_dims(d):
     """D = 16 pads each half to tl.dot's minimum of 16; D = 32 has halves of exactly 16."""
