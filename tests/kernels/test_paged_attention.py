@@ -178,11 +178,42 @@ def test_paged_decode_default_splits_long_context():
 
 
 def test_paged_decode_empty_context_gives_zeros():
-    ctx_lens = [0, 40]
+    """A context of 0 gives zeros, without splits and with 3 real ones: the other sequence's 300 tokens in 20-block
+    rows (320 tokens) split 3 ways take 128-token splits, so every split of the empty row is empty and the merge
+    sees no finite max. (A 40-token context made the 3 requested splits collapse into one.)"""
+    ctx_lens = [0, 300]
     q, kc, vc, bt, cl, ks, vs = _paged_setup(ctx_lens, 4, 1, 64, 16, torch.float32)
+    assert bt.shape[1] * 16 == 320
     for splits in (1, 3):
         got = paged_decode_attention(q, kc, vc, bt, cl, num_splits=splits, out=torch.full_like(q, float("nan")))
         assert torch.equal(got[0], torch.zeros_like(got[0]))
+        torch.testing.assert_close(got.double(), _expected(q, ks, vs), atol=2e-5, rtol=2e-5)
+
+
+def test_paged_decode_scores_far_below_zero_in_every_split():
+    """Every score of a row far below 0 (about -290 in log2 units: a common offset, which softmax ignores): still the
+    softmax-weighted mean of V. The merge pads 3 splits to 4 lanes; a padding lane must weigh nothing (m = -inf), not
+    set the max at 0, against which every real split's weight underflows to 0. The offset sits in one coordinate, so
+    the fp32 scores are exact up to the final scaling (hence the 1e-4 tolerance)."""
+    q, kc, vc, bt, cl, ks, vs = _paged_setup([300, 150], 4, 2, 64, 16, torch.float32)
+    kc[..., 0] += 200.0  # (the NaN poison stays NaN)
+    ks = [k.float().add(torch.nn.functional.one_hot(torch.tensor(0), 64) * 200.0).double() for k in ks]
+    q = torch.zeros_like(q)
+    q[..., 0] = -1.0
+    want = _expected(q, ks, vs, 1.0)
+    for splits in (1, 3):
+        got = paged_decode_attention(q, kc, vc, bt, cl, softmax_scale=1.0, num_splits=splits)
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_context_that_fills_its_table_with_the_default_max_context_len():
+    """max_context_len defaults to the table's capacity: a context using every slot of its row (32 tokens in two
+    16-token blocks) is read whole, with and without splits (past max_context_len the interpreter refuses it and a
+    GPU reads nothing)."""
+    q, kc, vc, bt, cl, ks, vs = _paged_setup([32, 20], 4, 2, 64, 16, torch.float32, width_extra=0)
+    assert bt.shape[1] * 16 == 32
+    for splits in (1, 2):
+        got = paged_decode_attention(q, kc, vc, bt, cl, num_splits=splits)
         torch.testing.assert_close(got.double(), _expected(q, ks, vs), atol=2e-5, rtol=2e-5)
 
 
