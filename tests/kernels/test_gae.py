@@ -300,3 +300,24 @@ def test_gae_mask_strides_differ_from_the_rewards():
     _assert_close(ret, want_ret, 1e-5, 1e-5)
     with pytest.raises(ValueError, match="mask must be bool, integer or float"):
         gae(rewards, values, mask.to(torch.complex64))
+
+
+def test_gae_rows_packed_into_one_program_stay_in_their_rows(monkeypatch):
+    """Several rows per program (BLOCK_B > 1, what a GPU batch of 256+ rows gets; the other tests have too few rows
+    for it) over several time chunks, with a batch that is not a multiple of BLOCK_B: each row carries its own
+    state, and the program's rows past the batch read and write nothing (the inputs and outputs are views into
+    larger buffers whose rows past the batch are valid, so an over-wide row mask would show as writes there)."""
+    monkeypatch.setattr(gae_mod, "_TARGET_PROGRAMS", 1)
+    monkeypatch.setattr(gae_mod, "_MAX_BLOCK_T", 16)
+    b, t, extra = 37, 40, 5
+    assert gae_mod._block_sizes(b, t)[:2] == (128, 16)  # one program of 128 rows, 91 of them past the batch
+    rewards, values = torch.randn(b + extra, t), torch.randn(b + extra, t)
+    mask = torch.rand(b + extra, t) < 0.7
+    adv_buf, ret_buf = torch.full(((b + extra) * t,), torch.nan), torch.full(((b + extra) * t,), torch.nan)
+    adv, ret = gae_forward(
+        rewards[:b], values[:b], mask[:b], 0.99, 0.95, out=(adv_buf[: b * t].view(b, t), ret_buf[: b * t].view(b, t))
+    )
+    assert adv_buf[b * t :].isnan().all() and ret_buf[b * t :].isnan().all()
+    want_adv, want_ret = _skip_oracle(rewards[:b], values[:b], mask[:b], 0.99, 0.95)
+    _assert_close(adv, want_adv, 1e-5, 1e-5)
+    _assert_close(ret, want_ret, 1e-5, 1e-5)
