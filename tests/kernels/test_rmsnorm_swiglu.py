@@ -229,3 +229,23 @@ def test_swiglu_input_and_grad_layouts(layout):
     torch.testing.assert_close(y.double(), ry, **TOLS[torch.float32])
     got = grad[:, 3 : 3 + 2 * inter] if layout == "row_strided" else grad.t()
     torch.testing.assert_close(got.double(), rgrad, **TOLS[torch.float32])
+
+
+def test_rms_norm_backward_reads_strided_x_and_weight_through_their_strides():
+    """Backward with x a row-strided view (row stride 2H: the kernel reads x and the contiguous dy, each through
+    its own row stride) and the weight a strided view of a packed buffer (made contiguous for the kernel, which
+    reads it with unit stride); the leaves are the wide buffers, so the views reach the kernel as they are (_grads
+    clones its inputs, which makes a strided weight contiguous)."""
+    n, hdim = 9, 96
+    x_buf = torch.randn(n, 2 * hdim, requires_grad=True)
+    packed = (1.0 + 0.1 * torch.randn(2 * hdim)).requires_grad_(True)
+    x, w = x_buf[:, :hdim], packed[::2]
+    assert x.stride(0) == 2 * hdim and w.stride(0) == 2
+    dy = torch.randn(n, hdim)
+    y = rms_norm(x, w, 1e-5)
+    gx, gw = torch.autograd.grad((y * dy).sum(), (x_buf, packed))
+    xd, wd = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    rdx, rdw = torch.autograd.grad((reference.rms_norm(xd, wd, 1e-5) * dy.double()).sum(), (xd, wd))
+    torch.testing.assert_close(gx[:, :hdim].double(), rdx, **TOLS[torch.float32])
+    assert torch.equal(gx[:, hdim:], torch.zeros(n, hdim)) and torch.equal(gw[1::2], torch.zeros(hdim))
+    torch.testing.assert_close(gw[::2].double(), rdw, atol=1e-6 * rdw.abs().max().item(), rtol=0)
