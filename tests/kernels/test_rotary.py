@@ -186,3 +186,30 @@ def test_rope_spellings_are_one_key():
     assert reference.Rope(1e4, "linear", 2.0, low_freq_factor=9.0) == reference.Rope(1e4, "linear", 2.0)
     d = torch.get_default_device()
     assert rope_tables(16, 10000.0, d)[0] is rope_tables(16, reference.Rope(10000.0), d)[0]
+
+
+def test_decode_layout_strided_positions_and_inputs_left_as_they_are():
+    """The decode call (q -> q_out, k and v into the cache, no k_out): positions and slots as strided views (made
+    contiguous for the kernel), and q, k, v left bit for bit as they were (without k_out the kernel's k output
+    pointer is k itself, so a k write it did not ask for would rotate the caller's keys in place)."""
+    n, hq, hkv, d = 13, 4, 2, 64
+    q, k, v = torch.randn(n, hq, d), torch.randn(n, hkv, d), torch.randn(n, hkv, d)
+    q0, k0, v0 = q.clone(), k.clone(), v.clone()
+    positions = torch.randint(0, 4096, (2 * n,))[::2]
+    assert positions.stride(0) == 2
+    slots = torch.randperm(3 * 8).repeat_interleave(3)[: 3 * n : 3]
+    assert slots.stride(0) == 3 and slots.unique().numel() == n
+    q_out = _nan(n, hq, d, dtype=torch.float32)
+    kc, vc = _nan(3, 8, hkv, d, dtype=torch.float32), _nan(3, 8, hkv, d, dtype=torch.float32)
+    launch_rotary(k, v, positions, q=q, q_out=q_out, k_cache=kc, v_cache=vc, slot_mapping=slots)
+    assert torch.equal(q, q0) and torch.equal(k, k0) and torch.equal(v, v0)
+
+    def want(x):
+        angles = positions.float()[:, None] * reference.rotary_inv_freq(d, 10000.0)[None, :]
+        cos, sin = angles.double().cos()[:, None], angles.double().sin()[:, None]
+        x1, x2 = x.double().chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+    torch.testing.assert_close(q_out.double(), want(q0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kc.view(-1, hkv, d)[slots].double(), want(k0), atol=1e-5, rtol=1e-5)
+    assert torch.equal(vc.view(-1, hkv, d)[slots], v0)
