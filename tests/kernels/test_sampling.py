@@ -235,3 +235,20 @@ def test_logits_without_unit_last_stride_and_more_input_checks():
         gumbel_sample(logits, seeds, counters.float(), 1.0)
     with pytest.raises(ValueError, match="seeds and counters"):
         gumbel_sample(logits, seeds, counters[:3], 1.0)
+
+
+def test_strided_seeds_and_counters_draw_what_their_values_draw():
+    """Seeds and counters as columns of a wider tensor (stride 2; made contiguous for the kernel, which reads them
+    with unit stride) draw what contiguous copies of them draw, on both paths."""
+    b, v = 7, 300
+    logits = 2 * torch.randn(b, v)
+    state = torch.stack([torch.randint(0, 2**32, (b,)), torch.arange(b) * 3 + 1], dim=-1)  # [B, 2]: seed, counter
+    seeds, counters = state[:, 0], state[:, 1]
+    assert seeds.stride(0) == 2 and counters.stride(0) == 2
+    want = reference.gumbel_sample(logits, seeds.contiguous(), counters.contiguous(), 0.8)
+    for fn in (gumbel_sample, reference.gumbel_sample):
+        got = fn(logits, seeds, counters, 0.8)
+        assert torch.equal(got[0], want[0]), fn
+        torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-6)
+    tokens, stats = gumbel_sample_partial(logits, seeds, counters, 0.8, 0)
+    assert torch.equal(tokens, want[0])
