@@ -249,3 +249,30 @@ def test_rms_norm_backward_reads_strided_x_and_weight_through_their_strides():
     torch.testing.assert_close(gx[:, :hdim].double(), rdx, **TOLS[torch.float32])
     assert torch.equal(gx[:, hdim:], torch.zeros(n, hdim)) and torch.equal(gw[1::2], torch.zeros(hdim))
     torch.testing.assert_close(gw[::2].double(), rdw, atol=1e-6 * rdw.abs().max().item(), rtol=0)
+
+
+def test_a_hidden_size_past_the_kernels_tile_takes_the_reference(monkeypatch):
+    """Past _MAX_HIDDEN (the kernels hold the whole hidden dim in one tile: 16384 columns; 64 here) rms_norm and
+    add_rms_norm both run the reference, and still give its values."""
+    from kernels import rmsnorm
+
+    monkeypatch.setattr(rmsnorm, "_MAX_HIDDEN", 64)
+    calls = []
+    for name in ("rms_norm", "add_rms_norm"):
+        real = getattr(reference, name)
+        monkeypatch.setattr(
+            reference, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k)
+        )
+    x, delta, w = torch.randn(3, 96), torch.randn(3, 96), 1.0 + 0.1 * torch.randn(96)
+    y = rms_norm(x, w)
+    assert calls == ["rms_norm"]
+    calls.clear()
+    y2, h = add_rms_norm(x, delta, w)
+    assert calls[:1] == ["add_rms_norm"]  # (which may call reference.rms_norm)
+    torch.testing.assert_close(y.double(), reference.rms_norm(x.double(), w.double()), **TOLS[torch.float32])
+    torch.testing.assert_close(h, x + delta, atol=0, rtol=0)
+    torch.testing.assert_close(y2.double(), reference.rms_norm(h.double(), w.double()), **TOLS[torch.float32])
+    x, w = torch.randn(3, 64), torch.ones(64)  # at the limit: the kernels
+    calls.clear()
+    rms_norm(x, w), add_rms_norm(x, x, w)
+    assert calls == []
