@@ -146,3 +146,58 @@ def test_the_plan_counts_the_gathered_hidden_states_and_their_grad(monkeypatch):
         monkeypatch.setattr(recompute, "training_budget", lambda opts, dev, held=0, b=budget: b)
         recompute.plan_models({"policy": m}, [], tokens, torch.device("cuda"), {"policy": per_layer})
         assert m.activation_checkpointing == want, (budget, m.activation_checkpointing)
+
+
+def test_the_budget_counts_the_allocators_cached_blocks_and_a_margin_of_the_whole_device(monkeypatch):
+    """The free memory includes what torch's allocator has reserved but not handed out (reusable by the micro-batch),
+    and the margin is a fraction of the device's whole memory, not of what is free."""
+    free, total, reserved, allocated = 3 * 2**30, 16 * 2**30, 5 * 2**30, 2 * 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, total))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: reserved)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated)
+    want = free + reserved - allocated - total // 4
+    assert recompute.training_budget([], torch.device("cuda"), margin=0.25) == want
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_the_budget_counts_only_what_the_optimizer_has_yet_to_allocate(monkeypatch, distributed):
+    """Adam moments not allocated yet are pending (two fp32 values per master element); grads the step already holds
+    (an fp32 parameter's own .grad, a master's fp32 grad, a distributed optimizer's shard and flat bucket grad) are
+    in use already and not counted again."""
+    from engine.config import PPOConfig
+    from engine.optim import make_optimizer
+    from engine.parallel import ProcessGrid
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**30, 16 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    budget = lambda opt: recompute.training_budget([opt], torch.device("cuda"), margin=0.0)
+    model = _model(torch.float32)
+    grid = ProcessGrid(world_size=2, dp=2) if distributed else None
+    opt = make_optimizer(model, PPOConfig(), grid, distributed=distributed)
+    assert (opt.buckets is not None) == distributed
+    master_bytes = sum(4 * m.numel() for m in opt.masters)
+    flat = sum(4 * b.numel for b in opt.buckets) if distributed else 0
+    largest = max(p.numel() for p in opt.params) * 4 if distributed else 0  # (fp32 without buckets: its own grad)
+    assert budget(opt) == 10 * 2**30 - master_bytes - flat - largest  # the grads to come
+    if distributed:
+        for b in opt.buckets:
+            b.grad = torch.zeros(b.numel)
+        opt.grads = [torch.zeros(m.shape) for m in opt.masters]
+    else:
+        for p in opt.params:
+            p.grad = torch.zeros_like(p)
+    assert budget(opt) == 10 * 2**30 - largest  # every grad held already
+    opt.adam.state.clear()  # (moments not allocated yet)
+    assert budget(opt) == 10 * 2**30 - largest - 2 * master_bytes
+
+
+def test_every_rank_takes_the_largest_plan_of_any_rank(monkeypatch):
+    """A rank whose budget fits every layer still recomputes as many as the rank that needs the most (the layers'
+    collectives must match): a peer that plans 3 layers makes this rank recompute 3."""
+    m = Transformer(dataclasses.replace(ModelConfig.named("tiny"), num_layers=4), dtype=torch.bfloat16)
+    ops = {"max": max, "min": min}
+    monkeypatch.setattr(recompute, "agree", lambda values, op: [ops[op](v, 3) for v in values])
+    monkeypatch.setattr(recompute, "training_budget", lambda opts, dev, held=0: 2**40)
+    recompute.plan_models({"policy": m}, [], 64, torch.device("cuda"), {"policy": 5000.0})
+    assert m.activation_checkpointing == 3
