@@ -218,6 +218,43 @@ def test_activation_checkpointing_same_gradients(tmp_path):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_activation_checkpointing_recomputes_the_first_k_layers_under_autograd_only(monkeypatch):
+    """activation_checkpointing True (every layer), k (the first k) or False (none), as the memory plan counts them
+    (engine.recompute.layers_recomputed); nothing is checkpointed in a forward without autograd."""
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(
+        torch.utils.checkpoint, "checkpoint", lambda fn, *a, **kw: calls.append(fn) or real(fn, *a, **kw)
+    )
+    model = Transformer(dataclasses.replace(ModelConfig.named("tiny"), num_layers=3)).init_weights()
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    for ac, want in ((False, []), (2, list(model.layers)[:2]), (True, list(model.layers))):
+        model.activation_checkpointing = ac
+        calls.clear()
+        model(ids).logsumexp(-1).sum().backward()
+        assert calls == want, ac
+        calls.clear()
+        with torch.no_grad():
+            model(ids)
+        assert calls == [], ac
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_random_weights_are_unit_norms_and_seeded_normal_matrices(dtype):
+    """init_weights: every norm's weight is ones; every matrix is drawn normal(0, std) from `seed` (the same seed
+    gives the same weights, another seed other weights)."""
+    cfg, std = ModelConfig.named("tiny"), 0.05
+    a, b, c = (Transformer(cfg, dtype=dtype).init_weights(std=std, seed=s) for s in (1, 1, 2))
+    for (name, p), q, r in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert p.dtype == dtype and torch.equal(p, q), name
+        if name.endswith("norm.weight"):
+            assert torch.equal(p, torch.ones_like(p)) and torch.equal(r, p), name
+            continue
+        assert not torch.equal(p, r), name
+        x = p.float()
+        assert abs(x.std().item() - std) < 0.1 * std and abs(x.mean().item()) < 0.1 * std, name
+
+
 @pytest.mark.parametrize("head,tied", [("lm", False), ("lm", True), ("score", False)])
 def test_forward_flops_are_what_the_forward_multiplies(head, tied):
     """engine.model.forward_flops (the metrics' TFLOP/s) against torch's FLOP counter on a packed forward of three
