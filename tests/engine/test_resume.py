@@ -19,7 +19,7 @@ from engine.checkpoint import load_pretrained
 from engine.config import ModelConfig, PPOConfig
 from engine.model import Transformer
 from engine.parallel import ProcessGrid
-from engine.reshard import SavedOptimizer, relayout
+from engine.reshard import SavedOptimizer, needed_ranks, relayout
 from engine.resume import latest_checkpoint, save_checkpoint, trim_logs
 from engine.train_ppo import main
 from kernels import dispatch
@@ -544,7 +544,9 @@ def test_optimizer_state_relaid_for_another_tp_degree(monkeypatch, src_tp, src_d
             st["exp_avg_sq"].copy_(want["b"][k])
             st["step"].fill_(5)
         states.append(optim.optimizer_state(src))
-    saved = SavedOptimizer(states, src_tp, src_dp)
+    # only the saved ranks' files that engine.resume reads for a re-layout (engine.reshard.needed_ranks)
+    needed = needed_ranks(src_tp, src_dp, src_dist)
+    saved = SavedOptimizer([st if r in needed else None for r, st in enumerate(states)], src_tp, src_dp)
     for rank in range(dst_tp * dst_dp):
         dst, want = make(dst_tp, dst_dp, rank, dst_dist)
         masters, adam = relayout(dst, saved, dst_tp, rank % dst_tp)
