@@ -148,6 +148,17 @@ def test_packed_matches_padded(tmp_path):
     assert torch.allclose(single, packed, atol=1e-5, rtol=1e-5)
 
 
+def test_packed_positions_count_each_rows_real_tokens_from_zero():
+    """pack_padded: each row's positions start at 0 at its first real token, left- or right-padded (a shift of every
+    position leaves rotary attention's logits as they are, so the logits above cannot show it; generation's KV cache
+    positions would disagree with training's)."""
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    ids, positions, cu, m = pack_padded(torch.arange(15).view(3, 5), mask)
+    assert ids.tolist() == [2, 3, 4, 5, 6, 7, 10, 11, 12, 13, 14] and torch.equal(m, mask.bool())
+    assert positions.tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 4]
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 6, 11]
+
+
 def test_gradients_flow_to_every_parameter(tmp_path):
     save_hf_model(tmp_path)
     ours = load_pretrained(tmp_path)
