@@ -266,7 +266,7 @@ def test_random_weights_are_unit_norms_and_seeded_normal_matrices(dtype):
         assert abs(x.std().item() - std) < 0.1 * std and abs(x.mean().item()) < 0.1 * std, name
 
 
-@pytest.mark.parametrize("head,tied", [("lm", False), ("lm", True), ("score", False)])
+@pytest.mark.parametrize("head,tied", [("lm", False), ("lm", True), ("score", False), ("score", True)])
 def test_forward_flops_are_what_the_forward_multiplies(head, tied):
     """engine.model.forward_flops (the metrics' TFLOP/s) against torch's FLOP counter on a packed forward of three
     sequences through the reference ops (an LM head tied to the embedding still multiplies): the same weight FLOPs;
