@@ -331,3 +331,13 @@ def test_sequence_parallel_padding_makes_a_multiple_of_tp(n, tp):
     ids, pos, cu = _pad_tokens(torch.arange(n), torch.arange(n), torch.tensor([0, n], dtype=torch.int32), tp)
     assert ids.shape[0] % tp == 0 and ids.shape[0] - n < tp and pos.shape == ids.shape
     assert int(cu[-1]) == ids.shape[0] and (cu.numel() == 2) == (ids.shape[0] == n)
+
+
+def test_one_process_is_not_sequence_parallel():
+    """Sequence parallelism is for a TP group of several ranks: one process keeps every token, its norms' grads are
+    whole (none for the optimizer to sum over a TP group), and generation's layout may run under autograd."""
+    model = Transformer(ModelConfig.named("tiny")).init_weights()
+    assert not model.sequence_parallel and model.tp_partial_grads() == []
+    ids, pos, cu = torch.tensor([5, 9, 13, 2]), torch.arange(4), torch.tensor([0, 4], dtype=torch.int32)
+    out = model.hidden_packed(ids, pos, cu, sequence_parallel=False)
+    assert out.requires_grad and torch.equal(out, model.hidden_packed(ids, pos, cu))
