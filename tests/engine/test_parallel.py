@@ -213,3 +213,24 @@ def test_raise_together_names_the_first_failing_rank(tmp_path):
     mp.spawn(_raise_together_rank, args=(3, str(tmp_path / "init"), str(tmp_path)), nprocs=3, join=True)
     got = [(tmp_path / f"rank{r}").read_text() for r in range(3)]
     assert got == ["testing failed on rank 1: bad input on rank 1", "bad input on rank 1", "bad input on rank 2"]
+
+
+def test_grid_ranks_are_tensor_parallel_fastest():
+    """Global rank = dp_rank * tp + tp_rank, as init_process_grid lays out its groups (a TP group is consecutive
+    ranks, a DP group every tp-th) and as the checkpoints number their state files."""
+    from engine.parallel import ProcessGrid
+
+    got = [(g.tp_rank, g.dp_rank) for g in (ProcessGrid(rank=r, world_size=6, tp=2, dp=3) for r in range(6))]
+    assert got == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
+
+
+def test_a_rank_without_an_error_raises_the_kind_of_the_failing_ranks():
+    """raise_together's kinds for another rank's error: an input error stays one (FailedOnAnotherRank), a divergence a
+    FloatingPointError, anything else a RuntimeError."""
+    from engine.errors import FailedOnAnotherRank, InputError, InvalidInput
+    from engine.parallel import _error_kind
+
+    assert issubclass(FailedOnAnotherRank, InputError)
+    assert _error_kind(InvalidInput("a bad flag")) is FailedOnAnotherRank
+    assert _error_kind(FloatingPointError("a NaN loss")) is FloatingPointError
+    assert _error_kind(KeyError("a bug")) is RuntimeError
