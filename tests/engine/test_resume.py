@@ -512,7 +512,7 @@ def test_optimizer_state_relaid_for_another_tp_degree(monkeypatch, src_tp, src_d
     specs = hf_tensor_specs(Transformer(small, "lm", dtype=torch.bfloat16))
     whole = {k: {n: torch.randn(sp.shape, generator=gen) for n, sp in specs.items()} for k in ("m", "a", "b")}
 
-    def make(tp, dp, rank, distributed):  # rank's model (its TP slices), optimizer, and its expected values
+    def make(tp, dp, rank, distributed, bucket_bytes):  # rank's model (its TP slices), optimizer, expected values
         group = FakeGroup(tp, rank % tp) if tp > 1 else None
         model = Transformer(small, "lm", group=group, dtype=torch.float32)
         local = {}
@@ -522,7 +522,7 @@ def test_optimizer_state_relaid_for_another_tp_degree(monkeypatch, src_tp, src_d
             local[k] = [p.detach().clone() for p in model.parameters()]
         model.to(torch.bfloat16)
         grid = ProcessGrid(rank=rank, world_size=tp * dp, tp=tp, dp=dp)
-        opt = optim.make_optimizer(model, cfg, grid, distributed=distributed, bucket_bytes=4 * 3001)
+        opt = optim.make_optimizer(model, cfg, grid, distributed=distributed, bucket_bytes=bucket_bytes)
         if opt.buckets is None:
             return opt, local
         shards = {k: [] for k in local}
@@ -535,7 +535,8 @@ def test_optimizer_state_relaid_for_another_tp_degree(monkeypatch, src_tp, src_d
 
     states = []
     for rank in range(src_tp * src_dp):
-        src, want = make(src_tp, src_dp, rank, src_dist)
+        # saved with buckets of several parameters (one starts inside a bucket and crosses a DP shard's edge)
+        src, want = make(src_tp, src_dp, rank, src_dist, 4 * 20000)
         assert (src.buckets is not None) == src_dist and (not src_dist or len(src.buckets) > 3)
         for k, m in enumerate(src.masters):
             m.copy_(want["m"][k])
@@ -548,7 +549,7 @@ def test_optimizer_state_relaid_for_another_tp_degree(monkeypatch, src_tp, src_d
     needed = needed_ranks(src_tp, src_dp, src_dist)
     saved = SavedOptimizer([st if r in needed else None for r, st in enumerate(states)], src_tp, src_dp)
     for rank in range(dst_tp * dst_dp):
-        dst, want = make(dst_tp, dst_dp, rank, dst_dist)
+        dst, want = make(dst_tp, dst_dp, rank, dst_dist, 4 * 3001)
         masters, adam = relayout(dst, saved, dst_tp, rank % dst_tp)
         assert len(masters) == len(want["m"]) == len(adam["state"])
         for k, m in enumerate(masters):
