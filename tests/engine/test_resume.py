@@ -563,6 +563,16 @@ def test_optimizer_state_relaid_for_another_tp_degree(monkeypatch, src_tp, src_d
             relayout(dst, lost, dst_tp, 0)
 
 
+def test_a_checkpoint_with_masters_of_only_some_parameters_is_refused():
+    """A checkpoint of another dtype's run holds fp32 masters of every parameter (a bf16 run's) or of none (an fp32
+    run's); any other count cannot be matched to the parameters and is refused, naming the dtype."""
+    from engine.reshard import _saved_mixed
+
+    assert _saved_mixed(0, 5) == [] and _saved_mixed(5, 5) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="fp32 masters of 3 of the 5 parameters: resume with the dtype"):
+        _saved_mixed(3, 5)
+
+
 def _fake_ckpt(out, n, complete=True, state=True):
     d = os.path.join(out, f"checkpoint-{n:06d}")
     for m in ("policy", "value"):
