@@ -524,3 +524,13 @@ def test_grad_norm_counts_tp_sharded_grads_once_at_tp_1():
         p.grad = torch.randn(p.shape)
     want = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in opt.params]))
     torch.testing.assert_close(optim.reduce_grads(opt, ProcessGrid()), want)
+
+
+def test_chunks_fill_up_to_exactly_chunk_elements(monkeypatch):
+    """A host-resident update's chunks: consecutive masters up to CHUNK_ELEMENTS elements, a chunk of exactly that
+    many included; a larger master alone."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(offload, "CHUNK_ELEMENTS", 5)
+    opt = SimpleNamespace(masters=[torch.empty(n) for n in (3, 2, 5, 6, 1, 4)])
+    assert offload.chunks(opt) == [[0, 1], [2], [3], [4, 5]]
