@@ -234,3 +234,12 @@ def test_a_rank_without_an_error_raises_the_kind_of_the_failing_ranks():
     assert _error_kind(InvalidInput("a bad flag")) is FailedOnAnotherRank
     assert _error_kind(FloatingPointError("a NaN loss")) is FloatingPointError
     assert _error_kind(KeyError("a bug")) is RuntimeError
+
+
+def test_a_cpu_run_takes_gloo_whatever_the_machine():
+    """--device cpu needs gloo (NCCL, the default where a GPU exists, takes no CPU tensor); a GPU run or no --device
+    leaves the choice to init_process_grid."""
+    from engine.parallel import backend_for
+
+    assert backend_for("cpu") == backend_for("cpu:0") == "gloo"
+    assert backend_for("cuda") is None and backend_for("cuda:1") is None and backend_for(None) is None
