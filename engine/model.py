@@ -323,7 +323,8 @@ class Transformer(nn.Module):
         *,
         sequence_parallel: bool = True,
     ) -> torch.Tensor:
-        """Final normed hidden states [N, hidden] of packed tokens input_ids [N] at positions [N].
+        """Final normed hidden states [N, hidden] of packed tokens input_ids [N] at positions [N] (cu_seqlens None:
+        the N tokens are one sequence).
 
         Under TP outside generation (sequence parallel, Megatron's): the residual stream between the attention
         and MLP regions holds only this rank's 1/tp of the tokens, so its adds and norms run once per token
@@ -340,6 +341,8 @@ class Transformer(nn.Module):
                 "the norms' grads would be whole on every rank, and the optimizer sums them over the TP group"
             )
         n = input_ids.shape[0]
+        if cu_seqlens is None and _CONTEXT is None:  # one sequence (generation's context describes its own)
+            cu_seqlens = torch.tensor([0, n], dtype=torch.int32, device=input_ids.device)
         sp = self.sequence_parallel and sequence_parallel and _CONTEXT is None
         if sp:
             input_ids, positions, cu_seqlens = _pad_tokens(input_ids, positions, cu_seqlens, self.tp)
@@ -424,11 +427,9 @@ def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
     return input_ids[mask], positions, cu_seqlens, mask
 
 
-def _pad_tokens(ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None, tp: int):
+def _pad_tokens(ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, tp: int):
     """Pad packed tokens to a multiple of tp with one dummy sequence (attends only to itself; cut off after)."""
     n = ids.shape[0]
-    if cu_seqlens is None:  # one sequence
-        cu_seqlens = torch.tensor([0, n], dtype=torch.int32, device=ids.device)
     pad = -n % tp
     if pad == 0:
         return ids, positions, cu_seqlens

@@ -146,6 +146,9 @@ def test_packed_matches_padded(tmp_path):
         single = torch.cat([ours(ids[b : b + 1, :n])[0] for b, n in enumerate(lengths)])
     assert torch.allclose(padded[m], packed, atol=1e-5, rtol=1e-5)
     assert torch.allclose(single, packed, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # cu_seqlens None: the tokens are one sequence
+        one = ours.forward_packed(packed_ids[5:], positions[5:], None)
+    assert torch.allclose(one, packed[5:], atol=1e-5, rtol=1e-5)
 
 
 def test_packed_positions_count_each_rows_real_tokens_from_zero():
