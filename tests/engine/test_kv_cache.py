@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+from engine.errors import InvalidInput
 from engine.kv_cache import (
     BlockManager,
     KVCachePool,
@@ -12,6 +13,7 @@ from engine.kv_cache import (
     bytes_per_block,
     cuda_cache_budget,
     num_blocks_for_memory,
+    resolve_cache_dtype,
 )
 
 
@@ -112,6 +114,9 @@ def test_errors():
     with pytest.raises(ValueError, match="block table width"):
         bm.allocate(3, 9)
         bm.block_table([3], width=2)
+    with pytest.raises(ValueError, match="appears twice"):  # two slots for one sequence in one step
+        bm.append_slots([3, 3])
+    assert bm.num_tokens(3) == 9
     bm.check_invariants()
 
 
@@ -141,6 +146,8 @@ def test_block_table_and_slot_mapping():
     assert table.dtype == torch.int32 and table.shape == (2, 5)
     assert table[0, :3].tolist() == bm.blocks(1) and table[1, :1].tolist() == bm.blocks(0)
     assert bm.block_table([0, 1]).shape == (2, 3)
+    bm.allocate(2, 4)  # one block, not block 0: a table one column wide holds it
+    assert bm.block_table([2]).tolist() == [bm.blocks(2)] and bm.blocks(2) != [0]
     slots = bm.slot_mapping([0, 1], starts=[1, 8])
     b0, b1 = bm.blocks(0), bm.blocks(1)
     assert slots.dtype == torch.int64
@@ -302,6 +309,9 @@ def test_pool_views_alias_storage_and_release():
     assert pool.is_allocated and pool.tensor.shape == (3, 2, 5, 4, 2, 8)
     pool.reallocate(num_blocks=7)
     assert pool.num_blocks == 7 and pool.tensor.shape == (3, 2, 7, 4, 2, 8)
+    held = pool.tensor
+    pool.reallocate(num_blocks=7)  # the same shape: a no-op (the same memory, the decode graphs' address)
+    assert pool.tensor is held
     with pytest.raises(ValueError, match="power of two"):
         KVCachePool(1, 4, 6, 1, 8)
 
@@ -361,7 +371,9 @@ def test_headroom_counts_the_sequences_that_will_take_a_block():
     last block: all its sharers but one copy it); none for one already holding every block it will need.
     prompt_headroom() says the same of a prompt and its forks before they are allocated."""
     bm = BlockManager(num_blocks=64, block_size=4)
-    for tokens, n, most in [(6, 3, 7), (6, 3, 8), (6, 3, 9), (8, 2, 9), (8, 2, 8), (3, 1, 4), (3, 1, 5), (4, 1, 4)]:
+    cases = [(6, 3, 7), (6, 3, 8), (6, 3, 9), (8, 2, 9), (8, 2, 8), (3, 1, 4), (3, 1, 5), (4, 1, 4)]
+    cases += [(6, 3, 6), (3, 2, 3)]  # a shared partial last block, and the sequences already at their most
+    for tokens, n, most in cases:
         bm.allocate(0, tokens)
         for child in range(1, n):
             bm.fork(0, child)
@@ -378,3 +390,29 @@ def test_headroom_counts_the_sequences_that_will_take_a_block():
     assert bm.prompt_headroom(6, 3, 7) == 2 and bm.prompt_headroom(6, 3, 9) == 3 and bm.prompt_headroom(4, 1, 4) == 0
     bm.allocate(0, 5)
     assert bm.headroom([(0, 5)]) == 0 and bm.headroom([(0, 6)]) == 0 and bm.headroom([(0, 9)]) == 1
+
+
+def test_a_table_longer_than_twice_the_rows_width_is_allocated_at_once():
+    """A prompt of more blocks than twice the block-table array's columns (it starts at 16) widens it in one go."""
+    bm = BlockManager(num_blocks=64, block_size=4)
+    bm.allocate(0, 4 * 40 - 1)  # 40 blocks
+    assert bm.block_table([0]).tolist() == [list(range(40))]
+    bm.fork(0, 1)
+    bm.allocate(2, 3)
+    assert bm.block_table([2, 1], width=41).tolist() == [[40] + [0] * 40, list(range(40)) + [0]]
+    bm.check_invariants()
+
+
+def test_fp8_cache_needs_compute_capability_8_9(monkeypatch):
+    """fp8 is refused on a GPU older than Ada (8.9), with the device queries faked; the model's dtype is accepted."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a fake GPU")
+    cuda = torch.device("cuda", 0)
+    for cc, ok in [((8, 0), False), ((8, 6), False), ((8, 9), True), ((9, 0), True)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cc=cc: cc)
+        if ok:
+            assert resolve_cache_dtype("fp8", torch.bfloat16, cuda) == torch.float8_e4m3fn
+        else:
+            with pytest.raises(InvalidInput, match=rf"compute capability 8.9 or later .* is {cc[0]}\.{cc[1]}"):
+                resolve_cache_dtype("fp8", torch.bfloat16, cuda)
+    assert resolve_cache_dtype("auto", torch.bfloat16, cuda) == torch.bfloat16
+    assert resolve_cache_dtype(None, torch.float32) == torch.float32
