@@ -737,3 +737,21 @@ def test_a_cache_of_every_slot_at_full_length_admits_every_slot_at_once(n):
     assert capped.pool.num_blocks == 2 * n  # (the cap: a block of 16 per slot)
     assert (capped.stats.prefill_steps, capped.stats.decode_steps, capped.stats.preemptions) == (1, 7, 0)
     assert got == want
+
+
+def test_preemption_takes_the_newest_sequences_first():
+    """_preempt frees the most recently admitted sequences until the others can all take a slot; they wait at the
+    front of the queue in admission order (the oldest keep their cache and progress)."""
+    from engine.generate import GenerationStats, _Seq
+    from engine.kv_cache import BlockManager
+
+    gen = object.__new__(Generator)
+    gen.blocks, gen.stats = BlockManager(num_blocks=3, block_size=4), GenerationStats()
+    running = [_Seq(i, i, 0, [1] * 4, 4, 8, 0) for i in range(3)]
+    for s in running:
+        gen.blocks.allocate(s.seq_id, 4)  # each holds one full block: its next token needs a new one, none free
+    waiting = collections.deque([["queued"]])
+    gen._preempt(waiting, running)
+    assert [s.seq_id for s in running] == [0]
+    assert [[s if isinstance(s, str) else s.seq_id for s in g] for g in waiting] == [[1], [2], ["queued"]]
+    assert gen.stats.preemptions == 2 and gen.blocks.can_append([0]) and gen.blocks.num_sequences == 1
