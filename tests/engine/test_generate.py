@@ -755,3 +755,20 @@ def test_preemption_takes_the_newest_sequences_first():
     assert [s.seq_id for s in running] == [0]
     assert [[s if isinstance(s, str) else s.seq_id for s in g] for g in waiting] == [[1], [2], ["queued"]]
     assert gen.stats.preemptions == 2 and gen.blocks.can_append([0]) and gen.blocks.num_sequences == 1
+
+
+def test_a_prefill_takes_at_most_max_num_batched_tokens():
+    """Prompts are packed into one prefill forward up to max_num_batched_tokens (a longer prompt goes alone); the
+    samples are those of one large prefill."""
+    model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.3, seed=2)
+    prompts = _prompts(512, [5, 5, 12, 5], seed=4)
+    params = GenerateConfig(temperature=1.0, max_new_tokens=3, ignore_eos=True, seed=5)
+    make = lambda budget: Generator(  # noqa: E731
+        model, block_size=4, num_blocks=64, max_model_len=32, max_num_batched_tokens=budget, mix_prefill=False
+    )
+    with reference_ops():
+        small, big = make(10), make(8192)
+        got, want = small.generate(prompts, params), big.generate(prompts, params)
+    assert got == want
+    assert big.stats.prefill_steps == 1 and small.stats.prefill_steps == 3  # [5, 5], [12] alone, [5]
+    assert small.stats.prefill_tokens == big.stats.prefill_tokens == 27
