@@ -772,3 +772,15 @@ def test_a_prefill_takes_at_most_max_num_batched_tokens():
     assert got == want
     assert big.stats.prefill_steps == 1 and small.stats.prefill_steps == 3  # [5, 5], [12] alone, [5]
     assert small.stats.prefill_tokens == big.stats.prefill_tokens == 27
+
+
+def test_the_limits_themselves_are_accepted():
+    """n == max_num_seqs, and a cache of exactly one sequence at max_model_len, are allowed (and run)."""
+    model = Transformer(ModelConfig.named("tiny")).init_weights(seed=0)
+    params = GenerateConfig(temperature=1.0, max_new_tokens=100, ignore_eos=True, seed=3, n=2)
+    with reference_ops():
+        gen = Generator(model, block_size=4, num_blocks=3, max_model_len=12, max_num_seqs=2)
+        comps = gen.generate_completions([[1] * 9], params)
+    assert [len(c.tokens) for c in comps] == [3, 3] and {c.finish_reason for c in comps} == {"length"}
+    gen.blocks.check_invariants()
+    assert gen.blocks.num_free_blocks == 3
