@@ -784,3 +784,41 @@ def test_the_limits_themselves_are_accepted():
     assert [len(c.tokens) for c in comps] == [3, 3] and {c.finish_reason for c in comps} == {"length"}
     gen.blocks.check_invariants()
     assert gen.blocks.num_free_blocks == 3
+
+
+def test_admission_headroom_counts_kv_slots_up_to_max_len_minus_one():
+    """A sequence of max_len tokens holds the K/V of max_len - 1 (its last token is sampled, never fed back): prompts
+    of 8 tokens to end at 17 need one block of 16 each, so in a cache of two blocks the second prompt (its own prefill
+    after the first's: the token budget) joins the running first one at once: no headroom is kept for a second block
+    that neither will take. They sample what a roomier cache samples."""
+    model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.3, seed=2)
+    prompts = _prompts(512, [8, 8], seed=4)
+    params = GenerateConfig(temperature=1.0, max_new_tokens=9, ignore_eos=True, seed=5)
+    kw = dict(block_size=16, max_model_len=17, max_num_seqs=2, max_num_batched_tokens=8)
+    with reference_ops():
+        tight = Generator(model, num_blocks=2, **kw)
+        got = tight.generate(prompts, params)
+        want = Generator(model, num_blocks=64, **kw).generate(prompts, params)
+    st = tight.stats
+    assert (st.prefill_steps, st.mixed_steps, st.decode_steps, st.preemptions) == (1, 1, 9, 0), st
+    assert got == want and all(len(t) == 9 for t in got)
+
+
+def test_admission_keeps_a_block_of_headroom_for_each_admitted_sequence():
+    """_admit: each group admitted in one pass keeps its own headroom (a block for a sequence that will grow past its
+    prompt's blocks) for the groups after it; a lone group into an empty engine is admitted whatever it will need."""
+    from engine.generate import _Seq
+    from engine.kv_cache import BlockManager
+
+    gen = object.__new__(Generator)
+    gen.max_num_seqs, gen.max_num_batched_tokens, gen.admit_min_seqs = 8, 8192, 1
+    gen.blocks = BlockManager(num_blocks=4, block_size=4)
+    # prompts of one block, each to grow to 11 tokens (3 blocks): a block and a block of headroom each
+    waiting = collections.deque([[_Seq(i, i, 0, [1] * 4, 4, 12, 0)] for i in range(4)])
+    admitted = gen._admit(waiting, [])
+    assert [[s.seq_id for s in g] for g in admitted] == [[0], [1]] and [g[0].seq_id for g in waiting] == [2, 3]
+    assert gen.blocks.num_free_blocks == 2
+    # a prompt of 9 tokens and its fork in a cache of 3 blocks (one sequence at full length): admitted, nothing runs
+    gen.blocks = BlockManager(num_blocks=3, block_size=4)
+    waiting = collections.deque([[_Seq(j, 0, j, [1] * 9, 9, 12, 0) for j in range(2)]])
+    assert [[s.seq_id for s in g] for g in gen._admit(waiting, [])] == [[0, 1]] and not waiting
