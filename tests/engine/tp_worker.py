@@ -30,6 +30,12 @@ def main(ckpt: str, out: str) -> None:
     _save_grads(plain, ids, mask, out + "/grads_tp")
     model = load_pretrained(ckpt, group=grid.tp_group)  # sequence parallel: the default under TP
     assert model.sequence_parallel and len(model.tp_partial_grads()) == 2 * len(model.layers) + 1
+    # the recompute planner's probe of one layer runs through the collectives of either layout; sequence parallelism
+    # keeps the norms' and the residual's activations for this rank's half of the tokens only
+    from engine.recompute import layer_activation_bytes
+
+    sp_bytes, plain_bytes = layer_activation_bytes(model, 63), layer_activation_bytes(plain, 63)
+    assert 0 < sp_bytes < plain_bytes, (sp_bytes, plain_bytes)
     model.activation_checkpointing = True  # the recompute goes through the same collectives
     logits = _save_grads(model, ids, mask, out + "/grads_sp")
     grads = {"q_proj": model.layers[0].self_attn.qkv_proj.full_part(0)}  # weights, gathered
