@@ -2,6 +2,7 @@
 model's own TP slices, the bytes of each part, and the refusal of a layout that cannot fit (with the ones that
 would), in setup and from the command line."""
 
+import dataclasses
 import json
 import re
 
@@ -397,6 +398,7 @@ def test_command_line_refuses_impossible_numbers(tmp_path, capsys):
     for flags, message in (
         (["--kv-cache-fraction", "5"], r"--kv-cache-fraction must be in \(0, 1\], got 5.0"),
         (["--gpu-gib", "-5"], "--gpu-gib must be a positive number, got -5.0"),
+        (["--gpu-gib", "0"], "--gpu-gib must be a positive number, got 0.0"),
     ):
         with pytest.raises(SystemExit):
             memory_plan.main(flags)
@@ -484,3 +486,78 @@ def test_command_line_help_names_the_recipes_defaults(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "a Hub id (default: llama2-13b)" in out and "its shape (default: llama2-13b)" in out
     assert "--tp TP tensor parallel degree (default: 8)" in out
+
+
+def test_a_tp_degree_must_divide_the_vocabulary_and_the_mlp_too():
+    """check_tp names every size a TP degree splits, not the heads alone: the vocabulary (the embedding's and the
+    head's rows) and the MLP's width, of each model; --tp 0 divides nothing (refused, not a ZeroDivisionError)."""
+    c = ModelConfig(vocab_size=1001, hidden_size=256, intermediate_size=690, num_layers=1, num_heads=8, num_kv_heads=4)
+    with pytest.raises(ValueError, match=r"--tp 2 does not divide the policy model's vocabulary \(1001\)"):
+        memory_plan.check_tp({"policy": (c, "lm")}, 2)
+    c = dataclasses.replace(c, vocab_size=1000)
+    memory_plan.check_tp({"policy": (c, "lm")}, 2)  # (690 is even)
+    lm = dataclasses.replace(c, intermediate_size=688)
+    with pytest.raises(ValueError, match=r"--tp 4 does not divide the reward model's MLP width \(690\)"):
+        memory_plan.check_tp({"policy": (lm, "lm"), "reward": (c, "score")}, 4)
+    with pytest.raises(ValueError, match=r"--tp 0 does not divide the policy model's attention heads \(8\)"):
+        memory_plan.check_tp({"policy": (lm, "lm")}, 0)
+
+
+def test_a_cgroup_over_its_limit_leaves_no_host_memory(monkeypatch):
+    """A cgroup using more than its limit less its page cache leaves none: 0 bytes available, never a negative
+    number (which the offload checks would compare and print)."""
+    monkeypatch.setattr(memory_plan, "_cgroup_room", lambda: -5 * GiB)
+    assert memory_plan.host_available() == 0
+    monkeypatch.setattr(memory_plan, "_cgroup_room", lambda: 5)
+    assert memory_plan.host_available() == 5
+
+
+def test_auto_keeps_the_state_on_the_gpu_when_the_cache_holds_exactly_what_is_wanted():
+    """A rollout's cache that holds as many full-length sequences as the generator decodes together gains nothing
+    from offloading: auto leaves the optimizer state (and the idle models) on the GPU at equality too."""
+    cuda = torch.device("cuda", 0)
+    on, line = memory_plan.offload_decision("auto", cuda, 36 * GiB, 8, (256, 302), 256, 1024 * GiB)
+    assert not on and "holds 256 sequences" in line
+    assert memory_plan.offload_decision("auto", cuda, 36 * GiB, 8, (255, 302), 256, 1024 * GiB)[0]
+
+
+def test_the_fixed_share_is_95_percent_of_the_free_memory():
+    """A layout whose weights, optimizer state and grads take 97% of the free memory is refused (the rest goes to the
+    CUDA context, NCCL's buffers and fragmentation, before any KV cache); 95% fits."""
+    configs = memory_plan.run_configs("llama2-13b", None, "llama2-13b")
+    numels = {k: c.num_params(head, 8) for k, (c, head) in configs.items()}
+    need = sum(memory_plan.fixed_bytes(numels, memory_plan.TRAINED, torch.bfloat16, 1, False).values())
+    with pytest.raises(ValueError, match=r"more than 95% of the free memory"):
+        memory_plan.plan(configs, torch.bfloat16, 8, 1, False, int(need / 0.97))
+    assert memory_plan.plan(configs, torch.bfloat16, 8, 1, False, int(need / 0.95) + 1).startswith("memory plan: ")
+
+
+def test_the_host_check_counts_a_ranks_shard_of_the_distributed_optimizer():
+    """--offload-optimizer rollouts on 8 ranks of a node, 2 data-parallel ranks with the distributed optimizer: each
+    rank puts its half of the state in host memory, and the host is checked against 8 halves."""
+    configs = memory_plan.run_configs("llama2-13b", None, "llama2-13b")
+    c = ModelConfig.named("llama2-13b")
+    half = 12 * (c.num_params("lm", 8) + c.num_params("score", 8)) // 2
+    args = ("rollouts", configs, torch.bfloat16, 8, 2, True, 79 * GiB)
+    memory_plan.plan_for(*args, host=int(8 * half / memory_plan.HOST_LIMIT) + GiB, local_ranks=8)
+    with pytest.raises(ValueError, match=rf"\(--offload-optimizer rollouts\) needs {8 * half / GiB:.1f} GiB"):
+        memory_plan.plan_for(*args, host=int(8 * half / memory_plan.HOST_LIMIT) - GiB, local_ranks=8)
+
+
+def test_command_line_fp8_cache_reference_and_fraction_one(capsys):
+    """--kv-cache-dtype fp8 halves a token's bytes where the generator's slots do not cap the cache first; --reference
+    plans a model of its own shape; --kv-cache-fraction 1 (the whole GPU) is allowed."""
+    c = ModelConfig.named("llama2-13b")
+    lm, score = c.num_params("lm", 8), c.num_params("score", 8)
+    reserve = memory_plan.generation_reserve(c, 8, 1024, torch.bfloat16, 4096)
+    held = 2 * (2 * lm + 2 * score) + 12 * (lm + score) // 2 + reserve
+    argv = ["--tp", "8", "--dp", "2", "--seq-len", "1024", "--max-num-seqs", "4096"]
+    assert memory_plan.main([*argv, "--kv-cache-dtype", "fp8"]) == 0
+    assert _tokens(capsys.readouterr().out) == (int(0.9 * 79 * GiB) - held) // (16 * 2 * 40 * 5 * 128) * 16
+    assert memory_plan.main(argv) == 0
+    assert _tokens(capsys.readouterr().out) == (int(0.9 * 79 * GiB) - held) // (16 * 2 * 40 * 5 * 128 * 2) * 16
+    c7 = ModelConfig.named("llama2-7b")
+    assert memory_plan.run_configs("llama2-13b", "llama2-7b", "llama2-13b")["reference"] == (c7, "lm")
+    assert memory_plan.main(["--reference", "llama2-7b"]) == 0
+    assert f"weights (reference) {c7.num_params('lm', 8) * 2 / GiB:.1f}," in capsys.readouterr().out
+    assert memory_plan.main(["--kv-cache-fraction", "1"]) == 0
