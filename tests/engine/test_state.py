@@ -171,3 +171,153 @@ def test_wanted_sequences_are_a_ranks_share_of_the_rollout(gpu_like):
     assert g.decide("auto", "off", budget_seqs=5) == (False, False)
     g.state.grid = dataclasses.replace(g.state.grid, world_size=1, dp=1)
     assert g.decide("auto", "off", budget_seqs=5) == (True, False)  # (one rank: 8 wanted, 5 held)
+
+
+def test_batch_sizes_against_the_rollout_and_the_data_parallel_ranks(capsys):
+    """check_batch_sizes: a rollout's rollout_batch_size x samples_per_prompt sequences in whole minibatches, both
+    batch sizes split over the DP ranks, and the warning for a rank's share that splits a prompt's samples only
+    where there are several ranks (one rank's minibatches are what they are)."""
+    check = state_mod.check_batch_sizes
+    check(PPOConfig(train_batch_size=8, rollout_batch_size=4, samples_per_prompt=2), ProcessGrid())  # 8 sequences
+    with pytest.raises(InvalidInput, match="rollout of 12 sequences is not a multiple of train_batch_size 8"):
+        check(PPOConfig(train_batch_size=8, rollout_batch_size=4, samples_per_prompt=3), ProcessGrid())
+    with pytest.raises(InvalidInput, match="must be multiples of the data-parallel size 2"):  # (a rollout of 9)
+        check(
+            PPOConfig(train_batch_size=6, rollout_batch_size=9, samples_per_prompt=2), ProcessGrid(world_size=2, dp=2)
+        )
+    capsys.readouterr()
+    check(PPOConfig(train_batch_size=4, rollout_batch_size=4, samples_per_prompt=3), ProcessGrid())
+    assert capsys.readouterr().out == ""
+
+
+def test_a_prompts_samples_may_fill_the_generators_slots(monkeypatch):
+    """setup: --samples-per-prompt equal to --gen-max-num-seqs decodes a prompt's samples together; one more is
+    refused (before the paths are checked)."""
+    run = RunConfig(policy="p", reward="r", prompts="x.jsonl", gen_max_num_seqs=4)
+
+    class Checked(Exception):
+        pass
+
+    monkeypatch.setattr(state_mod, "check_paths", lambda run: (_ for _ in ()).throw(Checked()))
+    cfg = PPOConfig(train_batch_size=8, rollout_batch_size=8, samples_per_prompt=4)
+    with pytest.raises(Checked):
+        state_mod.setup(cfg, run, grid=ProcessGrid())
+    with pytest.raises(InvalidInput, match="--samples-per-prompt 5 exceeds --gen-max-num-seqs 4"):
+        state_mod.setup(dataclasses.replace(cfg, samples_per_prompt=5, train_batch_size=8), run, grid=ProcessGrid())
+
+
+def test_run_config_bounds():
+    for kw, message in (
+        ({"gen_max_num_seqs": 0}, "gen_max_num_seqs must be >= 1, got 0"),
+        ({"kv_cache_fraction": 0.0}, r"kv_cache_fraction must be in \(0, 1\], got 0.0"),
+        ({"activation_checkpointing": ""}, "activation_checkpointing must be auto, on, off or a number of layers"),
+    ):
+        with pytest.raises(InvalidInput, match=message):
+            RunConfig(**kw)
+
+
+def test_iterations_and_the_profiled_one():
+    """A run's rollouts: every prompt epoch's full batches (the last partial one dropped), or --max-iterations of them
+    when fewer; --profile-iteration may name the last one."""
+    cfg = PPOConfig(rollout_batch_size=16, train_batch_size=16, prompt_epochs=3)
+    assert state_mod.run_iterations(50, cfg, RunConfig()) == 9
+    assert state_mod.run_iterations(50, cfg, RunConfig(max_iterations=20)) == 9
+    assert state_mod.run_iterations(50, cfg, RunConfig(max_iterations=4)) == 4
+    state_mod.check_profile_iteration(RunConfig(profile_iteration=9), 9)
+    with pytest.raises(InvalidInput, match=r"--profile-iteration 10 is past the run's last iteration \(9\)"):
+        state_mod.check_profile_iteration(RunConfig(profile_iteration=10), 9)
+
+
+def test_dtype_and_generator_settings(monkeypatch):
+    """auto is bf16 on a GPU, fp32 on CPU; the generator gets the run's slots, context, cache fraction and dtype, and
+    --kv-cache-mb in MiB."""
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert (
+        state_mod.resolve_dtype("auto", cuda) is torch.bfloat16
+        and state_mod.resolve_dtype("auto", cpu) is torch.float32
+    )
+    assert state_mod.resolve_dtype("float16", cuda) is torch.float16
+    import engine.generate
+
+    built = []
+    monkeypatch.setattr(engine.generate, "Generator", lambda model, **kw: built.append(kw))
+    cfg = PPOConfig(max_prompt_len=100, max_new_tokens=28)
+    run = RunConfig(gen_max_num_seqs=7, kv_cache_fraction=0.5, kv_cache_dtype="fp8", kv_cache_mb=3)
+    state_mod.make_generator(None, cfg, run)
+    state_mod.make_generator(None, cfg, dataclasses.replace(run, kv_cache_mb=0))
+    assert built == [
+        dict(max_num_seqs=7, max_model_len=128, kv_cache_fraction=0.5, kv_cache_dtype="fp8", kv_cache_bytes=3 * 2**20),
+        dict(max_num_seqs=7, max_model_len=128, kv_cache_fraction=0.5, kv_cache_dtype="fp8"),
+    ]
+
+
+def test_the_schedule_spans_every_rollouts_optimizer_steps():
+    """make_state: the LR schedule's steps are every rollout's (2 prompt epochs of 10 prompts in full batches of 4:
+    4 rollouts) ppo_epochs passes over its 8 sequences in minibatches of 4, whatever --max-iterations cuts short."""
+    from engine.config import ModelConfig
+    from engine.model import Transformer
+
+    c = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
+    models = tuple(Transformer(c, head, dtype=torch.float32) for head in ("lm", "lm", "score", "score"))
+    cfg = PPOConfig(rollout_batch_size=4, samples_per_prompt=2, train_batch_size=4, ppo_epochs=3, prompt_epochs=2)
+    run = RunConfig(max_iterations=1, offload_optimizer="off", offload_idle_models="off")
+    state = state_mod.make_state(cfg, run, ProcessGrid(), models, [[1, 2]] * 10, [0], generator_factory=None)
+    assert state.iterations == 1 and state.total_steps == 4 * 3 * 2
+
+
+def test_the_cache_budget_keeps_the_generators_activations_free(gpu_like, monkeypatch):
+    """decide_offload asks for the cache's budget less the generator's activation reserve (as the generator will)."""
+    g = gpu_like
+    asked = []
+    monkeypatch.setattr(state_mod, "cuda_cache_budget", lambda *a, **k: asked.append((a, k)) or 2 * g.per_seq)
+    g.state.run = dataclasses.replace(g.state.run, offload_optimizer="auto", offload_idle_models="off")
+    state_mod.decide_offload(g.state)
+    cfg, run = g.state.cfg, g.state.run
+    reserve = memory_plan.generation_reserve(g.state.policy.config, 1, cfg.max_prompt_len + cfg.max_new_tokens,
+                                             torch.float32, run.gen_max_num_seqs)  # fmt: skip
+    assert asked == [((g.state.device, run.kv_cache_fraction, reserve), {"clamp": False})] and reserve > 0
+
+
+def test_the_plan_on_a_gpu_caps_the_cache_at_the_generators_slots(tmp_path, monkeypatch, capsys):
+    """setup's memory plan counts a rollout's cache as the generator allocates it: at most --gen-max-num-seqs
+    full-length sequences, however much memory is left."""
+    from tests.engine.hf_models import save_hf_model
+
+    save_hf_model(tmp_path / "policy")
+    save_hf_model(tmp_path / "rm", head="score")
+    run = RunConfig(policy=str(tmp_path / "policy"), reward=str(tmp_path / "rm"), dtype="bfloat16", gen_max_num_seqs=3)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 10 * 2**30))
+    capsys.readouterr()
+    state_mod.check_memory(PPOConfig(), run, ProcessGrid(), torch.device("cuda", 0))
+    assert "(3 sequences of 2048)" in capsys.readouterr().out
+
+
+def test_an_evaluation_set_as_large_as_the_data_parallel_ranks(tmp_path):
+    """Each DP rank answers at least one evaluation prompt: as many prompts as ranks is enough, fewer refused."""
+    held = lambda n, seed: (types.SimpleNamespace(prompts=[[1]] * 8), types.SimpleNamespace(prompts=[[2]] * n))  # noqa: E731
+    prompt_set, grid = types.SimpleNamespace(hold_out=held), ProcessGrid(world_size=2, dp=2)
+    _, eval_set = state_mod.evaluation_set(PPOConfig(), RunConfig(eval_holdout=2), grid, None, prompt_set)
+    assert len(eval_set.prompts) == 2
+    with pytest.raises(InvalidInput, match="1 eval prompts cannot be split over 2 data-parallel ranks"):
+        state_mod.evaluation_set(PPOConfig(), RunConfig(eval_holdout=1), grid, None, prompt_set)
+
+
+def test_a_resume_restores_the_checkpoints_pairs_as_tuples(monkeypatch, tmp_path):
+    """A checkpoint's JSON holds adam_betas as a list: the resumed PPOConfig has the tuple a fresh run has (equal to
+    its defaults, hashable)."""
+    _fake_checkpoint(monkeypatch, {**dataclasses.asdict(PPOConfig()), "adam_betas": [0.8, 0.95]})
+    out = resumed_config(PPOConfig(), RunConfig(output_dir=str(tmp_path), ppo_flags=()))
+    assert out.adam_betas == (0.8, 0.95) and isinstance(out.adam_betas, tuple)
+
+
+def test_an_evaluated_checkpoints_position(tmp_path):
+    """--eval-only of a PPO checkpoint's policy names its iteration and step (from the state file beside it); any
+    other directory there (its value model) or elsewhere is at (0, 0)."""
+    ckpt = tmp_path / "checkpoint-000005"
+    for d in ("policy", "value"):
+        (ckpt / d).mkdir(parents=True)
+    torch.save({"iteration": 5, "step": 20}, ckpt / "state-rank00000.pt")
+    assert state_mod.checkpoint_position(str(ckpt / "policy")) == (5, 20)
+    assert state_mod.checkpoint_position(str(ckpt / "policy") + "/") == (5, 20)
+    assert state_mod.checkpoint_position(str(ckpt / "value")) == (0, 0)
+    assert state_mod.checkpoint_position(str(tmp_path)) == (0, 0)
