@@ -226,3 +226,60 @@ def test_real_tensorboard_events_read_back(tmp_path):
     score = [(e.step, e.value) for e in events.Scalars("score")]
     assert score == [(m["iteration"], pytest.approx(m["score"], rel=1e-6)) for m in metrics]  # 1, 2, 3 once each
     assert [e.step for e in events.Scalars("eval/score")] == [0, 3]
+
+
+def test_the_tracker_itself(tmp_path, monkeypatch):
+    """engine.tracking.Tracker without a run: a rank other than 0 sends and imports nothing; the iteration is the
+    x-axis, not a chart; flags and digests are no TensorBoard scalars; each line and table is flushed as it goes; a
+    table's text keeps non-ASCII prompts as written; no records, no table; the W&B run is named after an output
+    directory given with a trailing slash, keeps its id in a file there that a resumed Tracker reads back, and a
+    failure marks it failed; a resumed TensorBoard writer hides what follows its checkpoint, an evaluation nothing."""
+    from engine.tracking import Tracker, check_available
+
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    tensorboard = types.ModuleType("torch.utils.tensorboard")
+    tensorboard.SummaryWriter = FakeSummaryWriter
+    FakeSummaryWriter.writers = []
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", tensorboard)
+    run = RunConfig(output_dir=str(tmp_path / "out") + "/", wandb_project="p", tensorboard_dir=str(tmp_path / "tb"))
+
+    def state(rank, iteration=0, **run_kw):
+        grid = ProcessGrid(rank=rank, world_size=2, dp=2)
+        return types.SimpleNamespace(run=dataclasses.replace(run, **run_kw), cfg=PPOConfig(), grid=grid,
+                                     iteration=iteration)  # fmt: skip
+
+    with Tracker(state(1)) as other:
+        other.log({"iteration": 1, "score": 1.0})
+        other.log_table("samples", [{"prompt": "p"}], 1)
+    assert fake.calls == [] and FakeSummaryWriter.writers == []
+    monkeypatch.setitem(sys.modules, "wandb", None)  # (import wandb -> ImportError)
+    check_available(run, 1)  # (a rank other than 0 needs neither package)
+    with pytest.raises(ImportError, match="--wandb-project p needs the wandb package"):
+        check_available(run, 0)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+
+    with Tracker(state(0, iteration=2)) as t:
+        (w,) = FakeSummaryWriter.writers
+        assert w.purge_step == 3  # (a resume from checkpoint 2: the dead run's 3 and later are repeated)
+        t.log({"iteration": 3, "score": 0.5, "eval_greedy": True, "eval_set": "ab12", "prompts": 16}, prefix="eval/")
+        assert w.calls == [("scalar", "eval/score", 3, 0.5), ("scalar", "eval/prompts", 3, 16), ("flush",)]
+        t.log_table("samples", [], 3)  # (nothing to show: no table)
+        t.log_table("samples", [{"prompt": "héllo ✓", "score": 1.0}, {"prompt": "b", "score": 0.0}], 3)
+    assert w.calls[3:] == [("text", "samples", 3, '    {"prompt": "héllo ✓", "score": 1.0}\n\n'
+                            '    {"prompt": "b", "score": 0.0}'), ("flush",), ("close",)]  # fmt: skip
+    (_, init), (_, step, data), (_, table_step, table), finish = fake.calls
+    assert init["name"] == "out" and init["dir"] == run.output_dir and finish == ("finish", 0)
+    assert (tmp_path / "out/wandb-run-id").read_text() == init["id"] + "\n"
+    assert step == 3 and data == {"eval/score": 0.5, "eval/eval_greedy": True, "eval/eval_set": "ab12",
+                                  "eval/prompts": 16}  # fmt: skip
+    assert table_step == 3 and table["samples"].columns == ["prompt", "score"]
+    assert table["samples"].data == [["héllo ✓", 1.0], ["b", 0.0]]
+
+    fake.calls.clear()
+    with pytest.raises(RuntimeError), Tracker(state(0, eval_only=True)):
+        raise RuntimeError("boom")
+    assert fake.calls[0][1]["id"] == init["id"] and fake.calls[-1] == ("finish", 1)
+    assert FakeSummaryWriter.writers[1].purge_step is None  # (an evaluation alone hides nothing)
+    Tracker(state(0)).finish()
+    assert FakeSummaryWriter.writers[2].purge_step == 0  # (a fresh run: every earlier event)
