@@ -263,6 +263,8 @@ def test_the_schedule_spans_every_rollouts_optimizer_steps():
     run = RunConfig(max_iterations=1, offload_optimizer="off", offload_idle_models="off")
     state = state_mod.make_state(cfg, run, ProcessGrid(), models, [[1, 2]] * 10, [0], generator_factory=None)
     assert state.iterations == 1 and state.total_steps == 4 * 3 * 2
+    assert not any(p.requires_grad for m in (state.ref, state.reward) for p in m.parameters())  # (frozen)
+    assert all(p.requires_grad for m in (state.policy, state.value) for p in m.parameters())
 
 
 def test_the_cache_budget_keeps_the_generators_activations_free(gpu_like, monkeypatch):
@@ -321,3 +323,23 @@ def test_an_evaluated_checkpoints_position(tmp_path):
     assert state_mod.checkpoint_position(str(ckpt / "policy") + "/") == (5, 20)
     assert state_mod.checkpoint_position(str(ckpt / "value")) == (0, 0)
     assert state_mod.checkpoint_position(str(tmp_path)) == (0, 0)
+
+
+def test_the_models_a_run_loads_and_an_evaluation_without_holdout():
+    """model_sources: --reference when given (else the policy), a resume's trained two from its checkpoint, no value
+    model for --eval-only; --eval-only refuses --eval-holdout (it draws from a training set) before anything else."""
+    run = RunConfig(policy="p", reference="ref", reward="r")
+    assert state_mod.model_sources(run, None) == {
+        "policy": ("--policy", "p", "lm"),
+        "reference": ("--reference", "ref", "lm"),
+        "value": ("--reward (the value model's start)", "r", "score"),
+        "reward": ("--reward", "r", "score"),
+    }
+    resumed = state_mod.model_sources(dataclasses.replace(run, reference=None), "ck", evaluation=True)
+    assert resumed == {
+        "policy": ("the checkpoint ck's policy", "ck/policy", "lm"),
+        "reference": ("--policy (the reference)", "p", "lm"),
+        "reward": ("--reward", "r", "score"),
+    }
+    with pytest.raises(InvalidInput, match=r"--eval-only takes --eval-prompts \(--eval-holdout draws from a training"):
+        state_mod.setup_evaluation(PPOConfig(), RunConfig(policy="p", reward="r", eval_holdout=2), ProcessGrid())
