@@ -95,6 +95,32 @@ def test_check_fits_counts_every_process_on_the_host(monkeypatch):
         check_fits("weights", 3 * 2**30, torch.device("cpu"))
 
 
+def test_measure_on_cuda_is_the_median_of_do_bench_and_the_peak_less_new_outputs(monkeypatch):
+    """CUDA (its calls stubbed): ms is do_bench's median at the given warm-up and repetition; the extra memory is the
+    peak above what was allocated before the call, less the bytes of the outputs it returns, and never below 0."""
+    import triton.testing
+
+    import bench.common as C
+
+    peak, seen = [1000], {}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 100)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 100 + peak[0])
+
+    def do_bench(fn, warmup, rep, return_mode):
+        seen.update(warmup=warmup, rep=rep, mode=return_mode)
+        return 1.5
+
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    monkeypatch.setattr(C, "_storages_alive", lambda: set())  # (no CUDA tensor lives here)
+    out = lambda: (torch.zeros(10), torch.zeros(5, dtype=torch.float64))  # 40 + 40 new bytes
+    assert C.measure(out, "cuda", warmup_ms=7, rep_ms=9) == (1.5, 1000.0 - 80)
+    assert seen == {"warmup": 7, "rep": 9, "mode": "median"}
+    peak[0] = 50  # (less than the outputs: 0, not negative)
+    assert C.measure(out, "cuda")[1] == 0.0
+
+
 # bench/rollout_throughput.py
 
 
