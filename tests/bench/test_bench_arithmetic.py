@@ -205,6 +205,20 @@ def test_rollout_bench_reports_the_best_run_at_the_given_peaks(tmp_path, monkeyp
     assert saved["ours"]["kv_pool_gib"] == pools[0] / 2**30 > 0
 
 
+def test_rollout_bench_roofline_reads_an_fp8_cache_at_one_byte_an_element(monkeypatch):
+    """--kv-cache-dtype fp8: the decode roofline's KV read per step counts the cache's one byte an element, not the
+    model's four (fp32 on CPU)."""
+    import bench.rollout_throughput as R
+    from engine.config import ModelConfig
+    from kernels.dispatch import reference_ops
+
+    flags = ["--batch", "3", "--prompt-len", "5", "--gen-len", "4", "--repeats", "1", "--no-hf"]
+    with reference_ops():
+        out = R.main(flags + ["--kv-cache-dtype", "fp8", "--bandwidth", "2", "--tflops", "3"])
+    want = R.decode_roofline(ModelConfig.named("tiny"), 3, 5, 4, 4, 2e12, 1, 1, 3e12)
+    assert out["roofline"] == approx(want) and out["roofline"]["kv_gb_per_step"] == approx(3 * 7 * 2 * 2 * 2 * 16 / 1e9)
+
+
 # bench/bench_rope_attention.py
 
 
