@@ -265,6 +265,25 @@ def test_rope_sweep_figures_and_best(monkeypatch, capsys):
     assert "best fwd: BLOCK_M=16 BLOCK_N=16" in capsys.readouterr().out
 
 
+def test_rope_bench_counts_the_query_heads_of_each_sequence(tmp_path, monkeypatch):
+    """The CPU run of main with --heads 32 --kv-heads 8 (tiny: B2 H8/2 T64 D64), every call 2 ms: the FLOPs are those of
+    the 8 query heads (GQA shares K/V, not the work) over each of the 2 sequences of 64, not one sequence of 128."""
+    import bench.bench_rope_attention as B
+
+    monkeypatch.setattr(B, "measure", lambda fn, device, **kw: (2.0, float("nan")))
+    out = tmp_path / "r.json"
+    flags = ["--heads", "32", "--kv-heads", "8", "--peak-tflops", "1", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", ["bench_rope_attention.py", *flags])
+    B.main()
+    rows = json.loads(out.read_text())["rows"]
+    flops = 2 * 4 * 8 * 64 * 64 * 64 / 2
+    timed = [r for r in rows if not r["impl"].startswith("roofline")]
+    assert len(timed) == 2 and all(r["fwd_tflops"] == approx(flops / 2 / 1e9) for r in timed)
+    assert all(r["fwdbwd_tflops"] == approx(3.5 * flops / 2 / 1e9) for r in timed)
+    (roof,) = [r for r in rows if r["impl"].startswith("roofline")]
+    assert roof["fwd_ms"] == approx(flops / 1e9)
+
+
 # bench/bench_paged_attention.py
 
 PAGED_TINY = (4, 100, 4, 2, 64, 16)  # batch, context, Hq, Hkv, D, block
