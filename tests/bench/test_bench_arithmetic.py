@@ -314,6 +314,66 @@ def test_paged_table_and_sweep_figures(monkeypatch, capsys):
     assert rows and all(r["tbs"] == approx(4 * 100 * 2 * 64 * 2 * 4 / 2e-3 / 1e12) for r in rows)
 
 
+def test_paged_peers_are_checked_against_the_reference_relative_to_its_largest_value(monkeypatch):
+    """Before timing, a peer (sdpa here; ours on a GPU) is checked against the eager reference, its error relative to
+    the output's largest value: 0.05% off on values in the thousands passes the fp32 tolerance (1e-3), 1% stops it."""
+    import bench.bench_paged_attention as B
+    from kernels import reference
+
+    make = B._make
+    monkeypatch.setattr(B, "_make", lambda *a: (lambda q, kc, vc, bt, cl: (q, kc, 1000 * vc, bt, cl))(*make(*a)))
+    monkeypatch.setattr(B, "measure", lambda fn, device, **kw: (2.0, 0.0))
+    for off, ok in ((5e-4, True), (1e-2, False)):
+
+        def peers(q, kc, vc, bt, ctx, dtype, off=off):
+            cl = torch.full((q.shape[0],), ctx, dtype=torch.int32)
+            return {"sdpa": lambda: reference.paged_decode_attention(q, kc, vc, bt, cl) * (1 + off)}
+
+        monkeypatch.setattr(B, "_dense_peers", peers)
+        run = lambda: B._bench_shape("tiny", *PAGED_TINY, dtype=torch.float32, device=torch.device("cpu"), bw=2e12,
+                                     compile_=False)  # fmt: skip
+        if ok:
+            assert run()["sdpa_ms"] == 2.0
+        else:
+            with pytest.raises(SystemExit, match=r"paged decode tiny \(sdpa\).*not timed"):
+                run()
+
+
+def test_paged_sweep_lists_the_fastest_first_with_its_share_of_the_bandwidth(monkeypatch, capsys):
+    """The sweep's 36 launch variants timed 36 ms down to 1 ms: returned fastest first, and printed with TB/s and its
+    percentage of the bandwidth (the tiny shape's 409600 fp32 KV bytes in 1 ms: 4.096e-4 TB/s, 25% of 1.6384e-3)."""
+    import bench.bench_paged_attention as B
+
+    times = iter(range(36, 0, -1))
+    monkeypatch.setattr(B, "measure", lambda fn, device, **kw: (float(next(times)), float("nan")))
+    rows = B._sweep("s", *PAGED_TINY, dtype=torch.float32, device=torch.device("cpu"), bw=1.6384e9)
+    assert [r["ms"] for r in rows] == list(range(1, 37))
+    out = capsys.readouterr().out.split("fastest launch variants of s:\n")[1].splitlines()
+    assert len(out) == 5 and out[0].split()[1:5] == ["1.0000", "ms", "0.00", "TB/s"] and "(25%)" in out[0]
+    assert "2.0000 ms" in out[1] and "(12%)" in out[1]
+
+
+def test_paged_bench_without_a_gpu_times_the_tiny_shape(monkeypatch, tmp_path):
+    """main on a CPU (each call stubbed at 2 ms): the tiny shape only (a 13B decode step's cache would not be allocated
+    on a host by mistake), its KV bytes (bf16, the default --dtype) and floor at --bandwidth-tbs in the JSON."""
+    import bench.bench_paged_attention as B
+
+    real = B._bench_shape
+
+    def tiny_only(name, *a, **k):
+        assert name == "tiny-b4-c100", name  # (before its cache is allocated)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(B, "_bench_shape", tiny_only)
+    monkeypatch.setattr(B, "measure", lambda fn, device, **kw: (2.0, float("nan")))
+    out = tmp_path / "p.json"
+    B.main(["--bandwidth-tbs", "2", "--json", str(out)])
+    (row,) = json.loads(out.read_text())
+    kv = 4 * 100 * 2 * 64 * 2 * 2
+    assert (row["shape"], row["kv_bytes"], row["floor_ms"]) == ("tiny-b4-c100", kv, approx(kv / 2e12 * 1e3))
+    assert row["eager_gbs"] == approx(kv / 2e-3 / 1e9) and row["eager_mem_mb"] is None  # (nan: not measured)
+
+
 # bench/bench_gae.py
 
 
