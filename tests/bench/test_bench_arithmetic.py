@@ -450,6 +450,34 @@ def test_offload_recipe_costs_by_hand():
         assert r["seconds"] == approx(out_b / 10e9 + in_b / 20e9)
 
 
+def test_offload_recipe_streams_the_state_at_every_optimizer_step_of_every_epoch(monkeypatch):
+    """always moves the state both ways at each optimizer step: two PPO epochs over the rollout make 16 steps (the
+    recipe's one: 8), twice the bytes."""
+    import bench.bench_offload as B
+    from engine.config import PPOConfig
+
+    rates = {"ours: out (device -> host)": 10.0, "ours: in (host -> device)": 20.0, "ours: both ways at once": 25.0}
+    always = lambda rows: [r for r in rows if r["setting"] == "--offload-optimizer always"]
+    one = always(B.recipe_costs(rates))
+    monkeypatch.setattr(B, "PPOConfig", lambda: PPOConfig(ppo_epochs=2))
+    two = always(B.recipe_costs(rates))
+    assert [r["gb_out"] for r in two] == approx([2 * r["gb_out"] for r in one])
+    assert [r["seconds"] for r in two] == approx([2 * r["seconds"] for r in one])
+
+
+def test_offload_adam_figures_per_billion_parameters(monkeypatch, capsys):
+    """The optimizer step's printed ms and seconds per 1B parameters (0.5 s for 1e8 parameters: 500 ms, 5 s)."""
+    import bench.bench_offload as B
+
+    rates = {"ours: out (device -> host)": 10.0, "ours: in (host -> device)": 20.0, "ours: both ways at once": 25.0}
+    monkeypatch.setattr(B, "copy_rates", lambda nbytes, device, reps: rates)
+    monkeypatch.setattr(B, "adam_seconds", lambda config, device, reps: {"on the device": 0.5, "parameters": 10**8})
+    out = B.main(["--reps", "1"])
+    assert out["adam_seconds"] == {"on the device": 0.5} and out["adam_parameters"] == 10**8
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("on the device")]
+    assert line.split()[3:] == ["500.0", "ms", "5.00", "s", "per", "1B", "parameters"]
+
+
 # bench/activation_memory.py
 
 
