@@ -60,6 +60,68 @@ def test_logprob_bench_checks_before_timing(tmp_path, monkeypatch):
         B.main(["--warmup", "1", "--rep", "1", "--skip-compile"])
 
 
+def test_logprob_bench_stops_on_a_wrong_backward_or_a_wrong_ppo_loss_of_ours(monkeypatch):
+    """The checks before timing compare ours, not the reference, with the fp32 reference: token_logprobs' gradient 5%
+    off (its outputs right) stops the bench; so does the fused PPO loss 5% of its terms' size off (its gradients
+    right), however close to 0 the loss itself is."""
+    import torch
+
+    import bench.bench_logprob as B
+    from kernels import reference
+
+    class GradTimes(torch.autograd.Function):  # the identity, its gradient 1.05 x: right outputs, a wrong backward
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 1.05
+
+    flags = ["--warmup", "1", "--rep", "1", "--skip-compile", "--bandwidth", "2", "--tflops", "3"]
+    monkeypatch.setattr(B, "measure", lambda fn, device, **kw: (1.0, 0.0))
+    wrong_grad = lambda x, t, return_entropy=False: reference.token_logprobs(
+        GradTimes.apply(x), t, return_entropy=return_entropy
+    )
+    with monkeypatch.context() as m:
+        m.setattr(B, "token_logprobs", wrong_grad)
+        with pytest.raises(SystemExit, match="token_logprobs backward .* differs from the reference"):
+            B.main(flags)
+
+    def loss_off(logits, targets, old, adv, mask, **kw):
+        loss, *rest = reference.ppo_token_loss(logits, targets, old, adv, mask, **kw)
+        return (loss + 0.05 * adv.abs().mean(), *rest)
+
+    monkeypatch.setattr(B, "ppo_token_loss", loss_off)
+    with pytest.raises(SystemExit, match=r"ppo_token_loss\(hidden\) .* differs from the reference"):
+        B.main(flags)
+
+
+def test_logprob_bench_times_each_case_of_ours_as_named(monkeypatch):
+    """ours' rows time what they are named: fwd the log-probs alone, fwd+ent with the entropy, fwd+bwd with the entropy
+    and the backward (a leaf that requires grad)."""
+    import bench.bench_logprob as B
+    from kernels import reference
+
+    calls, timed = [], []
+
+    def ours(x, t, return_entropy=False):
+        calls.append((return_entropy, x.requires_grad))
+        return reference.token_logprobs(x, t, return_entropy=return_entropy)
+
+    def measure(fn, device, **kw):
+        done = len(calls)
+        fn()
+        timed.append(calls[done:])
+        return 1.0, 0.0
+
+    monkeypatch.setattr(B, "token_logprobs", ours)
+    monkeypatch.setattr(B, "measure", measure)
+    rows = B.main(["--skip-compile", "--skip-hidden", "--bandwidth", "2"])
+    assert [r["case"] for r in rows if r["impl"] == "ours"] == ["fwd", "fwd+ent", "fwd+bwd"]
+    assert timed[:3] == [[(False, False)], [(True, False)], [(True, True)]]
+
+
 def test_ppo_step_bench_smoke(tmp_path):
     """Timed PPO iterations of the tiny models (reference ops), with fewer generator slots than sequences, two samples
     per prompt and two PPO epochs."""
