@@ -140,16 +140,18 @@ def test_ppo_step_bench_smoke(tmp_path):
 
     best = min(json.loads((tmp_path / "p.json").read_text())["metrics"], key=lambda m: m["time_iteration"])
     assert best["step"] in (2 * 8, 3 * 8)  # (after the warm-up: 2 epochs of 16 sequences, 4 a step, per iteration)
+    # each phase's model TFLOP/s per GPU is the trainer's own metric of that phase
     new = 16 * best["response_len"]
-    for name, seconds, tokens in (
-        ("generate", best["time_generate"], new),
-        ("score (4 forwards)", best["time_score"], new + 16 * 24),
-        ("train (policy + value, fwd + bwd)", best["time_train"], 2 * (new + 16 * 24)),
-        ("iteration", best["time_iteration"], new + 16 * 24),
+    for name, seconds, tokens, tflops in (
+        ("generate", best["time_generate"], new, best["gen_tflops_gpu"]),
+        ("score (4 forwards)", best["time_score"], new + 16 * 24, best["score_tflops_gpu"]),
+        ("train (policy + value, fwd + bwd)", best["time_train"], 2 * (new + 16 * 24), best["train_tflops_gpu"]),
+        ("iteration", best["time_iteration"], new + 16 * 24, None),
     ):
         phase = out["phases"][name]
-        assert (phase["seconds"], phase["tokens"]) == (seconds, pytest.approx(tokens))
+        assert (phase["seconds"], phase["tokens"], phase["tflops_per_gpu"]) == (seconds, pytest.approx(tokens), tflops)
         assert phase["tok_s"] == pytest.approx(tokens / seconds)
+    assert len({best["gen_tflops_gpu"], best["score_tflops_gpu"], best["train_tflops_gpu"]}) == 3
 
 
 def test_ppo_step_bench_stopped_midway_keeps_its_timed_iterations(tmp_path, monkeypatch, capsys):
