@@ -570,3 +570,17 @@ def test_an_empty_prompt_string_beside_a_conversation_takes_the_conversation(tmp
     p = tmp_path / "p.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert read_prompt_file(p) == [q, q]
+
+
+def test_dropped_prompts_take_their_messages_and_lengths_with_them(tmp_path, tok):
+    """A prompt dropped as too long leaves the set whole: the kept prompts' messages and lengths are theirs, not the
+    file's first lines' (the messages read at a held-out prompt's side would be another prompt's text)."""
+    p = tmp_path / "p.jsonl"
+    texts = ["long " * 400, "first kept", "long " * 300, "second kept"]
+    p.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    ps = load_prompts(p, tok, max_prompt_len=64, verbose=False)
+    assert ps.dropped == 2 and [m[-1]["content"] for m in ps.messages] == ["first kept", "second kept"]
+    assert ps.prompts == [encode_chat(tok, m) for m in ps.messages] and ps.lengths == [len(x) for x in ps.prompts]
+    rest, held = ps.hold_out(1, seed=0)
+    for part in (rest, held):
+        assert part.prompts == [encode_chat(tok, m) for m in part.messages]
