@@ -584,3 +584,22 @@ def test_dropped_prompts_take_their_messages_and_lengths_with_them(tmp_path, tok
     rest, held = ps.hold_out(1, seed=0)
     for part in (rest, held):
         assert part.prompts == [encode_chat(tok, m) for m in part.messages]
+
+
+def test_a_prompt_string_beside_a_system_turn_and_question_keeps_the_system_turn(tmp_path):
+    """A line with a "prompt" string and a conversation of a system turn and the question: the conversation (the
+    string alone would lose the system turn), as with earlier exchanges."""
+    turns = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "q"}]
+    p = tmp_path / "p.jsonl"
+    p.write_text(json.dumps({"prompt": "q", "messages": turns}) + "\n")
+    assert read_prompt_file(p) == [turns]
+
+
+@pytest.mark.parametrize("content", [None, [{"type": "text", "text": "q"}], 3])
+def test_a_last_user_turn_without_string_content_is_refused_by_line(tmp_path, content):
+    """The question itself must be text: a null or a list of parts is named with its line (not an AttributeError
+    from inside), while an answer after it is not read."""
+    p = tmp_path / "p.jsonl"
+    p.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"messages": [{"role": "user", "content": content}]}))
+    with pytest.raises(ValueError, match=r"p\.jsonl:2: each message needs a role in .* and a string content"):
+        read_prompt_file(p)
