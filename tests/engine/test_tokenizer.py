@@ -603,3 +603,15 @@ def test_a_last_user_turn_without_string_content_is_refused_by_line(tmp_path, co
     p.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"messages": [{"role": "user", "content": content}]}))
     with pytest.raises(ValueError, match=r"p\.jsonl:2: each message needs a role in .* and a string content"):
         read_prompt_file(p)
+
+
+def test_a_tokenizer_that_adds_no_bos_gets_no_bos_warning(tmp_path, capsys):
+    """The missing-BOS warning is for a tokenizer that adds BOS to plain text: one that adds none (its template
+    leaving BOS out as well) is not warned about."""
+    d = _tokenizer_copy(tmp_path / "no_bos", _no_bos)
+    with open(os.path.join(d, "chat_template.jinja"), "w") as f:
+        f.write("{% for m in messages %}{{ '<|user|>\\n' + m['content'] + '\\n' }}{% endfor %}{{ '<|assistant|>\\n' }}")
+    other = load_tokenizer(d)
+    assert other("x")["input_ids"][:1] != [other.bos_token_id]  # (it adds no BOS)
+    ps = load_prompts(TINY_PROMPTS, other, template="tokenizer")
+    assert ps.prompts[0][0] != other.bos_token_id and "warning" not in capsys.readouterr().out
