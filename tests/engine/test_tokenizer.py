@@ -615,3 +615,14 @@ def test_a_tokenizer_that_adds_no_bos_gets_no_bos_warning(tmp_path, capsys):
     assert other("x")["input_ids"][:1] != [other.bos_token_id]  # (it adds no BOS)
     ps = load_prompts(TINY_PROMPTS, other, template="tokenizer")
     assert ps.prompts[0][0] != other.bos_token_id and "warning" not in capsys.readouterr().out
+
+
+def test_held_out_prompts_keep_the_files_order():
+    """The evaluation set drawn by hold_out is in the file's order, as the rest is (a seeded permutation picks
+    which prompts, not their order)."""
+    from engine.tokenizer import PromptSet
+
+    prompts = [[q, q + 1] for q in range(30)]
+    rest, held = PromptSet(prompts, [[{"role": "user", "content": str(p)}] for p in prompts]).hold_out(10, seed=3)
+    assert held.prompts == sorted(held.prompts) and rest.prompts == sorted(rest.prompts)
+    assert held.messages == [[{"role": "user", "content": str(p)}] for p in held.prompts]
