@@ -277,3 +277,11 @@ def test_memory_is_planned_from_config_json_before_any_weight_is_fetched(tmp_pat
     monkeypatch.setenv("LOCAL_RANK", "0")
     check_memory(PPOConfig(), RunConfig(policy="org/missing", reward="org/rm"), ProcessGrid(), cuda)
     assert "memory plan" not in capsys.readouterr().out  # skipped: resolve_run names org/missing
+
+
+def test_a_wordpiece_vocabulary_is_fetched_with_the_tokenizer_files(tmp_path, fake_hub):
+    """WordPiece's vocab.txt (a tokenizer without tokenizer.json) comes with the configs, as merges.txt does."""
+    (tmp_path / "src/policy/vocab.txt").write_text("[PAD]\n[UNK]\nhello\n")
+    (tmp_path / "src/policy/README.txt").write_text("x")  # (a text file the engine does not read: not fetched)
+    (path,) = hub.resolve(["org/policy"], weights=False)
+    assert "vocab.txt" in os.listdir(path) and "README.txt" not in os.listdir(path)
