@@ -285,3 +285,20 @@ def test_a_wordpiece_vocabulary_is_fetched_with_the_tokenizer_files(tmp_path, fa
     (tmp_path / "src/policy/README.txt").write_text("x")  # (a text file the engine does not read: not fetched)
     (path,) = hub.resolve(["org/policy"], weights=False)
     assert "vocab.txt" in os.listdir(path) and "README.txt" not in os.listdir(path)
+
+
+def test_a_reference_named_by_hub_id_is_pinned_and_fetched(tmp_path, fake_hub):
+    """--reference by Hub id, like --policy and --reward: pinned to its revision's commit and made a directory."""
+    from engine.state import RunConfig
+
+    run = hub.resolve_run(hub.pin_run(RunConfig(policy="org/policy", reference="org/rm@v1", reward="org/rm")))
+    sha = fake_hub.model_info("org/rm", "v1").sha
+    assert run.reference == str(tmp_path / f"cache/org--rm/{sha}") and os.path.isdir(run.reference)
+    assert hub.model_dirs(run)["reference"] == run.reference
+
+
+def test_only_a_full_commit_hash_counts_as_pinned(fake_hub):
+    """A revision that merely looks like hex (a branch "deadbeef", an abbreviated commit) is pinned to the full
+    commit it names now; only 40 hex digits are left as they are."""
+    pinned = hub.pin_revisions(["org/rm@deadbeef", "org/rm@" + "a" * 40], rank=0)
+    assert pinned == ["org/rm@" + fake_hub.model_info("org/rm", "deadbeef").sha, "org/rm@" + "a" * 40]
