@@ -319,6 +319,39 @@ def test_a_config_without_optional_keys_reads_as_transformers_reads_it():
     assert ours.max_position_embeddings == theirs.max_position_embeddings
 
 
+TINY_HF = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 176,
+           "num_hidden_layers": 2, "num_attention_heads": 4}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"attention_bias": True}, r"attention_bias=True is not supported"),
+        ({"mlp_bias": True}, r"mlp_bias=True is not supported"),
+        ({"hidden_act": "gelu"}, r"hidden_act 'gelu' is not supported"),
+        ({"num_key_value_heads": 0}, r"num_key_value_heads 0: not a positive integer"),
+        ({"head_dim": 0}, r"head_dim 0: not a positive integer"),
+        ({"num_key_value_heads": 3}, r"num_heads 4 is not a multiple of num_kv_heads 3"),
+        ({"head_dim": 15}, r"head_dim 15 must be even for the rotary embedding"),
+        ({"hidden_size": 66}, r"hidden_size 66 is not a multiple of num_heads 4"),
+    ],
+)
+def test_a_config_the_model_cannot_compute_is_refused(extra, message):
+    """config.json settings our Llama layers would silently compute otherwise (biases, another activation) or could
+    not shape (no heads, an odd head_dim, heads that do not group) are refused when read."""
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf({**TINY_HF, **extra})
+
+
+def test_config_json_dtype_eos_and_a_model_without_eos():
+    """transformers 5's "dtype" is read before the older "torch_dtype" beside it; a model without an EOS id has no
+    stop ids (not [None])."""
+    assert ModelConfig.from_hf({**TINY_HF, "dtype": "bfloat16", "torch_dtype": "float32"}).dtype == "bfloat16"
+    assert ModelConfig.from_hf({**TINY_HF, "torch_dtype": "float16"}).dtype == "float16"
+    assert ModelConfig.from_hf({**TINY_HF, "eos_token_id": None}).eos_token_ids == []
+    assert ModelConfig.from_hf({**TINY_HF, "eos_token_id": [7, 9]}).eos_token_ids == [7, 9]
+
+
 def test_last_token_scores_without_a_mask_is_the_last_column():
     s = torch.arange(12.0).view(3, 4)
     assert torch.equal(last_token_scores(s, None), s[:, -1])
