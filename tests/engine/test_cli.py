@@ -107,6 +107,9 @@ def test_a_checkpoint_of_the_wrong_kind_is_refused_before_anything_is_read_or_cl
         (["--warmup-ratio", "2"], r"warmup_ratio must be in \[0, 1\], got 2\.0"),
         (["--clip-ratio", "-0.2"], "clip_ratio must be >= 0"),
         (["--adam-betas", "0.9", "1.0"], r"adam_betas must be two numbers in \[0, 1\)"),
+        (["--adam-eps", "0"], r"adam_eps must be > 0, got 0\.0"),
+        (["--lam", "1.5"], r"lam must be in \[0, 1\], got 1\.5"),
+        (["--max-prompt-len", "0"], "max_prompt_len must be >= 1, got 0"),
         (["--max-iterations", "-1", "--keep-checkpoints", "0"], "keep_checkpoints must be >= 1, got 0; max_iterations"),
         (["--save-every", "-1"], "save_every must be >= 0"),
         (["--seed", "-1"], r"seed must be in \[0, 2\*\*32\), got -1"),
@@ -140,6 +143,13 @@ def test_nonsense_flags_are_refused_when_parsed(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(flags)
     assert e.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("betas", [(0.9,), (0.9, 0.99, 0.999)])
+def test_adam_betas_of_another_length_are_refused(betas):
+    """A config made in code or read back from a checkpoint has no argparse nargs=2 to hold its betas to two."""
+    with pytest.raises(ValueError, match=r"adam_betas must be two numbers in \[0, 1\)"):
+        PPOConfig(adam_betas=betas)
 
 
 def test_only_global_rank_0_prints_usage_errors_and_help(monkeypatch, capsys):
