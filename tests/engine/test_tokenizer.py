@@ -626,3 +626,25 @@ def test_held_out_prompts_keep_the_files_order():
     rest, held = PromptSet(prompts, [[{"role": "user", "content": str(p)}] for p in prompts]).hold_out(10, seed=3)
     assert held.prompts == sorted(held.prompts) and rest.prompts == sorted(rest.prompts)
     assert held.messages == [[{"role": "user", "content": str(p)}] for p in held.prompts]
+
+
+def test_a_tokenizer_without_eos_stops_at_the_generation_configs_ids_alone(tmp_path):
+    """No EOS in the tokenizer: the stop ids are generation_config.json's, with no None among them (the generator
+    refuses a stop id that is no token id)."""
+    from types import SimpleNamespace
+
+    from engine.tokenizer import response_stop_ids
+
+    no_eos = SimpleNamespace(eos_token_id=None)
+    assert response_stop_ids(no_eos, tmp_path) == []
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
+    assert response_stop_ids(no_eos, tmp_path) == [7, 9]
+
+
+def test_the_saved_template_without_a_generation_prompt_ends_after_the_last_turn(tok):
+    """TULU_CHAT_TEMPLATE (saved with a policy) renders a whole conversation without the trailing '<|assistant|>\\n'
+    when asked for no generation prompt (a chat to train on), as format_chat does."""
+    msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    rendered = tok.apply_chat_template(msgs, chat_template=TULU_CHAT_TEMPLATE, tokenize=False)
+    assert rendered == tok.bos_token + format_chat(msgs, tok.eos_token, add_generation_prompt=False)
+    assert rendered.endswith("y" + tok.eos_token + "\n")
