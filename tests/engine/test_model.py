@@ -331,6 +331,8 @@ TINY_HF = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "interme
         ({"hidden_act": "gelu"}, r"hidden_act 'gelu' is not supported"),
         ({"num_key_value_heads": 0}, r"num_key_value_heads 0: not a positive integer"),
         ({"head_dim": 0}, r"head_dim 0: not a positive integer"),
+        ({"max_position_embeddings": 0}, r"max_position_embeddings 0: not a positive integer"),  # (not 2048 quietly)
+        ({"num_hidden_layers": True}, r"num_hidden_layers True: not a positive integer"),
         ({"num_key_value_heads": 3}, r"num_heads 4 is not a multiple of num_kv_heads 3"),
         ({"head_dim": 15}, r"head_dim 15 must be even for the rotary embedding"),
         ({"hidden_size": 66}, r"hidden_size 66 is not a multiple of num_heads 4"),
