@@ -136,7 +136,7 @@ def recipe_costs(rates: dict[str, float]) -> list[dict]:
     """Bytes each offload setting moves per GPU and PPO iteration for the recipe's four 13B models, and seconds at the
     measured rates (8 optimizer steps of both trained models per iteration)."""
     c, cfg = ModelConfig.named("llama2-13b"), PPOConfig()
-    steps = cfg.ppo_epochs * cfg.rollout_batch_size // cfg.train_batch_size  # optimizer steps of both models
+    steps = cfg.steps_per_rollout  # optimizer steps of both models
     rows = []
     for tp in (8, 4):
         numels = {"policy": c.num_params("lm", tp), "reference": c.num_params("lm", tp),

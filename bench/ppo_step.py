@@ -117,7 +117,7 @@ def main(argv=None) -> dict:
             write_json(a.json, {"model": a.model, "partial": True, "metrics": runs})
     best = min(runs, key=lambda m: m["time_iteration"])
 
-    n_seq = rollout * cfg.samples_per_prompt
+    n_seq = cfg.rollout_sequences
     resp = best["response_len"] * n_seq
     seq_tok = resp + prompt_len * n_seq
     phases = [  # (the model TFLOP/s per GPU are the trainer's metrics: engine.model.forward_flops)

@@ -351,6 +351,17 @@ class PPOConfig:
     max_prompt_len: int = 1024  # longer prompts are dropped, not truncated
     recompute_old_logprobs_per_minibatch: bool = False  # the EasyLM quirk, off by default
 
+    @property
+    def rollout_sequences(self) -> int:
+        """Sequences a rollout generates: rollout_batch_size prompts x samples_per_prompt."""
+        return self.rollout_batch_size * self.samples_per_prompt
+
+    @property
+    def steps_per_rollout(self) -> int:
+        """Optimizer steps of each trained model per rollout: ppo_epochs passes over its sequences in minibatches of
+        train_batch_size."""
+        return self.ppo_epochs * self.rollout_sequences // self.train_batch_size
+
     def __post_init__(self) -> None:
         """Refuse a value that makes no sense when the flags are parsed, not after four models are loaded (or an
         hour in, when the warmup ends and the schedule is first asked for)."""
@@ -372,7 +383,7 @@ class PPOConfig:
             bad.append(f"adam_eps must be > 0, got {self.adam_eps}")
         if self.kl_target > 0 and self.kl_coef == 0:  # (the controller scales the coefficient: 0 stays 0)
             bad.append(f"kl_target {self.kl_target} needs a kl_coef > 0 to start the adaptive coefficient from")
-        sequences = self.rollout_batch_size * self.samples_per_prompt
+        sequences = self.rollout_sequences
         if self.kl_target > 0 and self.kl_horizon <= 0.2 * sequences:  # (a rollout moves it by <= 0.2 seqs / horizon)
             bad.append(f"kl_horizon must exceed a fifth of a rollout's {sequences} sequences (one rollout could take "
                        f"the adaptive KL coefficient to 0 or below), got {self.kl_horizon}")  # fmt: skip

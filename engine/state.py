@@ -226,7 +226,7 @@ def make_generator(policy: Transformer, cfg: PPOConfig, run: RunConfig):
 
 
 def check_batch_sizes(cfg: PPOConfig, grid: ProcessGrid) -> None:
-    seqs = cfg.rollout_batch_size * cfg.samples_per_prompt
+    seqs = cfg.rollout_sequences
     if seqs % cfg.train_batch_size:
         raise InvalidInput(f"rollout of {seqs} sequences is not a multiple of train_batch_size {cfg.train_batch_size}")
     if cfg.train_batch_size % grid.dp or cfg.rollout_batch_size % grid.dp:
@@ -524,7 +524,6 @@ def make_state(
     """TrainState from models already built: (policy, reference, value, reward); the frozen two are
     set to requires_grad=False. Used by setup() and by bench/ppo_step.py (random weights)."""
     check_batch_sizes(cfg, grid)
-    seqs = cfg.rollout_batch_size * cfg.samples_per_prompt
     policy, ref, value, reward = models
     ref.requires_grad_(False)
     reward.requires_grad_(False)
@@ -532,7 +531,7 @@ def make_state(
         prompts, cfg.rollout_batch_size, seed=run.seed, epochs=cfg.prompt_epochs, dp_rank=grid.dp_rank, dp_size=grid.dp
     )
     iterations = run_iterations(len(prompts), cfg, run)
-    steps_per_rollout = cfg.ppo_epochs * seqs // cfg.train_batch_size
+    steps_per_rollout = cfg.steps_per_rollout
     device = next(policy.parameters()).device
     setting = recompute.setting(run.activation_checkpointing, len(policy.layers), device)
     policy.activation_checkpointing = value.activation_checkpointing = setting
@@ -561,7 +560,7 @@ def decide_offload(state: TrainState) -> tuple[bool, bool]:
     nbytes = sum(state_bytes(o) for o in (state.policy_opt, state.value_opt) if o is not None)
     idle = idle_models(state)
     mbytes = sum(weight_bytes(m) for _, m, _ in idle)
-    wanted = min(run.gen_max_num_seqs, cfg.rollout_batch_size * cfg.samples_per_prompt // state.grid.dp)
+    wanted = min(run.gen_max_num_seqs, cfg.rollout_sequences // state.grid.dp)
     budget, per_seq = 0, 1
     if dev.type == "cuda" and {run.offload_optimizer, run.offload_idle_models} & {"auto", "rollouts"}:
         # the rollouts' KV cache in full-length sequences, with and without what is offloaded

@@ -452,7 +452,7 @@ def test_offload_recipe_costs_by_hand():
 
 def test_offload_recipe_streams_the_state_at_every_optimizer_step_of_every_epoch(monkeypatch):
     """always moves the state both ways at each optimizer step: two PPO epochs over the rollout make 16 steps (the
-    recipe's one: 8), twice the bytes."""
+    recipe's one: 8), twice the bytes; so do two samples per prompt (1024 sequences in minibatches of 64)."""
     import bench.bench_offload as B
     from engine.config import PPOConfig
 
@@ -463,6 +463,8 @@ def test_offload_recipe_streams_the_state_at_every_optimizer_step_of_every_epoch
     two = always(B.recipe_costs(rates))
     assert [r["gb_out"] for r in two] == approx([2 * r["gb_out"] for r in one])
     assert [r["seconds"] for r in two] == approx([2 * r["seconds"] for r in one])
+    monkeypatch.setattr(B, "PPOConfig", lambda: PPOConfig(samples_per_prompt=2))  # (a rollout of twice the sequences)
+    assert [r["gb_out"] for r in always(B.recipe_costs(rates))] == approx([2 * r["gb_out"] for r in one])
 
 
 def test_offload_adam_figures_per_billion_parameters(monkeypatch, capsys):
