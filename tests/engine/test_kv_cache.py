@@ -1,5 +1,6 @@
 """engine/kv_cache.py: block bookkeeping invariants, copy-on-write, pool sizing and views."""
 
+import os
 import random
 
 import pytest
@@ -345,9 +346,31 @@ def test_manager_and_pool_with_the_kernels():
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_optional_native_slot_mapping_matches():
-    """csrc/block_ops.cpp (built only with TULU_PPO_BUILD_CSRC=1) computes the same slots as Python."""
-    native = pytest.importorskip("engine._csrc")
+def _native_block_ops(build_dir):
+    """engine._csrc when installed (TULU_PPO_BUILD_CSRC=1), else csrc/block_ops.cpp compiled here (about 20 s) where
+    a C++ compiler and ninja are found; None without them."""
+    import shutil
+
+    try:
+        import engine._csrc as native
+
+        return native
+    except ImportError:
+        pass
+    from torch.utils.cpp_extension import is_ninja_available, load
+
+    if not (is_ninja_available() and (shutil.which("c++") or shutil.which("g++"))):
+        return None
+    source = os.path.join(os.path.dirname(__file__), "..", "..", "csrc", "block_ops.cpp")
+    return load(name="tulu_block_ops_test", sources=[source], build_directory=str(build_dir))
+
+
+def test_optional_native_slot_mapping_matches(tmp_path):
+    """csrc/block_ops.cpp (built into the package only with TULU_PPO_BUILD_CSRC=1; compiled by the test otherwise)
+    computes the same slots as Python, and refuses a position past a sequence's table."""
+    native = _native_block_ops(tmp_path)
+    if native is None:
+        pytest.skip("no engine._csrc, and no C++ compiler and ninja to build csrc/block_ops.cpp")
     bm = BlockManager(num_blocks=64, block_size=4)
     for sid, n in enumerate([5, 1, 12, 8]):
         bm.allocate(sid, n)
@@ -356,6 +379,8 @@ def test_optional_native_slot_mapping_matches():
     counts = [bm.num_tokens(s) - st for s, st in zip(ids, starts)]
     got = native.slot_mapping(bm.block_table(ids), torch.tensor(starts), torch.tensor(counts), 4)
     assert torch.equal(got, bm.slot_mapping(ids, starts))
+    with pytest.raises(RuntimeError, match="position 12 of sequence 2 is past its block table"):
+        native.slot_mapping(bm.block_table(ids), torch.tensor(starts), torch.tensor([1, 1, 6, 1]), 4)
 
 
 def test_block_table_as_wide_as_the_longest_table():
