@@ -25,7 +25,8 @@ fails it: biased variance in the whitening, the KL penalty's sign, the value los
 the EOS penalty's condition, the value clip dropped or doubled, gamma in GAE's lambda term, the clip fraction's
 comparison, a loss metric scaled by 1e-4, a micro-batch's loss divided by its own tokens, the LR decaying after the
 warmup, the grad-norm clip applied to norms under the limit, every response marked as ended by EOS, the Triton GAE
-kernel's gamma * lambda off by 1e-3.
+kernel's gamma * lambda off by 1e-3, the KL per token or the generator's log-prob gap averaged over
+sequences instead of tokens.
 
 The engine's options beyond the recipe run against the same oracle in two more iterations (reference ops): "epochs"
 (two PPO epochs, the second in a fresh order of the rollout's sequences; two samples per prompt; the k3 estimator;
@@ -326,7 +327,9 @@ def check_iteration_against_the_oracle(tmp_path, monkeypatch, ops: str, device: 
     expected = {"kl": flat("kl").sum() / n_seq, "reward": flat("rewards").sum() / n_seq,
                 "score": sum(s["score"] for s in scored) / n_seq, "score_penalized": sum(penalized) / n_seq,
                 "value": flat("values").sum() / n_tok, "returns": flat("returns").sum() / n_tok,
-                "response_len": n_tok / n_seq, "no_eos_frac": hit.count(False) / n_seq}  # fmt: skip
+                "response_len": n_tok / n_seq, "no_eos_frac": hit.count(False) / n_seq,
+                "kl_per_token": flat("kl").sum() / n_tok,  # (the rollout's mean per response token)
+                "gen_logprob_gap": (ro.gen_logprobs.cpu() - ro.logprobs).double().abs().sum() / n_tok}  # fmt: skip
     for k, v in expected.items():
         assert metrics[k] == pytest.approx(float(v), rel=1e-5, abs=1e-6), (k, metrics[k], v)
     if device == "cpu":  # (what was sampled: another device samples other responses)
