@@ -131,6 +131,25 @@ def test_save_every_minutes_checkpoints_by_the_clock(tmp_path, monkeypatch):
     assert all(m["mem_gib_generate"] == m["mem_gib_train"] == 0.0 for m in history)  # (GPU only)
 
 
+def test_each_iteration_is_checkpointed_once(tmp_path, monkeypatch):
+    """--save-every 2 of 4 iterations saves at 2 and 4, the last not a second time at the end of the loop; a resumed
+    run that has nothing left to train saves nothing (at 13B a checkpoint is written for minutes)."""
+    saved = []
+    real = save_checkpoint
+
+    def save(state):
+        saved.append(state.iteration)
+        return real(state)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    flags = ["--max-iterations", "4", "--save-every", "2", "--keep-checkpoints", "9", "--eval-prompts", ""]
+    assert len(run_tiny(tmp_path, *flags)) == 4 and saved == [2, 4]
+    saved.clear()
+    assert run_tiny(tmp_path, *flags, "--resume") == [] and saved == []
+    run_tiny(tmp_path, "--max-iterations", "5", "--resume", "--keep-checkpoints", "9")  # (5: not a multiple of 2)
+    assert saved == [5]
+
+
 def test_resume_after_a_crash_keeps_one_metrics_line_per_iteration(tmp_path):
     """A run that logged iteration 3 but died before checkpointing it (and in the middle of writing iteration 4's
     line, and after leaving a checkpoint 1 without its value model and a 5 `latest` never pointed to) resumes from 2:
