@@ -1,6 +1,7 @@
 """The PPO loop on CPU with the tiny models: micro-batching, the EasyLM quirk, the order of the two models'
 reductions, non-finite losses, gradient norms and scores, profiling, sampling, where the reward is read, the PPO
-epochs' reshuffle, phase times, DP 2 x TP 2 against one process (torchrun, gloo), and the rollout's other inputs."""
+epochs' reshuffle, phase times and the throughput metrics, DP 2 x TP 2 against one process (torchrun, gloo), and the
+rollout's other inputs."""
 
 import json
 import os
@@ -263,6 +264,43 @@ def test_later_ppo_epochs_reshuffle_with_any_seed():
     gen = torch.Generator().manual_seed(((3 * 1_000_003 + 5) * 101 + 1) * 100_003 + 2)  # (column 2 of seed 3)
     rows = torch.randperm(3, generator=gen).tolist()
     assert [order(3)[k * 4 + 2] for k in range(3)] == [r * 4 + 2 for r in rows]
+
+
+@pytest.mark.parametrize("quirk", [False, True])
+def test_throughput_metrics_count_each_phases_tokens_and_flops(tmp_path, monkeypatch, quirk):
+    """Each phase's tokens/s and TFLOP/s times its time give its work, counted here from the rollout (four samples per
+    prompt, two PPO epochs): generation samples the response tokens after each prompt's prefill once (its samples share
+    its cache), scoring runs the four models over every sequence, training the policy's and the value model's forward
+    and backward (3 forwards) over every sequence in each epoch, with the EasyLM quirk's no-grad policy forward too."""
+    from engine.model import forward_flops
+
+    flags = ["--max-iterations", "1", "--rollout-batch-size", "4", "--samples-per-prompt", "4", "--ppo-epochs", "2",
+             "--eval-prompts", ""]  # fmt: skip
+    state = tiny_state(tmp_path, *flags, *(["--recompute-old-logprobs-per-minibatch"] if quirk else []))
+    rollouts, original = [], trainer.generate_rollout
+    monkeypatch.setattr(trainer, "generate_rollout", lambda *a: rollouts.append(original(*a)) or rollouts[-1])
+    with dispatch.reference_ops():
+        m = trainer.ppo_iteration(state)
+    (ro,) = rollouts
+    n_seq, n_resp = len(ro.responses), sum(len(r) for r in ro.responses)
+    seq_tokens = sum(len(p) + len(r) for p, r in zip(ro.prompts, ro.responses))
+    sq = sum((len(p) + len(r)) ** 2 for p, r in zip(ro.prompts, ro.responses))
+    unique = ro.prompts[::4]  # (each prompt's four samples side by side)
+    assert [p for p in unique for _ in range(4)] == ro.prompts and n_seq == 16
+    prefill, prefill_sq = sum(len(p) for p in unique), sum(len(p) ** 2 for p in unique)
+    # (a sequence's last token is never fed; a prompt's own attention is computed once, not once per sample)
+    gen = forward_flops(state.policy.config, prefill + n_resp - n_seq, sq - 3 * prefill_sq, "lm", n_resp)
+    fwd = {name: forward_flops(model.config, seq_tokens, sq, head, rows)
+           for name, model, head, rows in (("policy", state.policy, "lm", n_resp), ("ref", state.ref, "lm", n_resp),
+                                           ("value", state.value, "score", n_resp),
+                                           ("reward", state.reward, "score", n_seq))}  # fmt: skip
+    train = 2 * (3 * (fwd["policy"] + fwd["value"]) + (fwd["policy"] if quirk else 0.0))
+    work = {"gen_tok_s": ("time_generate", n_resp), "score_tok_s": ("time_score", seq_tokens),
+            "train_tok_s": ("time_train", 2 * seq_tokens), "gen_tflops_gpu": ("time_generate", gen / 1e12),
+            "score_tflops_gpu": ("time_score", sum(fwd.values()) / 1e12),
+            "train_tflops_gpu": ("time_train", train / 1e12)}  # fmt: skip
+    for k, (time_key, want) in work.items():
+        assert m[k] * m[time_key] == pytest.approx(want, rel=1e-9), k
 
 
 def test_phase_times_are_the_slowest_ranks(tmp_path, monkeypatch):
