@@ -422,6 +422,23 @@ def test_the_tiny_models_follow_the_seed(tmp_path):
     assert os.stat(os.path.join(policy, "model.safetensors")).st_mtime_ns == stamp
 
 
+def test_the_tiny_models_stop_sometimes_and_score_on_the_order_of_1(tmp_path):
+    """engine.train_ppo.build_tiny_models' two adjustments of the random models, which the demo needs: the policy's EOS
+    logit makes it stop now and then (1 in 42 tokens on random contexts: without it 1 in 540, and every response
+    would take the missing-EOS penalty), and the reward model's scores spread on the order of 1 (so the reward
+    outweighs the KL term)."""
+    from engine.train_ppo import build_tiny_models
+
+    policy_dir, reward_dir = build_tiny_models(str(tmp_path), seed=0)
+    policy, rm = load_pretrained(policy_dir, head="lm"), load_pretrained(reward_dir, head="score")
+    ids = torch.randint(3, policy.config.vocab_size, (16, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), dispatch.reference_ops():
+        p_eos = policy(ids).float().softmax(-1)[..., policy.config.eos_token_id].mean().item()
+        scores = rm(ids)[:, -1]
+    assert 1 / 100 < p_eos < 1 / 10, p_eos
+    assert 0.5 < scores.std().item() < 10, scores
+
+
 def test_a_response_cut_by_the_length_limit_did_not_hit_eos():
     from engine.generate import Completion
     from engine.rollout import generate_rollout
