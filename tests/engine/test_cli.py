@@ -348,6 +348,14 @@ def test_the_tiny_default_never_deletes_another_run(tmp_path):
     assert [m["iteration"] for m in run_tiny(tmp_path / "copy", "--max-iterations", "2", "--resume")] == [2]
 
 
+def test_the_tiny_default_starts_over_in_its_directory_without_a_launch_record(tmp_path):
+    """A demo's directory with no launches.jsonl (from before it was written, or removed) is still the demo's (its
+    init/ models are there): a fresh demo run starts over in it instead of refusing it as another run's."""
+    run_tiny(tmp_path, "--max-iterations", "1", "--eval-prompts", "")
+    os.remove(tmp_path / "launches.jsonl")
+    assert [m["iteration"] for m in run_tiny(tmp_path, "--max-iterations", "1", "--eval-prompts", "")] == [1]
+
+
 def test_an_evaluation_of_the_tiny_default_never_deletes_its_training_run(tmp_path):
     """--eval-only without --policy (the tiny default's init models) into the directory the demo trained in is refused
     as any --eval-only into a run's directory is, not taken for the demo starting over: its checkpoints and logs
