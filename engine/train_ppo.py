@@ -188,8 +188,8 @@ def build_tiny_models(directory: str, seed: int = 0) -> tuple[str, str]:
             # A random model almost never samples EOS (1 in 512), so every response would get the
             # missing-EOS penalty and the RM score would never matter: give every embedding a shared
             # component that the LM head turns into an EOS logit: p(EOS) about 1/40 on random contexts over the
-            # whole vocabulary (tests/engine/test_trainer.py checks 1/100 to 1/10); the tiny preset's sampling,
-            # temperature and the 50 likeliest tokens, stops responses after ~5 tokens.
+            # whole vocabulary at temperature 1 (tests/engine/test_trainer.py checks 1/100 to 1/10); EOS is then
+            # the likeliest token, and sampling at the recipe's temperature 0.7 ends responses after ~5 tokens.
             policy.embed_tokens.weight[:, 0] += 0.1
             policy.lm_head.weight[cfg.eos_token_id, 0] = 0.85
         save_pretrained(policy, policy_dir, tokenizer_dir=TINY_DIR)
