@@ -161,6 +161,24 @@ def _number(name: str) -> int | None:
     return int(digits) if name.startswith("checkpoint-") and digits.isdigit() else None
 
 
+def check_resumable(output_dir: str) -> None:
+    """--resume where `latest` is missing: complete checkpoints there (`latest` removed, or not copied with them) would
+    otherwise be taken for none, and the fresh start would delete them (--overwrite-output-dir or not: the tiny
+    default's runs start over with it)."""
+    if latest_checkpoint(output_dir) is not None or not os.path.isdir(output_dir):
+        return
+    whole = [
+        d for d in sorted(os.listdir(output_dir)) if _number(d) is not None and _complete(os.path.join(output_dir, d))
+    ]
+    if whole:
+        raise MissingInput(
+            f"--resume: {output_dir} holds {', '.join(whole)} but no `latest` naming the checkpoint to resume from "
+            f'(removed, or not copied with them?): write {{"checkpoint": "{whole[-1]}"}} into '
+            f"{os.path.join(output_dir, LATEST)} to resume from it, or start over without --resume "
+            "(--overwrite-output-dir deletes them)"
+        )
+
+
 def prune_checkpoints(out: str, current: str, keep: int) -> None:
     """After checkpoint `current` is the latest: keep it and the keep - 1 newest complete checkpoints before it;
     remove the older ones and what a dead run left (an incomplete checkpoint, or one after `current` that `latest`

@@ -26,6 +26,7 @@ from engine.offload import HostCopies, state_bytes, weight_bytes
 from engine.optim import Optimizer, make_optimizer
 from engine.parallel import ProcessGrid, agree, backend_for, init_process_grid, print0, raise_together
 from engine.resume import (
+    check_resumable,
     check_writable,
     fingerprint_models,
     latest_checkpoint,
@@ -289,6 +290,7 @@ def setup(
     memory_plan.check_offload_setting(run.offload_idle_models, "--offload-idle-models")
     grid = grid or init_process_grid(run.tp, backend_for(run.device), timeout_minutes=run.dist_timeout_minutes)
     if run.resume:  # (before anything is checked or planned from the hyperparameters: the checkpoint's, unless given)
+        check_resumable(run.output_dir)  # (checkpoints without `latest`: refused, not deleted by a fresh start)
         cfg = resumed_config(cfg, run)
     check_batch_sizes(cfg, grid)  # before loading four models
     if cfg.samples_per_prompt > run.gen_max_num_seqs:  # (a prompt's samples decode together)

@@ -174,6 +174,24 @@ def test_resume_after_a_crash_keeps_one_metrics_line_per_iteration(tmp_path):
         trim_logs(str(tmp_path), 1)
 
 
+def test_a_resume_without_latest_keeps_the_checkpoints_and_names_the_one_to_resume(tmp_path):
+    """--resume in a directory whose complete checkpoints lost their `latest` (removed, or not copied with them) is
+    refused, naming the newest to write into it, not started over: that deleted every checkpoint there; written, the
+    resume continues from it."""
+    run_tiny(tmp_path, "--max-iterations", "2", "--save-every", "1", "--keep-checkpoints", "2")
+    (tmp_path / "latest").unlink()
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"--resume: .* holds checkpoint-000001, checkpoint-000002 but no "
+        r'`latest` .*: write \{"checkpoint": "checkpoint-000002"\} into .*latest to resume from it',
+    ):
+        run_tiny(tmp_path, "--max-iterations", "3", "--resume")
+    assert sorted(d.name for d in tmp_path.glob("checkpoint-*")) == ["checkpoint-000001", "checkpoint-000002"]
+    (tmp_path / "latest").write_text(json.dumps({"checkpoint": "checkpoint-000002"}))
+    run_tiny(tmp_path, "--max-iterations", "3", "--resume")
+    assert [json.loads(x)["iteration"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
 def test_a_checkpoint_is_durable_before_latest_points_to_it(tmp_path, monkeypatch):
     """Every file is fsynced before its rename and every directory whose entries changed after it: each model's
     directory before it is renamed into place, the checkpoint's parent after, checkpoint-N before `latest` moves,
