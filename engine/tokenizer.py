@@ -193,6 +193,13 @@ def encode_chat(tokenizer, messages: list[dict], template: str = "tulu") -> list
         )
     except (TemplateError, ValueError, KeyError, TypeError) as e:  # (a template's raise_exception, its own errors)
         raise InvalidInput(f"the chat template failed on this prompt: {first_line(e)}") from e
+    question = next(m["content"] for m in reversed(messages) if m["role"] == "user").strip()
+    if question not in text:  # (a template for other keys, ShareGPT's from/value: Jinja prints a missing one as "")
+        raise InvalidInput(
+            f"the chat template printed this prompt without the text of its last user turn ({question[:40]!r}): "
+            "does it read other keys than a message's 'role' and 'content'? (use --chat-template tulu, or a "
+            "tokenizer whose template prints them)"
+        )
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

@@ -338,6 +338,24 @@ def test_template_dates_are_fixed_and_template_errors_name_the_prompt(tmp_path):
         load_prompts(p, other, template="tokenizer")
 
 
+def test_a_template_that_prints_no_prompt_text_is_refused_by_line(tmp_path):
+    """A chat template that does not print the conversation's messages (one written for other keys, ShareGPT's
+    from/value: Jinja renders a missing key as nothing) is refused at the prompt's line: the run trained on its
+    generation prompt alone, silently, or, where the template printed nothing at all, failed on a prompt of no
+    tokens with a traceback."""
+    shutil.copytree(TINY_DIR, tmp_path / "tok")
+    p = tmp_path / "p.jsonl"
+    p.write_text(json.dumps({"prompt": "Why is the sky blue?"}) + "\n")
+    for template in (
+        "{% for m in messages %}{% if m['from'] == 'human' %}{{ 'USER: ' + m['value'] }}{% endif %}{% endfor %}A:",
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}{% endif %}{% endfor %}",
+    ):
+        (tmp_path / "tok" / "chat_template.jinja").write_text(template)
+        with pytest.raises(ValueError, match=r"p.jsonl:1: the chat template printed this prompt without the text of "
+                           r"its last user turn \('Why is the sky blue\?'\)"):  # fmt: skip
+            load_prompts(p, load_tokenizer(tmp_path / "tok"), template="tokenizer")
+
+
 def test_a_fault_of_ours_in_encoding_a_prompt_is_not_blamed_on_the_template(tmp_path, monkeypatch):
     """Only the template's rendering is reported as the template's failure (an input error naming the prompt's
     line); the same kinds of error raised by our own formatting or by the tokenizer keep their traceback."""
