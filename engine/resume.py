@@ -256,8 +256,8 @@ def start_fresh(
     raise_together(error, "starting the run")
     if held and rank == 0:
         for name in held:
-            target = os.path.join(output_dir, name)
-            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+            target = os.path.join(output_dir, name)  # (a link, to a checkpoint kept elsewhere say: the link alone goes)
+            shutil.rmtree(target) if os.path.isdir(target) and not os.path.islink(target) else os.remove(target)
 
 
 def record_launch(state: TrainState) -> None:

@@ -665,3 +665,17 @@ def test_trim_logs_removes_the_evaluations_after_the_checkpoint(tmp_path):
         (tmp_path / "eval" / f"iter-{n:06d}.jsonl").write_text("{}\n")
     trim_logs(str(tmp_path), 4)
     assert sorted(os.listdir(tmp_path / "eval")) == ["iter-000002.jsonl", "iter-000004.jsonl"]
+
+
+def test_starting_over_removes_a_linked_checkpoint_not_what_it_links_to(tmp_path):
+    """--overwrite-output-dir where the run holds a checkpoint-* symlink (a `checkpoint-best` kept on another disk)
+    removes the link and leaves what it links to: rmtree refused the link, and the run stopped with a traceback
+    halfway through emptying the directory (its `latest` naming a checkpoint already deleted)."""
+    from engine.resume import LATEST, start_fresh
+
+    out, kept = tmp_path / "out", _fake_ckpt(tmp_path / "elsewhere", 2)
+    _fake_ckpt(out, 3)
+    (out / "checkpoint-best").symlink_to(kept)
+    (out / LATEST).write_text(json.dumps({"checkpoint": "checkpoint-000003"}))
+    start_fresh(str(out), True, 0)
+    assert os.listdir(out) == [] and sorted(os.listdir(kept)) == ["policy", "state-rank00000.pt", "value"]
