@@ -117,13 +117,18 @@ class PromptBatches:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key, mine in (("seed", self.seed), ("num_prompts", len(self.prompts)), ("batch_size", self.batch_size)):
+        for key, mine, why in (
+            ("seed", self.seed, "--seed: resume with the run's"),
+            ("num_prompts", len(self.prompts), "another --prompts file, or other prompts dropped by --max-prompt-len "
+             "or held out by --eval-holdout: resume with the run's"),
+            ("batch_size", self.batch_size, "--rollout-batch-size: resume with the run's"),
+        ):  # fmt: skip
             if state[key] != mine:
-                raise InvalidInput(f"cannot resume the prompt order: saved {key} {state[key]}, now {mine}")
+                raise InvalidInput(f"cannot resume the prompt order: saved {key} {state[key]}, now {mine} ({why})")
         if state.get("prompts_digest", self.digest) != self.digest:  # (older checkpoints have none)
             raise InvalidInput(
                 "cannot resume: the prompts are other tokens than the checkpoint's run trained on (another --prompts "
-                "file, tokenizer, --chat-template or --max-prompt-len); resume with the same ones"
+                "file, tokenizer, --chat-template, --max-prompt-len or --eval-holdout); resume with the same ones"
             )
         self.epoch, self.batch = state["epoch"], state["batch"]
 

@@ -20,6 +20,7 @@ import torch
 
 from engine.checkpoint import fsync_dir, fsync_file, save_pretrained
 from engine.config import LEGACY_PPO_VALUES
+from engine.data import PromptBatches
 from engine.errors import InvalidInput, MissingInput, OutputInUse, UnwritableOutput, first_line
 from engine.hub import model_dirs
 from engine.optim import load_optimizer_state, optimizer_state
@@ -438,6 +439,16 @@ def check_models(saved: dict | None, now: dict | None, allow: bool) -> None:
     if not allow:
         raise InvalidInput(f"{what}: pass the same checkpoints, or --resume-other-models if that is meant")
     print0(f"warning: {what} (--resume-other-models)")
+
+
+def check_prompt_order(ckpt: str, prompts: list[list[int]], cfg, seed: int) -> None:
+    """This run's prompts, --seed and --rollout-batch-size against the prompt order checkpoint `ckpt` continues (rank
+    0's state file, memory-mapped), before any weight is read: a resume that cannot continue it is refused then, not
+    once four models are loaded."""
+    fn = _state_file(ckpt, 0)
+    if os.path.exists(fn):  # (a missing one is named by load_trainer_state)
+        data = PromptBatches(prompts, cfg.rollout_batch_size, seed=seed, epochs=cfg.prompt_epochs)
+        data.load_state_dict(load_state_file(fn)["data"])
 
 
 def saved_ppo_config(ckpt: str) -> dict:

@@ -26,6 +26,7 @@ from engine.offload import HostCopies, state_bytes, weight_bytes
 from engine.optim import Optimizer, make_optimizer
 from engine.parallel import ProcessGrid, agree, backend_for, init_process_grid, print0, raise_together
 from engine.resume import (
+    check_prompt_order,
     check_resumable,
     check_writable,
     fingerprint_models,
@@ -320,6 +321,8 @@ def setup(
     ckpt = latest_checkpoint(run.output_dir) if run.resume else None
     if run.resume:
         print0(f"resuming from {ckpt}" if ckpt else f"--resume: no checkpoint in {run.output_dir} yet, starting fresh")
+    if ckpt:
+        check_prompt_order(ckpt, prompt_set.prompts, cfg, run.seed)  # (before any weight is read)
     sources = model_sources(run, ckpt)
     check_checkpoints(sources)  # (before an output directory is cleared and before any weight is read)
     fingerprints = fingerprint_models(run, ckpt, grid.rank)  # (a resume with other frozen models: refused here)

@@ -679,3 +679,20 @@ def test_starting_over_removes_a_linked_checkpoint_not_what_it_links_to(tmp_path
     (out / LATEST).write_text(json.dumps({"checkpoint": "checkpoint-000003"}))
     start_fresh(str(out), True, 0)
     assert os.listdir(out) == [] and sorted(os.listdir(kept)) == ["policy", "state-rank00000.pt", "value"]
+
+
+def test_a_resume_that_cannot_continue_the_prompt_order_is_refused_before_any_weight_is_read(tmp_path, monkeypatch):
+    """Another --seed, or another prompt set (another --prompts file, --max-prompt-len, --eval-holdout), is refused
+    naming the flag before any model is loaded: it was found only once the four models were (minutes at 13B)."""
+    from engine.tokenizer import TINY_DIR, TINY_PROMPTS
+
+    run_tiny(tmp_path, "--max-iterations", "1")  # (the tiny models, in init/)
+    init, out = tmp_path / "init", tmp_path / "run"
+    flags = ["--policy", str(init / "policy"), "--reward", str(init / "reward"), "--prompts", TINY_PROMPTS,
+             "--tokenizer", TINY_DIR, "--max-iterations", "2", "--resume"]  # fmt: skip
+    run_tiny(out, *flags[:-3], "--max-iterations", "1")
+    monkeypatch.setattr(state_mod, "load_pretrained", lambda *a, **k: pytest.fail("weights read"))
+    with pytest.raises(ValueError, match=r"prompt order: saved seed 0, now 1 \(--seed: resume with the run's\)"):
+        run_tiny(out, *flags, "--seed", "1")
+    with pytest.raises(ValueError, match=r"saved num_prompts 48, now 40 \(another --prompts file, or .*--eval-holdout"):
+        run_tiny(out, *flags, "--eval-holdout", "8")
