@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.config import json_error
+from engine.config import json_error, read_json
 from engine.errors import InputError, InvalidInput, MissingInput, first_line, named
 
 try:
@@ -51,6 +51,11 @@ CHAT_TEMPLATES = ("tulu", "tokenizer")
 TEMPLATE_DATE = "26 Jul 2024"
 
 
+# the JSON files transformers reads a tokenizer's settings from beside tokenizer.json (tokenizer_config.json,
+# special_tokens_map.json, added_tokens.json, chat_template.json)
+TOKENIZER_JSON_FILES = ("tokenizer_config", "special_tokens_map", "added_tokens", "chat_template")
+
+
 def load_tokenizer(path: str | os.PathLike = TINY_DIR):
     """An HF fast tokenizer from local files (tokenizer.json / tokenizer_config.json); never downloads."""
     from transformers import AutoTokenizer
@@ -67,6 +72,8 @@ def load_tokenizer(path: str | os.PathLike = TINY_DIR):
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:
         listed = os.listdir(path)
+        for fn in sorted(n for n in listed if n.endswith(".json") and n.startswith(TOKENIZER_JSON_FILES)):
+            read_json(os.path.join(path, fn))  # (one cut short or mis-edited is named: transformers' error names none)
         if "tokenizer.json" in listed:  # (a damaged one: the tokenizers library's parse error names no file)
             raise InvalidInput(
                 f"transformers cannot load the tokenizer in {path} ({type(e).__name__}: {first_line(e)}): is its "

@@ -387,6 +387,16 @@ def test_generation_config_eos_ids_end_responses(tmp_path):
     assert response_stop_ids(tok, tmp_path) == [2, 9]
 
 
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "special_tokens_map.json"])
+def test_a_damaged_tokenizer_file_beside_a_whole_tokenizer_json_is_named(tmp_path, name):
+    """A tokenizer file cut short or mis-edited (a trailing comma after adding a pad token by hand) is named with
+    where it fails: the error blamed tokenizer.json ("is its tokenizer.json whole?"), which was whole."""
+    shutil.copytree(TINY_DIR, tmp_path / "tok")
+    (tmp_path / "tok" / name).write_text('{"bos_token": "<s>", "pad_token": "</s>",}')
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/tok/{name} is not valid JSON \(Expecting property name"):
+        load_tokenizer(tmp_path / "tok")
+
+
 def test_files_that_are_no_tokenizer_or_no_text_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no tokenizer \\(no tokenizer.json\\)"):
