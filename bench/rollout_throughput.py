@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import sys
 import time
@@ -88,8 +89,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--top-k must be >= 0 (0: off), got {a.top_k}")
     if not 0 < a.kv_cache_fraction <= 1:
         p.error(f"--kv-cache-fraction must be in (0, 1], got {a.kv_cache_fraction}")
-    if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
-        p.error(f"--json {a.json}: its directory does not exist (the figures would be lost after the run)")
+    if a.block_size & (a.block_size - 1):
+        p.error(f"--block-size must be a power of two (the kernels tile by it), got {a.block_size}")
+    if not (math.isfinite(a.temperature) and a.temperature >= 0):
+        p.error(f"--temperature must be a finite number >= 0 (0: greedy), got {a.temperature}")
+    for flag in ("bandwidth", "tflops"):  # (given: a figure of the device, never 0 or less)
+        if getattr(a, flag) is not None and not (math.isfinite(getattr(a, flag)) and getattr(a, flag) > 0):
+            p.error(f"--{flag} must be a positive number (default: measured), got {getattr(a, flag)}")
+    if a.json and (os.path.isdir(a.json) or not os.path.isdir(os.path.dirname(os.path.abspath(a.json)))):
+        p.error(f"--json {a.json}: not a file in an existing directory (the figures would be lost after the run)")
     return a
 
 

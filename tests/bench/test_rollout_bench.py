@@ -28,14 +28,22 @@ def test_rollout_bench_smoke(tmp_path):
 
 
 def test_rollout_bench_refuses_impossible_flags(tmp_path, capsys):
-    """0 is not the default in disguise, and a --json whose directory is missing is refused before the run."""
+    """0 is not the default in disguise, impossible numbers are named, and a --json that is no file in an existing
+    directory is refused before the run (not a traceback, or figures lost after it)."""
     from bench.rollout_throughput import parse_args
 
     for flags, message in (
         (["--batch", "0"], "--batch must be >= 1, got 0"),
         (["--gen-len", "0"], "--gen-len must be >= 1, got 0"),
         (["--repeats", "0"], "--repeats must be >= 1"),
-        (["--json", str(tmp_path / "nodir" / "r.json")], "its directory does not exist"),
+        (["--json", str(tmp_path / "nodir" / "r.json")], "not a file in an existing directory"),
+        (["--json", str(tmp_path)], "not a file in an existing directory"),  # (a directory: lost after the run)
+        (["--block-size", "7"], "--block-size must be a power of two"),
+        (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+        (["--temperature", "nan"], "--temperature must be a finite number >= 0"),
+        (["--bandwidth", "0"], "--bandwidth must be a positive number"),  # (0 fell back to the measured one)
+        (["--bandwidth", "-1"], "--bandwidth must be a positive number"),  # (negative rooflines)
+        (["--tflops", "inf"], "--tflops must be a positive number"),
     ):
         with pytest.raises(SystemExit):
             parse_args(flags)
