@@ -44,6 +44,8 @@ def checked_rope(params: dict, max_position_embeddings: int) -> Rope:
         return Rope.from_hf(params, max_position_embeddings)
     except ValueError as e:
         raise InvalidInput(str(e)) from e
+    except TypeError as e:  # (a setting of the wrong kind: "factor": null, a list)
+        raise InvalidInput(f"config.json's rope settings are not numbers where they must be ({e})") from e
 
 
 # the config.json entries a model's shape cannot do without

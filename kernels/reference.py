@@ -42,7 +42,10 @@ class Rope:
     KINDS = ("default", "linear", "llama3")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "theta", float(self.theta))
+        try:
+            object.__setattr__(self, "theta", float(self.theta))
+        except (TypeError, ValueError):  # (config.json's "rope_theta": null, or a string)
+            raise ValueError(f"rope_theta must be a positive number, got {self.theta!r}") from None
         # fields a kind does not use are left at their defaults, so equal frequencies are one cache key
         unused = {
             "default": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
@@ -52,7 +55,7 @@ class Rope:
             object.__setattr__(self, name, type(self).__dataclass_fields__[name].default)
         if self.kind not in self.KINDS:
             raise ValueError(f"rope scaling {self.kind!r} is not supported (supported: {', '.join(self.KINDS)})")
-        if not self.theta > 0:
+        if not (self.theta > 0 and math.isfinite(self.theta)):
             raise ValueError(f"rope_theta must be positive, got {self.theta}")
         if self.kind != "default" and not self.factor > 0:
             raise ValueError(f"rope scaling {self.kind!r} needs a positive factor, got {self.factor}")

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from engine.checkpoint import load_pretrained, save_pretrained
 from engine.config import ModelConfig
+from engine.errors import InvalidInput
 from engine.model import Transformer, last_token_scores, pack_padded
 from kernels.dispatch import reference_ops
 from tests.engine.hf_models import bf16_errors, padded_batch, rel_err, save_hf_model
@@ -303,6 +304,8 @@ def test_rope_config_in_one_spelling():
     assert (cfg.rope_theta, cfg.rope_scaling, cfg.rope.theta) == (500000.0, {"rope_type": "linear", "factor": 2.0}, 5e5)
     with pytest.raises(ValueError, match="rope scaling 'yarn' is not supported"):
         ModelConfig(rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(InvalidInput, match="rope settings are not numbers where they must be"):  # (not a TypeError)
+        ModelConfig(rope_scaling={"rope_type": "linear", "factor": None})
 
 
 def test_a_config_without_optional_keys_reads_as_transformers_reads_it():

@@ -173,6 +173,8 @@ def test_inv_freq_is_transformers(params, d):
         ),
         ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}}, "partial_rotary_factor 0.5"),
         ({"rope_theta": -1.0}, "rope_theta must be positive"),
+        ({"rope_theta": None}, "rope_theta must be a positive number, got None"),  # (a TypeError traceback)
+        ({"rope_theta": float("inf")}, "rope_theta must be positive"),
     ],
 )
 def test_bad_rope_parameters(cfg, message):
