@@ -355,8 +355,9 @@ def check_paths(run: RunConfig) -> None:
         path = getattr(run, name)
         if path and not os.path.isdir(path) and not is_repo_id(path):
             what = "tokenizer" if name == "tokenizer" else "checkpoint"
+            hint = f": name the directory that holds it, {os.path.dirname(path) or '.'}" if os.path.isfile(path) else ""
             raise MissingInput(
-                f"--{name} {path}: no such directory (a local {what} directory or a Hugging Face Hub id)"
+                f"--{name} {path}: no such directory (a local {what} directory or a Hugging Face Hub id){hint}"
             )
         if path and name != "tokenizer" and os.path.isdir(path):
             try:

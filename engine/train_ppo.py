@@ -154,6 +154,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[PPOConfig, RunConfig, boo
         else:
             run_kw[k] = v
     run_kw["ppo_flags"] = tuple(sorted(k for k in given if k in ppo_names))  # (a resume takes the others' saved)
+    if given.get("resume") and given.get("overwrite_output_dir"):  # (resume would win silently where there is one)
+        parser.error("--resume continues the run in --output-dir and --overwrite-output-dir deletes it: give one")
     if run_kw.get("output_dir", "x") == "":  # (RunConfig's "" is a bench's: no files at all)
         parser.error("output_dir must not be empty")
     try:

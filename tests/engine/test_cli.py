@@ -136,6 +136,10 @@ def test_a_checkpoint_of_the_wrong_kind_is_refused_before_anything_is_read_or_cl
             r"kl_horizon must exceed a fifth of a rollout's 40 sequences \(one rollout could take",
         ),  # fmt: skip
         (["--reward", "r"], r"--reward/--prompts need --policy \(without --policy the tiny default builds its own"),
+        (
+            ["--resume", "--overwrite-output-dir"],
+            "--resume continues the run in --output-dir and --overwrite-output-dir deletes it: give one",
+        ),  # fmt: skip
     ],
 )
 def test_nonsense_flags_are_refused_when_parsed(flags, message, capsys):
@@ -231,6 +235,8 @@ def test_mistakes_in_the_inputs_are_input_errors_named_before_anything_is_built(
     refused(r"^--samples-per-prompt 4 exceeds --gen-max-num-seqs 2", "--samples-per-prompt", "4",
             "--gen-max-num-seqs", "2", "--rollout-batch-size", "8", "--train-batch-size", "8")  # fmt: skip
     refused(r"^--activation-checkpointing 9: the policy has 2 layers", "--activation-checkpointing", "9")
+    weights = os.path.join(policy, "model.safetensors")  # (a file of the checkpoint, not its directory)
+    refused(rf"^--policy {weights}: no such directory .*: name the directory that holds it, {policy}$", policy=weights)
     for name, text, match in (
         ("config.json", "[1]", r"config.json holds a JSON list, not an object"),
         ("config.json", '{"model_type": "llama"}', r"config.json has no vocab_size, hidden_size, intermediate_size"),
