@@ -113,7 +113,8 @@ def rollout_cache(config: ModelConfig, tp: int, held: int, total: int, fraction:
                   reserve: int = 0, max_num_seqs: int | None = None) -> str:  # fmt: skip
     """What a rollout's KV cache gets (cache_tokens) in tokens and in sequences of `seq_len` tokens."""
     budget, tokens = cache_tokens(config, tp, held, total, fraction, seq_len, kv_dtype, reserve, max_num_seqs)
-    return f"a KV cache of {budget / GiB:.1f} GiB, {tokens:,} tokens ({tokens // seq_len} sequences of {seq_len})"
+    sequences = tokens // (-(-seq_len // BLOCK_SIZE) * BLOCK_SIZE)  # (each in whole blocks)
+    return f"a KV cache of {budget / GiB:.1f} GiB, {tokens:,} tokens ({sequences} sequences of {seq_len})"
 
 
 def check_tp(configs: dict[str, tuple[ModelConfig, str]], tp: int) -> None:

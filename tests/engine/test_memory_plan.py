@@ -475,6 +475,9 @@ def test_rollout_cache_is_counted_as_the_generator_allocates_it():
             model.config, 1, 0, budget, 1.0, seq_len, torch.float32, max_num_seqs=max_num_seqs
         ) == (blocks * per_block, blocks * 16), (seq_len, max_num_seqs, budget)
     assert blocks == 64 * 3 and Generator(model, max_model_len=100, kv_cache_bytes=10**6)._local_num_blocks() == 244
+    # the sequences the line names are whole ones in whole blocks: the generator's 3 slots of 100 tokens (7 blocks)
+    line = memory_plan.rollout_cache(model.config, 1, 0, 10**6, 1.0, 100, torch.float32, max_num_seqs=3)
+    assert line.endswith("336 tokens (3 sequences of 100)"), line
 
 
 def test_command_line_help_names_the_recipes_defaults(capsys):
