@@ -110,17 +110,22 @@ def test_sigterm_stops_after_the_iteration_with_a_checkpoint_and_resume_is_exact
         assert all(torch.equal(wa[k], wb[k]) for k in wa), sub
 
 
-def test_save_every_minutes_checkpoints_by_the_clock(tmp_path, monkeypatch):
-    clock = {"t": 0.0}
-    monkeypatch.setattr(trainer.time, "monotonic", lambda: clock["t"])
+def _record_saves(monkeypatch) -> list[int]:
+    """The iterations the trainer saves a checkpoint at, as it saves them (the saves themselves go on)."""
     saved = []
-    real = save_checkpoint
 
     def save(state):
         saved.append(state.iteration)
-        return real(state)
+        return save_checkpoint(state)
 
     monkeypatch.setattr(trainer, "save_checkpoint", save)
+    return saved
+
+
+def test_save_every_minutes_checkpoints_by_the_clock(tmp_path, monkeypatch):
+    clock = {"t": 0.0}
+    monkeypatch.setattr(trainer.time, "monotonic", lambda: clock["t"])
+    saved = _record_saves(monkeypatch)
 
     def tick(*a, **k):  # each log line is 4 minutes later
         clock["t"] += 240.0
@@ -134,14 +139,7 @@ def test_save_every_minutes_checkpoints_by_the_clock(tmp_path, monkeypatch):
 def test_each_iteration_is_checkpointed_once(tmp_path, monkeypatch):
     """--save-every 2 of 4 iterations saves at 2 and 4, the last not a second time at the end of the loop; a resumed
     run that has nothing left to train saves nothing (at 13B a checkpoint is written for minutes)."""
-    saved = []
-    real = save_checkpoint
-
-    def save(state):
-        saved.append(state.iteration)
-        return real(state)
-
-    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    saved = _record_saves(monkeypatch)
     flags = ["--max-iterations", "4", "--save-every", "2", "--keep-checkpoints", "9", "--eval-prompts", ""]
     assert len(run_tiny(tmp_path, *flags)) == 4 and saved == [2, 4]
     saved.clear()

@@ -109,16 +109,22 @@ def test_real_wandb_offline(tmp_path, monkeypatch):
     assert len(runs) == 2 and all(d.endswith(run_id) for d in runs)  # one W&B run, continued
 
 
-def test_eval_only_goes_to_wandb_and_tensorboard_too(tmp_path, monkeypatch):
-    from engine.tokenizer import TINY_EVAL_PROMPTS
-    from engine.train_ppo import main
-
+def _fake_trackers(monkeypatch) -> "FakeWandb":
+    """Stand-ins for wandb and TensorBoard's SummaryWriter (its writers listed afresh); returns the fake wandb."""
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
     tensorboard = types.ModuleType("torch.utils.tensorboard")
     tensorboard.SummaryWriter = FakeSummaryWriter
     FakeSummaryWriter.writers = []
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", tensorboard)
+    return fake
+
+
+def test_eval_only_goes_to_wandb_and_tensorboard_too(tmp_path, monkeypatch):
+    from engine.tokenizer import TINY_EVAL_PROMPTS
+    from engine.train_ppo import main
+
+    fake = _fake_trackers(monkeypatch)
     run_tiny(tmp_path / "run", "--max-iterations", "1")
     fake.calls.clear()
     init = tmp_path / "run/init"
@@ -236,12 +242,7 @@ def test_the_tracker_itself(tmp_path, monkeypatch):
     failure marks it failed; a resumed TensorBoard writer hides what follows its checkpoint, an evaluation nothing."""
     from engine.tracking import Tracker, check_available
 
-    fake = FakeWandb()
-    monkeypatch.setitem(sys.modules, "wandb", fake)
-    tensorboard = types.ModuleType("torch.utils.tensorboard")
-    tensorboard.SummaryWriter = FakeSummaryWriter
-    FakeSummaryWriter.writers = []
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", tensorboard)
+    fake = _fake_trackers(monkeypatch)
     run = RunConfig(output_dir=str(tmp_path / "out") + "/", wandb_project="p", tensorboard_dir=str(tmp_path / "tb"))
 
     def state(rank, iteration=0, **run_kw):
