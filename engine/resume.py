@@ -300,8 +300,31 @@ def _append_launch(state: TrainState) -> None:
     if os.path.exists(path):
         with open(path, "rb") as f:
             earlier = f.read()
+    if state.iteration:  # (a resume: settings that change the numbers, unlike the PPO flags, are this launch's own)
+        _warn_of_other_numerics(earlier, record)
     line = (json.dumps(record, default=str) + "\n").encode()
     atomic_write(path, lambda f: f.write(earlier + line))
+
+
+def _warn_of_other_numerics(earlier: bytes, record: dict) -> None:
+    """A resume whose parameter dtype or KV-cache dtype differs from the last launch's is allowed (the optimizer
+    state loads across dtypes) but no longer continues the run's numbers: said, with the flag that sets each."""
+    try:
+        last = json.loads(earlier.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError, UnicodeDecodeError):  # (no record, or a damaged one: nothing to compare)
+        return
+    last_run = last.get("run") if isinstance(last, dict) else None
+    if not isinstance(last_run, dict):
+        return
+    for what, flag, before, now in (
+        ("parameter dtype", "--dtype", last.get("dtype"), record["dtype"]),
+        ("KV-cache dtype", "--kv-cache-dtype", last_run.get("kv_cache_dtype"), record["run"]["kv_cache_dtype"]),
+    ):
+        if before is not None and before != now:
+            print0(
+                f"warning: this resume runs with {what} {now} where the run's last launch had {before} ({flag}): "
+                "its numbers are no longer those of a run that had not stopped"
+            )
 
 
 def engine_version() -> str:

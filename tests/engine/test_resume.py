@@ -326,6 +326,21 @@ def test_resuming_with_other_frozen_models_is_refused(tmp_path, monkeypatch, cap
     assert "warning: resuming with the reward model" in capsys.readouterr().out
 
 
+def test_a_resume_at_another_dtype_says_its_numbers_are_no_longer_the_runs(tmp_path, capsys):
+    """--dtype (and --kv-cache-dtype) are this launch's, not the checkpoint's: a resume at another parameter dtype
+    loads (the optimizer state crosses dtypes) and says that the run's numbers do not continue; one at the same says
+    nothing."""
+    run_tiny(tmp_path, "--max-iterations", "1")
+    capsys.readouterr()
+    run_tiny(tmp_path, "--max-iterations", "2", "--resume")
+    assert "warning: this resume runs with" not in capsys.readouterr().out
+    run_tiny(tmp_path, "--max-iterations", "3", "--resume", "--dtype", "bfloat16")
+    assert (
+        "warning: this resume runs with parameter dtype bfloat16 where the run's last launch had float32 (--dtype): "
+        "its numbers are no longer those of a run that had not stopped"
+    ) in capsys.readouterr().out
+
+
 def test_a_resume_keeps_the_checkpoints_hyperparameters_unless_given_again(tmp_path, capsys):
     """--resume takes every PPO hyperparameter not on its command line from the checkpoint (a default changed since,
     as lr_schedule and top_k were, does not change a run halfway; the resumed run is the straight one); one given
