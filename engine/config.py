@@ -106,12 +106,13 @@ class ModelConfig:
 
     def num_params(self, head: str = "lm", tp: int = 1) -> int:
         """Parameters of the model with this head, or those one of `tp` tensor-parallel ranks holds (its 1/tp of
-        every split weight; the norms and the score head whole)."""
+        every split weight, a vocabulary padded to a multiple of tp; the norms and the score head whole)."""
         h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
         attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
         layer = attn + 3 * h * i + 2 * h
-        out = self.vocab_size * h if head == "lm" and not self.tie_word_embeddings else (h if head == "score" else 0)
-        total = self.vocab_size * h + self.num_layers * layer + h + out
+        vocab = -(-self.vocab_size // tp) * tp  # (engine.parallel.shard_rows)
+        out = vocab * h if head == "lm" and not self.tie_word_embeddings else (h if head == "score" else 0)
+        total = vocab * h + self.num_layers * layer + h + out
         replicated = (2 * self.num_layers + 1) * h + (h if head == "score" else 0)
         return (total - replicated) // tp + replicated
 

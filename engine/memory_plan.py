@@ -23,6 +23,7 @@ from engine.errors import InvalidInput, MissingInput
 from engine.hub import config_dir, is_repo_id
 from engine.kv_cache import BLOCK_SIZE, bytes_per_block
 from engine.offload import CHUNK_ELEMENTS
+from engine.parallel import shard_range, shard_rows
 
 GiB = 2**30
 FIXED_SHARE_LIMIT = 0.95  # of the free memory: the rest goes to the CUDA context, NCCL buffers and fragmentation
@@ -83,7 +84,7 @@ def generation_reserve(
     per_token = (
         4 * c.hidden_size + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim // tp + 3 * c.intermediate_size // tp
     )
-    return tokens * per_token * elt + max_num_seqs * (c.vocab_size // tp) * (elt + 4)
+    return tokens * per_token * elt + max_num_seqs * shard_rows(c.vocab_size, tp) * (elt + 4)
 
 
 def cache_tokens(
@@ -118,12 +119,14 @@ def rollout_cache(config: ModelConfig, tp: int, held: int, total: int, fraction:
 
 
 def check_tp(configs: dict[str, tuple[ModelConfig, str]], tp: int) -> None:
-    """Refuse a TP degree that does not divide every model's heads, key/value heads, vocabulary and MLP width."""
+    """Refuse a TP degree that does not divide every model's heads, key/value heads and MLP width (a vocabulary it
+    need not divide is padded, engine.parallel.shard_rows, unless a rank would hold none of it)."""
     for name, (c, _) in configs.items():
         for what, n in (("attention heads", c.num_heads), ("key/value heads", c.num_kv_heads),
-                        ("vocabulary", c.vocab_size), ("MLP width", c.intermediate_size)):  # fmt: skip
+                        ("MLP width", c.intermediate_size)):  # fmt: skip
             if tp < 1 or n % tp:
                 raise InvalidInput(f"--tp {tp} does not divide the {name} model's {what} ({n})")
+        shard_range(c.vocab_size, tp, 0, f"the {name} model's vocabulary")
 
 
 def host_available() -> int:
@@ -284,7 +287,7 @@ def plan(
 ) -> str:
     """The plan's line for models {name: (config, head)} (the trained ones named "policy" and "value") on a rank of
     a dp x tp grid with `free` bytes, or ValueError naming the numbers and, when it does not fit, the next TP degree
-    (one that divides the heads, vocabulary and MLP), with the distributed optimizer the DP size, and the optimizer
+    (one that divides the heads and MLP), with the distributed optimizer the DP size, and the optimizer
     state in host memory (--offload-optimizer always), that would. `cache` (rollout_cache's total, fraction,
     seq_len, kv_dtype) adds what the rollouts' KV cache gets. `resident`: the state lives in host memory. `trained`:
     the models with an optimizer; none for --eval-only (its policy, reference and reward model are frozen)."""
@@ -294,7 +297,7 @@ def plan(
     def parts_at(t: int, d: int, host: bool = resident) -> dict[str, int]:
         chunk = 0
         if host:  # a chunk: CHUNK_ELEMENTS or the largest tensor of this rank (the vocabulary or the MLP's)
-            chunk = max(CHUNK_ELEMENTS, *(c.hidden_size * max(c.vocab_size, 2 * c.intermediate_size) // t
+            chunk = max(CHUNK_ELEMENTS, *(c.hidden_size * max(shard_rows(c.vocab_size, t), 2 * c.intermediate_size // t)
                                           for c, _ in configs.values()))  # fmt: skip
         numels = {k: c.num_params(head, t) for k, (c, head) in configs.items()}
         return fixed_bytes(numels, trained, dtype, d, distributed, chunk)
@@ -322,7 +325,7 @@ def plan(
             line += f"rollouts, {state / GiB:.1f} GiB per GPU): {at(weights)}; with {idle} too: {at(own)}"
         return line
     alternatives = []
-    sizes = [n for c, _ in configs.values() for n in (c.num_kv_heads, c.vocab_size, c.intermediate_size)]
+    sizes = [n for c, _ in configs.values() for n in (c.num_kv_heads, c.intermediate_size)]
     for t in (2 * tp, 4 * tp, 8 * tp):
         if all(n % t == 0 for n in sizes) and fits(parts_at(t, dp)):
             alternatives.append(f"--tp {t}")

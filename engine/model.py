@@ -32,6 +32,8 @@ from engine.parallel import (
     gather_from_tp,
     gather_tokens,
     group_size,
+    shard_range,
+    take_shard,
 )
 from kernels.rmsnorm import add_rms_norm, rms_norm
 from kernels.rope_attention import rope_attention
@@ -274,7 +276,7 @@ class Transformer(nn.Module):
                 self.lm_head = None
             else:
                 self.lm_head = ColumnParallelLinear(
-                    config.hidden_size, [config.vocab_size], group, names=["the vocabulary"], **factory
+                    config.hidden_size, [config.vocab_size], group, names=["the vocabulary"], padded=True, **factory
                 )
         else:
             self.score = ReplicatedLinear(config.hidden_size, 1, **factory)
@@ -285,6 +287,14 @@ class Transformer(nn.Module):
         if self.head != "lm":
             raise AttributeError("a score model has no LM head")
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def real_vocab(self) -> int | None:
+        """How many of this rank's LM head rows are tokens, None where all are: a TP degree that does not divide the
+        vocabulary pads its last shards (engine.parallel.shard_rows), and the kernels given the weight must see the
+        padding's logits as -inf (kernels.logprob's real_vocab)."""
+        e = self.embed_tokens
+        return None if e.real_rows == e.local_vocab else e.real_rows
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int = 0) -> Transformer:
@@ -309,9 +319,13 @@ class Transformer(nn.Module):
                 shape[dim] = sum(sizes)
             # (drawn in fp32: bf16 normal_ is not implemented everywhere; one tensor at a time)
             full = torch.empty(shape, device=p.device).normal_(0.0, std, generator=gen)
-            if split is not None:  # this rank's 1/tp of each fused part, in order
-                starts = [sum(sizes[:k]) + module.tp_rank * (n // module.tp) for k, n in enumerate(sizes)]
-                full = torch.cat([full.narrow(dim, a, n // module.tp) for a, n in zip(starts, sizes)], dim)
+            if split is not None:  # this rank's 1/tp of each fused part, in order (a padded vocabulary's zero rows)
+                parts, offset = [], 0
+                for n in sizes:
+                    rows, start, real = shard_range(n, module.tp, module.tp_rank)
+                    parts.append(take_shard(full, dim, rows, offset + start, real))
+                    offset += n
+                full = torch.cat(parts, dim)
             p.copy_(full)
         return self
 
@@ -367,11 +381,14 @@ class Transformer(nn.Module):
         return [m.weight for m in self.modules() if isinstance(m, RMSNorm)]
 
     def head_packed(self, hidden: torch.Tensor, *, gather: bool = True) -> torch.Tensor:
-        """LM head -> logits [N, V] (this rank's vocab shard if not `gather`), or score head -> [N]."""
+        """LM head -> logits [N, V] (this rank's vocab shard if not `gather`, -inf in the padding that ends the last
+        shards when the TP degree does not divide the vocabulary), or score head -> [N]."""
         if self.head == "score":
             return self.score(hidden).squeeze(-1)
         logits = F.linear(copy_to_tp(hidden, self.group), self.lm_head_weight)
-        return gather_from_tp(logits, self.group) if gather else logits
+        if self.real_vocab is not None:  # the padding of a vocabulary the TP degree does not divide: no token
+            logits[..., self.real_vocab :] = float("-inf")
+        return gather_from_tp(logits, self.group)[..., : self.config.vocab_size] if gather else logits
 
     def forward_packed(
         self,

@@ -292,6 +292,14 @@ def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
     dst.copy_(src)
 
 
+def _load_rows(dst: torch.Tensor, source, size: int, tp: int, rank: int, name: str) -> None:
+    """Copy this rank's rows of a `size`-row source into its shard `dst` (shard_range): the real rows, zeros in the
+    padding after them."""
+    rows, start, real = shard_range(size, tp, rank)
+    _copy_checked(dst[:real], _rows(source, start, start + real), name)
+    dst[real:].zero_()
+
+
 def _rows(source, start: int, stop: int) -> torch.Tensor:
     return source[start:stop]
 
@@ -306,6 +314,33 @@ def _split(n: int, tp: int, what: str) -> int:
     return n // tp
 
 
+def shard_rows(size: int, tp: int) -> int:
+    """The rows of a `size`-row tensor that each of `tp` ranks holds: size / tp, rounded up. A vocabulary the degree
+    does not divide (Llama 2 with an added pad token: 32001) is padded so (Megatron's way): the last ranks' shards
+    end in rows that are no token, zero in the weights, whose logits the model sets to -inf."""
+    return -(-size // tp)
+
+
+def shard_range(size: int, tp: int, rank: int, what: str = "the vocabulary") -> tuple[int, int, int]:
+    """(rows per rank, this rank's first row, how many of its rows are real) of a tensor of `size` rows split over
+    `tp` ranks (shard_rows); a degree that would leave a rank no real row is refused."""
+    rows = shard_rows(size, tp)
+    if tp < 1 or rows * (tp - 1) >= size:
+        raise InvalidInput(f"tensor parallel degree {tp} leaves a rank none of {what} ({size})")
+    start = rank * rows
+    return rows, start, max(0, min(rows, size - start))
+
+
+def take_shard(full: torch.Tensor, dim: int, rows: int, start: int, real: int) -> torch.Tensor:
+    """A rank's shard of `full` along `dim` (shard_range's rows, start, real): its real rows, zero rows after them."""
+    part = full.narrow(dim, start, real)
+    if real == rows:
+        return part
+    shape = list(full.shape)
+    shape[dim] = rows - real
+    return torch.cat([part, full.new_zeros(shape)], dim)
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T with W's output rows split across TP ranks; several logical weights may be fused.
 
@@ -314,35 +349,42 @@ class ColumnParallelLinear(nn.Module):
     unit (a head's width), so the error names heads rather than rows.
     """
 
-    def __init__(self, in_features, output_sizes, group=None, shard_units=None, names=None, **factory):
+    def __init__(self, in_features, output_sizes, group=None, shard_units=None, names=None, padded=False, **factory):
         super().__init__()
         tp = group_size(group)
         self.group, self.tp, self.tp_rank = group, tp, group_rank(group)
         self.output_sizes = list(output_sizes)
         units = shard_units or [1] * len(self.output_sizes)
         names = names or [f"output part {i}" for i in range(len(self.output_sizes))]
-        for size, unit, nm in zip(self.output_sizes, units, names):
-            _split(size // unit, tp, nm)
-        self.local_sizes = [s // tp for s in self.output_sizes]
+        if padded:  # one part (an LM head) whose rows the degree need not divide: see shard_rows
+            assert len(self.output_sizes) == 1, "only a single-part layer is padded"
+            rows, _, self.real_rows = shard_range(self.output_sizes[0], tp, self.tp_rank, names[0])
+            self.local_sizes = [rows]
+        else:
+            for size, unit, nm in zip(self.output_sizes, units, names):
+                _split(size // unit, tp, nm)
+            self.local_sizes = [s // tp for s in self.output_sizes]
+            self.real_rows = sum(self.local_sizes)
         self.weight = nn.Parameter(torch.empty(sum(self.local_sizes), in_features, **factory))
         self.weight.weight_loader = self.load_part
 
     def load_part(self, source, part: int = 0, name: str = "weight") -> None:
         size = self.local_sizes[part]
         offset = sum(self.local_sizes[:part])
-        start = self.tp_rank * size
-        _copy_checked(self.weight.data[offset : offset + size], _rows(source, start, start + size), name)
+        _load_rows(self.weight.data[offset : offset + size], source, self.output_sizes[part], self.tp, self.tp_rank,
+                   name)  # fmt: skip
 
     @property
     def tp_split(self) -> tuple[int, list[int]]:
-        """(the split dim, the full sizes of the parts along it): each rank holds 1/tp of every part, in order."""
+        """(the split dim, the full sizes of the parts along it): each rank holds shard_rows(size, tp) rows of every
+        part, in order (1/tp of it, but where a padded vocabulary's last rows pad it)."""
         return 0, self.output_sizes
 
     def full_part(self, part: int = 0) -> torch.Tensor:
         """This part's full weight, gathered from every rank (for saving)."""
         offset = sum(self.local_sizes[:part])
         local = self.weight.data[offset : offset + self.local_sizes[part]]
-        return gather_dim(local, 0, self.group)
+        return gather_dim(local, 0, self.group)[: self.output_sizes[part]]  # (less a padded vocabulary's tail)
 
     def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
         """x [N, in] replicated, or [N/tp, in] this rank's tokens with `sequence_parallel` (gathered first)."""
@@ -387,21 +429,20 @@ class VocabParallelEmbedding(nn.Module):
         tp = group_size(group)
         self.group, self.tp, self.tp_rank = group, tp, group_rank(group)
         self.vocab_size = vocab_size
-        self.local_vocab = _split(vocab_size, tp, "the vocabulary")
-        self.vocab_start = self.tp_rank * self.local_vocab
+        # (the last ranks' rows may end in padding: shard_rows; ids never reach it)
+        self.local_vocab, self.vocab_start, self.real_rows = shard_range(vocab_size, tp, self.tp_rank)
         self.weight = nn.Parameter(torch.empty(self.local_vocab, hidden_size, **factory))
         self.weight.weight_loader = self.load_part
 
     def load_part(self, source, part: int = 0, name: str = "weight") -> None:
-        start = self.vocab_start
-        _copy_checked(self.weight.data, _rows(source, start, start + self.local_vocab), name)
+        _load_rows(self.weight.data, source, self.vocab_size, self.tp, self.tp_rank, name)
 
     @property
     def tp_split(self) -> tuple[int, list[int]]:
         return 0, [self.vocab_size]
 
     def full_part(self, part: int = 0) -> torch.Tensor:
-        return gather_dim(self.weight.data, 0, self.group)
+        return gather_dim(self.weight.data, 0, self.group)[: self.vocab_size]
 
     def forward(self, ids: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
         """ids [N] -> [N, hidden], or with `sequence_parallel` [N/tp, hidden] this rank's tokens."""

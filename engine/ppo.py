@@ -104,21 +104,22 @@ def policy_loss(
     denom: float | torch.Tensor,
     group=None,
     entropy_coef: float = 0.0,
+    real_vocab: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped PPO policy loss of N response tokens, LM head fused (no [N, V] logits in memory), less entropy_coef x
     each token's entropy (the entropy bonus; 0 in the recipe).
 
     hidden [N, H]: the final hidden state that predicts each response token; weight [V, H] the LM head
-    (this rank's vocab shard with `group`); targets, old_logprobs, advantages [N]. Log-probs use the raw
-    logits (temperature 1, RECIPE.md). Returns sum_t loss_t / denom (denom = tokens of the whole
-    minibatch, across micro-batches and DP ranks) and the stats of kernels.logprob.ppo_token_loss as
-    sums over these N tokens (divide by the token count to get means).
+    (this rank's vocab shard with `group`, its rows from `real_vocab` on padding: the model's real_vocab);
+    targets, old_logprobs, advantages [N]. Log-probs use the raw logits (temperature 1, RECIPE.md). Returns
+    sum_t loss_t / denom (denom = tokens of the whole minibatch, across micro-batches and DP ranks) and the stats of
+    kernels.logprob.ppo_token_loss as sums over these N tokens (divide by the token count to get means).
     """
     n = targets.shape[0]
     mask = torch.ones(n, dtype=torch.float32, device=targets.device)
     loss, stats = ppo_token_loss(
         None, targets, old_logprobs, advantages, mask, hidden=hidden, weight=weight, clip_eps=clip_eps,
-        temperature=1.0, entropy_coef=entropy_coef, group=group,
+        temperature=1.0, entropy_coef=entropy_coef, group=group, real_vocab=real_vocab,
     )  # fmt: skip
     return loss * (n / denom), {k: v * n for k, v in stats.items()}
 

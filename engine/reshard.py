@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from engine.parallel import shard_range, shard_rows, take_shard
+
 if TYPE_CHECKING:
     from engine.optim import Optimizer
 
@@ -49,9 +51,9 @@ def _local_shape(shape: torch.Size, split, tp_now: int, tp: int) -> tuple[int, .
     """A parameter's shape on a rank of TP degree `tp`, from its shape at degree `tp_now`."""
     if split is None:
         return tuple(shape)
-    dim, _ = split
+    dim, sizes = split
     out = list(shape)
-    out[dim] = shape[dim] * tp_now // tp
+    out[dim] = sum(shard_rows(n, tp) for n in sizes)  # (a padded vocabulary's rows: more than 1/tp of them)
     return tuple(out)
 
 
@@ -122,14 +124,15 @@ def _numel(shape) -> int:
 
 def _reslice(pieces: list[torch.Tensor], split, tp: int, tp_rank: int) -> torch.Tensor:
     """This TP rank's slice at degree `tp` of a parameter given as its slices of every saved TP rank: each part
-    joined from the saved slices, then cut anew (parts as the layer lays them out: tp_split)."""
+    joined from the saved slices, then cut anew (parts as the layer lays them out: tp_split; a vocabulary padded
+    at either degree loses its old padding, its new padding zero)."""
     dim, sizes = split
     old_tp = len(pieces)
     out, offset = [], 0
     for size in sizes:
-        old, new = size // old_tp, size // tp
-        whole = torch.cat([p.narrow(dim, offset, old) for p in pieces], dim)
-        out.append(whole.narrow(dim, tp_rank * new, new))
+        old = shard_rows(size, old_tp)
+        whole = torch.cat([p.narrow(dim, offset, old) for p in pieces], dim).narrow(dim, 0, size)
+        out.append(take_shard(whole, dim, *shard_range(size, tp, tp_rank)))
         offset += old
     return torch.cat(out, dim) if len(out) > 1 else out[0]
 

@@ -86,7 +86,7 @@ def idle_models(state: TrainState) -> list[tuple[str, Transformer, bool]]:
 def policy_logprobs(model: Transformer, pk: dict[str, torch.Tensor]) -> torch.Tensor:
     """Log-probs (raw logits) of the packed response tokens, LM head fused: [R] fp32."""
     h = model.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["act"]]
-    return hidden_logprobs(h, model.lm_head_weight, pk["targets"], group=model.group)
+    return hidden_logprobs(h, model.lm_head_weight, pk["targets"], group=model.group, real_vocab=model.real_vocab)
 
 
 def chunks(state: TrainState, ro: Rollout, seqs: list[int]):

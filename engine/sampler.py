@@ -69,7 +69,8 @@ def sample_tokens(
     logits, with the noise from kernels.reference.uniform_noise(seeds, counters): no host sync, no global RNG. Without
     top-p (the recipe's sampling, top-k or not) one fused kernel does it all (kernels/sampling.py), top-k's floor
     (the k-th largest logit) found by torch.topk first.
-    group: a tensor-parallel group whose ranks each hold a vocabulary shard [B, V / tp] starting at vocab_offset.
+    group: a tensor-parallel group whose ranks each hold a vocabulary shard [B, V / tp] starting at vocab_offset (the
+    last ones -inf in the padding of a vocabulary tp does not divide: engine.parallel.shard_rows).
     Without top-p each rank samples its shard and the ranks exchange B x 4 numbers (the same token as the whole row,
     on every rank; top-k's floor from each rank's top k); with top-p the shards are gathered first.
     """

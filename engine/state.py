@@ -414,7 +414,7 @@ def check_context(run: RunConfig, cfg: PPOConfig, grid: ProcessGrid) -> None:
     """The models' shapes (config.json) against the run's flags, before any weight is read: a sequence of
     max_prompt_len + max_new_tokens tokens must fit every model's context (max_position_embeddings: the generator
     would otherwise cut responses short at the context, and PPO would score each as a response that hit the length
-    limit without EOS); --tp must divide every model's heads, vocabulary and MLP width (on a GPU the memory plan says
+    limit without EOS); --tp must divide every model's heads and MLP width (on a GPU the memory plan says
     so too; on a CPU building a model would, without the flag); a number of layers to recompute is at most the
     trained models' layers."""
     configs = {role: ModelConfig.from_hf(path) for role, path in model_dirs(run).items()}

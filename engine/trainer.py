@@ -103,6 +103,7 @@ def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, 
                 loss, st = ppo.policy_loss(
                     h, state.policy.lm_head_weight, pk["targets"], old, adv[pos[r]], clip_eps=cfg.clip_ratio,
                     denom=n_global, group=state.policy.group, entropy_coef=cfg.entropy_coef,
+                    real_vocab=state.policy.real_vocab,
                 )  # fmt: skip
                 loss.backward()
                 add_to(sums, tokens=r.numel(), seq_tokens=pk["ids"].numel(),

@@ -382,7 +382,15 @@ def _weight_grad(weight: torch.Tensor, n: int, rows: int) -> torch.Tensor:
     return torch.empty(weight.shape, dtype=torch.float32 if half and n > rows else weight.dtype, device=weight.device)
 
 
-def _hidden_forward(hidden, weight, targets, temperature, has_ent, group, rows):
+def _mask_padding(lg: torch.Tensor, real_vocab: int | None) -> torch.Tensor:
+    """-inf in the logits of weight rows past `real_vocab` (the padding of a vocabulary the TP degree does not
+    divide: engine.parallel.shard_rows), in place: no token, and a zero grad for those rows."""
+    if real_vocab is not None and real_vocab < lg.shape[-1]:
+        lg[..., real_vocab:] = float("-inf")
+    return lg
+
+
+def _hidden_forward(hidden, weight, targets, temperature, has_ent, group, rows, real_vocab=None):
     """Chunked forward; with `group` the partial stats of all chunks are combined at once (2 collectives)."""
     n, v = hidden.shape[0], weight.shape[0]
     v_start, _ = _group_info(group, v)
@@ -390,7 +398,7 @@ def _hidden_forward(hidden, weight, targets, temperature, has_ent, group, rows):
     stats = hidden.new_empty(n, 4, dtype=torch.float32) if group is not None else None
     for r0 in range(0, n, rows):
         sl = slice(r0, min(n, r0 + rows))
-        lg = (hidden[sl] @ weight.t()).unsqueeze(0)
+        lg = _mask_padding(hidden[sl] @ weight.t(), real_vocab).unsqueeze(0)
         if group is None:
             _fwd(lg, targets[sl], temperature, has_ent, v_start, norm[sl], logp[sl], ent[sl])
         else:
@@ -409,11 +417,11 @@ def _all_reduce_(t: torch.Tensor, group) -> None:
 
 class _HiddenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, has_ent, group, rows):
+    def forward(ctx, hidden, weight, targets, temperature, has_ent, group, rows, real_vocab):
         ctx.set_materialize_grads(False)
-        norm, logp, ent = _hidden_forward(hidden, weight, targets, temperature, has_ent, group, rows)
+        norm, logp, ent = _hidden_forward(hidden, weight, targets, temperature, has_ent, group, rows, real_vocab)
         ctx.save_for_backward(hidden, weight, targets, norm, ent)
-        ctx.temperature, ctx.group, ctx.rows = temperature, group, rows
+        ctx.temperature, ctx.group, ctx.rows, ctx.real_vocab = temperature, group, rows, real_vocab
         return (logp, ent) if has_ent else logp
 
     @staticmethod
@@ -427,7 +435,7 @@ class _HiddenLogprobs(torch.autograd.Function):
             r1 = min(hidden.shape[0], r0 + ctx.rows)
             sl = slice(r0, r1)
             pick = lambda t, sl=sl: t[sl] if t is not None else None
-            lg = hidden[sl] @ weight.t()  # recomputed: per-token outputs can receive any gradient
+            lg = _mask_padding(hidden[sl] @ weight.t(), ctx.real_vocab)  # recomputed: outputs can get any grad
             _hidden_grad_chunk(
                 lg, hidden[sl], weight, targets[sl], norm[sl], pick(ent), pick(grad_logp), pick(grad_ent),
                 ctx.temperature, v_start, pick(gh), gw, i == 0,
@@ -436,14 +444,14 @@ class _HiddenLogprobs(torch.autograd.Function):
             gw.zero_()
         if gh is not None:
             _all_reduce_(gh, ctx.group)
-        return gh, None if gw is None else gw.to(weight.dtype), None, None, None, None, None
+        return gh, None if gw is None else gw.to(weight.dtype), None, None, None, None, None, None
 
 
 class _FusedHiddenLoss(torch.autograd.Function):
     """Scalar loss = sum over chunks of token_loss(logp, entropy, r0, r1); grads computed in the forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, group, rows, token_loss):
+    def forward(ctx, hidden, weight, targets, temperature, group, rows, token_loss, real_vocab):
         n, v = hidden.shape[0], weight.shape[0]
         v_start, _ = _group_info(group, v)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -453,7 +461,7 @@ class _FusedHiddenLoss(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=torch.float32)
         for i, r0 in enumerate(range(0, n, rows)):
             r1 = min(n, r0 + rows)
-            lg = hidden[r0:r1] @ weight.t()  # the only logits GEMM: the same buffer becomes grad_logits
+            lg = _mask_padding(hidden[r0:r1] @ weight.t(), real_vocab)  # the only logits GEMM: becomes grad_logits
             norm_c, logp_c, ent_c = logprob_forward(lg.unsqueeze(0), targets[r0:r1], temperature, True, group)
             logp[r0:r1], ent[r0:r1] = logp_c, ent_c
             with torch.enable_grad():
@@ -490,7 +498,7 @@ class _FusedHiddenLoss(torch.autograd.Function):
         for g in (gh, gw):
             if g is not None:
                 _scale_(g, grad_loss.float())
-        return gh, None if gw is None else gw.to(ctx.weight_dtype), None, None, None, None, None
+        return gh, None if gw is None else gw.to(ctx.weight_dtype), None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------ public functions
@@ -538,6 +546,11 @@ def token_logprobs(
     return out.view(targets.shape)
 
 
+def _check_real_vocab(real_vocab: int | None, weight: torch.Tensor) -> None:
+    if real_vocab is not None and not 0 < real_vocab <= weight.shape[0]:
+        raise ValueError(f"real_vocab {real_vocab} must be in [1, {weight.shape[0]}] (the weight's rows)")
+
+
 def _check_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
     if hidden.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)}, {tuple(weight.shape)}")
@@ -561,26 +574,29 @@ def hidden_logprobs(
     *,
     return_entropy: bool = False,
     group=None,
+    real_vocab: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """token_logprobs(hidden @ weight.T, targets, ...) without materialising the [N, V] logits.
 
     hidden [N, H], weight [V, H] (the LM head; with `group`, this rank's vocab rows), targets [N]
     -> fp32 [N] (and entropy). Extra memory is one [C, V] logits chunk (about 256 MiB,
     _CHUNK_BYTES). Differentiable w.r.t. hidden and weight; with `group` the grad of hidden is summed over
-    the group and the grad of weight is this rank's slice.
+    the group and the grad of weight is this rank's slice. `real_vocab`: only weight's first rows are tokens, the
+    rest pad a vocabulary the TP degree does not divide (their logits -inf, their grad 0; the model's real_vocab).
     """
     _check_hidden(hidden, weight, targets)
     _check_temperature(temperature)
+    _check_real_vocab(real_vocab, weight)
     if not dispatch.use_triton(hidden) or hidden.dtype not in _SUPPORTED:
         return reference.hidden_logprobs(
-            hidden, weight, targets, temperature, return_entropy=return_entropy, group=group
+            hidden, weight, targets, temperature, return_entropy=return_entropy, group=group, real_vocab=real_vocab
         )
     _, v_total = _group_info(group, weight.shape[0])
     _check_targets(targets, v_total)
     t = targets.to(torch.int64).contiguous()
     hidden, weight = hidden.contiguous(), weight.contiguous()
     rows = _chunk_rows(hidden.shape[0], weight.shape[0], weight.element_size())
-    return _HiddenLogprobs.apply(hidden, weight, t, float(temperature), bool(return_entropy), group, rows)
+    return _HiddenLogprobs.apply(hidden, weight, t, float(temperature), bool(return_entropy), group, rows, real_vocab)
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
@@ -631,11 +647,13 @@ def ppo_token_loss(
     kl_estimator: str = "k1",
     entropy_coef: float = 0.0,
     group=None,
+    real_vocab: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped PPO policy loss, fused with the log-prob / entropy kernel; masked mean over tokens.
 
     Either logits [..., V] (targets, old_logprobs, advantages, mask, ref_logprobs all [...]) or
-    logits=None with hidden [N, H] and weight [V, H] (the LM head fused; those tensors are [N]).
+    logits=None with hidden [N, H] and weight [V, H] (the LM head fused; those tensors are [N]; real_vocab as
+    hidden_logprobs').
         ratio = exp(logp - old_logp)
         loss_t = max(-A ratio, -A clip(ratio, 1 - clip_eps, 1 + clip_eps))
                  + kl_coef * kl_estimate(logp, ref_logprobs, kl_estimator) - entropy_coef * entropy
@@ -658,13 +676,16 @@ def ppo_token_loss(
         raise ValueError(f"ref_logprobs shape {tuple(ref_logprobs.shape)} must equal targets shape")
     if logits is None:
         _check_hidden(hidden, weight, targets)
+        _check_real_vocab(real_vocab, weight)
+    elif real_vocab is not None:
+        raise ValueError("real_vocab goes with hidden/weight (padded logits already hold -inf)")
     _check_temperature(temperature)  # (before the dispatch: the reference path would take 0 or inf silently)
     src = logits if logits is not None else hidden
     if not dispatch.use_triton(src) or src.dtype not in _SUPPORTED:
         return reference.ppo_token_loss(
             logits, targets, old_logprobs, advantages, mask, hidden=hidden, weight=weight, clip_eps=clip_eps,
             temperature=temperature, ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_estimator=kl_estimator,
-            entropy_coef=entropy_coef, group=group,
+            entropy_coef=entropy_coef, group=group, real_vocab=real_vocab,
         )  # fmt: skip
     m = mask.to(torch.float32)
     denom = m.sum().clamp_min(1.0)
@@ -689,7 +710,9 @@ def ppo_token_loss(
             return torch.where(keep[r0:r1], per * m[r0:r1], 0.0).sum() / denom
 
         t = targets.to(torch.int64).contiguous()
-        loss, logp, ent = _FusedHiddenLoss.apply(hidden, weight, t, float(temperature), group, rows, token_loss)
+        loss, logp, ent = _FusedHiddenLoss.apply(
+            hidden, weight, t, float(temperature), group, rows, token_loss, real_vocab
+        )
     with torch.no_grad():
         _, ratio, pg1, pg2, kl = _ppo_per_token(logp.detach(), ent.detach(), old, adv, ref, *terms)
         mean = lambda x: torch.where(keep, x * m, 0.0).sum() / denom

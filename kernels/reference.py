@@ -508,16 +508,20 @@ def hidden_logprobs(
     *,
     return_entropy: bool = False,
     group=None,
+    real_vocab: int | None = None,
 ):
     """Oracle of kernels.logprob.hidden_logprobs: hidden [N, H] @ weight[V, H].T, then token_logprobs.
 
     With `group`, weight is this rank's vocab slice and hidden is replicated: its grad is summed over
-    the group (as Megatron's copy-to-tensor-parallel-region does before a column-parallel LM head).
+    the group (as Megatron's copy-to-tensor-parallel-region does before a column-parallel LM head). Rows of
+    weight from `real_vocab` on pad the vocabulary: their logits are -inf.
     """
     ct = compute_dtype(hidden.dtype)
     if group is not None:
         hidden = _AllReduceGrad.apply(hidden, group)
     logits = hidden.to(ct) @ weight.to(ct).t()
+    if real_vocab is not None:
+        logits = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= real_vocab, -math.inf)
     return token_logprobs(logits, targets, temperature, return_entropy=return_entropy, group=group)
 
 
@@ -566,6 +570,7 @@ def ppo_token_loss(
     kl_estimator: str = "k1",
     entropy_coef: float = 0.0,
     group=None,
+    real_vocab: int | None = None,
 ):
     """Oracle of kernels.logprob.ppo_token_loss: clipped PPO surrogate, masked mean over tokens.
 
@@ -574,7 +579,9 @@ def ppo_token_loss(
     Returns (loss, stats) with stats: ratio, clip_frac, entropy, approx_kl (0.5 (logp-old)^2), kl_ref.
     """
     if logits is None:
-        logp, ent = hidden_logprobs(hidden, weight, targets, temperature, return_entropy=True, group=group)
+        logp, ent = hidden_logprobs(
+            hidden, weight, targets, temperature, return_entropy=True, group=group, real_vocab=real_vocab
+        )
     else:
         logp, ent = token_logprobs(logits, targets, temperature, return_entropy=True, group=group)
     ct = logp.dtype

@@ -491,14 +491,19 @@ def test_command_line_help_names_the_recipes_defaults(capsys):
     assert "--tp TP tensor parallel degree (default: 8)" in out
 
 
-def test_a_tp_degree_must_divide_the_vocabulary_and_the_mlp_too():
-    """check_tp names every size a TP degree splits, not the heads alone: the vocabulary (the embedding's and the
-    head's rows) and the MLP's width, of each model; --tp 0 divides nothing (refused, not a ZeroDivisionError)."""
+def test_a_tp_degree_must_divide_the_mlp_too_and_leave_every_rank_some_vocabulary():
+    """check_tp names every size a TP degree must divide, not the heads alone: the MLP's width, of each model; a
+    vocabulary it does not divide is padded (Llama 2 with an added pad token: 32001 at --tp 8), unless a rank would
+    hold none of it; --tp 0 divides nothing (refused, not a ZeroDivisionError)."""
     c = ModelConfig(vocab_size=1001, hidden_size=256, intermediate_size=690, num_layers=1, num_heads=8, num_kv_heads=4)
-    with pytest.raises(ValueError, match=r"--tp 2 does not divide the policy model's vocabulary \(1001\)"):
-        memory_plan.check_tp({"policy": (c, "lm")}, 2)
-    c = dataclasses.replace(c, vocab_size=1000)
     memory_plan.check_tp({"policy": (c, "lm")}, 2)  # (690 is even)
+    memory_plan.check_tp(
+        {"policy": (dataclasses.replace(c, vocab_size=32001, num_kv_heads=8, intermediate_size=13824), "lm")}, 8
+    )
+    tiny = dataclasses.replace(c, vocab_size=5, intermediate_size=688)  # 2 rows a rank: the fourth holds none
+    with pytest.raises(ValueError, match=r"degree 4 leaves a rank none of the reward model's vocabulary \(5\)"):
+        memory_plan.check_tp({"reward": (tiny, "score")}, 4)
+    memory_plan.check_tp({"reward": (dataclasses.replace(tiny, vocab_size=7), "score")}, 4)  # 2, 2, 2 and 1
     lm = dataclasses.replace(c, intermediate_size=688)
     with pytest.raises(ValueError, match=r"--tp 4 does not divide the reward model's MLP width \(690\)"):
         memory_plan.check_tp({"policy": (lm, "lm"), "reward": (c, "score")}, 4)

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def test_tp2_matches_tp1(tmp_path):
-    save_hf_model(tmp_path / "ckpt", num_key_value_heads=2, vocab_size=302)  # vocab divisible by 2
+    save_hf_model(tmp_path / "ckpt", num_key_value_heads=2)  # vocab 301: rank 1's shards end in padding
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     cmd = [
         sys.executable,
@@ -45,6 +45,20 @@ def test_tp2_matches_tp1(tmp_path):
         for (name, p), (name2, g) in zip(model.named_parameters(), grads.named_parameters()):
             assert name == name2
             torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4, msg=f"{run}: {name}")
+    # the LM head fused into the log-prob, entropy and PPO kernels, the padding masked out (real_vocab)
+    from engine.model import pack_padded
+    from tests.engine.tp_worker import fused_head_losses
+
+    model.zero_grad()
+    torch.manual_seed(1)
+    ids, pos, cu, _ = pack_padded(torch.randint(1, 301, (2, 9)), None)
+    fused = fused_head_losses(model, model.hidden_packed(ids, pos, cu))
+    fused.pop("total").backward()
+    for key, value in fused.items():
+        torch.testing.assert_close(tp2[key], value, atol=1e-5, rtol=1e-5, msg=key)
+    grads = load_pretrained(tmp_path / "grads_fused")
+    for (name, p), (_, g) in zip(model.named_parameters(), grads.named_parameters()):
+        torch.testing.assert_close(g, p.grad, atol=5e-5, rtol=1e-4, msg=f"fused: {name}")
 
     from engine.config import GenerateConfig
     from engine.generate import Generator
@@ -171,21 +185,27 @@ def test_tensor_parallelism_in_one_process_says_how_to_launch(monkeypatch):
 
 def test_the_vocab_parallel_embedding_at_its_shards_edges(monkeypatch):
     """The ids either side of each shard's edge (the first id past rank 0's slice is rank 1's): the ranks' partial
-    embeddings sum to the whole embedding (built in one process, the all-reduce left to the sum here)."""
+    embeddings sum to the whole embedding (built in one process, the all-reduce left to the sum here), a vocabulary
+    the degree does not divide too (the last shards end in zero rows of padding, written by the load)."""
     import engine.parallel
     from tests.engine.fake_tp import FakeGroup, fake_tp
 
     fake_tp(monkeypatch)
     monkeypatch.setattr(engine.parallel, "reduce_from_tp", lambda x, group: x)  # each rank's partial sum
-    vocab, hidden = 10, 4
-    full = torch.randn(vocab, hidden)
-    ids = torch.tensor([0, 4, 5, 9, 5, 4])
-    total = 0
-    for rank in range(2):
-        emb = engine.parallel.VocabParallelEmbedding(vocab, hidden, FakeGroup(2, rank))
-        emb.load_part(full)
-        total = total + emb(ids)
-    torch.testing.assert_close(total, full[ids])
+    hidden = 4
+    # 10 rows over 2 ranks; 11 over 2 (6 and 5, a row of padding) and over 4 (3, 3, 3 and 2 real rows of 3)
+    for vocab, tp, real in ((10, 2, [5, 5]), (11, 2, [6, 5]), (11, 4, [3, 3, 3, 2])):
+        full = torch.randn(vocab, hidden)
+        ids = torch.tensor([0, 4, 5, 9, 5, 4, vocab - 1, 2, 3, 6, 8, 7])
+        total = 0
+        for rank in range(tp):
+            emb = engine.parallel.VocabParallelEmbedding(vocab, hidden, FakeGroup(tp, rank))
+            emb.weight.data.fill_(float("nan"))  # (the load must write the padding too)
+            emb.load_part(full)
+            assert emb.real_rows == real[rank] and emb.vocab_start == rank * emb.local_vocab
+            assert not emb.weight[emb.real_rows :].any()
+            total = total + emb(ids)
+        torch.testing.assert_close(total, full[ids])
 
 
 def _raise_together_rank(rank, world, init_file, out_dir):

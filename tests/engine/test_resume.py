@@ -538,26 +538,32 @@ def test_a_resume_checks_the_batch_sizes_it_runs_with(tmp_path):
         main([*flags, "--train-batch-size", "8"])
 
 
-@pytest.mark.parametrize("src_tp,src_dp,src_dist,dst_tp,dst_dp,dst_dist", [
-    (1, 3, True, 1, 2, True),  # DP 3 sharded -> DP 2 sharded (uneven padding, parameters across buckets and shards)
-    (1, 3, True, 1, 1, False),  # DP 3 sharded -> one process
-    (2, 3, True, 1, 1, False),  # TP 2 x DP 3 sharded -> one process
-    (2, 1, False, 1, 2, True),  # TP 2 unsharded -> DP 2 sharded
-    (1, 2, True, 2, 1, False),  # DP 2 sharded -> TP 2
-    (1, 1, False, 2, 3, True),  # one process -> TP 2 x DP 3 sharded
-    (2, 1, False, 2, 2, True),  # TP 2 unsharded -> TP 2 x DP 2 sharded (each TP rank reads its own saved slices)
-    (2, 3, True, 2, 2, True),  # TP 2 x DP 3 sharded -> TP 2 x DP 2 sharded
+@pytest.mark.parametrize("src_tp,src_dp,src_dist,dst_tp,dst_dp,dst_dist,vocab", [
+    (1, 3, True, 1, 2, True, 512),  # DP 3 sharded -> DP 2 sharded (uneven padding, parameters across buckets, shards)
+    (1, 3, True, 1, 1, False, 512),  # DP 3 sharded -> one process
+    (2, 3, True, 1, 1, False, 512),  # TP 2 x DP 3 sharded -> one process
+    (2, 1, False, 1, 2, True, 512),  # TP 2 unsharded -> DP 2 sharded
+    (1, 2, True, 2, 1, False, 512),  # DP 2 sharded -> TP 2
+    (1, 1, False, 2, 3, True, 512),  # one process -> TP 2 x DP 3 sharded
+    (2, 1, False, 2, 2, True, 512),  # TP 2 unsharded -> TP 2 x DP 2 sharded (each TP rank reads its own saved slices)
+    (2, 3, True, 2, 2, True, 512),  # TP 2 x DP 3 sharded -> TP 2 x DP 2 sharded
+    (2, 3, True, 1, 1, False, 509),  # TP 2 with its vocabulary padded (255 rows a rank) -> one process
+    (1, 1, False, 2, 3, True, 509),  # one process -> TP 2 x DP 3 sharded, the vocabulary padded
+    (2, 1, False, 2, 2, True, 509),  # TP 2 padded unsharded -> TP 2 x DP 2 sharded
 ])  # fmt: skip
-def test_optimizer_state_relaid_for_another_tp_degree(monkeypatch, src_tp, src_dp, src_dist, dst_tp, dst_dp, dst_dist):
+def test_optimizer_state_relaid_for_another_tp_degree(
+    monkeypatch, src_tp, src_dp, src_dist, dst_tp, dst_dp, dst_dist, vocab
+):
     """Saved at one (TP, DP, sharded or not) layout, re-laid for another: every master and moment of every rank
     equals the slice the checkpoint loader cuts for that TP rank (load_part, from whole HF-layout tensors drawn
     here), laid flat and cut into the DP shard by hand (not through the optimizer's own sharding). Fused parts
     (q/k/v, gate/up), row- and vocab-parallel and replicated weights; small buckets, so that parameters straddle
-    buckets and shards. In one process, with stand-in TP groups."""
+    buckets and shards; a vocabulary TP 2 does not divide (its padding rows zero in each layout). In one process, with
+    stand-in TP groups."""
     from engine.checkpoint import hf_tensor_specs
 
     fake_tp(monkeypatch)
-    cfg, small = PPOConfig(), dataclasses.replace(ModelConfig.named("tiny"), num_layers=1)
+    cfg, small = PPOConfig(), dataclasses.replace(ModelConfig.named("tiny"), num_layers=1, vocab_size=vocab)
     gen = torch.Generator().manual_seed(0)
     specs = hf_tensor_specs(Transformer(small, "lm", dtype=torch.bfloat16))
     whole = {k: {n: torch.randn(sp.shape, generator=gen) for n, sp in specs.items()} for k in ("m", "a", "b")}

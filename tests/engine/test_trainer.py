@@ -326,6 +326,42 @@ def test_a_nonfinite_score_on_one_rank_stops_every_rank(tmp_path, monkeypatch, w
     assert "Timeout" not in out and "timed out" not in out
 
 
+def test_tp2_with_a_vocabulary_it_does_not_divide_matches_one_process(tmp_path):
+    """Models of 515 tokens (the tiny tokenizer's 512 and three more, as an added pad token makes Llama 2's 32001) at
+    TP 2: each rank holds 258 rows of every embedding and LM head, rank 1's last one padding (engine.parallel
+    .shard_rows). The run's metrics and saved weights (515 rows, what transformers loads) equal one process's."""
+    import dataclasses
+
+    from engine.checkpoint import save_pretrained
+    from engine.config import ModelConfig
+    from engine.model import Transformer
+    from engine.tokenizer import TINY_DIR, TINY_PROMPTS
+
+    cfg = dataclasses.replace(ModelConfig.named("tiny"), vocab_size=515)
+    policy = Transformer(cfg, "lm").init_weights(seed=0)
+    with torch.no_grad():  # (EOS likely, as the tiny default's policy: engine.train_ppo.build_tiny_models)
+        policy.embed_tokens.weight[:, 0] += 0.1
+        policy.lm_head.weight[cfg.eos_token_id, 0] = 0.85
+    save_pretrained(policy, tmp_path / "init/policy", tokenizer_dir=TINY_DIR)
+    reward = Transformer(cfg, "score").init_weights(seed=1)
+    with torch.no_grad():
+        reward.score.weight.mul_(10.0)
+    save_pretrained(reward, tmp_path / "init/reward", tokenizer_dir=TINY_DIR)
+    flags = ["--policy", str(tmp_path / "init/policy"), "--reward", str(tmp_path / "init/reward"), "--prompts",
+             TINY_PROMPTS, "--tokenizer", TINY_DIR, "--eval-prompts", "", "--max-iterations", "1"]  # fmt: skip
+    (two, _) = torchrun_ranks(tmp_path, 2, "tp2", *flags, "--tp", "2")
+    one = run_tiny(tmp_path / "tp1", *flags, factory=naive_factory)
+    for k, v in one[0].items():
+        if k not in TIMING:
+            assert two["history"][0][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    for sub, head in (("policy", "lm"), ("value", "score")):
+        w1 = saved_weights(f"{latest_checkpoint(str(tmp_path / 'tp1'))}/{sub}", head)
+        w2 = saved_weights(f"{latest_checkpoint(str(tmp_path / 'tp2'))}/{sub}", head)  # gathered TP shards
+        assert w2["embed_tokens.weight"].shape == (515, 64)
+        for k in w1:
+            torch.testing.assert_close(w2[k], w1[k], atol=1e-6, rtol=1e-5, msg=f"{sub} {k}")
+
+
 def test_dp2_tp2_matches_one_process(tmp_path):
     """4 processes (data parallel 2 x tensor parallel 2, gloo; the optimizer sharded over the 2 DP ranks and the
     tokens between the TP regions) against 1 on the same global batch: two samples per prompt and two PPO epochs, the

@@ -1,5 +1,5 @@
 """Run under torchrun (gloo, CPU): the model with TP=2 (sequence parallel or not) must match TP=1 in logits,
-gradients and saving.
+gradients and saving; the test's vocabulary (301) is odd, so rank 1's shards end in a row of padding.
 
 python -m torch.distributed.run --nproc_per_node 2 tests/engine/tp_worker.py CKPT OUT
 """
@@ -21,13 +21,18 @@ def main(ckpt: str, out: str) -> None:
     grid = init_process_grid(tp=2)
     torch.manual_seed(0)
     ids = torch.randint(1, 301, (3, 7))
+    ids[1, 3] = 300  # the last token: rank 1's last real row, before its padding
     mask = torch.ones_like(ids)
     mask[0, :2] = 0  # a left-padded row
     mask[2, 5:] = 0  # a right-padded row
     # 17 tokens: sequence parallelism pads them to 18 with a dummy sequence
     plain = load_pretrained(ckpt, group=grid.tp_group, sequence_parallel=False)
     assert not plain.sequence_parallel and plain.tp_partial_grads() == []
-    _save_grads(plain, ids, mask, out + "/grads_tp")
+    # 301 rows: 151 a rank, rank 1's last one padding, zero in the weights (and in their grads below)
+    assert plain.embed_tokens.weight.shape[0] == 151 and plain.real_vocab == [None, 150][grid.rank]
+    for w in (plain.embed_tokens.weight, plain.lm_head.weight):
+        assert not w[151 if grid.rank == 0 else 150 :].any()
+    _save_grads(plain, out + "/grads_tp", plain(ids, mask).float().logsumexp(-1).sum())
     model = load_pretrained(ckpt, group=grid.tp_group)  # sequence parallel: the default under TP
     assert model.sequence_parallel and len(model.tp_partial_grads()) == 2 * len(model.layers) + 1
     # the recompute planner's probe of one layer runs through the collectives of either layout; sequence parallelism
@@ -37,7 +42,11 @@ def main(ckpt: str, out: str) -> None:
     sp_bytes, plain_bytes = layer_activation_bytes(model, 63), layer_activation_bytes(plain, 63)
     assert 0 < sp_bytes < plain_bytes, (sp_bytes, plain_bytes)
     model.activation_checkpointing = True  # the recompute goes through the same collectives
-    logits = _save_grads(model, ids, mask, out + "/grads_sp")
+    logits = model(ids, mask)  # gathered over the vocabulary
+    _save_grads(model, out + "/grads_sp", logits.float().logsumexp(-1).sum())
+    logits = logits.detach()
+    fused = _fused_head_losses(model)
+    _save_grads(model, out + "/grads_fused", fused.pop("total"))
     grads = {"q_proj": model.layers[0].self_attn.qkv_proj.full_part(0)}  # weights, gathered
     try:  # generation's layout with autograd on would leave whole norm grads that the optimizer sums as partial
         model.hidden_packed(ids[0], torch.arange(7), None, sequence_parallel=False)
@@ -138,7 +147,7 @@ def main(ckpt: str, out: str) -> None:
     grads["generated_fp8"] = torch.tensor([c.tokens + [-1] * (8 - len(c.tokens)) for c in generated])
     _graphs_agree_across_ranks(model, grid, prompts, grads["generated"])
     if grid.rank == 0:
-        torch.save({"ids": ids, "mask": mask, "logits": logits, **grads}, out + "/tp2.pt")
+        torch.save({"ids": ids, "mask": mask, "logits": logits, **fused, **grads}, out + "/tp2.pt")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -193,12 +202,46 @@ def _graphs_agree_across_ranks(model, grid, prompts, expected):
     generate.DecodeGraphs = real
 
 
-def _save_grads(model, ids, mask, path):
-    """Backward of a loss over the gathered logits; every parameter's grad (the sequence-parallel partial ones
-    summed over the group, as the optimizer does) saved as a checkpoint in the HF layout, gathered from the
-    shards by the same code that saves weights. Returns the logits."""
-    logits = model(ids, mask)  # gathered over the vocabulary
-    logits.float().logsumexp(-1).sum().backward()
+def fused_head_inputs(n: int):
+    """What _fused_head_losses feeds the fused LM-head kernels besides the hidden states (the test's TP 1 too)."""
+    g = torch.Generator().manual_seed(5)
+    targets = torch.randint(0, 301, (n,), generator=g)
+    targets[0] = 300  # the last real token, next to rank 1's padding
+    return targets, torch.randn(n, generator=g), torch.randn(n, generator=g), torch.randn(n, generator=g)
+
+
+def fused_head_losses(model, hidden, group=None, real_vocab=None) -> dict:
+    """Log-probs and entropy (hidden_logprobs) and the fused PPO loss of `hidden` through the model's LM head, and
+    one loss of all three."""
+    from kernels.logprob import hidden_logprobs, ppo_token_loss
+
+    targets, g_lp, old, adv = fused_head_inputs(hidden.shape[0])
+    w, kw = model.lm_head_weight, {"group": group, "real_vocab": real_vocab}
+    lp, ent = hidden_logprobs(hidden, w, targets, 0.8, return_entropy=True, **kw)
+    ppo, _ = ppo_token_loss(None, targets, old - 4, adv, torch.ones_like(adv), hidden=hidden, weight=w,
+                            entropy_coef=0.01, **kw)  # fmt: skip
+    return {"fused_lp": lp.detach(), "fused_ent": ent.detach(), "fused_ppo": ppo.detach(),
+            "total": (lp * g_lp).sum() + 0.3 * ent.sum() + ppo}  # fmt: skip
+
+
+def _fused_head_losses(model) -> dict:
+    """fused_head_losses under TP (the vocabulary padding masked by real_vocab), on sequence-parallel hidden states."""
+    from engine.model import pack_padded
+
+    torch.manual_seed(1)
+    ids, pos, cu, _ = pack_padded(torch.randint(1, 301, (2, 9)), None)
+    hidden = model.hidden_packed(ids, pos, cu)
+    return fused_head_losses(model, hidden, model.group, model.real_vocab)
+
+
+def _save_grads(model, path, loss):
+    """Backward of `loss`; every parameter's grad (the sequence-parallel partial ones summed over the group, as the
+    optimizer does) saved as a checkpoint in the HF layout, gathered from the shards by the same code that saves
+    weights. The padding of rank 1's vocabulary shards gets no grad."""
+    loss.backward()
+    if model.real_vocab is not None:
+        for w in (model.embed_tokens.weight, model.lm_head.weight):
+            assert not w.grad[model.real_vocab :].any(), "a grad reached the vocabulary's padding"
     for p in model.tp_partial_grads():
         dist.all_reduce(p.grad, group=model.group)
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -209,7 +252,6 @@ def _save_grads(model, ids, mask, path):
         save_pretrained(model, path)
         for name, p in model.named_parameters():
             p.copy_(weights[name])
-    return logits.detach()
 
 
 if __name__ == "__main__":

@@ -231,6 +231,44 @@ def test_hidden_logprobs_matches_reference(
     _close(gw, r_gw, 2 * atol, 2 * rtol, "grad_weight")
 
 
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_a_padded_vocabulary_is_the_vocabulary_without_its_padding(small_block, monkeypatch, path):
+    """A TP shard padded past its real rows (a vocabulary the degree does not divide: engine.parallel.shard_rows):
+    with real_vocab, hidden_logprobs and the fused PPO loss give the log-probs, entropy and grads of the weight's real
+    rows alone (float64 oracle), whatever the padding rows hold (random here, zero in the model), and a zero grad to
+    the padding; in several chunks, and the backward recomputing each (not the forward's buffer)."""
+    monkeypatch.setattr(L, "_CHUNK_ROWS", 7)
+    n, hdim, v, real = 19, 16, 101, 90
+    hidden = torch.randn(n, hdim, dtype=torch.float32, requires_grad=True)
+    weight = (3 * torch.randn(v, hdim) / math.sqrt(hdim)).requires_grad_(True)  # (padding as likely as any row)
+    targets = torch.randint(0, real, (n,))
+    targets[0] = real - 1  # the last real row
+    g_lp, g_ent = torch.randn(n), torch.randn(n)
+    old, adv, ref = torch.randn(n) - 3, torch.randn(n), torch.randn(n) - 3
+    mask = torch.ones(n)
+    with dispatch.reference_ops() if path == "reference" else contextlib.nullcontext():
+        lp, ent = L.hidden_logprobs(hidden, weight, targets, 0.8, return_entropy=True, real_vocab=real)
+        loss, _ = L.ppo_token_loss(None, targets, old, adv, mask, hidden=hidden, weight=weight, temperature=0.8,
+                                   ref_logprobs=ref, kl_coef=0.1, entropy_coef=0.01, real_vocab=real)  # fmt: skip
+        gh, gw = torch.autograd.grad((lp * g_lp).sum() + (ent * g_ent).sum() + loss, (hidden, weight))
+    hd, wd = hidden.detach().double().requires_grad_(True), weight.detach()[:real].double().requires_grad_(True)
+    r_lp, r_ent = reference.hidden_logprobs(hd, wd, targets, 0.8, return_entropy=True)
+    r_loss, _ = reference.ppo_token_loss(None, targets, old, adv, mask, hidden=hd, weight=wd, temperature=0.8,
+                                         ref_logprobs=ref, kl_coef=0.1, entropy_coef=0.01)  # fmt: skip
+    r_gh, r_gw = torch.autograd.grad((r_lp * g_lp).sum() + (r_ent * g_ent).sum() + r_loss, (hd, wd))
+    _close(lp, r_lp, 1e-5, 1e-5, "logp")
+    _close(ent, r_ent, 1e-5, 1e-5, "entropy")
+    _close(loss, r_loss, 1e-5, 1e-5, "loss")
+    _close(gh, r_gh, 2e-5, 2e-5, "grad_hidden")
+    _close(gw[:real], r_gw, 2e-5, 2e-5, "grad_weight")
+    assert torch.equal(gw[real:], torch.zeros_like(gw[real:])), "the padding rows got a grad"
+    for bad in (0, v + 1):
+        with pytest.raises(ValueError, match=f"real_vocab {bad} must be in \\[1, {v}\\]"):
+            L.hidden_logprobs(hidden, weight, targets, real_vocab=bad)
+    with pytest.raises(ValueError, match="real_vocab goes with hidden/weight"):
+        L.ppo_token_loss(torch.randn(n, v), targets, old, adv, mask, real_vocab=real)
+
+
 def test_hidden_logprobs_grad_of_hidden_only(small_block, monkeypatch):
     monkeypatch.setattr(L, "_CHUNK_ROWS", 2)
     hidden = torch.randn(5, 16, requires_grad=True)
