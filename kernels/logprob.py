@@ -347,11 +347,14 @@ def _chunk_rows(n: int, v: int, elt: int) -> int:
     return max(1, min(n, rows - rows % 128 if rows >= 256 else rows))
 
 
-def _hidden_grad_chunk(lg, h, weight, targets, norm, ent, glp, gent, temperature, v_start, gh, gw, first):
+def _hidden_grad_chunk(lg, h, weight, targets, norm, ent, glp, gent, temperature, v_start, gh, gw, first,
+                       real_vocab=None):  # fmt: skip
     """Turn one chunk's logits lg [c, V] into grad_logits in place, then the two grad GEMMs:
     gh [c, H] = grad_logits @ weight, gw [V, H] (+)= grad_logits.T @ h. A gw in fp32 under half weights (_weight_grad:
-    several chunks) adds each chunk's product once rounded, never the running sum."""
+    several chunks) adds each chunk's product once rounded, never the running sum. Rows from `real_vocab` on (padding)
+    get a zero grad_logits, even where a target lies among them (its one-hot term)."""
     logprob_backward(lg.unsqueeze(0), targets, norm, ent, glp, gent, temperature, v_start, out=lg)
+    _mask_padding(lg, real_vocab, 0.0)
     if gh is not None:
         torch.mm(lg, weight, out=gh)
     if gw is not None:
@@ -382,11 +385,11 @@ def _weight_grad(weight: torch.Tensor, n: int, rows: int) -> torch.Tensor:
     return torch.empty(weight.shape, dtype=torch.float32 if half and n > rows else weight.dtype, device=weight.device)
 
 
-def _mask_padding(lg: torch.Tensor, real_vocab: int | None) -> torch.Tensor:
-    """-inf in the logits of weight rows past `real_vocab` (the padding of a vocabulary the TP degree does not
-    divide: engine.parallel.shard_rows), in place: no token, and a zero grad for those rows."""
+def _mask_padding(lg: torch.Tensor, real_vocab: int | None, fill: float = float("-inf")) -> torch.Tensor:
+    """-inf (or `fill`: 0 in a grad) in the logits of weight rows past `real_vocab` (the padding of a vocabulary the
+    TP degree does not divide: engine.parallel.shard_rows), in place: no token, and a zero grad for those rows."""
     if real_vocab is not None and real_vocab < lg.shape[-1]:
-        lg[..., real_vocab:] = float("-inf")
+        lg[..., real_vocab:] = fill
     return lg
 
 
@@ -438,7 +441,7 @@ class _HiddenLogprobs(torch.autograd.Function):
             lg = _mask_padding(hidden[sl] @ weight.t(), ctx.real_vocab)  # recomputed: outputs can get any grad
             _hidden_grad_chunk(
                 lg, hidden[sl], weight, targets[sl], norm[sl], pick(ent), pick(grad_logp), pick(grad_ent),
-                ctx.temperature, v_start, pick(gh), gw, i == 0,
+                ctx.temperature, v_start, pick(gh), gw, i == 0, ctx.real_vocab,
             )  # fmt: skip
         if gw is not None and hidden.shape[0] == 0:
             gw.zero_()
@@ -474,7 +477,7 @@ class _FusedHiddenLoss(torch.autograd.Function):
             if need_h or need_w:
                 _hidden_grad_chunk(
                     lg, hidden[r0:r1], weight, targets[r0:r1], norm_c, ent_c, glp, gent, temperature, v_start,
-                    gh[r0:r1] if need_h else None, gw, i == 0,
+                    gh[r0:r1] if need_h else None, gw, i == 0, real_vocab,
                 )  # fmt: skip
         if gw is not None and n == 0:
             gw.zero_()

@@ -269,6 +269,28 @@ def test_a_padded_vocabulary_is_the_vocabulary_without_its_padding(small_block, 
         L.ppo_token_loss(torch.randn(n, v), targets, old, adv, mask, real_vocab=real)
 
 
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_a_target_in_the_padding_sends_no_grad_to_it(small_block, monkeypatch, path):
+    """A target past real_vocab (an id of the padding, which the vocabulary-parallel check of [0, V_total) lets
+    through): its log-prob is -inf on either path, and, as real_vocab promises, the padding rows get no grad (the
+    kernel's one-hot term of the target must not land there) and give none to the hidden states, as the oracle's."""
+    monkeypatch.setattr(L, "_CHUNK_ROWS", 3)
+    n, hdim, v, real = 5, 16, 70, 60
+    hidden = torch.randn(n, hdim, requires_grad=True)
+    weight = torch.randn(v, hdim, requires_grad=True)  # (random padding rows: a grad through them would show)
+    targets = torch.tensor([3, real, 7, v - 1, real - 1])
+    with dispatch.reference_ops() if path == "reference" else contextlib.nullcontext():
+        lp = L.hidden_logprobs(hidden, weight, targets, real_vocab=real)
+        gh, gw = torch.autograd.grad(lp, (hidden, weight), torch.ones(n))
+    assert lp[1] == lp[3] == -math.inf and lp[[0, 2, 4]].isfinite().all()
+    assert torch.equal(gw[real:], torch.zeros_like(gw[real:])), "a target in the padding sent its row a grad"
+    hd, wd = hidden.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
+    r_lp = reference.hidden_logprobs(hd, wd, targets, real_vocab=real)
+    r_gh, r_gw = torch.autograd.grad(r_lp, (hd, wd), torch.ones(n, dtype=torch.float64))
+    _close(gh, r_gh, 1e-5, 1e-5, "grad_hidden")
+    _close(gw, r_gw, 1e-5, 1e-5, "grad_weight")
+
+
 def test_hidden_logprobs_grad_of_hidden_only(small_block, monkeypatch):
     monkeypatch.setattr(L, "_CHUNK_ROWS", 2)
     hidden = torch.randn(5, 16, requires_grad=True)
