@@ -324,8 +324,10 @@ def shard_rows(size: int, tp: int) -> int:
 def shard_range(size: int, tp: int, rank: int, what: str = "the vocabulary") -> tuple[int, int, int]:
     """(rows per rank, this rank's first row, how many of its rows are real) of a tensor of `size` rows split over
     `tp` ranks (shard_rows); a degree that would leave a rank no real row is refused."""
+    if tp < 1:
+        raise InvalidInput(f"tensor parallel degree {tp} must be at least 1")
     rows = shard_rows(size, tp)
-    if tp < 1 or rows * (tp - 1) >= size:
+    if rows * (tp - 1) >= size:
         raise InvalidInput(f"tensor parallel degree {tp} leaves a rank none of {what} ({size})")
     start = rank * rows
     return rows, start, max(0, min(rows, size - start))
@@ -346,7 +348,8 @@ class ColumnParallelLinear(nn.Module):
 
     `output_sizes` are the full sizes of the fused parts (e.g. [q, k, v]); rank r holds rows
     [r*s/tp, (r+1)*s/tp) of every part, concatenated. `shard_units` gives each part's indivisible
-    unit (a head's width), so the error names heads rather than rows.
+    unit (a head's width), so the error names heads rather than rows. `padded` (one part: an LM head): the degree
+    need not divide it, each rank holds shard_rows(s, tp) rows from r*shard_rows, the last ones zero padding.
     """
 
     def __init__(self, in_features, output_sizes, group=None, shard_units=None, names=None, padded=False, **factory):

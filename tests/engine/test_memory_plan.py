@@ -504,6 +504,10 @@ def test_a_tp_degree_must_divide_the_mlp_too_and_leave_every_rank_some_vocabular
     with pytest.raises(ValueError, match=r"degree 4 leaves a rank none of the reward model's vocabulary \(5\)"):
         memory_plan.check_tp({"reward": (tiny, "score")}, 4)
     memory_plan.check_tp({"reward": (dataclasses.replace(tiny, vocab_size=7), "score")}, 4)  # 2, 2, 2 and 1
+    from engine.parallel import shard_range
+
+    with pytest.raises(ValueError, match="tensor parallel degree 0 must be at least 1"):
+        shard_range(7, 0, 0)
     lm = dataclasses.replace(c, intermediate_size=688)
     with pytest.raises(ValueError, match=r"--tp 4 does not divide the reward model's MLP width \(690\)"):
         memory_plan.check_tp({"policy": (lm, "lm"), "reward": (c, "score")}, 4)
