@@ -93,8 +93,8 @@ def report(error: BaseException, prog: str) -> None:
 
 
 def run_command(main: Callable[[], T], prog: str) -> T:
-    """main() as a command line named `prog`: an InputError reported in one line (report) with exit code 2, with its
-    traceback where TULU_TRACEBACK is set (not "0"); any other error raised with its traceback, which torch's
+    """main() as a command line named `prog`: an InputError reported in one line (report) with exit code 2, or, where
+    TULU_TRACEBACK is set (not "0"), raised with its traceback as any other error is (exit code 1), which torch's
     @record also writes into torchrun's failure summary."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
