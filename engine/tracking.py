@@ -5,7 +5,9 @@ charted against the run's iteration (a crash-resumed run's repeated iterations a
 and run configuration as the W&B run's config, and tables of answers: each evaluation's first EVAL_TABLE_ROWS
 (eval/answers) and each iteration's logged samples (samples). The W&B run's id is kept in OUTPUT_DIR/wandb-run-id,
 so --resume continues the same W&B run (a fresh run, or --overwrite-output-dir, starts a new one). WANDB_MODE=offline
-and the other WANDB_* variables work as usual.
+and the other WANDB_* variables work as usual, but for what the run sets itself: WANDB_PROJECT, WANDB_NAME,
+WANDB_RUN_ID, WANDB_RESUME and WANDB_DIR give way to --wandb-project, --wandb-run-name, the kept id and the output
+directory.
 
 With --tensorboard-dir D (optional: `pip install tensorboard`), global rank 0 writes the same lines as TensorBoard
 scalars (eval/<key> for the evaluations; numbers only), against the iteration, and the tables as text, flushed after
