@@ -165,12 +165,23 @@ def _number(name: str) -> int | None:
 def check_resumable(output_dir: str) -> None:
     """--resume where `latest` is missing: complete checkpoints there (`latest` removed, or not copied with them) would
     otherwise be taken for none, and the fresh start would delete them (--overwrite-output-dir or not: the tiny
-    default's runs start over with it)."""
-    if latest_checkpoint(output_dir) is not None or not os.path.isdir(output_dir):
+    default's runs start over with it). Where `latest` names a checkpoint that is not there (pruned since `latest` was
+    pointed back by hand, or not copied), that is said, with the checkpoints there are."""
+    latest = latest_checkpoint(output_dir)
+    if (latest is not None and os.path.isdir(latest)) or not os.path.isdir(output_dir):
         return
     whole = [
         d for d in sorted(os.listdir(output_dir)) if _number(d) is not None and _complete(os.path.join(output_dir, d))
     ]
+    if latest is not None:
+        path = os.path.join(output_dir, LATEST)
+        there = "it holds no complete checkpoint: start over there with --overwrite-output-dir, without --resume"
+        if whole:
+            there = f'it holds {", ".join(whole)}: write {{"checkpoint": "{whole[-1]}"}} into {path} to resume from it'
+        raise MissingInput(
+            f"--resume: {path} names {os.path.basename(latest)}, which is not in {output_dir} (removed or moved?); "
+            f"{there}"
+        )
     if whole:
         raise MissingInput(
             f"--resume: {output_dir} holds {', '.join(whole)} but no `latest` naming the checkpoint to resume from "

@@ -190,6 +190,20 @@ def test_a_resume_without_latest_keeps_the_checkpoints_and_names_the_one_to_resu
     assert [json.loads(x)["iteration"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
+def test_a_resume_whose_latest_names_a_checkpoint_that_is_gone_says_so(tmp_path):
+    """`latest` pointed back by hand to a checkpoint pruned since (or not copied with the directory): the resume is
+    refused naming `latest`, the checkpoint it names and the one there is to resume from, not a state file."""
+    run_tiny(tmp_path, "--max-iterations", "2", "--save-every", "1")  # (checkpoint-000001 pruned: --keep-checkpoints 1)
+    (tmp_path / "latest").write_text(json.dumps({"checkpoint": "checkpoint-000001"}))
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"--resume: .*latest names checkpoint-000001, which is not in .* \(removed or moved\?\); it holds "
+        r'checkpoint-000002: write \{"checkpoint": "checkpoint-000002"\} into .*latest to resume from it',
+    ):
+        run_tiny(tmp_path, "--max-iterations", "3", "--resume")
+    assert [d.name for d in tmp_path.glob("checkpoint-*")] == ["checkpoint-000002"]  # (nothing removed)
+
+
 def test_a_checkpoint_is_durable_before_latest_points_to_it(tmp_path, monkeypatch):
     """Every file is fsynced before its rename and every directory whose entries changed after it: each model's
     directory before it is renamed into place, the checkpoint's parent after, checkpoint-N before `latest` moves,
