@@ -1,6 +1,6 @@
 """Checkpoints named by Hugging Face Hub id: --policy allenai/tulu-2-13b works as a local directory does.
 
-A name that is not a local directory but reads as a Hub repo id ("org/name", optionally "org/name@revision") is
+A name that is not a local path but reads as a Hub repo id ("org/name", optionally "org/name@revision") is
 downloaded into the Hugging Face cache (HF_HOME, HF_TOKEN and HF_HUB_OFFLINE work as usual): only what the engine
 reads, the configs, tokenizer files and the top-level weights in one format (safetensors when the repo has them, else
 pytorch_model*.bin). On each node local rank 0 downloads while the other ranks wait; they then read the cache.
@@ -29,7 +29,9 @@ KEEP = ["*.json", "tokenizer*", "*.model", "*.jinja", "merges.txt", "vocab.txt"]
 
 
 def is_repo_id(name: str) -> bool:
-    return not os.path.isdir(name) and bool(REPO_ID.match(name))
+    """Whether `name` is fetched from the Hub: it reads as a repo id and is no local path (a directory, or a file of
+    a checkpoint that check_paths names as one: `policy/model.safetensors` is no repo of an org `policy`)."""
+    return not os.path.exists(name) and bool(REPO_ID.match(name))
 
 
 def weight_patterns(files: list[str]) -> list[str]:

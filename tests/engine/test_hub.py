@@ -104,6 +104,20 @@ def test_is_repo_id(tmp_path, monkeypatch):
     assert not hub.is_repo_id("models/llama")  # a relative local directory shaped like an id: the directory
 
 
+def test_a_local_file_shaped_like_an_id_is_named_as_a_file_not_fetched(tmp_path, monkeypatch):
+    """`--policy policy/model.safetensors` beside a checkpoint: a local file, named as one with the directory to give
+    instead, not asked of the Hub as the repo `model.safetensors` of an org `policy`."""
+    from engine.state import RunConfig, check_paths
+
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy/model.safetensors").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert not hub.is_repo_id("policy/model.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"--policy policy/model.safetensors: no such directory .*: name the "
+                       r"directory that holds it, policy$"):  # fmt: skip
+        check_paths(RunConfig(policy="policy/model.safetensors"))
+
+
 def test_the_weights_fetched_are_the_top_level_ones_of_one_format():
     """Safetensors before pickles, by name, the top level only: a subfolder's copy (a Trainer's last-checkpoint/, an
     original/ folder) is not fetched beside them, and a repo whose safetensors are all in a subfolder gets the
