@@ -293,7 +293,9 @@ def prompt_messages(obj: dict, where: str) -> list[dict]:
 
 def _conversation(msgs: list, where: str) -> list[dict]:
     last_user = max((i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "user"), default=-1)
-    for i, m in enumerate(msgs):  # (the answers after the last user turn are cut off: their content is not read)
+    # (the turns after the last user turn are cut off, neither read nor rendered: an answer's tool calls and tool
+    # turns pass; without a user turn every role is checked, which names a file of other roles or keys)
+    for i, m in enumerate(msgs[: last_user + 1] if last_user >= 0 else msgs):
         role_ok = isinstance(m, dict) and m.get("role") in ROLES
         if not role_ok or (i <= last_user and not isinstance(m.get("content"), str)):
             raise InvalidInput(f"{where}: each message needs a role in {ROLES} and a string content, got {m!r}")

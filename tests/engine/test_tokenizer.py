@@ -590,6 +590,21 @@ def test_the_answer_after_the_last_user_turn_is_not_read(tmp_path):
     assert read_prompt_file(p) == [turns, turns]
 
 
+def test_the_turns_after_the_last_user_turn_may_be_of_any_role(tmp_path):
+    """An answer that called a tool (an assistant turn with tool_calls, the tool's turn, the final answer) is cut off
+    with the rest: its roles do not refuse the line, as they are never rendered. A role before the question still
+    does."""
+    question = [{"role": "user", "content": "What is 6 x 7?"}]
+    call = {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "calc"}}]}
+    answer = [call, {"role": "tool", "content": "42"}, {"role": "assistant", "content": "42."}]
+    p = tmp_path / "p.jsonl"
+    p.write_text(json.dumps({"messages": question + answer}) + "\n")
+    assert read_prompt_file(p) == [question]
+    p.write_text(json.dumps({"messages": answer[1:2] + question}) + "\n")
+    with pytest.raises(ValueError, match=r"p\.jsonl:1: each message needs a role in .* got \{'role': 'tool'"):
+        read_prompt_file(p)
+
+
 def test_an_empty_prompt_string_beside_a_conversation_takes_the_conversation(tmp_path):
     """A preference line whose "prompt" string is empty (a placeholder) reads its conversation, as a line without the
     string does: not refused as an empty prompt while the question is right there."""
