@@ -224,11 +224,17 @@ def check_writable(output_dir: str, rank: int) -> None:
     raise_together(error, "checking the output directory")
 
 
+TRACE_PREFIX = "trace-iter"  # --profile-iteration's Chrome traces (engine.trainer._profiled_iteration)
+
+
 def run_files(output_dir: str) -> list[str]:
-    """The names in output_dir that a run writes (its checkpoints, `latest`, logs, launches, W&B id), sorted."""
+    """The names in output_dir that a run writes (its checkpoints, `latest`, logs, launches, W&B id, profiler traces),
+    sorted."""
     if not os.path.isdir(output_dir):
         return []
-    ours = lambda n: n in (LATEST, EVAL_DIR, WANDB_RUN_ID, LAUNCHES, *LOGS) or n.startswith("checkpoint-")  # noqa: E731
+    ours = lambda n: (
+        n in (LATEST, EVAL_DIR, WANDB_RUN_ID, LAUNCHES, *LOGS) or n.startswith(("checkpoint-", TRACE_PREFIX))
+    )  # noqa: E731
     return sorted(n for n in os.listdir(output_dir) if ours(n))
 
 

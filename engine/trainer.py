@@ -36,7 +36,7 @@ from engine.kv_cache import upload
 from engine.model import forward_flops
 from engine.optim import accumulate_grads, apply_update, reduce_grads
 from engine.parallel import agree, print0
-from engine.resume import latest_checkpoint, record_launch, save_checkpoint
+from engine.resume import TRACE_PREFIX, latest_checkpoint, record_launch, save_checkpoint
 from engine.rollout import add_to, check_scores, chunks, forward_rollout, generate_rollout, policy_logprobs, reduce_sums
 from engine.state import TrainState  # (the state and its setup: engine/state.py)
 from engine.tracking import Tracker
@@ -364,7 +364,7 @@ def _profiled_iteration(state: TrainState) -> dict:
     with torch.profiler.profile(activities=activities) as prof:
         metrics = ppo_iteration(state)
     os.makedirs(state.run.output_dir, exist_ok=True)
-    path = os.path.join(state.run.output_dir, f"trace-iter{state.iteration:06d}-rank{state.grid.rank:05d}.json")
+    path = os.path.join(state.run.output_dir, f"{TRACE_PREFIX}{state.iteration:06d}-rank{state.grid.rank:05d}.json")
     prof.export_chrome_trace(path)
     print0(f"profiled iteration {state.iteration}: {path} (one per rank)")
     return metrics

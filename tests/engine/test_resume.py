@@ -714,6 +714,18 @@ def test_starting_over_removes_a_linked_checkpoint_not_what_it_links_to(tmp_path
     assert os.listdir(out) == [] and sorted(os.listdir(kept)) == ["policy", "state-rank00000.pt", "value"]
 
 
+def test_starting_over_removes_the_earlier_runs_profiler_traces(tmp_path):
+    """--profile-iteration's traces are a run's files: --overwrite-output-dir (and the tiny default's restart) removes
+    them with its checkpoints and logs (they were left behind, an earlier run's trace beside the new run's)."""
+    from engine.resume import start_fresh
+
+    _fake_ckpt(tmp_path, 3)
+    (tmp_path / "trace-iter000002-rank00000.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    start_fresh(str(tmp_path), True, 0)
+    assert os.listdir(tmp_path) == ["notes.txt"]
+
+
 def test_a_resume_that_cannot_continue_the_prompt_order_is_refused_before_any_weight_is_read(tmp_path, monkeypatch):
     """Another --seed, or another prompt set (another --prompts file, --max-prompt-len, --eval-holdout), is refused
     naming the flag before any model is loaded: it was found only once the four models were (minutes at 13B)."""
