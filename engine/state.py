@@ -47,6 +47,11 @@ from engine.tokenizer import (
 )
 from engine.tracking import Tracker, check_available
 
+# the longest --dist-timeout-minutes: torch.distributed takes the timeout as a timedelta it converts to integer
+# milliseconds and nanoseconds, which overflow far past this (1e12 minutes: every collective timed out at once; 1e30: an
+# OverflowError from init_process_group)
+MAX_DIST_TIMEOUT_MINUTES = 1_000_000
+
 
 @dataclass
 class RunConfig:
@@ -125,6 +130,9 @@ class RunConfig:
             bad.append(f"seed must be in [0, 2**32), got {self.seed}")
         if not 0 < self.dist_timeout_minutes < math.inf:  # (0: every collective times out at once; inf: no timedelta)
             bad.append(f"dist_timeout_minutes must be > 0 and finite, got {self.dist_timeout_minutes}")
+        elif self.dist_timeout_minutes > MAX_DIST_TIMEOUT_MINUTES:  # (torch's timedelta overflows: see the constant)
+            bad.append(f"dist_timeout_minutes must be at most {MAX_DIST_TIMEOUT_MINUTES} (about two years; longer ones "
+                       f"overflow torch.distributed's clocks), got {self.dist_timeout_minutes:g}")  # fmt: skip
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             bad.append(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
         elif self.dtype == "float16" and not self.eval_only:  # (the losses are divided by a rollout's token count)

@@ -116,6 +116,8 @@ def test_a_checkpoint_of_the_wrong_kind_is_refused_before_anything_is_read_or_cl
         (["--seed", str(2**32)], r"seed must be in \[0, 2\*\*32\), got 4294967296"),
         (["--dist-timeout-minutes", "0"], r"dist_timeout_minutes must be > 0 and finite, got 0\.0"),
         (["--dist-timeout-minutes", "inf"], r"dist_timeout_minutes must be > 0 and finite, got inf"),
+        # (torch.distributed's timedelta overflows: a traceback at 1e30, every collective timed out at once at 1e12)
+        (["--dist-timeout-minutes", "1e12"], r"dist_timeout_minutes must be at most 1000000 .*got 1e\+12"),
         (["--kv-cache-fraction", "1.5"], r"kv_cache_fraction must be in \(0, 1\]"),
         (["--learning-rate", "inf"], "learning_rate must be >= 0 and finite, got inf"),
         (["--missing-eos-penalty", "-inf"], "missing_eos_penalty must be finite, got -inf"),
