@@ -149,6 +149,10 @@ class RunConfig:
             bad.append(f"chat_template must be one of {', '.join(CHAT_TEMPLATES)}, got {self.chat_template!r}")
         if not 0 < self.kv_cache_fraction <= 1:
             bad.append(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
+        for name, allowed in (("offload_optimizer", memory_plan.OFFLOAD_SETTINGS),
+                              ("offload_idle_models", memory_plan.IDLE_MODEL_SETTINGS)):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                bad.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if bad:
             raise InvalidInput("; ".join(bad))
 

@@ -125,6 +125,9 @@ def test_a_checkpoint_of_the_wrong_kind_is_refused_before_anything_is_read_or_cl
         (["--dtype", "int8"], "dtype must be auto, bfloat16, float16 or float32, got 'int8'"),
         (["--device", "tpu"], "device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
         (["--kv-cache-dtype", "int4"], "kv_cache_dtype must be auto or fp8, got 'int4'"),
+        # (refused by setup only after the tiny default's models were built, and by ppo_step.py after its four)
+        (["--offload-optimizer", "x"], "offload_optimizer must be one of auto, off, rollouts, always, got 'x'"),
+        (["--offload-idle-models", "always"], "offload_idle_models must be one of auto, off, rollouts, got 'always'"),
         (["--activation-checkpointing", "maybe"], "activation_checkpointing must be auto, on, off or a number"),
         (["--output-dir", ""], "output_dir must not be empty"),
         (["--top-k", "-1"], r"top_k must be >= 0 \(0: no top-k\), got -1"),
