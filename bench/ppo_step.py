@@ -61,7 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--offload-optimizer", default="auto", help="auto, off, rollouts or always (RunConfig's)")
     p.add_argument("--offload-idle-models", default="auto", help="auto, off or rollouts (RunConfig's)")
     p.add_argument("--json", default=None, help="write the figures to this file")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    sizes = ("rollout_batch_size", "train_batch_size", "prompt_len", "max_new_tokens")
+    for flag in ("num_layers", *sizes, "gen_max_num_seqs", "iterations", "tp"):  # (None: the default; 0 is not it)
+        if getattr(a, flag) is not None and getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
+    return a
 
 
 def main(argv=None) -> dict:

@@ -79,3 +79,24 @@ def test_a_model_that_cannot_fit_is_refused_before_it_is_built(tmp_path, monkeyp
         with pytest.raises(SystemExit) as e:
             run_main(lambda flags=flags: rollout.main(flags))
         assert e.value.code == 2 and capsys.readouterr().err.startswith(f"rollout_throughput.py: error: {message}")
+
+
+def test_ppo_step_bench_refuses_impossible_flags(capsys):
+    """0 is not the default in disguise (--num-layers 0 and --gen-max-num-seqs 0 fell back to it silently), and a
+    number that cannot run is named when parsed, not a traceback after four models are built (--iterations 0: an
+    empty min(); --num-layers -2: an IndexError), nor a message about another flag (--tp 0, --iterations -1)."""
+    from bench.ppo_step import parse_args
+
+    for flags, message in (
+        (["--iterations", "0"], "--iterations must be >= 1, got 0"),
+        (["--iterations", "-1"], "--iterations must be >= 1, got -1"),
+        (["--num-layers", "0"], "--num-layers must be >= 1, got 0"),
+        (["--num-layers", "-2"], "--num-layers must be >= 1, got -2"),
+        (["--gen-max-num-seqs", "0"], "--gen-max-num-seqs must be >= 1, got 0"),
+        (["--tp", "0"], "--tp must be >= 1, got 0"),
+        (["--prompt-len", "0"], "--prompt-len must be >= 1, got 0"),
+        (["--rollout-batch-size", "0"], "--rollout-batch-size must be >= 1, got 0"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            parse_args(flags)
+        assert e.value.code == 2 and message in capsys.readouterr().err, flags
