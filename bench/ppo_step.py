@@ -66,6 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("num_layers", *sizes, "gen_max_num_seqs", "iterations", "tp"):  # (None: the default; 0 is not it)
         if getattr(a, flag) is not None and getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
+    try:  # (RunConfig's checks of the two, as train_ppo.py's: float16 trains without loss scaling)
+        RunConfig(output_dir="", device=a.device, dtype=a.dtype)
+    except ValueError as e:
+        p.error(str(e))
     return a
 
 

@@ -21,6 +21,7 @@ import argparse
 import gc
 import math
 import os
+import re
 import sys
 import time
 
@@ -85,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
     if a.repeats < 1 or a.stop_tokens < 0:
         p.error("--repeats must be >= 1 and --stop-tokens >= 0")
+    if a.device is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", a.device):  # (as train_ppo.py's)
+        p.error(f"--device must be auto, cpu, cuda or cuda:N, got {a.device!r}")
     if a.top_k < 0:
         p.error(f"--top-k must be >= 0 (0: off), got {a.top_k}")
     if not 0 < a.kv_cache_fraction <= 1:

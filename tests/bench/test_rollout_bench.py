@@ -100,3 +100,20 @@ def test_ppo_step_bench_refuses_impossible_flags(capsys):
         with pytest.raises(SystemExit) as e:
             parse_args(flags)
         assert e.value.code == 2 and message in capsys.readouterr().err, flags
+
+
+def test_the_benches_refuse_a_device_or_dtype_they_cannot_run_when_parsed(capsys):
+    """A device torch does not know, or a dtype that is none, was a traceback from inside (torch.device,
+    getattr(torch, ...)); float16 training, which train_ppo.py refuses (no loss scaling), ran in ppo_step.py."""
+    import bench.ppo_step as ppo_step
+    import bench.rollout_throughput as rollout
+
+    for parse, flags, message in (
+        (ppo_step.parse_args, ["--device", "tpu"], "device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+        (ppo_step.parse_args, ["--dtype", "bf16"], "dtype must be auto, bfloat16, float16 or float32, got 'bf16'"),
+        (ppo_step.parse_args, ["--dtype", "float16"], "dtype float16 trains without loss scaling"),
+        (rollout.parse_args, ["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            parse(flags)
+        assert e.value.code == 2 and message in capsys.readouterr().err, flags
