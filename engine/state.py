@@ -20,7 +20,7 @@ from engine.config import LEGACY_PPO_VALUES, ModelConfig, PPOConfig
 from engine.data import PromptBatches, check_fills_a_rollout
 from engine.errors import InputError, InvalidInput, MissingInput, named
 from engine.hub import RUN_FIELDS, config_sources, is_repo_id, model_dirs, pin_run, resolve_run
-from engine.kv_cache import bytes_per_block, cuda_cache_budget, resolve_cache_dtype
+from engine.kv_cache import BLOCK_SIZE, bytes_per_block, cuda_cache_budget, resolve_cache_dtype
 from engine.model import Transformer
 from engine.offload import HostCopies, state_bytes, weight_bytes
 from engine.optim import Optimizer, make_optimizer
@@ -327,6 +327,7 @@ def setup(
     prompt_set, eval_set = evaluation_set(cfg, run, grid, tokenizer, prompt_set)
     check_tokenizer(light, tokenizer, tokenizer_dir, prompt_set, eval_set)
     check_context(light, cfg, grid)
+    check_kv_cache_mb(light, cfg, grid, device)
     check_fills_a_rollout(len(prompt_set.prompts), cfg.rollout_batch_size)
     check_profile_iteration(run, run_iterations(len(prompt_set.prompts), cfg, run))
     run = resolve_run(run)  # Hub ids -> local directories with the weights (engine/hub.py; the same directories)
@@ -444,6 +445,26 @@ def check_context(run: RunConfig, cfg: PPOConfig, grid: ProcessGrid) -> None:
                 f"--max-prompt-len {cfg.max_prompt_len} + --max-new-tokens {cfg.max_new_tokens} = {need} tokens do not "
                 f"fit the {role} model's context ({path}: max_position_embeddings {context}); lower either"
             )
+
+
+def check_kv_cache_mb(run: RunConfig, cfg: PPOConfig, grid: ProcessGrid, device: torch.device) -> None:
+    """A fixed --kv-cache-mb must hold one sequence of max_prompt_len + max_new_tokens tokens in whole blocks of the
+    policy's K/V on a rank (the generator refuses it otherwise, at the first rollout, after every model is loaded):
+    checked from the policy's config.json before any weight is read."""
+    if not run.kv_cache_mb:
+        return
+    c = ModelConfig.from_hf(model_dirs(run)["policy"])
+    seq = cfg.max_prompt_len + cfg.max_new_tokens
+    kv_dtype = resolve_cache_dtype(run.kv_cache_dtype, resolve_dtype(run.dtype, device))
+    blocks = -(-seq // BLOCK_SIZE)
+    need = blocks * bytes_per_block(c.num_layers, BLOCK_SIZE, c.num_kv_heads // grid.tp, c.head_dim, kv_dtype)
+    if need > run.kv_cache_mb * 2**20:
+        raise InvalidInput(
+            f"--kv-cache-mb {run.kv_cache_mb}: a KV cache of {run.kv_cache_mb} MiB cannot hold one sequence of "
+            f"--max-prompt-len {cfg.max_prompt_len} + --max-new-tokens {cfg.max_new_tokens} = {seq} tokens ({blocks} "
+            f"blocks of {BLOCK_SIZE} tokens, {need / 2**20:.2f} MiB of the policy's K/V per GPU): give it at least "
+            f"{-(-need // 2**20)}, or 0 to size it from the GPU's memory (--kv-cache-fraction)"
+        )
 
 
 def check_tokenizer(run: RunConfig, tokenizer, tokenizer_dir: str, *prompt_sets) -> None:
@@ -646,6 +667,7 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     _, eval_set = evaluation_set(cfg, run, grid, tokenizer, None)
     check_tokenizer(light, tokenizer, tokenizer_dir, eval_set)
     check_context(light, cfg, grid)
+    check_kv_cache_mb(light, cfg, grid, device)
     run = resolve_run(run)
     sources = model_sources(run, None, evaluation=True)
     check_checkpoints(sources)  # (as in setup)

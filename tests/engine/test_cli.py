@@ -307,6 +307,27 @@ def test_a_layout_that_cannot_run_is_refused_before_any_weight_is_read(tmp_path,
     assert "a rank's share of a minibatch (4 sequences) does not hold whole prompts' 3 samples" in out
 
 
+def test_a_kv_cache_too_small_for_one_sequence_is_refused_before_any_weight_is_read(tmp_path, monkeypatch):
+    """--kv-cache-mb that cannot hold one sequence of --max-prompt-len + --max-new-tokens was refused by the generator
+    at the first rollout, after the four models were loaded, naming its max_model_len and not the flag."""
+    from engine.checkpoint import save_pretrained
+    from engine.config import ModelConfig
+    from engine.model import Transformer
+    from engine.tokenizer import TINY_DIR, TINY_PROMPTS
+
+    config = dataclasses.replace(ModelConfig.named("tiny"), num_layers=8)  # (32 KiB of float32 K/V a 16-token block)
+    for name, head in (("policy", "lm"), ("reward", "score")):
+        save_pretrained(Transformer(config, head).init_weights(seed=0), str(tmp_path / name), tokenizer_dir=TINY_DIR)
+    monkeypatch.setattr(state_mod, "load_pretrained", lambda *a, **k: pytest.fail("weights read"))
+    flags = ["--policy", str(tmp_path / "policy"), "--reward", str(tmp_path / "reward"), "--prompts", TINY_PROMPTS]
+    with pytest.raises(InvalidInput, match=r"^--kv-cache-mb 1: a KV cache of 1 MiB cannot hold one sequence of "
+                       r"--max-prompt-len 1024 \+ --max-new-tokens 8 = 1032 tokens \(65 blocks of 16 tokens, 2\.03 "
+                       r"MiB of the policy's K/V per GPU\): give it at least 3, or 0"):  # fmt: skip
+        run_tiny(tmp_path / "a", *flags, "--kv-cache-mb", "1")
+    with pytest.raises(pytest.fail.Exception, match="weights read"):  # (3 MiB holds it)
+        run_tiny(tmp_path / "b", *flags, "--kv-cache-mb", "3")
+
+
 def test_help_lists_every_flag():
     text = build_parser().format_help()
     for cls in (PPOConfig, RunConfig):
