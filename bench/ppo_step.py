@@ -30,7 +30,7 @@ from engine.config import MODEL_SHAPES, ModelConfig, PPOConfig  # noqa: E402
 from engine.errors import InvalidInput  # noqa: E402
 from engine.model import Transformer  # noqa: E402
 from engine.parallel import backend_for, init_process_grid, print0  # noqa: E402
-from engine.state import RunConfig, make_state, resolve_device, resolve_dtype  # noqa: E402
+from engine.state import RunConfig, check_generator_slots, make_state, resolve_device, resolve_dtype  # noqa: E402
 from engine.trainer import ppo_iteration  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samples-per-prompt", type=int, default=1, help="responses sampled per prompt (the recipe's 1)")
     p.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout (the recipe's 1)")
     p.add_argument(
-        "--gen-max-num-seqs", type=int, default=None, help="generator slots (default: the rollout batch, all at once)"
+        "--gen-max-num-seqs", type=int, default=None, help="generator slots (default: the rollout's sequences at once)"
     )
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--iterations", type=int, default=1, help="timed iterations (after one warm-up)")
@@ -99,12 +99,13 @@ def main(argv=None) -> dict:
         ppo_epochs=a.ppo_epochs,
     )  # fmt: skip
     run = RunConfig(
-        output_dir="", micro_batch_tokens=a.micro_batch_tokens, gen_max_num_seqs=a.gen_max_num_seqs or max(rollout, 1),
-        kv_cache_fraction=a.kv_cache_fraction, ignore_eos=a.ignore_eos, tp=a.tp,
+        output_dir="", micro_batch_tokens=a.micro_batch_tokens, kv_cache_fraction=a.kv_cache_fraction,
+        gen_max_num_seqs=a.gen_max_num_seqs or cfg.rollout_sequences, ignore_eos=a.ignore_eos, tp=a.tp,
         sequence_parallel=a.sequence_parallel, distributed_optimizer=a.distributed_optimizer,
         activation_checkpointing=a.activation_checkpointing, offload_optimizer=a.offload_optimizer,
         offload_idle_models=a.offload_idle_models,
     )  # fmt: skip
+    check_generator_slots(cfg, run)
     models = tuple(
         Transformer(
             mc, head, dtype=dtype, device=device, group=grid.tp_group, sequence_parallel=a.sequence_parallel

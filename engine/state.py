@@ -253,6 +253,14 @@ def check_batch_sizes(cfg: PPOConfig, grid: ProcessGrid) -> None:
         )
 
 
+def check_generator_slots(cfg: PPOConfig, run: RunConfig) -> None:
+    if cfg.samples_per_prompt > run.gen_max_num_seqs:  # (a prompt's samples decode together)
+        raise InvalidInput(
+            f"--samples-per-prompt {cfg.samples_per_prompt} exceeds --gen-max-num-seqs {run.gen_max_num_seqs}: the "
+            "samples of a prompt are decoded together"
+        )
+
+
 def resumed_config(cfg: PPOConfig, run: RunConfig) -> PPOConfig:
     """--resume: the latest checkpoint's PPO hyperparameters for every one not given on this command line
     (run.ppo_flags), so a default changed since (lr_schedule, top_k) does not change a run halfway; those given win
@@ -306,11 +314,7 @@ def setup(
         check_resumable(run.output_dir)  # (checkpoints without `latest`: refused, not deleted by a fresh start)
         cfg = resumed_config(cfg, run)
     check_batch_sizes(cfg, grid)  # before loading four models
-    if cfg.samples_per_prompt > run.gen_max_num_seqs:  # (a prompt's samples decode together)
-        raise InvalidInput(
-            f"--samples-per-prompt {cfg.samples_per_prompt} exceeds --gen-max-num-seqs {run.gen_max_num_seqs}: the "
-            "samples of a prompt are decoded together"
-        )
+    check_generator_slots(cfg, run)
     check_paths(run)
     check_writable(run.output_dir, grid.rank)  # (which creates it: after the flags that name no directory)
     run = pin_run(run)  # a Hub id to the commit it names now: every node fetches that one

@@ -117,3 +117,29 @@ def test_the_benches_refuse_a_device_or_dtype_they_cannot_run_when_parsed(capsys
         with pytest.raises(SystemExit) as e:
             parse(flags)
         assert e.value.code == 2 and message in capsys.readouterr().err, flags
+
+
+def test_ppo_step_bench_decodes_a_rollouts_samples_together(monkeypatch):
+    """The generator's slots default to the rollout's sequences, its prompts x --samples-per-prompt ("all at once"),
+    not its prompts: two samples per prompt were decoded in two waves, and more samples than prompts ended in a
+    ValueError after the four models were built; slots fewer than a prompt's samples are refused before them."""
+    import bench.ppo_step as ppo_step
+    from engine.errors import InvalidInput
+
+    class Built(Exception):
+        pass
+
+    def make_state(cfg, run, *args, **kw):
+        raise Built(run.gen_max_num_seqs)
+
+    monkeypatch.setattr(ppo_step, "make_state", make_state)
+    for flags, slots in (
+        (["--samples-per-prompt", "2"], 16),
+        (["--samples-per-prompt", "16", "--train-batch-size", "8"], 128),
+    ):
+        with pytest.raises(Built) as e:
+            ppo_step.main(["--device", "cpu", *flags])
+        assert e.value.args == (slots,), flags
+    monkeypatch.setattr(ppo_step.Transformer, "__init__", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(InvalidInput, match="--samples-per-prompt 4 exceeds --gen-max-num-seqs 2: the samples of a"):
+        ppo_step.main(["--device", "cpu", "--samples-per-prompt", "4", "--gen-max-num-seqs", "2"])
