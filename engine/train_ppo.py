@@ -154,6 +154,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[PPOConfig, RunConfig, boo
         else:
             run_kw[k] = v
     run_kw["ppo_flags"] = tuple(sorted(k for k in given if k in ppo_names))  # (a resume takes the others' saved)
+    if tiny and given.get("eval_prompts") == "" and "eval_every" not in given:
+        run_kw["eval_every"] = 0  # (the preset's, with evaluation turned off; one given beside it is refused by setup)
     if given.get("resume") and given.get("overwrite_output_dir"):  # (resume would win silently where there is one)
         parser.error("--resume continues the run in --output-dir and --overwrite-output-dir deletes it: give one")
     if run_kw.get("output_dir", "x") == "":  # (RunConfig's "" is a bench's: no files at all)
@@ -276,7 +278,6 @@ def prepare_tiny(run: RunConfig) -> RunConfig:
     build_tiny_models(init_dir, seed=run.seed)
     return dataclasses.replace(
         run,
-        eval_every=run.eval_every if run.eval_prompts != "" else 0,  # (the preset's, with evaluation turned off)
         # the demo starts over each time in its own directory (--resume still continues it); an --eval-only there is
         # refused as in any run's directory, not the demo's training run deleted
         overwrite_output_dir=run.overwrite_output_dir or (demo_dir and not run.eval_only),

@@ -388,6 +388,17 @@ def test_the_tiny_default_starts_over_in_its_directory_without_a_launch_record(t
     assert [m["iteration"] for m in run_tiny(tmp_path, "--max-iterations", "1", "--eval-prompts", "")] == [1]
 
 
+def test_the_tiny_default_refuses_eval_every_with_its_evaluation_turned_off(tmp_path, monkeypatch):
+    """--eval-prompts "" turns the tiny default's evaluation off, and with it its preset --eval-every 4; an --eval-every
+    given beside it was dropped in silence: refused as for any run (no evaluation set to evaluate every N)."""
+    assert parse_args(["--eval-prompts", ""])[1].eval_every == 0
+    assert parse_args(["--eval-prompts", "", "--eval-holdout", "8"])[1].eval_every == 0  # (as before: 0 unless given)
+    assert parse_args(["--eval-holdout", "8"])[1].eval_every == 4
+    monkeypatch.setattr(state_mod, "load_pretrained", lambda *a, **k: pytest.fail("weights read"))
+    with pytest.raises(InvalidInput, match=r"^--eval-every needs --eval-prompts \(a held-out prompt file\)"):
+        tiny_state(tmp_path, "--eval-prompts", "", "--eval-every", "2")
+
+
 def test_an_evaluation_of_the_tiny_default_never_deletes_its_training_run(tmp_path):
     """--eval-only without --policy (the tiny default's init models) into the directory the demo trained in is refused
     as any --eval-only into a run's directory is, not taken for the demo starting over: its checkpoints and logs
