@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        # no abbreviations: with this many flags one picks another silently (--lr took --lr-schedule), and a flag
+        # added later would change what an abbreviation in someone's script means
+        allow_abbrev=False,
         epilog="With no --policy: the embedded tiny default (random tiny models, shipped prompts) on CPU.",
     )
     _add_fields(parser, RunConfig, "run")
@@ -158,6 +161,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[PPOConfig, RunConfig, boo
         run_kw["eval_every"] = 0  # (the preset's, with evaluation turned off; one given beside it is refused by setup)
     if given.get("resume") and given.get("overwrite_output_dir"):  # (resume would win silently where there is one)
         parser.error("--resume continues the run in --output-dir and --overwrite-output-dir deletes it: give one")
+    if given.get("resume") and given.get("eval_only"):  # (--resume did nothing there)
+        parser.error("--eval-only evaluates the latest checkpoint in --output-dir without training; --resume trains on")
     if run_kw.get("output_dir", "x") == "":  # (RunConfig's "" is a bench's: no files at all)
         parser.error("output_dir must not be empty")
     try:

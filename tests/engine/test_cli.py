@@ -145,6 +145,10 @@ def test_a_checkpoint_of_the_wrong_kind_is_refused_before_anything_is_read_or_cl
             ["--resume", "--overwrite-output-dir"],
             "--resume continues the run in --output-dir and --overwrite-output-dir deletes it: give one",
         ),  # fmt: skip
+        (["--eval-only", "--resume"], "--eval-only evaluates the latest checkpoint .* without training; --resume"),
+        # no abbreviations: --lr took --lr-schedule ("lr_schedule must be 'linear' or 'constant', got '1e-5'")
+        (["--lr", "1e-5"], "unrecognized arguments: --lr 1e-5"),
+        (["--learning", "1e-5"], "unrecognized arguments: --learning 1e-5"),
     ],
 )
 def test_nonsense_flags_are_refused_when_parsed(flags, message, capsys):
