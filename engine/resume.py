@@ -219,7 +219,9 @@ def check_writable(output_dir: str, rank: int) -> None:
                 f.write("ok")
             os.remove(probe)
         except OSError as e:
-            why = "a file of that name is there" if os.path.isfile(output_dir) else e.strerror or str(e)
+            why = e.strerror or str(e)
+            if os.path.exists(output_dir) and not os.path.isdir(output_dir):  # (makedirs: "File exists")
+                why = "a file of that name is there" if os.path.isfile(output_dir) else "it is not a directory"
             error = UnwritableOutput(f"cannot write to the output directory {output_dir}: {why}")
     raise_together(error, "checking the output directory")
 

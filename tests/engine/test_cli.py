@@ -456,6 +456,15 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_anything_runs(tm
     for flags in ((), ("--eval-only", "--eval-prompts", os.path.join(ROOT, "engine/assets/prompts_tiny_eval.jsonl"))):
         with pytest.raises(OSError, match="cannot write to the output directory"):
             run_tiny(tmp_path / "file" / "out", "--max-iterations", "1", *flags)
+    from engine.resume import check_writable
+
+    # a file, or something else that is not a directory, named as the output directory itself (makedirs said "File
+    # exists" of /dev/null)
+    with pytest.raises(OSError, match=f"output directory {tmp_path / 'file'}: a file of that name is there"):
+        check_writable(str(tmp_path / "file"), 0)
+    if os.path.exists("/dev/null"):
+        with pytest.raises(OSError, match="output directory /dev/null: it is not a directory"):
+            check_writable("/dev/null", 0)
 
 
 def test_damaged_files_are_named(tmp_path):
