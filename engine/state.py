@@ -239,13 +239,15 @@ def make_generator(policy: Transformer, cfg: PPOConfig, run: RunConfig):
     )
 
 
-def check_batch_sizes(cfg: PPOConfig, grid: ProcessGrid) -> None:
+def check_batch_sizes(cfg: PPOConfig, grid: ProcessGrid, warn: bool = True) -> None:
+    """Refuse batch sizes the rollout or the DP size cannot split; `warn`: say when a rank's share of a minibatch
+    splits a prompt's samples."""
     seqs = cfg.rollout_sequences
     if seqs % cfg.train_batch_size:
         raise InvalidInput(f"rollout of {seqs} sequences is not a multiple of train_batch_size {cfg.train_batch_size}")
     if cfg.train_batch_size % grid.dp or cfg.rollout_batch_size % grid.dp:
         raise InvalidInput(f"train and rollout batch sizes must be multiples of the data-parallel size {grid.dp}")
-    if grid.dp > 1 and (cfg.train_batch_size // grid.dp) % cfg.samples_per_prompt:
+    if warn and grid.dp > 1 and (cfg.train_batch_size // grid.dp) % cfg.samples_per_prompt:
         print0(
             f"warning: a rank's share of a minibatch ({cfg.train_batch_size // grid.dp} sequences) does not hold "
             f"whole prompts' {cfg.samples_per_prompt} samples: the minibatches differ from one process's (a run on "
@@ -355,6 +357,7 @@ def setup(
         response_stop_ids(tokenizer, run.policy),
         tokenizer_dir,
         generator_factory=None,
+        checked=True,  # (warned above, before the models loaded: once, not twice)
     )
     state.tokenizer, state.eval_prompts, state.model_fingerprints = tokenizer, eval_set, fingerprints
     if ckpt:
@@ -563,10 +566,12 @@ def make_state(
     tokenizer_dir: str | None = None,
     *,
     generator_factory=make_generator,
+    checked: bool = False,
 ) -> TrainState:
     """TrainState from models already built: (policy, reference, value, reward); the frozen two are
-    set to requires_grad=False. Used by setup() and by bench/ppo_step.py (random weights)."""
-    check_batch_sizes(cfg, grid)
+    set to requires_grad=False. Used by setup() and by bench/ppo_step.py (random weights). `checked`: setup checked
+    the batch sizes already (and warned, before loading the models)."""
+    check_batch_sizes(cfg, grid, warn=not checked)
     policy, ref, value, reward = models
     ref.requires_grad_(False)
     reward.requires_grad_(False)

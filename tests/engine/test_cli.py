@@ -305,10 +305,12 @@ def test_a_layout_that_cannot_run_is_refused_before_any_weight_is_read(tmp_path,
                        r"the policy model's context \(.*: max_position_embeddings 2048\); lower either"):  # fmt: skip
         tiny_state(tmp_path / "b", "--max-new-tokens", "2000")
     check_fills_a_rollout(64, 64)
-    state_mod.check_batch_sizes(PPOConfig(train_batch_size=8, rollout_batch_size=16, samples_per_prompt=3),
-                                ProcessGrid(world_size=2, dp=2))  # fmt: skip
+    split = PPOConfig(train_batch_size=8, rollout_batch_size=16, samples_per_prompt=3)
+    state_mod.check_batch_sizes(split, ProcessGrid(world_size=2, dp=2))
     out = capsys.readouterr().out
     assert "a rank's share of a minibatch (4 sequences) does not hold whole prompts' 3 samples" in out
+    state_mod.check_batch_sizes(split, ProcessGrid(world_size=2, dp=2), warn=False)  # (make_state's, after setup's)
+    assert capsys.readouterr().out == ""
 
 
 def test_a_kv_cache_too_small_for_one_sequence_is_refused_before_any_weight_is_read(tmp_path, monkeypatch):
