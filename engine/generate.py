@@ -406,9 +406,12 @@ class Generator:
         if overrides:
             params = GenerateConfig(**{**params.__dict__, **overrides})
         self._check_prompts(prompts)
-        if seed_keys is not None and len(seed_keys) != len(prompts):
-            raise ValueError(f"{len(seed_keys)} seed_keys for {len(prompts)} prompts")
-        for i, key in enumerate(seed_keys or ()):
+        if seed_keys is not None:  # (a numpy array or a 1-d tensor too; its truth value is ambiguous)
+            if not hasattr(seed_keys, "__len__") or getattr(seed_keys, "ndim", 1) != 1:
+                raise ValueError(f"seed_keys must be a sequence of one integer per prompt, got {seed_keys!r}")
+            if len(seed_keys) != len(prompts):
+                raise ValueError(f"{len(seed_keys)} seed_keys for {len(prompts)} prompts")
+        for i, key in enumerate(() if seed_keys is None else seed_keys):
             if not _integer_key(key):
                 raise ValueError(f"seed_keys[{i}] is {key!r}, not an integer")
         if params.n > self.max_num_seqs:

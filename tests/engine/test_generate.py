@@ -254,6 +254,24 @@ def test_seed_keys_must_be_integers():
     assert runs[0] == runs[1] == runs[2]
 
 
+def test_seed_keys_as_an_array_or_a_tensor():
+    """Dataset indices held as a numpy array or a 1-d integer tensor key the same streams as a list (the truth test
+    of seed_keys raised "ambiguous"); a lone integer instead of a sequence is refused by name before anything runs."""
+    import numpy as np
+
+    model = Transformer(ModelConfig.named("tiny")).init_weights(seed=0)
+    gen = Generator(model, block_size=4, num_blocks=16, max_model_len=12)
+    params = GenerateConfig(temperature=1.0, max_new_tokens=3, seed=5, ignore_eos=True)
+    for bad in (5, np.int64(5), torch.tensor(5), torch.tensor([[5]])):
+        with pytest.raises(ValueError, match=r"seed_keys must be a sequence of one integer per prompt, got "):
+            gen.generate_completions([[1, 2]], params, seed_keys=bad)
+    assert gen.pool is None  # (refused before the KV cache is allocated)
+    with reference_ops():
+        runs = [[c.tokens for c in gen.generate_completions([[1, 2], [3, 4]], params, seed_keys=keys)]
+                for keys in ([0, 7], np.array([0, 7]), torch.tensor([0, 7]), (0, 7))]  # fmt: skip
+    assert runs[0] == runs[1] == runs[2] == runs[3]
+
+
 def test_every_eos_of_a_config_list_stops():
     """A config.json whose eos_token_id is a list (Llama 3's) keeps every id, writes the list back, and generation
     stops at any of them (here the first token greedy decoding emits, made an extra EOS)."""
