@@ -24,6 +24,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from engine.config import GenerateConfig, is_integer
@@ -405,7 +406,7 @@ class Generator:
         params = params or GenerateConfig()
         if overrides:
             params = GenerateConfig(**{**params.__dict__, **overrides})
-        self._check_prompts(prompts)
+        prompts = self._check_prompts(prompts)
         if seed_keys is not None:  # (a numpy array or a 1-d tensor too; its truth value is ambiguous)
             if not hasattr(seed_keys, "__len__") or getattr(seed_keys, "ndim", 1) != 1:
                 raise ValueError(f"seed_keys must be a sequence of one integer per prompt, got {seed_keys!r}")
@@ -634,10 +635,12 @@ class Generator:
         new_running.sort(key=lambda s: s.seq_id)
         running[:] = new_running
 
-    def _check_prompts(self, prompts) -> None:
+    def _check_prompts(self, prompts) -> list:
+        """The prompts, a tensor or numpy array among them as a list (tolist()); each refused by name if bad."""
         vocab = self.model.config.vocab_size
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a non-empty list of token-id lists")
+        prompts = [p.tolist() if isinstance(p, (torch.Tensor, np.ndarray)) else p for p in prompts]  # (Python ints)
         for i, p in enumerate(prompts):
             if isinstance(p, numbers.Number) or not hasattr(p, "__len__"):  # (a flat list of ids: one prompt)
                 raise ValueError(f"prompt {i} is {p!r}, not a list of token ids: prompts is a list of token-id lists")
@@ -654,3 +657,4 @@ class Generator:
             lo, hi = min(p), max(p)
             if lo < 0 or hi >= vocab:
                 raise ValueError(f"prompt {i} has token id {lo if lo < 0 else hi} outside the vocabulary [0, {vocab})")
+        return prompts

@@ -228,6 +228,34 @@ def test_bad_prompts(prompts, message):
         gen.generate(prompts, max_new_tokens=2)
 
 
+def test_prompts_as_tensors_arrays_or_tuples():
+    """A prompt held as a 1-d integer tensor (a tokenizer's return_tensors="pt" row), a numpy array or a tuple samples
+    what the list samples (a tensor was refused: "tensor(1) ... token ids are integers"); a float, bool or 0-d one is
+    refused by what it holds (a 0-d one raised TypeError: len() of a 0-d tensor)."""
+    import numpy as np
+
+    model = Transformer(ModelConfig.named("tiny")).init_weights(seed=0)
+    gen = Generator(model, block_size=4, num_blocks=16, max_model_len=12)
+    params = GenerateConfig(temperature=1.0, max_new_tokens=3, seed=5, ignore_eos=True)
+    with reference_ops():
+        want = gen.generate([[1, 2, 3], [4, 5]], params)
+        for prompts in [
+            [torch.tensor([1, 2, 3]), torch.tensor([4, 5], dtype=torch.int32)],
+            [np.array([1, 2, 3]), np.array([4, 5], dtype=np.uint16)],
+            ((1, 2, 3), (4, 5)),
+        ]:
+            assert gen.generate(prompts, params) == want
+    for bad, message in [
+        (torch.tensor([1.0, 2.0]), "prompt 1 has 1.0 at position 0: token ids are integers"),
+        (torch.tensor([True, False]), "prompt 1 has True at position 0: token ids are integers"),
+        (torch.tensor(3), "prompt 1 is 3, not a list of token ids"),
+        (np.array(3), "prompt 1 is 3, not a list of token ids"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            gen.generate_completions([[1, 2], bad], params)
+    assert gen.blocks.num_free_blocks == 16
+
+
 def test_stop_ids_outside_the_vocabulary_are_refused():
     model = Transformer(ModelConfig.named("tiny")).init_weights(seed=0)
     gen = Generator(model, block_size=4, num_blocks=16, max_model_len=12)
