@@ -158,14 +158,19 @@ class Generator:
     ):
         if model.head != "lm":
             raise ValueError("the generator needs a model with an 'lm' head")
-        bad = [f"{name} must be >= 1, got {value}" for name, value in (
+        bad = []
+        for name, value in (
             ("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
             ("block_size", block_size), ("max_model_len", max_model_len), ("kv_cache_bytes", kv_cache_bytes),
             ("num_blocks", num_blocks), ("admit_min_seqs", admit_min_seqs),
-        ) if value is not None and value < 1]  # fmt: skip
+        ):  # fmt: skip
+            if value is not None and not is_integer(value):  # (a float or bool failed late, sizing the cache)
+                bad.append(f"{name} must be an integer, got {value!r}")
+            elif value is not None and value < 1:
+                bad.append(f"{name} must be >= 1, got {value}")
         if not 0 < kv_cache_fraction <= 1:
             bad.append(f"kv_cache_fraction must be in (0, 1], got {kv_cache_fraction}")
-        if block_size >= 1 and block_size & (block_size - 1):  # (refused here, not at the first generate's cache)
+        if is_integer(block_size) and block_size >= 1 and block_size & (block_size - 1):  # (here, not at the cache)
             bad.append(f"block_size {block_size} must be a power of two (the kernels tile by it)")
         if bad:  # (a 0 would otherwise read as "unset" or fail late)
             raise ValueError("; ".join(bad))

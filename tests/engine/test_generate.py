@@ -333,6 +333,11 @@ def test_cache_too_small_for_one_sequence():
         (dict(block_size=0, num_blocks=0), "block_size must be >= 1, got 0; num_blocks must be >= 1, got 0"),
         (dict(kv_cache_fraction=1.5), r"kv_cache_fraction must be in \(0, 1\], got 1.5"),
         (dict(block_size=3), r"block_size 3 must be a power of two"),  # (when built, not at the first generate)
+        # (a float or bool count failed at the first generate: "empty(): argument 'size' failed to unpack")
+        (dict(kv_cache_bytes=1e6), "kv_cache_bytes must be an integer, got 1000000.0"),
+        (dict(num_blocks=16.0, max_num_seqs=2.5), "max_num_seqs must be an integer, got 2.5; .*num_blocks must be an "),
+        (dict(block_size=4.0), "block_size must be an integer, got 4.0"),
+        (dict(max_model_len=True), "max_model_len must be an integer, got True"),
     ],
 )
 def test_nonsense_generator_settings_are_refused(kw, message):
