@@ -408,6 +408,11 @@ class Generator:
         seed_keys: one integer per prompt that keys its samples' random streams (default: the prompt's
         position in `prompts`); pass dataset indices so a prompt samples the same wherever it lands.
         """
+        if params is not None and not isinstance(params, GenerateConfig):  # (seed_keys by position, or a dict)
+            raise ValueError(
+                f"params must be a GenerateConfig or None, got {type(params).__name__} {params!r}: pass sampling "
+                "settings as GenerateConfig(...) or as keywords, seed_keys as seed_keys=..."
+            )
         params = params or GenerateConfig()
         if overrides:
             params = GenerateConfig(**{**params.__dict__, **overrides})

@@ -300,6 +300,19 @@ def test_seed_keys_as_an_array_or_a_tensor():
     assert runs[0] == runs[1] == runs[2] == runs[3]
 
 
+def test_params_must_be_a_generate_config():
+    """A dict of sampling settings, or seed_keys passed by position where params goes, is refused by name before
+    anything runs (it raised AttributeError: 'list' object has no attribute 'n'); keywords override a config."""
+    model = Transformer(ModelConfig.named("tiny")).init_weights(seed=0)
+    gen = Generator(model, block_size=4, num_blocks=16, max_model_len=12)
+    for bad in ({"temperature": 0.0}, [0, 1]):
+        with pytest.raises(ValueError, match=r"params must be a GenerateConfig or None, got (dict|list)"):
+            gen.generate_completions([[1, 2], [3, 4]], bad)
+        with pytest.raises(ValueError, match=r"params must be a GenerateConfig or None"):
+            gen.generate([[1, 2], [3, 4]], bad, max_new_tokens=2)
+    assert gen.pool is None  # (refused before the KV cache is allocated)
+
+
 def test_every_eos_of_a_config_list_stops():
     """A config.json whose eos_token_id is a list (Llama 3's) keeps every id, writes the list back, and generation
     stops at any of them (here the first token greedy decoding emits, made an extra EOS)."""
