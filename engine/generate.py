@@ -156,6 +156,11 @@ class Generator:
         overlap: bool = True,
         kv_cache_dtype: torch.dtype | str | None = None,
     ):
+        if not hasattr(model, "head"):  # (a transformers model, say: it failed here on its missing .head)
+            raise ValueError(
+                f"the generator runs an engine.model.Transformer, got a {type(model).__name__}: "
+                "engine.checkpoint.load_pretrained loads a Hugging Face checkpoint as one"
+            )
         if model.head != "lm":
             raise ValueError("the generator needs a model with an 'lm' head")
         bad = []

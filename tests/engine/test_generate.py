@@ -354,6 +354,8 @@ def test_cache_too_small_for_one_sequence():
     ],
 )
 def test_nonsense_generator_settings_are_refused(kw, message):
+    with pytest.raises(ValueError, match="runs an engine.model.Transformer, got a Linear: .*load_pretrained"):
+        Generator(torch.nn.Linear(2, 2))  # (a transformers model failed on its missing .head: AttributeError)
     model = Transformer(ModelConfig.named("tiny")).init_weights(seed=0)
     with pytest.raises(ValueError, match=message):
         Generator(model, **kw)
