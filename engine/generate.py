@@ -651,11 +651,12 @@ class Generator:
         running[:] = new_running
 
     def _check_prompts(self, prompts) -> list:
-        """The prompts, a tensor or numpy array among them as a list (tolist()); each refused by name if bad."""
+        """The prompts as lists of Python ints (a tensor or numpy array among them too); each refused by name if bad."""
         vocab = self.model.config.vocab_size
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a non-empty list of token-id lists")
         prompts = [p.tolist() if isinstance(p, (torch.Tensor, np.ndarray)) else p for p in prompts]  # (Python ints)
+        checked = []
         for i, p in enumerate(prompts):
             if isinstance(p, numbers.Number) or not hasattr(p, "__len__"):  # (a flat list of ids: one prompt)
                 raise ValueError(f"prompt {i} is {p!r}, not a list of token ids: prompts is a list of token-id lists")
@@ -667,9 +668,11 @@ class Generator:
                     f"(max_model_len {self.max_model_len} leaves room for at least one new token)"
                 )
             for j, t in enumerate(p):
-                if type(t) is not int and (isinstance(t, bool) or not isinstance(t, numbers.Integral)):
+                if type(t) is not int and not _integer_key(t):  # (a 0-d integer tensor too: list(a tensor) holds those)
                     raise ValueError(f"prompt {i} has {t!r} at position {j}: token ids are integers")
+            p = [int(t) for t in p]
             lo, hi = min(p), max(p)
             if lo < 0 or hi >= vocab:
                 raise ValueError(f"prompt {i} has token id {lo if lo < 0 else hi} outside the vocabulary [0, {vocab})")
-        return prompts
+            checked.append(p)
+        return checked

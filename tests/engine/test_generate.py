@@ -243,6 +243,7 @@ def test_prompts_as_tensors_arrays_or_tuples():
             [torch.tensor([1, 2, 3]), torch.tensor([4, 5], dtype=torch.int32)],
             [np.array([1, 2, 3]), np.array([4, 5], dtype=np.uint16)],
             ((1, 2, 3), (4, 5)),
+            [list(torch.tensor([1, 2, 3])), [np.int64(4), np.uint8(5)]],  # (0-d tensors: "tensor(1) ... integers")
         ]:
             assert gen.generate(prompts, params) == want
     for bad, message in [
@@ -250,6 +251,8 @@ def test_prompts_as_tensors_arrays_or_tuples():
         (torch.tensor([True, False]), "prompt 1 has True at position 0: token ids are integers"),
         (torch.tensor(3), "prompt 1 is 3, not a list of token ids"),
         (np.array(3), "prompt 1 is 3, not a list of token ids"),
+        ([torch.tensor(1), torch.tensor(True)], r"prompt 1 has tensor\(True\) at position 1: token ids are integers"),
+        ([torch.tensor(1), torch.tensor(2.0)], r"prompt 1 has tensor\(2\.\) at position 1: token ids are integers"),
     ]:
         with pytest.raises(ValueError, match=message):
             gen.generate_completions([[1, 2], bad], params)
