@@ -20,6 +20,9 @@ from kernels.sampling import combine_partial_samples, gumbel_sample, gumbel_samp
 # below this a temperature samples what greedy decoding picks (its limit), computed as greedy: logit / T overflows
 # float32 near T = 1e-37 (every positive logit +inf, the first of them drawn)
 MIN_TEMPERATURE = 1e-20
+# above this (finite as a Python float) a temperature is inf in float32, and -inf / inf is NaN: a -inf logit (the
+# vocabulary padding of a tensor-parallel rank) would be drawn; computed as this, float32's largest (near uniform)
+MAX_TEMPERATURE = torch.finfo(torch.float32).max
 
 
 def seed_for(base_seed: int, prompt_index: int, sample_index: int) -> int:
@@ -76,6 +79,8 @@ def sample_tokens(
     """
     if 0 < params.temperature < MIN_TEMPERATURE:  # (logits / T would overflow fp32: a tie of every positive logit)
         params = dataclasses.replace(params, temperature=0.0)
+    elif params.temperature > MAX_TEMPERATURE:  # (logits / T: inf in float32, and -inf / inf is NaN)
+        params = dataclasses.replace(params, temperature=MAX_TEMPERATURE)
     tp = group_size(group)
     vocab = logits.shape[-1] * tp
     top_k = params.top_k if params.top_k and params.top_k < vocab and params.temperature > 0 else 0

@@ -478,6 +478,21 @@ def test_a_small_temperature_above_the_limit_still_samples(top_p):
     assert set(tokens.tolist()) == {0, 1}
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_a_huge_temperature_never_draws_a_masked_logit(top_p):
+    """A temperature past float32's range (1e300: finite, so accepted) turned into inf in the kernel's float32, and
+    -inf / inf is NaN: a -inf logit (a tensor-parallel rank's vocabulary padding) was drawn, its log-prob -inf. Such
+    a temperature samples what float32's largest does: uniformly over the real logits."""
+    n = 64
+    logits = torch.randn(n, 10)
+    logits[:, -3:] = float("-inf")
+    seeds, counters = torch.arange(n), torch.arange(n)
+    tokens, logprobs = sample_tokens(logits, GenerateConfig(temperature=1e300, top_p=top_p), seeds, counters)
+    assert tokens.max() < 7 and len(set(tokens.tolist())) > 3 and torch.isfinite(logprobs).all()
+    largest = GenerateConfig(temperature=torch.finfo(torch.float32).max, top_p=top_p)
+    assert torch.equal(tokens, sample_tokens(logits, largest, seeds, counters)[0])
+
+
 def test_top_p_that_drops_nothing_samples_what_the_one_pass_path_samples():
     """The top-p path draws with the same noise (seed, counter) as the fused one: when top-p keeps every token the
     tokens are the same."""
