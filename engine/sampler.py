@@ -27,7 +27,8 @@ MAX_TEMPERATURE = torch.finfo(torch.float32).max
 
 def seed_for(base_seed: int, prompt_index: int, sample_index: int) -> int:
     """A 32-bit seed per (request seed, prompt, sample), independent of batching."""
-    t = torch.tensor([base_seed & M32, prompt_index & M32, sample_index & M32], dtype=torch.int64)
+    # (as Python ints first: a narrow numpy int overflows on & M32, a narrow tensor wraps a negative value)
+    t = torch.tensor([int(base_seed) & M32, int(prompt_index) & M32, int(sample_index) & M32], dtype=torch.int64)
     h = mix32(t[0:1])
     h = mix32(h ^ t[1:2])
     h = mix32((h + 0x632BE5AB) & M32 ^ t[2:3])

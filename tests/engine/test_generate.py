@@ -303,6 +303,29 @@ def test_seed_keys_as_an_array_or_a_tensor():
     assert runs[0] == runs[1] == runs[2] == runs[3]
 
 
+def test_seeds_and_seed_keys_of_any_integer_dtype():
+    """A seed or seed key held as a narrow numpy int (np.int32 dataset indices, say) keys the stream its value keys
+    (it raised OverflowError: Python integer 4294967295 out of bounds for int32, after the cache was allocated), and a
+    negative one in a narrow tensor the stream of that Python int."""
+    import numpy as np
+
+    for key in (np.int32(7), np.uint8(7), np.int16(7), torch.tensor(7, dtype=torch.int32)):
+        assert seed_for(5, key, 1) == seed_for(5, 7, 1) and seed_for(key, 3, 1) == seed_for(7, 3, 1)
+    assert seed_for(5, torch.tensor(-1, dtype=torch.int8), 0) == seed_for(5, -1, 0) == seed_for(5, np.int16(-1), 0)
+    model = Transformer(ModelConfig.named("tiny")).init_weights(seed=0)
+    gen = Generator(model, block_size=4, num_blocks=16, max_model_len=12)
+    with reference_ops():
+        runs = [
+            [c.tokens for c in gen.generate_completions([[1, 2], [3, 4]], params, seed_keys=keys)]
+            for keys, params in [
+                ([0, 7], GenerateConfig(temperature=1.0, max_new_tokens=3, seed=5, ignore_eos=True)),
+                (np.array([0, 7], dtype=np.int32), GenerateConfig(temperature=1.0, max_new_tokens=3, seed=np.int32(5),
+                                                                   ignore_eos=True)),
+            ]
+        ]  # fmt: skip
+    assert runs[0] == runs[1]
+
+
 def test_params_must_be_a_generate_config():
     """A dict of sampling settings, or seed_keys passed by position where params goes, is refused by name before
     anything runs (it raised AttributeError: 'list' object has no attribute 'n'); keywords override a config."""
