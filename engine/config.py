@@ -289,9 +289,14 @@ class GenerateConfig:
     ignore_eos: bool = False  # keep generating past the model's EOS (benchmarks)
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p"):  # (None or "0.9": a TypeError from the comparison below)
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), numbers.Real):
+                raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
         if not 0 <= self.temperature < math.inf:  # (NaN too)
             raise ValueError(f"temperature must be >= 0 and finite, got {self.temperature}")
-        if isinstance(self.stop_token_ids, (int, str)) or not all(is_integer(t) for t in self.stop_token_ids):
+        ids = self.stop_token_ids
+        if isinstance(ids, (int, str, bytes)) or not hasattr(ids, "__len__") or not all(is_integer(t) for t in ids):
+            # (an iterator, map(int, ids), would be used up by this check and the stop tokens silently ignored)
             raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
         if self.seed is not None and not is_integer(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")

@@ -390,6 +390,11 @@ def test_nonsense_generator_settings_are_refused(kw, message):
         (dict(temperature=float("inf")), "temperature must be >= 0 and finite, got inf"),
         (dict(stop_token_ids=5), "stop_token_ids must be a list of token ids, got 5"),
         (dict(stop_token_ids=[2, 2.0]), r"stop_token_ids must be a list of token ids, got \[2, 2.0\]"),
+        # (an iterator was used up by the check: the stop tokens silently ignored)
+        (dict(stop_token_ids=map(int, [2, 3])), "stop_token_ids must be a list of token ids, got <map"),
+        (dict(stop_token_ids=None), "stop_token_ids must be a list of token ids, got None"),
+        (dict(temperature=None), "temperature must be a number, got None"),  # (TypeErrors from the comparison)
+        (dict(top_p="0.9"), "top_p must be a number, got '0.9'"),
         (dict(seed=1.5), "seed must be an integer or None, got 1.5"),
         (dict(max_new_tokens=2.5), "max_new_tokens must be an integer >= 1, got 2.5"),  # (not 3 tokens quietly)
         (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),
