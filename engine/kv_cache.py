@@ -53,6 +53,17 @@ def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_di
     return num_layers * 2 * block_size * num_kv_heads * head_dim * elem
 
 
+def blocks_for_tokens(num_tokens: int, block_size: int = BLOCK_SIZE) -> int:
+    """Blocks a sequence of num_tokens tokens takes (whole blocks: the last one partly filled)."""
+    return -(-num_tokens // block_size)
+
+
+def model_block_bytes(config, tp: int, dtype: torch.dtype, block_size: int = BLOCK_SIZE) -> int:
+    """bytes_per_block of a model (its engine.config.ModelConfig) on one of `tp` ranks (its share of the K/V heads):
+    what the generator's pool costs per block, for the planners that size it before any model is built."""
+    return bytes_per_block(config.num_layers, block_size, config.num_kv_heads // tp, config.head_dim, dtype)
+
+
 def resolve_cache_dtype(
     kv_cache_dtype: torch.dtype | str | None, model_dtype: torch.dtype, device: torch.device | None = None
 ) -> torch.dtype:
@@ -247,7 +258,7 @@ class BlockManager:
         return seq_id in self._tables
 
     def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return blocks_for_tokens(num_tokens, self.block_size)
 
     def can_allocate(self, num_tokens: int) -> bool:
         """Whether a new sequence of num_tokens tokens fits now."""

@@ -21,7 +21,7 @@ import torch
 from engine.config import MODEL_SHAPES, ModelConfig
 from engine.errors import InvalidInput, MissingInput
 from engine.hub import config_dir, is_repo_id
-from engine.kv_cache import BLOCK_SIZE, bytes_per_block
+from engine.kv_cache import BLOCK_SIZE, blocks_for_tokens, model_block_bytes
 from engine.offload import CHUNK_ELEMENTS
 from engine.parallel import shard_range, shard_rows
 
@@ -103,10 +103,10 @@ def cache_tokens(
     the generator's activation `reserve`), in whole blocks of BLOCK_SIZE tokens as the generator allocates it, and at
     most max_num_seqs sequences of seq_len, each in whole blocks (the generator allocates no more than its slots can
     fill)."""
-    per_block = bytes_per_block(config.num_layers, BLOCK_SIZE, config.num_kv_heads // tp, config.head_dim, kv_dtype)
+    per_block = model_block_bytes(config, tp, kv_dtype)
     blocks = max(0, int(total * fraction) - held - reserve) // per_block
     if max_num_seqs is not None:
-        blocks = min(blocks, max_num_seqs * -(-seq_len // BLOCK_SIZE))
+        blocks = min(blocks, max_num_seqs * blocks_for_tokens(seq_len))
     return blocks * per_block, blocks * BLOCK_SIZE
 
 
@@ -114,7 +114,7 @@ def rollout_cache(config: ModelConfig, tp: int, held: int, total: int, fraction:
                   reserve: int = 0, max_num_seqs: int | None = None) -> str:  # fmt: skip
     """What a rollout's KV cache gets (cache_tokens) in tokens and in sequences of `seq_len` tokens."""
     budget, tokens = cache_tokens(config, tp, held, total, fraction, seq_len, kv_dtype, reserve, max_num_seqs)
-    sequences = tokens // (-(-seq_len // BLOCK_SIZE) * BLOCK_SIZE)  # (each in whole blocks)
+    sequences = tokens // (blocks_for_tokens(seq_len) * BLOCK_SIZE)  # (each in whole blocks)
     return f"a KV cache of {budget / GiB:.1f} GiB, {tokens:,} tokens ({sequences} sequences of {seq_len})"
 
 

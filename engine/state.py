@@ -20,7 +20,7 @@ from engine.config import LEGACY_PPO_VALUES, ModelConfig, PPOConfig
 from engine.data import PromptBatches, check_fills_a_rollout
 from engine.errors import InputError, InvalidInput, MissingInput, named
 from engine.hub import RUN_FIELDS, config_sources, is_repo_id, model_dirs, pin_run, resolve_run
-from engine.kv_cache import BLOCK_SIZE, bytes_per_block, cuda_cache_budget, resolve_cache_dtype
+from engine.kv_cache import BLOCK_SIZE, blocks_for_tokens, cuda_cache_budget, model_block_bytes, resolve_cache_dtype
 from engine.model import Transformer
 from engine.offload import HostCopies, state_bytes, weight_bytes
 from engine.optim import Optimizer, make_optimizer
@@ -463,8 +463,8 @@ def check_kv_cache_mb(run: RunConfig, cfg: PPOConfig, grid: ProcessGrid, device:
     c = ModelConfig.from_hf(model_dirs(run)["policy"])
     seq = cfg.max_prompt_len + cfg.max_new_tokens
     kv_dtype = resolve_cache_dtype(run.kv_cache_dtype, resolve_dtype(run.dtype, device))
-    blocks = -(-seq // BLOCK_SIZE)
-    need = blocks * bytes_per_block(c.num_layers, BLOCK_SIZE, c.num_kv_heads // grid.tp, c.head_dim, kv_dtype)
+    blocks = blocks_for_tokens(seq)
+    need = blocks * model_block_bytes(c, grid.tp, kv_dtype)
     if need > run.kv_cache_mb * 2**20:
         raise InvalidInput(
             f"--kv-cache-mb {run.kv_cache_mb}: a KV cache of {run.kv_cache_mb} MiB cannot hold one sequence of "
@@ -613,9 +613,9 @@ def decide_offload(state: TrainState) -> tuple[bool, bool]:
     if dev.type == "cuda" and {run.offload_optimizer, run.offload_idle_models} & {"auto", "rollouts"}:
         # the rollouts' KV cache in full-length sequences, with and without what is offloaded
         seq_len = cfg.max_prompt_len + cfg.max_new_tokens
-        c, heads = state.policy.config, state.policy.layers[0].self_attn.local_kv_heads
+        c = state.policy.config
         kv_dtype = resolve_cache_dtype(run.kv_cache_dtype, next(state.policy.parameters()).dtype)
-        per_seq = bytes_per_block(c.num_layers, 1, heads, c.head_dim, kv_dtype) * seq_len
+        per_seq = blocks_for_tokens(seq_len) * model_block_bytes(c, state.grid.tp, kv_dtype)  # (whole blocks)
         dtype = next(state.policy.parameters()).dtype
         reserve = memory_plan.generation_reserve(c, state.grid.tp, seq_len, dtype, run.gen_max_num_seqs)
         budget = cuda_cache_budget(dev, run.kv_cache_fraction, reserve, clamp=False)  # (a shortfall counts)

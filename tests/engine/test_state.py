@@ -89,8 +89,9 @@ def gpu_like(tmp_path, monkeypatch):
     state = tiny_state(tmp_path, "--max-iterations", "1")
     state.device = torch.device("cuda", 0)
     c, cfg = state.policy.config, state.cfg
-    per_seq = bytes_per_block(c.num_layers, 1, c.num_kv_heads, c.head_dim, torch.float32)
-    per_seq *= cfg.max_prompt_len + cfg.max_new_tokens
+    seq_len = cfg.max_prompt_len + cfg.max_new_tokens
+    assert seq_len % 16  # (a partly filled last block, which the generator allocates whole)
+    per_seq = bytes_per_block(c.num_layers, 16, c.num_kv_heads, c.head_dim, torch.float32) * (seq_len // 16 + 1)
     nbytes = offload.state_bytes(state.policy_opt) + offload.state_bytes(state.value_opt)
     mbytes = sum(offload.weight_bytes(m) for m in (state.ref, state.reward, state.value))
     monkeypatch.setattr(memory_plan, "host_available", lambda: 2**40)
@@ -146,9 +147,9 @@ def test_host_memory_taken_by_the_first_offload_counts_every_local_rank(gpu_like
 
 def test_a_fixed_kv_cache_is_not_enlarged_by_offloading(gpu_like, monkeypatch, capsys):
     g = gpu_like
-    seq_len = g.state.cfg.max_prompt_len + g.state.cfg.max_new_tokens
-    monkeypatch.setattr(state_mod, "bytes_per_block", lambda *a: 2**19 // seq_len + 1)  # 1 MiB: 1 sequence
-    assert 2**20 + g.nbytes >= 2 * (2**19 // seq_len + 1) * seq_len  # (offloading would add room, were it not fixed)
+    blocks = (g.state.cfg.max_prompt_len + g.state.cfg.max_new_tokens) // 16 + 1  # (a sequence's, in whole blocks)
+    monkeypatch.setattr(state_mod, "model_block_bytes", lambda *a, **k: 2**19 // blocks + 1)  # 1 MiB: 1 sequence
+    assert 2**20 + g.nbytes >= 2 * (2**19 // blocks + 1) * blocks  # (offloading would add room, were it not fixed)
     capsys.readouterr()
     assert g.decide("auto", "off", kv_cache_mb=1) == (False, False)
     assert "--kv-cache-mb fixes it" in capsys.readouterr().out
