@@ -21,7 +21,6 @@ import argparse
 import gc
 import math
 import os
-import re
 import sys
 import time
 
@@ -37,7 +36,7 @@ from engine.generate import Generator  # noqa: E402
 from engine.kv_cache import resolve_cache_dtype  # noqa: E402
 from engine.model import Transformer, forward_flops  # noqa: E402
 from engine.parallel import backend_for, init_process_grid, print0  # noqa: E402
-from engine.state import resolve_device  # noqa: E402
+from engine.state import device_error, resolve_device  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,8 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
     if a.repeats < 1 or a.stop_tokens < 0:
         p.error("--repeats must be >= 1 and --stop-tokens >= 0")
-    if a.device is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", a.device):  # (as train_ppo.py's)
-        p.error(f"--device must be auto, cpu, cuda or cuda:N, got {a.device!r}")
+    if a.device is not None and (why := device_error(a.device)) is not None:  # (as train_ppo.py's)
+        p.error(f"--{why}")
     if a.top_k < 0:
         p.error(f"--top-k must be >= 0 (0: off), got {a.top_k}")
     if not 0 < a.kv_cache_fraction <= 1:

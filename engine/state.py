@@ -138,8 +138,8 @@ class RunConfig:
         elif self.dtype == "float16" and not self.eval_only:  # (the losses are divided by a rollout's token count)
             bad.append("dtype float16 trains without loss scaling (the gradients would underflow); use bfloat16 or "
                        "float32 (float16 serves --eval-only)")  # fmt: skip
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            bad.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if (why := device_error(self.device)) is not None:
+            bad.append(why)
         if self.kv_cache_dtype not in ("auto", "fp8"):
             bad.append(f"kv_cache_dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
         if not re.fullmatch(r"auto|on|off|\d+", self.activation_checkpointing):
@@ -237,6 +237,13 @@ def make_generator(policy: Transformer, cfg: PPOConfig, run: RunConfig):
         kv_cache_dtype=run.kv_cache_dtype,
         **kw,
     )
+
+
+def device_error(device: str) -> str | None:
+    """Why a --device cannot be run (None if it can): auto, cpu, cuda or cuda:N (train_ppo.py's and the benches')."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        return f"device must be auto, cpu, cuda or cuda:N, got {device!r}"
+    return None
 
 
 def check_batch_sizes(cfg: PPOConfig, grid: ProcessGrid, warn: bool = True) -> None:
