@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from engine.errors import InvalidInput, MissingInput
+from engine.parallel import shard_rows
 from kernels.reference import Rope
 
 
@@ -110,7 +111,7 @@ class ModelConfig:
         h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
         attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
         layer = attn + 3 * h * i + 2 * h
-        vocab = -(-self.vocab_size // tp) * tp  # (engine.parallel.shard_rows)
+        vocab = shard_rows(self.vocab_size, tp) * tp  # (padded to a multiple of tp)
         out = vocab * h if head == "lm" and not self.tie_word_embeddings else (h if head == "score" else 0)
         total = vocab * h + self.num_layers * layer + h + out
         replicated = (2 * self.num_layers + 1) * h + (h if head == "score" else 0)
