@@ -307,6 +307,9 @@ class GenerateConfig:
             value = getattr(self, name)
             if not is_integer(value) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            setattr(self, name, int(value))  # (a numpy int32 wraps around in the generator's length sums)
+        if self.seed is not None:
+            self.seed = int(self.seed)
 
 
 # PPOConfig fields added after checkpoints were first written, at the value those runs had: an older run resumed

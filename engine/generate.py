@@ -179,6 +179,12 @@ class Generator:
             bad.append(f"block_size {block_size} must be a power of two (the kernels tile by it)")
         if bad:  # (a 0 would otherwise read as "unset" or fail late)
             raise ValueError("; ".join(bad))
+        # Python ints from here: numpy's int32 wraps around (or raises) in the cache's byte and length sums
+        max_num_seqs, max_num_batched_tokens, block_size, max_model_len, kv_cache_bytes, num_blocks, admit_min_seqs = (
+            None if v is None else int(v)
+            for v in (max_num_seqs, max_num_batched_tokens, block_size, max_model_len, kv_cache_bytes, num_blocks,
+                      admit_min_seqs)
+        )  # fmt: skip
         self.model = model
         cfg = model.config
         p = next(model.parameters())
@@ -660,6 +666,8 @@ class Generator:
         for i, p in enumerate(prompts):
             if isinstance(p, numbers.Number) or not hasattr(p, "__len__"):  # (a flat list of ids: one prompt)
                 raise ValueError(f"prompt {i} is {p!r}, not a list of token ids: prompts is a list of token-id lists")
+            if isinstance(p, (str, bytes, bytearray, memoryview)):  # (bytes iterate as ints: taken as ids)
+                raise ValueError(f"prompt {i} is text ({type(p).__name__}), not token ids: tokenize it first")
             if len(p) == 0:
                 raise ValueError(f"prompt {i} is empty")
             if len(p) >= self.max_model_len:

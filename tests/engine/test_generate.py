@@ -218,6 +218,9 @@ def test_max_model_len_caps_generation():
         ([[1], []], "prompt 1 is empty"),
         ([1, 2, 3], r"prompt 0 is 1, not a list of token ids: prompts is a list of token-id lists"),
         ([[1, 2], None], "prompt 1 is None, not a list of token ids"),
+        ([[1, 2], b"hi"], r"prompt 1 is text \(bytes\), not token ids: tokenize it first"),  # (was ids 104, 105)
+        ([[1, 2], bytearray(b"hi")], r"prompt 1 is text \(bytearray\), not token ids"),
+        (["hi"], r"prompt 0 is text \(str\), not token ids: tokenize it first"),
         ([], "non-empty list"),
     ],
 )
@@ -934,3 +937,19 @@ def test_admission_keeps_a_block_of_headroom_for_each_admitted_sequence():
     gen.blocks = BlockManager(num_blocks=3, block_size=4)
     waiting = collections.deque([[_Seq(j, 0, j, [1] * 9, 9, 12, 0) for j in range(2)]])
     assert [[s.seq_id for s in g] for g in gen._admit(waiting, [])] == [[0, 1]] and not waiting
+
+
+def test_numpy_int32_counts_do_not_wrap_around():
+    """GenerateConfig and Generator keep their counts as Python ints: a numpy int32 max_new_tokens near 2**31 wrapped
+    around in prompt length + max_new_tokens (a negative length limit: every sequence ended at once), and numpy int32
+    sizes overflowed in the cache's byte sums."""
+    import numpy as np
+
+    model = Transformer(ModelConfig.named("tiny")).init_weights(seed=0)
+    params = GenerateConfig(temperature=0.0, max_new_tokens=np.int32(2**31 - 1), ignore_eos=True, seed=np.int32(7))
+    assert type(params.max_new_tokens) is int and type(params.seed) is int and type(params.n) is int
+    gen = Generator(model, block_size=np.int32(4), num_blocks=np.int64(16), max_model_len=np.int32(12))
+    assert type(gen.block_size) is int and type(gen.max_model_len) is int
+    with reference_ops():
+        comps = gen.generate_completions([[1, 2, 3]], params)
+    assert len(comps[0].tokens) == 9 and comps[0].finish_reason == "length"
