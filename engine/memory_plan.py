@@ -18,6 +18,7 @@ import sys
 
 import torch
 
+from engine.checkpoint import check_checkpoint
 from engine.config import MODEL_SHAPES, ModelConfig
 from engine.errors import InvalidInput, MissingInput
 from engine.hub import config_dir, is_repo_id
@@ -438,6 +439,11 @@ def run_configs(policy, reference, reward, evaluation: bool = False) -> dict[str
     return configs
 
 
+def _holds_weights(path: str) -> bool:
+    """Whether a directory holds weight files (not only a config.json, as a Hub id's fetched one)."""
+    return any(fn.endswith((".safetensors", ".bin", ".safetensors.index.json")) for fn in os.listdir(path))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     shapes = f"a named shape ({', '.join(MODEL_SHAPES)}), a checkpoint directory or a Hub id"
@@ -479,6 +485,12 @@ def main(argv: list[str] | None = None) -> int:
         configs = run_configs(*(names.get(x, x) for x in (a.policy, a.reference, a.reward)), evaluation=a.eval_only)
     except (ValueError, FileNotFoundError) as e:  # (an unsupported config.json, a directory without one)
         p.error(str(e))
+    for role, src in (("policy", a.policy), ("reference", a.reference), ("reward", a.reward)):
+        if src and os.path.isdir(src) and _holds_weights(src):  # (a causal LM as --reward planned a score head)
+            try:  # (the weight files' headers alone: a run checks its checkpoints so before it loads one)
+                check_checkpoint(src, "score" if role == "reward" else "lm")
+            except (ValueError, FileNotFoundError) as e:
+                p.error(f"--{role}: {e}")
     for name, (c, _) in configs.items():  # (train_ppo refuses these limits for such a model)
         if a.seq_len > c.max_position_embeddings:
             p.error(f"--seq-len {a.seq_len} is longer than the {name} model's context ({c.max_position_embeddings} "

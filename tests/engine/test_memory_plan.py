@@ -573,3 +573,28 @@ def test_command_line_fp8_cache_reference_and_fraction_one(capsys):
     assert memory_plan.main(["--reference", "llama2-7b"]) == 0
     assert f"weights (reference) {c7.num_params('lm', 8) * 2 / GiB:.1f}," in capsys.readouterr().out
     assert memory_plan.main(["--kv-cache-fraction", "1"]) == 0
+
+
+def test_command_line_refuses_a_checkpoint_of_the_wrong_kind(tmp_path, capsys):
+    """A causal LM given as --reward (or a reward model as --policy) is refused from its weight files' headers, as
+    train_ppo.py refuses it; it was planned with a score head it does not have. A directory holding only a
+    config.json (a shape to plan) is still planned."""
+    save_hf_model(tmp_path / "lm", "lm")
+    save_hf_model(tmp_path / "rm", "score")
+    lm, rm = str(tmp_path / "lm"), str(tmp_path / "rm")
+    common = ["--tp", "1", "--gpu-gib", "10", "--seq-len", "64"]
+    assert memory_plan.main(["--policy", lm, "--reward", rm, *common]) == 0
+    for flags, role in (
+        (["--policy", lm, "--reward", lm], "reward"),
+        (["--policy", rm, "--reward", rm], "policy"),
+        (["--policy", lm, "--reference", rm, "--reward", rm], "reference"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            memory_plan.main([*flags, *common])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"--{role}: checkpoint {lm if role == 'reward' else rm} is missing tensor" in err
+        assert " checkpoint: this model is" in err
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    (config_only / "config.json").write_text((tmp_path / "lm" / "config.json").read_text())
+    assert memory_plan.main(["--policy", lm, "--reward", str(config_only), *common]) == 0
