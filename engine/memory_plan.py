@@ -130,6 +130,15 @@ def check_tp(configs: dict[str, tuple[ModelConfig, str]], tp: int) -> None:
         shard_range(c.vocab_size, tp, 0, f"the {name} model's vocabulary")
 
 
+def _tp_lays_out(configs: dict[str, tuple[ModelConfig, str]], tp: int) -> bool:
+    """Whether check_tp takes this degree (a layout to suggest)."""
+    try:
+        check_tp(configs, tp)
+    except InvalidInput:
+        return False
+    return True
+
+
 def host_available() -> int:
     """Bytes of host memory available now: MemAvailable (free plus reclaimable page cache), or less where a cgroup of
     this process (a container, a job's allocation, or one above it) has a limit: its limit less what it uses, its
@@ -326,9 +335,8 @@ def plan(
             line += f"rollouts, {state / GiB:.1f} GiB per GPU): {at(weights)}; with {idle} too: {at(own)}"
         return line
     alternatives = []
-    sizes = [n for c, _ in configs.values() for n in (c.num_kv_heads, c.intermediate_size)]
     for t in (2 * tp, 4 * tp, 8 * tp):
-        if all(n % t == 0 for n in sizes) and fits(parts_at(t, dp)):
+        if _tp_lays_out(configs, t) and fits(parts_at(t, dp)):
             alternatives.append(f"--tp {t}")
             break
     for d in (2 * dp, 4 * dp, 8 * dp, 16 * dp) if distributed and trained else ():

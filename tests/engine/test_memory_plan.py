@@ -438,6 +438,21 @@ def test_a_suggested_tp_degree_divides_the_models():
     assert "--tp" in str(e.value) and "--tp 16" not in str(e.value), str(e.value)
 
 
+def test_a_suggested_tp_degree_leaves_every_rank_some_vocabulary():
+    """A degree that divides the heads and MLP but would leave a rank none of a small vocabulary (6 rows at --tp 4:
+    2 rows each, the last rank none) is not suggested: check_tp refuses it when it is given."""
+    c = ModelConfig(vocab_size=6, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=16, num_kv_heads=16)
+    configs = {"policy": (c, "lm"), "reference": (c, "lm"), "value": (c, "score"), "reward": (c, "score")}
+    numels = {k: m.num_params(head, 4) for k, (m, head) in configs.items()}
+    need4 = sum(memory_plan.fixed_bytes(numels, memory_plan.TRAINED, torch.bfloat16, 1, True).values())
+    free = int(need4 / memory_plan.FIXED_SHARE_LIMIT * 1.01)
+    with pytest.raises(ValueError, match="tensor parallel degree 4 leaves a rank none of"):
+        memory_plan.check_tp(configs, 4)
+    with pytest.raises(ValueError) as e:
+        memory_plan.plan(configs, torch.bfloat16, 2, 1, True, free)
+    assert "need" in str(e.value) and "--tp 4" not in str(e.value), str(e.value)
+
+
 def test_rollout_cache_counts_the_memory_in_use_before_loading():
     """A rollout's KV cache gets `fraction` of the GPU's total memory less all that is in use then
     (engine.kv_cache.cuda_cache_budget): the CUDA context and any other process's memory too, which the plan sees as
