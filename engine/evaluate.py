@@ -18,8 +18,9 @@ Evaluation alone (--eval-only): --policy (say a PPO checkpoint's policy/) agains
 --reward on the evaluation set, without training, no value model or optimizer built (setup_evaluation); a PPO
 checkpoint's policy is logged at that checkpoint's iteration and step (engine.state.checkpoint_position).
 
-Samples (--log-samples K): the first K sequences of each iteration's rollout (data-parallel rank 0's share), with
-their scores, KL and reward (at the KL coefficient of that rollout's rewards), appended to OUTPUT_DIR/samples.jsonl.
+Samples (--log-samples K): the first K sequences of each iteration's rollout (as one process holds it, on any
+data-parallel size), with their scores, KL and reward (at the KL coefficient of that rollout's rewards), appended to
+OUTPUT_DIR/samples.jsonl.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from engine import ppo
-from engine.data import Rollout, prompts_digest
+from engine.data import Rollout, global_position, prompts_digest
 from engine.parallel import agree, print0, raise_together
 from engine.resume import EVAL_DIR, atomic_write, read_log
 from engine.rollout import check_scores, forward_rollout, generate_rollout, reduce_sums, sampling_params
@@ -196,13 +197,23 @@ def evaluate_only(cfg, run, grid, generator_factory=None) -> dict:
 
 
 def log_samples(state: TrainState, ro: Rollout) -> None:
-    """Append the first log_samples sequences of data-parallel rank 0's rollout (scored) to samples.jsonl."""
-    k = min(state.run.log_samples, len(ro.responses))
-    if k <= 0 or state.grid.rank != 0 or not state.run.output_dir:  # (a bench's run writes nothing)
+    """Append the first log_samples sequences of the rollout (scored), as one process would hold it whatever the
+    data-parallel size (each rank's among them gathered on global rank 0), to samples.jsonl."""
+    k, grid = state.run.log_samples, state.grid
+    if k <= 0 or not state.run.output_dir:  # (a bench's run writes nothing)
         return
-    records = sample_records(state, ro, sequence_stats(state, ro, state.kl_coef), list(range(k)))  # (its rewards')
+    mine = []  # (position in the whole rollout, record) of this rank's sequences among its first k
+    if grid.tp_rank == 0:  # (a TP group's ranks hold the same sequences: its rank 0 sends them)
+        n = state.cfg.samples_per_prompt
+        rows = [i for i in range(len(ro.responses)) if global_position(i, grid.dp_rank, grid.dp, n) < k]
+        if rows:
+            records = sample_records(state, ro, sequence_stats(state, ro, state.kl_coef), rows)  # (its rewards')
+            mine = [(global_position(i, grid.dp_rank, grid.dp, n), rec) for i, rec in zip(rows, records)]
+    gathered = _gather_to_rank0(state, mine)
+    if gathered is None:
+        return
     os.makedirs(state.run.output_dir, exist_ok=True)
-    records = [{"iteration": state.iteration + 1, **rec} for rec in records]
+    records = [{"iteration": state.iteration + 1, **rec} for _, rec in sorted(gathered, key=lambda x: x[0])]
     with open(os.path.join(state.run.output_dir, "samples.jsonl"), "a") as f:
         f.write("".join(json.dumps(rec) + "\n" for rec in records))
     if state.tracker is not None:

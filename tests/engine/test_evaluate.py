@@ -1,6 +1,6 @@
 """Held-out evaluation and rollout samples (engine/evaluate.py) on the tiny default, on CPU: training unchanged by
-it, its logs, its scores and KL against transformers, greedy evaluation, resume, bad flags. Data parallel: in
-test_trainer.py's DP x TP test."""
+it, its logs, its scores and KL against transformers, greedy evaluation, resume, bad flags, a data-parallel run's
+samples. Data-parallel evaluation: in test_trainer.py's DP x TP test."""
 
 import dataclasses
 import json
@@ -17,7 +17,8 @@ from engine.resume import latest_checkpoint
 from engine.tokenizer import TINY_EVAL_PROMPTS, read_prompt_file
 from engine.train_ppo import parse_args, prepare_tiny
 from kernels import dispatch
-from tests.engine.runs import no_timing, run_tiny, tiny_state
+from tests.engine.ppo_dp_worker import naive_factory
+from tests.engine.runs import no_timing, run_tiny, tiny_state, torchrun_ranks
 
 N_EVAL = len(read_prompt_file(TINY_EVAL_PROMPTS))
 
@@ -142,6 +143,19 @@ def test_resume_after_a_crash_keeps_one_line_per_evaluation_and_sample(tmp_path,
     assert "eval.jsonl holds evaluations of another set or decoding" in capsys.readouterr().out
     last = _lines(tmp_path / "eval.jsonl")[-1]
     assert last["iteration"] == 3 and last["prompts"] == 8 and last["eval_set"] != evals[-1]["eval_set"]
+
+
+def test_logged_samples_are_the_rollouts_first_on_any_dp_size(tmp_path):
+    """--log-samples K writes the first K sequences of the rollout one process would hold, on 2 data-parallel ranks
+    too: not rank 0's first ones (global sequences 0, 2, 4, ...), and all K where K is more than one rank's share."""
+    flags = ["--max-iterations", "1", "--eval-prompts", "", "--log-samples", "6"]  # (8 sequences, 4 a rank)
+    torchrun_ranks(tmp_path, 2, "dp2", *flags)
+    run_tiny(tmp_path / "dp1", *flags, factory=naive_factory)
+    one, two = _lines(tmp_path / "dp1/samples.jsonl"), _lines(tmp_path / "dp2/samples.jsonl")
+    assert len(one) == 6 and [r["response"] for r in two] == [r["response"] for r in one]
+    for a, b in zip(one, two, strict=True):
+        for k, v in a.items():
+            assert b[k] == (v if isinstance(v, (str, bool, int)) else pytest.approx(v, rel=1e-4, abs=1e-6)), k
 
 
 def test_bad_evaluation_flags_are_refused(tmp_path):
