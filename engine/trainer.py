@@ -325,7 +325,9 @@ def ppo_iteration(state: TrainState) -> dict:
 # -------------------------------------------------------------------------------- the loop --
 
 
-def log_metrics(state: TrainState, metrics: dict) -> None:
+def log_metrics(state: TrainState, metrics: dict, per_iteration: float | None = None) -> None:
+    """Record an iteration's metrics (history; rank 0: the trackers, the printed line, metrics.jsonl); `per_iteration`:
+    the loop's wall time per iteration so far, for the ETA."""
     state.history.append(metrics)
     if state.grid.rank != 0:
         return
@@ -340,18 +342,20 @@ def log_metrics(state: TrainState, metrics: dict) -> None:
         f"train {metrics['train_tok_s']:.0f} tok/s ({metrics['train_tflops_gpu']:.3g} TFLOP/s per GPU) "
         f"time {metrics['time_iteration']:.1f}s "
         f"(gen {metrics['time_generate']:.1f} score {metrics['time_score']:.1f} train {metrics['time_train']:.1f}) "
-        f"eta {_eta(state)}"
+        f"eta {_eta(state, per_iteration)}"
     )
     os.makedirs(state.run.output_dir, exist_ok=True)
     with open(os.path.join(state.run.output_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(metrics) + "\n")
 
 
-def _eta(state: TrainState) -> str:
-    """The time the run's remaining iterations take at this process's mean so far, as 1h02m."""
-    seconds = (
-        sum(m["time_iteration"] for m in state.history) / len(state.history) * (state.iterations - state.iteration)
-    )
+def _eta(state: TrainState, per_iteration: float | None = None) -> str:
+    """The time the run's remaining iterations take at this process's mean so far, as 1h02m: the loop's wall time per
+    iteration (`per_iteration`: the evaluations, checkpoints and logs between iterations included, which the remaining
+    ones have too), else the iterations' own time_iteration."""
+    if per_iteration is None:
+        per_iteration = sum(m["time_iteration"] for m in state.history) / len(state.history)
+    seconds = per_iteration * (state.iterations - state.iteration)
     return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
 
 
@@ -439,6 +443,8 @@ def _loop(state: TrainState) -> None:
         # the starting point, or an evaluation a stop signal put off (a signal during it stops after iteration 1)
         if eval_due(state, at_start=True):
             state.evals.append(evaluate(state))
+        # the ETA's clock: the iterations and what the loop does between them
+        started, first = time.monotonic(), state.iteration
         while state.iteration < state.iterations:
             try:
                 if state.iteration + 1 == state.run.profile_iteration:
@@ -447,7 +453,7 @@ def _loop(state: TrainState) -> None:
                     metrics = ppo_iteration(state)
             except FloatingPointError as e:  # (every rank alike: a loss, a gradient norm or the scores)
                 raise FloatingPointError(f"{e}; {_where_to_resume(state)}") from e
-            log_metrics(state, metrics)
+            log_metrics(state, metrics, (time.monotonic() - started) / (state.iteration - first))
             minutes = state.run.save_every_minutes
             late = bool(minutes) and time.monotonic() - last_save >= 60 * minutes
             # every rank decides alike: a clock or a signal seen by one rank

@@ -5,7 +5,9 @@ rollout's other inputs."""
 
 import json
 import os
+import re
 import shutil
+import time
 import types
 
 import pytest
@@ -311,6 +313,25 @@ def test_phase_times_are_the_slowest_ranks(tmp_path, monkeypatch):
     assert m["time_generate"] >= 3.0 and m["time_dp_wait"] >= 2.5, m
     assert m["time_train"] < m["time_generate"] - 2.0, m
     assert m["gen_tok_s"] == pytest.approx(m["response_len"] * 8 / m["time_generate"], rel=1e-6)  # (8 sequences)
+
+
+def test_the_eta_counts_what_the_loop_does_between_iterations(tmp_path, monkeypatch, capsys):
+    """The ETA printed with each iteration is the wall time per iteration so far times the iterations left: with an
+    evaluation after every iteration that takes 2 hours (on a clock moved on), iteration 2's, one iteration left, is
+    an hour (the iterations' own time alone, 0h00m, leaves out the evaluations the rest of the run makes too)."""
+    state = tiny_state(tmp_path, "--max-iterations", "3", "--eval-every", "1")
+    offset, real_monotonic, real_evaluate = [0.0], time.monotonic, trainer.evaluate
+    monkeypatch.setattr(time, "monotonic", lambda: real_monotonic() + offset[0])
+
+    def evaluate(state):
+        offset[0] += 7200.0 if state.iteration else 0.0  # (the starting point's is no iteration's)
+        return real_evaluate(state)
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    with dispatch.reference_ops():
+        trainer.train(state)
+    etas = re.findall(r"^iter (\d)/3 .* eta (\S+)$", capsys.readouterr().out, re.M)
+    assert etas == [("1", "0h00m"), ("2", "1h00m"), ("3", "0h00m")], etas
 
 
 @pytest.mark.parametrize("where", ["trainer", "evaluate"])
