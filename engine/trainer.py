@@ -249,6 +249,8 @@ def ppo_iteration(state: TrainState) -> dict:
     # each phase's time: the slowest rank's (the others wait for it); the wait: the longest any rank waited
     names = ("generate", "score", "train", "dp_wait")
     times = dict(zip(names, agree([t1 - t0, t2 - t1, t3 - t_train, waited], "max", state.dp_group, torch.float64)))
+    # each phase's peak memory: the fullest rank's (the one that runs out first)
+    peaks = agree([peak_generate, peak_score, peak_train], "max", dtype=torch.float64)
     gen_stats = getattr(state.generator, "stats", None) or GenerationStats()  # a test's stand-in may keep none
     n_seq, n_resp, n_tok, n_steps = g["sequences"], g["response_tokens"], max(g["tokens"], 1.0), max(g["steps"], 1)
     # model FLOPs per GPU and second of each phase: forwards over the rollout's sequences (prompt + response), each
@@ -315,10 +317,11 @@ def ppo_iteration(state: TrainState) -> dict:
         "gen_graph_captures": gen_stats.graph_captures,
         "time_gen_setup": gen_stats.setup_seconds,
         "recompute_layers": recompute.layers_recomputed(state.policy),  # the policy's, in the backward
-        # this rank's peak GPU memory in each phase, GiB (0 on CPU): room left for the cache and the micro-batches
-        "mem_gib_generate": peak_generate,
-        "mem_gib_score": peak_score,
-        "mem_gib_train": peak_train,
+        # the fullest rank's peak GPU memory in each phase, GiB (0 on CPU): room left for the cache and the
+        # micro-batches
+        "mem_gib_generate": peaks[0],
+        "mem_gib_score": peaks[1],
+        "mem_gib_train": peaks[2],
     }
 
 

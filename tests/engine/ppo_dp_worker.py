@@ -108,6 +108,11 @@ if __name__ == "__main__":
             ro.scores[0] = float("nan")
 
         module.forward_rollout = forward_rollout
+    peak = os.environ.get("TEST_PEAK_GIB")  # "RANK:GIB": that rank's peak memory in every phase
+    if peak and int(peak.split(":")[0]) == rank:
+        import engine.trainer
+
+        engine.trainer._peak_gib = lambda device: float(peak.split(":")[1])
     history = cli(sys.argv[2:], generator_factory=factory)  # (input errors in one line, as the command line)
     torch.save(
         {"history": history, "policy": {k: v.detach().clone() for k, v in holder["policy"].state_dict().items()}},

@@ -307,9 +307,12 @@ def test_throughput_metrics_count_each_phases_tokens_and_flops(tmp_path, monkeyp
 
 def test_phase_times_are_the_slowest_ranks(tmp_path, monkeypatch):
     """DP 2 with rank 1's rollout 3 s slower: the generation's time is the slowest rank's (rank 0's own would make its
-    tokens/s 100x too high), the wait is shown as time_dp_wait, and training's time holds none of it."""
+    tokens/s 100x too high), the wait is shown as time_dp_wait, and training's time holds none of it. So is each
+    phase's peak memory the fullest rank's (rank 1's 7.5 GiB; rank 0's own, 0 on CPU, was reported)."""
     monkeypatch.setenv("TEST_SLOW_ROLLOUT", "1:3")
+    monkeypatch.setenv("TEST_PEAK_GIB", "1:7.5")
     (m,) = torchrun_ranks(tmp_path, 2, "slow", "--max-iterations", "1", "--eval-prompts", "")[0]["history"]
+    assert m["mem_gib_generate"] == m["mem_gib_score"] == m["mem_gib_train"] == 7.5, m
     assert m["time_generate"] >= 3.0 and m["time_dp_wait"] >= 2.5, m
     assert m["time_train"] < m["time_generate"] - 2.0, m
     assert m["gen_tok_s"] == pytest.approx(m["response_len"] * 8 / m["time_generate"], rel=1e-6)  # (8 sequences)
