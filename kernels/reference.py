@@ -550,7 +550,7 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
     if estimator == "k2":
         return 0.5 * d * d
     if estimator == "k3":
-        return torch.exp(-d) - 1 + d
+        return torch.expm1(-d) + d  # (exp(-d) - 1 would cancel at ulp(1) for a small d, even below 0)
     raise ValueError(f"unknown KL estimator {estimator!r}; expected 'k1', 'k2' or 'k3'")
 
 

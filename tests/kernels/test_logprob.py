@@ -315,6 +315,29 @@ def test_kl_estimate_values():
     assert (L.kl_estimate(torch.randn(100), torch.randn(100), "k3") >= 0).all()
 
 
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_k3_of_small_log_ratios_keeps_its_precision_and_sign(path):
+    """k3 = exp(-d) - 1 + d is about d^2 / 2 for a small d = logp - ref: written as it reads, fp32 loses it to the
+    cancellation in exp(-d) - 1 at ulp(1) (d = 1e-4: -1.7e-8 for 5e-9, below 0); expm1(-d) + d only at ulp(d). Both
+    paths (the reference runs the CPU engine's PPO loss) against float64, in kl_estimate and in ppo_token_loss."""
+    logits = torch.zeros(6, 5)
+    targets = torch.zeros(6, dtype=torch.int64)
+    with dispatch.reference_ops() if path == "reference" else contextlib.nullcontext():
+        logp = L.token_logprobs(logits, targets)  # log 1/5
+        ref = logp - torch.tensor([1e-4, -1e-4, 3e-4, -3e-3, 1e-2, -0.5])
+        got = L.kl_estimate(logp, ref, "k3") if path == "kernel" else reference.kl_estimate(logp, ref, "k3")
+        loss, stats = L.ppo_token_loss(
+            logits, targets, logp, torch.zeros(6), torch.ones(6), ref_logprobs=ref, kl_coef=1.0, kl_estimator="k3"
+        )
+    d = logp.double() - ref.double()  # (of the fp32 inputs, exactly)
+    want = torch.exp(-d) - 1.0 + d
+    bound = 2e-7 * d.abs() + 1e-6 * want  # a few ulp of d, then of k3
+    assert (got >= 0).all(), got
+    assert ((got.double() - want).abs() <= bound).all(), (got, want)
+    for name, x in (("kl_ref", stats["kl_ref"]), ("loss", loss)):
+        assert abs(float(x) - float(want.mean())) <= float(bound.mean()), (name, float(x), float(want.mean()))
+
+
 @pytest.mark.parametrize("path", ["logits", "hidden"])
 @pytest.mark.parametrize("kl_estimator,kl_coef,entropy_coef", [("k1", 0.1, 0.0), ("k2", 0.05, 0.01), ("k3", 0.2, 0.0)])
 def test_ppo_token_loss_matches_reference(small_block, monkeypatch, path, kl_estimator, kl_coef, entropy_coef):
