@@ -95,7 +95,7 @@ def _gumbel_sample_kernel(
         tl.store(LOGPROBS + row * 3 + 1, best_logit)
         tl.store(LOGPROBS + row * 3 + 2, m + tl.log(s))
     else:
-        tl.store(LOGPROBS + row, best_logit - (m + tl.log(s)))
+        tl.store(LOGPROBS + row, (best_logit - m) - tl.log(s))  # (not - (m + log s): it rounds at ulp(m))
 
 
 def gumbel_sample(

@@ -27,6 +27,24 @@ def test_same_tokens_and_logprobs_as_the_reference(temperature, dtype, b, v):
     torch.testing.assert_close(logprobs, want_logprobs, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e4), (torch.float32, -1e4), (torch.bfloat16, 3e4)])
+def test_the_logprob_of_large_logits_is_not_rounded_at_their_magnitude(temperature, dtype, scale):
+    """Logits of 1e4 (3e4 in bf16) a few apart: the drawn token's log-prob against float64, on both paths. Taken as
+    logit - (max + log s), it rounded at ulp(max) (1e-3 at 1e4); (logit - max) - log s keeps what the offsets give."""
+    b = 64
+    offsets = torch.tensor([0.0, -0.5, -3.0, -5.0, -8.0, -2.0] * 2)
+    logits = (scale + offsets).to(dtype).expand(b, -1).contiguous()
+    seeds, counters = torch.arange(b, dtype=torch.int64) * 7919 + 1, torch.zeros(b, dtype=torch.int64)
+    exact_all = torch.log_softmax(logits.double(), -1)
+    for fn in (gumbel_sample, reference.gumbel_sample):
+        tokens, logprobs = fn(logits, seeds, counters, temperature)
+        if temperature:
+            assert tokens.unique().numel() > 3, fn  # (several tokens drawn, not the largest alone)
+        exact = exact_all.gather(-1, tokens[:, None]).squeeze(-1)
+        torch.testing.assert_close(logprobs.double(), exact, atol=1e-5, rtol=1e-5, msg=lambda m, fn=fn: f"{fn}: {m}")
+
+
 def test_greedy_ties_take_the_first_and_strided_rows():
     """An exact tie across blocks resolves to the lower index (torch.argmax); rows of a wider tensor."""
     wide = torch.zeros(3, 5000)
