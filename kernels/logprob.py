@@ -620,7 +620,7 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
 
 def _ppo_per_token(logp, ent, old, adv, ref, clip_eps, kl_coef, kl_estimator, entropy_coef):
     """Elementwise PPO terms: (per-token loss, ratio, unclipped loss, clipped loss, kl to ref or None)."""
-    ratio = torch.exp(logp - old)
+    ratio = reference.ppo_ratio(logp, old, adv)
     pg1 = -adv * ratio
     pg2 = -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
     per_tok = torch.maximum(pg1, pg2)

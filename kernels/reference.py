@@ -554,6 +554,19 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
     raise ValueError(f"unknown KL estimator {estimator!r}; expected 'k1', 'k2' or 'k3'")
 
 
+# exp of a log-ratio above this is inf in float32 (exp(88.72) = 3.40e38, float32's largest)
+MAX_LOG_RATIO = 88.72
+
+
+def ppo_ratio(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+    """exp(logp - old), the PPO ratio, its log capped at MAX_LOG_RATIO where adv >= 0. There the clipped term
+    -adv (1 + eps) is the max past the clip range, so the cap changes no loss, and the token's zero grad does not
+    become 0 * inf = NaN in exp's backward (nor -0 * inf a NaN loss where adv is 0). Where adv < 0 the unclipped term
+    is the loss: inf past float32's range, as it is."""
+    log_ratio = logp - old
+    return torch.exp(torch.where(adv >= 0, log_ratio.clamp(max=MAX_LOG_RATIO), log_ratio))
+
+
 def ppo_token_loss(
     logits: torch.Tensor | None,
     targets: torch.Tensor,
@@ -592,7 +605,7 @@ def ppo_token_loss(
     adv = torch.where(keep, advantages.to(ct), 0.0)
     # (and the token's own log-prob: one of -300 would give k3 an inf off the mask, and its grad 0 * inf = NaN)
     logp_on = torch.where(keep, logp, 0.0)
-    ratio = torch.exp(logp_on - old)
+    ratio = ppo_ratio(logp_on, old, adv)
     pg1 = -adv * ratio
     pg2 = -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
     per_tok = torch.maximum(pg1, pg2) - entropy_coef * ent

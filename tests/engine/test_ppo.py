@@ -163,6 +163,43 @@ def test_policy_loss_and_grads(kernel):
     torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kernel", [False, True], ids=["reference", "interpreter"])
+def test_policy_loss_of_far_ratios_against_float64(kernel):
+    """Log-ratios of +-50, +-100 and 120 (exp overflows fp32 past 88.7), advantages of each sign and 0: the loss and
+    grads of float64 wherever those are finite in fp32. A token whose ratio overflows but whose clipped term is the
+    max (A >= 0) has grad 0, not 0 * inf = NaN (which stopped the run for a non-finite grad norm)."""
+    g = torch.Generator().manual_seed(3)
+    shifts = [100.0, 100.0, 50.0, -50.0, -100.0, 0.1, 50.0, -50.0, 0.05, 120.0, -120.0]
+    advs = [1.0, 0.0, -1.0, 1.0, -1.0, 0.5, 1.0, -1.0, -0.3, 0.7, -0.2]
+    N, H, V, denom, eps = len(shifts), 8, 11, 16.0, 0.2
+    hidden = torch.randn(N, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.5
+    targets = torch.randint(0, V, (N,), generator=g)
+    adv = torch.tensor(advs, dtype=torch.float64)
+    logp_true = torch.log_softmax(hidden @ weight.T, -1).gather(1, targets[:, None]).squeeze(1)
+    old = (logp_true - torch.tensor(shifts, dtype=torch.float64)).float()
+    h = hidden.float().requires_grad_(True)
+    w = weight.float().requires_grad_(True)
+    with dispatch.reference_ops() if not kernel else torch.enable_grad():
+        loss, stats = ppo.policy_loss(h, w, targets, old, adv.float(), clip_eps=eps, denom=denom)
+        loss.backward()
+    h64 = hidden.clone().requires_grad_(True)
+    w64 = weight.clone().requires_grad_(True)
+    lsm = torch.log_softmax(h64 @ w64.T, -1)
+    terms = []
+    for i in range(N):
+        r = torch.exp(lsm[i, targets[i]] - float(old[i]))
+        a = advs[i]
+        terms.append(torch.maximum(-a * r, -a * torch.clamp(r, 1 - eps, 1 + eps)))
+    want = torch.stack(terms).sum() / denom
+    want.backward()
+    assert math.isfinite(loss.item()) and abs(loss.item() - want.item()) < 1e-5 * abs(want.item())
+    assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+    torch.testing.assert_close(h.grad.double(), h64.grad, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-6, rtol=1e-4)
+    assert (h.grad[[0, 1, 9]] == 0).all()  # the clipped term: no gradient
+
+
 def test_lr_schedule():
     cfg = PPOConfig(learning_rate=2.0, warmup_ratio=0.1, lr_schedule="linear")
     total = 100  # warmup 10 steps
