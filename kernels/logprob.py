@@ -2,11 +2,11 @@
 
 token_logprobs(logits [..., V], targets [...]) -> log softmax(logits / T)[target] (fp32 [...]) and
 optionally the entropy of softmax(logits / T) (fp32 [...]). One read of each row forward: an online
-logsumexp over BLOCK_V chunks keeps the running max m, sum s = sum exp(z - m) and, for the entropy,
-w = sum exp(z - m) * (z - m) (relative to m so logits of 1e4 do not cancel); then
-logp = (z_t - m) - log s, entropy = log s - w / s, never forming lse = m + log s (it rounds at ulp(m), 1e-3 for
-logits of 1e4). Backward is one more read of the row that writes grad_logits in the logits' dtype from the saved
-per-row (m, log s) pair and entropy, with p_j = exp((z_j - m) - log s):
+logsumexp over BLOCK_V chunks keeps the running max m of the raw logits x, sum s = sum exp(d) and, for the entropy,
+w = sum exp(d) * d with d = (x - m) / T = z - max z (relative to m so logits of 1e4 do not cancel; x / T first would
+round at ulp(x / T)); then logp = d_t - log s, entropy = log s - w / s, never forming lse = max z + log s (it rounds
+at ulp(m), 1e-3 for logits of 1e4). Backward is one more read of the row that writes grad_logits in the logits'
+dtype from the saved per-row (m, log s) pair and entropy, with p_j = exp(d_j - log s):
     dlogp/dz_j = [j == t] - p_j,    dH/dz_j = -p_j (log p_j + H).
 
 hidden_logprobs(hidden [N, H], weight [V, H], targets [N]) fuses the LM head: rows are processed in
@@ -24,7 +24,7 @@ Cost model (H100, bf16, N = 32768, V = 32000): forward reads the logits once (2.
 
 Vocab parallel (`group`): logits / weight rows are this rank's contiguous vocab slice
 [r * V_local, (r + 1) * V_local); targets are global ids. The kernel writes per-row partial stats
-(m, s, w, z_t) and the host combines them with one all_reduce(MAX) and one all_reduce(SUM) of a
+(m, s, w, x_t) and the host combines them with one all_reduce(MAX) and one all_reduce(SUM) of a
 stacked [N, 3] tensor. Outputs are replicated over the group; each rank's backward writes the grad
 of its own slice (no collective), and the grad of `hidden` is all-reduced (hidden is replicated).
 """
@@ -60,10 +60,10 @@ def _logprob_fwd_kernel(
     stride_t,
     T,
     tgt_ptr,  # [B * T] int64 global target ids
-    norm_ptr,  # [B * T, 2] fp32 out (FINALIZE): m, log s
+    norm_ptr,  # [B * T, 2] fp32 out (FINALIZE): m (of the raw logits), log s
     logp_ptr,  # [B * T] fp32 out (FINALIZE)
     ent_ptr,  # [B * T] fp32 out (FINALIZE and HAS_ENT)
-    stats_ptr,  # [B * T, 4] fp32 out (not FINALIZE): m, s, w, z_target
+    stats_ptr,  # [B * T, 4] fp32 out (not FINALIZE): m, s, w, x_target (m and x raw, s and w of z = x / T)
     V: tl.constexpr,  # constexpr: vocab sizes are few, and the loop bound must be static for the interpreter
     v_start,
     inv_temp,
@@ -80,28 +80,29 @@ def _logprob_fwd_kernel(
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         # -inf padding: exp gives 0 and the entropy term is clamped below, so it adds nothing.
-        z = tl.load(x_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_temp
-        m_new = tl.maximum(m, tl.max(z, 0))
+        x = tl.load(x_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 0))  # (m: the max of the raw logits; T > 0 keeps it that of z)
         # A prefix of all -inf (masked vocab) keeps m = -inf; subtract 0 instead to avoid inf - inf.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        d = z - m_safe
+        # (x - m) / T, not x / T - m / T: x / T rounds at ulp(x / T), 1e-3 for logits of 1e4 at T = 0.7
+        d = (x - m_safe) * inv_temp
         e = tl.exp(d)
-        alpha = tl.exp(m - m_safe)
+        alpha = tl.exp((m - m_safe) * inv_temp)
         if HAS_ENT:
             # e * (z - m): e is exactly 0 below d = -104, so clamping d at -200 only removes 0 * -inf.
             w_blk = tl.sum(e * tl.maximum(d, -200.0), 0)
-            shift = tl.where(m == float("-inf"), 0.0, m - m_safe)
+            shift = tl.where(m == float("-inf"), 0.0, (m - m_safe) * inv_temp)
             w = alpha * (w + shift * s) + w_blk
         s = alpha * s + tl.sum(e, 0)
         m = m_new
     t_local = tl.load(tgt_ptr + row) - v_start
     in_shard = (t_local >= 0) & (t_local < V)
-    z_t = tl.load(x_row + t_local, mask=in_shard, other=0.0).to(tl.float32) * inv_temp
+    x_t = tl.load(x_row + t_local, mask=in_shard, other=0.0).to(tl.float32)
     if FINALIZE:
         log_s = tl.log(s)
         # An out-of-range target (the host checks CPU tensors; CUDA gets an async assert) gives NaN.
-        # (z_t - m) - log(s), not z_t - lse: lse = m + log(s) rounds at ulp(m), 1e-3 for logits of 1e4
-        tl.store(logp_ptr + row, tl.where(in_shard, (z_t - m) - log_s, float("nan")))
+        # (x_t - m) / T - log(s), not z_t - lse: lse = m + log(s) rounds at ulp(m), 1e-3 for logits of 1e4
+        tl.store(logp_ptr + row, tl.where(in_shard, (x_t - m) * inv_temp - log_s, float("nan")))
         tl.store(norm_ptr + row * 2, m)
         tl.store(norm_ptr + row * 2 + 1, log_s)
         if HAS_ENT:
@@ -110,7 +111,7 @@ def _logprob_fwd_kernel(
         tl.store(stats_ptr + row * 4 + 0, m)
         tl.store(stats_ptr + row * 4 + 1, s)
         tl.store(stats_ptr + row * 4 + 2, w)
-        tl.store(stats_ptr + row * 4 + 3, z_t)
+        tl.store(stats_ptr + row * 4 + 3, x_t)
 
 
 @triton.jit
@@ -121,7 +122,7 @@ def _logprob_bwd_kernel(
     T,
     gx_ptr,  # [B * T, V] grad of the logits, contiguous (may alias x when x is contiguous)
     tgt_ptr,  # [B * T] int64
-    norm_ptr,  # [B * T, 2] fp32 global (max, log sum exp(z - max)) of z = x / temperature
+    norm_ptr,  # [B * T, 2] fp32 global (max of x, log sum exp((x - max) / temperature))
     ent_ptr,  # [B * T] fp32 entropy (HAS_GENT)
     glp_ptr,  # [B * T] fp32 grad of the log-probs
     gent_ptr,  # [B * T] fp32 grad of the entropy (HAS_GENT)
@@ -145,8 +146,8 @@ def _logprob_bwd_kernel(
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         mask = offs < V
-        z = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-        lp = (z - m) - log_s  # (not z - lse: lse rounds at ulp(m))
+        x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        lp = (x - m) * inv_temp - log_s  # (not z - lse: lse rounds at ulp(m); nor x / T - m / T)
         p = tl.exp(lp)
         g = tl.where(offs == t_local, glp, 0.0) - glp * p
         if HAS_GENT:
@@ -224,21 +225,21 @@ def _group_info(group, v_local: int) -> tuple[int, int]:
     return dist.get_rank(group) * v_local, dist.get_world_size(group) * v_local
 
 
-def _combine_stats(stats: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-rank [N, 4] (m, s, w, z_t) -> global (norm [N, 2] = (m, log s), logp, entropy) with two collectives."""
+def _combine_stats(stats: torch.Tensor, group, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-rank [N, 4] (m, s, w, x_t) -> global (norm [N, 2] = (m, log s), logp, entropy) with two collectives."""
     import torch.distributed as dist
 
-    m, s, w, z_t = stats.unbind(-1)
+    m, s, w, x_t = stats.unbind(-1)
     m_all = m.clone()
     dist.all_reduce(m_all, op=dist.ReduceOp.MAX, group=group)
-    alpha = torch.exp(m - m_all)  # 0 on a rank whose slice of the row is all -inf
-    shift = torch.where(s > 0, m - m_all, torch.zeros_like(m))
-    local = torch.stack([s * alpha, (w + shift * s) * alpha, z_t], dim=-1)
+    alpha = torch.exp((m - m_all) / temperature)  # 0 on a rank whose slice of the row is all -inf
+    shift = torch.where(s > 0, (m - m_all) / temperature, torch.zeros_like(m))
+    local = torch.stack([s * alpha, (w + shift * s) * alpha, x_t], dim=-1)
     dist.all_reduce(local, op=dist.ReduceOp.SUM, group=group)
-    s_all, w_all, z_t_all = local.unbind(-1)
+    s_all, w_all, x_t_all = local.unbind(-1)
     log_s = torch.log(s_all)
-    # (as the kernel: never m + log s, which rounds at ulp(m))
-    return torch.stack([m_all, log_s], dim=-1), (z_t_all - m_all) - log_s, log_s - w_all / s_all
+    # (as the kernel: never m + log s, which rounds at ulp(m), nor x / T - m / T)
+    return torch.stack([m_all, log_s], dim=-1), (x_t_all - m_all) / temperature - log_s, log_s - w_all / s_all
 
 
 def _fwd_outputs(like: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -270,7 +271,7 @@ def logprob_forward(
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """x3 [B, T, V] (this rank's slice), targets [B*T] int64 -> (norm, logp, entropy or None), fp32: norm [B*T, 2]
-    = the row's (max, log sum exp(z - max)) of z = x / temperature, which the backward needs; logp, entropy [B*T].
+    = the row's (max of x, log sum exp((x - max) / temperature)), which the backward needs; logp, entropy [B*T].
 
     `out` = preallocated (norm, logp, entropy) fp32 tensors (tests poison them with NaN).
     """
@@ -282,7 +283,7 @@ def logprob_forward(
         return norm, logp, ent if has_ent else None
     stats = x3.new_empty(n, 4, dtype=torch.float32)
     _fwd(x3, targets, temperature, has_ent, v_start, stats=stats)
-    norm, logp, ent = _combine_stats(stats, group)
+    norm, logp, ent = _combine_stats(stats, group, temperature)
     if out is not None:
         for dst, src in zip(out, (norm, logp, ent)):
             dst.copy_(src)
@@ -407,7 +408,7 @@ def _hidden_forward(hidden, weight, targets, temperature, has_ent, group, rows, 
         else:
             _fwd(lg, targets[sl], temperature, has_ent, v_start, stats=stats[sl])
     if group is not None:
-        norm, logp, ent = _combine_stats(stats, group)
+        norm, logp, ent = _combine_stats(stats, group, temperature)
     return norm, logp, ent if has_ent else None
 
 

@@ -476,16 +476,20 @@ def token_logprobs(
     (differentiably) first, so this is a slow but obviously-correct oracle.
     """
     ct = compute_dtype(logits.dtype)
-    z = logits.to(ct) / temperature
+    x = logits.to(ct)
     if group is not None:
         # Gather the other ranks' slices without autograd and splice in our own differentiable slice:
         # the outputs are replicated over the group, so each rank's grad is that of its own slice.
         import torch.distributed as dist
 
-        parts = [torch.empty_like(z) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, z.detach().contiguous(), group=group)
-        parts[dist.get_rank(group)] = z
-        z = torch.cat(parts, dim=-1)
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.detach().contiguous(), group=group)
+        parts[dist.get_rank(group)] = x
+        x = torch.cat(parts, dim=-1)
+    # (x - max) / T, not x / T: that rounds at ulp(x / T) (1e-3 for logits of 1e4 at T = 0.7) before log_softmax
+    # takes the max off; a constant shift changes no log-prob (a row of -inf: shifted by 0)
+    top = x.detach().amax(-1, keepdim=True) if x.numel() else x.detach()
+    z = (x - torch.where(torch.isfinite(top), top, 0.0)) / temperature
     v = z.shape[-1]
     # (a device sync: skipped under torch.compile, where it would split the graph, as benches compile this oracle)
     if targets.numel() and not torch.compiler.is_compiling() and (int(targets.min()) < 0 or int(targets.max()) >= v):

@@ -93,8 +93,9 @@ def test_poisoned_outputs_are_all_written(small_block):
     r_lp, r_ent = reference.token_logprobs(logits.double(), targets, 1.3, return_entropy=True)
     _close(lp, r_lp, 1e-5, 1e-5, "logp")
     _close(ent, r_ent, 1e-5, 1e-5, "entropy")
-    _close(norm[:, 0], (logits * (1.0 / 1.3)).amax(-1), 0, 0, "row max")
-    _close(norm.double().sum(-1), torch.logsumexp(logits.double() / 1.3, -1), 1e-5, 1e-5, "max + log sum exp")
+    _close(norm[:, 0], logits.amax(-1), 0, 0, "row max")  # (of the raw logits)
+    lse = norm[:, 0].double() / 1.3 + norm[:, 1].double()
+    _close(lse, torch.logsumexp(logits.double() / 1.3, -1), 1e-5, 1e-5, "max / T + log sum exp")
     g_lp, g_ent = torch.randn(9), torch.randn(9)
     gx = torch.full((9, 200), float("nan"))
     L.logprob_backward(x3, targets, norm, ent, g_lp, g_ent, 1.3, out=gx)
@@ -148,6 +149,42 @@ def test_numerics_stress(small_block, case):
     # (offset: probabilities formed as exp(z - lse) would round with lse at ulp(1e4), 1e-3 of p; exp((z - m) - log s)
     # does not)
     _close(gx, r_gx, 1e-5, 1e-5, "grad_logits")
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference", "hidden"])
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_logits_far_from_0_at_a_temperature(small_block, monkeypatch, path, temperature):
+    """Logits of 1e4 (ordinary spreads, a dominant token, a masked vocabulary tail) at a temperature other than 1:
+    log-probs, entropy and grads against float64 on every path. x / T rounds at ulp(x / T) (1e-3 at 1.4e4) before
+    the row's max is taken off; (x - max) / T keeps what the spreads give, as at T = 1."""
+    monkeypatch.setattr(L, "_CHUNK_ROWS", 3)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(11)
+    n, v, real = 5, 150, 100
+    logits = 2 * torch.randn(n, v, generator=gen) + 1e4
+    logits[1, 7] = 1e4 + 40.0  # a dominant token: entropy ~ 0, its log-prob ~ 0
+    logits[:, real:] = float("-inf")  # a masked tail (the padding of a vocabulary, with real_vocab on the LM head)
+    targets = torch.randint(0, real, (n,), generator=gen)
+    targets[1] = 7
+    g_lp, g_ent = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    x64 = logits.double().requires_grad_(True)
+    lsm = torch.log_softmax(x64 / temperature, -1)
+    want_lp = lsm.gather(-1, targets[:, None]).squeeze(-1)
+    p = lsm.exp()
+    want_ent = -(p * torch.where(p > 0, lsm, 0.0)).sum(-1)
+    (want_g,) = torch.autograd.grad((want_lp * g_lp).sum() + (want_ent * g_ent).sum(), x64)
+    if path == "hidden":  # the LM head fused: a one-hot hidden state makes hidden @ weight.T these very logits
+        weight = torch.where(torch.isfinite(logits), logits, 0.0).t().contiguous().requires_grad_(True)  # [v, n]
+        lp, ent = L.hidden_logprobs(torch.eye(n), weight, targets, temperature, return_entropy=True, real_vocab=real)
+        (got_g,) = torch.autograd.grad((lp * g_lp).sum() + (ent * g_ent).sum(), weight)
+        got_g = got_g.t()  # d/dweight[j, i] of a one-hot row i is d/dlogits[i, j]
+    else:
+        x = logits.clone().requires_grad_(True)
+        with dispatch.reference_ops() if path == "reference" else contextlib.nullcontext():
+            lp, ent = L.token_logprobs(x, targets, temperature, return_entropy=True)
+        (got_g,) = torch.autograd.grad((lp * g_lp).sum() + (ent * g_ent).sum(), x)
+    _close(lp, want_lp, 1e-5, 1e-5, "logp")
+    _close(ent, want_ent, 1e-5, 1e-5, "entropy")
+    _close(got_g, want_g, 1e-6, 1e-5, "grad_logits")
 
 
 @pytest.mark.cpu_only  # (on a GPU the check is a device-side assert, which would end the test process's CUDA context)
