@@ -257,12 +257,13 @@ def gumbel_sample_partial(
     min_logit: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Oracle of kernels.sampling.gumbel_sample_partial: gumbel_sample over one vocabulary shard (columns
-    vocab_offset + [0, V)) -> (global token ids [B] int64, stats [B, 3] fp32: the best score, the logit at the
-    token, the shard's logsumexp)."""
+    vocab_offset + [0, V)) -> (global token ids [B] int64, stats [B, 3] float64: the best score, the logit at the
+    token, the shard's logsumexp (in float64: in fp32 it rounds at ulp(max), 1e-3 for logits of 1e4))."""
     logits = logits.float()
     score = _gumbel_scores(logits, seeds, counters, temperature, vocab_offset, min_logit)
     idx = score.argmax(-1)[:, None]  # the first maximum
-    stats = torch.cat([score.gather(-1, idx), logits.gather(-1, idx), torch.logsumexp(logits, -1, keepdim=True)], -1)
+    lse = torch.logsumexp(logits.double(), -1, keepdim=True)
+    stats = torch.cat([score.gather(-1, idx).double(), logits.gather(-1, idx).double(), lse], -1)
     idx = idx.squeeze(-1)
     return idx + vocab_offset, stats
 

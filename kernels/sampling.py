@@ -8,7 +8,7 @@ token = argmax_v(logits_v / temperature + g_v) with g_v = -log(-log(u_v)), u_v a
 
 gumbel_sample_partial(logits [B, V_shard], ..., vocab_offset): the same over one tensor-parallel rank's vocabulary
 shard (the noise keyed by global ids), returning the global id of the shard's best token and (best score, its
-logit, the shard's logsumexp) [B, 3]: the ranks exchange B x 3 numbers instead of all-gathering B x V logits
+logit, the shard's logsumexp; float64) [B, 3]: the ranks exchange B x 3 numbers instead of all-gathering B x V logits
 (engine/sampler.py combines them into exactly the token the whole row gives).
 
 Eager PyTorch builds the [B, V] noise in int64 through a dozen elementwise passes, then the Gumbel
@@ -90,10 +90,10 @@ def _gumbel_sample_kernel(
         s = s * tl.exp(m - m_safe) + tl.sum(tl.where(ok, tl.exp(x - m_safe), 0.0), axis=0)
         m = m_new
     tl.store(TOKENS + row, best_idx.to(tl.int64) + vocab_offset)
-    if PARTIAL:
-        tl.store(LOGPROBS + row * 3, best)
-        tl.store(LOGPROBS + row * 3 + 1, best_logit)
-        tl.store(LOGPROBS + row * 3 + 2, m + tl.log(s))
+    if PARTIAL:  # (LOGPROBS is float64: m + log s in fp32 would round at ulp(m), 1e-3 for logits of 1e4)
+        tl.store(LOGPROBS + row * 3, best.to(tl.float64))
+        tl.store(LOGPROBS + row * 3 + 1, best_logit.to(tl.float64))
+        tl.store(LOGPROBS + row * 3 + 2, m.to(tl.float64) + tl.log(s).to(tl.float64))
     else:
         tl.store(LOGPROBS + row, (best_logit - m) - tl.log(s))  # (not - (m + log s): it rounds at ulp(m))
 
@@ -123,8 +123,9 @@ def gumbel_sample_partial(
     min_logit: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V_shard] of vocabulary ids vocab_offset + [0, V_shard) -> (the shard's best token, a global id
-    [B] int64; stats [B, 3] fp32: its score, its logit, the shard's logsumexp of the raw logits). A shard with no
-    logit >= min_logit has a best score of -inf (another shard's token wins)."""
+    [B] int64; stats [B, 3] float64: its score, its logit (both fp32 values), the shard's logsumexp of the raw logits,
+    in float64 so that it does not round at ulp(max)). A shard with no logit >= min_logit has a best score of -inf
+    (another shard's token wins)."""
     _check(logits, seeds, counters, temperature, min_logit)
     if not use_triton(logits):
         return reference.gumbel_sample_partial(logits, seeds, counters, temperature, vocab_offset, min_logit)
@@ -162,7 +163,8 @@ def _launch(logits, seeds, counters, temperature, vocab_offset, min_logit=None, 
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     tokens = torch.empty(b, dtype=torch.int64, device=logits.device)
-    out = torch.empty((b, 3) if partial else (b,), dtype=torch.float32, device=logits.device)
+    out = torch.empty((b, 3) if partial else (b,), dtype=torch.float64 if partial else torch.float32,
+                      device=logits.device)  # fmt: skip
     has_min = min_logit is not None and temperature > 0  # (greedy draws the row's largest logit anyway)
     floor = min_logit.float().contiguous() if has_min else out  # (a placeholder pointer, never read)
     if b:

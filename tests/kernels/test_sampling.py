@@ -45,6 +45,28 @@ def test_the_logprob_of_large_logits_is_not_rounded_at_their_magnitude(temperatu
         torch.testing.assert_close(logprobs.double(), exact, atol=1e-5, rtol=1e-5, msg=lambda m, fn=fn: f"{fn}: {m}")
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e4), (torch.bfloat16, 3e4)])
+def test_vocabulary_shards_of_large_logits_combine_into_the_exact_logprob(temperature, dtype, scale):
+    """The tensor-parallel draw of the test above: each shard's logsumexp of logits of 1e4 (3e4 in bf16), held in
+    fp32, rounded at ulp(1e4) (5e-4 off in the combined log-prob); in float64 the combined log-prob is float64's,
+    on the kernel and the reference path."""
+    b, shards = 64, 3
+    offsets = torch.tensor([0.0, -0.5, -3.0, -5.0, -8.0, -2.0] * 3)
+    logits = (scale + offsets).to(dtype).expand(b, -1).contiguous()
+    width = logits.shape[1] // shards
+    seeds, counters = torch.arange(b, dtype=torch.int64) * 7919 + 1, torch.zeros(b, dtype=torch.int64)
+    exact_all = torch.log_softmax(logits.double(), -1)
+    for fn in (gumbel_sample_partial, reference.gumbel_sample_partial):
+        parts = [fn(logits[:, i * width : (i + 1) * width], seeds, counters, temperature, i * width) for i in range(3)]
+        tokens, logprobs = combine_partial_samples(
+            torch.stack([t for t, _ in parts]), torch.stack([s for _, s in parts])
+        )  # fmt: skip
+        assert torch.equal(tokens, gumbel_sample(logits, seeds, counters, temperature)[0]), fn
+        exact = exact_all.gather(-1, tokens[:, None]).squeeze(-1)
+        torch.testing.assert_close(logprobs.double(), exact, atol=1e-5, rtol=1e-5, msg=lambda m, fn=fn: f"{fn}: {m}")
+
+
 def test_greedy_ties_take_the_first_and_strided_rows():
     """An exact tie across blocks resolves to the lower index (torch.argmax); rows of a wider tensor."""
     wide = torch.zeros(3, 5000)
