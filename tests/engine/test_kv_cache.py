@@ -415,6 +415,11 @@ def test_headroom_counts_the_sequences_that_will_take_a_block():
     assert bm.prompt_headroom(6, 3, 7) == 2 and bm.prompt_headroom(6, 3, 9) == 3 and bm.prompt_headroom(4, 1, 4) == 0
     bm.allocate(0, 5)
     assert bm.headroom([(0, 5)]) == 0 and bm.headroom([(0, 6)]) == 0 and bm.headroom([(0, 9)]) == 1
+    bm.free(0)
+    # a sequence whose partial last block another one shares that is not counted (it will not grow): it copies it
+    bm.allocate(0, 6)
+    bm.fork(0, 1)
+    assert bm.headroom([(0, 7)]) == 1 and bm.headroom([(0, 7), (1, 6)]) == 1 and bm.headroom([(0, 7), (1, 7)]) == 1
 
 
 def test_a_table_longer_than_twice_the_rows_width_is_allocated_at_once():
