@@ -523,6 +523,8 @@ def test_a_tp_degree_must_divide_the_mlp_too_and_leave_every_rank_some_vocabular
 
     with pytest.raises(ValueError, match="tensor parallel degree 0 must be at least 1"):
         shard_range(7, 0, 0)
+    with pytest.raises(ValueError, match=r"degree 4 leaves a rank none of the vocabulary \(6\)"):
+        shard_range(6, 4, 0)  # (2 rows a rank: the fourth's start at 6, past the last)
     lm = dataclasses.replace(c, intermediate_size=688)
     with pytest.raises(ValueError, match=r"--tp 4 does not divide the reward model's MLP width \(690\)"):
         memory_plan.check_tp({"policy": (lm, "lm"), "reward": (c, "score")}, 4)
@@ -613,3 +615,41 @@ def test_command_line_refuses_a_checkpoint_of_the_wrong_kind(tmp_path, capsys):
     config_only.mkdir()
     (config_only / "config.json").write_text((tmp_path / "lm" / "config.json").read_text())
     assert memory_plan.main(["--policy", lm, "--reward", str(config_only), *common]) == 0
+
+
+def test_a_padded_vocabulary_is_counted_as_a_rank_holds_it(monkeypatch):
+    """A vocabulary the TP degree does not divide (Llama 2 with an added pad token: 32001) is padded to a multiple of
+    it (engine.parallel.shard_rows): the parameters a rank holds, the logits rows the generator's reserve keeps for
+    it and the chunk an optimizer update in host memory moves count its padded shard, not vocab_size // tp."""
+    fake_tp(monkeypatch)
+    tiny = dataclasses.replace(ModelConfig.named("tiny"), vocab_size=509)  # (255 rows a rank, the last one padding)
+    for head in ("lm", "score"):
+        ours = Transformer(tiny, head, group=FakeGroup(2, 1), dtype=torch.bfloat16, device="meta")
+        assert tiny.num_params(head, 2) == sum(p.numel() for p in ours.parameters()), head
+    c = dataclasses.replace(ModelConfig.named("llama2-13b"), vocab_size=32001)
+    reserve = 8448 * (4 * 5120 + 15 * 128 + 3 * 1728) * 2 + 256 * 4001 * 6  # (4001 rows of logits a rank)
+    assert memory_plan.generation_reserve(c, 8, 2048, torch.bfloat16) == reserve
+    chunks = []
+    real = memory_plan.fixed_bytes
+    monkeypatch.setattr(memory_plan, "fixed_bytes", lambda *a: chunks.append(a[-1]) or real(*a))
+    big = dataclasses.replace(c, vocab_size=2**26 // 5120 * 8 + 1)  # 13108 rows a rank: more than CHUNK_ELEMENTS
+    memory_plan.plan({"policy": (big, "lm")}, torch.bfloat16, 8, 1, False, 1000 * GiB, resident=True)
+    assert chunks == [5120 * 13108]
+
+
+def test_a_suggested_tp_degree_need_not_divide_the_vocabulary():
+    """Llama 2 7B with an added pad token (32001) at --tp 4 does not fit 60 GiB GPUs, at --tp 8 it does: the refusal
+    suggests --tp 8 (its vocabulary is padded), as it would for 32000."""
+    c = dataclasses.replace(ModelConfig.named("llama2-7b"), vocab_size=32001)
+    configs = {"policy": (c, "lm"), "reference": (c, "lm"), "value": (c, "score"), "reward": (c, "score")}
+    with pytest.raises(ValueError, match="it would fit with --tp 8"):
+        memory_plan.plan(configs, torch.bfloat16, 4, 1, False, 60 * GiB)
+
+
+def test_rollout_cache_names_the_whole_sequences_its_blocks_hold():
+    """rollout_cache's sequences are those its whole blocks hold: 13 blocks of 16 tokens (208 tokens) hold one
+    sequence of 100 tokens in 7 blocks, not two of 100 tokens."""
+    model = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    per_block = 16 * 2 * 2 * 2 * 8 * 4  # tokens x layers x (K, V) x heads x head dim x fp32
+    line = memory_plan.rollout_cache(model, 1, 0, 13 * per_block, 1.0, 100, torch.float32)
+    assert line.endswith("208 tokens (1 sequences of 100)"), line
