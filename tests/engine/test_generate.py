@@ -375,6 +375,7 @@ def test_cache_too_small_for_one_sequence():
         (dict(block_size=0, num_blocks=0), "block_size must be >= 1, got 0; num_blocks must be >= 1, got 0"),
         (dict(kv_cache_fraction=1.5), r"kv_cache_fraction must be in \(0, 1\], got 1.5"),
         (dict(block_size=3), r"block_size 3 must be a power of two"),  # (when built, not at the first generate)
+        (dict(block_size=-4), r"^block_size must be >= 1, got -4$"),  # (that alone: no power-of-two clause)
         # (a float or bool count failed at the first generate: "empty(): argument 'size' failed to unpack")
         (dict(kv_cache_bytes=1e6), "kv_cache_bytes must be an integer, got 1000000.0"),
         (dict(num_blocks=16.0, max_num_seqs=2.5), "max_num_seqs must be an integer, got 2.5; .*num_blocks must be an "),
@@ -933,6 +934,10 @@ def test_admission_keeps_a_block_of_headroom_for_each_admitted_sequence():
     admitted = gen._admit(waiting, [])
     assert [[s.seq_id for s in g] for g in admitted] == [[0], [1]] and [g[0].seq_id for g in waiting] == [2, 3]
     assert gen.blocks.num_free_blocks == 2
+    # in 3 blocks the second's block and its own block of headroom do not fit beside the first's block of headroom
+    gen.blocks = BlockManager(num_blocks=3, block_size=4)
+    waiting = collections.deque([[_Seq(i, i, 0, [1] * 4, 4, 12, 0)] for i in range(2)])
+    assert [[s.seq_id for s in g] for g in gen._admit(waiting, [])] == [[0]] and [g[0].seq_id for g in waiting] == [1]
     # a prompt of 9 tokens and its fork in a cache of 3 blocks (one sequence at full length): admitted, nothing runs
     gen.blocks = BlockManager(num_blocks=3, block_size=4)
     waiting = collections.deque([[_Seq(j, 0, j, [1] * 9, 9, 12, 0) for j in range(2)]])
