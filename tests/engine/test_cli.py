@@ -332,6 +332,9 @@ def test_a_kv_cache_too_small_for_one_sequence_is_refused_before_any_weight_is_r
         run_tiny(tmp_path / "a", *flags, "--kv-cache-mb", "1")
     with pytest.raises(pytest.fail.Exception, match="weights read"):  # (3 MiB holds it)
         run_tiny(tmp_path / "b", *flags, "--kv-cache-mb", "3")
+    evaluation = ["--policy", str(tmp_path / "policy"), "--reward", str(tmp_path / "reward"), "--eval-only"]
+    with pytest.raises(InvalidInput, match=r"^--kv-cache-mb 1: a KV cache of 1 MiB cannot hold one sequence"):
+        run_tiny(tmp_path / "c", *evaluation, "--eval-prompts", TINY_PROMPTS, "--kv-cache-mb", "1")  # (--eval-only's)
 
 
 def test_help_lists_every_flag():

@@ -51,6 +51,8 @@ def test_kv_cache_fraction_one_is_allowed():
 
 def test_a_two_digit_cuda_index_is_a_device():
     assert RunConfig(device="cuda:10").device == "cuda:10"
+    for bad in ("cuda:", "cpu0", "cuda:1x", "autocpu"):  # (the whole name: not a device's that it begins with)
+        assert state_mod.device_error(bad) == f"device must be auto, cpu, cuda or cuda:N, got {bad!r}"
 
 
 def _tiny_run(tmp_path, *flags):
@@ -215,6 +217,7 @@ def test_run_config_bounds():
     ):
         with pytest.raises(InvalidInput, match=message):
             RunConfig(**kw)
+    assert RunConfig(dist_timeout_minutes=1_000_000).dist_timeout_minutes == 1_000_000  # (the longest allowed)
 
 
 def test_iterations_and_the_profiled_one():
@@ -344,3 +347,43 @@ def test_the_models_a_run_loads_and_an_evaluation_without_holdout():
     }
     with pytest.raises(InvalidInput, match=r"--eval-only takes --eval-prompts \(--eval-holdout draws from a training"):
         state_mod.setup_evaluation(PPOConfig(), RunConfig(policy="p", reward="r", eval_holdout=2), ProcessGrid())
+
+
+def test_make_state_warns_of_split_samples_unless_setup_did(monkeypatch):
+    """make_state checks the batch sizes again, and warns of a rank's share that splits a prompt's samples only when
+    setup has not (checked=True: setup warned before loading the models, once)."""
+    seen = []
+
+    class Checked(Exception):
+        pass
+
+    def check(cfg, grid, warn=True):
+        seen.append(warn)
+        raise Checked
+
+    monkeypatch.setattr(state_mod, "check_batch_sizes", check)
+    for checked in (False, True):
+        with pytest.raises(Checked):
+            state_mod.make_state(PPOConfig(), RunConfig(), ProcessGrid(), (None,) * 4, [], [], checked=checked)
+    assert seen == [True, False]
+
+
+def test_a_fixed_kv_cache_must_hold_a_sequence_of_the_policys_kv_on_a_rank(tmp_path):
+    """check_kv_cache_mb: one sequence of max_prompt_len + max_new_tokens in whole blocks of 16 tokens of the policy's
+    K/V on a rank (its share of the heads at --tp) in the cache's dtype (the run's), against --kv-cache-mb; exactly
+    as large is enough."""
+    from engine.config import ModelConfig
+
+    c = dataclasses.replace(ModelConfig.named("tiny"), num_layers=8)  # (2 K/V heads of 16: 32 KiB a block in fp32)
+    (tmp_path / "config.json").write_text(json.dumps(c.to_hf("lm")))
+    cfg = PPOConfig(max_prompt_len=1024, max_new_tokens=1024)  # 128 blocks: 4 MiB in fp32
+    cpu = torch.device("cpu")
+    run = RunConfig(policy=str(tmp_path), reward=str(tmp_path), dtype="float32", kv_cache_mb=4)
+    state_mod.check_kv_cache_mb(run, cfg, ProcessGrid(), cpu)  # (exactly 4 MiB)
+    with pytest.raises(InvalidInput, match=r"--kv-cache-mb 3: .* = 2048 tokens \(128 blocks of 16 tokens, 4\.00 MiB"):
+        state_mod.check_kv_cache_mb(dataclasses.replace(run, kv_cache_mb=3), cfg, ProcessGrid(), cpu)
+    small = dataclasses.replace(run, kv_cache_mb=2)
+    state_mod.check_kv_cache_mb(small, cfg, ProcessGrid(world_size=2, tp=2), cpu)  # (a rank's one K/V head: 2 MiB)
+    state_mod.check_kv_cache_mb(dataclasses.replace(small, dtype="bfloat16"), cfg, ProcessGrid(), cpu)  # (bf16)
+    with pytest.raises(InvalidInput, match=r"2\.00 MiB of the policy's K/V per GPU\): give it at least 2"):
+        state_mod.check_kv_cache_mb(dataclasses.replace(run, kv_cache_mb=1), cfg, ProcessGrid(world_size=2, tp=2), cpu)
