@@ -741,3 +741,46 @@ def test_a_resume_that_cannot_continue_the_prompt_order_is_refused_before_any_we
         run_tiny(out, *flags, "--seed", "1")
     with pytest.raises(ValueError, match=r"saved num_prompts 48, now 40 \(another --prompts file, or .*--eval-holdout"):
         run_tiny(out, *flags, "--eval-holdout", "8")
+
+
+def test_check_resumable_names_only_complete_checkpoints_and_the_newest(tmp_path):
+    """check_resumable: an output directory not made yet, or holding only an incomplete checkpoint (a run killed in its
+    first save), has nothing to lose: no refusal; otherwise the complete checkpoints are named, the newest as the one
+    to write into `latest`."""
+    from engine.resume import LATEST, check_resumable
+
+    check_resumable(str(tmp_path / "not-yet"))
+    _fake_ckpt(tmp_path, 3, complete=False)
+    check_resumable(str(tmp_path))
+    _fake_ckpt(tmp_path, 1)
+    _fake_ckpt(tmp_path, 2)
+    (tmp_path / LATEST).write_text(json.dumps({"checkpoint": "checkpoint-000005"}))
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"latest names checkpoint-000005, .*; it holds checkpoint-000001, checkpoint-000002: write "
+        r'\{"checkpoint": "checkpoint-000002"\} into',
+    ):
+        check_resumable(str(tmp_path))
+
+
+def test_a_resume_at_another_kv_cache_dtype_is_named_and_an_older_record_is_not(monkeypatch):
+    """_warn_of_other_numerics: a resume at another --kv-cache-dtype than the last launch's is said too; a last
+    record without a setting (an older engine's) is no difference."""
+    from engine import resume
+
+    said = []
+    monkeypatch.setattr(resume, "print0", said.append)
+    now = {"dtype": "bfloat16", "run": {"kv_cache_dtype": "fp8"}}
+    resume._warn_of_other_numerics(json.dumps({"dtype": "bfloat16", "run": {"kv_cache_dtype": "auto"}}).encode(), now)
+    assert len(said) == 1 and "KV-cache dtype fp8 where the run's last launch had auto (--kv-cache-dtype)" in said[0]
+    resume._warn_of_other_numerics(json.dumps({"run": {}}).encode() + b"\n", now)
+    assert len(said) == 1
+
+
+def test_the_prompt_order_check_leaves_a_missing_state_file_to_the_load(tmp_path):
+    """check_prompt_order reads rank 0's state file where there is one; a checkpoint without it is named when the
+    trainer state is loaded (not here, by another message)."""
+    from engine.resume import check_prompt_order
+
+    ckpt = _fake_ckpt(tmp_path, 1, state=False)
+    check_prompt_order(ckpt, [[1, 2]], PPOConfig(rollout_batch_size=1, train_batch_size=1), 0)
