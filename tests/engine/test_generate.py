@@ -399,6 +399,8 @@ def test_nonsense_generator_settings_are_refused(kw, message):
         (dict(stop_token_ids=None), "stop_token_ids must be a list of token ids, got None"),
         (dict(temperature=None), "temperature must be a number, got None"),  # (TypeErrors from the comparison)
         (dict(top_p="0.9"), "top_p must be a number, got '0.9'"),
+        (dict(temperature=True), "temperature must be a number, got True"),  # (not a temperature of 1)
+        (dict(stop_token_ids=b"\x02"), r"stop_token_ids must be a list of token ids, got b'\\x02'"),  # (not [2])
         (dict(seed=1.5), "seed must be an integer or None, got 1.5"),
         (dict(max_new_tokens=2.5), "max_new_tokens must be an integer >= 1, got 2.5"),  # (not 3 tokens quietly)
         (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),
