@@ -354,6 +354,12 @@ def test_a_template_that_prints_no_prompt_text_is_refused_by_line(tmp_path):
         with pytest.raises(ValueError, match=r"p.jsonl:1: the chat template printed this prompt without the text of "
                            r"its last user turn \('Why is the sky blue\?'\)"):  # fmt: skip
             load_prompts(p, load_tokenizer(tmp_path / "tok"), template="tokenizer")
+    # a template that trims what it prints (Llama 2's): a question ending in whitespace is printed, and kept
+    (tmp_path / "tok" / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ 'USER: ' + m['content'] | trim + ' ' }}{% endfor %}A:"
+    )
+    p.write_text(json.dumps({"prompt": "Why is the sky blue?\n"}) + "\n")
+    assert len(load_prompts(p, load_tokenizer(tmp_path / "tok"), template="tokenizer").prompts) == 1
 
 
 def test_a_fault_of_ours_in_encoding_a_prompt_is_not_blamed_on_the_template(tmp_path, monkeypatch):
@@ -395,6 +401,14 @@ def test_a_damaged_tokenizer_file_beside_a_whole_tokenizer_json_is_named(tmp_pat
     (tmp_path / "tok" / name).write_text('{"bos_token": "<s>", "pad_token": "</s>",}')
     with pytest.raises(ValueError, match=rf"^{tmp_path}/tok/{name} is not valid JSON \(Expecting property name"):
         load_tokenizer(tmp_path / "tok")
+
+    # a damaged tokenizer.json beside a damaged file transformers does not read for a tokenizer (a checkpoint's
+    # weight index): tokenizer.json is asked about, the index not blamed
+    shutil.copytree(TINY_DIR, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "tokenizer.json").write_text('{"version": "1.0",')
+    (tmp_path / "ckpt" / "model.safetensors.index.json").write_text('{"weight_map": {},')
+    with pytest.raises(ValueError, match=r"transformers cannot load the tokenizer in .*: is its tokenizer.json whole"):
+        load_tokenizer(tmp_path / "ckpt")
 
 
 def test_files_that_are_no_tokenizer_or_no_text_are_named(tmp_path):
