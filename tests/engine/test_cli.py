@@ -408,6 +408,25 @@ def test_the_tiny_default_refuses_eval_every_with_its_evaluation_turned_off(tmp_
         tiny_state(tmp_path, "--eval-prompts", "", "--eval-every", "2")
 
 
+def test_the_tiny_defaults_seed_is_checked_only_against_a_recorded_seed_and_a_checkpoint(tmp_path):
+    """The seed of the tiny default's init/ models is compared on --resume only where it was recorded (seed.json
+    holding an object: anything else reads as unrecorded) and a checkpoint is there to continue: an init/ without the
+    record resumes, and a --resume with another --seed where no checkpoint was kept starts afresh from it."""
+    from engine.train_ppo import _built_seed
+
+    for text, seed in (('{"seed": 3}', 3), ("[3]", None), ("{", None)):
+        (tmp_path / "seed.json").write_text(text)
+        assert _built_seed(str(tmp_path)) == seed, text
+    out = tmp_path / "run"
+    run_tiny(out, "--max-iterations", "1")
+    (out / "init" / "seed.json").unlink()  # (not recorded)
+    assert [m["iteration"] for m in run_tiny(out, "--max-iterations", "2", "--resume")] == [2]
+    for name in os.listdir(out):  # (no checkpoint kept: a run stopped in its first iteration)
+        if name.startswith("checkpoint-") or name == "latest":
+            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    assert [m["iteration"] for m in run_tiny(out, "--max-iterations", "1", "--resume", "--seed", "5")] == [1]
+
+
 def test_an_evaluation_of_the_tiny_default_never_deletes_its_training_run(tmp_path):
     """--eval-only without --policy (the tiny default's init models) into the directory the demo trained in is refused
     as any --eval-only into a run's directory is, not taken for the demo starting over: its checkpoints and logs
