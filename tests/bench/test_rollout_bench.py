@@ -41,6 +41,7 @@ def test_rollout_bench_refuses_impossible_flags(tmp_path, capsys):
         (["--block-size", "7"], "--block-size must be a power of two"),
         (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
         (["--temperature", "nan"], "--temperature must be a finite number >= 0"),
+        (["--temperature", "inf"], "--temperature must be a finite number >= 0"),
         (["--bandwidth", "0"], "--bandwidth must be a positive number"),  # (0 fell back to the measured one)
         (["--bandwidth", "-1"], "--bandwidth must be a positive number"),  # (negative rooflines)
         (["--tflops", "inf"], "--tflops must be a positive number"),
@@ -48,6 +49,7 @@ def test_rollout_bench_refuses_impossible_flags(tmp_path, capsys):
         with pytest.raises(SystemExit):
             parse_args(flags)
         assert message in capsys.readouterr().err
+    assert parse_args(["--temperature", "0"]).temperature == 0  # (greedy)
 
 
 @pytest.mark.filterwarnings("ignore:Unable to enable fault handler")  # (@record's, under pytest's capture)
