@@ -200,7 +200,8 @@ def encode_chat(tokenizer, messages: list[dict], template: str = "tulu") -> list
         )
     except (TemplateError, ValueError, KeyError, TypeError) as e:  # (a template's raise_exception, its own errors)
         raise InvalidInput(f"the chat template failed on this prompt: {first_line(e)}") from e
-    question = next(m["content"] for m in reversed(messages) if m["role"] == "user").strip()
+    # (without a user turn, a system prompt alone, there is no question to look for)
+    question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "").strip()
     if question not in text:  # (a template for other keys, ShareGPT's from/value: Jinja prints a missing one as "")
         raise InvalidInput(
             f"the chat template printed this prompt without the text of its last user turn ({question[:40]!r}): "

@@ -362,6 +362,15 @@ def test_a_template_that_prints_no_prompt_text_is_refused_by_line(tmp_path):
     assert len(load_prompts(p, load_tokenizer(tmp_path / "tok"), template="tokenizer").prompts) == 1
 
 
+def test_a_conversation_without_a_user_turn_encodes_through_the_tokenizers_template():
+    """encode_chat's check that the template printed the last user turn has nothing to check without one (a system
+    prompt alone): the conversation encodes as the Tulu format encodes it, not a bare StopIteration from the check."""
+    tok = load_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + ' ' }}{% endfor %}assistant:"
+    ids = encode_chat(tok, [{"role": "system", "content": "Be brief."}], "tokenizer")
+    assert tok.decode(ids) == "system: Be brief. assistant:"
+
+
 def test_a_fault_of_ours_in_encoding_a_prompt_is_not_blamed_on_the_template(tmp_path, monkeypatch):
     """Only the template's rendering is reported as the template's failure (an input error naming the prompt's
     line); the same kinds of error raised by our own formatting or by the tokenizer keep their traceback."""
