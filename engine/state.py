@@ -548,8 +548,9 @@ def evaluation_set(cfg: PPOConfig, run: RunConfig, grid: ProcessGrid, tokenizer,
             shared = sum(tuple(p) in seen for p in eval_set.prompts)
             if shared:
                 print0(f"warning: {shared} of the {len(eval_set.prompts)} evaluation prompts are training prompts too")
-    elif run.eval_every:
-        raise InvalidInput("--eval-every needs --eval-prompts (a held-out prompt file) or --eval-holdout")
+    elif run.eval_every or run.eval_greedy:  # (--eval-greedy was ignored in silence)
+        flag = "--eval-every" if run.eval_every else "--eval-greedy"
+        raise InvalidInput(f"{flag} needs --eval-prompts (a held-out prompt file) or --eval-holdout")
     if eval_set is not None and len(eval_set.prompts) < grid.dp:
         raise InvalidInput(f"{len(eval_set.prompts)} eval prompts cannot be split over {grid.dp} data-parallel ranks")
     return prompt_set, eval_set

@@ -406,6 +406,8 @@ def test_the_tiny_default_refuses_eval_every_with_its_evaluation_turned_off(tmp_
     monkeypatch.setattr(state_mod, "load_pretrained", lambda *a, **k: pytest.fail("weights read"))
     with pytest.raises(InvalidInput, match=r"^--eval-every needs --eval-prompts \(a held-out prompt file\)"):
         tiny_state(tmp_path, "--eval-prompts", "", "--eval-every", "2")
+    with pytest.raises(InvalidInput, match=r"^--eval-greedy needs --eval-prompts \(a held-out prompt file\) or "):
+        tiny_state(tmp_path, "--eval-prompts", "", "--eval-greedy")  # (it was ignored in silence)
 
 
 def test_the_tiny_defaults_seed_is_checked_only_against_a_recorded_seed_and_a_checkpoint(tmp_path):
