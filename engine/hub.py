@@ -31,7 +31,7 @@ KEEP = ["*.json", "tokenizer*", "*.model", "*.jinja", "merges.txt", "vocab.txt"]
 def is_repo_id(name: str) -> bool:
     """Whether `name` is fetched from the Hub: it reads as a repo id and is no local path (a directory, or a file of
     a checkpoint that check_paths names as one: `policy/model.safetensors` is no repo of an org `policy`)."""
-    return not os.path.exists(name) and bool(REPO_ID.match(name))
+    return not os.path.lexists(name) and bool(REPO_ID.match(name))  # (a broken link is a local path too)
 
 
 def weight_patterns(files: list[str]) -> list[str]:

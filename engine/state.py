@@ -383,6 +383,8 @@ def check_paths(run: RunConfig) -> None:
         if path and not os.path.isdir(path) and not is_repo_id(path):
             what = "tokenizer" if name == "tokenizer" else "checkpoint"
             hint = f": name the directory that holds it, {os.path.dirname(path) or '.'}" if os.path.isfile(path) else ""
+            if os.path.islink(path) and not os.path.exists(path):  # (a broken link: not asked of the Hub either)
+                hint = f": a broken symbolic link to {os.readlink(path)}"
             raise MissingInput(
                 f"--{name} {path}: no such directory (a local {what} directory or a Hugging Face Hub id){hint}"
             )

@@ -118,6 +118,20 @@ def test_a_local_file_shaped_like_an_id_is_named_as_a_file_not_fetched(tmp_path,
         check_paths(RunConfig(policy="policy/model.safetensors"))
 
 
+def test_a_broken_link_shaped_like_an_id_is_named_as_one_not_fetched(tmp_path, monkeypatch):
+    """`--policy models/llama` where models/llama is a symbolic link to a checkpoint since moved: named as a broken
+    link, not asked of the Hub as the repo `llama` of an org `models` (os.path.exists is False for a broken link)."""
+    from engine.state import RunConfig, check_paths
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models/llama").symlink_to(tmp_path / "moved/away")
+    monkeypatch.chdir(tmp_path)
+    assert not hub.is_repo_id("models/llama")
+    with pytest.raises(FileNotFoundError, match=rf"--policy models/llama: no such directory .*: a broken symbolic "
+                       rf"link to {tmp_path}/moved/away$"):  # fmt: skip
+        check_paths(RunConfig(policy="models/llama"))
+
+
 def test_the_weights_fetched_are_the_top_level_ones_of_one_format():
     """Safetensors before pickles, by name, the top level only: a subfolder's copy (a Trainer's last-checkpoint/, an
     original/ folder) is not fetched beside them, and a repo whose safetensors are all in a subfolder gets the
