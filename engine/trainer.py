@@ -215,7 +215,6 @@ def ppo_iteration(state: TrainState) -> dict:
     with record_function("ppo/score"), torch.no_grad():
         forward_rollout(state, ro)
     t2 = clock(dev)
-    peak_score = _peak_gib(dev)
     # the ranks meet: a non-finite score on one stops every rank before the rewards' collectives (none is left
     # waiting in one), and a slower rank's rollout is waited for here, not inside the first training step (whose time
     # it would otherwise count)
@@ -224,6 +223,7 @@ def ppo_iteration(state: TrainState) -> dict:
     with record_function("ppo/score"):
         rollout_targets(state, ro)
     t2 = clock(dev) - waited  # (the targets' time counts as the scoring phase's, the wait does not)
+    peak_score = _peak_gib(dev)  # (and their memory)
     log_samples(state, ro)
     plan_recompute(state)
     t_train = clock(dev)

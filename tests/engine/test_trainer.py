@@ -519,3 +519,17 @@ def test_rollout_seeds_of_neighbouring_run_seeds_differ():
         return types.SimpleNamespace(cfg=cfg, run=run, stop_ids=[2])
 
     assert sampling_params(state(1), 1).seed != sampling_params(state(2), 0).seed
+
+
+def test_each_phases_peak_memory_is_read_where_its_time_ends(tmp_path, monkeypatch):
+    """The rollout's targets (KL, rewards, GAE) count as the scoring phase in time, and so in memory: mem_gib_score is
+    read after them (their peak landed in mem_gib_train). A stand-in peak counter: the phases done when it is read."""
+    done = []
+    monkeypatch.setattr(trainer, "_peak_gib", lambda device: float(len(done)))
+    for name in ("generate_rollout", "forward_rollout", "rollout_targets", "train_rollout"):
+        real = getattr(trainer, name)
+        monkeypatch.setattr(trainer, name, lambda *a, _real=real, _name=name, **k: done.append(_name) or _real(*a, **k))
+    state = tiny_state(tmp_path, "--max-iterations", "1", "--eval-prompts", "")
+    with dispatch.reference_ops():
+        (m,) = trainer.train(state)
+    assert (m["mem_gib_generate"], m["mem_gib_score"], m["mem_gib_train"]) == (1.0, 3.0, 4.0), m
