@@ -302,6 +302,9 @@ def test_a_padded_vocabulary_is_the_vocabulary_without_its_padding(small_block, 
     for bad in (0, v + 1):
         with pytest.raises(ValueError, match=f"real_vocab {bad} must be in \\[1, {v}\\]"):
             L.hidden_logprobs(hidden, weight, targets, real_vocab=bad)
+    with dispatch.reference_ops() if path == "reference" else contextlib.nullcontext():  # (the range's top: no padding)
+        whole = L.hidden_logprobs(hidden, weight, targets, 0.8, real_vocab=v)
+        assert torch.equal(whole, L.hidden_logprobs(hidden, weight, targets, 0.8))
     with pytest.raises(ValueError, match="real_vocab goes with hidden/weight"):
         L.ppo_token_loss(torch.randn(n, v), targets, old, adv, mask, real_vocab=real)
 
