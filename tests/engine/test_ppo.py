@@ -200,6 +200,46 @@ def test_policy_loss_of_far_ratios_against_float64(kernel):
     assert (h.grad[[0, 1, 9]] == 0).all()  # the clipped term: no gradient
 
 
+@pytest.mark.parametrize("kernel", [False, True], ids=["reference", "interpreter"])
+def test_a_ratio_past_float32_where_the_advantage_is_negative_is_an_inf_loss(kernel):
+    """The log-ratio cap (reference.ppo_ratio) applies only where A >= 0, where the clipped term is the loss anyway:
+    where A < 0 the unclipped -A ratio is the loss, inf past float32's range, not a finite -A exp(88.72)."""
+    g = torch.Generator().manual_seed(4)
+    N, H, V = 3, 8, 11
+    hidden = torch.randn(N, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * 0.5
+    targets = torch.randint(0, V, (N,), generator=g)
+    logp = torch.log_softmax(hidden.double() @ weight.double().T, -1).gather(1, targets[:, None]).squeeze(1)
+    old = (logp - torch.tensor([100.0, 0.0, 100.0], dtype=torch.float64)).float()
+    for advs, finite in (([-1.0, 0.5, 0.5], False), ([1.0, 0.5, 0.0], True)):
+        with dispatch.reference_ops() if not kernel else torch.enable_grad():
+            loss, _ = ppo.policy_loss(hidden, weight, targets, old, torch.tensor(advs), clip_eps=0.2, denom=3.0)
+        assert math.isfinite(loss.item()) == finite, (advs, loss.item())
+        if not finite:
+            assert loss.item() == math.inf
+
+
+@pytest.mark.parametrize("kernel", [False, True], ids=["reference", "interpreter"])
+def test_policy_loss_of_a_padded_lm_head_is_that_of_its_real_rows(kernel):
+    """real_vocab (a TP shard padded past its real rows) reaches the fused loss: the loss and grads of the weight's real
+    rows alone, and no grad to the padding rows (however likely their logits would make them)."""
+    g = torch.Generator().manual_seed(6)
+    N, H, V, real = 9, 8, 13, 10
+    hidden = torch.randn(N, H, generator=g).requires_grad_(True)
+    weight = (torch.randn(V, H, generator=g) * 0.8).requires_grad_(True)
+    targets = torch.randint(0, real, (N,), generator=g)
+    old, adv = torch.randn(N, generator=g) - 2, torch.randn(N, generator=g)
+    with dispatch.reference_ops() if not kernel else torch.enable_grad():
+        loss, _ = ppo.policy_loss(hidden, weight, targets, old, adv, clip_eps=0.2, denom=N, real_vocab=real)
+        gh, gw = torch.autograd.grad(loss, (hidden, weight))
+        want, _ = ppo.policy_loss(hidden, weight[:real], targets, old, adv, clip_eps=0.2, denom=N)
+        wh, ww = torch.autograd.grad(want, (hidden, weight))
+    torch.testing.assert_close(loss, want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gh, wh, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gw, ww, atol=1e-6, rtol=1e-5)
+    assert not gw[real:].any()
+
+
 def test_lr_schedule():
     cfg = PPOConfig(learning_rate=2.0, warmup_ratio=0.1, lr_schedule="linear")
     total = 100  # warmup 10 steps
