@@ -67,6 +67,43 @@ def test_vocabulary_shards_of_large_logits_combine_into_the_exact_logprob(temper
         torch.testing.assert_close(logprobs.double(), exact, atol=1e-5, rtol=1e-5, msg=lambda m, fn=fn: f"{fn}: {m}")
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_sampler_exchanges_the_shards_stats_in_float64(monkeypatch, temperature):
+    """engine.sampler.sample_tokens under tensor parallelism (ranks stood in for one at a time, the all-gather by the
+    ranks' own exchanged rows): what each rank sends keeps its shard's logsumexp in float64, so the combined log-prob of
+    logits of 1e4 is float64's on every rank (sent in fp32 it rounded at ulp(1e4), 5e-4 off)."""
+    import engine.sampler as sampler
+    from engine.config import GenerateConfig
+
+    b, shards = 64, 2
+    offsets = torch.tensor([0.0, -0.5, -3.0, -5.0, -8.0, -2.0] * 2)
+    logits = (1e4 + offsets).expand(b, -1).contiguous()
+    width = logits.shape[1] // shards
+    seeds, counters = torch.arange(b, dtype=torch.int64) * 7919 + 1, torch.zeros(b, dtype=torch.int64)
+    params = GenerateConfig(temperature=temperature, top_p=1.0)
+    sent = {}
+    monkeypatch.setattr(sampler, "group_size", lambda group: shards)
+
+    def draw(rank):
+        return sampler.sample_tokens(logits[:, rank * width : (rank + 1) * width], params, seeds, counters,
+                                     group=rank, vocab_offset=rank * width)  # fmt: skip
+
+    def record(x, dim, group):  # (a first pass: what each rank sends)
+        sent[group] = x.clone()
+        return torch.cat([x] * shards, dim)
+
+    monkeypatch.setattr(sampler, "gather_dim", record)
+    for rank in range(shards):
+        draw(rank)
+    monkeypatch.setattr(sampler, "gather_dim", lambda x, dim, group: torch.cat([sent[r] for r in range(shards)], dim))
+    want_tokens = gumbel_sample(logits, seeds, counters, temperature)[0]
+    exact = torch.log_softmax(logits.double(), -1).gather(-1, want_tokens[:, None]).squeeze(-1)
+    for rank in range(shards):
+        tokens, logprobs = draw(rank)
+        assert torch.equal(tokens, want_tokens), rank
+        torch.testing.assert_close(logprobs.double(), exact, atol=1e-5, rtol=1e-5)
+
+
 def test_greedy_ties_take_the_first_and_strided_rows():
     """An exact tie across blocks resolves to the lower index (torch.argmax); rows of a wider tensor."""
     wide = torch.zeros(3, 5000)
