@@ -212,6 +212,35 @@ def test_the_reward_is_read_where_transformers_reads_it(tmp_path, pad):
     assert moved == {None: [False] * 4, 2: [True, False, True, True], 15: [False, True, False, False]}[pad]
 
 
+def test_a_padded_lm_head_reaches_the_rollouts_logprobs_and_the_policy_loss(tmp_path, monkeypatch):
+    """A TP shard's LM head padded past its real rows (model.real_vocab; stood in for here, on one process): the
+    rollout's log-probs are those of the real rows alone, and training sends the padding rows no grad (they stay as
+    they are while the real rows move), as the kernels' real_vocab promises only where the engine passes it on."""
+    from engine.data import Rollout, pack
+    from engine.model import Transformer
+    from engine.rollout import policy_logprobs
+    from kernels.logprob import hidden_logprobs
+
+    state = tiny_state(tmp_path, "--max-iterations", "1", "--eval-prompts", "")
+    v = state.policy.lm_head_weight.shape[0]
+    real = v - 12
+    monkeypatch.setattr(Transformer, "real_vocab", property(lambda self: real if self.head == "lm" else None))
+    prompts, responses = [[1, 5, 9], [1, 7]], [[11, 12, 2], [13, real - 1, 15]]
+    ro = Rollout(prompts, responses, torch.tensor([True, False]), torch.zeros(6), [0, 3, 6])
+    pk = pack(ro, [0, 1], torch.device("cpu"))
+    with torch.no_grad(), dispatch.reference_ops():
+        got = policy_logprobs(state.policy, pk)
+        h = state.policy.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["act"]]
+        want = hidden_logprobs(h, state.policy.lm_head_weight[:real], pk["targets"])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    before = state.policy.lm_head_weight.detach().clone()
+    with dispatch.reference_ops():
+        trainer.train(state)
+    after = state.policy.lm_head_weight.detach()
+    assert torch.equal(after[real:], before[real:]), "the padding rows of the LM head were trained"
+    assert not torch.equal(after[:real], before[:real])
+
+
 @pytest.mark.parametrize("samples", [1, 2])
 def test_later_ppo_epochs_reshuffle_into_the_same_minibatches_on_any_dp_size(samples):
     """engine.trainer.minibatch_order: the ranks of DP 1, 2 and 4 (each holding the prompts PromptBatches deals it, with
@@ -318,11 +347,14 @@ def test_phase_times_are_the_slowest_ranks(tmp_path, monkeypatch):
     assert m["gen_tok_s"] == pytest.approx(m["response_len"] * 8 / m["time_generate"], rel=1e-6)  # (8 sequences)
 
 
-def test_the_eta_counts_what_the_loop_does_between_iterations(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("start", [0, 1])
+def test_the_eta_counts_what_the_loop_does_between_iterations(tmp_path, monkeypatch, capsys, start):
     """The ETA printed with each iteration is the wall time per iteration so far times the iterations left: with an
     evaluation after every iteration that takes 2 hours (on a clock moved on), iteration 2's, one iteration left, is
-    an hour (the iterations' own time alone, 0h00m, leaves out the evaluations the rest of the run makes too)."""
-    state = tiny_state(tmp_path, "--max-iterations", "3", "--eval-every", "1")
+    an hour (the iterations' own time alone, 0h00m, leaves out the evaluations the rest of the run makes too). A run
+    resumed at iteration 1 (start 1, one more iteration) counts only the iterations this launch ran, not the first."""
+    state = tiny_state(tmp_path, "--max-iterations", str(3 + start), "--eval-every", "1")
+    state.iteration = start  # (a resumed run's position)
     offset, real_monotonic, real_evaluate = [0.0], time.monotonic, trainer.evaluate
     monkeypatch.setattr(time, "monotonic", lambda: real_monotonic() + offset[0])
 
@@ -333,8 +365,8 @@ def test_the_eta_counts_what_the_loop_does_between_iterations(tmp_path, monkeypa
     monkeypatch.setattr(trainer, "evaluate", evaluate)
     with dispatch.reference_ops():
         trainer.train(state)
-    etas = re.findall(r"^iter (\d)/3 .* eta (\S+)$", capsys.readouterr().out, re.M)
-    assert etas == [("1", "0h00m"), ("2", "1h00m"), ("3", "0h00m")], etas
+    etas = re.findall(rf"^iter (\d)/{3 + start} .* eta (\S+)$", capsys.readouterr().out, re.M)
+    assert etas == [(str(1 + start), "0h00m"), (str(2 + start), "1h00m"), (str(3 + start), "0h00m")], etas
 
 
 @pytest.mark.parametrize("where", ["trainer", "evaluate"])
