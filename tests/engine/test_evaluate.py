@@ -147,12 +147,15 @@ def test_resume_after_a_crash_keeps_one_line_per_evaluation_and_sample(tmp_path,
 
 def test_logged_samples_are_the_rollouts_first_on_any_dp_size(tmp_path):
     """--log-samples K writes the first K sequences of the rollout one process would hold, on 2 data-parallel ranks
-    too: not rank 0's first ones (global sequences 0, 2, 4, ...), and all K where K is more than one rank's share."""
+    too: not rank 0's first ones (global sequences 0, 2, 4, ...), and all K where K is more than one rank's share; on 2
+    tensor-parallel ranks K, not each rank's copy of them."""
     flags = ["--max-iterations", "1", "--eval-prompts", "", "--log-samples", "6"]  # (8 sequences, 4 a rank)
     torchrun_ranks(tmp_path, 2, "dp2", *flags)
     run_tiny(tmp_path / "dp1", *flags, factory=naive_factory)
     one, two = _lines(tmp_path / "dp1/samples.jsonl"), _lines(tmp_path / "dp2/samples.jsonl")
     assert len(one) == 6 and [r["response"] for r in two] == [r["response"] for r in one]
+    torchrun_ranks(tmp_path, 2, "tp2", *flags, "--tp", "2")  # (a TP group's two ranks hold the same sequences)
+    assert len(_lines(tmp_path / "tp2/samples.jsonl")) == 6, "a TP group's ranks each logged its samples"
     for a, b in zip(one, two, strict=True):
         for k, v in a.items():
             assert b[k] == (v if isinstance(v, (str, bool, int)) else pytest.approx(v, rel=1e-4, abs=1e-6)), k
