@@ -21,7 +21,7 @@ import torch
 from engine.checkpoint import fsync_dir, fsync_file, save_pretrained
 from engine.config import LEGACY_PPO_VALUES
 from engine.data import PromptBatches
-from engine.errors import InvalidInput, MissingInput, OutputInUse, UnwritableOutput, first_line
+from engine.errors import InputError, InvalidInput, MissingInput, OutputInUse, UnwritableOutput, first_line
 from engine.hub import model_dirs
 from engine.optim import load_optimizer_state, optimizer_state
 from engine.parallel import print0, raise_together
@@ -133,8 +133,12 @@ def save_checkpoint(state: TrainState) -> str:
             if os.path.exists(log):  # before `latest` names it)
                 fsync_file(log)
         fsync_dir(out)  # (checkpoint-N's own entry)
+        try:  # (the checkpoint `latest` names until now: the one resumed from, or this run's last)
+            previous = _number(os.path.basename(latest_checkpoint(out) or ""))
+        except InputError:  # (damaged by hand since the resume read it: pruning as without one)
+            previous = None
         atomic_write(os.path.join(out, LATEST), lambda f: f.write(json.dumps({"checkpoint": name}).encode()))
-        prune_checkpoints(out, name, state.run.keep_checkpoints)
+        prune_checkpoints(out, name, state.run.keep_checkpoints, previous)
     return path
 
 
@@ -191,16 +195,20 @@ def check_resumable(output_dir: str) -> None:
         )
 
 
-def prune_checkpoints(out: str, current: str, keep: int) -> None:
+def prune_checkpoints(out: str, current: str, keep: int, previous: int | None = None) -> None:
     """After checkpoint `current` is the latest: keep it and the keep - 1 newest complete checkpoints before it;
     remove the older ones and what a dead run left (an incomplete checkpoint, or one after `current` that `latest`
-    never pointed to), which would otherwise count among the kept and push out a complete one."""
+    never pointed to), which would otherwise count among the kept and push out a complete one. `previous`: the number
+    of the checkpoint `latest` named before `current`; one after it is not this run's (a checkpoint of the run a resume
+    from an earlier one replaces, or one a save killed before `latest` moved left, at DP 2 without another rank's
+    state file): removed too."""
     now = _number(current)
+    last = now if previous is None else previous
     kept, doomed = [], []
     for d in sorted(os.listdir(out)):
         if d == current or _number(d) is None:
             continue
-        (kept if _number(d) < now and _complete(os.path.join(out, d)) else doomed).append(d)
+        (kept if _number(d) < now and _number(d) <= last and _complete(os.path.join(out, d)) else doomed).append(d)
     doomed += kept[: max(0, len(kept) - keep + 1)]
     for d in doomed:
         shutil.rmtree(os.path.join(out, d), ignore_errors=True)

@@ -261,6 +261,21 @@ def test_a_checkpoint_saved_again_loses_what_a_killed_save_left_in_it(tmp_path, 
     assert "warning: resuming from" not in capsys.readouterr().out
 
 
+def test_a_resume_from_an_earlier_checkpoint_removes_the_later_ones_at_its_first_save(tmp_path, capsys):
+    """`latest` pointed back to checkpoint 1 past a checkpoint 2 (or one a killed save left unpointed to, at DP 2
+    without another rank's state file): the resumed run, with another learning rate and saving first at 3, removes 2
+    as its warning says, and keeps its own 1, not the other run's 2 beside its 3 (--keep-checkpoints 2)."""
+    run_tiny(tmp_path, "--max-iterations", "2", "--save-every", "1", "--keep-checkpoints", "3")
+    (tmp_path / "latest").write_text(json.dumps({"checkpoint": "checkpoint-000001"}))
+    capsys.readouterr()
+    flags = ["--max-iterations", "3", "--save-every", "3", "--keep-checkpoints", "2", "--learning-rate", "1e-6"]
+    run_tiny(tmp_path, *flags, "--resume")
+    assert "before checkpoint-000002: this run replaces them, and its next checkpoint removes them" in (
+        capsys.readouterr().out
+    )
+    assert sorted(d.name for d in tmp_path.glob("checkpoint-*")) == ["checkpoint-000001", "checkpoint-000003"]
+
+
 def test_a_stop_signal_at_an_evaluation_is_made_up_for_when_resumed(tmp_path, capsys):
     """SIGTERM during the last iteration, when the final evaluation is due: the run checkpoints without it (a
     scheduler's grace period is for the checkpoint) and the resumed run evaluates first, so eval.jsonl ends as a
