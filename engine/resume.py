@@ -564,8 +564,12 @@ def load_trainer_state(state: TrainState, ckpt: str) -> None:
     _resume_kl_coef(state, sd)
     state.data.load_state_dict(sd["data"])
     if grid.rank == 0:
-        trim_logs(state.run.output_dir, state.iteration)
-        _warn_of_later_checkpoints(state.run.output_dir, os.path.basename(ckpt))
+        try:
+            trim_logs(state.run.output_dir, state.iteration)
+            _warn_of_later_checkpoints(state.run.output_dir, os.path.basename(ckpt))
+        except Exception as e:  # (an edited log, a full disk: every rank stops, none waits in the optimizers' loads)
+            error = e
+    raise_together(error, "resuming")
     for name, opt in (("policy_opt", state.policy_opt), ("value_opt", state.value_opt)):
         if saved is None:
             load_optimizer_state(opt, sd[name])

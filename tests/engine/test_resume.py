@@ -456,6 +456,12 @@ def test_dp2_distributed_optimizer_resumes_exactly(tmp_path):
     assert "error: resuming failed on rank 1: " in err and "state-rank00001.pt is missing (resume reads" in err
     assert err.count("error: resuming failed on rank 1: ") == 1 + 1  # (rank 0's line, and in torchrun's summary)
     assert not re.search(r'File "[^"]*/engine/\w+\.py"', err)  # (no traceback through the engine: torchrun's only)
+    # an edited log, which rank 0 alone reads: rank 1 stops too (it went on into the optimizers' collectives)
+    shutil.copytree(tmp_path / "b", tmp_path / "edited")
+    (tmp_path / "edited/metrics.jsonl").write_text("not json\n" + (tmp_path / "b/metrics.jsonl").read_text())
+    err = torchrun_ranks(tmp_path, 2, "edited", "--max-iterations", "3", "--resume", fails=True)
+    assert "metrics.jsonl, line 1, is not a JSON record" in err and "error: resuming failed on rank 0: " in err
+    assert not re.search(r'File "[^"]*/engine/\w+\.py"', err)
 
 
 def test_resume_with_another_layout(tmp_path):
