@@ -129,15 +129,20 @@ def save_checkpoint(state: TrainState) -> str:
         error = e
     raise_together(error, "saving a checkpoint")  # (every file and name in checkpoint-N durable: `latest` may move)
     if state.grid.rank == 0:
-        for log in (os.path.join(out, n) for n in LOGS):  # (the lines of the iterations checkpoint-N holds: durable
-            if os.path.exists(log):  # before `latest` names it)
-                fsync_file(log)
-        fsync_dir(out)  # (checkpoint-N's own entry)
-        try:  # (the checkpoint `latest` names until now: the one resumed from, or this run's last)
-            previous = _number(os.path.basename(latest_checkpoint(out) or ""))
-        except InputError:  # (damaged by hand since the resume read it: pruning as without one)
-            previous = None
-        atomic_write(os.path.join(out, LATEST), lambda f: f.write(json.dumps({"checkpoint": name}).encode()))
+        try:
+            for log in (os.path.join(out, n) for n in LOGS):  # (the lines of the iterations checkpoint-N holds:
+                if os.path.exists(log):  # durable before `latest` names it)
+                    fsync_file(log)
+            fsync_dir(out)  # (checkpoint-N's own entry)
+            try:  # (the checkpoint `latest` names until now: the one resumed from, or this run's last)
+                previous = _number(os.path.basename(latest_checkpoint(out) or ""))
+            except InputError:  # (damaged by hand since the resume read it: pruning as without one)
+                previous = None
+            atomic_write(os.path.join(out, LATEST), lambda f: f.write(json.dumps({"checkpoint": name}).encode()))
+        except OSError as e:
+            error = e
+    raise_together(error, "saving a checkpoint")  # (`latest` not moved on rank 0, a full disk: no rank goes on)
+    if state.grid.rank == 0:
         prune_checkpoints(out, name, state.run.keep_checkpoints, previous)
     return path
 

@@ -36,10 +36,11 @@ def no_timing(history):
     return [{k: v for k, v in m.items() if k not in TIMING} for m in history]
 
 
-def torchrun_ranks(tmp_path, nproc: int, name: str, *flags, fails: bool = False):
+def torchrun_ranks(tmp_path, nproc: int, name: str, *flags, fails: bool = False, hooks=None):
     """engine.train_ppo under torchrun (gloo, the naive sampler) in tmp_path/name: every rank's result (or, with
-    `fails`, the output of a run that must fail)."""
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    `fails`, the output of a run that must fail). `hooks`: a directory whose sitecustomize.py every process runs
+    first."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(hooks), ROOT] if hooks else [ROOT]), OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)  # the workers run the CPU reference ops
     out = tmp_path / name
     out.mkdir(exist_ok=True)

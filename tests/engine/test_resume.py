@@ -464,6 +464,32 @@ def test_dp2_distributed_optimizer_resumes_exactly(tmp_path):
     assert not re.search(r'File "[^"]*/engine/\w+\.py"', err)
 
 
+FULL_AT_SECOND_LATEST = """
+import builtins, errno, os
+if os.environ.get("RANK") == "0":  # (the disk fills when rank 0 writes `latest` the second time)
+    real, writes = builtins.open, []
+    def full_open(file, mode="r", *a, **k):
+        if "w" in mode and os.path.basename(str(file)).startswith("latest.tmp-"):
+            writes.append(file)
+            if len(writes) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return real(file, mode, *a, **k)
+    builtins.open = full_open
+"""
+
+
+def test_a_full_disk_when_rank_0_moves_latest_stops_every_rank(tmp_path):
+    """DP 2: rank 0 alone writes `latest`; a full disk there stops rank 1 too, naming rank 0's error (rank 1 went on
+    into the next rollout's collectives and died there with gloo's 'Connection closed by peer')."""
+    (tmp_path / "hooks").mkdir()
+    (tmp_path / "hooks/sitecustomize.py").write_text(FULL_AT_SECOND_LATEST)
+    flags = ["--max-iterations", "2", "--save-every", "1", "--eval-prompts", ""]
+    err = torchrun_ranks(tmp_path, 2, "a", *flags, fails=True, hooks=tmp_path / "hooks")
+    assert "saving a checkpoint failed on rank 0: [Errno 28] No space left on device" in err
+    assert "Connection closed by peer" not in err
+    assert latest_checkpoint(str(tmp_path / "a")) == str(tmp_path / "a/checkpoint-000001")
+
+
 def test_resume_with_another_layout(tmp_path):
     """Resumed on another layout, each run continues as a straight DP=2 run does (the same up to the order of the
     reductions: the prompt order and the samples depend on neither the DP size nor the TP degree, and the optimizer is
