@@ -65,13 +65,18 @@ def load_state_file(fn: str) -> dict:
 
 def atomic_write(path: str, write) -> None:
     """write(f) into a temporary file beside `path`, synced, then renamed over it (the rename synced too): `path` is
-    whole or untouched, also after a crash of the node."""
+    whole or untouched, also after a crash of the node; a write that fails (a full disk) removes the temporary file."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # (a full disk: its partial copy, a state file's tens of GB, is not left there)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 

@@ -726,6 +726,24 @@ def test_atomic_write_syncs_the_file_before_the_rename(tmp_path, monkeypatch):
     assert events.index(("fsync", False)) < events.index(("replace", None)), events
 
 
+def test_an_atomic_write_that_fails_leaves_the_file_and_no_partial_copy(tmp_path):
+    """A full disk in the middle of a write (a 13B run's state file is tens of GB): the file keeps its old bytes and
+    the partial copy is removed, not left on the full disk (nor a `latest.tmp-PID` in the output directory for good)."""
+    import errno
+
+    import engine.resume as resume
+
+    (tmp_path / "x").write_bytes(b"old")
+
+    def write(f):
+        f.write(b"ha")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left on device"):
+        resume.atomic_write(str(tmp_path / "x"), write)
+    assert os.listdir(tmp_path) == ["x"] and (tmp_path / "x").read_bytes() == b"old"
+
+
 def test_pruning_keeps_exactly_keep_checkpoints(tmp_path):
     from engine.resume import prune_checkpoints
 
