@@ -401,7 +401,8 @@ def trim_logs(output_dir: str, iteration: int) -> None:
             atomic_write(fn, lambda f, data=data: f.write(data))
     eval_dir = os.path.join(output_dir, EVAL_DIR)
     for name in os.listdir(eval_dir) if os.path.isdir(eval_dir) else []:
-        if name.startswith("iter-") and int(name[5:].split(".")[0]) > iteration:
+        number = re.match(r"iter-(\d+)\.jsonl", name)  # (and a killed write's .tmp-PID; a user's copy is left)
+        if number and int(number[1]) > iteration:
             os.remove(os.path.join(eval_dir, name))
 
 

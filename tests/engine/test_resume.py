@@ -757,12 +757,17 @@ def test_pruning_keeps_exactly_keep_checkpoints(tmp_path):
 
 def test_trim_logs_removes_the_evaluations_after_the_checkpoint(tmp_path):
     """eval/iter-N.jsonl of iterations after the one resumed from go (the resumed run evaluates them again); the
-    checkpoint's own and earlier ones stay."""
+    checkpoint's own and earlier ones stay; so does a file of another name there (a user's copy, which raised a
+    ValueError), while a later one's leftover from a killed write goes with it."""
     os.makedirs(tmp_path / "eval")
     for n in (2, 4, 6):
         (tmp_path / "eval" / f"iter-{n:06d}.jsonl").write_text("{}\n")
+    for name in ("iter-4 copy.jsonl", "iter-notes.txt", "iter-000006.jsonl.tmp-123"):
+        (tmp_path / "eval" / name).write_text("{}\n")
     trim_logs(str(tmp_path), 4)
-    assert sorted(os.listdir(tmp_path / "eval")) == ["iter-000002.jsonl", "iter-000004.jsonl"]
+    assert sorted(os.listdir(tmp_path / "eval")) == [
+        "iter-000002.jsonl", "iter-000004.jsonl", "iter-4 copy.jsonl", "iter-notes.txt"
+    ]  # fmt: skip
 
 
 def test_starting_over_removes_a_linked_checkpoint_not_what_it_links_to(tmp_path):
