@@ -12,6 +12,7 @@ is what finds a bug), and a handler that catches a check's errors to add the fla
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -83,7 +84,7 @@ def write_error_file(line: str) -> None:
             pass
 
 
-def report(error: BaseException, prog: str) -> None:
+def report(error: BaseException | str, prog: str) -> None:
     """An input error's message in place of a traceback: on stderr from global rank 0 (every rank of a torchrun met
     the same one, or was told by raise_together which rank met which), and into this rank's torchrun error file."""
     line = f"{prog}: error: {error}"
@@ -92,20 +93,28 @@ def report(error: BaseException, prog: str) -> None:
     write_error_file(line)
 
 
-def run_command(main: Callable[[], T], prog: str) -> T:
-    """main() as a command line named `prog`: an InputError reported in one line (report) with exit code 2, or, where
-    TULU_TRACEBACK is set (not "0"), raised with its traceback as any other error is (exit code 1), which torch's
-    @record also writes into torchrun's failure summary."""
+def run_command(main: Callable[[], T], prog: str, disk_full: str = "free space and run it again") -> T:
+    """main() as a command line named `prog`: an InputError reported in one line (report) with exit code 2, a full
+    disk (or quota) in one line with what to do (`disk_full`) and exit code 1, or, where TULU_TRACEBACK is set (not
+    "0"), raised with its traceback as any other error is (exit code 1), which torch's @record also writes into
+    torchrun's failure summary."""
     from torch.distributed.elastic.multiprocessing.errors import record
+
+    traceback = os.environ.get("TULU_TRACEBACK", "") not in ("", "0")
 
     @record
     def run() -> T:
         try:
             return main()
         except InputError as e:
-            if os.environ.get("TULU_TRACEBACK", "") not in ("", "0"):
+            if traceback:
                 raise
             report(e, prog)
             raise SystemExit(2) from None
+        except OSError as e:  # (not the engine's fault: no traceback, the file and what to do)
+            if traceback or e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                raise
+            report(f"{e.strerror or e}{f' writing {e.filename}' if e.filename else ''}: {disk_full}", prog)
+            raise SystemExit(1) from None
 
     return run()

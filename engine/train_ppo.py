@@ -321,7 +321,9 @@ def cli(argv: list[str] | None = None, **kw) -> list[dict]:
     other with its traceback (engine.errors.run_command)."""
     from engine.errors import run_command
 
-    return run_command(lambda: main(argv, **kw), "train_ppo.py")
+    return run_command(
+        lambda: main(argv, **kw), "train_ppo.py", "free space, then --resume continues exactly from the last checkpoint"
+    )
 
 
 if __name__ == "__main__":

@@ -528,3 +528,37 @@ def test_tulu_traceback_0_still_reports_in_one_line(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         run_command(main, "prog")
     assert e.value.code == 2 and capsys.readouterr().err == "prog: error: bad flag\n"
+
+
+def test_a_full_disk_is_one_line_with_what_to_do(tmp_path, monkeypatch, capsys):
+    """A full disk (or quota) while the run writes its logs or a checkpoint is no fault of the engine's: one line
+    naming the file and saying --resume continues (the resume is exact: tests/engine/test_resume.py), exit code 1, not
+    a traceback; TULU_TRACEBACK=1 raises it, and any other OSError keeps its traceback."""
+    import errno
+
+    from engine import train_ppo
+
+    monkeypatch.delenv("TULU_TRACEBACK", raising=False)
+    metrics = tmp_path / "metrics.jsonl"
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(metrics))
+
+    monkeypatch.setattr(train_ppo, "main", full)
+    with pytest.raises(SystemExit) as e:
+        train_ppo.cli([])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err, err
+    assert err == (f"train_ppo.py: error: No space left on device writing {metrics}: free space, then --resume "
+                   "continues exactly from the last checkpoint\n")  # fmt: skip
+    monkeypatch.setenv("TULU_TRACEBACK", "1")
+    with pytest.raises(OSError, match="No space left"):
+        train_ppo.cli([])
+    monkeypatch.delenv("TULU_TRACEBACK")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(metrics))
+
+    monkeypatch.setattr(train_ppo, "main", denied)
+    with pytest.raises(PermissionError):
+        train_ppo.cli([])
