@@ -530,6 +530,7 @@ def test_tulu_traceback_0_still_reports_in_one_line(monkeypatch, capsys):
     assert e.value.code == 2 and capsys.readouterr().err == "prog: error: bad flag\n"
 
 
+@pytest.mark.filterwarnings("ignore:Unable to enable fault handler")  # (@record's, under pytest's capture)
 def test_a_full_disk_is_one_line_with_what_to_do(tmp_path, monkeypatch, capsys):
     """A full disk (or quota) while the run writes its logs or a checkpoint is no fault of the engine's: one line
     naming the file and saying --resume continues (the resume is exact: tests/engine/test_resume.py), exit code 1, not
