@@ -21,7 +21,7 @@ import torch
 from engine.checkpoint import check_checkpoint
 from engine.config import MODEL_SHAPES, ModelConfig
 from engine.errors import InvalidInput, MissingInput
-from engine.hub import config_dir, is_repo_id
+from engine.hub import config_dir, is_repo_id, weight_patterns
 from engine.kv_cache import BLOCK_SIZE, blocks_for_tokens, model_block_bytes
 from engine.offload import CHUNK_ELEMENTS
 from engine.parallel import shard_range, shard_rows
@@ -447,11 +447,6 @@ def run_configs(policy, reference, reward, evaluation: bool = False) -> dict[str
     return configs
 
 
-def _holds_weights(path: str) -> bool:
-    """Whether a directory holds weight files (not only a config.json, as a Hub id's fetched one)."""
-    return any(fn.endswith((".safetensors", ".bin", ".safetensors.index.json")) for fn in os.listdir(path))
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     shapes = f"a named shape ({', '.join(MODEL_SHAPES)}), a checkpoint directory or a Hub id"
@@ -494,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # (an unsupported config.json, a directory without one)
         p.error(str(e))
     for role, src in (("policy", a.policy), ("reference", a.reference), ("reward", a.reward)):
-        if src and os.path.isdir(src) and _holds_weights(src):  # (a causal LM as --reward planned a score head)
+        # (weights there, not a config.json alone: a shape to plan; a causal LM as --reward planned a score head)
+        if src and os.path.isdir(src) and weight_patterns(os.listdir(src)):
             try:  # (the weight files' headers alone: a run checks its checkpoints so before it loads one)
                 check_checkpoint(src, "score" if role == "reward" else "lm")
             except (ValueError, FileNotFoundError) as e:
