@@ -246,11 +246,12 @@ def ppo_iteration(state: TrainState) -> dict:
         gen_logprob_gap=(ro.gen_logprobs - ro.logprobs).abs().sum(),
     )  # fmt: skip
     g = reduce_sums(sums, dev, state.dp_group)
-    # each phase's time: the slowest rank's (the others wait for it); the wait: the longest any rank waited
+    # each phase's time: the slowest rank's (the others wait for it); the wait: the longest any rank waited; each
+    # phase's peak memory: the fullest rank's (the one that runs out first); one collective over every rank
     names = ("generate", "score", "train", "dp_wait")
-    times = dict(zip(names, agree([t1 - t0, t2 - t1, t3 - t_train, waited], "max", state.dp_group, torch.float64)))
-    # each phase's peak memory: the fullest rank's (the one that runs out first)
-    peaks = agree([peak_generate, peak_score, peak_train], "max", dtype=torch.float64)
+    slowest = agree([t1 - t0, t2 - t1, t3 - t_train, waited, peak_generate, peak_score, peak_train], "max",
+                    dtype=torch.float64)  # fmt: skip
+    times, peaks = dict(zip(names, slowest[:4])), slowest[4:]
     gen_stats = getattr(state.generator, "stats", None) or GenerationStats()  # a test's stand-in may keep none
     n_seq, n_resp, n_tok, n_steps = g["sequences"], g["response_tokens"], max(g["tokens"], 1.0), max(g["steps"], 1)
     # model FLOPs per GPU and second of each phase: forwards over the rollout's sequences (prompt + response), each
@@ -308,7 +309,7 @@ def ppo_iteration(state: TrainState) -> dict:
         "train_tflops_gpu": per_gpu(
             state.cfg.ppo_epochs * (3 * (fwd["policy"] + fwd["value"]) + quirk), times["train"]
         ),
-        "time_generate": times["generate"],  # (the slowest data-parallel rank's)
+        "time_generate": times["generate"],  # (the slowest rank's)
         "time_score": times["score"],
         "time_train": times["train"],
         "time_dp_wait": times["dp_wait"],  # the longest a rank waited for the others' rollouts (their imbalance)
