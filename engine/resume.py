@@ -165,9 +165,17 @@ def remove_leftovers(ckpt: str) -> None:
 
 
 def _complete(ckpt: str) -> bool:
-    """Whether a checkpoint directory holds what a resume reads first (both models and rank 0's state)."""
+    """Whether a checkpoint directory holds what a resume reads: both models and the state file of every rank that
+    saved it (their number from rank 0's; one it cannot read counts as whole here, so pruning never removes a
+    checkpoint for a read error, and the resume names the error)."""
     files = (os.path.join(ckpt, "policy/config.json"), os.path.join(ckpt, "value/config.json"), _state_file(ckpt, 0))
-    return all(os.path.exists(f) for f in files)
+    if not all(os.path.exists(f) for f in files):
+        return False
+    try:
+        ranks = int(load_state_file(files[2])["world_size"])
+    except (InputError, KeyError, TypeError, ValueError):
+        return True
+    return all(os.path.exists(_state_file(ckpt, r)) for r in range(1, ranks))
 
 
 def _number(name: str) -> int | None:
@@ -176,33 +184,37 @@ def _number(name: str) -> int | None:
     return int(digits) if name.startswith("checkpoint-") and digits.isdigit() else None
 
 
-def check_resumable(output_dir: str) -> None:
-    """--resume where `latest` is missing: complete checkpoints there (`latest` removed, or not copied with them) would
-    otherwise be taken for none, and the fresh start would delete them (--overwrite-output-dir or not: the tiny
-    default's runs start over with it). Where `latest` names a checkpoint that is not there (pruned since `latest` was
-    pointed back by hand, or not copied), that is said, with the checkpoints there are."""
+def _whole(output_dir: str) -> list[str]:
+    """The complete checkpoints in output_dir, oldest first."""
+    names = sorted(os.listdir(output_dir))
+    return [d for d in names if _number(d) is not None and _complete(os.path.join(output_dir, d))]
+
+
+def resume_checkpoint(output_dir: str) -> str | None:
+    """The checkpoint --resume continues: the one `latest` names; without `latest` (a save stopped before it was first
+    written, or a directory copied without it), the newest complete checkpoint there; None if there is none."""
     latest = latest_checkpoint(output_dir)
-    if (latest is not None and os.path.isdir(latest)) or not os.path.isdir(output_dir):
+    if latest is not None or not os.path.isdir(output_dir):
+        return latest
+    whole = _whole(output_dir)
+    return os.path.join(output_dir, whole[-1]) if whole else None
+
+
+def check_resumable(output_dir: str) -> None:
+    """--resume where `latest` names a checkpoint that is not there (pruned since `latest` was pointed back by hand, or
+    not copied): refused, naming the checkpoints there are, rather than taken for none (the fresh start would delete
+    them)."""
+    latest = latest_checkpoint(output_dir)
+    if latest is None or os.path.isdir(latest):
         return
-    whole = [
-        d for d in sorted(os.listdir(output_dir)) if _number(d) is not None and _complete(os.path.join(output_dir, d))
-    ]
-    if latest is not None:
-        path = os.path.join(output_dir, LATEST)
-        there = "it holds no complete checkpoint: start over there with --overwrite-output-dir, without --resume"
-        if whole:
-            there = f'it holds {", ".join(whole)}: write {{"checkpoint": "{whole[-1]}"}} into {path} to resume from it'
-        raise MissingInput(
-            f"--resume: {path} names {os.path.basename(latest)}, which is not in {output_dir} (removed or moved?); "
-            f"{there}"
-        )
+    whole = _whole(output_dir)
+    path = os.path.join(output_dir, LATEST)
+    there = "it holds no complete checkpoint: start over there with --overwrite-output-dir, without --resume"
     if whole:
-        raise MissingInput(
-            f"--resume: {output_dir} holds {', '.join(whole)} but no `latest` naming the checkpoint to resume from "
-            f'(removed, or not copied with them?): write {{"checkpoint": "{whole[-1]}"}} into '
-            f"{os.path.join(output_dir, LATEST)} to resume from it, or start over without --resume "
-            "(--overwrite-output-dir deletes them)"
-        )
+        there = f'it holds {", ".join(whole)}: write {{"checkpoint": "{whole[-1]}"}} into {path} to resume from it'
+    raise MissingInput(
+        f"--resume: {path} names {os.path.basename(latest)}, which is not in {output_dir} (removed or moved?); {there}"
+    )
 
 
 def prune_checkpoints(out: str, current: str, keep: int, previous: int | None = None) -> None:

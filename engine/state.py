@@ -33,6 +33,7 @@ from engine.resume import (
     latest_checkpoint,
     load_state_file,
     load_trainer_state,
+    resume_checkpoint,
     saved_ppo_config,
     start_fresh,
 )
@@ -274,7 +275,7 @@ def resumed_config(cfg: PPOConfig, run: RunConfig) -> PPOConfig:
     """--resume: the latest checkpoint's PPO hyperparameters for every one not given on this command line
     (run.ppo_flags), so a default changed since (lr_schedule, top_k) does not change a run halfway; those given win
     (load_trainer_state names them). No checkpoint yet, or run.ppo_flags None (the API's): cfg as it is."""
-    ckpt = latest_checkpoint(run.output_dir)
+    ckpt = resume_checkpoint(run.output_dir)
     if ckpt is None or run.ppo_flags is None:
         return cfg
     saved = saved_ppo_config(ckpt)
@@ -320,7 +321,7 @@ def setup(
     memory_plan.check_offload_setting(run.offload_idle_models, "--offload-idle-models")
     grid = grid or init_process_grid(run.tp, backend_for(run.device), timeout_minutes=run.dist_timeout_minutes)
     if run.resume:  # (before anything is checked or planned from the hyperparameters: the checkpoint's, unless given)
-        check_resumable(run.output_dir)  # (checkpoints without `latest`: refused, not deleted by a fresh start)
+        check_resumable(run.output_dir)  # (`latest` naming a checkpoint that is gone: refused, not a fresh start)
         cfg = resumed_config(cfg, run)
     check_batch_sizes(cfg, grid)  # before loading four models
     check_generator_slots(cfg, run)
@@ -344,9 +345,12 @@ def setup(
     check_fills_a_rollout(len(prompt_set.prompts), cfg.rollout_batch_size)
     check_profile_iteration(run, run_iterations(len(prompt_set.prompts), cfg, run))
     run = resolve_run(run)  # Hub ids -> local directories with the weights (engine/hub.py; the same directories)
-    ckpt = latest_checkpoint(run.output_dir) if run.resume else None
+    ckpt = resume_checkpoint(run.output_dir) if run.resume else None
     if run.resume:
         print0(f"resuming from {ckpt}" if ckpt else f"--resume: no checkpoint in {run.output_dir} yet, starting fresh")
+        if ckpt and latest_checkpoint(run.output_dir) is None:
+            print0(f"(no `latest` in {run.output_dir}: a save stopped before it was first written, or not copied; "
+                   "the newest complete checkpoint there is resumed)")  # fmt: skip
     if ckpt:
         check_prompt_order(ckpt, prompt_set.prompts, cfg, run.seed)  # (before any weight is read)
     sources = model_sources(run, ckpt)

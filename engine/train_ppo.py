@@ -249,7 +249,7 @@ def prepare_tiny(run: RunConfig) -> RunConfig:
     """Build the tiny default's models (if not there yet) and fill in its paths."""
     from engine.errors import InvalidInput, OutputInUse
     from engine.parallel import raise_together
-    from engine.resume import check_resumable, check_writable, latest_checkpoint, run_files, start_fresh
+    from engine.resume import check_resumable, check_writable, resume_checkpoint, run_files, start_fresh
     from engine.tokenizer import TINY_DIR, TINY_EVAL_PROMPTS, TINY_PROMPTS
 
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -268,10 +268,10 @@ def prepare_tiny(run: RunConfig) -> RunConfig:
                 "--policy, --reward and --prompts (without --policy, --resume continues the tiny default)"
             )
         raise_together(error, "resuming the tiny default")
-    if run.resume:  # (checkpoints without `latest`: refused before init/ is rebuilt, as setup refuses them)
+    if run.resume:  # (`latest` naming a checkpoint that is gone: refused before init/ is rebuilt, as setup refuses it)
         check_resumable(run.output_dir)
     built = _built_seed(init_dir)
-    if run.resume and built is not None and built != run.seed and latest_checkpoint(run.output_dir) is not None:
+    if run.resume and built is not None and built != run.seed and resume_checkpoint(run.output_dir) is not None:
         # (refused here, before init/ is rebuilt from another seed: its policy is the run's reference model)
         raise_together(
             InvalidInput(

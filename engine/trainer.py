@@ -36,7 +36,7 @@ from engine.kv_cache import upload
 from engine.model import forward_flops
 from engine.optim import accumulate_grads, apply_update, reduce_grads
 from engine.parallel import agree, print0
-from engine.resume import TRACE_PREFIX, latest_checkpoint, record_launch, save_checkpoint
+from engine.resume import TRACE_PREFIX, record_launch, resume_checkpoint, save_checkpoint
 from engine.rollout import add_to, check_scores, chunks, forward_rollout, generate_rollout, policy_logprobs, reduce_sums
 from engine.state import TrainState  # (the state and its setup: engine/state.py)
 from engine.tracking import Tracker
@@ -426,7 +426,7 @@ def _where_to_resume(state: TrainState) -> str:
     """For a run that diverged: the checkpoint to go back to, and that a resume repeats the run exactly unless a
     hyperparameter given again changes it."""
     try:
-        last = latest_checkpoint(state.run.output_dir) if state.run.output_dir else None
+        last = resume_checkpoint(state.run.output_dir) if state.run.output_dir else None
     except InputError as e:  # (a damaged `latest`: said, without hiding the divergence)
         return f"the last checkpoint cannot be told: {e}"
     if last is None:

@@ -453,8 +453,8 @@ def test_another_seed_never_rebuilds_the_tiny_defaults_models_under_its_run(tmp_
     with pytest.raises(FileExistsError, match="--eval-only writes an evaluation of its own"):
         run_tiny(tmp_path, "--eval-only", "--seed", "5")
     assert {p: (tmp_path / "init" / p).read_bytes() for p in init} == init
-    (tmp_path / "latest").rename(tmp_path / "latest.lost")  # (and with `latest` lost: refused before init/ too)
-    with pytest.raises(FileNotFoundError, match="no `latest` naming the checkpoint to resume from"):
+    (tmp_path / "latest").rename(tmp_path / "latest.lost")  # (and with `latest` lost: its checkpoint is resumed, so
+    with pytest.raises(ValueError, match=r"was built and trained with --seed 3"):  # refused before init/ too)
         run_tiny(tmp_path, "--max-iterations", "2", "--resume")
     assert {p: (tmp_path / "init" / p).read_bytes() for p in init} == init
     (tmp_path / "latest.lost").rename(tmp_path / "latest")

@@ -172,22 +172,46 @@ def test_resume_after_a_crash_keeps_one_metrics_line_per_iteration(tmp_path):
         trim_logs(str(tmp_path), 1)
 
 
-def test_a_resume_without_latest_keeps_the_checkpoints_and_names_the_one_to_resume(tmp_path):
-    """--resume in a directory whose complete checkpoints lost their `latest` (removed, or not copied with them) is
-    refused, naming the newest to write into it, not started over: that deleted every checkpoint there; written, the
-    resume continues from it."""
-    run_tiny(tmp_path, "--max-iterations", "2", "--save-every", "1", "--keep-checkpoints", "2")
-    (tmp_path / "latest").unlink()
-    with pytest.raises(
-        FileNotFoundError,
-        match=r"--resume: .* holds checkpoint-000001, checkpoint-000002 but no "
-        r'`latest` .*: write \{"checkpoint": "checkpoint-000002"\} into .*latest to resume from it',
-    ):
-        run_tiny(tmp_path, "--max-iterations", "3", "--resume")
-    assert sorted(d.name for d in tmp_path.glob("checkpoint-*")) == ["checkpoint-000001", "checkpoint-000002"]
-    (tmp_path / "latest").write_text(json.dumps({"checkpoint": "checkpoint-000002"}))
-    run_tiny(tmp_path, "--max-iterations", "3", "--resume")
-    assert [json.loads(x)["iteration"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+def test_a_resume_without_latest_continues_from_the_newest_complete_checkpoint(tmp_path, capsys):
+    """--resume in a directory whose complete checkpoints have no `latest` (a kill in the run's first save, after the
+    state files and before `latest` was written; or a directory copied without it) continues from the newest complete
+    one, saying so, exactly as the uninterrupted run: not refused (a requeued job would need a person), not started
+    over (that deleted them). A later incomplete one (a save killed before every rank's state file) is not taken."""
+    straight = run_tiny(tmp_path / "a", "--max-iterations", "3")
+    run_tiny(tmp_path / "b", "--max-iterations", "2", "--save-every", "1", "--keep-checkpoints", "2")
+    (tmp_path / "b/latest").unlink()
+    shutil.copytree(tmp_path / "b/checkpoint-000002", tmp_path / "b/checkpoint-000003")
+    os.remove(tmp_path / "b/checkpoint-000003/state-rank00000.pt")
+    capsys.readouterr()
+    resumed = run_tiny(tmp_path / "b", "--max-iterations", "3", "--resume")
+    out = capsys.readouterr().out
+    assert "resuming from " + str(tmp_path / "b/checkpoint-000002") in out and "no `latest` in " in out
+    assert [m["iteration"] for m in resumed] == [3] and no_timing(resumed) == no_timing(straight[2:])
+    lines = [json.loads(x)["iteration"] for x in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
+    assert lines == [1, 2, 3]
+    assert latest_checkpoint(str(tmp_path / "b")) == str(tmp_path / "b/checkpoint-000003")  # (saved anew, whole)
+    assert os.path.exists(tmp_path / "b/checkpoint-000003/state-rank00000.pt")
+
+
+def test_a_checkpoint_lacking_a_ranks_state_file_is_incomplete(tmp_path):
+    """A DP 2 checkpoint whose save was killed after rank 0's state file and before rank 1's: not complete (not resumed
+    without `latest`, pruned, not named); with rank 1's file it is. A rank 0 file that cannot be read counts as whole
+    (pruning never removes a checkpoint for a read error; the resume names it)."""
+    from engine.resume import _complete, prune_checkpoints, resume_checkpoint
+
+    for n in (1, 2):
+        torch.save({"world_size": 2}, _fake_ckpt(tmp_path, n, state=False) + "/state-rank00000.pt")
+    torch.save({"world_size": 2}, str(tmp_path / "checkpoint-000001/state-rank00001.pt"))
+    assert _complete(str(tmp_path / "checkpoint-000001")) and not _complete(str(tmp_path / "checkpoint-000002"))
+    assert resume_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-000001")
+    (tmp_path / "checkpoint-000002/state-rank00000.pt").write_bytes(b"damaged")
+    assert _complete(str(tmp_path / "checkpoint-000002"))
+    _fake_ckpt(tmp_path, 3, state=False)
+    torch.save({"world_size": 3}, str(tmp_path / "checkpoint-000003/state-rank00000.pt"))
+    torch.save({"world_size": 3}, str(tmp_path / "checkpoint-000003/state-rank00002.pt"))
+    _fake_ckpt(tmp_path, 4)
+    prune_checkpoints(str(tmp_path), "checkpoint-000004", keep=9)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-000001", "checkpoint-000002", "checkpoint-000004"]
 
 
 def test_a_resume_whose_latest_names_a_checkpoint_that_is_gone_says_so(tmp_path):
