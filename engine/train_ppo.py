@@ -180,6 +180,7 @@ def build_tiny_models(directory: str, seed: int = 0) -> tuple[str, str]:
     from engine.checkpoint import save_pretrained
     from engine.model import Transformer
     from engine.parallel import collective_device
+    from engine.resume import atomic_write
     from engine.tokenizer import TINY_DIR
 
     cfg = ModelConfig.named("tiny")
@@ -191,6 +192,9 @@ def build_tiny_models(directory: str, seed: int = 0) -> tuple[str, str]:
         flags = torch.tensor(missing, dtype=torch.int32, device=collective_device())
         dist.broadcast(flags, src=0)
         missing = [bool(x) for x in flags.tolist()]
+    writer = not dist.is_initialized() or dist.get_rank() == 0
+    if any(missing) and writer and os.path.exists(seed_file):  # (a kill while rebuilding leaves no seed naming it)
+        os.remove(seed_file)
     if missing[0]:
         policy = Transformer(cfg, "lm").init_weights(seed=seed)
         with torch.no_grad():
@@ -207,9 +211,8 @@ def build_tiny_models(directory: str, seed: int = 0) -> tuple[str, str]:
         with torch.no_grad():
             rm.score.weight.mul_(10.0)  # scores of order 1, so the reward outweighs the KL term
         save_pretrained(rm, reward_dir, tokenizer_dir=TINY_DIR)
-    if any(missing) and (not dist.is_initialized() or dist.get_rank() == 0):
-        with open(seed_file, "w") as f:
-            json.dump({"seed": seed}, f)
+    if any(missing) and writer:
+        atomic_write(seed_file, lambda f: f.write(json.dumps({"seed": seed}).encode()))
     return policy_dir, reward_dir
 
 

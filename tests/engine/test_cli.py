@@ -429,6 +429,37 @@ def test_the_tiny_defaults_seed_is_checked_only_against_a_recorded_seed_and_a_ch
     assert [m["iteration"] for m in run_tiny(out, "--max-iterations", "1", "--resume", "--seed", "5")] == [1]
 
 
+def test_a_rebuild_of_the_tiny_models_killed_midway_leaves_no_seed_naming_them(tmp_path, monkeypatch):
+    """The tiny models rebuilt from another --seed and killed after the policy, before the reward model: seed.json
+    does not still name the old seed (the next build with it would keep the new seed's policy as its own); it is
+    written whole, after both models."""
+    import engine.checkpoint
+    from engine.train_ppo import _built_seed, build_tiny_models
+
+    d = str(tmp_path / "init")
+    build_tiny_models(d, seed=1)
+    assert _built_seed(d) == 1 and os.listdir(tmp_path / "init").count("seed.json") == 1
+    real, calls = engine.checkpoint.save_pretrained, []
+
+    def killed(*a, **k):
+        calls.append(a[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine.checkpoint, "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_tiny_models(d, seed=2)
+    assert _built_seed(d) is None
+    monkeypatch.setattr(engine.checkpoint, "save_pretrained", real)
+    build_tiny_models(d, seed=1)
+    again = tmp_path / "again"
+    build_tiny_models(str(again), seed=1)
+    for m in ("policy/model.safetensors", "reward/model.safetensors"):
+        assert (tmp_path / "init" / m).read_bytes() == (again / m).read_bytes(), m
+    assert sorted(os.listdir(tmp_path / "init")) == ["policy", "reward", "seed.json"]
+
+
 def test_an_evaluation_of_the_tiny_default_never_deletes_its_training_run(tmp_path):
     """--eval-only without --policy (the tiny default's init models) into the directory the demo trained in is refused
     as any --eval-only into a run's directory is, not taken for the demo starting over: its checkpoints and logs
