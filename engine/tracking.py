@@ -24,7 +24,7 @@ import os
 import secrets
 from typing import TYPE_CHECKING
 
-from engine.errors import MissingPackage
+from engine.errors import MissingPackage, UnwritableOutput
 from engine.parallel import raise_together
 from engine.resume import WANDB_RUN_ID, atomic_write
 
@@ -36,7 +36,9 @@ ITERATION = "iteration"  # the x-axis of every chart (W&B's step metric)
 
 def check_available(run, rank: int) -> None:
     """With a W&B project, rank 0 must be able to import wandb, and with a TensorBoard directory torch's TensorBoard
-    writer (the tensorboard package); every rank raises together if it cannot."""
+    writer (the tensorboard package) and write in that directory (made now: a file of its name, or one it cannot be
+    made under, is named before anything is loaded, not by the writer's traceback after setup); every rank raises
+    together if it cannot."""
     error = None
     for flag, value, package, module in (("--wandb-project", run.wandb_project, "wandb", "wandb"),
                                          ("--tensorboard-dir", run.tensorboard_dir, "tensorboard",
@@ -46,7 +48,26 @@ def check_available(run, rank: int) -> None:
                 importlib.import_module(module)
             except ImportError as e:
                 error = MissingPackage(f"{flag} {value} needs the {package} package (pip install {package}): {e}")
-    raise_together(error, "importing the trackers")
+    if run.tensorboard_dir and rank == 0 and error is None:
+        error = _unwritable(run.tensorboard_dir)
+    raise_together(error, "checking the trackers")
+
+
+def _unwritable(directory: str) -> UnwritableOutput | None:
+    """Why --tensorboard-dir `directory` cannot hold the event files (None if it can): made if missing, and a file
+    written and removed there."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        why = e.strerror or str(e)
+        if os.path.exists(directory) and not os.path.isdir(directory):  # (makedirs: "File exists")
+            why = "a file of that name is there" if os.path.isfile(directory) else "it is not a directory"
+        return UnwritableOutput(f"--tensorboard-dir {directory}: cannot write there: {why}")
+    return None
 
 
 class Tracker:

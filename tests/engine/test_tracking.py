@@ -215,6 +215,20 @@ def test_missing_tensorboard_is_a_clear_error(tmp_path, monkeypatch):
     assert not (tmp_path / "metrics.jsonl").exists()  # (refused before anything ran)
 
 
+@pytest.mark.parametrize("where", ["a-file", "a-file/tb"])
+def test_a_tensorboard_dir_that_cannot_be_written_is_an_input_error(tmp_path, monkeypatch, where):
+    """A --tensorboard-dir that names a file (or lies under one) is refused by name before any model is loaded, an
+    input error (one line, exit code 2), not an OSError traceback from the writer after setup."""
+    from engine.errors import InputError
+
+    _fake_trackers(monkeypatch)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(InputError, match=rf"--tensorboard-dir {tmp_path / where}: cannot write there: "):
+        run_tiny(tmp_path / "run", "--max-iterations", "1", "--tensorboard-dir", str(tmp_path / where))
+    assert not (tmp_path / "run/launches.jsonl").exists()  # (refused before anything ran)
+    assert FakeSummaryWriter.writers == []
+
+
 def test_real_tensorboard_events_read_back(tmp_path):
     """The event files a run writes, read back with TensorBoard's own reader: every iteration's metrics once, also
     after a run that died having logged iteration 3 past its checkpoint 2 is resumed (its repeat replaces it)."""
