@@ -241,19 +241,25 @@ def check_writable(output_dir: str, rank: int) -> None:
     full file system is named now, not after the training or evaluation it would lose); every rank raises
     together."""
     error = None
-    if rank == 0:
-        try:
-            os.makedirs(output_dir, exist_ok=True)
-            probe = os.path.join(output_dir, f".write-test-{os.getpid()}")
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
-        except OSError as e:
-            why = e.strerror or str(e)
-            if os.path.exists(output_dir) and not os.path.isdir(output_dir):  # (makedirs: "File exists")
-                why = "a file of that name is there" if os.path.isfile(output_dir) else "it is not a directory"
-            error = UnwritableOutput(f"cannot write to the output directory {output_dir}: {why}")
+    if rank == 0 and (why := why_unwritable(output_dir)):
+        error = UnwritableOutput(f"cannot write to the output directory {output_dir}: {why}")
     raise_together(error, "checking the output directory")
+
+
+def why_unwritable(directory: str) -> str | None:
+    """Why `directory` cannot hold a run's files (None if it can): made if missing, and a file written and removed
+    there."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        if os.path.exists(directory) and not os.path.isdir(directory):  # (makedirs: "File exists")
+            return "a file of that name is there" if os.path.isfile(directory) else "it is not a directory"
+        return e.strerror or str(e)
+    return None
 
 
 TRACE_PREFIX = "trace-iter"  # --profile-iteration's Chrome traces (engine.trainer._profiled_iteration)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from engine.errors import MissingPackage, UnwritableOutput
 from engine.parallel import raise_together
-from engine.resume import WANDB_RUN_ID, atomic_write
+from engine.resume import WANDB_RUN_ID, atomic_write, why_unwritable
 
 if TYPE_CHECKING:
     from engine.state import TrainState
@@ -48,26 +48,9 @@ def check_available(run, rank: int) -> None:
                 importlib.import_module(module)
             except ImportError as e:
                 error = MissingPackage(f"{flag} {value} needs the {package} package (pip install {package}): {e}")
-    if run.tensorboard_dir and rank == 0 and error is None:
-        error = _unwritable(run.tensorboard_dir)
+    if run.tensorboard_dir and rank == 0 and error is None and (why := why_unwritable(run.tensorboard_dir)):
+        error = UnwritableOutput(f"--tensorboard-dir {run.tensorboard_dir}: cannot write there: {why}")
     raise_together(error, "checking the trackers")
-
-
-def _unwritable(directory: str) -> UnwritableOutput | None:
-    """Why --tensorboard-dir `directory` cannot hold the event files (None if it can): made if missing, and a file
-    written and removed there."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, f".write-test-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        why = e.strerror or str(e)
-        if os.path.exists(directory) and not os.path.isdir(directory):  # (makedirs: "File exists")
-            why = "a file of that name is there" if os.path.isfile(directory) else "it is not a directory"
-        return UnwritableOutput(f"--tensorboard-dir {directory}: cannot write there: {why}")
-    return None
 
 
 class Tracker:
