@@ -475,6 +475,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--kv-cache-fraction must be in (0, 1], got {a.kv_cache_fraction}")
     if not 0 < a.gpu_gib < float("inf"):
         p.error(f"--gpu-gib must be a positive number, got {a.gpu_gib}")
+    if a.dtype == "float16" and not a.eval_only:  # (as train_ppo refuses it: no loss scaling)
+        p.error("--dtype float16 trains without loss scaling, which train_ppo.py refuses; plan bfloat16 or float32 "
+                "(float16 serves --eval-only)")  # fmt: skip
     names = {}
     for src in (a.policy, a.reference, a.reward):
         if src and src not in MODEL_SHAPES and not os.path.isdir(src):

@@ -61,6 +61,11 @@ def test_a_tp_degree_that_does_not_divide_is_refused(capsys):
     assert "--tp 16 does not divide the policy model's key/value heads (8)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         memory_plan.main(["--seq-len", "0"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # (train_ppo refuses to train in float16; --eval-only serves it)
+        memory_plan.main(["--dtype", "float16"])
+    assert "--dtype float16 trains without loss scaling" in capsys.readouterr().err
+    assert memory_plan.main(["--dtype", "float16", "--eval-only", "--tp", "1"]) == 0
 
 
 def test_recipe_layouts_on_an_80gb_gpu():
