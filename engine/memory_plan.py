@@ -399,10 +399,12 @@ def plan_for(
         weights, state = sum(v for k, v in parts.items() if k.startswith("weights")), parts.get(STATE, 0)
         # auto moves the optimizer state out for rollouts only where the host has room (offload_decision), and the
         # idle models' weights then get what room is left
+        # (auto yields to an explicit --offload-idle-models rollouts, as decide_offload does: the host memory left)
+        room = None if host is None else host - (idle * local_ranks if idle_models == "rollouts" else 0)
         state_moved = (
             resident
             or setting == "rollouts"
-            or (setting == "auto" and (host is None or state * local_ranks <= OFFLOAD_HOST_SHARE * host))
+            or (setting == "auto" and (room is None or state * local_ranks <= OFFLOAD_HOST_SHARE * room))
         )
         if host is not None and setting == "auto" and state_moved and not resident:
             host -= state * local_ranks

@@ -645,10 +645,14 @@ def decide_offload(state: TrainState) -> tuple[bool, bool]:
             out.append(False)
             continue
         on, line, error = False, "", None
+        # (auto yields to an explicit --offload-idle-models rollouts: it takes the host memory those weights need
+        # only from what is left, or their check below would refuse the run it had let load)
+        room = host - (mbytes * ranks if setting == "auto" and flag == "--offload-optimizer"
+                       and run.offload_idle_models == "rollouts" else 0)  # fmt: skip
         try:
             seqs = (max(0, budget) // per_seq, max(0, budget + (0 if run.kv_cache_mb else nb)) // per_seq)
             seqs = tuple(min(n, run.gen_max_num_seqs) for n in seqs)  # (the generator's cap: its slots, full length)
-            on, line = memory_plan.offload_decision(setting, dev, nb, ranks, seqs, wanted, host, what, flag)
+            on, line = memory_plan.offload_decision(setting, dev, nb, ranks, seqs, wanted, room, what, flag)
         except ValueError as e:
             error = e
         raise_together(error, f"deciding {flag}")

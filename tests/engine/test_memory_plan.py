@@ -319,6 +319,26 @@ def test_command_line_reads_configs_of_directories_and_hub_ids(tmp_path, monkeyp
         memory_plan.main(["--policy", str(tmp_path / "missing/dir/x")])
 
 
+def test_the_plan_leaves_auto_the_host_memory_an_explicit_idle_offload_does_not_need():
+    """The recipe at TP 8 on 64 GiB GPUs (a 0.6 cache fraction), 8 ranks on a node with 620 GiB of host memory: room
+    for the optimizer state (289 GiB, auto's half) or the idle models' weights as --offload-idle-models rollouts asks,
+    not both. decide_offload then keeps the state on the GPU, where a rollout's cache cannot hold one sequence: the
+    plan refuses it now, naming the host's room (it assumed the state moved and let the run load); 700 GiB fit both."""
+    configs = memory_plan.run_configs("llama2-13b", None, "llama2-13b")
+    gpu = 64 * GiB
+    reserve = memory_plan.generation_reserve(configs["policy"][0], 8, 2048, torch.bfloat16, 256)
+    cache = {"total": gpu, "fraction": 0.6, "seq_len": 2048, "kv_dtype": torch.bfloat16, "reserve": reserve,
+             "max_num_seqs": 256}  # fmt: skip
+
+    def plan(host, idle="rollouts"):
+        return memory_plan.plan_for("auto", configs, torch.bfloat16, 8, 1, True, gpu, cache, host=host * GiB,
+                                    local_ranks=8, idle_models=idle)  # fmt: skip
+
+    with pytest.raises(ValueError, match=r"would not hold one sequence .* \(the host has no room for the optimizer "):
+        plan(620)
+    assert plan(700)[1] is False and plan(620, idle="off")[1] is False  # (state moved for rollouts: not resident)
+
+
 def test_offload_decision():
     """--offload-optimizer: auto offloads around rollouts on a GPU only when the rollout cache would otherwise hold
     fewer sequences than the generator decodes together and the node's ranks' state takes at most half the

@@ -147,6 +147,22 @@ def test_host_memory_taken_by_the_first_offload_counts_every_local_rank(gpu_like
         g.decide("rollouts", "rollouts")
 
 
+def test_auto_leaves_the_host_memory_an_explicit_idle_offload_needs(gpu_like, monkeypatch, capsys):
+    """--offload-optimizer auto beside --offload-idle-models rollouts, on a host with room for either but not both:
+    auto keeps the optimizer state on the GPU, and the idle models go out as asked (auto took the host memory first,
+    and the run that had loaded every model was then refused for the idle models' room)."""
+    g = gpu_like
+    monkeypatch.setattr(state_mod, "weight_bytes", lambda m: 2 * offload.weight_bytes(m))
+    m, n = 2 * g.mbytes, g.nbytes
+    host = 2 * n + 2
+    assert n <= memory_plan.OFFLOAD_HOST_SHARE * host and m > memory_plan.HOST_LIMIT * (host - n)  # (either alone)
+    assert m <= memory_plan.HOST_LIMIT * host and n > memory_plan.OFFLOAD_HOST_SHARE * (host - m)
+    monkeypatch.setattr(memory_plan, "host_available", lambda: host)
+    capsys.readouterr()
+    assert g.decide("auto", "rollouts") == (False, True)
+    assert g.decide("auto", "auto") == (True, False)  # (auto and auto: the optimizer first, as before)
+
+
 def test_a_fixed_kv_cache_is_not_enlarged_by_offloading(gpu_like, monkeypatch, capsys):
     g = gpu_like
     blocks = (g.state.cfg.max_prompt_len + g.state.cfg.max_new_tokens) // 16 + 1  # (a sequence's, in whole blocks)
