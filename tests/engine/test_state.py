@@ -20,7 +20,7 @@ from tests.engine.runs import tiny_state
 
 
 def _fake_checkpoint(monkeypatch, saved):
-    monkeypatch.setattr(state_mod, "latest_checkpoint", lambda out: "ckpt")
+    monkeypatch.setattr(state_mod, "resume_checkpoint", lambda out: "ckpt")
     monkeypatch.setattr(state_mod, "saved_ppo_config", lambda ckpt: dict(saved))
 
 
