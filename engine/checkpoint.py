@@ -240,7 +240,12 @@ def check_checkpoint(path: str | os.PathLike, head: str = "lm") -> tuple[ModelCo
         _check_tied_copy(path, files, f"{prefix}embed_tokens.weight")
         names = [n for n in names if n != "lm_head.weight"]
     kind = ""
-    if {"lm": "score.weight", "score": "lm_head.weight"}[head] in files:  # (a checkpoint of the other kind)
+    # (a checkpoint of the other kind: its head's tensor, or, a causal LM with tied embeddings having none, its class)
+    archs = read_json(os.path.join(path, "config.json")).get("architectures") or []
+    tied_lm = (
+        head == "score" and config.tie_word_embeddings and "score.weight" not in files and "LlamaForCausalLM" in archs
+    )
+    if {"lm": "score.weight", "score": "lm_head.weight"}[head] in files or tied_lm:
         other = "sequence-classification" if head == "lm" else "causal-LM"
         kind = f" (a {other} checkpoint: this model is {HEAD_CLASSES[head]})"
     missing = [n for n in shapes if n not in files]

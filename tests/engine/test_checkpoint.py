@@ -55,6 +55,16 @@ def test_wrong_head_gives_a_hint(tmp_path):
         load_pretrained(tmp_path / "lm", head="score")
 
 
+def test_a_tied_causal_lm_as_reward_model_gives_the_hint(tmp_path):
+    """A causal LM with tied embeddings (Llama 3.2 1B / 3B) has no lm_head.weight to tell it by: its config.json's
+    architectures does; given as a reward model, it gets the same hint as an untied one."""
+    save_hf_model(tmp_path, tie_word_embeddings=True)
+    assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing tensor score.weight.*a causal-LM checkpoint: .*"
+                       r"LlamaForSequenceClassification with num_labels=1"):  # fmt: skip
+        load_pretrained(tmp_path, head="score")
+
+
 def test_a_classification_head_of_two_labels_is_named(tmp_path):
     """transformers' LlamaForSequenceClassification defaults to two labels: score.weight [2, hidden]."""
     save_hf_model(tmp_path, head="score")
