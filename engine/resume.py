@@ -287,13 +287,15 @@ def start_fresh(
     held = run_files(output_dir)
     error = None
     doomed = {os.path.realpath(os.path.join(output_dir, n)): n for n in held}
-    for flag, path in (inputs or {}).items():
+    # (--eval-only without --overwrite-output-dir deletes nothing: refused below, as an evaluation of its own)
+    for flag, path in (inputs or {}).items() if overwrite or not evaluation else ():
         real = os.path.realpath(path) if path else None
         inside = [n for d, n in doomed.items() if real and (real == d or real.startswith(d + os.sep))]
         if inside:
+            how = "--overwrite-output-dir" if evaluation else f"starting a fresh run in {output_dir}"
             error = InvalidInput(
-                f"{flag} {path} lies in {os.path.join(output_dir, inside[0])}, which starting a fresh run in "
-                f"{output_dir} would delete: copy it out of there first, or give this run another --output-dir"
+                f"{flag} {path} lies in {os.path.join(output_dir, inside[0])}, which {how} would delete: copy it "
+                "out of there first, or give this run another --output-dir"
             )
             break
     if error is None and held and not overwrite:

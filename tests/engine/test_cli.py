@@ -22,7 +22,7 @@ from tests.engine.runs import ROOT, run_tiny, tiny_state
 
 
 def test_a_fresh_run_into_a_used_output_dir_is_refused_unless_overwritten(tmp_path):
-    from engine.tokenizer import TINY_DIR, TINY_PROMPTS
+    from engine.tokenizer import TINY_DIR, TINY_EVAL_PROMPTS, TINY_PROMPTS
 
     run_tiny(tmp_path, "--max-iterations", "1")  # the tiny default (which starts over each time) leaves a run here
     flags = ["--policy", str(tmp_path / "init/policy"), "--reward", str(tmp_path / "init/reward"),
@@ -42,6 +42,15 @@ def test_a_fresh_run_into_a_used_output_dir_is_refused_unless_overwritten(tmp_pa
         with pytest.raises(ValueError, match=f"--(policy|tokenizer) {ckpt}/policy lies in {ckpt}, which starting a"):
             run_tiny(tmp_path, *stage, *how)
         assert (ckpt / "policy/model.safetensors").exists() and (tmp_path / "metrics.jsonl").exists()
+    # --eval-only of that checkpoint there: refused as an evaluation of its own (not as a fresh run that would delete
+    # it: it deletes nothing), and with --overwrite-output-dir for what that flag would delete
+    evaluate = ["--eval-only", "--eval-prompts", TINY_EVAL_PROMPTS, *flags[2:4], "--tokenizer", TINY_DIR,
+                "--policy", str(ckpt / "policy")]  # fmt: skip
+    with pytest.raises(FileExistsError, match="--eval-only writes an evaluation of its own"):
+        run_tiny(tmp_path, *evaluate)
+    with pytest.raises(ValueError, match=f"--policy {ckpt}/policy lies in {ckpt}, which --overwrite-output-dir would"):
+        run_tiny(tmp_path, *evaluate, "--overwrite-output-dir")
+    assert (ckpt / "policy/model.safetensors").exists()
     # a run that ended no iteration (out of memory in its first rollout, say) left only its launch and first evaluation:
     # the refusal says there is nothing to continue, and --resume starts over
     fresh = tmp_path / "unfinished"
