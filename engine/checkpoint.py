@@ -436,6 +436,7 @@ def save_pretrained(
 
 # what a tokenizer directory holds, whatever its kind (fast tokenizer.json, SentencePiece's tokenizer.model or
 # spiece.model, BPE's vocab.json + merges.txt, WordPiece's vocab.txt), so that AutoTokenizer loads the saved model's
+CHAT_TEMPLATE_DIR = "additional_chat_templates"  # a tokenizer's named chat templates (tool_use, ...), NAME.jinja
 TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "chat_template", "added_tokens", "vocab.", "merges.txt",
                    "spiece.model", "sentencepiece")  # fmt: skip
 
@@ -454,28 +455,34 @@ def _finish_checkpoint_dir(
     _write_json(os.path.join(tmp, "config.json"), cfg)
     if tokenizer_dir is not None:
         for fn in os.listdir(tokenizer_dir):
-            if fn.startswith(TOKENIZER_FILES):
+            if fn.startswith(TOKENIZER_FILES) and os.path.isfile(os.path.join(tokenizer_dir, fn)):
                 shutil.copy2(os.path.join(tokenizer_dir, fn), os.path.join(tmp, fn))
+        if os.path.isdir(named := os.path.join(tokenizer_dir, CHAT_TEMPLATE_DIR)):  # (transformers 5's named ones)
+            shutil.copytree(named, os.path.join(tmp, CHAT_TEMPLATE_DIR))
         if chat_template is not None:
             _set_chat_template(tmp, chat_template)
     if source_dir is not None and os.path.isfile(os.path.join(source_dir, GENERATION_CONFIG)):
         shutil.copy2(os.path.join(source_dir, GENERATION_CONFIG), os.path.join(tmp, GENERATION_CONFIG))
-    for fn in os.listdir(tmp):
-        fsync_file(os.path.join(tmp, fn))
-    fsync_dir(tmp)  # (its entries: the files' names)
+    for d in (os.path.join(tmp, CHAT_TEMPLATE_DIR), tmp):
+        if os.path.isdir(d):
+            for fn in (fn for fn in os.listdir(d) if os.path.isfile(os.path.join(d, fn))):
+                fsync_file(os.path.join(d, fn))
+            fsync_dir(d)  # (its entries: the files' names)
     _replace_dir(tmp, path)
 
 
 def _set_chat_template(directory: str, template: str) -> None:
     """Make `template` the chat template of the tokenizer files in `directory`: tokenizer_config.json's chat_template
-    (chat_template.jinja / .json, which transformers reads first, removed); chat_template.jinja without that file."""
+    (chat_template.jinja / .json, which transformers reads first, removed); chat_template.jinja without that file, or
+    beside named templates (additional_chat_templates/, where transformers takes the default from that file only)."""
     for fn in ("chat_template.jinja", "chat_template.json"):
         if os.path.exists(os.path.join(directory, fn)):
             os.remove(os.path.join(directory, fn))
     cfg_fn = os.path.join(directory, "tokenizer_config.json")
-    if not os.path.isfile(cfg_fn):
+    if not os.path.isfile(cfg_fn) or os.path.isdir(os.path.join(directory, CHAT_TEMPLATE_DIR)):
         with open(os.path.join(directory, "chat_template.jinja"), "w") as f:
             f.write(template)
+    if not os.path.isfile(cfg_fn):
         return
     with open(cfg_fn) as f:
         cfg = json.load(f)

@@ -485,6 +485,30 @@ def test_a_saved_policy_keeps_a_bpe_tokenizers_vocabulary_files(tmp_path, tok):
     assert AutoTokenizer.from_pretrained(tmp_path / "saved")(text)["input_ids"] == want
 
 
+def test_a_saved_policy_keeps_the_tokenizers_named_chat_templates(tmp_path, tok):
+    """A tokenizer with named chat templates (transformers 5's additional_chat_templates/NAME.jinja: a tool_use one,
+    say) keeps them in the saved policy beside the template it was trained with: apply_chat_template(chat_template=
+    "tool_use") renders with it there as in the source (the folder was not copied, and the name was unknown)."""
+    from transformers import AutoTokenizer
+
+    from engine.checkpoint import load_pretrained, save_pretrained
+
+    src = tmp_path / "tok"
+    shutil.copytree(TINY_DIR, src)
+    (src / "additional_chat_templates").mkdir()
+    (src / "additional_chat_templates/tool_use.jinja").write_text(
+        "{% for m in messages %}<tool>{{ m['content'] }}{% endfor %}"
+    )
+    msgs = [{"role": "user", "content": "Why is the sky blue?"}]
+    want = AutoTokenizer.from_pretrained(src).apply_chat_template(msgs, chat_template="tool_use", tokenize=False)
+    assert want == "<tool>Why is the sky blue?"
+    policy, _ = build_tiny_models(str(tmp_path / "init"))
+    save_pretrained(load_pretrained(policy), str(tmp_path / "saved"), tokenizer_dir=str(src), chat_template="{{ 'x' }}")
+    saved = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert saved.apply_chat_template(msgs, chat_template="tool_use", tokenize=False) == want
+    assert saved.apply_chat_template(msgs, tokenize=False) == "x"
+
+
 def test_a_saved_policy_carries_the_chat_template_it_was_trained_with(tmp_path, tok):
     """A policy trained on Tulu-format prompts (--chat-template tulu, the default) is saved with the Tulu template in
     place of its tokenizer's own (Llama 3's here), so transformers' apply_chat_template formats as the model learned;
