@@ -13,7 +13,6 @@ Inputs are a realistic batch: left-padded prompts, then responses of different l
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import check_close, fill_peaks, measure  # noqa: E402
+from bench.common import check_close, fill_peaks, measure, write_json  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.gae import gae  # noqa: E402
 
@@ -115,8 +114,7 @@ def main() -> None:
             "compile_s": compile_s,
             "max_abs_err": max_err,
         }
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        write_json(args.json, {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ CPU shape (reference vs eager) and says that GPU figures need a CUDA device.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import check_close, exit_if_ours_failed, fill_peaks, measure  # noqa: E402
+from bench.common import check_close, exit_if_ours_failed, fill_peaks, measure, write_json  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.logprob import hidden_logprobs, ppo_token_loss, token_logprobs  # noqa: E402
 
@@ -225,7 +224,7 @@ def main(argv=None) -> list[dict]:
             print(f"{r['op']:<16} {r['shape']:<18} {r['case']:<8} {r['impl']:<40} {figures}")
         if args.json:
             meta = {"device": device, "dtype": str(dtype), "bandwidth_tbs": args.bandwidth, "tflops": args.tflops}
-            Path(args.json).write_text(json.dumps({**meta, "rows": rows}, indent=1))
+            write_json(args.json, {**meta, "rows": rows}, indent=1)
     failed = [
         f"{r['op']} {r['case']} {r['impl']}: {r['error']}"
         for r in rows

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import check_close, fill_peaks, measure, ptxas_info  # noqa: E402
+from bench.common import check_close, fill_peaks, measure, ptxas_info, write_json  # noqa: E402
 from engine.kv_cache import resolve_cache_dtype  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.paged_attention import paged_decode_attention, rope_write_kv  # noqa: E402
@@ -283,9 +282,7 @@ def main(argv=None) -> None:
 
 
 def _save(path: Path | None, rows: list[dict]) -> None:
-    if path:
-        clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
-        path.write_text(json.dumps(clean, indent=2))
+    write_json(path, rows)
 
 
 if __name__ == "__main__":

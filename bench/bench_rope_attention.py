@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import sys
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch.nn.functional as F
 
-from bench.common import check_close, exit_if_ours_failed, fill_peaks, measure, ptxas_info  # noqa: E402
+from bench.common import check_close, exit_if_ours_failed, fill_peaks, measure, ptxas_info, write_json  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.rope_attention import rope_attention  # noqa: E402
 from kernels.rotary import launch_rotary  # noqa: E402
@@ -438,19 +437,16 @@ def main() -> None:
 def save_sweep(args, rows: list[dict], device) -> None:
     """The sweep's variants so far as JSON at --json."""
     if getattr(args, "json", None):
-        with open(args.json, "w") as f:
-            name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-            json.dump({"device": name, "args": vars(args), "sweep": rows}, f, indent=1)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        write_json(args.json, {"device": name, "args": vars(args), "sweep": rows}, indent=1)
 
 
 def save(args, table: list[dict], cuda: bool) -> None:
     """The figures so far as JSON at --json (rewritten after each row)."""
     if args.json:
         device_name = torch.cuda.get_device_name() if cuda else "cpu"
-        with open(args.json, "w") as f:
-            json.dump(
-                {"device": device_name, "torch": torch.__version__, "args": vars(args), "rows": table}, f, indent=1
-            )
+        write_json(args.json, {"device": device_name, "torch": torch.__version__, "args": vars(args), "rows": table},
+                   indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":

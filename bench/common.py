@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -164,11 +165,24 @@ def bench_device(args, **tiny_cpu) -> str:
     return device
 
 
-def write_json(path: str | None, obj) -> None:
-    """obj as JSON at path, written by global rank 0 only under torchrun (nothing when path is None)."""
+def write_json(path, obj, indent: int = 2) -> None:
+    """obj as standard JSON at path (a figure that is not finite, such as a peak memory no CPU measures, written as
+    null: NaN is no JSON value, and jq or a browser's parser refuses it), by global rank 0 only under torchrun
+    (nothing when path is None). Every bench's --json goes through it."""
     if path and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
         with open(path, "w") as f:
-            json.dump(obj, f, indent=2)
+            json.dump(_finite(obj), f, indent=indent, allow_nan=False, default=str)
+
+
+def _finite(obj):
+    """obj with every float that is not finite replaced by None, through dicts, lists and tuples."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def check_fits(what: str, need: int, device: torch.device) -> None:
@@ -203,10 +217,8 @@ def run_main(main) -> None:
 
 def save_json(path: str | None, rows: list[dict], args, device) -> None:
     """Write a bench's rows with the device, torch version and arguments (nothing when path is None)."""
-    if path:
-        with open(path, "w") as f:
-            meta = {"device": device_name(device), "torch": torch.__version__, "args": vars(args)}
-            json.dump({**meta, "rows": rows}, f, indent=1)
+    meta = {"device": device_name(device), "torch": torch.__version__, "args": vars(args)}
+    write_json(path, {**meta, "rows": rows}, indent=1)
 
 
 def ptxas_info(
