@@ -178,7 +178,7 @@ def main(argv=None) -> dict:
         print(f"  {name:<40}{rate:>10.1f} GB/s")
     adam = adam_seconds(config, device, a.reps)
     n = adam.pop("parameters")
-    print(f"optimizer step (grads in, norm, clip, Adam), {n / 1e9:.3f}B parameters ({config.num_layers} layers of "
+    print(f"optimizer step (grads in, norm, clip, Adam), {n / 1e9:.4g}B parameters ({config.num_layers} layers of "
           f"the {shape} shape)")  # fmt: skip
     for name, sec in adam.items():
         print(f"  {name:<40}{sec * 1e3:>10.1f} ms{sec / n * 1e9:>10.2f} s per 1B parameters")

@@ -465,11 +465,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-gib", type=float, default=79.0, help="memory per GPU (an H100 80GB has about 79 GiB)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--kv-cache-fraction", type=float, default=0.9)
-    p.add_argument("--seq-len", type=int, default=2048, help="prompt + response tokens (the recipe: 1024 + 1024)")
+    p.add_argument(
+        "--seq-len", type=int, default=None, help="prompt + response tokens (default 2048: the recipe's 1024 + 1024)"
+    )
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences the generator decodes together at most")
     p.add_argument("--offload-optimizer", default="auto", choices=OFFLOAD_SETTINGS)
     p.add_argument("--eval-only", action="store_true", help="plan --eval-only: policy, reference and reward model")
     a = p.parse_args(argv)
+    given_len, a.seq_len = a.seq_len is not None, 2048 if a.seq_len is None else a.seq_len
     for flag, value in (("--tp", a.tp), ("--dp", a.dp), ("--seq-len", a.seq_len), ("--max-num-seqs", a.max_num_seqs)):
         if value < 1:
             p.error(f"{flag} must be >= 1, got {value}")
@@ -502,8 +505,9 @@ def main(argv: list[str] | None = None) -> int:
                 p.error(f"--{role}: {e}")
     for name, (c, _) in configs.items():  # (train_ppo refuses these limits for such a model)
         if a.seq_len > c.max_position_embeddings:
-            p.error(f"--seq-len {a.seq_len} is longer than the {name} model's context ({c.max_position_embeddings} "
-                    "tokens, its max_position_embeddings)")  # fmt: skip
+            flag = f"--seq-len {a.seq_len}" if given_len else f"--seq-len's default, {a.seq_len} (the recipe's),"
+            p.error(f"{flag} is longer than the {name} model's context ({c.max_position_embeddings} tokens, its "
+                    "max_position_embeddings): give the --seq-len its run will use")  # fmt: skip
     dtype, gpu = getattr(torch, a.dtype), int(a.gpu_gib * GiB)
     kv_dtype = torch.float8_e4m3fn if a.kv_cache_dtype == "fp8" else dtype
     reserve = generation_reserve(configs["policy"][0], a.tp, a.seq_len, dtype, a.max_num_seqs)

@@ -308,7 +308,9 @@ def test_command_line_reads_configs_of_directories_and_hub_ids(tmp_path, monkeyp
     argv = ["--policy", "org/llama@v2", "--reward", str(tmp_path / "rm"), "--tp", "1", "--gpu-gib", "400"]
     with pytest.raises(SystemExit):  # (the small reward model's context: 256 tokens)
         memory_plan.main(argv)
-    assert "--seq-len 2048 is longer than the value model's context (256 tokens" in capsys.readouterr().err
+    err = capsys.readouterr().err  # (not given: its default named as such, and what to do)
+    assert "--seq-len's default, 2048 (the recipe's), is longer than the value model's context (256 tokens" in err
+    assert err.rstrip().endswith("give the --seq-len its run will use")
     fetched.clear()
     argv += ["--seq-len", "256"]
     assert memory_plan.main(argv) == 0
