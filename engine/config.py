@@ -50,6 +50,7 @@ def checked_rope(params: dict, max_position_embeddings: int) -> Rope:
 
 
 # the config.json entries a model's shape cannot do without
+LLAMA_BOS, LLAMA_EOS = 1, 2  # transformers' LlamaConfig defaults, for a config.json that names no such id
 HF_SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
@@ -161,7 +162,7 @@ class ModelConfig:
         bad = [k for k in sizes if cfg.get(k) is not None and (type(cfg[k]) is not int or cfg[k] < 1)]
         if bad:
             raise InvalidInput(f"{path}: {', '.join(f'{k} {cfg[k]!r}' for k in bad)}: not a positive integer")
-        eos, extra = cfg.get("eos_token_id"), ()
+        eos, extra = cfg.get("eos_token_id", LLAMA_EOS), ()  # (absent: LlamaConfig's default, where HF stops)
         if isinstance(eos, list):
             eos, extra = (eos[0], tuple(eos[1:])) if eos else (None, ())
         dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
@@ -178,7 +179,7 @@ class ModelConfig:
             rope_scaling=rope.to_hf(),
             max_position_embeddings=max_pos,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            bos_token_id=cfg.get("bos_token_id"),
+            bos_token_id=cfg.get("bos_token_id", LLAMA_BOS),
             eos_token_id=eos,
             extra_eos_token_ids=extra,
             pad_token_id=cfg.get("pad_token_id"),

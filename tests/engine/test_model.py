@@ -309,8 +309,8 @@ def test_rope_config_in_one_spelling():
 
 
 def test_a_config_without_optional_keys_reads_as_transformers_reads_it():
-    """rms_norm_eps, tie_word_embeddings, num_key_value_heads and max_position_embeddings (the context a run may
-    fill) missing from config.json: LlamaConfig's defaults."""
+    """rms_norm_eps, tie_word_embeddings, num_key_value_heads, max_position_embeddings (the context a run may fill)
+    and the BOS / EOS ids (where transformers' generate stops) missing from config.json: LlamaConfig's defaults."""
     from transformers import LlamaConfig
 
     hf = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 176,
@@ -320,6 +320,7 @@ def test_a_config_without_optional_keys_reads_as_transformers_reads_it():
     assert ours.tie_word_embeddings == theirs.tie_word_embeddings
     assert ours.num_kv_heads == theirs.num_key_value_heads
     assert ours.max_position_embeddings == theirs.max_position_embeddings
+    assert (ours.bos_token_id, ours.eos_token_ids) == (theirs.bos_token_id, [theirs.eos_token_id])
 
 
 TINY_HF = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 176,
