@@ -120,8 +120,9 @@ def sequence_stats(state: TrainState, ro: Rollout, kl_coef: float | None = None)
 
 
 def sample_records(state: TrainState, ro: Rollout, stats: dict[str, torch.Tensor], rows: list[int]) -> list[dict]:
-    """JSON-ready records of the rollout's sequences `rows`: prompt and response (text when the run has a
-    tokenizer, else token ids) and their statistics."""
+    """JSON-ready records of the rollout's sequences `rows`: prompt and response (as text when the run has a
+    tokenizer) and their token ids (what was scored: a decoded text need not encode back to the same tokens), and
+    their statistics."""
     tok = state.tokenizer
     host = {k: v.tolist() for k, v in stats.items()}
     records = []
@@ -130,12 +131,16 @@ def sample_records(state: TrainState, ro: Rollout, stats: dict[str, torch.Tensor
         if tok is not None:
             rec["prompt"] = tok.decode(ro.prompts[i], skip_special_tokens=False)
             rec["response"] = tok.decode(ro.responses[i], skip_special_tokens=True)
-        else:
-            rec["prompt_ids"], rec["response_ids"] = ro.prompts[i], ro.responses[i]
+        rec["prompt_ids"], rec["response_ids"] = list(ro.prompts[i]), list(ro.responses[i])
         rec.update({k: host[k][i] for k in ("score", "score_penalized", "kl", "reward")})
         rec["response_len"], rec["hit_eos"] = int(host["response_len"][i]), not host["no_eos"][i]
         records.append(rec)
     return records
+
+
+def readable(records: list[dict]) -> list[dict]:
+    """Records for a tracker's table: without the token ids where the text is there (the JSONL files keep both)."""
+    return [{k: v for k, v in r.items() if not (k.endswith("_ids") and k.removesuffix("_ids") in r)} for r in records]
 
 
 def _gather_to_rank0(state: TrainState, records: list[dict]) -> list[dict] | None:
@@ -180,7 +185,7 @@ def evaluate(state: TrainState) -> dict:
             f.write(json.dumps(metrics) + "\n")
         if state.tracker is not None:
             state.tracker.log(metrics, prefix="eval/")
-            state.tracker.log_table("eval/answers", records[:EVAL_TABLE_ROWS], step=state.iteration)
+            state.tracker.log_table("eval/answers", readable(records[:EVAL_TABLE_ROWS]), step=state.iteration)
         what = f"eval of {state.run.policy}" if state.run.eval_only else f"eval after iteration {state.iteration}"
         print0(
             f"{what} ({int(n)} prompts, {metrics['time']:.1f}s): "
@@ -217,4 +222,4 @@ def log_samples(state: TrainState, ro: Rollout) -> None:
     with open(os.path.join(state.run.output_dir, "samples.jsonl"), "a") as f:
         f.write("".join(json.dumps(rec) + "\n" for rec in records))
     if state.tracker is not None:
-        state.tracker.log_table("samples", records, step=state.iteration + 1)
+        state.tracker.log_table("samples", readable(records), step=state.iteration + 1)

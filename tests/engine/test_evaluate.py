@@ -14,7 +14,7 @@ from engine import evaluate, trainer
 from engine import state as state_mod
 from engine.parallel import ProcessGrid
 from engine.resume import latest_checkpoint
-from engine.tokenizer import TINY_EVAL_PROMPTS, read_prompt_file
+from engine.tokenizer import TINY_DIR, TINY_EVAL_PROMPTS, load_tokenizer, read_prompt_file
 from engine.train_ppo import parse_args, prepare_tiny
 from kernels import dispatch
 from tests.engine.ppo_dp_worker import naive_factory
@@ -59,6 +59,13 @@ def test_evaluation_leaves_training_unchanged_and_logs_every_answer(tmp_path):
     samples = _lines(tmp_path / "a/samples.jsonl")
     assert [s["iteration"] for s in samples] == [1, 1, 2, 2, 3, 3]  # --log-samples 2 (the default)
     assert all("<|assistant|>" in s["prompt"] and isinstance(s["response"], str) for s in samples)
+    # the token ids beside the text (what was scored), which the text decodes from
+    tok = load_tokenizer(TINY_DIR)
+    for r in [*samples, *first]:
+        assert tok.decode(r["prompt_ids"]) == r["prompt"] and r["response_len"] == len(r["response_ids"])
+        assert tok.decode(r["response_ids"], skip_special_tokens=True) == r["response"]
+    assert evaluate.readable(samples[:1]) == [{k: v for k, v in samples[0].items() if not k.endswith("_ids")}]
+    assert evaluate.readable([{"prompt_ids": [1]}]) == [{"prompt_ids": [1]}]  # (no text: the ids stay)
 
 
 @torch.no_grad()

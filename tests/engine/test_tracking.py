@@ -10,6 +10,7 @@ import types
 
 import pytest
 
+from engine import evaluate
 from engine import state as state_mod
 from engine.config import PPOConfig
 from engine.parallel import ProcessGrid
@@ -201,7 +202,7 @@ def test_metrics_and_evaluations_go_to_tensorboard_and_a_resume_purges_what_it_r
                                                        ("eval/answers", 2)]  # fmt: skip
     first = json.loads(texts[1][2].split("\n\n")[0])  # (a record a paragraph)
     samples = [json.loads(x) for x in (tmp_path / "run/samples.jsonl").read_text().splitlines()]
-    assert first == samples[0]
+    assert first == evaluate.readable(samples)[0] and "prompt_ids" in samples[0]  # (the text shown, the ids kept)
     assert w.calls.index(("flush",)) < len(w.calls) - 1  # (flushed as it goes, not only at the end)
 
     run_tiny(tmp_path / "run", "--max-iterations", "3", "--resume", "--tensorboard-dir", tb)
