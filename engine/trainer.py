@@ -70,6 +70,22 @@ def rollout_targets(state: TrainState, ro: Rollout) -> None:
     ro.targets = {k: v[idx] for k, v in out.items()}
 
 
+def _nonfinite_kl(state: TrainState, ro: Rollout) -> str:
+    """Where the rollout's per-token KL to the reference is not finite (the rewards, advantages and returns it makes
+    are not either), that, as a clause of the non-finite loss's message; every DP rank calls it (their losses agree)."""
+    n = (~torch.isfinite(ro.targets["kl"])).sum().float()
+    if state.dp_group is not None:
+        dist.all_reduce(n, group=state.dp_group)
+    if not n:
+        return ""
+    est = state.cfg.kl_estimator
+    return (
+        f", from the rollout's KL to the reference (--kl-estimator {est}), not finite at {int(n)} response tokens"
+        + (" (k3 = exp(ref - logp) - 1 - (ref - logp) overflows where the reference's log-prob of a sampled token is "
+           "over 88.7 above the policy's; k1, the recipe's, stays finite)" if est == "k3" else "")
+    )  # fmt: skip
+
+
 def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, torch.Tensor]) -> None:
     """One optimizer step of each model on this rank's share `seqs` of a global minibatch.
 
@@ -128,7 +144,8 @@ def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, 
     if bad:
         raise FloatingPointError(
             f"non-finite {' and '.join(bad)} at iteration {state.iteration + 1}, step {state.step + 1} "
-            "(optimizer steps counted over the run, as in the metrics); no update was applied"
+            f"(optimizer steps counted over the run, as in the metrics){_nonfinite_kl(state, ro)}; no update was "
+            "applied"
         )
     values = torch.stack([norms["policy"], norms["value"]]).tolist()  # the same on every rank: all raise together
     bad = [f"{name} ({x})" for name, x in zip(("policy", "value"), values) if not math.isfinite(x)]

@@ -109,6 +109,25 @@ def test_a_run_that_diverges_names_the_checkpoint_to_resume_from(tmp_path, monke
     assert trainer._where_to_resume(state).startswith("the last checkpoint cannot be told: ")
 
 
+def test_a_kl_that_overflows_is_named(tmp_path, monkeypatch):
+    """--kl-estimator k3 where the reference's log-prob of a sampled token is far above the policy's: exp overflows,
+    the rewards and returns are not finite, and the run stops naming the KL (it said only "non-finite value loss")."""
+    state = tiny_state(tmp_path, "--max-iterations", "1", "--kl-estimator", "k3", "--eval-prompts", "")
+    targets = trainer.rollout_targets
+
+    def far_reference(st, ro):
+        ro.ref_logprobs[2] = ro.logprobs[2] + 100.0
+        targets(st, ro)
+
+    monkeypatch.setattr(trainer, "rollout_targets", far_reference)
+    with (
+        dispatch.reference_ops(),
+        pytest.raises(FloatingPointError, match=r"loss .* from the rollout's KL to the reference \(--kl-estimator "
+                      r"k3\), not finite at 1 response tokens \(k3 = .*overflows"),
+    ):  # fmt: skip
+        trainer.train(state)
+
+
 def test_nonfinite_grad_norm_raises_before_any_update(tmp_path):
     state = tiny_state(tmp_path, "--max-iterations", "1")
     before = {k: v.clone() for k, v in state.policy.state_dict().items()}
