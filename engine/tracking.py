@@ -22,9 +22,10 @@ import importlib
 import json
 import os
 import secrets
+import sys
 from typing import TYPE_CHECKING
 
-from engine.errors import MissingPackage, UnwritableOutput
+from engine.errors import InvalidInput, MissingPackage, UnwritableOutput
 from engine.parallel import raise_together
 from engine.resume import WANDB_RUN_ID, atomic_write, why_unwritable
 
@@ -35,10 +36,10 @@ ITERATION = "iteration"  # the x-axis of every chart (W&B's step metric)
 
 
 def check_available(run, rank: int) -> None:
-    """With a W&B project, rank 0 must be able to import wandb, and with a TensorBoard directory torch's TensorBoard
-    writer (the tensorboard package) and write in that directory (made now: a file of its name, or one it cannot be
-    made under, is named before anything is loaded, not by the writer's traceback after setup); every rank raises
-    together if it cannot."""
+    """With a W&B project, rank 0 must be able to import wandb and W&B be able to start (_why_wandb_cannot_start),
+    and with a TensorBoard directory torch's TensorBoard writer (the tensorboard package) and write in that directory
+    (made now: a file of its name, or one it cannot be made under, is named before anything is loaded, not by the
+    writer's traceback after setup); every rank raises together if it cannot."""
     error = None
     for flag, value, package, module in (("--wandb-project", run.wandb_project, "wandb", "wandb"),
                                          ("--tensorboard-dir", run.tensorboard_dir, "tensorboard",
@@ -48,9 +49,43 @@ def check_available(run, rank: int) -> None:
                 importlib.import_module(module)
             except ImportError as e:
                 error = MissingPackage(f"{flag} {value} needs the {package} package (pip install {package}): {e}")
+    if run.wandb_project and rank == 0 and error is None and (why := _why_wandb_cannot_start()):
+        error = InvalidInput(f"--wandb-project {run.wandb_project}: {why}")
     if run.tensorboard_dir and rank == 0 and error is None and (why := why_unwritable(run.tensorboard_dir)):
         error = UnwritableOutput(f"--tensorboard-dir {run.tensorboard_dir}: cannot write there: {why}")
     raise_together(error, "checking the trackers")
+
+
+def _why_wandb_cannot_start() -> str | None:
+    """Why wandb.init would fail at once, where that can be told now (before minutes of loading) without a prompt or
+    the network: W&B's own settings it refuses (WANDB_MODE=ofline, say), or the online mode with no credentials in
+    reach (WANDB_API_KEY, an identity token file, an api_key setting, a .netrc: `wandb login`'s) and no terminal to ask
+    for them on. None otherwise, and where this wandb's settings cannot be read so (wandb.init then says what fails)."""
+    import wandb
+
+    if not hasattr(wandb, "setup"):
+        return None
+    try:
+        settings = wandb.setup().settings
+    except (ValueError, getattr(getattr(wandb, "errors", None), "Error", ())) as e:  # (pydantic's: one line of its)
+        lines = [x.strip() for x in str(e).splitlines() if x.strip() and "errors.pydantic.dev" not in x]
+        return f"W&B refuses its settings: {'; '.join(lines) or type(e).__name__}"
+    try:
+        offline = settings._offline or settings._noop
+        keys = [settings.api_key, getattr(settings, "identity_token_file", None)]
+    except AttributeError:
+        return None
+    keys += [os.environ.get("WANDB_API_KEY"), os.environ.get("WANDB_IDENTITY_TOKEN_FILE")]
+    netrc = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    netrcs = [netrc] if os.environ.get("NETRC") else [netrc, os.path.expanduser("~/_netrc")]
+    terminal = sys.stdin is not None and sys.stdin.isatty() and sys.stderr is not None and sys.stderr.isatty()
+    if offline or any(keys) or any(os.path.isfile(f) for f in netrcs) or terminal:
+        return None
+    return (
+        f"W&B is not logged in and its mode is {settings.mode} (no WANDB_API_KEY, no `wandb login` key in {netrc}, "
+        "no terminal to ask for one): log in first, or set WANDB_MODE=offline (`wandb sync` uploads the run later) "
+        "or WANDB_MODE=disabled"
+    )
 
 
 class Tracker:

@@ -3,6 +3,7 @@ for the wandb module and torch's SummaryWriter (always), through the real wandb 
 installed), and the real TensorBoard event files read back."""
 
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -108,6 +109,30 @@ def test_real_wandb_offline(tmp_path, monkeypatch):
     run_id = (tmp_path / "wandb-run-id").read_text().strip()
     runs = sorted(d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-"))
     assert len(runs) == 2 and all(d.endswith(run_id) for d in runs)  # one W&B run, continued
+
+
+@pytest.mark.parametrize("mode, why", [("online", "W&B is not logged in"), ("ofline", "W&B refuses its settings")])
+def test_wandb_that_cannot_start_is_refused_before_any_model_is_loaded(tmp_path, monkeypatch, mode, why):
+    """W&B online with no API key anywhere (WANDB_API_KEY, an identity token, a .netrc, a settings file) and no
+    terminal to ask for one, or a WANDB_MODE that wandb refuses: an input error naming it before anything is loaded,
+    not wandb.init's traceback once every model has been."""
+    wandb = pytest.importorskip("wandb")
+    from engine.errors import InputError
+
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_CONFIG_DIR", "WANDB_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_MODE", mode)
+    monkeypatch.setenv("HOME", str(tmp_path))  # (no ~/.netrc, no settings file)
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.StringIO())  # (no terminal to ask on)
+    wandb.teardown()  # (W&B's settings read afresh from this environment)
+    try:
+        with pytest.raises(InputError, match=rf"--wandb-project p: {why}"):
+            run_tiny(tmp_path / "run", "--max-iterations", "1", "--wandb-project", "p")
+    finally:
+        wandb.teardown()
+    assert not (tmp_path / "run/launches.jsonl").exists()  # (refused before anything ran)
 
 
 def _fake_trackers(monkeypatch) -> "FakeWandb":
