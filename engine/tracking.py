@@ -25,7 +25,7 @@ import secrets
 import sys
 from typing import TYPE_CHECKING
 
-from engine.errors import InvalidInput, MissingPackage, UnwritableOutput
+from engine.errors import InvalidInput, MissingPackage, UnwritableOutput, first_line
 from engine.parallel import raise_together
 from engine.resume import WANDB_RUN_ID, atomic_write, why_unwritable
 
@@ -121,7 +121,14 @@ class Tracker:
             atomic_write(id_file, lambda f: f.write(run_id.encode() + b"\n"))  # (never an empty id after a crash)
         name = run.wandb_run_name or os.path.basename(os.path.normpath(run.output_dir))
         config = {"ppo": dataclasses.asdict(state.cfg), "run": dataclasses.asdict(run), "world": state.grid.world_size}
-        wandb.init(project=run.wandb_project, name=name, id=run_id, resume="allow", config=config, dir=run.output_dir)
+        try:
+            wandb.init(
+                project=run.wandb_project, name=name, id=run_id, resume="allow", config=config, dir=run.output_dir
+            )
+        except getattr(getattr(wandb, "errors", None), "Error", ()) as e:  # (wandb's: a key refused, no network)
+            raise InvalidInput(
+                f"--wandb-project {run.wandb_project}: W&B could not start the run: {first_line(e)}"
+            ) from e
         # Charts against the run's iteration, logged as a metric: W&B's own step only grows, so the iterations that a
         # run resumed after a crash repeats are kept beside the dead run's (at steps W&B had seen they'd be dropped)
         wandb.define_metric(ITERATION)

@@ -135,6 +135,27 @@ def test_wandb_that_cannot_start_is_refused_before_any_model_is_loaded(tmp_path,
     assert not (tmp_path / "run/launches.jsonl").exists()  # (refused before anything ran)
 
 
+def test_wandb_failing_to_start_ends_in_one_line(tmp_path, monkeypatch):
+    """wandb.init's own failure (a key the server refuses, no network: wandb's errors) is an input error naming the
+    flag and W&B's message in one line, not a traceback; any other exception stays the engine's fault."""
+    from engine.errors import InputError
+    from engine.tracking import Tracker
+
+    fake = FakeWandb()
+    fake.errors = types.SimpleNamespace(Error=type("Error", (Exception,), {}))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run = RunConfig(output_dir=str(tmp_path / "out"), wandb_project="p")
+    state = types.SimpleNamespace(run=run, cfg=PPOConfig(), grid=ProcessGrid(), iteration=0)
+    timeout = fake.errors.Error("Run initialization has timed out after 90.0 sec.\nPlease try again.")
+    fake.init = lambda **kw: (_ for _ in ()).throw(timeout)
+    with pytest.raises(InputError, match="^--wandb-project p: W&B could not start the run: Run initialization has "
+                       "timed out after 90.0 sec.$"):  # fmt: skip
+        Tracker(state)
+    fake.init = lambda **kw: (_ for _ in ()).throw(KeyError("x"))
+    with pytest.raises(KeyError):
+        Tracker(state)
+
+
 def _fake_trackers(monkeypatch) -> "FakeWandb":
     """Stand-ins for wandb and TensorBoard's SummaryWriter (its writers listed afresh); returns the fake wandb."""
     fake = FakeWandb()
