@@ -49,22 +49,27 @@ def check_available(run, rank: int) -> None:
                 importlib.import_module(module)
             except ImportError as e:
                 error = MissingPackage(f"{flag} {value} needs the {package} package (pip install {package}): {e}")
-    if run.wandb_project and rank == 0 and error is None and (why := _why_wandb_cannot_start()):
+    if run.wandb_project and rank == 0 and error is None and (why := _why_wandb_cannot_start(run.wandb_project)):
         error = InvalidInput(f"--wandb-project {run.wandb_project}: {why}")
     if run.tensorboard_dir and rank == 0 and error is None and (why := why_unwritable(run.tensorboard_dir)):
         error = UnwritableOutput(f"--tensorboard-dir {run.tensorboard_dir}: cannot write there: {why}")
     raise_together(error, "checking the trackers")
 
 
-def _why_wandb_cannot_start() -> str | None:
+def _why_wandb_cannot_start(project: str) -> str | None:
     """Why wandb.init would fail at once, where that can be told now (before minutes of loading) without a prompt or
-    the network: W&B's own settings it refuses (WANDB_MODE=ofline, say), or the online mode with no credentials in
-    reach (WANDB_API_KEY, an identity token file, an api_key setting, a .netrc: `wandb login`'s) and no terminal to ask
-    for them on. None otherwise, and where this wandb's settings cannot be read so (wandb.init then says what fails)."""
+    the network: a project name W&B refuses (team/project: the entity is WANDB_ENTITY), W&B's own settings it refuses
+    (WANDB_MODE=ofline, say), or the online mode with no credentials in reach (WANDB_API_KEY, an identity token file,
+    an api_key setting, a .netrc: `wandb login`'s) and no terminal to ask for them on. None otherwise, and where this
+    wandb's settings cannot be read so (wandb.init then says what fails)."""
     import wandb
 
     if not hasattr(wandb, "setup"):
         return None
+    try:
+        wandb.Settings(project=project)
+    except getattr(getattr(wandb, "errors", None), "Error", ()) as e:
+        return f"{first_line(e)} (a project's name alone: its entity, a team say, is WANDB_ENTITY)"
     try:
         settings = wandb.setup().settings
     except (ValueError, getattr(getattr(wandb, "errors", None), "Error", ())) as e:  # (pydantic's: one line of its)

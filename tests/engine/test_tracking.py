@@ -135,6 +135,22 @@ def test_wandb_that_cannot_start_is_refused_before_any_model_is_loaded(tmp_path,
     assert not (tmp_path / "run/launches.jsonl").exists()  # (refused before anything ran)
 
 
+def test_a_wandb_project_name_wandb_refuses_is_refused_before_any_model_is_loaded(tmp_path, monkeypatch):
+    """--wandb-project team/project (the entity is WANDB_ENTITY) or another name W&B refuses: an input error naming
+    it before anything is loaded, not wandb.init's traceback once every model has been."""
+    wandb = pytest.importorskip("wandb")
+    from engine.errors import InputError
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    wandb.teardown()  # (W&B's settings read afresh from this environment)
+    try:
+        with pytest.raises(InputError, match=r"--wandb-project team/p: .*Invalid project name .*WANDB_ENTITY"):
+            run_tiny(tmp_path / "run", "--max-iterations", "1", "--wandb-project", "team/p")
+    finally:
+        wandb.teardown()
+    assert not (tmp_path / "run/launches.jsonl").exists()  # (refused before anything ran)
+
+
 def test_wandb_failing_to_start_ends_in_one_line(tmp_path, monkeypatch):
     """wandb.init's own failure (a key the server refuses, no network: wandb's errors) is an input error naming the
     flag and W&B's message in one line, not a traceback; any other exception stays the engine's fault."""
