@@ -118,13 +118,15 @@ class Tracker:
 
         os.makedirs(run.output_dir, exist_ok=True)
         id_file = os.path.join(run.output_dir, WANDB_RUN_ID)
-        if os.path.exists(id_file):  # a resumed run (a fresh one has had the file removed)
+        resumed = os.path.exists(id_file)  # (a fresh run has had the file removed)
+        if resumed:
             with open(id_file) as f:
                 run_id = f.read().strip()
         else:
             run_id = secrets.token_hex(6)  # W&B ids: letters and digits, unique within the project
             atomic_write(id_file, lambda f: f.write(run_id.encode() + b"\n"))  # (never an empty id after a crash)
-        name = run.wandb_run_name or os.path.basename(os.path.normpath(run.output_dir))
+        # (a resumed run keeps the name it has unless given one: --wandb-run-name is not a setting a resume restores)
+        name = run.wandb_run_name or (None if resumed else os.path.basename(os.path.normpath(run.output_dir)))
         config = {"ppo": dataclasses.asdict(state.cfg), "run": dataclasses.asdict(run), "world": state.grid.world_size}
         try:
             wandb.init(

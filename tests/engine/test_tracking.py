@@ -214,6 +214,10 @@ def test_wandb_run_name_is_used(tmp_path, monkeypatch):
     assert kind == "init" and init["name"] == "my-run"
     fake.calls.clear()
     Tracker(types.SimpleNamespace(run=dataclasses.replace(run, wandb_run_name=""), cfg=PPOConfig(), grid=ProcessGrid()))
+    assert fake.calls[0][1]["name"] is None  # (the run resumed, its id kept: W&B keeps the name it has, my-run)
+    fake.calls.clear()
+    os.remove(tmp_path / "out/wandb-run-id")  # (a fresh run: the output directory's name)
+    Tracker(types.SimpleNamespace(run=dataclasses.replace(run, wandb_run_name=""), cfg=PPOConfig(), grid=ProcessGrid()))
     assert fake.calls[0][1]["name"] == "out"
 
 
