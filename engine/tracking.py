@@ -174,10 +174,17 @@ class Tracker:
         self.finish(failed=exc_type is not None)
 
     def finish(self, failed: bool = False) -> None:
-        """End the W&B run (marked failed when the training loop raised) and close the TensorBoard writer."""
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-            self.tensorboard = None
-        if self.wandb is not None:
-            self.wandb.finish(exit_code=1 if failed else 0)
-            self.wandb = None
+        """End the W&B run (marked failed when the training loop raised) and close the TensorBoard writer. The writer's
+        own failure (a full disk) does not skip the W&B run's end, and neither hides the loop's error (`failed`)."""
+        writer, self.tensorboard, run, self.wandb = self.tensorboard, None, self.wandb, None
+        try:
+            if writer is not None:
+                writer.close()
+        except Exception:
+            if run is not None:
+                run.finish(exit_code=1)
+            if not failed:
+                raise
+            return
+        if run is not None:
+            run.finish(exit_code=1 if failed else 0)

@@ -183,6 +183,27 @@ def _fake_trackers(monkeypatch) -> "FakeWandb":
     return fake
 
 
+def test_a_writer_that_fails_to_close_neither_skips_the_wandb_end_nor_hides_the_runs_error(tmp_path, monkeypatch):
+    """The TensorBoard writer's close failing (a full disk): the W&B run still ends, marked failed, and the loop's own
+    error is the one raised; without one, the writer's is."""
+    from engine.tracking import Tracker
+
+    fake = _fake_trackers(monkeypatch)
+
+    def full(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FakeSummaryWriter, "close", full, raising=False)
+    run = RunConfig(output_dir=str(tmp_path / "out"), wandb_project="p", tensorboard_dir=str(tmp_path / "tb"))
+    state = types.SimpleNamespace(run=run, cfg=PPOConfig(), grid=ProcessGrid(), iteration=0)
+    with pytest.raises(ValueError, match="the loop's"), Tracker(state):
+        raise ValueError("the loop's")
+    assert fake.calls[-1] == ("finish", 1)
+    with pytest.raises(OSError, match="No space left"), Tracker(state):
+        pass
+    assert fake.calls[-1] == ("finish", 1)
+
+
 def test_eval_only_goes_to_wandb_and_tensorboard_too(tmp_path, monkeypatch):
     from engine.tokenizer import TINY_EVAL_PROMPTS
     from engine.train_ppo import main
