@@ -110,7 +110,11 @@ class Tracker:
             purge = None if run.eval_only else state.iteration + 1 if state.iteration else 0
             self.tensorboard = SummaryWriter(run.tensorboard_dir, purge_step=purge)
         if run.wandb_project:
-            self._init_wandb(state)
+            try:
+                self._init_wandb(state)
+            except BaseException:  # (W&B could not start: the writer opened above is closed, its events flushed)
+                self.finish(failed=True)
+                raise
 
     def _init_wandb(self, state: TrainState) -> None:
         run = state.run

@@ -170,6 +170,13 @@ def test_wandb_failing_to_start_ends_in_one_line(tmp_path, monkeypatch):
     fake.init = lambda **kw: (_ for _ in ()).throw(KeyError("x"))
     with pytest.raises(KeyError):
         Tracker(state)
+    tensorboard = types.ModuleType("torch.utils.tensorboard")  # (a writer opened before: closed, its events kept)
+    tensorboard.SummaryWriter, FakeSummaryWriter.writers = FakeSummaryWriter, []
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", tensorboard)
+    state.run = dataclasses.replace(run, tensorboard_dir=str(tmp_path / "tb"))
+    with pytest.raises(KeyError):
+        Tracker(state)
+    assert FakeSummaryWriter.writers[0].calls == [("close",)]
 
 
 def _fake_trackers(monkeypatch) -> "FakeWandb":
