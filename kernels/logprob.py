@@ -216,6 +216,17 @@ def _check_targets(targets: torch.Tensor, v_total: int) -> None:
         torch._assert_async(((targets >= 0) & (targets < v_total)).all(), f"targets out of range [0, {v_total})")
 
 
+def _tp_group(group):
+    """`group`, or None where it holds one rank (the TP group of a data-parallel-only run): the whole vocabulary is
+    here, and the vocab-parallel path would only add collectives (two per forward, one per backward) over one rank and
+    round otherwise than one process does."""
+    if group is None:
+        return None
+    import torch.distributed as dist
+
+    return None if dist.get_world_size(group) == 1 else group
+
+
 def _group_info(group, v_local: int) -> tuple[int, int]:
     """(first global vocab id of this rank's slice, total vocab size)."""
     if group is None:
@@ -539,6 +550,7 @@ def token_logprobs(
     if targets.device != logits.device:
         raise ValueError(f"targets on {targets.device} but logits on {logits.device}")
     _check_temperature(temperature)
+    group = _tp_group(group)
     if not dispatch.use_triton(logits) or logits.dtype not in _SUPPORTED:
         return reference.token_logprobs(logits, targets, temperature, return_entropy=return_entropy, group=group)
     _, v_total = _group_info(group, logits.shape[-1])
@@ -591,6 +603,7 @@ def hidden_logprobs(
     _check_hidden(hidden, weight, targets)
     _check_temperature(temperature)
     _check_real_vocab(real_vocab, weight)
+    group = _tp_group(group)
     if not dispatch.use_triton(hidden) or hidden.dtype not in _SUPPORTED:
         return reference.hidden_logprobs(
             hidden, weight, targets, temperature, return_entropy=return_entropy, group=group, real_vocab=real_vocab
@@ -684,6 +697,7 @@ def ppo_token_loss(
     elif real_vocab is not None:
         raise ValueError("real_vocab goes with hidden/weight (padded logits already hold -inf)")
     _check_temperature(temperature)  # (before the dispatch: the reference path would take 0 or inf silently)
+    group = _tp_group(group)
     src = logits if logits is not None else hidden
     if not dispatch.use_triton(src) or src.dtype not in _SUPPORTED:
         return reference.ppo_token_loss(

@@ -263,3 +263,47 @@ def test_a_cpu_run_takes_gloo_whatever_the_machine():
 
     assert backend_for("cpu") == backend_for("cpu:0") == "gloo"
     assert backend_for("cuda") is None and backend_for("cuda:1") is None and backend_for(None) is None
+
+
+def _one_rank_tp_group_rank(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    from engine.parallel import init_process_grid
+    from kernels.logprob import hidden_logprobs, ppo_token_loss, token_logprobs
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    grid = init_process_grid(tp=1)  # data parallel only: each rank's TP group holds itself alone
+    calls = []
+    for name in ("all_reduce", "all_gather", "all_gather_into_tensor"):
+        orig = getattr(dist, name)
+        setattr(dist, name, lambda *a, _orig=orig, _name=name, **k: calls.append(_name) or _orig(*a, **k))
+    torch.manual_seed(rank)
+    h, w = torch.randn(37, 16), torch.randn(301, 16) * 2
+    t, adv = torch.randint(0, 301, (37,)), torch.randn(37)
+    got = {}
+    for key, group in (("alone", grid.tp_group), ("none", None)):
+        calls.clear()
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        logp, ent = hidden_logprobs(hh, ww, t, return_entropy=True, group=group)
+        (logp.sum() + ent.sum()).backward()
+        loss, _ = ppo_token_loss(None, t, logp.detach() - 0.1, adv, torch.ones(37), hidden=hh, weight=ww, group=group)
+        loss.backward()
+        logits = (h @ w.t()).requires_grad_()
+        token_logprobs(logits, t, 0.7, group=group).sum().backward()
+        got[key] = {"out": [logp, ent, loss, hh.grad, ww.grad, logits.grad], "calls": list(calls)}
+    torch.save(got, os.path.join(out_dir, f"alone{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_a_tp_group_of_one_rank_costs_no_collective(tmp_path):
+    """Data parallel without TP: each rank's TP group holds itself alone. The fused log-prob and PPO loss kernels given
+    that group make no collective (the vocab-parallel combine, the hidden grad's all-reduce: 3 per training
+    micro-batch, 2 per scoring pass) and give one process's numbers bit for bit."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_one_rank_tp_group_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"alone{rank}.pt")
+        assert got["alone"]["calls"] == [] and got["none"]["calls"] == []
+        for a, b in zip(got["alone"]["out"], got["none"]["out"]):
+            assert torch.equal(a, b)
