@@ -140,15 +140,16 @@ def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, 
     step_loss = torch.stack([losses["policy"], losses["value"]])
     if state.dp_group is not None:  # every rank sees the same losses, so all of them raise together
         dist.all_reduce(step_loss, group=state.dp_group)
-    bad = [f"{name} loss ({x})" for name, x in zip(("policy", "value"), step_loss.tolist()) if not math.isfinite(x)]
+    # (one host read of the losses and the grad norms, which are the same on every rank too: all raise together)
+    checked = torch.cat([step_loss, torch.stack([norms["policy"], norms["value"]])]).tolist()
+    bad = [f"{name} loss ({x})" for name, x in zip(("policy", "value"), checked[:2]) if not math.isfinite(x)]
     if bad:
         raise FloatingPointError(
             f"non-finite {' and '.join(bad)} at iteration {state.iteration + 1}, step {state.step + 1} "
             f"(optimizer steps counted over the run, as in the metrics){_nonfinite_kl(state, ro)}; no update was "
             "applied"
         )
-    values = torch.stack([norms["policy"], norms["value"]]).tolist()  # the same on every rank: all raise together
-    bad = [f"{name} ({x})" for name, x in zip(("policy", "value"), values) if not math.isfinite(x)]
+    bad = [f"{name} ({x})" for name, x in zip(("policy", "value"), checked[2:]) if not math.isfinite(x)]
     if bad:
         raise FloatingPointError(
             f"non-finite gradient norm of the {' and '.join(bad)} model at iteration {state.iteration + 1}, "

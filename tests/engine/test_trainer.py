@@ -78,6 +78,27 @@ def test_one_model_is_reduced_before_the_other_backward(tmp_path, monkeypatch):
         assert step[-3:] == [("reduce_grads", "value"), ("apply_update", "policy"), ("apply_update", "value")]
 
 
+def test_an_optimizer_step_reads_its_losses_and_grad_norms_in_one_host_sync(tmp_path, monkeypatch):
+    """Each step's check that its losses and grad norms are finite waits for the device once (one read of the four
+    numbers), not once for the losses and again for the norms."""
+    import sys
+
+    state = tiny_state(tmp_path, "--max-iterations", "1", "--eval-prompts", "")
+    reads = []
+    for name in ("tolist", "item", "__float__", "__bool__", "cpu"):
+        orig = getattr(torch.Tensor, name)
+
+        def read(self, *a, _orig=orig, _name=name, **k):
+            if sys._getframe(1).f_code is trainer.train_step.__code__:
+                reads.append(_name)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    with dispatch.reference_ops():
+        trainer.train(state)
+    assert state.step == 2 and reads == ["tolist"] * state.step
+
+
 def test_nan_loss_names_the_loss_iteration_and_step(tmp_path):
     state = tiny_state(tmp_path, "--max-iterations", "1")
     with torch.no_grad():
