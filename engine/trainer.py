@@ -100,11 +100,17 @@ def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, 
     cfg, dev, grid = state.cfg, state.device, state.grid
     # (no blocking host-to-device copy: it would wait here for the previous step's update before the packing below)
     rows = upload(torch.cat([torch.arange(ro.offsets[i], ro.offsets[i + 1]) for i in seqs]), dev)
-    n_global = torch.full((), float(rows.numel()), device=dev)
-    if state.dp_group is not None:
-        dist.all_reduce(n_global, group=state.dp_group)
     ones = torch.ones(rows.numel(), dtype=torch.bool, device=dev)
-    adv = ppo.minibatch_advantages(ro.targets["advantages"][rows], ones, cfg, state.dp_group)
+    # the minibatch's tokens over every DP rank (the losses' denominator): the whitening's collective counts them
+    adv, n_global = ppo.minibatch_advantages(
+        ro.targets["advantages"][rows], ones, cfg, state.dp_group, return_count=True
+    )
+    if n_global is not None:
+        n_global = n_global.float()  # (an exact count: the same float32 the all-reduce below sums)
+    else:
+        n_global = torch.full((), float(rows.numel()), device=dev)
+        if state.dp_group is not None:
+            dist.all_reduce(n_global, group=state.dp_group)
     pos = torch.full((ro.offsets[-1],), -1, dtype=torch.int64, device=dev)
     pos[rows] = torch.arange(rows.numel(), device=dev)  # flat rollout row -> minibatch row
     losses, norms = {}, {}

@@ -279,14 +279,15 @@ def masked_whiten(
     shift_mean: bool = True,
     group: dist.ProcessGroup | None = None,
     eps: float = 1e-8,
-) -> torch.Tensor:
+    return_count: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(x - mean) * rsqrt(var + eps) over mask != 0 (TRL's masked_whiten); 0 outside the mask.
 
     x: any shape, float; mask: same shape. var is unbiased (Bessel, / (n - 1)) like TRL's masked_var,
     taken as 0 when fewer than two elements are masked (TRL raises; here that needs no host sync).
     shift_mean=False adds the mean back (TRL). With `group`, mean and var are over all ranks' masked
     elements (see _moments for the one-collective, cancellation-free merge). Computed in float64,
-    returned in x's dtype.
+    returned in x's dtype; `return_count`: with the number of masked elements (over every rank), float64 0-d.
     """
     m = _check_masked("masked_whiten", x, mask)
     n, mean, m2 = _moments(x, m, group)
@@ -295,4 +296,5 @@ def masked_whiten(
     out = (x.double() - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return torch.where(m, out, 0.0).to(x.dtype)
+    out = torch.where(m, out, 0.0).to(x.dtype)
+    return (out, n) if return_count else out

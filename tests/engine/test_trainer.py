@@ -99,6 +99,36 @@ def test_an_optimizer_step_reads_its_losses_and_grad_norms_in_one_host_sync(tmp_
     assert state.step == 2 and reads == ["tolist"] * state.step
 
 
+COUNT_STEP_COLLECTIVES = """
+import atexit, os, sys
+import torch.distributed as dist
+calls = []
+for name in ("all_reduce", "all_gather"):
+    def counted(*a, _orig=getattr(dist, name), _name=name, **k):
+        caller = sys._getframe(1).f_code.co_name
+        if caller in ("train_step", "_moments"):  # a step's own (not its models' or optimizers')
+            calls.append(f"{_name} in {caller}")
+        return _orig(*a, **k)
+    setattr(dist, name, counted)
+atexit.register(lambda: open(os.path.join(os.environ["COUNT_DIR"], "rank" + os.environ["RANK"]), "w").write(
+    "\\n".join(calls)))
+"""
+
+
+def test_an_optimizer_step_counts_its_tokens_in_the_whitenings_collective(tmp_path, monkeypatch):
+    """DP 2: the advantages' whitening gathers every rank's token count (with the mean and M2), which is the
+    minibatch's token count the losses divide by: no all-reduce of its own. A step's own collectives are then that
+    all-gather and the losses' all-reduce (every rank raises together)."""
+    (tmp_path / "hooks").mkdir()
+    (tmp_path / "hooks/sitecustomize.py").write_text(COUNT_STEP_COLLECTIVES)
+    monkeypatch.setenv("COUNT_DIR", str(tmp_path))
+    flags = ["--max-iterations", "1", "--eval-prompts", ""]
+    torchrun_ranks(tmp_path, 2, "count", *flags, hooks=tmp_path / "hooks")
+    step = ["all_gather in _moments", "all_reduce in train_step"]
+    for rank in range(2):
+        assert (tmp_path / f"rank{rank}").read_text().split("\n") == step * 2  # two optimizer steps
+
+
 def test_nan_loss_names_the_loss_iteration_and_step(tmp_path):
     state = tiny_state(tmp_path, "--max-iterations", "1")
     with torch.no_grad():
