@@ -117,7 +117,6 @@ def test_wandb_that_cannot_start_is_refused_before_any_model_is_loaded(tmp_path,
     terminal to ask for one, or a WANDB_MODE that wandb refuses: an input error naming it before anything is loaded,
     not wandb.init's traceback once every model has been."""
     wandb = pytest.importorskip("wandb")
-    from engine.errors import InputError
 
     for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_CONFIG_DIR", "WANDB_DIR"):
         monkeypatch.delenv(var, raising=False)
@@ -126,29 +125,32 @@ def test_wandb_that_cannot_start_is_refused_before_any_model_is_loaded(tmp_path,
     monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "stdin", io.StringIO())  # (no terminal to ask on)
-    wandb.teardown()  # (W&B's settings read afresh from this environment)
+    _refused_before_loading(wandb, tmp_path / "run", "p", rf"--wandb-project p: {why}")
+
+
+def _refused_before_loading(wandb, out, project: str, match: str) -> None:
+    """The tiny default with --wandb-project `project` is an input error matching `match`, raised before anything ran
+    (W&B's settings read afresh from the environment, and forgotten after)."""
+    from engine.errors import InputError
+
+    wandb.teardown()
     try:
-        with pytest.raises(InputError, match=rf"--wandb-project p: {why}"):
-            run_tiny(tmp_path / "run", "--max-iterations", "1", "--wandb-project", "p")
+        with pytest.raises(InputError, match=match):
+            run_tiny(out, "--max-iterations", "1", "--wandb-project", project)
     finally:
         wandb.teardown()
-    assert not (tmp_path / "run/launches.jsonl").exists()  # (refused before anything ran)
+    assert not (out / "launches.jsonl").exists()
 
 
 def test_a_wandb_project_name_wandb_refuses_is_refused_before_any_model_is_loaded(tmp_path, monkeypatch):
     """--wandb-project team/project (the entity is WANDB_ENTITY) or another name W&B refuses: an input error naming
     it before anything is loaded, not wandb.init's traceback once every model has been."""
     wandb = pytest.importorskip("wandb")
-    from engine.errors import InputError
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    wandb.teardown()  # (W&B's settings read afresh from this environment)
-    try:
-        with pytest.raises(InputError, match=r"--wandb-project team/p: .*Invalid project name .*WANDB_ENTITY"):
-            run_tiny(tmp_path / "run", "--max-iterations", "1", "--wandb-project", "team/p")
-    finally:
-        wandb.teardown()
-    assert not (tmp_path / "run/launches.jsonl").exists()  # (refused before anything ran)
+    _refused_before_loading(
+        wandb, tmp_path / "run", "team/p", r"--wandb-project team/p: .*Invalid project name .*WANDB_ENTITY"
+    )
 
 
 def test_wandb_failing_to_start_ends_in_one_line(tmp_path, monkeypatch):
