@@ -87,14 +87,14 @@ def advantages_and_returns(
 
 
 def minibatch_advantages(
-    advantages: torch.Tensor, mask: torch.Tensor, cfg: PPOConfig, group=None, *, return_count: bool = False
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
-    """The advantages one optimizer step trains on: whitened over the minibatch's tokens on every DP rank.
-    `return_count`: with the number of masked tokens over every rank (float64 0-d), which the whitening's collective
-    counts anyway; None when the advantages are not whitened."""
+    advantages: torch.Tensor, mask: torch.Tensor, cfg: PPOConfig, group=None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the advantages one optimizer step trains on: whitened over the minibatch's tokens on every DP rank; the number
+    of those tokens over every rank, float64 0-d, which the whitening's collective counts anyway, or None when the
+    advantages are not whitened)."""
     if not cfg.whiten_advantages:
-        return (advantages, None) if return_count else advantages
-    return masked_whiten(advantages, mask, shift_mean=True, group=group, return_count=return_count)
+        return advantages, None
+    return masked_whiten(advantages, mask, shift_mean=True, group=group, return_count=True)
 
 
 def policy_loss(

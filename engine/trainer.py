@@ -102,9 +102,7 @@ def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, 
     rows = upload(torch.cat([torch.arange(ro.offsets[i], ro.offsets[i + 1]) for i in seqs]), dev)
     ones = torch.ones(rows.numel(), dtype=torch.bool, device=dev)
     # the minibatch's tokens over every DP rank (the losses' denominator): the whitening's collective counts them
-    adv, n_global = ppo.minibatch_advantages(
-        ro.targets["advantages"][rows], ones, cfg, state.dp_group, return_count=True
-    )
+    adv, n_global = ppo.minibatch_advantages(ro.targets["advantages"][rows], ones, cfg, state.dp_group)
     if n_global is not None:
         n_global = n_global.float()  # (an exact count: the same float32 the all-reduce below sums)
     else:

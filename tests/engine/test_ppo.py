@@ -91,12 +91,14 @@ def test_eos_penalty():
 def test_minibatch_whitening():
     x = torch.randn(37, dtype=torch.float64) * 3 + 2
     m = torch.ones(37, dtype=torch.bool)
-    got = ppo.minibatch_advantages(x.float(), m, PPOConfig())
+    got, n = ppo.minibatch_advantages(x.float(), m, PPOConfig())
+    assert n.item() == 37  # (the count its collective makes, the losses' denominator)
     vals = x.tolist()
     mean = sum(vals) / len(vals)
     std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
     torch.testing.assert_close(got.double(), (x - mean) / std, atol=1e-5, rtol=1e-5)
-    assert ppo.minibatch_advantages(x, m, PPOConfig(whiten_advantages=False)) is x
+    same, n = ppo.minibatch_advantages(x, m, PPOConfig(whiten_advantages=False))
+    assert same is x and n is None
 
 
 def test_value_loss_and_grad():
@@ -417,7 +419,7 @@ def _minibatch_rank(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     _, _, values, _, mask = _split_rows()
     rows = [rank, rank + 2]
-    got = ppo.minibatch_advantages(values[rows], mask[rows], PPOConfig(), dist.group.WORLD)
+    got, _ = ppo.minibatch_advantages(values[rows], mask[rows], PPOConfig(), dist.group.WORLD)
     torch.save(got, os.path.join(out_dir, f"adv{rank}.pt"))
     dist.destroy_process_group()
 
@@ -429,7 +431,7 @@ def test_minibatch_advantages_are_whitened_over_every_dp_rank(tmp_path):
 
     mp.spawn(_minibatch_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     _, _, values, _, mask = _split_rows()
-    one = ppo.minibatch_advantages(values, mask, PPOConfig())
+    one, _ = ppo.minibatch_advantages(values, mask, PPOConfig())
     for rank in range(2):
         got = torch.load(tmp_path / f"adv{rank}.pt")
         torch.testing.assert_close(got, one[[rank, rank + 2]], atol=1e-5, rtol=1e-5)
