@@ -184,12 +184,14 @@ def format_chat(messages: list[dict], eos_token: str, add_generation_prompt: boo
 def encode_chat(tokenizer, messages: list[dict], template: str = "tulu") -> list[int]:
     """Token ids of a prompt ending where the assistant's answer starts: in the Tulu format with the tokenizer's BOS
     as it adds it, or (template "tokenizer") through the tokenizer's own chat_template (see CHAT_TEMPLATES)."""
+    return encode_chat_texts(tokenizer, [render_chat(tokenizer, messages, template)], template)[0]
+
+
+def render_chat(tokenizer, messages: list[dict], template: str = "tulu") -> str:
+    """The text encode_chat tokenises: the Tulu format (without the BOS, which the tokenizer adds), or the tokenizer's
+    own chat template's rendering (BOS and special tokens as the template places them)."""
     if template == "tulu":
-        text = format_chat(messages, tokenizer.eos_token or "")
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-        if ids and tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id:
-            ids = ids[:-1]  # (a tokenizer that appends EOS, Llama's add_eos_token: the prompt ends at the answer)
-        return ids
+        return format_chat(messages, tokenizer.eos_token or "")
     check_chat_template(tokenizer, template)
     for m in messages:
         if m.get("role") not in ROLES:
@@ -208,7 +210,26 @@ def encode_chat(tokenizer, messages: list[dict], template: str = "tulu") -> list
             "does it read other keys than a message's 'role' and 'content'? (use --chat-template tulu, or a "
             "tokenizer whose template prints them)"
         )
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text
+
+
+ENCODE_CHUNK = 1024  # texts per call of the tokenizer (a fast tokenizer encodes a batch on all the host's cores)
+
+
+def encode_chat_texts(tokenizer, texts: list[str], template: str = "tulu") -> list[list[int]]:
+    """Token ids of render_chat's texts, in batches: the Tulu format with the special tokens the tokenizer adds (less
+    an EOS it appends, Llama's add_eos_token: the prompt ends at the answer), a chat template's text as it is."""
+    tulu = template == "tulu"
+    eos = tokenizer.eos_token_id
+    out: list[list[int]] = []
+    for i in range(0, len(texts), ENCODE_CHUNK):
+        enc = tokenizer(texts[i : i + ENCODE_CHUNK], add_special_tokens=tulu, return_attention_mask=False)
+        for ids in enc["input_ids"]:
+            ids = list(ids)
+            if tulu and ids and eos is not None and ids[-1] == eos:
+                ids = ids[:-1]
+            out.append(ids)
+    return out
 
 
 # Conversations a saved Tulu template is checked on: one turn, and a system turn and an exchange before the question
@@ -389,12 +410,14 @@ def load_prompts(
     check_chat_template(tokenizer, template)
     lines: list[int] = []
     convs = read_prompt_file(path, lines)
-    kept, kept_msgs, dropped = [], [], 0
+    texts = []
     for msgs, lineno in zip(convs, lines):
         try:
-            ids = encode_chat(tokenizer, msgs, template)
+            texts.append(render_chat(tokenizer, msgs, template))
         except InputError as e:  # (the template's failure on this prompt: an error of ours stays a traceback)
             raise named(e, f"{os.fspath(path)}:{lineno}") from e
+    kept, kept_msgs, dropped = [], [], 0
+    for msgs, ids in zip(convs, encode_chat_texts(tokenizer, texts, template)):
         if len(ids) > max_prompt_len:
             dropped += 1
             continue

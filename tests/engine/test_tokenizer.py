@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+import engine.tokenizer as tokenizer_mod
 from engine.config import ModelConfig
 from engine.errors import InputError
 from engine.tokenizer import (
@@ -19,6 +20,7 @@ from engine.tokenizer import (
     load_prompts,
     load_tokenizer,
     read_prompt_file,
+    render_chat,
     template_ids,
     tulu_chat_template,
 )
@@ -374,7 +376,6 @@ def test_a_conversation_without_a_user_turn_encodes_through_the_tokenizers_templ
 def test_a_fault_of_ours_in_encoding_a_prompt_is_not_blamed_on_the_template(tmp_path, monkeypatch):
     """Only the template's rendering is reported as the template's failure (an input error naming the prompt's
     line); the same kinds of error raised by our own formatting or by the tokenizer keep their traceback."""
-    import engine.tokenizer as tokenizer_mod
 
     tok = load_tokenizer()
     p = tmp_path / "p.jsonl"
@@ -674,6 +675,31 @@ def test_dropped_prompts_take_their_messages_and_lengths_with_them(tmp_path, tok
     rest, held = ps.hold_out(1, seed=0)
     for part in (rest, held):
         assert part.prompts == [encode_chat(tok, m) for m in part.messages]
+
+
+def test_prompts_are_tokenised_in_batches_as_one_at_a_time(tmp_path, tok, monkeypatch):
+    """load_prompts encodes the rendered prompts in batches (a fast tokenizer spreads a batch over the host's cores):
+    each prompt gets the ids the tokenizer gives it alone, across chunk boundaries, with prompts over the limit
+    dropped in their place, for both templates."""
+    shutil.copytree(TINY_DIR, tmp_path / "tok")
+    (tmp_path / "tok" / "chat_template.jinja").write_text(LLAMA3_STYLE)
+    other = load_tokenizer(tmp_path / "tok")
+    texts = [("word " * n).strip() + f" ünï {n}?" for n in (1, 40, 3, 200, 7, 0, 25, 90)]
+    p = tmp_path / "p.jsonl"
+    p.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    monkeypatch.setattr(tokenizer_mod, "ENCODE_CHUNK", 3)
+    for template, special in (("tulu", True), ("tokenizer", False)):
+        alone = [
+            other(render_chat(other, [{"role": "user", "content": t}], template), add_special_tokens=special)[
+                "input_ids"
+            ]
+            for t in texts
+        ]
+        assert len({len(a) for a in alone}) == len(texts)  # (lengths that differ: a batch is not padded)
+        limit = sorted(len(a) for a in alone)[-3]  # (drops the two longest)
+        ps = load_prompts(p, other, max_prompt_len=limit, verbose=False, template=template)
+        assert ps.prompts == [a for a in alone if len(a) <= limit] and ps.dropped == 2
+        assert [m[-1]["content"] for m in ps.messages] == [t for t, a in zip(texts, alone) if len(a) <= limit]
 
 
 def test_a_prompt_string_beside_a_system_turn_and_question_keeps_the_system_turn(tmp_path):
