@@ -508,6 +508,12 @@ def main(argv: list[str] | None = None) -> int:
             flag = f"--seq-len {a.seq_len}" if given_len else f"--seq-len's default, {a.seq_len} (the recipe's),"
             p.error(f"{flag} is longer than the {name} model's context ({c.max_position_embeddings} tokens, its "
                     "max_position_embeddings): give the --seq-len its run will use")  # fmt: skip
+    try:  # (a usage error, as in train_ppo: the degrees that do lay these models out are named)
+        check_tp(configs, a.tp)
+    except InvalidInput as e:
+        fits = [t for t in (1, 2, 4, 8, 16) if _tp_lays_out(configs, t)]  # (1 always: a head divides by 1)
+        named = " or ".join(filter(None, (", ".join(map(str, fits[:-1])), str(fits[-1]))))
+        p.error(f"{e}; --tp {named} divides them")
     dtype, gpu = getattr(torch, a.dtype), int(a.gpu_gib * GiB)
     kv_dtype = torch.float8_e4m3fn if a.kv_cache_dtype == "fp8" else dtype
     reserve = generation_reserve(configs["policy"][0], a.tp, a.seq_len, dtype, a.max_num_seqs)

@@ -57,8 +57,11 @@ def test_a_tp_degree_that_does_not_divide_is_refused(capsys):
     for tp, what in ((16, "key/value heads \\(8\\)"), (3, "attention heads \\(32\\)")):
         with pytest.raises(ValueError, match=f"--tp {tp} does not divide the policy model's {what}"):
             memory_plan.plan(configs, torch.bfloat16, tp, 1, True, 79 * GiB)
-    assert memory_plan.main(["--policy", "llama3.1-8b", "--reward", "llama3.1-8b", "--tp", "16"]) == 1
-    assert "--tp 16 does not divide the policy model's key/value heads (8)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # (the CLI: a usage error, exit 2, naming the degrees that do divide)
+        memory_plan.main(["--policy", "llama3.1-8b", "--reward", "llama3.1-8b", "--tp", "16"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--tp 16 does not divide the policy model's key/value heads (8)" in err
+    assert "--tp 1, 2, 4 or 8 divides them" in err
     with pytest.raises(SystemExit):
         memory_plan.main(["--seq-len", "0"])
     capsys.readouterr()
