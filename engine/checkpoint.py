@@ -248,6 +248,12 @@ def check_checkpoint(path: str | os.PathLike, head: str = "lm") -> tuple[ModelCo
     if {"lm": "score.weight", "score": "lm_head.weight"}[head] in files or tied_lm:
         other = "sequence-classification" if head == "lm" else "causal-LM"
         kind = f" (a {other} checkpoint: this model is {HEAD_CLASSES[head]})"
+    elif head == "score" and "value_head.weight" in files and "score.weight" not in files:
+        kind = (  # (OpenRLHF's reward and critic models before its value_head_prefix default became "score")
+            " (an OpenRLHF reward model saved with value_head_prefix 'value_head': its head is value_head.weight, "
+            "which transformers' LlamaForSequenceClassification, and this engine, read as score.weight; save it again "
+            "with that tensor renamed)"
+        )
     missing = [n for n in shapes if n not in files]
     if missing:
         detail = ", ".join(f"{n} (expected shape {list(shapes[n])})" for n in missing[:5])

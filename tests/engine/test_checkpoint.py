@@ -65,6 +65,18 @@ def test_a_tied_causal_lm_as_reward_model_gives_the_hint(tmp_path):
         load_pretrained(tmp_path, head="score")
 
 
+def test_an_openrlhf_value_head_is_named(tmp_path):
+    """OpenRLHF saved its reward models' head as value_head.weight before its value_head_prefix became "score"
+    (LlamaForSequenceClassification's layout): such a checkpoint is refused naming the tensor to rename."""
+    save_hf_model(tmp_path, head="score")
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["value_head.weight"] = weights.pop("score.weight")
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing tensor score.weight .*an OpenRLHF reward model saved with "
+                       r"value_head_prefix 'value_head'.* renamed\)$"):  # fmt: skip
+        load_pretrained(tmp_path, head="score")
+
+
 def test_a_classification_head_of_two_labels_is_named(tmp_path):
     """transformers' LlamaForSequenceClassification defaults to two labels: score.weight [2, hidden]."""
     save_hf_model(tmp_path, head="score")
