@@ -238,12 +238,13 @@ def prune_checkpoints(out: str, current: str, keep: int, previous: int | None = 
 
 def check_writable(output_dir: str, rank: int) -> None:
     """Before anything is loaded or run: global rank 0 makes output_dir and writes a file there (a read-only or
-    full file system is named now, not after the training or evaluation it would lose); every rank raises
-    together."""
+    full file system is named now, not after the training or evaluation it would lose), then takes the run's lock
+    there (lock_output_dir); every rank raises together."""
     error = None
     if rank == 0 and (why := why_unwritable(output_dir)):
         error = UnwritableOutput(f"cannot write to the output directory {output_dir}: {why}")
     raise_together(error, "checking the output directory")
+    lock_output_dir(output_dir, rank)
 
 
 def why_unwritable(directory: str) -> str | None:
@@ -260,6 +261,62 @@ def why_unwritable(directory: str) -> str | None:
             return "a file of that name is there" if os.path.isfile(directory) else "it is not a directory"
         return e.strerror or str(e)
     return None
+
+
+RUN_LOCK = ".run.lock"  # held by the run writing into an output directory (lock_output_dir)
+_locks: dict[str, int] = {}  # output directory (real path) -> the descriptor holding its lock, in this process
+
+
+def lock_output_dir(output_dir: str | None, rank: int) -> None:
+    """Global rank 0 takes an exclusive lock on output_dir/.run.lock for as long as the run goes on: a second run
+    writing into the same directory at once (a job requeued while the first still runs, a command started twice)
+    is refused before it reads or writes anything there, naming the first (its host, process and start, which the
+    file holds), rather than both saving checkpoints, `latest` and metrics over each other. The lock goes with the
+    process however it ends (the kernel's flock), or at unlock_output_dir. A file system without locks (some network
+    mounts) is warned of and run on. Every rank raises together. The process holds it until unlock_output_dir
+    (train_ppo's main, as it ends) or its end."""
+    error = None
+    if rank == 0 and output_dir and os.path.realpath(output_dir) not in _locks:
+        error = _lock(output_dir)
+    raise_together(error, "locking the output directory")
+
+
+def _lock(output_dir: str) -> InputError | None:
+    import fcntl
+    import socket
+
+    fn = os.path.join(output_dir, RUN_LOCK)
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        fd = os.open(fn, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # (check_writable has just written there)
+        return UnwritableOutput(f"cannot write to the output directory {output_dir}: {e.strerror or e}")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "its host and process unknown"
+        os.close(fd)
+        return OutputInUse(
+            f"{output_dir} is being written by another run ({holder}): wait for it to end or stop it (its lock goes "
+            "with it, however it ends), or give this run another --output-dir"
+        )
+    except OSError as e:  # (ENOLCK, EINVAL: a file system without flock)
+        os.close(fd)
+        print0(f"warning: cannot lock {fn} ({e.strerror or e}): a second run started in {output_dir} meanwhile "
+               "would not be refused")  # fmt: skip
+        return None
+    os.ftruncate(fd, 0)
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {started}\n".encode(), 0)
+    _locks[os.path.realpath(output_dir)] = fd
+    return None
+
+
+def unlock_output_dir(output_dir: str | None) -> None:
+    """Releases lock_output_dir's lock (the file stays: removing it could part a waiting run from the lock)."""
+    fd = _locks.pop(os.path.realpath(output_dir), None) if output_dir else None
+    if fd is not None:
+        os.close(fd)  # (closing the only descriptor of the lock releases it)
 
 
 TRACE_PREFIX = "trace-iter"  # --profile-iteration's Chrome traces (engine.trainer._profiled_iteration)

@@ -301,6 +301,7 @@ def prepare_tiny(run: RunConfig) -> RunConfig:
 def main(argv: list[str] | None = None, *, generator_factory=None) -> list[dict]:
     """Parse flags, set up, train; returns the per-iteration metrics (with --eval-only: the evaluation's)."""
     from engine.parallel import backend_for, init_process_grid
+    from engine.resume import unlock_output_dir
 
     cfg, run, tiny = parse_args(argv)
     grid = init_process_grid(run.tp, backend_for(run.device), timeout_minutes=run.dist_timeout_minutes)
@@ -315,6 +316,7 @@ def main(argv: list[str] | None = None, *, generator_factory=None) -> list[dict]
         state = setup(cfg, run, grid=grid, **kw)
         return train(state)
     finally:
+        unlock_output_dir(run.output_dir)  # (check_writable's lock: a later run in this process may take it)
         if dist.is_initialized():
             dist.destroy_process_group()
 

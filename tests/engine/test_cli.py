@@ -245,7 +245,8 @@ def test_mistakes_in_the_inputs_are_input_errors_named_before_anything_is_built(
         argv = [x for k, v in given.items() for x in (f"--{k}", str(v))] + ["--max-iterations", "1", *flags]
         with pytest.raises(InputError, match=match):
             run_tiny(out, *argv)
-        assert not out.exists() or not any(out.iterdir())  # (nothing written: at most the directory checked)
+        # (nothing written: at most the directory checked, with the run's lock)
+        assert not out.exists() or [p.name for p in out.iterdir()] in ([], [".run.lock"])
 
     refused(rf"^--prompts {tmp_path}/none.jsonl: no such file", prompts=tmp_path / "none.jsonl")
     refused(rf"^--prompts {tmp_path}: a directory, not a JSONL file", prompts=tmp_path)
@@ -531,6 +532,36 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_anything_runs(tm
     if os.path.exists("/dev/null"):
         with pytest.raises(OSError, match="output directory /dev/null: it is not a directory"):
             check_writable("/dev/null", 0)
+
+
+def test_a_second_run_in_an_output_dir_being_written_is_refused_before_it_touches_it(tmp_path):
+    """Two runs writing into one output directory at once (a requeued job while the first still runs, a command
+    started twice) would save checkpoints, `latest` and metrics over each other: while another process runs there,
+    a run (fresh, --resume or --eval-only) is refused before it writes anything, naming that process; once it has
+    ended, however it ended, the directory is free again, and a run frees it when it ends, failed or not."""
+    out = tmp_path / "out"
+    code = (
+        "import sys, time; from engine.resume import lock_output_dir; lock_output_dir(sys.argv[1], 0); "
+        "print('locked', flush=True); time.sleep(120)"
+    )
+    other = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "locked"
+        evaluation = ("--eval-only", "--eval-prompts", os.path.join(ROOT, "engine/assets/prompts_tiny_eval.jsonl"))
+        for flags in ((), ("--resume",), evaluation):
+            with pytest.raises(InputError, match=rf"{out} is being written by another run \(host .*, pid {other.pid}, "
+                               r"since .*\): wait for it to end"):  # fmt: skip
+                run_tiny(out, "--max-iterations", "1", *flags)
+        assert sorted(os.listdir(out)) == [".run.lock"]  # (nothing read or written there)
+    finally:
+        other.kill()
+        other.wait()
+    run_tiny(out, "--max-iterations", "1")  # (the lock went with the process)
+    free = [sys.executable, "-c", code.split("; print")[0]]  # (another process takes the lock, and ends)
+    assert subprocess.run([*free, str(out)], cwd=ROOT).returncode == 0  # (and this run freed it as it ended)
+    with pytest.raises(InputError, match="--seed 5: the tiny default's run"):
+        run_tiny(out, "--max-iterations", "2", "--resume", "--seed", "5")
+    assert subprocess.run([*free, str(out)], cwd=ROOT).returncode == 0  # (a failed run frees it too)
 
 
 def test_damaged_files_are_named(tmp_path):
