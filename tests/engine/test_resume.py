@@ -206,6 +206,9 @@ def test_a_checkpoint_lacking_a_ranks_state_file_is_incomplete(tmp_path):
     assert resume_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-000001")
     (tmp_path / "checkpoint-000002/state-rank00000.pt").write_bytes(b"damaged")
     assert _complete(str(tmp_path / "checkpoint-000002"))
+    for unreadable in ({}, {"world_size": None}, {"world_size": "two"}):  # (no number of ranks to be told: whole too)
+        torch.save(unreadable, str(tmp_path / "checkpoint-000002/state-rank00000.pt"))
+        assert _complete(str(tmp_path / "checkpoint-000002")), unreadable
     _fake_ckpt(tmp_path, 3, state=False)
     torch.save({"world_size": 3}, str(tmp_path / "checkpoint-000003/state-rank00000.pt"))
     torch.save({"world_size": 3}, str(tmp_path / "checkpoint-000003/state-rank00002.pt"))
@@ -855,6 +858,58 @@ def test_check_resumable_names_only_complete_checkpoints_and_the_newest(tmp_path
         r'\{"checkpoint": "checkpoint-000002"\} into',
     ):
         check_resumable(str(tmp_path))
+
+
+def test_resume_checkpoint_is_latests_or_the_newest_complete_one(tmp_path, monkeypatch):
+    """resume_checkpoint: None for an output directory not made yet or holding no complete checkpoint; without `latest`
+    the newest complete checkpoint by number (whatever order the directory lists them in); with `latest` the one it
+    names (and a run that diverged names the same). check_resumable lets a `latest` naming a checkpoint that is there
+    pass."""
+    from types import SimpleNamespace
+
+    from engine.resume import LATEST, check_resumable, resume_checkpoint
+
+    assert resume_checkpoint(str(tmp_path / "not-yet")) is None
+    _fake_ckpt(tmp_path, 3, complete=False)
+    assert resume_checkpoint(str(tmp_path)) is None
+    for n in (1, 2):
+        _fake_ckpt(tmp_path, n)
+    real_listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda d: sorted(real_listdir(d), reverse=True))
+    assert resume_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-000002")
+    diverged = SimpleNamespace(run=SimpleNamespace(output_dir=str(tmp_path)))  # (a run that diverged names it too)
+    assert trainer._where_to_resume(diverged).startswith(f"the last checkpoint is {tmp_path / 'checkpoint-000002'}: ")
+    (tmp_path / LATEST).write_text(json.dumps({"checkpoint": "checkpoint-000001"}))
+    assert resume_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-000001")
+    check_resumable(str(tmp_path))
+
+
+def test_a_writable_directory_is_made_and_left_as_it_was(tmp_path):
+    """why_unwritable: a directory that can hold a run's files is made if missing, and its probe file removed."""
+    from engine.resume import why_unwritable
+
+    assert why_unwritable(str(tmp_path / "new/out")) is None
+    assert os.listdir(tmp_path / "new/out") == []
+
+
+def test_start_fresh_names_what_would_delete_an_input(tmp_path):
+    """An input inside the earlier run's checkpoint: a fresh run is refused as deleting it, overwrite or not;
+    --eval-only as an evaluation of its own (it deletes nothing), and with --overwrite-output-dir naming that flag.
+    Nothing is removed by a refusal; an input outside what is doomed is no refusal."""
+    from engine.resume import start_fresh
+
+    ckpt = _fake_ckpt(tmp_path, 1)
+    inputs = {"--policy": os.path.join(ckpt, "policy")}
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match=f"--policy {ckpt}/policy lies in {ckpt}, which starting a fresh run in "):
+            start_fresh(str(tmp_path), overwrite, 0, inputs=inputs)
+    with pytest.raises(FileExistsError, match="--eval-only writes an evaluation of its own"):
+        start_fresh(str(tmp_path), False, 0, evaluation=True, inputs=inputs)
+    with pytest.raises(ValueError, match=f"--policy {ckpt}/policy lies in {ckpt}, which --overwrite-output-dir would"):
+        start_fresh(str(tmp_path), True, 0, evaluation=True, inputs=inputs)
+    assert os.path.isdir(ckpt)
+    start_fresh(str(tmp_path), True, 0, evaluation=True, inputs={"--policy": str(tmp_path / "elsewhere")})
+    assert not os.path.exists(ckpt)
 
 
 def test_a_resume_at_another_kv_cache_dtype_is_named_and_an_older_record_is_not(monkeypatch):

@@ -128,6 +128,47 @@ def test_wandb_that_cannot_start_is_refused_before_any_model_is_loaded(tmp_path,
     _refused_before_loading(wandb, tmp_path / "run", "p", rf"--wandb-project p: {why}")
 
 
+def test_what_lets_wandb_start_without_a_key(tmp_path, monkeypatch):
+    """_why_wandb_cannot_start: online with no key in reach and no terminal is refused; the offline and disabled modes,
+    WANDB_API_KEY, a .netrc where NETRC names it (only there: ~/_netrc is not read then) and a terminal to ask on each
+    let W&B start. A WANDB_MODE that W&B refuses is said in one line, without pydantic's links."""
+    wandb = pytest.importorskip("wandb")
+    from engine.tracking import _why_wandb_cannot_start
+
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_CONFIG_DIR", "WANDB_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.StringIO())
+
+    def why(mode, **env):
+        monkeypatch.setenv("WANDB_MODE", mode)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        wandb.teardown()
+        try:
+            return _why_wandb_cannot_start("p")
+        finally:
+            wandb.teardown()
+            for k in env:
+                monkeypatch.delenv(k)
+
+    (tmp_path / "_netrc").write_text("machine api.wandb.ai login user password " + "x" * 40 + "\n")
+    assert why("online").startswith("W&B is not logged in and its mode is online")
+    assert why("offline") is None and why("disabled") is None
+    assert why("online", WANDB_API_KEY="x" * 40) is None
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password " + "x" * 40 + "\n")
+    assert why("online") is None
+    (tmp_path / "netrc").unlink()
+    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(isatty=lambda: True))
+    assert why("online") is not None  # (a terminal to type on, but none shown the prompt: stderr redirected)
+    monkeypatch.setattr(sys, "stderr", types.SimpleNamespace(isatty=lambda: True))
+    assert why("online") is None
+    refused = why("ofline")
+    assert refused.startswith("W&B refuses its settings: ") and "\n" not in refused and "pydantic.dev" not in refused
+
+
 def _refused_before_loading(wandb, out, project: str, match: str) -> None:
     """The tiny default with --wandb-project `project` is an input error matching `match`, raised before anything ran
     (W&B's settings read afresh from the environment, and forgotten after)."""
