@@ -60,6 +60,7 @@ def test_metrics_and_evaluations_go_to_the_wandb_run_and_a_resume_continues_it(t
                                                                  (2, ["samples"]), (2, ["eval/answers"])]  # fmt: skip
     answers = tables[-1][2]["eval/answers"]
     assert len(answers.data) == 16 and answers.columns[:2] == ["prompt", "response"]
+    assert not any(c.endswith("_ids") for t in tables for c in next(iter(t[2].values())).columns)  # (the text shown)
     assert [row[answers.columns.index("prompt_index")] for row in answers.data] == list(range(16))
     assert tables[1][2]["samples"].columns[0] == "iteration" and len(tables[1][2]["samples"].data) == 2
     run_id = (tmp_path / "run/wandb-run-id").read_text().strip()
