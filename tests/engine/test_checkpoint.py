@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -74,6 +75,15 @@ def test_an_openrlhf_value_head_is_named(tmp_path):
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"missing tensor score.weight .*an OpenRLHF reward model saved with "
                        r"value_head_prefix 'value_head'.* renamed\)$"):  # fmt: skip
+        load_pretrained(tmp_path, head="score")
+
+
+def test_a_tied_reward_model_lacking_its_head_gets_no_causal_lm_hint(tmp_path):
+    """A sequence-classification checkpoint with tied embeddings whose score.weight is missing (a damaged save) is not
+    called a causal LM: the class in its config.json's architectures tells the kinds apart, not the tying alone."""
+    save_hf_model(tmp_path, head="score", tie_word_embeddings=True)
+    _rewrite(tmp_path, lambda t: t.pop("score.weight"))
+    with pytest.raises(ValueError, match=r"missing tensor score.weight \(expected shape \[1, 64\]\)$"):
         load_pretrained(tmp_path, head="score")
 
 
@@ -509,6 +519,19 @@ def test_save_pretrained_syncs_every_file_and_the_rename(tmp_path, monkeypatch):
     ckpt.save_pretrained(Transformer(ModelConfig.named("tiny")).init_weights(seed=1), target)
     assert "config.json" in synced and "model.safetensors" in synced, synced
     assert (os.path.abspath(tmp_path), True) in dirs, dirs
+    # a tokenizer's named chat templates (additional_chat_templates/) are synced too, and their folder; a folder whose
+    # name starts like a tokenizer file's is no file to copy
+    from engine.tokenizer import TINY_DIR
+
+    tok = tmp_path / "tok"
+    shutil.copytree(TINY_DIR, tok)
+    (tok / "tokenizer_backup").mkdir()
+    (tok / ckpt.CHAT_TEMPLATE_DIR).mkdir()
+    (tok / ckpt.CHAT_TEMPLATE_DIR / "tool_use.jinja").write_text("{{ 'tool' }}")
+    synced.clear(), dirs.clear()
+    ckpt.save_pretrained(Transformer(ModelConfig.named("tiny")).init_weights(seed=1), target, tokenizer_dir=str(tok))
+    assert "tool_use.jinja" in synced and any(d.endswith(ckpt.CHAT_TEMPLATE_DIR) for d, _ in dirs), (synced, dirs)
+    assert not (target / "tokenizer_backup").exists() and (target / ckpt.CHAT_TEMPLATE_DIR / "tool_use.jinja").exists()
 
 
 def test_sharded_index_total_size_is_bytes(tmp_path):
