@@ -336,12 +336,19 @@ def test_the_plan_leaves_auto_the_host_memory_an_explicit_idle_offload_does_not_
              "max_num_seqs": 256}  # fmt: skip
 
     def plan(host, idle="rollouts"):
-        return memory_plan.plan_for("auto", configs, torch.bfloat16, 8, 1, True, gpu, cache, host=host * GiB,
+        return memory_plan.plan_for("auto", configs, torch.bfloat16, 8, 1, True, gpu, cache, host=round(host * GiB),
                                     local_ranks=8, idle_models=idle)  # fmt: skip
 
     with pytest.raises(ValueError, match=r"would not hold one sequence .* \(the host has no room for the optimizer "):
         plan(620)
     assert plan(700)[1] is False and plan(620, idle="off")[1] is False  # (state moved for rollouts: not resident)
+    assert plan(620, idle="auto")[1] is False  # (auto and auto: the optimizer state first, as decide_offload does)
+    # the bound, to the byte: the state moves while 8 ranks' of it are at most half of what the idle weights leave
+    lm8, score8 = configs["policy"][0].num_params("lm", 8), configs["policy"][0].num_params("score", 8)
+    exact = 2 * 8 * 12 * (lm8 + score8) + 8 * 2 * (lm8 + 2 * score8)  # (the state's fp32 bytes, the idle bf16 weights)
+    assert plan(exact / GiB)[1] is False
+    with pytest.raises(ValueError, match=r"\(the host has no room for the optimizer state\)"):
+        plan((exact - 1) / GiB)
 
 
 def test_offload_decision():
