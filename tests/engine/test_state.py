@@ -161,6 +161,11 @@ def test_auto_leaves_the_host_memory_an_explicit_idle_offload_needs(gpu_like, mo
     capsys.readouterr()
     assert g.decide("auto", "rollouts") == (False, True)
     assert g.decide("auto", "auto") == (True, False)  # (auto and auto: the optimizer first, as before)
+    # two ranks on the node: auto leaves both ranks' idle weights their room (a host with room for the state beside
+    # one rank's of them, not two)
+    monkeypatch.setattr(memory_plan, "local_ranks", lambda: 2)
+    monkeypatch.setattr(memory_plan, "host_available", lambda: 4 * n + m + 2)
+    assert g.decide("auto", "rollouts") == (False, True)
 
 
 def test_a_fixed_kv_cache_is_not_enlarged_by_offloading(gpu_like, monkeypatch, capsys):
