@@ -136,6 +136,7 @@ def test_nan_loss_names_the_loss_iteration_and_step(tmp_path):
     with dispatch.reference_ops(), pytest.raises(FloatingPointError, match=r"value loss .*iteration 1, step 1 ") as e:
         trainer.train(state)
     assert str(e.value).endswith("no checkpoint was saved before it (--save-every N saves one every N iterations)")
+    assert "KL" not in str(e.value)  # (the rollout's KL is finite: the value model's NaN is not blamed on it)
 
 
 def test_a_run_that_diverges_names_the_checkpoint_to_resume_from(tmp_path, monkeypatch):
@@ -160,23 +161,27 @@ def test_a_run_that_diverges_names_the_checkpoint_to_resume_from(tmp_path, monke
     assert trainer._where_to_resume(state).startswith("the last checkpoint cannot be told: ")
 
 
-def test_a_kl_that_overflows_is_named(tmp_path, monkeypatch):
+@pytest.mark.parametrize("estimator", ["k3", "k1"])
+def test_a_kl_that_overflows_is_named(tmp_path, monkeypatch, estimator):
     """--kl-estimator k3 where the reference's log-prob of a sampled token is far above the policy's: exp overflows,
-    the rewards and returns are not finite, and the run stops naming the KL (it said only "non-finite value loss")."""
-    state = tiny_state(tmp_path, "--max-iterations", "1", "--kl-estimator", "k3", "--eval-prompts", "")
-    targets = trainer.rollout_targets
+    the rewards and returns are not finite, and the run stops naming the KL (it said only "non-finite value loss").
+    k1's KL, not finite only where a log-prob is not (here the reference's, stood in), gets no word of k3's."""
+    state = tiny_state(tmp_path, "--max-iterations", "1", "--kl-estimator", estimator, "--eval-prompts", "")
+    targets, far = trainer.rollout_targets, slice(2, 3) if estimator == "k3" else slice(2, 5)  # (flat: tokens)
 
     def far_reference(st, ro):
-        ro.ref_logprobs[2] = ro.logprobs[2] + 100.0
+        ro.ref_logprobs[far] = ro.logprobs[far] + (100.0 if estimator == "k3" else float("inf"))
         targets(st, ro)
 
     monkeypatch.setattr(trainer, "rollout_targets", far_reference)
     with (
         dispatch.reference_ops(),
         pytest.raises(FloatingPointError, match=r"loss .* from the rollout's KL to the reference \(--kl-estimator "
-                      r"k3\), not finite at 1 response tokens \(k3 = .*overflows"),
+                      rf"{estimator}\), not finite at \d+ response tokens") as e,
     ):  # fmt: skip
         trainer.train(state)
+    assert ("k3 = exp(ref - logp) - 1 - (ref - logp) overflows" in str(e.value)) == (estimator == "k3")
+    assert f"not finite at {far.stop - far.start} response tokens" in str(e.value)  # (each counted)
 
 
 def test_nonfinite_grad_norm_raises_before_any_update(tmp_path):
