@@ -419,19 +419,21 @@ def _minibatch_rank(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     _, _, values, _, mask = _split_rows()
     rows = [rank, rank + 2]
-    got, _ = ppo.minibatch_advantages(values[rows], mask[rows], PPOConfig(), dist.group.WORLD)
-    torch.save(got, os.path.join(out_dir, f"adv{rank}.pt"))
+    got, n = ppo.minibatch_advantages(values[rows], mask[rows], PPOConfig(), dist.group.WORLD)
+    torch.save((got, n), os.path.join(out_dir, f"adv{rank}.pt"))
     dist.destroy_process_group()
 
 
 def test_minibatch_advantages_are_whitened_over_every_dp_rank(tmp_path):
     """Two DP ranks (gloo processes) holding half a minibatch's rows each whiten its advantages as one process holding
-    all of them."""
+    all of them, and count the minibatch's tokens over both (the losses' denominator), not their own."""
     import torch.multiprocessing as mp
 
     mp.spawn(_minibatch_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     _, _, values, _, mask = _split_rows()
-    one, _ = ppo.minibatch_advantages(values, mask, PPOConfig())
+    one, count = ppo.minibatch_advantages(values, mask, PPOConfig())
+    assert count.item() == mask.sum().item() == 17
     for rank in range(2):
-        got = torch.load(tmp_path / f"adv{rank}.pt")
+        got, n = torch.load(tmp_path / f"adv{rank}.pt")
         torch.testing.assert_close(got, one[[rank, rank + 2]], atol=1e-5, rtol=1e-5)
+        assert n.item() == 17
