@@ -4,6 +4,7 @@ hand-computed values with the timer stubbed out: no timing is asserted, only wha
 from __future__ import annotations
 
 import json
+import os
 import sys
 from types import SimpleNamespace
 
@@ -60,6 +61,25 @@ def test_fill_peaks_sets_each_ceiling_from_its_own_measurement(monkeypatch, caps
     assert (args.bandwidth, args.tflops) == (3.142, 789.1)
     C.fill_peaks(args, "cpu", bandwidth="given")  # a flag's value is kept
     assert args.given == 5.0 and "copy bandwidth 3.14 TB/s, matmul 789.1 TFLOP/s" in capsys.readouterr().out
+
+
+def test_write_json_is_standard_json_with_null_for_figures_not_finite(tmp_path):
+    """write_json: a figure that is not finite (NaN, either infinity), in a dict, list or tuple at any depth, is written
+    as null, not as NaN or Infinity (no JSON value); a value JSON has no type for (a Path among a bench's arguments) as
+    its text; indent as asked; nothing without a path."""
+    from pathlib import Path
+
+    import bench.common as C
+
+    nan, inf = float("nan"), float("inf")
+    obj = {"rows": [{"peak": nan, "ms": 1.5, "range": (-inf, 2.0)}], "meta": {"top": inf, "json": Path("a.json")}}
+    C.write_json(str(tmp_path / "r.json"), obj, indent=1)
+    text = (tmp_path / "r.json").read_text()
+    saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert saved == {"rows": [{"peak": None, "ms": 1.5, "range": [None, 2.0]}], "meta": {"top": None, "json": "a.json"}}
+    assert text.startswith('{\n "rows"')  # (indent 1)
+    C.write_json(None, obj)
+    assert os.listdir(tmp_path) == ["r.json"]
 
 
 def test_check_close_tolerances():
