@@ -908,6 +908,10 @@ def test_start_fresh_names_what_would_delete_an_input(tmp_path):
     with pytest.raises(ValueError, match=f"--policy {ckpt}/policy lies in {ckpt}, which --overwrite-output-dir would"):
         start_fresh(str(tmp_path), True, 0, evaluation=True, inputs=inputs)
     assert os.path.isdir(ckpt)
+    samples = tmp_path / "samples.jsonl"  # (an input that is one of the run's files itself: the last run's samples
+    samples.write_text("{}\n")  # as the next run's prompts)
+    with pytest.raises(ValueError, match=f"--prompts {samples} lies in {samples}, which starting a fresh run in "):
+        start_fresh(str(tmp_path), True, 0, inputs={"--prompts": str(samples)})
     start_fresh(str(tmp_path), True, 0, evaluation=True, inputs={"--policy": str(tmp_path / "elsewhere")})
     assert not os.path.exists(ckpt)
 
