@@ -305,9 +305,13 @@ def _lock(output_dir: str) -> InputError | None:
         print0(f"warning: cannot lock {fn} ({e.strerror or e}): a second run started in {output_dir} meanwhile "
                "would not be refused")  # fmt: skip
         return None
-    os.ftruncate(fd, 0)
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {started}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {started}\n".encode(), 0)
+    except OSError as e:  # (a full disk: taken before check_writable's probe, which would have named it)
+        os.close(fd)
+        return UnwritableOutput(f"cannot write to the output directory {output_dir}: {e.strerror or e}")
     _locks[os.path.realpath(output_dir)] = fd
     return None
 

@@ -301,11 +301,14 @@ def prepare_tiny(run: RunConfig) -> RunConfig:
 def main(argv: list[str] | None = None, *, generator_factory=None) -> list[dict]:
     """Parse flags, set up, train; returns the per-iteration metrics (with --eval-only: the evaluation's)."""
     from engine.parallel import backend_for, init_process_grid
-    from engine.resume import unlock_output_dir
+    from engine.resume import lock_output_dir, unlock_output_dir
 
     cfg, run, tiny = parse_args(argv)
     grid = init_process_grid(run.tp, backend_for(run.device), timeout_minutes=run.dist_timeout_minutes)
     try:
+        # an output directory that is there already is locked before anything reads or writes in it (a resume's
+        # `latest`, check_writable's probe): a run going on there is named first; a new one, as check_writable makes it
+        lock_output_dir(run.output_dir if os.path.isdir(run.output_dir) else None, grid.rank)
         if tiny:
             run = prepare_tiny(run)
         if run.eval_only:

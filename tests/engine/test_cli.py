@@ -564,6 +564,59 @@ def test_a_second_run_in_an_output_dir_being_written_is_refused_before_it_touche
     assert subprocess.run([*free, str(out)], cwd=ROOT).returncode == 0  # (a failed run frees it too)
 
 
+def test_a_run_refused_for_an_output_dir_being_written_reads_and_writes_nothing_there_first(tmp_path):
+    """The refusal comes before anything else touches the directory: a resume of other models does not read `latest`
+    first (the other run's --overwrite-output-dir may have deleted the checkpoint it names, and the resume was told to
+    start over there with --overwrite-output-dir), and no run writes its probe of the directory there (its mtime)."""
+    from engine.tokenizer import TINY_DIR, TINY_PROMPTS
+    from engine.train_ppo import build_tiny_models
+
+    policy, reward = build_tiny_models(str(tmp_path / "models"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "latest").write_text('{"checkpoint": "checkpoint-000002"}')  # (the other run deleting what it names)
+    code = (
+        "import sys, time; from engine.resume import lock_output_dir; lock_output_dir(sys.argv[1], 0); "
+        "print('locked', flush=True); time.sleep(120)"
+    )
+    other = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "locked"
+        os.utime(out, (1, 1))
+        flags = ["--policy", policy, "--reward", reward, "--prompts", TINY_PROMPTS, "--tokenizer", TINY_DIR]
+        for how in (flags + ["--resume"], flags + ["--overwrite-output-dir"], ["--resume"], []):
+            with pytest.raises(InputError, match=rf"^{out} is being written by another run \(host .*, pid {other.pid}"):
+                run_tiny(out, "--max-iterations", "1", *how)
+            assert sorted(os.listdir(out)) == [".run.lock", "latest"] and os.stat(out).st_mtime == 1
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_full_disk_met_taking_the_lock_is_an_unwritable_output_dir(tmp_path, monkeypatch):
+    """The lock is taken before the directory's probe (check_writable): a full disk met writing the holder's line into
+    the lock file (an empty one there, a page to allocate) is the probe's refusal, raised together by every rank, not
+    rank 0's bare OSError (the other ranks, waiting for it in a collective, died with gloo's traceback)."""
+    import errno
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".run.lock").touch()
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(InputError, match=f"^cannot write to the output directory {out}: No space left on device$"):
+        run_tiny(out, "--max-iterations", "1")
+    assert sorted(os.listdir(out)) == [".run.lock"]
+    monkeypatch.undo()
+    from engine.resume import lock_output_dir, unlock_output_dir
+
+    lock_output_dir(str(out), 0)  # (the failed lock's descriptor is closed: nothing holds it)
+    unlock_output_dir(str(out))
+
+
 def test_damaged_files_are_named(tmp_path):
     from engine.resume import LATEST, latest_checkpoint, load_state_file
     from engine.train_ppo import build_tiny_models
