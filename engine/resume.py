@@ -264,7 +264,7 @@ def why_unwritable(directory: str) -> str | None:
 
 
 RUN_LOCK = ".run.lock"  # held by the run writing into an output directory (lock_output_dir)
-_locks: dict[str, int] = {}  # output directory (real path) -> the descriptor holding its lock, in this process
+_locks: dict[str, int] = {}  # output directory (real path) -> the descriptor holding its lock (-1: none), this process
 
 
 def lock_output_dir(output_dir: str | None, rank: int) -> None:
@@ -304,6 +304,7 @@ def _lock(output_dir: str) -> InputError | None:
         os.close(fd)
         print0(f"warning: cannot lock {fn} ({e.strerror or e}): a second run started in {output_dir} meanwhile "
                "would not be refused")  # fmt: skip
+        _locks[os.path.realpath(output_dir)] = -1  # (said once: the run checks its output directory more than once)
         return None
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     try:
@@ -319,7 +320,7 @@ def _lock(output_dir: str) -> InputError | None:
 def unlock_output_dir(output_dir: str | None) -> None:
     """Releases lock_output_dir's lock (the file stays: removing it could part a waiting run from the lock)."""
     fd = _locks.pop(os.path.realpath(output_dir), None) if output_dir else None
-    if fd is not None:
+    if fd is not None and fd >= 0:
         os.close(fd)  # (closing the only descriptor of the lock releases it)
 
 

@@ -231,6 +231,23 @@ def test_a_resume_whose_latest_names_a_checkpoint_that_is_gone_says_so(tmp_path)
     assert [d.name for d in tmp_path.glob("checkpoint-*")] == ["checkpoint-000002"]  # (nothing removed)
 
 
+def test_an_output_dir_on_a_file_system_without_locks_is_warned_of_once_and_run_in(tmp_path, monkeypatch, capsys):
+    """flock refused (ENOLCK: some network mounts): the run goes on, fresh or resumed, saying once that a second run
+    there would not be refused (the output directory is checked at more than one place), and ends freeing nothing."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    for flags in ((), ("--resume",)):
+        run_tiny(tmp_path, "--max-iterations", str(1 + len(flags)), *flags)
+        out = capsys.readouterr().out
+        assert out.count(f"warning: cannot lock {tmp_path}/.run.lock (No locks available): a second run") == 1, out
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
 def test_a_checkpoint_is_durable_before_latest_points_to_it(tmp_path, monkeypatch):
     """Every file is fsynced before its rename and every directory whose entries changed after it: each model's
     directory before it is renamed into place, the checkpoint's parent after, checkpoint-N before `latest` moves,
