@@ -289,8 +289,9 @@ def _lock(output_dir: str) -> InputError | None:
     try:
         os.makedirs(output_dir, exist_ok=True)
         fd = os.open(fn, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:  # (check_writable has just written there)
-        return UnwritableOutput(f"cannot write to the output directory {output_dir}: {e.strerror or e}")
+    except OSError as e:  # (the directory, or a lock file there that is not this user's to write, or no file)
+        what = f"its run lock {fn}" if os.path.lexists(fn) else f"the output directory {output_dir}"
+        return UnwritableOutput(f"cannot write to {what}: {e.strerror or e}")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -617,6 +617,15 @@ def test_a_full_disk_met_taking_the_lock_is_an_unwritable_output_dir(tmp_path, m
     unlock_output_dir(str(out))
 
 
+def test_a_run_lock_that_cannot_be_opened_is_named(tmp_path):
+    """A .run.lock there that cannot be opened for writing (a directory of that name; another user's file) names
+    the lock file, not the output directory, which can be written."""
+    out = tmp_path / "out"
+    (out / ".run.lock").mkdir(parents=True)
+    with pytest.raises(InputError, match=f"^cannot write to its run lock {out}/.run.lock: Is a directory$"):
+        run_tiny(out, "--max-iterations", "1")
+
+
 def test_damaged_files_are_named(tmp_path):
     from engine.resume import LATEST, latest_checkpoint, load_state_file
     from engine.train_ppo import build_tiny_models
