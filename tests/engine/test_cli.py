@@ -1,6 +1,7 @@
 """The command line of train_ppo.py: flags refused when parsed, input errors named in one line (by the flag
 or file) before anything is built or written, --help, and the output directory's refusals."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -534,30 +535,40 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_anything_runs(tm
             check_writable("/dev/null", 0)
 
 
+LOCK_AND_WAIT = (  # (a run's lock taken by another process, which then waits to be killed)
+    "import sys, time; from engine.resume import lock_output_dir; lock_output_dir(sys.argv[1], 0); "
+    "print('locked', flush=True); time.sleep(120)"
+)
+
+
+@contextlib.contextmanager
+def locked_by_another_process(out):
+    """The output directory `out` locked by another process (its pid yielded) until the block ends."""
+    argv = [sys.executable, "-c", LOCK_AND_WAIT, str(out)]
+    other = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "locked"
+        yield other.pid
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_a_second_run_in_an_output_dir_being_written_is_refused_before_it_touches_it(tmp_path):
     """Two runs writing into one output directory at once (a requeued job while the first still runs, a command
     started twice) would save checkpoints, `latest` and metrics over each other: while another process runs there,
     a run (fresh, --resume or --eval-only) is refused before it writes anything, naming that process; once it has
     ended, however it ended, the directory is free again, and a run frees it when it ends, failed or not."""
     out = tmp_path / "out"
-    code = (
-        "import sys, time; from engine.resume import lock_output_dir; lock_output_dir(sys.argv[1], 0); "
-        "print('locked', flush=True); time.sleep(120)"
-    )
-    other = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        assert other.stdout.readline().strip() == "locked"
+    with locked_by_another_process(out) as pid:
         evaluation = ("--eval-only", "--eval-prompts", os.path.join(ROOT, "engine/assets/prompts_tiny_eval.jsonl"))
         for flags in ((), ("--resume",), evaluation):
-            with pytest.raises(InputError, match=rf"{out} is being written by another run \(host .*, pid {other.pid}, "
+            with pytest.raises(InputError, match=rf"{out} is being written by another run \(host .*, pid {pid}, "
                                r"since .*\): wait for it to end"):  # fmt: skip
                 run_tiny(out, "--max-iterations", "1", *flags)
         assert sorted(os.listdir(out)) == [".run.lock"]  # (nothing read or written there)
-    finally:
-        other.kill()
-        other.wait()
     run_tiny(out, "--max-iterations", "1")  # (the lock went with the process)
-    free = [sys.executable, "-c", code.split("; print")[0]]  # (another process takes the lock, and ends)
+    free = [sys.executable, "-c", LOCK_AND_WAIT.split("; print")[0]]  # (another process takes the lock, and ends)
     assert subprocess.run([*free, str(out)], cwd=ROOT).returncode == 0  # (and this run freed it as it ended)
     with pytest.raises(InputError, match="--seed 5: the tiny default's run"):
         run_tiny(out, "--max-iterations", "2", "--resume", "--seed", "5")
@@ -575,22 +586,13 @@ def test_a_run_refused_for_an_output_dir_being_written_reads_and_writes_nothing_
     out = tmp_path / "out"
     out.mkdir()
     (out / "latest").write_text('{"checkpoint": "checkpoint-000002"}')  # (the other run deleting what it names)
-    code = (
-        "import sys, time; from engine.resume import lock_output_dir; lock_output_dir(sys.argv[1], 0); "
-        "print('locked', flush=True); time.sleep(120)"
-    )
-    other = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        assert other.stdout.readline().strip() == "locked"
+    with locked_by_another_process(out) as pid:
         os.utime(out, (1, 1))
         flags = ["--policy", policy, "--reward", reward, "--prompts", TINY_PROMPTS, "--tokenizer", TINY_DIR]
         for how in (flags + ["--resume"], flags + ["--overwrite-output-dir"], ["--resume"], []):
-            with pytest.raises(InputError, match=rf"^{out} is being written by another run \(host .*, pid {other.pid}"):
+            with pytest.raises(InputError, match=rf"^{out} is being written by another run \(host .*, pid {pid}"):
                 run_tiny(out, "--max-iterations", "1", *how)
             assert sorted(os.listdir(out)) == [".run.lock", "latest"] and os.stat(out).st_mtime == 1
-    finally:
-        other.kill()
-        other.wait()
 
 
 def test_a_full_disk_met_taking_the_lock_is_an_unwritable_output_dir(tmp_path, monkeypatch):
