@@ -271,10 +271,9 @@ def lock_output_dir(output_dir: str | None, rank: int) -> None:
     """Global rank 0 takes an exclusive lock on output_dir/.run.lock for as long as the run goes on: a second run
     writing into the same directory at once (a job requeued while the first still runs, a command started twice)
     is refused before it reads or writes anything there, naming the first (its host, process and start, which the
-    file holds), rather than both saving checkpoints, `latest` and metrics over each other. The lock goes with the
-    process however it ends (the kernel's flock), or at unlock_output_dir. A file system without locks (some network
-    mounts) is warned of and run on. Every rank raises together. The process holds it until unlock_output_dir
-    (train_ppo's main, as it ends) or its end."""
+    file holds), rather than both saving checkpoints, `latest` and metrics over each other. The process holds it
+    until unlock_output_dir (train_ppo's main, as it ends) or its own end, however it ends (the kernel's flock). A
+    file system without locks (some network mounts) is warned of and run on. Every rank raises together."""
     error = None
     if rank == 0 and output_dir and os.path.realpath(output_dir) not in _locks:
         error = _lock(output_dir)
