@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         check_tp(configs, a.tp)
     except InvalidInput as e:
         fits = [t for t in (1, 2, 4, 8, 16) if _tp_lays_out(configs, t)]  # (1 always: a head divides by 1)
-        named = " or ".join(filter(None, (", ".join(map(str, fits[:-1])), str(fits[-1]))))
+        named = f"{', '.join(map(str, fits[:-1]))} or {fits[-1]}" if len(fits) > 1 else str(fits[0])
         p.error(f"{e}; --tp {named} divides them")
     dtype, gpu = getattr(torch, a.dtype), int(a.gpu_gib * GiB)
     kv_dtype = torch.float8_e4m3fn if a.kv_cache_dtype == "fp8" else dtype
