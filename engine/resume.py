@@ -239,9 +239,10 @@ def prune_checkpoints(out: str, current: str, keep: int, previous: int | None = 
 def check_writable(output_dir: str, rank: int) -> None:
     """Before anything is loaded or run: global rank 0 makes output_dir and writes a file there (a read-only or
     full file system is named now, not after the training or evaluation it would lose), then takes the run's lock
-    there (lock_output_dir); every rank raises together."""
+    there (lock_output_dir); every rank raises together. A directory inside what another run writes, or holding
+    another run inside what this one writes, is refused first (nested_run)."""
     error = None
-    if rank == 0 and (why := why_unwritable(output_dir)):
+    if rank == 0 and (error := nested_run(output_dir)) is None and (why := why_unwritable(output_dir)):
         error = UnwritableOutput(f"cannot write to the output directory {output_dir}: {why}")
     raise_together(error, "checking the output directory")
     lock_output_dir(output_dir, rank)
@@ -276,7 +277,7 @@ def lock_output_dir(output_dir: str | None, rank: int) -> None:
     file system without locks (some network mounts) is warned of and run on. Every rank raises together."""
     error = None
     if rank == 0 and output_dir and os.path.realpath(output_dir) not in _locks:
-        error = _lock(output_dir)
+        error = nested_run(output_dir) or _lock(output_dir)
     raise_together(error, "locking the output directory")
 
 
@@ -332,10 +333,40 @@ def run_files(output_dir: str) -> list[str]:
     sorted."""
     if not os.path.isdir(output_dir):
         return []
-    ours = lambda n: (
-        n in (LATEST, EVAL_DIR, WANDB_RUN_ID, LAUNCHES, *LOGS) or n.startswith(("checkpoint-", TRACE_PREFIX))
-    )  # noqa: E731
-    return sorted(n for n in os.listdir(output_dir) if ours(n))
+    return sorted(n for n in os.listdir(output_dir) if _run_file(n))
+
+
+def _run_file(name: str) -> bool:
+    """Whether `name` in an output directory is one a run writes, and deletes as it prunes or starts over."""
+    return name in (LATEST, EVAL_DIR, WANDB_RUN_ID, LAUNCHES, *LOGS) or name.startswith(("checkpoint-", TRACE_PREFIX))
+
+
+def nested_run(output_dir: str) -> InputError | None:
+    """The refusal of an output directory nested in another run's files: inside what a run (a directory with a
+    .run.lock) writes there, `D/checkpoint-000001/x` or `D/eval/x`, which that run deletes as it prunes its
+    checkpoints or starts over; or holding, inside what this run would write and delete, another run's directory.
+    None if neither (a run beside another's, or in another's directory outside its files, is fine)."""
+    real = os.path.realpath(output_dir)
+    inner, outer = real, os.path.dirname(real)
+    while outer != inner:
+        below = os.path.relpath(real, outer)
+        top = below.split(os.sep)[0]
+        if _run_file(top) and os.path.exists(os.path.join(outer, RUN_LOCK)):
+            how = "is" if below == top else "lies in"
+            return InvalidInput(
+                f"{output_dir} {how} {os.path.join(outer, top)}, which the run writing {outer} deletes as it prunes "
+                "its checkpoints or starts over: give this run an --output-dir outside it"
+            )
+        inner, outer = outer, os.path.dirname(outer)
+    for name in run_files(real):
+        for where, _, files in os.walk(os.path.join(real, name)):  # (links not followed: what a run deletes)
+            if RUN_LOCK in files:
+                return InvalidInput(
+                    f"{output_dir} holds another run's output directory, {where}, in {name}, which this run would "
+                    "delete as it prunes its checkpoints or starts over: move that run out of there first, or give "
+                    "this run another --output-dir"
+                )
+    return None
 
 
 def start_fresh(

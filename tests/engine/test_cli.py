@@ -480,7 +480,9 @@ def test_an_evaluation_of_the_tiny_default_never_deletes_its_training_run(tmp_pa
     with pytest.raises(FileExistsError, match="--eval-only writes an evaluation of its own"):
         run_tiny(tmp_path, "--eval-only")
     assert sorted(os.listdir(tmp_path)) == held and (tmp_path / "checkpoint-000001/policy").is_dir()
-    assert run_tiny(tmp_path / "eval", "--eval-only")[0]["prompts"] == 16  # (its own directory: evaluated there)
+    assert run_tiny(tmp_path / "heldout", "--eval-only")[0]["prompts"] == 16  # (its own directory: evaluated there)
+    with pytest.raises(ValueError, match=f"^{tmp_path}/eval is {tmp_path}/eval, which the run writing"):
+        run_tiny(tmp_path / "eval", "--eval-only")  # (not in the run's own evaluations, which it deletes starting over)
 
 
 def test_another_seed_never_rebuilds_the_tiny_defaults_models_under_its_run(tmp_path):
@@ -698,3 +700,20 @@ def test_a_full_disk_is_one_line_with_what_to_do(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train_ppo, "main", denied)
     with pytest.raises(PermissionError):
         train_ppo.cli([])
+
+
+def test_a_run_nested_in_another_runs_checkpoints_is_refused_before_it_writes_there(tmp_path):
+    """A run whose --output-dir lies in another run's checkpoint would be deleted as that run prunes its checkpoints
+    (and a run around another would delete it): refused with nothing made or written there, fresh or resumed."""
+    out = tmp_path / "out"
+    run_tiny(out, "--max-iterations", "1")
+    inner = out / "checkpoint-000001" / "next"
+    before = sorted(os.listdir(out / "checkpoint-000001"))
+    for flags in ((), ("--resume",)):
+        with pytest.raises(InputError, match=rf"^{inner} lies in {out}/checkpoint-000001, which the run writing {out}"):
+            run_tiny(inner, "--max-iterations", "1", *flags)
+    assert not inner.exists() and sorted(os.listdir(out / "checkpoint-000001")) == before
+    inner.mkdir()  # (made already: refused before its lock is taken there, which would write .run.lock)
+    with pytest.raises(InputError, match=rf"^{inner} lies in {out}/checkpoint-000001, which the run writing {out}"):
+        run_tiny(inner, "--max-iterations", "1", "--resume")
+    assert os.listdir(inner) == []

@@ -954,3 +954,44 @@ def test_the_prompt_order_check_leaves_a_missing_state_file_to_the_load(tmp_path
 
     ckpt = _fake_ckpt(tmp_path, 1, state=False)
     check_prompt_order(ckpt, [[1, 2]], PPOConfig(rollout_batch_size=1, train_batch_size=1), 0)
+
+
+def test_an_output_dir_nested_in_another_runs_files_is_refused_either_way(tmp_path):
+    """nested_run: a directory inside what a run (a directory with .run.lock) writes and deletes, its checkpoints,
+    evaluations or traces, at any depth and through a link, is refused naming that run's file; so is a directory
+    holding another run (its .run.lock) inside what it would write. A run in that run's directory outside its files
+    (the tiny default's models), beside it, or in a checkpoint-named directory of no run is no refusal."""
+    from engine.resume import RUN_LOCK, nested_run
+
+    run = tmp_path / "run"
+    (run / "models/x").mkdir(parents=True)
+    (run / RUN_LOCK).touch()
+    for inner in ("checkpoint-000001/x", "checkpoint-000003/a/b", "checkpoint-000002", "eval/x", "trace-iter000002/x"):
+        error = nested_run(str(run / inner))
+        assert isinstance(error, ValueError), inner
+        how = "is" if "/" not in inner else "lies in"
+        assert str(error) == (
+            f"{run / inner} {how} {run / inner.split('/')[0]}, which the run writing {run} deletes as it prunes its "
+            "checkpoints or starts over: give this run an --output-dir outside it"
+        )
+    os.symlink(run / "checkpoint-000001", tmp_path / "link")
+    linked = str(nested_run(str(tmp_path / "link/x")))
+    assert linked.startswith(f"{tmp_path / 'link/x'} lies in {run / 'checkpoint-000001'}, which the run writing {run}")
+    for fine in ("models/x", "sub", "."):
+        assert nested_run(str(run / fine)) is None, fine
+    assert nested_run(str(tmp_path / "beside")) is None
+    (tmp_path / "plain/checkpoint-000001").mkdir(parents=True)  # (no run there: a user's own directory)
+    assert nested_run(str(tmp_path / "plain/checkpoint-000001/x")) is None
+    # the other way: a run made inside what this one writes (before this one was a run there)
+    (tmp_path / "plain/checkpoint-000001/x/y").mkdir(parents=True)
+    (tmp_path / "plain/checkpoint-000001/x/y" / RUN_LOCK).touch()
+    error = nested_run(str(tmp_path / "plain"))
+    assert isinstance(error, ValueError) and str(error) == (
+        f"{tmp_path / 'plain'} holds another run's output directory, {tmp_path / 'plain/checkpoint-000001/x/y'}, in "
+        "checkpoint-000001, which this run would delete as it prunes its checkpoints or starts over: move that run out "
+        "of there first, or give this run another --output-dir"
+    )
+    (tmp_path / "plain/checkpoint-000001/x/y" / RUN_LOCK).unlink()
+    (tmp_path / "plain/models/z").mkdir(parents=True)  # (a run in its directory outside its files: no refusal)
+    (tmp_path / "plain/models/z" / RUN_LOCK).touch()
+    assert nested_run(str(tmp_path / "plain")) is None
