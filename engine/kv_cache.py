@@ -184,12 +184,14 @@ class KVCachePool:
         cuda = self.device.type == "cuda"
         before = torch.cuda.memory_allocated(self.device) if cuda else 0
         self.tensor = None
-        gc.collect()
         if cuda:
-            if before - torch.cuda.memory_allocated(self.device) < self.nbytes:
-                warnings.warn(
-                    "KV cache released but its memory is still referenced (a layer view alive?)", stacklevel=2
-                )
+            freed = lambda: before - torch.cuda.memory_allocated(self.device) >= self.nbytes  # noqa: E731
+            if not freed():  # (a view held in a reference cycle: collected first; a full collection only then, not
+                gc.collect()  # each rollout: it takes a process with transformers in it a tenth of a second or more)
+                if not freed():
+                    warnings.warn(
+                        "KV cache released but its memory is still referenced (a layer view alive?)", stacklevel=2
+                    )
             torch.cuda.empty_cache()
 
     def reallocate(self, num_blocks: int | None = None) -> None:

@@ -446,3 +446,36 @@ def test_fp8_cache_needs_compute_capability_8_9(monkeypatch):
                 resolve_cache_dtype("fp8", torch.bfloat16, cuda)
     assert resolve_cache_dtype("auto", torch.bfloat16, cuda) == torch.bfloat16
     assert resolve_cache_dtype(None, torch.float32) == torch.float32
+
+
+def test_release_collects_garbage_only_when_the_memory_did_not_come_back(monkeypatch):
+    """release(): a full gc.collect() (a tenth of a second or more, each rollout) only when the pool's
+    bytes did not come back as it dropped the tensor (a view held in a reference cycle), and a warning only when they
+    did not come back after it either. On CPU there is nothing to give back: no collection. (CUDA's counters faked.)"""
+    import gc
+    import warnings
+
+    collected = []
+    monkeypatch.setattr(gc, "collect", lambda *a: collected.append(1) or 0)
+    pool = KVCachePool(num_layers=1, num_blocks=2, block_size=4, num_kv_heads=1, head_dim=8)
+    pool.release()
+    assert collected == [] and not pool.is_allocated
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    for allocated, collections, warned in (
+        ([1000, 1000 - pool.nbytes], 0, False),  # freed as the tensor went
+        ([1000, 1000, 1000 - pool.nbytes], 1, False),  # freed by the collection
+        ([1000, 1000, 1000 - pool.nbytes + 1], 1, True),  # a byte short after it: still referenced
+    ):
+        counter = iter(allocated)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None, counter=counter: next(counter))
+        pool.reallocate()
+        pool.device = torch.device("cuda")  # (the tensor stays on the CPU: only the accounting is CUDA's)
+        collected.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pool.release()
+        assert len(collected) == collections and next(counter, None) is None
+        assert [str(w.message) for w in caught] == (
+            ["KV cache released but its memory is still referenced (a layer view alive?)"] if warned else []
+        )
+        pool.device = torch.device("cpu")
