@@ -717,3 +717,97 @@ def test_a_run_nested_in_another_runs_checkpoints_is_refused_before_it_writes_th
     with pytest.raises(InputError, match=rf"^{inner} lies in {out}/checkpoint-000001, which the run writing {out}"):
         run_tiny(inner, "--max-iterations", "1", "--resume")
     assert os.listdir(inner) == []
+
+
+def test_a_run_holds_its_output_dirs_lock_while_it_runs_whether_it_made_the_directory_or_not(tmp_path):
+    """main locks a directory that is there; check_writable locks one it makes: either way the lock is held from
+    then on, and another process taking it meanwhile (here as the models are set up) is refused."""
+    take = [sys.executable, "-c", LOCK_AND_WAIT.split("; print")[0]]
+
+    class Taken(Exception):
+        pass
+
+    def factory(policy, cfg, run):
+        other = subprocess.run([*take, run.output_dir], cwd=ROOT, capture_output=True, text=True)
+        raise Taken(other.returncode, other.stderr)
+
+    (tmp_path / "there").mkdir()
+    for out in (tmp_path / "new", tmp_path / "there"):
+        with pytest.raises(Taken) as e:
+            run_tiny(out, "--max-iterations", "1", factory=factory)
+        code, err = e.value.args
+        assert code != 0 and f"{out} is being written by another run (host " in err, (out, err)
+
+
+def test_the_lock_file_holds_this_runs_line_alone_and_a_refusal_is_output_in_use(tmp_path):
+    """The holder's line replaces a longer one left by an earlier run (no tail of it after this run's); a run refused
+    for another one holding the lock gets OutputInUse, and neither a refusal nor a file system without locks leaves a
+    descriptor open."""
+    import errno
+    import fcntl
+    import socket
+
+    from engine.errors import OutputInUse
+    from engine.resume import RUN_LOCK, lock_output_dir, unlock_output_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / RUN_LOCK).write_text(f"host {'x' * 300}, pid 1, since long ago\n")
+    lock_output_dir(str(out), 0)
+    try:
+        held = (out / RUN_LOCK).read_text()
+        assert re.fullmatch(rf"host {re.escape(socket.gethostname())}, pid {os.getpid()}, since [^\n]+\n", held), held
+    finally:
+        unlock_output_dir(str(out))
+    fds = os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else None
+    with locked_by_another_process(out):
+        for _ in range(3):
+            with pytest.raises(OutputInUse, match="is being written by another run"):
+                lock_output_dir(str(out), 0)
+    real_flock = fcntl.flock
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    fcntl.flock = no_locks
+    try:
+        lock_output_dir(str(out), 0)  # (warned of, and run on)
+    finally:
+        fcntl.flock = real_flock
+        unlock_output_dir(str(out))
+    if fds is not None:
+        assert len(os.listdir("/proc/self/fd")) == len(fds)
+
+
+def test_a_lock_released_in_this_process_is_free_and_can_be_taken_again_by_any_name_of_its_directory(tmp_path):
+    """unlock_output_dir releases the lock taken under another name of the directory (a link to it), and a lock taken
+    again after one released in the same process (a second run in one process, as the tests run) is held again."""
+    from engine.resume import lock_output_dir, unlock_output_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "link").symlink_to(out)
+    take = [sys.executable, "-c", LOCK_AND_WAIT.split("; print")[0], str(out)]
+
+    def another_process_takes_it():
+        return subprocess.run(take, cwd=ROOT, capture_output=True).returncode == 0
+
+    for taken, released in ((out, tmp_path / "link"), (tmp_path / "link", out)):
+        lock_output_dir(str(taken), 0)
+        try:
+            assert not another_process_takes_it(), (taken, released)
+        finally:
+            unlock_output_dir(str(released))
+        assert another_process_takes_it(), (taken, released)
+
+
+def test_a_run_lock_that_is_a_dangling_link_is_named(tmp_path):
+    """A .run.lock there that is a link to nothing (its target's directory gone) names the lock file, not the output
+    directory."""
+    from engine.resume import lock_output_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".run.lock").symlink_to(tmp_path / "gone" / "lock")
+    with pytest.raises(InputError, match=f"^cannot write to its run lock {out}/.run.lock: No such file or directory$"):
+        lock_output_dir(str(out), 0)
