@@ -764,3 +764,16 @@ def test_the_saved_template_without_a_generation_prompt_ends_after_the_last_turn
     rendered = tok.apply_chat_template(msgs, chat_template=TULU_CHAT_TEMPLATE, tokenize=False)
     assert rendered == tok.bos_token + format_chat(msgs, tok.eos_token, add_generation_prompt=False)
     assert rendered.endswith("y" + tok.eos_token + "\n")
+
+
+def test_a_tokenizer_template_rendering_that_ends_in_eos_keeps_it(tmp_path):
+    """The EOS a tokenizer appends to the Tulu text is dropped (the prompt ends at the answer); a chat template's text
+    is tokenised as it is, an EOS it prints at its end included (a template that ignores add_generation_prompt)."""
+    shutil.copytree(TINY_DIR, tmp_path / "tok")
+    (tmp_path / "tok" / "chat_template.jinja").write_text(LLAMA3_STYLE.split("{% if add_generation_prompt")[0])
+    other = load_tokenizer(tmp_path / "tok")
+    msgs = [{"role": "user", "content": "hi there"}]
+    text = render_chat(other, msgs, "tokenizer")
+    assert text.endswith(other.eos_token)
+    ids = encode_chat(other, msgs, "tokenizer")
+    assert ids == other(text, add_special_tokens=False)["input_ids"] and ids[-1] == other.eos_token_id
