@@ -690,3 +690,18 @@ def test_rollout_cache_names_the_whole_sequences_its_blocks_hold():
     per_block = 16 * 2 * 2 * 2 * 8 * 4  # tokens x layers x (K, V) x heads x head dim x fp32
     line = memory_plan.rollout_cache(model, 1, 0, 13 * per_block, 1.0, 100, torch.float32)
     assert line.endswith("208 tokens (1 sequences of 100)"), line
+
+
+def test_a_refused_tp_degree_names_every_degree_that_divides_down_to_one(tmp_path, capsys):
+    """The CLI's refusal of a --tp names the degrees that do lay the models out: up to 16 (Llama 2 7B's 32 key/value
+    heads), or 1 alone (odd heads), without a dangling "or"."""
+    with pytest.raises(SystemExit) as e:
+        memory_plan.main(["--policy", "llama2-7b", "--reward", "llama2-7b", "--tp", "3"])
+    assert e.value.code == 2 and "; --tp 1, 2, 4, 8 or 16 divides them\n" in capsys.readouterr().err
+    odd = dataclasses.replace(ModelConfig.named("tiny"), hidden_size=96, num_heads=3, num_kv_heads=1)
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text(json.dumps(odd.to_hf("lm")))
+    with pytest.raises(SystemExit) as e:
+        memory_plan.main(["--policy", str(tmp_path / "odd"), "--reward", str(tmp_path / "odd"), "--tp", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.endswith("model's attention heads (3); --tp 1 divides them\n"), err
