@@ -568,3 +568,17 @@ def test_a_checkpoint_without_the_model_prefix_loads(tmp_path):
     got = load_pretrained(tmp_path)
     for a, b in zip(want.parameters(), got.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_reward_checkpoint_with_its_score_head_and_an_openrlhf_one_gets_no_rename_hint(tmp_path):
+    """The hint to rename value_head.weight is for a checkpoint that lacks score.weight: one that has both, and lacks
+    another tensor (a damaged save), is named for that tensor alone."""
+    save_hf_model(tmp_path, head="score")
+
+    def damaged(tensors):
+        tensors["value_head.weight"] = tensors["score.weight"].clone()
+        del tensors["model.norm.weight"]
+
+    _rewrite(tmp_path, damaged)
+    with pytest.raises(ValueError, match=r"missing tensor model\.norm\.weight \(expected shape \[64\]\)$"):
+        load_pretrained(tmp_path, head="score")
