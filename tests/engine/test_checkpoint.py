@@ -582,3 +582,12 @@ def test_a_reward_checkpoint_with_its_score_head_and_an_openrlhf_one_gets_no_ren
     _rewrite(tmp_path, damaged)
     with pytest.raises(ValueError, match=r"missing tensor model\.norm\.weight \(expected shape \[64\]\)$"):
         load_pretrained(tmp_path, head="score")
+
+
+def test_a_causal_lm_with_a_value_head_given_as_reward_model_is_called_a_causal_lm(tmp_path):
+    """A checkpoint with an LM head is a causal LM's, a value_head.weight beside it or not (a policy saved with a value
+    head): its hint says so; the OpenRLHF rename hint is for a checkpoint without either head."""
+    save_hf_model(tmp_path)
+    _rewrite(tmp_path, lambda t: t.update({"value_head.weight": torch.zeros(1, 64)}))
+    with pytest.raises(ValueError, match=r"missing tensor score.weight .*\(a causal-LM checkpoint: .*num_labels=1\)$"):
+        load_pretrained(tmp_path, head="score")
