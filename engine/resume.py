@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 
 from engine.checkpoint import fsync_dir, fsync_file, save_pretrained
 from engine.config import LEGACY_PPO_VALUES
@@ -245,7 +246,63 @@ def check_writable(output_dir: str, rank: int) -> None:
     if rank == 0 and (error := nested_run(output_dir)) is None and (why := why_unwritable(output_dir)):
         error = UnwritableOutput(f"cannot write to the output directory {output_dir}: {why}")
     raise_together(error, "checking the output directory")
+    check_shared(output_dir, rank)
     lock_output_dir(output_dir, rank)
+
+
+SHARED_PROBE = ".shared-test-"  # check_shared's file (a random token after it), removed once every rank has read it
+SHARED_WAIT_S = 5.0  # how long a rank looks for it (a network file system may show another node's new file late)
+
+
+def check_shared(output_dir: str, rank: int) -> None:
+    """Under torchrun with several ranks: every rank sees the output directory global rank 0 writes, checked by a
+    file with a random token that rank 0 writes there and every rank reads back. Each rank saves its share of every
+    checkpoint there (its state file, model shards) and a resume reads them back, so a directory on another node's
+    own disk (a node-local scratch path, a relative --output-dir from another working directory) would otherwise be
+    met at the first checkpoint, hours in, as a missing file, and a --resume there could continue each node from
+    another checkpoint (or from none). Every rank raises together."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    import socket
+    import uuid
+
+    box = [(uuid.uuid4().hex, socket.gethostname()) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    token, host0 = box[0]
+    probe = os.path.join(output_dir, SHARED_PROBE + token)
+    error = None
+    try:
+        if rank == 0:
+            try:
+                with open(probe, "w") as f:
+                    f.write(token)
+            except OSError as e:
+                error = UnwritableOutput(f"cannot write to the output directory {output_dir}: {e.strerror or e}")
+        raise_together(error, "checking the output directory")
+        deadline = time.monotonic() + SHARED_WAIT_S
+        while rank != 0 and not _holds(probe, token):
+            if time.monotonic() > deadline:
+                error = InvalidInput(
+                    f"the output directory {output_dir} is not shared between the nodes: a file global rank 0 (host "
+                    f"{host0}) wrote there is not seen by rank {rank} (host {socket.gethostname()}). Every rank saves "
+                    "its share of each checkpoint there and a resume reads them back: give --output-dir a path on a "
+                    "file system every node mounts, the same path on each"
+                )
+                break
+            time.sleep(0.1)
+        raise_together(error, "checking the output directory")
+    finally:
+        if rank == 0 and os.path.exists(probe):  # (after the last collective: every rank has read it)
+            os.remove(probe)
+
+
+def _holds(path: str, token: str) -> bool:
+    """Whether `path` is a file holding `token` (check_shared's probe, as this rank sees it)."""
+    try:
+        with open(path) as f:
+            return f.read() == token
+    except OSError:
+        return False
 
 
 def why_unwritable(directory: str) -> str | None:

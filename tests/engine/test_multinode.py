@@ -1,0 +1,93 @@
+"""Multi-node launches, as a user launches two machines: two torchrun commands (--nnodes 2, --node-rank 0 and 1)
+meeting at one master address, here both on localhost (gloo, the naive sampler of ppo_dp_worker.py). Each launch
+takes 10 to 25 s on 2 cores."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine.resume import SHARED_PROBE
+from tests.engine.runs import ROOT, SMALL, no_timing
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(outs, *flags, nproc: int = 1, timeout: float = 120):
+    """The tiny default under two torchrun "nodes" of `nproc` ranks each, node k writing into outs[k] (the same
+    directory for a shared file system, two for node-local disks): [(returncode, output)] of each node's torchrun."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)  # the workers run the CPU reference ops
+    port = free_port()
+    procs = []
+    for node, out in enumerate(outs):
+        os.makedirs(out, exist_ok=True)  # (the worker's result file goes there)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+               "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(port),
+               os.path.join(ROOT, "tests/engine/ppo_dp_worker.py"), str(out), "--output-dir", str(out), *SMALL,
+               "--dist-timeout-minutes", "1", *flags]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    results = []
+    try:
+        for p in procs:
+            output, _ = p.communicate(timeout=timeout)
+            results.append((p.returncode, output))
+    finally:
+        for p in procs:  # (a node left waiting for the other: not left running)
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return results
+
+
+def listing(directory: str) -> list[str]:
+    """(name, modification time) of what `directory` holds, less the run lock (taken before the check)."""
+    names = [n for n in os.listdir(directory) if n != ".run.lock"]
+    return sorted((n, os.stat(os.path.join(directory, n)).st_mtime_ns) for n in names)
+
+
+def histories(out, ranks: int):
+    return [no_timing(torch.load(os.path.join(out, f"result-rank{r}.pt"), weights_only=False)["history"])
+            for r in range(ranks)]  # fmt: skip
+
+
+def test_two_nodes_train_save_and_resume_exactly(tmp_path):
+    """DP across two nodes: a run stopped after its checkpoint at iteration 2 and resumed on both nodes continues
+    exactly as the run that did not stop (every iteration's metrics alike), and the directory keeps no probe file."""
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    for outs, flags in (((whole, whole), ["--max-iterations", "4"]), ((cut, cut), ["--max-iterations", "2"]),
+                        ((cut, cut), ["--max-iterations", "4", "--resume"])):  # fmt: skip
+        for code, output in two_nodes(outs, "--save-every", "2", *flags):
+            assert code == 0, output[-3000:]
+    assert histories(whole, 2)[0] == histories(whole, 2)[1]
+    resumed = histories(cut, 2)
+    assert [m["iteration"] for m in resumed[0]] == [3, 4]
+    assert resumed[0] == histories(whole, 2)[0][2:]
+    assert not [n for n in os.listdir(cut) if n.startswith(SHARED_PROBE)]
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["fresh", "resume"])
+def test_an_output_directory_the_nodes_do_not_share_is_refused_before_anything_runs(tmp_path, resume):
+    """--output-dir on a node-local disk (modelled by giving each node its own directory): refused on both nodes at
+    once, naming the problem, before a model is built or a checkpoint read, rather than found at the first save (a
+    rank's state file written into a directory rank 0 never made) or resumed from another checkpoint on each node."""
+    a, b = str(tmp_path / "node0"), str(tmp_path / "node1")
+    if resume:  # (node 0's directory holds a run's checkpoint; node 1's none: it would have started over)
+        for code, output in two_nodes((a, a), "--max-iterations", "1"):
+            assert code == 0, output[-3000:]
+        before = listing(a)
+    for code, output in two_nodes((a, b), *(["--resume"] if resume else [])):
+        assert code != 0
+        assert f"the output directory {b} is not shared between the nodes: a file global rank 0" in output, output
+    assert not os.path.exists(os.path.join(b, "init"))  # (the tiny default's models were not built on node 1)
+    if resume:
+        assert listing(a) == before  # (nothing trimmed, pruned or written)
+    else:
+        assert listing(a) == []
