@@ -325,7 +325,7 @@ def setup(
         cfg = resumed_config(cfg, run)
     check_batch_sizes(cfg, grid)  # before loading four models
     check_generator_slots(cfg, run)
-    check_paths(run)
+    check_paths_together(run)
     check_writable(run.output_dir, grid.rank)  # (which creates it: after the flags that name no directory)
     run = pin_run(run)  # a Hub id to the commit it names now: every node fetches that one
     check_available(run, grid.rank)
@@ -375,6 +375,18 @@ def setup(
         load_trainer_state(state, ckpt)
     state.generator = generator_factory(state.policy, cfg, run)
     return state
+
+
+def check_paths_together(run: RunConfig) -> None:
+    """check_paths on every rank, every rank raising together: a path that one node lacks (a checkpoint or prompt file
+    copied to one node's local disk only) stops every node at once, named on global rank 0, rather than leaving the
+    other nodes waiting in their next collective until --dist-timeout-minutes ends it."""
+    error = None
+    try:
+        check_paths(run)
+    except InputError as e:
+        error = e
+    raise_together(error, "checking the checkpoints and prompt files")
 
 
 def check_paths(run: RunConfig) -> None:
@@ -683,7 +695,7 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
         raise InvalidInput("--eval-only takes --eval-prompts (--eval-holdout draws from a training set)")
     memory_plan.check_offload_setting(run.offload_idle_models, "--offload-idle-models")
     check_available(run, grid.rank)
-    check_paths(run)
+    check_paths_together(run)
     check_writable(run.output_dir, grid.rank)
     run = pin_run(run)  # (as in setup)
     device, load = model_loader(run, grid)

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from engine.resume import SHARED_PROBE
+from engine.tokenizer import TINY_PROMPTS
+from engine.train_ppo import build_tiny_models
 from tests.engine.runs import ROOT, SMALL, no_timing
 
 
@@ -20,9 +22,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_nodes(outs, *flags, nproc: int = 1, timeout: float = 120):
+def two_nodes(outs, *flags, nproc: int = 1, timeout: float = 120, node_flags=((), ())):
     """The tiny default under two torchrun "nodes" of `nproc` ranks each, node k writing into outs[k] (the same
-    directory for a shared file system, two for node-local disks): [(returncode, output)] of each node's torchrun."""
+    directory for a shared file system, two for node-local disks) with node_flags[k] after `flags`:
+    [(returncode, output)] of each node's torchrun."""
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)  # the workers run the CPU reference ops
     port = free_port()
@@ -32,7 +35,7 @@ def two_nodes(outs, *flags, nproc: int = 1, timeout: float = 120):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
                "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(port),
                os.path.join(ROOT, "tests/engine/ppo_dp_worker.py"), str(out), "--output-dir", str(out), *SMALL,
-               "--dist-timeout-minutes", "1", *flags]  # fmt: skip
+               "--dist-timeout-minutes", "1", *flags, *node_flags[node]]  # fmt: skip
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     results = []
     try:
@@ -91,3 +94,17 @@ def test_an_output_directory_the_nodes_do_not_share_is_refused_before_anything_r
         assert listing(a) == before  # (nothing trimmed, pruned or written)
     else:
         assert listing(a) == []
+
+
+def test_a_checkpoint_one_node_lacks_stops_both_nodes_at_once_naming_it(tmp_path):
+    """--policy on one node's local disk only (modelled by another path on node 1): node 1's refusal reaches node 0,
+    which reports it (global rank 0 speaks for the run), rather than node 0 waiting in its next collective for
+    --dist-timeout-minutes (an hour by default) or ending in a transport error that names nothing."""
+    policy, reward = build_tiny_models(str(tmp_path / "models"))
+    missing = str(tmp_path / "node1-disk/policy")
+    out = str(tmp_path / "out")
+    results = two_nodes((out, out), "--reward", reward, "--prompts", TINY_PROMPTS,
+                        node_flags=(("--policy", policy), ("--policy", missing)))  # fmt: skip
+    assert all(code != 0 for code, _ in results)
+    said = f"error: checking the checkpoints and prompt files failed on rank 1: --policy {missing}: no such directory"
+    assert said in results[0][1], results[0][1][-3000:]
