@@ -240,14 +240,15 @@ def prune_checkpoints(out: str, current: str, keep: int, previous: int | None = 
 def check_writable(output_dir: str, rank: int) -> None:
     """Before anything is loaded or run: global rank 0 makes output_dir and writes a file there (a read-only or
     full file system is named now, not after the training or evaluation it would lose), then takes the run's lock
-    there (lock_output_dir); every rank raises together. A directory inside what another run writes, or holding
-    another run inside what this one writes, is refused first (nested_run)."""
+    there (lock_output_dir), and checks that every rank sees it (check_shared); every rank raises together. A
+    directory inside what another run writes, or holding another run inside what this one writes, is refused first
+    (nested_run)."""
     error = None
     if rank == 0 and (error := nested_run(output_dir)) is None and (why := why_unwritable(output_dir)):
         error = UnwritableOutput(f"cannot write to the output directory {output_dir}: {why}")
     raise_together(error, "checking the output directory")
-    check_shared(output_dir, rank)
     lock_output_dir(output_dir, rank)
+    check_shared(output_dir, rank)  # (its probe written under the lock: never beside another run's files)
 
 
 SHARED_PROBE = ".shared-test-"  # check_shared's file (a random token after it), removed once every rank has read it
