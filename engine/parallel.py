@@ -73,6 +73,8 @@ def init_process_grid(tp: int = 1, backend: str | None = None, timeout_minutes: 
     if world % tp:
         raise InvalidInput(f"world size {world} is not a multiple of the tensor parallel degree {tp}")
     dp = world // tp
+    if warning := tp_across_nodes(tp, int(os.environ.get("LOCAL_WORLD_SIZE", world))):
+        print0(warning)
     grid = ProcessGrid(rank=rank, world_size=world, tp=tp, dp=dp)
     for d in range(dp):  # every rank must create every group, in the same order
         ranks = list(range(d * tp, (d + 1) * tp))
@@ -85,6 +87,18 @@ def init_process_grid(tp: int = 1, backend: str | None = None, timeout_minutes: 
         if rank in ranks:
             grid.dp_group = g
     return grid
+
+
+def tp_across_nodes(tp: int, per_node: int) -> str | None:
+    """The warning for tensor-parallel groups (tp consecutive ranks, as torchrun numbers a node's ranks) that span
+    nodes: every layer's all-reduces then cross the network. None when each group lies within a node (one node: the
+    world, a multiple of tp)."""
+    if per_node % tp == 0:
+        return None
+    return (
+        f"warning: --tp {tp} with {per_node} processes per node: tensor-parallel groups span nodes, and each layer's "
+        "all-reduces cross the network between them (slow); launch with --nproc-per-node a multiple of --tp"
+    )
 
 
 def print0(*args, **kwargs) -> None:

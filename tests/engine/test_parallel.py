@@ -307,3 +307,32 @@ def test_a_tp_group_of_one_rank_costs_no_collective(tmp_path):
         assert got["alone"]["calls"] == [] and got["none"]["calls"] == []
         for a, b in zip(got["alone"]["out"], got["none"]["out"]):
             assert torch.equal(a, b)
+
+
+def test_tensor_parallel_groups_across_nodes_are_warned_of(monkeypatch, capsys):
+    """Several nodes (LOCAL_WORLD_SIZE below the world): a TP group spans two nodes when the processes per node are
+    not a multiple of --tp (every layer's all-reduces then cross the network), warned of once on rank 0; one node, or
+    groups within nodes, no warning."""
+    import torch.distributed as dist
+
+    from engine import parallel
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: None)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 8)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "new_group", lambda ranks, **kw: None)
+    for per_node, tp, warned in ((4, 2, False), (4, 4, False), (8, 8, False), (None, 8, False), (2, 4, True),
+                                 (4, 8, True), (3, 2, True), (1, 2, True), (2, 1, False)):  # fmt: skip
+        if per_node is None:
+            monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", str(per_node))
+        parallel.init_process_grid(tp, backend="gloo")
+        expected = (
+            f"warning: --tp {tp} with {per_node} processes per node: tensor-parallel groups span nodes, and each "
+            "layer's all-reduces cross the network between them (slow); launch with --nproc-per-node a multiple of "
+            "--tp\n"
+        )
+        assert capsys.readouterr().out == (expected if warned else ""), (per_node, tp)
