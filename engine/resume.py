@@ -252,7 +252,9 @@ def check_writable(output_dir: str, rank: int) -> None:
 
 
 SHARED_PROBE = ".shared-test-"  # check_shared's file (a random token after it), removed once every rank has read it
-SHARED_WAIT_S = 5.0  # how long a rank looks for it (a network file system may show another node's new file late)
+# how long a rank looks for it: NFS caches a directory's attributes, and a name it did not hold, for up to a minute
+# by default (acdirmax), so another node's new file may be seen late; only a directory that is not shared waits it out
+SHARED_WAIT_S = float(os.environ.get("TULU_SHARED_DIR_WAIT_S", "60"))
 
 
 def check_shared(output_dir: str, rank: int) -> None:
@@ -285,12 +287,13 @@ def check_shared(output_dir: str, rank: int) -> None:
             if time.monotonic() > deadline:
                 error = InvalidInput(
                     f"the output directory {output_dir} is not shared between the nodes: a file global rank 0 (host "
-                    f"{host0}) wrote there is not seen by rank {rank} (host {socket.gethostname()}). Every rank saves "
-                    "its share of each checkpoint there and a resume reads them back: give --output-dir a path on a "
-                    "file system every node mounts, the same path on each"
+                    f"{host0}) wrote there is not seen by rank {rank} (host {socket.gethostname()}) within "
+                    f"{SHARED_WAIT_S:g} s (TULU_SHARED_DIR_WAIT_S). Every rank saves its share of each checkpoint "
+                    "there and a resume reads them back: give --output-dir a path on a file system every node mounts, "
+                    "the same path on each"
                 )
                 break
-            time.sleep(0.1)
+            time.sleep(0.5)
         raise_together(error, "checking the output directory")
     finally:
         if rank == 0 and os.path.exists(probe):  # (after the last collective: every rank has read it)
@@ -300,6 +303,7 @@ def check_shared(output_dir: str, rank: int) -> None:
 def _holds(path: str, token: str) -> bool:
     """Whether `path` is a file holding `token` (check_shared's probe, as this rank sees it)."""
     try:
+        os.listdir(os.path.dirname(path))  # (reading the directory revalidates a network file system's cached view)
         with open(path) as f:
             return f.read() == token
     except OSError:

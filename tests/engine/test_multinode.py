@@ -26,7 +26,7 @@ def two_nodes(outs, *flags, nproc: int = 1, timeout: float = 120, node_flags=(()
     """The tiny default under two torchrun "nodes" of `nproc` ranks each, node k writing into outs[k] (the same
     directory for a shared file system, two for node-local disks) with node_flags[k] after `flags`:
     [(returncode, output)] of each node's torchrun."""
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", TULU_SHARED_DIR_WAIT_S="3")  # (not a minute)
     env.pop("TRITON_INTERPRET", None)  # the workers run the CPU reference ops
     port = free_port()
     procs = []
@@ -89,6 +89,7 @@ def test_an_output_directory_the_nodes_do_not_share_is_refused_before_anything_r
     for code, output in two_nodes((a, b), *(["--resume"] if resume else [])):
         assert code != 0
         assert f"the output directory {b} is not shared between the nodes: a file global rank 0" in output, output
+        assert "not seen by rank 1 (host " in output and ") within 3 s (TULU_SHARED_DIR_WAIT_S)" in output, output
     assert not os.path.exists(os.path.join(b, "init"))  # (the tiny default's models were not built on node 1)
     if resume:
         assert listing(a) == before  # (nothing trimmed, pruned or written)
