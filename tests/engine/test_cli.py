@@ -703,8 +703,9 @@ def test_a_full_disk_is_one_line_with_what_to_do(tmp_path, monkeypatch, capsys):
 
 
 def test_a_run_nested_in_another_runs_checkpoints_is_refused_before_it_writes_there(tmp_path):
-    """A run whose --output-dir lies in another run's checkpoint would be deleted as that run prunes its checkpoints
-    (and a run around another would delete it): refused with nothing made or written there, fresh or resumed."""
+    """A run whose --output-dir lies in another run's checkpoint would be deleted as that run prunes its checkpoints:
+    refused with nothing made or written there, fresh or resumed, made already or not (the other way round, a run
+    around another: test_resume's nested_run test)."""
     out = tmp_path / "out"
     run_tiny(out, "--max-iterations", "1")
     inner = out / "checkpoint-000001" / "next"
