@@ -145,6 +145,21 @@ def raise_together(error: BaseException | None, what: str) -> None:
     raise kind(f"{what} failed on rank {first}: {message}")
 
 
+def together(what: str, fn, *args, **kwargs):
+    """fn(*args, **kwargs) on every rank, an error it raises on any rank raised on every rank (raise_together): a
+    check that fails on one node alone (a file on its own disk only) stops every node at once, named on global rank
+    0, rather than leaving the others waiting in their next collective until the timeout. The failing rank raises its
+    own error, traceback and all (a fault of ours stays one); the others an input error for an input error (exit code
+    2), else a RuntimeError. Returns what fn returns."""
+    error = result = None
+    try:
+        result = fn(*args, **kwargs)
+    except Exception as e:  # (not a KeyboardInterrupt or SystemExit: those end this process as they would anyway)
+        error = e
+    raise_together(error, what)
+    return result
+
+
 def _error_kind(error: BaseException) -> type[Exception]:
     """What the ranks without an error raise for another rank's `error` (raise_together)."""
     if isinstance(error, InputError):

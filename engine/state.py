@@ -24,7 +24,7 @@ from engine.kv_cache import BLOCK_SIZE, blocks_for_tokens, cuda_cache_budget, mo
 from engine.model import Transformer
 from engine.offload import HostCopies, state_bytes, weight_bytes
 from engine.optim import Optimizer, make_optimizer
-from engine.parallel import ProcessGrid, agree, backend_for, init_process_grid, print0, raise_together
+from engine.parallel import ProcessGrid, agree, backend_for, init_process_grid, print0, raise_together, together
 from engine.resume import (
     check_prompt_order,
     check_resumable,
@@ -321,11 +321,13 @@ def setup(
     memory_plan.check_offload_setting(run.offload_idle_models, "--offload-idle-models")
     grid = grid or init_process_grid(run.tp, backend_for(run.device), timeout_minutes=run.dist_timeout_minutes)
     if run.resume:  # (before anything is checked or planned from the hyperparameters: the checkpoint's, unless given)
-        check_resumable(run.output_dir)  # (`latest` naming a checkpoint that is gone: refused, not a fresh start)
-        cfg = resumed_config(cfg, run)
+        # (`latest` naming a checkpoint that is gone: refused, not a fresh start; on every rank at once, as below)
+        together("reading the checkpoint to resume", check_resumable, run.output_dir)
+        cfg = together("reading the checkpoint to resume", resumed_config, cfg, run)
     check_batch_sizes(cfg, grid)  # before loading four models
     check_generator_slots(cfg, run)
-    check_paths_together(run)
+    # (every rank at once: a path one node lacks, copied to another's local disk only, stops every node, named)
+    together("checking the checkpoints and prompt files", check_paths, run)
     check_writable(run.output_dir, grid.rank)  # (which creates it: after the flags that name no directory)
     run = pin_run(run)  # a Hub id to the commit it names now: every node fetches that one
     check_available(run, grid.rank)
@@ -375,18 +377,6 @@ def setup(
         load_trainer_state(state, ckpt)
     state.generator = generator_factory(state.policy, cfg, run)
     return state
-
-
-def check_paths_together(run: RunConfig) -> None:
-    """check_paths on every rank, every rank raising together: a path that one node lacks (a checkpoint or prompt file
-    copied to one node's local disk only) stops every node at once, named on global rank 0, rather than leaving the
-    other nodes waiting in their next collective until --dist-timeout-minutes ends it."""
-    error = None
-    try:
-        check_paths(run)
-    except InputError as e:
-        error = e
-    raise_together(error, "checking the checkpoints and prompt files")
 
 
 def check_paths(run: RunConfig) -> None:
@@ -441,7 +431,12 @@ def check_checkpoints(sources: dict[str, tuple[str, str, str]]) -> None:
     (engine.checkpoint.check_checkpoint): before an output directory given --overwrite-output-dir is cleared and
     before any weight is read, so a reward model saved as a causal LM or with two labels is refused in seconds, not
     after the policy's and the reference's weights (52 GB at 13B), and the old run is still there."""
-    checked, error = set(), None
+    together("checking the checkpoints", _check_each, sources)  # (a rank whose copy differs: none waits)
+
+
+def _check_each(sources: dict[str, tuple[str, str, str]]) -> None:
+    """check_checkpoints on this rank: the first refusal, named as its flag."""
+    checked = set()
     # (the reward model before the value model it starts: a bad --reward is named as itself)
     for _, (what, path, head) in sorted(sources.items(), key=lambda item: item[0] == "value"):
         if (path, head) in checked:
@@ -450,9 +445,7 @@ def check_checkpoints(sources: dict[str, tuple[str, str, str]]) -> None:
         try:
             check_checkpoint(path, head)
         except InputError as e:  # (only the check's own findings: any other error is a fault, with its traceback)
-            error = named(e, what)
-            break
-    raise_together(error, "checking the checkpoints")  # (a rank whose copy differs, on a node's disk: none waits)
+            raise named(e, what) from e
 
 
 def check_context(run: RunConfig, cfg: PPOConfig, grid: ProcessGrid) -> None:
@@ -695,7 +688,7 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
         raise InvalidInput("--eval-only takes --eval-prompts (--eval-holdout draws from a training set)")
     memory_plan.check_offload_setting(run.offload_idle_models, "--offload-idle-models")
     check_available(run, grid.rank)
-    check_paths_together(run)
+    together("checking the checkpoints and prompt files", check_paths, run)  # (as in setup)
     check_writable(run.output_dir, grid.rank)
     run = pin_run(run)  # (as in setup)
     device, load = model_loader(run, grid)

@@ -109,3 +109,21 @@ def test_a_checkpoint_one_node_lacks_stops_both_nodes_at_once_naming_it(tmp_path
     assert all(code != 0 for code, _ in results)
     said = f"error: checking the checkpoints and prompt files failed on rank 1: --policy {missing}: no such directory"
     assert said in results[0][1], results[0][1][-3000:]
+
+
+def test_a_resume_one_node_cannot_read_stops_both_nodes_at_once_naming_it(tmp_path):
+    """--resume where one node's `latest` names a checkpoint its disk lacks (a node-local directory, modelled by
+    another path on node 1): node 1's refusal reaches node 0 from the first check of a resume, before the output
+    directory's own check, rather than node 0 going on alone to its next collective."""
+    policy, reward = build_tiny_models(str(tmp_path / "models"))
+    a, b = str(tmp_path / "node0"), str(tmp_path / "node1")
+    models = ("--policy", policy, "--reward", reward, "--prompts", TINY_PROMPTS)
+    for code, output in two_nodes((a, a), *models, "--max-iterations", "1"):
+        assert code == 0, output[-3000:]
+    os.makedirs(b, exist_ok=True)
+    with open(os.path.join(b, "latest"), "w") as f:
+        f.write('{"checkpoint": "checkpoint-000001"}')
+    results = two_nodes((a, b), *models, "--max-iterations", "2", "--resume")
+    assert all(code != 0 for code, _ in results)
+    said = f"error: reading the checkpoint to resume failed on rank 1: --resume: {b}/latest names checkpoint-000001"
+    assert said in results[0][1], results[0][1][-3000:]

@@ -235,6 +235,71 @@ def test_raise_together_names_the_first_failing_rank(tmp_path):
     assert got == ["testing failed on rank 1: bad input on rank 1", "bad input on rank 1", "bad input on rank 2"]
 
 
+def _together_rank(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    from engine.errors import InputError, InvalidInput
+    from engine.parallel import together
+
+    def check(fail_on, bug=False):
+        if rank == fail_on:
+            raise KeyError("a bug") if bug else InvalidInput(f"a bad file on rank {rank}")
+        return rank * 10
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    got = [together("checking", check, fail_on=None)]  # (none fails: each rank's own result, no raise)
+    try:
+        together("checking", check, fail_on=1)
+        got.append("nothing")
+    except InputError as e:  # (FailedOnAnotherRank on rank 0 is one too: exit code 2, no traceback)
+        got.append(f"{type(e).__name__}: {e}")
+    try:
+        together("checking", check, fail_on=1, bug=True)
+    except (KeyError, RuntimeError) as e:  # (a bug: rank 1 raises it as itself, rank 0 is not left waiting)
+        got.append(f"{type(e).__name__}: {e}")
+    with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
+        f.write(repr(got))
+    dist.destroy_process_group()
+
+
+def test_together_returns_each_ranks_result_or_raises_on_every_rank(tmp_path):
+    """parallel.together: a check that passes on every rank returns its result on each; an input error on rank 1 alone
+    is raised on rank 1 as itself and on rank 0 naming rank 1 and its message (a file on one node's disk only); a bug
+    on rank 1 is raised there as itself and on rank 0 as a RuntimeError naming it."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_together_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    got = [(tmp_path / f"rank{r}").read_text() for r in range(2)]
+    assert got == [
+        repr(
+            [
+                0,
+                "FailedOnAnotherRank: checking failed on rank 1: a bad file on rank 1",
+                "RuntimeError: checking failed on rank 1: 'a bug'",
+            ]
+        ),
+        repr([10, "InvalidInput: a bad file on rank 1", "KeyError: 'a bug'"]),
+    ]
+
+
+def test_together_raises_a_fault_of_ours_as_itself_with_its_traceback():
+    """One process: a bug leaves together as itself, unwrapped, its traceback reaching the line that raised it."""
+    import traceback
+
+    from engine.errors import InvalidInput
+    from engine.parallel import together
+
+    def bug():
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError, match="a bug") as raised:
+        together("checking", bug)
+    assert traceback.extract_tb(raised.value.__traceback__)[-1].name == "bug"
+    with pytest.raises(InvalidInput, match="bad"):
+        together("checking", lambda: (_ for _ in ()).throw(InvalidInput("bad")))
+    assert together("checking", lambda a, b=0: a + b, 1, b=2) == 3
+
+
 def test_grid_ranks_are_tensor_parallel_fastest():
     """Global rank = dp_rank * tp + tp_rank, as init_process_grid lays out its groups (a TP group is consecutive
     ranks, a DP group every tp-th) and as the checkpoints number their state files."""
