@@ -25,7 +25,7 @@ from engine.data import PromptBatches
 from engine.errors import InputError, InvalidInput, MissingInput, OutputInUse, UnwritableOutput, first_line
 from engine.hub import model_dirs
 from engine.optim import load_optimizer_state, optimizer_state
-from engine.parallel import print0, raise_together
+from engine.parallel import print0, raise_together, together
 from engine.reshard import SavedOptimizer, needed_ranks
 from engine.tokenizer import TULU_CHAT_TEMPLATE, tulu_chat_template
 
@@ -254,7 +254,26 @@ def check_writable(output_dir: str, rank: int) -> None:
 SHARED_PROBE = ".shared-test-"  # check_shared's file (a random token after it), removed once every rank has read it
 # how long a rank looks for it: NFS caches a directory's attributes, and a name it did not hold, for up to a minute
 # by default (acdirmax), so another node's new file may be seen late; only a directory that is not shared waits it out
-SHARED_WAIT_S = float(os.environ.get("TULU_SHARED_DIR_WAIT_S", "60"))
+SHARED_WAIT_S = 60.0
+_shared_checked: set[str] = set()  # the output directories check_shared found shared, as given (the same on each rank)
+
+
+def shared_wait_s() -> float:
+    """check_shared's wait: TULU_SHARED_DIR_WAIT_S seconds if set (a test's few seconds; a slow NFS's more), else a
+    minute, read when the check runs; a value that is not a number of seconds is named."""
+    value = os.environ.get("TULU_SHARED_DIR_WAIT_S", "").strip()
+    if not value:
+        return SHARED_WAIT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 <= seconds < float("inf"):  # (NaN too)
+        raise InvalidInput(
+            f"TULU_SHARED_DIR_WAIT_S={value!r}: not a number of seconds (how long each rank looks for the file global "
+            "rank 0 writes into the output directory; unset for a minute)"
+        )
+    return seconds
 
 
 def check_shared(output_dir: str, rank: int) -> None:
@@ -264,8 +283,8 @@ def check_shared(output_dir: str, rank: int) -> None:
     own disk (a node-local scratch path, a relative --output-dir from another working directory) would otherwise be
     met at the first checkpoint, hours in, as a missing file, and a --resume there could continue each node from
     another checkpoint (or from none). Every rank raises together."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
+    if not dist.is_initialized() or dist.get_world_size() == 1 or output_dir in _shared_checked:
+        return  # (checked once per directory: the tiny default checks its output directory before setup does again)
     import socket
     import uuid
 
@@ -282,19 +301,21 @@ def check_shared(output_dir: str, rank: int) -> None:
             except OSError as e:
                 error = UnwritableOutput(f"cannot write to the output directory {output_dir}: {e.strerror or e}")
         raise_together(error, "checking the output directory")
-        deadline = time.monotonic() + SHARED_WAIT_S
+        wait = together("checking the output directory", shared_wait_s)  # (every rank's: each may have its own)
+        deadline = time.monotonic() + wait
         while rank != 0 and not _holds(probe, token):
             if time.monotonic() > deadline:
                 error = InvalidInput(
                     f"the output directory {output_dir} is not shared between the nodes: a file global rank 0 (host "
                     f"{host0}) wrote there is not seen by rank {rank} (host {socket.gethostname()}) within "
-                    f"{SHARED_WAIT_S:g} s (TULU_SHARED_DIR_WAIT_S). Every rank saves its share of each checkpoint "
+                    f"{wait:g} s (TULU_SHARED_DIR_WAIT_S). Every rank saves its share of each checkpoint "
                     "there and a resume reads them back: give --output-dir a path on a file system every node mounts, "
                     "the same path on each"
                 )
                 break
             time.sleep(0.5)
         raise_together(error, "checking the output directory")
+        _shared_checked.add(output_dir)
     finally:
         if rank == 0 and os.path.exists(probe):  # (after the last collective: every rank has read it)
             os.remove(probe)

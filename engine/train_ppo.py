@@ -251,7 +251,7 @@ def _demo_ran_in(output_dir: str, init_dir: str, moved: bool = False) -> bool:
 def prepare_tiny(run: RunConfig) -> RunConfig:
     """Build the tiny default's models (if not there yet) and fill in its paths."""
     from engine.errors import InvalidInput, OutputInUse
-    from engine.parallel import raise_together
+    from engine.parallel import raise_together, together
     from engine.resume import check_resumable, check_writable, resume_checkpoint, run_files, start_fresh
     from engine.tokenizer import TINY_DIR, TINY_EVAL_PROMPTS, TINY_PROMPTS
 
@@ -272,7 +272,7 @@ def prepare_tiny(run: RunConfig) -> RunConfig:
             )
         raise_together(error, "resuming the tiny default")
     if run.resume:  # (`latest` naming a checkpoint that is gone: refused before init/ is rebuilt, as setup refuses it)
-        check_resumable(run.output_dir)
+        together("reading the checkpoint to resume", check_resumable, run.output_dir)
     built = _built_seed(init_dir)
     if run.resume and built is not None and built != run.seed and resume_checkpoint(run.output_dir) is not None:
         # (refused here, before init/ is rebuilt from another seed: its policy is the run's reference model)

@@ -554,6 +554,7 @@ def locked_by_another_process(out):
     finally:
         other.kill()
         other.wait()
+        other.stdout.close()  # (now, not when the Popen is collected: a test counts this process's descriptors)
 
 
 def test_a_second_run_in_an_output_dir_being_written_is_refused_before_it_touches_it(tmp_path):

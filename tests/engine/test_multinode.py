@@ -3,6 +3,7 @@ meeting at one master address, here both on localhost (gloo, the naive sampler o
 takes 10 to 25 s on 2 cores."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -127,3 +128,55 @@ def test_a_resume_one_node_cannot_read_stops_both_nodes_at_once_naming_it(tmp_pa
     assert all(code != 0 for code, _ in results)
     said = f"error: reading the checkpoint to resume failed on rank 1: --resume: {b}/latest names checkpoint-000001"
     assert said in results[0][1], results[0][1][-3000:]
+
+
+def _check_shared_rank(rank, world, init_file, dirs, out_dir):
+    import uuid
+
+    import torch.distributed as dist
+
+    from engine import resume
+
+    made = []
+    real = uuid.uuid4
+    uuid.uuid4 = lambda: made.append(1) or real()  # (rank 0 draws one token per check it runs)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    for d in dirs:
+        resume.check_shared(d, rank)
+    with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
+        f.write(repr((len(made), sorted(n for d in set(dirs) for n in os.listdir(d)))))
+    dist.destroy_process_group()
+
+
+def test_the_shared_directory_check_runs_once_per_directory(tmp_path):
+    """check_shared on the same directory again (the tiny default checks its output directory before setup does):
+    one probe and one wait, not two; another directory is checked in its turn; no probe is left behind."""
+    import torch.multiprocessing as mp
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    dirs = [str(a), str(a), str(b), str(a)]
+    mp.spawn(_check_shared_rank, args=(2, str(tmp_path / "init"), dirs, str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "rank0").read_text() == repr((2, []))
+    assert (tmp_path / "rank1").read_text() == repr((0, []))
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "nan", "inf", "1e999"])
+def test_a_bad_shared_directory_wait_is_named(monkeypatch, value):
+    from engine.errors import InvalidInput
+    from engine.resume import shared_wait_s
+
+    monkeypatch.setenv("TULU_SHARED_DIR_WAIT_S", value)
+    with pytest.raises(InvalidInput, match=rf"TULU_SHARED_DIR_WAIT_S='{re.escape(value)}': not a number of seconds"):
+        shared_wait_s()
+
+
+def test_the_shared_directory_wait_is_a_minute_unless_set(monkeypatch):
+    from engine.resume import shared_wait_s
+
+    monkeypatch.delenv("TULU_SHARED_DIR_WAIT_S", raising=False)
+    assert shared_wait_s() == 60
+    monkeypatch.setenv("TULU_SHARED_DIR_WAIT_S", " 2.5 ")
+    assert shared_wait_s() == 2.5
+    monkeypatch.setenv("TULU_SHARED_DIR_WAIT_S", "0")
+    assert shared_wait_s() == 0
