@@ -995,3 +995,126 @@ def test_an_output_dir_nested_in_another_runs_files_is_refused_either_way(tmp_pa
     (tmp_path / "plain/models/z").mkdir(parents=True)  # (a run in its directory outside its files: no refusal)
     (tmp_path / "plain/models/z" / RUN_LOCK).touch()
     assert nested_run(str(tmp_path / "plain")) is None
+
+
+def test_a_run_behind_a_link_in_this_runs_files_is_not_refused(tmp_path):
+    """nested_run looks for another run inside what this one would delete as it prunes or starts over, and that
+    deletion (shutil.rmtree) removes a link in a checkpoint, not the directory it names: another run there, behind a
+    link, is no refusal; the same run in a directory of the checkpoint is."""
+    from engine.resume import RUN_LOCK, nested_run
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / RUN_LOCK).touch()
+    (tmp_path / "out/checkpoint-000001").mkdir(parents=True)
+    os.symlink(other, tmp_path / "out/checkpoint-000001/link")
+    assert nested_run(str(tmp_path / "out")) is None
+    shutil.move(other, tmp_path / "out/checkpoint-000001/moved")
+    assert f"holds another run's output directory, {tmp_path / 'out/checkpoint-000001/moved'}," in str(
+        nested_run(str(tmp_path / "out"))
+    )
+
+
+def test_the_shared_directory_probe_is_the_file_with_its_token_or_none(tmp_path):
+    """_holds, check_shared's look at rank 0's probe: a file there holding another token (or cut short, as a network
+    file system may show a file being written) is not it; a probe path that cannot be read at all (the output
+    directory a file, or the probe a directory, on this rank's node) is no probe seen, not an error."""
+    from engine.resume import _holds
+
+    probe = tmp_path / ".shared-test-abc"
+    assert not _holds(str(probe), "abc")
+    probe.write_text("ab")
+    assert not _holds(str(probe), "abc")
+    probe.write_text("abc")
+    assert _holds(str(probe), "abc")
+    (tmp_path / "file").write_text("")
+    assert not _holds(str(tmp_path / "file/.shared-test-abc"), "abc")
+    (tmp_path / "dir/.shared-test-abc").mkdir(parents=True)
+    assert not _holds(str(tmp_path / "dir/.shared-test-abc"), "abc")
+
+
+def _check_shared_cases_rank(rank, world, init_file, root, out_dir):
+    import builtins
+    import datetime
+    import errno
+
+    import torch.distributed as dist
+
+    from engine import resume
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    got = []
+
+    def check(directory, wait):
+        os.environ["TULU_SHARED_DIR_WAIT_S"] = wait
+        try:
+            resume.check_shared(directory, rank)
+            got.append("ok")
+        except Exception as e:
+            got.append(f"{type(e).__name__}: {e}")
+
+    # a probe seen late (a network file system's cached view of the directory): waited for, not refused
+    misses, holds = [], resume._holds
+    resume._holds = lambda path, token: holds(path, token) if len(misses) >= 2 or misses.append(1) else False
+    check(os.path.join(root, "late"), "10")
+    resume._holds = holds
+    # rank 0 cannot write its probe (a full disk): every rank raises at once, none waits for the probe
+    real_open = builtins.open
+
+    def full(file, *args, **kwargs):
+        if rank == 0 and resume.SHARED_PROBE in str(file):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_open(file, *args, **kwargs)
+
+    builtins.open = full
+    check(os.path.join(root, "full"), "10")
+    builtins.open = real_open
+    # each node its own directory: refused, and again when checked again (a refusal is no directory checked)
+    for _ in range(2):
+        check(os.path.join(root, f"local{rank}"), "0")
+    # a wait that is no number of seconds on rank 1 alone: named on every rank, none left waiting for it
+    check(os.path.join(root, "shared"), "abc" if rank == 1 else "10")
+    with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
+        f.write(json.dumps(got))
+    dist.destroy_process_group()
+
+
+def test_check_shared_waits_for_a_late_probe_and_raises_on_every_rank_at_once(tmp_path):
+    """check_shared on two ranks: a probe rank 1 sees only on its third look is waited for; rank 0 failing to write
+    its probe, or rank 1 given a TULU_SHARED_DIR_WAIT_S that is no number, stops both ranks at once naming it (rather
+    than rank 1 waiting out the minute, or rank 0 waiting in its next collective for the process group's timeout); a
+    directory each node has its own copy of is refused on both, again when checked again, and rank 0's probe is not
+    left in it."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from engine.resume import SHARED_PROBE
+
+    root = tmp_path / "dirs"
+    for name in ("late", "full", "local0", "local1", "shared"):
+        (root / name).mkdir(parents=True)
+    mp.spawn(_check_shared_cases_rank, args=(2, str(tmp_path / "init"), str(root), str(tmp_path)), nprocs=2, join=True)
+    host = socket.gethostname()
+    full = f"cannot write to the output directory {root / 'full'}: No space left on device"
+    local = (
+        f"the output directory {root / 'local1'} is not shared between the nodes: a file global rank 0 (host {host}) "
+        f"wrote there is not seen by rank 1 (host {host}) within 0 s (TULU_SHARED_DIR_WAIT_S). Every rank saves its "
+        "share of each checkpoint there and a resume reads them back: give --output-dir a path on a file system every "
+        "node mounts, the same path on each"
+    )
+    wait = (
+        "TULU_SHARED_DIR_WAIT_S='abc': not a number of seconds (how long each rank looks for the file global rank 0 "
+        "writes into the output directory; unset for a minute)"
+    )
+    on = "checking the output directory failed on rank"
+    assert json.loads((tmp_path / "rank0").read_text()) == [
+        "ok", f"UnwritableOutput: {full}", *[f"FailedOnAnotherRank: {on} 1: {local}"] * 2,
+        f"FailedOnAnotherRank: {on} 1: {wait}",
+    ]  # fmt: skip
+    assert json.loads((tmp_path / "rank1").read_text()) == [
+        "ok", f"FailedOnAnotherRank: {on} 0: {full}", *[f"InvalidInput: {local}"] * 2, f"InvalidInput: {wait}",
+    ]  # fmt: skip
+    assert [n for d in root.iterdir() for n in os.listdir(d) if n.startswith(SHARED_PROBE)] == []
