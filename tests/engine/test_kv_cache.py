@@ -479,3 +479,50 @@ def test_release_collects_garbage_only_when_the_memory_did_not_come_back(monkeyp
             ["KV cache released but its memory is still referenced (a layer view alive?)"] if warned else []
         )
         pool.device = torch.device("cpu")
+
+
+def test_release_against_cuda_accounting_that_follows_the_pool_tensor(monkeypatch):
+    """release() with CUDA's allocated bytes modelled by the pool tensor's life (a layer view keeps it alive, as it
+    keeps the storage): dropped at once, no collection and no warning; a view in a reference cycle, one collection
+    frees it, no warning; a view held, a collection and the warning. Each time the allocator's cached blocks are
+    handed back (torch.cuda.empty_cache), so the pool's memory serves the training phase; on CPU there are none."""
+    import gc
+    import warnings
+    import weakref
+
+    collected, emptied, real_collect = [], [], gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: collected.append(1) or real_collect(*a))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    pool = KVCachePool(num_layers=1, num_blocks=2, block_size=4, num_kv_heads=1, head_dim=8)
+    pool.release()
+    assert (collected, emptied) == ([], [])
+    alive = []  # (a weak reference to the pool tensor: its bytes count as allocated while it lives)
+    monkeypatch.setattr(
+        torch.cuda, "memory_allocated", lambda device=None: 1000 + pool.nbytes * (alive[0]() is not None)
+    )
+    enabled = gc.isenabled()
+    gc.disable()  # (the cycle is left to release's collection, not an automatic one)
+    try:
+        for how, collections, warned in (("dropped", 0, False), ("cycle", 1, False), ("held", 1, True)):
+            pool.reallocate()
+            alive[:] = [weakref.ref(pool.tensor)]
+            pool.device = torch.device("cuda")  # (the tensor stays on the CPU: only the accounting is CUDA's)
+            held = pool.layer(0) if how == "held" else None
+            if how == "cycle":
+                cycle = [pool.layer(0)]
+                cycle.append(cycle)
+                del cycle
+            collected.clear()
+            emptied.clear()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                pool.release()
+            assert (len(collected), len(emptied)) == (collections, 1), how
+            assert [str(w.message) for w in caught] == (
+                ["KV cache released but its memory is still referenced (a layer view alive?)"] if warned else []
+            ), how
+            del held
+            pool.device = torch.device("cpu")
+    finally:
+        if enabled:
+            gc.enable()
