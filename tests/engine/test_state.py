@@ -3,6 +3,7 @@ legacy defaults), RunConfig's bounds, the context and recompute checks, and the 
 
 import dataclasses
 import json
+import os
 import shutil
 import types
 
@@ -408,3 +409,82 @@ def test_a_fixed_kv_cache_must_hold_a_sequence_of_the_policys_kv_on_a_rank(tmp_p
     state_mod.check_kv_cache_mb(dataclasses.replace(small, dtype="bfloat16"), cfg, ProcessGrid(), cpu)  # (bf16)
     with pytest.raises(InvalidInput, match=r"2\.00 MiB of the policy's K/V per GPU\): give it at least 2"):
         state_mod.check_kv_cache_mb(dataclasses.replace(run, kv_cache_mb=1), cfg, ProcessGrid(world_size=2, tp=2), cpu)
+
+
+def _one_rank_refuses_rank(rank, world, init_file, policy, reward, prompts, out_dir):
+    import datetime
+
+    import torch.distributed as dist
+
+    from engine.errors import MissingInput
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    grid = ProcessGrid(rank=rank, world_size=world, tp=1, dp=world)
+    gone = "-gone" if rank == 1 else ""  # (rank 1's copy of a file missing: a node-local disk)
+    got = []
+
+    def attempt(fn, *args, **kwargs):
+        try:
+            fn(*args, **kwargs)
+            got.append("ok")
+        except Exception as e:
+            got.append(f"{type(e).__name__}: {e}")
+        dist.barrier()  # (the next case starts on both ranks together)
+
+    sources = {"policy": ("--policy", policy, "lm"), "reward": ("--reward", reward + gone, "score")}
+    attempt(state_mod.check_checkpoints, sources)
+    run = RunConfig(policy=policy, reward=reward, prompts=prompts, output_dir=os.path.join(out_dir, "run"), resume=True)
+
+    def unread(*args):
+        raise MissingInput("unread on this node")
+
+    for name in ("check_resumable", "resumed_config"):  # (the resume's reading of the checkpoint, failing on rank 1)
+        real = getattr(state_mod, name)
+        setattr(state_mod, name, unread if rank == 1 else real)
+        attempt(state_mod.setup, PPOConfig(), run, grid=grid)
+        setattr(state_mod, name, real)
+    evaluation = dataclasses.replace(run, resume=False, eval_only=True, eval_prompts=prompts + gone)
+    attempt(state_mod.setup_evaluation, PPOConfig(), evaluation, grid)
+    with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
+        f.write(json.dumps(got))
+    dist.destroy_process_group()
+
+
+def test_a_check_that_fails_on_one_rank_alone_stops_every_rank_at_once_naming_it(tmp_path):
+    """Two ranks, rank 1's node without a file rank 0's has (its copy of --reward or --eval-prompts, or a resume's
+    checkpoint it cannot read): rank 1 names it and rank 0, which reports for the run, names rank 1's refusal at once
+    (check_checkpoints, setup's resume block, setup_evaluation's path check), rather than going on alone and waiting in
+    its next collective for a peer that has stopped."""
+    import torch.multiprocessing as mp
+
+    from engine.tokenizer import TINY_PROMPTS
+    from engine.train_ppo import build_tiny_models
+
+    policy, reward = build_tiny_models(str(tmp_path / "m"))
+    args = (2, str(tmp_path / "init"), policy, reward, TINY_PROMPTS, str(tmp_path))
+    mp.spawn(_one_rank_refuses_rank, args=args, nprocs=2)
+    paths = "checking the checkpoints and prompt files"
+    refusals = [
+        ("checking the checkpoints", "MissingInput", f"--reward: checkpoint directory {reward}-gone does not exist"),
+        *[("reading the checkpoint to resume", "MissingInput", "unread on this node")] * 2,
+        (paths, "MissingInput", f"--eval-prompts {TINY_PROMPTS}-gone: no such file"),
+    ]
+    assert json.loads((tmp_path / "rank0").read_text()) == [
+        f"FailedOnAnotherRank: {what} failed on rank 1: {message}" for what, _, message in refusals
+    ]
+    assert json.loads((tmp_path / "rank1").read_text()) == [f"{kind}: {message}" for _, kind, message in refusals]
+
+
+def test_a_fault_in_the_checkpoint_check_is_raised_as_itself(monkeypatch):
+    """check_checkpoints names the flag of the check's own findings (input errors) only: a bug of ours in the check
+    leaves as itself, its message and traceback its own, not dressed as a refusal of --reward."""
+
+    def bug(path, head):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(state_mod, "check_checkpoint", bug)
+    with pytest.raises(KeyError) as raised:
+        state_mod.check_checkpoints({"reward": ("--reward", "/some/reward", "score")})
+    assert raised.value.args == ("a bug",) and raised.value.__cause__ is None
