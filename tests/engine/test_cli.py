@@ -813,3 +813,45 @@ def test_a_run_lock_that_is_a_dangling_link_is_named(tmp_path):
     (out / ".run.lock").symlink_to(tmp_path / "gone" / "lock")
     with pytest.raises(InputError, match=f"^cannot write to its run lock {out}/.run.lock: No such file or directory$"):
         lock_output_dir(str(out), 0)
+
+
+def _tiny_resume_rank(rank, world, init_file, out):
+    import datetime
+
+    import torch.distributed as dist
+
+    from engine import resume
+    from engine.errors import MissingInput
+    from engine.train_ppo import prepare_tiny
+
+    def unread(output_dir):
+        raise MissingInput(f"--resume: {output_dir}/latest unread on this node")
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    if rank == 1:  # (its node's copy of the directory: `latest` naming a checkpoint that node lacks)
+        resume.check_resumable = unread
+    try:
+        prepare_tiny(RunConfig(output_dir=out, resume=True))
+        got = "ok"
+    except Exception as e:
+        got = f"{type(e).__name__}: {e}"
+    with open(os.path.join(os.path.dirname(out), f"rank{rank}"), "w") as f:
+        f.write(got)
+    dist.destroy_process_group()
+
+
+def test_the_tiny_defaults_resume_check_failing_on_one_rank_stops_every_rank_before_its_models_are_built(tmp_path):
+    """prepare_tiny's resume check on two ranks, failing on rank 1 alone: rank 0, which reports for the run, names rank
+    1's refusal at once, before it builds the tiny default's models, rather than going on alone to wait in its next
+    collective for a peer that has stopped."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "out")
+    mp.spawn(_tiny_resume_rank, args=(2, str(tmp_path / "init"), out), nprocs=2)
+    refusal = f"--resume: {out}/latest unread on this node"
+    reading = "reading the checkpoint to resume"
+    assert (tmp_path / "rank0").read_text() == f"FailedOnAnotherRank: {reading} failed on rank 1: {refusal}"
+    assert (tmp_path / "rank1").read_text() == f"MissingInput: {refusal}"
+    assert not os.path.exists(os.path.join(out, "init"))
