@@ -1033,6 +1033,16 @@ def test_the_shared_directory_probe_is_the_file_with_its_token_or_none(tmp_path)
     assert not _holds(str(tmp_path / "dir/.shared-test-abc"), "abc")
 
 
+def test_a_blank_shared_directory_wait_is_the_minute(monkeypatch):
+    """TULU_SHARED_DIR_WAIT_S set to spaces alone (an exported empty value padded, a blank in a job script) is unset:
+    the minute, not a refusal of it as no number of seconds."""
+    from engine.resume import SHARED_WAIT_S, shared_wait_s
+
+    for blank in ("", " ", " \t "):
+        monkeypatch.setenv("TULU_SHARED_DIR_WAIT_S", blank)
+        assert shared_wait_s() == SHARED_WAIT_S == 60, repr(blank)
+
+
 def _check_shared_cases_rank(rank, world, init_file, root, out_dir):
     import builtins
     import datetime
