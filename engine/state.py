@@ -336,16 +336,7 @@ def setup(
         run = dataclasses.replace(run, offload_optimizer="always")  # (auto, where nothing else fits)
     light = resolve_run(run, weights=False)  # a Hub id's configs and tokenizer files, checked before its weights
     tokenizer_dir = light.tokenizer or light.policy
-    tokenizer = load_tokenizer(tokenizer_dir)
-    prompt_set = load_prompts(
-        run.prompts, tokenizer, cfg.max_prompt_len, verbose=grid.rank == 0, template=run.chat_template
-    )
-    prompt_set, eval_set = evaluation_set(cfg, run, grid, tokenizer, prompt_set)
-    check_tokenizer(light, tokenizer, tokenizer_dir, prompt_set, eval_set)
-    check_context(light, cfg, grid)
-    check_kv_cache_mb(light, cfg, grid, device)
-    check_fills_a_rollout(len(prompt_set.prompts), cfg.rollout_batch_size)
-    check_profile_iteration(run, run_iterations(len(prompt_set.prompts), cfg, run))
+    tokenizer, prompt_set, eval_set = together(READING_INPUTS, read_inputs, cfg, run, light, grid, device)
     run = resolve_run(run)  # Hub ids -> local directories with the weights (engine/hub.py; the same directories)
     ckpt = resume_checkpoint(run.output_dir) if run.resume else None
     if run.resume:
@@ -353,14 +344,15 @@ def setup(
         if ckpt and latest_checkpoint(run.output_dir) is None:
             print0(f"(no `latest` in {run.output_dir}: a save stopped before it was first written, or not copied; "
                    "the newest complete checkpoint there is resumed)")  # fmt: skip
-    if ckpt:
-        check_prompt_order(ckpt, prompt_set.prompts, cfg, run.seed)  # (before any weight is read)
+    if ckpt:  # (before any weight is read; on every rank at once: a prompt file one node's disk holds otherwise)
+        together("checking the prompt order the checkpoint continues", check_prompt_order, ckpt, prompt_set.prompts,
+                 cfg, run.seed)  # fmt: skip
     sources = model_sources(run, ckpt)
     check_checkpoints(sources)  # (before an output directory is cleared and before any weight is read)
     fingerprints = fingerprint_models(run, ckpt, grid.rank)  # (a resume with other frozen models: refused here)
     if ckpt is None and run.output_dir:  # (a resume with nothing to resume drops the dead run's metrics)
         start_fresh(run.output_dir, run.overwrite_output_dir or run.resume, grid.rank, inputs=run_inputs(run))
-    models = tuple(load(path, head) for _, path, head in sources.values())
+    models = tuple(together(f"loading the {role} model", load, path, head) for role, (_, path, head) in sources.items())
     state = make_state(
         cfg,
         run,
@@ -377,6 +369,33 @@ def setup(
         load_trainer_state(state, ckpt)
     state.generator = generator_factory(state.policy, cfg, run)
     return state
+
+
+READING_INPUTS = "reading the tokenizer and prompts"  # (what together names for read_inputs)
+
+
+def read_inputs(cfg: PPOConfig, run: RunConfig, light: RunConfig, grid: ProcessGrid, device: torch.device,
+                training: bool = True):  # fmt: skip
+    """(tokenizer, training prompts or None, evaluation prompts or None): the tokenizer and the prompt files read and
+    tokenised, and checked with the checkpoints' config.json (`light`: resolve_run's without weights) against the
+    flags, before any weight is read; `training`: with the training prompts (--eval-only has none). No collective:
+    setup runs it under together, since every file here may lie on a node's own disk (the tiny default's tokenizer
+    and prompts are in each node's copy of the engine) and one that differs there fails on that node alone."""
+    tokenizer_dir = light.tokenizer or light.policy
+    tokenizer = load_tokenizer(tokenizer_dir)
+    prompt_set = None
+    if training:
+        prompt_set = load_prompts(
+            run.prompts, tokenizer, cfg.max_prompt_len, verbose=grid.rank == 0, template=run.chat_template
+        )
+    prompt_set, eval_set = evaluation_set(cfg, run, grid, tokenizer, prompt_set)
+    check_tokenizer(light, tokenizer, tokenizer_dir, prompt_set, eval_set)
+    check_context(light, cfg, grid)
+    check_kv_cache_mb(light, cfg, grid, device)
+    if training:
+        check_fills_a_rollout(len(prompt_set.prompts), cfg.rollout_batch_size)
+        check_profile_iteration(run, run_iterations(len(prompt_set.prompts), cfg, run))
+    return tokenizer, prompt_set, eval_set
 
 
 def check_paths(run: RunConfig) -> None:
@@ -569,7 +588,9 @@ def evaluation_set(cfg: PPOConfig, run: RunConfig, grid: ProcessGrid, tokenizer,
 
 def model_loader(run: RunConfig, grid: ProcessGrid):
     """(device, load(path, head) -> Transformer on it, this run's dtype, TP group and layout)."""
-    device = resolve_device(run.device, grid)
+    # (on every rank at once: --device cuda:N is refused on the ranks whose LOCAL_RANK is not N only, --device cuda on a
+    # node that sees no GPU only; the others would wait in the memory plan's collective)
+    device = together("choosing the device", resolve_device, run.device, grid)
     dtype = resolve_dtype(run.dtype, device)
     kw = {"dtype": dtype, "device": device, "group": grid.tp_group, "sequence_parallel": run.sequence_parallel}
     return device, lambda path, head: load_pretrained(path, head=head, **kw)
@@ -695,16 +716,13 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     check_memory(cfg, run, grid, device, evaluation=True)  # (as in setup: before a Hub id's weights are fetched)
     light = resolve_run(run, weights=False)
     tokenizer_dir = light.tokenizer or light.policy
-    tokenizer = load_tokenizer(tokenizer_dir)
-    _, eval_set = evaluation_set(cfg, run, grid, tokenizer, None)
-    check_tokenizer(light, tokenizer, tokenizer_dir, eval_set)
-    check_context(light, cfg, grid)
-    check_kv_cache_mb(light, cfg, grid, device)
+    tokenizer, _, eval_set = together(READING_INPUTS, read_inputs, cfg, run, light, grid, device, training=False)
     run = resolve_run(run)
     sources = model_sources(run, None, evaluation=True)
     check_checkpoints(sources)  # (as in setup)
     start_fresh(run.output_dir, run.overwrite_output_dir, grid.rank, evaluation=True, inputs=run_inputs(run))
-    policy, ref, reward = (load(path, head) for _, path, head in sources.values())
+    policy, ref, reward = (together(f"loading the {role} model", load, path, head)
+                           for role, (_, path, head) in sources.items())  # fmt: skip
     for m in (policy, ref, reward):
         m.requires_grad_(False)
     stops = response_stop_ids(tokenizer, run.policy)

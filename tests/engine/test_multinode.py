@@ -23,15 +23,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_nodes(outs, *flags, nproc: int = 1, timeout: float = 120, node_flags=((), ())):
+def two_nodes(outs, *flags, nproc: int = 1, timeout: float = 120, node_flags=((), ()), node_paths=((), ())):
     """The tiny default under two torchrun "nodes" of `nproc` ranks each, node k writing into outs[k] (the same
-    directory for a shared file system, two for node-local disks) with node_flags[k] after `flags`:
+    directory for a shared file system, two for node-local disks) with node_flags[k] after `flags` and node_paths[k]
+    before the repository on its PYTHONPATH (a sitecustomize.py there, or a module, that node's alone):
     [(returncode, output)] of each node's torchrun."""
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", TULU_SHARED_DIR_WAIT_S="3")  # (not a minute)
     env.pop("TRITON_INTERPRET", None)  # the workers run the CPU reference ops
     port = free_port()
     procs = []
     for node, out in enumerate(outs):
+        env["PYTHONPATH"] = os.pathsep.join([*map(str, node_paths[node]), ROOT])
         os.makedirs(out, exist_ok=True)  # (the worker's result file goes there)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
                "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(port),
@@ -128,6 +130,117 @@ def test_a_resume_one_node_cannot_read_stops_both_nodes_at_once_naming_it(tmp_pa
     assert all(code != 0 for code, _ in results)
     said = f"error: reading the checkpoint to resume failed on rank 1: --resume: {b}/latest names checkpoint-000001"
     assert said in results[0][1], results[0][1][-3000:]
+
+
+def cut_short(path: str, out: str) -> str:
+    """A copy of the file `path` at `out` cut short in its second line (a copy to one node's disk that stopped)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    first = data.index(b"\n") + 1
+    with open(out, "wb") as f:
+        f.write(data[: first + (data.index(b"\n", first) - first) // 2])
+    return out
+
+
+@pytest.mark.parametrize("eval_only", [False, True], ids=["train", "eval-only"])
+def test_a_prompt_file_cut_short_on_one_node_stops_both_nodes_at_once_naming_it(tmp_path, eval_only):
+    """--prompts (or --eval-prompts of an --eval-only) copied to each node's own disk, node 1's copy cut short: its
+    refusal, as the tokenizer and prompts are read, reaches node 0, which names it, rather than node 0 going on alone
+    to the checkpoints' check and waiting there for --dist-timeout-minutes."""
+    policy, reward = build_tiny_models(str(tmp_path / "models"))
+    bad = cut_short(TINY_PROMPTS, str(tmp_path / "node1-prompts.jsonl"))
+    flag = "--eval-prompts" if eval_only else "--prompts"
+    out = str(tmp_path / "out")
+    models = ("--policy", policy, "--reward", reward) + (("--eval-only",) if eval_only else ("--prompts", TINY_PROMPTS))
+    results = two_nodes((out, out), *models, node_flags=((flag, TINY_PROMPTS), (flag, bad)))
+    assert all(code != 0 for code, _ in results)
+    said = f"error: reading the tokenizer and prompts failed on rank 1: {bad}:2: malformed JSON"
+    assert said in results[0][1], results[0][1][-3000:]
+
+
+def test_a_resume_with_other_prompts_on_one_node_stops_both_nodes_at_once_naming_it(tmp_path):
+    """--resume where node 1's --prompts holds other prompts than the checkpoint's run trained on (a copy edited on
+    that node alone): the prompt order's refusal on node 1 reaches node 0, before any weight is loaded."""
+    from tests.engine.ppo_dp_worker import naive_factory
+    from tests.engine.runs import run_tiny
+
+    policy, reward = build_tiny_models(str(tmp_path / "models"))
+    out = str(tmp_path / "out")
+    models = ("--policy", policy, "--reward", reward)
+    run_tiny(out, *models, "--prompts", TINY_PROMPTS, "--max-iterations", "1", factory=naive_factory)
+    with open(TINY_PROMPTS) as f:
+        lines = f.read().splitlines(keepends=True)
+    other = str(tmp_path / "node1-prompts.jsonl")
+    with open(other, "w") as f:  # (the same number of prompts, two swapped)
+        f.writelines([lines[1], lines[0], *lines[2:]])
+    results = two_nodes((out, out), *models, "--max-iterations", "2", "--resume",
+                        node_flags=(("--prompts", TINY_PROMPTS), ("--prompts", other)))  # fmt: skip
+    assert all(code != 0 for code, _ in results)
+    said = ("error: checking the prompt order the checkpoint continues failed on rank 1: cannot resume: the prompts "
+            "are other tokens than the checkpoint's run trained on")  # fmt: skip
+    assert said in results[0][1], results[0][1][-3000:]
+
+
+def test_weights_one_node_cannot_read_stop_both_nodes_at_once_naming_it(tmp_path):
+    """An I/O error reading the reward model's weights on node 1 alone (its disk; the files' headers read fine, so
+    the checkpoints' check passed): node 0 names it rather than waiting for node 1 in the next model's load."""
+    site = tmp_path / "node1-site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import errno, os, engine.checkpoint as c\n"
+        "real = c._Source.__getitem__\n"
+        "def read(self, idx):\n"
+        "    if self.sl.get_shape()[0] == 1:  # (the reward model's score.weight: one row)\n"
+        "        raise OSError(errno.EIO, os.strerror(errno.EIO))\n"
+        "    return real(self, idx)\n"
+        "c._Source.__getitem__ = read\n"
+    )
+    out = str(tmp_path / "out")
+    results = two_nodes((out, out), node_paths=((), (site,)))
+    assert all(code != 0 for code, _ in results)
+    said = "RuntimeError: loading the value model failed on rank 1: [Errno 5] Input/output error"  # (no input error)
+    assert said in results[0][1], results[0][1][-3000:]
+
+
+def _one_rank_fails_rank(rank, init_file, check, out_dir):
+    """`check` on two gloo ranks where it fails on one alone, then a collective (the next one the run would enter):
+    writes what each rank raised."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from engine.parallel import ProcessGrid
+    from engine.state import RunConfig, model_loader
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=10))  # fmt: skip
+    grid = ProcessGrid(rank=rank, world_size=2, tp=1, dp=2)
+    said = "none"
+    try:
+        if check == "device":  # --device cuda:1 on two nodes of one GPU each: LOCAL_RANK 0 on both, say
+            torch.cuda.is_available = lambda: True
+            torch.cuda.set_device = lambda device: None
+            os.environ["LOCAL_RANK"] = str(rank)
+            model_loader(RunConfig(device="cuda:1"), grid)
+        dist.barrier()
+    except Exception as e:
+        said = f"{type(e).__name__}: {e}"
+    with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
+        f.write(said)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("check", ["device"])
+def test_a_check_of_one_rank_alone_stops_every_rank_naming_it(tmp_path, check):
+    """--device cuda:N refused on the ranks whose LOCAL_RANK is not N: every rank raises at once, the others naming
+    the rank that failed, none waits in the next collective."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_one_rank_fails_rank, args=(str(tmp_path / "init"), check, str(tmp_path)), nprocs=2, join=True)
+    said = [(tmp_path / f"rank{r}").read_text() for r in range(2)]
+    if check == "device":
+        assert said[0].startswith("InvalidInput: --device cuda:1 under torchrun: each process uses the GPU"), said
+        assert said[1].startswith("FailedOnAnotherRank: choosing the device failed on rank 0: --device cuda:1"), said
 
 
 def _check_shared_rank(rank, world, init_file, dirs, out_dir):
