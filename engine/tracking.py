@@ -100,8 +100,18 @@ class Tracker:
     def __init__(self, state: TrainState):
         run = state.run
         self.wandb = self.tensorboard = None
-        if state.grid.rank != 0:
-            return
+        error = None
+        if state.grid.rank == 0:
+            try:
+                self._start(state)
+            except Exception as e:  # (W&B refusing its key, no network: rank 0's alone)
+                error = e
+        if run.tensorboard_dir or run.wandb_project:  # (every rank alike; none to start: no collective)
+            # every rank at once: the others would otherwise wait in the first evaluation or rollout for rank 0
+            raise_together(error, "starting the trackers")
+
+    def _start(self, state: TrainState) -> None:
+        run = state.run
         if run.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 

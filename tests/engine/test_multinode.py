@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from engine.config import PPOConfig
 from engine.resume import SHARED_PROBE
 from engine.tokenizer import TINY_PROMPTS
 from engine.train_ppo import build_tiny_models
@@ -206,11 +207,13 @@ def _one_rank_fails_rank(rank, init_file, check, out_dir):
     """`check` on two gloo ranks where it fails on one alone, then a collective (the next one the run would enter):
     writes what each rank raised."""
     import datetime
+    import types
 
     import torch.distributed as dist
 
     from engine.parallel import ProcessGrid
     from engine.state import RunConfig, model_loader
+    from engine.tracking import Tracker
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=10))  # fmt: skip
@@ -222,6 +225,17 @@ def _one_rank_fails_rank(rank, init_file, check, out_dir):
             torch.cuda.set_device = lambda device: None
             os.environ["LOCAL_RANK"] = str(rank)
             model_loader(RunConfig(device="cuda:1"), grid)
+        else:  # W&B refuses rank 0's key (its node's own ~/.netrc, say)
+            wandb = types.ModuleType("wandb")
+            wandb.errors = types.SimpleNamespace(Error=type("Error", (Exception,), {}))
+
+            def init(**kw):
+                raise wandb.errors.Error("api_key not valid")
+
+            wandb.init = init
+            sys.modules["wandb"] = wandb
+            run = RunConfig(output_dir=out_dir, wandb_project="p")
+            Tracker(types.SimpleNamespace(run=run, grid=grid, cfg=PPOConfig(), iteration=0))
         dist.barrier()
     except Exception as e:
         said = f"{type(e).__name__}: {e}"
@@ -230,10 +244,11 @@ def _one_rank_fails_rank(rank, init_file, check, out_dir):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("check", ["device"])
+@pytest.mark.parametrize("check", ["device", "tracker"])
 def test_a_check_of_one_rank_alone_stops_every_rank_naming_it(tmp_path, check):
-    """--device cuda:N refused on the ranks whose LOCAL_RANK is not N: every rank raises at once, the others naming
-    the rank that failed, none waits in the next collective."""
+    """--device cuda:N refused on the ranks whose LOCAL_RANK is not N, W&B failing to start on global rank 0 (the
+    only rank that starts it): every rank raises at once, the others naming the rank that failed, none waits in
+    the next collective."""
     import torch.multiprocessing as mp
 
     mp.spawn(_one_rank_fails_rank, args=(str(tmp_path / "init"), check, str(tmp_path)), nprocs=2, join=True)
@@ -241,6 +256,9 @@ def test_a_check_of_one_rank_alone_stops_every_rank_naming_it(tmp_path, check):
     if check == "device":
         assert said[0].startswith("InvalidInput: --device cuda:1 under torchrun: each process uses the GPU"), said
         assert said[1].startswith("FailedOnAnotherRank: choosing the device failed on rank 0: --device cuda:1"), said
+    else:
+        assert said[0] == "InvalidInput: --wandb-project p: W&B could not start the run: api_key not valid", said
+        assert said[1] == f"FailedOnAnotherRank: starting the trackers failed on rank 0: {said[0][14:]}", said
 
 
 def _check_shared_rank(rank, world, init_file, dirs, out_dir):
