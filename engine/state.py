@@ -726,7 +726,9 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     for m in (policy, ref, reward):
         m.requires_grad_(False)
     stops = response_stop_ids(tokenizer, run.policy)
-    iteration, step = checkpoint_position(run.policy)  # (what eval.jsonl and eval/iter-N.jsonl name)
+    # (what eval.jsonl and eval/iter-N.jsonl name; on every rank at once: a checkpoint copied to each node's own disk,
+    # one copy's state file damaged)
+    iteration, step = together("reading the checkpoint's position", checkpoint_position, run.policy)
     state = TrainState(cfg, run, grid, device, policy, ref, None, reward, None, None, None, None, stops, tokenizer_dir,
                        iterations=0, total_steps=0, iteration=iteration, step=step)  # fmt: skip
     state.tokenizer, state.eval_prompts = tokenizer, eval_set

@@ -182,12 +182,47 @@ def test_a_resume_with_other_prompts_on_one_node_stops_both_nodes_at_once_naming
     assert said in results[0][1], results[0][1][-3000:]
 
 
+def node_site(directory, code: str) -> str:
+    """`directory` holding a sitecustomize.py of `code`, run as each Python process of the node whose PYTHONPATH it
+    leads starts (two_nodes' node_paths): what that node's own disk does differently."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "sitecustomize.py"), "w") as f:
+        f.write(code)
+    return str(directory)
+
+
+def test_an_evaluated_checkpoint_one_node_cannot_read_stops_both_nodes_at_once_naming_it(tmp_path):
+    """--eval-only of a PPO checkpoint's policy whose state file (which names the iteration evaluated) node 1 cannot
+    read (an I/O error on its disk, or its copy damaged): node 0 names it rather than going on alone to its next
+    collective."""
+    from tests.engine.ppo_dp_worker import naive_factory
+    from tests.engine.runs import run_tiny
+
+    run = str(tmp_path / "run")
+    run_tiny(run, "--max-iterations", "1", "--eval-prompts", "", factory=naive_factory)
+    site = node_site(tmp_path / "node1-site", (
+        "import errno, os, torch\n"
+        "real = torch.load\n"
+        "def load(f, *a, **k):\n"
+        "    if str(f).endswith('state-rank00000.pt'):\n"
+        "        raise OSError(errno.EIO, os.strerror(errno.EIO))\n"
+        "    return real(f, *a, **k)\n"
+        "torch.load = load\n"
+    ))  # fmt: skip
+    out, state_file = str(tmp_path / "out"), os.path.join(run, "checkpoint-000001/state-rank00000.pt")
+    results = two_nodes((out, out), "--policy", os.path.join(run, "checkpoint-000001/policy"), "--reward",
+                        os.path.join(run, "init/reward"), "--eval-only", "--eval-prompts", TINY_PROMPTS,
+                        node_paths=((), (site,)))  # fmt: skip
+    assert all(code != 0 for code, _ in results)
+    said = (f"error: reading the checkpoint's position failed on rank 1: cannot read the state file {state_file}: "
+            "Input/output error")  # fmt: skip
+    assert said in results[0][1], results[0][1][-3000:]
+
+
 def test_weights_one_node_cannot_read_stop_both_nodes_at_once_naming_it(tmp_path):
     """An I/O error reading the reward model's weights on node 1 alone (its disk; the files' headers read fine, so
     the checkpoints' check passed): node 0 names it rather than waiting for node 1 in the next model's load."""
-    site = tmp_path / "node1-site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
+    site = node_site(tmp_path / "node1-site", (
         "import errno, os, engine.checkpoint as c\n"
         "real = c._Source.__getitem__\n"
         "def read(self, idx):\n"
@@ -195,7 +230,7 @@ def test_weights_one_node_cannot_read_stop_both_nodes_at_once_naming_it(tmp_path
         "        raise OSError(errno.EIO, os.strerror(errno.EIO))\n"
         "    return real(self, idx)\n"
         "c._Source.__getitem__ = read\n"
-    )
+    ))  # fmt: skip
     out = str(tmp_path / "out")
     results = two_nodes((out, out), node_paths=((), (site,)))
     assert all(code != 0 for code, _ in results)
