@@ -175,23 +175,33 @@ def evaluate(state: TrainState) -> dict:
             rec["prompt_index"] = i
     records = _gather_to_rank0(state, records)
     metrics["time"] = time.perf_counter() - t0
+    error = None
     if grid.rank == 0:
-        out = state.run.output_dir
-        os.makedirs(os.path.join(out, EVAL_DIR), exist_ok=True)
-        records = sorted(records, key=lambda r: r["prompt_index"])
-        data = "".join(json.dumps(r) + "\n" for r in records).encode()
-        atomic_write(os.path.join(out, EVAL_DIR, f"iter-{state.iteration:06d}.jsonl"), lambda f: f.write(data))
-        with open(os.path.join(out, "eval.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if state.tracker is not None:
-            state.tracker.log(metrics, prefix="eval/")
-            state.tracker.log_table("eval/answers", readable(records[:EVAL_TABLE_ROWS]), step=state.iteration)
-        what = f"eval of {state.run.policy}" if state.run.eval_only else f"eval after iteration {state.iteration}"
-        print0(
-            f"{what} ({int(n)} prompts, {metrics['time']:.1f}s): "
-            + " ".join(f"{k} {metrics[k]:.4g}" for k in EVAL_KEYS)
-        )
+        try:
+            _log_evaluation(state, metrics, records)
+        except Exception as e:  # (a full disk, W&B: rank 0's alone, after the last collective here)
+            error = e
+    # every rank at once: the others would otherwise wait for rank 0 in the next rollout's collectives
+    raise_together(error, "writing the evaluation")
     return metrics
+
+
+def _log_evaluation(state: TrainState, metrics: dict, records: list[dict]) -> None:
+    """Global rank 0: an evaluation's answers to eval/iter-N.jsonl, its metrics to eval.jsonl, both to the trackers,
+    and its line printed."""
+    out = state.run.output_dir
+    os.makedirs(os.path.join(out, EVAL_DIR), exist_ok=True)
+    records = sorted(records, key=lambda r: r["prompt_index"])
+    data = "".join(json.dumps(r) + "\n" for r in records).encode()
+    atomic_write(os.path.join(out, EVAL_DIR, f"iter-{state.iteration:06d}.jsonl"), lambda f: f.write(data))
+    with open(os.path.join(out, "eval.jsonl"), "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    if state.tracker is not None:
+        state.tracker.log(metrics, prefix="eval/")
+        state.tracker.log_table("eval/answers", readable(records[:EVAL_TABLE_ROWS]), step=state.iteration)
+    what = f"eval of {state.run.policy}" if state.run.eval_only else f"eval after iteration {state.iteration}"
+    print0(f"{what} ({int(metrics['prompts'])} prompts, {metrics['time']:.1f}s): "
+           + " ".join(f"{k} {metrics[k]:.4g}" for k in EVAL_KEYS))  # fmt: skip
 
 
 def evaluate_only(cfg, run, grid, generator_factory=None) -> dict:

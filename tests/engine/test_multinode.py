@@ -238,6 +238,27 @@ def test_weights_one_node_cannot_read_stop_both_nodes_at_once_naming_it(tmp_path
     assert said in results[0][1], results[0][1][-3000:]
 
 
+def test_an_evaluation_rank_0_cannot_write_stops_both_nodes_at_once_naming_it(tmp_path):
+    """The evaluation before the first iteration, which global rank 0 alone writes (eval.jsonl; a full disk, modelled
+    on node 0): every rank stops there, node 1 naming rank 0's error, rather than waiting for rank 0 in the first
+    rollout."""
+    site = node_site(tmp_path / "node0-site", (
+        "import builtins, errno, os\n"
+        "real = builtins.open\n"
+        "def open_(file, mode='r', *a, **k):\n"
+        "    if str(file).endswith('eval.jsonl') and 'a' in mode:\n"
+        "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+        "    return real(file, mode, *a, **k)\n"
+        "builtins.open = open_\n"
+    ))  # fmt: skip
+    out = str(tmp_path / "out")
+    results = two_nodes((out, out), node_paths=((site,), ()))
+    assert all(code != 0 for code, _ in results)
+    said = "RuntimeError: writing the evaluation failed on rank 0: [Errno 28] No space left on device"
+    assert said in results[1][1], results[1][1][-3000:]
+    assert "train_ppo.py: error: No space left on device: free space" in results[0][1], results[0][1][-3000:]
+
+
 def _one_rank_fails_rank(rank, init_file, check, out_dir):
     """`check` on two gloo ranks where it fails on one alone, then a collective (the next one the run would enter):
     writes what each rank raised."""
