@@ -553,7 +553,7 @@ def check_memory(
                 host=memory_plan.host_available(), local_ranks=memory_plan.local_ranks(),
                 idle_models=run.offload_idle_models, evaluation=evaluation,
             )  # fmt: skip
-        except ValueError as e:
+        except Exception as e:  # (every rank at once: a checkpoint one node lacks is MissingInput, not a ValueError)
             error = e
     raise_together(error, "planning memory")
     if line:

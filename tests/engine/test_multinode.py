@@ -268,7 +268,7 @@ def _one_rank_fails_rank(rank, init_file, check, out_dir):
     import torch.distributed as dist
 
     from engine.parallel import ProcessGrid
-    from engine.state import RunConfig, model_loader
+    from engine.state import RunConfig, check_memory, model_loader
     from engine.tracking import Tracker
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
@@ -281,6 +281,10 @@ def _one_rank_fails_rank(rank, init_file, check, out_dir):
             torch.cuda.set_device = lambda device: None
             os.environ["LOCAL_RANK"] = str(rank)
             model_loader(RunConfig(device="cuda:1"), grid)
+        elif check == "memory":  # the memory plan on a GPU where node 1 lacks the policy's directory
+            torch.cuda.mem_get_info = lambda device=None: (80 * 2**30, 80 * 2**30)
+            policy = "tiny" if rank == 0 else os.path.join(out_dir, "node1-disk/policy")
+            check_memory(PPOConfig(), RunConfig(policy=policy, reward="tiny"), grid, torch.device("cuda", 0))
         else:  # W&B refuses rank 0's key (its node's own ~/.netrc, say)
             wandb = types.ModuleType("wandb")
             wandb.errors = types.SimpleNamespace(Error=type("Error", (Exception,), {}))
@@ -300,11 +304,11 @@ def _one_rank_fails_rank(rank, init_file, check, out_dir):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("check", ["device", "tracker"])
+@pytest.mark.parametrize("check", ["device", "memory", "tracker"])
 def test_a_check_of_one_rank_alone_stops_every_rank_naming_it(tmp_path, check):
-    """--device cuda:N refused on the ranks whose LOCAL_RANK is not N, W&B failing to start on global rank 0 (the
-    only rank that starts it): every rank raises at once, the others naming the rank that failed, none waits in
-    the next collective."""
+    """--device cuda:N refused on the ranks whose LOCAL_RANK is not N, a checkpoint one node lacks in the memory plan
+    (a GPU's: on a CPU no plan is made), W&B failing to start on global rank 0 (the only rank that starts it): every
+    rank raises at once, the others naming the rank that failed, none waits in the next collective."""
     import torch.multiprocessing as mp
 
     mp.spawn(_one_rank_fails_rank, args=(str(tmp_path / "init"), check, str(tmp_path)), nprocs=2, join=True)
@@ -312,6 +316,9 @@ def test_a_check_of_one_rank_alone_stops_every_rank_naming_it(tmp_path, check):
     if check == "device":
         assert said[0].startswith("InvalidInput: --device cuda:1 under torchrun: each process uses the GPU"), said
         assert said[1].startswith("FailedOnAnotherRank: choosing the device failed on rank 0: --device cuda:1"), said
+    elif check == "memory":
+        assert said[0] == f"FailedOnAnotherRank: planning memory failed on rank 1: {said[1][14:]}", said
+        assert said[1].startswith(f"MissingInput: checkpoint directory {tmp_path}/node1-disk/policy does not"), said
     else:
         assert said[0] == "InvalidInput: --wandb-project p: W&B could not start the run: api_key not valid", said
         assert said[1] == f"FailedOnAnotherRank: starting the trackers failed on rank 0: {said[0][14:]}", said
