@@ -82,15 +82,22 @@ def eval_identity(state: TrainState) -> dict:
 def check_resumed_eval(state: TrainState) -> None:
     """A resumed run evaluating on another prompt set (or decoding otherwise) than the evaluations eval.jsonl holds
     would draw one curve through two sets: say so (each line names its set: `eval_set`)."""
-    if state.eval_prompts is None or state.iteration == 0 or state.grid.rank != 0 or not state.run.output_dir:
+    if state.eval_prompts is None or state.iteration == 0 or not state.run.output_dir:
         return
     fn = os.path.join(state.run.output_dir, "eval.jsonl")
-    try:
-        logged = [r for r in read_log(fn)[1] if "eval_set" in r] if os.path.exists(fn) else []
-    except ValueError:  # (named by eval_due, which reads it too)
+    logged, error = [], None  # (rank 0 reads it)
+    if state.grid.rank == 0:
+        try:
+            logged = [r for r in read_log(fn)[1] if "eval_set" in r] if os.path.exists(fn) else []
+        except ValueError:  # (named by eval_due, which reads it too)
+            pass
+        except OSError as e:  # (rank 0's alone: every rank stops, none waits for it in eval_due or the first rollout)
+            error = e
+    raise_together(error, "reading eval.jsonl")
+    if not logged:
         return
     now = eval_identity(state)
-    if logged and any(k in logged[-1] and logged[-1][k] != v for k, v in now.items()):
+    if any(k in logged[-1] and logged[-1][k] != v for k, v in now.items()):
         before = {k: logged[-1].get(k) for k in now if k in logged[-1]}
         print0(
             f"warning: {fn} holds evaluations of another set or decoding ({before}) than this resumed run's ({now}): "

@@ -267,6 +267,7 @@ def _one_rank_fails_rank(rank, init_file, check, out_dir):
 
     import torch.distributed as dist
 
+    from engine.evaluate import check_resumed_eval
     from engine.parallel import ProcessGrid
     from engine.state import RunConfig, check_memory, model_loader
     from engine.tracking import Tracker
@@ -285,6 +286,10 @@ def _one_rank_fails_rank(rank, init_file, check, out_dir):
             torch.cuda.mem_get_info = lambda device=None: (80 * 2**30, 80 * 2**30)
             policy = "tiny" if rank == 0 else os.path.join(out_dir, "node1-disk/policy")
             check_memory(PPOConfig(), RunConfig(policy=policy, reward="tiny"), grid, torch.device("cuda", 0))
+        elif check == "eval-log":  # a resumed run's eval.jsonl that rank 0, its only reader, cannot read
+            os.makedirs(os.path.join(out_dir, "eval.jsonl"), exist_ok=True)  # (a directory of that name, say)
+            run = RunConfig(output_dir=out_dir)
+            check_resumed_eval(types.SimpleNamespace(eval_prompts=object(), iteration=3, grid=grid, run=run))
         else:  # W&B refuses rank 0's key (its node's own ~/.netrc, say)
             wandb = types.ModuleType("wandb")
             wandb.errors = types.SimpleNamespace(Error=type("Error", (Exception,), {}))
@@ -304,11 +309,12 @@ def _one_rank_fails_rank(rank, init_file, check, out_dir):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("check", ["device", "memory", "tracker"])
+@pytest.mark.parametrize("check", ["device", "memory", "tracker", "eval-log"])
 def test_a_check_of_one_rank_alone_stops_every_rank_naming_it(tmp_path, check):
     """--device cuda:N refused on the ranks whose LOCAL_RANK is not N, a checkpoint one node lacks in the memory plan
-    (a GPU's: on a CPU no plan is made), W&B failing to start on global rank 0 (the only rank that starts it): every
-    rank raises at once, the others naming the rank that failed, none waits in the next collective."""
+    (a GPU's: on a CPU no plan is made), W&B failing to start on global rank 0 (the only rank that starts it), a
+    resumed run's eval.jsonl rank 0 cannot read: every rank raises at once, the others naming the rank that failed,
+    none waits in the next collective."""
     import torch.multiprocessing as mp
 
     mp.spawn(_one_rank_fails_rank, args=(str(tmp_path / "init"), check, str(tmp_path)), nprocs=2, join=True)
@@ -319,6 +325,9 @@ def test_a_check_of_one_rank_alone_stops_every_rank_naming_it(tmp_path, check):
     elif check == "memory":
         assert said[0] == f"FailedOnAnotherRank: planning memory failed on rank 1: {said[1][14:]}", said
         assert said[1].startswith(f"MissingInput: checkpoint directory {tmp_path}/node1-disk/policy does not"), said
+    elif check == "eval-log":
+        assert said[0].startswith(f"IsADirectoryError: [Errno 21] Is a directory: '{tmp_path}/eval.jsonl'"), said
+        assert said[1] == f"RuntimeError: reading eval.jsonl failed on rank 0: {said[0][19:]}", said
     else:
         assert said[0] == "InvalidInput: --wandb-project p: W&B could not start the run: api_key not valid", said
         assert said[1] == f"FailedOnAnotherRank: starting the trackers failed on rank 0: {said[0][14:]}", said
