@@ -128,8 +128,10 @@ def agree(values: list, op: str, group: dist.ProcessGroup | None = None, dtype: 
 def raise_together(error: BaseException | None, what: str) -> None:
     """Every rank learns whether any rank failed at `what`: the one that did raises its own error, the others one
     naming the first rank that failed with its message (an input error when that rank's was one: engine.errors; a
-    FloatingPointError when that rank's run diverged), so no rank is left waiting in a collective for a peer that has
-    stopped and rank 0, which reports for the run, has the message. Returns None if none did."""
+    FloatingPointError when that rank's run diverged; an OSError of the same errno for a system error, so a full disk
+    on one node is one line on every node, as engine.errors.run_command reports it), so no rank is left waiting in a
+    collective for a peer that has stopped and rank 0, which reports for the run, has the message. Returns None if
+    none did."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     failed, first = agree([int(error is not None), -rank if error is not None else -world], "max")
@@ -137,12 +139,13 @@ def raise_together(error: BaseException | None, what: str) -> None:
         return
     first = -first
     if world > 1:  # (the first failing rank's kind and message to every rank: only ever on this failing path)
-        box = [(_error_kind(error), str(error)) if rank == first else None]
+        box = [(_error_kind(error), str(error), getattr(error, "errno", None)) if rank == first else None]
         dist.broadcast_object_list(box, src=first)
-        kind, message = box[0]
+        kind, message, code = box[0]
     if error is not None:
         raise error
-    raise kind(f"{what} failed on rank {first}: {message}")
+    message = f"{what} failed on rank {first}: {message}"
+    raise OSError(code, message) if kind is OSError else kind(message)
 
 
 def together(what: str, fn, *args, **kwargs):
@@ -164,6 +167,8 @@ def _error_kind(error: BaseException) -> type[Exception]:
     """What the ranks without an error raise for another rank's `error` (raise_together)."""
     if isinstance(error, InputError):
         return FailedOnAnotherRank
+    if isinstance(error, OSError) and error.errno is not None:  # (a full disk, an I/O error: the system's, not ours)
+        return OSError
     return FloatingPointError if isinstance(error, FloatingPointError) else RuntimeError
 
 

@@ -1,5 +1,6 @@
 """Tensor parallel TP=2 against TP=1 (torchtitan style), on CPU with gloo through torchrun."""
 
+import errno
 import os
 import subprocess
 import sys
@@ -241,7 +242,9 @@ def _together_rank(rank, world, init_file, out_dir):
     from engine.errors import InputError, InvalidInput
     from engine.parallel import together
 
-    def check(fail_on, bug=False):
+    def check(fail_on, bug=False, disk=False):
+        if rank == fail_on and disk:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         if rank == fail_on:
             raise KeyError("a bug") if bug else InvalidInput(f"a bad file on rank {rank}")
         return rank * 10
@@ -257,6 +260,10 @@ def _together_rank(rank, world, init_file, out_dir):
         together("checking", check, fail_on=1, bug=True)
     except (KeyError, RuntimeError) as e:  # (a bug: rank 1 raises it as itself, rank 0 is not left waiting)
         got.append(f"{type(e).__name__}: {e}")
+    try:
+        together("saving", check, fail_on=1, disk=True)
+    except OSError as e:  # (a full disk on rank 1: the same errno on rank 0, which run_command reports in one line)
+        got.append(f"{type(e).__name__} {e.errno}: {e.strerror}")
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
         f.write(repr(got))
     dist.destroy_process_group()
@@ -265,7 +272,8 @@ def _together_rank(rank, world, init_file, out_dir):
 def test_together_returns_each_ranks_result_or_raises_on_every_rank(tmp_path):
     """parallel.together: a check that passes on every rank returns its result on each; an input error on rank 1 alone
     is raised on rank 1 as itself and on rank 0 naming rank 1 and its message (a file on one node's disk only); a bug
-    on rank 1 is raised there as itself and on rank 0 as a RuntimeError naming it."""
+    on rank 1 is raised there as itself and on rank 0 as a RuntimeError naming it; a full disk on rank 1 as an OSError
+    of its errno on rank 0 too."""
     import torch.multiprocessing as mp
 
     mp.spawn(_together_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
@@ -276,9 +284,10 @@ def test_together_returns_each_ranks_result_or_raises_on_every_rank(tmp_path):
                 0,
                 "FailedOnAnotherRank: checking failed on rank 1: a bad file on rank 1",
                 "RuntimeError: checking failed on rank 1: 'a bug'",
+                "OSError 28: saving failed on rank 1: [Errno 28] No space left on device",
             ]
         ),
-        repr([10, "InvalidInput: a bad file on rank 1", "KeyError: 'a bug'"]),
+        repr([10, "InvalidInput: a bad file on rank 1", "KeyError: 'a bug'", "OSError 28: No space left on device"]),
     ]
 
 
@@ -319,6 +328,9 @@ def test_a_rank_without_an_error_raises_the_kind_of_the_failing_ranks():
     assert _error_kind(InvalidInput("a bad flag")) is FailedOnAnotherRank
     assert _error_kind(FloatingPointError("a NaN loss")) is FloatingPointError
     assert _error_kind(KeyError("a bug")) is RuntimeError
+    assert (
+        _error_kind(OSError(errno.EIO, "an I/O error")) is OSError and _error_kind(OSError("no errno")) is RuntimeError
+    )
 
 
 def test_a_cpu_run_takes_gloo_whatever_the_machine():
