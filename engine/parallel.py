@@ -139,7 +139,7 @@ def raise_together(error: BaseException | None, what: str) -> None:
         return
     first = -first
     if world > 1:  # (the first failing rank's kind and message to every rank: only ever on this failing path)
-        box = [(_error_kind(error), str(error), getattr(error, "errno", None)) if rank == first else None]
+        box = [_error_said(error) if rank == first else None]
         dist.broadcast_object_list(box, src=first)
         kind, message, code = box[0]
     if error is not None:
@@ -161,6 +161,16 @@ def together(what: str, fn, *args, **kwargs):
         error = e
     raise_together(error, what)
     return result
+
+
+def _error_said(error: BaseException) -> tuple[type[Exception], str, int | None]:
+    """(kind, message, errno) of `error` for the other ranks (raise_together): a system error's message without its
+    "[Errno N]", which the OSError they raise of that errno adds again."""
+    kind = _error_kind(error)
+    if kind is not OSError:
+        return kind, str(error), None
+    where = f" ({error.filename})" if error.filename else ""
+    return kind, f"{error.strerror or error}{where}", error.errno
 
 
 def _error_kind(error: BaseException) -> type[Exception]:

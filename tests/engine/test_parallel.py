@@ -284,7 +284,7 @@ def test_together_returns_each_ranks_result_or_raises_on_every_rank(tmp_path):
                 0,
                 "FailedOnAnotherRank: checking failed on rank 1: a bad file on rank 1",
                 "RuntimeError: checking failed on rank 1: 'a bug'",
-                "OSError 28: saving failed on rank 1: [Errno 28] No space left on device",
+                "OSError 28: saving failed on rank 1: No space left on device",
             ]
         ),
         repr([10, "InvalidInput: a bad file on rank 1", "KeyError: 'a bug'", "OSError 28: No space left on device"]),

@@ -529,7 +529,7 @@ def test_a_full_disk_when_rank_0_moves_latest_stops_every_rank(tmp_path):
     (tmp_path / "hooks/sitecustomize.py").write_text(FULL_AT_SECOND_LATEST)
     flags = ["--max-iterations", "2", "--save-every", "1", "--eval-prompts", ""]
     err = torchrun_ranks(tmp_path, 2, "a", *flags, fails=True, hooks=tmp_path / "hooks")
-    assert "saving a checkpoint failed on rank 0: [Errno 28] No space left on device" in err
+    assert "saving a checkpoint failed on rank 0: No space left on device (" in err  # (the file named)
     assert "Connection closed by peer" not in err
     assert latest_checkpoint(str(tmp_path / "a")) == str(tmp_path / "a/checkpoint-000001")
 
