@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from engine import ppo
 from engine.data import Rollout, global_position, prompts_digest
-from engine.parallel import agree, print0, raise_together
+from engine.parallel import agree, print0, raise_together, rank0_together
 from engine.resume import EVAL_DIR, atomic_write, read_log
 from engine.rollout import check_scores, forward_rollout, generate_rollout, reduce_sums, sampling_params
 from engine.state import TrainState, setup_evaluation
@@ -182,14 +182,9 @@ def evaluate(state: TrainState) -> dict:
             rec["prompt_index"] = i
     records = _gather_to_rank0(state, records)
     metrics["time"] = time.perf_counter() - t0
-    error = None
-    if grid.rank == 0:
-        try:
-            _log_evaluation(state, metrics, records)
-        except Exception as e:  # (a full disk, W&B: rank 0's alone, after the last collective here)
-            error = e
-    # every rank at once: the others would otherwise wait for rank 0 in the next rollout's collectives
-    raise_together(error, "writing the evaluation")
+    # (a full disk, W&B: rank 0's alone, after the last collective here; every rank at once: the others would
+    # otherwise wait for rank 0 in the next rollout's collectives)
+    rank0_together("writing the evaluation", _log_evaluation, state, metrics, records)
     return metrics
 
 

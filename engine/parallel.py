@@ -163,6 +163,18 @@ def together(what: str, fn, *args, **kwargs):
     return result
 
 
+def rank0_together(what: str, fn, *args, **kwargs):
+    """fn(*args, **kwargs) on global rank 0 alone (what it alone writes: metrics.jsonl, an evaluation's files, the
+    trackers), an error there raised on every rank (together): a full disk on rank 0 stops every rank at once rather
+    than leaving the others waiting for it in the next collective. Returns what fn returns on rank 0, None elsewhere."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return together(what, fn if rank == 0 else _nothing, *args, **kwargs)
+
+
+def _nothing(*args, **kwargs) -> None:
+    return None
+
+
 def _error_said(error: BaseException) -> tuple[type[Exception], str, int | None]:
     """(kind, message, errno) of `error` for the other ranks (raise_together): a system error's message without its
     "[Errno N]", which the OSError they raise of that errno adds again."""

@@ -35,7 +35,7 @@ from engine.generate import GenerationStats
 from engine.kv_cache import upload
 from engine.model import forward_flops
 from engine.optim import accumulate_grads, apply_update, reduce_grads
-from engine.parallel import agree, print0
+from engine.parallel import agree, print0, rank0_together
 from engine.resume import TRACE_PREFIX, record_launch, resume_checkpoint, save_checkpoint
 from engine.rollout import add_to, check_scores, chunks, forward_rollout, generate_rollout, policy_logprobs, reduce_sums
 from engine.state import TrainState  # (the state and its setup: engine/state.py)
@@ -353,10 +353,14 @@ def ppo_iteration(state: TrainState) -> dict:
 
 def log_metrics(state: TrainState, metrics: dict, per_iteration: float | None = None) -> None:
     """Record an iteration's metrics (history; rank 0: the trackers, the printed line, metrics.jsonl); `per_iteration`:
-    the loop's wall time per iteration so far, for the ETA."""
+    the loop's wall time per iteration so far, for the ETA. A failure on rank 0 (a full disk) stops every rank at once
+    (rank0_together: one small all-reduce per iteration), none left waiting for it in the next rollout."""
     state.history.append(metrics)
-    if state.grid.rank != 0:
-        return
+    rank0_together("logging the iteration's metrics", _write_metrics, state, metrics, per_iteration)
+
+
+def _write_metrics(state: TrainState, metrics: dict, per_iteration: float | None) -> None:
+    """log_metrics on global rank 0: the trackers, the printed line, metrics.jsonl."""
     if state.tracker is not None:
         state.tracker.log(metrics)
     keys = ("score", "kl", "reward", "policy_loss", "value_loss", "clip_frac", "entropy", "response_len")

@@ -287,6 +287,15 @@ def _one_rank_fails_rank(rank, init_file, check, out_dir):
             torch.cuda.mem_get_info = lambda device=None: (80 * 2**30, 80 * 2**30)
             policy = "tiny" if rank == 0 else os.path.join(out_dir, "node1-disk/policy")
             check_memory(PPOConfig(), RunConfig(policy=policy, reward="tiny"), grid, torch.device("cuda", 0))
+        elif check == "metrics":  # an iteration's metrics that rank 0, their only writer, cannot append (a full disk)
+            import collections
+
+            from engine.trainer import log_metrics
+
+            os.makedirs(os.path.join(out_dir, "metrics.jsonl"), exist_ok=True)  # (a directory of that name, say)
+            state = types.SimpleNamespace(history=[], grid=grid, tracker=None, cfg=PPOConfig(), iteration=1,
+                                          iterations=2, run=RunConfig(output_dir=out_dir))  # fmt: skip
+            log_metrics(state, collections.defaultdict(float, iteration=1, step=2), per_iteration=1.0)
         elif check == "eval-log":  # a resumed run's eval.jsonl that rank 0, its only reader, cannot read
             os.makedirs(os.path.join(out_dir, "eval.jsonl"), exist_ok=True)  # (a directory of that name, say)
             run = RunConfig(output_dir=out_dir)
@@ -310,12 +319,12 @@ def _one_rank_fails_rank(rank, init_file, check, out_dir):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("check", ["device", "memory", "tracker", "eval-log"])
+@pytest.mark.parametrize("check", ["device", "memory", "tracker", "eval-log", "metrics"])
 def test_a_check_of_one_rank_alone_stops_every_rank_naming_it(tmp_path, check):
     """--device cuda:N refused on the ranks whose LOCAL_RANK is not N, a checkpoint one node lacks in the memory plan
     (a GPU's: on a CPU no plan is made), W&B failing to start on global rank 0 (the only rank that starts it), a
-    resumed run's eval.jsonl rank 0 cannot read: every rank raises at once, the others naming the rank that failed,
-    none waits in the next collective."""
+    resumed run's eval.jsonl rank 0 cannot read, an iteration's metrics rank 0 cannot write: every rank raises at
+    once, the others naming the rank that failed, none waits in the next collective."""
     import torch.multiprocessing as mp
 
     mp.spawn(_one_rank_fails_rank, args=(str(tmp_path / "init"), check, str(tmp_path)), nprocs=2, join=True)
@@ -326,6 +335,10 @@ def test_a_check_of_one_rank_alone_stops_every_rank_naming_it(tmp_path, check):
     elif check == "memory":
         assert said[0] == f"FailedOnAnotherRank: planning memory failed on rank 1: {said[1][14:]}", said
         assert said[1].startswith(f"MissingInput: checkpoint directory {tmp_path}/node1-disk/policy does not"), said
+    elif check == "metrics":
+        assert said[0] == f"IsADirectoryError: [Errno 21] Is a directory: '{tmp_path}/metrics.jsonl'", said
+        message = f"logging the iteration's metrics failed on rank 0: Is a directory ({tmp_path}/metrics.jsonl)"
+        assert said[1] == f"IsADirectoryError: [Errno 21] {message}", said
     elif check == "eval-log":
         assert said[0].startswith(f"IsADirectoryError: [Errno 21] Is a directory: '{tmp_path}/eval.jsonl'"), said
         message = f"reading eval.jsonl failed on rank 0: Is a directory ({tmp_path}/eval.jsonl)"
