@@ -85,16 +85,9 @@ def check_resumed_eval(state: TrainState) -> None:
     if state.eval_prompts is None or state.iteration == 0 or not state.run.output_dir:
         return
     fn = os.path.join(state.run.output_dir, "eval.jsonl")
-    logged, error = [], None  # (rank 0 reads it)
-    if state.grid.rank == 0:
-        try:
-            logged = [r for r in read_log(fn)[1] if "eval_set" in r] if os.path.exists(fn) else []
-        except ValueError:  # (named by eval_due, which reads it too)
-            pass
-        except OSError as e:  # (rank 0's alone: every rank stops, none waits for it in eval_due or the first rollout)
-            error = e
-    raise_together(error, "reading eval.jsonl")
-    if not logged:
+    # (rank 0 reads it; an error there stops every rank, none waits for it in eval_due or the first rollout)
+    logged = rank0_together("reading eval.jsonl", state.grid.rank, _logged_sets, fn)
+    if not logged:  # (None on the other ranks)
         return
     now = eval_identity(state)
     if any(k in logged[-1] and logged[-1][k] != v for k, v in now.items()):
@@ -159,6 +152,14 @@ def _gather_to_rank0(state: TrainState, records: list[dict]) -> list[dict] | Non
     return [r for part in out for r in part] if out is not None else None
 
 
+def _logged_sets(fn: str) -> list[dict]:
+    """The records of eval.jsonl at `fn` that name their set ([] without the file, or with one eval_due names)."""
+    try:
+        return [r for r in read_log(fn)[1] if "eval_set" in r] if os.path.exists(fn) else []
+    except ValueError:  # (named by eval_due, which reads it too)
+        return []
+
+
 def evaluate(state: TrainState) -> dict:
     """Answer the held-out prompts with the current policy, score them, log eval.jsonl and eval/iter-N.jsonl."""
     t0 = time.perf_counter()
@@ -184,7 +185,7 @@ def evaluate(state: TrainState) -> dict:
     metrics["time"] = time.perf_counter() - t0
     # (a full disk, W&B: rank 0's alone, after the last collective here; every rank at once: the others would
     # otherwise wait for rank 0 in the next rollout's collectives)
-    rank0_together("writing the evaluation", _log_evaluation, state, metrics, records)
+    rank0_together("writing the evaluation", grid.rank, _log_evaluation, state, metrics, records)
     return metrics
 
 

@@ -163,11 +163,11 @@ def together(what: str, fn, *args, **kwargs):
     return result
 
 
-def rank0_together(what: str, fn, *args, **kwargs):
-    """fn(*args, **kwargs) on global rank 0 alone (what it alone writes: metrics.jsonl, an evaluation's files, the
-    trackers), an error there raised on every rank (together): a full disk on rank 0 stops every rank at once rather
-    than leaving the others waiting for it in the next collective. Returns what fn returns on rank 0, None elsewhere."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
+def rank0_together(what: str, rank: int, fn, *args, **kwargs):
+    """fn(*args, **kwargs) on global rank 0 alone (`rank`: this process's; what rank 0 alone reads or writes:
+    metrics.jsonl, an evaluation's files, the trackers), an error there raised on every rank (together): a full disk
+    on rank 0 stops every rank at once rather than leaving the others waiting for it in the next collective. Returns
+    what fn returns on rank 0, None elsewhere."""
     return together(what, fn if rank == 0 else _nothing, *args, **kwargs)
 
 

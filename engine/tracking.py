@@ -26,7 +26,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from engine.errors import InvalidInput, MissingPackage, UnwritableOutput, first_line
-from engine.parallel import raise_together
+from engine.parallel import raise_together, rank0_together
 from engine.resume import WANDB_RUN_ID, atomic_write, why_unwritable
 
 if TYPE_CHECKING:
@@ -100,15 +100,10 @@ class Tracker:
     def __init__(self, state: TrainState):
         run = state.run
         self.wandb = self.tensorboard = None
-        error = None
-        if state.grid.rank == 0:
-            try:
-                self._start(state)
-            except Exception as e:  # (W&B refusing its key, no network: rank 0's alone)
-                error = e
         if run.tensorboard_dir or run.wandb_project:  # (every rank alike; none to start: no collective)
-            # every rank at once: the others would otherwise wait in the first evaluation or rollout for rank 0
-            raise_together(error, "starting the trackers")
+            # on rank 0; W&B refusing its key, no network: every rank stops at once, none waits for rank 0 in the
+            # first evaluation or rollout
+            rank0_together("starting the trackers", state.grid.rank, self._start, state)
 
     def _start(self, state: TrainState) -> None:
         run = state.run

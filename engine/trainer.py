@@ -356,7 +356,7 @@ def log_metrics(state: TrainState, metrics: dict, per_iteration: float | None = 
     the loop's wall time per iteration so far, for the ETA. A failure on rank 0 (a full disk) stops every rank at once
     (rank0_together: one small all-reduce per iteration), none left waiting for it in the next rollout."""
     state.history.append(metrics)
-    rank0_together("logging the iteration's metrics", _write_metrics, state, metrics, per_iteration)
+    rank0_together("logging the iteration's metrics", state.grid.rank, _write_metrics, state, metrics, per_iteration)
 
 
 def _write_metrics(state: TrainState, metrics: dict, per_iteration: float | None) -> None:
