@@ -152,8 +152,9 @@ def together(what: str, fn, *args, **kwargs):
     """fn(*args, **kwargs) on every rank, an error it raises on any rank raised on every rank (raise_together): a
     check that fails on one node alone (a file on its own disk only) stops every node at once, named on global rank
     0, rather than leaving the others waiting in their next collective until the timeout. The failing rank raises its
-    own error, traceback and all (a fault of ours stays one); the others an input error for an input error (exit code
-    2), else a RuntimeError. Returns what fn returns."""
+    own error, traceback and all (a fault of ours stays one); the others what raise_together gives them for it (an
+    input error for an input error, exit code 2; an OSError of its errno for a system error; else a RuntimeError).
+    Returns what fn returns."""
     error = result = None
     try:
         result = fn(*args, **kwargs)
