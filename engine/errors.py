@@ -53,6 +53,12 @@ class FailedOnAnotherRank(InputError, RuntimeError):
     none."""
 
 
+def failed_on(error: BaseException) -> int | None:
+    """The rank whose error `error` is, where it is another rank's as raise_together raised it on this one (a rank
+    that had no error of its own); None for this rank's own error."""
+    return getattr(error, "failed_on", None)
+
+
 def named(error: InputError, what: str) -> InputError:
     """The same kind of input error with its message led by `what` (the flag that named the input), for a handler
     that knows which flag a check's finding belongs to (the check's own exception stays its __cause__)."""
@@ -95,9 +101,10 @@ def report(error: BaseException | str, prog: str) -> None:
 
 def run_command(main: Callable[[], T], prog: str, disk_full: str = "free space and run it again") -> T:
     """main() as a command line named `prog`: an InputError reported in one line (report) with exit code 2, a full
-    disk (or quota) in one line with what to do (`disk_full`) and exit code 1, or, where TULU_TRACEBACK is set (not
-    "0"), raised with its traceback as any other error is (exit code 1), which torch's @record also writes into
-    torchrun's failure summary."""
+    disk (or quota) in one line with what to do (`disk_full`) and exit code 1, another rank's error as raise_together
+    raises it on this one (failed_on) in one line with exit code 1 (the failing rank prints the traceback), or, where
+    TULU_TRACEBACK is set (not "0"), raised with its traceback as any other error is (exit code 1), which torch's
+    @record also writes into torchrun's failure summary."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
     traceback = os.environ.get("TULU_TRACEBACK", "") not in ("", "0")
@@ -111,10 +118,15 @@ def run_command(main: Callable[[], T], prog: str, disk_full: str = "free space a
                 raise
             report(e, prog)
             raise SystemExit(2) from None
-        except OSError as e:  # (not the engine's fault: no traceback, the file and what to do)
-            if traceback or e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        except Exception as e:
+            full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+            if traceback or not (full or failed_on(e) is not None):
                 raise
-            report(f"{e.strerror or e}{f' writing {e.filename}' if e.filename else ''}: {disk_full}", prog)
+            if full:  # (not the engine's fault: no traceback, the file and what to do)
+                report(f"{e.strerror or e}{f' writing {e.filename}' if e.filename else ''}: {disk_full}", prog)
+            else:  # (the failing rank prints the traceback that finds the fault; this one's shows where it heard)
+                said = e.strerror if isinstance(e, OSError) else e
+                report(f"{said} (rank {failed_on(e)} printed its traceback)", prog)
             raise SystemExit(1) from None
 
     return run()

@@ -130,8 +130,9 @@ def raise_together(error: BaseException | None, what: str) -> None:
     naming the first rank that failed with its message (an input error when that rank's was one: engine.errors; a
     FloatingPointError when that rank's run diverged; an OSError of the same errno for a system error, so a full disk
     on one node is one line on every node, as engine.errors.run_command reports it), so no rank is left waiting in a
-    collective for a peer that has stopped and rank 0, which reports for the run, has the message. Returns None if
-    none did."""
+    collective for a peer that has stopped and rank 0, which reports for the run, has the message. The others' error
+    carries the failing rank (engine.errors.failed_on): the command lines report it in one line, not with a traceback
+    that would show only where they learnt of it. Returns None if none did."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     failed, first = agree([int(error is not None), -rank if error is not None else -world], "max")
@@ -145,7 +146,9 @@ def raise_together(error: BaseException | None, what: str) -> None:
     if error is not None:
         raise error
     message = f"{what} failed on rank {first}: {message}"
-    raise OSError(code, message) if kind is OSError else kind(message)
+    error = OSError(code, message) if kind is OSError else kind(message)
+    error.failed_on = first  # (engine.errors.failed_on: the command line says it in one line, no traceback of ours)
+    raise error
 
 
 def together(what: str, fn, *args, **kwargs):

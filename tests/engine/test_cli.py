@@ -855,3 +855,50 @@ def test_the_tiny_defaults_resume_check_failing_on_one_rank_stops_every_rank_bef
     assert (tmp_path / "rank0").read_text() == f"FailedOnAnotherRank: {reading} failed on rank 1: {refusal}"
     assert (tmp_path / "rank1").read_text() == f"MissingInput: {refusal}"
     assert not os.path.exists(os.path.join(out, "init"))
+
+
+@pytest.mark.filterwarnings("ignore:Unable to enable fault handler")  # (@record's, under pytest's capture)
+def test_another_ranks_fault_is_one_line_on_this_rank(tmp_path, monkeypatch, capsys):
+    """A rank stopped by another rank's fault or system error (raise_together's copy, marked with the failing rank)
+    reports it in one line, exit code 1, naming the rank that printed the traceback: its own traceback would show only
+    where it heard of it. Its own fault, or TULU_TRACEBACK=1, keeps the traceback; a copy of a full disk says what to
+    do, as the rank that met it."""
+    import errno
+
+    from engine import train_ppo
+
+    monkeypatch.delenv("TULU_TRACEBACK", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+
+    def copy(error, rank):
+        error.failed_on = rank  # (as raise_together marks it on the ranks without an error)
+        return error
+
+    cases = (
+        (copy(RuntimeError("saving failed on rank 3: 'a bug'"), 3), "saving failed on rank 3: 'a bug'"),
+        (copy(OSError(errno.EIO, "loading failed on rank 1: Input/output error"), 1),
+         "loading failed on rank 1: Input/output error"),
+    )  # fmt: skip
+    for made, said in cases:
+        monkeypatch.setattr(train_ppo, "main", lambda *a, made=made, **k: (_ for _ in ()).throw(made))
+        with pytest.raises(SystemExit) as e:
+            train_ppo.cli([])
+        line = f"train_ppo.py: error: {said} (rank {made.failed_on} printed its traceback)"
+        assert e.value.code == 1 and capsys.readouterr().err == line + "\n"
+        assert json.loads(error_file.read_text())["message"] == line  # (torchrun's summary: the same line)
+    full = copy(OSError(errno.ENOSPC, "writing the evaluation failed on rank 0: No space left on device"), 0)
+    monkeypatch.setattr(train_ppo, "main", lambda *a, **k: (_ for _ in ()).throw(full))
+    with pytest.raises(SystemExit):
+        train_ppo.cli([])
+    assert capsys.readouterr().err.endswith("No space left on device: free space, then --resume continues exactly "
+                                            "from the last checkpoint\n")  # fmt: skip
+    monkeypatch.setenv("TULU_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="a bug"):
+        monkeypatch.setattr(train_ppo, "main", lambda *a, **k: (_ for _ in ()).throw(cases[0][0]))
+        train_ppo.cli([])
+    monkeypatch.delenv("TULU_TRACEBACK")
+    monkeypatch.setattr(train_ppo, "main", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("mine")))
+    with pytest.raises(RuntimeError, match="mine"):  # (this rank's own fault: its traceback)
+        train_ppo.cli([])

@@ -221,7 +221,8 @@ def test_an_evaluated_checkpoint_one_node_cannot_read_stops_both_nodes_at_once_n
 
 def test_weights_one_node_cannot_read_stop_both_nodes_at_once_naming_it(tmp_path):
     """An I/O error reading the reward model's weights on node 1 alone (its disk; the files' headers read fine, so
-    the checkpoints' check passed): node 0 names it rather than waiting for node 1 in the next model's load."""
+    the checkpoints' check passed): node 0 names it in one line rather than waiting for node 1 in the next model's
+    load; the traceback is node 1's, where the error was met (node 0's would show only where it heard of it)."""
     site = node_site(tmp_path / "node1-site", (
         "import errno, os, engine.checkpoint as c\n"
         "real = c._Source.__getitem__\n"
@@ -234,8 +235,9 @@ def test_weights_one_node_cannot_read_stop_both_nodes_at_once_naming_it(tmp_path
     out = str(tmp_path / "out")
     results = two_nodes((out, out), node_paths=((), (site,)))
     assert all(code != 0 for code, _ in results)
-    said = "OSError: [Errno 5] loading the value model failed on rank 1: Input/output error"  # (no input error)
-    assert said in results[0][1], results[0][1][-3000:]
+    said = "train_ppo.py: error: loading the value model failed on rank 1: Input/output error (rank 1 printed its "
+    assert said in results[0][1] and "raise_together" not in results[0][1], results[0][1][-3000:]  # (no frame of ours)
+    assert "OSError: [Errno 5] Input/output error" in results[1][1], results[1][1][-3000:]  # (node 1's traceback)
 
 
 def test_an_evaluation_rank_0_cannot_write_stops_both_nodes_at_once_naming_it(tmp_path):

@@ -239,7 +239,7 @@ def test_raise_together_names_the_first_failing_rank(tmp_path):
 def _together_rank(rank, world, init_file, out_dir):
     import torch.distributed as dist
 
-    from engine.errors import InputError, InvalidInput
+    from engine.errors import InputError, InvalidInput, failed_on
     from engine.parallel import together
 
     def check(fail_on, bug=False, disk=False):
@@ -255,15 +255,15 @@ def _together_rank(rank, world, init_file, out_dir):
         together("checking", check, fail_on=1)
         got.append("nothing")
     except InputError as e:  # (FailedOnAnotherRank on rank 0 is one too: exit code 2, no traceback)
-        got.append(f"{type(e).__name__}: {e}")
+        got.append(f"{type(e).__name__} {failed_on(e)}: {e}")
     try:
         together("checking", check, fail_on=1, bug=True)
     except (KeyError, RuntimeError) as e:  # (a bug: rank 1 raises it as itself, rank 0 is not left waiting)
-        got.append(f"{type(e).__name__}: {e}")
+        got.append(f"{type(e).__name__} {failed_on(e)}: {e}")
     try:
         together("saving", check, fail_on=1, disk=True)
     except OSError as e:  # (a full disk on rank 1: the same errno on rank 0, which run_command reports in one line)
-        got.append(f"{type(e).__name__} {e.errno}: {e.strerror}")
+        got.append(f"{type(e).__name__} {e.errno} {failed_on(e)}: {e.strerror}")
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
         f.write(repr(got))
     dist.destroy_process_group()
@@ -273,7 +273,8 @@ def test_together_returns_each_ranks_result_or_raises_on_every_rank(tmp_path):
     """parallel.together: a check that passes on every rank returns its result on each; an input error on rank 1 alone
     is raised on rank 1 as itself and on rank 0 naming rank 1 and its message (a file on one node's disk only); a bug
     on rank 1 is raised there as itself and on rank 0 as a RuntimeError naming it; a full disk on rank 1 as an OSError
-    of its errno on rank 0 too."""
+    of its errno on rank 0 too. Rank 0's copies carry the failing rank (failed_on: one line, no traceback of rank
+    0's), rank 1's own errors none."""
     import torch.multiprocessing as mp
 
     mp.spawn(_together_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
@@ -282,12 +283,19 @@ def test_together_returns_each_ranks_result_or_raises_on_every_rank(tmp_path):
         repr(
             [
                 0,
-                "FailedOnAnotherRank: checking failed on rank 1: a bad file on rank 1",
-                "RuntimeError: checking failed on rank 1: 'a bug'",
-                "OSError 28: saving failed on rank 1: No space left on device",
+                "FailedOnAnotherRank 1: checking failed on rank 1: a bad file on rank 1",
+                "RuntimeError 1: checking failed on rank 1: 'a bug'",
+                "OSError 28 1: saving failed on rank 1: No space left on device",
             ]
         ),
-        repr([10, "InvalidInput: a bad file on rank 1", "KeyError: 'a bug'", "OSError 28: No space left on device"]),
+        repr(
+            [
+                10,
+                "InvalidInput None: a bad file on rank 1",
+                "KeyError None: 'a bug'",
+                "OSError 28 None: No space left on device",
+            ]
+        ),
     ]
 
 
