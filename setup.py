@@ -33,7 +33,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff", "tensorboard>=2.14"],  # (tensorboard: the real writer's test)
+        "test": ["pytest>=8", "ruff", "tensorboard>=2.14", "wandb>=0.16"],  # (the real writer's and W&B's tests)
         "flash": ["flash-attn>=2.6"],
         "wandb": ["wandb>=0.16"],
         "tensorboard": ["tensorboard>=2.14"],

@@ -51,6 +51,8 @@ def check_available(run, rank: int) -> None:
                 error = MissingPackage(f"{flag} {value} needs the {package} package (pip install {package}): {e}")
     if run.wandb_project and rank == 0 and error is None and (why := _why_wandb_cannot_start(run.wandb_project)):
         error = InvalidInput(f"--wandb-project {run.wandb_project}: {why}")
+    if run.wandb_project and rank == 0 and error is None and (why := _log_in_to_wandb()):
+        error = InvalidInput(f"--wandb-project {run.wandb_project}: {why}")
     if run.tensorboard_dir and rank == 0 and error is None and (why := why_unwritable(run.tensorboard_dir)):
         error = UnwritableOutput(f"--tensorboard-dir {run.tensorboard_dir}: cannot write there: {why}")
     raise_together(error, "checking the trackers")
@@ -75,22 +77,53 @@ def _why_wandb_cannot_start(project: str) -> str | None:
     except (ValueError, getattr(getattr(wandb, "errors", None), "Error", ())) as e:  # (pydantic's: one line of its)
         lines = [x.strip() for x in str(e).splitlines() if x.strip() and "errors.pydantic.dev" not in x]
         return f"W&B refuses its settings: {'; '.join(lines) or type(e).__name__}"
+    if _wandb_has_credentials(settings) is not False or _terminal():
+        return None
+    return (
+        f"W&B is not logged in and its mode is {settings.mode} (no WANDB_API_KEY, no `wandb login` key in "
+        f"{_netrcs()[0]}, no terminal to ask for one): log in first, or set WANDB_MODE=offline (`wandb sync` uploads "
+        "the run later) or WANDB_MODE=disabled"
+    )
+
+
+def _log_in_to_wandb() -> str | None:
+    """Online W&B with no credentials in reach but a terminal to ask on (_why_wandb_cannot_start let it through): W&B's
+    own login prompt now, on global rank 0, rather than from wandb.init once minutes of loading are done (the key it
+    is given is kept where `wandb login` keeps it; not checked over the network, which wandb.init needs anyway). Why it
+    did not log in, or None."""
+    import wandb
+
+    if not hasattr(wandb, "setup") or _wandb_has_credentials(wandb.setup().settings) is not False:
+        return None
+    try:
+        logged_in = wandb.login(verify=False)
+    except getattr(getattr(wandb, "errors", None), "Error", ()) as e:
+        return f"W&B's login failed: {first_line(e)}"
+    return None if logged_in else "W&B's login did not complete: run `wandb login`, or set WANDB_MODE=offline"
+
+
+def _wandb_has_credentials(settings) -> bool | None:
+    """Whether W&B can start without asking for a key: offline or disabled, or a key in reach (WANDB_API_KEY, an
+    identity token file, an api_key setting, a .netrc: `wandb login`'s). None where this wandb's settings cannot be
+    read so."""
     try:
         offline = settings._offline or settings._noop
         keys = [settings.api_key, getattr(settings, "identity_token_file", None)]
     except AttributeError:
         return None
     keys += [os.environ.get("WANDB_API_KEY"), os.environ.get("WANDB_IDENTITY_TOKEN_FILE")]
+    return bool(offline or any(keys) or any(os.path.isfile(f) for f in _netrcs()))
+
+
+def _netrcs() -> list[str]:
+    """Where `wandb login` keeps a key: NETRC's file alone where it is set, else ~/.netrc and ~/_netrc."""
     netrc = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
-    netrcs = [netrc] if os.environ.get("NETRC") else [netrc, os.path.expanduser("~/_netrc")]
-    terminal = sys.stdin is not None and sys.stdin.isatty() and sys.stderr is not None and sys.stderr.isatty()
-    if offline or any(keys) or any(os.path.isfile(f) for f in netrcs) or terminal:
-        return None
-    return (
-        f"W&B is not logged in and its mode is {settings.mode} (no WANDB_API_KEY, no `wandb login` key in {netrc}, "
-        "no terminal to ask for one): log in first, or set WANDB_MODE=offline (`wandb sync` uploads the run later) "
-        "or WANDB_MODE=disabled"
-    )
+    return [netrc] if os.environ.get("NETRC") else [netrc, os.path.expanduser("~/_netrc")]
+
+
+def _terminal() -> bool:
+    """A terminal to type on and to show a prompt on."""
+    return sys.stdin is not None and sys.stdin.isatty() and sys.stderr is not None and sys.stderr.isatty()
 
 
 class Tracker:

@@ -170,6 +170,49 @@ def test_what_lets_wandb_start_without_a_key(tmp_path, monkeypatch):
     assert refused.startswith("W&B refuses its settings: ") and "\n" not in refused and "pydantic.dev" not in refused
 
 
+def test_wandb_asks_for_its_key_before_anything_is_loaded(tmp_path, monkeypatch):
+    """Online W&B with no key in reach but a terminal: W&B's own login prompt comes from check_available (global rank 0,
+    before any model is loaded), not from wandb.init once they all are; not with a key in reach, offline, or on another
+    rank. A login that does not complete is an input error naming it."""
+    wandb = pytest.importorskip("wandb")
+    from engine.errors import InvalidInput
+    from engine.tracking import check_available
+
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_CONFIG_DIR", "WANDB_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.chdir(tmp_path)
+    tty = types.SimpleNamespace(isatty=lambda: True)
+    monkeypatch.setattr(sys, "stdin", tty)
+    monkeypatch.setattr(sys, "stderr", tty)
+    logins, answer = [], [True]
+    monkeypatch.setattr(wandb, "login", lambda **kw: logins.append(kw) or answer[0])
+    run = RunConfig(output_dir=str(tmp_path / "out"), wandb_project="p")
+
+    def check(rank, mode="online", **env):
+        monkeypatch.setenv("WANDB_MODE", mode)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        wandb.teardown()
+        try:
+            check_available(run, rank)
+        finally:
+            wandb.teardown()
+            for k in env:
+                monkeypatch.delenv(k)
+        return len(logins)
+
+    assert check(1) == 0 and check(0) == 1 and logins == [{"verify": False}]  # (no network: a compute node)
+    assert check(0, WANDB_API_KEY="x" * 40) == 1 and check(0, "offline") == 1
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password " + "x" * 40 + "\n")
+    assert check(0) == 1
+    (tmp_path / "netrc").unlink()
+    answer[0] = False
+    with pytest.raises(InvalidInput, match="^--wandb-project p: W&B's login did not complete: run `wandb login`"):
+        check(0)
+
+
 def _refused_before_loading(wandb, out, project: str, match: str) -> None:
     """The tiny default with --wandb-project `project` is an input error matching `match`, raised before anything ran
     (W&B's settings read afresh from the environment, and forgotten after)."""
