@@ -327,8 +327,8 @@ class PPOConfig:
     # (init_lr 0, end_lr = the peak); linear: decay to 0 after the warmup (RECIPE.md's model card reads "linear")
     lr_schedule: str = "constant"
     warmup_ratio: float = 0.1  # share of the optimizer steps spent warming up
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # Adam's beta1 and beta2 (both optimizers)
+    adam_eps: float = 1e-8  # Adam's epsilon (both optimizers)
     weight_decay: float = 0.0  # Adam (decoupled decay, 0 in the recipe)
     max_grad_norm: float = 1.0  # global grad-norm clip per model (0: off)
     train_batch_size: int = 64  # sequences per optimizer step
@@ -354,7 +354,7 @@ class PPOConfig:
     # entropy bonus: the policy loss less entropy_coef x each response token's entropy (of the raw logits, as the
     # log-probs), its gradient fused in the loss kernel; 0 in the recipe
     entropy_coef: float = 0.0
-    temperature: float = 0.7
+    temperature: float = 0.7  # sampling temperature of rollouts and evaluations (> 0; see --eval-greedy)
     # rollouts sample from the 50 likeliest tokens: EasyLM's rollouts (the recipe's code) called transformers' Flax
     # generate with a GenerationConfig that left top_k at its default, 50, which Flax applies (0: the whole vocabulary;
     # logits tied with the 50th are kept, as transformers' PyTorch TopKLogitsWarper does)
