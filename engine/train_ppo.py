@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         # no abbreviations: with this many flags one picks another silently (--lr took --lr-schedule), and a flag
         # added later would change what an abbreviation in someone's script means
         allow_abbrev=False,
-        epilog="With no --policy: the embedded tiny default (random tiny models, shipped prompts) on CPU.",
+        epilog="With no --policy: the embedded tiny default (random tiny models, shipped prompts), small enough for a "
+        "CPU; on --device auto it runs on the GPU where there is one.",
     )
     _add_fields(parser, RunConfig, "run")
     _add_fields(parser, PPOConfig, "PPO hyperparameters (defaults: the Tulu V2.5 PPO 13B recipe)")
