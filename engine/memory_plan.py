@@ -462,13 +462,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dp", type=int, default=1, help="data-parallel ranks (default: 1)")
     p.add_argument("--no-distributed-optimizer", dest="distributed", action="store_false")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--gpu-gib", type=float, default=79.0, help="memory per GPU (an H100 80GB has about 79 GiB)")
+    p.add_argument("--gpu-gib", type=float, default=79.0, help="memory per GPU (default: 79, an H100 80GB's)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--kv-cache-fraction", type=float, default=0.9)
     p.add_argument(
         "--seq-len", type=int, default=None, help="prompt + response tokens (default 2048: the recipe's 1024 + 1024)"
     )
-    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences the generator decodes together at most")
+    p.add_argument(
+        "--max-num-seqs", type=int, default=256, help="sequences the generator decodes together at most (default: 256)"
+    )
     p.add_argument("--offload-optimizer", default="auto", choices=OFFLOAD_SETTINGS)
     p.add_argument("--eval-only", action="store_true", help="plan --eval-only: policy, reference and reward model")
     a = p.parse_args(argv)

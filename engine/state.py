@@ -77,7 +77,7 @@ class RunConfig:
     ppo_flags: tuple[str, ...] | None = field(default=None, metadata={"cli": False})
     overwrite_output_dir: bool = False  # start over in an output_dir that holds a run (its checkpoints are deleted)
     save_every: int = 0  # iterations between checkpoints (0: only at the end)
-    keep_checkpoints: int = 1  # older checkpoints are pruned
+    keep_checkpoints: int = 1  # the newest checkpoints kept in output_dir; older ones are pruned
     # --resume with a reference or reward model whose weights differ from those the checkpoint's run used (refused
     # otherwise: its KL and rewards would measure against another model)
     resume_other_models: bool = False
@@ -102,7 +102,7 @@ class RunConfig:
     # state's offload counted, and the host has room). A frozen model is copied out once, then only copied back in
     offload_idle_models: str = "auto"
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
-    profile_iteration: int = 0  # write a torch.profiler trace of this iteration (1-based) per rank to output_dir
+    profile_iteration: int = 0  # a torch.profiler trace of this iteration (1-based; 0: none) per rank in output_dir
     save_every_minutes: float = 0.0  # also checkpoint when this long has passed since the last one (0: off)
     # recompute layers in the backward: on / off / N (the first N layers) / auto (on a GPU the fewest layers
     # that let a micro-batch fit the memory left, planned before each training phase; off on CPU)
@@ -115,9 +115,9 @@ class RunConfig:
     eval_greedy: bool = False  # evaluate with greedy decoding instead of the rollouts' sampling
     eval_only: bool = False  # evaluate --policy (against --reference) on the evaluation set, then stop: no training
     log_samples: int = 2  # rollout sequences per iteration written with their scores to samples.jsonl
-    wandb_project: str = ""  # also log the metrics to this Weights & Biases project (needs `pip install wandb`)
+    wandb_project: str = ""  # also log the metrics to this Weights & Biases project (needs `pip install -e ".[wandb]"`)
     wandb_run_name: str = ""  # the W&B run's name (default: the output directory's name)
-    # also write the metrics as TensorBoard event files here (needs `pip install tensorboard`)
+    # also write the metrics as TensorBoard event files here (needs `pip install -e ".[tensorboard]"`)
     tensorboard_dir: str = ""
 
     def __post_init__(self) -> None:

@@ -7,7 +7,8 @@ The real run (one node, 8 GPUs, tensor parallel 8 within it; add nodes for data 
 
 The embedded tiny default (no flag): builds a tiny random policy and reward model itself
 (ModelConfig.named("tiny"), written with save_pretrained into out/ppo-tiny/init so they load through
-the same path), uses the shipped tokenizer and prompts, and runs a few small iterations on CPU:
+the same path), uses the shipped tokenizer and prompts, and runs a few small iterations (small enough for a CPU;
+on the GPU where there is one, --device auto):
     python engine/train_ppo.py
     torchrun --nproc_per_node 1 engine/train_ppo.py
     torchrun --nproc_per_node 2 engine/train_ppo.py       # data parallel 2 on CPU (gloo)
@@ -96,7 +97,8 @@ def _add_fields(parser: argparse.ArgumentParser, cls, title: str) -> None:
         kind = _flag_kind(f)
         tiny = {**TINY_PPO, **TINY_RUN}.get(f.name)
         tiny = None if tiny == f.default else tiny  # (the tiny default's own value only where it differs)
-        help_ = f"(default: {f.default}" + (f"; tiny default: {tiny})" if tiny is not None else ")")
+        shown = "none" if f.default in ("", None) else f.default  # (an empty --wandb-project, no --policy: not set)
+        help_ = f"(default: {shown}" + (f"; tiny default: {tiny})" if tiny is not None else ")")
         if f.name in comments:  # (a comment that states the default itself is not followed by a second one)
             says_default = "(default:" in comments[f.name]
             own = f"(tiny default: {tiny})" if tiny is not None else ""
@@ -163,7 +165,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PPOConfig, RunConfig, boo
     if given.get("resume") and given.get("overwrite_output_dir"):  # (resume would win silently where there is one)
         parser.error("--resume continues the run in --output-dir and --overwrite-output-dir deletes it: give one")
     if given.get("resume") and given.get("eval_only"):  # (--resume did nothing there)
-        parser.error("--eval-only evaluates the latest checkpoint in --output-dir without training; --resume trains on")
+        parser.error("--eval-only evaluates --policy (a checkpoint) without training; --resume trains on")
     if run_kw.get("output_dir", "x") == "":  # (RunConfig's "" is a bench's: no files at all)
         parser.error("output_dir must not be empty")
     try:

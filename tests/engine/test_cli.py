@@ -155,7 +155,7 @@ def test_a_checkpoint_of_the_wrong_kind_is_refused_before_anything_is_read_or_cl
             ["--resume", "--overwrite-output-dir"],
             "--resume continues the run in --output-dir and --overwrite-output-dir deletes it: give one",
         ),  # fmt: skip
-        (["--eval-only", "--resume"], "--eval-only evaluates the latest checkpoint .* without training; --resume"),
+        (["--eval-only", "--resume"], r"--eval-only evaluates --policy \(a checkpoint\) without training; --resume"),
         # no abbreviations: --lr took --lr-schedule ("lr_schedule must be 'linear' or 'constant', got '1e-5'")
         (["--lr", "1e-5"], "unrecognized arguments: --lr 1e-5"),
         (["--learning", "1e-5"], "unrecognized arguments: --learning 1e-5"),
@@ -361,9 +361,10 @@ def test_help_lists_every_flag():
     flat = " ".join(text.split())  # each default said once: the tiny one where it differs, none after a comment's own
     assert "(default: 512; tiny default: 16)" in flat and "(default: 0; tiny default: 0)" not in flat
     assert "(default: the output directory's name) (default" not in flat
-    run_flags = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)}
-    for action in build_parser()._actions:  # every run flag says what it is (its field's comment), not only its default
-        if action.option_strings[0] in run_flags:
+    assert "(default: )" not in flat and "(default: None)" not in flat and '.[wandb]"`) (default: none)' in flat
+    flags = {"--" + f.name.replace("_", "-") for cls in (PPOConfig, RunConfig) for f in dataclasses.fields(cls)}
+    for action in build_parser()._actions:  # every flag says what it is (its field's comment), not only its default
+        if action.option_strings[0] in flags:
             assert not action.help.startswith("(default:"), action.option_strings[0]
 
 
