@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from engine.config import ModelConfig, read_json
 from engine.errors import InvalidInput, MissingInput, first_line
 from engine.model import Transformer
-from engine.parallel import raise_together
+from engine.parallel import raise_together, rank0_together
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -399,13 +399,8 @@ def save_pretrained(
     if world > 1:
         dist.broadcast_object_list(tmp, src=0)  # one temporary directory for all ranks
     tmp = tmp[0]
-    failed = None
-    if rank == 0:
-        try:
-            os.makedirs(tmp)
-        except BaseException as e:
-            failed = e
-    raise_together(failed, "save_pretrained")  # no rank is left waiting in a collective
+    rank0_together("save_pretrained", rank, os.makedirs, tmp)  # no rank is left waiting in a collective
+    failed = None  # (this rank's error while writing its files: raised on every rank once every file is gathered)
     try:
         for k, shard in enumerate(plan):
             mine = k % world == rank
@@ -413,31 +408,29 @@ def save_pretrained(
             for name in shard:
                 full = specs[name].module.full_part(specs[name].part)  # collective within the TP group
                 if mine and failed is None:
-                    tensors[name] = full.detach().to("cpu", store_dtype).contiguous()
+                    try:  # (a rank that fails goes on joining the gathers above, so the others are not left waiting)
+                        tensors[name] = full.detach().to("cpu", store_dtype).contiguous()
+                    except Exception as e:  # (out of host memory: not a KeyboardInterrupt, which ends the process)
+                        failed = e
             if mine and failed is None:
                 try:
                     fn = os.path.join(tmp, names[k])
                     save_file(tensors, fn, metadata={"format": "pt"})
                     os.chmod(fn, 0o666 & ~_umask())  # (safetensors writes 0600: unreadable to a team's other users)
                     fsync_file(fn)
-                except BaseException as e:
+                except Exception as e:  # (a full disk, a safetensors error: every rank raises together below)
                     failed = e
         raise_together(failed, "save_pretrained")
-        if rank == 0:
-            try:
-                _finish_checkpoint_dir(
-                    model, tmp, path, plan, names, specs, elt, store_dtype, tokenizer_dir, source_dir, chat_template
-                )
-            except BaseException as e:
-                failed = e
-        raise_together(failed, "save_pretrained")
+        rank0_together(
+            "save_pretrained", rank, _finish_checkpoint_dir,
+            model, tmp, path, plan, names, specs, elt, store_dtype, tokenizer_dir, source_dir, chat_template,
+        )  # fmt: skip
+        if world > 1:  # (not after an error: every rank raised it together; after a KeyboardInterrupt on one rank
+            dist.barrier()  # alone, a barrier here would wait for ranks in another collective)
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        if world > 1:
-            dist.barrier()
 
 
 # what a tokenizer directory holds, whatever its kind (fast tokenizer.json, SentencePiece's tokenizer.model or

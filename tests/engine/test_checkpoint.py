@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -591,3 +592,59 @@ def test_a_causal_lm_with_a_value_head_given_as_reward_model_is_called_a_causal_
     _rewrite(tmp_path, lambda t: t.update({"value_head.weight": torch.zeros(1, 64)}))
     with pytest.raises(ValueError, match=r"missing tensor score.weight .*\(a causal-LM checkpoint: .*num_labels=1\)$"):
         load_pretrained(tmp_path, head="score")
+
+
+class _NoHostMemory:
+    """A gathered tensor whose copy to the host fails (save_pretrained's .detach().to("cpu")), as out of memory."""
+
+    def detach(self):
+        raise MemoryError("out of host memory")
+
+
+def _save_pretrained_rank(rank, world, init_file, target, out_dir):
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30)
+    )
+    model = Transformer(ModelConfig.named("tiny")).init_weights(seed=1)
+    got = []
+    save_pretrained(model, os.path.join(target, "whole"), max_shard_bytes=200_000)  # (files written in turn)
+    got.append("saved")
+    if rank == 1:  # (every tensor rank 1 would copy to the host fails: rank 0 copies and writes its own files)
+        for spec in ckpt.hf_tensor_specs(model).values():
+            spec.module.full_part = lambda part=0: _NoHostMemory()
+    started = time.monotonic()
+    try:
+        save_pretrained(model, os.path.join(target, "failed"), max_shard_bytes=200_000)
+        got.append("saved")
+    except Exception as e:
+        got.append(f"{type(e).__name__}: {e}")
+    got.append(time.monotonic() - started < 20)  # (at once: not after the process group's timeout)
+    with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
+        f.write(json.dumps(got))
+    dist.destroy_process_group()
+
+
+def test_save_pretrained_on_two_ranks_raises_one_ranks_error_on_both(tmp_path):
+    """save_pretrained under two ranks (gloo): the ranks write the files in turn and the checkpoint loads whole; a copy
+    to the host that fails on rank 1 alone (out of memory, no OSError) is raised on both ranks at once, rank 0 naming
+    rank 1, and leaves no temporary directory (rather than rank 1 waiting in a barrier and rank 0 in its next
+    collective until the process group's timeout)."""
+    import torch.multiprocessing as mp
+
+    target = tmp_path / "target"
+    target.mkdir()
+    mp.spawn(_save_pretrained_rank, args=(2, str(tmp_path / "init"), str(target), str(tmp_path)), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"rank{r}").read_text()) for r in range(2)]
+    assert got == [
+        ["saved", "RuntimeError: save_pretrained failed on rank 1: out of host memory", True],
+        ["saved", "MemoryError: out of host memory", True],
+    ]
+    assert sorted(p.name for p in target.iterdir()) == ["whole"]
+    model = Transformer(ModelConfig.named("tiny")).init_weights(seed=1)
+    assert len(set(json.load(open(target / "whole" / ckpt.INDEX_FILE))["weight_map"].values())) > 1
+    for a, b in zip(model.parameters(), load_pretrained(target / "whole").parameters()):
+        assert torch.equal(a, b)
