@@ -25,7 +25,7 @@ from engine.data import PromptBatches
 from engine.errors import InputError, InvalidInput, MissingInput, OutputInUse, UnwritableOutput, first_line
 from engine.hub import model_dirs
 from engine.optim import load_optimizer_state, optimizer_state
-from engine.parallel import print0, raise_together, together
+from engine.parallel import print0, raise_together, rank0_together, together
 from engine.reshard import SavedOptimizer, needed_ranks
 from engine.tokenizer import TULU_CHAT_TEMPLATE, tulu_chat_template
 
@@ -104,14 +104,8 @@ def save_checkpoint(state: TrainState) -> str:
     out = state.run.output_dir
     name = f"checkpoint-{state.iteration:06d}"
     path = os.path.join(out, name)
-    error = None
-    try:
-        if state.grid.rank == 0:
-            os.makedirs(path, exist_ok=True)
-            remove_leftovers(path)
-    except OSError as e:
-        error = e
-    raise_together(error, "saving a checkpoint")  # (a disk error on one rank stops every rank, none waits)
+    # (any error of rank 0's, a full disk or a bug, stops every rank: none waits in save_pretrained's collectives)
+    rank0_together("saving a checkpoint", state.grid.rank, _make_checkpoint_dir, path)
     policy_dir = os.path.join(path, "policy")
     template = None  # (--chat-template tokenizer: the tokenizer's own, as the policy was trained)
     if state.run.chat_template == "tulu":
@@ -128,29 +122,39 @@ def save_checkpoint(state: TrainState) -> str:
         state.policy, policy_dir, tokenizer_dir=state.tokenizer_dir, source_dir=state.run.policy, chat_template=template
     )
     save_pretrained(state.value, os.path.join(path, "value"))
-    sd = trainer_state_dict(state)
-    try:
-        atomic_write(os.path.join(path, f"state-rank{state.grid.rank:05d}.pt"), lambda f: torch.save(sd, f))
-    except OSError as e:
-        error = e
-    raise_together(error, "saving a checkpoint")  # (every file and name in checkpoint-N durable: `latest` may move)
-    if state.grid.rank == 0:
-        try:
-            for log in (os.path.join(out, n) for n in LOGS):  # (the lines of the iterations checkpoint-N holds:
-                if os.path.exists(log):  # durable before `latest` names it)
-                    fsync_file(log)
-            fsync_dir(out)  # (checkpoint-N's own entry)
-            try:  # (the checkpoint `latest` names until now: the one resumed from, or this run's last)
-                previous = _number(os.path.basename(latest_checkpoint(out) or ""))
-            except InputError:  # (damaged by hand since the resume read it: pruning as without one)
-                previous = None
-            atomic_write(os.path.join(out, LATEST), lambda f: f.write(json.dumps({"checkpoint": name}).encode()))
-        except OSError as e:
-            error = e
-    raise_together(error, "saving a checkpoint")  # (`latest` not moved on rank 0, a full disk: no rank goes on)
-    if state.grid.rank == 0:
-        prune_checkpoints(out, name, state.run.keep_checkpoints, previous)
+    # (a full disk, or a state that does not pickle on one rank alone: every rank stops; once all have returned, every
+    # file and name in checkpoint-N is durable and `latest` may move)
+    together("saving a checkpoint", _save_state_file, state, os.path.join(path, f"state-rank{state.grid.rank:05d}.pt"))
+    # (`latest` not moved on rank 0, or its pruning failed: no rank goes on, none waits for rank 0 in a collective)
+    rank0_together("saving a checkpoint", state.grid.rank, _point_latest, out, name, state.run.keep_checkpoints)
     return path
+
+
+def _make_checkpoint_dir(path: str) -> None:
+    """save_checkpoint on rank 0, before any rank writes into checkpoint-N: made, and a killed save's leftovers gone."""
+    os.makedirs(path, exist_ok=True)
+    remove_leftovers(path)
+
+
+def _save_state_file(state: TrainState, fn: str) -> None:
+    """save_checkpoint on every rank: its trainer state (optimizer, RNG, data order), atomically."""
+    sd = trainer_state_dict(state)
+    atomic_write(fn, lambda f: torch.save(sd, f))
+
+
+def _point_latest(out: str, name: str, keep: int) -> None:
+    """save_checkpoint on rank 0 once every rank's files are durable: the logs' lines of the iterations checkpoint
+    `name` holds and its own entry synced, `latest` moved to it, then the checkpoints it replaces pruned."""
+    for log in (os.path.join(out, n) for n in LOGS):  # (the lines of the iterations checkpoint-N holds: durable before
+        if os.path.exists(log):  # `latest` names it)
+            fsync_file(log)
+    fsync_dir(out)  # (checkpoint-N's own entry)
+    try:  # (the checkpoint `latest` names until now: the one resumed from, or this run's last)
+        previous = _number(os.path.basename(latest_checkpoint(out) or ""))
+    except InputError:  # (damaged by hand since the resume read it: pruning as without one)
+        previous = None
+    atomic_write(os.path.join(out, LATEST), lambda f: f.write(json.dumps({"checkpoint": name}).encode()))
+    prune_checkpoints(out, name, keep, previous)
 
 
 def remove_leftovers(ckpt: str) -> None:

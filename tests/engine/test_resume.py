@@ -1128,3 +1128,80 @@ def test_check_shared_waits_for_a_late_probe_and_raises_on_every_rank_at_once(tm
         "ok", f"FailedOnAnotherRank: {on} 0: {full}", *[f"InvalidInput: {local}"] * 2, f"InvalidInput: {wait}",
     ]  # fmt: skip
     assert [n for d in root.iterdir() for n in os.listdir(d) if n.startswith(SHARED_PROBE)] == []
+
+
+def _save_checkpoint_cases_rank(rank, world, out, out_dir):
+    import datetime
+    import errno
+    import time
+    import types
+
+    import torch.distributed as dist
+
+    from engine import resume
+
+    init = f"file://{out_dir}/init"
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30)
+    )
+    resume.save_pretrained = lambda model, path, **kw: os.makedirs(path, exist_ok=True)  # (tested on its own)
+    run = types.SimpleNamespace(output_dir=out, chat_template=None, policy=None, keep_checkpoints=2)
+    state = types.SimpleNamespace(run=run, iteration=0, grid=types.SimpleNamespace(rank=rank), tokenizer=None,
+                                  tokenizer_dir=None, policy=None, value=None, template_warned=False)  # fmt: skip
+    resume.trainer_state_dict = lambda state: {"iteration": state.iteration, "world_size": world}
+    real = {name: getattr(resume, name) for name in ("remove_leftovers", "trainer_state_dict", "prune_checkpoints")}
+    got = []
+
+    def save(iteration, name, fails):
+        setattr(resume, name, fails)
+        state.iteration = iteration
+        started = time.monotonic()
+        try:
+            resume.save_checkpoint(state)
+            got.append("saved")
+        except Exception as e:
+            got.append(f"{type(e).__name__} {getattr(e, 'errno', None)}: {e}")
+        got.append(time.monotonic() - started < 20)  # (at once: not after the process group's timeout)
+        setattr(resume, name, real[name])
+
+    def bug(*args):
+        raise RuntimeError("a bug")
+
+    def io_error(*args):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    save(1, "trainer_state_dict", real["trainer_state_dict"])
+    # rank 0 fails making checkpoint-2 by a bug of ours (no OSError): rank 1 does not go on to save into it
+    save(2, "remove_leftovers", bug if rank == 0 else real["remove_leftovers"])
+    # rank 1's state holds what does not pickle: rank 0 does not wait for it, and `latest` does not move
+    unpicklable = lambda state: {"iteration": state.iteration, "data": (x for x in ())}  # noqa: E731
+    save(3, "trainer_state_dict", unpicklable if rank == 1 else real["trainer_state_dict"])
+    # rank 0's pruning after `latest` moved fails (an I/O error): rank 1 does not go on to its next collective
+    save(4, "prune_checkpoints", io_error if rank == 0 else real["prune_checkpoints"])
+    with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
+        f.write(json.dumps(got))
+    dist.destroy_process_group()
+
+
+def test_save_checkpoint_raises_one_ranks_error_on_every_rank_at_once(tmp_path):
+    """save_checkpoint on two ranks (gloo; the models' save left out): an error on one rank alone at any of its steps,
+    a bug or an unpicklable state as well as a full disk, is raised on both at once, the other rank naming it (rather
+    than that rank waiting in its next collective for the process group's timeout); `latest` moves only once every
+    rank's state file is saved."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "out"
+    out.mkdir()
+    mp.spawn(_save_checkpoint_cases_rank, args=(2, str(out), str(tmp_path)), nprocs=2, join=True)
+    on = "saving a checkpoint failed on rank"
+    pickling = "cannot pickle 'generator' object"
+    assert json.loads((tmp_path / "rank0").read_text()) == [
+        "saved", True, "RuntimeError None: a bug", True, f"RuntimeError None: {on} 1: {pickling}", True,
+        "OSError 5: [Errno 5] Input/output error", True,
+    ]  # fmt: skip
+    assert json.loads((tmp_path / "rank1").read_text()) == [
+        "saved", True, f"RuntimeError None: {on} 0: a bug", True, f"TypeError None: {pickling}", True,
+        f"OSError 5: [Errno 5] {on} 0: Input/output error", True,
+    ]  # fmt: skip
+    assert json.loads((out / "latest").read_text()) == {"checkpoint": "checkpoint-000004"}
+    assert sorted(os.listdir(out / "checkpoint-000003")) == ["policy", "state-rank00000.pt", "value"]
