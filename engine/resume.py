@@ -25,7 +25,7 @@ from engine.data import PromptBatches
 from engine.errors import InputError, InvalidInput, MissingInput, OutputInUse, UnwritableOutput, first_line
 from engine.hub import model_dirs
 from engine.optim import load_optimizer_state, optimizer_state
-from engine.parallel import print0, raise_together, rank0_together, together
+from engine.parallel import print0, rank0_together, together
 from engine.reshard import SavedOptimizer, needed_ranks
 from engine.tokenizer import TULU_CHAT_TEMPLATE, tulu_chat_template
 
@@ -247,12 +247,17 @@ def check_writable(output_dir: str, rank: int) -> None:
     there (lock_output_dir), and checks that every rank sees it (check_shared); every rank raises together. A
     directory inside what another run writes, or holding another run inside what this one writes, is refused first
     (nested_run)."""
-    error = None
-    if rank == 0 and (error := nested_run(output_dir)) is None and (why := why_unwritable(output_dir)):
-        error = UnwritableOutput(f"cannot write to the output directory {output_dir}: {why}")
-    raise_together(error, "checking the output directory")
+    rank0_together("checking the output directory", rank, _check_writable, output_dir)
     lock_output_dir(output_dir, rank)
     check_shared(output_dir, rank)  # (its probe written under the lock: never beside another run's files)
+
+
+def _check_writable(output_dir: str) -> None:
+    """check_writable on rank 0 (any error it raises, an unreadable directory above output_dir say, on every rank)."""
+    if (error := nested_run(output_dir)) is None and (why := why_unwritable(output_dir)):
+        error = UnwritableOutput(f"cannot write to the output directory {output_dir}: {why}")
+    if error is not None:
+        raise error
 
 
 SHARED_PROBE = ".shared-test-"  # check_shared's file (a random token after it), removed once every rank has read it
@@ -296,33 +301,40 @@ def check_shared(output_dir: str, rank: int) -> None:
     dist.broadcast_object_list(box, src=0)
     token, host0 = box[0]
     probe = os.path.join(output_dir, SHARED_PROBE + token)
-    error = None
     try:
-        if rank == 0:
-            try:
-                with open(probe, "w") as f:
-                    f.write(token)
-            except OSError as e:
-                error = UnwritableOutput(f"cannot write to the output directory {output_dir}: {e.strerror or e}")
-        raise_together(error, "checking the output directory")
+        rank0_together("checking the output directory", rank, _write_probe, output_dir, probe, token)
         wait = together("checking the output directory", shared_wait_s)  # (every rank's: each may have its own)
-        deadline = time.monotonic() + wait
-        while rank != 0 and not _holds(probe, token):
-            if time.monotonic() > deadline:
-                error = InvalidInput(
-                    f"the output directory {output_dir} is not shared between the nodes: a file global rank 0 (host "
-                    f"{host0}) wrote there is not seen by rank {rank} (host {socket.gethostname()}) within "
-                    f"{wait:g} s (TULU_SHARED_DIR_WAIT_S). Every rank saves its share of each checkpoint "
-                    "there and a resume reads them back: give --output-dir a path on a file system every node mounts, "
-                    "the same path on each"
-                )
-                break
-            time.sleep(0.5)
-        raise_together(error, "checking the output directory")
+        together("checking the output directory", _wait_for_probe, output_dir, probe, token, wait, rank, host0)
         _shared_checked.add(output_dir)
     finally:
         if rank == 0 and os.path.exists(probe):  # (after the last collective: every rank has read it)
             os.remove(probe)
+
+
+def _write_probe(output_dir: str, probe: str, token: str) -> None:
+    """check_shared on rank 0: its probe written."""
+    try:
+        with open(probe, "w") as f:
+            f.write(token)
+    except OSError as e:
+        raise UnwritableOutput(f"cannot write to the output directory {output_dir}: {e.strerror or e}") from e
+
+
+def _wait_for_probe(output_dir: str, probe: str, token: str, wait: float, rank: int, host0: str) -> None:
+    """check_shared on every rank: rank 0's probe looked for (on the others), `wait` seconds at most."""
+    import socket
+
+    deadline = time.monotonic() + wait
+    while rank != 0 and not _holds(probe, token):
+        if time.monotonic() > deadline:
+            raise InvalidInput(
+                f"the output directory {output_dir} is not shared between the nodes: a file global rank 0 (host "
+                f"{host0}) wrote there is not seen by rank {rank} (host {socket.gethostname()}) within "
+                f"{wait:g} s (TULU_SHARED_DIR_WAIT_S). Every rank saves its share of each checkpoint "
+                "there and a resume reads them back: give --output-dir a path on a file system every node mounts, "
+                "the same path on each"
+            )
+        time.sleep(0.5)
 
 
 def _holds(path: str, token: str) -> bool:
@@ -362,10 +374,15 @@ def lock_output_dir(output_dir: str | None, rank: int) -> None:
     file holds), rather than both saving checkpoints, `latest` and metrics over each other. The process holds it
     until unlock_output_dir (train_ppo's main, as it ends) or its own end, however it ends (the kernel's flock). A
     file system without locks (some network mounts) is warned of and run on. Every rank raises together."""
-    error = None
-    if rank == 0 and output_dir and os.path.realpath(output_dir) not in _locks:
-        error = nested_run(output_dir) or _lock(output_dir)
-    raise_together(error, "locking the output directory")
+    rank0_together("locking the output directory", rank, _lock_once, output_dir)
+
+
+def _lock_once(output_dir: str | None) -> None:
+    """lock_output_dir on rank 0: the lock taken unless this process holds it already; a refusal raised."""
+    if not output_dir or os.path.realpath(output_dir) in _locks:
+        return
+    if error := nested_run(output_dir) or _lock(output_dir):
+        raise error
 
 
 def _lock(output_dir: str) -> InputError | None:
@@ -464,6 +481,13 @@ def start_fresh(
     `overwrite` emptied of them (rank 0; other files, such as the tiny default's init models, stay). `inputs` (flag:
     path, say {"--policy": ...}): a path the run reads that lies in what would be emptied (a checkpoint's policy/ as the
     next stage's --policy) is refused, overwrite or not: deleting it would lose the model."""
+    # (a directory one node cannot read, a bug: every rank stops, none waits for another in the next collective)
+    held = together("starting the run", _earlier_run, output_dir, overwrite, evaluation, inputs)
+    rank0_together("starting the run", rank, _remove, output_dir, held)
+
+
+def _earlier_run(output_dir: str, overwrite: bool, evaluation: bool, inputs: dict[str, str | None] | None) -> list:
+    """start_fresh on every rank: the names of an earlier run's files in output_dir, or its refusal raised."""
     held = run_files(output_dir)
     error = None
     doomed = {os.path.realpath(os.path.join(output_dir, n)): n for n in held}
@@ -491,11 +515,17 @@ def start_fresh(
         error = OutputInUse(
             f"{output_dir} holds an earlier run ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): {how}"
         )
-    raise_together(error, "starting the run")
-    if held and rank == 0:
-        for name in held:
-            target = os.path.join(output_dir, name)  # (a link, to a checkpoint kept elsewhere say: the link alone goes)
-            shutil.rmtree(target) if os.path.isdir(target) and not os.path.islink(target) else os.remove(target)
+    if error is not None:
+        raise error
+    return held
+
+
+def _remove(output_dir: str, names: list[str]) -> None:
+    """start_fresh on rank 0: an earlier run's files removed (a link, to a checkpoint kept elsewhere say: the link
+    alone)."""
+    for name in names:
+        target = os.path.join(output_dir, name)
+        shutil.rmtree(target) if os.path.isdir(target) and not os.path.islink(target) else os.remove(target)
 
 
 def record_launch(state: TrainState) -> None:
@@ -505,13 +535,8 @@ def record_launch(state: TrainState) -> None:
     Hub ids made local paths). What a run was can be read back without its checkpoints or W&B. Every rank calls it."""
     if not state.run.output_dir:
         return
-    error = None
-    if state.grid.rank == 0:
-        try:
-            _append_launch(state)
-        except OSError as e:  # (a full disk: every rank stops, none waits for rank 0 in a collective)
-            error = e
-    raise_together(error, "recording the launch in launches.jsonl")
+    # (a full disk, or a value of the configuration that is no JSON: every rank stops, none waits for rank 0)
+    rank0_together("recording the launch in launches.jsonl", state.grid.rank, _append_launch, state)
 
 
 def _append_launch(state: TrainState) -> None:
@@ -626,38 +651,39 @@ def _state_file(ckpt: str, rank: int) -> str:
     return os.path.join(ckpt, f"state-rank{rank:05d}.pt")
 
 
-def _load_states(
-    ckpt: str, grid, distributed: bool
-) -> tuple[dict | None, list[dict | None] | None, BaseException | None]:
+def _load_states(ckpt: str, grid, distributed: bool) -> tuple[dict, list[dict | None] | None]:
     """This rank's saved state and, when the optimizers must be re-laid (another TP degree, number of DP ranks or
-    --distributed-optimizer setting), every saved rank's state that re-laying reads (None for the others); or the
-    error. After a run of another grid, the iteration, data order and RNG come from the saved state of this TP rank
-    at DP rank 0 (of TP rank 0 when the TP degree changed). The files are memory-mapped: only the tensors used are
-    read."""
+    --distributed-optimizer setting), every saved rank's state that re-laying reads (None for the others). After a
+    run of another grid, the iteration, data order and RNG come from the saved state of this TP rank at DP rank 0 (of
+    TP rank 0 when the TP degree changed). The files are memory-mapped: only the tensors used are read. A missing or
+    damaged file raises the input error naming it."""
     load = load_state_file
-    missing = lambda fn, why: (None, None, MissingInput(f"{fn} is missing ({why})"))  # noqa: E731
+
+    def missing(fn: str, why: str):
+        raise MissingInput(f"{fn} is missing ({why})")
+
     if not os.path.exists(head := _state_file(ckpt, 0)):
-        return missing(head, "every run writes it")
+        missing(head, "every run writes it")
     sd = load(head)
     saved_tp, saved_dp, sharded = sd["tp"], sd["world_size"] // sd["tp"], sd["policy_opt"]["distributed"]
     same_grid = saved_tp == grid.tp and saved_dp == grid.dp
     if same_grid:  # this rank's own state (its RNG too)
         if not os.path.exists(own := _state_file(ckpt, grid.rank)):
-            return missing(own, "resume reads the state file each rank wrote")
+            missing(own, "resume reads the state file each rank wrote")
         if distributed == sharded:
-            return load(own), None, None
+            return load(own), None
     elif saved_tp == grid.tp and not sharded and not distributed:  # every DP rank saved the same: DP rank 0's
-        return load(_state_file(ckpt, grid.tp_rank)), None, None
+        return load(_state_file(ckpt, grid.tp_rank)), None
     states: list[dict | None] = [None] * sd["world_size"]
     for r in needed_ranks(saved_tp, saved_dp, sharded):
         if not os.path.exists(fn := _state_file(ckpt, r)):
-            return missing(fn, "re-laying the optimizer for another layout reads it")
+            missing(fn, "re-laying the optimizer for another layout reads it")
         states[r] = load(fn)
     if same_grid:
         head = states[grid.rank] if states[grid.rank] is not None else load(own)
     else:
         head = states[grid.tp_rank if saved_tp == grid.tp else 0]
-    return head, states, None
+    return head, states
 
 
 def model_fingerprints(run) -> dict[str, dict[str, str]]:
@@ -672,17 +698,16 @@ def model_fingerprints(run) -> dict[str, dict[str, str]]:
 def fingerprint_models(run, ckpt: str | None, rank: int) -> dict | None:
     """Global rank 0: the frozen models' fingerprints (model_fingerprints) and, resuming from `ckpt`, their check
     against the ones saved there (check_models), before any weight is loaded; every rank raises together."""
-    found, error = None, None
-    if rank == 0:
-        try:
-            found = model_fingerprints(run)
-            head = _state_file(ckpt, 0) if ckpt else None
-            if head and os.path.exists(head):  # (a missing one is named by load_trainer_state)
-                saved = load_state_file(head).get("models")
-                check_models(saved, found, run.resume_other_models)
-        except Exception as e:  # (a truncated state file, unreadable weights: every rank stops, none waits)
-            error = e
-    raise_together(error, "checking the reference and reward models")
+    # (a truncated state file, unreadable weights: every rank stops, none waits)
+    return rank0_together("checking the reference and reward models", rank, _fingerprint_models, run, ckpt)
+
+
+def _fingerprint_models(run, ckpt: str | None) -> dict:
+    """fingerprint_models on global rank 0."""
+    found = model_fingerprints(run)
+    head = _state_file(ckpt, 0) if ckpt else None
+    if head and os.path.exists(head):  # (a missing one is named by load_trainer_state)
+        check_models(load_state_file(head).get("models"), found, run.resume_other_models)
     return found
 
 
@@ -755,12 +780,20 @@ def _warn_of_later_checkpoints(out: str, resumed: str) -> None:
         )
 
 
+def _trim_logs_of(out: str, iteration: int, ckpt: str) -> None:
+    """load_trainer_state on rank 0: the logs' lines after the checkpoint's iteration dropped, and the checkpoints after
+    it warned of."""
+    trim_logs(out, iteration)
+    _warn_of_later_checkpoints(out, os.path.basename(ckpt))
+
+
 def load_trainer_state(state: TrainState, ckpt: str) -> None:
     """Restore the run from checkpoint `ckpt`, also with another TP degree or number of data-parallel ranks: the
     prompt order and the samples do not depend on them, and the optimizers are re-laid (engine/reshard.py)."""
     grid = state.grid
-    sd, saved, error = _load_states(ckpt, grid, state.policy_opt.buckets is not None)
-    raise_together(error, "resuming")  # (the optimizers' state loads through collectives below)
+    # (a state file missing or damaged on one rank alone, a key a damaged file lacks: every rank stops before the
+    # optimizers' state loads through collectives below)
+    sd, saved = together("resuming", _load_states, ckpt, grid, state.policy_opt.buckets is not None)
     state.iteration, state.step = sd["iteration"], sd["step"]
     changed = _changed_hyperparameters(sd["ppo_config"], dataclasses.asdict(state.cfg))
     if changed:  # (it may be meant, as a lower learning rate after a spike; it is never silent)
@@ -774,13 +807,8 @@ def load_trainer_state(state: TrainState, ckpt: str) -> None:
         )
     _resume_kl_coef(state, sd)
     state.data.load_state_dict(sd["data"])
-    if grid.rank == 0:
-        try:
-            trim_logs(state.run.output_dir, state.iteration)
-            _warn_of_later_checkpoints(state.run.output_dir, os.path.basename(ckpt))
-        except Exception as e:  # (an edited log, a full disk: every rank stops, none waits in the optimizers' loads)
-            error = e
-    raise_together(error, "resuming")
+    # (an edited log, a full disk on rank 0: every rank stops, none waits in the optimizers' loads)
+    rank0_together("resuming", grid.rank, _trim_logs_of, state.run.output_dir, state.iteration, ckpt)
     for name, opt in (("policy_opt", state.policy_opt), ("value_opt", state.value_opt)):
         if saved is None:
             load_optimizer_state(opt, sd[name])

@@ -1205,3 +1205,87 @@ def test_save_checkpoint_raises_one_ranks_error_on_every_rank_at_once(tmp_path):
     ]  # fmt: skip
     assert json.loads((out / "latest").read_text()) == {"checkpoint": "checkpoint-000004"}
     assert sorted(os.listdir(out / "checkpoint-000003")) == ["policy", "state-rank00000.pt", "value"]
+
+
+def _resume_sites_rank(rank, world, root, out_dir):
+    import datetime
+    import errno
+    import time
+    import types
+
+    import torch.distributed as dist
+
+    from engine import resume
+
+    init = f"file://{out_dir}/init"
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30)
+    )
+    got = []
+
+    def call(fn, *args):
+        started = time.monotonic()
+        try:
+            fn(*args)
+            got.append("ok")
+        except Exception as e:
+            got.append(f"{type(e).__name__}: {e}")
+        got.append(time.monotonic() - started < 20)  # (at once: not after the process group's timeout)
+
+    def on_rank_0(real, error):
+        return (lambda *args: (_ for _ in ()).throw(error)) if rank == 0 else real
+
+    # rank 0 cannot read a directory above the output directory (nested_run: a PermissionError)
+    nested_run = resume.nested_run
+    resume.nested_run = on_rank_0(nested_run, PermissionError(errno.EACCES, "Permission denied", root))
+    call(resume.check_writable, os.path.join(root, "out"), rank)
+    resume.nested_run = nested_run
+    # --overwrite-output-dir: rank 0 may not delete the earlier run's checkpoint
+    rmtree = resume.shutil.rmtree
+    resume.shutil.rmtree = on_rank_0(rmtree, PermissionError(errno.EACCES, "Permission denied", "checkpoint-000001"))
+    call(resume.start_fresh, os.path.join(root, "earlier"), True, rank)
+    resume.shutil.rmtree = rmtree
+    # a value of the configuration that is no JSON on rank 0 (a bug of ours, no OSError)
+    append = resume._append_launch
+    resume._append_launch = on_rank_0(append, TypeError("Object of type PosixPath is not JSON serializable"))
+    state = types.SimpleNamespace(run=types.SimpleNamespace(output_dir=root), grid=types.SimpleNamespace(rank=rank))
+    call(resume.record_launch, state)
+    resume._append_launch = append
+    # --resume where rank 1's own state file is damaged: rank 0 does not go on to load the optimizers' state
+    grid = types.SimpleNamespace(rank=rank, tp=1, dp=world, tp_rank=0)
+    state = types.SimpleNamespace(grid=grid, policy_opt=types.SimpleNamespace(buckets=None))
+    call(resume.load_trainer_state, state, os.path.join(root, "checkpoint-000001"))
+    with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
+        f.write(json.dumps(got))
+    dist.destroy_process_group()
+
+
+def test_resume_checks_raise_one_ranks_error_on_every_rank_at_once(tmp_path):
+    """The output directory's checks, a fresh start's deletions, launches.jsonl and a resume's state files on two
+    ranks (gloo): an error on one rank alone, whatever its kind, is raised on both at once, the other naming it (rather
+    than that rank waiting in its next collective for the process group's timeout)."""
+    import torch.multiprocessing as mp
+
+    root = tmp_path / "root"
+    (root / "earlier/checkpoint-000001").mkdir(parents=True)
+    ckpt = root / "checkpoint-000001"
+    ckpt.mkdir()
+    torch.save({"tp": 1, "world_size": 2, "policy_opt": {"distributed": False}}, ckpt / "state-rank00000.pt")
+    (ckpt / "state-rank00001.pt").write_bytes(b"half a state file")
+    mp.spawn(_resume_sites_rank, args=(2, str(root), str(tmp_path)), nprocs=2, join=True)
+    denied = "[Errno 13] Permission denied"
+    damaged = json.loads((tmp_path / "rank1").read_text())[6]
+    assert damaged.startswith(f"InvalidInput: cannot read the state file {ckpt / 'state-rank00001.pt'} ("), damaged
+    assert json.loads((tmp_path / "rank0").read_text()) == [
+        f"PermissionError: {denied}: '{root}'", True, f"PermissionError: {denied}: 'checkpoint-000001'", True,
+        "TypeError: Object of type PosixPath is not JSON serializable", True,
+        f"FailedOnAnotherRank: resuming failed on rank 1: {damaged.removeprefix('InvalidInput: ')}", True,
+    ]  # fmt: skip
+    on = "failed on rank 0"
+    assert json.loads((tmp_path / "rank1").read_text()) == [
+        f"PermissionError: [Errno 13] checking the output directory {on}: Permission denied ({root})", True,
+        f"PermissionError: [Errno 13] starting the run {on}: Permission denied (checkpoint-000001)", True,
+        f"RuntimeError: recording the launch in launches.jsonl {on}: Object of type PosixPath is not JSON serializable",
+        True, damaged, True,
+    ]  # fmt: skip
+    assert (root / "earlier/checkpoint-000001").exists()
