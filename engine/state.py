@@ -24,7 +24,7 @@ from engine.kv_cache import BLOCK_SIZE, blocks_for_tokens, cuda_cache_budget, mo
 from engine.model import Transformer
 from engine.offload import HostCopies, state_bytes, weight_bytes
 from engine.optim import Optimizer, make_optimizer
-from engine.parallel import ProcessGrid, agree, backend_for, init_process_grid, print0, raise_together, together
+from engine.parallel import ProcessGrid, agree, backend_for, init_process_grid, print0, together
 from engine.resume import (
     check_prompt_order,
     check_resumable,
@@ -529,36 +529,36 @@ def check_memory(
     three frozen models, no optimizer."""
     if device.type != "cuda":
         return False
-    error, line, resident = None, "", False
-    sources = config_sources([run.policy, run.reference, run.reward])
-    if sources is not None:  # (None: a Hub id's config.json could not be had; resolve_run names the problem)
-        try:
-            configs = memory_plan.run_configs(*sources, evaluation=evaluation)
-            dtype, (free, total) = resolve_dtype(run.dtype, device), torch.cuda.mem_get_info(device)
-            kv_dtype = resolve_cache_dtype(run.kv_cache_dtype, dtype)
-            seq_len = cfg.max_prompt_len + cfg.max_new_tokens
-            reserve = memory_plan.generation_reserve(
-                configs["policy"][0], grid.tp, seq_len, dtype, run.gen_max_num_seqs
-            )
-            cache = dict(
-                total=total,
-                fraction=run.kv_cache_fraction,
-                seq_len=seq_len,
-                kv_dtype=kv_dtype,
-                reserve=reserve,
-                max_num_seqs=run.gen_max_num_seqs,
-            )
-            line, resident = memory_plan.plan_for(
-                run.offload_optimizer, configs, dtype, grid.tp, grid.dp, run.distributed_optimizer, free, cache,
-                host=memory_plan.host_available(), local_ranks=memory_plan.local_ranks(),
-                idle_models=run.offload_idle_models, evaluation=evaluation,
-            )  # fmt: skip
-        except Exception as e:  # (every rank at once: a checkpoint one node lacks is MissingInput, not a ValueError)
-            error = e
-    raise_together(error, "planning memory")
+    sources = config_sources([run.policy, run.reference, run.reward])  # (its collectives outside `together`)
+    # (every rank at once: a checkpoint one node lacks is MissingInput, not a ValueError)
+    line, resident = together("planning memory", _plan_memory, cfg, run, grid, device, sources, evaluation)
     if line:
         print0(line)
     return bool(agree([int(resident)], "max")[0])
+
+
+def _plan_memory(cfg: PPOConfig, run: RunConfig, grid: ProcessGrid, device, sources, evaluation: bool):
+    """check_memory's plan on each rank: (the line to print, whether the optimizer state lives in host memory)."""
+    if sources is None:  # (a Hub id's config.json could not be had; resolve_run names the problem)
+        return "", False
+    configs = memory_plan.run_configs(*sources, evaluation=evaluation)
+    dtype, (free, total) = resolve_dtype(run.dtype, device), torch.cuda.mem_get_info(device)
+    kv_dtype = resolve_cache_dtype(run.kv_cache_dtype, dtype)
+    seq_len = cfg.max_prompt_len + cfg.max_new_tokens
+    reserve = memory_plan.generation_reserve(configs["policy"][0], grid.tp, seq_len, dtype, run.gen_max_num_seqs)
+    cache = dict(
+        total=total,
+        fraction=run.kv_cache_fraction,
+        seq_len=seq_len,
+        kv_dtype=kv_dtype,
+        reserve=reserve,
+        max_num_seqs=run.gen_max_num_seqs,
+    )
+    return memory_plan.plan_for(
+        run.offload_optimizer, configs, dtype, grid.tp, grid.dp, run.distributed_optimizer, free, cache,
+        host=memory_plan.host_available(), local_ranks=memory_plan.local_ranks(),
+        idle_models=run.offload_idle_models, evaluation=evaluation,
+    )  # fmt: skip
 
 
 def evaluation_set(cfg: PPOConfig, run: RunConfig, grid: ProcessGrid, tokenizer, prompt_set: PromptSet | None):
@@ -670,18 +670,16 @@ def decide_offload(state: TrainState) -> tuple[bool, bool]:
         if nb == 0:  # (--eval-only has no optimizer)
             out.append(False)
             continue
-        on, line, error = False, "", None
         # (auto yields to an explicit --offload-idle-models rollouts: it takes the host memory those weights need
         # only from what is left, or their check below would refuse the run it had let load)
         room = host - (mbytes * ranks if setting == "auto" and flag == "--offload-optimizer"
                        and run.offload_idle_models == "rollouts" else 0)  # fmt: skip
-        try:
-            seqs = (max(0, budget) // per_seq, max(0, budget + (0 if run.kv_cache_mb else nb)) // per_seq)
-            seqs = tuple(min(n, run.gen_max_num_seqs) for n in seqs)  # (the generator's cap: its slots, full length)
-            on, line = memory_plan.offload_decision(setting, dev, nb, ranks, seqs, wanted, room, what, flag)
-        except ValueError as e:
-            error = e
-        raise_together(error, f"deciding {flag}")
+        seqs = (max(0, budget) // per_seq, max(0, budget + (0 if run.kv_cache_mb else nb)) // per_seq)
+        seqs = tuple(min(n, run.gen_max_num_seqs) for n in seqs)  # (the generator's cap: its slots, full length)
+        # (no room on one node's host alone, or any other error there: every rank stops, none waits in the agreement)
+        on, line = together(
+            f"deciding {flag}", memory_plan.offload_decision, setting, dev, nb, ranks, seqs, wanted, room, what, flag
+        )
         (every,) = agree([int(on)], "min")
         print0(line if every == on else f"{what}: on the GPU throughout (another rank has no room to offload)")
         out.append(bool(every))

@@ -488,3 +488,51 @@ def test_a_fault_in_the_checkpoint_check_is_raised_as_itself(monkeypatch):
     with pytest.raises(KeyError) as raised:
         state_mod.check_checkpoints({"reward": ("--reward", "/some/reward", "score")})
     assert raised.value.args == ("a bug",) and raised.value.__cause__ is None
+
+
+def _decide_offload_rank(rank, world, out_dir):
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    init = f"file://{out_dir}/init"
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30)
+    )
+    state_mod.state_bytes = state_mod.weight_bytes = lambda x: 2**20  # (the optimizer state's and weights' bytes)
+    state_mod.idle_models = lambda state: [("reference", None, True)]
+    real = memory_plan.offload_decision
+
+    def decision(*args):
+        if rank == 1:
+            raise RuntimeError("a bug")  # (not the ValueError of a host without room: a fault of ours, one rank)
+        return real(*args)
+
+    memory_plan.offload_decision = decision
+    run = RunConfig(offload_optimizer="rollouts", offload_idle_models="off")
+    grid = types.SimpleNamespace(dp=world, tp=1)
+    state = types.SimpleNamespace(run=run, cfg=PPOConfig(), device=torch.device("cpu"), grid=grid, policy_opt=1,
+                                  value_opt=1)  # fmt: skip
+    started = time.monotonic()
+    try:
+        got = repr(state_mod.decide_offload(state))
+    except Exception as e:
+        got = f"{type(e).__name__}: {e}"
+    with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
+        f.write(json.dumps([got, time.monotonic() - started < 20]))  # (at once: not after the group's timeout)
+    dist.destroy_process_group()
+
+
+def test_decide_offload_raises_one_ranks_error_on_every_rank_at_once(tmp_path):
+    """decide_offload on two ranks (gloo): any error deciding an offload on one rank alone, not only a host without
+    room (a ValueError), is raised on both at once, rank 0 naming rank 1 (rather than rank 0 waiting in the agreement
+    on the decision for the process group's timeout)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_decide_offload_rank, args=(2, str(tmp_path)), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"rank{r}").read_text()) for r in range(2)]
+    assert got == [
+        ["RuntimeError: deciding --offload-optimizer failed on rank 1: a bug", True],
+        ["RuntimeError: a bug", True],
+    ]
