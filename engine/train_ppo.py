@@ -251,41 +251,53 @@ def _demo_ran_in(output_dir: str, init_dir: str, moved: bool = False) -> bool:
     return os.path.realpath(policy) == os.path.realpath(os.path.join(init_dir, "policy"))
 
 
+def _refuse_another_run(output_dir: str, init_dir: str) -> None:
+    """prepare_tiny's --resume: refused in an output directory that holds a run of other models than the demo's."""
+    from engine.errors import OutputInUse
+    from engine.resume import run_files
+
+    if not _demo_ran_in(output_dir, init_dir, moved=True) and run_files(output_dir):
+        raise OutputInUse(
+            f"{output_dir} holds a run of other models than the tiny default's: resume it with its own "
+            "--policy, --reward and --prompts (without --policy, --resume continues the tiny default)"
+        )
+
+
+def _check_built_seed(run: RunConfig, init_dir: str) -> None:
+    """prepare_tiny's --resume: refused with another --seed than the one the demo's models were built from."""
+    from engine.errors import InvalidInput
+    from engine.resume import resume_checkpoint
+
+    built = _built_seed(init_dir)
+    if built is not None and built != run.seed and resume_checkpoint(run.output_dir) is not None:
+        raise InvalidInput(
+            f"--seed {run.seed}: the tiny default's run in {run.output_dir} was built and trained with --seed "
+            f"{built}; resume it with --seed {built}"
+        )
+
+
 def prepare_tiny(run: RunConfig) -> RunConfig:
     """Build the tiny default's models (if not there yet) and fill in its paths."""
-    from engine.errors import InvalidInput, OutputInUse
-    from engine.parallel import raise_together, together
-    from engine.resume import check_resumable, check_writable, resume_checkpoint, run_files, start_fresh
+    from engine.parallel import together
+    from engine.resume import check_resumable, check_writable, start_fresh
     from engine.tokenizer import TINY_DIR, TINY_EVAL_PROMPTS, TINY_PROMPTS
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     check_writable(run.output_dir, rank)  # (before building models there)
     init_dir = os.path.join(run.output_dir, "init")
-    demo_dir = _demo_ran_in(run.output_dir, init_dir)  # (the demo starts over there; another run's is not overwritten)
+    # (the demo starts over there; another run's is not overwritten. Read on every rank: an unreadable launches.jsonl
+    # on one node alone stops every rank, none waits in start_fresh's collectives)
+    demo_dir = together("preparing the tiny default", _demo_ran_in, run.output_dir, init_dir)
     if not (demo_dir or run.overwrite_output_dir or run.resume):
         start_fresh(run.output_dir, False, rank)  # another run's directory: refused before the demo writes models in it
     elif run.eval_only and not run.overwrite_output_dir:  # (the demo's run there: refused before init/ is rebuilt)
         start_fresh(run.output_dir, False, rank, evaluation=True)
-    elif run.resume and not _demo_ran_in(run.output_dir, init_dir, moved=True):
-        error = None  # (the demo would write its models into another run's directory, and start over or fail there)
-        if run_files(run.output_dir):
-            error = OutputInUse(
-                f"{run.output_dir} holds a run of other models than the tiny default's: resume it with its own "
-                "--policy, --reward and --prompts (without --policy, --resume continues the tiny default)"
-            )
-        raise_together(error, "resuming the tiny default")
+    elif run.resume:  # (the demo would write its models into another run's directory, and start over or fail there)
+        together("resuming the tiny default", _refuse_another_run, run.output_dir, init_dir)
     if run.resume:  # (`latest` naming a checkpoint that is gone: refused before init/ is rebuilt, as setup refuses it)
         together("reading the checkpoint to resume", check_resumable, run.output_dir)
-    built = _built_seed(init_dir)
-    if run.resume and built is not None and built != run.seed and resume_checkpoint(run.output_dir) is not None:
         # (refused here, before init/ is rebuilt from another seed: its policy is the run's reference model)
-        raise_together(
-            InvalidInput(
-                f"--seed {run.seed}: the tiny default's run in {run.output_dir} was built and trained with --seed "
-                f"{built}; resume it with --seed {built}"
-            ),
-            "resuming the tiny default",
-        )
+        together("resuming the tiny default", _check_built_seed, run, init_dir)
     build_tiny_models(init_dir, seed=run.seed)
     return dataclasses.replace(
         run,

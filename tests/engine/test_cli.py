@@ -903,3 +903,56 @@ def test_another_ranks_fault_is_one_line_on_this_rank(tmp_path, monkeypatch, cap
     monkeypatch.setattr(train_ppo, "main", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("mine")))
     with pytest.raises(RuntimeError, match="mine"):  # (this rank's own fault: its traceback)
         train_ppo.cli([])
+
+
+def _prepare_tiny_rank(rank, world, out, out_dir):
+    import datetime
+    import errno
+    import time
+
+    import torch.distributed as dist
+
+    from engine import train_ppo
+
+    init = f"file://{out_dir}/init"
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30)
+    )
+    real = train_ppo._demo_ran_in
+
+    def demo_ran_in(output_dir, init_dir, moved=False):
+        if rank == 1:  # (launches.jsonl unreadable on rank 1's node alone)
+            raise PermissionError(errno.EACCES, "Permission denied", os.path.join(output_dir, "launches.jsonl"))
+        return real(output_dir, init_dir, moved)
+
+    train_ppo._demo_ran_in = demo_ran_in
+    run = parse_args(["--output-dir", out])[1]
+    started = time.monotonic()
+    try:
+        train_ppo.prepare_tiny(run)
+        got = "prepared"
+    except Exception as e:
+        got = f"{type(e).__name__}: {e}"
+    with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
+        f.write(json.dumps([got, time.monotonic() - started < 20]))  # (at once: not after the group's timeout)
+    dist.destroy_process_group()
+
+
+def test_prepare_tiny_raises_one_ranks_error_on_every_rank_at_once(tmp_path):
+    """The tiny default's checks of its output directory on two ranks (gloo): an error reading it on rank 1 alone is
+    raised on both at once, rank 0 naming it (rather than rank 0 waiting in start_fresh's collectives for the process
+    group's timeout), before any model is built there."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "out"
+    mp.spawn(_prepare_tiny_rank, args=(2, str(out), str(tmp_path)), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"rank{r}").read_text()) for r in range(2)]
+    launches = out / "launches.jsonl"
+    assert got == [
+        [
+            f"PermissionError: [Errno 13] preparing the tiny default failed on rank 1: Permission denied ({launches})",
+            True,
+        ],
+        [f"PermissionError: [Errno 13] Permission denied: '{launches}'", True],
+    ]
+    assert not (out / "init").exists()
