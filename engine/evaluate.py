@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from engine import ppo
 from engine.data import Rollout, global_position, prompts_digest
-from engine.parallel import agree, print0, raise_together, rank0_together
+from engine.parallel import agree, print0, rank0_together
 from engine.resume import EVAL_DIR, atomic_write, read_log
 from engine.rollout import check_scores, forward_rollout, generate_rollout, reduce_sums, sampling_params
 from engine.state import TrainState, setup_evaluation
@@ -57,15 +57,15 @@ def eval_due(state: TrainState, *, at_start: bool = False) -> bool:
         return at_start or due
     if not due:
         return False
-    logged, error = 1, None
-    if state.grid.rank == 0:
-        fn = os.path.join(state.run.output_dir, "eval.jsonl")
-        try:
-            logged = int(os.path.exists(fn) and any(r.get("iteration") == state.iteration for r in read_log(fn)[1]))
-        except Exception as e:  # (an unreadable log: every rank stops, none waits in the agreement)
-            error = e
-    raise_together(error, "reading eval.jsonl")
-    return not agree([logged], "min")[0]
+    # (an unreadable log: every rank stops, none waits in the agreement)
+    logged = rank0_together("reading eval.jsonl", state.grid.rank, _logged, state.run.output_dir, state.iteration)
+    return not agree([1 if logged is None else logged], "min")[0]  # (None: not rank 0)
+
+
+def _logged(output_dir: str, iteration: int) -> int:
+    """eval_due on rank 0: whether eval.jsonl holds the evaluation after `iteration` (1) or not (0)."""
+    fn = os.path.join(output_dir, "eval.jsonl")
+    return int(os.path.exists(fn) and any(r.get("iteration") == iteration for r in read_log(fn)[1]))
 
 
 def eval_identity(state: TrainState) -> dict:

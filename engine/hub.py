@@ -157,19 +157,15 @@ def resolve(names: list[str | None], weights: bool = True) -> list[str | None]:
                         "and is not in the Hugging Face cache"
                     )
                     break
-    if dist.is_initialized():
-        raise_together(error, "fetching checkpoints")
-    elif error is not None:
-        raise error
+    # (by hand, not `together`: the error shared is the input error built above, not the download's own; every
+    # exception is caught, so no rank is left waiting)
+    raise_together(error, "fetching checkpoints")
     if local_rank != 0:
         try:
             paths = {n: _download(n, local_only=True, weights=weights) for n in remote}
         except Exception as e:  # (every rank learns of it: none is left waiting in a collective)
             error = FileNotFoundError(f"a checkpoint local rank 0 fetched is not whole in this rank's cache: {e}")
-    if dist.is_initialized():
-        raise_together(error, "finding the fetched checkpoints in the cache")
-    elif error is not None:
-        raise error
+    raise_together(error, "finding the fetched checkpoints in the cache")  # (by hand: the error said as what it means)
     return [paths.get(n, n) if n else n for n in names]
 
 
