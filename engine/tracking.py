@@ -26,7 +26,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from engine.errors import InvalidInput, MissingPackage, UnwritableOutput, first_line
-from engine.parallel import raise_together, rank0_together
+from engine.parallel import rank0_together
 from engine.resume import WANDB_RUN_ID, atomic_write, why_unwritable
 
 if TYPE_CHECKING:
@@ -39,23 +39,26 @@ def check_available(run, rank: int) -> None:
     """With a W&B project, rank 0 must be able to import wandb and W&B be able to start (_why_wandb_cannot_start),
     and with a TensorBoard directory torch's TensorBoard writer (the tensorboard package) and write in that directory
     (made now: a file of its name, or one it cannot be made under, is named before anything is loaded, not by the
-    writer's traceback after setup); every rank raises together if it cannot."""
-    error = None
+    writer's traceback after setup); every rank raises together if it cannot, or if anything else fails there (an
+    import failing otherwise than as missing, say protobuf's TypeError: none is left waiting for rank 0)."""
+    if run.wandb_project or run.tensorboard_dir:  # (every rank alike; none asked for: no collective)
+        rank0_together("checking the trackers", rank, _check_available, run)
+
+
+def _check_available(run) -> None:
+    """check_available on global rank 0: raises what stops a tracker from starting."""
     for flag, value, package, module in (("--wandb-project", run.wandb_project, "wandb", "wandb"),
                                          ("--tensorboard-dir", run.tensorboard_dir, "tensorboard",
                                           "torch.utils.tensorboard")):  # fmt: skip
-        if value and rank == 0 and error is None:
+        if value:
             try:
                 importlib.import_module(module)
             except ImportError as e:
-                error = MissingPackage(f"{flag} {value} needs the {package} package (pip install {package}): {e}")
-    if run.wandb_project and rank == 0 and error is None and (why := _why_wandb_cannot_start(run.wandb_project)):
-        error = InvalidInput(f"--wandb-project {run.wandb_project}: {why}")
-    if run.wandb_project and rank == 0 and error is None and (why := _log_in_to_wandb()):
-        error = InvalidInput(f"--wandb-project {run.wandb_project}: {why}")
-    if run.tensorboard_dir and rank == 0 and error is None and (why := why_unwritable(run.tensorboard_dir)):
-        error = UnwritableOutput(f"--tensorboard-dir {run.tensorboard_dir}: cannot write there: {why}")
-    raise_together(error, "checking the trackers")
+                raise MissingPackage(f"{flag} {value} needs the {package} package (pip install {package}): {e}") from e
+    if run.wandb_project and (why := _why_wandb_cannot_start(run.wandb_project) or _log_in_to_wandb()):
+        raise InvalidInput(f"--wandb-project {run.wandb_project}: {why}")  # (W&B's prompt only where it can start)
+    if run.tensorboard_dir and (why := why_unwritable(run.tensorboard_dir)):
+        raise UnwritableOutput(f"--tensorboard-dir {run.tensorboard_dir}: cannot write there: {why}")
 
 
 def _why_wandb_cannot_start(project: str) -> str | None:

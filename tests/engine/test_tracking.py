@@ -480,3 +480,47 @@ def test_the_tracker_itself(tmp_path, monkeypatch):
     assert FakeSummaryWriter.writers[1].purge_step is None  # (an evaluation alone hides nothing)
     Tracker(state(0)).finish()
     assert FakeSummaryWriter.writers[2].purge_step == 0  # (a fresh run: every earlier event)
+
+
+def _broken_import_rank(rank, world, init_file, out_dir, tb_dir):
+    import datetime
+    import importlib
+
+    import torch.distributed as dist
+
+    from engine import tracking
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))  # fmt: skip
+    real = importlib.import_module
+
+    def import_module(name, *a, **k):  # (tensorboard's protobuf clash: a TypeError, not an ImportError)
+        if name == "torch.utils.tensorboard":
+            raise TypeError("Descriptors cannot be created directly")
+        return real(name, *a, **k)
+
+    tracking.importlib = types.SimpleNamespace(import_module=import_module)
+    run = RunConfig(output_dir=out_dir, tensorboard_dir=tb_dir)
+    try:
+        tracking.check_available(run, rank)
+        got = "nothing"
+    except Exception as e:
+        got = f"{type(e).__name__}: {e}"
+    with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
+        f.write(got)
+    dist.destroy_process_group()
+
+
+def test_any_error_checking_the_trackers_on_rank_0_stops_every_rank(tmp_path):
+    """check_available's import on global rank 0 failing otherwise than as a missing package (tensorboard against a
+    protobuf it cannot use raises a TypeError): rank 1 raises it too, naming rank 0, rather than waiting for rank 0
+    until the timeout."""
+    import torch.multiprocessing as mp
+
+    args = (2, str(tmp_path / "init"), str(tmp_path), str(tmp_path / "tb"))
+    mp.spawn(_broken_import_rank, args=args, nprocs=2, join=True)
+    got = [(tmp_path / f"rank{r}").read_text() for r in range(2)]
+    assert got == [
+        "TypeError: Descriptors cannot be created directly",
+        "RuntimeError: checking the trackers failed on rank 0: Descriptors cannot be created directly",
+    ]
