@@ -109,7 +109,8 @@ def test_real_wandb_offline(tmp_path, monkeypatch):
     run_tiny(tmp_path, "--max-iterations", "2", "--wandb-project", "p", "--resume")
     run_id = (tmp_path / "wandb-run-id").read_text().strip()
     runs = sorted(d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-"))
-    assert len(runs) == 2 and all(d.endswith(run_id) for d in runs)  # one W&B run, continued
+    # one W&B run, continued (offline-run-<time>-<id>, with "-1" after it when both started within the same second)
+    assert len(runs) == 2 and all(d.split("-")[3] == run_id for d in runs), runs
 
 
 @pytest.mark.parametrize("mode, why", [("online", "W&B is not logged in"), ("ofline", "W&B refuses its settings")])
