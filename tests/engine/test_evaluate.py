@@ -338,3 +338,48 @@ def test_check_scores_refuses_infinite_scores_too():
     ro.scores = torch.tensor([1.0, float("nan"), 0.0])
     with pytest.raises(FloatingPointError, match="returned 1 non-finite scores"):
         check_scores(ro, "in the test")
+
+
+def _eval_due_rank(rank, world, init_file, out_dir):
+    import datetime
+    import time
+    import types
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30)
+    )
+    run = types.SimpleNamespace(eval_every=2, output_dir=out_dir)
+    state = types.SimpleNamespace(eval_prompts=[], run=run, iteration=2, iterations=4, grid=ProcessGrid(rank, world, dp=world))
+    log = os.path.join(out_dir, "eval.jsonl")
+    got = []
+    for holds in ('{"iteration": 2}\n', '{"iteration": 1}\n', 'not JSON\n{"iteration": 2}\n'):
+        if rank == 0:  # (rank 0 alone reads it: another node's copy is never looked at)
+            with open(log, "w") as f:
+                f.write(holds)
+        dist.barrier()
+        started = time.monotonic()
+        try:
+            got.append(evaluate.eval_due(state, at_start=True))
+        except Exception as e:
+            got.append(f"{type(e).__name__}: {e}")
+        got.append(time.monotonic() - started < 20)  # (at once: not after the process group's timeout)
+        dist.barrier()
+    with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
+        f.write(json.dumps(got))
+    dist.destroy_process_group()
+
+
+def test_a_resumed_runs_evaluation_is_made_up_on_every_rank_as_rank_0s_eval_jsonl_says(tmp_path):
+    """eval_due at a resumed run's start on two ranks (gloo): rank 0 reads eval.jsonl and every rank follows it, the
+    evaluation made up on both only where the log lacks the checkpoint's iteration (the others' answer counts as
+    logged, not as missing: rank 1 has not read it); an unreadable log on rank 0 stops both at once, rank 1 naming it."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_eval_due_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    bad = f"{tmp_path / 'eval.jsonl'}, line 1, is not a JSON record"
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}").read_text()) for r in (0, 1))
+    assert rank0[:4] == rank1[:4] == [False, True, True, True]
+    assert rank0[4].startswith(f"InvalidInput: {bad}") and rank0[5], rank0
+    assert rank1[4].startswith(f"FailedOnAnotherRank: reading eval.jsonl failed on rank 0: {bad}") and rank1[5], rank1
