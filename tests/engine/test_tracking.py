@@ -132,8 +132,8 @@ def test_wandb_that_cannot_start_is_refused_before_any_model_is_loaded(tmp_path,
 
 def test_what_lets_wandb_start_without_a_key(tmp_path, monkeypatch):
     """_why_wandb_cannot_start: online with no key in reach and no terminal is refused; the offline and disabled modes,
-    WANDB_API_KEY, a .netrc where NETRC names it (only there: ~/_netrc is not read then) and a terminal to ask on each
-    let W&B start. A WANDB_MODE that W&B refuses is said in one line, without pydantic's links."""
+    WANDB_API_KEY, a .netrc where NETRC names it (only there: ~/_netrc is not read then), ~/_netrc without NETRC and a
+    terminal to ask on each let W&B start. A WANDB_MODE that W&B refuses is said in one line, without pydantic's links."""
     wandb = pytest.importorskip("wandb")
     from engine.tracking import _why_wandb_cannot_start
 
@@ -163,6 +163,10 @@ def test_what_lets_wandb_start_without_a_key(tmp_path, monkeypatch):
     (tmp_path / "netrc").write_text("machine api.wandb.ai login user password " + "x" * 40 + "\n")
     assert why("online") is None
     (tmp_path / "netrc").unlink()
+    monkeypatch.delenv("NETRC")  # (unset: ~/.netrc or ~/_netrc, where `wandb login` writes on Windows)
+    assert why("online") is None
+    (tmp_path / "_netrc").unlink()
+    assert why("online").startswith("W&B is not logged in and its mode is online")
     monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(isatty=lambda: True))
     assert why("online") is not None  # (a terminal to type on, but none shown the prompt: stderr redirected)
     monkeypatch.setattr(sys, "stderr", types.SimpleNamespace(isatty=lambda: True))
