@@ -597,8 +597,21 @@ def test_a_causal_lm_with_a_value_head_given_as_reward_model_is_called_a_causal_
 class _NoHostMemory:
     """A gathered tensor whose copy to the host fails (save_pretrained's .detach().to("cpu")), as out of memory."""
 
+    def __init__(self, error: Exception | None = None):
+        self.error = error or MemoryError("out of host memory")
+
     def detach(self):
-        raise MemoryError("out of host memory")
+        raise self.error
+
+
+def _save_or_error(model, path, got):
+    started = time.monotonic()
+    try:
+        save_pretrained(model, path, max_shard_bytes=200_000)
+        got.append("saved")
+    except Exception as e:
+        got.append(f"{type(e).__name__}: {e}")
+    got.append(time.monotonic() - started < 20)  # (at once: not after the process group's timeout)
 
 
 def _save_pretrained_rank(rank, world, init_file, target, out_dir):
@@ -616,13 +629,17 @@ def _save_pretrained_rank(rank, world, init_file, target, out_dir):
     if rank == 1:  # (every tensor rank 1 would copy to the host fails: rank 0 copies and writes its own files)
         for spec in ckpt.hf_tensor_specs(model).values():
             spec.module.full_part = lambda part=0: _NoHostMemory()
-    started = time.monotonic()
-    try:
-        save_pretrained(model, os.path.join(target, "failed"), max_shard_bytes=200_000)
-        got.append("saved")
-    except Exception as e:
-        got.append(f"{type(e).__name__}: {e}")
-    got.append(time.monotonic() - started < 20)  # (at once: not after the process group's timeout)
+    _save_or_error(model, os.path.join(target, "failed"), got)
+    if rank == 1:  # (torch's own out of host memory is a RuntimeError, not a MemoryError)
+        for spec in ckpt.hf_tensor_specs(model).values():
+            spec.module.full_part = lambda part=0: _NoHostMemory(RuntimeError("DefaultCPUAllocator: not enough memory"))
+    _save_or_error(model, os.path.join(target, "failed"), got)
+    model = Transformer(ModelConfig.named("tiny")).init_weights(seed=1)
+    finish = ckpt._finish_checkpoint_dir
+    if rank == 0:  # (rank 0 alone writes the index and config.json and renames the directory: a bug of ours there)
+        ckpt._finish_checkpoint_dir = lambda *args: (_ for _ in ()).throw(TypeError("a bug"))
+    _save_or_error(model, os.path.join(target, "failed"), got)
+    ckpt._finish_checkpoint_dir = finish
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
         f.write(json.dumps(got))
     dist.destroy_process_group()
@@ -630,8 +647,9 @@ def _save_pretrained_rank(rank, world, init_file, target, out_dir):
 
 def test_save_pretrained_on_two_ranks_raises_one_ranks_error_on_both(tmp_path):
     """save_pretrained under two ranks (gloo): the ranks write the files in turn and the checkpoint loads whole; a copy
-    to the host that fails on rank 1 alone (out of memory, no OSError) is raised on both ranks at once, rank 0 naming
-    rank 1, and leaves no temporary directory (rather than rank 1 waiting in a barrier and rank 0 in its next
+    to the host that fails on rank 1 alone (out of memory, no OSError: Python's MemoryError or torch's RuntimeError),
+    and a bug on rank 0 as it finishes the directory alone, are raised on both ranks at once, the other naming the
+    failing rank, and leave no temporary directory (rather than rank 1 waiting in a barrier and rank 0 in its next
     collective until the process group's timeout)."""
     import torch.multiprocessing as mp
 
@@ -639,10 +657,13 @@ def test_save_pretrained_on_two_ranks_raises_one_ranks_error_on_both(tmp_path):
     target.mkdir()
     mp.spawn(_save_pretrained_rank, args=(2, str(tmp_path / "init"), str(target), str(tmp_path)), nprocs=2, join=True)
     got = [json.loads((tmp_path / f"rank{r}").read_text()) for r in range(2)]
+    oom = "DefaultCPUAllocator: not enough memory"
     assert got == [
-        ["saved", "RuntimeError: save_pretrained failed on rank 1: out of host memory", True],
-        ["saved", "MemoryError: out of host memory", True],
-    ]
+        ["saved", "RuntimeError: save_pretrained failed on rank 1: out of host memory", True,
+         f"RuntimeError: save_pretrained failed on rank 1: {oom}", True, "TypeError: a bug", True],
+        ["saved", "MemoryError: out of host memory", True, f"RuntimeError: {oom}", True,
+         "RuntimeError: save_pretrained failed on rank 0: a bug", True],
+    ]  # fmt: skip
     assert sorted(p.name for p in target.iterdir()) == ["whole"]
     model = Transformer(ModelConfig.named("tiny")).init_weights(seed=1)
     assert len(set(json.load(open(target / "whole" / ckpt.INDEX_FILE))["weight_map"].values())) > 1

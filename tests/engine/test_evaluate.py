@@ -351,7 +351,9 @@ def _eval_due_rank(rank, world, init_file, out_dir):
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30)
     )
     run = types.SimpleNamespace(eval_every=2, output_dir=out_dir)
-    state = types.SimpleNamespace(eval_prompts=[], run=run, iteration=2, iterations=4, grid=ProcessGrid(rank, world, dp=world))
+    state = types.SimpleNamespace(
+        eval_prompts=[], run=run, iteration=2, iterations=4, grid=ProcessGrid(rank, world, dp=world)
+    )
     log = os.path.join(out_dir, "eval.jsonl")
     got = []
     for holds in ('{"iteration": 2}\n', '{"iteration": 1}\n', 'not JSON\n{"iteration": 2}\n'):
@@ -374,7 +376,8 @@ def _eval_due_rank(rank, world, init_file, out_dir):
 def test_a_resumed_runs_evaluation_is_made_up_on_every_rank_as_rank_0s_eval_jsonl_says(tmp_path):
     """eval_due at a resumed run's start on two ranks (gloo): rank 0 reads eval.jsonl and every rank follows it, the
     evaluation made up on both only where the log lacks the checkpoint's iteration (the others' answer counts as
-    logged, not as missing: rank 1 has not read it); an unreadable log on rank 0 stops both at once, rank 1 naming it."""
+    logged, not as missing: rank 1 has not read it); an unreadable log on rank 0 stops both at once, rank 1 naming
+    it."""
     import torch.multiprocessing as mp
 
     mp.spawn(_eval_due_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)

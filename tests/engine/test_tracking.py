@@ -133,7 +133,8 @@ def test_wandb_that_cannot_start_is_refused_before_any_model_is_loaded(tmp_path,
 def test_what_lets_wandb_start_without_a_key(tmp_path, monkeypatch):
     """_why_wandb_cannot_start: online with no key in reach and no terminal is refused; the offline and disabled modes,
     WANDB_API_KEY, a .netrc where NETRC names it (only there: ~/_netrc is not read then), ~/_netrc without NETRC and a
-    terminal to ask on each let W&B start. A WANDB_MODE that W&B refuses is said in one line, without pydantic's links."""
+    terminal to ask on each let W&B start. A WANDB_MODE that W&B refuses is said in one line, without pydantic's
+    links."""
     wandb = pytest.importorskip("wandb")
     from engine.tracking import _why_wandb_cannot_start
 
