@@ -320,6 +320,15 @@ def test_the_plan_on_a_gpu_caps_the_cache_at_the_generators_slots(tmp_path, monk
     assert "(3 sequences of 2048)" in capsys.readouterr().out
 
 
+def test_no_plan_on_a_gpu_without_the_models_configs_keeps_the_optimizer_on_the_gpu(monkeypatch, capsys):
+    """check_memory where a Hub id's config.json could not be had (config_sources: None; resolve_run names that): no
+    plan printed, and the optimizer state not made host-resident on its account."""
+    monkeypatch.setattr(state_mod, "config_sources", lambda paths: None)
+    capsys.readouterr()
+    assert state_mod.check_memory(PPOConfig(), RunConfig(), ProcessGrid(), torch.device("cuda", 0)) is False
+    assert capsys.readouterr().out == ""
+
+
 def test_an_evaluation_set_as_large_as_the_data_parallel_ranks(tmp_path):
     """Each DP rank answers at least one evaluation prompt: as many prompts as ranks is enough, fewer refused."""
     held = lambda n, seed: (types.SimpleNamespace(prompts=[[1]] * 8), types.SimpleNamespace(prompts=[[2]] * n))  # noqa: E731
