@@ -240,7 +240,7 @@ def _together_rank(rank, world, init_file, out_dir):
     import torch.distributed as dist
 
     from engine.errors import InputError, InvalidInput, failed_on
-    from engine.parallel import together
+    from engine.parallel import rank0_together, together
 
     def check(fail_on, bug=False, disk=False):
         if rank == fail_on and disk:
@@ -264,6 +264,12 @@ def _together_rank(rank, world, init_file, out_dir):
         together("saving", check, fail_on=1, disk=True)
     except OSError as e:  # (a full disk on rank 1: the same errno on rank 0, which run_command reports in one line)
         got.append(f"{type(e).__name__} {e.errno} {failed_on(e)}: {e.strerror}")
+    # rank0_together: the check on rank 0 alone (rank 1's would fail, but never runs), its result there, None elsewhere
+    got.append(rank0_together("writing", rank, check, fail_on=1))
+    try:
+        rank0_together("writing", rank, check, fail_on=0, disk=True)
+    except OSError as e:  # (rank 0's full disk: rank 1 stops too)
+        got.append(f"{type(e).__name__} {e.errno} {failed_on(e)}: {e.strerror}")
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
         f.write(repr(got))
     dist.destroy_process_group()
@@ -274,7 +280,8 @@ def test_together_returns_each_ranks_result_or_raises_on_every_rank(tmp_path):
     is raised on rank 1 as itself and on rank 0 naming rank 1 and its message (a file on one node's disk only); a bug
     on rank 1 is raised there as itself and on rank 0 as a RuntimeError naming it; a full disk on rank 1 as an OSError
     of its errno on rank 0 too. Rank 0's copies carry the failing rank (failed_on: one line, no traceback of rank
-    0's), rank 1's own errors none."""
+    0's), rank 1's own errors none. rank0_together runs the check on rank 0 alone (its result there, None on rank 1)
+    and raises rank 0's full disk on rank 1 too."""
     import torch.multiprocessing as mp
 
     mp.spawn(_together_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
@@ -286,6 +293,8 @@ def test_together_returns_each_ranks_result_or_raises_on_every_rank(tmp_path):
                 "FailedOnAnotherRank 1: checking failed on rank 1: a bad file on rank 1",
                 "RuntimeError 1: checking failed on rank 1: 'a bug'",
                 "OSError 28 1: saving failed on rank 1: No space left on device",
+                0,
+                "OSError 28 None: No space left on device",
             ]
         ),
         repr(
@@ -294,6 +303,8 @@ def test_together_returns_each_ranks_result_or_raises_on_every_rank(tmp_path):
                 "InvalidInput None: a bad file on rank 1",
                 "KeyError None: 'a bug'",
                 "OSError 28 None: No space left on device",
+                None,
+                "OSError 28 0: writing failed on rank 0: No space left on device",
             ]
         ),
     ]
