@@ -616,6 +616,7 @@ def _save_or_error(model, path, got):
 
 def _save_pretrained_rank(rank, world, init_file, target, out_dir):
     import datetime
+    import errno
 
     import torch.distributed as dist
 
@@ -640,6 +641,15 @@ def _save_pretrained_rank(rank, world, init_file, target, out_dir):
         ckpt._finish_checkpoint_dir = lambda *args: (_ for _ in ()).throw(TypeError("a bug"))
     _save_or_error(model, os.path.join(target, "failed"), got)
     ckpt._finish_checkpoint_dir = finish
+    makedirs, save_file = os.makedirs, ckpt.save_file
+    if rank == 0:  # (rank 0 alone makes the temporary directory: its parent refused to it)
+        os.makedirs = lambda *args: (_ for _ in ()).throw(PermissionError(errno.EACCES, "Permission denied", target))
+    _save_or_error(model, os.path.join(target, "failed"), got)
+    os.makedirs = makedirs
+    if rank == 1:  # (safetensors' own error writing a file, no OSError)
+        ckpt.save_file = lambda *args, **kwargs: (_ for _ in ()).throw(ValueError("a safetensors error"))
+    _save_or_error(model, os.path.join(target, "failed"), got)
+    ckpt.save_file = save_file
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
         f.write(json.dumps(got))
     dist.destroy_process_group()
@@ -648,9 +658,9 @@ def _save_pretrained_rank(rank, world, init_file, target, out_dir):
 def test_save_pretrained_on_two_ranks_raises_one_ranks_error_on_both(tmp_path):
     """save_pretrained under two ranks (gloo): the ranks write the files in turn and the checkpoint loads whole; a copy
     to the host that fails on rank 1 alone (out of memory, no OSError: Python's MemoryError or torch's RuntimeError),
-    and a bug on rank 0 as it finishes the directory alone, are raised on both ranks at once, the other naming the
-    failing rank, and leave no temporary directory (rather than rank 1 waiting in a barrier and rank 0 in its next
-    collective until the process group's timeout)."""
+    a bug on rank 0 as it finishes the directory alone, its temporary directory refused to rank 0 and safetensors' own
+    error on rank 1, are raised on both ranks at once, the other naming the failing rank, and leave no temporary
+    directory (rather than one rank waiting for the other in a collective until the process group's timeout)."""
     import torch.multiprocessing as mp
 
     target = tmp_path / "target"
@@ -660,9 +670,13 @@ def test_save_pretrained_on_two_ranks_raises_one_ranks_error_on_both(tmp_path):
     oom = "DefaultCPUAllocator: not enough memory"
     assert got == [
         ["saved", "RuntimeError: save_pretrained failed on rank 1: out of host memory", True,
-         f"RuntimeError: save_pretrained failed on rank 1: {oom}", True, "TypeError: a bug", True],
+         f"RuntimeError: save_pretrained failed on rank 1: {oom}", True, "TypeError: a bug", True,
+         f"PermissionError: [Errno 13] Permission denied: '{target}'", True,
+         "RuntimeError: save_pretrained failed on rank 1: a safetensors error", True],
         ["saved", "MemoryError: out of host memory", True, f"RuntimeError: {oom}", True,
-         "RuntimeError: save_pretrained failed on rank 0: a bug", True],
+         "RuntimeError: save_pretrained failed on rank 0: a bug", True,
+         f"PermissionError: [Errno 13] save_pretrained failed on rank 0: Permission denied ({target})", True,
+         "ValueError: a safetensors error", True],
     ]  # fmt: skip
     assert sorted(p.name for p in target.iterdir()) == ["whole"]
     model = Transformer(ModelConfig.named("tiny")).init_weights(seed=1)

@@ -1289,3 +1289,81 @@ def test_resume_checks_raise_one_ranks_error_on_every_rank_at_once(tmp_path):
         True, damaged, True,
     ]  # fmt: skip
     assert (root / "earlier/checkpoint-000001").exists()
+
+
+def _lock_and_trim_rank(rank, world, root, out_dir):
+    import datetime
+    import time
+    import types
+
+    import torch.distributed as dist
+
+    from engine import resume
+    from engine.errors import InvalidInput
+
+    init = f"file://{out_dir}/init"
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30)
+    )
+    got = []
+
+    def call(fn, *args):
+        started = time.monotonic()
+        try:
+            fn(*args)
+            got.append("ok")
+        except Exception as e:
+            got.append(f"{type(e).__name__}: {e}")
+        got.append(time.monotonic() - started < 20)  # (at once: not after the process group's timeout)
+
+    call(resume.lock_output_dir, root, rank)  # (rank 0 alone takes it: rank 1, another process, is not refused)
+    resume.unlock_output_dir(root)
+    # --resume where rank 0's logs cannot be trimmed (an edited metrics.jsonl): rank 1 does not go on to load the
+    # optimizers' state through collectives (the checkpoint's reading and the rest of the resume left out)
+    sd = {"iteration": 1, "step": 1, "ppo_config": {}, "total_steps": 1, "data": None, "policy_opt": None}
+    resume._load_states = lambda *args: (sd, None)
+    resume._changed_hyperparameters = resume._resume_kl_coef = lambda *args: None
+    resume.load_optimizer_state = lambda *args: dist.barrier()
+    if rank == 0:
+        resume.trim_logs = lambda *args: (_ for _ in ()).throw(InvalidInput("metrics.jsonl, line 2, is not JSON"))
+    grid = types.SimpleNamespace(rank=rank, tp=1, dp=world, tp_rank=0)
+    state = types.SimpleNamespace(grid=grid, policy_opt=types.SimpleNamespace(buckets=None), value_opt=None,
+                                  cfg=PPOConfig(), total_steps=1, run=types.SimpleNamespace(output_dir=root),
+                                  data=types.SimpleNamespace(load_state_dict=lambda d: None))  # fmt: skip
+    call(resume.load_trainer_state, state, os.path.join(root, "checkpoint-000001"))
+    with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
+        f.write(json.dumps(got))
+    dist.destroy_process_group()
+
+
+def test_the_lock_and_a_resumes_log_trimming_are_rank_0s_and_its_error_stops_both(tmp_path):
+    """On two ranks (gloo): the output directory's lock is taken by global rank 0 alone (rank 1, another process, is
+    not refused as a second run); a resume whose logs rank 0 cannot trim stops rank 1 at once, naming rank 0's error,
+    rather than rank 1 waiting in the optimizers' loads for the process group's timeout."""
+    import torch.multiprocessing as mp
+
+    root = tmp_path / "root"
+    root.mkdir()
+    mp.spawn(_lock_and_trim_rank, args=(2, str(root), str(tmp_path)), nprocs=2, join=True)
+    edited = "metrics.jsonl, line 2, is not JSON"
+    assert json.loads((tmp_path / "rank0").read_text()) == ["ok", True, f"InvalidInput: {edited}", True]
+    assert json.loads((tmp_path / "rank1").read_text()) == [
+        "ok", True, f"FailedOnAnotherRank: resuming failed on rank 0: {edited}", True,
+    ]  # fmt: skip
+
+
+def test_a_resume_names_the_state_file_it_lacks(tmp_path):
+    """_load_states: a checkpoint without rank 0's state file, or without this rank's, names the missing file and why
+    it is read (MissingInput), on the same grid or another."""
+    from engine.errors import MissingInput
+    from engine.resume import _load_states
+
+    grid = ProcessGrid(rank=1, world_size=2, dp=2)
+    with pytest.raises(MissingInput, match=r"state-rank00000\.pt is missing \(every run writes it\)"):
+        _load_states(str(tmp_path), grid, False)
+    torch.save({"tp": 1, "world_size": 2, "policy_opt": {"distributed": False}}, tmp_path / "state-rank00000.pt")
+    with pytest.raises(MissingInput, match=r"state-rank00001\.pt is missing \(resume reads the state file each rank"):
+        _load_states(str(tmp_path), grid, False)
+    torch.save({"tp": 1, "world_size": 2, "policy_opt": {"distributed": True}}, tmp_path / "state-rank00000.pt")
+    with pytest.raises(MissingInput, match=r"state-rank00001\.pt is missing \(re-laying the optimizer"):
+        _load_states(str(tmp_path), ProcessGrid(), False)  # (one rank now: every saved rank's shard is read)
