@@ -956,3 +956,44 @@ def test_prepare_tiny_raises_one_ranks_error_on_every_rank_at_once(tmp_path):
         [f"PermissionError: [Errno 13] Permission denied: '{launches}'", True],
     ]
     assert not (out / "init").exists()
+
+
+def _tiny_resume_of_another_run_rank(rank, world, out, out_dir):
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    from engine import train_ppo
+
+    init = f"file://{out_dir}/init"
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30)
+    )
+    run = parse_args(["--output-dir", out, "--resume"])[1]
+    started = time.monotonic()
+    try:
+        train_ppo.prepare_tiny(run)
+        got = "prepared"
+    except Exception as e:
+        got = f"{type(e).__name__}: {e}"
+    with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
+        f.write(json.dumps([got, time.monotonic() - started < 20]))  # (at once: not after the group's timeout)
+    dist.destroy_process_group()
+
+
+def test_the_tiny_defaults_resume_of_another_run_is_refused_on_every_rank_at_once(tmp_path):
+    """--resume without --policy on two ranks in an output directory holding another run (its metrics.jsonl, no
+    launch of the tiny default): every rank reads it and refuses (rather than rank 1 going on alone to the next check
+    and waiting there for the process group's timeout), before any model is built there."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"iteration": 1}\n')
+    mp.spawn(_tiny_resume_of_another_run_rank, args=(2, str(out), str(tmp_path)), nprocs=2, join=True)
+    refusal = f"OutputInUse: {out} holds a run of other models than the tiny default's"
+    for r in range(2):
+        got = json.loads((tmp_path / f"rank{r}").read_text())
+        assert got[0].startswith(refusal) and got[1], got
+    assert not (out / "init").exists()
