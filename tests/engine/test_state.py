@@ -545,3 +545,45 @@ def test_decide_offload_raises_one_ranks_error_on_every_rank_at_once(tmp_path):
         ["RuntimeError: deciding --offload-optimizer failed on rank 1: a bug", True],
         ["RuntimeError: a bug", True],
     ]
+
+
+def _plan_rank(rank, world, init_file, out_dir):
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    from engine.errors import MissingInput
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30)
+    )
+
+    def plan(*args):  # (a checkpoint rank 1's node lacks: its config unread there alone)
+        if rank == 1:
+            raise MissingInput("--reward: checkpoint directory rm does not exist")
+        return "the plan", False
+
+    state_mod._plan_memory = plan
+    started = time.monotonic()
+    try:
+        grid = ProcessGrid(rank, world, dp=world)
+        got = str(state_mod.check_memory(PPOConfig(), RunConfig(), grid, torch.device("cuda", 0)))
+    except Exception as e:
+        got = f"{type(e).__name__}: {e}"
+    with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
+        f.write(json.dumps([got, time.monotonic() - started < 20]))  # (at once: not after the group's timeout)
+    dist.destroy_process_group()
+
+
+def test_check_memorys_plan_failing_on_one_rank_stops_every_rank_at_once(tmp_path):
+    """check_memory on two ranks (gloo, as on a GPU): its plan failing on rank 1 alone is raised on both at once, rank
+    0 naming rank 1's error, rather than rank 0 waiting in the agreement for the process group's timeout."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_plan_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    missing = "--reward: checkpoint directory rm does not exist"
+    assert json.loads((tmp_path / "rank0").read_text()) == [
+        f"FailedOnAnotherRank: planning memory failed on rank 1: {missing}", True,
+    ]  # fmt: skip
+    assert json.loads((tmp_path / "rank1").read_text()) == [f"MissingInput: {missing}", True]
