@@ -673,7 +673,7 @@ def test_tulu_traceback_0_still_reports_in_one_line(monkeypatch, capsys):
 def test_a_full_disk_is_one_line_with_what_to_do(tmp_path, monkeypatch, capsys):
     """A full disk (or quota) while the run writes its logs or a checkpoint is no fault of the engine's: one line
     naming the file and saying --resume continues (the resume is exact: tests/engine/test_resume.py), exit code 1, not
-    a traceback; TULU_TRACEBACK=1 raises it, and any other OSError keeps its traceback."""
+    a traceback (a quota exceeded too); TULU_TRACEBACK=1 raises it, and any other OSError keeps its traceback."""
     import errno
 
     from engine import train_ppo
@@ -695,6 +695,15 @@ def test_a_full_disk_is_one_line_with_what_to_do(tmp_path, monkeypatch, capsys):
     with pytest.raises(OSError, match="No space left"):
         train_ppo.cli([])
     monkeypatch.delenv("TULU_TRACEBACK")
+
+    def over_quota(*args, **kwargs):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded", str(metrics))
+
+    monkeypatch.setattr(train_ppo, "main", over_quota)
+    with pytest.raises(SystemExit) as e:
+        train_ppo.cli([])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith(f"train_ppo.py: error: Disk quota exceeded writing {metrics}: "), err
 
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(metrics))
