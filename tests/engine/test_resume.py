@@ -1318,6 +1318,9 @@ def _lock_and_trim_rank(rank, world, root, out_dir):
 
     call(resume.lock_output_dir, root, rank)  # (rank 0 alone takes it: rank 1, another process, is not refused)
     resume.unlock_output_dir(root)
+    if rank == 0:  # (the reference model's weights unreadable on rank 0, which alone fingerprints them)
+        resume.model_fingerprints = lambda run: (_ for _ in ()).throw(InvalidInput("ref: unreadable weights"))
+    call(resume.fingerprint_models, None, None, rank)
     # --resume where rank 0's logs cannot be trimmed (an edited metrics.jsonl): rank 1 does not go on to load the
     # optimizers' state through collectives (the checkpoint's reading and the rest of the resume left out)
     sd = {"iteration": 1, "step": 1, "ppo_config": {}, "total_steps": 1, "data": None, "policy_opt": None}
@@ -1338,17 +1341,22 @@ def _lock_and_trim_rank(rank, world, root, out_dir):
 
 def test_the_lock_and_a_resumes_log_trimming_are_rank_0s_and_its_error_stops_both(tmp_path):
     """On two ranks (gloo): the output directory's lock is taken by global rank 0 alone (rank 1, another process, is
-    not refused as a second run); a resume whose logs rank 0 cannot trim stops rank 1 at once, naming rank 0's error,
-    rather than rank 1 waiting in the optimizers' loads for the process group's timeout."""
+    not refused as a second run); the frozen models' fingerprints failing on rank 0, which alone reads them, and a
+    resume whose logs rank 0 cannot trim stop rank 1 at once, naming rank 0's error, rather than rank 1 waiting in its
+    next collective for the process group's timeout."""
     import torch.multiprocessing as mp
 
     root = tmp_path / "root"
     root.mkdir()
     mp.spawn(_lock_and_trim_rank, args=(2, str(root), str(tmp_path)), nprocs=2, join=True)
     edited = "metrics.jsonl, line 2, is not JSON"
-    assert json.loads((tmp_path / "rank0").read_text()) == ["ok", True, f"InvalidInput: {edited}", True]
+    models = "ref: unreadable weights"
+    assert json.loads((tmp_path / "rank0").read_text()) == [
+        "ok", True, f"InvalidInput: {models}", True, f"InvalidInput: {edited}", True,
+    ]  # fmt: skip
     assert json.loads((tmp_path / "rank1").read_text()) == [
-        "ok", True, f"FailedOnAnotherRank: resuming failed on rank 0: {edited}", True,
+        "ok", True, f"FailedOnAnotherRank: checking the reference and reward models failed on rank 0: {models}", True,
+        f"FailedOnAnotherRank: resuming failed on rank 0: {edited}", True,
     ]  # fmt: skip
 
 
