@@ -421,12 +421,11 @@ def save_pretrained(
                 except Exception as e:  # (a full disk, a safetensors error: every rank raises together below)
                     failed = e
         raise_together(failed, "save_pretrained")
+        # (its agreement is the last collective: no rank returns before rank 0 has finished the directory)
         rank0_together(
             "save_pretrained", rank, _finish_checkpoint_dir,
             model, tmp, path, plan, names, specs, elt, store_dtype, tokenizer_dir, source_dir, chat_template,
         )  # fmt: skip
-        if world > 1:  # (not after an error: every rank raised it together; after a KeyboardInterrupt on one rank
-            dist.barrier()  # alone, a barrier here would wait for ranks in another collective)
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
