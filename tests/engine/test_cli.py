@@ -967,7 +967,7 @@ def test_prepare_tiny_raises_one_ranks_error_on_every_rank_at_once(tmp_path):
     assert not (out / "init").exists()
 
 
-def _tiny_resume_of_another_run_rank(rank, world, out, out_dir):
+def _tiny_resume_of_another_run_rank(rank, world, out, out_dir, flags=()):
     import datetime
     import time
 
@@ -979,7 +979,7 @@ def _tiny_resume_of_another_run_rank(rank, world, out, out_dir):
     dist.init_process_group(
         "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30)
     )
-    run = parse_args(["--output-dir", out, "--resume"])[1]
+    run = parse_args(["--output-dir", out, "--resume", *flags])[1]
     started = time.monotonic()
     try:
         train_ppo.prepare_tiny(run)
@@ -1006,3 +1006,20 @@ def test_the_tiny_defaults_resume_of_another_run_is_refused_on_every_rank_at_onc
         got = json.loads((tmp_path / f"rank{r}").read_text())
         assert got[0].startswith(refusal) and got[1], got
     assert not (out / "init").exists()
+
+
+def test_the_tiny_defaults_resume_with_another_seed_is_refused_on_every_rank_at_once(tmp_path):
+    """--resume of the tiny default's run with another --seed than its models were built from, on two ranks: every
+    rank refuses (rank 1 does not go on alone to rebuild init/ and wait in the next collective), and init/ keeps the
+    models the run was trained from."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "out"
+    run_tiny(out, "--max-iterations", "1", "--save-every", "1")
+    policy = (out / "init" / "policy" / "model.safetensors").read_bytes()
+    mp.spawn(_tiny_resume_of_another_run_rank, args=(2, str(out), str(tmp_path), ("--seed", "1")), nprocs=2, join=True)
+    refusal = f"InvalidInput: --seed 1: the tiny default's run in {out} was built and trained with --seed 0"
+    for r in range(2):
+        got = json.loads((tmp_path / f"rank{r}").read_text())
+        assert got[0].startswith(refusal) and got[1], got
+    assert (out / "init" / "policy" / "model.safetensors").read_bytes() == policy
