@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import time
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from engine.checkpoint import load_pretrained, save_pretrained
 from engine.config import ModelConfig
 from engine.model import Transformer
 from tests.engine.hf_models import rel_err, save_hf_model
+from tests.engine.ranks import init_gloo, outcome
 
 
 def _rewrite(path, fn):
@@ -605,24 +605,15 @@ class _NoHostMemory:
 
 
 def _save_or_error(model, path, got):
-    started = time.monotonic()
-    try:
-        save_pretrained(model, path, max_shard_bytes=200_000)
-        got.append("saved")
-    except Exception as e:
-        got.append(f"{type(e).__name__}: {e}")
-    got.append(time.monotonic() - started < 20)  # (at once: not after the process group's timeout)
+    got.extend(outcome(save_pretrained, model, path, max_shard_bytes=200_000, done="saved"))
 
 
 def _save_pretrained_rank(rank, world, init_file, target, out_dir):
-    import datetime
     import errno
 
     import torch.distributed as dist
 
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30)
-    )
+    init_gloo(rank, world, init_file)
     model = Transformer(ModelConfig.named("tiny")).init_weights(seed=1)
     got = []
     save_pretrained(model, os.path.join(target, "whole"), max_shard_bytes=200_000)  # (files written in turn)

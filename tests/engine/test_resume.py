@@ -25,6 +25,7 @@ from engine.train_ppo import main
 from kernels import dispatch
 from tests.engine.fake_tp import FakeGroup, fake_tp
 from tests.engine.ppo_dp_worker import naive_factory
+from tests.engine.ranks import init_gloo, outcome
 from tests.engine.runs import TIMING, no_timing, run_tiny, saved_weights, tiny_state, torchrun_ranks
 
 
@@ -1131,19 +1132,14 @@ def test_check_shared_waits_for_a_late_probe_and_raises_on_every_rank_at_once(tm
 
 
 def _save_checkpoint_cases_rank(rank, world, out, out_dir):
-    import datetime
     import errno
-    import time
     import types
 
     import torch.distributed as dist
 
     from engine import resume
 
-    init = f"file://{out_dir}/init"
-    dist.init_process_group(
-        "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30)
-    )
+    init_gloo(rank, world, f"{out_dir}/init")
     resume.save_pretrained = lambda model, path, **kw: os.makedirs(path, exist_ok=True)  # (tested on its own)
     run = types.SimpleNamespace(output_dir=out, chat_template=None, policy=None, keep_checkpoints=2)
     state = types.SimpleNamespace(run=run, iteration=0, grid=types.SimpleNamespace(rank=rank), tokenizer=None,
@@ -1155,13 +1151,8 @@ def _save_checkpoint_cases_rank(rank, world, out, out_dir):
     def save(iteration, name, fails):
         setattr(resume, name, fails)
         state.iteration = iteration
-        started = time.monotonic()
-        try:
-            resume.save_checkpoint(state)
-            got.append("saved")
-        except Exception as e:
-            got.append(f"{type(e).__name__} {getattr(e, 'errno', None)}: {e}")
-        got.append(time.monotonic() - started < 20)  # (at once: not after the process group's timeout)
+        said = lambda e: f"{type(e).__name__} {getattr(e, 'errno', None)}: {e}"  # noqa: E731
+        got.extend(outcome(resume.save_checkpoint, state, done="saved", said=said))
         setattr(resume, name, real[name])
 
     def bug(*args):
@@ -1208,29 +1199,18 @@ def test_save_checkpoint_raises_one_ranks_error_on_every_rank_at_once(tmp_path):
 
 
 def _resume_sites_rank(rank, world, root, out_dir):
-    import datetime
     import errno
-    import time
     import types
 
     import torch.distributed as dist
 
     from engine import resume
 
-    init = f"file://{out_dir}/init"
-    dist.init_process_group(
-        "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30)
-    )
+    init_gloo(rank, world, f"{out_dir}/init")
     got = []
 
     def call(fn, *args):
-        started = time.monotonic()
-        try:
-            fn(*args)
-            got.append("ok")
-        except Exception as e:
-            got.append(f"{type(e).__name__}: {e}")
-        got.append(time.monotonic() - started < 20)  # (at once: not after the process group's timeout)
+        got.extend(outcome(fn, *args))
 
     def on_rank_0(real, error):
         return (lambda *args: (_ for _ in ()).throw(error)) if rank == 0 else real
@@ -1292,8 +1272,6 @@ def test_resume_checks_raise_one_ranks_error_on_every_rank_at_once(tmp_path):
 
 
 def _lock_and_trim_rank(rank, world, root, out_dir):
-    import datetime
-    import time
     import types
 
     import torch.distributed as dist
@@ -1301,20 +1279,11 @@ def _lock_and_trim_rank(rank, world, root, out_dir):
     from engine import resume
     from engine.errors import InvalidInput
 
-    init = f"file://{out_dir}/init"
-    dist.init_process_group(
-        "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30)
-    )
+    init_gloo(rank, world, f"{out_dir}/init")
     got = []
 
     def call(fn, *args):
-        started = time.monotonic()
-        try:
-            fn(*args)
-            got.append("ok")
-        except Exception as e:
-            got.append(f"{type(e).__name__}: {e}")
-        got.append(time.monotonic() - started < 20)  # (at once: not after the process group's timeout)
+        got.extend(outcome(fn, *args))
 
     call(resume.lock_output_dir, root, rank)  # (rank 0 alone takes it: rank 1, another process, is not refused)
     resume.unlock_output_dir(root)

@@ -17,6 +17,7 @@ from engine.config import PPOConfig
 from engine.parallel import ProcessGrid
 from engine.state import RunConfig
 from kernels import dispatch
+from tests.engine.ranks import init_gloo, outcome
 from tests.engine.runs import run_tiny
 
 
@@ -489,15 +490,13 @@ def test_the_tracker_itself(tmp_path, monkeypatch):
 
 
 def _broken_import_rank(rank, world, init_file, out_dir, tb_dir):
-    import datetime
     import importlib
 
     import torch.distributed as dist
 
     from engine import tracking
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=30))  # fmt: skip
+    init_gloo(rank, world, init_file)
     real = importlib.import_module
 
     def import_module(name, *a, **k):  # (tensorboard's protobuf clash: a TypeError, not an ImportError)
@@ -507,13 +506,9 @@ def _broken_import_rank(rank, world, init_file, out_dir, tb_dir):
 
     tracking.importlib = types.SimpleNamespace(import_module=import_module)
     run = RunConfig(output_dir=out_dir, tensorboard_dir=tb_dir)
-    try:
-        tracking.check_available(run, rank)
-        got = "nothing"
-    except Exception as e:
-        got = f"{type(e).__name__}: {e}"
+    got, at_once = outcome(tracking.check_available, run, rank, done="nothing")
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
-        f.write(got)
+        f.write(got if at_once else "not at once")
     dist.destroy_process_group()
 
 

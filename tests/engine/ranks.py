@@ -1,0 +1,32 @@
+"""Two (or more) gloo processes on one host (torch.multiprocessing.spawn), for the tests of what the ranks share
+(engine.parallel.together and its users): a process group whose timeout is short, and each call's outcome with
+whether it came at once, not after a rank waited out that timeout for a peer that had stopped."""
+
+import datetime
+import time
+
+GROUP_TIMEOUT_S = 30  # a rank left waiting in a collective fails after this
+AT_ONCE_S = 20  # an outcome sooner than this came from the shared error, not from the group's timeout
+
+
+def init_gloo(rank: int, world: int, init_file: str) -> None:
+    """This spawned process's gloo process group (rendezvous through `init_file`), with the short timeout."""
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=GROUP_TIMEOUT_S)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timeout)
+
+
+def error_said(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def outcome(fn, *args, done="ok", said=error_said, **kwargs) -> list:
+    """[`done` (fn's result where `done` is None) or said(the exception fn raised), whether it came at once]."""
+    started = time.monotonic()
+    try:
+        result = fn(*args, **kwargs)
+        got = result if done is None else done
+    except Exception as e:
+        got = said(e)
+    return [got, time.monotonic() - started < AT_ONCE_S]
