@@ -114,6 +114,16 @@ def test_real_wandb_offline(tmp_path, monkeypatch):
     assert len(runs) == 2 and all(d.split("-")[3] == run_id for d in runs), runs
 
 
+def _no_wandb_key(monkeypatch, tmp_path) -> None:
+    """No W&B key in reach: none in the environment, no ~/.netrc, ~/_netrc or settings file (HOME and NETRC in
+    tmp_path, which the test may fill), no W&B settings in the working directory."""
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_CONFIG_DIR", "WANDB_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.mark.parametrize("mode, why", [("online", "W&B is not logged in"), ("ofline", "W&B refuses its settings")])
 def test_wandb_that_cannot_start_is_refused_before_any_model_is_loaded(tmp_path, monkeypatch, mode, why):
     """W&B online with no API key anywhere (WANDB_API_KEY, an identity token, a .netrc, a settings file) and no
@@ -121,12 +131,8 @@ def test_wandb_that_cannot_start_is_refused_before_any_model_is_loaded(tmp_path,
     not wandb.init's traceback once every model has been."""
     wandb = pytest.importorskip("wandb")
 
-    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_CONFIG_DIR", "WANDB_DIR"):
-        monkeypatch.delenv(var, raising=False)
+    _no_wandb_key(monkeypatch, tmp_path)
     monkeypatch.setenv("WANDB_MODE", mode)
-    monkeypatch.setenv("HOME", str(tmp_path))  # (no ~/.netrc, no settings file)
-    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
-    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "stdin", io.StringIO())  # (no terminal to ask on)
     _refused_before_loading(wandb, tmp_path / "run", "p", rf"--wandb-project p: {why}")
 
@@ -139,11 +145,7 @@ def test_what_lets_wandb_start_without_a_key(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     from engine.tracking import _why_wandb_cannot_start
 
-    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_CONFIG_DIR", "WANDB_DIR"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
-    monkeypatch.chdir(tmp_path)
+    _no_wandb_key(monkeypatch, tmp_path)
     monkeypatch.setattr(sys, "stdin", io.StringIO())
 
     def why(mode, **env):
@@ -185,11 +187,7 @@ def test_wandb_asks_for_its_key_before_anything_is_loaded(tmp_path, monkeypatch)
     from engine.errors import InvalidInput
     from engine.tracking import check_available
 
-    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_CONFIG_DIR", "WANDB_DIR"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
-    monkeypatch.chdir(tmp_path)
+    _no_wandb_key(monkeypatch, tmp_path)
     tty = types.SimpleNamespace(isatty=lambda: True)
     monkeypatch.setattr(sys, "stdin", tty)
     monkeypatch.setattr(sys, "stderr", tty)
