@@ -1344,3 +1344,42 @@ def test_a_resume_names_the_state_file_it_lacks(tmp_path):
     torch.save({"tp": 1, "world_size": 2, "policy_opt": {"distributed": True}}, tmp_path / "state-rank00000.pt")
     with pytest.raises(MissingInput, match=r"state-rank00001\.pt is missing \(re-laying the optimizer"):
         _load_states(str(tmp_path), ProcessGrid(), False)  # (one rank now: every saved rank's shard is read)
+
+
+def _start_fresh_rank(rank, world, out, out_dir):
+    import errno
+
+    import torch.distributed as dist
+
+    from engine import resume
+
+    init_gloo(rank, world, f"{out_dir}/init")
+    real = resume.run_files
+
+    def run_files(output_dir):  # (the output directory unreadable on rank 1's node alone)
+        if rank == 1:
+            raise PermissionError(errno.EACCES, "Permission denied", output_dir)
+        return real(output_dir)
+
+    resume.run_files = run_files
+    got = outcome(resume.start_fresh, out, False, rank)
+    resume.run_files = real
+    got += outcome(resume.start_fresh, out, False, rank)  # (readable on both: nothing there, nothing refused)
+    with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
+        f.write(json.dumps(got))
+    dist.destroy_process_group()
+
+
+def test_a_fresh_start_one_rank_cannot_check_stops_every_rank_at_once(tmp_path):
+    """start_fresh reads the output directory on every rank (a node whose mount of it is unreadable is not left to
+    rank 0's view): rank 1 failing to list it stops both ranks at once, rank 0 naming rank 1's error."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "out"
+    out.mkdir()
+    mp.spawn(_start_fresh_rank, args=(2, str(out), str(tmp_path)), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"rank{r}").read_text()) for r in range(2)]
+    assert got == [
+        [f"PermissionError: [Errno 13] starting the run failed on rank 1: Permission denied ({out})", True, "ok", True],
+        [f"PermissionError: [Errno 13] Permission denied: '{out}'", True, "ok", True],
+    ]
