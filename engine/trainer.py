@@ -29,7 +29,7 @@ from torch.profiler import record_function
 
 from engine import ppo, recompute
 from engine.data import Rollout, global_position, to_padded
-from engine.errors import InputError
+from engine.errors import InputError, failed_on
 from engine.evaluate import check_resumed_eval, eval_due, evaluate, log_samples
 from engine.generate import GenerationStats
 from engine.kv_cache import upload
@@ -482,7 +482,9 @@ def _loop(state: TrainState) -> None:
                 else:
                     metrics = ppo_iteration(state)
             except FloatingPointError as e:  # (every rank alike: a loss, a gradient norm or the scores)
-                raise FloatingPointError(f"{e}; {_where_to_resume(state)}") from e
+                diverged = FloatingPointError(f"{e}; {_where_to_resume(state)}")
+                diverged.failed_on = failed_on(e)  # (another rank's scores: one line here, its traceback there)
+                raise diverged from e
             log_metrics(state, metrics, (time.monotonic() - started) / (state.iteration - first))
             minutes = state.run.save_every_minutes
             late = bool(minutes) and time.monotonic() - last_save >= 60 * minutes

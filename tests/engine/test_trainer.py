@@ -455,6 +455,10 @@ def test_a_nonfinite_score_on_one_rank_stops_every_rank(tmp_path, monkeypatch, w
     mine = f"the reward model returned 1 non-finite scores {when}"
     assert f"scoring the rollout failed on rank 1: {mine}" in out, out[-3000:]
     assert "Timeout" not in out and "timed out" not in out
+    # (rank 0 had no NaN of its own: one line naming rank 1, whose traceback is the one that finds the fault; in
+    # training too, where the loop adds where to resume from)
+    one_line = r"train_ppo.py: error: scoring the rollout failed on rank 1: .*\(rank 1 printed its traceback\)"
+    assert re.search(one_line, out), out[-3000:]
 
 
 def test_tp2_with_a_vocabulary_it_does_not_divide_matches_one_process(tmp_path):
