@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import check_close, exit_if_ours_failed, fill_peaks, measure, write_json  # noqa: E402
 from kernels import reference  # noqa: E402
-from kernels.logprob import hidden_logprobs, ppo_token_loss, token_logprobs  # noqa: E402
+from kernels.logprob import hidden_logprobs, token_logprobs  # noqa: E402
+from kernels.ppo_loss import ppo_token_loss  # noqa: E402
 
 try:  # Liger-Kernel is optional
     from liger_kernel.transformers.functional import liger_cross_entropy, liger_fused_linear_cross_entropy

@@ -8,7 +8,7 @@ or, for the losses, on the flat [N] response tokens of a micro-batch. Definition
                 (kl_coef fixed, or adapted after each rollout: adapt_kl_coef)
     A, R      = GAE(reward, value, gamma, lam)           (kernels.gae.gae)
     A         whitened over each optimizer minibatch     (kernels.gae.masked_whiten, DP group)
-    L_policy  = clipped surrogate on raw-logit log-probs (kernels.logprob.ppo_token_loss, fused), less
+    L_policy  = clipped surrogate on raw-logit log-probs (kernels.ppo_loss.ppo_token_loss, fused), less
                 entropy_coef x the entropy of the raw logits (0 in the recipe)
     L_value   = 0.5 * max((v - R)^2, (clip(v, v_old - c, v_old + c) - R)^2), times value_loss_coef
 Losses are token means with an explicit denominator, so micro-batches and data-parallel ranks each
@@ -23,7 +23,8 @@ import torch
 
 from engine.config import PPOConfig
 from kernels.gae import gae, masked_whiten
-from kernels.logprob import kl_estimate, ppo_token_loss
+from kernels.logprob import kl_estimate
+from kernels.ppo_loss import ppo_token_loss
 
 
 def scores_with_eos_penalty(scores: torch.Tensor, hit_eos: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -117,7 +118,7 @@ def policy_loss(
     (this rank's vocab shard with `group`, its rows from `real_vocab` on padding: the model's real_vocab);
     targets, old_logprobs, advantages [N]. Log-probs use the raw logits (temperature 1, RECIPE.md). Returns
     sum_t loss_t / denom (denom = tokens of the whole minibatch, across micro-batches and DP ranks) and the stats of
-    kernels.logprob.ppo_token_loss as sums over these N tokens (divide by the token count to get means).
+    kernels.ppo_loss.ppo_token_loss as sums over these N tokens (divide by the token count to get means).
     """
     n = targets.shape[0]
     mask = torch.ones(n, dtype=torch.float32, device=targets.device)

@@ -1,4 +1,4 @@
-"""Fused token log-probs, entropy and the PPO token loss, from logits or from hidden states.
+"""Fused token log-probs and entropy, from logits or from hidden states, and the KL estimators.
 
 token_logprobs(logits [..., V], targets [...]) -> log softmax(logits / T)[target] (fp32 [...]) and
 optionally the entropy of softmax(logits / T) (fp32 [...]). One read of each row forward: an online
@@ -13,14 +13,13 @@ hidden_logprobs(hidden [N, H], weight [V, H], targets [N]) fuses the LM head: ro
 chunks of C rows (logits chunk [C, V] = one torch GEMM, then the same row kernel), so the extra memory
 is O(C x V), never O(N x V). Backward recomputes each chunk's logits, turns them into grad_logits in
 place and does the two grad GEMMs (4 GEMMs in all, because per-token outputs can receive any
-gradient). ppo_token_loss(hidden=..., weight=...) knows its gradient during the forward (the loss is a
-scalar of per-token terms), so it writes the grads of hidden and weight in the forward, Liger-style:
-3 GEMMs in all, and its backward only scales them.
+gradient). The PPO token loss built on these kernels (3 GEMMs: it knows its gradient in the forward) is
+kernels/ppo_loss.py.
 
 Cost model (H100, bf16, N = 32768, V = 32000): forward reads the logits once (2.1 GB, 0.70 ms at
 3 TB/s), backward reads them once and writes grad_logits once (1.4 ms); extra memory O(N). Hidden path
 (N = 8192, H = 5120, V = 32000): each GEMM is 2.7 TFLOP, so hidden_logprobs forward + backward
-(4 GEMMs) has a 14.8 ms floor at 724 TFLOP/s, while the fused PPO loss (3 GEMMs) has an 11.1 ms floor.
+(4 GEMMs) has a 14.8 ms floor at 724 TFLOP/s.
 
 Vocab parallel (`group`): logits / weight rows are this rank's contiguous vocab slice
 [r * V_local, (r + 1) * V_local); targets are global ids. The kernel writes per-row partial stats
@@ -462,60 +461,6 @@ class _HiddenLogprobs(torch.autograd.Function):
         return gh, None if gw is None else gw.to(weight.dtype), None, None, None, None, None, None
 
 
-class _FusedHiddenLoss(torch.autograd.Function):
-    """Scalar loss = sum over chunks of token_loss(logp, entropy, r0, r1); grads computed in the forward."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, group, rows, token_loss, real_vocab):
-        n, v = hidden.shape[0], weight.shape[0]
-        v_start, _ = _group_info(group, v)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gh = torch.empty_like(hidden) if need_h else None
-        gw = _weight_grad(weight, n, rows) if need_w else None  # (fp32 kept until the backward scales it)
-        logp, ent = (hidden.new_empty(n, dtype=torch.float32) for _ in range(2))
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for i, r0 in enumerate(range(0, n, rows)):
-            r1 = min(n, r0 + rows)
-            lg = _mask_padding(hidden[r0:r1] @ weight.t(), real_vocab)  # the only logits GEMM: becomes grad_logits
-            norm_c, logp_c, ent_c = logprob_forward(lg.unsqueeze(0), targets[r0:r1], temperature, True, group)
-            logp[r0:r1], ent[r0:r1] = logp_c, ent_c
-            with torch.enable_grad():
-                lp = logp_c.detach().requires_grad_(True)
-                en = ent_c.detach().requires_grad_(True)
-                loss_c = token_loss(lp, en, r0, r1)
-                # An unused entropy (entropy_coef = 0) gives None: the backward kernel then skips its term.
-                glp, gent = torch.autograd.grad(loss_c, (lp, en), allow_unused=True)
-            total += loss_c.detach()
-            if need_h or need_w:
-                _hidden_grad_chunk(
-                    lg, hidden[r0:r1], weight, targets[r0:r1], norm_c, ent_c, glp, gent, temperature, v_start,
-                    gh[r0:r1] if need_h else None, gw, i == 0, real_vocab,
-                )  # fmt: skip
-        if gw is not None and n == 0:
-            gw.zero_()
-        if gh is not None:
-            _all_reduce_(gh, group)
-        ctx.save_for_backward(gh, gw)
-        ctx.weight_dtype = weight.dtype
-        ctx.mark_non_differentiable(logp, ent)
-        return total, logp, ent
-
-    @staticmethod
-    def backward(ctx, grad_loss, *_):
-        if getattr(ctx, "used", False):
-            raise RuntimeError(
-                "ppo_token_loss(hidden=...) supports one backward per forward (grads are scaled in place)"
-            )
-        ctx.used = True
-        gh, gw = ctx.saved_tensors
-        # Scale in place (a [V, H] copy of the weight grad would cost as much as the logits chunk), by the fp32 scale:
-        # rounded to bf16 first it would be off by up to 0.4% for every grad of the micro-batch (0.3 -> 0.30078)
-        for g in (gh, gw):
-            if g is not None:
-                _scale_(g, grad_loss.float())
-        return gh, None if gw is None else gw.to(ctx.weight_dtype), None, None, None, None, None, None
-
-
 # ------------------------------------------------------------------------------ public functions
 
 
@@ -630,115 +575,3 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
         r = ref_logprobs - logprobs
         return torch.expm1(r) - r  # expm1 keeps the tiny values near r = 0 accurate
     raise ValueError(f"unknown KL estimator {estimator!r}; expected 'k1', 'k2' or 'k3'")
-
-
-def _ppo_per_token(logp, ent, old, adv, ref, clip_eps, kl_coef, kl_estimator, entropy_coef):
-    """Elementwise PPO terms: (per-token loss, ratio, unclipped loss, clipped loss, kl to ref or None)."""
-    ratio = reference.ppo_ratio(logp, old, adv)
-    pg1 = -adv * ratio
-    pg2 = -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    per_tok = torch.maximum(pg1, pg2)
-    if entropy_coef:
-        per_tok = per_tok - entropy_coef * ent
-    kl = None
-    if ref is not None:
-        kl = kl_estimate(logp, ref, kl_estimator)
-        if kl_coef:
-            per_tok = per_tok + kl_coef * kl
-    return per_tok, ratio, pg1, pg2, kl
-
-
-def ppo_token_loss(
-    logits: torch.Tensor | None,
-    targets: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    hidden: torch.Tensor | None = None,
-    weight: torch.Tensor | None = None,
-    clip_eps: float = 0.2,
-    temperature: float = 1.0,
-    ref_logprobs: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k1",
-    entropy_coef: float = 0.0,
-    group=None,
-    real_vocab: int | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped PPO policy loss, fused with the log-prob / entropy kernel; masked mean over tokens.
-
-    Either logits [..., V] (targets, old_logprobs, advantages, mask, ref_logprobs all [...]) or
-    logits=None with hidden [N, H] and weight [V, H] (the LM head fused; those tensors are [N]; real_vocab as
-    hidden_logprobs').
-        ratio = exp(logp - old_logp)
-        loss_t = max(-A ratio, -A clip(ratio, 1 - clip_eps, 1 + clip_eps))
-                 + kl_coef * kl_estimate(logp, ref_logprobs, kl_estimator) - entropy_coef * entropy
-        loss = sum(loss_t * mask) / max(sum(mask), 1)
-    Returns (loss fp32 scalar, stats) with detached masked means: "ratio", "clip_frac" (fraction of
-    tokens where the clipped term is the larger), "entropy", "approx_kl" (0.5 (logp - old)^2) and
-    "kl_ref" (the chosen estimator, 0 without ref_logprobs). With hidden/weight the grads of hidden and
-    weight are computed during the forward (3 GEMMs, one [chunk, V] logits buffer) and backward scales them.
-    """
-    if kl_estimator not in ("k1", "k2", "k3"):
-        raise ValueError(f"unknown KL estimator {kl_estimator!r}; expected 'k1', 'k2' or 'k3'")
-    if logits is None and (hidden is None or weight is None):
-        raise ValueError("ppo_token_loss needs either logits or both hidden and weight")
-    if logits is not None and (hidden is not None or weight is not None):
-        raise ValueError("ppo_token_loss takes logits or hidden/weight, not both")
-    for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask)):
-        if t.shape != targets.shape:
-            raise ValueError(f"{name} shape {tuple(t.shape)} must equal targets shape {tuple(targets.shape)}")
-    if ref_logprobs is not None and ref_logprobs.shape != targets.shape:
-        raise ValueError(f"ref_logprobs shape {tuple(ref_logprobs.shape)} must equal targets shape")
-    if logits is None:
-        _check_hidden(hidden, weight, targets)
-        _check_real_vocab(real_vocab, weight)
-    elif real_vocab is not None:
-        raise ValueError("real_vocab goes with hidden/weight (padded logits already hold -inf)")
-    _check_temperature(temperature)  # (before the dispatch: the reference path would take 0 or inf silently)
-    group = _tp_group(group)
-    src = logits if logits is not None else hidden
-    if not dispatch.use_triton(src) or src.dtype not in _SUPPORTED:
-        return reference.ppo_token_loss(
-            logits, targets, old_logprobs, advantages, mask, hidden=hidden, weight=weight, clip_eps=clip_eps,
-            temperature=temperature, ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_estimator=kl_estimator,
-            entropy_coef=entropy_coef, group=group, real_vocab=real_vocab,
-        )  # fmt: skip
-    m = mask.to(torch.float32)
-    denom = m.sum().clamp_min(1.0)
-    keep = mask.bool()  # (off the mask: whatever old, advantages and ref hold there, NaN or a huge value, is not read)
-    old, adv = torch.where(keep, old_logprobs.float(), 0.0), torch.where(keep, advantages.float(), 0.0)
-    ref = torch.where(keep, ref_logprobs.float(), 0.0) if ref_logprobs is not None else None
-    terms = (clip_eps, kl_coef, kl_estimator, entropy_coef)
-    if logits is not None:
-        logp, ent = token_logprobs(logits, targets, temperature, return_entropy=True, group=group)
-        # (off the mask the token's own log-prob is 0 too: one of -300 would give k3 an inf, and its grad 0 * inf)
-        per_tok = _ppo_per_token(torch.where(keep, logp, 0.0), ent, old, adv, ref, *terms)[0]
-        loss = torch.where(keep, per_tok * m, 0.0).sum() / denom
-    else:
-        _, v_total = _group_info(group, weight.shape[0])
-        _check_targets(targets, v_total)
-        hidden, weight = hidden.contiguous(), weight.contiguous()
-        rows = _chunk_rows(hidden.shape[0], weight.shape[0], weight.element_size())
-
-        def token_loss(lp, en, r0, r1):  # this chunk's share of the masked mean
-            r_c = ref[r0:r1] if ref is not None else None
-            per = _ppo_per_token(torch.where(keep[r0:r1], lp, 0.0), en, old[r0:r1], adv[r0:r1], r_c, *terms)[0]
-            return torch.where(keep[r0:r1], per * m[r0:r1], 0.0).sum() / denom
-
-        t = targets.to(torch.int64).contiguous()
-        loss, logp, ent = _FusedHiddenLoss.apply(
-            hidden, weight, t, float(temperature), group, rows, token_loss, real_vocab
-        )
-    with torch.no_grad():
-        _, ratio, pg1, pg2, kl = _ppo_per_token(logp.detach(), ent.detach(), old, adv, ref, *terms)
-        mean = lambda x: torch.where(keep, x * m, 0.0).sum() / denom
-        stats = {
-            "ratio": mean(ratio),
-            "clip_frac": mean((pg2 > pg1).float()),
-            "entropy": mean(ent.detach()),
-            "approx_kl": mean(0.5 * (logp.detach() - old).square()),
-            "kl_ref": mean(kl) if kl is not None else denom.new_zeros(()),
-        }
-    return loss, stats

@@ -590,7 +590,7 @@ def ppo_token_loss(
     group=None,
     real_vocab: int | None = None,
 ):
-    """Oracle of kernels.logprob.ppo_token_loss: clipped PPO surrogate, masked mean over tokens.
+    """Oracle of kernels.ppo_loss.ppo_token_loss: clipped PPO surrogate, masked mean over tokens.
 
     loss_t = max(-A r, -A clip(r, 1-eps, 1+eps)) + kl_coef * kl(logp, ref) - entropy_coef * H,
     r = exp(logp - old_logp); loss = sum(loss_t * mask) / max(sum(mask), 1).

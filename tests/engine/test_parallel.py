@@ -365,7 +365,8 @@ def _one_rank_tp_group_rank(rank, world, init_file, out_dir):
     import torch.distributed as dist
 
     from engine.parallel import init_process_grid
-    from kernels.logprob import hidden_logprobs, ppo_token_loss, token_logprobs
+    from kernels.logprob import hidden_logprobs, token_logprobs
+    from kernels.ppo_loss import ppo_token_loss
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     grid = init_process_grid(tp=1)  # data parallel only: each rank's TP group holds itself alone

@@ -213,7 +213,8 @@ def fused_head_inputs(n: int):
 def fused_head_losses(model, hidden, group=None, real_vocab=None) -> dict:
     """Log-probs and entropy (hidden_logprobs) and the fused PPO loss of `hidden` through the model's LM head, and
     one loss of all three."""
-    from kernels.logprob import hidden_logprobs, ppo_token_loss
+    from kernels.logprob import hidden_logprobs
+    from kernels.ppo_loss import ppo_token_loss
 
     targets, g_lp, old, adv = fused_head_inputs(hidden.shape[0])
     w, kw = model.lm_head_weight, {"group": group, "real_vocab": real_vocab}

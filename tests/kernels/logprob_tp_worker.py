@@ -18,6 +18,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import kernels.logprob as L  # noqa: E402
+import kernels.ppo_loss as P  # noqa: E402
 from kernels import dispatch, reference  # noqa: E402
 from tests.interpreter_fixes import interpreter_converts_like_the_gpu  # noqa: E402
 
@@ -88,7 +89,7 @@ def main() -> None:
             h = hidden.clone().requires_grad_(True)
             w = weight[sl].clone().requires_grad_(True)
             kw = dict(ppo_kw, ref_logprobs=ref_lp)
-            loss, stats = L.ppo_token_loss(None, targets, old, adv, mask, hidden=h, weight=w, group=group, **kw)
+            loss, stats = P.ppo_token_loss(None, targets, old, adv, mask, hidden=h, weight=w, group=group, **kw)
             pgh, pgw = torch.autograd.grad(loss, (h, w))
             close(loss, r_loss, f"{mode} ppo loss")
             for k in r_stats:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kernels.logprob as L
+import kernels.ppo_loss as P
 from kernels import dispatch, reference
 
 DTYPES = [
@@ -214,9 +215,9 @@ def test_errors_name_the_problem():
         L.kl_estimate(torch.zeros(2), torch.zeros(2), "k4")
     t = torch.zeros(4, dtype=torch.long)
     with pytest.raises(ValueError, match="advantages shape"):
-        L.ppo_token_loss(logits, t, torch.zeros(4), torch.zeros(3), torch.ones(4))
+        P.ppo_token_loss(logits, t, torch.zeros(4), torch.zeros(3), torch.ones(4))
     with pytest.raises(ValueError, match="either logits or both hidden and weight"):
-        L.ppo_token_loss(None, t, torch.zeros(4), torch.zeros(4), torch.ones(4), hidden=torch.randn(4, 8))
+        P.ppo_token_loss(None, t, torch.zeros(4), torch.zeros(4), torch.ones(4), hidden=torch.randn(4, 8))
 
 
 def test_cpu_path_without_interpreter_uses_reference(monkeypatch):
@@ -232,7 +233,7 @@ def test_cpu_path_without_interpreter_uses_reference(monkeypatch):
         lp, ent = L.token_logprobs(logits, targets, 1.5, return_entropy=True)
         h, w = torch.randn(3, 8), torch.randn(50, 8)
         hl = L.hidden_logprobs(h, w, targets)
-        loss, _ = L.ppo_token_loss(logits, targets, lp.detach(), torch.ones(3), torch.ones(3))
+        loss, _ = P.ppo_token_loss(logits, targets, lp.detach(), torch.ones(3), torch.ones(3))
     _close(lp, torch.log_softmax(logits.double() / 1.5, -1)[torch.arange(3), targets], 1e-6, 1e-6, "logp")
     _close(hl, torch.log_softmax((h @ w.t()).double(), -1)[torch.arange(3), targets], 1e-5, 1e-5, "hidden logp")
     assert loss.requires_grad
@@ -285,7 +286,7 @@ def test_a_padded_vocabulary_is_the_vocabulary_without_its_padding(small_block, 
     mask = torch.ones(n)
     with dispatch.reference_ops() if path == "reference" else contextlib.nullcontext():
         lp, ent = L.hidden_logprobs(hidden, weight, targets, 0.8, return_entropy=True, real_vocab=real)
-        loss, _ = L.ppo_token_loss(None, targets, old, adv, mask, hidden=hidden, weight=weight, temperature=0.8,
+        loss, _ = P.ppo_token_loss(None, targets, old, adv, mask, hidden=hidden, weight=weight, temperature=0.8,
                                    ref_logprobs=ref, kl_coef=0.1, entropy_coef=0.01, real_vocab=real)  # fmt: skip
         gh, gw = torch.autograd.grad((lp * g_lp).sum() + (ent * g_ent).sum() + loss, (hidden, weight))
     hd, wd = hidden.detach().double().requires_grad_(True), weight.detach()[:real].double().requires_grad_(True)
@@ -306,7 +307,7 @@ def test_a_padded_vocabulary_is_the_vocabulary_without_its_padding(small_block, 
         whole = L.hidden_logprobs(hidden, weight, targets, 0.8, real_vocab=v)
         assert torch.equal(whole, L.hidden_logprobs(hidden, weight, targets, 0.8))
     with pytest.raises(ValueError, match="real_vocab goes with hidden/weight"):
-        L.ppo_token_loss(torch.randn(n, v), targets, old, adv, mask, real_vocab=real)
+        P.ppo_token_loss(torch.randn(n, v), targets, old, adv, mask, real_vocab=real)
 
 
 @pytest.mark.parametrize("path", ["kernel", "reference"])
@@ -366,7 +367,7 @@ def test_k3_of_small_log_ratios_keeps_its_precision_and_sign(path):
         logp = L.token_logprobs(logits, targets)  # log 1/5
         ref = logp - torch.tensor([1e-4, -1e-4, 3e-4, -3e-3, 1e-2, -0.5])
         got = L.kl_estimate(logp, ref, "k3") if path == "kernel" else reference.kl_estimate(logp, ref, "k3")
-        loss, stats = L.ppo_token_loss(
+        loss, stats = P.ppo_token_loss(
             logits, targets, logp, torch.zeros(6), torch.ones(6), ref_logprobs=ref, kl_coef=1.0, kl_estimator="k3"
         )
     d = logp.double() - ref.double()  # (of the fp32 inputs, exactly)
@@ -397,11 +398,11 @@ def test_ppo_token_loss_matches_reference(small_block, monkeypatch, path, kl_est
         entropy_coef=entropy_coef,
     )  # fmt: skip
     if path == "hidden":
-        loss, stats = L.ppo_token_loss(None, targets, old, adv, mask, hidden=hidden, weight=weight, **kw)
+        loss, stats = P.ppo_token_loss(None, targets, old, adv, mask, hidden=hidden, weight=weight, **kw)
         gh, gw = torch.autograd.grad(3.0 * loss, (hidden, weight))
     else:
         logits = (hidden @ weight.t()).detach().requires_grad_(True)
-        loss, stats = L.ppo_token_loss(logits, targets, old, adv, mask, **kw)
+        loss, stats = P.ppo_token_loss(logits, targets, old, adv, mask, **kw)
         (gl,) = torch.autograd.grad(3.0 * loss, logits)
         gh, gw = gl @ weight.detach(), gl.t() @ hidden.detach()
     hd, wd = hidden.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
@@ -422,7 +423,7 @@ def test_ppo_token_loss_empty_mask_is_zero(small_block):
     logits = torch.randn(2, 3, 40, requires_grad=True)
     targets = torch.randint(0, 40, (2, 3))
     z = torch.zeros(2, 3)
-    loss, stats = L.ppo_token_loss(logits, targets, z, torch.ones(2, 3), z.bool())
+    loss, stats = P.ppo_token_loss(logits, targets, z, torch.ones(2, 3), z.bool())
     (g,) = torch.autograd.grad(loss, logits)
     assert float(loss.detach()) == 0.0 and torch.all(g == 0)
     assert all(torch.isfinite(s) for s in stats.values())
@@ -449,9 +450,9 @@ def test_ppo_token_loss_ignores_what_lies_off_the_mask(small_block, path):
         kw = dict(ref_logprobs=ref, kl_coef=0.1, kl_estimator="k3")
         with dispatch.reference_ops() if path == "reference" else contextlib.nullcontext():
             if path == "hidden":
-                loss, stats = L.ppo_token_loss(None, targets, old, adv, mask, hidden=hd, weight=w, **kw)
+                loss, stats = P.ppo_token_loss(None, targets, old, adv, mask, hidden=hd, weight=w, **kw)
             else:
-                loss, stats = L.ppo_token_loss(hd @ w.T, targets, old, adv, mask, **kw)
+                loss, stats = P.ppo_token_loss(hd @ w.T, targets, old, adv, mask, **kw)
         loss.backward()
         results.append((loss.detach(), hd.grad, w.grad, stats))
     (l0, gh0, gw0, s0), (l1, gh1, gw1, s1) = results
@@ -482,9 +483,9 @@ def test_ppo_token_loss_off_the_mask_a_far_unlikely_target_adds_no_nan(small_blo
         args = (targets[rows], old[rows], adv[rows], mask[rows])
         with dispatch.reference_ops() if path == "reference" else contextlib.nullcontext():
             if path == "hidden":
-                loss, _ = L.ppo_token_loss(None, *args, hidden=hd, weight=w, **kw)
+                loss, _ = P.ppo_token_loss(None, *args, hidden=hd, weight=w, **kw)
             else:
-                loss, _ = L.ppo_token_loss(hd @ w.T, *args, **kw)
+                loss, _ = P.ppo_token_loss(hd @ w.T, *args, **kw)
         loss.backward()
         results.append((loss.detach(), hd.grad, w.grad))
     (l0, gh0, gw0), (l1, gh1, gw1) = results
@@ -525,7 +526,7 @@ def test_gemm_counts_per_chunk(small_block, monkeypatch):
     assert (fwd, c.n) == (3, 12)
     z = torch.zeros(10)
     with CountMM() as c:
-        loss, _ = L.ppo_token_loss(None, targets, z, z + 1, z + 1, hidden=hidden, weight=weight)
+        loss, _ = P.ppo_token_loss(None, targets, z, z + 1, z + 1, hidden=hidden, weight=weight)
         torch.autograd.grad(loss, (hidden, weight))
     assert c.n == 9
 
@@ -563,7 +564,7 @@ def test_half_lm_head_grads_keep_their_scale_and_precision(small_block, monkeypa
     new = reference.hidden_logprobs(hidden.detach().double(), weight.detach().double(), targets).float()
     old = new + 0.1 * torch.randn(n, generator=gen)
     mask = torch.ones(n, dtype=torch.bool)
-    loss, _ = L.ppo_token_loss(None, targets, old, adv, mask, hidden=hidden, weight=weight, clip_eps=1e9)
+    loss, _ = P.ppo_token_loss(None, targets, old, adv, mask, hidden=hidden, weight=weight, clip_eps=1e9)
     gh, gw = torch.autograd.grad(0.3 * loss, (hidden, weight))
     hd, wd = hidden.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
     r_loss, _ = reference.ppo_token_loss(None, targets, old.double(), adv.double(), mask, hidden=hd, weight=wd,
@@ -623,7 +624,7 @@ def test_empty_inputs(small_block, monkeypatch):
     gh, gw = torch.autograd.grad(lp.sum(), (hidden, weight))
     assert gh.shape == (0, 8) and torch.all(gw == 0)
     z = torch.zeros(0)
-    loss, _ = L.ppo_token_loss(None, targets, z, z, z.bool(), hidden=hidden, weight=weight)
+    loss, _ = P.ppo_token_loss(None, targets, z, z, z.bool(), hidden=hidden, weight=weight)
     gh, gw = torch.autograd.grad(loss, (hidden, weight))
     assert float(loss.detach()) == 0.0 and gh.shape == (0, 8) and torch.all(gw == 0)
 
@@ -642,11 +643,11 @@ def test_more_errors_name_the_problem():
         L.hidden_logprobs(torch.randn(4, 8), torch.randn(10, 8), t.view(4, 1))
     z, one = torch.zeros(4), torch.ones(4)
     with pytest.raises(ValueError, match="not both"):
-        L.ppo_token_loss(torch.randn(4, 10), t, z, z, one, weight=torch.randn(10, 8))
+        P.ppo_token_loss(torch.randn(4, 10), t, z, z, one, weight=torch.randn(10, 8))
     with pytest.raises(ValueError, match="ref_logprobs shape"):
-        L.ppo_token_loss(torch.randn(4, 10), t, z, z, one, ref_logprobs=torch.zeros(1))
+        P.ppo_token_loss(torch.randn(4, 10), t, z, z, one, ref_logprobs=torch.zeros(1))
     with pytest.raises(ValueError, match="hidden size mismatch"):
-        L.ppo_token_loss(None, t, z, z, one, hidden=torch.randn(4, 8), weight=torch.randn(10, 6))
+        P.ppo_token_loss(None, t, z, z, one, hidden=torch.randn(4, 8), weight=torch.randn(10, 6))
     blocks = lambda v: sorted({c.kwargs["BLOCK_V"] for c in L._prune_configs(L._configs(), {"V": v})})
     assert min(blocks(8192)) == 2048 and min(blocks(8191)) == 256  # (narrow blocks only below 8192)
 
@@ -659,9 +660,9 @@ def test_ppo_token_loss_refuses_a_bad_temperature_on_either_path(path, temperatu
     t, z, one = torch.zeros(4, dtype=torch.long), torch.zeros(4), torch.ones(4)
     with dispatch.reference_ops() if path == "reference" else contextlib.nullcontext():
         with pytest.raises(ValueError, match="temperature"):
-            L.ppo_token_loss(torch.randn(4, 10), t, z, z, one, temperature=temperature)
+            P.ppo_token_loss(torch.randn(4, 10), t, z, z, one, temperature=temperature)
         with pytest.raises(ValueError, match="temperature"):
-            L.ppo_token_loss(
+            P.ppo_token_loss(
                 None, t, z, z, one, hidden=torch.randn(4, 8), weight=torch.randn(10, 8), temperature=temperature
             )
 
@@ -670,7 +671,7 @@ def test_fused_ppo_loss_refuses_a_second_backward(small_block):
     """The fused path scales its saved grads in place: a second backward would return them scaled twice."""
     hidden, weight = torch.randn(5, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
     targets, z = torch.randint(0, 30, (5,)), torch.zeros(5)
-    loss, _ = L.ppo_token_loss(None, targets, z - 3, torch.randn(5), torch.ones(5), hidden=hidden, weight=weight)
+    loss, _ = P.ppo_token_loss(None, targets, z - 3, torch.randn(5), torch.ones(5), hidden=hidden, weight=weight)
     (2 * loss).backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward per forward"):
         loss.backward()
