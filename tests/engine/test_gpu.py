@@ -262,14 +262,17 @@ def test_idle_model_weights_free_their_gpu_memory_during_generation(tmp_path, mo
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated(CUDA)
         real(model, copies, frozen)  # (the allocator counts a freed block out at once, copies pending or not)
+        freed, nbytes = before - torch.cuda.memory_allocated(CUDA), offload.weight_bytes(model)
         pinned = all(p.device.type == "cpu" and p.is_pinned() for p in model.parameters())
-        seen.append((before - torch.cuda.memory_allocated(CUDA) >= offload.weight_bytes(model) - 512, pinned, frozen))
+        where = {(p.device.type, p.is_pinned()) for p in model.parameters()}  # (for the message)
+        seen.append((freed >= nbytes - 512, pinned, frozen, f"#{len(seen)} freed {freed} of {nbytes} bytes {where}"))
 
     monkeypatch.setattr(rollout, "offload_weights", spy)
     history, evals = run(tmp_path / "on", "rollouts")
     gc.collect()  # (the first run's host blocks unregistered now, not during the second's graph captures)
-    assert len(seen) == 3 * 3 and all(freed and pinned for freed, pinned, _ in seen), seen
-    assert sum(frozen for *_, frozen in seen) == 6  # (copied out at the first generation only)
+    assert len(seen) == 3 * 3, seen
+    assert all(freed and pinned for freed, pinned, *_ in seen), [s for s in seen if not (s[0] and s[1])]
+    assert sum(frozen for _, _, frozen, _ in seen) == 6  # (copied out at the first generation only)
     off_history, off_evals = run(tmp_path / "off", "off")
     for a, b in zip(history + evals, off_history + off_evals, strict=True):
         for k, v in b.items():

@@ -200,7 +200,7 @@ def test_gae_dispatch(monkeypatch):
 def test_gae_float64_values_with_float32_rewards_take_the_reference():
     """Either input in float64 runs the reference (the kernel takes fp32 / half only): fp32 rewards with float64
     values (a value head kept in double) give the oracle's numbers, not the kernel's dtype error."""
-    g = torch.Generator().manual_seed(4)
+    g = torch.Generator(torch.get_default_device()).manual_seed(4)  # (the GPU test mode's default device: cuda)
     rewards, values = torch.randn(3, 20, generator=g), torch.randn(3, 20, generator=g, dtype=torch.float64)
     mask = torch.rand(3, 20, generator=g) < 0.7
     adv, ret = gae(rewards, values, mask, 0.9, 0.8)

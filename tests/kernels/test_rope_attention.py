@@ -270,7 +270,7 @@ def test_reference_ops_nest_and_end_with_their_block():
         with dispatch.reference_ops():
             assert not dispatch.use_triton(q)
         assert not dispatch.use_triton(q)  # (the outer block still holds)
-    assert dispatch.use_triton(q) == dispatch.INTERPRET  # (the CPU rule again)
+    assert dispatch.use_triton(q) == (q.is_cuda or dispatch.INTERPRET)  # (the device's rule again)
 
 
 def test_the_interpreter_is_detected_as_triton_detects_it():
@@ -397,8 +397,9 @@ def test_grads_of_k_and_v_alone_and_a_strided_output_grad():
 def test_more_bad_inputs():
     cu, positions = _pack([3, 5])
     q, k, v = _inputs(8, 4, 2, 64, torch.float32)
-    with pytest.raises(ValueError, match="non-decreasing"):
-        rope_attention(q, k, v, positions, torch.tensor([0, 5, 3, 8], dtype=torch.int32))
+    if not q.is_cuda:  # (checked where the lengths are on the host: on a GPU reading them back would sync)
+        with pytest.raises(ValueError, match="non-decreasing"):
+            rope_attention(q, k, v, positions, torch.tensor([0, 5, 3, 8], dtype=torch.int32))
     with pytest.raises(ValueError, match="positions must be integer"):
         rope_attention(q, k, v, positions.bool(), cu)
     cache = (torch.zeros(2, 4, 2, 64), torch.zeros(2, 4, 2, 64))
