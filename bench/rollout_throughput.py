@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import os
 import sys
@@ -37,6 +38,7 @@ from engine.kv_cache import resolve_cache_dtype  # noqa: E402
 from engine.model import Transformer, forward_flops  # noqa: E402
 from engine.parallel import backend_for, init_process_grid, print0  # noqa: E402
 from engine.state import device_error, resolve_device  # noqa: E402
+from kernels.paged_attention import set_decode_config  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,6 +80,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bandwidth", type=float, default=None, help="copy bandwidth in TB/s (default: measured)")
     p.add_argument("--tflops", type=float, default=None, help="bf16 matmul TFLOP/s (default: measured)")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel degree (under torchrun)")
+    p.add_argument(
+        "--decode-config",
+        default=None,
+        help="JSON object overriding the paged decode kernel's launch (kernels.paged_attention.set_decode_config: "
+        'block_n, num_warps, num_stages, dot_min_group), e.g. \'{"block_n": 128, "num_warps": 8}\': a sweep\'s '
+        "fastest variant tried on the whole generator",
+    )
     p.add_argument("--json", default=None, help="write the figures to this file")
     a = p.parse_args(argv)
     for flag in ("batch", "prompt_len", "gen_len", "max_num_seqs", "block_size", "tp"):
@@ -87,6 +96,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--repeats must be >= 1 and --stop-tokens >= 0")
     if a.device is not None and (why := device_error(a.device)) is not None:  # (as train_ppo.py's)
         p.error(f"--{why}")
+    if a.decode_config is not None:
+        try:
+            a.decode_config = json.loads(a.decode_config)
+            set_decode_config(**a.decode_config)  # (its checks now; set again in main)
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            p.error(f"--decode-config {a.decode_config!r}: {e}")
+        set_decode_config()
     if a.top_k < 0:
         p.error(f"--top-k must be >= 0 (0: off), got {a.top_k}")
     if not 0 < a.kv_cache_fraction <= 1:
@@ -277,6 +293,8 @@ def main(argv=None) -> dict:
     slots = min(batch, args.max_num_seqs or batch)  # the sequences a decode step carries at most
     roof = decode_roofline(cfg, slots, prompt_len, gen_len, elem, bw, kv_elem, grid.tp, flops)
 
+    if args.decode_config:
+        print0(f"paged decode launch overridden: {set_decode_config(**args.decode_config)}")
     gen = Generator(
         model,
         max_num_seqs=args.max_num_seqs or max(batch, 1),
@@ -336,6 +354,7 @@ def main(argv=None) -> dict:
         "matmul_tflops": flops / 1e12,
         "roofline": roof,
         "ours": ours,
+        "decode_config": args.decode_config,
         "torch": torch.__version__,
     }
     write_json(args.json, result)  # (written again with the peers: a run stopped during HF's keeps ours)

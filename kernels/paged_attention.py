@@ -201,6 +201,27 @@ def _check_caches(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         raise ValueError(f"k_cache dtype {k_cache.dtype} != v_cache dtype {v_cache.dtype}")
 
 
+_CONFIG_KEYS = ("block_n", "num_warps", "num_stages", "dot_min_group")
+_overrides: dict = {}  # set_decode_config's, merged over decode_config() in every launch (a per-call config wins)
+
+
+def set_decode_config(**overrides) -> dict:
+    """Override decode_config()'s launch parameters for every later decode launch in this process (tuning: a
+    bench sweep's fastest variant tried on a whole generator without editing decode_config). No arguments: back
+    to the defaults. Returns the overrides now in force. A captured CUDA graph keeps the launch it captured."""
+    bad = sorted(set(overrides) - set(_CONFIG_KEYS))
+    if bad:
+        raise ValueError(f"unknown decode launch parameter(s) {bad}: expected some of {list(_CONFIG_KEYS)}")
+    for k, v in overrides.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"decode launch parameter {k} must be a positive int, got {v!r}")
+        if k in ("block_n", "num_warps") and v & (v - 1):
+            raise ValueError(f"decode launch parameter {k} must be a power of two, got {v}")
+    _overrides.clear()
+    _overrides.update(overrides)
+    return dict(_overrides)
+
+
 def decode_config(group: int, block_d: int, elem_size: int) -> dict:
     """Launch parameters of the decode kernel (tokens per tile, warps, pipeline stages, when to use tl.dot);
     elem_size: bytes per cached element.
@@ -243,7 +264,7 @@ def _decode_launch(
     block_tables, context_lens = block_tables.contiguous(), context_lens.contiguous()
     group = hq // hkv
     block_d = triton.next_power_of_2(d)
-    cfg = {**decode_config(group, block_d, k_cache.element_size()), **(config or {})}
+    cfg = {**decode_config(group, block_d, k_cache.element_size()), **_overrides, **(config or {})}
     use_dot = group >= cfg["dot_min_group"]
     # tl.dot needs M >= 16: pad the query-head group (padding rows read q = 0 and are not stored).
     group_pad = max(16, triton.next_power_of_2(group)) if use_dot else triton.next_power_of_2(group)

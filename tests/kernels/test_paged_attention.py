@@ -256,11 +256,11 @@ def test_paged_decode_errors():
     q, kc, vc, bt, cl, _, _ = _paged_setup([20, 5], 4, 2, 64, 16, torch.float32, width_extra=0)
     with pytest.raises(ValueError, match="at least one head, got 0 query"):
         paged_decode_attention(q[:, :0], kc, vc, bt, cl)
-    with pytest.raises(ValueError, match="block_tables"):
-        paged_decode_attention(q, kc, vc, bt[:, :1], cl)  # 20 tokens need 2 blocks of 16
     with pytest.raises(ValueError, match="max_context_len"):
         paged_decode_attention(q, kc, vc, bt, cl, max_context_len=33)
     if not q.is_cuda:  # (checked in the interpreter: on a GPU reading the lengths back would sync each decode step)
+        with pytest.raises(ValueError, match="block_tables"):
+            paged_decode_attention(q, kc, vc, bt[:, :1], cl)  # 20 tokens need 2 blocks of 16
         with pytest.raises(ValueError, match="exceeds max_context_len 16"):
             paged_decode_attention(q, kc, vc, bt, cl, max_context_len=16)
         with pytest.raises(ValueError, match="context length 20 exceeds max_context_len 16"):  # (the oracle too)
@@ -434,8 +434,12 @@ def test_decode_step_end_to_end():
     """rope_write_kv for the new token, then paged attention: equals rotary + attention on contiguous tensors."""
     ctx_lens = [9, 16]
     q_, kc, vc, bt, cl, ks, vs = _paged_setup([n - 1 for n in ctx_lens], 8, 2, 64, 16, torch.float32)
-    bt[:, 1] = torch.tensor([kc.shape[0] - 1, kc.shape[0] - 2], dtype=torch.int32)  # room for token 16
-    kc[-2:] = float("nan")
+    # the unused second column: two blocks no sequence holds, poisoned (the random tables may have put a
+    # sequence's own block anywhere in the pool, so not simply the last two)
+    held = set(bt[:, 0].tolist())
+    spare = [blk for blk in range(kc.shape[0]) if blk not in held][:2]
+    bt[:, 1] = torch.tensor(spare, dtype=torch.int32)
+    kc[spare] = float("nan")
     q = torch.randn(2, 8, 64)
     k, v = torch.randn(2, 2, 64), torch.randn(2, 2, 64)
     pos = torch.tensor(ctx_lens) - 1
@@ -573,3 +577,30 @@ def test_k_and_v_of_different_layouts_and_strided_positions():
     torch.testing.assert_close(q_rot, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(kc, kc2, atol=1e-5, rtol=1e-5, equal_nan=True)
     torch.testing.assert_close(vc, vc2, atol=0, rtol=0, equal_nan=True)
+
+
+def test_set_decode_config_reaches_every_launch_until_reset(monkeypatch):
+    """set_decode_config's overrides go into every later launch (a per-call config still wins) until called with
+    none; bad names and values are refused with the parameter named."""
+    import kernels.paged_attention as pa
+
+    q, kc, vc, bt, cl, ks, vs = _paged_setup([40, 9], 4, 2, 64, 16, torch.float32)
+    tiles, real = [], pa.choose_num_splits
+    monkeypatch.setattr(
+        pa, "choose_num_splits", lambda b, h, n, block_n, sms: tiles.append(block_n) or real(b, h, n, block_n, sms)
+    )
+    default = pa.decode_config(2, 64, 4)["block_n"]
+    try:
+        assert pa.set_decode_config(block_n=16, num_stages=1) == {"block_n": 16, "num_stages": 1}
+        got = paged_decode_attention(q, kc, vc, bt, cl)
+        paged_decode_attention(q, kc, vc, bt, cl, config={"block_n": 32})
+    finally:
+        assert pa.set_decode_config() == {}
+    paged_decode_attention(q, kc, vc, bt, cl)
+    assert tiles == [16, 32, default] and default != 16
+    torch.testing.assert_close(got.double(), _expected(q, ks, vs), atol=2e-5, rtol=2e-5)
+    for bad, match in (({"block_m": 64}, "unknown decode launch parameter"), ({"block_n": 48}, "power of two"),
+                       ({"num_warps": 0}, "positive int"), ({"num_stages": 2.0}, "positive int")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            pa.set_decode_config(**bad)
+    assert pa._overrides == {}
