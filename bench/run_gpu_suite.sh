@@ -7,7 +7,10 @@
 # rollout_b64_sync rollout_b64_fp8 rollout_ppo_like ppo_step ppo_step_offload
 # ppo_step_resident; the group `first` is what a 15-minute lease can hold (the two issues' headline figures and the
 # kernels' comparisons without their torch.compile rows, then the engine's GPU tests and the kernel tests with the
-# time left). No NAME: everything, in the order below. SUITE_COMMIT names the commit in summary.txt.
+# time left). The group `tune` (alone) is the lease after it: the paged decode sweep on the rollout's shapes, the
+# 13B batch-64 rollout again with the sweep's fastest launch for its shape (--decode-config), the rope attention
+# sweep, then test_gpu.py and the kernel tests that failed on the first lease. No NAME: everything, in the order
+# below. SUITE_COMMIT names the commit in summary.txt.
 #
 # The lease's limits shape this script: a call returns at most 8 files from OUT_DIR and is killed at its timeout.
 # So every step runs under `timeout` within SUITE_BUDGET_S seconds overall (default 540; give the device call
@@ -76,6 +79,35 @@ xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 per_test=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120")
 light=()  # the `first` group's lighter benches
 [ "$first" = 1 ] && light=(--no-compile)
+if [[ "$names" == *" tune "* ]]; then  # the tiles first: each sweep times every launch variant of its kernel
+  names="$names paged_sweep rollout_b64_tuned rope_sweep gpu_tests kernel_tests_fixed "
+  bench paged_sweep 150 "$PY" bench/bench_paged_attention.py --sweep --no-compile --shapes 13b-b64-c384 13b-b8-c4096 \
+    70b-gqa8-b32-c2048
+  # the fastest variant at the batch-64 rollout's own shape (MHA, bf16, contexts up to 384), on the whole generator
+  best=$("$PY" - "$work/paged_sweep.json" 13b-b64-c384 <<'EOF_PY' 2>/dev/null
+import json, sys
+rows = [r for r in json.load(open(sys.argv[1])) if r.get("shape") == sys.argv[2] and "block_n" in r and "ms" in r]
+best = min(rows, key=lambda r: r["ms"])
+print(json.dumps({k: best[k] for k in ("block_n", "num_warps", "num_stages", "dot_min_group")}))
+EOF_PY
+)
+  if [[ "$best" == "{"* ]]; then
+    echo "rollout_b64_tuned: --decode-config $best" >> "$out/summary.txt"
+    bench rollout_b64_tuned 90 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 \
+      --prompt-len 128 --gen-len 256 --no-hf --decode-config "$best"
+  else
+    echo "rollout_b64_tuned: skipped (no paged_sweep row for 13b-b64-c384)" | tee -a "$out/summary.txt"
+  fi
+  bench rope_sweep 200 "$PY" bench/bench_rope_attention.py --sweep
+  step gpu_tests 70 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test tests/engine/test_gpu.py
+  step kernel_tests_fixed 60 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test \
+    tests/kernels/test_gae.py tests/kernels/test_paged_attention.py tests/kernels/test_rope_attention.py \
+    -k "float64_values_with or decode_step_end_to_end or paged_decode_errors or nest_and_end or more_bad_inputs \
+or set_decode_config"
+  pack
+  echo "done in $((SECONDS - start))s" | tee -a "$out/summary.txt"
+  exit 0
+fi
 bench rope_attention 150 "$PY" bench/bench_rope_attention.py "${light[@]}"      # issue 4's figures
 bench rollout_b64 150 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 \
   --prompt-len 128 --gen-len 256                                                # issue 5's figures (HF dynamic cache)

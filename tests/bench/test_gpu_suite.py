@@ -97,3 +97,51 @@ def test_a_step_that_ignores_sigterm_is_said_to_be_killed(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert re.search(r"gae: exit 137 \(killed 10 s after its \ds cap: it did not stop on SIGTERM\)", summary), summary
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("tar") is None, reason="needs coreutils and tar")
+def test_tune_group_sweeps_then_tries_the_fastest_decode_launch(tmp_path):
+    """`tune`: the paged decode sweep first, the batch-64 rollout again with the sweep's fastest launch for the
+    rollout's shape (read from the sweep's JSON), the rope sweep, then the GPU tests; nothing of the other groups.
+    A sweep with no row for that shape skips the rollout and says why."""
+    sweep_json = (
+        '[{"shape": "13b-b64-c384", "kv_bytes": 1, "ours_ms": 0.2}, {"shape": "13b-b64-c384", "block_n": 64, '
+        '"num_warps": 4, "num_stages": 2, "dot_min_group": 2, "ms": 0.3}, {"shape": "13b-b64-c384", "block_n": 128, '
+        '"num_warps": 8, "num_stages": 3, "dot_min_group": 1, "ms": 0.25}, {"shape": "13b-b8-c4096", "block_n": 32, '
+        '"num_warps": 4, "num_stages": 1, "dot_min_group": 2, "ms": 0.1}]'
+    )
+    real_py = shutil.which("python3") or shutil.which("python")
+    stub = tmp_path / "py"  # a real interpreter for the selection script, the stub's answers for the rest
+    stub.write_text(
+        STUB.replace('-) cat > /dev/null; echo "device stub torch 0 triton 0";;',
+                     f'-) if [ $# -gt 1 ]; then exec {real_py} "$@"; fi; cat > /dev/null; echo "device stub";;')
+        .replace("sleep 60", "true")  # (no slow rollout here)
+        .replace("""echo '{"ok": 1}' > "${@: -1}";;""",
+                 f"""[[ "$*" == *--sweep*--shapes* ]] && echo '{sweep_json}' >"${{@: -1}}" || echo 1 >"${{@: -1}}";;""")
+    )  # fmt: skip
+    stub.chmod(0o755)
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "PYTHON": str(stub), "SUITE_WORK_DIR": str(work), "SUITE_COMMIT": "abc1234"}
+    proc = subprocess.run(
+        ["bash", os.path.join(ROOT, "bench", "run_gpu_suite.sh"), str(out), "tune"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary = (out / "summary.txt").read_text()
+    steps = [line.split(":")[0] for line in summary.splitlines() if ": exit " in line]
+    assert steps == ["paged_sweep", "rollout_b64_tuned", "rope_sweep", "gpu_tests", "kernel_tests_fixed"], summary
+    rollout = (work / "rollout_b64_tuned.log").read_text()
+    want = '--decode-config {"block_n": 128, "num_warps": 8, "num_stages": 3, "dot_min_group": 1}'
+    assert want in rollout and "--no-hf" in rollout, rollout  # the fastest at 13b-b64-c384, not overall
+    assert "--shapes 13b-b64-c384" in (work / "paged_sweep.log").read_text()
+    tests = (work / "kernel_tests_fixed.log").read_text()
+    assert "decode_step_end_to_end" in tests and "set_decode_config" in tests
+    # no usable sweep row: the tuned rollout is skipped and said to be
+    stub.write_text(stub.read_text().replace("13b-b64-c384", "other-shape"))
+    shutil.rmtree(out)
+    proc = subprocess.run(
+        ["bash", os.path.join(ROOT, "bench", "run_gpu_suite.sh"), str(out), "tune"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "rollout_b64_tuned: skipped (no paged_sweep row for 13b-b64-c384)" in (out / "summary.txt").read_text()
