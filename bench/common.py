@@ -85,6 +85,33 @@ def measure(fn, device, *, warmup_ms: float = 25, rep_ms: float = 100, min_reps:
     return (time.perf_counter() - start) * 1e3 / n, float("nan")
 
 
+def graph_ms(fns, *, reps: int = 20) -> float:
+    """Milliseconds per call of the CUDA work of `fns` (no-argument callables), captured once in turn into one CUDA
+    graph and replayed `reps` times: the GPU's own time without the host's launch overhead, as a kernel runs inside
+    the engine's decode graphs (do_bench times each call from the host: a call whose Python and launch cost more
+    than its kernel is timed by its host). Several fns over different inputs keep one call's data out of the L2
+    cache of the next."""
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # (compilation and autotuning outside the capture)
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / (reps * len(fns))
+
+
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

@@ -328,3 +328,33 @@ def test_rope_bench_keeps_the_gqa_group_on_cpu_and_refuses_an_impossible_one(tmp
     with pytest.raises(SystemExit) as e:
         B.main()
     assert e.value.code == 2 and "--heads 32 is not a multiple of --kv-heads 6" in capsys.readouterr().err
+
+
+def test_paged_bench_graph_rows_rotate_inputs_and_print(monkeypatch, capsys):
+    """The graph-timed rows (bench.common.graph_ms needs CUDA: a stand-in here calls each fn and returns a time):
+    ours, SDPA and the rope write each timed over 8 input sets here (4x the L2 in all, at most 8) that hold
+    different data, and the table prints ours_graph and sdpa_graph columns beside the per-call ones."""
+    import torch
+
+    import bench.bench_paged_attention as bp
+
+    calls = []
+
+    def fake_graph_ms(fns, reps=20):
+        calls.append([fn() for fn in fns])
+        return 0.5
+
+    monkeypatch.setattr(bp, "graph_ms", fake_graph_ms)
+    shape = (2, 40, 4, 2, 16, 16)
+    first = bp._make(*shape, torch.float32, torch.device("cpu"))
+    row, kv_bytes = {"shape": "t", "kv_bytes": 1000, "floor_ms": 1.0}, 1000
+    bp._graph_rows(row, first, shape, torch.float32, None, {}, kv_bytes)
+    assert row["ours_graph_ms"] == row["sdpa_graph_ms"] == row["rope_write_graph_ms"] == 0.5
+    assert row["ours_graph_gbs"] == kv_bytes / 0.5e-3 / 1e9
+    ours, sdpa, writes = calls
+    assert len(ours) == len(sdpa) == len(writes) == 8
+    assert not torch.equal(ours[0], ours[1])  # (another set's data, not the first's again)
+    torch.testing.assert_close(sdpa[3].reshape(ours[3].shape), ours[3], atol=1e-5, rtol=1e-5)  # (the same set)
+    bp._print([row], 1.0)
+    head = capsys.readouterr().out.splitlines()[0]
+    assert "ours_graph ms" in head and "sdpa_graph ms" in head and "graph" in head.split("rope_write ms")[1]
