@@ -90,6 +90,12 @@ def _ms(fn, device) -> float:
     return measure(fn, device, rep_ms=500 if torch.device(device).type != "cuda" else 100)[0]
 
 
+def _kernel_ms(fn, device) -> float:
+    """A launch variant's time: on a GPU as CUDA graph replays (the kernel's own time, as in the decode graphs: timed
+    per call, a variant faster than its host overhead would rank by that overhead), elsewhere per call."""
+    return graph_ms([fn]) if torch.device(device).type == "cuda" else _ms(fn, device)
+
+
 def _bench_shape(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, compile_, cache_dtype=None) -> dict:
     q, kc, vc, bt, cl = _make(batch, ctx, hq, hkv, d, bs, dtype, device, cache_dtype)
     kv_bytes = batch * ctx * hkv * d * 2 * kc.element_size()
@@ -176,7 +182,7 @@ def _sweep(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, cache_dtype=N
         cfg = {"block_n": block_n, "num_warps": warps, "num_stages": stages, "dot_min_group": dot_min}
         try:
             fn = lambda: paged_decode_attention(q, kc, vc, bt, cl, max_context_len=ctx, config=cfg)  # noqa: B023
-            ms = _ms(fn, device)
+            ms = _kernel_ms(fn, device)
         except Exception as e:  # out of shared memory / registers for this variant
             print(f"{name} {cfg}: failed ({type(e).__name__})")
             continue

@@ -358,3 +358,16 @@ def test_paged_bench_graph_rows_rotate_inputs_and_print(monkeypatch, capsys):
     bp._print([row], 1.0)
     head = capsys.readouterr().out.splitlines()[0]
     assert "ours_graph ms" in head and "sdpa_graph ms" in head and "graph" in head.split("rope_write ms")[1]
+
+
+def test_paged_sweep_times_variants_as_graph_replays_on_a_gpu(monkeypatch):
+    """The sweep ranks launch variants by their CUDA graph replay time on a GPU (no host overhead in it), per call
+    elsewhere."""
+    import torch
+
+    import bench.bench_paged_attention as bp
+
+    monkeypatch.setattr(bp, "graph_ms", lambda fns, reps=20: 0.25 * len(fns))
+    monkeypatch.setattr(bp, "measure", lambda fn, device, **kw: (3.0, float("nan")))
+    assert bp._kernel_ms(lambda: None, torch.device("cuda")) == 0.25
+    assert bp._kernel_ms(lambda: None, torch.device("cpu")) == 3.0
