@@ -81,6 +81,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tflops", type=float, default=None, help="bf16 matmul TFLOP/s (default: measured)")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel degree (under torchrun)")
     p.add_argument(
+        "--profile",
+        default=None,
+        metavar="TRACE_JSON",
+        help="after the timings, one more run of ours under torch.profiler: the costliest kernels (GPU time; on CPU, "
+        "ops) per step printed, and its Chrome trace written here",
+    )
+    p.add_argument(
         "--decode-config",
         default=None,
         help="JSON object overriding the paged decode kernel's launch (kernels.paged_attention.set_decode_config: "
@@ -215,6 +222,47 @@ def time_ours(gen: Generator, prompts, params, repeats: int, device) -> dict:
     return best
 
 
+def profile_ours(gen: Generator, prompts, params, trace: str, device, top: int = 15) -> dict:
+    """One more run of ours under torch.profiler: where a step's time goes. On a GPU the costliest kernels by GPU time,
+    on CPU the costliest ops by their own CPU time, each per step with its share of the total; the Chrome trace
+    written to `trace`. The decode steps run eagerly here (the same kernels the graphs replay, each seen by the
+    profiler): their kernel time per step against the timed run's step time says what the gaps between kernels cost."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    graphs, gen.use_cuda_graphs = gen.use_cuda_graphs, False
+    sync(device)
+    try:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            t = time.perf_counter()
+            gen.generate_completions(prompts, params)
+            sync(device)
+            wall = time.perf_counter() - t
+    finally:
+        gen.use_cuda_graphs = graphs
+    prof.export_chrome_trace(trace)
+    steps = max(1, gen.stats.decode_steps + gen.stats.prefill_steps)
+    want = DeviceType.CUDA if cuda else DeviceType.CPU
+    events = [e for e in prof.key_averages() if e.device_type == want]
+    cost = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)  # microseconds
+    total = sum(cost(e) for e in events) or 1.0
+    rows = [
+        {"name": e.key, "us_per_step": cost(e) / steps, "share": cost(e) / total, "calls_per_step": e.count / steps}
+        for e in sorted(events, key=cost, reverse=True)[:top]
+    ]
+    what = "GPU kernel" if cuda else "CPU op (self)"
+    print0(
+        f"\nours profiled (one more run, eager, {steps} steps, {wall * 1e3 / steps:.2f} ms per step under the "
+        f"profiler): {what} time {total / 1e3 / steps:.2f} ms per step; the costliest (trace: {trace}):"
+    )
+    print0(f"{'us/step':>10}{'share':>8}{'calls/step':>12}  name")
+    for r in rows:
+        print0(f"{r['us_per_step']:>10.1f}{r['share']:>8.1%}{r['calls_per_step']:>12.1f}  {r['name'][:100]}")
+    return {"trace": trace, "steps": steps, "ms_per_step": wall * 1e3 / steps, "busy_ms_per_step": total / 1e3 / steps,
+            "by": what, "top": rows}  # fmt: skip
+
+
 def time_hf(hf, prompts, gen_len: int, temperature: float, top_k: int, device, static: bool, repeats: int) -> dict:
     """HF generate producing exactly gen_len tokens per prompt, timed as ours is (the best of `repeats` runs after a
     warm-up). A static cache is warmed up at the full length: transformers compiles generate for a static cache
@@ -307,6 +355,8 @@ def main(argv=None) -> dict:
     )
     ours = time_ours(gen, prompts, params, args.repeats, device)
     ours["cuda_graphs"] = bool(gen.use_cuda_graphs)
+    if args.profile:
+        ours["profile"] = profile_ours(gen, prompts, params, args.profile, device)
     # its KV pool is allocated up front from the free memory (--kv-cache-fraction): the peak minus the pool is what
     # the run itself took
     ours["kv_pool_gib"] = gen.pool.tensor.numel() * gen.pool.tensor.element_size() / 2**30 if gen.pool else 0.0

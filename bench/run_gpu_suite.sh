@@ -8,7 +8,8 @@
 # ppo_step_resident; the group `first` is what a 15-minute lease can hold (the two issues' headline figures and the
 # kernels' comparisons without their torch.compile rows, then the engine's GPU tests and the kernel tests with the
 # time left). The group `tune` (alone) is the lease after it: the paged decode sweep on the rollout's shapes, the
-# 13B batch-64 rollout again with the sweep's fastest launch for its shape (--decode-config), the rope attention
+# 13B batch-64 rollout again with the sweep's fastest launch for its shape (--decode-config) and a profile of where
+# its step time goes (--profile: the costliest kernels per step), the rope attention
 # sweep, then test_gpu.py and the kernel tests that failed on the first lease. No NAME: everything, in the order
 # below. SUITE_COMMIT names the commit in summary.txt.
 #
@@ -93,8 +94,9 @@ EOF_PY
 )
   if [[ "$best" == "{"* ]]; then
     echo "rollout_b64_tuned: --decode-config $best" >> "$out/summary.txt"
-    bench rollout_b64_tuned 90 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 \
-      --prompt-len 128 --gen-len 256 --no-hf --decode-config "$best"
+    # (--profile: where a step's time goes, kernel by kernel; the trace stays out of the archive: too large)
+    bench rollout_b64_tuned 110 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 \
+      --prompt-len 128 --gen-len 256 --no-hf --decode-config "$best" --profile "$(mktemp -d)/rollout_b64_trace.json"
   else
     echo "rollout_b64_tuned: skipped (no paged_sweep row for 13b-b64-c384)" | tee -a "$out/summary.txt"
   fi

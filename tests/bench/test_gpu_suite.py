@@ -133,6 +133,7 @@ def test_tune_group_sweeps_then_tries_the_fastest_decode_launch(tmp_path):
     rollout = (work / "rollout_b64_tuned.log").read_text()
     want = '--decode-config {"block_n": 128, "num_warps": 8, "num_stages": 3, "dot_min_group": 1}'
     assert want in rollout and "--no-hf" in rollout, rollout  # the fastest at 13b-b64-c384, not overall
+    assert "--profile /" in rollout and "rollout_b64_trace.json --json" in rollout  # (the trace outside the archive)
     assert "--shapes 13b-b64-c384" in (work / "paged_sweep.log").read_text()
     tests = (work / "kernel_tests_fixed.log").read_text()
     assert "decode_step_end_to_end" in tests and "set_decode_config" in tests

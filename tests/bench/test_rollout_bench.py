@@ -46,6 +46,9 @@ def test_rollout_bench_refuses_impossible_flags(tmp_path, capsys):
         (["--bandwidth", "0"], "--bandwidth must be a positive number"),  # (0 fell back to the measured one)
         (["--bandwidth", "-1"], "--bandwidth must be a positive number"),  # (negative rooflines)
         (["--tflops", "inf"], "--tflops must be a positive number"),
+        (["--decode-config", '{"block_n": 48}'], "block_n must be a power of two"),
+        (["--decode-config", '{"tile": 64}'], "unknown decode launch parameter"),
+        (["--decode-config", "block_n=64"], "--decode-config 'block_n=64'"),  # (not JSON)
     ):
         with pytest.raises(SystemExit):
             parse_args(flags)
@@ -146,3 +149,43 @@ def test_ppo_step_bench_decodes_a_rollouts_samples_together(monkeypatch):
     monkeypatch.setattr(ppo_step.Transformer, "__init__", lambda *a, **k: pytest.fail("a model was built"))
     with pytest.raises(InvalidInput, match="--samples-per-prompt 4 exceeds --gen-max-num-seqs 2: the samples of a"):
         ppo_step.main(["--device", "cpu", "--samples-per-prompt", "4", "--gen-max-num-seqs", "2"])
+
+
+def test_rollout_bench_profiles_where_a_step_goes_and_keeps_its_settings(tmp_path, capsys):
+    """--profile: one more run under torch.profiler (decoding eagerly, so every kernel is seen; the generator's
+    CUDA graph setting restored after it): the costliest ops per step with their shares in the JSON and printed, the
+    Chrome trace written. --decode-config is in force for the run (and in the JSON), and set back afterwards."""
+    from bench import rollout_throughput as rt
+    from kernels import paged_attention as pa
+
+    seen = []
+    real = rt.profile_ours
+
+    def spy(gen, *a, **kw):
+        seen.append(dict(pa._overrides))
+        gen.use_cuda_graphs, run = True, gen.generate_completions  # (as on a GPU)
+        gen.generate_completions = lambda *a, **kw: seen.append(gen.use_cuda_graphs) or run(*a, **kw)
+        out = real(gen, *a, **kw)
+        seen.append(gen.use_cuda_graphs)
+        gen.use_cuda_graphs = False
+        return out
+
+    out, trace = tmp_path / "r.json", tmp_path / "trace.json"
+    flags = ["--batch", "3", "--prompt-len", "5", "--gen-len", "4", "--repeats", "1", "--no-hf", "--json", str(out)]
+    flags += ["--profile", str(trace), "--decode-config", '{"block_n": 32, "num_warps": 8}']
+    try:
+        with reference_ops(), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(rt, "profile_ours", spy)
+            rt.main(flags)
+        assert seen == [{"block_n": 32, "num_warps": 8}, False, True]  # (eager under the profiler, then restored)
+    finally:
+        pa.set_decode_config()
+    saved = json.loads(out.read_text())
+    prof = saved["ours"]["profile"]
+    assert saved["decode_config"] == {"block_n": 32, "num_warps": 8}
+    assert prof["steps"] == 4 and prof["by"] == "CPU op (self)" and len(prof["top"]) == 15
+    shares = [r["share"] for r in prof["top"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    assert json.loads(trace.read_text())["traceEvents"]
+    printed = capsys.readouterr().out
+    assert "ours profiled (one more run, eager, 4 steps" in printed and "paged decode launch overridden" in printed
