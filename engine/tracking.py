@@ -1,4 +1,4 @@
-"""Experiment tracking in Weights & Biases (optional: `pip install wandb`), next to the JSONL logs.
+"""Experiment tracking in Weights & Biases (optional: `pip install -e '.[wandb]'`), next to the JSONL logs.
 
 With --wandb-project P, global rank 0 sends every line it writes to metrics.jsonl and to eval.jsonl (as eval/<key>),
 charted against the run's iteration (a crash-resumed run's repeated iterations are kept, not dropped), with the PPO
@@ -54,7 +54,10 @@ def _check_available(run) -> None:
             try:
                 importlib.import_module(module)
             except ImportError as e:
-                raise MissingPackage(f"{flag} {value} needs the {package} package (pip install {package}): {e}") from e
+                raise MissingPackage(
+                    f"{flag} {value} needs the {package} package (pip install -e '.[{package}]' in the checkout, the "
+                    f"version the project is tested with; or pip install {package}): {e}"
+                ) from e
     if run.wandb_project and (why := _why_wandb_cannot_start(run.wandb_project) or _log_in_to_wandb()):
         raise InvalidInput(f"--wandb-project {run.wandb_project}: {why}")  # (W&B's prompt only where it can start)
     if run.tensorboard_dir and (why := why_unwritable(run.tensorboard_dir)):

@@ -98,7 +98,8 @@ def test_a_failing_run_is_marked_failed(tmp_path, monkeypatch):
 
 def test_missing_wandb_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
-    with pytest.raises(ImportError, match=r"--wandb-project p needs the wandb package \(pip install wandb\)"):
+    match = r"--wandb-project p needs the wandb package \(pip install -e '\.\[wandb\]' in the checkout"
+    with pytest.raises(ImportError, match=match):  # (the README's install of the extra, its tested version)
         run_tiny(tmp_path, "--max-iterations", "1", "--wandb-project", "p")
 
 
