@@ -536,7 +536,7 @@ def test_autotune_config_pruning():
     blocks = lambda v: sorted({c.kwargs["BLOCK_V"] for c in L._prune_configs(L._configs(), {"V": v})})
     assert blocks(3) == [256]
     assert blocks(1000) == [256, 1024]
-    assert min(blocks(32000)) >= 2048 and max(blocks(32000)) == 16384
+    assert min(blocks(32000)) >= 2048 and max(blocks(32000)) == 32768  # (the whole row in one block, too)
 
 
 def test_default_chunk_is_bounded():
