@@ -232,8 +232,9 @@ def ptxas_report(head_dim: int, dtype: str, group: int, configs_per_kernel: int 
         info = ptxas_info(fn, arg_types, consts, warps, stages)
         rows.append({"kernel": name, "config": label, **info})
         loads = " ".join(f"{k}:{v}" for k, v in sorted(info["loads"].items()))
-        print(f"{name:6} {label:28} smem={info['shared']:>6} regs={info['regs']} spill={info['spill_bytes']} {loads}",
-              flush=True)  # fmt: skip
+        mma = " ".join(f"{k}:{v}" for k, v in sorted(info["mma"].items())) or "no-mma"
+        print(f"{name:6} {label:28} smem={info['shared']:>6} regs={info['regs']} spill={info['spill_bytes']} {mma} "
+              f"{loads}", flush=True)  # fmt: skip
 
     # the rotary pre-pass of the forward (k only, written to a buffer), at the default shape's tiles
     pre = dict(HQ=0, HKV=40 // group, **rotary.launch_shape(16384, 0, 40 // group, head_dim)[1], CACHE_BLOCK=1,

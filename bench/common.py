@@ -295,9 +295,13 @@ def ptxas_info(
     regs = re.search(r"Used (\d+) registers", res.stderr)
     spill = re.search(r"(\d+) bytes spill stores", res.stderr)
     loads = collections.Counter(re.findall(r"\b(ld\.global[\w.]*|cp\.async\.c[ag][\w.]*)", ptx))
+    # the tensor-core instructions: Hopper's asynchronous warpgroup MMA (wgmma), or the Ampere-style mma.sync that
+    # caps a kernel near flash-attention-2's rate on an H100
+    mma = collections.Counter(m.split(".")[0] for m in re.findall(r"\b(wgmma\.mma_async|mma\.sync)\b", ptx))
     return {
         "shared": compiled.metadata.shared,
         "regs": regs and int(regs.group(1)),
         "spill_bytes": spill and int(spill.group(1)),
         "loads": dict(loads),
+        "mma": dict(mma),
     }
