@@ -29,6 +29,8 @@ assert all(r["regs"] for r in rows), rows
 # the forward's inner loop reads pre-rotated keys straight into shared memory (cp.async: software-pipelined)
 fwd = [r for r in rows if r["kernel"] == "fwd"]
 assert fwd and all(r["spill_bytes"] == 0 and any("cp.async" in k for k in r["loads"]) for r in fwd), fwd
+# every kernel's dots on Hopper's warpgroup MMA (wgmma), none on the Ampere-style mma.sync
+assert all(r["mma"].get("wgmma") and not r["mma"].get("mma") for r in rows if r["kernel"] != "rotary"), rows
 print("compiled")
 """,
     "gae": """
