@@ -25,6 +25,14 @@ esac
 """
 
 
+def _run_suite(args: list[str], env: dict, cwd=None, timeout: int = 120) -> subprocess.CompletedProcess:
+    """bash bench/run_gpu_suite.sh ARGS under env (the stand-in interpreter's), which must exit 0."""
+    script = os.path.join(ROOT, "bench", "run_gpu_suite.sh")
+    proc = subprocess.run(["bash", script, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 @pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("tar") is None, reason="needs coreutils and tar")
 def test_suite_caps_steps_and_packs_logs(tmp_path):
     stub = tmp_path / "py"
@@ -39,11 +47,7 @@ def test_suite_caps_steps_and_packs_logs(tmp_path):
         "SUITE_WORK_DIR": str(tmp_path / "work"),
         "SUITE_COMMIT": "abc1234",
     }
-    proc = subprocess.run(
-        ["bash", os.path.join(ROOT, "bench", "run_gpu_suite.sh"), str(out), "first"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    _run_suite([str(out), "first"], env, timeout=120)
     summary = (out / "summary.txt").read_text()
     lines = {line.split(":")[0]: line for line in summary.splitlines() if ": " in line}
     assert lines["rope_attention"].startswith("rope_attention: exit 0")  # the headline figures first
@@ -68,11 +72,7 @@ def test_suite_takes_relative_out_and_work_dirs(tmp_path):
     stub.write_text(STUB)
     stub.chmod(0o755)
     env = {**os.environ, "PYTHON": str(stub), "SUITE_WORK_DIR": "work", "SUITE_COMMIT": "abc1234"}
-    proc = subprocess.run(
-        ["bash", os.path.join(ROOT, "bench", "run_gpu_suite.sh"), "out", "gae", "sampling"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    _run_suite(["out", "gae", "sampling"], env, cwd=tmp_path, timeout=60)
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert "gae: exit 0" in summary and "sampling: exit 0" in summary, summary
     assert {"env.log", "gae.log", "gae.json", "sampling.log"} <= set(os.listdir(tmp_path / "work"))
@@ -90,11 +90,7 @@ def test_a_step_that_ignores_sigterm_is_said_to_be_killed(tmp_path):
     stub.chmod(0o755)
     env = {**os.environ, "PYTHON": str(stub), "SUITE_BUDGET_S": "4", "SUITE_MIN_STEP_S": "1",
            "SUITE_WORK_DIR": str(tmp_path / "work"), "SUITE_COMMIT": "abc1234"}  # fmt: skip
-    proc = subprocess.run(
-        ["bash", os.path.join(ROOT, "bench", "run_gpu_suite.sh"), str(tmp_path / "out"), "gae"],
-        env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    _run_suite([str(tmp_path / "out"), "gae"], env, timeout=60)
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert re.search(r"gae: exit 137 \(killed 10 s after its \ds cap: it did not stop on SIGTERM\)", summary), summary
 
@@ -122,11 +118,7 @@ def test_tune_group_sweeps_then_tries_the_fastest_decode_launch(tmp_path):
     stub.chmod(0o755)
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "PYTHON": str(stub), "SUITE_WORK_DIR": str(work), "SUITE_COMMIT": "abc1234"}
-    proc = subprocess.run(
-        ["bash", os.path.join(ROOT, "bench", "run_gpu_suite.sh"), str(out), "tune"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    _run_suite([str(out), "tune"], env, timeout=120)
     summary = (out / "summary.txt").read_text()
     steps = [line.split(":")[0] for line in summary.splitlines() if ": exit " in line]
     assert steps == ["paged_sweep", "rollout_b64_tuned", "rope_sweep", "gpu_tests", "kernel_tests_fixed"], summary
@@ -140,9 +132,5 @@ def test_tune_group_sweeps_then_tries_the_fastest_decode_launch(tmp_path):
     # no usable sweep row: the tuned rollout is skipped and said to be
     stub.write_text(stub.read_text().replace("13b-b64-c384", "other-shape"))
     shutil.rmtree(out)
-    proc = subprocess.run(
-        ["bash", os.path.join(ROOT, "bench", "run_gpu_suite.sh"), str(out), "tune"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    _run_suite([str(out), "tune"], env, timeout=120)
     assert "rollout_b64_tuned: skipped (no paged_sweep row for 13b-b64-c384)" in (out / "summary.txt").read_text()
