@@ -38,7 +38,7 @@ from engine.kv_cache import resolve_cache_dtype  # noqa: E402
 from engine.model import Transformer, forward_flops  # noqa: E402
 from engine.parallel import backend_for, init_process_grid, print0  # noqa: E402
 from engine.state import device_error, resolve_device  # noqa: E402
-from kernels.paged_attention import set_decode_config  # noqa: E402
+from kernels.paged_attention import check_decode_config, set_decode_config  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -106,10 +106,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.decode_config is not None:
         try:
             a.decode_config = json.loads(a.decode_config)
-            set_decode_config(**a.decode_config)  # (its checks now; set again in main)
-        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            if not isinstance(a.decode_config, dict):
+                raise ValueError(f"a JSON object is needed, got {type(a.decode_config).__name__}")
+            check_decode_config(a.decode_config)  # (set in main, where the run starts)
+        except ValueError as e:  # (json.JSONDecodeError is one)
             p.error(f"--decode-config {a.decode_config!r}: {e}")
-        set_decode_config()
     if a.top_k < 0:
         p.error(f"--top-k must be >= 0 (0: off), got {a.top_k}")
     if not 0 < a.kv_cache_fraction <= 1:

@@ -209,6 +209,14 @@ def set_decode_config(**overrides) -> dict:
     """Override decode_config()'s launch parameters for every later decode launch in this process (tuning: a
     bench sweep's fastest variant tried on a whole generator without editing decode_config). No arguments: back
     to the defaults. Returns the overrides now in force. A captured CUDA graph keeps the launch it captured."""
+    check_decode_config(overrides)
+    _overrides.clear()
+    _overrides.update(overrides)
+    return dict(_overrides)
+
+
+def check_decode_config(overrides: dict) -> None:
+    """Raise ValueError naming the first launch parameter set_decode_config would refuse (changes nothing)."""
     bad = sorted(set(overrides) - set(_CONFIG_KEYS))
     if bad:
         raise ValueError(f"unknown decode launch parameter(s) {bad}: expected some of {list(_CONFIG_KEYS)}")
@@ -217,9 +225,6 @@ def set_decode_config(**overrides) -> dict:
             raise ValueError(f"decode launch parameter {k} must be a positive int, got {v!r}")
         if k in ("block_n", "num_warps") and v & (v - 1):
             raise ValueError(f"decode launch parameter {k} must be a power of two, got {v}")
-    _overrides.clear()
-    _overrides.update(overrides)
-    return dict(_overrides)
 
 
 def decode_config(group: int, block_d: int, elem_size: int) -> dict:

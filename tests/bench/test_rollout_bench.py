@@ -49,11 +49,16 @@ def test_rollout_bench_refuses_impossible_flags(tmp_path, capsys):
         (["--decode-config", '{"block_n": 48}'], "block_n must be a power of two"),
         (["--decode-config", '{"tile": 64}'], "unknown decode launch parameter"),
         (["--decode-config", "block_n=64"], "--decode-config 'block_n=64'"),  # (not JSON)
+        (["--decode-config", "[64]"], "a JSON object is needed, got list"),
     ):
         with pytest.raises(SystemExit):
             parse_args(flags)
         assert message in capsys.readouterr().err
     assert parse_args(["--temperature", "0"]).temperature == 0  # (greedy)
+    from kernels import paged_attention as pa
+
+    assert parse_args(["--decode-config", '{"block_n": 64}']).decode_config == {"block_n": 64}
+    assert pa._overrides == {}  # (parsing checks a launch; only main sets it, for the run)
 
 
 @pytest.mark.filterwarnings("ignore:Unable to enable fault handler")  # (@record's, under pytest's capture)
