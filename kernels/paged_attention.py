@@ -231,16 +231,18 @@ def decode_config(group: int, block_d: int, elem_size: int) -> dict:
     """Launch parameters of the decode kernel (tokens per tile, warps, pipeline stages, when to use tl.dot);
     elem_size: bytes per cached element.
 
-    Chosen without a GPU to hand, from ptxas on sm_90 (bench/bench_paged_attention.py --ptxas): 64-token
-    tiles of 256-byte rows keep 32 KB of K/V in flight per program with 16-byte loads, no spills (96
-    registers, ~5 programs per SM); 512-byte rows (fp32, or D = 256) halve the tile, 128-byte rows (an fp8
-    cache) double it (128 registers, no spills, the same 32 KB). Group 1 (MHA) multiply-reduces on CUDA
-    cores; larger groups pad to 16 rows for tl.dot (cp.async-pipelined).
-    bench/bench_paged_attention.py --sweep times the alternatives on a GPU.
+    Measured on an H200 (bench/bench_paged_attention.py --sweep, CUDA graph replays over inputs 4x the L2, bf16,
+    D = 128; bench/RESULTS.md "Tuned on the second lease"): tl.dot for every group, MHA's one query row padded to 16,
+    beats the CUDA-core multiply-reduce by 1.4-1.5x (Llama-2-13B batch 64 at 384 tokens: 0.122 ms against 0.176, 97%
+    of copy bandwidth; batch 8 at 4096: 0.160 against 0.234, 99%); 64-token tiles, 4 warps, 2 stages lead both MHA
+    shapes, and GQA (group 8, 70B-like) runs fastest on 32-token tiles (0.0775 ms against 0.096 at 64, 81%). The tile
+    holds the same bytes at other row widths: 128-byte rows (an fp8 cache) double it, 512-byte rows (fp32, or D = 256)
+    halve it (down to tl.dot's 16; those widths are not measured yet).
     """
     row_bytes = block_d * elem_size
-    block_n = 128 if row_bytes <= 128 else 64 if row_bytes <= 256 else 32
-    return {"block_n": block_n, "num_warps": 4, "num_stages": 2, "dot_min_group": 2}
+    tokens_at_256_bytes = 64 if group == 1 else 32
+    block_n = min(128, max(16, tokens_at_256_bytes * 256 // row_bytes))
+    return {"block_n": block_n, "num_warps": 4, "num_stages": 2, "dot_min_group": 1}
 
 
 def choose_num_splits(batch: int, kv_heads: int, max_context_len: int, block_n: int, num_sms: int) -> int:

@@ -5,12 +5,14 @@ blocks of a NaN-poisoned cache, and computes the expected output from the contig
 gather through the block table is checked independently of kernels/reference.py (which is checked too).
 """
 
+import itertools
 import math
 
 import pytest
 import torch
 
 from kernels import dispatch, reference, rotary
+from kernels import paged_attention as pa
 from kernels.paged_attention import choose_num_splits, paged_decode_attention, rope_write_kv, write_kv_cache
 
 TOLS = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (1e-2, 1e-2), torch.float16: (1e-2, 1e-2)}
@@ -147,7 +149,7 @@ def test_paged_decode_splits_and_scale():
 @pytest.mark.parametrize(
     "hq,hkv,config",
     [
-        (2, 2, {"dot_min_group": 1}),  # MHA through tl.dot (group padded to 16)
+        (2, 2, {"dot_min_group": 2}),  # MHA through multiply-reduce (the default pads it to 16 rows for tl.dot)
         (8, 1, {"dot_min_group": 99, "block_n": 32}),  # group 8 through multiply-reduce
         (16, 1, {"block_n": 16, "num_warps": 2}),  # group exactly 16
     ],
@@ -157,6 +159,17 @@ def test_paged_decode_config_variants(hq, hkv, config):
     q, kc, vc, bt, cl, ks, vs = _paged_setup([1, 33, 70], hq, hkv, 64, 16, torch.float32)
     got = paged_decode_attention(q, kc, vc, bt, cl, num_splits=2, config=config)
     torch.testing.assert_close(got.double(), _expected(q, ks, vs), atol=2e-5, rtol=2e-5)
+
+
+def test_decode_config_tiles_fit_every_row_width():
+    """The default launch at every head dim, cache element size and group: a power-of-two tile of 16 to 128 tokens
+    (tl.dot's K dimension is at least 16), through tl.dot (padded to 16 query rows) for MHA as for GQA."""
+    for block_d, elem, group in itertools.product((64, 128, 256), (1, 2, 4), (1, 2, 8)):
+        cfg = pa.decode_config(group, block_d, elem)
+        assert 16 <= cfg["block_n"] <= 128 and cfg["block_n"] & (cfg["block_n"] - 1) == 0, (block_d, elem, group, cfg)
+        assert group >= cfg["dot_min_group"], cfg
+    assert pa.decode_config(1, 128, 2)["block_n"] == 2 * pa.decode_config(8, 128, 2)["block_n"]  # (as measured)
+    assert pa.decode_config(1, 128, 1)["block_n"] == 2 * pa.decode_config(1, 128, 2)["block_n"]  # fp8: same bytes
 
 
 def test_choose_num_splits():
@@ -221,7 +234,6 @@ def test_a_context_longer_than_its_table_is_clamped_on_the_gpu_path(monkeypatch)
     """On CUDA no host check sees a context longer than its block table row addresses (it would take a sync): the
     kernel clamps it to the row's tokens and reads nothing past the row (here the next row's blocks, which the
     unclamped kernel attended to). The interpreter's own check is turned off to run the CUDA path's arithmetic."""
-    import kernels.paged_attention as pa
 
     monkeypatch.setattr(pa, "INTERPRET", False)
     q, kc, vc, bt, cl, ks, vs = _paged_setup([32, 20], 4, 2, 64, 16, torch.float32, width_extra=0)
@@ -582,7 +594,6 @@ def test_k_and_v_of_different_layouts_and_strided_positions():
 def test_set_decode_config_reaches_every_launch_until_reset(monkeypatch):
     """set_decode_config's overrides go into every later launch (a per-call config still wins) until called with
     none; bad names and values are refused with the parameter named."""
-    import kernels.paged_attention as pa
 
     q, kc, vc, bt, cl, ks, vs = _paged_setup([40, 9], 4, 2, 64, 16, torch.float32)
     tiles, real = [], pa.choose_num_splits
