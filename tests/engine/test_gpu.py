@@ -238,6 +238,17 @@ def test_memory_plan_is_what_cuda_allocates():
     assert abs(allocated - built[2]) < 0.01 * built[2], (allocated, built[2])
 
 
+def _holders(storages: dict[int, str]) -> list[str]:
+    """The live CUDA tensors on any of these storages (data pointer: parameter name), each with its shape and the
+    types of the objects that refer to it (an autograd context, a cache's list, ...)."""
+    found = []
+    for o in gc.get_objects():
+        if isinstance(o, torch.Tensor) and o.is_cuda and o.untyped_storage().data_ptr() in storages:
+            refs = sorted({type(r).__qualname__ for r in gc.get_referrers(o) if r is not found})
+            found.append(f"{storages[o.untyped_storage().data_ptr()]} {tuple(o.shape)} referred to by {refs}")
+    return found or ["no Python-visible tensor (a C++ holder: autograd's saved variables, a graph pool)"]
+
+
 def test_idle_model_weights_free_their_gpu_memory_during_generation(tmp_path, monkeypatch):
     """--offload-idle-models rollouts over an iteration and two evaluations: each generation frees the
     reference's, reward model's and value model's weights from the GPU (the memory allocated lower by their bytes)
@@ -261,11 +272,15 @@ def test_idle_model_weights_free_their_gpu_memory_during_generation(tmp_path, mo
     def spy(model, copies, frozen):
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated(CUDA)
+        storages = {p.untyped_storage().data_ptr(): n for n, p in model.named_parameters()}  # (for the message)
         real(model, copies, frozen)  # (the allocator counts a freed block out at once, copies pending or not)
         freed, nbytes = before - torch.cuda.memory_allocated(CUDA), offload.weight_bytes(model)
         pinned = all(p.device.type == "cpu" and p.is_pinned() for p in model.parameters())
         where = {(p.device.type, p.is_pinned()) for p in model.parameters()}  # (for the message)
-        seen.append((freed >= nbytes - 512, pinned, frozen, f"#{len(seen)} freed {freed} of {nbytes} bytes {where}"))
+        msg = f"#{len(seen)} freed {freed} of {nbytes} bytes {where}"
+        if freed < nbytes - 512:  # which old weights are still alive, and what refers to them
+            msg += "; held: " + "; ".join(_holders(storages))
+        seen.append((freed >= nbytes - 512, pinned, frozen, msg))
 
     monkeypatch.setattr(rollout, "offload_weights", spy)
     history, evals = run(tmp_path / "on", "rollouts")
