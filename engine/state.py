@@ -24,18 +24,17 @@ from engine.kv_cache import BLOCK_SIZE, blocks_for_tokens, cuda_cache_budget, mo
 from engine.model import Transformer
 from engine.offload import HostCopies, state_bytes, weight_bytes
 from engine.optim import Optimizer, make_optimizer
+from engine.output_dir import check_writable, start_fresh
 from engine.parallel import ProcessGrid, agree, backend_for, init_process_grid, print0, together
 from engine.resume import (
     check_prompt_order,
     check_resumable,
-    check_writable,
     fingerprint_models,
     latest_checkpoint,
     load_state_file,
     load_trainer_state,
     resume_checkpoint,
     saved_ppo_config,
-    start_fresh,
 )
 from engine.rollout import idle_models
 from engine.tokenizer import (

@@ -26,8 +26,9 @@ import sys
 from typing import TYPE_CHECKING
 
 from engine.errors import InvalidInput, MissingPackage, UnwritableOutput, first_line
+from engine.output_dir import why_unwritable
 from engine.parallel import rank0_together
-from engine.resume import WANDB_RUN_ID, atomic_write, why_unwritable
+from engine.resume import WANDB_RUN_ID, atomic_write
 
 if TYPE_CHECKING:
     from engine.state import TrainState

@@ -254,7 +254,7 @@ def _demo_ran_in(output_dir: str, init_dir: str, moved: bool = False) -> bool:
 def _refuse_another_run(output_dir: str, init_dir: str) -> None:
     """prepare_tiny's --resume: refused in an output directory that holds a run of other models than the demo's."""
     from engine.errors import OutputInUse
-    from engine.resume import run_files
+    from engine.output_dir import run_files
 
     if not _demo_ran_in(output_dir, init_dir, moved=True) and run_files(output_dir):
         raise OutputInUse(
@@ -278,8 +278,9 @@ def _check_built_seed(run: RunConfig, init_dir: str) -> None:
 
 def prepare_tiny(run: RunConfig) -> RunConfig:
     """Build the tiny default's models (if not there yet) and fill in its paths."""
+    from engine.output_dir import check_writable, start_fresh
     from engine.parallel import together
-    from engine.resume import check_resumable, check_writable, start_fresh
+    from engine.resume import check_resumable
     from engine.tokenizer import TINY_DIR, TINY_EVAL_PROMPTS, TINY_PROMPTS
 
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -315,8 +316,8 @@ def prepare_tiny(run: RunConfig) -> RunConfig:
 
 def main(argv: list[str] | None = None, *, generator_factory=None) -> list[dict]:
     """Parse flags, set up, train; returns the per-iteration metrics (with --eval-only: the evaluation's)."""
+    from engine.output_dir import lock_output_dir, unlock_output_dir
     from engine.parallel import backend_for, init_process_grid
-    from engine.resume import lock_output_dir, unlock_output_dir
 
     cfg, run, tiny = parse_args(argv)
     grid = init_process_grid(run.tp, backend_for(run.device), timeout_minutes=run.dist_timeout_minutes)

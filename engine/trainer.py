@@ -35,8 +35,9 @@ from engine.generate import GenerationStats
 from engine.kv_cache import upload
 from engine.model import forward_flops
 from engine.optim import accumulate_grads, apply_update, reduce_grads
+from engine.output_dir import TRACE_PREFIX
 from engine.parallel import agree, print0, rank0_together
-from engine.resume import TRACE_PREFIX, record_launch, resume_checkpoint, save_checkpoint
+from engine.resume import record_launch, resume_checkpoint, save_checkpoint
 from engine.rollout import add_to, check_scores, chunks, forward_rollout, generate_rollout, policy_logprobs, reduce_sums
 from engine.state import TrainState  # (the state and its setup: engine/state.py)
 from engine.tracking import Tracker

@@ -528,7 +528,7 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_anything_runs(tm
     for flags in ((), ("--eval-only", "--eval-prompts", os.path.join(ROOT, "engine/assets/prompts_tiny_eval.jsonl"))):
         with pytest.raises(OSError, match="cannot write to the output directory"):
             run_tiny(tmp_path / "file" / "out", "--max-iterations", "1", *flags)
-    from engine.resume import check_writable
+    from engine.output_dir import check_writable
 
     # a file, or something else that is not a directory, named as the output directory itself (makedirs said "File
     # exists" of /dev/null)
@@ -540,7 +540,7 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_anything_runs(tm
 
 
 LOCK_AND_WAIT = (  # (a run's lock taken by another process, which then waits to be killed)
-    "import sys, time; from engine.resume import lock_output_dir; lock_output_dir(sys.argv[1], 0); "
+    "import sys, time; from engine.output_dir import lock_output_dir; lock_output_dir(sys.argv[1], 0); "
     "print('locked', flush=True); time.sleep(120)"
 )
 
@@ -618,7 +618,7 @@ def test_a_full_disk_met_taking_the_lock_is_an_unwritable_output_dir(tmp_path, m
         run_tiny(out, "--max-iterations", "1")
     assert sorted(os.listdir(out)) == [".run.lock"]
     monkeypatch.undo()
-    from engine.resume import lock_output_dir, unlock_output_dir
+    from engine.output_dir import lock_output_dir, unlock_output_dir
 
     lock_output_dir(str(out), 0)  # (the failed lock's descriptor is closed: nothing holds it)
     unlock_output_dir(str(out))
@@ -761,7 +761,7 @@ def test_the_lock_file_holds_this_runs_line_alone_and_a_refusal_is_output_in_use
     import socket
 
     from engine.errors import OutputInUse
-    from engine.resume import RUN_LOCK, lock_output_dir, unlock_output_dir
+    from engine.output_dir import RUN_LOCK, lock_output_dir, unlock_output_dir
 
     out = tmp_path / "out"
     out.mkdir()
@@ -795,7 +795,7 @@ def test_the_lock_file_holds_this_runs_line_alone_and_a_refusal_is_output_in_use
 def test_a_lock_released_in_this_process_is_free_and_can_be_taken_again_by_any_name_of_its_directory(tmp_path):
     """unlock_output_dir releases the lock taken under another name of the directory (a link to it), and a lock taken
     again after one released in the same process (a second run in one process, as the tests run) is held again."""
-    from engine.resume import lock_output_dir, unlock_output_dir
+    from engine.output_dir import lock_output_dir, unlock_output_dir
 
     out = tmp_path / "out"
     out.mkdir()
@@ -817,7 +817,7 @@ def test_a_lock_released_in_this_process_is_free_and_can_be_taken_again_by_any_n
 def test_a_run_lock_that_is_a_dangling_link_is_named(tmp_path):
     """A .run.lock there that is a link to nothing (its target's directory gone) names the lock file, not the output
     directory."""
-    from engine.resume import lock_output_dir
+    from engine.output_dir import lock_output_dir
 
     out = tmp_path / "out"
     out.mkdir()

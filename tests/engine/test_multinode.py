@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine.config import PPOConfig
-from engine.resume import SHARED_PROBE
+from engine.output_dir import SHARED_PROBE
 from engine.tokenizer import TINY_PROMPTS
 from engine.train_ppo import build_tiny_models
 from tests.engine.runs import ROOT, SMALL, no_timing
@@ -355,14 +355,14 @@ def _check_shared_rank(rank, world, init_file, dirs, out_dir):
 
     import torch.distributed as dist
 
-    from engine import resume
+    from engine import output_dir
 
     made = []
     real = uuid.uuid4
     uuid.uuid4 = lambda: made.append(1) or real()  # (rank 0 draws one token per check it runs)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     for d in dirs:
-        resume.check_shared(d, rank)
+        output_dir.check_shared(d, rank)
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
         f.write(repr(len(made)))
     dist.destroy_process_group()
@@ -385,7 +385,7 @@ def test_the_shared_directory_check_runs_once_per_directory(tmp_path):
 @pytest.mark.parametrize("value", ["abc", "-1", "nan", "inf", "1e999"])
 def test_a_bad_shared_directory_wait_is_named(monkeypatch, value):
     from engine.errors import InvalidInput
-    from engine.resume import shared_wait_s
+    from engine.output_dir import shared_wait_s
 
     monkeypatch.setenv("TULU_SHARED_DIR_WAIT_S", value)
     with pytest.raises(InvalidInput, match=rf"TULU_SHARED_DIR_WAIT_S='{re.escape(value)}': not a number of seconds"):
@@ -393,7 +393,7 @@ def test_a_bad_shared_directory_wait_is_named(monkeypatch, value):
 
 
 def test_the_shared_directory_wait_is_a_minute_unless_set(monkeypatch):
-    from engine.resume import shared_wait_s
+    from engine.output_dir import shared_wait_s
 
     monkeypatch.delenv("TULU_SHARED_DIR_WAIT_S", raising=False)
     assert shared_wait_s() == 60

@@ -819,7 +819,8 @@ def test_starting_over_removes_a_linked_checkpoint_not_what_it_links_to(tmp_path
     """--overwrite-output-dir where the run holds a checkpoint-* symlink (a `checkpoint-best` kept on another disk)
     removes the link and leaves what it links to: rmtree refused the link, and the run stopped with a traceback
     halfway through emptying the directory (its `latest` naming a checkpoint already deleted)."""
-    from engine.resume import LATEST, start_fresh
+    from engine.output_dir import start_fresh
+    from engine.resume import LATEST
 
     out, kept = tmp_path / "out", _fake_ckpt(tmp_path / "elsewhere", 2)
     _fake_ckpt(out, 3)
@@ -832,7 +833,7 @@ def test_starting_over_removes_a_linked_checkpoint_not_what_it_links_to(tmp_path
 def test_starting_over_removes_the_earlier_runs_profiler_traces(tmp_path):
     """--profile-iteration's traces are a run's files: --overwrite-output-dir (and the tiny default's restart) removes
     them with its checkpoints and logs (they were left behind, an earlier run's trace beside the new run's)."""
-    from engine.resume import start_fresh
+    from engine.output_dir import start_fresh
 
     _fake_ckpt(tmp_path, 3)
     (tmp_path / "trace-iter000002-rank00000.json").write_text("{}")
@@ -904,7 +905,7 @@ def test_resume_checkpoint_is_latests_or_the_newest_complete_one(tmp_path, monke
 
 def test_a_writable_directory_is_made_and_left_as_it_was(tmp_path):
     """why_unwritable: a directory that can hold a run's files is made if missing, and its probe file removed."""
-    from engine.resume import why_unwritable
+    from engine.output_dir import why_unwritable
 
     assert why_unwritable(str(tmp_path / "new/out")) is None
     assert os.listdir(tmp_path / "new/out") == []
@@ -914,7 +915,7 @@ def test_start_fresh_names_what_would_delete_an_input(tmp_path):
     """An input inside the earlier run's checkpoint: a fresh run is refused as deleting it, overwrite or not;
     --eval-only as an evaluation of its own (it deletes nothing), and with --overwrite-output-dir naming that flag.
     Nothing is removed by a refusal; an input outside what is doomed is no refusal."""
-    from engine.resume import start_fresh
+    from engine.output_dir import start_fresh
 
     ckpt = _fake_ckpt(tmp_path, 1)
     inputs = {"--policy": os.path.join(ckpt, "policy")}
@@ -962,7 +963,7 @@ def test_an_output_dir_nested_in_another_runs_files_is_refused_either_way(tmp_pa
     evaluations or traces, at any depth and through a link, is refused naming that run's file; so is a directory
     holding another run (its .run.lock) inside what it would write. A run in that run's directory outside its files
     (the tiny default's models), beside it, or in a checkpoint-named directory of no run is no refusal."""
-    from engine.resume import RUN_LOCK, nested_run
+    from engine.output_dir import RUN_LOCK, nested_run
 
     run = tmp_path / "run"
     (run / "models/x").mkdir(parents=True)
@@ -1002,7 +1003,7 @@ def test_a_run_behind_a_link_in_this_runs_files_is_not_refused(tmp_path):
     """nested_run looks for another run inside what this one would delete as it prunes or starts over, and that
     deletion (shutil.rmtree) removes a link in a checkpoint, not the directory it names: another run there, behind a
     link, is no refusal; the same run in a directory of the checkpoint is."""
-    from engine.resume import RUN_LOCK, nested_run
+    from engine.output_dir import RUN_LOCK, nested_run
 
     other = tmp_path / "other"
     other.mkdir()
@@ -1020,7 +1021,7 @@ def test_the_shared_directory_probe_is_the_file_with_its_token_or_none(tmp_path)
     """_holds, check_shared's look at rank 0's probe: a file there holding another token (or cut short, as a network
     file system may show a file being written) is not it; a probe path that cannot be read at all (the output
     directory a file, or the probe a directory, on this rank's node) is no probe seen, not an error."""
-    from engine.resume import _holds
+    from engine.output_dir import _holds
 
     probe = tmp_path / ".shared-test-abc"
     assert not _holds(str(probe), "abc")
@@ -1037,7 +1038,7 @@ def test_the_shared_directory_probe_is_the_file_with_its_token_or_none(tmp_path)
 def test_a_blank_shared_directory_wait_is_the_minute(monkeypatch):
     """TULU_SHARED_DIR_WAIT_S set to spaces alone (an exported empty value padded, a blank in a job script) is unset:
     the minute, not a refusal of it as no number of seconds."""
-    from engine.resume import SHARED_WAIT_S, shared_wait_s
+    from engine.output_dir import SHARED_WAIT_S, shared_wait_s
 
     for blank in ("", " ", " \t "):
         monkeypatch.setenv("TULU_SHARED_DIR_WAIT_S", blank)
@@ -1051,7 +1052,7 @@ def _check_shared_cases_rank(rank, world, init_file, root, out_dir):
 
     import torch.distributed as dist
 
-    from engine import resume
+    from engine import output_dir
 
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
@@ -1061,21 +1062,21 @@ def _check_shared_cases_rank(rank, world, init_file, root, out_dir):
     def check(directory, wait):
         os.environ["TULU_SHARED_DIR_WAIT_S"] = wait
         try:
-            resume.check_shared(directory, rank)
+            output_dir.check_shared(directory, rank)
             got.append("ok")
         except Exception as e:
             got.append(f"{type(e).__name__}: {e}")
 
     # a probe seen late (a network file system's cached view of the directory): waited for, not refused
-    misses, holds = [], resume._holds
-    resume._holds = lambda path, token: holds(path, token) if len(misses) >= 2 or misses.append(1) else False
+    misses, holds = [], output_dir._holds
+    output_dir._holds = lambda path, token: holds(path, token) if len(misses) >= 2 or misses.append(1) else False
     check(os.path.join(root, "late"), "10")
-    resume._holds = holds
+    output_dir._holds = holds
     # rank 0 cannot write its probe (a full disk): every rank raises at once, none waits for the probe
     real_open = builtins.open
 
     def full(file, *args, **kwargs):
-        if rank == 0 and resume.SHARED_PROBE in str(file):
+        if rank == 0 and output_dir.SHARED_PROBE in str(file):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_open(file, *args, **kwargs)
 
@@ -1102,7 +1103,7 @@ def test_check_shared_waits_for_a_late_probe_and_raises_on_every_rank_at_once(tm
 
     import torch.multiprocessing as mp
 
-    from engine.resume import SHARED_PROBE
+    from engine.output_dir import SHARED_PROBE
 
     root = tmp_path / "dirs"
     for name in ("late", "full", "local0", "local1", "shared"):
@@ -1204,7 +1205,7 @@ def _resume_sites_rank(rank, world, root, out_dir):
 
     import torch.distributed as dist
 
-    from engine import resume
+    from engine import output_dir, resume
 
     init_gloo(rank, world, f"{out_dir}/init")
     got = []
@@ -1216,15 +1217,16 @@ def _resume_sites_rank(rank, world, root, out_dir):
         return (lambda *args: (_ for _ in ()).throw(error)) if rank == 0 else real
 
     # rank 0 cannot read a directory above the output directory (nested_run: a PermissionError)
-    nested_run = resume.nested_run
-    resume.nested_run = on_rank_0(nested_run, PermissionError(errno.EACCES, "Permission denied", root))
-    call(resume.check_writable, os.path.join(root, "out"), rank)
-    resume.nested_run = nested_run
+    nested_run = output_dir.nested_run
+    output_dir.nested_run = on_rank_0(nested_run, PermissionError(errno.EACCES, "Permission denied", root))
+    call(output_dir.check_writable, os.path.join(root, "out"), rank)
+    output_dir.nested_run = nested_run
     # --overwrite-output-dir: rank 0 may not delete the earlier run's checkpoint
-    rmtree = resume.shutil.rmtree
-    resume.shutil.rmtree = on_rank_0(rmtree, PermissionError(errno.EACCES, "Permission denied", "checkpoint-000001"))
-    call(resume.start_fresh, os.path.join(root, "earlier"), True, rank)
-    resume.shutil.rmtree = rmtree
+    rmtree = output_dir.shutil.rmtree
+    denied = PermissionError(errno.EACCES, "Permission denied", "checkpoint-000001")
+    output_dir.shutil.rmtree = on_rank_0(rmtree, denied)
+    call(output_dir.start_fresh, os.path.join(root, "earlier"), True, rank)
+    output_dir.shutil.rmtree = rmtree
     # a value of the configuration that is no JSON on rank 0 (a bug of ours, no OSError)
     append = resume._append_launch
     resume._append_launch = on_rank_0(append, TypeError("Object of type PosixPath is not JSON serializable"))
@@ -1276,7 +1278,7 @@ def _lock_and_trim_rank(rank, world, root, out_dir):
 
     import torch.distributed as dist
 
-    from engine import resume
+    from engine import output_dir, resume
     from engine.errors import InvalidInput
 
     init_gloo(rank, world, f"{out_dir}/init")
@@ -1285,8 +1287,8 @@ def _lock_and_trim_rank(rank, world, root, out_dir):
     def call(fn, *args):
         got.extend(outcome(fn, *args))
 
-    call(resume.lock_output_dir, root, rank)  # (rank 0 alone takes it: rank 1, another process, is not refused)
-    resume.unlock_output_dir(root)
+    call(output_dir.lock_output_dir, root, rank)  # (rank 0 alone takes it: rank 1, another process, is not refused)
+    output_dir.unlock_output_dir(root)
     if rank == 0:  # (the reference model's weights unreadable on rank 0, which alone fingerprints them)
         resume.model_fingerprints = lambda run: (_ for _ in ()).throw(InvalidInput("ref: unreadable weights"))
     call(resume.fingerprint_models, None, None, rank)
@@ -1351,20 +1353,20 @@ def _start_fresh_rank(rank, world, out, out_dir):
 
     import torch.distributed as dist
 
-    from engine import resume
+    from engine import output_dir
 
     init_gloo(rank, world, f"{out_dir}/init")
-    real = resume.run_files
+    real = output_dir.run_files
 
-    def run_files(output_dir):  # (the output directory unreadable on rank 1's node alone)
+    def run_files(path):  # (the output directory unreadable on rank 1's node alone)
         if rank == 1:
-            raise PermissionError(errno.EACCES, "Permission denied", output_dir)
-        return real(output_dir)
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real(path)
 
-    resume.run_files = run_files
-    got = outcome(resume.start_fresh, out, False, rank)
-    resume.run_files = real
-    got += outcome(resume.start_fresh, out, False, rank)  # (readable on both: nothing there, nothing refused)
+    output_dir.run_files = run_files
+    got = outcome(output_dir.start_fresh, out, False, rank)
+    output_dir.run_files = real
+    got += outcome(output_dir.start_fresh, out, False, rank)  # (readable on both: nothing there, nothing refused)
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
         f.write(json.dumps(got))
     dist.destroy_process_group()
