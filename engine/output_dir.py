@@ -148,8 +148,9 @@ def lock_output_dir(output_dir: str | None, rank: int) -> None:
     writing into the same directory at once (a job requeued while the first still runs, a command started twice)
     is refused before it reads or writes anything there, naming the first (its host, process and start, which the
     file holds), rather than both saving checkpoints, `latest` and metrics over each other. The process holds it
-    until unlock_output_dir (train_ppo's main, as it ends) or its own end, however it ends (the kernel's flock). A
-    file system without locks (some network mounts) is warned of and run on. Every rank raises together."""
+    until unlock_output_dir (train_ppo's main, as it ends; the file removed) or its own end, however it ends (the
+    kernel's flock; the file left, and taken by the next run). A file system without locks (some network mounts) is
+    warned of and run on. Every rank raises together."""
     rank0_together("locking the output directory", rank, _lock_once, output_dir)
 
 
@@ -166,27 +167,34 @@ def _lock(output_dir: str) -> InputError | None:
     import socket
 
     fn = os.path.join(output_dir, RUN_LOCK)
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        fd = os.open(fn, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:  # (the directory, or a lock file there that is not this user's to write, or no file)
-        what = f"its run lock {fn}" if os.path.lexists(fn) else f"the output directory {output_dir}"
-        return UnwritableOutput(f"cannot write to {what}: {e.strerror or e}")
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "its host and process unknown"
+    for tries in range(1, 101):
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            fd = os.open(fn, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # (the directory, or a lock file there that is not this user's to write, or no file)
+            what = f"its run lock {fn}" if os.path.lexists(fn) else f"the output directory {output_dir}"
+            return UnwritableOutput(f"cannot write to {what}: {e.strerror or e}")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "its host and process unknown"
+            os.close(fd)
+            return OutputInUse(
+                f"{output_dir} is being written by another run ({holder}): wait for it to end or stop it (its lock "
+                "goes with it, however it ends), or give this run another --output-dir"
+            )
+        except OSError as e:  # (ENOLCK, EINVAL: a file system without flock)
+            os.close(fd)
+            print0(f"warning: cannot lock {fn} ({e.strerror or e}): a second run started in {output_dir} meanwhile "
+                   "would not be refused")  # fmt: skip
+            # (said once: the run checks its output directory more than once)
+            _locks[os.path.realpath(output_dir)] = -1
+            return None
+        # (the run that held it removed it as this process opened it: a lock on a file no run will look at again,
+        # let go, and the file there now taken; a file system whose stat and fstat disagree, taken after 100 tries)
+        if _names(fn, fd) or tries == 100:
+            break
         os.close(fd)
-        return OutputInUse(
-            f"{output_dir} is being written by another run ({holder}): wait for it to end or stop it (its lock goes "
-            "with it, however it ends), or give this run another --output-dir"
-        )
-    except OSError as e:  # (ENOLCK, EINVAL: a file system without flock)
-        os.close(fd)
-        print0(f"warning: cannot lock {fn} ({e.strerror or e}): a second run started in {output_dir} meanwhile "
-               "would not be refused")  # fmt: skip
-        _locks[os.path.realpath(output_dir)] = -1  # (said once: the run checks its output directory more than once)
-        return None
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     try:
         os.ftruncate(fd, 0)
@@ -199,10 +207,30 @@ def _lock(output_dir: str) -> InputError | None:
 
 
 def unlock_output_dir(output_dir: str | None) -> None:
-    """Releases lock_output_dir's lock (the file stays: removing it could part a waiting run from the lock)."""
-    fd = _locks.pop(os.path.realpath(output_dir), None) if output_dir else None
+    """Releases lock_output_dir's lock and removes its file: unlinked while the lock is still held, and only if the
+    path still names the file held (never a new file another run took there). A run that opened the file just before
+    it went finds, once it has locked it, that the path no longer names it, and takes the path's new file (_lock)."""
+    real = os.path.realpath(output_dir) if output_dir else None
+    fd = _locks.pop(real, None) if real else None
     if fd is not None and fd >= 0:
-        os.close(fd)  # (closing the only descriptor of the lock releases it)
+        fn = os.path.join(real, RUN_LOCK)
+        try:
+            if _names(fn, fd):
+                os.unlink(fn)
+        except OSError:  # (the directory no longer writable, say: the file stays, as a crashed run's does)
+            pass
+        finally:
+            os.close(fd)  # (closing the only descriptor of the lock releases it)
+
+
+def _names(path: str, fd: int) -> bool:
+    """Whether `path` names the file open as `fd` (False if nothing is there)."""
+    try:
+        there = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
 
 
 TRACE_PREFIX = "trace-iter"  # --profile-iteration's Chrome traces (engine.trainer._profiled_iteration)
@@ -223,15 +251,16 @@ def _run_file(name: str) -> bool:
 
 def nested_run(output_dir: str) -> InputError | None:
     """The refusal of an output directory nested in another run's files: inside what a run (a directory with a
-    .run.lock) writes there, `D/checkpoint-000001/x` or `D/eval/x`, which that run deletes as it prunes its
-    checkpoints or starts over; or holding, inside what this run would write and delete, another run's directory.
-    None if neither (a run beside another's, or in another's directory outside its files, is fine)."""
+    .run.lock, or, once the run ended and removed it, its logs, launches.jsonl or `latest`: _ran_in) writes there,
+    `D/checkpoint-000001/x` or `D/eval/x`, which that run deletes as it prunes its checkpoints or starts over; or
+    holding, inside what this run would write and delete, another run's directory. None if neither (a run beside
+    another's, or in another's directory outside its files, is fine)."""
     real = os.path.realpath(output_dir)
     inner, outer = real, os.path.dirname(real)
     while outer != inner:
         below = os.path.relpath(real, outer)
         top = below.split(os.sep)[0]
-        if _run_file(top) and os.path.exists(os.path.join(outer, RUN_LOCK)):
+        if _run_file(top) and _ran_in(outer):
             how = "is" if below == top else "lies in"
             return InvalidInput(
                 f"{output_dir} {how} {os.path.join(outer, top)}, which the run writing {outer} deletes as it prunes "
@@ -240,13 +269,23 @@ def nested_run(output_dir: str) -> InputError | None:
         inner, outer = outer, os.path.dirname(outer)
     for name in run_files(real):
         for where, _, files in os.walk(os.path.join(real, name)):  # (links not followed: what a run deletes)
-            if RUN_LOCK in files:
+            if _ran_in(where, files):
                 return InvalidInput(
                     f"{output_dir} holds another run's output directory, {where}, in {name}, which this run would "
                     "delete as it prunes its checkpoints or starts over: move that run out of there first, or give "
                     "this run another --output-dir"
                 )
     return None
+
+
+def _ran_in(directory: str, names: list[str] | None = None) -> bool:
+    """Whether a run writes, or wrote, into `directory` (whose entries are `names`, if listed already): its lock file
+    there (a run going on, or one that crashed), or what every run leaves when it ends (its logs, launches.jsonl or
+    `latest`; an ended run's lock file is removed)."""
+    marks = (RUN_LOCK, LATEST, LAUNCHES, *LOGS)
+    if names is not None:
+        return any(n in names for n in marks)
+    return any(os.path.exists(os.path.join(directory, n)) for n in marks)
 
 
 def start_fresh(

@@ -27,6 +27,7 @@ def test_a_fresh_run_into_a_used_output_dir_is_refused_unless_overwritten(tmp_pa
     from engine.tokenizer import TINY_DIR, TINY_EVAL_PROMPTS, TINY_PROMPTS
 
     run_tiny(tmp_path, "--max-iterations", "1")  # the tiny default (which starts over each time) leaves a run here
+    assert not (tmp_path / ".run.lock").exists()  # (its lock file removed as it ended)
     flags = ["--policy", str(tmp_path / "init/policy"), "--reward", str(tmp_path / "init/reward"),
              "--prompts", TINY_PROMPTS, "--tokenizer", TINY_DIR, "--max-iterations", "1"]  # fmt: skip
     with pytest.raises(FileExistsError, match=r"holds an earlier run \(checkpoint-000001, eval, eval.jsonl, ...\)"):
@@ -812,6 +813,53 @@ def test_a_lock_released_in_this_process_is_free_and_can_be_taken_again_by_any_n
         finally:
             unlock_output_dir(str(released))
         assert another_process_takes_it(), (taken, released)
+
+
+def test_a_run_that_ends_removes_its_lock_file_but_never_another_runs(tmp_path, monkeypatch):
+    """unlock_output_dir removes .run.lock as the run ends (the file was left in every output directory), while it
+    still holds the lock and only if the path still names the file it holds: a file put there since (another run's)
+    stays. A run that locked the file just as its holder removed it takes the path's new file instead (two runs
+    would otherwise each hold a lock, one on a file no longer there). A crashed run's file is taken as before."""
+    import fcntl
+
+    from engine import output_dir
+    from engine.output_dir import RUN_LOCK, lock_output_dir, unlock_output_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / RUN_LOCK
+    lock.write_text("host gone, pid 1, since long ago\n")  # (a crashed run's)
+    lock_output_dir(str(out), 0)
+    assert f"pid {os.getpid()}," in lock.read_text()
+    unlock_output_dir(str(out))
+    assert not lock.exists()
+    lock_output_dir(str(out), 0)  # (a run after it: a new file, locked)
+    try:
+        assert lock.exists()
+        assert subprocess.run([sys.executable, "-c", LOCK_AND_WAIT.split("; print")[0], str(out)], cwd=ROOT).returncode
+    finally:
+        lock.unlink()  # (the path replaced by another run's file while this one held the old one)
+        lock.write_text("another run's\n")
+        unlock_output_dir(str(out))
+    assert lock.read_text() == "another run's\n"
+    lock.unlink()
+    real_flock, removed = fcntl.flock, []
+
+    def holder_removes_it_first(fd, operation):  # (the holder ends between this run's open and its flock)
+        if not removed:
+            removed.append(os.fstat(fd).st_ino)
+            lock.unlink()
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", holder_removes_it_first)
+    lock_output_dir(str(out), 0)
+    try:
+        held = os.fstat(output_dir._locks[os.path.realpath(out)])
+        assert removed and (held.st_dev, held.st_ino) == (lock.stat().st_dev, lock.stat().st_ino)
+        assert f"pid {os.getpid()}," in lock.read_text()
+    finally:
+        unlock_output_dir(str(out))
+    assert not lock.exists()
 
 
 def test_a_run_lock_that_is_a_dangling_link_is_named(tmp_path):

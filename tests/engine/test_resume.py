@@ -1017,6 +1017,26 @@ def test_a_run_behind_a_link_in_this_runs_files_is_not_refused(tmp_path):
     )
 
 
+def test_a_run_that_ended_still_marks_its_directory_for_nested_run(tmp_path):
+    """nested_run after a run ended (its .run.lock removed as it ends): its `latest`, launches.jsonl or a log still
+    mark its directory as a run's, inside whose checkpoints another output directory is refused, and which no other
+    run's files may hold."""
+    from engine.output_dir import RUN_LOCK, nested_run
+    from engine.resume import LATEST, LAUNCHES, LOGS
+
+    for i, mark in enumerate((LATEST, LAUNCHES, *LOGS)):
+        run = tmp_path / f"m{i}" / "run"
+        (run / "checkpoint-000001").mkdir(parents=True)
+        (run / mark).touch()
+        assert not (run / RUN_LOCK).exists()
+        assert "which the run writing" in str(nested_run(str(run / "checkpoint-000001/x"))), mark
+        outer = tmp_path / f"o{i}"
+        (outer / "checkpoint-000001/x").mkdir(parents=True)
+        (outer / "checkpoint-000001/x" / mark).touch()
+        assert "holds another run's output directory" in str(nested_run(str(outer))), mark
+    assert nested_run(str(tmp_path / "plain/checkpoint-000001/x")) is None  # (no run there: fine, as before)
+
+
 def test_the_shared_directory_probe_is_the_file_with_its_token_or_none(tmp_path):
     """_holds, check_shared's look at rank 0's probe: a file there holding another token (or cut short, as a network
     file system may show a file being written) is not it; a probe path that cannot be read at all (the output
