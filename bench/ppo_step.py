@@ -30,7 +30,8 @@ from engine.config import MODEL_SHAPES, ModelConfig, PPOConfig  # noqa: E402
 from engine.errors import InvalidInput  # noqa: E402
 from engine.model import Transformer  # noqa: E402
 from engine.parallel import backend_for, init_process_grid, print0  # noqa: E402
-from engine.state import RunConfig, check_generator_slots, make_state, resolve_device, resolve_dtype  # noqa: E402
+from engine.preflight import check_generator_slots, resolve_device, resolve_dtype  # noqa: E402
+from engine.state import RunConfig, make_state  # noqa: E402
 from engine.trainer import ppo_iteration  # noqa: E402
 
 

@@ -37,7 +37,7 @@ from engine.generate import Generator  # noqa: E402
 from engine.kv_cache import resolve_cache_dtype  # noqa: E402
 from engine.model import Transformer, forward_flops  # noqa: E402
 from engine.parallel import backend_for, init_process_grid, print0  # noqa: E402
-from engine.state import device_error, resolve_device  # noqa: E402
+from engine.preflight import device_error, resolve_device  # noqa: E402
 from kernels.paged_attention import check_decode_config, set_decode_config  # noqa: E402
 
 

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from engine import preflight
 from engine import state as state_mod
 from engine.checkpoint import load_pretrained
 from engine.config import PPOConfig
@@ -276,13 +277,13 @@ def test_mistakes_in_the_inputs_are_input_errors_named_before_anything_is_built(
     grid = ProcessGrid(rank=0, world_size=3, tp=3)
     cfg, run, _ = parse_args(["--policy", policy, "--reward", reward, "--prompts", TINY_PROMPTS])
     with pytest.raises(InputError, match=r"--tp 3 does not divide the policy model's attention heads \(4\)"):
-        state_mod.check_context(run, cfg, grid)  # (on a CPU too: no memory plan there)
+        preflight.check_context(run, cfg, grid)  # (on a CPU too: no memory plan there)
     # a damaged `latest` (here a directory) names itself
     (out / LATEST).mkdir(parents=True)
     with pytest.raises(InputError, match=r"latest is damaged \(IsADirectoryError"):
         run_tiny(out, "--policy", policy, "--reward", reward, "--prompts", TINY_PROMPTS, "--resume")
     # a fault inside a check is no input error: it keeps its own type (and so its traceback at the command line)
-    monkeypatch.setattr(state_mod, "check_checkpoint", lambda *a: (_ for _ in ()).throw(ValueError("a bug")))
+    monkeypatch.setattr(preflight, "check_checkpoint", lambda *a: (_ for _ in ()).throw(ValueError("a bug")))
     with pytest.raises(ValueError, match="^a bug$") as e:
         run_tiny(tmp_path / "o2", "--policy", policy, "--reward", reward, "--prompts", TINY_PROMPTS)
     assert not isinstance(e.value, InputError)
@@ -319,10 +320,10 @@ def test_a_layout_that_cannot_run_is_refused_before_any_weight_is_read(tmp_path,
         tiny_state(tmp_path / "b", "--max-new-tokens", "2000")
     check_fills_a_rollout(64, 64)
     split = PPOConfig(train_batch_size=8, rollout_batch_size=16, samples_per_prompt=3)
-    state_mod.check_batch_sizes(split, ProcessGrid(world_size=2, dp=2))
+    preflight.check_batch_sizes(split, ProcessGrid(world_size=2, dp=2))
     out = capsys.readouterr().out
     assert "a rank's share of a minibatch (4 sequences) does not hold whole prompts' 3 samples" in out
-    state_mod.check_batch_sizes(split, ProcessGrid(world_size=2, dp=2), warn=False)  # (make_state's, after setup's)
+    preflight.check_batch_sizes(split, ProcessGrid(world_size=2, dp=2), warn=False)  # (make_state's, after setup's)
     assert capsys.readouterr().out == ""
 
 

@@ -107,7 +107,8 @@ def test_is_repo_id(tmp_path, monkeypatch):
 def test_a_local_file_shaped_like_an_id_is_named_as_a_file_not_fetched(tmp_path, monkeypatch):
     """`--policy policy/model.safetensors` beside a checkpoint: a local file, named as one with the directory to give
     instead, not asked of the Hub as the repo `model.safetensors` of an org `policy`."""
-    from engine.state import RunConfig, check_paths
+    from engine.preflight import check_paths
+    from engine.state import RunConfig
 
     (tmp_path / "policy").mkdir()
     (tmp_path / "policy/model.safetensors").write_bytes(b"")
@@ -121,7 +122,8 @@ def test_a_local_file_shaped_like_an_id_is_named_as_a_file_not_fetched(tmp_path,
 def test_a_broken_link_shaped_like_an_id_is_named_as_one_not_fetched(tmp_path, monkeypatch):
     """`--policy models/llama` where models/llama is a symbolic link to a checkpoint since moved: named as a broken
     link, not asked of the Hub as the repo `llama` of an org `models` (os.path.exists is False for a broken link)."""
-    from engine.state import RunConfig, check_paths
+    from engine.preflight import check_paths
+    from engine.state import RunConfig
 
     (tmp_path / "models").mkdir()
     (tmp_path / "models/llama").symlink_to(tmp_path / "moved/away")
@@ -279,7 +281,8 @@ def test_memory_is_planned_from_config_json_before_any_weight_is_fetched(tmp_pat
     from engine import state as state_mod
     from engine.config import PPOConfig
     from engine.parallel import ProcessGrid
-    from engine.state import RunConfig, check_memory
+    from engine.preflight import check_memory
+    from engine.state import RunConfig
 
     order = []
     monkeypatch.setattr(state_mod, "check_memory", lambda *a: order.append(list(fake_hub.calls)))

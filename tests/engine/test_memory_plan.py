@@ -14,7 +14,8 @@ from engine import memory_plan, offload
 from engine.config import ModelConfig, PPOConfig
 from engine.model import Transformer
 from engine.parallel import ProcessGrid
-from engine.state import RunConfig, check_memory
+from engine.preflight import check_memory
+from engine.state import RunConfig
 from tests.engine.fake_tp import FakeGroup, fake_tp
 from tests.engine.hf_models import save_hf_model
 

@@ -272,7 +272,8 @@ def _one_rank_fails_rank(rank, init_file, check, out_dir):
 
     from engine.evaluate import check_resumed_eval
     from engine.parallel import ProcessGrid
-    from engine.state import RunConfig, check_memory, model_loader
+    from engine.preflight import check_memory
+    from engine.state import RunConfig, model_loader
     from engine.tracking import Tracker
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,

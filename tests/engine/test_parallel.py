@@ -146,7 +146,7 @@ def test_a_gpu_named_by_index_under_torchrun_must_be_the_ranks(monkeypatch):
     import torch
 
     from engine.parallel import ProcessGrid
-    from engine.state import resolve_device
+    from engine.preflight import resolve_device
 
     current = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

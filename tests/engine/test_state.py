@@ -1,5 +1,6 @@
-"""engine/state.py's checks and decisions: a resume's hyperparameters (the checkpoint's, the command line's, the
-legacy defaults), RunConfig's bounds, the context and recompute checks, and the offload decisions as on a GPU."""
+"""engine/state.py's and engine/preflight.py's checks and decisions: a resume's hyperparameters (the checkpoint's,
+the command line's, the legacy defaults), RunConfig's bounds, the context and recompute checks, and the offload
+decisions as on a GPU."""
 
 import dataclasses
 import json
@@ -10,7 +11,7 @@ import types
 import pytest
 import torch
 
-from engine import memory_plan, offload
+from engine import memory_plan, offload, preflight
 from engine import state as state_mod
 from engine.config import PPOConfig
 from engine.errors import InvalidInput
@@ -54,7 +55,7 @@ def test_kv_cache_fraction_one_is_allowed():
 def test_a_two_digit_cuda_index_is_a_device():
     assert RunConfig(device="cuda:10").device == "cuda:10"
     for bad in ("cuda:", "cpu0", "cuda:1x", "autocpu"):  # (the whole name: not a device's that it begins with)
-        assert state_mod.device_error(bad) == f"device must be auto, cpu, cuda or cuda:N, got {bad!r}"
+        assert preflight.device_error(bad) == f"device must be auto, cpu, cuda or cuda:N, got {bad!r}"
 
 
 def _tiny_run(tmp_path, *flags):
@@ -69,10 +70,10 @@ def _tiny_run(tmp_path, *flags):
 def test_context_one_token_over_is_refused(tmp_path):
     """The tiny models' context is 2048 tokens: exactly that fits, one more is refused."""
     cfg, run, _, _ = _tiny_run(tmp_path, "--max-prompt-len", "128", "--max-new-tokens", "1920")
-    state_mod.check_context(run, cfg, ProcessGrid())  # exactly the context: fine
+    preflight.check_context(run, cfg, ProcessGrid())  # exactly the context: fine
     cfg = dataclasses.replace(cfg, max_new_tokens=1921)
     with pytest.raises(InvalidInput, match=r"= 2049 tokens do not fit the policy model's context"):
-        state_mod.check_context(run, cfg, ProcessGrid())
+        preflight.check_context(run, cfg, ProcessGrid())
 
 
 def test_recomputing_more_layers_than_the_value_model_has_is_refused(tmp_path):
@@ -83,7 +84,7 @@ def test_recomputing_more_layers_than_the_value_model_has_is_refused(tmp_path):
     (shallow / "config.json").write_text(json.dumps({**c, "num_hidden_layers": 1}))
     run = dataclasses.replace(run, reward=str(shallow))
     with pytest.raises(InvalidInput, match=r"--activation-checkpointing 2: the value model \(from --reward\) has 1"):
-        state_mod.check_context(run, cfg, ProcessGrid())
+        preflight.check_context(run, cfg, ProcessGrid())
 
 
 @pytest.fixture
@@ -203,7 +204,7 @@ def test_batch_sizes_against_the_rollout_and_the_data_parallel_ranks(capsys):
     """check_batch_sizes: a rollout's rollout_batch_size x samples_per_prompt sequences in whole minibatches, both
     batch sizes split over the DP ranks, and the warning for a rank's share that splits a prompt's samples only
     where there are several ranks (one rank's minibatches are what they are)."""
-    check = state_mod.check_batch_sizes
+    check = preflight.check_batch_sizes
     check(PPOConfig(train_batch_size=8, rollout_batch_size=4, samples_per_prompt=2), ProcessGrid())  # 8 sequences
     with pytest.raises(InvalidInput, match="rollout of 12 sequences is not a multiple of train_batch_size 8"):
         check(PPOConfig(train_batch_size=8, rollout_batch_size=4, samples_per_prompt=3), ProcessGrid())
@@ -247,12 +248,12 @@ def test_iterations_and_the_profiled_one():
     """A run's rollouts: every prompt epoch's full batches (the last partial one dropped), or --max-iterations of them
     when fewer; --profile-iteration may name the last one."""
     cfg = PPOConfig(rollout_batch_size=16, train_batch_size=16, prompt_epochs=3)
-    assert state_mod.run_iterations(50, cfg, RunConfig()) == 9
-    assert state_mod.run_iterations(50, cfg, RunConfig(max_iterations=20)) == 9
-    assert state_mod.run_iterations(50, cfg, RunConfig(max_iterations=4)) == 4
-    state_mod.check_profile_iteration(RunConfig(profile_iteration=9), 9)
+    assert preflight.run_iterations(50, cfg, RunConfig()) == 9
+    assert preflight.run_iterations(50, cfg, RunConfig(max_iterations=20)) == 9
+    assert preflight.run_iterations(50, cfg, RunConfig(max_iterations=4)) == 4
+    preflight.check_profile_iteration(RunConfig(profile_iteration=9), 9)
     with pytest.raises(InvalidInput, match=r"--profile-iteration 10 is past the run's last iteration \(9\)"):
-        state_mod.check_profile_iteration(RunConfig(profile_iteration=10), 9)
+        preflight.check_profile_iteration(RunConfig(profile_iteration=10), 9)
 
 
 def test_dtype_and_generator_settings(monkeypatch):
@@ -260,10 +261,10 @@ def test_dtype_and_generator_settings(monkeypatch):
     --kv-cache-mb in MiB."""
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert (
-        state_mod.resolve_dtype("auto", cuda) is torch.bfloat16
-        and state_mod.resolve_dtype("auto", cpu) is torch.float32
+        preflight.resolve_dtype("auto", cuda) is torch.bfloat16
+        and preflight.resolve_dtype("auto", cpu) is torch.float32
     )
-    assert state_mod.resolve_dtype("float16", cuda) is torch.float16
+    assert preflight.resolve_dtype("float16", cuda) is torch.float16
     import engine.generate
 
     built = []
@@ -317,16 +318,16 @@ def test_the_plan_on_a_gpu_caps_the_cache_at_the_generators_slots(tmp_path, monk
     run = RunConfig(policy=str(tmp_path / "policy"), reward=str(tmp_path / "rm"), dtype="bfloat16", gen_max_num_seqs=3)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 10 * 2**30))
     capsys.readouterr()
-    state_mod.check_memory(PPOConfig(), run, ProcessGrid(), torch.device("cuda", 0))
+    preflight.check_memory(PPOConfig(), run, ProcessGrid(), torch.device("cuda", 0))
     assert "(3 sequences of 2048)" in capsys.readouterr().out
 
 
 def test_no_plan_on_a_gpu_without_the_models_configs_keeps_the_optimizer_on_the_gpu(monkeypatch, capsys):
     """check_memory where a Hub id's config.json could not be had (config_sources: None; resolve_run names that): no
     plan printed, and the optimizer state not made host-resident on its account."""
-    monkeypatch.setattr(state_mod, "config_sources", lambda paths: None)
+    monkeypatch.setattr(preflight, "config_sources", lambda paths: None)
     capsys.readouterr()
-    assert state_mod.check_memory(PPOConfig(), RunConfig(), ProcessGrid(), torch.device("cuda", 0)) is False
+    assert preflight.check_memory(PPOConfig(), RunConfig(), ProcessGrid(), torch.device("cuda", 0)) is False
     assert capsys.readouterr().out == ""
 
 
@@ -334,10 +335,10 @@ def test_an_evaluation_set_as_large_as_the_data_parallel_ranks(tmp_path):
     """Each DP rank answers at least one evaluation prompt: as many prompts as ranks is enough, fewer refused."""
     held = lambda n, seed: (types.SimpleNamespace(prompts=[[1]] * 8), types.SimpleNamespace(prompts=[[2]] * n))  # noqa: E731
     prompt_set, grid = types.SimpleNamespace(hold_out=held), ProcessGrid(world_size=2, dp=2)
-    _, eval_set = state_mod.evaluation_set(PPOConfig(), RunConfig(eval_holdout=2), grid, None, prompt_set)
+    _, eval_set = preflight.evaluation_set(PPOConfig(), RunConfig(eval_holdout=2), grid, None, prompt_set)
     assert len(eval_set.prompts) == 2
     with pytest.raises(InvalidInput, match="1 eval prompts cannot be split over 2 data-parallel ranks"):
-        state_mod.evaluation_set(PPOConfig(), RunConfig(eval_holdout=1), grid, None, prompt_set)
+        preflight.evaluation_set(PPOConfig(), RunConfig(eval_holdout=1), grid, None, prompt_set)
 
 
 def test_a_resume_restores_the_checkpoints_pairs_as_tuples(monkeypatch, tmp_path):
@@ -411,14 +412,14 @@ def test_a_fixed_kv_cache_must_hold_a_sequence_of_the_policys_kv_on_a_rank(tmp_p
     cfg = PPOConfig(max_prompt_len=1024, max_new_tokens=1024)  # 128 blocks: 4 MiB in fp32
     cpu = torch.device("cpu")
     run = RunConfig(policy=str(tmp_path), reward=str(tmp_path), dtype="float32", kv_cache_mb=4)
-    state_mod.check_kv_cache_mb(run, cfg, ProcessGrid(), cpu)  # (exactly 4 MiB)
+    preflight.check_kv_cache_mb(run, cfg, ProcessGrid(), cpu)  # (exactly 4 MiB)
     with pytest.raises(InvalidInput, match=r"--kv-cache-mb 3: .* = 2048 tokens \(128 blocks of 16 tokens, 4\.00 MiB"):
-        state_mod.check_kv_cache_mb(dataclasses.replace(run, kv_cache_mb=3), cfg, ProcessGrid(), cpu)
+        preflight.check_kv_cache_mb(dataclasses.replace(run, kv_cache_mb=3), cfg, ProcessGrid(), cpu)
     small = dataclasses.replace(run, kv_cache_mb=2)
-    state_mod.check_kv_cache_mb(small, cfg, ProcessGrid(world_size=2, tp=2), cpu)  # (a rank's one K/V head: 2 MiB)
-    state_mod.check_kv_cache_mb(dataclasses.replace(small, dtype="bfloat16"), cfg, ProcessGrid(), cpu)  # (bf16)
+    preflight.check_kv_cache_mb(small, cfg, ProcessGrid(world_size=2, tp=2), cpu)  # (a rank's one K/V head: 2 MiB)
+    preflight.check_kv_cache_mb(dataclasses.replace(small, dtype="bfloat16"), cfg, ProcessGrid(), cpu)  # (bf16)
     with pytest.raises(InvalidInput, match=r"2\.00 MiB of the policy's K/V per GPU\): give it at least 2"):
-        state_mod.check_kv_cache_mb(dataclasses.replace(run, kv_cache_mb=1), cfg, ProcessGrid(world_size=2, tp=2), cpu)
+        preflight.check_kv_cache_mb(dataclasses.replace(run, kv_cache_mb=1), cfg, ProcessGrid(world_size=2, tp=2), cpu)
 
 
 def _one_rank_refuses_rank(rank, world, init_file, policy, reward, prompts, out_dir):
@@ -444,7 +445,7 @@ def _one_rank_refuses_rank(rank, world, init_file, policy, reward, prompts, out_
         dist.barrier()  # (the next case starts on both ranks together)
 
     sources = {"policy": ("--policy", policy, "lm"), "reward": ("--reward", reward + gone, "score")}
-    attempt(state_mod.check_checkpoints, sources)
+    attempt(preflight.check_checkpoints, sources)
     run = RunConfig(policy=policy, reward=reward, prompts=prompts, output_dir=os.path.join(out_dir, "run"), resume=True)
 
     def unread(*args):
@@ -494,9 +495,9 @@ def test_a_fault_in_the_checkpoint_check_is_raised_as_itself(monkeypatch):
     def bug(path, head):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(state_mod, "check_checkpoint", bug)
+    monkeypatch.setattr(preflight, "check_checkpoint", bug)
     with pytest.raises(KeyError) as raised:
-        state_mod.check_checkpoints({"reward": ("--reward", "/some/reward", "score")})
+        preflight.check_checkpoints({"reward": ("--reward", "/some/reward", "score")})
     assert raised.value.args == ("a bug",) and raised.value.__cause__ is None
 
 
@@ -552,10 +553,10 @@ def _plan_rank(rank, world, init_file, out_dir):
             raise MissingInput("--reward: checkpoint directory rm does not exist")
         return "the plan", False
 
-    state_mod._plan_memory = plan
+    preflight._plan_memory = plan
     grid = ProcessGrid(rank, world, dp=world)
     got = outcome(
-        lambda: str(state_mod.check_memory(PPOConfig(), RunConfig(), grid, torch.device("cuda", 0))), done=None
+        lambda: str(preflight.check_memory(PPOConfig(), RunConfig(), grid, torch.device("cuda", 0))), done=None
     )
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
         f.write(json.dumps(got))
