@@ -1,7 +1,8 @@
 """The checks a run passes before any weight is read, and the device and dtype its flags name: the batch sizes, the
 paths, the checkpoints (config.json, the weight files' headers) against their roles, the tokenizer and prompts read
-and checked against the models' shapes and the flags, a fixed KV cache, and on a GPU the memory plan (engine/state.py's
-setup() and setup_evaluation() run them, every rank at once).
+and checked against the models' shapes and the flags, a fixed KV cache, and on a GPU the memory plan. engine/state.py's
+setup() and setup_evaluation() run them (those that read files under parallel.together, every rank at once); the
+benches take the device and dtype from here too.
 """
 
 from __future__ import annotations
