@@ -141,6 +141,30 @@ def test_measure_on_cuda_is_the_median_of_do_bench_and_the_peak_less_new_outputs
     assert C.measure(out, "cuda")[1] == 0.0
 
 
+def test_storages_alive_skips_dead_proxies_and_fake_tensors():
+    """The scan of live tensors that measure() makes before a call survives what torch.compile leaves behind (fake
+    tensors, which have no data) and a weak proxy whose object is gone (isinstance on it raises ReferenceError): on
+    an H200 (2026-12-04) both failed every measurement after a torch.compile peer's row."""
+    import weakref
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import bench.common as C
+
+    class Box:
+        pass
+
+    box = Box()
+    dead = weakref.proxy(box)
+    del box
+    with FakeTensorMode():
+        fake = torch.empty(4)  # noqa: F841 (alive in gc while the scan runs)
+    real = torch.ones(3)
+    alive = C._storages_alive("cpu")
+    assert real.untyped_storage().data_ptr() in alive
+    assert dead is not None  # (kept alive until here)
+
+
 # bench/rollout_throughput.py
 
 
