@@ -88,6 +88,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "ops) per step printed, and its Chrome trace written here",
     )
     p.add_argument(
+        "--profile-tokens",
+        type=int,
+        default=32,
+        help="new tokens per prompt in the --profile run (default 32; the eager decode under the profiler is several "
+        "times slower than the timed run: 256 steps of the 13B batch-64 run took over a minute on an H200). Its "
+        "prefill's kernels show with fewer calls per step than a layer count",
+    )
+    p.add_argument(
         "--decode-config",
         default=None,
         help="JSON object overriding the paged decode kernel's launch (kernels.paged_attention.set_decode_config: "
@@ -96,7 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--json", default=None, help="write the figures to this file")
     a = p.parse_args(argv)
-    for flag in ("batch", "prompt_len", "gen_len", "max_num_seqs", "block_size", "tp"):
+    for flag in ("batch", "prompt_len", "gen_len", "max_num_seqs", "block_size", "tp", "profile_tokens"):
         if getattr(a, flag) is not None and getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
     if a.repeats < 1 or a.stop_tokens < 0:
@@ -357,7 +365,8 @@ def main(argv=None) -> dict:
     ours = time_ours(gen, prompts, params, args.repeats, device)
     ours["cuda_graphs"] = bool(gen.use_cuda_graphs)
     if args.profile:
-        ours["profile"] = profile_ours(gen, prompts, params, args.profile, device)
+        short = GenerateConfig(**{**params.__dict__, "max_new_tokens": min(args.profile_tokens, params.max_new_tokens)})
+        ours["profile"] = profile_ours(gen, prompts, short, args.profile, device)
     # its KV pool is allocated up front from the free memory (--kv-cache-fraction): the peak minus the pool is what
     # the run itself took
     ours["kv_pool_gib"] = gen.pool.tensor.numel() * gen.pool.tensor.element_size() / 2**30 if gen.pool else 0.0

@@ -10,8 +10,10 @@
 # time left). The group `tune` (alone) is the lease after it: the paged decode sweep on the rollout's shapes, the
 # 13B batch-64 rollout again with the sweep's fastest launch for its shape (--decode-config) and a profile of where
 # its step time goes (--profile: the costliest kernels per step), the rope attention
-# sweep, then test_gpu.py and the kernel tests that failed on the first lease. No NAME: everything, in the order
-# below. SUITE_COMMIT names the commit in summary.txt.
+# sweep, then test_gpu.py and the kernel tests that failed on the first lease. The group `check` (alone) fits a lease's
+# last three minutes: the rollouts and the paged decode at the launch decode_config now picks (no override), the
+# offload test that failed, then log-probs, sampling, RMSNorm/SwiGLU. No NAME: everything, in the order below.
+# SUITE_COMMIT names the commit in summary.txt.
 #
 # The lease's limits shape this script: a call returns at most 8 files from OUT_DIR and is killed at its timeout.
 # So every step runs under `timeout` within SUITE_BUDGET_S seconds overall (default 540; give the device call
@@ -106,6 +108,23 @@ EOF_PY
     tests/kernels/test_gae.py tests/kernels/test_paged_attention.py tests/kernels/test_rope_attention.py \
     -k "float64_values_with or decode_step_end_to_end or paged_decode_errors or nest_and_end or more_bad_inputs \
 or set_decode_config"
+  pack
+  echo "done in $((SECONDS - start))s" | tee -a "$out/summary.txt"
+  exit 0
+fi
+if [[ "$names" == *" check "* ]]; then  # a lease's last minutes: the defaults a sweep changed, and what failed
+  names="$names rollout_b64_default paged_default gpu_test_offload rollout_b1_default logprob sampling rmsnorm_swiglu "
+  bench rollout_b64_default 45 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 \
+    --prompt-len 128 --gen-len 256 --no-hf   # the decode launch decode_config now picks, without an override
+  bench paged_default 40 "$PY" bench/bench_paged_attention.py --no-compile --shapes 13b-b64-c384 13b-b8-c4096 \
+    70b-gqa8-b32-c2048
+  step gpu_test_offload 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $per_test tests/engine/test_gpu.py \
+    -k idle_model_weights_free
+  bench rollout_b1_default 40 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 \
+    --prompt-len 128 --gen-len 256 --no-hf
+  bench logprob 60 "$PY" bench/bench_logprob.py --skip-compile
+  bench sampling 30 "$PY" bench/bench_sampling.py
+  bench rmsnorm_swiglu 30 "$PY" bench/bench_rmsnorm_swiglu.py
   pack
   echo "done in $((SECONDS - start))s" | tee -a "$out/summary.txt"
   exit 0

@@ -134,3 +134,23 @@ def test_tune_group_sweeps_then_tries_the_fastest_decode_launch(tmp_path):
     shutil.rmtree(out)
     _run_suite([str(out), "tune"], env, timeout=120)
     assert "rollout_b64_tuned: skipped (no paged_sweep row for 13b-b64-c384)" in (out / "summary.txt").read_text()
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("tar") is None, reason="needs coreutils and tar")
+def test_check_group_runs_the_defaults_first_and_fits_what_is_left(tmp_path):
+    """`check`: the batch-64 rollout at the decode launch decode_config picks (no override, no HF), the paged decode
+    bench on the sweep's shapes, the offload test that failed, then the rest while the budget lasts; nothing of the
+    other groups."""
+    stub = tmp_path / "py"
+    stub.write_text(STUB.replace("sleep 60", "true"))
+    stub.chmod(0o755)
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "PYTHON": str(stub), "SUITE_WORK_DIR": str(work), "SUITE_COMMIT": "abc1234"}
+    _run_suite([str(out), "check"], env, timeout=120)
+    summary = (out / "summary.txt").read_text()
+    steps = [line.split(":")[0] for line in summary.splitlines() if ": exit " in line]
+    assert steps == ["rollout_b64_default", "paged_default", "gpu_test_offload", "rollout_b1_default", "logprob",
+                     "sampling", "rmsnorm_swiglu"], summary  # fmt: skip
+    rollout = (work / "rollout_b64_default.log").read_text()
+    assert "--batch 64" in rollout and "--no-hf" in rollout and "--decode-config" not in rollout, rollout
+    assert "-k idle_model_weights_free" in (work / "gpu_test_offload.log").read_text()

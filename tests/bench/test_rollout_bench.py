@@ -158,8 +158,9 @@ def test_ppo_step_bench_decodes_a_rollouts_samples_together(monkeypatch):
 
 def test_rollout_bench_profiles_where_a_step_goes_and_keeps_its_settings(tmp_path, capsys):
     """--profile: one more run under torch.profiler (decoding eagerly, so every kernel is seen; the generator's
-    CUDA graph setting restored after it): the costliest ops per step with their shares in the JSON and printed, the
-    Chrome trace written. --decode-config is in force for the run (and in the JSON), and set back afterwards."""
+    CUDA graph setting restored after it) of --profile-tokens new tokens per prompt: the costliest ops per step with
+    their shares in the JSON and printed, the Chrome trace written. --decode-config is in force for the run (and in
+    the JSON), and set back afterwards."""
     from bench import rollout_throughput as rt
     from kernels import paged_attention as pa
 
@@ -177,7 +178,7 @@ def test_rollout_bench_profiles_where_a_step_goes_and_keeps_its_settings(tmp_pat
 
     out, trace = tmp_path / "r.json", tmp_path / "trace.json"
     flags = ["--batch", "3", "--prompt-len", "5", "--gen-len", "4", "--repeats", "1", "--no-hf", "--json", str(out)]
-    flags += ["--profile", str(trace), "--decode-config", '{"block_n": 32, "num_warps": 8}']
+    flags += ["--profile", str(trace), "--profile-tokens", "2", "--decode-config", '{"block_n": 32, "num_warps": 8}']
     try:
         with reference_ops(), pytest.MonkeyPatch.context() as mp:
             mp.setattr(rt, "profile_ours", spy)
@@ -188,9 +189,9 @@ def test_rollout_bench_profiles_where_a_step_goes_and_keeps_its_settings(tmp_pat
     saved = json.loads(out.read_text())
     prof = saved["ours"]["profile"]
     assert saved["decode_config"] == {"block_n": 32, "num_warps": 8}
-    assert prof["steps"] == 4 and prof["by"] == "CPU op (self)" and len(prof["top"]) == 15
+    assert prof["steps"] == 2 and prof["by"] == "CPU op (self)" and len(prof["top"]) == 15  # (--profile-tokens 2)
     shares = [r["share"] for r in prof["top"]]
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
     assert json.loads(trace.read_text())["traceEvents"]
     printed = capsys.readouterr().out
-    assert "ours profiled (one more run, eager, 4 steps" in printed and "paged decode launch overridden" in printed
+    assert "ours profiled (one more run, eager, 2 steps" in printed and "paged decode launch overridden" in printed
