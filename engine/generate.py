@@ -14,6 +14,9 @@ computed in another batch (a bucket's padding, a prefill after a preemption) may
 and flip a near-tie. Without a seed the tensor-parallel ranks draw one together. Each step is launched on the
 previous step's sampled ids as they lie on the device; the host reads those (its one sync per step, for stop checks
 and scheduling) while the next step runs.
+
+Here: the Generator (cache sizing and allocation, the forwards, decode graphs, sampling, the loop); the sequences'
+bookkeeping it schedules with (admission, preemption, a step's tokens appended) is engine/scheduler.py.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import collections
 import numbers
 import time
 import warnings
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -43,63 +45,7 @@ from engine.kv_cache import (
 from engine.model import AttentionContext, Transformer, attention_context
 from engine.parallel import agree
 from engine.sampler import sample_tokens, seed_for
-
-# -------------------------------------------------------------------------------- sequences --
-
-
-@dataclass
-class Completion:
-    """One sample: the generated tokens (the stop token included if one was hit) and their log-probs."""
-
-    prompt_index: int
-    sample_index: int
-    tokens: list[int]
-    logprobs: list[float]
-    finish_reason: str  # "stop" or "length"
-
-
-@dataclass
-class _Seq:
-    seq_id: int
-    prompt_index: int
-    sample_index: int
-    tokens: list[int]  # prompt + generated
-    prompt_len: int
-    max_len: int  # prompt_len + max_new_tokens, capped at the model's limit
-    seed: int
-    logprobs: list[float] = field(default_factory=list)
-    finish_reason: str | None = None
-
-    @property
-    def num_generated(self) -> int:
-        return len(self.tokens) - self.prompt_len
-
-
-@dataclass
-class GenerationStats:
-    prompts: int = 0
-    generated_tokens: int = 0
-    prefill_tokens: int = 0
-    prefill_steps: int = 0  # forwards of prompts alone (each reads every weight once, like a decode step)
-    decode_steps: int = 0
-    mixed_steps: int = 0  # decode steps that also took newly admitted prompts (no forward of their own)
-    overlapped_steps: int = 0  # decode steps launched before the host had read the previous step's tokens
-    preemptions: int = 0
-    graph_captures: int = 0  # decode graphs captured in this call (0: the previous call's graphs replayed)
-    setup_seconds: float = 0.0  # allocating (and on a GPU sizing) the KV cache, capturing graphs
-    seconds: float = 0.0  # the whole call, setup included
-
-
-@dataclass
-class _Step:
-    """A sampled step whose tokens the host may not have read yet (copied out asynchronously on a GPU)."""
-
-    seqs: list[_Seq]
-    tokens: torch.Tensor  # [B] int64 on the device: the next step's input ids
-    host_tokens: torch.Tensor  # [B] int64 on the host (pinned; valid once `ready` has completed)
-    host_logprobs: torch.Tensor  # [B] fp32 on the host
-    ready: torch.cuda.Event | None  # recorded after the copies (None on a CPU: already there)
-
+from engine.scheduler import Completion, GenerationStats, _Seq, _Step, admit, apply_step, preempt
 
 # -------------------------------------------------------------------------------- generator --
 
@@ -472,14 +418,14 @@ class Generator:
             while waiting or running or inflight:
                 step = self._launch(waiting, running, inflight, params)
                 if inflight is not None:
-                    self._apply(inflight, stop_ids, running, done)
+                    apply_step(inflight, stop_ids, running, done, self.blocks)
                     inflight = None
                 if step is None:
                     continue
                 if self.overlap:
                     inflight = step
                 else:
-                    self._apply(step, stop_ids, running, done)
+                    apply_step(step, stop_ids, running, done, self.blocks)
         except BaseException:
             self.blocks.reset()  # an aborted call must not leave its sequences' blocks taken
             raise
@@ -492,57 +438,6 @@ class Generator:
         ]
 
     # ------------------------------------------------------------------------- scheduling --
-
-    def _admission_waits(self, waiting, running) -> bool:
-        """While sequences run: whether the waiting groups that the free slots would take now (in order, whole
-        groups) hold fewer than admit_min_seqs sequences while more wait."""
-        free, fits, queued, blocked = self.max_num_seqs - len(running), 0, 0, False
-        for group in waiting:
-            blocked = blocked or fits + len(group) > free
-            fits += 0 if blocked else len(group)
-            queued += len(group)
-            if fits >= self.admit_min_seqs:
-                return False
-            if blocked and queued >= self.admit_min_seqs:
-                return True
-        return fits < min(self.admit_min_seqs, queued)
-
-    def _admit(self, waiting, running) -> list[list[_Seq]]:
-        """Take waiting groups that fit (sequence slots, prefill token budget, free blocks with headroom), once
-        admit_min_seqs slots are free while others run (or every waiting sequence fits)."""
-        admitted, tokens = [], 0
-        if running and waiting and self._admission_waits(waiting, running):
-            return admitted
-        free = self.blocks.num_free_blocks
-        headroom = None
-        while waiting:
-            group = waiting[0]
-            n_tokens = len(group[0].tokens)
-            active = len(running) + sum(len(g) for g in admitted)
-            if active and active + len(group) > self.max_num_seqs:
-                break
-            if admitted and tokens + n_tokens > self.max_num_batched_tokens:
-                break
-            # headroom: a free block for each active sequence that will still take one (it grows past its blocks, or
-            # copies a shared partial block), so every one can grow by a block before any is preempted; none for one
-            # that holds every block it will need (a cache of every slot at full length then admits every slot), and
-            # none if nothing runs, so a lone sequence is always admitted (the pool holds one at full length).
-            # A sequence holds at most max_len - 1 tokens' K/V (its last token is sampled, never fed back)
-            if headroom is None:
-                headroom = self.blocks.headroom((s.seq_id, s.max_len - 1) for s in running) if running else 0
-            own = self.blocks.prompt_headroom(n_tokens, len(group), group[0].max_len - 1)
-            if active and self.blocks.blocks_for(n_tokens) + headroom + own > free:
-                break
-            waiting.popleft()
-            parent = group[0]
-            self.blocks.allocate(parent.seq_id, n_tokens)
-            for child in group[1:]:
-                self.blocks.fork(parent.seq_id, child.seq_id)
-            free = self.blocks.num_free_blocks
-            headroom += own
-            admitted.append(group)
-            tokens += n_tokens
-        return admitted
 
     def _launch(self, waiting, running, inflight: _Step | None, params) -> _Step | None:
         """Admit what fits and launch one step: the newly admitted prompts and/or a decode step of the
@@ -560,7 +455,9 @@ class Generator:
             decode = [inflight.seqs[i] for i in rows]
         stepping = {s.seq_id for s in inflight.seqs} if inflight is not None else set()
         others = [s for s in running if s.seq_id not in stepping]
-        admitted = self._admit(waiting, running)
+        admitted = admit(
+            waiting, running, self.blocks, self.max_num_seqs, self.max_num_batched_tokens, self.admit_min_seqs
+        )
         new = [s for g in admitted for s in g]
         running.extend(new)  # active from now on: the next admission (before this step is read) counts them
         if admitted and not self.mix_prefill:  # the prompts get a forward of their own; the rest wait a step
@@ -591,7 +488,7 @@ class Generator:
                 waiting.appendleft(group)
             running[:] = [s for s in running if s.seq_id not in {x.seq_id for x in new}]
             if inflight is None:
-                self._preempt(waiting, running)
+                preempt(waiting, running, self.blocks, self.stats)
             return None
         logits = [] if decode_logits is None else [decode_logits]
         if admitted:
@@ -602,15 +499,6 @@ class Generator:
         return self._sample(
             decode + new, torch.cat(logits) if len(logits) > 1 else logits[0], params, pending + [0] * len(new)
         )
-
-    def _preempt(self, waiting, running) -> None:
-        """Free the newest running sequences until the others can all take their next slot; they wait (at the
-        front) and are recomputed when admitted again."""
-        while running and not self.blocks.can_append([s.seq_id for s in running]):
-            victim = running.pop()  # the most recently admitted
-            self.blocks.free(victim.seq_id)
-            waiting.appendleft([victim])
-            self.stats.preemptions += 1
 
     def _sample(self, seqs: list[_Seq], logits: torch.Tensor, params, pending: list[int]) -> _Step:
         """Sample a token per row (on the device) and start copying them to the host. pending: per sequence,
@@ -628,33 +516,6 @@ class Generator:
         ready = torch.cuda.Event()
         ready.record()
         return _Step(seqs, tokens, host_tokens, host_logprobs, ready)
-
-    def _apply(self, step: _Step, stop_ids, running, done) -> None:
-        """Append a step's tokens on the host (the one sync of a step), finish sequences, free their blocks.
-
-        A sequence finished while `step` was in flight (an overlapped step) drops its token from `step`."""
-        if step.ready is not None:
-            step.ready.synchronize()
-        tokens, logprobs = step.host_tokens.tolist(), step.host_logprobs.tolist()
-        stepped = {s.seq_id for s in step.seqs}
-        new_running = [s for s in running if s.seq_id not in stepped]
-        for s, t, lp in zip(step.seqs, tokens, logprobs):
-            if s.finish_reason:
-                continue
-            s.tokens.append(t)
-            s.logprobs.append(lp)
-            if t in stop_ids:
-                s.finish_reason = "stop"
-            elif len(s.tokens) >= s.max_len:
-                s.finish_reason = "length"
-            if s.finish_reason:
-                self.blocks.free(s.seq_id)
-                done.append(s)
-            else:
-                new_running.append(s)
-        # keep admission order: older sequences first, so preemption takes the newest
-        new_running.sort(key=lambda s: s.seq_id)
-        running[:] = new_running
 
     def _check_prompts(self, prompts) -> list:
         """The prompts as lists of Python ints (a tensor or numpy array among them too); each refused by name if bad."""

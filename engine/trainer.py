@@ -31,7 +31,6 @@ from engine import ppo, recompute
 from engine.data import Rollout, global_position, to_padded
 from engine.errors import InputError, failed_on
 from engine.evaluate import check_resumed_eval, eval_due, evaluate, log_samples
-from engine.generate import GenerationStats
 from engine.kv_cache import upload
 from engine.model import forward_flops
 from engine.optim import accumulate_grads, apply_update, reduce_grads
@@ -39,6 +38,7 @@ from engine.output_dir import TRACE_PREFIX
 from engine.parallel import agree, print0, rank0_together
 from engine.resume import record_launch, resume_checkpoint, save_checkpoint
 from engine.rollout import add_to, check_scores, chunks, forward_rollout, generate_rollout, policy_logprobs, reduce_sums
+from engine.scheduler import GenerationStats
 from engine.state import TrainState  # (the state and its setup: engine/state.py)
 from engine.tracking import Tracker
 

@@ -20,7 +20,7 @@ import torch
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from engine.generate import Completion  # noqa: E402
+from engine.scheduler import Completion  # noqa: E402
 
 
 class NaiveGenerator:

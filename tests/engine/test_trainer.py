@@ -611,8 +611,8 @@ def test_the_tiny_models_stop_sometimes_and_score_on_the_order_of_1(tmp_path):
 
 
 def test_a_response_cut_by_the_length_limit_did_not_hit_eos():
-    from engine.generate import Completion
     from engine.rollout import generate_rollout
+    from engine.scheduler import Completion
 
     comps = [Completion(0, 0, [5, 6], [-1.0, -1.0], "length"), Completion(1, 0, [7, 2], [-1.0, -1.0], "stop")]
     gen = types.SimpleNamespace(generate_completions=lambda *a, **k: comps, release=lambda: None)
