@@ -45,7 +45,7 @@ from engine.kv_cache import (
 from engine.model import AttentionContext, Transformer, attention_context
 from engine.parallel import agree
 from engine.sampler import sample_tokens, seed_for
-from engine.scheduler import Completion, GenerationStats, _Seq, _Step, admit, apply_step, preempt
+from engine.scheduler import Completion, GenerationStats, Seq, Step, admit, apply_step, preempt
 
 # -------------------------------------------------------------------------------- generator --
 
@@ -259,7 +259,7 @@ class Generator:
             self._caches = [self.pool.layer(i) for i in range(self.pool.num_layers)]
         return self._caches
 
-    def _prefill_inputs(self, parents: list[_Seq]):
+    def _prefill_inputs(self, parents: list[Seq]):
         """Packed token ids, positions, cu_seqlens (int32) and KV slots of the parents' prompts (on the device)."""
         dev = self.device
         lens = [len(s.tokens) for s in parents]
@@ -271,7 +271,7 @@ class Generator:
         return ids, pos, cu, slots
 
     @torch.no_grad()
-    def _prefill(self, parents: list[_Seq]) -> torch.Tensor:
+    def _prefill(self, parents: list[Seq]) -> torch.Tensor:
         """Packed forward of the parents' tokens, writing their KV; logits [G, V_shard] at each last token
         (V_shard: this tensor-parallel rank's vocabulary shard, the whole vocabulary without TP)."""
         ids, pos, cu, slots = self._prefill_inputs(parents)
@@ -281,7 +281,7 @@ class Generator:
         self.stats.prefill_steps += 1
         return self.model.head_packed(hidden[cu[1:].long() - 1], gather=False)
 
-    def _decode_inputs(self, seqs: list[_Seq], last: torch.Tensor | None):
+    def _decode_inputs(self, seqs: list[Seq], last: torch.Tensor | None):
         """A slot for each sequence's next token (copy-on-write done first) and the step's tensors; the input ids
         from the host unless `last` brings them on the device. Raises OutOfBlocks before any change."""
         batch = self.blocks.prepare_decode([s.seq_id for s in seqs], width=self.table_width, device=self.device)
@@ -293,7 +293,7 @@ class Generator:
 
     @torch.no_grad()
     def _prefill_and_decode(
-        self, parents: list[_Seq], seqs: list[_Seq], last: torch.Tensor | None = None
+        self, parents: list[Seq], seqs: list[Seq], last: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward for newly admitted prompts and a decode step of the running sequences, so an admission
         costs no extra read of the weights: (prompt logits [G, V_shard], decode logits [B, V_shard]). Eager (the
@@ -315,7 +315,7 @@ class Generator:
         return logits[: len(parents)], logits[len(parents) :]
 
     @torch.no_grad()
-    def _decode(self, seqs: list[_Seq], last: torch.Tensor | None = None) -> torch.Tensor:
+    def _decode(self, seqs: list[Seq], last: torch.Tensor | None = None) -> torch.Tensor:
         """One decode step for every running sequence -> logits [B, V_shard]. Raises OutOfBlocks (nothing changed).
 
         last: the input ids [B] on the device (an overlapped step: tokens the host has not read yet)."""
@@ -401,19 +401,19 @@ class Generator:
             if self.model.group is not None:  # drawn once for the TP group: its ranks must sample the same tokens
                 (base_seed,) = agree([base_seed], "max", self.model.group)
 
-        waiting: collections.deque[list[_Seq]] = collections.deque()
+        waiting: collections.deque[list[Seq]] = collections.deque()
         next_id = 0
         for i, p in enumerate(prompts):
             group = []
             for j in range(params.n):
                 max_len = min(len(p) + params.max_new_tokens, self.max_model_len)
                 key = i if seed_keys is None else seed_keys[i]
-                group.append(_Seq(next_id, i, j, list(p), len(p), max_len, seed_for(base_seed, key, j)))
+                group.append(Seq(next_id, i, j, list(p), len(p), max_len, seed_for(base_seed, key, j)))
                 next_id += 1
             waiting.append(group)
-        running: list[_Seq] = []  # admitted and not known to be finished (oldest first)
-        done: list[_Seq] = []
-        inflight: _Step | None = None  # the last launched step, when its tokens are not read yet (overlap)
+        running: list[Seq] = []  # admitted and not known to be finished (oldest first)
+        done: list[Seq] = []
+        inflight: Step | None = None  # the last launched step, when its tokens are not read yet (overlap)
         try:
             while waiting or running or inflight:
                 step = self._launch(waiting, running, inflight, params)
@@ -439,7 +439,7 @@ class Generator:
 
     # ------------------------------------------------------------------------- scheduling --
 
-    def _launch(self, waiting, running, inflight: _Step | None, params) -> _Step | None:
+    def _launch(self, waiting, running, inflight: Step | None, params) -> Step | None:
         """Admit what fits and launch one step: the newly admitted prompts and/or a decode step of the
         running sequences, sampled on the device. With `inflight` (a step whose tokens the host has not
         read) the decode takes its input ids from that step's device tokens, so this step is queued
@@ -500,7 +500,7 @@ class Generator:
             decode + new, torch.cat(logits) if len(logits) > 1 else logits[0], params, pending + [0] * len(new)
         )
 
-    def _sample(self, seqs: list[_Seq], logits: torch.Tensor, params, pending: list[int]) -> _Step:
+    def _sample(self, seqs: list[Seq], logits: torch.Tensor, params, pending: list[int]) -> Step:
         """Sample a token per row (on the device) and start copying them to the host. pending: per sequence,
         tokens sampled but not yet appended on the host (its counter runs ahead by that many)."""
         counts = [len(s.tokens) + k for s, k in zip(seqs, pending)]
@@ -508,14 +508,14 @@ class Generator:
         seeds, counters = upload(host, self.device)  # (one copy: seeds and counters as int64 rows)
         tokens, logprobs = sample_tokens(logits, params, seeds, counters, self.model.group, self._vocab_offset)
         if self.device.type != "cuda":
-            return _Step(seqs, tokens, tokens, logprobs, None)
+            return Step(seqs, tokens, tokens, logprobs, None)
         host_tokens = torch.empty(len(seqs), dtype=torch.int64, pin_memory=True)
         host_logprobs = torch.empty(len(seqs), dtype=torch.float32, pin_memory=True)
         host_tokens.copy_(tokens, non_blocking=True)
         host_logprobs.copy_(logprobs, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return _Step(seqs, tokens, host_tokens, host_logprobs, ready)
+        return Step(seqs, tokens, host_tokens, host_logprobs, ready)
 
     def _check_prompts(self, prompts) -> list:
         """The prompts as lists of Python ints (a tensor or numpy array among them too); each refused by name if bad."""

@@ -29,7 +29,7 @@ class Completion:
 
 
 @dataclass
-class _Seq:
+class Seq:
     seq_id: int
     prompt_index: int
     sample_index: int
@@ -61,10 +61,10 @@ class GenerationStats:
 
 
 @dataclass
-class _Step:
+class Step:
     """A sampled step whose tokens the host may not have read yet (copied out asynchronously on a GPU)."""
 
-    seqs: list[_Seq]
+    seqs: list[Seq]
     tokens: torch.Tensor  # [B] int64 on the device: the next step's input ids
     host_tokens: torch.Tensor  # [B] int64 on the host (pinned; valid once `ready` has completed)
     host_logprobs: torch.Tensor  # [B] fp32 on the host
@@ -91,7 +91,7 @@ def admission_waits(waiting, running, max_num_seqs: int, admit_min_seqs: int) ->
 
 def admit(
     waiting, running, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, admit_min_seqs: int
-) -> list[list[_Seq]]:
+) -> list[list[Seq]]:
     """Take waiting groups that fit (sequence slots, prefill token budget, free blocks with headroom), once
     admit_min_seqs slots are free while others run (or every waiting sequence fits)."""
     admitted, tokens = [], 0
@@ -139,7 +139,7 @@ def preempt(waiting, running, blocks: BlockManager, stats: GenerationStats) -> N
         stats.preemptions += 1
 
 
-def apply_step(step: _Step, stop_ids, running, done, blocks: BlockManager) -> None:
+def apply_step(step: Step, stop_ids, running, done, blocks: BlockManager) -> None:
     """Append a step's tokens on the host (the one sync of a step), finish sequences, free their blocks.
 
     A sequence finished while `step` was in flight (an overlapped step) drops its token from `step`."""
