@@ -228,7 +228,7 @@ def ptxas_report(
         types = {n: "i32" for n in rotary._rotary_kernel.arg_names}
         types.update({n: f"*{tname}" for n in ("Q", "QO", "K", "KO", "V")} | {n: f"*{cname}" for n in ("KC", "VC")})
         types.update({"POS": "*i64", "SLOT": "*i64", "INV_FREQ": "*fp32"})
-        consts = dict(HQ=hq, HKV=hkv, **rotary.launch_shape(batch, hq, hkv, d)[1], CACHE_BLOCK=bs, ROTATE=True,
+        consts = dict(HQ=hq, HKV=hkv, **rotary.launch_shape(batch, hq, hkv, d, 132)[1], CACHE_BLOCK=bs, ROTATE=True,
                       WRITE_K=False, WRITE_CACHE=True)  # fmt: skip
         info = ptxas_info(rotary._rotary_kernel, types, consts, 4, 1, arch)
         rows.append({"shape": name, "kernel": "rope_write", **info})

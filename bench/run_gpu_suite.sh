@@ -114,8 +114,8 @@ or set_decode_config"
 fi
 if [[ "$names" == *" check "* ]]; then  # a lease's last minutes: the defaults a sweep changed, and what failed
   names="$names rollout_b64_default paged_default gpu_test_offload rollout_b1_default logprob sampling rmsnorm_swiglu "
-  bench rollout_b64_default 45 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 \
-    --prompt-len 128 --gen-len 256 --no-hf   # the decode launch decode_config now picks, without an override
+  bench rollout_b64_default 60 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 \
+    --prompt-len 128 --gen-len 256 --no-hf --profile "$(mktemp -d)/rollout_b64_trace.json"  # decode_config's pick
   bench paged_default 40 "$PY" bench/bench_paged_attention.py --no-compile --shapes 13b-b64-c384 13b-b8-c4096 \
     70b-gqa8-b32-c2048
   step gpu_test_offload 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $per_test tests/engine/test_gpu.py \

@@ -150,6 +150,26 @@ def test_swiglu_forward_backward(dtype, shape, poisoned_outputs):
     torch.testing.assert_close(dgu.double(), rdgu, **TOLS[dtype])
 
 
+def test_swiglu_takes_fewer_rows_a_program_where_the_grid_would_leave_sms_idle(monkeypatch, poisoned_outputs):
+    """The GPU's 4 rows a program at a decode step's 64 rows of 13,824 on 132 SMs: 2 (448 programs, not 224); a
+    training micro-batch's grid as tiled; and the kernels stay exact at 1 and 2 rows a program."""
+    from kernels import swiglu as sw
+
+    monkeypatch.setattr(sw, "_BLOCK_ROWS", 4)  # (the GPU's tile; the interpreter's is 64)
+    assert sw._launch(64, 13824, 132) == ((32, 14), 2)
+    assert sw._launch(8192, 13824, 132) == ((2048, 14), 4)
+    assert sw._launch(64, 13824, 0) == ((16, 14), 4)  # (no SM count: as tiled)
+    real, seen = sw._launch, []
+    monkeypatch.setattr(sw, "_launch", lambda n, c, sms: seen.append(real(n, c, 16)[1]) or real(n, c, 16))
+    for shape in [(5, 2 * 1100), (37, 2 * 1100)]:  # 1 and 2 rows a program on a stand-in 16-SM GPU
+        gu, dy = 2 * torch.randn(shape), torch.randn(shape[0], shape[1] // 2)
+        out, (dgu,) = _grads(swiglu, (gu,), dy)
+        ref, (rdgu,) = _grads(reference.swiglu, (gu.double(),), dy.double())
+        torch.testing.assert_close(out.double(), ref, **TOLS[torch.float32])
+        torch.testing.assert_close(dgu.double(), rdgu, **TOLS[torch.float32])
+    assert seen == [1, 1, 2, 2], seen
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_swiglu_strided_input_matches_hf_mlp_activation(dtype):
     """A column slice of a wider tensor (row stride != 2I), against HF's silu(gate) * up in half precision."""
