@@ -54,13 +54,19 @@ def layer_activation_bytes(model: Transformer, tokens: int = 256) -> float:
     weights = {q.untyped_storage().data_ptr() for q in model.parameters()}
     seen: dict[int, int] = {}
 
-    def pack(t: torch.Tensor):
+    def pack(t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         if storage.data_ptr() not in weights:
             seen[storage.data_ptr()] = storage.nbytes()
-        return t
+        # Nothing is kept: no backward runs. (Returning t itself made a cycle through autograd's C++ objects
+        # wherever t is the output of the node saving it: Python's gc cannot break it, so the probe's graph, with
+        # the probed layer's weights' storage, lived on; an offloaded model's weights then stayed on the GPU too.)
+        return None
 
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def unpack(_: None) -> torch.Tensor:
+        raise RuntimeError("layer_activation_bytes's probe keeps no tensors: nothing may run its backward")
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         out = layer(h, delta, positions, cu, sp)
     del out
     return sum(seen.values()) / tokens

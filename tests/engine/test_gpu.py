@@ -241,11 +241,13 @@ def test_memory_plan_is_what_cuda_allocates():
 def _holders(storages: dict[int, str]) -> list[str]:
     """The live CUDA tensors on any of these storages (data pointer: parameter name), each with its shape and the
     types of the objects that refer to it (an autograd context, a cache's list, ...)."""
-    found = []
-    for o in gc.get_objects():
+    found, objects = [], gc.get_objects()
+    for o in objects:
         if isinstance(o, torch.Tensor) and o.is_cuda and o.untyped_storage().data_ptr() in storages:
-            refs = sorted({type(r).__qualname__ for r in gc.get_referrers(o) if r is not found})
-            found.append(f"{storages[o.untyped_storage().data_ptr()]} {tuple(o.shape)} referred to by {refs}")
+            refs = sorted({type(r).__qualname__ for r in gc.get_referrers(o) if r is not objects and r is not found})
+            grad_fn = type(o.grad_fn).__name__ if o.grad_fn is not None else None
+            found.append(f"{storages[o.untyped_storage().data_ptr()]} {tuple(o.shape)} (grad_fn {grad_fn}) referred "
+                         f"to by {refs or 'nothing Python sees (autograd C++ objects)'}")  # fmt: skip
     return found or ["no Python-visible tensor (a C++ holder: autograd's saved variables, a graph pool)"]
 
 

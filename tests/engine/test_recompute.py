@@ -29,6 +29,26 @@ def test_layer_bytes_are_linear_in_tokens_and_count_what_the_layer_keeps(dtype):
     assert recompute.checkpoint_bytes(m) == 2 * cfg.hidden_size * elt
 
 
+def test_the_probe_leaves_nothing_alive():
+    """After the measurement no tensor outside the model's parameters shares a weight's storage and none of the
+    probe's activations lives on: its saved tensors once formed a cycle through autograd that Python's gc cannot
+    break, which kept the probed layer's q/k/v and output projections on the GPU after an idle model's weights were
+    offloaded (the GPU test of --offload-idle-models, 2026-12-04)."""
+    import gc
+
+    m = _model(torch.bfloat16)
+    params = {id(p) for p in m.parameters()}
+    storages = {p.untyped_storage().data_ptr() for p in m.parameters()}
+    gc.collect()
+    before = {id(o) for o in gc.get_objects() if isinstance(o, torch.Tensor)}
+    recompute.layer_activation_bytes(m, 64)
+    gc.collect()
+    alive = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and id(o) not in before | params]
+    assert not [tuple(o.shape) for o in alive if o.untyped_storage().data_ptr() in storages]
+    # (kernels.dispatch.derived keeps its last few cu_seqlens, integers, by design)
+    assert not [tuple(o.shape) for o in alive if o.is_floating_point()]
+
+
 def test_plan_recomputes_the_fewest_layers_that_fit():
     per_layer, ckpt, fixed, tokens, layers = 1000.0, 100.0, 50.0, 10, 8
     full = tokens * (layers * per_layer + per_layer + fixed)
