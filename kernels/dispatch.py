@@ -58,6 +58,15 @@ def sm_count(device: torch.device) -> int:
     return _sm_counts[idx]
 
 
+def fill_sms(tile: int, programs, num_sms: int, per_sm: int = 2) -> int:
+    """`tile` halved (down to 1) while `programs(tile)`, the grid it gives, leaves fewer than `per_sm` programs per
+    SM: small launches (a decode step's 64 tokens) spread over the whole GPU instead of a few busy SMs. num_sms 0
+    (the interpreter): `tile` as it is."""
+    while num_sms and tile > 1 and programs(tile) < per_sm * num_sms:
+        tile //= 2
+    return tile
+
+
 _INTERP = tl.constexpr(INTERPRET)
 
 

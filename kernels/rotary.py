@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.dispatch import INTERPRET, sm_count
+from kernels.dispatch import INTERPRET, fill_sms, sm_count
 
 TAB_ROWS = 128  # rows of the cos/sin(j * f) table (kernels.rope_attention's tile rotation)
 
@@ -162,8 +162,7 @@ def launch_shape(n: int, hq: int, hkv: int, head_dim: int, num_sms: int | None =
     half_pad = triton.next_power_of_2(head_dim // 2)
     block_t = max(1, min(64, 4096 // (block_h * half_pad), triton.next_power_of_2(n)))
     head_blocks = triton.cdiv(hq, block_h) + triton.cdiv(hkv, block_h)
-    while num_sms and block_t > 1 and triton.cdiv(n, block_t) * head_blocks < 2 * num_sms:
-        block_t //= 2
+    block_t = fill_sms(block_t, lambda t: triton.cdiv(n, t) * head_blocks, num_sms or 0)
     grid = (triton.cdiv(n, block_t), head_blocks)
     return grid, dict(HALF=head_dim // 2, HALF_PAD=half_pad, BLOCK_T=block_t, BLOCK_H=block_h)
 

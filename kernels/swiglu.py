@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.dispatch import INTERPRET, sm_count, use_triton
+from kernels.dispatch import INTERPRET, fill_sms, sm_count, use_triton
 
 _BLOCK_COLS = 1024
 _BLOCK_ROWS = 64 if INTERPRET else 4
@@ -57,10 +57,9 @@ def _swiglu_bwd_kernel(
 def _launch(n_rows: int, n_cols: int, num_sms: int) -> tuple[tuple[int, int], int]:
     """(grid, rows per program): fewer rows a program while the grid would give under two programs per SM (a decode
     step's 64 rows of 13,824: 224 programs of 4 rows on 132 SMs, 8.7 us a call on an H200); num_sms 0: as tiled."""
-    rows = _BLOCK_ROWS
-    while rows > 1 and triton.cdiv(n_rows, rows) * triton.cdiv(n_cols, _BLOCK_COLS) < 2 * num_sms:
-        rows //= 2
-    return (triton.cdiv(n_rows, rows), triton.cdiv(n_cols, _BLOCK_COLS)), rows
+    col_blocks = triton.cdiv(n_cols, _BLOCK_COLS)
+    rows = fill_sms(_BLOCK_ROWS, lambda r: triton.cdiv(n_rows, r) * col_blocks, num_sms)
+    return (triton.cdiv(n_rows, rows), col_blocks), rows
 
 
 def _sms(x: torch.Tensor) -> int:
