@@ -33,6 +33,20 @@ def _run_suite(args: list[str], env: dict, cwd=None, timeout: int = 120) -> subp
     return proc
 
 
+def _run_group(tmp_path, stub_text: str, group: str) -> tuple[list[str], str, dict]:
+    """The suite's `group` under the stand-in interpreter `stub_text` (no time budget set): the steps that ran (in
+    order), the summary, and the paths and environment it ran with (out, work, env) for a second run."""
+    stub = tmp_path / "py"
+    stub.write_text(stub_text)
+    stub.chmod(0o755)
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "PYTHON": str(stub), "SUITE_WORK_DIR": str(work), "SUITE_COMMIT": "abc1234"}
+    _run_suite([str(out), group], env, timeout=120)
+    summary = (out / "summary.txt").read_text()
+    steps = [line.split(":")[0] for line in summary.splitlines() if ": exit " in line]
+    return steps, summary, {"out": out, "work": work, "env": env, "stub": stub}
+
+
 @pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("tar") is None, reason="needs coreutils and tar")
 def test_suite_caps_steps_and_packs_logs(tmp_path):
     stub = tmp_path / "py"
@@ -107,20 +121,15 @@ def test_tune_group_sweeps_then_tries_the_fastest_decode_launch(tmp_path):
         '"num_warps": 4, "num_stages": 1, "dot_min_group": 2, "ms": 0.1}]'
     )
     real_py = shutil.which("python3") or shutil.which("python")
-    stub = tmp_path / "py"  # a real interpreter for the selection script, the stub's answers for the rest
-    stub.write_text(
+    stub_text = (  # a real interpreter for the selection script, the stub's answers for the rest
         STUB.replace('-) cat > /dev/null; echo "device stub torch 0 triton 0";;',
                      f'-) if [ $# -gt 1 ]; then exec {real_py} "$@"; fi; cat > /dev/null; echo "device stub";;')
         .replace("sleep 60", "true")  # (no slow rollout here)
         .replace("""echo '{"ok": 1}' > "${@: -1}";;""",
                  f"""[[ "$*" == *--sweep*--shapes* ]] && echo '{sweep_json}' >"${{@: -1}}" || echo 1 >"${{@: -1}}";;""")
     )  # fmt: skip
-    stub.chmod(0o755)
-    out, work = tmp_path / "out", tmp_path / "work"
-    env = {**os.environ, "PYTHON": str(stub), "SUITE_WORK_DIR": str(work), "SUITE_COMMIT": "abc1234"}
-    _run_suite([str(out), "tune"], env, timeout=120)
-    summary = (out / "summary.txt").read_text()
-    steps = [line.split(":")[0] for line in summary.splitlines() if ": exit " in line]
+    steps, summary, run = _run_group(tmp_path, stub_text, "tune")
+    stub, out, work, env = run["stub"], run["out"], run["work"], run["env"]
     assert steps == ["paged_sweep", "rollout_b64_tuned", "rope_sweep", "gpu_tests", "kernel_tests_fixed"], summary
     rollout = (work / "rollout_b64_tuned.log").read_text()
     want = '--decode-config {"block_n": 128, "num_warps": 8, "num_stages": 3, "dot_min_group": 1}'
@@ -141,14 +150,8 @@ def test_check_group_runs_the_defaults_first_and_fits_what_is_left(tmp_path):
     """`check`: the batch-64 rollout at the decode launch decode_config picks (no override, no HF), the paged decode
     bench on the sweep's shapes, the offload test that failed, then the rest while the budget lasts; nothing of the
     other groups."""
-    stub = tmp_path / "py"
-    stub.write_text(STUB.replace("sleep 60", "true"))
-    stub.chmod(0o755)
-    out, work = tmp_path / "out", tmp_path / "work"
-    env = {**os.environ, "PYTHON": str(stub), "SUITE_WORK_DIR": str(work), "SUITE_COMMIT": "abc1234"}
-    _run_suite([str(out), "check"], env, timeout=120)
-    summary = (out / "summary.txt").read_text()
-    steps = [line.split(":")[0] for line in summary.splitlines() if ": exit " in line]
+    steps, summary, run = _run_group(tmp_path, STUB.replace("sleep 60", "true"), "check")
+    work = run["work"]
     assert steps == ["rollout_b64_default", "paged_default", "gpu_test_offload", "rollout_b1_default", "logprob",
                      "sampling", "rmsnorm_swiglu"], summary  # fmt: skip
     rollout = (work / "rollout_b64_default.log").read_text()
