@@ -58,11 +58,13 @@ def sm_count(device: torch.device) -> int:
     return _sm_counts[idx]
 
 
-def fill_sms(tile: int, programs, num_sms: int, per_sm: int = 2) -> int:
-    """`tile` halved (down to 1) while `programs(tile)`, the grid it gives, leaves fewer than `per_sm` programs per
-    SM: small launches (a decode step's 64 tokens) spread over the whole GPU instead of a few busy SMs. num_sms 0
-    (the interpreter): `tile` as it is."""
-    while num_sms and tile > 1 and programs(tile) < per_sm * num_sms:
+def fill_sms(tile: int, programs, num_sms: int) -> int:
+    """`tile` halved (down to 1) while `programs(tile)`, the grid it gives, would leave over half the GPU's SMs
+    without a program: a small launch (a decode step of a few sequences) spreads out instead of queueing on a few
+    SMs. Measured on an H200 (132 SMs), the rotary/cache write of a decode step in a CUDA graph: 8 tokens took 8.3 us
+    in 10 programs, 3.5 us in 80; but 64 tokens took 4.2 us in 80 programs and 5.3 us in 320 (more programs, each
+    with less to do, are not faster once most SMs have one). num_sms 0 (the interpreter): `tile` as it is."""
+    while num_sms and tile > 1 and 2 * programs(tile) < num_sms:
         tile //= 2
     return tile
 

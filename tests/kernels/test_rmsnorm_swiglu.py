@@ -151,17 +151,19 @@ def test_swiglu_forward_backward(dtype, shape, poisoned_outputs):
 
 
 def test_swiglu_takes_fewer_rows_a_program_where_the_grid_would_leave_sms_idle(monkeypatch, poisoned_outputs):
-    """The GPU's 4 rows a program at a decode step's 64 rows of 13,824 on 132 SMs: 2 (448 programs, not 224); a
-    training micro-batch's grid as tiled; and the kernels stay exact at 1 and 2 rows a program."""
+    """The GPU's 4 rows a program at a decode step of 8 sequences (13,824 columns) on 132 SMs: 1 (112 programs, not
+    28); at 64 sequences (224 programs) and a training micro-batch as tiled; and the kernels stay exact at 1 and 2
+    rows a program."""
     from kernels import swiglu as sw
 
     monkeypatch.setattr(sw, "_BLOCK_ROWS", 4)  # (the GPU's tile; the interpreter's is 64)
-    assert sw._launch(64, 13824, 132) == ((32, 14), 2)
+    assert sw._launch(8, 13824, 132) == ((8, 14), 1)
+    assert sw._launch(64, 13824, 132) == ((16, 14), 4)
     assert sw._launch(8192, 13824, 132) == ((2048, 14), 4)
-    assert sw._launch(64, 13824, 0) == ((16, 14), 4)  # (no SM count: as tiled)
+    assert sw._launch(8, 13824, 0) == ((2, 14), 4)  # (no SM count: as tiled)
     real, seen = sw._launch, []
     monkeypatch.setattr(sw, "_launch", lambda n, c, sms: seen.append(real(n, c, 16)[1]) or real(n, c, 16))
-    for shape in [(5, 2 * 1100), (37, 2 * 1100)]:  # 1 and 2 rows a program on a stand-in 16-SM GPU
+    for shape in [(3, 2 * 1100), (9, 2 * 1100)]:  # 1 and 2 rows a program on a stand-in 16-SM GPU
         gu, dy = 2 * torch.randn(shape), torch.randn(shape[0], shape[1] // 2)
         out, (dgu,) = _grads(swiglu, (gu,), dy)
         ref, (rdgu,) = _grads(reference.swiglu, (gu.double(),), dy.double())
