@@ -2,6 +2,7 @@
 # Every GPU figure bench/RESULTS.md owes, under one deadline (one device call):
 #   bash bench/run_gpu_suite.sh OUT_DIR [NAME ...]
 #   SUITE_BUDGET_S=540 bash bench/run_gpu_suite.sh "$OUT" first     # a first lease: the headline checks
+#   bash bench/run_gpu_suite.sh --tree   # the fingerprint of this checkout's sources, as summary.txt's `tree` line
 # NAMEs: gpu_tests kernel_tests (or tests: both) offload gae logprob rope_attention rope_sweep paged_attention
 # paged_attention_fp8 paged_sweep paged_sweep_fp8 rmsnorm_swiglu sampling rollout_b64 rollout_b64_hf_static rollout_b1
 # rollout_b64_sync rollout_b64_fp8 rollout_ppo_like ppo_step ppo_step_offload
@@ -22,6 +23,12 @@
 # step: exit code, seconds); a killed call still returns everything finished before it. `tar xzf suite.tgz` gives
 # <name>.log and <name>.json per step. Each kernel bench checks ours against its reference before it times anything.
 set -u
+root=$(cd "$(dirname "$0")/.." && pwd)
+tree_hash() {  # the Python sources and this script, in name order: which code a device ran
+  (cd "$root" && find engine kernels bench -name '*.py' -o -name '*.sh' | LC_ALL=C sort | xargs cat | sha256sum \
+    | cut -c1-12)
+}
+if [ "${1:-}" = "--tree" ]; then tree_hash; exit 0; fi
 out=${1:?usage: bash bench/run_gpu_suite.sh OUT_DIR [NAME ...]}
 shift
 budget=${SUITE_BUDGET_S:-540}
@@ -36,7 +43,7 @@ first=0
 out=$(mkdir -p "$out" && cd "$out" && pwd)  # absolute: the script changes directory next
 work=${SUITE_WORK_DIR:-$(mktemp -d)}  # the per-step files; OUT_DIR gets only the archive and the summary
 work=$(mkdir -p "$work" && cd "$work" && pwd)  # (absolute too)
-cd "$(dirname "$0")/.."
+cd "$root"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-$(command -v python3 || command -v python)}  # the device image names its interpreter python3
 "$PY" - <<'EOF_PY' 2>&1 | tee "$work/env.log" "$out/summary.txt"
@@ -47,6 +54,9 @@ EOF_PY
 # (the device gets a copy of the files, maybe without .git or git: SUITE_COMMIT says which commit it is)
 echo "commit ${SUITE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo "unknown (set SUITE_COMMIT)")}" \
   | tee -a "$work/env.log" "$out/summary.txt"
+# what ran, whatever .git says (a device's copy of .git was once a stale one): `bash bench/run_gpu_suite.sh --tree`
+# prints the same fingerprint of a checkout's engine/, kernels/ and bench/ sources
+echo "tree $(tree_hash)" | tee -a "$work/env.log" "$out/summary.txt"
 echo "budget ${budget}s; steps: ${*:-all}" | tee -a "$out/summary.txt"
 
 wanted() { [ "$names" = "  " ] || [[ "$names" == *" $1 "* ]]; }

@@ -69,6 +69,10 @@ def test_suite_caps_steps_and_packs_logs(tmp_path):
     for name in ("rollout_b1", "paged_attention", "logprob", "gpu_tests", "kernel_tests"):
         assert "skipped" in lines[name], summary
     assert "commit abc1234" in summary  # (SUITE_COMMIT: the device's copy of the files may have no .git)
+    # and the sources' fingerprint, as `--tree` prints it for a checkout (the device's .git was once stale)
+    tree = subprocess.run(["bash", os.path.join(ROOT, "bench", "run_gpu_suite.sh"), "--tree"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # fmt: skip
+    assert re.fullmatch(r"[0-9a-f]{12}", tree) and f"tree {tree}" in summary, summary
     assert "gae" not in lines and "rope_sweep" not in lines  # not in the group
     assert sorted(os.listdir(out)) == ["suite.tgz", "summary.txt"]  # far under the lease's 8 files
     with tarfile.open(out / "suite.tgz") as tar:
