@@ -1,6 +1,5 @@
 """The rollout engine against transformers' generate, and its scheduler under memory pressure."""
 
-import collections
 import math
 import weakref
 
@@ -764,13 +763,6 @@ def test_a_stop_token_on_the_last_allowed_position_is_a_stop():
     assert c.tokens == free.tokens and c.finish_reason == "stop"
 
 
-def test_admission_does_not_wait_when_every_waiting_sequence_fits():
-    from engine.scheduler import admission_waits
-
-    waiting = collections.deque([[object()], [object()]])
-    assert admission_waits(waiting, [object()] * 2, max_num_seqs=8, admit_min_seqs=4) is False
-
-
 def test_top_p_drops_the_token_that_reaches_exactly_top_p():
     from engine.sampler import filter_logits
 
@@ -855,23 +847,6 @@ def test_a_cache_of_every_slot_at_full_length_admits_every_slot_at_once(n):
     assert got == want
 
 
-def test_preemption_takes_the_newest_sequences_first():
-    """preempt frees the most recently admitted sequences until the others can all take a slot; they wait at the
-    front of the queue in admission order (the oldest keep their cache and progress)."""
-    from engine.kv_cache import BlockManager
-    from engine.scheduler import GenerationStats, Seq, preempt
-
-    blocks, stats = BlockManager(num_blocks=3, block_size=4), GenerationStats()
-    running = [Seq(i, i, 0, [1] * 4, 4, 8, 0) for i in range(3)]
-    for s in running:
-        blocks.allocate(s.seq_id, 4)  # each holds one full block: its next token needs a new one, none free
-    waiting = collections.deque([["queued"]])
-    preempt(waiting, running, blocks, stats)
-    assert [s.seq_id for s in running] == [0]
-    assert [[s if isinstance(s, str) else s.seq_id for s in g] for g in waiting] == [[1], [2], ["queued"]]
-    assert stats.preemptions == 2 and blocks.can_append([0]) and blocks.num_sequences == 1
-
-
 def test_a_prefill_takes_at_most_max_num_batched_tokens():
     """Prompts are packed into one prefill forward up to max_num_batched_tokens (a longer prompt goes alone); the
     samples are those of one large prefill."""
@@ -917,30 +892,6 @@ def test_admission_headroom_counts_kv_slots_up_to_max_len_minus_one():
     st = tight.stats
     assert (st.prefill_steps, st.mixed_steps, st.decode_steps, st.preemptions) == (1, 1, 9, 0), st
     assert got == want and all(len(t) == 9 for t in got)
-
-
-def test_admission_keeps_a_block_of_headroom_for_each_admitted_sequence():
-    """admit: each group admitted in one pass keeps its own headroom (a block for a sequence that will grow past its
-    prompt's blocks) for the groups after it; a lone group into an empty engine is admitted whatever it will need."""
-    from engine.kv_cache import BlockManager
-    from engine.scheduler import Seq, admit
-
-    limits = dict(max_num_seqs=8, max_num_batched_tokens=8192, admit_min_seqs=1)
-    blocks = BlockManager(num_blocks=4, block_size=4)
-    # prompts of one block, each to grow to 11 tokens (3 blocks): a block and a block of headroom each
-    waiting = collections.deque([[Seq(i, i, 0, [1] * 4, 4, 12, 0)] for i in range(4)])
-    admitted = admit(waiting, [], blocks, **limits)
-    assert [[s.seq_id for s in g] for g in admitted] == [[0], [1]] and [g[0].seq_id for g in waiting] == [2, 3]
-    assert blocks.num_free_blocks == 2
-    # in 3 blocks the second's block and its own block of headroom do not fit beside the first's block of headroom
-    blocks = BlockManager(num_blocks=3, block_size=4)
-    waiting = collections.deque([[Seq(i, i, 0, [1] * 4, 4, 12, 0)] for i in range(2)])
-    assert [[s.seq_id for s in g] for g in admit(waiting, [], blocks, **limits)] == [[0]]
-    assert [g[0].seq_id for g in waiting] == [1]
-    # a prompt of 9 tokens and its fork in a cache of 3 blocks (one sequence at full length): admitted, nothing runs
-    blocks = BlockManager(num_blocks=3, block_size=4)
-    waiting = collections.deque([[Seq(j, 0, j, [1] * 9, 9, 12, 0) for j in range(2)]])
-    assert [[s.seq_id for s in g] for g in admit(waiting, [], blocks, **limits)] == [[0, 1]] and not waiting
 
 
 def test_numpy_int32_counts_do_not_wrap_around():
