@@ -53,12 +53,15 @@ def layer_activation_bytes(model: Transformer, tokens: int = 256) -> float:
     cu = torch.tensor([0, tokens], dtype=torch.int32, device=p.device)
     weights = {q.untyped_storage().data_ptr() for q in model.parameters()}
     seen: dict[int, int] = {}
+    held: list[torch.Tensor] = []  # every saved tensor, alive until the probe ends: no storage freed and its address
+    # reused by a later one (counted once for two)
 
     def pack(t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         if storage.data_ptr() not in weights:
             seen[storage.data_ptr()] = storage.nbytes()
-        # Nothing is kept: no backward runs. (Returning t itself made a cycle through autograd's C++ objects
+        held.append(t)
+        # The graph keeps nothing: no backward runs. (Returning t itself made a cycle through autograd's C++ objects
         # wherever t is the output of the node saving it: Python's gc cannot break it, so the probe's graph, with
         # the probed layer's weights' storage, lived on; an offloaded model's weights then stayed on the GPU too.)
         return None
@@ -69,6 +72,7 @@ def layer_activation_bytes(model: Transformer, tokens: int = 256) -> float:
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         out = layer(h, delta, positions, cu, sp)
     del out
+    held.clear()
     return sum(seen.values()) / tokens
 
 
