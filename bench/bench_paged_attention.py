@@ -9,10 +9,12 @@ Shapes are Llama-2-13B decode steps (Hq = Hkv = 40, D = 128, block 16, bf16) plu
 sequence of a batch has the same context length. Reported: time (ms), GB/s of KV read
 (context * Hkv * D * 2 tensors * bytes), its fraction of the copy bandwidth (measured at the start: about 3.0
 TB/s on an H100, 4.3 on an H200), the roofline floor and the extra peak memory of each variant.
-Also times rope_write_kv for the batch. On a GPU, ours, SDPA and the rope write are also timed as replays of a
-CUDA graph ("ours_graph", "sdpa_graph", the rope write's "graph" column): the GPU's own time, as inside the engine's
-decode graphs; the per-call columns (triton's do_bench) also count a call's host overhead where it exceeds the
-kernel (the first H200 run: ours 0.072 ms per call at batch 1, 4,096 tokens, against a 0.020 ms floor).
+Also times rope_write_kv for the batch, and the engine's decode step's attention (rope_decode_attention: the rope
+write fused into ours, "fused") against the two kernels it replaces. On a GPU, ours, SDPA, the rope write and the
+fused step are also timed as replays of a CUDA graph ("ours_graph", "sdpa_graph", the "graph" columns): the GPU's
+own time, as inside the engine's decode graphs; the per-call columns (triton's do_bench) also count a call's host
+overhead where it exceeds the kernel (the first H200 run: ours 0.072 ms per call at batch 1, 4,096 tokens, against
+a 0.020 ms floor).
 --kv-dtype fp8: the cache in float8 e4m3 (the generator's kv_cache_dtype="fp8"), half the bytes of bf16.
 --sweep also times the decode kernel's launch variants (tile, warps, stages, tl.dot or not) per
 shape and prints the fastest, to tune kernels.paged_attention.decode_config on a new GPU.
@@ -36,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import check_close, fill_peaks, graph_ms, measure, ptxas_info, write_json  # noqa: E402
 from engine.kv_cache import resolve_cache_dtype  # noqa: E402
 from kernels import reference  # noqa: E402
-from kernels.paged_attention import paged_decode_attention, rope_write_kv  # noqa: E402
+from kernels.paged_attention import paged_decode_attention, rope_decode_attention, rope_write_kv  # noqa: E402
 
 # name: (batch, context, Hq, Hkv, D, block_size)
 SHAPES = {
@@ -136,13 +138,24 @@ def _bench_shape(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, compile
         except Exception as e:  # a failing peer (OOM, compile error) must not hide the other figures
             print(f"{name} {vname}: failed ({type(e).__name__}: {e})")
     if device.type == "cuda":
-        # The decode-step companion: rotary + KV write of one token per sequence.
+        # The decode-step companion: rotary + KV write of one token per sequence; and both fused into ours.
         k1 = torch.randn(batch, hkv, d, dtype=dtype, device=device)
-        slots = bt[:, -1].to(torch.int64) * bs
-        pos = cl.to(torch.int64) - 1
+        pos, slots = _new_token(bt, cl, bs)
         row["rope_write_ms"] = _ms(lambda: rope_write_kv(q, k1, k1, pos, kc, vc, slots), device)
+        two = paged_decode_attention(rope_write_kv(q, k1, k1, pos, kc, vc, slots), kc, vc, bt, cl).float()
+        fused = lambda: rope_decode_attention(q, k1, k1, pos, kc, vc, slots, bt, cl, max_context_len=ctx)
+        err = (fused().float() - two).abs().max().item()
+        print(f"{name}: fused step vs rope write + ours, max |err| = {err:.2e}")
+        check_close(f"paged decode {name} (fused step)", err / two.abs().max().item(), dtype)
+        row["fused_ms"] = _ms(fused, device)
         _graph_rows(row, (q, kc, vc, bt, cl), (batch, ctx, hq, hkv, d, bs), dtype, cache_dtype, read, kv_bytes)
     return row
+
+
+def _new_token(bt: torch.Tensor, cl: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and slots of a decode step's new tokens: each context's last position."""
+    pos = cl.to(torch.int64) - 1
+    return pos, bt.gather(1, (pos // bs)[:, None])[:, 0].to(torch.int64) * bs + pos % bs
 
 
 _L2_BYTES = 64 * 2**20  # an H200's L2 is 60 MiB (an H100's 50): graph timings rotate among inputs 4x that in all
@@ -165,11 +178,14 @@ def _graph_rows(row, first, shape, dtype, cache_dtype, read, kv_bytes) -> None:
         row["sdpa_graph_ms"] = graph_ms(peers)
         row["sdpa_graph_gbs"] = read.get("sdpa", kv_bytes) / (row["sdpa_graph_ms"] * 1e-3) / 1e9
         k1 = torch.randn(batch, hkv, d, dtype=dtype, device=first[0].device)
-        writes = []
+        writes, fused = [], []
         for q, kc, vc, bt, cl in sets:
-            slots, pos = bt[:, -1].to(torch.int64) * bs, cl.to(torch.int64) - 1
+            pos, slots = _new_token(bt, cl, bs)
             writes.append(lambda q=q, kc=kc, vc=vc, slots=slots, pos=pos: rope_write_kv(q, k1, k1, pos, kc, vc, slots))
+            fused.append(lambda q=q, kc=kc, vc=vc, bt=bt, cl=cl, slots=slots, pos=pos: rope_decode_attention(
+                q, k1, k1, pos, kc, vc, slots, bt, cl, max_context_len=ctx))  # fmt: skip
         row["rope_write_graph_ms"] = graph_ms(writes)
+        row["fused_graph_ms"] = graph_ms(fused)
     except Exception as e:  # (a failure here must not lose the per-call figures above)
         print(f"{row['shape']}: graph timing failed ({type(e).__name__}: {e})")
 
@@ -198,8 +214,8 @@ def _sweep(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, cache_dtype=N
 def ptxas_report(
     shapes: dict, dtype: torch.dtype, arch: int = 90, cache_dtype: torch.dtype | None = None
 ) -> list[dict]:
-    """Registers / spills / shared memory of the decode and rope-write kernels at each shape's default config
-    (the cache in cache_dtype, default dtype)."""
+    """Registers / spills / shared memory of the decode kernel (alone and with the rope write fused in) and the
+    rope-write kernel at each shape's default config (the cache in cache_dtype, default dtype)."""
     import triton
 
     import kernels.paged_attention as pa
@@ -217,14 +233,17 @@ def ptxas_report(
         types = {n: "i32" for n in pa._paged_decode_kernel.arg_names}
         types.update({n: f"*{tname}" for n in ("Q", "O")} | {n: f"*{cname}" for n in ("K", "V")})
         types.update({"BT": "*i32", "CL": "*i32", "WS_M": "*fp32", "WS_L": "*fp32", "WS_ACC": "*fp32"})
+        types.update({"KN": f"*{tname}", "VN": f"*{tname}", "POS": "*i64", "SLOT": "*i64", "INV_FREQ": "*fp32"})
         types["scale_log2e"] = "fp32"
         consts = dict(
             HEAD_DIM=d, BLOCK_D=block_d, GROUP=group, BLOCK_SIZE=bs, BLOCK_N=cfg["block_n"], NUM_SPLITS=splits,
             GROUP_PAD=max(16, triton.next_power_of_2(group)) if use_dot else triton.next_power_of_2(group),
             USE_DOT=use_dot, UPCAST=dtype == torch.float32, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         )  # fmt: skip
-        info = ptxas_info(pa._paged_decode_kernel, types, consts, cfg["num_warps"], cfg["num_stages"], arch)
-        rows.append({"shape": name, "kernel": "decode", "splits": splits, **cfg, **info})
+        for kernel, fused in (("decode", False), ("decode_rope", True)):  # (rope_decode_attention: NEW_KV)
+            info = ptxas_info(pa._paged_decode_kernel, types, {**consts, "NEW_KV": fused}, cfg["num_warps"],
+                              cfg["num_stages"], arch)  # fmt: skip
+            rows.append({"shape": name, "kernel": kernel, "splits": splits, **cfg, **info})
         types = {n: "i32" for n in rotary._rotary_kernel.arg_names}
         types.update({n: f"*{tname}" for n in ("Q", "QO", "K", "KO", "V")} | {n: f"*{cname}" for n in ("KC", "VC")})
         types.update({"POS": "*i64", "SLOT": "*i64", "INV_FREQ": "*fp32"})
@@ -289,7 +308,7 @@ def _print(rows, tbs) -> None:
     variants += ["sdpa_graph"] if any("sdpa_graph_ms" in r for r in rows) else []  # (beside ours_graph: GPU time)
     for v in variants:
         head += f" {v + ' ms':>11} {v + ' GB/s':>11} {'%' + str(tbs) + 'TB/s':>10} {'+MB':>8}"
-    head += f" {'rope_write ms':>14} {'graph':>8}"
+    head += f" {'rope_write ms':>14} {'graph':>8} {'fused ms':>9} {'graph':>8}"
     print(head)
     for r in rows:
         line = f"{r['shape']:<20} {r['kv_bytes'] / 1e6:8.1f} {r['floor_ms']:9.4f}"
@@ -299,6 +318,7 @@ def _print(rows, tbs) -> None:
             frac = gbs / (tbs * 1e3) * 100 if not math.isnan(gbs) else float("nan")
             line += f" {ms:11.4f} {gbs:11.1f} {frac:9.1f}% {r.get(f'{v}_mem_mb', float('nan')):8.1f}"
         line += f" {r.get('rope_write_ms', float('nan')):14.4f} {r.get('rope_write_graph_ms', float('nan')):8.4f}"
+        line += f" {r.get('fused_ms', float('nan')):9.4f} {r.get('fused_graph_ms', float('nan')):8.4f}"
         print(line)
 
 

@@ -154,7 +154,7 @@ class Attention(nn.Module):
     def _cached_attention(self, q, k, v, positions, cu_seqlens, ctx: AttentionContext) -> torch.Tensor:
         """Generation: prompts (flash attention over the packed prompts, writing their KV) and/or decode tokens
         (their KV written, then paged attention over each sequence's cache), in one step."""
-        from kernels.paged_attention import paged_decode_attention, rope_write_kv
+        from kernels.paged_attention import rope_decode_attention
 
         kv_cache = ctx.kv_caches[self.layer_idx]
         n, p = q.shape[0], ctx.num_prefill(q.shape[0])
@@ -163,15 +163,20 @@ class Attention(nn.Module):
                 q, k, v, positions, cu_seqlens, rope_theta=self.rope, kv_cache=kv_cache,
                 slot_mapping=ctx.slot_mapping,
             )  # fmt: skip
-        if p == 0:  # decode only (what a CUDA graph captures)
-            qd = rope_write_kv(q, k, v, positions, *kv_cache, ctx.slot_mapping, rope_theta=self.rope)
-            return paged_decode_attention(qd, *kv_cache, ctx.block_tables, ctx.context_lens)
+        if p == 0:  # decode only (what a CUDA graph captures): rotary, cache write and attention in one kernel
+            return rope_decode_attention(
+                q, k, v, positions, *kv_cache, ctx.slot_mapping, ctx.block_tables, ctx.context_lens,
+                rope_theta=self.rope,
+            )  # fmt: skip
         prompts = rope_attention(
             q[:p], k[:p], v[:p], positions[:p], cu_seqlens, rope_theta=self.rope, kv_cache=kv_cache,
             slot_mapping=ctx.slot_mapping[:p],
         )  # fmt: skip
-        qd = rope_write_kv(q[p:], k[p:], v[p:], positions[p:], *kv_cache, ctx.slot_mapping[p:], rope_theta=self.rope)
-        return torch.cat([prompts, paged_decode_attention(qd, *kv_cache, ctx.block_tables, ctx.context_lens)])
+        decode = rope_decode_attention(
+            q[p:], k[p:], v[p:], positions[p:], *kv_cache, ctx.slot_mapping[p:], ctx.block_tables, ctx.context_lens,
+            rope_theta=self.rope,
+        )  # fmt: skip
+        return torch.cat([prompts, decode])
 
 
 def attention_backend() -> str:

@@ -9,6 +9,9 @@ slot_mapping [N] int64 uses -1 for "do not write". Keys are stored already rotat
   head of one kv head (GQA group) so each K/V tile is loaded once for the group, over one slice of
   the context; with several splits the partial (max, sum, acc) go to an fp32 workspace and a second
   kernel merges them. Inference only (no autograd).
+- `rope_decode_attention`: a decode step's whole attention in one launch: the decode kernel also rotates q and the
+  new k, attends to the new token from registers and writes its k and v into their slots (what rope_write_kv then
+  paged_decode_attention do, without the second kernel and its read back).
 - `rope_write_kv`: the decode-step companion: rotary on q and k (cos/sin from integer positions,
   in fp32, in-kernel) and the write of rotated k and v into their slots, in one launch of
   kernels/rotary.py's kernel (the one prefill uses too, so both store the same rotated keys).
@@ -25,7 +28,7 @@ import triton.language as tl
 
 from kernels import reference
 from kernels.dispatch import INTERPRET, loop_bound, sm_count, use_triton
-from kernels.rotary import launch_rotary
+from kernels.rotary import launch_rotary, reduce_angle, rope_tables
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # A cache may also hold float8 e4m3 (half the bytes of bf16 to write and, every decode step, to read): the write
@@ -95,14 +98,39 @@ def _attend_tile(
 
 # fmt: off
 @triton.jit
+def _rotate_half(x, x_pair, cos, sin, lo):
+    """Rotary (HF rotate half) in fp32 of x whose element i pairs with x_pair's: x1 * c - x2 * s in the first half,
+    x2 * c + x1 * s in the second, as kernels/rotary.py computes them (the same keys whichever kernel wrote them)."""
+    x = x.to(tl.float32)
+    x_pair = x_pair.to(tl.float32)
+    return tl.where(lo, x * cos - x_pair * sin, x * cos + x_pair * sin)
+
+
+@triton.jit
+def _to_cache(x, dtype: tl.constexpr):
+    """x in a cache's dtype: float8 e4m3 saturates at +-448 (as kernels/rotary.py's write does)."""
+    if dtype == tl.float8e4nv:
+        x = tl.clamp(x.to(tl.float32), -448.0, 448.0)
+    return x.to(dtype)
+# fmt: on
+
+
+# fmt: off
+@triton.jit
 def _paged_decode_kernel(
-    Q, K, V, BT, CL, O, WS_M, WS_L, WS_ACC, scale_log2e, tokens_per_split, max_tokens, stride_qb, stride_qh,
-    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_btb, stride_ob, stride_oh, num_q_heads,
+    Q, K, V, BT, CL, O, WS_M, WS_L, WS_ACC, KN, VN, POS, SLOT, INV_FREQ, scale_log2e, tokens_per_split, max_tokens,
+    n_slots, stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_btb,
+    stride_ob, stride_oh, stride_knb, stride_knh, stride_vnb, stride_vnh, num_q_heads,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_DOT: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, NEW_KV: tl.constexpr,
 ):
-    """One (sequence, kv head, context split): online softmax over tokens [start, end) for GROUP query heads."""
+    """One (sequence, kv head, context split): online softmax over tokens [start, end) for GROUP query heads.
+
+    NEW_KV (rope_decode_attention): Q holds the unrotated query and the context's last token is the new one, whose
+    unrotated k and v are KN, VN: q and k are rotated here (rotary.py's angles and formula), the program whose split
+    holds the last position attends to the new token from registers (as the cache holds it: rounded to the cache's
+    dtype) and writes it at SLOT (-1, or a slot past the cache's n_slots: no write); the cache is read up to it."""
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -116,8 +144,20 @@ def _paged_decode_kernel(
     g_mask = offs_g < GROUP
     d_mask = offs_d < HEAD_DIM
     heads = pid_h * GROUP + offs_g
-    q_ptrs = Q + pid_b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    q_row = Q + pid_b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
+    q = tl.load(q_row + offs_d[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    if NEW_KV:
+        # rotate half: element i pairs with i +- D/2; both use frequency i mod D/2
+        lo = offs_d < HEAD_DIM // 2
+        partner = tl.where(lo, offs_d + HEAD_DIM // 2, offs_d - HEAD_DIM // 2)
+        inv_freq = tl.load(INV_FREQ + tl.where(lo, offs_d, partner), mask=d_mask, other=0.0)
+        angle = reduce_angle(tl.load(POS + pid_b).to(tl.float32) * inv_freq)
+        cos = tl.cos(angle)
+        sin = tl.sin(angle)
+        q_pair = tl.load(q_row + partner[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+        # rounded to q's dtype as rope_write_kv's rotated q is
+        q = _rotate_half(q, q_pair, cos[None, :], sin[None, :], lo[None, :]).to(Q.dtype.element_ty)
+        end = tl.minimum(end, ctx - 1)  # the new token's slot is not read (it is written below)
     if UPCAST:
         q = q.to(tl.float32)
 
@@ -133,6 +173,31 @@ def _paged_decode_kernel(
             scale_log2e, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, GROUP_PAD, USE_DOT, UPCAST, DOT_PRECISION,
             HEAD_DIM == BLOCK_D,
         )
+    if NEW_KV:
+        last = ctx - 1
+        if (last >= start) & (last < start + tokens_per_split) & (last < max_tokens):
+            kn_row = KN + pid_b.to(tl.int64) * stride_knb + pid_h * stride_knh
+            k_rot = _rotate_half(
+                tl.load(kn_row + offs_d, mask=d_mask, other=0.0), tl.load(kn_row + partner, mask=d_mask, other=0.0),
+                cos, sin, lo,
+            )  # fmt: skip
+            v_new = tl.load(VN + pid_b.to(tl.int64) * stride_vnb + pid_h * stride_vnh + offs_d, mask=d_mask, other=0.0)
+            k_new = _to_cache(k_rot, K.dtype.element_ty)
+            v_new = _to_cache(v_new, V.dtype.element_ty)
+            slot = tl.load(SLOT + pid_b).to(tl.int64)  # caches can exceed 2^31 elements
+            w_mask = d_mask & (slot >= 0) & (slot < n_slots)
+            blk = slot // BLOCK_SIZE
+            tok = slot % BLOCK_SIZE
+            tl.store(K + blk * stride_kb + tok * stride_kt + pid_h * stride_kh + offs_d, k_new, mask=w_mask)
+            tl.store(V + blk * stride_vb + tok * stride_vt + pid_h * stride_vh + offs_d, v_new, mask=w_mask)
+            # the new token's online-softmax update, from what the cache now holds
+            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale_log2e
+            m_new = tl.maximum(m_i, s_new)
+            alpha = tl.exp2(m_i - m_new)
+            p_new = tl.exp2(s_new - m_new)
+            l_i = l_i * alpha + p_new
+            acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
+            m_i = m_new
 
     out_mask = g_mask[:, None] & d_mask[None, :]
     if NUM_SPLITS == 1:
@@ -201,7 +266,7 @@ def _check_caches(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         raise ValueError(f"k_cache dtype {k_cache.dtype} != v_cache dtype {v_cache.dtype}")
 
 
-_CONFIG_KEYS = ("block_n", "num_warps", "num_stages", "dot_min_group")
+_CONFIG_KEYS = ("block_n", "num_warps", "num_stages", "dot_min_group", "fuse_rope")
 _overrides: dict = {}  # set_decode_config's, merged over decode_config() in every launch (a per-call config wins)
 
 
@@ -221,6 +286,10 @@ def check_decode_config(overrides: dict) -> None:
     if bad:
         raise ValueError(f"unknown decode launch parameter(s) {bad}: expected some of {list(_CONFIG_KEYS)}")
     for k, v in overrides.items():
+        if k == "fuse_rope":
+            if not isinstance(v, int) or isinstance(v, bool) or v not in (0, 1):
+                raise ValueError(f"decode launch parameter fuse_rope must be 0 or 1, got {v!r}")
+            continue
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"decode launch parameter {k} must be a positive int, got {v!r}")
         if k in ("block_n", "num_warps") and v & (v - 1):
@@ -237,12 +306,13 @@ def decode_config(group: int, block_d: int, elem_size: int) -> dict:
     of copy bandwidth; batch 8 at 4096: 0.160 against 0.234, 99%); 64-token tiles, 4 warps, 2 stages lead both MHA
     shapes, and GQA (group 8, 70B-like) runs fastest on 32-token tiles (0.0775 ms against 0.096 at 64, 81%). The tile
     holds the same bytes at other row widths: 128-byte rows (an fp8 cache) double it, 512-byte rows (fp32, or D = 256)
-    halve it (down to tl.dot's 16; those widths are not measured yet).
+    halve it (down to tl.dot's 16; those widths are not measured yet). fuse_rope 1: rope_decode_attention rotates and
+    writes the new token inside this kernel (0: rope_write_kv's kernel, then this one).
     """
     row_bytes = block_d * elem_size
     tokens_at_256_bytes = 64 if group == 1 else 32
     block_n = min(128, max(16, tokens_at_256_bytes * 256 // row_bytes))
-    return {"block_n": block_n, "num_warps": 4, "num_stages": 2, "dot_min_group": 1}
+    return {"block_n": block_n, "num_warps": 4, "num_stages": 2, "dot_min_group": 1, "fuse_rope": 1}
 
 
 def choose_num_splits(batch: int, kv_heads: int, max_context_len: int, block_n: int, num_sms: int) -> int:
@@ -264,7 +334,9 @@ def _decode_launch(
     max_context_len: int,
     num_splits: int | None,
     config: dict | None = None,
+    new_kv: tuple | None = None,
 ) -> None:
+    """new_kv: (k, v, positions, slot_mapping, rope) of rope_decode_attention (q then unrotated), else None."""
     b, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     # the kernel reads a table row and the lengths with unit stride (a no-op for the engine's row slices)
@@ -288,16 +360,23 @@ def _decode_launch(
     else:
         ws_m = ws_l = ws_acc = out  # unused
     upcast = INTERPRET or q.dtype == torch.float32
+    if new_kv is not None:
+        k, v, positions, slot_mapping, rope = new_kv
+        inv_freq = rope_tables(d, rope, q.device)[0]
+        positions, slot_mapping = positions.contiguous(), slot_mapping.contiguous()
+    else:  # (unused)
+        k = v = q
+        positions = slot_mapping = inv_freq = context_lens
     # fmt: off
     _paged_decode_kernel[(b, hkv, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, ws_m, ws_l, ws_acc,
-        scale * math.log2(math.e), tokens_per_split, block_tables.shape[1] * block_size,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1), hq,
+        q, k_cache, v_cache, block_tables, context_lens, out, ws_m, ws_l, ws_acc, k, v, positions, slot_mapping,
+        inv_freq, scale * math.log2(math.e), tokens_per_split, block_tables.shape[1] * block_size,
+        k_cache.shape[0] * block_size, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), hq,
         HEAD_DIM=d, BLOCK_D=block_d, GROUP=group, GROUP_PAD=group_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, USE_DOT=use_dot, UPCAST=upcast, DOT_PRECISION="ieee" if upcast else "tf32",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        NEW_KV=new_kv is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     # fmt: on
     if num_splits > 1:
@@ -370,6 +449,76 @@ def paged_decode_attention(
     interpreter and the CPU reference check them. num_splits: force the split count (tests);
     config: override decode_config()'s launch parameters (tuning).
     """
+    out, scale, bound = _check_decode(q, k_cache, v_cache, block_tables, context_lens, softmax_scale, out,
+                                      max_context_len)  # fmt: skip
+    if not use_triton(q):
+        # CPU reference path: the host sync is free here, so check the real lengths too.
+        out.copy_(reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, bound))
+        return out
+    if q.shape[0]:
+        bound = _bound(bound, block_tables, k_cache)
+        _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, out, bound, num_splits, config)
+    return out
+
+
+def rope_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    *,
+    rope_theta: float | reference.Rope = 10000.0,
+    softmax_scale: float | None = None,
+    out: torch.Tensor | None = None,
+    max_context_len: int | None = None,
+    num_splits: int | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """A decode step's attention in one launch: rope_write_kv (rotate q and k, write the rotated k and v at
+    slot_mapping) then paged_decode_attention, fused: the new token is attended from registers, as the cache holds
+    it, and written by the program that attends to it (no separate rotary/write kernel, no read back).
+
+    q [B, Hq, D] and k, v [B, Hkv, D] unrotated; positions [B] int; slot_mapping [B] int (-1: not written); the
+    other arguments as paged_decode_attention's. Each sequence's context (context_lens, the new token included) ends
+    with the new token, which must be the token slot_mapping writes (the engine's decode batches): position
+    context_lens - 1 of the block table. Returns [B, Hq, D]; the caches are written in place. The decode config's
+    `fuse_rope` 0 runs the two kernels instead (what the fusion saves: bench/bench_paged_attention.py).
+    """
+    out, scale, bound = _check_decode(q, k_cache, v_cache, block_tables, context_lens, softmax_scale, out,
+                                      max_context_len)  # fmt: skip
+    _check_rope_inputs(q, k, v, positions, k_cache, v_cache, slot_mapping)
+    unfused = not {**_overrides, **(config or {})}.get("fuse_rope", 1)
+    if not use_triton(q) or unfused or q.shape[0] == 0:
+        q_rot = rope_write_kv(q, k, v, positions, k_cache, v_cache, slot_mapping, rope_theta=rope_theta)
+        return paged_decode_attention(q_rot, k_cache, v_cache, block_tables, context_lens, softmax_scale=scale,
+                                      out=out, max_context_len=bound, num_splits=num_splits, config=config)  # fmt: skip
+    if INTERPRET:  # (a host sync, free in the interpreter; the reference path raises likewise)
+        capacity = k_cache.shape[0] * k_cache.shape[1]
+        if int(slot_mapping.max()) >= capacity:
+            raise IndexError(f"slot {int(slot_mapping.max())} is outside the KV cache's {capacity} slots")
+    _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, out, _bound(bound, block_tables, k_cache),
+                   num_splits, config, new_kv=(k, v, positions, slot_mapping, rope_theta))  # fmt: skip
+    return out
+
+
+def _capacity(block_tables: torch.Tensor, k_cache: torch.Tensor) -> int:
+    """Tokens a block table can address."""
+    return block_tables.shape[1] * k_cache.shape[1]
+
+
+def _bound(max_context_len: int | None, block_tables: torch.Tensor, k_cache: torch.Tensor) -> int:
+    """The kernel's max_context_len: the caller's, else all the block table can address (fixed per shape)."""
+    return _capacity(block_tables, k_cache) if max_context_len is None else max_context_len
+
+
+def _check_decode(q, k_cache, v_cache, block_tables, context_lens, softmax_scale, out, max_context_len):
+    """paged_decode_attention's argument checks (ValueError naming the problem). Returns out (allocated if None),
+    the softmax scale and max_context_len (None stays None: the reference then reads the lengths)."""
     if q.dim() != 3:
         raise ValueError(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
     _check_caches(k_cache, v_cache)
@@ -401,30 +550,34 @@ def paged_decode_attention(
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError(f"out must be a {q.dtype} tensor of shape {tuple(q.shape)}, contiguous in D")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    capacity = block_tables.shape[1] * block_size
-    bound = max_context_len  # (the caller's own, for the reference: the default would make it gather every column)
-    if max_context_len is None:
-        max_context_len = capacity
-    elif max_context_len > capacity:
+    capacity = _capacity(block_tables, k_cache)
+    if max_context_len is not None and max_context_len > capacity:
         raise ValueError(
             f"max_context_len {max_context_len} needs {-(-max_context_len // block_size)} blocks but "
             f"block_tables has {block_tables.shape[1]} columns"
         )
-    if not use_triton(q):
-        # CPU reference path: the host sync is free here, so check the real lengths too.
-        out.copy_(reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, bound))
-        return out
-    if b == 0:
-        return out
-    if INTERPRET:
+    if INTERPRET and use_triton(q) and b:
         # Only checkable with a host sync; the interpreter path is free to do it (CUDA must not).
         longest = int(context_lens.max())
         if longest > capacity:
             raise ValueError(f"context length {longest} needs more blocks than block_tables' {block_tables.shape[1]}")
-        if longest > max_context_len:
+        if max_context_len is not None and longest > max_context_len:
             raise ValueError(f"context length {longest} exceeds max_context_len {max_context_len}")
-    _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, out, max_context_len, num_splits, config)
-    return out
+    return out, scale, max_context_len
+
+
+def _check_rope_inputs(q, k, v, positions, k_cache, v_cache, slot_mapping) -> None:
+    """rope_write_kv's argument checks (ValueError naming the problem)."""
+    _check_write_inputs(k, v, k_cache, v_cache, slot_mapping)
+    n = k.shape[0]
+    if q.dim() != 3 or q.shape[0] != n or q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q must be [N={n}, Hq (a multiple of {k.shape[1]}), D={k.shape[2]}], got {tuple(q.shape)}")
+    if q.stride(-1) != 1 or q.dtype not in _FLOAT_DTYPES:
+        raise ValueError("q must be fp32/fp16/bf16 and contiguous in its last (head) dimension")
+    if q.device != k.device or positions.device != k.device:
+        raise ValueError(f"q ({q.device}), positions ({positions.device}) and k ({k.device}) must share one device")
+    if positions.shape != (n,) or positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"positions must be int32/int64 [N={n}], got {positions.dtype} {tuple(positions.shape)}")
 
 
 def rope_write_kv(
@@ -444,16 +597,7 @@ def rope_write_kv(
     q [N, Hq, D], k/v [N, Hkv, D], positions [N] int, slot_mapping [N] int64 (-1: skip the write);
     caches [num_blocks, block_size, Hkv, D], written in place. Returns rotated q [N, Hq, D] (q_out if given).
     """
-    _check_write_inputs(k, v, k_cache, v_cache, slot_mapping)
-    n = k.shape[0]
-    if q.dim() != 3 or q.shape[0] != n or q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1]:
-        raise ValueError(f"q must be [N={n}, Hq (a multiple of {k.shape[1]}), D={k.shape[2]}], got {tuple(q.shape)}")
-    if q.stride(-1) != 1 or q.dtype not in _FLOAT_DTYPES:
-        raise ValueError("q must be fp32/fp16/bf16 and contiguous in its last (head) dimension")
-    if q.device != k.device or positions.device != k.device:
-        raise ValueError(f"q ({q.device}), positions ({positions.device}) and k ({k.device}) must share one device")
-    if positions.shape != (n,) or positions.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"positions must be int32/int64 [N={n}], got {positions.dtype} {tuple(positions.shape)}")
+    _check_rope_inputs(q, k, v, positions, k_cache, v_cache, slot_mapping)
     if q_out is None:
         q_out = torch.empty_like(q)
     elif q_out.shape != q.shape or q_out.dtype != q.dtype or q_out.stride(-1) != 1:

@@ -553,7 +553,7 @@ def test_paged_table_has_one_column_per_variant(capsys):
     head, line = capsys.readouterr().out.splitlines()
     words = head.split()
     assert [w for w, nxt in zip(words, words[1:]) if nxt == "ms"][1:] == ["ours", "ours_bfloat16", "eager", "compile",
-                                                                          "sdpa", "rope_write"]  # fmt: skip
+                                                                          "sdpa", "rope_write", "fused"]  # fmt: skip
     assert line.split()[3:11] == ["0.5000", "4000.0", "100.0%", "nan", "1.0000", "2000.0", "50.0%", "nan"]
 
 

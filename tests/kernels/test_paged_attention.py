@@ -615,3 +615,125 @@ def test_set_decode_config_reaches_every_launch_until_reset(monkeypatch):
         with pytest.raises(ValueError, match=match):
             pa.set_decode_config(**bad)
     assert pa._overrides == {}
+
+
+# ------------------------------------------------------------------- the fused decode step (rotary, write, attention)
+
+
+def _decode_step_setup(ctx_lens, hq, hkv, d, block_size, dtype, cache_dtype=None):
+    """A decode step: each sequence has ctx - 1 tokens cached (random blocks of a NaN-poisoned pool) and a new token
+    (unrotated q, k, v) at position ctx - 1, whose slot lies in its table (a fresh block where it starts one).
+    A context of 0 is a CUDA graph's padding row: slot -1. Returns q, k, v, positions, slots, caches, tables,
+    lengths and the cached tokens' k, v in float64 as the cache holds them."""
+    cache_dtype = cache_dtype or dtype
+    cached = [max(n - 1, 0) for n in ctx_lens]
+    q_, kc, vc, bt, _, ks, vs = _paged_setup(cached, hq, hkv, d, block_size, dtype, spare_blocks=len(ctx_lens) + 2,
+                                             width_extra=1, cache_dtype=cache_dtype)  # fmt: skip
+    held = {int(blk) for i, n in enumerate(cached) for blk in bt[i, : -(-n // block_size)]}
+    spare = [blk for blk in range(kc.shape[0]) if blk not in held]
+    slots = torch.full((len(ctx_lens),), -1, dtype=torch.int64)
+    for i, n in enumerate(ctx_lens):
+        if n == 0:
+            continue
+        pos = n - 1
+        if pos % block_size == 0:  # the new token opens a block
+            bt[i, pos // block_size] = spare.pop()
+        slots[i] = int(bt[i, pos // block_size]) * block_size + pos % block_size
+    b = len(ctx_lens)
+    q = torch.randn(b, hq, d, dtype=torch.float64).to(dtype)
+    k = torch.randn(b, hkv, d, dtype=torch.float64).to(dtype)
+    v = torch.randn(b, hkv, d, dtype=torch.float64).to(dtype)
+    positions = (torch.tensor(ctx_lens) - 1).clamp(min=0)
+    return q, k, v, positions, slots, kc, vc, bt, torch.tensor(ctx_lens, dtype=torch.int32), ks, vs
+
+
+def _expected_step(q, k, v, positions, ctx_lens, ks, vs, cache_dtype):
+    """Float64 rotary of q and the new k (k and v as the cache will hold them), appended to each context (none to a
+    padding row's), then attention."""
+    q_rot = reference.apply_rotary(q.double(), positions)
+    k_rot = reference.to_cache_dtype(reference.apply_rotary(k.double(), positions).float(), cache_dtype).double()
+    v_new = reference.to_cache_dtype(v.float(), cache_dtype).double()
+    ks = [torch.cat([kk, k_rot[i : i + 1]]) if ctx_lens[i] else kk for i, kk in enumerate(ks)]
+    vs = [torch.cat([vv, v_new[i : i + 1]]) if ctx_lens[i] else vv for i, vv in enumerate(vs)]
+    return _expected(q_rot, ks, vs)
+
+
+STEP_CASES = [
+    # (hq, hkv, d, block_size, dtype, cache dtype, num_splits)
+    (4, 4, 64, 16, torch.float32, None, None),  # MHA
+    (8, 2, 64, 32, torch.float32, None, 3),  # GQA 4, the new token in the last of 3 splits
+    (8, 1, 128, 16, torch.bfloat16, None, None),  # GQA 8, D 128
+    (4, 4, 128, 32, torch.bfloat16, None, 4),
+    (8, 2, 128, 16, torch.float16, None, 2),
+    (4, 2, 80, 16, torch.float32, None, 2),  # head dim not a power of two: masked D, half dim 40
+    (8, 2, 64, 16, torch.bfloat16, torch.float8_e4m3fn, 2),  # an fp8 cache: the new token as fp8 holds it
+]
+
+
+@pytest.mark.parametrize("hq,hkv,d,block_size,dtype,cache_dtype,num_splits", STEP_CASES)
+def test_rope_decode_attention_is_rotary_write_then_attention(hq, hkv, d, block_size, dtype, cache_dtype, num_splits):
+    """The fused step against float64 (rotary, then attention over the context with the new token appended), and
+    against the two kernels it replaces (rope_write_kv, then paged_decode_attention): the same output and the very
+    same cache bytes (a key written by either kernel is the same key), the padding row's slot -1 unwritten."""
+    if cache_dtype == FP8 and not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("no float8")
+    # contexts: the new token alone, a full block, one opening a block, 17, several tiles, a padding row
+    ctx_lens = [1, block_size, block_size + 1, 17, 5 * 64 + 3, 0]
+    q, k, v, pos, slots, kc, vc, bt, cl, ks, vs = _decode_step_setup(ctx_lens, hq, hkv, d, block_size, dtype,
+                                                                     cache_dtype)  # fmt: skip
+    kc2, vc2 = kc.clone(), vc.clone()
+    out = torch.full_like(q, float("nan"))
+    got = pa.rope_decode_attention(q, k, v, pos, kc, vc, slots, bt, cl, out=out, num_splits=num_splits)
+    assert got.data_ptr() == out.data_ptr() and got.dtype == dtype
+    want = _expected_step(q, k, v, pos, ctx_lens, ks, vs, cache_dtype or dtype)
+    atol, rtol = TOLS[dtype] if cache_dtype is None else (3e-2, 3e-2)
+    torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol)
+    assert torch.equal(got[-1], torch.zeros_like(got[-1]))  # the padding row: zeros
+    # the two kernels it fuses
+    q_two = rope_write_kv(q, k, v, pos, kc2, vc2, slots)
+    two = paged_decode_attention(q_two, kc2, vc2, bt, cl, num_splits=num_splits)
+    torch.testing.assert_close(got, two, atol=atol, rtol=rtol)
+    for fused, twice in ((kc, kc2), (vc, vc2)):
+        same = (fused.view(torch.uint8) == twice.view(torch.uint8)).float().mean().item()
+        # the same fp32 formula: bit for bit in the interpreter; a compiler may contract it differently on a GPU
+        assert same == 1.0 if dispatch.INTERPRET else same > 0.999
+
+
+def test_rope_decode_attention_at_large_positions_and_scaled_rope():
+    """Angles reduced as rotary.py reduces them (positions far from the context length, as the kernel allows), a
+    Llama-3 scaled rope's frequencies, and the decode config's fuse_rope 0 (the two kernels) giving the same."""
+    rope = reference.Rope(500000.0, "llama3", 8.0, 1.0, 4.0, 8192)
+    q, k, v, _, slots, kc, vc, bt, cl, ks, vs = _decode_step_setup([5, 40], 4, 2, 64, 16, torch.float32)
+    pos = torch.tensor([70000, 123456])
+    kc2, vc2 = kc.clone(), vc.clone()
+    got = pa.rope_decode_attention(q, k, v, pos, kc, vc, slots, bt, cl, rope_theta=rope)
+    q_rot = reference.apply_rotary(q.double(), pos, rope)
+    k_rot = reference.apply_rotary(k.double(), pos, rope)
+    ks = [torch.cat([kk, k_rot[i : i + 1]]) for i, kk in enumerate(ks)]
+    vs = [torch.cat([vv, v[i : i + 1].double()]) for i, vv in enumerate(vs)]
+    # fp32 angles at positions ~1e5 carry ~1e-2 rad of rounding (HF's own fp32 formula does too)
+    torch.testing.assert_close(got.double(), _expected(q_rot, ks, vs), atol=3e-2, rtol=3e-2)
+    two = pa.rope_decode_attention(q, k, v, pos, kc2, vc2, slots, bt, cl, rope_theta=rope, config={"fuse_rope": 0})
+    torch.testing.assert_close(got, two, atol=2e-5, rtol=2e-5)
+    assert torch.equal(kc.isnan(), kc2.isnan()) and torch.equal(kc.nan_to_num(), kc2.nan_to_num())
+
+
+def test_rope_decode_attention_reference_path_and_errors():
+    """On CPU without the interpreter (reference ops) the same step; bad inputs are refused with their names."""
+    q, k, v, pos, slots, kc, vc, bt, cl, ks, vs = _decode_step_setup([3, 20, 0], 8, 2, 64, 16, torch.float32)
+    kc2, vc2 = kc.clone(), vc.clone()
+    got = pa.rope_decode_attention(q, k, v, pos, kc, vc, slots, bt, cl)
+    with dispatch.reference_ops():
+        ref = pa.rope_decode_attention(q, k, v, pos, kc2, vc2, slots, bt, cl)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(kc, kc2, atol=1e-6, rtol=1e-6, equal_nan=True)
+    args = (q, k, v, pos, kc, vc, slots, bt, cl)
+    for i, bad, match in ((3, pos[:2], "positions must be"), (1, k[:, :1], "k must be"), (6, slots[:2], "slot_mapping"),
+                          (8, cl[:2], "context_lens"), (0, q[:, :3], "not a multiple"),
+                          (5, vc[:, :, :1], "shape")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            pa.rope_decode_attention(*args[:i], bad, *args[i + 1 :])
+    with pytest.raises(IndexError, match="outside the KV cache"):
+        pa.rope_decode_attention(*args[:6], torch.tensor([0, 1, kc.shape[0] * 16]), *args[7:])
+    with pytest.raises(ValueError, match="fuse_rope must be 0 or 1"):
+        pa.set_decode_config(fuse_rope=2)

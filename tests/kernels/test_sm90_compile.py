@@ -17,9 +17,10 @@ import torch
 from bench.bench_paged_attention import ptxas_report
 shapes = {"gqa8": (8, 4096, 64, 8, 128, 16), "mha": (64, 384, 40, 40, 128, 16)}
 rows = ptxas_report(shapes, torch.bfloat16)
-assert len(rows) == 4 and all(r["regs"] for r in rows), rows
+assert len(rows) == 6 and all(r["regs"] for r in rows), rows
+assert all(r["spill_bytes"] == 0 for r in rows if r["kernel"] == "decode_rope"), rows  # the rope write fused in
 fp8 = ptxas_report(shapes, torch.bfloat16, cache_dtype=torch.float8_e4m3fn)  # kv_cache_dtype="fp8"
-assert len(fp8) == 4 and all(r["regs"] and r["spill_bytes"] == 0 for r in fp8), fp8
+assert len(fp8) == 6 and all(r["regs"] and r["spill_bytes"] == 0 for r in fp8), fp8
 print("compiled")
 """,
     "rope_attention": """
