@@ -14,8 +14,8 @@
 # sweep, then test_gpu.py and the kernel tests that failed on the first lease. The group `check` (alone; 5 minutes on a
 # fresh machine): the rollouts and the paged decode at the launch decode_config now picks (no override), the
 # offload test that failed, then log-probs, sampling, RMSNorm/SwiGLU. The group `fused` (alone): the paged attention
-# tests and bench with the rope write fused in, the 13B rollouts with it (batch 64 also without: fuse_rope 0), the
-# offload test. No NAME: everything, in the order below.
+# tests and bench with the rope write fused in, the 13B rollouts with it and without (fuse_rope 0), then log-probs,
+# sampling, RMSNorm/SwiGLU. No NAME: everything, in the order below.
 # SUITE_COMMIT names the commit in summary.txt.
 #
 # The lease's limits shape this script: a call returns at most 8 files from OUT_DIR and is killed at its timeout.
@@ -125,19 +125,23 @@ or set_decode_config"
   exit 0
 fi
 if [[ "$names" == *" fused "* ]]; then  # the decode step's rope write fused into the paged attention (alone)
-  names="$names fused_tests paged_fused rollout_b64_fused rollout_b64_unfused gpu_test_offload rollout_b1_fused "
+  names="$names fused_tests paged_fused rollout_b64_fused rollout_b64_unfused rollout_b1_fused rollout_b1_unfused "
+  names="$names logprob sampling rmsnorm_swiglu "
   step fused_tests 75 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test \
-    tests/kernels/test_paged_attention.py
+    tests/kernels/test_paged_attention.py tests/kernels/test_rotary.py
   bench paged_fused 45 "$PY" bench/bench_paged_attention.py --no-compile --shapes 13b-b64-c384 13b-b8-c4096 \
     70b-gqa8-b32-c2048  # the fused step's columns beside ours + the rope write
   bench rollout_b64_fused 150 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 \
     --prompt-len 128 --gen-len 256 --no-hf --profile "$(mktemp -d)/rollout_b64_trace.json"
   bench rollout_b64_unfused 100 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 \
     --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"fuse_rope": 0}'  # the two kernels, same run
-  step gpu_test_offload 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $per_test tests/engine/test_gpu.py \
-    -k idle_model_weights_free
   bench rollout_b1_fused 90 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 \
     --prompt-len 128 --gen-len 256 --no-hf
+  bench rollout_b1_unfused 60 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 \
+    --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"fuse_rope": 0}'
+  bench logprob 60 "$PY" bench/bench_logprob.py --skip-compile
+  bench sampling 30 "$PY" bench/bench_sampling.py
+  bench rmsnorm_swiglu 30 "$PY" bench/bench_rmsnorm_swiglu.py
   pack
   echo "done in $((SECONDS - start))s" | tee -a "$out/summary.txt"
   exit 0

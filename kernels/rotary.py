@@ -30,9 +30,19 @@ TAB_ROWS = 128  # rows of the cos/sin(j * f) table (kernels.rope_attention's til
 
 @triton.jit
 def reduce_angle(a):
-    """a mod 2*pi in [-pi, pi] (Cody-Waite, 2*pi = 6.28125 + c2): keeps sin/cos accurate at large positions."""
-    k = tl.floor(a * 0.15915494309189535 + 0.5)
-    return (a - k * 6.28125) - k * 0.0019353071795864769
+    """a mod 2*pi in [-pi, pi] (Cody-Waite, 2*pi = 6.28125 + c2): keeps sin/cos accurate at large positions.
+    Explicit fmas: every kernel that inlines this rounds the same way whatever the compiler would contract."""
+    k = tl.floor(tl.fma(a, 0.15915494309189535, 0.5))
+    return tl.fma(-k, 0.0019353071795864769, tl.fma(-k, 6.28125, a))
+
+
+@triton.jit
+def rotate_pair(x1, x2, c, s):
+    """(x1 * c - x2 * s, x2 * c + x1 * s) in fp32 with explicit fmas, so that every kernel rotating a key (this one,
+    the fused decode step in kernels/paged_attention.py) stores the very same bits: prefill and decode keys agree."""
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
+    return tl.fma(x1, c, -(x2 * s)), tl.fma(x2, c, x1 * s)
 
 
 @triton.jit
@@ -48,10 +58,7 @@ def _rotate_store(x1, x2, c, s, out, mask, HALF: tl.constexpr, ROTATE: tl.conste
     """Store x (halves x1, x2) rotated by the angles whose cos/sin are c, s (or as it is) at out, out + HALF.
     An fp8 output (a KV cache in float8 e4m3) saturates at +-448, as torch's and the GPU's conversions do."""
     if ROTATE:
-        x1 = x1.to(tl.float32)
-        x2 = x2.to(tl.float32)
-        y1 = x1 * c - x2 * s
-        y2 = x2 * c + x1 * s
+        y1, y2 = rotate_pair(x1, x2, c, s)
     else:
         y1 = x1
         y2 = x2
