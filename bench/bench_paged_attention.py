@@ -143,13 +143,16 @@ def _bench_shape(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, compile
         pos, slots = _new_token(bt, cl, bs)
         row["rope_write_ms"] = _ms(lambda: rope_write_kv(q, k1, k1, pos, kc, vc, slots), device)
         two = paged_decode_attention(rope_write_kv(q, k1, k1, pos, kc, vc, slots), kc, vc, bt, cl).float()
-        fused = lambda: rope_decode_attention(q, k1, k1, pos, kc, vc, slots, bt, cl, max_context_len=ctx)
+        fused = lambda: rope_decode_attention(q, k1, k1, pos, kc, vc, slots, bt, cl, max_context_len=ctx, config=_FUSED)
         err = (fused().float() - two).abs().max().item()
         print(f"{name}: fused step vs rope write + ours, max |err| = {err:.2e}")
         check_close(f"paged decode {name} (fused step)", err / two.abs().max().item(), dtype)
         row["fused_ms"] = _ms(fused, device)
         _graph_rows(row, (q, kc, vc, bt, cl), (batch, ctx, hq, hkv, d, bs), dtype, cache_dtype, read, kv_bytes)
     return row
+
+
+_FUSED = {"fuse_rope": 1}  # (decode_config's default runs the two kernels)
 
 
 def _new_token(bt: torch.Tensor, cl: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +186,7 @@ def _graph_rows(row, first, shape, dtype, cache_dtype, read, kv_bytes) -> None:
             pos, slots = _new_token(bt, cl, bs)
             writes.append(lambda q=q, kc=kc, vc=vc, slots=slots, pos=pos: rope_write_kv(q, k1, k1, pos, kc, vc, slots))
             fused.append(lambda q=q, kc=kc, vc=vc, bt=bt, cl=cl, slots=slots, pos=pos: rope_decode_attention(
-                q, k1, k1, pos, kc, vc, slots, bt, cl, max_context_len=ctx))  # fmt: skip
+                q, k1, k1, pos, kc, vc, slots, bt, cl, max_context_len=ctx, config=_FUSED))  # fmt: skip
         row["rope_write_graph_ms"] = graph_ms(writes)
         row["fused_graph_ms"] = graph_ms(fused)
     except Exception as e:  # (a failure here must not lose the per-call figures above)

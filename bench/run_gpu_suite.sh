@@ -14,7 +14,7 @@
 # sweep, then test_gpu.py and the kernel tests that failed on the first lease. The group `check` (alone; 5 minutes on a
 # fresh machine): the rollouts and the paged decode at the launch decode_config now picks (no override), the
 # offload test that failed, then log-probs, sampling, RMSNorm/SwiGLU. The group `fused` (alone): the paged attention
-# tests and bench with the rope write fused in, the 13B rollouts with it and without (fuse_rope 0), then log-probs,
+# tests and bench with the rope write fused in, the 13B rollouts with it (fuse_rope 1) and without, then log-probs,
 # sampling, RMSNorm/SwiGLU. No NAME: everything, in the order below.
 # SUITE_COMMIT names the commit in summary.txt.
 #
@@ -132,13 +132,14 @@ if [[ "$names" == *" fused "* ]]; then  # the decode step's rope write fused int
   bench paged_fused 45 "$PY" bench/bench_paged_attention.py --no-compile --shapes 13b-b64-c384 13b-b8-c4096 \
     70b-gqa8-b32-c2048  # the fused step's columns beside ours + the rope write
   bench rollout_b64_fused 150 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 \
-    --prompt-len 128 --gen-len 256 --no-hf --profile "$(mktemp -d)/rollout_b64_trace.json"
+    --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"fuse_rope": 1}' \
+    --profile "$(mktemp -d)/rollout_b64_trace.json"
   bench rollout_b64_unfused 100 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 \
-    --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"fuse_rope": 0}'  # the two kernels, same run
+    --prompt-len 128 --gen-len 256 --no-hf  # the two kernels (the default), same run
   bench rollout_b1_fused 90 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 \
-    --prompt-len 128 --gen-len 256 --no-hf
+    --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"fuse_rope": 1}'
   bench rollout_b1_unfused 60 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 \
-    --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"fuse_rope": 0}'
+    --prompt-len 128 --gen-len 256 --no-hf
   bench logprob 60 "$PY" bench/bench_logprob.py --skip-compile
   bench sampling 30 "$PY" bench/bench_sampling.py
   bench rmsnorm_swiglu 30 "$PY" bench/bench_rmsnorm_swiglu.py

@@ -306,13 +306,19 @@ def decode_config(group: int, block_d: int, elem_size: int) -> dict:
     of copy bandwidth; batch 8 at 4096: 0.160 against 0.234, 99%); 64-token tiles, 4 warps, 2 stages lead both MHA
     shapes, and GQA (group 8, 70B-like) runs fastest on 32-token tiles (0.0775 ms against 0.096 at 64, 81%). The tile
     holds the same bytes at other row widths: 128-byte rows (an fp8 cache) double it, 512-byte rows (fp32, or D = 256)
-    halve it (down to tl.dot's 16; those widths are not measured yet). fuse_rope 1: rope_decode_attention rotates and
-    writes the new token inside this kernel (0: rope_write_kv's kernel, then this one).
+    halve it (down to tl.dot's 16; those widths are not measured yet).
+
+    fuse_rope (rope_decode_attention): 1 rotates and writes the new token inside this kernel, 0 (the default) runs
+    rope_write_kv's kernel first. Measured on an H200 (bench/RESULTS.md "The fused decode step"): as CUDA graph
+    replays the fused step beats the two kernels at long contexts (Llama-2-13B batch 8 at 4,096 tokens 0.161 ms
+    against 0.181; 70B-like GQA batch 32 at 2,048 0.079 against 0.090; batch 64 at 384 0.131 against 0.132), but in the
+    13B rollouts (contexts 128-384) it lost: batch 64 13.05 ms a step against 12.91, batch 1 7.87 against 7.61 (every
+    program rotates q and loads the new token before its loop: latency a short context cannot hide).
     """
     row_bytes = block_d * elem_size
     tokens_at_256_bytes = 64 if group == 1 else 32
     block_n = min(128, max(16, tokens_at_256_bytes * 256 // row_bytes))
-    return {"block_n": block_n, "num_warps": 4, "num_stages": 2, "dot_min_group": 1, "fuse_rope": 1}
+    return {"block_n": block_n, "num_warps": 4, "num_stages": 2, "dot_min_group": 1, "fuse_rope": 0}
 
 
 def choose_num_splits(batch: int, kv_heads: int, max_context_len: int, block_n: int, num_sms: int) -> int:
@@ -487,12 +493,12 @@ def rope_decode_attention(
     other arguments as paged_decode_attention's. Each sequence's context (context_lens, the new token included) ends
     with the new token, which must be the token slot_mapping writes (the engine's decode batches): position
     context_lens - 1 of the block table. Returns [B, Hq, D]; the caches are written in place. The decode config's
-    `fuse_rope` 0 runs the two kernels instead (what the fusion saves: bench/bench_paged_attention.py).
+    `fuse_rope` (default 0: decode_config's measurements) says which: the fused kernel or the two kernels.
     """
     out, scale, bound = _check_decode(q, k_cache, v_cache, block_tables, context_lens, softmax_scale, out,
                                       max_context_len)  # fmt: skip
     _check_rope_inputs(q, k, v, positions, k_cache, v_cache, slot_mapping)
-    unfused = not {**_overrides, **(config or {})}.get("fuse_rope", 1)
+    unfused = not {"fuse_rope": 0, **_overrides, **(config or {})}["fuse_rope"]
     if not use_triton(q) or unfused or q.shape[0] == 0:
         q_rot = rope_write_kv(q, k, v, positions, k_cache, v_cache, slot_mapping, rope_theta=rope_theta)
         return paged_decode_attention(q_rot, k_cache, v_cache, block_tables, context_lens, softmax_scale=scale,

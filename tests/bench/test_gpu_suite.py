@@ -165,13 +165,13 @@ def test_check_group_runs_the_defaults_first_and_fits_what_is_left(tmp_path):
 
 @pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("tar") is None, reason="needs coreutils and tar")
 def test_fused_group_runs_the_batch_64_rollout_with_and_without_the_fused_rope_write(tmp_path):
-    """`fused`: the paged attention tests on the GPU, the paged bench (its fused columns), the batch-64 rollout at the
-    defaults (the fused step, profiled) and again with fuse_rope 0 (the two kernels), batch 1 both ways, the rest."""
+    """`fused`: the paged attention tests on the GPU, the paged bench (its fused columns), the batch-64 rollout with the
+    fused step (fuse_rope 1, profiled) and again at the defaults (the two kernels), batch 1 both ways, the rest."""
     steps, summary, run = _run_group(tmp_path, STUB.replace("sleep 60", "true"), "fused")
     work = run["work"]
     assert steps == ["fused_tests", "paged_fused", "rollout_b64_fused", "rollout_b64_unfused", "rollout_b1_fused",
                      "rollout_b1_unfused", "logprob", "sampling", "rmsnorm_swiglu"], summary  # fmt: skip
     assert "tests/kernels/test_paged_attention.py" in (work / "fused_tests.log").read_text()
     fused, unfused = (work / "rollout_b64_fused.log").read_text(), (work / "rollout_b64_unfused.log").read_text()
-    assert "--decode-config" not in fused and "--profile /" in fused, fused
-    assert '--decode-config {"fuse_rope": 0}' in unfused and "--batch 64" in unfused, unfused
+    assert '--decode-config {"fuse_rope": 1}' in fused and "--profile /" in fused, fused
+    assert "--decode-config" not in unfused and "--batch 64" in unfused, unfused

@@ -167,6 +167,27 @@ def test_overlapped_decode_steps_sample_the_same(path):
     assert st_ahead.generated_tokens == st_synced.generated_tokens
 
 
+def test_the_fused_decode_step_samples_the_same():
+    """The decode config's fuse_rope 1 (rotary, cache write and paged attention in one kernel) through the whole
+    generator, mixed steps included (prompts admitted beside decoding ones): the same samples as the two kernels,
+    log-probs within float rounding, every block freed."""
+    from kernels import paged_attention
+
+    model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.3, seed=3)
+    prompts = _prompts(512, [4, 13, 2, 8, 6], seed=8)
+    params = GenerateConfig(temperature=1.0, max_new_tokens=7, stop_token_ids=list(range(3, 40)), seed=9, n=2)
+    make = lambda: Generator(model, block_size=4, num_blocks=64, max_model_len=40, max_num_seqs=3, mix_prefill=True)
+    two, st_two = _run_clean(make(), prompts, params, "kernels")
+    try:
+        paged_attention.set_decode_config(fuse_rope=1)
+        fused, st_fused = _run_clean(make(), prompts, params, "kernels")
+    finally:
+        paged_attention.set_decode_config()
+    assert [c.tokens for c in fused] == [c.tokens for c in two] and st_fused.mixed_steps > 0
+    for a, b in zip(fused, two):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=1e-5)
+
+
 def test_preemption_loses_nothing_and_leaks_no_block():
     model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.05, seed=0)
     prompts = _prompts(512, [(i * 7) % 23 + 1 for i in range(1000)], seed=1)

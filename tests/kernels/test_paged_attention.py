@@ -658,6 +658,7 @@ def _expected_step(q, k, v, positions, ctx_lens, ks, vs, cache_dtype):
     return _expected(q_rot, ks, vs)
 
 
+FUSED = {"fuse_rope": 1}  # (decode_config's default, 0, runs rope_write_kv's kernel and then the decode kernel)
 STEP_CASES = [
     # (hq, hkv, d, block_size, dtype, cache dtype, num_splits)
     (4, 4, 64, 16, torch.float32, None, None),  # MHA
@@ -683,7 +684,7 @@ def test_rope_decode_attention_is_rotary_write_then_attention(hq, hkv, d, block_
                                                                      cache_dtype)  # fmt: skip
     kc2, vc2 = kc.clone(), vc.clone()
     out = torch.full_like(q, float("nan"))
-    got = pa.rope_decode_attention(q, k, v, pos, kc, vc, slots, bt, cl, out=out, num_splits=num_splits)
+    got = pa.rope_decode_attention(q, k, v, pos, kc, vc, slots, bt, cl, out=out, num_splits=num_splits, config=FUSED)
     assert got.data_ptr() == out.data_ptr() and got.dtype == dtype
     want = _expected_step(q, k, v, pos, ctx_lens, ks, vs, cache_dtype or dtype)
     atol, rtol = TOLS[dtype] if cache_dtype is None else (3e-2, 3e-2)
@@ -704,7 +705,7 @@ def test_rope_decode_attention_at_large_positions_and_scaled_rope():
     q, k, v, _, slots, kc, vc, bt, cl, ks, vs = _decode_step_setup([5, 40], 4, 2, 64, 16, torch.float32)
     pos = torch.tensor([70000, 123456])
     kc2, vc2 = kc.clone(), vc.clone()
-    got = pa.rope_decode_attention(q, k, v, pos, kc, vc, slots, bt, cl, rope_theta=rope)
+    got = pa.rope_decode_attention(q, k, v, pos, kc, vc, slots, bt, cl, rope_theta=rope, config=FUSED)
     q_rot = reference.apply_rotary(q.double(), pos, rope)
     k_rot = reference.apply_rotary(k.double(), pos, rope)
     ks = [torch.cat([kk, k_rot[i : i + 1]]) for i, kk in enumerate(ks)]
@@ -720,7 +721,7 @@ def test_rope_decode_attention_reference_path_and_errors():
     """On CPU without the interpreter (reference ops) the same step; bad inputs are refused with their names."""
     q, k, v, pos, slots, kc, vc, bt, cl, ks, vs = _decode_step_setup([3, 20, 0], 8, 2, 64, 16, torch.float32)
     kc2, vc2 = kc.clone(), vc.clone()
-    got = pa.rope_decode_attention(q, k, v, pos, kc, vc, slots, bt, cl)
+    got = pa.rope_decode_attention(q, k, v, pos, kc, vc, slots, bt, cl, config=FUSED)
     with dispatch.reference_ops():
         ref = pa.rope_decode_attention(q, k, v, pos, kc2, vc2, slots, bt, cl)
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
@@ -736,3 +737,27 @@ def test_rope_decode_attention_reference_path_and_errors():
             pa.rope_decode_attention(*args[:6], torch.tensor([0, 1, kc.shape[0] * 16]), *args[7:])
     with pytest.raises(ValueError, match="fuse_rope must be 0 or 1"):
         pa.set_decode_config(fuse_rope=2)
+
+
+def test_rope_decode_attention_runs_the_two_kernels_unless_fuse_rope(monkeypatch):
+    """decode_config's fuse_rope 0 (the default: measured faster in the rollouts) launches the rotary/write kernel
+    and then the plain decode kernel; fuse_rope 1 (per call or set_decode_config) one fused launch; same result."""
+    launches = []
+    real_rotary, real_decode = pa.launch_rotary, pa._decode_launch
+    monkeypatch.setattr(pa, "launch_rotary", lambda *a, **k: launches.append("rotary") or real_rotary(*a, **k))
+    monkeypatch.setattr(
+        pa, "_decode_launch", lambda *a, **k: launches.append(("decode", k.get("new_kv") is not None)) or real_decode(
+            *a, **k)
+    )  # fmt: skip
+    assert pa.decode_config(1, 64, 4)["fuse_rope"] == 0
+    q, k, v, pos, slots, kc, vc, bt, cl, ks, vs = _decode_step_setup([7, 30], 4, 4, 64, 16, torch.float32)
+    outs = [pa.rope_decode_attention(q, k, v, pos, kc.clone(), vc.clone(), slots, bt, cl)]
+    outs.append(pa.rope_decode_attention(q, k, v, pos, kc.clone(), vc.clone(), slots, bt, cl, config=FUSED))
+    try:
+        pa.set_decode_config(fuse_rope=1)
+        outs.append(pa.rope_decode_attention(q, k, v, pos, kc.clone(), vc.clone(), slots, bt, cl))
+    finally:
+        pa.set_decode_config()
+    assert launches == ["rotary", ("decode", False), ("decode", True), ("decode", True)]
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], atol=2e-5, rtol=2e-5)
