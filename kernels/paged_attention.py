@@ -498,16 +498,24 @@ def rope_decode_attention(
     out, scale, bound = _check_decode(q, k_cache, v_cache, block_tables, context_lens, softmax_scale, out,
                                       max_context_len)  # fmt: skip
     _check_rope_inputs(q, k, v, positions, k_cache, v_cache, slot_mapping)
-    unfused = not {"fuse_rope": 0, **_overrides, **(config or {})}["fuse_rope"]
-    if not use_triton(q) or unfused or q.shape[0] == 0:
-        q_rot = rope_write_kv(q, k, v, positions, k_cache, v_cache, slot_mapping, rope_theta=rope_theta)
-        return paged_decode_attention(q_rot, k_cache, v_cache, block_tables, context_lens, softmax_scale=scale,
-                                      out=out, max_context_len=bound, num_splits=num_splits, config=config)  # fmt: skip
+    if not use_triton(q):  # (the inputs are checked once: the two ops' own entry points would check them again)
+        q_rot = reference.rope_write_kv(q, k, v, positions, k_cache, v_cache, slot_mapping, rope_theta)
+        out.copy_(reference.paged_decode_attention(q_rot, k_cache, v_cache, block_tables, context_lens, scale, bound))
+        return out
+    if q.shape[0] == 0:
+        return out
     if INTERPRET:  # (a host sync, free in the interpreter; the reference path raises likewise)
         capacity = k_cache.shape[0] * k_cache.shape[1]
         if int(slot_mapping.max()) >= capacity:
             raise IndexError(f"slot {int(slot_mapping.max())} is outside the KV cache's {capacity} slots")
-    _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, out, _bound(bound, block_tables, k_cache),
+    bound = _bound(bound, block_tables, k_cache)
+    if not {"fuse_rope": 0, **_overrides, **(config or {})}["fuse_rope"]:  # the two kernels
+        q_rot = torch.empty_like(q)
+        launch_rotary(k, v, positions, rope_theta=rope_theta, q=q, q_out=q_rot, k_cache=k_cache, v_cache=v_cache,
+                      slot_mapping=slot_mapping)  # fmt: skip
+        _decode_launch(q_rot, k_cache, v_cache, block_tables, context_lens, scale, out, bound, num_splits, config)
+        return out
+    _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, out, bound,
                    num_splits, config, new_kv=(k, v, positions, slot_mapping, rope_theta))  # fmt: skip
     return out
 
