@@ -88,6 +88,17 @@ bench() {  # name, cap, command...: a bench that writes <name>.json
   step "$name" "$cap" "$@" --json "$work/$name.json"
 }
 
+finish() {  # a group's end: the archive, the total, and nothing of the other steps
+  pack
+  echo "done in $((SECONDS - start))s" | tee -a "$out/summary.txt"
+  exit 0
+}
+light_kernel_rows() {  # the kernel benches a lease's last minutes hold: log-probs, sampling, RMSNorm/SwiGLU
+  bench logprob 60 "$PY" bench/bench_logprob.py --skip-compile
+  bench sampling 30 "$PY" bench/bench_sampling.py
+  bench rmsnorm_swiglu 30 "$PY" bench/bench_rmsnorm_swiglu.py
+}
+
 # pytest-xdist (in the device image) spreads Triton's compilations over the CPU cores, one GPU serving every
 # worker; pytest-timeout stops a hung test before it eats the call.
 xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
@@ -120,9 +131,7 @@ EOF_PY
     tests/kernels/test_gae.py tests/kernels/test_paged_attention.py tests/kernels/test_rope_attention.py \
     -k "float64_values_with or decode_step_end_to_end or paged_decode_errors or nest_and_end or more_bad_inputs \
 or set_decode_config"
-  pack
-  echo "done in $((SECONDS - start))s" | tee -a "$out/summary.txt"
-  exit 0
+  finish
 fi
 if [[ "$names" == *" fused "* ]]; then  # the decode step's rope write fused into the paged attention (alone)
   names="$names fused_tests paged_fused rollout_b64_fused rollout_b64_unfused rollout_b1_fused rollout_b1_unfused "
@@ -140,12 +149,8 @@ if [[ "$names" == *" fused "* ]]; then  # the decode step's rope write fused int
     --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"fuse_rope": 1}'
   bench rollout_b1_unfused 60 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 \
     --prompt-len 128 --gen-len 256 --no-hf
-  bench logprob 60 "$PY" bench/bench_logprob.py --skip-compile
-  bench sampling 30 "$PY" bench/bench_sampling.py
-  bench rmsnorm_swiglu 30 "$PY" bench/bench_rmsnorm_swiglu.py
-  pack
-  echo "done in $((SECONDS - start))s" | tee -a "$out/summary.txt"
-  exit 0
+  light_kernel_rows
+  finish
 fi
 if [[ "$names" == *" check "* ]]; then  # a lease's last minutes: the defaults a sweep changed, and what failed
   names="$names rollout_b64_default paged_default gpu_test_offload rollout_b1_default logprob sampling rmsnorm_swiglu "
@@ -158,12 +163,8 @@ if [[ "$names" == *" check "* ]]; then  # a lease's last minutes: the defaults a
     -k idle_model_weights_free
   bench rollout_b1_default 90 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 \
     --prompt-len 128 --gen-len 256 --no-hf
-  bench logprob 60 "$PY" bench/bench_logprob.py --skip-compile
-  bench sampling 30 "$PY" bench/bench_sampling.py
-  bench rmsnorm_swiglu 30 "$PY" bench/bench_rmsnorm_swiglu.py
-  pack
-  echo "done in $((SECONDS - start))s" | tee -a "$out/summary.txt"
-  exit 0
+  light_kernel_rows
+  finish
 fi
 bench rope_attention 150 "$PY" bench/bench_rope_attention.py "${light[@]}"      # issue 4's figures
 bench rollout_b64 150 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 \
@@ -201,5 +202,4 @@ bench ppo_step_offload 240 "$PY" bench/ppo_step.py --model llama2-7b --random-we
 bench ppo_step_resident 240 "$PY" bench/ppo_step.py --model llama2-7b --random-weights --num-layers 8 \
   --rollout-batch-size 64 --train-batch-size 16 --prompt-len 256 --max-new-tokens 256 --iterations 2 \
   --offload-optimizer always   # the state in host memory throughout: what streaming it through each update costs
-pack
-echo "done in $((SECONDS - start))s" | tee -a "$out/summary.txt"
+finish
