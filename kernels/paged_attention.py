@@ -9,9 +9,10 @@ slot_mapping [N] int64 uses -1 for "do not write". Keys are stored already rotat
   head of one kv head (GQA group) so each K/V tile is loaded once for the group, over one slice of
   the context; with several splits the partial (max, sum, acc) go to an fp32 workspace and a second
   kernel merges them. Inference only (no autograd).
-- `rope_decode_attention`: a decode step's whole attention in one launch: the decode kernel also rotates q and the
-  new k, attends to the new token from registers and writes its k and v into their slots (what rope_write_kv then
-  paged_decode_attention do, without the second kernel and its read back).
+- `rope_decode_attention`: a decode step's whole attention (what the engine calls): rope_write_kv's kernel then the
+  decode kernel, or with decode_config's fuse_rope 1 one launch: the decode kernel also rotates q and the new k,
+  attends to the new token from registers and writes its k and v into their slots (faster at long contexts, slower
+  in the 13B rollouts on an H200: decode_config has the figures).
 - `rope_write_kv`: the decode-step companion: rotary on q and k (cos/sin from integer positions,
   in fp32, in-kernel) and the write of rotated k and v into their slots, in one launch of
   kernels/rotary.py's kernel (the one prefill uses too, so both store the same rotated keys).
