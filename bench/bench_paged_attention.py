@@ -45,6 +45,7 @@ SHAPES = {
     "13b-b64-c384": (64, 384, 40, 40, 128, 16),
     "13b-b8-c4096": (8, 4096, 40, 40, 128, 16),
     "13b-b1-c4096": (1, 4096, 40, 40, 128, 16),
+    "13b-b1-c384": (1, 384, 40, 40, 128, 16),  # the batch-1 rollout's table (prompt 128 + 256 new tokens)
     "13b-b256-c1024": (256, 1024, 40, 40, 128, 16),
     "13b-b32-c2048": (32, 2048, 40, 40, 128, 16),
     "70b-gqa8-b32-c2048": (32, 2048, 64, 8, 128, 16),
@@ -211,7 +212,30 @@ def _sweep(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, cache_dtype=N
     print(f"fastest launch variants of {name}:")
     for r in results[:5]:
         print(f"  {name:<20} {r['ms']:.4f} ms {r['tbs']:.2f} TB/s ({r['tbs'] * 1e12 / bw * 100:.0f}%) {r}")
-    return results
+    return results + _split_sweep(name, (q, kc, vc, bt, cl), ctx, kv_bytes, device)
+
+
+def _split_sweep(name, inputs, ctx, kv_bytes, device) -> list[dict]:
+    """The default launch at each min_split_tokens (how many context splits, and so whether the merge kernel runs):
+    rows {"shape", "min_split_tokens", "splits", "ms", "tbs"}, fastest first."""
+    import triton
+
+    import kernels.paged_attention as pa
+    from kernels.dispatch import sm_count
+
+    q, kc = inputs[0], inputs[1]
+    cfg = pa.decode_config(q.shape[1] // kc.shape[2], triton.next_power_of_2(q.shape[2]), kc.element_size())
+    rows = []
+    for tokens in (64, 128, 256, 512, 1024, 4096):
+        splits = pa.choose_num_splits(q.shape[0], kc.shape[2], ctx, cfg["block_n"], sm_count(q.device), tokens)
+        if rows and splits == rows[-1]["splits"]:
+            continue  # (the same launch as the last one)
+        fn = lambda t=tokens: paged_decode_attention(*inputs, max_context_len=ctx, config={"min_split_tokens": t})
+        ms = _kernel_ms(fn, device)
+        rows.append({"shape": name, "min_split_tokens": tokens, "splits": splits, "ms": ms,
+                     "tbs": kv_bytes / (ms * 1e-3) / 1e12})  # fmt: skip
+        print(f"{name} min_split_tokens {tokens} ({splits} split{'s' * (splits > 1)}): {ms:.4f} ms", flush=True)
+    return sorted(rows, key=lambda r: r["ms"])
 
 
 def ptxas_report(

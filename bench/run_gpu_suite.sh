@@ -15,7 +15,9 @@
 # fresh machine): the rollouts and the paged decode at the launch decode_config now picks (no override), the
 # offload test that failed, then log-probs, sampling, RMSNorm/SwiGLU. The group `fused` (alone): the paged attention
 # tests and bench with the rope write fused in, the 13B rollouts with it (fuse_rope 1) and without, then log-probs,
-# sampling, RMSNorm/SwiGLU. No NAME: everything, in the order below.
+# sampling, RMSNorm/SwiGLU. The group `b1` (alone): the 13B batch-1 rollout profiled, the paged decode sweep at its
+# shape (launch variants and split counts), the rollout with one context split, with and without the fused step.
+# No NAME: everything, in the order below.
 # SUITE_COMMIT names the commit in summary.txt.
 #
 # The lease's limits shape this script: a call returns at most 8 files from OUT_DIR and is killed at its timeout.
@@ -94,6 +96,7 @@ finish() {  # a group's end: the archive, the total, and nothing of the other st
   exit 0
 }
 light_kernel_rows() {  # the kernel benches a lease's last minutes hold: log-probs, sampling, RMSNorm/SwiGLU
+  names="$names logprob sampling rmsnorm_swiglu "
   bench logprob 60 "$PY" bench/bench_logprob.py --skip-compile
   bench sampling 30 "$PY" bench/bench_sampling.py
   bench rmsnorm_swiglu 30 "$PY" bench/bench_rmsnorm_swiglu.py
@@ -135,7 +138,6 @@ or set_decode_config"
 fi
 if [[ "$names" == *" fused "* ]]; then  # the decode step's rope write fused into the paged attention (alone)
   names="$names fused_tests paged_fused rollout_b64_fused rollout_b64_unfused rollout_b1_fused rollout_b1_unfused "
-  names="$names logprob sampling rmsnorm_swiglu "
   step fused_tests 75 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test \
     tests/kernels/test_paged_attention.py tests/kernels/test_rotary.py
   bench paged_fused 45 "$PY" bench/bench_paged_attention.py --no-compile --shapes 13b-b64-c384 13b-b8-c4096 \
@@ -152,8 +154,21 @@ if [[ "$names" == *" fused "* ]]; then  # the decode step's rope write fused int
   light_kernel_rows
   finish
 fi
+if [[ "$names" == *" b1 "* ]]; then  # batch 1, 2% short of its target: where its step goes, and the split count
+  names="$names rollout_b1_profile paged_sweep_b1 rollout_b1_split1 rollout_b1_split1_fused "
+  bench rollout_b1_profile 100 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 \
+    --prompt-len 128 --gen-len 256 --no-hf --profile "$(mktemp -d)/rollout_b1_trace.json"
+  bench paged_sweep_b1 90 "$PY" bench/bench_paged_attention.py --sweep --no-compile --shapes 13b-b1-c384
+  # one context split at the rollout's 384-token table (no merge kernel; the default makes 2)
+  bench rollout_b1_split1 60 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 \
+    --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"min_split_tokens": 512}'
+  bench rollout_b1_split1_fused 60 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 \
+    --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"min_split_tokens": 512, "fuse_rope": 1}'
+  light_kernel_rows
+  finish
+fi
 if [[ "$names" == *" check "* ]]; then  # a lease's last minutes: the defaults a sweep changed, and what failed
-  names="$names rollout_b64_default paged_default gpu_test_offload rollout_b1_default logprob sampling rmsnorm_swiglu "
+  names="$names rollout_b64_default paged_default gpu_test_offload rollout_b1_default "
   # (on a fresh machine the rollout compiles and autotunes every kernel first: 60 s did not reach its first timing)
   bench rollout_b64_default 150 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 \
     --prompt-len 128 --gen-len 256 --no-hf --profile "$(mktemp -d)/rollout_b64_trace.json"  # decode_config's pick

@@ -267,7 +267,7 @@ def _check_caches(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         raise ValueError(f"k_cache dtype {k_cache.dtype} != v_cache dtype {v_cache.dtype}")
 
 
-_CONFIG_KEYS = ("block_n", "num_warps", "num_stages", "dot_min_group", "fuse_rope")
+_CONFIG_KEYS = ("block_n", "num_warps", "num_stages", "dot_min_group", "fuse_rope", "min_split_tokens")
 _overrides: dict = {}  # set_decode_config's, merged over decode_config() in every launch (a per-call config wins)
 
 
@@ -319,14 +319,19 @@ def decode_config(group: int, block_d: int, elem_size: int) -> dict:
     row_bytes = block_d * elem_size
     tokens_at_256_bytes = 64 if group == 1 else 32
     block_n = min(128, max(16, tokens_at_256_bytes * 256 // row_bytes))
-    return {"block_n": block_n, "num_warps": 4, "num_stages": 2, "dot_min_group": 1, "fuse_rope": 0}
+    return {"block_n": block_n, "num_warps": 4, "num_stages": 2, "dot_min_group": 1, "fuse_rope": 0,
+            "min_split_tokens": _MIN_TOKENS_PER_SPLIT}  # fmt: skip
 
 
-def choose_num_splits(batch: int, kv_heads: int, max_context_len: int, block_n: int, num_sms: int) -> int:
-    """Context splits so batch * kv_heads * splits programs fill the GPU, none shorter than 256 tokens."""
+def choose_num_splits(
+    batch: int, kv_heads: int, max_context_len: int, block_n: int, num_sms: int,
+    min_split_tokens: int = _MIN_TOKENS_PER_SPLIT,
+) -> int:  # fmt: skip
+    """Context splits so batch * kv_heads * splits programs fill the GPU, none shorter than min_split_tokens (the
+    decode config's; 256: a guess, not swept yet, that a split must outweigh its trip through the merge kernel)."""
     programs = max(1, batch * kv_heads)
     want = -(-_PROGRAMS_PER_SM * num_sms // programs)
-    most = max(1, -(-max_context_len // max(_MIN_TOKENS_PER_SPLIT, block_n)))
+    most = max(1, -(-max_context_len // max(min_split_tokens, block_n)))
     return max(1, min(want, most, _MAX_SPLITS))
 
 
@@ -356,7 +361,7 @@ def _decode_launch(
     group_pad = max(16, triton.next_power_of_2(group)) if use_dot else triton.next_power_of_2(group)
     block_n = cfg["block_n"]
     if num_splits is None:
-        num_splits = choose_num_splits(b, hkv, max_context_len, block_n, sm_count(q.device))
+        num_splits = choose_num_splits(b, hkv, max_context_len, block_n, sm_count(q.device), cfg["min_split_tokens"])
     num_splits = max(1, int(num_splits))
     tokens_per_split = triton.cdiv(triton.cdiv(max(max_context_len, 1), num_splits), block_n) * block_n
     num_splits = max(1, triton.cdiv(max_context_len, tokens_per_split))

@@ -384,16 +384,21 @@ def test_paged_peers_are_checked_against_the_reference_relative_to_its_largest_v
 
 
 def test_paged_sweep_lists_the_fastest_first_with_its_share_of_the_bandwidth(monkeypatch, capsys):
-    """The sweep's 36 launch variants timed 36 ms down to 1 ms: returned fastest first, and printed with TB/s and its
-    percentage of the bandwidth (the tiny shape's 409600 fp32 KV bytes in 1 ms: 4.096e-4 TB/s, 25% of 1.6384e-3)."""
+    """The sweep's 36 launch variants timed 36 ms down to 1 ms: returned fastest first (then the split variants), and
+    printed with TB/s and its percentage of the bandwidth (the tiny shape's 409600 fp32 KV bytes in 1 ms: 4.096e-4
+    TB/s, 25% of 1.6384e-3)."""
     import bench.bench_paged_attention as B
 
-    times = iter(range(36, 0, -1))
+    times = iter([*range(36, 0, -1), 5.0, 3.0])
     monkeypatch.setattr(B, "measure", lambda fn, device, **kw: (float(next(times)), float("nan")))
     rows = B._sweep("s", *PAGED_TINY, dtype=torch.float32, device=torch.device("cpu"), bw=1.6384e9)
-    assert [r["ms"] for r in rows] == list(range(1, 37))
+    assert [r["ms"] for r in rows if "block_n" in r] == list(range(1, 37))
+    # then the default launch at each min_split_tokens giving a new split count (4 stand-in SMs, 8 programs, 100
+    # tokens: 2 splits of 64 tokens, then 1 from 128 on), fastest first
+    assert [(r["min_split_tokens"], r["splits"], r["ms"]) for r in rows[36:]] == [(128, 1, 3.0), (64, 2, 5.0)]
     out = capsys.readouterr().out.split("fastest launch variants of s:\n")[1].splitlines()
-    assert len(out) == 5 and out[0].split()[1:5] == ["1.0000", "ms", "0.00", "TB/s"] and "(25%)" in out[0]
+    assert out[5:] == ["s min_split_tokens 64 (2 splits): 5.0000 ms", "s min_split_tokens 128 (1 split): 3.0000 ms"]
+    assert len(out) == 7 and out[0].split()[1:5] == ["1.0000", "ms", "0.00", "TB/s"] and "(25%)" in out[0]
     assert "2.0000 ms" in out[1] and "(12%)" in out[1]
 
 

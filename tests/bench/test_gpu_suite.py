@@ -175,3 +175,19 @@ def test_fused_group_runs_the_batch_64_rollout_with_and_without_the_fused_rope_w
     fused, unfused = (work / "rollout_b64_fused.log").read_text(), (work / "rollout_b64_unfused.log").read_text()
     assert '--decode-config {"fuse_rope": 1}' in fused and "--profile /" in fused, fused
     assert "--decode-config" not in unfused and "--batch 64" in unfused, unfused
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("tar") is None, reason="needs coreutils and tar")
+def test_b1_group_profiles_sweeps_then_tries_one_split(tmp_path):
+    """`b1`: the batch-1 rollout profiled, the paged sweep at its shape, then the rollout with one context split
+    (min_split_tokens 512 at the 384-token table), with and without the fused step, then the light kernel rows."""
+    steps, summary, run = _run_group(tmp_path, STUB.replace("sleep 60", "true"), "b1")
+    work = run["work"]
+    assert steps == ["rollout_b1_profile", "paged_sweep_b1", "rollout_b1_split1", "rollout_b1_split1_fused", "logprob",
+                     "sampling", "rmsnorm_swiglu"], summary  # fmt: skip
+    assert (
+        "--sweep" in (work / "paged_sweep_b1.log").read_text()
+        and "13b-b1-c384" in (work / "paged_sweep_b1.log").read_text()
+    )
+    assert '{"min_split_tokens": 512}' in (work / "rollout_b1_split1.log").read_text()
+    assert '"fuse_rope": 1' in (work / "rollout_b1_split1_fused.log").read_text()

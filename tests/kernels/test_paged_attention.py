@@ -179,6 +179,8 @@ def test_choose_num_splits():
     assert choose_num_splits(1, 40, 4096, 64, h100) == 14  # one sequence, long context: split it
     assert choose_num_splits(1, 1, 100, 64, h100) == 1  # short context: never below 256 tokens a split
     assert choose_num_splits(1, 1, 10**7, 64, h100) == 64  # capped
+    # the decode config's min_split_tokens: batch 1 at a 384-token table (the rollout bench's), 2 splits or 1
+    assert choose_num_splits(1, 40, 384, 64, h100) == 2 and choose_num_splits(1, 40, 384, 64, h100, 512) == 1
 
 
 def test_paged_decode_default_splits_long_context():
@@ -598,7 +600,7 @@ def test_set_decode_config_reaches_every_launch_until_reset(monkeypatch):
     q, kc, vc, bt, cl, ks, vs = _paged_setup([40, 9], 4, 2, 64, 16, torch.float32)
     tiles, real = [], pa.choose_num_splits
     monkeypatch.setattr(
-        pa, "choose_num_splits", lambda b, h, n, block_n, sms: tiles.append(block_n) or real(b, h, n, block_n, sms)
+        pa, "choose_num_splits", lambda b, h, n, block_n, *a: tiles.append(block_n) or real(b, h, n, block_n, *a)
     )
     default = pa.decode_config(2, 64, 4)["block_n"]
     try:
@@ -761,3 +763,22 @@ def test_rope_decode_attention_runs_the_two_kernels_unless_fuse_rope(monkeypatch
     assert launches == ["rotary", ("decode", False), ("decode", True), ("decode", True)]
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], atol=2e-5, rtol=2e-5)
+
+
+def test_min_split_tokens_sets_the_split_count_and_not_the_result(monkeypatch):
+    """The decode config's min_split_tokens reaches choose_num_splits (per call and through set_decode_config): the
+    same attention over 1 split or several, and the default 256 when not given."""
+    q, kc, vc, bt, cl, ks, vs = _paged_setup([300, 41], 4, 2, 64, 16, torch.float32)
+    seen, real = [], pa.choose_num_splits
+    monkeypatch.setattr(pa, "choose_num_splits", lambda *a: seen.append(a[5]) or real(*a))
+    outs = [paged_decode_attention(q, kc, vc, bt, cl, config={"min_split_tokens": t}) for t in (64, 4096)]
+    try:
+        pa.set_decode_config(min_split_tokens=128)
+        outs.append(paged_decode_attention(q, kc, vc, bt, cl))
+    finally:
+        pa.set_decode_config()
+    outs.append(paged_decode_attention(q, kc, vc, bt, cl))
+    assert seen == [64, 4096, 128, 256]
+    assert real(2, 2, bt.shape[1] * 16, 64, 4, 64) > 1 == real(2, 2, bt.shape[1] * 16, 64, 4, 4096)
+    for o in outs:
+        torch.testing.assert_close(o.double(), _expected(q, ks, vs), atol=2e-5, rtol=2e-5)
