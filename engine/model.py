@@ -163,7 +163,7 @@ class Attention(nn.Module):
                 q, k, v, positions, cu_seqlens, rope_theta=self.rope, kv_cache=kv_cache,
                 slot_mapping=ctx.slot_mapping,
             )  # fmt: skip
-        if p == 0:  # decode only (what a CUDA graph captures): rotary, cache write and attention in one kernel
+        if p == 0:  # decode only (what a CUDA graph captures): rotary + cache write, then paged attention
             return rope_decode_attention(
                 q, k, v, positions, *kv_cache, ctx.slot_mapping, ctx.block_tables, ctx.context_lens,
                 rope_theta=self.rope,
