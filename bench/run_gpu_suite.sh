@@ -17,7 +17,8 @@
 # tests and bench with the rope write fused in, the 13B rollouts with it (fuse_rope 1) and without, then log-probs,
 # sampling, RMSNorm/SwiGLU. The group `b1` (alone): the 13B batch-1 rollout profiled, the paged decode sweep at its
 # shape (launch variants and split counts), the rollout with one context split, with and without the fused step.
-# No NAME: everything, in the order below.
+# The group `long` (alone, or after `b1` on a warm machine): the 13B batch-32 rollout at 512 + 1024 tokens with and
+# without the fused step (which won at long contexts in the paged bench). No NAME: everything, in the order below.
 # SUITE_COMMIT names the commit in summary.txt.
 #
 # The lease's limits shape this script: a call returns at most 8 files from OUT_DIR and is killed at its timeout.
@@ -165,6 +166,14 @@ if [[ "$names" == *" b1 "* ]]; then  # batch 1, 2% short of its target: where it
   bench rollout_b1_split1_fused 60 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 \
     --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"min_split_tokens": 512, "fuse_rope": 1}'
   light_kernel_rows
+  finish
+fi
+if [[ "$names" == *" long "* ]]; then  # the fused decode step where it should win: long contexts (~3 min warm)
+  names="$names rollout_long_unfused rollout_long_fused "
+  bench rollout_long_unfused 150 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 32 \
+    --prompt-len 512 --gen-len 1024 --no-hf  # (its KV, 40 GB, fits beside the weights on an H100 too)
+  bench rollout_long_fused 120 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 32 \
+    --prompt-len 512 --gen-len 1024 --no-hf --decode-config '{"fuse_rope": 1}'
   finish
 fi
 if [[ "$names" == *" check "* ]]; then  # a lease's last minutes: the defaults a sweep changed, and what failed

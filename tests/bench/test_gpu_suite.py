@@ -191,3 +191,12 @@ def test_b1_group_profiles_sweeps_then_tries_one_split(tmp_path):
     )
     assert '{"min_split_tokens": 512}' in (work / "rollout_b1_split1.log").read_text()
     assert '"fuse_rope": 1' in (work / "rollout_b1_split1_fused.log").read_text()
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("tar") is None, reason="needs coreutils and tar")
+def test_long_group_runs_the_long_rollout_both_ways(tmp_path):
+    """`long`: the batch-32 rollout at 512 + 1024 tokens at the defaults, then with the fused decode step."""
+    steps, summary, run = _run_group(tmp_path, STUB.replace("sleep 60", "true"), "long")
+    assert steps == ["rollout_long_unfused", "rollout_long_fused"], summary
+    fused = (run["work"] / "rollout_long_fused.log").read_text()
+    assert "--gen-len 1024" in fused and '{"fuse_rope": 1}' in fused, fused
