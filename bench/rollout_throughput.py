@@ -38,7 +38,7 @@ from engine.kv_cache import resolve_cache_dtype  # noqa: E402
 from engine.model import Transformer, forward_flops  # noqa: E402
 from engine.parallel import backend_for, init_process_grid, print0  # noqa: E402
 from engine.preflight import device_error, resolve_device  # noqa: E402
-from kernels.paged_attention import check_decode_config, set_decode_config  # noqa: E402
+from kernels.decode_config import check_decode_config, set_decode_config  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -98,7 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--decode-config",
         default=None,
-        help="JSON object overriding the paged decode kernel's launch (kernels.paged_attention.set_decode_config: "
+        help="JSON object overriding the paged decode kernel's launch (kernels.decode_config.set_decode_config: "
         'block_n, num_warps, num_stages, dot_min_group), e.g. \'{"block_n": 128, "num_warps": 8}\': a sweep\'s '
         "fastest variant tried on the whole generator",
     )

@@ -5,7 +5,6 @@ blocks of a NaN-poisoned cache, and computes the expected output from the contig
 gather through the block table is checked independently of kernels/reference.py (which is checked too).
 """
 
-import itertools
 import math
 
 import pytest
@@ -159,28 +158,6 @@ def test_paged_decode_config_variants(hq, hkv, config):
     q, kc, vc, bt, cl, ks, vs = _paged_setup([1, 33, 70], hq, hkv, 64, 16, torch.float32)
     got = paged_decode_attention(q, kc, vc, bt, cl, num_splits=2, config=config)
     torch.testing.assert_close(got.double(), _expected(q, ks, vs), atol=2e-5, rtol=2e-5)
-
-
-def test_decode_config_tiles_fit_every_row_width():
-    """The default launch at every head dim, cache element size and group: a power-of-two tile of 16 to 128 tokens
-    (tl.dot's K dimension is at least 16), through tl.dot (padded to 16 query rows) for MHA as for GQA."""
-    for block_d, elem, group in itertools.product((64, 128, 256), (1, 2, 4), (1, 2, 8)):
-        cfg = pa.decode_config(group, block_d, elem)
-        assert 16 <= cfg["block_n"] <= 128 and cfg["block_n"] & (cfg["block_n"] - 1) == 0, (block_d, elem, group, cfg)
-        assert group >= cfg["dot_min_group"], cfg
-    assert pa.decode_config(1, 128, 2)["block_n"] == 2 * pa.decode_config(8, 128, 2)["block_n"]  # (as measured)
-    assert pa.decode_config(1, 128, 1)["block_n"] == 2 * pa.decode_config(1, 128, 2)["block_n"]  # fp8: same bytes
-
-
-def test_choose_num_splits():
-    h100 = 132
-    assert choose_num_splits(64, 40, 384, 64, h100) == 1  # plenty of programs already
-    assert choose_num_splits(8, 40, 4096, 64, h100) == 2  # 320 programs: two waves' worth more
-    assert choose_num_splits(1, 40, 4096, 64, h100) == 14  # one sequence, long context: split it
-    assert choose_num_splits(1, 1, 100, 64, h100) == 1  # short context: never below 256 tokens a split
-    assert choose_num_splits(1, 1, 10**7, 64, h100) == 64  # capped
-    # the decode config's min_split_tokens: batch 1 at a 384-token table (the rollout bench's), 2 splits or 1
-    assert choose_num_splits(1, 40, 384, 64, h100) == 2 and choose_num_splits(1, 40, 384, 64, h100, 512) == 1
 
 
 def test_paged_decode_default_splits_long_context():
