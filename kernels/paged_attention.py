@@ -37,7 +37,7 @@ from kernels.decode_config import (  # noqa: F401  (set_decode_config, check_dec
     set_decode_config,
 )
 from kernels.dispatch import INTERPRET, loop_bound, sm_count, use_triton
-from kernels.rotary import launch_rotary, reduce_angle, rope_tables, rotate_pair
+from kernels.rotary import launch_rotary, reduce_angle, rope_tables
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # A cache may also hold float8 e4m3 (half the bytes of bf16 to write and, every decode step, to read): the write
@@ -101,11 +101,12 @@ def _attend_tile(
 # fmt: off
 @triton.jit
 def _rotate_half(x, x_pair, cos, sin, lo):
-    """Rotary (HF rotate half) in fp32 of x whose element i pairs with x_pair's (lo: i in the first half), with
-    kernels/rotary.py's rotate_pair: the same key bits whichever kernel wrote them."""
-    first, _ = rotate_pair(x, x_pair, cos, sin)
-    _, second = rotate_pair(x_pair, x, cos, sin)
-    return tl.where(lo, first, second)
+    """Rotary (HF rotate half) in fp32 of x whose element i pairs with x_pair's (lo: i in the first half): one fma an
+    element, kernels/rotary.py's rotate_pair's to the bit (its fma(x1, c, -(x2 * s)) in the first half, fma(x2, c,
+    x1 * s) in the second; a negation is exact), so either kernel writes the same key."""
+    x = x.to(tl.float32)
+    t = x_pair.to(tl.float32) * sin
+    return tl.fma(x, cos, tl.where(lo, -t, t))
 
 
 @triton.jit
@@ -443,17 +444,17 @@ def rope_decode_attention(
         return out
     if q.shape[0] == 0:
         return out
-    if INTERPRET:  # (a host sync, free in the interpreter; the reference path raises likewise)
-        capacity = k_cache.shape[0] * k_cache.shape[1]
-        if int(slot_mapping.max()) >= capacity:
-            raise IndexError(f"slot {int(slot_mapping.max())} is outside the KV cache's {capacity} slots")
     bound = _bound(bound, block_tables, k_cache)
-    if not {"fuse_rope": 0, **_overrides, **(config or {})}["fuse_rope"]:  # the two kernels
+    if not {"fuse_rope": 0, **_overrides, **(config or {})}["fuse_rope"]:  # the two kernels (launch_rotary checks)
         q_rot = torch.empty_like(q)
         launch_rotary(k, v, positions, rope_theta=rope_theta, q=q, q_out=q_rot, k_cache=k_cache, v_cache=v_cache,
                       slot_mapping=slot_mapping)  # fmt: skip
         _decode_launch(q_rot, k_cache, v_cache, block_tables, context_lens, scale, out, bound, num_splits, config)
         return out
+    if INTERPRET:  # (a host sync, free in the interpreter; launch_rotary and the reference path raise likewise)
+        capacity = k_cache.shape[0] * k_cache.shape[1]
+        if int(slot_mapping.max()) >= capacity:
+            raise IndexError(f"slot {int(slot_mapping.max())} is outside the KV cache's {capacity} slots")
     _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, out, bound,
                    num_splits, config, new_kv=(k, v, positions, slot_mapping, rope_theta))  # fmt: skip
     return out

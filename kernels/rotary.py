@@ -38,8 +38,9 @@ def reduce_angle(a):
 
 @triton.jit
 def rotate_pair(x1, x2, c, s):
-    """(x1 * c - x2 * s, x2 * c + x1 * s) in fp32 with explicit fmas, so that every kernel rotating a key (this one,
-    the fused decode step in kernels/paged_attention.py) stores the very same bits: prefill and decode keys agree."""
+    """(x1 * c - x2 * s, x2 * c + x1 * s) in fp32 with explicit fmas, so that every kernel rotating a key stores the
+    very same bits: prefill and decode keys agree (kernels/paged_attention.py's fused decode step computes the same
+    fmas on a whole head row at once: _rotate_half)."""
     x1 = x1.to(tl.float32)
     x2 = x2.to(tl.float32)
     return tl.fma(x1, c, -(x2 * s)), tl.fma(x2, c, x1 * s)
