@@ -35,6 +35,7 @@ from engine.parallel import (
     shard_range,
     take_shard,
 )
+from kernels.decode_linear import linear, swiglu_linear
 from kernels.rmsnorm import add_rms_norm, rms_norm
 from kernels.rope_attention import rope_attention
 from kernels.swiglu import swiglu
@@ -214,7 +215,11 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(i, cfg.hidden_size, group, 1, "the MLP width", **factory)
 
     def forward(self, x: torch.Tensor, sp: bool = False) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_up_proj(x, sp)), sp)  # silu(gate) * up, fused (kernels/swiglu.py)
+        # a decode step's projection and activation in one launch (kernels/decode_linear.py, decode_config's `linear`)
+        act = None if sp else swiglu_linear(copy_to_tp(x, self.gate_up_proj.group), self.gate_up_proj.weight)
+        if act is None:
+            act = swiglu(self.gate_up_proj(x, sp))  # silu(gate) * up, fused (kernels/swiglu.py)
+        return self.down_proj(act, sp)
 
 
 class DecoderLayer(nn.Module):
@@ -390,7 +395,7 @@ class Transformer(nn.Module):
         shards when the TP degree does not divide the vocabulary), or score head -> [N]."""
         if self.head == "score":
             return self.score(hidden).squeeze(-1)
-        logits = F.linear(copy_to_tp(hidden, self.group), self.lm_head_weight)
+        logits = linear(copy_to_tp(hidden, self.group), self.lm_head_weight)
         if self.real_vocab is not None:  # the padding of a vocabulary the TP degree does not divide: no token
             logits[..., self.real_vocab :] = float("-inf")
         return gather_from_tp(logits, self.group)[..., : self.config.vocab_size] if gather else logits

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.errors import FailedOnAnotherRank, InputError, InvalidInput
+from kernels.decode_linear import linear
 
 # ------------------------------------------------------------------------------ process grid --
 
@@ -452,7 +453,7 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
         """x [N, in] replicated, or [N/tp, in] this rank's tokens with `sequence_parallel` (gathered first)."""
         x = gather_tokens(x, self.group) if sequence_parallel else copy_to_tp(x, self.group)
-        return F.linear(x, self.weight)
+        return linear(x, self.weight)  # (F.linear, or a decode step's kernels/decode_linear.py)
 
 
 class RowParallelLinear(nn.Module):
@@ -480,7 +481,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
         """-> [N, out] summed over the ranks, or with `sequence_parallel` [N/tp, out] this rank's tokens, summed."""
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         return scatter_tokens(y, self.group) if sequence_parallel else reduce_from_tp(y, self.group)
 
 

@@ -11,7 +11,8 @@ _MAX_SPLITS = 64
 # Enough programs in flight to cover the HBM latency on every SM (a few CTAs per SM).
 _PROGRAMS_PER_SM = 4
 
-_CONFIG_KEYS = ("block_n", "num_warps", "num_stages", "dot_min_group", "fuse_rope", "min_split_tokens")
+_CONFIG_KEYS = ("block_n", "num_warps", "num_stages", "dot_min_group", "fuse_rope", "min_split_tokens", "linear")
+_SWITCHES = ("fuse_rope", "linear")  # 0 or 1
 _overrides: dict = {}  # set_decode_config's, merged over decode_config() in every launch (a per-call config wins)
 
 
@@ -31,9 +32,9 @@ def check_decode_config(overrides: dict) -> None:
     if bad:
         raise ValueError(f"unknown decode launch parameter(s) {bad}: expected some of {list(_CONFIG_KEYS)}")
     for k, v in overrides.items():
-        if k == "fuse_rope":
+        if k in _SWITCHES:
             if not isinstance(v, int) or isinstance(v, bool) or v not in (0, 1):
-                raise ValueError(f"decode launch parameter fuse_rope must be 0 or 1, got {v!r}")
+                raise ValueError(f"decode launch parameter {k} must be 0 or 1, got {v!r}")
             continue
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"decode launch parameter {k} must be a positive int, got {v!r}")
@@ -59,12 +60,21 @@ def decode_config(group: int, block_d: int, elem_size: int) -> dict:
     against 0.181; 70B-like GQA batch 32 at 2,048 0.079 against 0.090; batch 64 at 384 0.131 against 0.132), but in the
     13B rollouts (contexts 128-384) it lost: batch 64 13.05 ms a step against 12.91, batch 1 7.87 against 7.61 (every
     program rotates q and loads the new token before its loop: latency a short context cannot hide).
+
+    linear (kernels/decode_linear.py, read by linear_enabled): 1 runs the decode step's projections (at most 64 rows)
+    through our split-K kernel with SwiGLU fused into the gate_up projection, 0 (the default: not yet timed on a GPU)
+    through cuBLAS and kernels/swiglu.py.
     """
     row_bytes = block_d * elem_size
     tokens_at_256_bytes = 64 if group == 1 else 32
     block_n = min(128, max(16, tokens_at_256_bytes * 256 // row_bytes))
     return {"block_n": block_n, "num_warps": 4, "num_stages": 2, "dot_min_group": 1, "fuse_rope": 0,
-            "min_split_tokens": _MIN_TOKENS_PER_SPLIT}  # fmt: skip
+            "min_split_tokens": _MIN_TOKENS_PER_SPLIT, "linear": 0}  # fmt: skip
+
+
+def linear_enabled() -> bool:
+    """decode_config's `linear` switch as set_decode_config left it (kernels/decode_linear.py; default 0)."""
+    return bool(_overrides.get("linear", 0))
 
 
 def choose_num_splits(

@@ -372,3 +372,22 @@ def test_paged_sweep_times_variants_as_graph_replays_on_a_gpu(monkeypatch):
     monkeypatch.setattr(bp, "measure", lambda fn, device, **kw: (3.0, float("nan")))
     assert bp._kernel_ms(lambda: None, torch.device("cuda")) == 0.25
     assert bp._kernel_ms(lambda: None, torch.device("cpu")) == 3.0
+
+
+def test_decode_linear_bench_smoke(tmp_path):
+    """bench_decode_linear on CPU (the kernel in the interpreter): every projection checked against cuBLAS's stand-in
+    and timed, the sweep's variants too; the shards it times under --tp are the engine's."""
+    from bench.bench_decode_linear import _SWEEP_SPLITS, _SWEEP_TILES, main, projections
+    from engine.config import ModelConfig
+
+    rows = main(["--bandwidth", "2", "--json", str(tmp_path / "l.json")])
+    assert {r["proj"] for r in rows} == {"qkv", "o", "gate_up+swiglu", "down", "lm_head"}
+    assert all(r["rel_err"] < 1e-4 and r["ours_ms"] > 0 and r["cublas_ms"] > 0 for r in rows)
+    (down,) = [r for r in rows if r["proj"] == "down" and r["rows"] == 4]
+    assert down["floor_ms"] == pytest.approx((64 * 176 + 4 * 176 + 4 * 64) * 4 / 2e9)  # tiny: hidden 64, MLP 176
+    swept = main(["--bandwidth", "2", "--proj", "o", "--sweep"])  # (rows 1 and 4 on CPU)
+    assert len(swept) == 2 * (1 + len(_SWEEP_TILES) + len(_SWEEP_SPLITS)) and all("ours_ms" in r for r in swept)
+    shards = projections(ModelConfig.named("llama2-13b"), 2)
+    assert shards == {"qkv": (7680, 5120, False), "o": (5120, 2560, False), "gate_up+swiglu": (13824, 5120, True),
+                      "down": (5120, 6912, False), "lm_head": (16000, 5120, False)}  # fmt: skip
+    assert (tmp_path / "l.json").exists()

@@ -188,6 +188,33 @@ def test_the_fused_decode_step_samples_the_same():
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=1e-5)
 
 
+def test_the_decode_linear_kernel_samples_the_same():
+    """The decode config's `linear` 1 (the decode step's projections through kernels/decode_linear.py, SwiGLU fused
+    into gate_up, the LM head's too) through the whole generator: every forward of at most 64 rows takes the kernel
+    (the decode steps, and these short prefills too); the same samples, log-probs within float rounding."""
+    from kernels import decode_linear, paged_attention
+
+    model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.3, seed=4)
+    prompts = _prompts(512, [5, 11, 3], seed=10)
+    params = GenerateConfig(temperature=1.0, max_new_tokens=5, seed=11, n=2)
+    make = lambda: Generator(model, block_size=4, num_blocks=64, max_model_len=40, max_num_seqs=4)
+    cublas, _ = _run_clean(make(), prompts, params, "kernels")
+    launches = []
+    real = decode_linear.decode_linear
+    try:
+        paged_attention.set_decode_config(linear=1)
+        decode_linear.decode_linear = lambda *a, **kw: launches.append(kw.get("swiglu", False)) or real(*a, **kw)
+        ours, _ = _run_clean(make(), prompts, params, "kernels")
+    finally:
+        decode_linear.decode_linear = real
+        paged_attention.set_decode_config()
+    layers = model.config.num_layers
+    assert launches.count(True) >= 5 * layers and launches.count(False) >= 5 * (3 * layers + 1)  # qkv, o, down, head
+    assert [c.tokens for c in ours] == [c.tokens for c in cublas]
+    for a, b in zip(ours, cublas):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=1e-5)
+
+
 def test_preemption_loses_nothing_and_leaks_no_block():
     model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.05, seed=0)
     prompts = _prompts(512, [(i * 7) % 23 + 1 for i in range(1000)], seed=1)

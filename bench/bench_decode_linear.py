@@ -1,0 +1,161 @@
+"""Benchmark the decode step's projections: kernels.decode_linear (split-K in one launch, SwiGLU fused into gate_up)
+against cuBLAS (F.linear, plus kernels/swiglu.py after gate_up: what the engine runs by default) and the copy floor.
+
+    python bench/bench_decode_linear.py                          # Llama-2-13B, batch 1, 8 and 64, bf16, on CUDA
+    python bench/bench_decode_linear.py --rows 64 --sweep        # every launch variant at batch 64
+    python bench/bench_decode_linear.py --model llama2-7b --tp 2 --json linear.json
+
+Each projection of one layer (QKV, the output projection, gate_up with SwiGLU, the down projection, and the LM head),
+this rank's shard under --tp, at each row count: ours checked against cuBLAS first, then both timed as CUDA graph
+replays (the GPU's own time, as inside the engine's decode graphs) over weight copies totalling 4x the L2, so no call
+reads the last one's weight from cache. The floor: the weight's bytes (plus x and y) at the measured copy bandwidth.
+Without a CUDA device: a tiny CPU run (the interpreter; figures are not performance figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    add_elementwise_args,
+    bench_device,
+    check_close,
+    device_name,
+    graph_ms,
+    measure,
+    save_json,
+)
+from engine.config import ModelConfig  # noqa: E402
+from kernels.decode_linear import decode_linear  # noqa: E402
+from kernels.swiglu import swiglu  # noqa: E402
+
+_L2_BYTES = 64 * 2**20  # an H200's L2 is 60 MiB (an H100's 50)
+# --sweep's variants: tiles, warps and stages at the default split, then split counts at the default tiles
+_SWEEP_TILES = [dict(block_n=n, block_k=k, num_warps=4, num_stages=s) for n, k, s in
+                itertools.product((32, 64, 128), (64, 128, 256), (3, 4))]  # fmt: skip
+_SWEEP_SPLITS = [dict(split_k=s) for s in (1, 2, 4, 8)]
+
+
+def projections(cfg: ModelConfig, tp: int) -> dict[str, tuple[int, int, bool]]:
+    """name -> (weight rows N, depth K, swiglu) of this rank's shard: column-parallel layers split N, row-parallel K."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    return {
+        "qkv": ((cfg.num_heads + 2 * cfg.num_kv_heads) * d // tp, h, False),
+        "o": (h, cfg.num_heads * d // tp, False),
+        "gate_up+swiglu": (2 * cfg.intermediate_size // tp, h, True),
+        "down": (h, cfg.intermediate_size // tp, False),
+        "lm_head": (-(-cfg.vocab_size // tp), h, False),
+    }
+
+
+def _cublas(x, w, sw):
+    return swiglu(F.linear(x, w)) if sw else F.linear(x, w)
+
+
+def _time(fns, device) -> float:
+    if torch.device(device).type == "cuda":
+        return graph_ms(fns)
+    return measure(fns[0], device)[0]
+
+
+def _bench_one(name, m, n, k, sw, dtype, device, bw, copies, config=None) -> dict:
+    weights = [torch.randn(n, k, device=device, dtype=dtype) / k**0.5 for _ in range(copies)]
+    xs = [torch.randn(m, k, device=device, dtype=dtype) for _ in range(copies)]
+    ours = decode_linear(xs[0], weights[0], swiglu=sw, config=config)
+    ref = _cublas(xs[0], weights[0], sw)
+    err = ((ours.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
+    check_close(f"{name} rows {m} {config or ''}", err, dtype, tol=2e-2 if dtype != torch.float32 else 1e-4)
+    elem = weights[0].element_size()
+    moved = n * k * elem + m * k * elem + m * (n // 2 if sw else n) * elem
+    row = dict(proj=name, rows=m, n=n, k=k, weight_mb=n * k * elem / 1e6, floor_ms=moved / (bw * 1e9), rel_err=err)
+    if config:
+        row["config"] = config
+    pairs = list(zip(xs, weights))
+    row["ours_ms"] = _time([lambda x=x, w=w: decode_linear(x, w, swiglu=sw, config=config) for x, w in pairs], device)
+    if not config:
+        row["cublas_ms"] = _time([lambda x=x, w=w: _cublas(x, w, sw) for x, w in pairs], device)
+    return row
+
+
+def _copies(n, k, elem, device) -> int:
+    return max(1, min(8, -(-4 * _L2_BYTES // (n * k * elem)))) if torch.device(device).type == "cuda" else 1
+
+
+def _print(rows) -> None:
+    print(f"{'proj':<15} {'rows':>4} {'N':>6} {'K':>6} {'MB':>7} {'floor ms':>9} {'cuBLAS ms':>9} {'%':>5} "
+          f"{'ours ms':>9} {'%':>5} {'ours/cuBLAS':>11}")  # fmt: skip
+    for r in rows:
+        if "error" in r:
+            print(f"{r['proj']:<15} {r['rows']:>4} {r['error']}")
+            continue
+        cb = r.get("cublas_ms", float("nan"))
+        line = f"{r['proj']:<15} {r['rows']:>4} {r['n']:>6} {r['k']:>6} {r['weight_mb']:>7.1f} {r['floor_ms']:>9.4f} "
+        ours, floor = r["ours_ms"], r["floor_ms"]
+        line += f"{cb:>9.4f} {100 * floor / cb:>5.1f} {ours:>9.4f} {100 * floor / ours:>5.1f}"
+        line += f" {r['ours_ms'] / cb:>11.3f}"
+        print(line + (f"  {r['config']}" if "config" in r else ""), flush=True)
+
+
+def run(args, device) -> list[dict]:
+    dtype = getattr(torch, args.dtype)
+    cfg = ModelConfig.named(args.model)
+    rows, deadline = [], time.monotonic() + args.budget_s
+    for name, (n, k, sw) in projections(cfg, args.tp).items():
+        if args.proj and name not in args.proj:
+            continue
+        copies = _copies(n, k, dtype.itemsize, device)
+        for m in args.rows:
+            variants = [None] + ((_SWEEP_TILES + _SWEEP_SPLITS) if args.sweep else [])
+            for config in variants:
+                if time.monotonic() > deadline:
+                    print(f"stopped at the --budget-s deadline ({args.budget_s} s): {name} rows {m} {config or ''}")
+                    return rows
+                try:
+                    rows.append(_bench_one(name, m, n, k, sw, dtype, device, args.bandwidth, copies, config))
+                except Exception as e:  # noqa: BLE001 - one variant failing (resources) is reported, not fatal
+                    if config is None:
+                        raise
+                    rows.append(dict(proj=name, rows=m, config=config, error=f"{type(e).__name__}: {str(e)[:90]}"))
+                _print(rows[-1:])
+                save_json(args.json, rows, args, device)
+            if args.sweep:
+                timed = [r for r in rows if r["proj"] == name and r["rows"] == m and "ours_ms" in r]
+                best = min(timed, key=lambda r: r["ours_ms"])
+                print(f"fastest {name} rows {m}: {best['ours_ms']:.4f} ms {best.get('config', 'default')}")
+            torch.cuda.empty_cache() if device == "cuda" else None
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama2-13b", help="a named shape (engine.config.ModelConfig.named)")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: time one rank's shards")
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64], help="decode batch sizes (at most 64)")
+    ap.add_argument("--proj", nargs="+", choices=["qkv", "o", "gate_up+swiglu", "down", "lm_head"], help="only these")
+    ap.add_argument("--sweep", action="store_true", help="also time every launch variant (tiles, stages, splits)")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new rows after this many seconds")
+    add_elementwise_args(ap)
+    args = ap.parse_args(argv)
+    if any(not 1 <= m <= 64 for m in args.rows):
+        ap.error(f"--rows must be 1 to 64 (a decode batch), got {args.rows}")
+    device = bench_device(args, model="tiny", rows=[1, 4], dtype="float32")
+    print(f"device: {device_name(device)}, torch {torch.__version__}, {args.model} tp {args.tp}, {args.dtype}, "
+          f"copy bandwidth {args.bandwidth} TB/s; graph replays on CUDA")  # fmt: skip
+    rows = run(args, device)
+    print("all rows:")
+    _print(rows)
+    save_json(args.json, rows, args, device)  # (a sweep variant the GPU cannot launch is listed; ours at the default
+    return rows  # raises, and a wrong result stops the bench before timing: check_close)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""The decode step's projections: y = x W^T for a few rows (a decode batch, 1 to 64 tokens), streaming the weight once.
+
+A decode step reads every weight once and multiplies it by a handful of rows: memory-bound, and cuBLAS reached 78 to
+89% of the copy bandwidth on the 13B projections (bench/RESULTS.md, "Tuned on the second lease": the output projection
+78%, the down projection 84% through split-K plus a separate reduce kernel), the gaps that keep batch 64 at 72% of the
+roofline. This kernel:
+
+- streams W [N, K] (F.linear's layout, this rank's shard under TP) in [BLOCK_N, BLOCK_K] tiles, evicted first from
+  the L2, against x [M, K] padded to tl.dot's 16 rows, accumulating in fp32;
+- splits K over SPLIT_K programs when the column blocks alone would leave the GPU short of programs (the output and
+  down projections: 80 blocks of 64 columns), and sums the splits inside the same launch: each program stores its
+  partial tile, the last of a column block to arrive (an atomic counter per block) adds all of them in split order
+  (deterministic: the same bits whichever arrives last), applies the epilogue and resets the counter for the next
+  launch or CUDA graph replay. No second kernel;
+- with `swiglu`, reads the fused gate_up weight [2I, K] ([gate | up] rows, engine.parallel's ColumnParallelLinear) and
+  writes silu(gate) * up [M, I] directly, rounding as HF does (gate and up to the output dtype, silu rounded, the
+  product rounded: kernels/swiglu.py's arithmetic on the same values): the MLP's activation costs no launch and no
+  round trip of [M, 2I].
+
+The engine calls it through `linear` / `swiglu_linear` when decode_config's `linear` switch is 1 (default 0: not yet
+measured on a GPU; bench/bench_decode_linear.py times it against cuBLAS) for at most MAX_ROWS rows without autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels import reference
+from kernels.attention_tiles import _dot_args
+from kernels.decode_config import linear_enabled
+from kernels.dispatch import INTERPRET, loop_bound, sm_count, use_triton
+
+MAX_ROWS = 64  # a decode batch; more rows are a prefill's GEMM (cuBLAS's)
+
+# Unmeasured starting points (bench_decode_linear.py --sweep tunes them on a GPU): 64 columns a block, 128-wide K steps,
+# 4 warps, 4 stages (64 KiB of W in flight per program), K split while fewer than 2 programs per SM, none under 1024.
+_BLOCK_N = 64
+_BLOCK_K = 128
+_NUM_WARPS = 4
+_NUM_STAGES = 4
+_PROGRAMS_PER_SM = 2
+_MIN_SPLIT_K = 1024
+_CONFIG_KEYS = ("block_n", "block_k", "num_warps", "num_stages", "split_k")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _epilogue(Y, acc, acc_u, offs_m, offs_n, m_ok, n_ok, stride_ym, SWIGLU: tl.constexpr):
+    out_ty = Y.dtype.element_ty
+    if SWIGLU:  # kernels/swiglu.py's rounding: gate and up as the projection would store them, silu rounded
+        g = acc.to(out_ty).to(tl.float32)
+        u = acc_u.to(out_ty).to(tl.float32)
+        y = (g * tl.sigmoid(g)).to(out_ty).to(tl.float32) * u
+    else:
+        y = acc
+    tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(out_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _load_w(ptrs, n_ok, k_ok, EVEN: tl.constexpr):
+    if EVEN:
+        w = tl.load(ptrs, eviction_policy="evict_first")
+    else:
+        w = tl.load(ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
+    return w
+
+
+@triton.jit
+def _decode_linear_kernel(
+    X, W, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_ym, k_per_split,
+    SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Grid (column blocks, SPLIT_K). N: output columns (I with SWIGLU: W has 2N rows). EVEN: N % BLOCK_N == 0 and
+    K % BLOCK_K == 0 (no masks on W). WS [SPLIT_K, column blocks, 1 + SWIGLU, BLOCK_M, BLOCK_N] fp32 and CNT
+    [column blocks] int32 (zero between launches): the split-K partials and their arrival counters."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    k_start = pid_k * k_per_split
+    k_stop = tl.minimum(k_start + k_per_split, K)
+    x_ptrs = X + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :]
+    w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + (k_start + offs_k)[None, :]
+    up = N.to(tl.int64) * stride_wn  # the up rows follow the gate rows
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k in range(loop_bound(k_start), loop_bound(k_stop), BLOCK_K):
+        k_ok = k + offs_k < k_stop
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_last")
+        x = x.to(DOT_DTYPE)
+        w = _load_w(w_ptrs, n_ok, k_ok, EVEN)
+        acc = tl.dot(x, tl.trans(w.to(DOT_DTYPE)), acc, input_precision=PREC)
+        if SWIGLU:
+            w_u = _load_w(w_ptrs + up, n_ok, k_ok, EVEN)
+            acc_u = tl.dot(x, tl.trans(w_u.to(DOT_DTYPE)), acc_u, input_precision=PREC)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    if SPLIT_K == 1:
+        _epilogue(Y, acc, acc_u, offs_m, offs_n, m_ok, n_ok, stride_ym, SWIGLU)
+    else:
+        TILE: tl.constexpr = BLOCK_M * BLOCK_N * (1 + SWIGLU)
+        n_blocks = tl.num_programs(0)
+        offs_t = offs_m[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        mine = WS + (pid_k * n_blocks + pid_n).to(tl.int64) * TILE + offs_t
+        tl.store(mine, acc)
+        if SWIGLU:
+            tl.store(mine + BLOCK_M * BLOCK_N, acc_u)
+        tl.debug_barrier()  # every thread's partial stored before the release below publishes them
+        arrived = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:  # the last split of this column block: sum all of them, in split order
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                part = WS + (s * n_blocks + pid_n).to(tl.int64) * TILE + offs_t
+                acc += tl.load(part, cache_modifier=".cg")
+                if SWIGLU:
+                    acc_u += tl.load(part + BLOCK_M * BLOCK_N, cache_modifier=".cg")
+            tl.atomic_xchg(CNT + pid_n, 0)  # zero again for the next launch (or replay)
+            _epilogue(Y, acc, acc_u, offs_m, offs_n, m_ok, n_ok, stride_ym, SWIGLU)
+
+
+# Split-K scratch per device: the partials (fp32) and the arrival counters (zero between launches). Grown, never
+# shrunk; a launch on one stream at a time (the engine's): the counters are back to zero when a launch ends.
+_SCRATCH: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _scratch(device: torch.device, ws_elems: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ws, cnt = _SCRATCH.get(device, (None, None))
+    if ws is None or ws.numel() < ws_elems:
+        ws = torch.empty(max(ws_elems, 1 << 20), dtype=torch.float32, device=device)
+    if cnt is None or cnt.numel() < counters:
+        cnt = torch.zeros(max(counters, 4096), dtype=torch.int32, device=device)
+    _SCRATCH[device] = ws, cnt
+    return ws, cnt
+
+
+def linear_config(m: int, n_out: int, k: int, swiglu: bool, num_sms: int, config: dict | None = None) -> dict:
+    """The launch for m rows, n_out output columns and depth k: the tiles above, K split while the column blocks
+    alone give fewer than _PROGRAMS_PER_SM programs an SM and each split keeps at least _MIN_SPLIT_K of the depth.
+    `config` overrides any of block_n, block_k, num_warps, num_stages, split_k (a sweep's variant)."""
+    bad = sorted(set(config or {}) - set(_CONFIG_KEYS))
+    if bad:
+        raise ValueError(f"unknown decode_linear launch parameter(s) {bad}: expected some of {list(_CONFIG_KEYS)}")
+    cfg = {"block_n": _BLOCK_N, "block_k": _BLOCK_K, "num_warps": _NUM_WARPS, "num_stages": _NUM_STAGES}
+    cfg.update({key: v for key, v in (config or {}).items() if key != "split_k"})
+    for key, v in cfg.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1 or (key != "num_stages" and v & (v - 1)):
+            raise ValueError(f"decode_linear launch parameter {key} must be a positive power of two, got {v!r}")
+    if cfg["block_n"] < 16 or cfg["block_k"] < 16:
+        raise ValueError(f"decode_linear's block_n and block_k must be at least 16 (tl.dot's minimum): {cfg}")
+    if INTERPRET:  # (the interpreter: a few large programs)
+        cfg["block_k"] = min(cfg["block_k"], max(16, triton.next_power_of_2(k)))
+    n_blocks = triton.cdiv(n_out, cfg["block_n"])
+    split = (config or {}).get("split_k")
+    if split is None:
+        split = 1
+        while n_blocks * split * 2 <= _PROGRAMS_PER_SM * num_sms and k // (split * 2) >= _MIN_SPLIT_K:
+            split *= 2
+    elif not isinstance(split, int) or isinstance(split, bool) or split < 1:
+        raise ValueError(f"decode_linear launch parameter split_k must be a positive int, got {split!r}")
+    # every split a whole number of K steps, and none empty
+    k_per_split = triton.cdiv(triton.cdiv(k, split), cfg["block_k"]) * cfg["block_k"]
+    cfg["split_k"] = max(1, triton.cdiv(k, k_per_split))
+    cfg["k_per_split"] = k_per_split
+    return cfg
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, swiglu: bool) -> None:
+    if x.dim() != 2 or weight.dim() != 2:
+        shapes = f"{tuple(x.shape)} and {tuple(weight.shape)}"
+        raise ValueError(f"decode_linear needs x [M, K] and weight [N, K], got {shapes}")
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"decode_linear: x has {x.shape[1]} features, the weight {weight.shape[1]}")
+    if x.shape[0] > MAX_ROWS:
+        raise ValueError(f"decode_linear takes at most {MAX_ROWS} rows (a decode batch), got {x.shape[0]}")
+    if x.dtype != weight.dtype or x.dtype not in _DTYPES:
+        raise ValueError(f"decode_linear needs x and weight of one float dtype, got {x.dtype} and {weight.dtype}")
+    if x.device != weight.device:
+        raise ValueError(f"decode_linear: x is on {x.device}, the weight on {weight.device}")
+    if swiglu and weight.shape[0] % 2:
+        raise ValueError(f"swiglu needs the fused [gate | up] weight (an even number of rows), got {weight.shape[0]}")
+    if weight.stride(1) != 1:
+        raise ValueError("decode_linear needs the weight's rows contiguous (F.linear's [N, K] layout)")
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, *, swiglu: bool = False, config: dict | None = None):
+    """x [M, K] (M <= MAX_ROWS) @ weight [N, K]^T -> [M, N]; with `swiglu` weight is [gate | up] ([2I, K]) and the
+    result silu(x gate^T) * (x up^T) [M, I]. No autograd (a decode step's). config: see linear_config. Where Triton
+    does not run (a CPU without the interpreter, or inside kernels.dispatch.reference_ops): F.linear and the reference
+    SwiGLU."""
+    _check(x, weight, swiglu)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    n_out = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+    if m == 0 or n_out == 0:
+        return y
+    if k == 0:
+        return y.zero_()  # (with swiglu: silu(0) * 0)
+    cfg = linear_config(m, n_out, k, swiglu, sm_count(x.device) if x.is_cuda else 0, config)
+    if not use_triton(x):  # kernels/reference.py's ops (a CPU without the interpreter)
+        y = F.linear(x, weight)
+        return reference.swiglu(y) if swiglu else y
+    block_m = max(16, triton.next_power_of_2(m))
+    n_blocks = triton.cdiv(n_out, cfg["block_n"])
+    split = cfg["split_k"]
+    if split > 1:
+        ws, cnt = _scratch(x.device, split * n_blocks * (1 + swiglu) * block_m * cfg["block_n"], n_blocks)
+    else:
+        ws = cnt = y  # (unused)
+    even = n_out % cfg["block_n"] == 0 and k % cfg["block_k"] == 0
+    _decode_linear_kernel[(n_blocks, split)](
+        x, weight, y, ws, cnt, m, n_out, k, x.stride(0), weight.stride(0), y.stride(0), cfg["k_per_split"],
+        SWIGLU=swiglu, SPLIT_K=split, EVEN=even, BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_dot_args(x.dtype),
+    )  # fmt: skip
+    return y
+
+
+def wants_decode_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear` runs decode_linear: decode_config's `linear` switch on, a Triton device, at most MAX_ROWS rows
+    of the weight's dtype, and nothing for autograd to record."""
+    if not linear_enabled() or not use_triton(x) or x.dtype != weight.dtype or weight.stride(-1) != 1:
+        return False
+    if x.dtype not in _DTYPES or x.device != weight.device:
+        return False
+    if x.numel() > MAX_ROWS * x.shape[-1] or x.shape[-1] != weight.shape[1]:
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight), through decode_linear where wants_decode_linear says so (a decode step's projections)."""
+    if not wants_decode_linear(x, weight):
+        return F.linear(x, weight)
+    return decode_linear(x.reshape(-1, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def swiglu_linear(x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up of x's fused gate_up projection in one launch (decode_linear's swiglu), or None where `linear`
+    would not take the kernel (the caller then runs the projection and kernels/swiglu.py)."""
+    if not wants_decode_linear(x, gate_up_weight):
+        return None
+    y = decode_linear(x.reshape(-1, x.shape[-1]), gate_up_weight, swiglu=True)
+    return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -1,0 +1,139 @@
+"""kernels/decode_linear.py: the decode step's projections (split-K in one launch, SwiGLU fused) against float64, the
+two-kernel path (projection, then kernels/swiglu.py) bit for bit, and the engine's dispatch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import decode_linear as dl
+from kernels.decode_config import check_decode_config, set_decode_config
+from kernels.swiglu import swiglu
+
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1e-2)}
+
+
+def _inputs(m, n, k, dtype, swiglu_=False):
+    x = torch.randn(m, k).to(dtype)
+    w = (torch.randn(2 * n if swiglu_ else n, k) / k**0.5).to(dtype)
+    return x, w
+
+
+def _oracle(x, w, dtype, swiglu_=False):
+    """float64 products rounded to the output dtype once (and, with swiglu, HF's rounding of gate, up and silu)."""
+    y = x.double() @ w.double().T
+    if not swiglu_:
+        return y
+    g, u = (t.to(dtype).double() for t in y.chunk(2, -1))
+    return F.silu(g).to(dtype).double() * u
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "m,n,k,split,swiglu_",
+    [
+        (1, 80, 72, None, False),  # batch 1, K under one step
+        (7, 100, 130, 1, False),  # neither N nor K a multiple of the tiles
+        (64, 64, 256, 2, False),  # a full decode batch, even tiles, split K
+        (5, 48, 300, 3, False),  # three splits, the last one short
+        (3, 40, 200, None, True),  # SwiGLU, ragged
+        (64, 64, 256, 4, True),  # SwiGLU split four ways
+        (2, 16, 33, 8, False),  # more splits asked than K steps: fewer made, none empty
+    ],
+)
+def test_decode_linear_matches_float64(dtype, m, n, k, split, swiglu_):
+    x, w = _inputs(m, n, k, dtype, swiglu_)
+    x[:, 5 % k] = 0.0
+    y = dl.decode_linear(x, w, swiglu=swiglu_, config=None if split is None else {"split_k": split})
+    assert y.shape == (m, n) and y.dtype == dtype
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(y.double(), _oracle(x, w, dtype, swiglu_), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_swiglu_epilogue_equals_projection_then_swiglu_kernel(dtype):
+    """The fused epilogue rounds exactly as the projection's output followed by kernels/swiglu.py: the same bits (gate
+    and up projected apart, so that each column meets the same tiles as in the fused launch)."""
+    x, w = _inputs(9, 72, 160, dtype, swiglu_=True)
+    for split in (1, 3):
+        cfg = {"split_k": split}
+        fused = dl.decode_linear(x, w, swiglu=True, config=cfg)
+        two = swiglu(torch.cat([dl.decode_linear(x, w[:72], config=cfg), dl.decode_linear(x, w[72:], config=cfg)], 1))
+        assert torch.equal(fused, two), (split, (fused.double() - two.double()).abs().max())
+
+
+def test_split_k_sums_in_one_launch_and_leaves_the_counters_at_zero():
+    """The split partials summed by the last program: the same result every launch (bits), within fp32 rounding of
+    the unsplit one, and every arrival counter back at zero (a CUDA graph replays the launch as captured)."""
+    x, w = _inputs(4, 96, 512, torch.float32)
+    whole = dl.decode_linear(x, w, config={"split_k": 1})
+    first = dl.decode_linear(x, w, config={"split_k": 4})
+    again = dl.decode_linear(x, w, config={"split_k": 4})
+    assert torch.equal(first, again)
+    torch.testing.assert_close(first, whole, atol=1e-5, rtol=1e-5)
+    _, counters = dl._SCRATCH[x.device]
+    assert int(counters.abs().sum()) == 0
+    # another shape right after, on the same scratch: nothing left over from the last launch
+    x2, w2 = _inputs(2, 40, 700, torch.float32)
+    torch.testing.assert_close(dl.decode_linear(x2, w2, config={"split_k": 3}).double(), _oracle(x2, w2, None),
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+def test_linear_config_splits_only_short_grids():
+    """K is split while the column blocks alone leave the GPU under two programs an SM, no split under 1024 deep;
+    splits are whole K steps and never empty."""
+    h200 = 132
+    assert dl.linear_config(64, 15360, 5120, False, h200)["split_k"] == 1  # QKV: 240 blocks
+    assert dl.linear_config(64, 5120, 5120, False, h200)["split_k"] == 2  # output projection: 80 blocks
+    assert dl.linear_config(64, 5120, 13824, False, h200)["split_k"] == 2  # down projection
+    assert dl.linear_config(1, 640, 5120, False, h200)["split_k"] == 4  # a TP shard's 10 blocks, depth 1280 each
+    assert dl.linear_config(1, 64, 512, False, h200)["split_k"] == 1  # too shallow to split
+    cfg = dl.linear_config(1, 64, 1000, False, h200, {"split_k": 3, "block_k": 128})
+    assert cfg["k_per_split"] % 128 == 0 and cfg["split_k"] * cfg["k_per_split"] >= 1000
+    assert (cfg["split_k"] - 1) * cfg["k_per_split"] < 1000
+
+
+def test_bad_inputs_name_the_problem():
+    x, w = _inputs(3, 32, 64, torch.float32)
+    with pytest.raises(ValueError, match="at most 64 rows"):
+        dl.decode_linear(torch.randn(65, 64), w)
+    with pytest.raises(ValueError, match="x has 63 features, the weight 64"):
+        dl.decode_linear(torch.randn(3, 63), w)
+    with pytest.raises(ValueError, match="one float dtype"):
+        dl.decode_linear(x.to(torch.bfloat16), w)
+    with pytest.raises(ValueError, match="even number of rows"):
+        dl.decode_linear(x, torch.randn(33, 64), swiglu=True)
+    with pytest.raises(ValueError, match="rows contiguous"):
+        dl.decode_linear(x, torch.randn(64, 32).T)
+    with pytest.raises(ValueError, match="unknown decode_linear launch parameter"):
+        dl.decode_linear(x, w, config={"block_m": 16})
+    with pytest.raises(ValueError, match="block_n must be a positive power of two"):
+        dl.decode_linear(x, w, config={"block_n": 48})
+    with pytest.raises(ValueError, match="split_k must be a positive int"):
+        dl.decode_linear(x, w, config={"split_k": 0})
+    with pytest.raises(ValueError, match="linear must be 0 or 1"):
+        check_decode_config({"linear": 2})
+
+
+def test_linear_dispatch_follows_the_switch(monkeypatch):
+    """linear / swiglu_linear: F.linear (and None) unless decode_config's `linear` is 1; then the kernel for a decode
+    batch without autograd, never for more rows, a different dtype, or anything autograd records."""
+    calls = []
+    real = dl.decode_linear
+    monkeypatch.setattr(dl, "decode_linear", lambda *a, **kw: calls.append(kw.get("swiglu", False)) or real(*a, **kw))
+    x, w = torch.randn(2, 3, 64), torch.randn(32, 64)
+    assert torch.equal(dl.linear(x, w), F.linear(x, w)) and dl.swiglu_linear(x, w) is None and not calls
+    try:
+        set_decode_config(linear=1)
+        torch.testing.assert_close(dl.linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)  # [2, 3, 64]: 6 rows
+        act = dl.swiglu_linear(x, w)
+        torch.testing.assert_close(act, swiglu(F.linear(x, w)), atol=1e-5, rtol=1e-5)
+        assert calls == [False, True] and act.shape == (2, 3, 16)
+        dl.linear(torch.randn(65, 64), w)  # a prefill's rows
+        dl.linear(x.double(), w.double())  # a dtype the kernel does not take
+        dl.linear(x, w.requires_grad_())  # a training forward
+        assert len(calls) == 2
+        with torch.no_grad():
+            dl.linear(x, w)  # the same weight under no_grad: a decode step
+        assert len(calls) == 3
+    finally:
+        set_decode_config()
