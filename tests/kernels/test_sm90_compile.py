@@ -102,6 +102,25 @@ for fn, ptrs, flags in [
         assert info["regs"] and info["spill_bytes"] == 0, info
 print("compiled")
 """,
+    "decode_linear": """
+import triton.language as tl
+from bench.common import ptxas_info
+from kernels import decode_linear as dl
+
+K = dl._decode_linear_kernel
+ptrs = dict(X="*bf16", W="*bf16", Y="*bf16", WS="*fp32", CNT="*i32")
+for block_m, swiglu, split in [(64, False, 1), (64, True, 1), (64, False, 2), (16, False, 4), (16, True, 2)]:
+    consts = dict(SWIGLU=swiglu, SPLIT_K=split, EVEN=True, BLOCK_M=block_m, BLOCK_N=dl._BLOCK_N, BLOCK_K=dl._BLOCK_K,
+                  DOT_DTYPE=tl.bfloat16, PREC="tf32")
+    types = {a: ptrs.get(a, "i32") for a in K.arg_names if a not in consts}
+    info = ptxas_info(K, types, consts, dl._NUM_WARPS, dl._NUM_STAGES, divisible=("N", "K", "k_per_split"))
+    # the default launch fits an H100's 227 KiB of shared memory, spills nothing, streams W with cp.async
+    assert info["regs"] and info["spill_bytes"] == 0 and info["shared"] <= 227 * 1024, info
+    assert set(info["loads"]) <= {"cp.async.cg.shared.global", "ld.global.cg.v4.b32"}, info  # (+ the partials)
+    assert (info["loads"].get("ld.global.cg.v4.b32", 0) > 0) == (split > 1), info
+    assert info["mma"].get("wgmma" if block_m == 64 else "mma"), info
+print("compiled")
+""",
 }
 
 
