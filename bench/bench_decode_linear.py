@@ -5,7 +5,8 @@ against cuBLAS (F.linear, plus kernels/swiglu.py after gate_up: what the engine 
     python bench/bench_decode_linear.py --rows 64 --sweep        # every launch variant at batch 64
     python bench/bench_decode_linear.py --model llama2-7b --tp 2 --json linear.json
 
-Each projection of one layer (QKV, the output projection, gate_up with SwiGLU, the down projection, and the LM head),
+Each projection of one layer (QKV, QKV with the rotary and the KV-cache write in its epilogue against cuBLAS and the
+rotary kernel, the output projection, gate_up with SwiGLU, the down projection, and the LM head),
 this rank's shard under --tp, at each row count: ours checked against cuBLAS first, then both timed as CUDA graph
 replays (the GPU's own time, as inside the engine's decode graphs) over weight copies totalling 4x the L2, so no call
 reads the last one's weight from cache. The floor: the weight's bytes (plus x and y) at the measured copy bandwidth.
@@ -35,7 +36,8 @@ from bench.common import (  # noqa: E402
     save_json,
 )
 from engine.config import ModelConfig  # noqa: E402
-from kernels.decode_linear import decode_linear  # noqa: E402
+from kernels.decode_linear import decode_linear, qkv_rope_linear  # noqa: E402
+from kernels.paged_attention import rope_write_kv  # noqa: E402
 from kernels.swiglu import swiglu  # noqa: E402
 
 _L2_BYTES = 64 * 2**20  # an H200's L2 is 60 MiB (an H100's 50)
@@ -45,20 +47,40 @@ _SWEEP_TILES = [dict(block_n=n, block_k=k, num_warps=4, num_stages=s) for n, k, 
 _SWEEP_SPLITS = [dict(split_k=s) for s in (1, 2, 4, 8)]
 
 
-def projections(cfg: ModelConfig, tp: int) -> dict[str, tuple[int, int, bool]]:
-    """name -> (weight rows N, depth K, swiglu) of this rank's shard: column-parallel layers split N, row-parallel K."""
+def projections(cfg: ModelConfig, tp: int) -> dict[str, tuple[int, int, str]]:
+    """name -> (weight rows N, depth K, epilogue) of this rank's shard: column-parallel layers split N, row-parallel K.
+    The QKV projection twice: plain (a prompt's), and with the rotary and the KV-cache write (a decode step's)."""
     h, d = cfg.hidden_size, cfg.head_dim
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * d // tp
     return {
-        "qkv": ((cfg.num_heads + 2 * cfg.num_kv_heads) * d // tp, h, False),
-        "o": (h, cfg.num_heads * d // tp, False),
-        "gate_up+swiglu": (2 * cfg.intermediate_size // tp, h, True),
-        "down": (h, cfg.intermediate_size // tp, False),
-        "lm_head": (-(-cfg.vocab_size // tp), h, False),
+        "qkv": (qkv, h, "plain"),
+        "qkv+rope": (qkv, h, "rope"),
+        "o": (h, cfg.num_heads * d // tp, "plain"),
+        "gate_up+swiglu": (2 * cfg.intermediate_size // tp, h, "swiglu"),
+        "down": (h, cfg.intermediate_size // tp, "plain"),
+        "lm_head": (-(-cfg.vocab_size // tp), h, "plain"),
     }
 
 
-def _cublas(x, w, sw):
-    return swiglu(F.linear(x, w)) if sw else F.linear(x, w)
+def _calls(m, n, k, kind, dtype, device, heads, config):
+    """(ours, cuBLAS's, output elements) on fresh inputs; the cuBLAS side is what the engine runs without the switch
+    (the projection, then kernels/swiglu.py or the rotary/cache-write kernel)."""
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    w = torch.randn(n, k, device=device, dtype=dtype) / k**0.5
+    if kind != "rope":
+        sw = kind == "swiglu"
+        peer = (lambda: swiglu(F.linear(x, w))) if sw else (lambda: F.linear(x, w))
+        return lambda: decode_linear(x, w, swiglu=sw, config=config), peer, m * (n // 2 if sw else n)
+    hq, hkv, d = heads
+    kc = torch.zeros(-(-m // 16), 16, hkv, d, device=device, dtype=dtype)
+    vc, slots = torch.zeros_like(kc), torch.arange(m, device=device)
+    pos = torch.randint(0, 4096, (m,), device=device)
+
+    def peer():
+        q, kk, v = F.linear(x, w).split([hq * d, hkv * d, hkv * d], -1)
+        return rope_write_kv(q.view(m, hq, d), kk.view(m, hkv, d), v.view(m, hkv, d), pos, kc, vc, slots)
+
+    return lambda: qkv_rope_linear(x, w, pos, kc, vc, slots, num_heads=hq, config=config), peer, m * n
 
 
 def _time(fns, device) -> float:
@@ -67,22 +89,19 @@ def _time(fns, device) -> float:
     return measure(fns[0], device)[0]
 
 
-def _bench_one(name, m, n, k, sw, dtype, device, bw, copies, config=None) -> dict:
-    weights = [torch.randn(n, k, device=device, dtype=dtype) / k**0.5 for _ in range(copies)]
-    xs = [torch.randn(m, k, device=device, dtype=dtype) for _ in range(copies)]
-    ours = decode_linear(xs[0], weights[0], swiglu=sw, config=config)
-    ref = _cublas(xs[0], weights[0], sw)
+def _bench_one(name, m, n, k, kind, dtype, device, bw, copies, heads, config=None) -> dict:
+    calls = [_calls(m, n, k, kind, dtype, device, heads, config) for _ in range(copies)]
+    ours, ref = calls[0][0](), calls[0][1]()
     err = ((ours.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
     check_close(f"{name} rows {m} {config or ''}", err, dtype, tol=2e-2 if dtype != torch.float32 else 1e-4)
-    elem = weights[0].element_size()
-    moved = n * k * elem + m * k * elem + m * (n // 2 if sw else n) * elem
+    elem = dtype.itemsize
+    moved = (n * k + m * k + calls[0][2]) * elem
     row = dict(proj=name, rows=m, n=n, k=k, weight_mb=n * k * elem / 1e6, floor_ms=moved / (bw * 1e9), rel_err=err)
     if config:
         row["config"] = config
-    pairs = list(zip(xs, weights))
-    row["ours_ms"] = _time([lambda x=x, w=w: decode_linear(x, w, swiglu=sw, config=config) for x, w in pairs], device)
+    row["ours_ms"] = _time([c[0] for c in calls], device)
     if not config:
-        row["cublas_ms"] = _time([lambda x=x, w=w: _cublas(x, w, sw) for x, w in pairs], device)
+        row["cublas_ms"] = _time([c[1] for c in calls], device)
     return row
 
 
@@ -109,25 +128,27 @@ def run(args, device) -> list[dict]:
     dtype = getattr(torch, args.dtype)
     cfg = ModelConfig.named(args.model)
     rows, deadline = [], time.monotonic() + args.budget_s
-    for name, (n, k, sw) in projections(cfg, args.tp).items():
+    heads = (cfg.num_heads // args.tp, cfg.num_kv_heads // args.tp, cfg.head_dim)
+    for name, (n, k, kind) in projections(cfg, args.tp).items():
         if args.proj and name not in args.proj:
             continue
         copies = _copies(n, k, dtype.itemsize, device)
         for m in args.rows:
-            variants = [None] + ((_SWEEP_TILES + _SWEEP_SPLITS) if args.sweep else [])
+            swept = args.sweep and kind != "rope"  # (its column block is a head)
+            variants = [None] + ((_SWEEP_TILES + _SWEEP_SPLITS) if swept else [])
             for config in variants:
                 if time.monotonic() > deadline:
                     print(f"stopped at the --budget-s deadline ({args.budget_s} s): {name} rows {m} {config or ''}")
                     return rows
                 try:
-                    rows.append(_bench_one(name, m, n, k, sw, dtype, device, args.bandwidth, copies, config))
+                    rows.append(_bench_one(name, m, n, k, kind, dtype, device, args.bandwidth, copies, heads, config))
                 except Exception as e:  # noqa: BLE001 - one variant failing (resources) is reported, not fatal
                     if config is None:
                         raise
                     rows.append(dict(proj=name, rows=m, config=config, error=f"{type(e).__name__}: {str(e)[:90]}"))
                 _print(rows[-1:])
                 save_json(args.json, rows, args, device)
-            if args.sweep:
+            if swept:
                 timed = [r for r in rows if r["proj"] == name and r["rows"] == m and "ours_ms" in r]
                 best = min(timed, key=lambda r: r["ours_ms"])
                 print(f"fastest {name} rows {m}: {best['ours_ms']:.4f} ms {best.get('config', 'default')}")
@@ -140,7 +161,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--model", default="llama2-13b", help="a named shape (engine.config.ModelConfig.named)")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: time one rank's shards")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64], help="decode batch sizes (at most 64)")
-    ap.add_argument("--proj", nargs="+", choices=["qkv", "o", "gate_up+swiglu", "down", "lm_head"], help="only these")
+    ap.add_argument("--proj", nargs="+", choices=["qkv", "qkv+rope", "o", "gate_up+swiglu", "down", "lm_head"],
+                    help="only these")  # fmt: skip
     ap.add_argument("--sweep", action="store_true", help="also time every launch variant (tiles, stages, splits)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new rows after this many seconds")
     add_elementwise_args(ap)

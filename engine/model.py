@@ -35,7 +35,7 @@ from engine.parallel import (
     shard_range,
     take_shard,
 )
-from kernels.decode_linear import linear, swiglu_linear
+from kernels.decode_linear import linear, qkv_rope_linear, swiglu_linear, wants_decode_linear
 from kernels.rmsnorm import add_rms_norm, rms_norm
 from kernels.rope_attention import rope_attention
 from kernels.swiglu import swiglu
@@ -137,13 +137,15 @@ class Attention(nn.Module):
         """x [N, hidden] (with `sp`, [N/tp, hidden] this rank's tokens: see Transformer.hidden_packed); positions
         and cu_seqlens describe all N tokens. Returns the same layout as x."""
         d = self.head_dim
+        ctx = _CONTEXT
+        if ctx is not None and not sp and ctx.num_prefill(x.shape[0]) == 0 and self._fused_qkv(x):
+            return self.o_proj(self._decode_step(x, positions, ctx).reshape(x.shape[0], self.local_heads * d), sp)
         qkv = self.qkv_proj(x, sp)
         n = qkv.shape[0]
         q, k, v = qkv.split([self.local_heads * d, self.local_kv_heads * d, self.local_kv_heads * d], dim=-1)
         q = q.view(n, self.local_heads, d)
         k = k.view(n, self.local_kv_heads, d)
         v = v.view(n, self.local_kv_heads, d)
-        ctx = _CONTEXT
         if ctx is None and q.is_cuda and attention_backend() == "flash":
             o = _flash_attention(q, k, v, positions, cu_seqlens, self.rope)
         elif ctx is None:
@@ -151,6 +153,23 @@ class Attention(nn.Module):
         else:
             o = self._cached_attention(q, k, v, positions, cu_seqlens, ctx)
         return self.o_proj(o.reshape(n, self.local_heads * d), sp)
+
+    def _fused_qkv(self, x: torch.Tensor) -> bool:
+        """Whether a decode step's QKV projection takes kernels/decode_linear.py's qkv_rope_linear (decode_config's
+        `linear` switch; a power-of-two head dim: one head a column block)."""
+        d = self.head_dim
+        return d >= 16 and not d & (d - 1) and wants_decode_linear(x, self.qkv_proj.weight)
+
+    def _decode_step(self, x: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """A decode-only step in two launches: the QKV projection rotating q and k and writing k and v into the cache
+        in its epilogue, then paged attention over the cache (no rotary kernel, no q/k/v round trip)."""
+        from kernels.paged_attention import paged_decode_attention
+
+        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
+        x = copy_to_tp(x, self.qkv_proj.group)
+        q = qkv_rope_linear(x, self.qkv_proj.weight, positions, k_cache, v_cache, ctx.slot_mapping,
+                            num_heads=self.local_heads, rope_theta=self.rope)  # fmt: skip
+        return paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens)
 
     def _cached_attention(self, q, k, v, positions, cu_seqlens, ctx: AttentionContext) -> torch.Tensor:
         """Generation: prompts (flash attention over the packed prompts, writing their KV) and/or decode tokens

@@ -32,6 +32,7 @@ from kernels import reference
 from kernels.attention_tiles import _dot_args
 from kernels.decode_config import linear_enabled
 from kernels.dispatch import INTERPRET, loop_bound, sm_count, use_triton
+from kernels.rotary import _rotate_store, reduce_angle, rope_tables
 
 MAX_ROWS = 64  # a decode batch; more rows are a prefill's GEMM (cuBLAS's)
 
@@ -49,6 +50,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit
 def _epilogue(Y, acc, acc_u, offs_m, offs_n, m_ok, n_ok, stride_ym, SWIGLU: tl.constexpr):
+    """The plain projection's store, or with SWIGLU silu(gate) * up."""
     out_ty = Y.dtype.element_ty
     if SWIGLU:  # kernels/swiglu.py's rounding: gate and up as the projection would store them, silu rounded
         g = acc.to(out_ty).to(tl.float32)
@@ -57,6 +59,20 @@ def _epilogue(Y, acc, acc_u, offs_m, offs_n, m_ok, n_ok, stride_ym, SWIGLU: tl.c
     else:
         y = acc
     tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(out_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _finish(
+    acc, acc_u, pid_n, offs_m, offs_n, m_ok, n_ok, Y, stride_ym, KC, VC, POS, SLOT, INV_FREQ, n_slots, stride_kcb,
+    stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch, SWIGLU: tl.constexpr, ROPE: tl.constexpr,
+    HQ: tl.constexpr, HKV: tl.constexpr, CACHE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    if ROPE:
+        _rope_epilogue(acc, pid_n, offs_m, m_ok, Y, stride_ym, KC, VC, POS, SLOT, INV_FREQ, n_slots, stride_kcb,
+                       stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch, HQ, HKV, CACHE_BLOCK, BLOCK_M,
+                       BLOCK_N)  # fmt: skip
+    else:
+        _epilogue(Y, acc, acc_u, offs_m, offs_n, m_ok, n_ok, stride_ym, SWIGLU)
 
 
 @triton.jit
@@ -69,14 +85,52 @@ def _load_w(ptrs, n_ok, k_ok, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _rope_epilogue(
+    acc, head, offs_m, m_ok, Y, stride_ym, KC, VC, POS, SLOT, INV_FREQ, n_slots, stride_kcb, stride_kct, stride_kch,
+    stride_vcb, stride_vct, stride_vch, HQ: tl.constexpr, HKV: tl.constexpr, CACHE_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    """One head of the QKV projection (acc [BLOCK_M, HEAD_DIM]): as the projection would store it, then rotated into
+    Y (a q head) or into the KV cache at each row's slot (a k head rotated, a v head as it is): kernels/rotary.py's
+    arithmetic (rotate_pair's fmas, _rotate_store's fp8 saturation), so the cache holds the very bits the rotary
+    kernel would write from the same projection."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    y = acc.to(Y.dtype.element_ty).to(tl.float32)
+    x1, x2 = tl.split(tl.permute(tl.reshape(y, (BLOCK_M, 2, HALF)), (0, 2, 1)))  # the two halves of the head
+    offs_i = tl.arange(0, HALF)
+    pos = tl.load(POS + offs_m, mask=m_ok, other=0).to(tl.float32)
+    a = reduce_angle(pos[:, None] * tl.load(INV_FREQ + offs_i)[None, :])
+    c = tl.cos(a)
+    s = tl.sin(a)
+    if head < HQ:
+        q_ptrs = Y + offs_m[:, None] * stride_ym + head * HEAD_DIM + offs_i[None, :]
+        _rotate_store(x1, x2, c, s, q_ptrs, m_ok[:, None], HALF, True)
+    else:
+        slot = tl.load(SLOT + offs_m, mask=m_ok, other=-1).to(tl.int64)  # (-1, or past the cache: not written)
+        ok = (m_ok & (slot >= 0) & (slot < n_slots))[:, None]
+        blk = slot // CACHE_BLOCK
+        off = slot % CACHE_BLOCK
+        if head < HQ + HKV:
+            kc = KC + (blk * stride_kcb + off * stride_kct)[:, None] + (head - HQ) * stride_kch + offs_i[None, :]
+            _rotate_store(x1, x2, c, s, kc, ok, HALF, True)
+        else:
+            vc = VC + (blk * stride_vcb + off * stride_vct)[:, None] + (head - HQ - HKV) * stride_vch + offs_i[None, :]
+            _rotate_store(x1, x2, c, s, vc, ok, HALF, False)
+
+
+@triton.jit
 def _decode_linear_kernel(
     X, W, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_ym, k_per_split,
-    SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+    KC, VC, POS, SLOT, INV_FREQ, n_slots, stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
+    SWIGLU: tl.constexpr, ROPE: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, CACHE_BLOCK: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Grid (column blocks, SPLIT_K). N: output columns (I with SWIGLU: W has 2N rows). EVEN: N % BLOCK_N == 0 and
     K % BLOCK_K == 0 (no masks on W). WS [SPLIT_K, column blocks, 1 + SWIGLU, BLOCK_M, BLOCK_N] fp32 and CNT
-    [column blocks] int32 (zero between launches): the split-K partials and their arrival counters."""
+    [column blocks] int32 (zero between launches): the split-K partials and their arrival counters.
+    ROPE: W is the QKV projection [(HQ + 2 HKV) * BLOCK_N, K], a column block is one head (_rope_epilogue): Y gets
+    the rotated q [M, HQ * BLOCK_N], KC / VC (paged caches, CACHE_BLOCK tokens a block) the rotated k and the v."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -104,7 +158,9 @@ def _decode_linear_kernel(
         w_ptrs += BLOCK_K
 
     if SPLIT_K == 1:
-        _epilogue(Y, acc, acc_u, offs_m, offs_n, m_ok, n_ok, stride_ym, SWIGLU)
+        _finish(acc, acc_u, pid_n, offs_m, offs_n, m_ok, n_ok, Y, stride_ym, KC, VC, POS, SLOT, INV_FREQ, n_slots,
+                stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch, SWIGLU, ROPE, HQ, HKV,
+                CACHE_BLOCK, BLOCK_M, BLOCK_N)  # fmt: skip
     else:
         TILE: tl.constexpr = BLOCK_M * BLOCK_N * (1 + SWIGLU)
         n_blocks = tl.num_programs(0)
@@ -124,7 +180,9 @@ def _decode_linear_kernel(
                 if SWIGLU:
                     acc_u += tl.load(part + BLOCK_M * BLOCK_N, cache_modifier=".cg")
             tl.atomic_xchg(CNT + pid_n, 0)  # zero again for the next launch (or replay)
-            _epilogue(Y, acc, acc_u, offs_m, offs_n, m_ok, n_ok, stride_ym, SWIGLU)
+            _finish(acc, acc_u, pid_n, offs_m, offs_n, m_ok, n_ok, Y, stride_ym, KC, VC, POS, SLOT, INV_FREQ, n_slots,
+                    stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch, SWIGLU, ROPE, HQ, HKV,
+                    CACHE_BLOCK, BLOCK_M, BLOCK_N)  # fmt: skip
 
 
 # Split-K scratch per device: the partials (fp32) and the arrival counters (zero between launches). Grown, never
@@ -149,8 +207,12 @@ def linear_config(m: int, n_out: int, k: int, swiglu: bool, num_sms: int, config
     bad = sorted(set(config or {}) - set(_CONFIG_KEYS))
     if bad:
         raise ValueError(f"unknown decode_linear launch parameter(s) {bad}: expected some of {list(_CONFIG_KEYS)}")
-    cfg = {"block_n": _BLOCK_N, "block_k": _BLOCK_K, "num_warps": _NUM_WARPS, "num_stages": _NUM_STAGES}
+    cfg = {"block_n": _BLOCK_N, "block_k": _BLOCK_K, "num_stages": _NUM_STAGES}
     cfg.update({key: v for key, v in (config or {}).items() if key != "split_k"})
+    # twice the warps for an accumulator of 64 x 128 (qkv_rope_linear's heads at 64 rows): at 4 warps its epilogue
+    # spilled (255 registers; 123 at 8 warps: tests/kernels/test_sm90_compile.py)
+    big = max(16, triton.next_power_of_2(m)) * cfg["block_n"] >= 64 * 128
+    cfg.setdefault("num_warps", 2 * _NUM_WARPS if big else _NUM_WARPS)
     for key, v in cfg.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < 1 or (key != "num_stages" and v & (v - 1)):
             raise ValueError(f"decode_linear launch parameter {key} must be a positive power of two, got {v!r}")
@@ -167,7 +229,7 @@ def linear_config(m: int, n_out: int, k: int, swiglu: bool, num_sms: int, config
     elif not isinstance(split, int) or isinstance(split, bool) or split < 1:
         raise ValueError(f"decode_linear launch parameter split_k must be a positive int, got {split!r}")
     # every split a whole number of K steps, and none empty
-    k_per_split = triton.cdiv(triton.cdiv(k, split), cfg["block_k"]) * cfg["block_k"]
+    k_per_split = max(1, triton.cdiv(triton.cdiv(k, split), cfg["block_k"])) * cfg["block_k"]
     cfg["split_k"] = max(1, triton.cdiv(k, k_per_split))
     cfg["k_per_split"] = k_per_split
     return cfg
@@ -206,10 +268,19 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, *, swiglu: bool = False
         return y
     if k == 0:
         return y.zero_()  # (with swiglu: silu(0) * 0)
-    cfg = linear_config(m, n_out, k, swiglu, sm_count(x.device) if x.is_cuda else 0, config)
     if not use_triton(x):  # kernels/reference.py's ops (a CPU without the interpreter)
+        linear_config(m, n_out, k, swiglu, 0, config)  # (the same errors as a launch)
         y = F.linear(x, weight)
         return reference.swiglu(y) if swiglu else y
+    _launch(x, weight, y, n_out, swiglu=swiglu, config=config)
+    return y
+
+
+def _launch(x, weight, y, n_out: int, *, swiglu: bool = False, rope: tuple | None = None, config=None) -> None:
+    """One launch of the kernel (inputs checked). rope: (positions, inv_freq, k_cache, v_cache, slot_mapping, hq, hkv)
+    of qkv_rope_linear; y then receives the rotated q."""
+    m, k = x.shape
+    cfg = linear_config(m, n_out, k, swiglu, sm_count(x.device) if x.is_cuda else 0, config)
     block_m = max(16, triton.next_power_of_2(m))
     n_blocks = triton.cdiv(n_out, cfg["block_n"])
     split = cfg["split_k"]
@@ -217,13 +288,66 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, *, swiglu: bool = False
         ws, cnt = _scratch(x.device, split * n_blocks * (1 + swiglu) * block_m * cfg["block_n"], n_blocks)
     else:
         ws = cnt = y  # (unused)
+    if rope is not None:
+        pos, inv_freq, kc, vc, slots, hq, hkv = rope
+        cache = (kc, vc, pos, slots, inv_freq, kc.shape[0] * kc.shape[1], *kc.stride()[:3], *vc.stride()[:3])
+        heads = dict(HQ=hq, HKV=hkv, CACHE_BLOCK=kc.shape[1])
+    else:  # (unused)
+        cache, heads = (y, y, y, y, y, 0, 0, 0, 0, 0, 0, 0), dict(HQ=0, HKV=0, CACHE_BLOCK=1)
     even = n_out % cfg["block_n"] == 0 and k % cfg["block_k"] == 0
     _decode_linear_kernel[(n_blocks, split)](
-        x, weight, y, ws, cnt, m, n_out, k, x.stride(0), weight.stride(0), y.stride(0), cfg["k_per_split"],
-        SWIGLU=swiglu, SPLIT_K=split, EVEN=even, BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_dot_args(x.dtype),
+        x, weight, y, ws, cnt, m, n_out, k, x.stride(0), weight.stride(0), y.stride(0), cfg["k_per_split"], *cache,
+        SWIGLU=swiglu, ROPE=rope is not None, **heads, SPLIT_K=split, EVEN=even, BLOCK_M=block_m,
+        BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **_dot_args(x.dtype),
     )  # fmt: skip
-    return y
+
+
+def qkv_rope_linear(
+    x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor, *, num_heads: int, rope_theta: float | reference.Rope = 10000.0,
+    config: dict | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """A decode step's QKV projection with the rotary embedding and the KV-cache write in its epilogue (no rotary
+    kernel, no q/k/v round trip): x [M, K] (M <= MAX_ROWS), weight [(Hq + 2 Hkv) * D, K] ([q | k | v] rows, this
+    rank's shard), positions [M] int, caches [num_blocks, block_size, Hkv, D], slot_mapping [M] int (-1: not written).
+    Returns q rotated [M, Hq, D]; the rotated k and the v are written at their slots (kernels/rotary.py's arithmetic:
+    the bits launch_rotary writes from the same projection). D must be a power of two of at least 16; each program's
+    column block is one head. config: as decode_linear's (block_n is the head dim)."""
+    from kernels.paged_attention import _check_caches
+
+    _check(x, weight, False)
+    _check_caches(k_cache, v_cache)
+    _, _, hkv, d = k_cache.shape
+    m = x.shape[0]
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"qkv_rope_linear needs a power-of-two head dim of at least 16, got {d}")
+    if weight.shape[0] != (num_heads + 2 * hkv) * d:
+        raise ValueError(
+            f"qkv_rope_linear: a QKV weight for {num_heads} query and {hkv} key/value heads of {d} has "
+            f"{(num_heads + 2 * hkv) * d} rows, got {weight.shape[0]}"
+        )
+    for name, t in (("positions", positions), ("slot_mapping", slot_mapping)):
+        if t.shape != (m,) or t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be [M={m}] int32 or int64, got {tuple(t.shape)} {t.dtype}")
+    if config and config.get("block_n", d) != d:
+        raise ValueError(f"qkv_rope_linear's column block is one head: block_n must be {d}, got {config['block_n']}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if not use_triton(x):
+        q, k, v = F.linear(x, weight).split([num_heads * d, hkv * d, hkv * d], -1)
+        return reference.rope_write_kv(q.reshape(m, num_heads, d), k.reshape(m, hkv, d), v.reshape(m, hkv, d),
+                                       positions, k_cache, v_cache, slot_mapping, rope_theta)  # fmt: skip
+    q = torch.empty((m, num_heads * d), dtype=x.dtype, device=x.device)
+    if INTERPRET and m:  # (a host sync, free in the interpreter; launch_rotary checks likewise)
+        capacity = k_cache.shape[0] * k_cache.shape[1]
+        if int(slot_mapping.max()) >= capacity:
+            raise IndexError(f"slot {int(slot_mapping.max())} is outside the KV cache's {capacity} slots")
+    if m:
+        inv_freq = rope_tables(d, rope_theta, x.device)[0]
+        rope = (positions.contiguous(), inv_freq, k_cache, v_cache, slot_mapping.contiguous(), num_heads, hkv)
+        _launch(x, weight, q, weight.shape[0], rope=rope, config={**(config or {}), "block_n": d})
+    return q.view(m, num_heads, d)
 
 
 def wants_decode_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -381,13 +381,14 @@ def test_decode_linear_bench_smoke(tmp_path):
     from engine.config import ModelConfig
 
     rows = main(["--bandwidth", "2", "--json", str(tmp_path / "l.json")])
-    assert {r["proj"] for r in rows} == {"qkv", "o", "gate_up+swiglu", "down", "lm_head"}
+    assert {r["proj"] for r in rows} == {"qkv", "qkv+rope", "o", "gate_up+swiglu", "down", "lm_head"}
     assert all(r["rel_err"] < 1e-4 and r["ours_ms"] > 0 and r["cublas_ms"] > 0 for r in rows)
     (down,) = [r for r in rows if r["proj"] == "down" and r["rows"] == 4]
     assert down["floor_ms"] == pytest.approx((64 * 176 + 4 * 176 + 4 * 64) * 4 / 2e9)  # tiny: hidden 64, MLP 176
     swept = main(["--bandwidth", "2", "--proj", "o", "--sweep"])  # (rows 1 and 4 on CPU)
     assert len(swept) == 2 * (1 + len(_SWEEP_TILES) + len(_SWEEP_SPLITS)) and all("ours_ms" in r for r in swept)
     shards = projections(ModelConfig.named("llama2-13b"), 2)
-    assert shards == {"qkv": (7680, 5120, False), "o": (5120, 2560, False), "gate_up+swiglu": (13824, 5120, True),
-                      "down": (5120, 6912, False), "lm_head": (16000, 5120, False)}  # fmt: skip
+    assert shards == {"qkv": (7680, 5120, "plain"), "qkv+rope": (7680, 5120, "rope"), "o": (5120, 2560, "plain"),
+                      "gate_up+swiglu": (13824, 5120, "swiglu"), "down": (5120, 6912, "plain"),
+                      "lm_head": (16000, 5120, "plain")}  # fmt: skip
     assert (tmp_path / "l.json").exists()

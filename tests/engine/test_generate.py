@@ -189,9 +189,10 @@ def test_the_fused_decode_step_samples_the_same():
 
 
 def test_the_decode_linear_kernel_samples_the_same():
-    """The decode config's `linear` 1 (the decode step's projections through kernels/decode_linear.py, SwiGLU fused
-    into gate_up, the LM head's too) through the whole generator: every forward of at most 64 rows takes the kernel
-    (the decode steps, and these short prefills too); the same samples, log-probs within float rounding."""
+    """The decode config's `linear` 1 through the whole generator: every decode step's QKV projection with the rotary
+    and the cache write in its epilogue (then paged attention alone), SwiGLU fused into gate_up, the output, down and
+    LM head projections, all through kernels/decode_linear.py (the prompts' forwards too where they have at most 64
+    rows, outside the QKV epilogue); the same samples as cuBLAS and the rotary kernel, log-probs within rounding."""
     from kernels import decode_linear, paged_attention
 
     model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.3, seed=4)
@@ -200,16 +201,24 @@ def test_the_decode_linear_kernel_samples_the_same():
     make = lambda: Generator(model, block_size=4, num_blocks=64, max_model_len=40, max_num_seqs=4)
     cublas, _ = _run_clean(make(), prompts, params, "kernels")
     launches = []
-    real = decode_linear.decode_linear
+    real = decode_linear._launch
+
+    def counted(*a, **kw):
+        launches.append("rope" if kw.get("rope") else "swiglu" if kw.get("swiglu") else "plain")
+        return real(*a, **kw)
+
     try:
         paged_attention.set_decode_config(linear=1)
-        decode_linear.decode_linear = lambda *a, **kw: launches.append(kw.get("swiglu", False)) or real(*a, **kw)
+        decode_linear._launch = counted
         ours, _ = _run_clean(make(), prompts, params, "kernels")
     finally:
-        decode_linear.decode_linear = real
+        decode_linear._launch = real
         paged_attention.set_decode_config()
     layers = model.config.num_layers
-    assert launches.count(True) >= 5 * layers and launches.count(False) >= 5 * (3 * layers + 1)  # qkv, o, down, head
+    decode_steps = launches.count("rope") // layers
+    assert decode_steps >= 4 and launches.count("rope") == decode_steps * layers, launches
+    assert launches.count("swiglu") >= (decode_steps + 1) * layers  # (the prefill's too)
+    assert launches.count("plain") >= (decode_steps + 1) * (2 * layers + 1)  # o, down, LM head (+ the prefill's QKV)
     assert [c.tokens for c in ours] == [c.tokens for c in cublas]
     for a, b in zip(ours, cublas):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=1e-5)

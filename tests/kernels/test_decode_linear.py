@@ -87,6 +87,10 @@ def test_linear_config_splits_only_short_grids():
     assert dl.linear_config(64, 5120, 13824, False, h200)["split_k"] == 2  # down projection
     assert dl.linear_config(1, 640, 5120, False, h200)["split_k"] == 4  # a TP shard's 10 blocks, depth 1280 each
     assert dl.linear_config(1, 64, 512, False, h200)["split_k"] == 1  # too shallow to split
+    # 8 warps for a 64 x 128 accumulator (the QKV heads' epilogue spilled at 4), 4 otherwise unless asked
+    assert dl.linear_config(64, 15360, 5120, False, h200, {"block_n": 128})["num_warps"] == 8
+    assert dl.linear_config(1, 15360, 5120, False, h200, {"block_n": 128})["num_warps"] == 4
+    assert dl.linear_config(64, 15360, 5120, False, h200, {"block_n": 128, "num_warps": 4})["num_warps"] == 4
     cfg = dl.linear_config(1, 64, 1000, False, h200, {"split_k": 3, "block_k": 128})
     assert cfg["k_per_split"] % 128 == 0 and cfg["split_k"] * cfg["k_per_split"] >= 1000
     assert (cfg["split_k"] - 1) * cfg["k_per_split"] < 1000
@@ -137,3 +141,73 @@ def test_linear_dispatch_follows_the_switch(monkeypatch):
         assert len(calls) == 3
     finally:
         set_decode_config()
+
+
+def _qkv_case(m, hq, hkv, d, dtype, cache_dtype, k=96, blocks=6, block_size=4):
+    x = torch.randn(m, k).to(dtype)
+    w = (torch.randn((hq + 2 * hkv) * d, k) / k**0.5).to(dtype)
+    kc = torch.full((blocks, block_size, hkv, d), float("nan")).to(cache_dtype)
+    vc = torch.full_like(kc, float("nan"))
+    slots = torch.randperm(blocks * block_size)[:m]
+    slots[m // 2] = -1  # a padding row: nothing written
+    positions = torch.randint(0, 5000, (m,))
+    return x, w, kc, vc, slots, positions
+
+
+@pytest.mark.parametrize(
+    "m,hq,hkv,d,dtype,cache_dtype,split",
+    [
+        (5, 4, 4, 16, torch.float32, torch.float32, 1),  # MHA, the tiny model's head dim
+        (7, 8, 2, 64, torch.bfloat16, torch.bfloat16, 2),  # GQA, split K
+        (3, 2, 1, 128, torch.float16, torch.float16, 3),  # MQA, Llama's head dim, three splits
+        (6, 4, 2, 32, torch.bfloat16, torch.float8_e4m3fn, 1),  # an fp8 cache: rotated, then saturated to e4m3
+    ],
+)
+def test_qkv_rope_linear_writes_what_projection_then_rotary_writes(m, hq, hkv, d, dtype, cache_dtype, split):
+    """The QKV projection with the rotary and cache write in its epilogue: q and the cache bytes are the very bits of
+    the projection (the same tiles: a head a column block) followed by kernels.paged_attention.rope_write_kv, padding
+    rows write nothing; and within rounding of float64."""
+    from kernels import reference
+    from kernels.paged_attention import rope_write_kv
+
+    x, w, kc, vc, slots, positions = _qkv_case(m, hq, hkv, d, dtype, cache_dtype)
+    cfg = {"split_k": split}
+    kc2, vc2 = kc.clone(), vc.clone()
+    q = dl.qkv_rope_linear(x, w, positions, kc, vc, slots, num_heads=hq, config=cfg)
+    assert q.shape == (m, hq, d) and q.dtype == dtype
+    qkv = dl.decode_linear(x, w, config={**cfg, "block_n": d})
+    qq, kk, vv = qkv.split([hq * d, hkv * d, hkv * d], -1)
+    q2 = rope_write_kv(qq.reshape(m, hq, d), kk.reshape(m, hkv, d), vv.reshape(m, hkv, d), positions, kc2, vc2, slots)
+    assert torch.equal(q, q2)
+    for a, b in ((kc, kc2), (vc, vc2)):  # (NaN where nothing was written: compare the bytes)
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    written = kc.float().isnan().logical_not().any(-1).any(-1).flatten().nonzero().flatten()
+    assert sorted(written.tolist()) == sorted(s for s in slots.tolist() if s >= 0)
+    # float64: the projection, the rotation, the cache (one rounding to its dtype away)
+    q64, k64, v64 = (x.double() @ w.double().T).split([hq * d, hkv * d, hkv * d], -1)
+    kc64, vc64 = torch.zeros(kc.shape, dtype=torch.float64), torch.zeros(vc.shape, dtype=torch.float64)
+    q_ref = reference.rope_write_kv(q64.reshape(m, hq, d), k64.reshape(m, hkv, d), v64.reshape(m, hkv, d), positions,
+                                    kc64, vc64, slots)  # fmt: skip
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(q.double(), q_ref, **tol)
+    ok = slots[slots >= 0]
+    tol = dict(atol=0.1, rtol=0.07) if cache_dtype == torch.float8_e4m3fn else tol
+    for cache, ref in ((kc, kc64), (vc, vc64)):
+        torch.testing.assert_close(cache.flatten(0, 1)[ok].double(), ref.flatten(0, 1)[ok], **tol)
+
+
+def test_qkv_rope_linear_refuses_what_it_cannot_do():
+    x, w, kc, vc, slots, positions = _qkv_case(3, 4, 2, 16, torch.float32, torch.float32)
+    with pytest.raises(ValueError, match="4 query and 2 key/value heads of 16 has 128 rows, got 112"):
+        dl.qkv_rope_linear(x, w[:112], positions, kc, vc, slots, num_heads=4)
+    with pytest.raises(ValueError, match="positions must be \\[M=3\\]"):
+        dl.qkv_rope_linear(x, w, positions[:2], kc, vc, slots, num_heads=4)
+    with pytest.raises(ValueError, match="slot_mapping must be \\[M=3\\] int32 or int64"):
+        dl.qkv_rope_linear(x, w, positions, kc, vc, slots.float(), num_heads=4)
+    with pytest.raises(ValueError, match="block_n must be 16"):
+        dl.qkv_rope_linear(x, w, positions, kc, vc, slots, num_heads=4, config={"block_n": 32})
+    with pytest.raises(ValueError, match="power-of-two head dim"):
+        kc24 = torch.zeros(6, 4, 2, 24)
+        dl.qkv_rope_linear(x, torch.randn(8 * 24, 96), positions, kc24, kc24.clone(), slots, num_heads=4)
+    with pytest.raises(IndexError, match="outside the KV cache's 24 slots"):
+        dl.qkv_rope_linear(x, w, positions, kc, vc, torch.tensor([0, 1, 24]), num_heads=4)

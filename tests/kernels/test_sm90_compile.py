@@ -108,15 +108,24 @@ from bench.common import ptxas_info
 from kernels import decode_linear as dl
 
 K = dl._decode_linear_kernel
-ptrs = dict(X="*bf16", W="*bf16", Y="*bf16", WS="*fp32", CNT="*i32")
-for block_m, swiglu, split in [(64, False, 1), (64, True, 1), (64, False, 2), (16, False, 4), (16, True, 2)]:
-    consts = dict(SWIGLU=swiglu, SPLIT_K=split, EVEN=True, BLOCK_M=block_m, BLOCK_N=dl._BLOCK_N, BLOCK_K=dl._BLOCK_K,
-                  DOT_DTYPE=tl.bfloat16, PREC="tf32")
+ptrs = dict(X="*bf16", W="*bf16", Y="*bf16", WS="*fp32", CNT="*i32", KC="*bf16", VC="*bf16", POS="*i64", SLOT="*i64",
+            INV_FREQ="*fp32")
+# (rows, SwiGLU, the rotary and cache write (a 128-wide head a column block: Llama-2-13B's 40 + 40 + 40), split K)
+for block_m, swiglu, rope, split in [(64, False, False, 1), (64, True, False, 1), (64, False, False, 2),
+                                     (16, False, False, 4), (16, True, False, 2), (64, False, True, 2),
+                                     (64, False, True, 1), (16, False, True, 1)]:
+    rope_consts = dict(HQ=40, HKV=40, CACHE_BLOCK=16) if rope else dict(HQ=0, HKV=0, CACHE_BLOCK=1)
+    consts = dict(SWIGLU=swiglu, ROPE=rope, SPLIT_K=split, EVEN=True, BLOCK_M=block_m,
+                  BLOCK_N=128 if rope else dl._BLOCK_N, BLOCK_K=dl._BLOCK_K, DOT_DTYPE=tl.bfloat16, PREC="tf32",
+                  **rope_consts)
     types = {a: ptrs.get(a, "i32") for a in K.arg_names if a not in consts}
-    info = ptxas_info(K, types, consts, dl._NUM_WARPS, dl._NUM_STAGES, divisible=("N", "K", "k_per_split"))
+    warps = dl.linear_config(block_m, 5120, 5120, swiglu, 132, {"block_n": consts["BLOCK_N"]})["num_warps"]
+    info = ptxas_info(K, types, consts, warps, dl._NUM_STAGES, divisible=("N", "K", "k_per_split"))
     # the default launch fits an H100's 227 KiB of shared memory, spills nothing, streams W with cp.async
     assert info["regs"] and info["spill_bytes"] == 0 and info["shared"] <= 227 * 1024, info
-    assert set(info["loads"]) <= {"cp.async.cg.shared.global", "ld.global.cg.v4.b32"}, info  # (+ the partials)
+    assert info["loads"].get("cp.async.cg.shared.global"), info
+    if not rope:  # nothing else but the partials (the rotary's epilogue also reads positions, slots, frequencies)
+        assert set(info["loads"]) <= {"cp.async.cg.shared.global", "ld.global.cg.v4.b32"}, info
     assert (info["loads"].get("ld.global.cg.v4.b32", 0) > 0) == (split > 1), info
     assert info["mma"].get("wgmma" if block_m == 64 else "mma"), info
 print("compiled")
