@@ -35,7 +35,8 @@ from engine.parallel import (
     shard_range,
     take_shard,
 )
-from kernels.decode_linear import linear, qkv_rope_linear, swiglu_linear, wants_decode_linear
+from kernels.decode_config import norm_rows
+from kernels.decode_linear import decode_linear, linear, qkv_rope_linear, swiglu_linear, wants_decode_linear
 from kernels.rmsnorm import add_rms_norm, rms_norm
 from kernels.rope_attention import rope_attention
 from kernels.swiglu import swiglu
@@ -160,16 +161,20 @@ class Attention(nn.Module):
         d = self.head_dim
         return d >= 16 and not d & (d - 1) and wants_decode_linear(x, self.qkv_proj.weight)
 
-    def _decode_step(self, x: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    def _decode_step(self, x: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext, norm=None):
         """A decode-only step in two launches: the QKV projection rotating q and k and writing k and v into the cache
-        in its epilogue, then paged attention over the cache (no rotary kernel, no q/k/v round trip)."""
+        in its epilogue, then paged attention over the cache (no rotary kernel, no q/k/v round trip). norm: x is the
+        residual stream, normalised in the projection's prologue (kernels/decode_linear.py); returns (attention, the
+        stream after the add) then."""
         from kernels.paged_attention import paged_decode_attention
 
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         x = copy_to_tp(x, self.qkv_proj.group)
         q = qkv_rope_linear(x, self.qkv_proj.weight, positions, k_cache, v_cache, ctx.slot_mapping,
-                            num_heads=self.local_heads, rope_theta=self.rope)  # fmt: skip
-        return paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens)
+                            num_heads=self.local_heads, rope_theta=self.rope, norm=norm)  # fmt: skip
+        q, h = q if norm is not None else (q, None)
+        o = paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens)
+        return o if norm is None else (o, h)
 
     def _cached_attention(self, q, k, v, positions, cu_seqlens, ctx: AttentionContext) -> torch.Tensor:
         """Generation: prompts (flash attention over the packed prompts, writing their KV) and/or decode tokens
@@ -261,9 +266,30 @@ class DecoderLayer(nn.Module):
         (the stream after this layer's attention, this layer's MLP output): each residual add is fused into the
         norm it feeds (this layer's two, the next layer's input norm, the final norm). With `sp` (sequence
         parallel) h and delta hold this rank's tokens only, and so do the norms."""
+        if not sp and self._norms_fused(h):
+            return self._decode_step(h, delta, positions)
         x, h = (self.input_layernorm(h), h) if delta is None else self.input_layernorm(h, delta)
         x, h = self.post_attention_layernorm(h, self.self_attn(x, positions, cu_seqlens, sp))
         return h, self.mlp(x, sp)
+
+    def _norms_fused(self, h: torch.Tensor) -> bool:
+        """A decode-only step of at most decode_config's norm_rows sequences through kernels/decode_linear.py (its
+        `linear` switch): the layer's two adds and norms then run in the QKV and gate_up projections' prologues."""
+        ctx = _CONTEXT
+        if ctx is None or h.shape[0] > norm_rows() or ctx.num_prefill(h.shape[0]):
+            return False
+        return self.self_attn._fused_qkv(h) and wants_decode_linear(h, self.mlp.gate_up_proj.weight)
+
+    def _decode_step(self, h: torch.Tensor, delta: torch.Tensor | None, positions: torch.Tensor):
+        """The layer in five launches (and the TP all-reduces): input add + norm + QKV + rotary + cache write, paged
+        attention, the output projection, post-attention add + norm + gate_up + SwiGLU, the down projection."""
+        attn, norm, post = self.self_attn, self.input_layernorm, self.post_attention_layernorm
+        o, h = attn._decode_step(h, positions, _CONTEXT, norm=(delta, norm.weight, norm.eps))
+        out = attn.o_proj(o.reshape(h.shape[0], attn.local_heads * attn.head_dim))
+        gate_up = self.mlp.gate_up_proj
+        act, h = decode_linear(copy_to_tp(h, gate_up.group), gate_up.weight, swiglu=True,
+                               norm=(out, post.weight, post.eps))  # fmt: skip
+        return h, self.mlp.down_proj(act)
 
 
 # ---------------------------------------------------------------------------------- model --

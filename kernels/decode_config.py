@@ -11,7 +11,13 @@ _MAX_SPLITS = 64
 # Enough programs in flight to cover the HBM latency on every SM (a few CTAs per SM).
 _PROGRAMS_PER_SM = 4
 
-_CONFIG_KEYS = ("block_n", "num_warps", "num_stages", "dot_min_group", "fuse_rope", "min_split_tokens", "linear")
+_CONFIG_KEYS = (
+    "block_n", "num_warps", "num_stages", "dot_min_group", "fuse_rope", "min_split_tokens", "linear", "norm_rows"
+)  # fmt: skip
+# With `linear`: decode steps of at most this many sequences run each layer's add + RMSNorm in the next projection's
+# prologue (kernels/decode_linear.py's norm): every program reads its rows whole first, cheap for a few rows only.
+# A guess (4 rows: ~80 KB of L2 reads a program against a launch saved), not yet timed.
+_NORM_ROWS = 4
 _SWITCHES = ("fuse_rope", "linear")  # 0 or 1
 _overrides: dict = {}  # set_decode_config's, merged over decode_config() in every launch (a per-call config wins)
 
@@ -32,6 +38,10 @@ def check_decode_config(overrides: dict) -> None:
     if bad:
         raise ValueError(f"unknown decode launch parameter(s) {bad}: expected some of {list(_CONFIG_KEYS)}")
     for k, v in overrides.items():
+        if k == "norm_rows":
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 64:
+                raise ValueError(f"decode launch parameter norm_rows must be an int from 0 to 64, got {v!r}")
+            continue
         if k in _SWITCHES:
             if not isinstance(v, int) or isinstance(v, bool) or v not in (0, 1):
                 raise ValueError(f"decode launch parameter {k} must be 0 or 1, got {v!r}")
@@ -63,18 +73,24 @@ def decode_config(group: int, block_d: int, elem_size: int) -> dict:
 
     linear (kernels/decode_linear.py, read by linear_enabled): 1 runs the decode step's projections (at most 64 rows)
     through our split-K kernel with SwiGLU fused into the gate_up projection, 0 (the default: not yet timed on a GPU)
-    through cuBLAS and kernels/swiglu.py.
+    through cuBLAS and kernels/swiglu.py. With it, norm_rows (default _NORM_ROWS): decode steps of at most that many
+    sequences also fuse each add + RMSNorm into the next projection (0: never).
     """
     row_bytes = block_d * elem_size
     tokens_at_256_bytes = 64 if group == 1 else 32
     block_n = min(128, max(16, tokens_at_256_bytes * 256 // row_bytes))
     return {"block_n": block_n, "num_warps": 4, "num_stages": 2, "dot_min_group": 1, "fuse_rope": 0,
-            "min_split_tokens": _MIN_TOKENS_PER_SPLIT, "linear": 0}  # fmt: skip
+            "min_split_tokens": _MIN_TOKENS_PER_SPLIT, "linear": 0, "norm_rows": _NORM_ROWS}  # fmt: skip
 
 
 def linear_enabled() -> bool:
     """decode_config's `linear` switch as set_decode_config left it (kernels/decode_linear.py; default 0)."""
     return bool(_overrides.get("linear", 0))
+
+
+def norm_rows() -> int:
+    """decode_config's `norm_rows` as set_decode_config left it: the most rows whose norms fuse into a projection."""
+    return _overrides.get("norm_rows", _NORM_ROWS)
 
 
 def choose_num_splits(

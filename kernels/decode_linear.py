@@ -76,6 +76,18 @@ def _finish(
 
 
 @triton.jit
+def _stream_rows(X, DELTA, offs_m, m_ok, cols, bound, stride_xm, stride_dm, HAS_DELTA: tl.constexpr):
+    """The residual stream's rows at `cols` (< bound) in fp32: X, or X + DELTA rounded to X's dtype (the add as torch
+    stores it: kernels/rmsnorm.py's add_rms_norm)."""
+    mask = m_ok[:, None] & (cols < bound)[None, :]
+    h = tl.load(X + offs_m[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_DELTA:
+        d = tl.load(DELTA + offs_m[:, None] * stride_dm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h = (h + d).to(X.dtype.element_ty).to(tl.float32)
+    return h
+
+
+@triton.jit
 def _load_w(ptrs, n_ok, k_ok, EVEN: tl.constexpr):
     if EVEN:
         w = tl.load(ptrs, eviction_policy="evict_first")
@@ -122,7 +134,9 @@ def _rope_epilogue(
 def _decode_linear_kernel(
     X, W, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_ym, k_per_split,
     KC, VC, POS, SLOT, INV_FREQ, n_slots, stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
+    DELTA, GAMMA, H_OUT, stride_dm, stride_hm, eps,
     SWIGLU: tl.constexpr, ROPE: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, CACHE_BLOCK: tl.constexpr,
+    NORM: tl.constexpr, HAS_DELTA: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -130,7 +144,10 @@ def _decode_linear_kernel(
     K % BLOCK_K == 0 (no masks on W). WS [SPLIT_K, column blocks, 1 + SWIGLU, BLOCK_M, BLOCK_N] fp32 and CNT
     [column blocks] int32 (zero between launches): the split-K partials and their arrival counters.
     ROPE: W is the QKV projection [(HQ + 2 HKV) * BLOCK_N, K], a column block is one head (_rope_epilogue): Y gets
-    the rotated q [M, HQ * BLOCK_N], KC / VC (paged caches, CACHE_BLOCK tokens a block) the rotated k and the v."""
+    the rotated q [M, HQ * BLOCK_N], KC / VC (paged caches, CACHE_BLOCK tokens a block) the rotated k and the v.
+    NORM: X is the residual stream and the rows multiplied are rms_norm(X (+ DELTA)) * GAMMA (kernels/rmsnorm.py's
+    rounding), each program first summing its rows' squares over all of K; with HAS_DELTA the column-block-0
+    programs also store X + DELTA (the stream after the add) into H_OUT, each over its own K range."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -145,10 +162,27 @@ def _decode_linear_kernel(
     up = N.to(tl.int64) * stride_wn  # the up rows follow the gate rows
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    rstd = tl.zeros((BLOCK_M,), tl.float32)
+    if NORM:  # the rows' statistics first: all of K, whichever split this program multiplies
+        ss = tl.zeros((BLOCK_M,), tl.float32)
+        for k0 in range(0, loop_bound(K), BLOCK_K):
+            h = _stream_rows(X, DELTA, offs_m, m_ok, k0 + offs_k, K, stride_xm, stride_dm, HAS_DELTA)
+            ss += tl.sum(h * h, axis=1)
+        rstd = 1.0 / tl.sqrt(ss / K + eps)
     for k in range(loop_bound(k_start), loop_bound(k_stop), BLOCK_K):
         k_ok = k + offs_k < k_stop
-        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_last")
-        x = x.to(DOT_DTYPE)
+        if NORM:
+            h = _stream_rows(X, DELTA, offs_m, m_ok, k + offs_k, k_stop, stride_xm, stride_dm, HAS_DELTA)
+            if HAS_DELTA:
+                if pid_n == 0:
+                    h_ptrs = H_OUT + offs_m[:, None] * stride_hm + (k + offs_k)[None, :]
+                    tl.store(h_ptrs, h.to(H_OUT.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
+            g = tl.load(GAMMA + k + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            n = (h * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
+            x = (n * g[None, :]).to(X.dtype.element_ty).to(DOT_DTYPE)
+        else:
+            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_last")
+            x = x.to(DOT_DTYPE)
         w = _load_w(w_ptrs, n_ok, k_ok, EVEN)
         acc = tl.dot(x, tl.trans(w.to(DOT_DTYPE)), acc, input_precision=PREC)
         if SWIGLU:
@@ -253,32 +287,75 @@ def _check(x: torch.Tensor, weight: torch.Tensor, swiglu: bool) -> None:
         raise ValueError("decode_linear needs the weight's rows contiguous (F.linear's [N, K] layout)")
 
 
-def decode_linear(x: torch.Tensor, weight: torch.Tensor, *, swiglu: bool = False, config: dict | None = None):
+def decode_linear(
+    x: torch.Tensor, weight: torch.Tensor, *, swiglu: bool = False, norm: tuple | None = None, config=None
+):  # fmt: skip
     """x [M, K] (M <= MAX_ROWS) @ weight [N, K]^T -> [M, N]; with `swiglu` weight is [gate | up] ([2I, K]) and the
-    result silu(x gate^T) * (x up^T) [M, I]. No autograd (a decode step's). config: see linear_config. Where Triton
-    does not run (a CPU without the interpreter, or inside kernels.dispatch.reference_ops): F.linear and the reference
-    SwiGLU."""
+    result silu(x gate^T) * (x up^T) [M, I]. No autograd (a decode step's). config: see linear_config.
+
+    norm (delta or None, gamma [K], eps): x is the residual stream and the rows multiplied are rms_norm(x + delta) *
+    gamma (a decoder layer's add and norm in the prologue: kernels/rmsnorm.py's add_rms_norm, rounded alike; each
+    program reads its rows whole first, so it pays for few rows only: decode_config's norm_rows); returns (y, the
+    stream after the add) (x itself without delta). Where Triton does not run (a CPU without the interpreter, or
+    inside kernels.dispatch.reference_ops): kernels/reference.py's ops."""
     _check(x, weight, swiglu)
     if x.stride(1) != 1:
         x = x.contiguous()
+    stream = _check_norm(x, norm)
     m, k = x.shape
     n_out = weight.shape[0] // 2 if swiglu else weight.shape[0]
     y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
-    if m == 0 or n_out == 0:
-        return y
-    if k == 0:
-        return y.zero_()  # (with swiglu: silu(0) * 0)
+    h = x if stream is None or stream[0] is None else torch.empty_like(x)
     if not use_triton(x):  # kernels/reference.py's ops (a CPU without the interpreter)
         linear_config(m, n_out, k, swiglu, 0, config)  # (the same errors as a launch)
-        y = F.linear(x, weight)
-        return reference.swiglu(y) if swiglu else y
-    _launch(x, weight, y, n_out, swiglu=swiglu, config=config)
-    return y
+        xin = x if stream is None else _reference_norm(x, stream, h)
+        y = F.linear(xin, weight)
+        return _result(reference.swiglu(y) if swiglu else y, h, stream)
+    if m and n_out and (k or stream is not None):
+        _launch(x, weight, y, n_out, swiglu=swiglu, norm=None if stream is None else (*stream, h), config=config)
+    elif m and n_out:
+        y.zero_()  # (no features: with swiglu silu(0) * 0)
+    return _result(y, h, stream)
 
 
-def _launch(x, weight, y, n_out: int, *, swiglu: bool = False, rope: tuple | None = None, config=None) -> None:
+def _check_norm(x: torch.Tensor, norm: tuple | None) -> tuple | None:
+    """(delta or None, gamma, eps) of a `norm` argument, checked against the stream x [M, K]."""
+    if norm is None:
+        return None
+    delta, gamma, eps = norm
+    if delta is not None:
+        if delta.shape != x.shape or delta.dtype != x.dtype or delta.device != x.device:
+            raise ValueError(f"norm's delta must match the stream x {tuple(x.shape)} {x.dtype}, got "
+                             f"{tuple(delta.shape)} {delta.dtype} on {delta.device}")  # fmt: skip
+        delta = delta if delta.stride(-1) == 1 else delta.contiguous()
+    if gamma.shape != (x.shape[1],) or not gamma.is_floating_point() or gamma.device != x.device:
+        raise ValueError(f"norm's gamma must be [K={x.shape[1]}] floats on {x.device}, got {tuple(gamma.shape)} "
+                         f"{gamma.dtype} on {gamma.device}")  # fmt: skip
+    if x.shape[1] == 0:
+        raise ValueError("norm needs rows with at least one feature")
+    return delta, gamma.contiguous(), float(eps)
+
+
+def _reference_norm(x: torch.Tensor, stream: tuple, h: torch.Tensor) -> torch.Tensor:
+    """The normalised rows by kernels/reference.py; h receives the stream after the add."""
+    delta, gamma, eps = stream
+    if delta is None:
+        return reference.rms_norm(x, gamma, eps)
+    normed, after = reference.add_rms_norm(x, delta, gamma, eps)
+    h.copy_(after)
+    return normed
+
+
+def _result(y: torch.Tensor, h: torch.Tensor, stream: tuple | None):
+    return y if stream is None else (y, h)
+
+
+def _launch(
+    x, weight, y, n_out: int, *, swiglu: bool = False, rope: tuple | None = None, norm: tuple | None = None, config=None
+) -> None:  # fmt: skip
     """One launch of the kernel (inputs checked). rope: (positions, inv_freq, k_cache, v_cache, slot_mapping, hq, hkv)
-    of qkv_rope_linear; y then receives the rotated q."""
+    of qkv_rope_linear; y then receives the rotated q. norm: (delta or None, gamma, eps, h_out): x is the residual
+    stream, normalised in the prologue; h_out receives x + delta."""
     m, k = x.shape
     cfg = linear_config(m, n_out, k, swiglu, sm_count(x.device) if x.is_cuda else 0, config)
     block_m = max(16, triton.next_power_of_2(m))
@@ -294,10 +371,17 @@ def _launch(x, weight, y, n_out: int, *, swiglu: bool = False, rope: tuple | Non
         heads = dict(HQ=hq, HKV=hkv, CACHE_BLOCK=kc.shape[1])
     else:  # (unused)
         cache, heads = (y, y, y, y, y, 0, 0, 0, 0, 0, 0, 0), dict(HQ=0, HKV=0, CACHE_BLOCK=1)
+    if norm is not None:
+        delta, gamma, eps, h_out = norm
+        delta = x if delta is None else delta
+        stream = (delta, gamma, h_out, delta.stride(0), h_out.stride(0), float(eps))
+    else:  # (unused)
+        stream = (y, y, y, 0, 0, 0.0)
     even = n_out % cfg["block_n"] == 0 and k % cfg["block_k"] == 0
     _decode_linear_kernel[(n_blocks, split)](
         x, weight, y, ws, cnt, m, n_out, k, x.stride(0), weight.stride(0), y.stride(0), cfg["k_per_split"], *cache,
-        SWIGLU=swiglu, ROPE=rope is not None, **heads, SPLIT_K=split, EVEN=even, BLOCK_M=block_m,
+        *stream, SWIGLU=swiglu, ROPE=rope is not None, **heads, NORM=norm is not None,
+        HAS_DELTA=norm is not None and norm[0] is not None, SPLIT_K=split, EVEN=even, BLOCK_M=block_m,
         BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **_dot_args(x.dtype),
     )  # fmt: skip
@@ -306,14 +390,15 @@ def _launch(x, weight, y, n_out: int, *, swiglu: bool = False, rope: tuple | Non
 def qkv_rope_linear(
     x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slot_mapping: torch.Tensor, *, num_heads: int, rope_theta: float | reference.Rope = 10000.0,
-    config: dict | None = None,
-) -> torch.Tensor:  # fmt: skip
+    norm: tuple | None = None, config: dict | None = None,
+):  # fmt: skip
     """A decode step's QKV projection with the rotary embedding and the KV-cache write in its epilogue (no rotary
     kernel, no q/k/v round trip): x [M, K] (M <= MAX_ROWS), weight [(Hq + 2 Hkv) * D, K] ([q | k | v] rows, this
     rank's shard), positions [M] int, caches [num_blocks, block_size, Hkv, D], slot_mapping [M] int (-1: not written).
     Returns q rotated [M, Hq, D]; the rotated k and the v are written at their slots (kernels/rotary.py's arithmetic:
     the bits launch_rotary writes from the same projection). D must be a power of two of at least 16; each program's
-    column block is one head. config: as decode_linear's (block_n is the head dim)."""
+    column block is one head. norm: as decode_linear's (then returns (q, the stream after the add)). config: as
+    decode_linear's (block_n is the head dim)."""
     from kernels.paged_attention import _check_caches
 
     _check(x, weight, False)
@@ -334,10 +419,14 @@ def qkv_rope_linear(
         raise ValueError(f"qkv_rope_linear's column block is one head: block_n must be {d}, got {config['block_n']}")
     if x.stride(1) != 1:
         x = x.contiguous()
+    stream = _check_norm(x, norm)
+    h = x if stream is None or stream[0] is None else torch.empty_like(x)
     if not use_triton(x):
-        q, k, v = F.linear(x, weight).split([num_heads * d, hkv * d, hkv * d], -1)
-        return reference.rope_write_kv(q.reshape(m, num_heads, d), k.reshape(m, hkv, d), v.reshape(m, hkv, d),
-                                       positions, k_cache, v_cache, slot_mapping, rope_theta)  # fmt: skip
+        xin = x if stream is None else _reference_norm(x, stream, h)
+        q, k, v = F.linear(xin, weight).split([num_heads * d, hkv * d, hkv * d], -1)
+        q = reference.rope_write_kv(q.reshape(m, num_heads, d), k.reshape(m, hkv, d), v.reshape(m, hkv, d),
+                                    positions, k_cache, v_cache, slot_mapping, rope_theta)  # fmt: skip
+        return _result(q, h, stream)
     q = torch.empty((m, num_heads * d), dtype=x.dtype, device=x.device)
     if INTERPRET and m:  # (a host sync, free in the interpreter; launch_rotary checks likewise)
         capacity = k_cache.shape[0] * k_cache.shape[1]
@@ -346,8 +435,9 @@ def qkv_rope_linear(
     if m:
         inv_freq = rope_tables(d, rope_theta, x.device)[0]
         rope = (positions.contiguous(), inv_freq, k_cache, v_cache, slot_mapping.contiguous(), num_heads, hkv)
-        _launch(x, weight, q, weight.shape[0], rope=rope, config={**(config or {}), "block_n": d})
-    return q.view(m, num_heads, d)
+        _launch(x, weight, q, weight.shape[0], rope=rope, norm=None if stream is None else (*stream, h),
+                config={**(config or {}), "block_n": d})  # fmt: skip
+    return _result(q.view(m, num_heads, d), h, stream)
 
 
 def wants_decode_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:

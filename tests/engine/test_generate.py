@@ -188,11 +188,14 @@ def test_the_fused_decode_step_samples_the_same():
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=1e-5)
 
 
-def test_the_decode_linear_kernel_samples_the_same():
+@pytest.mark.parametrize("norm_rows", [0, 4])
+def test_the_decode_linear_kernel_samples_the_same(norm_rows):
     """The decode config's `linear` 1 through the whole generator: every decode step's QKV projection with the rotary
     and the cache write in its epilogue (then paged attention alone), SwiGLU fused into gate_up, the output, down and
     LM head projections, all through kernels/decode_linear.py (the prompts' forwards too where they have at most 64
-    rows, outside the QKV epilogue); the same samples as cuBLAS and the rotary kernel, log-probs within rounding."""
+    rows, outside the QKV epilogue); with norm_rows 4 (the default) the decode steps of up to 4 sequences (all of
+    them here) also run each add + RMSNorm in the next projection's prologue. The same samples as cuBLAS and the
+    separate kernels, log-probs within rounding."""
     from kernels import decode_linear, paged_attention
 
     model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.3, seed=4)
@@ -204,21 +207,24 @@ def test_the_decode_linear_kernel_samples_the_same():
     real = decode_linear._launch
 
     def counted(*a, **kw):
-        launches.append("rope" if kw.get("rope") else "swiglu" if kw.get("swiglu") else "plain")
+        kind = "rope" if kw.get("rope") else "swiglu" if kw.get("swiglu") else "plain"
+        launches.append(kind + ("+norm" if kw.get("norm") else ""))
         return real(*a, **kw)
 
     try:
-        paged_attention.set_decode_config(linear=1)
+        paged_attention.set_decode_config(linear=1, norm_rows=norm_rows)
         decode_linear._launch = counted
         ours, _ = _run_clean(make(), prompts, params, "kernels")
     finally:
         decode_linear._launch = real
         paged_attention.set_decode_config()
-    layers = model.config.num_layers
-    decode_steps = launches.count("rope") // layers
-    assert decode_steps >= 4 and launches.count("rope") == decode_steps * layers, launches
-    assert launches.count("swiglu") >= (decode_steps + 1) * layers  # (the prefill's too)
+    layers, norm = model.config.num_layers, "+norm" if norm_rows else ""
+    decode_steps = launches.count("rope" + norm) // layers
+    assert decode_steps >= 4 and launches.count("rope" + norm) == decode_steps * layers, launches
+    assert launches.count("swiglu+norm") == (decode_steps * layers if norm_rows else 0), launches
+    assert launches.count("swiglu") >= layers * (1 if norm_rows else decode_steps + 1)  # (+ the prefill's: unfused)
     assert launches.count("plain") >= (decode_steps + 1) * (2 * layers + 1)  # o, down, LM head (+ the prefill's QKV)
+    assert not norm_rows or "rope" not in launches  # (every decode step has at most 4 sequences)
     assert [c.tokens for c in ours] == [c.tokens for c in cublas]
     for a, b in zip(ours, cublas):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=1e-5)

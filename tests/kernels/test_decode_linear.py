@@ -116,6 +116,9 @@ def test_bad_inputs_name_the_problem():
         dl.decode_linear(x, w, config={"split_k": 0})
     with pytest.raises(ValueError, match="linear must be 0 or 1"):
         check_decode_config({"linear": 2})
+    with pytest.raises(ValueError, match="norm_rows must be an int from 0 to 64"):
+        check_decode_config({"norm_rows": 65})
+    check_decode_config({"norm_rows": 0})  # (never: allowed)
 
 
 def test_linear_dispatch_follows_the_switch(monkeypatch):
@@ -211,3 +214,55 @@ def test_qkv_rope_linear_refuses_what_it_cannot_do():
         dl.qkv_rope_linear(x, torch.randn(8 * 24, 96), positions, kc24, kc24.clone(), slots, num_heads=4)
     with pytest.raises(IndexError, match="outside the KV cache's 24 slots"):
         dl.qkv_rope_linear(x, w, positions, kc, vc, torch.tensor([0, 1, 24]), num_heads=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("swiglu_,split,with_delta", [(False, 1, True), (True, 3, True), (False, 2, False)])
+def test_norm_prologue_equals_add_rms_norm_then_the_projection(dtype, swiglu_, split, with_delta):
+    """norm=(delta, gamma, eps): the decoder layer's add and RMSNorm in the projection's prologue. The stream after the
+    add is stored whole (every K split writes its range) and bit for bit torch's add; the product within rounding of
+    kernels/rmsnorm.py's add_rms_norm followed by the plain projection (its row sums may round one ulp apart)."""
+    from kernels.rmsnorm import add_rms_norm, rms_norm
+
+    m, n, k = 5, 40, 300
+    x, w = _inputs(m, n, k, dtype, swiglu_)
+    delta = torch.randn(m, k).to(dtype) if with_delta else None
+    gamma = (1 + 0.3 * torch.randn(k)).to(dtype)
+    cfg = {"split_k": split}
+    y, h = dl.decode_linear(x, w, swiglu=swiglu_, norm=(delta, gamma, 1e-5), config=cfg)
+    normed, h_ref = add_rms_norm(x, delta, gamma, 1e-5) if with_delta else (rms_norm(x, gamma, 1e-5), x)
+    assert torch.equal(h, h_ref) and (h is x) == (not with_delta)
+    two = dl.decode_linear(normed, w, swiglu=swiglu_, config=cfg)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(y, two, atol=2 * atol, rtol=2 * rtol)
+    # and against float64: the norm, the product (and HF's SwiGLU rounding) computed from the rounded stream
+    h64 = h_ref.double()
+    n64 = (h64 * torch.rsqrt(h64.pow(2).mean(-1, keepdim=True) + 1e-5)) * gamma.double()
+    torch.testing.assert_close(y.double(), _oracle(n64, w, dtype, swiglu_), atol=4 * atol, rtol=4 * rtol)
+
+
+def test_qkv_rope_linear_with_the_norm_prologue():
+    """The input norm, the QKV projection, the rotary and the cache write in one launch: the same as add_rms_norm
+    then qkv_rope_linear within rounding; the stream after the add stored."""
+    from kernels.rmsnorm import add_rms_norm
+
+    x, w, kc, vc, slots, positions = _qkv_case(6, 4, 2, 32, torch.float32, torch.float32)
+    delta, gamma = torch.randn_like(x), 1 + 0.3 * torch.randn(x.shape[1])
+    kc2, vc2 = kc.clone(), vc.clone()
+    q, h = dl.qkv_rope_linear(x, w, positions, kc, vc, slots, num_heads=4, norm=(delta, gamma, 1e-6),
+                              config={"split_k": 2})  # fmt: skip
+    normed, h_ref = add_rms_norm(x, delta, gamma, 1e-6)
+    q2 = dl.qkv_rope_linear(normed, w, positions, kc2, vc2, slots, num_heads=4)
+    assert torch.equal(h, h_ref)
+    torch.testing.assert_close(q, q2, atol=1e-5, rtol=1e-5)
+    ok = slots[slots >= 0]
+    for a, b in ((kc, kc2), (vc, vc2)):
+        torch.testing.assert_close(a.flatten(0, 1)[ok], b.flatten(0, 1)[ok], atol=1e-5, rtol=1e-5)
+
+
+def test_norm_refuses_what_does_not_match_the_stream():
+    x, w = _inputs(3, 32, 64, torch.float32)
+    with pytest.raises(ValueError, match="delta must match the stream x \\(3, 64\\)"):
+        dl.decode_linear(x, w, norm=(torch.randn(3, 63), torch.ones(64), 1e-5))
+    with pytest.raises(ValueError, match="gamma must be \\[K=64\\] floats"):
+        dl.decode_linear(x, w, norm=(None, torch.ones(32), 1e-5))

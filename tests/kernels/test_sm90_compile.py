@@ -109,13 +109,16 @@ from kernels import decode_linear as dl
 
 K = dl._decode_linear_kernel
 ptrs = dict(X="*bf16", W="*bf16", Y="*bf16", WS="*fp32", CNT="*i32", KC="*bf16", VC="*bf16", POS="*i64", SLOT="*i64",
-            INV_FREQ="*fp32")
-# (rows, SwiGLU, the rotary and cache write (a 128-wide head a column block: Llama-2-13B's 40 + 40 + 40), split K)
-for block_m, swiglu, rope, split in [(64, False, False, 1), (64, True, False, 1), (64, False, False, 2),
-                                     (16, False, False, 4), (16, True, False, 2), (64, False, True, 2),
-                                     (64, False, True, 1), (16, False, True, 1)]:
+            INV_FREQ="*fp32", DELTA="*bf16", GAMMA="*bf16", H_OUT="*bf16", eps="fp32")
+# (rows, SwiGLU, the rotary and cache write (a 128-wide head a column block: Llama-2-13B's 40 + 40 + 40), split K,
+# the add + RMSNorm prologue)
+for block_m, swiglu, rope, split, norm in [(64, False, False, 1, 0), (64, True, False, 1, 0), (64, False, False, 2, 0),
+                                           (16, False, False, 4, 0), (16, True, False, 2, 0), (64, False, True, 2, 0),
+                                           (64, False, True, 1, 0), (16, False, True, 1, 0), (16, False, True, 2, 1),
+                                           (16, True, False, 1, 1)]:
     rope_consts = dict(HQ=40, HKV=40, CACHE_BLOCK=16) if rope else dict(HQ=0, HKV=0, CACHE_BLOCK=1)
-    consts = dict(SWIGLU=swiglu, ROPE=rope, SPLIT_K=split, EVEN=True, BLOCK_M=block_m,
+    consts = dict(SWIGLU=swiglu, ROPE=rope, NORM=bool(norm), HAS_DELTA=bool(norm), SPLIT_K=split, EVEN=True,
+                  BLOCK_M=block_m,
                   BLOCK_N=128 if rope else dl._BLOCK_N, BLOCK_K=dl._BLOCK_K, DOT_DTYPE=tl.bfloat16, PREC="tf32",
                   **rope_consts)
     types = {a: ptrs.get(a, "i32") for a in K.arg_names if a not in consts}
@@ -124,7 +127,8 @@ for block_m, swiglu, rope, split in [(64, False, False, 1), (64, True, False, 1)
     # the default launch fits an H100's 227 KiB of shared memory, spills nothing, streams W with cp.async
     assert info["regs"] and info["spill_bytes"] == 0 and info["shared"] <= 227 * 1024, info
     assert info["loads"].get("cp.async.cg.shared.global"), info
-    if not rope:  # nothing else but the partials (the rotary's epilogue also reads positions, slots, frequencies)
+    if not rope and not norm:  # nothing else but the partials (the rotary's epilogue reads positions, slots and
+        # frequencies, the norm's prologue the stream and gamma)
         assert set(info["loads"]) <= {"cp.async.cg.shared.global", "ld.global.cg.v4.b32"}, info
     assert (info["loads"].get("ld.global.cg.v4.b32", 0) > 0) == (split > 1), info
     assert info["mma"].get("wgmma" if block_m == 64 else "mma"), info
