@@ -98,9 +98,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--decode-config",
         default=None,
-        help="JSON object overriding the paged decode kernel's launch (kernels.decode_config.set_decode_config: "
-        'block_n, num_warps, num_stages, dot_min_group), e.g. \'{"block_n": 128, "num_warps": 8}\': a sweep\'s '
-        "fastest variant tried on the whole generator",
+        help="JSON object overriding the decode step's launches (kernels.decode_config.set_decode_config: the paged "
+        "kernel's block_n, num_warps, num_stages, dot_min_group, min_split_tokens, fuse_rope; linear 1: the "
+        'projections through kernels/decode_linear.py, with norm_rows), e.g. \'{"block_n": 128, "num_warps": 8}\': a '
+        "sweep's fastest variant tried on the whole generator",
     )
     p.add_argument("--json", default=None, help="write the figures to this file")
     a = p.parse_args(argv)

@@ -209,7 +209,8 @@ def test_linear_group_tests_benches_then_runs_the_rollouts_both_ways(tmp_path):
     steps, summary, run = _run_group(tmp_path, STUB.replace("sleep 60", "true"), "linear")
     work = run["work"]
     assert steps == ["linear_tests", "linear", "rollout_b64_linear", "rollout_b64_cublas", "rollout_b1_linear",
-                     "rollout_b1_cublas", "linear_sweep"], summary  # fmt: skip
+                     "rollout_b1_cublas", "rollout_b1_linear_nonorm", "linear_sweep"], summary  # fmt: skip
+    assert '{"linear": 1, "norm_rows": 0}' in (work / "rollout_b1_linear_nonorm.log").read_text()
     assert "tests/kernels/test_decode_linear.py" in (work / "linear_tests.log").read_text()
     ours, cublas = (work / "rollout_b64_linear.log").read_text(), (work / "rollout_b64_cublas.log").read_text()
     assert '--decode-config {"linear": 1}' in ours and "--batch 64" in ours, ours
