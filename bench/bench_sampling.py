@@ -46,7 +46,8 @@ def hf_sample(logits, seeds, counters, temperature, top_k=0):
 
 
 def ours_top_k(logits, seeds, counters, temperature, top_k):
-    """engine.sampler's top-k: torch.topk finds each row's floor, then the one-pass kernel samples above it."""
+    """engine.sampler's top-k: kernels.sampling.kth_largest finds each row's floor (a radix select, one launch; it was
+    torch.topk until 2026-12-04: 0.372 ms at batch 64 on an H200), then the one-pass kernel samples above it."""
     return gumbel_sample(logits, seeds, counters, temperature, topk_floor(logits, top_k))
 
 

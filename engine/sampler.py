@@ -15,7 +15,7 @@ from engine.config import GenerateConfig
 from engine.parallel import gather_dim, gather_from_tp, group_size
 from kernels import reference
 from kernels.reference import M32, mix32
-from kernels.sampling import combine_partial_samples, gumbel_sample, gumbel_sample_partial
+from kernels.sampling import combine_partial_samples, gumbel_sample, gumbel_sample_partial, kth_largest
 
 # below this a temperature samples what greedy decoding picks (its limit), computed as greedy: logit / T overflows
 # float32 near T = 1e-37 (every positive logit +inf, the first of them drawn)
@@ -38,7 +38,9 @@ def seed_for(base_seed: int, prompt_index: int, sample_index: int) -> int:
 def topk_floor(logits: torch.Tensor, top_k: int, group=None) -> torch.Tensor:
     """The k-th largest logit of each row [B] fp32: top-k sampling draws only logits >= it (ties at it included).
     Under tensor parallelism (`group`, each rank a vocabulary shard) the ranks' own top k are gathered: B x k x tp
-    numbers instead of the B x V logits."""
+    numbers instead of the B x V logits. On one rank: kernels.sampling.kth_largest (a radix select in one launch)."""
+    if group_size(group) == 1:
+        return kth_largest(logits, min(top_k, logits.shape[-1]))
     local = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values.float()
     if group_size(group) > 1:
         local = gather_dim(local, -1, group)

@@ -329,3 +329,37 @@ def test_strided_seeds_and_counters_draw_what_their_values_draw():
         torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-6)
     tokens, stats = gumbel_sample_partial(logits, seeds, counters, 0.8, 0)
     assert torch.equal(tokens, want[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("v,k", [(1000, 1), (3001, 50), (777, 777), (2049, 2048), (5, 3)])
+def test_kth_largest_is_topks_last_value(dtype, v, k):
+    """kernels.sampling.kth_largest (radix select, top-k's floor) against torch.topk's k-th value, exactly: ties (a row
+    whose first logits share one value, a row all one value), -inf runs (a masked or padded vocabulary), negative and
+    positive logits, a vocabulary that is no multiple of the tile, and rows strided in a wider buffer."""
+    from kernels.sampling import kth_largest
+
+    wide = (torch.randn(5, v + 7) * 4).to(dtype)
+    x = wide[:, :v]  # (rows v + 7 apart)
+    x[0, : min(v, 40)] = x[0, min(v, 40) - 1]
+    x[1] = x[1, 0]
+    x[2, v // 3 : v // 2] = float("-inf")
+    x[3] = -x[3].abs()
+    got = kth_largest(x, k)
+    assert got.dtype == torch.float32 and got.shape == (5,)
+    assert torch.equal(got, torch.topk(x, k, dim=-1).values[:, -1].float())
+
+
+def test_kth_largest_errors_and_the_sampler_floor():
+    """Bad k or shapes name the problem; engine.sampler's top-k floor on one rank comes from kth_largest."""
+    from engine import sampler
+    from kernels.sampling import kth_largest
+
+    with pytest.raises(ValueError, match="k must be 1 to the vocabulary's 10, got 11"):
+        kth_largest(torch.randn(2, 10), 11)
+    with pytest.raises(ValueError, match="logits \\[B, V\\] with V >= 1"):
+        kth_largest(torch.randn(10), 1)
+    assert kth_largest(torch.randn(0, 10), 3).shape == (0,)
+    logits = torch.randn(4, 300)
+    torch.testing.assert_close(sampler.topk_floor(logits, 50), torch.topk(logits, 50).values[:, -1], rtol=0, atol=0)
+    assert torch.equal(sampler.topk_floor(logits, 500), logits.min(-1).values)  # (k past the vocabulary: all of it)

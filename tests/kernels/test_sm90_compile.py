@@ -83,6 +83,11 @@ for greedy, partial, has_min in ((False, False, False), (True, False, False), (F
     consts = dict(GREEDY=greedy, PARTIAL=partial, HAS_MIN=has_min, BLOCK_V=sampling._BLOCK_V)
     info = ptxas_info(sampling._gumbel_sample_kernel, types, consts, 8, 3, divisible=("vocab",))  # 32000 is
     assert info["regs"] and info["spill_bytes"] == 0, info
+# top-k's floor: the radix select (four histogram passes over the row)
+for dtype in ("*bf16", "*fp32"):
+    types = dict(LOGITS=dtype, OUT="*fp32", k="i32", vocab="i32", stride_row="i32")
+    info = ptxas_info(sampling._kth_largest_kernel, types, dict(BLOCK_V=sampling._BLOCK_V), 8, 3, divisible=("vocab",))
+    assert info["regs"] and info["spill_bytes"] == 0, info
 print("compiled")
 """,
     "logprob": """
