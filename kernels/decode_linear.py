@@ -23,6 +23,8 @@ measured on a GPU; bench/bench_decode_linear.py times it against cuBLAS) for at 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -49,30 +51,45 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _epilogue(Y, acc, acc_u, offs_m, offs_n, m_ok, n_ok, stride_ym, SWIGLU: tl.constexpr):
-    """The plain projection's store, or with SWIGLU silu(gate) * up."""
+def _epilogue(
+    Y, acc, acc_u, offs_m, offs_n, m_ok, n_ok, stride_ym, RES, H_OUT, SS, stride_rm, stride_hm, stride_ss, pid_n,
+    SWIGLU: tl.constexpr, RESID: tl.constexpr,
+):  # fmt: skip
+    """The plain projection's store, or with SWIGLU silu(gate) * up. RESID: the projection is a residual branch (the
+    output or down projection): H_OUT = RES + y (torch's add of the rounded y) instead of y, and SS[pid_n] the rows'
+    sums of squares over these columns, which the next projection's norm adds up (no norm kernel, no add)."""
     out_ty = Y.dtype.element_ty
-    if SWIGLU:  # kernels/swiglu.py's rounding: gate and up as the projection would store them, silu rounded
-        g = acc.to(out_ty).to(tl.float32)
-        u = acc_u.to(out_ty).to(tl.float32)
-        y = (g * tl.sigmoid(g)).to(out_ty).to(tl.float32) * u
+    mask = m_ok[:, None] & n_ok[None, :]
+    if RESID:
+        r = tl.load(RES + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        h = (r + acc.to(out_ty).to(tl.float32)).to(out_ty)
+        tl.store(H_OUT + offs_m[:, None] * stride_hm + offs_n[None, :], h, mask=mask)
+        hf = tl.where(mask, h.to(tl.float32), 0.0)
+        tl.store(SS + pid_n * stride_ss + offs_m, tl.sum(hf * hf, axis=1), mask=m_ok)
     else:
-        y = acc
-    tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(out_ty), mask=m_ok[:, None] & n_ok[None, :])
+        if SWIGLU:  # kernels/swiglu.py's rounding: gate and up as the projection would store them, silu rounded
+            g = acc.to(out_ty).to(tl.float32)
+            u = acc_u.to(out_ty).to(tl.float32)
+            y = (g * tl.sigmoid(g)).to(out_ty).to(tl.float32) * u
+        else:
+            y = acc
+        tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(out_ty), mask=mask)
 
 
 @triton.jit
 def _finish(
     acc, acc_u, pid_n, offs_m, offs_n, m_ok, n_ok, Y, stride_ym, KC, VC, POS, SLOT, INV_FREQ, n_slots, stride_kcb,
-    stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch, SWIGLU: tl.constexpr, ROPE: tl.constexpr,
-    HQ: tl.constexpr, HKV: tl.constexpr, CACHE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch, RES, H_OUT, SS, stride_rm, stride_hm, stride_ss,
+    SWIGLU: tl.constexpr, ROPE: tl.constexpr, RESID: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr,
+    CACHE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     if ROPE:
         _rope_epilogue(acc, pid_n, offs_m, m_ok, Y, stride_ym, KC, VC, POS, SLOT, INV_FREQ, n_slots, stride_kcb,
                        stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch, HQ, HKV, CACHE_BLOCK, BLOCK_M,
                        BLOCK_N)  # fmt: skip
     else:
-        _epilogue(Y, acc, acc_u, offs_m, offs_n, m_ok, n_ok, stride_ym, SWIGLU)
+        _epilogue(Y, acc, acc_u, offs_m, offs_n, m_ok, n_ok, stride_ym, RES, H_OUT, SS, stride_rm, stride_hm,
+                  stride_ss, pid_n, SWIGLU, RESID)  # fmt: skip
 
 
 @triton.jit
@@ -134,9 +151,9 @@ def _rope_epilogue(
 def _decode_linear_kernel(
     X, W, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_ym, k_per_split,
     KC, VC, POS, SLOT, INV_FREQ, n_slots, stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
-    DELTA, GAMMA, H_OUT, stride_dm, stride_hm, eps,
+    DELTA, GAMMA, H_OUT, stride_dm, stride_hm, eps, RES, SS, stride_rm, stride_ss, n_ss,
     SWIGLU: tl.constexpr, ROPE: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, CACHE_BLOCK: tl.constexpr,
-    NORM: tl.constexpr, HAS_DELTA: tl.constexpr,
+    NORM: tl.constexpr, HAS_DELTA: tl.constexpr, RESID: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -145,9 +162,11 @@ def _decode_linear_kernel(
     [column blocks] int32 (zero between launches): the split-K partials and their arrival counters.
     ROPE: W is the QKV projection [(HQ + 2 HKV) * BLOCK_N, K], a column block is one head (_rope_epilogue): Y gets
     the rotated q [M, HQ * BLOCK_N], KC / VC (paged caches, CACHE_BLOCK tokens a block) the rotated k and the v.
-    NORM: X is the residual stream and the rows multiplied are rms_norm(X (+ DELTA)) * GAMMA (kernels/rmsnorm.py's
+    NORM 1: X is the residual stream and the rows multiplied are rms_norm(X (+ DELTA)) * GAMMA (kernels/rmsnorm.py's
     rounding), each program first summing its rows' squares over all of K; with HAS_DELTA the column-block-0
-    programs also store X + DELTA (the stream after the add) into H_OUT, each over its own K range."""
+    programs also store X + DELTA (the stream after the add) into H_OUT, each over its own K range. NORM 2: the same
+    norm of X, its rows' sums of squares the n_ss partials SS[i] [M] (stride_ss apart) that a RESID launch left, added
+    in order. RESID: see _epilogue (RES [M, N] the stream before the add, H_OUT after, SS [column blocks, M])."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -163,15 +182,20 @@ def _decode_linear_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     rstd = tl.zeros((BLOCK_M,), tl.float32)
-    if NORM:  # the rows' statistics first: all of K, whichever split this program multiplies
+    if NORM == 1:  # the rows' statistics first: all of K, whichever split this program multiplies
         ss = tl.zeros((BLOCK_M,), tl.float32)
         for k0 in range(0, loop_bound(K), BLOCK_K):
             h = _stream_rows(X, DELTA, offs_m, m_ok, k0 + offs_k, K, stride_xm, stride_dm, HAS_DELTA)
             ss += tl.sum(h * h, axis=1)
         rstd = 1.0 / tl.sqrt(ss / K + eps)
+    elif NORM == 2:  # from the partial sums the previous projection's epilogue left, in column-block order
+        ss = tl.zeros((BLOCK_M,), tl.float32)
+        for i in range(0, loop_bound(n_ss)):
+            ss += tl.load(SS + i * stride_ss + offs_m, mask=m_ok, other=0.0)
+        rstd = 1.0 / tl.sqrt(ss / K + eps)
     for k in range(loop_bound(k_start), loop_bound(k_stop), BLOCK_K):
         k_ok = k + offs_k < k_stop
-        if NORM:
+        if NORM > 0:
             h = _stream_rows(X, DELTA, offs_m, m_ok, k + offs_k, k_stop, stride_xm, stride_dm, HAS_DELTA)
             if HAS_DELTA:
                 if pid_n == 0:
@@ -193,8 +217,8 @@ def _decode_linear_kernel(
 
     if SPLIT_K == 1:
         _finish(acc, acc_u, pid_n, offs_m, offs_n, m_ok, n_ok, Y, stride_ym, KC, VC, POS, SLOT, INV_FREQ, n_slots,
-                stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch, SWIGLU, ROPE, HQ, HKV,
-                CACHE_BLOCK, BLOCK_M, BLOCK_N)  # fmt: skip
+                stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch, RES, H_OUT, SS, stride_rm,
+                stride_hm, stride_ss, SWIGLU, ROPE, RESID, HQ, HKV, CACHE_BLOCK, BLOCK_M, BLOCK_N)  # fmt: skip
     else:
         TILE: tl.constexpr = BLOCK_M * BLOCK_N * (1 + SWIGLU)
         n_blocks = tl.num_programs(0)
@@ -215,8 +239,8 @@ def _decode_linear_kernel(
                     acc_u += tl.load(part + BLOCK_M * BLOCK_N, cache_modifier=".cg")
             tl.atomic_xchg(CNT + pid_n, 0)  # zero again for the next launch (or replay)
             _finish(acc, acc_u, pid_n, offs_m, offs_n, m_ok, n_ok, Y, stride_ym, KC, VC, POS, SLOT, INV_FREQ, n_slots,
-                    stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch, SWIGLU, ROPE, HQ, HKV,
-                    CACHE_BLOCK, BLOCK_M, BLOCK_N)  # fmt: skip
+                    stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch, RES, H_OUT, SS, stride_rm,
+                    stride_hm, stride_ss, SWIGLU, ROPE, RESID, HQ, HKV, CACHE_BLOCK, BLOCK_M, BLOCK_N)  # fmt: skip
 
 
 # Split-K scratch per device: the partials (fp32) and the arrival counters (zero between launches). Grown, never
@@ -287,43 +311,83 @@ def _check(x: torch.Tensor, weight: torch.Tensor, swiglu: bool) -> None:
         raise ValueError("decode_linear needs the weight's rows contiguous (F.linear's [N, K] layout)")
 
 
+class RowSquares(NamedTuple):
+    """A residual stream's rows' sums of squares in parts [column blocks, M] fp32, as decode_linear's `residual`
+    epilogue leaves them beside the stream it wrote: the next projection's `norm` adds them up (in order) instead of
+    reading the rows whole, so a decoder layer's adds and norms need no kernel of their own."""
+
+    parts: torch.Tensor
+
+
 def decode_linear(
-    x: torch.Tensor, weight: torch.Tensor, *, swiglu: bool = False, norm: tuple | None = None, config=None
+    x: torch.Tensor, weight: torch.Tensor, *, swiglu: bool = False, norm: tuple | None = None,
+    residual: torch.Tensor | None = None, config: dict | None = None,
 ):  # fmt: skip
     """x [M, K] (M <= MAX_ROWS) @ weight [N, K]^T -> [M, N]; with `swiglu` weight is [gate | up] ([2I, K]) and the
     result silu(x gate^T) * (x up^T) [M, I]. No autograd (a decode step's). config: see linear_config.
 
-    norm (delta or None, gamma [K], eps): x is the residual stream and the rows multiplied are rms_norm(x + delta) *
-    gamma (a decoder layer's add and norm in the prologue: kernels/rmsnorm.py's add_rms_norm, rounded alike; each
-    program reads its rows whole first, so it pays for few rows only: decode_config's norm_rows); returns (y, the
-    stream after the add) (x itself without delta). Where Triton does not run (a CPU without the interpreter, or
-    inside kernels.dispatch.reference_ops): kernels/reference.py's ops."""
+    norm (delta, gamma [K], eps): x is the residual stream and the rows multiplied are rms_norm(x + delta) * gamma
+    (a decoder layer's add and norm in the prologue: kernels/rmsnorm.py's add_rms_norm, rounded alike); returns (y,
+    the stream after the add). delta None: no add (x returned as the stream); a Tensor: each program first reads its
+    rows whole for their statistics (cheap for a few rows only: decode_config's norm_rows), the first column block
+    storing the stream; RowSquares: x is already the stream a `residual` launch wrote, and its row sums are the
+    statistics (no add; x returned).
+    residual [M, N]: the product is a residual branch (the output or down projection): returns (residual + y, its
+    RowSquares) instead of y (torch's add of the rounded y). Not with swiglu or norm.
+    Where Triton does not run (a CPU without the interpreter, or inside kernels.dispatch.reference_ops):
+    kernels/reference.py's ops."""
     _check(x, weight, swiglu)
     if x.stride(1) != 1:
         x = x.contiguous()
     stream = _check_norm(x, norm)
     m, k = x.shape
     n_out = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    if residual is not None:
+        _check_residual(residual, m, n_out, x, swiglu or stream is not None)
     y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
-    h = x if stream is None or stream[0] is None else torch.empty_like(x)
+    h = torch.empty_like(x) if stream is not None and isinstance(stream[0], torch.Tensor) else x
     if not use_triton(x):  # kernels/reference.py's ops (a CPU without the interpreter)
         linear_config(m, n_out, k, swiglu, 0, config)  # (the same errors as a launch)
         xin = x if stream is None else _reference_norm(x, stream, h)
         y = F.linear(xin, weight)
+        if residual is not None:
+            after = residual + y
+            return after, RowSquares(after.float().pow(2).sum(-1)[None])
         return _result(reference.swiglu(y) if swiglu else y, h, stream)
-    if m and n_out and (k or stream is not None):
+    if residual is not None:
+        after = torch.empty_like(residual)
+        if m and n_out:
+            sums = _launch(x, weight, y, n_out, residual=(residual, after), config=config)
+        else:
+            sums = torch.zeros(1, m, dtype=torch.float32, device=x.device)
+        return after, RowSquares(sums)
+    if m and n_out:
         _launch(x, weight, y, n_out, swiglu=swiglu, norm=None if stream is None else (*stream, h), config=config)
-    elif m and n_out:
-        y.zero_()  # (no features: with swiglu silu(0) * 0)
     return _result(y, h, stream)
 
 
+def _check_residual(residual: torch.Tensor, m: int, n_out: int, x: torch.Tensor, other: bool) -> None:
+    if other:
+        raise ValueError("decode_linear's residual epilogue does not combine with swiglu or norm")
+    if residual.shape != (m, n_out) or residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError(f"residual must be [M={m}, N={n_out}] {x.dtype} on {x.device}, got {tuple(residual.shape)} "
+                         f"{residual.dtype} on {residual.device}")  # fmt: skip
+    if residual.stride(-1) != 1:
+        raise ValueError("residual must be contiguous in its last dimension")
+
+
 def _check_norm(x: torch.Tensor, norm: tuple | None) -> tuple | None:
-    """(delta or None, gamma, eps) of a `norm` argument, checked against the stream x [M, K]."""
+    """(delta (None, a Tensor or RowSquares), gamma, eps) of a `norm` argument, checked against the stream x [M, K]."""
     if norm is None:
         return None
     delta, gamma, eps = norm
-    if delta is not None:
+    if isinstance(delta, RowSquares):
+        parts = delta.parts
+        if parts.dim() != 2 or parts.shape[1] != x.shape[0] or parts.dtype != torch.float32 or parts.device != x.device:
+            raise ValueError(f"norm's RowSquares must be [blocks, M={x.shape[0]}] float32 on {x.device}, got "
+                             f"{tuple(parts.shape)} {parts.dtype} on {parts.device}")  # fmt: skip
+        delta = RowSquares(parts.contiguous())
+    elif delta is not None:
         if delta.shape != x.shape or delta.dtype != x.dtype or delta.device != x.device:
             raise ValueError(f"norm's delta must match the stream x {tuple(x.shape)} {x.dtype}, got "
                              f"{tuple(delta.shape)} {delta.dtype} on {delta.device}")  # fmt: skip
@@ -337,9 +401,9 @@ def _check_norm(x: torch.Tensor, norm: tuple | None) -> tuple | None:
 
 
 def _reference_norm(x: torch.Tensor, stream: tuple, h: torch.Tensor) -> torch.Tensor:
-    """The normalised rows by kernels/reference.py; h receives the stream after the add."""
+    """The normalised rows by kernels/reference.py (its own statistics); h receives the stream after an add."""
     delta, gamma, eps = stream
-    if delta is None:
+    if not isinstance(delta, torch.Tensor):  # None or RowSquares: x is the stream
         return reference.rms_norm(x, gamma, eps)
     normed, after = reference.add_rms_norm(x, delta, gamma, eps)
     h.copy_(after)
@@ -351,11 +415,13 @@ def _result(y: torch.Tensor, h: torch.Tensor, stream: tuple | None):
 
 
 def _launch(
-    x, weight, y, n_out: int, *, swiglu: bool = False, rope: tuple | None = None, norm: tuple | None = None, config=None
-) -> None:  # fmt: skip
+    x, weight, y, n_out: int, *, swiglu: bool = False, rope: tuple | None = None, norm: tuple | None = None,
+    residual: tuple | None = None, config=None,
+) -> torch.Tensor | None:  # fmt: skip
     """One launch of the kernel (inputs checked). rope: (positions, inv_freq, k_cache, v_cache, slot_mapping, hq, hkv)
-    of qkv_rope_linear; y then receives the rotated q. norm: (delta or None, gamma, eps, h_out): x is the residual
-    stream, normalised in the prologue; h_out receives x + delta."""
+    of qkv_rope_linear; y then receives the rotated q. norm: (delta (None, a Tensor or RowSquares), gamma, eps, h_out):
+    x is the residual stream, normalised in the prologue; h_out receives x + a Tensor delta. residual: (res, h_out) of
+    the residual epilogue; returns the rows' sums of squares [column blocks, M] then."""
     m, k = x.shape
     cfg = linear_config(m, n_out, k, swiglu, sm_count(x.device) if x.is_cuda else 0, config)
     block_m = max(16, triton.next_power_of_2(m))
@@ -371,20 +437,27 @@ def _launch(
         heads = dict(HQ=hq, HKV=hkv, CACHE_BLOCK=kc.shape[1])
     else:  # (unused)
         cache, heads = (y, y, y, y, y, 0, 0, 0, 0, 0, 0, 0), dict(HQ=0, HKV=0, CACHE_BLOCK=1)
+    norm_mode, has_delta = 0, False
+    res, h_out, sums, n_sums, delta, gamma, eps = y, y, y, 0, x, y, 0.0  # (placeholders where unused)
     if norm is not None:
-        delta, gamma, eps, h_out = norm
-        delta = x if delta is None else delta
-        stream = (delta, gamma, h_out, delta.stride(0), h_out.stride(0), float(eps))
-    else:  # (unused)
-        stream = (y, y, y, 0, 0, 0.0)
+        d, gamma, eps, h_out = norm
+        if isinstance(d, RowSquares):
+            norm_mode, sums, n_sums = 2, d.parts, d.parts.shape[0]
+        else:
+            norm_mode, has_delta, delta = 1, d is not None, x if d is None else d
+    if residual is not None:
+        res, h_out = residual
+        sums = torch.empty(n_blocks, m, dtype=torch.float32, device=x.device)
+    args = (delta, gamma, h_out, delta.stride(0), h_out.stride(0), float(eps), res, sums, res.stride(0),
+            sums.stride(0) if sums.dim() == 2 else 0, n_sums)  # fmt: skip
     even = n_out % cfg["block_n"] == 0 and k % cfg["block_k"] == 0
     _decode_linear_kernel[(n_blocks, split)](
         x, weight, y, ws, cnt, m, n_out, k, x.stride(0), weight.stride(0), y.stride(0), cfg["k_per_split"], *cache,
-        *stream, SWIGLU=swiglu, ROPE=rope is not None, **heads, NORM=norm is not None,
-        HAS_DELTA=norm is not None and norm[0] is not None, SPLIT_K=split, EVEN=even, BLOCK_M=block_m,
-        BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **_dot_args(x.dtype),
+        *args, SWIGLU=swiglu, ROPE=rope is not None, **heads, NORM=norm_mode, HAS_DELTA=has_delta,
+        RESID=residual is not None, SPLIT_K=split, EVEN=even, BLOCK_M=block_m, BLOCK_N=cfg["block_n"],
+        BLOCK_K=cfg["block_k"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_dot_args(x.dtype),
     )  # fmt: skip
+    return sums if residual is not None else None
 
 
 def qkv_rope_linear(
@@ -420,7 +493,7 @@ def qkv_rope_linear(
     if x.stride(1) != 1:
         x = x.contiguous()
     stream = _check_norm(x, norm)
-    h = x if stream is None or stream[0] is None else torch.empty_like(x)
+    h = torch.empty_like(x) if stream is not None and isinstance(stream[0], torch.Tensor) else x
     if not use_triton(x):
         xin = x if stream is None else _reference_norm(x, stream, h)
         q, k, v = F.linear(xin, weight).split([num_heads * d, hkv * d, hkv * d], -1)

@@ -266,3 +266,45 @@ def test_norm_refuses_what_does_not_match_the_stream():
         dl.decode_linear(x, w, norm=(torch.randn(3, 63), torch.ones(64), 1e-5))
     with pytest.raises(ValueError, match="gamma must be \\[K=64\\] floats"):
         dl.decode_linear(x, w, norm=(None, torch.ones(32), 1e-5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("split", [1, 3])
+def test_residual_epilogue_and_its_row_squares_feed_the_next_norm(dtype, split):
+    """residual=r: the stream after the add (torch's add of the rounded product: the very bits) and the rows' sums of
+    squares in column-block parts; the next projection's norm=(RowSquares, gamma, eps) normalises that stream from
+    them: within rounding of kernels/rmsnorm.py's rms_norm followed by the plain projection (reference path too)."""
+    from kernels.dispatch import reference_ops
+    from kernels.rmsnorm import rms_norm
+
+    m, k, hidden = 6, 200, 72
+    x, w = _inputs(m, hidden, k, dtype)
+    r = torch.randn(m, hidden).to(dtype)
+    cfg = {"split_k": split, "block_n": 16}
+    after, sq = dl.decode_linear(x, w, residual=r, config=cfg)
+    assert torch.equal(after, r + dl.decode_linear(x, w, config=cfg))
+    assert sq.parts.shape == (5, m) and sq.parts.dtype == torch.float32  # 72 columns in blocks of 16
+    torch.testing.assert_close(sq.parts.sum(0), after.float().pow(2).sum(-1), rtol=1e-5, atol=1e-5)
+    gamma = (1 + 0.3 * torch.randn(hidden)).to(dtype)
+    w2 = (torch.randn(2 * 40, hidden) / hidden**0.5).to(dtype)
+    y, h = dl.decode_linear(after, w2, swiglu=True, norm=(sq, gamma, 1e-5), config={"split_k": split})
+    assert h is after
+    two = dl.decode_linear(rms_norm(after, gamma, 1e-5), w2, swiglu=True, config={"split_k": split})
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(y, two, atol=2 * atol, rtol=2 * rtol)
+    with reference_ops():  # (the reference path: the same stream; its own one-part row sums)
+        ref_after, ref_sq = dl.decode_linear(x, w, residual=r)
+        ref_y, _ = dl.decode_linear(ref_after, w2, swiglu=True, norm=(ref_sq, gamma, 1e-5))
+    torch.testing.assert_close(ref_after, after, atol=atol, rtol=rtol)
+    assert ref_sq.parts.shape == (1, m)
+    torch.testing.assert_close(ref_y, y, atol=2 * atol, rtol=2 * rtol)
+
+
+def test_residual_and_row_squares_refuse_what_does_not_fit():
+    x, w = _inputs(3, 32, 64, torch.float32)
+    with pytest.raises(ValueError, match="does not combine with swiglu or norm"):
+        dl.decode_linear(x, w, swiglu=True, residual=torch.randn(3, 16))
+    with pytest.raises(ValueError, match="residual must be \\[M=3, N=32\\]"):
+        dl.decode_linear(x, w, residual=torch.randn(3, 31))
+    with pytest.raises(ValueError, match="RowSquares must be \\[blocks, M=3\\] float32"):
+        dl.decode_linear(x, w, norm=(dl.RowSquares(torch.zeros(2, 4)), torch.ones(64), 1e-5))
