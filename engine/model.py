@@ -36,7 +36,14 @@ from engine.parallel import (
     take_shard,
 )
 from kernels.decode_config import norm_rows
-from kernels.decode_linear import decode_linear, linear, qkv_rope_linear, swiglu_linear, wants_decode_linear
+from kernels.decode_linear import (
+    RowSquares,
+    decode_linear,
+    linear,
+    qkv_rope_linear,
+    swiglu_linear,
+    wants_decode_linear,
+)
 from kernels.rmsnorm import add_rms_norm, rms_norm
 from kernels.rope_attention import rope_attention
 from kernels.swiglu import swiglu
@@ -268,28 +275,48 @@ class DecoderLayer(nn.Module):
         parallel) h and delta hold this rank's tokens only, and so do the norms."""
         if not sp and self._norms_fused(h):
             return self._decode_step(h, delta, positions)
+        if isinstance(delta, RowSquares):  # (the stream already holds the last fused layer's add)
+            delta = None
         x, h = (self.input_layernorm(h), h) if delta is None else self.input_layernorm(h, delta)
         x, h = self.post_attention_layernorm(h, self.self_attn(x, positions, cu_seqlens, sp))
         return h, self.mlp(x, sp)
 
     def _norms_fused(self, h: torch.Tensor) -> bool:
-        """A decode-only step of at most decode_config's norm_rows sequences through kernels/decode_linear.py (its
-        `linear` switch): the layer's two adds and norms then run in the QKV and gate_up projections' prologues."""
+        """Whether a decode-only step runs the layer's adds and norms inside its projections (kernels/decode_linear.py,
+        decode_config's `linear` switch): always on one rank; under TP (whose output and down projections are
+        all-reduced before their adds) for at most decode_config's norm_rows sequences."""
         ctx = _CONTEXT
-        if ctx is None or h.shape[0] > norm_rows() or ctx.num_prefill(h.shape[0]):
+        if ctx is None or ctx.num_prefill(h.shape[0]):
+            return False
+        if self.self_attn.o_proj.tp > 1 and h.shape[0] > norm_rows():
             return False
         return self.self_attn._fused_qkv(h) and wants_decode_linear(h, self.mlp.gate_up_proj.weight)
 
-    def _decode_step(self, h: torch.Tensor, delta: torch.Tensor | None, positions: torch.Tensor):
-        """The layer in five launches (and the TP all-reduces): input add + norm + QKV + rotary + cache write, paged
-        attention, the output projection, post-attention add + norm + gate_up + SwiGLU, the down projection."""
-        attn, norm, post = self.self_attn, self.input_layernorm, self.post_attention_layernorm
-        o, h = attn._decode_step(h, positions, _CONTEXT, norm=(delta, norm.weight, norm.eps))
-        out = attn.o_proj(o.reshape(h.shape[0], attn.local_heads * attn.head_dim))
-        gate_up = self.mlp.gate_up_proj
-        act, h = decode_linear(copy_to_tp(h, gate_up.group), gate_up.weight, swiglu=True,
+    def _decode_step(self, h: torch.Tensor, delta, positions: torch.Tensor):
+        """The layer in five launches: input norm + QKV + rotary + cache write, paged attention, the output projection,
+        post-attention norm + gate_up + SwiGLU, the down projection.
+
+        One rank: the output and down projections add themselves to the stream in their epilogues and leave its
+        rows' sums of squares (RowSquares: what this returns as `delta`), from which the next projection normalises;
+        only the first layer of a step of more than norm_rows sequences runs its norm alone (every program would read
+        the rows whole). Under TP: the norms' adds take the all-reduced outputs, each program reading its rows whole
+        (few rows)."""
+        attn, mlp, ctx = self.self_attn, self.mlp, _CONTEXT
+        norm, post = self.input_layernorm, self.post_attention_layernorm
+        n, width = h.shape[0], attn.local_heads * attn.head_dim
+        if attn.o_proj.tp == 1:
+            if delta is None and n > norm_rows():
+                o = attn._decode_step(norm(h), positions, ctx)
+            else:
+                o, h = attn._decode_step(h, positions, ctx, norm=(delta, norm.weight, norm.eps))
+            h, squares = decode_linear(o.reshape(n, width), attn.o_proj.weight, residual=h)
+            act, h = decode_linear(h, mlp.gate_up_proj.weight, swiglu=True, norm=(squares, post.weight, post.eps))
+            return decode_linear(act, mlp.down_proj.weight, residual=h)
+        o, h = attn._decode_step(h, positions, ctx, norm=(delta, norm.weight, norm.eps))
+        out = attn.o_proj(o.reshape(n, width))
+        act, h = decode_linear(copy_to_tp(h, mlp.gate_up_proj.group), mlp.gate_up_proj.weight, swiglu=True,
                                norm=(out, post.weight, post.eps))  # fmt: skip
-        return h, self.mlp.down_proj(act)
+        return h, mlp.down_proj(act)
 
 
 # ---------------------------------------------------------------------------------- model --
@@ -425,7 +452,8 @@ class Transformer(nn.Module):
                 )
             else:
                 h, delta = layer(h, delta, positions, cu_seqlens, sp)
-        out = self.norm(h) if delta is None else self.norm(h, delta)[0]
+        # (a fused decode step's last layer leaves the stream added: RowSquares beside it)
+        out = self.norm(h) if delta is None or isinstance(delta, RowSquares) else self.norm(h, delta)[0]
         return gather_tokens(out, self.group, replicated_grad=True)[:n] if sp else out
 
     def tp_partial_grads(self) -> list[nn.Parameter]:

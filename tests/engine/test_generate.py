@@ -190,12 +190,13 @@ def test_the_fused_decode_step_samples_the_same():
 
 @pytest.mark.parametrize("norm_rows", [0, 4])
 def test_the_decode_linear_kernel_samples_the_same(norm_rows):
-    """The decode config's `linear` 1 through the whole generator: every decode step's QKV projection with the rotary
-    and the cache write in its epilogue (then paged attention alone), SwiGLU fused into gate_up, the output, down and
-    LM head projections, all through kernels/decode_linear.py (the prompts' forwards too where they have at most 64
-    rows, outside the QKV epilogue); with norm_rows 4 (the default) the decode steps of up to 4 sequences (all of
-    them here) also run each add + RMSNorm in the next projection's prologue. The same samples as cuBLAS and the
-    separate kernels, log-probs within rounding."""
+    """The decode config's `linear` 1 through the whole generator: a decode step's layer in five launches of
+    kernels/decode_linear.py and the paged attention (QKV with the rotary and the cache write in its epilogue, the
+    output and down projections adding themselves to the stream and leaving its row sums, from which the QKV and
+    gate_up projections normalise it; SwiGLU in gate_up's epilogue), the LM head too; the first layer's own norm is a
+    kernel of its own for steps of more than norm_rows sequences (norm_rows 0: every step; 4: none here, each step has
+    at most 4 sequences); prompts' forwards of at most 64 rows through the plain kernel. The same samples as cuBLAS
+    and the separate kernels, log-probs within rounding."""
     from kernels import decode_linear, paged_attention
 
     model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.3, seed=4)
@@ -207,7 +208,7 @@ def test_the_decode_linear_kernel_samples_the_same(norm_rows):
     real = decode_linear._launch
 
     def counted(*a, **kw):
-        kind = "rope" if kw.get("rope") else "swiglu" if kw.get("swiglu") else "plain"
+        kind = next((k for k in ("rope", "swiglu", "residual") if kw.get(k)), "plain").replace("residual", "resid")
         launches.append(kind + ("+norm" if kw.get("norm") else ""))
         return real(*a, **kw)
 
@@ -218,13 +219,13 @@ def test_the_decode_linear_kernel_samples_the_same(norm_rows):
     finally:
         decode_linear._launch = real
         paged_attention.set_decode_config()
-    layers, norm = model.config.num_layers, "+norm" if norm_rows else ""
-    decode_steps = launches.count("rope" + norm) // layers
-    assert decode_steps >= 4 and launches.count("rope" + norm) == decode_steps * layers, launches
-    assert launches.count("swiglu+norm") == (decode_steps * layers if norm_rows else 0), launches
-    assert launches.count("swiglu") >= layers * (1 if norm_rows else decode_steps + 1)  # (+ the prefill's: unfused)
-    assert launches.count("plain") >= (decode_steps + 1) * (2 * layers + 1)  # o, down, LM head (+ the prefill's QKV)
-    assert not norm_rows or "rope" not in launches  # (every decode step has at most 4 sequences)
+    layers = model.config.num_layers
+    steps = launches.count("resid") // (2 * layers)  # the decode steps
+    assert steps >= 4 and launches.count("resid") == 2 * layers * steps, launches
+    assert launches.count("swiglu+norm") == layers * steps, launches
+    assert launches.count("rope") + launches.count("rope+norm") == layers * steps, launches
+    assert launches.count("rope") == (steps if norm_rows == 0 else 0), launches  # the first layer's norm apart
+    assert launches.count("swiglu") >= layers and launches.count("plain") >= steps + 1  # (prefill) LM heads
     assert [c.tokens for c in ours] == [c.tokens for c in cublas]
     for a, b in zip(ours, cublas):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=1e-5)

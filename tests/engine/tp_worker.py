@@ -122,6 +122,17 @@ def main(ckpt: str, out: str) -> None:
         assert torch.equal(everyone[0], everyone[1]), "TP ranks sampled different tokens"
         grads[key] = tokens
         grads[key + "_logprobs"] = torch.tensor([lp for c in generated for lp in c.logprobs])
+    # the decode steps through kernels/decode_linear.py (decode_config's linear 1; two sequences at most, so under TP
+    # each layer's norms run in its projections' prologues on the all-reduced outputs): the same samples
+    from kernels.decode_config import set_decode_config
+
+    set_decode_config(linear=1)
+    try:
+        again = gen.generate_completions(prompts, GenerateConfig(temperature=0.9, max_new_tokens=8, seed=3))
+    finally:
+        set_decode_config()
+    tokens = torch.tensor([c.tokens + [-1] * (8 - len(c.tokens)) for c in again])
+    assert torch.equal(tokens, grads["generated"]), ("decode_linear's TP decode steps sampled other tokens", tokens)
     # no seed given, and each rank's own RNG elsewhere: the ranks draw one seed (top-p gathers the logits and every
     # rank samples them: with seeds of their own they would feed their shards different tokens)
     torch.manual_seed(100 + grid.rank)
