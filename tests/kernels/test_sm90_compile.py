@@ -117,12 +117,17 @@ ptrs = dict(X="*bf16", W="*bf16", Y="*bf16", WS="*fp32", CNT="*i32", KC="*bf16",
             INV_FREQ="*fp32", DELTA="*bf16", GAMMA="*bf16", H_OUT="*bf16", eps="fp32")
 # (rows, SwiGLU, the rotary and cache write (a 128-wide head a column block: Llama-2-13B's 40 + 40 + 40), split K,
 # the add + RMSNorm prologue)
-for block_m, swiglu, rope, split, norm in [(64, False, False, 1, 0), (64, True, False, 1, 0), (64, False, False, 2, 0),
-                                           (16, False, False, 4, 0), (16, True, False, 2, 0), (64, False, True, 2, 0),
-                                           (64, False, True, 1, 0), (16, False, True, 1, 0), (16, False, True, 2, 1),
-                                           (16, True, False, 1, 1)]:
+# norm 1: the rows' statistics in the prologue (with the add), 2: from a residual epilogue's row sums; resid: that
+# epilogue (the output and down projections)
+ptrs.update(RES="*bf16", SS="*fp32")
+for block_m, swiglu, rope, split, norm, resid in [
+    (64, False, False, 1, 0, 0), (64, True, False, 1, 0, 0), (64, False, False, 2, 0, 0), (16, False, False, 4, 0, 0),
+    (16, True, False, 2, 0, 0), (64, False, True, 2, 0, 0), (64, False, True, 1, 0, 0), (16, False, True, 1, 0, 0),
+    (16, False, True, 2, 1, 0), (16, True, False, 1, 1, 0), (64, False, True, 2, 2, 0), (64, True, False, 1, 2, 0),
+    (64, False, False, 2, 0, 1), (16, False, False, 4, 0, 1),
+]:
     rope_consts = dict(HQ=40, HKV=40, CACHE_BLOCK=16) if rope else dict(HQ=0, HKV=0, CACHE_BLOCK=1)
-    consts = dict(SWIGLU=swiglu, ROPE=rope, NORM=bool(norm), HAS_DELTA=bool(norm), SPLIT_K=split, EVEN=True,
+    consts = dict(SWIGLU=swiglu, ROPE=rope, NORM=norm, HAS_DELTA=norm == 1, RESID=bool(resid), SPLIT_K=split, EVEN=True,
                   BLOCK_M=block_m,
                   BLOCK_N=128 if rope else dl._BLOCK_N, BLOCK_K=dl._BLOCK_K, DOT_DTYPE=tl.bfloat16, PREC="tf32",
                   **rope_consts)
@@ -132,8 +137,9 @@ for block_m, swiglu, rope, split, norm in [(64, False, False, 1, 0), (64, True, 
     # the default launch fits an H100's 227 KiB of shared memory, spills nothing, streams W with cp.async
     assert info["regs"] and info["spill_bytes"] == 0 and info["shared"] <= 227 * 1024, info
     assert info["loads"].get("cp.async.cg.shared.global"), info
-    if not rope and not norm:  # nothing else but the partials (the rotary's epilogue reads positions, slots and
-        # frequencies, the norm's prologue the stream and gamma)
+    # nothing else but the partials (the rotary's epilogue reads positions, slots and frequencies, the norm's prologue
+    # the stream, its row sums and gamma, the residual epilogue the stream)
+    if not rope and not norm and not resid:
         assert set(info["loads"]) <= {"cp.async.cg.shared.global", "ld.global.cg.v4.b32"}, info
     assert (info["loads"].get("ld.global.cg.v4.b32", 0) > 0) == (split > 1), info
     assert info["mma"].get("wgmma" if block_m == 64 else "mma"), info
