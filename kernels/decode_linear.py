@@ -244,15 +244,19 @@ def _decode_linear_kernel(
 
 
 # Split-K scratch per device: the partials (fp32) and the arrival counters (zero between launches). Grown, never
-# shrunk; a launch on one stream at a time (the engine's): the counters are back to zero when a launch ends.
+# shrunk; a launch on one stream at a time (the engine's): the counters are back to zero when a launch ends. A grown
+# buffer's predecessor is kept (_RETIRED): a CUDA graph captured before the growth still writes to it on replay.
 _SCRATCH: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_RETIRED: list[torch.Tensor] = []
 
 
 def _scratch(device: torch.device, ws_elems: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
     ws, cnt = _SCRATCH.get(device, (None, None))
     if ws is None or ws.numel() < ws_elems:
+        _RETIRED.extend([ws] if ws is not None else [])
         ws = torch.empty(max(ws_elems, 1 << 20), dtype=torch.float32, device=device)
     if cnt is None or cnt.numel() < counters:
+        _RETIRED.extend([cnt] if cnt is not None else [])
         cnt = torch.zeros(max(counters, 4096), dtype=torch.int32, device=device)
     _SCRATCH[device] = ws, cnt
     return ws, cnt

@@ -72,6 +72,11 @@ def test_split_k_sums_in_one_launch_and_leaves_the_counters_at_zero():
     torch.testing.assert_close(first, whole, atol=1e-5, rtol=1e-5)
     _, counters = dl._SCRATCH[x.device]
     assert int(counters.abs().sum()) == 0
+    # a launch wanting more scratch grows it, keeping the old buffers (a captured CUDA graph still uses them)
+    ws, _ = dl._SCRATCH[x.device]
+    xb, wb = _inputs(64, 64 * 20, 256, torch.float32)
+    dl.decode_linear(xb, wb, config={"split_k": 16, "block_n": 64, "block_k": 16})  # 16 x 20 x 64 x 64 partials > 2^20
+    assert dl._SCRATCH[x.device][0].numel() > ws.numel() and any(t is ws for t in dl._RETIRED)
     # another shape right after, on the same scratch: nothing left over from the last launch
     x2, w2 = _inputs(2, 40, 700, torch.float32)
     torch.testing.assert_close(dl.decode_linear(x2, w2, config={"split_k": 3}).double(), _oracle(x2, w2, None),
