@@ -31,7 +31,7 @@ from bench.common import (  # noqa: E402
 )
 from engine.sampler import topk_floor  # noqa: E402
 from kernels import reference  # noqa: E402
-from kernels.sampling import gumbel_sample  # noqa: E402
+from kernels.sampling import gumbel_sample, kth_largest  # noqa: E402
 
 
 def hf_sample(logits, seeds, counters, temperature, top_k=0):
@@ -78,6 +78,9 @@ def main(argv=None) -> list[dict]:
         k = args.top_k
         impls[f"ours top-{k}"] = lambda x, s, c, t: ours_top_k(x, s, c, t, k)
         impls[f"HF top-{k}"] = lambda x, s, c, t: hf_sample(x, s, c, t, k)
+        # the floor alone: ours (radix select) against what engine/sampler.py ran before it (torch.topk's k-th value)
+        impls[f"top-{k} floor: ours"] = lambda x, s, c, t: kth_largest(x, k)
+        impls[f"top-{k} floor: torch.topk"] = lambda x, s, c, t: torch.topk(x, k, dim=-1).values[:, -1]
     rows = []
     for b in args.batch:
         logits = torch.randn(b, args.vocab, device=device, dtype=dtype) * 3
@@ -98,6 +101,8 @@ def main(argv=None) -> list[dict]:
             print(f"batch {b}, top-{args.top_k}: same token in {same:.1%} of rows, {outside:.1%} drawn below the floor")
             check_close(f"top-{args.top_k} sampler batch {b} (rows sampling another token)", 1.0 - same, dtype, 0.01)
             check_close(f"top-{args.top_k} sampler batch {b} (rows drawn outside the top k)", outside, dtype, 0.0)
+            floor_err = (floor_k - torch.topk(logits, args.top_k, dim=-1).values[:, -1].float()).abs().max().item()
+            check_close(f"top-{args.top_k} floor batch {b} (not torch.topk's k-th value)", floor_err, dtype, 0.0)
         for name, fn in impls.items():
             try:
                 call = lambda fn=fn, x=logits, s=seeds, c=counters: fn(x, s, c, args.temperature)  # noqa: E731
