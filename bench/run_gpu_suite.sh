@@ -20,8 +20,8 @@
 # The group `long` (alone, or after `b1` on a warm machine): the 13B batch-32 rollout at 512 + 1024 tokens with and
 # without the fused step (which won at long contexts in the paged bench). The group `linear` (alone): the decode
 # projections' kernel (kernels/decode_linear.py) tested on the GPU with the paged attention and rotary tests, timed
-# against cuBLAS, the 13B rollouts with it (decode_config's linear 1) and without (batch 1 also without the norms in
-# the projections' prologues: norm_rows 0), then its launch sweep. No NAME:
+# against cuBLAS, the 13B rollouts with it (decode_config's linear 1; batch 1 also with the first layer's norm apart:
+# norm_rows 0) and then without, then its launch sweep. No NAME:
 # everything, in the order below.
 # SUITE_COMMIT names the commit in summary.txt.
 #
@@ -173,22 +173,23 @@ if [[ "$names" == *" b1 "* ]]; then  # batch 1, 2% short of its target: where it
   finish
 fi
 if [[ "$names" == *" linear "* ]]; then  # the decode step's projections through kernels/decode_linear.py (alone)
-  names="$names linear_tests linear rollout_b64_linear rollout_b64_cublas rollout_b1_linear rollout_b1_cublas "
-  names="$names rollout_b1_linear_nonorm linear_sweep "
+  # (ours first: the defaults' rollouts were timed on the leases before, 4,957 and 131.4 tok/s; again if time is left)
+  names="$names linear_tests linear rollout_b64_linear rollout_b1_linear rollout_b1_linear_nonorm rollout_b64_cublas "
+  names="$names rollout_b1_cublas linear_sweep "
   step linear_tests 90 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test \
     tests/kernels/test_decode_linear.py tests/kernels/test_paged_attention.py tests/kernels/test_rotary.py
   bench linear 90 "$PY" bench/bench_decode_linear.py  # ours against cuBLAS, each 13B projection at batch 1, 8, 64
   bench rollout_b64_linear 150 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 \
     --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"linear": 1}' \
     --profile "$(mktemp -d)/rollout_b64_trace.json"
-  bench rollout_b64_cublas 100 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 \
-    --prompt-len 128 --gen-len 256 --no-hf  # cuBLAS (the default), same run
   bench rollout_b1_linear 60 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 \
     --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"linear": 1}'
+  bench rollout_b1_linear_nonorm 60 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 \
+    --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"linear": 1, "norm_rows": 0}'  # layer 0's norm apart
+  bench rollout_b64_cublas 100 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 \
+    --prompt-len 128 --gen-len 256 --no-hf  # cuBLAS and the separate kernels (the default), same machine
   bench rollout_b1_cublas 60 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 \
     --prompt-len 128 --gen-len 256 --no-hf
-  bench rollout_b1_linear_nonorm 60 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 \
-    --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"linear": 1, "norm_rows": 0}'  # the norms apart
   bench linear_sweep 200 "$PY" bench/bench_decode_linear.py --rows 64 1 --sweep --budget-s 150
   finish
 fi
