@@ -2,8 +2,8 @@
 
 A decode step reads every weight once and multiplies it by a handful of rows: memory-bound, and cuBLAS reached 78 to
 89% of the copy bandwidth on the 13B projections (bench/RESULTS.md, "Tuned on the second lease": the output projection
-78%, the down projection 84% through split-K plus a separate reduce kernel), the gaps that keep batch 64 at 72% of the
-roofline. This kernel:
+78%, the down projection 84% through split-K plus a separate reduce kernel): with ~400 small kernels and the gaps
+between them, what keeps batch 64 at 72% of the roofline. This kernel:
 
 - streams W [N, K] (F.linear's layout, this rank's shard under TP) in [BLOCK_N, BLOCK_K] tiles, evicted first from
   the L2, against x [M, K] padded to tl.dot's 16 rows, accumulating in fp32;
@@ -12,13 +12,19 @@ roofline. This kernel:
   partial tile, the last of a column block to arrive (an atomic counter per block) adds all of them in split order
   (deterministic: the same bits whichever arrives last), applies the epilogue and resets the counter for the next
   launch or CUDA graph replay. No second kernel;
-- with `swiglu`, reads the fused gate_up weight [2I, K] ([gate | up] rows, engine.parallel's ColumnParallelLinear) and
-  writes silu(gate) * up [M, I] directly, rounding as HF does (gate and up to the output dtype, silu rounded, the
-  product rounded: kernels/swiglu.py's arithmetic on the same values): the MLP's activation costs no launch and no
-  round trip of [M, 2I].
+- absorbs the small kernels around it in its epilogues and prologue: `swiglu` (the fused gate_up weight [2I, K],
+  [gate | up] rows as engine.parallel's ColumnParallelLinear holds them: writes silu(gate) * up [M, I], kernels/
+  swiglu.py's rounding), qkv_rope_linear (the QKV projection, a head a column block: writes the rotated q and puts the
+  rotated k and the v into the paged KV cache, kernels/rotary.py's arithmetic), `residual` (the output and down
+  projections: write the residual stream after their add and its rows' sums of squares per column block, RowSquares)
+  and `norm` (the QKV and gate_up projections: normalise the stream as they read it, from those sums, or from their
+  own reading of the rows where there are few: kernels/rmsnorm.py's rounding). A decode layer is then five launches:
+  QKV + norm + rotary + cache write, paged attention, output + add, gate_up + norm + SwiGLU, down + add
+  (engine/model.py's DecoderLayer._decode_step).
 
-The engine calls it through `linear` / `swiglu_linear` when decode_config's `linear` switch is 1 (default 0: not yet
-measured on a GPU; bench/bench_decode_linear.py times it against cuBLAS) for at most MAX_ROWS rows without autograd.
+The engine takes it when decode_config's `linear` switch is 1 (default 0: not yet timed on a GPU;
+bench/bench_decode_linear.py times each projection against cuBLAS, bench/run_gpu_suite.sh's group `linear` the
+rollouts) for at most MAX_ROWS rows without autograd (`linear`, `swiglu_linear`, wants_decode_linear).
 """
 
 from __future__ import annotations
