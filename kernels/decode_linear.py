@@ -44,10 +44,13 @@ from kernels.rotary import _rotate_store, reduce_angle, rope_tables
 
 MAX_ROWS = 64  # a decode batch; more rows are a prefill's GEMM (cuBLAS's)
 
-# Unmeasured starting points (bench_decode_linear.py --sweep tunes them on a GPU): 64 columns a block, 128-wide K steps,
-# 4 warps, 4 stages (64 KiB of W in flight per program), K split while fewer than 2 programs per SM, none under 1024.
+# Unmeasured starting points (bench_decode_linear.py --sweep tunes them on a GPU): 64 columns a block, 128-wide K steps
+# (64 from 32 rows: x's tile then takes as much shared memory as W's, and 64-wide steps keep 2 to 3 programs an SM,
+# so that every program of a 13B projection is resident at once: no tail wave), 4 warps, 4 stages, K split while
+# fewer than 2 programs per SM, none under 1024.
 _BLOCK_N = 64
 _BLOCK_K = 128
+_BLOCK_K_MANY_ROWS = 64
 _NUM_WARPS = 4
 _NUM_STAGES = 4
 _PROGRAMS_PER_SM = 2
@@ -275,11 +278,12 @@ def linear_config(m: int, n_out: int, k: int, swiglu: bool, num_sms: int, config
     bad = sorted(set(config or {}) - set(_CONFIG_KEYS))
     if bad:
         raise ValueError(f"unknown decode_linear launch parameter(s) {bad}: expected some of {list(_CONFIG_KEYS)}")
-    cfg = {"block_n": _BLOCK_N, "block_k": _BLOCK_K, "num_stages": _NUM_STAGES}
+    block_m = max(16, triton.next_power_of_2(m))
+    cfg = {"block_n": _BLOCK_N, "block_k": _BLOCK_K if block_m < 32 else _BLOCK_K_MANY_ROWS, "num_stages": _NUM_STAGES}
     cfg.update({key: v for key, v in (config or {}).items() if key != "split_k"})
     # twice the warps for an accumulator of 64 x 128 (qkv_rope_linear's heads at 64 rows): at 4 warps its epilogue
     # spilled (255 registers; 123 at 8 warps: tests/kernels/test_sm90_compile.py)
-    big = max(16, triton.next_power_of_2(m)) * cfg["block_n"] >= 64 * 128
+    big = block_m * cfg["block_n"] >= 64 * 128
     cfg.setdefault("num_warps", 2 * _NUM_WARPS if big else _NUM_WARPS)
     for key, v in cfg.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < 1 or (key != "num_stages" and v & (v - 1)):

@@ -92,6 +92,10 @@ def test_linear_config_splits_only_short_grids():
     assert dl.linear_config(64, 5120, 13824, False, h200)["split_k"] == 2  # down projection
     assert dl.linear_config(1, 640, 5120, False, h200)["split_k"] == 4  # a TP shard's 10 blocks, depth 1280 each
     assert dl.linear_config(1, 64, 512, False, h200)["split_k"] == 1  # too shallow to split
+    # 64-wide K steps from 32 rows (two or three programs an SM), 128 below; asked for, as asked
+    assert dl.linear_config(64, 5120, 5120, False, h200)["block_k"] == 64
+    assert dl.linear_config(8, 5120, 5120, False, h200)["block_k"] == 128
+    assert dl.linear_config(64, 5120, 5120, False, h200, {"block_k": 256})["block_k"] == 256
     # 8 warps for a 64 x 128 accumulator (the QKV heads' epilogue spilled at 4), 4 otherwise unless asked
     assert dl.linear_config(64, 15360, 5120, False, h200, {"block_n": 128})["num_warps"] == 8
     assert dl.linear_config(1, 15360, 5120, False, h200, {"block_n": 128})["num_warps"] == 4

@@ -129,11 +129,11 @@ for block_m, swiglu, rope, split, norm, resid in [
     rope_consts = dict(HQ=40, HKV=40, CACHE_BLOCK=16) if rope else dict(HQ=0, HKV=0, CACHE_BLOCK=1)
     consts = dict(SWIGLU=swiglu, ROPE=rope, NORM=norm, HAS_DELTA=norm == 1, RESID=bool(resid), SPLIT_K=split, EVEN=True,
                   BLOCK_M=block_m,
-                  BLOCK_N=128 if rope else dl._BLOCK_N, BLOCK_K=dl._BLOCK_K, DOT_DTYPE=tl.bfloat16, PREC="tf32",
-                  **rope_consts)
+                  BLOCK_N=128 if rope else dl._BLOCK_N, DOT_DTYPE=tl.bfloat16, PREC="tf32", **rope_consts)
+    cfg = dl.linear_config(block_m, 5120, 5120, swiglu, 132, {"block_n": consts["BLOCK_N"]})  # (the launch's)
+    consts["BLOCK_K"] = cfg["block_k"]
     types = {a: ptrs.get(a, "i32") for a in K.arg_names if a not in consts}
-    warps = dl.linear_config(block_m, 5120, 5120, swiglu, 132, {"block_n": consts["BLOCK_N"]})["num_warps"]
-    info = ptxas_info(K, types, consts, warps, dl._NUM_STAGES, divisible=("N", "K", "k_per_split"))
+    info = ptxas_info(K, types, consts, cfg["num_warps"], cfg["num_stages"], divisible=("N", "K", "k_per_split"))
     # the default launch fits an H100's 227 KiB of shared memory, spills nothing, streams W with cp.async
     assert info["regs"] and info["spill_bytes"] == 0 and info["shared"] <= 227 * 1024, info
     assert info["loads"].get("cp.async.cg.shared.global"), info
