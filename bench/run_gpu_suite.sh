@@ -19,10 +19,10 @@
 # shape (launch variants and split counts), the rollout with one context split, with and without the fused step.
 # The group `long` (alone, or after `b1` on a warm machine): the 13B batch-32 rollout at 512 + 1024 tokens with and
 # without the fused step (which won at long contexts in the paged bench). The group `linear` (alone): the decode
-# projections' kernel (kernels/decode_linear.py) tested on the GPU with the paged attention and rotary tests, timed
-# against cuBLAS, the 13B rollouts with it (decode_config's linear 1; batch 1 also with the first layer's norm apart:
-# norm_rows 0) and then without, then its launch sweep. No NAME:
-# everything, in the order below.
+# projections' kernel (kernels/decode_linear.py) tested on the GPU with the sampling, paged attention and rotary tests,
+# timed against cuBLAS, the sampling bench (top-k's floor), the 13B rollouts with it (decode_config's linear 1; batch
+# 1 also with the first layer's norm apart: norm_rows 0) and then without, then its launch sweep. No NAME: everything,
+# in the order below.
 # SUITE_COMMIT names the commit in summary.txt.
 #
 # The lease's limits shape this script: a call returns at most 8 files from OUT_DIR and is killed at its timeout.
@@ -174,11 +174,14 @@ if [[ "$names" == *" b1 "* ]]; then  # batch 1, 2% short of its target: where it
 fi
 if [[ "$names" == *" linear "* ]]; then  # the decode step's projections through kernels/decode_linear.py (alone)
   # (ours first: the defaults' rollouts were timed on the leases before, 4,957 and 131.4 tok/s; again if time is left)
-  names="$names linear_tests linear rollout_b64_linear rollout_b1_linear rollout_b1_linear_nonorm rollout_b64_cublas "
-  names="$names rollout_b1_cublas linear_sweep "
+  names="$names linear_tests linear sampling rollout_b64_linear rollout_b1_linear rollout_b1_linear_nonorm "
+  names="$names rollout_b64_cublas rollout_b1_cublas linear_sweep "
+  # (test_sampling: top-k's floor, kth_largest, which every rollout now takes: the recipe samples from the top 50)
   step linear_tests 90 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test \
-    tests/kernels/test_decode_linear.py tests/kernels/test_paged_attention.py tests/kernels/test_rotary.py
+    tests/kernels/test_decode_linear.py tests/kernels/test_sampling.py tests/kernels/test_paged_attention.py \
+    tests/kernels/test_rotary.py
   bench linear 90 "$PY" bench/bench_decode_linear.py  # ours against cuBLAS, each 13B projection at batch 1, 8, 64
+  bench sampling 30 "$PY" bench/bench_sampling.py  # the top-50 floor: ours against torch.topk
   bench rollout_b64_linear 150 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 \
     --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"linear": 1}' \
     --profile "$(mktemp -d)/rollout_b64_trace.json"
