@@ -40,7 +40,7 @@ from kernels import reference
 from kernels.attention_tiles import _dot_args
 from kernels.decode_config import linear_enabled
 from kernels.dispatch import INTERPRET, loop_bound, sm_count, use_triton
-from kernels.rotary import _rotate_store, reduce_angle, rope_tables
+from kernels.rotary import _rotate_store, check_slots, reduce_angle, rope_tables
 
 MAX_ROWS = 64  # a decode batch; more rows are a prefill's GEMM (cuBLAS's)
 
@@ -515,10 +515,7 @@ def qkv_rope_linear(
                                     positions, k_cache, v_cache, slot_mapping, rope_theta)  # fmt: skip
         return _result(q, h, stream)
     q = torch.empty((m, num_heads * d), dtype=x.dtype, device=x.device)
-    if INTERPRET and m:  # (a host sync, free in the interpreter; launch_rotary checks likewise)
-        capacity = k_cache.shape[0] * k_cache.shape[1]
-        if int(slot_mapping.max()) >= capacity:
-            raise IndexError(f"slot {int(slot_mapping.max())} is outside the KV cache's {capacity} slots")
+    check_slots(slot_mapping, k_cache)
     if m:
         inv_freq = rope_tables(d, rope_theta, x.device)[0]
         rope = (positions.contiguous(), inv_freq, k_cache, v_cache, slot_mapping.contiguous(), num_heads, hkv)

@@ -37,7 +37,7 @@ from kernels.decode_config import (  # noqa: F401  (set_decode_config, check_dec
     set_decode_config,
 )
 from kernels.dispatch import INTERPRET, loop_bound, sm_count, use_triton
-from kernels.rotary import launch_rotary, reduce_angle, rope_tables
+from kernels.rotary import check_slots, launch_rotary, reduce_angle, rope_tables
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # A cache may also hold float8 e4m3 (half the bytes of bf16 to write and, every decode step, to read): the write
@@ -451,10 +451,7 @@ def rope_decode_attention(
                       slot_mapping=slot_mapping)  # fmt: skip
         _decode_launch(q_rot, k_cache, v_cache, block_tables, context_lens, scale, out, bound, num_splits, config)
         return out
-    if INTERPRET:  # (a host sync, free in the interpreter; launch_rotary and the reference path raise likewise)
-        capacity = k_cache.shape[0] * k_cache.shape[1]
-        if int(slot_mapping.max()) >= capacity:
-            raise IndexError(f"slot {int(slot_mapping.max())} is outside the KV cache's {capacity} slots")
+    check_slots(slot_mapping, k_cache)
     _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, out, bound,
                    num_splits, config, new_kv=(k, v, positions, slot_mapping, rope_theta))  # fmt: skip
     return out

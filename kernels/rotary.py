@@ -162,6 +162,16 @@ def rope_tables(
     return _tables[key]
 
 
+def check_slots(slot_mapping: torch.Tensor, k_cache: torch.Tensor) -> None:
+    """Under the interpreter, raise IndexError for a slot past the cache [num_blocks, block_size, ...] (a host sync,
+    free there; the reference path raises likewise). On a GPU the kernels skip such a slot instead: checking would
+    sync the host in the decode loop."""
+    if INTERPRET and slot_mapping.numel():
+        capacity = k_cache.shape[0] * k_cache.shape[1]
+        if int(slot_mapping.max()) >= capacity:
+            raise IndexError(f"slot {int(slot_mapping.max())} is outside the KV cache's {capacity} slots")
+
+
 def launch_shape(n: int, hq: int, hkv: int, head_dim: int, num_sms: int | None = None) -> tuple[tuple[int, int], dict]:
     """Grid and tile constexprs for n tokens: up to 8 heads and about 4096 elements of each half per program; with
     `num_sms`, fewer tokens per program while the grid would leave over half the SMs idle (kernels.dispatch.fill_sms:
@@ -205,10 +215,8 @@ def launch_rotary(
     k_out_ = k if k_out is None else k_out
     kc, vc = (k_cache, v_cache) if write_cache else (k, v)
     slots = slot_mapping.contiguous() if write_cache else positions
-    if write_cache and INTERPRET:  # (a host sync, free in the interpreter; the reference path raises likewise)
-        capacity = k_cache.shape[0] * k_cache.shape[1]
-        if slots.numel() and int(slots.max()) >= capacity:
-            raise IndexError(f"slot {int(slots.max())} is outside the KV cache's {capacity} slots")
+    if write_cache:
+        check_slots(slots, k_cache)
     cache_strides = (*kc.stride()[:3], *vc.stride()[:3]) if write_cache else (0,) * 6
     # fmt: off
     _rotary_kernel[grid](
