@@ -27,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
+    L2_BYTES,
     add_elementwise_args,
     bench_device,
     check_close,
@@ -40,7 +41,6 @@ from kernels.decode_linear import decode_linear, qkv_rope_linear  # noqa: E402
 from kernels.paged_attention import rope_write_kv  # noqa: E402
 from kernels.swiglu import swiglu  # noqa: E402
 
-_L2_BYTES = 64 * 2**20  # an H200's L2 is 60 MiB (an H100's 50)
 # --sweep's variants: tiles, warps and stages at the default split, then split counts at the default tiles
 _SWEEP_TILES = [dict(block_n=n, block_k=k, num_warps=4, num_stages=s) for n, k, s in
                 itertools.product((32, 64, 128), (64, 128, 256), (3, 4))]  # fmt: skip
@@ -106,7 +106,7 @@ def _bench_one(name, m, n, k, kind, dtype, device, bw, copies, heads, config=Non
 
 
 def _copies(n, k, elem, device) -> int:
-    return max(1, min(8, -(-4 * _L2_BYTES // (n * k * elem)))) if torch.device(device).type == "cuda" else 1
+    return max(1, min(8, -(-4 * L2_BYTES // (n * k * elem)))) if torch.device(device).type == "cuda" else 1
 
 
 def _print(rows) -> None:

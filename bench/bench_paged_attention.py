@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import check_close, fill_peaks, graph_ms, measure, ptxas_info, write_json  # noqa: E402
+from bench.common import L2_BYTES, check_close, fill_peaks, graph_ms, measure, ptxas_info, write_json  # noqa: E402
 from engine.kv_cache import resolve_cache_dtype  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.paged_attention import paged_decode_attention, rope_decode_attention, rope_write_kv  # noqa: E402
@@ -162,9 +162,6 @@ def _new_token(bt: torch.Tensor, cl: torch.Tensor, bs: int) -> tuple[torch.Tenso
     return pos, bt.gather(1, (pos // bs)[:, None])[:, 0].to(torch.int64) * bs + pos % bs
 
 
-_L2_BYTES = 64 * 2**20  # an H200's L2 is 60 MiB (an H100's 50): graph timings rotate among inputs 4x that in all
-
-
 def _graph_rows(row, first, shape, dtype, cache_dtype, read, kv_bytes) -> None:
     """ours and SDPA (and the rope write) timed as replays of a CUDA graph (bench.common.graph_ms): the GPU's time,
     as a decode step under CUDA graphs sees it, where do_bench's per-call timing also counts each call's host
@@ -173,7 +170,7 @@ def _graph_rows(row, first, shape, dtype, cache_dtype, read, kv_bytes) -> None:
     try:
         sets = [first] + [
             _make(batch, ctx, hq, hkv, d, bs, dtype, first[0].device, cache_dtype)
-            for _ in range(min(7, -(-4 * _L2_BYTES // kv_bytes) - 1))
+            for _ in range(min(7, -(-4 * L2_BYTES // kv_bytes) - 1))
         ]
         ours = [lambda s=s: paged_decode_attention(*s, max_context_len=ctx) for s in sets]
         row["ours_graph_ms"] = graph_ms(ours)

@@ -98,6 +98,11 @@ def measure(fn, device, *, warmup_ms: float = 25, rep_ms: float = 100, min_reps:
     return (time.perf_counter() - start) * 1e3 / n, float("nan")
 
 
+# Bytes a graph timing's inputs should exceed (4x in all) so that no call reads the last one's data from the L2: an
+# H200's L2 is 60 MiB (an H100's 50). bench_paged_attention.py and bench_decode_linear.py rotate their inputs by it.
+L2_BYTES = 64 * 2**20
+
+
 def graph_ms(fns, *, reps: int = 20) -> float:
     """Milliseconds per call of the CUDA work of `fns` (no-argument callables), captured once in turn into one CUDA
     graph and replayed `reps` times: the GPU's own time without the host's launch overhead, as a kernel runs inside
