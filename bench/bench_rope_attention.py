@@ -95,13 +95,33 @@ def check_against_reference(hq: int, hkv: int, d: int, dtype: torch.dtype, theta
     check_close(f"rope attention Hq{hq}/Hkv{hkv} D{d} {dtype}", rel, dtype)
 
 
+_TMA_DEFAULT = None
+
+
+def _ours(q, k, v, *, positions, cu, theta, tma):
+    """rope_attention with its inner tiles by tensor descriptor (tma None: the module's default) or by pointer loads
+    (False). The switch stays set until the next call: the backward that follows a forward in a timing loop reads it.
+    """
+    from kernels import attention_tiles
+
+    global _TMA_DEFAULT
+    if _TMA_DEFAULT is None:
+        _TMA_DEFAULT = attention_tiles.TMA_LOADS
+    attention_tiles.TMA_LOADS = _TMA_DEFAULT if tma is None else tma
+    return rope_attention(q, k, v, positions, cu, rope_theta=theta)
+
+
 def make_rows(args, q, k, v, positions, cu, batch, seqlen, padded_mask=None):
     """name -> callable(q, k, v) -> output, for the dense (B, T) layout."""
     theta = args.rope_theta
-    rows = {"ours (rotary fused)": lambda q, k, v: rope_attention(q, k, v, positions, cu, rope_theta=theta)}
+    rows = {"ours (rotary fused)": functools.partial(_ours, positions=positions, cu=cu, theta=theta, tma=None)}
     if q.is_cuda:
         from torch.nn.attention import SDPBackend
 
+        if torch.cuda.get_device_capability()[0] >= 9 and q.shape[-1] >= 32:  # the tiles by TMA vs pointer loads
+            rows["  ours, pointer loads (no TMA)"] = functools.partial(
+                _ours, positions=positions, cu=cu, theta=theta, tma=False
+            )
         cos, sin = rotary_tables(positions, q.shape[-1], theta, q.dtype)
         for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cuDNN", SDPBackend.CUDNN_ATTENTION)):
             rows[f"SDPA {name} + HF rotary"] = functools.partial(
@@ -203,9 +223,13 @@ def print_table(table, header: bool = True):
         )
 
 
-def ptxas_report(head_dim: int, dtype: str, group: int, configs_per_kernel: int | None = None) -> list[dict]:
+def ptxas_report(
+    head_dim: int, dtype: str, group: int, configs_per_kernel: int | None = None, tma: bool = True
+) -> list[dict]:
     """Compile every autotune config for sm_90 offline (no GPU needed) and print ptxas registers, spills, shared
-    memory and the global loads by kind (cp.async: pipelined): the one performance signal without a GPU."""
+    memory and the global loads by kind (cp.async: pipelined; cp.async.bulk.tensor: a tensor descriptor's TMA
+    copy): the one performance signal without a GPU. tma: the inner tiles by tensor descriptor, as an sm_90 launch
+    takes them (head dims from 32), else by pointer loads."""
     import triton.language as tl
 
     from kernels import attention_tiles as tiles
@@ -220,15 +244,17 @@ def ptxas_report(head_dim: int, dtype: str, group: int, configs_per_kernel: int 
     tl_dtype = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype]
     base = dict(N_STEPS=4, GROUP=group, HEAD_DIM=head_dim, HALF=max(head_dim // 2, 16), TAB_ROWS=rotary.TAB_ROWS)
     base.update(DOT_DTYPE=tl_dtype, PREC="ieee" if dtype == "fp32" else "tf32")
-    kernels = [
-        ("fwd", ra._fwd_kernel, "BLOCK_N", tiles._FWD_SHAPES, dict(BLOCK_M=tiles._BLOCK, SAVE_ROT=True)),
-        ("dkdv", ra_bwd._bwd_dkdv_kernel, "BLOCK_M", tiles._BWD_SHAPES, dict(BLOCK_N=tiles._BLOCK)),
-        ("dq", ra_bwd._bwd_dq_kernel, "BLOCK_N", tiles._BWD_SHAPES, dict(BLOCK_M=tiles._BLOCK)),
+    tma = tma and head_dim >= 32
+    kernels = [  # (name, kernel, inner tile, shapes, constants, the arguments a TMA launch passes as descriptors)
+        ("fwd", ra._fwd_kernel, "BLOCK_N", tiles._FWD_SHAPES, dict(BLOCK_M=tiles._BLOCK, SAVE_ROT=True), ("K", "V")),
+        ("dkdv", ra_bwd._bwd_dkdv_kernel, "BLOCK_M", tiles._BWD_SHAPES, dict(BLOCK_N=tiles._BLOCK), ("Q", "DO")),
+        ("dq", ra_bwd._bwd_dq_kernel, "BLOCK_N", tiles._BWD_SHAPES, dict(BLOCK_M=tiles._BLOCK), ("K", "V")),
     ]
     rows = []
 
-    def report(name, fn, consts, warps, stages, label):
+    def report(name, fn, consts, warps, stages, label, descs=(), block=0):
         arg_types = {a: types.get(a, "fp32" if "scale" in a else "i32") for a in fn.arg_names if a not in consts}
+        arg_types.update({a: f"tensordesc<{dtype}[{block}, {head_dim}]>" for a in descs})  # (a [block, D] tile)
         info = ptxas_info(fn, arg_types, consts, warps, stages)
         rows.append({"kernel": name, "config": label, **info})
         loads = " ".join(f"{k}:{v}" for k, v in sorted(info["loads"].items()))
@@ -240,19 +266,23 @@ def ptxas_report(head_dim: int, dtype: str, group: int, configs_per_kernel: int 
     pre = dict(HQ=0, HKV=40 // group, **rotary.launch_shape(16384, 0, 40 // group, head_dim)[1], CACHE_BLOCK=1,
                ROTATE=True, WRITE_K=True, WRITE_CACHE=False)  # fmt: skip
     report("rotary", rotary._rotary_kernel, pre, 4, 1, f"BLOCK_T={pre['BLOCK_T']} BLOCK_H={pre['BLOCK_H']}")
-    for name, fn, inner, shapes, extra in kernels:
+    for name, fn, inner, shapes, extra, descs in kernels:
         for block, warps, stages in shapes[:configs_per_kernel]:
-            report(name, fn, {**base, **extra, inner: block}, warps, stages, f"{inner}={block} w={warps} s={stages}")
+            consts = {**base, **extra, inner: block, "TMA": tma}
+            label = f"{inner}={block} w={warps} s={stages}" + (" TMA" if tma else "")
+            report(name, fn, consts, warps, stages, label, descs if tma else (), block)
     return rows
 
 
-# Launch variants the sweep times: (sequence block, inner tile, warps, stages) per kernel.
-SWEEP_FWD = [(128, n, 8, st) for n in (64, 128) for st in (2, 3, 4)] + [(128, 32, 8, 3)]
-SWEEP_FWD += [(64, n, 4, st) for n in (32, 64) for st in (2, 3)]
-SWEEP_DKDV = [(128, m, 8, st) for m in (16, 32) for st in (2, 3)]
-SWEEP_DKDV += [(64, m, w, 2) for m in (16, 32, 64) for w in (4, 8)]
-SWEEP_DQ = [(128, n, 8, st) for n in (16, 32, 64) for st in (2, 3)]
-SWEEP_DQ += [(64, n, 4, st) for n in (32, 64) for st in (2, 3)]
+# Launch variants the sweep times: (sequence block, inner tile, warps, stages, TMA) per kernel: every one with the
+# inner tiles by tensor descriptor, and the pointer-load variants that were fastest on the second lease (2026-12-04)
+SWEEP_FWD = [(128, n, 8, st, True) for n in (64, 128) for st in (2, 3, 4)] + [(128, 32, 8, 3, True)]
+SWEEP_FWD += [(64, n, 4, st, True) for n in (32, 64) for st in (2, 3)]
+SWEEP_FWD += [(64, 64, 4, 3, False), (128, 128, 8, 3, False)]
+SWEEP_DKDV = [(128, m, 8, st, True) for m in (16, 32) for st in (2, 3)]
+SWEEP_DKDV += [(64, m, w, 2, True) for m in (16, 32, 64) for w in (4, 8)] + [(64, 32, 4, 2, False)]
+SWEEP_DQ = [(128, n, 8, st, True) for n in (16, 32, 64) for st in (2, 3)]
+SWEEP_DQ += [(64, n, 4, st, True) for n in (32, 64) for st in (2, 3)] + [(128, 32, 8, 3, False)]
 
 
 def sweep(args, q, k, v, positions, cu, flops, fwd=SWEEP_FWD, dkdv=SWEEP_DKDV, dq=SWEEP_DQ) -> list[dict]:
@@ -280,21 +310,21 @@ def sweep(args, q, k, v, positions, cu, flops, fwd=SWEEP_FWD, dkdv=SWEEP_DKDV, d
         res = f"{row['ms']:8.3f} ms {row['tflops']:7.1f} TFLOP/s" if "ms" in row else row["error"]
         print(f"{kernel:5} {cfg_s:60} {res}", flush=True)
 
-    for bm, bn, w, st in fwd:
-        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+    for bm, bn, w, st, tma in fwd:
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, TMA=tma)
         fn = lambda cfg=cfg: ra._rope_attention_fwd(q, k, v, positions, cu, theta, scale, config=cfg)
         timed("fwd", cfg, fn, flops)
     bwd_flops = (args.fwd_bwd_factor - 1) * flops
     default_dq = dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
     default_dkdv = dict(BLOCK_N=128, BLOCK_M=32, num_warps=8, num_stages=2)
-    for bn, bm, w, st in dkdv:
-        cfg = dict(BLOCK_N=bn, BLOCK_M=bm, num_warps=w, num_stages=st)
+    for bn, bm, w, st, tma in dkdv:
+        cfg = dict(BLOCK_N=bn, BLOCK_M=bm, num_warps=w, num_stages=st, TMA=tma)
         fn = lambda cfg=cfg: ra_bwd._rope_attention_bwd(
             do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dkdv_config=cfg, dq_config=default_dq
         )
         timed("dkdv", cfg, fn, bwd_flops)  # the whole backward, dq fixed
-    for bm, bn, w, st in dq:
-        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+    for bm, bn, w, st, tma in dq:
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, TMA=tma)
         fn = lambda cfg=cfg: ra_bwd._rope_attention_bwd(
             do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dkdv_config=default_dkdv, dq_config=cfg
         )
@@ -338,13 +368,14 @@ def main() -> None:
         help="no timing: compile each autotune config for sm_90 offline "
         "and print registers / spills / shared memory for --head-dim, --dtype, --heads/--kv-heads",
     )
+    p.add_argument("--no-tma", dest="tma", action="store_false", help="--ptxas: the pointer-load variants")
     args = p.parse_args()
     if args.heads < 1 or (args.kv_heads is not None and args.kv_heads < 1):
         p.error(f"--heads and --kv-heads must be >= 1, got {args.heads} and {args.kv_heads}")
     if args.heads % (args.kv_heads or args.heads):
         p.error(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads} (each serves a group of heads)")
     if args.ptxas:
-        ptxas_report(args.head_dim, args.dtype, args.heads // (args.kv_heads or args.heads))
+        ptxas_report(args.head_dim, args.dtype, args.heads // (args.kv_heads or args.heads), tma=args.tma)
         return
 
     cuda = torch.cuda.is_available()

@@ -24,6 +24,8 @@ def _storages_alive(device_type: str = "cuda") -> set[int]:
         for o in gc.get_objects():
             try:
                 if isinstance(o, torch.Tensor) and o.device.type == device_type:
+                    if type(o).__name__ in ("FakeTensor", "FunctionalTensor"):  # (torch warns on their data pointers)
+                        continue
                     alive.add(o.untyped_storage().data_ptr())
             except (ReferenceError, RuntimeError):
                 continue
@@ -312,7 +314,8 @@ def ptxas_info(
     os.unlink(f.name)
     regs = re.search(r"Used (\d+) registers", res.stderr)
     spill = re.search(r"(\d+) bytes spill stores", res.stderr)
-    loads = collections.Counter(re.findall(r"\b(ld\.global[\w.]*|cp\.async\.c[ag][\w.]*)", ptx))
+    # (cp.async.bulk.tensor: a tensor descriptor's TMA copy)
+    loads = collections.Counter(re.findall(r"\b(ld\.global[\w.]*|cp\.async\.c[ag][\w.]*|cp\.async\.bulk\.tensor)", ptx))
     # the tensor-core instructions: Hopper's asynchronous warpgroup MMA (wgmma), or the Ampere-style mma.sync that
     # caps a kernel near flash-attention-2's rate on an H100
     mma = collections.Counter(m.split(".")[0] for m in re.findall(r"\b(wgmma\.mma_async|mma\.sync)\b", ptx))

@@ -21,8 +21,10 @@
 # without the fused step (which won at long contexts in the paged bench). The group `linear` (alone): the decode
 # projections' kernel (kernels/decode_linear.py) tested on the GPU with the sampling, paged attention and rotary tests,
 # timed against cuBLAS, the sampling bench (top-k's floor), the 13B rollouts with it (decode_config's linear 1; batch
-# 1 also with the first layer's norm apart: norm_rows 0) and then without, then its launch sweep. No NAME: everything,
-# in the order below.
+# 1 also with the first layer's norm apart: norm_rows 0) and then without, then its launch sweep. The group `tma`
+# (alone; ~4 minutes, after `linear` on a warm machine): issue 4's attention with its inner tiles by tensor descriptor
+# (Hopper's TMA), the rope attention tests on the GPU, the bench with ours by TMA and by pointer loads beside SDPA, and
+# the launch sweep (TMA and pointer variants). No NAME: everything, in the order below.
 # SUITE_COMMIT names the commit in summary.txt.
 #
 # The lease's limits shape this script: a call returns at most 8 files from OUT_DIR and is killed at its timeout.
@@ -194,6 +196,15 @@ if [[ "$names" == *" linear "* ]]; then  # the decode step's projections through
   bench rollout_b1_cublas 60 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 \
     --prompt-len 128 --gen-len 256 --no-hf
   bench linear_sweep 200 "$PY" bench/bench_decode_linear.py --rows 64 1 --sweep --budget-s 150
+  finish
+fi
+if [[ "$names" == *" tma "* ]]; then  # the attention's inner tiles by tensor descriptor (alone)
+  names="$names tma_tests rope_attention_tma rope_sweep "
+  step tma_tests 90 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test \
+    tests/kernels/test_rope_attention.py
+  # ours (TMA), ours by pointer loads, SDPA flash / cuDNN with and without HF's rotary, dense and packed
+  bench rope_attention_tma 120 "$PY" bench/bench_rope_attention.py --no-compile
+  bench rope_sweep 200 "$PY" bench/bench_rope_attention.py --sweep
   finish
 fi
 if [[ "$names" == *" long "* ]]; then  # the fused decode step where it should win: long contexts (~3 min warm)

@@ -46,6 +46,7 @@ class HostCopies:
     pending: torch.cuda.Event | None = None  # the last move_in's copies (and every earlier one's: one stream)
     last_written: torch.cuda.Event | None = None  # the last move_out's copies (likewise)
     blocks: list[torch.Tensor] = field(default_factory=list)  # the host memory of the buffers, page-locked on CUDA
+    unlockers: dict[int, weakref.finalize] = field(default_factory=dict)  # per locked block's address, its unlock
 
     @property
     def cuda(self) -> bool:
@@ -57,14 +58,16 @@ class HostCopies:
         return self.streams
 
     def reserve(self, specs: list[Spec]) -> None:
-        """Host buffers for the keys that have none of these shapes yet, in one new block (page-locked on CUDA)."""
+        """Host buffers for the keys that have none of these shapes yet, in one new block (page-locked on CUDA). A
+        block none of whose buffers a key holds any longer (every key in it got new shapes) is let go: unlocked, and
+        freed once no tensor made on it (on_buffers) is left."""
         specs = [(k, shapes) for k, shapes in specs if [(b.shape, b.dtype) for b in self.host.get(k, [])] != shapes]
         if not specs:
             return
         sizes = [[math.prod(shape) * dtype.itemsize for shape, dtype in shapes] for _, shapes in specs]
         block = _whole_pages(sum(-(-n // ALIGN) * ALIGN for ns in sizes for n in ns))
         if self.cuda and block.numel():
-            _page_lock(self, block)
+            self.unlockers[block.data_ptr()] = _page_lock(self, block)
         self.blocks.append(block)
         at = 0
         for (key, shapes), ns in zip(specs, sizes):
@@ -72,6 +75,12 @@ class HostCopies:
             for (shape, dtype), n in zip(shapes, ns):
                 self.host[key].append(block[at : at + n].view(dtype).view(shape))
                 at += -(-n // ALIGN) * ALIGN
+        held = {h.untyped_storage().data_ptr() for bufs in self.host.values() for h in bufs}
+        for old in [b for b in self.blocks if b is not block and b.untyped_storage().data_ptr() not in held]:
+            self.blocks.remove(old)
+            unlock = self.unlockers.pop(old.data_ptr(), None)
+            if unlock is not None:
+                unlock()  # (a finalizer runs once: not again when the owner is collected)
 
     def _reserve_for(self, groups: list[Group]) -> None:
         self.reserve([(k, [(t.shape, t.dtype) for t in ts]) for k, ts in groups])
@@ -199,9 +208,9 @@ def _whole_pages(nbytes: int) -> torch.Tensor:
 _UNLOCK_LATER: list[torch.Tensor] = []  # blocks collected while a CUDA graph was being captured
 
 
-def _page_lock(owner: HostCopies, block: torch.Tensor) -> None:
+def _page_lock(owner: HostCopies, block: torch.Tensor) -> weakref.finalize:
     """Register `block` with CUDA (page-locked: copies to and from it run asynchronously at full speed) until
-    `owner` is collected."""
+    `owner` is collected, or the returned finalizer is called."""
     while _UNLOCK_LATER:
         _unlock(_UNLOCK_LATER.pop())
     cudart = torch.cuda.cudart()
@@ -212,7 +221,7 @@ def _page_lock(owner: HostCopies, block: torch.Tensor) -> None:
             f"could not page-lock {nbytes / 2**30:.1f} GiB of host memory (cudaError {err}): --offload-optimizer off "
             "and --offload-idle-models off keep the optimizer state and the models on the GPU"
         )
-    weakref.finalize(owner, _unlock, block)  # (holds the block until it is unregistered)
+    return weakref.finalize(owner, _unlock, block)  # (holds the block until it is unregistered)
 
 
 def _unlock(block: torch.Tensor) -> None:

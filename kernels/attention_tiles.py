@@ -10,9 +10,12 @@ and their launcher.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.dispatch import INTERPRET, derived
 from kernels.rotary import reduce_angle
@@ -210,7 +213,19 @@ def _rotate(
 # Autotuned GPU variants (the sequence block, hence the grid, is fixed; only the inner tile and the
 # launch shape are tuned). Under the interpreter the plain kernels run with small fixed tiles.
 def _configs(inner_name: str, shapes: tuple[tuple[int, int, int], ...]) -> list[triton.Config]:
-    return [triton.Config({inner_name: b}, num_warps=w, num_stages=s) for b, w, s in shapes]
+    hook = functools.partial(_descriptor_hook, inner_name)  # (the tensor descriptors' block follows the tile)
+    return [triton.Config({inner_name: b}, num_warps=w, num_stages=s, pre_hook=hook) for b, w, s in shapes]
+
+
+def _descriptor_hook(inner_name: str, nargs: dict) -> None:
+    _set_blocks(nargs.values(), nargs[inner_name], nargs["HEAD_DIM"])
+
+
+def _set_blocks(args, rows: int, head_dim: int) -> None:
+    """Give every tensor descriptor among a launch's arguments the block its kernel loads: [inner tile, HEAD_DIM]."""
+    for a in args:
+        if isinstance(a, TensorDescriptor):
+            a.block_shape = [rows, head_dim]
 
 
 def _prune_fp32(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -232,8 +247,9 @@ _PRUNE = {"early_config_prune": _prune_fp32}
 # dq at 8 warps spills nothing up to BLOCK_N=64; dk/dv spills nothing at BLOCK_M 16/32 (112 B at BLOCK_M=64,
 # ~3 KB at 4 warps). Measured timings on a GPU are still owed (bench_rope_attention.py --sweep).
 # tune_bucket (an argument the kernels do not read): tokens in coarse buckets, so a config tuned on a small prefill
-# (a few hundred programs, launch-bound) is not reused for a training micro-batch or a long prefill, nor the reverse
-_KEY = ["HEAD_DIM", "GROUP", "tune_bucket"]
+# (a few hundred programs, launch-bound) is not reused for a training micro-batch or a long prefill, nor the reverse;
+# TMA: tiles by tensor descriptor and by pointer loads tune apart
+_KEY = ["HEAD_DIM", "GROUP", "tune_bucket", "TMA"]
 _FWD_SHAPES = ((64, 8, 2), (64, 8, 3), (64, 8, 4), (128, 8, 2), (128, 8, 3), (32, 8, 3))
 _BWD_SHAPES = ((16, 8, 2), (16, 8, 3), (32, 8, 2), (32, 8, 3), (64, 8, 2), (32, 4, 2))
 
@@ -284,12 +300,49 @@ def _launch(
     cu_blk, grid0, n_steps = _block_index(cu, n, block)
     args, grid = make_args(cu_blk), (grid0, heads)
     meta["tune_bucket"] = tune_bucket(n)
+    if config or INTERPRET:  # (the autotuned launches set the descriptors' blocks in each config's pre-hook)
+        _set_blocks(args, config[inner] if config else _INNER_INTERPRET, meta["HEAD_DIM"])
     if config:
         kernel[grid](*args, N_STEPS=n_steps, **config, **meta)
     elif INTERPRET:
         kernel[grid](*args, N_STEPS=n_steps, **{seq_block: block, inner: _INNER_INTERPRET}, **meta)
     else:
         tuned[grid](*args, N_STEPS=n_steps, **{seq_block: block}, **meta)
+
+
+# The inner loops' key/value (or query/gradient) tiles through Hopper's tensor memory accelerator: a tensor
+# descriptor over the [N, H * D] rows, one bulk copy a tile into shared memory, no per-element addresses in
+# registers. False: pointer loads (cp.async) everywhere (what sm_80 runs, and what benches compare against).
+TMA_LOADS = True
+
+
+def use_tma(head_dim: int, *tensors: torch.Tensor) -> bool:
+    """Whether a launch can read these [N, H, D] tensors by TMA: TMA_LOADS on, an sm_90+ GPU (or the interpreter,
+    which emulates the copies), head-dim halves at least tl.dot's 16 wide (smaller ones are padded pairs), and
+    each tensor's heads side by side in 16-byte aligned rows (a qkv projection's slices are)."""
+    if not TMA_LOADS or head_dim // 2 < 16:
+        return False
+    dev = tensors[0].device
+    if not INTERPRET and (dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] < 9):
+        return False
+    aligned = lambda x: x.data_ptr() % 16 == 0 and x.stride(0) * x.element_size() % 16 == 0  # noqa: E731
+    return all(x.stride(2) == 1 and x.stride(1) == head_dim and aligned(x) for x in tensors)
+
+
+def _pop_tma(config: dict | None, head_dim: int, *tensors: torch.Tensor) -> tuple[dict | None, bool]:
+    """An explicit launch config without its TMA key, and whether the launch reads these tensors' tiles by tensor
+    descriptor: the key's value if given, else use_tma."""
+    config = dict(config) if config else None
+    if config and "TMA" in config:
+        return config, bool(config.pop("TMA"))
+    return config, use_tma(head_dim, *tensors)
+
+
+def rows_descriptor(x: torch.Tensor) -> TensorDescriptor:
+    """A tensor descriptor over the rows of x [N, H, D] as [N, H * D] (a head's tile: column h * D); its block is
+    set per launch (_set_blocks)."""
+    n, h, d = x.shape
+    return TensorDescriptor(x, shape=[n, h * d], strides=[x.stride(0), 1], block_shape=[16, d])
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:

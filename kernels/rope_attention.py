@@ -61,9 +61,11 @@ from kernels.attention_tiles import (
     _load_tile,
     _open_tile,
     _operand,
+    _pop_tma,
     _rotate,
     _store_tile,
     _tile_rows,
+    rows_descriptor,
 )
 from kernels.dispatch import loop_bound, use_triton
 from kernels.rope_attention_bwd import _rope_attention_bwd
@@ -77,16 +79,25 @@ _SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 @triton.jit
 def _fwd_step(
     acc, l_i, m_i, q1r, q2r, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn, offs_h, offs_d,
-    qk_scale, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+    qk_scale, kv_col, like, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """One key tile (keys already rotated) of the online softmax. MASKED: a diagonal tile (causal mask, keys may
-    run past the end). q1r, q2r: the rotated query tile as a head-dim pair (_load_hd)."""
+    run past the end). q1r, q2r: the rotated query tile as a head-dim pair (_load_hd). TMA: k_base and v_base are
+    tensor descriptors over [N, Hkv * D] (the tile at row tok0 + start_n, column kv_col), else pointers.
+    like: a pointer of the inputs' dtype (what p is rounded to)."""
     PAD: tl.constexpr = HALF != HEAD_DIM // 2
     offs_n, n_ok, rows_n = _tile_rows(tok0, start_n, seq_len, BLOCK_N)
-    k1r, k2r = _load_hd(k_base, rows_n, n_ok, stride_kn, offs_h, offs_d, MASKED, HEAD_DIM, HALF, DOT_DTYPE)
-    qk = _dot_nt(q1r, q2r, k1r, k2r, PAD, PREC)
-    v = _load_tile(v_base, rows_n, n_ok, stride_vn, offs_d, HEAD_DIM, MASKED, False).to(DOT_DTYPE)
+    if TMA:  # (never PAD) Hopper's tensor memory accelerator copies the tiles into shared memory
+        k = k_base.load([tok0 + start_n, kv_col]).to(DOT_DTYPE)
+        qk = tl.dot(q1r, tl.trans(k), input_precision=PREC)
+        v = v_base.load([tok0 + start_n, kv_col]).to(DOT_DTYPE)
+        if MASKED:  # rows past the sequence (the next one's, or the copy's zeros): p is 0 there, and so is v
+            v = tl.where(n_ok[:, None], v, 0.0)
+    else:
+        k1r, k2r = _load_hd(k_base, rows_n, n_ok, stride_kn, offs_h, offs_d, MASKED, HEAD_DIM, HALF, DOT_DTYPE)
+        qk = _dot_nt(q1r, q2r, k1r, k2r, PAD, PREC)
+        v = _load_tile(v_base, rows_n, n_ok, stride_vn, offs_d, HEAD_DIM, MASKED, False).to(DOT_DTYPE)
     if MASKED:
         qk = tl.where(offs_n[None, :] <= offs_m[:, None], qk, float("-inf"))
     m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -94,7 +105,7 @@ def _fwd_step(
     alpha = tl.exp2(m_i - m_ij)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    acc = tl.dot(_operand(p, v_base, DOT_DTYPE), v, acc, input_precision=PREC)
+    acc = tl.dot(_operand(p, like, DOT_DTYPE), v, acc, input_precision=PREC)
     return acc, l_i, m_ij
 
 
@@ -105,12 +116,13 @@ def _fwd_kernel(
     n_tokens, num_seqs, qk_scale,
     N_STEPS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, TAB_ROWS: tl.constexpr, SAVE_ROT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    PREC: tl.constexpr, tune_bucket,
+    PREC: tl.constexpr, TMA: tl.constexpr, tune_bucket,
 ):  # fmt: skip
     """Grid (query blocks of all sequences (upper bound), Hq). O [N, Hq, D]; LSE [Hq, N] fp32 (base 2).
 
     K holds the keys already rotated (kernels/rotary.py, once per token); q is rotated here, once per tile.
-    SAVE_ROT: also store the rotated q in QR [N, Hq, D] (head stride D) for the backward."""
+    SAVE_ROT: also store the rotated q in QR [N, Hq, D] (head stride D) for the backward. TMA: K and V are tensor
+    descriptors over their [N, Hkv * D] rows with [BLOCK_N, HEAD_DIM] blocks (the strides then unused)."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     if pid >= tl.load(CU_BLK + num_seqs):
@@ -139,19 +151,23 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    k_base = K + kvh * stride_kh
-    v_base = V + kvh * stride_vh
+    if TMA:
+        k_base = K
+        v_base = V
+    else:
+        k_base = K + kvh * stride_kh
+        v_base = V + kvh * stride_vh
     # off-diagonal key tiles [0, start_m): all visible, no mask
     for start_n in range(0, loop_bound(start_m), BLOCK_N):
         acc, l_i, m_i = _fwd_step(
             acc, l_i, m_i, q1r, q2r, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn,
-            offs_h, offs_d, qk_scale, False, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC,
+            offs_h, offs_d, qk_scale, kvh * HEAD_DIM, Q, False, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC, TMA,
         )  # fmt: skip
     # diagonal key tiles [start_m, min(start_m + BLOCK_M, seq_len)): causal mask
     for start_n in range(loop_bound(start_m), loop_bound(tl.minimum(start_m + BLOCK_M, seq_len)), BLOCK_N):
         acc, l_i, m_i = _fwd_step(
             acc, l_i, m_i, q1r, q2r, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn,
-            offs_h, offs_d, qk_scale, True, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC,
+            offs_h, offs_d, qk_scale, kvh * HEAD_DIM, Q, True, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC, TMA,
         )  # fmt: skip
 
     acc = acc / l_i[:, None]
@@ -223,8 +239,9 @@ def _rope_attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Launch the rotary pre-pass and the forward. Returns out [N, Hq, D] (q's dtype), lse [Hq, N] fp32 (base-2,
     scaled scores), the rotated q [N, Hq, D] with save_rotated (else None) and the rotated k [N, Hkv, D]: what
-    the backward needs. config: an explicit launch {BLOCK_M (query block), BLOCK_N, num_warps, num_stages}
-    instead of the autotuned one (benchmark sweeps, tests)."""
+    the backward needs. config: an explicit launch {BLOCK_M (query block), BLOCK_N, num_warps, num_stages, and
+    TMA: whether K and V tiles come by tensor descriptor (default: attention_tiles.use_tma)} instead of the autotuned
+    one (benchmark sweeps, tests)."""
     n, hq, d = q.shape
     hkv = k.shape[1]
     if d not in _SUPPORTED_HEAD_DIMS:
@@ -252,12 +269,14 @@ def _rope_attention_fwd(
     launch_rotary(k, v, positions, rope_theta=rope_theta, k_out=k_rot, **cache)
     if cache and cache["k_cache"].dtype != q.dtype:  # a float8 cache: attend to what the decode steps will read
         k_rot, v = reference.read_back_kv(k_rot, v, cache["k_cache"], cache["v_cache"], cache["slot_mapping"])
+    config, tma = _pop_tma(config, d, k_rot, v)
+    kd, vd = (rows_descriptor(k_rot), rows_descriptor(v)) if tma else (k_rot, v)
     make_args = lambda cu_blk: (
-        q, k_rot, v, out, lse, positions, cu, cu_blk, inv_freq, tab, q_rot if save_rotated else out,
+        q, kd, vd, out, lse, positions, cu, cu_blk, inv_freq, tab, q_rot if save_rotated else out,
         q.stride(0), q.stride(1), k_rot.stride(0), k_rot.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), hq * d, n, cu.numel() - 1, softmax_scale * _LOG2E,
     )  # fmt: skip
-    meta = dict(GROUP=hq // hkv, HEAD_DIM=d, HALF=max(d // 2, 16), TAB_ROWS=TAB_ROWS, SAVE_ROT=save_rotated)
+    meta = dict(GROUP=hq // hkv, HEAD_DIM=d, HALF=max(d // 2, 16), TAB_ROWS=TAB_ROWS, SAVE_ROT=save_rotated, TMA=tma)
     _launch(_fwd_kernel, _fwd_tuned, hq, make_args, cu, n, "BLOCK_M", "BLOCK_N", config, **meta, **_dot_args(q.dtype))
     return out, lse, q_rot, k_rot
 

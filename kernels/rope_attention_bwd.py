@@ -29,10 +29,12 @@ from kernels.attention_tiles import (
     _load_tile,
     _open_tile,
     _operand,
+    _pop_tma,
     _rotate,
     _store_tile,
     _tile_rows,
     _zeros_hd,
+    rows_descriptor,
 )
 from kernels.dispatch import INTERPRET, loop_bound
 from kernels.rotary import TAB_ROWS, rope_tables
@@ -58,15 +60,25 @@ def _bwd_delta_kernel(
 @triton.jit
 def _bwd_dkdv_step(
     dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base, delta_base, stride_qn,
-    stride_don, offs_h, offs_d, qk_scale, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HALF: tl.constexpr, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+    stride_don, offs_h, offs_d, qk_scale, col, like, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """One query tile against this program's key tile (transposed scores [BLOCK_N, BLOCK_M]). k1r, k2r and
-    the accumulators dk1, dk2 are head-dim pairs (_load_hd, _zeros_hd)."""
+    the accumulators dk1, dk2 are head-dim pairs (_load_hd, _zeros_hd). MASKED: a diagonal tile (causal mask) or
+    the sequence's last, partial one. TMA: q_base and do_base are tensor descriptors over [N, Hq * D] (this head's
+    tile at column col), else pointers; like: a pointer of the inputs' dtype."""
     PAD: tl.constexpr = HALF != HEAD_DIM // 2
     offs_m, m_ok, rows_m = _tile_rows(tok0, start_m, seq_len, BLOCK_M)
-    q1r, q2r = _load_hd(q_base, rows_m, m_ok, stride_qn, offs_h, offs_d, True, HEAD_DIM, HALF, DOT_DTYPE)
-    do = _load_tile(do_base, rows_m, m_ok, stride_don, offs_d, HEAD_DIM, True, False).to(DOT_DTYPE)
+    if TMA:  # (never PAD) a whole tile by one copy; rows past the sequence (in a MASKED tile only) set to 0 below
+        q1r = q_base.load([tok0 + start_m, col]).to(DOT_DTYPE)
+        do = do_base.load([tok0 + start_m, col]).to(DOT_DTYPE)
+        if MASKED:
+            q1r = tl.where(m_ok[:, None], q1r, 0.0)
+            do = tl.where(m_ok[:, None], do, 0.0)
+        q2r = q1r
+    else:
+        q1r, q2r = _load_hd(q_base, rows_m, m_ok, stride_qn, offs_h, offs_d, True, HEAD_DIM, HALF, DOT_DTYPE)
+        do = _load_tile(do_base, rows_m, m_ok, stride_don, offs_d, HEAD_DIM, True, False).to(DOT_DTYPE)
     # rows past the sequence end get lse = +inf, hence p = 0: they contribute nothing
     lse = tl.load(lse_base + tok0 + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(delta_base + tok0 + offs_m, mask=m_ok, other=0.0)
@@ -74,9 +86,9 @@ def _bwd_dkdv_step(
     p_t = tl.exp2(qk_t * qk_scale - lse[None, :])
     if MASKED:
         p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
-    dv = tl.dot(_operand(p_t, q_base, DOT_DTYPE), do, dv, input_precision=PREC)
+    dv = tl.dot(_operand(p_t, like, DOT_DTYPE), do, dv, input_precision=PREC)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
-    ds_t = _operand(p_t * (dp_t - delta[None, :]), q_base, DOT_DTYPE)
+    ds_t = _operand(p_t * (dp_t - delta[None, :]), like, DOT_DTYPE)
     dk1, dk2 = _dot_acc(ds_t, q1r, q2r, dk1, dk2, PAD, PREC)
     return dk1, dk2, dv
 
@@ -88,11 +100,13 @@ def _bwd_dkdv_kernel(
     stride_dkn, stride_dkh, stride_dvn, stride_dvh,
     n_tokens, num_seqs, qk_scale, sm_scale,
     N_STEPS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, TAB_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, tune_bucket,
+    BLOCK_M: tl.constexpr, TAB_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+    tune_bucket,
 ):  # fmt: skip
     """Grid (key blocks of all sequences (upper bound), Hkv). dk, dv of one key tile, summed over the group.
 
-    Q, K are the rotated q and k the forward saved; dk is rotated back (by -angle) at the end."""
+    Q, K are the rotated q and k the forward saved; dk is rotated back (by -angle) at the end. TMA: Q and DO are
+    tensor descriptors over their [N, Hq * D] rows with [BLOCK_M, HEAD_DIM] blocks."""
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     if pid >= tl.load(CU_BLK + num_seqs):
@@ -108,25 +122,36 @@ def _bwd_dkdv_kernel(
     dk1, dk2 = _zeros_hd(BLOCK_N, HEAD_DIM, HALF)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     diag_end = tl.minimum(start_n + BLOCK_N, seq_len)
+    # query tiles: the diagonal ones [start_n, start_n + BLOCK_N) (causal mask), the later whole ones (no mask), and
+    # the sequence's last tile if partial (rows past the end masked)
+    full_end = start_n + BLOCK_N + (seq_len - start_n - BLOCK_N) // BLOCK_M * BLOCK_M
     for g in range(GROUP):
         h = kvh * GROUP + g
-        q_base = Q + h * stride_qh
-        do_base = DO + h * stride_doh
+        if TMA:
+            q_base = Q
+            do_base = DO
+        else:
+            q_base = Q + h * stride_qh
+            do_base = DO + h * stride_doh
         lse_base = LSE + h * n_tokens
         delta_base = DELTA + h * n_tokens
-        # diagonal query tiles [start_n, start_n + BLOCK_N): causal mask
         for start_m in range(loop_bound(start_n), loop_bound(diag_end), BLOCK_M):
             dk1, dk2, dv = _bwd_dkdv_step(
                 dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base,
-                delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale,
-                True, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC,
+                delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale, h * HEAD_DIM, K,
+                True, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA,
             )  # fmt: skip
-        # later query tiles see the whole key tile: no mask
-        for start_m in range(loop_bound(start_n + BLOCK_N), loop_bound(seq_len), BLOCK_M):
+        for start_m in range(loop_bound(start_n + BLOCK_N), loop_bound(full_end), BLOCK_M):
             dk1, dk2, dv = _bwd_dkdv_step(
                 dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base,
-                delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale,
-                False, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC,
+                delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale, h * HEAD_DIM, K,
+                False, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA,
+            )  # fmt: skip
+        for start_m in range(loop_bound(tl.maximum(full_end, start_n + BLOCK_N)), loop_bound(seq_len), BLOCK_M):
+            dk1, dk2, dv = _bwd_dkdv_step(
+                dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base,
+                delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale, h * HEAD_DIM, K,
+                True, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA,
             )  # fmt: skip
 
     # dv first: its registers are free before the rotation's temporaries are needed
@@ -144,21 +169,30 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _bwd_dq_step(
     dq1, dq2, q1r, q2r, do, lse, delta, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn,
-    offs_h, offs_d, qk_scale, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+    offs_h, offs_d, qk_scale, kv_col, like, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """One key tile against this program's query tile. q1r, q2r and the accumulators dq1, dq2 are head-dim
-    pairs (_load_hd, _zeros_hd)."""
+    pairs (_load_hd, _zeros_hd). TMA: k_base and v_base are tensor descriptors over [N, Hkv * D] (the tile at
+    column kv_col), else pointers; like: a pointer of the inputs' dtype."""
     PAD: tl.constexpr = HALF != HEAD_DIM // 2
     offs_n, n_ok, rows_n = _tile_rows(tok0, start_n, seq_len, BLOCK_N)
-    k1r, k2r = _load_hd(k_base, rows_n, n_ok, stride_kn, offs_h, offs_d, MASKED, HEAD_DIM, HALF, DOT_DTYPE)
-    v = _load_tile(v_base, rows_n, n_ok, stride_vn, offs_d, HEAD_DIM, MASKED, False).to(DOT_DTYPE)
+    if TMA:  # (never PAD) rows past the sequence (a diagonal tile's only) set to 0: p is 0 there, ds must be too
+        k1r = k_base.load([tok0 + start_n, kv_col]).to(DOT_DTYPE)
+        v = v_base.load([tok0 + start_n, kv_col]).to(DOT_DTYPE)
+        if MASKED:
+            k1r = tl.where(n_ok[:, None], k1r, 0.0)
+            v = tl.where(n_ok[:, None], v, 0.0)
+        k2r = k1r
+    else:
+        k1r, k2r = _load_hd(k_base, rows_n, n_ok, stride_kn, offs_h, offs_d, MASKED, HEAD_DIM, HALF, DOT_DTYPE)
+        v = _load_tile(v_base, rows_n, n_ok, stride_vn, offs_d, HEAD_DIM, MASKED, False).to(DOT_DTYPE)
     qk = _dot_nt(q1r, q2r, k1r, k2r, PAD, PREC)
     p = tl.exp2(qk * qk_scale - lse[:, None])
     if MASKED:
         p = tl.where(offs_n[None, :] <= offs_m[:, None], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-    ds = _operand(p * (dp - delta[:, None]), k_base, DOT_DTYPE)
+    ds = _operand(p * (dp - delta[:, None]), like, DOT_DTYPE)
     dq1, dq2 = _dot_acc(ds, k1r, k2r, dq1, dq2, PAD, PREC)
     return dq1, dq2
 
@@ -170,11 +204,13 @@ def _bwd_dq_kernel(
     stride_dqn, stride_dqh,
     n_tokens, num_seqs, qk_scale, sm_scale,
     N_STEPS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, TAB_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, tune_bucket,
+    BLOCK_N: tl.constexpr, TAB_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+    tune_bucket,
 ):  # fmt: skip
     """Grid (query blocks of all sequences (upper bound), Hq). dq of one query tile.
 
-    Q, K are the rotated q and k the forward saved; dq is rotated back (by -angle) at the end."""
+    Q, K are the rotated q and k the forward saved; dq is rotated back (by -angle) at the end. TMA: K and V are
+    tensor descriptors over their [N, Hkv * D] rows with [BLOCK_N, HEAD_DIM] blocks."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     if pid >= tl.load(CU_BLK + num_seqs):
@@ -191,19 +227,23 @@ def _bwd_dq_kernel(
     delta = tl.load(DELTA + h * n_tokens + tok0 + offs_m, mask=m_ok, other=0.0)
 
     dq1, dq2 = _zeros_hd(BLOCK_M, HEAD_DIM, HALF)
-    k_base = K + kvh * stride_kh
-    v_base = V + kvh * stride_vh
+    if TMA:
+        k_base = K
+        v_base = V
+    else:
+        k_base = K + kvh * stride_kh
+        v_base = V + kvh * stride_vh
     for start_n in range(0, loop_bound(start_m), BLOCK_N):
         dq1, dq2 = _bwd_dq_step(
             dq1, dq2, q1r, q2r, do, lse, delta, offs_m, start_n, seq_len, tok0, k_base, v_base,
-            stride_kn, stride_vn, offs_h, offs_d, qk_scale,
-            False, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC,
+            stride_kn, stride_vn, offs_h, offs_d, qk_scale, kvh * HEAD_DIM, Q,
+            False, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC, TMA,
         )  # fmt: skip
     for start_n in range(loop_bound(start_m), loop_bound(tl.minimum(start_m + BLOCK_M, seq_len)), BLOCK_N):
         dq1, dq2 = _bwd_dq_step(
             dq1, dq2, q1r, q2r, do, lse, delta, offs_m, start_n, seq_len, tok0, k_base, v_base,
-            stride_kn, stride_vn, offs_h, offs_d, qk_scale,
-            True, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC,
+            stride_kn, stride_vn, offs_h, offs_d, qk_scale, kvh * HEAD_DIM, Q,
+            True, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC, TMA,
         )  # fmt: skip
 
     dq1, dq2 = _halves(dq1, dq2, BLOCK_M, HEAD_DIM, HALF)
@@ -243,7 +283,8 @@ def _rope_attention_bwd(
 
     q_rot, k_rot: the rotated q and k saved by the forward (save_rotated=True); dq and dk come back unrotated.
     dkdv_config {BLOCK_N (key block), BLOCK_M, num_warps, num_stages} and dq_config {BLOCK_M (query block),
-    BLOCK_N, num_warps, num_stages}: explicit launches instead of the autotuned ones (sweeps, tests).
+    BLOCK_N, num_warps, num_stages}, each with an optional TMA (bool): explicit launches instead of the autotuned
+    ones (sweeps, tests).
     """
     q, k = q_rot, k_rot
     n, hq, d = q.shape
@@ -266,14 +307,22 @@ def _rope_attention_bwd(
         out, do, delta, out.stride(0), out.stride(1), do.stride(0), do.stride(1), n, HEAD_DIM=d, BLOCK_T=block_t
     )
     common = dict(GROUP=hq // hkv, HEAD_DIM=d, HALF=max(d // 2, 16), TAB_ROWS=TAB_ROWS, **_dot_args(q.dtype))
+    # the inner loops' tiles by tensor descriptor where they can (attention_tiles.use_tma): dk/dv reads q and do,
+    # dq reads k and v; an explicit config's TMA key says instead
+    dkdv_config, dkdv_tma = _pop_tma(dkdv_config, d, q, do)
+    dq_config, dq_tma = _pop_tma(dq_config, d, k, v)
+    qd, dod = (rows_descriptor(q), rows_descriptor(do)) if dkdv_tma else (q, do)
+    kd, vd = (rows_descriptor(k), rows_descriptor(v)) if dq_tma else (k, v)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
     scalars = (n, cu.numel() - 1, softmax_scale * _LOG2E, softmax_scale)
     # each kernel's grid covers the blocks of its own sequence-block size (the key block of dk/dv, the query
     # block of dq), so the two can be tuned apart
-    dkdv_args = lambda cu_blk: (q, k, v, do, lse, delta, dk, dv, positions, cu, cu_blk, inv_freq, tab, *strides,
+    dkdv_args = lambda cu_blk: (qd, k, v, dod, lse, delta, dk, dv, positions, cu, cu_blk, inv_freq, tab, *strides,
                                 dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *scalars)  # fmt: skip
-    dq_args = lambda cu_blk: (q, k, v, do, lse, delta, dq, positions, cu, cu_blk, inv_freq, tab, *strides,
+    dq_args = lambda cu_blk: (q, kd, vd, do, lse, delta, dq, positions, cu, cu_blk, inv_freq, tab, *strides,
                               dq.stride(0), dq.stride(1), *scalars)  # fmt: skip
-    _launch(_bwd_dkdv_kernel, _dkdv_tuned, hkv, dkdv_args, cu, n, "BLOCK_N", "BLOCK_M", dkdv_config, **common)
-    _launch(_bwd_dq_kernel, _dq_tuned, hq, dq_args, cu, n, "BLOCK_M", "BLOCK_N", dq_config, **common)
+    _launch(
+        _bwd_dkdv_kernel, _dkdv_tuned, hkv, dkdv_args, cu, n, "BLOCK_N", "BLOCK_M", dkdv_config, **common, TMA=dkdv_tma
+    )
+    _launch(_bwd_dq_kernel, _dq_tuned, hq, dq_args, cu, n, "BLOCK_M", "BLOCK_N", dq_config, **common, TMA=dq_tma)
     return dq, dk, dv

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -160,8 +161,11 @@ def test_storages_alive_skips_dead_proxies_and_fake_tensors():
     with FakeTensorMode():
         fake = torch.empty(4)  # noqa: F841 (alive in gc while the scan runs)
     real = torch.ones(3)
-    alive = C._storages_alive("cpu")
+    with warnings.catch_warnings(record=True) as caught:  # (nor reads a fake one's data pointer: torch warns then)
+        warnings.simplefilter("always")
+        alive = C._storages_alive("cpu")
     assert real.untyped_storage().data_ptr() in alive
+    assert not [w for w in caught if "FakeTensor" in str(w.message)], [str(w.message) for w in caught]
     assert dead is not None  # (kept alive until here)
 
 
@@ -292,7 +296,7 @@ def test_rope_rows_figures(monkeypatch):
 
 def test_rope_sweep_figures_and_best(monkeypatch, capsys):
     """Each variant's TFLOP/s from its (stubbed) time, the backward's FLOPs (factor - 1) x the forward's, and the
-    fastest variant named."""
+    fastest variant named, with how its tiles are read (TMA: tensor descriptors, or pointer loads)."""
     import bench.bench_rope_attention as B
 
     times = iter([4.0, 2.0, 5.0, 10.0])
@@ -303,10 +307,12 @@ def test_rope_sweep_figures_and_best(monkeypatch, capsys):
     args = SimpleNamespace(rope_theta=10000.0, warmup=0, rep=0, fwd_bwd_factor=3.5)
     rows = B.sweep(
         args, q, k, v, torch.arange(t), cu, 1e9,
-        fwd=[(32, 16, 4, 2), (16, 16, 4, 2)], dkdv=[(16, 16, 4, 2)], dq=[(32, 16, 4, 2)],
+        fwd=[(32, 16, 4, 2, True), (16, 16, 4, 2, False)], dkdv=[(16, 16, 4, 2, True)], dq=[(32, 16, 4, 2, True)],
     )  # fmt: skip
     assert [r["tflops"] for r in rows] == approx([1e9 / 4 / 1e9, 1e9 / 2 / 1e9, 2.5 * 1e9 / 5 / 1e9, 0.25])
-    assert "best fwd: BLOCK_M=16 BLOCK_N=16" in capsys.readouterr().out
+    assert "best fwd: BLOCK_M=16 BLOCK_N=16 num_warps=4 num_stages=2 TMA=False" in capsys.readouterr().out
+    assert all(len(v) == 5 for v in B.SWEEP_FWD + B.SWEEP_DKDV + B.SWEEP_DQ)  # (the launch, and TMA or not)
+    assert {v[-1] for v in B.SWEEP_FWD} == {True, False}
 
 
 def test_rope_bench_counts_the_query_heads_of_each_sequence(tmp_path, monkeypatch):
@@ -623,6 +629,15 @@ def test_rope_sweep_stopped_midway_keeps_what_it_measured(monkeypatch, tmp_path)
     out = tmp_path / "s.json"
     args = SimpleNamespace(rope_theta=10000.0, warmup=0, rep=0, fwd_bwd_factor=3.5, json=str(out))
     with pytest.raises(KeyboardInterrupt):
-        B.sweep(args, q, k, v, torch.arange(t), cu, 1e9, fwd=[(32, 16, 4, 2), (16, 16, 4, 2), (32, 32, 4, 2)])
+        B.sweep(
+            args,
+            q,
+            k,
+            v,
+            torch.arange(t),
+            cu,
+            1e9,
+            fwd=[(32, 16, 4, 2, True), (16, 16, 4, 2, True), (32, 32, 4, 2, False)],
+        )
     saved = json.loads(out.read_text())
     assert [r["ms"] for r in saved["sweep"]] == [4.0, 2.0] and saved["device"] == "cpu"

@@ -219,3 +219,16 @@ def test_linear_group_tests_benches_then_runs_the_rollouts_both_ways(tmp_path):
     assert '--decode-config {"linear": 1}' in ours and "--batch 64" in ours, ours
     assert "--decode-config" not in cublas and "--batch 64" in cublas, cublas
     assert "--sweep" in (work / "linear_sweep.log").read_text()
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("tar") is None, reason="needs coreutils and tar")
+def test_tma_group_tests_then_benches_the_attention_both_ways_then_sweeps(tmp_path):
+    """`tma`: the rope attention tests on the GPU, its bench (ours by tensor descriptor beside ours by pointer loads,
+    SDPA's backends; no torch.compile row), then the launch sweep; nothing of the other groups."""
+    steps, summary, run = _run_group(tmp_path, STUB.replace("sleep 60", "true"), "tma")
+    work = run["work"]
+    assert steps == ["tma_tests", "rope_attention_tma", "rope_sweep"], summary
+    assert "tests/kernels/test_rope_attention.py" in (work / "tma_tests.log").read_text()
+    bench = (work / "rope_attention_tma.log").read_text()
+    assert "bench/bench_rope_attention.py --no-compile" in bench and "--sweep" not in bench, bench
+    assert "--sweep" in (work / "rope_sweep.log").read_text()

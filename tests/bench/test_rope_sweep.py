@@ -15,10 +15,11 @@ def test_rope_sweep_smoke(capsys):
     args = SimpleNamespace(rope_theta=10000.0, warmup=0, rep=0, fwd_bwd_factor=3.5)
     rows = sweep(
         args, q, k, v, positions, cu, causal_flops([t] * b, h, d),
-        fwd=[(32, 16, 4, 2), (32, 64, 4, 2)], dkdv=[(16, 16, 4, 2)], dq=[(32, 16, 4, 2)],
+        fwd=[(32, 16, 4, 2, True), (32, 64, 4, 2, True), (32, 16, 4, 2, False)],
+        dkdv=[(16, 16, 4, 2, True), (16, 16, 4, 2, False)], dq=[(32, 16, 4, 2, False)],
     )  # fmt: skip
-    assert [r["kernel"] for r in rows] == ["fwd", "fwd", "dkdv", "dq"]
-    assert all(r["ms"] > 0 for i, r in enumerate(rows) if i != 1)
+    assert [r["kernel"] for r in rows] == ["fwd", "fwd", "fwd", "dkdv", "dkdv", "dq"]
+    assert all(r["ms"] > 0 for i, r in enumerate(rows) if i != 1)  # (tiles by tensor descriptor and by pointers)
     assert "must divide" in rows[1]["error"]  # an impossible variant is reported, not fatal
     out = capsys.readouterr().out
     assert "best fwd: BLOCK_M=32 BLOCK_N=16" in out and "best dq:" in out

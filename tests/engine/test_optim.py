@@ -455,6 +455,40 @@ def test_host_buffers_start_aligned():
     assert all(h.data_ptr() % offload.ALIGN == 0 for hs in c.host.values() for h in hs)
 
 
+def test_a_host_block_no_key_holds_is_let_go(monkeypatch):
+    """reserve() with new shapes for keys puts them in a new block; the old block is kept while another key's buffers
+    are in it, and unlocked and dropped once none are (a run whose shapes change does not pile up page-locked host
+    memory). Its unlock runs once: not again when the owner is collected."""
+    calls = []
+
+    class FakeCudart:
+        def cudaHostRegister(self, ptr, nbytes, flags):
+            calls.append(("register", ptr))
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            calls.append(("unregister", ptr))
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart())
+    c = offload.HostCopies(torch.device("cuda"))  # (nothing touches a device: the copies are not called)
+    spec = lambda *n: [(torch.Size([m]), torch.float32) for m in n]  # noqa: E731
+    c.reserve([(0, spec(100)), (1, spec(300))])
+    first = c.blocks[0].data_ptr()
+    c.reserve([(0, spec(200))])  # key 1 still in the first block
+    assert len(c.blocks) == 2 and c.blocks[0].data_ptr() == first and ("unregister", first) not in calls
+    c.reserve([(1, spec(50, 60))])  # nothing left in the first block
+    assert len(c.blocks) == 2 and first not in [b.data_ptr() for b in c.blocks]
+    assert calls.count(("unregister", first)) == 1
+    assert [h.numel() for h in c.host[0]] == [200] and [h.numel() for h in c.host[1]] == [50, 60]
+    c.reserve([(0, spec(200)), (1, spec(50, 60))])  # the same shapes: nothing new
+    assert len(c.blocks) == 2 and calls.count(("register", first)) == 1
+    kept = [b.data_ptr() for b in c.blocks]
+    del c
+    assert calls.count(("unregister", first)) == 1 and all(("unregister", p) in calls for p in kept)
+
+
 def test_bf16_micro_batch_grads_accumulate_once_each():
     import dataclasses
 

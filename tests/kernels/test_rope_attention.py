@@ -127,6 +127,58 @@ def test_explicit_launch_configs(fwd, dkdv, dq):
         _rope_attention_fwd(q, k, v, positions, cu, 10000.0, scale, config=dict(BLOCK_M=32, BLOCK_N=64))
 
 
+@pytest.mark.parametrize("tma", [True, False])
+def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma):
+    """The tiles that run past a sequence's end hold the next sequence's rows (a tensor descriptor copies whole
+    tiles) or masked zeros (pointer loads): either way they must not reach the sequence's results. With every
+    input and output gradient of the middle sequence inf or NaN, the two around it match float64, forward and
+    backward, by tensor-descriptor (TMA) tiles and by pointer loads. Lengths end inside the tiles of every
+    kernel (the dk/dv kernel's last, partial query tile included)."""
+    lengths = [45, 23, 37]
+    cu, positions = _pack(lengths)
+    n = int(cu[-1])
+    q, k, v = _inputs(n, 4, 2, 32, torch.float32)
+    do = torch.randn(n, 4, 32)
+    bad = slice(45, 68)
+    for x, fill in ((q, math.inf), (k, math.nan), (v, -math.inf), (do, math.nan)):
+        x[bad] = fill
+    fwd = dict(BLOCK_M=32, BLOCK_N=16, TMA=tma)
+    dkdv, dq_cfg = dict(BLOCK_N=32, BLOCK_M=16, TMA=tma), dict(BLOCK_M=32, BLOCK_N=16, TMA=tma)
+    scale = 1.0 / math.sqrt(32)
+    out, lse, q_rot, k_rot = _rope_attention_fwd(q, k, v, positions, cu, 1e4, scale, save_rotated=True, config=fwd)
+    dq, dk, dv = _rope_attention_bwd(
+        do, q_rot, k_rot, v, out, lse, positions, cu, 1e4, scale, dkdv_config=dkdv, dq_config=dq_cfg
+    )
+    for s, e in ((0, 45), (68, 105)):
+        seq = slice(s, e)
+        cu1 = torch.tensor([0, e - s], dtype=torch.int32)
+        ref_out, _, (ref_dq, ref_dk, ref_dv) = _reference(q[seq], k[seq], v[seq], positions[seq], cu1, 1e4, do[seq])
+        for name, a, b in (("out", out, ref_out), ("dq", dq, ref_dq), ("dk", dk, ref_dk), ("dv", dv, ref_dv)):
+            _close(a[seq], b, torch.float32, f"{name} of the sequence at {s}")
+
+
+def test_tma_where_it_can_pointer_loads_elsewhere():
+    """attention_tiles.use_tma: tensor descriptors only for heads side by side in 16-byte aligned rows, head-dim
+    halves at least 16 wide, and the module switch on; a launch falls back to pointer loads otherwise and gets
+    the same numbers."""
+    from kernels import attention_tiles
+
+    x = torch.randn(10, 2, 64)
+    assert attention_tiles.use_tma(64, x, x)
+    assert not attention_tiles.use_tma(16, torch.randn(10, 2, 16))  # halves of 8: padded pairs
+    assert not attention_tiles.use_tma(64, x, torch.randn(10, 64, 2).transpose(1, 2))  # heads not side by side
+    assert not attention_tiles.use_tma(64, x, torch.randn(10 * 2 * 64 + 1)[1:].view(10, 2, 64))  # misaligned base
+    assert not attention_tiles.use_tma(64, torch.randn(10, 2, 65)[..., :64])  # row stride 130 * 4 bytes: not 16k
+    cu, positions = _pack([20, 9])
+    q, k, v = _inputs(29, 2, 2, 64, torch.float32)
+    outs = []
+    with pytest.MonkeyPatch.context() as mp:
+        for on in (True, False):
+            mp.setattr(attention_tiles, "TMA_LOADS", on)
+            outs.append(_rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125)[0])
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-6)
+
+
 def test_autograd_public_api_strided_views():
     """rope_attention is differentiable through torch.autograd; q, k, v are views of one fused qkv
     projection (token stride != Hq*D) and positions is a strided view."""

@@ -25,11 +25,17 @@ print("compiled")
 """,
     "rope_attention": """
 from bench.bench_rope_attention import ptxas_report
-rows = ptxas_report(128, "bf16", 1, configs_per_kernel=1) + ptxas_report(64, "fp16", 4, configs_per_kernel=1)
+tma = ptxas_report(128, "bf16", 1, configs_per_kernel=1) + ptxas_report(64, "fp16", 4, configs_per_kernel=1)
+pointers = ptxas_report(128, "bf16", 1, configs_per_kernel=1, tma=False)  # (sm_80, or use_tma refusing a layout)
+rows = tma + pointers
 assert all(r["regs"] for r in rows), rows
-# the forward's inner loop reads pre-rotated keys straight into shared memory (cp.async: software-pipelined)
+# the forward's inner loop reads pre-rotated keys straight into shared memory, software-pipelined: on sm_90 by the
+# tensor memory accelerator (one bulk copy a tile), else by cp.async
 fwd = [r for r in rows if r["kernel"] == "fwd"]
-assert fwd and all(r["spill_bytes"] == 0 and any("cp.async" in k for k in r["loads"]) for r in fwd), fwd
+assert fwd and all(r["spill_bytes"] == 0 for r in fwd), fwd
+assert all(r["loads"].get("cp.async.bulk.tensor") for r in tma if r["kernel"] != "rotary"), tma
+assert all(not r["loads"].get("cp.async.bulk.tensor") for r in pointers), pointers
+assert all(r["loads"].get("cp.async.cg.shared.global") for r in pointers if r["kernel"] == "fwd"), pointers
 # every kernel's dots on Hopper's warpgroup MMA (wgmma), none on the Ampere-style mma.sync
 assert all(r["mma"].get("wgmma") and not r["mma"].get("mma") for r in rows if r["kernel"] != "rotary"), rows
 print("compiled")
