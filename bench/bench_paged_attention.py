@@ -236,10 +236,11 @@ def _split_sweep(name, inputs, ctx, kv_bytes, device) -> list[dict]:
 
 
 def ptxas_report(
-    shapes: dict, dtype: torch.dtype, arch: int = 90, cache_dtype: torch.dtype | None = None
+    shapes: dict, dtype: torch.dtype, arch: int = 90, cache_dtype: torch.dtype | None = None, pdl: bool = False
 ) -> list[dict]:
     """Registers / spills / shared memory of the decode kernel (alone and with the rope write fused in) and the
-    rope-write kernel at each shape's default config (the cache in cache_dtype, default dtype)."""
+    rope-write kernel at each shape's default config (the cache in cache_dtype, default dtype); pdl: the decode
+    kernel as decode_config's `pdl` launches it (programmatic dependent launch)."""
     import triton
 
     import kernels.paged_attention as pa
@@ -263,6 +264,7 @@ def ptxas_report(
             HEAD_DIM=d, BLOCK_D=block_d, GROUP=group, BLOCK_SIZE=bs, BLOCK_N=cfg["block_n"], NUM_SPLITS=splits,
             GROUP_PAD=max(16, triton.next_power_of_2(group)) if use_dot else triton.next_power_of_2(group),
             USE_DOT=use_dot, UPCAST=dtype == torch.float32, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+            PDL=pdl,
         )  # fmt: skip
         for kernel, fused in (("decode", False), ("decode_rope", True)):  # (rope_decode_attention: NEW_KV)
             info = ptxas_info(pa._paged_decode_kernel, types, {**consts, "NEW_KV": fused}, cfg["num_warps"],

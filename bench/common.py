@@ -319,10 +319,16 @@ def ptxas_info(
     # the tensor-core instructions: Hopper's asynchronous warpgroup MMA (wgmma), or the Ampere-style mma.sync that
     # caps a kernel near flash-attention-2's rate on an H100
     mma = collections.Counter(m.split(".")[0] for m in re.findall(r"\b(wgmma\.mma_async|mma\.sync)\b", ptx))
+    # programmatic dependent launch (dispatch.pdl_prologue): its wait must come before the kernel's first access to
+    # global memory (a load, store, async copy or atomic), in the PTX's order
+    wait = ptx.find("griddepcontrol.wait")
+    accesses = [i for i in (ptx.find(op) for op in ("ld.global", "st.global", "cp.async", "atom.", "red.")) if i >= 0]
     return {
         "shared": compiled.metadata.shared,
         "regs": regs and int(regs.group(1)),
         "spill_bytes": spill and int(spill.group(1)),
         "loads": dict(loads),
         "mma": dict(mma),
+        "pdl_wait_first": wait >= 0 and all(wait < i for i in accesses),
+        "pdl_triggers": "griddepcontrol.launch_dependents" in ptx,
     }

@@ -100,8 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="JSON object overriding the decode step's launches (kernels.decode_config.set_decode_config: the paged "
         "kernel's block_n, num_warps, num_stages, dot_min_group, min_split_tokens, fuse_rope; linear 1: the "
-        'projections through kernels/decode_linear.py, with norm_rows), e.g. \'{"block_n": 128, "num_warps": 8}\': a '
-        "sweep's fastest variant tried on the whole generator",
+        "projections through kernels/decode_linear.py, with norm_rows; pdl 1: the decode kernels by programmatic "
+        'dependent launch, sm_90+), e.g. \'{"block_n": 128, "num_warps": 8}\': a sweep\'s fastest variant tried on the '
+        "whole generator",
     )
     p.add_argument("--json", default=None, help="write the figures to this file")
     a = p.parse_args(argv)

@@ -20,8 +20,9 @@
 # The group `long` (alone, or after `b1` on a warm machine): the 13B batch-32 rollout at 512 + 1024 tokens with and
 # without the fused step (which won at long contexts in the paged bench). The group `linear` (alone): the decode
 # projections' kernel (kernels/decode_linear.py) tested on the GPU with the sampling, paged attention and rotary tests,
-# timed against cuBLAS, the sampling bench (top-k's floor), the 13B rollouts with it (decode_config's linear 1; batch
-# 1 also with the first layer's norm apart: norm_rows 0) and then without, then its launch sweep. The group `tma`
+# timed against cuBLAS, the sampling bench (top-k's floor), the 13B rollouts with it (decode_config's linear 1), with it
+# and programmatic dependent launch (pdl 1), then without either, batch 1 with the first layer's norm apart
+# (norm_rows 0), then its launch sweep. The group `tma`
 # (alone; ~4 minutes, after `linear` on a warm machine): issue 4's attention with its inner tiles by tensor descriptor
 # (Hopper's TMA), the rope attention tests on the GPU, the bench with ours by TMA and by pointer loads beside SDPA, and
 # the launch sweep (TMA and pointer variants). No NAME: everything, in the order below.
@@ -176,9 +177,10 @@ if [[ "$names" == *" b1 "* ]]; then  # batch 1, 2% short of its target: where it
 fi
 if [[ "$names" == *" linear "* ]]; then  # the decode step's projections through kernels/decode_linear.py (alone)
   # (ours first: the defaults' rollouts were timed on the leases before, 4,957 and 131.4 tok/s; again if time is left)
-  names="$names linear_tests linear sampling rollout_b64_linear rollout_b1_linear rollout_b1_linear_nonorm "
-  names="$names rollout_b64_cublas rollout_b1_cublas linear_sweep "
-  # (test_sampling: top-k's floor, kth_largest, which every rollout now takes: the recipe samples from the top 50)
+  names="$names linear_tests linear sampling rollout_b64_linear rollout_b64_linear_pdl rollout_b1_linear "
+  names="$names rollout_b1_linear_pdl rollout_b64_cublas rollout_b1_cublas rollout_b1_linear_nonorm linear_sweep "
+  # (test_sampling: top-k's floor, kth_largest, which every rollout now takes: the recipe samples from the top 50;
+  # test_decode_linear: also a chain of projections in a CUDA graph with programmatic dependent launch)
   step linear_tests 90 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test \
     tests/kernels/test_decode_linear.py tests/kernels/test_sampling.py tests/kernels/test_paged_attention.py \
     tests/kernels/test_rotary.py
@@ -187,14 +189,19 @@ if [[ "$names" == *" linear "* ]]; then  # the decode step's projections through
   bench rollout_b64_linear 150 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 \
     --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"linear": 1}' \
     --profile "$(mktemp -d)/rollout_b64_trace.json"
+  # decode_config's pdl: the decode kernels (projections, paged attention) by programmatic dependent launch
+  bench rollout_b64_linear_pdl 80 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 \
+    --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"linear": 1, "pdl": 1}'
   bench rollout_b1_linear 60 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 \
     --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"linear": 1}'
-  bench rollout_b1_linear_nonorm 60 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 \
-    --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"linear": 1, "norm_rows": 0}'  # layer 0's norm apart
+  bench rollout_b1_linear_pdl 60 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 \
+    --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"linear": 1, "pdl": 1}'
   bench rollout_b64_cublas 100 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 \
     --prompt-len 128 --gen-len 256 --no-hf  # cuBLAS and the separate kernels (the default), same machine
   bench rollout_b1_cublas 60 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 \
     --prompt-len 128 --gen-len 256 --no-hf
+  bench rollout_b1_linear_nonorm 60 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 \
+    --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"linear": 1, "norm_rows": 0}'  # layer 0's norm apart
   bench linear_sweep 200 "$PY" bench/bench_decode_linear.py --rows 64 1 --sweep --budget-s 150
   finish
 fi

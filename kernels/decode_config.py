@@ -12,13 +12,14 @@ _MAX_SPLITS = 64
 _PROGRAMS_PER_SM = 4
 
 _CONFIG_KEYS = (
-    "block_n", "num_warps", "num_stages", "dot_min_group", "fuse_rope", "min_split_tokens", "linear", "norm_rows"
+    "block_n", "num_warps", "num_stages", "dot_min_group", "fuse_rope", "min_split_tokens", "linear", "norm_rows",
+    "pdl",
 )  # fmt: skip
 # With `linear`: decode steps of at most this many sequences run each layer's add + RMSNorm in the next projection's
 # prologue (kernels/decode_linear.py's norm): every program reads its rows whole first, cheap for a few rows only.
 # A guess (4 rows: ~80 KB of L2 reads a program against a launch saved), not yet timed.
 _NORM_ROWS = 4
-_SWITCHES = ("fuse_rope", "linear")  # 0 or 1
+_SWITCHES = ("fuse_rope", "linear", "pdl")  # 0 or 1
 _overrides: dict = {}  # set_decode_config's, merged over decode_config() in every launch (a per-call config wins)
 
 
@@ -75,17 +76,32 @@ def decode_config(group: int, block_d: int, elem_size: int) -> dict:
     through our split-K kernel with SwiGLU fused into the gate_up projection, 0 (the default: not yet timed on a GPU)
     through cuBLAS and kernels/swiglu.py. With it, norm_rows (default _NORM_ROWS): decode steps of at most that many
     sequences also fuse each add + RMSNorm into the next projection (0: never).
+
+    pdl (read by pdl_enabled): 1 launches the decode kernels (decode_linear's projections, the paged attention and its
+    merge) with programmatic dependent launch on sm_90+: each may start while the one before it finishes and waits
+    on the device instead (dispatch.pdl_prologue), which takes the gap between them out of a decode step (~2.5 us a
+    kernel boundary in the second lease's profile). 0, the default, until a GPU times it.
     """
     row_bytes = block_d * elem_size
     tokens_at_256_bytes = 64 if group == 1 else 32
     block_n = min(128, max(16, tokens_at_256_bytes * 256 // row_bytes))
     return {"block_n": block_n, "num_warps": 4, "num_stages": 2, "dot_min_group": 1, "fuse_rope": 0,
-            "min_split_tokens": _MIN_TOKENS_PER_SPLIT, "linear": 0, "norm_rows": _NORM_ROWS}  # fmt: skip
+            "min_split_tokens": _MIN_TOKENS_PER_SPLIT, "linear": 0, "norm_rows": _NORM_ROWS, "pdl": 0}  # fmt: skip
 
 
 def linear_enabled() -> bool:
     """decode_config's `linear` switch as set_decode_config left it (kernels/decode_linear.py; default 0)."""
     return bool(_overrides.get("linear", 0))
+
+
+def pdl_enabled(device, on: int | None = None) -> bool:
+    """decode_config's `pdl` switch (`on`, or as set_decode_config left it: default 0), where programmatic dependent
+    launch exists: a CUDA device of sm_90 or later (so never under the interpreter, whose tensors are on the CPU)."""
+    if not (_overrides.get("pdl", 0) if on is None else on) or device.type != "cuda":
+        return False
+    import torch
+
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def norm_rows() -> int:

@@ -38,8 +38,8 @@ import triton.language as tl
 
 from kernels import reference
 from kernels.attention_tiles import _dot_args
-from kernels.decode_config import linear_enabled
-from kernels.dispatch import INTERPRET, loop_bound, sm_count, use_triton
+from kernels.decode_config import linear_enabled, pdl_enabled
+from kernels.dispatch import INTERPRET, loop_bound, pdl_launch, pdl_prologue, sm_count, use_triton
 from kernels.rotary import _rotate_store, check_slots, reduce_angle, rope_tables
 
 MAX_ROWS = 64  # a decode batch; more rows are a prefill's GEMM (cuBLAS's)
@@ -164,7 +164,7 @@ def _decode_linear_kernel(
     SWIGLU: tl.constexpr, ROPE: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, CACHE_BLOCK: tl.constexpr,
     NORM: tl.constexpr, HAS_DELTA: tl.constexpr, RESID: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Grid (column blocks, SPLIT_K). N: output columns (I with SWIGLU: W has 2N rows). EVEN: N % BLOCK_N == 0 and
     K % BLOCK_K == 0 (no masks on W). WS [SPLIT_K, column blocks, 1 + SWIGLU, BLOCK_M, BLOCK_N] fp32 and CNT
@@ -175,7 +175,9 @@ def _decode_linear_kernel(
     rounding), each program first summing its rows' squares over all of K; with HAS_DELTA the column-block-0
     programs also store X + DELTA (the stream after the add) into H_OUT, each over its own K range. NORM 2: the same
     norm of X, its rows' sums of squares the n_ss partials SS[i] [M] (stride_ss apart) that a RESID launch left, added
-    in order. RESID: see _epilogue (RES [M, N] the stream before the add, H_OUT after, SS [column blocks, M])."""
+    in order. RESID: see _epilogue (RES [M, N] the stream before the add, H_OUT after, SS [column blocks, M]).
+    PDL: launched with programmatic dependent launch (dispatch.pdl_prologue)."""
+    pdl_prologue(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -438,6 +440,7 @@ def _launch(
     the residual epilogue; returns the rows' sums of squares [column blocks, M] then."""
     m, k = x.shape
     cfg = linear_config(m, n_out, k, swiglu, sm_count(x.device) if x.is_cuda else 0, config)
+    pdl = pdl_enabled(x.device)  # (decode_config's `pdl`: programmatic dependent launch, sm_90+)
     block_m = max(16, triton.next_power_of_2(m))
     n_blocks = triton.cdiv(n_out, cfg["block_n"])
     split = cfg["split_k"]
@@ -470,6 +473,7 @@ def _launch(
         *args, SWIGLU=swiglu, ROPE=rope is not None, **heads, NORM=norm_mode, HAS_DELTA=has_delta,
         RESID=residual is not None, SPLIT_K=split, EVEN=even, BLOCK_M=block_m, BLOCK_N=cfg["block_n"],
         BLOCK_K=cfg["block_k"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_dot_args(x.dtype),
+        PDL=pdl, **pdl_launch(pdl),
     )  # fmt: skip
     return sums if residual is not None else None
 

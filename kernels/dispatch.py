@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 # Whether Triton runs its interpreter: its own reading of TRITON_INTERPRET (which takes 1, true, on, yes, ...), so the
 # two always agree; Triton before its knobs (3.4) took "1" alone.
@@ -101,3 +102,20 @@ def derived(t: torch.Tensor, key: tuple, build):
     value = build()
     _DERIVED[:] = [(t, full, value), *_DERIVED[:7]]
     return value
+
+
+@triton.jit
+def pdl_prologue(PDL: tl.constexpr):
+    """A kernel launched with programmatic dependent launch (PDL, launch_pdl: pdl_launch) may start while the kernel
+    before it in the stream still runs: wait here until that one has finished and its writes are visible (before any
+    read or write of memory another kernel touches), then let the next kernel launch in turn (its programs take free
+    SM slots once all of this kernel's have started, and wait here likewise). What PDL saves is the gap between
+    dependent kernels: the launch and ramp of the next overlap the tail of this one. PDL False: nothing."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+def pdl_launch(on: bool) -> dict:
+    """The launch keyword a PDL kernel takes (pdl_prologue): {"launch_pdl": True}, or nothing."""
+    return {"launch_pdl": True} if on else {}

@@ -34,9 +34,10 @@ from kernels.decode_config import (  # noqa: F401  (set_decode_config, check_dec
     check_decode_config,
     choose_num_splits,
     decode_config,
+    pdl_enabled,
     set_decode_config,
 )
-from kernels.dispatch import INTERPRET, loop_bound, sm_count, use_triton
+from kernels.dispatch import INTERPRET, loop_bound, pdl_launch, pdl_prologue, sm_count, use_triton
 from kernels.rotary import check_slots, launch_rotary, reduce_angle, rope_tables
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -126,14 +127,16 @@ def _paged_decode_kernel(
     stride_ob, stride_oh, stride_knb, stride_knh, stride_vnb, stride_vnh, num_q_heads,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_DOT: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, NEW_KV: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, NEW_KV: tl.constexpr, PDL: tl.constexpr,
 ):
     """One (sequence, kv head, context split): online softmax over tokens [start, end) for GROUP query heads.
+    PDL: launched with programmatic dependent launch (dispatch.pdl_prologue).
 
     NEW_KV (rope_decode_attention): Q holds the unrotated query and the context's last token is the new one, whose
     unrotated k and v are KN, VN: q and k are rotated here (rotary.py's angles and formula), the program whose split
     holds the last position attends to the new token from registers (as the cache holds it: rounded to the cache's
     dtype) and writes it at SLOT (-1, or a slot past the cache's n_slots: no write); the cache is read up to it."""
+    pdl_prologue(PDL)
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -222,9 +225,10 @@ def _paged_decode_kernel(
 @triton.jit
 def _paged_decode_reduce_kernel(
     WS_M, WS_L, WS_ACC, O, stride_ob, stride_oh, num_q_heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Merge the NUM_SPLITS partial softmaxes of one (sequence, query head)."""
+    """Merge the NUM_SPLITS partial softmaxes of one (sequence, query head). PDL: as the decode kernel's."""
+    pdl_prologue(PDL)
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
@@ -290,6 +294,7 @@ def _decode_launch(
     group = hq // hkv
     block_d = triton.next_power_of_2(d)
     cfg = {**decode_config(group, block_d, k_cache.element_size()), **_overrides, **(config or {})}
+    pdl = pdl_enabled(q.device, cfg["pdl"])  # (programmatic dependent launch, sm_90+)
     use_dot = group >= cfg["dot_min_group"]
     # tl.dot needs M >= 16: pad the query-head group (padding rows read q = 0 and are not stored).
     group_pad = max(16, triton.next_power_of_2(group)) if use_dot else triton.next_power_of_2(group)
@@ -322,7 +327,8 @@ def _decode_launch(
         out.stride(0), out.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), hq,
         HEAD_DIM=d, BLOCK_D=block_d, GROUP=group, GROUP_PAD=group_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, USE_DOT=use_dot, UPCAST=upcast, DOT_PRECISION="ieee" if upcast else "tf32",
-        NEW_KV=new_kv is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        NEW_KV=new_kv is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], PDL=pdl,
+        **pdl_launch(pdl),
     )
     # fmt: on
     if num_splits > 1:
@@ -339,6 +345,8 @@ def _decode_launch(
             NUM_SPLITS=num_splits,
             SPLITS_PAD=triton.next_power_of_2(num_splits),
             num_warps=4,
+            PDL=pdl,
+            **pdl_launch(pdl),
         )
 
 

@@ -205,13 +205,14 @@ def test_long_group_runs_the_long_rollout_both_ways(tmp_path):
 @pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("tar") is None, reason="needs coreutils and tar")
 def test_linear_group_tests_benches_then_runs_the_rollouts_both_ways(tmp_path):
     """`linear`: the decode projections' kernel tests on the GPU (with the paged attention and rotary ones), its bench
-    against cuBLAS, the sampling bench (top-k's floor), the batch-64 and batch-1 rollouts with it (linear 1; batch 1
-    also with norm_rows 0), then at the defaults, then its sweep."""
+    against cuBLAS, the sampling bench (top-k's floor), the batch-64 and batch-1 rollouts with it (linear 1), with it
+    and programmatic dependent launch (pdl 1), then at the defaults, batch 1 with norm_rows 0, then its sweep."""
     steps, summary, run = _run_group(tmp_path, STUB.replace("sleep 60", "true"), "linear")
     work = run["work"]
-    assert steps == ["linear_tests", "linear", "sampling", "rollout_b64_linear", "rollout_b1_linear",
-                     "rollout_b1_linear_nonorm", "rollout_b64_cublas", "rollout_b1_cublas",
-                     "linear_sweep"], summary  # fmt: skip
+    assert steps == ["linear_tests", "linear", "sampling", "rollout_b64_linear", "rollout_b64_linear_pdl",
+                     "rollout_b1_linear", "rollout_b1_linear_pdl", "rollout_b64_cublas", "rollout_b1_cublas",
+                     "rollout_b1_linear_nonorm", "linear_sweep"], summary  # fmt: skip
+    assert '{"linear": 1, "pdl": 1}' in (work / "rollout_b64_linear_pdl.log").read_text()
     assert '{"linear": 1, "norm_rows": 0}' in (work / "rollout_b1_linear_nonorm.log").read_text()
     tests = (work / "linear_tests.log").read_text()
     assert "tests/kernels/test_decode_linear.py" in tests and "tests/kernels/test_sampling.py" in tests, tests

@@ -317,3 +317,59 @@ def test_residual_and_row_squares_refuse_what_does_not_fit():
         dl.decode_linear(x, w, residual=torch.randn(3, 31))
     with pytest.raises(ValueError, match="RowSquares must be \\[blocks, M=3\\] float32"):
         dl.decode_linear(x, w, norm=(dl.RowSquares(torch.zeros(2, 4)), torch.ones(64), 1e-5))
+
+
+def test_pdl_switch_reaches_the_launch(monkeypatch):
+    """With decode_config's `pdl` on an sm_90+ GPU (pdl_enabled), the projection is launched with launch_pdl and PDL
+    (its wait ahead of any memory access: test_sm90_compile); otherwise with neither."""
+    calls = []
+
+    class Recorder:  # stands in for the kernel: what each launch was given
+        def __getitem__(self, grid):
+            return lambda *args, **kw: calls.append((kw.get("PDL"), kw.get("launch_pdl")))
+
+    monkeypatch.setattr(dl, "_decode_linear_kernel", Recorder())
+    x, w = torch.randn(3, 64), torch.randn(32, 64)
+    for on in (False, True):
+        monkeypatch.setattr(dl, "pdl_enabled", lambda dev, on=on: on)
+        calls.clear()
+        dl.decode_linear(x, w)
+        assert calls == [(on, True if on else None)], calls
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="PDL needs an sm_90+ GPU"
+)
+def test_pdl_chain_replayed_in_a_cuda_graph_gives_the_same_bits():
+    """Three dependent projections (each reads the one before; split K, so the arrival counters are shared between
+    launches) captured in a CUDA graph with programmatic dependent launch and without: every replay gives the same
+    bits, which are the eager launches' (a kernel that ran ahead of its input, or of the previous launch's counter
+    reset, would not)."""
+    torch.manual_seed(1)
+    x = torch.randn(64, 4096, dtype=torch.bfloat16)
+    ws = [torch.randn(n, 4096, dtype=torch.bfloat16) / 64 for n in (4096, 4096, 256)]
+
+    def chain():
+        h = x
+        for w in ws:
+            h = dl.decode_linear(h, w)
+        return h
+
+    outs = {}
+    for pdl in (0, 1):
+        set_decode_config(pdl=pdl)
+        try:
+            want = chain()  # (compiles; eager)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                got = chain()
+            for _ in range(3):
+                got.zero_()
+                graph.replay()
+                torch.cuda.synchronize()
+                assert torch.equal(got, want), f"pdl {pdl}"
+            outs[pdl] = got.clone()
+        finally:
+            set_decode_config()
+    assert torch.equal(outs[0], outs[1])

@@ -21,6 +21,11 @@ assert len(rows) == 6 and all(r["regs"] for r in rows), rows
 assert all(r["spill_bytes"] == 0 for r in rows if r["kernel"] == "decode_rope"), rows  # the rope write fused in
 fp8 = ptxas_report(shapes, torch.bfloat16, cache_dtype=torch.float8_e4m3fn)  # kv_cache_dtype="fp8"
 assert len(fp8) == 6 and all(r["regs"] and r["spill_bytes"] == 0 for r in fp8), fp8
+# decode_config's pdl: the decode kernel waits for the kernel before it ahead of any memory access, then lets the
+# next one launch; without it, neither instruction
+pdl = [r for r in ptxas_report(shapes, torch.bfloat16, pdl=True) if r["kernel"].startswith("decode")]
+assert pdl and all(r["pdl_wait_first"] and r["pdl_triggers"] and r["spill_bytes"] == 0 for r in pdl), pdl
+assert not any(r["pdl_wait_first"] or r["pdl_triggers"] for r in rows), rows
 print("compiled")
 """,
     "rope_attention": """
@@ -126,15 +131,18 @@ ptrs = dict(X="*bf16", W="*bf16", Y="*bf16", WS="*fp32", CNT="*i32", KC="*bf16",
 # norm 1: the rows' statistics in the prologue (with the add), 2: from a residual epilogue's row sums; resid: that
 # epilogue (the output and down projections)
 ptrs.update(RES="*bf16", SS="*fp32")
-for block_m, swiglu, rope, split, norm, resid in [
-    (64, False, False, 1, 0, 0), (64, True, False, 1, 0, 0), (64, False, False, 2, 0, 0), (16, False, False, 4, 0, 0),
-    (16, True, False, 2, 0, 0), (64, False, True, 2, 0, 0), (64, False, True, 1, 0, 0), (16, False, True, 1, 0, 0),
-    (16, False, True, 2, 1, 0), (16, True, False, 1, 1, 0), (64, False, True, 2, 2, 0), (64, True, False, 1, 2, 0),
-    (64, False, False, 2, 0, 1), (16, False, False, 4, 0, 1),
+# (the last, PDL: launched with programmatic dependent launch, decode_config's pdl)
+for block_m, swiglu, rope, split, norm, resid, pdl in [
+    (64, False, False, 1, 0, 0, 0), (64, True, False, 1, 0, 0, 0), (64, False, False, 2, 0, 0, 0),
+    (16, False, False, 4, 0, 0, 0), (16, True, False, 2, 0, 0, 0), (64, False, True, 2, 0, 0, 0),
+    (64, False, True, 1, 0, 0, 0), (16, False, True, 1, 0, 0, 0), (16, False, True, 2, 1, 0, 0),
+    (16, True, False, 1, 1, 0, 0), (64, False, True, 2, 2, 0, 0), (64, True, False, 1, 2, 0, 0),
+    (64, False, False, 2, 0, 1, 0), (16, False, False, 4, 0, 1, 0), (64, False, True, 2, 2, 0, 1),
+    (16, False, False, 4, 0, 1, 1),
 ]:
     rope_consts = dict(HQ=40, HKV=40, CACHE_BLOCK=16) if rope else dict(HQ=0, HKV=0, CACHE_BLOCK=1)
     consts = dict(SWIGLU=swiglu, ROPE=rope, NORM=norm, HAS_DELTA=norm == 1, RESID=bool(resid), SPLIT_K=split, EVEN=True,
-                  BLOCK_M=block_m,
+                  BLOCK_M=block_m, PDL=bool(pdl),
                   BLOCK_N=128 if rope else dl._BLOCK_N, DOT_DTYPE=tl.bfloat16, PREC="tf32", **rope_consts)
     cfg = dl.linear_config(block_m, 5120, 5120, swiglu, 132, {"block_n": consts["BLOCK_N"]})  # (the launch's)
     consts["BLOCK_K"] = cfg["block_k"]
@@ -149,6 +157,8 @@ for block_m, swiglu, rope, split, norm, resid in [
         assert set(info["loads"]) <= {"cp.async.cg.shared.global", "ld.global.cg.v4.b32"}, info
     assert (info["loads"].get("ld.global.cg.v4.b32", 0) > 0) == (split > 1), info
     assert info["mma"].get("wgmma" if block_m == 64 else "mma"), info
+    # with PDL: the wait before any memory access (the split-K counters included), then the next kernel let in
+    assert info["pdl_wait_first"] == info["pdl_triggers"] == bool(pdl), info
 print("compiled")
 """,
 }
