@@ -331,4 +331,5 @@ def ptxas_info(
         "mma": dict(mma),
         "pdl_wait_first": wait >= 0 and all(wait < i for i in accesses),
         "pdl_triggers": "griddepcontrol.launch_dependents" in ptx,
+        "l2_prefetch_before_wait": 0 <= ptx.find("prefetch.global.L2") < wait,  # (a weight's stream begun early)
     }

@@ -157,6 +157,28 @@ def _rope_epilogue(
 
 
 @triton.jit
+def _prefetch_lines(ptrs):
+    """prefetch.global.L2 of each address's 128-byte line: a hint (nothing returned, nothing faults)."""
+    tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+    )
+
+
+@triton.jit
+def _prefetch_w(W, pid_n, k_start, N, K, stride_wn, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, COLS: tl.constexpr):
+    """Ask L2 for the first COLS columns of this program's W rows (its gate and up rows with SWIGLU), a line at a time
+    (addresses clamped into W). Before a PDL wait: the weights, which no kernel before this one writes, start
+    streaming while that kernel finishes."""
+    LINE: tl.constexpr = 1024 // W.dtype.element_ty.primitive_bitwidth  # elements a line
+    rows = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), N - 1).to(tl.int64)
+    cols = tl.minimum(k_start + tl.arange(0, COLS // LINE) * LINE, K - 1)
+    ptrs = W + rows[:, None] * stride_wn + cols[None, :]
+    _prefetch_lines(ptrs)
+    if SWIGLU:  # the up rows follow the gate rows
+        _prefetch_lines(ptrs + N.to(tl.int64) * stride_wn)
+
+
+@triton.jit
 def _decode_linear_kernel(
     X, W, Y, WS, CNT, M, N, K, stride_xm, stride_wn, stride_ym, k_per_split,
     KC, VC, POS, SLOT, INV_FREQ, n_slots, stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
@@ -176,10 +198,13 @@ def _decode_linear_kernel(
     programs also store X + DELTA (the stream after the add) into H_OUT, each over its own K range. NORM 2: the same
     norm of X, its rows' sums of squares the n_ss partials SS[i] [M] (stride_ss apart) that a RESID launch left, added
     in order. RESID: see _epilogue (RES [M, N] the stream before the add, H_OUT after, SS [column blocks, M]).
-    PDL: launched with programmatic dependent launch (dispatch.pdl_prologue)."""
-    pdl_prologue(PDL)
+    PDL: launched with programmatic dependent launch (dispatch.pdl_prologue), the first W tiles asked of L2 before
+    its wait (_prefetch_w)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    if PDL:
+        _prefetch_w(W, pid_n, pid_k * k_per_split, N, K, stride_wn, SWIGLU, BLOCK_N, 4 * BLOCK_K)
+    pdl_prologue(PDL)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)

@@ -157,8 +157,9 @@ for block_m, swiglu, rope, split, norm, resid, pdl in [
         assert set(info["loads"]) <= {"cp.async.cg.shared.global", "ld.global.cg.v4.b32"}, info
     assert (info["loads"].get("ld.global.cg.v4.b32", 0) > 0) == (split > 1), info
     assert info["mma"].get("wgmma" if block_m == 64 else "mma"), info
-    # with PDL: the wait before any memory access (the split-K counters included), then the next kernel let in
-    assert info["pdl_wait_first"] == info["pdl_triggers"] == bool(pdl), info
+    # with PDL: the wait before any memory access (the split-K counters included), then the next kernel let in; the
+    # first W tiles asked of L2 before the wait (W is no earlier kernel's output)
+    assert info["pdl_wait_first"] == info["pdl_triggers"] == info["l2_prefetch_before_wait"] == bool(pdl), info
 print("compiled")
 """,
 }
