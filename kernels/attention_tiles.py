@@ -133,6 +133,42 @@ def _load_hd(base, rows, row_ok, stride_n, offs_h, offs_d, MASK_ROWS: tl.constex
 
 
 @triton.jit
+def _bases(A, B, head, stride_ah, stride_bh, TMA: tl.constexpr):
+    """Where a kernel's two tensors of inner tiles start for this head: the tensor descriptors themselves (TMA: the
+    head is a column offset at each load) or the head's pointers."""
+    if TMA:
+        a, b = A, B
+    else:
+        a, b = A + head * stride_ah, B + head * stride_bh
+    return a, b
+
+
+@triton.jit
+def _load_pair(
+    a_base, b_base, tok0, start, col, rows, ok, stride_a, stride_b, offs_h, offs_d, MASK_ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, DOT_DTYPE: tl.constexpr, TMA: tl.constexpr, ZERO_A: tl.constexpr = True,
+):  # fmt: skip
+    """An inner loop's two [R, HEAD_DIM] tiles of the same rows (k and v, or q and dO): a as a head-dim operand pair
+    (_load_hd), b whole. TMA (never with padded halves): a_base and b_base are tensor descriptors over [N, H * D],
+    the tiles at row tok0 + start and column col, each one bulk copy into shared memory; a copy takes whole tiles,
+    so with MASK_ROWS the rows past the sequence (the next sequence's, or zeros past N) are set to 0, as the pointer
+    loads' masks read them: a neighbour's inf or NaN cannot reach this sequence's results. ZERO_A False: a's are left
+    (the forward's keys: the causal mask replaces their scores), which keeps a's copy straight off shared memory."""
+    if TMA:
+        a1 = a_base.load([tok0 + start, col]).to(DOT_DTYPE)
+        b = b_base.load([tok0 + start, col]).to(DOT_DTYPE)
+        if MASK_ROWS:
+            if ZERO_A:
+                a1 = tl.where(ok[:, None], a1, 0.0)
+            b = tl.where(ok[:, None], b, 0.0)
+        a2 = a1
+    else:
+        a1, a2 = _load_hd(a_base, rows, ok, stride_a, offs_h, offs_d, MASK_ROWS, HEAD_DIM, HALF, DOT_DTYPE)
+        b = _load_tile(b_base, rows, ok, stride_b, offs_d, HEAD_DIM, MASK_ROWS, False).to(DOT_DTYPE)
+    return a1, a2, b
+
+
+@triton.jit
 def _dot_nt(a1, a2, b1, b2, PAD: tl.constexpr, PREC: tl.constexpr):
     """a @ b^T over the head dim, for operand pairs of _load_hd: one dot, or one per padded half."""
     r = tl.dot(a1, tl.trans(b1), input_precision=PREC)

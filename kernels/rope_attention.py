@@ -52,12 +52,13 @@ from kernels.attention_tiles import (
     _LOG2E,
     _PRUNE,
     _TL_DTYPES,
+    _bases,
     _configs,
     _dot_args,
     _dot_nt,
     _last_dim_contiguous,
     _launch,
-    _load_hd,
+    _load_pair,
     _load_tile,
     _open_tile,
     _operand,
@@ -88,16 +89,26 @@ def _fwd_step(
     like: a pointer of the inputs' dtype (what p is rounded to)."""
     PAD: tl.constexpr = HALF != HEAD_DIM // 2
     offs_n, n_ok, rows_n = _tile_rows(tok0, start_n, seq_len, BLOCK_N)
-    if TMA:  # (never PAD) Hopper's tensor memory accelerator copies the tiles into shared memory
-        k = k_base.load([tok0 + start_n, kv_col]).to(DOT_DTYPE)
-        qk = tl.dot(q1r, tl.trans(k), input_precision=PREC)
-        v = v_base.load([tok0 + start_n, kv_col]).to(DOT_DTYPE)
-        if MASKED:  # rows past the sequence (the next one's, or the copy's zeros): p is 0 there, and so is v
-            v = tl.where(n_ok[:, None], v, 0.0)
-    else:
-        k1r, k2r = _load_hd(k_base, rows_n, n_ok, stride_kn, offs_h, offs_d, MASKED, HEAD_DIM, HALF, DOT_DTYPE)
-        qk = _dot_nt(q1r, q2r, k1r, k2r, PAD, PREC)
-        v = _load_tile(v_base, rows_n, n_ok, stride_vn, offs_d, HEAD_DIM, MASKED, False).to(DOT_DTYPE)
+    k1r, k2r, v = _load_pair(
+        k_base,
+        v_base,
+        tok0,
+        start_n,
+        kv_col,
+        rows_n,
+        n_ok,
+        stride_kn,
+        stride_vn,
+        offs_h,
+        offs_d,
+        MASKED,
+        HEAD_DIM,
+        HALF,
+        DOT_DTYPE,
+        TMA,
+        False,
+    )  # fmt: skip  (a neighbour's keys: their scores are masked below)
+    qk = _dot_nt(q1r, q2r, k1r, k2r, PAD, PREC)
     if MASKED:
         qk = tl.where(offs_n[None, :] <= offs_m[:, None], qk, float("-inf"))
     m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -151,12 +162,7 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    if TMA:
-        k_base = K
-        v_base = V
-    else:
-        k_base = K + kvh * stride_kh
-        v_base = V + kvh * stride_vh
+    k_base, v_base = _bases(K, V, kvh, stride_kh, stride_vh, TMA)
     # off-diagonal key tiles [0, start_m): all visible, no mask
     for start_n in range(0, loop_bound(start_m), BLOCK_N):
         acc, l_i, m_i = _fwd_step(

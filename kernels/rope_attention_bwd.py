@@ -18,6 +18,7 @@ from kernels.attention_tiles import (
     _KEY,
     _LOG2E,
     _PRUNE,
+    _bases,
     _configs,
     _dot_acc,
     _dot_args,
@@ -26,6 +27,7 @@ from kernels.attention_tiles import (
     _last_dim_contiguous,
     _launch,
     _load_hd,
+    _load_pair,
     _load_tile,
     _open_tile,
     _operand,
@@ -69,16 +71,10 @@ def _bwd_dkdv_step(
     tile at column col), else pointers; like: a pointer of the inputs' dtype."""
     PAD: tl.constexpr = HALF != HEAD_DIM // 2
     offs_m, m_ok, rows_m = _tile_rows(tok0, start_m, seq_len, BLOCK_M)
-    if TMA:  # (never PAD) a whole tile by one copy; rows past the sequence (in a MASKED tile only) set to 0 below
-        q1r = q_base.load([tok0 + start_m, col]).to(DOT_DTYPE)
-        do = do_base.load([tok0 + start_m, col]).to(DOT_DTYPE)
-        if MASKED:
-            q1r = tl.where(m_ok[:, None], q1r, 0.0)
-            do = tl.where(m_ok[:, None], do, 0.0)
-        q2r = q1r
-    else:
-        q1r, q2r = _load_hd(q_base, rows_m, m_ok, stride_qn, offs_h, offs_d, True, HEAD_DIM, HALF, DOT_DTYPE)
-        do = _load_tile(do_base, rows_m, m_ok, stride_don, offs_d, HEAD_DIM, True, False).to(DOT_DTYPE)
+    q1r, q2r, do = _load_pair(
+        q_base, do_base, tok0, start_m, col, rows_m, m_ok, stride_qn, stride_don, offs_h, offs_d, MASKED, HEAD_DIM,
+        HALF, DOT_DTYPE, TMA,
+    )  # fmt: skip
     # rows past the sequence end get lse = +inf, hence p = 0: they contribute nothing
     lse = tl.load(lse_base + tok0 + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(delta_base + tok0 + offs_m, mask=m_ok, other=0.0)
@@ -127,12 +123,7 @@ def _bwd_dkdv_kernel(
     full_end = start_n + BLOCK_N + (seq_len - start_n - BLOCK_N) // BLOCK_M * BLOCK_M
     for g in range(GROUP):
         h = kvh * GROUP + g
-        if TMA:
-            q_base = Q
-            do_base = DO
-        else:
-            q_base = Q + h * stride_qh
-            do_base = DO + h * stride_doh
+        q_base, do_base = _bases(Q, DO, h, stride_qh, stride_doh, TMA)
         lse_base = LSE + h * n_tokens
         delta_base = DELTA + h * n_tokens
         for start_m in range(loop_bound(start_n), loop_bound(diag_end), BLOCK_M):
@@ -177,16 +168,10 @@ def _bwd_dq_step(
     column kv_col), else pointers; like: a pointer of the inputs' dtype."""
     PAD: tl.constexpr = HALF != HEAD_DIM // 2
     offs_n, n_ok, rows_n = _tile_rows(tok0, start_n, seq_len, BLOCK_N)
-    if TMA:  # (never PAD) rows past the sequence (a diagonal tile's only) set to 0: p is 0 there, ds must be too
-        k1r = k_base.load([tok0 + start_n, kv_col]).to(DOT_DTYPE)
-        v = v_base.load([tok0 + start_n, kv_col]).to(DOT_DTYPE)
-        if MASKED:
-            k1r = tl.where(n_ok[:, None], k1r, 0.0)
-            v = tl.where(n_ok[:, None], v, 0.0)
-        k2r = k1r
-    else:
-        k1r, k2r = _load_hd(k_base, rows_n, n_ok, stride_kn, offs_h, offs_d, MASKED, HEAD_DIM, HALF, DOT_DTYPE)
-        v = _load_tile(v_base, rows_n, n_ok, stride_vn, offs_d, HEAD_DIM, MASKED, False).to(DOT_DTYPE)
+    k1r, k2r, v = _load_pair(
+        k_base, v_base, tok0, start_n, kv_col, rows_n, n_ok, stride_kn, stride_vn, offs_h, offs_d, MASKED, HEAD_DIM,
+        HALF, DOT_DTYPE, TMA,
+    )  # fmt: skip
     qk = _dot_nt(q1r, q2r, k1r, k2r, PAD, PREC)
     p = tl.exp2(qk * qk_scale - lse[:, None])
     if MASKED:
@@ -227,12 +212,7 @@ def _bwd_dq_kernel(
     delta = tl.load(DELTA + h * n_tokens + tok0 + offs_m, mask=m_ok, other=0.0)
 
     dq1, dq2 = _zeros_hd(BLOCK_M, HEAD_DIM, HALF)
-    if TMA:
-        k_base = K
-        v_base = V
-    else:
-        k_base = K + kvh * stride_kh
-        v_base = V + kvh * stride_vh
+    k_base, v_base = _bases(K, V, kvh, stride_kh, stride_vh, TMA)
     for start_n in range(0, loop_bound(start_m), BLOCK_N):
         dq1, dq2 = _bwd_dq_step(
             dq1, dq2, q1r, q2r, do, lse, delta, offs_m, start_n, seq_len, tok0, k_base, v_base,

@@ -418,9 +418,8 @@ def test_offloaded_optimizer_trains_the_same(tmp_path):
             assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_host_block_collected_during_a_graph_capture_is_unregistered_later(monkeypatch):
-    """A host block's finalizer (engine.offload._unlock) run by a garbage collection during a CUDA graph capture must
-    not synchronize (that would end the capture): the block waits, and the next registration unregisters it."""
+def _fake_cudart(monkeypatch) -> list:
+    """torch.cuda.cudart() replaced by one that records each page-lock's register and unregister (no GPU)."""
     calls = []
 
     class FakeCudart:
@@ -431,10 +430,17 @@ def test_a_host_block_collected_during_a_graph_capture_is_unregistered_later(mon
         def cudaHostUnregister(self, ptr):
             calls.append(("unregister", ptr))
 
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart())
+    return calls
+
+
+def test_a_host_block_collected_during_a_graph_capture_is_unregistered_later(monkeypatch):
+    """A host block's finalizer (engine.offload._unlock) run by a garbage collection during a CUDA graph capture must
+    not synchronize (that would end the capture): the block waits, and the next registration unregisters it."""
+    calls = _fake_cudart(monkeypatch)
     capturing = [True]
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append(("synchronize", None)))
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart())
     old, new = offload._whole_pages(10), offload._whole_pages(10)
     offload._unlock(old)
     assert calls == [] and offload._UNLOCK_LATER == [old]
@@ -459,19 +465,9 @@ def test_a_host_block_no_key_holds_is_let_go(monkeypatch):
     """reserve() with new shapes for keys puts them in a new block; the old block is kept while another key's buffers
     are in it, and unlocked and dropped once none are (a run whose shapes change does not pile up page-locked host
     memory). Its unlock runs once: not again when the owner is collected."""
-    calls = []
-
-    class FakeCudart:
-        def cudaHostRegister(self, ptr, nbytes, flags):
-            calls.append(("register", ptr))
-            return 0
-
-        def cudaHostUnregister(self, ptr):
-            calls.append(("unregister", ptr))
-
+    calls = _fake_cudart(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart())
     c = offload.HostCopies(torch.device("cuda"))  # (nothing touches a device: the copies are not called)
     spec = lambda *n: [(torch.Size([m]), torch.float32) for m in n]  # noqa: E731
     c.reserve([(0, spec(100)), (1, spec(300))])
