@@ -239,8 +239,8 @@ def ptxas_report(
     shapes: dict, dtype: torch.dtype, arch: int = 90, cache_dtype: torch.dtype | None = None, pdl: bool = False
 ) -> list[dict]:
     """Registers / spills / shared memory of the decode kernel (alone and with the rope write fused in) and the
-    rope-write kernel at each shape's default config (the cache in cache_dtype, default dtype); pdl: the decode
-    kernel as decode_config's `pdl` launches it (programmatic dependent launch)."""
+    rope-write kernel at each shape's default config (the cache in cache_dtype, default dtype); pdl: the kernels as
+    decode_config's `pdl` launches them (programmatic dependent launch)."""
     import triton
 
     import kernels.paged_attention as pa
@@ -274,7 +274,7 @@ def ptxas_report(
         types.update({n: f"*{tname}" for n in ("Q", "QO", "K", "KO", "V")} | {n: f"*{cname}" for n in ("KC", "VC")})
         types.update({"POS": "*i64", "SLOT": "*i64", "INV_FREQ": "*fp32"})
         consts = dict(HQ=hq, HKV=hkv, **rotary.launch_shape(batch, hq, hkv, d, 132)[1], CACHE_BLOCK=bs, ROTATE=True,
-                      WRITE_K=False, WRITE_CACHE=True)  # fmt: skip
+                      WRITE_K=False, WRITE_CACHE=True, PDL=pdl)  # fmt: skip
         info = ptxas_info(rotary._rotary_kernel, types, consts, 4, 1, arch)
         rows.append({"shape": name, "kernel": "rope_write", **info})
     for r in rows:

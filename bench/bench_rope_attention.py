@@ -264,7 +264,7 @@ def ptxas_report(
 
     # the rotary pre-pass of the forward (k only, written to a buffer), at the default shape's tiles
     pre = dict(HQ=0, HKV=40 // group, **rotary.launch_shape(16384, 0, 40 // group, head_dim)[1], CACHE_BLOCK=1,
-               ROTATE=True, WRITE_K=True, WRITE_CACHE=False)  # fmt: skip
+               ROTATE=True, WRITE_K=True, WRITE_CACHE=False, PDL=False)  # fmt: skip
     report("rotary", rotary._rotary_kernel, pre, 4, 1, f"BLOCK_T={pre['BLOCK_T']} BLOCK_H={pre['BLOCK_H']}")
     for name, fn, inner, shapes, extra, descs in kernels:
         for block, warps, stages in shapes[:configs_per_kernel]:

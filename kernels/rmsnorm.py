@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.dispatch import INTERPRET, loop_bound, sm_count, use_triton
+from kernels.decode_config import pdl_enabled
+from kernels.dispatch import INTERPRET, loop_bound, pdl_launch, pdl_prologue, sm_count, use_triton
 
 _MAX_HIDDEN = 16384
 _ROW_ELEMENTS = 8192 if not INTERPRET else 1 << 20  # elements per tile (interpreter: few big programs)
@@ -34,10 +35,11 @@ _BWD_PROGRAMS_PER_SM = 4
 @triton.jit
 def _rmsnorm_fwd_kernel(
     X, DELTA, H, W, Y, RSTD, n_rows, n_cols, stride_x, stride_d, stride_h, stride_y, eps,
-    BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, HAS_DELTA: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, HAS_DELTA: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Rows [pid * BLOCK_ROWS, +BLOCK_ROWS): Y = W * (X * rstd).to(X dtype); RSTD [n_rows] fp32. HAS_DELTA: the
-    normalised rows are H = (X + DELTA).to(X dtype), stored."""
+    normalised rows are H = (X + DELTA).to(X dtype), stored. PDL: programmatic dependent launch (pdl_prologue)."""
+    pdl_prologue(PDL)
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_H)
     r_ok = rows < n_rows
@@ -113,9 +115,11 @@ def _rmsnorm_fwd(
     h = x2 if delta is None else torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     if n_rows:
         block_rows, block_h, num_warps = _tiles(n_cols)
+        pdl = pdl_enabled(x.device)  # (decode_config's pdl: programmatic dependent launch, sm_90+)
         _rmsnorm_fwd_kernel[(triton.cdiv(n_rows, block_rows),)](
             x2, d2, h, weight, y, rstd, n_rows, n_cols, x2.stride(0), d2.stride(0), h.stride(0), y.stride(0), eps,
-            BLOCK_ROWS=block_rows, BLOCK_H=block_h, HAS_DELTA=delta is not None, num_warps=num_warps,
+            BLOCK_ROWS=block_rows, BLOCK_H=block_h, HAS_DELTA=delta is not None, num_warps=num_warps, PDL=pdl,
+            **pdl_launch(pdl),
         )  # fmt: skip
     return y.view(x.shape), rstd, h.view(x.shape)
 

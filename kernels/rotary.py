@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.dispatch import INTERPRET, fill_sms, sm_count
+from kernels.decode_config import pdl_enabled
+from kernels.dispatch import INTERPRET, fill_sms, pdl_launch, pdl_prologue, sm_count
 
 TAB_ROWS = 128  # rows of the cos/sin(j * f) table (kernels.rope_attention's tile rotation)
 
@@ -78,13 +79,15 @@ def _rotary_kernel(
     stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
     HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr, CACHE_BLOCK: tl.constexpr, ROTATE: tl.constexpr, WRITE_K: tl.constexpr,
-    WRITE_CACHE: tl.constexpr,
+    WRITE_CACHE: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (t, j): tokens [t * BLOCK_T, +BLOCK_T); head block j of q (j < cdiv(HQ, BLOCK_H)) or else of k/v.
 
     q heads: QO = rot(Q). k heads: KO = rot(K) if WRITE_K; if WRITE_CACHE, rot(K) and V at each token's slot
     (slot = block * CACHE_BLOCK + offset; -1 skips, and so does a slot past the cache's n_slots: on a GPU, where the
-    host cannot check without a sync, nothing outside the cache is written). HQ = 0: no q. ROTATE False: copies."""
+    host cannot check without a sync, nothing outside the cache is written). HQ = 0: no q. ROTATE False: copies.
+    PDL: programmatic dependent launch (dispatch.pdl_prologue)."""
+    pdl_prologue(PDL)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     j = tl.program_id(1)
     t_ok = offs_t < n_tokens
@@ -218,12 +221,13 @@ def launch_rotary(
     if write_cache:
         check_slots(slots, k_cache)
     cache_strides = (*kc.stride()[:3], *vc.stride()[:3]) if write_cache else (0,) * 6
+    pdl = pdl_enabled(k.device)  # (decode_config's pdl: programmatic dependent launch, sm_90+)
     # fmt: off
     _rotary_kernel[grid](
         q, q_out, k, k_out_, v, kc, vc, positions, slots, inv_freq, n, kc.shape[0] * kc.shape[1] if write_cache else 0,
         q.stride(0), q.stride(1), q_out.stride(0), q_out.stride(1), k.stride(0), k.stride(1),
         k_out_.stride(0), k_out_.stride(1), v.stride(0), v.stride(1), *cache_strides,
         HQ=hq, HKV=hkv, **tiles, CACHE_BLOCK=kc.shape[1] if write_cache else 1, ROTATE=rotate,
-        WRITE_K=k_out is not None, WRITE_CACHE=write_cache, num_warps=4,
+        WRITE_K=k_out is not None, WRITE_CACHE=write_cache, num_warps=4, PDL=pdl, **pdl_launch(pdl),
     )
     # fmt: on

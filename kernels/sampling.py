@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.dispatch import INTERPRET, loop_bound, use_triton
+from kernels.decode_config import pdl_enabled
+from kernels.dispatch import INTERPRET, loop_bound, pdl_launch, pdl_prologue, use_triton
 
 _BLOCK_V = 1024 if INTERPRET else 2048
 
@@ -50,11 +51,13 @@ def _uniform(bits):
 @triton.jit
 def _gumbel_sample_kernel(
     LOGITS, SEEDS, COUNTERS, MIN_LOGIT, TOKENS, LOGPROBS, vocab, vocab_offset, stride_row, temperature,
-    GREEDY: tl.constexpr, PARTIAL: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_V: tl.constexpr,
+    GREEDY: tl.constexpr, PARTIAL: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One row: stream the logits in blocks; running (best score, its index, its logit) and logsumexp. PARTIAL:
     LOGPROBS is [B, 3] (best score, its logit, logsumexp) and the token id is offset by vocab_offset. HAS_MIN: a
-    logit below the row's MIN_LOGIT is never drawn (it still counts in the logsumexp)."""
+    logit below the row's MIN_LOGIT is never drawn (it still counts in the logsumexp). PDL: programmatic dependent
+    launch (dispatch.pdl_prologue)."""
+    pdl_prologue(PDL)
     row = tl.program_id(0)
     base = LOGITS + row.to(tl.int64) * stride_row
     seed = tl.load(SEEDS + row).to(tl.uint32)  # the low 32 bits, as the reference's & 0xFFFFFFFF
@@ -167,11 +170,12 @@ def _launch(logits, seeds, counters, temperature, vocab_offset, min_logit=None, 
                       device=logits.device)  # fmt: skip
     has_min = min_logit is not None and temperature > 0  # (greedy draws the row's largest logit anyway)
     floor = min_logit.float().contiguous() if has_min else out  # (a placeholder pointer, never read)
+    pdl = pdl_enabled(logits.device)  # (decode_config's pdl: programmatic dependent launch, sm_90+)
     if b:
         _gumbel_sample_kernel[(b,)](
             logits, seeds.contiguous(), counters.contiguous(), floor, tokens, out, v, vocab_offset, logits.stride(0),
             float(temperature) if temperature > 0 else 1.0, GREEDY=temperature == 0, PARTIAL=partial,
-            HAS_MIN=has_min, BLOCK_V=_BLOCK_V, num_warps=8,
+            HAS_MIN=has_min, BLOCK_V=_BLOCK_V, num_warps=8, PDL=pdl, **pdl_launch(pdl),
         )  # fmt: skip
     return tokens, out
 
@@ -187,10 +191,12 @@ def _order_key(x):
 
 
 @triton.jit
-def _kth_largest_kernel(LOGITS, OUT, k, vocab, stride_row, BLOCK_V: tl.constexpr):
+def _kth_largest_kernel(LOGITS, OUT, k, vocab, stride_row, BLOCK_V: tl.constexpr, PDL: tl.constexpr):
     """Program b: OUT[b] = the k-th largest of LOGITS[b, :vocab] (fp32), by radix select on its order key: four
     passes over the row, each a 256-bin histogram of the next 8 bits among the logits whose higher bits match the
-    digits chosen so far, choosing the digit where the count from the top reaches the rank still sought."""
+    digits chosen so far, choosing the digit where the count from the top reaches the rank still sought. PDL:
+    programmatic dependent launch (dispatch.pdl_prologue)."""
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride_row
     offs = tl.arange(0, BLOCK_V)
@@ -230,6 +236,7 @@ def kth_largest(logits: torch.Tensor, k: int) -> torch.Tensor:
         logits = logits.contiguous()
     out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     if logits.shape[0]:
+        pdl = pdl_enabled(logits.device)  # (decode_config's pdl: programmatic dependent launch, sm_90+)
         _kth_largest_kernel[(logits.shape[0],)](logits, out, k, logits.shape[1], logits.stride(0), BLOCK_V=_BLOCK_V,
-                                                num_warps=8)  # fmt: skip
+                                                num_warps=8, PDL=pdl, **pdl_launch(pdl))  # fmt: skip
     return out

@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.dispatch import INTERPRET, fill_sms, sm_count, use_triton
+from kernels.decode_config import pdl_enabled
+from kernels.dispatch import INTERPRET, fill_sms, pdl_launch, pdl_prologue, sm_count, use_triton
 
 _BLOCK_COLS = 1024
 _BLOCK_ROWS = 64 if INTERPRET else 4
@@ -34,7 +35,10 @@ def _load_gate_up(GU, n_rows, n_cols, stride_gu, BLOCK_ROWS: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _swiglu_fwd_kernel(GU, Y, n_rows, n_cols, stride_gu, stride_y, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+def _swiglu_fwd_kernel(
+    GU, Y, n_rows, n_cols, stride_gu, stride_y, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr
+):
+    pdl_prologue(PDL)  # (programmatic dependent launch: decode_config's pdl)
     rows, cols, mask, g, u = _load_gate_up(GU, n_rows, n_cols, stride_gu, BLOCK_ROWS, BLOCK_C)
     act = (g * tl.sigmoid(g)).to(Y.dtype.element_ty).to(tl.float32)
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], (act * u).to(Y.dtype.element_ty), mask=mask)
@@ -77,8 +81,18 @@ class _SwiGLU(torch.autograd.Function):
         y = torch.empty((n_rows, n_cols), dtype=gu.dtype, device=gu.device)
         if n_rows:
             grid, rows = _launch(n_rows, n_cols, _sms(gu))
+            pdl = pdl_enabled(gu.device)
             _swiglu_fwd_kernel[grid](
-                gu, y, n_rows, n_cols, gu.stride(0), y.stride(0), BLOCK_ROWS=rows, BLOCK_C=_BLOCK_COLS
+                gu,
+                y,
+                n_rows,
+                n_cols,
+                gu.stride(0),
+                y.stride(0),
+                BLOCK_ROWS=rows,
+                BLOCK_C=_BLOCK_COLS,
+                PDL=pdl,
+                **pdl_launch(pdl),
             )
         ctx.save_for_backward(gu)
         ctx.shape = gate_up.shape

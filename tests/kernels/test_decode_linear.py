@@ -319,24 +319,6 @@ def test_residual_and_row_squares_refuse_what_does_not_fit():
         dl.decode_linear(x, w, norm=(dl.RowSquares(torch.zeros(2, 4)), torch.ones(64), 1e-5))
 
 
-def test_pdl_switch_reaches_the_launch(monkeypatch):
-    """With decode_config's `pdl` on an sm_90+ GPU (pdl_enabled), the projection is launched with launch_pdl and PDL
-    (its wait ahead of any memory access: test_sm90_compile); otherwise with neither."""
-    calls = []
-
-    class Recorder:  # stands in for the kernel: what each launch was given
-        def __getitem__(self, grid):
-            return lambda *args, **kw: calls.append((kw.get("PDL"), kw.get("launch_pdl")))
-
-    monkeypatch.setattr(dl, "_decode_linear_kernel", Recorder())
-    x, w = torch.randn(3, 64), torch.randn(32, 64)
-    for on in (False, True):
-        monkeypatch.setattr(dl, "pdl_enabled", lambda dev, on=on: on)
-        calls.clear()
-        dl.decode_linear(x, w)
-        assert calls == [(on, True if on else None)], calls
-
-
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="PDL needs an sm_90+ GPU"
 )

@@ -570,44 +570,6 @@ def test_k_and_v_of_different_layouts_and_strided_positions():
     torch.testing.assert_close(vc, vc2, atol=0, rtol=0, equal_nan=True)
 
 
-def test_pdl_switch_reaches_both_decode_launches_on_sm90_only(monkeypatch):
-    """decode_config's `pdl` (programmatic dependent launch): off by default; when on, the decode kernel and its merge
-    are launched with launch_pdl and PDL (their wait before any memory access: test_sm90_compile) on an sm_90+ GPU
-    only: pdl_enabled is False on a CPU and on an sm_80 GPU whatever the switch, and a per-call config wins."""
-    from kernels import decode_config as dc
-
-    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (9, 0))
-    assert pa.decode_config(1, 128, 2)["pdl"] == 0 and not dc.pdl_enabled(cuda)
-    try:
-        pa.set_decode_config(pdl=1)
-        assert dc.pdl_enabled(cuda) and not dc.pdl_enabled(cpu) and not dc.pdl_enabled(cuda, 0)
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (8, 0))
-        assert not dc.pdl_enabled(cuda)
-    finally:
-        pa.set_decode_config()
-    with pytest.raises(ValueError, match="pdl must be 0 or 1"):
-        pa.set_decode_config(pdl=2)
-
-    calls = []
-
-    class Recorder:  # stands in for a kernel: what each launch was given
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *args, **kw: calls.append((self.name, kw.get("PDL"), kw.get("launch_pdl")))
-
-    q, kc, vc, bt, cl, _, _ = _paged_setup([300, 9], 4, 2, 64, 16, torch.float32)
-    monkeypatch.setattr(pa, "_paged_decode_kernel", Recorder("decode"))
-    monkeypatch.setattr(pa, "_paged_decode_reduce_kernel", Recorder("merge"))
-    for on in (False, True):
-        monkeypatch.setattr(pa, "pdl_enabled", lambda dev, value, on=on: on and bool(value))
-        calls.clear()
-        paged_decode_attention(q, kc, vc, bt, cl, num_splits=2, config={"pdl": 1})
-        assert calls == [("decode", on, True if on else None), ("merge", on, True if on else None)], calls
-
-
 def test_set_decode_config_reaches_every_launch_until_reset(monkeypatch):
     """set_decode_config's overrides go into every later launch (a per-call config still wins) until called with
     none; bad names and values are refused with the parameter named."""

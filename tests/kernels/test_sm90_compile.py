@@ -23,8 +23,8 @@ fp8 = ptxas_report(shapes, torch.bfloat16, cache_dtype=torch.float8_e4m3fn)  # k
 assert len(fp8) == 6 and all(r["regs"] and r["spill_bytes"] == 0 for r in fp8), fp8
 # decode_config's pdl: the decode kernel waits for the kernel before it ahead of any memory access, then lets the
 # next one launch; without it, neither instruction
-pdl = [r for r in ptxas_report(shapes, torch.bfloat16, pdl=True) if r["kernel"].startswith("decode")]
-assert pdl and all(r["pdl_wait_first"] and r["pdl_triggers"] and r["spill_bytes"] == 0 for r in pdl), pdl
+pdl = ptxas_report(shapes, torch.bfloat16, pdl=True)  # (the rope write kernel too)
+assert len(pdl) == 6 and all(r["pdl_wait_first"] and r["pdl_triggers"] and r["spill_bytes"] == 0 for r in pdl), pdl
 assert not any(r["pdl_wait_first"] or r["pdl_triggers"] for r in rows), rows
 print("compiled")
 """,
@@ -71,15 +71,21 @@ for (fn, ptrs, flag), fused in itertools.product(
     [(rmsnorm._rmsnorm_fwd_kernel, fwd_ptrs, "HAS_DELTA"), (rmsnorm._rmsnorm_bwd_kernel, bwd_ptrs, "HAS_DRES")],
     (False, True),  # the plain norm and the residual add fused in (add_rms_norm)
 ):
-    consts = dict(BLOCK_ROWS=block_rows, BLOCK_H=block_h, **{flag: fused})
+    fwd = fn is rmsnorm._rmsnorm_fwd_kernel
+    # (the forward with the add: by programmatic dependent launch, decode_config's pdl; its wait first, then the
+    # trigger; the plain one without)
+    consts = dict(BLOCK_ROWS=block_rows, BLOCK_H=block_h, **{flag: fused}, **({"PDL": fused} if fwd else {}))
     types = {a: ptrs.get(a, "i32") for a in fn.arg_names if a not in consts}
     info = ptxas_info(fn, types, consts, warps, 3, divisible=("n_cols",))  # 5120 is
     assert info["regs"] and info["spill_bytes"] == 0 and "ld.global.v4.b32" in info["loads"], info
-consts = dict(BLOCK_ROWS=swiglu._BLOCK_ROWS, BLOCK_C=swiglu._BLOCK_COLS)
+    assert info["pdl_wait_first"] == info["pdl_triggers"] == (fwd and fused), info
 for fn in (swiglu._swiglu_fwd_kernel, swiglu._swiglu_bwd_kernel):
+    fwd = fn is swiglu._swiglu_fwd_kernel
+    consts = dict(BLOCK_ROWS=swiglu._BLOCK_ROWS, BLOCK_C=swiglu._BLOCK_COLS, **({"PDL": True} if fwd else {}))
     types = {a: "*bf16" if a.isupper() else "i32" for a in fn.arg_names if a not in consts}
     info = ptxas_info(fn, types, consts, 4, 3, divisible=("n_cols",))  # 13824 is
     assert info["regs"] and info["spill_bytes"] == 0 and "ld.global.v4.b32" in info["loads"], info
+    assert info["pdl_wait_first"] == info["pdl_triggers"] == fwd, info
 print("compiled")
 """,
     "sampling": """
@@ -91,14 +97,18 @@ types = dict(LOGITS="*bf16", SEEDS="*i64", COUNTERS="*i64", MIN_LOGIT="*fp32", T
 # partial: a TP rank's vocabulary shard; has_min: top-k's floor
 for greedy, partial, has_min in ((False, False, False), (True, False, False), (False, True, False),
                                  (False, False, True), (False, True, True)):  # fmt: skip
-    consts = dict(GREEDY=greedy, PARTIAL=partial, HAS_MIN=has_min, BLOCK_V=sampling._BLOCK_V)
+    # (top-k's sampling launch after its floor's: by programmatic dependent launch here, decode_config's pdl)
+    consts = dict(GREEDY=greedy, PARTIAL=partial, HAS_MIN=has_min, BLOCK_V=sampling._BLOCK_V, PDL=has_min)
     info = ptxas_info(sampling._gumbel_sample_kernel, types, consts, 8, 3, divisible=("vocab",))  # 32000 is
     assert info["regs"] and info["spill_bytes"] == 0, info
+    assert info["pdl_wait_first"] == info["pdl_triggers"] == has_min, info
 # top-k's floor: the radix select (four histogram passes over the row)
 for dtype in ("*bf16", "*fp32"):
     types = dict(LOGITS=dtype, OUT="*fp32", k="i32", vocab="i32", stride_row="i32")
-    info = ptxas_info(sampling._kth_largest_kernel, types, dict(BLOCK_V=sampling._BLOCK_V), 8, 3, divisible=("vocab",))
-    assert info["regs"] and info["spill_bytes"] == 0, info
+    pdl = dtype == "*bf16"
+    info = ptxas_info(sampling._kth_largest_kernel, types, dict(BLOCK_V=sampling._BLOCK_V, PDL=pdl), 8, 3,
+                      divisible=("vocab",))  # fmt: skip
+    assert info["regs"] and info["spill_bytes"] == 0 and info["pdl_wait_first"] == info["pdl_triggers"] == pdl, info
 print("compiled")
 """,
     "logprob": """
