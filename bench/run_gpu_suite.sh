@@ -29,9 +29,9 @@
 # run first, ~9 minutes): the untimed work of 2026-12-04/05 by what it decides: the tests of the decode projections,
 # paged attention (PDL in a CUDA graph), sampling and rope attention compiled; the 13B rollouts at batch 64 and 1
 # with decode_config's linear 1, with linear 1 + pdl 1, and at the defaults (batch 1 also with pdl 1 alone: 2% short
-# of its target); the rope attention bench (TMA against
-# pointer loads against SDPA); the projections against cuBLAS; the sampling bench; then the two sweeps with the time
-# left. No NAME: everything, in the order below.
+# of its target), with the rope attention bench (TMA against pointer loads against SDPA) between the two batches; the
+# projections against cuBLAS; the sampling bench; then the two sweeps with the time left. No NAME: everything, in
+# the order below.
 # SUITE_COMMIT names the commit in summary.txt.
 #
 # The lease's limits shape this script: a call returns at most 8 files from OUT_DIR and is killed at its timeout.
@@ -212,8 +212,8 @@ if [[ "$names" == *" linear "* ]]; then  # the decode step's projections through
   finish
 fi
 if [[ "$names" == *" next "* ]]; then  # the next lease's first call: what decides the opt-in switches (alone)
-  names="$names next_tests rollout_b64_linear rollout_b64_linear_pdl rollout_b64_cublas rollout_b1_linear "
-  names="$names rollout_b1_linear_pdl rollout_b1_cublas rollout_b1_pdl rope_attention_tma linear sampling "
+  names="$names next_tests rollout_b64_linear rollout_b64_linear_pdl rollout_b64_cublas rope_attention_tma "
+  names="$names rollout_b1_linear rollout_b1_linear_pdl rollout_b1_cublas rollout_b1_pdl linear sampling "
   names="$names linear_sweep rope_sweep "
   step next_tests 100 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test \
     tests/kernels/test_decode_linear.py tests/kernels/test_paged_attention.py tests/kernels/test_sampling.py \
@@ -225,10 +225,11 @@ if [[ "$names" == *" next "* ]]; then  # the next lease's first call: what decid
       --batch $b --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"linear": 1, "pdl": 1}'
     bench "rollout_b${b}_cublas" 70 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights \
       --batch $b --prompt-len 128 --gen-len 256 --no-hf  # the defaults, same machine
+    # (issue 4's one check between the two batches: ours by TMA / by pointer loads / SDPA)
+    [ "$b" = 64 ] && bench rope_attention_tma 100 "$PY" bench/bench_rope_attention.py --no-compile
   done
   bench rollout_b1_pdl 60 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 \
     --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"pdl": 1}'  # the default path's kernels by PDL
-  bench rope_attention_tma 100 "$PY" bench/bench_rope_attention.py --no-compile  # TMA / pointer loads / SDPA
   bench linear 60 "$PY" bench/bench_decode_linear.py  # ours against cuBLAS, each 13B projection at batch 1, 8, 64
   bench sampling 30 "$PY" bench/bench_sampling.py  # the top-50 floor: ours against torch.topk
   bench linear_sweep 100 "$PY" bench/bench_decode_linear.py --rows 64 1 --sweep --budget-s 80

@@ -237,14 +237,14 @@ def test_tma_group_tests_then_benches_the_attention_both_ways_then_sweeps(tmp_pa
 
 @pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("tar") is None, reason="needs coreutils and tar")
 def test_next_group_tests_then_times_each_switch_against_the_defaults(tmp_path):
-    """`next`: the kernel tests compiled, the batch-64 then batch-1 rollouts with linear 1, with linear 1 + pdl 1 and
-    at the defaults, batch 1 with pdl 1 alone, the rope attention bench (TMA against pointer loads), the projections'
-    and sampling benches, then the two sweeps; nothing of the other groups."""
+    """`next`: the kernel tests compiled, the batch-64 rollouts with linear 1, with linear 1 + pdl 1 and at the
+    defaults, the rope attention bench (TMA against pointer loads), the same three at batch 1 and batch 1 with pdl 1
+    alone, the projections' and sampling benches, then the two sweeps; nothing of the other groups."""
     steps, summary, run = _run_group(tmp_path, STUB.replace("sleep 60", "true"), "next")
     work = run["work"]
     assert steps == ["next_tests", "rollout_b64_linear", "rollout_b64_linear_pdl", "rollout_b64_cublas",
-                     "rollout_b1_linear", "rollout_b1_linear_pdl", "rollout_b1_cublas", "rollout_b1_pdl",
-                     "rope_attention_tma", "linear", "sampling", "linear_sweep", "rope_sweep"], summary  # fmt: skip
+                     "rope_attention_tma", "rollout_b1_linear", "rollout_b1_linear_pdl", "rollout_b1_cublas",
+                     "rollout_b1_pdl", "linear", "sampling", "linear_sweep", "rope_sweep"], summary  # fmt: skip
     assert '--decode-config {"pdl": 1}' in (work / "rollout_b1_pdl.log").read_text()
     tests = (work / "next_tests.log").read_text()
     assert "test_decode_linear.py" in tests and "test_rope_attention.py" in tests, tests
