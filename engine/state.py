@@ -8,6 +8,7 @@ is read are engine/preflight.py's.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -53,6 +54,7 @@ from engine.resume import (
 from engine.rollout import idle_models
 from engine.tokenizer import CHAT_TEMPLATES, PromptSet, response_stop_ids
 from engine.tracking import Tracker, check_available
+from kernels.decode_config import check_decode_config, set_decode_config
 
 # the longest --dist-timeout-minutes: torch.distributed takes the timeout as a timedelta it converts to integer
 # milliseconds and nanoseconds, which overflow far past this (1e12 minutes: every collective timed out at once; 1e30: an
@@ -97,6 +99,10 @@ class RunConfig:
     kv_cache_fraction: float = 0.9  # share of the GPU's memory the rollouts may fill, their KV cache included
     kv_cache_mb: int = 0  # KV cache budget in MiB (0: the generator's default / kv_cache_fraction)
     kv_cache_dtype: str = "auto"  # auto (the model's) or fp8: float8 e4m3 K/V, half the bytes read per decode step
+    # the decode step's kernel launches as a JSON object (kernels/decode_config.py's keys): the opt-in switches, e.g.
+    # '{"linear": 1, "pdl": 1}' (the projections in five launches a layer; programmatic dependent launch, sm_90+),
+    # or a sweep's tiles; empty: the measured defaults
+    decode_config: str = ""
     # the trained models' fp32 masters and Adam moments in pinned host memory: rollouts (during rollouts, their GPU
     # memory in the KV cache), always (throughout: each update streams them through the GPU in chunks; the GPU holds
     # the weights and grads), off, or auto (on a GPU: always where the layout fits no other way, else rollouts when
@@ -149,6 +155,11 @@ class RunConfig:
             bad.append(why)
         if self.kv_cache_dtype not in ("auto", "fp8"):
             bad.append(f"kv_cache_dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
+        if self.decode_config:
+            try:
+                check_decode_config(self.decode_overrides())
+            except ValueError as e:  # (a JSON syntax error is one too)
+                bad.append(f"decode_config: {e}")
         if not re.fullmatch(r"auto|on|off|\d+", self.activation_checkpointing):
             bad.append(f"activation_checkpointing must be auto, on, off or a number of layers, got "
                        f"{self.activation_checkpointing!r}")  # fmt: skip
@@ -162,6 +173,13 @@ class RunConfig:
                 bad.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if bad:
             raise InvalidInput("; ".join(bad))
+
+    def decode_overrides(self) -> dict:
+        """decode_config's JSON as the overrides kernels.decode_config.set_decode_config takes ({} when empty)."""
+        overrides = json.loads(self.decode_config) if self.decode_config else {}
+        if not isinstance(overrides, dict):
+            raise ValueError(f"expected a JSON object such as '{{\"linear\": 1}}', got {self.decode_config!r}")
+        return overrides
 
 
 @dataclass
@@ -218,6 +236,14 @@ def make_generator(policy: Transformer, cfg: PPOConfig, run: RunConfig):
         kv_cache_dtype=run.kv_cache_dtype,
         **kw,
     )
+
+
+def _with_decode_config(factory, policy: Transformer, cfg: PPOConfig, run: RunConfig):
+    """The run's generator, made after --decode-config took effect (process-wide: every decode launch from here on;
+    the CUDA graphs are captured later, with it)."""
+    if run.decode_config:
+        set_decode_config(**run.decode_overrides())
+    return factory(policy, cfg, run)
 
 
 def resumed_config(cfg: PPOConfig, run: RunConfig) -> PPOConfig:
@@ -301,7 +327,7 @@ def setup(
     state.tokenizer, state.eval_prompts, state.model_fingerprints = tokenizer, eval_set, fingerprints
     if ckpt:
         load_trainer_state(state, ckpt)
-    state.generator = generator_factory(state.policy, cfg, run)
+    state.generator = _with_decode_config(generator_factory, state.policy, cfg, run)
     return state
 
 
@@ -371,7 +397,7 @@ def make_state(
     )  # fmt: skip
     state.offload, state.offload_models = decide_offload(state)
     if generator_factory is not None:
-        state.generator = generator_factory(policy, cfg, run)
+        state.generator = _with_decode_config(generator_factory, policy, cfg, run)
     return state
 
 

@@ -138,6 +138,10 @@ def test_a_checkpoint_of_the_wrong_kind_is_refused_before_anything_is_read_or_cl
         (["--dtype", "int8"], "dtype must be auto, bfloat16, float16 or float32, got 'int8'"),
         (["--device", "tpu"], "device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
         (["--kv-cache-dtype", "int4"], "kv_cache_dtype must be auto or fp8, got 'int4'"),
+        (["--decode-config", "{linear: 1}"], "decode_config: Expecting property name enclosed in double quotes"),
+        (["--decode-config", "[1]"], r"decode_config: expected a JSON object such as '\{\"linear\": 1\}', got '\[1\]'"),
+        (["--decode-config", '{"linar": 1}'], r"decode_config: unknown decode launch parameter\(s\) \['linar'\]"),
+        (["--decode-config", '{"pdl": 2}'], "decode_config: decode launch parameter pdl must be 0 or 1, got 2"),
         # (refused by setup only after the tiny default's models were built, and by ppo_step.py after its four)
         (["--offload-optimizer", "x"], "offload_optimizer must be one of auto, off, rollouts, always, got 'x'"),
         (["--offload-idle-models", "always"], "offload_idle_models must be one of auto, off, rollouts, got 'always'"),

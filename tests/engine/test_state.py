@@ -574,3 +574,20 @@ def test_check_memorys_plan_failing_on_one_rank_stops_every_rank_at_once(tmp_pat
         f"FailedOnAnotherRank: planning memory failed on rank 1: {missing}", True,
     ]  # fmt: skip
     assert json.loads((tmp_path / "rank1").read_text()) == [f"MissingInput: {missing}", True]
+
+
+def test_the_runs_decode_config_takes_effect_before_its_generator_is_made():
+    """--decode-config '{"linear": 1, "pdl": 1}': set process-wide (kernels.decode_config) before the generator
+    factory runs, so every decode launch and captured graph of the run has it; an empty one leaves the defaults."""
+    from kernels import decode_config
+
+    seen = []
+    factory = lambda policy, cfg, run: seen.append(dict(decode_config._overrides)) or "generator"  # noqa: E731
+    run = state_mod.RunConfig(decode_config='{"linear": 1, "pdl": 1}')
+    try:
+        assert state_mod._with_decode_config(factory, None, PPOConfig(), run) == "generator"
+        assert seen == [{"linear": 1, "pdl": 1}] and decode_config.linear_enabled()
+    finally:
+        decode_config.set_decode_config()
+    state_mod._with_decode_config(factory, None, PPOConfig(), state_mod.RunConfig())
+    assert seen[-1] == {}
