@@ -353,24 +353,36 @@ TMA_LOADS = True
 
 
 def use_tma(head_dim: int, *tensors: torch.Tensor) -> bool:
-    """Whether a launch can read these [N, H, D] tensors by TMA: TMA_LOADS on, an sm_90+ GPU (or the interpreter,
-    which emulates the copies), head-dim halves at least tl.dot's 16 wide (smaller ones are padded pairs), and
-    each tensor's heads side by side in 16-byte aligned rows (a qkv projection's slices are)."""
-    if not TMA_LOADS or head_dim // 2 < 16:
-        return False
+    """Whether a launch reads these [N, H, D] tensors' tiles by TMA: TMA_LOADS on and _tma_refused has no reason."""
+    return TMA_LOADS and _tma_refused(head_dim, *tensors) is None
+
+
+def _tma_refused(head_dim: int, *tensors: torch.Tensor) -> str | None:
+    """Why these [N, H, D] tensors cannot be read by TMA, or None: it needs an sm_90+ GPU (or the interpreter, which
+    emulates the copies), head-dim halves at least tl.dot's 16 wide (smaller ones are padded pairs), and each
+    tensor's heads side by side in 16-byte aligned rows (a qkv projection's slices are)."""
+    if head_dim // 2 < 16:
+        return f"head dim {head_dim} is under 32 (its halves are padded pairs)"
     dev = tensors[0].device
     if not INTERPRET and (dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] < 9):
-        return False
-    aligned = lambda x: x.data_ptr() % 16 == 0 and x.stride(0) * x.element_size() % 16 == 0  # noqa: E731
-    return all(x.stride(2) == 1 and x.stride(1) == head_dim and aligned(x) for x in tensors)
+        return f"{dev} has no tensor memory accelerator (sm_90+)"
+    for x in tensors:
+        if x.stride(2) != 1 or x.stride(1) != head_dim:
+            return f"a tensor's heads are not side by side (strides {tuple(x.stride())})"
+        if x.data_ptr() % 16 or x.stride(0) * x.element_size() % 16:
+            return f"a tensor's rows are not 16-byte aligned (strides {tuple(x.stride())})"
+    return None
 
 
 def _pop_tma(config: dict | None, head_dim: int, *tensors: torch.Tensor) -> tuple[dict | None, bool]:
     """An explicit launch config without its TMA key, and whether the launch reads these tensors' tiles by tensor
-    descriptor: the key's value if given, else use_tma."""
+    descriptor: the key's value if given (True refused with the reason where TMA cannot read them), else use_tma."""
     config = dict(config) if config else None
     if config and "TMA" in config:
-        return config, bool(config.pop("TMA"))
+        want = bool(config.pop("TMA"))
+        if want and (why := _tma_refused(head_dim, *tensors)) is not None:
+            raise ValueError(f"config TMA=True, but {why}")
+        return config, want
     return config, use_tma(head_dim, *tensors)
 
 

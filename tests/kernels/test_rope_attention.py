@@ -177,6 +177,9 @@ def test_tma_where_it_can_pointer_loads_elsewhere():
             mp.setattr(attention_tiles, "TMA_LOADS", on)
             outs.append(_rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125)[0])
     torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-6)
+    q16, k16, v16 = _inputs(29, 2, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"config TMA=True, but head dim 16 is under 32"):
+        _rope_attention_fwd(q16, k16, v16, positions, cu, 1e4, 0.25, config=dict(BLOCK_M=32, BLOCK_N=16, TMA=True))
 
 
 def test_autograd_public_api_strided_views():
