@@ -77,10 +77,12 @@ def decode_config(group: int, block_d: int, elem_size: int) -> dict:
     through cuBLAS and kernels/swiglu.py. With it, norm_rows (default _NORM_ROWS): decode steps of at most that many
     sequences also fuse each add + RMSNorm into the next projection (0: never).
 
-    pdl (read by pdl_enabled): 1 launches the decode kernels (decode_linear's projections, the paged attention and its
-    merge) with programmatic dependent launch on sm_90+: each may start while the one before it finishes and waits
+    pdl (read by pdl_enabled): 1 launches every kernel of ours a decode step runs (decode_linear's projections, the
+    paged attention and its merge, the rotary + cache write, RMSNorm's and SwiGLU's forwards, top-k's floor and the
+    sampling) with programmatic dependent launch on sm_90+: each may start while the one before it finishes and waits
     on the device instead (dispatch.pdl_prologue), which takes the gap between them out of a decode step (~2.5 us a
-    kernel boundary in the second lease's profile). 0, the default, until a GPU times it.
+    kernel boundary in the second lease's profile). RMSNorm's and SwiGLU's forwards take it in training too (the
+    same wait: harmless). 0, the default, until a GPU times it.
     """
     row_bytes = block_d * elem_size
     tokens_at_256_bytes = 64 if group == 1 else 32
