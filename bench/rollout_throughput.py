@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import sys
@@ -38,7 +37,7 @@ from engine.kv_cache import resolve_cache_dtype  # noqa: E402
 from engine.model import Transformer, forward_flops  # noqa: E402
 from engine.parallel import backend_for, init_process_grid, print0  # noqa: E402
 from engine.preflight import device_error, resolve_device  # noqa: E402
-from kernels.decode_config import check_decode_config, set_decode_config  # noqa: E402
+from kernels.decode_config import parse_decode_config, set_decode_config  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -115,11 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--{why}")
     if a.decode_config is not None:
         try:
-            a.decode_config = json.loads(a.decode_config)
-            if not isinstance(a.decode_config, dict):
-                raise ValueError(f"a JSON object is needed, got {type(a.decode_config).__name__}")
-            check_decode_config(a.decode_config)  # (set in main, where the run starts)
-        except ValueError as e:  # (json.JSONDecodeError is one)
+            a.decode_config = parse_decode_config(a.decode_config)  # (set in main, where the run starts)
+        except ValueError as e:
             p.error(f"--decode-config {a.decode_config!r}: {e}")
     if a.top_k < 0:
         p.error(f"--top-k must be >= 0 (0: off), got {a.top_k}")

@@ -8,7 +8,6 @@ is read are engine/preflight.py's.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -54,7 +53,7 @@ from engine.resume import (
 from engine.rollout import idle_models
 from engine.tokenizer import CHAT_TEMPLATES, PromptSet, response_stop_ids
 from engine.tracking import Tracker, check_available
-from kernels.decode_config import check_decode_config, set_decode_config
+from kernels.decode_config import parse_decode_config, set_decode_config
 
 # the longest --dist-timeout-minutes: torch.distributed takes the timeout as a timedelta it converts to integer
 # milliseconds and nanoseconds, which overflow far past this (1e12 minutes: every collective timed out at once; 1e30: an
@@ -157,8 +156,8 @@ class RunConfig:
             bad.append(f"kv_cache_dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
         if self.decode_config:
             try:
-                check_decode_config(self.decode_overrides())
-            except ValueError as e:  # (a JSON syntax error is one too)
+                parse_decode_config(self.decode_config)
+            except ValueError as e:
                 bad.append(f"decode_config: {e}")
         if not re.fullmatch(r"auto|on|off|\d+", self.activation_checkpointing):
             bad.append(f"activation_checkpointing must be auto, on, off or a number of layers, got "
@@ -176,10 +175,7 @@ class RunConfig:
 
     def decode_overrides(self) -> dict:
         """decode_config's JSON as the overrides kernels.decode_config.set_decode_config takes ({} when empty)."""
-        overrides = json.loads(self.decode_config) if self.decode_config else {}
-        if not isinstance(overrides, dict):
-            raise ValueError(f"expected a JSON object such as '{{\"linear\": 1}}', got {self.decode_config!r}")
-        return overrides
+        return parse_decode_config(self.decode_config) if self.decode_config else {}
 
 
 @dataclass

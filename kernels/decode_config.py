@@ -4,6 +4,8 @@ process-wide overrides a tuning run sets (set_decode_config), and how many conte
 
 from __future__ import annotations
 
+import json
+
 # Splits shorter than this are not worth the merge: the workspace round trip costs ~S*D*4 bytes per
 # head against 256 * D * 4 bytes of K/V read per split.
 _MIN_TOKENS_PER_SPLIT = 256
@@ -31,6 +33,16 @@ def set_decode_config(**overrides) -> dict:
     _overrides.clear()
     _overrides.update(overrides)
     return dict(_overrides)
+
+
+def parse_decode_config(text: str) -> dict:
+    """A --decode-config flag's JSON object as set_decode_config's overrides; ValueError naming what is wrong (the
+    JSON, a value that is not an object, an unknown key, a bad value)."""
+    overrides = json.loads(text)  # (a syntax error is a ValueError too)
+    if not isinstance(overrides, dict):
+        raise ValueError(f"expected a JSON object such as '{{\"linear\": 1}}', got {text!r}")
+    check_decode_config(overrides)
+    return overrides
 
 
 def check_decode_config(overrides: dict) -> None:

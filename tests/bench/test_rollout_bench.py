@@ -49,7 +49,7 @@ def test_rollout_bench_refuses_impossible_flags(tmp_path, capsys):
         (["--decode-config", '{"block_n": 48}'], "block_n must be a power of two"),
         (["--decode-config", '{"tile": 64}'], "unknown decode launch parameter"),
         (["--decode-config", "block_n=64"], "--decode-config 'block_n=64'"),  # (not JSON)
-        (["--decode-config", "[64]"], "a JSON object is needed, got list"),
+        (["--decode-config", "[64]"], """expected a JSON object such as '{"linear": 1}', got '[64]'"""),
     ):
         with pytest.raises(SystemExit):
             parse_args(flags)
