@@ -322,7 +322,9 @@ def ptxas_info(
     # programmatic dependent launch (dispatch.pdl_prologue): its wait must come before the kernel's first access to
     # global memory (a load, store, async copy or atomic), in the PTX's order
     wait = ptx.find("griddepcontrol.wait")
-    accesses = [i for i in (ptx.find(op) for op in ("ld.global", "st.global", "cp.async", "atom.", "red.")) if i >= 0]
+    # (word-bounded: "red." must not match inside "ld.shared.")
+    first = re.search(r"\b(?:ld\.global|st\.global|cp\.async|atom\.|red\.)", ptx)
+    accesses = [first.start()] if first else []
     return {
         "shared": compiled.metadata.shared,
         "regs": regs and int(regs.group(1)),

@@ -118,6 +118,13 @@ def pdl_enabled(device, on: int | None = None) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def pdl_args(device, on: int | None = None) -> dict:
+    """A decode-step kernel's launch keywords for the switch (pdl_enabled): its PDL constant (dispatch.pdl_prologue's
+    wait and trigger) and Triton's launch_pdl, always together: a kernel launched early that did not wait would race,
+    one that waits but is never launched early gains nothing."""
+    return {"PDL": True, "launch_pdl": True} if pdl_enabled(device, on) else {"PDL": False}
+
+
 def norm_rows() -> int:
     """decode_config's `norm_rows` as set_decode_config left it: the most rows whose norms fuse into a projection."""
     return _overrides.get("norm_rows", _NORM_ROWS)

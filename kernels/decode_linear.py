@@ -38,8 +38,8 @@ import triton.language as tl
 
 from kernels import reference
 from kernels.attention_tiles import _dot_args
-from kernels.decode_config import linear_enabled, pdl_enabled
-from kernels.dispatch import INTERPRET, loop_bound, pdl_launch, pdl_prologue, sm_count, use_triton
+from kernels.decode_config import linear_enabled, pdl_args
+from kernels.dispatch import INTERPRET, loop_bound, pdl_prologue, sm_count, use_triton
 from kernels.rotary import _rotate_store, check_slots, reduce_angle, rope_tables
 
 MAX_ROWS = 64  # a decode batch; more rows are a prefill's GEMM (cuBLAS's)
@@ -465,7 +465,6 @@ def _launch(
     the residual epilogue; returns the rows' sums of squares [column blocks, M] then."""
     m, k = x.shape
     cfg = linear_config(m, n_out, k, swiglu, sm_count(x.device) if x.is_cuda else 0, config)
-    pdl = pdl_enabled(x.device)  # (decode_config's `pdl`: programmatic dependent launch, sm_90+)
     block_m = max(16, triton.next_power_of_2(m))
     n_blocks = triton.cdiv(n_out, cfg["block_n"])
     split = cfg["split_k"]
@@ -498,7 +497,7 @@ def _launch(
         *args, SWIGLU=swiglu, ROPE=rope is not None, **heads, NORM=norm_mode, HAS_DELTA=has_delta,
         RESID=residual is not None, SPLIT_K=split, EVEN=even, BLOCK_M=block_m, BLOCK_N=cfg["block_n"],
         BLOCK_K=cfg["block_k"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_dot_args(x.dtype),
-        PDL=pdl, **pdl_launch(pdl),
+        **pdl_args(x.device),  # (decode_config's pdl: programmatic dependent launch, sm_90+)
     )  # fmt: skip
     return sums if residual is not None else None
 

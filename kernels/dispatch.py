@@ -106,16 +106,12 @@ def derived(t: torch.Tensor, key: tuple, build):
 
 @triton.jit
 def pdl_prologue(PDL: tl.constexpr):
-    """A kernel launched with programmatic dependent launch (PDL, launch_pdl: pdl_launch) may start while the kernel
-    before it in the stream still runs: wait here until that one has finished and its writes are visible (before any
-    read or write of memory another kernel touches), then let the next kernel launch in turn (its programs take free
-    SM slots once all of this kernel's have started, and wait here likewise). What PDL saves is the gap between
-    dependent kernels: the launch and ramp of the next overlap the tail of this one. PDL False: nothing."""
+    """A kernel launched with programmatic dependent launch (PDL; launch_pdl: decode_config.pdl_args) may start while
+    the kernel before it in the stream still runs: wait here until that one has finished and its writes are visible
+    (before any read or write of memory another kernel touches), then let the next kernel launch in turn (its
+    programs take free SM slots once all of this kernel's have started, and wait here likewise). What PDL saves is
+    the gap between dependent kernels: the launch and ramp of the next overlap the tail of this one. PDL False:
+    nothing."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
-
-
-def pdl_launch(on: bool) -> dict:
-    """The launch keyword a PDL kernel takes (pdl_prologue): {"launch_pdl": True}, or nothing."""
-    return {"launch_pdl": True} if on else {}

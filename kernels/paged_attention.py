@@ -34,10 +34,10 @@ from kernels.decode_config import (  # noqa: F401  (set_decode_config, check_dec
     check_decode_config,
     choose_num_splits,
     decode_config,
-    pdl_enabled,
+    pdl_args,
     set_decode_config,
 )
-from kernels.dispatch import INTERPRET, loop_bound, pdl_launch, pdl_prologue, sm_count, use_triton
+from kernels.dispatch import INTERPRET, loop_bound, pdl_prologue, sm_count, use_triton
 from kernels.rotary import check_slots, launch_rotary, reduce_angle, rope_tables
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -294,7 +294,7 @@ def _decode_launch(
     group = hq // hkv
     block_d = triton.next_power_of_2(d)
     cfg = {**decode_config(group, block_d, k_cache.element_size()), **_overrides, **(config or {})}
-    pdl = pdl_enabled(q.device, cfg["pdl"])  # (programmatic dependent launch, sm_90+)
+    pdl = pdl_args(q.device, cfg["pdl"])  # (programmatic dependent launch, sm_90+)
     use_dot = group >= cfg["dot_min_group"]
     # tl.dot needs M >= 16: pad the query-head group (padding rows read q = 0 and are not stored).
     group_pad = max(16, triton.next_power_of_2(group)) if use_dot else triton.next_power_of_2(group)
@@ -327,8 +327,7 @@ def _decode_launch(
         out.stride(0), out.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), hq,
         HEAD_DIM=d, BLOCK_D=block_d, GROUP=group, GROUP_PAD=group_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, USE_DOT=use_dot, UPCAST=upcast, DOT_PRECISION="ieee" if upcast else "tf32",
-        NEW_KV=new_kv is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], PDL=pdl,
-        **pdl_launch(pdl),
+        NEW_KV=new_kv is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl,
     )
     # fmt: on
     if num_splits > 1:
@@ -345,8 +344,7 @@ def _decode_launch(
             NUM_SPLITS=num_splits,
             SPLITS_PAD=triton.next_power_of_2(num_splits),
             num_warps=4,
-            PDL=pdl,
-            **pdl_launch(pdl),
+            **pdl,
         )
 
 

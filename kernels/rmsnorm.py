@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.decode_config import pdl_enabled
-from kernels.dispatch import INTERPRET, loop_bound, pdl_launch, pdl_prologue, sm_count, use_triton
+from kernels.decode_config import pdl_args
+from kernels.dispatch import INTERPRET, loop_bound, pdl_prologue, sm_count, use_triton
 
 _MAX_HIDDEN = 16384
 _ROW_ELEMENTS = 8192 if not INTERPRET else 1 << 20  # elements per tile (interpreter: few big programs)
@@ -115,11 +115,10 @@ def _rmsnorm_fwd(
     h = x2 if delta is None else torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     if n_rows:
         block_rows, block_h, num_warps = _tiles(n_cols)
-        pdl = pdl_enabled(x.device)  # (decode_config's pdl: programmatic dependent launch, sm_90+)
         _rmsnorm_fwd_kernel[(triton.cdiv(n_rows, block_rows),)](
             x2, d2, h, weight, y, rstd, n_rows, n_cols, x2.stride(0), d2.stride(0), h.stride(0), y.stride(0), eps,
-            BLOCK_ROWS=block_rows, BLOCK_H=block_h, HAS_DELTA=delta is not None, num_warps=num_warps, PDL=pdl,
-            **pdl_launch(pdl),
+            BLOCK_ROWS=block_rows, BLOCK_H=block_h, HAS_DELTA=delta is not None, num_warps=num_warps,
+            **pdl_args(x.device),  # (decode_config's pdl: programmatic dependent launch, sm_90+)
         )  # fmt: skip
     return y.view(x.shape), rstd, h.view(x.shape)
 

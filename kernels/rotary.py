@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.decode_config import pdl_enabled
-from kernels.dispatch import INTERPRET, fill_sms, pdl_launch, pdl_prologue, sm_count
+from kernels.decode_config import pdl_args
+from kernels.dispatch import INTERPRET, fill_sms, pdl_prologue, sm_count
 
 TAB_ROWS = 128  # rows of the cos/sin(j * f) table (kernels.rope_attention's tile rotation)
 
@@ -221,13 +221,12 @@ def launch_rotary(
     if write_cache:
         check_slots(slots, k_cache)
     cache_strides = (*kc.stride()[:3], *vc.stride()[:3]) if write_cache else (0,) * 6
-    pdl = pdl_enabled(k.device)  # (decode_config's pdl: programmatic dependent launch, sm_90+)
     # fmt: off
     _rotary_kernel[grid](
         q, q_out, k, k_out_, v, kc, vc, positions, slots, inv_freq, n, kc.shape[0] * kc.shape[1] if write_cache else 0,
         q.stride(0), q.stride(1), q_out.stride(0), q_out.stride(1), k.stride(0), k.stride(1),
         k_out_.stride(0), k_out_.stride(1), v.stride(0), v.stride(1), *cache_strides,
         HQ=hq, HKV=hkv, **tiles, CACHE_BLOCK=kc.shape[1] if write_cache else 1, ROTATE=rotate,
-        WRITE_K=k_out is not None, WRITE_CACHE=write_cache, num_warps=4, PDL=pdl, **pdl_launch(pdl),
+        WRITE_K=k_out is not None, WRITE_CACHE=write_cache, num_warps=4, **pdl_args(k.device),
     )
     # fmt: on

@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.decode_config import pdl_enabled
-from kernels.dispatch import INTERPRET, loop_bound, pdl_launch, pdl_prologue, use_triton
+from kernels.decode_config import pdl_args
+from kernels.dispatch import INTERPRET, loop_bound, pdl_prologue, use_triton
 
 _BLOCK_V = 1024 if INTERPRET else 2048
 
@@ -170,12 +170,11 @@ def _launch(logits, seeds, counters, temperature, vocab_offset, min_logit=None, 
                       device=logits.device)  # fmt: skip
     has_min = min_logit is not None and temperature > 0  # (greedy draws the row's largest logit anyway)
     floor = min_logit.float().contiguous() if has_min else out  # (a placeholder pointer, never read)
-    pdl = pdl_enabled(logits.device)  # (decode_config's pdl: programmatic dependent launch, sm_90+)
     if b:
         _gumbel_sample_kernel[(b,)](
             logits, seeds.contiguous(), counters.contiguous(), floor, tokens, out, v, vocab_offset, logits.stride(0),
             float(temperature) if temperature > 0 else 1.0, GREEDY=temperature == 0, PARTIAL=partial,
-            HAS_MIN=has_min, BLOCK_V=_BLOCK_V, num_warps=8, PDL=pdl, **pdl_launch(pdl),
+            HAS_MIN=has_min, BLOCK_V=_BLOCK_V, num_warps=8, **pdl_args(logits.device),
         )  # fmt: skip
     return tokens, out
 
@@ -236,7 +235,6 @@ def kth_largest(logits: torch.Tensor, k: int) -> torch.Tensor:
         logits = logits.contiguous()
     out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     if logits.shape[0]:
-        pdl = pdl_enabled(logits.device)  # (decode_config's pdl: programmatic dependent launch, sm_90+)
         _kth_largest_kernel[(logits.shape[0],)](logits, out, k, logits.shape[1], logits.stride(0), BLOCK_V=_BLOCK_V,
-                                                num_warps=8, PDL=pdl, **pdl_launch(pdl))  # fmt: skip
+                                                num_warps=8, **pdl_args(logits.device))  # fmt: skip
     return out

@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.decode_config import pdl_enabled
-from kernels.dispatch import INTERPRET, fill_sms, pdl_launch, pdl_prologue, sm_count, use_triton
+from kernels.decode_config import pdl_args
+from kernels.dispatch import INTERPRET, fill_sms, pdl_prologue, sm_count, use_triton
 
 _BLOCK_COLS = 1024
 _BLOCK_ROWS = 64 if INTERPRET else 4
@@ -81,7 +81,6 @@ class _SwiGLU(torch.autograd.Function):
         y = torch.empty((n_rows, n_cols), dtype=gu.dtype, device=gu.device)
         if n_rows:
             grid, rows = _launch(n_rows, n_cols, _sms(gu))
-            pdl = pdl_enabled(gu.device)
             _swiglu_fwd_kernel[grid](
                 gu,
                 y,
@@ -91,8 +90,7 @@ class _SwiGLU(torch.autograd.Function):
                 y.stride(0),
                 BLOCK_ROWS=rows,
                 BLOCK_C=_BLOCK_COLS,
-                PDL=pdl,
-                **pdl_launch(pdl),
+                **pdl_args(gu.device),  # (decode_config's pdl: programmatic dependent launch, sm_90+)
             )
         ctx.save_for_backward(gu)
         ctx.shape = gate_up.shape

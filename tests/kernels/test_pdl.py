@@ -68,13 +68,13 @@ LAUNCHES = {  # module, its kernels (as it names them), a call that launches eac
 @pytest.mark.parametrize("name", list(LAUNCHES))
 def test_every_decode_kernel_launch_carries_both_or_neither(name, monkeypatch):
     """With the switch on where PDL exists, each decode-step kernel is launched with launch_pdl and its PDL constant
-    (its wait and trigger); otherwise with neither."""
+    (its wait and trigger); otherwise with neither (every site takes both from decode_config.pdl_args)."""
     module, kernels, call = LAUNCHES[name]
     calls = []
     for k in kernels:
         monkeypatch.setattr(module, k, _Recorder(k, calls))
     for on in (False, True):
-        monkeypatch.setattr(module, "pdl_enabled", lambda dev, value=None, on=on: on)
+        monkeypatch.setattr(dc, "pdl_enabled", lambda dev, value=None, on=on: on)  # (what pdl_args asks)
         calls.clear()
         with torch.no_grad():
             call()
