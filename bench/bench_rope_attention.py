@@ -95,27 +95,33 @@ def check_against_reference(hq: int, hkv: int, d: int, dtype: torch.dtype, theta
     check_close(f"rope attention Hq{hq}/Hkv{hkv} D{d} {dtype}", rel, dtype)
 
 
-_TMA_DEFAULT = None
+_DEFAULTS: dict = {}
 
 
-def _ours(q, k, v, *, positions, cu, theta, tma):
-    """rope_attention with its inner tiles by tensor descriptor (tma None: the module's default) or by pointer loads
-    (False). The switch stays set until the next call: the backward that follows a forward in a timing loop reads it.
-    """
-    from kernels import attention_tiles
+def _ours(q, k, v, *, positions, cu, theta, tma=None, dq_atomic=None):
+    """rope_attention with its inner tiles by tensor descriptor or by pointer loads (tma True / False) and dq by its
+    own kernel or by the dk/dv kernel's atomic adds (dq_atomic False / True); None: the modules' defaults. The
+    switches stay set until the next call: the backward that follows a forward in a timing loop reads them."""
+    from kernels import attention_tiles, rope_attention_bwd
 
-    global _TMA_DEFAULT
-    if _TMA_DEFAULT is None:
-        _TMA_DEFAULT = attention_tiles.TMA_LOADS
-    attention_tiles.TMA_LOADS = _TMA_DEFAULT if tma is None else tma
+    if not _DEFAULTS:
+        _DEFAULTS.update(tma=attention_tiles.TMA_LOADS, dq_atomic=rope_attention_bwd.DQ_ATOMIC)
+    attention_tiles.TMA_LOADS = _DEFAULTS["tma"] if tma is None else tma
+    rope_attention_bwd.DQ_ATOMIC = _DEFAULTS["dq_atomic"] if dq_atomic is None else dq_atomic
     return rope_attention(q, k, v, positions, cu, rope_theta=theta)
 
 
 def make_rows(args, q, k, v, positions, cu, batch, seqlen, padded_mask=None):
     """name -> callable(q, k, v) -> output, for the dense (B, T) layout."""
     theta = args.rope_theta
-    rows = {"ours (rotary fused)": functools.partial(_ours, positions=positions, cu=cu, theta=theta, tma=None)}
+    rows = {"ours (rotary fused)": functools.partial(_ours, positions=positions, cu=cu, theta=theta)}
     if q.is_cuda:
+        from kernels import rope_attention_bwd
+
+        name = "  ours, dq by its own kernel" if rope_attention_bwd.DQ_ATOMIC else "  ours, dq by dk/dv's atomic adds"
+        rows[name] = functools.partial(
+            _ours, positions=positions, cu=cu, theta=theta, dq_atomic=not rope_attention_bwd.DQ_ATOMIC
+        )
         from torch.nn.attention import SDPBackend
 
         if torch.cuda.get_device_capability()[0] >= 9 and q.shape[-1] >= 32:  # the tiles by TMA vs pointer loads
@@ -239,27 +245,32 @@ def ptxas_report(
 
     ptr = "*" + dtype
     types = dict.fromkeys(["Q", "K", "V", "O", "DO", "DK", "DV", "DQ", "QR", "QO", "KO", "KC", "VC"], ptr)
-    types.update(LSE="*fp32", DELTA="*fp32", INV_FREQ="*fp32", TAB="*fp32", POS="*i64", SLOT="*i64")
+    types.update(LSE="*fp32", DELTA="*fp32", DQA="*fp32", INV_FREQ="*fp32", TAB="*fp32", POS="*i64", SLOT="*i64")
     types.update(CU_SEQ="*i32", CU_BLK="*i32")
     tl_dtype = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype]
     base = dict(N_STEPS=4, GROUP=group, HEAD_DIM=head_dim, HALF=max(head_dim // 2, 16), TAB_ROWS=rotary.TAB_ROWS)
     base.update(DOT_DTYPE=tl_dtype, PREC="ieee" if dtype == "fp32" else "tf32")
     tma = tma and head_dim >= 32
+    dkdv = dict(BLOCK_N=tiles._BLOCK, DQ_ATOMIC=False)
     kernels = [  # (name, kernel, inner tile, shapes, constants, the arguments a TMA launch passes as descriptors)
         ("fwd", ra._fwd_kernel, "BLOCK_N", tiles._FWD_SHAPES, dict(BLOCK_M=tiles._BLOCK, SAVE_ROT=True), ("K", "V")),
-        ("dkdv", ra_bwd._bwd_dkdv_kernel, "BLOCK_M", tiles._BWD_SHAPES, dict(BLOCK_N=tiles._BLOCK), ("Q", "DO")),
+        ("dkdv", ra_bwd._bwd_dkdv_kernel, "BLOCK_M", tiles._BWD_SHAPES, dkdv, ("Q", "DO")),
         ("dq", ra_bwd._bwd_dq_kernel, "BLOCK_N", tiles._BWD_SHAPES, dict(BLOCK_M=tiles._BLOCK), ("K", "V")),
-    ]
+        # rope_attention_bwd.DQ_ATOMIC: dk/dv adding each tile's dq share into an fp32 sum (no dq kernel)
+        ("dkdv+dq", ra_bwd._bwd_dkdv_kernel, "BLOCK_M", tiles._BWD_SHAPES, {**dkdv, "DQ_ATOMIC": True},
+         ("Q", "DO", "DQA")),
+    ]  # fmt: skip
     rows = []
 
     def report(name, fn, consts, warps, stages, label, descs=(), block=0):
         arg_types = {a: types.get(a, "fp32" if "scale" in a else "i32") for a in fn.arg_names if a not in consts}
-        arg_types.update({a: f"tensordesc<{dtype}[{block}, {head_dim}]>" for a in descs})  # (a [block, D] tile)
+        for a in descs:  # (a [block, D] tile of the tensor's own dtype)
+            arg_types[a] = f"tensordesc<{types[a].lstrip('*')}[{block}, {head_dim}]>"
         info = ptxas_info(fn, arg_types, consts, warps, stages)
         rows.append({"kernel": name, "config": label, **info})
-        loads = " ".join(f"{k}:{v}" for k, v in sorted(info["loads"].items()))
+        loads = " ".join(f"{k}:{v}" for k, v in sorted({**info["loads"], **info["reduces"]}.items()))
         mma = " ".join(f"{k}:{v}" for k, v in sorted(info["mma"].items())) or "no-mma"
-        print(f"{name:6} {label:28} smem={info['shared']:>6} regs={info['regs']} spill={info['spill_bytes']} {mma} "
+        print(f"{name:7} {label:28} smem={info['shared']:>6} regs={info['regs']} spill={info['spill_bytes']} {mma} "
               f"{loads}", flush=True)  # fmt: skip
 
     # the rotary pre-pass of the forward (k only, written to a buffer), at the default shape's tiles
@@ -271,6 +282,8 @@ def ptxas_report(
             consts = {**base, **extra, inner: block, "TMA": tma}
             label = f"{inner}={block} w={warps} s={stages}" + (" TMA" if tma else "")
             report(name, fn, consts, warps, stages, label, descs if tma else (), block)
+    fin = dict(HEAD_DIM=head_dim, HALF=base["HALF"], BLOCK_T=32, TAB_ROWS=rotary.TAB_ROWS)  # (DQ_ATOMIC's last pass)
+    report("dq_fin", ra_bwd._bwd_dq_finish_kernel, fin, 8, 1, "BLOCK_T=32")
     return rows
 
 
@@ -283,13 +296,18 @@ SWEEP_DKDV = [(128, m, 8, st, True) for m in (16, 32) for st in (2, 3)]
 SWEEP_DKDV += [(64, m, w, 2, True) for m in (16, 32, 64) for w in (4, 8)] + [(64, 32, 4, 2, False)]
 SWEEP_DQ = [(128, n, 8, st, True) for n in (16, 32, 64) for st in (2, 3)]
 SWEEP_DQ += [(64, n, 4, st, True) for n in (32, 64) for st in (2, 3)] + [(128, 32, 8, 3, False)]
+# rope_attention_bwd.DQ_ATOMIC: dk/dv adding dq's shares (a whole backward without the dq kernel)
+SWEEP_ATOMIC = [(128, m, 8, st, True) for m in (16, 32) for st in (2, 3)] + [(64, m, 8, 2, True) for m in (16, 32)]
+SWEEP_ATOMIC += [(64, 64, 8, 2, True), (128, 16, 8, 2, False)]
 
 
-def sweep(args, q, k, v, positions, cu, flops, fwd=SWEEP_FWD, dkdv=SWEEP_DKDV, dq=SWEEP_DQ) -> list[dict]:
+def sweep(
+    args, q, k, v, positions, cu, flops, fwd=SWEEP_FWD, dkdv=SWEEP_DKDV, dq=SWEEP_DQ, atomic=SWEEP_ATOMIC
+) -> list[dict]:
     """Time every launch variant of the three kernels on the dense shape (GPU): what the autotuner chooses
     among, printed so that a new GPU's figures show which tiles to keep. Each variant is
-    (sequence block, inner tile, warps, stages); the backward variants time the whole backward with the
-    other kernel at a fixed launch."""
+    (sequence block, inner tile, warps, stages, TMA); the backward variants time the whole backward with the
+    other kernel at a fixed launch; "dkdv+dq" the whole backward with dq by the dk/dv kernel's atomic adds."""
     from kernels import rope_attention as ra
     from kernels import rope_attention_bwd as ra_bwd
 
@@ -329,7 +347,13 @@ def sweep(args, q, k, v, positions, cu, flops, fwd=SWEEP_FWD, dkdv=SWEEP_DKDV, d
             do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dkdv_config=default_dkdv, dq_config=cfg
         )
         timed("dq", cfg, fn, bwd_flops)  # the whole backward, dk/dv fixed
-    for kernel in ("fwd", "dkdv", "dq"):
+    for bn, bm, w, st, tma in atomic:
+        cfg = dict(BLOCK_N=bn, BLOCK_M=bm, num_warps=w, num_stages=st, TMA=tma, DQ_ATOMIC=True)
+        fn = lambda cfg=cfg: ra_bwd._rope_attention_bwd(
+            do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dkdv_config=cfg
+        )
+        timed("dkdv+dq", cfg, fn, bwd_flops)  # the whole backward, no dq kernel
+    for kernel in ("fwd", "dkdv", "dq", "dkdv+dq"):
         ok = [r for r in rows if r["kernel"] == kernel and "ms" in r]
         if ok:
             best = min(ok, key=lambda r: r["ms"])

@@ -316,6 +316,11 @@ def ptxas_info(
     spill = re.search(r"(\d+) bytes spill stores", res.stderr)
     # (cp.async.bulk.tensor: a tensor descriptor's TMA copy)
     loads = collections.Counter(re.findall(r"\b(ld\.global[\w.]*|cp\.async\.c[ag][\w.]*|cp\.async\.bulk\.tensor)", ptx))
+    # the global adds: per-element atomics from registers (red / atom) or a tensor descriptor's bulk reduce of a
+    # whole tile from shared memory (cp.reduce.async.bulk.tensor: Hopper's TMA doing the adds in L2)
+    reduces = collections.Counter(
+        re.findall(r"\b(red\.global[\w.]*|atom\.global[\w.]*|cp\.reduce\.async\.bulk\.tensor)", ptx)
+    )
     # the tensor-core instructions: Hopper's asynchronous warpgroup MMA (wgmma), or the Ampere-style mma.sync that
     # caps a kernel near flash-attention-2's rate on an H100
     mma = collections.Counter(m.split(".")[0] for m in re.findall(r"\b(wgmma\.mma_async|mma\.sync)\b", ptx))
@@ -323,13 +328,14 @@ def ptxas_info(
     # global memory (a load, store, async copy or atomic), in the PTX's order
     wait = ptx.find("griddepcontrol.wait")
     # (word-bounded: "red." must not match inside "ld.shared.")
-    first = re.search(r"\b(?:ld\.global|st\.global|cp\.async|atom\.|red\.)", ptx)
+    first = re.search(r"\b(?:ld\.global|st\.global|cp\.async|cp\.reduce|atom\.|red\.)", ptx)
     accesses = [first.start()] if first else []
     return {
         "shared": compiled.metadata.shared,
         "regs": regs and int(regs.group(1)),
         "spill_bytes": spill and int(spill.group(1)),
         "loads": dict(loads),
+        "reduces": dict(reduces),
         "mma": dict(mma),
         "pdl_wait_first": wait >= 0 and all(wait < i for i in accesses),
         "pdl_triggers": "griddepcontrol.launch_dependents" in ptx,

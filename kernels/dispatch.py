@@ -18,6 +18,31 @@ INTERPRET: bool = (
     bool(_knobs.runtime.interpret) if _knobs is not None else os.environ.get("TRITON_INTERPRET", "0") == "1"
 )
 
+
+def _interpreter_descriptor_reduce() -> None:
+    """Triton 3.6's interpreter runs tensor-descriptor loads and stores but has no descriptor reduce (what
+    `desc.atomic_add` builds: Hopper's bulk reduce, cp.reduce.async.bulk.tensor). Give it one, as the masked atomic
+    add it stands for: each element of the tile inside the tensor's bounds added once, those outside dropped, as
+    the bulk copy clips them. Only while interpreting, only if Triton lacks it."""
+    from triton._C.libtriton import ir
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    if hasattr(InterpreterBuilder, "create_descriptor_reduce"):
+        return
+
+    def create_descriptor_reduce(self, kind, desc, value, indices):
+        if kind != ir.DESCRIPTOR_REDUCE_KIND.ADD:
+            raise NotImplementedError(f"descriptor reduce {kind} under the interpreter (only ADD)")
+        ptrs, mask = desc.materialize_pointers(indices)
+        op = ir.ATOMIC_OP.FADD if desc.base.dtype.element_ty.is_floating() else ir.ATOMIC_OP.ADD
+        return self.create_atomic_rmw(op, ptrs, value, mask, ir.MEM_SEMANTIC.RELAXED, ir.MEM_SYNC_SCOPE.GPU)
+
+    InterpreterBuilder.create_descriptor_reduce = create_descriptor_reduce
+
+
+if INTERPRET:
+    _interpreter_descriptor_reduce()
+
 _force_reference = 0
 
 

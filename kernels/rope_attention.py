@@ -13,10 +13,11 @@ one read and one write of K, and training keeps the rotated k for the backward a
 
 FlashAttention-2 forward (online softmax, exp2 with log2(e) folded into the scale, causal mask only on
 diagonal blocks) and backward (delta preprocess, a dk/dv kernel looping over query blocks and over the
-query heads of the GQA group, a dq kernel looping over key blocks; no atomics). When gradients are needed
-the forward also stores the rotated q and autograd saves the rotated q and k instead of q and k: same
-memory, and the backward's inner loops rotate nothing; only the finished dq and dk tiles are rotated back
-(by -angle).
+query heads of the GQA group, a dq kernel looping over key blocks; no atomics unless
+rope_attention_bwd.DQ_ATOMIC, which drops the dq kernel for atomic adds of dq from the dk/dv kernel).
+When gradients are needed the forward also stores the rotated q and autograd saves the rotated q and k
+instead of q and k: same memory, and the backward's inner loops rotate nothing; only the finished dq and dk
+tiles are rotated back (by -angle).
 
 cos/sin of a query tile: within one tile the positions are normally consecutive (p0, p0+1, ...). Then
 cos/sin((p0 + j) * f) come from cos/sin(p0 * f) (one row of transcendentals per tile) and a small

@@ -1,6 +1,7 @@
-"""Backward of kernels/rope_attention.py (FlashAttention-2, no atomics): the delta preprocess, a dk/dv kernel
-looping over query blocks and over the query heads of the GQA group, a dq kernel looping over key blocks,
-and their host launcher _rope_attention_bwd.
+"""Backward of kernels/rope_attention.py (FlashAttention-2): the delta preprocess, a dk/dv kernel looping over
+query blocks and over the query heads of the GQA group, a dq kernel looping over key blocks, and their host launcher
+_rope_attention_bwd. No atomics by default; DQ_ATOMIC: no dq kernel, the dk/dv kernel adds each query tile's dq
+share into an fp32 sum (by Hopper's bulk reduce where TMA reads the tiles) and a last pass scales and rotates it.
 
 The inputs are the rotated q and k the forward saved, so the inner loops rotate nothing; only the finished
 dq and dk tiles are rotated back (by -angle). Tile helpers and launch code: kernels/attention_tiles.py.
@@ -62,13 +63,15 @@ def _bwd_delta_kernel(
 @triton.jit
 def _bwd_dkdv_step(
     dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base, delta_base, stride_qn,
-    stride_don, offs_h, offs_d, qk_scale, col, like, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HALF: tl.constexpr, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+    stride_don, offs_h, offs_d, qk_scale, col, like, dqa_base, stride_dqan, MASKED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+    TMA: tl.constexpr, DQ_ATOMIC: tl.constexpr,
 ):  # fmt: skip
     """One query tile against this program's key tile (transposed scores [BLOCK_N, BLOCK_M]). k1r, k2r and
     the accumulators dk1, dk2 are head-dim pairs (_load_hd, _zeros_hd). MASKED: a diagonal tile (causal mask) or
     the sequence's last, partial one. TMA: q_base and do_base are tensor descriptors over [N, Hq * D] (this head's
-    tile at column col), else pointers; like: a pointer of the inputs' dtype."""
+    tile at column col), else pointers; like: a pointer of the inputs' dtype. DQ_ATOMIC: also add this key tile's
+    share of the query tile's dq into the fp32 accumulator at dqa_base (_add_dq)."""
     PAD: tl.constexpr = HALF != HEAD_DIM // 2
     offs_m, m_ok, rows_m = _tile_rows(tok0, start_m, seq_len, BLOCK_M)
     q1r, q2r, do = _load_pair(
@@ -86,23 +89,63 @@ def _bwd_dkdv_step(
     dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
     ds_t = _operand(p_t * (dp_t - delta[None, :]), like, DOT_DTYPE)
     dk1, dk2 = _dot_acc(ds_t, q1r, q2r, dk1, dk2, PAD, PREC)
+    if DQ_ATOMIC:
+        _add_dq(
+            dqa_base, ds_t, k1r, k2r, tok0, start_m, col, rows_m, m_ok, stride_dqan, offs_h, offs_d,
+            MASKED, BLOCK_M, HEAD_DIM, HALF, PREC, TMA,
+        )  # fmt: skip
     return dk1, dk2, dv
+
+
+@triton.jit
+def _add_dq(
+    dqa_base, ds_t, k1r, k2r, tok0, start_m, col, rows_m, m_ok, stride_n, offs_h, offs_d, MASKED: tl.constexpr,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    """dq of one query tile (w.r.t. the rotated q, not yet scaled) += ds @ k, where ds_t [BLOCK_N, BLOCK_M] holds
+    the tile's score gradients against this program's keys, transposed (k1r, k2r: a head-dim pair). TMA: one bulk
+    reduce of the tile into the descriptor (Hopper's cp.reduce.async.bulk: the adds happen in L2, no per-element
+    atomics from registers); in a MASKED tile its rows past the sequence's end reach the next sequence's rows, so
+    they are set to 0 first (p = 0 there is not enough: this sequence's own keys or values may be inf or NaN, and
+    0 * NaN is NaN) and the neighbour's rows are added +-0. Else relaxed atomic adds of the rows that exist. The
+    sum's order varies from run to run."""
+    PAD: tl.constexpr = HALF != HEAD_DIM // 2
+    if PAD:
+        z1, z2 = _zeros_hd(BLOCK_M, HEAD_DIM, HALF)
+        d1, d2 = _dot_acc(tl.trans(ds_t), k1r, k2r, z1, z2, PAD, PREC)
+    else:  # as (k^T ds_t)^T: the product's M is the head dim (Hopper's wgmma takes 64 rows; a query tile has fewer)
+        d1 = tl.trans(tl.dot(tl.trans(k1r), ds_t, input_precision=PREC))
+        d2 = d1
+    if TMA:
+        if MASKED:
+            d1 = tl.where(m_ok[:, None], d1, 0.0)
+        dqa_base.atomic_add([tok0 + start_m, col], d1)
+    elif PAD:
+        HALF_D: tl.constexpr = HEAD_DIM // 2
+        ptrs = dqa_base + rows_m[:, None] * stride_n + offs_h[None, :]
+        mask = m_ok[:, None] & (offs_h < HALF_D)[None, :]
+        tl.atomic_add(ptrs, d1, mask=mask, sem="relaxed")
+        tl.atomic_add(ptrs + HALF_D, d2, mask=mask, sem="relaxed")
+    else:
+        tl.atomic_add(dqa_base + rows_m[:, None] * stride_n + offs_d[None, :], d1, mask=m_ok[:, None], sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["tune_bucket"])  # (read by the autotuner only: one binary for all)
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, POS, CU_SEQ, CU_BLK, INV_FREQ, TAB,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQA, POS, CU_SEQ, CU_BLK, INV_FREQ, TAB,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
-    stride_dkn, stride_dkh, stride_dvn, stride_dvh,
+    stride_dkn, stride_dkh, stride_dvn, stride_dvh, stride_dqan, stride_dqah,
     n_tokens, num_seqs, qk_scale, sm_scale,
     N_STEPS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr, TAB_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-    tune_bucket,
+    DQ_ATOMIC: tl.constexpr, tune_bucket,
 ):  # fmt: skip
     """Grid (key blocks of all sequences (upper bound), Hkv). dk, dv of one key tile, summed over the group.
 
-    Q, K are the rotated q and k the forward saved; dk is rotated back (by -angle) at the end. TMA: Q and DO are
-    tensor descriptors over their [N, Hq * D] rows with [BLOCK_M, HEAD_DIM] blocks."""
+    Q, K are the rotated q and k the forward saved; dk is rotated back (by -angle) at the end. TMA: Q and DO (and
+    DQA) are tensor descriptors over their [N, Hq * D] rows with [BLOCK_M, HEAD_DIM] blocks. DQ_ATOMIC: each query
+    tile's dq share is added into DQA [N, Hq, D] fp32 (zeros before; _bwd_dq_finish_kernel scales and rotates it
+    into dq), which spares the dq kernel's recomputing of the scores and dp: 5 tile products a pair instead of 7."""
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     if pid >= tl.load(CU_BLK + num_seqs):
@@ -110,8 +153,6 @@ def _bwd_dkdv_kernel(
     tok0, seq_len, start_n, offs_n, n_ok, rows_n, offs_h, offs_d, inv_freq = _open_tile(
         CU_BLK, CU_SEQ, INV_FREQ, pid, num_seqs, n_tokens, N_STEPS, False, BLOCK_N, HEAD_DIM, HALF
     )
-    HALF_D: tl.constexpr = HEAD_DIM // 2
-    PAD: tl.constexpr = HALF != HALF_D
     k1r, k2r = _load_hd(K + kvh * stride_kh, rows_n, n_ok, stride_kn, offs_h, offs_d, True, HEAD_DIM, HALF, DOT_DTYPE)
     v = _load_tile(V + kvh * stride_vh, rows_n, n_ok, stride_vn, offs_d, HEAD_DIM, True, False).to(DOT_DTYPE)
 
@@ -124,37 +165,36 @@ def _bwd_dkdv_kernel(
     for g in range(GROUP):
         h = kvh * GROUP + g
         q_base, do_base = _bases(Q, DO, h, stride_qh, stride_doh, TMA)
+        dqa_base = DQA if TMA else DQA + h * stride_dqah
         lse_base = LSE + h * n_tokens
         delta_base = DELTA + h * n_tokens
         for start_m in range(loop_bound(start_n), loop_bound(diag_end), BLOCK_M):
             dk1, dk2, dv = _bwd_dkdv_step(
                 dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base,
-                delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale, h * HEAD_DIM, K,
-                True, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA,
+                delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale, h * HEAD_DIM, K, dqa_base, stride_dqan,
+                True, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA, DQ_ATOMIC,
             )  # fmt: skip
         for start_m in range(loop_bound(start_n + BLOCK_N), loop_bound(full_end), BLOCK_M):
             dk1, dk2, dv = _bwd_dkdv_step(
                 dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base,
-                delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale, h * HEAD_DIM, K,
-                False, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA,
+                delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale, h * HEAD_DIM, K, dqa_base, stride_dqan,
+                False, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA, DQ_ATOMIC,
             )  # fmt: skip
         for start_m in range(loop_bound(tl.maximum(full_end, start_n + BLOCK_N)), loop_bound(seq_len), BLOCK_M):
             dk1, dk2, dv = _bwd_dkdv_step(
                 dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base,
-                delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale, h * HEAD_DIM, K,
-                True, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA,
+                delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale, h * HEAD_DIM, K, dqa_base, stride_dqan,
+                True, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA, DQ_ATOMIC,
             )  # fmt: skip
 
     # dv first: its registers are free before the rotation's temporaries are needed
     _store_tile(DV + kvh * stride_dvh, dv, rows_n, n_ok, stride_dvn, offs_d, HEAD_DIM, False)
     # gradient w.r.t. the rotated k, then the inverse rotation (by -angle) gives the gradient w.r.t. k
     dk1, dk2 = _halves(dk1, dk2, BLOCK_N, HEAD_DIM, HALF)
-    dk1 = dk1 * sm_scale
-    dk2 = dk2 * sm_scale
-    dk_base = DK + kvh * stride_dkh
-    dk1, dk2 = _rotate(dk1, dk2, POS, tok0, start_n, seq_len, inv_freq, TAB, offs_h, BLOCK_N, HALF, TAB_ROWS, -1.0)
-    _store_tile(dk_base, dk1, rows_n, n_ok, stride_dkn, offs_h, HALF_D, PAD)
-    _store_tile(dk_base + HALF_D, dk2, rows_n, n_ok, stride_dkn, offs_h, HALF_D, PAD)
+    _unrotate_store(
+        DK + kvh * stride_dkh, dk1, dk2, sm_scale, POS, tok0, start_n, seq_len, inv_freq, TAB, rows_n, n_ok,
+        stride_dkn, offs_h, BLOCK_N, HEAD_DIM, HALF, TAB_ROWS,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -204,8 +244,6 @@ def _bwd_dq_kernel(
     tok0, seq_len, start_m, offs_m, m_ok, rows_m, offs_h, offs_d, inv_freq = _open_tile(
         CU_BLK, CU_SEQ, INV_FREQ, pid, num_seqs, n_tokens, N_STEPS, True, BLOCK_M, HEAD_DIM, HALF
     )
-    HALF_D: tl.constexpr = HEAD_DIM // 2
-    PAD: tl.constexpr = HALF != HALF_D
     q1r, q2r = _load_hd(Q + h * stride_qh, rows_m, m_ok, stride_qn, offs_h, offs_d, True, HEAD_DIM, HALF, DOT_DTYPE)
     do = _load_tile(DO + h * stride_doh, rows_m, m_ok, stride_don, offs_d, HEAD_DIM, True, False).to(DOT_DTYPE)
     lse = tl.load(LSE + h * n_tokens + tok0 + offs_m, mask=m_ok, other=float("inf"))
@@ -227,13 +265,56 @@ def _bwd_dq_kernel(
         )  # fmt: skip
 
     dq1, dq2 = _halves(dq1, dq2, BLOCK_M, HEAD_DIM, HALF)
-    dq1 = dq1 * sm_scale
-    dq2 = dq2 * sm_scale
-    dq_base = DQ + h * stride_dqh
-    dq1, dq2 = _rotate(dq1, dq2, POS, tok0, start_m, seq_len, inv_freq, TAB, offs_h, BLOCK_M, HALF, TAB_ROWS, -1.0)
-    _store_tile(dq_base, dq1, rows_m, m_ok, stride_dqn, offs_h, HALF_D, PAD)
-    _store_tile(dq_base + HALF_D, dq2, rows_m, m_ok, stride_dqn, offs_h, HALF_D, PAD)
+    _unrotate_store(
+        DQ + h * stride_dqh, dq1, dq2, sm_scale, POS, tok0, start_m, seq_len, inv_freq, TAB, rows_m, m_ok,
+        stride_dqn, offs_h, BLOCK_M, HEAD_DIM, HALF, TAB_ROWS,
+    )  # fmt: skip
 
+
+@triton.jit
+def _unrotate_store(
+    base, x1, x2, sm_scale, POS, tok0, start, n_valid, inv_freq, TAB, rows, ok, stride_n, offs_h, R: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, TAB_ROWS: tl.constexpr,
+):  # fmt: skip
+    """Store a finished gradient tile w.r.t. the rotated q or k (halves x1, x2 [R, HALF] fp32, softmax scale not
+    yet applied) as the gradient w.r.t. q or k: scaled, rotated back (by -angle), at base[rows]."""
+    HALF_D: tl.constexpr = HEAD_DIM // 2
+    PAD: tl.constexpr = HALF != HALF_D
+    x1, x2 = _rotate(
+        x1 * sm_scale, x2 * sm_scale, POS, tok0, start, n_valid, inv_freq, TAB, offs_h, R, HALF, TAB_ROWS, -1.0
+    )
+    _store_tile(base, x1, rows, ok, stride_n, offs_h, HALF_D, PAD)
+    _store_tile(base + HALF_D, x2, rows, ok, stride_n, offs_h, HALF_D, PAD)
+
+
+@triton.jit
+def _bwd_dq_finish_kernel(
+    DQA, DQ, POS, INV_FREQ, TAB, stride_dqan, stride_dqah, stride_dqn, stride_dqh, n_tokens, sm_scale,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr, TAB_ROWS: tl.constexpr,
+):  # fmt: skip
+    """Grid (cdiv(N, BLOCK_T), Hq). dq from the fp32 sums the dk/dv kernel's atomic adds left in DQA (DQ_ATOMIC): a
+    tile of BLOCK_T tokens (of any sequences: the positions say the angles) scaled and rotated back."""
+    h = tl.program_id(1)
+    start = tl.program_id(0) * BLOCK_T
+    offs_t, t_ok, rows = _tile_rows(0, start, n_tokens, BLOCK_T)
+    offs_h = tl.arange(0, HALF)
+    HALF_D: tl.constexpr = HEAD_DIM // 2
+    PAD: tl.constexpr = HALF != HALF_D
+    dqa_base = DQA + h * stride_dqah
+    x1 = _load_tile(dqa_base, rows, t_ok, stride_dqan, offs_h, HALF_D, True, PAD)
+    x2 = _load_tile(dqa_base + HALF_D, rows, t_ok, stride_dqan, offs_h, HALF_D, True, PAD)
+    inv_freq = tl.load(INV_FREQ + offs_h)
+    _unrotate_store(
+        DQ + h * stride_dqh, x1, x2, sm_scale, POS, 0, start, n_tokens, inv_freq, TAB, rows, t_ok, stride_dqn,
+        offs_h, BLOCK_T, HEAD_DIM, HALF, TAB_ROWS,
+    )  # fmt: skip
+
+
+# dq by atomic adds from the dk/dv kernel (into an fp32 sum of [N, Hq, D], then a scaling and rotating pass) instead
+# of by the dq kernel, which recomputes the scores and dp of every (query, key) tile pair: 5 tile products a pair
+# instead of 7 in the backward, for fp32 adds in L2 (on sm_90+ one bulk reduce a tile by tensor descriptor) and a
+# sum whose order, hence last bits, varies from run to run. Off until a GPU has timed it (bench_rope_attention.py).
+DQ_ATOMIC = False
 
 # the autotuned GPU variants (attention_tiles._configs, _BWD_SHAPES)
 _dkdv_tuned = triton.autotune(_configs("BLOCK_M", _BWD_SHAPES), key=_KEY, prune_configs_by=_PRUNE)(_bwd_dkdv_kernel)
@@ -259,12 +340,13 @@ def _rope_attention_bwd(
     dkdv_config: dict | None = None,
     dq_config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch delta, dk/dv and dq kernels. do [N, Hq, D] -> dq [N, Hq, D], dk, dv [N, Hkv, D] (inputs' dtype).
+    """Launch delta, dk/dv and dq kernels (or, DQ_ATOMIC, dk/dv with dq's atomic adds and dq's finishing pass).
+    do [N, Hq, D] -> dq [N, Hq, D], dk, dv [N, Hkv, D] (inputs' dtype).
 
     q_rot, k_rot: the rotated q and k saved by the forward (save_rotated=True); dq and dk come back unrotated.
     dkdv_config {BLOCK_N (key block), BLOCK_M, num_warps, num_stages} and dq_config {BLOCK_M (query block),
-    BLOCK_N, num_warps, num_stages}, each with an optional TMA (bool): explicit launches instead of the autotuned
-    ones (sweeps, tests).
+    BLOCK_N, num_warps, num_stages}, each with an optional TMA (bool), dkdv_config with an optional DQ_ATOMIC
+    (bool; then no dq_config): explicit launches instead of the autotuned ones (sweeps, tests).
     """
     q, k = q_rot, k_rot
     n, hq, d = q.shape
@@ -291,18 +373,35 @@ def _rope_attention_bwd(
     # dq reads k and v; an explicit config's TMA key says instead
     dkdv_config, dkdv_tma = _pop_tma(dkdv_config, d, q, do)
     dq_config, dq_tma = _pop_tma(dq_config, d, k, v)
+    # dq by the dk/dv kernel's atomic adds into an fp32 sum (DQ_ATOMIC, or the explicit config's key), or by its
+    # own kernel
+    dkdv_config = dict(dkdv_config) if dkdv_config else None
+    atomic = bool(dkdv_config.pop("DQ_ATOMIC", DQ_ATOMIC)) if dkdv_config else DQ_ATOMIC
+    if atomic and dq_config:
+        raise ValueError(f"dq_config {dq_config} given, but with DQ_ATOMIC the dk/dv kernel computes dq")
+    dqa = torch.zeros(n, hq, d, dtype=torch.float32, device=q.device) if atomic else dv  # (dv: a placeholder)
+    dqad = rows_descriptor(dqa) if atomic and dkdv_tma else dqa
     qd, dod = (rows_descriptor(q), rows_descriptor(do)) if dkdv_tma else (q, do)
     kd, vd = (rows_descriptor(k), rows_descriptor(v)) if dq_tma else (k, v)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
     scalars = (n, cu.numel() - 1, softmax_scale * _LOG2E, softmax_scale)
     # each kernel's grid covers the blocks of its own sequence-block size (the key block of dk/dv, the query
     # block of dq), so the two can be tuned apart
-    dkdv_args = lambda cu_blk: (qd, k, v, dod, lse, delta, dk, dv, positions, cu, cu_blk, inv_freq, tab, *strides,
-                                dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *scalars)  # fmt: skip
+    dkdv_args = lambda cu_blk: (qd, k, v, dod, lse, delta, dk, dv, dqad, positions, cu, cu_blk, inv_freq, tab,
+                                *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dqa.stride(0),
+                                dqa.stride(1), *scalars)  # fmt: skip
     dq_args = lambda cu_blk: (q, kd, vd, do, lse, delta, dq, positions, cu, cu_blk, inv_freq, tab, *strides,
                               dq.stride(0), dq.stride(1), *scalars)  # fmt: skip
     _launch(
-        _bwd_dkdv_kernel, _dkdv_tuned, hkv, dkdv_args, cu, n, "BLOCK_N", "BLOCK_M", dkdv_config, **common, TMA=dkdv_tma
-    )
-    _launch(_bwd_dq_kernel, _dq_tuned, hq, dq_args, cu, n, "BLOCK_M", "BLOCK_N", dq_config, **common, TMA=dq_tma)
+        _bwd_dkdv_kernel, _dkdv_tuned, hkv, dkdv_args, cu, n, "BLOCK_N", "BLOCK_M", dkdv_config, **common,
+        TMA=dkdv_tma, DQ_ATOMIC=atomic,
+    )  # fmt: skip
+    if atomic:  # (32-token tiles in 8 warps: ptxas gives 64-token ones 128 registers and a spill, sm_90 bf16 D=128)
+        fin_t = 16 if INTERPRET else 32
+        _bwd_dq_finish_kernel[(triton.cdiv(n, fin_t), hq)](
+            dqa, dq, positions, inv_freq, tab, dqa.stride(0), dqa.stride(1), dq.stride(0), dq.stride(1), n,
+            softmax_scale, HEAD_DIM=d, HALF=common["HALF"], BLOCK_T=fin_t, TAB_ROWS=TAB_ROWS, num_warps=8,
+        )  # fmt: skip
+    else:
+        _launch(_bwd_dq_kernel, _dq_tuned, hq, dq_args, cu, n, "BLOCK_M", "BLOCK_N", dq_config, **common, TMA=dq_tma)
     return dq, dk, dv

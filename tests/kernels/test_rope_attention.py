@@ -127,12 +127,13 @@ def test_explicit_launch_configs(fwd, dkdv, dq):
         _rope_attention_fwd(q, k, v, positions, cu, 10000.0, scale, config=dict(BLOCK_M=32, BLOCK_N=64))
 
 
-@pytest.mark.parametrize("tma", [True, False])
-def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma):
+@pytest.mark.parametrize("tma,atomic", [(True, False), (False, False), (True, True), (False, True)])
+def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma, atomic):
     """The tiles that run past a sequence's end hold the next sequence's rows (a tensor descriptor copies whole
     tiles) or masked zeros (pointer loads): either way they must not reach the sequence's results. With every
     input and output gradient of the middle sequence inf or NaN, the two around it match float64, forward and
-    backward, by tensor-descriptor (TMA) tiles and by pointer loads. Lengths end inside the tiles of every
+    backward, by tensor-descriptor (TMA) tiles and by pointer loads, dq by its own kernel and by the dk/dv kernel's
+    atomic adds (whose whole-tile bulk reduces reach the neighbour's rows). Lengths end inside the tiles of every
     kernel (the dk/dv kernel's last, partial query tile included)."""
     lengths = [45, 23, 37]
     cu, positions = _pack(lengths)
@@ -143,7 +144,8 @@ def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma):
     for x, fill in ((q, math.inf), (k, math.nan), (v, -math.inf), (do, math.nan)):
         x[bad] = fill
     fwd = dict(BLOCK_M=32, BLOCK_N=16, TMA=tma)
-    dkdv, dq_cfg = dict(BLOCK_N=32, BLOCK_M=16, TMA=tma), dict(BLOCK_M=32, BLOCK_N=16, TMA=tma)
+    dkdv, dq_cfg = dict(BLOCK_N=32, BLOCK_M=16, TMA=tma, DQ_ATOMIC=atomic), dict(BLOCK_M=32, BLOCK_N=16, TMA=tma)
+    dq_cfg = None if atomic else dq_cfg
     scale = 1.0 / math.sqrt(32)
     out, lse, q_rot, k_rot = _rope_attention_fwd(q, k, v, positions, cu, 1e4, scale, save_rotated=True, config=fwd)
     dq, dk, dv = _rope_attention_bwd(
@@ -155,6 +157,63 @@ def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma):
         ref_out, _, (ref_dq, ref_dk, ref_dv) = _reference(q[seq], k[seq], v[seq], positions[seq], cu1, 1e4, do[seq])
         for name, a, b in (("out", out, ref_out), ("dq", dq, ref_dq), ("dk", dk, ref_dk), ("dv", dv, ref_dv)):
             _close(a[seq], b, torch.float32, f"{name} of the sequence at {s}")
+
+
+@pytest.mark.parametrize(
+    "dtype,hq,hkv,d,tma",
+    [
+        (torch.bfloat16, 4, 2, 128, True),
+        (torch.float32, 4, 1, 64, False),
+        (torch.float16, 2, 2, 16, False),  # padded head-dim halves: two adds a tile
+        (torch.float32, 2, 2, 32, True),
+    ],
+)
+def test_dq_by_the_dkdv_kernels_atomic_adds(dtype, hq, hkv, d, tma):
+    """DQ_ATOMIC: the dk/dv kernel adds each query tile's dq share into an fp32 sum (by bulk reduce through a tensor
+    descriptor, or by atomic adds of the rows that exist) and a finishing pass scales and rotates it back; no dq
+    kernel. Every element written (gradients poisoned first), float64's values, GQA and MHA, the three dtypes, sequences
+    ending inside, at and one past the tiles, positions not consecutive across a finishing tile's sequences."""
+    cu, positions = _pack([1, 17, 64, 45, 33])
+    n = int(cu[-1])
+    q, k, v = _inputs(n, hq, hkv, d, dtype)
+    do = torch.randn(n, hq, d).to(dtype)
+    scale = 1.0 / math.sqrt(d)
+    out, lse, q_rot, k_rot = _rope_attention_fwd(q, k, v, positions, cu, 1e4, scale, save_rotated=True)
+    dq, dk, dv = (torch.full_like(x, float("nan")) for x in (q, k, v))
+    cfg = dict(BLOCK_N=32, BLOCK_M=16, TMA=tma, DQ_ATOMIC=True)
+    _rope_attention_bwd(do, q_rot, k_rot, v, out, lse, positions, cu, 1e4, scale, dq, dk, dv, dkdv_config=cfg)
+    _, _, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, 1e4, do)
+    _close(dq, ref_dq, dtype, "dq")
+    _close(dk, ref_dk, dtype, "dk")
+    _close(dv, ref_dv, dtype, "dv")
+
+
+def test_dq_atomic_switch_and_refusal():
+    """rope_attention_bwd.DQ_ATOMIC makes the autograd path (no explicit config) compute dq by the dk/dv kernel's
+    adds (the dq kernel never runs); an explicit dq_config beside DQ_ATOMIC is refused, naming it."""
+    from kernels import rope_attention_bwd
+
+    cu, positions = _pack([23, 40])
+    n = int(cu[-1])
+    q, k, v = (x.requires_grad_() for x in _inputs(n, 4, 2, 32, torch.float32))
+    do = torch.randn(n, 4, 32)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the dq kernel ran")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rope_attention_bwd, "DQ_ATOMIC", True)
+        mp.setattr(rope_attention_bwd, "_bwd_dq_kernel", refuse)
+        rope_attention(q, k, v, positions, cu).backward(do)
+    _, _, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, 1e4, do)
+    for name, g, ref in (("dq", q.grad, ref_dq), ("dk", k.grad, ref_dk), ("dv", v.grad, ref_dv)):
+        _close(g, ref, torch.float32, name)
+    out, lse, q_rot, k_rot = _rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.25, save_rotated=True)
+    with pytest.raises(ValueError, match=r"dq_config .* given, but with DQ_ATOMIC"):
+        _rope_attention_bwd(
+            do, q_rot, k_rot, v, out, lse, positions, cu, 1e4, 0.25,
+            dkdv_config=dict(BLOCK_N=32, BLOCK_M=16, DQ_ATOMIC=True), dq_config=dict(BLOCK_M=32, BLOCK_N=16),
+        )  # fmt: skip
 
 
 def test_tma_where_it_can_pointer_loads_elsewhere():

@@ -38,11 +38,18 @@ assert all(r["regs"] for r in rows), rows
 # tensor memory accelerator (one bulk copy a tile), else by cp.async
 fwd = [r for r in rows if r["kernel"] == "fwd"]
 assert fwd and all(r["spill_bytes"] == 0 for r in fwd), fwd
-assert all(r["loads"].get("cp.async.bulk.tensor") for r in tma if r["kernel"] != "rotary"), tma
+assert all(r["loads"].get("cp.async.bulk.tensor") for r in tma if r["kernel"] not in ("rotary", "dq_fin")), tma
 assert all(not r["loads"].get("cp.async.bulk.tensor") for r in pointers), pointers
 assert all(r["loads"].get("cp.async.cg.shared.global") for r in pointers if r["kernel"] == "fwd"), pointers
-# every kernel's dots on Hopper's warpgroup MMA (wgmma), none on the Ampere-style mma.sync
-assert all(r["mma"].get("wgmma") and not r["mma"].get("mma") for r in rows if r["kernel"] != "rotary"), rows
+# every kernel's dots on Hopper's warpgroup MMA (wgmma), none on the Ampere-style mma.sync (dq's share in the dk/dv
+# kernel included: a [query tile, D] product would be too short for wgmma, so it is computed transposed)
+assert all(r["mma"].get("wgmma") and not r["mma"].get("mma") for r in rows if r["kernel"] not in ("rotary", "dq_fin"))
+# DQ_ATOMIC: dq's shares leave the dk/dv kernel by bulk reduce (TMA) or by atomics from registers; nothing else adds
+added = {r["kernel"]: r["reduces"] for r in rows if r["reduces"]}
+assert set(added) == {"dkdv+dq"}, added
+assert all(set(r["reduces"]) == {"cp.reduce.async.bulk.tensor"} for r in tma if r["kernel"] == "dkdv+dq"), tma
+by_atomics = [r["reduces"] for r in pointers if r["kernel"] == "dkdv+dq"]
+assert by_atomics and all(a and "cp.reduce.async.bulk.tensor" not in a for a in by_atomics), by_atomics
 print("compiled")
 """,
     "gae": """
