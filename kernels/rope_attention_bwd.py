@@ -190,7 +190,6 @@ def _bwd_dkdv_kernel(
     # dv first: its registers are free before the rotation's temporaries are needed
     _store_tile(DV + kvh * stride_dvh, dv, rows_n, n_ok, stride_dvn, offs_d, HEAD_DIM, False)
     # gradient w.r.t. the rotated k, then the inverse rotation (by -angle) gives the gradient w.r.t. k
-    dk1, dk2 = _halves(dk1, dk2, BLOCK_N, HEAD_DIM, HALF)
     _unrotate_store(
         DK + kvh * stride_dkh, dk1, dk2, sm_scale, POS, tok0, start_n, seq_len, inv_freq, TAB, rows_n, n_ok,
         stride_dkn, offs_h, BLOCK_N, HEAD_DIM, HALF, TAB_ROWS,
@@ -264,7 +263,6 @@ def _bwd_dq_kernel(
             True, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC, TMA,
         )  # fmt: skip
 
-    dq1, dq2 = _halves(dq1, dq2, BLOCK_M, HEAD_DIM, HALF)
     _unrotate_store(
         DQ + h * stride_dqh, dq1, dq2, sm_scale, POS, tok0, start_m, seq_len, inv_freq, TAB, rows_m, m_ok,
         stride_dqn, offs_h, BLOCK_M, HEAD_DIM, HALF, TAB_ROWS,
@@ -276,10 +274,12 @@ def _unrotate_store(
     base, x1, x2, sm_scale, POS, tok0, start, n_valid, inv_freq, TAB, rows, ok, stride_n, offs_h, R: tl.constexpr,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, TAB_ROWS: tl.constexpr,
 ):  # fmt: skip
-    """Store a finished gradient tile w.r.t. the rotated q or k (halves x1, x2 [R, HALF] fp32, softmax scale not
-    yet applied) as the gradient w.r.t. q or k: scaled, rotated back (by -angle), at base[rows]."""
+    """Store a finished gradient tile w.r.t. the rotated q or k (a head-dim pair x1, x2 in fp32, as _zeros_hd's
+    accumulators or _load_hd's operands; softmax scale not yet applied) as the gradient w.r.t. q or k: scaled,
+    rotated back (by -angle), at base[rows]."""
     HALF_D: tl.constexpr = HEAD_DIM // 2
     PAD: tl.constexpr = HALF != HALF_D
+    x1, x2 = _halves(x1, x2, R, HEAD_DIM, HALF)
     x1, x2 = _rotate(
         x1 * sm_scale, x2 * sm_scale, POS, tok0, start, n_valid, inv_freq, TAB, offs_h, R, HALF, TAB_ROWS, -1.0
     )
@@ -298,11 +298,8 @@ def _bwd_dq_finish_kernel(
     start = tl.program_id(0) * BLOCK_T
     offs_t, t_ok, rows = _tile_rows(0, start, n_tokens, BLOCK_T)
     offs_h = tl.arange(0, HALF)
-    HALF_D: tl.constexpr = HEAD_DIM // 2
-    PAD: tl.constexpr = HALF != HALF_D
-    dqa_base = DQA + h * stride_dqah
-    x1 = _load_tile(dqa_base, rows, t_ok, stride_dqan, offs_h, HALF_D, True, PAD)
-    x2 = _load_tile(dqa_base + HALF_D, rows, t_ok, stride_dqan, offs_h, HALF_D, True, PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    x1, x2 = _load_hd(DQA + h * stride_dqah, rows, t_ok, stride_dqan, offs_h, offs_d, True, HEAD_DIM, HALF, tl.float32)
     inv_freq = tl.load(INV_FREQ + offs_h)
     _unrotate_store(
         DQ + h * stride_dqh, x1, x2, sm_scale, POS, 0, start, n_tokens, inv_freq, TAB, rows, t_ok, stride_dqn,
