@@ -313,8 +313,20 @@ def _bwd_dq_finish_kernel(
 # sum whose order, hence last bits, varies from run to run. Off until a GPU has timed it (bench_rope_attention.py).
 DQ_ATOMIC = False
 
+
 # the autotuned GPU variants (attention_tiles._configs, _BWD_SHAPES)
-_dkdv_tuned = triton.autotune(_configs("BLOCK_M", _BWD_SHAPES), key=_KEY, prune_configs_by=_PRUNE)(_bwd_dkdv_kernel)
+def _zero_dq_sum(nargs: dict, reset_only: bool = False) -> None:
+    """The dk/dv autotuner's hook before each timed launch and once after its timings: with DQ_ATOMIC the launch
+    adds into DQA (a tensor, or a tensor descriptor over one), so every try starts from zeros and so does the chosen
+    config's launch after them (Triton's reset_to_zero, which cannot zero a descriptor). Without: nothing."""
+    if nargs.get("DQ_ATOMIC"):
+        dqa = nargs["DQA"]
+        getattr(dqa, "base", dqa).zero_()
+
+
+_dkdv_tuned = triton.autotune(
+    _configs("BLOCK_M", _BWD_SHAPES), key=_KEY, prune_configs_by=_PRUNE, pre_hook=_zero_dq_sum
+)(_bwd_dkdv_kernel)
 _dq_tuned = triton.autotune(_configs("BLOCK_N", _BWD_SHAPES), key=_KEY, prune_configs_by=_PRUNE)(_bwd_dq_kernel)
 
 # --------------------------------------------------------------------------------- host launchers --

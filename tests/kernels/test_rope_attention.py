@@ -216,6 +216,24 @@ def test_dq_atomic_switch_and_refusal():
         )  # fmt: skip
 
 
+def test_the_dkdv_autotuner_zeroes_the_dq_sum_before_each_try():
+    """On a GPU the autotuner launches the dk/dv kernel once per config and try before the chosen one; with
+    DQ_ATOMIC each launch adds into the fp32 dq sum, so its hook zeroes that sum (a tensor or the tensor under a
+    descriptor) before each, and leaves the placeholder alone without DQ_ATOMIC. (Triton's own reset_to_zero would
+    call zero_() on the descriptor.)"""
+    from kernels.attention_tiles import rows_descriptor
+    from kernels.rope_attention_bwd import _dkdv_tuned, _zero_dq_sum
+
+    assert _dkdv_tuned.pre_hook is _zero_dq_sum
+    for wrap in (lambda t: t, rows_descriptor):
+        dqa = torch.ones(8, 2, 32)
+        _zero_dq_sum({"DQA": wrap(dqa), "DQ_ATOMIC": True}, reset_only=True)
+        assert not dqa.any()
+        dqa.fill_(1.0)
+        _zero_dq_sum({"DQA": wrap(dqa), "DQ_ATOMIC": False})
+        assert dqa.eq(1.0).all()
+
+
 def test_tma_where_it_can_pointer_loads_elsewhere():
     """attention_tiles.use_tma: tensor descriptors only for heads side by side in 16-byte aligned rows, head-dim
     halves at least 16 wide, and the module switch on; a launch falls back to pointer loads otherwise and gets
