@@ -203,7 +203,8 @@ def test_dq_atomic_switch_and_refusal():
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(rope_attention_bwd, "DQ_ATOMIC", True)
-        mp.setattr(rope_attention_bwd, "_bwd_dq_kernel", refuse)
+        mp.setattr(rope_attention_bwd, "_bwd_dq_kernel", refuse)  # (what the interpreter launches)
+        mp.setattr(rope_attention_bwd, "_dq_tuned", refuse)  # (and a GPU)
         rope_attention(q, k, v, positions, cu).backward(do)
     _, _, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, 1e4, do)
     for name, g, ref in (("dq", q.grad, ref_dq), ("dk", k.grad, ref_dk), ("dv", v.grad, ref_dv)):
