@@ -262,16 +262,16 @@ def ptxas_report(
     ]  # fmt: skip
     rows = []
 
-    def report(name, fn, consts, warps, stages, label, descs=(), block=0):
+    def report(name, fn, consts, warps, stages, label, descs=(), block=0, maxnreg=None):
         arg_types = {a: types.get(a, "fp32" if "scale" in a else "i32") for a in fn.arg_names if a not in consts}
         for a in descs:  # (a [block, D] tile of the tensor's own dtype)
             arg_types[a] = f"tensordesc<{types[a].lstrip('*')}[{block}, {head_dim}]>"
-        info = ptxas_info(fn, arg_types, consts, warps, stages)
+        info = ptxas_info(fn, arg_types, consts, warps, stages, maxnreg=maxnreg)
         rows.append({"kernel": name, "config": label, **info})
         loads = " ".join(f"{k}:{v}" for k, v in sorted({**info["loads"], **info["reduces"]}.items()))
         mma = " ".join(f"{k}:{v}" for k, v in sorted(info["mma"].items())) or "no-mma"
-        print(f"{name:7} {label:28} smem={info['shared']:>6} regs={info['regs']} spill={info['spill_bytes']} {mma} "
-              f"{loads}", flush=True)  # fmt: skip
+        print(f"{name:7} {label:38} smem={info['shared']:>6} regs={info['regs']} spill={info['spill_bytes']} "
+              f"in-loop={info['loop_spills']} {mma} {loads}", flush=True)  # fmt: skip
 
     # the rotary pre-pass of the forward (k only, written to a buffer), at the default shape's tiles
     pre = dict(HQ=0, HKV=40 // group, **rotary.launch_shape(16384, 0, 40 // group, head_dim)[1], CACHE_BLOCK=1,
@@ -282,15 +282,23 @@ def ptxas_report(
             consts = {**base, **extra, inner: block, "TMA": tma}
             label = f"{inner}={block} w={warps} s={stages}" + (" TMA" if tma else "")
             report(name, fn, consts, warps, stages, label, descs if tma else (), block)
+    # the forward with 64-row blocks and 32-key tiles at 4 warps under a 168-register cap: its spills stay out of
+    # the loops (the q rotation before them), and three programs fit on an SM instead of two (a sweep variant)
+    capped = {**base, **kernels[0][4], "BLOCK_M": 64, "BLOCK_N": 32, "TMA": tma}
+    label = "BLOCK_M=64 BLOCK_N=32 w=4 s=2 maxnreg=168" + (" TMA" if tma else "")
+    report("fwd", ra._fwd_kernel, capped, 4, 2, label, kernels[0][5] if tma else (), 32, maxnreg=168)
     fin = dict(HEAD_DIM=head_dim, HALF=base["HALF"], BLOCK_T=32, TAB_ROWS=rotary.TAB_ROWS)  # (DQ_ATOMIC's last pass)
     report("dq_fin", ra_bwd._bwd_dq_finish_kernel, fin, 8, 1, "BLOCK_T=32")
     return rows
 
 
-# Launch variants the sweep times: (sequence block, inner tile, warps, stages, TMA) per kernel: every one with the
-# inner tiles by tensor descriptor, and the pointer-load variants that were fastest on the second lease (2026-12-04)
+# Launch variants the sweep times: (sequence block, inner tile, warps, stages, TMA[, maxnreg]) per kernel: every one
+# with the inner tiles by tensor descriptor, and the pointer-load variants that were fastest on the second lease
+# (2026-12-04); the forward also at 64-row blocks under register caps (168: three programs an SM, spills outside the
+# loops only; 128: four, 14 spill instructions in the loops; --ptxas)
 SWEEP_FWD = [(128, n, 8, st, True) for n in (64, 128) for st in (2, 3, 4)] + [(128, 32, 8, 3, True)]
 SWEEP_FWD += [(64, n, 4, st, True) for n in (32, 64) for st in (2, 3)]
+SWEEP_FWD += [(64, 32, 4, st, True, 168) for st in (2, 3)] + [(64, 64, 4, 2, True, 168), (64, 32, 4, 2, True, 128)]
 SWEEP_FWD += [(64, 64, 4, 3, False), (128, 128, 8, 3, False)]
 SWEEP_DKDV = [(128, m, 8, st, True) for m in (16, 32) for st in (2, 3)]
 SWEEP_DKDV += [(64, m, w, 2, True) for m in (16, 32, 64) for w in (4, 8)] + [(64, 32, 4, 2, False)]
@@ -328,8 +336,8 @@ def sweep(
         res = f"{row['ms']:8.3f} ms {row['tflops']:7.1f} TFLOP/s" if "ms" in row else row["error"]
         print(f"{kernel:7} {cfg_s:72} {res}", flush=True)
 
-    for bm, bn, w, st, tma in fwd:
-        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, TMA=tma)
+    for bm, bn, w, st, tma, *cap in fwd:
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, TMA=tma, **({"maxnreg": cap[0]} if cap else {}))
         fn = lambda cfg=cfg: ra._rope_attention_fwd(q, k, v, positions, cu, theta, scale, config=cfg)
         timed("fwd", cfg, fn, flops)
     bwd_flops = (args.fwd_bwd_factor - 1) * flops

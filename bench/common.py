@@ -269,7 +269,14 @@ def save_json(path: str | None, rows: list[dict], args, device) -> None:
 
 
 def ptxas_info(
-    kernel, types: dict, consts: dict, warps: int, stages: int, arch: int = 90, divisible: tuple[str, ...] = ()
+    kernel,
+    types: dict,
+    consts: dict,
+    warps: int,
+    stages: int,
+    arch: int = 90,
+    divisible: tuple[str, ...] = (),
+    maxnreg: int | None = None,
 ) -> dict:
     """Compile a jit kernel for sm_<arch> without a GPU and read ptxas -v: shared memory, registers, spills and
     the global loads by kind (cp.async ones are software-pipelined). The one performance signal a machine
@@ -279,7 +286,10 @@ def ptxas_info(
     arguments named stride* are marked 16-divisible, as Triton's JIT specialises them in a real launch: without
     that the compiler cannot vectorise the loads, does not pipeline them, and the report describes a kernel
     that never runs. `divisible` names further integer arguments a real launch has 16-divisible (a width
-    that masks the columns, say: 13824 is, and a mask the compiler cannot prove 16-aligned blocks vectors)."""
+    that masks the columns, say: 13824 is, and a mask the compiler cannot prove 16-aligned blocks vectors).
+    maxnreg: a register cap per thread (Triton's launch option), which ptxas meets by spilling.
+    loop_spills: the spill stores and loads (STL / LDL in the machine code) between the kernel's first and last
+    warpgroup MMA: those its loops execute, against those of a prologue or epilogue run once (None without MMA)."""
     import collections
     import os
     import re
@@ -301,9 +311,8 @@ def ptxas_info(
         constexprs={(names.index(n),): v for n, v in consts.items()},
         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in div16},
     )
-    compiled = triton.compile(
-        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages}
-    )
+    options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = compiled.asm["ptx"]
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
@@ -340,4 +349,31 @@ def ptxas_info(
         "pdl_wait_first": wait >= 0 and all(wait < i for i in accesses),
         "pdl_triggers": "griddepcontrol.launch_dependents" in ptx,
         "l2_prefetch_before_wait": 0 <= ptx.find("prefetch.global.L2") < wait,  # (a weight's stream begun early)
+        "loop_spills": _loop_spills(compiled.asm["cubin"]),
     }
+
+
+def _loop_spills(cubin: bytes) -> int | None:
+    """Spill instructions (STL, LDL) between the first and the last HGMMA of a cubin's machine code (Triton's bundled
+    cuobjdump), or None where it has no HGMMA or no cuobjdump."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", sass, re.MULTILINE)
+    mma = [i for i, op in enumerate(ops) if op.startswith("HGMMA")]
+    if not mma:
+        return None
+    return sum(op.startswith(("STL", "LDL")) for op in ops[mma[0] : mma[-1] + 1])
