@@ -295,11 +295,12 @@ def test_rope_rows_figures(monkeypatch):
 
 
 def test_rope_sweep_figures_and_best(monkeypatch, capsys):
-    """Each variant's TFLOP/s from its (stubbed) time, the backward's FLOPs (factor - 1) x the forward's, and the
-    fastest variant named, with how its tiles are read (TMA: tensor descriptors, or pointer loads)."""
+    """Each variant's TFLOP/s from its (stubbed) time, the backward's FLOPs (factor - 1) x the forward's (the atomic-dq
+    backward's too), and the fastest variant named, with how its tiles are read (TMA: tensor descriptors, or pointer
+    loads) and any register cap."""
     import bench.bench_rope_attention as B
 
-    times = iter([4.0, 2.0, 5.0, 10.0])
+    times = iter([4.0, 2.0, 8.0, 5.0, 10.0])
     monkeypatch.setattr(B, "measure", lambda fn, device, **kw: (next(times), float("nan")))
     b, t, h, d = 1, 40, 1, 32
     q, k, v = (torch.randn(b * t, h, d) for _ in range(3))
@@ -307,12 +308,18 @@ def test_rope_sweep_figures_and_best(monkeypatch, capsys):
     args = SimpleNamespace(rope_theta=10000.0, warmup=0, rep=0, fwd_bwd_factor=3.5)
     rows = B.sweep(
         args, q, k, v, torch.arange(t), cu, 1e9,
-        fwd=[(32, 16, 4, 2, True), (16, 16, 4, 2, False)], dkdv=[(16, 16, 4, 2, True)], dq=[(32, 16, 4, 2, True)],
+        fwd=[(32, 16, 4, 2, True), (16, 16, 4, 2, False, 168)], dkdv=[(16, 16, 4, 2, True)], dq=[(32, 16, 4, 2, True)],
+        atomic=[(16, 16, 4, 2, False)],
     )  # fmt: skip
-    assert [r["tflops"] for r in rows] == approx([1e9 / 4 / 1e9, 1e9 / 2 / 1e9, 2.5 * 1e9 / 5 / 1e9, 0.25])
-    assert "best fwd: BLOCK_M=16 BLOCK_N=16 num_warps=4 num_stages=2 TMA=False" in capsys.readouterr().out
-    assert all(len(v) == 5 for v in B.SWEEP_FWD + B.SWEEP_DKDV + B.SWEEP_DQ)  # (the launch, and TMA or not)
-    assert {v[-1] for v in B.SWEEP_FWD} == {True, False}
+    assert [r["kernel"] for r in rows] == ["fwd", "fwd", "dkdv+dq", "dkdv", "dq"]
+    assert [r["tflops"] for r in rows] == approx([1e9 / 4 / 1e9, 1e9 / 2 / 1e9, 2.5 / 8, 2.5 * 1e9 / 5 / 1e9, 0.25])
+    out = capsys.readouterr().out
+    assert "best fwd: BLOCK_M=16 BLOCK_N=16 num_warps=4 num_stages=2 TMA=False maxnreg=168" in out
+    assert "best dkdv+dq: BLOCK_N=16 BLOCK_M=16 num_warps=4 num_stages=2 TMA=False DQ_ATOMIC=True" in out
+    # (the launch, TMA or not, and for some forwards a register cap)
+    assert all(len(v) == 5 for v in B.SWEEP_DKDV + B.SWEEP_DQ + B.SWEEP_ATOMIC)
+    assert all(len(v) == 5 or (len(v) == 6 and v[5] in (128, 168)) for v in B.SWEEP_FWD)
+    assert {v[4] for v in B.SWEEP_FWD} == {True, False} and {v[4] for v in B.SWEEP_ATOMIC} == {True, False}
 
 
 def test_rope_bench_counts_the_query_heads_of_each_sequence(tmp_path, monkeypatch):
