@@ -253,7 +253,8 @@ def ptxas_report(
     tma = tma and head_dim >= 32
     dkdv = dict(BLOCK_N=tiles._BLOCK, DQ_ATOMIC=False)
     kernels = [  # (name, kernel, inner tile, shapes, constants, the arguments a TMA launch passes as descriptors)
-        ("fwd", ra._fwd_kernel, "BLOCK_N", tiles._FWD_SHAPES, dict(BLOCK_M=tiles._BLOCK, SAVE_ROT=True), ("K", "V")),
+        ("fwd", ra._fwd_kernel, "BLOCK_N", tiles._FWD_SHAPES, dict(BLOCK_M=tiles._BLOCK, SAVE_ROT=True, ROTATE_Q=True),
+         ("K", "V")),
         ("dkdv", ra_bwd._bwd_dkdv_kernel, "BLOCK_M", tiles._BWD_SHAPES, dkdv, ("Q", "DO")),
         ("dq", ra_bwd._bwd_dq_kernel, "BLOCK_N", tiles._BWD_SHAPES, dict(BLOCK_M=tiles._BLOCK), ("K", "V")),
         # rope_attention_bwd.DQ_ATOMIC: dk/dv adding each tile's dq share into an fp32 sum (no dq kernel)
@@ -287,18 +288,26 @@ def ptxas_report(
     capped = {**base, **kernels[0][4], "BLOCK_M": 64, "BLOCK_N": 32, "TMA": tma}
     label = "BLOCK_M=64 BLOCK_N=32 w=4 s=2 maxnreg=168" + (" TMA" if tma else "")
     report("fwd", ra._fwd_kernel, capped, 4, 2, label, kernels[0][5] if tma else (), 32, maxnreg=168)
+    # and with q rotated by the pre-pass (rope_attention.Q_PREPASS): no rotation in the forward, no cap needed
+    prepass = {**capped, "SAVE_ROT": False, "ROTATE_Q": False}
+    label = "BLOCK_M=64 BLOCK_N=32 w=4 s=2 Q_PREPASS" + (" TMA" if tma else "")
+    report("fwd", ra._fwd_kernel, prepass, 4, 2, label, kernels[0][5] if tma else (), 32)
     fin = dict(HEAD_DIM=head_dim, HALF=base["HALF"], BLOCK_T=32, TAB_ROWS=rotary.TAB_ROWS)  # (DQ_ATOMIC's last pass)
     report("dq_fin", ra_bwd._bwd_dq_finish_kernel, fin, 8, 1, "BLOCK_T=32")
     return rows
 
 
-# Launch variants the sweep times: (sequence block, inner tile, warps, stages, TMA[, maxnreg]) per kernel: every one
-# with the inner tiles by tensor descriptor, and the pointer-load variants that were fastest on the second lease
-# (2026-12-04); the forward also at 64-row blocks under register caps (168: three programs an SM, spills outside the
-# loops only; 128: four, 14 spill instructions in the loops; --ptxas)
+# Launch variants the sweep times: (sequence block, inner tile, warps, stages, TMA[, more of the launch config]) per
+# kernel: every one with the inner tiles by tensor descriptor, and the pointer-load variants that were fastest on the
+# second lease (2026-12-04); the forward also at 64-row blocks under register caps (maxnreg 168: three programs an SM,
+# spills outside the loops only; 128: four, 14 spill instructions in the loops; --ptxas) and with q rotated by the
+# pre-pass (Q_PREPASS: 120 registers at 64 x 32 tiles, no spill, four programs an SM)
 SWEEP_FWD = [(128, n, 8, st, True) for n in (64, 128) for st in (2, 3, 4)] + [(128, 32, 8, 3, True)]
 SWEEP_FWD += [(64, n, 4, st, True) for n in (32, 64) for st in (2, 3)]
-SWEEP_FWD += [(64, 32, 4, st, True, 168) for st in (2, 3)] + [(64, 64, 4, 2, True, 168), (64, 32, 4, 2, True, 128)]
+SWEEP_FWD += [(64, 32, 4, st, True, {"Q_PREPASS": True}) for st in (2, 3)]
+SWEEP_FWD += [(64, 64, 4, 2, True, {"Q_PREPASS": True}), (128, 64, 8, 2, True, {"Q_PREPASS": True})]
+SWEEP_FWD += [(64, 32, 4, st, True, {"maxnreg": 168}) for st in (2, 3)]
+SWEEP_FWD += [(64, 64, 4, 2, True, {"maxnreg": 168}), (64, 32, 4, 2, True, {"maxnreg": 128})]
 SWEEP_FWD += [(64, 64, 4, 3, False), (128, 128, 8, 3, False)]
 SWEEP_DKDV = [(128, m, 8, st, True) for m in (16, 32) for st in (2, 3)]
 SWEEP_DKDV += [(64, m, w, 2, True) for m in (16, 32, 64) for w in (4, 8)] + [(64, 32, 4, 2, False)]
@@ -336,8 +345,8 @@ def sweep(
         res = f"{row['ms']:8.3f} ms {row['tflops']:7.1f} TFLOP/s" if "ms" in row else row["error"]
         print(f"{kernel:7} {cfg_s:72} {res}", flush=True)
 
-    for bm, bn, w, st, tma, *cap in fwd:
-        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, TMA=tma, **({"maxnreg": cap[0]} if cap else {}))
+    for bm, bn, w, st, tma, *more in fwd:
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, TMA=tma, **(more[0] if more else {}))
         fn = lambda cfg=cfg: ra._rope_attention_fwd(q, k, v, positions, cu, theta, scale, config=cfg)
         timed("fwd", cfg, fn, flops)
     bwd_flops = (args.fwd_bwd_factor - 1) * flops

@@ -284,8 +284,9 @@ _PRUNE = {"early_config_prune": _prune_fp32}
 # ~3 KB at 4 warps). Measured timings on a GPU are still owed (bench_rope_attention.py --sweep).
 # tune_bucket (an argument the kernels do not read): tokens in coarse buckets, so a config tuned on a small prefill
 # (a few hundred programs, launch-bound) is not reused for a training micro-batch or a long prefill, nor the reverse;
-# TMA: tiles by tensor descriptor and by pointer loads tune apart; DQ_ATOMIC (dk/dv's only): with dq's adds or without
-_KEY = ["HEAD_DIM", "GROUP", "tune_bucket", "TMA", "DQ_ATOMIC"]
+# TMA: tiles by tensor descriptor and by pointer loads tune apart; DQ_ATOMIC (dk/dv's only): with dq's adds or without;
+# ROTATE_Q (the forward's only): q rotated in its prologue or by the pre-pass
+_KEY = ["HEAD_DIM", "GROUP", "tune_bucket", "TMA", "DQ_ATOMIC", "ROTATE_Q"]
 _FWD_SHAPES = ((64, 8, 2), (64, 8, 3), (64, 8, 4), (128, 8, 2), (128, 8, 3), (32, 8, 3))
 _BWD_SHAPES = ((16, 8, 2), (16, 8, 3), (32, 8, 2), (32, 8, 3), (64, 8, 2), (32, 4, 2))
 
@@ -384,6 +385,15 @@ def _pop_tma(config: dict | None, head_dim: int, *tensors: torch.Tensor) -> tupl
             raise ValueError(f"config TMA=True, but {why}")
         return config, want
     return config, use_tma(head_dim, *tensors)
+
+
+def _pop_switch(config: dict | None, key: str, default: bool) -> tuple[dict | None, bool]:
+    """An explicit launch config without the switch `key`, and the switch's value: the config's if given, else
+    `default` (the module's setting)."""
+    if config and key in config:
+        config = dict(config)
+        return config, bool(config.pop(key))
+    return config, default
 
 
 def rows_descriptor(x: torch.Tensor) -> TensorDescriptor:

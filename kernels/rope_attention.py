@@ -19,6 +19,10 @@ When gradients are needed the forward also stores the rotated q and autograd sav
 instead of q and k: same memory, and the backward's inner loops rotate nothing; only the finished dq and dk
 tiles are rotated back (by -angle).
 
+Q_PREPASS (opt-in, untimed): the pre-pass also rotates q (into the q_rot buffer training saves anyway) and the
+forward loads its query tile as it is: no rotation in the forward, whose register peak (the prologue's rotation)
+drops, so more programs fit on an SM at 64-row tiles; for one more pass over q's bytes.
+
 cos/sin of a query tile: within one tile the positions are normally consecutive (p0, p0+1, ...). Then
 cos/sin((p0 + j) * f) come from cos/sin(p0 * f) (one row of transcendentals per tile) and a small
 host-built table of cos/sin(j * f) by the angle-addition formulas, which keeps the special-function
@@ -59,10 +63,12 @@ from kernels.attention_tiles import (
     _dot_nt,
     _last_dim_contiguous,
     _launch,
+    _load_hd,
     _load_pair,
     _load_tile,
     _open_tile,
     _operand,
+    _pop_switch,
     _pop_tma,
     _rotate,
     _store_tile,
@@ -128,13 +134,14 @@ def _fwd_kernel(
     n_tokens, num_seqs, qk_scale,
     N_STEPS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, TAB_ROWS: tl.constexpr, SAVE_ROT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    PREC: tl.constexpr, TMA: tl.constexpr, tune_bucket,
+    PREC: tl.constexpr, TMA: tl.constexpr, ROTATE_Q: tl.constexpr, tune_bucket,
 ):  # fmt: skip
     """Grid (query blocks of all sequences (upper bound), Hq). O [N, Hq, D]; LSE [Hq, N] fp32 (base 2).
 
     K holds the keys already rotated (kernels/rotary.py, once per token); q is rotated here, once per tile.
     SAVE_ROT: also store the rotated q in QR [N, Hq, D] (head stride D) for the backward. TMA: K and V are tensor
-    descriptors over their [N, Hkv * D] rows with [BLOCK_N, HEAD_DIM] blocks (the strides then unused)."""
+    descriptors over their [N, Hkv * D] rows with [BLOCK_N, HEAD_DIM] blocks (the strides then unused). ROTATE_Q
+    False: Q is already rotated (Q_PREPASS: the rotary pre-pass did it with k), loaded as it is; no SAVE_ROT."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     if pid >= tl.load(CU_BLK + num_seqs):
@@ -147,18 +154,21 @@ def _fwd_kernel(
     PAD: tl.constexpr = HALF != HALF_D
 
     q_base = Q + h * stride_qh
-    q1 = _load_tile(q_base, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(tl.float32)
-    q2 = _load_tile(q_base + HALF_D, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(tl.float32)
-    q1r, q2r = _rotate(q1, q2, POS, tok0, start_m, seq_len, inv_freq, TAB, offs_h, BLOCK_M, HALF, TAB_ROWS, 1.0)
-    if SAVE_ROT:
-        qr_base = QR + h * HEAD_DIM
-        _store_tile(qr_base, q1r, rows_m, m_ok, stride_qrn, offs_h, HALF_D, PAD)
-        _store_tile(qr_base + HALF_D, q2r, rows_m, m_ok, stride_qrn, offs_h, HALF_D, PAD)
-    q1r = _operand(q1r, Q, DOT_DTYPE)
-    q2r = _operand(q2r, Q, DOT_DTYPE)
-    if not PAD:  # the halves side by side as one [BLOCK_M, HEAD_DIM] operand (the pair _load_hd gives)
-        q1r = tl.reshape(tl.permute(tl.join(q1r, q2r), (0, 2, 1)), (BLOCK_M, HEAD_DIM))
-        q2r = q1r
+    if ROTATE_Q:  # (the prologue's register peak: 215 at 64-row tiles and 4 warps, against 120 without it)
+        q1 = _load_tile(q_base, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(tl.float32)
+        q2 = _load_tile(q_base + HALF_D, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(tl.float32)
+        q1r, q2r = _rotate(q1, q2, POS, tok0, start_m, seq_len, inv_freq, TAB, offs_h, BLOCK_M, HALF, TAB_ROWS, 1.0)
+        if SAVE_ROT:
+            qr_base = QR + h * HEAD_DIM
+            _store_tile(qr_base, q1r, rows_m, m_ok, stride_qrn, offs_h, HALF_D, PAD)
+            _store_tile(qr_base + HALF_D, q2r, rows_m, m_ok, stride_qrn, offs_h, HALF_D, PAD)
+        q1r = _operand(q1r, Q, DOT_DTYPE)
+        q2r = _operand(q2r, Q, DOT_DTYPE)
+        if not PAD:  # the halves side by side as one [BLOCK_M, HEAD_DIM] operand (the pair _load_hd gives)
+            q1r = tl.reshape(tl.permute(tl.join(q1r, q2r), (0, 2, 1)), (BLOCK_M, HEAD_DIM))
+            q2r = q1r
+    else:
+        q1r, q2r = _load_hd(q_base, rows_m, m_ok, stride_qn, offs_h, offs_d, True, HEAD_DIM, HALF, DOT_DTYPE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -182,6 +192,13 @@ def _fwd_kernel(
     # base-2 logsumexp of the scaled scores: p = exp2(s * qk_scale - lse) in the backward
     tl.store(LSE + h * n_tokens + tok0 + offs_m, m_i + tl.log2(l_i), mask=m_ok)
 
+
+# q rotated by the rotary pre-pass in the launch that rotates k (q_rot [N, Hq, D] written there, read by the forward)
+# instead of in the forward's prologue: the forward's register peak drops (at 64-row tiles and 4 warps from 215 to
+# 120, four programs an SM instead of two), for one more pass over q's bytes (a read in training, which stores q_rot
+# anyway; a write and a read in prefill), and prefill's queries get the decode path's rotation bits. Off until a
+# GPU has timed it (bench_rope_attention.py --sweep); it pays only with the forward's 64-row blocks.
+Q_PREPASS = False
 
 # the autotuned GPU variant (attention_tiles._configs, _FWD_SHAPES)
 _fwd_tuned = triton.autotune(_configs("BLOCK_N", _FWD_SHAPES), key=_KEY, prune_configs_by=_PRUNE)(_fwd_kernel)
@@ -247,8 +264,8 @@ def _rope_attention_fwd(
     """Launch the rotary pre-pass and the forward. Returns out [N, Hq, D] (q's dtype), lse [Hq, N] fp32 (base-2,
     scaled scores), the rotated q [N, Hq, D] with save_rotated (else None) and the rotated k [N, Hkv, D]: what
     the backward needs. config: an explicit launch {BLOCK_M (query block), BLOCK_N, num_warps, num_stages, and
-    TMA: whether K and V tiles come by tensor descriptor (default: attention_tiles.use_tma)} instead of the autotuned
-    one (benchmark sweeps, tests)."""
+    TMA: whether K and V tiles come by tensor descriptor (default: attention_tiles.use_tma), Q_PREPASS (default: the
+    module's), maxnreg} instead of the autotuned one (benchmark sweeps, tests)."""
     n, hq, d = q.shape
     hkv = k.shape[1]
     if d not in _SUPPORTED_HEAD_DIMS:
@@ -261,9 +278,10 @@ def _rope_attention_fwd(
     # the keys rotated once per token (kernels/rotary.py): the attention kernel reads them as they are; the
     # backward reuses them; in prefill the same launch writes them (and v) into the paged KV cache
     k_rot = torch.empty(n, hkv, d, dtype=q.dtype, device=q.device)
-    q_rot = torch.empty(n, hq, d, dtype=q.dtype, device=q.device) if save_rotated else None
+    config, prepass = _pop_switch(config, "Q_PREPASS", Q_PREPASS)
+    q_rot = torch.empty(n, hq, d, dtype=q.dtype, device=q.device) if save_rotated or prepass else None
     if n == 0:
-        return out, lse, q_rot, k_rot
+        return out, lse, q_rot if save_rotated else None, k_rot
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     positions = positions.to(q.device).contiguous()  # the kernels index it as a flat array
     inv_freq, tab = rope_tables(d, rope_theta, q.device)
@@ -273,19 +291,22 @@ def _rope_attention_fwd(
         if kc.stride(-1) != 1 or vc.stride(-1) != 1:
             raise ValueError("k_cache and v_cache must have a contiguous last dim")
         cache = dict(k_cache=kc, v_cache=vc, slot_mapping=slot_mapping.to(q.device))
-    launch_rotary(k, v, positions, rope_theta=rope_theta, k_out=k_rot, **cache)
+    queries = dict(q=q, q_out=q_rot) if prepass else {}  # (Q_PREPASS: q rotated in the same launch as k)
+    launch_rotary(k, v, positions, rope_theta=rope_theta, k_out=k_rot, **queries, **cache)
     if cache and cache["k_cache"].dtype != q.dtype:  # a float8 cache: attend to what the decode steps will read
         k_rot, v = reference.read_back_kv(k_rot, v, cache["k_cache"], cache["v_cache"], cache["slot_mapping"])
     config, tma = _pop_tma(config, d, k_rot, v)
     kd, vd = (rows_descriptor(k_rot), rows_descriptor(v)) if tma else (k_rot, v)
+    q_in = q_rot if prepass else q
     make_args = lambda cu_blk: (
-        q, kd, vd, out, lse, positions, cu, cu_blk, inv_freq, tab, q_rot if save_rotated else out,
-        q.stride(0), q.stride(1), k_rot.stride(0), k_rot.stride(1), v.stride(0), v.stride(1),
+        q_in, kd, vd, out, lse, positions, cu, cu_blk, inv_freq, tab, q_rot if save_rotated else out,
+        q_in.stride(0), q_in.stride(1), k_rot.stride(0), k_rot.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), hq * d, n, cu.numel() - 1, softmax_scale * _LOG2E,
     )  # fmt: skip
-    meta = dict(GROUP=hq // hkv, HEAD_DIM=d, HALF=max(d // 2, 16), TAB_ROWS=TAB_ROWS, SAVE_ROT=save_rotated, TMA=tma)
+    meta = dict(GROUP=hq // hkv, HEAD_DIM=d, HALF=max(d // 2, 16), TAB_ROWS=TAB_ROWS, TMA=tma)
+    meta.update(SAVE_ROT=save_rotated and not prepass, ROTATE_Q=not prepass)
     _launch(_fwd_kernel, _fwd_tuned, hq, make_args, cu, n, "BLOCK_M", "BLOCK_N", config, **meta, **_dot_args(q.dtype))
-    return out, lse, q_rot, k_rot
+    return out, lse, q_rot if save_rotated else None, k_rot
 
 
 # ------------------------------------------------------------------------------------- autograd --

@@ -32,6 +32,7 @@ from kernels.attention_tiles import (
     _load_tile,
     _open_tile,
     _operand,
+    _pop_switch,
     _pop_tma,
     _rotate,
     _store_tile,
@@ -384,8 +385,7 @@ def _rope_attention_bwd(
     dq_config, dq_tma = _pop_tma(dq_config, d, k, v)
     # dq by the dk/dv kernel's atomic adds into an fp32 sum (DQ_ATOMIC, or the explicit config's key), or by its
     # own kernel
-    dkdv_config = dict(dkdv_config) if dkdv_config else None
-    atomic = bool(dkdv_config.pop("DQ_ATOMIC", DQ_ATOMIC)) if dkdv_config else DQ_ATOMIC
+    dkdv_config, atomic = _pop_switch(dkdv_config, "DQ_ATOMIC", DQ_ATOMIC)
     if atomic and dq_config:
         raise ValueError(f"dq_config {dq_config} given, but with DQ_ATOMIC the dk/dv kernel computes dq")
     dqa = torch.zeros(n, hq, d, dtype=torch.float32, device=q.device) if atomic else dv  # (dv: a placeholder)

@@ -308,17 +308,19 @@ def test_rope_sweep_figures_and_best(monkeypatch, capsys):
     args = SimpleNamespace(rope_theta=10000.0, warmup=0, rep=0, fwd_bwd_factor=3.5)
     rows = B.sweep(
         args, q, k, v, torch.arange(t), cu, 1e9,
-        fwd=[(32, 16, 4, 2, True), (16, 16, 4, 2, False, 168)], dkdv=[(16, 16, 4, 2, True)], dq=[(32, 16, 4, 2, True)],
+        fwd=[(32, 16, 4, 2, True), (16, 16, 4, 2, False, {"Q_PREPASS": True, "maxnreg": 168})],
+        dkdv=[(16, 16, 4, 2, True)], dq=[(32, 16, 4, 2, True)],
         atomic=[(16, 16, 4, 2, False)],
     )  # fmt: skip
     assert [r["kernel"] for r in rows] == ["fwd", "fwd", "dkdv+dq", "dkdv", "dq"]
     assert [r["tflops"] for r in rows] == approx([1e9 / 4 / 1e9, 1e9 / 2 / 1e9, 2.5 / 8, 2.5 * 1e9 / 5 / 1e9, 0.25])
     out = capsys.readouterr().out
-    assert "best fwd: BLOCK_M=16 BLOCK_N=16 num_warps=4 num_stages=2 TMA=False maxnreg=168" in out
+    assert "best fwd: BLOCK_M=16 BLOCK_N=16 num_warps=4 num_stages=2 TMA=False Q_PREPASS=True maxnreg=168" in out
     assert "best dkdv+dq: BLOCK_N=16 BLOCK_M=16 num_warps=4 num_stages=2 TMA=False DQ_ATOMIC=True" in out
     # (the launch, TMA or not, and for some forwards a register cap)
     assert all(len(v) == 5 for v in B.SWEEP_DKDV + B.SWEEP_DQ + B.SWEEP_ATOMIC)
-    assert all(len(v) == 5 or (len(v) == 6 and v[5] in (128, 168)) for v in B.SWEEP_FWD)
+    assert all(len(v) == 5 or (len(v) == 6 and set(v[5]) <= {"maxnreg", "Q_PREPASS"}) for v in B.SWEEP_FWD)
+    assert {"maxnreg", "Q_PREPASS"} <= {key for v in B.SWEEP_FWD[5:] for key in (v[5] if len(v) == 6 else ())}
     assert {v[4] for v in B.SWEEP_FWD} == {True, False} and {v[4] for v in B.SWEEP_ATOMIC} == {True, False}
 
 

@@ -15,7 +15,7 @@ def test_rope_sweep_smoke(capsys):
     args = SimpleNamespace(rope_theta=10000.0, warmup=0, rep=0, fwd_bwd_factor=3.5)
     rows = sweep(
         args, q, k, v, positions, cu, causal_flops([t] * b, h, d),
-        fwd=[(32, 16, 4, 2, True), (32, 64, 4, 2, True), (32, 16, 4, 2, False, 168)],
+        fwd=[(32, 16, 4, 2, True), (32, 64, 4, 2, True), (32, 16, 4, 2, False, {"maxnreg": 168})],
         dkdv=[(16, 16, 4, 2, True), (16, 16, 4, 2, False)], dq=[(32, 16, 4, 2, False)], atomic=[(32, 16, 4, 2, True)],
     )  # fmt: skip
     assert [r["kernel"] for r in rows] == ["fwd", "fwd", "fwd", "dkdv+dq", "dkdv", "dkdv", "dq"]

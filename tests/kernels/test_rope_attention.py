@@ -217,6 +217,58 @@ def test_dq_atomic_switch_and_refusal():
         )  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "dtype,hq,hkv,d", [(torch.bfloat16, 4, 2, 128), (torch.float16, 4, 1, 64), (torch.float32, 2, 2, 16)]
+)
+def test_queries_rotated_by_the_prepass(dtype, hq, hkv, d):
+    """Q_PREPASS (an explicit config's key here): the rotary pre-pass rotates q with k and the forward loads it as it
+    is. out, lse, the saved rotated q (every token and head) and the backward from it match float64, outputs
+    poisoned first; without save_rotated nothing is returned for q."""
+    cu, positions = _pack(LENGTHS)
+    n = int(cu[-1])
+    q, k, v = _inputs(n, hq, hkv, d, dtype)
+    do = torch.randn(n, hq, d).to(dtype)
+    scale = 1.0 / math.sqrt(d)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((hq, n), float("nan"))
+    cfg = dict(BLOCK_M=32, BLOCK_N=16, Q_PREPASS=True)
+    _, _, q_rot, k_rot = _rope_attention_fwd(
+        q, k, v, positions, cu, 1e4, scale, out=out, lse=lse, save_rotated=True, config=cfg
+    )
+    dq, dk, dv = _rope_attention_bwd(do, q_rot, k_rot, v, out, lse, positions, cu, 1e4, scale)
+    ref_out, ref_lse, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, 1e4, do)
+    _close(out, ref_out, dtype, "out")
+    _close(lse * math.log(2.0), ref_lse, dtype, "lse")
+    _close(q_rot, reference.apply_rotary(q.double(), positions, 1e4), dtype, "q_rot")
+    for name, g, ref in (("dq", dq, ref_dq), ("dk", dk, ref_dk), ("dv", dv, ref_dv)):
+        _close(g, ref, dtype, name)
+    assert _rope_attention_fwd(q, k, v, positions, cu, 1e4, scale, config=cfg)[2] is None
+
+
+def test_the_prepass_switch_on_the_public_api_with_qkv_views():
+    """rope_attention.Q_PREPASS drives the autograd path: q, k, v views of one fused projection (q's token stride
+    is not Hq * D: the pre-pass reads it strided and writes q_rot packed), grads through all three."""
+    from kernels import rope_attention as ra
+
+    cu, positions = _pack([5, 40, 33], start=3)
+    n = int(cu[-1])
+    qkv = torch.randn(n, 4 + 2 + 2, 32, requires_grad=True)
+    q, k, v = qkv[:, :4], qkv[:, 4:6], qkv[:, 6:]
+    do = torch.randn(n, 4, 32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ra, "Q_PREPASS", True)
+        out = rope_attention(q, k, v, positions, cu, rope_theta=500.0)
+        out.backward(do)
+    ref_out, _, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, 500.0, do)
+    _close(out.detach(), ref_out, torch.float32, "out")
+    for name, g, ref in (
+        ("dq", qkv.grad[:, :4], ref_dq),
+        ("dk", qkv.grad[:, 4:6], ref_dk),
+        ("dv", qkv.grad[:, 6:], ref_dv),
+    ):
+        _close(g, ref, torch.float32, name)
+
+
 def test_the_dkdv_autotuner_zeroes_the_dq_sum_before_each_try():
     """On a GPU the autotuner launches the dk/dv kernel once per config and try before the chosen one; with
     DQ_ATOMIC each launch adds into the fp32 dq sum, so its hook zeroes that sum (a tensor or the tensor under a
@@ -369,15 +421,17 @@ def _cache_case(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("path", ["triton", "reference"])
+@pytest.mark.parametrize("path", ["triton", "reference", "triton, q by the pre-pass"])
 def test_cache_write(dtype, path):
-    """kv_cache/slot_mapping: rotated k and v land in their slots, slot -1 and unused slots stay untouched."""
+    """kv_cache/slot_mapping: rotated k and v land in their slots, slot -1 and unused slots stay untouched (also with
+    q rotated in the same launch: Q_PREPASS)."""
+    from kernels import rope_attention as ra
+
     args, cache, slots, (expected_k, expected_v) = _cache_case(dtype)
-    if path == "reference":
-        with dispatch.reference_ops():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ra, "Q_PREPASS", path.endswith("pre-pass"))
+        with dispatch.reference_ops() if path == "reference" else contextlib.nullcontext():
             out = rope_attention(*args, kv_cache=cache, slot_mapping=slots)
-    else:
-        out = rope_attention(*args, kv_cache=cache, slot_mapping=slots)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(cache[0], expected_k, equal_nan=True, **tol)
     torch.testing.assert_close(cache[1], expected_v, equal_nan=True, atol=0, rtol=0)
