@@ -65,18 +65,22 @@ def _close(actual, expected, dtype, name):
     torch.testing.assert_close(actual.double(), expected, **TOLS[dtype], msg=lambda m: f"{name}: {m}")
 
 
+# (prepass: rope_attention.Q_PREPASS by an explicit config's key: q rotated by the pre-pass, loaded as it is)
 @pytest.mark.parametrize(
-    "dtype,hq,hkv,d,theta",
+    "dtype,hq,hkv,d,theta,prepass",
     [
-        (torch.float32, 4, 2, 64, 10000.0),
-        (torch.float32, 2, 2, 128, 500000.0),
-        (torch.bfloat16, 4, 2, 128, 10000.0),
-        (torch.bfloat16, 2, 2, 64, 500000.0),
-        (torch.float16, 4, 1, 64, 10000.0),
-        (torch.float32, 4, 2, 64, reference.Rope(10000.0, "llama3", 8.0, 1.0, 4.0, 64)),  # Llama 3.1's scaling
+        (torch.float32, 4, 2, 64, 10000.0, False),
+        (torch.float32, 2, 2, 128, 500000.0, False),
+        (torch.bfloat16, 4, 2, 128, 10000.0, False),
+        (torch.bfloat16, 2, 2, 64, 500000.0, False),
+        (torch.float16, 4, 1, 64, 10000.0, False),
+        (torch.float32, 4, 2, 64, reference.Rope(10000.0, "llama3", 8.0, 1.0, 4.0, 64), False),  # Llama 3.1's
+        (torch.bfloat16, 4, 2, 128, 10000.0, True),
+        (torch.float16, 4, 1, 64, 10000.0, True),
+        (torch.float32, 2, 2, 16, 10000.0, True),  # (padded head-dim halves)
     ],
 )
-def test_forward_backward_poisoned(dtype, hq, hkv, d, theta):
+def test_forward_backward_poisoned(dtype, hq, hkv, d, theta, prepass):
     """Launchers write every element (outputs poisoned with NaN first) and match float64 in fwd and bwd."""
     cu, positions = _pack(LENGTHS)
     n = int(cu[-1])
@@ -85,7 +89,10 @@ def test_forward_backward_poisoned(dtype, hq, hkv, d, theta):
     scale = 1.0 / math.sqrt(d)
     out = torch.full_like(q, float("nan"))
     lse = torch.full((hq, n), float("nan"))
-    _, _, q_rot, k_rot = _rope_attention_fwd(q, k, v, positions, cu, theta, scale, out=out, lse=lse, save_rotated=True)
+    cfg = dict(BLOCK_M=32, BLOCK_N=16, Q_PREPASS=True) if prepass else None
+    _, _, q_rot, k_rot = _rope_attention_fwd(
+        q, k, v, positions, cu, theta, scale, out=out, lse=lse, save_rotated=True, config=cfg
+    )
     dq, dk, dv = (torch.full_like(x, float("nan")) for x in (q, k, v))
     _rope_attention_bwd(do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dq=dq, dk=dk, dv=dv)
 
@@ -99,6 +106,8 @@ def test_forward_backward_poisoned(dtype, hq, hkv, d, theta):
     _close(dq, ref_dq, dtype, "dq")
     _close(dk, ref_dk, dtype, "dk")
     _close(dv, ref_dv, dtype, "dv")
+    if prepass:  # (the pre-pass's q_rot is a temporary then)
+        assert _rope_attention_fwd(q, k, v, positions, cu, theta, scale, config=cfg)[2] is None
 
 
 @pytest.mark.parametrize(
@@ -215,34 +224,6 @@ def test_dq_atomic_switch_and_refusal():
             do, q_rot, k_rot, v, out, lse, positions, cu, 1e4, 0.25,
             dkdv_config=dict(BLOCK_N=32, BLOCK_M=16, DQ_ATOMIC=True), dq_config=dict(BLOCK_M=32, BLOCK_N=16),
         )  # fmt: skip
-
-
-@pytest.mark.parametrize(
-    "dtype,hq,hkv,d", [(torch.bfloat16, 4, 2, 128), (torch.float16, 4, 1, 64), (torch.float32, 2, 2, 16)]
-)
-def test_queries_rotated_by_the_prepass(dtype, hq, hkv, d):
-    """Q_PREPASS (an explicit config's key here): the rotary pre-pass rotates q with k and the forward loads it as it
-    is. out, lse, the saved rotated q (every token and head) and the backward from it match float64, outputs
-    poisoned first; without save_rotated nothing is returned for q."""
-    cu, positions = _pack(LENGTHS)
-    n = int(cu[-1])
-    q, k, v = _inputs(n, hq, hkv, d, dtype)
-    do = torch.randn(n, hq, d).to(dtype)
-    scale = 1.0 / math.sqrt(d)
-    out = torch.full_like(q, float("nan"))
-    lse = torch.full((hq, n), float("nan"))
-    cfg = dict(BLOCK_M=32, BLOCK_N=16, Q_PREPASS=True)
-    _, _, q_rot, k_rot = _rope_attention_fwd(
-        q, k, v, positions, cu, 1e4, scale, out=out, lse=lse, save_rotated=True, config=cfg
-    )
-    dq, dk, dv = _rope_attention_bwd(do, q_rot, k_rot, v, out, lse, positions, cu, 1e4, scale)
-    ref_out, ref_lse, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, 1e4, do)
-    _close(out, ref_out, dtype, "out")
-    _close(lse * math.log(2.0), ref_lse, dtype, "lse")
-    _close(q_rot, reference.apply_rotary(q.double(), positions, 1e4), dtype, "q_rot")
-    for name, g, ref in (("dq", dq, ref_dq), ("dk", dk, ref_dk), ("dv", dv, ref_dv)):
-        _close(g, ref, dtype, name)
-    assert _rope_attention_fwd(q, k, v, positions, cu, 1e4, scale, config=cfg)[2] is None
 
 
 def test_the_prepass_switch_on_the_public_api_with_qkv_views():
