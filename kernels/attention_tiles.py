@@ -378,18 +378,17 @@ def _tma_refused(head_dim: int, *tensors: torch.Tensor) -> str | None:
 def _pop_tma(config: dict | None, head_dim: int, *tensors: torch.Tensor) -> tuple[dict | None, bool]:
     """An explicit launch config without its TMA key, and whether the launch reads these tensors' tiles by tensor
     descriptor: the key's value if given (True refused with the reason where TMA cannot read them), else use_tma."""
-    config = dict(config) if config else None
-    if config and "TMA" in config:
-        want = bool(config.pop("TMA"))
-        if want and (why := _tma_refused(head_dim, *tensors)) is not None:
-            raise ValueError(f"config TMA=True, but {why}")
-        return config, want
-    return config, use_tma(head_dim, *tensors)
+    config, want = _pop_switch(config, "TMA", None)
+    if want is None:
+        return config, use_tma(head_dim, *tensors)
+    if want and (why := _tma_refused(head_dim, *tensors)) is not None:
+        raise ValueError(f"config TMA=True, but {why}")
+    return config, want
 
 
-def _pop_switch(config: dict | None, key: str, default: bool) -> tuple[dict | None, bool]:
-    """An explicit launch config without the switch `key`, and the switch's value: the config's if given, else
-    `default` (the module's setting)."""
+def _pop_switch(config: dict | None, key: str, default: bool | None) -> tuple[dict | None, bool | None]:
+    """An explicit launch config without the switch `key` (a copy; the caller's is left alone), and the switch's
+    value: the config's if given, else `default` (the module's setting)."""
     if config and key in config:
         config = dict(config)
         return config, bool(config.pop(key))

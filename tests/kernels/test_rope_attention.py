@@ -65,22 +65,29 @@ def _close(actual, expected, dtype, name):
     torch.testing.assert_close(actual.double(), expected, **TOLS[dtype], msg=lambda m: f"{name}: {m}")
 
 
-# (prepass: rope_attention.Q_PREPASS by an explicit config's key: q rotated by the pre-pass, loaded as it is)
+# variants by an explicit config's key: "prepass" (rope_attention.Q_PREPASS: q rotated by the pre-pass, loaded as it
+# is) and "atomic tma" / "atomic ptr" (rope_attention_bwd.DQ_ATOMIC: no dq kernel, dq's shares added by the dk/dv
+# kernel into an fp32 sum, by bulk reduce through a tensor descriptor or by atomics of the rows that exist, then
+# scaled and rotated back by a finishing pass whose tiles span sequences)
 @pytest.mark.parametrize(
-    "dtype,hq,hkv,d,theta,prepass",
+    "dtype,hq,hkv,d,theta,variant",
     [
-        (torch.float32, 4, 2, 64, 10000.0, False),
-        (torch.float32, 2, 2, 128, 500000.0, False),
-        (torch.bfloat16, 4, 2, 128, 10000.0, False),
-        (torch.bfloat16, 2, 2, 64, 500000.0, False),
-        (torch.float16, 4, 1, 64, 10000.0, False),
-        (torch.float32, 4, 2, 64, reference.Rope(10000.0, "llama3", 8.0, 1.0, 4.0, 64), False),  # Llama 3.1's
-        (torch.bfloat16, 4, 2, 128, 10000.0, True),
-        (torch.float16, 4, 1, 64, 10000.0, True),
-        (torch.float32, 2, 2, 16, 10000.0, True),  # (padded head-dim halves)
+        (torch.float32, 4, 2, 64, 10000.0, ""),
+        (torch.float32, 2, 2, 128, 500000.0, ""),
+        (torch.bfloat16, 4, 2, 128, 10000.0, ""),
+        (torch.bfloat16, 2, 2, 64, 500000.0, ""),
+        (torch.float16, 4, 1, 64, 10000.0, ""),
+        (torch.float32, 4, 2, 64, reference.Rope(10000.0, "llama3", 8.0, 1.0, 4.0, 64), ""),  # Llama 3.1's scaling
+        (torch.bfloat16, 4, 2, 128, 10000.0, "prepass"),
+        (torch.float16, 4, 1, 64, 10000.0, "prepass"),
+        (torch.float32, 2, 2, 16, 10000.0, "prepass"),  # (padded head-dim halves)
+        (torch.bfloat16, 4, 2, 128, 10000.0, "atomic tma"),
+        (torch.float32, 4, 1, 64, 10000.0, "atomic ptr"),
+        (torch.float16, 2, 2, 16, 10000.0, "atomic ptr"),  # (padded halves: two adds a tile)
+        (torch.float32, 2, 2, 32, 10000.0, "atomic tma"),
     ],
 )
-def test_forward_backward_poisoned(dtype, hq, hkv, d, theta, prepass):
+def test_forward_backward_poisoned(dtype, hq, hkv, d, theta, variant):
     """Launchers write every element (outputs poisoned with NaN first) and match float64 in fwd and bwd."""
     cu, positions = _pack(LENGTHS)
     n = int(cu[-1])
@@ -89,12 +96,13 @@ def test_forward_backward_poisoned(dtype, hq, hkv, d, theta, prepass):
     scale = 1.0 / math.sqrt(d)
     out = torch.full_like(q, float("nan"))
     lse = torch.full((hq, n), float("nan"))
-    cfg = dict(BLOCK_M=32, BLOCK_N=16, Q_PREPASS=True) if prepass else None
+    cfg = dict(BLOCK_M=32, BLOCK_N=16, Q_PREPASS=True) if variant == "prepass" else None
     _, _, q_rot, k_rot = _rope_attention_fwd(
         q, k, v, positions, cu, theta, scale, out=out, lse=lse, save_rotated=True, config=cfg
     )
     dq, dk, dv = (torch.full_like(x, float("nan")) for x in (q, k, v))
-    _rope_attention_bwd(do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dq=dq, dk=dk, dv=dv)
+    dkdv = dict(BLOCK_N=32, BLOCK_M=16, TMA=variant == "atomic tma", DQ_ATOMIC=True) if "atomic" in variant else None
+    _rope_attention_bwd(do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dq, dk, dv, dkdv_config=dkdv)
 
     ref_out, ref_lse, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, theta, do)
     _close(out, ref_out, dtype, "out")
@@ -106,7 +114,7 @@ def test_forward_backward_poisoned(dtype, hq, hkv, d, theta, prepass):
     _close(dq, ref_dq, dtype, "dq")
     _close(dk, ref_dk, dtype, "dk")
     _close(dv, ref_dv, dtype, "dv")
-    if prepass:  # (the pre-pass's q_rot is a temporary then)
+    if variant == "prepass":  # (the pre-pass's q_rot is a temporary then)
         assert _rope_attention_fwd(q, k, v, positions, cu, theta, scale, config=cfg)[2] is None
 
 
@@ -166,35 +174,6 @@ def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma, atomic):
         ref_out, _, (ref_dq, ref_dk, ref_dv) = _reference(q[seq], k[seq], v[seq], positions[seq], cu1, 1e4, do[seq])
         for name, a, b in (("out", out, ref_out), ("dq", dq, ref_dq), ("dk", dk, ref_dk), ("dv", dv, ref_dv)):
             _close(a[seq], b, torch.float32, f"{name} of the sequence at {s}")
-
-
-@pytest.mark.parametrize(
-    "dtype,hq,hkv,d,tma",
-    [
-        (torch.bfloat16, 4, 2, 128, True),
-        (torch.float32, 4, 1, 64, False),
-        (torch.float16, 2, 2, 16, False),  # padded head-dim halves: two adds a tile
-        (torch.float32, 2, 2, 32, True),
-    ],
-)
-def test_dq_by_the_dkdv_kernels_atomic_adds(dtype, hq, hkv, d, tma):
-    """DQ_ATOMIC: the dk/dv kernel adds each query tile's dq share into an fp32 sum (by bulk reduce through a tensor
-    descriptor, or by atomic adds of the rows that exist) and a finishing pass scales and rotates it back; no dq
-    kernel. Every element written (gradients poisoned first), float64's values, GQA and MHA, the three dtypes, sequences
-    ending inside, at and one past the tiles, positions not consecutive across a finishing tile's sequences."""
-    cu, positions = _pack([1, 17, 64, 45, 33])
-    n = int(cu[-1])
-    q, k, v = _inputs(n, hq, hkv, d, dtype)
-    do = torch.randn(n, hq, d).to(dtype)
-    scale = 1.0 / math.sqrt(d)
-    out, lse, q_rot, k_rot = _rope_attention_fwd(q, k, v, positions, cu, 1e4, scale, save_rotated=True)
-    dq, dk, dv = (torch.full_like(x, float("nan")) for x in (q, k, v))
-    cfg = dict(BLOCK_N=32, BLOCK_M=16, TMA=tma, DQ_ATOMIC=True)
-    _rope_attention_bwd(do, q_rot, k_rot, v, out, lse, positions, cu, 1e4, scale, dq, dk, dv, dkdv_config=cfg)
-    _, _, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, 1e4, do)
-    _close(dq, ref_dq, dtype, "dq")
-    _close(dk, ref_dk, dtype, "dk")
-    _close(dv, ref_dv, dtype, "dv")
 
 
 def test_dq_atomic_switch_and_refusal():
