@@ -75,7 +75,22 @@ def _padded_sdpa(q, k, v, *, cos, sin, batch, seqlen, backend):
 
 
 def check_against_reference(hq: int, hkv: int, d: int, dtype: torch.dtype, theta: float) -> None:
-    """Before timing on a GPU: ours vs the fp32 reference on a small packed batch (fwd and grads)."""
+    """Before timing on a GPU: ours vs the fp32 reference on a small packed batch (fwd and grads), at the modules'
+    defaults and with each opt-in switch the bench times flipped (the forward warp-specialised or not, dq by atomic
+    adds or by its own kernel)."""
+    from kernels import rope_attention as ra
+    from kernels import rope_attention_bwd
+
+    for name, flip in (
+        ("defaults", {}),
+        ("WARP_SPEC flipped", dict(warp_spec=not ra.WARP_SPEC)),
+        ("DQ_ATOMIC flipped", dict(dq_atomic=not rope_attention_bwd.DQ_ATOMIC)),
+    ):
+        _check_one(name, flip, hq, hkv, d, dtype, theta)
+    _ours(None, None, None, positions=None, cu=None, theta=None, run=False)  # (the defaults back)
+
+
+def _check_one(name: str, flip: dict, hq: int, hkv: int, d: int, dtype: torch.dtype, theta: float) -> None:
     lengths = [1, 100, 128, 257, 1000]
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths).cumsum(0)
@@ -84,31 +99,34 @@ def check_against_reference(hq: int, hkv: int, d: int, dtype: torch.dtype, theta
     n = sum(lengths)
     q, k, v = (torch.randn(n, h, d, device="cuda", dtype=dtype, requires_grad=True) for h in (hq, hkv, hkv))
     do = torch.randn(n, hq, d, device="cuda", dtype=dtype)
-    out = rope_attention(q, k, v, positions, cu, rope_theta=theta)
+    out = _ours(q, k, v, positions=positions, cu=cu, theta=theta, **flip)
     grads = torch.autograd.grad(out, (q, k, v), do)
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
     ref = reference.rope_attention(q32, k32, v32, positions, cu, rope_theta=theta)
     ref_grads = torch.autograd.grad(ref, (q32, k32, v32), do.float())
     errs = [(a.float() - b).abs().max().item() for a, b in zip((out, *grads), (ref, *ref_grads))]
-    print("check vs fp32 reference, max abs error out/dq/dk/dv: " + " ".join(f"{e:.2e}" for e in errs))
+    print(f"check vs fp32 reference ({name}), max abs error out/dq/dk/dv: " + " ".join(f"{e:.2e}" for e in errs))
     rel = max(e / b.abs().max().item() for e, b in zip(errs, (ref, *ref_grads)))
-    check_close(f"rope attention Hq{hq}/Hkv{hkv} D{d} {dtype}", rel, dtype)
+    check_close(f"rope attention Hq{hq}/Hkv{hkv} D{d} {dtype} ({name})", rel, dtype)
 
 
 _DEFAULTS: dict = {}
 
 
-def _ours(q, k, v, *, positions, cu, theta, tma=None, dq_atomic=None):
-    """rope_attention with its inner tiles by tensor descriptor or by pointer loads (tma True / False) and dq by its
-    own kernel or by the dk/dv kernel's atomic adds (dq_atomic False / True); None: the modules' defaults. The
-    switches stay set until the next call: the backward that follows a forward in a timing loop reads them."""
+def _ours(q, k, v, *, positions, cu, theta, tma=None, dq_atomic=None, warp_spec=None, run=True):
+    """rope_attention with its inner tiles by tensor descriptor or by pointer loads (tma True / False), dq by its
+    own kernel or by the dk/dv kernel's atomic adds (dq_atomic False / True), the forward warp-specialised or not
+    (warp_spec); None: the modules' defaults. The switches stay set until the next call: the backward that follows a
+    forward in a timing loop reads them. run False: only set them."""
     from kernels import attention_tiles, rope_attention_bwd
+    from kernels import rope_attention as ra
 
     if not _DEFAULTS:
-        _DEFAULTS.update(tma=attention_tiles.TMA_LOADS, dq_atomic=rope_attention_bwd.DQ_ATOMIC)
+        _DEFAULTS.update(tma=attention_tiles.TMA_LOADS, dq_atomic=rope_attention_bwd.DQ_ATOMIC, ws=ra.WARP_SPEC)
     attention_tiles.TMA_LOADS = _DEFAULTS["tma"] if tma is None else tma
     rope_attention_bwd.DQ_ATOMIC = _DEFAULTS["dq_atomic"] if dq_atomic is None else dq_atomic
-    return rope_attention(q, k, v, positions, cu, rope_theta=theta)
+    ra.WARP_SPEC = _DEFAULTS["ws"] if warp_spec is None else warp_spec
+    return rope_attention(q, k, v, positions, cu, rope_theta=theta) if run else None
 
 
 def make_rows(args, q, k, v, positions, cu, batch, seqlen, padded_mask=None):
@@ -116,7 +134,7 @@ def make_rows(args, q, k, v, positions, cu, batch, seqlen, padded_mask=None):
     theta = args.rope_theta
     rows = {"ours (rotary fused)": functools.partial(_ours, positions=positions, cu=cu, theta=theta)}
     if q.is_cuda:
-        from kernels import rope_attention_bwd
+        from kernels import attention_tiles, rope_attention_bwd
 
         name = "  ours, dq by its own kernel" if rope_attention_bwd.DQ_ATOMIC else "  ours, dq by dk/dv's atomic adds"
         rows[name] = functools.partial(
@@ -124,6 +142,11 @@ def make_rows(args, q, k, v, positions, cu, batch, seqlen, padded_mask=None):
         )
         from torch.nn.attention import SDPBackend
 
+        from kernels import rope_attention as ra
+
+        if ra._warp_spec_refused(q.dtype, attention_tiles.use_tma(q.shape[-1], q, k, v), None) is None:
+            name = "  ours, plain forward" if ra.WARP_SPEC else "  ours, warp-specialised forward"
+            rows[name] = functools.partial(_ours, positions=positions, cu=cu, theta=theta, warp_spec=not ra.WARP_SPEC)
         if torch.cuda.get_device_capability()[0] >= 9 and q.shape[-1] >= 32:  # the tiles by TMA vs pointer loads
             rows["  ours, pointer loads (no TMA)"] = functools.partial(
                 _ours, positions=positions, cu=cu, theta=theta, tma=False
@@ -252,9 +275,9 @@ def ptxas_report(
     base.update(DOT_DTYPE=tl_dtype, PREC="ieee" if dtype == "fp32" else "tf32")
     tma = tma and head_dim >= 32
     dkdv = dict(BLOCK_N=tiles._BLOCK, DQ_ATOMIC=False)
+    fwd = dict(BLOCK_M=tiles._BLOCK, SAVE_ROT=True, ROTATE_Q=True, WARP_SPEC=False)
     kernels = [  # (name, kernel, inner tile, shapes, constants, the arguments a TMA launch passes as descriptors)
-        ("fwd", ra._fwd_kernel, "BLOCK_N", tiles._FWD_SHAPES, dict(BLOCK_M=tiles._BLOCK, SAVE_ROT=True, ROTATE_Q=True),
-         ("K", "V")),
+        ("fwd", ra._fwd_kernel, "BLOCK_N", tiles._FWD_SHAPES, fwd, ("K", "V")),
         ("dkdv", ra_bwd._bwd_dkdv_kernel, "BLOCK_M", tiles._BWD_SHAPES, dkdv, ("Q", "DO")),
         ("dq", ra_bwd._bwd_dq_kernel, "BLOCK_N", tiles._BWD_SHAPES, dict(BLOCK_M=tiles._BLOCK), ("K", "V")),
         # rope_attention_bwd.DQ_ATOMIC: dk/dv adding each tile's dq share into an fp32 sum (no dq kernel)
@@ -265,14 +288,16 @@ def ptxas_report(
 
     def report(name, fn, consts, warps, stages, label, descs=(), block=0, maxnreg=None):
         arg_types = {a: types.get(a, "fp32" if "scale" in a else "i32") for a in fn.arg_names if a not in consts}
-        for a in descs:  # (a [block, D] tile of the tensor's own dtype)
-            arg_types[a] = f"tensordesc<{types[a].lstrip('*')}[{block}, {head_dim}]>"
+        for a in descs:  # (a [block, D] tile of the tensor's own dtype; (name, rows): another block)
+            a, rows_ = a if isinstance(a, tuple) else (a, block)
+            arg_types[a] = f"tensordesc<{types[a].lstrip('*')}[{rows_}, {head_dim}]>"
         info = ptxas_info(fn, arg_types, consts, warps, stages, maxnreg=maxnreg)
         rows.append({"kernel": name, "config": label, **info})
         loads = " ".join(f"{k}:{v}" for k, v in sorted({**info["loads"], **info["reduces"]}.items()))
         mma = " ".join(f"{k}:{v}" for k, v in sorted(info["mma"].items())) or "no-mma"
+        ws = f" warps={info['warps']} setmaxnreg={info['setmaxnreg']}" if info["setmaxnreg"] else ""
         print(f"{name:7} {label:38} smem={info['shared']:>6} regs={info['regs']} spill={info['spill_bytes']} "
-              f"in-loop={info['loop_spills']} {mma} {loads}", flush=True)  # fmt: skip
+              f"in-loop={info['loop_spills']} {mma} {loads}{ws}", flush=True)  # fmt: skip
 
     # the rotary pre-pass of the forward (k only, written to a buffer), at the default shape's tiles
     pre = dict(HQ=0, HKV=40 // group, **rotary.launch_shape(16384, 0, 40 // group, head_dim)[1], CACHE_BLOCK=1,
@@ -292,6 +317,21 @@ def ptxas_report(
     prepass = {**capped, "SAVE_ROT": False, "ROTATE_Q": False}
     label = "BLOCK_M=64 BLOCK_N=32 w=4 s=2 Q_PREPASS" + (" TMA" if tma else "")
     report("fwd", ra._fwd_kernel, prepass, 4, 2, label, kernels[0][5] if tma else (), 32)
+    if tma:  # rope_attention.WARP_SPEC: the forward's key loop warp-specialised (a producer warpgroup for the copies,
+        # two consumer warpgroups of 64 rows), q's [128, D] tile by bulk copy, at the autotuner's shapes
+        ws = {**prepass, "BLOCK_M": tiles._BLOCK, "WARP_SPEC": True}
+        for inner, warps, stages in ra._FWD_WS_SHAPES[:configs_per_kernel]:
+            label = f"BLOCK_N={inner} w={warps} s={stages} WARP_SPEC TMA"
+            report(
+                "fwd",
+                ra._fwd_kernel,
+                {**ws, "BLOCK_N": inner},
+                warps,
+                stages,
+                label,
+                (("Q", tiles._BLOCK), "K", "V"),
+                inner,
+            )
     fin = dict(HEAD_DIM=head_dim, HALF=base["HALF"], BLOCK_T=32, TAB_ROWS=rotary.TAB_ROWS)  # (DQ_ATOMIC's last pass)
     report("dq_fin", ra_bwd._bwd_dq_finish_kernel, fin, 8, 1, "BLOCK_T=32")
     return rows
@@ -302,7 +342,12 @@ def ptxas_report(
 # second lease (2026-12-04); the forward also at 64-row blocks under register caps (maxnreg 168: three programs an SM,
 # spills outside the loops only; 128: four, 14 spill instructions in the loops; --ptxas) and with q rotated by the
 # pre-pass (Q_PREPASS: 120 registers at 64 x 32 tiles, no spill, four programs an SM)
-SWEEP_FWD = [(128, n, 8, st, True) for n in (64, 128) for st in (2, 3, 4)] + [(128, 32, 8, 3, True)]
+# rope_attention.WARP_SPEC first (the variant never timed): the key loop warp-specialised, 4 warps a partition
+SWEEP_FWD = [(128, 128, 4, 2, True, {"WARP_SPEC": True})] + [
+    (128, 64, 4, st, True, {"WARP_SPEC": True}) for st in (2, 3)
+]
+SWEEP_FWD += [(64, 64, 4, 2, True, {"WARP_SPEC": True})]
+SWEEP_FWD += [(128, n, 8, st, True) for n in (64, 128) for st in (2, 3, 4)] + [(128, 32, 8, 3, True)]
 SWEEP_FWD += [(64, n, 4, st, True) for n in (32, 64) for st in (2, 3)]
 SWEEP_FWD += [(64, 32, 4, st, True, {"Q_PREPASS": True}) for st in (2, 3)]
 SWEEP_FWD += [(64, 64, 4, 2, True, {"Q_PREPASS": True}), (128, 64, 8, 2, True, {"Q_PREPASS": True})]

@@ -289,7 +289,8 @@ def ptxas_info(
     that masks the columns, say: 13824 is, and a mask the compiler cannot prove 16-aligned blocks vectors).
     maxnreg: a register cap per thread (Triton's launch option), which ptxas meets by spilling.
     loop_spills: the spill stores and loads (STL / LDL in the machine code) between the kernel's first and last
-    warpgroup MMA: those its loops execute, against those of a prologue or epilogue run once (None without MMA)."""
+    warpgroup MMA: those its loops execute, against those of a prologue or epilogue run once (None without MMA).
+    types may give a tensor descriptor as "tensordesc<bf16[64, 128]>" (its block)."""
     import collections
     import os
     import re
@@ -350,6 +351,12 @@ def ptxas_info(
         "pdl_triggers": "griddepcontrol.launch_dependents" in ptx,
         "l2_prefetch_before_wait": 0 <= ptx.find("prefetch.global.L2") < wait,  # (a weight's stream begun early)
         "loop_spills": _loop_spills(compiled.asm["cubin"]),
+        # warp specialisation (tl.range(warp_specialize=True)): the warps of every partition, and the per-partition
+        # register budgets it sets (setmaxnreg: a producer gives registers up, the consumers take them)
+        "warps": compiled.metadata.num_warps,
+        "setmaxnreg": sorted(
+            {(m[0], int(m[1])) for m in re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)}
+        ),
     }
 
 

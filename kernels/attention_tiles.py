@@ -248,19 +248,24 @@ def _rotate(
 
 # Autotuned GPU variants (the sequence block, hence the grid, is fixed; only the inner tile and the
 # launch shape are tuned). Under the interpreter the plain kernels run with small fixed tiles.
-def _configs(inner_name: str, shapes: tuple[tuple[int, int, int], ...]) -> list[triton.Config]:
-    hook = functools.partial(_descriptor_hook, inner_name)  # (the tensor descriptors' block follows the tile)
+def _configs(
+    inner_name: str, shapes: tuple[tuple[int, int, int], ...], fixed: tuple[str, ...] = ()
+) -> list[triton.Config]:
+    """fixed: the descriptor arguments whose block is the sequence block, set by the caller (_set_blocks)."""
+    hook = functools.partial(_descriptor_hook, inner_name, fixed)  # (the tensor descriptors' block follows the tile)
     return [triton.Config({inner_name: b}, num_warps=w, num_stages=s, pre_hook=hook) for b, w, s in shapes]
 
 
-def _descriptor_hook(inner_name: str, nargs: dict) -> None:
-    _set_blocks(nargs.values(), nargs[inner_name], nargs["HEAD_DIM"])
+def _descriptor_hook(inner_name: str, fixed: tuple[str, ...], nargs: dict) -> None:
+    _set_blocks(nargs, nargs[inner_name], nargs["HEAD_DIM"], fixed)
 
 
-def _set_blocks(args, rows: int, head_dim: int) -> None:
-    """Give every tensor descriptor among a launch's arguments the block its kernel loads: [inner tile, HEAD_DIM]."""
-    for a in args:
-        if isinstance(a, TensorDescriptor):
+def _set_blocks(named: dict, rows: int, head_dim: int, fixed: tuple[str, ...] = ()) -> None:
+    """Give every tensor descriptor among a launch's arguments (name -> value) the block its kernel loads: [inner
+    tile, HEAD_DIM]; those named in `fixed` keep theirs (a [sequence block, HEAD_DIM] tile: the warp-specialised
+    forward's q)."""
+    for name, a in named.items():
+        if isinstance(a, TensorDescriptor) and name not in fixed:
             a.block_shape = [rows, head_dim]
 
 
@@ -325,12 +330,13 @@ def tune_bucket(n_tokens: int) -> int:
 
 def _launch(
     kernel, tuned, heads: int, make_args, cu: torch.Tensor, n: int, seq_block: str, inner: str,
-    config: dict | None, **meta,
+    config: dict | None, fixed: tuple[str, ...] = (), **meta,
 ) -> None:  # fmt: skip
     """Launch one of the three attention kernels with an explicit config (sweeps, tests), the interpreter's small
     inner tile, or the autotuned variants. The grid covers the blocks of the kernel's own sequence-block size
     (`seq_block`); make_args(cu_blk) builds its arguments around that size's block index (_block_index: built once
-    per cu_seqlens and size, whichever kernel, layer or pass asks)."""
+    per cu_seqlens and size, whichever kernel, layer or pass asks). fixed: descriptor arguments whose block the
+    caller set to the sequence block (_set_blocks leaves them)."""
     if config and config[seq_block] % config[inner]:  # the diagonal loops step by the inner tile
         raise ValueError(f"{inner}={config[inner]} must divide {seq_block}={config[seq_block]}: {config}")
     block = config[seq_block] if config else _BLOCK
@@ -338,7 +344,9 @@ def _launch(
     args, grid = make_args(cu_blk), (grid0, heads)
     meta["tune_bucket"] = tune_bucket(n)
     if config or INTERPRET:  # (the autotuned launches set the descriptors' blocks in each config's pre-hook)
-        _set_blocks(args, config[inner] if config else _INNER_INTERPRET, meta["HEAD_DIM"])
+        _set_blocks(
+            dict(zip(kernel.arg_names, args)), config[inner] if config else _INNER_INTERPRET, meta["HEAD_DIM"], fixed
+        )
     if config:
         kernel[grid](*args, N_STEPS=n_steps, **config, **meta)
     elif INTERPRET:

@@ -23,6 +23,14 @@ Q_PREPASS (opt-in, untimed): the pre-pass also rotates q (into the q_rot buffer 
 forward loads its query tile as it is: no rotation in the forward, whose register peak (the prologue's rotation)
 drops, so more programs fit on an SM at 64-row tiles; for one more pass over q's bytes.
 
+WARP_SPEC (opt-in, untimed; implies Q_PREPASS, needs the tiles by TMA and bf16/fp16 on a GPU): the forward's key
+loop warp-specialised by Triton's Hopper pass (tl.range(warp_specialize=True)): a producer warpgroup issues the
+q, K and V bulk copies, two consumer warpgroups of 64 query rows each run the products and the softmax, registers
+moved from the producer to the consumers (FlashAttention-3's layout; plain Triton 3.6 waits on every score product
+at once, so only a second warpgroup's work can overlap one's exponentials). The pass wants one loop, no early exit
+and q straight from a bulk copy: so every key tile is masked (a compare and a select a score) and programs past
+the last block run an empty loop and store nothing.
+
 cos/sin of a query tile: within one tile the positions are normally consecutive (p0, p0+1, ...). Then
 cos/sin((p0 + j) * f) come from cos/sin(p0 * f) (one row of transcendentals per tile) and a small
 host-built table of cos/sin(j * f) by the angle-addition formulas, which keeps the special-function
@@ -52,6 +60,7 @@ import triton.language as tl
 
 from kernels import reference
 from kernels.attention_tiles import (
+    _BLOCK,
     _FWD_SHAPES,
     _KEY,
     _LOG2E,
@@ -75,7 +84,7 @@ from kernels.attention_tiles import (
     _tile_rows,
     rows_descriptor,
 )
-from kernels.dispatch import loop_bound, use_triton
+from kernels.dispatch import INTERPRET, loop_bound, use_triton
 from kernels.rope_attention_bwd import _rope_attention_bwd
 from kernels.rotary import TAB_ROWS, launch_rotary, rope_tables
 
@@ -134,27 +143,42 @@ def _fwd_kernel(
     n_tokens, num_seqs, qk_scale,
     N_STEPS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, TAB_ROWS: tl.constexpr, SAVE_ROT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    PREC: tl.constexpr, TMA: tl.constexpr, ROTATE_Q: tl.constexpr, tune_bucket,
+    PREC: tl.constexpr, TMA: tl.constexpr, ROTATE_Q: tl.constexpr, tune_bucket, WARP_SPEC: tl.constexpr = False,
 ):  # fmt: skip
     """Grid (query blocks of all sequences (upper bound), Hq). O [N, Hq, D]; LSE [Hq, N] fp32 (base 2).
 
     K holds the keys already rotated (kernels/rotary.py, once per token); q is rotated here, once per tile.
     SAVE_ROT: also store the rotated q in QR [N, Hq, D] (head stride D) for the backward. TMA: K and V are tensor
     descriptors over their [N, Hkv * D] rows with [BLOCK_N, HEAD_DIM] blocks (the strides then unused). ROTATE_Q
-    False: Q is already rotated (Q_PREPASS: the rotary pre-pass did it with k), loaded as it is; no SAVE_ROT."""
+    False: Q is already rotated (Q_PREPASS: the rotary pre-pass did it with k), loaded as it is; no SAVE_ROT.
+
+    WARP_SPEC (with TMA, q already rotated, and Q a tensor descriptor over [N, Hq * D] with [BLOCK_M, D] blocks):
+    Triton's Hopper warp specialisation of the key loop: a producer warpgroup issues the K/V bulk copies and two
+    consumer warpgroups (BLOCK_M / 2 rows each) run the products and the softmax, so one's exponentials overlap the
+    other's tensor-core work (FlashAttention-3's layout). The pass takes one loop, no exit branch, and a q tile
+    that comes straight from a bulk copy: so one loop with the causal mask on every tile, and a program past the
+    last block runs an empty loop and stores nothing."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
-    if pid >= tl.load(CU_BLK + num_seqs):
-        return
+    if not WARP_SPEC:
+        if pid >= tl.load(CU_BLK + num_seqs):
+            return
     kvh = h // GROUP
     tok0, seq_len, start_m, offs_m, m_ok, rows_m, offs_h, offs_d, inv_freq = _open_tile(
         CU_BLK, CU_SEQ, INV_FREQ, pid, num_seqs, n_tokens, N_STEPS, True, BLOCK_M, HEAD_DIM, HALF
     )
     HALF_D: tl.constexpr = HEAD_DIM // 2
     PAD: tl.constexpr = HALF != HALF_D
+    hi = tl.minimum(start_m + BLOCK_M, seq_len)  # (the keys this tile's queries see: [0, hi))
 
-    q_base = Q + h * stride_qh
-    if ROTATE_Q:  # (the prologue's register peak: 215 at 64-row tiles and 4 warps, against 120 without it)
+    if WARP_SPEC:
+        valid = pid < tl.load(CU_BLK + num_seqs)
+        m_ok = m_ok & valid
+        hi = tl.where(valid, hi, 0)
+        q1r = Q.load([tl.where(valid, tok0 + start_m, 0), h * HEAD_DIM]).to(DOT_DTYPE)
+        q2r = q1r
+    elif ROTATE_Q:  # (the prologue's register peak: 215 at 64-row tiles and 4 warps, against 120 without it)
+        q_base = Q + h * stride_qh
         q1 = _load_tile(q_base, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(tl.float32)
         q2 = _load_tile(q_base + HALF_D, rows_m, m_ok, stride_qn, offs_h, HALF_D, True, PAD).to(tl.float32)
         q1r, q2r = _rotate(q1, q2, POS, tok0, start_m, seq_len, inv_freq, TAB, offs_h, BLOCK_M, HALF, TAB_ROWS, 1.0)
@@ -168,24 +192,32 @@ def _fwd_kernel(
             q1r = tl.reshape(tl.permute(tl.join(q1r, q2r), (0, 2, 1)), (BLOCK_M, HEAD_DIM))
             q2r = q1r
     else:
-        q1r, q2r = _load_hd(q_base, rows_m, m_ok, stride_qn, offs_h, offs_d, True, HEAD_DIM, HALF, DOT_DTYPE)
+        q1r, q2r = _load_hd(Q + h * stride_qh, rows_m, m_ok, stride_qn, offs_h, offs_d, True, HEAD_DIM, HALF, DOT_DTYPE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     k_base, v_base = _bases(K, V, kvh, stride_kh, stride_vh, TMA)
-    # off-diagonal key tiles [0, start_m): all visible, no mask
-    for start_n in range(0, loop_bound(start_m), BLOCK_N):
-        acc, l_i, m_i = _fwd_step(
-            acc, l_i, m_i, q1r, q2r, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn,
-            offs_h, offs_d, qk_scale, kvh * HEAD_DIM, Q, False, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC, TMA,
-        )  # fmt: skip
-    # diagonal key tiles [start_m, min(start_m + BLOCK_M, seq_len)): causal mask
-    for start_n in range(loop_bound(start_m), loop_bound(tl.minimum(start_m + BLOCK_M, seq_len)), BLOCK_N):
-        acc, l_i, m_i = _fwd_step(
-            acc, l_i, m_i, q1r, q2r, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn,
-            offs_h, offs_d, qk_scale, kvh * HEAD_DIM, Q, True, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC, TMA,
-        )  # fmt: skip
+    like = O  # (the inputs' dtype: Q may be a descriptor)
+    if WARP_SPEC:  # every key tile [0, hi) in one warp-specialised loop, all masked
+        for start_n in tl.range(0, loop_bound(hi), BLOCK_N, warp_specialize=True):
+            acc, l_i, m_i = _fwd_step(
+                acc, l_i, m_i, q1r, q2r, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn,
+                offs_h, offs_d, qk_scale, kvh * HEAD_DIM, like, True, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC, TMA,
+            )  # fmt: skip
+    else:
+        # off-diagonal key tiles [0, start_m): all visible, no mask
+        for start_n in range(0, loop_bound(start_m), BLOCK_N):
+            acc, l_i, m_i = _fwd_step(
+                acc, l_i, m_i, q1r, q2r, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn,
+                offs_h, offs_d, qk_scale, kvh * HEAD_DIM, like, False, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC, TMA,
+            )  # fmt: skip
+        # diagonal key tiles [start_m, hi): causal mask
+        for start_n in range(loop_bound(start_m), loop_bound(hi), BLOCK_N):
+            acc, l_i, m_i = _fwd_step(
+                acc, l_i, m_i, q1r, q2r, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn,
+                offs_h, offs_d, qk_scale, kvh * HEAD_DIM, like, True, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC, TMA,
+            )  # fmt: skip
 
     acc = acc / l_i[:, None]
     _store_tile(O + h * stride_oh, acc, rows_m, m_ok, stride_on, offs_d, HEAD_DIM, False)
@@ -200,8 +232,32 @@ def _fwd_kernel(
 # GPU has timed it (bench_rope_attention.py --sweep); it pays only with the forward's 64-row blocks.
 Q_PREPASS = False
 
-# the autotuned GPU variant (attention_tiles._configs, _FWD_SHAPES)
-_fwd_tuned = triton.autotune(_configs("BLOCK_N", _FWD_SHAPES), key=_KEY, prune_configs_by=_PRUNE)(_fwd_kernel)
+# Triton's Hopper warp specialisation of the forward's key loop (WARP_SPEC in _fwd_kernel): a producer warpgroup
+# for the K/V bulk copies, two consumer warpgroups of 64 query rows, registers moved to the consumers (setmaxnreg);
+# FlashAttention-3's layout, compiled from the same kernel. It needs the tiles by TMA and q rotated by the pre-pass
+# (so it implies Q_PREPASS), and bf16/fp16 inputs on the GPU. Off until a GPU has timed and checked it
+# (bench_rope_attention.py: the row "ours, warp-specialised forward", and the sweep).
+WARP_SPEC = False
+
+# the autotuned GPU variants (attention_tiles._configs, _FWD_SHAPES); the warp-specialised one at 4 warps a
+# partition (12 in all), with 128-key tiles in 2 stages (224 KiB of shared memory at D = 128) or 64-key in 2 or 3
+_fwd_tuned = triton.autotune(_configs("BLOCK_N", _FWD_SHAPES, ("Q",)), key=_KEY, prune_configs_by=_PRUNE)(_fwd_kernel)
+_FWD_WS_SHAPES = ((128, 4, 2), (64, 4, 2), (64, 4, 3))
+_fwd_ws_tuned = triton.autotune(_configs("BLOCK_N", _FWD_WS_SHAPES, ("Q",)), key=_KEY, prune_configs_by=_PRUNE)(
+    _fwd_kernel
+)
+
+
+def _warp_spec_refused(dtype: torch.dtype, tma: bool, prepass: bool | None) -> str | None:
+    """Why the forward cannot run warp-specialised here, or None (see WARP_SPEC)."""
+    if not tma:
+        return "its K/V tiles are not read by TMA (attention_tiles.use_tma)"
+    if prepass is False:
+        return "it loads q rotated by the pre-pass (Q_PREPASS=False given)"
+    if dtype == torch.float32 and not INTERPRET:
+        return "fp32 inputs have no warpgroup MMA"
+    return None
+
 
 # --------------------------------------------------------------------------------- host launchers --
 
@@ -265,7 +321,8 @@ def _rope_attention_fwd(
     scaled scores), the rotated q [N, Hq, D] with save_rotated (else None) and the rotated k [N, Hkv, D]: what
     the backward needs. config: an explicit launch {BLOCK_M (query block), BLOCK_N, num_warps, num_stages, and
     TMA: whether K and V tiles come by tensor descriptor (default: attention_tiles.use_tma), Q_PREPASS (default: the
-    module's), maxnreg} instead of the autotuned one (benchmark sweeps, tests)."""
+    module's), WARP_SPEC (default: the module's, where _warp_spec_refused has no reason), maxnreg} instead of the
+    autotuned one (benchmark sweeps, tests)."""
     n, hq, d = q.shape
     hkv = k.shape[1]
     if d not in _SUPPORTED_HEAD_DIMS:
@@ -278,7 +335,14 @@ def _rope_attention_fwd(
     # the keys rotated once per token (kernels/rotary.py): the attention kernel reads them as they are; the
     # backward reuses them; in prefill the same launch writes them (and v) into the paged KV cache
     k_rot = torch.empty(n, hkv, d, dtype=q.dtype, device=q.device)
-    config, prepass = _pop_switch(config, "Q_PREPASS", Q_PREPASS)
+    config, tma = _pop_tma(config, d, k_rot, v)
+    config, ws = _pop_switch(config, "WARP_SPEC", None)
+    config, prepass = _pop_switch(config, "Q_PREPASS", None)
+    why = _warp_spec_refused(q.dtype, tma, prepass)
+    if ws and why:
+        raise ValueError(f"config WARP_SPEC=True, but {why}")
+    ws = (WARP_SPEC and why is None) if ws is None else ws
+    prepass = ws or (Q_PREPASS if prepass is None else prepass)
     q_rot = torch.empty(n, hq, d, dtype=q.dtype, device=q.device) if save_rotated or prepass else None
     if n == 0:
         return out, lse, q_rot if save_rotated else None, k_rot
@@ -295,17 +359,21 @@ def _rope_attention_fwd(
     launch_rotary(k, v, positions, rope_theta=rope_theta, k_out=k_rot, **queries, **cache)
     if cache and cache["k_cache"].dtype != q.dtype:  # a float8 cache: attend to what the decode steps will read
         k_rot, v = reference.read_back_kv(k_rot, v, cache["k_cache"], cache["v_cache"], cache["slot_mapping"])
-    config, tma = _pop_tma(config, d, k_rot, v)
     kd, vd = (rows_descriptor(k_rot), rows_descriptor(v)) if tma else (k_rot, v)
-    q_in = q_rot if prepass else q
+    q_in = q_src = q_rot if prepass else q
+    if ws:  # q's tile by bulk copy too: a [sequence block, D] block, which the launch leaves as it is
+        q_in = rows_descriptor(q_rot)
+        q_in.block_shape = [config["BLOCK_M"] if config else _BLOCK, d]
     make_args = lambda cu_blk: (
         q_in, kd, vd, out, lse, positions, cu, cu_blk, inv_freq, tab, q_rot if save_rotated else out,
-        q_in.stride(0), q_in.stride(1), k_rot.stride(0), k_rot.stride(1), v.stride(0), v.stride(1),
+        q_src.stride(0), q_src.stride(1), k_rot.stride(0), k_rot.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), hq * d, n, cu.numel() - 1, softmax_scale * _LOG2E,
     )  # fmt: skip
     meta = dict(GROUP=hq // hkv, HEAD_DIM=d, HALF=max(d // 2, 16), TAB_ROWS=TAB_ROWS, TMA=tma)
-    meta.update(SAVE_ROT=save_rotated and not prepass, ROTATE_Q=not prepass)
-    _launch(_fwd_kernel, _fwd_tuned, hq, make_args, cu, n, "BLOCK_M", "BLOCK_N", config, **meta, **_dot_args(q.dtype))
+    meta.update(SAVE_ROT=save_rotated and not prepass, ROTATE_Q=not prepass, WARP_SPEC=ws)
+    tuned = _fwd_ws_tuned if ws else _fwd_tuned
+    meta.update(_dot_args(q.dtype))
+    _launch(_fwd_kernel, tuned, hq, make_args, cu, n, "BLOCK_M", "BLOCK_N", config, ("Q",), **meta)
     return out, lse, q_rot if save_rotated else None, k_rot
 
 

@@ -68,7 +68,8 @@ def _close(actual, expected, dtype, name):
 # variants by an explicit config's key: "prepass" (rope_attention.Q_PREPASS: q rotated by the pre-pass, loaded as it
 # is) and "atomic tma" / "atomic ptr" (rope_attention_bwd.DQ_ATOMIC: no dq kernel, dq's shares added by the dk/dv
 # kernel into an fp32 sum, by bulk reduce through a tensor descriptor or by atomics of the rows that exist, then
-# scaled and rotated back by a finishing pass whose tiles span sequences)
+# scaled and rotated back by a finishing pass whose tiles span sequences), "warp spec" (rope_attention.WARP_SPEC: the
+# forward's one masked key loop, q's tile by tensor descriptor, programs past the last block store nothing)
 @pytest.mark.parametrize(
     "dtype,hq,hkv,d,theta,variant",
     [
@@ -85,6 +86,9 @@ def _close(actual, expected, dtype, name):
         (torch.float32, 4, 1, 64, 10000.0, "atomic ptr"),
         (torch.float16, 2, 2, 16, 10000.0, "atomic ptr"),  # (padded halves: two adds a tile)
         (torch.float32, 2, 2, 32, 10000.0, "atomic tma"),
+        (torch.bfloat16, 4, 2, 128, 10000.0, "warp spec"),
+        (torch.float16, 4, 1, 64, 500000.0, "warp spec"),
+        (torch.float32, 2, 2, 32, 10000.0, "warp spec"),
     ],
 )
 def test_forward_backward_poisoned(dtype, hq, hkv, d, theta, variant):
@@ -96,7 +100,12 @@ def test_forward_backward_poisoned(dtype, hq, hkv, d, theta, variant):
     scale = 1.0 / math.sqrt(d)
     out = torch.full_like(q, float("nan"))
     lse = torch.full((hq, n), float("nan"))
-    cfg = dict(BLOCK_M=32, BLOCK_N=16, Q_PREPASS=True) if variant == "prepass" else None
+    cfg = {"prepass": dict(Q_PREPASS=True), "warp spec": dict(WARP_SPEC=True)}.get(variant)
+    cfg = cfg and dict(BLOCK_M=32, BLOCK_N=16, **cfg)
+    if variant == "warp spec" and q.is_cuda:  # (compiled: two consumer warpgroups of 64 rows, 12 warps in all)
+        if dtype == torch.float32:
+            pytest.skip("fp32 has no warpgroup MMA: the warp-specialised forward is refused on a GPU")
+        cfg.update(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2)
     _, _, q_rot, k_rot = _rope_attention_fwd(
         q, k, v, positions, cu, theta, scale, out=out, lse=lse, save_rotated=True, config=cfg
     )
@@ -114,7 +123,7 @@ def test_forward_backward_poisoned(dtype, hq, hkv, d, theta, variant):
     _close(dq, ref_dq, dtype, "dq")
     _close(dk, ref_dk, dtype, "dk")
     _close(dv, ref_dv, dtype, "dv")
-    if variant == "prepass":  # (the pre-pass's q_rot is a temporary then)
+    if variant in ("prepass", "warp spec"):  # (the pre-pass's q_rot is a temporary then)
         assert _rope_attention_fwd(q, k, v, positions, cu, theta, scale, config=cfg)[2] is None
 
 
@@ -144,14 +153,20 @@ def test_explicit_launch_configs(fwd, dkdv, dq):
         _rope_attention_fwd(q, k, v, positions, cu, 10000.0, scale, config=dict(BLOCK_M=32, BLOCK_N=64))
 
 
-@pytest.mark.parametrize("tma,atomic", [(True, False), (False, False), (True, True), (False, True)])
-def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma, atomic):
+@pytest.mark.parametrize(
+    "tma,atomic,ws",
+    [(True, False, False), (False, False, False), (True, True, False), (False, True, False), (True, False, True)],
+)
+def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma, atomic, ws):
     """The tiles that run past a sequence's end hold the next sequence's rows (a tensor descriptor copies whole
     tiles) or masked zeros (pointer loads): either way they must not reach the sequence's results. With every
     input and output gradient of the middle sequence inf or NaN, the two around it match float64, forward and
     backward, by tensor-descriptor (TMA) tiles and by pointer loads, dq by its own kernel and by the dk/dv kernel's
-    atomic adds (whose whole-tile bulk reduces reach the neighbour's rows). Lengths end inside the tiles of every
+    atomic adds (whose whole-tile bulk reduces reach the neighbour's rows), and the warp-specialised forward (its q
+    tile by bulk copy: the last tile's rows past the end are the neighbour's). Lengths end inside the tiles of every
     kernel (the dk/dv kernel's last, partial query tile included)."""
+    if ws and torch.empty(0).is_cuda:
+        pytest.skip("fp32 has no warpgroup MMA: the warp-specialised forward is refused on a GPU")
     lengths = [45, 23, 37]
     cu, positions = _pack(lengths)
     n = int(cu[-1])
@@ -160,7 +175,7 @@ def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma, atomic):
     bad = slice(45, 68)
     for x, fill in ((q, math.inf), (k, math.nan), (v, -math.inf), (do, math.nan)):
         x[bad] = fill
-    fwd = dict(BLOCK_M=32, BLOCK_N=16, TMA=tma)
+    fwd = dict(BLOCK_M=32, BLOCK_N=16, TMA=tma, **({"WARP_SPEC": True} if ws else {}))
     dkdv, dq_cfg = dict(BLOCK_N=32, BLOCK_M=16, TMA=tma, DQ_ATOMIC=atomic), dict(BLOCK_M=32, BLOCK_N=16, TMA=tma)
     dq_cfg = None if atomic else dq_cfg
     scale = 1.0 / math.sqrt(32)
@@ -205,9 +220,11 @@ def test_dq_atomic_switch_and_refusal():
         )  # fmt: skip
 
 
-def test_the_prepass_switch_on_the_public_api_with_qkv_views():
-    """rope_attention.Q_PREPASS drives the autograd path: q, k, v views of one fused projection (q's token stride
-    is not Hq * D: the pre-pass reads it strided and writes q_rot packed), grads through all three."""
+@pytest.mark.parametrize("switch", ["Q_PREPASS", "WARP_SPEC"])
+def test_the_prepass_switch_on_the_public_api_with_qkv_views(switch):
+    """rope_attention.Q_PREPASS (and WARP_SPEC, which implies it) drives the autograd path: q, k, v views of one fused
+    projection (q's token stride is not Hq * D: the pre-pass reads it strided and writes q_rot packed), grads
+    through all three. The warp-specialised forward is the kernel that runs (its launches counted)."""
     from kernels import rope_attention as ra
 
     cu, positions = _pack([5, 40, 33], start=3)
@@ -215,10 +232,14 @@ def test_the_prepass_switch_on_the_public_api_with_qkv_views():
     qkv = torch.randn(n, 4 + 2 + 2, 32, requires_grad=True)
     q, k, v = qkv[:, :4], qkv[:, 4:6], qkv[:, 6:]
     do = torch.randn(n, 4, 32)
+    launches = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ra, "Q_PREPASS", True)
+        mp.setattr(ra, "Q_PREPASS" if switch == "Q_PREPASS" else "WARP_SPEC", True)
+        launch = ra._launch
+        mp.setattr(ra, "_launch", lambda *a, **kw: launches.append(kw["WARP_SPEC"]) or launch(*a, **kw))
         out = rope_attention(q, k, v, positions, cu, rope_theta=500.0)
         out.backward(do)
+    assert launches == [switch == "WARP_SPEC" and ra._warp_spec_refused(qkv.dtype, True, None) is None]
     ref_out, _, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, 500.0, do)
     _close(out.detach(), ref_out, torch.float32, "out")
     for name, g, ref in (
@@ -270,6 +291,42 @@ def test_tma_where_it_can_pointer_loads_elsewhere():
     q16, k16, v16 = _inputs(29, 2, 2, 16, torch.float32)
     with pytest.raises(ValueError, match=r"config TMA=True, but head dim 16 is under 32"):
         _rope_attention_fwd(q16, k16, v16, positions, cu, 1e4, 0.25, config=dict(BLOCK_M=32, BLOCK_N=16, TMA=True))
+
+
+def test_warp_spec_where_it_can_refused_by_name_elsewhere():
+    """rope_attention.WARP_SPEC runs the warp-specialised forward where it can (tiles by TMA, bf16/fp16 on a GPU) and
+    the plain one elsewhere, with the same numbers as the plain one with q by the pre-pass (one masked loop or two
+    loops: the same arithmetic); an explicit WARP_SPEC=True it cannot honour is refused with the reason."""
+    from kernels import attention_tiles
+    from kernels import rope_attention as ra
+
+    cu, positions = _pack([20, 9, 40])
+    dtype = torch.bfloat16 if torch.empty(0).is_cuda else torch.float32  # (a GPU refuses fp32)
+    q, k, v = _inputs(69, 4, 2, 64, dtype)
+    launched, outs = [], []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ra, "WARP_SPEC", True)
+        mp.setattr(ra, "Q_PREPASS", True)
+        launch = ra._launch
+        mp.setattr(ra, "_launch", lambda *a, **kw: launched.append(kw["WARP_SPEC"]) or launch(*a, **kw))
+        for tma in (True, False):
+            mp.setattr(attention_tiles, "TMA_LOADS", tma)
+            outs.append(_rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125)[0])
+        q16, k16, v16 = _inputs(69, 2, 2, 16, torch.float32)  # (head-dim halves of 8: no TMA)
+        _rope_attention_fwd(q16, k16, v16, positions, cu, 1e4, 0.25)
+    assert launched == [True, False, False]
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else TOLS[dtype]
+    torch.testing.assert_close(outs[0], outs[1], **tol)
+    cfg = dict(BLOCK_M=32, BLOCK_N=16, WARP_SPEC=True)
+    with pytest.raises(ValueError, match=r"config WARP_SPEC=True, but its K/V tiles are not read by TMA"):
+        _rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125, config=dict(cfg, TMA=False))
+    with pytest.raises(ValueError, match=r"config WARP_SPEC=True, but it loads q rotated by the pre-pass"):
+        _rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125, config=dict(cfg, Q_PREPASS=False))
+    assert ra._warp_spec_refused(torch.float32, True, None) is None  # (the interpreter emulates fp32 dots)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ra, "INTERPRET", False)
+        assert ra._warp_spec_refused(torch.float32, True, None) == "fp32 inputs have no warpgroup MMA"
+        assert ra._warp_spec_refused(torch.bfloat16, True, True) is None
 
 
 def test_autograd_public_api_strided_views():
@@ -381,15 +438,16 @@ def _cache_case(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("path", ["triton", "reference", "triton, q by the pre-pass"])
+@pytest.mark.parametrize("path", ["triton", "reference", "triton, q by the pre-pass", "triton, warp-specialised"])
 def test_cache_write(dtype, path):
     """kv_cache/slot_mapping: rotated k and v land in their slots, slot -1 and unused slots stay untouched (also with
-    q rotated in the same launch: Q_PREPASS)."""
+    q rotated in the same launch: Q_PREPASS, and the warp-specialised forward after it: WARP_SPEC)."""
     from kernels import rope_attention as ra
 
     args, cache, slots, (expected_k, expected_v) = _cache_case(dtype)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ra, "Q_PREPASS", path.endswith("pre-pass"))
+        mp.setattr(ra, "WARP_SPEC", path.endswith("warp-specialised"))
         with dispatch.reference_ops() if path == "reference" else contextlib.nullcontext():
             out = rope_attention(*args, kv_cache=cache, slot_mapping=slots)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
