@@ -114,18 +114,21 @@ _DEFAULTS: dict = {}
 
 
 def _ours(q, k, v, *, positions, cu, theta, tma=None, dq_atomic=None, warp_spec=None, run=True):
-    """rope_attention with its inner tiles by tensor descriptor or by pointer loads (tma True / False), dq by its
-    own kernel or by the dk/dv kernel's atomic adds (dq_atomic False / True), the forward warp-specialised or not
-    (warp_spec); None: the modules' defaults. The switches stay set until the next call: the backward that follows a
-    forward in a timing loop reads them. run False: only set them."""
+    """rope_attention with its inner tiles by tensor descriptor or by pointer loads (tma True / False), dq by its own
+    kernel or by the dk/dv kernel's atomic adds (dq_atomic False / True), the forward and the dk/dv kernel
+    warp-specialised or not (warp_spec: rope_attention's and rope_attention_bwd's WARP_SPEC both); None: the modules'
+    defaults. The switches stay set until the next call: the backward that follows a forward in a timing loop reads
+    them. run False: only set them."""
     from kernels import attention_tiles, rope_attention_bwd
     from kernels import rope_attention as ra
 
     if not _DEFAULTS:
         _DEFAULTS.update(tma=attention_tiles.TMA_LOADS, dq_atomic=rope_attention_bwd.DQ_ATOMIC, ws=ra.WARP_SPEC)
+        _DEFAULTS.update(bwd_ws=rope_attention_bwd.WARP_SPEC)
     attention_tiles.TMA_LOADS = _DEFAULTS["tma"] if tma is None else tma
     rope_attention_bwd.DQ_ATOMIC = _DEFAULTS["dq_atomic"] if dq_atomic is None else dq_atomic
     ra.WARP_SPEC = _DEFAULTS["ws"] if warp_spec is None else warp_spec
+    rope_attention_bwd.WARP_SPEC = _DEFAULTS["bwd_ws"] if warp_spec is None else warp_spec
     return rope_attention(q, k, v, positions, cu, rope_theta=theta) if run else None
 
 
@@ -144,8 +147,8 @@ def make_rows(args, q, k, v, positions, cu, batch, seqlen, padded_mask=None):
 
         from kernels import rope_attention as ra
 
-        if ra._warp_spec_refused(q.dtype, attention_tiles.use_tma(q.shape[-1], q, k, v), None) is None:
-            name = "  ours, plain forward" if ra.WARP_SPEC else "  ours, warp-specialised forward"
+        if attention_tiles._warp_spec_refused(q.dtype, attention_tiles.use_tma(q.shape[-1], q, k, v), None) is None:
+            name = "  ours, not warp-specialised" if ra.WARP_SPEC else "  ours, warp-specialised (fwd, dk/dv)"
             rows[name] = functools.partial(_ours, positions=positions, cu=cu, theta=theta, warp_spec=not ra.WARP_SPEC)
         if torch.cuda.get_device_capability()[0] >= 9 and q.shape[-1] >= 32:  # the tiles by TMA vs pointer loads
             rows["  ours, pointer loads (no TMA)"] = functools.partial(
@@ -274,7 +277,7 @@ def ptxas_report(
     base = dict(N_STEPS=4, GROUP=group, HEAD_DIM=head_dim, HALF=max(head_dim // 2, 16), TAB_ROWS=rotary.TAB_ROWS)
     base.update(DOT_DTYPE=tl_dtype, PREC="ieee" if dtype == "fp32" else "tf32")
     tma = tma and head_dim >= 32
-    dkdv = dict(BLOCK_N=tiles._BLOCK, DQ_ATOMIC=False)
+    dkdv = dict(BLOCK_N=tiles._BLOCK, DQ_ATOMIC=False, WARP_SPEC=False)
     fwd = dict(BLOCK_M=tiles._BLOCK, SAVE_ROT=True, ROTATE_Q=True, WARP_SPEC=False)
     kernels = [  # (name, kernel, inner tile, shapes, constants, the arguments a TMA launch passes as descriptors)
         ("fwd", ra._fwd_kernel, "BLOCK_N", tiles._FWD_SHAPES, fwd, ("K", "V")),
@@ -322,16 +325,14 @@ def ptxas_report(
         ws = {**prepass, "BLOCK_M": tiles._BLOCK, "WARP_SPEC": True}
         for inner, warps, stages in ra._FWD_WS_SHAPES[:configs_per_kernel]:
             label = f"BLOCK_N={inner} w={warps} s={stages} WARP_SPEC TMA"
-            report(
-                "fwd",
-                ra._fwd_kernel,
-                {**ws, "BLOCK_N": inner},
-                warps,
-                stages,
-                label,
-                (("Q", tiles._BLOCK), "K", "V"),
-                inner,
-            )
+            descs = (("Q", tiles._BLOCK), "K", "V")  # (q's tile: the sequence block's)
+            report("fwd", ra._fwd_kernel, {**ws, "BLOCK_N": inner}, warps, stages, label, descs, inner)
+        # rope_attention_bwd.WARP_SPEC: the dk/dv kernel's query loop likewise (its K and V tiles by bulk copy too)
+        ws = {**base, **dkdv, "TMA": True, "WARP_SPEC": True}
+        for inner, warps, stages in ra_bwd._BWD_WS_SHAPES[:configs_per_kernel]:
+            label = f"BLOCK_M={inner} w={warps} s={stages} WARP_SPEC TMA"
+            descs = (("K", tiles._BLOCK), ("V", tiles._BLOCK), "Q", "DO")
+            report("dkdv", ra_bwd._bwd_dkdv_kernel, {**ws, "BLOCK_M": inner}, warps, stages, label, descs, inner)
     fin = dict(HEAD_DIM=head_dim, HALF=base["HALF"], BLOCK_T=32, TAB_ROWS=rotary.TAB_ROWS)  # (DQ_ATOMIC's last pass)
     report("dq_fin", ra_bwd._bwd_dq_finish_kernel, fin, 8, 1, "BLOCK_T=32")
     return rows
@@ -354,7 +355,9 @@ SWEEP_FWD += [(64, 64, 4, 2, True, {"Q_PREPASS": True}), (128, 64, 8, 2, True, {
 SWEEP_FWD += [(64, 32, 4, st, True, {"maxnreg": 168}) for st in (2, 3)]
 SWEEP_FWD += [(64, 64, 4, 2, True, {"maxnreg": 168}), (64, 32, 4, 2, True, {"maxnreg": 128})]
 SWEEP_FWD += [(64, 64, 4, 3, False), (128, 128, 8, 3, False)]
-SWEEP_DKDV = [(128, m, 8, st, True) for m in (16, 32) for st in (2, 3)]
+# rope_attention_bwd.WARP_SPEC first: the query loop warp-specialised, 4 warps a partition
+SWEEP_DKDV = [(128, m, 4, st, True, {"WARP_SPEC": True}) for m, st in ((32, 2), (16, 2), (16, 3))]
+SWEEP_DKDV += [(128, m, 8, st, True) for m in (16, 32) for st in (2, 3)]
 SWEEP_DKDV += [(64, m, w, 2, True) for m in (16, 32, 64) for w in (4, 8)] + [(64, 32, 4, 2, False)]
 SWEEP_DQ = [(128, n, 8, st, True) for n in (16, 32, 64) for st in (2, 3)]
 SWEEP_DQ += [(64, n, 4, st, True) for n in (32, 64) for st in (2, 3)] + [(128, 32, 8, 3, False)]
@@ -403,8 +406,8 @@ def sweep(
         timed("dkdv+dq", cfg, fn, bwd_flops)  # the whole backward, no dq kernel (first: the one never timed)
     default_dq = dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
     default_dkdv = dict(BLOCK_N=128, BLOCK_M=32, num_warps=8, num_stages=2)
-    for bn, bm, w, st, tma in dkdv:
-        cfg = dict(BLOCK_N=bn, BLOCK_M=bm, num_warps=w, num_stages=st, TMA=tma)
+    for bn, bm, w, st, tma, *more in dkdv:
+        cfg = dict(BLOCK_N=bn, BLOCK_M=bm, num_warps=w, num_stages=st, TMA=tma, **(more[0] if more else {}))
         fn = lambda cfg=cfg: ra_bwd._rope_attention_bwd(
             do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dkdv_config=cfg, dq_config=default_dq
         )

@@ -25,12 +25,12 @@
 # (norm_rows 0), then its launch sweep. The group `tma`
 # (alone; ~4 minutes, after `linear` on a warm machine): issue 4's attention with its inner tiles by tensor descriptor
 # (Hopper's TMA), the rope attention tests on the GPU, the bench with ours by TMA and by pointer loads beside SDPA, and
-# the launch sweep (TMA and pointer variants; the warp-specialised forward first). The group `next` (alone: what one
+# the launch sweep (TMA and pointer variants; the warp-specialised forward and dk/dv first). The group `next` (alone: what one
 # call of a 15-minute lease should run first, ~9 minutes): the untimed work of 2026-12-04/05 by what it decides: the tests of the decode projections,
 # paged attention (PDL in a CUDA graph), sampling and rope attention compiled; the 13B rollouts at batch 64 and 1
 # with decode_config's linear 1, with linear 1 + pdl 1, and at the defaults (batch 1 also with pdl 1 alone: 2% short
 # of its target), with the rope attention bench (TMA against pointer loads against SDPA, dq by atomic adds, and the
-# warp-specialised forward) between the two batches; the projections against cuBLAS; the sampling bench; then the
+# warp-specialised forward and dk/dv kernel) between the two batches; the projections against cuBLAS; the sampling bench; then the
 # two sweeps with the time left. No NAME: everything, in the order below.
 # SUITE_COMMIT names the commit in summary.txt.
 #
@@ -226,8 +226,8 @@ if [[ "$names" == *" next "* ]]; then  # the next lease's first call: what decid
     bench "rollout_b${b}_cublas" 70 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights \
       --batch $b --prompt-len 128 --gen-len 256 --no-hf  # the defaults, same machine
     # (issue 4's one check between the two batches: ours by TMA / by pointer loads / SDPA)
-    # (and dq by the dk/dv kernel's atomic adds: rope_attention_bwd.DQ_ATOMIC, and the warp-specialised forward:
-    # rope_attention.WARP_SPEC, each checked against the reference first and its configs autotuned here)
+    # (and dq by the dk/dv kernel's atomic adds: rope_attention_bwd.DQ_ATOMIC, and the warp-specialised forward and
+    # dk/dv kernel: the WARP_SPEC switches, each checked against the reference first and its configs autotuned here)
     [ "$b" = 64 ] && bench rope_attention_tma 170 "$PY" bench/bench_rope_attention.py --no-compile
   done
   bench rollout_b1_pdl 60 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 \

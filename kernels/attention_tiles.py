@@ -394,6 +394,19 @@ def _pop_tma(config: dict | None, head_dim: int, *tensors: torch.Tensor) -> tupl
     return config, want
 
 
+def _warp_spec_refused(dtype: torch.dtype, tma: bool, conflict: str | None = None) -> str | None:
+    """Why a kernel cannot run warp-specialised (Triton's Hopper pass: rope_attention.WARP_SPEC,
+    rope_attention_bwd.WARP_SPEC) here, or None: its tiles must all come by TMA, no conflicting switch, and bf16/fp16
+    inputs on a GPU (fp32 dots have no warpgroup MMA; the interpreter emulates them)."""
+    if not tma:
+        return "its tiles are not all read by TMA (attention_tiles.use_tma)"
+    if conflict:
+        return conflict
+    if dtype == torch.float32 and not INTERPRET:
+        return "fp32 inputs have no warpgroup MMA"
+    return None
+
+
 def _pop_switch(config: dict | None, key: str, default: bool | None) -> tuple[dict | None, bool | None]:
     """An explicit launch config without the switch `key` (a copy; the caller's is left alone), and the switch's
     value: the config's if given, else `default` (the module's setting)."""
@@ -403,11 +416,11 @@ def _pop_switch(config: dict | None, key: str, default: bool | None) -> tuple[di
     return config, default
 
 
-def rows_descriptor(x: torch.Tensor) -> TensorDescriptor:
-    """A tensor descriptor over the rows of x [N, H, D] as [N, H * D] (a head's tile: column h * D); its block is
-    set per launch (_set_blocks)."""
+def rows_descriptor(x: torch.Tensor, rows: int = 16) -> TensorDescriptor:
+    """A tensor descriptor over the rows of x [N, H, D] as [N, H * D] (a head's tile: column h * D), with [rows, D]
+    blocks: an inner tile's are set per launch (_set_blocks), a sequence block's given here (`fixed` then)."""
     n, h, d = x.shape
-    return TensorDescriptor(x, shape=[n, h * d], strides=[x.stride(0), 1], block_shape=[16, d])
+    return TensorDescriptor(x, shape=[n, h * d], strides=[x.stride(0), 1], block_shape=[rows, d])
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ q, K and V bulk copies, two consumer warpgroups of 64 query rows each run the pr
 moved from the producer to the consumers (FlashAttention-3's layout; plain Triton 3.6 waits on every score product
 at once, so only a second warpgroup's work can overlap one's exponentials). The pass wants one loop, no early exit
 and q straight from a bulk copy: so every key tile is masked (a compare and a select a score) and programs past
-the last block run an empty loop and store nothing.
+the last block run an empty loop and store nothing. rope_attention_bwd.WARP_SPEC does the same to the dk/dv kernel.
 
 cos/sin of a query tile: within one tile the positions are normally consecutive (p0, p0+1, ...). Then
 cos/sin((p0 + j) * f) come from cos/sin(p0 * f) (one row of transcendentals per tile) and a small
@@ -82,9 +82,10 @@ from kernels.attention_tiles import (
     _rotate,
     _store_tile,
     _tile_rows,
+    _warp_spec_refused,
     rows_descriptor,
 )
-from kernels.dispatch import INTERPRET, loop_bound, use_triton
+from kernels.dispatch import loop_bound, use_triton
 from kernels.rope_attention_bwd import _rope_attention_bwd
 from kernels.rotary import TAB_ROWS, launch_rotary, rope_tables
 
@@ -248,17 +249,6 @@ _fwd_ws_tuned = triton.autotune(_configs("BLOCK_N", _FWD_WS_SHAPES, ("Q",)), key
 )
 
 
-def _warp_spec_refused(dtype: torch.dtype, tma: bool, prepass: bool | None) -> str | None:
-    """Why the forward cannot run warp-specialised here, or None (see WARP_SPEC)."""
-    if not tma:
-        return "its K/V tiles are not read by TMA (attention_tiles.use_tma)"
-    if prepass is False:
-        return "it loads q rotated by the pre-pass (Q_PREPASS=False given)"
-    if dtype == torch.float32 and not INTERPRET:
-        return "fp32 inputs have no warpgroup MMA"
-    return None
-
-
 # --------------------------------------------------------------------------------- host launchers --
 
 
@@ -321,8 +311,8 @@ def _rope_attention_fwd(
     scaled scores), the rotated q [N, Hq, D] with save_rotated (else None) and the rotated k [N, Hkv, D]: what
     the backward needs. config: an explicit launch {BLOCK_M (query block), BLOCK_N, num_warps, num_stages, and
     TMA: whether K and V tiles come by tensor descriptor (default: attention_tiles.use_tma), Q_PREPASS (default: the
-    module's), WARP_SPEC (default: the module's, where _warp_spec_refused has no reason), maxnreg} instead of the
-    autotuned one (benchmark sweeps, tests)."""
+    module's), WARP_SPEC (default: the module's, where attention_tiles._warp_spec_refused has no reason), maxnreg}
+    instead of the autotuned one (benchmark sweeps, tests)."""
     n, hq, d = q.shape
     hkv = k.shape[1]
     if d not in _SUPPORTED_HEAD_DIMS:
@@ -338,7 +328,8 @@ def _rope_attention_fwd(
     config, tma = _pop_tma(config, d, k_rot, v)
     config, ws = _pop_switch(config, "WARP_SPEC", None)
     config, prepass = _pop_switch(config, "Q_PREPASS", None)
-    why = _warp_spec_refused(q.dtype, tma, prepass)
+    no_prepass = "it loads q rotated by the pre-pass (Q_PREPASS=False given)" if prepass is False else None
+    why = _warp_spec_refused(q.dtype, tma, no_prepass)
     if ws and why:
         raise ValueError(f"config WARP_SPEC=True, but {why}")
     ws = (WARP_SPEC and why is None) if ws is None else ws
@@ -362,8 +353,7 @@ def _rope_attention_fwd(
     kd, vd = (rows_descriptor(k_rot), rows_descriptor(v)) if tma else (k_rot, v)
     q_in = q_src = q_rot if prepass else q
     if ws:  # q's tile by bulk copy too: a [sequence block, D] block, which the launch leaves as it is
-        q_in = rows_descriptor(q_rot)
-        q_in.block_shape = [config["BLOCK_M"] if config else _BLOCK, d]
+        q_in = rows_descriptor(q_rot, config["BLOCK_M"] if config else _BLOCK)
     make_args = lambda cu_blk: (
         q_in, kd, vd, out, lse, positions, cu, cu_blk, inv_freq, tab, q_rot if save_rotated else out,
         q_src.stride(0), q_src.stride(1), k_rot.stride(0), k_rot.stride(1), v.stride(0), v.stride(1),

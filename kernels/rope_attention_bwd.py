@@ -2,6 +2,9 @@
 query blocks and over the query heads of the GQA group, a dq kernel looping over key blocks, and their host launcher
 _rope_attention_bwd. No atomics by default; DQ_ATOMIC: no dq kernel, the dk/dv kernel adds each query tile's dq
 share into an fp32 sum (by Hopper's bulk reduce where TMA reads the tiles) and a last pass scales and rotates it.
+WARP_SPEC (opt-in): the dk/dv kernel's query loop warp-specialised by Triton's Hopper pass, as the forward's
+(rope_attention.WARP_SPEC); its dk then goes through the same last pass. The dq kernel stays as it is: the pass
+takes no pointer-loaded operand before its loop, and its lse and delta rows start anywhere (see bench/RESULTS.md).
 
 The inputs are the rotated q and k the forward saved, so the inner loops rotate nothing; only the finished
 dq and dk tiles are rotated back (by -angle). Tile helpers and launch code: kernels/attention_tiles.py.
@@ -15,6 +18,7 @@ import triton.language as tl
 
 from kernels import reference
 from kernels.attention_tiles import (
+    _BLOCK,
     _BWD_SHAPES,
     _KEY,
     _LOG2E,
@@ -37,6 +41,8 @@ from kernels.attention_tiles import (
     _rotate,
     _store_tile,
     _tile_rows,
+    _tma_refused,
+    _warp_spec_refused,
     _zeros_hd,
     rows_descriptor,
 )
@@ -139,62 +145,99 @@ def _bwd_dkdv_kernel(
     n_tokens, num_seqs, qk_scale, sm_scale,
     N_STEPS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr, TAB_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-    DQ_ATOMIC: tl.constexpr, tune_bucket,
+    DQ_ATOMIC: tl.constexpr, tune_bucket, WARP_SPEC: tl.constexpr = False,
 ):  # fmt: skip
     """Grid (key blocks of all sequences (upper bound), Hkv). dk, dv of one key tile, summed over the group.
 
     Q, K are the rotated q and k the forward saved; dk is rotated back (by -angle) at the end. TMA: Q and DO (and
     DQA) are tensor descriptors over their [N, Hq * D] rows with [BLOCK_M, HEAD_DIM] blocks. DQ_ATOMIC: each query
     tile's dq share is added into DQA [N, Hq, D] fp32 (zeros before; _bwd_dq_finish_kernel scales and rotates it
-    into dq), which spares the dq kernel's recomputing of the scores and dp: 5 tile products a pair instead of 7."""
+    into dq), which spares the dq kernel's recomputing of the scores and dp: 5 tile products a pair instead of 7.
+
+    WARP_SPEC (with TMA, without DQ_ATOMIC; K and V then tensor descriptors too, [BLOCK_N, HEAD_DIM] blocks): Triton's
+    Hopper warp specialisation of the query loop, as the forward's (rope_attention.py): the (group head, query tile)
+    pairs in one loop, every tile masked, no early exit; a producer warpgroup for the q and dO copies, two consumer
+    warpgroups of BLOCK_N / 2 keys. (dq's adds in that loop stop the pass: each consumer would hold half of a share.)
+    dk (w.r.t. the rotated k, unscaled) goes to DQA [N, Hkv, D] fp32 then, which _bwd_dq_finish_kernel scales and
+    rotates back: the rotation's split into halves after the loop stops the pass too."""
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
-    if pid >= tl.load(CU_BLK + num_seqs):
-        return
+    if not WARP_SPEC:
+        if pid >= tl.load(CU_BLK + num_seqs):
+            return
     tok0, seq_len, start_n, offs_n, n_ok, rows_n, offs_h, offs_d, inv_freq = _open_tile(
         CU_BLK, CU_SEQ, INV_FREQ, pid, num_seqs, n_tokens, N_STEPS, False, BLOCK_N, HEAD_DIM, HALF
     )
-    k1r, k2r = _load_hd(K + kvh * stride_kh, rows_n, n_ok, stride_kn, offs_h, offs_d, True, HEAD_DIM, HALF, DOT_DTYPE)
-    v = _load_tile(V + kvh * stride_vh, rows_n, n_ok, stride_vn, offs_d, HEAD_DIM, True, False).to(DOT_DTYPE)
+    if WARP_SPEC:  # (no exit: a program past the last block is past its sequence's end, so its n_ok is all false and
+        # it loops over no query tile; `valid` spelt out all the same: ptxas then builds the loops without spills, 0
+        # bytes against 104 at 32-query tiles, D = 128 bf16)
+        valid = pid < tl.load(CU_BLK + num_seqs)
+        n_ok = n_ok & valid
+        k1r = K.load([tl.where(valid, tok0 + start_n, 0), kvh * HEAD_DIM]).to(DOT_DTYPE)
+        k2r = k1r
+        v = V.load([tl.where(valid, tok0 + start_n, 0), kvh * HEAD_DIM]).to(DOT_DTYPE)
+    else:
+        k1r, k2r = _load_hd(
+            K + kvh * stride_kh, rows_n, n_ok, stride_kn, offs_h, offs_d, True, HEAD_DIM, HALF, DOT_DTYPE
+        )
+        v = _load_tile(V + kvh * stride_vh, rows_n, n_ok, stride_vn, offs_d, HEAD_DIM, True, False).to(DOT_DTYPE)
 
     dk1, dk2 = _zeros_hd(BLOCK_N, HEAD_DIM, HALF)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    diag_end = tl.minimum(start_n + BLOCK_N, seq_len)
-    # query tiles: the diagonal ones [start_n, start_n + BLOCK_N) (causal mask), the later whole ones (no mask), and
-    # the sequence's last tile if partial (rows past the end masked)
-    full_end = start_n + BLOCK_N + (seq_len - start_n - BLOCK_N) // BLOCK_M * BLOCK_M
-    for g in range(GROUP):
-        h = kvh * GROUP + g
-        q_base, do_base = _bases(Q, DO, h, stride_qh, stride_doh, TMA)
-        dqa_base = DQA if TMA else DQA + h * stride_dqah
-        lse_base = LSE + h * n_tokens
-        delta_base = DELTA + h * n_tokens
-        for start_m in range(loop_bound(start_n), loop_bound(diag_end), BLOCK_M):
+    if WARP_SPEC:  # the (head of the group, query tile) pairs in one loop, every tile masked
+        n_q = tl.where(valid, tl.cdiv(seq_len - start_n, BLOCK_M), 0)
+        for it in tl.range(0, loop_bound(GROUP * n_q), 1, warp_specialize=True):
+            g = it // n_q
+            h = kvh * GROUP + g
             dk1, dk2, dv = _bwd_dkdv_step(
-                dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base,
-                delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale, h * HEAD_DIM, K, dqa_base, stride_dqan,
-                True, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA, DQ_ATOMIC,
+                dk1, dk2, dv, k1r, k2r, v, offs_n, start_n + (it - g * n_q) * BLOCK_M, seq_len, tok0, Q, DO,
+                LSE + h * n_tokens, DELTA + h * n_tokens, stride_qn, stride_don, offs_h, offs_d, qk_scale,
+                h * HEAD_DIM, DK, DQA, stride_dqan, True, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA, False,
             )  # fmt: skip
-        for start_m in range(loop_bound(start_n + BLOCK_N), loop_bound(full_end), BLOCK_M):
-            dk1, dk2, dv = _bwd_dkdv_step(
-                dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base,
-                delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale, h * HEAD_DIM, K, dqa_base, stride_dqan,
-                False, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA, DQ_ATOMIC,
-            )  # fmt: skip
-        for start_m in range(loop_bound(tl.maximum(full_end, start_n + BLOCK_N)), loop_bound(seq_len), BLOCK_M):
-            dk1, dk2, dv = _bwd_dkdv_step(
-                dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base,
-                delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale, h * HEAD_DIM, K, dqa_base, stride_dqan,
-                True, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA, DQ_ATOMIC,
-            )  # fmt: skip
+    else:
+        diag_end = tl.minimum(start_n + BLOCK_N, seq_len)
+        # query tiles: the diagonal ones [start_n, start_n + BLOCK_N) (causal mask), the later whole ones (no mask),
+        # and the sequence's last tile if partial (rows past the end masked)
+        full_end = start_n + BLOCK_N + (seq_len - start_n - BLOCK_N) // BLOCK_M * BLOCK_M
+        for g in range(GROUP):
+            h = kvh * GROUP + g
+            q_base, do_base = _bases(Q, DO, h, stride_qh, stride_doh, TMA)
+            dqa_base = DQA if TMA else DQA + h * stride_dqah
+            lse_base = LSE + h * n_tokens
+            delta_base = DELTA + h * n_tokens
+            for start_m in range(loop_bound(start_n), loop_bound(diag_end), BLOCK_M):
+                dk1, dk2, dv = _bwd_dkdv_step(
+                    dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base,
+                    delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale, h * HEAD_DIM, K, dqa_base,
+                    stride_dqan,
+                    True, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA, DQ_ATOMIC,
+                )  # fmt: skip
+            for start_m in range(loop_bound(start_n + BLOCK_N), loop_bound(full_end), BLOCK_M):
+                dk1, dk2, dv = _bwd_dkdv_step(
+                    dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base,
+                    delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale, h * HEAD_DIM, K, dqa_base,
+                    stride_dqan,
+                    False, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA, DQ_ATOMIC,
+                )  # fmt: skip
+            last = tl.maximum(full_end, start_n + BLOCK_N)
+            for start_m in range(loop_bound(last), loop_bound(seq_len), BLOCK_M):
+                dk1, dk2, dv = _bwd_dkdv_step(
+                    dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base,
+                    delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale, h * HEAD_DIM, K, dqa_base,
+                    stride_dqan,
+                    True, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA, DQ_ATOMIC,
+                )  # fmt: skip
 
     # dv first: its registers are free before the rotation's temporaries are needed
     _store_tile(DV + kvh * stride_dvh, dv, rows_n, n_ok, stride_dvn, offs_d, HEAD_DIM, False)
     # gradient w.r.t. the rotated k, then the inverse rotation (by -angle) gives the gradient w.r.t. k
-    _unrotate_store(
-        DK + kvh * stride_dkh, dk1, dk2, sm_scale, POS, tok0, start_n, seq_len, inv_freq, TAB, rows_n, n_ok,
-        stride_dkn, offs_h, BLOCK_N, HEAD_DIM, HALF, TAB_ROWS,
-    )  # fmt: skip
+    if WARP_SPEC:  # (the rotation's halves stop the pass's partitioning: as it is into DQA, the finishing pass's)
+        _store_tile(DQA + kvh * stride_dqah, dk1, rows_n, n_ok, stride_dqan, offs_d, HEAD_DIM, False)
+    else:
+        _unrotate_store(
+            DK + kvh * stride_dkh, dk1, dk2, sm_scale, POS, tok0, start_n, seq_len, inv_freq, TAB, rows_n, n_ok,
+            stride_dkn, offs_h, BLOCK_N, HEAD_DIM, HALF, TAB_ROWS,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -293,8 +336,9 @@ def _bwd_dq_finish_kernel(
     DQA, DQ, POS, INV_FREQ, TAB, stride_dqan, stride_dqah, stride_dqn, stride_dqh, n_tokens, sm_scale,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr, TAB_ROWS: tl.constexpr,
 ):  # fmt: skip
-    """Grid (cdiv(N, BLOCK_T), Hq). dq from the fp32 sums the dk/dv kernel's atomic adds left in DQA (DQ_ATOMIC): a
-    tile of BLOCK_T tokens (of any sequences: the positions say the angles) scaled and rotated back."""
+    """Grid (cdiv(N, BLOCK_T), heads). dq from the fp32 sums the dk/dv kernel's atomic adds left in DQA (DQ_ATOMIC),
+    or dk from the fp32 tiles the warp-specialised dk/dv kernel left there (WARP_SPEC): a tile of BLOCK_T tokens (of
+    any sequences: the positions say the angles) scaled and rotated back."""
     h = tl.program_id(1)
     start = tl.program_id(0) * BLOCK_T
     offs_t, t_ok, rows = _tile_rows(0, start, n_tokens, BLOCK_T)
@@ -314,6 +358,12 @@ def _bwd_dq_finish_kernel(
 # sum whose order, hence last bits, varies from run to run. Off until a GPU has timed it (bench_rope_attention.py).
 DQ_ATOMIC = False
 
+# The dk/dv kernel warp-specialised by Triton's Hopper pass (as rope_attention.WARP_SPEC does the forward): the (group
+# head, query tile) pairs in one masked loop, a producer warpgroup for the q and dO copies, two consumer warpgroups of
+# 64 keys; k and v by bulk copy; dk (w.r.t. the rotated k) into an fp32 buffer that the finishing pass scales and
+# rotates back. Not with DQ_ATOMIC (dq's adds stop the pass). Off until a GPU has timed and checked it.
+WARP_SPEC = False
+
 
 # the autotuned GPU variants (attention_tiles._configs, _BWD_SHAPES)
 def _zero_dq_sum(nargs: dict, reset_only: bool = False) -> None:
@@ -329,6 +379,12 @@ _dkdv_tuned = triton.autotune(
     _configs("BLOCK_M", _BWD_SHAPES), key=_KEY, prune_configs_by=_PRUNE, pre_hook=_zero_dq_sum
 )(_bwd_dkdv_kernel)
 _dq_tuned = triton.autotune(_configs("BLOCK_N", _BWD_SHAPES), key=_KEY, prune_configs_by=_PRUNE)(_bwd_dq_kernel)
+# the warp-specialised dk/dv (WARP_SPEC): 4 warps a partition (12 in all), K and V by bulk copy at the key block;
+# (query tile, warps, stages) that ptxas builds without spills at D = 128 bf16 (64-query tiles spill 420 B)
+_BWD_WS_SHAPES = ((32, 4, 2), (16, 4, 2), (16, 4, 3))
+_dkdv_ws_tuned = triton.autotune(_configs("BLOCK_M", _BWD_WS_SHAPES, ("K", "V")), key=_KEY, prune_configs_by=_PRUNE)(
+    _bwd_dkdv_kernel
+)
 
 # --------------------------------------------------------------------------------- host launchers --
 
@@ -388,29 +444,51 @@ def _rope_attention_bwd(
     dkdv_config, atomic = _pop_switch(dkdv_config, "DQ_ATOMIC", DQ_ATOMIC)
     if atomic and dq_config:
         raise ValueError(f"dq_config {dq_config} given, but with DQ_ATOMIC the dk/dv kernel computes dq")
-    dqa = torch.zeros(n, hq, d, dtype=torch.float32, device=q.device) if atomic else dv  # (dv: a placeholder)
+    # the dk/dv kernel warp-specialised (WARP_SPEC, or the explicit config's key): k and v by bulk copy too, and dk
+    # by the finishing pass
+    dkdv_config, ws = _pop_switch(dkdv_config, "WARP_SPEC", None)
+    why = _warp_spec_refused(q.dtype, dkdv_tma and _tma_refused(d, k, v) is None, atomic and "dq is by atomic adds")
+    if ws and why:
+        raise ValueError(f"dkdv_config WARP_SPEC=True, but {why}")
+    ws = (WARP_SPEC and why is None) if ws is None else ws
+    # fp32 sums scaled and rotated back after: dq's (DQ_ATOMIC) or dk's w.r.t. the rotated k (WARP_SPEC)
+    dqa = dv  # (a placeholder)
+    if atomic:
+        dqa = torch.zeros(n, hq, d, dtype=torch.float32, device=q.device)
+    elif ws:
+        dqa = torch.empty(n, hkv, d, dtype=torch.float32, device=q.device)
     dqad = rows_descriptor(dqa) if atomic and dkdv_tma else dqa
     qd, dod = (rows_descriptor(q), rows_descriptor(do)) if dkdv_tma else (q, do)
     kd, vd = (rows_descriptor(k), rows_descriptor(v)) if dq_tma else (k, v)
+    k_in, v_in = k, v
+    if ws:  # (a [key block, D] tile each, which the launch leaves as it is)
+        block = dkdv_config["BLOCK_N"] if dkdv_config else _BLOCK
+        k_in, v_in = rows_descriptor(k, block), rows_descriptor(v, block)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
     scalars = (n, cu.numel() - 1, softmax_scale * _LOG2E, softmax_scale)
     # each kernel's grid covers the blocks of its own sequence-block size (the key block of dk/dv, the query
     # block of dq), so the two can be tuned apart
-    dkdv_args = lambda cu_blk: (qd, k, v, dod, lse, delta, dk, dv, dqad, positions, cu, cu_blk, inv_freq, tab,
+    dkdv_args = lambda cu_blk: (qd, k_in, v_in, dod, lse, delta, dk, dv, dqad, positions, cu, cu_blk, inv_freq, tab,
                                 *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dqa.stride(0),
                                 dqa.stride(1), *scalars)  # fmt: skip
     dq_args = lambda cu_blk: (q, kd, vd, do, lse, delta, dq, positions, cu, cu_blk, inv_freq, tab, *strides,
                               dq.stride(0), dq.stride(1), *scalars)  # fmt: skip
     _launch(
-        _bwd_dkdv_kernel, _dkdv_tuned, hkv, dkdv_args, cu, n, "BLOCK_N", "BLOCK_M", dkdv_config, **common,
-        TMA=dkdv_tma, DQ_ATOMIC=atomic,
+        _bwd_dkdv_kernel, _dkdv_ws_tuned if ws else _dkdv_tuned, hkv, dkdv_args, cu, n, "BLOCK_N", "BLOCK_M",
+        dkdv_config, ("K", "V"), **common, TMA=dkdv_tma, DQ_ATOMIC=atomic, WARP_SPEC=ws,
     )  # fmt: skip
-    if atomic:  # (32-token tiles in 8 warps: ptxas gives 64-token ones 128 registers and a spill, sm_90 bf16 D=128)
+
+    def finish(sums, grad):  # (32-token tiles in 8 warps: ptxas gives 64-token ones 128 registers and a spill)
         fin_t = 16 if INTERPRET else 32
-        _bwd_dq_finish_kernel[(triton.cdiv(n, fin_t), hq)](
-            dqa, dq, positions, inv_freq, tab, dqa.stride(0), dqa.stride(1), dq.stride(0), dq.stride(1), n,
+        _bwd_dq_finish_kernel[(triton.cdiv(n, fin_t), grad.shape[1])](
+            sums, grad, positions, inv_freq, tab, sums.stride(0), sums.stride(1), grad.stride(0), grad.stride(1), n,
             softmax_scale, HEAD_DIM=d, HALF=common["HALF"], BLOCK_T=fin_t, TAB_ROWS=TAB_ROWS, num_warps=8,
         )  # fmt: skip
+
+    if ws:
+        finish(dqa, dk)
+    if atomic:
+        finish(dqa, dq)
     else:
         _launch(_bwd_dq_kernel, _dq_tuned, hq, dq_args, cu, n, "BLOCK_M", "BLOCK_N", dq_config, **common, TMA=dq_tma)
     return dq, dk, dv

@@ -17,12 +17,13 @@ def test_rope_sweep_smoke(capsys):
         args, q, k, v, positions, cu, causal_flops([t] * b, h, d),
         fwd=[(32, 16, 4, 2, True), (32, 64, 4, 2, True), (32, 16, 4, 2, False, {"maxnreg": 168}),
              (32, 16, 4, 2, True, {"WARP_SPEC": True})],
-        dkdv=[(16, 16, 4, 2, True), (16, 16, 4, 2, False)], dq=[(32, 16, 4, 2, False)], atomic=[(32, 16, 4, 2, True)],
+        dkdv=[(16, 16, 4, 2, True), (16, 16, 4, 2, False), (32, 16, 4, 2, True, {"WARP_SPEC": True})],
+        dq=[(32, 16, 4, 2, False)], atomic=[(32, 16, 4, 2, True)],
     )  # fmt: skip
-    assert [r["kernel"] for r in rows] == ["fwd", "fwd", "fwd", "fwd", "dkdv+dq", "dkdv", "dkdv", "dq"]
+    assert [r["kernel"] for r in rows] == ["fwd", "fwd", "fwd", "fwd", "dkdv+dq", "dkdv", "dkdv", "dkdv", "dq"]
     assert all(r["ms"] > 0 for i, r in enumerate(rows) if i != 1)  # (tiles by tensor descriptor and by pointers)
     assert "must divide" in rows[1]["error"]  # an impossible variant is reported, not fatal
     assert rows[4]["DQ_ATOMIC"] is True and rows[2]["maxnreg"] == 168  # (a register cap: a launch option)
-    assert rows[3]["WARP_SPEC"] is True  # (the warp-specialised forward: a switch in the launch config)
+    assert rows[3]["WARP_SPEC"] is True and rows[7]["WARP_SPEC"] is True  # (warp-specialised: a config's switch)
     out = capsys.readouterr().out
     assert "best fwd: BLOCK_M=32 BLOCK_N=16" in out and "best dq:" in out and "best dkdv+dq:" in out

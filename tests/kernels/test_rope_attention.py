@@ -68,8 +68,9 @@ def _close(actual, expected, dtype, name):
 # variants by an explicit config's key: "prepass" (rope_attention.Q_PREPASS: q rotated by the pre-pass, loaded as it
 # is) and "atomic tma" / "atomic ptr" (rope_attention_bwd.DQ_ATOMIC: no dq kernel, dq's shares added by the dk/dv
 # kernel into an fp32 sum, by bulk reduce through a tensor descriptor or by atomics of the rows that exist, then
-# scaled and rotated back by a finishing pass whose tiles span sequences), "warp spec" (rope_attention.WARP_SPEC: the
-# forward's one masked key loop, q's tile by tensor descriptor, programs past the last block store nothing)
+# scaled and rotated back by a finishing pass whose tiles span sequences), "warp spec" (rope_attention.WARP_SPEC and
+# rope_attention_bwd.WARP_SPEC: the forward's and the dk/dv kernel's one masked loop, the outer tiles by tensor
+# descriptor, programs past the last block store nothing, dk rotated back by the finishing pass)
 @pytest.mark.parametrize(
     "dtype,hq,hkv,d,theta,variant",
     [
@@ -102,15 +103,18 @@ def test_forward_backward_poisoned(dtype, hq, hkv, d, theta, variant):
     lse = torch.full((hq, n), float("nan"))
     cfg = {"prepass": dict(Q_PREPASS=True), "warp spec": dict(WARP_SPEC=True)}.get(variant)
     cfg = cfg and dict(BLOCK_M=32, BLOCK_N=16, **cfg)
+    dkdv = dict(BLOCK_N=32, BLOCK_M=16, TMA=variant == "atomic tma", DQ_ATOMIC=True) if "atomic" in variant else None
+    if variant == "warp spec":
+        dkdv = dict(BLOCK_N=32, BLOCK_M=16, WARP_SPEC=True)
     if variant == "warp spec" and q.is_cuda:  # (compiled: two consumer warpgroups of 64 rows, 12 warps in all)
         if dtype == torch.float32:
-            pytest.skip("fp32 has no warpgroup MMA: the warp-specialised forward is refused on a GPU")
+            pytest.skip("fp32 has no warpgroup MMA: the warp-specialised kernels are refused on a GPU")
         cfg.update(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2)
+        dkdv.update(BLOCK_N=128, BLOCK_M=32, num_warps=4, num_stages=2)
     _, _, q_rot, k_rot = _rope_attention_fwd(
         q, k, v, positions, cu, theta, scale, out=out, lse=lse, save_rotated=True, config=cfg
     )
     dq, dk, dv = (torch.full_like(x, float("nan")) for x in (q, k, v))
-    dkdv = dict(BLOCK_N=32, BLOCK_M=16, TMA=variant == "atomic tma", DQ_ATOMIC=True) if "atomic" in variant else None
     _rope_attention_bwd(do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dq, dk, dv, dkdv_config=dkdv)
 
     ref_out, ref_lse, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, theta, do)
@@ -162,9 +166,9 @@ def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma, atomic, ws):
     tiles) or masked zeros (pointer loads): either way they must not reach the sequence's results. With every
     input and output gradient of the middle sequence inf or NaN, the two around it match float64, forward and
     backward, by tensor-descriptor (TMA) tiles and by pointer loads, dq by its own kernel and by the dk/dv kernel's
-    atomic adds (whose whole-tile bulk reduces reach the neighbour's rows), and the warp-specialised forward (its q
-    tile by bulk copy: the last tile's rows past the end are the neighbour's). Lengths end inside the tiles of every
-    kernel (the dk/dv kernel's last, partial query tile included)."""
+    atomic adds (whose whole-tile bulk reduces reach the neighbour's rows), and the warp-specialised forward and dk/dv
+    kernel (their outer tiles by bulk copy too: the last tile's rows past the end are the neighbour's). Lengths end
+    inside the tiles of every kernel (the dk/dv kernel's last, partial query tile included)."""
     if ws and torch.empty(0).is_cuda:
         pytest.skip("fp32 has no warpgroup MMA: the warp-specialised forward is refused on a GPU")
     lengths = [45, 23, 37]
@@ -177,6 +181,8 @@ def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma, atomic, ws):
         x[bad] = fill
     fwd = dict(BLOCK_M=32, BLOCK_N=16, TMA=tma, **({"WARP_SPEC": True} if ws else {}))
     dkdv, dq_cfg = dict(BLOCK_N=32, BLOCK_M=16, TMA=tma, DQ_ATOMIC=atomic), dict(BLOCK_M=32, BLOCK_N=16, TMA=tma)
+    if ws:
+        dkdv["WARP_SPEC"] = True
     dq_cfg = None if atomic else dq_cfg
     scale = 1.0 / math.sqrt(32)
     out, lse, q_rot, k_rot = _rope_attention_fwd(q, k, v, positions, cu, 1e4, scale, save_rotated=True, config=fwd)
@@ -222,10 +228,13 @@ def test_dq_atomic_switch_and_refusal():
 
 @pytest.mark.parametrize("switch", ["Q_PREPASS", "WARP_SPEC"])
 def test_the_prepass_switch_on_the_public_api_with_qkv_views(switch):
-    """rope_attention.Q_PREPASS (and WARP_SPEC, which implies it) drives the autograd path: q, k, v views of one fused
-    projection (q's token stride is not Hq * D: the pre-pass reads it strided and writes q_rot packed), grads
-    through all three. The warp-specialised forward is the kernel that runs (its launches counted)."""
+    """rope_attention.Q_PREPASS (and WARP_SPEC, which implies it, with rope_attention_bwd.WARP_SPEC) drives the
+    autograd path: q, k, v views of one fused projection (q's token stride is not Hq * D: the pre-pass reads it
+    strided and writes q_rot packed; v's rows are strided), grads through all three. The warp-specialised forward
+    and dk/dv kernel are the ones that run (the launches counted)."""
+    from kernels import attention_tiles
     from kernels import rope_attention as ra
+    from kernels import rope_attention_bwd as ra_bwd
 
     cu, positions = _pack([5, 40, 33], start=3)
     n = int(cu[-1])
@@ -235,11 +244,15 @@ def test_the_prepass_switch_on_the_public_api_with_qkv_views(switch):
     launches = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ra, "Q_PREPASS" if switch == "Q_PREPASS" else "WARP_SPEC", True)
-        launch = ra._launch
-        mp.setattr(ra, "_launch", lambda *a, **kw: launches.append(kw["WARP_SPEC"]) or launch(*a, **kw))
+        mp.setattr(ra_bwd, "WARP_SPEC", switch == "WARP_SPEC")
+        launch = attention_tiles._launch
+        counted = lambda *a, **kw: launches.append((a[0].__name__, kw.get("WARP_SPEC"))) or launch(*a, **kw)
+        mp.setattr(ra, "_launch", counted)
+        mp.setattr(ra_bwd, "_launch", counted)
         out = rope_attention(q, k, v, positions, cu, rope_theta=500.0)
         out.backward(do)
-    assert launches == [switch == "WARP_SPEC" and ra._warp_spec_refused(qkv.dtype, True, None) is None]
+    ws = switch == "WARP_SPEC" and attention_tiles._warp_spec_refused(qkv.dtype, True, None) is None
+    assert launches == [("_fwd_kernel", ws), ("_bwd_dkdv_kernel", ws), ("_bwd_dq_kernel", None)]
     ref_out, _, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, 500.0, do)
     _close(out.detach(), ref_out, torch.float32, "out")
     for name, g, ref in (
@@ -318,15 +331,25 @@ def test_warp_spec_where_it_can_refused_by_name_elsewhere():
     tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else TOLS[dtype]
     torch.testing.assert_close(outs[0], outs[1], **tol)
     cfg = dict(BLOCK_M=32, BLOCK_N=16, WARP_SPEC=True)
-    with pytest.raises(ValueError, match=r"config WARP_SPEC=True, but its K/V tiles are not read by TMA"):
+    with pytest.raises(ValueError, match=r"config WARP_SPEC=True, but its tiles are not all read by TMA"):
         _rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125, config=dict(cfg, TMA=False))
     with pytest.raises(ValueError, match=r"config WARP_SPEC=True, but it loads q rotated by the pre-pass"):
         _rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125, config=dict(cfg, Q_PREPASS=False))
-    assert ra._warp_spec_refused(torch.float32, True, None) is None  # (the interpreter emulates fp32 dots)
+    # the dk/dv kernel's: not beside dq's atomic adds, not without TMA
+    out, lse, q_rot, k_rot = _rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125, save_rotated=True)
+    bwd = lambda **kw: _rope_attention_bwd(  # noqa: E731
+        torch.randn_like(q), q_rot, k_rot, v, out, lse, positions, cu, 1e4, 0.125,
+        dkdv_config=dict(BLOCK_N=32, BLOCK_M=16, WARP_SPEC=True, **kw),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"dkdv_config WARP_SPEC=True, but dq is by atomic adds"):
+        bwd(DQ_ATOMIC=True)
+    with pytest.raises(ValueError, match=r"dkdv_config WARP_SPEC=True, but its tiles are not all read by TMA"):
+        bwd(TMA=False)
+    assert attention_tiles._warp_spec_refused(torch.float32, True, None) is None  # (the interpreter emulates fp32 dots)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ra, "INTERPRET", False)
-        assert ra._warp_spec_refused(torch.float32, True, None) == "fp32 inputs have no warpgroup MMA"
-        assert ra._warp_spec_refused(torch.bfloat16, True, True) is None
+        mp.setattr(attention_tiles, "INTERPRET", False)
+        assert attention_tiles._warp_spec_refused(torch.float32, True, None) == "fp32 inputs have no warpgroup MMA"
+        assert attention_tiles._warp_spec_refused(torch.bfloat16, True, None) is None
 
 
 def test_autograd_public_api_strided_views():
