@@ -148,7 +148,7 @@ def make_rows(args, q, k, v, positions, cu, batch, seqlen, padded_mask=None):
         from kernels import rope_attention as ra
 
         if attention_tiles._warp_spec_refused(q.dtype, attention_tiles.use_tma(q.shape[-1], q, k, v), None) is None:
-            name = "  ours, not warp-specialised" if ra.WARP_SPEC else "  ours, warp-specialised (fwd, dk/dv)"
+            name = "  ours, not warp-specialised" if ra.WARP_SPEC else "  ours, warp-specialised"
             rows[name] = functools.partial(_ours, positions=positions, cu=cu, theta=theta, warp_spec=not ra.WARP_SPEC)
         if torch.cuda.get_device_capability()[0] >= 9 and q.shape[-1] >= 32:  # the tiles by TMA vs pointer loads
             rows["  ours, pointer loads (no TMA)"] = functools.partial(
@@ -278,22 +278,25 @@ def ptxas_report(
     base.update(DOT_DTYPE=tl_dtype, PREC="ieee" if dtype == "fp32" else "tf32")
     tma = tma and head_dim >= 32
     dkdv = dict(BLOCK_N=tiles._BLOCK, DQ_ATOMIC=False, WARP_SPEC=False)
+    dq = dict(BLOCK_M=tiles._BLOCK, WARP_SPEC=False)
     fwd = dict(BLOCK_M=tiles._BLOCK, SAVE_ROT=True, ROTATE_Q=True, WARP_SPEC=False)
     kernels = [  # (name, kernel, inner tile, shapes, constants, the arguments a TMA launch passes as descriptors)
         ("fwd", ra._fwd_kernel, "BLOCK_N", tiles._FWD_SHAPES, fwd, ("K", "V")),
         ("dkdv", ra_bwd._bwd_dkdv_kernel, "BLOCK_M", tiles._BWD_SHAPES, dkdv, ("Q", "DO")),
-        ("dq", ra_bwd._bwd_dq_kernel, "BLOCK_N", tiles._BWD_SHAPES, dict(BLOCK_M=tiles._BLOCK), ("K", "V")),
+        ("dq", ra_bwd._bwd_dq_kernel, "BLOCK_N", tiles._BWD_SHAPES, dq, ("K", "V")),
         # rope_attention_bwd.DQ_ATOMIC: dk/dv adding each tile's dq share into an fp32 sum (no dq kernel)
         ("dkdv+dq", ra_bwd._bwd_dkdv_kernel, "BLOCK_M", tiles._BWD_SHAPES, {**dkdv, "DQ_ATOMIC": True},
          ("Q", "DO", "DQA")),
     ]  # fmt: skip
     rows = []
 
-    def report(name, fn, consts, warps, stages, label, descs=(), block=0, maxnreg=None):
+    def report(name, fn, consts, warps, stages, label, descs=(), block=0, maxnreg=None, retype=None):
         arg_types = {a: types.get(a, "fp32" if "scale" in a else "i32") for a in fn.arg_names if a not in consts}
-        for a in descs:  # (a [block, D] tile of the tensor's own dtype; (name, rows): another block)
+        arg_types.update(retype or {})  # (an argument of another type in this launch)
+        for a in descs:  # (a [block, D] tile of the tensor's own dtype; (name, rows): another block; rows None: 1-D)
             a, rows_ = a if isinstance(a, tuple) else (a, block)
-            arg_types[a] = f"tensordesc<{types[a].lstrip('*')}[{rows_}, {head_dim}]>"
+            shape = f"{tiles._BLOCK}" if rows_ is None else f"{rows_}, {head_dim}"
+            arg_types[a] = f"tensordesc<{types[a].lstrip('*')}[{shape}]>"
         info = ptxas_info(fn, arg_types, consts, warps, stages, maxnreg=maxnreg)
         rows.append({"kernel": name, "config": label, **info})
         loads = " ".join(f"{k}:{v}" for k, v in sorted({**info["loads"], **info["reduces"]}.items()))
@@ -333,6 +336,13 @@ def ptxas_report(
             label = f"BLOCK_M={inner} w={warps} s={stages} WARP_SPEC TMA"
             descs = (("K", tiles._BLOCK), ("V", tiles._BLOCK), "Q", "DO")
             report("dkdv", ra_bwd._bwd_dkdv_kernel, {**ws, "BLOCK_M": inner}, warps, stages, label, descs, inner)
+        # and the dq kernel's key loop (q, do and the blocked lse and delta by bulk copy too)
+        ws = {**base, "BLOCK_M": tiles._BLOCK, "TMA": True, "WARP_SPEC": True}
+        for inner, warps, stages in ra_bwd._DQ_WS_SHAPES[:configs_per_kernel]:
+            label = f"BLOCK_N={inner} w={warps} s={stages} WARP_SPEC TMA"
+            descs = (("Q", tiles._BLOCK), ("DO", tiles._BLOCK), "K", "V", ("LSE", None), ("DELTA", None))
+            consts = {**ws, "BLOCK_N": inner}  # (dq w.r.t. the rotated q into fp32, for the finishing pass)
+            report("dq", ra_bwd._bwd_dq_kernel, consts, warps, stages, label, descs, inner, retype={"DQ": "*fp32"})
     fin = dict(HEAD_DIM=head_dim, HALF=base["HALF"], BLOCK_T=32, TAB_ROWS=rotary.TAB_ROWS)  # (DQ_ATOMIC's last pass)
     report("dq_fin", ra_bwd._bwd_dq_finish_kernel, fin, 8, 1, "BLOCK_T=32")
     return rows
@@ -359,7 +369,9 @@ SWEEP_FWD += [(64, 64, 4, 3, False), (128, 128, 8, 3, False)]
 SWEEP_DKDV = [(128, m, 4, st, True, {"WARP_SPEC": True}) for m, st in ((32, 2), (16, 2), (16, 3))]
 SWEEP_DKDV += [(128, m, 8, st, True) for m in (16, 32) for st in (2, 3)]
 SWEEP_DKDV += [(64, m, w, 2, True) for m in (16, 32, 64) for w in (4, 8)] + [(64, 32, 4, 2, False)]
-SWEEP_DQ = [(128, n, 8, st, True) for n in (16, 32, 64) for st in (2, 3)]
+# rope_attention_bwd.WARP_SPEC first: the key loop warp-specialised (lse and delta from the delta kernel's blocked copy)
+SWEEP_DQ = [(128, n, 4, st, True, {"WARP_SPEC": True}) for n, st in ((64, 2), (32, 2), (32, 3))]
+SWEEP_DQ += [(128, n, 8, st, True) for n in (16, 32, 64) for st in (2, 3)]
 SWEEP_DQ += [(64, n, 4, st, True) for n in (32, 64) for st in (2, 3)] + [(128, 32, 8, 3, False)]
 # rope_attention_bwd.DQ_ATOMIC: dk/dv adding dq's shares (a whole backward without the dq kernel)
 SWEEP_ATOMIC = [(128, m, 8, st, True) for m in (16, 32) for st in (2, 3)] + [(64, m, 8, 2, True) for m in (16, 32)]
@@ -412,8 +424,8 @@ def sweep(
             do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dkdv_config=cfg, dq_config=default_dq
         )
         timed("dkdv", cfg, fn, bwd_flops)  # the whole backward, dq fixed
-    for bm, bn, w, st, tma in dq:
-        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, TMA=tma)
+    for bm, bn, w, st, tma, *more in dq:
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, TMA=tma, **(more[0] if more else {}))
         fn = lambda cfg=cfg: ra_bwd._rope_attention_bwd(
             do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dkdv_config=default_dkdv, dq_config=cfg
         )

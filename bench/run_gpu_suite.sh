@@ -21,17 +21,17 @@
 # without the fused step (which won at long contexts in the paged bench). The group `linear` (alone): the decode
 # projections' kernel (kernels/decode_linear.py) tested on the GPU with the sampling, paged attention and rotary tests,
 # timed against cuBLAS, the sampling bench (top-k's floor), the 13B rollouts with it (decode_config's linear 1), with it
-# and programmatic dependent launch (pdl 1), then without either, batch 1 with the first layer's norm apart
-# (norm_rows 0), then its launch sweep. The group `tma`
-# (alone; ~4 minutes, after `linear` on a warm machine): issue 4's attention with its inner tiles by tensor descriptor
-# (Hopper's TMA), the rope attention tests on the GPU, the bench with ours by TMA and by pointer loads beside SDPA, and
-# the launch sweep (TMA and pointer variants; the warp-specialised forward and dk/dv first). The group `next` (alone: what one
-# call of a 15-minute lease should run first, ~9 minutes): the untimed work of 2026-12-04/05 by what it decides: the tests of the decode projections,
-# paged attention (PDL in a CUDA graph), sampling and rope attention compiled; the 13B rollouts at batch 64 and 1
-# with decode_config's linear 1, with linear 1 + pdl 1, and at the defaults (batch 1 also with pdl 1 alone: 2% short
-# of its target), with the rope attention bench (TMA against pointer loads against SDPA, dq by atomic adds, and the
-# warp-specialised forward and dk/dv kernel) between the two batches; the projections against cuBLAS; the sampling bench; then the
-# two sweeps with the time left. No NAME: everything, in the order below.
+# and programmatic dependent launch (pdl 1), then without either, batch 1 with the first layer's norm apart (norm_rows
+# 0), then its launch sweep. The group `tma` (alone; ~4 minutes, after `linear` on a warm machine): issue 4's attention
+# with its inner tiles by tensor descriptor (Hopper's TMA), the rope attention tests on the GPU, the bench with ours by
+# TMA and by pointer loads beside SDPA, and the launch sweep (TMA and pointer variants; the warp-specialised kernels
+# first). The group `next` (alone: what one call of a 15-minute lease should run first, ~9 minutes): the untimed work of
+# 2026-12-04/05 by what it decides: the tests of the decode projections, paged attention (PDL in a CUDA graph), sampling
+# and rope attention compiled; the 13B rollouts at batch 64 and 1 with decode_config's linear 1, with linear 1 + pdl 1,
+# and at the defaults (batch 1 also with pdl 1 alone: 2% short of its target), with the rope attention bench (TMA
+# against pointer loads against SDPA, dq by atomic adds, and the warp-specialised kernels) between the two batches; the
+# projections against cuBLAS; the sampling bench; then the two sweeps with the time left. No NAME: everything, in the
+# order below.
 # SUITE_COMMIT names the commit in summary.txt.
 #
 # The lease's limits shape this script: a call returns at most 8 files from OUT_DIR and is killed at its timeout.
@@ -226,9 +226,9 @@ if [[ "$names" == *" next "* ]]; then  # the next lease's first call: what decid
     bench "rollout_b${b}_cublas" 70 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights \
       --batch $b --prompt-len 128 --gen-len 256 --no-hf  # the defaults, same machine
     # (issue 4's one check between the two batches: ours by TMA / by pointer loads / SDPA)
-    # (and dq by the dk/dv kernel's atomic adds: rope_attention_bwd.DQ_ATOMIC, and the warp-specialised forward and
-    # dk/dv kernel: the WARP_SPEC switches, each checked against the reference first and its configs autotuned here)
-    [ "$b" = 64 ] && bench rope_attention_tma 170 "$PY" bench/bench_rope_attention.py --no-compile
+    # (and dq by the dk/dv kernel's atomic adds: rope_attention_bwd.DQ_ATOMIC, and the three kernels warp-specialised:
+    # the WARP_SPEC switches, each checked against the reference first and its configs autotuned here)
+    [ "$b" = 64 ] && bench rope_attention_tma 190 "$PY" bench/bench_rope_attention.py --no-compile
   done
   bench rollout_b1_pdl 60 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 \
     --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"pdl": 1}'  # the default path's kernels by PDL
@@ -243,7 +243,7 @@ if [[ "$names" == *" tma "* ]]; then  # the attention's inner tiles by tensor de
   step tma_tests 90 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test \
     tests/kernels/test_rope_attention.py
   # ours (TMA), ours by pointer loads, SDPA flash / cuDNN with and without HF's rotary, dense and packed
-  bench rope_attention_tma 120 "$PY" bench/bench_rope_attention.py --no-compile
+  bench rope_attention_tma 180 "$PY" bench/bench_rope_attention.py --no-compile
   bench rope_sweep 200 "$PY" bench/bench_rope_attention.py --sweep
   finish
 fi

@@ -112,9 +112,14 @@ def _store_tile(base, x, rows, row_ok, stride_n, cols, ncols, MASK_COLS: tl.cons
 
 @triton.jit
 def _operand(x, like, DOT_DTYPE: tl.constexpr):
-    """A computed tile as a dot operand: rounded to the inputs' dtype (`like` points to one), which is what
-    the GPU multiplies, then to DOT_DTYPE (fp32 under the interpreter, so it rounds exactly like the GPU)."""
-    return x.to(like.dtype.element_ty).to(DOT_DTYPE)
+    """A computed tile as a dot operand: rounded to the inputs' dtype (`like` points to one, or is a tensor
+    descriptor of one), which is what the GPU multiplies, then to DOT_DTYPE (fp32 under the interpreter, so it
+    rounds exactly like the GPU)."""
+    if like.dtype.is_ptr():
+        y = x.to(like.dtype.element_ty)
+    else:
+        y = x.to(like.dtype)
+    return y.to(DOT_DTYPE)
 
 
 @triton.jit
@@ -421,6 +426,11 @@ def rows_descriptor(x: torch.Tensor, rows: int = 16) -> TensorDescriptor:
     blocks: an inner tile's are set per launch (_set_blocks), a sequence block's given here (`fixed` then)."""
     n, h, d = x.shape
     return TensorDescriptor(x, shape=[n, h * d], strides=[x.stride(0), 1], block_shape=[rows, d])
+
+
+def flat_descriptor(x: torch.Tensor, block: int) -> TensorDescriptor:
+    """A 1-D tensor descriptor over contiguous x's elements with [block] blocks."""
+    return TensorDescriptor(x.view(-1), shape=[x.numel()], strides=[1], block_shape=[block])
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,9 @@
 query blocks and over the query heads of the GQA group, a dq kernel looping over key blocks, and their host launcher
 _rope_attention_bwd. No atomics by default; DQ_ATOMIC: no dq kernel, the dk/dv kernel adds each query tile's dq
 share into an fp32 sum (by Hopper's bulk reduce where TMA reads the tiles) and a last pass scales and rotates it.
-WARP_SPEC (opt-in): the dk/dv kernel's query loop warp-specialised by Triton's Hopper pass, as the forward's
-(rope_attention.WARP_SPEC); its dk then goes through the same last pass. The dq kernel stays as it is: the pass
-takes no pointer-loaded operand before its loop, and its lse and delta rows start anywhere (see bench/RESULTS.md).
+WARP_SPEC (opt-in): the dk/dv kernel's query loop and the dq kernel's key loop warp-specialised by Triton's Hopper
+pass, as the forward's (rope_attention.WARP_SPEC); dk and dq then go through the same last pass, and the dq kernel
+reads its lse and delta rows from a copy the delta kernel lays out by query block (bench/RESULTS.md says why).
 
 The inputs are the rotated q and k the forward saved, so the inner loops rotate nothing; only the finished
 dq and dk tiles are rotated back (by -angle). Tile helpers and launch code: kernels/attention_tiles.py.
@@ -24,6 +24,7 @@ from kernels.attention_tiles import (
     _LOG2E,
     _PRUNE,
     _bases,
+    _block_index,
     _configs,
     _dot_acc,
     _dot_args,
@@ -34,6 +35,7 @@ from kernels.attention_tiles import (
     _load_hd,
     _load_pair,
     _load_tile,
+    _locate_tile,
     _open_tile,
     _operand,
     _pop_switch,
@@ -44,6 +46,7 @@ from kernels.attention_tiles import (
     _tma_refused,
     _warp_spec_refused,
     _zeros_hd,
+    flat_descriptor,
     rows_descriptor,
 )
 from kernels.dispatch import INTERPRET, loop_bound
@@ -54,17 +57,35 @@ from kernels.rotary import TAB_ROWS, rope_tables
 
 @triton.jit
 def _bwd_delta_kernel(
-    O, DO, DELTA, stride_on, stride_oh, stride_don, stride_doh, n_tokens, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr
-):
-    """DELTA[h, n] = sum_d dO * O (fp32), the softmax-backward row term. Grid (cdiv(N, BLOCK_T), Hq)."""
+    O, DO, DELTA, LSE, BLK, CU_SEQ, CU_BLK, stride_on, stride_oh, stride_don, stride_doh, n_tokens, num_seqs,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, N_STEPS: tl.constexpr, BLOCKED: tl.constexpr,
+):  # fmt: skip
+    """DELTA[h, n] = sum_d dO * O (fp32), the softmax-backward row term. Grid (cdiv(N, BLOCK_T), Hq).
+
+    BLOCKED (for the warp-specialised dq kernel): grid (query blocks of all sequences (upper bound), Hq), a program
+    per block of BLOCK_T rows as the dq kernel's (_locate_tile from the end); it also writes the block's lse and
+    delta to BLK [2, Hq, blocks * BLOCK_T] at [., h, pid * BLOCK_T + j] (+inf and 0 past the sequence's end), where
+    the dq kernel loads them by bulk copy at a 16-byte aligned offset."""
     h = tl.program_id(1)
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    if BLOCKED:
+        pid = tl.program_id(0)
+        if pid >= tl.load(CU_BLK + num_seqs):
+            return
+        tok0, seq_len, blk = _locate_tile(CU_BLK, CU_SEQ, pid, num_seqs, n_tokens, N_STEPS, True)
+        _, t_ok, rows = _tile_rows(tok0, blk * BLOCK_T, seq_len, BLOCK_T)
+    else:
+        rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        t_ok = rows < n_tokens
     offs_d = tl.arange(0, HEAD_DIM)
-    t_ok = offs_t < n_tokens
-    rows = offs_t.to(tl.int64)
     o = _load_tile(O + h * stride_oh, rows, t_ok, stride_on, offs_d, HEAD_DIM, True, False).to(tl.float32)
     do = _load_tile(DO + h * stride_doh, rows, t_ok, stride_don, offs_d, HEAD_DIM, True, False).to(tl.float32)
-    tl.store(DELTA + h * n_tokens + offs_t, tl.sum(o * do, 1), mask=t_ok)
+    delta = tl.sum(o * do, 1)
+    tl.store(DELTA + h * n_tokens + rows, delta, mask=t_ok)
+    if BLOCKED:
+        span = tl.num_programs(0) * BLOCK_T
+        j = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        tl.store(BLK + h * span + j, tl.load(LSE + h * n_tokens + rows, mask=t_ok, other=float("inf")))
+        tl.store(BLK + (tl.num_programs(1) + h) * span + j, tl.where(t_ok, delta, 0.0))
 
 
 @triton.jit
@@ -273,44 +294,73 @@ def _bwd_dq_kernel(
     n_tokens, num_seqs, qk_scale, sm_scale,
     N_STEPS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, TAB_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-    tune_bucket,
+    tune_bucket, WARP_SPEC: tl.constexpr = False,
 ):  # fmt: skip
     """Grid (query blocks of all sequences (upper bound), Hq). dq of one query tile.
 
     Q, K are the rotated q and k the forward saved; dq is rotated back (by -angle) at the end. TMA: K and V are
-    tensor descriptors over their [N, Hkv * D] rows with [BLOCK_N, HEAD_DIM] blocks."""
+    tensor descriptors over their [N, Hkv * D] rows with [BLOCK_N, HEAD_DIM] blocks.
+
+    WARP_SPEC (with TMA): Triton's Hopper warp specialisation of the key loop, as the forward's: one loop, every tile
+    masked, no exit. Q and DO are tensor descriptors too ([BLOCK_M, HEAD_DIM] blocks), LSE and DELTA 1-D ones over
+    the blocked copies _bwd_delta_kernel wrote (BLOCKED: this program's rows at h * blocks * BLOCK_M + pid * BLOCK_M;
+    the pass takes no pointer-loaded operand before its loop, and Triton's tensor descriptors want a 16-byte aligned
+    offset); dq (w.r.t. the rotated q, unscaled) goes to DQ [N, Hq, D] fp32, which _bwd_dq_finish_kernel scales and
+    rotates back (the rotation's halves stop the pass)."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
-    if pid >= tl.load(CU_BLK + num_seqs):
-        return
+    if not WARP_SPEC:
+        if pid >= tl.load(CU_BLK + num_seqs):
+            return
     kvh = h // GROUP
     tok0, seq_len, start_m, offs_m, m_ok, rows_m, offs_h, offs_d, inv_freq = _open_tile(
         CU_BLK, CU_SEQ, INV_FREQ, pid, num_seqs, n_tokens, N_STEPS, True, BLOCK_M, HEAD_DIM, HALF
     )
-    q1r, q2r = _load_hd(Q + h * stride_qh, rows_m, m_ok, stride_qn, offs_h, offs_d, True, HEAD_DIM, HALF, DOT_DTYPE)
-    do = _load_tile(DO + h * stride_doh, rows_m, m_ok, stride_don, offs_d, HEAD_DIM, True, False).to(DOT_DTYPE)
-    lse = tl.load(LSE + h * n_tokens + tok0 + offs_m, mask=m_ok, other=float("inf"))
-    delta = tl.load(DELTA + h * n_tokens + tok0 + offs_m, mask=m_ok, other=0.0)
+    hi = tl.minimum(start_m + BLOCK_M, seq_len)  # (the keys this tile's queries see: [0, hi))
+    if WARP_SPEC:  # (a tile's rows past the sequence's end hold the next one's q and dO: not stored)
+        valid = pid < tl.load(CU_BLK + num_seqs)
+        m_ok = m_ok & valid
+        hi = tl.where(valid, hi, 0)
+        row = tl.where(valid, tok0 + start_m, 0)
+        q1r = Q.load([row, h * HEAD_DIM]).to(DOT_DTYPE)
+        q2r = q1r
+        do = DO.load([row, h * HEAD_DIM]).to(DOT_DTYPE)
+        at = (h * tl.num_programs(0) + pid) * BLOCK_M
+        lse = LSE.load([at])
+        delta = DELTA.load([at])
+    else:
+        q1r, q2r = _load_hd(Q + h * stride_qh, rows_m, m_ok, stride_qn, offs_h, offs_d, True, HEAD_DIM, HALF, DOT_DTYPE)
+        do = _load_tile(DO + h * stride_doh, rows_m, m_ok, stride_don, offs_d, HEAD_DIM, True, False).to(DOT_DTYPE)
+        lse = tl.load(LSE + h * n_tokens + tok0 + offs_m, mask=m_ok, other=float("inf"))
+        delta = tl.load(DELTA + h * n_tokens + tok0 + offs_m, mask=m_ok, other=0.0)
 
     dq1, dq2 = _zeros_hd(BLOCK_M, HEAD_DIM, HALF)
     k_base, v_base = _bases(K, V, kvh, stride_kh, stride_vh, TMA)
-    for start_n in range(0, loop_bound(start_m), BLOCK_N):
-        dq1, dq2 = _bwd_dq_step(
-            dq1, dq2, q1r, q2r, do, lse, delta, offs_m, start_n, seq_len, tok0, k_base, v_base,
-            stride_kn, stride_vn, offs_h, offs_d, qk_scale, kvh * HEAD_DIM, Q,
-            False, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC, TMA,
+    if WARP_SPEC:  # every key tile [0, hi) in one warp-specialised loop, all masked
+        for start_n in tl.range(0, loop_bound(hi), BLOCK_N, warp_specialize=True):
+            dq1, dq2 = _bwd_dq_step(
+                dq1, dq2, q1r, q2r, do, lse, delta, offs_m, start_n, seq_len, tok0, k_base, v_base,
+                stride_kn, stride_vn, offs_h, offs_d, qk_scale, kvh * HEAD_DIM, K,
+                True, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC, TMA,
+            )  # fmt: skip
+        _store_tile(DQ + h * stride_dqh, dq1, rows_m, m_ok, stride_dqn, offs_d, HEAD_DIM, False)
+    else:
+        for start_n in range(0, loop_bound(start_m), BLOCK_N):
+            dq1, dq2 = _bwd_dq_step(
+                dq1, dq2, q1r, q2r, do, lse, delta, offs_m, start_n, seq_len, tok0, k_base, v_base,
+                stride_kn, stride_vn, offs_h, offs_d, qk_scale, kvh * HEAD_DIM, Q,
+                False, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC, TMA,
+            )  # fmt: skip
+        for start_n in range(loop_bound(start_m), loop_bound(hi), BLOCK_N):
+            dq1, dq2 = _bwd_dq_step(
+                dq1, dq2, q1r, q2r, do, lse, delta, offs_m, start_n, seq_len, tok0, k_base, v_base,
+                stride_kn, stride_vn, offs_h, offs_d, qk_scale, kvh * HEAD_DIM, Q,
+                True, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC, TMA,
+            )  # fmt: skip
+        _unrotate_store(
+            DQ + h * stride_dqh, dq1, dq2, sm_scale, POS, tok0, start_m, seq_len, inv_freq, TAB, rows_m, m_ok,
+            stride_dqn, offs_h, BLOCK_M, HEAD_DIM, HALF, TAB_ROWS,
         )  # fmt: skip
-    for start_n in range(loop_bound(start_m), loop_bound(tl.minimum(start_m + BLOCK_M, seq_len)), BLOCK_N):
-        dq1, dq2 = _bwd_dq_step(
-            dq1, dq2, q1r, q2r, do, lse, delta, offs_m, start_n, seq_len, tok0, k_base, v_base,
-            stride_kn, stride_vn, offs_h, offs_d, qk_scale, kvh * HEAD_DIM, Q,
-            True, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC, TMA,
-        )  # fmt: skip
-
-    _unrotate_store(
-        DQ + h * stride_dqh, dq1, dq2, sm_scale, POS, tok0, start_m, seq_len, inv_freq, TAB, rows_m, m_ok,
-        stride_dqn, offs_h, BLOCK_M, HEAD_DIM, HALF, TAB_ROWS,
-    )  # fmt: skip
 
 
 @triton.jit
@@ -358,10 +408,12 @@ def _bwd_dq_finish_kernel(
 # sum whose order, hence last bits, varies from run to run. Off until a GPU has timed it (bench_rope_attention.py).
 DQ_ATOMIC = False
 
-# The dk/dv kernel warp-specialised by Triton's Hopper pass (as rope_attention.WARP_SPEC does the forward): the (group
-# head, query tile) pairs in one masked loop, a producer warpgroup for the q and dO copies, two consumer warpgroups of
-# 64 keys; k and v by bulk copy; dk (w.r.t. the rotated k) into an fp32 buffer that the finishing pass scales and
-# rotates back. Not with DQ_ATOMIC (dq's adds stop the pass). Off until a GPU has timed and checked it.
+# The backward's kernels warp-specialised by Triton's Hopper pass (as rope_attention.WARP_SPEC does the forward): the
+# dk/dv kernel's (group head, query tile) pairs in one masked loop, k and v by bulk copy too; the dq kernel's key
+# tiles in one masked loop, q, do and the delta kernel's blocked lse and delta by bulk copy; each with a producer
+# warpgroup for the copies and two consumer warpgroups of 64 rows; dk and dq (w.r.t. the rotated k and q) into fp32
+# buffers that the finishing pass scales and rotates back. The dk/dv kernel not with DQ_ATOMIC (dq's adds stop the
+# pass). Off until a GPU has timed and checked it.
 WARP_SPEC = False
 
 
@@ -385,6 +437,12 @@ _BWD_WS_SHAPES = ((32, 4, 2), (16, 4, 2), (16, 4, 3))
 _dkdv_ws_tuned = triton.autotune(_configs("BLOCK_M", _BWD_WS_SHAPES, ("K", "V")), key=_KEY, prune_configs_by=_PRUNE)(
     _bwd_dkdv_kernel
 )
+# and the warp-specialised dq (WARP_SPEC): (key tile, warps, stages) that ptxas builds without spills within 227 KiB
+# of shared memory at D = 128 bf16 (64-key tiles in 3 stages take 247 KiB, 128-key ones 329)
+_DQ_WS_SHAPES = ((64, 4, 2), (32, 4, 2), (32, 4, 3))
+_dq_ws_tuned = triton.autotune(
+    _configs("BLOCK_N", _DQ_WS_SHAPES, ("Q", "DO", "LSE", "DELTA")), key=_KEY, prune_configs_by=_PRUNE
+)(_bwd_dq_kernel)
 
 # --------------------------------------------------------------------------------- host launchers --
 
@@ -429,11 +487,6 @@ def _rope_attention_bwd(
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     positions = positions.to(q.device).contiguous()  # the kernels index it as a flat array
     inv_freq, tab = rope_tables(d, rope_theta, q.device)
-    delta = torch.empty(hq, n, dtype=torch.float32, device=q.device)
-    block_t = 16 if INTERPRET else 64
-    _bwd_delta_kernel[(triton.cdiv(n, block_t), hq)](
-        out, do, delta, out.stride(0), out.stride(1), do.stride(0), do.stride(1), n, HEAD_DIM=d, BLOCK_T=block_t
-    )
     common = dict(GROUP=hq // hkv, HEAD_DIM=d, HALF=max(d // 2, 16), TAB_ROWS=TAB_ROWS, **_dot_args(q.dtype))
     # the inner loops' tiles by tensor descriptor where they can (attention_tiles.use_tma): dk/dv reads q and do,
     # dq reads k and v; an explicit config's TMA key says instead
@@ -451,6 +504,30 @@ def _rope_attention_bwd(
     if ws and why:
         raise ValueError(f"dkdv_config WARP_SPEC=True, but {why}")
     ws = (WARP_SPEC and why is None) if ws is None else ws
+    # the dq kernel likewise (WARP_SPEC, or dq_config's key): q and do by bulk copy too, lse and delta from blocked
+    # copies the delta kernel writes, and dq by the finishing pass
+    dq_config, dq_ws = _pop_switch(dq_config, "WARP_SPEC", None)
+    why = _warp_spec_refused(q.dtype, dq_tma and _tma_refused(d, q, do) is None)
+    if dq_ws and why:
+        raise ValueError(f"dq_config WARP_SPEC=True, but {why}")
+    dq_ws = not atomic and ((WARP_SPEC and why is None) if dq_ws is None else dq_ws)
+
+    delta = torch.empty(hq, n, dtype=torch.float32, device=q.device)
+    delta_args = (out, do, delta, lse, delta, cu, cu, out.stride(0), out.stride(1), do.stride(0), do.stride(1), n, 0)
+    dq_in = (q, do, lse, delta, dq)  # (what the dq kernel reads and writes)
+    if dq_ws:
+        block = dq_config["BLOCK_M"] if dq_config else _BLOCK  # (the dq kernel's query block, its grid)
+        cu_blk, grid0, n_steps = _block_index(cu, n, block)
+        blk = torch.empty(2, hq, grid0 * block, dtype=torch.float32, device=q.device)
+        delta_args = (*delta_args[:4], blk, cu, cu_blk, *delta_args[7:12], cu.numel() - 1)
+        _bwd_delta_kernel[(grid0, hq)](*delta_args, HEAD_DIM=d, BLOCK_T=block, N_STEPS=n_steps, BLOCKED=True)
+        dq_in = (rows_descriptor(q, block), rows_descriptor(do, block), flat_descriptor(blk[0], block))
+        dq_in += (flat_descriptor(blk[1], block), torch.empty(n, hq, d, dtype=torch.float32, device=q.device))
+    else:
+        block_t = 16 if INTERPRET else 64
+        _bwd_delta_kernel[(triton.cdiv(n, block_t), hq)](
+            *delta_args, HEAD_DIM=d, BLOCK_T=block_t, N_STEPS=0, BLOCKED=False
+        )
     # fp32 sums scaled and rotated back after: dq's (DQ_ATOMIC) or dk's w.r.t. the rotated k (WARP_SPEC)
     dqa = dv  # (a placeholder)
     if atomic:
@@ -471,8 +548,8 @@ def _rope_attention_bwd(
     dkdv_args = lambda cu_blk: (qd, k_in, v_in, dod, lse, delta, dk, dv, dqad, positions, cu, cu_blk, inv_freq, tab,
                                 *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dqa.stride(0),
                                 dqa.stride(1), *scalars)  # fmt: skip
-    dq_args = lambda cu_blk: (q, kd, vd, do, lse, delta, dq, positions, cu, cu_blk, inv_freq, tab, *strides,
-                              dq.stride(0), dq.stride(1), *scalars)  # fmt: skip
+    dq_args = lambda cu_blk: (dq_in[0], kd, vd, *dq_in[1:], positions, cu, cu_blk, inv_freq, tab, *strides,
+                              dq_in[4].stride(0), dq_in[4].stride(1), *scalars)  # fmt: skip
     _launch(
         _bwd_dkdv_kernel, _dkdv_ws_tuned if ws else _dkdv_tuned, hkv, dkdv_args, cu, n, "BLOCK_N", "BLOCK_M",
         dkdv_config, ("K", "V"), **common, TMA=dkdv_tma, DQ_ATOMIC=atomic, WARP_SPEC=ws,
@@ -490,5 +567,10 @@ def _rope_attention_bwd(
     if atomic:
         finish(dqa, dq)
     else:
-        _launch(_bwd_dq_kernel, _dq_tuned, hq, dq_args, cu, n, "BLOCK_M", "BLOCK_N", dq_config, **common, TMA=dq_tma)
+        _launch(
+            _bwd_dq_kernel, _dq_ws_tuned if dq_ws else _dq_tuned, hq, dq_args, cu, n, "BLOCK_M", "BLOCK_N", dq_config,
+            ("Q", "DO", "LSE", "DELTA"), **common, TMA=dq_tma, WARP_SPEC=dq_ws,
+        )  # fmt: skip
+        if dq_ws:
+            finish(dq_in[4], dq)
     return dq, dk, dv

@@ -104,18 +104,22 @@ def test_forward_backward_poisoned(dtype, hq, hkv, d, theta, variant):
     cfg = {"prepass": dict(Q_PREPASS=True), "warp spec": dict(WARP_SPEC=True)}.get(variant)
     cfg = cfg and dict(BLOCK_M=32, BLOCK_N=16, **cfg)
     dkdv = dict(BLOCK_N=32, BLOCK_M=16, TMA=variant == "atomic tma", DQ_ATOMIC=True) if "atomic" in variant else None
+    dqc = None
     if variant == "warp spec":
-        dkdv = dict(BLOCK_N=32, BLOCK_M=16, WARP_SPEC=True)
+        dkdv, dqc = dict(BLOCK_N=32, BLOCK_M=16, WARP_SPEC=True), dict(BLOCK_M=32, BLOCK_N=16, WARP_SPEC=True)
     if variant == "warp spec" and q.is_cuda:  # (compiled: two consumer warpgroups of 64 rows, 12 warps in all)
         if dtype == torch.float32:
             pytest.skip("fp32 has no warpgroup MMA: the warp-specialised kernels are refused on a GPU")
         cfg.update(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2)
         dkdv.update(BLOCK_N=128, BLOCK_M=32, num_warps=4, num_stages=2)
+        dqc.update(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2)
     _, _, q_rot, k_rot = _rope_attention_fwd(
         q, k, v, positions, cu, theta, scale, out=out, lse=lse, save_rotated=True, config=cfg
     )
     dq, dk, dv = (torch.full_like(x, float("nan")) for x in (q, k, v))
-    _rope_attention_bwd(do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dq, dk, dv, dkdv_config=dkdv)
+    _rope_attention_bwd(
+        do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dq, dk, dv, dkdv_config=dkdv, dq_config=dqc
+    )
 
     ref_out, ref_lse, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, theta, do)
     _close(out, ref_out, dtype, "out")
@@ -182,7 +186,7 @@ def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma, atomic, ws):
     fwd = dict(BLOCK_M=32, BLOCK_N=16, TMA=tma, **({"WARP_SPEC": True} if ws else {}))
     dkdv, dq_cfg = dict(BLOCK_N=32, BLOCK_M=16, TMA=tma, DQ_ATOMIC=atomic), dict(BLOCK_M=32, BLOCK_N=16, TMA=tma)
     if ws:
-        dkdv["WARP_SPEC"] = True
+        dkdv["WARP_SPEC"] = dq_cfg["WARP_SPEC"] = True
     dq_cfg = None if atomic else dq_cfg
     scale = 1.0 / math.sqrt(32)
     out, lse, q_rot, k_rot = _rope_attention_fwd(q, k, v, positions, cu, 1e4, scale, save_rotated=True, config=fwd)
@@ -230,8 +234,8 @@ def test_dq_atomic_switch_and_refusal():
 def test_the_prepass_switch_on_the_public_api_with_qkv_views(switch):
     """rope_attention.Q_PREPASS (and WARP_SPEC, which implies it, with rope_attention_bwd.WARP_SPEC) drives the
     autograd path: q, k, v views of one fused projection (q's token stride is not Hq * D: the pre-pass reads it
-    strided and writes q_rot packed; v's rows are strided), grads through all three. The warp-specialised forward
-    and dk/dv kernel are the ones that run (the launches counted)."""
+    strided and writes q_rot packed; v's rows are strided), grads through all three. The warp-specialised forward,
+    dk/dv and dq kernels are the ones that run (the launches counted)."""
     from kernels import attention_tiles
     from kernels import rope_attention as ra
     from kernels import rope_attention_bwd as ra_bwd
@@ -252,7 +256,7 @@ def test_the_prepass_switch_on_the_public_api_with_qkv_views(switch):
         out = rope_attention(q, k, v, positions, cu, rope_theta=500.0)
         out.backward(do)
     ws = switch == "WARP_SPEC" and attention_tiles._warp_spec_refused(qkv.dtype, True, None) is None
-    assert launches == [("_fwd_kernel", ws), ("_bwd_dkdv_kernel", ws), ("_bwd_dq_kernel", None)]
+    assert launches == [("_fwd_kernel", ws), ("_bwd_dkdv_kernel", ws), ("_bwd_dq_kernel", ws)]
     ref_out, _, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, 500.0, do)
     _close(out.detach(), ref_out, torch.float32, "out")
     for name, g, ref in (
@@ -345,6 +349,11 @@ def test_warp_spec_where_it_can_refused_by_name_elsewhere():
         bwd(DQ_ATOMIC=True)
     with pytest.raises(ValueError, match=r"dkdv_config WARP_SPEC=True, but its tiles are not all read by TMA"):
         bwd(TMA=False)
+    with pytest.raises(ValueError, match=r"dq_config WARP_SPEC=True, but its tiles are not all read by TMA"):
+        _rope_attention_bwd(
+            torch.randn_like(q), q_rot, k_rot, v, out, lse, positions, cu, 1e4, 0.125,
+            dq_config=dict(BLOCK_M=32, BLOCK_N=16, WARP_SPEC=True, TMA=False),
+        )  # fmt: skip
     assert attention_tiles._warp_spec_refused(torch.float32, True, None) is None  # (the interpreter emulates fp32 dots)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(attention_tiles, "INTERPRET", False)
