@@ -199,25 +199,24 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     k_base, v_base = _bases(K, V, kvh, stride_kh, stride_vh, TMA)
-    like = O  # (the inputs' dtype: Q may be a descriptor)
     if WARP_SPEC:  # every key tile [0, hi) in one warp-specialised loop, all masked
         for start_n in tl.range(0, loop_bound(hi), BLOCK_N, warp_specialize=True):
             acc, l_i, m_i = _fwd_step(
                 acc, l_i, m_i, q1r, q2r, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn,
-                offs_h, offs_d, qk_scale, kvh * HEAD_DIM, like, True, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC, TMA,
+                offs_h, offs_d, qk_scale, kvh * HEAD_DIM, Q, True, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC, TMA,
             )  # fmt: skip
     else:
         # off-diagonal key tiles [0, start_m): all visible, no mask
         for start_n in range(0, loop_bound(start_m), BLOCK_N):
             acc, l_i, m_i = _fwd_step(
                 acc, l_i, m_i, q1r, q2r, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn,
-                offs_h, offs_d, qk_scale, kvh * HEAD_DIM, like, False, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC, TMA,
+                offs_h, offs_d, qk_scale, kvh * HEAD_DIM, Q, False, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC, TMA,
             )  # fmt: skip
         # diagonal key tiles [start_m, hi): causal mask
         for start_n in range(loop_bound(start_m), loop_bound(hi), BLOCK_N):
             acc, l_i, m_i = _fwd_step(
                 acc, l_i, m_i, q1r, q2r, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn,
-                offs_h, offs_d, qk_scale, kvh * HEAD_DIM, like, True, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC, TMA,
+                offs_h, offs_d, qk_scale, kvh * HEAD_DIM, Q, True, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC, TMA,
             )  # fmt: skip
 
     acc = acc / l_i[:, None]
@@ -237,12 +236,12 @@ Q_PREPASS = False
 # for the K/V bulk copies, two consumer warpgroups of 64 query rows, registers moved to the consumers (setmaxnreg);
 # FlashAttention-3's layout, compiled from the same kernel. It needs the tiles by TMA and q rotated by the pre-pass
 # (so it implies Q_PREPASS), and bf16/fp16 inputs on the GPU. Off until a GPU has timed and checked it
-# (bench_rope_attention.py: the row "ours, warp-specialised forward", and the sweep).
+# (bench_rope_attention.py: the row "ours, warp-specialised", and the sweep).
 WARP_SPEC = False
 
 # the autotuned GPU variants (attention_tiles._configs, _FWD_SHAPES); the warp-specialised one at 4 warps a
 # partition (12 in all), with 128-key tiles in 2 stages (224 KiB of shared memory at D = 128) or 64-key in 2 or 3
-_fwd_tuned = triton.autotune(_configs("BLOCK_N", _FWD_SHAPES, ("Q",)), key=_KEY, prune_configs_by=_PRUNE)(_fwd_kernel)
+_fwd_tuned = triton.autotune(_configs("BLOCK_N", _FWD_SHAPES), key=_KEY, prune_configs_by=_PRUNE)(_fwd_kernel)
 _FWD_WS_SHAPES = ((128, 4, 2), (64, 4, 2), (64, 4, 3))
 _fwd_ws_tuned = triton.autotune(_configs("BLOCK_N", _FWD_WS_SHAPES, ("Q",)), key=_KEY, prune_configs_by=_PRUNE)(
     _fwd_kernel

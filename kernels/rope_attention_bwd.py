@@ -213,7 +213,7 @@ def _bwd_dkdv_kernel(
             dk1, dk2, dv = _bwd_dkdv_step(
                 dk1, dk2, dv, k1r, k2r, v, offs_n, start_n + (it - g * n_q) * BLOCK_M, seq_len, tok0, Q, DO,
                 LSE + h * n_tokens, DELTA + h * n_tokens, stride_qn, stride_don, offs_h, offs_d, qk_scale,
-                h * HEAD_DIM, DK, DQA, stride_dqan, True, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA, False,
+                h * HEAD_DIM, K, DQA, stride_dqan, True, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA, False,
             )  # fmt: skip
     else:
         diag_end = tl.minimum(start_n + BLOCK_N, seq_len)
@@ -230,23 +230,20 @@ def _bwd_dkdv_kernel(
                 dk1, dk2, dv = _bwd_dkdv_step(
                     dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base,
                     delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale, h * HEAD_DIM, K, dqa_base,
-                    stride_dqan,
-                    True, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA, DQ_ATOMIC,
+                    stride_dqan, True, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA, DQ_ATOMIC,
                 )  # fmt: skip
             for start_m in range(loop_bound(start_n + BLOCK_N), loop_bound(full_end), BLOCK_M):
                 dk1, dk2, dv = _bwd_dkdv_step(
                     dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base,
                     delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale, h * HEAD_DIM, K, dqa_base,
-                    stride_dqan,
-                    False, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA, DQ_ATOMIC,
+                    stride_dqan, False, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA, DQ_ATOMIC,
                 )  # fmt: skip
             last = tl.maximum(full_end, start_n + BLOCK_N)
             for start_m in range(loop_bound(last), loop_bound(seq_len), BLOCK_M):
                 dk1, dk2, dv = _bwd_dkdv_step(
                     dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base,
                     delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale, h * HEAD_DIM, K, dqa_base,
-                    stride_dqan,
-                    True, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA, DQ_ATOMIC,
+                    stride_dqan, True, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA, DQ_ATOMIC,
                 )  # fmt: skip
 
     # dv first: its registers are free before the rotation's temporaries are needed
