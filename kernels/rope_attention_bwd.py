@@ -217,8 +217,6 @@ def _bwd_dkdv_kernel(
             )  # fmt: skip
     else:
         diag_end = tl.minimum(start_n + BLOCK_N, seq_len)
-        # query tiles: the diagonal ones [start_n, start_n + BLOCK_N) (causal mask), the later whole ones (no mask),
-        # and the sequence's last tile if partial (rows past the end masked)
         full_end = start_n + BLOCK_N + (seq_len - start_n - BLOCK_N) // BLOCK_M * BLOCK_M
         for g in range(GROUP):
             h = kvh * GROUP + g
@@ -226,25 +224,21 @@ def _bwd_dkdv_kernel(
             dqa_base = DQA if TMA else DQA + h * stride_dqah
             lse_base = LSE + h * n_tokens
             delta_base = DELTA + h * n_tokens
-            for start_m in range(loop_bound(start_n), loop_bound(diag_end), BLOCK_M):
-                dk1, dk2, dv = _bwd_dkdv_step(
-                    dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base,
-                    delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale, h * HEAD_DIM, K, dqa_base,
-                    stride_dqan, True, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA, DQ_ATOMIC,
-                )  # fmt: skip
-            for start_m in range(loop_bound(start_n + BLOCK_N), loop_bound(full_end), BLOCK_M):
-                dk1, dk2, dv = _bwd_dkdv_step(
-                    dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base,
-                    delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale, h * HEAD_DIM, K, dqa_base,
-                    stride_dqan, False, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA, DQ_ATOMIC,
-                )  # fmt: skip
-            last = tl.maximum(full_end, start_n + BLOCK_N)
-            for start_m in range(loop_bound(last), loop_bound(seq_len), BLOCK_M):
-                dk1, dk2, dv = _bwd_dkdv_step(
-                    dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base,
-                    delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale, h * HEAD_DIM, K, dqa_base,
-                    stride_dqan, True, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA, DQ_ATOMIC,
-                )  # fmt: skip
+            # query tiles: the diagonal ones [start_n, start_n + BLOCK_N) (causal mask), the later whole ones (no
+            # mask), and the sequence's last tile if partial (rows past the end masked)
+            for part in tl.static_range(3):
+                if part == 0:
+                    lo, end = start_n, diag_end
+                elif part == 1:
+                    lo, end = start_n + BLOCK_N, full_end
+                else:
+                    lo, end = tl.maximum(full_end, start_n + BLOCK_N), seq_len
+                for start_m in range(loop_bound(lo), loop_bound(end), BLOCK_M):
+                    dk1, dk2, dv = _bwd_dkdv_step(
+                        dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base,
+                        delta_base, stride_qn, stride_don, offs_h, offs_d, qk_scale, h * HEAD_DIM, K, dqa_base,
+                        stride_dqan, part != 1, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA, DQ_ATOMIC,
+                    )  # fmt: skip
 
     # dv first: its registers are free before the rotation's temporaries are needed
     _store_tile(DV + kvh * stride_dvh, dv, rows_n, n_ok, stride_dvn, offs_d, HEAD_DIM, False)
