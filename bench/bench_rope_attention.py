@@ -76,8 +76,8 @@ def _padded_sdpa(q, k, v, *, cos, sin, batch, seqlen, backend):
 
 def check_against_reference(hq: int, hkv: int, d: int, dtype: torch.dtype, theta: float) -> None:
     """Before timing on a GPU: ours vs the fp32 reference on a small packed batch (fwd and grads), at the modules'
-    defaults and with each opt-in switch the bench times flipped (the forward warp-specialised or not, dq by atomic
-    adds or by its own kernel)."""
+    defaults and with each opt-in switch the bench times flipped (the three kernels warp-specialised or not, dq by
+    atomic adds or by its own kernel)."""
     from kernels import rope_attention as ra
     from kernels import rope_attention_bwd
 
@@ -115,7 +115,7 @@ _DEFAULTS: dict = {}
 
 def _ours(q, k, v, *, positions, cu, theta, tma=None, dq_atomic=None, warp_spec=None, run=True):
     """rope_attention with its inner tiles by tensor descriptor or by pointer loads (tma True / False), dq by its own
-    kernel or by the dk/dv kernel's atomic adds (dq_atomic False / True), the forward and the dk/dv kernel
+    kernel or by the dk/dv kernel's atomic adds (dq_atomic False / True), the forward, dk/dv and dq kernels
     warp-specialised or not (warp_spec: rope_attention's and rope_attention_bwd's WARP_SPEC both); None: the modules'
     defaults. The switches stay set until the next call: the backward that follows a forward in a timing loop reads
     them. run False: only set them."""

@@ -69,8 +69,9 @@ def _close(actual, expected, dtype, name):
 # is) and "atomic tma" / "atomic ptr" (rope_attention_bwd.DQ_ATOMIC: no dq kernel, dq's shares added by the dk/dv
 # kernel into an fp32 sum, by bulk reduce through a tensor descriptor or by atomics of the rows that exist, then
 # scaled and rotated back by a finishing pass whose tiles span sequences), "warp spec" (rope_attention.WARP_SPEC and
-# rope_attention_bwd.WARP_SPEC: the forward's and the dk/dv kernel's one masked loop, the outer tiles by tensor
-# descriptor, programs past the last block store nothing, dk rotated back by the finishing pass)
+# rope_attention_bwd.WARP_SPEC: each of the three kernels' one masked loop, the outer tiles by tensor descriptor,
+# programs past the last block store nothing, dk and dq rotated back by the finishing pass, dq's lse and delta from
+# the delta kernel's copy laid out by query block)
 @pytest.mark.parametrize(
     "dtype,hq,hkv,d,theta,variant",
     [
@@ -170,11 +171,11 @@ def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma, atomic, ws):
     tiles) or masked zeros (pointer loads): either way they must not reach the sequence's results. With every
     input and output gradient of the middle sequence inf or NaN, the two around it match float64, forward and
     backward, by tensor-descriptor (TMA) tiles and by pointer loads, dq by its own kernel and by the dk/dv kernel's
-    atomic adds (whose whole-tile bulk reduces reach the neighbour's rows), and the warp-specialised forward and dk/dv
-    kernel (their outer tiles by bulk copy too: the last tile's rows past the end are the neighbour's). Lengths end
+    atomic adds (whose whole-tile bulk reduces reach the neighbour's rows), and the three kernels warp-specialised
+    (their outer tiles by bulk copy too: the last tile's rows past the end are the neighbour's). Lengths end
     inside the tiles of every kernel (the dk/dv kernel's last, partial query tile included)."""
     if ws and torch.empty(0).is_cuda:
-        pytest.skip("fp32 has no warpgroup MMA: the warp-specialised forward is refused on a GPU")
+        pytest.skip("fp32 has no warpgroup MMA: the warp-specialised kernels are refused on a GPU")
     lengths = [45, 23, 37]
     cu, positions = _pack(lengths)
     n = int(cu[-1])
