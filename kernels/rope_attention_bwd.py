@@ -504,21 +504,25 @@ def _rope_attention_bwd(
     dq_ws = not atomic and ((WARP_SPEC and why is None) if dq_ws is None else dq_ws)
 
     delta = torch.empty(hq, n, dtype=torch.float32, device=q.device)
-    delta_args = (out, do, delta, lse, delta, cu, cu, out.stride(0), out.stride(1), do.stride(0), do.stride(1), n, 0)
-    dq_in = (q, do, lse, delta, dq)  # (what the dq kernel reads and writes)
+    od_strides = (out.stride(0), out.stride(1), do.stride(0), do.stride(1))
     if dq_ws:
         block = dq_config["BLOCK_M"] if dq_config else _BLOCK  # (the dq kernel's query block, its grid)
         cu_blk, grid0, n_steps = _block_index(cu, n, block)
-        blk = torch.empty(2, hq, grid0 * block, dtype=torch.float32, device=q.device)
-        delta_args = (*delta_args[:4], blk, cu, cu_blk, *delta_args[7:12], cu.numel() - 1)
-        _bwd_delta_kernel[(grid0, hq)](*delta_args, HEAD_DIM=d, BLOCK_T=block, N_STEPS=n_steps, BLOCKED=True)
-        dq_in = (rows_descriptor(q, block), rows_descriptor(do, block), flat_descriptor(blk[0], block))
-        dq_in += (flat_descriptor(blk[1], block), torch.empty(n, hq, d, dtype=torch.float32, device=q.device))
+        by_block = torch.empty(2, hq, grid0 * block, dtype=torch.float32, device=q.device)  # (lse, delta)
+        _bwd_delta_kernel[(grid0, hq)](
+            out, do, delta, lse, by_block, cu, cu_blk, *od_strides, n, cu.numel() - 1,
+            HEAD_DIM=d, BLOCK_T=block, N_STEPS=n_steps, BLOCKED=True,
+        )  # fmt: skip
+        dq_q, dq_do = rows_descriptor(q, block), rows_descriptor(do, block)
+        dq_lse, dq_delta = flat_descriptor(by_block[0], block), flat_descriptor(by_block[1], block)
+        dq_out = torch.empty(n, hq, d, dtype=torch.float32, device=q.device)  # (w.r.t. the rotated q: finished after)
     else:
         block_t = 16 if INTERPRET else 64
-        _bwd_delta_kernel[(triton.cdiv(n, block_t), hq)](
-            *delta_args, HEAD_DIM=d, BLOCK_T=block_t, N_STEPS=0, BLOCKED=False
-        )
+        _bwd_delta_kernel[(triton.cdiv(n, block_t), hq)](  # (LSE, BLK, CU_SEQ, CU_BLK unread)
+            out, do, delta, lse, delta, cu, cu, *od_strides, n, 0, HEAD_DIM=d, BLOCK_T=block_t, N_STEPS=0,
+            BLOCKED=False,
+        )  # fmt: skip
+        dq_q, dq_do, dq_lse, dq_delta, dq_out = q, do, lse, delta, dq
     # fp32 sums scaled and rotated back after: dq's (DQ_ATOMIC) or dk's w.r.t. the rotated k (WARP_SPEC)
     dqa = dv  # (a placeholder)
     if atomic:
@@ -539,8 +543,8 @@ def _rope_attention_bwd(
     dkdv_args = lambda cu_blk: (qd, k_in, v_in, dod, lse, delta, dk, dv, dqad, positions, cu, cu_blk, inv_freq, tab,
                                 *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dqa.stride(0),
                                 dqa.stride(1), *scalars)  # fmt: skip
-    dq_args = lambda cu_blk: (dq_in[0], kd, vd, *dq_in[1:], positions, cu, cu_blk, inv_freq, tab, *strides,
-                              dq_in[4].stride(0), dq_in[4].stride(1), *scalars)  # fmt: skip
+    dq_args = lambda cu_blk: (dq_q, kd, vd, dq_do, dq_lse, dq_delta, dq_out, positions, cu, cu_blk, inv_freq, tab,
+                              *strides, dq_out.stride(0), dq_out.stride(1), *scalars)  # fmt: skip
     _launch(
         _bwd_dkdv_kernel, _dkdv_ws_tuned if ws else _dkdv_tuned, hkv, dkdv_args, cu, n, "BLOCK_N", "BLOCK_M",
         dkdv_config, ("K", "V"), **common, TMA=dkdv_tma, DQ_ATOMIC=atomic, WARP_SPEC=ws,
@@ -563,5 +567,5 @@ def _rope_attention_bwd(
             ("Q", "DO", "LSE", "DELTA"), **common, TMA=dq_tma, WARP_SPEC=dq_ws,
         )  # fmt: skip
         if dq_ws:
-            finish(dq_in[4], dq)
+            finish(dq_out, dq)
     return dq, dk, dv
