@@ -267,8 +267,8 @@ def _descriptor_hook(inner_name: str, fixed: tuple[str, ...], nargs: dict) -> No
 
 def _set_blocks(named: dict, rows: int, head_dim: int, fixed: tuple[str, ...] = ()) -> None:
     """Give every tensor descriptor among a launch's arguments (name -> value) the block its kernel loads: [inner
-    tile, HEAD_DIM]; those named in `fixed` keep theirs (a [sequence block, HEAD_DIM] tile: the warp-specialised
-    forward's q)."""
+    tile, HEAD_DIM]; those named in `fixed` keep theirs (a sequence block's tile: the warp-specialised kernels' q,
+    k and v, do, and the dq kernel's 1-D lse and delta)."""
     for name, a in named.items():
         if isinstance(a, TensorDescriptor) and name not in fixed:
             a.block_shape = [rows, head_dim]
