@@ -25,6 +25,10 @@ _LOG2E = 1.4426950408889634
 # kernels, and the inner tile sizes used under the interpreter (small, so that the tests run the
 # off-diagonal loop and several diagonal sub-tiles on short sequences).
 _BLOCK = 32 if INTERPRET else 128
+# Each kernel's own sequence block where a launch gives none (its grid: a forward or dq program's query rows, a dk/dv
+# program's key rows): None is _BLOCK. A sweep's winner at another block (bench_rope_attention.py --sweep, the first
+# number of each variant) becomes the default here, for training and prefill alike; a power of two from 16 to 256.
+SEQ_BLOCKS = {"fwd": None, "dkdv": None, "dq": None}
 _INNER_INTERPRET = 16
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -274,6 +278,18 @@ def _set_blocks(named: dict, rows: int, head_dim: int, fixed: tuple[str, ...] = 
             a.block_shape = [rows, head_dim]
 
 
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Autotune's early prune: the inner tiles that divide the launch's sequence block (SEQ_BLOCKS may set a 64-row
+    block, which a 128-wide inner tile does not fit), then _prune_fp32's."""
+    fits = [c for c in configs if all(kwargs.get(_OTHER_BLOCK[k], v) % v == 0 for k, v in c.kwargs.items())]
+    if not fits:
+        raise ValueError(f"no autotuned inner tile of {[c.kwargs for c in configs]} divides the sequence block")
+    return _prune_fp32(fits, named_args, **kwargs)
+
+
+_OTHER_BLOCK = {"BLOCK_M": "BLOCK_N", "BLOCK_N": "BLOCK_M"}  # (an inner tile's name -> its sequence block's)
+
+
 def _prune_fp32(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Autotune's early prune: with fp32 operands (tests and fp32 runs, not the engine's bf16 path) only the two
     smallest inner tiles (the fewest stages first). The others spill registers or overflow shared memory in fp32 (a
@@ -284,7 +300,7 @@ def _prune_fp32(configs: list[triton.Config], named_args: dict, **kwargs) -> lis
     return sorted(configs, key=lambda c: (sorted(c.kwargs.values()), c.num_stages))[:2]
 
 
-_PRUNE = {"early_config_prune": _prune_fp32}
+_PRUNE = {"early_config_prune": _prune}
 
 
 # (inner tile, warps, stages). Offline sm_90 builds at D=128 bf16 (bench_rope_attention.py --ptxas, with the
@@ -295,8 +311,9 @@ _PRUNE = {"early_config_prune": _prune_fp32}
 # tune_bucket (an argument the kernels do not read): tokens in coarse buckets, so a config tuned on a small prefill
 # (a few hundred programs, launch-bound) is not reused for a training micro-batch or a long prefill, nor the reverse;
 # TMA: tiles by tensor descriptor and by pointer loads tune apart; DQ_ATOMIC (dk/dv's only): with dq's adds or without;
-# ROTATE_Q (the forward's only): q rotated in its prologue or by the pre-pass
-_KEY = ["HEAD_DIM", "GROUP", "tune_bucket", "TMA", "DQ_ATOMIC", "ROTATE_Q"]
+# ROTATE_Q (the forward's only): q rotated in its prologue or by the pre-pass; the sequence block (BLOCK_M of the
+# forward and dq, BLOCK_N of dk/dv: SEQ_BLOCKS may change it between launches; the inner tile is not in the key)
+_KEY = ["HEAD_DIM", "GROUP", "tune_bucket", "TMA", "DQ_ATOMIC", "ROTATE_Q", "BLOCK_M", "BLOCK_N"]
 _FWD_SHAPES = ((64, 8, 2), (64, 8, 3), (64, 8, 4), (128, 8, 2), (128, 8, 3), (32, 8, 3))
 _BWD_SHAPES = ((16, 8, 2), (16, 8, 3), (32, 8, 2), (32, 8, 3), (64, 8, 2), (32, 4, 2))
 
@@ -333,18 +350,30 @@ def tune_bucket(n_tokens: int) -> int:
     return min(3, max(0, (n_tokens.bit_length() - 10) // 2))
 
 
+def seq_block(kernel: str, config: dict | None, name: str) -> int:
+    """The sequence block of a launch of `kernel` ("fwd", "dkdv" or "dq"): an explicit config's entry `name`, else
+    SEQ_BLOCKS' (checked here: a power of two from 16 to 256), else _BLOCK."""
+    if config:
+        return config[name]
+    block = SEQ_BLOCKS[kernel]
+    if block is None:
+        return _BLOCK
+    if not isinstance(block, int) or block < 16 or block > 256 or block & (block - 1):
+        raise ValueError(f"attention_tiles.SEQ_BLOCKS[{kernel!r}] must be a power of two from 16 to 256; got {block!r}")
+    return block
+
+
 def _launch(
-    kernel, tuned, heads: int, make_args, cu: torch.Tensor, n: int, seq_block: str, inner: str,
-    config: dict | None, fixed: tuple[str, ...] = (), **meta,
+    kernel, tuned, heads: int, make_args, cu: torch.Tensor, n: int, seq_block_name: str, inner: str,
+    config: dict | None, fixed: tuple[str, ...] = (), *, block: int, **meta,
 ) -> None:  # fmt: skip
     """Launch one of the three attention kernels with an explicit config (sweeps, tests), the interpreter's small
-    inner tile, or the autotuned variants. The grid covers the blocks of the kernel's own sequence-block size
-    (`seq_block`); make_args(cu_blk) builds its arguments around that size's block index (_block_index: built once
-    per cu_seqlens and size, whichever kernel, layer or pass asks). fixed: descriptor arguments whose block the
-    caller set to the sequence block (_set_blocks leaves them)."""
-    if config and config[seq_block] % config[inner]:  # the diagonal loops step by the inner tile
-        raise ValueError(f"{inner}={config[inner]} must divide {seq_block}={config[seq_block]}: {config}")
-    block = config[seq_block] if config else _BLOCK
+    inner tile, or the autotuned variants. The grid covers the blocks of the kernel's own sequence block (`block`,
+    from seq_block, passed as `seq_block_name`); make_args(cu_blk) builds its arguments around that size's block
+    index (_block_index: built once per cu_seqlens and size, whichever kernel, layer or pass asks). fixed: descriptor
+    arguments whose block the caller set to the sequence block (_set_blocks leaves them)."""
+    if config and config[seq_block_name] % config[inner]:  # the diagonal loops step by the inner tile
+        raise ValueError(f"{inner}={config[inner]} must divide {seq_block_name}={config[seq_block_name]}: {config}")
     cu_blk, grid0, n_steps = _block_index(cu, n, block)
     args, grid = make_args(cu_blk), (grid0, heads)
     meta["tune_bucket"] = tune_bucket(n)
@@ -355,9 +384,9 @@ def _launch(
     if config:
         kernel[grid](*args, N_STEPS=n_steps, **config, **meta)
     elif INTERPRET:
-        kernel[grid](*args, N_STEPS=n_steps, **{seq_block: block, inner: _INNER_INTERPRET}, **meta)
+        kernel[grid](*args, N_STEPS=n_steps, **{seq_block_name: block, inner: _INNER_INTERPRET}, **meta)
     else:
-        tuned[grid](*args, N_STEPS=n_steps, **{seq_block: block}, **meta)
+        tuned[grid](*args, N_STEPS=n_steps, **{seq_block_name: block}, **meta)
 
 
 # The inner loops' key/value (or query/gradient) tiles through Hopper's tensor memory accelerator: a tensor

@@ -60,7 +60,6 @@ import triton.language as tl
 
 from kernels import reference
 from kernels.attention_tiles import (
-    _BLOCK,
     _FWD_SHAPES,
     _KEY,
     _LOG2E,
@@ -84,6 +83,7 @@ from kernels.attention_tiles import (
     _tile_rows,
     _warp_spec_refused,
     rows_descriptor,
+    seq_block,
 )
 from kernels.dispatch import loop_bound, use_triton
 from kernels.rope_attention_bwd import _rope_attention_bwd
@@ -351,8 +351,9 @@ def _rope_attention_fwd(
         k_rot, v = reference.read_back_kv(k_rot, v, cache["k_cache"], cache["v_cache"], cache["slot_mapping"])
     kd, vd = (rows_descriptor(k_rot), rows_descriptor(v)) if tma else (k_rot, v)
     q_in = q_src = q_rot if prepass else q
+    block = seq_block("fwd", config, "BLOCK_M")
     if ws:  # q's tile by bulk copy too: a [sequence block, D] block, which the launch leaves as it is
-        q_in = rows_descriptor(q_rot, config["BLOCK_M"] if config else _BLOCK)
+        q_in = rows_descriptor(q_rot, block)
     make_args = lambda cu_blk: (
         q_in, kd, vd, out, lse, positions, cu, cu_blk, inv_freq, tab, q_rot if save_rotated else out,
         q_src.stride(0), q_src.stride(1), k_rot.stride(0), k_rot.stride(1), v.stride(0), v.stride(1),
@@ -362,7 +363,7 @@ def _rope_attention_fwd(
     meta.update(SAVE_ROT=save_rotated and not prepass, ROTATE_Q=not prepass, WARP_SPEC=ws)
     tuned = _fwd_ws_tuned if ws else _fwd_tuned
     meta.update(_dot_args(q.dtype))
-    _launch(_fwd_kernel, tuned, hq, make_args, cu, n, "BLOCK_M", "BLOCK_N", config, ("Q",), **meta)
+    _launch(_fwd_kernel, tuned, hq, make_args, cu, n, "BLOCK_M", "BLOCK_N", config, ("Q",), block=block, **meta)
     return out, lse, q_rot if save_rotated else None, k_rot
 
 

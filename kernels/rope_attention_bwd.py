@@ -18,7 +18,6 @@ import triton.language as tl
 
 from kernels import reference
 from kernels.attention_tiles import (
-    _BLOCK,
     _BWD_SHAPES,
     _KEY,
     _LOG2E,
@@ -48,6 +47,7 @@ from kernels.attention_tiles import (
     _zeros_hd,
     flat_descriptor,
     rows_descriptor,
+    seq_block,
 )
 from kernels.dispatch import INTERPRET, loop_bound
 from kernels.rotary import TAB_ROWS, rope_tables
@@ -505,8 +505,9 @@ def _rope_attention_bwd(
 
     delta = torch.empty(hq, n, dtype=torch.float32, device=q.device)
     od_strides = (out.stride(0), out.stride(1), do.stride(0), do.stride(1))
+    dq_block, dkdv_block = seq_block("dq", dq_config, "BLOCK_M"), seq_block("dkdv", dkdv_config, "BLOCK_N")
     if dq_ws:
-        block = dq_config["BLOCK_M"] if dq_config else _BLOCK  # (the dq kernel's query block, its grid)
+        block = dq_block  # (the dq kernel's query block, its grid)
         cu_blk, grid0, n_steps = _block_index(cu, n, block)
         by_block = torch.empty(2, hq, grid0 * block, dtype=torch.float32, device=q.device)  # (lse, delta)
         _bwd_delta_kernel[(grid0, hq)](
@@ -534,8 +535,7 @@ def _rope_attention_bwd(
     kd, vd = (rows_descriptor(k), rows_descriptor(v)) if dq_tma else (k, v)
     k_in, v_in = k, v
     if ws:  # (a [key block, D] tile each, which the launch leaves as it is)
-        block = dkdv_config["BLOCK_N"] if dkdv_config else _BLOCK
-        k_in, v_in = rows_descriptor(k, block), rows_descriptor(v, block)
+        k_in, v_in = rows_descriptor(k, dkdv_block), rows_descriptor(v, dkdv_block)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
     scalars = (n, cu.numel() - 1, softmax_scale * _LOG2E, softmax_scale)
     # each kernel's grid covers the blocks of its own sequence-block size (the key block of dk/dv, the query
@@ -547,7 +547,7 @@ def _rope_attention_bwd(
                               *strides, dq_out.stride(0), dq_out.stride(1), *scalars)  # fmt: skip
     _launch(
         _bwd_dkdv_kernel, _dkdv_ws_tuned if ws else _dkdv_tuned, hkv, dkdv_args, cu, n, "BLOCK_N", "BLOCK_M",
-        dkdv_config, ("K", "V"), **common, TMA=dkdv_tma, DQ_ATOMIC=atomic, WARP_SPEC=ws,
+        dkdv_config, ("K", "V"), block=dkdv_block, **common, TMA=dkdv_tma, DQ_ATOMIC=atomic, WARP_SPEC=ws,
     )  # fmt: skip
 
     def finish(sums, grad):  # (32-token tiles in 8 warps: ptxas gives 64-token ones 128 registers and a spill)
@@ -564,7 +564,7 @@ def _rope_attention_bwd(
     else:
         _launch(
             _bwd_dq_kernel, _dq_ws_tuned if dq_ws else _dq_tuned, hq, dq_args, cu, n, "BLOCK_M", "BLOCK_N", dq_config,
-            ("Q", "DO", "LSE", "DELTA"), **common, TMA=dq_tma, WARP_SPEC=dq_ws,
+            ("Q", "DO", "LSE", "DELTA"), block=dq_block, **common, TMA=dq_tma, WARP_SPEC=dq_ws,
         )  # fmt: skip
         if dq_ws:
             finish(dq_out, dq)

@@ -162,6 +162,74 @@ def test_explicit_launch_configs(fwd, dkdv, dq):
         _rope_attention_fwd(q, k, v, positions, cu, 10000.0, scale, config=dict(BLOCK_M=32, BLOCK_N=64))
 
 
+# each kernel's sequence block by attention_tiles.SEQ_BLOCKS (interpreter: inner tiles of 16; on a GPU the autotuned
+# inner tiles that divide it, bf16 so that the warp-specialised kernels compile)
+_SEQ_BLOCK_SETS = [(dict(fwd=64, dkdv=16, dq=64), False), (dict(fwd=16, dkdv=64, dq=32), True)]
+if os.environ.get("TULU_TEST_DEVICE", "cpu") != "cpu":
+    _SEQ_BLOCK_SETS = [(dict(fwd=64, dkdv=64, dq=64), False), (dict(fwd=64, dkdv=32, dq=128), True)]
+
+
+@pytest.mark.parametrize("blocks,ws", _SEQ_BLOCK_SETS)
+def test_sequence_blocks_by_setting(blocks, ws):
+    """attention_tiles.SEQ_BLOCKS sets each kernel's own sequence block where a launch gives none (what a sweep's
+    winner at 64 rows would become): the public API launches those blocks (the warp-specialised kernels' q, k and v
+    tiles by descriptor at that block too) and matches float64; a value the kernels cannot take is refused by name."""
+    from kernels import attention_tiles
+    from kernels import rope_attention as ra
+    from kernels import rope_attention_bwd as ra_bwd
+
+    dtype = torch.bfloat16 if ws and torch.get_default_device().type == "cuda" else torch.float32
+    cu, positions = _pack([1, 17, 64, 65, 130])
+    n = int(cu[-1])
+    q, k, v = (x.requires_grad_() for x in _inputs(n, 4, 2, 32 if dtype == torch.float32 else 64, dtype))
+    do = torch.randn_like(q)
+    launched = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention_tiles, "SEQ_BLOCKS", blocks)
+        mp.setattr(ra, "WARP_SPEC", ws)
+        mp.setattr(ra_bwd, "WARP_SPEC", ws)
+        launch = attention_tiles._launch
+        counted = lambda *a, **kw: launched.append((a[0].__name__, kw["block"], kw["WARP_SPEC"])) or launch(*a, **kw)
+        mp.setattr(ra, "_launch", counted)
+        mp.setattr(ra_bwd, "_launch", counted)
+        out = rope_attention(q, k, v, positions, cu)
+        out.backward(do)
+        names = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
+        assert launched == [(name, blocks[key], ws) for name, key in zip(names, ("fwd", "dkdv", "dq"))]
+        for bad in (48, 8, 512, 64.0):
+            mp.setitem(attention_tiles.SEQ_BLOCKS, "dq", bad)
+            with pytest.raises(ValueError, match=r"SEQ_BLOCKS\['dq'\] must be a power of two"):
+                rope_attention(q, k, v, positions, cu).backward(do)
+    ref_out, _, ref_grads = _reference(q, k, v, positions, cu, 10000.0, do)
+    _close(out.detach(), ref_out, dtype, "out")
+    for name, g, ref in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), ref_grads):
+        _close(g, ref, dtype, name)
+
+
+def test_autotune_keeps_the_inner_tiles_that_fit_the_sequence_block():
+    """A sequence block set by SEQ_BLOCKS keys the autotuner apart (a 128-row block's pick is not reused at 64) and
+    prunes the inner tiles that do not divide it; none left is an error that says so."""
+    import triton.language as tl
+
+    from kernels import attention_tiles as at
+    from kernels.rope_attention import _FWD_WS_SHAPES, _fwd_tuned
+    from kernels.rope_attention_bwd import _dkdv_tuned, _dq_tuned
+
+    def kept(inner, shapes, **kwargs):
+        return [(c.kwargs[inner], c.num_stages) for c in at._prune(at._configs(inner, shapes), {}, **kwargs)]
+
+    bf16 = dict(DOT_DTYPE=tl.bfloat16)
+    assert kept("BLOCK_N", at._FWD_SHAPES, BLOCK_M=128, **bf16) == [(b, s) for b, _, s in at._FWD_SHAPES]
+    assert kept("BLOCK_N", at._FWD_SHAPES, BLOCK_M=64, **bf16) == [(64, 2), (64, 3), (64, 4), (32, 3)]
+    assert kept("BLOCK_N", _FWD_WS_SHAPES, BLOCK_M=64, **bf16) == [(64, 2), (64, 3)]
+    assert kept("BLOCK_M", at._BWD_SHAPES, BLOCK_N=32, DOT_DTYPE=tl.float32) == [(16, 2), (16, 3)]
+    assert kept("BLOCK_M", at._BWD_SHAPES, BLOCK_N=16, **bf16) == [(16, 2), (16, 3)]
+    with pytest.raises(ValueError, match="divides the sequence block"):
+        at._prune(at._configs("BLOCK_N", _FWD_WS_SHAPES), {}, BLOCK_M=32, **bf16)
+    for tuned, seq in ((_fwd_tuned, "BLOCK_M"), (_dkdv_tuned, "BLOCK_N"), (_dq_tuned, "BLOCK_M")):
+        assert seq in tuned.keys
+
+
 @pytest.mark.parametrize(
     "tma,atomic,ws",
     [(True, False, False), (False, False, False), (True, True, False), (False, True, False), (True, False, True)],
