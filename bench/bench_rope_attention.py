@@ -435,7 +435,28 @@ def sweep(
         if ok:
             best = min(ok, key=lambda r: r["ms"])
             print(f"best {kernel}: " + " ".join(f"{k}={v}" for k, v in best.items() if k not in ("kernel",)))
+            print(f"  (as the default: {as_default(best)})")
     return rows
+
+
+# where a sweep's winner goes to become the default launch: its sequence block, and its (inner tile, warps, stages)
+# among the autotuned shapes of its kind (the warp-specialised ones apart)
+_DEFAULTS = {
+    "fwd": ("fwd", "BLOCK_M", "BLOCK_N", "attention_tiles._FWD_SHAPES", "rope_attention._FWD_WS_SHAPES"),
+    "dkdv": ("dkdv", "BLOCK_N", "BLOCK_M", "attention_tiles._BWD_SHAPES", "rope_attention_bwd._BWD_WS_SHAPES"),
+    "dkdv+dq": ("dkdv", "BLOCK_N", "BLOCK_M", "attention_tiles._BWD_SHAPES", None),
+    "dq": ("dq", "BLOCK_M", "BLOCK_N", "attention_tiles._BWD_SHAPES", "rope_attention_bwd._DQ_WS_SHAPES"),
+}
+
+
+def as_default(row: dict) -> str:
+    """What makes a sweep's row the default launch: attention_tiles.SEQ_BLOCKS, the autotuned shapes, the switches."""
+    key, seq, inner, shapes, ws_shapes = _DEFAULTS[row["kernel"]]
+    where = ws_shapes if row.get("WARP_SPEC") else shapes
+    said = [f"attention_tiles.SEQ_BLOCKS[{key!r}] = {row[seq]}", f"({row[inner]}, {row['num_warps']}, "
+            f"{row['num_stages']}) in {where}"]  # fmt: skip
+    said += [f"{name}={row[name]}" for name in ("TMA", "WARP_SPEC", "DQ_ATOMIC", "Q_PREPASS", "maxnreg") if name in row]
+    return ", ".join(said)
 
 
 def main() -> None:

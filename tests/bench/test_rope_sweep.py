@@ -6,7 +6,7 @@ import torch
 
 
 def test_rope_sweep_smoke(capsys):
-    from bench.bench_rope_attention import causal_flops, sweep
+    from bench.bench_rope_attention import as_default, causal_flops, sweep
 
     b, t, h, d = 2, 40, 2, 32
     q, k, v = (torch.randn(b * t, h, d) for _ in range(3))
@@ -27,3 +27,14 @@ def test_rope_sweep_smoke(capsys):
     assert rows[3]["WARP_SPEC"] is True and rows[7]["WARP_SPEC"] is True  # (warp-specialised: a config's switch)
     out = capsys.readouterr().out
     assert "best fwd: BLOCK_M=32 BLOCK_N=16" in out and "best dq:" in out and "best dkdv+dq:" in out
+    # each best row says what makes it the default launch: the kernel's sequence block, its shape among the autotuned
+    # ones of its kind, its switches
+    assert "best dkdv:" in out and out.count("  (as the default: attention_tiles.SEQ_BLOCKS[") == 4
+    assert as_default(rows[3]) == (
+        "attention_tiles.SEQ_BLOCKS['fwd'] = 32, (16, 4, 2) in rope_attention._FWD_WS_SHAPES, TMA=True, WARP_SPEC=True"
+    )
+    assert as_default(rows[4]) == (
+        "attention_tiles.SEQ_BLOCKS['dkdv'] = 32, (16, 4, 2) in attention_tiles._BWD_SHAPES, TMA=True, DQ_ATOMIC=True"
+    )
+    assert as_default(rows[2]).endswith("(16, 4, 2) in attention_tiles._FWD_SHAPES, TMA=False, maxnreg=168")
+    assert as_default(rows[8]).startswith("attention_tiles.SEQ_BLOCKS['dq'] = 32, (16, 4, 2) in attention_tiles._BWD")
