@@ -277,9 +277,10 @@ def ptxas_report(
     base = dict(N_STEPS=4, GROUP=group, HEAD_DIM=head_dim, HALF=max(head_dim // 2, 16), TAB_ROWS=rotary.TAB_ROWS)
     base.update(DOT_DTYPE=tl_dtype, PREC="ieee" if dtype == "fp32" else "tf32")
     tma = tma and head_dim >= 32
-    dkdv = dict(BLOCK_N=tiles._BLOCK, DQ_ATOMIC=False, WARP_SPEC=False)
-    dq = dict(BLOCK_M=tiles._BLOCK, WARP_SPEC=False)
-    fwd = dict(BLOCK_M=tiles._BLOCK, SAVE_ROT=True, ROTATE_Q=True, WARP_SPEC=False)
+    # (each kernel at the sequence block a launch takes by default: attention_tiles.SEQ_BLOCKS)
+    dkdv = dict(BLOCK_N=tiles.seq_block("dkdv", None, "BLOCK_N"), DQ_ATOMIC=False, WARP_SPEC=False)
+    dq = dict(BLOCK_M=tiles.seq_block("dq", None, "BLOCK_M"), WARP_SPEC=False)
+    fwd = dict(BLOCK_M=tiles.seq_block("fwd", None, "BLOCK_M"), SAVE_ROT=True, ROTATE_Q=True, WARP_SPEC=False)
     kernels = [  # (name, kernel, inner tile, shapes, constants, the arguments a TMA launch passes as descriptors)
         ("fwd", ra._fwd_kernel, "BLOCK_N", tiles._FWD_SHAPES, fwd, ("K", "V")),
         ("dkdv", ra_bwd._bwd_dkdv_kernel, "BLOCK_M", tiles._BWD_SHAPES, dkdv, ("Q", "DO")),
@@ -295,7 +296,7 @@ def ptxas_report(
         arg_types.update(retype or {})  # (an argument of another type in this launch)
         for a in descs:  # (a [block, D] tile of the tensor's own dtype; (name, rows): another block; rows None: 1-D)
             a, rows_ = a if isinstance(a, tuple) else (a, block)
-            shape = f"{tiles._BLOCK}" if rows_ is None else f"{rows_}, {head_dim}"
+            shape = f"{dq['BLOCK_M']}" if rows_ is None else f"{rows_}, {head_dim}"  # (1-D: dq's lse, delta)
             arg_types[a] = f"tensordesc<{types[a].lstrip('*')}[{shape}]>"
         info = ptxas_info(fn, arg_types, consts, warps, stages, maxnreg=maxnreg)
         rows.append({"kernel": name, "config": label, **info})
@@ -325,22 +326,22 @@ def ptxas_report(
     report("fwd", ra._fwd_kernel, prepass, 4, 2, label, kernels[0][5] if tma else (), 32)
     if tma:  # rope_attention.WARP_SPEC: the forward's key loop warp-specialised (a producer warpgroup for the copies,
         # two consumer warpgroups of 64 rows), q's [128, D] tile by bulk copy, at the autotuner's shapes
-        ws = {**prepass, "BLOCK_M": tiles._BLOCK, "WARP_SPEC": True}
+        ws = {**prepass, "BLOCK_M": fwd["BLOCK_M"], "WARP_SPEC": True}
         for inner, warps, stages in ra._FWD_WS_SHAPES[:configs_per_kernel]:
             label = f"BLOCK_N={inner} w={warps} s={stages} WARP_SPEC TMA"
-            descs = (("Q", tiles._BLOCK), "K", "V")  # (q's tile: the sequence block's)
+            descs = (("Q", fwd["BLOCK_M"]), "K", "V")  # (q's tile: the sequence block's)
             report("fwd", ra._fwd_kernel, {**ws, "BLOCK_N": inner}, warps, stages, label, descs, inner)
         # rope_attention_bwd.WARP_SPEC: the dk/dv kernel's query loop likewise (its K and V tiles by bulk copy too)
         ws = {**base, **dkdv, "TMA": True, "WARP_SPEC": True}
         for inner, warps, stages in ra_bwd._BWD_WS_SHAPES[:configs_per_kernel]:
             label = f"BLOCK_M={inner} w={warps} s={stages} WARP_SPEC TMA"
-            descs = (("K", tiles._BLOCK), ("V", tiles._BLOCK), "Q", "DO")
+            descs = (("K", dkdv["BLOCK_N"]), ("V", dkdv["BLOCK_N"]), "Q", "DO")
             report("dkdv", ra_bwd._bwd_dkdv_kernel, {**ws, "BLOCK_M": inner}, warps, stages, label, descs, inner)
         # and the dq kernel's key loop (q, do and the blocked lse and delta by bulk copy too)
-        ws = {**base, "BLOCK_M": tiles._BLOCK, "TMA": True, "WARP_SPEC": True}
+        ws = {**base, "BLOCK_M": dq["BLOCK_M"], "TMA": True, "WARP_SPEC": True}
         for inner, warps, stages in ra_bwd._DQ_WS_SHAPES[:configs_per_kernel]:
             label = f"BLOCK_N={inner} w={warps} s={stages} WARP_SPEC TMA"
-            descs = (("Q", tiles._BLOCK), ("DO", tiles._BLOCK), "K", "V", ("LSE", None), ("DELTA", None))
+            descs = (("Q", dq["BLOCK_M"]), ("DO", dq["BLOCK_M"]), "K", "V", ("LSE", None), ("DELTA", None))
             consts = {**ws, "BLOCK_N": inner}  # (dq w.r.t. the rotated q into fp32, for the finishing pass)
             report("dq", ra_bwd._bwd_dq_kernel, consts, warps, stages, label, descs, inner, retype={"DQ": "*fp32"})
     fin = dict(HEAD_DIM=head_dim, HALF=base["HALF"], BLOCK_T=32, TAB_ROWS=rotary.TAB_ROWS)  # (DQ_ATOMIC's last pass)
@@ -441,7 +442,7 @@ def sweep(
 
 # where a sweep's winner goes to become the default launch: its sequence block, and its (inner tile, warps, stages)
 # among the autotuned shapes of its kind (the warp-specialised ones apart)
-_DEFAULTS = {
+_AS_DEFAULT = {
     "fwd": ("fwd", "BLOCK_M", "BLOCK_N", "attention_tiles._FWD_SHAPES", "rope_attention._FWD_WS_SHAPES"),
     "dkdv": ("dkdv", "BLOCK_N", "BLOCK_M", "attention_tiles._BWD_SHAPES", "rope_attention_bwd._BWD_WS_SHAPES"),
     "dkdv+dq": ("dkdv", "BLOCK_N", "BLOCK_M", "attention_tiles._BWD_SHAPES", None),
@@ -451,7 +452,7 @@ _DEFAULTS = {
 
 def as_default(row: dict) -> str:
     """What makes a sweep's row the default launch: attention_tiles.SEQ_BLOCKS, the autotuned shapes, the switches."""
-    key, seq, inner, shapes, ws_shapes = _DEFAULTS[row["kernel"]]
+    key, seq, inner, shapes, ws_shapes = _AS_DEFAULT[row["kernel"]]
     where = ws_shapes if row.get("WARP_SPEC") else shapes
     said = [f"attention_tiles.SEQ_BLOCKS[{key!r}] = {row[seq]}", f"({row[inner]}, {row['num_warps']}, "
             f"{row['num_stages']}) in {where}"]  # fmt: skip

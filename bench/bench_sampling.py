@@ -31,7 +31,7 @@ from bench.common import (  # noqa: E402
 )
 from engine.sampler import topk_floor  # noqa: E402
 from kernels import reference  # noqa: E402
-from kernels.sampling import gumbel_sample, kth_largest  # noqa: E402
+from kernels.sampling import gumbel_sample, kth_largest, kth_largest_sharded  # noqa: E402
 
 
 def hf_sample(logits, seeds, counters, temperature, top_k=0):
@@ -81,6 +81,12 @@ def main(argv=None) -> list[dict]:
         # the floor alone: ours (radix select) against what engine/sampler.py ran before it (torch.topk's k-th value)
         impls[f"top-{k} floor: ours"] = lambda x, s, c, t: kth_largest(x, k)
         impls[f"top-{k} floor: torch.topk"] = lambda x, s, c, t: torch.topk(x, k, dim=-1).values[:, -1]
+        # under TP 2, a rank's half of the vocabulary: our five pass launches (kernels.sampling.kth_largest_sharded;
+        # its four all-reduces of B x 256 int32 not counted) against what the reference path does (the shard's top k,
+        # then an all-gather of B x k values, not counted)
+        half = lambda x: x[:, : x.shape[1] // 2]  # noqa: E731
+        impls["TP 2 shard floor: ours"] = lambda x, s, c, t: kth_largest_sharded(half(x), k, lambda hist: None)
+        impls["TP 2 shard: torch.topk"] = lambda x, s, c, t: torch.topk(half(x), k, dim=-1).values
     rows = []
     for b in args.batch:
         logits = torch.randn(b, args.vocab, device=device, dtype=dtype) * 3
@@ -103,6 +109,13 @@ def main(argv=None) -> list[dict]:
             check_close(f"top-{args.top_k} sampler batch {b} (rows drawn outside the top k)", outside, dtype, 0.0)
             floor_err = (floor_k - torch.topk(logits, args.top_k, dim=-1).values[:, -1].float()).abs().max().item()
             check_close(f"top-{args.top_k} floor batch {b} (not torch.topk's k-th value)", floor_err, dtype, 0.0)
+            # the TP floor, two ranks' shards simulated as rows (rank r's of row i: row r * b + i)
+            even = logits[:, : args.vocab // 2 * 2]
+            shards = even.reshape(b, 2, -1).transpose(0, 1).reshape(2 * b, -1)
+            summed = lambda hist, b=b: hist.copy_(hist.view(2, b, 256).sum(0).repeat(2, 1))  # noqa: E731
+            tp_floor = kth_largest_sharded(shards, args.top_k, summed).view(2, b)
+            tp_err = (tp_floor - torch.topk(even, args.top_k, dim=-1).values[:, -1].float()).abs().max().item()
+            check_close(f"top-{args.top_k} floor over TP 2 shards batch {b} (not torch.topk's)", tp_err, dtype, 0.0)
         for name, fn in impls.items():
             try:
                 call = lambda fn=fn, x=logits, s=seeds, c=counters: fn(x, s, c, args.temperature)  # noqa: E731

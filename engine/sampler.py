@@ -10,12 +10,19 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.distributed as dist
 
 from engine.config import GenerateConfig
 from engine.parallel import gather_dim, gather_from_tp, group_size
 from kernels import reference
 from kernels.reference import M32, mix32
-from kernels.sampling import combine_partial_samples, gumbel_sample, gumbel_sample_partial, kth_largest
+from kernels.sampling import (
+    combine_partial_samples,
+    gumbel_sample,
+    gumbel_sample_partial,
+    kth_largest,
+    kth_largest_sharded,
+)
 
 # below this a temperature samples what greedy decoding picks (its limit), computed as greedy: logit / T overflows
 # float32 near T = 1e-37 (every positive logit +inf, the first of them drawn)
@@ -37,14 +44,15 @@ def seed_for(base_seed: int, prompt_index: int, sample_index: int) -> int:
 
 def topk_floor(logits: torch.Tensor, top_k: int, group=None) -> torch.Tensor:
     """The k-th largest logit of each row [B] fp32: top-k sampling draws only logits >= it (ties at it included).
-    Under tensor parallelism (`group`, each rank a vocabulary shard) the ranks' own top k are gathered: B x k x tp
-    numbers instead of the B x V logits. On one rank: kernels.sampling.kth_largest (a radix select in one launch)."""
-    if group_size(group) == 1:
+    On one rank: kernels.sampling.kth_largest (a radix select in one launch). Under tensor parallelism (`group`, each
+    rank a vocabulary shard): kernels.sampling.kth_largest_sharded, the same radix select with each pass's B x 256
+    histograms summed over the ranks: four all-reduces of B x 256 int32, where each rank's torch.topk and a gather
+    of the B x k x tp values did it before."""
+    tp = group_size(group)
+    if tp == 1:
         return kth_largest(logits, min(top_k, logits.shape[-1]))
-    local = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values.float()
-    if group_size(group) > 1:
-        local = gather_dim(local, -1, group)
-    return torch.topk(local, top_k, dim=-1).values[:, -1]
+    summed = lambda hist: dist.all_reduce(hist, group=group)  # noqa: E731
+    return kth_largest_sharded(logits, min(top_k, logits.shape[-1] * tp), summed)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -74,11 +82,11 @@ def sample_tokens(
     Temperature 0 is greedy. Otherwise Gumbel-max over the temperature-scaled, top-k/top-p filtered
     logits, with the noise from kernels.reference.uniform_noise(seeds, counters): no host sync, no global RNG. Without
     top-p (the recipe's sampling, top-k or not) one fused kernel does it all (kernels/sampling.py), top-k's floor
-    (the k-th largest logit) found by torch.topk first.
+    (the k-th largest logit) found first (kernels.sampling's radix select).
     group: a tensor-parallel group whose ranks each hold a vocabulary shard [B, V / tp] starting at vocab_offset (the
     last ones -inf in the padding of a vocabulary tp does not divide: engine.parallel.shard_rows).
     Without top-p each rank samples its shard and the ranks exchange B x 4 numbers (the same token as the whole row,
-    on every rank; top-k's floor from each rank's top k); with top-p the shards are gathered first.
+    on every rank; top-k's floor by a radix select over the shards); with top-p the shards are gathered first.
     """
     if 0 < params.temperature < MIN_TEMPERATURE:  # (logits / T would overflow fp32: a tie of every positive logit)
         params = dataclasses.replace(params, temperature=0.0)

@@ -268,6 +268,29 @@ def gumbel_sample_partial(
     return idx + vocab_offset, stats
 
 
+def kth_largest_sharded(logits: torch.Tensor, k: int, all_reduce) -> torch.Tensor:
+    """Oracle of kernels.sampling.kth_largest_sharded: the k-th largest value [B] fp32 of whole rows whose vocabulary
+    shards [B, V / tp] the ranks hold, by the same radix select in torch (order keys, four passes of 8 bits, each
+    pass's [B, 256] int32 histograms summed over the ranks by all_reduce, in place): torch.topk's k-th value of the
+    gathered rows, without gathering them."""
+    x = logits.float().contiguous()
+    u = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    key = torch.where(u >> 31 == 1, u ^ 0xFFFFFFFF, u | 0x80000000)  # unsigned order = the floats' order
+    prefix = torch.zeros(x.shape[0], 1, dtype=torch.int64, device=x.device)  # the digits chosen so far
+    need = torch.full((x.shape[0], 1), k, dtype=torch.int64, device=x.device)  # the rank sought among those matching
+    for p in range(4):
+        shift = 24 - 8 * p
+        matching = ((key >> (shift + 8)) == (prefix >> (shift + 8))).to(torch.int32)  # (all of them on pass 0)
+        hist = torch.zeros(x.shape[0], 256, dtype=torch.int32, device=x.device)
+        all_reduce(hist.scatter_add_(1, (key >> shift) & 0xFF, matching))
+        at_or_above = hist.flip(-1).cumsum(-1).flip(-1)  # of each digit: the matching values >= it
+        digit = (at_or_above >= need).sum(-1, keepdim=True) - 1  # the highest digit reaching the rank
+        need = need - (at_or_above - hist).gather(1, digit)
+        prefix = prefix | (digit << shift)
+    bits = torch.where(prefix >> 31 == 1, prefix & 0x7FFFFFFF, prefix ^ 0xFFFFFFFF).squeeze(1)
+    return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+
+
 # ======================================================================= norm and activation ==
 
 

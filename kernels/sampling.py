@@ -190,6 +190,40 @@ def _order_key(x):
 
 
 @triton.jit
+def _digit_histogram(base, vocab, prefix, P: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Radix select's pass P (0 to 3) over a row: the 256-bin histogram of the order keys' next 8 bits among the
+    logits whose higher bits match the digits chosen so far (prefix)."""
+    shift: tl.constexpr = 24 - 8 * P
+    offs = tl.arange(0, BLOCK_V)
+    hist = tl.zeros((256,), tl.int32)
+    for v0 in range(0, loop_bound(vocab), BLOCK_V):
+        ok = v0 + offs < vocab
+        key = _order_key(tl.load(base + v0 + offs, mask=ok, other=0.0).to(tl.float32))
+        if P > 0:  # (no digit chosen yet on the first pass)
+            ok = ok & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+        hist += tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=ok)
+    return hist
+
+
+@triton.jit
+def _choose_digit(hist, need, prefix, P: tl.constexpr):
+    """Pass P's digit: the highest whose count from the top reaches the rank still sought (need) among the logits
+    matching prefix; returns the prefix with it and the rank still sought among those matching that."""
+    shift: tl.constexpr = 24 - 8 * P
+    at_or_above = tl.sum(hist) - tl.cumsum(hist, 0) + hist  # of each digit: the matching logits >= it
+    digit = tl.sum((at_or_above >= need).to(tl.int32)) - 1  # the highest digit reaching the rank
+    above = tl.sum(tl.where(tl.arange(0, 256) == digit, at_or_above - hist, 0))  # matching logits past that digit
+    return prefix | (digit.to(tl.uint32) << shift), need - above
+
+
+@triton.jit
+def _key_value(key):
+    """An order key (_order_key) back to its fp32 value."""
+    bits = tl.where((key >> 31) == 1, key & 0x7FFFFFFF, key ^ 0xFFFFFFFF)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _kth_largest_kernel(LOGITS, OUT, k, vocab, stride_row, BLOCK_V: tl.constexpr, PDL: tl.constexpr):
     """Program b: OUT[b] = the k-th largest of LOGITS[b, :vocab] (fp32), by radix select on its order key: four
     passes over the row, each a 256-bin histogram of the next 8 bits among the logits whose higher bits match the
@@ -198,26 +232,31 @@ def _kth_largest_kernel(LOGITS, OUT, k, vocab, stride_row, BLOCK_V: tl.constexpr
     pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride_row
-    offs = tl.arange(0, BLOCK_V)
-    bins = tl.arange(0, 256)
     prefix = tl.zeros((), tl.uint32)  # the key's digits chosen so far (in place)
     need = k  # the rank still sought among the logits matching them
     for p in tl.static_range(4):
-        shift = 24 - 8 * p  # (a constexpr: p is)
-        hist = tl.zeros((256,), tl.int32)
-        for v0 in range(0, loop_bound(vocab), BLOCK_V):
-            ok = v0 + offs < vocab
-            key = _order_key(tl.load(base + v0 + offs, mask=ok, other=0.0).to(tl.float32))
-            if p > 0:  # (no digit chosen yet on the first pass)
-                ok = ok & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
-            hist += tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=ok)
-        at_or_above = tl.sum(hist) - tl.cumsum(hist, 0) + hist  # of each digit: the matching logits >= it
-        digit = tl.sum((at_or_above >= need).to(tl.int32)) - 1  # the highest digit reaching the rank
-        above = tl.sum(tl.where(bins == digit, at_or_above - hist, 0))  # matching logits past that digit
-        need = need - above
-        prefix = prefix | (digit.to(tl.uint32) << shift)
-    bits = tl.where((prefix >> 31) == 1, prefix & 0x7FFFFFFF, prefix ^ 0xFFFFFFFF)  # the key back to the bits
-    tl.store(OUT + row, bits.to(tl.float32, bitcast=True))
+        prefix, need = _choose_digit(_digit_histogram(base, vocab, prefix, p, BLOCK_V), need, prefix, p)
+    tl.store(OUT + row, _key_value(prefix))
+
+
+@triton.jit
+def _kth_largest_pass_kernel(LOGITS, HIST, STATE, OUT, vocab, stride_row, P: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Radix select over vocabulary shards, one pass a launch (kth_largest_sharded), program b a row: from P = 1,
+    choose pass P - 1's digit from HIST[b] [256] (summed over the shards between the launches) and the state
+    STATE[b] = (the digits chosen so far, the rank still sought); then P < 4: HIST[b] = this shard's histogram of
+    pass P; P = 4: OUT[b] = the value the four digits spell."""
+    row = tl.program_id(0).to(tl.int64)
+    bins = tl.arange(0, 256)
+    prefix = tl.load(STATE + row * 2).to(tl.uint32, bitcast=True)
+    need = tl.load(STATE + row * 2 + 1)
+    if P > 0:
+        prefix, need = _choose_digit(tl.load(HIST + row * 256 + bins), need, prefix, P - 1)
+    if P < 4:
+        tl.store(STATE + row * 2, prefix.to(tl.int32, bitcast=True))
+        tl.store(STATE + row * 2 + 1, need)
+        tl.store(HIST + row * 256 + bins, _digit_histogram(LOGITS + row * stride_row, vocab, prefix, P, BLOCK_V))
+    else:
+        tl.store(OUT + row, _key_value(prefix))
 
 
 def kth_largest(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -237,4 +276,32 @@ def kth_largest(logits: torch.Tensor, k: int) -> torch.Tensor:
     if logits.shape[0]:
         _kth_largest_kernel[(logits.shape[0],)](logits, out, k, logits.shape[1], logits.stride(0), BLOCK_V=_BLOCK_V,
                                                 num_warps=8, **pdl_args(logits.device))  # fmt: skip
+    return out
+
+
+def kth_largest_sharded(logits: torch.Tensor, k: int, all_reduce) -> torch.Tensor:
+    """The k-th largest value of each whole row [B] fp32 when each rank holds a vocabulary shard [B, V / tp] of it
+    (tensor parallelism; -inf padding counts as any logit), exactly as torch.topk of the gathered rows: kth_largest's
+    radix select with each pass's 256-bin histograms summed over the shards by all_reduce (an in-place sum over the
+    ranks, e.g. torch.distributed.all_reduce on the TP group): four sums of B x 256 int32 instead of each rank's top
+    k by torch.topk and a gather. Every rank gets the same floor. 1 <= k <= V (the whole rows' width)."""
+    if logits.dim() != 2 or logits.shape[1] == 0:
+        raise ValueError(f"kth_largest_sharded needs logits [B, V / tp] with V / tp >= 1, got {tuple(logits.shape)}")
+    if k < 1:
+        raise ValueError(f"kth_largest_sharded: k must be >= 1, got {k}")
+    if not use_triton(logits):
+        return reference.kth_largest_sharded(logits, k, all_reduce)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    b = logits.shape[0]
+    hist = torch.empty(b, 256, dtype=torch.int32, device=logits.device)
+    state = torch.zeros(b, 2, dtype=torch.int32, device=logits.device)
+    state[:, 1] = k  # (no digit chosen, the k-th sought)
+    out = torch.empty(b, dtype=torch.float32, device=logits.device)
+    for p in range(5):
+        if b:
+            _kth_largest_pass_kernel[(b,)](logits, hist, state, out, logits.shape[1], logits.stride(0), P=p,
+                                           BLOCK_V=_BLOCK_V, num_warps=8)  # fmt: skip
+        if p < 4:
+            all_reduce(hist)
     return out

@@ -1,5 +1,7 @@
 """kernels.sampling.gumbel_sample (one pass per row) against kernels/reference.py, in the interpreter."""
 
+import contextlib
+
 import pytest
 import torch
 import triton
@@ -348,6 +350,37 @@ def test_kth_largest_is_topks_last_value(dtype, v, k):
     got = kth_largest(x, k)
     assert got.dtype == torch.float32 and got.shape == (5,)
     assert torch.equal(got, torch.topk(x, k, dim=-1).values[:, -1].float())
+
+
+@pytest.mark.parametrize("path", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tp,shard,k", [(2, 500, 50), (4, 256, 1), (3, 101, 303), (2, 1500, 2999)])
+def test_kth_largest_over_vocabulary_shards_is_topks_last_value(dtype, tp, shard, k, path):
+    """kernels.sampling.kth_largest_sharded (tensor parallelism's top-k floor: each pass's histograms summed over the
+    ranks' shards) and its torch oracle against torch.topk of the whole rows, exactly. The tp ranks are simulated in
+    one process: rank r's shard of row b is row r * B + b, and the all-reduce sums the histograms over r in place.
+    Ties across shards, a last shard padded with -inf (a vocabulary tp does not divide), one shard all -inf, k = 1
+    and k = V."""
+    from kernels.sampling import kth_largest_sharded
+
+    b = 5
+    rows = (torch.randn(b, tp * shard) * 4).to(dtype)
+    rows[0, : 2 * shard] = rows[0, 0]  # (one value in the top k on two ranks at once)
+    rows[1, -shard // 3 :] = float("-inf")  # (the padding)
+    rows[2, :shard] = float("-inf")  # (rank 0's shard all padding)
+    rows[3] = -rows[3].abs()
+    shards = rows.view(b, tp, shard).transpose(0, 1).reshape(tp * b, shard)  # [rank r's rows, then r + 1's]
+    calls = []
+
+    def all_reduce(hist):  # (in place, as torch.distributed.all_reduce: every rank's copy the sum)
+        calls.append(hist.shape)
+        hist.copy_(hist.view(tp, b, 256).sum(0).repeat(tp, 1))
+
+    with dispatch.reference_ops() if path == "reference" else contextlib.nullcontext():
+        got = kth_largest_sharded(shards, k, all_reduce)
+    want = torch.topk(rows, k, dim=-1).values[:, -1].float()
+    assert got.dtype == torch.float32 and calls == [(tp * b, 256)] * 4
+    assert torch.equal(got.view(tp, b), want.repeat(tp, 1))  # (every rank the same floor)
 
 
 def test_kth_largest_errors_and_the_sampler_floor():

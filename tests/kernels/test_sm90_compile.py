@@ -135,6 +135,13 @@ for dtype in ("*bf16", "*fp32"):
     info = ptxas_info(sampling._kth_largest_kernel, types, dict(BLOCK_V=sampling._BLOCK_V, PDL=pdl), 8, 3,
                       divisible=("vocab",))  # fmt: skip
     assert info["regs"] and info["spill_bytes"] == 0 and info["pdl_wait_first"] == info["pdl_triggers"] == pdl, info
+# under tensor parallelism one pass a launch, the histograms summed over the ranks between them (the first pass, a
+# middle one, the last that only reads)
+types = dict(LOGITS="*bf16", HIST="*i32", STATE="*i32", OUT="*fp32", vocab="i32", stride_row="i32")
+for p in (0, 2, 4):
+    info = ptxas_info(sampling._kth_largest_pass_kernel, types, dict(P=p, BLOCK_V=sampling._BLOCK_V), 8, 3,
+                      divisible=("vocab",))  # fmt: skip
+    assert info["regs"] and info["spill_bytes"] == 0, info
 print("compiled")
 """,
     "logprob": """
