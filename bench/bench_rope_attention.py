@@ -270,7 +270,7 @@ def ptxas_report(
     from kernels import rotary
 
     ptr = "*" + dtype
-    types = dict.fromkeys(["Q", "K", "V", "O", "DO", "DK", "DV", "DQ", "QR", "QO", "KO", "KC", "VC"], ptr)
+    types = dict.fromkeys(["Q", "K", "V", "O", "DO", "DK", "DV", "DQ", "QR", "QO", "KO", "KC", "VC", "KP", "VP"], ptr)
     types.update(LSE="*fp32", DELTA="*fp32", DQA="*fp32", INV_FREQ="*fp32", TAB="*fp32", POS="*i64", SLOT="*i64")
     types.update(CU_SEQ="*i32", CU_BLK="*i32")
     tl_dtype = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype]
@@ -281,6 +281,7 @@ def ptxas_report(
     dkdv = dict(BLOCK_N=tiles.seq_block("dkdv", None, "BLOCK_N"), DQ_ATOMIC=False, WARP_SPEC=False)
     dq = dict(BLOCK_M=tiles.seq_block("dq", None, "BLOCK_M"), WARP_SPEC=False)
     fwd = dict(BLOCK_M=tiles.seq_block("fwd", None, "BLOCK_M"), SAVE_ROT=True, ROTATE_Q=True, WARP_SPEC=False)
+    fwd["BOUNDED"] = False
     kernels = [  # (name, kernel, inner tile, shapes, constants, the arguments a TMA launch passes as descriptors)
         ("fwd", ra._fwd_kernel, "BLOCK_N", tiles._FWD_SHAPES, fwd, ("K", "V")),
         ("dkdv", ra_bwd._bwd_dkdv_kernel, "BLOCK_M", tiles._BWD_SHAPES, dkdv, ("Q", "DO")),
@@ -327,10 +328,13 @@ def ptxas_report(
     if tma:  # rope_attention.WARP_SPEC: the forward's key loop warp-specialised (a producer warpgroup for the copies,
         # two consumer warpgroups of 64 rows), q's [128, D] tile by bulk copy, at the autotuner's shapes
         ws = {**prepass, "BLOCK_M": fwd["BLOCK_M"], "WARP_SPEC": True}
-        for inner, warps, stages in ra._FWD_WS_SHAPES[:configs_per_kernel]:
-            label = f"BLOCK_N={inner} w={warps} s={stages} WARP_SPEC TMA"
+        # (and BOUNDED: its k and v by descriptors each program makes over its own sequence, zeros past the end)
+        plain = [s for s in ra._FWD_WS_SHAPES if len(s) == 3][:configs_per_kernel]
+        for inner, warps, stages, *more in plain + [s for s in ra._FWD_WS_SHAPES if len(s) > 3][:configs_per_kernel]:
+            label = f"BLOCK_N={inner} w={warps} s={stages} WARP_SPEC{' BOUNDED' if more else ''} TMA"
             descs = (("Q", fwd["BLOCK_M"]), "K", "V")  # (q's tile: the sequence block's)
-            report("fwd", ra._fwd_kernel, {**ws, "BLOCK_N": inner}, warps, stages, label, descs, inner)
+            consts = {**ws, "BLOCK_N": inner, **(more[0] if more else {})}
+            report("fwd", ra._fwd_kernel, consts, warps, stages, label, descs, inner)
         # rope_attention_bwd.WARP_SPEC: the dk/dv kernel's query loop likewise (its K and V tiles by bulk copy too)
         ws = {**base, **dkdv, "TMA": True, "WARP_SPEC": True}
         for inner, warps, stages in ra_bwd._BWD_WS_SHAPES[:configs_per_kernel]:
@@ -359,6 +363,9 @@ SWEEP_FWD = [(128, 128, 4, 2, True, {"WARP_SPEC": True})] + [
     (128, 64, 4, st, True, {"WARP_SPEC": True}) for st in (2, 3)
 ]
 SWEEP_FWD += [(64, 64, 4, 2, True, {"WARP_SPEC": True})]
+SWEEP_FWD += [
+    (128, n, 4, st, True, {"WARP_SPEC": True, "BOUNDED": True}) for n, st in ((128, 2), (64, 2), (64, 3), (64, 4))
+]
 SWEEP_FWD += [(128, n, 8, st, True) for n in (64, 128) for st in (2, 3, 4)] + [(128, 32, 8, 3, True)]
 SWEEP_FWD += [(64, n, 4, st, True) for n in (32, 64) for st in (2, 3)]
 SWEEP_FWD += [(64, 32, 4, st, True, {"Q_PREPASS": True}) for st in (2, 3)]

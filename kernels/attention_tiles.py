@@ -257,12 +257,14 @@ def _rotate(
 
 # Autotuned GPU variants (the sequence block, hence the grid, is fixed; only the inner tile and the
 # launch shape are tuned). Under the interpreter the plain kernels run with small fixed tiles.
-def _configs(
-    inner_name: str, shapes: tuple[tuple[int, int, int], ...], fixed: tuple[str, ...] = ()
-) -> list[triton.Config]:
-    """fixed: the descriptor arguments whose block is the sequence block, set by the caller (_set_blocks)."""
+def _configs(inner_name: str, shapes: tuple[tuple, ...], fixed: tuple[str, ...] = ()) -> list[triton.Config]:
+    """shapes: (inner tile, warps, stages) or (inner tile, warps, stages, {other constexprs}). fixed: the descriptor
+    arguments whose block is the sequence block, set by the caller (_set_blocks)."""
     hook = functools.partial(_descriptor_hook, inner_name, fixed)  # (the tensor descriptors' block follows the tile)
-    return [triton.Config({inner_name: b}, num_warps=w, num_stages=s, pre_hook=hook) for b, w, s in shapes]
+    return [
+        triton.Config({inner_name: b, **(more[0] if more else {})}, num_warps=w, num_stages=s, pre_hook=hook)
+        for b, w, s, *more in shapes
+    ]
 
 
 def _descriptor_hook(inner_name: str, fixed: tuple[str, ...], nargs: dict) -> None:
@@ -281,13 +283,18 @@ def _set_blocks(named: dict, rows: int, head_dim: int, fixed: tuple[str, ...] = 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Autotune's early prune: the inner tiles that divide the launch's sequence block (SEQ_BLOCKS may set a 64-row
     block, which a 128-wide inner tile does not fit), then _prune_fp32's."""
-    fits = [c for c in configs if all(kwargs.get(_OTHER_BLOCK[k], v) % v == 0 for k, v in c.kwargs.items())]
+    fits = [c for c in configs if all(kwargs.get(_OTHER_BLOCK[k], v) % v == 0 for k, v in _inner(c))]
     if not fits:
         raise ValueError(f"no autotuned inner tile of {[c.kwargs for c in configs]} divides the sequence block")
     return _prune_fp32(fits, named_args, **kwargs)
 
 
 _OTHER_BLOCK = {"BLOCK_M": "BLOCK_N", "BLOCK_N": "BLOCK_M"}  # (an inner tile's name -> its sequence block's)
+
+
+def _inner(config: triton.Config) -> list[tuple[str, int]]:
+    """A config's inner tile, (name, size)."""
+    return [(k, v) for k, v in config.kwargs.items() if k in _OTHER_BLOCK]
 
 
 def _prune_fp32(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -297,7 +304,8 @@ def _prune_fp32(configs: list[triton.Config], named_args: dict, **kwargs) -> lis
     compile before it is thrown away."""
     if kwargs.get("DOT_DTYPE") != tl.float32:
         return configs
-    return sorted(configs, key=lambda c: (sorted(c.kwargs.values()), c.num_stages))[:2]
+    tiles = lambda c: sorted(v for v in c.kwargs.values() if not isinstance(v, bool))  # noqa: E731 (not switches)
+    return sorted(configs, key=lambda c: (tiles(c), c.num_stages))[:2]
 
 
 _PRUNE = {"early_config_prune": _prune}
@@ -448,6 +456,21 @@ def _pop_switch(config: dict | None, key: str, default: bool | None) -> tuple[di
         config = dict(config)
         return config, bool(config.pop(key))
     return config, default
+
+
+def device_descriptor_scratch() -> None:
+    """Kernels that make tensor descriptors in the kernel (tl.make_tensor_descriptor: 128 bytes of global memory a
+    descriptor) need Triton's allocator for that scratch: where none is set (Triton's default refuses), one that
+    takes it from torch's caching allocator on the current device. An allocator the caller set is left."""
+    from triton.runtime import _allocation
+
+    current = getattr(_allocation, "_allocator", None)
+    if current is None or isinstance(current.get(), _allocation.NullAllocator):
+        triton.set_allocator(_torch_scratch)
+
+
+def _torch_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda")
 
 
 def rows_descriptor(x: torch.Tensor, rows: int = 16) -> TensorDescriptor:

@@ -82,6 +82,7 @@ from kernels.attention_tiles import (
     _store_tile,
     _tile_rows,
     _warp_spec_refused,
+    device_descriptor_scratch,
     rows_descriptor,
     seq_block,
 )
@@ -98,12 +99,13 @@ _SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 def _fwd_step(
     acc, l_i, m_i, q1r, q2r, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn, offs_h, offs_d,
     qk_scale, kv_col, like, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, BOUNDED: tl.constexpr = False,
 ):  # fmt: skip
     """One key tile (keys already rotated) of the online softmax. MASKED: a diagonal tile (causal mask, keys may
     run past the end). q1r, q2r: the rotated query tile as a head-dim pair (_load_hd). TMA: k_base and v_base are
-    tensor descriptors over [N, Hkv * D] (the tile at row tok0 + start_n, column kv_col), else pointers.
-    like: a pointer of the inputs' dtype (what p is rounded to)."""
+    tensor descriptors over [N, Hkv * D] (the tile at row tok0 + start_n, column kv_col), else pointers. BOUNDED:
+    they are descriptors over this sequence's head alone (tok0 and kv_col 0), whose copies hold zeros past its end
+    (the masked tiles' v rows are not zeroed here). like: a pointer of the inputs' dtype (what p is rounded to)."""
     PAD: tl.constexpr = HALF != HEAD_DIM // 2
     offs_n, n_ok, rows_n = _tile_rows(tok0, start_n, seq_len, BLOCK_N)
     k1r, k2r, v = _load_pair(
@@ -118,7 +120,7 @@ def _fwd_step(
         stride_vn,
         offs_h,
         offs_d,
-        MASKED,
+        MASKED and not BOUNDED,
         HEAD_DIM,
         HALF,
         DOT_DTYPE,
@@ -137,14 +139,25 @@ def _fwd_step(
     return acc, l_i, m_ij
 
 
+@triton.jit
+def _sequence_descriptor(X, tok0, seq_len, head, stride_n, stride_h, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A tensor descriptor over one head of one sequence's rows of X [N, H, D] ([seq_len, D], [ROWS, D] blocks):
+    a tile read at its row r holds rows r.. of the sequence, zeros past its end."""
+    base = X + tok0.to(tl.int64) * stride_n + head * stride_h
+    return tl.make_tensor_descriptor(
+        base, shape=[seq_len, HEAD_DIM], strides=[stride_n, 1], block_shape=[ROWS, HEAD_DIM]
+    )
+
+
 @triton.jit(do_not_specialize=["tune_bucket"])  # (read by the autotuner only: one binary for all)
 def _fwd_kernel(
-    Q, K, V, O, LSE, POS, CU_SEQ, CU_BLK, INV_FREQ, TAB, QR,
+    Q, K, V, O, LSE, POS, CU_SEQ, CU_BLK, INV_FREQ, TAB, QR, KP, VP,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh, stride_qrn,
     n_tokens, num_seqs, qk_scale,
     N_STEPS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, TAB_ROWS: tl.constexpr, SAVE_ROT: tl.constexpr, DOT_DTYPE: tl.constexpr,
     PREC: tl.constexpr, TMA: tl.constexpr, ROTATE_Q: tl.constexpr, tune_bucket, WARP_SPEC: tl.constexpr = False,
+    BOUNDED: tl.constexpr = False,
 ):  # fmt: skip
     """Grid (query blocks of all sequences (upper bound), Hq). O [N, Hq, D]; LSE [Hq, N] fp32 (base 2).
 
@@ -158,7 +171,13 @@ def _fwd_kernel(
     consumer warpgroups (BLOCK_M / 2 rows each) run the products and the softmax, so one's exponentials overlap the
     other's tensor-core work (FlashAttention-3's layout). The pass takes one loop, no exit branch, and a q tile
     that comes straight from a bulk copy: so one loop with the causal mask on every tile, and a program past the
-    last block runs an empty loop and stores nothing."""
+    last block runs an empty loop and stores nothing.
+
+    BOUNDED (with WARP_SPEC; autotuned): K and V tiles by tensor descriptors this program makes over its own
+    sequence's rows of KP and VP (the pointers under K and V): the bulk copies fill the rows past the sequence's end
+    with zeros, so a neighbour's values never enter and no tile goes through registers to be zeroed (the plain loads
+    zero v's rows past the end, which under WARP_SPEC is every tile: 224 KiB of shared memory instead of 180 at
+    128-key tiles), for the descriptors' set-up in each program."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     if not WARP_SPEC:
@@ -199,11 +218,16 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     k_base, v_base = _bases(K, V, kvh, stride_kh, stride_vh, TMA)
+    kv_tok0, kv_col = tok0, kvh * HEAD_DIM
+    if BOUNDED:  # this sequence's keys and values alone (tiles at its rows, from 0)
+        k_base = _sequence_descriptor(KP, tok0, seq_len, kvh, stride_kn, stride_kh, BLOCK_N, HEAD_DIM)
+        v_base = _sequence_descriptor(VP, tok0, seq_len, kvh, stride_vn, stride_vh, BLOCK_N, HEAD_DIM)
+        kv_tok0, kv_col = 0, 0
     if WARP_SPEC:  # every key tile [0, hi) in one warp-specialised loop, all masked
         for start_n in tl.range(0, loop_bound(hi), BLOCK_N, warp_specialize=True):
             acc, l_i, m_i = _fwd_step(
-                acc, l_i, m_i, q1r, q2r, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn,
-                offs_h, offs_d, qk_scale, kvh * HEAD_DIM, Q, True, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC, TMA,
+                acc, l_i, m_i, q1r, q2r, offs_m, start_n, seq_len, kv_tok0, k_base, v_base, stride_kn, stride_vn,
+                offs_h, offs_d, qk_scale, kv_col, Q, True, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC, TMA, BOUNDED,
             )  # fmt: skip
     else:
         # off-diagonal key tiles [0, start_m): all visible, no mask
@@ -240,9 +264,11 @@ Q_PREPASS = False
 WARP_SPEC = False
 
 # the autotuned GPU variants (attention_tiles._configs, _FWD_SHAPES); the warp-specialised one at 4 warps a
-# partition (12 in all), with 128-key tiles in 2 stages (224 KiB of shared memory at D = 128) or 64-key in 2 or 3
+# partition (12 in all), with 128-key tiles in 2 stages (224 KiB of shared memory at D = 128) or 64-key in 2 or 3,
+# each also BOUNDED (per-sequence descriptors: 180 KiB at 128-key tiles; 64-key tiles in 4 stages fit then)
 _fwd_tuned = triton.autotune(_configs("BLOCK_N", _FWD_SHAPES), key=_KEY, prune_configs_by=_PRUNE)(_fwd_kernel)
 _FWD_WS_SHAPES = ((128, 4, 2), (64, 4, 2), (64, 4, 3))
+_FWD_WS_SHAPES += tuple((*shape, {"BOUNDED": True}) for shape in _FWD_WS_SHAPES + ((64, 4, 4),))
 _fwd_ws_tuned = triton.autotune(_configs("BLOCK_N", _FWD_WS_SHAPES, ("Q",)), key=_KEY, prune_configs_by=_PRUNE)(
     _fwd_kernel
 )
@@ -332,6 +358,8 @@ def _rope_attention_fwd(
     if ws and why:
         raise ValueError(f"config WARP_SPEC=True, but {why}")
     ws = (WARP_SPEC and why is None) if ws is None else ws
+    if config and config.get("BOUNDED") and not ws:
+        raise ValueError("config BOUNDED=True: per-sequence descriptors of the warp-specialised loop, not running")
     prepass = ws or (Q_PREPASS if prepass is None else prepass)
     q_rot = torch.empty(n, hq, d, dtype=q.dtype, device=q.device) if save_rotated or prepass else None
     if n == 0:
@@ -354,8 +382,9 @@ def _rope_attention_fwd(
     block = seq_block("fwd", config, "BLOCK_M")
     if ws:  # q's tile by bulk copy too: a [sequence block, D] block, which the launch leaves as it is
         q_in = rows_descriptor(q_rot, block)
+        device_descriptor_scratch()  # (BOUNDED variants make descriptors in global memory Triton asks for)
     make_args = lambda cu_blk: (
-        q_in, kd, vd, out, lse, positions, cu, cu_blk, inv_freq, tab, q_rot if save_rotated else out,
+        q_in, kd, vd, out, lse, positions, cu, cu_blk, inv_freq, tab, q_rot if save_rotated else out, k_rot, v,
         q_src.stride(0), q_src.stride(1), k_rot.stride(0), k_rot.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), hq * d, n, cu.numel() - 1, softmax_scale * _LOG2E,
     )  # fmt: skip

@@ -91,6 +91,7 @@ def _close(actual, expected, dtype, name):
         (torch.bfloat16, 4, 2, 128, 10000.0, "warp spec"),
         (torch.float16, 4, 1, 64, 500000.0, "warp spec"),
         (torch.float32, 2, 2, 32, 10000.0, "warp spec"),
+        (torch.float16, 4, 1, 64, 500000.0, "warp spec bounded"),
     ],
 )
 def test_forward_backward_poisoned(dtype, hq, hkv, d, theta, variant):
@@ -103,12 +104,14 @@ def test_forward_backward_poisoned(dtype, hq, hkv, d, theta, variant):
     out = torch.full_like(q, float("nan"))
     lse = torch.full((hq, n), float("nan"))
     cfg = {"prepass": dict(Q_PREPASS=True), "warp spec": dict(WARP_SPEC=True)}.get(variant)
+    if variant == "warp spec bounded":  # (the forward's k and v by per-sequence descriptors: zeros past the end)
+        cfg = dict(WARP_SPEC=True, BOUNDED=True)
     cfg = cfg and dict(BLOCK_M=32, BLOCK_N=16, **cfg)
     dkdv = dict(BLOCK_N=32, BLOCK_M=16, TMA=variant == "atomic tma", DQ_ATOMIC=True) if "atomic" in variant else None
     dqc = None
-    if variant == "warp spec":
+    if variant.startswith("warp spec"):
         dkdv, dqc = dict(BLOCK_N=32, BLOCK_M=16, WARP_SPEC=True), dict(BLOCK_M=32, BLOCK_N=16, WARP_SPEC=True)
-    if variant == "warp spec" and q.is_cuda:  # (compiled: two consumer warpgroups of 64 rows, 12 warps in all)
+    if variant.startswith("warp spec") and q.is_cuda:  # (compiled: two consumer warpgroups of 64 rows, 12 warps)
         if dtype == torch.float32:
             pytest.skip("fp32 has no warpgroup MMA: the warp-specialised kernels are refused on a GPU")
         cfg.update(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2)
@@ -132,7 +135,7 @@ def test_forward_backward_poisoned(dtype, hq, hkv, d, theta, variant):
     _close(dq, ref_dq, dtype, "dq")
     _close(dk, ref_dk, dtype, "dk")
     _close(dv, ref_dv, dtype, "dv")
-    if variant in ("prepass", "warp spec"):  # (the pre-pass's q_rot is a temporary then)
+    if variant in ("prepass", "warp spec", "warp spec bounded"):  # (the pre-pass's q_rot is a temporary then)
         assert _rope_attention_fwd(q, k, v, positions, cu, theta, scale, config=cfg)[2] is None
 
 
@@ -221,7 +224,7 @@ def test_autotune_keeps_the_inner_tiles_that_fit_the_sequence_block():
     bf16 = dict(DOT_DTYPE=tl.bfloat16)
     assert kept("BLOCK_N", at._FWD_SHAPES, BLOCK_M=128, **bf16) == [(b, s) for b, _, s in at._FWD_SHAPES]
     assert kept("BLOCK_N", at._FWD_SHAPES, BLOCK_M=64, **bf16) == [(64, 2), (64, 3), (64, 4), (32, 3)]
-    assert kept("BLOCK_N", _FWD_WS_SHAPES, BLOCK_M=64, **bf16) == [(64, 2), (64, 3)]
+    assert kept("BLOCK_N", _FWD_WS_SHAPES, BLOCK_M=64, **bf16) == [(64, 2), (64, 3)] * 2 + [(64, 4)]  # (BOUNDED too)
     assert kept("BLOCK_M", at._BWD_SHAPES, BLOCK_N=32, DOT_DTYPE=tl.float32) == [(16, 2), (16, 3)]
     assert kept("BLOCK_M", at._BWD_SHAPES, BLOCK_N=16, **bf16) == [(16, 2), (16, 3)]
     with pytest.raises(ValueError, match="divides the sequence block"):
@@ -232,16 +235,18 @@ def test_autotune_keeps_the_inner_tiles_that_fit_the_sequence_block():
 
 @pytest.mark.parametrize(
     "tma,atomic,ws",
-    [(True, False, False), (False, False, False), (True, True, False), (False, True, False), (True, False, True)],
-)
+    [(True, False, False), (False, False, False), (True, True, False), (False, True, False), (True, False, True),
+     (True, False, "bounded")],
+)  # fmt: skip
 def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma, atomic, ws):
     """The tiles that run past a sequence's end hold the next sequence's rows (a tensor descriptor copies whole
     tiles) or masked zeros (pointer loads): either way they must not reach the sequence's results. With every
     input and output gradient of the middle sequence inf or NaN, the two around it match float64, forward and
     backward, by tensor-descriptor (TMA) tiles and by pointer loads, dq by its own kernel and by the dk/dv kernel's
     atomic adds (whose whole-tile bulk reduces reach the neighbour's rows), and the three kernels warp-specialised
-    (their outer tiles by bulk copy too: the last tile's rows past the end are the neighbour's). Lengths end
-    inside the tiles of every kernel (the dk/dv kernel's last, partial query tile included)."""
+    (their outer tiles by bulk copy too: the last tile's rows past the end are the neighbour's), the forward's keys
+    and values also by per-sequence descriptors ("bounded": the copies' rows past the end are zeros, not zeroed).
+    Lengths end inside the tiles of every kernel (the dk/dv kernel's last, partial query tile included)."""
     if ws and torch.empty(0).is_cuda:
         pytest.skip("fp32 has no warpgroup MMA: the warp-specialised kernels are refused on a GPU")
     lengths = [45, 23, 37]
@@ -253,6 +258,8 @@ def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma, atomic, ws):
     for x, fill in ((q, math.inf), (k, math.nan), (v, -math.inf), (do, math.nan)):
         x[bad] = fill
     fwd = dict(BLOCK_M=32, BLOCK_N=16, TMA=tma, **({"WARP_SPEC": True} if ws else {}))
+    if ws == "bounded":
+        fwd["BOUNDED"] = True
     dkdv, dq_cfg = dict(BLOCK_N=32, BLOCK_M=16, TMA=tma, DQ_ATOMIC=atomic), dict(BLOCK_M=32, BLOCK_N=16, TMA=tma)
     if ws:
         dkdv["WARP_SPEC"] = dq_cfg["WARP_SPEC"] = True
@@ -408,6 +415,8 @@ def test_warp_spec_where_it_can_refused_by_name_elsewhere():
         _rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125, config=dict(cfg, TMA=False))
     with pytest.raises(ValueError, match=r"config WARP_SPEC=True, but it loads q rotated by the pre-pass"):
         _rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125, config=dict(cfg, Q_PREPASS=False))
+    with pytest.raises(ValueError, match=r"config BOUNDED=True: per-sequence descriptors of the warp-specialised"):
+        _rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125, config=dict(cfg, WARP_SPEC=False, BOUNDED=True))
     # the dk/dv kernel's: not beside dq's atomic adds, not without TMA
     out, lse, q_rot, k_rot = _rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125, save_rotated=True)
     bwd = lambda **kw: _rope_attention_bwd(  # noqa: E731
@@ -428,6 +437,28 @@ def test_warp_spec_where_it_can_refused_by_name_elsewhere():
         mp.setattr(attention_tiles, "INTERPRET", False)
         assert attention_tiles._warp_spec_refused(torch.float32, True, None) == "fp32 inputs have no warpgroup MMA"
         assert attention_tiles._warp_spec_refused(torch.bfloat16, True, None) is None
+
+
+def test_device_descriptor_scratch_sets_an_allocator_only_where_none_is():
+    """The BOUNDED forward makes tensor descriptors in the kernel, whose global scratch Triton takes from its
+    allocator (none by default: the launch would fail): the launcher sets one from torch's where none is set, and
+    leaves one the caller set."""
+    import triton
+    from triton.runtime import _allocation
+
+    from kernels.attention_tiles import _torch_scratch, device_descriptor_scratch
+
+    token = _allocation._allocator.set(_allocation._NULL_ALLOCATOR)
+    try:
+        device_descriptor_scratch()
+        assert _allocation._allocator.get() is _torch_scratch
+        assert _torch_scratch(384, 128, None).shape == (384,)
+        mine = lambda size, alignment, stream: torch.empty(size, dtype=torch.int8)  # noqa: E731
+        triton.set_allocator(mine)
+        device_descriptor_scratch()
+        assert _allocation._allocator.get() is mine
+    finally:
+        _allocation._allocator.reset(token)
 
 
 def test_autograd_public_api_strided_views():
