@@ -279,7 +279,7 @@ def ptxas_report(
     tma = tma and head_dim >= 32
     # (each kernel at the sequence block a launch takes by default: attention_tiles.SEQ_BLOCKS)
     dkdv = dict(BLOCK_N=tiles.seq_block("dkdv", None, "BLOCK_N"), DQ_ATOMIC=False, WARP_SPEC=False)
-    dq = dict(BLOCK_M=tiles.seq_block("dq", None, "BLOCK_M"), WARP_SPEC=False)
+    dq = dict(BLOCK_M=tiles.seq_block("dq", None, "BLOCK_M"), WARP_SPEC=False, BOUNDED=False)
     fwd = dict(BLOCK_M=tiles.seq_block("fwd", None, "BLOCK_M"), SAVE_ROT=True, ROTATE_Q=True, WARP_SPEC=False)
     fwd["BOUNDED"] = False
     kernels = [  # (name, kernel, inner tile, shapes, constants, the arguments a TMA launch passes as descriptors)
@@ -342,11 +342,12 @@ def ptxas_report(
             descs = (("K", dkdv["BLOCK_N"]), ("V", dkdv["BLOCK_N"]), "Q", "DO")
             report("dkdv", ra_bwd._bwd_dkdv_kernel, {**ws, "BLOCK_M": inner}, warps, stages, label, descs, inner)
         # and the dq kernel's key loop (q, do and the blocked lse and delta by bulk copy too)
-        ws = {**base, "BLOCK_M": dq["BLOCK_M"], "TMA": True, "WARP_SPEC": True}
-        for inner, warps, stages in ra_bwd._DQ_WS_SHAPES[:configs_per_kernel]:
-            label = f"BLOCK_N={inner} w={warps} s={stages} WARP_SPEC TMA"
+        ws = {**base, **dq, "TMA": True, "WARP_SPEC": True}
+        plain = [s for s in ra_bwd._DQ_WS_SHAPES if len(s) == 3][:configs_per_kernel]  # (and BOUNDED, as fwd's)
+        for inner, warps, stages, *more in plain + [s for s in ra_bwd._DQ_WS_SHAPES if len(s) > 3][:configs_per_kernel]:
+            label = f"BLOCK_N={inner} w={warps} s={stages} WARP_SPEC{' BOUNDED' if more else ''} TMA"
             descs = (("Q", dq["BLOCK_M"]), ("DO", dq["BLOCK_M"]), "K", "V", ("LSE", None), ("DELTA", None))
-            consts = {**ws, "BLOCK_N": inner}  # (dq w.r.t. the rotated q into fp32, for the finishing pass)
+            consts = {**ws, "BLOCK_N": inner, **(more[0] if more else {})}  # (dq into fp32, for the finishing pass)
             report("dq", ra_bwd._bwd_dq_kernel, consts, warps, stages, label, descs, inner, retype={"DQ": "*fp32"})
     fin = dict(HEAD_DIM=head_dim, HALF=base["HALF"], BLOCK_T=32, TAB_ROWS=rotary.TAB_ROWS)  # (DQ_ATOMIC's last pass)
     report("dq_fin", ra_bwd._bwd_dq_finish_kernel, fin, 8, 1, "BLOCK_T=32")
@@ -379,6 +380,7 @@ SWEEP_DKDV += [(128, m, 8, st, True) for m in (16, 32) for st in (2, 3)]
 SWEEP_DKDV += [(64, m, w, 2, True) for m in (16, 32, 64) for w in (4, 8)] + [(64, 32, 4, 2, False)]
 # rope_attention_bwd.WARP_SPEC first: the key loop warp-specialised (lse and delta from the delta kernel's blocked copy)
 SWEEP_DQ = [(128, n, 4, st, True, {"WARP_SPEC": True}) for n, st in ((64, 2), (32, 2), (32, 3))]
+SWEEP_DQ += [(128, n, 4, st, True, {"WARP_SPEC": True, "BOUNDED": True}) for n, st in ((64, 2), (32, 2), (32, 3))]
 SWEEP_DQ += [(128, n, 8, st, True) for n in (16, 32, 64) for st in (2, 3)]
 SWEEP_DQ += [(64, n, 4, st, True) for n in (32, 64) for st in (2, 3)] + [(128, 32, 8, 3, False)]
 # rope_attention_bwd.DQ_ATOMIC: dk/dv adding dq's shares (a whole backward without the dq kernel)

@@ -178,6 +178,16 @@ def _load_pair(
 
 
 @triton.jit
+def _sequence_descriptor(X, tok0, seq_len, head, stride_n, stride_h, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A tensor descriptor over one head of one sequence's rows of X [N, H, D] ([seq_len, D], [ROWS, D] blocks):
+    a tile read at its row r holds rows r.. of the sequence, zeros past its end."""
+    base = X + tok0.to(tl.int64) * stride_n + head * stride_h
+    return tl.make_tensor_descriptor(
+        base, shape=[seq_len, HEAD_DIM], strides=[stride_n, 1], block_shape=[ROWS, HEAD_DIM]
+    )
+
+
+@triton.jit
 def _dot_nt(a1, a2, b1, b2, PAD: tl.constexpr, PREC: tl.constexpr):
     """a @ b^T over the head dim, for operand pairs of _load_hd: one dot, or one per padded half."""
     r = tl.dot(a1, tl.trans(b1), input_precision=PREC)

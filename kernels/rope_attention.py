@@ -79,6 +79,7 @@ from kernels.attention_tiles import (
     _pop_switch,
     _pop_tma,
     _rotate,
+    _sequence_descriptor,
     _store_tile,
     _tile_rows,
     _warp_spec_refused,
@@ -137,16 +138,6 @@ def _fwd_step(
     acc = acc * alpha[:, None]
     acc = tl.dot(_operand(p, like, DOT_DTYPE), v, acc, input_precision=PREC)
     return acc, l_i, m_ij
-
-
-@triton.jit
-def _sequence_descriptor(X, tok0, seq_len, head, stride_n, stride_h, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """A tensor descriptor over one head of one sequence's rows of X [N, H, D] ([seq_len, D], [ROWS, D] blocks):
-    a tile read at its row r holds rows r.. of the sequence, zeros past its end."""
-    base = X + tok0.to(tl.int64) * stride_n + head * stride_h
-    return tl.make_tensor_descriptor(
-        base, shape=[seq_len, HEAD_DIM], strides=[stride_n, 1], block_shape=[ROWS, HEAD_DIM]
-    )
 
 
 @triton.jit(do_not_specialize=["tune_bucket"])  # (read by the autotuner only: one binary for all)

@@ -40,11 +40,13 @@ from kernels.attention_tiles import (
     _pop_switch,
     _pop_tma,
     _rotate,
+    _sequence_descriptor,
     _store_tile,
     _tile_rows,
     _tma_refused,
     _warp_spec_refused,
     _zeros_hd,
+    device_descriptor_scratch,
     flat_descriptor,
     rows_descriptor,
     seq_block,
@@ -257,15 +259,17 @@ def _bwd_dq_step(
     dq1, dq2, q1r, q2r, do, lse, delta, offs_m, start_n, seq_len, tok0, k_base, v_base, stride_kn, stride_vn,
     offs_h, offs_d, qk_scale, kv_col, like, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+    BOUNDED: tl.constexpr = False,
 ):  # fmt: skip
     """One key tile against this program's query tile. q1r, q2r and the accumulators dq1, dq2 are head-dim
     pairs (_load_hd, _zeros_hd). TMA: k_base and v_base are tensor descriptors over [N, Hkv * D] (the tile at
-    column kv_col), else pointers; like: a pointer of the inputs' dtype."""
+    column kv_col), else pointers; BOUNDED: descriptors over this sequence's head alone (tok0 and kv_col 0), whose
+    copies hold zeros past its end (not zeroed here); like: a pointer of the inputs' dtype."""
     PAD: tl.constexpr = HALF != HEAD_DIM // 2
     offs_n, n_ok, rows_n = _tile_rows(tok0, start_n, seq_len, BLOCK_N)
     k1r, k2r, v = _load_pair(
-        k_base, v_base, tok0, start_n, kv_col, rows_n, n_ok, stride_kn, stride_vn, offs_h, offs_d, MASKED, HEAD_DIM,
-        HALF, DOT_DTYPE, TMA,
+        k_base, v_base, tok0, start_n, kv_col, rows_n, n_ok, stride_kn, stride_vn, offs_h, offs_d,
+        MASKED and not BOUNDED, HEAD_DIM, HALF, DOT_DTYPE, TMA,
     )  # fmt: skip
     qk = _dot_nt(q1r, q2r, k1r, k2r, PAD, PREC)
     p = tl.exp2(qk * qk_scale - lse[:, None])
@@ -279,13 +283,13 @@ def _bwd_dq_step(
 
 @triton.jit(do_not_specialize=["tune_bucket"])  # (read by the autotuner only: one binary for all)
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, POS, CU_SEQ, CU_BLK, INV_FREQ, TAB,
+    Q, K, V, DO, LSE, DELTA, DQ, POS, CU_SEQ, CU_BLK, INV_FREQ, TAB, KP, VP,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
     stride_dqn, stride_dqh,
     n_tokens, num_seqs, qk_scale, sm_scale,
     N_STEPS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, TAB_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-    tune_bucket, WARP_SPEC: tl.constexpr = False,
+    tune_bucket, WARP_SPEC: tl.constexpr = False, BOUNDED: tl.constexpr = False,
 ):  # fmt: skip
     """Grid (query blocks of all sequences (upper bound), Hq). dq of one query tile.
 
@@ -297,7 +301,9 @@ def _bwd_dq_kernel(
     the blocked copies _bwd_delta_kernel wrote (BLOCKED: this program's rows at h * blocks * BLOCK_M + pid * BLOCK_M;
     the pass takes no pointer-loaded operand before its loop, and Triton's tensor descriptors want a 16-byte aligned
     offset); dq (w.r.t. the rotated q, unscaled) goes to DQ [N, Hq, D] fp32, which _bwd_dq_finish_kernel scales and
-    rotates back (the rotation's halves stop the pass)."""
+    rotates back (the rotation's halves stop the pass). BOUNDED (with WARP_SPEC; autotuned): k and v by descriptors
+    this program makes over its own sequence's rows of KP and VP (the pointers under K and V), as the forward's
+    BOUNDED: zeros past the end from the copies, where the plain loads zero both tiles' rows through registers."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     if not WARP_SPEC:
@@ -327,12 +333,17 @@ def _bwd_dq_kernel(
 
     dq1, dq2 = _zeros_hd(BLOCK_M, HEAD_DIM, HALF)
     k_base, v_base = _bases(K, V, kvh, stride_kh, stride_vh, TMA)
+    kv_tok0, kv_col = tok0, kvh * HEAD_DIM
+    if BOUNDED:  # this sequence's keys and values alone (tiles at its rows, from 0)
+        k_base = _sequence_descriptor(KP, tok0, seq_len, kvh, stride_kn, stride_kh, BLOCK_N, HEAD_DIM)
+        v_base = _sequence_descriptor(VP, tok0, seq_len, kvh, stride_vn, stride_vh, BLOCK_N, HEAD_DIM)
+        kv_tok0, kv_col = 0, 0
     if WARP_SPEC:  # every key tile [0, hi) in one warp-specialised loop, all masked
         for start_n in tl.range(0, loop_bound(hi), BLOCK_N, warp_specialize=True):
             dq1, dq2 = _bwd_dq_step(
-                dq1, dq2, q1r, q2r, do, lse, delta, offs_m, start_n, seq_len, tok0, k_base, v_base,
-                stride_kn, stride_vn, offs_h, offs_d, qk_scale, kvh * HEAD_DIM, K,
-                True, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC, TMA,
+                dq1, dq2, q1r, q2r, do, lse, delta, offs_m, start_n, seq_len, kv_tok0, k_base, v_base,
+                stride_kn, stride_vn, offs_h, offs_d, qk_scale, kv_col, K,
+                True, HEAD_DIM, HALF, BLOCK_N, DOT_DTYPE, PREC, TMA, BOUNDED,
             )  # fmt: skip
         _store_tile(DQ + h * stride_dqh, dq1, rows_m, m_ok, stride_dqn, offs_d, HEAD_DIM, False)
     else:
@@ -431,6 +442,7 @@ _dkdv_ws_tuned = triton.autotune(_configs("BLOCK_M", _BWD_WS_SHAPES, ("K", "V"))
 # and the warp-specialised dq (WARP_SPEC): (key tile, warps, stages) that ptxas builds without spills within 227 KiB
 # of shared memory at D = 128 bf16 (64-key tiles in 3 stages take 247 KiB, 128-key ones 329)
 _DQ_WS_SHAPES = ((64, 4, 2), (32, 4, 2), (32, 4, 3))
+_DQ_WS_SHAPES += tuple((*shape, {"BOUNDED": True}) for shape in _DQ_WS_SHAPES)  # (k and v by per-sequence descriptors)
 _dq_ws_tuned = triton.autotune(
     _configs("BLOCK_N", _DQ_WS_SHAPES, ("Q", "DO", "LSE", "DELTA")), key=_KEY, prune_configs_by=_PRUNE
 )(_bwd_dq_kernel)
@@ -502,6 +514,10 @@ def _rope_attention_bwd(
     if dq_ws and why:
         raise ValueError(f"dq_config WARP_SPEC=True, but {why}")
     dq_ws = not atomic and ((WARP_SPEC and why is None) if dq_ws is None else dq_ws)
+    if dq_config and dq_config.get("BOUNDED") and not dq_ws:
+        raise ValueError("dq_config BOUNDED=True: per-sequence descriptors of the warp-specialised loop, not running")
+    if dq_ws:
+        device_descriptor_scratch()  # (BOUNDED variants make descriptors in global memory Triton asks for)
 
     delta = torch.empty(hq, n, dtype=torch.float32, device=q.device)
     od_strides = (out.stride(0), out.stride(1), do.stride(0), do.stride(1))
@@ -543,7 +559,7 @@ def _rope_attention_bwd(
     dkdv_args = lambda cu_blk: (qd, k_in, v_in, dod, lse, delta, dk, dv, dqad, positions, cu, cu_blk, inv_freq, tab,
                                 *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dqa.stride(0),
                                 dqa.stride(1), *scalars)  # fmt: skip
-    dq_args = lambda cu_blk: (dq_q, kd, vd, dq_do, dq_lse, dq_delta, dq_out, positions, cu, cu_blk, inv_freq, tab,
+    dq_args = lambda cu_blk: (dq_q, kd, vd, dq_do, dq_lse, dq_delta, dq_out, positions, cu, cu_blk, inv_freq, tab, k, v,
                               *strides, dq_out.stride(0), dq_out.stride(1), *scalars)  # fmt: skip
     _launch(
         _bwd_dkdv_kernel, _dkdv_ws_tuned if ws else _dkdv_tuned, hkv, dkdv_args, cu, n, "BLOCK_N", "BLOCK_M",
