@@ -255,6 +255,11 @@ def print_table(table, header: bool = True):
         )
 
 
+def _ws_builds(shapes: tuple, n: int | None) -> list[tuple]:
+    """The warp-specialised shapes a report builds: the first n plain ones, then the first n BOUNDED ones."""
+    return [s for s in shapes if len(s) == 3][:n] + [s for s in shapes if len(s) > 3][:n]
+
+
 def ptxas_report(
     head_dim: int, dtype: str, group: int, configs_per_kernel: int | None = None, tma: bool = True
 ) -> list[dict]:
@@ -271,6 +276,7 @@ def ptxas_report(
 
     ptr = "*" + dtype
     types = dict.fromkeys(["Q", "K", "V", "O", "DO", "DK", "DV", "DQ", "QR", "QO", "KO", "KC", "VC", "KP", "VP"], ptr)
+    types.update(QP=ptr, DOP=ptr)
     types.update(LSE="*fp32", DELTA="*fp32", DQA="*fp32", INV_FREQ="*fp32", TAB="*fp32", POS="*i64", SLOT="*i64")
     types.update(CU_SEQ="*i32", CU_BLK="*i32")
     tl_dtype = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype]
@@ -278,7 +284,7 @@ def ptxas_report(
     base.update(DOT_DTYPE=tl_dtype, PREC="ieee" if dtype == "fp32" else "tf32")
     tma = tma and head_dim >= 32
     # (each kernel at the sequence block a launch takes by default: attention_tiles.SEQ_BLOCKS)
-    dkdv = dict(BLOCK_N=tiles.seq_block("dkdv", None, "BLOCK_N"), DQ_ATOMIC=False, WARP_SPEC=False)
+    dkdv = dict(BLOCK_N=tiles.seq_block("dkdv", None, "BLOCK_N"), DQ_ATOMIC=False, WARP_SPEC=False, BOUNDED=False)
     dq = dict(BLOCK_M=tiles.seq_block("dq", None, "BLOCK_M"), WARP_SPEC=False, BOUNDED=False)
     fwd = dict(BLOCK_M=tiles.seq_block("fwd", None, "BLOCK_M"), SAVE_ROT=True, ROTATE_Q=True, WARP_SPEC=False)
     fwd["BOUNDED"] = False
@@ -329,22 +335,21 @@ def ptxas_report(
         # two consumer warpgroups of 64 rows), q's [128, D] tile by bulk copy, at the autotuner's shapes
         ws = {**prepass, "BLOCK_M": fwd["BLOCK_M"], "WARP_SPEC": True}
         # (and BOUNDED: its k and v by descriptors each program makes over its own sequence, zeros past the end)
-        plain = [s for s in ra._FWD_WS_SHAPES if len(s) == 3][:configs_per_kernel]
-        for inner, warps, stages, *more in plain + [s for s in ra._FWD_WS_SHAPES if len(s) > 3][:configs_per_kernel]:
+        for inner, warps, stages, *more in _ws_builds(ra._FWD_WS_SHAPES, configs_per_kernel):
             label = f"BLOCK_N={inner} w={warps} s={stages} WARP_SPEC{' BOUNDED' if more else ''} TMA"
             descs = (("Q", fwd["BLOCK_M"]), "K", "V")  # (q's tile: the sequence block's)
             consts = {**ws, "BLOCK_N": inner, **(more[0] if more else {})}
             report("fwd", ra._fwd_kernel, consts, warps, stages, label, descs, inner)
         # rope_attention_bwd.WARP_SPEC: the dk/dv kernel's query loop likewise (its K and V tiles by bulk copy too)
         ws = {**base, **dkdv, "TMA": True, "WARP_SPEC": True}
-        for inner, warps, stages in ra_bwd._BWD_WS_SHAPES[:configs_per_kernel]:
-            label = f"BLOCK_M={inner} w={warps} s={stages} WARP_SPEC TMA"
+        for inner, warps, stages, *more in _ws_builds(ra_bwd._BWD_WS_SHAPES, configs_per_kernel):  # (BOUNDED too)
+            label = f"BLOCK_M={inner} w={warps} s={stages} WARP_SPEC{' BOUNDED' if more else ''} TMA"
             descs = (("K", dkdv["BLOCK_N"]), ("V", dkdv["BLOCK_N"]), "Q", "DO")
-            report("dkdv", ra_bwd._bwd_dkdv_kernel, {**ws, "BLOCK_M": inner}, warps, stages, label, descs, inner)
+            consts = {**ws, "BLOCK_M": inner, **(more[0] if more else {})}
+            report("dkdv", ra_bwd._bwd_dkdv_kernel, consts, warps, stages, label, descs, inner)
         # and the dq kernel's key loop (q, do and the blocked lse and delta by bulk copy too)
         ws = {**base, **dq, "TMA": True, "WARP_SPEC": True}
-        plain = [s for s in ra_bwd._DQ_WS_SHAPES if len(s) == 3][:configs_per_kernel]  # (and BOUNDED, as fwd's)
-        for inner, warps, stages, *more in plain + [s for s in ra_bwd._DQ_WS_SHAPES if len(s) > 3][:configs_per_kernel]:
+        for inner, warps, stages, *more in _ws_builds(ra_bwd._DQ_WS_SHAPES, configs_per_kernel):  # (BOUNDED too)
             label = f"BLOCK_N={inner} w={warps} s={stages} WARP_SPEC{' BOUNDED' if more else ''} TMA"
             descs = (("Q", dq["BLOCK_M"]), ("DO", dq["BLOCK_M"]), "K", "V", ("LSE", None), ("DELTA", None))
             consts = {**ws, "BLOCK_N": inner, **(more[0] if more else {})}  # (dq into fp32, for the finishing pass)
@@ -376,6 +381,7 @@ SWEEP_FWD += [(64, 64, 4, 2, True, {"maxnreg": 168}), (64, 32, 4, 2, True, {"max
 SWEEP_FWD += [(64, 64, 4, 3, False), (128, 128, 8, 3, False)]
 # rope_attention_bwd.WARP_SPEC first: the query loop warp-specialised, 4 warps a partition
 SWEEP_DKDV = [(128, m, 4, st, True, {"WARP_SPEC": True}) for m, st in ((32, 2), (16, 2), (16, 3))]
+SWEEP_DKDV += [(128, m, 4, st, True, {"WARP_SPEC": True, "BOUNDED": True}) for m, st in ((32, 2), (16, 2), (16, 3))]
 SWEEP_DKDV += [(128, m, 8, st, True) for m in (16, 32) for st in (2, 3)]
 SWEEP_DKDV += [(64, m, w, 2, True) for m in (16, 32, 64) for w in (4, 8)] + [(64, 32, 4, 2, False)]
 # rope_attention_bwd.WARP_SPEC first: the key loop warp-specialised (lse and delta from the delta kernel's blocked copy)

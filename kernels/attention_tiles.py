@@ -178,12 +178,14 @@ def _load_pair(
 
 
 @triton.jit
-def _sequence_descriptor(X, tok0, seq_len, head, stride_n, stride_h, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """A tensor descriptor over one head of one sequence's rows of X [N, H, D] ([seq_len, D], [ROWS, D] blocks):
-    a tile read at its row r holds rows r.. of the sequence, zeros past its end."""
+def _sequence_descriptor(
+    X, tok0, seq_len, head, stride_n, stride_h, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, heads=1,
+):  # fmt: skip
+    """A tensor descriptor over one sequence's rows of X [N, H, D] ([seq_len, heads * D] from head `head`, [ROWS, D]
+    blocks; heads side by side): a tile read at its row r holds rows r.. of the sequence, zeros past its end."""
     base = X + tok0.to(tl.int64) * stride_n + head * stride_h
     return tl.make_tensor_descriptor(
-        base, shape=[seq_len, HEAD_DIM], strides=[stride_n, 1], block_shape=[ROWS, HEAD_DIM]
+        base, shape=[seq_len, heads * HEAD_DIM], strides=[stride_n, 1], block_shape=[ROWS, HEAD_DIM]
     )
 
 

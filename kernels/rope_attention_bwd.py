@@ -95,18 +95,22 @@ def _bwd_dkdv_step(
     dk1, dk2, dv, k1r, k2r, v, offs_n, start_m, seq_len, tok0, q_base, do_base, lse_base, delta_base, stride_qn,
     stride_don, offs_h, offs_d, qk_scale, col, like, dqa_base, stride_dqan, MASKED: tl.constexpr,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
-    TMA: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    TMA: tl.constexpr, DQ_ATOMIC: tl.constexpr, BOUNDED: tl.constexpr = False,
 ):  # fmt: skip
     """One query tile against this program's key tile (transposed scores [BLOCK_N, BLOCK_M]). k1r, k2r and
     the accumulators dk1, dk2 are head-dim pairs (_load_hd, _zeros_hd). MASKED: a diagonal tile (causal mask) or
     the sequence's last, partial one. TMA: q_base and do_base are tensor descriptors over [N, Hq * D] (this head's
-    tile at column col), else pointers; like: a pointer of the inputs' dtype. DQ_ATOMIC: also add this key tile's
-    share of the query tile's dq into the fp32 accumulator at dqa_base (_add_dq)."""
+    tile at column col), else pointers; BOUNDED: descriptors over this sequence's rows alone (its tiles at rows from
+    0), whose copies hold zeros past its end (not zeroed here); like: a pointer of the inputs' dtype. DQ_ATOMIC:
+    also add this key tile's share of the query tile's dq into the fp32 accumulator at dqa_base (_add_dq)."""
     PAD: tl.constexpr = HALF != HEAD_DIM // 2
     offs_m, m_ok, rows_m = _tile_rows(tok0, start_m, seq_len, BLOCK_M)
+    row0 = tok0
+    if BOUNDED:
+        row0 = 0
     q1r, q2r, do = _load_pair(
-        q_base, do_base, tok0, start_m, col, rows_m, m_ok, stride_qn, stride_don, offs_h, offs_d, MASKED, HEAD_DIM,
-        HALF, DOT_DTYPE, TMA,
+        q_base, do_base, row0, start_m, col, rows_m, m_ok, stride_qn, stride_don, offs_h, offs_d,
+        MASKED and not BOUNDED, HEAD_DIM, HALF, DOT_DTYPE, TMA,
     )  # fmt: skip
     # rows past the sequence end get lse = +inf, hence p = 0: they contribute nothing
     lse = tl.load(lse_base + tok0 + offs_m, mask=m_ok, other=float("inf"))
@@ -162,13 +166,13 @@ def _add_dq(
 
 @triton.jit(do_not_specialize=["tune_bucket"])  # (read by the autotuner only: one binary for all)
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQA, POS, CU_SEQ, CU_BLK, INV_FREQ, TAB,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQA, POS, CU_SEQ, CU_BLK, INV_FREQ, TAB, QP, DOP,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
     stride_dkn, stride_dkh, stride_dvn, stride_dvh, stride_dqan, stride_dqah,
     n_tokens, num_seqs, qk_scale, sm_scale,
     N_STEPS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr, TAB_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-    DQ_ATOMIC: tl.constexpr, tune_bucket, WARP_SPEC: tl.constexpr = False,
+    DQ_ATOMIC: tl.constexpr, tune_bucket, WARP_SPEC: tl.constexpr = False, BOUNDED: tl.constexpr = False,
 ):  # fmt: skip
     """Grid (key blocks of all sequences (upper bound), Hkv). dk, dv of one key tile, summed over the group.
 
@@ -182,7 +186,10 @@ def _bwd_dkdv_kernel(
     pairs in one loop, every tile masked, no early exit; a producer warpgroup for the q and dO copies, two consumer
     warpgroups of BLOCK_N / 2 keys. (dq's adds in that loop stop the pass: each consumer would hold half of a share.)
     dk (w.r.t. the rotated k, unscaled) goes to DQA [N, Hkv, D] fp32 then, which _bwd_dq_finish_kernel scales and
-    rotates back: the rotation's split into halves after the loop stops the pass too."""
+    rotates back: the rotation's split into halves after the loop stops the pass too. BOUNDED (with WARP_SPEC;
+    autotuned): q and dO by descriptors this program makes over its own sequence's rows of QP and DOP (the pointers
+    under Q and DO; the group's heads side by side), as the forward's BOUNDED: zeros past the end from the copies,
+    where the plain loads zero both tiles' rows through registers."""
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     if not WARP_SPEC:
@@ -209,13 +216,20 @@ def _bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     if WARP_SPEC:  # the (head of the group, query tile) pairs in one loop, every tile masked
         n_q = tl.where(valid, tl.cdiv(seq_len - start_n, BLOCK_M), 0)
+        q_base, do_base, col0 = Q, DO, 0
+        if BOUNDED:  # this sequence's rows of the group's heads alone (column g * D for head g of the group)
+            first = kvh * GROUP
+            q_base = _sequence_descriptor(QP, tok0, seq_len, first, stride_qn, stride_qh, BLOCK_M, HEAD_DIM, GROUP)
+            do_base = _sequence_descriptor(DOP, tok0, seq_len, first, stride_don, stride_doh, BLOCK_M, HEAD_DIM, GROUP)
+            col0 = first * HEAD_DIM
         for it in tl.range(0, loop_bound(GROUP * n_q), 1, warp_specialize=True):
             g = it // n_q
             h = kvh * GROUP + g
             dk1, dk2, dv = _bwd_dkdv_step(
-                dk1, dk2, dv, k1r, k2r, v, offs_n, start_n + (it - g * n_q) * BLOCK_M, seq_len, tok0, Q, DO,
+                dk1, dk2, dv, k1r, k2r, v, offs_n, start_n + (it - g * n_q) * BLOCK_M, seq_len, tok0, q_base, do_base,
                 LSE + h * n_tokens, DELTA + h * n_tokens, stride_qn, stride_don, offs_h, offs_d, qk_scale,
-                h * HEAD_DIM, K, DQA, stride_dqan, True, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA, False,
+                h * HEAD_DIM - col0, K, DQA, stride_dqan, True, HEAD_DIM, HALF, BLOCK_M, DOT_DTYPE, PREC, TMA, False,
+                BOUNDED,
             )  # fmt: skip
     else:
         diag_end = tl.minimum(start_n + BLOCK_N, seq_len)
@@ -436,6 +450,7 @@ _dq_tuned = triton.autotune(_configs("BLOCK_N", _BWD_SHAPES), key=_KEY, prune_co
 # the warp-specialised dk/dv (WARP_SPEC): 4 warps a partition (12 in all), K and V by bulk copy at the key block;
 # (query tile, warps, stages) that ptxas builds without spills at D = 128 bf16 (64-query tiles spill 420 B)
 _BWD_WS_SHAPES = ((32, 4, 2), (16, 4, 2), (16, 4, 3))
+_BWD_WS_SHAPES += tuple((*shape, {"BOUNDED": True}) for shape in _BWD_WS_SHAPES)  # (q and dO by per-sequence ones)
 _dkdv_ws_tuned = triton.autotune(_configs("BLOCK_M", _BWD_WS_SHAPES, ("K", "V")), key=_KEY, prune_configs_by=_PRUNE)(
     _bwd_dkdv_kernel
 )
@@ -507,6 +522,8 @@ def _rope_attention_bwd(
     if ws and why:
         raise ValueError(f"dkdv_config WARP_SPEC=True, but {why}")
     ws = (WARP_SPEC and why is None) if ws is None else ws
+    if dkdv_config and dkdv_config.get("BOUNDED") and not ws:
+        raise ValueError("dkdv_config BOUNDED=True: per-sequence descriptors of the warp-specialised loop, not running")
     # the dq kernel likewise (WARP_SPEC, or dq_config's key): q and do by bulk copy too, lse and delta from blocked
     # copies the delta kernel writes, and dq by the finishing pass
     dq_config, dq_ws = _pop_switch(dq_config, "WARP_SPEC", None)
@@ -516,7 +533,7 @@ def _rope_attention_bwd(
     dq_ws = not atomic and ((WARP_SPEC and why is None) if dq_ws is None else dq_ws)
     if dq_config and dq_config.get("BOUNDED") and not dq_ws:
         raise ValueError("dq_config BOUNDED=True: per-sequence descriptors of the warp-specialised loop, not running")
-    if dq_ws:
+    if ws or dq_ws:
         device_descriptor_scratch()  # (BOUNDED variants make descriptors in global memory Triton asks for)
 
     delta = torch.empty(hq, n, dtype=torch.float32, device=q.device)
@@ -557,8 +574,8 @@ def _rope_attention_bwd(
     # each kernel's grid covers the blocks of its own sequence-block size (the key block of dk/dv, the query
     # block of dq), so the two can be tuned apart
     dkdv_args = lambda cu_blk: (qd, k_in, v_in, dod, lse, delta, dk, dv, dqad, positions, cu, cu_blk, inv_freq, tab,
-                                *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dqa.stride(0),
-                                dqa.stride(1), *scalars)  # fmt: skip
+                                q, do, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+                                dqa.stride(0), dqa.stride(1), *scalars)  # fmt: skip
     dq_args = lambda cu_blk: (dq_q, kd, vd, dq_do, dq_lse, dq_delta, dq_out, positions, cu, cu_blk, inv_freq, tab, k, v,
                               *strides, dq_out.stride(0), dq_out.stride(1), *scalars)  # fmt: skip
     _launch(

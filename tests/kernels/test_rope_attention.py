@@ -104,14 +104,15 @@ def test_forward_backward_poisoned(dtype, hq, hkv, d, theta, variant):
     out = torch.full_like(q, float("nan"))
     lse = torch.full((hq, n), float("nan"))
     cfg = {"prepass": dict(Q_PREPASS=True), "warp spec": dict(WARP_SPEC=True)}.get(variant)
-    if variant == "warp spec bounded":  # (the forward's and dq's k and v by per-sequence descriptors: zeros past end)
+    if variant == "warp spec bounded":  # (the outer kernels' inner tiles by per-sequence descriptors: zeros past end)
         cfg = dict(WARP_SPEC=True, BOUNDED=True)
     cfg = cfg and dict(BLOCK_M=32, BLOCK_N=16, **cfg)
     dkdv = dict(BLOCK_N=32, BLOCK_M=16, TMA=variant == "atomic tma", DQ_ATOMIC=True) if "atomic" in variant else None
     dqc = None
     if variant.startswith("warp spec"):
         dkdv, dqc = dict(BLOCK_N=32, BLOCK_M=16, WARP_SPEC=True), dict(BLOCK_M=32, BLOCK_N=16, WARP_SPEC=True)
-        dqc.update({"BOUNDED": True} if variant == "warp spec bounded" else {})
+        if variant == "warp spec bounded":
+            dkdv["BOUNDED"] = dqc["BOUNDED"] = True
     if variant.startswith("warp spec") and q.is_cuda:  # (compiled: two consumer warpgroups of 64 rows, 12 warps)
         if dtype == torch.float32:
             pytest.skip("fp32 has no warpgroup MMA: the warp-specialised kernels are refused on a GPU")
@@ -246,7 +247,8 @@ def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma, atomic, ws):
     backward, by tensor-descriptor (TMA) tiles and by pointer loads, dq by its own kernel and by the dk/dv kernel's
     atomic adds (whose whole-tile bulk reduces reach the neighbour's rows), and the three kernels warp-specialised
     (their outer tiles by bulk copy too: the last tile's rows past the end are the neighbour's), the forward's keys
-    and values (and dq's) also by per-sequence descriptors ("bounded": the copies' rows past the end are zeros).
+    and values (dq's too, and dk/dv's queries and output grads) also by per-sequence descriptors ("bounded": the
+    copies' rows past the end are zeros).
     Lengths end inside the tiles of every kernel (the dk/dv kernel's last, partial query tile included)."""
     if ws and torch.empty(0).is_cuda:
         pytest.skip("fp32 has no warpgroup MMA: the warp-specialised kernels are refused on a GPU")
@@ -263,7 +265,7 @@ def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma, atomic, ws):
     if ws:
         dkdv["WARP_SPEC"] = dq_cfg["WARP_SPEC"] = True
     if ws == "bounded":
-        fwd["BOUNDED"] = dq_cfg["BOUNDED"] = True
+        fwd["BOUNDED"] = dkdv["BOUNDED"] = dq_cfg["BOUNDED"] = True
     dq_cfg = None if atomic else dq_cfg
     scale = 1.0 / math.sqrt(32)
     out, lse, q_rot, k_rot = _rope_attention_fwd(q, k, v, positions, cu, 1e4, scale, save_rotated=True, config=fwd)
@@ -424,6 +426,11 @@ def test_warp_spec_where_it_can_refused_by_name_elsewhere():
         torch.randn_like(q), q_rot, k_rot, v, out, lse, positions, cu, 1e4, 0.125,
         dkdv_config=dict(BLOCK_N=32, BLOCK_M=16, WARP_SPEC=True, **kw),
     )  # fmt: skip
+    with pytest.raises(ValueError, match=r"dkdv_config BOUNDED=True: per-sequence descriptors of the warp-special"):
+        _rope_attention_bwd(
+            torch.randn_like(q), q_rot, k_rot, v, out, lse, positions, cu, 1e4, 0.125,
+            dkdv_config=dict(BLOCK_N=32, BLOCK_M=16, BOUNDED=True),
+        )  # fmt: skip
     with pytest.raises(ValueError, match=r"dkdv_config WARP_SPEC=True, but dq is by atomic adds"):
         bwd(DQ_ATOMIC=True)
     with pytest.raises(ValueError, match=r"dkdv_config WARP_SPEC=True, but its tiles are not all read by TMA"):
