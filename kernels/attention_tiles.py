@@ -182,10 +182,11 @@ def _sequence_descriptor(
     X, tok0, seq_len, head, stride_n, stride_h, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, heads=1,
 ):  # fmt: skip
     """A tensor descriptor over one sequence's rows of X [N, H, D] ([seq_len, heads * D] from head `head`, [ROWS, D]
-    blocks; heads side by side): a tile read at its row r holds rows r.. of the sequence, zeros past its end."""
+    blocks; heads side by side): a tile read at its row r holds rows r.. of the sequence, zeros past its end. (A
+    program past the last block may see an empty sequence: its descriptor gets one row, which it never reads.)"""
     base = X + tok0.to(tl.int64) * stride_n + head * stride_h
     return tl.make_tensor_descriptor(
-        base, shape=[seq_len, heads * HEAD_DIM], strides=[stride_n, 1], block_shape=[ROWS, HEAD_DIM]
+        base, shape=[tl.maximum(seq_len, 1), heads * HEAD_DIM], strides=[stride_n, 1], block_shape=[ROWS, HEAD_DIM]
     )
 
 

@@ -492,9 +492,19 @@ def test_autograd_public_api_strided_views():
     _close(qkv.grad[:, 6:], ref_dv, torch.float32, "dv")
 
 
-def test_arbitrary_positions_and_empty_sequence():
-    """Non-consecutive positions (left padding, random) take the per-element cos/sin path; an empty sequence."""
-    lengths = [20, 0, 35]
+@pytest.mark.parametrize("bounded", [False, True])
+def test_arbitrary_positions_and_empty_sequence(bounded):
+    """Non-consecutive positions (left padding, random) take the per-element cos/sin path; empty sequences, the last
+    one too (the warp-specialised kernels' programs past the last block then see it: with BOUNDED, per-sequence
+    descriptors over no rows)."""
+    if bounded and torch.empty(0).is_cuda:
+        pytest.skip("fp32 has no warpgroup MMA: the warp-specialised kernels are refused on a GPU")
+    fwd = dkdv = dqc = None  # (the defaults)
+    if bounded:
+        ws = dict(WARP_SPEC=True, BOUNDED=True)
+        fwd, dqc, dkdv = dict(BLOCK_M=32, BLOCK_N=16, **ws), dict(BLOCK_M=32, BLOCK_N=16, **ws), dict(BLOCK_N=32, **ws)
+        dkdv["BLOCK_M"] = 16
+    lengths = [20, 0, 35, 0]
     cu, _ = _pack(lengths)
     n = int(cu[-1])
     left_padded = torch.tensor([1] * 6 + list(range(14)))  # HF: pads at position 1, then 0, 1, 2, ...
@@ -504,9 +514,11 @@ def test_arbitrary_positions_and_empty_sequence():
     out = torch.full_like(q, float("nan"))
     lse = torch.full((2, n), float("nan"))
     _, _, q_rot, k_rot = _rope_attention_fwd(
-        q, k, v, positions, cu, 10000.0, 0.125, out=out, lse=lse, save_rotated=True
+        q, k, v, positions, cu, 10000.0, 0.125, out=out, lse=lse, save_rotated=True, config=fwd
     )
-    dq, dk, dv = _rope_attention_bwd(do, q_rot, k_rot, v, out, lse, positions, cu, 10000.0, 0.125)
+    dq, dk, dv = _rope_attention_bwd(
+        do, q_rot, k_rot, v, out, lse, positions, cu, 10000.0, 0.125, dkdv_config=dkdv, dq_config=dqc
+    )
     ref_out, _, (ref_dq, ref_dk, ref_dv) = _reference(q, k, v, positions, cu, 10000.0, do)
     # positions up to 5000: fp32 angles carry ~2e-4 rad of rounding, as in HF's own fp32 rotary
     tol = dict(atol=2e-3, rtol=2e-3)
