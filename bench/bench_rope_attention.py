@@ -599,9 +599,27 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"device: {device_name}, torch {torch.__version__}; causal FLOPs, fwd+bwd = {args.fwd_bwd_factor} x fwd")
     print_table(table)
+    for pick in autotune_picks():  # (which tiles, stages and BOUNDED or not the rows above ran: what to keep)
+        print(f"autotuned {pick['kernel']:8} {pick['key']}: {pick['config']}")
     save(args, table, cuda)
     failed = [f"{e['case']} {e['impl']}: {e['error']}" for e in table if "error" in e and e["impl"].startswith(OURS)]
     exit_if_ours_failed("bench_rope_attention", failed)
+
+
+def autotune_picks() -> list[dict]:
+    """Each autotuned attention kernel's pick in this process, by autotune key (head dim, group, token bucket, the
+    switches, the sequence block, the inputs' dtypes): which inner tile, warps, stages and, warp-specialised, whether
+    BOUNDED won. Empty under the interpreter (nothing is autotuned there)."""
+    from kernels import rope_attention as ra
+    from kernels import rope_attention_bwd as ra_bwd
+
+    tuned = {"fwd": ra._fwd_tuned, "fwd ws": ra._fwd_ws_tuned, "dkdv": ra_bwd._dkdv_tuned}
+    tuned.update({"dkdv ws": ra_bwd._dkdv_ws_tuned, "dq": ra_bwd._dq_tuned, "dq ws": ra_bwd._dq_ws_tuned})
+    return [
+        {"kernel": name, "key": str(key), "config": str(config)}
+        for name, autotuner in tuned.items()
+        for key, config in autotuner.cache.items()
+    ]
 
 
 def save_sweep(args, rows: list[dict], device) -> None:
@@ -615,8 +633,8 @@ def save(args, table: list[dict], cuda: bool) -> None:
     """The figures so far as JSON at --json (rewritten after each row)."""
     if args.json:
         device_name = torch.cuda.get_device_name() if cuda else "cpu"
-        write_json(args.json, {"device": device_name, "torch": torch.__version__, "args": vars(args), "rows": table},
-                   indent=1)  # fmt: skip
+        write_json(args.json, {"device": device_name, "torch": torch.__version__, "args": vars(args), "rows": table,
+                               "autotuned": autotune_picks()}, indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -38,3 +38,19 @@ def test_rope_sweep_smoke(capsys):
     )
     assert as_default(rows[2]).endswith("(16, 4, 2) in attention_tiles._FWD_SHAPES, TMA=False, maxnreg=168")
     assert as_default(rows[8]).startswith("attention_tiles.SEQ_BLOCKS['dq'] = 32, (16, 4, 2) in attention_tiles._BWD")
+
+
+def test_the_bench_reports_each_autotuners_pick(monkeypatch):
+    """bench_rope_attention prints (and saves) which config each autotuned kernel picked per key: on a GPU that says
+    which tiles and whether the BOUNDED variants won without a sweep; nothing is autotuned in the interpreter."""
+    import triton
+
+    from bench.bench_rope_attention import autotune_picks
+    from kernels import rope_attention_bwd as ra_bwd
+
+    assert autotune_picks() == []
+    pick = triton.Config({"BLOCK_N": 64, "BOUNDED": True}, num_warps=4, num_stages=2)
+    monkeypatch.setattr(ra_bwd._dq_ws_tuned, "cache", {(128, 1, 3, True, 128, "torch.bfloat16"): pick})
+    (row,) = autotune_picks()
+    assert row["kernel"] == "dq ws" and "128, 1, 3, True" in row["key"]
+    assert "BLOCK_N: 64" in row["config"] and "BOUNDED: True" in row["config"] and "num_stages: 2" in row["config"]
