@@ -319,9 +319,11 @@ def test_rope_sweep_figures_and_best(monkeypatch, capsys):
     assert "best dkdv+dq: BLOCK_N=16 BLOCK_M=16 num_warps=4 num_stages=2 TMA=False DQ_ATOMIC=True" in out
     # (the launch, TMA or not, and for some forwards a register cap)
     assert all(len(v) == 5 for v in B.SWEEP_ATOMIC)
-    for swept in (B.SWEEP_DKDV, B.SWEEP_DQ):  # (the warp-specialised variants first)
-        assert all(len(v) == 5 or v[5] == {"WARP_SPEC": True} for v in swept) and swept[0][5]
-    extra = {"maxnreg", "Q_PREPASS", "WARP_SPEC"}
+    ws = ({"WARP_SPEC": True}, {"WARP_SPEC": True, "BOUNDED": True})  # (BOUNDED: per-sequence descriptors)
+    for swept in (B.SWEEP_DKDV, B.SWEEP_DQ):  # (the warp-specialised variants first, plain and BOUNDED)
+        assert all(len(v) == 5 or v[5] in ws for v in swept) and swept[0][5] == ws[0]
+        assert [len(v) == 6 and v[5] == ws[1] for v in swept].count(True) == 3
+    extra = {"maxnreg", "Q_PREPASS", "WARP_SPEC", "BOUNDED"}
     assert all(len(v) == 5 or (len(v) == 6 and set(v[5]) <= extra) for v in B.SWEEP_FWD)
     assert extra == {key for v in B.SWEEP_FWD for key in (v[5] if len(v) == 6 else ())}
     assert B.SWEEP_FWD[0][5] == {"WARP_SPEC": True}  # (the one never timed goes first)
