@@ -453,7 +453,7 @@ def test_warp_spec_where_it_can_refused_by_name_elsewhere():
 
 
 def test_device_descriptor_scratch_sets_an_allocator_only_where_none_is():
-    """The BOUNDED forward makes tensor descriptors in the kernel, whose global scratch Triton takes from its
+    """The BOUNDED kernels make tensor descriptors in the kernel, whose global scratch Triton takes from its
     allocator (none by default: the launch would fail): the launcher sets one from torch's where none is set, and
     leaves one the caller set."""
     import triton
