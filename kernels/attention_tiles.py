@@ -191,6 +191,23 @@ def _sequence_descriptor(
 
 
 @triton.jit
+def _kv_bases(
+    K, V, KP, VP, head, tok0, seq_len, stride_kn, stride_kh, stride_vn, stride_vh, ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, TMA: tl.constexpr, BOUNDED: tl.constexpr,
+):  # fmt: skip
+    """Where a loop over key tiles reads k and v for this head (_bases), and the row and column its tiles' coordinates
+    start from: BOUNDED, descriptors over this sequence's rows of KP and VP alone (_sequence_descriptor: rows from 0,
+    zeros past its end), else K and V as given (rows from tok0, this head's column)."""
+    k_base, v_base = _bases(K, V, head, stride_kh, stride_vh, TMA)
+    row0, col = tok0, head * HEAD_DIM
+    if BOUNDED:
+        k_base = _sequence_descriptor(KP, tok0, seq_len, head, stride_kn, stride_kh, ROWS, HEAD_DIM)
+        v_base = _sequence_descriptor(VP, tok0, seq_len, head, stride_vn, stride_vh, ROWS, HEAD_DIM)
+        row0, col = 0, 0
+    return k_base, v_base, row0, col
+
+
+@triton.jit
 def _dot_nt(a1, a2, b1, b2, PAD: tl.constexpr, PREC: tl.constexpr):
     """a @ b^T over the head dim, for operand pairs of _load_hd: one dot, or one per padded half."""
     r = tl.dot(a1, tl.trans(b1), input_precision=PREC)

@@ -65,10 +65,10 @@ from kernels.attention_tiles import (
     _LOG2E,
     _PRUNE,
     _TL_DTYPES,
-    _bases,
     _configs,
     _dot_args,
     _dot_nt,
+    _kv_bases,
     _last_dim_contiguous,
     _launch,
     _load_hd,
@@ -79,7 +79,6 @@ from kernels.attention_tiles import (
     _pop_switch,
     _pop_tma,
     _rotate,
-    _sequence_descriptor,
     _store_tile,
     _tile_rows,
     _warp_spec_refused,
@@ -208,12 +207,9 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    k_base, v_base = _bases(K, V, kvh, stride_kh, stride_vh, TMA)
-    kv_tok0, kv_col = tok0, kvh * HEAD_DIM
-    if BOUNDED:  # this sequence's keys and values alone (tiles at its rows, from 0)
-        k_base = _sequence_descriptor(KP, tok0, seq_len, kvh, stride_kn, stride_kh, BLOCK_N, HEAD_DIM)
-        v_base = _sequence_descriptor(VP, tok0, seq_len, kvh, stride_vn, stride_vh, BLOCK_N, HEAD_DIM)
-        kv_tok0, kv_col = 0, 0
+    k_base, v_base, kv_tok0, kv_col = _kv_bases(
+        K, V, KP, VP, kvh, tok0, seq_len, stride_kn, stride_kh, stride_vn, stride_vh, BLOCK_N, HEAD_DIM, TMA, BOUNDED
+    )  # (BOUNDED: this sequence's keys and values alone, tiles at its rows from 0)
     if WARP_SPEC:  # every key tile [0, hi) in one warp-specialised loop, all masked
         for start_n in tl.range(0, loop_bound(hi), BLOCK_N, warp_specialize=True):
             acc, l_i, m_i = _fwd_step(

@@ -29,6 +29,7 @@ from kernels.attention_tiles import (
     _dot_args,
     _dot_nt,
     _halves,
+    _kv_bases,
     _last_dim_contiguous,
     _launch,
     _load_hd,
@@ -346,12 +347,9 @@ def _bwd_dq_kernel(
         delta = tl.load(DELTA + h * n_tokens + tok0 + offs_m, mask=m_ok, other=0.0)
 
     dq1, dq2 = _zeros_hd(BLOCK_M, HEAD_DIM, HALF)
-    k_base, v_base = _bases(K, V, kvh, stride_kh, stride_vh, TMA)
-    kv_tok0, kv_col = tok0, kvh * HEAD_DIM
-    if BOUNDED:  # this sequence's keys and values alone (tiles at its rows, from 0)
-        k_base = _sequence_descriptor(KP, tok0, seq_len, kvh, stride_kn, stride_kh, BLOCK_N, HEAD_DIM)
-        v_base = _sequence_descriptor(VP, tok0, seq_len, kvh, stride_vn, stride_vh, BLOCK_N, HEAD_DIM)
-        kv_tok0, kv_col = 0, 0
+    k_base, v_base, kv_tok0, kv_col = _kv_bases(
+        K, V, KP, VP, kvh, tok0, seq_len, stride_kn, stride_kh, stride_vn, stride_vh, BLOCK_N, HEAD_DIM, TMA, BOUNDED
+    )  # (BOUNDED: this sequence's keys and values alone, tiles at its rows from 0)
     if WARP_SPEC:  # every key tile [0, hi) in one warp-specialised loop, all masked
         for start_n in tl.range(0, loop_bound(hi), BLOCK_N, warp_specialize=True):
             dq1, dq2 = _bwd_dq_step(
