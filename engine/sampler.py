@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 from engine.config import GenerateConfig
-from engine.parallel import gather_dim, gather_from_tp, group_size
-from kernels import reference
+from engine.parallel import gather_dim, group_size
+from kernels import sampling
 from kernels.reference import M32, mix32
 from kernels.sampling import (
     combine_partial_samples,
@@ -22,6 +22,7 @@ from kernels.sampling import (
     gumbel_sample_partial,
     kth_largest,
     kth_largest_sharded,
+    top_p_floor_sharded,
 )
 
 # below this a temperature samples what greedy decoding picks (its limit), computed as greedy: logit / T overflows
@@ -55,18 +56,30 @@ def topk_floor(logits: torch.Tensor, top_k: int, group=None) -> torch.Tensor:
     return kth_largest_sharded(logits, min(top_k, logits.shape[-1] * tp), summed)
 
 
+def top_p_floor(
+    logits: torch.Tensor, top_p: float, temperature: float, min_logit: torch.Tensor | None = None, group=None
+) -> torch.Tensor:
+    """The lowest logit of each row [B] fp32 that top-p sampling keeps: where the mass of softmax(logits /
+    temperature) (over the logits >= min_logit, top-k's floor, when given) counted from the largest down first reaches
+    top_p; a run of logits tied there is kept whole. On one rank: kernels.sampling.top_p_floor (a radix select by
+    mass, one launch). Under tensor parallelism (`group`, each rank a vocabulary shard): its sharded form, the rows'
+    max and each pass's B x 16 masses summed over the ranks (nine all-reduces), where the ranks gathered the whole rows
+    and sorted them before."""
+    if group_size(group) == 1:
+        return sampling.top_p_floor(logits, top_p, temperature, min_logit)
+    summed = lambda t: dist.all_reduce(t, group=group)  # noqa: E731
+    maxed = lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)  # noqa: E731
+    return top_p_floor_sharded(logits, top_p, temperature, summed, maxed, min_logit)
+
+
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask (to -inf) all but the top_k largest logits and the smallest set with probability >= top_p."""
-    if top_k and top_k < logits.shape[-1]:
-        logits = logits.masked_fill(logits < topk_floor(logits, top_k)[:, None], float("-inf"))
+    """Mask (to -inf) all but the top_k largest logits and the smallest top set with probability >= top_p (HF's order:
+    top-k, then top-p over what it keeps), the logits tied at either edge kept: what sample_tokens draws from, at
+    temperature 1."""
+    floor = topk_floor(logits, top_k) if top_k and top_k < logits.shape[-1] else None
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the tokens ranked above it already reach top_p (the first always stays)
-        drop = (probs.cumsum(-1) - probs) >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    return logits
+        floor = top_p_floor(logits, top_p, 1.0, floor)
+    return logits if floor is None else logits.masked_fill(logits < floor[:, None], float("-inf"))
 
 
 def sample_tokens(
@@ -79,14 +92,14 @@ def sample_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row of logits [B, V] -> (tokens [B] int64, log-probs [B] fp32 under the raw logits).
 
-    Temperature 0 is greedy. Otherwise Gumbel-max over the temperature-scaled, top-k/top-p filtered
-    logits, with the noise from kernels.reference.uniform_noise(seeds, counters): no host sync, no global RNG. Without
-    top-p (the recipe's sampling, top-k or not) one fused kernel does it all (kernels/sampling.py), top-k's floor
-    (the k-th largest logit) found first (kernels.sampling's radix select).
+    Temperature 0 is greedy. Otherwise Gumbel-max over the temperature-scaled logits at or above a floor, with the
+    noise from kernels.reference.uniform_noise(seeds, counters): no host sync, no global RNG. One fused kernel draws
+    (kernels/sampling.py), the floor found first: top-k's (the k-th largest logit) and then top-p's (where the mass
+    from the top reaches top_p), each by a radix select, no sort.
     group: a tensor-parallel group whose ranks each hold a vocabulary shard [B, V / tp] starting at vocab_offset (the
-    last ones -inf in the padding of a vocabulary tp does not divide: engine.parallel.shard_rows).
-    Without top-p each rank samples its shard and the ranks exchange B x 4 numbers (the same token as the whole row,
-    on every rank; top-k's floor by a radix select over the shards); with top-p the shards are gathered first.
+    last ones -inf in the padding of a vocabulary tp does not divide: engine.parallel.shard_rows). Each rank samples
+    its shard and the ranks exchange B x 4 numbers (the same token as the whole row, on every rank); the floors come
+    from radix selects over the shards (histograms summed by all-reduces), never from gathered rows.
     """
     if 0 < params.temperature < MIN_TEMPERATURE:  # (logits / T would overflow fp32: a tie of every positive logit)
         params = dataclasses.replace(params, temperature=0.0)
@@ -94,17 +107,14 @@ def sample_tokens(
         params = dataclasses.replace(params, temperature=MAX_TEMPERATURE)
     tp = group_size(group)
     vocab = logits.shape[-1] * tp
-    top_k = params.top_k if params.top_k and params.top_k < vocab and params.temperature > 0 else 0
-    if params.temperature == 0 or params.top_p >= 1.0:  # one pass over the logits (top-k: a floor found first)
-        floor = topk_floor(logits, top_k, group) if top_k else None
-        if tp == 1:
-            return gumbel_sample(logits, seeds, counters, params.temperature, floor)
-        tokens, stats = gumbel_sample_partial(logits, seeds, counters, params.temperature, vocab_offset, floor)
-        mine = torch.cat([stats.double(), tokens[:, None].double()], -1)  # ids are exact in float64
-        every = gather_dim(mine, 0, group).view(tp, -1, 4)  # [rank, row, (score, logit, lse, token)]
-        return combine_partial_samples(every[..., 3].long(), every[..., :3])
-    logits = gather_from_tp(logits, group)  # top-p: the whole rows, sorted
-    logits = logits.float()
-    scaled = filter_logits(logits / params.temperature, top_k, params.top_p)  # (HF's order: top-k, then top-p)
-    tokens, _ = reference.gumbel_sample(scaled, seeds, counters, 1.0)  # already scaled: / 1.0 is exact
-    return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    sampled = params.temperature > 0
+    top_k = params.top_k if params.top_k and params.top_k < vocab and sampled else 0
+    floor = topk_floor(logits, top_k, group) if top_k else None
+    if sampled and params.top_p < 1.0:  # (HF's order: top-k, then top-p over what it keeps)
+        floor = top_p_floor(logits, params.top_p, params.temperature, floor, group)
+    if tp == 1:
+        return gumbel_sample(logits, seeds, counters, params.temperature, floor)
+    tokens, stats = gumbel_sample_partial(logits, seeds, counters, params.temperature, vocab_offset, floor)
+    mine = torch.cat([stats.double(), tokens[:, None].double()], -1)  # ids are exact in float64
+    every = gather_dim(mine, 0, group).view(tp, -1, 4)  # [rank, row, (score, logit, lse, token)]
+    return combine_partial_samples(every[..., 3].long(), every[..., :3])

@@ -274,8 +274,7 @@ def kth_largest_sharded(logits: torch.Tensor, k: int, all_reduce) -> torch.Tenso
     pass's [B, 256] int32 histograms summed over the ranks by all_reduce, in place): torch.topk's k-th value of the
     gathered rows, without gathering them."""
     x = logits.float().contiguous()
-    u = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    key = torch.where(u >> 31 == 1, u ^ 0xFFFFFFFF, u | 0x80000000)  # unsigned order = the floats' order
+    key = _order_keys(x)
     prefix = torch.zeros(x.shape[0], 1, dtype=torch.int64, device=x.device)  # the digits chosen so far
     need = torch.full((x.shape[0], 1), k, dtype=torch.int64, device=x.device)  # the rank sought among those matching
     for p in range(4):
@@ -287,8 +286,77 @@ def kth_largest_sharded(logits: torch.Tensor, k: int, all_reduce) -> torch.Tenso
         digit = (at_or_above >= need).sum(-1, keepdim=True) - 1  # the highest digit reaching the rank
         need = need - (at_or_above - hist).gather(1, digit)
         prefix = prefix | (digit << shift)
-    bits = torch.where(prefix >> 31 == 1, prefix & 0x7FFFFFFF, prefix ^ 0xFFFFFFFF).squeeze(1)
+    return _key_values(prefix.squeeze(1))
+
+
+def _order_keys(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> int64 in [0, 2^32) whose order is the floats' order (kernels.sampling._order_key)."""
+    u = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return torch.where(u >> 31 == 1, u ^ 0xFFFFFFFF, u | 0x80000000)
+
+
+def _key_values(key: torch.Tensor) -> torch.Tensor:
+    """_order_keys back to the fp32 values."""
+    bits = torch.where(key >> 31 == 1, key & 0x7FFFFFFF, key ^ 0xFFFFFFFF)
     return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+
+
+def _top_p_mass(x: torch.Tensor, m: torch.Tensor, temperature: float, min_logit: torch.Tensor | None) -> torch.Tensor:
+    """float64 softmax(x / temperature) over rows [B, V] up to its normaliser: exp((x - m) / temperature) with m the
+    rows' max [B, 1] (every shard's; 0 where it is -inf), 0 below min_logit [B] (top-k's floor)."""
+    w = torch.exp((x.double() - torch.where(m == -math.inf, 0.0, m.double())) / temperature)
+    return w if min_logit is None else torch.where(x >= min_logit[:, None], w, 0.0)
+
+
+def top_p_floor(
+    logits: torch.Tensor, top_p: float, temperature: float = 1.0, min_logit: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Oracle of kernels.sampling.top_p_floor, by sorting in float64: the lowest logit [B] fp32 that top-p sampling
+    keeps in each row, the value at which the mass of softmax(logits / temperature), counted from the largest logit
+    down, first reaches top_p. Sampling keeps the logits >= it: the smallest top set holding top_p of the mass, a run
+    of tied logits whole (HF's warper keeps part of a tie at the edge, by its sort's order). min_logit [B]: only the
+    logits >= it count (top-k's floor: HF's order, top-k first, then top-p over what it keeps). -inf for a row with no
+    mass (every logit -inf)."""
+    x = logits.double()
+    w = _top_p_mass(x, x.amax(-1, keepdim=True), temperature, min_logit)
+    ordered, order = x.sort(-1, descending=True)
+    cum = w.gather(-1, order).cumsum(-1)
+    total = cum[:, -1:]
+    first = (cum >= top_p * total).to(torch.int8).argmax(-1, keepdim=True)  # the first place the mass reaches top_p
+    floor = ordered.gather(-1, first).squeeze(-1)
+    return torch.where(total.squeeze(-1) > 0, floor, -math.inf).float()
+
+
+def top_p_floor_sharded(
+    logits: torch.Tensor, top_p: float, temperature: float, all_reduce, all_reduce_max, min_logit=None
+) -> torch.Tensor:
+    """Oracle of kernels.sampling.top_p_floor_sharded: top_p_floor of whole rows whose vocabulary shards [B, V / tp]
+    the ranks hold, without gathering them: the rows' max by all_reduce_max ([B] fp32, in place), then a radix
+    select in torch on the order keys, eight passes of 4 bits, each pass's [B, 16] float64 masses of the logits
+    matching the digits chosen so far summed over the ranks by all_reduce (in place); each pass chooses the highest
+    digit at which the mass from the top reaches what is still sought."""
+    x = logits.float().contiguous()
+    m = x.amax(-1)
+    all_reduce_max(m)
+    w = _top_p_mass(x, m[:, None], temperature, min_logit)
+    key = _order_keys(x)
+    bins = torch.arange(16, device=x.device)
+    prefix = torch.zeros(x.shape[0], 1, dtype=torch.int64, device=x.device)
+    for p in range(8):
+        shift = 28 - 4 * p
+        matching = (key >> (shift + 4)) == (prefix >> (shift + 4))  # (all of them on pass 0)
+        hist = torch.zeros(x.shape[0], 16, dtype=torch.float64, device=x.device)
+        all_reduce(hist.scatter_add_(1, (key >> shift) & 0xF, torch.where(matching, w, 0.0)))
+        if p == 0:
+            total = hist.sum(-1, keepdim=True)
+            need = top_p * total
+        at_or_above = hist.flip(-1).cumsum(-1).flip(-1)  # of each digit: the matching mass >= it
+        digit = torch.where((at_or_above >= need) & (hist > 0), bins, -1).amax(-1, keepdim=True)
+        lowest = torch.where(hist > 0, bins, 15).amin(-1, keepdim=True)  # (rounding left the mass short of it)
+        digit = torch.where(digit >= 0, digit, lowest)
+        need = need - (at_or_above - hist).gather(1, digit)
+        prefix = prefix | (digit << shift)
+    return torch.where(total.squeeze(-1) > 0, _key_values(prefix.squeeze(1)), -math.inf)
 
 
 # ======================================================================= norm and activation ==

@@ -15,6 +15,11 @@ Eager PyTorch builds the [B, V] noise in int64 through a dozen elementwise passe
 transform, the argmax and a log-softmax: about 0.5 GB of traffic per decode step at batch 64 over a
 32000-word vocabulary (a few hundred microseconds, on every tensor-parallel rank). Here one program per
 row streams its logits once, computes the noise in registers and keeps a running argmax and logsumexp.
+
+Top-k and top-p restrict the draw to the logits at or above a floor, which gumbel_sample takes (min_logit), found
+first without sorting: kth_largest (top-k's: the k-th largest logit) and top_p_floor (top-p's: where the mass counted
+from the largest logit down reaches top_p), each a radix select on the logits' order keys, and their forms over TP's
+vocabulary shards (the passes' histograms summed by all-reduces).
 """
 
 from __future__ import annotations
@@ -303,5 +308,184 @@ def kth_largest_sharded(logits: torch.Tensor, k: int, all_reduce) -> torch.Tenso
             _kth_largest_pass_kernel[(b,)](logits, hist, state, out, logits.shape[1], logits.stride(0), P=p,
                                            BLOCK_V=_BLOCK_V, num_warps=8)  # fmt: skip
         if p < 4:
+            all_reduce(hist)
+    return out
+
+
+# ------------------------------------------------------------------------------ top-p's floor --
+# The same radix select on the order keys, choosing by probability mass instead of by count: 16 bins of 4 bits a
+# pass (a weighted histogram is 16 masked sums an element; 256 bins would be 256), eight passes. The bins are the
+# first dimension of each thread's [16, BLOCK_V] partial sums, so that every thread holds all 16 bins of its own
+# logits (bins last, Triton spreads them over 16 threads, each computing every logit's mass again; sm_90 builds).
+_TOP_P_BLOCK_V = 256 if INTERPRET else 1024  # (8 warps: 128 registers, no spill at sm_90; 2048 spills)
+
+
+@triton.jit
+def _row_max(base, vocab, BLOCK_V: tl.constexpr):
+    """A row's largest logit, fp32 (0 where every one is -inf: exp(x - max) then gives 0, not NaN)."""
+    offs = tl.arange(0, BLOCK_V)
+    m = tl.full([BLOCK_V], -float("inf"), tl.float32)
+    for v0 in range(0, loop_bound(vocab), BLOCK_V):
+        m = tl.maximum(m, tl.load(base + v0 + offs, mask=v0 + offs < vocab, other=-float("inf")).to(tl.float32))
+    m = tl.max(m, axis=0)
+    return tl.where(m == -float("inf"), 0.0, m)
+
+
+@triton.jit
+def _mass_histogram(base, vocab, prefix, m, temperature, low, P: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Top-p select's pass P (0 to 7) over a row: the mass exp((x - m) / temperature) (softmax's numerator; 0 below
+    low, top-k's floor) of the logits whose order keys' higher digits match prefix, in 16 bins by the next 4 bits."""
+    shift: tl.constexpr = 28 - 4 * P
+    offs = tl.arange(0, BLOCK_V)
+    bins = tl.arange(0, 16)
+    acc = tl.zeros((16, BLOCK_V), tl.float32)  # (each thread's own bins, summed across the threads once at the end)
+    for v0 in range(0, loop_bound(vocab), BLOCK_V):
+        ok = v0 + offs < vocab
+        x = tl.load(base + v0 + offs, mask=ok, other=-float("inf")).to(tl.float32)
+        key = _order_key(x)
+        if P > 0:  # (no digit chosen yet on the first pass)
+            ok = ok & ((key >> (shift + 4)) == (prefix >> (shift + 4)))
+        w = tl.where(ok & (x >= low), tl.exp((x - m) / temperature), 0.0)
+        digit = ((key >> shift) & 0xF).to(tl.int32)
+        acc += tl.where(bins[:, None] == digit[None, :], w[None, :], 0.0)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _choose_mass_digit(hist, need, prefix, P: tl.constexpr):
+    """Pass P's digit: the highest whose mass from the top (among the logits matching prefix) reaches the mass still
+    sought (need); where rounding left every digit short of it, the lowest digit holding any. Returns the prefix with
+    it and the mass still sought among the logits matching that."""
+    shift: tl.constexpr = 28 - 4 * P
+    bins = tl.arange(0, 16)
+    at_or_above = tl.sum(tl.where(bins[None, :] >= bins[:, None], hist[None, :], 0.0), axis=1)  # suffix sums
+    digit = tl.max(tl.where((at_or_above >= need) & (hist > 0), bins, -1), axis=0)
+    digit = tl.where(digit >= 0, digit, tl.min(tl.where(hist > 0, bins, 15), axis=0))
+    above = tl.sum(tl.where(bins > digit, hist, 0.0), axis=0)  # the matching mass past that digit
+    return prefix | (digit.to(tl.uint32) << shift), need - above
+
+
+@triton.jit
+def _top_p_floor_kernel(
+    LOGITS, MIN_LOGIT, OUT, top_p, temperature, vocab, stride_row, HAS_MIN: tl.constexpr, BLOCK_V: tl.constexpr,
+    PDL: tl.constexpr,
+):  # fmt: skip
+    """Program b: OUT[b] = top_p_floor of LOGITS[b, :vocab]: the row's max, then eight passes of _mass_histogram and
+    _choose_mass_digit; -inf for a row with no mass. HAS_MIN: only logits >= MIN_LOGIT[b] count. PDL: programmatic
+    dependent launch (dispatch.pdl_prologue)."""
+    pdl_prologue(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    base = LOGITS + row * stride_row
+    low = tl.load(MIN_LOGIT + row) if HAS_MIN else -float("inf")
+    m = _row_max(base, vocab, BLOCK_V)
+    prefix = tl.zeros((), tl.uint32)
+    total = tl.zeros((), tl.float32)
+    need = tl.zeros((), tl.float32)
+    for p in tl.static_range(8):
+        hist = _mass_histogram(base, vocab, prefix, m, temperature, low, p, BLOCK_V)
+        if p == 0:
+            total = tl.sum(hist, axis=0)
+            need = top_p * total
+        prefix, need = _choose_mass_digit(hist, need, prefix, p)
+    tl.store(OUT + row, tl.where(total > 0, _key_value(prefix), -float("inf")))
+
+
+@triton.jit
+def _top_p_pass_kernel(
+    LOGITS, MIN_LOGIT, M, HIST, PREFIX, NEED, OUT, top_p, temperature, vocab, stride_row, P: tl.constexpr,
+    HAS_MIN: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    """Top-p's select over vocabulary shards, one pass a launch (top_p_floor_sharded), program b a row, M[b] the whole
+    row's max: from P = 1, choose pass P - 1's digit from HIST[b] [16] (summed over the shards between the launches),
+    PREFIX[b] (the digits chosen so far) and NEED[b] (the mass still sought, and the row's whole mass, found at P =
+    1); then P < 8: HIST[b] = this shard's masses of pass P; P = 8: OUT[b] = the value the eight digits spell."""
+    row = tl.program_id(0).to(tl.int64)
+    bins = tl.arange(0, 16)
+    prefix = tl.load(PREFIX + row).to(tl.uint32, bitcast=True)
+    need = tl.load(NEED + row * 2)
+    total = tl.load(NEED + row * 2 + 1)
+    m = tl.load(M + row)
+    m = tl.where(m == -float("inf"), 0.0, m)
+    if P > 0:
+        hist = tl.load(HIST + row * 16 + bins)
+        if P == 1:
+            total = tl.sum(hist, axis=0)
+            need = top_p * total
+        prefix, need = _choose_mass_digit(hist, need, prefix, P - 1)
+    if P < 8:
+        tl.store(PREFIX + row, prefix.to(tl.int32, bitcast=True))
+        tl.store(NEED + row * 2, need)
+        tl.store(NEED + row * 2 + 1, total)
+        low = tl.load(MIN_LOGIT + row) if HAS_MIN else -float("inf")
+        hist = _mass_histogram(LOGITS + row * stride_row, vocab, prefix, m, temperature, low, P, BLOCK_V)
+        tl.store(HIST + row * 16 + bins, hist)
+    else:
+        tl.store(OUT + row, tl.where(total > 0, _key_value(prefix), -float("inf")))
+
+
+def _check_top_p(logits: torch.Tensor, top_p: float, temperature: float, min_logit, name: str) -> None:
+    if logits.dim() != 2 or logits.shape[1] == 0:
+        raise ValueError(f"{name} needs logits [B, V] with V >= 1, got {tuple(logits.shape)}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"{name}: top_p must be in (0, 1], got {top_p}")
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"{name}: temperature must be > 0 and finite, got {temperature}")
+    if min_logit is not None and min_logit.shape != (logits.shape[0],):
+        raise ValueError(f"{name}: min_logit must be [B] = [{logits.shape[0]}], got {tuple(min_logit.shape)}")
+
+
+def top_p_floor(
+    logits: torch.Tensor, top_p: float, temperature: float = 1.0, min_logit: torch.Tensor | None = None
+) -> torch.Tensor:
+    """logits [B, V] (fp32/bf16/fp16) -> [B] fp32: the lowest logit top-p sampling keeps in each row, where the mass
+    of softmax(logits / temperature) counted from the largest logit down first reaches top_p (a run of tied logits
+    counted together, so kept whole); -inf for a row with no mass. min_logit [B]: only logits >= it count (top-k's
+    floor: top-k, then top-p over what it keeps, HF's order). Without sorting: a radix select by mass in one launch,
+    nine passes over the row (from L2 after the first), where torch.sort, a softmax, a cumsum and a scatter did it;
+    gumbel_sample then draws above the floor in its one pass. The masses are fp32 sums: where top_p falls within
+    their rounding of a cumulative mass the floor may be the neighbouring logit (reference.top_p_floor sorts in
+    float64)."""
+    _check_top_p(logits, top_p, temperature, min_logit, "top_p_floor")
+    if not use_triton(logits):
+        return reference.top_p_floor(logits, top_p, temperature, min_logit)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    low = min_logit.float().contiguous() if min_logit is not None else out  # (a placeholder pointer, never read)
+    if logits.shape[0]:
+        _top_p_floor_kernel[(logits.shape[0],)](
+            logits, low, out, float(top_p), float(temperature), logits.shape[1], logits.stride(0),
+            HAS_MIN=min_logit is not None, BLOCK_V=_TOP_P_BLOCK_V, num_warps=8, **pdl_args(logits.device),
+        )  # fmt: skip
+    return out
+
+
+def top_p_floor_sharded(
+    logits: torch.Tensor, top_p: float, temperature: float, all_reduce, all_reduce_max, min_logit=None
+) -> torch.Tensor:
+    """top_p_floor of whole rows [B] fp32 when each rank holds a vocabulary shard [B, V / tp] of them (tensor
+    parallelism; -inf padding holds no mass), without gathering them: the rows' max by all_reduce_max ([B] fp32, an
+    in-place max over the ranks), then top_p_floor's eight passes, one launch each, with each pass's [B, 16] fp32
+    masses summed over the shards by all_reduce (in place, e.g. torch.distributed.all_reduce on the TP group): eight
+    sums of B x 16 floats where the ranks gathered B x V logits to sort them. Every rank gets the same floor."""
+    _check_top_p(logits, top_p, temperature, min_logit, "top_p_floor_sharded")
+    if not use_triton(logits):
+        return reference.top_p_floor_sharded(logits, top_p, temperature, all_reduce, all_reduce_max, min_logit)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    b = logits.shape[0]
+    m = logits.amax(-1).float() if b else torch.empty(0, dtype=torch.float32, device=logits.device)
+    all_reduce_max(m)
+    hist = torch.empty(b, 16, dtype=torch.float32, device=logits.device)
+    prefix = torch.zeros(b, dtype=torch.int32, device=logits.device)
+    need = torch.zeros(b, 2, dtype=torch.float32, device=logits.device)
+    out = torch.empty(b, dtype=torch.float32, device=logits.device)
+    low = min_logit.float().contiguous() if min_logit is not None else out  # (a placeholder pointer, never read)
+    for p in range(9):
+        if b:
+            _top_p_pass_kernel[(b,)](logits, low, m, hist, prefix, need, out, float(top_p), float(temperature),
+                                     logits.shape[1], logits.stride(0), P=p, HAS_MIN=min_logit is not None,
+                                     BLOCK_V=_TOP_P_BLOCK_V, num_warps=8)  # fmt: skip
+        if p < 8:
             all_reduce(hist)
     return out

@@ -827,11 +827,14 @@ def test_a_stop_token_on_the_last_allowed_position_is_a_stop():
     assert c.tokens == free.tokens and c.finish_reason == "stop"
 
 
-def test_top_p_drops_the_token_that_reaches_exactly_top_p():
+def test_top_p_keeps_the_token_that_reaches_exactly_top_p_and_every_tie():
+    """The mass before the second token is exactly 0.5: the first reaches top_p 0.5, so it alone is kept. Four equal
+    logits under top_p 0.5 are all kept (the floor is their value; HF's warper keeps two, by its sort's order)."""
     from engine.sampler import filter_logits
 
-    out = filter_logits(torch.zeros(1, 4), 0, 0.5)
-    assert torch.isfinite(out).sum() == 2
+    out = filter_logits(torch.tensor([[0.5, 0.25, 0.125, 0.125]]).log(), 0, 0.5)
+    assert torch.isfinite(out).tolist() == [[True, False, False, False]]
+    assert torch.isfinite(filter_logits(torch.zeros(1, 4), 0, 0.5)).sum() == 4
 
 
 def _sample_counts(logits, params, n=4000):

@@ -396,3 +396,132 @@ def test_kth_largest_errors_and_the_sampler_floor():
     logits = torch.randn(4, 300)
     torch.testing.assert_close(sampler.topk_floor(logits, 50), torch.topk(logits, 50).values[:, -1], rtol=0, atol=0)
     assert torch.equal(sampler.topk_floor(logits, 500), logits.min(-1).values)  # (k past the vocabulary: all of it)
+
+
+def _top_p_gaps(x, floor, top_p, temperature, low=None):
+    """For each row of x [B, V] and a floor [B], in float64 and relative to the row's mass: how far the mass at or
+    above the floor is past top_p, and how far the mass strictly above it is short of top_p. A right floor has both
+    >= 0 (a logit of its row, or -inf for a row without mass); an exact one both > 0."""
+    x = x.double()
+    w = reference._top_p_mass(x, x.amax(-1, keepdim=True), temperature, low)
+    total = w.sum(-1)
+    f = floor.double()[:, None]
+    at, above = (w * (x >= f)).sum(-1), (w * (x > f)).sum(-1)
+    past, short = (at - top_p * total) / total, (top_p * total - above) / total
+    in_row = (x == f).any(-1) | ((total == 0) & (floor == float("-inf")))
+    no_mass = total == 0
+    return torch.where(no_mass, 1.0, past), torch.where(no_mass, 1.0, short), in_row
+
+
+def _assert_top_p_floor(got, x, top_p, temperature, low=None):
+    """got is the floor reference.top_p_floor (float64, sorted) gives, exactly, wherever that floor's margins exceed
+    the fp32 sums' rounding (1e-5 of the row's mass); elsewhere a floor within that rounding of right."""
+    want = reference.top_p_floor(x, top_p, temperature, low)
+    past, short, _ = _top_p_gaps(x, want, top_p, temperature, low)
+    clear = (past > 1e-5) & (short > 1e-5)
+    assert torch.equal(got[clear], want[clear]), (got, want)
+    past, short, in_row = _top_p_gaps(x, got, top_p, temperature, low)
+    assert (in_row & (past >= -1e-5) & (short >= -1e-5)).all(), (got, want, past, short)
+    return clear
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "v,top_p,temperature,top_k", [(1, 0.5, 1.0, 0), (7, 0.3, 0.7, 0), (1000, 0.9, 0.7, 0), (777, 0.05, 1.3, 50),
+                                  (600, 1.0, 0.7, 0), (1100, 0.95, 1.0, 300)],
+)  # fmt: skip
+def test_top_p_floor_is_where_the_sorted_mass_reaches_top_p(dtype, v, top_p, temperature, top_k):
+    """kernels.sampling.top_p_floor (a radix select by mass, fp32 sums) against the float64 sorted oracle: rows with
+    their top logits tied (the floor inside the tie: kept whole), a row all one value, a -inf run (a masked
+    vocabulary), negative logits, a row with no mass (every logit -inf: -inf), one logit holding nearly all the mass,
+    logits near 100, rows strided in a wider buffer, several blocks and a ragged last one; with top-k's floor (only
+    the logits >= it count), top_p 1 (every logit but a tail below the fp32 sums' rounding)."""
+    from kernels.sampling import top_p_floor
+
+    wide = (torch.randn(7, v + 5) * 3).to(dtype)
+    x = wide[:, :v]  # (rows v + 5 apart)
+    x[0, : min(v, 40)] = x[0].max()
+    x[1] = x[1, 0]
+    x[2, v // 3 : v // 2] = float("-inf")
+    x[3] = -x[3].abs()
+    x[4] = float("-inf")
+    x[5, v // 2] = 40.0
+    x[6] += 100.0  # (exp(x / T) past fp32's range: the masses are taken from the row's max)
+    low = torch.topk(x.float(), min(top_k, v), dim=-1).values[:, -1] if top_k else None
+    got = top_p_floor(x, top_p, temperature, low)
+    assert got.dtype == torch.float32 and got.shape == (7,)
+    clear = _assert_top_p_floor(got, x, top_p, temperature, low)
+    assert clear.sum() >= (5 if top_p < 1 else 1)  # (the exact comparison bites on most rows; at top_p 1 no margin)
+    assert got[4] == float("-inf") and got[1] == x[1, 0].float()
+
+
+@pytest.mark.parametrize("path", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tp,shard,top_p,top_k", [(2, 300, 0.9, 0), (4, 100, 0.5, 7), (3, 170, 0.99, 0)])
+def test_top_p_floor_over_vocabulary_shards_is_the_whole_rows(dtype, tp, shard, top_p, top_k, path):
+    """kernels.sampling.top_p_floor_sharded (tensor parallelism's top-p floor: the rows' max and each pass's masses
+    summed over the ranks' shards) and its float64 torch oracle against the whole rows' sorted floor. The ranks are
+    simulated in one process (rank r's shard of row b is row r * B + b; the all-reduces sum or max over r in place).
+    A tie across shards at the top, a last shard padded with -inf, one shard all -inf, top-k's floor."""
+    from kernels.sampling import top_p_floor_sharded
+
+    b = 5
+    rows = (torch.randn(b, tp * shard) * 3).to(dtype)
+    rows[0, : 2 * shard] = rows[0].max()  # (one value holding the top of the mass on two ranks)
+    rows[1, -shard // 3 :] = float("-inf")  # (the padding)
+    rows[2, :shard] = float("-inf")  # (rank 0's shard all padding)
+    rows[3] = -rows[3].abs()
+    shards = rows.view(b, tp, shard).transpose(0, 1).reshape(tp * b, shard)  # [rank r's rows, then r + 1's]
+    low = torch.topk(rows.float(), top_k, dim=-1).values[:, -1] if top_k else None
+    calls = []
+
+    def summed(hist):  # (in place, as torch.distributed.all_reduce: every rank's copy the sum)
+        calls.append(("sum", hist.shape))
+        hist.copy_(hist.view(tp, b, 16).sum(0).repeat(tp, 1))
+
+    def maxed(m):
+        calls.append(("max", m.shape))
+        m.copy_(m.view(tp, b).amax(0).repeat(tp))
+
+    with dispatch.reference_ops() if path == "reference" else contextlib.nullcontext():
+        got = top_p_floor_sharded(shards, top_p, 0.7, summed, maxed, None if low is None else low.repeat(tp))
+    assert got.dtype == torch.float32 and calls == [("max", (tp * b,))] + [("sum", (tp * b, 16))] * 8
+    got = got.view(tp, b)
+    assert torch.equal(got, got[:1].expand(tp, b))  # (every rank the same floor)
+    assert _assert_top_p_floor(got[0], rows, top_p, 0.7, low).sum() >= 4
+
+
+def test_top_p_floor_ties_errors_and_the_sampler_floor():
+    """Ties at the floor are kept whole (four equal logits under top_p 0.5: all four, where HF's warper keeps two);
+    the token whose mass reaches top_p exactly is the last kept; bad arguments name the problem; an empty batch;
+    engine.sampler's top-p draws from the floor's logits only."""
+    from engine import sampler
+    from engine.config import GenerateConfig
+    from kernels.sampling import top_p_floor
+
+    assert top_p_floor(torch.zeros(1, 4), 0.5).item() == 0.0
+    probs = torch.tensor([[0.125, 0.5, 0.125, 0.25]])  # (masses exact in fp32: the sums reach 0.5 and 0.75 exactly)
+    assert top_p_floor(probs.log(), 0.5).item() == probs.log()[0, 1].item()
+    assert top_p_floor(probs.log(), 0.75).item() == probs.log()[0, 3].item()
+    assert top_p_floor(torch.randn(0, 10), 0.5).shape == (0,)
+    for bad, match in [(dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
+                       (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
+                       (dict(temperature=0.0), "temperature must be > 0 and finite, got 0.0"),
+                       (dict(min_logit=torch.zeros(3)), r"min_logit must be \[B\] = \[2\], got \(3,\)")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            top_p_floor(torch.randn(2, 10), **{"top_p": 0.5, **bad})
+    with pytest.raises(ValueError, match=r"logits \[B, V\] with V >= 1"):
+        top_p_floor(torch.randn(10), 0.5)
+    logits = torch.randn(64, 300) * 2
+    floor = sampler.top_p_floor(logits, 0.8, 0.7)
+    tokens, logprobs = sampler.sample_tokens(
+        logits, GenerateConfig(temperature=0.7, top_p=0.8), torch.arange(64), torch.zeros(64, dtype=torch.int64)
+    )
+    assert (logits.gather(-1, tokens[:, None]).squeeze(-1) >= floor).all()
+    torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1))
+    # the kernels and the reference path draw the same tokens (their floors agree on these rows)
+    with dispatch.reference_ops():
+        ref_tokens, _ = sampler.sample_tokens(
+            logits, GenerateConfig(temperature=0.7, top_p=0.8), torch.arange(64), torch.zeros(64, dtype=torch.int64)
+        )
+    assert torch.equal(tokens, ref_tokens)
