@@ -109,6 +109,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--top-k", type=int, default=50, help="also time top-k sampling (the recipe's rollouts; 0: not)")
     ap.add_argument("--top-p", type=float, default=0.9, help="also time top-p sampling (1: not)")
+    ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile peer row")
     add_elementwise_args(ap)
     args = ap.parse_args(argv)
     device = bench_device(args, batch=[4], vocab=1000, dtype="float32")
@@ -118,7 +119,7 @@ def main(argv=None) -> list[dict]:
         "eager (reference)": reference.gumbel_sample,
         "HF: softmax + multinomial": hf_sample,  # what transformers' generate does per step (token and its log-prob)
     }
-    if device == "cuda":
+    if device == "cuda" and args.compile:  # (its cold compile: most of a GPU suite step's cap)
         impls["torch.compile(eager)"] = torch.compile(reference.gumbel_sample)
     if args.top_k > 0:
         k = args.top_k
