@@ -222,46 +222,64 @@ def _choose_digit(hist, need, prefix, P: tl.constexpr):
 
 
 @triton.jit
-def _key_value(key):
-    """An order key (_order_key) back to its fp32 value."""
+def _key_value(key, LOW: tl.constexpr):
+    """An order key (_order_key) whose bits above LOW are known back to its fp32 value: the LOW bits below are the
+    ones every logit of the input's dtype has there (its mantissa is shorter than fp32's: 0 in the float, so 0 in a
+    positive value's key and 1 in a negative one's)."""
+    if LOW > 0:
+        key = tl.where((key >> 31) == 1, key, key | ((1 << LOW) - 1))
     bits = tl.where((key >> 31) == 1, key & 0x7FFFFFFF, key ^ 0xFFFFFFFF)
     return bits.to(tl.float32, bitcast=True)
 
 
+# The low bits of a logit's fp32 order key that its dtype leaves constant (a bf16 or fp16 mantissa is shorter than
+# fp32's): a radix select stops above them, so bf16 logits (the engine's) take half the passes.
+_CONSTANT_LOW_BITS = {torch.bfloat16: 16, torch.float16: 13}
+
+
+def _passes(dtype: torch.dtype, bits: int) -> int:
+    """Passes of `bits` bits a radix select over logits of `dtype` needs to spell a whole order key."""
+    return -(-(32 - _CONSTANT_LOW_BITS.get(dtype, 0)) // bits)
+
+
 @triton.jit
-def _kth_largest_kernel(LOGITS, OUT, k, vocab, stride_row, BLOCK_V: tl.constexpr, PDL: tl.constexpr):
-    """Program b: OUT[b] = the k-th largest of LOGITS[b, :vocab] (fp32), by radix select on its order key: four
-    passes over the row, each a 256-bin histogram of the next 8 bits among the logits whose higher bits match the
-    digits chosen so far, choosing the digit where the count from the top reaches the rank still sought. PDL:
-    programmatic dependent launch (dispatch.pdl_prologue)."""
+def _kth_largest_kernel(
+    LOGITS, OUT, k, vocab, stride_row, BLOCK_V: tl.constexpr, PASSES: tl.constexpr, PDL: tl.constexpr
+):
+    """Program b: OUT[b] = the k-th largest of LOGITS[b, :vocab] (fp32), by radix select on its order key: PASSES
+    passes over the row (_passes: 4, or 2 for bf16 logits), each a 256-bin histogram of the next 8 bits among the
+    logits whose higher bits match the digits chosen so far, choosing the digit where the count from the top reaches
+    the rank still sought. PDL: programmatic dependent launch (dispatch.pdl_prologue)."""
     pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride_row
     prefix = tl.zeros((), tl.uint32)  # the key's digits chosen so far (in place)
     need = k  # the rank still sought among the logits matching them
-    for p in tl.static_range(4):
+    for p in tl.static_range(PASSES):
         prefix, need = _choose_digit(_digit_histogram(base, vocab, prefix, p, BLOCK_V), need, prefix, p)
-    tl.store(OUT + row, _key_value(prefix))
+    tl.store(OUT + row, _key_value(prefix, 32 - 8 * PASSES))
 
 
 @triton.jit
-def _kth_largest_pass_kernel(LOGITS, HIST, STATE, OUT, vocab, stride_row, P: tl.constexpr, BLOCK_V: tl.constexpr):
+def _kth_largest_pass_kernel(
+    LOGITS, HIST, STATE, OUT, vocab, stride_row, P: tl.constexpr, BLOCK_V: tl.constexpr, PASSES: tl.constexpr
+):
     """Radix select over vocabulary shards, one pass a launch (kth_largest_sharded), program b a row: from P = 1,
     choose pass P - 1's digit from HIST[b] [256] (summed over the shards between the launches) and the state
-    STATE[b] = (the digits chosen so far, the rank still sought); then P < 4: HIST[b] = this shard's histogram of
-    pass P; P = 4: OUT[b] = the value the four digits spell."""
+    STATE[b] = (the digits chosen so far, the rank still sought); then P < PASSES: HIST[b] = this shard's histogram
+    of pass P; P = PASSES: OUT[b] = the value the digits spell."""
     row = tl.program_id(0).to(tl.int64)
     bins = tl.arange(0, 256)
     prefix = tl.load(STATE + row * 2).to(tl.uint32, bitcast=True)
     need = tl.load(STATE + row * 2 + 1)
     if P > 0:
         prefix, need = _choose_digit(tl.load(HIST + row * 256 + bins), need, prefix, P - 1)
-    if P < 4:
+    if P < PASSES:
         tl.store(STATE + row * 2, prefix.to(tl.int32, bitcast=True))
         tl.store(STATE + row * 2 + 1, need)
         tl.store(HIST + row * 256 + bins, _digit_histogram(LOGITS + row * stride_row, vocab, prefix, P, BLOCK_V))
     else:
-        tl.store(OUT + row, _key_value(prefix))
+        tl.store(OUT + row, _key_value(prefix, 32 - 8 * PASSES))
 
 
 def kth_largest(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -280,7 +298,8 @@ def kth_largest(logits: torch.Tensor, k: int) -> torch.Tensor:
     out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     if logits.shape[0]:
         _kth_largest_kernel[(logits.shape[0],)](logits, out, k, logits.shape[1], logits.stride(0), BLOCK_V=_BLOCK_V,
-                                                num_warps=8, **pdl_args(logits.device))  # fmt: skip
+                                                PASSES=_passes(logits.dtype, 8), num_warps=8,
+                                                **pdl_args(logits.device))  # fmt: skip
     return out
 
 
@@ -303,11 +322,12 @@ def kth_largest_sharded(logits: torch.Tensor, k: int, all_reduce) -> torch.Tenso
     state = torch.zeros(b, 2, dtype=torch.int32, device=logits.device)
     state[:, 1] = k  # (no digit chosen, the k-th sought)
     out = torch.empty(b, dtype=torch.float32, device=logits.device)
-    for p in range(5):
+    passes = _passes(logits.dtype, 8)
+    for p in range(passes + 1):
         if b:
             _kth_largest_pass_kernel[(b,)](logits, hist, state, out, logits.shape[1], logits.stride(0), P=p,
-                                           BLOCK_V=_BLOCK_V, num_warps=8)  # fmt: skip
-        if p < 4:
+                                           BLOCK_V=_BLOCK_V, PASSES=passes, num_warps=8)  # fmt: skip
+        if p < passes:
             all_reduce(hist)
     return out
 
@@ -368,11 +388,11 @@ def _choose_mass_digit(hist, need, prefix, P: tl.constexpr):
 @triton.jit
 def _top_p_floor_kernel(
     LOGITS, MIN_LOGIT, OUT, top_p, temperature, vocab, stride_row, HAS_MIN: tl.constexpr, BLOCK_V: tl.constexpr,
-    PDL: tl.constexpr,
+    PASSES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """Program b: OUT[b] = top_p_floor of LOGITS[b, :vocab]: the row's max, then eight passes of _mass_histogram and
-    _choose_mass_digit; -inf for a row with no mass. HAS_MIN: only logits >= MIN_LOGIT[b] count. PDL: programmatic
-    dependent launch (dispatch.pdl_prologue)."""
+    """Program b: OUT[b] = top_p_floor of LOGITS[b, :vocab]: the row's max, then PASSES passes (_passes: 8, or 4 for
+    bf16 logits) of _mass_histogram and _choose_mass_digit; -inf for a row with no mass. HAS_MIN: only logits >=
+    MIN_LOGIT[b] count. PDL: programmatic dependent launch (dispatch.pdl_prologue)."""
     pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride_row
@@ -381,24 +401,24 @@ def _top_p_floor_kernel(
     prefix = tl.zeros((), tl.uint32)
     total = tl.zeros((), tl.float32)
     need = tl.zeros((), tl.float32)
-    for p in tl.static_range(8):
+    for p in tl.static_range(PASSES):
         hist = _mass_histogram(base, vocab, prefix, m, temperature, low, p, BLOCK_V)
         if p == 0:
             total = tl.sum(hist, axis=0)
             need = top_p * total
         prefix, need = _choose_mass_digit(hist, need, prefix, p)
-    tl.store(OUT + row, tl.where(total > 0, _key_value(prefix), -float("inf")))
+    tl.store(OUT + row, tl.where(total > 0, _key_value(prefix, 32 - 4 * PASSES), -float("inf")))
 
 
 @triton.jit
 def _top_p_pass_kernel(
     LOGITS, MIN_LOGIT, M, HIST, PREFIX, NEED, OUT, top_p, temperature, vocab, stride_row, P: tl.constexpr,
-    HAS_MIN: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_MIN: tl.constexpr, BLOCK_V: tl.constexpr, PASSES: tl.constexpr,
 ):  # fmt: skip
     """Top-p's select over vocabulary shards, one pass a launch (top_p_floor_sharded), program b a row, M[b] the whole
     row's max: from P = 1, choose pass P - 1's digit from HIST[b] [16] (summed over the shards between the launches),
     PREFIX[b] (the digits chosen so far) and NEED[b] (the mass still sought, and the row's whole mass, found at P =
-    1); then P < 8: HIST[b] = this shard's masses of pass P; P = 8: OUT[b] = the value the eight digits spell."""
+    1); then P < PASSES: HIST[b] = this shard's masses of pass P; P = PASSES: OUT[b] = the value the digits spell."""
     row = tl.program_id(0).to(tl.int64)
     bins = tl.arange(0, 16)
     prefix = tl.load(PREFIX + row).to(tl.uint32, bitcast=True)
@@ -412,7 +432,7 @@ def _top_p_pass_kernel(
             total = tl.sum(hist, axis=0)
             need = top_p * total
         prefix, need = _choose_mass_digit(hist, need, prefix, P - 1)
-    if P < 8:
+    if P < PASSES:
         tl.store(PREFIX + row, prefix.to(tl.int32, bitcast=True))
         tl.store(NEED + row * 2, need)
         tl.store(NEED + row * 2 + 1, total)
@@ -420,7 +440,7 @@ def _top_p_pass_kernel(
         hist = _mass_histogram(LOGITS + row * stride_row, vocab, prefix, m, temperature, low, P, BLOCK_V)
         tl.store(HIST + row * 16 + bins, hist)
     else:
-        tl.store(OUT + row, tl.where(total > 0, _key_value(prefix), -float("inf")))
+        tl.store(OUT + row, tl.where(total > 0, _key_value(prefix, 32 - 4 * PASSES), -float("inf")))
 
 
 def _check_top_p(logits: torch.Tensor, top_p: float, temperature: float, min_logit, name: str) -> None:
@@ -455,7 +475,8 @@ def top_p_floor(
     if logits.shape[0]:
         _top_p_floor_kernel[(logits.shape[0],)](
             logits, low, out, float(top_p), float(temperature), logits.shape[1], logits.stride(0),
-            HAS_MIN=min_logit is not None, BLOCK_V=_TOP_P_BLOCK_V, num_warps=8, **pdl_args(logits.device),
+            HAS_MIN=min_logit is not None, BLOCK_V=_TOP_P_BLOCK_V, PASSES=_passes(logits.dtype, 4), num_warps=8,
+            **pdl_args(logits.device),
         )  # fmt: skip
     return out
 
@@ -481,11 +502,12 @@ def top_p_floor_sharded(
     need = torch.zeros(b, 2, dtype=torch.float32, device=logits.device)
     out = torch.empty(b, dtype=torch.float32, device=logits.device)
     low = min_logit.float().contiguous() if min_logit is not None else out  # (a placeholder pointer, never read)
-    for p in range(9):
+    passes = _passes(logits.dtype, 4)
+    for p in range(passes + 1):
         if b:
             _top_p_pass_kernel[(b,)](logits, low, m, hist, prefix, need, out, float(top_p), float(temperature),
                                      logits.shape[1], logits.stride(0), P=p, HAS_MIN=min_logit is not None,
-                                     BLOCK_V=_TOP_P_BLOCK_V, num_warps=8)  # fmt: skip
-        if p < 8:
+                                     BLOCK_V=_TOP_P_BLOCK_V, PASSES=passes, num_warps=8)  # fmt: skip
+        if p < passes:
             all_reduce(hist)
     return out

@@ -379,7 +379,8 @@ def test_kth_largest_over_vocabulary_shards_is_topks_last_value(dtype, tp, shard
     with dispatch.reference_ops() if path == "reference" else contextlib.nullcontext():
         got = kth_largest_sharded(shards, k, all_reduce)
     want = torch.topk(rows, k, dim=-1).values[:, -1].float()
-    assert got.dtype == torch.float32 and calls == [(tp * b, 256)] * 4
+    passes = 2 if dtype == torch.bfloat16 and path == "triton" else 4  # (bf16's low 16 key bits: all alike)
+    assert got.dtype == torch.float32 and calls == [(tp * b, 256)] * passes
     assert torch.equal(got.view(tp, b), want.repeat(tp, 1))  # (every rank the same floor)
 
 
@@ -485,7 +486,8 @@ def test_top_p_floor_over_vocabulary_shards_is_the_whole_rows(dtype, tp, shard, 
 
     with dispatch.reference_ops() if path == "reference" else contextlib.nullcontext():
         got = top_p_floor_sharded(shards, top_p, 0.7, summed, maxed, None if low is None else low.repeat(tp))
-    assert got.dtype == torch.float32 and calls == [("max", (tp * b,))] + [("sum", (tp * b, 16))] * 8
+    passes = 4 if dtype == torch.bfloat16 and path == "triton" else 8  # (bf16's low 16 key bits: all alike)
+    assert got.dtype == torch.float32 and calls == [("max", (tp * b,))] + [("sum", (tp * b, 16))] * passes
     got = got.view(tp, b)
     assert torch.equal(got, got[:1].expand(tp, b))  # (every rank the same floor)
     assert _assert_top_p_floor(got[0], rows, top_p, 0.7, low).sum() >= 4

@@ -137,27 +137,27 @@ for greedy, partial, has_min in ((False, False, False), (True, False, False), (F
 for dtype in ("*bf16", "*fp32"):
     types = dict(LOGITS=dtype, OUT="*fp32", k="i32", vocab="i32", stride_row="i32")
     pdl = dtype == "*bf16"
-    info = ptxas_info(sampling._kth_largest_kernel, types, dict(BLOCK_V=sampling._BLOCK_V, PDL=pdl), 8, 3,
-                      divisible=("vocab",))  # fmt: skip
+    consts = dict(BLOCK_V=sampling._BLOCK_V, PASSES=2 if pdl else 4, PDL=pdl)  # (bf16: two passes)
+    info = ptxas_info(sampling._kth_largest_kernel, types, consts, 8, 3, divisible=("vocab",))
     assert info["regs"] and info["spill_bytes"] == 0 and info["pdl_wait_first"] == info["pdl_triggers"] == pdl, info
 # under tensor parallelism one pass a launch, the histograms summed over the ranks between them (the first pass, a
 # middle one, the last that only reads)
 types = dict(LOGITS="*bf16", HIST="*i32", STATE="*i32", OUT="*fp32", vocab="i32", stride_row="i32")
-for p in (0, 2, 4):
-    info = ptxas_info(sampling._kth_largest_pass_kernel, types, dict(P=p, BLOCK_V=sampling._BLOCK_V), 8, 3,
-                      divisible=("vocab",))  # fmt: skip
+for p in (0, 1, 2):
+    consts = dict(P=p, BLOCK_V=sampling._BLOCK_V, PASSES=2)
+    info = ptxas_info(sampling._kth_largest_pass_kernel, types, consts, 8, 3, divisible=("vocab",))
     assert info["regs"] and info["spill_bytes"] == 0, info
 # top-p's floor: the radix select by mass (the row's max, eight passes of 16 masked sums an element), with top-k's
 # floor (has_min) and without; under TP one pass a launch (the first, a middle one, the last that only reads)
 types = dict(LOGITS="*bf16", MIN_LOGIT="*fp32", OUT="*fp32", top_p="fp32", temperature="fp32", vocab="i32",
              stride_row="i32")  # fmt: skip
 for has_min in (False, True):
-    consts = dict(HAS_MIN=has_min, BLOCK_V=sampling._TOP_P_BLOCK_V, PDL=has_min)
+    consts = dict(HAS_MIN=has_min, BLOCK_V=sampling._TOP_P_BLOCK_V, PASSES=4, PDL=has_min)
     info = ptxas_info(sampling._top_p_floor_kernel, types, consts, 8, 3, divisible=("vocab",))
     assert info["regs"] and info["spill_bytes"] == 0 and info["pdl_wait_first"] == info["pdl_triggers"] == has_min, info
 types.update(M="*fp32", HIST="*fp32", PREFIX="*i32", NEED="*fp32")
-for p in (0, 1, 5, 8):
-    consts = dict(P=p, HAS_MIN=p == 5, BLOCK_V=sampling._TOP_P_BLOCK_V)
+for p in (0, 1, 3, 4):
+    consts = dict(P=p, HAS_MIN=p == 3, BLOCK_V=sampling._TOP_P_BLOCK_V, PASSES=4)
     info = ptxas_info(sampling._top_p_pass_kernel, types, consts, 8, 3, divisible=("vocab",))
     assert info["regs"] and info["spill_bytes"] == 0, info
 print("compiled")
