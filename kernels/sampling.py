@@ -307,7 +307,8 @@ def kth_largest_sharded(logits: torch.Tensor, k: int, all_reduce) -> torch.Tenso
     """The k-th largest value of each whole row [B] fp32 when each rank holds a vocabulary shard [B, V / tp] of it
     (tensor parallelism; -inf padding counts as any logit), exactly as torch.topk of the gathered rows: kth_largest's
     radix select with each pass's 256-bin histograms summed over the shards by all_reduce (an in-place sum over the
-    ranks, e.g. torch.distributed.all_reduce on the TP group): four sums of B x 256 int32 instead of each rank's top
+    ranks, e.g. torch.distributed.all_reduce on the TP group): four sums of B x 256 int32 (two for bf16 logits) instead
+    of each rank's top
     k by torch.topk and a gather. Every rank gets the same floor. 1 <= k <= V (the whole rows' width)."""
     if logits.dim() != 2 or logits.shape[1] == 0:
         raise ValueError(f"kth_largest_sharded needs logits [B, V / tp] with V / tp >= 1, got {tuple(logits.shape)}")
@@ -334,9 +335,9 @@ def kth_largest_sharded(logits: torch.Tensor, k: int, all_reduce) -> torch.Tenso
 
 # ------------------------------------------------------------------------------ top-p's floor --
 # The same radix select on the order keys, choosing by probability mass instead of by count: 16 bins of 4 bits a
-# pass (a weighted histogram is 16 masked sums an element; 256 bins would be 256), eight passes. The bins are the
-# first dimension of each thread's [16, BLOCK_V] partial sums, so that every thread holds all 16 bins of its own
-# logits (bins last, Triton spreads them over 16 threads, each computing every logit's mass again; sm_90 builds).
+# pass (a weighted histogram is 16 masked sums an element; 256 bins would be 256), eight passes (four for bf16). The
+# bins are the first dimension of each thread's [16, BLOCK_V] partial sums, so that every thread holds all 16 bins of
+# its own logits (bins last, Triton spreads them over 16 threads, each computing every logit's mass again; sm_90).
 _TOP_P_BLOCK_V = 256 if INTERPRET else 1024  # (8 warps: 128 registers, no spill at sm_90; 2048 spills)
 
 
@@ -461,7 +462,8 @@ def top_p_floor(
     of softmax(logits / temperature) counted from the largest logit down first reaches top_p (a run of tied logits
     counted together, so kept whole); -inf for a row with no mass. min_logit [B]: only logits >= it count (top-k's
     floor: top-k, then top-p over what it keeps, HF's order). Without sorting: a radix select by mass in one launch,
-    nine passes over the row (from L2 after the first), where torch.sort, a softmax, a cumsum and a scatter did it;
+    nine passes over the row (five for bf16 logits; from L2 after the first), where torch.sort, a softmax, a cumsum
+    and a scatter did it;
     gumbel_sample then draws above the floor in its one pass. The masses are fp32 sums: where top_p falls within
     their rounding of a cumulative mass the floor may be the neighbouring logit (reference.top_p_floor sorts in
     float64)."""
@@ -486,9 +488,10 @@ def top_p_floor_sharded(
 ) -> torch.Tensor:
     """top_p_floor of whole rows [B] fp32 when each rank holds a vocabulary shard [B, V / tp] of them (tensor
     parallelism; -inf padding holds no mass), without gathering them: the rows' max by all_reduce_max ([B] fp32, an
-    in-place max over the ranks), then top_p_floor's eight passes, one launch each, with each pass's [B, 16] fp32
-    masses summed over the shards by all_reduce (in place, e.g. torch.distributed.all_reduce on the TP group): eight
-    sums of B x 16 floats where the ranks gathered B x V logits to sort them. Every rank gets the same floor."""
+    in-place max over the ranks), then top_p_floor's passes (8, or 4 for bf16 logits), one launch each, with each
+    pass's [B, 16] fp32 masses summed over the shards by all_reduce (in place, e.g. torch.distributed.all_reduce on
+    the TP group): sums of B x 16 floats where the ranks gathered B x V logits to sort them. Every rank gets the
+    same floor."""
     _check_top_p(logits, top_p, temperature, min_logit, "top_p_floor_sharded")
     if not use_triton(logits):
         return reference.top_p_floor_sharded(logits, top_p, temperature, all_reduce, all_reduce_max, min_logit)
