@@ -307,9 +307,9 @@ def kth_largest_sharded(logits: torch.Tensor, k: int, all_reduce) -> torch.Tenso
     """The k-th largest value of each whole row [B] fp32 when each rank holds a vocabulary shard [B, V / tp] of it
     (tensor parallelism; -inf padding counts as any logit), exactly as torch.topk of the gathered rows: kth_largest's
     radix select with each pass's 256-bin histograms summed over the shards by all_reduce (an in-place sum over the
-    ranks, e.g. torch.distributed.all_reduce on the TP group): four sums of B x 256 int32 (two for bf16 logits) instead
-    of each rank's top
-    k by torch.topk and a gather. Every rank gets the same floor. 1 <= k <= V (the whole rows' width)."""
+    ranks, e.g. torch.distributed.all_reduce on the TP group): four sums of B x 256 int32 (two for bf16 logits)
+    instead of each rank's top k by torch.topk and a gather. Every rank gets the same floor. 1 <= k <= V (the whole
+    rows' width)."""
     if logits.dim() != 2 or logits.shape[1] == 0:
         raise ValueError(f"kth_largest_sharded needs logits [B, V / tp] with V / tp >= 1, got {tuple(logits.shape)}")
     if k < 1:
@@ -463,10 +463,9 @@ def top_p_floor(
     counted together, so kept whole); -inf for a row with no mass. min_logit [B]: only logits >= it count (top-k's
     floor: top-k, then top-p over what it keeps, HF's order). Without sorting: a radix select by mass in one launch,
     nine passes over the row (five for bf16 logits; from L2 after the first), where torch.sort, a softmax, a cumsum
-    and a scatter did it;
-    gumbel_sample then draws above the floor in its one pass. The masses are fp32 sums: where top_p falls within
-    their rounding of a cumulative mass the floor may be the neighbouring logit (reference.top_p_floor sorts in
-    float64)."""
+    and a scatter did it; gumbel_sample then draws above the floor in its one pass. The masses are fp32 sums: where
+    top_p falls within their rounding of a cumulative mass the floor may be the neighbouring logit
+    (reference.top_p_floor sorts in float64)."""
     _check_top_p(logits, top_p, temperature, min_logit, "top_p_floor")
     if not use_triton(logits):
         return reference.top_p_floor(logits, top_p, temperature, min_logit)
