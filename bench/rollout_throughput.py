@@ -56,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=PPOConfig().top_k,
         help="sample from the k likeliest tokens, ours and HF's alike (default: the recipe's rollouts; 0: off)",
     )
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling, ours and HF's alike (default 1: off, the recipe's)"
+    )
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default bf16 on GPU")
     p.add_argument("--device", default=None, help="default cuda if available")
     p.add_argument("--block-size", type=int, default=16)
@@ -119,6 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--decode-config {a.decode_config!r}: {e}")
     if a.top_k < 0:
         p.error(f"--top-k must be >= 0 (0: off), got {a.top_k}")
+    if not 0 < a.top_p <= 1:  # (NaN too)
+        p.error(f"--top-p must be in (0, 1] (1: off), got {a.top_p}")
     if not 0 < a.kv_cache_fraction <= 1:
         p.error(f"--kv-cache-fraction must be in (0, 1], got {a.kv_cache_fraction}")
     if a.block_size & (a.block_size - 1):
@@ -270,13 +275,18 @@ def profile_ours(gen: Generator, prompts, params, trace: str, device, top: int =
             "by": what, "top": rows}  # fmt: skip
 
 
-def time_hf(hf, prompts, gen_len: int, temperature: float, top_k: int, device, static: bool, repeats: int) -> dict:
+def time_hf(
+    hf, prompts, gen_len: int, temperature: float, top_k: int, device, static: bool, repeats: int, top_p: float = 1.0
+) -> dict:
     """HF generate producing exactly gen_len tokens per prompt, timed as ours is (the best of `repeats` runs after a
     warm-up). A static cache is warmed up at the full length: transformers compiles generate for a static cache
     and recompiles for another cache length, which would land in the timed run."""
     ids = torch.tensor(prompts, device=device)
     kw = dict(max_new_tokens=gen_len, min_new_tokens=gen_len, pad_token_id=0)
-    kw.update(do_sample=True, temperature=temperature, top_k=top_k) if temperature > 0 else kw.update(do_sample=False)
+    if temperature > 0:
+        kw.update(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+    else:
+        kw.update(do_sample=False)
     if static:
         kw["cache_implementation"] = "static"
     best = None
@@ -341,7 +351,7 @@ def main(argv=None) -> dict:
     prompts = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
     stops = list(range(3, 3 + args.stop_tokens))
     params = GenerateConfig(
-        temperature=args.temperature, top_k=args.top_k, max_new_tokens=gen_len, ignore_eos=not stops,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_new_tokens=gen_len, ignore_eos=not stops,
         stop_token_ids=stops, seed=0,
     )  # fmt: skip
     kv_elem = torch.empty((), dtype=resolve_cache_dtype(args.kv_cache_dtype, dtype)).element_size()
@@ -408,6 +418,7 @@ def main(argv=None) -> dict:
         "gen_len": gen_len,
         "temperature": args.temperature,
         "top_k": args.top_k,
+        "top_p": args.top_p,
         "bandwidth_gbs": bw / 1e9,
         "matmul_tflops": flops / 1e12,
         "roofline": roof,
@@ -425,7 +436,9 @@ def main(argv=None) -> dict:
             torch.cuda.empty_cache()
         runs = [("hf_generate", False)] + ([("hf_generate_static", True)] if args.hf_static else [])
         for label, static in runs:
-            result[label] = time_hf(hf, prompts, gen_len, args.temperature, args.top_k, device, static, args.repeats)
+            result[label] = time_hf(
+                hf, prompts, gen_len, args.temperature, args.top_k, device, static, args.repeats, args.top_p
+            )
             _print_row(label, result[label], roof, gen_len)
             write_json(args.json, result)
     return result

@@ -13,10 +13,11 @@ def test_rollout_bench_smoke(tmp_path):
 
     out = tmp_path / "r.json"
     with reference_ops():
-        result = main(["--batch", "3", "--prompt-len", "5", "--gen-len", "4", "--repeats", "1", "--json", str(out)])
+        result = main(["--batch", "3", "--prompt-len", "5", "--gen-len", "4", "--repeats", "1", "--top-p", "0.9",
+                       "--json", str(out)])  # fmt: skip
     # (standard JSON: a figure no CPU measures, the peak memory, is null, not NaN, which jq and browsers refuse)
     saved = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the bench's JSON"))
-    assert saved["ours"]["tokens"] == 3 * 4 == saved["hf_generate"]["tokens"]
+    assert saved["ours"]["tokens"] == 3 * 4 == saved["hf_generate"]["tokens"] and saved["top_p"] == 0.9
     assert result["ours"]["tok_s"] > 0
     # the roofline: 13B bf16 weights alone at 3.0 TB/s, batch 1 -> about 115 tok/s (RECIPE.md)
     roof = decode_roofline(ModelConfig.named("llama2-13b"), 1, 0, 0, 2, 3.0e12)
@@ -40,6 +41,8 @@ def test_rollout_bench_refuses_impossible_flags(tmp_path, capsys):
         (["--json", str(tmp_path / "nodir" / "r.json")], "not a file in an existing directory"),
         (["--json", str(tmp_path)], "not a file in an existing directory"),  # (a directory: lost after the run)
         (["--block-size", "7"], "--block-size must be a power of two"),
+        (["--top-p", "0"], "--top-p must be in (0, 1] (1: off), got 0.0"),
+        (["--top-p", "nan"], "--top-p must be in (0, 1] (1: off), got nan"),
         (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
         (["--temperature", "nan"], "--temperature must be a finite number >= 0"),
         (["--temperature", "inf"], "--temperature must be a finite number >= 0"),
