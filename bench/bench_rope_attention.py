@@ -255,9 +255,17 @@ def print_table(table, header: bool = True):
         )
 
 
-def _ws_builds(shapes: tuple, n: int | None) -> list[tuple]:
-    """The warp-specialised shapes a report builds: the first n plain ones, then the first n BOUNDED ones."""
+def _ws_builds(shapes: tuple, n: int | None, seq_block: int) -> list[tuple]:
+    """The warp-specialised shapes a report builds: the first n plain ones, then the first n BOUNDED ones, of those
+    whose inner tile divides the kernel's sequence block (attention_tiles._prune's rule)."""
+    shapes = _fitting(shapes, seq_block)
     return [s for s in shapes if len(s) == 3][:n] + [s for s in shapes if len(s) > 3][:n]
+
+
+def _fitting(shapes: tuple, seq_block: int) -> list[tuple]:
+    """The autotune shapes whose inner tile (the first number) divides the sequence block: the others are pruned at
+    launch (a SEQ_BLOCKS of 64 drops the 128-wide tiles), so the report does not build them either."""
+    return [s for s in shapes if seq_block % s[0] == 0]
 
 
 def ptxas_report(
@@ -318,7 +326,7 @@ def ptxas_report(
                ROTATE=True, WRITE_K=True, WRITE_CACHE=False, PDL=False)  # fmt: skip
     report("rotary", rotary._rotary_kernel, pre, 4, 1, f"BLOCK_T={pre['BLOCK_T']} BLOCK_H={pre['BLOCK_H']}")
     for name, fn, inner, shapes, extra, descs in kernels:
-        for block, warps, stages in shapes[:configs_per_kernel]:
+        for block, warps, stages in _fitting(shapes, extra[tiles._OTHER_BLOCK[inner]])[:configs_per_kernel]:
             consts = {**base, **extra, inner: block, "TMA": tma}
             label = f"{inner}={block} w={warps} s={stages}" + (" TMA" if tma else "")
             report(name, fn, consts, warps, stages, label, descs if tma else (), block)
@@ -335,21 +343,23 @@ def ptxas_report(
         # two consumer warpgroups of 64 rows), q's [128, D] tile by bulk copy, at the autotuner's shapes
         ws = {**prepass, "BLOCK_M": fwd["BLOCK_M"], "WARP_SPEC": True}
         # (and BOUNDED: its k and v by descriptors each program makes over its own sequence, zeros past the end)
-        for inner, warps, stages, *more in _ws_builds(ra._FWD_WS_SHAPES, configs_per_kernel):
+        for inner, warps, stages, *more in _ws_builds(ra._FWD_WS_SHAPES, configs_per_kernel, fwd["BLOCK_M"]):
             label = f"BLOCK_N={inner} w={warps} s={stages} WARP_SPEC{' BOUNDED' if more else ''} TMA"
             descs = (("Q", fwd["BLOCK_M"]), "K", "V")  # (q's tile: the sequence block's)
             consts = {**ws, "BLOCK_N": inner, **(more[0] if more else {})}
             report("fwd", ra._fwd_kernel, consts, warps, stages, label, descs, inner)
         # rope_attention_bwd.WARP_SPEC: the dk/dv kernel's query loop likewise (its K and V tiles by bulk copy too)
         ws = {**base, **dkdv, "TMA": True, "WARP_SPEC": True}
-        for inner, warps, stages, *more in _ws_builds(ra_bwd._BWD_WS_SHAPES, configs_per_kernel):  # (BOUNDED too)
+        builds = _ws_builds(ra_bwd._BWD_WS_SHAPES, configs_per_kernel, dkdv["BLOCK_N"])  # (BOUNDED too)
+        for inner, warps, stages, *more in builds:
             label = f"BLOCK_M={inner} w={warps} s={stages} WARP_SPEC{' BOUNDED' if more else ''} TMA"
             descs = (("K", dkdv["BLOCK_N"]), ("V", dkdv["BLOCK_N"]), "Q", "DO")
             consts = {**ws, "BLOCK_M": inner, **(more[0] if more else {})}
             report("dkdv", ra_bwd._bwd_dkdv_kernel, consts, warps, stages, label, descs, inner)
         # and the dq kernel's key loop (q, do and the blocked lse and delta by bulk copy too)
         ws = {**base, **dq, "TMA": True, "WARP_SPEC": True}
-        for inner, warps, stages, *more in _ws_builds(ra_bwd._DQ_WS_SHAPES, configs_per_kernel):  # (BOUNDED too)
+        builds = _ws_builds(ra_bwd._DQ_WS_SHAPES, configs_per_kernel, dq["BLOCK_M"])  # (BOUNDED too)
+        for inner, warps, stages, *more in builds:
             label = f"BLOCK_N={inner} w={warps} s={stages} WARP_SPEC{' BOUNDED' if more else ''} TMA"
             descs = (("Q", dq["BLOCK_M"]), ("DO", dq["BLOCK_M"]), "K", "V", ("LSE", None), ("DELTA", None))
             consts = {**ws, "BLOCK_N": inner, **(more[0] if more else {})}  # (dq into fp32, for the finishing pass)

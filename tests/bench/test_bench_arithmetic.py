@@ -656,3 +656,16 @@ def test_rope_sweep_stopped_midway_keeps_what_it_measured(monkeypatch, tmp_path)
         )
     saved = json.loads(out.read_text())
     assert [r["ms"] for r in saved["sweep"]] == [4.0, 2.0] and saved["device"] == "cpu"
+
+
+def test_the_ptxas_report_builds_only_the_tiles_a_sequence_block_takes():
+    """With attention_tiles.SEQ_BLOCKS at 64 rows, the 128-wide inner tiles are pruned at launch: the offline sm_90
+    report skips them too (plain and BOUNDED warp-specialised shapes alike), and builds every one at 128."""
+    from bench.bench_rope_attention import _fitting, _ws_builds
+    from kernels import rope_attention as ra
+
+    assert _fitting(((128, 4, 2), (64, 4, 2), (32, 8, 3)), 64) == [(64, 4, 2), (32, 8, 3)]
+    builds = _ws_builds(ra._FWD_WS_SHAPES, None, 64)
+    assert builds and all(64 % b[0] == 0 for b in builds) and any(len(b) > 3 for b in builds)
+    assert len(builds) < len(ra._FWD_WS_SHAPES) == len(_ws_builds(ra._FWD_WS_SHAPES, None, 128))
+    assert _ws_builds(ra._FWD_WS_SHAPES, 1, 128) == [ra._FWD_WS_SHAPES[0], ra._FWD_WS_SHAPES[3]]
