@@ -339,31 +339,26 @@ def ptxas_report(
     prepass = {**capped, "SAVE_ROT": False, "ROTATE_Q": False}
     label = "BLOCK_M=64 BLOCK_N=32 w=4 s=2 Q_PREPASS" + (" TMA" if tma else "")
     report("fwd", ra._fwd_kernel, prepass, 4, 2, label, kernels[0][5] if tma else (), 32)
-    if tma:  # rope_attention.WARP_SPEC: the forward's key loop warp-specialised (a producer warpgroup for the copies,
-        # two consumer warpgroups of 64 rows), q's [128, D] tile by bulk copy, at the autotuner's shapes
-        ws = {**prepass, "BLOCK_M": fwd["BLOCK_M"], "WARP_SPEC": True}
-        # (and BOUNDED: its k and v by descriptors each program makes over its own sequence, zeros past the end)
-        for inner, warps, stages, *more in _ws_builds(ra._FWD_WS_SHAPES, configs_per_kernel, fwd["BLOCK_M"]):
-            label = f"BLOCK_N={inner} w={warps} s={stages} WARP_SPEC{' BOUNDED' if more else ''} TMA"
-            descs = (("Q", fwd["BLOCK_M"]), "K", "V")  # (q's tile: the sequence block's)
-            consts = {**ws, "BLOCK_N": inner, **(more[0] if more else {})}
-            report("fwd", ra._fwd_kernel, consts, warps, stages, label, descs, inner)
-        # rope_attention_bwd.WARP_SPEC: the dk/dv kernel's query loop likewise (its K and V tiles by bulk copy too)
-        ws = {**base, **dkdv, "TMA": True, "WARP_SPEC": True}
-        builds = _ws_builds(ra_bwd._BWD_WS_SHAPES, configs_per_kernel, dkdv["BLOCK_N"])  # (BOUNDED too)
-        for inner, warps, stages, *more in builds:
-            label = f"BLOCK_M={inner} w={warps} s={stages} WARP_SPEC{' BOUNDED' if more else ''} TMA"
-            descs = (("K", dkdv["BLOCK_N"]), ("V", dkdv["BLOCK_N"]), "Q", "DO")
-            consts = {**ws, "BLOCK_M": inner, **(more[0] if more else {})}
-            report("dkdv", ra_bwd._bwd_dkdv_kernel, consts, warps, stages, label, descs, inner)
-        # and the dq kernel's key loop (q, do and the blocked lse and delta by bulk copy too)
-        ws = {**base, **dq, "TMA": True, "WARP_SPEC": True}
-        builds = _ws_builds(ra_bwd._DQ_WS_SHAPES, configs_per_kernel, dq["BLOCK_M"])  # (BOUNDED too)
-        for inner, warps, stages, *more in builds:
-            label = f"BLOCK_N={inner} w={warps} s={stages} WARP_SPEC{' BOUNDED' if more else ''} TMA"
-            descs = (("Q", dq["BLOCK_M"]), ("DO", dq["BLOCK_M"]), "K", "V", ("LSE", None), ("DELTA", None))
-            consts = {**ws, "BLOCK_N": inner, **(more[0] if more else {})}  # (dq into fp32, for the finishing pass)
-            report("dq", ra_bwd._bwd_dq_kernel, consts, warps, stages, label, descs, inner, retype={"DQ": "*fp32"})
+    if tma:  # the WARP_SPEC switches (each kernel's loop warp-specialised: a producer warpgroup for the bulk copies,
+        # two consumer warpgroups) at the autotuner's shapes, plain then BOUNDED (their inner tiles by descriptors
+        # each program makes over its own sequence, zeros past the end); (name, kernel, shapes, inner tile, sequence
+        # block, constants, the descriptors with their tiles, arguments of another type)
+        ws_kernels = [
+            # the forward: q's tile (rotated by the pre-pass) by bulk copy too
+            ("fwd", ra._fwd_kernel, ra._FWD_WS_SHAPES, "BLOCK_N", fwd["BLOCK_M"],
+             {**prepass, "BLOCK_M": fwd["BLOCK_M"]}, (("Q", fwd["BLOCK_M"]), "K", "V"), None),
+            # dk/dv's query loop (its K and V tiles by bulk copy too)
+            ("dkdv", ra_bwd._bwd_dkdv_kernel, ra_bwd._BWD_WS_SHAPES, "BLOCK_M", dkdv["BLOCK_N"], {**base, **dkdv},
+             (("K", dkdv["BLOCK_N"]), ("V", dkdv["BLOCK_N"]), "Q", "DO"), None),
+            # dq's key loop (q, do and the blocked lse and delta by bulk copy too; dq into fp32, for the finishing pass)
+            ("dq", ra_bwd._bwd_dq_kernel, ra_bwd._DQ_WS_SHAPES, "BLOCK_N", dq["BLOCK_M"], {**base, **dq},
+             (("Q", dq["BLOCK_M"]), ("DO", dq["BLOCK_M"]), "K", "V", ("LSE", None), ("DELTA", None)), {"DQ": "*fp32"}),
+        ]  # fmt: skip
+        for name, fn, shapes, inner_name, block, fixed, descs, retype in ws_kernels:
+            for inner, warps, stages, *more in _ws_builds(shapes, configs_per_kernel, block):
+                label = f"{inner_name}={inner} w={warps} s={stages} WARP_SPEC{' BOUNDED' if more else ''} TMA"
+                consts = {**fixed, "TMA": True, "WARP_SPEC": True, inner_name: inner, **(more[0] if more else {})}
+                report(name, fn, consts, warps, stages, label, descs, inner, retype=retype)
     fin = dict(HEAD_DIM=head_dim, HALF=base["HALF"], BLOCK_T=32, TAB_ROWS=rotary.TAB_ROWS)  # (DQ_ATOMIC's last pass)
     report("dq_fin", ra_bwd._bwd_dq_finish_kernel, fin, 8, 1, "BLOCK_T=32")
     return rows
