@@ -466,6 +466,13 @@ def _pop_tma(config: dict | None, head_dim: int, *tensors: torch.Tensor) -> tupl
     return config, want
 
 
+def _refuse_bounded(config: dict | None, ws: bool, name: str) -> None:
+    """An explicit BOUNDED=True in the launch config `name` of a kernel that will not run warp-specialised is refused
+    by name: the per-sequence descriptors belong to the warp-specialised loop."""
+    if config and config.get("BOUNDED") and not ws:
+        raise ValueError(f"{name} BOUNDED=True: per-sequence descriptors of the warp-specialised loop, not running")
+
+
 def _warp_spec_refused(dtype: torch.dtype, tma: bool, conflict: str | None = None) -> str | None:
     """Why a kernel cannot run warp-specialised (Triton's Hopper pass: rope_attention.WARP_SPEC,
     rope_attention_bwd.WARP_SPEC) here, or None: its tiles must all come by TMA, no conflicting switch, and bf16/fp16
@@ -500,6 +507,7 @@ def device_descriptor_scratch() -> None:
 
 
 def _torch_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """(torch's caching allocator hands out 512-byte aligned blocks on a GPU, past the 128 Triton asks of it.)"""
     return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda")
 
 

@@ -78,6 +78,7 @@ from kernels.attention_tiles import (
     _operand,
     _pop_switch,
     _pop_tma,
+    _refuse_bounded,
     _rotate,
     _store_tile,
     _tile_rows,
@@ -345,8 +346,7 @@ def _rope_attention_fwd(
     if ws and why:
         raise ValueError(f"config WARP_SPEC=True, but {why}")
     ws = (WARP_SPEC and why is None) if ws is None else ws
-    if config and config.get("BOUNDED") and not ws:
-        raise ValueError("config BOUNDED=True: per-sequence descriptors of the warp-specialised loop, not running")
+    _refuse_bounded(config, ws, "config")
     prepass = ws or (Q_PREPASS if prepass is None else prepass)
     q_rot = torch.empty(n, hq, d, dtype=q.dtype, device=q.device) if save_rotated or prepass else None
     if n == 0:

@@ -40,6 +40,7 @@ from kernels.attention_tiles import (
     _operand,
     _pop_switch,
     _pop_tma,
+    _refuse_bounded,
     _rotate,
     _sequence_descriptor,
     _store_tile,
@@ -520,8 +521,7 @@ def _rope_attention_bwd(
     if ws and why:
         raise ValueError(f"dkdv_config WARP_SPEC=True, but {why}")
     ws = (WARP_SPEC and why is None) if ws is None else ws
-    if dkdv_config and dkdv_config.get("BOUNDED") and not ws:
-        raise ValueError("dkdv_config BOUNDED=True: per-sequence descriptors of the warp-specialised loop, not running")
+    _refuse_bounded(dkdv_config, ws, "dkdv_config")
     # the dq kernel likewise (WARP_SPEC, or dq_config's key): q and do by bulk copy too, lse and delta from blocked
     # copies the delta kernel writes, and dq by the finishing pass
     dq_config, dq_ws = _pop_switch(dq_config, "WARP_SPEC", None)
@@ -529,8 +529,7 @@ def _rope_attention_bwd(
     if dq_ws and why:
         raise ValueError(f"dq_config WARP_SPEC=True, but {why}")
     dq_ws = not atomic and ((WARP_SPEC and why is None) if dq_ws is None else dq_ws)
-    if dq_config and dq_config.get("BOUNDED") and not dq_ws:
-        raise ValueError("dq_config BOUNDED=True: per-sequence descriptors of the warp-specialised loop, not running")
+    _refuse_bounded(dq_config, dq_ws, "dq_config")
     if ws or dq_ws:
         device_descriptor_scratch()  # (BOUNDED variants make descriptors in global memory Triton asks for)
 
