@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch.nn.functional as F
 
 from bench.common import check_close, exit_if_ours_failed, fill_peaks, measure, ptxas_info, write_json  # noqa: E402
-from kernels import reference  # noqa: E402
+from kernels import attention_gluon, reference  # noqa: E402
 from kernels.rope_attention import rope_attention  # noqa: E402
 from kernels.rotary import launch_rotary  # noqa: E402
 
@@ -77,7 +77,7 @@ def _padded_sdpa(q, k, v, *, cos, sin, batch, seqlen, backend):
 def check_against_reference(hq: int, hkv: int, d: int, dtype: torch.dtype, theta: float) -> None:
     """Before timing on a GPU: ours vs the fp32 reference on a small packed batch (fwd and grads), at the modules'
     defaults and with each opt-in switch the bench times flipped (the three kernels warp-specialised or not, dq by
-    atomic adds or by its own kernel)."""
+    atomic adds or by its own kernel). The Gluon forward's is checked where its row is timed, last (_gluon_row)."""
     from kernels import rope_attention as ra
     from kernels import rope_attention_bwd
 
@@ -113,18 +113,19 @@ def _check_one(name: str, flip: dict, hq: int, hkv: int, d: int, dtype: torch.dt
 _DEFAULTS: dict = {}
 
 
-def _ours(q, k, v, *, positions, cu, theta, tma=None, dq_atomic=None, warp_spec=None, run=True):
+def _ours(q, k, v, *, positions, cu, theta, tma=None, dq_atomic=None, warp_spec=None, gluon=None, run=True):
     """rope_attention with its inner tiles by tensor descriptor or by pointer loads (tma True / False), dq by its own
     kernel or by the dk/dv kernel's atomic adds (dq_atomic False / True), the forward, dk/dv and dq kernels
-    warp-specialised or not (warp_spec: rope_attention's and rope_attention_bwd's WARP_SPEC both); None: the modules'
-    defaults. The switches stay set until the next call: the backward that follows a forward in a timing loop reads
-    them. run False: only set them."""
+    warp-specialised or not (warp_spec: rope_attention's and rope_attention_bwd's WARP_SPEC both), the forward in
+    Gluon where it can run (gluon: rope_attention.GLUON_FWD); None: the modules' defaults. The switches stay set
+    until the next call: the backward that follows a forward in a timing loop reads them. run False: only set them."""
     from kernels import attention_tiles, rope_attention_bwd
     from kernels import rope_attention as ra
 
     if not _DEFAULTS:
         _DEFAULTS.update(tma=attention_tiles.TMA_LOADS, dq_atomic=rope_attention_bwd.DQ_ATOMIC, ws=ra.WARP_SPEC)
-        _DEFAULTS.update(bwd_ws=rope_attention_bwd.WARP_SPEC)
+        _DEFAULTS.update(bwd_ws=rope_attention_bwd.WARP_SPEC, gluon=ra.GLUON_FWD)
+    ra.GLUON_FWD = _DEFAULTS["gluon"] if gluon is None else gluon
     attention_tiles.TMA_LOADS = _DEFAULTS["tma"] if tma is None else tma
     rope_attention_bwd.DQ_ATOMIC = _DEFAULTS["dq_atomic"] if dq_atomic is None else dq_atomic
     ra.WARP_SPEC = _DEFAULTS["ws"] if warp_spec is None else warp_spec
@@ -183,7 +184,53 @@ def make_rows(args, q, k, v, positions, cu, batch, seqlen, padded_mask=None):
         except Exception:  # noqa: BLE001 - Liger is optional
             pass
     rows["eager reference"] = lambda q, k, v: reference.rope_attention(q, k, v, positions, cu, rope_theta=theta)
+    if q.is_cuda:
+        from kernels import rope_attention as ra
+
+        if attention_gluon.refused(q.dtype, q.shape[-1], q.device, k, v) is None:  # (the Gluon forward: sm_90 only)
+            name = "  ours, forward in Triton" if ra.GLUON_FWD else "  ours, Gluon forward (FA3 order)"
+            rows[name] = functools.partial(_gluon_row, positions=positions, cu=cu, theta=theta, args=args)
     return rows
+
+
+_GLUON_CHECKED: list = []
+
+
+def _gluon_row(q, k, v, *, positions, cu, theta, args):
+    """ours with rope_attention.GLUON_FWD flipped: the last row timed, checked against the fp32 reference first (once
+    a run, in a subprocess under a timeout: _gluon_check); a failed check is this row's error on every call (the bench
+    then exits non-zero), and the other rows stand."""
+    from kernels import rope_attention as ra
+
+    flip = dict(gluon=not _DEFAULTS.get("gluon", ra.GLUON_FWD))
+    if not _GLUON_CHECKED:
+        _GLUON_CHECKED.append(
+            _gluon_check(flip["gluon"], q.shape[1], k.shape[1], q.shape[-1], q.dtype, args.rope_theta)
+        )
+    if _GLUON_CHECKED[0]:
+        raise RuntimeError(_GLUON_CHECKED[0])
+    return _ours(q, k, v, positions=positions, cu=cu, theta=theta, **flip)
+
+
+def _gluon_check(gluon: bool, hq: int, hkv: int, d: int, dtype: torch.dtype, theta: float, timeout: float = 120):
+    """_check_one with rope_attention.GLUON_FWD = gluon, in a subprocess: None if ours matched the reference, else why
+    not. A kernel new to the GPU that hangs (a barrier's phase wrong) is stopped at `timeout` seconds there instead
+    of holding the bench (and a lease's step) to its cap."""
+    import subprocess
+
+    code = (
+        "import torch, bench.bench_rope_attention as B; "
+        f"B._check_one('GLUON_FWD={gluon}', dict(gluon={gluon}), {hq}, {hkv}, {d}, {dtype}, {theta!r})"
+    )
+    root = Path(__file__).resolve().parents[1]
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"its check against the reference did not finish in {timeout:g} s (a hang?)"
+    print(proc.stdout.strip(), flush=True)
+    if proc.returncode:
+        return (proc.stderr.strip().splitlines() or [f"its check exited {proc.returncode}"])[-1]
+    return None
 
 
 def bench_impl(fn, q, k, v, do, flops, args, cuda) -> dict:
@@ -318,6 +365,7 @@ def ptxas_report(
         loads = " ".join(f"{k}:{v}" for k, v in sorted({**info["loads"], **info["reduces"]}.items()))
         mma = " ".join(f"{k}:{v}" for k, v in sorted(info["mma"].items())) or "no-mma"
         ws = f" warps={info['warps']} setmaxnreg={info['setmaxnreg']}" if info["setmaxnreg"] else ""
+        ws += f" exp2-in-flight={info['exp2_in_flight']}" if info["exp2_in_flight"] else ""
         print(f"{name:7} {label:38} smem={info['shared']:>6} regs={info['regs']} spill={info['spill_bytes']} "
               f"in-loop={info['loop_spills']} {mma} {loads}{ws}", flush=True)  # fmt: skip
 
@@ -359,6 +407,14 @@ def ptxas_report(
                 label = f"{inner_name}={inner} w={warps} s={stages} WARP_SPEC{' BOUNDED' if more else ''} TMA"
                 consts = {**fixed, "TMA": True, "WARP_SPEC": True, inner_name: inner, **(more[0] if more else {})}
                 report(name, fn, consts, warps, stages, label, descs, inner, retype=retype)
+    if tma and dtype != "fp32" and head_dim in attention_gluon.HEAD_DIMS:  # rope_attention.GLUON_FWD's forward:
+        # the softmax of one key tile while the last tile's P @ V runs (ex2 in flight), 8 warps, no producer
+        for block_n, stages in attention_gluon.SHAPES[:configs_per_kernel]:
+            consts = dict(N_STEPS=4, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=attention_gluon.BLOCK_M, BLOCK_N=block_n)
+            label = f"BLOCK_N={block_n} w={attention_gluon.NUM_WARPS} s={stages} GLUON TMA"
+            retype = attention_gluon.build_types(dtype, head_dim, block_n)
+            report("fwd", attention_gluon._fwd_fa3_kernel, {**consts, "STAGES": stages}, attention_gluon.NUM_WARPS, 1,
+                   label, retype=retype)  # fmt: skip
     fin = dict(HEAD_DIM=head_dim, HALF=base["HALF"], BLOCK_T=32, TAB_ROWS=rotary.TAB_ROWS)  # (DQ_ATOMIC's last pass)
     report("dq_fin", ra_bwd._bwd_dq_finish_kernel, fin, 8, 1, "BLOCK_T=32")
     return rows
@@ -384,6 +440,11 @@ SWEEP_FWD += [(64, 64, 4, 2, True, {"Q_PREPASS": True}), (128, 64, 8, 2, True, {
 SWEEP_FWD += [(64, 32, 4, st, True, {"maxnreg": 168}) for st in (2, 3)]
 SWEEP_FWD += [(64, 64, 4, 2, True, {"maxnreg": 168}), (64, 32, 4, 2, True, {"maxnreg": 128})]
 SWEEP_FWD += [(64, 64, 4, 3, False), (128, 128, 8, 3, False)]
+# rope_attention.GLUON_FWD's forward (kernels/attention_gluon.py: its key tiles and stages), timed after the rest
+SWEEP_GLUON = [
+    (attention_gluon.BLOCK_M, n, attention_gluon.NUM_WARPS, st, True, {"GLUON": True})
+    for n, st in attention_gluon.SHAPES
+]
 # rope_attention_bwd.WARP_SPEC first: the query loop warp-specialised, 4 warps a partition
 SWEEP_DKDV = [(128, m, 4, st, True, {"WARP_SPEC": True}) for m, st in ((32, 2), (16, 2), (16, 3))]
 SWEEP_DKDV += [(128, m, 4, st, True, {"WARP_SPEC": True, "BOUNDED": True}) for m, st in ((32, 2), (16, 2), (16, 3))]
@@ -400,12 +461,14 @@ SWEEP_ATOMIC += [(64, 64, 8, 2, True), (128, 16, 8, 2, False)]
 
 
 def sweep(
-    args, q, k, v, positions, cu, flops, fwd=SWEEP_FWD, dkdv=SWEEP_DKDV, dq=SWEEP_DQ, atomic=SWEEP_ATOMIC
-) -> list[dict]:
+    args, q, k, v, positions, cu, flops, fwd=SWEEP_FWD, dkdv=SWEEP_DKDV, dq=SWEEP_DQ, atomic=SWEEP_ATOMIC,
+    gluon=SWEEP_GLUON,
+) -> list[dict]:  # fmt: skip
     """Time every launch variant of the three kernels on the dense shape (GPU): what the autotuner chooses
     among, printed so that a new GPU's figures show which tiles to keep. Each variant is
     (sequence block, inner tile, warps, stages, TMA); the backward variants time the whole backward with the
-    other kernel at a fixed launch; "dkdv+dq" the whole backward with dq by the dk/dv kernel's atomic adds."""
+    other kernel at a fixed launch; "dkdv+dq" the whole backward with dq by the dk/dv kernel's atomic adds. The
+    Gluon forward's variants (where it runs) come last, as "fwd": a kernel new to the GPU costs no other row."""
     from kernels import rope_attention as ra
     from kernels import rope_attention_bwd as ra_bwd
 
@@ -451,6 +514,12 @@ def sweep(
             do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dkdv_config=default_dkdv, dq_config=cfg
         )
         timed("dq", cfg, fn, bwd_flops)  # the whole backward, dk/dv fixed
+    for bm, bn, w, st, tma, *more in (
+        gluon if attention_gluon.refused(q.dtype, q.shape[-1], q.device, k, v) is None else ()
+    ):
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, TMA=tma, **more[0])
+        fn = lambda cfg=cfg: ra._rope_attention_fwd(q, k, v, positions, cu, theta, scale, config=cfg)
+        timed("fwd", cfg, fn, flops)
     for kernel in ("fwd", "dkdv+dq", "dkdv", "dq"):
         ok = [r for r in rows if r["kernel"] == kernel and "ms" in r]
         if ok:
@@ -607,7 +676,10 @@ def main() -> None:
     for pick in autotune_picks():  # (which tiles, stages and BOUNDED or not the rows above ran: what to keep)
         print(f"autotuned {pick['kernel']:8} {pick['key']}: {pick['config']}")
     save(args, table, cuda)
-    failed = [f"{e['case']} {e['impl']}: {e['error']}" for e in table if "error" in e and e["impl"].startswith(OURS)]
+    # (ours' variants are indented rows: "  ours, warp-specialised")
+    failed = [
+        f"{e['case']} {e['impl']}: {e['error']}" for e in table if "error" in e and e["impl"].lstrip().startswith(OURS)
+    ]
     exit_if_ours_failed("bench_rope_attention", failed)
 
 

@@ -290,7 +290,11 @@ def ptxas_info(
     maxnreg: a register cap per thread (Triton's launch option), which ptxas meets by spilling.
     loop_spills: the spill stores and loads (STL / LDL in the machine code) between the kernel's first and last
     warpgroup MMA: those its loops execute, against those of a prologue or epilogue run once (None without MMA).
-    types may give a tensor descriptor as "tensordesc<bf16[64, 128]>" (its block)."""
+    types may give a tensor descriptor as "tensordesc<bf16[64, 128]>" (its block; a Gluon kernel's names its shared
+    layout too: "tensordesc<bf16[64, 128],NVMMASharedLayout(...)>", the layout's repr).
+    exp2_in_flight: the exp2 operations (TTGIR) computed while a warpgroup MMA is in flight (after a wait that leaves
+    one pending, before the next wait for none): FlashAttention-3's overlap of the softmax with the tensor cores; 0:
+    none."""
     import collections
     import os
     import re
@@ -300,6 +304,9 @@ def ptxas_info(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    if kernel.is_gluon():  # (a Gluon kernel: its source goes through Gluon's front end, tensordesc types name layouts)
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
 
     names = kernel.arg_names
     sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
@@ -340,8 +347,18 @@ def ptxas_info(
     # (word-bounded: "red." must not match inside "ld.shared.")
     first = re.search(r"\b(?:ld\.global|st\.global|cp\.async|cp\.reduce|atom\.|red\.)", ptx)
     accesses = [first.start()] if first else []
+    # FlashAttention-3's intra-warpgroup overlap: exponentials computed while a warpgroup MMA is in flight (after a
+    # wait that leaves products pending, before the next wait for none), in the TTGIR's order (structured: a loop's
+    # body in program order, where the PTX may place a rotated loop's blocks in another)
+    exp2_in_flight, in_flight = 0, False
+    for m in re.finditer(r"warp_group_dot_wait .*\{pendings = (\d+)|= math\.exp2 ", compiled.asm["ttgir"]):
+        if m.group(1) is not None:
+            in_flight = m.group(1) != "0"
+        else:
+            exp2_in_flight += in_flight
     return {
         "shared": compiled.metadata.shared,
+        "exp2_in_flight": exp2_in_flight,
         "regs": regs and int(regs.group(1)),
         "spill_bytes": spill and int(spill.group(1)),
         "loads": dict(loads),

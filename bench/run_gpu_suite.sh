@@ -30,7 +30,9 @@
 # and rope attention compiled; the 13B rollouts at batch 64 and 1 with decode_config's linear 1, with linear 1 + pdl 1,
 # and at the defaults (batch 1 also with pdl 1 alone: 2% short of its target), with the rope attention bench (TMA
 # against pointer loads against SDPA, dq by atomic adds, and the warp-specialised kernels) between the two batches; the
-# projections against cuBLAS; the sampling bench; then the two sweeps with the time left. No NAME: everything, in the
+# projections against cuBLAS; the sampling bench; the Gluon forward's tests (rope_attention.GLUON_FWD: a kernel new to
+# the GPU, apart under a short cap; the rope bench times it last, after a check in a subprocess under a timeout); then
+# the two sweeps with the time left (the Gluon variants last in the rope sweep). No NAME: everything, in the
 # order below.
 # SUITE_COMMIT names the commit in summary.txt.
 #
@@ -214,10 +216,11 @@ fi
 if [[ "$names" == *" next "* ]]; then  # the next lease's first call: what decides the opt-in switches (alone)
   names="$names next_tests rollout_b64_linear rollout_b64_linear_pdl rollout_b64_cublas rope_attention_tma "
   names="$names rollout_b1_linear rollout_b1_linear_pdl rollout_b1_cublas rollout_b1_pdl linear sampling "
-  names="$names linear_sweep rope_sweep "
+  names="$names gluon_tests linear_sweep rope_sweep "
+  # (the Gluon forward's tests apart, later and under their own short cap: a kernel new to the GPU may hang)
   step next_tests 100 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test \
     tests/kernels/test_decode_linear.py tests/kernels/test_paged_attention.py tests/kernels/test_sampling.py \
-    tests/kernels/test_rope_attention.py
+    tests/kernels/test_rope_attention.py -k "not gluon"
   for b in 64 1; do
     bench "rollout_b${b}_linear" 120 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights \
       --batch $b --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"linear": 1}'
@@ -234,16 +237,19 @@ if [[ "$names" == *" next "* ]]; then  # the next lease's first call: what decid
     --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"pdl": 1}'  # the default path's kernels by PDL
   bench linear 60 "$PY" bench/bench_decode_linear.py  # ours against cuBLAS, each 13B projection at batch 1, 8, 64
   bench sampling 45 "$PY" bench/bench_sampling.py --no-compile  # top-50 / top-p floors: ours against torch (~12 cold compiles)
+  # rope_attention.GLUON_FWD's forward against float64 (poisoned outputs, non-finite neighbours, its backward)
+  step gluon_tests 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py -k gluon
   bench linear_sweep 100 "$PY" bench/bench_decode_linear.py --rows 64 1 --sweep --budget-s 80
   bench rope_sweep 150 "$PY" bench/bench_rope_attention.py --sweep
   finish
 fi
 if [[ "$names" == *" tma "* ]]; then  # the attention's inner tiles by tensor descriptor (alone)
-  names="$names tma_tests rope_attention_tma rope_sweep "
+  names="$names tma_tests rope_attention_tma gluon_tests rope_sweep "
   step tma_tests 90 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test \
-    tests/kernels/test_rope_attention.py
+    tests/kernels/test_rope_attention.py -k "not gluon"
   # ours (TMA), ours by pointer loads, SDPA flash / cuDNN with and without HF's rotary, dense and packed
   bench rope_attention_tma 210 "$PY" bench/bench_rope_attention.py --no-compile
+  step gluon_tests 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py -k gluon
   bench rope_sweep 220 "$PY" bench/bench_rope_attention.py --sweep
   finish
 fi

@@ -31,6 +31,11 @@ at once, so only a second warpgroup's work can overlap one's exponentials). The 
 and q straight from a bulk copy: so every key tile is masked (a compare and a select a score) and programs past
 the last block run an empty loop and store nothing. rope_attention_bwd.WARP_SPEC does the same to the dk/dv kernel.
 
+GLUON_FWD (opt-in, untimed; implies Q_PREPASS; an sm_90 GPU, bf16/fp16, head dims 64 and 128): the forward in
+Gluon (kernels/attention_gluon.py), FlashAttention-3's intra-warpgroup order: each key tile's score product and the
+last tile's P @ V product issued together, the softmax computed while P @ V runs, which plain Triton 3.6 does not
+schedule in any source order (it waits for each score product at once). Its backward is this module's.
+
 cos/sin of a query tile: within one tile the positions are normally consecutive (p0, p0+1, ...). Then
 cos/sin((p0 + j) * f) come from cos/sin(p0 * f) (one row of transcendentals per tile) and a small
 host-built table of cos/sin(j * f) by the angle-addition formulas, which keeps the special-function
@@ -58,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
+from kernels import attention_gluon, reference
 from kernels.attention_tiles import (
     _FWD_SHAPES,
     _KEY,
@@ -251,6 +256,31 @@ Q_PREPASS = False
 # (bench_rope_attention.py: the row "ours, warp-specialised", and the sweep).
 WARP_SPEC = False
 
+# The forward in Gluon (kernels/attention_gluon.py: FlashAttention-3's intra-warpgroup order, the softmax of one key
+# tile while the tensor cores run the last tile's P @ V, which plain Triton 3.6 does not schedule), on an sm_90 GPU
+# with bf16/fp16 and head dims 64 and 128; q rotated by the pre-pass. Off until a GPU has checked and timed it
+# (bench_rope_attention.py: the row "ours, Gluon forward").
+GLUON_FWD = False
+
+
+def _gluon_config(config: dict | None) -> dict:
+    """An explicit launch config for the Gluon forward -> {BLOCK_N, num_stages} (None: its defaults): its query
+    block is 128 rows in 8 warps (two warpgroups), and it has no other switch."""
+    config = dict(config or {})
+    if config.pop("WARP_SPEC", False) or config.pop("BOUNDED", False):
+        raise ValueError("config GLUON=True with WARP_SPEC or BOUNDED: the Gluon forward is a forward of its own")
+    if config.pop("BLOCK_M", attention_gluon.BLOCK_M) != attention_gluon.BLOCK_M:
+        raise ValueError(f"config GLUON=True takes BLOCK_M={attention_gluon.BLOCK_M} (two warpgroups of 64 rows)")
+    if config.pop("num_warps", attention_gluon.NUM_WARPS) != attention_gluon.NUM_WARPS:
+        raise ValueError(f"config GLUON=True takes num_warps={attention_gluon.NUM_WARPS}")
+    if not config.pop("Q_PREPASS", True):
+        raise ValueError("config GLUON=True with Q_PREPASS=False: the Gluon forward loads q rotated by the pre-pass")
+    out = {"BLOCK_N": config.pop("BLOCK_N", None), "num_stages": config.pop("num_stages", None)}
+    if config:
+        raise ValueError(f"config GLUON=True takes BLOCK_N and num_stages, not {sorted(config)}")
+    return out
+
+
 # the autotuned GPU variants (attention_tiles._configs, _FWD_SHAPES); the warp-specialised one at 4 warps a
 # partition (12 in all), with 128-key tiles in 2 stages (224 KiB of shared memory at D = 128) or 64-key in 2 or 3,
 # each also BOUNDED (per-sequence descriptors: 180 KiB at 128-key tiles; 64-key tiles in 4 stages fit then)
@@ -339,7 +369,14 @@ def _rope_attention_fwd(
     # backward reuses them; in prefill the same launch writes them (and v) into the paged KV cache
     k_rot = torch.empty(n, hkv, d, dtype=q.dtype, device=q.device)
     config, tma = _pop_tma(config, d, k_rot, v)
-    config, ws = _pop_switch(config, "WARP_SPEC", None)
+    config, gluon = _pop_switch(config, "GLUON", None)
+    no_gluon = attention_gluon.refused(q.dtype, d, q.device, k_rot, v)
+    if gluon and no_gluon:
+        raise ValueError(f"config GLUON=True, but {no_gluon}")
+    gluon = (GLUON_FWD and no_gluon is None and not config) if gluon is None else gluon  # (a config: a Triton launch)
+    if gluon:  # (the Gluon forward: q rotated by the pre-pass, one 128-row block, 8 warps)
+        config = _gluon_config(config)
+    config, ws = _pop_switch(config, "WARP_SPEC", False if gluon else None)
     config, prepass = _pop_switch(config, "Q_PREPASS", None)
     no_prepass = "it loads q rotated by the pre-pass (Q_PREPASS=False given)" if prepass is False else None
     why = _warp_spec_refused(q.dtype, tma, no_prepass)
@@ -347,7 +384,7 @@ def _rope_attention_fwd(
         raise ValueError(f"config WARP_SPEC=True, but {why}")
     ws = (WARP_SPEC and why is None) if ws is None else ws
     _refuse_bounded(config, ws, "config")
-    prepass = ws or (Q_PREPASS if prepass is None else prepass)
+    prepass = ws or gluon or (Q_PREPASS if prepass is None else prepass)
     q_rot = torch.empty(n, hq, d, dtype=q.dtype, device=q.device) if save_rotated or prepass else None
     if n == 0:
         return out, lse, q_rot if save_rotated else None, k_rot
@@ -364,6 +401,9 @@ def _rope_attention_fwd(
     launch_rotary(k, v, positions, rope_theta=rope_theta, k_out=k_rot, **queries, **cache)
     if cache and cache["k_cache"].dtype != q.dtype:  # a float8 cache: attend to what the decode steps will read
         k_rot, v = reference.read_back_kv(k_rot, v, cache["k_cache"], cache["v_cache"], cache["slot_mapping"])
+    if gluon:
+        attention_gluon.forward(q_rot, k_rot, v, out, lse, cu, softmax_scale, *config.values())
+        return out, lse, q_rot if save_rotated else None, k_rot
     kd, vd = (rows_descriptor(k_rot), rows_descriptor(v)) if tma else (k_rot, v)
     q_in = q_src = q_rot if prepass else q
     block = seq_block("fwd", config, "BLOCK_M")

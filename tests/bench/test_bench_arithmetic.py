@@ -330,6 +330,44 @@ def test_rope_sweep_figures_and_best(monkeypatch, capsys):
     assert {v[4] for v in B.SWEEP_FWD} == {True, False} and {v[4] for v in B.SWEEP_ATOMIC} == {True, False}
 
 
+def test_rope_bench_checks_the_gluon_forward_once_where_it_is_timed(monkeypatch):
+    """The Gluon forward's row (timed last, where it can run) is checked against the fp32 reference on its first call,
+    once a run, in a subprocess under a timeout: a mismatch, a crash or a hang is that row's error on every call (the
+    bench then exits non-zero), a match times ours with rope_attention.GLUON_FWD flipped."""
+    import subprocess
+
+    import bench.bench_rope_attention as B
+
+    checks, timed = [], []
+    q, kv = torch.zeros(4, 8, 64), torch.zeros(4, 2, 64)
+    args = SimpleNamespace(rope_theta=5e5)
+    monkeypatch.setattr(B, "_ours", lambda *a, **kw: timed.append(kw.get("gluon")))
+    for verdict in ("ours differs from the reference", None):
+        monkeypatch.setattr(B, "_GLUON_CHECKED", [])
+        checks.clear(), timed.clear()
+        monkeypatch.setattr(B, "_gluon_check", lambda *a, verdict=verdict: checks.append(a) or verdict)
+        for _ in range(2):
+            if verdict:
+                with pytest.raises(RuntimeError, match=verdict):
+                    B._gluon_row(q, kv, kv, positions=None, cu=None, theta=5e5, args=args)
+            else:
+                B._gluon_row(q, kv, kv, positions=None, cu=None, theta=5e5, args=args)
+        assert checks == [(True, 8, 2, 64, torch.float32, 5e5)] and timed == ([] if verdict else [True, True])
+    monkeypatch.undo()
+    # the check itself: here (no GPU) the subprocess's _check_one fails, and its last word is the reason; a hang stops
+    # at the timeout
+    why = B._gluon_check(True, 4, 2, 64, torch.bfloat16, 1e4, timeout=300)
+    assert why and ("CUDA" in why or "cuda" in why), why
+
+    def hang(*a, **kw):
+        raise subprocess.TimeoutExpired(a[0], kw["timeout"])
+
+    monkeypatch.setattr(subprocess, "run", hang)
+    assert B._gluon_check(True, 4, 2, 64, torch.bfloat16, 1e4, timeout=7) == (
+        "its check against the reference did not finish in 7 s (a hang?)"
+    )
+
+
 def test_rope_bench_counts_the_query_heads_of_each_sequence(tmp_path, monkeypatch):
     """The CPU run of main with --heads 32 --kv-heads 8 (tiny: B2 H8/2 T64 D64), every call 2 ms: the FLOPs are those of
     the 8 query heads (GQA shares K/V, not the work) over each of the 2 sequences of 64, not one sequence of 128."""

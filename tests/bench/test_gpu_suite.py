@@ -228,8 +228,10 @@ def test_tma_group_tests_then_benches_the_attention_both_ways_then_sweeps(tmp_pa
     SDPA's backends; no torch.compile row), then the launch sweep; nothing of the other groups."""
     steps, summary, run = _run_group(tmp_path, STUB.replace("sleep 60", "true"), "tma")
     work = run["work"]
-    assert steps == ["tma_tests", "rope_attention_tma", "rope_sweep"], summary
-    assert "tests/kernels/test_rope_attention.py" in (work / "tma_tests.log").read_text()
+    assert steps == ["tma_tests", "rope_attention_tma", "gluon_tests", "rope_sweep"], summary
+    tests, gluon = (work / "tma_tests.log").read_text(), (work / "gluon_tests.log").read_text()
+    assert "tests/kernels/test_rope_attention.py -k not gluon" in tests, tests
+    assert "tests/kernels/test_rope_attention.py -k gluon" in gluon, gluon  # (apart, under its own cap)
     bench = (work / "rope_attention_tma.log").read_text()
     assert "bench/bench_rope_attention.py --no-compile" in bench and "--sweep" not in bench, bench
     assert "--sweep" in (work / "rope_sweep.log").read_text()
@@ -244,10 +246,12 @@ def test_next_group_tests_then_times_each_switch_against_the_defaults(tmp_path):
     work = run["work"]
     assert steps == ["next_tests", "rollout_b64_linear", "rollout_b64_linear_pdl", "rollout_b64_cublas",
                      "rope_attention_tma", "rollout_b1_linear", "rollout_b1_linear_pdl", "rollout_b1_cublas",
-                     "rollout_b1_pdl", "linear", "sampling", "linear_sweep", "rope_sweep"], summary  # fmt: skip
+                     "rollout_b1_pdl", "linear", "sampling", "gluon_tests", "linear_sweep",
+                     "rope_sweep"], summary  # fmt: skip
     assert '--decode-config {"pdl": 1}' in (work / "rollout_b1_pdl.log").read_text()
     tests = (work / "next_tests.log").read_text()
-    assert "test_decode_linear.py" in tests and "test_rope_attention.py" in tests, tests
+    assert "test_decode_linear.py" in tests and "test_rope_attention.py -k not gluon" in tests, tests
+    assert "test_rope_attention.py -k gluon" in (work / "gluon_tests.log").read_text()  # (the Gluon forward's apart)
     for b in (64, 1):
         pdl, cublas = (
             (work / f"rollout_b{b}_linear_pdl.log").read_text(),

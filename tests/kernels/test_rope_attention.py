@@ -92,11 +92,19 @@ def _close(actual, expected, dtype, name):
         (torch.float16, 4, 1, 64, 500000.0, "warp spec"),
         (torch.float32, 2, 2, 32, 10000.0, "warp spec"),
         (torch.float16, 4, 1, 64, 500000.0, "warp spec bounded"),
+        (torch.bfloat16, 4, 2, 128, 10000.0, "gluon"),
+        (torch.float16, 4, 1, 64, 500000.0, "gluon"),
+        (torch.bfloat16, 2, 2, 128, 10000.0, "gluon 64x3"),
     ],
 )
 def test_forward_backward_poisoned(dtype, hq, hkv, d, theta, variant):
     """Launchers write every element (outputs poisoned with NaN first) and match float64 in fwd and bwd."""
-    cu, positions = _pack(LENGTHS)
+    lengths = LENGTHS
+    if variant.startswith("gluon"):  # (rope_attention.GLUON_FWD: 128-row blocks, sequences past its key tiles' ring)
+        if not torch.empty(0).is_cuda:
+            pytest.skip("Triton's interpreter does not run Gluon: compiled for sm_90a in test_sm90_compile.py")
+        lengths = [*LENGTHS, 128, 300, 1000]
+    cu, positions = _pack(lengths)
     n = int(cu[-1])
     q, k, v = _inputs(n, hq, hkv, d, dtype)
     do = torch.randn(n, hq, d).to(dtype)
@@ -107,6 +115,8 @@ def test_forward_backward_poisoned(dtype, hq, hkv, d, theta, variant):
     if variant == "warp spec bounded":  # (the outer kernels' inner tiles by per-sequence descriptors: zeros past end)
         cfg = dict(WARP_SPEC=True, BOUNDED=True)
     cfg = cfg and dict(BLOCK_M=32, BLOCK_N=16, **cfg)
+    if variant.startswith("gluon"):  # (the default tile: 128 keys in 2 stages; then 64 keys in 3)
+        cfg = dict(GLUON=True, **(dict(BLOCK_N=64, num_stages=3) if variant == "gluon 64x3" else {}))
     dkdv = dict(BLOCK_N=32, BLOCK_M=16, TMA=variant == "atomic tma", DQ_ATOMIC=True) if "atomic" in variant else None
     dqc = None
     if variant.startswith("warp spec"):
@@ -137,7 +147,7 @@ def test_forward_backward_poisoned(dtype, hq, hkv, d, theta, variant):
     _close(dq, ref_dq, dtype, "dq")
     _close(dk, ref_dk, dtype, "dk")
     _close(dv, ref_dv, dtype, "dv")
-    if variant in ("prepass", "warp spec", "warp spec bounded"):  # (the pre-pass's q_rot is a temporary then)
+    if variant in ("prepass", "warp spec", "warp spec bounded", "gluon"):  # (the pre-pass's q_rot is a temporary)
         assert _rope_attention_fwd(q, k, v, positions, cu, theta, scale, config=cfg)[2] is None
 
 
@@ -238,7 +248,7 @@ def test_autotune_keeps_the_inner_tiles_that_fit_the_sequence_block():
 @pytest.mark.parametrize(
     "tma,atomic,ws",
     [(True, False, False), (False, False, False), (True, True, False), (False, True, False), (True, False, True),
-     (True, False, "bounded")],
+     (True, False, "bounded"), (True, False, "gluon")],
 )  # fmt: skip
 def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma, atomic, ws):
     """The tiles that run past a sequence's end hold the next sequence's rows (a tensor descriptor copies whole
@@ -248,26 +258,33 @@ def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma, atomic, ws):
     atomic adds (whose whole-tile bulk reduces reach the neighbour's rows), and the three kernels warp-specialised
     (their outer tiles by bulk copy too: the last tile's rows past the end are the neighbour's), the forward's keys
     and values (dq's too, and dk/dv's queries and output grads) also by per-sequence descriptors ("bounded": the
-    copies' rows past the end are zeros).
+    copies' rows past the end are zeros), and the Gluon forward ("gluon", bf16 on a GPU: its 128-key tiles hold the
+    neighbours' rows, the values zeroed in shared memory).
     Lengths end inside the tiles of every kernel (the dk/dv kernel's last, partial query tile included)."""
-    if ws and torch.empty(0).is_cuda:
+    gluon = ws == "gluon"
+    if gluon and not torch.empty(0).is_cuda:
+        pytest.skip("Triton's interpreter does not run Gluon: compiled for sm_90a in test_sm90_compile.py")
+    if ws and not gluon and torch.empty(0).is_cuda:
         pytest.skip("fp32 has no warpgroup MMA: the warp-specialised kernels are refused on a GPU")
+    dtype, d = (torch.bfloat16, 64) if gluon else (torch.float32, 32)
     lengths = [45, 23, 37]
     cu, positions = _pack(lengths)
     n = int(cu[-1])
-    q, k, v = _inputs(n, 4, 2, 32, torch.float32)
-    do = torch.randn(n, 4, 32)
+    q, k, v = _inputs(n, 4, 2, d, dtype)
+    do = torch.randn(n, 4, d).to(dtype)
     bad = slice(45, 68)
     for x, fill in ((q, math.inf), (k, math.nan), (v, -math.inf), (do, math.nan)):
         x[bad] = fill
     fwd = dict(BLOCK_M=32, BLOCK_N=16, TMA=tma, **({"WARP_SPEC": True} if ws else {}))
     dkdv, dq_cfg = dict(BLOCK_N=32, BLOCK_M=16, TMA=tma, DQ_ATOMIC=atomic), dict(BLOCK_M=32, BLOCK_N=16, TMA=tma)
-    if ws:
+    if gluon:
+        fwd = dict(GLUON=True)
+    elif ws:
         dkdv["WARP_SPEC"] = dq_cfg["WARP_SPEC"] = True
     if ws == "bounded":
         fwd["BOUNDED"] = dkdv["BOUNDED"] = dq_cfg["BOUNDED"] = True
     dq_cfg = None if atomic else dq_cfg
-    scale = 1.0 / math.sqrt(32)
+    scale = 1.0 / math.sqrt(d)
     out, lse, q_rot, k_rot = _rope_attention_fwd(q, k, v, positions, cu, 1e4, scale, save_rotated=True, config=fwd)
     dq, dk, dv = _rope_attention_bwd(
         do, q_rot, k_rot, v, out, lse, positions, cu, 1e4, scale, dkdv_config=dkdv, dq_config=dq_cfg
@@ -277,7 +294,7 @@ def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma, atomic, ws):
         cu1 = torch.tensor([0, e - s], dtype=torch.int32)
         ref_out, _, (ref_dq, ref_dk, ref_dv) = _reference(q[seq], k[seq], v[seq], positions[seq], cu1, 1e4, do[seq])
         for name, a, b in (("out", out, ref_out), ("dq", dq, ref_dq), ("dk", dk, ref_dk), ("dv", dv, ref_dv)):
-            _close(a[seq], b, torch.float32, f"{name} of the sequence at {s}")
+            _close(a[seq], b, dtype, f"{name} of the sequence at {s}")
 
 
 def test_dq_atomic_switch_and_refusal():
@@ -387,6 +404,75 @@ def test_tma_where_it_can_pointer_loads_elsewhere():
     q16, k16, v16 = _inputs(29, 2, 2, 16, torch.float32)
     with pytest.raises(ValueError, match=r"config TMA=True, but head dim 16 is under 32"):
         _rope_attention_fwd(q16, k16, v16, positions, cu, 1e4, 0.25, config=dict(BLOCK_M=32, BLOCK_N=16, TMA=True))
+
+
+def test_gluon_forward_where_it_can_refused_by_name_elsewhere():
+    """rope_attention.GLUON_FWD runs the Gluon forward (kernels/attention_gluon.py) where it can (an sm_90 GPU, bf16
+    or fp16, head dims 64 and 128) and the Triton forward elsewhere, with the Triton forward's numbers; an explicit
+    GLUON=True it cannot honour, or with a launch it does not take, is refused with the reason."""
+    from kernels import attention_gluon
+    from kernels import rope_attention as ra
+
+    cu, positions = _pack([20, 9, 140])
+    dtype = torch.bfloat16 if torch.empty(0).is_cuda else torch.float32
+    q, k, v = _inputs(169, 4, 2, 64, dtype)
+    gluon = attention_gluon.refused(dtype, 64, q.device, k, v) is None
+    ran = []
+    with pytest.MonkeyPatch.context() as mp:
+        forward = attention_gluon.forward
+        mp.setattr(attention_gluon, "forward", lambda *a: ran.append("gluon") or forward(*a))
+        plain = _rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125)
+        mp.setattr(ra, "GLUON_FWD", True)
+        out, lse, _, _ = _rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125)
+        q16, k16, v16 = _inputs(169, 2, 2, 32, dtype)  # (head dim 32: the Triton forward, wherever)
+        _rope_attention_fwd(q16, k16, v16, positions, cu, 1e4, 0.125)
+    assert ran == (["gluon"] if gluon else [])
+    torch.testing.assert_close(out, plain[0], **(TOLS[dtype] if gluon else dict(atol=0, rtol=0)))
+    torch.testing.assert_close(lse, plain[1], **(TOLS[dtype] if gluon else dict(atol=0, rtol=0)))
+    # where it can run (as a GPU would say; the kernel itself stood in for): the switch takes the launches without an
+    # explicit config (an explicit one is a Triton launch unless it says GLUON=True), with q by the pre-pass and the
+    # config's tile; the Triton forward launches nothing then
+    with pytest.MonkeyPatch.context() as mp:
+        calls, triton_launches = [], []
+        mp.setattr(attention_gluon, "refused", lambda *a: None)
+        mp.setattr(attention_gluon, "forward", lambda *a: calls.append(a))
+        launch = ra._launch
+        mp.setattr(ra, "_launch", lambda *a, **kw: triton_launches.append(kw["block"]) or launch(*a, **kw))
+        mp.setattr(ra, "GLUON_FWD", True)
+        _rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125)
+        _rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125, config=dict(BLOCK_M=32, BLOCK_N=16))
+        mp.setattr(ra, "GLUON_FWD", False)
+        _rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125, config=dict(GLUON=True, BLOCK_N=64, num_stages=3))
+    assert triton_launches == [32] and len(calls) == 2, (triton_launches, len(calls))
+    q_rot = reference.apply_rotary(q.double(), positions, 1e4)
+    for args, tile in zip(calls, ((None, None), (64, 3))):
+        torch.testing.assert_close(args[0].double(), q_rot, **TOLS[dtype])  # (q by the pre-pass)
+        assert args[5] is not None and args[6] == 0.125 and args[7:] == tile
+    if not gluon:
+        with pytest.raises(ValueError, match=r"config GLUON=True, but Triton's interpreter does not run Gluon kernels"):
+            _rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125, config=dict(GLUON=True))
+    with pytest.MonkeyPatch.context() as mp:  # (what a GPU's launch would hear)
+        mp.setattr(attention_gluon, "INTERPRET", False)
+        mp.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+        cuda = torch.device("cuda")
+        assert attention_gluon.refused(torch.float32, 64, cuda) == "it takes bf16 or fp16 inputs, not torch.float32"
+        assert attention_gluon.refused(torch.bfloat16, 32, cuda) == "it takes head dims (64, 128), not 32"
+        assert attention_gluon.refused(torch.bfloat16, 128, cuda) is None
+        mp.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+        assert attention_gluon.refused(torch.bfloat16, 128, cuda) == "warpgroup MMA needs an sm_90 GPU, not sm_100"
+    for cfg, why in (
+        (dict(BLOCK_M=64), "takes BLOCK_M=128"),
+        (dict(num_warps=4), "takes num_warps=8"),
+        (dict(WARP_SPEC=True), "with WARP_SPEC or BOUNDED"),
+        (dict(Q_PREPASS=False), "loads q rotated by the pre-pass"),
+        (dict(TMA_X=1), r"takes BLOCK_N and num_stages, not \['TMA_X'\]"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            ra._gluon_config(cfg)
+    assert ra._gluon_config(dict(BLOCK_M=128, BLOCK_N=64, num_warps=8)) == dict(BLOCK_N=64, num_stages=None)
+    if gluon:
+        with pytest.raises(ValueError, match="64- or 128-key tiles in 2 to 4 stages"):
+            _rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125, config=dict(GLUON=True, BLOCK_N=32))
 
 
 def test_warp_spec_where_it_can_refused_by_name_elsewhere():

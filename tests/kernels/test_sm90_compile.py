@@ -72,6 +72,15 @@ for kernel in ("fwd", "dkdv", "dq"):
 assert all(r["warps"] == 12 and r["spill_bytes"] == 0 and r["shared"] <= 232448 for r in ws), ws
 assert all({k for k, _ in r["setmaxnreg"]} == {"inc", "dec"} and r["mma"].get("wgmma") for r in ws), ws
 assert not any(r["setmaxnreg"] for r in rows if r not in ws), rows
+# rope_attention.GLUON_FWD: the forward in Gluon, 8 warps and no producer, whose exponentials are computed while the
+# last key tile's P @ V product is in flight (FlashAttention-3's intra-warpgroup order: the softmax of the scores and
+# the rescale factor, two exp2 a tile), on wgmma with bulk copies, no spill, within 227 KiB; none of the Triton
+# kernels computes an exponential with a product in flight (Triton 3.6 waits for each score product at once)
+gluon = [r for r in rows if "GLUON" in r["config"]]
+assert len(gluon) == 2 and all(r["exp2_in_flight"] == 2 and r["spill_bytes"] == 0 for r in gluon), gluon
+assert all(r["mma"].get("wgmma") and r["loads"].get("cp.async.bulk.tensor") for r in gluon), gluon
+assert all(r["shared"] <= 232448 and r["warps"] == 8 for r in gluon), gluon
+assert not any(r["exp2_in_flight"] for r in rows if r not in gluon), rows
 by_atomics = [r["reduces"] for r in pointers if r["kernel"] == "dkdv+dq"]
 assert by_atomics and all(a and "cp.reduce.async.bulk.tensor" not in a for a in by_atomics), by_atomics
 print("compiled")

@@ -1,0 +1,241 @@
+"""The rope attention's forward in Gluon (Triton's lower-level language), in FlashAttention-3's intra-warpgroup order.
+
+Plain Triton 3.6 issues a tile's score product and waits for it at once (wgmma.wait_group 0 right after it), so a
+warpgroup's exponentials never overlap its own tensor-core work; written in the other order in Triton's language (the
+next tile's scores issued before this tile's softmax) it still waits at once (sm_90a PTX, bench/RESULTS.md). Gluon
+exposes the asynchronous warpgroup MMA and its wait: each iteration issues S_{j+1} = q k_{j+1}^T and O += P_j V_j
+together, waits for the first alone (wait_group 1), computes the softmax of S_{j+1} while P_j V_j runs, then waits
+for that (wait_group 0) and rescales O. K and V come by bulk copy (TMA) into a ring of STAGES tiles each, with their
+own barriers, a key stage refilled as soon as both warpgroups' score products have read it and a value stage once
+their P V products have.
+
+What it computes is the plain forward's (kernels/rope_attention.py, `_fwd_kernel` with q rotated by the pre-pass):
+out [N, Hq, D] and the base-2 logsumexp [Hq, N] of the scaled scores, causal within each packed sequence, GQA. A
+program is a 128-row query block (two warpgroups of 64 rows, 8 warps) of one head; the grid and the sequence lookup
+are attention_tiles'. Rows of a neighbouring sequence that a tile's bulk copy brings in are masked (keys: the causal
+mask covers them) or zeroed (values of the last tile, in shared memory, so that a neighbour's inf or NaN never meets
+a zero probability).
+
+Limits: an sm_90 GPU (warpgroup MMA is sm_90a's), bf16/fp16, head dims 64 and 128, tiles by TMA; Triton's interpreter
+does not run Gluon, so on CPU the kernel is compiled for sm_90a and inspected (tests/kernels/test_sm90_compile.py:
+the softmax between the two waits, no spills) and its numbers are checked on a GPU (tests/kernels/
+test_rope_attention.py). Opt-in: rope_attention.GLUON_FWD, or GLUON=True in an explicit launch config.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from kernels.attention_tiles import _block_index, _locate_tile, _tma_refused
+from kernels.dispatch import INTERPRET
+
+try:  # (Triton 3.6's experimental Gluon; another Triton may lack or move it: the kernel is then refused by name)
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+
+    _NO_GLUON = None
+except ImportError as err:  # pragma: no cover (Triton 3.6 has it)
+    _NO_GLUON = f"this Triton ({triton.__version__}) has no Gluon: {err}"
+
+BLOCK_M = 128  # two warpgroups of 64 query rows
+NUM_WARPS = 8
+HEAD_DIMS = (64, 128)
+# (key tile, stages): 128-key tiles in 2 stages take 160 KiB of shared memory at D = 128 and 255 registers without
+# spilling (sm_90a, ptxas); 64-key tiles 166 registers, 96 KiB in 2 stages. SHAPES: what the bench times.
+DEFAULT_TILE = (128, 2)
+SHAPES = (DEFAULT_TILE, (64, 2), (64, 3), (128, 3))
+
+
+def build_types(dtype: str, head_dim: int, block_n: int) -> dict[str, str]:
+    """The kernel's non-constexpr argument types for an offline sm_90a build (bench.common.ptxas_info), dtype "bf16"
+    or "fp16": the descriptors' blocks with the shared layouts `forward` gives them."""
+    gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
+    desc = lambda rows: (  # noqa: E731
+        f"tensordesc<{dtype}[{rows}, {head_dim}],{gl.NVMMASharedLayout.get_default_for([rows, head_dim], gdt)!r}>"
+    )
+    types = dict(q_desc=desc(BLOCK_M), k_desc=desc(block_n), v_desc=desc(block_n), O=f"*{dtype}", LSE="*fp32")
+    types.update(CU_SEQ="*i32", CU_BLK="*i32", stride_on="i32", stride_oh="i32", n_tokens="i32", num_seqs="i32")
+    return {**types, "qk_scale": "fp32"}
+
+
+def refused(dtype: torch.dtype, head_dim: int, device: torch.device, *tensors: torch.Tensor) -> str | None:
+    """Why the Gluon forward cannot run on these inputs here, or None."""
+    if _NO_GLUON:
+        return _NO_GLUON
+    if INTERPRET or device.type != "cuda":
+        return "Triton's interpreter does not run Gluon kernels (an sm_90 GPU is needed)"
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return f"warpgroup MMA needs an sm_90 GPU, not sm_{''.join(map(str, torch.cuda.get_device_capability(device)))}"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"it takes bf16 or fp16 inputs, not {dtype}"
+    if head_dim not in HEAD_DIMS:
+        return f"it takes head dims {HEAD_DIMS}, not {head_dim}"
+    return _tma_refused(head_dim, *tensors) if tensors else None
+
+
+def forward(
+    q_rot: torch.Tensor,
+    k_rot: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu: torch.Tensor,
+    softmax_scale: float,
+    block_n: int | None = None,
+    stages: int | None = None,
+) -> None:
+    """out [N, Hq, D] and lse [Hq, N] (base 2) of causal attention within the sequences of cu (int32 [S+1]) over the
+    rotated q [N, Hq, D] and k [N, Hkv, D] (contiguous) and v [N, Hkv, D] (rows of heads side by side)."""
+    n, hq, d = q_rot.shape
+    hkv = k_rot.shape[1]
+    block_n, stages = block_n or DEFAULT_TILE[0], stages or DEFAULT_TILE[1]
+    if block_n not in (64, 128) or not 2 <= stages <= 4:
+        raise ValueError(f"the Gluon forward takes 64- or 128-key tiles in 2 to 4 stages; got {block_n}, {stages}")
+    gdt = gl.bfloat16 if q_rot.dtype == torch.bfloat16 else gl.float16
+    q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, d], gdt)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, d], gdt)
+    rows = lambda x, h, block, layout: GluonDescriptor(  # noqa: E731
+        x, shape=[n, h * d], strides=[x.stride(0), 1], block_shape=[block, d], layout=layout
+    )
+    cu_blk, grid0, n_steps = _block_index(cu, n, BLOCK_M)
+    _fwd_fa3_kernel[(grid0, hq)](
+        rows(q_rot, hq, BLOCK_M, q_layout), rows(k_rot, hkv, block_n, kv_layout), rows(v, hkv, block_n, kv_layout),
+        out, lse, cu, cu_blk, out.stride(0), out.stride(1), n, cu.numel() - 1, softmax_scale * 1.4426950408889634,
+        N_STEPS=n_steps, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages,
+        num_warps=NUM_WARPS,
+    )  # fmt: skip
+
+
+if _NO_GLUON is None:
+
+    @gluon.jit
+    def _refill(desc, bar, smem, tile, tok0, col, ok, BLOCK_N: gl.constexpr):
+        """Bulk-copy key or value tile `tile` of the sequence into smem (where ok), completing on bar."""
+        mbarrier.expect(bar, desc.block_type.nbytes, pred=ok)
+        tma.async_copy_global_to_shared(desc, [tok0 + tile * BLOCK_N, col], bar, smem, pred=ok)
+
+    @gluon.jit
+    def _zero_rows_past(smem, keep, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, CHUNK: gl.constexpr):
+        """Zero the rows >= keep of a [BLOCK_N, HEAD_DIM] shared tile, CHUNK rows at a time through registers."""
+        WARPS: gl.constexpr = gl.num_warps()
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [WARPS, 1], [1, 0])
+        for c in gl.static_range(BLOCK_N // CHUNK):
+            part = smem.slice(c * CHUNK, CHUNK)
+            x = part.load(layout)
+            rows = c * CHUNK + gl.arange(0, CHUNK, layout=gl.SliceLayout(1, layout))
+            part.store(gl.where((rows < keep)[:, None], x, gl.zeros_like(x)))
+
+    @gluon.jit
+    def _fwd_fa3_kernel(
+        q_desc, k_desc, v_desc, O, LSE, CU_SEQ, CU_BLK, stride_on, stride_oh, n_tokens, num_seqs, qk_scale,
+        N_STEPS: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+        BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    ):  # fmt: skip
+        """Grid (query blocks of all sequences (upper bound), Hq); descriptors over [N, H * D] rows: q's with
+        [BLOCK_M, D] blocks, k's and v's [BLOCK_N, D]. O [N, Hq, D]; LSE [Hq, N] fp32, base 2."""
+        pid = gl.program_id(0)
+        h = gl.program_id(1)
+        if pid >= gl.load(CU_BLK + num_seqs):
+            return
+        col = (h // GROUP) * HEAD_DIM
+        tok0, seq_len, blk = _locate_tile(CU_BLK, CU_SEQ, pid, num_seqs, n_tokens, N_STEPS, True)
+        start_m = blk * BLOCK_M
+        hi = gl.minimum(start_m + BLOCK_M, seq_len)  # (the keys this block's queries see: [0, hi))
+        n_tiles = gl.cdiv(hi, BLOCK_N)
+        dtype: gl.constexpr = q_desc.dtype
+        WARPS: gl.constexpr = gl.num_warps()
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_N, 16]
+        )
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, HEAD_DIM, 16]
+        )
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        scol: gl.constexpr = gl.SliceLayout(0, s_layout)
+        orow: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_bar.index(i), count=1)
+            mbarrier.init(v_bar.index(i), count=1)
+
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [tok0 + start_m, h * HEAD_DIM], q_bar, q_smem)
+        for i in gl.static_range(STAGES):
+            _refill(k_desc, k_bar.index(i), k_smem.index(i), i, tok0, col, i < n_tiles, BLOCK_N)
+            _refill(v_desc, v_bar.index(i), v_smem.index(i), i, tok0, col, i < n_tiles, BLOCK_N)
+
+        offs_m = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+        zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+        # key tile 0: its scores and their softmax before the loop; its key stage then takes tile STAGES
+        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(k_bar.index(0), 0)
+        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=[s])
+        gl.thread_barrier()
+        _refill(k_desc, k_bar.index(0), k_smem.index(0), STAGES, tok0, col, STAGES < n_tiles, BLOCK_N)
+        offs_n = gl.arange(0, BLOCK_N, layout=scol)
+        s = gl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+        m_i = gl.max(s, 1) * qk_scale
+        p = gl.exp2(s * qk_scale - m_i[:, None])
+        l_i = gl.sum(p, 1)
+        for j in range(0, n_tiles - 1):
+            # S_{j+1} = q k_{j+1}^T and O += P_j V_j issued together; the softmax of S_{j+1} runs while P_j V_j does
+            kst = (j + 1) % STAGES
+            vst = j % STAGES
+            mbarrier.wait(k_bar.index(kst), ((j + 1) // STAGES) & 1)
+            mbarrier.wait(v_bar.index(vst), (j // STAGES) & 1)
+            s_tok = warpgroup_mma(q_smem, k_smem.index(kst).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            acc_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(vst), acc, is_async=True)
+            s = warpgroup_mma_wait(1, deps=[s_tok])
+            gl.thread_barrier()  # (every warpgroup's S_{j+1} has read its key stage: it takes tile j + 1 + STAGES)
+            nxt = j + 1 + STAGES
+            _refill(k_desc, k_bar.index(kst), k_smem.index(kst), nxt, tok0, col, nxt < n_tiles, BLOCK_N)
+            if (j + 2) * BLOCK_N > start_m:  # a tile that reaches the diagonal
+                offs_n = (j + 1) * BLOCK_N + gl.arange(0, BLOCK_N, layout=scol)
+                s = gl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+            m_ij = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+            p = gl.exp2(s * qk_scale - m_ij[:, None])
+            alpha = gl.exp2(m_i - m_ij)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            m_i = m_ij
+            acc = warpgroup_mma_wait(0, deps=[acc_tok])
+            gl.thread_barrier()  # (every warpgroup's P_j V_j has read its value stage: it takes tile j + STAGES)
+            _refill(v_desc, v_bar.index(vst), v_smem.index(vst), j + STAGES, tok0, col, j + STAGES < n_tiles, BLOCK_N)
+            acc = acc * gl.convert_layout(alpha, orow)[:, None]
+        last = n_tiles - 1
+        vst = last % STAGES
+        mbarrier.wait(v_bar.index(vst), (last // STAGES) & 1)
+        if hi - last * BLOCK_N < BLOCK_N:  # the tile runs past the sequence: a neighbour's values (inf, NaN) out
+            _zero_rows_past(v_smem.index(vst), hi - last * BLOCK_N, BLOCK_N, HEAD_DIM, 32)
+            fence_async_shared()
+            gl.thread_barrier()
+        acc_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(vst), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=[acc_tok])
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(k_bar.index(i))
+            mbarrier.invalidate(v_bar.index(i))
+        mbarrier.invalidate(q_bar)
+
+        acc = acc / gl.convert_layout(l_i, orow)[:, None]
+        rows = start_m + gl.arange(0, BLOCK_M, layout=orow)
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        ptrs = O + h * stride_oh + (tok0 + rows).to(gl.int64)[:, None] * stride_on + cols[None, :]
+        gl.store(ptrs, acc.to(dtype), mask=(rows < seq_len)[:, None])
+        gl.store(LSE + h * n_tokens + tok0 + offs_m, m_i + gl.log2(l_i), mask=offs_m < seq_len)
