@@ -5,7 +5,7 @@ keeps), and the floor (reading the logits once at --bandwidth, measured on the d
 top-p (--top-p): ours (the floor by a radix select, then the one pass) against transformers' warpers (torch.topk;
 torch.sort, softmax, cumsum, scatter), and the floors alone, also over one TP rank's half of the vocabulary.
 
-    python bench/bench_sampling.py                     # batch 64 and 256 x vocab 32000, bf16 logits, on CUDA
+    python bench/bench_sampling.py                     # batch 1, 64 and 256 x vocab 32000, bf16 logits, on CUDA
     python bench/bench_sampling.py --batch 1 64 256 --vocab 32000 --json sampling.json
 
 Every tensor-parallel rank samples the full vocabulary at every decode step, so at batch 256 the eager
@@ -76,7 +76,7 @@ def sorted_top_p_floor(logits, top_p, temperature):
 def _print_rows(rows: list[dict]) -> None:
     for r in rows:
         tail = r["error"] if "error" in r else f"{r['ms']:>9.4f} {r['extra_mib']:>9.1f}"
-        print(f"{r['batch']:>6} {r['vocab']:>7} {r['impl']:<34} {tail}", flush=True)
+        print(f"{r['batch']:>6} {r['vocab']:>7} {r['impl']:<40} {tail}", flush=True)
 
 
 def _check_top_p(logits, seeds, counters, args, dtype, b: int) -> None:
@@ -104,7 +104,7 @@ def _check_top_p(logits, seeds, counters, args, dtype, b: int) -> None:
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64, 256])
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--top-k", type=int, default=50, help="also time top-k sampling (the recipe's rollouts; 0: not)")
@@ -116,6 +116,9 @@ def main(argv=None) -> list[dict]:
     dtype = getattr(torch, args.dtype)
     impls = {
         "ours (one pass)": gumbel_sample,
+        # a small batch's rows split into parts over the SMs (kernels.sampling.row_parts; batch 1: 16), against one
+        # program a row (what ran until 2026-12-05: batch 1 streamed its row on one SM)
+        "  ours, one program a row": lambda x, s, c, t: gumbel_sample(x, s, c, t, parts=1),
         "eager (reference)": reference.gumbel_sample,
         "HF: softmax + multinomial": hf_sample,  # what transformers' generate does per step (token and its log-prob)
     }
@@ -127,6 +130,7 @@ def main(argv=None) -> list[dict]:
         impls[f"HF top-{k}"] = lambda x, s, c, t: hf_sample(x, s, c, t, k)
         # the floor alone: ours (radix select) against what engine/sampler.py ran before it (torch.topk's k-th value)
         impls[f"top-{k} floor: ours"] = lambda x, s, c, t: kth_largest(x, k)
+        impls[f"  top-{k} floor: ours, one program a row"] = lambda x, s, c, t: kth_largest(x, k, parts=1)
         impls[f"top-{k} floor: torch.topk"] = lambda x, s, c, t: torch.topk(x, k, dim=-1).values[:, -1]
         # under TP 2, a rank's half of the vocabulary: our five pass launches (kernels.sampling.kth_largest_sharded;
         # its four all-reduces of B x 256 int32 not counted) against what the reference path does (the shard's top k,
@@ -171,7 +175,7 @@ def main(argv=None) -> list[dict]:
             # the TP floor, two ranks' shards simulated as rows (rank r's of row i: row r * b + i)
             even = logits[:, : args.vocab // 2 * 2]
             shards = even.reshape(b, 2, -1).transpose(0, 1).reshape(2 * b, -1)
-            summed = lambda hist, b=b: hist.copy_(hist.view(2, b, 256).sum(0).repeat(2, 1))  # noqa: E731
+            summed = lambda hist, b=b: hist.copy_(hist.reshape(2, b, -1).sum(0).repeat(2, 1).view_as(hist))  # noqa: E731
             tp_floor = kth_largest_sharded(shards, args.top_k, summed).view(2, b)
             tp_err = (tp_floor - torch.topk(even, args.top_k, dim=-1).values[:, -1].float()).abs().max().item()
             check_close(f"top-{args.top_k} floor over TP 2 shards batch {b} (not torch.topk's)", tp_err, dtype, 0.0)
@@ -190,12 +194,12 @@ def main(argv=None) -> list[dict]:
         rows.append(dict(batch=b, vocab=args.vocab, impl=f"floor ({args.bandwidth} TB/s)", ms=floor, extra_mib=0.0))
     name = device_name(device)
     print(f"device: {name}, torch {torch.__version__}, {args.dtype} logits, temperature {args.temperature}")
-    print(f"{'batch':>6} {'vocab':>7} {'impl':<34} {'ms':>9} {'+MiB':>9}")
+    print(f"{'batch':>6} {'vocab':>7} {'impl':<40} {'ms':>9} {'+MiB':>9}")
     _print_rows(rows)
     save_json(args.json, rows, args, device)
     failed = [
-        f"batch {r['batch']} {r['impl']}: {r['error']}" for r in rows if "error" in r and r["impl"].startswith("ours")
-    ]
+        f"batch {r['batch']} {r['impl']}: {r['error']}" for r in rows if "error" in r and "ours" in r["impl"]
+    ]  # (ours' rows, the floors' and the variants' among them, each name "ours")
     exit_if_ours_failed("bench_sampling", failed)
     return rows
 

@@ -193,7 +193,8 @@ if [[ "$names" == *" linear "* ]]; then  # the decode step's projections through
     tests/kernels/test_decode_linear.py tests/kernels/test_sampling.py tests/kernels/test_paged_attention.py \
     tests/kernels/test_rotary.py
   bench linear 90 "$PY" bench/bench_decode_linear.py  # ours against cuBLAS, each 13B projection at batch 1, 8, 64
-  bench sampling 45 "$PY" bench/bench_sampling.py --no-compile  # top-50 / top-p floors: ours against torch (~12 cold compiles)
+  # (batch 1, 64 and 256: the top-50 and top-p floors against torch, rows in parts against one program a row)
+  bench sampling 60 "$PY" bench/bench_sampling.py --no-compile
   bench rollout_b64_linear 150 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 64 \
     --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"linear": 1}' \
     --profile "$(mktemp -d)/rollout_b64_trace.json"
@@ -236,7 +237,8 @@ if [[ "$names" == *" next "* ]]; then  # the next lease's first call: what decid
   bench rollout_b1_pdl 60 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 1 \
     --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"pdl": 1}'  # the default path's kernels by PDL
   bench linear 60 "$PY" bench/bench_decode_linear.py  # ours against cuBLAS, each 13B projection at batch 1, 8, 64
-  bench sampling 45 "$PY" bench/bench_sampling.py --no-compile  # top-50 / top-p floors: ours against torch (~12 cold compiles)
+  # (batch 1, 64 and 256: the top-50 and top-p floors against torch, rows in parts against one program a row)
+  bench sampling 60 "$PY" bench/bench_sampling.py --no-compile
   # rope_attention.GLUON_FWD's forward against float64 (poisoned outputs, non-finite neighbours, its backward)
   step gluon_tests 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py -k gluon
   bench linear_sweep 100 "$PY" bench/bench_decode_linear.py --rows 64 1 --sweep --budget-s 80

@@ -20,6 +20,13 @@ Top-k and top-p restrict the draw to the logits at or above a floor, which gumbe
 first without sorting: kth_largest (top-k's: the k-th largest logit) and top_p_floor (top-p's: where the mass counted
 from the largest logit down reaches top_p), each a radix select on the logits' order keys, and their forms over TP's
 vocabulary shards (the passes' histograms summed by all-reduces).
+
+A small batch's rows are split into parts (row_parts: the largest power of two with the batch's parts at most the
+SMs, whole blocks each; batch 1 over 32000 logits on an H100 or H200: 16): one program a row leaves all but B SMs
+idle, and the draw (0.059 ms for one row's program on an H200) and top-k's two passes would stream batch 1's row on
+one SM. The draw's parts then meet in one more launch (_combine_kernel: the first part holding the best score, the
+parts' logsumexps in float64), so the tokens are whole rows' exactly; top-k's select runs one launch a pass over the
+parts (the next pass sums their histograms), exactly as whole rows. Top-p's floor keeps one program a row.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import triton.language as tl
 
 from kernels import reference
 from kernels.decode_config import pdl_args
-from kernels.dispatch import INTERPRET, loop_bound, pdl_prologue, use_triton
+from kernels.dispatch import INTERPRET, loop_bound, pdl_prologue, sm_count, use_triton
 
 _BLOCK_V = 1024 if INTERPRET else 2048
 
@@ -55,27 +62,33 @@ def _uniform(bits):
 
 @triton.jit
 def _gumbel_sample_kernel(
-    LOGITS, SEEDS, COUNTERS, MIN_LOGIT, TOKENS, LOGPROBS, vocab, vocab_offset, stride_row, temperature,
+    LOGITS, SEEDS, COUNTERS, MIN_LOGIT, TOKENS, LOGPROBS, vocab, vocab_offset, stride_row, temperature, chunk_v,
     GREEDY: tl.constexpr, PARTIAL: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr,
+    CHUNKS: tl.constexpr = 1,
 ):  # fmt: skip
-    """One row: stream the logits in blocks; running (best score, its index, its logit) and logsumexp. PARTIAL:
-    LOGPROBS is [B, 3] (best score, its logit, logsumexp) and the token id is offset by vocab_offset. HAS_MIN: a
-    logit below the row's MIN_LOGIT is never drawn (it still counts in the logsumexp). PDL: programmatic dependent
-    launch (dispatch.pdl_prologue)."""
+    """One row (CHUNKS > 1: one of a row's CHUNKS parts of chunk_v logits, program row * CHUNKS + part): stream the
+    logits in blocks; running (best score, its index, its logit) and logsumexp. PARTIAL: LOGPROBS is [programs, 3]
+    (best score, its logit, logsumexp) and the token id is offset by vocab_offset (_combine_kernel, or the ranks of
+    a TP group, combine the parts). HAS_MIN: a logit below the row's MIN_LOGIT is never drawn (it still counts in the
+    logsumexp). PDL: programmatic dependent launch (dispatch.pdl_prologue)."""
     pdl_prologue(PDL)
-    row = tl.program_id(0)
+    pid = tl.program_id(0)
+    row = pid // CHUNKS
+    lo = (pid % CHUNKS) * chunk_v  # (the part's logits: [lo, hi))
+    hi = tl.minimum(vocab, lo + chunk_v)
     base = LOGITS + row.to(tl.int64) * stride_row
     seed = tl.load(SEEDS + row).to(tl.uint32)  # the low 32 bits, as the reference's & 0xFFFFFFFF
     counter = tl.load(COUNTERS + row).to(tl.uint32)
     row_key = _mix32(_mix32(seed) ^ _mix32(counter ^ 0x5BD1E995))  # (see reference.uniform_noise)
     best = tl.full([], -float("inf"), tl.float32)
-    best_idx = tl.full([], 0, tl.int32)
-    best_logit = tl.load(base).to(tl.float32)  # token 0's: what a row with nothing drawable returns (as argmax)
+    best_idx = lo
+    # the part's first logit: what a part with nothing drawable returns (as argmax; an empty part's is -inf)
+    best_logit = tl.load(base + lo, mask=lo < hi, other=-float("inf")).to(tl.float32)
     m = tl.full([], -float("inf"), tl.float32)
     s = tl.full([], 0.0, tl.float32)
-    for v0 in range(0, loop_bound(vocab), BLOCK_V):
+    for v0 in range(loop_bound(lo), loop_bound(hi), BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
-        ok = offs < vocab
+        ok = offs < hi
         x = tl.load(base + offs, mask=ok, other=-float("inf")).to(tl.float32)
         if GREEDY:
             score = x
@@ -97,13 +110,40 @@ def _gumbel_sample_kernel(
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # (every logit so far -inf: exp(-inf - -inf) is NaN)
         s = s * tl.exp(m - m_safe) + tl.sum(tl.where(ok, tl.exp(x - m_safe), 0.0), axis=0)
         m = m_new
-    tl.store(TOKENS + row, best_idx.to(tl.int64) + vocab_offset)
+    tl.store(TOKENS + pid, best_idx.to(tl.int64) + vocab_offset)
     if PARTIAL:  # (LOGPROBS is float64: m + log s in fp32 would round at ulp(m), 1e-3 for logits of 1e4)
-        tl.store(LOGPROBS + row * 3, best.to(tl.float64))
-        tl.store(LOGPROBS + row * 3 + 1, best_logit.to(tl.float64))
-        tl.store(LOGPROBS + row * 3 + 2, m.to(tl.float64) + tl.log(s).to(tl.float64))
+        tl.store(LOGPROBS + pid * 3, best.to(tl.float64))
+        tl.store(LOGPROBS + pid * 3 + 1, best_logit.to(tl.float64))
+        tl.store(LOGPROBS + pid * 3 + 2, m.to(tl.float64) + tl.log(s).to(tl.float64))
     else:
-        tl.store(LOGPROBS + row, (best_logit - m) - tl.log(s))  # (not - (m + log s): it rounds at ulp(m))
+        tl.store(LOGPROBS + pid, (best_logit - m) - tl.log(s))  # (not - (m + log s): it rounds at ulp(m))
+
+
+@triton.jit
+def _combine_kernel(TOKENS_IN, STATS_IN, TOKENS, OUT, CHUNKS: tl.constexpr, PARTS: tl.constexpr, PARTIAL: tl.constexpr):
+    """Program b: row b's CHUNKS parts (TOKENS_IN [B * CHUNKS], STATS_IN [B * CHUNKS, 3] float64, in vocabulary
+    order; PARTS: CHUNKS to a power of two) into its token (the first part holding the best score, as the row's first
+    maximum) and, PARTIAL, OUT [B, 3] the row's (best score, its logit, logsumexp), else OUT [B] fp32 its log-prob:
+    combine_partial_samples' arithmetic, in float64."""
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.arange(0, PARTS)
+    ok = part < CHUNKS
+    at = row * CHUNKS + part
+    score = tl.load(STATS_IN + at * 3, mask=ok, other=-float("inf"))
+    first = tl.argmax(score, axis=0)  # (the first maximum)
+    pick = part == first
+    logit = tl.sum(tl.where(pick, tl.load(STATS_IN + at * 3 + 1, mask=ok, other=0.0), 0.0), axis=0)
+    lse_part = tl.load(STATS_IN + at * 3 + 2, mask=ok, other=-float("inf"))
+    m = tl.max(lse_part, axis=0)
+    m_safe = tl.where(m == -float("inf"), 0.0, m)
+    lse = m_safe + tl.log(tl.sum(tl.exp(lse_part - m_safe), axis=0))
+    tl.store(TOKENS + row, tl.sum(tl.where(pick, tl.load(TOKENS_IN + at, mask=ok, other=0), 0), axis=0))
+    if PARTIAL:
+        tl.store(OUT + row * 3, tl.max(score, axis=0))
+        tl.store(OUT + row * 3 + 1, logit)
+        tl.store(OUT + row * 3 + 2, lse)
+    else:
+        tl.store(OUT + row, (logit - lse).to(tl.float32))
 
 
 def gumbel_sample(
@@ -112,14 +152,18 @@ def gumbel_sample(
     counters: torch.Tensor,
     temperature: float,
     min_logit: torch.Tensor | None = None,
+    *,
+    parts: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V] (fp32/bf16/fp16), seeds and counters [B] int64 -> tokens [B] int64, log-probs [B] fp32.
     min_logit [B] (optional): only a logit >= its row's may be drawn (top-k sampling: the k-th largest logit,
-    engine/sampler.py), in the same single pass; the log-prob stays under the whole row."""
+    engine/sampler.py), in the same single pass; the log-prob stays under the whole row. At a small batch each row
+    is split into parts (row_parts; parts: an explicit count) whose best tokens one more launch combines: the same
+    tokens, the log-probs within float rounding."""
     _check(logits, seeds, counters, temperature, min_logit)
     if not use_triton(logits):
         return reference.gumbel_sample(logits, seeds, counters, temperature, min_logit)
-    return _launch(logits, seeds, counters, temperature, 0, min_logit, partial=False)
+    return _launch(logits, seeds, counters, temperature, 0, min_logit, partial=False, parts=parts)
 
 
 def gumbel_sample_partial(
@@ -129,15 +173,17 @@ def gumbel_sample_partial(
     temperature: float,
     vocab_offset: int,
     min_logit: torch.Tensor | None = None,
+    *,
+    parts: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V_shard] of vocabulary ids vocab_offset + [0, V_shard) -> (the shard's best token, a global id
     [B] int64; stats [B, 3] float64: its score, its logit (both fp32 values), the shard's logsumexp of the raw logits,
     in float64 so that it does not round at ulp(max)). A shard with no logit >= min_logit has a best score of -inf
-    (another shard's token wins)."""
+    (another shard's token wins). parts: as gumbel_sample's (the shard's parts combined into the shard's stats)."""
     _check(logits, seeds, counters, temperature, min_logit)
     if not use_triton(logits):
         return reference.gumbel_sample_partial(logits, seeds, counters, temperature, vocab_offset, min_logit)
-    return _launch(logits, seeds, counters, temperature, vocab_offset, min_logit, partial=True)
+    return _launch(logits, seeds, counters, temperature, vocab_offset, min_logit, partial=True, parts=parts)
 
 
 def combine_partial_samples(tokens: torch.Tensor, stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,21 +212,47 @@ def _check(logits, seeds, counters, temperature, min_logit=None) -> None:
         raise ValueError(f"seeds and counters must be integer tensors, got {seeds.dtype} and {counters.dtype}")
 
 
-def _launch(logits, seeds, counters, temperature, vocab_offset, min_logit=None, *, partial):
+def row_parts(b: int, v: int, device: torch.device, parts: int | None = None) -> tuple[int, int]:
+    """(parts a row is split into, logits a part) for a pass over B x V logits: one program a row leaves most SMs idle
+    at a small batch (batch 1: one SM streams the whole row), so a row is split into the largest power of two of
+    parts, each at least one block, with B x parts at most the GPU's SMs (dispatch.sm_count: 4 off a GPU); at 132
+    rows or more, one program a row. parts: an explicit count (tests, benches), at most the row's blocks."""
+    blocks = triton.cdiv(v, _BLOCK_V)
+    if parts is None:
+        parts, sms = 1, sm_count(device)
+        while 2 * parts <= blocks and b * 2 * parts <= sms and parts < 64:
+            parts *= 2
+    parts = max(1, min(parts, blocks))
+    per = triton.cdiv(blocks, parts) * _BLOCK_V
+    return triton.cdiv(v, per), per  # (whole blocks a part; so no part is empty)
+
+
+def _launch(logits, seeds, counters, temperature, vocab_offset, min_logit=None, *, partial, parts=None):
     b, v = logits.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     tokens = torch.empty(b, dtype=torch.int64, device=logits.device)
     out = torch.empty((b, 3) if partial else (b,), dtype=torch.float64 if partial else torch.float32,
                       device=logits.device)  # fmt: skip
+    if not b:
+        return tokens, out
     has_min = min_logit is not None and temperature > 0  # (greedy draws the row's largest logit anyway)
     floor = min_logit.float().contiguous() if has_min else out  # (a placeholder pointer, never read)
-    if b:
-        _gumbel_sample_kernel[(b,)](
-            logits, seeds.contiguous(), counters.contiguous(), floor, tokens, out, v, vocab_offset, logits.stride(0),
-            float(temperature) if temperature > 0 else 1.0, GREEDY=temperature == 0, PARTIAL=partial,
-            HAS_MIN=has_min, BLOCK_V=_BLOCK_V, num_warps=8, **pdl_args(logits.device),
-        )  # fmt: skip
+    parts, per = row_parts(b, v, logits.device, parts)
+    # (a row in parts: each part's best token and (score, logit, logsumexp), then one program a row combines them)
+    part_tokens, part_out = tokens, out
+    if parts > 1:
+        part_tokens = torch.empty(b * parts, dtype=torch.int64, device=logits.device)
+        part_out = torch.empty(b * parts, 3, dtype=torch.float64, device=logits.device)
+    _gumbel_sample_kernel[(b * parts,)](
+        logits, seeds.contiguous(), counters.contiguous(), floor, part_tokens, part_out, v, vocab_offset,
+        logits.stride(0), float(temperature) if temperature > 0 else 1.0, per, GREEDY=temperature == 0,
+        PARTIAL=partial or parts > 1, HAS_MIN=has_min, BLOCK_V=_BLOCK_V, CHUNKS=parts, num_warps=8,
+        **pdl_args(logits.device),
+    )  # fmt: skip
+    if parts > 1:
+        _combine_kernel[(b,)](part_tokens, part_out, tokens, out, CHUNKS=parts, PARTS=triton.next_power_of_2(parts),
+                              PARTIAL=partial, num_warps=1)  # fmt: skip
     return tokens, out
 
 
@@ -262,31 +334,46 @@ def _kth_largest_kernel(
 
 @triton.jit
 def _kth_largest_pass_kernel(
-    LOGITS, HIST, STATE, OUT, vocab, stride_row, P: tl.constexpr, BLOCK_V: tl.constexpr, PASSES: tl.constexpr
-):
-    """Radix select over vocabulary shards, one pass a launch (kth_largest_sharded), program b a row: from P = 1,
-    choose pass P - 1's digit from HIST[b] [256] (summed over the shards between the launches) and the state
-    STATE[b] = (the digits chosen so far, the rank still sought); then P < PASSES: HIST[b] = this shard's histogram
-    of pass P; P = PASSES: OUT[b] = the value the digits spell."""
-    row = tl.program_id(0).to(tl.int64)
+    LOGITS, HIST, STATE, OUT, vocab, stride_row, n_rows, chunk_v, P: tl.constexpr, BLOCK_V: tl.constexpr,
+    PASSES: tl.constexpr, CHUNKS: tl.constexpr = 1, PARTS: tl.constexpr = 1,
+):  # fmt: skip
+    """Radix select one pass a launch, program row * CHUNKS + part (a row's CHUNKS parts of chunk_v logits: a small
+    batch's rows split over the SMs; PARTS: CHUNKS to a power of two): from P = 1, choose pass P - 1's digit from the
+    sum of the row's parts' histograms HIST[(P - 1) % 2, row] [CHUNKS, 256] (summed over the shards of a TP group
+    between the launches, kth_largest_sharded) and the state STATE[P - 1, row] = (the digits chosen so far, the rank
+    still sought), part 0 storing the new state in STATE[P, row]; then P < PASSES: HIST[P % 2, row, part] = the
+    part's histogram of pass P; P = PASSES: OUT[row] = the value the digits spell. (Each pass reads one plane and
+    writes the other: no program of a launch overwrites what another of it still reads.)"""
+    pid = tl.program_id(0)
+    row = (pid // CHUNKS).to(tl.int64)
+    part = pid % CHUNKS
+    lo = part * chunk_v
     bins = tl.arange(0, 256)
-    prefix = tl.load(STATE + row * 2).to(tl.uint32, bitcast=True)
-    need = tl.load(STATE + row * 2 + 1)
+    state = STATE + (tl.maximum(P - 1, 0) * n_rows + row) * 2
+    prefix = tl.load(state).to(tl.uint32, bitcast=True)
+    need = tl.load(state + 1)
     if P > 0:
-        prefix, need = _choose_digit(tl.load(HIST + row * 256 + bins), need, prefix, P - 1)
+        parts = tl.arange(0, PARTS)
+        plane = HIST + (((P - 1) % 2) * n_rows + row) * CHUNKS * 256
+        hist = tl.load(plane + parts[:, None] * 256 + bins[None, :], mask=(parts < CHUNKS)[:, None], other=0)
+        prefix, need = _choose_digit(tl.sum(hist, axis=0), need, prefix, P - 1)
+        if part == 0:
+            tl.store(STATE + (P * n_rows + row) * 2, prefix.to(tl.int32, bitcast=True))
+            tl.store(STATE + (P * n_rows + row) * 2 + 1, need)
     if P < PASSES:
-        tl.store(STATE + row * 2, prefix.to(tl.int32, bitcast=True))
-        tl.store(STATE + row * 2 + 1, need)
-        tl.store(HIST + row * 256 + bins, _digit_histogram(LOGITS + row * stride_row, vocab, prefix, P, BLOCK_V))
-    else:
+        hist = _digit_histogram(LOGITS + row * stride_row + lo, tl.minimum(vocab - lo, chunk_v), prefix, P, BLOCK_V)
+        tl.store(HIST + ((P % 2) * n_rows + row) * CHUNKS * 256 + part * 256 + bins, hist)
+    elif part == 0:
         tl.store(OUT + row, _key_value(prefix, 32 - 8 * PASSES))
 
 
-def kth_largest(logits: torch.Tensor, k: int) -> torch.Tensor:
+def kth_largest(logits: torch.Tensor, k: int, *, parts: int | None = None) -> torch.Tensor:
     """logits [B, V] (fp32/bf16/fp16) -> [B] fp32: each row's k-th largest value (1 <= k <= V), exactly
     torch.topk(logits, k).values[:, -1] (ties counted as torch counts them), without sorting: top-k sampling's floor
     (engine/sampler.py), in one launch where torch.topk took ~6x the sampling kernel itself on an H200 (batch 64:
-    0.372 against 0.059 ms; bench/RESULTS.md)."""
+    0.372 against 0.059 ms; bench/RESULTS.md). At a small batch (row_parts; parts: an explicit count) each row is
+    split into parts, one launch a pass (the parts' histograms summed by the next), so that a batch of one does not
+    stream its row on one SM."""
     if logits.dim() != 2 or logits.shape[1] == 0:
         raise ValueError(f"kth_largest needs logits [B, V] with V >= 1, got {tuple(logits.shape)}")
     if not 1 <= k <= logits.shape[1]:
@@ -295,6 +382,8 @@ def kth_largest(logits: torch.Tensor, k: int) -> torch.Tensor:
         return torch.topk(logits, k, dim=-1).values[:, -1].float()
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
+    if row_parts(*logits.shape, logits.device, parts)[0] > 1:
+        return _kth_by_passes(logits, k, None, parts)
     out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     if logits.shape[0]:
         _kth_largest_kernel[(logits.shape[0],)](logits, out, k, logits.shape[1], logits.stride(0), BLOCK_V=_BLOCK_V,
@@ -303,13 +392,13 @@ def kth_largest(logits: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
-def kth_largest_sharded(logits: torch.Tensor, k: int, all_reduce) -> torch.Tensor:
+def kth_largest_sharded(logits: torch.Tensor, k: int, all_reduce, *, parts: int | None = None) -> torch.Tensor:
     """The k-th largest value of each whole row [B] fp32 when each rank holds a vocabulary shard [B, V / tp] of it
     (tensor parallelism; -inf padding counts as any logit), exactly as torch.topk of the gathered rows: kth_largest's
     radix select with each pass's 256-bin histograms summed over the shards by all_reduce (an in-place sum over the
-    ranks, e.g. torch.distributed.all_reduce on the TP group): four sums of B x 256 int32 (two for bf16 logits)
-    instead of each rank's top k by torch.topk and a gather. Every rank gets the same floor. 1 <= k <= V (the whole
-    rows' width)."""
+    ranks, e.g. torch.distributed.all_reduce on the TP group): four sums of B x 256 int32 a shard's part (two for
+    bf16 logits) instead of each rank's top k by torch.topk and a gather. Every rank gets the same floor. 1 <= k <= V
+    (the whole rows' width). parts: as kth_largest's (the same on every rank: the shards' shapes are equal)."""
     if logits.dim() != 2 or logits.shape[1] == 0:
         raise ValueError(f"kth_largest_sharded needs logits [B, V / tp] with V / tp >= 1, got {tuple(logits.shape)}")
     if k < 1:
@@ -318,18 +407,27 @@ def kth_largest_sharded(logits: torch.Tensor, k: int, all_reduce) -> torch.Tenso
         return reference.kth_largest_sharded(logits, k, all_reduce)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    b = logits.shape[0]
-    hist = torch.empty(b, 256, dtype=torch.int32, device=logits.device)
-    state = torch.zeros(b, 2, dtype=torch.int32, device=logits.device)
-    state[:, 1] = k  # (no digit chosen, the k-th sought)
-    out = torch.empty(b, dtype=torch.float32, device=logits.device)
+    return _kth_by_passes(logits, k, all_reduce, parts)
+
+
+def _kth_by_passes(logits: torch.Tensor, k: int, all_reduce, parts: int | None) -> torch.Tensor:
+    """The radix select one pass a launch (_kth_largest_pass_kernel) over each row's parts, each pass's histograms
+    summed by all_reduce over a TP group's shards between the launches (None: one rank's whole rows)."""
+    b, v = logits.shape
+    parts, per = row_parts(b, v, logits.device, parts)
     passes = _passes(logits.dtype, 8)
+    hist = torch.empty(2, b, parts, 256, dtype=torch.int32, device=logits.device)
+    state = torch.empty(passes + 1, b, 2, dtype=torch.int32, device=logits.device)
+    state[0, :, 0], state[0, :, 1] = 0, k  # (no digit chosen, the k-th sought)
+    out = torch.empty(b, dtype=torch.float32, device=logits.device)
     for p in range(passes + 1):
         if b:
-            _kth_largest_pass_kernel[(b,)](logits, hist, state, out, logits.shape[1], logits.stride(0), P=p,
-                                           BLOCK_V=_BLOCK_V, PASSES=passes, num_warps=8)  # fmt: skip
-        if p < passes:
-            all_reduce(hist)
+            _kth_largest_pass_kernel[(b * parts,)](
+                logits, hist, state, out, v, logits.stride(0), b, per, P=p, BLOCK_V=_BLOCK_V, PASSES=passes,
+                CHUNKS=parts, PARTS=triton.next_power_of_2(parts), num_warps=8,
+            )  # fmt: skip
+        if p < passes and all_reduce is not None:
+            all_reduce(hist[p % 2])
     return out
 
 

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import dispatch, reference
+from kernels import dispatch, reference, sampling
 from kernels.sampling import _uniform, combine_partial_samples, gumbel_sample, gumbel_sample_partial
 
 
@@ -354,7 +354,7 @@ def test_kth_largest_is_topks_last_value(dtype, v, k):
 
 @pytest.mark.parametrize("path", ["triton", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tp,shard,k", [(2, 500, 50), (4, 256, 1), (3, 101, 303), (2, 1500, 2999)])
+@pytest.mark.parametrize("tp,shard,k", [(2, 500, 50), (4, 256, 1), (3, 101, 303), (2, 1500, 2999), (2, 3000, 100)])
 def test_kth_largest_over_vocabulary_shards_is_topks_last_value(dtype, tp, shard, k, path):
     """kernels.sampling.kth_largest_sharded (tensor parallelism's top-k floor: each pass's histograms summed over the
     ranks' shards) and its torch oracle against torch.topk of the whole rows, exactly. The tp ranks are simulated in
@@ -373,15 +373,75 @@ def test_kth_largest_over_vocabulary_shards_is_topks_last_value(dtype, tp, shard
     calls = []
 
     def all_reduce(hist):  # (in place, as torch.distributed.all_reduce: every rank's copy the sum)
-        calls.append(hist.shape)
-        hist.copy_(hist.view(tp, b, 256).sum(0).repeat(tp, 1))
+        calls.append(tuple(hist.shape))
+        hist.copy_(hist.reshape(tp, b, -1).sum(0).repeat(tp, 1).view_as(hist))
 
-    with dispatch.reference_ops() if path == "reference" else contextlib.nullcontext():
-        got = kth_largest_sharded(shards, k, all_reduce)
     want = torch.topk(rows, k, dim=-1).values[:, -1].float()
     passes = 2 if dtype == torch.bfloat16 and path == "triton" else 4  # (bf16's low 16 key bits: all alike)
-    assert got.dtype == torch.float32 and calls == [(tp * b, 256)] * passes
-    assert torch.equal(got.view(tp, b), want.repeat(tp, 1))  # (every rank the same floor)
+    # (the kernels: each rank's shard rows in 1 part, or split in 2 or 3 as a small batch's are: a pass's histograms
+    # [rows, parts, 256], summed over the ranks part by part, then over the parts by the next pass)
+    for parts in (None, 2, 3) if path == "triton" else (None,):
+        calls.clear()
+        with dispatch.reference_ops() if path == "reference" else contextlib.nullcontext():
+            got = kth_largest_sharded(shards, k, all_reduce, **({"parts": parts} if parts else {}))
+        n_parts = min(parts or 1, -(-shard // sampling._BLOCK_V))
+        shape = (tp * b, n_parts, 256) if path == "triton" else (tp * b, 256)
+        assert got.dtype == torch.float32 and calls == [shape] * passes, (parts, calls)
+        assert torch.equal(got.view(tp, b), want.repeat(tp, 1))  # (every rank the same floor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,v", [(1, 5000), (3, 4097), (2, 2049)])
+def test_rows_in_parts_draw_and_select_as_whole_rows(dtype, b, v):
+    """A small batch's rows split into parts (kernels.sampling.row_parts: batch 1 would stream its row on one SM):
+    the draw's parts combined by one more launch give the very tokens of whole rows (and of the float64 oracle), the
+    log-probs within float rounding, a TP rank's partial (token, stats) likewise; top-k's floor by one launch a pass
+    over the parts is exactly torch.topk's. Parts of whole blocks, the last one short, up to the row's block count;
+    a tie at the top across parts (the first wins), a row whose top k lies in one part, -inf runs, greedy, a floor."""
+    torch.manual_seed(b * v)
+    x = (torch.randn(b, v) * 3).to(dtype)
+    x[0, [5, v - 3]] = 40.0  # (a tie of the two largest, in the first and the last part: the first wins)
+    x[-1, -700:] = float("-inf")
+    seeds, counters = torch.randint(0, 2**40, (b,)), torch.randint(0, 1000, (b,))
+    floor = torch.topk(x.float(), 30).values[:, -1]
+    blocks = -(-v // sampling._BLOCK_V)
+    for temperature, min_logit in ((0.7, None), (0.0, None), (1.3, floor)):
+        whole, whole_lp = gumbel_sample(x, seeds, counters, temperature, min_logit, parts=1)
+        ref, _ = reference.gumbel_sample(x, seeds, counters, temperature, min_logit)
+        assert torch.equal(whole, ref)
+        shard_tok, shard_stats = gumbel_sample_partial(x, seeds, counters, temperature, 7000, min_logit, parts=1)
+        for parts in range(2, blocks + 2):
+            n, per = sampling.row_parts(b, v, x.device, parts)  # (at most the asked, whole blocks, none empty)
+            assert n <= min(parts, blocks) and (n - 1) * per < v <= n * per and per % sampling._BLOCK_V == 0
+            tok, lp = gumbel_sample(x, seeds, counters, temperature, min_logit, parts=parts)
+            assert torch.equal(tok, whole), (parts, tok, whole)
+            torch.testing.assert_close(lp, whole_lp, rtol=1e-6, atol=1e-5)
+            tok, stats = gumbel_sample_partial(x, seeds, counters, temperature, 7000, min_logit, parts=parts)
+            assert torch.equal(tok, shard_tok) and torch.equal(stats[:, :2], shard_stats[:, :2]), parts
+            torch.testing.assert_close(stats[:, 2], shard_stats[:, 2], rtol=1e-9, atol=1e-6)
+    for k in (1, 50, v):
+        want = torch.topk(x.float(), k, dim=-1).values[:, -1]
+        for parts in (None, 2, 3, blocks + 1):
+            assert torch.equal(sampling.kth_largest(x, k, parts=parts), want), (k, parts)
+
+
+def test_row_parts_fill_the_sms_of_a_small_batch(monkeypatch):
+    """How many parts a row is split into on a GPU of 132 SMs (blocks of 2048 logits there): batch 1 over 32000
+    logits in 16 (its blocks), batch 8 in 16, batch 64 and 66 in 2, 67 or more in 1; never past the row's blocks or
+    64, every part non-empty; off a GPU the stand-in count of 4 SMs."""
+    monkeypatch.setattr(sampling, "sm_count", lambda device: 132)
+    monkeypatch.setattr(sampling, "_BLOCK_V", 2048)
+    cuda = torch.device("cuda")
+    got = {b: sampling.row_parts(b, 32000, cuda) for b in (1, 8, 16, 64, 66, 67, 200)}
+    assert got == {1: (16, 2048), 8: (16, 2048), 16: (8, 4096), 64: (2, 16384), 66: (2, 16384), 67: (1, 32768),
+                   200: (1, 32768)}  # fmt: skip
+    assert sampling.row_parts(1, 2048 * 100, cuda) == (50, 2048 * 2)  # (at most 64 asked: 100 blocks, 2 a part)
+    assert sampling.row_parts(1, 300, cuda) == (1, 2048) and sampling.row_parts(1, 5000, cuda, 3) == (3, 2048)
+    for v in range(1, 20000, 997):
+        parts, per = sampling.row_parts(1, v, cuda)
+        assert per % 2048 == 0 and (parts - 1) * per < v <= parts * per, (v, parts, per)
+    monkeypatch.undo()
+    assert sampling.row_parts(1, 32000, torch.device("cpu"))[0] == 4
 
 
 def test_kth_largest_errors_and_the_sampler_floor():
@@ -527,3 +587,27 @@ def test_top_p_floor_ties_errors_and_the_sampler_floor():
             logits, GenerateConfig(temperature=0.7, top_p=0.8), torch.arange(64), torch.zeros(64, dtype=torch.int64)
         )
     assert torch.equal(tokens, ref_tokens)
+
+
+def test_the_engine_sampler_at_a_small_batch_splits_rows_and_draws_the_same():
+    """engine.sampler.sample_tokens at batch 2 over 5000 logits (the recipe's top-k 50, temperature 0.7, bf16): the
+    kernels split each row into parts here (row_parts, 4 stand-in SMs) for top-k's floor and the draw, and draw the
+    reference path's tokens, above the k-th largest logit, with the raw log-softmax's log-probs."""
+    import engine.sampler as sampler
+    from engine.config import GenerateConfig
+
+    torch.manual_seed(3)
+    b, v = 2, 5000
+    logits = (torch.randn(b, v) * 3).to(torch.bfloat16)
+    seeds, counters = torch.tensor([11, 12]), torch.tensor([0, 5])
+    params = GenerateConfig(temperature=0.7, top_k=50)
+    assert sampling.row_parts(b, v, logits.device)[0] > 1
+    tokens, logprobs = sampler.sample_tokens(logits, params, seeds, counters)
+    with dispatch.reference_ops():
+        ref_tokens, ref_logprobs = sampler.sample_tokens(logits, params, seeds, counters)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logprobs, ref_logprobs, rtol=1e-5, atol=1e-5)
+    floor = torch.topk(logits.float(), 50).values[:, -1]
+    assert (logits.float().gather(-1, tokens[:, None]).squeeze(-1) >= floor).all()
+    exact = torch.log_softmax(logits.double(), -1).gather(-1, tokens[:, None]).squeeze(-1)
+    torch.testing.assert_close(logprobs.double(), exact, rtol=1e-5, atol=1e-5)

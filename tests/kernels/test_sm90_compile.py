@@ -133,15 +133,22 @@ from bench.common import ptxas_info
 from kernels import sampling
 
 types = dict(LOGITS="*bf16", SEEDS="*i64", COUNTERS="*i64", MIN_LOGIT="*fp32", TOKENS="*i64", LOGPROBS="*fp32",
-             vocab="i32", vocab_offset="i32", stride_row="i32", temperature="fp32")
-# partial: a TP rank's vocabulary shard; has_min: top-k's floor
-for greedy, partial, has_min in ((False, False, False), (True, False, False), (False, True, False),
-                                 (False, False, True), (False, True, True)):  # fmt: skip
+             vocab="i32", vocab_offset="i32", stride_row="i32", temperature="fp32", chunk_v="i32")
+# partial: a TP rank's vocabulary shard; has_min: top-k's floor; chunks: a small batch's rows in parts (batch 1: 16)
+for greedy, partial, has_min, chunks in ((False, False, False, 1), (True, False, False, 1), (False, True, False, 1),
+                                         (False, False, True, 1), (False, True, True, 1), (False, True, True, 16),
+                                         (True, True, False, 2)):  # fmt: skip
     # (top-k's sampling launch after its floor's: by programmatic dependent launch here, decode_config's pdl)
-    consts = dict(GREEDY=greedy, PARTIAL=partial, HAS_MIN=has_min, BLOCK_V=sampling._BLOCK_V, PDL=has_min)
-    info = ptxas_info(sampling._gumbel_sample_kernel, types, consts, 8, 3, divisible=("vocab",))  # 32000 is
+    consts = dict(GREEDY=greedy, PARTIAL=partial, HAS_MIN=has_min, BLOCK_V=sampling._BLOCK_V, PDL=has_min,
+                  CHUNKS=chunks)  # fmt: skip
+    info = ptxas_info(sampling._gumbel_sample_kernel, types, consts, 8, 3, divisible=("vocab", "chunk_v"))  # 32000 is
     assert info["regs"] and info["spill_bytes"] == 0, info
     assert info["pdl_wait_first"] == info["pdl_triggers"] == has_min, info
+# the parts' combination, one program a row (fp64 logsumexp), for the draw and for a TP rank's partial result
+for partial in (False, True):
+    types = dict(TOKENS_IN="*i64", STATS_IN="*fp64", TOKENS="*i64", OUT="*fp64" if partial else "*fp32")
+    info = ptxas_info(sampling._combine_kernel, types, dict(CHUNKS=16, PARTS=16, PARTIAL=partial), 1, 1)
+    assert info["regs"] and info["spill_bytes"] == 0, info
 # top-k's floor: the radix select (four histogram passes over the row)
 for dtype in ("*bf16", "*fp32"):
     types = dict(LOGITS=dtype, OUT="*fp32", k="i32", vocab="i32", stride_row="i32")
@@ -151,10 +158,12 @@ for dtype in ("*bf16", "*fp32"):
     assert info["regs"] and info["spill_bytes"] == 0 and info["pdl_wait_first"] == info["pdl_triggers"] == pdl, info
 # under tensor parallelism one pass a launch, the histograms summed over the ranks between them (the first pass, a
 # middle one, the last that only reads)
-types = dict(LOGITS="*bf16", HIST="*i32", STATE="*i32", OUT="*fp32", vocab="i32", stride_row="i32")
-for p in (0, 1, 2):
-    consts = dict(P=p, BLOCK_V=sampling._BLOCK_V, PASSES=2)
-    info = ptxas_info(sampling._kth_largest_pass_kernel, types, consts, 8, 3, divisible=("vocab",))
+# (and a small batch's rows in parts: batch 1's in 16, the parts' histograms summed by the next pass)
+types = dict(LOGITS="*bf16", HIST="*i32", STATE="*i32", OUT="*fp32", vocab="i32", stride_row="i32", n_rows="i32",
+             chunk_v="i32")  # fmt: skip
+for p, chunks in ((0, 1), (1, 1), (2, 1), (0, 16), (1, 16), (2, 16), (1, 3)):
+    consts = dict(P=p, BLOCK_V=sampling._BLOCK_V, PASSES=2, CHUNKS=chunks, PARTS=1 << (chunks - 1).bit_length())
+    info = ptxas_info(sampling._kth_largest_pass_kernel, types, consts, 8, 3, divisible=("vocab", "chunk_v"))
     assert info["regs"] and info["spill_bytes"] == 0, info
 # top-p's floor: the radix select by mass (the row's max, eight passes of 16 masked sums an element), with top-k's
 # floor (has_min) and without; under TP one pass a launch (the first, a middle one, the last that only reads)
