@@ -3,9 +3,9 @@
 #   bash bench/run_gpu_suite.sh OUT_DIR [NAME ...]
 #   SUITE_BUDGET_S=540 bash bench/run_gpu_suite.sh "$OUT" first     # a first lease: the headline checks
 #   bash bench/run_gpu_suite.sh --tree   # the fingerprint of this checkout's sources, as summary.txt's `tree` line
-# NAMEs: gpu_tests kernel_tests (or tests: both) offload gae logprob rope_attention rope_sweep paged_attention
-# paged_attention_fp8 paged_sweep paged_sweep_fp8 rmsnorm_swiglu sampling rollout_b64 rollout_b64_hf_static rollout_b1
-# rollout_b64_sync rollout_b64_fp8 rollout_ppo_like ppo_step ppo_step_offload
+# NAMEs: gpu_tests kernel_tests gluon_tests (or tests: the three) offload gae logprob rope_attention rope_sweep
+# paged_attention paged_attention_fp8 paged_sweep paged_sweep_fp8 rmsnorm_swiglu sampling rollout_b64
+# rollout_b64_hf_static rollout_b1 rollout_b64_sync rollout_b64_fp8 rollout_ppo_like ppo_step ppo_step_offload
 # ppo_step_resident; the group `first` is what a 15-minute lease can hold (the two issues' headline figures and the
 # kernels' comparisons without their torch.compile rows, then the engine's GPU tests and the kernel tests with the
 # time left). The group `tune` (alone) is the lease after it: the paged decode sweep on the rollout's shapes, the
@@ -58,8 +58,9 @@ names=" $* "
 # the headline figures first (each bench checks ours against its reference before it times anything), the lighter
 # way (no torch.compile peer rows: their cold compiles cost a minute each); then the tests with the time left
 first=0
-[[ "$names" == *" first "* ]] && first=1 && names="$names rope_attention rollout_b64 rollout_b1 paged_attention logprob gpu_tests kernel_tests "
-[[ "$names" == *" tests "* ]] && names="$names gpu_tests kernel_tests "
+[[ "$names" == *" first "* ]] && first=1 \
+  && names="$names rope_attention rollout_b64 rollout_b1 paged_attention logprob gpu_tests kernel_tests gluon_tests "
+[[ "$names" == *" tests "* ]] && names="$names gpu_tests kernel_tests gluon_tests "
 out=$(mkdir -p "$out" && cd "$out" && pwd)  # absolute: the script changes directory next
 work=${SUITE_WORK_DIR:-$(mktemp -d)}  # the per-step files; OUT_DIR gets only the archive and the summary
 work=$(mkdir -p "$work" && cd "$work" && pwd)  # (absolute too)
@@ -286,7 +287,8 @@ bench paged_attention 60 "$PY" bench/bench_paged_attention.py "${light[@]}"
 [ "$first" = 1 ] && light=(--skip-compile)
 bench logprob 60 "$PY" bench/bench_logprob.py "${light[@]}"
 step gpu_tests 210 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test tests/engine/test_gpu.py
-step kernel_tests 300 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test tests/kernels
+step kernel_tests 300 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test tests/kernels -k "not gluon"
+step gluon_tests 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py -k gluon
 bench offload 90 "$PY" bench/bench_offload.py   # PCIe rates, a streamed Adam step, the offload settings' cost
 bench gae 40 "$PY" bench/bench_gae.py
 bench rmsnorm_swiglu 60 "$PY" bench/bench_rmsnorm_swiglu.py

@@ -268,6 +268,16 @@ def gumbel_sample_partial(
     return idx + vocab_offset, stats
 
 
+def combine_partial_samples(tokens: torch.Tensor, stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Oracle of kernels.sampling.combine_partial_samples: tokens [S, B] and stats [S, B, 3] of gumbel_sample_partial
+    over S shards in vocabulary order -> (tokens [B] int64, log-probs [B] fp32): the first shard holding the best
+    score (the row's first maximum), its logit less the logsumexp of the shards' logsumexps in float64."""
+    shard = stats[..., 0].argmax(0, keepdim=True)  # [1, B]: the first maximum over shards
+    logit = stats[..., 1].gather(0, shard).squeeze(0)
+    lse = torch.logsumexp(stats[..., 2].double(), 0)
+    return tokens.gather(0, shard).squeeze(0), (logit.double() - lse).float()
+
+
 def kth_largest_sharded(logits: torch.Tensor, k: int, all_reduce) -> torch.Tensor:
     """Oracle of kernels.sampling.kth_largest_sharded: the k-th largest value [B] fp32 of whole rows whose vocabulary
     shards [B, V / tp] the ranks hold, by the same radix select in torch (order keys, four passes of 8 bits, each

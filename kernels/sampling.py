@@ -120,15 +120,19 @@ def _gumbel_sample_kernel(
 
 
 @triton.jit
-def _combine_kernel(TOKENS_IN, STATS_IN, TOKENS, OUT, CHUNKS: tl.constexpr, PARTS: tl.constexpr, PARTIAL: tl.constexpr):
-    """Program b: row b's CHUNKS parts (TOKENS_IN [B * CHUNKS], STATS_IN [B * CHUNKS, 3] float64, in vocabulary
-    order; PARTS: CHUNKS to a power of two) into its token (the first part holding the best score, as the row's first
-    maximum) and, PARTIAL, OUT [B, 3] the row's (best score, its logit, logsumexp), else OUT [B] fp32 its log-prob:
-    combine_partial_samples' arithmetic, in float64."""
+def _combine_kernel(
+    TOKENS_IN, STATS_IN, TOKENS, OUT, stride_part, stride_row, CHUNKS: tl.constexpr, PARTS: tl.constexpr,
+    PARTIAL: tl.constexpr,
+):  # fmt: skip
+    """Program b: row b's CHUNKS parts, in vocabulary order (part c's token at TOKENS_IN[b * stride_row + c *
+    stride_part], its (best score, logit, logsumexp) float64 at STATS_IN [that, 3]; PARTS: CHUNKS to a power of two),
+    into its token (the first part holding the best score, as the row's first maximum) and, PARTIAL, OUT [B, 3] the
+    row's (best score, its logit, logsumexp), else OUT [B] fp32 its log-prob (the logit less the logsumexp of the
+    parts' logsumexps, in float64: reference.combine_partial_samples' arithmetic)."""
     row = tl.program_id(0).to(tl.int64)
     part = tl.arange(0, PARTS)
     ok = part < CHUNKS
-    at = row * CHUNKS + part
+    at = row * stride_row + part * stride_part
     score = tl.load(STATS_IN + at * 3, mask=ok, other=-float("inf"))
     first = tl.argmax(score, axis=0)  # (the first maximum)
     pick = part == first
@@ -144,6 +148,13 @@ def _combine_kernel(TOKENS_IN, STATS_IN, TOKENS, OUT, CHUNKS: tl.constexpr, PART
         tl.store(OUT + row * 3 + 2, lse)
     else:
         tl.store(OUT + row, (logit - lse).to(tl.float32))
+
+
+def _combine(part_tokens, part_stats, tokens, out, parts: int, stride_part: int, stride_row: int, partial: bool):
+    if tokens.shape[0]:
+        _combine_kernel[(tokens.shape[0],)](part_tokens, part_stats, tokens, out, stride_part, stride_row,
+                                            CHUNKS=parts, PARTS=triton.next_power_of_2(parts), PARTIAL=partial,
+                                            num_warps=1)  # fmt: skip
 
 
 def gumbel_sample(
@@ -189,11 +200,17 @@ def gumbel_sample_partial(
 def combine_partial_samples(tokens: torch.Tensor, stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens [S, B] and stats [S, B, 3] of gumbel_sample_partial over S shards in vocabulary order -> (tokens [B]
     int64, log-probs [B] fp32): the token of the whole row (the first shard holding the best score wins a tie,
-    as the row's first maximum does) and its logit less the logsumexp of the shards' logsumexps."""
-    shard = stats[..., 0].argmax(0, keepdim=True)  # [1, B]: the first maximum over shards
-    logit = stats[..., 1].gather(0, shard).squeeze(0)
-    lse = torch.logsumexp(stats[..., 2].double(), 0)
-    return tokens.gather(0, shard).squeeze(0), (logit.double() - lse).float()
+    as the row's first maximum does) and its logit less the logsumexp of the shards' logsumexps (in float64). One
+    launch (_combine_kernel, which also joins a small batch's row parts); reference.combine_partial_samples off it."""
+    if tokens.dim() != 2 or stats.shape != (*tokens.shape, 3):
+        raise ValueError(f"tokens [S, B] and stats [S, B, 3] expected, got {tuple(tokens.shape)} {tuple(stats.shape)}")
+    if not use_triton(stats):
+        return reference.combine_partial_samples(tokens, stats)
+    s, b = tokens.shape
+    out_tokens = torch.empty(b, dtype=torch.int64, device=stats.device)
+    out = torch.empty(b, dtype=torch.float32, device=stats.device)
+    _combine(tokens.long().contiguous(), stats.double().contiguous(), out_tokens, out, s, b, 1, False)
+    return out_tokens, out
 
 
 def _check(logits, seeds, counters, temperature, min_logit=None) -> None:
@@ -250,9 +267,8 @@ def _launch(logits, seeds, counters, temperature, vocab_offset, min_logit=None, 
         PARTIAL=partial or parts > 1, HAS_MIN=has_min, BLOCK_V=_BLOCK_V, CHUNKS=parts, num_warps=8,
         **pdl_args(logits.device),
     )  # fmt: skip
-    if parts > 1:
-        _combine_kernel[(b,)](part_tokens, part_out, tokens, out, CHUNKS=parts, PARTS=triton.next_power_of_2(parts),
-                              PARTIAL=partial, num_warps=1)  # fmt: skip
+    if parts > 1:  # (row b's part c at b * parts + c)
+        _combine(part_tokens, part_out, tokens, out, parts, 1, parts, partial)
     return tokens, out
 
 

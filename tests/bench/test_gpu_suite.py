@@ -66,7 +66,7 @@ def test_suite_caps_steps_and_packs_logs(tmp_path):
     lines = {line.split(":")[0]: line for line in summary.splitlines() if ": " in line}
     assert lines["rope_attention"].startswith("rope_attention: exit 0")  # the headline figures first
     assert "stopped at its" in lines["rollout_b64"], summary  # 60 s of work in what is left of 12 s
-    for name in ("rollout_b1", "paged_attention", "logprob", "gpu_tests", "kernel_tests"):
+    for name in ("rollout_b1", "paged_attention", "logprob", "gpu_tests", "kernel_tests", "gluon_tests"):
         assert "skipped" in lines[name], summary
     assert "commit abc1234" in summary  # (SUITE_COMMIT: the device's copy of the files may have no .git)
     # and the sources' fingerprint, as `--tree` prints it for a checkout (the device's .git was once stale)

@@ -611,3 +611,25 @@ def test_the_engine_sampler_at_a_small_batch_splits_rows_and_draws_the_same():
     assert (logits.float().gather(-1, tokens[:, None]).squeeze(-1) >= floor).all()
     exact = torch.log_softmax(logits.double(), -1).gather(-1, tokens[:, None]).squeeze(-1)
     torch.testing.assert_close(logprobs.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3, 5])
+def test_combining_shards_by_kernel_is_the_oracles(shards):
+    """kernels.sampling.combine_partial_samples (one launch; the same kernel joins a small batch's row parts) against
+    its torch oracle: the first shard holding the best score (ties across shards, a row with every score -inf, the
+    best in the last shard), the log-prob in float64 from logits of 1e4 (fp32 would round at ulp); bad shapes named."""
+    torch.manual_seed(shards)
+    b = 9
+    tokens = torch.randint(0, 32000, (shards, b))
+    stats = torch.randn(shards, b, 3, dtype=torch.float64) * 3
+    stats[..., 1] += 1e4
+    stats[..., 2] = stats[..., 1] + torch.rand(shards, b, dtype=torch.float64) * 5
+    stats[:, 0, 0] = 2.5  # (a tie in every shard: the first wins)
+    stats[:, 1, 0] = float("-inf")  # (nothing drawable anywhere: shard 0's, as argmax)
+    stats[-1, 2, 0] = 99.0  # (the best in the last shard)
+    got = sampling.combine_partial_samples(tokens, stats)
+    want = reference.combine_partial_samples(tokens, stats)
+    assert torch.equal(got[0], want[0]) and got[0][2] == tokens[-1, 2] and got[0][0] == tokens[0, 0]
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"tokens \[S, B\] and stats \[S, B, 3\] expected, got \(2, 3\) \(2, 3\)"):
+        sampling.combine_partial_samples(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 3))

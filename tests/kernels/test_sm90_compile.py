@@ -144,9 +144,11 @@ for greedy, partial, has_min, chunks in ((False, False, False, 1), (True, False,
     info = ptxas_info(sampling._gumbel_sample_kernel, types, consts, 8, 3, divisible=("vocab", "chunk_v"))  # 32000 is
     assert info["regs"] and info["spill_bytes"] == 0, info
     assert info["pdl_wait_first"] == info["pdl_triggers"] == has_min, info
-# the parts' combination, one program a row (fp64 logsumexp), for the draw and for a TP rank's partial result
+# the parts' combination, one program a row (fp64 logsumexp): a small batch's row parts (the draw's, a TP rank's
+# partial result) and the TP ranks' shards
 for partial in (False, True):
-    types = dict(TOKENS_IN="*i64", STATS_IN="*fp64", TOKENS="*i64", OUT="*fp64" if partial else "*fp32")
+    types = dict(TOKENS_IN="*i64", STATS_IN="*fp64", TOKENS="*i64", OUT="*fp64" if partial else "*fp32",
+                 stride_part="i32", stride_row="i32")  # fmt: skip
     info = ptxas_info(sampling._combine_kernel, types, dict(CHUNKS=16, PARTS=16, PARTIAL=partial), 1, 1)
     assert info["regs"] and info["spill_bytes"] == 0, info
 # top-k's floor: the radix select (four histogram passes over the row)
