@@ -370,10 +370,10 @@ def _rope_attention_fwd(
     k_rot = torch.empty(n, hkv, d, dtype=q.dtype, device=q.device)
     config, tma = _pop_tma(config, d, k_rot, v)
     config, gluon = _pop_switch(config, "GLUON", None)
-    no_gluon = attention_gluon.refused(q.dtype, d, q.device, k_rot, v)
-    if gluon and no_gluon:
+    if gluon is None:  # (the switch takes the launches without an explicit config: one is a Triton launch)
+        gluon = GLUON_FWD and not config and attention_gluon.refused(q.dtype, d, q.device, k_rot, v) is None
+    elif gluon and (no_gluon := attention_gluon.refused(q.dtype, d, q.device, k_rot, v)):
         raise ValueError(f"config GLUON=True, but {no_gluon}")
-    gluon = (GLUON_FWD and no_gluon is None and not config) if gluon is None else gluon  # (a config: a Triton launch)
     if gluon:  # (the Gluon forward: q rotated by the pre-pass, one 128-row block, 8 warps)
         config = _gluon_config(config)
     config, ws = _pop_switch(config, "WARP_SPEC", False if gluon else None)
