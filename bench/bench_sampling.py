@@ -32,7 +32,7 @@ from bench.common import (  # noqa: E402
     save_json,
 )
 from engine.sampler import top_p_floor, topk_floor  # noqa: E402
-from kernels import reference  # noqa: E402
+from kernels import reference, sampling  # noqa: E402
 from kernels.sampling import gumbel_sample, kth_largest, kth_largest_sharded, top_p_floor_sharded  # noqa: E402
 
 
@@ -91,7 +91,7 @@ def _check_top_p(logits, seeds, counters, args, dtype, b: int) -> None:
     below = (logits.float().gather(-1, tokens[:, None]).squeeze(-1) < floor_p).float().mean().item()
     even = logits[:, : args.vocab // 2 * 2]  # (two ranks' shards simulated as rows: rank r's of row i is r * b + i)
     shards = even.reshape(b, 2, -1).transpose(0, 1).reshape(2 * b, -1)
-    summed = lambda hist: hist.copy_(hist.view(2, b, 16).sum(0).repeat(2, 1))  # noqa: E731
+    summed = lambda hist: hist.copy_(hist.reshape(2, b, -1).sum(0).repeat(2, 1).view_as(hist))  # noqa: E731
     maxed = lambda m: m.copy_(m.view(2, b).amax(0).repeat(2))  # noqa: E731
     tp_floor = top_p_floor_sharded(shards, q, t, summed, maxed).view(2, b)
     tp_off = (tp_floor != reference.top_p_floor(even, q, t).to(tp_floor.device)).float().mean().item()
@@ -132,9 +132,9 @@ def main(argv=None) -> list[dict]:
         impls[f"top-{k} floor: ours"] = lambda x, s, c, t: kth_largest(x, k)
         impls[f"  top-{k} floor: ours, one program a row"] = lambda x, s, c, t: kth_largest(x, k, parts=1)
         impls[f"top-{k} floor: torch.topk"] = lambda x, s, c, t: torch.topk(x, k, dim=-1).values[:, -1]
-        # under TP 2, a rank's half of the vocabulary: our five pass launches (kernels.sampling.kth_largest_sharded;
-        # its four all-reduces of B x 256 int32 not counted) against what the reference path does (the shard's top k,
-        # then an all-gather of B x k values, not counted)
+        # under TP 2, a rank's half of the vocabulary: our pass launches (kernels.sampling.kth_largest_sharded: 3 for
+        # bf16 logits, 5 for fp32; its all-reduces of B x parts x 256 int32 not counted) against what the reference
+        # path does (the shard's top k, then an all-gather of B x k values, not counted)
         half = lambda x: x[:, : x.shape[1] // 2]  # noqa: E731
         impls["TP 2 shard floor: ours"] = lambda x, s, c, t: kth_largest_sharded(half(x), k, lambda hist: None)
         impls["TP 2 shard: torch.topk"] = lambda x, s, c, t: torch.topk(half(x), k, dim=-1).values
@@ -143,6 +143,7 @@ def main(argv=None) -> list[dict]:
         impls[f"ours top-p {q}"] = lambda x, s, c, t: ours_top_p(x, s, c, t, q)
         impls[f"HF top-p {q}"] = lambda x, s, c, t: hf_sample(x, s, c, t, top_p=q)
         impls[f"top-p {q} floor: ours"] = lambda x, s, c, t: top_p_floor(x, q, t)
+        impls[f"  top-p {q} floor: ours, one program a row"] = lambda x, s, c, t: sampling.top_p_floor(x, q, t, parts=1)
         impls[f"top-p {q} floor: torch.sort"] = lambda x, s, c, t: sorted_top_p_floor(x, q, t)
         # under TP 2, a rank's half: our nine pass launches (its nine all-reduces of B x 16 floats, and the max's, not
         # counted) against the gather of the whole rows (not counted) and their sort, as engine/sampler.py did

@@ -26,7 +26,7 @@ SMs, whole blocks each; batch 1 over 32000 logits on an H100 or H200: 16): one p
 idle, and the draw (0.059 ms for one row's program on an H200) and top-k's two passes would stream batch 1's row on
 one SM. The draw's parts then meet in one more launch (_combine_kernel: the first part holding the best score, the
 parts' logsumexps in float64), so the tokens are whole rows' exactly; top-k's select runs one launch a pass over the
-parts (the next pass sums their histograms), exactly as whole rows. Top-p's floor keeps one program a row.
+parts (the next pass sums their histograms), exactly as whole rows; top-p's likewise (the rows' max by torch first).
 """
 
 from __future__ import annotations
@@ -533,34 +533,48 @@ def _top_p_floor_kernel(
 
 @triton.jit
 def _top_p_pass_kernel(
-    LOGITS, MIN_LOGIT, M, HIST, PREFIX, NEED, OUT, top_p, temperature, vocab, stride_row, P: tl.constexpr,
-    HAS_MIN: tl.constexpr, BLOCK_V: tl.constexpr, PASSES: tl.constexpr,
+    LOGITS, MIN_LOGIT, M, HIST, PREFIX, NEED, OUT, top_p, temperature, vocab, stride_row, n_rows, chunk_v,
+    P: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_V: tl.constexpr, PASSES: tl.constexpr, CHUNKS: tl.constexpr = 1,
+    PARTS: tl.constexpr = 1,
 ):  # fmt: skip
-    """Top-p's select over vocabulary shards, one pass a launch (top_p_floor_sharded), program b a row, M[b] the whole
-    row's max: from P = 1, choose pass P - 1's digit from HIST[b] [16] (summed over the shards between the launches),
-    PREFIX[b] (the digits chosen so far) and NEED[b] (the mass still sought, and the row's whole mass, found at P =
-    1); then P < PASSES: HIST[b] = this shard's masses of pass P; P = PASSES: OUT[b] = the value the digits spell."""
-    row = tl.program_id(0).to(tl.int64)
+    """Top-p's select one pass a launch, program row * CHUNKS + part (a row's CHUNKS parts of chunk_v logits; PARTS:
+    CHUNKS to a power of two), M[row] the whole row's max: from P = 1, choose pass P - 1's digit from the sum of the
+    row's parts' masses HIST[(P - 1) % 2, row] [CHUNKS, 16] (summed over the shards of a TP group between the
+    launches, top_p_floor_sharded), PREFIX[P - 1, row] (the digits chosen so far) and NEED[P - 1, row] (the mass still
+    sought, and the row's whole mass, found at P = 1), part 0 storing the new state at [P, row]; then P < PASSES:
+    HIST[P % 2, row, part] = the part's masses of pass P; P = PASSES: OUT[row] = the value the digits spell. (Each
+    pass reads one plane and writes the other, as _kth_largest_pass_kernel.)"""
+    pid = tl.program_id(0)
+    row = (pid // CHUNKS).to(tl.int64)
+    part = pid % CHUNKS
+    lo = part * chunk_v
     bins = tl.arange(0, 16)
-    prefix = tl.load(PREFIX + row).to(tl.uint32, bitcast=True)
-    need = tl.load(NEED + row * 2)
-    total = tl.load(NEED + row * 2 + 1)
+    prev = tl.maximum(P - 1, 0) * n_rows + row
+    prefix = tl.load(PREFIX + prev).to(tl.uint32, bitcast=True)
+    need = tl.load(NEED + prev * 2)
+    total = tl.load(NEED + prev * 2 + 1)
     m = tl.load(M + row)
     m = tl.where(m == -float("inf"), 0.0, m)
     if P > 0:
-        hist = tl.load(HIST + row * 16 + bins)
+        parts = tl.arange(0, PARTS)
+        plane = HIST + (((P - 1) % 2) * n_rows + row) * CHUNKS * 16
+        hist = tl.load(plane + parts[:, None] * 16 + bins[None, :], mask=(parts < CHUNKS)[:, None], other=0.0)
+        hist = tl.sum(hist, axis=0)
         if P == 1:
             total = tl.sum(hist, axis=0)
             need = top_p * total
         prefix, need = _choose_mass_digit(hist, need, prefix, P - 1)
+        if part == 0:
+            cur = P * n_rows + row
+            tl.store(PREFIX + cur, prefix.to(tl.int32, bitcast=True))
+            tl.store(NEED + cur * 2, need)
+            tl.store(NEED + cur * 2 + 1, total)
     if P < PASSES:
-        tl.store(PREFIX + row, prefix.to(tl.int32, bitcast=True))
-        tl.store(NEED + row * 2, need)
-        tl.store(NEED + row * 2 + 1, total)
         low = tl.load(MIN_LOGIT + row) if HAS_MIN else -float("inf")
-        hist = _mass_histogram(LOGITS + row * stride_row, vocab, prefix, m, temperature, low, P, BLOCK_V)
-        tl.store(HIST + row * 16 + bins, hist)
-    else:
+        base = LOGITS + row * stride_row + lo
+        hist = _mass_histogram(base, tl.minimum(vocab - lo, chunk_v), prefix, m, temperature, low, P, BLOCK_V)
+        tl.store(HIST + ((P % 2) * n_rows + row) * CHUNKS * 16 + part * 16 + bins, hist)
+    elif part == 0:
         tl.store(OUT + row, tl.where(total > 0, _key_value(prefix, 32 - 4 * PASSES), -float("inf")))
 
 
@@ -576,7 +590,12 @@ def _check_top_p(logits: torch.Tensor, top_p: float, temperature: float, min_log
 
 
 def top_p_floor(
-    logits: torch.Tensor, top_p: float, temperature: float = 1.0, min_logit: torch.Tensor | None = None
+    logits: torch.Tensor,
+    top_p: float,
+    temperature: float = 1.0,
+    min_logit: torch.Tensor | None = None,
+    *,
+    parts: int | None = None,
 ) -> torch.Tensor:
     """logits [B, V] (fp32/bf16/fp16) -> [B] fp32: the lowest logit top-p sampling keeps in each row, where the mass
     of softmax(logits / temperature) counted from the largest logit down first reaches top_p (a run of tied logits
@@ -585,12 +604,15 @@ def top_p_floor(
     nine passes over the row (five for bf16 logits; from L2 after the first), where torch.sort, a softmax, a cumsum
     and a scatter did it; gumbel_sample then draws above the floor in its one pass. The masses are fp32 sums: where
     top_p falls within their rounding of a cumulative mass the floor may be the neighbouring logit
-    (reference.top_p_floor sorts in float64)."""
+    (reference.top_p_floor sorts in float64). At a small batch (row_parts; parts: an explicit count) the rows are
+    split into parts, one launch a pass (the next pass sums the parts' masses), the max by torch first."""
     _check_top_p(logits, top_p, temperature, min_logit, "top_p_floor")
     if not use_triton(logits):
         return reference.top_p_floor(logits, top_p, temperature, min_logit)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
+    if row_parts(*logits.shape, logits.device, parts)[0] > 1:  # (a small batch: rows in parts, one launch a pass)
+        return _top_p_by_passes(logits, top_p, temperature, min_logit, None, None, parts)
     out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     low = min_logit.float().contiguous() if min_logit is not None else out  # (a placeholder pointer, never read)
     if logits.shape[0]:
@@ -603,33 +625,51 @@ def top_p_floor(
 
 
 def top_p_floor_sharded(
-    logits: torch.Tensor, top_p: float, temperature: float, all_reduce, all_reduce_max, min_logit=None
+    logits: torch.Tensor,
+    top_p: float,
+    temperature: float,
+    all_reduce,
+    all_reduce_max,
+    min_logit=None,
+    *,
+    parts: int | None = None,
 ) -> torch.Tensor:
     """top_p_floor of whole rows [B] fp32 when each rank holds a vocabulary shard [B, V / tp] of them (tensor
     parallelism; -inf padding holds no mass), without gathering them: the rows' max by all_reduce_max ([B] fp32, an
     in-place max over the ranks), then top_p_floor's passes (8, or 4 for bf16 logits), one launch each, with each
-    pass's [B, 16] fp32 masses summed over the shards by all_reduce (in place, e.g. torch.distributed.all_reduce on
-    the TP group): sums of B x 16 floats where the ranks gathered B x V logits to sort them. Every rank gets the
-    same floor."""
+    pass's [B, parts, 16] fp32 masses summed over the shards by all_reduce (in place, e.g. torch.distributed.all_reduce
+    on the TP group): sums of B x 16 floats a part where the ranks gathered B x V logits to sort them. Every rank gets
+    the same floor. parts: as top_p_floor's (the same on every rank)."""
     _check_top_p(logits, top_p, temperature, min_logit, "top_p_floor_sharded")
     if not use_triton(logits):
         return reference.top_p_floor_sharded(logits, top_p, temperature, all_reduce, all_reduce_max, min_logit)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    b = logits.shape[0]
+    return _top_p_by_passes(logits, top_p, temperature, min_logit, all_reduce, all_reduce_max, parts)
+
+
+def _top_p_by_passes(logits, top_p, temperature, min_logit, all_reduce, all_reduce_max, parts) -> torch.Tensor:
+    """Top-p's select one pass a launch (_top_p_pass_kernel) over each row's parts: the rows' max by torch (then
+    all_reduce_max over a TP group's shards), each pass's masses summed by all_reduce between the launches (None: one
+    rank's whole rows)."""
+    b, v = logits.shape
+    parts, per = row_parts(b, v, logits.device, parts)
     m = logits.amax(-1).float() if b else torch.empty(0, dtype=torch.float32, device=logits.device)
-    all_reduce_max(m)
-    hist = torch.empty(b, 16, dtype=torch.float32, device=logits.device)
-    prefix = torch.zeros(b, dtype=torch.int32, device=logits.device)
-    need = torch.zeros(b, 2, dtype=torch.float32, device=logits.device)
+    if all_reduce_max is not None:
+        all_reduce_max(m)
+    passes = _passes(logits.dtype, 4)
+    hist = torch.empty(2, b, parts, 16, dtype=torch.float32, device=logits.device)
+    prefix = torch.zeros(passes + 1, b, dtype=torch.int32, device=logits.device)
+    need = torch.zeros(passes + 1, b, 2, dtype=torch.float32, device=logits.device)
     out = torch.empty(b, dtype=torch.float32, device=logits.device)
     low = min_logit.float().contiguous() if min_logit is not None else out  # (a placeholder pointer, never read)
-    passes = _passes(logits.dtype, 4)
     for p in range(passes + 1):
         if b:
-            _top_p_pass_kernel[(b,)](logits, low, m, hist, prefix, need, out, float(top_p), float(temperature),
-                                     logits.shape[1], logits.stride(0), P=p, HAS_MIN=min_logit is not None,
-                                     BLOCK_V=_TOP_P_BLOCK_V, PASSES=passes, num_warps=8)  # fmt: skip
-        if p < passes:
-            all_reduce(hist)
+            _top_p_pass_kernel[(b * parts,)](
+                logits, low, m, hist, prefix, need, out, float(top_p), float(temperature), v, logits.stride(0), b,
+                per, P=p, HAS_MIN=min_logit is not None, BLOCK_V=_TOP_P_BLOCK_V, PASSES=passes, CHUNKS=parts,
+                PARTS=triton.next_power_of_2(parts), num_warps=8,
+            )  # fmt: skip
+        if p < passes and all_reduce is not None:
+            all_reduce(hist[p % 2])
     return out

@@ -396,8 +396,9 @@ def test_rows_in_parts_draw_and_select_as_whole_rows(dtype, b, v):
     """A small batch's rows split into parts (kernels.sampling.row_parts: batch 1 would stream its row on one SM):
     the draw's parts combined by one more launch give the very tokens of whole rows (and of the float64 oracle), the
     log-probs within float rounding, a TP rank's partial (token, stats) likewise; top-k's floor by one launch a pass
-    over the parts is exactly torch.topk's. Parts of whole blocks, the last one short, up to the row's block count;
-    a tie at the top across parts (the first wins), a row whose top k lies in one part, -inf runs, greedy, a floor."""
+    over the parts is exactly torch.topk's, top-p's the sorted float64 floor. Parts of whole blocks, the last one
+    short, up to the row's block count; a tie at the top across parts (the first wins), a row whose top k lies in one
+    part, -inf runs, greedy, a floor."""
     torch.manual_seed(b * v)
     x = (torch.randn(b, v) * 3).to(dtype)
     x[0, [5, v - 3]] = 40.0  # (a tie of the two largest, in the first and the last part: the first wins)
@@ -423,6 +424,11 @@ def test_rows_in_parts_draw_and_select_as_whole_rows(dtype, b, v):
         want = torch.topk(x.float(), k, dim=-1).values[:, -1]
         for parts in (None, 2, 3, blocks + 1):
             assert torch.equal(sampling.kth_largest(x, k, parts=parts), want), (k, parts)
+    # top-p's floor likewise (one launch a pass, the max by torch), against the sorted float64 floor
+    for top_p, temperature, low in ((0.9, 0.7, None), (0.3, 1.0, floor)):
+        for parts in (None, 2, 3, blocks + 1):
+            got = sampling.top_p_floor(x, top_p, temperature, low, parts=parts)
+            assert _assert_top_p_floor(got, x, top_p, temperature, low).sum() >= b - 1, (top_p, parts)
 
 
 def test_row_parts_fill_the_sms_of_a_small_batch(monkeypatch):
@@ -518,7 +524,9 @@ def test_top_p_floor_is_where_the_sorted_mass_reaches_top_p(dtype, v, top_p, tem
 
 @pytest.mark.parametrize("path", ["triton", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tp,shard,top_p,top_k", [(2, 300, 0.9, 0), (4, 100, 0.5, 7), (3, 170, 0.99, 0)])
+@pytest.mark.parametrize(
+    "tp,shard,top_p,top_k", [(2, 300, 0.9, 0), (4, 100, 0.5, 7), (3, 170, 0.99, 0), (2, 1100, 0.8, 40)]
+)
 def test_top_p_floor_over_vocabulary_shards_is_the_whole_rows(dtype, tp, shard, top_p, top_k, path):
     """kernels.sampling.top_p_floor_sharded (tensor parallelism's top-p floor: the rows' max and each pass's masses
     summed over the ranks' shards) and its float64 torch oracle against the whole rows' sorted floor. The ranks are
@@ -537,20 +545,27 @@ def test_top_p_floor_over_vocabulary_shards_is_the_whole_rows(dtype, tp, shard, 
     calls = []
 
     def summed(hist):  # (in place, as torch.distributed.all_reduce: every rank's copy the sum)
-        calls.append(("sum", hist.shape))
-        hist.copy_(hist.view(tp, b, 16).sum(0).repeat(tp, 1))
+        calls.append(("sum", tuple(hist.shape)))
+        hist.copy_(hist.reshape(tp, b, -1).sum(0).repeat(tp, 1).view_as(hist))
 
     def maxed(m):
-        calls.append(("max", m.shape))
+        calls.append(("max", tuple(m.shape)))
         m.copy_(m.view(tp, b).amax(0).repeat(tp))
 
-    with dispatch.reference_ops() if path == "reference" else contextlib.nullcontext():
-        got = top_p_floor_sharded(shards, top_p, 0.7, summed, maxed, None if low is None else low.repeat(tp))
     passes = 4 if dtype == torch.bfloat16 and path == "triton" else 8  # (bf16's low 16 key bits: all alike)
-    assert got.dtype == torch.float32 and calls == [("max", (tp * b,))] + [("sum", (tp * b, 16))] * passes
-    got = got.view(tp, b)
-    assert torch.equal(got, got[:1].expand(tp, b))  # (every rank the same floor)
-    assert _assert_top_p_floor(got[0], rows, top_p, 0.7, low).sum() >= 4
+    # (the kernels: each rank's shard rows in 1 part, or in 2 as a small batch's are: a pass's masses [rows, parts,
+    # 16], summed over the ranks part by part, then over the parts by the next pass)
+    for parts in (None, 2) if path == "triton" else (None,):
+        calls.clear()
+        with dispatch.reference_ops() if path == "reference" else contextlib.nullcontext():
+            got = top_p_floor_sharded(shards, top_p, 0.7, summed, maxed, None if low is None else low.repeat(tp),
+                                      **({"parts": parts} if parts else {}))  # fmt: skip
+        n_parts = min(parts or 1, -(-shard // sampling._BLOCK_V))
+        shape = (tp * b, n_parts, 16) if path == "triton" else (tp * b, 16)
+        assert got.dtype == torch.float32 and calls == [("max", (tp * b,))] + [("sum", shape)] * passes, calls
+        got = got.view(tp, b)
+        assert torch.equal(got, got[:1].expand(tp, b))  # (every rank the same floor)
+        assert _assert_top_p_floor(got[0], rows, top_p, 0.7, low).sum() >= 4
 
 
 def test_top_p_floor_ties_errors_and_the_sampler_floor():

@@ -175,9 +175,11 @@ for has_min in (False, True):
     consts = dict(HAS_MIN=has_min, BLOCK_V=sampling._TOP_P_BLOCK_V, PASSES=4, PDL=has_min)
     info = ptxas_info(sampling._top_p_floor_kernel, types, consts, 8, 3, divisible=("vocab",))
     assert info["regs"] and info["spill_bytes"] == 0 and info["pdl_wait_first"] == info["pdl_triggers"] == has_min, info
-types.update(M="*fp32", HIST="*fp32", PREFIX="*i32", NEED="*fp32")
-for p in (0, 1, 3, 4):
-    consts = dict(P=p, HAS_MIN=p == 3, BLOCK_V=sampling._TOP_P_BLOCK_V, PASSES=4)
+types.update(M="*fp32", HIST="*fp32", PREFIX="*i32", NEED="*fp32", n_rows="i32", chunk_v="i32")
+# (and a small batch's rows in parts: batch 1's in 16)
+for p, chunks in ((0, 1), (1, 1), (3, 1), (4, 1), (0, 16), (1, 16), (4, 16)):
+    parts = dict(CHUNKS=chunks, PARTS=chunks)
+    consts = dict(P=p, HAS_MIN=p == 3, BLOCK_V=sampling._TOP_P_BLOCK_V, PASSES=4, **parts)
     info = ptxas_info(sampling._top_p_pass_kernel, types, consts, 8, 3, divisible=("vocab",))
     assert info["regs"] and info["spill_bytes"] == 0, info
 print("compiled")
