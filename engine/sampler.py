@@ -47,8 +47,9 @@ def topk_floor(logits: torch.Tensor, top_k: int, group=None) -> torch.Tensor:
     """The k-th largest logit of each row [B] fp32: top-k sampling draws only logits >= it (ties at it included).
     On one rank: kernels.sampling.kth_largest (a radix select in one launch). Under tensor parallelism (`group`, each
     rank a vocabulary shard): kernels.sampling.kth_largest_sharded, the same radix select with each pass's B x 256
-    histograms summed over the ranks: four all-reduces of B x 256 int32 (two for bf16 logits), where each rank's
-    torch.topk and a gather of the B x k x tp values did it before."""
+    histograms summed over the ranks: four all-reduces of B x parts x 256 int32 (two for bf16 logits; parts: a small
+    batch's rows split over the SMs, kernels.sampling.row_parts), where each rank's torch.topk and a gather of the
+    B x k x tp values did it before."""
     tp = group_size(group)
     if tp == 1:
         return kth_largest(logits, min(top_k, logits.shape[-1]))
@@ -62,9 +63,9 @@ def top_p_floor(
     """The lowest logit of each row [B] fp32 that top-p sampling keeps: where the mass of softmax(logits /
     temperature) (over the logits >= min_logit, top-k's floor, when given) counted from the largest down first reaches
     top_p; a run of logits tied there is kept whole. On one rank: kernels.sampling.top_p_floor (a radix select by
-    mass, one launch). Under tensor parallelism (`group`, each rank a vocabulary shard): its sharded form, the rows'
-    max and each pass's B x 16 masses summed over the ranks (nine all-reduces, five for bf16 logits), where the
-    ranks gathered the whole rows and sorted them before."""
+    mass, one launch; a pass a launch over a small batch's row parts). Under tensor parallelism (`group`, each rank a
+    vocabulary shard): its sharded form, the rows' max and each pass's B x parts x 16 masses summed over the ranks
+    (nine all-reduces, five for bf16 logits), where the ranks gathered the whole rows and sorted them before."""
     if group_size(group) == 1:
         return sampling.top_p_floor(logits, top_p, temperature, min_logit)
     summed = lambda t: dist.all_reduce(t, group=group)  # noqa: E731

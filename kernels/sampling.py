@@ -350,14 +350,15 @@ def _kth_largest_kernel(
 
 @triton.jit
 def _kth_largest_pass_kernel(
-    LOGITS, HIST, STATE, OUT, vocab, stride_row, n_rows, chunk_v, P: tl.constexpr, BLOCK_V: tl.constexpr,
+    LOGITS, HIST, STATE, OUT, k, vocab, stride_row, n_rows, chunk_v, P: tl.constexpr, BLOCK_V: tl.constexpr,
     PASSES: tl.constexpr, CHUNKS: tl.constexpr = 1, PARTS: tl.constexpr = 1,
 ):  # fmt: skip
     """Radix select one pass a launch, program row * CHUNKS + part (a row's CHUNKS parts of chunk_v logits: a small
     batch's rows split over the SMs; PARTS: CHUNKS to a power of two): from P = 1, choose pass P - 1's digit from the
     sum of the row's parts' histograms HIST[(P - 1) % 2, row] [CHUNKS, 256] (summed over the shards of a TP group
     between the launches, kth_largest_sharded) and the state STATE[P - 1, row] = (the digits chosen so far, the rank
-    still sought), part 0 storing the new state in STATE[P, row]; then P < PASSES: HIST[P % 2, row, part] = the
+    still sought; (0, k) before the first digit, never stored), part 0 storing the new state in STATE[P, row]; then
+    P < PASSES: HIST[P % 2, row, part] = the
     part's histogram of pass P; P = PASSES: OUT[row] = the value the digits spell. (Each pass reads one plane and
     writes the other: no program of a launch overwrites what another of it still reads.)"""
     pid = tl.program_id(0)
@@ -365,9 +366,11 @@ def _kth_largest_pass_kernel(
     part = pid % CHUNKS
     lo = part * chunk_v
     bins = tl.arange(0, 256)
-    state = STATE + (tl.maximum(P - 1, 0) * n_rows + row) * 2
-    prefix = tl.load(state).to(tl.uint32, bitcast=True)
-    need = tl.load(state + 1)
+    prefix = tl.zeros((), tl.uint32)  # (the state before the first digit: no digit chosen, the k-th sought)
+    need = k
+    if P > 1:
+        prefix = tl.load(STATE + ((P - 1) * n_rows + row) * 2).to(tl.uint32, bitcast=True)
+        need = tl.load(STATE + ((P - 1) * n_rows + row) * 2 + 1)
     if P > 0:
         parts = tl.arange(0, PARTS)
         plane = HIST + (((P - 1) % 2) * n_rows + row) * CHUNKS * 256
@@ -433,13 +436,12 @@ def _kth_by_passes(logits: torch.Tensor, k: int, all_reduce, parts: int | None) 
     parts, per = row_parts(b, v, logits.device, parts)
     passes = _passes(logits.dtype, 8)
     hist = torch.empty(2, b, parts, 256, dtype=torch.int32, device=logits.device)
-    state = torch.empty(passes + 1, b, 2, dtype=torch.int32, device=logits.device)
-    state[0, :, 0], state[0, :, 1] = 0, k  # (no digit chosen, the k-th sought)
+    state = torch.empty(passes + 1, b, 2, dtype=torch.int32, device=logits.device)  # (plane 0 unused: (0, k))
     out = torch.empty(b, dtype=torch.float32, device=logits.device)
     for p in range(passes + 1):
         if b:
             _kth_largest_pass_kernel[(b * parts,)](
-                logits, hist, state, out, v, logits.stride(0), b, per, P=p, BLOCK_V=_BLOCK_V, PASSES=passes,
+                logits, hist, state, out, k, v, logits.stride(0), b, per, P=p, BLOCK_V=_BLOCK_V, PASSES=passes,
                 CHUNKS=parts, PARTS=triton.next_power_of_2(parts), num_warps=8,
             )  # fmt: skip
         if p < passes and all_reduce is not None:
@@ -549,10 +551,14 @@ def _top_p_pass_kernel(
     part = pid % CHUNKS
     lo = part * chunk_v
     bins = tl.arange(0, 16)
-    prev = tl.maximum(P - 1, 0) * n_rows + row
-    prefix = tl.load(PREFIX + prev).to(tl.uint32, bitcast=True)
-    need = tl.load(NEED + prev * 2)
-    total = tl.load(NEED + prev * 2 + 1)
+    prefix = tl.zeros((), tl.uint32)  # (the state before the first digit; the masses found at P = 1)
+    need = tl.zeros((), tl.float32)
+    total = tl.zeros((), tl.float32)
+    if P > 1:
+        prev = (P - 1) * n_rows + row
+        prefix = tl.load(PREFIX + prev).to(tl.uint32, bitcast=True)
+        need = tl.load(NEED + prev * 2)
+        total = tl.load(NEED + prev * 2 + 1)
     m = tl.load(M + row)
     m = tl.where(m == -float("inf"), 0.0, m)
     if P > 0:
@@ -659,8 +665,8 @@ def _top_p_by_passes(logits, top_p, temperature, min_logit, all_reduce, all_redu
         all_reduce_max(m)
     passes = _passes(logits.dtype, 4)
     hist = torch.empty(2, b, parts, 16, dtype=torch.float32, device=logits.device)
-    prefix = torch.zeros(passes + 1, b, dtype=torch.int32, device=logits.device)
-    need = torch.zeros(passes + 1, b, 2, dtype=torch.float32, device=logits.device)
+    prefix = torch.empty(passes + 1, b, dtype=torch.int32, device=logits.device)  # (plane 0 unused: no digit yet)
+    need = torch.empty(passes + 1, b, 2, dtype=torch.float32, device=logits.device)
     out = torch.empty(b, dtype=torch.float32, device=logits.device)
     low = min_logit.float().contiguous() if min_logit is not None else out  # (a placeholder pointer, never read)
     for p in range(passes + 1):

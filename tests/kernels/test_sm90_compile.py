@@ -161,8 +161,8 @@ for dtype in ("*bf16", "*fp32"):
 # under tensor parallelism one pass a launch, the histograms summed over the ranks between them (the first pass, a
 # middle one, the last that only reads)
 # (and a small batch's rows in parts: batch 1's in 16, the parts' histograms summed by the next pass)
-types = dict(LOGITS="*bf16", HIST="*i32", STATE="*i32", OUT="*fp32", vocab="i32", stride_row="i32", n_rows="i32",
-             chunk_v="i32")  # fmt: skip
+types = dict(LOGITS="*bf16", HIST="*i32", STATE="*i32", OUT="*fp32", k="i32", vocab="i32", stride_row="i32",
+             n_rows="i32", chunk_v="i32")  # fmt: skip
 for p, chunks in ((0, 1), (1, 1), (2, 1), (0, 16), (1, 16), (2, 16), (1, 3)):
     consts = dict(P=p, BLOCK_V=sampling._BLOCK_V, PASSES=2, CHUNKS=chunks, PARTS=1 << (chunks - 1).bit_length())
     info = ptxas_info(sampling._kth_largest_pass_kernel, types, consts, 8, 3, divisible=("vocab", "chunk_v"))
