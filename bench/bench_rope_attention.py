@@ -90,7 +90,10 @@ def check_against_reference(hq: int, hkv: int, d: int, dtype: torch.dtype, theta
     _ours(None, None, None, positions=None, cu=None, theta=None, run=False)  # (the defaults back)
 
 
-def _check_one(name: str, flip: dict, hq: int, hkv: int, d: int, dtype: torch.dtype, theta: float) -> None:
+def _check_one(
+    name: str, flip: dict, hq: int, hkv: int, d: int, dtype: torch.dtype, theta: float, grads: bool = True
+) -> None:
+    """ours with the switches `flip` against the fp32 reference on a packed batch: out and (grads) dq, dk, dv."""
     lengths = [1, 100, 128, 257, 1000]
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths).cumsum(0)
@@ -100,12 +103,13 @@ def _check_one(name: str, flip: dict, hq: int, hkv: int, d: int, dtype: torch.dt
     q, k, v = (torch.randn(n, h, d, device="cuda", dtype=dtype, requires_grad=True) for h in (hq, hkv, hkv))
     do = torch.randn(n, hq, d, device="cuda", dtype=dtype)
     out = _ours(q, k, v, positions=positions, cu=cu, theta=theta, **flip)
-    grads = torch.autograd.grad(out, (q, k, v), do)
+    grad = torch.autograd.grad(out, (q, k, v), do) if grads else ()
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
     ref = reference.rope_attention(q32, k32, v32, positions, cu, rope_theta=theta)
-    ref_grads = torch.autograd.grad(ref, (q32, k32, v32), do.float())
-    errs = [(a.float() - b).abs().max().item() for a, b in zip((out, *grads), (ref, *ref_grads))]
-    print(f"check vs fp32 reference ({name}), max abs error out/dq/dk/dv: " + " ".join(f"{e:.2e}" for e in errs))
+    ref_grads = torch.autograd.grad(ref, (q32, k32, v32), do.float()) if grads else ()
+    errs = [(a.float() - b).abs().max().item() for a, b in zip((out, *grad), (ref, *ref_grads))]
+    said = "out/dq/dk/dv" if grads else "out"
+    print(f"check vs fp32 reference ({name}), max abs error {said}: " + " ".join(f"{e:.2e}" for e in errs))
     rel = max(e / b.abs().max().item() for e, b in zip(errs, (ref, *ref_grads)))
     check_close(f"rope attention Hq{hq}/Hkv{hkv} D{d} {dtype} ({name})", rel, dtype)
 
@@ -213,14 +217,15 @@ def _gluon_row(q, k, v, *, positions, cu, theta, args):
 
 
 def _gluon_check(gluon: bool, hq: int, hkv: int, d: int, dtype: torch.dtype, theta: float, timeout: float = 120):
-    """_check_one with rope_attention.GLUON_FWD = gluon, in a subprocess: None if ours matched the reference, else why
-    not. A kernel new to the GPU that hangs (a barrier's phase wrong) is stopped at `timeout` seconds there instead
-    of holding the bench (and a lease's step) to its cap."""
+    """_check_one of the forward (the Gluon kernel's; the backward is the Triton one, checked already, and its cold
+    autotuning would cost the subprocess a minute) with rope_attention.GLUON_FWD = gluon, in a subprocess: None if
+    ours matched the reference, else why not. A kernel new to the GPU that hangs (a barrier's phase wrong) is stopped
+    at `timeout` seconds there instead of holding the bench (and a lease's step) to its cap."""
     import subprocess
 
     code = (
         "import torch, bench.bench_rope_attention as B; "
-        f"B._check_one('GLUON_FWD={gluon}', dict(gluon={gluon}), {hq}, {hkv}, {d}, {dtype}, {theta!r})"
+        f"B._check_one('GLUON_FWD={gluon}', dict(gluon={gluon}), {hq}, {hkv}, {d}, {dtype}, {theta!r}, grads=False)"
     )
     root = Path(__file__).resolve().parents[1]
     try:

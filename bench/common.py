@@ -293,8 +293,8 @@ def ptxas_info(
     types may give a tensor descriptor as "tensordesc<bf16[64, 128]>" (its block; a Gluon kernel's names its shared
     layout too: "tensordesc<bf16[64, 128],NVMMASharedLayout(...)>", the layout's repr).
     exp2_in_flight: the exp2 operations (TTGIR) computed while a warpgroup MMA is in flight (after a wait that leaves
-    one pending, before the next wait for none): FlashAttention-3's overlap of the softmax with the tensor cores; 0:
-    none."""
+    one pending, before the next wait for none): FlashAttention-3's overlap of a warpgroup's softmax with its own
+    tensor-core work; 0: none within a warpgroup (a warp-specialised kernel overlaps across warpgroups instead)."""
     import collections
     import os
     import re

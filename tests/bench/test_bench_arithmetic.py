@@ -359,13 +359,19 @@ def test_rope_bench_checks_the_gluon_forward_once_where_it_is_timed(monkeypatch)
     why = B._gluon_check(True, 4, 2, 64, torch.bfloat16, 1e4, timeout=300)
     assert why and ("CUDA" in why or "cuda" in why), why
 
+    asked = []
+
     def hang(*a, **kw):
+        asked.append(a[0][-1])
         raise subprocess.TimeoutExpired(a[0], kw["timeout"])
 
     monkeypatch.setattr(subprocess, "run", hang)
     assert B._gluon_check(True, 4, 2, 64, torch.bfloat16, 1e4, timeout=7) == (
         "its check against the reference did not finish in 7 s (a hang?)"
     )
+    # (the forward alone: the Gluon kernel's; dict(gluon=True) flips the switch there)
+    assert asked == ["import torch, bench.bench_rope_attention as B; B._check_one('GLUON_FWD=True', "
+                     "dict(gluon=True), 4, 2, 64, torch.bfloat16, 10000.0, grads=False)"]  # fmt: skip
 
 
 def test_rope_bench_counts_the_query_heads_of_each_sequence(tmp_path, monkeypatch):
