@@ -413,7 +413,7 @@ def ptxas_report(
                 consts = {**fixed, "TMA": True, "WARP_SPEC": True, inner_name: inner, **(more[0] if more else {})}
                 report(name, fn, consts, warps, stages, label, descs, inner, retype=retype)
     if tma and dtype != "fp32" and head_dim in attention_gluon.HEAD_DIMS:  # rope_attention.GLUON_FWD's forward:
-        # the softmax of one key tile while the last tile's P @ V runs (ex2 in flight), 8 warps, no producer
+        # the softmax of one key tile while the last tile's P @ V runs (exp2 in flight), 8 warps, no producer
         for block_n, stages in attention_gluon.SHAPES[:configs_per_kernel]:
             consts = dict(N_STEPS=4, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=attention_gluon.BLOCK_M, BLOCK_N=block_n)
             label = f"BLOCK_N={block_n} w={attention_gluon.NUM_WARPS} s={stages} GLUON TMA"
@@ -545,7 +545,11 @@ _AS_DEFAULT = {
 
 
 def as_default(row: dict) -> str:
-    """What makes a sweep's row the default launch: attention_tiles.SEQ_BLOCKS, the autotuned shapes, the switches."""
+    """What makes a sweep's row the default launch: attention_tiles.SEQ_BLOCKS, the autotuned shapes, the switches;
+    for the Gluon forward its switch and tile."""
+    if row.get("GLUON"):
+        tile = f"({row['BLOCK_N']}, {row['num_stages']})"
+        return f"rope_attention.GLUON_FWD = True, attention_gluon.DEFAULT_TILE = {tile}"
     key, seq, inner, shapes, ws_shapes = _AS_DEFAULT[row["kernel"]]
     where = ws_shapes if row.get("WARP_SPEC") else shapes
     said = [f"attention_tiles.SEQ_BLOCKS[{key!r}] = {row[seq]}", f"({row[inner]}, {row['num_warps']}, "

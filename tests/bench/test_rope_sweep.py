@@ -38,6 +38,10 @@ def test_rope_sweep_smoke(capsys):
     )
     assert as_default(rows[2]).endswith("(16, 4, 2) in attention_tiles._FWD_SHAPES, TMA=False, maxnreg=168")
     assert as_default(rows[8]).startswith("attention_tiles.SEQ_BLOCKS['dq'] = 32, (16, 4, 2) in attention_tiles._BWD")
+    # (the Gluon forward's variants, timed last where it runs: its switch and tile; none in the interpreter)
+    gluon = dict(kernel="fwd", BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=True, GLUON=True)
+    assert as_default(gluon) == "rope_attention.GLUON_FWD = True, attention_gluon.DEFAULT_TILE = (64, 3)"
+    assert not any(r.get("GLUON") for r in rows)
 
 
 def test_the_bench_reports_each_autotuners_pick(monkeypatch):
