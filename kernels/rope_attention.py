@@ -263,6 +263,11 @@ WARP_SPEC = False
 GLUON_FWD = False
 
 
+def _no_tma(tma: bool) -> str | None:
+    """Why a launch that must read its tiles by TMA cannot here (the Gluon forward: no pointer-load form), or None."""
+    return None if tma else "its tiles are not read by TMA here (TMA=False, or attention_tiles.TMA_LOADS off)"
+
+
 def _gluon_config(config: dict | None) -> dict:
     """An explicit launch config for the Gluon forward -> {BLOCK_N, num_stages} (None: its defaults): its query
     block is 128 rows in 8 warps (two warpgroups), and it has no other switch."""
@@ -371,8 +376,8 @@ def _rope_attention_fwd(
     config, tma = _pop_tma(config, d, k_rot, v)
     config, gluon = _pop_switch(config, "GLUON", None)
     if gluon is None:  # (the switch takes the launches without an explicit config: one is a Triton launch)
-        gluon = GLUON_FWD and not config and attention_gluon.refused(q.dtype, d, q.device, k_rot, v) is None
-    elif gluon and (no_gluon := attention_gluon.refused(q.dtype, d, q.device, k_rot, v)):
+        gluon = GLUON_FWD and tma and not config and attention_gluon.refused(q.dtype, d, q.device, k_rot, v) is None
+    elif gluon and (no_gluon := attention_gluon.refused(q.dtype, d, q.device, k_rot, v) or _no_tma(tma)):
         raise ValueError(f"config GLUON=True, but {no_gluon}")
     if gluon:  # (the Gluon forward: q rotated by the pre-pass, one 128-row block, 8 warps)
         config = _gluon_config(config)

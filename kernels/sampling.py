@@ -232,8 +232,9 @@ def _check(logits, seeds, counters, temperature, min_logit=None) -> None:
 def row_parts(b: int, v: int, device: torch.device, parts: int | None = None) -> tuple[int, int]:
     """(parts a row is split into, logits a part) for a pass over B x V logits: one program a row leaves most SMs idle
     at a small batch (batch 1: one SM streams the whole row), so a row is split into the largest power of two of
-    parts, each at least one block, with B x parts at most the GPU's SMs (dispatch.sm_count: 4 off a GPU); at 132
-    rows or more, one program a row. parts: an explicit count (tests, benches), at most the row's blocks."""
+    parts, each at least one block, with B x parts at most the GPU's SMs (dispatch.sm_count: 4 off a GPU); once
+    two parts a row would pass the SMs (from 67 rows on 132), one program a row. parts: an explicit count (tests,
+    benches), at most the row's blocks."""
     blocks = triton.cdiv(v, _BLOCK_V)
     if parts is None:
         parts, sms = 1, sm_count(device)

@@ -410,7 +410,7 @@ def test_gluon_forward_where_it_can_refused_by_name_elsewhere():
     """rope_attention.GLUON_FWD runs the Gluon forward (kernels/attention_gluon.py) where it can (an sm_90 GPU, bf16
     or fp16, head dims 64 and 128) and the Triton forward elsewhere, with the Triton forward's numbers; an explicit
     GLUON=True it cannot honour, or with a launch it does not take, is refused with the reason."""
-    from kernels import attention_gluon
+    from kernels import attention_gluon, attention_tiles
     from kernels import rope_attention as ra
 
     cu, positions = _pack([20, 9, 140])
@@ -441,9 +441,17 @@ def test_gluon_forward_where_it_can_refused_by_name_elsewhere():
         mp.setattr(ra, "GLUON_FWD", True)
         _rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125)
         _rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125, config=dict(BLOCK_M=32, BLOCK_N=16))
+        # (tiles by pointer loads asked for, by attention_tiles.TMA_LOADS or a config: the switch leaves them to
+        # Triton, an explicit GLUON=True beside them is refused)
+        mp.setattr(attention_tiles, "TMA_LOADS", False)
+        _rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125)
+        mp.setattr(attention_tiles, "TMA_LOADS", True)
+        with pytest.raises(ValueError, match=r"config GLUON=True, but its tiles are not read by TMA here"):
+            _rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125, config=dict(GLUON=True, TMA=False))
         mp.setattr(ra, "GLUON_FWD", False)
         _rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125, config=dict(GLUON=True, BLOCK_N=64, num_stages=3))
-    assert triton_launches == [32] and len(calls) == 2, (triton_launches, len(calls))
+    default = attention_tiles.seq_block("fwd", None, "BLOCK_M")
+    assert triton_launches == [32, default] and len(calls) == 2, (triton_launches, len(calls))
     q_rot = reference.apply_rotary(q.double(), positions, 1e4)
     for args, tile in zip(calls, ((None, None), (64, 3))):
         torch.testing.assert_close(args[0].double(), q_rot, **TOLS[dtype])  # (q by the pre-pass)
