@@ -117,19 +117,23 @@ def _check_one(
 _DEFAULTS: dict = {}
 
 
-def _ours(q, k, v, *, positions, cu, theta, tma=None, dq_atomic=None, warp_spec=None, gluon=None, run=True):
+def _ours(
+    q, k, v, *, positions, cu, theta, tma=None, dq_atomic=None, warp_spec=None, gluon=None, pingpong=None, run=True
+):
     """rope_attention with its inner tiles by tensor descriptor or by pointer loads (tma True / False), dq by its own
     kernel or by the dk/dv kernel's atomic adds (dq_atomic False / True), the forward, dk/dv and dq kernels
     warp-specialised or not (warp_spec: rope_attention's and rope_attention_bwd's WARP_SPEC both), the forward in
-    Gluon where it can run (gluon: rope_attention.GLUON_FWD); None: the modules' defaults. The switches stay set
-    until the next call: the backward that follows a forward in a timing loop reads them. run False: only set them."""
+    Gluon where it can run (gluon: rope_attention.GLUON_FWD) in its ping-pong form or not (pingpong:
+    attention_gluon.PINGPONG); None: the modules' defaults. The switches stay set until the next call: the backward
+    that follows a forward in a timing loop reads them. run False: only set them."""
     from kernels import attention_tiles, rope_attention_bwd
     from kernels import rope_attention as ra
 
     if not _DEFAULTS:
         _DEFAULTS.update(tma=attention_tiles.TMA_LOADS, dq_atomic=rope_attention_bwd.DQ_ATOMIC, ws=ra.WARP_SPEC)
-        _DEFAULTS.update(bwd_ws=rope_attention_bwd.WARP_SPEC, gluon=ra.GLUON_FWD)
+        _DEFAULTS.update(bwd_ws=rope_attention_bwd.WARP_SPEC, gluon=ra.GLUON_FWD, pingpong=attention_gluon.PINGPONG)
     ra.GLUON_FWD = _DEFAULTS["gluon"] if gluon is None else gluon
+    attention_gluon.PINGPONG = _DEFAULTS["pingpong"] if pingpong is None else pingpong
     attention_tiles.TMA_LOADS = _DEFAULTS["tma"] if tma is None else tma
     rope_attention_bwd.DQ_ATOMIC = _DEFAULTS["dq_atomic"] if dq_atomic is None else dq_atomic
     ra.WARP_SPEC = _DEFAULTS["ws"] if warp_spec is None else warp_spec
@@ -192,40 +196,48 @@ def make_rows(args, q, k, v, positions, cu, batch, seqlen, padded_mask=None):
         from kernels import rope_attention as ra
 
         if attention_gluon.refused(q.dtype, q.shape[-1], q.device, k, v) is None:  # (the Gluon forward: sm_90 only)
-            name = "  ours, forward in Triton" if ra.GLUON_FWD else "  ours, Gluon forward (FA3 order)"
-            rows[name] = functools.partial(_gluon_row, positions=positions, cu=cu, theta=theta, args=args)
+            # the forward the module does not run now (Triton's or Gluon's), then Gluon's other form (8 warps or
+            # ping-pong: attention_gluon.PINGPONG), the last rows timed
+            other = not attention_gluon.PINGPONG
+            forms = ("8 warps", "ping-pong")
+            names = [("  ours, forward in Triton", False, None)] if ra.GLUON_FWD else []
+            names += [] if ra.GLUON_FWD else [(f"  ours, Gluon forward, {forms[not other]} (FA3)", True, not other)]
+            names += [(f"  ours, Gluon forward, {forms[other]} (FA3)", True, other)]
+            for name, gluon, pingpong in names:
+                rows[name] = functools.partial(
+                    _gluon_row, positions=positions, cu=cu, theta=theta, args=args, gluon=gluon, pingpong=pingpong
+                )
     return rows
 
 
-_GLUON_CHECKED: list = []
+_GLUON_CHECKED: dict = {}
 
 
-def _gluon_row(q, k, v, *, positions, cu, theta, args):
-    """ours with rope_attention.GLUON_FWD flipped: the last row timed, checked against the fp32 reference first (once
-    a run, in a subprocess under a timeout: _gluon_check); a failed check is this row's error on every call (the bench
-    then exits non-zero), and the other rows stand."""
-    from kernels import rope_attention as ra
-
-    flip = dict(gluon=not _DEFAULTS.get("gluon", ra.GLUON_FWD))
-    if not _GLUON_CHECKED:
-        _GLUON_CHECKED.append(
-            _gluon_check(flip["gluon"], q.shape[1], k.shape[1], q.shape[-1], q.dtype, args.rope_theta)
-        )
-    if _GLUON_CHECKED[0]:
-        raise RuntimeError(_GLUON_CHECKED[0])
+def _gluon_row(q, k, v, *, positions, cu, theta, args, gluon, pingpong):
+    """ours with rope_attention.GLUON_FWD = gluon and attention_gluon.PINGPONG = pingpong (None: as it is): the last
+    rows timed, each form checked against the fp32 reference first (once a run, in a subprocess under a timeout:
+    _gluon_check); a failed check is its row's error on every call (the bench then exits non-zero), and the other
+    rows stand."""
+    flip = dict(gluon=gluon, pingpong=pingpong)
+    key = (gluon, pingpong)
+    if key not in _GLUON_CHECKED:
+        _GLUON_CHECKED[key] = _gluon_check(flip, q.shape[1], k.shape[1], q.shape[-1], q.dtype, args.rope_theta)
+    if _GLUON_CHECKED[key]:
+        raise RuntimeError(_GLUON_CHECKED[key])
     return _ours(q, k, v, positions=positions, cu=cu, theta=theta, **flip)
 
 
-def _gluon_check(gluon: bool, hq: int, hkv: int, d: int, dtype: torch.dtype, theta: float, timeout: float = 120):
+def _gluon_check(flip: dict, hq: int, hkv: int, d: int, dtype: torch.dtype, theta: float, timeout: float = 60):
     """_check_one of the forward (the Gluon kernel's; the backward is the Triton one, checked already, and its cold
-    autotuning would cost the subprocess a minute) with rope_attention.GLUON_FWD = gluon, in a subprocess: None if
-    ours matched the reference, else why not. A kernel new to the GPU that hangs (a barrier's phase wrong) is stopped
-    at `timeout` seconds there instead of holding the bench (and a lease's step) to its cap."""
+    autotuning would cost the subprocess a minute) with _ours' switches `flip` (gluon, pingpong), in a subprocess:
+    None if ours matched the reference, else why not. A kernel new to the GPU that hangs (a barrier's phase wrong) is
+    stopped at `timeout` seconds there instead of holding the bench (and a lease's step) to its cap."""
     import subprocess
 
+    name = f"GLUON_FWD={flip['gluon']}, PINGPONG={flip['pingpong']}"
     code = (
         "import torch, bench.bench_rope_attention as B; "
-        f"B._check_one('GLUON_FWD={gluon}', dict(gluon={gluon}), {hq}, {hkv}, {d}, {dtype}, {theta!r}, grads=False)"
+        f"B._check_one({name!r}, {flip!r}, {hq}, {hkv}, {d}, {dtype}, {theta!r}, grads=False)"
     )
     root = Path(__file__).resolve().parents[1]
     try:
@@ -371,7 +383,7 @@ def ptxas_report(
         mma = " ".join(f"{k}:{v}" for k, v in sorted(info["mma"].items())) or "no-mma"
         ws = f" warps={info['warps']} setmaxnreg={info['setmaxnreg']}" if info["setmaxnreg"] else ""
         ws += f" exp2-in-flight={info['exp2_in_flight']}" if info["exp2_in_flight"] else ""
-        print(f"{name:7} {label:38} smem={info['shared']:>6} regs={info['regs']} spill={info['spill_bytes']} "
+        print(f"{name:7} {label:42} smem={info['shared']:>6} regs={info['regs']} spill={info['spill_bytes']} "
               f"in-loop={info['loop_spills']} {mma} {loads}{ws}", flush=True)  # fmt: skip
 
     # the rotary pre-pass of the forward (k only, written to a buffer), at the default shape's tiles
@@ -420,6 +432,12 @@ def ptxas_report(
             retype = attention_gluon.build_types(dtype, head_dim, block_n)
             report("fwd", attention_gluon._fwd_fa3_kernel, {**consts, "STAGES": stages}, attention_gluon.NUM_WARPS, 1,
                    label, retype=retype)  # fmt: skip
+            # its ping-pong form (attention_gluon.PINGPONG): a producer warp, two consumer warpgroups in turn, 12 warps
+            # in all under a 168-register cap at launch that setmaxnreg hands on (240 to each consumer)
+            consts.update(STAGES=stages, CONSUMER_REGS=attention_gluon.CONSUMER_REGS)
+            label = f"BLOCK_N={block_n} w=4+4+1 s={stages} GLUON PINGPONG TMA"
+            report("fwd", attention_gluon._fwd_fa3_ws_kernel, consts, attention_gluon.PINGPONG_WARPS, 1, label,
+                   maxnreg=attention_gluon.PINGPONG_MAXNREG, retype=retype)  # fmt: skip
     fin = dict(HEAD_DIM=head_dim, HALF=base["HALF"], BLOCK_T=32, TAB_ROWS=rotary.TAB_ROWS)  # (DQ_ATOMIC's last pass)
     report("dq_fin", ra_bwd._bwd_dq_finish_kernel, fin, 8, 1, "BLOCK_T=32")
     return rows
@@ -448,6 +466,9 @@ SWEEP_FWD += [(64, 64, 4, 3, False), (128, 128, 8, 3, False)]
 # rope_attention.GLUON_FWD's forward (kernels/attention_gluon.py: its key tiles and stages), timed after the rest
 SWEEP_GLUON = [
     (attention_gluon.BLOCK_M, n, attention_gluon.NUM_WARPS, st, True, {"GLUON": True})
+    for n, st in attention_gluon.SHAPES
+] + [  # (its ping-pong form: attention_gluon.PINGPONG)
+    (attention_gluon.BLOCK_M, n, attention_gluon.PINGPONG_WARPS, st, True, {"GLUON": True, "PINGPONG": True})
     for n, st in attention_gluon.SHAPES
 ]
 # rope_attention_bwd.WARP_SPEC first: the query loop warp-specialised, 4 warps a partition
@@ -549,6 +570,9 @@ def as_default(row: dict) -> str:
     for the Gluon forward its switch and tile."""
     if row.get("GLUON"):
         tile = f"({row['BLOCK_N']}, {row['num_stages']})"
+        if row.get("PINGPONG"):
+            said = "rope_attention.GLUON_FWD = True, attention_gluon.PINGPONG = True"
+            return f"{said}, attention_gluon.PINGPONG_TILE = {tile}"
         return f"rope_attention.GLUON_FWD = True, attention_gluon.DEFAULT_TILE = {tile}"
     key, seq, inner, shapes, ws_shapes = _AS_DEFAULT[row["kernel"]]
     where = ws_shapes if row.get("WARP_SPEC") else shapes

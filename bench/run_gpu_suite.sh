@@ -3,8 +3,8 @@
 #   bash bench/run_gpu_suite.sh OUT_DIR [NAME ...]
 #   SUITE_BUDGET_S=540 bash bench/run_gpu_suite.sh "$OUT" first     # a first lease: the headline checks
 #   bash bench/run_gpu_suite.sh --tree   # the fingerprint of this checkout's sources, as summary.txt's `tree` line
-# NAMEs: gpu_tests kernel_tests gluon_tests (or tests: the three) offload gae logprob rope_attention rope_sweep
-# paged_attention paged_attention_fp8 paged_sweep paged_sweep_fp8 rmsnorm_swiglu sampling rollout_b64
+# NAMEs: gpu_tests kernel_tests gluon_tests pingpong_tests (or tests: the four) offload gae logprob rope_attention
+# rope_sweep paged_attention paged_attention_fp8 paged_sweep paged_sweep_fp8 rmsnorm_swiglu sampling rollout_b64
 # rollout_b64_hf_static rollout_b1 rollout_b64_sync rollout_b64_fp8 rollout_ppo_like ppo_step ppo_step_offload
 # ppo_step_resident; the group `first` is what a 15-minute lease can hold (the two issues' headline figures and the
 # kernels' comparisons without their torch.compile rows, then the engine's GPU tests and the kernel tests with the
@@ -59,8 +59,9 @@ names=" $* "
 # way (no torch.compile peer rows: their cold compiles cost a minute each); then the tests with the time left
 first=0
 [[ "$names" == *" first "* ]] && first=1 \
-  && names="$names rope_attention rollout_b64 rollout_b1 paged_attention logprob gpu_tests kernel_tests gluon_tests "
-[[ "$names" == *" tests "* ]] && names="$names gpu_tests kernel_tests gluon_tests "
+  && names="$names rope_attention rollout_b64 rollout_b1 paged_attention logprob gpu_tests kernel_tests gluon_tests " \
+  && names="$names pingpong_tests "
+[[ "$names" == *" tests "* ]] && names="$names gpu_tests kernel_tests gluon_tests pingpong_tests "
 out=$(mkdir -p "$out" && cd "$out" && pwd)  # absolute: the script changes directory next
 work=${SUITE_WORK_DIR:-$(mktemp -d)}  # the per-step files; OUT_DIR gets only the archive and the summary
 work=$(mkdir -p "$work" && cd "$work" && pwd)  # (absolute too)
@@ -218,7 +219,7 @@ fi
 if [[ "$names" == *" next "* ]]; then  # the next lease's first call: what decides the opt-in switches (alone)
   names="$names next_tests rollout_b64_linear rollout_b64_linear_pdl rollout_b64_cublas rope_attention_tma "
   names="$names rollout_b1_linear rollout_b1_linear_pdl rollout_b1_cublas rollout_b1_pdl linear sampling "
-  names="$names gluon_tests linear_sweep rope_sweep "
+  names="$names gluon_tests pingpong_tests linear_sweep rope_sweep "
   # (the Gluon forward's tests apart, later and under their own short cap: a kernel new to the GPU may hang)
   step next_tests 100 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test \
     tests/kernels/test_decode_linear.py tests/kernels/test_paged_attention.py tests/kernels/test_sampling.py \
@@ -241,18 +242,26 @@ if [[ "$names" == *" next "* ]]; then  # the next lease's first call: what decid
   # (batch 1, 64 and 256: the top-50 and top-p floors against torch, rows in parts against one program a row)
   bench sampling 60 "$PY" bench/bench_sampling.py --no-compile
   # rope_attention.GLUON_FWD's forward against float64 (poisoned outputs, non-finite neighbours, its backward)
-  step gluon_tests 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py -k gluon
+  step gluon_tests 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py \
+    -k "gluon and not pingpong"
+  # (its ping-pong form, attention_gluon.PINGPONG, apart: a barrier phase wrong hangs it, and only its own step)
+  step pingpong_tests 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py \
+    -k pingpong
   bench linear_sweep 100 "$PY" bench/bench_decode_linear.py --rows 64 1 --sweep --budget-s 80
   bench rope_sweep 150 "$PY" bench/bench_rope_attention.py --sweep
   finish
 fi
 if [[ "$names" == *" tma "* ]]; then  # the attention's inner tiles by tensor descriptor (alone)
-  names="$names tma_tests rope_attention_tma gluon_tests rope_sweep "
+  names="$names tma_tests rope_attention_tma gluon_tests pingpong_tests rope_sweep "
   step tma_tests 90 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test \
     tests/kernels/test_rope_attention.py -k "not gluon"
   # ours (TMA), ours by pointer loads, SDPA flash / cuDNN with and without HF's rotary, dense and packed
   bench rope_attention_tma 210 "$PY" bench/bench_rope_attention.py --no-compile
-  step gluon_tests 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py -k gluon
+  step gluon_tests 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py \
+    -k "gluon and not pingpong"
+  # (its ping-pong form, attention_gluon.PINGPONG, apart: a barrier phase wrong hangs it, and only its own step)
+  step pingpong_tests 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py \
+    -k pingpong
   bench rope_sweep 220 "$PY" bench/bench_rope_attention.py --sweep
   finish
 fi
@@ -288,7 +297,11 @@ bench paged_attention 60 "$PY" bench/bench_paged_attention.py "${light[@]}"
 bench logprob 60 "$PY" bench/bench_logprob.py "${light[@]}"
 step gpu_tests 210 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test tests/engine/test_gpu.py
 step kernel_tests 300 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test tests/kernels -k "not gluon"
-step gluon_tests 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py -k gluon
+step gluon_tests 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py \
+  -k "gluon and not pingpong"
+# (its ping-pong form, attention_gluon.PINGPONG, apart: a barrier phase wrong hangs it, and only its own step)
+step pingpong_tests 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py \
+  -k pingpong
 bench offload 90 "$PY" bench/bench_offload.py   # PCIe rates, a streamed Adam step, the offload settings' cost
 bench gae 40 "$PY" bench/bench_gae.py
 bench rmsnorm_swiglu 60 "$PY" bench/bench_rmsnorm_swiglu.py

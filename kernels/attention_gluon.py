@@ -16,10 +16,19 @@ are attention_tiles'. Rows of a neighbouring sequence that a tile's bulk copy br
 mask covers them) or zeroed (values of the last tile, in shared memory, so that a neighbour's inf or NaN never meets
 a zero probability).
 
+Its ping-pong form (_fwd_fa3_ws_kernel, PINGPONG: FlashAttention-3's other half) specialises the warps: a producer
+warp issues the bulk copies (q's block, then each key tile's K and V as the stages free up: `empty` barriers both
+consumers arrive at), and the two warpgroups become consumer partitions of 64 query rows each, no longer in step (the
+8-warp kernel's CTA barriers around every bulk copy keep them so), which issue their products in turn (`turn`
+barriers: one warpgroup's score and P V products, then the other's), so that one's softmax runs while the other's
+products do, on top of the overlap within each. 12 warps under a 168-register cap at launch; setmaxnreg gives each
+consumer 240 and the producer's warpgroup 24.
+
 Limits: an sm_90 GPU (warpgroup MMA is sm_90a's), bf16/fp16, head dims 64 and 128, tiles by TMA; Triton's interpreter
 does not run Gluon, so on CPU the kernel is compiled for sm_90a and inspected (tests/kernels/test_sm90_compile.py:
 the softmax between the two waits, no spills) and its numbers are checked on a GPU (tests/kernels/
-test_rope_attention.py). Opt-in: rope_attention.GLUON_FWD, or GLUON=True in an explicit launch config.
+test_rope_attention.py). Opt-in: rope_attention.GLUON_FWD (with PINGPONG for the ping-pong form), or GLUON=True (and
+PINGPONG=True) in an explicit launch config.
 """
 
 from __future__ import annotations
@@ -49,10 +58,21 @@ except ImportError as err:  # pragma: no cover (Triton 3.6 has it)
 BLOCK_M = 128  # two warpgroups of 64 query rows
 NUM_WARPS = 8
 HEAD_DIMS = (64, 128)
-# (key tile, stages): 128-key tiles in 2 stages take 160 KiB of shared memory at D = 128 and 255 registers without
-# spilling (sm_90a, ptxas); 64-key tiles 166 registers, 96 KiB in 2 stages. SHAPES: what the bench times.
+# (key tile, stages): 128-key tiles in 2 stages take 160 KiB of shared memory at D = 128 and 213 registers without
+# spilling (sm_90a, ptxas); 64-key tiles 96 KiB in 2 stages. SHAPES: what the bench times.
 DEFAULT_TILE = (128, 2)
 SHAPES = (DEFAULT_TILE, (64, 2), (64, 3), (128, 3))
+
+# The ping-pong form (_fwd_fa3_ws_kernel: FlashAttention-3's other half): a producer warp issues the bulk copies and
+# the two warpgroups become consumer partitions that issue their tensor-core work in turn, so that one's softmax runs
+# while the other's products do, where the 8-warp kernel keeps both in step (a CTA barrier around every bulk copy).
+# Launched with num_warps=4 (the default partition: consumer 0) and 12 warps in all under a cap of 168 registers a
+# thread at launch, which setmaxnreg redistributes: 240 to each consumer, 24 to the producer's warpgroup.
+PINGPONG = False  # (the module's choice where a launch does not say: off until a GPU has checked and timed it)
+PINGPONG_WARPS = 4
+PINGPONG_MAXNREG = 168
+CONSUMER_REGS = 240
+PINGPONG_TILE = (128, 2)  # (its shapes: SHAPES, 128-key tiles in 3 stages at 229,776 B of shared memory)
 
 
 def build_types(dtype: str, head_dim: int, block_n: int) -> dict[str, str]:
@@ -92,12 +112,16 @@ def forward(
     softmax_scale: float,
     block_n: int | None = None,
     stages: int | None = None,
+    pingpong: bool | None = None,
 ) -> None:
     """out [N, Hq, D] and lse [Hq, N] (base 2) of causal attention within the sequences of cu (int32 [S+1]) over the
-    rotated q [N, Hq, D] and k [N, Hkv, D] (contiguous) and v [N, Hkv, D] (rows of heads side by side)."""
+    rotated q [N, Hq, D] and k [N, Hkv, D] (contiguous) and v [N, Hkv, D] (rows of heads side by side). pingpong:
+    the warp-specialised kernel (None: PINGPONG); block_n, stages: its key tiles (None: the kernel's default)."""
     n, hq, d = q_rot.shape
     hkv = k_rot.shape[1]
-    block_n, stages = block_n or DEFAULT_TILE[0], stages or DEFAULT_TILE[1]
+    pingpong = PINGPONG if pingpong is None else pingpong
+    tile = PINGPONG_TILE if pingpong else DEFAULT_TILE
+    block_n, stages = block_n or tile[0], stages or tile[1]
     if block_n not in (64, 128) or not 2 <= stages <= 4:
         raise ValueError(f"the Gluon forward takes 64- or 128-key tiles in 2 to 4 stages; got {block_n}, {stages}")
     gdt = gl.bfloat16 if q_rot.dtype == torch.bfloat16 else gl.float16
@@ -107,11 +131,14 @@ def forward(
         x, shape=[n, h * d], strides=[x.stride(0), 1], block_shape=[block, d], layout=layout
     )
     cu_blk, grid0, n_steps = _block_index(cu, n, BLOCK_M)
-    _fwd_fa3_kernel[(grid0, hq)](
+    kernel, launch = _fwd_fa3_kernel, dict(num_warps=NUM_WARPS)
+    if pingpong:
+        kernel = _fwd_fa3_ws_kernel
+        launch = dict(CONSUMER_REGS=CONSUMER_REGS, num_warps=PINGPONG_WARPS, maxnreg=PINGPONG_MAXNREG)
+    kernel[(grid0, hq)](
         rows(q_rot, hq, BLOCK_M, q_layout), rows(k_rot, hkv, block_n, kv_layout), rows(v, hkv, block_n, kv_layout),
         out, lse, cu, cu_blk, out.stride(0), out.stride(1), n, cu.numel() - 1, softmax_scale * 1.4426950408889634,
-        N_STEPS=n_steps, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages,
-        num_warps=NUM_WARPS,
+        N_STEPS=n_steps, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, **launch,
     )  # fmt: skip
 
 
@@ -195,6 +222,7 @@ if _NO_GLUON is None:
         m_i = gl.max(s, 1) * qk_scale
         p = gl.exp2(s * qk_scale - m_i[:, None])
         l_i = gl.sum(p, 1)
+        p = gl.convert_layout(p.to(dtype), p_layout)  # (P in 16 bits from here: half the registers of fp32's)
         for j in range(0, n_tiles - 1):
             # S_{j+1} = q k_{j+1}^T and O += P_j V_j issued together; the softmax of S_{j+1} runs while P_j V_j does
             kst = (j + 1) % STAGES
@@ -202,7 +230,7 @@ if _NO_GLUON is None:
             mbarrier.wait(k_bar.index(kst), ((j + 1) // STAGES) & 1)
             mbarrier.wait(v_bar.index(vst), (j // STAGES) & 1)
             s_tok = warpgroup_mma(q_smem, k_smem.index(kst).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            acc_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(vst), acc, is_async=True)
+            acc_tok = warpgroup_mma(p, v_smem.index(vst), acc, is_async=True)
             s = warpgroup_mma_wait(1, deps=[s_tok])
             gl.thread_barrier()  # (every warpgroup's S_{j+1} has read its key stage: it takes tile j + 1 + STAGES)
             nxt = j + 1 + STAGES
@@ -214,6 +242,7 @@ if _NO_GLUON is None:
             p = gl.exp2(s * qk_scale - m_ij[:, None])
             alpha = gl.exp2(m_i - m_ij)
             l_i = l_i * alpha + gl.sum(p, 1)
+            p = gl.convert_layout(p.to(dtype), p_layout)
             m_i = m_ij
             acc = warpgroup_mma_wait(0, deps=[acc_tok])
             gl.thread_barrier()  # (every warpgroup's P_j V_j has read its value stage: it takes tile j + STAGES)
@@ -226,7 +255,7 @@ if _NO_GLUON is None:
             _zero_rows_past(v_smem.index(vst), hi - last * BLOCK_N, BLOCK_N, HEAD_DIM, 32)
             fence_async_shared()
             gl.thread_barrier()
-        acc_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(vst), acc, is_async=True)
+        acc_tok = warpgroup_mma(p, v_smem.index(vst), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=[acc_tok])
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(k_bar.index(i))
@@ -239,3 +268,171 @@ if _NO_GLUON is None:
         ptrs = O + h * stride_oh + (tok0 + rows).to(gl.int64)[:, None] * stride_on + cols[None, :]
         gl.store(ptrs, acc.to(dtype), mask=(rows < seq_len)[:, None])
         gl.store(LSE + h * n_tokens + tok0 + offs_m, m_i + gl.log2(l_i), mask=offs_m < seq_len)
+
+
+if _NO_GLUON is None:
+
+    @gluon.jit
+    def _ws_loader(q_desc, k_desc, v_desc, smem, bars, tok0, h, col, start_m, n_tiles):
+        """The producer warp: q's block, then each key tile's K and V into the rings' next stages as the two consumer
+        warpgroups free them (a stage's `empty` barrier completes when both have read it)."""
+        q_smem, k_smem, v_smem = smem
+        q_bar, k_ready, v_ready, k_empty, v_empty, turn = bars
+        STAGES: gl.constexpr = k_smem.shape[0]
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        HEAD_DIM: gl.constexpr = k_smem.shape[2]
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [tok0 + start_m, h * HEAD_DIM], q_bar, q_smem)
+        for t in range(n_tiles):
+            st = t % STAGES
+            free = ((t // STAGES) & 1) ^ 1  # (a fresh barrier's "previous phase" counts as complete)
+            mbarrier.wait(k_empty.index(st), free)
+            _refill(k_desc, k_ready.index(st), k_smem.index(st), t, tok0, col, True, BLOCK_N)
+            mbarrier.wait(v_empty.index(st), free)
+            _refill(v_desc, v_ready.index(st), v_smem.index(st), t, tok0, col, True, BLOCK_N)
+
+    @gluon.jit
+    def _ws_consumer(smem, bars, O, LSE, tok0, h, seq_len, start_m, hi, n_tiles, n_tokens, stride_on, stride_oh,
+                     qk_scale, C: gl.constexpr):  # fmt: skip
+        """Consumer warpgroup C (0 or 1): query rows start_m + C * ROWS + [0, ROWS), FlashAttention-3's
+        intra-warpgroup order (as _fwd_fa3_kernel), its tensor-core work issued in turn with the other consumer's
+        (ping-pong: `turn` barriers), each stage released to the producer by an arrive once its products read it."""
+        q_smem, k_smem, v_smem = smem
+        q_bar, k_ready, v_ready, k_empty, v_empty, turn = bars
+        dtype: gl.constexpr = q_smem.dtype
+        STAGES: gl.constexpr = k_smem.shape[0]
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        HEAD_DIM: gl.constexpr = k_smem.shape[2]
+        ROWS: gl.constexpr = q_smem.shape[0] // 2
+        WARPS: gl.constexpr = gl.num_warps()
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_N, 16]
+        )
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, HEAD_DIM, 16]
+        )
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        scol: gl.constexpr = gl.SliceLayout(0, s_layout)
+        orow: gl.constexpr = gl.SliceLayout(1, o_layout)
+        q_c = q_smem.slice(C * ROWS, ROWS)
+        mine = turn.index(C)
+        other = turn.index(1 - C)
+        row0 = start_m + C * ROWS
+        offs_m = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+        zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+
+        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(k_ready.index(0), 0)
+        mbarrier.wait(mine, 0)
+        s = warpgroup_mma(q_c, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        mbarrier.arrive(other, count=1)
+        s = warpgroup_mma_wait(0, deps=[s])
+        mbarrier.arrive(k_empty.index(0), count=1)
+        offs_n = gl.arange(0, BLOCK_N, layout=scol)
+        s = gl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+        m_i = gl.max(s, 1) * qk_scale
+        p = gl.exp2(s * qk_scale - m_i[:, None])
+        l_i = gl.sum(p, 1)
+        p = gl.convert_layout(p.to(dtype), p_layout)  # (P in 16 bits from here: half the registers of fp32's)
+        for j in range(0, n_tiles - 1):
+            kst = (j + 1) % STAGES
+            vst = j % STAGES
+            mbarrier.wait(k_ready.index(kst), ((j + 1) // STAGES) & 1)
+            mbarrier.wait(v_ready.index(vst), (j // STAGES) & 1)
+            mbarrier.wait(mine, (j + 1) & 1)
+            s_tok = warpgroup_mma(q_c, k_smem.index(kst).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            acc_tok = warpgroup_mma(p, v_smem.index(vst), acc, is_async=True)
+            mbarrier.arrive(other, count=1)
+            s = warpgroup_mma_wait(1, deps=[s_tok])
+            mbarrier.arrive(k_empty.index(kst), count=1)
+            if (j + 2) * BLOCK_N > row0:  # a tile that reaches this warpgroup's diagonal
+                offs_n = (j + 1) * BLOCK_N + gl.arange(0, BLOCK_N, layout=scol)
+                s = gl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+            m_ij = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+            p = gl.exp2(s * qk_scale - m_ij[:, None])
+            alpha = gl.exp2(m_i - m_ij)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            p = gl.convert_layout(p.to(dtype), p_layout)
+            m_i = m_ij
+            acc = warpgroup_mma_wait(0, deps=[acc_tok])
+            mbarrier.arrive(v_empty.index(vst), count=1)
+            acc = acc * gl.convert_layout(alpha, orow)[:, None]
+        last = n_tiles - 1
+        vst = last % STAGES
+        mbarrier.wait(v_ready.index(vst), (last // STAGES) & 1)
+        if hi - last * BLOCK_N < BLOCK_N:  # (both consumers zero the same rows: the same bytes, whoever is first)
+            _zero_rows_past(v_smem.index(vst), hi - last * BLOCK_N, BLOCK_N, HEAD_DIM, 16)
+            fence_async_shared()
+            gl.thread_barrier()  # (this partition's warps: all four's zeros stored before their product reads them)
+        mbarrier.wait(mine, n_tiles & 1)
+        acc_tok = warpgroup_mma(p, v_smem.index(vst), acc, is_async=True)
+        mbarrier.arrive(other, count=1)
+        acc = warpgroup_mma_wait(0, deps=[acc_tok])
+
+        acc = acc / gl.convert_layout(l_i, orow)[:, None]
+        rows = row0 + gl.arange(0, ROWS, layout=orow)
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        ptrs = O + h * stride_oh + (tok0 + rows).to(gl.int64)[:, None] * stride_on + cols[None, :]
+        gl.store(ptrs, acc.to(dtype), mask=(rows < seq_len)[:, None])
+        gl.store(LSE + h * n_tokens + tok0 + offs_m, m_i + gl.log2(l_i), mask=offs_m < seq_len)
+
+    @gluon.jit
+    def _ws_consumer0(smem, bars, O, LSE, tok0, h, seq_len, start_m, hi, n_tiles, n_tokens, stride_on, stride_oh, qk):
+        _ws_consumer(smem, bars, O, LSE, tok0, h, seq_len, start_m, hi, n_tiles, n_tokens, stride_on, stride_oh, qk, 0)
+
+    @gluon.jit
+    def _ws_consumer1(smem, bars, O, LSE, tok0, h, seq_len, start_m, hi, n_tiles, n_tokens, stride_on, stride_oh, qk):
+        _ws_consumer(smem, bars, O, LSE, tok0, h, seq_len, start_m, hi, n_tiles, n_tokens, stride_on, stride_oh, qk, 1)
+
+    @gluon.jit
+    def _fwd_fa3_ws_kernel(
+        q_desc, k_desc, v_desc, O, LSE, CU_SEQ, CU_BLK, stride_on, stride_oh, n_tokens, num_seqs, qk_scale,
+        N_STEPS: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    ):  # fmt: skip
+        """_fwd_fa3_kernel's arguments and outputs, warp-specialised: a producer warp (the bulk copies) and two consumer
+        warpgroups of BLOCK_M // 2 query rows each (the default partition, launched with num_warps=4, and a worker),
+        which issue their tensor-core work in turn (FlashAttention-3's ping-pong) so that one's softmax runs while
+        the other's products do."""
+        pid = gl.program_id(0)
+        h = gl.program_id(1)
+        if pid >= gl.load(CU_BLK + num_seqs):
+            return
+        col = (h // GROUP) * HEAD_DIM
+        tok0, seq_len, blk = _locate_tile(CU_BLK, CU_SEQ, pid, num_seqs, n_tokens, N_STEPS, True)
+        start_m = blk * BLOCK_M
+        hi = gl.minimum(start_m + BLOCK_M, seq_len)
+        n_tiles = gl.cdiv(hi, BLOCK_N)
+        dtype: gl.constexpr = q_desc.dtype
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=2)
+        mbarrier.init(turn.index(0), count=1)
+        mbarrier.init(turn.index(1), count=1)
+        mbarrier.arrive(turn.index(0), count=1)  # (consumer 0 issues first)
+        smem = (q_smem, k_smem, v_smem)
+        bars = (q_bar, k_ready, v_ready, k_empty, v_empty, turn)
+        consumer = (smem, bars, O, LSE, tok0, h, seq_len, start_m, hi, n_tiles, n_tokens, stride_on, stride_oh)
+        consumer += (qk_scale,)
+        gl.warp_specialize(
+            [
+                (_ws_consumer0, consumer),
+                (_ws_consumer1, consumer),
+                (_ws_loader, (q_desc, k_desc, v_desc, smem, bars, tok0, h, col, start_m, n_tiles)),
+            ],
+            [4, 1],
+            [CONSUMER_REGS, 24],
+        )

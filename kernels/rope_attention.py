@@ -34,7 +34,9 @@ the last block run an empty loop and store nothing. rope_attention_bwd.WARP_SPEC
 GLUON_FWD (opt-in, untimed; implies Q_PREPASS; an sm_90 GPU, bf16/fp16, head dims 64 and 128): the forward in
 Gluon (kernels/attention_gluon.py), FlashAttention-3's intra-warpgroup order: each key tile's score product and the
 last tile's P @ V product issued together, the softmax computed while P @ V runs, which plain Triton 3.6 does not
-schedule in any source order (it waits for each score product at once). Its backward is this module's.
+schedule in any source order (it waits for each score product at once); with attention_gluon.PINGPONG (or PINGPONG=True
+in a config) FA3's ping-pong form of it: a producer warp and two consumer warpgroups that issue their products in
+turn. Its backward is this module's.
 
 cos/sin of a query tile: within one tile the positions are normally consecutive (p0, p0+1, ...). Then
 cos/sin((p0 + j) * f) come from cos/sin(p0 * f) (one row of transcendentals per tile) and a small
@@ -257,9 +259,10 @@ Q_PREPASS = False
 WARP_SPEC = False
 
 # The forward in Gluon (kernels/attention_gluon.py: FlashAttention-3's intra-warpgroup order, the softmax of one key
-# tile while the tensor cores run the last tile's P @ V, which plain Triton 3.6 does not schedule), on an sm_90 GPU
-# with bf16/fp16 and head dims 64 and 128; q rotated by the pre-pass. Off until a GPU has checked and timed it
-# (bench_rope_attention.py: the row "ours, Gluon forward").
+# tile while the tensor cores run the last tile's P @ V, which plain Triton 3.6 does not schedule; in 8 warps, or
+# with attention_gluon.PINGPONG in FA3's ping-pong form, a producer warp and two consumer warpgroups taking turns), on
+# an sm_90 GPU with bf16/fp16 and head dims 64 and 128; q rotated by the pre-pass. Off until a GPU has checked and
+# timed it (bench_rope_attention.py: the rows "ours, Gluon forward" and "ours, Gluon forward, ping-pong").
 GLUON_FWD = False
 
 
@@ -269,20 +272,24 @@ def _no_tma(tma: bool) -> str | None:
 
 
 def _gluon_config(config: dict | None) -> dict:
-    """An explicit launch config for the Gluon forward -> {BLOCK_N, num_stages} (None: its defaults): its query
-    block is 128 rows in 8 warps (two warpgroups), and it has no other switch."""
+    """An explicit launch config for the Gluon forward -> {BLOCK_N, num_stages, PINGPONG} (None: its defaults): its
+    query block is 128 rows, in 8 warps (two warpgroups) or, PINGPONG=True, in the ping-pong kernel's two consumer
+    warpgroups and producer warp (num_warps=4: the default partition); it has no other switch."""
     config = dict(config or {})
     if config.pop("WARP_SPEC", False) or config.pop("BOUNDED", False):
         raise ValueError("config GLUON=True with WARP_SPEC or BOUNDED: the Gluon forward is a forward of its own")
     if config.pop("BLOCK_M", attention_gluon.BLOCK_M) != attention_gluon.BLOCK_M:
         raise ValueError(f"config GLUON=True takes BLOCK_M={attention_gluon.BLOCK_M} (two warpgroups of 64 rows)")
-    if config.pop("num_warps", attention_gluon.NUM_WARPS) != attention_gluon.NUM_WARPS:
-        raise ValueError(f"config GLUON=True takes num_warps={attention_gluon.NUM_WARPS}")
+    pingpong = config.pop("PINGPONG", None)
+    warps = attention_gluon.PINGPONG_WARPS if pingpong else attention_gluon.NUM_WARPS
+    if config.pop("num_warps", warps) != warps:
+        kind = "with PINGPONG=True" if pingpong else "without PINGPONG"
+        raise ValueError(f"config GLUON=True {kind} takes num_warps={warps}")
     if not config.pop("Q_PREPASS", True):
         raise ValueError("config GLUON=True with Q_PREPASS=False: the Gluon forward loads q rotated by the pre-pass")
-    out = {"BLOCK_N": config.pop("BLOCK_N", None), "num_stages": config.pop("num_stages", None)}
+    out = {"BLOCK_N": config.pop("BLOCK_N", None), "num_stages": config.pop("num_stages", None), "PINGPONG": pingpong}
     if config:
-        raise ValueError(f"config GLUON=True takes BLOCK_N and num_stages, not {sorted(config)}")
+        raise ValueError(f"config GLUON=True takes BLOCK_N, num_stages and PINGPONG, not {sorted(config)}")
     return out
 
 

@@ -331,9 +331,9 @@ def test_rope_sweep_figures_and_best(monkeypatch, capsys):
 
 
 def test_rope_bench_checks_the_gluon_forward_once_where_it_is_timed(monkeypatch):
-    """The Gluon forward's row (timed last, where it can run) is checked against the fp32 reference on its first call,
-    once a run, in a subprocess under a timeout: a mismatch, a crash or a hang is that row's error on every call (the
-    bench then exits non-zero), a match times ours with rope_attention.GLUON_FWD flipped."""
+    """The Gluon forward's rows (timed last, where it can run: 8 warps and ping-pong) are each checked against the fp32
+    reference on their first call, once a run, in a subprocess under a timeout: a mismatch, a crash or a hang is that
+    row's error on every call (the bench then exits non-zero), a match times ours with its switches set."""
     import subprocess
 
     import bench.bench_rope_attention as B
@@ -341,22 +341,25 @@ def test_rope_bench_checks_the_gluon_forward_once_where_it_is_timed(monkeypatch)
     checks, timed = [], []
     q, kv = torch.zeros(4, 8, 64), torch.zeros(4, 2, 64)
     args = SimpleNamespace(rope_theta=5e5)
-    monkeypatch.setattr(B, "_ours", lambda *a, **kw: timed.append(kw.get("gluon")))
+    monkeypatch.setattr(B, "_ours", lambda *a, **kw: timed.append((kw.get("gluon"), kw.get("pingpong"))))
     for verdict in ("ours differs from the reference", None):
-        monkeypatch.setattr(B, "_GLUON_CHECKED", [])
+        monkeypatch.setattr(B, "_GLUON_CHECKED", {})
         checks.clear(), timed.clear()
         monkeypatch.setattr(B, "_gluon_check", lambda *a, verdict=verdict: checks.append(a) or verdict)
-        for _ in range(2):
+        for pingpong in (False, True, False, True):
+            row = dict(positions=None, cu=None, theta=5e5, args=args, gluon=True, pingpong=pingpong)
             if verdict:
                 with pytest.raises(RuntimeError, match=verdict):
-                    B._gluon_row(q, kv, kv, positions=None, cu=None, theta=5e5, args=args)
+                    B._gluon_row(q, kv, kv, **row)
             else:
-                B._gluon_row(q, kv, kv, positions=None, cu=None, theta=5e5, args=args)
-        assert checks == [(True, 8, 2, 64, torch.float32, 5e5)] and timed == ([] if verdict else [True, True])
+                B._gluon_row(q, kv, kv, **row)
+        forms = [dict(gluon=True, pingpong=p) for p in (False, True)]
+        assert checks == [(f, 8, 2, 64, torch.float32, 5e5) for f in forms], checks
+        assert timed == ([] if verdict else [(True, False), (True, True)] * 2)
     monkeypatch.undo()
     # the check itself: here (no GPU) the subprocess's _check_one fails, and its last word is the reason; a hang stops
     # at the timeout
-    why = B._gluon_check(True, 4, 2, 64, torch.bfloat16, 1e4, timeout=300)
+    why = B._gluon_check(dict(gluon=True, pingpong=None), 4, 2, 64, torch.bfloat16, 1e4, timeout=300)
     assert why and ("CUDA" in why or "cuda" in why), why
 
     asked = []
@@ -366,12 +369,12 @@ def test_rope_bench_checks_the_gluon_forward_once_where_it_is_timed(monkeypatch)
         raise subprocess.TimeoutExpired(a[0], kw["timeout"])
 
     monkeypatch.setattr(subprocess, "run", hang)
-    assert B._gluon_check(True, 4, 2, 64, torch.bfloat16, 1e4, timeout=7) == (
+    assert B._gluon_check(dict(gluon=True, pingpong=True), 4, 2, 64, torch.bfloat16, 1e4, timeout=7) == (
         "its check against the reference did not finish in 7 s (a hang?)"
     )
-    # (the forward alone: the Gluon kernel's; dict(gluon=True) flips the switch there)
-    assert asked == ["import torch, bench.bench_rope_attention as B; B._check_one('GLUON_FWD=True', "
-                     "dict(gluon=True), 4, 2, 64, torch.bfloat16, 10000.0, grads=False)"]  # fmt: skip
+    # (the forward alone: the Gluon kernel's; the switches flipped there as in the row)
+    assert asked == ["import torch, bench.bench_rope_attention as B; B._check_one('GLUON_FWD=True, PINGPONG=True', "
+                     "{'gluon': True, 'pingpong': True}, 4, 2, 64, torch.bfloat16, 10000.0, grads=False)"]  # fmt: skip
 
 
 def test_rope_bench_counts_the_query_heads_of_each_sequence(tmp_path, monkeypatch):

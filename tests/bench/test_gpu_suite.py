@@ -66,7 +66,8 @@ def test_suite_caps_steps_and_packs_logs(tmp_path):
     lines = {line.split(":")[0]: line for line in summary.splitlines() if ": " in line}
     assert lines["rope_attention"].startswith("rope_attention: exit 0")  # the headline figures first
     assert "stopped at its" in lines["rollout_b64"], summary  # 60 s of work in what is left of 12 s
-    for name in ("rollout_b1", "paged_attention", "logprob", "gpu_tests", "kernel_tests", "gluon_tests"):
+    skipped = ("rollout_b1", "paged_attention", "logprob", "gpu_tests", "kernel_tests", "gluon_tests", "pingpong_tests")
+    for name in skipped:
         assert "skipped" in lines[name], summary
     assert "commit abc1234" in summary  # (SUITE_COMMIT: the device's copy of the files may have no .git)
     # and the sources' fingerprint, as `--tree` prints it for a checkout (the device's .git was once stale)
@@ -228,10 +229,12 @@ def test_tma_group_tests_then_benches_the_attention_both_ways_then_sweeps(tmp_pa
     SDPA's backends; no torch.compile row), then the launch sweep; nothing of the other groups."""
     steps, summary, run = _run_group(tmp_path, STUB.replace("sleep 60", "true"), "tma")
     work = run["work"]
-    assert steps == ["tma_tests", "rope_attention_tma", "gluon_tests", "rope_sweep"], summary
+    assert steps == ["tma_tests", "rope_attention_tma", "gluon_tests", "pingpong_tests", "rope_sweep"], summary
     tests, gluon = (work / "tma_tests.log").read_text(), (work / "gluon_tests.log").read_text()
     assert "tests/kernels/test_rope_attention.py -k not gluon" in tests, tests
-    assert "tests/kernels/test_rope_attention.py -k gluon" in gluon, gluon  # (apart, under its own cap)
+    # (apart, each under its own cap: the Gluon forward in 8 warps, then its ping-pong form)
+    assert "tests/kernels/test_rope_attention.py -k gluon and not pingpong" in gluon, gluon
+    assert "test_rope_attention.py -k pingpong" in (work / "pingpong_tests.log").read_text()
     bench = (work / "rope_attention_tma.log").read_text()
     assert "bench/bench_rope_attention.py --no-compile" in bench and "--sweep" not in bench, bench
     assert "--sweep" in (work / "rope_sweep.log").read_text()
@@ -246,12 +249,13 @@ def test_next_group_tests_then_times_each_switch_against_the_defaults(tmp_path):
     work = run["work"]
     assert steps == ["next_tests", "rollout_b64_linear", "rollout_b64_linear_pdl", "rollout_b64_cublas",
                      "rope_attention_tma", "rollout_b1_linear", "rollout_b1_linear_pdl", "rollout_b1_cublas",
-                     "rollout_b1_pdl", "linear", "sampling", "gluon_tests", "linear_sweep",
+                     "rollout_b1_pdl", "linear", "sampling", "gluon_tests", "pingpong_tests", "linear_sweep",
                      "rope_sweep"], summary  # fmt: skip
     assert '--decode-config {"pdl": 1}' in (work / "rollout_b1_pdl.log").read_text()
     tests = (work / "next_tests.log").read_text()
     assert "test_decode_linear.py" in tests and "test_rope_attention.py -k not gluon" in tests, tests
-    assert "test_rope_attention.py -k gluon" in (work / "gluon_tests.log").read_text()  # (the Gluon forward's apart)
+    assert "test_rope_attention.py -k gluon and not pingpong" in (work / "gluon_tests.log").read_text()  # (apart)
+    assert "test_rope_attention.py -k pingpong" in (work / "pingpong_tests.log").read_text()
     for b in (64, 1):
         pdl, cublas = (
             (work / f"rollout_b{b}_linear_pdl.log").read_text(),

@@ -41,6 +41,10 @@ def test_rope_sweep_smoke(capsys):
     # (the Gluon forward's variants, timed last where it runs: its switch and tile; none in the interpreter)
     gluon = dict(kernel="fwd", BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=True, GLUON=True)
     assert as_default(gluon) == "rope_attention.GLUON_FWD = True, attention_gluon.DEFAULT_TILE = (64, 3)"
+    gluon.update(num_warps=4, num_stages=2, PINGPONG=True)  # (its ping-pong form)
+    assert as_default(gluon) == (
+        "rope_attention.GLUON_FWD = True, attention_gluon.PINGPONG = True, attention_gluon.PINGPONG_TILE = (64, 2)"
+    )
     assert not any(r.get("GLUON") for r in rows)
 
 

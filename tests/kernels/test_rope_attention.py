@@ -95,6 +95,9 @@ def _close(actual, expected, dtype, name):
         (torch.bfloat16, 4, 2, 128, 10000.0, "gluon"),
         (torch.float16, 4, 1, 64, 500000.0, "gluon"),
         (torch.bfloat16, 2, 2, 128, 10000.0, "gluon 64x3"),
+        (torch.bfloat16, 4, 2, 128, 10000.0, "gluon pingpong"),
+        (torch.float16, 4, 1, 64, 500000.0, "gluon pingpong"),
+        (torch.bfloat16, 2, 2, 128, 10000.0, "gluon pingpong 64x3"),
     ],
 )
 def test_forward_backward_poisoned(dtype, hq, hkv, d, theta, variant):
@@ -116,7 +119,9 @@ def test_forward_backward_poisoned(dtype, hq, hkv, d, theta, variant):
         cfg = dict(WARP_SPEC=True, BOUNDED=True)
     cfg = cfg and dict(BLOCK_M=32, BLOCK_N=16, **cfg)
     if variant.startswith("gluon"):  # (the default tile: 128 keys in 2 stages; then 64 keys in 3)
-        cfg = dict(GLUON=True, **(dict(BLOCK_N=64, num_stages=3) if variant == "gluon 64x3" else {}))
+        cfg = dict(GLUON=True, **(dict(BLOCK_N=64, num_stages=3) if variant.endswith("64x3") else {}))
+        if "pingpong" in variant:  # (the producer warp and two consumer warpgroups in turn: attention_gluon.PINGPONG)
+            cfg.update(PINGPONG=True, num_warps=4)
     dkdv = dict(BLOCK_N=32, BLOCK_M=16, TMA=variant == "atomic tma", DQ_ATOMIC=True) if "atomic" in variant else None
     dqc = None
     if variant.startswith("warp spec"):
@@ -147,7 +152,7 @@ def test_forward_backward_poisoned(dtype, hq, hkv, d, theta, variant):
     _close(dq, ref_dq, dtype, "dq")
     _close(dk, ref_dk, dtype, "dk")
     _close(dv, ref_dv, dtype, "dv")
-    if variant in ("prepass", "warp spec", "warp spec bounded", "gluon"):  # (the pre-pass's q_rot is a temporary)
+    if variant in ("prepass", "warp spec", "warp spec bounded", "gluon", "gluon pingpong"):  # (pre-pass: temporary)
         assert _rope_attention_fwd(q, k, v, positions, cu, theta, scale, config=cfg)[2] is None
 
 
@@ -248,7 +253,7 @@ def test_autotune_keeps_the_inner_tiles_that_fit_the_sequence_block():
 @pytest.mark.parametrize(
     "tma,atomic,ws",
     [(True, False, False), (False, False, False), (True, True, False), (False, True, False), (True, False, True),
-     (True, False, "bounded"), (True, False, "gluon")],
+     (True, False, "bounded"), (True, False, "gluon"), (True, False, "gluon pingpong")],
 )  # fmt: skip
 def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma, atomic, ws):
     """The tiles that run past a sequence's end hold the next sequence's rows (a tensor descriptor copies whole
@@ -259,9 +264,9 @@ def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma, atomic, ws):
     (their outer tiles by bulk copy too: the last tile's rows past the end are the neighbour's), the forward's keys
     and values (dq's too, and dk/dv's queries and output grads) also by per-sequence descriptors ("bounded": the
     copies' rows past the end are zeros), and the Gluon forward ("gluon", bf16 on a GPU: its 128-key tiles hold the
-    neighbours' rows, the values zeroed in shared memory).
+    neighbours' rows, the values zeroed in shared memory; "gluon pingpong": by both consumer warpgroups).
     Lengths end inside the tiles of every kernel (the dk/dv kernel's last, partial query tile included)."""
-    gluon = ws == "gluon"
+    gluon = ws in ("gluon", "gluon pingpong")
     if gluon and not torch.empty(0).is_cuda:
         pytest.skip("Triton's interpreter does not run Gluon: compiled for sm_90a in test_sm90_compile.py")
     if ws and not gluon and torch.empty(0).is_cuda:
@@ -278,7 +283,7 @@ def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma, atomic, ws):
     fwd = dict(BLOCK_M=32, BLOCK_N=16, TMA=tma, **({"WARP_SPEC": True} if ws else {}))
     dkdv, dq_cfg = dict(BLOCK_N=32, BLOCK_M=16, TMA=tma, DQ_ATOMIC=atomic), dict(BLOCK_M=32, BLOCK_N=16, TMA=tma)
     if gluon:
-        fwd = dict(GLUON=True)
+        fwd = dict(GLUON=True, **(dict(PINGPONG=True, num_warps=4) if ws == "gluon pingpong" else {}))
     elif ws:
         dkdv["WARP_SPEC"] = dq_cfg["WARP_SPEC"] = True
     if ws == "bounded":
@@ -450,10 +455,12 @@ def test_gluon_forward_where_it_can_refused_by_name_elsewhere():
             _rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125, config=dict(GLUON=True, TMA=False))
         mp.setattr(ra, "GLUON_FWD", False)
         _rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125, config=dict(GLUON=True, BLOCK_N=64, num_stages=3))
+        pingpong = dict(GLUON=True, PINGPONG=True, num_warps=4, BLOCK_N=64, num_stages=2)  # (a sweep's row)
+        _rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125, config=pingpong)
     default = attention_tiles.seq_block("fwd", None, "BLOCK_M")
-    assert triton_launches == [32, default] and len(calls) == 2, (triton_launches, len(calls))
+    assert triton_launches == [32, default] and len(calls) == 3, (triton_launches, len(calls))
     q_rot = reference.apply_rotary(q.double(), positions, 1e4)
-    for args, tile in zip(calls, ((None, None), (64, 3))):
+    for args, tile in zip(calls, ((None, None, None), (64, 3, None), (64, 2, True))):
         torch.testing.assert_close(args[0].double(), q_rot, **TOLS[dtype])  # (q by the pre-pass)
         assert args[5] is not None and args[6] == 0.125 and args[7:] == tile
     if not gluon:
@@ -470,14 +477,17 @@ def test_gluon_forward_where_it_can_refused_by_name_elsewhere():
         assert attention_gluon.refused(torch.bfloat16, 128, cuda) == "warpgroup MMA needs an sm_90 GPU, not sm_100"
     for cfg, why in (
         (dict(BLOCK_M=64), "takes BLOCK_M=128"),
-        (dict(num_warps=4), "takes num_warps=8"),
+        (dict(num_warps=4), "without PINGPONG takes num_warps=8"),
+        (dict(PINGPONG=True, num_warps=8), "with PINGPONG=True takes num_warps=4"),
         (dict(WARP_SPEC=True), "with WARP_SPEC or BOUNDED"),
         (dict(Q_PREPASS=False), "loads q rotated by the pre-pass"),
-        (dict(TMA_X=1), r"takes BLOCK_N and num_stages, not \['TMA_X'\]"),
+        (dict(TMA_X=1), r"takes BLOCK_N, num_stages and PINGPONG, not \['TMA_X'\]"),
     ):
         with pytest.raises(ValueError, match=why):
             ra._gluon_config(cfg)
-    assert ra._gluon_config(dict(BLOCK_M=128, BLOCK_N=64, num_warps=8)) == dict(BLOCK_N=64, num_stages=None)
+    plain = dict(BLOCK_N=64, num_stages=None, PINGPONG=None)
+    assert ra._gluon_config(dict(BLOCK_M=128, BLOCK_N=64, num_warps=8)) == plain
+    assert ra._gluon_config(dict(PINGPONG=True, num_warps=4)) == dict(BLOCK_N=None, num_stages=None, PINGPONG=True)
     if gluon:
         with pytest.raises(ValueError, match="64- or 128-key tiles in 2 to 4 stages"):
             _rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125, config=dict(GLUON=True, BLOCK_N=32))
