@@ -118,21 +118,25 @@ _DEFAULTS: dict = {}
 
 
 def _ours(
-    q, k, v, *, positions, cu, theta, tma=None, dq_atomic=None, warp_spec=None, gluon=None, pingpong=None, run=True
-):
+    q, k, v, *, positions, cu, theta, tma=None, dq_atomic=None, warp_spec=None, gluon=None, pingpong=None,
+    gluon_dkdv=None, run=True,
+):  # fmt: skip
     """rope_attention with its inner tiles by tensor descriptor or by pointer loads (tma True / False), dq by its own
     kernel or by the dk/dv kernel's atomic adds (dq_atomic False / True), the forward, dk/dv and dq kernels
     warp-specialised or not (warp_spec: rope_attention's and rope_attention_bwd's WARP_SPEC both), the forward in
     Gluon where it can run (gluon: rope_attention.GLUON_FWD) in its ping-pong form or not (pingpong:
-    attention_gluon.PINGPONG); None: the modules' defaults. The switches stay set until the next call: the backward
-    that follows a forward in a timing loop reads them. run False: only set them."""
+    attention_gluon.PINGPONG), dk/dv in Gluon (gluon_dkdv: rope_attention_bwd.GLUON_DKDV); None: the modules'
+    defaults. The switches stay set until the next call: the backward that follows a forward in a timing loop reads
+    them. run False: only set them."""
     from kernels import attention_tiles, rope_attention_bwd
     from kernels import rope_attention as ra
 
     if not _DEFAULTS:
         _DEFAULTS.update(tma=attention_tiles.TMA_LOADS, dq_atomic=rope_attention_bwd.DQ_ATOMIC, ws=ra.WARP_SPEC)
         _DEFAULTS.update(bwd_ws=rope_attention_bwd.WARP_SPEC, gluon=ra.GLUON_FWD, pingpong=attention_gluon.PINGPONG)
+        _DEFAULTS.update(gluon_dkdv=rope_attention_bwd.GLUON_DKDV)
     ra.GLUON_FWD = _DEFAULTS["gluon"] if gluon is None else gluon
+    rope_attention_bwd.GLUON_DKDV = _DEFAULTS["gluon_dkdv"] if gluon_dkdv is None else gluon_dkdv
     attention_gluon.PINGPONG = _DEFAULTS["pingpong"] if pingpong is None else pingpong
     attention_tiles.TMA_LOADS = _DEFAULTS["tma"] if tma is None else tma
     rope_attention_bwd.DQ_ATOMIC = _DEFAULTS["dq_atomic"] if dq_atomic is None else dq_atomic
@@ -203,23 +207,25 @@ def make_rows(args, q, k, v, positions, cu, batch, seqlen, padded_mask=None):
             names = [("  ours, forward in Triton", False, None)] if ra.GLUON_FWD else []
             names += [] if ra.GLUON_FWD else [(f"  ours, Gluon forward, {forms[not other]} (FA3)", True, not other)]
             names += [(f"  ours, Gluon forward, {forms[other]} (FA3)", True, other)]
-            for name, gluon, pingpong in names:
-                rows[name] = functools.partial(
-                    _gluon_row, positions=positions, cu=cu, theta=theta, args=args, gluon=gluon, pingpong=pingpong
-                )
+            flips = [(name, dict(gluon=gluon, pingpong=pingpong)) for name, gluon, pingpong in names]
+            # and dk/dv in Gluon (rope_attention_bwd.GLUON_DKDV), or in Triton where the module runs Gluon's
+            dkdv = rope_attention_bwd.GLUON_DKDV
+            name = "  ours, dk/dv in Triton" if dkdv else "  ours, Gluon dk/dv (FA3 order)"
+            flips += [(name, dict(gluon_dkdv=not dkdv))]
+            for name, flip in flips:
+                rows[name] = functools.partial(_gluon_row, positions=positions, cu=cu, theta=theta, args=args, **flip)
     return rows
 
 
 _GLUON_CHECKED: dict = {}
 
 
-def _gluon_row(q, k, v, *, positions, cu, theta, args, gluon, pingpong):
-    """ours with rope_attention.GLUON_FWD = gluon and attention_gluon.PINGPONG = pingpong (None: as it is): the last
-    rows timed, each form checked against the fp32 reference first (once a run, in a subprocess under a timeout:
-    _gluon_check); a failed check is its row's error on every call (the bench then exits non-zero), and the other
-    rows stand."""
-    flip = dict(gluon=gluon, pingpong=pingpong)
-    key = (gluon, pingpong)
+def _gluon_row(q, k, v, *, positions, cu, theta, args, **flip):
+    """ours with _ours' Gluon switches `flip` (gluon: rope_attention.GLUON_FWD, pingpong: attention_gluon.PINGPONG,
+    gluon_dkdv: rope_attention_bwd.GLUON_DKDV; None: as they are): the last rows timed, each checked against the fp32
+    reference first (once a run, in a subprocess under a timeout: _gluon_check); a failed check is its row's error on
+    every call (the bench then exits non-zero), and the other rows stand."""
+    key = tuple(sorted(flip.items()))
     if key not in _GLUON_CHECKED:
         _GLUON_CHECKED[key] = _gluon_check(flip, q.shape[1], k.shape[1], q.shape[-1], q.dtype, args.rope_theta)
     if _GLUON_CHECKED[key]:
@@ -227,17 +233,20 @@ def _gluon_row(q, k, v, *, positions, cu, theta, args, gluon, pingpong):
     return _ours(q, k, v, positions=positions, cu=cu, theta=theta, **flip)
 
 
-def _gluon_check(flip: dict, hq: int, hkv: int, d: int, dtype: torch.dtype, theta: float, timeout: float = 60):
-    """_check_one of the forward (the Gluon kernel's; the backward is the Triton one, checked already, and its cold
-    autotuning would cost the subprocess a minute) with _ours' switches `flip` (gluon, pingpong), in a subprocess:
-    None if ours matched the reference, else why not. A kernel new to the GPU that hangs (a barrier's phase wrong) is
-    stopped at `timeout` seconds there instead of holding the bench (and a lease's step) to its cap."""
+def _gluon_check(flip: dict, hq: int, hkv: int, d: int, dtype: torch.dtype, theta: float, timeout: float | None = None):
+    """_check_one with _ours' switches `flip`, in a subprocess: None if ours matched the reference, else why not. The
+    forward alone for the Gluon forward (the backward is the Triton one, checked already, and its cold autotuning
+    would cost the subprocess a minute), with the gradients for the Gluon dk/dv (gluon_dkdv). A kernel new to the GPU
+    that hangs (a barrier's phase wrong) is stopped at `timeout` seconds (None: 60, 150 with the gradients: the dq
+    kernel's autotuning) instead of holding the bench (and a lease's step) to its cap."""
     import subprocess
 
-    name = f"GLUON_FWD={flip['gluon']}, PINGPONG={flip['pingpong']}"
+    grads = bool(flip.get("gluon_dkdv"))
+    timeout = timeout or (150 if grads else 60)
+    name = ", ".join(f"{key}={value}" for key, value in flip.items())
     code = (
         "import torch, bench.bench_rope_attention as B; "
-        f"B._check_one({name!r}, {flip!r}, {hq}, {hkv}, {d}, {dtype}, {theta!r}, grads=False)"
+        f"B._check_one({name!r}, {flip!r}, {hq}, {hkv}, {d}, {dtype}, {theta!r}, grads={grads})"
     )
     root = Path(__file__).resolve().parents[1]
     try:
@@ -383,6 +392,7 @@ def ptxas_report(
         mma = " ".join(f"{k}:{v}" for k, v in sorted(info["mma"].items())) or "no-mma"
         ws = f" warps={info['warps']} setmaxnreg={info['setmaxnreg']}" if info["setmaxnreg"] else ""
         ws += f" exp2-in-flight={info['exp2_in_flight']}" if info["exp2_in_flight"] else ""
+        ws += " WGMMA-SERIALIZED (ptxas C7515)" if info["wgmma_serialized"] else ""
         print(f"{name:7} {label:42} smem={info['shared']:>6} regs={info['regs']} spill={info['spill_bytes']} "
               f"in-loop={info['loop_spills']} {mma} {loads}{ws}", flush=True)  # fmt: skip
 
@@ -438,6 +448,17 @@ def ptxas_report(
             label = f"BLOCK_N={block_n} w=4+4+1 s={stages} GLUON PINGPONG TMA"
             report("fwd", attention_gluon._fwd_fa3_ws_kernel, consts, attention_gluon.PINGPONG_WARPS, 1, label,
                    maxnreg=attention_gluon.PINGPONG_MAXNREG, retype=retype)  # fmt: skip
+        # rope_attention_bwd.GLUON_DKDV's kernel: P computed while dP's product runs, 128-key blocks in 8 warps, at its
+        # default tile for the head dim, then the other shapes
+        tiles_ = [attention_gluon.BWD_TILES[head_dim]]
+        tiles_ += [t for t in attention_gluon.BWD_SHAPES if t not in tiles_]
+        for block_m, stages in tiles_[:configs_per_kernel]:
+            consts = dict(N_STEPS=4, GROUP=group, HEAD_DIM=head_dim, BLOCK_N=attention_gluon.BWD_BLOCK_N)
+            consts.update(BLOCK_M=block_m, STAGES=stages)
+            label = f"BLOCK_M={block_m} w={attention_gluon.BWD_WARPS} s={stages} GLUON TMA"
+            retype = attention_gluon.bwd_build_types(dtype, head_dim, block_m)
+            report("dkdv", attention_gluon._bwd_dkdv_kernel, consts, attention_gluon.BWD_WARPS, 1, label,
+                   retype=retype)  # fmt: skip
     fin = dict(HEAD_DIM=head_dim, HALF=base["HALF"], BLOCK_T=32, TAB_ROWS=rotary.TAB_ROWS)  # (DQ_ATOMIC's last pass)
     report("dq_fin", ra_bwd._bwd_dq_finish_kernel, fin, 8, 1, "BLOCK_T=32")
     return rows
@@ -471,6 +492,12 @@ SWEEP_GLUON = [
     (attention_gluon.BLOCK_M, n, attention_gluon.PINGPONG_WARPS, st, True, {"GLUON": True, "PINGPONG": True})
     for n, st in attention_gluon.SHAPES
 ]
+# rope_attention_bwd.GLUON_DKDV's kernel (kernels/attention_gluon.py: 128-key blocks in 8 warps; its query tiles and
+# stages), timed after the rest
+SWEEP_GLUON_DKDV = [
+    (attention_gluon.BWD_BLOCK_N, m, attention_gluon.BWD_WARPS, st, True, {"GLUON": True})
+    for m, st in attention_gluon.BWD_SHAPES
+]
 # rope_attention_bwd.WARP_SPEC first: the query loop warp-specialised, 4 warps a partition
 SWEEP_DKDV = [(128, m, 4, st, True, {"WARP_SPEC": True}) for m, st in ((32, 2), (16, 2), (16, 3))]
 SWEEP_DKDV += [(128, m, 4, st, True, {"WARP_SPEC": True, "BOUNDED": True}) for m, st in ((32, 2), (16, 2), (16, 3))]
@@ -488,13 +515,14 @@ SWEEP_ATOMIC += [(64, 64, 8, 2, True), (128, 16, 8, 2, False)]
 
 def sweep(
     args, q, k, v, positions, cu, flops, fwd=SWEEP_FWD, dkdv=SWEEP_DKDV, dq=SWEEP_DQ, atomic=SWEEP_ATOMIC,
-    gluon=SWEEP_GLUON,
+    gluon=SWEEP_GLUON, gluon_dkdv=SWEEP_GLUON_DKDV,
 ) -> list[dict]:  # fmt: skip
     """Time every launch variant of the three kernels on the dense shape (GPU): what the autotuner chooses
     among, printed so that a new GPU's figures show which tiles to keep. Each variant is
     (sequence block, inner tile, warps, stages, TMA); the backward variants time the whole backward with the
     other kernel at a fixed launch; "dkdv+dq" the whole backward with dq by the dk/dv kernel's atomic adds. The
-    Gluon forward's variants (where it runs) come last, as "fwd": a kernel new to the GPU costs no other row."""
+    Gluon kernels' variants (where they run) come last, as "fwd" and "dkdv": a kernel new to the GPU costs no other
+    row."""
     from kernels import rope_attention as ra
     from kernels import rope_attention_bwd as ra_bwd
 
@@ -540,12 +568,17 @@ def sweep(
             do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dkdv_config=default_dkdv, dq_config=cfg
         )
         timed("dq", cfg, fn, bwd_flops)  # the whole backward, dk/dv fixed
-    for bm, bn, w, st, tma, *more in (
-        gluon if attention_gluon.refused(q.dtype, q.shape[-1], q.device, k, v) is None else ()
-    ):
+    gluon_here = attention_gluon.refused(q.dtype, q.shape[-1], q.device, k, v) is None
+    for bm, bn, w, st, tma, *more in gluon if gluon_here else ():
         cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, TMA=tma, **more[0])
         fn = lambda cfg=cfg: ra._rope_attention_fwd(q, k, v, positions, cu, theta, scale, config=cfg)
         timed("fwd", cfg, fn, flops)
+    for bn, bm, w, st, tma, *more in gluon_dkdv if gluon_here else ():  # (the Gluon dk/dv: the whole backward)
+        cfg = dict(BLOCK_N=bn, BLOCK_M=bm, num_warps=w, num_stages=st, TMA=tma, **more[0])
+        fn = lambda cfg=cfg: ra_bwd._rope_attention_bwd(
+            do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dkdv_config=cfg, dq_config=default_dq
+        )
+        timed("dkdv", cfg, fn, bwd_flops)
     for kernel in ("fwd", "dkdv+dq", "dkdv", "dq"):
         ok = [r for r in rows if r["kernel"] == kernel and "ms" in r]
         if ok:
@@ -568,6 +601,9 @@ _AS_DEFAULT = {
 def as_default(row: dict) -> str:
     """What makes a sweep's row the default launch: attention_tiles.SEQ_BLOCKS, the autotuned shapes, the switches;
     for the Gluon forward its switch and tile."""
+    if row.get("GLUON") and row["kernel"] == "dkdv":
+        tile = f"({row['BLOCK_M']}, {row['num_stages']})"
+        return f"rope_attention_bwd.GLUON_DKDV = True, attention_gluon.BWD_TILES[head dim] = {tile}"
     if row.get("GLUON"):
         tile = f"({row['BLOCK_N']}, {row['num_stages']})"
         if row.get("PINGPONG"):

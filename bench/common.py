@@ -294,7 +294,8 @@ def ptxas_info(
     layout too: "tensordesc<bf16[64, 128],NVMMASharedLayout(...)>", the layout's repr).
     exp2_in_flight: the exp2 operations (TTGIR) computed while a warpgroup MMA is in flight (after a wait that leaves
     one pending, before the next wait for none): FlashAttention-3's overlap of a warpgroup's softmax with its own
-    tensor-core work; 0: none within a warpgroup (a warp-specialised kernel overlaps across warpgroups instead)."""
+    tensor-core work; 0: none within a warpgroup (a warp-specialised kernel overlaps across warpgroups instead).
+    wgmma_serialized: ptxas serialised the warpgroup MMAs (its advisory C7515), which undoes that overlap."""
     import collections
     import os
     import re
@@ -359,6 +360,10 @@ def ptxas_info(
     return {
         "shared": compiled.metadata.shared,
         "exp2_in_flight": exp2_in_flight,
+        # ptxas's advisory C7515: it serialised the kernel's warpgroup MMAs (each waits for the one before), as when
+        # something other than a wgmma writes a product's accumulator registers while products are in flight: every
+        # overlap an asynchronous MMA was written for is lost
+        "wgmma_serialized": "C7515" in res.stderr or "wgmma.mma_async instructions are serialized" in res.stderr,
         "regs": regs and int(regs.group(1)),
         "spill_bytes": spill and int(spill.group(1)),
         "loads": dict(loads),

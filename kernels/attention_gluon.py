@@ -1,4 +1,4 @@
-"""The rope attention's forward in Gluon (Triton's lower-level language), in FlashAttention-3's intra-warpgroup order.
+"""The rope attention's forward and dk/dv in Gluon (Triton's lower-level language), FlashAttention-3's overlaps.
 
 Plain Triton 3.6 issues a tile's score product and waits for it at once (wgmma.wait_group 0 right after it), so a
 warpgroup's exponentials never overlap its own tensor-core work; written in the other order in Triton's language (the
@@ -23,6 +23,10 @@ consumers arrive at), and the two warpgroups become consumer partitions of 64 qu
 barriers: one warpgroup's score and P V products, then the other's), so that one's softmax runs while the other's
 products do, on top of the overlap within each. 12 warps under a 168-register cap at launch; setmaxnreg gives each
 consumer 240 and the producer's warpgroup 24.
+
+The backward's dk/dv (`dkdv`, rope_attention_bwd.GLUON_DKDV) in the same spirit: a 128-key block in 8 warps, each
+query tile's score and dP products issued together, P computed while dP runs and dS while dV does (the section
+below); dk goes through rope_attention_bwd's finishing pass, dq through its dq kernel.
 
 Limits: an sm_90 GPU (warpgroup MMA is sm_90a's), bf16/fp16, head dims 64 and 128, tiles by TMA; Triton's interpreter
 does not run Gluon, so on CPU the kernel is compiled for sm_90a and inspected (tests/kernels/test_sm90_compile.py:
@@ -436,3 +440,185 @@ if _NO_GLUON is None:
             [4, 1],
             [CONSUMER_REGS, 24],
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# dk and dv in Gluon (rope_attention_bwd.GLUON_DKDV): a program is a 128-key block of one kv head (two warpgroups of 64
+# keys, 8 warps), its K and V tiles by one bulk copy each; the loop runs over the (group head, 64-query tile) pairs
+# from the diagonal to the sequence's end, q and dO tiles by bulk copy into rings of STAGES stages. Each iteration
+# issues S^T = K q^T and dP^T = V dO^T together, waits for the first (wait_group 1), computes P^T while dP^T runs,
+# issues dV += P^T dO, waits for dP^T (wait_group 1: dV stays in flight), computes dS^T = P^T (dP^T - delta) while dV
+# runs, issues dK += dS^T q and waits for both (the stage is then refilled with the pair STAGES ahead).
+# dk (w.r.t. the rotated k, not yet scaled) goes to an fp32 buffer that rope_attention_bwd's finishing pass scales and
+# rotates back (as for the warp-specialised Triton kernel); dv to its output. The last query tile's rows past the
+# sequence (a neighbour's, by the bulk copy) are zeroed in shared memory: the products sum over the queries, and a
+# neighbour's inf or NaN times a zero probability would be NaN.
+BWD_BLOCK_N = 128  # keys a program (two warpgroups of 64)
+BWD_WARPS = 8
+# (query tile, stages) by head dim: at D = 128, 64-query tiles take 255 registers and spill in the loop (sm_90a,
+# ptxas), 32-query ones 246 without spilling; at D = 64, 64-query tiles 231. BWD_SHAPES: what the bench sweeps.
+BWD_TILES = {128: (32, 3), 64: (64, 2)}
+BWD_SHAPES = ((32, 3), (32, 2), (64, 2), (64, 3))
+
+
+def bwd_build_types(dtype: str, head_dim: int, block_m: int) -> dict[str, str]:
+    """_bwd_dkdv_kernel's non-constexpr argument types for an offline sm_90a build (bench.common.ptxas_info)."""
+    gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
+    desc = lambda rows: (  # noqa: E731
+        f"tensordesc<{dtype}[{rows}, {head_dim}],{gl.NVMMASharedLayout.get_default_for([rows, head_dim], gdt)!r}>"
+    )
+    types = dict(q_desc=desc(block_m), do_desc=desc(block_m), k_desc=desc(BWD_BLOCK_N), v_desc=desc(BWD_BLOCK_N))
+    types.update(LSE="*fp32", DELTA="*fp32", DV=f"*{dtype}", DKA="*fp32", CU_SEQ="*i32", CU_BLK="*i32")
+    types.update(stride_dvn="i32", stride_dvh="i32", stride_dkn="i32", stride_dkh="i32")
+    return {**types, "n_tokens": "i32", "num_seqs": "i32", "qk_scale": "fp32"}
+
+
+def dkdv(
+    q_rot: torch.Tensor,
+    k_rot: torch.Tensor,
+    v: torch.Tensor,
+    do: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    dv: torch.Tensor,
+    dk_rot: torch.Tensor,
+    cu: torch.Tensor,
+    softmax_scale: float,
+    block_m: int | None = None,
+    stages: int | None = None,
+) -> None:
+    """dv [N, Hkv, D] and dk_rot [N, Hkv, D] fp32 (the gradient w.r.t. the rotated k, not yet multiplied by the
+    softmax scale) of causal attention within the sequences of cu over the rotated q [N, Hq, D] and k, v [N, Hkv, D]
+    (each with its heads' rows side by side), the output gradient do [N, Hq, D], the forward's base-2 lse [Hq, N] and
+    delta [Hq, N] (rowsum(out * do))."""
+    n, hq, d = q_rot.shape
+    hkv = k_rot.shape[1]
+    block_m, stages = block_m or BWD_TILES[d][0], stages or BWD_TILES[d][1]
+    if block_m not in (32, 64) or not 2 <= stages <= 4:
+        raise ValueError(f"the Gluon dk/dv takes 32- or 64-query tiles in 2 to 4 stages; got {block_m}, {stages}")
+    gdt = gl.bfloat16 if q_rot.dtype == torch.bfloat16 else gl.float16
+    q_layout = gl.NVMMASharedLayout.get_default_for([block_m, d], gdt)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([BWD_BLOCK_N, d], gdt)
+    rows = lambda x, h, block, layout: GluonDescriptor(  # noqa: E731
+        x, shape=[n, h * d], strides=[x.stride(0), 1], block_shape=[block, d], layout=layout
+    )
+    cu_blk, grid0, n_steps = _block_index(cu, n, BWD_BLOCK_N)
+    _bwd_dkdv_kernel[(grid0, hkv)](
+        rows(q_rot, hq, block_m, q_layout), rows(do, hq, block_m, q_layout), rows(k_rot, hkv, BWD_BLOCK_N, kv_layout),
+        rows(v, hkv, BWD_BLOCK_N, kv_layout), lse, delta, dv, dk_rot, cu, cu_blk, dv.stride(0), dv.stride(1),
+        dk_rot.stride(0), dk_rot.stride(1), n, cu.numel() - 1, softmax_scale * 1.4426950408889634,
+        N_STEPS=n_steps, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_N=BWD_BLOCK_N, BLOCK_M=block_m, STAGES=stages,
+        num_warps=BWD_WARPS,
+    )  # fmt: skip
+
+
+if _NO_GLUON is None:
+
+    @gluon.jit
+    def _bwd_query_tile(it, n_q, kvh, start_n, GROUP: gl.constexpr, BLOCK_M: gl.constexpr):
+        """Pair `it` of the program's loop: (query head, the tile's first offset in the sequence)."""
+        g = it // n_q
+        return kvh * GROUP + g, start_n + (it - g * n_q) * BLOCK_M
+
+    @gluon.jit
+    def _bwd_refill(q_desc, do_desc, bar, q_smem, do_smem, it, total, n_q, kvh, start_n, tok0,
+                    GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr):  # fmt: skip
+        """Bulk-copy pair `it`'s q and dO tiles into a stage (where it < total), completing on bar."""
+        h, start_m = _bwd_query_tile(it, n_q, kvh, start_n, GROUP, BLOCK_M)
+        ok = it < total
+        mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes, pred=ok)
+        tma.async_copy_global_to_shared(q_desc, [tok0 + start_m, h * HEAD_DIM], bar, q_smem, pred=ok)
+        tma.async_copy_global_to_shared(do_desc, [tok0 + start_m, h * HEAD_DIM], bar, do_smem, pred=ok)
+
+    @gluon.jit
+    def _bwd_dkdv_kernel(
+        q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DV, DKA, CU_SEQ, CU_BLK, stride_dvn, stride_dvh, stride_dkn,
+        stride_dkh, n_tokens, num_seqs, qk_scale,
+        N_STEPS: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+        BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+    ):  # fmt: skip
+        """Grid (key blocks of all sequences (upper bound), Hkv); descriptors over [N, H * D] rows: q's and dO's with
+        [BLOCK_M, D] blocks, k's and v's [BLOCK_N, D]. DV [N, Hkv, D]; DKA [N, Hkv, D] fp32; LSE, DELTA [Hq, N]."""
+        pid = gl.program_id(0)
+        kvh = gl.program_id(1)
+        if pid >= gl.load(CU_BLK + num_seqs):
+            return
+        tok0, seq_len, blk = _locate_tile(CU_BLK, CU_SEQ, pid, num_seqs, n_tokens, N_STEPS, False)
+        start_n = blk * BLOCK_N
+        n_q = gl.cdiv(seq_len - start_n, BLOCK_M)  # (the query tiles from the diagonal to the end)
+        total = GROUP * n_q
+        dtype: gl.constexpr = q_desc.dtype
+        WARPS: gl.constexpr = gl.num_warps()
+        st_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_M, 16]
+        )
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, HEAD_DIM, 16]
+        )
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        qcol: gl.constexpr = gl.SliceLayout(0, st_layout)
+        krow: gl.constexpr = gl.SliceLayout(1, st_layout)
+
+        k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+        col = kvh * HEAD_DIM
+        mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [tok0 + start_n, col], kv_bar, k_smem)
+        tma.async_copy_global_to_shared(v_desc, [tok0 + start_n, col], kv_bar, v_smem)
+        for i in gl.static_range(STAGES):
+            _bwd_refill(q_desc, do_desc, bars.index(i), q_smem.index(i), do_smem.index(i), i, total, n_q, kvh,
+                        start_n, tok0, GROUP, HEAD_DIM, BLOCK_M)  # fmt: skip
+
+        offs_n = start_n + gl.arange(0, BLOCK_N, layout=krow)
+        zero_st = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
+        dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
+        dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
+        mbarrier.wait(kv_bar, 0)
+        # (no product in flight from one iteration to the next: with dK's carried into the next iteration (as a
+        # warpgroup MMA accumulator, or as the wait's tensor with the stage refilled after the next scores, with or
+        # without zeros materialised for them), ptxas serialises every warpgroup MMA of the kernel: its advisory C7515)
+        for it in range(0, total):
+            st = it % STAGES
+            h, start_m = _bwd_query_tile(it, n_q, kvh, start_n, GROUP, BLOCK_M)
+            offs_m = start_m + gl.arange(0, BLOCK_M, layout=qcol)
+            m_ok = offs_m < seq_len
+            # (rows past the end: lse = +inf, hence p = 0, as the Triton kernel; their q and dO rows are zeroed below)
+            lse = gl.load(LSE + h * n_tokens + tok0 + offs_m, mask=m_ok, other=float("inf"))
+            delta = gl.load(DELTA + h * n_tokens + tok0 + offs_m, mask=m_ok, other=0.0)
+            mbarrier.wait(bars.index(st), (it // STAGES) & 1)
+            if start_m + BLOCK_M > seq_len:  # the sequence's last tile: a neighbour's rows out of the products' sums
+                _zero_rows_past(q_smem.index(st), seq_len - start_m, BLOCK_M, HEAD_DIM, BLOCK_M)
+                _zero_rows_past(do_smem.index(st), seq_len - start_m, BLOCK_M, HEAD_DIM, BLOCK_M)
+                fence_async_shared()
+                gl.thread_barrier()
+            s_tok = warpgroup_mma(k_smem, q_smem.index(st).permute((1, 0)), zero_st, use_acc=False, is_async=True)
+            dp_tok = warpgroup_mma(v_smem, do_smem.index(st).permute((1, 0)), zero_st, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(1, deps=[s_tok])  # (S^T ready, dP^T in flight)
+            p = gl.exp2(s * qk_scale - lse[None, :])
+            if start_m < start_n + BLOCK_N:  # a tile that reaches the diagonal
+                p = gl.where(offs_m[None, :] >= offs_n[:, None], p, 0.0)
+            dv_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), op_layout), do_smem.index(st), dv, is_async=True)
+            dp = warpgroup_mma_wait(1, deps=[dp_tok])  # (dP^T ready; dV in flight)
+            ds = gl.convert_layout((p * (dp - delta[None, :])).to(dtype), op_layout)
+            dk_tok = warpgroup_mma(ds, q_smem.index(st), dk, is_async=True)
+            dv, dk = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok])
+            gl.thread_barrier()  # (every warpgroup's products have read the stage: it takes pair it + STAGES)
+            _bwd_refill(q_desc, do_desc, bars.index(st), q_smem.index(st), do_smem.index(st), it + STAGES, total,
+                        n_q, kvh, start_n, tok0, GROUP, HEAD_DIM, BLOCK_M)  # fmt: skip
+        mbarrier.invalidate(kv_bar)
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+
+        rows = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+        keep = (rows < seq_len)[:, None]
+        flat = (tok0 + rows).to(gl.int64)[:, None]
+        gl.store(DV + kvh * stride_dvh + flat * stride_dvn + cols[None, :], dv.to(dtype), mask=keep)
+        gl.store(DKA + kvh * stride_dkh + flat * stride_dkn + cols[None, :], dk, mask=keep)

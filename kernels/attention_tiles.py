@@ -486,6 +486,11 @@ def _warp_spec_refused(dtype: torch.dtype, tma: bool, conflict: str | None = Non
     return None
 
 
+def _no_tma(tma: bool) -> str | None:
+    """Why a launch that must read its tiles by TMA cannot here (the Gluon kernels: no pointer-load form), or None."""
+    return None if tma else "its tiles are not read by TMA here (TMA=False, or attention_tiles.TMA_LOADS off)"
+
+
 def _pop_switch(config: dict | None, key: str, default: bool | None) -> tuple[dict | None, bool | None]:
     """An explicit launch config without the switch `key` (a copy; the caller's is left alone), and the switch's
     value: the config's if given, else `default` (the module's setting)."""

@@ -81,6 +81,7 @@ from kernels.attention_tiles import (
     _load_hd,
     _load_pair,
     _load_tile,
+    _no_tma,
     _open_tile,
     _operand,
     _pop_switch,
@@ -264,11 +265,6 @@ WARP_SPEC = False
 # an sm_90 GPU with bf16/fp16 and head dims 64 and 128; q rotated by the pre-pass. Off until a GPU has checked and
 # timed it (bench_rope_attention.py: the rows "ours, Gluon forward" and "ours, Gluon forward, ping-pong").
 GLUON_FWD = False
-
-
-def _no_tma(tma: bool) -> str | None:
-    """Why a launch that must read its tiles by TMA cannot here (the Gluon forward: no pointer-load form), or None."""
-    return None if tma else "its tiles are not read by TMA here (TMA=False, or attention_tiles.TMA_LOADS off)"
 
 
 def _gluon_config(config: dict | None) -> dict:

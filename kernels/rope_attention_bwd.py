@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
+from kernels import attention_gluon, reference
 from kernels.attention_tiles import (
     _BWD_SHAPES,
     _KEY,
@@ -36,6 +36,7 @@ from kernels.attention_tiles import (
     _load_pair,
     _load_tile,
     _locate_tile,
+    _no_tma,
     _open_tile,
     _operand,
     _pop_switch,
@@ -431,6 +432,29 @@ DQ_ATOMIC = False
 # pass). Off until a GPU has timed and checked it.
 WARP_SPEC = False
 
+# The dk/dv kernel in Gluon (kernels/attention_gluon.py, `dkdv`: each query tile's score and dP products issued
+# together, P computed while dP runs, dS while dV does), on an sm_90 GPU with bf16/fp16, head dims 64 and 128 and
+# tiles by TMA; dk w.r.t. the rotated k through the finishing pass (as WARP_SPEC's), dq by the dq kernel. Not with
+# DQ_ATOMIC. Off until a GPU has checked and timed it (bench_rope_attention.py: the row "ours, Gluon dk/dv").
+GLUON_DKDV = False
+
+
+def _gluon_dkdv_config(config: dict | None, head_dim: int) -> tuple[int, int]:
+    """An explicit dkdv_config for the Gluon dk/dv kernel -> (query tile, stages): its key block is 128 keys in 8
+    warps; None or a missing key: its defaults for the head dim (attention_gluon.BWD_TILES)."""
+    config = dict(config or {})
+    if config.pop("WARP_SPEC", False) or config.pop("BOUNDED", False):
+        raise ValueError("dkdv_config GLUON=True with WARP_SPEC or BOUNDED: the Gluon dk/dv is a kernel of its own")
+    fixed = {"BLOCK_N": attention_gluon.BWD_BLOCK_N, "num_warps": attention_gluon.BWD_WARPS}
+    for key, value in fixed.items():
+        if config.pop(key, value) != value:
+            raise ValueError(f"dkdv_config GLUON=True takes {key}={value}")
+    block_m, stages = attention_gluon.BWD_TILES[head_dim]
+    tile = (config.pop("BLOCK_M", block_m), config.pop("num_stages", stages))
+    if config:
+        raise ValueError(f"dkdv_config GLUON=True takes BLOCK_M and num_stages, not {sorted(config)}")
+    return tile
+
 
 # the autotuned GPU variants (attention_tiles._configs, _BWD_SHAPES)
 def _zero_dq_sum(nargs: dict, reset_only: bool = False) -> None:
@@ -516,7 +540,16 @@ def _rope_attention_bwd(
         raise ValueError(f"dq_config {dq_config} given, but with DQ_ATOMIC the dk/dv kernel computes dq")
     # the dk/dv kernel warp-specialised (WARP_SPEC, or the explicit config's key): k and v by bulk copy too, and dk
     # by the finishing pass
-    dkdv_config, ws = _pop_switch(dkdv_config, "WARP_SPEC", None)
+    # the dk/dv kernel in Gluon (GLUON_DKDV, which takes the launches without an explicit config, or the config's key)
+    dkdv_config, gluon = _pop_switch(dkdv_config, "GLUON", None)
+    refused = lambda: attention_gluon.refused(q.dtype, d, q.device, q, do, k, v) or _no_tma(dkdv_tma)  # noqa: E731
+    if gluon is None:
+        gluon = GLUON_DKDV and not dkdv_config and not atomic and refused() is None
+    elif gluon and (why := (atomic and "dq is by atomic adds (DQ_ATOMIC)") or refused()):
+        raise ValueError(f"dkdv_config GLUON=True, but {why}")
+    gluon_tile = _gluon_dkdv_config(dkdv_config, d) if gluon else None
+    dkdv_config = {} if gluon else dkdv_config
+    dkdv_config, ws = _pop_switch(dkdv_config, "WARP_SPEC", False if gluon else None)
     why = _warp_spec_refused(q.dtype, dkdv_tma and _tma_refused(d, k, v) is None, atomic and "dq is by atomic adds")
     if ws and why:
         raise ValueError(f"dkdv_config WARP_SPEC=True, but {why}")
@@ -558,7 +591,7 @@ def _rope_attention_bwd(
     dqa = dv  # (a placeholder)
     if atomic:
         dqa = torch.zeros(n, hq, d, dtype=torch.float32, device=q.device)
-    elif ws:
+    elif ws or gluon:
         dqa = torch.empty(n, hkv, d, dtype=torch.float32, device=q.device)
     dqad = rows_descriptor(dqa) if atomic and dkdv_tma else dqa
     qd, dod = (rows_descriptor(q), rows_descriptor(do)) if dkdv_tma else (q, do)
@@ -575,10 +608,13 @@ def _rope_attention_bwd(
                                 dqa.stride(0), dqa.stride(1), *scalars)  # fmt: skip
     dq_args = lambda cu_blk: (dq_q, kd, vd, dq_do, dq_lse, dq_delta, dq_out, positions, cu, cu_blk, inv_freq, tab, k, v,
                               *strides, dq_out.stride(0), dq_out.stride(1), *scalars)  # fmt: skip
-    _launch(
-        _bwd_dkdv_kernel, _dkdv_ws_tuned if ws else _dkdv_tuned, hkv, dkdv_args, cu, n, "BLOCK_N", "BLOCK_M",
-        dkdv_config, ("K", "V"), block=dkdv_block, **common, TMA=dkdv_tma, DQ_ATOMIC=atomic, WARP_SPEC=ws,
-    )  # fmt: skip
+    if gluon:  # (dk w.r.t. the rotated k into dqa, finished below)
+        attention_gluon.dkdv(q, k, v, do, lse, delta, dv, dqa, cu, softmax_scale, *gluon_tile)
+    else:
+        _launch(
+            _bwd_dkdv_kernel, _dkdv_ws_tuned if ws else _dkdv_tuned, hkv, dkdv_args, cu, n, "BLOCK_N", "BLOCK_M",
+            dkdv_config, ("K", "V"), block=dkdv_block, **common, TMA=dkdv_tma, DQ_ATOMIC=atomic, WARP_SPEC=ws,
+        )  # fmt: skip
 
     def finish(sums, grad):  # (32-token tiles in 8 warps: ptxas gives 64-token ones 128 registers and a spill)
         fin_t = 16 if INTERPRET else 32
@@ -587,7 +623,7 @@ def _rope_attention_bwd(
             softmax_scale, HEAD_DIM=d, HALF=common["HALF"], BLOCK_T=fin_t, TAB_ROWS=TAB_ROWS, num_warps=8,
         )  # fmt: skip
 
-    if ws:
+    if ws or gluon:
         finish(dqa, dk)
     if atomic:
         finish(dqa, dq)

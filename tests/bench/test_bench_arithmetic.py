@@ -372,9 +372,15 @@ def test_rope_bench_checks_the_gluon_forward_once_where_it_is_timed(monkeypatch)
     assert B._gluon_check(dict(gluon=True, pingpong=True), 4, 2, 64, torch.bfloat16, 1e4, timeout=7) == (
         "its check against the reference did not finish in 7 s (a hang?)"
     )
-    # (the forward alone: the Gluon kernel's; the switches flipped there as in the row)
-    assert asked == ["import torch, bench.bench_rope_attention as B; B._check_one('GLUON_FWD=True, PINGPONG=True', "
+    # (the forward alone for the Gluon forward; the switches flipped there as in the row)
+    assert asked == ["import torch, bench.bench_rope_attention as B; B._check_one('gluon=True, pingpong=True', "
                      "{'gluon': True, 'pingpong': True}, 4, 2, 64, torch.bfloat16, 10000.0, grads=False)"]  # fmt: skip
+    # the Gluon dk/dv's row: checked with the gradients, under a longer default timeout (the dq kernel's autotuning)
+    assert B._gluon_check(dict(gluon_dkdv=True), 4, 2, 64, torch.bfloat16, 1e4) == (
+        "its check against the reference did not finish in 150 s (a hang?)"
+    )
+    assert asked[-1].endswith("B._check_one('gluon_dkdv=True', {'gluon_dkdv': True}, 4, 2, 64, torch.bfloat16, "
+                              "10000.0, grads=True)"), asked  # fmt: skip
 
 
 def test_rope_bench_counts_the_query_heads_of_each_sequence(tmp_path, monkeypatch):

@@ -45,6 +45,8 @@ def test_rope_sweep_smoke(capsys):
     assert as_default(gluon) == (
         "rope_attention.GLUON_FWD = True, attention_gluon.PINGPONG = True, attention_gluon.PINGPONG_TILE = (64, 2)"
     )
+    dkdv = dict(kernel="dkdv", BLOCK_N=128, BLOCK_M=32, num_warps=8, num_stages=3, TMA=True, GLUON=True)
+    assert as_default(dkdv) == "rope_attention_bwd.GLUON_DKDV = True, attention_gluon.BWD_TILES[head dim] = (32, 3)"
     assert not any(r.get("GLUON") for r in rows)
 
 

@@ -76,7 +76,7 @@ assert not any(r["setmaxnreg"] for r in rows if r not in ws and "PINGPONG" not i
 # last key tile's P @ V product is in flight (FlashAttention-3's intra-warpgroup order: the softmax of the scores and
 # the rescale factor, two exp2 a tile), on wgmma with bulk copies, no spill, within 227 KiB; none of the Triton
 # kernels computes an exponential with a product in flight (Triton 3.6 waits for each score product at once)
-gluon = [r for r in rows if "GLUON" in r["config"] and "PINGPONG" not in r["config"]]
+gluon = [r for r in rows if "GLUON" in r["config"] and "PINGPONG" not in r["config"] and r["kernel"] == "fwd"]
 assert len(gluon) == 2 and all(r["exp2_in_flight"] == 2 and r["spill_bytes"] == 0 for r in gluon), gluon
 # and its ping-pong form (attention_gluon.PINGPONG): the same overlap in each of its two consumer warpgroups (four
 # exp2 in flight in all), 12 warps, registers moved from the producer warp's warpgroup (24) to the consumers (240)
@@ -85,7 +85,16 @@ assert len(pingpong) == 2 and all(r["exp2_in_flight"] == 4 and r["spill_bytes"] 
 assert all({("dec", 24), ("inc", 240)} <= set(r["setmaxnreg"]) and r["warps"] == 12 for r in pingpong), pingpong
 assert all(r["mma"].get("wgmma") and r["loads"].get("cp.async.bulk.tensor") for r in gluon + pingpong), gluon
 assert all(r["shared"] <= 232448 for r in gluon + pingpong) and all(r["warps"] == 8 for r in gluon), gluon
-assert not any(r["exp2_in_flight"] for r in rows if r not in gluon + pingpong), rows
+# rope_attention_bwd.GLUON_DKDV: the dk/dv kernel in Gluon, P computed while dP's product is in flight (one exp2 a
+# tile), 8 warps, no spill at its default tiles (32 queries at D = 128, 64 at D = 64)
+dkdv = [r for r in rows if "GLUON" in r["config"] and r["kernel"] == "dkdv"]
+assert len(dkdv) == 2 and all(r["exp2_in_flight"] == 1 and r["spill_bytes"] == 0 for r in dkdv), dkdv
+assert all(r["warps"] == 8 and r["shared"] <= 232448 and r["loads"].get("cp.async.bulk.tensor") for r in dkdv), dkdv
+assert not any(r["exp2_in_flight"] for r in rows if r not in gluon + pingpong + dkdv), rows
+# and no kernel whose warpgroup MMAs ptxas serialises (its advisory C7515: something other than a wgmma writing an
+# accumulator while products are in flight, which undoes every overlap above; the Gluon dk/dv kernel did, while its
+# dK product was in flight from one iteration to the next)
+assert not any(r["wgmma_serialized"] for r in rows), [(r["kernel"], r["config"]) for r in rows if r["wgmma_serialized"]]
 by_atomics = [r["reduces"] for r in pointers if r["kernel"] == "dkdv+dq"]
 assert by_atomics and all(a and "cp.reduce.async.bulk.tensor" not in a for a in by_atomics), by_atomics
 print("compiled")
