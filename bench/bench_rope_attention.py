@@ -217,6 +217,14 @@ def make_rows(args, q, k, v, positions, cu, batch, seqlen, padded_mask=None):
     return rows
 
 
+def select_rows(rows: dict, words: list[str] | None) -> dict:
+    """The rows whose name holds one of `words` (case-sensitive), and ours at its defaults (the baseline every other
+    row is read against); None: all of them."""
+    if not words:
+        return rows
+    return {name: fn for name, fn in rows.items() if name == "ours (rotary fused)" or any(w in name for w in words)}
+
+
 _GLUON_CHECKED: dict = {}
 
 
@@ -650,6 +658,11 @@ def main() -> None:
         "and print registers / spills / shared memory for --head-dim, --dtype, --heads/--kv-heads",
     )
     p.add_argument("--no-tma", dest="tma", action="store_false", help="--ptxas: the pointer-load variants")
+    p.add_argument(
+        "--only", nargs="+", default=None, metavar="WORD",
+        help="time only the rows whose name holds one of these words (and ours at its defaults): --only Gluon SDPA",
+    )  # fmt: skip
+    p.add_argument("--sweep-gluon", action="store_true", help="--sweep: the Gluon kernels' variants alone")
     args = p.parse_args()
     if args.heads < 1 or (args.kv_heads is not None and args.kv_heads < 1):
         p.error(f"--heads and --kv-heads must be >= 1, got {args.heads} and {args.kv_heads}")
@@ -686,9 +699,10 @@ def main() -> None:
     if args.sweep:
         if not cuda:
             raise SystemExit("--sweep times GPU launch variants: it needs a CUDA device")
-        sweep(args, q, k, v, positions, cu, causal_flops([t] * b, hq, d))
+        only = dict(fwd=[], dkdv=[], dq=[], atomic=[]) if args.sweep_gluon else {}
+        sweep(args, q, k, v, positions, cu, causal_flops([t] * b, hq, d), **only)
         return
-    rows = make_rows(args, q, k, v, positions, cu, b, t)
+    rows = select_rows(make_rows(args, q, k, v, positions, cu, b, t), args.only)
     if not cuda:
         rows = {"reference (CPU path)": rows["ours (rotary fused)"]}
         cos, sin = rotary_tables(positions, d, args.rope_theta, dtype)

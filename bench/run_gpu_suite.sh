@@ -32,8 +32,10 @@
 # against pointer loads against SDPA, dq by atomic adds, and the warp-specialised kernels) between the two batches; the
 # projections against cuBLAS; the sampling bench; the Gluon forward's tests (rope_attention.GLUON_FWD: a kernel new to
 # the GPU, apart under a short cap; the rope bench times it last, after a check in a subprocess under a timeout); then
-# the two sweeps with the time left (the Gluon variants last in the rope sweep). No NAME: everything, in the
-# order below.
+# the two sweeps with the time left (the Gluon variants last in the rope sweep). The group `gluon` (alone; ~5 minutes
+# warm): issue 4's Gluon kernels apart from the rest: their tests (the forward in 8 warps, with dk/dv; its ping-pong
+# form under its own cap), the rope bench's rows of ours at its defaults, the Gluon forms and SDPA (--only), and the
+# sweep of the Gluon variants alone (--sweep-gluon). No NAME: everything, in the order below.
 # SUITE_COMMIT names the commit in summary.txt.
 #
 # The lease's limits shape this script: a call returns at most 8 files from OUT_DIR and is killed at its timeout.
@@ -264,6 +266,17 @@ if [[ "$names" == *" tma "* ]]; then  # the attention's inner tiles by tensor de
   step pingpong_tests 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py \
     -k pingpong
   bench rope_sweep 220 "$PY" bench/bench_rope_attention.py --sweep
+  finish
+fi
+if [[ "$names" == *" gluon "* ]]; then  # issue 4's Gluon kernels alone (~5 minutes warm): tests, rows, their sweep
+  names="$names gluon_tests pingpong_tests rope_gluon rope_sweep_gluon "
+  step gluon_tests 60 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py \
+    -k "gluon and not pingpong"
+  step pingpong_tests 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py \
+    -k pingpong
+  # ours at its defaults, the Gluon rows (forward in 8 warps and ping-pong, dk/dv; each checked first), SDPA's
+  bench rope_gluon 150 "$PY" bench/bench_rope_attention.py --no-compile --no-mixed --only Gluon SDPA
+  bench rope_sweep_gluon 120 "$PY" bench/bench_rope_attention.py --sweep --sweep-gluon
   finish
 fi
 if [[ "$names" == *" long "* ]]; then  # the fused decode step where it should win: long contexts (~3 min warm)

@@ -722,3 +722,16 @@ def test_the_ptxas_report_builds_only_the_tiles_a_sequence_block_takes():
     assert builds and all(64 % b[0] == 0 for b in builds) and any(len(b) > 3 for b in builds)
     assert len(builds) < len(ra._FWD_WS_SHAPES) == len(_ws_builds(ra._FWD_WS_SHAPES, None, 128))
     assert _ws_builds(ra._FWD_WS_SHAPES, 1, 128) == [ra._FWD_WS_SHAPES[0], ra._FWD_WS_SHAPES[3]]
+
+
+def test_rope_bench_only_keeps_the_named_rows_and_ours_at_its_defaults():
+    """--only WORD...: the rows whose name holds one of the words, and ours at its defaults (the baseline); no words:
+    all of them."""
+    from bench.bench_rope_attention import select_rows
+
+    rows = dict.fromkeys(["ours (rotary fused)", "  ours, Gluon dk/dv (FA3 order)", "SDPA flash + HF rotary",
+                          "  ours, pointer loads (no TMA)", "eager reference"])  # fmt: skip
+    assert list(select_rows(rows, ["Gluon", "SDPA"])) == [
+        "ours (rotary fused)", "  ours, Gluon dk/dv (FA3 order)", "SDPA flash + HF rotary"
+    ]  # fmt: skip
+    assert select_rows(rows, None) is rows and list(select_rows(rows, ["nothing"])) == ["ours (rotary fused)"]

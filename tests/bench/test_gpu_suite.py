@@ -241,6 +241,20 @@ def test_tma_group_tests_then_benches_the_attention_both_ways_then_sweeps(tmp_pa
 
 
 @pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("tar") is None, reason="needs coreutils and tar")
+def test_gluon_group_tests_then_times_the_gluon_kernels_alone(tmp_path):
+    """`gluon`: issue 4's Gluon kernels apart: their tests (the ping-pong form under its own cap), the rope bench's
+    Gluon and SDPA rows beside ours at its defaults, then the sweep of the Gluon variants alone."""
+    steps, summary, run = _run_group(tmp_path, STUB.replace("sleep 60", "true"), "gluon")
+    work = run["work"]
+    assert steps == ["gluon_tests", "pingpong_tests", "rope_gluon", "rope_sweep_gluon"], summary
+    assert "-k gluon and not pingpong" in (work / "gluon_tests.log").read_text()
+    assert "-k pingpong" in (work / "pingpong_tests.log").read_text()
+    bench = (work / "rope_gluon.log").read_text()
+    assert "bench/bench_rope_attention.py --no-compile --no-mixed --only Gluon SDPA" in bench, bench
+    assert "--sweep --sweep-gluon" in (work / "rope_sweep_gluon.log").read_text()
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("tar") is None, reason="needs coreutils and tar")
 def test_next_group_tests_then_times_each_switch_against_the_defaults(tmp_path):
     """`next`: the kernel tests compiled, the batch-64 rollouts with linear 1, with linear 1 + pdl 1 and at the
     defaults, the rope attention bench (TMA against pointer loads), the same three at batch 1 and batch 1 with pdl 1
