@@ -79,13 +79,24 @@ CONSUMER_REGS = 240
 PINGPONG_TILE = (128, 2)  # (its shapes: SHAPES, 128-key tiles in 3 stages at 229,776 B of shared memory)
 
 
+def _desc_type(dtype: str, rows: int, head_dim: int) -> str:
+    """An offline build's type for a [rows, head_dim] block's descriptor with the shared layout `_rows` gives it."""
+    layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype])
+    return f"tensordesc<{dtype}[{rows}, {head_dim}],{layout!r}>"
+
+
+def _rows(x: torch.Tensor, block: int) -> GluonDescriptor:
+    """A descriptor over x [N, H, D]'s rows as [N, H * D] (its heads side by side) with [block, D] blocks in the
+    128-byte swizzled shared layout the warpgroup MMA reads."""
+    n, h, d = x.shape
+    layout = gl.NVMMASharedLayout.get_default_for([block, d], gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16)
+    return GluonDescriptor(x, shape=[n, h * d], strides=[x.stride(0), 1], block_shape=[block, d], layout=layout)
+
+
 def build_types(dtype: str, head_dim: int, block_n: int) -> dict[str, str]:
     """The kernel's non-constexpr argument types for an offline sm_90a build (bench.common.ptxas_info), dtype "bf16"
     or "fp16": the descriptors' blocks with the shared layouts `forward` gives them."""
-    gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
-    desc = lambda rows: (  # noqa: E731
-        f"tensordesc<{dtype}[{rows}, {head_dim}],{gl.NVMMASharedLayout.get_default_for([rows, head_dim], gdt)!r}>"
-    )
+    desc = lambda rows: _desc_type(dtype, rows, head_dim)  # noqa: E731
     types = dict(q_desc=desc(BLOCK_M), k_desc=desc(block_n), v_desc=desc(block_n), O=f"*{dtype}", LSE="*fp32")
     types.update(CU_SEQ="*i32", CU_BLK="*i32", stride_on="i32", stride_oh="i32", n_tokens="i32", num_seqs="i32")
     return {**types, "qk_scale": "fp32"}
@@ -128,20 +139,14 @@ def forward(
     block_n, stages = block_n or tile[0], stages or tile[1]
     if block_n not in (64, 128) or not 2 <= stages <= 4:
         raise ValueError(f"the Gluon forward takes 64- or 128-key tiles in 2 to 4 stages; got {block_n}, {stages}")
-    gdt = gl.bfloat16 if q_rot.dtype == torch.bfloat16 else gl.float16
-    q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, d], gdt)
-    kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, d], gdt)
-    rows = lambda x, h, block, layout: GluonDescriptor(  # noqa: E731
-        x, shape=[n, h * d], strides=[x.stride(0), 1], block_shape=[block, d], layout=layout
-    )
     cu_blk, grid0, n_steps = _block_index(cu, n, BLOCK_M)
     kernel, launch = _fwd_fa3_kernel, dict(num_warps=NUM_WARPS)
     if pingpong:
         kernel = _fwd_fa3_ws_kernel
         launch = dict(CONSUMER_REGS=CONSUMER_REGS, num_warps=PINGPONG_WARPS, maxnreg=PINGPONG_MAXNREG)
     kernel[(grid0, hq)](
-        rows(q_rot, hq, BLOCK_M, q_layout), rows(k_rot, hkv, block_n, kv_layout), rows(v, hkv, block_n, kv_layout),
-        out, lse, cu, cu_blk, out.stride(0), out.stride(1), n, cu.numel() - 1, softmax_scale * 1.4426950408889634,
+        _rows(q_rot, BLOCK_M), _rows(k_rot, block_n), _rows(v, block_n), out, lse, cu, cu_blk, out.stride(0),
+        out.stride(1), n, cu.numel() - 1, softmax_scale * 1.4426950408889634,
         N_STEPS=n_steps, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, **launch,
     )  # fmt: skip
 
@@ -165,6 +170,60 @@ if _NO_GLUON is None:
             rows = c * CHUNK + gl.arange(0, CHUNK, layout=gl.SliceLayout(1, layout))
             part.store(gl.where((rows < keep)[:, None], x, gl.zeros_like(x)))
 
+    @gluon.constexpr_function
+    def _mma_layouts(warps, n_scores, head_dim):
+        """The warpgroup MMA layouts of the attention kernels' products, warps stacked along the rows: a [rows,
+        n_scores] product's (the scores, or dP), a [rows, head_dim] accumulator's (O, dK, dV), and the register
+        operand's (P or dS, 16-bit) of a product into the latter."""
+        scores = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, n_scores, 16])
+        acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, head_dim, 16])
+        return scores, acc, gl.DotOperandLayout(operand_index=0, parent=acc, k_width=2)
+
+    @gluon.jit
+    def _query_block(CU_BLK, CU_SEQ, pid, num_seqs, n_tokens, N_STEPS: gl.constexpr, BLOCK_M: gl.constexpr,
+                     BLOCK_N: gl.constexpr):  # fmt: skip
+        """Program pid's query block (attention_tiles' lookup, the longest blocks first): the first token of its
+        sequence, the sequence's length, the block's first row, the keys its queries see ([0, hi)) and their tiles."""
+        tok0, seq_len, blk = _locate_tile(CU_BLK, CU_SEQ, pid, num_seqs, n_tokens, N_STEPS, True)
+        start_m = blk * BLOCK_M
+        hi = gl.minimum(start_m + BLOCK_M, seq_len)
+        return tok0, seq_len, start_m, hi, gl.cdiv(hi, BLOCK_N)
+
+    @gluon.jit
+    def _softmax_tile(s, m_i, l_i, offs_m, first_key, masked, qk_scale, dtype: gl.constexpr, p_layout: gl.constexpr,
+                      FIRST: gl.constexpr):  # fmt: skip
+        """The online softmax of one key tile's scores s [rows, keys] (fp32; keys from first_key, the causal mask
+        where `masked`) for the query rows offs_m: (P, in 16 bits as the P V product's register operand (half the
+        registers of fp32's), the running max and sum (base 2, scaled), O's rescale factor). FIRST: the block's
+        first tile (m_i and l_i unread; no rescale factor)."""
+        if masked:
+            offs_n = first_key + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s.type.layout))
+            s = gl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+        if FIRST:
+            m_ij = gl.max(s, 1) * qk_scale
+        else:
+            m_ij = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        p = gl.exp2(s * qk_scale - m_ij[:, None])
+        if FIRST:
+            alpha = m_ij
+            l_i = gl.sum(p, 1)
+        else:
+            alpha = gl.exp2(m_i - m_ij)
+            l_i = l_i * alpha + gl.sum(p, 1)
+        return gl.convert_layout(p.to(dtype), p_layout), m_ij, l_i, alpha
+
+    @gluon.jit
+    def _store_out(acc, m_i, l_i, offs_m, row0, O, LSE, h, tok0, seq_len, n_tokens, stride_on, stride_oh):
+        """The forward's epilogue for the query rows row0 + [0, rows) (offs_m, as the scores' rows): O = acc / l_i in
+        the inputs' dtype, the base-2 lse; rows past the sequence stored nowhere."""
+        orow: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+        acc = acc / gl.convert_layout(l_i, orow)[:, None]
+        rows = row0 + gl.arange(0, acc.shape[0], layout=orow)
+        cols = gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, acc.type.layout))
+        ptrs = O + h * stride_oh + (tok0 + rows).to(gl.int64)[:, None] * stride_on + cols[None, :]
+        gl.store(ptrs, acc.to(O.dtype.element_ty), mask=(rows < seq_len)[:, None])
+        gl.store(LSE + h * n_tokens + tok0 + offs_m, m_i + gl.log2(l_i), mask=offs_m < seq_len)
+
     @gluon.jit
     def _fwd_fa3_kernel(
         q_desc, k_desc, v_desc, O, LSE, CU_SEQ, CU_BLK, stride_on, stride_oh, n_tokens, num_seqs, qk_scale,
@@ -178,20 +237,14 @@ if _NO_GLUON is None:
         if pid >= gl.load(CU_BLK + num_seqs):
             return
         col = (h // GROUP) * HEAD_DIM
-        tok0, seq_len, blk = _locate_tile(CU_BLK, CU_SEQ, pid, num_seqs, n_tokens, N_STEPS, True)
-        start_m = blk * BLOCK_M
-        hi = gl.minimum(start_m + BLOCK_M, seq_len)  # (the keys this block's queries see: [0, hi))
-        n_tiles = gl.cdiv(hi, BLOCK_N)
+        tok0, seq_len, start_m, hi, n_tiles = _query_block(
+            CU_BLK, CU_SEQ, pid, num_seqs, n_tokens, N_STEPS, BLOCK_M, BLOCK_N
+        )
         dtype: gl.constexpr = q_desc.dtype
-        WARPS: gl.constexpr = gl.num_warps()
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_N, 16]
-        )
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, HEAD_DIM, 16]
-        )
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        scol: gl.constexpr = gl.SliceLayout(0, s_layout)
+        layouts: gl.constexpr = _mma_layouts(gl.num_warps(), BLOCK_N, HEAD_DIM)
+        s_layout: gl.constexpr = layouts[0]
+        o_layout: gl.constexpr = layouts[1]
+        p_layout: gl.constexpr = layouts[2]
         orow: gl.constexpr = gl.SliceLayout(1, o_layout)
 
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
@@ -221,12 +274,7 @@ if _NO_GLUON is None:
         s = warpgroup_mma_wait(0, deps=[s])
         gl.thread_barrier()
         _refill(k_desc, k_bar.index(0), k_smem.index(0), STAGES, tok0, col, STAGES < n_tiles, BLOCK_N)
-        offs_n = gl.arange(0, BLOCK_N, layout=scol)
-        s = gl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
-        m_i = gl.max(s, 1) * qk_scale
-        p = gl.exp2(s * qk_scale - m_i[:, None])
-        l_i = gl.sum(p, 1)
-        p = gl.convert_layout(p.to(dtype), p_layout)  # (P in 16 bits from here: half the registers of fp32's)
+        p, m_i, l_i, _ = _softmax_tile(s, 0.0, 0.0, offs_m, 0, True, qk_scale, dtype, p_layout, True)
         for j in range(0, n_tiles - 1):
             # S_{j+1} = q k_{j+1}^T and O += P_j V_j issued together; the softmax of S_{j+1} runs while P_j V_j does
             kst = (j + 1) % STAGES
@@ -239,15 +287,10 @@ if _NO_GLUON is None:
             gl.thread_barrier()  # (every warpgroup's S_{j+1} has read its key stage: it takes tile j + 1 + STAGES)
             nxt = j + 1 + STAGES
             _refill(k_desc, k_bar.index(kst), k_smem.index(kst), nxt, tok0, col, nxt < n_tiles, BLOCK_N)
-            if (j + 2) * BLOCK_N > start_m:  # a tile that reaches the diagonal
-                offs_n = (j + 1) * BLOCK_N + gl.arange(0, BLOCK_N, layout=scol)
-                s = gl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
-            m_ij = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-            p = gl.exp2(s * qk_scale - m_ij[:, None])
-            alpha = gl.exp2(m_i - m_ij)
-            l_i = l_i * alpha + gl.sum(p, 1)
-            p = gl.convert_layout(p.to(dtype), p_layout)
-            m_i = m_ij
+            diagonal = (j + 2) * BLOCK_N > start_m  # (a tile that reaches the diagonal: masked)
+            p, m_i, l_i, alpha = _softmax_tile(
+                s, m_i, l_i, offs_m, (j + 1) * BLOCK_N, diagonal, qk_scale, dtype, p_layout, False
+            )
             acc = warpgroup_mma_wait(0, deps=[acc_tok])
             gl.thread_barrier()  # (every warpgroup's P_j V_j has read its value stage: it takes tile j + STAGES)
             _refill(v_desc, v_bar.index(vst), v_smem.index(vst), j + STAGES, tok0, col, j + STAGES < n_tiles, BLOCK_N)
@@ -266,12 +309,7 @@ if _NO_GLUON is None:
             mbarrier.invalidate(v_bar.index(i))
         mbarrier.invalidate(q_bar)
 
-        acc = acc / gl.convert_layout(l_i, orow)[:, None]
-        rows = start_m + gl.arange(0, BLOCK_M, layout=orow)
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        ptrs = O + h * stride_oh + (tok0 + rows).to(gl.int64)[:, None] * stride_on + cols[None, :]
-        gl.store(ptrs, acc.to(dtype), mask=(rows < seq_len)[:, None])
-        gl.store(LSE + h * n_tokens + tok0 + offs_m, m_i + gl.log2(l_i), mask=offs_m < seq_len)
+        _store_out(acc, m_i, l_i, offs_m, start_m, O, LSE, h, tok0, seq_len, n_tokens, stride_on, stride_oh)
 
 
 if _NO_GLUON is None:
@@ -308,15 +346,10 @@ if _NO_GLUON is None:
         BLOCK_N: gl.constexpr = k_smem.shape[1]
         HEAD_DIM: gl.constexpr = k_smem.shape[2]
         ROWS: gl.constexpr = q_smem.shape[0] // 2
-        WARPS: gl.constexpr = gl.num_warps()
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_N, 16]
-        )
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, HEAD_DIM, 16]
-        )
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        scol: gl.constexpr = gl.SliceLayout(0, s_layout)
+        layouts: gl.constexpr = _mma_layouts(gl.num_warps(), BLOCK_N, HEAD_DIM)
+        s_layout: gl.constexpr = layouts[0]
+        o_layout: gl.constexpr = layouts[1]
+        p_layout: gl.constexpr = layouts[2]
         orow: gl.constexpr = gl.SliceLayout(1, o_layout)
         q_c = q_smem.slice(C * ROWS, ROWS)
         mine = turn.index(C)
@@ -333,12 +366,7 @@ if _NO_GLUON is None:
         mbarrier.arrive(other, count=1)
         s = warpgroup_mma_wait(0, deps=[s])
         mbarrier.arrive(k_empty.index(0), count=1)
-        offs_n = gl.arange(0, BLOCK_N, layout=scol)
-        s = gl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
-        m_i = gl.max(s, 1) * qk_scale
-        p = gl.exp2(s * qk_scale - m_i[:, None])
-        l_i = gl.sum(p, 1)
-        p = gl.convert_layout(p.to(dtype), p_layout)  # (P in 16 bits from here: half the registers of fp32's)
+        p, m_i, l_i, _ = _softmax_tile(s, 0.0, 0.0, offs_m, 0, True, qk_scale, dtype, p_layout, True)
         for j in range(0, n_tiles - 1):
             kst = (j + 1) % STAGES
             vst = j % STAGES
@@ -350,15 +378,10 @@ if _NO_GLUON is None:
             mbarrier.arrive(other, count=1)
             s = warpgroup_mma_wait(1, deps=[s_tok])
             mbarrier.arrive(k_empty.index(kst), count=1)
-            if (j + 2) * BLOCK_N > row0:  # a tile that reaches this warpgroup's diagonal
-                offs_n = (j + 1) * BLOCK_N + gl.arange(0, BLOCK_N, layout=scol)
-                s = gl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
-            m_ij = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-            p = gl.exp2(s * qk_scale - m_ij[:, None])
-            alpha = gl.exp2(m_i - m_ij)
-            l_i = l_i * alpha + gl.sum(p, 1)
-            p = gl.convert_layout(p.to(dtype), p_layout)
-            m_i = m_ij
+            diagonal = (j + 2) * BLOCK_N > row0  # (a tile that reaches this warpgroup's diagonal: masked)
+            p, m_i, l_i, alpha = _softmax_tile(
+                s, m_i, l_i, offs_m, (j + 1) * BLOCK_N, diagonal, qk_scale, dtype, p_layout, False
+            )
             acc = warpgroup_mma_wait(0, deps=[acc_tok])
             mbarrier.arrive(v_empty.index(vst), count=1)
             acc = acc * gl.convert_layout(alpha, orow)[:, None]
@@ -374,12 +397,7 @@ if _NO_GLUON is None:
         mbarrier.arrive(other, count=1)
         acc = warpgroup_mma_wait(0, deps=[acc_tok])
 
-        acc = acc / gl.convert_layout(l_i, orow)[:, None]
-        rows = row0 + gl.arange(0, ROWS, layout=orow)
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        ptrs = O + h * stride_oh + (tok0 + rows).to(gl.int64)[:, None] * stride_on + cols[None, :]
-        gl.store(ptrs, acc.to(dtype), mask=(rows < seq_len)[:, None])
-        gl.store(LSE + h * n_tokens + tok0 + offs_m, m_i + gl.log2(l_i), mask=offs_m < seq_len)
+        _store_out(acc, m_i, l_i, offs_m, row0, O, LSE, h, tok0, seq_len, n_tokens, stride_on, stride_oh)
 
     @gluon.jit
     def _ws_consumer0(smem, bars, O, LSE, tok0, h, seq_len, start_m, hi, n_tiles, n_tokens, stride_on, stride_oh, qk):
@@ -404,10 +422,9 @@ if _NO_GLUON is None:
         if pid >= gl.load(CU_BLK + num_seqs):
             return
         col = (h // GROUP) * HEAD_DIM
-        tok0, seq_len, blk = _locate_tile(CU_BLK, CU_SEQ, pid, num_seqs, n_tokens, N_STEPS, True)
-        start_m = blk * BLOCK_M
-        hi = gl.minimum(start_m + BLOCK_M, seq_len)
-        n_tiles = gl.cdiv(hi, BLOCK_N)
+        tok0, seq_len, start_m, hi, n_tiles = _query_block(
+            CU_BLK, CU_SEQ, pid, num_seqs, n_tokens, N_STEPS, BLOCK_M, BLOCK_N
+        )
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -463,10 +480,7 @@ BWD_SHAPES = ((32, 3), (32, 2), (64, 2), (64, 3))
 
 def bwd_build_types(dtype: str, head_dim: int, block_m: int) -> dict[str, str]:
     """_bwd_dkdv_kernel's non-constexpr argument types for an offline sm_90a build (bench.common.ptxas_info)."""
-    gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
-    desc = lambda rows: (  # noqa: E731
-        f"tensordesc<{dtype}[{rows}, {head_dim}],{gl.NVMMASharedLayout.get_default_for([rows, head_dim], gdt)!r}>"
-    )
+    desc = lambda rows: _desc_type(dtype, rows, head_dim)  # noqa: E731
     types = dict(q_desc=desc(block_m), do_desc=desc(block_m), k_desc=desc(BWD_BLOCK_N), v_desc=desc(BWD_BLOCK_N))
     types.update(LSE="*fp32", DELTA="*fp32", DV=f"*{dtype}", DKA="*fp32", CU_SEQ="*i32", CU_BLK="*i32")
     types.update(stride_dvn="i32", stride_dvh="i32", stride_dkn="i32", stride_dkh="i32")
@@ -496,17 +510,11 @@ def dkdv(
     block_m, stages = block_m or BWD_TILES[d][0], stages or BWD_TILES[d][1]
     if block_m not in (32, 64) or not 2 <= stages <= 4:
         raise ValueError(f"the Gluon dk/dv takes 32- or 64-query tiles in 2 to 4 stages; got {block_m}, {stages}")
-    gdt = gl.bfloat16 if q_rot.dtype == torch.bfloat16 else gl.float16
-    q_layout = gl.NVMMASharedLayout.get_default_for([block_m, d], gdt)
-    kv_layout = gl.NVMMASharedLayout.get_default_for([BWD_BLOCK_N, d], gdt)
-    rows = lambda x, h, block, layout: GluonDescriptor(  # noqa: E731
-        x, shape=[n, h * d], strides=[x.stride(0), 1], block_shape=[block, d], layout=layout
-    )
     cu_blk, grid0, n_steps = _block_index(cu, n, BWD_BLOCK_N)
     _bwd_dkdv_kernel[(grid0, hkv)](
-        rows(q_rot, hq, block_m, q_layout), rows(do, hq, block_m, q_layout), rows(k_rot, hkv, BWD_BLOCK_N, kv_layout),
-        rows(v, hkv, BWD_BLOCK_N, kv_layout), lse, delta, dv, dk_rot, cu, cu_blk, dv.stride(0), dv.stride(1),
-        dk_rot.stride(0), dk_rot.stride(1), n, cu.numel() - 1, softmax_scale * 1.4426950408889634,
+        _rows(q_rot, block_m), _rows(do, block_m), _rows(k_rot, BWD_BLOCK_N), _rows(v, BWD_BLOCK_N), lse, delta, dv,
+        dk_rot, cu, cu_blk, dv.stride(0), dv.stride(1), dk_rot.stride(0), dk_rot.stride(1), n, cu.numel() - 1,
+        softmax_scale * 1.4426950408889634,
         N_STEPS=n_steps, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_N=BWD_BLOCK_N, BLOCK_M=block_m, STAGES=stages,
         num_warps=BWD_WARPS,
     )  # fmt: skip
@@ -548,14 +556,10 @@ if _NO_GLUON is None:
         n_q = gl.cdiv(seq_len - start_n, BLOCK_M)  # (the query tiles from the diagonal to the end)
         total = GROUP * n_q
         dtype: gl.constexpr = q_desc.dtype
-        WARPS: gl.constexpr = gl.num_warps()
-        st_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_M, 16]
-        )
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, HEAD_DIM, 16]
-        )
-        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        layouts: gl.constexpr = _mma_layouts(gl.num_warps(), BLOCK_M, HEAD_DIM)
+        st_layout: gl.constexpr = layouts[0]
+        acc_layout: gl.constexpr = layouts[1]
+        op_layout: gl.constexpr = layouts[2]
         qcol: gl.constexpr = gl.SliceLayout(0, st_layout)
         krow: gl.constexpr = gl.SliceLayout(1, st_layout)
 
