@@ -119,24 +119,25 @@ _DEFAULTS: dict = {}
 
 def _ours(
     q, k, v, *, positions, cu, theta, tma=None, dq_atomic=None, warp_spec=None, gluon=None, pingpong=None,
-    gluon_dkdv=None, run=True,
+    gluon_dkdv=None, bwd_producer=None, run=True,
 ):  # fmt: skip
     """rope_attention with its inner tiles by tensor descriptor or by pointer loads (tma True / False), dq by its own
     kernel or by the dk/dv kernel's atomic adds (dq_atomic False / True), the forward, dk/dv and dq kernels
     warp-specialised or not (warp_spec: rope_attention's and rope_attention_bwd's WARP_SPEC both), the forward in
     Gluon where it can run (gluon: rope_attention.GLUON_FWD) in its ping-pong form or not (pingpong:
-    attention_gluon.PINGPONG), dk/dv in Gluon (gluon_dkdv: rope_attention_bwd.GLUON_DKDV); None: the modules'
-    defaults. The switches stay set until the next call: the backward that follows a forward in a timing loop reads
-    them. run False: only set them."""
+    attention_gluon.PINGPONG), dk/dv in Gluon (gluon_dkdv: rope_attention_bwd.GLUON_DKDV) with a producer warp or
+    not (bwd_producer: attention_gluon.BWD_PRODUCER); None: the modules' defaults. The switches stay set until
+    the next call: the backward that follows a forward in a timing loop reads them. run False: only set them."""
     from kernels import attention_tiles, rope_attention_bwd
     from kernels import rope_attention as ra
 
     if not _DEFAULTS:
         _DEFAULTS.update(tma=attention_tiles.TMA_LOADS, dq_atomic=rope_attention_bwd.DQ_ATOMIC, ws=ra.WARP_SPEC)
         _DEFAULTS.update(bwd_ws=rope_attention_bwd.WARP_SPEC, gluon=ra.GLUON_FWD, pingpong=attention_gluon.PINGPONG)
-        _DEFAULTS.update(gluon_dkdv=rope_attention_bwd.GLUON_DKDV)
+        _DEFAULTS.update(gluon_dkdv=rope_attention_bwd.GLUON_DKDV, bwd_producer=attention_gluon.BWD_PRODUCER)
     ra.GLUON_FWD = _DEFAULTS["gluon"] if gluon is None else gluon
     rope_attention_bwd.GLUON_DKDV = _DEFAULTS["gluon_dkdv"] if gluon_dkdv is None else gluon_dkdv
+    attention_gluon.BWD_PRODUCER = _DEFAULTS["bwd_producer"] if bwd_producer is None else bwd_producer
     attention_gluon.PINGPONG = _DEFAULTS["pingpong"] if pingpong is None else pingpong
     attention_tiles.TMA_LOADS = _DEFAULTS["tma"] if tma is None else tma
     rope_attention_bwd.DQ_ATOMIC = _DEFAULTS["dq_atomic"] if dq_atomic is None else dq_atomic
@@ -208,10 +209,14 @@ def make_rows(args, q, k, v, positions, cu, batch, seqlen, padded_mask=None):
             names += [] if ra.GLUON_FWD else [(f"  ours, Gluon forward, {forms[not other]} (FA3)", True, not other)]
             names += [(f"  ours, Gluon forward, {forms[other]} (FA3)", True, other)]
             flips = [(name, dict(gluon=gluon, pingpong=pingpong)) for name, gluon, pingpong in names]
-            # and dk/dv in Gluon (rope_attention_bwd.GLUON_DKDV), or in Triton where the module runs Gluon's
-            dkdv = rope_attention_bwd.GLUON_DKDV
-            name = "  ours, dk/dv in Triton" if dkdv else "  ours, Gluon dk/dv (FA3 order)"
-            flips += [(name, dict(gluon_dkdv=not dkdv))]
+            # and dk/dv: in Triton where the module runs Gluon's, in Gluon's 8-warp and producer forms
+            # (rope_attention_bwd.GLUON_DKDV, attention_gluon.BWD_PRODUCER), the module's form first
+            dkdv, producer = rope_attention_bwd.GLUON_DKDV, attention_gluon.BWD_PRODUCER
+            forms = ("8 warps", "producer warp")
+            flips += [("  ours, dk/dv in Triton", dict(gluon_dkdv=False))] if dkdv else []
+            flips += [] if dkdv else [(f"  ours, Gluon dk/dv, {forms[producer]} (FA3 order)", dict(gluon_dkdv=True))]
+            name = f"  ours, Gluon dk/dv, {forms[not producer]} (FA3 order)"
+            flips += [(name, dict(gluon_dkdv=True, bwd_producer=not producer))]
             for name, flip in flips:
                 rows[name] = functools.partial(_gluon_row, positions=positions, cu=cu, theta=theta, args=args, **flip)
     return rows
@@ -467,6 +472,14 @@ def ptxas_report(
             retype = attention_gluon.bwd_build_types(dtype, head_dim, block_m)
             report("dkdv", attention_gluon._bwd_dkdv_kernel, consts, attention_gluon.BWD_WARPS, 1, label,
                    retype=retype)  # fmt: skip
+        # and its warp-specialised form (attention_gluon.BWD_PRODUCER) at its default tile
+        block_m, stages = attention_gluon.BWD_PRODUCER_TILES[head_dim]
+        consts = dict(N_STEPS=4, GROUP=group, HEAD_DIM=head_dim, BLOCK_N=attention_gluon.BWD_BLOCK_N, BLOCK_M=block_m)
+        consts.update(STAGES=stages, CONSUMER_REGS=attention_gluon.CONSUMER_REGS)
+        label = f"BLOCK_M={block_m} w=4+4+1 s={stages} GLUON PRODUCER TMA"
+        retype = attention_gluon.bwd_build_types(dtype, head_dim, block_m)
+        report("dkdv", attention_gluon._bwd_dkdv_ws_kernel, consts, attention_gluon.PINGPONG_WARPS, 1, label,
+               maxnreg=attention_gluon.PINGPONG_MAXNREG, retype=retype)  # fmt: skip
     fin = dict(HEAD_DIM=head_dim, HALF=base["HALF"], BLOCK_T=32, TAB_ROWS=rotary.TAB_ROWS)  # (DQ_ATOMIC's last pass)
     report("dq_fin", ra_bwd._bwd_dq_finish_kernel, fin, 8, 1, "BLOCK_T=32")
     return rows
@@ -505,6 +518,9 @@ SWEEP_GLUON = [
 SWEEP_GLUON_DKDV = [
     (attention_gluon.BWD_BLOCK_N, m, attention_gluon.BWD_WARPS, st, True, {"GLUON": True})
     for m, st in attention_gluon.BWD_SHAPES
+] + [  # (its warp-specialised form: attention_gluon.BWD_PRODUCER; 32-query tiles, 64-query ones spill at D = 128)
+    (attention_gluon.BWD_BLOCK_N, 32, attention_gluon.PINGPONG_WARPS, st, True, {"GLUON": True, "PRODUCER": True})
+    for st in (2, 3, 4)
 ]
 # rope_attention_bwd.WARP_SPEC first: the query loop warp-specialised, 4 warps a partition
 SWEEP_DKDV = [(128, m, 4, st, True, {"WARP_SPEC": True}) for m, st in ((32, 2), (16, 2), (16, 3))]
@@ -611,6 +627,9 @@ def as_default(row: dict) -> str:
     for the Gluon forward its switch and tile."""
     if row.get("GLUON") and row["kernel"] == "dkdv":
         tile = f"({row['BLOCK_M']}, {row['num_stages']})"
+        if row.get("PRODUCER"):
+            said = "rope_attention_bwd.GLUON_DKDV = True, attention_gluon.BWD_PRODUCER = True"
+            return f"{said}, attention_gluon.BWD_PRODUCER_TILES[head dim] = {tile}"
         return f"rope_attention_bwd.GLUON_DKDV = True, attention_gluon.BWD_TILES[head dim] = {tile}"
     if row.get("GLUON"):
         tile = f"({row['BLOCK_N']}, {row['num_stages']})"

@@ -246,10 +246,11 @@ if [[ "$names" == *" next "* ]]; then  # the next lease's first call: what decid
   # rope_attention.GLUON_FWD's forward and rope_attention_bwd.GLUON_DKDV's dk/dv against float64 (poisoned outputs,
   # non-finite neighbours, the backward)
   step gluon_tests 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py \
-    -k "gluon and not pingpong"
-  # (its ping-pong form, attention_gluon.PINGPONG, apart: a barrier phase wrong hangs it, and only its own step)
+    -k "gluon and not pingpong and not producer"
+  # (the warp-specialised forms, attention_gluon.PINGPONG and BWD_PRODUCER, apart: a barrier phase wrong hangs
+# them, and only their own step)
   step pingpong_tests 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py \
-    -k pingpong
+    -k "pingpong or producer"
   bench linear_sweep 100 "$PY" bench/bench_decode_linear.py --rows 64 1 --sweep --budget-s 80
   bench rope_sweep 150 "$PY" bench/bench_rope_attention.py --sweep
   finish
@@ -261,19 +262,20 @@ if [[ "$names" == *" tma "* ]]; then  # the attention's inner tiles by tensor de
   # ours (TMA), ours by pointer loads, SDPA flash / cuDNN with and without HF's rotary, dense and packed
   bench rope_attention_tma 210 "$PY" bench/bench_rope_attention.py --no-compile
   step gluon_tests 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py \
-    -k "gluon and not pingpong"
-  # (its ping-pong form, attention_gluon.PINGPONG, apart: a barrier phase wrong hangs it, and only its own step)
+    -k "gluon and not pingpong and not producer"
+  # (the warp-specialised forms, attention_gluon.PINGPONG and BWD_PRODUCER, apart: a barrier phase wrong hangs
+# them, and only their own step)
   step pingpong_tests 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py \
-    -k pingpong
+    -k "pingpong or producer"
   bench rope_sweep 220 "$PY" bench/bench_rope_attention.py --sweep
   finish
 fi
 if [[ "$names" == *" gluon "* ]]; then  # issue 4's Gluon kernels alone (~5 minutes warm): tests, rows, their sweep
   names="$names gluon_tests pingpong_tests rope_gluon rope_sweep_gluon "
   step gluon_tests 60 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py \
-    -k "gluon and not pingpong"
+    -k "gluon and not pingpong and not producer"
   step pingpong_tests 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py \
-    -k pingpong
+    -k "pingpong or producer"
   # ours at its defaults, the Gluon rows (forward in 8 warps and ping-pong, dk/dv; each checked first), SDPA's
   bench rope_gluon 150 "$PY" bench/bench_rope_attention.py --no-compile --no-mixed --only Gluon SDPA
   bench rope_sweep_gluon 120 "$PY" bench/bench_rope_attention.py --sweep --sweep-gluon
@@ -312,10 +314,11 @@ bench logprob 60 "$PY" bench/bench_logprob.py "${light[@]}"
 step gpu_tests 210 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test tests/engine/test_gpu.py
 step kernel_tests 300 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test tests/kernels -k "not gluon"
 step gluon_tests 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py \
-  -k "gluon and not pingpong"
-# (its ping-pong form, attention_gluon.PINGPONG, apart: a barrier phase wrong hangs it, and only its own step)
+  -k "gluon and not pingpong and not producer"
+# (the warp-specialised forms, attention_gluon.PINGPONG and BWD_PRODUCER, apart: a barrier phase wrong hangs
+# them, and only their own step)
 step pingpong_tests 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py \
-  -k pingpong
+  -k "pingpong or producer"
 bench offload 90 "$PY" bench/bench_offload.py   # PCIe rates, a streamed Adam step, the offload settings' cost
 bench gae 40 "$PY" bench/bench_gae.py
 bench rmsnorm_swiglu 60 "$PY" bench/bench_rmsnorm_swiglu.py

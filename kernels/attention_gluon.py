@@ -476,6 +476,14 @@ BWD_WARPS = 8
 # ptxas), 32-query ones 246 without spilling; at D = 64, 64-query tiles 231. BWD_SHAPES: what the bench sweeps.
 BWD_TILES = {128: (32, 3), 64: (64, 2)}
 BWD_SHAPES = ((32, 3), (32, 2), (64, 2), (64, 3))
+# Its warp-specialised form (_bwd_dkdv_ws_kernel, BWD_PRODUCER): a producer warp for the bulk copies and the two
+# warpgroups as consumer partitions of 64 keys each, no longer in step (the 8-warp kernel's CTA barriers around every
+# refill keep them so), so that one's exponentials and dS run while the other's products do, and each one's exposed
+# wait for its dK product is the other's time to compute. 12 warps under the forward's ping-pong caps (168 at launch,
+# 240 a consumer, 24 the producer's warpgroup); (query tile, stages): 32-query tiles at D = 128 (64-query ones would
+# hold S, dP and P in fp32 at once beside dK and dV).
+BWD_PRODUCER = False  # (the module's choice where a launch does not say: off until a GPU has checked and timed it)
+BWD_PRODUCER_TILES = {128: (32, 3), 64: (64, 2)}
 
 
 def bwd_build_types(dtype: str, head_dim: int, block_m: int) -> dict[str, str]:
@@ -500,39 +508,48 @@ def dkdv(
     softmax_scale: float,
     block_m: int | None = None,
     stages: int | None = None,
+    producer: bool | None = None,
 ) -> None:
     """dv [N, Hkv, D] and dk_rot [N, Hkv, D] fp32 (the gradient w.r.t. the rotated k, not yet multiplied by the
     softmax scale) of causal attention within the sequences of cu over the rotated q [N, Hq, D] and k, v [N, Hkv, D]
     (each with its heads' rows side by side), the output gradient do [N, Hq, D], the forward's base-2 lse [Hq, N] and
-    delta [Hq, N] (rowsum(out * do))."""
+    delta [Hq, N] (rowsum(out * do)). producer: the warp-specialised kernel (None: BWD_PRODUCER); block_m, stages:
+    its query tiles (None: the kernel's default for the head dim)."""
     n, hq, d = q_rot.shape
     hkv = k_rot.shape[1]
-    block_m, stages = block_m or BWD_TILES[d][0], stages or BWD_TILES[d][1]
+    producer = BWD_PRODUCER if producer is None else producer
+    tile = (BWD_PRODUCER_TILES if producer else BWD_TILES)[d]
+    block_m, stages = block_m or tile[0], stages or tile[1]
     if block_m not in (32, 64) or not 2 <= stages <= 4:
         raise ValueError(f"the Gluon dk/dv takes 32- or 64-query tiles in 2 to 4 stages; got {block_m}, {stages}")
     cu_blk, grid0, n_steps = _block_index(cu, n, BWD_BLOCK_N)
-    _bwd_dkdv_kernel[(grid0, hkv)](
+    kernel, launch = _bwd_dkdv_kernel, dict(num_warps=BWD_WARPS)
+    if producer:
+        kernel = _bwd_dkdv_ws_kernel
+        launch = dict(CONSUMER_REGS=CONSUMER_REGS, num_warps=PINGPONG_WARPS, maxnreg=PINGPONG_MAXNREG)
+    kernel[(grid0, hkv)](
         _rows(q_rot, block_m), _rows(do, block_m), _rows(k_rot, BWD_BLOCK_N), _rows(v, BWD_BLOCK_N), lse, delta, dv,
         dk_rot, cu, cu_blk, dv.stride(0), dv.stride(1), dk_rot.stride(0), dk_rot.stride(1), n, cu.numel() - 1,
         softmax_scale * 1.4426950408889634,
-        N_STEPS=n_steps, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_N=BWD_BLOCK_N, BLOCK_M=block_m, STAGES=stages,
-        num_warps=BWD_WARPS,
+        N_STEPS=n_steps, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_N=BWD_BLOCK_N, BLOCK_M=block_m, STAGES=stages, **launch,
     )  # fmt: skip
 
 
 if _NO_GLUON is None:
 
     @gluon.jit
-    def _bwd_query_tile(it, n_q, kvh, start_n, GROUP: gl.constexpr, BLOCK_M: gl.constexpr):
-        """Pair `it` of the program's loop: (query head, the tile's first offset in the sequence)."""
+    def _bwd_query_tile(it, n_q, h0, start_n, BLOCK_M: gl.constexpr):
+        """Pair `it` of the program's loop over its group's query heads (the first: h0) and their query tiles from
+        start_n: (query head, the tile's first offset in the sequence)."""
         g = it // n_q
-        return kvh * GROUP + g, start_n + (it - g * n_q) * BLOCK_M
+        return h0 + g, start_n + (it - g * n_q) * BLOCK_M
 
     @gluon.jit
-    def _bwd_refill(q_desc, do_desc, bar, q_smem, do_smem, it, total, n_q, kvh, start_n, tok0,
-                    GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr):  # fmt: skip
+    def _bwd_refill(q_desc, do_desc, bar, q_smem, do_smem, it, total, n_q, h0, start_n, tok0):
         """Bulk-copy pair `it`'s q and dO tiles into a stage (where it < total), completing on bar."""
-        h, start_m = _bwd_query_tile(it, n_q, kvh, start_n, GROUP, BLOCK_M)
+        BLOCK_M: gl.constexpr = q_smem.shape[0]
+        HEAD_DIM: gl.constexpr = q_smem.shape[1]
+        h, start_m = _bwd_query_tile(it, n_q, h0, start_n, BLOCK_M)
         ok = it < total
         mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes, pred=ok)
         tma.async_copy_global_to_shared(q_desc, [tok0 + start_m, h * HEAD_DIM], bar, q_smem, pred=ok)
@@ -555,12 +572,12 @@ if _NO_GLUON is None:
         start_n = blk * BLOCK_N
         n_q = gl.cdiv(seq_len - start_n, BLOCK_M)  # (the query tiles from the diagonal to the end)
         total = GROUP * n_q
+        h0 = kvh * GROUP  # (the group's first query head)
         dtype: gl.constexpr = q_desc.dtype
         layouts: gl.constexpr = _mma_layouts(gl.num_warps(), BLOCK_M, HEAD_DIM)
         st_layout: gl.constexpr = layouts[0]
         acc_layout: gl.constexpr = layouts[1]
         op_layout: gl.constexpr = layouts[2]
-        qcol: gl.constexpr = gl.SliceLayout(0, st_layout)
         krow: gl.constexpr = gl.SliceLayout(1, st_layout)
 
         k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -577,11 +594,10 @@ if _NO_GLUON is None:
         tma.async_copy_global_to_shared(k_desc, [tok0 + start_n, col], kv_bar, k_smem)
         tma.async_copy_global_to_shared(v_desc, [tok0 + start_n, col], kv_bar, v_smem)
         for i in gl.static_range(STAGES):
-            _bwd_refill(q_desc, do_desc, bars.index(i), q_smem.index(i), do_smem.index(i), i, total, n_q, kvh,
-                        start_n, tok0, GROUP, HEAD_DIM, BLOCK_M)  # fmt: skip
+            _bwd_refill(q_desc, do_desc, bars.index(i), q_smem.index(i), do_smem.index(i), i, total, n_q, h0,
+                        start_n, tok0)  # fmt: skip
 
         offs_n = start_n + gl.arange(0, BLOCK_N, layout=krow)
-        zero_st = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
         dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
         dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
         mbarrier.wait(kv_bar, 0)
@@ -590,39 +606,174 @@ if _NO_GLUON is None:
         # without zeros materialised for them), ptxas serialises every warpgroup MMA of the kernel: its advisory C7515)
         for it in range(0, total):
             st = it % STAGES
-            h, start_m = _bwd_query_tile(it, n_q, kvh, start_n, GROUP, BLOCK_M)
-            offs_m = start_m + gl.arange(0, BLOCK_M, layout=qcol)
-            m_ok = offs_m < seq_len
-            # (rows past the end: lse = +inf, hence p = 0, as the Triton kernel; their q and dO rows are zeroed below)
-            lse = gl.load(LSE + h * n_tokens + tok0 + offs_m, mask=m_ok, other=float("inf"))
-            delta = gl.load(DELTA + h * n_tokens + tok0 + offs_m, mask=m_ok, other=0.0)
+            h, start_m = _bwd_query_tile(it, n_q, h0, start_n, BLOCK_M)
             mbarrier.wait(bars.index(st), (it // STAGES) & 1)
-            if start_m + BLOCK_M > seq_len:  # the sequence's last tile: a neighbour's rows out of the products' sums
-                _zero_rows_past(q_smem.index(st), seq_len - start_m, BLOCK_M, HEAD_DIM, BLOCK_M)
-                _zero_rows_past(do_smem.index(st), seq_len - start_m, BLOCK_M, HEAD_DIM, BLOCK_M)
-                fence_async_shared()
-                gl.thread_barrier()
-            s_tok = warpgroup_mma(k_smem, q_smem.index(st).permute((1, 0)), zero_st, use_acc=False, is_async=True)
-            dp_tok = warpgroup_mma(v_smem, do_smem.index(st).permute((1, 0)), zero_st, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(1, deps=[s_tok])  # (S^T ready, dP^T in flight)
-            p = gl.exp2(s * qk_scale - lse[None, :])
-            if start_m < start_n + BLOCK_N:  # a tile that reaches the diagonal
-                p = gl.where(offs_m[None, :] >= offs_n[:, None], p, 0.0)
-            dv_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), op_layout), do_smem.index(st), dv, is_async=True)
-            dp = warpgroup_mma_wait(1, deps=[dp_tok])  # (dP^T ready; dV in flight)
-            ds = gl.convert_layout((p * (dp - delta[None, :])).to(dtype), op_layout)
-            dk_tok = warpgroup_mma(ds, q_smem.index(st), dk, is_async=True)
-            dv, dk = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok])
+            dv, dk = _bwd_pair(k_smem, v_smem, q_smem.index(st), do_smem.index(st), dv, dk, offs_n, start_n + BLOCK_N,
+                               start_m, seq_len, LSE + h * n_tokens + tok0, DELTA + h * n_tokens + tok0, qk_scale,
+                               op_layout)  # fmt: skip
             gl.thread_barrier()  # (every warpgroup's products have read the stage: it takes pair it + STAGES)
             _bwd_refill(q_desc, do_desc, bars.index(st), q_smem.index(st), do_smem.index(st), it + STAGES, total,
-                        n_q, kvh, start_n, tok0, GROUP, HEAD_DIM, BLOCK_M)  # fmt: skip
+                        n_q, h0, start_n, tok0)  # fmt: skip
         mbarrier.invalidate(kv_bar)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 
-        rows = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+        dv_out, dk_out = DV + kvh * stride_dvh, DKA + kvh * stride_dkh
+        _store_dkdv(dv, dk, start_n, dv_out, dk_out, tok0, seq_len, stride_dvn, stride_dkn)
+
+    @gluon.jit
+    def _bwd_pair(k_smem, v_smem, q_smem, do_smem, dv, dk, offs_n, diag_end, start_m, seq_len, LSE, DELTA, qk_scale,
+                  op_layout: gl.constexpr):  # fmt: skip
+        """One (query tile, key rows) pair of the dk/dv loop, its q and dO tiles in shared memory (their bulk copies
+        waited for): S^T and dP^T issued together, P^T while dP^T runs (wait_group 1), dV's product issued, dS^T
+        while it runs, dK's issued, then both waited for (a product carried into the next pair makes ptxas
+        serialise them all: its advisory C7515). offs_n: the key rows' offsets (those of the k_smem / v_smem rows);
+        LSE, DELTA: the query head's rows at the sequence's first token; diag_end: the first query offset past the
+        diagonal of this program's keys. -> dv, dk."""
+        BLOCK_M: gl.constexpr = q_smem.shape[0]
+        HEAD_DIM: gl.constexpr = q_smem.shape[1]
+        dtype: gl.constexpr = q_smem.dtype
+        st_layout: gl.constexpr = offs_n.type.layout.parent  # (the scores' layout: offs_n is its rows' slice)
+        offs_m = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
+        m_ok = offs_m < seq_len
+        # (rows past the end: lse = +inf, hence p = 0, as the Triton kernel; their q and dO rows are zeroed below)
+        lse = gl.load(LSE + offs_m, mask=m_ok, other=float("inf"))
+        delta = gl.load(DELTA + offs_m, mask=m_ok, other=0.0)
+        if start_m + BLOCK_M > seq_len:  # the sequence's last tile: a neighbour's rows out of the products' sums
+            _zero_rows_past(q_smem, seq_len - start_m, BLOCK_M, HEAD_DIM, BLOCK_M)
+            _zero_rows_past(do_smem, seq_len - start_m, BLOCK_M, HEAD_DIM, BLOCK_M)
+            fence_async_shared()
+            gl.thread_barrier()
+        KEYS: gl.constexpr = k_smem.shape[0]
+        zero_st = gl.zeros([KEYS, BLOCK_M], gl.float32, st_layout)
+        s_tok = warpgroup_mma(k_smem, q_smem.permute((1, 0)), zero_st, use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(v_smem, do_smem.permute((1, 0)), zero_st, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(1, deps=[s_tok])  # (S^T ready, dP^T in flight)
+        p = gl.exp2(s * qk_scale - lse[None, :])
+        if start_m < diag_end:  # a tile that reaches the diagonal
+            p = gl.where(offs_m[None, :] >= offs_n[:, None], p, 0.0)
+        dv_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), op_layout), do_smem, dv, is_async=True)
+        dp = warpgroup_mma_wait(1, deps=[dp_tok])  # (dP^T ready; dV in flight)
+        ds = gl.convert_layout((p * (dp - delta[None, :])).to(dtype), op_layout)
+        dk_tok = warpgroup_mma(ds, q_smem, dk, is_async=True)
+        return warpgroup_mma_wait(0, deps=[dv_tok, dk_tok])
+
+    @gluon.jit
+    def _store_dkdv(dv, dk, start_n, DV, DKA, tok0, seq_len, stride_dvn, stride_dkn):
+        """dv (the inputs' dtype) and dk (fp32, for the finishing pass) of the key rows start_n + [0, rows), those
+        of the sequence alone; DV, DKA: the kv head's column."""
+        acc_layout: gl.constexpr = dv.type.layout
+        rows = start_n + gl.arange(0, dv.shape[0], layout=gl.SliceLayout(1, acc_layout))
+        cols = gl.arange(0, dv.shape[1], layout=gl.SliceLayout(0, acc_layout))
         keep = (rows < seq_len)[:, None]
         flat = (tok0 + rows).to(gl.int64)[:, None]
-        gl.store(DV + kvh * stride_dvh + flat * stride_dvn + cols[None, :], dv.to(dtype), mask=keep)
-        gl.store(DKA + kvh * stride_dkh + flat * stride_dkn + cols[None, :], dk, mask=keep)
+        gl.store(DV + flat * stride_dvn + cols[None, :], dv.to(DV.dtype.element_ty), mask=keep)
+        gl.store(DKA + flat * stride_dkn + cols[None, :], dk, mask=keep)
+
+
+if _NO_GLUON is None:
+
+    @gluon.jit
+    def _bwd_ws_loader(q_desc, do_desc, k_desc, v_desc, smem, bars, tok0, h0, kv_col, start_n, n_q, total):
+        """The producer warp: the key block's K and V, then each (query head, query tile) pair's q and dO tiles into
+        the rings' next stages as the two consumer warpgroups free them (`empty`: both have read the stage)."""
+        k_smem, v_smem, q_smem, do_smem = smem
+        kv_bar, ready, empty = bars
+        STAGES: gl.constexpr = q_smem.shape[0]
+        mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [tok0 + start_n, kv_col], kv_bar, k_smem)
+        tma.async_copy_global_to_shared(v_desc, [tok0 + start_n, kv_col], kv_bar, v_smem)
+        for it in range(total):
+            st = it % STAGES
+            mbarrier.wait(empty.index(st), ((it // STAGES) & 1) ^ 1)  # (a fresh barrier's last phase counts as done)
+            _bwd_refill(q_desc, do_desc, ready.index(st), q_smem.index(st), do_smem.index(st), it, total, n_q, h0,
+                        start_n, tok0)  # fmt: skip
+
+    @gluon.jit
+    def _bwd_ws_consumer(smem, bars, LSE, DELTA, DV, DKA, tok0, seq_len, h0, start_n, n_q, total, n_tokens,
+                         stride_dvn, stride_dkn, qk_scale, C: gl.constexpr):  # fmt: skip
+        """Consumer warpgroup C (0 or 1): dk and dv of the key rows start_n + C * 64 + [0, 64), each pair as the
+        8-warp kernel's (_bwd_pair), the stage released to the producer by an arrive once its products are done.
+        DV, DKA: the kv head's column."""
+        k_smem, v_smem, q_smem, do_smem = smem
+        kv_bar, ready, empty = bars
+        STAGES: gl.constexpr = q_smem.shape[0]
+        BLOCK_M: gl.constexpr = q_smem.shape[1]
+        HEAD_DIM: gl.constexpr = q_smem.shape[2]
+        KEYS: gl.constexpr = k_smem.shape[0] // 2
+        layouts: gl.constexpr = _mma_layouts(gl.num_warps(), BLOCK_M, HEAD_DIM)
+        st_layout: gl.constexpr = layouts[0]
+        acc_layout: gl.constexpr = layouts[1]
+        op_layout: gl.constexpr = layouts[2]
+        row0 = start_n + C * KEYS
+        offs_n = row0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, st_layout))
+        k_c = k_smem.slice(C * KEYS, KEYS)
+        v_c = v_smem.slice(C * KEYS, KEYS)
+        dv = gl.zeros([KEYS, HEAD_DIM], gl.float32, acc_layout)
+        dk = gl.zeros([KEYS, HEAD_DIM], gl.float32, acc_layout)
+        mbarrier.wait(kv_bar, 0)
+        for it in range(0, total):
+            st = it % STAGES
+            h, start_m = _bwd_query_tile(it, n_q, h0, start_n, BLOCK_M)
+            mbarrier.wait(ready.index(st), (it // STAGES) & 1)
+            # (the last tile's rows past the end are zeroed by both consumers: the same bytes, whoever is first)
+            dv, dk = _bwd_pair(k_c, v_c, q_smem.index(st), do_smem.index(st), dv, dk, offs_n, start_n + 2 * KEYS,
+                               start_m, seq_len, LSE + h * n_tokens + tok0, DELTA + h * n_tokens + tok0, qk_scale,
+                               op_layout)  # fmt: skip
+            mbarrier.arrive(empty.index(st), count=1)
+        _store_dkdv(dv, dk, row0, DV, DKA, tok0, seq_len, stride_dvn, stride_dkn)
+
+    @gluon.jit
+    def _bwd_ws_consumer0(smem, bars, LSE, DELTA, DV, DKA, tok0, seq_len, h0, start_n, n_q, total, n_tokens, s_dv,
+                          s_dk, qk):  # fmt: skip
+        _bwd_ws_consumer(smem, bars, LSE, DELTA, DV, DKA, tok0, seq_len, h0, start_n, n_q, total, n_tokens, s_dv,
+                         s_dk, qk, 0)  # fmt: skip
+
+    @gluon.jit
+    def _bwd_ws_consumer1(smem, bars, LSE, DELTA, DV, DKA, tok0, seq_len, h0, start_n, n_q, total, n_tokens, s_dv,
+                          s_dk, qk):  # fmt: skip
+        _bwd_ws_consumer(smem, bars, LSE, DELTA, DV, DKA, tok0, seq_len, h0, start_n, n_q, total, n_tokens, s_dv,
+                         s_dk, qk, 1)  # fmt: skip
+
+    @gluon.jit
+    def _bwd_dkdv_ws_kernel(
+        q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DV, DKA, CU_SEQ, CU_BLK, stride_dvn, stride_dvh, stride_dkn,
+        stride_dkh, n_tokens, num_seqs, qk_scale,
+        N_STEPS: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+        BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    ):  # fmt: skip
+        """_bwd_dkdv_kernel's arguments and outputs, warp-specialised: a producer warp (the bulk copies) and two
+        consumer warpgroups of BLOCK_N // 2 keys each (the default partition, launched with num_warps=4, and a
+        worker), each at its own pace."""
+        pid = gl.program_id(0)
+        kvh = gl.program_id(1)
+        if pid >= gl.load(CU_BLK + num_seqs):
+            return
+        tok0, seq_len, blk = _locate_tile(CU_BLK, CU_SEQ, pid, num_seqs, n_tokens, N_STEPS, False)
+        start_n = blk * BLOCK_N
+        n_q = gl.cdiv(seq_len - start_n, BLOCK_M)  # (the query tiles from the diagonal to the end)
+        total = GROUP * n_q
+        h0 = kvh * GROUP
+        dtype: gl.constexpr = q_desc.dtype
+        k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)
+        smem = (k_smem, v_smem, q_smem, do_smem)
+        bars = (kv_bar, ready, empty)
+        dv_out, dk_out = DV + kvh * stride_dvh, DKA + kvh * stride_dkh
+        consumer = (smem, bars, LSE, DELTA, dv_out, dk_out, tok0, seq_len, h0, start_n, n_q, total, n_tokens)
+        consumer += (stride_dvn, stride_dkn, qk_scale)
+        loader = (q_desc, do_desc, k_desc, v_desc, smem, bars, tok0, h0, kvh * HEAD_DIM, start_n, n_q, total)
+        gl.warp_specialize(
+            [(_bwd_ws_consumer0, consumer), (_bwd_ws_consumer1, consumer), (_bwd_ws_loader, loader)],
+            [4, 1],
+            [CONSUMER_REGS, 24],
+        )

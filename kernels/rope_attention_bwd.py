@@ -433,26 +433,28 @@ DQ_ATOMIC = False
 WARP_SPEC = False
 
 # The dk/dv kernel in Gluon (kernels/attention_gluon.py, `dkdv`: each query tile's score and dP products issued
-# together, P computed while dP runs, dS while dV does), on an sm_90 GPU with bf16/fp16, head dims 64 and 128 and
-# tiles by TMA; dk w.r.t. the rotated k through the finishing pass (as WARP_SPEC's), dq by the dq kernel. Not with
-# DQ_ATOMIC. Off until a GPU has checked and timed it (bench_rope_attention.py: the row "ours, Gluon dk/dv").
+# together, P computed while dP runs, dS while dV does; in 8 warps or, attention_gluon.BWD_PRODUCER, with a producer
+# warp and two consumer warpgroups at their own pace), on an sm_90 GPU with bf16/fp16, head dims 64 and 128 and tiles
+# by TMA; dk w.r.t. the rotated k through the finishing pass (as WARP_SPEC's), dq by the dq kernel. Not with
+# DQ_ATOMIC. Off until a GPU has checked and timed it (bench_rope_attention.py: the rows "ours, Gluon dk/dv").
 GLUON_DKDV = False
 
 
-def _gluon_dkdv_config(config: dict | None, head_dim: int) -> tuple[int, int]:
-    """An explicit dkdv_config for the Gluon dk/dv kernel -> (query tile, stages): its key block is 128 keys in 8
-    warps; None or a missing key: its defaults for the head dim (attention_gluon.BWD_TILES)."""
+def _gluon_dkdv_config(config: dict | None) -> tuple[int | None, int | None, bool | None]:
+    """An explicit dkdv_config for the Gluon dk/dv kernel -> (query tile, stages, PRODUCER): its key block is 128
+    keys, in 8 warps or, PRODUCER=True, in the warp-specialised kernel's producer warp and two consumer warpgroups
+    (num_warps=4: the default partition); None: the kernel's defaults (attention_gluon.BWD_TILES, BWD_PRODUCER)."""
     config = dict(config or {})
     if config.pop("WARP_SPEC", False) or config.pop("BOUNDED", False):
         raise ValueError("dkdv_config GLUON=True with WARP_SPEC or BOUNDED: the Gluon dk/dv is a kernel of its own")
-    fixed = {"BLOCK_N": attention_gluon.BWD_BLOCK_N, "num_warps": attention_gluon.BWD_WARPS}
-    for key, value in fixed.items():
+    producer = config.pop("PRODUCER", None)
+    warps = attention_gluon.PINGPONG_WARPS if producer else attention_gluon.BWD_WARPS
+    for key, value in (("BLOCK_N", attention_gluon.BWD_BLOCK_N), ("num_warps", warps)):
         if config.pop(key, value) != value:
-            raise ValueError(f"dkdv_config GLUON=True takes {key}={value}")
-    block_m, stages = attention_gluon.BWD_TILES[head_dim]
-    tile = (config.pop("BLOCK_M", block_m), config.pop("num_stages", stages))
+            raise ValueError(f"dkdv_config GLUON=True {'with' if producer else 'without'} PRODUCER takes {key}={value}")
+    tile = (config.pop("BLOCK_M", None), config.pop("num_stages", None), producer)
     if config:
-        raise ValueError(f"dkdv_config GLUON=True takes BLOCK_M and num_stages, not {sorted(config)}")
+        raise ValueError(f"dkdv_config GLUON=True takes BLOCK_M, num_stages and PRODUCER, not {sorted(config)}")
     return tile
 
 
@@ -547,7 +549,7 @@ def _rope_attention_bwd(
         gluon = GLUON_DKDV and not dkdv_config and not atomic and refused() is None
     elif gluon and (why := (atomic and "dq is by atomic adds (DQ_ATOMIC)") or refused()):
         raise ValueError(f"dkdv_config GLUON=True, but {why}")
-    gluon_tile = _gluon_dkdv_config(dkdv_config, d) if gluon else None
+    gluon_tile = _gluon_dkdv_config(dkdv_config) if gluon else None
     dkdv_config = {} if gluon else dkdv_config
     dkdv_config, ws = _pop_switch(dkdv_config, "WARP_SPEC", False if gluon else None)
     why = _warp_spec_refused(q.dtype, dkdv_tma and _tma_refused(d, k, v) is None, atomic and "dq is by atomic adds")

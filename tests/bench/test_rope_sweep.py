@@ -47,6 +47,11 @@ def test_rope_sweep_smoke(capsys):
     )
     dkdv = dict(kernel="dkdv", BLOCK_N=128, BLOCK_M=32, num_warps=8, num_stages=3, TMA=True, GLUON=True)
     assert as_default(dkdv) == "rope_attention_bwd.GLUON_DKDV = True, attention_gluon.BWD_TILES[head dim] = (32, 3)"
+    dkdv.update(num_warps=4, num_stages=2, PRODUCER=True)  # (its warp-specialised form)
+    assert as_default(dkdv) == (
+        "rope_attention_bwd.GLUON_DKDV = True, attention_gluon.BWD_PRODUCER = True, "
+        "attention_gluon.BWD_PRODUCER_TILES[head dim] = (32, 2)"
+    )
     assert not any(r.get("GLUON") for r in rows)
 
 

@@ -101,6 +101,8 @@ def _close(actual, expected, dtype, name):
         (torch.bfloat16, 4, 2, 128, 10000.0, "gluon dkdv"),
         (torch.float16, 4, 1, 64, 500000.0, "gluon dkdv"),
         (torch.bfloat16, 2, 2, 128, 10000.0, "gluon dkdv 64x2"),
+        (torch.bfloat16, 4, 2, 128, 10000.0, "gluon dkdv producer"),
+        (torch.float16, 4, 1, 64, 500000.0, "gluon dkdv producer"),
     ],
 )
 def test_forward_backward_poisoned(dtype, hq, hkv, d, theta, variant):
@@ -132,6 +134,8 @@ def test_forward_backward_poisoned(dtype, hq, hkv, d, theta, variant):
         cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
         dqc = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
         dkdv = dict(GLUON=True, **(dict(BLOCK_M=64, num_stages=2) if variant.endswith("64x2") else {}))
+        if variant.endswith("producer"):  # (a producer warp and two consumer warpgroups: attention_gluon.BWD_PRODUCER)
+            dkdv.update(PRODUCER=True, num_warps=4)
     if variant.startswith("warp spec"):
         dkdv, dqc = dict(BLOCK_N=32, BLOCK_M=16, WARP_SPEC=True), dict(BLOCK_M=32, BLOCK_N=16, WARP_SPEC=True)
         if variant == "warp spec bounded":
@@ -261,7 +265,8 @@ def test_autotune_keeps_the_inner_tiles_that_fit_the_sequence_block():
 @pytest.mark.parametrize(
     "tma,atomic,ws",
     [(True, False, False), (False, False, False), (True, True, False), (False, True, False), (True, False, True),
-     (True, False, "bounded"), (True, False, "gluon"), (True, False, "gluon pingpong"), (True, False, "gluon dkdv")],
+     (True, False, "bounded"), (True, False, "gluon"), (True, False, "gluon pingpong"), (True, False, "gluon dkdv"),
+     (True, False, "gluon dkdv producer")],
 )  # fmt: skip
 def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma, atomic, ws):
     """The tiles that run past a sequence's end hold the next sequence's rows (a tensor descriptor copies whole
@@ -273,9 +278,10 @@ def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma, atomic, ws):
     and values (dq's too, and dk/dv's queries and output grads) also by per-sequence descriptors ("bounded": the
     copies' rows past the end are zeros), and the Gluon forward ("gluon", bf16 on a GPU: its 128-key tiles hold the
     neighbours' rows, the values zeroed in shared memory; "gluon pingpong": by both consumer warpgroups) and the
-    Gluon dk/dv kernel ("gluon dkdv": its last query tile's q and dO rows past the end zeroed in shared memory).
+    Gluon dk/dv kernel ("gluon dkdv": its last query tile's q and dO rows past the end zeroed in shared memory; by
+    both consumer warpgroups in its warp-specialised form).
     Lengths end inside the tiles of every kernel (the dk/dv kernel's last, partial query tile included)."""
-    gluon = ws in ("gluon", "gluon pingpong", "gluon dkdv")
+    gluon = ws in ("gluon", "gluon pingpong", "gluon dkdv", "gluon dkdv producer")
     if gluon and not torch.empty(0).is_cuda:
         pytest.skip("Triton's interpreter does not run Gluon: compiled for sm_90a in test_sm90_compile.py")
     if ws and not gluon and torch.empty(0).is_cuda:
@@ -291,8 +297,8 @@ def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma, atomic, ws):
         x[bad] = fill
     fwd = dict(BLOCK_M=32, BLOCK_N=16, TMA=tma, **({"WARP_SPEC": True} if ws else {}))
     dkdv, dq_cfg = dict(BLOCK_N=32, BLOCK_M=16, TMA=tma, DQ_ATOMIC=atomic), dict(BLOCK_M=32, BLOCK_N=16, TMA=tma)
-    if ws == "gluon dkdv":
-        dkdv = dict(GLUON=True)
+    if isinstance(ws, str) and ws.startswith("gluon dkdv"):
+        dkdv = dict(GLUON=True, **(dict(PRODUCER=True, num_warps=4) if ws.endswith("producer") else {}))
     elif gluon:
         fwd = dict(GLUON=True, **(dict(PINGPONG=True, num_warps=4) if ws == "gluon pingpong" else {}))
     elif ws:
@@ -538,9 +544,14 @@ def test_gluon_dkdv_dispatch_and_its_finishing_pass():
         mp.setattr(attention_gluon, "refused", lambda *a: None)
         mp.setattr(attention_gluon, "dkdv", stand_in)
         mp.setattr(rab, "GLUON_DKDV", True)
-        for kw, tile in ((dict(), None), (dict(dkdv_config=dict(GLUON=True, BLOCK_M=64, num_stages=3)), (64, 3))):
+        producer = dict(GLUON=True, PRODUCER=True, num_warps=4, BLOCK_M=32)  # (a sweep's row)
+        for kw, tile in (
+            (dict(), (None, None, None)),
+            (dict(dkdv_config=dict(GLUON=True, BLOCK_M=64, num_stages=3)), (64, 3, None)),
+            (dict(dkdv_config=producer), (32, None, True)),
+        ):
             dq, dk, dv = grads(**kw)
-            assert calls.pop() == (tile or attention_gluon.BWD_TILES[64]) and not calls
+            assert calls.pop() == tile and not calls
             for name, a, b in (("dq", dq, ref_dq), ("dk", dk, ref_dk), ("dv", dv, ref_dv)):
                 _close(a, b, dtype, name)
         grads(dkdv_config=dict(BLOCK_N=32, BLOCK_M=16))  # (an explicit Triton config: the Triton kernel)
@@ -552,9 +563,10 @@ def test_gluon_dkdv_dispatch_and_its_finishing_pass():
         mp.setattr(rab, "DQ_ATOMIC", False)
         for cfg, why in (
             (dict(WARP_SPEC=True), "with WARP_SPEC or BOUNDED"),
-            (dict(BLOCK_N=64), "takes BLOCK_N=128"),
-            (dict(num_warps=4), "takes num_warps=8"),
-            (dict(maxnreg=128), r"takes BLOCK_M and num_stages, not \['maxnreg'\]"),
+            (dict(BLOCK_N=64), "without PRODUCER takes BLOCK_N=128"),
+            (dict(num_warps=4), "without PRODUCER takes num_warps=8"),
+            (dict(PRODUCER=True, num_warps=8), "with PRODUCER takes num_warps=4"),
+            (dict(maxnreg=128), r"takes BLOCK_M, num_stages and PRODUCER, not \['maxnreg'\]"),
         ):
             with pytest.raises(ValueError, match=why):
                 grads(dkdv_config=dict(GLUON=True, **cfg))

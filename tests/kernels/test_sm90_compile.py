@@ -71,7 +71,8 @@ for kernel in ("fwd", "dkdv", "dq"):
     assert len(pair[1]) == 2 and all(b["shared"] < p["shared"] for p, b in zip(*pair)), pair
 assert all(r["warps"] == 12 and r["spill_bytes"] == 0 and r["shared"] <= 232448 for r in ws), ws
 assert all({k for k, _ in r["setmaxnreg"]} == {"inc", "dec"} and r["mma"].get("wgmma") for r in ws), ws
-assert not any(r["setmaxnreg"] for r in rows if r not in ws and "PINGPONG" not in r["config"]), rows
+gluon_ws = [r for r in rows if {"PINGPONG", "PRODUCER"} & set(r["config"].split())]  # (Gluon's own, below)
+assert not any(r["setmaxnreg"] for r in rows if r not in ws + gluon_ws), rows
 # rope_attention.GLUON_FWD: the forward in Gluon, 8 warps and no producer, whose exponentials are computed while the
 # last key tile's P @ V product is in flight (FlashAttention-3's intra-warpgroup order: the softmax of the scores and
 # the rescale factor, two exp2 a tile), on wgmma with bulk copies, no spill, within 227 KiB; none of the Triton
@@ -87,10 +88,15 @@ assert all(r["mma"].get("wgmma") and r["loads"].get("cp.async.bulk.tensor") for 
 assert all(r["shared"] <= 232448 for r in gluon + pingpong) and all(r["warps"] == 8 for r in gluon), gluon
 # rope_attention_bwd.GLUON_DKDV: the dk/dv kernel in Gluon, P computed while dP's product is in flight (one exp2 a
 # tile), 8 warps, no spill at its default tiles (32 queries at D = 128, 64 at D = 64)
-dkdv = [r for r in rows if "GLUON" in r["config"] and r["kernel"] == "dkdv"]
+dkdv = [r for r in rows if "GLUON" in r["config"] and r["kernel"] == "dkdv" and "PRODUCER" not in r["config"]]
 assert len(dkdv) == 2 and all(r["exp2_in_flight"] == 1 and r["spill_bytes"] == 0 for r in dkdv), dkdv
 assert all(r["warps"] == 8 and r["shared"] <= 232448 and r["loads"].get("cp.async.bulk.tensor") for r in dkdv), dkdv
-assert not any(r["exp2_in_flight"] for r in rows if r not in gluon + pingpong + dkdv), rows
+# and its warp-specialised form (attention_gluon.BWD_PRODUCER): a producer warp and two consumer warpgroups of 64 keys
+# (one exp2 in flight each), 12 warps, setmaxnreg 24 and 240, no spill
+producer = [r for r in rows if "PRODUCER" in r["config"]]
+assert len(producer) == 2 and all(r["exp2_in_flight"] == 2 and r["spill_bytes"] == 0 for r in producer), producer
+assert all({("dec", 24), ("inc", 240)} <= set(r["setmaxnreg"]) and r["warps"] == 12 for r in producer), producer
+assert not any(r["exp2_in_flight"] for r in rows if r not in gluon + pingpong + dkdv + producer), rows
 # and no kernel whose warpgroup MMAs ptxas serialises (its advisory C7515: something other than a wgmma writing an
 # accumulator while products are in flight, which undoes every overlap above; the Gluon dk/dv kernel did, while its
 # dK product was in flight from one iteration to the next)
