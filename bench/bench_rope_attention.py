@@ -235,9 +235,10 @@ _GLUON_CHECKED: dict = {}
 
 def _gluon_row(q, k, v, *, positions, cu, theta, args, **flip):
     """ours with _ours' Gluon switches `flip` (gluon: rope_attention.GLUON_FWD, pingpong: attention_gluon.PINGPONG,
-    gluon_dkdv: rope_attention_bwd.GLUON_DKDV; None: as they are): the last rows timed, each checked against the fp32
-    reference first (once a run, in a subprocess under a timeout: _gluon_check); a failed check is its row's error on
-    every call (the bench then exits non-zero), and the other rows stand."""
+    gluon_dkdv: rope_attention_bwd.GLUON_DKDV, bwd_producer: attention_gluon.BWD_PRODUCER; absent: as they are): the
+    last rows timed, each checked against the fp32 reference first (once a run, in a subprocess under a timeout:
+    _gluon_check); a failed check is its row's error on every call (the bench then exits non-zero), and the other rows
+    stand."""
     key = tuple(sorted(flip.items()))
     if key not in _GLUON_CHECKED:
         _GLUON_CHECKED[key] = _gluon_check(flip, q.shape[1], k.shape[1], q.shape[-1], q.dtype, args.rope_theta)

@@ -540,8 +540,6 @@ def _rope_attention_bwd(
     dkdv_config, atomic = _pop_switch(dkdv_config, "DQ_ATOMIC", DQ_ATOMIC)
     if atomic and dq_config:
         raise ValueError(f"dq_config {dq_config} given, but with DQ_ATOMIC the dk/dv kernel computes dq")
-    # the dk/dv kernel warp-specialised (WARP_SPEC, or the explicit config's key): k and v by bulk copy too, and dk
-    # by the finishing pass
     # the dk/dv kernel in Gluon (GLUON_DKDV, which takes the launches without an explicit config, or the config's key)
     dkdv_config, gluon = _pop_switch(dkdv_config, "GLUON", None)
     refused = lambda: attention_gluon.refused(q.dtype, d, q.device, q, do, k, v) or _no_tma(dkdv_tma)  # noqa: E731
@@ -551,6 +549,8 @@ def _rope_attention_bwd(
         raise ValueError(f"dkdv_config GLUON=True, but {why}")
     gluon_tile = _gluon_dkdv_config(dkdv_config) if gluon else None
     dkdv_config = {} if gluon else dkdv_config
+    # the dk/dv kernel warp-specialised (WARP_SPEC, or the explicit config's key): k and v by bulk copy too, and dk
+    # by the finishing pass
     dkdv_config, ws = _pop_switch(dkdv_config, "WARP_SPEC", False if gluon else None)
     why = _warp_spec_refused(q.dtype, dkdv_tma and _tma_refused(d, k, v) is None, atomic and "dq is by atomic adds")
     if ws and why:
