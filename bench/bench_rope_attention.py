@@ -119,15 +119,16 @@ _DEFAULTS: dict = {}
 
 def _ours(
     q, k, v, *, positions, cu, theta, tma=None, dq_atomic=None, warp_spec=None, gluon=None, pingpong=None,
-    gluon_dkdv=None, bwd_producer=None, run=True,
+    gluon_dkdv=None, bwd_producer=None, gluon_dq=None, run=True,
 ):  # fmt: skip
     """rope_attention with its inner tiles by tensor descriptor or by pointer loads (tma True / False), dq by its own
     kernel or by the dk/dv kernel's atomic adds (dq_atomic False / True), the forward, dk/dv and dq kernels
     warp-specialised or not (warp_spec: rope_attention's and rope_attention_bwd's WARP_SPEC both), the forward in
     Gluon where it can run (gluon: rope_attention.GLUON_FWD) in its ping-pong form or not (pingpong:
     attention_gluon.PINGPONG), dk/dv in Gluon (gluon_dkdv: rope_attention_bwd.GLUON_DKDV) with a producer warp or
-    not (bwd_producer: attention_gluon.BWD_PRODUCER); None: the modules' defaults. The switches stay set until
-    the next call: the backward that follows a forward in a timing loop reads them. run False: only set them."""
+    not (bwd_producer: attention_gluon.BWD_PRODUCER), dq in Gluon (gluon_dq: rope_attention_bwd.GLUON_DQ); None:
+    the modules' defaults. The switches stay set until the next call: the backward that follows a forward in a
+    timing loop reads them. run False: only set them."""
     from kernels import attention_tiles, rope_attention_bwd
     from kernels import rope_attention as ra
 
@@ -135,9 +136,11 @@ def _ours(
         _DEFAULTS.update(tma=attention_tiles.TMA_LOADS, dq_atomic=rope_attention_bwd.DQ_ATOMIC, ws=ra.WARP_SPEC)
         _DEFAULTS.update(bwd_ws=rope_attention_bwd.WARP_SPEC, gluon=ra.GLUON_FWD, pingpong=attention_gluon.PINGPONG)
         _DEFAULTS.update(gluon_dkdv=rope_attention_bwd.GLUON_DKDV, bwd_producer=attention_gluon.BWD_PRODUCER)
+        _DEFAULTS.update(gluon_dq=rope_attention_bwd.GLUON_DQ)
     ra.GLUON_FWD = _DEFAULTS["gluon"] if gluon is None else gluon
     rope_attention_bwd.GLUON_DKDV = _DEFAULTS["gluon_dkdv"] if gluon_dkdv is None else gluon_dkdv
     attention_gluon.BWD_PRODUCER = _DEFAULTS["bwd_producer"] if bwd_producer is None else bwd_producer
+    rope_attention_bwd.GLUON_DQ = _DEFAULTS["gluon_dq"] if gluon_dq is None else gluon_dq
     attention_gluon.PINGPONG = _DEFAULTS["pingpong"] if pingpong is None else pingpong
     attention_tiles.TMA_LOADS = _DEFAULTS["tma"] if tma is None else tma
     rope_attention_bwd.DQ_ATOMIC = _DEFAULTS["dq_atomic"] if dq_atomic is None else dq_atomic
@@ -217,6 +220,11 @@ def make_rows(args, q, k, v, positions, cu, batch, seqlen, padded_mask=None):
             flips += [] if dkdv else [(f"  ours, Gluon dk/dv, {forms[producer]} (FA3 order)", dict(gluon_dkdv=True))]
             name = f"  ours, Gluon dk/dv, {forms[not producer]} (FA3 order)"
             flips += [(name, dict(gluon_dkdv=True, bwd_producer=not producer))]
+            # and dq in Gluon (rope_attention_bwd.GLUON_DQ), or in Triton where the module runs Gluon's
+            dq_gluon = rope_attention_bwd.GLUON_DQ
+            flips += [
+                ("  ours, dq in Triton" if dq_gluon else "  ours, Gluon dq (FA3 order)", dict(gluon_dq=not dq_gluon))
+            ]
             for name, flip in flips:
                 rows[name] = functools.partial(_gluon_row, positions=positions, cu=cu, theta=theta, args=args, **flip)
     return rows
@@ -235,10 +243,10 @@ _GLUON_CHECKED: dict = {}
 
 def _gluon_row(q, k, v, *, positions, cu, theta, args, **flip):
     """ours with _ours' Gluon switches `flip` (gluon: rope_attention.GLUON_FWD, pingpong: attention_gluon.PINGPONG,
-    gluon_dkdv: rope_attention_bwd.GLUON_DKDV, bwd_producer: attention_gluon.BWD_PRODUCER; absent: as they are): the
-    last rows timed, each checked against the fp32 reference first (once a run, in a subprocess under a timeout:
-    _gluon_check); a failed check is its row's error on every call (the bench then exits non-zero), and the other rows
-    stand."""
+    gluon_dkdv: rope_attention_bwd.GLUON_DKDV, bwd_producer: attention_gluon.BWD_PRODUCER, gluon_dq:
+    rope_attention_bwd.GLUON_DQ; absent: as they are): the last rows timed, each checked against the fp32
+    reference first (once a run, in a subprocess under a timeout: _gluon_check); a failed check is its row's
+    error on every call (the bench then exits non-zero), and the other rows stand."""
     key = tuple(sorted(flip.items()))
     if key not in _GLUON_CHECKED:
         _GLUON_CHECKED[key] = _gluon_check(flip, q.shape[1], k.shape[1], q.shape[-1], q.dtype, args.rope_theta)
@@ -250,12 +258,12 @@ def _gluon_row(q, k, v, *, positions, cu, theta, args, **flip):
 def _gluon_check(flip: dict, hq: int, hkv: int, d: int, dtype: torch.dtype, theta: float, timeout: float | None = None):
     """_check_one with _ours' switches `flip`, in a subprocess: None if ours matched the reference, else why not. The
     forward alone for the Gluon forward (the backward is the Triton one, checked already, and its cold autotuning
-    would cost the subprocess a minute), with the gradients for the Gluon dk/dv (gluon_dkdv). A kernel new to the GPU
-    that hangs (a barrier's phase wrong) is stopped at `timeout` seconds (None: 60, 150 with the gradients: the dq
-    kernel's autotuning) instead of holding the bench (and a lease's step) to its cap."""
+    would cost the subprocess a minute), with the gradients for the Gluon dk/dv and dq (gluon_dkdv, gluon_dq). A
+    kernel new to the GPU that hangs (a barrier's phase wrong) is stopped at `timeout` seconds (None: 60, 150
+    with the gradients: the dq kernel's autotuning) instead of holding the bench (and a lease's step) to its cap."""
     import subprocess
 
-    grads = bool(flip.get("gluon_dkdv"))
+    grads = bool(flip.get("gluon_dkdv") or flip.get("gluon_dq"))
     timeout = timeout or (150 if grads else 60)
     name = ", ".join(f"{key}={value}" for key, value in flip.items())
     code = (
@@ -473,7 +481,16 @@ def ptxas_report(
             retype = attention_gluon.bwd_build_types(dtype, head_dim, block_m)
             report("dkdv", attention_gluon._bwd_dkdv_kernel, consts, attention_gluon.BWD_WARPS, 1, label,
                    retype=retype)  # fmt: skip
-        # and its warp-specialised form (attention_gluon.BWD_PRODUCER) at its default tile
+        # rope_attention_bwd.GLUON_DQ's kernel: P computed while dP's product runs, 128-row query blocks in 8 warps
+        tiles_ = [attention_gluon.DQ_TILES[head_dim]]
+        tiles_ += [t for t in attention_gluon.DQ_SHAPES if t not in tiles_]
+        for block_n, stages in tiles_[:configs_per_kernel]:
+            consts = dict(N_STEPS=4, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=attention_gluon.DQ_BLOCK_M)
+            consts.update(BLOCK_N=block_n, STAGES=stages)
+            label = f"BLOCK_N={block_n} w={attention_gluon.DQ_WARPS} s={stages} GLUON TMA"
+            retype = attention_gluon.dq_build_types(dtype, head_dim, block_n)
+            report("dq", attention_gluon._bwd_dq_kernel, consts, attention_gluon.DQ_WARPS, 1, label, retype=retype)
+        # and the dk/dv kernel's warp-specialised form (attention_gluon.BWD_PRODUCER) at its default tile
         block_m, stages = attention_gluon.BWD_PRODUCER_TILES[head_dim]
         consts = dict(N_STEPS=4, GROUP=group, HEAD_DIM=head_dim, BLOCK_N=attention_gluon.BWD_BLOCK_N, BLOCK_M=block_m)
         consts.update(STAGES=stages, CONSUMER_REGS=attention_gluon.CONSUMER_REGS)
@@ -523,6 +540,11 @@ SWEEP_GLUON_DKDV = [
     (attention_gluon.BWD_BLOCK_N, 32, attention_gluon.PINGPONG_WARPS, st, True, {"GLUON": True, "PRODUCER": True})
     for st in (2, 3, 4)
 ]
+# rope_attention_bwd.GLUON_DQ's kernel (128-row query blocks in 8 warps; its key tiles and stages), timed after the rest
+SWEEP_GLUON_DQ = [
+    (attention_gluon.DQ_BLOCK_M, n, attention_gluon.DQ_WARPS, st, True, {"GLUON": True})
+    for n, st in attention_gluon.DQ_SHAPES
+]
 # rope_attention_bwd.WARP_SPEC first: the query loop warp-specialised, 4 warps a partition
 SWEEP_DKDV = [(128, m, 4, st, True, {"WARP_SPEC": True}) for m, st in ((32, 2), (16, 2), (16, 3))]
 SWEEP_DKDV += [(128, m, 4, st, True, {"WARP_SPEC": True, "BOUNDED": True}) for m, st in ((32, 2), (16, 2), (16, 3))]
@@ -540,7 +562,7 @@ SWEEP_ATOMIC += [(64, 64, 8, 2, True), (128, 16, 8, 2, False)]
 
 def sweep(
     args, q, k, v, positions, cu, flops, fwd=SWEEP_FWD, dkdv=SWEEP_DKDV, dq=SWEEP_DQ, atomic=SWEEP_ATOMIC,
-    gluon=SWEEP_GLUON, gluon_dkdv=SWEEP_GLUON_DKDV,
+    gluon=SWEEP_GLUON, gluon_dkdv=SWEEP_GLUON_DKDV, gluon_dq=SWEEP_GLUON_DQ,
 ) -> list[dict]:  # fmt: skip
     """Time every launch variant of the three kernels on the dense shape (GPU): what the autotuner chooses
     among, printed so that a new GPU's figures show which tiles to keep. Each variant is
@@ -604,6 +626,12 @@ def sweep(
             do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dkdv_config=cfg, dq_config=default_dq
         )
         timed("dkdv", cfg, fn, bwd_flops)
+    for bm, bn, w, st, tma, *more in gluon_dq if gluon_here else ():  # (the Gluon dq: the whole backward)
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, TMA=tma, **more[0])
+        fn = lambda cfg=cfg: ra_bwd._rope_attention_bwd(
+            do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dkdv_config=default_dkdv, dq_config=cfg
+        )
+        timed("dq", cfg, fn, bwd_flops)
     for kernel in ("fwd", "dkdv+dq", "dkdv", "dq"):
         ok = [r for r in rows if r["kernel"] == kernel and "ms" in r]
         if ok:
@@ -625,7 +653,10 @@ _AS_DEFAULT = {
 
 def as_default(row: dict) -> str:
     """What makes a sweep's row the default launch: attention_tiles.SEQ_BLOCKS, the autotuned shapes, the switches;
-    for the Gluon forward its switch and tile."""
+    for a Gluon kernel its switches and tile."""
+    if row.get("GLUON") and row["kernel"] == "dq":
+        tile = f"({row['BLOCK_N']}, {row['num_stages']})"
+        return f"rope_attention_bwd.GLUON_DQ = True, attention_gluon.DQ_TILES[head dim] = {tile}"
     if row.get("GLUON") and row["kernel"] == "dkdv":
         tile = f"({row['BLOCK_M']}, {row['num_stages']})"
         if row.get("PRODUCER"):

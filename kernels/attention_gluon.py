@@ -778,3 +778,151 @@ if _NO_GLUON is None:
             [4, 1],
             [CONSUMER_REGS, 24],
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# dq in Gluon (rope_attention_bwd.GLUON_DQ): a program is a 128-row query block of one head (two warpgroups of 64 rows,
+# 8 warps), its q and dO tiles by one bulk copy each and its rows' lse and delta loaded once; the loop runs over the key
+# tiles up to the diagonal, K and V by bulk copy into rings of STAGES stages (one barrier a stage for both). Each
+# iteration issues S = q K^T and dP = dO V^T together, waits for S alone (wait_group 1), computes P while dP runs,
+# then dS = P (dP - delta) and dQ += dS K, waited for before the next iteration (a product carried over makes ptxas
+# serialise them all, as in the dk/dv kernel). dq (w.r.t. the rotated q, not yet scaled) goes to an fp32 buffer that
+# rope_attention_bwd's finishing pass scales and rotates back. On the diagonal tiles P and dS are masked by `where`
+# (a neighbour's key or value rows past the sequence may be inf or NaN) and the last tile's key rows past the sequence
+# are zeroed in shared memory (dQ's product sums over the keys).
+DQ_BLOCK_M = 128
+DQ_WARPS = 8
+# (key tile, stages) by head dim; DQ_SHAPES: what the bench sweeps
+DQ_TILES = {128: (64, 2), 64: (64, 3)}
+DQ_SHAPES = ((64, 2), (64, 3), (32, 3), (128, 2))
+
+
+def dq_build_types(dtype: str, head_dim: int, block_n: int) -> dict[str, str]:
+    """_bwd_dq_kernel's non-constexpr argument types for an offline sm_90a build (bench.common.ptxas_info)."""
+    desc = lambda rows: _desc_type(dtype, rows, head_dim)  # noqa: E731
+    types = dict(q_desc=desc(DQ_BLOCK_M), do_desc=desc(DQ_BLOCK_M), k_desc=desc(block_n), v_desc=desc(block_n))
+    types.update(LSE="*fp32", DELTA="*fp32", DQA="*fp32", CU_SEQ="*i32", CU_BLK="*i32", stride_dqn="i32")
+    return {**types, "stride_dqh": "i32", "n_tokens": "i32", "num_seqs": "i32", "qk_scale": "fp32"}
+
+
+def dq(
+    q_rot: torch.Tensor,
+    k_rot: torch.Tensor,
+    v: torch.Tensor,
+    do: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    dq_rot: torch.Tensor,
+    cu: torch.Tensor,
+    softmax_scale: float,
+    block_n: int | None = None,
+    stages: int | None = None,
+) -> None:
+    """dq_rot [N, Hq, D] fp32 (the gradient w.r.t. the rotated q, not yet multiplied by the softmax scale) of causal
+    attention within the sequences of cu over the rotated q [N, Hq, D] and k, v [N, Hkv, D] (each with its heads' rows
+    side by side), the output gradient do [N, Hq, D], the forward's base-2 lse [Hq, N] and delta [Hq, N]."""
+    n, hq, d = q_rot.shape
+    hkv = k_rot.shape[1]
+    block_n, stages = block_n or DQ_TILES[d][0], stages or DQ_TILES[d][1]
+    if block_n not in (32, 64, 128) or not 2 <= stages <= 4:
+        raise ValueError(f"the Gluon dq takes 32-, 64- or 128-key tiles in 2 to 4 stages; got {block_n}, {stages}")
+    cu_blk, grid0, n_steps = _block_index(cu, n, DQ_BLOCK_M)
+    _bwd_dq_kernel[(grid0, hq)](
+        _rows(q_rot, DQ_BLOCK_M), _rows(do, DQ_BLOCK_M), _rows(k_rot, block_n), _rows(v, block_n), lse, delta, dq_rot,
+        cu, cu_blk, dq_rot.stride(0), dq_rot.stride(1), n, cu.numel() - 1, softmax_scale * 1.4426950408889634,
+        N_STEPS=n_steps, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=DQ_BLOCK_M, BLOCK_N=block_n, STAGES=stages,
+        num_warps=DQ_WARPS,
+    )  # fmt: skip
+
+
+if _NO_GLUON is None:
+
+    @gluon.jit
+    def _bwd_dq_kernel(
+        q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DQA, CU_SEQ, CU_BLK, stride_dqn, stride_dqh, n_tokens, num_seqs,
+        qk_scale,
+        N_STEPS: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+        BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    ):  # fmt: skip
+        """Grid (query blocks of all sequences (upper bound), Hq); descriptors over [N, H * D] rows: q's and dO's with
+        [BLOCK_M, D] blocks, k's and v's [BLOCK_N, D]. DQA [N, Hq, D] fp32; LSE, DELTA [Hq, N] fp32."""
+        pid = gl.program_id(0)
+        h = gl.program_id(1)
+        if pid >= gl.load(CU_BLK + num_seqs):
+            return
+        col = (h // GROUP) * HEAD_DIM
+        tok0, seq_len, start_m, hi, n_tiles = _query_block(
+            CU_BLK, CU_SEQ, pid, num_seqs, n_tokens, N_STEPS, BLOCK_M, BLOCK_N
+        )
+        dtype: gl.constexpr = q_desc.dtype
+        layouts: gl.constexpr = _mma_layouts(gl.num_warps(), BLOCK_N, HEAD_DIM)
+        s_layout: gl.constexpr = layouts[0]
+        acc_layout: gl.constexpr = layouts[1]
+        op_layout: gl.constexpr = layouts[2]
+        srow: gl.constexpr = gl.SliceLayout(1, s_layout)
+        scol: gl.constexpr = gl.SliceLayout(0, s_layout)
+
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], do_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [tok0 + start_m, h * HEAD_DIM], q_bar, q_smem)
+        tma.async_copy_global_to_shared(do_desc, [tok0 + start_m, h * HEAD_DIM], q_bar, do_smem)
+        for i in gl.static_range(STAGES):
+            _dq_refill(k_desc, v_desc, bars.index(i), k_smem.index(i), v_smem.index(i), i, n_tiles, tok0, col)
+
+        offs_m = start_m + gl.arange(0, BLOCK_M, layout=srow)
+        m_ok = offs_m < seq_len
+        # (rows past the end: lse = +inf, hence p = 0 (their dq is stored nowhere anyway))
+        lse = gl.load(LSE + h * n_tokens + tok0 + offs_m, mask=m_ok, other=float("inf"))
+        delta = gl.load(DELTA + h * n_tokens + tok0 + offs_m, mask=m_ok, other=0.0)
+        zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+        dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, acc_layout)
+        mbarrier.wait(q_bar, 0)
+        for j in range(0, n_tiles):
+            st = j % STAGES
+            mbarrier.wait(bars.index(st), (j // STAGES) & 1)
+            if (j + 1) * BLOCK_N > hi:  # the last tile runs past the sequence: a neighbour's keys out of dQ's sum
+                _zero_rows_past(k_smem.index(st), hi - j * BLOCK_N, BLOCK_N, HEAD_DIM, 32)
+                fence_async_shared()
+                gl.thread_barrier()
+            s_tok = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            dp_tok = warpgroup_mma(do_smem, v_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(1, deps=[s_tok])  # (S ready, dP in flight)
+            p = gl.exp2(s * qk_scale - lse[:, None])
+            diagonal = (j + 1) * BLOCK_N > start_m
+            offs_n = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=scol)
+            if diagonal:  # (keys past the queries: P 0 by `where`, whatever the scores)
+                p = gl.where(offs_n[None, :] <= offs_m[:, None], p, 0.0)
+            dp = warpgroup_mma_wait(0, deps=[dp_tok])
+            ds = p * (dp - delta[:, None])
+            if diagonal:  # (and dS 0 there too: a neighbour's value rows may make dP inf or NaN)
+                ds = gl.where(offs_n[None, :] <= offs_m[:, None], ds, 0.0)
+            dq_tok = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), k_smem.index(st), dq, is_async=True)
+            dq = warpgroup_mma_wait(0, deps=[dq_tok])
+            gl.thread_barrier()  # (every warpgroup's products have read the stage: it takes tile j + STAGES)
+            _dq_refill(k_desc, v_desc, bars.index(st), k_smem.index(st), v_smem.index(st), j + STAGES, n_tiles, tok0,
+                       col)  # fmt: skip
+        mbarrier.invalidate(q_bar)
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+
+        rows = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+        ptrs = DQA + h * stride_dqh + (tok0 + rows).to(gl.int64)[:, None] * stride_dqn + cols[None, :]
+        gl.store(ptrs, dq, mask=(rows < seq_len)[:, None])
+
+    @gluon.jit
+    def _dq_refill(k_desc, v_desc, bar, k_smem, v_smem, tile, n_tiles, tok0, col):
+        """Bulk-copy key tile `tile`'s K and V into a stage (where tile < n_tiles), completing on bar."""
+        BLOCK_N: gl.constexpr = k_smem.shape[0]
+        ok = tile < n_tiles
+        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=ok)
+        tma.async_copy_global_to_shared(k_desc, [tok0 + tile * BLOCK_N, col], bar, k_smem, pred=ok)
+        tma.async_copy_global_to_shared(v_desc, [tok0 + tile * BLOCK_N, col], bar, v_smem, pred=ok)

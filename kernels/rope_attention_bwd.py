@@ -439,6 +439,12 @@ WARP_SPEC = False
 # DQ_ATOMIC. Off until a GPU has checked and timed it (bench_rope_attention.py: the rows "ours, Gluon dk/dv").
 GLUON_DKDV = False
 
+# The dq kernel in Gluon (kernels/attention_gluon.py, `dq`: each key tile's score and dP products issued together, P
+# computed while dP runs; 128-row query blocks in 8 warps), on an sm_90 GPU with bf16/fp16, head dims 64 and 128 and
+# tiles by TMA; dq w.r.t. the rotated q through the finishing pass. Not with DQ_ATOMIC (dq is then the dk/dv kernel's).
+# Off until a GPU has checked and timed it (bench_rope_attention.py: the row "ours, Gluon dq").
+GLUON_DQ = False
+
 
 def _gluon_dkdv_config(config: dict | None) -> tuple[int | None, int | None, bool | None]:
     """An explicit dkdv_config for the Gluon dk/dv kernel -> (query tile, stages, PRODUCER): its key block is 128
@@ -455,6 +461,21 @@ def _gluon_dkdv_config(config: dict | None) -> tuple[int | None, int | None, boo
     tile = (config.pop("BLOCK_M", None), config.pop("num_stages", None), producer)
     if config:
         raise ValueError(f"dkdv_config GLUON=True takes BLOCK_M, num_stages and PRODUCER, not {sorted(config)}")
+    return tile
+
+
+def _gluon_dq_config(config: dict | None) -> tuple[int | None, int | None]:
+    """An explicit dq_config for the Gluon dq kernel -> (key tile, stages): its query block is 128 rows in 8 warps;
+    None: its defaults for the head dim (attention_gluon.DQ_TILES)."""
+    config = dict(config or {})
+    if config.pop("WARP_SPEC", False) or config.pop("BOUNDED", False):
+        raise ValueError("dq_config GLUON=True with WARP_SPEC or BOUNDED: the Gluon dq is a kernel of its own")
+    for key, value in (("BLOCK_M", attention_gluon.DQ_BLOCK_M), ("num_warps", attention_gluon.DQ_WARPS)):
+        if config.pop(key, value) != value:
+            raise ValueError(f"dq_config GLUON=True takes {key}={value}")
+    tile = (config.pop("BLOCK_N", None), config.pop("num_stages", None))
+    if config:
+        raise ValueError(f"dq_config GLUON=True takes BLOCK_N and num_stages, not {sorted(config)}")
     return tile
 
 
@@ -557,9 +578,18 @@ def _rope_attention_bwd(
         raise ValueError(f"dkdv_config WARP_SPEC=True, but {why}")
     ws = (WARP_SPEC and why is None) if ws is None else ws
     _refuse_bounded(dkdv_config, ws, "dkdv_config")
-    # the dq kernel likewise (WARP_SPEC, or dq_config's key): q and do by bulk copy too, lse and delta from blocked
-    # copies the delta kernel writes, and dq by the finishing pass
-    dq_config, dq_ws = _pop_switch(dq_config, "WARP_SPEC", None)
+    # the dq kernel in Gluon (GLUON_DQ, which takes the launches without an explicit config, or dq_config's key)
+    dq_config, gluon_dq = _pop_switch(dq_config, "GLUON", None)
+    refused = lambda: attention_gluon.refused(q.dtype, d, q.device, q, do, k, v) or _no_tma(dq_tma)  # noqa: E731
+    if gluon_dq is None:
+        gluon_dq = GLUON_DQ and not dq_config and not atomic and refused() is None
+    elif gluon_dq and (why := refused()):
+        raise ValueError(f"dq_config GLUON=True, but {why}")
+    gluon_dq_tile = _gluon_dq_config(dq_config) if gluon_dq else None
+    dq_config = {} if gluon_dq else dq_config
+    # the dq kernel warp-specialised (WARP_SPEC, or dq_config's key): q and do by bulk copy too, lse and delta from
+    # blocked copies the delta kernel writes, and dq by the finishing pass
+    dq_config, dq_ws = _pop_switch(dq_config, "WARP_SPEC", False if gluon_dq else None)
     why = _warp_spec_refused(q.dtype, dq_tma and _tma_refused(d, q, do) is None)
     if dq_ws and why:
         raise ValueError(f"dq_config WARP_SPEC=True, but {why}")
@@ -589,6 +619,8 @@ def _rope_attention_bwd(
             BLOCKED=False,
         )  # fmt: skip
         dq_q, dq_do, dq_lse, dq_delta, dq_out = q, do, lse, delta, dq
+        if gluon_dq:  # (w.r.t. the rotated q, not yet scaled: finished after)
+            dq_out = torch.empty(n, hq, d, dtype=torch.float32, device=q.device)
     # fp32 sums scaled and rotated back after: dq's (DQ_ATOMIC) or dk's w.r.t. the rotated k (WARP_SPEC)
     dqa = dv  # (a placeholder)
     if atomic:
@@ -629,6 +661,9 @@ def _rope_attention_bwd(
         finish(dqa, dk)
     if atomic:
         finish(dqa, dq)
+    elif gluon_dq:
+        attention_gluon.dq(q, k, v, do, lse, delta, dq_out, cu, softmax_scale, *gluon_dq_tile)
+        finish(dq_out, dq)
     else:
         _launch(
             _bwd_dq_kernel, _dq_ws_tuned if dq_ws else _dq_tuned, hq, dq_args, cu, n, "BLOCK_M", "BLOCK_N", dq_config,

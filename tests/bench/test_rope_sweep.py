@@ -52,6 +52,8 @@ def test_rope_sweep_smoke(capsys):
         "rope_attention_bwd.GLUON_DKDV = True, attention_gluon.BWD_PRODUCER = True, "
         "attention_gluon.BWD_PRODUCER_TILES[head dim] = (32, 2)"
     )
+    dq = dict(kernel="dq", BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, TMA=True, GLUON=True)
+    assert as_default(dq) == "rope_attention_bwd.GLUON_DQ = True, attention_gluon.DQ_TILES[head dim] = (64, 2)"
     assert not any(r.get("GLUON") for r in rows)
 
 

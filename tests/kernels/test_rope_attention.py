@@ -103,6 +103,9 @@ def _close(actual, expected, dtype, name):
         (torch.bfloat16, 2, 2, 128, 10000.0, "gluon dkdv 64x2"),
         (torch.bfloat16, 4, 2, 128, 10000.0, "gluon dkdv producer"),
         (torch.float16, 4, 1, 64, 500000.0, "gluon dkdv producer"),
+        (torch.bfloat16, 4, 2, 128, 10000.0, "gluon dq"),
+        (torch.float16, 4, 1, 64, 500000.0, "gluon dq"),
+        (torch.bfloat16, 2, 2, 128, 10000.0, "gluon dq 128x2"),
     ],
 )
 def test_forward_backward_poisoned(dtype, hq, hkv, d, theta, variant):
@@ -129,10 +132,14 @@ def test_forward_backward_poisoned(dtype, hq, hkv, d, theta, variant):
             cfg.update(PINGPONG=True, num_warps=4)
     dkdv = dict(BLOCK_N=32, BLOCK_M=16, TMA=variant == "atomic tma", DQ_ATOMIC=True) if "atomic" in variant else None
     dqc = None
-    if variant.startswith("gluon dkdv"):  # (rope_attention_bwd.GLUON_DKDV: the forward and dq Triton's, at explicit
-        # launches: no autotuning under the GPU suite's short cap for the Gluon tests)
+    if variant.startswith(("gluon dkdv", "gluon dq")):  # (rope_attention_bwd.GLUON_DKDV / GLUON_DQ: the other
+        # kernels Triton's, at explicit launches: no autotuning under the GPU suite's short cap for the Gluon tests)
         cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
         dqc = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+        dkdv = dict(BLOCK_N=64, BLOCK_M=32, num_warps=4, num_stages=2)
+    if variant.startswith("gluon dq"):
+        dqc = dict(GLUON=True, **(dict(BLOCK_N=128, num_stages=2) if variant.endswith("128x2") else {}))
+    if variant.startswith("gluon dkdv"):
         dkdv = dict(GLUON=True, **(dict(BLOCK_M=64, num_stages=2) if variant.endswith("64x2") else {}))
         if variant.endswith("producer"):  # (a producer warp and two consumer warpgroups: attention_gluon.BWD_PRODUCER)
             dkdv.update(PRODUCER=True, num_warps=4)
@@ -266,7 +273,7 @@ def test_autotune_keeps_the_inner_tiles_that_fit_the_sequence_block():
     "tma,atomic,ws",
     [(True, False, False), (False, False, False), (True, True, False), (False, True, False), (True, False, True),
      (True, False, "bounded"), (True, False, "gluon"), (True, False, "gluon pingpong"), (True, False, "gluon dkdv"),
-     (True, False, "gluon dkdv producer")],
+     (True, False, "gluon dkdv producer"), (True, False, "gluon dq")],
 )  # fmt: skip
 def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma, atomic, ws):
     """The tiles that run past a sequence's end hold the next sequence's rows (a tensor descriptor copies whole
@@ -279,9 +286,10 @@ def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma, atomic, ws):
     copies' rows past the end are zeros), and the Gluon forward ("gluon", bf16 on a GPU: its 128-key tiles hold the
     neighbours' rows, the values zeroed in shared memory; "gluon pingpong": by both consumer warpgroups) and the
     Gluon dk/dv kernel ("gluon dkdv": its last query tile's q and dO rows past the end zeroed in shared memory; by
-    both consumer warpgroups in its warp-specialised form).
+    both consumer warpgroups in its warp-specialised form) and the Gluon dq ("gluon dq": its last key tile's rows past
+    the end zeroed in shared memory, P and dS masked by `where`).
     Lengths end inside the tiles of every kernel (the dk/dv kernel's last, partial query tile included)."""
-    gluon = ws in ("gluon", "gluon pingpong", "gluon dkdv", "gluon dkdv producer")
+    gluon = ws in ("gluon", "gluon pingpong", "gluon dkdv", "gluon dkdv producer", "gluon dq")
     if gluon and not torch.empty(0).is_cuda:
         pytest.skip("Triton's interpreter does not run Gluon: compiled for sm_90a in test_sm90_compile.py")
     if ws and not gluon and torch.empty(0).is_cuda:
@@ -295,13 +303,16 @@ def test_a_neighbour_sequence_that_is_not_finite_stays_out(tma, atomic, ws):
     bad = slice(45, 68)
     for x, fill in ((q, math.inf), (k, math.nan), (v, -math.inf), (do, math.nan)):
         x[bad] = fill
-    fwd = dict(BLOCK_M=32, BLOCK_N=16, TMA=tma, **({"WARP_SPEC": True} if ws else {}))
+    spec = ws in (True, "bounded")  # (the Triton kernels warp-specialised; the Gluon variants leave the others plain)
+    fwd = dict(BLOCK_M=32, BLOCK_N=16, TMA=tma, **({"WARP_SPEC": True} if spec else {}))
     dkdv, dq_cfg = dict(BLOCK_N=32, BLOCK_M=16, TMA=tma, DQ_ATOMIC=atomic), dict(BLOCK_M=32, BLOCK_N=16, TMA=tma)
-    if isinstance(ws, str) and ws.startswith("gluon dkdv"):
+    if ws == "gluon dq":
+        dq_cfg = dict(GLUON=True)
+    elif isinstance(ws, str) and ws.startswith("gluon dkdv"):
         dkdv = dict(GLUON=True, **(dict(PRODUCER=True, num_warps=4) if ws.endswith("producer") else {}))
     elif gluon:
         fwd = dict(GLUON=True, **(dict(PINGPONG=True, num_warps=4) if ws == "gluon pingpong" else {}))
-    elif ws:
+    elif spec:
         dkdv["WARP_SPEC"] = dq_cfg["WARP_SPEC"] = True
     if ws == "bounded":
         fwd["BOUNDED"] = dkdv["BOUNDED"] = dq_cfg["BOUNDED"] = True
@@ -575,6 +586,69 @@ def test_gluon_dkdv_dispatch_and_its_finishing_pass():
             grads(dkdv_config=dict(GLUON=True))
         with pytest.MonkeyPatch.context() as mp:  # (the switch where it cannot run: the Triton kernels, same numbers)
             mp.setattr(rab, "GLUON_DKDV", True)
+            switched = grads()
+        for a, b in zip(switched, grads()):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_gluon_dq_dispatch_and_its_finishing_pass():
+    """rope_attention_bwd.GLUON_DQ hands dq to the Gluon kernel (kernels/attention_gluon.py `dq`) where it can run,
+    with the config's tile; its dq (w.r.t. the rotated q, not yet scaled) goes through the finishing pass: with the
+    kernel stood in for by float64 autograd writing what it is specified to, dq matches the reference (dk and dv are
+    the dk/dv kernel's). Where it cannot run, the Triton kernel does; an explicit GLUON=True it cannot honour (or
+    beside DQ_ATOMIC, where the dk/dv kernel makes dq) is refused with the reason."""
+    from kernels import attention_gluon
+    from kernels import rope_attention_bwd as rab
+
+    cu, positions = _pack([20, 9, 70])
+    n, theta = int(cu[-1]), 1e4
+    dtype = torch.bfloat16 if torch.empty(0).is_cuda else torch.float32
+    q, k, v = _inputs(n, 4, 2, 64, dtype)
+    do = torch.randn(n, 4, 64).to(dtype)
+    scale = 0.125
+    out, lse, q_rot, k_rot = _rope_attention_fwd(q, k, v, positions, cu, theta, scale, save_rotated=True)
+    ref_dq, ref_dk, ref_dv = _reference(q, k, v, positions, cu, theta, do)[2]
+    calls = []
+
+    def stand_in(q_rot, k_rot, v, do, lse, delta, dq_rot, cu, softmax_scale, *tile):
+        # causal attention over the rotated q and k (positions 0: no further rotation), in float64
+        calls.append(tile)
+        q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q_rot, k_rot, v))
+        o = reference.rope_attention(q64, k64, v64, torch.zeros(n, dtype=torch.long), cu, softmax_scale=softmax_scale)
+        dq_rot.copy_(torch.autograd.grad(o, q64, do.double())[0] / softmax_scale)
+
+    def grads(**kw):
+        return _rope_attention_bwd(do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention_gluon, "refused", lambda *a: None)
+        mp.setattr(attention_gluon, "dq", stand_in)
+        mp.setattr(rab, "GLUON_DQ", True)
+        for kw, tile in ((dict(), (None, None)), (dict(dq_config=dict(GLUON=True, BLOCK_N=32, num_stages=3)), (32, 3))):
+            dq, dk, dv = grads(**kw)
+            assert calls.pop() == tile and not calls
+            for name, a, b in (("dq", dq, ref_dq), ("dk", dk, ref_dk), ("dv", dv, ref_dv)):
+                _close(a, b, dtype, name)
+        grads(dq_config=dict(BLOCK_M=32, BLOCK_N=16))  # (an explicit Triton config: the Triton kernel)
+        mp.setattr(rab, "DQ_ATOMIC", True)  # (dq by dk/dv's atomic adds: no dq kernel, and GLUON=True refused)
+        grads()
+        with pytest.raises(ValueError, match=r"with DQ_ATOMIC the dk/dv kernel computes dq"):
+            grads(dq_config=dict(GLUON=True))
+        assert not calls
+        mp.setattr(rab, "DQ_ATOMIC", False)
+        for cfg, why in (
+            (dict(WARP_SPEC=True), "with WARP_SPEC or BOUNDED"),
+            (dict(BLOCK_M=64), "takes BLOCK_M=128"),
+            (dict(num_warps=4), "takes num_warps=8"),
+            (dict(maxnreg=128), r"takes BLOCK_N and num_stages, not \['maxnreg'\]"),
+        ):
+            with pytest.raises(ValueError, match=why):
+                grads(dq_config=dict(GLUON=True, **cfg))
+    if attention_gluon.refused(dtype, 64, q.device, q, do, k, v):  # (here: the interpreter)
+        with pytest.raises(ValueError, match=r"dq_config GLUON=True, but Triton's interpreter does not run Gluon"):
+            grads(dq_config=dict(GLUON=True))
+        with pytest.MonkeyPatch.context() as mp:  # (the switch where it cannot run: the Triton kernels, same numbers)
+            mp.setattr(rab, "GLUON_DQ", True)
             switched = grads()
         for a, b in zip(switched, grads()):
             torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -96,10 +96,14 @@ assert all(r["warps"] == 8 and r["shared"] <= 232448 and r["loads"].get("cp.asyn
 producer = [r for r in rows if "PRODUCER" in r["config"]]
 assert len(producer) == 2 and all(r["exp2_in_flight"] == 2 and r["spill_bytes"] == 0 for r in producer), producer
 assert all({("dec", 24), ("inc", 240)} <= set(r["setmaxnreg"]) and r["warps"] == 12 for r in producer), producer
-assert not any(r["exp2_in_flight"] for r in rows if r not in gluon + pingpong + dkdv + producer), rows
+# rope_attention_bwd.GLUON_DQ: the dq kernel in Gluon, P computed while dP's product is in flight, 8 warps, no spill
+dq = [r for r in rows if "GLUON" in r["config"] and r["kernel"] == "dq"]
+assert len(dq) == 2 and all(r["exp2_in_flight"] == 1 and r["spill_bytes"] == 0 and r["warps"] == 8 for r in dq), dq
+assert not any(r["exp2_in_flight"] for r in rows if r not in gluon + pingpong + dkdv + producer + dq), rows
 # and no kernel whose warpgroup MMAs ptxas serialises (its advisory C7515: something other than a wgmma writing an
 # accumulator while products are in flight, which undoes every overlap above; the Gluon dk/dv kernel did, while its
-# dK product was in flight from one iteration to the next)
+# dK product was in flight from one iteration to the next, and the Gluon dq did while it read dP's registers after a
+# wait that left dP's product pending)
 assert not any(r["wgmma_serialized"] for r in rows), [(r["kernel"], r["config"]) for r in rows if r["wgmma_serialized"]]
 by_atomics = [r["reduces"] for r in pointers if r["kernel"] == "dkdv+dq"]
 assert by_atomics and all(a and "cp.reduce.async.bulk.tensor" not in a for a in by_atomics), by_atomics
