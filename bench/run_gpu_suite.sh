@@ -243,8 +243,8 @@ if [[ "$names" == *" next "* ]]; then  # the next lease's first call: what decid
   bench linear 60 "$PY" bench/bench_decode_linear.py  # ours against cuBLAS, each 13B projection at batch 1, 8, 64
   # (batch 1, 64 and 256: the top-50 and top-p floors against torch, rows in parts against one program a row)
   bench sampling 60 "$PY" bench/bench_sampling.py --no-compile
-  # rope_attention.GLUON_FWD's forward and rope_attention_bwd.GLUON_DKDV's dk/dv against float64 (poisoned outputs,
-  # non-finite neighbours, the backward)
+  # rope_attention.GLUON_FWD's forward, rope_attention_bwd.GLUON_DKDV's dk/dv and GLUON_DQ's dq against float64
+  # (poisoned outputs, non-finite neighbours, the backward)
   step gluon_tests 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py \
     -k "gluon and not pingpong and not producer"
   # (the warp-specialised forms, attention_gluon.PINGPONG and BWD_PRODUCER, apart: a barrier phase wrong hangs

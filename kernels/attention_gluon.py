@@ -27,7 +27,9 @@ consumer 240 and the producer's warpgroup 24.
 The backward's dk/dv (`dkdv`, rope_attention_bwd.GLUON_DKDV) in the same spirit: a 128-key block in 8 warps, each
 query tile's score and dP products issued together, P computed while dP runs and dS while dV does (the section
 below), or (BWD_PRODUCER) with a producer warp and two consumer warpgroups of 64 keys at their own pace; dk goes
-through rope_attention_bwd's finishing pass, dq through its dq kernel.
+through rope_attention_bwd's finishing pass. And dq (`dq`, rope_attention_bwd.GLUON_DQ): a 128-row query block in 8
+warps over its key tiles, the score and dP products issued together, P computed while dP runs; dq through the same
+finishing pass. With all three switches on, the whole attention (forward and backward) is Gluon's.
 
 Limits: an sm_90 GPU (warpgroup MMA is sm_90a's), bf16/fp16, head dims 64 and 128, tiles by TMA; Triton's interpreter
 does not run Gluon, so on CPU the kernel is compiled for sm_90a and inspected (tests/kernels/test_sm90_compile.py:
