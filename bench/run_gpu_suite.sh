@@ -245,7 +245,7 @@ if [[ "$names" == *" next "* ]]; then  # the next lease's first call: what decid
   bench sampling 60 "$PY" bench/bench_sampling.py --no-compile
   # rope_attention.GLUON_FWD's forward, rope_attention_bwd.GLUON_DKDV's dk/dv and GLUON_DQ's dq against float64
   # (poisoned outputs, non-finite neighbours, the backward)
-  step gluon_tests 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py \
+  step gluon_tests 60 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py \
     -k "gluon and not pingpong and not producer"
   # (the warp-specialised forms, attention_gluon.PINGPONG and BWD_PRODUCER, apart: a barrier phase wrong hangs
 # them, and only their own step)
@@ -261,7 +261,7 @@ if [[ "$names" == *" tma "* ]]; then  # the attention's inner tiles by tensor de
     tests/kernels/test_rope_attention.py -k "not gluon"
   # ours (TMA), ours by pointer loads, SDPA flash / cuDNN with and without HF's rotary, dense and packed
   bench rope_attention_tma 210 "$PY" bench/bench_rope_attention.py --no-compile
-  step gluon_tests 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py \
+  step gluon_tests 60 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py \
     -k "gluon and not pingpong and not producer"
   # (the warp-specialised forms, attention_gluon.PINGPONG and BWD_PRODUCER, apart: a barrier phase wrong hangs
 # them, and only their own step)
@@ -313,7 +313,7 @@ bench paged_attention 60 "$PY" bench/bench_paged_attention.py "${light[@]}"
 bench logprob 60 "$PY" bench/bench_logprob.py "${light[@]}"
 step gpu_tests 210 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test tests/engine/test_gpu.py
 step kernel_tests 300 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test tests/kernels -k "not gluon"
-step gluon_tests 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py \
+step gluon_tests 60 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py \
   -k "gluon and not pingpong and not producer"
 # (the warp-specialised forms, attention_gluon.PINGPONG and BWD_PRODUCER, apart: a barrier phase wrong hangs
 # them, and only their own step)
