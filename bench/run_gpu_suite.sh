@@ -276,8 +276,8 @@ if [[ "$names" == *" gluon "* ]]; then  # issue 4's Gluon kernels alone (~5 minu
     -k "gluon and not pingpong and not producer"
   step pingpong_tests 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py \
     -k "pingpong or producer"
-  # ours at its defaults, the Gluon rows (forward in 8 warps and ping-pong, dk/dv; each checked first), SDPA's
-  bench rope_gluon 150 "$PY" bench/bench_rope_attention.py --no-compile --no-mixed --only Gluon SDPA
+  # ours at its defaults, the Gluon rows (each checked first; "in Triton" ones once a Gluon switch is on), SDPA's
+  bench rope_gluon 150 "$PY" bench/bench_rope_attention.py --no-compile --no-mixed --only Gluon Triton SDPA
   bench rope_sweep_gluon 120 "$PY" bench/bench_rope_attention.py --sweep --sweep-gluon
   finish
 fi

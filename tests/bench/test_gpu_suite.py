@@ -250,7 +250,7 @@ def test_gluon_group_tests_then_times_the_gluon_kernels_alone(tmp_path):
     assert "-k gluon and not pingpong and not producer" in (work / "gluon_tests.log").read_text()
     assert "-k pingpong or producer" in (work / "pingpong_tests.log").read_text()
     bench = (work / "rope_gluon.log").read_text()
-    assert "bench/bench_rope_attention.py --no-compile --no-mixed --only Gluon SDPA" in bench, bench
+    assert "bench/bench_rope_attention.py --no-compile --no-mixed --only Gluon Triton SDPA" in bench, bench
     assert "--sweep --sweep-gluon" in (work / "rope_sweep_gluon.log").read_text()
 
 
