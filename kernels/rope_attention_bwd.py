@@ -5,6 +5,8 @@ share into an fp32 sum (by Hopper's bulk reduce where TMA reads the tiles) and a
 WARP_SPEC (opt-in): the dk/dv kernel's query loop and the dq kernel's key loop warp-specialised by Triton's Hopper
 pass, as the forward's (rope_attention.WARP_SPEC); dk and dq then go through the same last pass, and the dq kernel
 reads its lse and delta rows from a copy the delta kernel lays out by query block (bench/RESULTS.md says why).
+GLUON_DKDV and GLUON_DQ (opt-in): the dk/dv and dq kernels in Gluon (kernels/attention_gluon.py: each tile's score
+and dP products issued together, P computed while dP runs), dk and dq through the same last pass.
 
 The inputs are the rotated q and k the forward saved, so the inner loops rotate nothing; only the finished
 dq and dk tiles are rotated back (by -angle). Tile helpers and launch code: kernels/attention_tiles.py.
