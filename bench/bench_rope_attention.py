@@ -470,26 +470,23 @@ def ptxas_report(
             label = f"BLOCK_N={block_n} w=4+4+1 s={stages} GLUON PINGPONG TMA"
             report("fwd", attention_gluon._fwd_fa3_ws_kernel, consts, attention_gluon.PINGPONG_WARPS, 1, label,
                    maxnreg=attention_gluon.PINGPONG_MAXNREG, retype=retype)  # fmt: skip
-        # rope_attention_bwd.GLUON_DKDV's kernel: P computed while dP's product runs, 128-key blocks in 8 warps, at its
-        # default tile for the head dim, then the other shapes
-        tiles_ = [attention_gluon.BWD_TILES[head_dim]]
-        tiles_ += [t for t in attention_gluon.BWD_SHAPES if t not in tiles_]
-        for block_m, stages in tiles_[:configs_per_kernel]:
-            consts = dict(N_STEPS=4, GROUP=group, HEAD_DIM=head_dim, BLOCK_N=attention_gluon.BWD_BLOCK_N)
-            consts.update(BLOCK_M=block_m, STAGES=stages)
-            label = f"BLOCK_M={block_m} w={attention_gluon.BWD_WARPS} s={stages} GLUON TMA"
-            retype = attention_gluon.bwd_build_types(dtype, head_dim, block_m)
-            report("dkdv", attention_gluon._bwd_dkdv_kernel, consts, attention_gluon.BWD_WARPS, 1, label,
-                   retype=retype)  # fmt: skip
-        # rope_attention_bwd.GLUON_DQ's kernel: P computed while dP's product runs, 128-row query blocks in 8 warps
-        tiles_ = [attention_gluon.DQ_TILES[head_dim]]
-        tiles_ += [t for t in attention_gluon.DQ_SHAPES if t not in tiles_]
-        for block_n, stages in tiles_[:configs_per_kernel]:
-            consts = dict(N_STEPS=4, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=attention_gluon.DQ_BLOCK_M)
-            consts.update(BLOCK_N=block_n, STAGES=stages)
-            label = f"BLOCK_N={block_n} w={attention_gluon.DQ_WARPS} s={stages} GLUON TMA"
-            retype = attention_gluon.dq_build_types(dtype, head_dim, block_n)
-            report("dq", attention_gluon._bwd_dq_kernel, consts, attention_gluon.DQ_WARPS, 1, label, retype=retype)
+        # rope_attention_bwd.GLUON_DKDV's and GLUON_DQ's kernels: P computed while dP's product runs, in 8 warps (dk/dv:
+        # 128-key blocks, its query tiles; dq: 128-row query blocks, its key tiles), at the default tile for the head
+        # dim, then the other shapes: (name, kernel, warps, the block's name and size, the tile's name, tiles, shapes,
+        # argument types)
+        ag = attention_gluon
+        for name, fn, warps, block, inner, tiles, shapes, types_of in (
+            ("dkdv", ag._bwd_dkdv_kernel, ag.BWD_WARPS, ("BLOCK_N", ag.BWD_BLOCK_N), "BLOCK_M", ag.BWD_TILES,
+             ag.BWD_SHAPES, ag.bwd_build_types),
+            ("dq", ag._bwd_dq_kernel, ag.DQ_WARPS, ("BLOCK_M", ag.DQ_BLOCK_M), "BLOCK_N", ag.DQ_TILES, ag.DQ_SHAPES,
+             ag.dq_build_types),
+        ):  # fmt: skip
+            tiles_ = [tiles[head_dim]] + [t for t in shapes if t != tiles[head_dim]]
+            for tile, stages in tiles_[:configs_per_kernel]:
+                consts = {"N_STEPS": 4, "GROUP": group, "HEAD_DIM": head_dim, block[0]: block[1], inner: tile}
+                label = f"{inner}={tile} w={warps} s={stages} GLUON TMA"
+                retype = types_of(dtype, head_dim, tile)
+                report(name, fn, {**consts, "STAGES": stages}, warps, 1, label, retype=retype)
         # and the dk/dv kernel's warp-specialised form (attention_gluon.BWD_PRODUCER) at its default tile
         block_m, stages = attention_gluon.BWD_PRODUCER_TILES[head_dim]
         consts = dict(N_STEPS=4, GROUP=group, HEAD_DIM=head_dim, BLOCK_N=attention_gluon.BWD_BLOCK_N, BLOCK_M=block_m)

@@ -541,6 +541,23 @@ def dkdv(
 if _NO_GLUON is None:
 
     @gluon.jit
+    def _block_buffers(a_desc, b_desc, ring_a_desc, ring_b_desc, STAGES: gl.constexpr):
+        """The backward kernels' shared memory: two tiles the program loads once (its own block's: k and v for dk/dv,
+        q and dO for dq; one barrier) and two rings of STAGES tiles for the loop (one barrier a stage for both),
+        the barriers initialised with one arrival (the bulk copies' bytes complete them)."""
+        dtype: gl.constexpr = a_desc.dtype
+        a = gl.allocate_shared_memory(dtype, a_desc.block_type.shape, a_desc.layout)
+        b = gl.allocate_shared_memory(dtype, b_desc.block_type.shape, b_desc.layout)
+        ring_a = gl.allocate_shared_memory(dtype, [STAGES] + ring_a_desc.block_type.shape, ring_a_desc.layout)
+        ring_b = gl.allocate_shared_memory(dtype, [STAGES] + ring_b_desc.block_type.shape, ring_b_desc.layout)
+        bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+        return a, b, ring_a, ring_b, bar, bars
+
+    @gluon.jit
     def _bwd_query_tile(it, n_q, h0, start_n, BLOCK_M: gl.constexpr):
         """Pair `it` of the program's loop over its group's query heads (the first: h0) and their query tiles from
         start_n: (query head, the tile's first offset in the sequence)."""
@@ -576,22 +593,13 @@ if _NO_GLUON is None:
         n_q = gl.cdiv(seq_len - start_n, BLOCK_M)  # (the query tiles from the diagonal to the end)
         total = GROUP * n_q
         h0 = kvh * GROUP  # (the group's first query head)
-        dtype: gl.constexpr = q_desc.dtype
         layouts: gl.constexpr = _mma_layouts(gl.num_warps(), BLOCK_M, HEAD_DIM)
         st_layout: gl.constexpr = layouts[0]
         acc_layout: gl.constexpr = layouts[1]
         op_layout: gl.constexpr = layouts[2]
         krow: gl.constexpr = gl.SliceLayout(1, st_layout)
 
-        k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
-        q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
-        do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
-        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(kv_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(bars.index(i), count=1)
+        k_smem, v_smem, q_smem, do_smem, kv_bar, bars = _block_buffers(k_desc, v_desc, q_desc, do_desc, STAGES)
         col = kvh * HEAD_DIM
         mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [tok0 + start_n, col], kv_bar, k_smem)
@@ -757,18 +765,10 @@ if _NO_GLUON is None:
         n_q = gl.cdiv(seq_len - start_n, BLOCK_M)  # (the query tiles from the diagonal to the end)
         total = GROUP * n_q
         h0 = kvh * GROUP
-        dtype: gl.constexpr = q_desc.dtype
-        k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
-        q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
-        do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
-        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_smem, v_smem, q_smem, do_smem, kv_bar, ready = _block_buffers(k_desc, v_desc, q_desc, do_desc, STAGES)
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(kv_bar, count=1)
         for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)
+            mbarrier.init(empty.index(i), count=2)  # (both consumers release a stage)
         smem = (k_smem, v_smem, q_smem, do_smem)
         bars = (kv_bar, ready, empty)
         dv_out, dk_out = DV + kvh * stride_dvh, DKA + kvh * stride_dkh
@@ -864,15 +864,7 @@ if _NO_GLUON is None:
         srow: gl.constexpr = gl.SliceLayout(1, s_layout)
         scol: gl.constexpr = gl.SliceLayout(0, s_layout)
 
-        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
-        do_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], do_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(bars.index(i), count=1)
+        q_smem, do_smem, k_smem, v_smem, q_bar, bars = _block_buffers(q_desc, do_desc, k_desc, v_desc, STAGES)
         mbarrier.expect(q_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [tok0 + start_m, h * HEAD_DIM], q_bar, q_smem)
         tma.async_copy_global_to_shared(do_desc, [tok0 + start_m, h * HEAD_DIM], q_bar, do_smem)

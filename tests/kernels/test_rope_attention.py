@@ -521,15 +521,42 @@ def test_gluon_forward_where_it_can_refused_by_name_elsewhere():
             _rope_attention_fwd(q, k, v, positions, cu, 1e4, 0.125, config=dict(GLUON=True, BLOCK_N=32))
 
 
-def test_gluon_dkdv_dispatch_and_its_finishing_pass():
-    """rope_attention_bwd.GLUON_DKDV hands the dk/dv work to the Gluon kernel (kernels/attention_gluon.py `dkdv`) where
-    it can run, with the config's tile; its dk (w.r.t. the rotated k, not yet scaled) goes through the finishing pass
-    and dq through the dq kernel: with the kernel stood in for by float64 autograd writing what it is specified to,
-    dq, dk and dv match the reference. Where it cannot run, the Triton kernels do; an explicit GLUON=True it cannot
-    honour is refused with the reason."""
+# the Gluon backward kernels' switches (rope_attention_bwd.GLUON_DKDV, GLUON_DQ): per kind, the config it reads, the
+# explicit configs with the tile `attention_gluon.<kind>` is handed, beside DQ_ATOMIC's refusal, the other refusals
+_GLUON_BWD = {
+    "dkdv": dict(
+        switch="GLUON_DKDV", config="dkdv_config", triton=dict(BLOCK_N=32, BLOCK_M=16),
+        tiles=[(None, (None, None, None)), (dict(BLOCK_M=64, num_stages=3), (64, 3, None)),
+               (dict(PRODUCER=True, num_warps=4, BLOCK_M=32), (32, None, True))],  # (the last: a sweep's row)
+        atomic=r"dkdv_config GLUON=True, but dq is by atomic adds",
+        refusals=[(dict(WARP_SPEC=True), "with WARP_SPEC or BOUNDED"),
+                  (dict(BLOCK_N=64), "without PRODUCER takes BLOCK_N=128"),
+                  (dict(num_warps=4), "without PRODUCER takes num_warps=8"),
+                  (dict(PRODUCER=True, num_warps=8), "with PRODUCER takes num_warps=4"),
+                  (dict(maxnreg=128), r"takes BLOCK_M, num_stages and PRODUCER, not \['maxnreg'\]")],
+    ),
+    "dq": dict(
+        switch="GLUON_DQ", config="dq_config", triton=dict(BLOCK_M=32, BLOCK_N=16),
+        tiles=[(None, (None, None)), (dict(BLOCK_N=32, num_stages=3), (32, 3))],
+        atomic=r"with DQ_ATOMIC the dk/dv kernel computes dq",
+        refusals=[(dict(WARP_SPEC=True), "with WARP_SPEC or BOUNDED"), (dict(BLOCK_M=64), "takes BLOCK_M=128"),
+                  (dict(num_warps=4), "takes num_warps=8"),
+                  (dict(maxnreg=128), r"takes BLOCK_N and num_stages, not \['maxnreg'\]")],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(_GLUON_BWD))
+def test_gluon_backward_dispatch_and_its_finishing_pass(kind):
+    """rope_attention_bwd.GLUON_DKDV / GLUON_DQ hand dk and dv / dq to the Gluon kernel (kernels/attention_gluon.py
+    `dkdv` / `dq`) where it can run, with the config's tile; its dk or dq (w.r.t. the rotated k or q, not yet scaled)
+    goes through the finishing pass: with the kernel stood in for by float64 autograd writing what it is specified
+    to, dq, dk and dv match the reference. Where it cannot run, the Triton kernels do (the same bits); an explicit
+    GLUON=True it cannot honour (DQ_ATOMIC beside it among them) is refused with the reason."""
     from kernels import attention_gluon
     from kernels import rope_attention_bwd as rab
 
+    case = _GLUON_BWD[kind]
     cu, positions = _pack([20, 9, 70])
     n, theta = int(cu[-1]), 1e4
     dtype = torch.bfloat16 if torch.empty(0).is_cuda else torch.float32
@@ -540,115 +567,49 @@ def test_gluon_dkdv_dispatch_and_its_finishing_pass():
     ref_dq, ref_dk, ref_dv = _reference(q, k, v, positions, cu, theta, do)[2]
     calls = []
 
-    def stand_in(q_rot, k_rot, v, do, lse, delta, dv, dk_rot, cu, softmax_scale, *tile):
-        # causal attention over the rotated q and k (positions 0: no further rotation), in float64
-        calls.append(tile)
+    def stand_in(q_rot, k_rot, v, do, lse, delta, *rest):
+        # causal attention over the rotated q and k (positions 0: no further rotation), in float64; dkdv's rest:
+        # dv, dk_rot, cu, softmax_scale, tile; dq's: dq_rot, cu, softmax_scale, tile
+        if kind == "dkdv":
+            outs, cu, softmax_scale, tile = rest[:2], rest[2], rest[3], rest[4:]
+        else:
+            outs, cu, softmax_scale, tile = rest[:1], rest[1], rest[2], rest[3:]
+        calls.append(tuple(tile))
         q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q_rot, k_rot, v))
         o = reference.rope_attention(q64, k64, v64, torch.zeros(n, dtype=torch.long), cu, softmax_scale=softmax_scale)
-        _, gk, gv = torch.autograd.grad(o, (q64, k64, v64), do.double())
-        dv.copy_(gv), dk_rot.copy_(gk / softmax_scale)
+        gq, gk, gv = torch.autograd.grad(o, (q64, k64, v64), do.double())
+        if kind == "dkdv":
+            outs[0].copy_(gv), outs[1].copy_(gk / softmax_scale)
+        else:
+            outs[0].copy_(gq / softmax_scale)
 
     def grads(**kw):
         return _rope_attention_bwd(do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(attention_gluon, "refused", lambda *a: None)
-        mp.setattr(attention_gluon, "dkdv", stand_in)
-        mp.setattr(rab, "GLUON_DKDV", True)
-        producer = dict(GLUON=True, PRODUCER=True, num_warps=4, BLOCK_M=32)  # (a sweep's row)
-        for kw, tile in (
-            (dict(), (None, None, None)),
-            (dict(dkdv_config=dict(GLUON=True, BLOCK_M=64, num_stages=3)), (64, 3, None)),
-            (dict(dkdv_config=producer), (32, None, True)),
-        ):
-            dq, dk, dv = grads(**kw)
-            assert calls.pop() == tile and not calls
+        mp.setattr(attention_gluon, kind, stand_in)
+        mp.setattr(rab, case["switch"], True)
+        for cfg, tile in case["tiles"]:
+            dq, dk, dv = grads(**({case["config"]: dict(GLUON=True, **cfg)} if cfg else {}))
+            assert calls.pop() == tile and not calls, tile
             for name, a, b in (("dq", dq, ref_dq), ("dk", dk, ref_dk), ("dv", dv, ref_dv)):
                 _close(a, b, dtype, name)
-        grads(dkdv_config=dict(BLOCK_N=32, BLOCK_M=16))  # (an explicit Triton config: the Triton kernel)
-        mp.setattr(rab, "DQ_ATOMIC", True)  # (dq by dk/dv's atomic adds: the Triton kernel, and GLUON=True refused)
+        grads(**{case["config"]: case["triton"]})  # (an explicit Triton config: the Triton kernel)
+        mp.setattr(rab, "DQ_ATOMIC", True)  # (dq by dk/dv's atomic adds: the Triton dk/dv, no dq kernel)
         grads()
-        with pytest.raises(ValueError, match=r"dkdv_config GLUON=True, but dq is by atomic adds"):
-            grads(dkdv_config=dict(GLUON=True))
+        with pytest.raises(ValueError, match=case["atomic"]):
+            grads(**{case["config"]: dict(GLUON=True)})
         assert not calls
         mp.setattr(rab, "DQ_ATOMIC", False)
-        for cfg, why in (
-            (dict(WARP_SPEC=True), "with WARP_SPEC or BOUNDED"),
-            (dict(BLOCK_N=64), "without PRODUCER takes BLOCK_N=128"),
-            (dict(num_warps=4), "without PRODUCER takes num_warps=8"),
-            (dict(PRODUCER=True, num_warps=8), "with PRODUCER takes num_warps=4"),
-            (dict(maxnreg=128), r"takes BLOCK_M, num_stages and PRODUCER, not \['maxnreg'\]"),
-        ):
+        for cfg, why in case["refusals"]:
             with pytest.raises(ValueError, match=why):
-                grads(dkdv_config=dict(GLUON=True, **cfg))
+                grads(**{case["config"]: dict(GLUON=True, **cfg)})
     if attention_gluon.refused(dtype, 64, q.device, q, do, k, v):  # (here: the interpreter)
-        with pytest.raises(ValueError, match=r"dkdv_config GLUON=True, but Triton's interpreter does not run Gluon"):
-            grads(dkdv_config=dict(GLUON=True))
+        with pytest.raises(ValueError, match=rf"{case['config']} GLUON=True, but Triton's interpreter does not run"):
+            grads(**{case["config"]: dict(GLUON=True)})
         with pytest.MonkeyPatch.context() as mp:  # (the switch where it cannot run: the Triton kernels, same numbers)
-            mp.setattr(rab, "GLUON_DKDV", True)
-            switched = grads()
-        for a, b in zip(switched, grads()):
-            torch.testing.assert_close(a, b, atol=0, rtol=0)
-
-
-def test_gluon_dq_dispatch_and_its_finishing_pass():
-    """rope_attention_bwd.GLUON_DQ hands dq to the Gluon kernel (kernels/attention_gluon.py `dq`) where it can run,
-    with the config's tile; its dq (w.r.t. the rotated q, not yet scaled) goes through the finishing pass: with the
-    kernel stood in for by float64 autograd writing what it is specified to, dq matches the reference (dk and dv are
-    the dk/dv kernel's). Where it cannot run, the Triton kernel does; an explicit GLUON=True it cannot honour (or
-    beside DQ_ATOMIC, where the dk/dv kernel makes dq) is refused with the reason."""
-    from kernels import attention_gluon
-    from kernels import rope_attention_bwd as rab
-
-    cu, positions = _pack([20, 9, 70])
-    n, theta = int(cu[-1]), 1e4
-    dtype = torch.bfloat16 if torch.empty(0).is_cuda else torch.float32
-    q, k, v = _inputs(n, 4, 2, 64, dtype)
-    do = torch.randn(n, 4, 64).to(dtype)
-    scale = 0.125
-    out, lse, q_rot, k_rot = _rope_attention_fwd(q, k, v, positions, cu, theta, scale, save_rotated=True)
-    ref_dq, ref_dk, ref_dv = _reference(q, k, v, positions, cu, theta, do)[2]
-    calls = []
-
-    def stand_in(q_rot, k_rot, v, do, lse, delta, dq_rot, cu, softmax_scale, *tile):
-        # causal attention over the rotated q and k (positions 0: no further rotation), in float64
-        calls.append(tile)
-        q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q_rot, k_rot, v))
-        o = reference.rope_attention(q64, k64, v64, torch.zeros(n, dtype=torch.long), cu, softmax_scale=softmax_scale)
-        dq_rot.copy_(torch.autograd.grad(o, q64, do.double())[0] / softmax_scale)
-
-    def grads(**kw):
-        return _rope_attention_bwd(do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, **kw)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(attention_gluon, "refused", lambda *a: None)
-        mp.setattr(attention_gluon, "dq", stand_in)
-        mp.setattr(rab, "GLUON_DQ", True)
-        for kw, tile in ((dict(), (None, None)), (dict(dq_config=dict(GLUON=True, BLOCK_N=32, num_stages=3)), (32, 3))):
-            dq, dk, dv = grads(**kw)
-            assert calls.pop() == tile and not calls
-            for name, a, b in (("dq", dq, ref_dq), ("dk", dk, ref_dk), ("dv", dv, ref_dv)):
-                _close(a, b, dtype, name)
-        grads(dq_config=dict(BLOCK_M=32, BLOCK_N=16))  # (an explicit Triton config: the Triton kernel)
-        mp.setattr(rab, "DQ_ATOMIC", True)  # (dq by dk/dv's atomic adds: no dq kernel, and GLUON=True refused)
-        grads()
-        with pytest.raises(ValueError, match=r"with DQ_ATOMIC the dk/dv kernel computes dq"):
-            grads(dq_config=dict(GLUON=True))
-        assert not calls
-        mp.setattr(rab, "DQ_ATOMIC", False)
-        for cfg, why in (
-            (dict(WARP_SPEC=True), "with WARP_SPEC or BOUNDED"),
-            (dict(BLOCK_M=64), "takes BLOCK_M=128"),
-            (dict(num_warps=4), "takes num_warps=8"),
-            (dict(maxnreg=128), r"takes BLOCK_N and num_stages, not \['maxnreg'\]"),
-        ):
-            with pytest.raises(ValueError, match=why):
-                grads(dq_config=dict(GLUON=True, **cfg))
-    if attention_gluon.refused(dtype, 64, q.device, q, do, k, v):  # (here: the interpreter)
-        with pytest.raises(ValueError, match=r"dq_config GLUON=True, but Triton's interpreter does not run Gluon"):
-            grads(dq_config=dict(GLUON=True))
-        with pytest.MonkeyPatch.context() as mp:  # (the switch where it cannot run: the Triton kernels, same numbers)
-            mp.setattr(rab, "GLUON_DQ", True)
+            mp.setattr(rab, case["switch"], True)
             switched = grads()
         for a, b in zip(switched, grads()):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
