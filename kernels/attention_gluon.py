@@ -476,7 +476,7 @@ if _NO_GLUON is None:
 BWD_BLOCK_N = 128  # keys a program (two warpgroups of 64)
 BWD_WARPS = 8
 # (query tile, stages) by head dim: at D = 128, 64-query tiles take 255 registers and spill in the loop (sm_90a,
-# ptxas), 32-query ones 246 without spilling; at D = 64, 64-query tiles 231. BWD_SHAPES: what the bench sweeps.
+# ptxas), 32-query ones 226 without spilling; at D = 64, 64-query tiles 231. BWD_SHAPES: what the bench sweeps.
 BWD_TILES = {128: (32, 3), 64: (64, 2)}
 BWD_SHAPES = ((32, 3), (32, 2), (64, 2), (64, 3))
 # Its warp-specialised form (_bwd_dkdv_ws_kernel, BWD_PRODUCER): a producer warp for the bulk copies and the two
@@ -484,7 +484,7 @@ BWD_SHAPES = ((32, 3), (32, 2), (64, 2), (64, 3))
 # refill keep them so), so that one's exponentials and dS run while the other's products do, and each one's exposed
 # wait for its dK product is the other's time to compute. 12 warps under the forward's ping-pong caps (168 at launch,
 # 240 a consumer, 24 the producer's warpgroup); (query tile, stages): 32-query tiles at D = 128 (64-query ones would
-# hold S, dP and P in fp32 at once beside dK and dV).
+# hold S, dP and P in fp32 at once beside dK and dV: 284 bytes of spill in the consumers).
 BWD_PRODUCER = False  # (the module's choice where a launch does not say: off until a GPU has checked and timed it)
 BWD_PRODUCER_TILES = {128: (32, 3), 64: (64, 2)}
 
