@@ -37,8 +37,9 @@ from bench.common import (  # noqa: E402
     save_json,
 )
 from engine.config import ModelConfig  # noqa: E402
-from kernels.decode_linear import decode_linear, qkv_rope_linear  # noqa: E402
+from kernels.decode_linear import RowSquares, decode_linear, qkv_rope_linear  # noqa: E402
 from kernels.paged_attention import rope_write_kv  # noqa: E402
+from kernels.rmsnorm import rms_norm  # noqa: E402
 from kernels.swiglu import swiglu  # noqa: E402
 
 # --sweep's variants: tiles, warps and stages at the default split, then split counts at the default tiles
@@ -57,6 +58,9 @@ def projections(cfg: ModelConfig, tp: int) -> dict[str, tuple[int, int, str]]:
         "qkv+rope": (qkv, h, "rope"),
         "o": (h, cfg.num_heads * d // tp, "plain"),
         "gate_up+swiglu": (2 * cfg.intermediate_size // tp, h, "swiglu"),
+        # (the decode step's own gate_up launch: the post-attention norm in its prologue, from the row sums the output
+        # projection's epilogue left; at 64 rows ptxas serialises its warpgroup MMAs (C7515, bench/RESULTS.md))
+        "gate_up+norm": (2 * cfg.intermediate_size // tp, h, "norm_swiglu"),
         "down": (h, cfg.intermediate_size // tp, "plain"),
         "lm_head": (-(-cfg.vocab_size // tp), h, "plain"),
     }
@@ -67,6 +71,11 @@ def _calls(m, n, k, kind, dtype, device, heads, config):
     (the projection, then kernels/swiglu.py or the rotary/cache-write kernel)."""
     x = torch.randn(m, k, device=device, dtype=dtype)
     w = torch.randn(n, k, device=device, dtype=dtype) / k**0.5
+    if kind == "norm_swiglu":  # (the stream x, its rows' sums of squares as one part, the norm's weight)
+        gamma = 1 + 0.1 * torch.randn(k, device=device, dtype=dtype)
+        squares = RowSquares(x.float().pow(2).sum(-1)[None].contiguous())
+        ours = lambda: decode_linear(x, w, swiglu=True, norm=(squares, gamma, 1e-5), config=config)[0]  # noqa: E731
+        return ours, lambda: swiglu(F.linear(rms_norm(x, gamma, 1e-5), w)), m * n // 2
     if kind != "rope":
         sw = kind == "swiglu"
         peer = (lambda: swiglu(F.linear(x, w))) if sw else (lambda: F.linear(x, w))
@@ -161,7 +170,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--model", default="llama2-13b", help="a named shape (engine.config.ModelConfig.named)")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: time one rank's shards")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64], help="decode batch sizes (at most 64)")
-    ap.add_argument("--proj", nargs="+", choices=["qkv", "qkv+rope", "o", "gate_up+swiglu", "down", "lm_head"],
+    ap.add_argument("--proj", nargs="+", choices=["qkv", "qkv+rope", "o", "gate_up+swiglu", "gate_up+norm", "down",
+                                                   "lm_head"],
                     help="only these")  # fmt: skip
     ap.add_argument("--sweep", action="store_true", help="also time every launch variant (tiles, stages, splits)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new rows after this many seconds")

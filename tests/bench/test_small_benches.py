@@ -383,7 +383,7 @@ def test_decode_linear_bench_smoke(tmp_path):
     from engine.config import ModelConfig
 
     rows = main(["--bandwidth", "2", "--json", str(tmp_path / "l.json")])
-    assert {r["proj"] for r in rows} == {"qkv", "qkv+rope", "o", "gate_up+swiglu", "down", "lm_head"}
+    assert {r["proj"] for r in rows} == {"qkv", "qkv+rope", "o", "gate_up+swiglu", "gate_up+norm", "down", "lm_head"}
     assert all(r["rel_err"] < 1e-4 and r["ours_ms"] > 0 and r["cublas_ms"] > 0 for r in rows)
     (down,) = [r for r in rows if r["proj"] == "down" and r["rows"] == 4]
     assert down["floor_ms"] == pytest.approx((64 * 176 + 4 * 176 + 4 * 64) * 4 / 2e9)  # tiny: hidden 64, MLP 176
@@ -391,6 +391,6 @@ def test_decode_linear_bench_smoke(tmp_path):
     assert len(swept) == 2 * (1 + len(_SWEEP_TILES) + len(_SWEEP_SPLITS)) and all("ours_ms" in r for r in swept)
     shards = projections(ModelConfig.named("llama2-13b"), 2)
     assert shards == {"qkv": (7680, 5120, "plain"), "qkv+rope": (7680, 5120, "rope"), "o": (5120, 2560, "plain"),
-                      "gate_up+swiglu": (13824, 5120, "swiglu"), "down": (5120, 6912, "plain"),
-                      "lm_head": (16000, 5120, "plain")}  # fmt: skip
+                      "gate_up+swiglu": (13824, 5120, "swiglu"), "gate_up+norm": (13824, 5120, "norm_swiglu"),
+                      "down": (5120, 6912, "plain"), "lm_head": (16000, 5120, "plain")}  # fmt: skip
     assert (tmp_path / "l.json").exists()
