@@ -46,6 +46,9 @@ from kernels.swiglu import swiglu  # noqa: E402
 _SWEEP_TILES = [dict(block_n=n, block_k=k, num_warps=4, num_stages=s) for n, k, s in
                 itertools.product((32, 64, 128), (64, 128, 256), (3, 4))]  # fmt: skip
 _SWEEP_SPLITS = [dict(split_k=s) for s in (1, 2, 4, 8)]
+# and 128-wide column blocks split in two (as many programs as the default's 64-wide blocks at 64 rows): the norm
+# prologue's launch is built without serialised warpgroup MMAs there (ptxas C7515 at 64-wide blocks: RESULTS.md)
+_SWEEP_SPLITS += [dict(block_n=128, split_k=2, num_stages=s) for s in (3, 4)]
 
 
 def projections(cfg: ModelConfig, tp: int) -> dict[str, tuple[int, int, str]]:
