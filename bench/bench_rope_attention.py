@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch.nn.functional as F
 
 from bench.common import check_close, exit_if_ours_failed, fill_peaks, measure, ptxas_info, write_json  # noqa: E402
-from kernels import attention_gluon, reference  # noqa: E402
+from kernels import attention_gluon, attention_gluon_bwd, reference  # noqa: E402
 from kernels.rope_attention import rope_attention  # noqa: E402
 from kernels.rotary import launch_rotary  # noqa: E402
 
@@ -126,7 +126,7 @@ def _ours(
     warp-specialised or not (warp_spec: rope_attention's and rope_attention_bwd's WARP_SPEC both), the forward in
     Gluon where it can run (gluon: rope_attention.GLUON_FWD) in its ping-pong form or not (pingpong:
     attention_gluon.PINGPONG), dk/dv in Gluon (gluon_dkdv: rope_attention_bwd.GLUON_DKDV) with a producer warp or
-    not (bwd_producer: attention_gluon.BWD_PRODUCER), dq in Gluon (gluon_dq: rope_attention_bwd.GLUON_DQ); None:
+    not (bwd_producer: attention_gluon_bwd.BWD_PRODUCER), dq in Gluon (gluon_dq: rope_attention_bwd.GLUON_DQ); None:
     the modules' defaults. The switches stay set until the next call: the backward that follows a forward in a
     timing loop reads them. run False: only set them."""
     from kernels import attention_tiles, rope_attention_bwd
@@ -135,11 +135,11 @@ def _ours(
     if not _DEFAULTS:
         _DEFAULTS.update(tma=attention_tiles.TMA_LOADS, dq_atomic=rope_attention_bwd.DQ_ATOMIC, ws=ra.WARP_SPEC)
         _DEFAULTS.update(bwd_ws=rope_attention_bwd.WARP_SPEC, gluon=ra.GLUON_FWD, pingpong=attention_gluon.PINGPONG)
-        _DEFAULTS.update(gluon_dkdv=rope_attention_bwd.GLUON_DKDV, bwd_producer=attention_gluon.BWD_PRODUCER)
+        _DEFAULTS.update(gluon_dkdv=rope_attention_bwd.GLUON_DKDV, bwd_producer=attention_gluon_bwd.BWD_PRODUCER)
         _DEFAULTS.update(gluon_dq=rope_attention_bwd.GLUON_DQ)
     ra.GLUON_FWD = _DEFAULTS["gluon"] if gluon is None else gluon
     rope_attention_bwd.GLUON_DKDV = _DEFAULTS["gluon_dkdv"] if gluon_dkdv is None else gluon_dkdv
-    attention_gluon.BWD_PRODUCER = _DEFAULTS["bwd_producer"] if bwd_producer is None else bwd_producer
+    attention_gluon_bwd.BWD_PRODUCER = _DEFAULTS["bwd_producer"] if bwd_producer is None else bwd_producer
     rope_attention_bwd.GLUON_DQ = _DEFAULTS["gluon_dq"] if gluon_dq is None else gluon_dq
     attention_gluon.PINGPONG = _DEFAULTS["pingpong"] if pingpong is None else pingpong
     attention_tiles.TMA_LOADS = _DEFAULTS["tma"] if tma is None else tma
@@ -213,8 +213,8 @@ def make_rows(args, q, k, v, positions, cu, batch, seqlen, padded_mask=None):
             names += [(f"  ours, Gluon forward, {forms[other]} (FA3)", True, other)]
             flips = [(name, dict(gluon=gluon, pingpong=pingpong)) for name, gluon, pingpong in names]
             # and dk/dv: in Triton where the module runs Gluon's, in Gluon's 8-warp and producer forms
-            # (rope_attention_bwd.GLUON_DKDV, attention_gluon.BWD_PRODUCER), the module's form first
-            dkdv, producer = rope_attention_bwd.GLUON_DKDV, attention_gluon.BWD_PRODUCER
+            # (rope_attention_bwd.GLUON_DKDV, attention_gluon_bwd.BWD_PRODUCER), the module's form first
+            dkdv, producer = rope_attention_bwd.GLUON_DKDV, attention_gluon_bwd.BWD_PRODUCER
             forms = ("8 warps", "producer warp")
             flips += [("  ours, dk/dv in Triton", dict(gluon_dkdv=False))] if dkdv else []
             flips += [] if dkdv else [(f"  ours, Gluon dk/dv, {forms[producer]} (FA3 order)", dict(gluon_dkdv=True))]
@@ -243,7 +243,7 @@ _GLUON_CHECKED: dict = {}
 
 def _gluon_row(q, k, v, *, positions, cu, theta, args, **flip):
     """ours with _ours' Gluon switches `flip` (gluon: rope_attention.GLUON_FWD, pingpong: attention_gluon.PINGPONG,
-    gluon_dkdv: rope_attention_bwd.GLUON_DKDV, bwd_producer: attention_gluon.BWD_PRODUCER, gluon_dq:
+    gluon_dkdv: rope_attention_bwd.GLUON_DKDV, bwd_producer: attention_gluon_bwd.BWD_PRODUCER, gluon_dq:
     rope_attention_bwd.GLUON_DQ; absent: as they are): the last rows timed, each checked against the fp32
     reference first (once a run, in a subprocess under a timeout: _gluon_check); a failed check is its row's
     error on every call (the bench then exits non-zero), and the other rows stand."""
@@ -474,7 +474,7 @@ def ptxas_report(
         # 128-key blocks, its query tiles; dq: 128-row query blocks, its key tiles), at the default tile for the head
         # dim, then the other shapes: (name, kernel, warps, the block's name and size, the tile's name, tiles, shapes,
         # argument types)
-        ag = attention_gluon
+        ag = attention_gluon_bwd
         for name, fn, warps, block, inner, tiles, shapes, types_of in (
             ("dkdv", ag._bwd_dkdv_kernel, ag.BWD_WARPS, ("BLOCK_N", ag.BWD_BLOCK_N), "BLOCK_M", ag.BWD_TILES,
              ag.BWD_SHAPES, ag.bwd_build_types),
@@ -487,13 +487,13 @@ def ptxas_report(
                 label = f"{inner}={tile} w={warps} s={stages} GLUON TMA"
                 retype = types_of(dtype, head_dim, tile)
                 report(name, fn, {**consts, "STAGES": stages}, warps, 1, label, retype=retype)
-        # and the dk/dv kernel's warp-specialised form (attention_gluon.BWD_PRODUCER) at its default tile
-        block_m, stages = attention_gluon.BWD_PRODUCER_TILES[head_dim]
-        consts = dict(N_STEPS=4, GROUP=group, HEAD_DIM=head_dim, BLOCK_N=attention_gluon.BWD_BLOCK_N, BLOCK_M=block_m)
+        # and the dk/dv kernel's warp-specialised form (attention_gluon_bwd.BWD_PRODUCER) at its default tile
+        block_m, stages = ag.BWD_PRODUCER_TILES[head_dim]
+        consts = dict(N_STEPS=4, GROUP=group, HEAD_DIM=head_dim, BLOCK_N=ag.BWD_BLOCK_N, BLOCK_M=block_m)
         consts.update(STAGES=stages, CONSUMER_REGS=attention_gluon.CONSUMER_REGS)
         label = f"BLOCK_M={block_m} w=4+4+1 s={stages} GLUON PRODUCER TMA"
-        retype = attention_gluon.bwd_build_types(dtype, head_dim, block_m)
-        report("dkdv", attention_gluon._bwd_dkdv_ws_kernel, consts, attention_gluon.PINGPONG_WARPS, 1, label,
+        retype = ag.bwd_build_types(dtype, head_dim, block_m)
+        report("dkdv", ag._bwd_dkdv_ws_kernel, consts, attention_gluon.PINGPONG_WARPS, 1, label,
                maxnreg=attention_gluon.PINGPONG_MAXNREG, retype=retype)  # fmt: skip
     fin = dict(HEAD_DIM=head_dim, HALF=base["HALF"], BLOCK_T=32, TAB_ROWS=rotary.TAB_ROWS)  # (DQ_ATOMIC's last pass)
     report("dq_fin", ra_bwd._bwd_dq_finish_kernel, fin, 8, 1, "BLOCK_T=32")
@@ -528,19 +528,19 @@ SWEEP_GLUON = [
     (attention_gluon.BLOCK_M, n, attention_gluon.PINGPONG_WARPS, st, True, {"GLUON": True, "PINGPONG": True})
     for n, st in attention_gluon.SHAPES
 ]
-# rope_attention_bwd.GLUON_DKDV's kernel (kernels/attention_gluon.py: 128-key blocks in 8 warps; its query tiles and
+# rope_attention_bwd.GLUON_DKDV's kernel (kernels/attention_gluon_bwd.py: 128-key blocks in 8 warps; its query tiles and
 # stages), timed after the rest
 SWEEP_GLUON_DKDV = [
-    (attention_gluon.BWD_BLOCK_N, m, attention_gluon.BWD_WARPS, st, True, {"GLUON": True})
-    for m, st in attention_gluon.BWD_SHAPES
-] + [  # (its warp-specialised form: attention_gluon.BWD_PRODUCER; 32-query tiles, 64-query ones spill at D = 128)
-    (attention_gluon.BWD_BLOCK_N, 32, attention_gluon.PINGPONG_WARPS, st, True, {"GLUON": True, "PRODUCER": True})
+    (attention_gluon_bwd.BWD_BLOCK_N, m, attention_gluon_bwd.BWD_WARPS, st, True, {"GLUON": True})
+    for m, st in attention_gluon_bwd.BWD_SHAPES
+] + [  # (its warp-specialised form: attention_gluon_bwd.BWD_PRODUCER; 32-query tiles, 64-query ones spill at D = 128)
+    (attention_gluon_bwd.BWD_BLOCK_N, 32, attention_gluon.PINGPONG_WARPS, st, True, {"GLUON": True, "PRODUCER": True})
     for st in (2, 3, 4)
 ]
 # rope_attention_bwd.GLUON_DQ's kernel (128-row query blocks in 8 warps; its key tiles and stages), timed after the rest
 SWEEP_GLUON_DQ = [
-    (attention_gluon.DQ_BLOCK_M, n, attention_gluon.DQ_WARPS, st, True, {"GLUON": True})
-    for n, st in attention_gluon.DQ_SHAPES
+    (attention_gluon_bwd.DQ_BLOCK_M, n, attention_gluon_bwd.DQ_WARPS, st, True, {"GLUON": True})
+    for n, st in attention_gluon_bwd.DQ_SHAPES
 ]
 # rope_attention_bwd.WARP_SPEC first: the query loop warp-specialised, 4 warps a partition
 SWEEP_DKDV = [(128, m, 4, st, True, {"WARP_SPEC": True}) for m, st in ((32, 2), (16, 2), (16, 3))]
@@ -653,13 +653,13 @@ def as_default(row: dict) -> str:
     for a Gluon kernel its switches and tile."""
     if row.get("GLUON") and row["kernel"] == "dq":
         tile = f"({row['BLOCK_N']}, {row['num_stages']})"
-        return f"rope_attention_bwd.GLUON_DQ = True, attention_gluon.DQ_TILES[head dim] = {tile}"
+        return f"rope_attention_bwd.GLUON_DQ = True, attention_gluon_bwd.DQ_TILES[head dim] = {tile}"
     if row.get("GLUON") and row["kernel"] == "dkdv":
         tile = f"({row['BLOCK_M']}, {row['num_stages']})"
         if row.get("PRODUCER"):
-            said = "rope_attention_bwd.GLUON_DKDV = True, attention_gluon.BWD_PRODUCER = True"
-            return f"{said}, attention_gluon.BWD_PRODUCER_TILES[head dim] = {tile}"
-        return f"rope_attention_bwd.GLUON_DKDV = True, attention_gluon.BWD_TILES[head dim] = {tile}"
+            said = "rope_attention_bwd.GLUON_DKDV = True, attention_gluon_bwd.BWD_PRODUCER = True"
+            return f"{said}, attention_gluon_bwd.BWD_PRODUCER_TILES[head dim] = {tile}"
+        return f"rope_attention_bwd.GLUON_DKDV = True, attention_gluon_bwd.BWD_TILES[head dim] = {tile}"
     if row.get("GLUON"):
         tile = f"({row['BLOCK_N']}, {row['num_stages']})"
         if row.get("PINGPONG"):

@@ -5,7 +5,7 @@ share into an fp32 sum (by Hopper's bulk reduce where TMA reads the tiles) and a
 WARP_SPEC (opt-in): the dk/dv kernel's query loop and the dq kernel's key loop warp-specialised by Triton's Hopper
 pass, as the forward's (rope_attention.WARP_SPEC); dk and dq then go through the same last pass, and the dq kernel
 reads its lse and delta rows from a copy the delta kernel lays out by query block (bench/RESULTS.md says why).
-GLUON_DKDV and GLUON_DQ (opt-in): the dk/dv and dq kernels in Gluon (kernels/attention_gluon.py: each tile's score
+GLUON_DKDV and GLUON_DQ (opt-in): the dk/dv and dq kernels in Gluon (kernels/attention_gluon_bwd.py: each tile's score
 and dP products issued together, P computed while dP runs), dk and dq through the same last pass.
 
 The inputs are the rotated q and k the forward saved, so the inner loops rotate nothing; only the finished
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import attention_gluon, reference
+from kernels import attention_gluon, attention_gluon_bwd, reference
 from kernels.attention_tiles import (
     _BWD_SHAPES,
     _KEY,
@@ -434,14 +434,14 @@ DQ_ATOMIC = False
 # pass). Off until a GPU has timed and checked it.
 WARP_SPEC = False
 
-# The dk/dv kernel in Gluon (kernels/attention_gluon.py, `dkdv`: each query tile's score and dP products issued
-# together, P computed while dP runs, dS while dV does; in 8 warps or, attention_gluon.BWD_PRODUCER, with a producer
+# The dk/dv kernel in Gluon (kernels/attention_gluon_bwd.py, `dkdv`: each query tile's score and dP products issued
+# together, P computed while dP runs, dS while dV does; in 8 warps or, attention_gluon_bwd.BWD_PRODUCER, with a producer
 # warp and two consumer warpgroups at their own pace), on an sm_90 GPU with bf16/fp16, head dims 64 and 128 and tiles
 # by TMA; dk w.r.t. the rotated k through the finishing pass (as WARP_SPEC's), dq by the dq kernel. Not with
 # DQ_ATOMIC. Off until a GPU has checked and timed it (bench_rope_attention.py: the rows "ours, Gluon dk/dv").
 GLUON_DKDV = False
 
-# The dq kernel in Gluon (kernels/attention_gluon.py, `dq`: each key tile's score and dP products issued together, P
+# The dq kernel in Gluon (kernels/attention_gluon_bwd.py, `dq`: each key tile's score and dP products issued together, P
 # computed while dP runs; 128-row query blocks in 8 warps), on an sm_90 GPU with bf16/fp16, head dims 64 and 128 and
 # tiles by TMA; dq w.r.t. the rotated q through the finishing pass. Not with DQ_ATOMIC (dq is then the dk/dv kernel's).
 # Off until a GPU has checked and timed it (bench_rope_attention.py: the row "ours, Gluon dq").
@@ -451,13 +451,13 @@ GLUON_DQ = False
 def _gluon_dkdv_config(config: dict | None) -> tuple[int | None, int | None, bool | None]:
     """An explicit dkdv_config for the Gluon dk/dv kernel -> (query tile, stages, PRODUCER): its key block is 128
     keys, in 8 warps or, PRODUCER=True, in the warp-specialised kernel's producer warp and two consumer warpgroups
-    (num_warps=4: the default partition); None: the kernel's defaults (attention_gluon.BWD_TILES, BWD_PRODUCER)."""
+    (num_warps=4: the default partition); None: the kernel's defaults (attention_gluon_bwd.BWD_TILES, BWD_PRODUCER)."""
     config = dict(config or {})
     if config.pop("WARP_SPEC", False) or config.pop("BOUNDED", False):
         raise ValueError("dkdv_config GLUON=True with WARP_SPEC or BOUNDED: the Gluon dk/dv is a kernel of its own")
     producer = config.pop("PRODUCER", None)
-    warps = attention_gluon.PINGPONG_WARPS if producer else attention_gluon.BWD_WARPS
-    for key, value in (("BLOCK_N", attention_gluon.BWD_BLOCK_N), ("num_warps", warps)):
+    warps = attention_gluon.PINGPONG_WARPS if producer else attention_gluon_bwd.BWD_WARPS
+    for key, value in (("BLOCK_N", attention_gluon_bwd.BWD_BLOCK_N), ("num_warps", warps)):
         if config.pop(key, value) != value:
             raise ValueError(f"dkdv_config GLUON=True {'with' if producer else 'without'} PRODUCER takes {key}={value}")
     tile = (config.pop("BLOCK_M", None), config.pop("num_stages", None), producer)
@@ -468,11 +468,11 @@ def _gluon_dkdv_config(config: dict | None) -> tuple[int | None, int | None, boo
 
 def _gluon_dq_config(config: dict | None) -> tuple[int | None, int | None]:
     """An explicit dq_config for the Gluon dq kernel -> (key tile, stages): its query block is 128 rows in 8 warps;
-    None: its defaults for the head dim (attention_gluon.DQ_TILES)."""
+    None: its defaults for the head dim (attention_gluon_bwd.DQ_TILES)."""
     config = dict(config or {})
     if config.pop("WARP_SPEC", False) or config.pop("BOUNDED", False):
         raise ValueError("dq_config GLUON=True with WARP_SPEC or BOUNDED: the Gluon dq is a kernel of its own")
-    for key, value in (("BLOCK_M", attention_gluon.DQ_BLOCK_M), ("num_warps", attention_gluon.DQ_WARPS)):
+    for key, value in (("BLOCK_M", attention_gluon_bwd.DQ_BLOCK_M), ("num_warps", attention_gluon_bwd.DQ_WARPS)):
         if config.pop(key, value) != value:
             raise ValueError(f"dq_config GLUON=True takes {key}={value}")
     tile = (config.pop("BLOCK_N", None), config.pop("num_stages", None))
@@ -645,7 +645,7 @@ def _rope_attention_bwd(
     dq_args = lambda cu_blk: (dq_q, kd, vd, dq_do, dq_lse, dq_delta, dq_out, positions, cu, cu_blk, inv_freq, tab, k, v,
                               *strides, dq_out.stride(0), dq_out.stride(1), *scalars)  # fmt: skip
     if gluon:  # (dk w.r.t. the rotated k into dqa, finished below)
-        attention_gluon.dkdv(q, k, v, do, lse, delta, dv, dqa, cu, softmax_scale, *gluon_tile)
+        attention_gluon_bwd.dkdv(q, k, v, do, lse, delta, dv, dqa, cu, softmax_scale, *gluon_tile)
     else:
         _launch(
             _bwd_dkdv_kernel, _dkdv_ws_tuned if ws else _dkdv_tuned, hkv, dkdv_args, cu, n, "BLOCK_N", "BLOCK_M",
@@ -664,7 +664,7 @@ def _rope_attention_bwd(
     if atomic:
         finish(dqa, dq)
     elif gluon_dq:
-        attention_gluon.dq(q, k, v, do, lse, delta, dq_out, cu, softmax_scale, *gluon_dq_tile)
+        attention_gluon_bwd.dq(q, k, v, do, lse, delta, dq_out, cu, softmax_scale, *gluon_dq_tile)
         finish(dq_out, dq)
     else:
         _launch(

@@ -46,14 +46,14 @@ def test_rope_sweep_smoke(capsys):
         "rope_attention.GLUON_FWD = True, attention_gluon.PINGPONG = True, attention_gluon.PINGPONG_TILE = (64, 2)"
     )
     dkdv = dict(kernel="dkdv", BLOCK_N=128, BLOCK_M=32, num_warps=8, num_stages=3, TMA=True, GLUON=True)
-    assert as_default(dkdv) == "rope_attention_bwd.GLUON_DKDV = True, attention_gluon.BWD_TILES[head dim] = (32, 3)"
+    assert as_default(dkdv) == "rope_attention_bwd.GLUON_DKDV = True, attention_gluon_bwd.BWD_TILES[head dim] = (32, 3)"
     dkdv.update(num_warps=4, num_stages=2, PRODUCER=True)  # (its warp-specialised form)
     assert as_default(dkdv) == (
-        "rope_attention_bwd.GLUON_DKDV = True, attention_gluon.BWD_PRODUCER = True, "
-        "attention_gluon.BWD_PRODUCER_TILES[head dim] = (32, 2)"
+        "rope_attention_bwd.GLUON_DKDV = True, attention_gluon_bwd.BWD_PRODUCER = True, "
+        "attention_gluon_bwd.BWD_PRODUCER_TILES[head dim] = (32, 2)"
     )
     dq = dict(kernel="dq", BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, TMA=True, GLUON=True)
-    assert as_default(dq) == "rope_attention_bwd.GLUON_DQ = True, attention_gluon.DQ_TILES[head dim] = (64, 2)"
+    assert as_default(dq) == "rope_attention_bwd.GLUON_DQ = True, attention_gluon_bwd.DQ_TILES[head dim] = (64, 2)"
     assert not any(r.get("GLUON") for r in rows)
 
 

@@ -141,7 +141,7 @@ def test_forward_backward_poisoned(dtype, hq, hkv, d, theta, variant):
         dqc = dict(GLUON=True, **(dict(BLOCK_N=128, num_stages=2) if variant.endswith("128x2") else {}))
     if variant.startswith("gluon dkdv"):
         dkdv = dict(GLUON=True, **(dict(BLOCK_M=64, num_stages=2) if variant.endswith("64x2") else {}))
-        if variant.endswith("producer"):  # (a producer warp and two consumer warpgroups: attention_gluon.BWD_PRODUCER)
+        if variant.endswith("producer"):  # (a producer warp, two consumer warpgroups: attention_gluon_bwd.BWD_PRODUCER)
             dkdv.update(PRODUCER=True, num_warps=4)
     if variant.startswith("warp spec"):
         dkdv, dqc = dict(BLOCK_N=32, BLOCK_M=16, WARP_SPEC=True), dict(BLOCK_M=32, BLOCK_N=16, WARP_SPEC=True)
@@ -548,12 +548,12 @@ _GLUON_BWD = {
 
 @pytest.mark.parametrize("kind", sorted(_GLUON_BWD))
 def test_gluon_backward_dispatch_and_its_finishing_pass(kind):
-    """rope_attention_bwd.GLUON_DKDV / GLUON_DQ hand dk and dv / dq to the Gluon kernel (kernels/attention_gluon.py
+    """rope_attention_bwd.GLUON_DKDV / GLUON_DQ hand dk and dv / dq to the Gluon kernel (kernels/attention_gluon_bwd.py
     `dkdv` / `dq`) where it can run, with the config's tile; its dk or dq (w.r.t. the rotated k or q, not yet scaled)
     goes through the finishing pass: with the kernel stood in for by float64 autograd writing what it is specified
     to, dq, dk and dv match the reference. Where it cannot run, the Triton kernels do (the same bits); an explicit
     GLUON=True it cannot honour (DQ_ATOMIC beside it among them) is refused with the reason."""
-    from kernels import attention_gluon
+    from kernels import attention_gluon, attention_gluon_bwd
     from kernels import rope_attention_bwd as rab
 
     case = _GLUON_BWD[kind]
@@ -588,7 +588,7 @@ def test_gluon_backward_dispatch_and_its_finishing_pass(kind):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(attention_gluon, "refused", lambda *a: None)
-        mp.setattr(attention_gluon, kind, stand_in)
+        mp.setattr(attention_gluon_bwd, kind, stand_in)
         mp.setattr(rab, case["switch"], True)
         for cfg, tile in case["tiles"]:
             dq, dk, dv = grads(**({case["config"]: dict(GLUON=True, **cfg)} if cfg else {}))

@@ -91,8 +91,8 @@ assert all(r["shared"] <= 232448 for r in gluon + pingpong) and all(r["warps"] =
 dkdv = [r for r in rows if "GLUON" in r["config"] and r["kernel"] == "dkdv" and "PRODUCER" not in r["config"]]
 assert len(dkdv) == 2 and all(r["exp2_in_flight"] == 1 and r["spill_bytes"] == 0 for r in dkdv), dkdv
 assert all(r["warps"] == 8 and r["shared"] <= 232448 and r["loads"].get("cp.async.bulk.tensor") for r in dkdv), dkdv
-# and its warp-specialised form (attention_gluon.BWD_PRODUCER): a producer warp and two consumer warpgroups of 64 keys
-# (one exp2 in flight each), 12 warps, setmaxnreg 24 and 240, no spill
+# and its warp-specialised form (attention_gluon_bwd.BWD_PRODUCER): a producer warp and two consumer warpgroups of 64
+# keys (one exp2 in flight each), 12 warps, setmaxnreg 24 and 240, no spill
 producer = [r for r in rows if "PRODUCER" in r["config"]]
 assert len(producer) == 2 and all(r["exp2_in_flight"] == 2 and r["spill_bytes"] == 0 for r in producer), producer
 assert all({("dec", 24), ("inc", 240)} <= set(r["setmaxnreg"]) and r["warps"] == 12 for r in producer), producer
