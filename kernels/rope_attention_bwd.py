@@ -565,10 +565,11 @@ def _rope_attention_bwd(
         raise ValueError(f"dq_config {dq_config} given, but with DQ_ATOMIC the dk/dv kernel computes dq")
     # the dk/dv kernel in Gluon (GLUON_DKDV, which takes the launches without an explicit config, or the config's key)
     dkdv_config, gluon = _pop_switch(dkdv_config, "GLUON", None)
-    refused = lambda: attention_gluon.refused(q.dtype, d, q.device, q, do, k, v) or _no_tma(dkdv_tma)  # noqa: E731
+    # (why the Gluon kernels cannot run here with their tiles by TMA or not, or None: one refusal for both)
+    refused = lambda tma: attention_gluon.refused(q.dtype, d, q.device, q, do, k, v) or _no_tma(tma)  # noqa: E731
     if gluon is None:
-        gluon = GLUON_DKDV and not dkdv_config and not atomic and refused() is None
-    elif gluon and (why := (atomic and "dq is by atomic adds (DQ_ATOMIC)") or refused()):
+        gluon = GLUON_DKDV and not dkdv_config and not atomic and refused(dkdv_tma) is None
+    elif gluon and (why := (atomic and "dq is by atomic adds (DQ_ATOMIC)") or refused(dkdv_tma)):
         raise ValueError(f"dkdv_config GLUON=True, but {why}")
     gluon_tile = _gluon_dkdv_config(dkdv_config) if gluon else None
     dkdv_config = {} if gluon else dkdv_config
@@ -582,10 +583,9 @@ def _rope_attention_bwd(
     _refuse_bounded(dkdv_config, ws, "dkdv_config")
     # the dq kernel in Gluon (GLUON_DQ, which takes the launches without an explicit config, or dq_config's key)
     dq_config, gluon_dq = _pop_switch(dq_config, "GLUON", None)
-    refused = lambda: attention_gluon.refused(q.dtype, d, q.device, q, do, k, v) or _no_tma(dq_tma)  # noqa: E731
     if gluon_dq is None:
-        gluon_dq = GLUON_DQ and not dq_config and not atomic and refused() is None
-    elif gluon_dq and (why := refused()):
+        gluon_dq = GLUON_DQ and not dq_config and not atomic and refused(dq_tma) is None
+    elif gluon_dq and (why := refused(dq_tma)):
         raise ValueError(f"dq_config GLUON=True, but {why}")
     gluon_dq_tile = _gluon_dq_config(dq_config) if gluon_dq else None
     dq_config = {} if gluon_dq else dq_config
