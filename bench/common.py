@@ -268,6 +268,46 @@ def save_json(path: str | None, rows: list[dict], args, device) -> None:
     write_json(path, {**meta, "rows": rows}, indent=1)
 
 
+class _OfflineUtils:
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132}  # (an H100's)
+
+    def load_binary(self, name, kernel, shared, device):
+        return None, None, 0, 0, 1024
+
+
+class OfflineDriver:
+    """Triton's driver for an sm_<arch> GPU that is not there: Triton's JIT specialises, caches and compiles (the
+    bundled ptxas) as for a real launch, and launches do nothing, as does the tuner's timing (each candidate once,
+    1 ms). What a machine without a GPU can say about compiling: how many kernels, how long, on which threads."""
+
+    utils = _OfflineUtils()
+
+    def __init__(self, arch: int = 90):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def launcher_cls(self, src, metadata):
+        return lambda *args: None
+
+    def get_benchmarker(self):
+        def bench(kernel_call, quantiles=None, **kwargs):
+            kernel_call()  # (the timing loop's launch: a cache hit, or the compile Triton's tuner does itself)
+            return [1.0, 1.0, 1.0] if quantiles else 1.0
+
+        return bench
+
+
 def ptxas_info(
     kernel,
     types: dict,

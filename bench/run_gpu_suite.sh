@@ -6,17 +6,17 @@
 # NAMEs: gpu_tests kernel_tests gluon_tests pingpong_tests (or tests: the four) offload gae logprob rope_attention
 # rope_sweep paged_attention paged_attention_fp8 paged_sweep paged_sweep_fp8 rmsnorm_swiglu sampling rollout_b64
 # rollout_b64_hf_static rollout_b1 rollout_b64_sync rollout_b64_fp8 rollout_ppo_like ppo_step ppo_step_offload
-# ppo_step_resident; the group `first` is what a 15-minute lease can hold (the two issues' headline figures and the
-# kernels' comparisons without their torch.compile rows, then the engine's GPU tests and the kernel tests with the
-# time left). The group `tune` (alone) is the lease after it: the paged decode sweep on the rollout's shapes, the
-# 13B batch-64 rollout again with the sweep's fastest launch for its shape (--decode-config) and a profile of where
-# its step time goes (--profile: the costliest kernels per step), the rope attention
-# sweep, then test_gpu.py and the kernel tests that failed on the first lease. The group `check` (alone; 5 minutes on a
-# fresh machine): the rollouts and the paged decode at the launch decode_config now picks (no override), the
-# offload test that failed, then log-probs, sampling, RMSNorm/SwiGLU. The group `fused` (alone): the paged attention
-# tests and bench with the rope write fused in, the 13B rollouts with it (fuse_rope 1) and without, then log-probs,
-# sampling, RMSNorm/SwiGLU. The group `b1` (alone): the 13B batch-1 rollout profiled, the paged decode sweep at its
-# shape (launch variants and split counts), the rollout with one context split, with and without the fused step.
+# ppo_step_resident compile (a cold start's autotuning, one compile thread against many); the group `first` is what a
+# 15-minute lease can hold (the two issues' headline figures and the kernels' comparisons without their torch.compile
+# rows, then the engine's GPU tests and the kernel tests with the time left). The group `tune` (alone) is the lease
+# after it: the paged decode sweep on the rollout's shapes, the 13B batch-64 rollout again with the sweep's fastest
+# launch for its shape (--decode-config) and a profile of where its step time goes (--profile: the costliest kernels per
+# step), the rope attention sweep, then test_gpu.py and the kernel tests that failed on the first lease. The group
+# `check` (alone; 5 minutes on a fresh machine): the rollouts and the paged decode at the launch decode_config now picks
+# (no override), the offload test that failed, then log-probs, sampling, RMSNorm/SwiGLU. The group `fused` (alone): the
+# paged attention tests and bench with the rope write fused in, the 13B rollouts with it (fuse_rope 1) and without, then
+# log-probs, sampling, RMSNorm/SwiGLU. The group `b1` (alone): the 13B batch-1 rollout profiled, the paged decode sweep
+# at its shape (launch variants and split counts), the rollout with one context split, with and without the fused step.
 # The group `long` (alone, or after `b1` on a warm machine): the 13B batch-32 rollout at 512 + 1024 tokens with and
 # without the fused step (which won at long contexts in the paged bench). The group `linear` (alone): the decode
 # projections' kernel (kernels/decode_linear.py) tested on the GPU with the sampling, paged attention and rotary tests,
@@ -321,6 +321,7 @@ step pingpong_tests 45 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/
   -k "pingpong or producer"
 bench offload 90 "$PY" bench/bench_offload.py   # PCIe rates, a streamed Adam step, the offload settings' cost
 bench gae 40 "$PY" bench/bench_gae.py
+bench compile 150 "$PY" bench/bench_compile.py   # a cold start's autotuning: one compile thread against many
 bench rmsnorm_swiglu 60 "$PY" bench/bench_rmsnorm_swiglu.py
 bench sampling 40 "$PY" bench/bench_sampling.py
 bench rope_sweep 240 "$PY" bench/bench_rope_attention.py --sweep   # every launch variant: which tiles to keep

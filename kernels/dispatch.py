@@ -95,6 +95,73 @@ def fill_sms(tile: int, programs, num_sms: int) -> int:
     return tile
 
 
+def _default_compile_threads() -> int:
+    """The cores this process may use, shared among the ranks torchrun starts on the machine, at most 16."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(16, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+
+
+# Threads that compile an autotuned kernel's candidates at once (autotune below); 0 or 1: one after another, as
+# Triton's own tuner does. TULU_COMPILE_THREADS overrides the default.
+COMPILE_THREADS: int = int(os.environ.get("TULU_COMPILE_THREADS", _default_compile_threads()))
+_compile_pool = None
+
+
+class _ParallelAutotuner(triton.runtime.Autotuner):
+    """triton.autotune's tuner, compiling a new key's candidates all at once before it times them.
+
+    Triton's tuner compiles each candidate when its timing loop first launches it, one after another: 1 to 2 s each
+    for the attention's kernels (sm_90a, ptxas included), against ~0.1 s to time one, so a cold start (a fresh GPU
+    machine, a training run's first step) spends most of its autotuning in the compiler on one core. Here the
+    pruned candidates are specialised one by one (each config's pre_hook first: the attention's sets its tensor
+    descriptors' blocks, which are part of the specialisation) and compiled by COMPILE_THREADS threads (the
+    compiler's passes and ptxas release the GIL) through Triton's AsyncCompileMode; the timing loop then finds each
+    in the JIT's cache. A candidate that fails to compile is left to the timing loop, which handles it as Triton
+    always has. Nothing changes under the interpreter, with one thread, or with results cached on disk."""
+
+    def prune_configs(self, kwargs: dict) -> list:
+        configs = super().prune_configs(kwargs)
+        if COMPILE_THREADS > 1 and len(configs) > 1 and not INTERPRET and not self.cache_results:
+            precompile(self, configs, kwargs)
+        return configs
+
+
+def precompile(tuner, configs: list, kwargs: dict) -> None:
+    """Compile `configs` of an autotuned kernel for the arguments of the launch being tuned (tuner.nargs, the
+    positional ones, and kwargs) in COMPILE_THREADS threads, into the kernel's JIT cache."""
+    global _compile_pool
+    from concurrent.futures import ThreadPoolExecutor
+
+    from triton.runtime._async_compile import AsyncCompileMode, active_mode
+
+    if active_mode.get() is not None:  # (already inside one: its owner collects the compiles)
+        return
+    if _compile_pool is None:
+        _compile_pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="triton-compile")
+    args = tuple(tuner.nargs.values())  # (positional: in the kernel's argument order)
+    launch = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}  # (a launch's: ours are warm-ups)
+    with AsyncCompileMode(_compile_pool, ignore_errors=True):
+        for config in configs:
+            meta = dict(launch, **config.all_kwargs())
+            try:
+                if config.pre_hook:
+                    config.pre_hook({**tuner.nargs, **meta})
+                tuner.fn.run(*args, grid=None, warmup=True, **meta)
+            except Exception:  # (the timing loop meets it again and handles it)
+                continue
+
+
+def autotune(configs: list, key: list, **kwargs):
+    """triton.autotune (the same arguments) with the candidates of each new key compiled in parallel."""
+
+    def decorator(fn):
+        tuner = triton.autotune(configs, key, **kwargs)(fn)
+        tuner.__class__ = _ParallelAutotuner
+        return tuner
+
+    return decorator
+
+
 _INTERP = tl.constexpr(INTERPRET)
 
 

@@ -172,9 +172,11 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 _prune = {"early_config_prune": _prune_configs}
-_fwd_tuned = triton.autotune(_configs(), key=["V", "HAS_ENT", "FINALIZE"], prune_configs_by=_prune)(_logprob_fwd_kernel)
+_fwd_tuned = dispatch.autotune(_configs(), key=["V", "HAS_ENT", "FINALIZE"], prune_configs_by=_prune)(
+    _logprob_fwd_kernel
+)
 # restore_value: the grad may be written in place over the logits, which a re-run would then misread.
-_bwd_tuned = triton.autotune(_configs(), key=["V", "HAS_GENT"], prune_configs_by=_prune, restore_value=["gx_ptr"])(
+_bwd_tuned = dispatch.autotune(_configs(), key=["V", "HAS_GENT"], prune_configs_by=_prune, restore_value=["gx_ptr"])(
     _logprob_bwd_kernel
 )
 

@@ -65,7 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import attention_gluon, reference
+from kernels import attention_gluon, dispatch, reference
 from kernels.attention_tiles import (
     _FWD_SHAPES,
     _KEY,
@@ -292,10 +292,10 @@ def _gluon_config(config: dict | None) -> dict:
 # the autotuned GPU variants (attention_tiles._configs, _FWD_SHAPES); the warp-specialised one at 4 warps a
 # partition (12 in all), with 128-key tiles in 2 stages (224 KiB of shared memory at D = 128) or 64-key in 2 or 3,
 # each also BOUNDED (per-sequence descriptors: 180 KiB at 128-key tiles; 64-key tiles in 4 stages fit then)
-_fwd_tuned = triton.autotune(_configs("BLOCK_N", _FWD_SHAPES), key=_KEY, prune_configs_by=_PRUNE)(_fwd_kernel)
+_fwd_tuned = dispatch.autotune(_configs("BLOCK_N", _FWD_SHAPES), key=_KEY, prune_configs_by=_PRUNE)(_fwd_kernel)
 _FWD_WS_SHAPES = ((128, 4, 2), (64, 4, 2), (64, 4, 3))
 _FWD_WS_SHAPES += tuple((*shape, {"BOUNDED": True}) for shape in _FWD_WS_SHAPES + ((64, 4, 4),))
-_fwd_ws_tuned = triton.autotune(_configs("BLOCK_N", _FWD_WS_SHAPES, ("Q",)), key=_KEY, prune_configs_by=_PRUNE)(
+_fwd_ws_tuned = dispatch.autotune(_configs("BLOCK_N", _FWD_WS_SHAPES, ("Q",)), key=_KEY, prune_configs_by=_PRUNE)(
     _fwd_kernel
 )
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import attention_gluon, attention_gluon_bwd, reference
+from kernels import attention_gluon, attention_gluon_bwd, dispatch, reference
 from kernels.attention_tiles import (
     _BWD_SHAPES,
     _KEY,
@@ -491,22 +491,22 @@ def _zero_dq_sum(nargs: dict, reset_only: bool = False) -> None:
         getattr(dqa, "base", dqa).zero_()
 
 
-_dkdv_tuned = triton.autotune(
+_dkdv_tuned = dispatch.autotune(
     _configs("BLOCK_M", _BWD_SHAPES), key=_KEY, prune_configs_by=_PRUNE, pre_hook=_zero_dq_sum
 )(_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(_configs("BLOCK_N", _BWD_SHAPES), key=_KEY, prune_configs_by=_PRUNE)(_bwd_dq_kernel)
+_dq_tuned = dispatch.autotune(_configs("BLOCK_N", _BWD_SHAPES), key=_KEY, prune_configs_by=_PRUNE)(_bwd_dq_kernel)
 # the warp-specialised dk/dv (WARP_SPEC): 4 warps a partition (12 in all), K and V by bulk copy at the key block;
 # (query tile, warps, stages) that ptxas builds without spills at D = 128 bf16 (64-query tiles spill 420 B)
 _BWD_WS_SHAPES = ((32, 4, 2), (16, 4, 2), (16, 4, 3))
 _BWD_WS_SHAPES += tuple((*shape, {"BOUNDED": True}) for shape in _BWD_WS_SHAPES)  # (q and dO by per-sequence ones)
-_dkdv_ws_tuned = triton.autotune(_configs("BLOCK_M", _BWD_WS_SHAPES, ("K", "V")), key=_KEY, prune_configs_by=_PRUNE)(
+_dkdv_ws_tuned = dispatch.autotune(_configs("BLOCK_M", _BWD_WS_SHAPES, ("K", "V")), key=_KEY, prune_configs_by=_PRUNE)(
     _bwd_dkdv_kernel
 )
 # and the warp-specialised dq (WARP_SPEC): (key tile, warps, stages) that ptxas builds without spills within 227 KiB
 # of shared memory at D = 128 bf16 (64-key tiles in 3 stages take 247 KiB, 128-key ones 329)
 _DQ_WS_SHAPES = ((64, 4, 2), (32, 4, 2), (32, 4, 3))
 _DQ_WS_SHAPES += tuple((*shape, {"BOUNDED": True}) for shape in _DQ_WS_SHAPES)  # (k and v by per-sequence descriptors)
-_dq_ws_tuned = triton.autotune(
+_dq_ws_tuned = dispatch.autotune(
     _configs("BLOCK_N", _DQ_WS_SHAPES, ("Q", "DO", "LSE", "DELTA")), key=_KEY, prune_configs_by=_PRUNE
 )(_bwd_dq_kernel)
 
