@@ -38,6 +38,7 @@ from bench.common import (  # noqa: E402
 )
 from engine.config import ModelConfig  # noqa: E402
 from kernels.decode_linear import RowSquares, decode_linear, qkv_rope_linear  # noqa: E402
+from kernels.dispatch import compile_ahead  # noqa: E402
 from kernels.paged_attention import rope_write_kv  # noqa: E402
 from kernels.rmsnorm import rms_norm  # noqa: E402
 from kernels.swiglu import swiglu  # noqa: E402
@@ -148,6 +149,10 @@ def run(args, device) -> list[dict]:
         for m in args.rows:
             swept = args.sweep and kind != "rope"  # (its column block is a head)
             variants = [None] + ((_SWEEP_TILES + _SWEEP_SPLITS) if swept else [])
+            # (all at once: one after another, a cold sweep was compile-bound; each call's inputs freed after it; the
+            # calls made before the loop goes on)
+            ahead = [lambda c=c: _calls(m, n, k, kind, dtype, device, heads, c)[0]() for c in variants]  # noqa: B023
+            compile_ahead(ahead)
             for config in variants:
                 if time.monotonic() > deadline:
                     print(f"stopped at the --budget-s deadline ({args.budget_s} s): {name} rows {m} {config or ''}")

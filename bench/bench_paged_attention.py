@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import L2_BYTES, check_close, fill_peaks, graph_ms, measure, ptxas_info, write_json  # noqa: E402
 from engine.kv_cache import resolve_cache_dtype  # noqa: E402
 from kernels import reference  # noqa: E402
+from kernels.dispatch import compile_ahead  # noqa: E402
 from kernels.paged_attention import paged_decode_attention, rope_decode_attention, rope_write_kv  # noqa: E402
 
 # name: (batch, context, Hq, Hkv, D, block_size)
@@ -195,11 +196,15 @@ def _sweep(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, cache_dtype=N
     q, kc, vc, bt, cl = _make(batch, ctx, hq, hkv, d, bs, dtype, device, cache_dtype)
     kv_bytes = batch * ctx * hkv * d * 2 * kc.element_size()
     results = []
-    for block_n, warps, stages, dot_min in itertools.product((32, 64, 128), (4, 8), (1, 2, 3), (1, 2)):
-        cfg = {"block_n": block_n, "num_warps": warps, "num_stages": stages, "dot_min_group": dot_min}
+    variants = [
+        {"block_n": block_n, "num_warps": warps, "num_stages": stages, "dot_min_group": dot_min}
+        for block_n, warps, stages, dot_min in itertools.product((32, 64, 128), (4, 8), (1, 2, 3), (1, 2))
+    ]
+    launch = lambda cfg: lambda: paged_decode_attention(q, kc, vc, bt, cl, max_context_len=ctx, config=cfg)  # noqa: E731
+    compile_ahead([launch(cfg) for cfg in variants])  # (all at once: one after another, a cold sweep was compile-bound)
+    for cfg in variants:
         try:
-            fn = lambda: paged_decode_attention(q, kc, vc, bt, cl, max_context_len=ctx, config=cfg)  # noqa: B023
-            ms = _kernel_ms(fn, device)
+            ms = _kernel_ms(launch(cfg), device)
         except Exception as e:  # out of shared memory / registers for this variant
             print(f"{name} {cfg}: failed ({type(e).__name__})")
             continue

@@ -25,6 +25,7 @@ import argparse
 import functools
 import math
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch.nn.functional as F
 
 from bench.common import check_close, exit_if_ours_failed, fill_peaks, measure, ptxas_info, write_json  # noqa: E402
-from kernels import attention_gluon, attention_gluon_bwd, reference  # noqa: E402
+from kernels import attention_gluon, attention_gluon_bwd, dispatch, reference  # noqa: E402
 from kernels.rope_attention import rope_attention  # noqa: E402
 from kernels.rotary import launch_rotary  # noqa: E402
 
@@ -399,7 +400,8 @@ def ptxas_report(
         ("dkdv+dq", ra_bwd._bwd_dkdv_kernel, "BLOCK_M", tiles._BWD_SHAPES, {**dkdv, "DQ_ATOMIC": True},
          ("Q", "DO", "DQA")),
     ]  # fmt: skip
-    rows = []
+    rows, builds = [], []
+    pool = ThreadPoolExecutor(dispatch.COMPILE_THREADS)  # (the builds at once: Triton and ptxas release the GIL)
 
     def report(name, fn, consts, warps, stages, label, descs=(), block=0, maxnreg=None, retype=None):
         arg_types = {a: types.get(a, "fp32" if "scale" in a else "i32") for a in fn.arg_names if a not in consts}
@@ -408,7 +410,10 @@ def ptxas_report(
             a, rows_ = a if isinstance(a, tuple) else (a, block)
             shape = f"{dq['BLOCK_M']}" if rows_ is None else f"{rows_}, {head_dim}"  # (1-D: dq's lse, delta)
             arg_types[a] = f"tensordesc<{types[a].lstrip('*')}[{shape}]>"
-        info = ptxas_info(fn, arg_types, consts, warps, stages, maxnreg=maxnreg)
+        builds.append((name, label, pool.submit(ptxas_info, fn, arg_types, consts, warps, stages, maxnreg=maxnreg)))
+
+    def collect(name, label, build):  # (in the order asked for)
+        info = build.result()
         rows.append({"kernel": name, "config": label, **info})
         loads = " ".join(f"{k}:{v}" for k, v in sorted({**info["loads"], **info["reduces"]}.items()))
         mma = " ".join(f"{k}:{v}" for k, v in sorted(info["mma"].items())) or "no-mma"
@@ -497,6 +502,9 @@ def ptxas_report(
                maxnreg=attention_gluon.PINGPONG_MAXNREG, retype=retype)  # fmt: skip
     fin = dict(HEAD_DIM=head_dim, HALF=base["HALF"], BLOCK_T=32, TAB_ROWS=rotary.TAB_ROWS)  # (DQ_ATOMIC's last pass)
     report("dq_fin", ra_bwd._bwd_dq_finish_kernel, fin, 8, 1, "BLOCK_T=32")
+    with pool:
+        for build in builds:
+            collect(*build)
     return rows
 
 
@@ -566,16 +574,26 @@ def sweep(
     (sequence block, inner tile, warps, stages, TMA); the backward variants time the whole backward with the
     other kernel at a fixed launch; "dkdv+dq" the whole backward with dq by the dk/dv kernel's atomic adds. The
     Gluon kernels' variants (where they run) come last, as "fwd" and "dkdv": a kernel new to the GPU costs no other
-    row."""
+    row. Each group's variants are compiled at once (dispatch.compile_ahead: a cold machine's sweep was
+    compile-bound, one variant after another on one core) before they are timed one by one."""
     from kernels import rope_attention as ra
     from kernels import rope_attention_bwd as ra_bwd
 
     theta, scale = args.rope_theta, 1.0 / math.sqrt(q.shape[-1])
     do = torch.randn_like(q)
     out, lse, q_rot, k_rot = ra._rope_attention_fwd(q, k, v, positions, cu, theta, scale, save_rotated=True)
-    rows = []
+    rows, pending = [], []
 
     def timed(kernel, cfg, fn, kernel_flops):
+        pending.append((kernel, cfg, fn, kernel_flops))
+
+    def flush():  # (a group's variants compiled at once, then timed one by one)
+        dispatch.compile_ahead([fn for _, _, fn, _ in pending])
+        for variant in pending:
+            time_one(*variant)
+        pending.clear()
+
+    def time_one(kernel, cfg, fn, kernel_flops):
         try:
             ms, _ = measure(fn, q.device.type, warmup_ms=args.warmup, rep_ms=args.rep)
             row = {"kernel": kernel, **cfg, "ms": ms, "tflops": kernel_flops / ms / 1e9}
@@ -591,6 +609,7 @@ def sweep(
         cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, TMA=tma, **(more[0] if more else {}))
         fn = lambda cfg=cfg: ra._rope_attention_fwd(q, k, v, positions, cu, theta, scale, config=cfg)
         timed("fwd", cfg, fn, flops)
+    flush()
     bwd_flops = (args.fwd_bwd_factor - 1) * flops
     for bn, bm, w, st, tma in atomic:
         cfg = dict(BLOCK_N=bn, BLOCK_M=bm, num_warps=w, num_stages=st, TMA=tma, DQ_ATOMIC=True)
@@ -598,6 +617,7 @@ def sweep(
             do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dkdv_config=cfg
         )
         timed("dkdv+dq", cfg, fn, bwd_flops)  # the whole backward, no dq kernel (first: the one never timed)
+    flush()
     default_dq = dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
     default_dkdv = dict(BLOCK_N=128, BLOCK_M=32, num_warps=8, num_stages=2)
     for bn, bm, w, st, tma, *more in dkdv:
@@ -606,29 +626,34 @@ def sweep(
             do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dkdv_config=cfg, dq_config=default_dq
         )
         timed("dkdv", cfg, fn, bwd_flops)  # the whole backward, dq fixed
+    flush()
     for bm, bn, w, st, tma, *more in dq:
         cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, TMA=tma, **(more[0] if more else {}))
         fn = lambda cfg=cfg: ra_bwd._rope_attention_bwd(
             do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dkdv_config=default_dkdv, dq_config=cfg
         )
         timed("dq", cfg, fn, bwd_flops)  # the whole backward, dk/dv fixed
+    flush()
     gluon_here = attention_gluon.refused(q.dtype, q.shape[-1], q.device, k, v) is None
     for bm, bn, w, st, tma, *more in gluon if gluon_here else ():
         cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, TMA=tma, **more[0])
         fn = lambda cfg=cfg: ra._rope_attention_fwd(q, k, v, positions, cu, theta, scale, config=cfg)
         timed("fwd", cfg, fn, flops)
+    flush()
     for bn, bm, w, st, tma, *more in gluon_dkdv if gluon_here else ():  # (the Gluon dk/dv: the whole backward)
         cfg = dict(BLOCK_N=bn, BLOCK_M=bm, num_warps=w, num_stages=st, TMA=tma, **more[0])
         fn = lambda cfg=cfg: ra_bwd._rope_attention_bwd(
             do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dkdv_config=cfg, dq_config=default_dq
         )
         timed("dkdv", cfg, fn, bwd_flops)
+    flush()
     for bm, bn, w, st, tma, *more in gluon_dq if gluon_here else ():  # (the Gluon dq: the whole backward)
         cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, TMA=tma, **more[0])
         fn = lambda cfg=cfg: ra_bwd._rope_attention_bwd(
             do, q_rot, k_rot, v, out, lse, positions, cu, theta, scale, dkdv_config=default_dkdv, dq_config=cfg
         )
         timed("dq", cfg, fn, bwd_flops)
+    flush()
     for kernel in ("fwd", "dkdv+dq", "dkdv", "dq"):
         ok = [r for r in rows if r["kernel"] == kernel and "ms" in r]
         if ok:

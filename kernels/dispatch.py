@@ -96,15 +96,32 @@ def fill_sms(tile: int, programs, num_sms: int) -> int:
 
 
 def _default_compile_threads() -> int:
-    """The cores this process may use, shared among the ranks torchrun starts on the machine, at most 16."""
+    """The cores this process may use, shared among the processes started beside it on the machine (torchrun's
+    ranks, pytest-xdist's workers), at most 16."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(16, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+    for beside in ("LOCAL_WORLD_SIZE", "PYTEST_XDIST_WORKER_COUNT"):
+        cores //= max(1, int(os.environ.get(beside, "1")))
+    return max(1, min(16, cores))
 
 
 # Threads that compile an autotuned kernel's candidates at once (autotune below); 0 or 1: one after another, as
 # Triton's own tuner does. TULU_COMPILE_THREADS overrides the default.
 COMPILE_THREADS: int = int(os.environ.get("TULU_COMPILE_THREADS", _default_compile_threads()))
 _compile_pool = None
+_ahead = False  # (inside compile_ahead: launches compile and return)
+
+
+def _async_compile():
+    """Triton's AsyncCompileMode over the module's pool of COMPILE_THREADS threads (compile errors left to the
+    launch that meets them again)."""
+    global _compile_pool
+    from concurrent.futures import ThreadPoolExecutor
+
+    from triton.runtime._async_compile import AsyncCompileMode
+
+    if _compile_pool is None:
+        _compile_pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="triton-compile")
+    return AsyncCompileMode(_compile_pool, ignore_errors=True)
 
 
 class _ParallelAutotuner(triton.runtime.Autotuner):
@@ -117,7 +134,8 @@ class _ParallelAutotuner(triton.runtime.Autotuner):
     descriptors' blocks, which are part of the specialisation) and compiled by COMPILE_THREADS threads (the
     compiler's passes and ptxas release the GIL) through Triton's AsyncCompileMode; the timing loop then finds each
     in the JIT's cache. A candidate that fails to compile is left to the timing loop, which handles it as Triton
-    always has. Nothing changes under the interpreter, with one thread, or with results cached on disk."""
+    always has. Nothing changes under the interpreter, with one thread, or with results cached on disk. Inside
+    compile_ahead a launch compiles every candidate and tunes nothing (its timings would be of no launch)."""
 
     def prune_configs(self, kwargs: dict) -> list:
         configs = super().prune_configs(kwargs)
@@ -125,22 +143,26 @@ class _ParallelAutotuner(triton.runtime.Autotuner):
             precompile(self, configs, kwargs)
         return configs
 
+    def run(self, *args, **kwargs):
+        if not _ahead:
+            return super().run(*args, **kwargs)
+        self.nargs = dict(zip(self.arg_names, args))
+        try:
+            precompile(self, super().prune_configs(kwargs), kwargs)
+        finally:
+            self.nargs = None
+
 
 def precompile(tuner, configs: list, kwargs: dict) -> None:
     """Compile `configs` of an autotuned kernel for the arguments of the launch being tuned (tuner.nargs, the
     positional ones, and kwargs) in COMPILE_THREADS threads, into the kernel's JIT cache."""
-    global _compile_pool
-    from concurrent.futures import ThreadPoolExecutor
+    from triton.runtime._async_compile import active_mode
 
-    from triton.runtime._async_compile import AsyncCompileMode, active_mode
-
-    if active_mode.get() is not None:  # (already inside one: its owner collects the compiles)
+    if active_mode.get() is not None and not _ahead:  # (inside someone else's: its owner collects the compiles)
         return
-    if _compile_pool is None:
-        _compile_pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="triton-compile")
     args = tuple(tuner.nargs.values())  # (positional: in the kernel's argument order)
     launch = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}  # (a launch's: ours are warm-ups)
-    with AsyncCompileMode(_compile_pool, ignore_errors=True):
+    with contextlib.nullcontext() if _ahead else _async_compile():  # (compile_ahead's own collects them)
         for config in configs:
             meta = dict(launch, **config.all_kwargs())
             try:
@@ -149,6 +171,35 @@ def precompile(tuner, configs: list, kwargs: dict) -> None:
                 tuner.fn.run(*args, grid=None, warmup=True, **meta)
             except Exception:  # (the timing loop meets it again and handles it)
                 continue
+
+
+def compile_ahead(fns) -> None:
+    """Call each of `fns` (a benchmark sweep's variants, say) with every Triton launch in them turned into a compile
+    in COMPILE_THREADS threads (an autotuned launch: all its candidates), and return once all have compiled: each
+    fn's real calls afterwards find their kernels in the JIT's cache. What the fns compute meanwhile is garbage (no
+    kernel runs) and their errors are dropped (a real call meets them). Nothing under the interpreter or with one
+    thread (each launch compiles when it comes, as before)."""
+    global _ahead
+    from triton.runtime._async_compile import active_mode
+    from triton.runtime.jit import JITFunction
+
+    if INTERPRET or COMPILE_THREADS <= 1 or _ahead or active_mode.get() is not None:
+        return
+    launch = JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        return launch(self, *args, grid=grid, warmup=True, **kwargs)
+
+    JITFunction.run, _ahead = compile_only, True
+    try:
+        with _async_compile():
+            for fn in fns:
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - (the real call meets it again)
+                    continue
+    finally:
+        JITFunction.run, _ahead = launch, False
 
 
 def autotune(configs: list, key: list, **kwargs):

@@ -30,9 +30,9 @@ SCRIPT = textwrap.dedent(
     triton.runtime.driver.set_active(OfflineDriver())  # (an sm_90 GPU stood in for)
 
 
-    def record(tuner):
-        """Each compile of the tuner's kernel: the thread it ran on."""
-        fn = tuner.fn
+    def record(kernel):
+        """Each compile of a kernel (or an autotuned kernel's): the thread it ran on."""
+        fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
         fn.device_caches[0]  # (the binder, with the compile function it calls)
         inner, seen = fn.compile, []
 
@@ -79,6 +79,29 @@ SCRIPT = textwrap.dedent(
     seen = record(tuner)
     tuner[(rows,)](logits, 0, V, 1, tgt, norm, logp, ent, norm, V, 0, 1.0, HAS_ENT=True, FINALIZE=True)
     report("logprob", seen, len(logprob._prune_configs(tuner.configs, {"V": V})))
+
+    # compile_ahead: a sweep's variants (plain launches at three tiles, and an autotuned launch) compiled at once
+    @triton.jit
+    def fill(out_ptr, BLOCK: tl.constexpr):
+        tl.store(out_ptr + tl.arange(0, BLOCK), tl.full([BLOCK], 1.0, tl.float32))
+
+
+    out = torch.zeros(64)
+    tuner = logprob._bwd_tuned
+    seen, seen_bwd = record(fill), record(tuner)
+    grad = torch.empty(rows, V, dtype=torch.bfloat16)
+    fns = [lambda b=b: fill[(1,)](out, BLOCK=b) for b in (16, 32, 64)]
+    fns.append(lambda: logprob.logprob_backward(logits, tgt, norm, ent, logp, logp, 1.0, out=grad))
+    dispatch.compile_ahead(fns)
+    n_bwd = len(logprob._prune_configs(tuner.configs, {"V": V}))
+    ahead = THREADS > 1
+    report("ahead fill", seen, 3 if ahead else 0)
+    report("ahead bwd", seen_bwd, n_bwd if ahead else 0)
+    print(f"ahead tuned={len(tuner.cache)}")  # (nothing tuned: its timings would be of no launch)
+    for fn in fns:
+        fn()
+    report("fill", seen, 3)
+    report("bwd", seen_bwd, n_bwd)
     '''
 )
 
@@ -99,12 +122,14 @@ def test_autotune_compiles_the_candidates_in_parallel_before_timing_them(tmp_pat
         pytest.skip("Triton's bundled ptxas is missing")
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = dict(line.split(" compiles=") for line in proc.stdout.splitlines() if " compiles=" in line)
-    assert set(lines) == {"tiles", "tiles again", "logprob"}, proc.stdout
+    names = {"tiles", "tiles again", "logprob", "ahead fill", "ahead bwd", "fill", "bwd"}
+    assert set(lines) == names and "ahead tuned=0" in proc.stdout, proc.stdout
     for name, fields in lines.items():
         compiles, pool, expect = (int(f.split("=")[1]) if "=" in f else int(f) for f in fields.split())
         # each candidate compiled once (a second compile: the timing loop's specialisation differed from the warm-up's,
-        # e.g. a config's descriptor block not applied first), all by the pool with threads, none by it without
-        assert compiles == expect > 1, (name, fields)
+        # e.g. a config's descriptor block not applied first), all by the pool with threads, none by it without;
+        # compile_ahead's variants compiled by the pool, none again by their real calls
+        assert compiles == expect and (expect > 1 or name.startswith("ahead")), (name, fields)
         assert pool == (compiles if threads > 1 else 0), (name, fields)
 
 
@@ -120,11 +145,15 @@ def test_compile_bench_runs_each_case_cold_in_a_subprocess(tmp_path):
     assert [(r["threads"], r["compiles"], r["gpu"]) for r in rows] == [(1, 14, False), (2, 14, False)], rows
 
 
-def test_compile_threads_share_the_cores_among_a_machines_ranks(monkeypatch):
+def test_compile_threads_share_the_cores_with_the_processes_beside(monkeypatch):
     from kernels import dispatch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
     assert dispatch._default_compile_threads() == max(1, min(16, cores))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))  # (more ranks than cores: one thread each)
+    assert dispatch._default_compile_threads() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", str(cores))  # (as many test workers as cores)
     assert dispatch._default_compile_threads() == 1
