@@ -8,12 +8,14 @@ updated in place, and captures anew otherwise.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 
 from engine.model import AttentionContext, Transformer, attention_context
 from engine.parallel import agree
+from kernels.dispatch import compile_ahead
 
 
 def graph_key(model: Transformer, kv_pool: torch.Tensor) -> tuple:
@@ -52,12 +54,15 @@ class DecodeGraphs:
         self.tables = torch.zeros(max_b, table_width, dtype=torch.int32, device=dev)
         self.replays, self.logits = {}, {}
         mempool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
+        if group is None:  # every bucket's kernels compiled at once (a cold start's minutes); not under TP: its
+            # forwards run collectives, which an error compile_ahead drops could leave unmatched
+            compile_ahead([functools.partial(self._warm_up, b) for b in self.buckets])
         for b in reversed(self.buckets):  # largest first so smaller graphs reuse its memory
             error = None
             try:
+                self._warm_up(b)  # (autotuning, allocations) outside the capture
+                self._sync()
                 with attention_context(self.context(b)):
-                    self._forward(b)  # warm up (autotuning, allocations) outside the capture
-                    self._sync()
                     self.replays[b], self.logits[b] = self._capture_one(b, mempool)
             except Exception as e:
                 error = e
@@ -70,6 +75,10 @@ class DecodeGraphs:
     def context(self, b: int) -> AttentionContext:
         """The attention context of bucket b: the static inputs' first b rows over the current cache views."""
         return AttentionContext(self.caches(), self.slots[:b], True, self.tables[:b], self.context_lens[:b])
+
+    def _warm_up(self, b: int) -> None:
+        with attention_context(self.context(b)):
+            self._forward(b)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

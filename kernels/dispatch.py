@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -108,7 +109,7 @@ def _default_compile_threads() -> int:
 # Triton's own tuner does. TULU_COMPILE_THREADS overrides the default.
 COMPILE_THREADS: int = int(os.environ.get("TULU_COMPILE_THREADS", _default_compile_threads()))
 _compile_pool = None
-_ahead = False  # (inside compile_ahead: launches compile and return)
+_ahead: int | None = None  # (the thread inside compile_ahead, whose launches compile and return)
 
 
 def _async_compile():
@@ -144,7 +145,7 @@ class _ParallelAutotuner(triton.runtime.Autotuner):
         return configs
 
     def run(self, *args, **kwargs):
-        if not _ahead:
+        if _ahead != threading.get_ident():
             return super().run(*args, **kwargs)
         self.nargs = dict(zip(self.arg_names, args))
         try:
@@ -158,11 +159,12 @@ def precompile(tuner, configs: list, kwargs: dict) -> None:
     positional ones, and kwargs) in COMPILE_THREADS threads, into the kernel's JIT cache."""
     from triton.runtime._async_compile import active_mode
 
-    if active_mode.get() is not None and not _ahead:  # (inside someone else's: its owner collects the compiles)
+    ahead = _ahead == threading.get_ident()  # (compile_ahead's own mode collects the compiles)
+    if active_mode.get() is not None and not ahead:  # (inside someone else's: its owner collects them)
         return
     args = tuple(tuner.nargs.values())  # (positional: in the kernel's argument order)
     launch = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}  # (a launch's: ours are warm-ups)
-    with contextlib.nullcontext() if _ahead else _async_compile():  # (compile_ahead's own collects them)
+    with contextlib.nullcontext() if ahead else _async_compile():
         for config in configs:
             meta = dict(launch, **config.all_kwargs())
             try:
@@ -177,20 +179,21 @@ def compile_ahead(fns) -> None:
     """Call each of `fns` (a benchmark sweep's variants, say) with every Triton launch in them turned into a compile
     in COMPILE_THREADS threads (an autotuned launch: all its candidates), and return once all have compiled: each
     fn's real calls afterwards find their kernels in the JIT's cache. What the fns compute meanwhile is garbage (no
-    kernel runs) and their errors are dropped (a real call meets them). Nothing under the interpreter or with one
-    thread (each launch compiles when it comes, as before)."""
+    kernel runs) and their errors are dropped (a real call meets them). Only this thread's launches: another's (an
+    autograd worker, say) run as always. Nothing under the interpreter or with one thread (each launch compiles when
+    it comes, as before)."""
     global _ahead
     from triton.runtime._async_compile import active_mode
     from triton.runtime.jit import JITFunction
 
-    if INTERPRET or COMPILE_THREADS <= 1 or _ahead or active_mode.get() is not None:
+    if INTERPRET or COMPILE_THREADS <= 1 or _ahead is not None or active_mode.get() is not None:
         return
-    launch = JITFunction.run
+    launch, me = JITFunction.run, threading.get_ident()
 
     def compile_only(self, *args, grid, warmup, **kwargs):
-        return launch(self, *args, grid=grid, warmup=True, **kwargs)
+        return launch(self, *args, grid=grid, warmup=warmup or threading.get_ident() == me, **kwargs)
 
-    JITFunction.run, _ahead = compile_only, True
+    JITFunction.run, _ahead = compile_only, me
     try:
         with _async_compile():
             for fn in fns:
@@ -199,7 +202,7 @@ def compile_ahead(fns) -> None:
                 except Exception:  # noqa: BLE001 - (the real call meets it again)
                     continue
     finally:
-        JITFunction.run, _ahead = launch, False
+        JITFunction.run, _ahead = launch, None
 
 
 def autotune(configs: list, key: list, **kwargs):

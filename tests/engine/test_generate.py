@@ -651,6 +651,31 @@ def test_graph_decode_path_matches_eager(monkeypatch):
     )
 
 
+def test_graph_capture_compiles_every_buckets_kernels_ahead(monkeypatch):
+    """Before the captures, each bucket's warm-up forward goes to dispatch.compile_ahead (on a GPU: its kernels
+    compiled at once); run here as they are (the reference ops), they leave the graphs' tokens as eager decoding's."""
+    import engine.decode_graphs as decode_graphs
+
+    _eager_graphs(monkeypatch)
+    calls = []
+
+    def record(fns):
+        calls.append(len(fns))
+        for fn in fns:
+            fn()
+
+    monkeypatch.setattr(decode_graphs, "compile_ahead", record)
+    model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.05, seed=2)
+    prompts = _prompts(512, [3, 7, 1, 12, 5], seed=4)
+    kw = dict(block_size=4, num_blocks=64, max_num_seqs=12, max_model_len=32)
+    params = GenerateConfig(temperature=0.8, max_new_tokens=6, seed=5)
+    with reference_ops():
+        eager = Generator(model, **kw).generate(prompts, params)
+        gen = Generator(model, use_cuda_graphs=True, **kw)
+        assert gen.generate(prompts, params) == eager
+    assert calls == [len(gen._graphs.buckets)] == [5]
+
+
 def test_graph_buckets_of_a_large_batch_and_a_full_one(monkeypatch):
     """Buckets 1, 2, 4, 8, then every 16 up to max_num_seqs (itself the last), in order; a batch of exactly
     max_num_seqs replays the largest."""

@@ -27,7 +27,9 @@ SCRIPT = textwrap.dedent(
 
     THREADS = int(sys.argv[1])
     dispatch.COMPILE_THREADS = THREADS
-    triton.runtime.driver.set_active(OfflineDriver())  # (an sm_90 GPU stood in for)
+    driver, launches = OfflineDriver(), []  # (an sm_90 GPU stood in for, its launches counted)
+    driver.launcher_cls = lambda src, metadata: lambda *args: launches.append(1)
+    triton.runtime.driver.set_active(driver)
 
 
     def record(kernel):
@@ -86,18 +88,32 @@ SCRIPT = textwrap.dedent(
         tl.store(out_ptr + tl.arange(0, BLOCK), tl.full([BLOCK], 1.0, tl.float32))
 
 
+    @triton.jit
+    def fill_other(out_ptr, BLOCK: tl.constexpr):
+        tl.store(out_ptr + tl.arange(0, BLOCK), tl.full([BLOCK], 2.0, tl.float32))
+
+
+    def another_thread():  # (its launch runs as always: compile_ahead holds back its own thread's alone)
+        t = threading.Thread(target=lambda: fill_other[(1,)](out, BLOCK=64))
+        t.start()
+        t.join()
+
+
     out = torch.zeros(64)
     tuner = logprob._bwd_tuned
     seen, seen_bwd = record(fill), record(tuner)
     grad = torch.empty(rows, V, dtype=torch.bfloat16)
     fns = [lambda b=b: fill[(1,)](out, BLOCK=b) for b in (16, 32, 64)]
     fns.append(lambda: logprob.logprob_backward(logits, tgt, norm, ent, logp, logp, 1.0, out=grad))
+    fns.append(another_thread)
+    launches.clear()
     dispatch.compile_ahead(fns)
     n_bwd = len(logprob._prune_configs(tuner.configs, {"V": V}))
     ahead = THREADS > 1
     report("ahead fill", seen, 3 if ahead else 0)
     report("ahead bwd", seen_bwd, n_bwd if ahead else 0)
-    print(f"ahead tuned={len(tuner.cache)}")  # (nothing tuned: its timings would be of no launch)
+    # (nothing tuned: its timings would be of no launch; nothing launched but the other thread's kernel, with threads)
+    print(f"ahead tuned={len(tuner.cache)} launched={len(launches)}")
     for fn in fns:
         fn()
     report("fill", seen, 3)
@@ -123,7 +139,7 @@ def test_autotune_compiles_the_candidates_in_parallel_before_timing_them(tmp_pat
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = dict(line.split(" compiles=") for line in proc.stdout.splitlines() if " compiles=" in line)
     names = {"tiles", "tiles again", "logprob", "ahead fill", "ahead bwd", "fill", "bwd"}
-    assert set(lines) == names and "ahead tuned=0" in proc.stdout, proc.stdout
+    assert set(lines) == names and f"ahead tuned=0 launched={int(threads > 1)}" in proc.stdout, proc.stdout
     for name, fields in lines.items():
         compiles, pool, expect = (int(f.split("=")[1]) if "=" in f else int(f) for f in fields.split())
         # each candidate compiled once (a second compile: the timing loop's specialisation differed from the warm-up's,
