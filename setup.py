@@ -33,7 +33,9 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff", "tensorboard>=2.14", "wandb>=0.16"],  # (the real writer's and W&B's tests)
+        # (pytest-xdist: the README's test command spreads the tests over two workers; tensorboard and wandb: the real
+        # writer's and W&B's tests)
+        "test": ["pytest>=8", "pytest-xdist>=3", "ruff", "tensorboard>=2.14", "wandb>=0.16"],
         "flash": ["flash-attn>=2.6"],
         "wandb": ["wandb>=0.16"],
         "tensorboard": ["tensorboard>=2.14"],
