@@ -54,8 +54,8 @@ class DecodeGraphs:
         self.tables = torch.zeros(max_b, table_width, dtype=torch.int32, device=dev)
         self.replays, self.logits = {}, {}
         mempool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
-        if group is None:  # every bucket's kernels compiled at once (a cold start's minutes); not under TP: its
-            # forwards run collectives, which an error compile_ahead drops could leave unmatched
+        if group is None:  # every bucket's kernels compiled at once, not one bucket's after another's; not under
+            # TP: its forwards run collectives, which an error compile_ahead drops could leave unmatched
             compile_ahead([functools.partial(self._warm_up, b) for b in self.buckets])
         for b in reversed(self.buckets):  # largest first so smaller graphs reuse its memory
             error = None
