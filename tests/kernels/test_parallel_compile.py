@@ -1,8 +1,10 @@
 """kernels.dispatch.autotune compiles a new key's candidates in parallel before the timing loop, which then finds each
-in the JIT's cache. Checked without a GPU: a subprocess without TRITON_INTERPRET stands a driver in for the device
+in the JIT's cache; kernels.dispatch.compile_ahead compiles whatever a list of calls would launch, in parallel, before
+they run. Checked without a GPU: a subprocess without TRITON_INTERPRET stands a driver in for the device
 (bench.common.OfflineDriver: an sm_90 target, launches that do nothing), so the real JIT specialises, caches and
 compiles with the bundled ptxas, and the tuner's timing loop launches through the same cache lookups as on a GPU."""
 
+import json
 import os
 import subprocess
 import sys
@@ -156,7 +158,7 @@ def test_compile_bench_runs_each_case_cold_in_a_subprocess(tmp_path):
     from bench.bench_compile import main
 
     main(["--cases", "logprob", "--threads", "1", "2", "--json", str(tmp_path / "c.json")])
-    rows = __import__("json").loads((tmp_path / "c.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
     # the forward with entropy and the backward, every candidate of each (Triton's tuner prunes to 7 at 32000 logits)
     assert [(r["threads"], r["compiles"], r["gpu"]) for r in rows] == [(1, 14, False), (2, 14, False)], rows
 
