@@ -149,10 +149,10 @@ def run(args, device) -> list[dict]:
         for m in args.rows:
             swept = args.sweep and kind != "rope"  # (its column block is a head)
             variants = [None] + ((_SWEEP_TILES + _SWEEP_SPLITS) if swept else [])
-            # (all at once: one after another, a cold sweep was compile-bound; each call's inputs freed after it; the
-            # calls made before the loop goes on)
-            ahead = [lambda c=c: _calls(m, n, k, kind, dtype, device, heads, c)[0]() for c in variants]  # noqa: B023
-            compile_ahead(ahead)
+            if swept:  # (all at once: one after another, a cold sweep was compile-bound; each call's inputs freed
+                # after it; the calls made before the loop goes on)
+                ahead = [lambda c=c: _calls(m, n, k, kind, dtype, device, heads, c)[0]() for c in variants]  # noqa: B023
+                compile_ahead(ahead)
             for config in variants:
                 if time.monotonic() > deadline:
                     print(f"stopped at the --budget-s deadline ({args.budget_s} s): {name} rows {m} {config or ''}")

@@ -145,7 +145,7 @@ class _ParallelAutotuner(triton.runtime.Autotuner):
         return configs
 
     def run(self, *args, **kwargs):
-        if _ahead != threading.get_ident():
+        if _ahead is None or _ahead != threading.get_ident():  # (every tuned launch: None, the usual case, first)
             return super().run(*args, **kwargs)
         self.nargs = dict(zip(self.arg_names, args))
         try:

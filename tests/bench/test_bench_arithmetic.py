@@ -428,8 +428,11 @@ def test_paged_table_and_sweep_figures(monkeypatch, capsys):
     line = capsys.readouterr().out.splitlines()[1].split()
     assert line[:6] == ["s", "2.0", "1.0000", "0.5000", "1500.0", "50.0%"]  # 1500 GB/s of 3 TB/s
     monkeypatch.setattr(B, "measure", lambda fn, device, **kw: (2.0, float("nan")))
+    ahead = []  # (the 36 launch variants handed to dispatch.compile_ahead before any is timed; a no-op here)
+    monkeypatch.setattr(B, "compile_ahead", lambda fns: ahead.append(len(fns)))
     rows = B._sweep("s", *PAGED_TINY, dtype=torch.float32, device=torch.device("cpu"), bw=2e12)
     assert rows and all(r["tbs"] == approx(4 * 100 * 2 * 64 * 2 * 4 / 2e-3 / 1e12) for r in rows)
+    assert ahead == [36]
 
 
 def test_paged_peers_are_checked_against_the_reference_relative_to_its_largest_value(monkeypatch):

@@ -5,8 +5,12 @@ from types import SimpleNamespace
 import torch
 
 
-def test_rope_sweep_smoke(capsys):
+def test_rope_sweep_smoke(capsys, monkeypatch):
     from bench.bench_rope_attention import as_default, causal_flops, sweep
+    from kernels import dispatch
+
+    ahead = []  # (each group's variants handed to dispatch.compile_ahead before any is timed; a no-op here)
+    monkeypatch.setattr(dispatch, "compile_ahead", lambda fns: ahead.append(len(fns)))
 
     b, t, h, d = 2, 40, 2, 32
     q, k, v = (torch.randn(b * t, h, d) for _ in range(3))
@@ -21,6 +25,7 @@ def test_rope_sweep_smoke(capsys):
         dq=[(32, 16, 4, 2, False)], atomic=[(32, 16, 4, 2, True)],
     )  # fmt: skip
     assert [r["kernel"] for r in rows] == ["fwd", "fwd", "fwd", "fwd", "dkdv+dq", "dkdv", "dkdv", "dkdv", "dq"]
+    assert ahead == [4, 1, 3, 1, 0, 0, 0]  # (fwd, dkdv+dq, dkdv, dq, then the Gluon groups: none in the interpreter)
     assert all(r["ms"] > 0 for i, r in enumerate(rows) if i != 1)  # (tiles by tensor descriptor and by pointers)
     assert "must divide" in rows[1]["error"]  # an impossible variant is reported, not fatal
     assert rows[4]["DQ_ATOMIC"] is True and rows[2]["maxnreg"] == 168  # (a register cap: a launch option)

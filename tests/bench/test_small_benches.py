@@ -376,11 +376,15 @@ def test_paged_sweep_times_variants_as_graph_replays_on_a_gpu(monkeypatch):
     assert bp._kernel_ms(lambda: None, torch.device("cpu")) == 3.0
 
 
-def test_decode_linear_bench_smoke(tmp_path):
+def test_decode_linear_bench_smoke(tmp_path, monkeypatch):
     """bench_decode_linear on CPU (the kernel in the interpreter): every projection checked against cuBLAS's stand-in
     and timed, the sweep's variants too; the shards it times under --tp are the engine's."""
+    import bench.bench_decode_linear as B
     from bench.bench_decode_linear import _SWEEP_SPLITS, _SWEEP_TILES, main, projections
     from engine.config import ModelConfig
+
+    ahead = []  # (a sweep's variants handed to dispatch.compile_ahead before any is timed; a no-op here; none unswept)
+    monkeypatch.setattr(B, "compile_ahead", lambda fns: ahead.append(len(fns)))
 
     rows = main(["--bandwidth", "2", "--json", str(tmp_path / "l.json")])
     assert {r["proj"] for r in rows} == {"qkv", "qkv+rope", "o", "gate_up+swiglu", "gate_up+norm", "down", "lm_head"}
@@ -389,6 +393,7 @@ def test_decode_linear_bench_smoke(tmp_path):
     assert down["floor_ms"] == pytest.approx((64 * 176 + 4 * 176 + 4 * 64) * 4 / 2e9)  # tiny: hidden 64, MLP 176
     swept = main(["--bandwidth", "2", "--proj", "o", "--sweep"])  # (rows 1 and 4 on CPU)
     assert len(swept) == 2 * (1 + len(_SWEEP_TILES) + len(_SWEEP_SPLITS)) and all("ours_ms" in r for r in swept)
+    assert ahead == [1 + len(_SWEEP_TILES) + len(_SWEEP_SPLITS)] * 2  # (rows 1 and 4: the default and each variant)
     shards = projections(ModelConfig.named("llama2-13b"), 2)
     assert shards == {"qkv": (7680, 5120, "plain"), "qkv+rope": (7680, 5120, "rope"), "o": (5120, 2560, "plain"),
                       "gate_up+swiglu": (13824, 5120, "swiglu"), "gate_up+norm": (13824, 5120, "norm_swiglu"),
