@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import check_close, exit_if_ours_failed, fill_peaks, measure, write_json  # noqa: E402
 from kernels import reference  # noqa: E402
+from kernels.dispatch import fp32_out_gemm  # noqa: E402
 from kernels.logprob import hidden_logprobs, token_logprobs  # noqa: E402
 from kernels.ppo_loss import ppo_token_loss  # noqa: E402
 
@@ -58,6 +59,27 @@ def check_fwd_bwd(what: str, ours, ref, leaves: list[torch.Tensor], dtype: torch
     errs = [((a - b).abs().max() / b.abs().max().clamp_min(f)).item() for a, b, f in zip(*found, floors)]
     shown = " ".join(f"{e:.1e}" for e in errs)
     print(f"{what}: ours vs fp32 reference, max error relative to the largest value, outputs then gradients: {shown}")
+    check_close(what, max(errs), dtype)
+
+
+def check_into_sum(what: str, loss_fn, hidden: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype,
+                   scale: float) -> None:  # fmt: skip
+    """Before timing the LM head's grad made straight into an fp32 sum (weight_grad_into): the loss (times a random
+    loss_scale), the grad of hidden and the sum against the fp32 reference's loss and grads, as check_fwd_bwd."""
+    s = float(torch.rand(()) + 0.5)
+    acc = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    hh = hidden.detach().requires_grad_()
+    loss = loss_fn(hh, weight, dict(loss_scale=s, weight_grad_into=acc))
+    loss.backward()
+    hr, wr = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    r_loss = s * loss_fn(hr, wr, None)
+    r_loss.backward()
+    errs = [
+        ((a.float() - b).abs().max() / b.abs().max().clamp_min(f)).item()
+        for a, b, f in ((loss, r_loss.detach(), s * scale), (hh.grad, hr.grad, 1e-30), (acc, wr.grad, 1e-30))
+    ]
+    print(f"{what}: ours vs fp32 reference, max error relative to the largest value, loss, grad of hidden, the sum: "
+          + " ".join(f"{e:.1e}" for e in errs))  # fmt: skip
     check_close(what, max(errs), dtype)
 
 
@@ -166,6 +188,18 @@ def bench_hidden(args, device, dtype, rows):
                   lambda hh, ww: ppo_token_loss(None, t_m, near, adv, keep, hidden=hh, weight=ww)[0],
                   lambda hh, ww: reference.ppo_token_loss(None, t_m, near, adv, keep, hidden=hh, weight=ww)[0],
                   [hidden[:m], weight], dtype, scale=adv.abs().mean().item())  # fmt: skip
+    # the LM head's grad straight into an fp32 sum (the trainer's: its optimizer's sum over micro-batches, allocated
+    # before the call as the trainer's is), one GEMM a chunk into it where the device's torch has it (fp32_out_gemm)
+    check_into_sum(f"ppo_token_loss(hidden, weight_grad_into) {m}x{h}x{v}",
+                   lambda hh, ww, kw: (ppo_token_loss(None, t_m, near, adv, keep, hidden=hh, weight=ww, **kw)
+                                       if kw else reference.ppo_token_loss(None, t_m, near, adv, keep, hidden=hh,
+                                                                           weight=ww))[0],
+                   hidden[:m], weight, dtype, adv.abs().mean().item())  # fmt: skip
+    into = torch.zeros(v, h, dtype=torch.float32, device=device)
+    into_row = (f"ours ppo_token_loss(hidden), LM head grad into an fp32 sum (3 GEMMs; fp32-out GEMM: "
+                f"{'yes' if fp32_out_gemm(torch.device(device)) else 'no'})")  # fmt: skip
+    ppo[into_row] = lambda: ppo_token_loss(None, targets, old, ones, ones, hidden=hidden, weight=weight,
+                                           weight_grad_into=into)[0]  # fmt: skip
     if device == "cuda" and not args.skip_compile:
         compiled = torch.compile(reference.hidden_logprobs, dynamic=False)
         cands["torch.compile"] = lambda: compiled(hidden, weight, targets, return_entropy=True)
@@ -175,7 +209,8 @@ def bench_hidden(args, device, dtype, rows):
         )
     for name, f in {**cands, **ppo}.items():
         try:
-            ms, extra = measure(fwd_bwd(f, [hidden, weight]), device, warmup_ms=args.warmup, rep_ms=args.rep)
+            leaves = [hidden] if f is ppo.get(into_row) else [hidden, weight]  # (the sum is the weight's grad)
+            ms, extra = measure(fwd_bwd(f, leaves), device, warmup_ms=args.warmup, rep_ms=args.rep)
             gib = extra / 2**30
         except Exception as e:  # noqa: BLE001
             print(f"  {name}: failed: {_error(e)}")

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import check_fits, run_main, write_json  # noqa: E402
+from engine import grad_sums  # noqa: E402
 from engine.config import MODEL_SHAPES, ModelConfig, PPOConfig  # noqa: E402
 from engine.errors import InvalidInput  # noqa: E402
 from engine.model import Transformer  # noqa: E402
@@ -33,6 +34,7 @@ from engine.parallel import backend_for, init_process_grid, print0  # noqa: E402
 from engine.preflight import check_generator_slots, resolve_device, resolve_dtype  # noqa: E402
 from engine.state import RunConfig, make_state  # noqa: E402
 from engine.trainer import ppo_iteration  # noqa: E402
+from kernels.dispatch import fp32_out_gemm  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,6 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--activation-checkpointing", default="auto", help="auto, on, off or a number of layers")
     p.add_argument("--offload-optimizer", default="auto", help="auto, off, rollouts or always (RunConfig's)")
     p.add_argument("--offload-idle-models", default="auto", help="auto, off or rollouts (RunConfig's)")
+    p.add_argument(
+        "--grad-sums", action=argparse.BooleanOptionalAction, default=True,
+        help="weight grads straight into their fp32 sums (engine/grad_sums.py); --no-grad-sums: the A/B",
+    )  # fmt: skip
     p.add_argument("--json", default=None, help="write the figures to this file")
     a = p.parse_args(argv)
     sizes = ("rollout_batch_size", "train_batch_size", "prompt_len", "max_new_tokens")
@@ -76,6 +82,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
+    before, grad_sums.ENABLED = grad_sums.ENABLED, a.grad_sums
+    try:
+        return _run(a)
+    finally:
+        grad_sums.ENABLED = before
+
+
+def _run(a: argparse.Namespace) -> dict:
     grid = init_process_grid(a.tp, backend_for(a.device))
     device = resolve_device(a.device, grid)
     dtype = resolve_dtype(a.dtype, device)
@@ -144,12 +158,15 @@ def main(argv=None) -> dict:
         f"(dp {grid.dp} x tp {grid.tp}): {rollout} prompts x {prompt_len} tokens, {best['response_len']:.0f} new "
         f"tokens each, train batch {train_bs}; layers recomputed in the backward: {best['recompute_layers']}; "
         f"optimizer state: {where}; idle models' weights: "
-        f"{'in host memory during rollouts' if state.offload_models else 'on the device'}"
-    )
+        f"{'in host memory during rollouts' if state.offload_models else 'on the device'}; weight grads: "
+        + (f"into their fp32 sums (fp32-out GEMM: {'yes' if fp32_out_gemm(device) else 'no'})" if a.grad_sums
+           else "through the optimizer's hook (--no-grad-sums)")
+    )  # fmt: skip
     print0(f"{'phase':<36}{'seconds':>10}{'tokens':>10}{'tok/s':>12}{'TFLOP/s per GPU':>16}")
     out = {"model": a.model, "num_layers": mc.num_layers, "device": str(device), "dtype": str(dtype), "phases": {}}
     out.update(world_size=grid.world_size, tp=grid.tp, sequence_parallel=a.sequence_parallel, optimizer_state=where,
-               idle_models_offloaded=state.offload_models)  # fmt: skip
+               idle_models_offloaded=state.offload_models, grad_sums=a.grad_sums,
+               fp32_out_gemm=fp32_out_gemm(device))  # fmt: skip
     for name, sec, tok, tflops in phases:
         tf = f"{tflops:16.2f}" if tflops is not None else f"{'':>16}"
         print0(f"{name:<36}{sec:>10.3f}{tok:>10.0f}{tok / sec:>12.0f}{tf}")

@@ -4,38 +4,39 @@
 #   SUITE_BUDGET_S=540 bash bench/run_gpu_suite.sh "$OUT" first     # a first lease: the headline checks
 #   bash bench/run_gpu_suite.sh --tree   # the fingerprint of this checkout's sources, as summary.txt's `tree` line
 # NAMEs: gpu_tests kernel_tests gluon_tests pingpong_tests (or tests: the four) offload gae logprob rope_attention
-# rope_sweep paged_attention paged_attention_fp8 paged_sweep paged_sweep_fp8 rmsnorm_swiglu sampling rollout_b64
-# rollout_b64_hf_static rollout_b1 rollout_b64_sync rollout_b64_fp8 rollout_ppo_like ppo_step ppo_step_offload
-# ppo_step_resident compile (a cold start's autotuning, one compile thread against many); the group `first` is what a
-# 15-minute lease can hold (the two issues' headline figures and the kernels' comparisons without their torch.compile
-# rows, then the engine's GPU tests and the kernel tests with the time left). The group `tune` (alone) is the lease
-# after it: the paged decode sweep on the rollout's shapes, the 13B batch-64 rollout again with the sweep's fastest
-# launch for its shape (--decode-config) and a profile of where its step time goes (--profile: the costliest kernels per
-# step), the rope attention sweep, then test_gpu.py and the kernel tests that failed on the first lease. The group
-# `check` (alone; 5 minutes on a fresh machine): the rollouts and the paged decode at the launch decode_config now picks
-# (no override), the offload test that failed, then log-probs, sampling, RMSNorm/SwiGLU. The group `fused` (alone): the
-# paged attention tests and bench with the rope write fused in, the 13B rollouts with it (fuse_rope 1) and without, then
-# log-probs, sampling, RMSNorm/SwiGLU. The group `b1` (alone): the 13B batch-1 rollout profiled, the paged decode sweep
-# at its shape (launch variants and split counts), the rollout with one context split, with and without the fused step.
-# The group `long` (alone, or after `b1` on a warm machine): the 13B batch-32 rollout at 512 + 1024 tokens with and
-# without the fused step (which won at long contexts in the paged bench). The group `linear` (alone): the decode
-# projections' kernel (kernels/decode_linear.py) tested on the GPU with the sampling, paged attention and rotary tests,
-# timed against cuBLAS, the sampling bench (top-k's floor), the 13B rollouts with it (decode_config's linear 1), with it
-# and programmatic dependent launch (pdl 1), then without either, batch 1 with the first layer's norm apart (norm_rows
-# 0), then its launch sweep. The group `tma` (alone; ~4 minutes, after `linear` on a warm machine): issue 4's attention
-# with its inner tiles by tensor descriptor (Hopper's TMA), the rope attention tests on the GPU, the bench with ours by
-# TMA and by pointer loads beside SDPA, and the launch sweep (TMA and pointer variants; the warp-specialised kernels
-# first). The group `next` (alone: what one call of a 15-minute lease should run first, ~9 minutes): the untimed work of
-# 2026-12-04/05 by what it decides: the tests of the decode projections, paged attention (PDL in a CUDA graph), sampling
-# and rope attention compiled; the 13B rollouts at batch 64 and 1 with decode_config's linear 1, with linear 1 + pdl 1,
-# and at the defaults (batch 1 also with pdl 1 alone: 2% short of its target), with the rope attention bench (TMA
-# against pointer loads against SDPA, dq by atomic adds, and the warp-specialised kernels) between the two batches; the
-# projections against cuBLAS; the sampling bench; the Gluon forward's tests (rope_attention.GLUON_FWD: a kernel new to
-# the GPU, apart under a short cap; the rope bench times it last, after a check in a subprocess under a timeout); then
-# the two sweeps with the time left (the Gluon variants last in the rope sweep). The group `gluon` (alone; ~5 minutes
-# warm): issue 4's Gluon kernels apart from the rest: their tests (the forward in 8 warps, with dk/dv; its ping-pong
-# form under its own cap), the rope bench's rows of ours at its defaults, the Gluon forms and SDPA (--only), and the
-# sweep of the Gluon variants alone (--sweep-gluon). No NAME: everything, in the order below.
+# grad_sums rope_sweep paged_attention paged_attention_fp8 paged_sweep paged_sweep_fp8 rmsnorm_swiglu sampling
+# rollout_b64 rollout_b64_hf_static rollout_b1 rollout_b64_sync rollout_b64_fp8 rollout_ppo_like ppo_step
+# ppo_step_no_sums ppo_step_offload ppo_step_resident compile (a cold start's autotuning, one compile thread against
+# many); the group `first` is what a 15-minute lease can hold (the two issues' headline figures and the kernels'
+# comparisons without their torch.compile rows, then the engine's GPU tests and the kernel tests with the time left).
+# The group `tune` (alone) is the lease after it: the paged decode sweep on the rollout's shapes, the 13B batch-64
+# rollout again with the sweep's fastest launch for its shape (--decode-config) and a profile of where its step time
+# goes (--profile: the costliest kernels per step), the rope attention sweep, then test_gpu.py and the kernel tests that
+# failed on the first lease. The group `check` (alone; 5 minutes on a fresh machine): the rollouts and the paged decode
+# at the launch decode_config now picks (no override), the offload test that failed, then log-probs, sampling,
+# RMSNorm/SwiGLU. The group `fused` (alone): the paged attention tests and bench with the rope write fused in, the 13B
+# rollouts with it (fuse_rope 1) and without, then log-probs, sampling, RMSNorm/SwiGLU. The group `b1` (alone): the 13B
+# batch-1 rollout profiled, the paged decode sweep at its shape (launch variants and split counts), the rollout with one
+# context split, with and without the fused step. The group `long` (alone, or after `b1` on a warm machine): the 13B
+# batch-32 rollout at 512 + 1024 tokens with and without the fused step (which won at long contexts in the paged bench).
+# The group `linear` (alone): the decode projections' kernel (kernels/decode_linear.py) tested on the GPU with the
+# sampling, paged attention and rotary tests, timed against cuBLAS, the sampling bench (top-k's floor), the 13B rollouts
+# with it (decode_config's linear 1), with it and programmatic dependent launch (pdl 1), then without either, batch 1
+# with the first layer's norm apart (norm_rows 0), then its launch sweep. The group `tma` (alone; ~4 minutes, after
+# `linear` on a warm machine): issue 4's attention with its inner tiles by tensor descriptor (Hopper's TMA), the rope
+# attention tests on the GPU, the bench with ours by TMA and by pointer loads beside SDPA, and the launch sweep (TMA and
+# pointer variants; the warp-specialised kernels first). The group `next` (alone: what one call of a 15-minute lease
+# should run first, ~9 minutes): the untimed work of 2026-12-04/05 by what it decides: the tests of the decode
+# projections, paged attention (PDL in a CUDA graph), sampling and rope attention compiled; the 13B rollouts at batch 64
+# and 1 with decode_config's linear 1, with linear 1 + pdl 1, and at the defaults (batch 1 also with pdl 1 alone: 2%
+# short of its target), with the rope attention bench (TMA against pointer loads against SDPA, dq by atomic adds, and
+# the warp-specialised kernels) between the two batches; the projections against cuBLAS; the sampling bench; the Gluon
+# forward's tests (rope_attention.GLUON_FWD: a kernel new to the GPU, apart under a short cap; the rope bench times it
+# last, after a check in a subprocess under a timeout); then the two sweeps with the time left (the Gluon variants last
+# in the rope sweep). The group `gluon` (alone; ~5 minutes warm): issue 4's Gluon kernels apart from the rest: their
+# tests (the forward in 8 warps, with dk/dv; its ping-pong form under its own cap), the rope bench's rows of ours at its
+# defaults, the Gluon forms and SDPA (--only), and the sweep of the Gluon variants alone (--sweep-gluon). No NAME:
+# everything, in the order below.
 # SUITE_COMMIT names the commit in summary.txt.
 #
 # The lease's limits shape this script: a call returns at most 8 files from OUT_DIR and is killed at its timeout.
@@ -116,8 +117,9 @@ finish() {  # a group's end: the archive, the total, and nothing of the other st
   exit 0
 }
 light_kernel_rows() {  # the kernel benches a lease's last minutes hold: log-probs, sampling, RMSNorm/SwiGLU
-  names="$names logprob sampling rmsnorm_swiglu "
+  names="$names logprob grad_sums sampling rmsnorm_swiglu "
   bench logprob 60 "$PY" bench/bench_logprob.py --skip-compile
+  bench grad_sums 40 "$PY" bench/bench_grad_sums.py  # weight grads into their fp32 sums: one GEMM or two kernels
   bench sampling 30 "$PY" bench/bench_sampling.py --no-compile
   bench rmsnorm_swiglu 30 "$PY" bench/bench_rmsnorm_swiglu.py
 }
@@ -221,7 +223,7 @@ fi
 if [[ "$names" == *" next "* ]]; then  # the next lease's first call: what decides the opt-in switches (alone)
   names="$names next_tests rollout_b64_linear rollout_b64_linear_pdl rollout_b64_cublas rope_attention_tma "
   names="$names rollout_b1_linear rollout_b1_linear_pdl rollout_b1_cublas rollout_b1_pdl linear sampling "
-  names="$names gluon_tests pingpong_tests linear_sweep rope_sweep "
+  names="$names grad_sums gluon_tests pingpong_tests linear_sweep rope_sweep "
   # (the Gluon forward's tests apart, later and under their own short cap: a kernel new to the GPU may hang)
   step next_tests 100 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test \
     tests/kernels/test_decode_linear.py tests/kernels/test_paged_attention.py tests/kernels/test_sampling.py \
@@ -243,6 +245,9 @@ if [[ "$names" == *" next "* ]]; then  # the next lease's first call: what decid
   bench linear 60 "$PY" bench/bench_decode_linear.py  # ours against cuBLAS, each 13B projection at batch 1, 8, 64
   # (batch 1, 64 and 256: the top-50 and top-p floors against torch, rows in parts against one program a row)
   bench sampling 60 "$PY" bench/bench_sampling.py --no-compile
+  # the training step's weight grads straight into their fp32 sums (engine/grad_sums.py, on by default where the
+  # device's torch has the fp32-out GEMM): each projection's grad GEMM into its sum against the bf16 grad + add
+  bench grad_sums 40 "$PY" bench/bench_grad_sums.py
   # rope_attention.GLUON_FWD's forward, rope_attention_bwd.GLUON_DKDV's dk/dv and GLUON_DQ's dq against float64
   # (poisoned outputs, non-finite neighbours, the backward)
   step gluon_tests 60 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py \
@@ -311,6 +316,7 @@ bench rollout_b1 100 "$PY" bench/rollout_throughput.py --model llama2-13b --rand
 bench paged_attention 60 "$PY" bench/bench_paged_attention.py "${light[@]}"
 [ "$first" = 1 ] && light=(--skip-compile)
 bench logprob 60 "$PY" bench/bench_logprob.py "${light[@]}"
+bench grad_sums 40 "$PY" bench/bench_grad_sums.py   # weight grads into their fp32 sums against bf16 grad + add
 step gpu_tests 210 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test tests/engine/test_gpu.py
 step kernel_tests 300 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test tests/kernels -k "not gluon"
 step gluon_tests 60 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/kernels/test_rope_attention.py \
@@ -339,6 +345,9 @@ bench rollout_ppo_like 150 "$PY" bench/rollout_throughput.py --model llama2-13b 
   --max-num-seqs 64 --prompt-len 128 --gen-len 256 --stop-tokens 160   # admissions mid-run: mixed steps
 bench ppo_step 240 "$PY" bench/ppo_step.py --model llama2-7b --random-weights --num-layers 8 --rollout-batch-size 64 \
   --train-batch-size 16 --prompt-len 256 --max-new-tokens 256 --iterations 2  # the 3rd: graphs replayed?
+bench ppo_step_no_sums 240 "$PY" bench/ppo_step.py --model llama2-7b --random-weights --num-layers 8 \
+  --rollout-batch-size 64 --train-batch-size 16 --prompt-len 256 --max-new-tokens 256 --iterations 2 \
+  --no-grad-sums   # the A/B of engine/grad_sums.py: every weight grad in bf16, then the hook's fp32 add
 bench ppo_step_offload 240 "$PY" bench/ppo_step.py --model llama2-7b --random-weights --num-layers 8 \
   --rollout-batch-size 64 --train-batch-size 16 --prompt-len 256 --max-new-tokens 256 --iterations 2 \
   --offload-optimizer rollouts --offload-idle-models rollouts   # the optimizer state and the idle models' weights in

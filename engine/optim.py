@@ -214,23 +214,35 @@ def accumulate_grads(opt: Optimizer) -> None:
         _fold(opt, i)
 
 
-def _fold(opt: Optimizer, i: int) -> None:
-    """Add parameter i's grad (a micro-batch's, in the parameter's dtype) into its fp32 sum (its master grad, or its
-    place in its bucket's flat grad) and free it."""
+def grad_sum(opt: Optimizer, i: int) -> torch.Tensor | None:
+    """Parameter i's fp32 sum of grads over the step's micro-batches, as a tensor of its shape (its master grad, or
+    its place in its bucket's flat grad), made zero if the step has none yet; None for an fp32 parameter, its own
+    master (autograd sums its grad in place). What _fold adds a grad to, and where engine/grad_sums.py has a weight's
+    grad made straight into."""
     p = opt.params[i]
-    if p.grad is None:
-        return
     if opt.buckets is not None:
         b, start = opt.slots[i]
         if b.grad is None:
-            b.grad = torch.zeros(b.numel, dtype=torch.float32, device=p.grad.device)
-        b.grad[start : start + p.numel()].add_(p.grad.reshape(-1))
-    elif opt.masters[i] is p:  # (an fp32 parameter's grad accumulates in place)
+            b.grad = torch.zeros(b.numel, dtype=torch.float32, device=p.device)
+        return b.grad[start : start + p.numel()].view(p.shape)
+    if opt.masters[i] is p:
+        return None
+    if opt.grads[i] is None:
+        opt.grads[i] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+    return opt.grads[i]
+
+
+def _fold(opt: Optimizer, i: int) -> None:
+    """Add parameter i's grad (a micro-batch's, in the parameter's dtype) into its fp32 sum (grad_sum) and free it."""
+    p = opt.params[i]
+    if p.grad is None:
         return
-    elif opt.grads[i] is None:
-        opt.grads[i] = p.grad.float()
+    if opt.buckets is None and opt.masters[i] is p:  # (an fp32 parameter's grad accumulates in place)
+        return
+    if opt.buckets is None and opt.grads[i] is None:
+        opt.grads[i] = p.grad.float()  # (the step's first: a copy, no zeros to add to)
     else:
-        opt.grads[i].add_(p.grad)
+        grad_sum(opt, i).add_(p.grad)
     p.grad = None
 
 
@@ -238,19 +250,26 @@ def fold_during_backward(opt: Optimizer) -> None:
     """Each parameter's grad is folded into its fp32 sum (_fold) as soon as autograd has finished it, so a backward
     never holds the whole model's grads in the parameters' dtype beside the fp32 ones (a 13B model's bf16 grads at
     tp 8: 3.3 GB per GPU), only those of the layers in flight. The optimizer built last for a parameter takes its
-    grads; a dead one's hooks do nothing."""
+    grads; a dead one's hooks do nothing. Each parameter's `grad_sum()` gives its sum (grad_sum, or None once the
+    optimizer is gone): where engine/grad_sums.py makes a linear layer's weight grad in the first place."""
     ref = weakref.ref(opt)
     for i, p in enumerate(opt.params):
         old = getattr(p, "_fold_hook", None)
         if old is not None:
             old.remove()
         p._fold_hook = p.register_post_accumulate_grad_hook(functools.partial(_fold_hook, ref, i))
+        p.grad_sum = functools.partial(_grad_sum_of, ref, i)
 
 
 def _fold_hook(ref: weakref.ref, i: int, param: torch.Tensor) -> None:
     opt = ref()
     if opt is not None:
         _fold(opt, i)
+
+
+def _grad_sum_of(ref: weakref.ref, i: int) -> torch.Tensor | None:
+    opt = ref()
+    return None if opt is None else grad_sum(opt, i)
 
 
 def _all_reduce_flat(tensors: list[torch.Tensor], group, bucket_bytes: int = BUCKET_BYTES) -> None:

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.errors import FailedOnAnotherRank, InputError, InvalidInput
-from kernels.decode_linear import linear
+from engine.grad_sums import linear
 
 # ------------------------------------------------------------------------------ process grid --
 
@@ -453,7 +453,7 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
         """x [N, in] replicated, or [N/tp, in] this rank's tokens with `sequence_parallel` (gathered first)."""
         x = gather_tokens(x, self.group) if sequence_parallel else copy_to_tp(x, self.group)
-        return linear(x, self.weight)  # (F.linear, or a decode step's kernels/decode_linear.py)
+        return linear(x, self.weight)  # (F.linear, a decode step's kernels/decode_linear.py, or engine/grad_sums.py)
 
 
 class RowParallelLinear(nn.Module):

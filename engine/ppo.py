@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from engine import grad_sums
 from engine.config import PPOConfig
 from kernels.gae import gae, masked_whiten
 from kernels.logprob import kl_estimate
@@ -118,15 +119,18 @@ def policy_loss(
     (this rank's vocab shard with `group`, its rows from `real_vocab` on padding: the model's real_vocab);
     targets, old_logprobs, advantages [N]. Log-probs use the raw logits (temperature 1, RECIPE.md). Returns
     sum_t loss_t / denom (denom = tokens of the whole minibatch, across micro-batches and DP ranks) and the stats of
-    kernels.ppo_loss.ppo_token_loss as sums over these N tokens (divide by the token count to get means).
+    kernels.ppo_loss.ppo_token_loss as sums over these N tokens (divide by the token count to get means). Inside
+    engine.grad_sums.into_sums the LM head's grad goes straight into the optimizer's fp32 sum during the forward:
+    backpropagate the loss as it is (loss.backward()).
     """
     n = targets.shape[0]
     mask = torch.ones(n, dtype=torch.float32, device=targets.device)
     loss, stats = ppo_token_loss(
         None, targets, old_logprobs, advantages, mask, hidden=hidden, weight=weight, clip_eps=clip_eps,
-        temperature=1.0, entropy_coef=entropy_coef, group=group, real_vocab=real_vocab,
+        temperature=1.0, entropy_coef=entropy_coef, group=group, real_vocab=real_vocab, loss_scale=n / denom,
+        weight_grad_into=grad_sums.target(weight),
     )  # fmt: skip
-    return loss * (n / denom), {k: v * n for k, v in stats.items()}
+    return loss, {k: v * n for k, v in stats.items()}
 
 
 def value_loss(

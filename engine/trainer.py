@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from engine import ppo, recompute
+from engine import grad_sums, ppo, recompute
 from engine.data import Rollout, global_position, to_padded
 from engine.errors import InputError, failed_on
 from engine.evaluate import check_resumed_eval, eval_due, evaluate, log_samples
@@ -118,25 +118,30 @@ def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, 
         step_loss = torch.zeros((), device=dev)
         for pk in packs:
             r = pk["rows"]
-            if name == "policy":
-                old = policy_logprobs(state.policy, pk) if cfg.recompute_old_logprobs_per_minibatch else ro.logprobs[r]
-                h = state.policy.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["act"]]
-                loss, st = ppo.policy_loss(
-                    h, state.policy.lm_head_weight, pk["targets"], old, adv[pos[r]], clip_eps=cfg.clip_ratio,
-                    denom=n_global, group=state.policy.group, entropy_coef=cfg.entropy_coef,
-                    real_vocab=state.policy.real_vocab,
-                )  # fmt: skip
-                loss.backward()
-                add_to(sums, tokens=r.numel(), seq_tokens=pk["ids"].numel(),
-                       **{k: st[k] for k in ("clip_frac", "entropy", "ratio", "approx_kl")})  # fmt: skip
-            else:
-                h = state.value.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["act"]]
-                loss, vst = ppo.value_loss(
-                    state.value.head_packed(h), ro.values[r], ro.targets["returns"][r], clip_value=cfg.clip_value,
-                    denom=n_global,
-                )  # fmt: skip
-                (cfg.value_loss_coef * loss).backward()
-                add_to(sums, value_clip_frac=vst["clip_frac"])
+            with grad_sums.into_sums():  # (each weight's grad made straight into its fp32 sum)
+                if name == "policy":
+                    old = (
+                        policy_logprobs(state.policy, pk)
+                        if cfg.recompute_old_logprobs_per_minibatch
+                        else ro.logprobs[r]
+                    )
+                    h = state.policy.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["act"]]
+                    loss, st = ppo.policy_loss(
+                        h, state.policy.lm_head_weight, pk["targets"], old, adv[pos[r]], clip_eps=cfg.clip_ratio,
+                        denom=n_global, group=state.policy.group, entropy_coef=cfg.entropy_coef,
+                        real_vocab=state.policy.real_vocab,
+                    )  # fmt: skip
+                    loss.backward()
+                    add_to(sums, tokens=r.numel(), seq_tokens=pk["ids"].numel(),
+                           **{k: st[k] for k in ("clip_frac", "entropy", "ratio", "approx_kl")})  # fmt: skip
+                else:
+                    h = state.value.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["act"]]
+                    loss, vst = ppo.value_loss(
+                        state.value.head_packed(h), ro.values[r], ro.targets["returns"][r], clip_value=cfg.clip_value,
+                        denom=n_global,
+                    )  # fmt: skip
+                    (cfg.value_loss_coef * loss).backward()
+                    add_to(sums, value_clip_frac=vst["clip_frac"])
             accumulate_grads(opt)
             step_loss += loss.detach()
         losses[name] = step_loss

@@ -234,6 +234,49 @@ def loop_bound(x):
     return y
 
 
+# ------------------------------------------------------------------------ GEMMs into fp32 sums --
+
+_FP32_OUT_GEMM: dict[tuple, bool] = {}
+
+
+def fp32_out_gemm(device: torch.device) -> bool:
+    """Whether this device's torch multiplies half matrices into an fp32 matrix in place, C += A @ B in one cuBLAS
+    call (torch.addmm's out_dtype with out=C, C fp32: its epilogue reads and writes C in fp32, the product never
+    rounded to half nor stored apart). CUDA only (the CPU has no such kernel), and only where a first small call,
+    made here once per device, gives the float64 sum: a torch whose out_dtype wants C in the inputs' dtype (some
+    releases) or returns something else is not used."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    key = (device.type, device.index if device.index is not None else torch.cuda.current_device())
+    if key not in _FP32_OUT_GEMM:
+        gen = torch.Generator(device=device).manual_seed(0)
+        c = torch.randn(48, 40, device=device, generator=gen)
+        a = torch.randn(72, 48, device=device, generator=gen).to(torch.bfloat16).t()  # (dy^T: transposed, as used)
+        b = torch.randn(72, 40, device=device, generator=gen).to(torch.bfloat16)
+        want = c.double() + a.double() @ b.double()
+        try:
+            got = torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+            ok = got is c and bool(torch.allclose(c.double(), want, rtol=1e-5, atol=1e-4))
+        except (RuntimeError, TypeError, NotImplementedError):
+            ok = False
+        _FP32_OUT_GEMM[key] = ok
+    return _FP32_OUT_GEMM[key]
+
+
+def add_matmul_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = True) -> torch.Tensor:
+    """acc (+)= a @ b in place: acc [M, N] fp32, a [M, K] and b [K, N] of one dtype (any strides). Half a and b on a
+    GPU whose torch has it (fp32_out_gemm): one GEMM into acc, the products summed in fp32 and added to acc unrounded;
+    elsewhere the product in a's dtype (cuBLAS's own fp32 accumulation, rounded once to half), then added. How a
+    weight's grad goes straight into its fp32 sum over micro-batches (the LM head's in kernels/ppo_loss.py, the
+    linear layers' in engine/grad_sums.py) without a [M, N] half grad beside it. accumulate False: acc = a @ b."""
+    if a.dtype == acc.dtype:
+        return acc.addmm_(a, b) if accumulate else torch.mm(a, b, out=acc)
+    if a.dtype in (torch.float16, torch.bfloat16) and fp32_out_gemm(acc.device):
+        return torch.addmm(acc, a, b, beta=1 if accumulate else 0, out_dtype=torch.float32, out=acc)
+    return acc.add_(a @ b) if accumulate else acc.copy_(a @ b)
+
+
 # The last few values derived from a tensor, with the tensor (held, so its identity is not reused) and its version
 # (an in-place change makes a new one): what every layer of a forward rebuilds from the same cu_seqlens
 _DERIVED: list[tuple] = []

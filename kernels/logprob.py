@@ -365,16 +365,16 @@ def _hidden_grad_chunk(lg, h, weight, targets, norm, ent, glp, gent, temperature
                        real_vocab=None):  # fmt: skip
     """Turn one chunk's logits lg [c, V] into grad_logits in place, then the two grad GEMMs:
     gh [c, H] = grad_logits @ weight, gw [V, H] (+)= grad_logits.T @ h. A gw in fp32 under half weights (_weight_grad:
-    several chunks) adds each chunk's product once rounded, never the running sum. Rows from `real_vocab` on (padding)
-    get a zero grad_logits, even where a target lies among them (its one-hot term)."""
+    several chunks, or a caller's fp32 sum) takes each chunk's product in fp32 (dispatch.add_matmul_), never a half
+    running sum. Rows from `real_vocab` on (padding) get a zero grad_logits, even where a target lies among them (its
+    one-hot term)."""
     logprob_backward(lg.unsqueeze(0), targets, norm, ent, glp, gent, temperature, v_start, out=lg)
     _mask_padding(lg, real_vocab, 0.0)
     if gh is not None:
         torch.mm(lg, weight, out=gh)
     if gw is not None:
-        if gw.dtype != lg.dtype:  # (an fp32 sum of half chunks)
-            product = lg.t() @ h
-            gw.copy_(product) if first else gw.add_(product)
+        if gw.dtype != lg.dtype:  # (an fp32 sum of half chunks: on a GPU one GEMM into it, no half product apart)
+            dispatch.add_matmul_(gw, lg.t(), h, accumulate=not first)
         elif first:
             torch.mm(lg.t(), h, out=gw)
         else:

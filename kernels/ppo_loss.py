@@ -20,15 +20,20 @@ from kernels import dispatch, logprob, reference
 
 
 class _FusedHiddenLoss(torch.autograd.Function):
-    """Scalar loss = sum over chunks of token_loss(logp, entropy, r0, r1); grads computed in the forward."""
+    """Scalar loss = scale x the sum over chunks of token_loss(logp, entropy, r0, r1); grads computed in the forward
+    (scale folded into the grad logits before their one rounding). `into`: the weight's grad is added to this fp32
+    sum of the weight's shape as the forward makes it (no [V, H] buffer), and the backward must bring grad 1."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, group, rows, token_loss, real_vocab):
+    def forward(ctx, hidden, weight, targets, temperature, group, rows, token_loss, real_vocab, scale, into):
         n, v = hidden.shape[0], weight.shape[0]
         v_start, _ = logprob._group_info(group, v)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gh = torch.empty_like(hidden) if need_h else None
-        gw = logprob._weight_grad(weight, n, rows) if need_w else None  # (fp32 kept until the backward scales it)
+        if need_w and into is not None:
+            gw = into  # (the caller's fp32 sum: every chunk adds to it)
+        else:  # (fp32 kept until the backward scales it)
+            gw = logprob._weight_grad(weight, n, rows) if need_w else None
         logp, ent = (hidden.new_empty(n, dtype=torch.float32) for _ in range(2))
         total = hidden.new_zeros((), dtype=torch.float32)
         for i, r0 in enumerate(range(0, n, rows)):
@@ -41,19 +46,22 @@ class _FusedHiddenLoss(torch.autograd.Function):
                 lp = logp_c.detach().requires_grad_(True)
                 en = ent_c.detach().requires_grad_(True)
                 loss_c = token_loss(lp, en, r0, r1)
+                if scale is not None:  # (in fp32, before the grad logits are rounded to the inputs' dtype)
+                    loss_c = loss_c * scale
                 # An unused entropy (entropy_coef = 0) gives None: the backward kernel then skips its term.
                 glp, gent = torch.autograd.grad(loss_c, (lp, en), allow_unused=True)
             total += loss_c.detach()
             if need_h or need_w:
                 logprob._hidden_grad_chunk(
                     lg, hidden[r0:r1], weight, targets[r0:r1], norm_c, ent_c, glp, gent, temperature, v_start,
-                    gh[r0:r1] if need_h else None, gw, i == 0, real_vocab,
+                    gh[r0:r1] if need_h else None, gw, i == 0 and gw is not into, real_vocab,
                 )  # fmt: skip
-        if gw is not None and n == 0:
+        if gw is not None and n == 0 and gw is not into:
             gw.zero_()
         if gh is not None:
             logprob._all_reduce_(gh, group)
-        ctx.save_for_backward(gh, gw)
+        ctx.into = gw is not None and gw is into
+        ctx.save_for_backward(gh, None if ctx.into else gw)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(logp, ent)
         return total, logp, ent
@@ -66,12 +74,18 @@ class _FusedHiddenLoss(torch.autograd.Function):
             )
         ctx.used = True
         gh, gw = ctx.saved_tensors
+        if ctx.into:  # (the weight's grad is in its sum already, for a grad of 1: a device-side check, no sync)
+            torch._assert_async(
+                grad_loss == 1.0,
+                "ppo_token_loss(weight_grad_into=...): the loss must be backpropagated as it is (a grad of 1), its "
+                "weight's grad having gone into the sum during the forward; scale it with loss_scale instead",
+            )
         # Scale in place (a [V, H] copy of the weight grad would cost as much as the logits chunk), by the fp32 scale:
         # rounded to bf16 first it would be off by up to 0.4% for every grad of the micro-batch (0.3 -> 0.30078)
         for g in (gh, gw):
             if g is not None:
                 logprob._scale_(g, grad_loss.float())
-        return gh, None if gw is None else gw.to(ctx.weight_dtype), None, None, None, None, None, None
+        return gh, None if gw is None else gw.to(ctx.weight_dtype), None, None, None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------ public functions
@@ -110,6 +124,8 @@ def ppo_token_loss(
     entropy_coef: float = 0.0,
     group=None,
     real_vocab: int | None = None,
+    loss_scale: float | torch.Tensor | None = None,
+    weight_grad_into: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped PPO policy loss, fused with the log-prob / entropy kernel; masked mean over tokens (kl_estimate:
     kernels.logprob's).
@@ -125,6 +141,14 @@ def ppo_token_loss(
     tokens where the clipped term is the larger), "entropy", "approx_kl" (0.5 (logp - old)^2) and
     "kl_ref" (the chosen estimator, 0 without ref_logprobs). With hidden/weight the grads of hidden and
     weight are computed during the forward (3 GEMMs, one [chunk, V] logits buffer) and backward scales them.
+
+    loss_scale: the loss returned is loss x loss_scale (a micro-batch's share of a larger mean; the stats are not
+    scaled), folded into the grads before they are rounded. weight_grad_into (hidden/weight on the kernel path): an
+    fp32 tensor of the weight's shape (an optimizer's sum of its grads over micro-batches) that the weight's grad is
+    added to during the forward, on a GPU by one GEMM a chunk straight into it: no [V, H] grad of the weight is ever
+    made, and none reaches weight.grad; the loss must then be backpropagated as it is (loss.backward(): a grad of 1,
+    checked on the device), any scale going through loss_scale. On the reference ops the same, the grad taken by
+    autograd in the forward (unchecked there).
     """
     if kl_estimator not in ("k1", "k2", "k3"):
         raise ValueError(f"unknown KL estimator {kl_estimator!r}; expected 'k1', 'k2' or 'k3'")
@@ -137,6 +161,14 @@ def ppo_token_loss(
             raise ValueError(f"{name} shape {tuple(t.shape)} must equal targets shape {tuple(targets.shape)}")
     if ref_logprobs is not None and ref_logprobs.shape != targets.shape:
         raise ValueError(f"ref_logprobs shape {tuple(ref_logprobs.shape)} must equal targets shape")
+    if weight_grad_into is not None and (
+        logits is not None or weight_grad_into.shape != weight.shape or weight_grad_into.dtype != torch.float32
+        or weight_grad_into.device != weight.device
+    ):  # fmt: skip
+        raise ValueError(
+            "weight_grad_into must be an fp32 tensor of the weight's shape on its device, with hidden/weight; got "
+            f"{weight_grad_into.dtype} {tuple(weight_grad_into.shape)} on {weight_grad_into.device}"
+        )
     if logits is None:
         logprob._check_hidden(hidden, weight, targets)
         logprob._check_real_vocab(real_vocab, weight)
@@ -146,11 +178,18 @@ def ppo_token_loss(
     group = logprob._tp_group(group)
     src = logits if logits is not None else hidden
     if not dispatch.use_triton(src) or src.dtype not in logprob._SUPPORTED:
-        return reference.ppo_token_loss(
-            logits, targets, old_logprobs, advantages, mask, hidden=hidden, weight=weight, clip_eps=clip_eps,
+        into = weight_grad_into is not None and weight.requires_grad and torch.is_grad_enabled()
+        w = weight.detach().requires_grad_() if into else weight  # (its grad taken here, into the sum)
+        loss, stats = reference.ppo_token_loss(
+            logits, targets, old_logprobs, advantages, mask, hidden=hidden, weight=w, clip_eps=clip_eps,
             temperature=temperature, ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_estimator=kl_estimator,
             entropy_coef=entropy_coef, group=group, real_vocab=real_vocab,
         )  # fmt: skip
+        loss = loss if loss_scale is None else loss * loss_scale
+        if into:
+            (gw,) = torch.autograd.grad(loss, w, retain_graph=True)  # (the caller backpropagates the loss too)
+            weight_grad_into.add_(gw)
+        return loss, stats
     m = mask.to(torch.float32)
     denom = m.sum().clamp_min(1.0)
     keep = mask.bool()  # (off the mask: whatever old, advantages and ref hold there, NaN or a huge value, is not read)
@@ -162,6 +201,7 @@ def ppo_token_loss(
         # (off the mask the token's own log-prob is 0 too: one of -300 would give k3 an inf, and its grad 0 * inf)
         per_tok = _ppo_per_token(torch.where(keep, logp, 0.0), ent, old, adv, ref, *terms)[0]
         loss = torch.where(keep, per_tok * m, 0.0).sum() / denom
+        loss = loss if loss_scale is None else loss * loss_scale
     else:
         _, v_total = logprob._group_info(group, weight.shape[0])
         logprob._check_targets(targets, v_total)
@@ -175,7 +215,7 @@ def ppo_token_loss(
 
         t = targets.to(torch.int64).contiguous()
         loss, logp, ent = _FusedHiddenLoss.apply(
-            hidden, weight, t, float(temperature), group, rows, token_loss, real_vocab
+            hidden, weight, t, float(temperature), group, rows, token_loss, real_vocab, loss_scale, weight_grad_into
         )
     with torch.no_grad():
         _, ratio, pg1, pg2, kl = _ppo_per_token(logp.detach(), ent.detach(), old, adv, ref, *terms)

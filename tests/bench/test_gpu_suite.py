@@ -158,7 +158,7 @@ def test_check_group_runs_the_defaults_first_and_fits_what_is_left(tmp_path):
     steps, summary, run = _run_group(tmp_path, STUB.replace("sleep 60", "true"), "check")
     work = run["work"]
     assert steps == ["rollout_b64_default", "paged_default", "gpu_test_offload", "rollout_b1_default", "logprob",
-                     "sampling", "rmsnorm_swiglu"], summary  # fmt: skip
+                     "grad_sums", "sampling", "rmsnorm_swiglu"], summary  # fmt: skip
     rollout = (work / "rollout_b64_default.log").read_text()
     assert "--batch 64" in rollout and "--no-hf" in rollout and "--decode-config" not in rollout, rollout
     assert "-k idle_model_weights_free" in (work / "gpu_test_offload.log").read_text()
@@ -171,7 +171,7 @@ def test_fused_group_runs_the_batch_64_rollout_with_and_without_the_fused_rope_w
     steps, summary, run = _run_group(tmp_path, STUB.replace("sleep 60", "true"), "fused")
     work = run["work"]
     assert steps == ["fused_tests", "paged_fused", "rollout_b64_fused", "rollout_b64_unfused", "rollout_b1_fused",
-                     "rollout_b1_unfused", "logprob", "sampling", "rmsnorm_swiglu"], summary  # fmt: skip
+                     "rollout_b1_unfused", "logprob", "grad_sums", "sampling", "rmsnorm_swiglu"], summary  # fmt: skip
     assert "tests/kernels/test_paged_attention.py" in (work / "fused_tests.log").read_text()
     fused, unfused = (work / "rollout_b64_fused.log").read_text(), (work / "rollout_b64_unfused.log").read_text()
     assert '--decode-config {"fuse_rope": 1}' in fused and "--profile /" in fused, fused
@@ -185,7 +185,7 @@ def test_b1_group_profiles_sweeps_then_tries_one_split(tmp_path):
     steps, summary, run = _run_group(tmp_path, STUB.replace("sleep 60", "true"), "b1")
     work = run["work"]
     assert steps == ["rollout_b1_profile", "paged_sweep_b1", "rollout_b1_split1", "rollout_b1_split1_fused", "logprob",
-                     "sampling", "rmsnorm_swiglu"], summary  # fmt: skip
+                     "grad_sums", "sampling", "rmsnorm_swiglu"], summary  # fmt: skip
     assert (
         "--sweep" in (work / "paged_sweep_b1.log").read_text()
         and "13b-b1-c384" in (work / "paged_sweep_b1.log").read_text()
@@ -258,13 +258,14 @@ def test_gluon_group_tests_then_times_the_gluon_kernels_alone(tmp_path):
 def test_next_group_tests_then_times_each_switch_against_the_defaults(tmp_path):
     """`next`: the kernel tests compiled, the batch-64 rollouts with linear 1, with linear 1 + pdl 1 and at the
     defaults, the rope attention bench (TMA against pointer loads), the same three at batch 1 and batch 1 with pdl 1
-    alone, the projections' and sampling benches, then the two sweeps; nothing of the other groups."""
+    alone, the projections' and sampling benches, the weight grads into their sums, then the two sweeps; nothing of
+    the other groups."""
     steps, summary, run = _run_group(tmp_path, STUB.replace("sleep 60", "true"), "next")
     work = run["work"]
     assert steps == ["next_tests", "rollout_b64_linear", "rollout_b64_linear_pdl", "rollout_b64_cublas",
                      "rope_attention_tma", "rollout_b1_linear", "rollout_b1_linear_pdl", "rollout_b1_cublas",
-                     "rollout_b1_pdl", "linear", "sampling", "gluon_tests", "pingpong_tests", "linear_sweep",
-                     "rope_sweep"], summary  # fmt: skip
+                     "rollout_b1_pdl", "linear", "sampling", "grad_sums", "gluon_tests", "pingpong_tests",
+                     "linear_sweep", "rope_sweep"], summary  # fmt: skip
     assert '--decode-config {"pdl": 1}' in (work / "rollout_b1_pdl.log").read_text()
     tests = (work / "next_tests.log").read_text()
     assert "test_decode_linear.py" in tests and "test_rope_attention.py -k not gluon" in tests, tests

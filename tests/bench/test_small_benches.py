@@ -56,6 +56,20 @@ def test_logprob_bench_checks_before_timing(tmp_path, monkeypatch):
         ("hidden_logprobs", "floor (3 GEMMs)", "fwd+bwd"): 3 * 2 * 32 * 64 * 1000 / 3e9,
         ("hidden_logprobs", "floor (4 GEMMs)", "fwd+bwd"): 4 * 2 * 32 * 64 * 1000 / 3e9,
     })  # fmt: skip
+    (into,) = [r for r in rows if r["impl"].startswith("ours ppo_token_loss(hidden), LM head grad into an fp32 sum")]
+    assert into["ms"] > 0 and "fp32-out GEMM: no" in into["impl"]  # (none on the CPU)
+    real_loss = B.ppo_token_loss
+
+    def sum_5_percent_off(*args, weight_grad_into=None, **kw):
+        out = real_loss(*args, weight_grad_into=weight_grad_into, **kw)
+        if weight_grad_into is not None:
+            weight_grad_into.mul_(1.05)
+        return out
+
+    monkeypatch.setattr(B, "ppo_token_loss", sum_5_percent_off)
+    with pytest.raises(SystemExit, match="weight_grad_into.* differs from the reference"):
+        B.main(flags)
+    monkeypatch.setattr(B, "ppo_token_loss", real_loss)
     wrong = lambda h, w, t, return_entropy=False: reference.hidden_logprobs(h, w * 1.05, t, return_entropy=True)
     monkeypatch.setattr(B, "hidden_logprobs", wrong)
     with pytest.raises(SystemExit, match="hidden_logprobs .* differs from the reference"):
@@ -399,3 +413,28 @@ def test_decode_linear_bench_smoke(tmp_path, monkeypatch):
                       "gate_up+swiglu": (13824, 5120, "swiglu"), "gate_up+norm": (13824, 5120, "norm_swiglu"),
                       "down": (5120, 6912, "plain"), "lm_head": (16000, 5120, "plain")}  # fmt: skip
     assert (tmp_path / "l.json").exists()
+
+
+def test_grad_sums_bench_prints_ours_the_reference_and_the_floor_per_projection(tmp_path):
+    """bench/bench_grad_sums.py on the CPU (tiny shapes): each model's four projections with ours, the reference and
+    the GEMM's floor, and the whole model's per micro-batch as the layer's sum times its layers; both within bf16's
+    rounding of float64 (the check before timing)."""
+    import json
+
+    import bench.bench_grad_sums as B
+
+    rows = B.main(
+        ["--tokens", "32", "--tflops", "2", "--model", "llama2-13b:8", "tiny", "--json", str(tmp_path / "g.json")]
+    )
+    assert json.loads((tmp_path / "g.json").read_text())["meta"]["fp32_out_gemm"] is False
+    for model, tp, layers in (("llama2-13b", 8, 40), ("tiny", 1, 2)):
+        mine = [r for r in rows if r["model"] == model and r["tp"] == tp]
+        per_proj = [r for r in mine if not r["proj"].startswith("all")]
+        assert {r["proj"] for r in per_proj} == {"qkv", "o", "gate_up", "down"}
+        assert sorted(r["impl"] for r in per_proj) == sorted(["ours", "reference", "floor"] * 4)
+        for impl in ("ours", "reference", "floor"):
+            (total,) = [r for r in mine if r["proj"] == f"all {layers} layers" and r["impl"] == impl]
+            assert total["ms"] == pytest.approx(layers * sum(r["ms"] for r in per_proj if r["impl"] == impl))
+        assert all(r["err"] < 2e-2 for r in per_proj if r["impl"] != "floor")
+    floor = [r for r in rows if r["model"] == "llama2-13b" and r["proj"] == "qkv" and r["impl"] == "floor"][0]
+    assert floor["shape"] == "30x80" and floor["ms"] == pytest.approx(2 * 32 * 30 * 80 / 2e12 * 1e3)

@@ -7,6 +7,7 @@ itself checked against transformers on CPU). torch's default device stays the CP
 everything here is placed on the GPU explicitly. Lengths cross the compiled kernels' 128-token tiles.
 """
 
+import contextlib
 import gc
 import json
 import math
@@ -374,3 +375,40 @@ def test_host_resident_optimizer_on_gpu(monkeypatch):
     resident.offload.host_ready()
     for a, b in zip(offload.movable_state(resident), offload.movable_state(twin)):
         assert torch.equal(a, b.cpu())
+
+
+def test_weight_grads_go_straight_into_fp32_sums_on_gpu():
+    """engine/grad_sums.py's GEMM into an fp32 sum (kernels.dispatch.add_matmul_): within fp32 rounding of float64
+    where this torch has the fp32-out GEMM (then one GEMM, far closer than the bf16 product added), else the bf16
+    product added, as a backward without it; and two micro-batches of a bf16 model inside into_sums leave the sums a
+    backward through the optimizer's hooks leaves, within the bf16 product's rounding."""
+    import dataclasses
+
+    from engine import grad_sums, optim
+    from engine.config import PPOConfig
+    from kernels import dispatch
+
+    fused = dispatch.fp32_out_gemm(CUDA)
+    print(f"fp32-out GEMM into the sum: {fused} (torch {torch.__version__})")
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    a = torch.randn(1000, 257, device=CUDA, generator=g).bfloat16().t()  # (dy^T: a transposed operand)
+    b = torch.randn(1000, 130, device=CUDA, generator=g).bfloat16()
+    earlier = torch.randn(257, 130, device=CUDA, generator=g)
+    want = earlier.double() + a.double() @ b.double()
+    acc = earlier.clone()
+    assert dispatch.add_matmul_(acc, a, b) is acc
+    err = float((acc.double() - want).abs().max())
+    half = float(((earlier + (a @ b).float()).double() - want).abs().max())
+    assert err <= (0.01 * half if fused else half * (1 + 1e-6)), (err, half)
+    small = dataclasses.replace(ModelConfig.named("tiny"), num_layers=2)
+    models = [Transformer(small, "score", dtype=torch.bfloat16, device=CUDA).init_weights(seed=2) for _ in range(2)]
+    opts = [optim.make_optimizer(m, PPOConfig()) for m in models]
+    ids = torch.randint(0, small.vocab_size, (300,), device=CUDA, generator=g)
+    pos, cu = torch.arange(300, device=CUDA), torch.tensor([0, 120, 300], dtype=torch.int32, device=CUDA)
+    for k, m in enumerate(models):
+        for _ in range(2):
+            with grad_sums.into_sums() if k == 0 else contextlib.nullcontext():
+                m.head_packed(m.hidden_packed(ids, pos, cu)).float().square().sum().backward()
+    for i in range(len(opts[0].params)):
+        x, y = optim.grad_sum(opts[0], i), optim.grad_sum(opts[1], i)
+        assert float((x - y).norm() / y.norm()) < 1e-2, i

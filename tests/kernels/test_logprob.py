@@ -675,3 +675,107 @@ def test_fused_ppo_loss_refuses_a_second_backward(small_block):
     (2 * loss).backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward per forward"):
         loss.backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_ppo_loss_adds_the_lm_heads_grad_to_a_given_fp32_sum(small_block, monkeypatch, dtype):
+    """weight_grad_into: the LM head's grad, scaled by loss_scale, is added during the forward to an fp32 sum holding
+    earlier micro-batches' grads (every chunk adds, none overwrites), none reaches weight.grad, and it equals the
+    float64 grad; the loss comes back scaled, the grad of hidden as the unfused call's. The loss backpropagated with a
+    grad other than 1 is refused (that grad could not reach what the forward already added)."""
+    monkeypatch.setattr(L, "_CHUNK_ROWS", 5)
+    n, hdim, v = 23, 16, 90
+    gen = torch.Generator().manual_seed(11)
+    hidden = torch.randn(n, hdim, generator=gen).to(dtype).requires_grad_(True)
+    weight = (torch.randn(v, hdim, generator=gen) / 4).to(dtype).requires_grad_(True)
+    targets = torch.randint(0, v, (n,), generator=gen)
+    with torch.no_grad():
+        new = reference.hidden_logprobs(hidden.double(), weight.double(), targets).float()
+    old, adv, mask = new + 0.3 * torch.randn(n, generator=gen), torch.randn(n, generator=gen), torch.rand(n) > 0.2
+    earlier = torch.randn(v, hdim, generator=gen)
+    acc = earlier.clone()
+    scale = torch.tensor(0.37)
+    loss, stats = P.ppo_token_loss(None, targets, old, adv, mask, hidden=hidden, weight=weight, loss_scale=scale,
+                                   weight_grad_into=acc)  # fmt: skip
+    assert not torch.equal(acc, earlier)  # (added during the forward)
+    loss.backward()
+    assert weight.grad is None and hidden.grad is not None
+    hd, wd = hidden.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
+    r_loss, r_stats = reference.ppo_token_loss(None, targets, old.double(), adv.double(), mask, hidden=hd, weight=wd)
+    r_gh, r_gw = torch.autograd.grad(0.37 * r_loss, (hd, wd))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    _close(loss, 0.37 * r_loss, tol, tol, "scaled loss")
+    _close(stats["ratio"], r_stats["ratio"], tol, tol, "ratio (not scaled)")
+    _close(acc - earlier, r_gw, tol * 0.1, tol, "the sum's increment")
+    _close(hidden.grad, r_gh, tol * 0.1, tol, "grad_hidden")
+    # the unfused call's grads: the same up to the inputs' rounding
+    h2, w2 = hidden.detach().requires_grad_(True), weight.detach().requires_grad_(True)
+    loss2, _ = P.ppo_token_loss(None, targets, old, adv, mask, hidden=h2, weight=w2, loss_scale=scale)
+    loss2.backward()
+    _close(loss2, loss, 1e-6, 1e-6, "loss without the sum")
+    _close(w2.grad, acc - earlier, tol * 0.1, tol, "grad_weight without the sum")
+    again = earlier.clone()
+    loss3, _ = P.ppo_token_loss(None, targets, old, adv, mask, hidden=h2, weight=w2, weight_grad_into=again)
+    with pytest.raises(RuntimeError, match="backpropagated as it is"):
+        (2 * loss3).backward()
+
+
+def test_fused_ppo_loss_refuses_a_sum_of_another_shape_or_dtype(small_block):
+    hidden, weight = torch.randn(5, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
+    targets, z = torch.randint(0, 30, (5,)), torch.zeros(5)
+    for bad in (torch.zeros(30, 8, dtype=torch.bfloat16), torch.zeros(8, 30)):
+        with pytest.raises(ValueError, match="weight_grad_into must be an fp32 tensor of the weight's shape"):
+            P.ppo_token_loss(None, targets, z, z, z + 1, hidden=hidden, weight=weight, weight_grad_into=bad)
+    with pytest.raises(ValueError, match="weight_grad_into"):
+        P.ppo_token_loss(torch.randn(5, 30), targets, z, z, z + 1, weight_grad_into=torch.zeros(30, 8))
+
+
+def test_add_matmul_sums_in_fp32(monkeypatch):
+    """dispatch.add_matmul_: on the CPU (no fp32-out GEMM: fp32_out_gemm is False) the half product is added, the same
+    bits as adding a @ b; where the device has the GEMM, one torch.addmm into the sum itself (out=acc, out_dtype fp32,
+    beta 0 when not accumulating)."""
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(9, 33, generator=gen).bfloat16()
+    b = torch.randn(7, 33, generator=gen).bfloat16().t()
+    acc = torch.randn(9, 7, generator=gen)
+    want = acc + (a @ b).float()
+    assert not dispatch.fp32_out_gemm(acc.device)
+    assert torch.equal(dispatch.add_matmul_(acc, a, b), want)
+    assert torch.equal(dispatch.add_matmul_(acc, a, b, accumulate=False), (a @ b).float())
+    a32, b32 = a.float(), b.float()
+    acc2 = want.clone()
+    assert torch.equal(dispatch.add_matmul_(acc2, a32, b32), torch.addmm(want, a32, b32))
+    calls = []
+
+    def fake_addmm(c, x, y, *, beta=1, alpha=1, out_dtype=None, out=None):
+        calls.append((c is acc, out is acc, out_dtype, beta))
+        return out.mul_(beta).add_(x.float() @ y.float())
+
+    monkeypatch.setattr(dispatch, "fp32_out_gemm", lambda device: True)
+    monkeypatch.setattr(torch, "addmm", fake_addmm)
+    acc.copy_(want)
+    dispatch.add_matmul_(acc, a, b)
+    dispatch.add_matmul_(acc, a, b, accumulate=False)
+    assert calls == [(True, True, torch.float32, 1), (True, True, torch.float32, 0)]
+    torch.testing.assert_close(acc, a.float() @ b.float())
+
+
+def test_the_reference_path_adds_the_lm_heads_grad_to_the_sum_too():
+    """On the reference ops (the engine on a CPU) weight_grad_into takes the weight's grad as well (by autograd, in
+    the forward), the loss still backpropagating into hidden."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(7, 8, generator=gen, requires_grad=True)
+    weight = torch.randn(30, 8, generator=gen, requires_grad=True)
+    targets, z, adv = torch.randint(0, 30, (7,), generator=gen), torch.zeros(7), torch.randn(7, generator=gen)
+    earlier = torch.randn(30, 8, generator=gen)
+    acc = earlier.clone()
+    with dispatch.reference_ops():
+        loss, _ = P.ppo_token_loss(None, targets, z - 2, adv, z + 1, hidden=hidden, weight=weight, loss_scale=0.5,
+                                   weight_grad_into=acc)  # fmt: skip
+    loss.backward()
+    r_loss, _ = reference.ppo_token_loss(None, targets, z - 2, adv, z + 1, hidden=hidden, weight=weight)
+    r_gh, r_gw = torch.autograd.grad(0.5 * r_loss, (hidden, weight))
+    assert weight.grad is None
+    torch.testing.assert_close(loss, 0.5 * r_loss)
+    torch.testing.assert_close(acc - earlier, r_gw)
+    torch.testing.assert_close(hidden.grad, r_gh)
