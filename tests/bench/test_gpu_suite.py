@@ -279,3 +279,72 @@ def test_next_group_tests_then_times_each_switch_against_the_defaults(tmp_path):
         )
         assert f"--batch {b} " in pdl and '{"linear": 1, "pdl": 1}' in pdl, pdl
         assert f"--batch {b} " in cublas and "--decode-config" not in cublas, cublas
+
+
+# Stands in for python3 and records every command the suite gives it, one JSON list a line.
+RECORDER = """#!/usr/bin/env python3
+import json, os, sys
+with open(os.environ["SUITE_RECORD"], "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+if sys.argv[1:2] == ["-"]:
+    sys.stdin.read()
+    print("device stub torch 0 triton 0")
+elif sys.argv[1:2] == ["-c"]:
+    sys.exit(1)
+elif sys.argv[1:2] != ["-m"]:
+    with open(sys.argv[-1], "w") as f:
+        f.write('{"ok": 1}')
+"""
+
+
+class _Parsed(Exception):
+    pass
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("tar") is None, reason="needs coreutils and tar")
+def test_every_command_the_suite_gives_parses_and_every_test_path_exists(tmp_path, monkeypatch):
+    """Each bench command line of every group and of the full run, as bash expands it, is taken by that bench's own
+    argument parser (a flag misspelt in the suite would otherwise cost a lease its step), and every test file a pytest
+    step names exists."""
+    import argparse
+    import json
+    import runpy
+    import sys
+
+    stub = tmp_path / "py"
+    stub.write_text(RECORDER)
+    stub.chmod(0o755)
+    record = tmp_path / "calls.jsonl"
+    groups = ["first", "tune", "check", "fused", "b1", "long", "linear", "tma", "next", "gluon", "tests"]
+    for k, group in enumerate([*groups, None]):  # (None: the full run)
+        env = {
+            **os.environ,
+            "PYTHON": str(stub),
+            "SUITE_WORK_DIR": str(tmp_path / f"w{k}"),
+            "SUITE_RECORD": str(record),
+        }
+        _run_suite([str(tmp_path / f"o{k}"), *([group] if group else [])], env, timeout=120)
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    benches = {tuple(c) for c in calls if c and c[0].startswith("bench/")}
+    tests = [c for c in calls if c[:2] == ["-m", "pytest"]]
+    assert len(benches) > 40 and len(tests) > 5, (len(benches), len(tests))
+    for c in tests:
+        paths = [a for a in c if a.startswith("tests/")]
+        assert paths and all(os.path.exists(os.path.join(ROOT, p.split("::")[0])) for p in paths), c
+    real_parse = argparse.ArgumentParser.parse_known_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        _, extras = real_parse(self, args, namespace)  # (a malformed flag exits here with argparse's message)
+        if extras:
+            raise SystemExit(f"unrecognized arguments: {' '.join(extras)}")
+        raise _Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", parse_then_stop)
+    monkeypatch.chdir(ROOT)
+    for c in sorted(benches):
+        monkeypatch.setattr(sys, "argv", list(c))
+        with pytest.raises(_Parsed):
+            try:
+                runpy.run_path(os.path.join(ROOT, c[0]), run_name="__main__")
+            except SystemExit as e:
+                raise AssertionError(f"{' '.join(c)}: its parser refused it ({e})") from None
