@@ -301,11 +301,17 @@ class _Parsed(Exception):
     pass
 
 
+def _names(node_id: str) -> list[str]:
+    """What pytest's -k matches a test by, near enough: its file's, class's and function's names and its parameters'
+    ids, lower-cased."""
+    return [n.removesuffix(".py").lower() for n in re.split(r"::|\[|\]|/|-", node_id) if n]
+
+
 @pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("tar") is None, reason="needs coreutils and tar")
 def test_every_command_the_suite_gives_parses_and_every_test_path_exists(tmp_path, monkeypatch):
     """Each bench command line of every group and of the full run, as bash expands it, is taken by that bench's own
-    argument parser (a flag misspelt in the suite would otherwise cost a lease its step), and every test file a pytest
-    step names exists."""
+    argument parser (a flag misspelt in the suite would otherwise cost a lease its step), and every pytest step's
+    files exist and its -k expression selects some of their tests (matched as pytest's -k matches names)."""
     import argparse
     import json
     import runpy
@@ -331,6 +337,21 @@ def test_every_command_the_suite_gives_parses_and_every_test_path_exists(tmp_pat
     for c in tests:
         paths = [a for a in c if a.startswith("tests/")]
         assert paths and all(os.path.exists(os.path.join(ROOT, p.split("::")[0])) for p in paths), c
+    from _pytest.mark.expression import Expression
+
+    named = sorted({a for c in tests for a in c if a.startswith("tests/")})
+    listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *named],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300).stdout.splitlines()  # fmt: skip
+    ids = [line for line in listed if "::" in line]
+    assert len(ids) > 300, listed[-5:]
+    for c in tests:
+        paths = [a for a in c if a.startswith("tests/")]
+        chosen = [i for i in ids if any(i == p or i.startswith(p.rstrip("/") + ("" if p.endswith(".py") else "/"))
+                                        for p in paths)]  # fmt: skip
+        if "-k" in c:
+            expr = Expression.compile(c[c.index("-k") + 1])
+            chosen = [i for i in chosen if expr.evaluate(lambda word, i=i: any(word.lower() in n for n in _names(i)))]
+        assert chosen, f"{' '.join(c)}: selects no test"
     real_parse = argparse.ArgumentParser.parse_known_args
 
     def parse_then_stop(self, args=None, namespace=None):
