@@ -92,11 +92,23 @@ def test_no_sum_outside_into_sums_without_autograd_or_optimizer():
 
 
 def test_a_trained_step_is_the_same_with_and_without_the_sums(tmp_path, monkeypatch):
-    """A tiny bf16 PPO run's weights after two iterations are the same bits whether the trainer's micro-batches make
-    the weight grads straight into their sums or through the hooks (the CPU's product is the same half one)."""
+    """A tiny bf16 PPO run's weights after two iterations (several micro-batches a step) are the same bits whether the
+    trainer's micro-batches make the weight grads straight into their sums or through the hooks (the CPU's product is
+    the same half one); a sum overwritten by a micro-batch instead of added to fails it."""
     from tests.engine.runs import run_tiny, saved_weights
 
-    flags = ("--dtype", "bfloat16", "--max-iterations", "2", "--save-every", "2", "--learning-rate", "1e-3")
+    flags = (
+        "--dtype",
+        "bfloat16",
+        "--max-iterations",
+        "2",
+        "--save-every",
+        "2",
+        "--learning-rate",
+        "1e-3",
+        "--micro-batch-tokens",
+        "40",
+    )  # (several micro-batches a step: their grads summed)
     run_tiny(tmp_path / "fused", *flags)
 
     class Off:  # into_sums doing nothing: every grad through the hooks
