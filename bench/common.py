@@ -413,6 +413,8 @@ def ptxas_info(
         "pdl_triggers": "griddepcontrol.launch_dependents" in ptx,
         "l2_prefetch_before_wait": 0 <= ptx.find("prefetch.global.L2") < wait,  # (a weight's stream begun early)
         "loop_spills": _loop_spills(compiled.asm["cubin"]),
+        # the block-wide barriers (bar.sync): each block reduction's cross-warp round waits at them
+        "barriers": len(re.findall(r"\bbar\.sync\b", ptx)),
         # warp specialisation (tl.range(warp_specialize=True)): the warps of every partition, and the per-partition
         # register budgets it sets (setmaxnreg: a producer gives registers up, the consumers take them)
         "warps": compiled.metadata.num_warps,

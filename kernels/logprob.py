@@ -53,6 +53,11 @@ _CHUNK_ROWS: int | None = None
 
 
 @triton.jit
+def _add_pair(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
 def _logprob_fwd_kernel(
     x_ptr,  # [B, T, V] logits (last stride 1)
     stride_b,
@@ -88,11 +93,14 @@ def _logprob_fwd_kernel(
         e = tl.exp(d)
         alpha = tl.exp((m - m_safe) * inv_temp)
         if HAS_ENT:
-            # e * (z - m): e is exactly 0 below d = -104, so clamping d at -200 only removes 0 * -inf.
-            w_blk = tl.sum(e * tl.maximum(d, -200.0), 0)
+            # e * (z - m): e is exactly 0 below d = -104, so clamping d at -200 only removes 0 * -inf. The two sums in
+            # one reduction: one round of shuffles and barriers for both (the entropy's extra time was its own round)
+            s_blk, w_blk = tl.reduce((e, e * tl.maximum(d, -200.0)), 0, _add_pair)
             shift = tl.where(m == float("-inf"), 0.0, (m - m_safe) * inv_temp)
             w = alpha * (w + shift * s) + w_blk
-        s = alpha * s + tl.sum(e, 0)
+        else:
+            s_blk = tl.sum(e, 0)
+        s = alpha * s + s_blk
         m = m_new
     t_local = tl.load(tgt_ptr + row) - v_start
     in_shard = (t_local >= 0) & (t_local < V)

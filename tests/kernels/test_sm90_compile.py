@@ -223,6 +223,9 @@ for fn, ptrs, flags in [
         types = {a: ptrs.get(a, "fp32" if a == "inv_temp" else "i32") for a in fn.arg_names if a not in consts}
         info = ptxas_info(fn, types, consts, cfg.num_warps, cfg.num_stages)
         assert info["regs"] and info["spill_bytes"] == 0, info
+        if fn is L._logprob_fwd_kernel:  # the entropy's two sums in one reduction: no barrier round of its own
+            base = ptxas_info(fn, types, {**consts, "HAS_ENT": False}, cfg.num_warps, cfg.num_stages)
+            assert 0 < info["barriers"] == base["barriers"], (cfg, info["barriers"], base["barriers"])
 print("compiled")
 """,
     "decode_linear": """
