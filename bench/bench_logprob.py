@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import check_close, exit_if_ours_failed, fill_peaks, measure, write_json  # noqa: E402
+from kernels import logprob as logprob_kernels  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.dispatch import fp32_out_gemm  # noqa: E402
 from kernels.logprob import hidden_logprobs, token_logprobs  # noqa: E402
@@ -83,6 +84,19 @@ def check_into_sum(what: str, loss_fn, hidden: torch.Tensor, weight: torch.Tenso
     check_close(what, max(errs), dtype)
 
 
+def persistent_rows(f):
+    """f run with kernels.logprob.PERSISTENT_ROWS on (the switch as it was after each call)."""
+
+    def call(*args):
+        before, logprob_kernels.PERSISTENT_ROWS = logprob_kernels.PERSISTENT_ROWS, True
+        try:
+            return f(*args)
+        finally:
+            logprob_kernels.PERSISTENT_ROWS = before
+
+    return call
+
+
 def fwd_bwd(f, inputs):
     """A callable doing f(*inputs) forward and the grads of sum(outputs * random weights) w.r.t. inputs."""
     leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
@@ -109,21 +123,24 @@ def bench_token(args, device, dtype, rows):
     }
     cands = {
         "ours": lambda xx, ent: token_logprobs(xx, targets, return_entropy=ent),
+        # the forward's persistent grid, rows copied in ahead (kernels.logprob.PERSISTENT_ROWS; the backward as ours)
+        "ours, rows pipelined": persistent_rows(lambda xx, ent: token_logprobs(xx, targets, return_entropy=ent)),
         "eager (reference)": lambda xx, ent: reference.token_logprobs(xx, targets, return_entropy=ent),
     }
     if device == "cuda" and not args.skip_compile:
         compiled = torch.compile(reference.token_logprobs, dynamic=False)
         cands["torch.compile"] = lambda xx, ent: compiled(xx, targets, return_entropy=ent)
-    # before timing: ours against the fp32 reference on the same logits (log-probs, entropy)
-    got, want = (
-        token_logprobs(logits, targets, return_entropy=True),
-        reference.token_logprobs(logits.float(), targets, return_entropy=True),
-    )
-    errs = [(a.float() - b).abs().max().item() for a, b in zip(got, want)]
-    print(f"token_logprobs {n}x{v}: ours vs fp32 reference, max |err| log-prob {errs[0]:.2e}, entropy {errs[1]:.2e}")
-    rel = max(e / b.abs().max().item() for e, b in zip(errs, want))  # (the same logits: fp32 inside both)
-    check_close(f"token_logprobs {n}x{v}", rel, torch.float32)
-    del got, want
+    # before timing: ours (both forwards) against the fp32 reference on the same logits (log-probs, entropy)
+    want = reference.token_logprobs(logits.float(), targets, return_entropy=True)
+    for what, f in (("", cands["ours"]), (", rows pipelined", cands["ours, rows pipelined"])):
+        got = f(logits, True)
+        errs = [(a.float() - b).abs().max().item() for a, b in zip(got, want)]
+        print(f"token_logprobs{what} {n}x{v}: ours vs fp32 reference, max |err| log-prob {errs[0]:.2e}, entropy "
+              f"{errs[1]:.2e}")  # fmt: skip
+        rel = max(e / b.abs().max().item() for e, b in zip(errs, want))  # (the same logits: fp32 inside both)
+        check_close(f"token_logprobs{what} {n}x{v}", rel, torch.float32)
+        del got
+    del want
     rows_checked = min(n, 512)  # (the backward: on a slice of the rows, each row's gradient its own)
     check_fwd_bwd(
         f"token_logprobs backward {rows_checked}x{v}",

@@ -48,13 +48,10 @@ _CHUNK_BYTES = 256 * 1024 * 1024
 CHECK_TARGETS_ON_GPU = True
 # Tests set a fixed number of rows per chunk to exercise several (and ragged) chunks.
 _CHUNK_ROWS: int | None = None
+# (tests) the interpreter runs the forward's persistent kernel (PERSISTENT_ROWS' on a GPU) with this many programs
+_INTERPRET_PERSIST_PROGRAMS = 0
 
 # ------------------------------------------------------------------------------------ jit kernels
-
-
-@triton.jit
-def _add_pair(a0, a1, b0, b1):
-    return a0 + b0, a1 + b1
 
 
 @triton.jit
@@ -71,11 +68,36 @@ def _logprob_fwd_kernel(
     V: tl.constexpr,  # constexpr: vocab sizes are few, and the loop bound must be static for the interpreter
     v_start,
     inv_temp,
+    n_rows,
     BLOCK_V: tl.constexpr,
     HAS_ENT: tl.constexpr,
     FINALIZE: tl.constexpr,
+    PERSIST: tl.constexpr = False,
+    STAGES: tl.constexpr = 2,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    """One row a program; PERSIST: a grid of fewer programs, each taking rows pid, pid + programs, ... in a loop that
+    Triton's pipeliner runs ahead: the next STAGES - 1 rows' logits copied into shared memory while one is reduced
+    (num_stages given to the loop itself: without it the pipeliner stages only loads that feed a dot)."""
+    if PERSIST:
+        first, step = dispatch.loop_bound(tl.program_id(0)), dispatch.loop_bound(tl.num_programs(0))
+        for row in tl.range(first, dispatch.loop_bound(n_rows), step, num_stages=STAGES):
+            _logprob_fwd_row(
+                tl.cast(row, tl.int64), x_ptr, stride_b, stride_t, T, tgt_ptr, norm_ptr, logp_ptr, ent_ptr, stats_ptr,
+                V, v_start, inv_temp, BLOCK_V, HAS_ENT, FINALIZE,
+            )  # fmt: skip
+    else:
+        _logprob_fwd_row(
+            tl.program_id(0).to(tl.int64), x_ptr, stride_b, stride_t, T, tgt_ptr, norm_ptr, logp_ptr, ent_ptr,
+            stats_ptr, V, v_start, inv_temp, BLOCK_V, HAS_ENT, FINALIZE,
+        )  # fmt: skip
+
+
+@triton.jit
+def _logprob_fwd_row(
+    row, x_ptr, stride_b, stride_t, T, tgt_ptr, norm_ptr, logp_ptr, ent_ptr, stats_ptr, V: tl.constexpr, v_start,
+    inv_temp, BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr, FINALIZE: tl.constexpr,
+):  # fmt: skip
+    """The forward of one row (see _logprob_fwd_kernel's arguments)."""
     x_row = x_ptr + (row // T) * stride_b + (row % T) * stride_t
     cols = tl.arange(0, BLOCK_V)
     m = float("-inf")
@@ -95,7 +117,7 @@ def _logprob_fwd_kernel(
         if HAS_ENT:
             # e * (z - m): e is exactly 0 below d = -104, so clamping d at -200 only removes 0 * -inf. The two sums in
             # one reduction: one round of shuffles and barriers for both (the entropy's extra time was its own round)
-            s_blk, w_blk = tl.reduce((e, e * tl.maximum(d, -200.0)), 0, _add_pair)
+            s_blk, w_blk = dispatch.sum_pair(e, e * tl.maximum(d, -200.0), 0)
             shift = tl.where(m == float("-inf"), 0.0, (m - m_safe) * inv_temp)
             w = alpha * (w + shift * s) + w_blk
         else:
@@ -179,10 +201,50 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
+def _persist_configs():
+    # (block, warps, stages) of the persistent forward (PERSISTENT_ROWS): the whole row in one block, the next rows'
+    # logits copied into shared memory (num_stages - 1 rows ahead) while this one is reduced
+    # (3 stages: two rows' buffers, one being copied in while the other is reduced; 2 would issue the next row's copy
+    # only after this row's reductions, its one buffer still being read)
+    shapes = [(32768, 32, 3), (32768, 16, 3), (16384, 16, 3), (8192, 8, 3)]
+    return [
+        triton.Config({"BLOCK_V": b, "PERSIST": True, "STAGES": st}, num_warps=w, num_stages=st) for b, w, st in shapes
+    ]
+
+
+def _prune_persist(configs, named_args, **kwargs):
+    """The plain configs as _prune_configs keeps them, and the persistent ones whose block holds the whole row (a
+    narrower block has a loop over the row inside, which the pipeliner would run ahead instead of the rows')."""
+    v = named_args["V"]
+    plain = _prune_configs([c for c in configs if not c.kwargs.get("PERSIST")], named_args)
+    cap = max(256, triton.next_power_of_2(v))
+    return plain + [c for c in configs if c.kwargs.get("PERSIST") and v <= c.kwargs["BLOCK_V"] <= cap]
+
+
+def persist_programs(n_rows: int, meta: dict, num_sms: int, elt: int) -> int:
+    """The persistent forward's grid: as many programs as fit on the GPU at once (each SM's shared memory holding
+    their staged rows, its 2048 threads their warps), at most one a row."""
+    staged = meta["BLOCK_V"] * elt * max(1, meta.get("num_stages", 2) - 1)  # (num_stages - 1 buffers a program)
+    per_sm = max(1, min(200 * 1024 // staged, 2048 // (32 * meta.get("num_warps", 4))))
+    return max(1, min(n_rows, num_sms * per_sm))
+
+
 _prune = {"early_config_prune": _prune_configs}
 _fwd_tuned = dispatch.autotune(_configs(), key=["V", "HAS_ENT", "FINALIZE"], prune_configs_by=_prune)(
     _logprob_fwd_kernel
 )
+# the forward with the persistent configs beside the plain ones (PERSISTENT_ROWS): the tuner times both kinds
+_fwd_persist_tuned = dispatch.autotune(
+    _configs() + _persist_configs(),
+    key=["V", "HAS_ENT", "FINALIZE"],
+    prune_configs_by={"early_config_prune": _prune_persist},
+)(_logprob_fwd_kernel)
+
+# The forward's rows taken in a loop by a persistent grid whose next rows' logits are copied in while one is reduced
+# (the plain kernel holds one row a program, two programs an SM at a 32000-wide row: each row's load and its
+# reductions in series, 77% of the copy rate on an H200). Opt-in until a GPU has timed it: the log-prob bench's rows
+# "ours, rows pipelined"; on, the autotuner times the persistent configs beside the plain ones and keeps the faster.
+PERSISTENT_ROWS = False
 # restore_value: the grad may be written in place over the logits, which a re-run would then misread.
 _bwd_tuned = dispatch.autotune(_configs(), key=["V", "HAS_GENT"], prune_configs_by=_prune, restore_value=["gx_ptr"])(
     _logprob_bwd_kernel
@@ -199,6 +261,24 @@ def _launch(raw, tuned, n_rows: int, V: int, *args, **meta) -> None:
         raw[(n_rows,)](*args, BLOCK_V=block, num_warps=4, **meta)
     else:
         tuned[(n_rows,)](*args, **meta)
+
+
+def _launch_fwd(n_rows: int, V: int, x3: torch.Tensor, *args, **meta) -> None:
+    """The forward: the plain tuner, or with PERSISTENT_ROWS the one that also times the persistent configs (a grid of
+    persist_programs for those). `_INTERPRET_PERSIST_PROGRAMS` (tests): the interpreter runs the persistent kernel
+    with that many programs."""
+    if n_rows == 0:
+        return
+    if dispatch.INTERPRET and _INTERPRET_PERSIST_PROGRAMS:
+        block = max(16, min(triton.next_power_of_2(V), _INTERPRET_BLOCK_V))
+        grid = (min(n_rows, _INTERPRET_PERSIST_PROGRAMS),)
+        _logprob_fwd_kernel[grid](x3, *args, n_rows, BLOCK_V=block, num_warps=4, PERSIST=True, **meta)
+    elif dispatch.INTERPRET or not PERSISTENT_ROWS:
+        _launch(_logprob_fwd_kernel, _fwd_tuned, n_rows, V, x3, *args, n_rows, **meta)
+    else:
+        sms, elt = dispatch.sm_count(x3.device), x3.element_size()
+        grid = lambda m: (persist_programs(n_rows, m, sms, elt) if m.get("PERSIST") else n_rows,)
+        _fwd_persist_tuned[grid](x3, *args, n_rows, **meta)
 
 
 def _as_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -275,9 +355,8 @@ def _fwd_outputs(like: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor
 def _fwd(x3, targets, temperature, has_ent, v_start, norm=None, logp=None, ent=None, stats=None) -> None:
     """Launch the forward kernel: final (norm [N, 2], logp, ent) when `stats` is None, else partial [N, 4] stats."""
     ptrs = (norm, logp, ent, norm) if stats is None else (stats,) * 4
-    _launch(
-        _logprob_fwd_kernel, _fwd_tuned, targets.numel(), x3.shape[-1],
-        x3, x3.stride(0), x3.stride(1), x3.shape[1], targets, *ptrs,
+    _launch_fwd(
+        targets.numel(), x3.shape[-1], x3, x3.stride(0), x3.stride(1), x3.shape[1], targets, *ptrs,
         x3.shape[-1], v_start, 1.0 / temperature, HAS_ENT=has_ent, FINALIZE=stats is None,
     )  # fmt: skip
 

@@ -779,3 +779,60 @@ def test_the_reference_path_adds_the_lm_heads_grad_to_the_sum_too():
     torch.testing.assert_close(loss, 0.5 * r_loss)
     torch.testing.assert_close(acc - earlier, r_gw)
     torch.testing.assert_close(hidden.grad, r_gh)
+
+
+@pytest.mark.parametrize("has_ent", [False, True])
+def test_the_persistent_forward_gives_the_plain_ones_bits(small_block, monkeypatch, has_ent):
+    """PERSISTENT_ROWS' kernel (rows pid, pid + programs, ... in one loop; here 3 programs for 11 rows of 150 logits in
+    64-wide blocks, and 1 program) writes the very bits of one program a row: log-probs, norms and entropy, and a TP
+    rank's partial statistics."""
+    gen = torch.Generator().manual_seed(4)
+    x3 = (torch.randn(11, 150, generator=gen) * 3).bfloat16().view(1, 11, 150)
+    x3[0, 2, 40:] = float("-inf")  # (a row with -inf logits, as a padded vocabulary's)
+    targets = torch.randint(0, 150, (11,), generator=gen)
+    plain = L.logprob_forward(x3, targets, 0.7, has_ent)
+    stats = torch.empty(11, 4)
+    L._fwd(x3, targets, 0.7, has_ent, 0, stats=stats)
+    for programs in (3, 1):
+        monkeypatch.setattr(L, "_INTERPRET_PERSIST_PROGRAMS", programs)
+        ours = L.logprob_forward(x3, targets, 0.7, has_ent)
+        for a, b in zip(plain, ours):
+            assert (a is None and b is None) or torch.equal(a, b)
+        got = torch.full((11, 4), float("nan"))
+        L._fwd(x3, targets, 0.7, has_ent, 0, stats=got)
+        assert torch.equal(got, stats)
+
+
+def test_the_persistent_configs_and_grid():
+    """The persistent configs a row keeps: those whose block holds it whole (a 32000-wide row: the 32768-wide ones;
+    Llama 3's 128256: none, the plain ones only), beside the plain configs _prune_configs keeps; the grid: as many
+    programs as the SMs hold at once (two rows' buffers of shared memory each, their threads), at most one a row."""
+    configs = L._configs() + L._persist_configs()
+    keep = lambda v: [(c.kwargs["BLOCK_V"], c.num_warps, bool(c.kwargs.get("PERSIST"))) for c in L._prune_persist(
+        configs, {"V": v})]  # fmt: skip
+    plain = lambda v: [(c.kwargs["BLOCK_V"], c.num_warps, False) for c in L._prune_configs(L._configs(), {"V": v})]
+    assert keep(32000) == plain(32000) + [(32768, 32, True), (32768, 16, True)]
+    assert keep(128256) == plain(128256)
+    assert keep(5000) == plain(5000) + [(8192, 8, True)]
+    meta = lambda b, w, st: {"BLOCK_V": b, "num_warps": w, "num_stages": st, "PERSIST": True}
+    assert L.persist_programs(10**6, meta(32768, 32, 3), 132, 2) == 132  # (128 KiB of buffers: one an SM)
+    assert L.persist_programs(10**6, meta(8192, 8, 3), 132, 2) == 132 * 6  # (32 KiB: six, by 200 KiB; 8 by threads)
+    assert L.persist_programs(100, meta(8192, 8, 3), 132, 2) == 100
+
+
+def test_a_pair_of_sums_is_combined_each_with_its_own(small_block):
+    """dispatch.sum_pair's GPU form (one tl.reduce of the pair, which the interpreter replaces by two tl.sum for
+    speed) run through the interpreter: each sum keeps its own operand."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def pair_kernel(a_ptr, b_ptr, out_ptr, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        sa, sb = tl.reduce((tl.load(a_ptr + offs), tl.load(b_ptr + offs)), 0, dispatch._add_pair)
+        tl.store(out_ptr, sa)
+        tl.store(out_ptr + 1, sb)
+
+    a, b, out = torch.arange(16.0), torch.arange(16.0) * -3 + 1, torch.zeros(2)
+    pair_kernel[(1,)](a, b, out, 16)
+    assert out.tolist() == [a.sum().item(), b.sum().item()]

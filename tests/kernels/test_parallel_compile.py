@@ -81,7 +81,7 @@ SCRIPT = textwrap.dedent(
     norm, logp, ent = torch.empty(rows, 2), torch.empty(rows), torch.empty(rows)
     tuner = logprob._fwd_tuned
     seen = record(tuner)
-    tuner[(rows,)](logits, 0, V, 1, tgt, norm, logp, ent, norm, V, 0, 1.0, HAS_ENT=True, FINALIZE=True)
+    tuner[(rows,)](logits, 0, V, 1, tgt, norm, logp, ent, norm, V, 0, 1.0, rows, HAS_ENT=True, FINALIZE=True)
     report("logprob", seen, len(logprob._prune_configs(tuner.configs, {"V": V})))
 
     # compile_ahead: a sweep's variants (plain launches at three tiles, and an autotuned launch) compiled at once

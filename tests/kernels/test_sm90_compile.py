@@ -212,20 +212,27 @@ print("compiled")
 from bench.common import ptxas_info
 import kernels.logprob as L
 
-for fn, ptrs, flags in [
-    (L._logprob_fwd_kernel, dict(x_ptr="*bf16", tgt_ptr="*i64", norm_ptr="*fp32", logp_ptr="*fp32", ent_ptr="*fp32",
-                                 stats_ptr="*fp32"), dict(HAS_ENT=True, FINALIZE=True)),
+fwd_ptrs = dict(x_ptr="*bf16", tgt_ptr="*i64", norm_ptr="*fp32", logp_ptr="*fp32", ent_ptr="*fp32", stats_ptr="*fp32")
+kept = L._prune_persist(L._configs() + L._persist_configs(), {"V": 32000})
+persist = [c for c in kept if c.kwargs.get("PERSIST")]
+assert [(c.kwargs["BLOCK_V"], c.num_warps) for c in persist] == [(32768, 32), (32768, 16)], persist
+for fn, ptrs, flags, configs in [
+    (L._logprob_fwd_kernel, fwd_ptrs, dict(HAS_ENT=True, FINALIZE=True, PERSIST=False), L._configs()[-3:]),
+    (L._logprob_fwd_kernel, fwd_ptrs, dict(HAS_ENT=True, FINALIZE=True), persist),
     (L._logprob_bwd_kernel, dict(x_ptr="*bf16", gx_ptr="*bf16", tgt_ptr="*i64", norm_ptr="*fp32", ent_ptr="*fp32",
-                                 glp_ptr="*fp32", gent_ptr="*fp32"), dict(HAS_GENT=True)),
+                                 glp_ptr="*fp32", gent_ptr="*fp32"), dict(HAS_GENT=True), L._configs()[-3:]),
 ]:
-    for cfg in L._configs()[-3:]:  # the configs a 32000-wide vocabulary keeps
-        consts = dict(V=32000, **cfg.kwargs, **flags)
+    for cfg in configs:  # the configs a 32000-wide vocabulary keeps
+        consts = dict(V=32000, **flags, **cfg.kwargs)
         types = {a: ptrs.get(a, "fp32" if a == "inv_temp" else "i32") for a in fn.arg_names if a not in consts}
         info = ptxas_info(fn, types, consts, cfg.num_warps, cfg.num_stages)
         assert info["regs"] and info["spill_bytes"] == 0, info
         if fn is L._logprob_fwd_kernel:  # the entropy's two sums in one reduction: no barrier round of its own
             base = ptxas_info(fn, types, {**consts, "HAS_ENT": False}, cfg.num_warps, cfg.num_stages)
             assert 0 < info["barriers"] == base["barriers"], (cfg, info["barriers"], base["barriers"])
+            async_copies = sum(n for k, n in info["loads"].items() if k.startswith("cp.async"))
+            # the persistent kernel's rows copied in ahead (cp.async: the pipeliner ran the row loop ahead)
+            assert (async_copies > 0) == bool(cfg.kwargs.get("PERSIST")), (cfg, info["loads"])
 print("compiled")
 """,
     "decode_linear": """
