@@ -54,7 +54,7 @@ _INTERPRET_PERSIST_PROGRAMS = 0
 # ------------------------------------------------------------------------------------ jit kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # (read by the persistent loop alone: one binary for every row count)
 def _logprob_fwd_kernel(
     x_ptr,  # [B, T, V] logits (last stride 1)
     stride_b,
@@ -222,11 +222,11 @@ def _prune_persist(configs, named_args, **kwargs):
 
 
 def persist_programs(n_rows: int, meta: dict, num_sms: int, elt: int) -> int:
-    """The persistent forward's grid: as many programs as fit on the GPU at once (each SM's shared memory holding
-    their staged rows, its 2048 threads their warps), at most one a row."""
-    staged = meta["BLOCK_V"] * elt * max(1, meta.get("num_stages", 2) - 1)  # (num_stages - 1 buffers a program)
-    per_sm = max(1, min(200 * 1024 // staged, 2048 // (32 * meta.get("num_warps", 4))))
-    return max(1, min(n_rows, num_sms * per_sm))
+    """The persistent forward's grid: as many programs as the SMs' shared memory holds at once (STAGES - 1 row
+    buffers a program; for every persistent config the tighter limit, threads never), at most one a row. From the
+    kernel's own arguments (BLOCK_V, STAGES): the grid a launch computes sees those, not num_warps nor num_stages."""
+    staged = meta["BLOCK_V"] * elt * max(1, meta["STAGES"] - 1)
+    return max(1, min(n_rows, num_sms * max(1, 200 * 1024 // staged)))
 
 
 _prune = {"early_config_prune": _prune_configs}

@@ -806,7 +806,8 @@ def test_the_persistent_forward_gives_the_plain_ones_bits(small_block, monkeypat
 def test_the_persistent_configs_and_grid():
     """The persistent configs a row keeps: those whose block holds it whole (a 32000-wide row: the 32768-wide ones;
     Llama 3's 128256: none, the plain ones only), beside the plain configs _prune_configs keeps; the grid: as many
-    programs as the SMs hold at once (two rows' buffers of shared memory each, their threads), at most one a row."""
+    programs as the SMs' shared memory holds at once (two rows' buffers each; their threads fit too), at most one a
+    row."""
     configs = L._configs() + L._persist_configs()
     keep = lambda v: [(c.kwargs["BLOCK_V"], c.num_warps, bool(c.kwargs.get("PERSIST"))) for c in L._prune_persist(
         configs, {"V": v})]  # fmt: skip
@@ -814,10 +815,13 @@ def test_the_persistent_configs_and_grid():
     assert keep(32000) == plain(32000) + [(32768, 32, True), (32768, 16, True)]
     assert keep(128256) == plain(128256)
     assert keep(5000) == plain(5000) + [(8192, 8, True)]
-    meta = lambda b, w, st: {"BLOCK_V": b, "num_warps": w, "num_stages": st, "PERSIST": True}
-    assert L.persist_programs(10**6, meta(32768, 32, 3), 132, 2) == 132  # (128 KiB of buffers: one an SM)
-    assert L.persist_programs(10**6, meta(8192, 8, 3), 132, 2) == 132 * 6  # (32 KiB: six, by 200 KiB; 8 by threads)
-    assert L.persist_programs(100, meta(8192, 8, 3), 132, 2) == 100
+    for c in L._persist_configs():  # (shared memory the tighter limit: never more programs than their threads fit)
+        per_sm = L.persist_programs(10**6, c.kwargs, 1, 2)
+        assert c.num_stages == c.kwargs["STAGES"] and per_sm * c.num_warps * 32 <= 2048, (c, per_sm)
+    meta = lambda b, st: {"BLOCK_V": b, "STAGES": st, "PERSIST": True}
+    assert L.persist_programs(10**6, meta(32768, 3), 132, 2) == 132  # (128 KiB of buffers: one an SM)
+    assert L.persist_programs(10**6, meta(8192, 3), 132, 2) == 132 * 6  # (32 KiB: six, by 200 KiB)
+    assert L.persist_programs(100, meta(8192, 3), 132, 2) == 100
 
 
 def test_a_pair_of_sums_is_combined_each_with_its_own(small_block):
