@@ -252,7 +252,7 @@ def fold_during_backward(opt: Optimizer) -> None:
     tp 8: 3.3 GB per GPU), only those of the layers in flight. The optimizer built last for a parameter takes its
     grads; a dead one's hooks do nothing. Each parameter's `grad_sum()` gives its sum (grad_sum, or None once the
     optimizer is gone): where engine/grad_sums.py makes a linear layer's weight grad in the first place."""
-    ref = weakref.ref(opt)
+    ref = _OptimizerRef(opt)
     for i, p in enumerate(opt.params):
         old = getattr(p, "_fold_hook", None)
         if old is not None:
@@ -261,13 +261,27 @@ def fold_during_backward(opt: Optimizer) -> None:
         p.grad_sum = functools.partial(_grad_sum_of, ref, i)
 
 
-def _fold_hook(ref: weakref.ref, i: int, param: torch.Tensor) -> None:
+class _OptimizerRef:
+    """A weak reference to an optimizer, which a parameter's hook and grad_sum getter hold; pickled (torch.save of a
+    model, whose parameters carry them) as a dead one: a model loaded back has no optimizer."""
+
+    def __init__(self, opt: Optimizer | None = None) -> None:
+        self._ref = weakref.ref(opt) if opt is not None else None
+
+    def __call__(self) -> Optimizer | None:
+        return self._ref() if self._ref is not None else None
+
+    def __reduce__(self):
+        return (_OptimizerRef, ())
+
+
+def _fold_hook(ref: _OptimizerRef, i: int, param: torch.Tensor) -> None:
     opt = ref()
     if opt is not None:
         _fold(opt, i)
 
 
-def _grad_sum_of(ref: weakref.ref, i: int) -> torch.Tensor | None:
+def _grad_sum_of(ref: _OptimizerRef, i: int) -> torch.Tensor | None:
     opt = ref()
     return None if opt is None else grad_sum(opt, i)
 

@@ -564,3 +564,28 @@ def test_chunks_fill_up_to_exactly_chunk_elements(monkeypatch):
     monkeypatch.setattr(offload, "CHUNK_ELEMENTS", 5)
     opt = SimpleNamespace(masters=[torch.empty(n) for n in (3, 2, 5, 6, 1, 4)])
     assert offload.chunks(opt) == [[0, 1], [2], [3], [4, 5]]
+
+
+def test_a_model_with_an_optimizer_pickles_and_loads_back_without_it():
+    """torch.save(model) of a model whose parameters carry an optimizer's hooks and grad-sum getters (weak references
+    to it, which pickle refuses) writes, and the model loaded back has the same weights and no optimizer: its grads
+    stay on its parameters."""
+    import io
+
+    small = dataclasses.replace(ModelConfig.named("tiny"), num_layers=1)
+    model = Transformer(small, "score", dtype=torch.bfloat16).init_weights(seed=0)
+    opt = optim.make_optimizer(model, PPOConfig())
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+    assert all(p.grad_sum() is None for p in back.parameters())
+    x = torch.randint(0, small.vocab_size, (5,))
+    with dispatch.reference_ops():
+        back.head_packed(
+            back.hidden_packed(x, torch.arange(5), torch.tensor([0, 5], dtype=torch.int32))
+        ).sum().backward()
+    assert all(p.grad is not None for p in back.parameters())
+    assert all(g is None for g in opt.grads)  # (the original optimizer untouched)
+    assert opt.params[0].grad_sum() is opt.grads[0] is not None  # (and still its parameters')
