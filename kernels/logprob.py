@@ -253,12 +253,16 @@ _bwd_tuned = dispatch.autotune(_configs(), key=["V", "HAS_GENT"], prune_configs_
 # ------------------------------------------------------------------------------- host launchers
 
 
+def _interpret_block(V: int) -> int:
+    """The interpreter's block: the row, within _INTERPRET_BLOCK_V (tests shrink it to take several blocks a row)."""
+    return max(16, min(triton.next_power_of_2(V), _INTERPRET_BLOCK_V))
+
+
 def _launch(raw, tuned, n_rows: int, V: int, *args, **meta) -> None:
     if n_rows == 0:
         return
     if dispatch.INTERPRET:
-        block = max(16, min(triton.next_power_of_2(V), _INTERPRET_BLOCK_V))
-        raw[(n_rows,)](*args, BLOCK_V=block, num_warps=4, **meta)
+        raw[(n_rows,)](*args, BLOCK_V=_interpret_block(V), num_warps=4, **meta)
     else:
         tuned[(n_rows,)](*args, **meta)
 
@@ -270,9 +274,8 @@ def _launch_fwd(n_rows: int, V: int, x3: torch.Tensor, *args, **meta) -> None:
     if n_rows == 0:
         return
     if dispatch.INTERPRET and _INTERPRET_PERSIST_PROGRAMS:
-        block = max(16, min(triton.next_power_of_2(V), _INTERPRET_BLOCK_V))
         grid = (min(n_rows, _INTERPRET_PERSIST_PROGRAMS),)
-        _logprob_fwd_kernel[grid](x3, *args, n_rows, BLOCK_V=block, num_warps=4, PERSIST=True, **meta)
+        _logprob_fwd_kernel[grid](x3, *args, n_rows, BLOCK_V=_interpret_block(V), num_warps=4, PERSIST=True, **meta)
     elif dispatch.INTERPRET or not PERSISTENT_ROWS:
         _launch(_logprob_fwd_kernel, _fwd_tuned, n_rows, V, x3, *args, n_rows, **meta)
     else:
