@@ -33,7 +33,7 @@ from engine.errors import InputError, failed_on
 from engine.evaluate import check_resumed_eval, eval_due, evaluate, log_samples
 from engine.kv_cache import upload
 from engine.model import forward_flops
-from engine.optim import accumulate_grads, apply_update, reduce_grads
+from engine.optim import accumulate_grads, apply_update, backward, reduce_grads
 from engine.output_dir import TRACE_PREFIX
 from engine.parallel import agree, print0, rank0_together
 from engine.resume import record_launch, resume_checkpoint, save_checkpoint
@@ -90,10 +90,11 @@ def _nonfinite_kl(state: TrainState, ro: Rollout) -> str:
 def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, torch.Tensor]) -> None:
     """One optimizer step of each model on this rank's share `seqs` of a global minibatch.
 
-    The policy's micro-batches and its grads' DP reduction, then the value model's (the two are independent within a
-    step): with the distributed optimizer only one model's whole fp32 grads exist at a time (the first's are
-    reduce-scattered into its shards before the second's backward). Both updates are applied once both models'
-    losses and grad norms are known to be finite, so a step that raises has changed nothing.
+    The policy's micro-batches and its grads' DP reduction (launched while its last micro-batch's backward runs:
+    engine.optim.backward), then the value model's (the two are independent within a step): with the distributed
+    optimizer only one model's whole fp32 grads exist at a time (the first's are reduce-scattered into its shards
+    before the second's backward). Both updates are applied once both models' losses and grad norms are known to be
+    finite, so a step that raises has changed nothing.
 
     Adds to `sums` (DP-local sums): the losses (each already a share of the global minibatch mean), token sums of the
     per-token stats, token counts, and the grad norms.
@@ -117,7 +118,7 @@ def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, 
     for name, opt in (("policy", state.policy_opt), ("value", state.value_opt)):
         step_loss = torch.zeros((), device=dev)
         for pk in packs:
-            r = pk["rows"]
+            r, last = pk["rows"], pk is packs[-1]  # (the last's backward launches the DP reduction as it goes)
             with grad_sums.into_sums():  # (each weight's grad made straight into its fp32 sum)
                 if name == "policy":
                     old = (
@@ -131,7 +132,7 @@ def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, 
                         denom=n_global, group=state.policy.group, entropy_coef=cfg.entropy_coef,
                         real_vocab=state.policy.real_vocab,
                     )  # fmt: skip
-                    loss.backward()
+                    backward(opt, grid, loss, last=last)
                     add_to(sums, tokens=r.numel(), seq_tokens=pk["ids"].numel(),
                            **{k: st[k] for k in ("clip_frac", "entropy", "ratio", "approx_kl")})  # fmt: skip
                 else:
@@ -140,7 +141,7 @@ def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, 
                         state.value.head_packed(h), ro.values[r], ro.targets["returns"][r], clip_value=cfg.clip_value,
                         denom=n_global,
                     )  # fmt: skip
-                    (cfg.value_loss_coef * loss).backward()
+                    backward(opt, grid, cfg.value_loss_coef * loss, last=last)
                     add_to(sums, value_clip_frac=vst["clip_frac"])
             accumulate_grads(opt)
             step_loss += loss.detach()

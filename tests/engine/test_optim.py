@@ -125,6 +125,18 @@ def test_distributed_optimizer_matches_plain_adam():
     assert r.returncode == 0 and r.stdout.count("optim worker ok") == 2, r.stdout[-3000:] + r.stderr[-3000:]
 
 
+def test_the_dp_reduction_runs_during_the_last_backward_to_the_same_bits():
+    """TP 2 x DP 2 (torchrun, gloo): with the plain and the distributed optimizer, each unit's DP reduction launched
+    inside the step's last backward, last unit first, leaves the parameters and grad norms of the reduction after
+    it to the bit; a grad arriving after its unit was launched is refused (tests/engine/overlap_worker.py asserts)."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)  # (the worker runs the reference ops)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--standalone",
+           os.path.join(ROOT, "tests/engine/overlap_worker.py")]  # fmt: skip
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0 and r.stdout.count(" ok") == 4, r.stdout[-3000:] + r.stderr[-3000:]
+
+
 def test_optimizer_steps_as_torch_adamw_from_the_first_step():
     """Our optimizer allocates Adam's moments at construction (a step at lr 0): the parameters stay as they were,
     and its steps equal a fresh torch.optim.AdamW's bit for bit (the step count starts from 0 again)."""
