@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.errors import FailedOnAnotherRank, InputError, InvalidInput
-from engine.grad_sums import linear
+from engine.grad_sums import linear, target
+from kernels.dispatch import add_matmul_
 
 # ------------------------------------------------------------------------------ process grid --
 
@@ -321,6 +322,54 @@ class _ScatterTokens(torch.autograd.Function):
         return gather_dim(grad, 0, ctx.group), None
 
 
+# A column-parallel layer under sequence parallelism keeps its input as this rank's tokens only and gathers them again
+# in the backward (Megatron's): off (TULU_SP_OVERLAP=0), the gathered input is kept from the forward and the backward's
+# collectives run in series with its GEMMs, the other side of an A/B
+SP_OVERLAP = os.environ.get("TULU_SP_OVERLAP", "1") != "0"
+
+
+class _GatheredLinear(torch.autograd.Function):
+    """y = (every rank's tokens x) W^T, x [N/tp, in] this rank's tokens (a column-parallel layer under sequence
+    parallelism), whose backward overlaps both its collectives with its GEMMs (Megatron's): it keeps x, not the
+    gathered [N, in] (tp times the bytes: at 13B, TP 8, 18 of the 40 KB a token and layer kept for the backward), so
+    the backward gathers it again, launched first and run behind dx's GEMM (which does not read it); then dx's
+    reduce-scatter runs behind the weight grad's GEMM. The weight's grad goes into its fp32 sum (`acc`,
+    engine/grad_sums.py) or to autograd. The same products as gather_tokens then linear, to the bit."""
+
+    @staticmethod
+    def forward(ctx, x, weight, acc, group):
+        ctx.save_for_backward(x, weight)
+        ctx.acc, ctx.group = acc, group
+        return F.linear(gather_dim(x, 0, group), weight)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        group, acc = ctx.group, ctx.acc
+        ctx.acc = None
+        dy = dy.reshape(-1, dy.shape[-1])
+        want_w = acc is not None or ctx.needs_input_grad[1]
+        if want_w:
+            full = x.new_empty(x.shape[0] * group_size(group), *x.shape[1:])
+            gathering = all_gather_single(full, x.contiguous(), group=group, async_op=True)
+        dx = scattering = None
+        if ctx.needs_input_grad[0]:
+            dx_full = dy @ weight
+            dx = dx_full.new_empty(x.shape)
+        if want_w:
+            gathering.wait()
+        if dx is not None:
+            scattering = reduce_scatter_single(dx, dx_full, group=group, async_op=True)
+        gw = None
+        if acc is not None:
+            add_matmul_(acc, dy.t(), full)
+        elif ctx.needs_input_grad[1]:
+            gw = full.t().mm(dy).t()  # (as autograd takes F.linear's: the same bits)
+        if scattering is not None:
+            scattering.wait()
+        return dx, gw, None, None
+
+
 def gather_tokens(x: torch.Tensor, group, *, replicated_grad: bool = False) -> torch.Tensor:
     """[N/tp, ...] this rank's tokens -> [N, ...] every rank's (sequence parallel -> TP region)."""
     return x if group_size(group) == 1 else _GatherTokens.apply(x, group, replicated_grad)
@@ -451,7 +500,11 @@ class ColumnParallelLinear(nn.Module):
         return gather_dim(local, 0, self.group)[: self.output_sizes[part]]  # (less a padded vocabulary's tail)
 
     def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
-        """x [N, in] replicated, or [N/tp, in] this rank's tokens with `sequence_parallel` (gathered first)."""
+        """x [N, in] replicated, or [N/tp, in] this rank's tokens with `sequence_parallel` (gathered first; with
+        autograd, _GatheredLinear)."""
+        if sequence_parallel and self.tp > 1 and SP_OVERLAP and torch.is_grad_enabled() and x.dim() == 2:
+            if x.requires_grad or self.weight.requires_grad:
+                return _GatheredLinear.apply(x, self.weight, target(self.weight), self.group)
         x = gather_tokens(x, self.group) if sequence_parallel else copy_to_tp(x, self.group)
         return linear(x, self.weight)  # (F.linear, a decode step's kernels/decode_linear.py, or engine/grad_sums.py)
 

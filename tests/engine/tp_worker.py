@@ -19,6 +19,7 @@ interpreter_converts_like_the_gpu()  # as in the pytest process this is compared
 
 def main(ckpt: str, out: str) -> None:
     grid = init_process_grid(tp=2)
+    _gathered_linear_matches(grid)
     torch.manual_seed(0)
     ids = torch.randint(1, 301, (3, 7))
     ids[1, 3] = 300  # the last token: rank 1's last real row, before its padding
@@ -161,6 +162,65 @@ def main(ckpt: str, out: str) -> None:
         torch.save({"ids": ids, "mask": mask, "logits": logits, **fused, **grads}, out + "/tp2.pt")
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _gathered_linear_matches(grid) -> None:
+    """A column-parallel layer under sequence parallelism (engine.parallel._GatheredLinear, SP_OVERLAP) against
+    gather_tokens then linear (SP_OVERLAP off): the same output, x grad and weight grad to the bit (to autograd, and
+    into an fp32 sum as engine.grad_sums makes it), half the input kept for the backward (this rank's tokens, not
+    both ranks'), and the backward's two collectives launched asynchronously, the gather before the reduce-scatter."""
+    from engine import grad_sums, parallel
+    from engine.parallel import ColumnParallelLinear
+
+    torch.manual_seed(3)
+    layer = ColumnParallelLinear(24, [40], grid.tp_group, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.normal_()
+    torch.manual_seed(10 + grid.rank)
+    x0, dy = torch.randn(7, 24).to(torch.bfloat16), torch.randn(14, 20).to(torch.bfloat16)
+    calls = []
+
+    def logged(name, fn):
+        def call(*args, async_op=False, **kwargs):
+            calls.append((name, async_op))
+            return fn(*args, async_op=async_op, **kwargs)
+
+        return call
+
+    real = parallel.all_gather_single, parallel.reduce_scatter_single
+    parallel.all_gather_single = logged("gather", real[0])
+    parallel.reduce_scatter_single = logged("scatter", real[1])
+    got = {}
+    try:
+        for overlap in (False, True):
+            parallel.SP_OVERLAP = overlap
+            for into in (False, True):
+                acc = torch.full((20, 24), 0.5)
+                layer.weight.grad_sum = (lambda acc=acc: acc) if into else None
+                x = x0.clone().requires_grad_()
+                saved = []
+                calls.clear()
+                keep = torch.autograd.graph.saved_tensors_hooks(
+                    lambda t, s=saved: s.append(t.numel()) or t, lambda t: t
+                )
+                with grad_sums.into_sums(), keep:
+                    y = layer(x, sequence_parallel=True)
+                forward_calls = list(calls)
+                y.backward(dy)
+                grad = acc if into else layer.weight.grad
+                got[overlap, into] = (y.detach(), x.grad, grad, sum(saved), forward_calls, calls[len(forward_calls) :])
+                layer.weight.grad = None
+    finally:
+        parallel.all_gather_single, parallel.reduce_scatter_single = real
+        parallel.SP_OVERLAP = True
+        layer.weight.grad_sum = None
+    for into in (False, True):
+        old, new = got[False, into], got[True, into]
+        for a, b, what in zip(old[:3], new[:3], ("output", "x grad", "weight grad")):
+            assert torch.equal(a, b), (into, what, (a.float() - b.float()).abs().max())
+        assert new[3] == old[3] - 7 * 24, (old[3], new[3])  # (x kept: this rank's 7 tokens, not all 14)
+        assert old[4] == new[4] == [("gather", False)], (old[4], new[4])
+        assert old[5] == [("scatter", False)] and new[5] == [("gather", True), ("scatter", True)], (old[5], new[5])
 
 
 def _graphs_agree_across_ranks(model, grid, prompts, expected):
