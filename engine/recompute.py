@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import torch
 
+from engine import grad_sums
 from engine.errors import InvalidInput
 from engine.model import Transformer
 from engine.parallel import agree
+from kernels.dispatch import fp32_out_gemm
 
 
 def setting(ac: str, num_layers: int, device: torch.device) -> bool | int:
@@ -124,17 +126,21 @@ def training_budget(optimizers, device: torch.device, margin: float = 0.08, held
 
 
 def lm_head_grad_bytes(models: dict[str, Transformer]) -> int:
-    """The fused PPO loss's fp32 gradient of this rank's LM head, summed over a micro-batch's chunks from its forward
-    through its backward (kernels.logprob; a weight in fp32 accumulates in its own .grad instead): the largest of
-    the trained LM models' (1.96 GiB for a 128k vocabulary of width 4096 at TP 1)."""
-    return max(
-        (
-            4 * m.lm_head_weight.numel()
-            for m in models.values()
-            if m.head == "lm" and m.lm_head_weight.dtype != torch.float32
-        ),
-        default=0,
-    )
+    """What the fused PPO loss holds of this rank's LM head's gradient from its forward through its backward
+    (kernels.logprob), beside a micro-batch's activations: the largest of the trained LM models'. An fp32 [V, H] sum
+    of the chunks (1.96 GiB for a 128k vocabulary of width 4096 at TP 1); none where the grad goes straight into the
+    optimizer's fp32 sum (engine.grad_sums: the sum is the optimizer's, counted with its grads) by a GEMM with an
+    fp32 output, but a chunk's product in the weight's dtype where the device has none (kernels.dispatch.add_matmul_);
+    none for a weight in fp32 (it accumulates in its own .grad)."""
+
+    def held(w: torch.Tensor) -> int:
+        if w.dtype == torch.float32:
+            return 0
+        if grad_sums.ENABLED and getattr(w, "grad_sum", None) is not None:  # (an optimizer takes its grads)
+            return 0 if fp32_out_gemm(w.device) else w.numel() * w.element_size()
+        return 4 * w.numel()
+
+    return max((held(m.lm_head_weight) for m in models.values() if m.head == "lm"), default=0)
 
 
 def plan_models(models: dict[str, Transformer], optimizers, tokens: int, device: torch.device, cache: dict) -> None:

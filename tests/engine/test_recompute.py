@@ -119,7 +119,8 @@ def test_the_budget_leaves_room_for_every_grad_the_step_will_hold(monkeypatch, d
 
 def test_the_fused_losss_lm_head_grad_is_set_aside(monkeypatch):
     """A bf16 LM head's fp32 gradient lives from the fused loss's forward through the backward, beside the
-    micro-batch's activations: plan_models leaves it out of their budget (an fp32 head's is its own .grad)."""
+    micro-batch's activations: plan_models leaves it out of their budget (an fp32 head's is its own .grad), and only
+    what the grad straight into the optimizer's sum still holds."""
     budgets = []
     monkeypatch.setattr(recompute, "training_budget", lambda opts, dev, held=0: budgets.append(held) or 10**12)
     monkeypatch.setattr(recompute, "agree", lambda values, op: values)
@@ -130,6 +131,19 @@ def test_the_fused_losss_lm_head_grad_is_set_aside(monkeypatch):
         assert recompute.lm_head_grad_bytes({"policy": policy, "value": value}) == budgets[-1]
     bf16 = _model(torch.bfloat16)
     assert budgets == [4 * bf16.lm_head_weight.numel(), 0]
+    # an optimizer's model: the grad goes straight into its fp32 sum (the optimizer's, counted with its grads), a
+    # chunk's product in bf16 beside it where the device has no fp32-out GEMM (this CPU), nothing where it has
+    from engine import grad_sums
+    from engine.config import PPOConfig
+    from engine.optim import make_optimizer
+
+    opt = make_optimizer(bf16, PPOConfig())  # noqa: F841 (held: the parameters' getters reach it by weak reference)
+    numel = bf16.lm_head_weight.numel()
+    assert recompute.lm_head_grad_bytes({"policy": bf16}) == 2 * numel
+    monkeypatch.setattr(recompute, "fp32_out_gemm", lambda device: True)
+    assert recompute.lm_head_grad_bytes({"policy": bf16}) == 0
+    monkeypatch.setattr(grad_sums, "ENABLED", False)
+    assert recompute.lm_head_grad_bytes({"policy": bf16}) == 4 * numel
 
 
 def test_a_recomputed_layer_keeps_this_ranks_share_of_its_input(monkeypatch):
