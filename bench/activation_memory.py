@@ -48,7 +48,7 @@ def main(argv=None) -> list[dict]:
         with torch.no_grad():
             for q in model.parameters():  # values do not matter; uninitialised memory may hold NaN
                 q.fill_(0.01)
-        kept = recompute.layer_activation_bytes(model, a.tokens)
+        kept, kept_act = recompute.activation_bytes(model, a.tokens)
         ckpt = recompute.checkpoint_bytes(model)
         n, layers = a.micro_batch_tokens, full.num_layers
         rows.append({
@@ -56,15 +56,20 @@ def main(argv=None) -> list[dict]:
             "layer_bytes_per_token": kept, "checkpoint_bytes_per_token": ckpt,
             "micro_batch_keep_all_gib": n * layers * kept / 2**30,
             "micro_batch_recompute_all_gib": n * (layers * ckpt + kept) / 2**30,
+            # the MLPs' activations recomputed in the backward (engine.recompute.mlp_recompute), the layers kept
+            "layer_bytes_per_token_mlp_recompute": kept_act,
+            "micro_batch_keep_all_gib_mlp_recompute": n * layers * kept_act / 2**30,
         })  # fmt: skip
         del model
     print0(f"{a.model} ({full.num_layers} layers), {a.dtype}, TP={grid.tp}, micro-batch {a.micro_batch_tokens} tokens")
-    print0(f"{'sequence parallel':<20}{'KB/token kept':>15}{'recomputed':>12}{'keep all GiB':>14}{'recompute GiB':>15}")
+    print0(f"{'sequence parallel':<20}{'KB/token kept':>15}{'recomputed':>12}{'keep all GiB':>14}{'recompute GiB':>15}"
+           f"{'MLP act recomputed: KB/token':>30}{'keep all GiB':>14}")  # fmt: skip
     for r in rows:
         print0(
             f"{'on' if r['sequence_parallel'] else 'off':<20}{r['layer_bytes_per_token'] / 1024:>15.1f}"
             f"{r['checkpoint_bytes_per_token'] / 1024:>12.2f}{r['micro_batch_keep_all_gib']:>14.2f}"
-            f"{r['micro_batch_recompute_all_gib']:>15.2f}"
+            f"{r['micro_batch_recompute_all_gib']:>15.2f}{r['layer_bytes_per_token_mlp_recompute'] / 1024:>30.1f}"
+            f"{r['micro_batch_keep_all_gib_mlp_recompute']:>14.2f}"
         )
     write_json(a.json, rows)
     return rows

@@ -534,7 +534,11 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
         """-> [N, out] summed over the ranks, or with `sequence_parallel` [N/tp, out] this rank's tokens, summed."""
-        y = linear(x, self.weight)
+        return self.reduce(linear(x, self.weight), sequence_parallel)
+
+    def reduce(self, y: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
+        """This rank's partial product y [N, out] summed over the ranks (with `sequence_parallel`, this rank's
+        tokens of the sum): the layer's forward after its GEMM."""
         return scatter_tokens(y, self.group) if sequence_parallel else reduce_from_tp(y, self.group)
 
 

@@ -143,26 +143,47 @@ def lm_head_grad_bytes(models: dict[str, Transformer]) -> int:
     return max((held(m.lm_head_weight) for m in models.values() if m.head == "lm"), default=0)
 
 
+def mlp_recompute(model: Transformer, on: bool) -> None:
+    """Whether training keeps each MLP's gate/up output and recomputes its activation in the backward (engine.model's
+    MLP.recompute_act) instead of keeping both."""
+    for layer in model.layers:
+        layer.mlp.recompute_act = on
+
+
+def activation_bytes(model: Transformer, tokens: int = 256) -> tuple[float, float]:
+    """layer_activation_bytes with the MLP's activation kept, and recomputed (mlp_recompute)."""
+    was = bool(model.layers) and model.layers[0].mlp.recompute_act
+    kept = []
+    for on in (False, True):
+        mlp_recompute(model, on)
+        kept.append(layer_activation_bytes(model, tokens))
+    mlp_recompute(model, was)
+    return kept[0], kept[1]
+
+
 def plan_models(models: dict[str, Transformer], optimizers, tokens: int, device: torch.device, cache: dict) -> None:
     """Set each trained model's activation_checkpointing to the fewest layers that let a micro-batch of `tokens`
-    fit the training budget (CUDA). `cache` keeps each model's measured bytes per layer and token. Every rank
-    ends with the largest plan of any rank (its layers' collectives must match)."""
+    fit the training budget (CUDA). Where some would be recomputed, the MLPs' activations are recomputed first
+    (mlp_recompute: one elementwise pass a layer in the backward, against a third of a layer's FLOPs for each layer
+    it spares), and the layers planned with what a layer then keeps. `cache` keeps each model's measured bytes per
+    layer and token (activation_bytes). Every rank ends with the largest plan of any rank (its layers' collectives
+    must match)."""
     budget = training_budget(optimizers, device, held=lm_head_grad_bytes(models))
-    plans = []
+    plans = {False: [], True: []}
     for name, model in models.items():
         if name not in cache:
-            cache[name] = layer_activation_bytes(model)
+            cache[name] = activation_bytes(model)
         elt = next(model.parameters()).element_size()
-        plans.append(
-            plan_recompute(
-                len(model.layers),
-                tokens,
-                cache[name],
-                checkpoint_bytes(model),
-                4 * model.config.hidden_size * elt,
-                budget,
-            )
-        )
-    plans = agree(plans, "max")
-    for model, k in zip(models.values(), plans):
-        model.activation_checkpointing = k
+        for on, per_layer in zip((False, True), cache[name]):
+            plans[on].append(
+                plan_recompute(
+                    len(model.layers), tokens, per_layer, checkpoint_bytes(model), 4 * model.config.hidden_size * elt,
+                    budget,
+                )
+            )  # fmt: skip
+    agreed = agree(plans[False] + plans[True], "max")
+    n = len(models)
+    for i, model in enumerate(models.values()):
+        on = agreed[i] > 0
+        mlp_recompute(model, on)
+        model.activation_checkpointing = agreed[n + i] if on else 0

@@ -99,18 +99,23 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (gu,) = ctx.saved_tensors
-        n_rows, n_cols = gu.shape[0], gu.shape[1] // 2
-        dy2 = dy.reshape(n_rows, n_cols)
-        if dy2.stride(-1) != 1:
-            dy2 = dy2.contiguous()
-        dgu = torch.empty_like(gu)
-        if n_rows:
-            grid, rows = _launch(n_rows, n_cols, _sms(gu))
-            _swiglu_bwd_kernel[grid](
-                gu, dy2, dgu, n_rows, n_cols, gu.stride(0), dy2.stride(0), dgu.stride(0),
-                BLOCK_ROWS=rows, BLOCK_C=_BLOCK_COLS,
-            )  # fmt: skip
-        return dgu.view(ctx.shape)
+        return _backward(gu, dy).view(ctx.shape)
+
+
+def _backward(gu: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """d(gate_up) [R, 2I] of gu [R, 2I] (last dim contiguous) for dy (R x I elements), by the backward kernel."""
+    n_rows, n_cols = gu.shape[0], gu.shape[1] // 2
+    dy2 = dy.reshape(n_rows, n_cols)
+    if dy2.stride(-1) != 1:
+        dy2 = dy2.contiguous()
+    dgu = torch.empty_like(gu)
+    if n_rows:
+        grid, rows = _launch(n_rows, n_cols, _sms(gu))
+        _swiglu_bwd_kernel[grid](
+            gu, dy2, dgu, n_rows, n_cols, gu.stride(0), dy2.stride(0), dgu.stride(0),
+            BLOCK_ROWS=rows, BLOCK_C=_BLOCK_COLS,
+        )  # fmt: skip
+    return dgu
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
@@ -124,3 +129,15 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     if not use_triton(gate_up) or gate_up.dtype == torch.float64:  # (float64: the reference, in float64)
         return reference.swiglu(gate_up)
     return _SwiGLU.apply(gate_up)
+
+
+def swiglu_backward(gate_up: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """The grad of gate_up [..., 2I] for the grad dy [..., I] of swiglu(gate_up), without autograd (what swiglu's
+    backward computes, the same bits): for a caller that kept gate_up and recomputes the activation itself."""
+    if not use_triton(gate_up) or gate_up.dtype == torch.float64:
+        with torch.enable_grad():
+            gu = gate_up.detach().requires_grad_()
+            (dgu,) = torch.autograd.grad(reference.swiglu(gu), gu, dy)
+        return dgu
+    gu = gate_up.reshape(-1, gate_up.shape[-1])
+    return _backward(gu if gu.stride(-1) == 1 else gu.contiguous(), dy).view(gate_up.shape)

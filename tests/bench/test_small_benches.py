@@ -203,6 +203,11 @@ def test_activation_memory_bench_smoke(tmp_path):
     (row,) = main(["--micro-batch-tokens", "100", "--json", str(tmp_path / "a.json")])
     assert row["layer_bytes_per_token"] > row["checkpoint_bytes_per_token"] > 0
     assert row["micro_batch_keep_all_gib"] == 100 * 2 * row["layer_bytes_per_token"] / 2**30
+    # the MLPs' activations recomputed: the activation (intermediate_size bf16 values a token) not kept
+    from engine.config import ModelConfig
+
+    width = ModelConfig.named("tiny").intermediate_size
+    assert row["layer_bytes_per_token"] - row["layer_bytes_per_token_mlp_recompute"] == 2 * width
 
 
 def test_offload_bench_smoke(tmp_path):

@@ -412,3 +412,28 @@ def test_weight_grads_go_straight_into_fp32_sums_on_gpu():
     for i in range(len(opts[0].params)):
         x, y = optim.grad_sum(opts[0], i), optim.grad_sum(opts[1], i)
         assert float((x - y).norm() / y.norm()) < 1e-2, i
+
+
+def test_the_mlps_recomputed_activation_gives_the_same_grads_on_gpu():
+    """engine.recompute.mlp_recompute on the compiled kernels: the MLPs keep their gate/up output and recompute the
+    activation in the backward, and every weight's fp32 sum (grads straight into the sums) is the same bits as
+    keeping the activation (the same kernels and GEMMs, the activation recomputed by the same swiglu kernel)."""
+    import dataclasses
+
+    from engine import grad_sums, optim, recompute
+    from engine.config import PPOConfig
+
+    small = dataclasses.replace(ModelConfig.named("tiny"), num_layers=2)
+    g = torch.Generator(device=CUDA).manual_seed(1)
+    ids = torch.randint(0, small.vocab_size, (300,), device=CUDA, generator=g)
+    pos, cu = torch.arange(300, device=CUDA), torch.tensor([0, 120, 300], dtype=torch.int32, device=CUDA)
+    sums = []
+    for on in (False, True):
+        m = Transformer(small, "score", dtype=torch.bfloat16, device=CUDA).init_weights(seed=2)
+        recompute.mlp_recompute(m, on)
+        opt = optim.make_optimizer(m, PPOConfig())
+        with grad_sums.into_sums():
+            m.head_packed(m.hidden_packed(ids, pos, cu)).float().square().sum().backward()
+        sums.append([optim.grad_sum(opt, i).clone() for i in range(len(opt.params))])
+    for i, (a, b) in enumerate(zip(*sums, strict=True)):
+        assert torch.equal(a, b), i

@@ -79,7 +79,12 @@ def test_auto_plans_each_training_phase_from_the_budget(tmp_path, monkeypatch):
         monkeypatch.setattr(recompute, "training_budget", lambda opts, dev, b=budget, held=0: b)
         trainer.plan_recompute(state)
         assert state.policy.activation_checkpointing == state.value.activation_checkpointing == expected
-    assert set(state.layer_bytes) == {"policy", "value"} and state.layer_bytes["policy"] > 0
+        # the MLPs' activations recomputed where layers are, not where none is
+        assert all(layer.mlp.recompute_act == (expected > 0) for layer in state.policy.layers + state.value.layers)
+    assert set(state.layer_bytes) == {"policy", "value"}
+    kept, kept_act = state.layer_bytes["policy"]  # the activation: intermediate_size values a token fewer
+    elt = next(state.policy.parameters()).element_size()
+    assert kept - kept_act == state.policy.config.intermediate_size * elt and kept_act > 0, (kept, kept_act)
     state.run.activation_checkpointing = "on"
     monkeypatch.setattr(recompute, "training_budget", lambda opts, dev, held=0: 0)
     trainer.plan_recompute(state)  # only auto is planned
@@ -127,7 +132,7 @@ def test_the_fused_losss_lm_head_grad_is_set_aside(monkeypatch):
     for dtype in (torch.bfloat16, torch.float32):
         policy, value = _model(dtype), _model(dtype)
         value.head = "score"  # (the value model has no LM head)
-        recompute.plan_models({"policy": policy}, [], 64, torch.device("cuda"), {"policy": 1})
+        recompute.plan_models({"policy": policy}, [], 64, torch.device("cuda"), {"policy": (1, 1)})
         assert recompute.lm_head_grad_bytes({"policy": policy, "value": value}) == budgets[-1]
     bf16 = _model(torch.bfloat16)
     assert budgets == [4 * bf16.lm_head_weight.numel(), 0]
@@ -179,7 +184,7 @@ def test_the_plan_counts_the_gathered_hidden_states_and_their_grad(monkeypatch):
     monkeypatch.setattr(recompute, "agree", lambda values, op: values)
     for budget, want in ((need, 0), (need - 1, 1)):
         monkeypatch.setattr(recompute, "training_budget", lambda opts, dev, held=0, b=budget: b)
-        recompute.plan_models({"policy": m}, [], tokens, torch.device("cuda"), {"policy": per_layer})
+        recompute.plan_models({"policy": m}, [], tokens, torch.device("cuda"), {"policy": (per_layer, per_layer)})
         assert m.activation_checkpointing == want, (budget, m.activation_checkpointing)
 
 
@@ -234,5 +239,51 @@ def test_every_rank_takes_the_largest_plan_of_any_rank(monkeypatch):
     ops = {"max": max, "min": min}
     monkeypatch.setattr(recompute, "agree", lambda values, op: [ops[op](v, 3) for v in values])
     monkeypatch.setattr(recompute, "training_budget", lambda opts, dev, held=0: 2**40)
-    recompute.plan_models({"policy": m}, [], 64, torch.device("cuda"), {"policy": 5000.0})
-    assert m.activation_checkpointing == 3
+    recompute.plan_models({"policy": m}, [], 64, torch.device("cuda"), {"policy": (5000.0, 4000.0)})
+    assert m.activation_checkpointing == 3 and m.layers[0].mlp.recompute_act
+
+
+@pytest.mark.parametrize("into_sums", [False, True])
+@pytest.mark.parametrize("reference", [False, True])
+def test_the_mlps_recomputed_activation_gives_the_same_grads_to_the_bit(into_sums, reference):
+    """A bf16 model whose MLPs keep their gate/up output and recompute the activation in the backward (one layer also
+    recomputed whole) against the same model keeping both: every parameter's grad (to autograd, or into the
+    optimizer's fp32 sums) and the input's bits alike, through the Triton kernels (interpreter) and the reference
+    ops."""
+    import contextlib
+
+    from engine import grad_sums
+    from engine.config import PPOConfig
+    from engine.optim import grad_sum, make_optimizer
+    from kernels import dispatch
+
+    ids = torch.randint(1, 200, (19,), generator=torch.Generator().manual_seed(5))
+    cu = torch.tensor([0, 7, 19], dtype=torch.int32)
+    pos = torch.cat([torch.arange(7), torch.arange(12)])
+    got = []
+    for on in (False, True):
+        m = _model(torch.bfloat16)
+        m.activation_checkpointing = 1
+        recompute.mlp_recompute(m, on)
+        opt = make_optimizer(m, PPOConfig()) if into_sums else None
+        ctx = dispatch.reference_ops() if reference else contextlib.nullcontext()
+        with ctx, grad_sums.into_sums():
+            h = m.hidden_packed(ids, pos, cu)
+            (h.float().square().mean() + h[3].float().sum()).backward()
+        grads = [grad_sum(opt, i) for i in range(len(opt.params))] if into_sums else [p.grad for p in m.parameters()]
+        names = [n for n, _ in m.named_parameters()]
+        got.append({n: g for n, g in zip(names, grads) if n != "lm_head.weight"})  # (the loss reads no logits)
+        assert all(g is not None and g.abs().sum() > 0 for g in got[-1].values())
+    for name in got[0]:
+        a, b = got[0][name], got[1][name]
+        assert torch.equal(a, b), (name, (a.float() - b.float()).abs().max())
+
+
+def test_the_mlps_recomputed_activation_is_not_kept():
+    """With mlp_recompute a layer keeps intermediate_size values a token fewer (the activation), measured as the
+    plan measures; activation_bytes leaves the models as it found them."""
+    m = _model(torch.bfloat16)
+    kept, kept_act = recompute.activation_bytes(m)
+    assert kept - kept_act == m.config.intermediate_size * 2 and not m.layers[0].mlp.recompute_act
+    recompute.mlp_recompute(m, True)
+    assert recompute.activation_bytes(m) == (kept, kept_act) and m.layers[1].mlp.recompute_act

@@ -43,6 +43,9 @@ def main(ckpt: str, out: str) -> None:
     sp_bytes, plain_bytes = layer_activation_bytes(model, 63), layer_activation_bytes(plain, 63)
     assert 0 < sp_bytes < plain_bytes, (sp_bytes, plain_bytes)
     model.activation_checkpointing = True  # the recompute goes through the same collectives
+    from engine.recompute import mlp_recompute
+
+    mlp_recompute(model, True)  # (and the MLPs' activations recomputed: their projection's reduce-scatter after it)
     logits = model(ids, mask)  # gathered over the vocabulary
     _save_grads(model, out + "/grads_sp", logits.float().logsumexp(-1).sum())
     logits = logits.detach()
