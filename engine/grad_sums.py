@@ -72,9 +72,18 @@ class _LinearIntoSum(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = (dy2 @ weight).view(*dy.shape[:-1], weight.shape[1]) if ctx.needs_input_grad[0] else None
-        add_matmul_(ctx.acc, dy2.t(), x.reshape(-1, x.shape[-1]))
+        weight_grad(ctx.acc, dy2, x.reshape(-1, x.shape[-1]), False)
         ctx.acc = None
         return dx, None, None
+
+
+def weight_grad(acc: torch.Tensor | None, dy: torch.Tensor, x: torch.Tensor, needed: bool) -> torch.Tensor | None:
+    """The grad of W in y = x W^T (dy [M, out], x [M, in]) in a custom backward: added into W's fp32 sum `acc` (then
+    None), else, where autograd wants it (`needed`), returned as autograd makes F.linear's (x^T dy, transposed)."""
+    if acc is not None:
+        add_matmul_(acc, dy.t(), x)
+        return None
+    return x.t().mm(dy).t() if needed else None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

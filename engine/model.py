@@ -45,7 +45,6 @@ from kernels.decode_linear import (
     swiglu_linear,
     wants_decode_linear,
 )
-from kernels.dispatch import add_matmul_
 from kernels.rmsnorm import add_rms_norm, rms_norm
 from kernels.rope_attention import rope_attention
 from kernels.swiglu import swiglu, swiglu_backward
@@ -254,11 +253,7 @@ class _SwiGLUDown(torch.autograd.Function):
         acc, ctx.acc = ctx.acc, None
         dy2 = dy.reshape(-1, dy.shape[-1])
         act = swiglu(gate_up).reshape(-1, weight.shape[1])  # (recomputed)
-        gw = dgu = None
-        if acc is not None:
-            add_matmul_(acc, dy2.t(), act)
-        elif ctx.needs_input_grad[1]:
-            gw = act.t().mm(dy2).t()  # (as autograd takes F.linear's)
+        gw, dgu = grad_sums.weight_grad(acc, dy2, act, ctx.needs_input_grad[1]), None
         if ctx.needs_input_grad[0]:
             dgu = swiglu_backward(gate_up, (dy2 @ weight).view(*gate_up.shape[:-1], weight.shape[1]))
         return dgu, gw, None

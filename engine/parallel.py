@@ -17,8 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.errors import FailedOnAnotherRank, InputError, InvalidInput
-from engine.grad_sums import linear, target
-from kernels.dispatch import add_matmul_
+from engine.grad_sums import linear, target, weight_grad
 
 # ------------------------------------------------------------------------------ process grid --
 
@@ -360,11 +359,7 @@ class _GatheredLinear(torch.autograd.Function):
             gathering.wait()
         if dx is not None:
             scattering = reduce_scatter_single(dx, dx_full, group=group, async_op=True)
-        gw = None
-        if acc is not None:
-            add_matmul_(acc, dy.t(), full)
-        elif ctx.needs_input_grad[1]:
-            gw = full.t().mm(dy).t()  # (as autograd takes F.linear's: the same bits)
+        gw = weight_grad(acc, dy, full, ctx.needs_input_grad[1]) if want_w else None
         if scattering is not None:
             scattering.wait()
         return dx, gw, None, None
