@@ -407,7 +407,10 @@ def backward(opt: Optimizer, grid: ProcessGrid, out: torch.Tensor, *, last: bool
     all its parameters' grads (a parameter's grad hook: after it, nothing more reaches it in this backward), in a
     fixed order: last unit first, a unit only after those behind it (a rank's timing never changes the collectives'
     order). The parameters the backward cannot reach (nothing in out's graph leads to them: a grad made during the
-    forward, as the LM head's into its sum, or a parameter unused) count as finished from the start."""
+    forward, as the LM head's into its sum, or a parameter unused) count as finished from the start. (A weight whose
+    grad went into its sum reaches its hook with no grad, which torch runs since its AccumulateGrad's refactor for
+    compiled autograd; an older torch that skips it leaves its unit, and those before it, to reduce_grads: the same
+    sums, later.)"""
     if not (last and grid.dp > 1 and OVERLAP_REDUCE and out.grad_fn is not None):
         out.backward()
         return
