@@ -11,13 +11,8 @@ reduce-scatters every bucket over the DP group (half an all-reduce's bytes), eac
 masters and Adam moments of its 1/dp of every bucket, and an all-gather (the other half) brings the updated
 values back into the parameters. The same update; 12 / dp instead of 12 bytes of optimizer state per parameter.
 
-The DP reduction overlaps the step's last backward (Megatron's overlap_grad_reduce): `backward()` on a step's last
-micro-batch launches each unit's collective (a bucket's reduce-scatter, or a flat all-reduce of consecutive
-parameters' grads) as soon as autograd has finished every parameter in it, asynchronously, last unit first on every
-rank (the order a backward finishes them in, and the same on every rank whatever their timing); reduce_grads() then
-launches what is left in that order and waits. Where it would have stood at the end of the step, the reduction's
-time hides behind the backward's last layers: ~65 ms per model and step for 13B at TP 8 over two nodes at 400 Gb/s.
-The same sums, the same bits (OVERLAP_REDUCE False, or TULU_OVERLAP_GRAD_REDUCE=0: reduced after the backward).
+The grads' DP reduction runs during the step's last backward and the parameters' all-gather after the trainer's
+updates while what follows runs (engine/dp_overlap.py: backward(), settle()).
 
 Between updates the state is idle: offload_state() moves the fp32 masters and Adam moments to pinned host memory (the
 rollout's KV cache gets their GPU memory) and onload_state() brings them back on a side stream, overlapping whatever
@@ -30,7 +25,6 @@ while one is updated): the device holds the weights, the grads and a few chunks,
 from __future__ import annotations
 
 import functools
-import os
 import weakref
 from dataclasses import dataclass, field
 
@@ -38,6 +32,19 @@ import torch
 import torch.distributed as dist
 
 from engine.config import PPOConfig
+from engine.dp_overlap import (
+    BUCKET_BYTES,
+    Gathers,
+    Unit,
+    Watch,
+    all_reduce_flat,
+    dp_units,
+    gather_params,
+    launch,
+    own_grad,
+    param_done,
+    wait,
+)
 from engine.model import Transformer
 from engine.offload import HostCopies, ensure_state, groups, streamed
 from engine.parallel import (
@@ -45,14 +52,8 @@ from engine.parallel import (
     ProcessGrid,
     RowParallelLinear,
     VocabParallelEmbedding,
-    all_gather_single,
-    reduce_scatter_single,
 )
 from engine.reshard import SavedOptimizer, relayout
-
-BUCKET_BYTES = 256 * 2**20  # fp32 grads per flat bucket (and per all-reduce / reduce-scatter)
-# with DP > 1, each unit's reduction launched during the step's last backward (module docstring)
-OVERLAP_REDUCE = os.environ.get("TULU_OVERLAP_GRAD_REDUCE", "1") != "0"
 
 
 @dataclass
@@ -68,26 +69,6 @@ class _Bucket:
     grad: torch.Tensor | None = None
     # the pieces of parameters in this rank's shard: (param, start, stop) in the shard, first element in the param
     segments: list[tuple[int, int, int, int]] = field(default_factory=list)
-
-
-@dataclass
-class _Unit:
-    """Parameters whose fp32 grads are summed over the DP ranks by one collective: a bucket's reduce-scatter (the
-    distributed optimizer), or one flat all-reduce of consecutive parameters' grads (about BUCKET_BYTES)."""
-
-    params: list[int]  # indices into Optimizer.params
-    bucket: int | None = None  # the distributed optimizer's bucket
-    work: dist.Work | None = None  # the collective in flight
-    flat: torch.Tensor | None = None  # without buckets: the grads being all-reduced, end to end
-
-
-@dataclass
-class _Watch:
-    """A backward whose finished parameters launch their units' DP reductions (backward())."""
-
-    grid: ProcessGrid
-    waiting: set[int]  # parameters autograd has not finished yet
-    pending: list[int]  # per unit, how many of them
 
 
 @dataclass
@@ -114,11 +95,12 @@ class Optimizer:
     norm_mask: torch.Tensor | None = None
     slots: dict[int, tuple[_Bucket, int]] = field(default_factory=dict)  # with buckets: parameter -> (bucket, offset)
     # with DP > 1: the DP reductions' units (built at the first), each parameter's unit, and how many units (the
-    # first ones) are not launched yet this step: they go last first (_launch)
-    units: list[_Unit] | None = None
+    # first ones) are not launched yet this step: they go last first (dp_overlap.launch)
+    units: list[Unit] | None = None
     unit_of: dict[int, int] = field(default_factory=dict)
     unlaunched: int = 0
-    watch: _Watch | None = None  # the backward launching them, while it runs
+    watch: Watch | None = None  # the backward launching them, while it runs
+    gathers: Gathers | None = None  # the distributed optimizer's parameter all-gathers left running (settle())
 
     def __post_init__(self) -> None:
         self.grads = self.grads or [None] * len(self.masters)
@@ -322,28 +304,12 @@ def _fold_hook(ref: _OptimizerRef, i: int, param: torch.Tensor) -> None:
     if opt is not None:
         _fold(opt, i)
         if opt.watch is not None:  # (autograd has finished the parameter: runs once a backward)
-            _param_done(opt, i)
+            param_done(opt, i)
 
 
 def _grad_sum_of(ref: _OptimizerRef, i: int) -> torch.Tensor | None:
     opt = ref()
     return None if opt is None else grad_sum(opt, i)
-
-
-def _all_reduce_flat(tensors: list[torch.Tensor], group, bucket_bytes: int = BUCKET_BYTES) -> None:
-    """Sum tensors over `group` in a few large flat all_reduces."""
-    bucket: list[torch.Tensor] = []
-    size = 0
-    for t in tensors + [None]:
-        if t is not None:
-            bucket.append(t)
-            size += t.numel() * t.element_size()
-        if bucket and (t is None or size >= bucket_bytes):
-            flat = torch.cat([b.reshape(-1) for b in bucket])
-            dist.all_reduce(flat, group=group)
-            for b, f in zip(bucket, flat.split([b.numel() for b in bucket])):
-                b.copy_(f.view_as(b))
-            bucket, size = [], 0
 
 
 def _grad_norm(opt: Optimizer, grads: list[torch.Tensor], sharded: list[bool], grid: ProcessGrid, device,
@@ -383,149 +349,29 @@ def reduce_grads(opt: Optimizer, grid: ProcessGrid) -> torch.Tensor:
     device = opt.params[0].device
     accumulate_grads(opt)  # grads a caller left on the parameters
     if grid.dp > 1:
-        units = _dp_units(opt)
+        units = dp_units(opt)
         while opt.unlaunched:
-            _launch(opt, grid)
+            launch(opt, grid)
         for u in units:
-            _wait(opt, u)
+            wait(opt, u)
         opt.unlaunched = len(units)  # (the next step's)
         if opt.buckets is None:
             return _grad_norm(opt, opt.grads, opt.sharded, grid, device)
         pieces = [(opt.grads[k][a:z], opt.sharded[i]) for k, b in enumerate(opt.buckets) for i, a, z, _ in b.segments]
         return _grad_norm(opt, [g for g, _ in pieces], [s for _, s in pieces], grid, device, opt.dp_group)
     for i in range(len(opt.params)):
-        _own_grad(opt, i)
+        own_grad(opt, i)
     partial = [g for g, p in zip(opt.grads, opt.tp_partial) if p]
     if partial and grid.tp > 1:  # one flat all-reduce per step, not one per norm per micro-batch
-        _all_reduce_flat(partial, grid.tp_group)
+        all_reduce_flat(partial, grid.tp_group)
     return _grad_norm(opt, opt.grads, opt.sharded, grid, device)
 
 
-def backward(opt: Optimizer, grid: ProcessGrid, out: torch.Tensor, *, last: bool = True) -> None:
-    """out.backward() for a micro-batch of opt's model. On the step's `last` micro-batch with DP > 1 (and
-    OVERLAP_REDUCE), each unit's DP reduction is launched while the backward runs, as soon as autograd has finished
-    all its parameters' grads (a parameter's grad hook: after it, nothing more reaches it in this backward), in a
-    fixed order: last unit first, a unit only after those behind it (a rank's timing never changes the collectives'
-    order). The parameters the backward cannot reach (nothing in out's graph leads to them: a grad made during the
-    forward, as the LM head's into its sum, or a parameter unused) count as finished from the start. (A weight whose
-    grad went into its sum reaches its hook with no grad, which torch runs since its AccumulateGrad's refactor for
-    compiled autograd; an older torch that skips it leaves its unit, and those before it, to reduce_grads: the same
-    sums, later.)"""
-    if not (last and grid.dp > 1 and OVERLAP_REDUCE and out.grad_fn is not None):
-        out.backward()
-        return
-    units = _dp_units(opt)
-    waiting = _reached(out.grad_fn, opt.params)
-    pending = [sum(i in waiting for i in u.params) for u in units]
-    opt.watch = _Watch(grid, waiting, pending)
-    try:
-        _param_done(opt, None)  # (the units nothing in the graph leads to)
-        out.backward()
-    except BaseException:
-        for u in units:  # (the step fails: nothing waits for what was launched)
-            u.work = u.flat = None
-        opt.unlaunched = len(units)
-        raise
-    finally:
-        opt.watch = None
-
-
-def _dp_units(opt: Optimizer) -> list[_Unit]:
-    """The DP reductions' units (made once): one per bucket with the distributed optimizer, else consecutive
-    parameters' fp32 grads up to about BUCKET_BYTES each (one flat all-reduce a unit)."""
-    if opt.units is None:
-        if opt.buckets is not None:
-            units = [_Unit(b.params, k) for k, b in enumerate(opt.buckets)]
-        else:
-            units, size = [], BUCKET_BYTES
-            for i, p in enumerate(opt.params):
-                if size >= BUCKET_BYTES:
-                    units.append(_Unit([]))
-                    size = 0
-                units[-1].params.append(i)
-                size += p.numel() * 4
-        opt.unit_of = {i: k for k, u in enumerate(units) for i in u.params}
-        opt.units, opt.unlaunched = units, len(units)
-    return opt.units
-
-
-def _reached(root, params: list[torch.nn.Parameter]) -> set[int]:
-    """The indices of `params` whose grad accumulators autograd's graph from node `root` leads to (a walk over its
-    nodes, a few thousand for a 13B model's backward: milliseconds, once a step and model)."""
-    where = {id(p): i for i, p in enumerate(params)}
-    found: set[int] = set()
-    seen, stack = set(), [root]
-    while stack and len(found) < len(where):
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        if isinstance(fn, torch._C._functions.AccumulateGrad):
-            i = where.get(id(fn.variable))
-            if i is not None:
-                found.add(i)
-        stack.extend(f for f, _ in fn.next_functions)
-    return found
-
-
-def _param_done(opt: Optimizer, i: int | None) -> None:
-    """Autograd has finished parameter i in the watched backward: launch the units now complete, in order."""
-    w = opt.watch
-    if i in w.waiting:
-        w.waiting.discard(i)
-        w.pending[opt.unit_of[i]] -= 1
-    while opt.unlaunched and not w.pending[opt.unlaunched - 1]:
-        _launch(opt, w.grid)
-
-
-def _own_grad(opt: Optimizer, i: int) -> torch.Tensor:
-    """Parameter i's fp32 grad summed over the step's micro-batches, as opt.grads[i] (an fp32 parameter's, which
-    autograd summed in place, moved there; zeros for a parameter no micro-batch reached)."""
-    p = opt.params[i]
-    if opt.masters[i] is p:
-        opt.grads[i], p.grad = p.grad, None
-    if opt.grads[i] is None:
-        opt.grads[i] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-    return opt.grads[i]
-
-
-def _launch(opt: Optimizer, grid: ProcessGrid) -> None:
-    """Launch the last unlaunched unit's DP reduction (asynchronous), its sequence-parallel partial grads summed
-    over TP first."""
-    opt.unlaunched -= 1
-    u = opt.units[opt.unlaunched]
-    if u.bucket is None:
-        grads = [_own_grad(opt, i) for i in u.params]
-        partial = [g for g, i in zip(grads, u.params) if opt.tp_partial[i]]
-    else:
-        b, p0 = opt.buckets[u.bucket], opt.params[u.params[0]]
-        if b.grad is None:  # no micro-batch reached these parameters
-            b.grad = torch.zeros(b.numel, dtype=torch.float32, device=p0.device)
-        partial = [b.grad[s : s + opt.params[i].numel()] for i, s in zip(b.params, b.offsets) if opt.tp_partial[i]]
-    if partial and grid.tp > 1:
-        _all_reduce_flat(partial, grid.tp_group)
-    if u.bucket is None:  # each grad becomes its piece of the flat tensor reduced in place (the old ones freed)
-        u.flat = torch.cat([g.reshape(-1) for g in grads])
-        for i, g in zip(u.params, u.flat.split([g.numel() for g in grads])):
-            opt.grads[i] = g.view(opt.params[i].shape)
-        u.work = dist.all_reduce(u.flat, group=grid.dp_group, async_op=True)
-    else:
-        out = opt.grads[u.bucket] = torch.empty(opt.masters[u.bucket].shape, dtype=torch.float32, device=p0.device)
-        u.work = reduce_scatter_single(out, b.grad, group=opt.dp_group, async_op=True)
-
-
-def _wait(opt: Optimizer, u: _Unit) -> None:
-    """Wait for a unit's DP reduction (on a GPU: the stream waits, not the host); with buckets, free the bucket's
-    grad (the reduced shard is in opt.grads)."""
-    u.work.wait()
-    u.work = u.flat = None
-    if u.bucket is not None:
-        opt.buckets[u.bucket].grad = None
-
-
-def apply_update(opt: Optimizer, norm: torch.Tensor, lr: float, cfg: PPOConfig) -> None:
+def apply_update(opt: Optimizer, norm: torch.Tensor, lr: float, cfg: PPOConfig, *, later: bool = False) -> None:
     """Clip to cfg.max_grad_norm given the global norm, Adam, and write the result into the parameters in place
-    (the generator reads these very tensors). A host-resident state is updated chunk by chunk on the device."""
+    (the generator reads these very tensors). A host-resident state is updated chunk by chunk on the device.
+    `later`: the distributed optimizer's all-gather of the updated shards is left running until
+    engine.dp_overlap.settle(opt), which must come before the parameters are read."""
     grads = opt.grads
     if cfg.max_grad_norm and cfg.max_grad_norm > 0:
         torch._foreach_mul_(grads, (cfg.max_grad_norm / (norm + 1e-6)).clamp(max=1.0))
@@ -538,7 +384,7 @@ def apply_update(opt: Optimizer, norm: torch.Tensor, lr: float, cfg: PPOConfig) 
         opt.adam.step()  # (the masters without a grad are left as they are)
         for i in idx:
             opt.masters[i].grad = opt.grads[i] = None
-        write_back(opt, idx)
+        write_back(opt, idx, later=later)
 
     if opt.host_resident:
         streamed(opt, update)
@@ -548,25 +394,17 @@ def apply_update(opt: Optimizer, norm: torch.Tensor, lr: float, cfg: PPOConfig) 
 
 
 @torch.no_grad()
-def write_back(opt: Optimizer, idx: list[int] | None = None) -> None:
+def write_back(opt: Optimizer, idx: list[int] | None = None, *, later: bool = False) -> None:
     """The updated masters `idx` (default all) into the parameters, in place (the generator reads these very
-    tensors); the distributed optimizer's shards (one per bucket) all-gathered over the DP ranks. A master may be on
-    the host (a host-resident state being loaded)."""
+    tensors); the distributed optimizer's shards (one per bucket) all-gathered over the DP ranks (`later`: left
+    running, engine.dp_overlap.gather_params). A master may be on the host (a host-resident state being loaded)."""
     idx = range(len(opt.masters)) if idx is None else idx
     if opt.buckets is None:
         for i in idx:
             if opt.masters[i] is not opt.params[i]:
                 opt.params[i].copy_(opt.masters[i])
         return
-    for k in idx:
-        b, m = opt.buckets[k], opt.masters[k]
-        dtype = opt.params[b.params[0]].dtype
-        device = opt.params[b.params[0]].device
-        flat = torch.empty(b.numel, dtype=dtype, device=device)
-        all_gather_single(flat, m.to(device, dtype), group=opt.dp_group)
-        for i, start in zip(b.params, b.offsets):
-            p = opt.params[i]
-            p.copy_(flat[start : start + p.numel()].view_as(p))
+    gather_params(opt, idx, later)
 
 
 def optimizer_state(opt: Optimizer) -> dict:

@@ -29,11 +29,12 @@ from torch.profiler import record_function
 
 from engine import grad_sums, ppo, recompute
 from engine.data import Rollout, global_position, to_padded
+from engine.dp_overlap import backward, settle
 from engine.errors import InputError, failed_on
 from engine.evaluate import check_resumed_eval, eval_due, evaluate, log_samples
 from engine.kv_cache import upload
 from engine.model import forward_flops
-from engine.optim import accumulate_grads, apply_update, backward, reduce_grads
+from engine.optim import accumulate_grads, apply_update, reduce_grads
 from engine.output_dir import TRACE_PREFIX
 from engine.parallel import agree, print0, rank0_together
 from engine.resume import record_launch, resume_checkpoint, save_checkpoint
@@ -91,10 +92,12 @@ def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, 
     """One optimizer step of each model on this rank's share `seqs` of a global minibatch.
 
     The policy's micro-batches and its grads' DP reduction (launched while its last micro-batch's backward runs:
-    engine.optim.backward), then the value model's (the two are independent within a step): with the distributed
+    engine.dp_overlap.backward), then the value model's (the two are independent within a step): with the distributed
     optimizer only one model's whole fp32 grads exist at a time (the first's are reduce-scattered into its shards
     before the second's backward). Both updates are applied once both models' losses and grad norms are known to be
-    finite, so a step that raises has changed nothing.
+    finite, so a step that raises has changed nothing. With the distributed optimizer each update's all-gather of
+    the parameters is left running (the policy's behind the value model's update, the value model's behind the next
+    step's policy passes): each model's passes settle its own first, and train_rollout all of them at its end.
 
     Adds to `sums` (DP-local sums): the losses (each already a share of the global minibatch mean), token sums of the
     per-token stats, token counts, and the grad norms.
@@ -116,6 +119,7 @@ def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, 
     losses, norms = {}, {}
     packs = list(chunks(state, ro, seqs))  # packed once for both models (a few int tensors per micro-batch)
     for name, opt in (("policy", state.policy_opt), ("value", state.value_opt)):
+        settle(opt)  # (the last step's parameter all-gather: in the parameters before they are read)
         step_loss = torch.zeros((), device=dev)
         for pk in packs:
             r, last = pk["rows"], pk is packs[-1]  # (the last's backward launches the DP reduction as it goes)
@@ -167,8 +171,8 @@ def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, 
             f"step {state.step + 1} (the losses were finite: an overflow in the backward?); no update was applied"
         )
     lr = ppo.lr_at(state.step, state.total_steps, cfg)
-    apply_update(state.policy_opt, norms["policy"], lr, cfg)
-    apply_update(state.value_opt, norms["value"], lr, cfg)
+    apply_update(state.policy_opt, norms["policy"], lr, cfg, later=True)
+    apply_update(state.value_opt, norms["value"], lr, cfg, later=True)
     # the same on every DP rank, and the metrics sum over ranks
     add_to(sums, grad_norm_policy=norms["policy"] / grid.dp, grad_norm_value=norms["value"] / grid.dp,
            steps=1.0 / grid.dp)  # fmt: skip
@@ -206,10 +210,14 @@ def train_rollout(state: TrainState, ro: Rollout) -> dict[str, torch.Tensor]:
     n_local = len(ro.responses)
     per_step = cfg.train_batch_size // state.grid.dp
     sums: dict[str, torch.Tensor] = {}
-    for epoch in range(cfg.ppo_epochs):
-        order = minibatch_order(state, epoch, n_local)
-        for k in range(n_local // per_step):
-            train_step(state, ro, order[k * per_step : (k + 1) * per_step], sums)
+    try:
+        for epoch in range(cfg.ppo_epochs):
+            order = minibatch_order(state, epoch, n_local)
+            for k in range(n_local // per_step):
+                train_step(state, ro, order[k * per_step : (k + 1) * per_step], sums)
+    finally:  # (the last updates' parameter all-gathers: in the parameters for whatever reads them next)
+        settle(state.policy_opt)
+        settle(state.value_opt)
     return sums
 
 

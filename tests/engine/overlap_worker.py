@@ -1,5 +1,6 @@
 """Run under torchrun (gloo, CPU, 4 processes = TP 2 x DP 2): the DP reduction launched during the step's last
-backward (engine.optim.backward) against the one after it.
+backward (engine.dp_overlap.backward) against the one after it, and the distributed optimizer's parameter all-gather
+left running after the update until dp_overlap.settle() against the one before the update returns.
 
 python -m torch.distributed.run --nproc_per_node 4 tests/engine/overlap_worker.py
 
@@ -9,7 +10,9 @@ the PPO policy loss with the LM head's grad made in the forward and the projecti
 launches every reduction when it reduces, in the same order), units small enough to make several, with the plain
 optimizer and with the distributed one: with the overlap every DP reduction is launched inside the last
 backward, last unit first, and the parameters after three steps are those of the run without it, to the bit (the
-reductions after the backward, none inside it). A grad set by hand after its unit was launched is refused by name.
+reductions after the backward, none inside it); so are those of the run whose updates leave the parameters' all-gather
+running (the parameters untouched until settle(), and a backward before it refused). A grad set by hand after its unit
+was launched is refused by name.
 """
 
 import dataclasses
@@ -21,13 +24,13 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from engine import grad_sums, optim, ppo  # noqa: E402
+from engine import dp_overlap, grad_sums, optim, ppo  # noqa: E402
 from engine.config import ModelConfig, PPOConfig  # noqa: E402
 from engine.model import Transformer  # noqa: E402
 from engine.parallel import init_process_grid  # noqa: E402
 from kernels import dispatch  # noqa: E402
 
-# the DP group's collectives: (what, elements, during the last micro-batch's optim.backward call, inside autograd's
+# the DP group's collectives: (what, elements, during the last micro-batch's dp_overlap.backward call, inside autograd's
 # backward itself)
 LOG: list[tuple[str, int, bool, bool]] = []
 IN_CALL = [False]
@@ -59,8 +62,8 @@ def micro_batch(model, grid, it, mb):
     return loss
 
 
-def run(grid, distributed: bool, overlap: bool):
-    optim.OVERLAP_REDUCE = overlap
+def run(grid, distributed: bool, overlap: bool, gather: bool = False):
+    dp_overlap.OVERLAP_REDUCE = overlap
     cfg = ModelConfig.named("tiny")
     cfg = dataclasses.replace(cfg, num_layers=3)
     model = Transformer(cfg, "lm", group=grid.tp_group, dtype=torch.bfloat16).init_weights(seed=1)
@@ -70,6 +73,7 @@ def run(grid, distributed: bool, overlap: bool):
                                bucket_bytes=4 * 6000)  # fmt: skip
     norms = []
     for it in range(3):
+        dp_overlap.settle(opt)  # (the last update's parameter all-gather, left running with `gather`)
         del LOG[:]
         # the third step: DP rank 1 has no micro-batch (it launches every reduction when it reduces, in the order
         # rank 0's backward launches them)
@@ -78,10 +82,24 @@ def run(grid, distributed: bool, overlap: bool):
             with grad_sums.into_sums():
                 loss = micro_batch(model, grid, it, mb)
                 IN_CALL[0] = True
-                optim.backward(opt, grid, loss, last=mb == n - 1)
+                dp_overlap.backward(opt, grid, loss, last=mb == n - 1)
                 IN_CALL[0] = False
             optim.accumulate_grads(opt)
-        norms.append(optim.optimizer_step(opt, 1e-2, PPOConfig(max_grad_norm=0.5), grid))
+        norms.append(optim.reduce_grads(opt, grid))
+        before = [p.detach().clone() for p in model.parameters()]
+        optim.apply_update(opt, norms[-1], 1e-2, PPOConfig(max_grad_norm=0.5), later=gather)
+        # with the distributed optimizer and `gather`, the parameters' all-gather is left running (on the host its
+        # copies wait for settle(): the parameters are still the old ones), and a backward before settle() is refused
+        assert dp_overlap.pending_gathers(opt) == (gather and distributed)
+        changed = any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        assert changed != dp_overlap.pending_gathers(opt)
+        if dp_overlap.pending_gathers(opt):
+            try:
+                dp_overlap.backward(opt, grid, model.norm.weight.float().sum())
+                raise AssertionError("a backward ran on parameters still being gathered")
+            except RuntimeError as e:
+                assert "still being gathered" in str(e), e
+            assert model.norm.weight.grad is None
         units = [sum(opt.params[i].numel() for i in u.params) for u in opt.units]
         if distributed:
             units = [b.numel for b in opt.buckets]
@@ -95,26 +113,28 @@ def run(grid, distributed: bool, overlap: bool):
         inside = [inside for _, _, inside in reductions]
         alone = distributed and opt.units[-1].params == [len(opt.params) - 1]
         assert inside == ([not alone] + [True] * (len(units) - 1) if early else [False] * len(units)), reductions
+    dp_overlap.settle(opt)
     return [p.detach().clone() for p in model.parameters()], norms, opt, model
 
 
 def main() -> None:
     grid = init_process_grid(tp=2)
     assert grid.dp == 2 and grid.tp == 2
-    optim.BUCKET_BYTES = 4 * 6000  # the plain optimizer's units too
+    dp_overlap.BUCKET_BYTES = 4 * 6000  # the plain optimizer's units too
     dist.all_reduce = _logged("all_reduce", dist.all_reduce, grid)
-    optim.reduce_scatter_single = _logged("reduce_scatter", optim.reduce_scatter_single, grid)
+    dp_overlap.reduce_scatter_single = _logged("reduce_scatter", dp_overlap.reduce_scatter_single, grid)
     with dispatch.reference_ops():
         for distributed in (False, True):
             after, norms, _, _ = run(grid, distributed, overlap=False)
-            overlapped, norms2, opt, model = run(grid, distributed, overlap=True)
-            for a, b in zip(after, overlapped, strict=True):
-                assert torch.equal(a, b), (distributed, (a.float() - b.float()).abs().max())
-            assert torch.equal(torch.stack(norms), torch.stack(norms2)), (norms, norms2)
+            for gather in (False, True):
+                overlapped, norms2, opt, model = run(grid, distributed, overlap=True, gather=gather)
+                for a, b in zip(after, overlapped, strict=True):
+                    assert torch.equal(a, b), (distributed, gather, (a.float() - b.float()).abs().max())
+                assert torch.equal(torch.stack(norms), torch.stack(norms2)), (norms, norms2)
         # a grad reaching a parameter whose unit was launched is refused by name
         with grad_sums.into_sums():
             loss = micro_batch(model, grid, 5, 0)
-            optim.backward(opt, grid, loss, last=True)
+            dp_overlap.backward(opt, grid, loss, last=True)
         model.norm.weight.grad = torch.ones_like(model.norm.weight)
         try:
             optim.accumulate_grads(opt)

@@ -437,3 +437,46 @@ def test_the_mlps_recomputed_activation_gives_the_same_grads_on_gpu():
         sums.append([optim.grad_sum(opt, i).clone() for i in range(len(opt.params))])
     for i, (a, b) in enumerate(zip(*sums, strict=True)):
         assert torch.equal(a, b), i
+
+
+PARAM_GATHER_ON_GPU = """
+import sys, types, torch, torch.distributed as dist
+from engine import dp_overlap, optim
+torch.distributed.init_process_group("nccl", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+dev = torch.device("cuda")
+g = torch.Generator(device=dev).manual_seed(0)
+params = [torch.randn(n, device=dev, generator=g).to(torch.bfloat16) for n in (3000, 77, 5000, 1)]
+buckets = optim._make_buckets(params, types.SimpleNamespace(dp=1, dp_rank=0), 4000)
+masters = [optim._flat_shard(params, b, 1) + 1.0 for b in buckets]
+opt = types.SimpleNamespace(buckets=buckets, masters=masters, params=params, dp_group=dist.group.WORLD, gathers=None)
+old = [p.clone() for p in params]
+opt.gathers = dp_overlap.Gathers(stream=torch.cuda.Stream(dev))
+torch.cuda._sleep(200_000_000)  # the current stream busy: the copies must wait for what it has queued
+before = [p.clone() for p in params]  # (read by the current stream before the copies may write)
+with torch.cuda.stream(opt.gathers.stream):
+    torch.cuda._sleep(400_000_000)  # the side stream late: the reads after settle() must wait for its copies
+dp_overlap.gather_params(opt, range(len(buckets)), later=True)
+assert dp_overlap.pending_gathers(opt)
+dp_overlap.settle(opt)
+after = [p.clone() for p in params]
+assert not dp_overlap.pending_gathers(opt)
+assert all(torch.equal(a, b) for a, b in zip(before, old))
+want = [(p.float() + 1.0).to(torch.bfloat16) for p in old]
+assert all(torch.equal(a, w) for a, w in zip(after, want)), [(a.float() - w).abs().max() for a, w in zip(after, want)]
+print("ok")
+"""
+
+
+def test_the_parameter_gather_left_running_lands_before_the_parameters_are_read_on_gpu(tmp_path):
+    """engine.dp_overlap.gather_params(later=True) on a GPU (NCCL, one rank): the side stream's copies into the
+    parameters come after what the current stream queued before (its reads see the old values, however long it is
+    busy), and settle() makes the current stream's reads wait for them (however late the side stream is)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root)
+    r = subprocess.run([sys.executable, "-c", PARAM_GATHER_ON_GPU, str(tmp_path / "store")], env=env,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-3000:]

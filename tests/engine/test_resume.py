@@ -445,9 +445,16 @@ def test_a_resume_keeps_the_checkpoints_hyperparameters_unless_given_again(tmp_p
 def test_dp2_distributed_optimizer_resumes_exactly(tmp_path):
     """DP=2 with the optimizer sharded over the ranks: two iterations straight equal one + --resume + one (weights,
     metrics, each rank's shard of the Adam moments), also with the state in host memory throughout (and the idle
-    models' weights during the resumed run's rollout), and the unsharded
+    models' weights during the resumed run's rollout), and with each update's parameter all-gather finished before it
+    returns (TULU_OVERLAP_PARAM_GATHER=0; to the bit), and the unsharded
     optimizer's run; resuming a sharded checkpoint without sharding is refused with a clear error."""
     straight = torchrun_ranks(tmp_path, 2, "a", "--max-iterations", "2")
+    # each update's parameter all-gather finished before it returns, not left running into what follows: the same bits
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TULU_OVERLAP_PARAM_GATHER", "0")
+        serial = torchrun_ranks(tmp_path, 2, "e", "--max-iterations", "2")
+    assert no_timing(serial[0]["history"]) == no_timing(straight[0]["history"])
+    assert all(torch.equal(v, straight[0]["policy"][k]) for k, v in serial[0]["policy"].items())
     first = torchrun_ranks(tmp_path, 2, "b", "--max-iterations", "1")
     second = torchrun_ranks(tmp_path, 2, "b", "--max-iterations", "2", "--resume")
     assert no_timing(first[0]["history"] + second[0]["history"]) == no_timing(straight[0]["history"])

@@ -47,7 +47,9 @@ def test_easylm_quirk_recomputes_old_logprobs_per_minibatch(tmp_path):
 
 def test_one_model_is_reduced_before_the_other_backward(tmp_path, monkeypatch):
     """A step runs the policy's micro-batches and reduces its grads (with the distributed optimizer that frees its
-    whole fp32 grads) before the value model's backward, and updates both only after both reductions."""
+    whole fp32 grads) before the value model's backward, and updates both only after both reductions, leaving their
+    parameters' all-gathers running: each model's passes settle its own first, and the rollout's training settles
+    both at its end."""
     state = tiny_state(tmp_path, "--max-iterations", "1", "--micro-batch-tokens", "16")
     names = {id(state.policy_opt): "policy", id(state.value_opt): "value"}
     calls = []
@@ -55,27 +57,32 @@ def test_one_model_is_reduced_before_the_other_backward(tmp_path, monkeypatch):
     def recorded(fn):
         orig = getattr(trainer, fn)
 
-        def call(opt, *args):
-            calls.append((fn, names[id(opt)]))
-            return orig(opt, *args)
+        def call(opt, *args, **kw):
+            calls.append((fn, names[id(opt)]) + tuple(kw.items()))
+            return orig(opt, *args, **kw)
 
         monkeypatch.setattr(trainer, fn, call)
 
-    for fn in ("accumulate_grads", "reduce_grads", "apply_update"):
+    for fn in ("accumulate_grads", "reduce_grads", "apply_update", "settle"):
         recorded(fn)
     with dispatch.reference_ops():
         trainer.train(state)
     steps, start = [], 0
     for i, c in enumerate(calls):
-        if c == ("apply_update", "value"):
+        if c == ("apply_update", "value", ("later", True)):
             steps.append(calls[start : i + 1])
             start = i + 1
-    assert len(steps) == state.step == 2 and start == len(calls)
+    assert len(steps) == state.step == 2 and calls[start:] == [("settle", "policy"), ("settle", "value")]
     for step in steps:
+        assert step[0] == ("settle", "policy")
         k = step.index(("reduce_grads", "policy"))
-        assert k > 1 and set(step[:k]) == {("accumulate_grads", "policy")}  # several micro-batches
-        assert set(step[k + 1 : -3]) == {("accumulate_grads", "value")} and len(step) == 2 * k + 4
-        assert step[-3:] == [("reduce_grads", "value"), ("apply_update", "policy"), ("apply_update", "value")]
+        assert k > 2 and set(step[1:k]) == {("accumulate_grads", "policy")}  # several micro-batches
+        assert step[k + 1] == ("settle", "value")
+        assert set(step[k + 2 : -3]) == {("accumulate_grads", "value")} and len(step) == 2 * k + 4
+        assert step[-3:] == [
+            ("reduce_grads", "value"), ("apply_update", "policy", ("later", True)),
+            ("apply_update", "value", ("later", True)),
+        ]  # fmt: skip
 
 
 def test_an_optimizer_step_reads_its_losses_and_grad_norms_in_one_host_sync(tmp_path, monkeypatch):
