@@ -443,3 +443,22 @@ def test_grad_sums_bench_prints_ours_the_reference_and_the_floor_per_projection(
         assert all(r["err"] < 2e-2 for r in per_proj if r["impl"] != "floor")
     floor = [r for r in rows if r["model"] == "llama2-13b" and r["proj"] == "qkv" and r["impl"] == "floor"][0]
     assert floor["shape"] == "30x80" and floor["ms"] == pytest.approx(2 * 32 * 30 * 80 / 2e12 * 1e3)
+
+
+def test_the_overlaps_ab_trains_the_same_bits_with_all_of_them_off(tmp_path, capsys, monkeypatch):
+    """bench/train_overlaps.py on 4 gloo processes (TP 2 x DP 2, tiny models, the distributed optimizer): the PPO
+    iteration with every training overlap on and with all three off (TULU_OVERLAP_GRAD_REDUCE, _PARAM_GATHER,
+    TULU_SP_OVERLAP = 0) trains to the same losses, grad norms, KL and score, to the bit; both rows printed."""
+    import json
+
+    from bench.train_overlaps import main
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (the ranks run the CPU reference ops)
+    rows = main(["--settings", "default,none", "--json", str(tmp_path / "o.json"), "--", "--iterations", "1"])
+    assert [r["setting"] for r in rows] == ["all on (the default)", "all three in series"]
+    assert rows[1]["env"] == {"TULU_OVERLAP_GRAD_REDUCE": "0", "TULU_OVERLAP_PARAM_GATHER": "0", "TULU_SP_OVERLAP": "0"}
+    assert (rows[0]["world_size"], rows[0]["tp"]) == (4, 2)
+    assert rows[1]["max_rel_diff"] == 0.0 and rows[1]["metrics"][0]["policy_loss"] != 0.0
+    out = capsys.readouterr().out
+    assert "all three in series" in out and "warning" not in out
+    assert len(json.loads((tmp_path / "o.json").read_text())) == 2
