@@ -243,7 +243,10 @@ def gather_params(opt: Optimizer, buckets, later: bool = False) -> None:
             _unflatten(opt, k, flat)
             g.done = torch.cuda.Event()
             g.done.record(g.stream)
-        flat.record_stream(g.stream)  # (its memory free again once the copies are done)
+        # (their memory free again once the side stream is past the gather and the copies, whichever stream the
+        # collective's own bookkeeping frees them on)
+        flat.record_stream(g.stream)
+        shard.record_stream(g.stream)
 
 
 def _unflatten(opt: Optimizer, k: int, flat: torch.Tensor) -> None:
