@@ -16,6 +16,7 @@ engine/state.py's setup).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -215,9 +216,13 @@ def train_rollout(state: TrainState, ro: Rollout) -> dict[str, torch.Tensor]:
             order = minibatch_order(state, epoch, n_local)
             for k in range(n_local // per_step):
                 train_step(state, ro, order[k * per_step : (k + 1) * per_step], sums)
-    finally:  # (the last updates' parameter all-gathers: in the parameters for whatever reads them next)
-        settle(state.policy_opt)
-        settle(state.value_opt)
+    except BaseException:  # (the updates made so far in the parameters; the step's own error is the one reported)
+        for opt in (state.policy_opt, state.value_opt):
+            with contextlib.suppress(Exception):
+                settle(opt)
+        raise
+    settle(state.policy_opt)  # (the last updates' parameter all-gathers: in the parameters for what reads them next)
+    settle(state.value_opt)
     return sums
 
 

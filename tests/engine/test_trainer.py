@@ -136,6 +136,32 @@ def test_an_optimizer_step_counts_its_tokens_in_the_whitenings_collective(tmp_pa
         assert (tmp_path / f"rank{rank}").read_text().split("\n") == step * 2  # two optimizer steps
 
 
+def test_a_failing_step_lands_both_models_gathers_and_reports_its_own_error(tmp_path, monkeypatch):
+    """A step that raises after an earlier one updated the models: the rollout's training still settles both models'
+    parameter all-gathers (the updates made so far are in the parameters), and an error while settling does not hide
+    the step's own."""
+    state = tiny_state(tmp_path, "--max-iterations", "1", "--eval-prompts", "")
+    settled, real_step = [], trainer.train_step
+
+    def settle(opt):
+        settled.append(opt)
+        if opt is state.policy_opt and steps:
+            raise ValueError("the gather failed too")
+
+    def step(st, ro, seqs, sums):
+        if steps:
+            del settled[:]  # (the first step's own, before its passes)
+            raise RuntimeError("the second step failed")
+        steps.append(real_step(st, ro, seqs, sums))
+
+    steps = []
+    monkeypatch.setattr(trainer, "settle", settle)
+    monkeypatch.setattr(trainer, "train_step", step)
+    with dispatch.reference_ops(), pytest.raises(RuntimeError, match="the second step failed"):
+        trainer.train(state)
+    assert len(steps) == 1 and settled == [state.policy_opt, state.value_opt]
+
+
 def test_nan_loss_names_the_loss_iteration_and_step(tmp_path):
     state = tiny_state(tmp_path, "--max-iterations", "1")
     with torch.no_grad():
