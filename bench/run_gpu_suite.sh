@@ -223,11 +223,15 @@ fi
 if [[ "$names" == *" next "* ]]; then  # the next lease's first call: what decides the opt-in switches (alone)
   names="$names next_tests rollout_b64_linear rollout_b64_linear_pdl rollout_b64_cublas rope_attention_tma "
   names="$names rollout_b1_linear rollout_b1_linear_pdl rollout_b1_cublas rollout_b1_pdl linear sampling "
-  names="$names grad_sums gluon_tests pingpong_tests linear_sweep rope_sweep "
+  names="$names grad_sums train_tests gluon_tests pingpong_tests linear_sweep rope_sweep "
   # (the Gluon forward's tests apart, later and under their own short cap: a kernel new to the GPU may hang)
   step next_tests 100 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs $xdist $per_test \
     tests/kernels/test_decode_linear.py tests/kernels/test_paged_attention.py tests/kernels/test_sampling.py \
     tests/kernels/test_rope_attention.py -k "not gluon"
+  # the training side built without a GPU, on one: weight grads into their fp32 sums, the MLP's recomputed
+  # activation, the parameter all-gather's side stream (NCCL, one rank)
+  step train_tests 60 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/engine/test_gpu.py \
+    -k "straight_into_fp32_sums or recomputed_activation or parameter_gather"
   for b in 64 1; do
     bench "rollout_b${b}_linear" 120 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights \
       --batch $b --prompt-len 128 --gen-len 256 --no-hf --decode-config '{"linear": 1}'

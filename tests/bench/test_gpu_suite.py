@@ -256,19 +256,21 @@ def test_gluon_group_tests_then_times_the_gluon_kernels_alone(tmp_path):
 
 @pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("tar") is None, reason="needs coreutils and tar")
 def test_next_group_tests_then_times_each_switch_against_the_defaults(tmp_path):
-    """`next`: the kernel tests compiled, the batch-64 rollouts with linear 1, with linear 1 + pdl 1 and at the
-    defaults, the rope attention bench (TMA against pointer loads), the same three at batch 1 and batch 1 with pdl 1
-    alone, the projections' and sampling benches, the weight grads into their sums, then the two sweeps; nothing of
-    the other groups."""
+    """`next`: the kernel tests compiled, the engine's GPU tests of the training side, the batch-64 rollouts with
+    linear 1, with linear 1 + pdl 1 and at the defaults, the rope attention bench (TMA against pointer loads), the
+    same three at batch 1 and batch 1 with pdl 1 alone, the projections' and sampling benches, the weight grads into
+    their sums, then the two sweeps; nothing of the other groups."""
     steps, summary, run = _run_group(tmp_path, STUB.replace("sleep 60", "true"), "next")
     work = run["work"]
-    assert steps == ["next_tests", "rollout_b64_linear", "rollout_b64_linear_pdl", "rollout_b64_cublas",
+    assert steps == ["next_tests", "train_tests", "rollout_b64_linear", "rollout_b64_linear_pdl", "rollout_b64_cublas",
                      "rope_attention_tma", "rollout_b1_linear", "rollout_b1_linear_pdl", "rollout_b1_cublas",
                      "rollout_b1_pdl", "linear", "sampling", "grad_sums", "gluon_tests", "pingpong_tests",
                      "linear_sweep", "rope_sweep"], summary  # fmt: skip
     assert '--decode-config {"pdl": 1}' in (work / "rollout_b1_pdl.log").read_text()
     tests = (work / "next_tests.log").read_text()
     assert "test_decode_linear.py" in tests and "test_rope_attention.py -k not gluon" in tests, tests
+    train = (work / "train_tests.log").read_text()  # (the training side built without a GPU: three engine tests)
+    assert "test_gpu.py -k straight_into_fp32_sums or recomputed_activation or parameter_gather" in train, train
     gluon = (work / "gluon_tests.log").read_text()
     assert "test_rope_attention.py -k gluon and not pingpong and not producer" in gluon, gluon  # (apart)
     assert "test_rope_attention.py -k pingpong or producer" in (work / "pingpong_tests.log").read_text()
