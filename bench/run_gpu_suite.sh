@@ -27,7 +27,8 @@
 # attention tests on the GPU, the bench with ours by TMA and by pointer loads beside SDPA, and the launch sweep (TMA and
 # pointer variants; the warp-specialised kernels first). The group `next` (alone: what one call of a 15-minute lease
 # should run first, ~9 minutes): the untimed work of 2026-12-04/05 by what it decides: the tests of the decode
-# projections, paged attention (PDL in a CUDA graph), sampling and rope attention compiled; the 13B rollouts at batch 64
+# projections, paged attention (PDL in a CUDA graph), sampling and rope attention compiled, and test_gpu.py's checks
+# of the training side built without a GPU (grad sums, MLP recompute, the parameter gather); the 13B rollouts at batch 64
 # and 1 with decode_config's linear 1, with linear 1 + pdl 1, and at the defaults (batch 1 also with pdl 1 alone: 2%
 # short of its target), with the rope attention bench (TMA against pointer loads against SDPA, dq by atomic adds, and
 # the warp-specialised kernels) between the two batches; the projections against cuBLAS; the sampling bench; the Gluon
