@@ -78,6 +78,9 @@ class RunConfig:
     dist_timeout_minutes: float = 60.0  # how long a rank waits for its peers in a collective (a slow rollout)
     sequence_parallel: bool = True  # under TP, split the tokens between the TP regions (norms run on 1/tp of them)
     distributed_optimizer: bool = True  # with DP, shard the fp32 masters and Adam moments over the DP ranks (ZeRO-1)
+    # with DP, deal each optimizer step's minibatch out over the ranks by tokens (longest first, to the emptiest rank),
+    # not by where its sequences were sampled: no rank waits for a fuller one (engine/balance.py)
+    balance_dp_tokens: bool = True
     resume: bool = False  # continue from output_dir's latest checkpoint (if there is none, start fresh)
     # the PPO hyperparameters given on the command line (set by train_ppo.parse_args; not a flag): a resumed run takes
     # every other one from its checkpoint, so it continues with its own. None (the API's): all of them are as meant

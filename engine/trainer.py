@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from engine import grad_sums, ppo, recompute
+from engine import balance, grad_sums, ppo, recompute
 from engine.data import Rollout, global_position, to_padded
 from engine.dp_overlap import backward, settle
 from engine.errors import InputError, failed_on
@@ -73,10 +73,11 @@ def rollout_targets(state: TrainState, ro: Rollout) -> None:
     ro.targets = {k: v[idx] for k, v in out.items()}
 
 
-def _nonfinite_kl(state: TrainState, ro: Rollout) -> str:
-    """Where the rollout's per-token KL to the reference is not finite (the rewards, advantages and returns it makes
-    are not either), that, as a clause of the non-finite loss's message; every DP rank calls it (their losses agree)."""
-    n = (~torch.isfinite(ro.targets["kl"])).sum().float()
+def _nonfinite_kl(state: TrainState, kl: torch.Tensor) -> str:
+    """Where the rollout's per-token KL to the reference (`kl`, this rank's) is not finite (the rewards, advantages and
+    returns it makes are not either), that, as a clause of the non-finite loss's message; every DP rank calls it (their
+    losses agree)."""
+    n = (~torch.isfinite(kl)).sum().float()
     if state.dp_group is not None:
         dist.all_reduce(n, group=state.dp_group)
     if not n:
@@ -89,8 +90,11 @@ def _nonfinite_kl(state: TrainState, ro: Rollout) -> str:
     )  # fmt: skip
 
 
-def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, torch.Tensor]) -> None:
-    """One optimizer step of each model on this rank's share `seqs` of a global minibatch.
+def train_step(
+    state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, torch.Tensor], kl: torch.Tensor | None = None
+) -> None:
+    """One optimizer step of each model on this rank's share `seqs` of a global minibatch (sequences of `ro`: this
+    rank's rollout, or its share dealt by tokens, engine/balance.py, with `kl` its rollout's per-token KL).
 
     The policy's micro-batches and its grads' DP reduction (launched while its last micro-batch's backward runs:
     engine.dp_overlap.backward), then the value model's (the two are independent within a step): with the distributed
@@ -104,6 +108,7 @@ def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, 
     per-token stats, token counts, and the grad norms.
     """
     cfg, dev, grid = state.cfg, state.device, state.grid
+    kl = ro.targets["kl"] if kl is None else kl
     # (no blocking host-to-device copy: it would wait here for the previous step's update before the packing below)
     rows = upload(torch.cat([torch.arange(ro.offsets[i], ro.offsets[i + 1]) for i in seqs]), dev)
     ones = torch.ones(rows.numel(), dtype=torch.bool, device=dev)
@@ -162,7 +167,7 @@ def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, 
     if bad:
         raise FloatingPointError(
             f"non-finite {' and '.join(bad)} at iteration {state.iteration + 1}, step {state.step + 1} "
-            f"(optimizer steps counted over the run, as in the metrics){_nonfinite_kl(state, ro)}; no update was "
+            f"(optimizer steps counted over the run, as in the metrics){_nonfinite_kl(state, kl)}; no update was "
             "applied"
         )
     bad = [f"{name} ({x})" for name, x in zip(("policy", "value"), checked[2:]) if not math.isfinite(x)]
@@ -180,8 +185,9 @@ def train_step(state: TrainState, ro: Rollout, seqs: list[int], sums: dict[str, 
     state.step += 1
 
 
-def minibatch_order(state: TrainState, epoch: int, n_local: int) -> list[int]:
-    """This rank's rollout sequences in the order PPO epoch `epoch` trains on them, train_batch_size / dp at a time.
+def minibatch_order(state: TrainState, epoch: int, n_local: int, rank: int | None = None) -> list[int]:
+    """This rank's (or DP rank `rank`'s) rollout sequences in the order PPO epoch `epoch` trains on them,
+    train_batch_size / dp at a time.
 
     Epoch 0 takes them in rollout order. A later epoch reshuffles the minibatches column by column: seen as one
     process would see it, the rollout is a [steps, train_batch_size] grid (minibatch k is row k) and each column c
@@ -197,7 +203,7 @@ def minibatch_order(state: TrainState, epoch: int, n_local: int) -> list[int]:
     steps, grid = n_local // per_step, state.grid
     order = [0] * (steps * per_step)
     for lc in range(per_step):  # this rank's column lc of a minibatch
-        column = global_position(lc, grid.dp_rank, grid.dp, state.cfg.samples_per_prompt)  # (in one process's)
+        column = global_position(lc, grid.dp_rank if rank is None else rank, grid.dp, state.cfg.samples_per_prompt)
         seed = ((state.run.seed * 1_000_003 + state.iteration) * 101 + epoch) * 100_003 + column
         # (modulo 2^64: torch takes no larger seed, and maps a negative one to the same residue)
         rows = torch.randperm(steps, generator=torch.Generator().manual_seed(seed % 2**64)).tolist()
@@ -211,11 +217,21 @@ def train_rollout(state: TrainState, ro: Rollout) -> dict[str, torch.Tensor]:
     n_local = len(ro.responses)
     per_step = cfg.train_batch_size // state.grid.dp
     sums: dict[str, torch.Tensor] = {}
+    dp, dev = state.grid.dp, state.device
+    # with DP, each step's minibatch dealt over the ranks by tokens (engine/balance.py): every rank's data, once
+    every = balance.gather(ro, state.dp_group, dev) if dp > 1 and state.run.balance_dp_tokens else None
     try:
         for epoch in range(cfg.ppo_epochs):
-            order = minibatch_order(state, epoch, n_local)
+            if every is None:
+                order = minibatch_order(state, epoch, n_local)
+                for k in range(n_local // per_step):
+                    train_step(state, ro, order[k * per_step : (k + 1) * per_step], sums)
+                continue
+            orders = [minibatch_order(state, epoch, len(every.responses[r]), rank=r) for r in range(dp)]
             for k in range(n_local // per_step):
-                train_step(state, ro, order[k * per_step : (k + 1) * per_step], sums)
+                members = [(r, i) for r in range(dp) for i in orders[r][k * per_step : (k + 1) * per_step]]
+                part = balance.share(every, members, state.grid.dp_rank, dp, dev)
+                train_step(state, part, list(range(len(part.responses))), sums, kl=ro.targets["kl"])
     except BaseException:  # (the updates made so far in the parameters; the step's own error is the one reported)
         for opt in (state.policy_opt, state.value_opt):
             with contextlib.suppress(Exception):
