@@ -2,7 +2,7 @@
 
 A DP rank samples its own sequences, and each optimizer step trains every rank on its share of the global minibatch.
 Left where they were sampled, one rank's share may hold many more tokens than another's (PPO's responses run from a
-few tokens to the length limit: at the recipe's 64 sequences a step over 2 ranks, ~4% more than the mean on the fuller
+few tokens to the length limit: at the recipe's 64 sequences a step over 2 ranks, ~3% more than the mean on the fuller
 rank, over 4 ranks ~8%), and every rank waits for the fullest at the step's gradient reduction. With
 RunConfig.balance_dp_tokens (on by default) the rollout's training data is all-gathered over the DP ranks once
 (gather: the token ids and five per-token floats, a few MB at the recipe's shape), and each step deals the global
