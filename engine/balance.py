@@ -5,7 +5,7 @@ Left where they were sampled, one rank's share may hold many more tokens than an
 few tokens to the length limit: at the recipe's 64 sequences a step over 2 ranks, ~3% more than the mean on the fuller
 rank, over 4 ranks ~8%), and every rank waits for the fullest at the step's gradient reduction. With
 RunConfig.balance_dp_tokens (on by default) the rollout's training data is all-gathered over the DP ranks once
-(gather: the token ids and five per-token floats, a few MB at the recipe's shape), and each step deals the global
+(gather: the token ids and four per-token floats, a few MB at the recipe's shape), and each step deals the global
 minibatch's sequences out longest first, each to the rank with the fewest tokens so far (a tie to the sequence's own
 rank, then the lowest): every rank computes the same deal from the same data (share). The global minibatch, its
 whitening (over its tokens) and the losses (sums over every rank divided by its token count) are those of the
@@ -24,7 +24,7 @@ from engine.kv_cache import upload
 from engine.parallel import all_gather_single
 
 # the per-token tensors a step reads: the old log-probs, the values, and the rollout targets of these names
-FIELDS = ("logprobs", "values", "advantages", "returns", "kl")
+FIELDS = ("logprobs", "values", "advantages", "returns")
 
 
 @dataclass
@@ -110,5 +110,5 @@ def share(g: Gathered, members: list[tuple[int, int]], rank: int, dp: int, devic
     return Rollout(  # (no EOS flags nor the generator's log-probs: training reads neither)
         prompts, responses, hit_eos=torch.zeros(0, dtype=torch.bool), gen_logprobs=torch.zeros(0), offsets=offsets,
         logprobs=data["logprobs"], values=data["values"],
-        targets={k: data[k] for k in ("advantages", "returns", "kl")},
+        targets={k: data[k] for k in ("advantages", "returns")},
     )  # fmt: skip

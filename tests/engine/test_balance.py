@@ -43,7 +43,7 @@ def test_the_deal_is_within_one_sequence_of_even_and_the_same_on_every_rank(dp):
 
 def test_a_share_carries_each_sequences_own_ids_and_per_token_rows():
     """Two ranks' rollouts gathered (as balance.gather lays them: rank after rank): every rank's share of a
-    minibatch holds whole sequences, each with its own token ids and its own rows of the five per-token fields, and
+    minibatch holds whole sequences, each with its own token ids and its own rows of the four per-token fields, and
     the shares cover the minibatch once."""
     prompts = [[[1, 2], [3]], [[4, 5, 6], [7], [8, 9]]]
     responses = [[[10, 11, 12], [13]], [[14], [15, 16, 17, 18], [19, 20]]]
