@@ -9,8 +9,9 @@ The overlaps (each the same bits as its serial form, so every run trains to the 
 last column, and a warning where a run moved by more than 1e-3): the grads' DP reduction during the last backward
 (TULU_OVERLAP_GRAD_REDUCE), the parameters' all-gather left running after the update (TULU_OVERLAP_PARAM_GATHER, with
 the distributed optimizer), sequence parallelism's backward with its gather and reduce-scatter behind the GEMMs
-(TULU_SP_OVERLAP); last, all on with CUDA_DEVICE_MAX_CONNECTIONS=1 (Megatron's setting for its overlaps). What they
-save grows with the collectives' cost: DP over nodes, TP 8. Flags after `--` go to
+(TULU_SP_OVERLAP); last, all on with CUDA_DEVICE_MAX_CONNECTIONS=1 (Megatron's setting for its overlaps), and all on
+with torch's async TP (TULU_ASYNC_TP=1, sequence parallelism's forwards fused with their collectives). What they save
+grows with the collectives' cost: DP over nodes, TP 8. Flags after `--` go to
 bench/ppo_step.py as they are (the model, the sizes, --iterations: the fastest timed iteration is each run's figure).
 """
 
@@ -41,19 +42,22 @@ SAME = ("policy_loss", "value_loss", "grad_norm_policy", "grad_norm_value", "kl"
 
 def settings() -> dict[str, tuple[str, dict[str, str]]]:
     """{short name: (what, the environment it runs in)}, in the printed order: the default, each off alone, all off,
-    all on in one hardware queue."""
+    all on in one hardware queue, all on with async TP."""
     out = {"default": ("all on (the default)", {})}
     out.update({key: (f"{what} in series", {env: "0"}) for key, (what, env) in SWITCHES.items()})
     out["none"] = ("all three in series", {env: "0" for _, env in SWITCHES.values()})
     # Megatron's setting for its overlaps (one hardware queue: a collective launched before a GEMM is dispatched
     # before it, and not starved of SMs by it); it also serialises the side streams (a stream's wait blocks the rest)
     out["one_queue"] = ("all on, CUDA_DEVICE_MAX_CONNECTIONS=1", {"CUDA_DEVICE_MAX_CONNECTIONS": "1"})
+    # torch's async TP for sequence parallelism's forwards (engine.parallel.ASYNC_TP; off by default, untimed): its
+    # sums run in another order, so its row differs in bf16's last bits (its small losses may draw the warning)
+    out["async_tp"] = ("all on, async TP (TULU_ASYNC_TP=1)", {"TULU_ASYNC_TP": "1"})
     return out
 
 
 def run_one(nproc: int, tp: int, flags: list[str], env_off: dict[str, str], json_path: str, timeout: float) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    for env_name in [env for _, env in SWITCHES.values()] + ["CUDA_DEVICE_MAX_CONNECTIONS"]:
+    for env_name in [env for _, env in SWITCHES.values()] + ["CUDA_DEVICE_MAX_CONNECTIONS", "TULU_ASYNC_TP"]:
         env.pop(env_name, None)
     env.update(env_off)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),

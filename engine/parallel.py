@@ -327,6 +327,75 @@ class _ScatterTokens(torch.autograd.Function):
 SP_OVERLAP = os.environ.get("TULU_SP_OVERLAP", "1") != "0"
 
 
+# Async TP (torch's symmetric-memory ops, as torchtitan's async tensor parallelism: a column-parallel layer's all-gather
+# pipelined chunk by chunk into the GEMM that consumes it, a row-parallel layer's GEMM into the reduce-scatter that sums
+# it, over NVLink peers' memory without NCCL kernels on the SMs) for sequence parallelism's training and scoring
+# forwards and the row-parallel layer's backward: off until a multi-GPU machine has timed it (TULU_ASYNC_TP=1; CUDA
+# only; the same products in another summation order, so not the same bits)
+ASYNC_TP = os.environ.get("TULU_ASYNC_TP", "0") == "1"
+_SYMM_GROUPS: set[str] = set()
+
+
+def _async_tp(x: torch.Tensor) -> bool:
+    return ASYNC_TP and x.is_cuda
+
+
+def _symm_group(group) -> str:
+    """The group's name for torch's symmetric-memory ops, which are enabled for it at its first use."""
+    name = group.group_name
+    if name not in _SYMM_GROUPS:
+        from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+        enable_symm_mem_for_group(name)
+        _SYMM_GROUPS.add(name)
+    return name
+
+
+def _ag_mm(x: torch.Tensor, b: torch.Tensor, group, keep: bool = False):
+    """(every rank's rows of x gathered, or None unless `keep`; that gathered x @ b), by torch's fused op."""
+    gathered, (y,) = torch.ops.symm_mem.fused_all_gather_matmul(x, [b], 0, _symm_group(group), return_A=keep)
+    return gathered, y
+
+
+def _mm_rs(x: torch.Tensor, b: torch.Tensor, group) -> torch.Tensor:
+    """This rank's rows of x @ b summed over the ranks, by torch's fused op."""
+    return torch.ops.symm_mem.fused_matmul_reduce_scatter(x, b, "sum", 0, _symm_group(group))
+
+
+def gathered_linear(x: torch.Tensor, weight: torch.Tensor, group) -> torch.Tensor:
+    """(every rank's tokens x) W^T, x [N/tp, in] this rank's (no autograd): with ASYNC_TP by the fused all-gather +
+    GEMM, else gathered first."""
+    if _async_tp(x):
+        return _ag_mm(x, weight.t(), group)[1]
+    return F.linear(gather_dim(x, 0, group), weight)
+
+
+class _ScatteredLinear(torch.autograd.Function):
+    """This rank's tokens of x W^T summed over the TP ranks (a row-parallel layer under sequence parallelism, ASYNC_TP)
+    by the fused GEMM + reduce-scatter; the backward gathers dy into dx's GEMM by the fused all-gather + GEMM, keeping
+    the gathered dy for the weight's grad (into its fp32 sum `acc`, or to autograd)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, acc, group):
+        ctx.save_for_backward(x, weight)
+        ctx.acc, ctx.group = acc, group
+        return _mm_rs(x, weight.t(), group)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        group, acc = ctx.group, ctx.acc
+        ctx.acc = None
+        dy = dy.contiguous()
+        if ctx.needs_input_grad[0]:
+            dy_full, dx = _ag_mm(dy, weight, group, keep=True)
+        else:
+            dy_full, dx = gather_dim(dy, 0, group), None
+        want_w = acc is not None or ctx.needs_input_grad[1]
+        gw = weight_grad(acc, dy_full, x, ctx.needs_input_grad[1]) if want_w else None
+        return dx, gw, None, None
+
+
 class _GatheredLinear(torch.autograd.Function):
     """y = (every rank's tokens x) W^T, x [N/tp, in] this rank's tokens (a column-parallel layer under sequence
     parallelism), whose backward overlaps both its collectives with its GEMMs (Megatron's): it keeps x, not the
@@ -339,7 +408,7 @@ class _GatheredLinear(torch.autograd.Function):
     def forward(ctx, x, weight, acc, group):
         ctx.save_for_backward(x, weight)
         ctx.acc, ctx.group = acc, group
-        return F.linear(gather_dim(x, 0, group), weight)
+        return gathered_linear(x, weight, group)
 
     @staticmethod
     def backward(ctx, dy):
@@ -500,6 +569,8 @@ class ColumnParallelLinear(nn.Module):
         if sequence_parallel and self.tp > 1 and SP_OVERLAP and torch.is_grad_enabled() and x.dim() == 2:
             if x.requires_grad or self.weight.requires_grad:
                 return _GatheredLinear.apply(x, self.weight, target(self.weight), self.group)
+        if sequence_parallel and self.tp > 1 and _async_tp(x) and not torch.is_grad_enabled() and x.dim() == 2:
+            return gathered_linear(x, self.weight, self.group)  # (the scoring passes)
         x = gather_tokens(x, self.group) if sequence_parallel else copy_to_tp(x, self.group)
         return linear(x, self.weight)  # (F.linear, a decode step's kernels/decode_linear.py, or engine/grad_sums.py)
 
@@ -529,6 +600,12 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
         """-> [N, out] summed over the ranks, or with `sequence_parallel` [N/tp, out] this rank's tokens, summed."""
+        if (
+            sequence_parallel and self.tp > 1 and _async_tp(x) and x.dim() == 2
+        ):  # (the GEMM and its reduce-scatter fused)
+            if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+                return _ScatteredLinear.apply(x, self.weight, target(self.weight), self.group)
+            return _mm_rs(x, self.weight.t(), self.group)
         return self.reduce(linear(x, self.weight), sequence_parallel)
 
     def reduce(self, y: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:

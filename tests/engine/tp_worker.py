@@ -20,6 +20,7 @@ interpreter_converts_like_the_gpu()  # as in the pytest process this is compared
 def main(ckpt: str, out: str) -> None:
     grid = init_process_grid(tp=2)
     _gathered_linear_matches(grid)
+    _async_tp_matches(grid)
     torch.manual_seed(0)
     ids = torch.randint(1, 301, (3, 7))
     ids[1, 3] = 300  # the last token: rank 1's last real row, before its padding
@@ -224,6 +225,75 @@ def _gathered_linear_matches(grid) -> None:
         assert new[3] == old[3] - 7 * 24, (old[3], new[3])  # (x kept: this rank's 7 tokens, not all 14)
         assert old[4] == new[4] == [("gather", False)], (old[4], new[4])
         assert old[5] == [("scatter", False)] and new[5] == [("gather", True), ("scatter", True)], (old[5], new[5])
+
+
+def _async_tp_matches(grid) -> None:
+    """engine.parallel's async TP (ASYNC_TP: torch's fused all-gather + GEMM and GEMM + reduce-scatter, CUDA only),
+    wired here to torch's own reference forms of the two ops (their _fused_*_fallback: the same products by plain
+    functional collectives): a column- and a row-parallel layer under sequence parallelism give the plain path's
+    outputs, x grads and weight grads (to autograd and into an fp32 sum), with and without autograd, and both fused
+    ops are used (the row-parallel layer's backward gathering dy by the fused all-gather + GEMM)."""
+    import torch.distributed._symmetric_memory as symm
+
+    from engine import grad_sums, parallel
+    from engine.parallel import ColumnParallelLinear, RowParallelLinear
+
+    torch.manual_seed(3)
+    col = ColumnParallelLinear(24, [40], grid.tp_group, dtype=torch.float32)
+    row = RowParallelLinear(40, 24, grid.tp_group, dtype=torch.float32)
+    with torch.no_grad():
+        col.weight.normal_()
+        row.weight.normal_()
+    torch.manual_seed(10 + grid.rank)
+    x0, dy = torch.randn(7, 24), torch.randn(7, 24)
+    used = []
+
+    def ag_mm(x, b, group, keep=False):
+        used.append(("ag_mm", keep))
+        gathered, (y,) = symm._fused_all_gather_matmul_fallback(x, [b], 0, group.group_name, return_A=keep)
+        return gathered, y
+
+    def mm_rs(x, b, group):
+        used.append(("mm_rs", False))
+        return symm._fused_matmul_reduce_scatter_fallback(x, b, "sum", 0, group.group_name)
+
+    real = parallel._async_tp, parallel._ag_mm, parallel._mm_rs
+    got = {}
+    try:
+        for fused in (False, True):
+            parallel._async_tp = (lambda x: True) if fused else (lambda x: False)
+            parallel._ag_mm, parallel._mm_rs = (ag_mm, mm_rs) if fused else real[1:]
+            for into in (False, True):
+                accs = {m: torch.full(m.weight.shape, 0.5) for m in (col, row)}
+                for m in (col, row):
+                    m.weight.grad_sum = (lambda acc=accs[m]: acc) if into else None
+                x = x0.clone().requires_grad_()
+                used.clear()
+                with grad_sums.into_sums():
+                    y = row(torch.nn.functional.silu(col(x, sequence_parallel=True)), sequence_parallel=True)
+                y.backward(dy)
+                grads = [accs[m] if into else m.weight.grad for m in (col, row)]
+                with torch.no_grad():
+                    plain = row(torch.nn.functional.silu(col(x0, sequence_parallel=True)), sequence_parallel=True)
+                got[fused, into] = (y.detach(), x.grad, *grads, plain, list(used))
+                for m in (col, row):
+                    m.weight.grad = None
+    finally:
+        parallel._async_tp, parallel._ag_mm, parallel._mm_rs = real
+        for m in (col, row):
+            m.weight.grad_sum = None
+    for into in (False, True):
+        old, new = got[False, into], got[True, into]
+        for a, b, what in zip(
+            old[:5], new[:5], ("output", "x grad", "column weight grad", "row weight grad", "no grad")
+        ):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=f"{what} (into a sum: {into})")
+        assert old[5] == [], old[5]
+        # forward: the column layer's fused all-gather + GEMM, the row layer's GEMM + reduce-scatter; backward: the row
+        # layer's dy gathered by the fused op (kept for its weight grad); no grad: the two fused ops again
+        assert new[5] == [("ag_mm", False), ("mm_rs", False), ("ag_mm", True), ("ag_mm", False), ("mm_rs", False)], new[
+            5
+        ]
 
 
 def _graphs_agree_across_ranks(model, grid, prompts, expected):
