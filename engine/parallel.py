@@ -337,7 +337,8 @@ _SYMM_GROUPS: set[str] = set()
 
 
 def _async_tp(x: torch.Tensor) -> bool:
-    return ASYNC_TP and x.is_cuda
+    """Whether x's layer takes torch's fused ops: ASYNC_TP, on a GPU, and not inside a CUDA graph's capture."""
+    return ASYNC_TP and x.is_cuda and not torch.cuda.is_current_stream_capturing()
 
 
 def _symm_group(group) -> str:
@@ -600,9 +601,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
         """-> [N, out] summed over the ranks, or with `sequence_parallel` [N/tp, out] this rank's tokens, summed."""
-        if (
-            sequence_parallel and self.tp > 1 and _async_tp(x) and x.dim() == 2
-        ):  # (the GEMM and its reduce-scatter fused)
+        # (with ASYNC_TP, the GEMM and its reduce-scatter fused)
+        if sequence_parallel and self.tp > 1 and _async_tp(x) and x.dim() == 2:
             if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
                 return _ScatteredLinear.apply(x, self.weight, target(self.weight), self.group)
             return _mm_rs(x, self.weight.t(), self.group)
