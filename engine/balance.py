@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from engine.data import Rollout
 from engine.kv_cache import upload
-from engine.parallel import all_gather_single
+from engine.parallel import gather_dim
 
 # the per-token tensors a step reads: the old log-probs, the values, and the rollout targets of these names
 FIELDS = ("logprobs", "values", "advantages", "returns")
@@ -44,12 +44,11 @@ def _field(ro: Rollout, name: str) -> torch.Tensor:
 
 def _gather_padded(t: torch.Tensor, counts: list[int], group) -> list[torch.Tensor]:
     """Each rank's 1-D t (counts[r] elements) gathered to every rank: one collective over max(counts) each."""
-    dp, most = len(counts), max(counts)
+    most = max(counts)
     padded = torch.zeros(most, dtype=t.dtype, device=t.device)
     padded[: t.numel()] = t
-    out = torch.empty(dp * most, dtype=t.dtype, device=t.device)
-    all_gather_single(out, padded, group=group)
-    return [out[r * most : r * most + counts[r]] for r in range(dp)]
+    out = gather_dim(padded, 0, group)
+    return [out[r * most : r * most + n] for r, n in enumerate(counts)]
 
 
 def gather(ro: Rollout, group, device: torch.device) -> Gathered:
@@ -60,9 +59,7 @@ def gather(ro: Rollout, group, device: torch.device) -> Gathered:
     ids = [t for p, r in zip(ro.prompts, ro.responses) for t in (*p, *r)]
     lens = [len(p) for p in ro.prompts] + [len(r) for r in ro.responses]
     sizes = torch.tensor([n, len(ids), ro.offsets[-1]], dtype=torch.int64)
-    every = torch.empty(3 * dp, dtype=torch.int64, device=device)
-    all_gather_single(every, upload(sizes, device), group=group)
-    every = every.view(dp, 3).tolist()
+    every = gather_dim(upload(sizes, device), 0, group).view(dp, 3).tolist()
     ints = _gather_padded(upload(torch.tensor(lens + ids, dtype=torch.int64), device), [2 * m + k for m, k, _ in every],
                           group)  # fmt: skip
     prompts, responses, starts, base = [], [], [], 0

@@ -220,6 +220,7 @@ def gather_params(opt: Optimizer, buckets, later: bool = False) -> None:
     parameters, in place. `later` (and OVERLAP_GATHER): launched and left running until settle() (module
     docstring). A master may be on the host (a host-resident state's)."""
     later = later and OVERLAP_GATHER
+    side = None  # (on a GPU, with `later`: the side stream copying the gathers in)
     for k in buckets:
         b, m = opt.buckets[k], opt.masters[k]
         p0 = opt.params[b.params[0]]
@@ -234,19 +235,20 @@ def gather_params(opt: Optimizer, buckets, later: bool = False) -> None:
         if p0.device.type != "cuda":
             g.works.append((work, flat, k))
             continue
-        if g.stream is None:
-            g.stream = torch.cuda.Stream(p0.device)
-        # (after what the current stream has queued: the backward's last reads of these parameters among it)
-        g.stream.wait_stream(torch.cuda.current_stream(p0.device))
-        with torch.cuda.stream(g.stream):
+        if side is None:
+            side = g.stream = g.stream or torch.cuda.Stream(p0.device)
+            # (after what the current stream has queued: the backward's last reads of these parameters among it)
+            side.wait_stream(torch.cuda.current_stream(p0.device))
+        with torch.cuda.stream(side):
             work.wait()  # (the side stream waits, not the host)
             _unflatten(opt, k, flat)
-            g.done = torch.cuda.Event()
-            g.done.record(g.stream)
         # (their memory free again once the side stream is past the gather and the copies, whichever stream the
         # collective's own bookkeeping frees them on)
-        flat.record_stream(g.stream)
-        shard.record_stream(g.stream)
+        flat.record_stream(side)
+        shard.record_stream(side)
+    if side is not None:  # (settle() waits for this: every copy so far, one stream)
+        g.done = torch.cuda.Event()
+        g.done.record(side)
 
 
 def _unflatten(opt: Optimizer, k: int, flat: torch.Tensor) -> None:
