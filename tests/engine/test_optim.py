@@ -128,7 +128,9 @@ def test_distributed_optimizer_matches_plain_adam():
 def test_the_dp_reduction_runs_during_the_last_backward_to_the_same_bits():
     """TP 2 x DP 2 (torchrun, gloo): with the plain and the distributed optimizer, each unit's DP reduction launched
     inside the step's last backward, last unit first, leaves the parameters and grad norms of the reduction after
-    it to the bit; a grad arriving after its unit was launched is refused (tests/engine/overlap_worker.py asserts)."""
+    it to the bit, and so does the parameters' all-gather left running after each update until settle() (the
+    parameters untouched before it, a backward before it refused); a grad arriving after its unit was launched is
+    refused (tests/engine/overlap_worker.py asserts)."""
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)  # (the worker runs the reference ops)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--standalone",
