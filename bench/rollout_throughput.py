@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import check_fits, measured_copy_tbs, measured_matmul_tflops, run_main, write_json  # noqa: E402
+from engine import symm_reduce  # noqa: E402
 from engine.checkpoint import hf_tensor_specs, load_pretrained  # noqa: E402
 from engine.config import MODEL_SHAPES, GenerateConfig, ModelConfig, PPOConfig  # noqa: E402
 from engine.errors import InvalidInput  # noqa: E402
@@ -407,6 +408,8 @@ def main(argv=None) -> dict:
         f"ours: {ours['tokens']} tokens in {ours['prefill_steps']} prompt-only + {ours['decode_steps']} decode steps "
         f"({ours['mixed_steps']} carrying admitted prompts, {ours['overlapped_steps']} launched ahead of the host)"
     )
+    if grid.tp > 1:
+        print0(f"TP sums: {symm_reduce.describe(grid.tp_group)}")
     result = {
         "model": args.model,
         "device": name,
@@ -424,6 +427,7 @@ def main(argv=None) -> dict:
         "roofline": roof,
         "ours": ours,
         "decode_config": args.decode_config,
+        "tp_sums": symm_reduce.describe(grid.tp_group),
         "torch": torch.__version__,
     }
     write_json(args.json, result)  # (written again with the peers: a run stopped during HF's keeps ours)

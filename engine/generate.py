@@ -29,6 +29,7 @@ import warnings
 import numpy as np
 import torch
 
+from engine import symm_reduce
 from engine.config import GenerateConfig, is_integer
 from engine.decode_graphs import DecodeGraphs, graph_key
 from engine.errors import InvalidInput
@@ -235,6 +236,9 @@ class Generator:
         else:
             self.pool.reallocate(n)
         self.blocks = BlockManager(n, self.block_size)
+        # under TP, a decode step's sums (two a layer, at most max_num_seqs x hidden) through symmetric memory where
+        # switched on (engine/symm_reduce.py; made once, every rank here at once, before any graph is captured)
+        symm_reduce.prepare(self.model.group, self.device, self.max_num_seqs * c.hidden_size * self.dtype.itemsize)
 
     def release(self, drop_graphs: bool = False) -> None:
         """Free the KV cache for the training phase.

@@ -198,3 +198,24 @@ def test_rollout_bench_profiles_where_a_step_goes_and_keeps_its_settings(tmp_pat
     assert json.loads(trace.read_text())["traceEvents"]
     printed = capsys.readouterr().out
     assert "ours profiled (one more run, eager, 2 steps" in printed and "paged decode launch overridden" in printed
+
+
+def test_rollout_bench_under_tensor_parallelism_says_how_its_sums_run(tmp_path):
+    """bench/rollout_throughput.py --tp 2 under torchrun (2 gloo processes, tiny model, the reference ops): the
+    rollout runs on the sharded weights and the header and JSON say how the TP sums ran (the process group's: the
+    symmetric-memory buffer is CUDA's, engine/symm_reduce.py)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "TRITON_INTERPRET")}
+    out = tmp_path / "tp2.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(root, "bench/rollout_throughput.py"), "--tp", "2", "--batch", "3", "--prompt-len", "5",
+           "--gen-len", "4", "--repeats", "1", "--json", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "(tp 2)" in r.stdout and "TP sums: gloo" in r.stdout, r.stdout
+    saved = json.loads(out.read_text())
+    assert saved["tp"] == 2 and saved["tp_sums"] == "gloo" and saved["ours"]["tokens"] == 3 * 4

@@ -462,3 +462,25 @@ def test_the_overlaps_ab_trains_the_same_bits_with_all_of_them_off(tmp_path, cap
     out = capsys.readouterr().out
     assert "all three in series" in out and "warning" not in out
     assert len(json.loads((tmp_path / "o.json").read_text())) == 2
+
+
+def test_the_tp_allreduce_bench_prints_the_collectives_sizes_and_floor_on_cpu(tmp_path):
+    """bench/tp_allreduce.py on the CPU: it starts torchrun itself (2 gloo processes), times gloo's all-reduce at each
+    decode batch's size beside the floor at the measured bus bandwidth, says ours needs CUDA GPUs, and writes the
+    rows."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "TRITON_INTERPRET")}
+    out = tmp_path / "ar.json"
+    r = subprocess.run([sys.executable, os.path.join(root, "bench/tp_allreduce.py"), "--rows", "1,3", "--hidden",
+                        "64", "--reps", "2", "--json", str(out)], env=env, capture_output=True, text=True,
+                       timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "needs CUDA GPUs" in r.stdout and "CPU x 2 (gloo)" in r.stdout, r.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [(x["rows"], x["bytes"]) for x in rows] == [(1, 256), (3, 768)]
+    assert all(x["nccl_us"] > 0 and 0 < x["floor_us"] for x in rows)

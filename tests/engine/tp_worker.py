@@ -162,6 +162,7 @@ def main(ckpt: str, out: str) -> None:
     generated = fp8.generate_completions(prompts, GenerateConfig(temperature=0.9, max_new_tokens=8, seed=3))
     grads["generated_fp8"] = torch.tensor([c.tokens + [-1] * (8 - len(c.tokens)) for c in generated])
     _graphs_agree_across_ranks(model, grid, prompts, grads["generated"])
+    _symm_reduce_matches(model, grid, prompts, grads["generated"], grads["generated_logprobs"])
     if grid.rank == 0:
         torch.save({"ids": ids, "mask": mask, "logits": logits, **fused, **grads}, out + "/tp2.pt")
     dist.barrier()
@@ -294,6 +295,75 @@ def _async_tp_matches(grid) -> None:
         assert new[5] == [("ag_mm", False), ("mm_rs", False), ("ag_mm", True), ("ag_mm", False), ("mm_rs", False)], new[
             5
         ]
+
+
+def _symm_reduce_matches(model, grid, prompts, tokens, logprobs) -> None:
+    """engine/symm_reduce.py (TULU_SYMM_ALL_REDUCE: TP's small sums through a symmetric-memory buffer, CUDA only)
+    wired here to gloo: its buffer a CPU tensor, torch's three symm_mem forms each its copy into the buffer, an
+    all-reduce of the buffer and the copy out (two ranks' fp32 sums: NCCL's bits). The generator makes the buffer for
+    its largest decode step, its decode steps' sums take it (the same tokens and log-probs), a larger sum takes NCCL;
+    each form is chosen at its sizes; a rank that cannot make the buffer leaves both on NCCL with a warning."""
+    from engine import symm_reduce
+    from engine.config import GenerateConfig
+    from engine.generate import Generator
+
+    group, used = model.group, []
+
+    def alloc(nbytes, device):
+        used.append(("alloc", nbytes))
+        if fail_on == grid.rank:
+            raise RuntimeError("no peer access")
+        return torch.zeros(nbytes, dtype=torch.uint8, device=device)
+
+    def form(kind):
+        def run(buf, *args):
+            out = args[-1]
+            if kind == "one_shot":  # (its copy into the buffer inside the op)
+                buf.copy_(args[0])
+            dist.all_reduce(buf, group=group)
+            out.copy_(buf)
+            used.append((kind, buf.numel() * buf.element_size()))
+
+        return run
+
+    saved = dict(symm_reduce.OPS), symm_reduce.SYMM_ALL_REDUCE, symm_reduce.DEVICES, symm_reduce.ONE_SHOT_BYTES
+    multicast, fail_on = False, None
+    symm_reduce.OPS.update(alloc=alloc, rendezvous=lambda t, g: multicast,
+                           **{k: form(k) for k in ("one_shot", "multimem", "two_shot")})  # fmt: skip
+    symm_reduce.SYMM_ALL_REDUCE, symm_reduce.DEVICES = True, {"cuda", "cpu"}
+    try:
+        gen = Generator(model, block_size=4, num_blocks=32, max_model_len=12, max_num_seqs=2)
+        again = gen.generate_completions(prompts, GenerateConfig(temperature=0.9, max_new_tokens=8, seed=3))
+        hidden = model.config.hidden_size
+        assert used[0] == ("alloc", 2 * hidden * 4), used[:3]  # (two decode rows of fp32 at most)
+        assert ("one_shot", 2 * hidden * 4) in used and ("one_shot", hidden * 4) in used, sorted(set(used))
+        assert torch.equal(torch.tensor([c.tokens + [-1] * (8 - len(c.tokens)) for c in again]), tokens)
+        assert torch.equal(torch.tensor([lp for c in again for lp in c.logprobs]), logprobs)
+        # each form at its sizes: one-shot up to ONE_SHOT_BYTES, then two-shot (multicast: the switch's), NCCL for
+        # what the buffer does not take (larger, fp16, a size not a multiple of 16 bytes)
+        symm_reduce.ONE_SHOT_BYTES = 64
+        x = torch.arange(2 * hidden, dtype=torch.float32) * (grid.rank + 1)
+        for multicast in (False, True):
+            symm_reduce.release()
+            symm_reduce.prepare(group, x.device, 8 * hidden)
+            for n, kind in ((16, "one_shot"), (2 * hidden, "multimem" if multicast else "two_shot")):
+                del used[:]
+                summed = symm_reduce.all_reduce(x[:n], group)
+                assert torch.equal(summed, x[:n] * 3 / (grid.rank + 1)) and used == [(kind, 4 * n)], (kind, used)
+        for bad in (torch.zeros(2 * hidden + 4), torch.zeros(16, dtype=torch.float16), torch.zeros(3)):
+            assert symm_reduce.all_reduce(bad, group) is None
+        # a rank that cannot allocate: every rank warns and keeps NCCL
+        symm_reduce.release()
+        fail_on = 1
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert symm_reduce.prepare(group, x.device, 64) is None
+        assert any("stay NCCL's" in str(w.message) for w in caught), [str(w.message) for w in caught]
+        assert symm_reduce.all_reduce(x[:16], group) is None
+    finally:
+        symm_reduce.release()
+        symm_reduce.OPS.update(saved[0])
+        symm_reduce.SYMM_ALL_REDUCE, symm_reduce.DEVICES, symm_reduce.ONE_SHOT_BYTES = saved[1:]
 
 
 def _graphs_agree_across_ranks(model, grid, prompts, expected):
