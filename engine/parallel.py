@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -351,7 +352,9 @@ def _symm_group(group) -> str:
     if name not in _SYMM_GROUPS:
         from torch.distributed._symmetric_memory import enable_symm_mem_for_group
 
-        enable_symm_mem_for_group(name)
+        with warnings.catch_warnings():  # (needed before torch 2.8, deprecated since: a FutureWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            enable_symm_mem_for_group(name)
         _SYMM_GROUPS.add(name)
     return name
 

@@ -3,9 +3,10 @@
 A decode step under TP sums each layer's output and down projections over the ranks: two all-reduces a layer of
 batch x hidden numbers (80 a step at 13B, 10 KB to 2.6 MB each). NCCL spends ~10 to 25 us on each however few the
 bytes (an estimate, to be measured): at the recipe's TP 8 with a batch of 64, ~1 to 2 ms a step beside the ~2.7 ms its
-weights and cache take to read, a share that grows as the batch shrinks. Here every rank of a TP group keeps one buffer in torch's
-symmetric memory (`torch.distributed._symmetric_memory`: each rank's GPU maps its NVLink peers' copies), and a sum
-is one or two kernels over that buffer (torch's symm_mem ops, which vLLM and SGLang use for the same sums):
+weights and cache take to read, a share that grows as the batch shrinks. Here every rank of a TP group keeps one
+buffer in torch's symmetric memory (`torch.distributed._symmetric_memory`: each rank's GPU maps its NVLink peers'
+copies), and a sum is one or two kernels over that buffer (torch's symm_mem ops, which vLLM and SGLang use for the
+same sums):
 - up to ONE_SHOT_BYTES, one-shot (one_shot_all_reduce_copy_out): each rank copies its part into its buffer, the
   ranks meet at a barrier, each reads every peer's part and sums it in registers (one launch; (tp - 1) x the bytes
   over NVLink a rank; latency-bound sizes);
@@ -76,7 +77,9 @@ def _rendezvous(t: torch.Tensor, group) -> bool:
     """Map every rank's buffer into this one's (collective); -> whether the switch's multicast serves it."""
     from torch.distributed import _symmetric_memory as symm
 
-    handle = symm.rendezvous(t, group)
+    from engine.parallel import _symm_group
+
+    handle = symm.rendezvous(t, _symm_group(group))
     return bool(getattr(handle, "multicast_ptr", 0))
 
 
