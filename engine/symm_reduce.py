@@ -84,7 +84,11 @@ def _rendezvous(t: torch.Tensor, group) -> bool:
 
 
 def _one_shot(buf: torch.Tensor, x: torch.Tensor, name: str, out: torch.Tensor) -> None:
-    torch.ops.symm_mem.one_shot_all_reduce_copy_out(buf, x, "sum", name, out)
+    if hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out"):  # (torch 2.8 on: the copy in the same launch)
+        torch.ops.symm_mem.one_shot_all_reduce_copy_out(buf, x, "sum", name, out)
+    else:
+        buf.copy_(x)
+        torch.ops.symm_mem.one_shot_all_reduce_out(buf, "sum", name, out)
 
 
 def _multimem(buf: torch.Tensor, name: str, out: torch.Tensor) -> None:
