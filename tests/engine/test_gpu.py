@@ -518,15 +518,19 @@ def test_async_tp_gives_the_plain_paths_products_on_two_gpus(tmp_path):
     """engine.parallel.ASYNC_TP with torch's fused symmetric-memory ops on two GPUs (TP 2, NCCL): a column- and a
     row-parallel layer under sequence parallelism give the plain path's output, input grad and weight grads (bf16,
     another summation order: to 1e-2 of their norms), with autograd and without."""
+    _two_gpu_script(tmp_path / "async_tp.py", ASYNC_TP_ON_TWO_GPUS)
+
+
+def _two_gpu_script(path, text: str) -> None:
+    """Run `text` as a script under torchrun on two GPUs; each rank must print " ok"."""
     import os
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    script = tmp_path / "async_tp.py"
-    script.write_text(ASYNC_TP_ON_TWO_GPUS)
+    path.write_text(text)
     env = dict(os.environ, PYTHONPATH=root)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(path)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.count(" ok") == 2, r.stdout[-2000:] + r.stderr[-3000:]
 
@@ -576,14 +580,4 @@ def test_the_symmetric_memory_all_reduce_sums_like_nccl_on_two_gpus(tmp_path):
     """engine/symm_reduce.py on two GPUs (TP 2, NCCL beside it): every form at its sizes (one-shot up to 256 KiB, then
     the switch's multicast or two-shot), bf16 and fp32, sums what NCCL sums (to 1e-2 of the largest), and ten sums in a
     row captured in a CUDA graph (one buffer, reused) sum new inputs at every replay."""
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    script = tmp_path / "symm_reduce.py"
-    script.write_text(SYMM_REDUCE_ON_TWO_GPUS)
-    env = dict(os.environ, PYTHONPATH=root)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.count(" ok") == 2, r.stdout[-2000:] + r.stderr[-3000:]
+    _two_gpu_script(tmp_path / "symm_reduce.py", SYMM_REDUCE_ON_TWO_GPUS)
