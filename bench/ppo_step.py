@@ -13,6 +13,9 @@ graphs, autotuning), then --iterations timed ones through engine.trainer.ppo_ite
 phase: seconds, tokens, tokens/s, and model TFLOP/s per GPU, the trainer's own metrics (engine.model.forward_flops;
 generation: each prompt's prefill once, a policy forward per sampled token after it; scoring: four forwards; training:
 the policy's and the value model's forward + backward, 3 forwards each; LM heads on the response rows only).
+Then, in one process, the peers' iteration on the same shapes (bench/peer_ppo.py: what TRL's PPOTrainer does without
+vLLM, on transformers' models: generate, eager passes, AdamW over fp32 weights under bf16 autocast), phase by phase
+beside ours (--no-peer: ours alone).
 """
 
 from __future__ import annotations
@@ -67,10 +70,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--grad-sums", action=argparse.BooleanOptionalAction, default=True,
         help="weight grads straight into their fp32 sums (engine/grad_sums.py); --no-grad-sums: the A/B",
     )  # fmt: skip
+    p.add_argument(
+        "--peer", action=argparse.BooleanOptionalAction, default=True,
+        help="also time the peers' iteration (bench/peer_ppo.py: transformers' generate, eager passes, AdamW) on the "
+        "same shapes after ours (one process only)",
+    )  # fmt: skip
+    p.add_argument("--peer-micro-batch", type=int, default=4, help="the peer's sequences a forward + backward")
     p.add_argument("--json", default=None, help="write the figures to this file")
     a = p.parse_args(argv)
     sizes = ("rollout_batch_size", "train_batch_size", "prompt_len", "max_new_tokens")
-    for flag in ("num_layers", *sizes, "gen_max_num_seqs", "iterations", "tp"):  # (None: the default; 0 is not it)
+    # (None: the default; 0 is not it)
+    for flag in ("num_layers", *sizes, "gen_max_num_seqs", "iterations", "tp", "peer_micro_batch"):
         if getattr(a, flag) is not None and getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
     try:  # (RunConfig's checks of the two, as train_ppo.py's: float16 trains without loss scaling)
@@ -175,10 +185,51 @@ def _run(a: argparse.Namespace) -> dict:
     keys = ("prefill_steps", "decode_steps", "mixed_steps", "overlapped_steps", "graph_captures", "setup_seconds")
     out["generator"] = {k: getattr(st, k) for k in keys}  # graph_captures 0: last iteration's graphs replayed
     print0("generator: " + ", ".join(f"{k} {v:.3g}" for k, v in out["generator"].items()))
+    write_json(a.json, {**out, "metrics": runs})
+    if a.peer and grid.world_size == 1:
+        first_prompts = torch.tensor(prompts[:rollout], device=device)
+        del state, models
+        out["peer"] = _run_peer(a, mc, cfg, first_prompts, device, dtype, out)
+    elif a.peer:
+        print0("(the peer's iteration runs in one process: not timed under torchrun)")
     if not gpu:
         print0("(CPU figures: a smoke run; GPU figures need a CUDA device)")
     write_json(a.json, {**out, "metrics": runs})
     return out
+
+
+def _run_peer(a, mc: ModelConfig, cfg: PPOConfig, prompts: torch.Tensor, device, dtype, out: dict) -> dict:
+    """bench/peer_ppo.py's iteration on the same shapes (one warm-up, then --iterations; the fastest), printed beside
+    ours phase by phase. Ours' models freed first; a peer that does not fit is reported, not fatal."""
+    import gc
+
+    from bench import peer_ppo
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    train_dtype = torch.float32  # (accelerate's mixed precision: fp32 weights, bf16 autocast on a GPU)
+    try:
+        models = peer_ppo.build(mc, device, train_dtype, dtype)
+        opts = peer_ppo.optimizers(models, cfg)
+        runs = [peer_ppo.iteration(models, opts, prompts, cfg, a.peer_micro_batch) for _ in range(a.iterations + 1)]
+    except torch.OutOfMemoryError as e:
+        print0(f"peer: out of memory on {device} ({str(e).splitlines()[0]}): not timed")
+        return {"error": "out of memory"}
+    best = min(runs[1:], key=lambda r: r["seconds"]["iteration"])
+    print0(f"\nthe peers' iteration (bench/peer_ppo.py: transformers' generate and eager passes, trained weights fp32"
+           f"{' under bf16 autocast' if device.type == 'cuda' else ''}, AdamW; micro-batches of "
+           f"{a.peer_micro_batch}) against ours, the same shapes:")  # fmt: skip
+    print0(f"{'phase':<36}{'ours s':>10}{'peer s':>10}{'peer / ours':>13}")
+    names = {"generate": "generate", "score (4 forwards)": "score", "train (policy + value, fwd + bwd)": "train",
+             "iteration": "iteration"}  # fmt: skip
+    for name, key in names.items():
+        ours_s, peer_s = out["phases"][name]["seconds"], best["seconds"][key]
+        print0(f"{name:<36}{ours_s:>10.3f}{peer_s:>10.3f}{peer_s / ours_s:>12.2f}x")
+    ours_new = out["phases"]["generate"]["tokens"]
+    note = "" if abs(ours_new - best["response_tokens"]) < 0.5 else " (the peer's responses always run to full length)"
+    print0(f"response tokens: ours {ours_new:.0f}, the peer's {best['response_tokens']}{note}")
+    return best
 
 
 if __name__ == "__main__":

@@ -349,15 +349,16 @@ bench rollout_b64_fp8 100 "$PY" bench/rollout_throughput.py --model llama2-13b -
 bench rollout_ppo_like 150 "$PY" bench/rollout_throughput.py --model llama2-13b --random-weights --batch 256 \
   --max-num-seqs 64 --prompt-len 128 --gen-len 256 --stop-tokens 160   # admissions mid-run: mixed steps
 bench ppo_step 240 "$PY" bench/ppo_step.py --model llama2-7b --random-weights --num-layers 8 --rollout-batch-size 64 \
-  --train-batch-size 16 --prompt-len 256 --max-new-tokens 256 --iterations 2  # the 3rd: graphs replayed?
+  --train-batch-size 16 --prompt-len 256 --max-new-tokens 256 --iterations 2  # the 3rd: graphs replayed? then the
+  # peers' iteration on the same shapes (transformers' generate, eager passes, AdamW: bench/peer_ppo.py)
 bench ppo_step_no_sums 240 "$PY" bench/ppo_step.py --model llama2-7b --random-weights --num-layers 8 \
   --rollout-batch-size 64 --train-batch-size 16 --prompt-len 256 --max-new-tokens 256 --iterations 2 \
-  --no-grad-sums   # the A/B of engine/grad_sums.py: every weight grad in bf16, then the hook's fp32 add
+  --no-peer --no-grad-sums   # the A/B of engine/grad_sums.py: every weight grad in bf16, then the hook's fp32 add
 bench ppo_step_offload 240 "$PY" bench/ppo_step.py --model llama2-7b --random-weights --num-layers 8 \
   --rollout-batch-size 64 --train-batch-size 16 --prompt-len 256 --max-new-tokens 256 --iterations 2 \
-  --offload-optimizer rollouts --offload-idle-models rollouts   # the optimizer state and the idle models' weights in
+  --no-peer --offload-optimizer rollouts --offload-idle-models rollouts   # the optimizer state and the idle models' weights in
   # host memory during rollouts: what the copies cost per phase, and whether the decode graphs still replay
 bench ppo_step_resident 240 "$PY" bench/ppo_step.py --model llama2-7b --random-weights --num-layers 8 \
   --rollout-batch-size 64 --train-batch-size 16 --prompt-len 256 --max-new-tokens 256 --iterations 2 \
-  --offload-optimizer always   # the state in host memory throughout: what streaming it through each update costs
+  --no-peer --offload-optimizer always   # the state in host memory throughout: what streaming it through each update costs
 finish

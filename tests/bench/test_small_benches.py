@@ -1,5 +1,7 @@
 """The small kernel benchmarks (RMSNorm / SwiGLU, sampling) run end to end on CPU (tiny shapes, no timing)."""
 
+import math
+
 import pytest
 
 
@@ -168,6 +170,12 @@ def test_ppo_step_bench_smoke(tmp_path):
         assert (phase["seconds"], phase["tokens"], phase["tflops_per_gpu"]) == (seconds, pytest.approx(tokens), tflops)
         assert phase["tok_s"] == pytest.approx(tokens / seconds)
     assert len({best["gen_tflops_gpu"], best["score_tflops_gpu"], best["train_tflops_gpu"]}) == 3
+    # the peers' iteration after ours (bench/peer_ppo.py on transformers' models): every phase timed, the same
+    # sequences (8 prompts x 2 samples, full length), losses and grad norms finite; saved beside ours
+    peer = out["peer"]
+    assert set(peer["seconds"]) == {"generate", "score", "train", "iteration"} and peer["response_tokens"] == 16 * 16
+    assert all(math.isfinite(peer[k]) and peer[k] > 0 for k in ("value_loss", "grad_norm_policy", "grad_norm_value"))
+    assert json.loads((tmp_path / "p.json").read_text())["peer"] == peer
 
 
 def test_ppo_step_bench_stopped_midway_keeps_its_timed_iterations(tmp_path, monkeypatch, capsys):
