@@ -269,6 +269,8 @@ def _append_launch(state: TrainState) -> None:
                      "transformers": transformers.__version__, "engine": engine_version()},
         "ppo": dataclasses.asdict(state.cfg),
         "run": dataclasses.asdict(state.run),
+        # the engine's switches set in the environment (README's table: TULU_ASYNC_TP=1 and the like)
+        "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("TULU_")},
     }  # fmt: skip
     os.makedirs(state.run.output_dir, exist_ok=True)
     path = os.path.join(state.run.output_dir, LAUNCHES)
@@ -282,9 +284,17 @@ def _append_launch(state: TrainState) -> None:
     atomic_write(path, lambda f: f.write(earlier + line))
 
 
+# the switches of the environment that change a run's numbers (another kernel or summation order: README's table);
+# the others (the overlaps, compile threads) change only when things run
+NUMERIC_SWITCHES = (
+    "TULU_ASYNC_TP", "TULU_GRAD_SUMS", "TULU_ONE_SHOT_BYTES", "TULU_PPO_ATTENTION", "TULU_SYMM_ALL_REDUCE",
+)  # fmt: skip
+
+
 def _warn_of_other_numerics(earlier: bytes, record: dict) -> None:
     """A resume whose parameter dtype or KV-cache dtype differs from the last launch's is allowed (the optimizer
-    state loads across dtypes) but no longer continues the run's numbers: said, with the flag that sets each."""
+    state loads across dtypes) but no longer continues the run's numbers: said, with the flag that sets each; so is
+    one under another value of an engine switch that changes the numbers (NUMERIC_SWITCHES; unset is its default)."""
     try:
         last = json.loads(earlier.decode().strip().splitlines()[-1])
     except (ValueError, IndexError, UnicodeDecodeError):  # (no record, or a damaged one: nothing to compare)
@@ -301,6 +311,15 @@ def _warn_of_other_numerics(earlier: bytes, record: dict) -> None:
                 f"warning: this resume runs with {what} {now} where the run's last launch had {before} ({flag}): "
                 "its numbers are no longer those of a run that had not stopped"
             )
+    last_switches = last.get("switches")
+    if isinstance(last_switches, dict):  # (an older engine's record has none: no difference)
+        for key in NUMERIC_SWITCHES:
+            before, now = last_switches.get(key, "unset"), record["switches"].get(key, "unset")
+            if before != now:
+                print0(
+                    f"warning: this resume runs with {key}={now} where the run's last launch had {key}={before}: "
+                    "its numbers are no longer those of a run that had not stopped"
+                )
 
 
 def engine_version() -> str:

@@ -71,6 +71,7 @@ def test_tiny_default_end_to_end_and_exact_resume(tmp_path):
     assert set(launches[0]["ppo"]) == {f.name for f in dataclasses.fields(PPOConfig)}  # every hyperparameter
     assert launches[0]["ppo"]["kl_coef"] == PPOConfig().kl_coef and launches[0]["ppo"]["train_batch_size"] == 4
     assert launches[0]["versions"]["torch"] == torch.__version__ and launches[0]["versions"]["engine"]
+    assert all(k.startswith("TULU_") for k in launches[0]["switches"])  # (the environment's engine switches)
     assert (launches[0]["world_size"], launches[0]["tp"], launches[0]["dp"], launches[0]["dtype"]) == (
         1,
         1,
@@ -943,8 +944,9 @@ def test_start_fresh_names_what_would_delete_an_input(tmp_path):
 
 
 def test_a_resume_at_another_kv_cache_dtype_is_named_and_an_older_record_is_not(monkeypatch):
-    """_warn_of_other_numerics: a resume at another --kv-cache-dtype than the last launch's is said too; a last
-    record without a setting (an older engine's) is no difference."""
+    """_warn_of_other_numerics: a resume at another --kv-cache-dtype than the last launch's is said too, and one under
+    another value of a switch that changes the numbers; a last record without a setting (an older engine's) is no
+    difference."""
     from engine import resume
 
     said = []
@@ -954,6 +956,19 @@ def test_a_resume_at_another_kv_cache_dtype_is_named_and_an_older_record_is_not(
     assert len(said) == 1 and "KV-cache dtype fp8 where the run's last launch had auto (--kv-cache-dtype)" in said[0]
     resume._warn_of_other_numerics(json.dumps({"run": {}}).encode() + b"\n", now)
     assert len(said) == 1
+    # an engine switch that changes the numbers, set where it was not (or the reverse): named; one that changes only
+    # the timing (an overlap) is not; a record without switches (an older engine's) is no difference
+    del said[:]
+    same = {"dtype": "bfloat16", "run": {"kv_cache_dtype": "auto"}}
+    last = {**same, "switches": {"TULU_ASYNC_TP": "1", "TULU_SP_OVERLAP": "0"}}
+    now = {**same, "switches": {"TULU_SYMM_ALL_REDUCE": "1"}}
+    resume._warn_of_other_numerics(json.dumps(last).encode(), now)
+    assert len(said) == 2, said
+    assert "TULU_ASYNC_TP=unset where the run's last launch had TULU_ASYNC_TP=1" in said[0]
+    assert "TULU_SYMM_ALL_REDUCE=1 where the run's last launch had TULU_SYMM_ALL_REDUCE=unset" in said[1]
+    resume._warn_of_other_numerics(json.dumps(same).encode(), now)
+    resume._warn_of_other_numerics(json.dumps({**same, "switches": {"TULU_SYMM_ALL_REDUCE": "1"}}).encode(), now)
+    assert len(said) == 2
 
 
 def test_the_prompt_order_check_leaves_a_missing_state_file_to_the_load(tmp_path):
