@@ -36,8 +36,11 @@
 # last, after a check in a subprocess under a timeout); then the two sweeps with the time left (the Gluon variants last
 # in the rope sweep). The group `gluon` (alone; ~5 minutes warm): issue 4's Gluon kernels apart from the rest: their
 # tests (the forward in 8 warps, with dk/dv; its ping-pong form under its own cap), the rope bench's rows of ours at its
-# defaults, the Gluon forms and SDPA (--only), and the sweep of the Gluon variants alone (--sweep-gluon). No NAME:
-# everything, in the order below.
+# defaults, the Gluon forms and SDPA (--only), and the sweep of the Gluon variants alone (--sweep-gluon). The group
+# `multi` (alone; a machine of two GPUs or more, none lent so far): the two-GPU tests (async TP, the symmetric-memory
+# sums), bench/tp_allreduce.py, the 13B rollouts at TP (all the GPUs, up to 8) with NCCL's sums and with
+# TULU_SYMM_ALL_REDUCE=1 at batch 64 (128 + 256) and 256 (512 + 512), a PPO iteration at TP, and the training overlaps'
+# A/B (bench/train_overlaps.py). No NAME: everything, in the order below.
 # SUITE_COMMIT names the commit in summary.txt.
 #
 # The lease's limits shape this script: a call returns at most 8 files from OUT_DIR and is killed at its timeout.
@@ -131,6 +134,40 @@ xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 per_test=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120")
 light=()  # the `first` group's lighter benches
 [ "$first" = 1 ] && light=(--no-compile)
+if [[ "$names" == *" multi "* ]]; then  # a machine of several GPUs (alone; none lent so far): the multi-GPU figures
+  ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null)
+  if ! [[ "$ngpu" =~ ^[0-9]+$ ]] || [ "$ngpu" -lt 2 ]; then
+    echo "multi: skipped (it needs two GPUs or more; this machine has ${ngpu:-none})" | tee -a "$out/summary.txt"
+    finish
+  fi
+  tp=$ngpu; [ "$tp" -gt 8 ] && tp=8  # (a node's NVLink domain)
+  run=("$PY" -m torch.distributed.run --standalone --nproc_per_node "$tp")
+  names="$names multi_tests tp_allreduce rollout_tp_b64 rollout_tp_b64_symm rollout_tp_b256 rollout_tp_b256_symm "
+  names="$names ppo_step_tp train_overlaps "
+  # the two-GPU checks first: async TP's fused ops and the symmetric-memory sums against NCCL (in a CUDA graph too)
+  step multi_tests 150 env TULU_TEST_DEVICE=cuda "$PY" -m pytest -q -rfEs tests/engine/test_gpu.py -k "two_gpus"
+  # TP's all-reduces at decode sizes: NCCL against each symmetric-memory form (engine/symm_reduce.py) and the floor
+  bench tp_allreduce 120 "${run[@]}" bench/tp_allreduce.py
+  # the 13B rollouts at TP, their sums by NCCL (the default) and through symmetric memory (TULU_SYMM_ALL_REDUCE=1)
+  for shape in "64 128 256" "256 512 512"; do
+    read -r b plen glen <<< "$shape"
+    bench "rollout_tp_b$b" 150 "${run[@]}" bench/rollout_throughput.py --model llama2-13b --random-weights \
+      --tp "$tp" --batch "$b" --prompt-len "$plen" --gen-len "$glen"
+    bench "rollout_tp_b${b}_symm" 120 env TULU_SYMM_ALL_REDUCE=1 "${run[@]}" bench/rollout_throughput.py \
+      --model llama2-13b --random-weights --tp "$tp" --batch "$b" --prompt-len "$plen" --gen-len "$glen"
+  done
+  # a PPO iteration at TP (13B's shape, 10 layers: four models and two optimizers fit at TP 2)
+  bench ppo_step_tp 240 "${run[@]}" bench/ppo_step.py --model llama2-13b --random-weights --num-layers 10 \
+    --tp "$tp" --rollout-batch-size 64 --train-batch-size 32 --prompt-len 256 --max-new-tokens 256 --iterations 2
+  # the training phase's overlaps A/B (DP 2 where there are 4 GPUs or more, so the DP ones run too): the default,
+  # all three off, async TP (each run checked to train to the default's losses)
+  half=$((ngpu / 2)); [ "$ngpu" -lt 4 ] && half=1
+  step train_overlaps 400 "$PY" bench/train_overlaps.py --nproc "$((2 * half))" --tp "$half" \
+    --settings default,none,async_tp --json "$work/train_overlaps.json" -- --model llama2-13b --random-weights \
+    --num-layers 10 --rollout-batch-size 64 --train-batch-size 32 --prompt-len 256 --max-new-tokens 256 \
+    --iterations 2
+  finish
+fi
 if [[ "$names" == *" tune "* ]]; then  # the tiles first: each sweep times every launch variant of its kernel
   names="$names paged_sweep rollout_b64_tuned rope_sweep gpu_tests kernel_tests_fixed "
   bench paged_sweep 150 "$PY" bench/bench_paged_attention.py --sweep --no-compile --shapes 13b-b64-c384 13b-b8-c4096 \

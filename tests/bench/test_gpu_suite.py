@@ -371,3 +371,25 @@ def test_every_command_the_suite_gives_parses_and_every_test_path_exists(tmp_pat
                 runpy.run_path(os.path.join(ROOT, c[0]), run_name="__main__")
             except SystemExit as e:
                 raise AssertionError(f"{' '.join(c)}: its parser refused it ({e})") from None
+
+
+def test_multi_group_runs_the_multi_gpu_figures_where_there_are_several_gpus(tmp_path):
+    """`multi`: on a machine of several GPUs (the stand-in says 4) the two-GPU tests, the all-reduce bench and the 13B
+    rollouts at TP 4 by NCCL and through symmetric memory, a PPO iteration at TP, the overlaps' A/B at TP 2 x DP 2
+    (its --json before the flags it passes on); on one GPU, nothing but a line saying why."""
+    four = STUB.replace("-c) exit 1;;", '-c) [[ "$2" == *device_count* ]] && echo 4 || exit 1;;')
+    steps, summary, run = _run_group(tmp_path, four.replace("sleep 60", "true"), "multi")
+    assert steps == ["multi_tests", "tp_allreduce", "rollout_tp_b64", "rollout_tp_b64_symm", "rollout_tp_b256",
+                     "rollout_tp_b256_symm", "ppo_step_tp", "train_overlaps"], summary  # fmt: skip
+    work = run["work"]
+    assert "-k two_gpus" in (work / "multi_tests.log").read_text()
+    symm = (work / "rollout_tp_b256_symm.log").read_text()
+    assert "--nproc_per_node 4" in symm and "--tp 4 --batch 256 --prompt-len 512 --gen-len 512" in symm, symm
+    plain = (work / "rollout_tp_b64.log").read_text()
+    assert "--tp 4 --batch 64 --prompt-len 128" in plain and "TULU_SYMM" not in plain, plain
+    overlaps = (work / "train_overlaps.log").read_text()
+    assert re.search(r"--nproc 4 --tp 2 --settings \S+ --json \S+train_overlaps.json -- --model llama2-13b", overlaps)
+    one = STUB.replace("-c) exit 1;;", '-c) [[ "$2" == *device_count* ]] && echo 1 || exit 1;;')
+    (tmp_path / "one").mkdir()
+    steps, summary, _ = _run_group(tmp_path / "one", one, "multi")
+    assert steps == [] and "multi: skipped (it needs two GPUs or more; this machine has 1)" in summary, summary
