@@ -61,6 +61,24 @@ def bus_bandwidth(group, device, nbytes: int, reps: int = 5) -> float:
     return 2 * (n - 1) / n * nbytes / (ms * 1e-3) / 1e9
 
 
+def table(rows: list[dict], forms: list[str], sums: int) -> list[str]:
+    """The printed table: a line per row (us a sum: NCCL, each form timed, the chosen one; the floor), with the best
+    form against NCCL and what `sums` sums cost a step each way where forms were timed (each row gets its
+    best_vs_nccl)."""
+    cols = ["nccl", *forms, *(["chosen"] if forms else [])]
+    lines = [f"{'rows':>6}{'bytes':>10}" + "".join(f"{c:>11}" for c in cols) + f"{'floor':>9}"
+             + (f"{'best/NCCL':>11}{'step NCCL':>11}{'step best':>11}" if forms else "")]  # fmt: skip
+    for r in rows:
+        line = f"{r['rows']:>6}{r['bytes']:>10}" + "".join(f"{r.get(c + '_us', float('nan')):>11.1f}" for c in cols)
+        line += f"{r['floor_us']:>9.1f}"
+        if forms:
+            best = min(r.get(f + "_us", float("inf")) for f in forms)
+            r["best_vs_nccl"] = r["nccl_us"] / best
+            line += f"{r['best_vs_nccl']:>10.2f}x{r['nccl_us'] * sums / 1e3:>9.2f}ms{best * sums / 1e3:>9.2f}ms"
+        lines.append(line)
+    return lines
+
+
 def main() -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rows", default="1,2,4,8,16,32,64,128,256", help="decode batch sizes (rows a sum)")
@@ -126,16 +144,7 @@ def main() -> list[dict]:
            f"the slowest rank's; floor at NCCL's measured bus bandwidth {busbw:.0f} GB/s; "
            f"multicast: {'yes' if buf is not None and buf.multicast else 'no'}; one-shot up to "
            f"{symm_reduce.ONE_SHOT_BYTES} bytes")  # fmt: skip
-    cols = ["nccl", *forms, *(["chosen"] if forms else [])]
-    print0(f"{'rows':>6}{'bytes':>10}" + "".join(f"{c:>11}" for c in cols) + f"{'floor':>9}"
-           + (f"{'best/NCCL':>11}{'step NCCL':>11}{'step best':>11}" if forms else ""))  # fmt: skip
-    for r in out:
-        line = f"{r['rows']:>6}{r['bytes']:>10}" + "".join(f"{r.get(c + '_us', float('nan')):>11.1f}" for c in cols)
-        line += f"{r['floor_us']:>9.1f}"
-        if forms:
-            best = min(r.get(f + "_us", float("inf")) for f in forms)
-            r["best_vs_nccl"] = r["nccl_us"] / best
-            line += f"{r['best_vs_nccl']:>10.2f}x{r['nccl_us'] * a.sums / 1e3:>9.2f}ms{best * a.sums / 1e3:>9.2f}ms"
+    for line in table(out, forms, a.sums):
         print0(line)
     if not forms:
         print0("ours: torch's symmetric memory needs CUDA GPUs over NVLink (launch under torchrun on a node)")

@@ -492,3 +492,21 @@ def test_the_tp_allreduce_bench_prints_the_collectives_sizes_and_floor_on_cpu(tm
     rows = json.loads(out.read_text())["rows"]
     assert [(x["rows"], x["bytes"]) for x in rows] == [(1, 256), (3, 768)]
     assert all(x["nccl_us"] > 0 and 0 < x["floor_us"] for x in rows)
+
+
+def test_the_tp_allreduce_table_puts_each_form_beside_nccl_and_the_step_cost():
+    """bench/tp_allreduce.py's table as a GPU run prints it (forms timed; a row whose form failed its check has no
+    figure for it): each form's column, the best form against NCCL and the 80 sums' cost a step each way."""
+    from bench.tp_allreduce import table
+
+    rows = [
+        {"rows": 1, "bytes": 10240, "floor_us": 0.1, "nccl_us": 12.0, "one_shot_us": 4.0, "multimem_us": 6.0,
+         "chosen_us": 4.1},
+        {"rows": 64, "bytes": 655360, "floor_us": 2.0, "nccl_us": 20.0, "one_shot_us": 16.0, "chosen_us": 16.2},
+    ]  # fmt: skip
+    lines = table(rows, ["one_shot", "multimem"], 80)
+    assert lines[0].split() == ["rows", "bytes", "nccl", "one_shot", "multimem", "chosen", "floor", "best/NCCL",
+                                "step", "NCCL", "step", "best"]  # fmt: skip
+    assert lines[1].split() == ["1", "10240", "12.0", "4.0", "6.0", "4.1", "0.1", "3.00x", "0.96ms", "0.32ms"]
+    assert lines[2].split()[4] == "nan" and lines[2].split()[7:] == ["1.25x", "1.60ms", "1.28ms"]
+    assert rows[0]["best_vs_nccl"] == 3.0
