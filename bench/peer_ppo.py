@@ -96,7 +96,7 @@ def iteration(models: dict, opts: dict, prompts: torch.Tensor, cfg: PPOConfig, m
     with torch.no_grad(), _autocast(device):
         seq = policy.generate(
             prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=cfg.temperature,
-            top_k=cfg.top_k or None, top_p=cfg.top_p, max_new_tokens=n_new, min_new_tokens=n_new,
+            top_k=cfg.top_k, top_p=cfg.top_p, max_new_tokens=n_new, min_new_tokens=n_new,
             pad_token_id=0,
         )  # fmt: skip
     _sync(device)
