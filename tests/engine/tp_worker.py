@@ -352,6 +352,11 @@ def _symm_reduce_matches(model, grid, prompts, tokens, logprobs) -> None:
                 assert torch.equal(summed, x[:n] * 3 / (grid.rank + 1)) and used == [(kind, 4 * n)], (kind, used)
         for bad in (torch.zeros(2 * hidden + 4), torch.zeros(16, dtype=torch.float16), torch.zeros(3)):
             assert symm_reduce.all_reduce(bad, group) is None
+        said = symm_reduce.describe(group)  # (the rollout bench's header and JSON)
+        assert (
+            said == f"symmetric memory up to {8 * hidden} bytes (one-shot up to 64, then the switch's multicast), "
+            "NCCL above"
+        ), said
         # a rank that cannot allocate: every rank warns and keeps NCCL
         symm_reduce.release()
         fail_on = 1
@@ -360,6 +365,7 @@ def _symm_reduce_matches(model, grid, prompts, tokens, logprobs) -> None:
             assert symm_reduce.prepare(group, x.device, 64) is None
         assert any("stay NCCL's" in str(w.message) for w in caught), [str(w.message) for w in caught]
         assert symm_reduce.all_reduce(x[:16], group) is None
+        assert symm_reduce.describe(group) == "gloo (the symmetric-memory buffer could not be made)"
     finally:
         symm_reduce.release()
         symm_reduce.OPS.update(saved[0])
