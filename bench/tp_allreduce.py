@@ -79,6 +79,26 @@ def table(rows: list[dict], forms: list[str], sums: int) -> list[str]:
     return lines
 
 
+def recommend(rows: list[dict], forms: list[str]) -> str:
+    """What the table decides: the one-shot threshold (the largest size at which one-shot is the fastest form, where it
+    beats the others at every size up to it) and whether the sums should leave NCCL (TULU_SYMM_ALL_REDUCE=1: the best
+    form faster than NCCL at every size timed)."""
+    if not forms or not rows:
+        return ""
+    best = lambda r: min(forms, key=lambda f: r.get(f + "_us", float("inf")))  # noqa: E731
+    upto = 0
+    for r in sorted(rows, key=lambda r: r["bytes"]):
+        if best(r) != "one_shot":
+            break
+        upto = r["bytes"]
+    slower = [r["rows"] for r in rows if r["nccl_us"] <= r.get(best(r) + "_us", float("inf"))]
+    verdict = ("TULU_SYMM_ALL_REDUCE=1: faster than NCCL at every size" if not slower
+               else f"NCCL as fast or faster at {slower} rows")  # fmt: skip
+    others = [f for f in forms if f != "one_shot"]
+    above = f", {others[0]} above" if others else ""
+    return f"decides: TULU_ONE_SHOT_BYTES={upto} (one-shot the fastest up to it{above}); {verdict}"
+
+
 def main() -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rows", default="1,2,4,8,16,32,64,128,256", help="decode batch sizes (rows a sum)")
@@ -148,6 +168,8 @@ def main() -> list[dict]:
         print0(line)
     if not forms:
         print0("ours: torch's symmetric memory needs CUDA GPUs over NVLink (launch under torchrun on a node)")
+    else:
+        print0(recommend(out, forms))
     if grid.rank == 0:
         save_json(a.json, out, a, device)
     if failed:

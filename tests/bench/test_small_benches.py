@@ -497,7 +497,7 @@ def test_the_tp_allreduce_bench_prints_the_collectives_sizes_and_floor_on_cpu(tm
 def test_the_tp_allreduce_table_puts_each_form_beside_nccl_and_the_step_cost():
     """bench/tp_allreduce.py's table as a GPU run prints it (forms timed; a row whose form failed its check has no
     figure for it): each form's column, the best form against NCCL and the 80 sums' cost a step each way."""
-    from bench.tp_allreduce import table
+    from bench.tp_allreduce import recommend, table
 
     rows = [
         {"rows": 1, "bytes": 10240, "floor_us": 0.1, "nccl_us": 12.0, "one_shot_us": 4.0, "multimem_us": 6.0,
@@ -510,3 +510,14 @@ def test_the_tp_allreduce_table_puts_each_form_beside_nccl_and_the_step_cost():
     assert lines[1].split() == ["1", "10240", "12.0", "4.0", "6.0", "4.1", "0.1", "3.00x", "0.96ms", "0.32ms"]
     assert lines[2].split()[4] == "nan" and lines[2].split()[7:] == ["1.25x", "1.60ms", "1.28ms"]
     assert rows[0]["best_vs_nccl"] == 3.0
+    # what it decides: one-shot the fastest at both sizes (the multicast form has no figure at 64 rows: its check
+    # failed), and faster than NCCL everywhere; then, with one-shot losing at 64 rows, the threshold below it
+    assert recommend(rows, ["one_shot", "multimem"]) == (
+        "decides: TULU_ONE_SHOT_BYTES=655360 (one-shot the fastest up to it, multimem above); "
+        "TULU_SYMM_ALL_REDUCE=1: faster than NCCL at every size"
+    )
+    rows[1].update(one_shot_us=30.0, multimem_us=25.0)
+    assert recommend(rows, ["one_shot", "multimem"]) == (
+        "decides: TULU_ONE_SHOT_BYTES=10240 (one-shot the fastest up to it, multimem above); "
+        "NCCL as fast or faster at [64] rows"
+    )
