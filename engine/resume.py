@@ -284,17 +284,17 @@ def _append_launch(state: TrainState) -> None:
     atomic_write(path, lambda f: f.write(earlier + line))
 
 
-# the switches of the environment that change a run's numbers (another kernel or summation order: README's table);
-# the others (the overlaps, compile threads) change only when things run
-NUMERIC_SWITCHES = (
-    "TULU_ASYNC_TP", "TULU_GRAD_SUMS", "TULU_ONE_SHOT_BYTES", "TULU_PPO_ATTENTION", "TULU_SYMM_ALL_REDUCE",
-)  # fmt: skip
+# the switches of the environment that change a run's numbers (another kernel or summation order: README's table),
+# the TP ones only under tensor parallelism; the others (the overlaps, compile threads) change only when things run
+NUMERIC_SWITCHES = ("TULU_GRAD_SUMS", "TULU_PPO_ATTENTION")
+TP_NUMERIC_SWITCHES = ("TULU_ASYNC_TP", "TULU_ONE_SHOT_BYTES", "TULU_SYMM_ALL_REDUCE")
 
 
 def _warn_of_other_numerics(earlier: bytes, record: dict) -> None:
     """A resume whose parameter dtype or KV-cache dtype differs from the last launch's is allowed (the optimizer
     state loads across dtypes) but no longer continues the run's numbers: said, with the flag that sets each; so is
-    one under another value of an engine switch that changes the numbers (NUMERIC_SWITCHES; unset is its default)."""
+    one under another value of an engine switch that changes the numbers (NUMERIC_SWITCHES, and under TP
+    TP_NUMERIC_SWITCHES; unset is its default)."""
     try:
         last = json.loads(earlier.decode().strip().splitlines()[-1])
     except (ValueError, IndexError, UnicodeDecodeError):  # (no record, or a damaged one: nothing to compare)
@@ -313,7 +313,7 @@ def _warn_of_other_numerics(earlier: bytes, record: dict) -> None:
             )
     last_switches = last.get("switches")
     if isinstance(last_switches, dict):  # (an older engine's record has none: no difference)
-        for key in NUMERIC_SWITCHES:
+        for key in NUMERIC_SWITCHES + (TP_NUMERIC_SWITCHES if record.get("tp", 1) > 1 else ()):
             before, now = last_switches.get(key, "unset"), record["switches"].get(key, "unset")
             if before != now:
                 print0(

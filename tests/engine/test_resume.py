@@ -956,19 +956,23 @@ def test_a_resume_at_another_kv_cache_dtype_is_named_and_an_older_record_is_not(
     assert len(said) == 1 and "KV-cache dtype fp8 where the run's last launch had auto (--kv-cache-dtype)" in said[0]
     resume._warn_of_other_numerics(json.dumps({"run": {}}).encode() + b"\n", now)
     assert len(said) == 1
-    # an engine switch that changes the numbers, set where it was not (or the reverse): named; one that changes only
-    # the timing (an overlap) is not; a record without switches (an older engine's) is no difference
+    # an engine switch that changes the numbers, set where it was not (or the reverse): named (the TP ones under TP
+    # only); one that changes only the timing (an overlap) is not; a record without switches (an older engine's) is no
+    # difference
     del said[:]
     same = {"dtype": "bfloat16", "run": {"kv_cache_dtype": "auto"}}
-    last = {**same, "switches": {"TULU_ASYNC_TP": "1", "TULU_SP_OVERLAP": "0"}}
-    now = {**same, "switches": {"TULU_SYMM_ALL_REDUCE": "1"}}
+    last = {**same, "switches": {"TULU_ASYNC_TP": "1", "TULU_SP_OVERLAP": "0", "TULU_GRAD_SUMS": "0"}}
+    now = {**same, "tp": 2, "switches": {"TULU_SYMM_ALL_REDUCE": "1"}}
     resume._warn_of_other_numerics(json.dumps(last).encode(), now)
-    assert len(said) == 2, said
-    assert "TULU_ASYNC_TP=unset where the run's last launch had TULU_ASYNC_TP=1" in said[0]
-    assert "TULU_SYMM_ALL_REDUCE=1 where the run's last launch had TULU_SYMM_ALL_REDUCE=unset" in said[1]
+    assert len(said) == 3, said
+    assert "TULU_GRAD_SUMS=unset where the run's last launch had TULU_GRAD_SUMS=0" in said[0]
+    assert "TULU_ASYNC_TP=unset where the run's last launch had TULU_ASYNC_TP=1" in said[1]
+    assert "TULU_SYMM_ALL_REDUCE=1 where the run's last launch had TULU_SYMM_ALL_REDUCE=unset" in said[2]
+    resume._warn_of_other_numerics(json.dumps(last).encode(), {**now, "tp": 1})  # (no TP: its switches do nothing)
+    assert len(said) == 4 and "TULU_GRAD_SUMS" in said[3]
     resume._warn_of_other_numerics(json.dumps(same).encode(), now)
     resume._warn_of_other_numerics(json.dumps({**same, "switches": {"TULU_SYMM_ALL_REDUCE": "1"}}).encode(), now)
-    assert len(said) == 2
+    assert len(said) == 4
 
 
 def test_the_prompt_order_check_leaves_a_missing_state_file_to_the_load(tmp_path):
