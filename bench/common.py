@@ -132,9 +132,10 @@ def graph_ms(fns, *, reps: int = 20) -> float:
     return start.elapsed_time(end) / (reps * len(fns))
 
 
-def _sync(device) -> None:
+def sync(device) -> None:
+    """Wait for the device's queued work (a CUDA device; nothing on the CPU): before a wall-clock reading."""
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def measured_copy_tbs(device) -> float:
@@ -146,12 +147,12 @@ def measured_copy_tbs(device) -> float:
     b = torch.empty_like(a)
     for _ in range(3):
         b.copy_(a)
-    _sync(device)
+    sync(device)
     reps = 20 if cuda else 5
     t = time.perf_counter()
     for _ in range(reps):
         b.copy_(a)
-    _sync(device)
+    sync(device)
     return 2 * n * reps / (time.perf_counter() - t) / 1e12
 
 
@@ -165,11 +166,11 @@ def measured_matmul_tflops(device) -> float:
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     for _ in range(reps):
         a @ b
-    _sync(device)
+    sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
 
 

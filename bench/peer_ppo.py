@@ -19,12 +19,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bench.common import sync
 from engine.config import ModelConfig, PPOConfig
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from kernels.reference import peer_gae_loop
 
 
 def build(mc: ModelConfig, device: torch.device, train_dtype: torch.dtype, frozen_dtype: torch.dtype) -> dict:
@@ -64,23 +61,12 @@ def _values(model, seq: torch.Tensor) -> torch.Tensor:
     return model.score(model.model(seq).last_hidden_state).squeeze(-1).float()
 
 
-def _gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Advantages and returns by the peers' loop over the tokens, last first."""
-    last, adv, n = 0.0, [], rewards.shape[1]
-    for t in reversed(range(n)):
-        nxt = values[:, t + 1] if t + 1 < n else 0.0
-        delta = rewards[:, t] + gamma * nxt - values[:, t]
-        last = delta + gamma * lam * last
-        adv.append(last)
-    adv = torch.stack(adv[::-1], 1)
-    return adv, adv + values
-
-
-def _clip_step(model, opt, max_norm: float) -> float:
+def _clip_step(model, opt, max_norm: float) -> torch.Tensor:
+    """Clip the model's grad norm, step its optimizer: the norm (a device tensor: read once, at the iteration's end)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(norm)
+    return norm.detach()
 
 
 def iteration(models: dict, opts: dict, prompts: torch.Tensor, cfg: PPOConfig, micro_batch: int) -> dict:
@@ -91,7 +77,7 @@ def iteration(models: dict, opts: dict, prompts: torch.Tensor, cfg: PPOConfig, m
     prompts = prompts.repeat_interleave(cfg.samples_per_prompt, 0)
     device, p_len, n_new = prompts.device, prompts.shape[1], cfg.max_new_tokens
     times = {}
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     with torch.no_grad(), _autocast(device):
         seq = policy.generate(
@@ -99,7 +85,7 @@ def iteration(models: dict, opts: dict, prompts: torch.Tensor, cfg: PPOConfig, m
             top_k=cfg.top_k, top_p=cfg.top_p, max_new_tokens=n_new, min_new_tokens=n_new,
             pad_token_id=0,
         )  # fmt: skip
-    _sync(device)
+    sync(device)
     times["generate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     with torch.no_grad(), _autocast(device):
@@ -110,8 +96,8 @@ def iteration(models: dict, opts: dict, prompts: torch.Tensor, cfg: PPOConfig, m
     kl = old_lp - ref_lp
     rewards = -cfg.kl_coef * kl
     rewards[:, -1] += score
-    adv, returns = _gae(rewards, old_v, cfg.gamma, cfg.lam)
-    _sync(device)
+    adv, returns = peer_gae_loop(rewards, old_v, cfg.gamma, cfg.lam)  # (the peers' loop over the tokens)
+    sync(device)
     times["score"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     b = seq.shape[0]
@@ -140,7 +126,7 @@ def iteration(models: dict, opts: dict, prompts: torch.Tensor, cfg: PPOConfig, m
             losses = {"policy_loss": pg.detach().mean(), "value_loss": vf.detach().mean()}  # (read at the end)
         losses["grad_norm_policy"] = _clip_step(policy, opts["policy"], cfg.max_grad_norm)
         losses["grad_norm_value"] = _clip_step(value, opts["value"], cfg.max_grad_norm)
-    _sync(device)
+    sync(device)
     times["train"] = time.perf_counter() - t0
     times["iteration"] = sum(times.values())
     losses = {k: float(v) for k, v in losses.items()}

@@ -28,7 +28,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import check_fits, measured_copy_tbs, measured_matmul_tflops, run_main, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    check_fits,
+    measured_copy_tbs,
+    measured_matmul_tflops,
+    run_main,
+    sync,
+    write_json,
+)
 from engine import symm_reduce  # noqa: E402
 from engine.checkpoint import hf_tensor_specs, load_pretrained  # noqa: E402
 from engine.config import MODEL_SHAPES, GenerateConfig, ModelConfig, PPOConfig  # noqa: E402
@@ -137,11 +144,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.json and (os.path.isdir(a.json) or not os.path.isdir(os.path.dirname(os.path.abspath(a.json)))):
         p.error(f"--json {a.json}: not a file in an existing directory (the figures would be lost after the run)")
     return a
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def peak_memory(device) -> float:
