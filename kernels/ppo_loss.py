@@ -16,6 +16,11 @@ import torch
 
 from kernels import dispatch, logprob, reference
 
+_GRAD_OF_ONE = (
+    "ppo_token_loss(weight_grad_into=...): the loss must be backpropagated as it is (a grad of 1), its weight's grad "
+    "having gone into the sum during the forward; scale it with loss_scale instead"
+)
+
 # ---------------------------------------------------------------------------- autograd functions
 
 
@@ -75,17 +80,29 @@ class _FusedHiddenLoss(torch.autograd.Function):
         ctx.used = True
         gh, gw = ctx.saved_tensors
         if ctx.into:  # (the weight's grad is in its sum already, for a grad of 1: a device-side check, no sync)
-            torch._assert_async(
-                grad_loss == 1.0,
-                "ppo_token_loss(weight_grad_into=...): the loss must be backpropagated as it is (a grad of 1), its "
-                "weight's grad having gone into the sum during the forward; scale it with loss_scale instead",
-            )
+            torch._assert_async(grad_loss == 1.0, _GRAD_OF_ONE)
         # Scale in place (a [V, H] copy of the weight grad would cost as much as the logits chunk), by the fp32 scale:
         # rounded to bf16 first it would be off by up to 0.4% for every grad of the micro-batch (0.3 -> 0.30078)
         for g in (gh, gw):
             if g is not None:
                 logprob._scale_(g, grad_loss.float())
         return gh, None if gw is None else gw.to(ctx.weight_dtype), None, None, None, None, None, None, None, None
+
+
+class _GradsTaken(torch.autograd.Function):
+    """The reference path's loss under weight_grad_into: its grads taken in the forward (the weight's already in the
+    sum); the backward hands hidden its grad, for a grad of 1 as the kernel path checks."""
+
+    @staticmethod
+    def forward(ctx, hidden, loss, grad_hidden):
+        ctx.save_for_backward(grad_hidden)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        torch._assert_async(grad_loss == 1.0, _GRAD_OF_ONE)
+        (gh,) = ctx.saved_tensors
+        return gh, None, None
 
 
 # ------------------------------------------------------------------------------ public functions
@@ -147,8 +164,8 @@ def ppo_token_loss(
     fp32 tensor of the weight's shape (an optimizer's sum of its grads over micro-batches) that the weight's grad is
     added to during the forward, on a GPU by one GEMM a chunk straight into it: no [V, H] grad of the weight is ever
     made, and none reaches weight.grad; the loss must then be backpropagated as it is (loss.backward(): a grad of 1,
-    checked on the device), any scale going through loss_scale. On the reference ops the same, the grad taken by
-    autograd in the forward (unchecked there).
+    checked on the device), any scale going through loss_scale. On the reference ops the same: both grads taken by
+    autograd in the forward, hidden's handed back by the backward.
     """
     if kl_estimator not in ("k1", "k2", "k3"):
         raise ValueError(f"unknown KL estimator {kl_estimator!r}; expected 'k1', 'k2' or 'k3'")
@@ -179,16 +196,21 @@ def ppo_token_loss(
     src = logits if logits is not None else hidden
     if not dispatch.use_triton(src) or src.dtype not in logprob._SUPPORTED:
         into = weight_grad_into is not None and weight.requires_grad and torch.is_grad_enabled()
-        w = weight.detach().requires_grad_() if into else weight  # (its grad taken here, into the sum)
+        # (into: both grads taken here, as the kernel path does, from leaves standing for hidden and the weight; the
+        # caller's backward then only scales hidden's: the LM head's grad GEMM runs once, and the [N, V] graph is
+        # freed before the forward returns)
+        h = hidden.detach().requires_grad_(hidden.requires_grad) if into else hidden
+        w = weight.detach().requires_grad_() if into else weight
         loss, stats = reference.ppo_token_loss(
-            logits, targets, old_logprobs, advantages, mask, hidden=hidden, weight=w, clip_eps=clip_eps,
+            logits, targets, old_logprobs, advantages, mask, hidden=h, weight=w, clip_eps=clip_eps,
             temperature=temperature, ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_estimator=kl_estimator,
             entropy_coef=entropy_coef, group=group, real_vocab=real_vocab,
         )  # fmt: skip
         loss = loss if loss_scale is None else loss * loss_scale
         if into:
-            (gw,) = torch.autograd.grad(loss, w, retain_graph=True)  # (the caller backpropagates the loss too)
-            weight_grad_into.add_(gw)
+            grads = torch.autograd.grad(loss, (w, h) if h.requires_grad else (w,))
+            weight_grad_into.add_(grads[0])
+            loss = _GradsTaken.apply(hidden, loss.detach(), grads[1] if h.requires_grad else None)
         return loss, stats
     m = mask.to(torch.float32)
     denom = m.sum().clamp_min(1.0)

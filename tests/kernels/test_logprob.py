@@ -781,6 +781,32 @@ def test_the_reference_path_adds_the_lm_heads_grad_to_the_sum_too():
     torch.testing.assert_close(hidden.grad, r_gh)
 
 
+def test_the_reference_paths_loss_is_differentiated_once_and_only_as_it_is():
+    """On the reference ops the grads under weight_grad_into are taken in the forward, as the kernel path takes them:
+    the loss's graph leads to hidden alone (no leaf standing for the weight, whose grad GEMM the caller's backward
+    would run a second time, nor the [N, V] logits kept for it), and a scaled backward is refused as the kernel
+    path refuses it (the sum already holds the grad for 1)."""
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(6, 8, generator=gen).requires_grad_()
+    weight = torch.randn(30, 8, generator=gen, requires_grad=True)
+    targets, z, adv = torch.randint(0, 30, (6,), generator=gen), torch.zeros(6), torch.randn(6, generator=gen)
+    with dispatch.reference_ops():
+        loss, _ = P.ppo_token_loss(None, targets, z - 2, adv, z + 1, hidden=hidden * 1.0, weight=weight,
+                                   weight_grad_into=torch.zeros(30, 8))  # fmt: skip
+    leaves, todo, seen = [], [loss.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if hasattr(fn, "variable"):
+            leaves.append(fn.variable)
+        todo.extend(f for f, _ in fn.next_functions)
+    assert len(leaves) == 1 and leaves[0] is hidden
+    with pytest.raises(RuntimeError, match="a grad of 1"):
+        (loss * 2).backward()
+
+
 @pytest.mark.parametrize("has_ent", [False, True])
 def test_the_persistent_forward_gives_the_plain_ones_bits(small_block, monkeypatch, has_ent):
     """PERSISTENT_ROWS' kernel (rows pid, pid + programs, ... in one loop; here 3 programs for 11 rows of 150 logits in
