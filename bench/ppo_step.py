@@ -76,6 +76,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "same shapes after ours (one process only)",
     )  # fmt: skip
     p.add_argument("--peer-micro-batch", type=int, default=4, help="the peer's sequences a forward + backward")
+    p.add_argument(
+        "--save-to", default=None, metavar="DIR",
+        help="also checkpoint the state after the timed iterations into DIR (a directory on the file system runs save "
+        "to), written before the run goes on and then in the background: what each costs the run, the background "
+        "thread's write time, and the disk's own rate for as many bytes (DIR's checkpoints are removed after)",
+    )  # fmt: skip
     p.add_argument("--json", default=None, help="write the figures to this file")
     a = p.parse_args(argv)
     sizes = ("rollout_batch_size", "train_batch_size", "prompt_len", "max_new_tokens")
@@ -186,6 +192,9 @@ def _run(a: argparse.Namespace) -> dict:
     out["generator"] = {k: getattr(st, k) for k in keys}  # graph_captures 0: last iteration's graphs replayed
     print0("generator: " + ", ".join(f"{k} {v:.3g}" for k, v in out["generator"].items()))
     write_json(a.json, {**out, "metrics": runs})
+    if a.save_to:
+        out["save"] = _time_saves(state, a.save_to)
+        write_json(a.json, {**out, "metrics": runs})
     if a.peer and grid.world_size == 1:
         first_prompts = torch.tensor(prompts[:rollout], device=device)
         del state, models
@@ -196,6 +205,67 @@ def _run(a: argparse.Namespace) -> dict:
         print0("(CPU figures: a smoke run; GPU figures need a CUDA device)")
     write_json(a.json, {**out, "metrics": runs})
     return out
+
+
+def _time_saves(state, directory: str) -> dict:
+    """A checkpoint of `state` into `directory` (engine.resume.save_checkpoint) written before the run goes on, then
+    one written in the background (--async-save, the default): the seconds each costs the run, the thread's write
+    time, the checkpoint's bytes (every rank's files), and the seconds global rank 0 takes to write and sync as many
+    bytes in one file (the disk's own rate; one checkpoint on the disk at a time, each removed after)."""
+    import dataclasses
+    import shutil
+    import time
+
+    import torch.distributed as dist
+
+    from engine.resume import finish_checkpoint, save_checkpoint
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    os.makedirs(directory, exist_ok=True)
+    state.run = dataclasses.replace(state.run, output_dir=directory, keep_checkpoints=1)
+
+    def remove() -> None:  # (one checkpoint on the disk at a time: a GPU machine's disk holds ~2 of 7B's)
+        for name in os.listdir(directory) if rank == 0 else ():
+            target = os.path.join(directory, name)
+            if name.startswith("checkpoint-"):
+                shutil.rmtree(target, ignore_errors=True)
+            elif name == "latest":
+                os.remove(target)
+
+    start = time.monotonic()
+    path = save_checkpoint(state)
+    sync_s = time.monotonic() - start
+    nbytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+    remove()
+    state.iteration += 1
+    start = time.monotonic()
+    save_checkpoint(state, background=True)
+    writing, stall_s = state.pending_save, time.monotonic() - start
+    finish_checkpoint(state)
+    remove()
+    floor_s = None
+    if rank == 0:  # (one file of the checkpoint's bytes in 64 MiB writes, synced: the disk's own rate)
+        block, fn = bytes(min(64 * 2**20, max(nbytes, 1))), os.path.join(directory, "rate.tmp")
+        start = time.monotonic()
+        with open(fn, "wb") as f:
+            for _ in range(-(-nbytes // len(block))):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+        floor_s = time.monotonic() - start
+        os.remove(fn)
+    written_s = writing.written_s if writing is not None else None
+    print0(f"checkpoint of {nbytes / 2**30:.2f} GiB (every rank's files) into {directory}:")
+    print0(f"{'save':<40}{'run waits s':>14}{'written in s':>14}")
+    print0(f"{'before the run goes on (--no-async-save)':<40}{sync_s:>14.2f}{sync_s:>14.2f}")
+    if writing is None:
+        print0("in the background: the host copy would not fit, written before the run went on as well")
+    else:
+        print0(f"{'in the background (the default)':<40}{stall_s:>14.2f}{written_s:>14.2f}")
+    if floor_s is not None:
+        print0(f"{'one process writing as many bytes':<40}{'':>14}{floor_s:>14.2f}")
+    return {"bytes": nbytes, "sync_s": sync_s, "background_stall_s": stall_s if writing is not None else None,
+            "background_written_s": written_s, "disk_s": floor_s}  # fmt: skip
 
 
 def _run_peer(a, mc: ModelConfig, cfg: PPOConfig, prompts: torch.Tensor, device, dtype, out: dict) -> dict:

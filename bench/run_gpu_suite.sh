@@ -6,8 +6,8 @@
 # NAMEs: gpu_tests kernel_tests gluon_tests pingpong_tests (or tests: the four) offload gae logprob rope_attention
 # grad_sums rope_sweep paged_attention paged_attention_fp8 paged_sweep paged_sweep_fp8 rmsnorm_swiglu sampling
 # rollout_b64 rollout_b64_hf_static rollout_b1 rollout_b64_sync rollout_b64_fp8 rollout_ppo_like ppo_step
-# ppo_step_no_sums ppo_step_offload ppo_step_resident compile (a cold start's autotuning, one compile thread against
-# many); the group `first` is what a 15-minute lease can hold (the two issues' headline figures and the kernels'
+# ppo_step_no_sums ppo_step_offload ppo_step_resident ppo_save (a checkpoint written at once and in the background)
+# compile (a cold start's autotuning, one compile thread against many); the group `first` is what a 15-minute lease can hold (the two issues' headline figures and the kernels'
 # comparisons without their torch.compile rows, then the engine's GPU tests and the kernel tests with the time left).
 # The group `tune` (alone) is the lease after it: the paged decode sweep on the rollout's shapes, the 13B batch-64
 # rollout again with the sweep's fastest launch for its shape (--decode-config) and a profile of where its step time
@@ -398,4 +398,8 @@ bench ppo_step_offload 240 "$PY" bench/ppo_step.py --model llama2-7b --random-we
 bench ppo_step_resident 240 "$PY" bench/ppo_step.py --model llama2-7b --random-weights --num-layers 8 \
   --rollout-batch-size 64 --train-batch-size 16 --prompt-len 256 --max-new-tokens 256 --iterations 2 \
   --no-peer --offload-optimizer always   # the state in host memory throughout: what streaming it through each update costs
+bench ppo_save 200 "$PY" bench/ppo_step.py --model llama2-7b --random-weights --num-layers 2 --rollout-batch-size 16 \
+  --train-batch-size 8 --prompt-len 128 --max-new-tokens 64 --no-peer --save-to /tmp/tulu-ppo-save   # a checkpoint
+  # (~19 GB: two 7B-wide models of 2 layers, their fp32 masters and Adam moments) before the run goes on and in the
+  # background: the run's wait each way (the device-to-host copy) against the disk's rate
 finish

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -387,6 +388,48 @@ def save_pretrained(
     chat_template: the chat template the model was trained with (the run's --chat-template tulu), written into the
     copied tokenizer files in place of their own, so that apply_chat_template formats prompts as the model learned.
     """
+    start_save_pretrained(
+        model, path, max_shard_bytes=max_shard_bytes, dtype=dtype, tokenizer_dir=tokenizer_dir,
+        source_dir=source_dir, chat_template=chat_template,
+    ).finish()  # fmt: skip
+
+
+class SaveInProgress:
+    """A save_pretrained whose files are left to write (start_save_pretrained(..., defer=True)): `jobs`, this rank's
+    file writes, each from host copies already made (run them in order on any thread: no collective, no device
+    work); then finish(error), on every rank in the same order as its other collectives, with the error the jobs
+    raised here if any: every rank raises together, or rank 0 completes the directory and renames it into place."""
+
+    def __init__(self, rank: int, tmp: str, finish_args: tuple):
+        self.rank, self.tmp, self.finish_args = rank, tmp, finish_args
+        self.jobs: list = []
+        self.failed: BaseException | None = None  # (an error while the tensors were gathered or written)
+
+    def finish(self, error: BaseException | None = None) -> None:
+        try:
+            raise_together(self.failed or error, "save_pretrained")
+            # (its agreement is the last collective: no rank returns before rank 0 has finished the directory)
+            rank0_together("save_pretrained", self.rank, _finish_checkpoint_dir, *self.finish_args)
+        except BaseException:
+            if self.rank == 0:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+
+
+def start_save_pretrained(
+    model: Transformer,
+    path: str | os.PathLike,
+    *,
+    max_shard_bytes: int = 5 * 1024**3,
+    dtype: torch.dtype | None = None,
+    tokenizer_dir: str | os.PathLike | None = None,
+    source_dir: str | os.PathLike | None = None,
+    chat_template: str | None = None,
+    defer: bool = False,
+) -> SaveInProgress:
+    """save_pretrained up to its finish(): the tensors gathered (collectives) and this rank's files written, or with
+    `defer` copied to host memory (new tensors: the model may change once this returns) and left as the jobs of the
+    SaveInProgress returned (this rank's share of the model in host memory until they have run)."""
     path = os.fspath(path).rstrip("/")
     specs = hf_tensor_specs(model)
     rank, world = _world()
@@ -400,36 +443,41 @@ def save_pretrained(
         dist.broadcast_object_list(tmp, src=0)  # one temporary directory for all ranks
     tmp = tmp[0]
     rank0_together("save_pretrained", rank, os.makedirs, tmp)  # no rank is left waiting in a collective
-    failed = None  # (this rank's error while writing its files: raised on every rank once every file is gathered)
+    save = SaveInProgress(
+        rank, tmp, (model, tmp, path, plan, names, specs, elt, store_dtype, tokenizer_dir, source_dir, chat_template)
+    )
     try:
         for k, shard in enumerate(plan):
             mine = k % world == rank
             tensors = {}
             for name in shard:
                 full = specs[name].module.full_part(specs[name].part)  # collective within the TP group
-                if mine and failed is None:
+                if mine and save.failed is None:
                     try:  # (a rank that fails goes on joining the gathers above, so the others are not left waiting)
-                        tensors[name] = full.detach().to("cpu", store_dtype).contiguous()
+                        # (deferred: a copy, never the parameter itself, which a CPU run's .to() would return)
+                        tensors[name] = full.detach().to("cpu", store_dtype, copy=defer).contiguous()
                     except Exception as e:  # (out of host memory: not a KeyboardInterrupt, which ends the process)
-                        failed = e
-            if mine and failed is None:
-                try:
-                    fn = os.path.join(tmp, names[k])
-                    save_file(tensors, fn, metadata={"format": "pt"})
-                    os.chmod(fn, 0o666 & ~_umask())  # (safetensors writes 0600: unreadable to a team's other users)
-                    fsync_file(fn)
-                except Exception as e:  # (a full disk, a safetensors error: every rank raises together below)
-                    failed = e
-        raise_together(failed, "save_pretrained")
-        # (its agreement is the last collective: no rank returns before rank 0 has finished the directory)
-        rank0_together(
-            "save_pretrained", rank, _finish_checkpoint_dir,
-            model, tmp, path, plan, names, specs, elt, store_dtype, tokenizer_dir, source_dir, chat_template,
-        )  # fmt: skip
+                        save.failed = e
+            if mine and save.failed is None:
+                job = functools.partial(_write_shard, tensors, os.path.join(tmp, names[k]))
+                if defer:
+                    save.jobs.append(job)
+                else:
+                    try:
+                        job()
+                    except Exception as e:  # (a full disk, a safetensors error: every rank raises together in finish)
+                        save.failed = e
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return save
+
+
+def _write_shard(tensors: dict[str, torch.Tensor], fn: str) -> None:
+    save_file(tensors, fn, metadata={"format": "pt"})
+    os.chmod(fn, 0o666 & ~_umask())  # (safetensors writes 0600: unreadable to a team's other users)
+    fsync_file(fn)
 
 
 # what a tokenizer directory holds, whatever its kind (fast tokenizer.json, SentencePiece's tokenizer.model or

@@ -7,7 +7,9 @@ writes there (checks, the run's lock, a fresh start) is engine/output_dir.py's.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 import os
 import pickle
@@ -15,18 +17,20 @@ import platform
 import re
 import shutil
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING
 
 import torch
 
-from engine.checkpoint import fsync_dir, fsync_file, save_pretrained
+from engine.checkpoint import fsync_dir, fsync_file, save_pretrained, start_save_pretrained
 from engine.config import LEGACY_PPO_VALUES
 from engine.data import PromptBatches
 from engine.errors import InputError, InvalidInput, MissingInput, first_line
 from engine.hub import model_dirs
+from engine.memory_plan import host_available, local_ranks
 from engine.optim import load_optimizer_state, optimizer_state
-from engine.parallel import print0, rank0_together, together
+from engine.parallel import agree, print0, rank0_together, together
 from engine.reshard import SavedOptimizer, needed_ranks
 from engine.tokenizer import TULU_CHAT_TEMPLATE, tulu_chat_template
 
@@ -100,8 +104,13 @@ def trainer_state_dict(state: TrainState) -> dict:
     }
 
 
-def save_checkpoint(state: TrainState) -> str:
-    """checkpoint-NNNNNN/{policy, value (HF dirs), state-rankRRRRR.pt}, then the `latest` pointer."""
+def save_checkpoint(state: TrainState, *, background: bool = False) -> str:
+    """checkpoint-NNNNNN/{policy, value (HF dirs), state-rankRRRRR.pt}, then the `latest` pointer. `background`: what
+    the files hold is copied to host memory here (the device's tensors: the model and optimizer may change once this
+    returns) and written by a thread of this rank's while the run goes on; finish_checkpoint(state) (the trainer's,
+    an iteration later or when the run stops) waits for it and completes the checkpoint, `latest` included."""
+    finish_checkpoint(state)  # (one save at a time)
+    started = time.monotonic()
     out = state.run.output_dir
     name = f"checkpoint-{state.iteration:06d}"
     path = os.path.join(out, name)
@@ -119,16 +128,129 @@ def save_checkpoint(state: TrainState) -> str:
                     "warning: no variant of the Tulu chat template gives this tokenizer's apply_chat_template the "
                     "ids of the run's prompts; the saved policy gets the plain one (encode_chat formats exactly)"
                 )
-    save_pretrained(
-        state.policy, policy_dir, tokenizer_dir=state.tokenizer_dir, source_dir=state.run.policy, chat_template=template
-    )
-    save_pretrained(state.value, os.path.join(path, "value"))
-    # (a full disk, or a state that does not pickle on one rank alone: every rank stops; once all have returned, every
-    # file and name in checkpoint-N is durable and `latest` may move)
-    together("saving a checkpoint", _save_state_file, state, os.path.join(path, f"state-rank{state.grid.rank:05d}.pt"))
-    # (`latest` not moved on rank 0, or its pruning failed: no rank goes on, none waits for rank 0 in a collective)
-    rank0_together("saving a checkpoint", state.grid.rank, _point_latest, out, name, state.run.keep_checkpoints)
+    state_fn = os.path.join(path, f"state-rank{state.grid.rank:05d}.pt")
+    if background and not _host_copy_fits(state):
+        background = False
+    if not background:
+        save_pretrained(state.policy, policy_dir, tokenizer_dir=state.tokenizer_dir, source_dir=state.run.policy,
+                        chat_template=template)  # fmt: skip
+        save_pretrained(state.value, os.path.join(path, "value"))
+        # (a full disk, or a state that does not pickle on one rank alone: every rank stops; once all have returned,
+        # every file and name in checkpoint-N is durable and `latest` may move)
+        together("saving a checkpoint", lambda: _save_state_file(trainer_state_dict(state), state_fn))
+        # (`latest` not moved on rank 0, or its pruning failed: no rank goes on, none waits for rank 0 in a collective)
+        rank0_together("saving a checkpoint", state.grid.rank, _point_latest, out, name, state.run.keep_checkpoints)
+        print0(f"{name} saved ({time.monotonic() - started:.1f} s)")
+        return path
+    models = [
+        start_save_pretrained(state.policy, policy_dir, tokenizer_dir=state.tokenizer_dir, source_dir=state.run.policy,
+                              chat_template=template, defer=True),
+        start_save_pretrained(state.value, os.path.join(path, "value"), defer=True),
+    ]  # fmt: skip
+    sd = together("saving a checkpoint", lambda: _host_copy(trainer_state_dict(state)))
+    jobs = [m.jobs for m in models] + [[functools.partial(_save_state_file, sd, state_fn)]]
+    state.pending_save = _Writing(path, name, models, jobs, time.monotonic() - started)
     return path
+
+
+def finish_checkpoint(state: TrainState) -> str | None:
+    """The checkpoint a background save_checkpoint is writing, completed: this rank's thread waited for, every rank's
+    error raised on every rank (save_pretrained's and the state file's, in the order of a synchronous save), the
+    models' directories renamed into place, `latest` moved. Collective; a no-op (None) with none under way."""
+    writing = getattr(state, "pending_save", None)
+    if writing is None:
+        return None
+    state.pending_save = None
+    errors = writing.wait()
+    for model, error in zip(writing.models, errors):
+        model.finish(error)
+    together("saving a checkpoint", _raise, errors[-1])
+    out = state.run.output_dir
+    rank0_together("saving a checkpoint", state.grid.rank, _point_latest, out, writing.name, state.run.keep_checkpoints)
+    print0(f"{writing.name} saved ({writing.copied_s:.1f} s of the run's time; written in {writing.written_s:.1f} s "
+           "while it went on)")  # fmt: skip
+    return writing.path
+
+
+def abandon_checkpoint(state: TrainState) -> None:
+    """A run that stops on an error: a checkpoint being written in the background is waited for on this rank (no
+    file is written once the run has returned) and left incomplete (its completion would be collective; the run's
+    next save or resume removes it)."""
+    writing = getattr(state, "pending_save", None)
+    state.pending_save = None
+    if writing is not None:
+        writing.wait()
+
+
+class _Writing:
+    """A checkpoint's files written on a thread of this rank's: its parts' jobs in order (the policy's files, the
+    value model's, the state file), the first error kept with its part, the later parts then left."""
+
+    def __init__(self, path: str, name: str, models: list, parts: list[list], copied_s: float):
+        self.path, self.name, self.models, self.copied_s = path, name, models, copied_s
+        self.written_s = 0.0
+        self.errors: list[BaseException | None] = [None] * len(parts)
+        self.thread = threading.Thread(target=self._run, args=(parts,), name=f"writing {name}", daemon=True)
+        self.thread.start()
+
+    def _run(self, parts: list[list]) -> None:
+        started = time.monotonic()
+        for i, jobs in enumerate(parts):
+            try:
+                for job in jobs:
+                    job()
+            except BaseException as e:  # (a full disk: raised on every rank by finish_checkpoint)
+                self.errors[i] = e
+                break
+        self.written_s = time.monotonic() - started
+
+    def wait(self) -> list[BaseException | None]:
+        self.thread.join()
+        return self.errors
+
+
+def _host_copy_fits(state: TrainState) -> bool:
+    """Whether a background save's host copy (this rank's optimizer state and its share of both models' files, on
+    every local rank alike) fits in half the host's available memory, on every rank (said once where it does not)."""
+    opts = [o for o in (state.policy_opt, state.value_opt) if o is not None]
+    mine = sum(_tensor_bytes([o.masters, list(o.adam.state.values())]) for o in opts)
+    weights = sum(p.numel() * p.element_size() for m in (state.policy, state.value) for p in m.parameters())
+    need = (mine + weights * state.grid.tp // state.grid.world_size) * local_ranks()
+    have = host_available()
+    (short,) = agree([int(need > have // 2)], "max")
+    if short and not state.async_save_warned:
+        state.async_save_warned = True
+        print0(
+            f"checkpoints are written before the run goes on: their host copy ({need / 2**30:.1f} GiB a node) would "
+            "not fit in half the host's available memory"
+        )
+    return not short
+
+
+def _tensor_bytes(obj) -> int:
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _raise(error: BaseException | None) -> None:
+    if error is not None:
+        raise error
+
+
+def _host_copy(obj):
+    """obj with every tensor in it copied to host memory (new tensors, never the live ones) and the rest copied."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_host_copy(v) for v in obj)
+    return copy.deepcopy(obj)
 
 
 def _make_checkpoint_dir(path: str) -> None:
@@ -137,9 +259,8 @@ def _make_checkpoint_dir(path: str) -> None:
     remove_leftovers(path)
 
 
-def _save_state_file(state: TrainState, fn: str) -> None:
-    """save_checkpoint on every rank: its trainer state (optimizer, RNG, data order), atomically."""
-    sd = trainer_state_dict(state)
+def _save_state_file(sd: dict, fn: str) -> None:
+    """save_checkpoint on every rank: its trainer state (trainer_state_dict: optimizer, RNG, data order), atomically."""
     atomic_write(fn, lambda f: torch.save(sd, f))
 
 

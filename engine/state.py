@@ -88,6 +88,10 @@ class RunConfig:
     overwrite_output_dir: bool = False  # start over in an output_dir that holds a run (its checkpoints are deleted)
     save_every: int = 0  # iterations between checkpoints (0: only at the end)
     keep_checkpoints: int = 1  # the newest checkpoints kept in output_dir; older ones are pruned
+    # write each checkpoint's files on a thread while the run goes on (what they hold copied to host memory first;
+    # `latest` moves to it an iteration later, or when the run stops); a save whose copy would not fit in the host's
+    # available memory is written at once instead
+    async_save: bool = True
     # --resume with a reference or reward model whose weights differ from those the checkpoint's run used (refused
     # otherwise: its KL and rewards would measure against another model)
     resume_other_models: bool = False
@@ -212,6 +216,8 @@ class TrainState:
     model_copies: dict[str, HostCopies] = field(default_factory=dict)  # their host buffers, by name
     model_fingerprints: dict | None = None  # the frozen models' weights (global rank 0; engine.resume.check_models)
     template_warned: bool = False  # a saved policy's chat template could not reproduce the prompts' ids (said once)
+    pending_save: object | None = None  # a checkpoint being written in the background (engine.resume.finish_checkpoint)
+    async_save_warned: bool = False  # a background save did not fit in host memory (said once)
     kl_coef: float | None = None  # the KL penalty's coefficient now: cfg.kl_coef, or the adaptive one (cfg.kl_target)
 
     def __post_init__(self) -> None:

@@ -38,7 +38,7 @@ from engine.model import forward_flops
 from engine.optim import accumulate_grads, apply_update, reduce_grads
 from engine.output_dir import TRACE_PREFIX
 from engine.parallel import agree, print0, rank0_together
-from engine.resume import record_launch, resume_checkpoint, save_checkpoint
+from engine.resume import abandon_checkpoint, finish_checkpoint, record_launch, resume_checkpoint, save_checkpoint
 from engine.rollout import add_to, check_scores, chunks, forward_rollout, generate_rollout, policy_logprobs, reduce_sums
 from engine.scheduler import GenerationStats
 from engine.state import TrainState  # (the state and its setup: engine/state.py)
@@ -480,7 +480,11 @@ def train(state: TrainState) -> list[dict]:
     record_launch(state)
     state.tracker = state.tracker or Tracker(state)
     with state.tracker:  # (a W&B run ends with the loop, marked failed if it raised)
-        _loop(state)
+        try:
+            _loop(state)
+        except BaseException:
+            abandon_checkpoint(state)  # (no file written once the run has returned)
+            raise
     return state.history
 
 
@@ -518,10 +522,12 @@ def _loop(state: TrainState) -> None:
                 else:
                     metrics = ppo_iteration(state)
             except FloatingPointError as e:  # (every rank alike: a loss, a gradient norm or the scores)
+                finish_checkpoint(state)  # (the last one's files, written meanwhile: the one to go back to)
                 diverged = FloatingPointError(f"{e}; {_where_to_resume(state)}")
                 diverged.failed_on = failed_on(e)  # (another rank's scores: one line here, its traceback there)
                 raise diverged from e
             log_metrics(state, metrics, (time.monotonic() - started) / (state.iteration - first))
+            finish_checkpoint(state)  # (the last iteration's, written meanwhile: now `latest`)
             minutes = state.run.save_every_minutes
             late = bool(minutes) and time.monotonic() - last_save >= 60 * minutes
             # every rank decides alike: a clock or a signal seen by one rank
@@ -529,10 +535,13 @@ def _loop(state: TrainState) -> None:
             if eval_due(state) and not stop:  # (before the checkpoint: a resumed run does not evaluate again)
                 state.evals.append(evaluate(state))
             if (state.run.save_every and state.iteration % state.run.save_every == 0) or late:
-                save_checkpoint(state)
+                # (the last iteration's written at once; the others by a thread while the next one runs)
+                last = state.iteration >= state.iterations or stop
+                save_checkpoint(state, background=state.run.async_save and not last)
                 saved_at, last_save = state.iteration, time.monotonic()
             if stop:
                 print0(f"stopping after iteration {state.iteration} on a signal: checkpoint, then exit")
                 break
+    finish_checkpoint(state)
     if state.run.output_dir and saved_at != state.iteration:
         save_checkpoint(state)

@@ -178,6 +178,28 @@ def test_ppo_step_bench_smoke(tmp_path):
     assert json.loads((tmp_path / "p.json").read_text())["peer"] == peer
 
 
+def test_ppo_step_bench_times_a_checkpoint_both_ways(tmp_path, capsys):
+    """--save-to: the timed state checkpointed before the run goes on and then in the background; each one's figures
+    (the run's wait, the thread's write time, the bytes, the disk's rate for as many) printed and saved, the directory
+    left as it was found but for them."""
+    import json
+
+    from bench.ppo_step import main
+    from kernels.dispatch import reference_ops
+
+    (tmp_path / "saves").mkdir()
+    (tmp_path / "saves" / "kept.txt").write_text("x")
+    with reference_ops():
+        out = main(["--no-peer", "--save-to", str(tmp_path / "saves"), "--json", str(tmp_path / "p.json")])
+    save = out["save"]
+    assert save["bytes"] > 0 and all(save[k] > 0 for k in ("sync_s", "background_stall_s", "background_written_s",
+                                                          "disk_s"))  # fmt: skip
+    assert json.loads((tmp_path / "p.json").read_text())["save"] == save
+    assert [p.name for p in (tmp_path / "saves").iterdir()] == ["kept.txt"]
+    printed = capsys.readouterr().out
+    assert "in the background (the default)" in printed and "one process writing as many bytes" in printed
+
+
 def test_ppo_step_bench_stopped_midway_keeps_its_timed_iterations(tmp_path, monkeypatch, capsys):
     """Each iteration is printed and saved as it ends: the GPU suite's cap stopping the bench in its second timed
     iteration leaves the first's figures in the JSON and the log."""

@@ -116,9 +116,9 @@ def _record_saves(monkeypatch) -> list[int]:
     """The iterations the trainer saves a checkpoint at, as it saves them (the saves themselves go on)."""
     saved = []
 
-    def save(state):
+    def save(state, **kw):
         saved.append(state.iteration)
-        return save_checkpoint(state)
+        return save_checkpoint(state, **kw)
 
     monkeypatch.setattr(trainer, "save_checkpoint", save)
     return saved
@@ -1178,28 +1178,41 @@ def test_check_shared_waits_for_a_late_probe_and_raises_on_every_rank_at_once(tm
     assert [n for d in root.iterdir() for n in os.listdir(d) if n.startswith(SHARED_PROBE)] == []
 
 
-def _save_checkpoint_cases_rank(rank, world, out, out_dir):
+def _save_checkpoint_cases_rank(rank, world, out, out_dir, background):
     import errno
     import types
 
     import torch.distributed as dist
 
     from engine import resume
+    from engine.parallel import raise_together
 
     init_gloo(rank, world, f"{out_dir}/init")
     resume.save_pretrained = lambda model, path, **kw: os.makedirs(path, exist_ok=True)  # (tested on its own)
+
+    def start_save(model, path, **kw):  # (the same, its directory made at the finish, as the real one renames it)
+        finish = lambda error=None: (raise_together(error, "save_pretrained"), os.makedirs(path, exist_ok=True))
+        return types.SimpleNamespace(jobs=[], finish=finish)
+
+    resume.start_save_pretrained = start_save
+    resume._host_copy_fits = lambda state: True
     run = types.SimpleNamespace(output_dir=out, chat_template=None, policy=None, keep_checkpoints=2)
     state = types.SimpleNamespace(run=run, iteration=0, grid=types.SimpleNamespace(rank=rank), tokenizer=None,
                                   tokenizer_dir=None, policy=None, value=None, template_warned=False)  # fmt: skip
     resume.trainer_state_dict = lambda state: {"iteration": state.iteration, "world_size": world}
-    real = {name: getattr(resume, name) for name in ("remove_leftovers", "trainer_state_dict", "prune_checkpoints")}
+    real = {name: getattr(resume, name) for name in ("remove_leftovers", "trainer_state_dict", "prune_checkpoints",
+                                                     "_save_state_file")}  # fmt: skip
     got = []
 
     def save(iteration, name, fails):
         setattr(resume, name, fails)
         state.iteration = iteration
         said = lambda e: f"{type(e).__name__} {getattr(e, 'errno', None)}: {e}"  # noqa: E731
-        got.extend(outcome(resume.save_checkpoint, state, done="saved", said=said))
+        if background:  # (written by a thread; its errors, and the finish's, met by finish_checkpoint)
+            saving = lambda: (resume.save_checkpoint(state, background=True), resume.finish_checkpoint(state))
+        else:
+            saving = lambda: resume.save_checkpoint(state)
+        got.extend(outcome(saving, done="saved", said=said))
         setattr(resume, name, real[name])
 
     def bug(*args):
@@ -1216,33 +1229,44 @@ def _save_checkpoint_cases_rank(rank, world, out, out_dir):
     save(3, "trainer_state_dict", unpicklable if rank == 1 else real["trainer_state_dict"])
     # rank 0's pruning after `latest` moved fails (an I/O error): rank 1 does not go on to its next collective
     save(4, "prune_checkpoints", io_error if rank == 0 else real["prune_checkpoints"])
+
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    # rank 1's state file meets a full disk (in the background: on the thread): both stop, `latest` stays
+    save(5, "_save_state_file", full_disk if rank == 1 else real["_save_state_file"])
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
         f.write(json.dumps(got))
     dist.destroy_process_group()
 
 
-def test_save_checkpoint_raises_one_ranks_error_on_every_rank_at_once(tmp_path):
+@pytest.mark.parametrize("background", [False, True])
+def test_save_checkpoint_raises_one_ranks_error_on_every_rank_at_once(tmp_path, background):
     """save_checkpoint on two ranks (gloo; the models' save left out): an error on one rank alone at any of its steps,
     a bug or an unpicklable state as well as a full disk, is raised on both at once, the other rank naming it (rather
     than that rank waiting in its next collective for the process group's timeout); `latest` moves only once every
-    rank's state file is saved."""
+    rank's state file is saved. The same in the background (the files written by a thread, the checkpoint completed
+    by finish_checkpoint): each error met where the synchronous save meets it, or at the finish for the thread's."""
     import torch.multiprocessing as mp
 
     out = tmp_path / "out"
     out.mkdir()
-    mp.spawn(_save_checkpoint_cases_rank, args=(2, str(out), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_save_checkpoint_cases_rank, args=(2, str(out), str(tmp_path), background), nprocs=2, join=True)
     on = "saving a checkpoint failed on rank"
     pickling = "cannot pickle 'generator' object"
+    full = "No space left on device"
     assert json.loads((tmp_path / "rank0").read_text()) == [
         "saved", True, "RuntimeError None: a bug", True, f"RuntimeError None: {on} 1: {pickling}", True,
-        "OSError 5: [Errno 5] Input/output error", True,
+        "OSError 5: [Errno 5] Input/output error", True, f"OSError 28: [Errno 28] {on} 1: {full}", True,
     ]  # fmt: skip
     assert json.loads((tmp_path / "rank1").read_text()) == [
         "saved", True, f"RuntimeError None: {on} 0: a bug", True, f"TypeError None: {pickling}", True,
-        f"OSError 5: [Errno 5] {on} 0: Input/output error", True,
+        f"OSError 5: [Errno 5] {on} 0: Input/output error", True, f"OSError 28: [Errno 28] {full}", True,
     ]  # fmt: skip
     assert json.loads((out / "latest").read_text()) == {"checkpoint": "checkpoint-000004"}
-    assert sorted(os.listdir(out / "checkpoint-000003")) == ["policy", "state-rank00000.pt", "value"]
+    # (in the background the state is copied before any file is written: rank 1's copy failing, none is)
+    listed = [] if background else ["policy", "state-rank00000.pt", "value"]
+    assert sorted(os.listdir(out / "checkpoint-000003")) == listed
 
 
 def _resume_sites_rank(rank, world, root, out_dir):
@@ -1431,3 +1455,81 @@ def test_a_fresh_start_one_rank_cannot_check_stops_every_rank_at_once(tmp_path):
         [f"PermissionError: [Errno 13] starting the run failed on rank 1: Permission denied ({out})", True, "ok", True],
         [f"PermissionError: [Errno 13] Permission denied: '{out}'", True, "ok", True],
     ]
+
+
+def _equal(a, b) -> bool:
+    """Two state files' contents alike: every tensor to the bit, the rest equal."""
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _latest_before_each_iteration(monkeypatch) -> list:
+    """The checkpoint `latest` names as each iteration starts (its N, None before the first)."""
+    seen, real = [], trainer.ppo_iteration
+
+    def iteration(state):
+        last = latest_checkpoint(state.run.output_dir)
+        seen.append(int(last.rsplit("-", 1)[1]) if last else None)
+        return real(state)
+
+    monkeypatch.setattr(trainer, "ppo_iteration", iteration)
+    return seen
+
+
+def test_checkpoints_written_in_the_background_are_a_synchronous_saves_bits(tmp_path, monkeypatch, capsys):
+    """--async-save (the default): each checkpoint but the last is written by a thread while the next iteration runs,
+    from host copies made at the save (the run's tensors change meanwhile), and `latest` names it once that iteration
+    has run. Every file holds what --no-async-save writes (both models' weights; the state file's optimizer moments,
+    masters, RNG and data order, to the bit), and a resume from a checkpoint written so ends as the straight run."""
+    import threading
+
+    import engine.resume as resume_mod
+
+    flags = ["--max-iterations", "3", "--save-every", "1", "--keep-checkpoints", "3", "--eval-prompts", ""]
+    seen = _latest_before_each_iteration(monkeypatch)
+    # the thread writes nothing before the finish (the next iteration has changed every tensor by then)
+    go, run, finish = threading.Event(), resume_mod._Writing._run, trainer.finish_checkpoint
+    monkeypatch.setattr(resume_mod._Writing, "_run", lambda self, parts: (go.wait(), run(self, parts)))
+    monkeypatch.setattr(trainer, "finish_checkpoint", lambda state: (go.set(), finish(state), go.clear())[1])
+    background = run_tiny(tmp_path / "bg", *flags)
+    assert seen == [None, None, 1]  # (checkpoint 1 completed after iteration 2, 2 after 3, the last at once)
+    assert latest_checkpoint(str(tmp_path / "bg")).endswith("checkpoint-000003")
+    seen.clear()
+    straight = run_tiny(tmp_path / "sync", *flags, "--no-async-save")
+    assert seen == [None, 1, 2]
+    assert no_timing(background) == no_timing(straight)
+    for n in (1, 2, 3):
+        a, b = tmp_path / f"bg/checkpoint-{n:06d}", tmp_path / f"sync/checkpoint-{n:06d}"
+        for head, sub in (("lm", "policy"), ("score", "value")):
+            wa, wb = saved_weights(a / sub, head), saved_weights(b / sub, head)
+            assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), (n, sub)
+        sa, sb = (torch.load(d / "state-rank00000.pt", weights_only=False) for d in (a, b))
+        models = [{k: m["fingerprint"] for k, m in sd.pop("models").items()} for sd in (sa, sb)]  # (paths differ)
+        assert _equal(sa, sb) and models[0] == models[1], n
+        assert sorted(os.listdir(a)) == sorted(os.listdir(b)) and not any(".tmp-" in x for x in os.listdir(a))
+    # a resume from the first, written while iteration 2 ran, repeats the rest exactly
+    shutil.rmtree(tmp_path / "bg/checkpoint-000002")
+    shutil.rmtree(tmp_path / "bg/checkpoint-000003")
+    (tmp_path / "bg/latest").write_text(json.dumps({"checkpoint": "checkpoint-000001"}))
+    resumed = run_tiny(tmp_path / "bg", *flags, "--resume")
+    assert no_timing(straight[:1] + resumed) == no_timing(straight)
+    wa, wb = (saved_weights(tmp_path / f"{d}/checkpoint-000003/policy", "lm") for d in ("bg", "sync"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert "written before the run goes on" not in capsys.readouterr().out
+
+
+def test_a_checkpoint_whose_host_copy_would_not_fit_is_written_at_once(tmp_path, monkeypatch, capsys):
+    """Where the background save's host copy would take more than half the host's available memory, each checkpoint
+    is written before the run goes on (said once), `latest` moving as the save returns."""
+    import engine.resume as resume_mod
+
+    monkeypatch.setattr(resume_mod, "host_available", lambda: 1024)
+    seen = _latest_before_each_iteration(monkeypatch)
+    run_tiny(tmp_path, "--max-iterations", "3", "--save-every", "1", "--eval-prompts", "")
+    assert seen == [None, 1, 2]
+    assert capsys.readouterr().out.count("checkpoints are written before the run goes on: their host copy") == 1

@@ -178,8 +178,8 @@ def test_a_run_that_diverges_names_the_checkpoint_to_resume_from(tmp_path, monke
     state = tiny_state(tmp_path, "--max-iterations", "3", "--save-every", "1", "--eval-prompts", "")
     save = trainer.save_checkpoint
 
-    def save_then_poison(st):
-        save(st)
+    def save_then_poison(st, **kw):
+        save(st, **kw)  # (in the background: the weights copied before they are poisoned)
         if st.iteration == 2:
             with torch.no_grad():
                 st.value.score.weight.fill_(float("nan"))
@@ -190,6 +190,10 @@ def test_a_run_that_diverges_names_the_checkpoint_to_resume_from(tmp_path, monke
     last = tmp_path / "checkpoint-000002"
     assert f"the last checkpoint is {last}: --resume continues from it exactly" in str(e.value)
     assert latest_checkpoint(str(tmp_path)) == str(last)
+    # (written in the background while iteration 3 ran: the weights as they were at the save, not the poisoned ones)
+    assert all(
+        torch.isfinite(w).all() for w in load_pretrained(str(last / "value"), head="score").state_dict().values()
+    )
     (tmp_path / "latest").write_text("{")  # a damaged pointer is said, and does not hide the divergence
     assert trainer._where_to_resume(state).startswith("the last checkpoint cannot be told: ")
 
