@@ -24,6 +24,7 @@ while one is updated): the device holds the weights, the grads and a few chunks,
 
 from __future__ import annotations
 
+import copy
 import functools
 import weakref
 from dataclasses import dataclass, field
@@ -407,21 +408,34 @@ def write_back(opt: Optimizer, idx: list[int] | None = None, *, later: bool = Fa
     gather_params(opt, idx, later)
 
 
-def optimizer_state(opt: Optimizer) -> dict:
+def optimizer_state(opt: Optimizer, copy: bool = False) -> dict:
     """What a checkpoint keeps of an optimizer (the parameters themselves go to the HF checkpoint); with buckets,
-    their parameters too, so that a run of another layout can re-lay it (engine/reshard.py)."""
+    their parameters too, so that a run of another layout can re-lay it (engine/reshard.py). `copy`: every tensor a
+    new one in host memory (a checkpoint written while the run goes on), never the live state (which a CPU run's or
+    a host-resident state's .cpu() would return)."""
     ensure_state(opt)
     if opt.buckets is not None:
-        masters = [m.detach().cpu() for m in opt.masters]
+        masters = [m.detach().to("cpu", copy=copy) for m in opt.masters]
     else:
-        masters = [m.detach().cpu() for m, p in zip(opt.masters, opt.params) if m is not p]
+        masters = [m.detach().to("cpu", copy=copy) for m, p in zip(opt.masters, opt.params) if m is not p]
     buckets = [b.params for b in opt.buckets] if opt.buckets is not None else None
     return {
-        "adam": opt.adam.state_dict(),
+        "adam": host_copy(opt.adam.state_dict()) if copy else opt.adam.state_dict(),
         "masters": masters,
         "distributed": opt.buckets is not None,
         "buckets": buckets,
     }
+
+
+def host_copy(obj):
+    """obj with every tensor in it copied to host memory (new tensors, never the live ones) and the rest copied."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(v) for v in obj)
+    return copy.deepcopy(obj)
 
 
 def load_optimizer_state(opt: Optimizer, saved: dict | SavedOptimizer, tp: int = 1, tp_rank: int = 0) -> None:

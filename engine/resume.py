@@ -7,7 +7,6 @@ writes there (checks, the run's lock, a fresh start) is engine/output_dir.py's.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import json
@@ -29,7 +28,7 @@ from engine.data import PromptBatches
 from engine.errors import InputError, InvalidInput, MissingInput, first_line
 from engine.hub import model_dirs
 from engine.memory_plan import host_available, local_ranks
-from engine.optim import load_optimizer_state, optimizer_state
+from engine.optim import host_copy, load_optimizer_state, optimizer_state
 from engine.parallel import agree, print0, rank0_together, together
 from engine.reshard import SavedOptimizer, needed_ranks
 from engine.tokenizer import TULU_CHAT_TEMPLATE, tulu_chat_template
@@ -86,21 +85,24 @@ def atomic_write(path: str, write) -> None:
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def trainer_state_dict(state: TrainState) -> dict:
+def trainer_state_dict(state: TrainState, copy: bool = False) -> dict:
+    """A rank's state file. `copy`: every tensor and container in it new (host memory), none the run's own: a
+    checkpoint written while the run goes on."""
+    mine = host_copy if copy else lambda x: x
     return {
         "iteration": state.iteration,
         "step": state.step,
         "total_steps": state.total_steps,
         "kl_coef": state.kl_coef,  # (the next rollout's: adaptive with kl_target)
-        "data": state.data.state_dict(),
-        "policy_opt": optimizer_state(state.policy_opt),
-        "value_opt": optimizer_state(state.value_opt),
+        "data": mine(state.data.state_dict()),
+        "policy_opt": optimizer_state(state.policy_opt, copy),
+        "value_opt": optimizer_state(state.value_opt, copy),
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(state.device) if state.device.type == "cuda" else None,
         "world_size": state.grid.world_size,
         "tp": state.grid.tp,
         "ppo_config": dataclasses.asdict(state.cfg),
-        "models": state.model_fingerprints,  # (the frozen models' weights, as a resume checks them; global rank 0)
+        "models": mine(state.model_fingerprints),  # (the frozen models' weights, as a resume checks them; rank 0)
     }
 
 
@@ -147,7 +149,7 @@ def save_checkpoint(state: TrainState, *, background: bool = False) -> str:
                               chat_template=template, defer=True),
         start_save_pretrained(state.value, os.path.join(path, "value"), defer=True),
     ]  # fmt: skip
-    sd = together("saving a checkpoint", lambda: _host_copy(trainer_state_dict(state)))
+    sd = together("saving a checkpoint", trainer_state_dict, state, copy=True)
     jobs = [m.jobs for m in models] + [[functools.partial(_save_state_file, sd, state_fn)]]
     state.pending_save = _Writing(path, name, models, jobs, time.monotonic() - started)
     return path
@@ -240,17 +242,6 @@ def _tensor_bytes(obj) -> int:
 def _raise(error: BaseException | None) -> None:
     if error is not None:
         raise error
-
-
-def _host_copy(obj):
-    """obj with every tensor in it copied to host memory (new tensors, never the live ones) and the rest copied."""
-    if torch.is_tensor(obj):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _host_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_host_copy(v) for v in obj)
-    return copy.deepcopy(obj)
 
 
 def _make_checkpoint_dir(path: str) -> None:

@@ -182,6 +182,26 @@ def test_a_loaded_optimizer_keeps_this_runs_hyperparameters():
                    for m, n in zip(opt.masters, saved.masters))  # fmt: skip
 
 
+def test_an_optimizers_state_copied_for_a_background_save_shares_nothing_with_the_live_one():
+    """optimizer_state(copy=True), what a checkpoint written while the run goes on holds: the same values as the state
+    itself, every tensor its own (on the CPU, where .cpu() returns the live tensor: a bf16 model's fp32 masters and
+    the Adam moments), so that the next update cannot reach the files."""
+    small = dataclasses.replace(ModelConfig.named("tiny"), num_layers=1)
+    opt = optim.make_optimizer(Transformer(small, "score", dtype=torch.bfloat16).init_weights(seed=3), PPOConfig())
+    for p in opt.params:
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(1)).to(p.dtype)
+    optim.accumulate_grads(opt)
+    optim.optimizer_step(opt, 1e-2, PPOConfig(), ProcessGrid())
+    live, copied = optim.optimizer_state(opt), optim.optimizer_state(opt, copy=True)
+    tensors = lambda sd: [*sd["masters"], *(t for st in sd["adam"]["state"].values() for t in st.values())]  # noqa: E731
+    assert len(tensors(live)) == len(tensors(copied)) > len(opt.params)
+    assert all(torch.equal(a, b) for a, b in zip(tensors(live), tensors(copied)))
+    ptrs = {t.untyped_storage().data_ptr() for t in tensors(live)}
+    assert {m.untyped_storage().data_ptr() for m in opt.masters} <= ptrs  # (without copy: the masters themselves)
+    assert not ptrs & {t.untyped_storage().data_ptr() for t in tensors(copied)}
+    assert copied["adam"]["param_groups"] is not opt.adam.state_dict()["param_groups"]
+
+
 @pytest.mark.parametrize("saved_dtype,dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
 @pytest.mark.parametrize("relaid", [False, True])
 def test_an_optimizer_saved_at_another_dtype_loads(saved_dtype, dtype, relaid):
