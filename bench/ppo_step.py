@@ -193,7 +193,7 @@ def _run(a: argparse.Namespace) -> dict:
     print0("generator: " + ", ".join(f"{k} {v:.3g}" for k, v in out["generator"].items()))
     write_json(a.json, {**out, "metrics": runs})
     if a.save_to:
-        out["save"] = _time_saves(state, a.save_to)
+        out["save"] = _time_saves(state, a.save_to, best["time_iteration"])
         write_json(a.json, {**out, "metrics": runs})
     if a.peer and grid.world_size == 1:
         first_prompts = torch.tensor(prompts[:rollout], device=device)
@@ -207,11 +207,13 @@ def _run(a: argparse.Namespace) -> dict:
     return out
 
 
-def _time_saves(state, directory: str) -> dict:
+def _time_saves(state, directory: str, iteration_s: float) -> dict:
     """A checkpoint of `state` into `directory` (engine.resume.save_checkpoint) written before the run goes on, then
-    one written in the background (--async-save, the default): the seconds each costs the run, the thread's write
-    time, the checkpoint's bytes (every rank's files), and the seconds global rank 0 takes to write and sync as many
-    bytes in one file (the disk's own rate; one checkpoint on the disk at a time, each removed after)."""
+    one written in the background (--async-save, the default) while one more PPO iteration runs: the seconds each costs
+    the run (the background one's: its host copy, and what that iteration took beyond `iteration_s`, the fastest timed
+    one's, the writing thread sharing the host with it), the thread's write time, the checkpoint's bytes (every
+    rank's files), and the seconds global rank 0 takes to write and sync as many bytes in one file (the disk's own
+    rate; one checkpoint on the disk at a time, each removed after)."""
     import dataclasses
     import shutil
     import time
@@ -222,7 +224,7 @@ def _time_saves(state, directory: str) -> dict:
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     os.makedirs(directory, exist_ok=True)
-    state.run = dataclasses.replace(state.run, output_dir=directory, keep_checkpoints=1)
+    state.run = dataclasses.replace(state.run, output_dir=directory, keep_checkpoints=1, log_samples=0)
 
     def remove() -> None:  # (one checkpoint on the disk at a time: a GPU machine's disk holds ~2 of 7B's)
         for name in os.listdir(directory) if rank == 0 else ():
@@ -241,6 +243,7 @@ def _time_saves(state, directory: str) -> dict:
     start = time.monotonic()
     save_checkpoint(state, background=True)
     writing, stall_s = state.pending_save, time.monotonic() - start
+    overlapped_s = ppo_iteration(state)["time_iteration"]
     finish_checkpoint(state)
     remove()
     floor_s = None
@@ -262,10 +265,12 @@ def _time_saves(state, directory: str) -> dict:
         print0("in the background: the host copy would not fit, written before the run went on as well")
     else:
         print0(f"{'in the background (the default)':<40}{stall_s:>14.2f}{written_s:>14.2f}")
+        print0(f"  the iteration it was written beside: {overlapped_s:.2f} s ({iteration_s:.2f} s alone)")
     if floor_s is not None:
         print0(f"{'one process writing as many bytes':<40}{'':>14}{floor_s:>14.2f}")
     return {"bytes": nbytes, "sync_s": sync_s, "background_stall_s": stall_s if writing is not None else None,
-            "background_written_s": written_s, "disk_s": floor_s}  # fmt: skip
+            "background_written_s": written_s, "disk_s": floor_s, "overlapped_iteration_s": overlapped_s,
+            "iteration_s": iteration_s}  # fmt: skip
 
 
 def _run_peer(a, mc: ModelConfig, cfg: PPOConfig, prompts: torch.Tensor, device, dtype, out: dict) -> dict:

@@ -192,12 +192,13 @@ def test_ppo_step_bench_times_a_checkpoint_both_ways(tmp_path, capsys):
     with reference_ops():
         out = main(["--no-peer", "--save-to", str(tmp_path / "saves"), "--json", str(tmp_path / "p.json")])
     save = out["save"]
-    assert save["bytes"] > 0 and all(save[k] > 0 for k in ("sync_s", "background_stall_s", "background_written_s",
-                                                          "disk_s"))  # fmt: skip
+    timed = ("sync_s", "background_stall_s", "background_written_s", "disk_s", "overlapped_iteration_s", "iteration_s")
+    assert save["bytes"] > 0 and all(save[k] > 0 for k in timed)
     assert json.loads((tmp_path / "p.json").read_text())["save"] == save
     assert [p.name for p in (tmp_path / "saves").iterdir()] == ["kept.txt"]
     printed = capsys.readouterr().out
     assert "in the background (the default)" in printed and "one process writing as many bytes" in printed
+    assert "the iteration it was written beside" in printed
 
 
 def test_ppo_step_bench_stopped_midway_keeps_its_timed_iterations(tmp_path, monkeypatch, capsys):
