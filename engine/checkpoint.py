@@ -366,36 +366,8 @@ def _plan_shards(specs: dict[str, TensorSpec], elt: int, max_shard_bytes: int) -
     return shards
 
 
-def save_pretrained(
-    model: Transformer,
-    path: str | os.PathLike,
-    *,
-    max_shard_bytes: int = 5 * 1024**3,
-    dtype: torch.dtype | None = None,
-    tokenizer_dir: str | os.PathLike | None = None,
-    source_dir: str | os.PathLike | None = None,
-    chat_template: str | None = None,
-) -> None:
-    """Write `model` as an HF checkpoint directory at `path`, atomically (temp dir + rename).
-
-    Under torchrun every rank must call this: the TP shards are gathered (collectives) and the files are
-    written by the ranks in turn (file k by global rank k % world size, each file as soon as its tensors are
-    gathered), so a large model is written in parallel with one file's worth of host memory per rank; global
-    rank 0 then writes the index and config.json and renames the directory into place. `path` must be on a
-    file system every rank sees (as the trainer's output directory is).
-    dtype: the stored dtype (default: the model's). tokenizer_dir: tokenizer files to copy alongside. source_dir: the
-    checkpoint the model started from, whose generation_config.json (its EOS ids, its sampling defaults) is copied.
-    chat_template: the chat template the model was trained with (the run's --chat-template tulu), written into the
-    copied tokenizer files in place of their own, so that apply_chat_template formats prompts as the model learned.
-    """
-    start_save_pretrained(
-        model, path, max_shard_bytes=max_shard_bytes, dtype=dtype, tokenizer_dir=tokenizer_dir,
-        source_dir=source_dir, chat_template=chat_template,
-    ).finish()  # fmt: skip
-
-
 class SaveInProgress:
-    """A save_pretrained whose files are left to write (start_save_pretrained(..., defer=True)): `jobs`, this rank's
+    """A save_pretrained whose files are left to write (save_pretrained(..., defer=True)): `jobs`, this rank's
     file writes, each from host copies already made (run them in order on any thread: no collective, no device
     work); then finish(error), on every rank in the same order as its other collectives, with the error the jobs
     raised here if any: every rank raises together, or rank 0 completes the directory and renames it into place."""
@@ -416,7 +388,7 @@ class SaveInProgress:
             raise
 
 
-def start_save_pretrained(
+def save_pretrained(
     model: Transformer,
     path: str | os.PathLike,
     *,
@@ -426,10 +398,22 @@ def start_save_pretrained(
     source_dir: str | os.PathLike | None = None,
     chat_template: str | None = None,
     defer: bool = False,
-) -> SaveInProgress:
-    """save_pretrained up to its finish(): the tensors gathered (collectives) and this rank's files written, or with
-    `defer` copied to host memory (new tensors: the model may change once this returns) and left as the jobs of the
-    SaveInProgress returned (this rank's share of the model in host memory until they have run)."""
+) -> SaveInProgress | None:
+    """Write `model` as an HF checkpoint directory at `path`, atomically (temp dir + rename).
+
+    Under torchrun every rank must call this: the TP shards are gathered (collectives) and the files are
+    written by the ranks in turn (file k by global rank k % world size, each file as soon as its tensors are
+    gathered), so a large model is written in parallel with one file's worth of host memory per rank; global
+    rank 0 then writes the index and config.json and renames the directory into place. `path` must be on a
+    file system every rank sees (as the trainer's output directory is).
+    dtype: the stored dtype (default: the model's). tokenizer_dir: tokenizer files to copy alongside. source_dir: the
+    checkpoint the model started from, whose generation_config.json (its EOS ids, its sampling defaults) is copied.
+    chat_template: the chat template the model was trained with (the run's --chat-template tulu), written into the
+    copied tokenizer files in place of their own, so that apply_chat_template formats prompts as the model learned.
+    defer: the tensors gathered and copied to host memory (new tensors: the model may change once this returns), the
+    files left as the jobs of the SaveInProgress returned, to write and finish (this rank's share of the model in
+    host memory until they have run); without it the save is whole when this returns (None).
+    """
     path = os.fspath(path).rstrip("/")
     specs = hf_tensor_specs(model)
     rank, world = _world()
@@ -471,7 +455,10 @@ def start_save_pretrained(
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return save
+    if defer:
+        return save
+    save.finish()
+    return None
 
 
 def _write_shard(tensors: dict[str, torch.Tensor], fn: str) -> None:

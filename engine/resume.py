@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.checkpoint import fsync_dir, fsync_file, save_pretrained, start_save_pretrained
+from engine.checkpoint import fsync_dir, fsync_file, save_pretrained
 from engine.config import LEGACY_PPO_VALUES
 from engine.data import PromptBatches
 from engine.errors import InputError, InvalidInput, MissingInput, first_line
@@ -145,9 +145,9 @@ def save_checkpoint(state: TrainState, *, background: bool = False) -> str:
         print0(f"{name} saved ({time.monotonic() - started:.1f} s)")
         return path
     models = [
-        start_save_pretrained(state.policy, policy_dir, tokenizer_dir=state.tokenizer_dir, source_dir=state.run.policy,
-                              chat_template=template, defer=True),
-        start_save_pretrained(state.value, os.path.join(path, "value"), defer=True),
+        save_pretrained(state.policy, policy_dir, tokenizer_dir=state.tokenizer_dir, source_dir=state.run.policy,
+                        chat_template=template, defer=True),
+        save_pretrained(state.value, os.path.join(path, "value"), defer=True),
     ]  # fmt: skip
     sd = together("saving a checkpoint", trainer_state_dict, state, copy=True)
     jobs = [m.jobs for m in models] + [[functools.partial(_save_state_file, sd, state_fn)]]

@@ -1188,13 +1188,13 @@ def _save_checkpoint_cases_rank(rank, world, out, out_dir, background):
     from engine.parallel import raise_together
 
     init_gloo(rank, world, f"{out_dir}/init")
-    resume.save_pretrained = lambda model, path, **kw: os.makedirs(path, exist_ok=True)  # (tested on its own)
 
-    def start_save(model, path, **kw):  # (the same, its directory made at the finish, as the real one renames it)
+    # (tested on its own; its directory made at the finish, as the real one renames it into place then)
+    def save_pretrained(model, path, defer=False, **kw):
         finish = lambda error=None: (raise_together(error, "save_pretrained"), os.makedirs(path, exist_ok=True))
-        return types.SimpleNamespace(jobs=[], finish=finish)
+        return types.SimpleNamespace(jobs=[], finish=finish) if defer else finish()
 
-    resume.start_save_pretrained = start_save
+    resume.save_pretrained = save_pretrained
     resume._host_copy_fits = lambda state: True
     run = types.SimpleNamespace(output_dir=out, chat_template=None, policy=None, keep_checkpoints=2)
     state = types.SimpleNamespace(run=run, iteration=0, grid=types.SimpleNamespace(rank=rank), tokenizer=None,
