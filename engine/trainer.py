@@ -522,7 +522,10 @@ def _loop(state: TrainState) -> None:
                 else:
                     metrics = ppo_iteration(state)
             except FloatingPointError as e:  # (every rank alike: a loss, a gradient norm or the scores)
-                finish_checkpoint(state)  # (the last one's files, written meanwhile: the one to go back to)
+                try:  # (the last one's files, written meanwhile: the one to go back to)
+                    finish_checkpoint(state)
+                except Exception as failed:  # (on every rank alike; the divergence is what the run reports)
+                    print0(f"warning: the checkpoint being written could not be completed: {failed}")
                 diverged = FloatingPointError(f"{e}; {_where_to_resume(state)}")
                 diverged.failed_on = failed_on(e)  # (another rank's scores: one line here, its traceback there)
                 raise diverged from e

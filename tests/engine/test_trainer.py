@@ -198,6 +198,37 @@ def test_a_run_that_diverges_names_the_checkpoint_to_resume_from(tmp_path, monke
     assert trainer._where_to_resume(state).startswith("the last checkpoint cannot be told: ")
 
 
+def test_a_run_that_diverges_while_its_checkpoint_fails_to_write_reports_the_divergence(tmp_path, monkeypatch, capsys):
+    """The checkpoint written in the background meets a full disk while the next iteration diverges: the run reports
+    the divergence, naming the checkpoint before (the failed one never became `latest`), and warns of the save."""
+    import errno
+
+    import engine.resume as resume_mod
+
+    state = tiny_state(tmp_path, "--max-iterations", "3", "--save-every", "1", "--eval-prompts", "")
+    save, write = trainer.save_checkpoint, resume_mod._save_state_file
+
+    def full_disk_at_2(sd, fn):
+        if sd["iteration"] == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write(sd, fn)
+
+    def save_then_poison(st, **kw):
+        save(st, **kw)
+        if st.iteration == 2:
+            with torch.no_grad():
+                st.value.score.weight.fill_(float("nan"))
+
+    monkeypatch.setattr(resume_mod, "_save_state_file", full_disk_at_2)
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_poison)
+    with dispatch.reference_ops(), pytest.raises(FloatingPointError, match=r"value loss .*iteration 3, step ") as e:
+        trainer.train(state)
+    first = tmp_path / "checkpoint-000001"
+    assert f"the last checkpoint is {first}: --resume continues from it exactly" in str(e.value)
+    assert latest_checkpoint(str(tmp_path)) == str(first)
+    assert "warning: the checkpoint being written could not be completed: [Errno 28]" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("estimator", ["k3", "k1"])
 def test_a_kl_that_overflows_is_named(tmp_path, monkeypatch, estimator):
     """--kl-estimator k3 where the reference's log-prob of a sampled token is far above the policy's: exp overflows,
