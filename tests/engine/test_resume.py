@@ -543,6 +543,34 @@ def test_a_full_disk_when_rank_0_moves_latest_stops_every_rank(tmp_path):
     assert latest_checkpoint(str(tmp_path / "a")) == str(tmp_path / "a/checkpoint-000001")
 
 
+FULL_WRITING_RANK_1_STATE = """
+import builtins, errno, os
+if os.environ.get("RANK") == "1":  # (the disk fills when rank 1's thread writes its first state file)
+    real, writes = builtins.open, []
+    def full_open(file, mode="r", *a, **k):
+        if "w" in mode and os.path.basename(str(file)).startswith("state-rank00001.pt.tmp-"):
+            writes.append(file)
+            if len(writes) == 1:
+                raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return real(file, mode, *a, **k)
+    builtins.open = full_open
+"""
+
+
+def test_a_full_disk_met_by_a_background_save_stops_every_rank(tmp_path):
+    """DP 2: rank 1's thread meets a full disk writing checkpoint 1 while iteration 2 runs; at that iteration's end
+    both ranks stop, rank 0 naming rank 1's error and the file, and no checkpoint becomes `latest`."""
+    (tmp_path / "hooks").mkdir()
+    (tmp_path / "hooks/sitecustomize.py").write_text(FULL_WRITING_RANK_1_STATE)
+    flags = ["--max-iterations", "3", "--save-every", "1", "--eval-prompts", ""]
+    err = torchrun_ranks(tmp_path, 2, "a", *flags, fails=True, hooks=tmp_path / "hooks")
+    assert "saving a checkpoint failed on rank 1: No space left on device (" in err and "state-rank00001.pt" in err
+    assert "Connection closed by peer" not in err
+    assert latest_checkpoint(str(tmp_path / "a")) is None
+    metrics = (tmp_path / "a/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["iteration"] for x in metrics] == [1, 2]  # (stopped at iteration 2's end, not later)
+
+
 def test_resume_with_another_layout(tmp_path):
     """Resumed on another layout, each run continues as a straight DP=2 run does (the same up to the order of the
     reductions: the prompt order and the samples depend on neither the DP size nor the TP degree, and the optimizer is
