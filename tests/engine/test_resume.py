@@ -517,14 +517,17 @@ def test_dp2_distributed_optimizer_resumes_exactly(tmp_path):
     assert not re.search(r'File "[^"]*/engine/\w+\.py"', err)
 
 
-FULL_AT_SECOND_LATEST = """
+def full_disk_hook(rank: int, prefix: str, nth: int) -> str:
+    """A sitecustomize.py for torchrun_ranks: on global rank `rank` the disk fills at the `nth` file opened for writing
+    whose name starts with `prefix` (the others written as usual)."""
+    return f"""
 import builtins, errno, os
-if os.environ.get("RANK") == "0":  # (the disk fills when rank 0 writes `latest` the second time)
+if os.environ.get("RANK") == "{rank}":
     real, writes = builtins.open, []
     def full_open(file, mode="r", *a, **k):
-        if "w" in mode and os.path.basename(str(file)).startswith("latest.tmp-"):
+        if "w" in mode and os.path.basename(str(file)).startswith("{prefix}"):
             writes.append(file)
-            if len(writes) == 2:
+            if len(writes) == {nth}:
                 raise OSError(errno.ENOSPC, "No space left on device", str(file))
         return real(file, mode, *a, **k)
     builtins.open = full_open
@@ -535,7 +538,7 @@ def test_a_full_disk_when_rank_0_moves_latest_stops_every_rank(tmp_path):
     """DP 2: rank 0 alone writes `latest`; a full disk there stops rank 1 too, naming rank 0's error (rank 1 went on
     into the next rollout's collectives and died there with gloo's 'Connection closed by peer')."""
     (tmp_path / "hooks").mkdir()
-    (tmp_path / "hooks/sitecustomize.py").write_text(FULL_AT_SECOND_LATEST)
+    (tmp_path / "hooks/sitecustomize.py").write_text(full_disk_hook(0, "latest.tmp-", 2))  # (the second `latest`)
     flags = ["--max-iterations", "2", "--save-every", "1", "--eval-prompts", ""]
     err = torchrun_ranks(tmp_path, 2, "a", *flags, fails=True, hooks=tmp_path / "hooks")
     assert "saving a checkpoint failed on rank 0: No space left on device (" in err  # (the file named)
@@ -543,25 +546,11 @@ def test_a_full_disk_when_rank_0_moves_latest_stops_every_rank(tmp_path):
     assert latest_checkpoint(str(tmp_path / "a")) == str(tmp_path / "a/checkpoint-000001")
 
 
-FULL_WRITING_RANK_1_STATE = """
-import builtins, errno, os
-if os.environ.get("RANK") == "1":  # (the disk fills when rank 1's thread writes its first state file)
-    real, writes = builtins.open, []
-    def full_open(file, mode="r", *a, **k):
-        if "w" in mode and os.path.basename(str(file)).startswith("state-rank00001.pt.tmp-"):
-            writes.append(file)
-            if len(writes) == 1:
-                raise OSError(errno.ENOSPC, "No space left on device", str(file))
-        return real(file, mode, *a, **k)
-    builtins.open = full_open
-"""
-
-
 def test_a_full_disk_met_by_a_background_save_stops_every_rank(tmp_path):
     """DP 2: rank 1's thread meets a full disk writing checkpoint 1 while iteration 2 runs; at that iteration's end
     both ranks stop, rank 0 naming rank 1's error and the file, and no checkpoint becomes `latest`."""
     (tmp_path / "hooks").mkdir()
-    (tmp_path / "hooks/sitecustomize.py").write_text(FULL_WRITING_RANK_1_STATE)
+    (tmp_path / "hooks/sitecustomize.py").write_text(full_disk_hook(1, "state-rank00001.pt.tmp-", 1))
     flags = ["--max-iterations", "3", "--save-every", "1", "--eval-prompts", ""]
     err = torchrun_ranks(tmp_path, 2, "a", *flags, fails=True, hooks=tmp_path / "hooks")
     assert "saving a checkpoint failed on rank 1: No space left on device (" in err and "state-rank00001.pt" in err

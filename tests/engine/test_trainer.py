@@ -172,61 +172,56 @@ def test_nan_loss_names_the_loss_iteration_and_step(tmp_path):
     assert "KL" not in str(e.value)  # (the rollout's KL is finite: the value model's NaN is not blamed on it)
 
 
-def test_a_run_that_diverges_names_the_checkpoint_to_resume_from(tmp_path, monkeypatch):
-    """A non-finite loss after a checkpoint names that checkpoint, and says that a resume repeats the run unless a
-    hyperparameter given again changes it."""
-    state = tiny_state(tmp_path, "--max-iterations", "3", "--save-every", "1", "--eval-prompts", "")
+def _poison_after_saving(monkeypatch, iteration: int) -> None:
+    """The value model's score head NaN right after the trainer's save at `iteration` (in the background: the weights
+    copied before), so that the next iteration's value loss diverges."""
     save = trainer.save_checkpoint
 
     def save_then_poison(st, **kw):
-        save(st, **kw)  # (in the background: the weights copied before they are poisoned)
-        if st.iteration == 2:
+        save(st, **kw)
+        if st.iteration == iteration:
             with torch.no_grad():
                 st.value.score.weight.fill_(float("nan"))
 
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_poison)
-    with dispatch.reference_ops(), pytest.raises(FloatingPointError, match=r"value loss .*iteration 3, step ") as e:
-        trainer.train(state)
-    last = tmp_path / "checkpoint-000002"
-    assert f"the last checkpoint is {last}: --resume continues from it exactly" in str(e.value)
-    assert latest_checkpoint(str(tmp_path)) == str(last)
-    # (written in the background while iteration 3 ran: the weights as they were at the save, not the poisoned ones)
-    assert all(
-        torch.isfinite(w).all() for w in load_pretrained(str(last / "value"), head="score").state_dict().values()
-    )
-    (tmp_path / "latest").write_text("{")  # a damaged pointer is said, and does not hide the divergence
-    assert trainer._where_to_resume(state).startswith("the last checkpoint cannot be told: ")
 
 
-def test_a_run_that_diverges_while_its_checkpoint_fails_to_write_reports_the_divergence(tmp_path, monkeypatch, capsys):
-    """The checkpoint written in the background meets a full disk while the next iteration diverges: the run reports
-    the divergence, naming the checkpoint before (the failed one never became `latest`), and warns of the save."""
+@pytest.mark.parametrize("write_fails", [False, True])
+def test_a_run_that_diverges_names_the_checkpoint_to_resume_from(tmp_path, monkeypatch, capsys, write_fails):
+    """A non-finite loss after a checkpoint names that checkpoint, and says that a resume repeats the run unless a
+    hyperparameter given again changes it. That checkpoint, written in the background while the diverging iteration
+    ran, holds the weights as they were at the save; where its writing met a full disk, the run still reports the
+    divergence, naming the checkpoint before (the failed one never became `latest`), and warns of the save."""
     import errno
 
     import engine.resume as resume_mod
 
     state = tiny_state(tmp_path, "--max-iterations", "3", "--save-every", "1", "--eval-prompts", "")
-    save, write = trainer.save_checkpoint, resume_mod._save_state_file
+    write = resume_mod._save_state_file
 
     def full_disk_at_2(sd, fn):
         if sd["iteration"] == 2:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         write(sd, fn)
 
-    def save_then_poison(st, **kw):
-        save(st, **kw)
-        if st.iteration == 2:
-            with torch.no_grad():
-                st.value.score.weight.fill_(float("nan"))
-
-    monkeypatch.setattr(resume_mod, "_save_state_file", full_disk_at_2)
-    monkeypatch.setattr(trainer, "save_checkpoint", save_then_poison)
+    if write_fails:
+        monkeypatch.setattr(resume_mod, "_save_state_file", full_disk_at_2)
+    _poison_after_saving(monkeypatch, 2)
     with dispatch.reference_ops(), pytest.raises(FloatingPointError, match=r"value loss .*iteration 3, step ") as e:
         trainer.train(state)
-    first = tmp_path / "checkpoint-000001"
-    assert f"the last checkpoint is {first}: --resume continues from it exactly" in str(e.value)
-    assert latest_checkpoint(str(tmp_path)) == str(first)
-    assert "warning: the checkpoint being written could not be completed: [Errno 28]" in capsys.readouterr().out
+    last = tmp_path / ("checkpoint-000001" if write_fails else "checkpoint-000002")
+    assert f"the last checkpoint is {last}: --resume continues from it exactly" in str(e.value)
+    assert latest_checkpoint(str(tmp_path)) == str(last)
+    warned = "warning: the checkpoint being written could not be completed: [Errno 28]" in capsys.readouterr().out
+    assert warned == write_fails
+    if write_fails:
+        return
+    # (written in the background while iteration 3 ran: the weights as they were at the save, not the poisoned ones)
+    assert all(
+        torch.isfinite(w).all() for w in load_pretrained(str(last / "value"), head="score").state_dict().values()
+    )
+    (tmp_path / "latest").write_text("{")  # a damaged pointer is said, and does not hide the divergence
+    assert trainer._where_to_resume(state).startswith("the last checkpoint cannot be told: ")
 
 
 @pytest.mark.parametrize("estimator", ["k3", "k1"])
