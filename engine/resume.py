@@ -28,6 +28,7 @@ from engine.data import PromptBatches
 from engine.errors import InputError, InvalidInput, MissingInput, first_line
 from engine.hub import model_dirs
 from engine.memory_plan import host_available, local_ranks
+from engine.offload import state_bytes, weight_bytes
 from engine.optim import host_copy, load_optimizer_state, optimizer_state
 from engine.parallel import agree, print0, rank0_together, together
 from engine.reshard import SavedOptimizer, needed_ranks
@@ -214,9 +215,8 @@ class _Writing:
 def _host_copy_fits(state: TrainState) -> bool:
     """Whether a background save's host copy (this rank's optimizer state and its share of both models' files, on
     every local rank alike) fits in half the host's available memory, on every rank (said once where it does not)."""
-    opts = [o for o in (state.policy_opt, state.value_opt) if o is not None]
-    mine = sum(_tensor_bytes([o.masters, list(o.adam.state.values())]) for o in opts)
-    weights = sum(p.numel() * p.element_size() for m in (state.policy, state.value) for p in m.parameters())
+    mine = sum(state_bytes(o) for o in (state.policy_opt, state.value_opt) if o is not None)
+    weights = weight_bytes(state.policy) + weight_bytes(state.value)
     need = (mine + weights * state.grid.tp // state.grid.world_size) * local_ranks()
     have = host_available()
     (short,) = agree([int(need > have // 2)], "max")
@@ -227,16 +227,6 @@ def _host_copy_fits(state: TrainState) -> bool:
             "not fit in half the host's available memory"
         )
     return not short
-
-
-def _tensor_bytes(obj) -> int:
-    if torch.is_tensor(obj):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
 
 
 def _raise(error: BaseException | None) -> None:
