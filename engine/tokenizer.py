@@ -34,9 +34,9 @@ TINY_EVAL_PROMPTS = os.path.join(ASSETS_DIR, "prompts_tiny_eval.jsonl")  # held 
 # variant of it that encodes so with its tokenizer (tulu_chat_template).
 TULU_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '\n' }}"
-    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] | trim + '\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] | trim + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] | trim + eos_token + '\n' }}"
     "{% endif %}"
     "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
     "{% endfor %}"
@@ -80,7 +80,14 @@ def load_tokenizer(path: str | os.PathLike = TINY_DIR):
                 "tokenizer.json whole?"
             ) from e
         if "tokenizer.model" not in listed:
-            raise
+            if "vocab.json" in listed and "merges.txt" not in listed:  # (transformers' message names neither file)
+                raise InvalidInput(
+                    f"tokenizer directory {path} has a BPE vocab.json but no merges.txt beside it (a BPE tokenizer "
+                    "needs both, or a tokenizer.json): copy the model's merges.txt or tokenizer.json into it"
+                ) from e
+            raise InvalidInput(
+                f"transformers cannot load the tokenizer in {path} ({type(e).__name__}: {first_line(e)})"
+            ) from e
         # Only a SentencePiece model: transformers would have to convert it (with sentencepiece and protobuf),
         # and a converted tokenizer can split text differently from the one the model was trained with.
         why = (str(e).strip().splitlines() or [""])[-1]  # (transformers' last line says what is missing)
@@ -164,10 +171,12 @@ def check_vocabularies(tokenizer, tokenizer_dir: str, models: dict[str, tuple[st
 
 
 def format_chat(messages: list[dict], eos_token: str, add_generation_prompt: bool = True) -> str:
-    """Render messages in the Tulu format; ends with '<|assistant|>\\n' for generation."""
+    """Render messages in the Tulu format; ends with '<|assistant|>\\n' for generation. Each turn's text is stripped
+    of the whitespace around it, as the code that trained Tulu 2.5 (EasyLM's TuluPromptDataset, and its reward
+    models' PreferenceDataset) does: a question ending in a newline is not given a blank line before the answer."""
     parts = []
     for m in messages:
-        role, content = m["role"], m["content"]
+        role, content = m["role"], m["content"].strip()
         if role == "system":
             parts.append(f"<|system|>\n{content}\n")
         elif role == "user":

@@ -3,12 +3,13 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
 import engine.tokenizer as tokenizer_mod
 from engine.config import ModelConfig
-from engine.errors import InputError
+from engine.errors import InputError, InvalidInput
 from engine.tokenizer import (
     TEMPLATE_PROBES,
     TINY_DIR,
@@ -42,12 +43,28 @@ def test_tulu_format_exact_newlines():
     assert format_chat(multi, "</s>") == "<|user|>\na\n<|assistant|>\nb</s>\n<|user|>\nc\n<|assistant|>\n"
 
 
-def test_jinja_template_matches_python_format(tok):
+def test_each_turn_is_stripped_as_the_recipes_code_does():
+    """EasyLM's TuluPromptDataset (the PPO trainer of Tulu 2.5) and its reward models' PreferenceDataset strip every
+    turn's text: a question ending in a newline gets no blank line before '<|assistant|>', leading blanks go."""
     msgs = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "x"},
-        {"role": "assistant", "content": "y"},
-        {"role": "user", "content": "z z"},
+        {"role": "system", "content": " Be brief.\n"},
+        {"role": "user", "content": "\n\nWhy?  \n"},
+        {"role": "assistant", "content": " a1\n"},
+        {"role": "user", "content": "\tHow do I reverse a list in Python?\n\n"},
+    ]
+    assert format_chat(msgs, "</s>") == (
+        "<|system|>\nBe brief.\n<|user|>\nWhy?\n<|assistant|>\na1</s>\n<|user|>\nHow do I reverse a list in Python?\n"
+        "<|assistant|>\n"
+    )
+
+
+@pytest.mark.parametrize("pad", ["", " \n\t"])
+def test_jinja_template_matches_python_format(tok, pad):
+    msgs = [
+        {"role": "system", "content": "Be brief." + pad},
+        {"role": "user", "content": pad + "x"},
+        {"role": "assistant", "content": pad + "y" + pad},
+        {"role": "user", "content": "z z" + pad},
     ]
     rendered = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert rendered == tok.bos_token + format_chat(msgs, tok.eos_token)
@@ -435,6 +452,21 @@ def test_files_that_are_no_tokenizer_or_no_text_are_named(tmp_path):
     packed.write_bytes(gzip.compress(b'{"prompt": "x"}\n' * 50))
     with pytest.raises(ValueError, match=r"p.jsonl.gz:1: not UTF-8 text \(a compressed file\)"):
         read_prompt_file(packed)
+
+
+def test_a_bpe_vocabulary_without_its_merges_is_named(tmp_path):
+    """A directory with a BPE vocab.json and no merges.txt (a copy that missed it): transformers' ValueError names
+    neither file; ours names the directory and the missing file, and with the file there it loads."""
+    data = json.loads((Path(TINY_DIR) / "tokenizer.json").read_text())
+    (tmp_path / "vocab.json").write_text(json.dumps(data["model"]["vocab"]))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "GPT2Tokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+    )
+    with pytest.raises(InvalidInput, match=f"{tmp_path} has a BPE vocab.json but no merges.txt"):
+        load_tokenizer(tmp_path)
+    merges = "".join((" ".join(m) if isinstance(m, list) else m) + "\n" for m in data["model"]["merges"])
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + merges)
+    assert load_tokenizer(tmp_path)("hello world")["input_ids"]
 
 
 def test_a_tokenizer_that_appends_eos_gives_prompts_without_it(tmp_path, tok):
