@@ -8,7 +8,7 @@ import json
 import math
 import numbers
 import os
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 import torch
@@ -363,6 +363,9 @@ class PPOConfig:
     max_new_tokens: int = 1024  # response length limit
     max_prompt_len: int = 1024  # longer prompts are dropped, not truncated
     recompute_old_logprobs_per_minibatch: bool = False  # the EasyLM quirk, off by default
+    # (not a hyperparameter: False leaves the checks between fields to a later dataclasses.replace, for the command line
+    # of a --resume, whose values not given come from the checkpoint; each field's own range is checked at once)
+    check_relations: InitVar[bool] = True
 
     @property
     def rollout_sequences(self) -> int:
@@ -375,7 +378,7 @@ class PPOConfig:
         train_batch_size."""
         return self.ppo_epochs * self.rollout_sequences // self.train_batch_size
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, check_relations: bool = True) -> None:
         """Refuse a value that makes no sense when the flags are parsed, not after four models are loaded (or an
         hour in, when the warmup ends and the schedule is first asked for)."""
         bad = []
@@ -394,10 +397,11 @@ class PPOConfig:
             bad.append(f"adam_betas must be two numbers in [0, 1), got {tuple(self.adam_betas)}")
         if not self.adam_eps > 0:
             bad.append(f"adam_eps must be > 0, got {self.adam_eps}")
-        if self.kl_target > 0 and self.kl_coef == 0:  # (the controller scales the coefficient: 0 stays 0)
+        if check_relations and self.kl_target > 0 and self.kl_coef == 0:  # (the controller scales it: 0 stays 0)
             bad.append(f"kl_target {self.kl_target} needs a kl_coef > 0 to start the adaptive coefficient from")
         sequences = self.rollout_sequences
-        if self.kl_target > 0 and self.kl_horizon <= 0.2 * sequences:  # (a rollout moves it by <= 0.2 seqs / horizon)
+        # (a rollout moves the coefficient by <= 0.2 sequences / horizon)
+        if check_relations and self.kl_target > 0 and self.kl_horizon <= 0.2 * sequences:
             bad.append(f"kl_horizon must exceed a fifth of a rollout's {sequences} sequences (one rollout could take "
                        f"the adaptive KL coefficient to 0 or below), got {self.kl_horizon}")  # fmt: skip
         if self.lr_schedule not in ("linear", "constant"):

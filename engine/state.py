@@ -254,10 +254,11 @@ def _with_decode_config(factory, policy: Transformer, cfg: PPOConfig, run: RunCo
 def resumed_config(cfg: PPOConfig, run: RunConfig) -> PPOConfig:
     """--resume: the latest checkpoint's PPO hyperparameters for every one not given on this command line
     (run.ppo_flags), so a default changed since (lr_schedule, top_k) does not change a run halfway; those given win
-    (load_trainer_state names them). No checkpoint yet, or run.ppo_flags None (the API's): cfg as it is."""
+    (load_trainer_state names them). No checkpoint yet, or run.ppo_flags None (the API's): cfg as it is. Either way
+    checked whole (PPOConfig's checks between fields, which the command line of a --resume leaves to this)."""
     ckpt = resume_checkpoint(run.output_dir)
     if ckpt is None or run.ppo_flags is None:
-        return cfg
+        return dataclasses.replace(cfg)
     saved = saved_ppo_config(ckpt)
     kw = {}
     for f in dataclasses.fields(PPOConfig):

@@ -169,7 +169,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[PPOConfig, RunConfig, boo
     if run_kw.get("output_dir", "x") == "":  # (RunConfig's "" is a bench's: no files at all)
         parser.error("output_dir must not be empty")
     try:
-        return PPOConfig(**ppo_kw), RunConfig(**run_kw), tiny
+        # (--resume: the checkpoint's values fill in those not given, and the checks between fields wait for them)
+        return PPOConfig(**ppo_kw, check_relations=not given.get("resume")), RunConfig(**run_kw), tiny
     except ValueError as e:  # (nonsense values: a usage error, exit code 2, not a traceback)
         parser.error(str(e))
 

@@ -18,11 +18,12 @@ from engine import optim, ppo, trainer
 from engine import state as state_mod
 from engine.checkpoint import load_pretrained
 from engine.config import ModelConfig, PPOConfig
+from engine.errors import InvalidInput
 from engine.model import Transformer
 from engine.parallel import ProcessGrid
 from engine.reshard import SavedOptimizer, needed_ranks, relayout
 from engine.resume import latest_checkpoint, save_checkpoint, trim_logs
-from engine.train_ppo import main
+from engine.train_ppo import main, parse_args, prepare_tiny
 from kernels import dispatch
 from tests.engine.fake_tp import FakeGroup, fake_tp
 from tests.engine.ppo_dp_worker import naive_factory
@@ -446,6 +447,25 @@ def test_a_resume_keeps_the_checkpoints_hyperparameters_unless_given_again(tmp_p
     assert (state.cfg.top_k, state.cfg.top_p, state.cfg.lr_schedule) == (0, 1.0, "linear")
     assert (state.cfg.kl_target, state.cfg.kl_horizon, state.kl_coef) == (0.0, 10000, 0.05)
     assert "other than the checkpoint's" not in capsys.readouterr().out
+
+
+def test_a_resumes_checks_between_hyperparameters_wait_for_the_checkpoints_values(tmp_path):
+    """--kl-horizon is checked against a rollout's sequences: on a --resume that gives it (and --kl-target) again but
+    not the rollout size, against the checkpoint's (8 here), not the preset's (16: 3 would be refused); a horizon
+    the checkpoint's rollout makes too short is refused once its values are in, and so is one with no checkpoint."""
+    kl = ["--kl-target", "0.02", "--kl-horizon", "3"]
+    run_tiny(tmp_path / "a", "--max-iterations", "1", "--eval-prompts", "", *kl)
+
+    def setup(out, *flags):
+        cfg, run, _ = parse_args(["--output-dir", str(out), "--resume", "--max-iterations", "2", *flags])
+        return state_mod.setup(cfg, prepare_tiny(run))
+
+    state = setup(tmp_path / "a", *kl)
+    assert (state.cfg.rollout_sequences, state.cfg.kl_horizon, state.iteration) == (8, 3, 1)
+    with pytest.raises(InvalidInput, match="kl_horizon must exceed a fifth of a rollout's 8 sequences"):
+        setup(tmp_path / "a", "--kl-horizon", "1")
+    with pytest.raises(InvalidInput, match="kl_horizon must exceed a fifth of a rollout's 16 sequences"):
+        setup(tmp_path / "fresh", *kl)  # (no checkpoint: the preset's rollout)
 
 
 def test_dp2_distributed_optimizer_resumes_exactly(tmp_path):
