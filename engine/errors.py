@@ -59,6 +59,19 @@ def failed_on(error: BaseException) -> int | None:
     return getattr(error, "failed_on", None)
 
 
+def raised_on_every_rank(error: BaseException) -> bool:
+    """Whether every rank raised `error` or its counterpart at the same point (raise_together: the failing rank its own
+    error, the others one naming it), so that the ranks may still meet in collectives as they stop; also where a
+    handler raised another error from it (its cause or context)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if failed_on(error) is not None or getattr(error, "raised_together", False):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def named(error: InputError, what: str) -> InputError:
     """The same kind of input error with its message led by `what` (the flag that named the input), for a handler
     that knows which flag a check's finding belongs to (the check's own exception stays its __cause__)."""

@@ -7,6 +7,7 @@ copies in just its shard, so a TP load never reads more than its slice from disk
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import warnings
@@ -147,6 +148,8 @@ def raise_together(error: BaseException | None, what: str) -> None:
         dist.broadcast_object_list(box, src=first)
         kind, message, code = box[0]
     if error is not None:
+        with contextlib.suppress(AttributeError):  # (engine.errors.raised_on_every_rank; an error without a __dict__)
+            error.raised_together = True
         raise error
     message = f"{what} failed on rank {first}: {message}"
     error = OSError(code, message) if kind is OSError else kind(message)

@@ -31,7 +31,7 @@ from torch.profiler import record_function
 from engine import balance, grad_sums, ppo, recompute
 from engine.data import Rollout, global_position, to_padded
 from engine.dp_overlap import backward, settle
-from engine.errors import InputError, failed_on
+from engine.errors import InputError, failed_on, raised_on_every_rank
 from engine.evaluate import check_resumed_eval, eval_due, evaluate, log_samples
 from engine.kv_cache import upload
 from engine.model import forward_flops
@@ -482,10 +482,25 @@ def train(state: TrainState) -> list[dict]:
     with state.tracker:  # (a W&B run ends with the loop, marked failed if it raised)
         try:
             _loop(state)
-        except BaseException:
-            abandon_checkpoint(state)  # (no file written once the run has returned)
+        except BaseException as e:
+            # (a checkpoint written in the background meanwhile: completed where every rank stops here alike (one
+            # process, or an error every rank raised together), so its whole files are not lost with the run; else
+            # waited for and left incomplete: no file is written once the run has returned)
+            if g.world_size == 1 or raised_on_every_rank(e):
+                _complete_pending_save(state)
+            else:
+                abandon_checkpoint(state)
             raise
     return state.history
+
+
+def _complete_pending_save(state: TrainState) -> None:
+    """A run stopping on an error (every rank alike): the checkpoint being written completed if it can be (its error
+    said, not raised: the run's own is what it reports; the checkpoint before stays `latest`)."""
+    try:
+        finish_checkpoint(state)
+    except Exception as failed:
+        print0(f"warning: the checkpoint being written could not be completed: {failed}")
 
 
 def _where_to_resume(state: TrainState) -> str:
@@ -522,10 +537,7 @@ def _loop(state: TrainState) -> None:
                 else:
                     metrics = ppo_iteration(state)
             except FloatingPointError as e:  # (every rank alike: a loss, a gradient norm or the scores)
-                try:  # (the last one's files, written meanwhile: the one to go back to)
-                    finish_checkpoint(state)
-                except Exception as failed:  # (on every rank alike; the divergence is what the run reports)
-                    print0(f"warning: the checkpoint being written could not be completed: {failed}")
+                _complete_pending_save(state)  # (the last one's files, written meanwhile: the one to go back to)
                 diverged = FloatingPointError(f"{e}; {_where_to_resume(state)}")
                 diverged.failed_on = failed_on(e)  # (another rank's scores: one line here, its traceback there)
                 raise diverged from e
@@ -545,6 +557,7 @@ def _loop(state: TrainState) -> None:
             if stop:
                 print0(f"stopping after iteration {state.iteration} on a signal: checkpoint, then exit")
                 break
-    finish_checkpoint(state)
-    if state.run.output_dir and saved_at != state.iteration:
-        save_checkpoint(state)
+        # (the run's last save, under the signal handlers too: a scheduler's second notice is noted, not a kill)
+        finish_checkpoint(state)
+        if state.run.output_dir and saved_at != state.iteration:
+            save_checkpoint(state)

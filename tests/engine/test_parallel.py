@@ -239,7 +239,7 @@ def test_raise_together_names_the_first_failing_rank(tmp_path):
 def _together_rank(rank, world, init_file, out_dir):
     import torch.distributed as dist
 
-    from engine.errors import InputError, InvalidInput, failed_on
+    from engine.errors import InputError, InvalidInput, failed_on, raised_on_every_rank
     from engine.parallel import rank0_together, together
 
     def check(fail_on, bug=False, disk=False):
@@ -270,6 +270,14 @@ def _together_rank(rank, world, init_file, out_dir):
         rank0_together("writing", rank, check, fail_on=0, disk=True)
     except OSError as e:  # (rank 0's full disk: rank 1 stops too)
         got.append(f"{type(e).__name__} {e.errno} {failed_on(e)}: {e.strerror}")
+    try:  # (every rank's error, the failing rank's own too, is known as raised together, also once wrapped)
+        try:
+            together("checking", check, fail_on=1, bug=True)
+        except (KeyError, RuntimeError) as e:
+            raise ValueError("wrapped by a handler") from e
+    except ValueError as e:
+        got.append(raised_on_every_rank(e) and raised_on_every_rank(e.__cause__))
+    got.append(raised_on_every_rank(KeyError("a rank's own error")))
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
         f.write(repr(got))
     dist.destroy_process_group()
@@ -281,7 +289,9 @@ def test_together_returns_each_ranks_result_or_raises_on_every_rank(tmp_path):
     on rank 1 is raised there as itself and on rank 0 as a RuntimeError naming it; a full disk on rank 1 as an OSError
     of its errno on rank 0 too. Rank 0's copies carry the failing rank (failed_on: one line, no traceback of rank
     0's), rank 1's own errors none. rank0_together runs the check on rank 0 alone (its result there, None on rank 1)
-    and raises rank 0's full disk on rank 1 too."""
+    and raises rank 0's full disk on rank 1 too. Every rank's error is known as raised on every rank (the trainer
+    completes a checkpoint collectively on it), also through a handler's error raised from it; one of a rank's own
+    not."""
     import torch.multiprocessing as mp
 
     mp.spawn(_together_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
@@ -295,6 +305,8 @@ def test_together_returns_each_ranks_result_or_raises_on_every_rank(tmp_path):
                 "OSError 28 1: saving failed on rank 1: No space left on device",
                 0,
                 "OSError 28 None: No space left on device",
+                True,
+                False,
             ]
         ),
         repr(
@@ -305,6 +317,8 @@ def test_together_returns_each_ranks_result_or_raises_on_every_rank(tmp_path):
                 "OSError 28 None: No space left on device",
                 None,
                 "OSError 28 0: writing failed on rank 0: No space left on device",
+                True,
+                False,
             ]
         ),
     ]

@@ -86,12 +86,27 @@ def test_tiny_default_end_to_end_and_exact_resume(tmp_path):
     )
 
 
-def test_sigterm_stops_after_the_iteration_with_a_checkpoint_and_resume_is_exact(tmp_path):
+def test_sigterm_stops_after_the_iteration_with_a_checkpoint_and_resume_is_exact(tmp_path, monkeypatch):
     """A scheduler's SIGTERM during iteration 2 of 3: the run finishes that iteration, checkpoints and returns; a
-    resumed run then ends where a straight one does (weights and metrics)."""
+    resumed run then ends where a straight one does (weights and metrics). A second notice while that last checkpoint
+    is written is the loop's too (it was the process's default action, a kill that lost the checkpoint)."""
+    import engine.resume as resume_mod
+
     flags = ["--max-iterations", "3", "--eval-prompts", ""]  # (every generate call a rollout's)
     straight = run_tiny(tmp_path / "a", *flags)
-    calls, before = {"n": 0}, signal.getsignal(signal.SIGTERM)
+    calls, killed = {"n": 0}, []
+    write = resume_mod._save_state_file
+
+    def second_notice(sd, fn):
+        os.kill(os.getpid(), signal.SIGTERM)
+        write(sd, fn)
+
+    monkeypatch.setattr(resume_mod, "_save_state_file", second_notice)
+
+    def outside_the_loop(signum, frame):  # (the process's own handler: not pytest's death where the loop lets go)
+        killed.append(signum)
+
+    before = signal.signal(signal.SIGTERM, outside_the_loop)
 
     def factory(policy, cfg, run):
         gen = state_mod.make_generator(policy, cfg, run)
@@ -106,10 +121,16 @@ def test_sigterm_stops_after_the_iteration_with_a_checkpoint_and_resume_is_exact
         gen.generate_completions = generate_completions
         return gen
 
-    first = run_tiny(tmp_path / "b", *flags, factory=factory)
+    try:
+        first = run_tiny(tmp_path / "b", *flags, factory=factory)
+        after = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, before)
     assert [m["iteration"] for m in first] == [1, 2]
     assert os.path.basename(latest_checkpoint(str(tmp_path / "b"))) == "checkpoint-000002"
-    assert signal.getsignal(signal.SIGTERM) is before  # the loop's handler is gone with the loop
+    assert not killed  # (the second notice, during the last save, was noted by the loop)
+    assert after is outside_the_loop  # the loop's handler is gone with the loop
+    monkeypatch.setattr(resume_mod, "_save_state_file", write)
     second = run_tiny(tmp_path / "b", *flags, "--resume")
     assert no_timing(first + second) == no_timing(straight)
     a, b = latest_checkpoint(str(tmp_path / "a")), latest_checkpoint(str(tmp_path / "b"))
@@ -542,15 +563,15 @@ def test_dp2_distributed_optimizer_resumes_exactly(tmp_path):
     assert not re.search(r'File "[^"]*/engine/\w+\.py"', err)
 
 
-def full_disk_hook(rank: int, prefix: str, nth: int) -> str:
+def full_disk_hook(rank: int, prefix: str, nth: int, how: str = "w") -> str:
     """A sitecustomize.py for torchrun_ranks: on global rank `rank` the disk fills at the `nth` file opened for writing
-    whose name starts with `prefix` (the others written as usual)."""
+    (`how`: "a", appending) whose name starts with `prefix` (the others written as usual)."""
     return f"""
 import builtins, errno, os
 if os.environ.get("RANK") == "{rank}":
     real, writes = builtins.open, []
     def full_open(file, mode="r", *a, **k):
-        if "w" in mode and os.path.basename(str(file)).startswith("{prefix}"):
+        if "{how}" in mode and os.path.basename(str(file)).startswith("{prefix}"):
             writes.append(file)
             if len(writes) == {nth}:
                 raise OSError(errno.ENOSPC, "No space left on device", str(file))
@@ -583,6 +604,20 @@ def test_a_full_disk_met_by_a_background_save_stops_every_rank(tmp_path):
     assert latest_checkpoint(str(tmp_path / "a")) is None
     metrics = (tmp_path / "a/metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["iteration"] for x in metrics] == [1, 2]  # (stopped at iteration 2's end, not later)
+
+
+def test_an_error_every_rank_raises_completes_the_checkpoint_written_meanwhile(tmp_path):
+    """DP 2: rank 0 meets a full disk logging iteration 3 while checkpoint 2 is written in the background: the error,
+    raised on both ranks together, stops the run, and the ranks complete that checkpoint first (collectively: both
+    stop at the same point), so `latest` names it (it was left incomplete, and a resume went back to the start)."""
+    (tmp_path / "hooks").mkdir()
+    (tmp_path / "hooks/sitecustomize.py").write_text(full_disk_hook(0, "metrics.jsonl", 3, how="a"))
+    flags = ["--max-iterations", "4", "--save-every", "2", "--eval-prompts", ""]
+    err = torchrun_ranks(tmp_path, 2, "a", *flags, fails=True, hooks=tmp_path / "hooks")
+    assert "logging the iteration's metrics failed on rank 0: No space left on device" in err
+    assert latest_checkpoint(str(tmp_path / "a")) == str(tmp_path / "a/checkpoint-000002")
+    names = sorted(os.listdir(tmp_path / "a/checkpoint-000002"))
+    assert names == ["policy", "state-rank00000.pt", "state-rank00001.pt", "value"]
 
 
 def test_resume_with_another_layout(tmp_path):

@@ -224,6 +224,28 @@ def test_a_run_that_diverges_names_the_checkpoint_to_resume_from(tmp_path, monke
     assert trainer._where_to_resume(state).startswith("the last checkpoint cannot be told: ")
 
 
+@pytest.mark.parametrize("error", [RuntimeError("injected"), KeyboardInterrupt()])
+def test_a_run_stopped_by_an_error_keeps_the_checkpoint_written_meanwhile(tmp_path, monkeypatch, error):
+    """An error that is no divergence (a bug, an out-of-memory, Ctrl-C) while a checkpoint is written in the
+    background: in one process (or an error every rank raised together) it is completed and becomes `latest`, as a
+    synchronous save would be (it was left incomplete: a first save lost, and --resume started the run over)."""
+    state = tiny_state(tmp_path, "--max-iterations", "3", "--save-every", "2", "--eval-prompts", "")
+    rollout = trainer.generate_rollout
+
+    def fails_at_3(st, *a, **k):
+        if st.iteration == 2:  # (iteration 3's rollout, checkpoint 2 being written)
+            assert st.pending_save is not None
+            raise error
+        return rollout(st, *a, **k)
+
+    monkeypatch.setattr(trainer, "generate_rollout", fails_at_3)
+    with dispatch.reference_ops(), pytest.raises(type(error)):
+        trainer.train(state)
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-000002")
+    assert sorted(os.listdir(tmp_path / "checkpoint-000002")) == ["policy", "state-rank00000.pt", "value"]
+    assert state.pending_save is None
+
+
 @pytest.mark.parametrize("estimator", ["k3", "k1"])
 def test_a_kl_that_overflows_is_named(tmp_path, monkeypatch, estimator):
     """--kl-estimator k3 where the reference's log-prob of a sampled token is far above the policy's: exp overflows,
