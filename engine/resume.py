@@ -176,9 +176,10 @@ def finish_checkpoint(state: TrainState) -> str | None:
 
 
 def abandon_checkpoint(state: TrainState) -> None:
-    """A run that stops on an error: a checkpoint being written in the background is waited for on this rank (no
-    file is written once the run has returned) and left incomplete (its completion would be collective; the run's
-    next save or resume removes it)."""
+    """A run that stops on an error of one rank alone (the trainer's; one that every rank raised together completes
+    the checkpoint instead): a checkpoint being written in the background is waited for on this rank (no file is
+    written once the run has returned) and left incomplete (its completion would be collective, and the other ranks
+    may be anywhere; the run's next save or resume removes it)."""
     writing = getattr(state, "pending_save", None)
     state.pending_save = None
     if writing is not None:
