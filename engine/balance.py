@@ -5,11 +5,12 @@ Left where they were sampled, one rank's share may hold many more tokens than an
 few tokens to the length limit: at the recipe's 64 sequences a step over 2 ranks, ~3% more than the mean on the fuller
 rank, over 4 ranks ~8%), and every rank waits for the fullest at the step's gradient reduction. With
 RunConfig.balance_dp_tokens (on by default) the rollout's training data is all-gathered over the DP ranks once
-(gather: the token ids and four per-token floats, a few MB at the recipe's shape), and each step deals the global
-minibatch's sequences out longest first, each to the rank with the fewest tokens so far (a tie to the sequence's own
-rank, then the lowest): every rank computes the same deal from the same data (share). The global minibatch, its
-whitening (over its tokens) and the losses (sums over every rank divided by its token count) are those of the
-sequences where they were sampled; only which rank computes which sequence, and so the order of the sums, differ.
+(gather: the token ids and four per-token floats, six with --recompute-old-logprobs-per-minibatch, a few MB at the
+recipe's shape), and each step deals the global minibatch's sequences out longest first, each to the rank with the
+fewest tokens so far (a tie to the sequence's own rank, then the lowest): every rank computes the same deal from the
+same data (share). The global minibatch, its whitening (over its tokens) and the losses (sums over every rank divided
+by its token count) are those of the sequences where they were sampled; only which rank computes which sequence, and
+so the order of the sums, differ.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from engine.data import Rollout
 from engine.kv_cache import upload
 from engine.parallel import gather_dim
 
-# the per-token tensors a step reads: the old log-probs, the values, and the rollout targets of these names
+# the per-token tensors a step reads: the old log-probs, the values, and the rollout targets of these names; with
+# --recompute-old-logprobs-per-minibatch also what engine.rollout.minibatch_targets makes a minibatch's targets of
 FIELDS = ("logprobs", "values", "advantages", "returns")
+MINIBATCH_FIELDS = ("ref_logprobs", "score_tokens")
 
 
 @dataclass
@@ -39,7 +42,7 @@ class Gathered:
 
 
 def _field(ro: Rollout, name: str) -> torch.Tensor:
-    return getattr(ro, name) if name in ("logprobs", "values") else ro.targets[name]
+    return getattr(ro, name) if name in ("logprobs", "values", "ref_logprobs") else ro.targets[name]
 
 
 def _gather_padded(t: torch.Tensor, counts: list[int], group) -> list[torch.Tensor]:
@@ -76,7 +79,8 @@ def gather(ro: Rollout, group, device: torch.device) -> Gathered:
         responses.append(rs)
         starts.append(st)
     rows = [r for _, _, r in every]
-    flat = {f: torch.cat(_gather_padded(_field(ro, f).reshape(-1), rows, group)) for f in FIELDS}
+    fields = FIELDS + (MINIBATCH_FIELDS if "score_tokens" in ro.targets else ())
+    flat = {f: torch.cat(_gather_padded(_field(ro, f).reshape(-1), rows, group)) for f in fields}
     return Gathered(prompts, responses, starts, flat)
 
 
@@ -103,9 +107,9 @@ def share(g: Gathered, members: list[tuple[int, int]], rank: int, dp: int, devic
         offsets.append(offsets[-1] + len(resp))
         rows.extend(range(g.starts[r][i], g.starts[r][i] + len(resp)))
     idx = upload(torch.tensor(rows, dtype=torch.int64), device)
-    data = {f: g.flat[f][idx] for f in FIELDS}
+    data = {f: t[idx] for f, t in g.flat.items()}
     return Rollout(  # (no EOS flags nor the generator's log-probs: training reads neither)
         prompts, responses, hit_eos=torch.zeros(0, dtype=torch.bool), gen_logprobs=torch.zeros(0), offsets=offsets,
-        logprobs=data["logprobs"], values=data["values"],
-        targets={k: data[k] for k in ("advantages", "returns")},
+        logprobs=data.pop("logprobs"), values=data.pop("values"), ref_logprobs=data.pop("ref_logprobs", None),
+        targets=data,
     )  # fmt: skip

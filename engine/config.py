@@ -362,7 +362,10 @@ class PPOConfig:
     top_p: float = 1.0  # nucleus sampling of rollouts (1: off, as in the recipe)
     max_new_tokens: int = 1024  # response length limit
     max_prompt_len: int = 1024  # longer prompts are dropped, not truncated
-    recompute_old_logprobs_per_minibatch: bool = False  # the EasyLM quirk, off by default
+    # EasyLM's trainer (the quirk RECIPE.md names): each optimizer minibatch scored again by the policy and value model
+    # as its step finds them: its old log-probs (every ratio 1 in one epoch), values and from them its KL-shaped
+    # rewards, advantages and returns (off: once per rollout, standard PPO)
+    recompute_old_logprobs_per_minibatch: bool = False
     # (not a hyperparameter: False leaves the checks between fields to a later dataclasses.replace, for the command line
     # of a --resume, whose values not given come from the checkpoint; each field's own range is checked at once)
     check_relations: InitVar[bool] = True

@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from engine import ppo
 from engine.config import GenerateConfig
-from engine.data import Rollout, pack, split_by_tokens
+from engine.data import Rollout, pack, split_by_tokens, to_padded
+from engine.kv_cache import upload
 from engine.model import Transformer
 from engine.offload import HostCopies, offload_state, offload_weights, onload_state, onload_weights
 from engine.parallel import raise_together
@@ -116,6 +118,51 @@ def forward_rollout(state: TrainState, ro: Rollout, *, values: bool = True) -> N
         h = state.reward.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[where]
         ro.scores[seq0 : seq0 + n_seq] = state.reward.head_packed(h).float()
         seq0 += n_seq
+
+
+def shaped_targets(state: TrainState, logprobs, ref_logprobs, values, offsets: list[int], scores) -> dict:
+    """engine.ppo.advantages_and_returns of flat [N] per-token tensors of sequences laid out by `offsets` and their
+    [B] scores (EOS-penalised): rewards, kl, advantages and returns, flat [N] (with --whiten-rewards the rewards
+    whitened over these sequences on every DP rank)."""
+    padded = [to_padded(x, offsets) for x in (logprobs, ref_logprobs, values)]
+    mask, idx = padded[0][1], padded[0][2]
+    out = ppo.advantages_and_returns(
+        padded[0][0], padded[1][0], padded[2][0], mask, scores, state.cfg, state.dp_group, kl_coef=state.kl_coef
+    )
+    return {k: v[idx] for k, v in out.items()}
+
+
+@torch.no_grad()
+def minibatch_targets(state: TrainState, ro: Rollout, seqs: list[int], packs: list[dict]):
+    """--recompute-old-logprobs-per-minibatch, as EasyLM's PPO trainer (the recipe's) scores each optimizer minibatch
+    with the policy and value model as that step finds them: the minibatch `seqs`' old log-probs and values from the
+    models now (`packs`, its micro-batches), and from them its KL-shaped rewards, advantages and returns; the
+    reference's log-probs and the RM's scores are the rollout's (frozen models: the same). Returns flat [N] copies of
+    ro.logprobs, ro.values and ro.targets with the minibatch's rows replaced (the rollout's own stay for its
+    metrics). The scores: ro.targets["score_tokens"] (each sequence's EOS-penalised score at its last token)."""
+    logprobs, values = ro.logprobs.clone(), ro.values.clone()
+    for pk in packs:
+        logprobs[pk["rows"]] = policy_logprobs(state.policy, pk)
+        h = state.value.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["act"]]
+        values[pk["rows"]] = state.value.head_packed(h).float()
+    offsets = [0]
+    for i in seqs:
+        offsets.append(offsets[-1] + ro.offsets[i + 1] - ro.offsets[i])
+    rows = upload(torch.cat([torch.arange(ro.offsets[i], ro.offsets[i + 1]) for i in seqs]), state.device)
+    last = upload(torch.tensor(offsets[1:]) - 1, state.device)
+    scores = ro.targets["score_tokens"][rows][last]
+    mine = shaped_targets(state, logprobs[rows], ro.ref_logprobs[rows], values[rows], offsets, scores)
+    targets = dict(ro.targets)
+    for k, v in mine.items():
+        targets[k] = (ro.targets[k].clone() if k in ro.targets else torch.zeros_like(logprobs)).index_copy_(0, rows, v)
+    return logprobs, values, targets
+
+
+def score_tokens(ro: Rollout, scores: torch.Tensor) -> torch.Tensor:
+    """[N] each sequence's score [B] at its last response token, 0 elsewhere (minibatch_targets' scores, which
+    travel with the tokens where engine.balance deals them over the DP ranks)."""
+    last = upload(torch.tensor(ro.offsets[1:]) - 1, scores.device)
+    return torch.zeros_like(ro.logprobs).index_copy_(0, last, scores.float())
 
 
 def check_scores(ro: Rollout, where: str) -> None:

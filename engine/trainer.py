@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from engine import balance, grad_sums, ppo, recompute
-from engine.data import Rollout, global_position, to_padded
+from engine.data import Rollout, global_position
 from engine.dp_overlap import backward, settle
 from engine.errors import InputError, failed_on, raised_on_every_rank
 from engine.evaluate import check_resumed_eval, eval_due, evaluate, log_samples
@@ -39,7 +39,17 @@ from engine.optim import accumulate_grads, apply_update, reduce_grads
 from engine.output_dir import TRACE_PREFIX
 from engine.parallel import agree, print0, rank0_together
 from engine.resume import abandon_checkpoint, finish_checkpoint, record_launch, resume_checkpoint, save_checkpoint
-from engine.rollout import add_to, check_scores, chunks, forward_rollout, generate_rollout, policy_logprobs, reduce_sums
+from engine.rollout import (
+    add_to,
+    check_scores,
+    chunks,
+    forward_rollout,
+    generate_rollout,
+    minibatch_targets,
+    reduce_sums,
+    score_tokens,
+    shaped_targets,
+)
 from engine.scheduler import GenerationStats
 from engine.state import TrainState  # (the state and its setup: engine/state.py)
 from engine.tracking import Tracker
@@ -65,12 +75,9 @@ def rollout_targets(state: TrainState, ro: Rollout) -> None:
     """A scored rollout's (engine.rollout.forward_rollout) rewards, advantages and returns (engine.ppo); with
     --whiten-rewards a collective over the data-parallel ranks."""
     scores = ppo.scores_with_eos_penalty(ro.scores, ro.hit_eos, state.cfg.missing_eos_penalty)
-    padded = [to_padded(x, ro.offsets) for x in (ro.logprobs, ro.ref_logprobs, ro.values)]
-    mask, idx = padded[0][1], padded[0][2]
-    out = ppo.advantages_and_returns(
-        padded[0][0], padded[1][0], padded[2][0], mask, scores, state.cfg, state.dp_group, kl_coef=state.kl_coef
-    )
-    ro.targets = {k: v[idx] for k, v in out.items()}
+    ro.targets = shaped_targets(state, ro.logprobs, ro.ref_logprobs, ro.values, ro.offsets, scores)
+    if state.cfg.recompute_old_logprobs_per_minibatch:  # (each minibatch's own again: minibatch_targets)
+        ro.targets["score_tokens"] = score_tokens(ro, scores)
 
 
 def _nonfinite_kl(state: TrainState, kl: torch.Tensor) -> str:
@@ -112,8 +119,15 @@ def train_step(
     # (no blocking host-to-device copy: it would wait here for the previous step's update before the packing below)
     rows = upload(torch.cat([torch.arange(ro.offsets[i], ro.offsets[i + 1]) for i in seqs]), dev)
     ones = torch.ones(rows.numel(), dtype=torch.bool, device=dev)
+    packs = list(chunks(state, ro, seqs))  # packed once for both models (a few int tensors per micro-batch)
+    old_logprobs, old_values, targets = ro.logprobs, ro.values, ro.targets
+    if cfg.recompute_old_logprobs_per_minibatch:  # (EasyLM: the minibatch scored by the models as this step finds them)
+        settle(state.policy_opt)
+        settle(state.value_opt)
+        old_logprobs, old_values, targets = minibatch_targets(state, ro, seqs, packs)
+        kl = targets["kl"]
     # the minibatch's tokens over every DP rank (the losses' denominator): the whitening's collective counts them
-    adv, n_global = ppo.minibatch_advantages(ro.targets["advantages"][rows], ones, cfg, state.dp_group)
+    adv, n_global = ppo.minibatch_advantages(targets["advantages"][rows], ones, cfg, state.dp_group)
     if n_global is not None:
         n_global = n_global.float()  # (an exact count: the same float32 the all-reduce below sums)
     else:
@@ -123,7 +137,6 @@ def train_step(
     pos = torch.full((ro.offsets[-1],), -1, dtype=torch.int64, device=dev)
     pos[rows] = torch.arange(rows.numel(), device=dev)  # flat rollout row -> minibatch row
     losses, norms = {}, {}
-    packs = list(chunks(state, ro, seqs))  # packed once for both models (a few int tensors per micro-batch)
     for name, opt in (("policy", state.policy_opt), ("value", state.value_opt)):
         settle(opt)  # (the last step's parameter all-gather: in the parameters before they are read)
         step_loss = torch.zeros((), device=dev)
@@ -131,14 +144,10 @@ def train_step(
             r, last = pk["rows"], pk is packs[-1]  # (the last's backward launches the DP reduction as it goes)
             with grad_sums.into_sums():  # (each weight's grad made straight into its fp32 sum)
                 if name == "policy":
-                    old = (
-                        policy_logprobs(state.policy, pk)
-                        if cfg.recompute_old_logprobs_per_minibatch
-                        else ro.logprobs[r]
-                    )
                     h = state.policy.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["act"]]
                     loss, st = ppo.policy_loss(
-                        h, state.policy.lm_head_weight, pk["targets"], old, adv[pos[r]], clip_eps=cfg.clip_ratio,
+                        h, state.policy.lm_head_weight, pk["targets"], old_logprobs[r], adv[pos[r]],
+                        clip_eps=cfg.clip_ratio,
                         denom=n_global, group=state.policy.group, entropy_coef=cfg.entropy_coef,
                         real_vocab=state.policy.real_vocab,
                     )  # fmt: skip
@@ -148,7 +157,7 @@ def train_step(
                 else:
                     h = state.value.hidden_packed(pk["ids"], pk["positions"], pk["cu_seqlens"])[pk["act"]]
                     loss, vst = ppo.value_loss(
-                        state.value.head_packed(h), ro.values[r], ro.targets["returns"][r], clip_value=cfg.clip_value,
+                        state.value.head_packed(h), old_values[r], targets["returns"][r], clip_value=cfg.clip_value,
                         denom=n_global,
                     )  # fmt: skip
                     backward(opt, grid, cfg.value_loss_coef * loss, last=last)
@@ -327,7 +336,8 @@ def ppo_iteration(state: TrainState) -> dict:
         "lm",
         n_resp,
     )
-    quirk = fwd["policy"] if state.cfg.recompute_old_logprobs_per_minibatch else 0.0  # (its extra no-grad forward)
+    # (its extra no-grad forwards: each minibatch's old log-probs and values again)
+    quirk = fwd["policy"] + fwd["value"] if state.cfg.recompute_old_logprobs_per_minibatch else 0.0
     per_gpu = lambda flops, seconds: flops / max(seconds, 1e-9) / state.grid.world_size / 1e12  # noqa: E731
     kl_coef = state.kl_coef  # this rollout's; the next one's follows its KL (every rank alike: global sums)
     state.kl_coef = ppo.adapt_kl_coef(kl_coef, g["kl"] / n_seq, n_seq, state.cfg)

@@ -123,3 +123,20 @@ def test_dp2_deals_each_steps_tokens_evenly_and_trains_as_where_they_were_sample
                 assert m[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
     for k, v in kept[0]["policy"].items():
         torch.testing.assert_close(dealt[0]["policy"][k], v, atol=1e-6, rtol=1e-5)
+
+
+def test_dp2_deals_what_easylms_per_minibatch_targets_need(tmp_path):
+    """--recompute-old-logprobs-per-minibatch (each minibatch's targets made again from the models as its step finds
+    them, with the reference's log-probs and the scores) under DP 2: dealt by tokens, the run trains as with
+    --no-balance-dp-tokens (the same minibatches; the rewards whitened over each, across the ranks)."""
+    flags = ["--max-iterations", "1", "--eval-prompts", "", "--recompute-old-logprobs-per-minibatch"]
+    flags += ["--whiten-rewards"]
+    dealt = torchrun_ranks(tmp_path, 2, "dealt", *flags)
+    kept = torchrun_ranks(tmp_path, 2, "kept", *flags, "--no-balance-dp-tokens")
+    for m, n in zip(dealt[0]["history"], kept[0]["history"], strict=True):
+        assert m["ratio"] == pytest.approx(1.0, abs=1e-6) and m["value_clip_frac"] == 0.0
+        for k, v in n.items():
+            if k not in TIMING:
+                assert m[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    for k, v in kept[0]["policy"].items():
+        torch.testing.assert_close(dealt[0]["policy"][k], v, atol=1e-6, rtol=1e-5)

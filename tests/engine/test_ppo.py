@@ -1,5 +1,6 @@
 """engine.ppo against straightforward float64 formulas written here (loops over Python floats)."""
 
+import dataclasses
 import math
 import os
 
@@ -296,7 +297,7 @@ def test_defaults_are_the_recipe():
     )  # fmt: skip
     cfg = PPOConfig()
     assert {k: getattr(cfg, k) for k in recipe} == recipe
-    assert set(recipe) == {f for f in cfg.__dataclass_fields__}  # a new field needs its recipe value here
+    assert set(recipe) == {f.name for f in dataclasses.fields(cfg)}  # a new field needs its recipe value here
     assert cfg.rollout_batch_size * cfg.samples_per_prompt // cfg.train_batch_size == 8  # optimizer steps a rollout
     m = ModelConfig.named("llama2-13b")
     shape = (m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.intermediate_size, m.vocab_size)

@@ -31,14 +31,16 @@ sequences instead of tokens.
 The engine's options beyond the recipe run against the same oracle in two more iterations (reference ops): "epochs"
 (two PPO epochs, the second in a fresh order of the rollout's sequences; two samples per prompt; the k3 estimator;
 rewards whitened over the rollout with their mean kept, TRL's variant; advantages not whitened; no grad-norm clip; the
-LR decaying linearly to 0 after the warmup) and "easylm" (EasyLM's quirk: old log-probs recomputed by the current
-policy before each minibatch, so every ratio is 1; the k2 estimator; AdamW's decoupled weight decay; an entropy
-bonus). Where the recipe
+LR decaying linearly to 0 after the warmup) and "easylm" (EasyLM's trainer: each minibatch scored again by the models
+as its step finds them, the old log-probs (so every ratio is 1), the values (so the value clip never binds) and from
+them the KL-shaped rewards, whitened over the minibatch here, the advantages and returns; the k2 estimator; AdamW's
+decoupled weight decay; an entropy bonus). Where the recipe
 leaves the order of a later epoch open, the oracle takes the engine's and checks that it is a permutation of the
 rollout. Each of these changes to the engine fails one of them: k3's log term halved, k2 without its 1/2, whitened
 rewards without their mean, advantages whitened when asked not to, a grad clip of 1 when asked for none, the linear
-schedule not decaying, the quirk ignored, the weight decay dropped or coupled (Adam's L2), a later epoch's ratio taken
-against the sampler's log-probs, the entropy bonus dropped or its sign flipped.
+schedule not decaying, the quirk ignored (or its values and targets left the rollout's), the weight decay dropped or
+coupled (Adam's L2), a later epoch's ratio taken against the sampler's log-probs, the entropy bonus dropped or its sign
+flipped.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ VARIANTS = {
                "--whiten-rewards", "--no-whiten-advantages", "--max-grad-norm", "0", "--lr-schedule", "linear",
                "--warmup-ratio", "0.01"],
     "easylm": ["--recompute-old-logprobs-per-minibatch", "--kl-estimator", "k2", "--weight-decay", "0.5",
-               "--clip-value", "0.05",  # (a value clip other than the policy's: each used where it belongs)
+               "--whiten-rewards", "--clip-value", "0.05",  # (a value clip not the policy's: each where it belongs)
                "--entropy-coef", "0.05"],
 }  # fmt: skip
 
@@ -132,18 +134,34 @@ class RecipeOracle:
     @torch.no_grad()
     def score(self, prompts, responses, hit_eos):
         """Per sequence: old log-probs, reference log-probs, values, the RM score; KL, rewards, advantages, returns."""
-        cfg, out = self.cfg, []
+        out = []
         for prompt, resp, eos in zip(prompts, responses, hit_eos):
             ids, p = prompt + resp, len(prompt)
             old, ref = _logprobs(self.policy, ids, p)[1], _logprobs(self.ref, ids, p)[1]
             score = self.rm(input_ids=torch.tensor([ids])).logits[0, 0]  # transformers' pooling: the last token
-            log_ratio = old - ref  # log pi / ref of the sampled token; Schulman's estimators of KL(pi || ref):
+            out.append(dict(logprobs=old, ref_logprobs=ref, values=_values(self.value, ids, p), score=score, eos=eos))
+        return self.targets(out)
+
+    @torch.no_grad()
+    def rescore(self, prompts, responses, scored):
+        """EasyLM (--recompute-old-logprobs-per-minibatch): a minibatch's old log-probs and values from the models as
+        this step finds them, and its rewards, advantages and returns from those (the reference and the RM: frozen)."""
+        out = []
+        for prompt, resp, s in zip(prompts, responses, scored):
+            ids, p = prompt + resp, len(prompt)
+            out.append(dict(s, logprobs=_logprobs(self.policy, ids, p)[1], values=_values(self.value, ids, p)))
+        return self.targets(out)
+
+    def targets(self, out):
+        """KL, KL-shaped rewards (whitened over these sequences with whiten_rewards), GAE's advantages and returns."""
+        cfg = self.cfg
+        for s in out:
+            log_ratio = s["logprobs"] - s["ref_logprobs"]  # log pi / ref of the sampled token; Schulman's estimators:
             kl = {"k1": log_ratio, "k2": 0.5 * log_ratio**2, "k3": torch.exp(-log_ratio) - 1 + log_ratio}
-            kl = kl[cfg.kl_estimator]
-            rewards = [-cfg.kl_coef * kl[j] for j in range(len(resp))]
-            rewards[-1] = rewards[-1] + (score if eos else cfg.missing_eos_penalty)
-            out.append(dict(logprobs=old, ref_logprobs=ref, values=_values(self.value, ids, p), score=score, kl=kl,
-                            rewards=torch.stack(rewards)))  # fmt: skip
+            s["kl"] = kl = kl[cfg.kl_estimator]
+            rewards = [-cfg.kl_coef * kl[j] for j in range(len(kl))]
+            rewards[-1] = rewards[-1] + (s["score"] if s["eos"] else cfg.missing_eos_penalty)
+            s["rewards"] = torch.stack(rewards)
         if cfg.whiten_rewards:  # over the rollout's response tokens, unbiased variance, the mean kept (TRL)
             flat = torch.cat([s["rewards"] for s in out])
             mean, std = flat.mean(), torch.sqrt(flat.var(unbiased=True) + 1e-8)
@@ -164,6 +182,8 @@ class RecipeOracle:
     def step(self, prompts, responses, scored):
         """One optimizer step of each model on a minibatch; returns its losses, grad norms and token stats."""
         cfg = self.cfg
+        if cfg.recompute_old_logprobs_per_minibatch:  # EasyLM: the minibatch scored as this step finds the models
+            scored = self.rescore(prompts, responses, scored)
         adv = torch.cat([s["advantages"] for s in scored])
         if cfg.whiten_advantages:  # over the minibatch
             adv = (adv - adv.mean()) / torch.sqrt(adv.var(unbiased=True) + 1e-8)
@@ -176,8 +196,6 @@ class RecipeOracle:
             at += len(resp)
             logp_all, logp = _logprobs(self.policy, ids, p)
             old = s["logprobs"]
-            if cfg.recompute_old_logprobs_per_minibatch:  # EasyLM: the policy as this step found it
-                old = logp.detach()
             ratio = torch.exp(logp - old)
             pg1, pg2 = -a * ratio, -a * ratio.clamp(1 - cfg.clip_ratio, 1 + cfg.clip_ratio)
             entropy = -(logp_all.exp() * logp_all).sum(-1)  # (of the raw logits, per response token)

@@ -37,12 +37,14 @@ def test_micro_batches_accumulate_to_the_same_update(tmp_path):
 
 
 def test_easylm_quirk_recomputes_old_logprobs_per_minibatch(tmp_path):
-    """With the quirk the ratio is exactly 1 in every minibatch (1 PPO epoch); without it, not after step 1."""
-    flags = ("--max-iterations", "1", "--learning-rate", "1e-2", "--warmup-ratio", "0")
+    """With the quirk the ratio is exactly 1 in every minibatch (1 PPO epoch) and the value clip never binds (the old
+    values are the value model's as the step finds it); without it, not after step 1."""
+    flags = ("--max-iterations", "1", "--learning-rate", "1e-3", "--warmup-ratio", "0", "--clip-value", "1e-4")
     quirk = run_tiny(tmp_path / "q", *flags, "--recompute-old-logprobs-per-minibatch", factory=naive_factory)[0]
     plain = run_tiny(tmp_path / "p", *flags, factory=naive_factory)[0]
     assert quirk["ratio"] == pytest.approx(1.0, abs=1e-6) and quirk["approx_kl"] < 1e-10
-    assert abs(plain["ratio"] - 1.0) > 1e-4 and plain["approx_kl"] > 1e-8
+    assert quirk["value_clip_frac"] == 0.0
+    assert abs(plain["ratio"] - 1.0) > 1e-4 and plain["approx_kl"] > 1e-8 and plain["value_clip_frac"] > 0
 
 
 def test_one_model_is_reduced_before_the_other_backward(tmp_path, monkeypatch):
@@ -485,7 +487,7 @@ def test_throughput_metrics_count_each_phases_tokens_and_flops(tmp_path, monkeyp
            for name, model, head, rows in (("policy", state.policy, "lm", n_resp), ("ref", state.ref, "lm", n_resp),
                                            ("value", state.value, "score", n_resp),
                                            ("reward", state.reward, "score", n_seq))}  # fmt: skip
-    train = 2 * (3 * (fwd["policy"] + fwd["value"]) + (fwd["policy"] if quirk else 0.0))
+    train = 2 * (3 + quirk) * (fwd["policy"] + fwd["value"])  # (the quirk: each minibatch's no-grad passes again)
     work = {"gen_tok_s": ("time_generate", n_resp), "score_tok_s": ("time_score", seq_tokens),
             "train_tok_s": ("time_train", 2 * seq_tokens), "gen_tflops_gpu": ("time_generate", gen / 1e12),
             "score_tflops_gpu": ("time_score", sum(fwd.values()) / 1e12),
