@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from engine.errors import InputError, InvalidInput, OutputInUse, UnwritableOutput
 from engine.parallel import print0, rank0_together, together
-from engine.resume import EVAL_DIR, LATEST, LAUNCHES, LOGS, WANDB_RUN_ID
+from engine.resume import EVAL_DIR, LATEST, LAUNCHES, LOGS, WANDB_RUN_ID, checkpoint_number
 
 
 def check_writable(output_dir: str, rank: int) -> None:
@@ -245,8 +245,13 @@ def run_files(output_dir: str) -> list[str]:
 
 
 def _run_file(name: str) -> bool:
-    """Whether `name` in an output directory is one a run writes, and deletes as it prunes or starts over."""
-    return name in (LATEST, EVAL_DIR, WANDB_RUN_ID, LAUNCHES, *LOGS) or name.startswith(("checkpoint-", TRACE_PREFIX))
+    """Whether `name` in an output directory is one a run writes, and deletes as it prunes or starts over: its
+    checkpoint-N directories (not a user's checkpoint-best beside them)."""
+    return (
+        name in (LATEST, EVAL_DIR, WANDB_RUN_ID, LAUNCHES, *LOGS)
+        or checkpoint_number(name) is not None
+        or name.startswith(TRACE_PREFIX)
+    )
 
 
 def nested_run(output_dir: str) -> InputError | None:
@@ -320,7 +325,7 @@ def _earlier_run(output_dir: str, overwrite: bool, evaluation: bool, inputs: dic
     if error is None and held and not overwrite:
         # (a run that stopped before its first iteration ended, say out of memory in its first rollout, left no
         # checkpoint or metrics: there is nothing to continue, and --resume starts over as --overwrite-output-dir does)
-        unfinished = not any(n.startswith("checkpoint-") or n in (LATEST, "metrics.jsonl") for n in held)
+        unfinished = not any(checkpoint_number(n) is not None or n in (LATEST, "metrics.jsonl") for n in held)
         if evaluation:
             how = "--eval-only writes an evaluation of its own: another --output-dir (or --overwrite-output-dir)"
         elif unfinished:

@@ -266,7 +266,7 @@ def _point_latest(out: str, name: str, keep: int) -> None:
             fsync_file(log)
     fsync_dir(out)  # (checkpoint-N's own entry)
     try:  # (the checkpoint `latest` names until now: the one resumed from, or this run's last)
-        previous = _number(os.path.basename(latest_checkpoint(out) or ""))
+        previous = checkpoint_number(os.path.basename(latest_checkpoint(out) or ""))
     except InputError:  # (damaged by hand since the resume read it: pruning as without one)
         previous = None
     atomic_write(os.path.join(out, LATEST), lambda f: f.write(json.dumps({"checkpoint": name}).encode()))
@@ -299,7 +299,7 @@ def _complete(ckpt: str) -> bool:
     return all(os.path.exists(_state_file(ckpt, r)) for r in range(1, ranks))
 
 
-def _number(name: str) -> int | None:
+def checkpoint_number(name: str) -> int | None:
     """N of a checkpoint-N directory's name (None for any other name)."""
     digits = name.removeprefix("checkpoint-")
     return int(digits) if name.startswith("checkpoint-") and digits.isdigit() else None
@@ -308,7 +308,7 @@ def _number(name: str) -> int | None:
 def _whole(output_dir: str) -> list[str]:
     """The complete checkpoints in output_dir, oldest first."""
     names = sorted(os.listdir(output_dir))
-    return [d for d in names if _number(d) is not None and _complete(os.path.join(output_dir, d))]
+    return [d for d in names if checkpoint_number(d) is not None and _complete(os.path.join(output_dir, d))]
 
 
 def resume_checkpoint(output_dir: str) -> str | None:
@@ -345,13 +345,14 @@ def prune_checkpoints(out: str, current: str, keep: int, previous: int | None = 
     of the checkpoint `latest` named before `current`; one after it is not this run's (a checkpoint of the run a resume
     from an earlier one replaces, or one a save killed before `latest` moved left, at DP 2 without another rank's
     state file): removed too."""
-    now = _number(current)
+    now = checkpoint_number(current)
     last = now if previous is None else previous
     kept, doomed = [], []
     for d in sorted(os.listdir(out)):
-        if d == current or _number(d) is None:
+        n = checkpoint_number(d)
+        if d == current or n is None:
             continue
-        (kept if _number(d) < now and _number(d) <= last and _complete(os.path.join(out, d)) else doomed).append(d)
+        (kept if n < now and n <= last and _complete(os.path.join(out, d)) else doomed).append(d)
     doomed += kept[: max(0, len(kept) - keep + 1)]
     for d in doomed:
         shutil.rmtree(os.path.join(out, d), ignore_errors=True)
@@ -487,11 +488,16 @@ def read_log(fn: str) -> tuple[list[str], list[dict]]:
     records = []
     for k, line in enumerate(lines):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as e:
             if k + 1 < len(lines):
                 raise InvalidInput(f"{fn}, line {k + 1}, is not a JSON record ({e}): mend or remove it") from None
             print0(f"{fn}: dropping its last line, written only in part when the run stopped")
+            continue
+        if not (isinstance(record, dict) and type(record.get("iteration")) is int):  # (a note added by hand)
+            raise InvalidInput(f'{fn}, line {k + 1}, is no record of the run (one has an integer "iteration"): mend or '
+                               "remove it")  # fmt: skip
+        records.append(record)
     return lines, records
 
 
@@ -619,8 +625,9 @@ def _resume_kl_coef(state: TrainState, sd: dict) -> None:
 def _warn_of_later_checkpoints(out: str, resumed: str) -> None:
     """Complete checkpoints after the one resumed (`latest` pointed back by hand): this run replaces them, and its
     next save removes them (prune_checkpoints); said now, while they can still be moved away."""
-    later = [d for d in sorted(os.listdir(out))
-             if (_number(d) or 0) > (_number(resumed) or 0) and _complete(os.path.join(out, d))]  # fmt: skip
+    since = checkpoint_number(resumed) or 0
+    later = [d for d in sorted(os.listdir(out)) if (checkpoint_number(d) or 0) > since]
+    later = [d for d in later if _complete(os.path.join(out, d))]
     if later:
         print0(
             f"warning: resuming from {resumed}, before {', '.join(later)}: this run replaces them, and its next "

@@ -500,6 +500,6 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
                        iterations=0, total_steps=0, iteration=iteration, step=step)  # fmt: skip
     state.tokenizer, state.eval_prompts = tokenizer, eval_set
     state.offload, state.offload_models = decide_offload(state)  # (the reference's and reward model's weights)
-    state.generator = (generator_factory or make_generator)(policy, cfg, run)
+    state.generator = _with_decode_config(generator_factory or make_generator, policy, cfg, run)
     state.tracker = Tracker(state)
     return state

@@ -17,6 +17,7 @@ from engine import state as state_mod
 from engine.checkpoint import load_pretrained
 from engine.config import PPOConfig
 from engine.errors import InputError, InvalidInput, first_line, run_command
+from engine.output_dir import run_files
 from engine.parallel import ProcessGrid
 from engine.state import RunConfig
 from engine.train_ppo import build_parser, parse_args
@@ -33,7 +34,11 @@ def test_a_fresh_run_into_a_used_output_dir_is_refused_unless_overwritten(tmp_pa
              "--prompts", TINY_PROMPTS, "--tokenizer", TINY_DIR, "--max-iterations", "1"]  # fmt: skip
     with pytest.raises(FileExistsError, match=r"holds an earlier run \(checkpoint-000001, eval, eval.jsonl, ...\)"):
         run_tiny(tmp_path, *flags)
+    (tmp_path / "checkpoint-best").mkdir()  # (a user's, beside the run's checkpoint-N: no file a run writes)
+    (tmp_path / "checkpoint-notes.txt").write_text("lr sweep")
+    assert run_files(str(tmp_path))[:2] == ["checkpoint-000001", "eval"]
     run_tiny(tmp_path, *flags, "--overwrite-output-dir")
+    assert (tmp_path / "checkpoint-best").is_dir() and (tmp_path / "checkpoint-notes.txt").exists()
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1  # this run's line only
     assert not (tmp_path / "eval").exists()  # the earlier run's evaluations are gone (this one has no --eval-prompts)
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2  # this run's samples only

@@ -199,6 +199,11 @@ def test_resume_after_a_crash_keeps_one_metrics_line_per_iteration(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"iteration": 1}\nnot json\n{"iteration": 2}\n')  # (an edited file)
     with pytest.raises(ValueError, match=r"metrics\.jsonl, line 2, is not a JSON record .*: mend or remove it"):
         trim_logs(str(tmp_path), 1)
+    (tmp_path / "metrics.jsonl").write_text('{"iteration": 1}\n')
+    for note in ('{"note": "lr sweep B"}', '["iteration", 2]', '{"iteration": "2"}'):  # (JSON, but no record of ours)
+        (tmp_path / "eval.jsonl").write_text(f'{{"iteration": 1}}\n{note}\n')
+        with pytest.raises(ValueError, match=r'eval\.jsonl, line 2, is no record of the run \(one has an integer "it'):
+            trim_logs(str(tmp_path), 1)
 
 
 def test_a_resume_without_latest_continues_from_the_newest_complete_checkpoint(tmp_path, capsys):

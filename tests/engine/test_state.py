@@ -18,6 +18,7 @@ from engine.errors import InvalidInput
 from engine.kv_cache import bytes_per_block
 from engine.parallel import ProcessGrid
 from engine.state import RunConfig, resumed_config
+from engine.train_ppo import parse_args, prepare_tiny
 from tests.engine.ranks import init_gloo, outcome
 from tests.engine.runs import tiny_state
 
@@ -591,3 +592,18 @@ def test_the_runs_decode_config_takes_effect_before_its_generator_is_made():
         decode_config.set_decode_config()
     state_mod._with_decode_config(factory, None, PPOConfig(), state_mod.RunConfig())
     assert seen[-1] == {}
+
+
+def test_an_evaluation_alone_takes_the_decode_config_too(tmp_path):
+    """--eval-only --decode-config: its generator made after the setting took effect, as a training run's (it was
+    accepted and left out)."""
+    from kernels import decode_config
+
+    seen = []
+    factory = lambda policy, cfg, run: seen.append(dict(decode_config._overrides)) or "generator"  # noqa: E731
+    cfg, run, _ = parse_args(["--eval-only", "--output-dir", str(tmp_path), "--decode-config", '{"norm_rows": 2}'])
+    try:
+        state_mod.setup_evaluation(cfg, prepare_tiny(run), ProcessGrid(), generator_factory=factory)
+        assert seen == [{"norm_rows": 2}] and decode_config.norm_rows() == 2
+    finally:
+        decode_config.set_decode_config()
