@@ -98,25 +98,34 @@ def cache_tokens(
     kv_dtype,
     reserve: int = 0,
     max_num_seqs: int | None = None,
+    fixed: int = 0,
 ) -> tuple[int, int]:
     """(bytes, tokens) of a rollout's KV cache (engine.kv_cache.cuda_cache_budget: `fraction` of the GPU's `total`
     memory less what is held then, the weights and optimizer state and what was in use before they were loaded, and
     the generator's activation `reserve`), in whole blocks of BLOCK_SIZE tokens as the generator allocates it, and at
     most max_num_seqs sequences of seq_len, each in whole blocks (the generator allocates no more than its slots can
-    fill)."""
+    fill). `fixed` (--kv-cache-mb, bytes): that budget whatever is held, as the generator takes it; none (0, 0) where
+    it would not fit beside what is held and the reserve (its allocation would run out of memory)."""
     per_block = model_block_bytes(config, tp, kv_dtype)
-    blocks = max(0, int(total * fraction) - held - reserve) // per_block
+    if fixed:
+        blocks = fixed // per_block if fixed <= total - held - reserve else 0
+    else:
+        blocks = max(0, int(total * fraction) - held - reserve) // per_block
     if max_num_seqs is not None:
         blocks = min(blocks, max_num_seqs * blocks_for_tokens(seq_len))
     return blocks * per_block, blocks * BLOCK_SIZE
 
 
 def rollout_cache(config: ModelConfig, tp: int, held: int, total: int, fraction: float, seq_len: int, kv_dtype,
-                  reserve: int = 0, max_num_seqs: int | None = None) -> str:  # fmt: skip
+                  reserve: int = 0, max_num_seqs: int | None = None, fixed: int = 0) -> str:  # fmt: skip
     """What a rollout's KV cache gets (cache_tokens) in tokens and in sequences of `seq_len` tokens."""
-    budget, tokens = cache_tokens(config, tp, held, total, fraction, seq_len, kv_dtype, reserve, max_num_seqs)
+    budget, tokens = cache_tokens(config, tp, held, total, fraction, seq_len, kv_dtype, reserve, max_num_seqs, fixed)
+    if fixed and not tokens:
+        room = max(0, total - held - reserve)
+        return f"no room for --kv-cache-mb's {fixed / GiB:.1f} GiB of KV cache ({room / GiB:.1f} GiB free then)"
     sequences = tokens // (blocks_for_tokens(seq_len) * BLOCK_SIZE)  # (each in whole blocks)
-    return f"a KV cache of {budget / GiB:.1f} GiB, {tokens:,} tokens ({sequences} sequences of {seq_len})"
+    how = " (--kv-cache-mb)" if fixed else ""
+    return f"a KV cache of {budget / GiB:.1f} GiB{how}, {tokens:,} tokens ({sequences} sequences of {seq_len})"
 
 
 def check_tp(configs: dict[str, tuple[ModelConfig, str]], tp: int) -> None:
@@ -323,9 +332,10 @@ def plan(
             at = lambda held: rollout_cache(configs["policy"][0], tp, held + in_use, **cache)  # noqa: E731
             own = parts["weights (policy)"]  # (what generation runs)
             if cache_tokens(configs["policy"][0], tp, own + in_use, **cache)[1] < cache["seq_len"]:
+                how = "a larger --tp splits every model" + ("; or another --kv-cache-mb" if cache.get("fixed") else "")
                 raise InvalidInput(
                     f"{line}; but a rollout's KV cache would not hold one sequence of {cache['seq_len']} tokens, even "
-                    f"with every other model in host memory: {at(own)} (a larger --tp splits every model)"
+                    f"with every other model in host memory: {at(own)} ({how})"
                 )
             idle = f"the idle models' weights (--offload-idle-models rollouts, {(weights - own) / GiB:.1f} GiB per GPU)"
             if resident or not trained:
@@ -400,16 +410,18 @@ def plan_for(
         # auto moves the optimizer state out for rollouts only where the host has room (offload_decision), and the
         # idle models' weights then get what room is left
         # (auto yields to an explicit --offload-idle-models rollouts, as decide_offload does: the host memory left)
+        # (a fixed --kv-cache-mb: auto moves nothing, as offloading would not enlarge the cache: offload_decision)
         room = None if host is None else host - (idle * local_ranks if idle_models == "rollouts" else 0)
+        fixed = cache.get("fixed", 0)
         state_moved = (
             resident
             or setting == "rollouts"
-            or (setting == "auto" and (room is None or state * local_ranks <= OFFLOAD_HOST_SHARE * room))
+            or (setting == "auto" and not fixed and (room is None or state * local_ranks <= OFFLOAD_HOST_SHARE * room))
         )
         if host is not None and setting == "auto" and state_moved and not resident:
             host -= state * local_ranks
         moved = idle_models == "rollouts" or (
-            idle_models == "auto" and (host is None or idle * local_ranks <= OFFLOAD_HOST_SHARE * host)
+            idle_models == "auto" and not fixed and (host is None or idle * local_ranks <= OFFLOAD_HOST_SHARE * host)
         )
         held = weights - (idle if moved else 0) + (0 if state_moved else state) + max(0, cache["total"] - free)
         if cache_tokens(configs["policy"][0], tp, held, **cache)[1] < cache["seq_len"]:
@@ -421,6 +433,7 @@ def plan_for(
                 f"--offload-optimizer {setting} and --offload-idle-models {idle_models} keep on the GPU"
                 + (f" (the host has no room for {' and '.join(no_room)})" if no_room else "")
                 + ": a larger --tp splits every model"
+                + ("; or another --kv-cache-mb" if fixed else "")
                 + (
                     "; --offload-idle-models rollouts puts the idle models' weights in host memory"
                     if idle_models == "off"
@@ -471,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--max-num-seqs", type=int, default=256, help="sequences the generator decodes together at most (default: 256)"
     )
+    p.add_argument("--kv-cache-mb", type=int, default=0, help="a fixed KV cache budget in MiB, as train_ppo.py's "
+                   "(default: 0, --kv-cache-fraction's)")  # fmt: skip
     p.add_argument("--offload-optimizer", default="auto", choices=OFFLOAD_SETTINGS)
     p.add_argument("--eval-only", action="store_true", help="plan --eval-only: policy, reference and reward model")
     a = p.parse_args(argv)
@@ -480,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{flag} must be >= 1, got {value}")
     if not 0 < a.kv_cache_fraction <= 1:
         p.error(f"--kv-cache-fraction must be in (0, 1], got {a.kv_cache_fraction}")
+    if a.kv_cache_mb < 0:
+        p.error(f"--kv-cache-mb must be >= 0, got {a.kv_cache_mb}")
     if not 0 < a.gpu_gib < float("inf"):
         p.error(f"--gpu-gib must be a positive number, got {a.gpu_gib}")
     if a.dtype == "float16" and not a.eval_only:  # (as train_ppo refuses it: no loss scaling)
@@ -526,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         "kv_dtype": kv_dtype,
         "reserve": reserve,
         "max_num_seqs": a.max_num_seqs,
+        "fixed": a.kv_cache_mb * 2**20,
     }
     try:
         print(plan_for(a.offload_optimizer, configs, dtype, a.tp, a.dp, a.distributed, gpu, cache,

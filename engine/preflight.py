@@ -263,6 +263,7 @@ def _plan_memory(cfg: PPOConfig, run: RunConfig, grid: ProcessGrid, device, sour
         kv_dtype=kv_dtype,
         reserve=reserve,
         max_num_seqs=run.gen_max_num_seqs,
+        fixed=run.kv_cache_mb * 2**20,  # (--kv-cache-mb: the generator's budget whatever is free)
     )
     return memory_plan.plan_for(
         run.offload_optimizer, configs, dtype, grid.tp, grid.dp, run.distributed_optimizer, free, cache,

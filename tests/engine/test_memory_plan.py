@@ -512,6 +512,31 @@ def test_rollout_cache_counts_the_memory_in_use_before_loading():
         memory_plan.plan_for("rollouts", configs, torch.bfloat16, 8, 1, False, free, cache)
 
 
+def test_a_fixed_kv_cache_is_planned_as_the_generator_takes_it():
+    """--kv-cache-mb: the plan's cache is that budget whatever memory is held (the fraction does not size it, offloading
+    does not enlarge it, and auto offloads nothing for it, as engine.state.decide_offload decides), refused where it
+    would not fit beside what a rollout holds (the generator's allocation would run out of memory after four models
+    had loaded), and a budget the fraction's cache would not allow but the GPU holds is taken (it was refused)."""
+    configs = memory_plan.run_configs("llama2-13b", None, "llama2-13b")
+    c = ModelConfig.named("llama2-13b")
+    lm, score = c.num_params("lm", 8), c.num_params("score", 8)
+    weights, state, per_token = 2 * (2 * lm + 2 * score), 12 * (lm + score), 2 * 40 * 5 * 128 * 2
+    total = free = 80 * GiB
+    cache = dict(total=total, fraction=0.5, seq_len=2048, kv_dtype=torch.bfloat16, reserve=0, fixed=4 * GiB)
+    line = memory_plan.plan_for("auto", configs, torch.bfloat16, 8, 1, False, free, cache, host=10**15)[0]
+    fixed = f"a KV cache of 4.0 GiB (--kv-cache-mb), {4 * GiB // (16 * per_token) * 16:,} tokens"
+    assert line.count(fixed) == 3, line  # (held: everything; the optimizer state offloaded; the idle models' too)
+    assert memory_plan.cache_tokens(c, 8, weights + state, **{**cache, "fixed": 0})[1] < 2048  # (the fraction's)
+    room = total - weights - state  # (a rollout's: the four models' weights and the optimizer state, auto moving none)
+    cache["fixed"] = room + 16 * per_token
+    with pytest.raises(ValueError, match="would not hold one sequence .* or another --kv-cache-mb"):
+        memory_plan.plan_for("auto", configs, torch.bfloat16, 8, 1, False, free, cache, host=10**15)
+    line = memory_plan.plan_for("rollouts", configs, torch.bfloat16, 8, 1, False, free, cache, host=10**15)[0]
+    size = f"{cache['fixed'] / GiB:.1f} GiB"  # (not beside the optimizer state; with it in host memory, whole)
+    assert f"; rollouts: no room for --kv-cache-mb's {size} of KV cache" in line
+    assert f"GiB per GPU): a KV cache of {size} (--kv-cache-mb), " in line
+
+
 def test_rollout_cache_is_counted_as_the_generator_allocates_it():
     """The plan's cache is what engine.generate.Generator allocates from the same budget: whole blocks of 16 tokens,
     at most max_num_seqs sequences each in whole blocks. A --seq-len that is not a multiple of 16 takes a partly
