@@ -256,7 +256,12 @@ def resumed_config(cfg: PPOConfig, run: RunConfig) -> PPOConfig:
     (run.ppo_flags), so a default changed since (lr_schedule, top_k) does not change a run halfway; those given win
     (load_trainer_state names them). No checkpoint yet, or run.ppo_flags None (the API's): cfg as it is. Either way
     checked whole (PPOConfig's checks between fields, which the command line of a --resume leaves to this)."""
-    ckpt = resume_checkpoint(run.output_dir)
+    return checkpoint_config(cfg, run, resume_checkpoint(run.output_dir))
+
+
+def checkpoint_config(cfg: PPOConfig, run: RunConfig, ckpt: str | None) -> PPOConfig:
+    """cfg with checkpoint `ckpt`'s PPO hyperparameters for those not given (resumed_config; an --eval-only of a
+    checkpoint's policy), checked whole; cfg as it is (checked) without a checkpoint or with run.ppo_flags None."""
     if ckpt is None or run.ppo_flags is None:
         return dataclasses.replace(cfg)
     saved = saved_ppo_config(ckpt)
@@ -457,11 +462,20 @@ def decide_offload(state: TrainState) -> tuple[bool, bool]:
     return out[0], out[1]
 
 
+def checkpoint_position_file(policy_dir: str) -> str | None:
+    """Global rank 0's state file beside a PPO checkpoint's policy (checkpoint-N/policy), or None for any other
+    directory (or a Hub id)."""
+    fn = os.path.join(os.path.dirname(os.path.abspath(policy_dir)), "state-rank00000.pt")
+    if os.path.basename(os.path.normpath(policy_dir)) != "policy" or not os.path.isfile(fn):
+        return None
+    return fn
+
+
 def checkpoint_position(policy_dir: str) -> tuple[int, int]:
     """(iteration, step) of a PPO checkpoint's policy (checkpoint-N/policy, its state files beside it), from global
     rank 0's state file (memory-mapped: its tensors are not read); (0, 0) for any other checkpoint."""
-    fn = os.path.join(os.path.dirname(os.path.abspath(policy_dir)), "state-rank00000.pt")
-    if os.path.basename(os.path.normpath(policy_dir)) != "policy" or not os.path.isfile(fn):
+    fn = checkpoint_position_file(policy_dir)
+    if fn is None:
         return 0, 0
     sd = load_state_file(fn)
     return int(sd["iteration"]), int(sd["step"])
@@ -477,6 +491,13 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     memory_plan.check_offload_setting(run.offload_idle_models, "--offload-idle-models")
     check_available(run, grid.rank)
     together("checking the checkpoints and prompt files", check_paths, run)  # (as in setup)
+    # a PPO checkpoint's policy is evaluated as its run evaluated it (sampling, limits, the KL and missing-EOS terms of
+    # the reward) unless a flag says otherwise: the same numbers as that run's eval.jsonl at that iteration
+    ckpt = os.path.dirname(os.path.abspath(run.policy)) if checkpoint_position_file(run.policy) else None
+    cfg = together("reading the checkpoint's hyperparameters", checkpoint_config, cfg, run, ckpt)
+    if ckpt is not None:
+        print0(f"evaluating {ckpt}'s policy with its run's PPO hyperparameters (sampling, limits, the reward's KL and "
+               "missing-EOS terms) where no flag is given")  # fmt: skip
     check_writable(run.output_dir, grid.rank)
     run = pin_run(run)  # (as in setup)
     device, load = model_loader(run, grid)

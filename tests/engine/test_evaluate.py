@@ -209,10 +209,12 @@ def test_eval_holdout_takes_the_evaluation_set_out_of_the_training_prompts(tmp_p
 def test_eval_only_reproduces_the_evaluation_after_training(tmp_path, capsys):
     """--eval-only of a checkpoint's policy against the initial one (--reference) gives the evaluation the run made
     after that iteration (the same stream, the same models), without building a value model or optimizers (here
-    with the reference's and reward model's weights in host memory during generation)."""
+    with the reference's and reward model's weights in host memory during generation). The checkpoint's run's PPO
+    hyperparameters hold where no flag is given: its sampling and limits, and the KL coefficient and missing-EOS
+    penalty of its reward (the recipe's defaults were taken: the same answers got another reward)."""
     from engine.train_ppo import main
 
-    run_tiny(tmp_path / "run", "--max-iterations", "2")
+    run_tiny(tmp_path / "run", "--max-iterations", "2", "--kl-coef", "0.5", "--missing-eos-penalty", "-3")
     ckpt, init = latest_checkpoint(str(tmp_path / "run")), tmp_path / "run/init"
     with dispatch.reference_ops():
         (only,) = main(
@@ -228,20 +230,19 @@ def test_eval_only_reproduces_the_evaluation_after_training(tmp_path, capsys):
                 TINY_EVAL_PROMPTS,
                 "--output-dir",
                 str(tmp_path / "only"),
-                "--max-prompt-len",
-                "128",
-                "--max-new-tokens",
-                "8",
-                "--top-k",
-                "0",
                 "--offload-idle-models",
                 "rollouts",
             ]
         )  # fmt: skip (the reference and RM to host while sampling)
     during = _lines(tmp_path / "run/eval.jsonl")[-1]
-    assert during["iteration"] == 2 and during["kl"] > 0
+    assert during["iteration"] == 2 and during["kl"] > 0 and during["eval_kl_coef"] == 0.5
+    assert during["score_penalized"] != during["score"]  # (a response without EOS: the run's -3 in the numbers)
     for k in (*evaluate.EVAL_KEYS, "iteration", "step"):  # (logged at the checkpoint's iteration and step)
         assert only[k] == during[k], k
+    logged = _lines(tmp_path / "only/eval.jsonl")[-1]
+    assert {k: v for k, v in logged.items() if k.startswith("eval_")} == {
+        k: v for k, v in during.items() if k.startswith("eval_")
+    }
     assert _lines(tmp_path / "only/eval.jsonl")[-1]["iteration"] == 2
     answers = lambda path: [r["response"] for r in _lines(path)]  # noqa: E731
     assert answers(tmp_path / "only/eval/iter-000002.jsonl") == answers(tmp_path / "run/eval/iter-000002.jsonl")
