@@ -166,6 +166,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[PPOConfig, RunConfig, boo
         parser.error("--resume continues the run in --output-dir and --overwrite-output-dir deletes it: give one")
     if given.get("resume") and given.get("eval_only"):  # (--resume did nothing there)
         parser.error("--eval-only evaluates --policy (a checkpoint) without training; --resume trains on")
+    # (flags a run of this kind would accept and leave out in silence)
+    training_only = ("eval_every", "save_every", "save_every_minutes", "keep_checkpoints", "max_iterations",
+                     "log_samples", "profile_iteration")  # fmt: skip
+    idle = [f"--{k.replace('_', '-')}" for k in training_only if k in given]
+    if given.get("eval_only") and idle:
+        parser.error(f"--eval-only evaluates --policy once and trains nothing: {', '.join(idle)} would do nothing")
+    if "wandb_run_name" in given and not given.get("wandb_project"):
+        parser.error("--wandb-run-name names a run in a W&B project: give --wandb-project too")
     if run_kw.get("output_dir", "x") == "":  # (RunConfig's "" is a bench's: no files at all)
         parser.error("output_dir must not be empty")
     try:

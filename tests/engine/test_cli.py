@@ -168,6 +168,13 @@ def test_a_checkpoint_of_the_wrong_kind_is_refused_before_anything_is_read_or_cl
             "--resume continues the run in --output-dir and --overwrite-output-dir deletes it: give one",
         ),  # fmt: skip
         (["--eval-only", "--resume"], r"--eval-only evaluates --policy \(a checkpoint\) without training; --resume"),
+        (
+            ["--eval-only", "--max-iterations", "3", "--log-samples", "2"],
+            "--eval-only evaluates --policy once and trains nothing: --max-iterations, --log-samples would do nothing",
+        ),  # fmt: skip
+        (["--eval-only", "--save-every", "1"], "trains nothing: --save-every would do nothing"),
+        (["--eval-only", "--eval-every", "1"], "trains nothing: --eval-every would do nothing"),
+        (["--wandb-run-name", "x"], "--wandb-run-name names a run in a W&B project: give --wandb-project too"),
         # no abbreviations: --lr took --lr-schedule ("lr_schedule must be 'linear' or 'constant', got '1e-5'")
         (["--lr", "1e-5"], "unrecognized arguments: --lr 1e-5"),
         (["--learning", "1e-5"], "unrecognized arguments: --learning 1e-5"),
@@ -536,9 +543,10 @@ def test_the_tiny_default_takes_the_tokenizer_and_the_generator_it_is_given(tmp_
 
 def test_an_output_dir_that_cannot_be_written_is_refused_before_anything_runs(tmp_path):
     (tmp_path / "file").write_text("x")
-    for flags in ((), ("--eval-only", "--eval-prompts", os.path.join(ROOT, "engine/assets/prompts_tiny_eval.jsonl"))):
+    evaluate = ("--eval-only", "--eval-prompts", os.path.join(ROOT, "engine/assets/prompts_tiny_eval.jsonl"))
+    for flags in (("--max-iterations", "1"), evaluate):
         with pytest.raises(OSError, match="cannot write to the output directory"):
-            run_tiny(tmp_path / "file" / "out", "--max-iterations", "1", *flags)
+            run_tiny(tmp_path / "file" / "out", *flags)
     from engine.output_dir import check_writable
 
     # a file, or something else that is not a directory, named as the output directory itself (makedirs said "File
@@ -578,10 +586,10 @@ def test_a_second_run_in_an_output_dir_being_written_is_refused_before_it_touche
     out = tmp_path / "out"
     with locked_by_another_process(out) as pid:
         evaluation = ("--eval-only", "--eval-prompts", os.path.join(ROOT, "engine/assets/prompts_tiny_eval.jsonl"))
-        for flags in ((), ("--resume",), evaluation):
+        for flags in (("--max-iterations", "1"), ("--max-iterations", "1", "--resume"), evaluation):
             with pytest.raises(InputError, match=rf"{out} is being written by another run \(host .*, pid {pid}, "
                                r"since .*\): wait for it to end"):  # fmt: skip
-                run_tiny(out, "--max-iterations", "1", *flags)
+                run_tiny(out, *flags)
         assert sorted(os.listdir(out)) == [".run.lock"]  # (nothing read or written there)
     run_tiny(out, "--max-iterations", "1")  # (the lock went with the process)
     free = [sys.executable, "-c", LOCK_AND_WAIT.split("; print")[0]]  # (another process takes the lock, and ends)

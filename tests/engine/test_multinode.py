@@ -192,9 +192,9 @@ def node_site(directory, code: str) -> str:
 
 
 def test_an_evaluated_checkpoint_one_node_cannot_read_stops_both_nodes_at_once_naming_it(tmp_path):
-    """--eval-only of a PPO checkpoint's policy whose state file (which names the iteration evaluated) node 1 cannot
-    read (an I/O error on its disk, or its copy damaged): node 0 names it rather than going on alone to its next
-    collective."""
+    """--eval-only of a PPO checkpoint's policy whose state file (its hyperparameters, the iteration evaluated) node 1
+    cannot read (an I/O error on its disk, or its copy damaged): node 0 names it rather than going on alone to its
+    next collective."""
     from tests.engine.ppo_dp_worker import naive_factory
     from tests.engine.runs import run_tiny
 
@@ -214,8 +214,8 @@ def test_an_evaluated_checkpoint_one_node_cannot_read_stops_both_nodes_at_once_n
                         os.path.join(run, "init/reward"), "--eval-only", "--eval-prompts", TINY_PROMPTS,
                         node_paths=((), (site,)))  # fmt: skip
     assert all(code != 0 for code, _ in results)
-    said = (f"error: reading the checkpoint's position failed on rank 1: cannot read the state file {state_file}: "
-            "Input/output error")  # fmt: skip
+    said = (f"error: reading the checkpoint's hyperparameters failed on rank 1: cannot read the state file "
+            f"{state_file}: Input/output error")  # fmt: skip
     assert said in results[0][1], results[0][1][-3000:]
 
 
