@@ -906,15 +906,15 @@ def test_trim_logs_removes_the_evaluations_after_the_checkpoint(tmp_path):
 
 
 def test_starting_over_removes_a_linked_checkpoint_not_what_it_links_to(tmp_path):
-    """--overwrite-output-dir where the run holds a checkpoint-* symlink (a `checkpoint-best` kept on another disk)
-    removes the link and leaves what it links to: rmtree refused the link, and the run stopped with a traceback
+    """--overwrite-output-dir where the run holds a checkpoint-N that is a symlink (a checkpoint moved to another
+    disk) removes the link and leaves what it links to: rmtree refused the link, and the run stopped with a traceback
     halfway through emptying the directory (its `latest` naming a checkpoint already deleted)."""
     from engine.output_dir import start_fresh
     from engine.resume import LATEST
 
     out, kept = tmp_path / "out", _fake_ckpt(tmp_path / "elsewhere", 2)
     _fake_ckpt(out, 3)
-    (out / "checkpoint-best").symlink_to(kept)
+    (out / "checkpoint-000002").symlink_to(kept)
     (out / LATEST).write_text(json.dumps({"checkpoint": "checkpoint-000003"}))
     start_fresh(str(out), True, 0)
     assert os.listdir(out) == [] and sorted(os.listdir(kept)) == ["policy", "state-rank00000.pt", "value"]
