@@ -486,16 +486,20 @@ def _finish_checkpoint_dir(
     cfg = model.config.to_hf(model.head)
     cfg["torch_dtype"] = str(store_dtype).replace("torch.", "")
     _write_json(os.path.join(tmp, "config.json"), cfg)
+    # (the files' contents alone: new files as the umask makes them, not a read-only source's mode, which the chat
+    # template's rewrite of tokenizer_config.json then could not open, nor a private one's 0600)
     if tokenizer_dir is not None:
         for fn in os.listdir(tokenizer_dir):
             if fn.startswith(TOKENIZER_FILES) and os.path.isfile(os.path.join(tokenizer_dir, fn)):
-                shutil.copy2(os.path.join(tokenizer_dir, fn), os.path.join(tmp, fn))
+                shutil.copyfile(os.path.join(tokenizer_dir, fn), os.path.join(tmp, fn))
         if os.path.isdir(named := os.path.join(tokenizer_dir, CHAT_TEMPLATE_DIR)):  # (transformers 5's named ones)
-            shutil.copytree(named, os.path.join(tmp, CHAT_TEMPLATE_DIR))
+            os.makedirs(os.path.join(tmp, CHAT_TEMPLATE_DIR))
+            for fn in (fn for fn in os.listdir(named) if os.path.isfile(os.path.join(named, fn))):
+                shutil.copyfile(os.path.join(named, fn), os.path.join(tmp, CHAT_TEMPLATE_DIR, fn))
         if chat_template is not None:
             _set_chat_template(tmp, chat_template)
     if source_dir is not None and os.path.isfile(os.path.join(source_dir, GENERATION_CONFIG)):
-        shutil.copy2(os.path.join(source_dir, GENERATION_CONFIG), os.path.join(tmp, GENERATION_CONFIG))
+        shutil.copyfile(os.path.join(source_dir, GENERATION_CONFIG), os.path.join(tmp, GENERATION_CONFIG))
     for d in (os.path.join(tmp, CHAT_TEMPLATE_DIR), tmp):
         if os.path.isdir(d):
             for fn in (fn for fn in os.listdir(d) if os.path.isfile(os.path.join(d, fn))):
@@ -519,7 +523,12 @@ def _set_chat_template(directory: str, template: str) -> None:
         return
     with open(cfg_fn) as f:
         cfg = json.load(f)
-    cfg["chat_template"] = template
+    named = cfg.get("chat_template")
+    if isinstance(named, list):  # (transformers 4's named templates: the default one replaced, the others kept)
+        others = [t for t in named if not (isinstance(t, dict) and t.get("name") == "default")]
+        cfg["chat_template"] = [{"name": "default", "template": template}, *others]
+    else:
+        cfg["chat_template"] = template
     _write_json(cfg_fn, cfg)
 
 

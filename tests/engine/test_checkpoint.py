@@ -391,14 +391,22 @@ def test_a_config_dtype_of_auto_loads_at_the_dtype_asked(tmp_path):
 def test_saved_files_take_the_umasks_permissions(tmp_path):
     """Every file of a checkpoint is as readable as the user's umask makes a new file (safetensors alone writes its
     files 0600: a team's other users could not read the weights beside a readable config.json)."""
+    from engine.tokenizer import TINY_DIR
+
     model = Transformer(ModelConfig.named("tiny")).init_weights(seed=1)
+    # a tokenizer read-only where it is kept (a protected base model's): its copies are new files all the same (the
+    # chat template's rewrite of a copied read-only tokenizer_config.json failed the run's first save, as a user)
+    shutil.copytree(TINY_DIR, tmp_path / "tok")
+    (tmp_path / "tok/tokenizer_config.json").chmod(0o444)
+    (tmp_path / "tok/tokenizer.json").chmod(0o400)
     old = os.umask(0o027)
     try:
-        save_pretrained(model, tmp_path / "ckpt")
+        save_pretrained(model, tmp_path / "ckpt", tokenizer_dir=tmp_path / "tok", chat_template="{{ 'x' }}")
     finally:
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "ckpt").iterdir()}
-    assert "model.safetensors" in modes and set(modes.values()) == {0o640}, modes
+    assert {"model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(modes), modes
+    assert set(modes.values()) == {0o640}, modes
 
 
 def test_transformers_ignores_our_kernels_package():

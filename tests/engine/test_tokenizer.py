@@ -518,20 +518,28 @@ def test_a_saved_policy_keeps_a_bpe_tokenizers_vocabulary_files(tmp_path, tok):
     assert AutoTokenizer.from_pretrained(tmp_path / "saved")(text)["input_ids"] == want
 
 
-def test_a_saved_policy_keeps_the_tokenizers_named_chat_templates(tmp_path, tok):
-    """A tokenizer with named chat templates (transformers 5's additional_chat_templates/NAME.jinja: a tool_use one,
-    say) keeps them in the saved policy beside the template it was trained with: apply_chat_template(chat_template=
-    "tool_use") renders with it there as in the source (the folder was not copied, and the name was unknown)."""
+@pytest.mark.parametrize("layout", ["folder", "list"])
+def test_a_saved_policy_keeps_the_tokenizers_named_chat_templates(tmp_path, tok, layout):
+    """A tokenizer with named chat templates (transformers 5's additional_chat_templates/NAME.jinja, or transformers
+    4's list of them in tokenizer_config.json: a tool_use one, say) keeps them in the saved policy beside the template
+    it was trained with: apply_chat_template(chat_template="tool_use") renders with it there as in the source (the
+    folder was not copied, and the name was unknown; the list was replaced by the one template)."""
     from transformers import AutoTokenizer
 
     from engine.checkpoint import load_pretrained, save_pretrained
 
     src = tmp_path / "tok"
     shutil.copytree(TINY_DIR, src)
-    (src / "additional_chat_templates").mkdir()
-    (src / "additional_chat_templates/tool_use.jinja").write_text(
-        "{% for m in messages %}<tool>{{ m['content'] }}{% endfor %}"
-    )
+    tool = "{% for m in messages %}<tool>{{ m['content'] }}{% endfor %}"
+    if layout == "folder":
+        (src / "additional_chat_templates").mkdir()
+        (src / "additional_chat_templates/tool_use.jinja").write_text(tool)
+    else:
+        cfg = json.loads((src / "tokenizer_config.json").read_text())
+        default = (src / "chat_template.jinja").read_text()
+        (src / "chat_template.jinja").unlink()
+        cfg["chat_template"] = [{"name": "default", "template": default}, {"name": "tool_use", "template": tool}]
+        (src / "tokenizer_config.json").write_text(json.dumps(cfg))
     msgs = [{"role": "user", "content": "Why is the sky blue?"}]
     want = AutoTokenizer.from_pretrained(src).apply_chat_template(msgs, chat_template="tool_use", tokenize=False)
     assert want == "<tool>Why is the sky blue?"
