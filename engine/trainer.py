@@ -405,6 +405,12 @@ def log_metrics(state: TrainState, metrics: dict, per_iteration: float | None = 
     rank0_together("logging the iteration's metrics", state.grid.rank, _write_metrics, state, metrics, per_iteration)
 
 
+def _all_gpus(state: TrainState) -> str:
+    """The tok/s a line prints are the whole run's (every DP rank's tokens): said where there are several GPUs."""
+    n = state.grid.world_size
+    return f"tok/s of all {n} {'GPUs' if state.device.type == 'cuda' else 'ranks'}; " if n > 1 else ""
+
+
 def _write_metrics(state: TrainState, metrics: dict, per_iteration: float | None) -> None:
     """log_metrics on global rank 0: the trackers, the printed line, metrics.jsonl."""
     if state.tracker is not None:
@@ -415,7 +421,8 @@ def _write_metrics(state: TrainState, metrics: dict, per_iteration: float | None
     print0(
         f"iter {metrics['iteration']}/{state.iterations} step {metrics['step']} {line} "
         f"no_eos {metrics['no_eos_frac']:.2f} gen {metrics['gen_tok_s']:.0f} tok/s "
-        f"train {metrics['train_tok_s']:.0f} tok/s ({metrics['train_tflops_gpu']:.3g} TFLOP/s per GPU) "
+        f"train {metrics['train_tok_s']:.0f} tok/s ({_all_gpus(state)}{metrics['train_tflops_gpu']:.3g} TFLOP/s per "
+        "GPU) "
         f"time {metrics['time_iteration']:.1f}s "
         f"(gen {metrics['time_generate']:.1f} score {metrics['time_score']:.1f} train {metrics['time_train']:.1f}) "
         f"eta {_eta(state, per_iteration)}"

@@ -19,6 +19,10 @@ def test_rollout_bench_smoke(tmp_path):
     saved = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the bench's JSON"))
     assert saved["ours"]["tokens"] == 3 * 4 == saved["hf_generate"]["tokens"] and saved["top_p"] == 0.9
     assert result["ours"]["tok_s"] > 0
+    # the decode steps' time apart from the prompts' forward (timed alone: a run of one new token)
+    ours = saved["ours"]
+    assert 0 < ours["prefill_seconds"] < ours["seconds"] and ours["decode_steps"] == 3
+    assert ours["decode_step_ms"] == pytest.approx((ours["seconds"] - ours["prefill_seconds"]) / 3 * 1e3)
     # the roofline: 13B bf16 weights alone at 3.0 TB/s, batch 1 -> about 115 tok/s (RECIPE.md)
     roof = decode_roofline(ModelConfig.named("llama2-13b"), 1, 0, 0, 2, 3.0e12)
     assert 110 < roof["tok_s"] < 120
