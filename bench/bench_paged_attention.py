@@ -166,12 +166,13 @@ def _new_token(bt: torch.Tensor, cl: torch.Tensor, bs: int) -> tuple[torch.Tenso
 def _graph_rows(row, first, shape, dtype, cache_dtype, read, kv_bytes) -> None:
     """ours and SDPA (and the rope write) timed as replays of a CUDA graph (bench.common.graph_ms): the GPU's time,
     as a decode step under CUDA graphs sees it, where do_bench's per-call timing also counts each call's host
-    overhead. Inputs rotate among copies totalling 4x the L2 so no call reads the last one's KV from cache."""
+    overhead. Inputs rotate among copies totalling 4x the L2 (at most 64 of them: batch 1 at 384 tokens is 7.9 MB, 8
+    copies were one L2's worth) so no call reads the last one's KV from cache."""
     batch, ctx, hq, hkv, d, bs = shape
     try:
         sets = [first] + [
             _make(batch, ctx, hq, hkv, d, bs, dtype, first[0].device, cache_dtype)
-            for _ in range(min(7, -(-4 * L2_BYTES // kv_bytes) - 1))
+            for _ in range(min(63, -(-4 * L2_BYTES // kv_bytes) - 1))  # (a small context's KV: many copies)
         ]
         ours = [lambda s=s: paged_decode_attention(*s, max_context_len=ctx) for s in sets]
         row["ours_graph_ms"] = graph_ms(ours)

@@ -89,8 +89,8 @@ class RunConfig:
     save_every: int = 0  # iterations between checkpoints (0: only at the end)
     keep_checkpoints: int = 1  # the newest checkpoints kept in output_dir; older ones are pruned
     # write each checkpoint's files on a thread while the run goes on (what they hold copied to host memory first;
-    # `latest` moves to it an iteration later, or when the run stops); a save whose copy would not fit in the host's
-    # available memory is written at once instead
+    # `latest` moves to it an iteration later, or when the run stops); a save whose copy would not fit in half the
+    # host's available memory is written at once instead
     async_save: bool = True
     # --resume with a reference or reward model whose weights differ from those the checkpoint's run used (refused
     # otherwise: its KL and rewards would measure against another model)
