@@ -156,6 +156,24 @@ def measured_copy_tbs(device) -> float:
     return 2 * n * reps / (time.perf_counter() - t) / 1e12
 
 
+def measured_read_tbs(device) -> float:
+    """TB/s of reading a buffer once (a sum over 1 GiB of fp32, its one-number result written): what a kernel that
+    mostly reads (decode, paged attention, log-probs, sampling) can reach, above the copy rate (measured_copy_tbs) on a
+    GPU whose reads outrun its copies (an H200's SDPA decode read its KV at 106% of the copy rate)."""
+    cuda = torch.device(device).type == "cuda"
+    n = (1 << 28) if cuda else (1 << 24)
+    a = torch.ones(n, dtype=torch.float32, device=device)
+    for _ in range(3):
+        a.sum()
+    sync(device)
+    reps = 20 if cuda else 5
+    t = time.perf_counter()
+    for _ in range(reps):
+        a.sum()
+    sync(device)
+    return 4 * n * reps / (time.perf_counter() - t) / 1e12
+
+
 def measured_matmul_tflops(device) -> float:
     """TFLOP/s of a dense 8192^3 bf16 matrix product on random data (the mean of ten after three warm-ups): the
     ceiling of a GEMM-bound kernel on this device (an H100 or H200 SXM about 720-790, not the datasheet's 990).
@@ -180,7 +198,8 @@ def fill_peaks(args, device, *, bandwidth: str | None = None, tflops: str | None
     said = []
     if bandwidth and getattr(args, bandwidth) is None:
         setattr(args, bandwidth, float(f"{measured_copy_tbs(device):.4g}"))
-        said.append(f"copy bandwidth {getattr(args, bandwidth):.2f} TB/s")
+        read = measured_read_tbs(device)  # (a read-dominated kernel's own ceiling, said beside)
+        said.append(f"copy bandwidth {getattr(args, bandwidth):.2f} TB/s (a read alone {read:.2f})")
     if tflops and getattr(args, tflops) is None:
         setattr(args, tflops, float(f"{measured_matmul_tflops(device):.4g}"))
         said.append(f"matmul {getattr(args, tflops):.4g} TFLOP/s")

@@ -32,6 +32,7 @@ from bench.common import (  # noqa: E402
     check_fits,
     measured_copy_tbs,
     measured_matmul_tflops,
+    measured_read_tbs,
     run_main,
     sync,
     write_json,
@@ -366,6 +367,7 @@ def main(argv=None) -> dict:
     model.eval()
 
     bw = (args.bandwidth or measured_copy_tbs(device)) * 1e12
+    read_bw = measured_read_tbs(device) * 1e12  # (a read-dominated step's own ceiling, printed beside)
     flops = (args.tflops or measured_matmul_tflops(device)) * 1e12
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
@@ -407,8 +409,10 @@ def main(argv=None) -> dict:
         f"\nrollout throughput: {args.model}, {name} x {grid.world_size} (tp {grid.tp}), {dtype}, batch {batch}, "
         f"prompt {prompt_len}, new {gen_len}"
     )
+    read_roof = decode_roofline(cfg, slots, prompt_len, gen_len, elem, read_bw, kv_elem, grid.tp)
     print0(
-        f"measured copy bandwidth {bw / 1e9:.0f} GB/s, matmul {flops / 1e12:.3g} TFLOP/s; weights "
+        f"measured copy bandwidth {bw / 1e9:.0f} GB/s (a read alone {read_bw / 1e9:.0f} GB/s: the decode roofline "
+        f"{read_roof['tok_s']:.1f} tok/s at that rate), matmul {flops / 1e12:.3g} TFLOP/s; weights "
         f"{roof['weight_gb']:.2f} GB, KV read per step {roof['kv_gb_per_step']:.3f} GB (average context), prefill "
         f"{roof['prefill_ms']:.1f} ms at best"
     )
@@ -449,6 +453,8 @@ def main(argv=None) -> dict:
         "top_k": args.top_k,
         "top_p": args.top_p,
         "bandwidth_gbs": bw / 1e9,
+        "read_bandwidth_gbs": read_bw / 1e9,
+        "roofline_at_read_rate": read_roof,
         "matmul_tflops": flops / 1e12,
         "roofline": roof,
         "ours": ours,

@@ -50,6 +50,8 @@ def test_measured_ceilings_count_the_bytes_and_flops_of_their_work(monkeypatch):
     assert C.measured_copy_tbs("cpu") == approx(2 * 2**26 * 5 / 1e12)
     _fake_clock(C, monkeypatch, [0.0, 1.0])
     assert C.measured_matmul_tflops("cpu") == approx(2 * 512**3 * 3 / 1e12)
+    _fake_clock(C, monkeypatch, [0.0, 1.0])  # (a read alone: 16M fp32 read 5 times, nothing written back)
+    assert C.measured_read_tbs("cpu") == approx(4 * 2**24 * 5 / 1e12)
 
 
 def test_fill_peaks_sets_each_ceiling_from_its_own_measurement(monkeypatch, capsys):
@@ -57,11 +59,13 @@ def test_fill_peaks_sets_each_ceiling_from_its_own_measurement(monkeypatch, caps
 
     monkeypatch.setattr(C, "measured_copy_tbs", lambda device: 3.14159)
     monkeypatch.setattr(C, "measured_matmul_tflops", lambda device: 789.123)
+    monkeypatch.setattr(C, "measured_read_tbs", lambda device: 3.33)
     args = SimpleNamespace(bandwidth=None, tflops=None, given=5.0)
     C.fill_peaks(args, "cpu", bandwidth="bandwidth", tflops="tflops")
     assert (args.bandwidth, args.tflops) == (3.142, 789.1)
     C.fill_peaks(args, "cpu", bandwidth="given")  # a flag's value is kept
-    assert args.given == 5.0 and "copy bandwidth 3.14 TB/s, matmul 789.1 TFLOP/s" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert args.given == 5.0 and "copy bandwidth 3.14 TB/s (a read alone 3.33), matmul 789.1 TFLOP/s" in said
 
 
 def test_write_json_is_standard_json_with_null_for_figures_not_finite(tmp_path):
@@ -214,24 +218,27 @@ def test_decode_roofline_reads_a_tied_lm_head():
 
 
 def test_rollout_row_figures(capsys):
-    """ms per token step over every forward ours ran, its peak less its KV pool, tok/s over each roofline."""
+    """ms a forward over every forward ours ran, ms a decode step where timed apart, its peak less its KV pool, tok/s
+    over each roofline."""
     from bench.rollout_throughput import _print_row
 
-    r = {"tok_s": 50.0, "seconds": 2.0, "decode_steps": 15, "prefill_steps": 5, "peak_gib": 3.0, "kv_pool_gib": 1.0}
+    r = {"tok_s": 50.0, "seconds": 2.0, "decode_steps": 15, "prefill_steps": 5, "peak_gib": 3.0, "kv_pool_gib": 1.0,
+         "decode_step_ms": 80.0}  # fmt: skip
     _print_row("ours", r, {"tok_s": 200.0, "tok_s_e2e": 100.0}, 999)
-    assert capsys.readouterr().out.split() == ["ours", "50.0", "100.00", "3.00", "2.00", "25.0%", "50.0%"]
+    assert capsys.readouterr().out.split() == ["ours", "50.0", "100.00", "80.00", "3.00", "2.00", "25.0%", "50.0%"]
     _print_row("hf", {"tok_s": 50.0, "seconds": 2.0, "peak_gib": 3.0}, {"tok_s": 200.0, "tok_s_e2e": 100.0}, 4)
-    assert capsys.readouterr().out.split()[1:5] == ["50.0", "500.00", "3.00", "3.00"]  # (HF: gen_len steps)
+    assert capsys.readouterr().out.split()[1:6] == ["50.0", "500.00", "-", "3.00", "3.00"]  # (HF: gen_len steps)
 
 
 def test_rollout_bench_reports_the_best_run_at_the_given_peaks(tmp_path, monkeypatch):
-    """The fastest of --repeats runs (the clock stubbed: 5 s then 2 s for ours, 3 s then 1 s for HF), new tokens
-    only, and the rooflines at --bandwidth / --tflops with --max-num-seqs slots."""
+    """The fastest of --repeats runs (the clock stubbed: 5 s then 2 s for ours, then its prompts' forward alone 0.5 s
+    and 0.25 s, 3 s then 1 s for HF), new tokens only, the decode steps' time less the fastest prompts' forward, and
+    the rooflines at --bandwidth / --tflops with --max-num-seqs slots."""
     import bench.rollout_throughput as R
     from engine.config import ModelConfig
     from kernels.dispatch import reference_ops
 
-    _fake_clock(R, monkeypatch, [0.0, 5.0, 10.0, 12.0, 20.0, 23.0, 30.0, 31.0])
+    _fake_clock(R, monkeypatch, [0.0, 5.0, 10.0, 12.0, 14.0, 14.5, 15.0, 15.25, 20.0, 23.0, 30.0, 31.0])
     pools, release = [], R.Generator.release
 
     def release_noting_the_pool(g):
@@ -246,6 +253,7 @@ def test_rollout_bench_reports_the_best_run_at_the_given_peaks(tmp_path, monkeyp
     saved = json.loads(out.read_text())
     ours, hf = saved["ours"], saved["hf_generate"]
     assert (ours["seconds"], ours["tokens"], ours["tok_s"]) == (2.0, 12, 6.0)
+    assert ours["prefill_seconds"] == 0.25 and ours["decode_step_ms"] == approx(1.75 / ours["decode_steps"] * 1e3)
     assert (hf["seconds"], hf["tokens"], hf["tok_s"]) == (1.0, 12, 12.0)
     assert saved["bandwidth_gbs"] == 2000 and saved["matmul_tflops"] == 3
     want = R.decode_roofline(ModelConfig.named("tiny"), 2, 5, 4, 4, 2e12, 4, 1, 3e12)  # fp32 on CPU

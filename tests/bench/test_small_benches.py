@@ -384,8 +384,9 @@ def test_rope_bench_keeps_the_gqa_group_on_cpu_and_refuses_an_impossible_one(tmp
 
 def test_paged_bench_graph_rows_rotate_inputs_and_print(monkeypatch, capsys):
     """The graph-timed rows (bench.common.graph_ms needs CUDA: a stand-in here calls each fn and returns a time):
-    ours, SDPA, the rope write and the fused step each timed over 8 input sets here (4x the L2 in all, at most 8)
-    that hold different data, and the table prints ours_graph and sdpa_graph columns beside the per-call ones."""
+    ours, SDPA, the rope write and the fused step each timed over input sets that hold different data (4x the L2 in
+    all, at most 64: 64 of a KV of 1 kB, 13 of 20 MiB), and the table prints ours_graph and sdpa_graph columns
+    beside the per-call ones."""
     import torch
 
     import bench.bench_paged_attention as bp
@@ -404,8 +405,10 @@ def test_paged_bench_graph_rows_rotate_inputs_and_print(monkeypatch, capsys):
     assert row["ours_graph_ms"] == row["sdpa_graph_ms"] == row["rope_write_graph_ms"] == row["fused_graph_ms"] == 0.5
     assert row["ours_graph_gbs"] == kv_bytes / 0.5e-3 / 1e9
     ours, sdpa, writes, fused = calls
-    assert len(ours) == len(sdpa) == len(writes) == len(fused) == 8
+    assert len(ours) == len(sdpa) == len(writes) == len(fused) == 64
     assert not torch.equal(ours[0], ours[1])  # (another set's data, not the first's again)
+    bp._graph_rows(dict(row), first, shape, torch.float32, None, {}, 20 * 2**20)
+    assert len(calls[4]) == -(-4 * bp.L2_BYTES // (20 * 2**20)) == 13
     torch.testing.assert_close(sdpa[3].reshape(ours[3].shape), ours[3], atol=1e-5, rtol=1e-5)  # (the same set)
     bp._print([row], 1.0)
     head = capsys.readouterr().out.splitlines()[0]
