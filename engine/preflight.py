@@ -22,6 +22,7 @@ from engine.hub import RUN_FIELDS, config_sources, is_repo_id, model_dirs
 from engine.kv_cache import BLOCK_SIZE, blocks_for_tokens, model_block_bytes, resolve_cache_dtype
 from engine.parallel import ProcessGrid, agree, print0, together
 from engine.tokenizer import PromptSet, check_vocabularies, load_prompts, load_tokenizer
+from kernels.rope_attention import SUPPORTED_HEAD_DIMS
 
 if TYPE_CHECKING:
     from engine.state import RunConfig
@@ -252,6 +253,11 @@ def _plan_memory(cfg: PPOConfig, run: RunConfig, grid: ProcessGrid, device, sour
     if sources is None:  # (a Hub id's config.json could not be had; resolve_run names the problem)
         return "", False
     configs = memory_plan.run_configs(*sources, evaluation=evaluation)
+    for name, (c, _) in configs.items():  # (the GPU's attention kernels: refused here, not at the first forward)
+        if c.head_dim not in SUPPORTED_HEAD_DIMS:
+            dims = ", ".join(map(str, SUPPORTED_HEAD_DIMS))
+            raise InvalidInput(f"the {name} model's head dim {c.head_dim} is not one the GPU's attention kernels take "
+                               f"({dims}; the CPU's reference ops take any)")  # fmt: skip
     dtype, (free, total) = resolve_dtype(run.dtype, device), torch.cuda.mem_get_info(device)
     kv_dtype = resolve_cache_dtype(run.kv_cache_dtype, dtype)
     seq_len = cfg.max_prompt_len + cfg.max_new_tokens

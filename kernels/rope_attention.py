@@ -99,7 +99,7 @@ from kernels.dispatch import loop_bound, use_triton
 from kernels.rope_attention_bwd import _rope_attention_bwd
 from kernels.rotary import TAB_ROWS, launch_rotary, rope_tables
 
-_SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
 # ------------------------------------------------------------------------------------- forward --
 
@@ -366,8 +366,8 @@ def _rope_attention_fwd(
     instead of the autotuned one (benchmark sweeps, tests)."""
     n, hq, d = q.shape
     hkv = k.shape[1]
-    if d not in _SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim {d} not supported by the kernel (supported: {_SUPPORTED_HEAD_DIMS})")
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {d} not supported by the kernel (supported: {SUPPORTED_HEAD_DIMS})")
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     lse = torch.empty(hq, n, dtype=torch.float32, device=q.device) if lse is None else lse

@@ -196,6 +196,12 @@ def test_check_memory_refuses_before_loading(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"checkpoint directory .*nowhere does not exist"):
         check_memory(PPOConfig(), missing, ProcessGrid(), torch.device("cuda", 0))
     check_memory(PPOConfig(), run, ProcessGrid(), torch.device("cpu"))  # on CPU nothing is planned
+    # a head size the GPU's attention kernels do not take: refused before loading, not at the first forward
+    save_hf_model(tmp_path / "rm24", head="score", head_dim=24)
+    odd = RunConfig(policy=str(tmp_path / "policy"), reward=str(tmp_path / "rm24"), dtype="bfloat16")
+    with pytest.raises(ValueError, match="the value model's head dim 24 is not one the GPU's attention kernels take"):
+        check_memory(PPOConfig(), odd, ProcessGrid(), torch.device("cuda", 0))
+    check_memory(PPOConfig(), odd, ProcessGrid(), torch.device("cpu"))
 
 
 def test_eval_only_plans_its_three_frozen_models(tmp_path, monkeypatch, capsys):
