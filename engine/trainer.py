@@ -408,7 +408,7 @@ def log_metrics(state: TrainState, metrics: dict, per_iteration: float | None = 
 def _all_gpus(state: TrainState) -> str:
     """The tok/s a line prints are the whole run's (every DP rank's tokens): said where there are several GPUs."""
     n = state.grid.world_size
-    return f"tok/s of all {n} {'GPUs' if state.device.type == 'cuda' else 'ranks'}; " if n > 1 else ""
+    return f"tok/s of all {n} ranks; " if n > 1 else ""
 
 
 def _write_metrics(state: TrainState, metrics: dict, per_iteration: float | None) -> None:
