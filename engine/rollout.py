@@ -133,13 +133,14 @@ def shaped_targets(state: TrainState, logprobs, ref_logprobs, values, offsets: l
 
 
 @torch.no_grad()
-def minibatch_targets(state: TrainState, ro: Rollout, seqs: list[int], packs: list[dict]):
+def minibatch_targets(state: TrainState, ro: Rollout, seqs: list[int], packs: list[dict], rows: torch.Tensor):
     """--recompute-old-logprobs-per-minibatch, as EasyLM's PPO trainer (the recipe's) scores each optimizer minibatch
     with the policy and value model as that step finds them: the minibatch `seqs`' old log-probs and values from the
-    models now (`packs`, its micro-batches), and from them its KL-shaped rewards, advantages and returns; the
-    reference's log-probs and the RM's scores are the rollout's (frozen models: the same). Returns flat [N] copies of
-    ro.logprobs, ro.values and ro.targets with the minibatch's rows replaced (the rollout's own stay for its
-    metrics). The scores: ro.targets["score_tokens"] (each sequence's EOS-penalised score at its last token)."""
+    models now (`packs`, its micro-batches; `rows`, its flat rows in `seqs` order), and from them its KL-shaped
+    rewards, advantages and returns; the reference's log-probs and the RM's scores are the rollout's (frozen models:
+    the same). Returns flat [N] copies of ro.logprobs, ro.values and ro.targets with the minibatch's rows replaced (the
+    rollout's own stay for its metrics). The scores: ro.targets["score_tokens"] (each sequence's EOS-penalised score
+    at its last token)."""
     logprobs, values = ro.logprobs.clone(), ro.values.clone()
     for pk in packs:
         logprobs[pk["rows"]] = policy_logprobs(state.policy, pk)
@@ -148,7 +149,6 @@ def minibatch_targets(state: TrainState, ro: Rollout, seqs: list[int], packs: li
     offsets = [0]
     for i in seqs:
         offsets.append(offsets[-1] + ro.offsets[i + 1] - ro.offsets[i])
-    rows = upload(torch.cat([torch.arange(ro.offsets[i], ro.offsets[i + 1]) for i in seqs]), state.device)
     last = upload(torch.tensor(offsets[1:]) - 1, state.device)
     scores = ro.targets["score_tokens"][rows][last]
     mine = shaped_targets(state, logprobs[rows], ro.ref_logprobs[rows], values[rows], offsets, scores)

@@ -124,7 +124,7 @@ def train_step(
     if cfg.recompute_old_logprobs_per_minibatch:  # (EasyLM: the minibatch scored by the models as this step finds them)
         settle(state.policy_opt)
         settle(state.value_opt)
-        old_logprobs, old_values, targets = minibatch_targets(state, ro, seqs, packs)
+        old_logprobs, old_values, targets = minibatch_targets(state, ro, seqs, packs, rows)
         kl = targets["kl"]
     # the minibatch's tokens over every DP rank (the losses' denominator): the whitening's collective counts them
     adv, n_global = ppo.minibatch_advantages(targets["advantages"][rows], ones, cfg, state.dp_group)
@@ -405,8 +405,8 @@ def log_metrics(state: TrainState, metrics: dict, per_iteration: float | None = 
     rank0_together("logging the iteration's metrics", state.grid.rank, _write_metrics, state, metrics, per_iteration)
 
 
-def _all_gpus(state: TrainState) -> str:
-    """The tok/s a line prints are the whole run's (every DP rank's tokens): said where there are several GPUs."""
+def _all_ranks(state: TrainState) -> str:
+    """The tok/s a line prints are the whole run's (every DP rank's tokens): said where there are several ranks."""
     n = state.grid.world_size
     return f"tok/s of all {n} ranks; " if n > 1 else ""
 
@@ -421,7 +421,7 @@ def _write_metrics(state: TrainState, metrics: dict, per_iteration: float | None
     print0(
         f"iter {metrics['iteration']}/{state.iterations} step {metrics['step']} {line} "
         f"no_eos {metrics['no_eos_frac']:.2f} gen {metrics['gen_tok_s']:.0f} tok/s "
-        f"train {metrics['train_tok_s']:.0f} tok/s ({_all_gpus(state)}{metrics['train_tflops_gpu']:.3g} TFLOP/s per "
+        f"train {metrics['train_tok_s']:.0f} tok/s ({_all_ranks(state)}{metrics['train_tflops_gpu']:.3g} TFLOP/s per "
         "GPU) "
         f"time {metrics['time_iteration']:.1f}s "
         f"(gen {metrics['time_generate']:.1f} score {metrics['time_score']:.1f} train {metrics['time_train']:.1f}) "
