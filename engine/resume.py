@@ -289,14 +289,14 @@ def _complete(ckpt: str) -> bool:
     """Whether a checkpoint directory holds what a resume reads: both models and the state file of every rank that
     saved it (their number from rank 0's; one it cannot read counts as whole here, so pruning never removes a
     checkpoint for a read error, and the resume names the error)."""
-    files = (os.path.join(ckpt, "policy/config.json"), os.path.join(ckpt, "value/config.json"), _state_file(ckpt, 0))
+    files = (os.path.join(ckpt, "policy/config.json"), os.path.join(ckpt, "value/config.json"), state_file(ckpt, 0))
     if not all(os.path.exists(f) for f in files):
         return False
     try:
         ranks = int(load_state_file(files[2])["world_size"])
     except (InputError, KeyError, TypeError, ValueError):
         return True
-    return all(os.path.exists(_state_file(ckpt, r)) for r in range(1, ranks))
+    return all(os.path.exists(state_file(ckpt, r)) for r in range(1, ranks))
 
 
 def checkpoint_number(name: str) -> int | None:
@@ -501,7 +501,8 @@ def read_log(fn: str) -> tuple[list[str], list[dict]]:
     return lines, records
 
 
-def _state_file(ckpt: str, rank: int) -> str:
+def state_file(ckpt: str, rank: int) -> str:
+    """The state file of global rank `rank` in checkpoint directory `ckpt`."""
     return os.path.join(ckpt, f"state-rank{rank:05d}.pt")
 
 
@@ -516,21 +517,21 @@ def _load_states(ckpt: str, grid, distributed: bool) -> tuple[dict, list[dict | 
     def missing(fn: str, why: str):
         raise MissingInput(f"{fn} is missing ({why})")
 
-    if not os.path.exists(head := _state_file(ckpt, 0)):
+    if not os.path.exists(head := state_file(ckpt, 0)):
         missing(head, "every run writes it")
     sd = load(head)
     saved_tp, saved_dp, sharded = sd["tp"], sd["world_size"] // sd["tp"], sd["policy_opt"]["distributed"]
     same_grid = saved_tp == grid.tp and saved_dp == grid.dp
     if same_grid:  # this rank's own state (its RNG too)
-        if not os.path.exists(own := _state_file(ckpt, grid.rank)):
+        if not os.path.exists(own := state_file(ckpt, grid.rank)):
             missing(own, "resume reads the state file each rank wrote")
         if distributed == sharded:
             return load(own), None
     elif saved_tp == grid.tp and not sharded and not distributed:  # every DP rank saved the same: DP rank 0's
-        return load(_state_file(ckpt, grid.tp_rank)), None
+        return load(state_file(ckpt, grid.tp_rank)), None
     states: list[dict | None] = [None] * sd["world_size"]
     for r in needed_ranks(saved_tp, saved_dp, sharded):
-        if not os.path.exists(fn := _state_file(ckpt, r)):
+        if not os.path.exists(fn := state_file(ckpt, r)):
             missing(fn, "re-laying the optimizer for another layout reads it")
         states[r] = load(fn)
     if same_grid:
@@ -559,7 +560,7 @@ def fingerprint_models(run, ckpt: str | None, rank: int) -> dict | None:
 def _fingerprint_models(run, ckpt: str | None) -> dict:
     """fingerprint_models on global rank 0."""
     found = model_fingerprints(run)
-    head = _state_file(ckpt, 0) if ckpt else None
+    head = state_file(ckpt, 0) if ckpt else None
     if head and os.path.exists(head):  # (a missing one is named by load_trainer_state)
         check_models(load_state_file(head).get("models"), found, run.resume_other_models)
     return found
@@ -585,7 +586,7 @@ def check_prompt_order(ckpt: str, prompts: list[list[int]], cfg, seed: int) -> N
     """This run's prompts, --seed and --rollout-batch-size against the prompt order checkpoint `ckpt` continues (rank
     0's state file, memory-mapped), before any weight is read: a resume that cannot continue it is refused then, not
     once four models are loaded."""
-    fn = _state_file(ckpt, 0)
+    fn = state_file(ckpt, 0)
     if os.path.exists(fn):  # (a missing one is named by load_trainer_state)
         data = PromptBatches(prompts, cfg.rollout_batch_size, seed=seed, epochs=cfg.prompt_epochs)
         data.load_state_dict(load_state_file(fn)["data"])
@@ -593,7 +594,7 @@ def check_prompt_order(ckpt: str, prompts: list[list[int]], cfg, seed: int) -> N
 
 def saved_ppo_config(ckpt: str) -> dict:
     """The PPOConfig a checkpoint's run had (from rank 0's state file, memory-mapped: its tensors are not read)."""
-    fn = _state_file(ckpt, 0)
+    fn = state_file(ckpt, 0)
     if not os.path.exists(fn):
         raise MissingInput(f"{fn} is missing (every run writes it)")
     return dict(load_state_file(fn)["ppo_config"])

@@ -49,6 +49,7 @@ from engine.resume import (
     load_trainer_state,
     resume_checkpoint,
     saved_ppo_config,
+    state_file,
 )
 from engine.rollout import idle_models
 from engine.tokenizer import CHAT_TEMPLATES, PromptSet, response_stop_ids
@@ -465,7 +466,7 @@ def decide_offload(state: TrainState) -> tuple[bool, bool]:
 def checkpoint_position_file(policy_dir: str) -> str | None:
     """Global rank 0's state file beside a PPO checkpoint's policy (checkpoint-N/policy), or None for any other
     directory (or a Hub id)."""
-    fn = os.path.join(os.path.dirname(os.path.abspath(policy_dir)), "state-rank00000.pt")
+    fn = state_file(os.path.dirname(os.path.abspath(policy_dir)), 0)
     if os.path.basename(os.path.normpath(policy_dir)) != "policy" or not os.path.isfile(fn):
         return None
     return fn

@@ -1,4 +1,5 @@
-"""Experiment tracking in Weights & Biases (optional: `pip install -e '.[wandb]'`), next to the JSONL logs.
+"""An iteration's metrics: the printed line and metrics.jsonl (log_metrics, on global rank 0), and experiment
+tracking in Weights & Biases (optional: `pip install -e '.[wandb]'`), next to the JSONL logs.
 
 With --wandb-project P, global rank 0 sends every line it writes to metrics.jsonl and to eval.jsonl (as eval/<key>),
 charted against the run's iteration (a crash-resumed run's repeated iterations are kept, not dropped), with the PPO
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from engine.errors import InvalidInput, MissingPackage, UnwritableOutput, first_line
 from engine.output_dir import why_unwritable
-from engine.parallel import rank0_together
+from engine.parallel import print0, rank0_together
 from engine.resume import WANDB_RUN_ID, atomic_write
 
 if TYPE_CHECKING:
@@ -237,3 +238,48 @@ class Tracker:
             return
         if run is not None:
             run.finish(exit_code=1 if failed else 0)
+
+
+def log_metrics(state: TrainState, metrics: dict, per_iteration: float | None = None) -> None:
+    """Record an iteration's metrics (history; rank 0: the trackers, the printed line, metrics.jsonl); `per_iteration`:
+    the loop's wall time per iteration so far, for the ETA. A failure on rank 0 (a full disk) stops every rank at once
+    (rank0_together: one small all-reduce per iteration), none left waiting for it in the next rollout."""
+    state.history.append(metrics)
+    rank0_together("logging the iteration's metrics", state.grid.rank, _write_metrics, state, metrics, per_iteration)
+
+
+def _all_ranks(state: TrainState) -> str:
+    """The tok/s a line prints are the whole run's (every DP rank's tokens): said where there are several ranks."""
+    n = state.grid.world_size
+    return f"tok/s of all {n} ranks; " if n > 1 else ""
+
+
+def _write_metrics(state: TrainState, metrics: dict, per_iteration: float | None) -> None:
+    """log_metrics on global rank 0: the trackers, the printed line, metrics.jsonl."""
+    if state.tracker is not None:
+        state.tracker.log(metrics)
+    keys = ("score", "kl", "reward", "policy_loss", "value_loss", "clip_frac", "entropy", "response_len")
+    keys = keys[:2] + ("kl_coef",) + keys[2:] if state.cfg.kl_target else keys
+    line = " ".join(f"{k} {metrics[k]:.4g}" for k in keys)
+    print0(
+        f"iter {metrics['iteration']}/{state.iterations} step {metrics['step']} {line} "
+        f"no_eos {metrics['no_eos_frac']:.2f} gen {metrics['gen_tok_s']:.0f} tok/s "
+        f"train {metrics['train_tok_s']:.0f} tok/s ({_all_ranks(state)}{metrics['train_tflops_gpu']:.3g} TFLOP/s per "
+        "GPU) "
+        f"time {metrics['time_iteration']:.1f}s "
+        f"(gen {metrics['time_generate']:.1f} score {metrics['time_score']:.1f} train {metrics['time_train']:.1f}) "
+        f"eta {_eta(state, per_iteration)}"
+    )
+    os.makedirs(state.run.output_dir, exist_ok=True)
+    with open(os.path.join(state.run.output_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+
+
+def _eta(state: TrainState, per_iteration: float | None = None) -> str:
+    """The time the run's remaining iterations take at this process's mean so far, as 1h02m: the loop's wall time per
+    iteration (`per_iteration`: the evaluations, checkpoints and logs between iterations included, which the remaining
+    ones have too), else the iterations' own time_iteration."""
+    if per_iteration is None:
+        per_iteration = sum(m["time_iteration"] for m in state.history) / len(state.history)
+    seconds = per_iteration * (state.iterations - state.iteration)
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"

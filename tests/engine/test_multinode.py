@@ -293,7 +293,7 @@ def _one_rank_fails_rank(rank, init_file, check, out_dir):
         elif check == "metrics":  # an iteration's metrics that rank 0, their only writer, cannot append (a full disk)
             import collections
 
-            from engine.trainer import log_metrics
+            from engine.tracking import log_metrics
 
             os.makedirs(os.path.join(out_dir, "metrics.jsonl"), exist_ok=True)  # (a directory of that name, say)
             state = types.SimpleNamespace(history=[], grid=grid, tracker=None, cfg=PPOConfig(), iteration=1,
