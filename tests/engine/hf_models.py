@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 
 def hf_config(**overrides) -> LlamaConfig:
@@ -43,8 +44,21 @@ def bf16_errors(hf, ours, ids, mask, pos) -> tuple[float, float]:
     with torch.no_grad():
         hf_bf16 = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits[m]
         out = ours(ids, mask)[m]
-        truth = hf.float()(input_ids=ids, attention_mask=mask, position_ids=pos).logits[m]
+        truth = fp32_rotary(hf.float())(input_ids=ids, attention_mask=mask, position_ids=pos).logits[m]
     return rel_err(out, truth), rel_err(hf_bf16, truth)
+
+
+def fp32_rotary(hf):
+    """`hf` with its rotary frequencies computed again in fp32: a model cast to bf16 rounds its inv_freq buffers, and
+    casting back does not restore them (an fp32 "truth" whose rotation drifts from the exact one with the position)."""
+    for mod in hf.modules():
+        if isinstance(getattr(mod, "inv_freq", None), torch.Tensor) and hasattr(mod, "rope_type"):
+            default = mod.rope_type == "default"
+            init = mod.compute_default_rope_parameters if default else ROPE_INIT_FUNCTIONS[mod.rope_type]
+            inv_freq, _ = init(mod.config, mod.inv_freq.device)
+            mod.inv_freq.copy_(inv_freq)
+            mod.original_inv_freq.copy_(inv_freq)
+    return hf
 
 
 def rel_err(a, b) -> float:

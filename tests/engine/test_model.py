@@ -5,14 +5,14 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaForCausalLM
 
 from engine.checkpoint import load_pretrained, save_pretrained
 from engine.config import ModelConfig
 from engine.errors import InvalidInput
 from engine.model import Transformer, last_token_scores, pack_padded
 from kernels.dispatch import reference_ops
-from tests.engine.hf_models import bf16_errors, padded_batch, rel_err, save_hf_model
+from tests.engine.hf_models import bf16_errors, fp32_rotary, padded_batch, rel_err, save_hf_model
 
 VARIANTS = {
     "mha": dict(num_key_value_heads=4),
@@ -82,6 +82,20 @@ def test_logits_bf16_as_accurate_as_transformers(tmp_path, seed):
     assert next(ours.parameters()).dtype == torch.bfloat16
     ours_err, hf_err = bf16_errors(hf, ours, *padded_batch(301, [7, 4], "right", seed=seed))
     assert ours_err < max(2 * hf_err, 1e-2), (ours_err, hf_err)
+
+
+def test_the_fp32_truth_of_a_bf16_model_rotates_exactly(tmp_path):
+    """bf16_errors' fp32 forward of a bf16 model takes fp32 rotary frequencies (a bf16 cast rounds them, by up to
+    ~2e-4 here, and casting back keeps the rounding): the same logits as the model built in fp32 with the weights
+    rounded to bf16 and back."""
+    hf = save_hf_model(tmp_path, dtype=torch.bfloat16)
+    exact = LlamaForCausalLM(hf.config).float()
+    exact.load_state_dict({k: v.float() for k, v in hf.state_dict().items()})
+    ids, mask, pos = padded_batch(301, [200], "right")
+    with torch.no_grad():
+        want = exact(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        got = fp32_rotary(hf.float())(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
