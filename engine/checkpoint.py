@@ -496,6 +496,7 @@ def _finish_checkpoint_dir(
             os.makedirs(os.path.join(tmp, CHAT_TEMPLATE_DIR))
             for fn in (fn for fn in os.listdir(named) if os.path.isfile(os.path.join(named, fn))):
                 shutil.copyfile(os.path.join(named, fn), os.path.join(tmp, CHAT_TEMPLATE_DIR, fn))
+        _read_as_shipped(tmp)
         if chat_template is not None:
             _set_chat_template(tmp, chat_template)
     if source_dir is not None and os.path.isfile(os.path.join(source_dir, GENERATION_CONFIG)):
@@ -506,6 +507,29 @@ def _finish_checkpoint_dir(
                 fsync_file(os.path.join(d, fn))
             fsync_dir(d)  # (its entries: the files' names)
     _replace_dir(tmp, path)
+
+
+def _read_as_shipped(directory: str) -> None:
+    """Name PreTrainedTokenizerFast as the class of the tokenizer files in `directory` where transformers would
+    rebuild their tokenizer.json's pipeline from the class they name (tokenizer.rebuilt_by_transformers: a Llama-2
+    tokenizer under transformers 5): AutoTokenizer then splits text as the run did (the file as it is; what
+    transformers 4 did too), and the saved chat template gives the run's ids."""
+    from transformers import AutoTokenizer
+
+    from engine.tokenizer import rebuilt_by_transformers
+
+    cfg_fn = os.path.join(directory, "tokenizer_config.json")
+    if not (os.path.isfile(cfg_fn) and os.path.isfile(os.path.join(directory, "tokenizer.json"))):
+        return
+    try:
+        if not rebuilt_by_transformers(AutoTokenizer.from_pretrained(directory, local_files_only=True), directory):
+            return
+    except Exception:  # (files transformers cannot read: copied as they are)
+        return
+    with open(cfg_fn) as f:
+        cfg = json.load(f)
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    _write_json(cfg_fn, cfg)
 
 
 def _set_chat_template(directory: str, template: str) -> None:

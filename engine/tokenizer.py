@@ -57,7 +57,10 @@ TOKENIZER_JSON_FILES = ("tokenizer_config", "special_tokens_map", "added_tokens"
 
 
 def load_tokenizer(path: str | os.PathLike = TINY_DIR):
-    """An HF fast tokenizer from local files (tokenizer.json / tokenizer_config.json); never downloads."""
+    """An HF fast tokenizer from local files (tokenizer.json / tokenizer_config.json); never downloads. A tokenizer.json
+    splits text as the file says: where transformers would rebuild its pipeline from the tokenizer's class
+    (rebuilt_by_transformers), the file is read as it is (PreTrainedTokenizerFast, tokenizer_config.json's special
+    tokens, added tokens and chat template as before)."""
     from transformers import AutoTokenizer
 
     path = os.fspath(path)
@@ -69,7 +72,12 @@ def load_tokenizer(path: str | os.PathLike = TINY_DIR):
             "tokenizer files (a checkpoint of this engine has them beside its policy's weights)"
         )
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if not rebuilt_by_transformers(tokenizer, path):
+            return tokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
     except Exception as e:
         listed = os.listdir(path)
         for fn in sorted(n for n in listed if n.endswith(".json") and n.startswith(TOKENIZER_JSON_FILES)):
@@ -96,6 +104,24 @@ def load_tokenizer(path: str | os.PathLike = TINY_DIR):
             f"build a fast tokenizer from it ({type(e).__name__}: {why}); copy the "
             "tokenizer.json the model was trained with (Llama-2 checkpoints ship one) into it"
         ) from e
+
+
+SPLITTING = ("normalizer", "pre_tokenizer", "model")  # the parts of a tokenizer.json that decide the ids of a text
+
+
+def rebuilt_by_transformers(tokenizer, path: str) -> bool:
+    """Whether transformers built `tokenizer` (read from directory `path`) with another normalizer, pre-tokenizer or
+    model than `path`'s tokenizer.json has. transformers 5 rebuilds a sentencepiece-style Llama tokenizer (Llama-2's
+    tokenizer_class LlamaTokenizer) from its class and the `legacy` flag: '▁' before the string's first piece only,
+    where the file, sentencepiece (Meta's and EasyLM's tokenizers) and transformers 4 put one before the text after
+    every special token: a multi-turn prompt ('</s>' then the next '<|user|>') or a question quoting '<s>' or '</s>'
+    would be other ids than the model was trained on."""
+    fn = os.path.join(path, "tokenizer.json")
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not os.path.isfile(fn):
+        return False
+    shipped, built = read_json(fn), json.loads(backend.to_str())
+    return any(shipped.get(k) != built.get(k) for k in SPLITTING)
 
 
 def response_stop_ids(tokenizer, policy_dir: str | os.PathLike | None = None) -> list[int]:
@@ -267,9 +293,10 @@ def tulu_chat_template(tokenizer) -> str | None:
     (encode_chat "tulu", checked on TEMPLATE_PROBES), or None when no variant does.
 
     The template writes the BOS as text and is tokenised without special tokens added: a byte-level BPE (Llama 3's,
-    the shipped one) then encodes the text after the BOS as it encodes the start of a string, but a sentencepiece
-    Llama tokenizer read without its legacy mode (transformers 5: '▁' only before the string's first piece) gives
-    '<|user|>' after the BOS no '▁'; its variant has a space there, which becomes that '▁'."""
+    the shipped one) and a sentencepiece-style Llama-2 tokenizer read as its tokenizer.json has it (load_tokenizer)
+    then encode the text after the BOS as they encode the start of a string; one that puts '▁' only before the
+    string's first piece (transformers 5's rebuilt LlamaTokenizer) would give '<|user|>' after the BOS no '▁': the
+    variant with a space there, which becomes that '▁'."""
     if not HAVE_JINJA:  # (then no template can be rendered here, nor checked)
         return None
     want = [encode_chat(tokenizer, m) for m in TEMPLATE_PROBES]

@@ -605,28 +605,62 @@ def _llama2_style_tokenizer(path, legacy: bool):
 
 @pytest.mark.parametrize("kind", ["tiny", "llama2_legacy", "llama2"])
 def test_the_saved_tulu_template_encodes_as_the_run_did(tmp_path, kind):
-    """A saved policy's template (tulu_chat_template, written by checkpoint._set_chat_template) gives through
-    apply_chat_template the very ids its run's prompts had, for a byte-level BPE and for sentencepiece-style Llama-2
-    tokenizers read with and without their legacy mode (without it, the BOS written as text took the '▁' off
-    '<|user|>': another first token for every prompt)."""
-    from engine.checkpoint import _set_chat_template
+    """A saved policy's tokenizer (its files as save_pretrained writes them: the Tulu template
+    (tulu_chat_template), and PreTrainedTokenizerFast named as the class of a tokenizer transformers 5 would rebuild)
+    gives, read by transformers' AutoTokenizer itself, through apply_chat_template the very ids its run's prompts
+    had, for a byte-level BPE and for sentencepiece-style Llama-2 tokenizers with and without their legacy flag
+    (read as LlamaTokenizer, transformers 5 took the '▁' off '<|user|>' after the BOS written as text, and off the
+    text after an earlier answer's '</s>')."""
+    from transformers import AutoTokenizer
+
+    from engine.checkpoint import save_pretrained
+    from engine.config import ModelConfig
+    from engine.model import Transformer
 
     src = TINY_DIR if kind == "tiny" else _llama2_style_tokenizer(tmp_path / "src", legacy=kind == "llama2_legacy")
     tok = load_tokenizer(src)
     template = tulu_chat_template(tok)
-    assert template is not None
-    assert (template == TULU_CHAT_TEMPLATE) == (kind != "llama2")
+    assert template == TULU_CHAT_TEMPLATE
     saved = tmp_path / "saved"
-    shutil.copytree(src, saved)
-    _set_chat_template(str(saved), template)
-    again = load_tokenizer(saved)
+    model = Transformer(ModelConfig.named("tiny")).init_weights(seed=1)
+    save_pretrained(model, saved, tokenizer_dir=src, chat_template=template)
+    cls = json.loads((saved / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    assert (cls == "PreTrainedTokenizerFast") == (kind != "tiny"), cls
+    again = AutoTokenizer.from_pretrained(saved, local_files_only=True)
     tulu = load_prompts(TINY_PROMPTS, again, verbose=False)
     own = load_prompts(TINY_PROMPTS, again, verbose=False, template="tokenizer")
-    assert own.prompts == tulu.prompts
-    probe = TEMPLATE_PROBES[1]
-    assert template_ids(again, probe) == encode_chat(tok, probe)
-    if kind == "llama2":  # (what the plain template gives there: the reason for the variant)
-        assert template_ids(again, probe, TULU_CHAT_TEMPLATE)[1] != encode_chat(tok, probe)[1]
+    assert own.prompts == tulu.prompts == load_prompts(TINY_PROMPTS, tok, verbose=False).prompts
+    for probe in TEMPLATE_PROBES:
+        assert template_ids(again, probe) == encode_chat(tok, probe)
+
+
+@pytest.mark.parametrize("legacy", [None, True, False])
+def test_a_llama2_tokenizer_splits_text_as_its_tokenizer_json_does(tmp_path, legacy):
+    """A sentencepiece-style Llama-2 tokenizer (tokenizer_class LlamaTokenizer; a "legacy" flag of either value, or
+    none) splits a prompt as its tokenizer.json does, as sentencepiece (EasyLM's tokenizer) and transformers 4 did:
+    '▁' before the text after every special token. transformers 5 rebuilds such a tokenizer (Metaspace, '▁' before
+    the string's first piece only): a multi-turn prompt lost the '▁' after the earlier answer's '</s>', and a question
+    quoting '<s>old</s>' the ones after those tokens."""
+    from tokenizers import Tokenizer
+
+    src = _llama2_style_tokenizer(tmp_path / "src", legacy=legacy)
+    if legacy is None:
+        cfg = json.loads((tmp_path / "src" / "tokenizer_config.json").read_text())
+        del cfg["legacy"]
+        (tmp_path / "src" / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = load_tokenizer(src)
+    shipped = Tokenizer.from_file(str(tmp_path / "src" / "tokenizer.json"))
+    for messages in (
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "why"},
+        ],
+        [{"role": "user", "content": "Why does <s>old</s> markup render?"}],
+    ):
+        want = shipped.encode(format_chat(messages, "</s>")).ids
+        assert encode_chat(tok, messages) == want, (tok.convert_ids_to_tokens(encode_chat(tok, messages)), want)
+    assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
 
 
 def test_a_prompt_file_may_start_with_a_byte_order_mark(tmp_path):
