@@ -35,20 +35,24 @@ def is_repo_id(name: str) -> bool:
 
 
 def weight_patterns(files: list[str]) -> list[str]:
-    """The weights to fetch from a repo's file list, as engine.checkpoint reads them (transformers' order):
-    model.safetensors alone, else the top-level safetensors, else pytorch_model.bin alone, else the top-level
-    pytorch_model*.bin; each by its own name (a pattern would match a subfolder's copy too: a Trainer's
-    last-checkpoint/, say, fetching the weights twice; a repo whose safetensors are all in a subfolder gets its
-    top-level .bin, which is what loads). Not fetched: a file beside model.safetensors that is not read, such as an
-    adapter_model.safetensors."""
+    """The weights to fetch from a repo's file list, as engine.checkpoint.checkpoint_files reads them (transformers'
+    order): model.safetensors alone, else the top-level safetensors beside model.safetensors.index.json, else
+    pytorch_model.bin alone, else the top-level pytorch_model*.bin beside pytorch_model.bin.index.json, else (no
+    index) the top-level safetensors, else the top-level pytorch_model*.bin; each by its own name (a pattern would
+    match a subfolder's copy too: a Trainer's last-checkpoint/, say, fetching the weights twice; a repo whose
+    safetensors are all in a subfolder gets its top-level .bin, which is what loads). Not fetched: a file beside the
+    weights read that is not read, such as an adapter_model.safetensors beside model.safetensors or beside .bin
+    shards and their index."""
+    from engine.checkpoint import BIN_INDEX_FILE, BIN_SINGLE_FILE, INDEX_FILE, SINGLE_FILE
+
     top = sorted(f for f in files if "/" not in f)
-    for single, kind in (("model.safetensors", ".safetensors"), ("pytorch_model.bin", ".bin")):
-        if single in top:
-            return [single]
-        names = [f for f in top if f.endswith(kind) and (kind == ".safetensors" or f.startswith("pytorch_model"))]
-        if names:
+    tensors = [f for f in top if f.endswith(".safetensors")]
+    pickles = [f for f in top if f.startswith("pytorch_model") and f.endswith(".bin")]
+    for name, names in ((SINGLE_FILE, [SINGLE_FILE]), (INDEX_FILE, tensors), (BIN_SINGLE_FILE, [BIN_SINGLE_FILE]),
+                        (BIN_INDEX_FILE, pickles)):  # fmt: skip
+        if name in top:
             return [glob.escape(f) for f in names]
-    return []
+    return [glob.escape(f) for f in tensors or pickles]
 
 
 SHA = re.compile(r"^[0-9a-f]{40}$")

@@ -155,6 +155,14 @@ def test_the_weights_fetched_are_the_top_level_ones_of_one_format():
     # what the loader reads alone, as transformers does: not an adapter beside it, nor a .bin's shards
     assert hub.weight_patterns(["adapter_model.safetensors", "model.safetensors"]) == ["model.safetensors"]
     assert hub.weight_patterns(["pytorch_model.bin", "pytorch_model-00001-of-00002.bin"]) == ["pytorch_model.bin"]
+    # .bin shards with their index beside another safetensors file (an adapter): the shards, as the loader reads them
+    bin_shards = ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]
+    listing = ["adapter_model.safetensors", "pytorch_model.bin.index.json", *bin_shards]
+    assert hub.weight_patterns(listing) == bin_shards
+    assert hub.weight_patterns([*listing, "model.safetensors.index.json", "model-00001-of-00001.safetensors"]) == [
+        "adapter_model.safetensors",
+        "model-00001-of-00001.safetensors",
+    ]
 
 
 def run(out, *flags):
