@@ -76,9 +76,10 @@ class Rope:
     @classmethod
     def from_hf(cls, cfg: dict, max_position_embeddings: int | None = None) -> Rope:
         """From an HF config.json dict: `rope_parameters` (transformers 5) or `rope_scaling` and `rope_theta` (older
-        files). A missing original_max_position_embeddings is max_position_embeddings, as transformers fills it."""
-        params = dict(cfg.get("rope_scaling") or {})
-        params.update(cfg.get("rope_parameters") or {})
+        files); with both, `rope_scaling` alone, as transformers reads them (a default `rope_parameters` beside a
+        user's linear `rope_scaling` is not plain RoPE). A theta outside the parameters is the top-level rope_theta,
+        else 10000. A missing original_max_position_embeddings is max_position_embeddings, as transformers fills it."""
+        params = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
         kind = params.get("rope_type") or params.get("type") or "default"
         theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
         if kind not in cls.KINDS:

@@ -205,6 +205,22 @@ def test_bad_rope_parameters(cfg, message):
         reference.Rope.from_hf(cfg, max_position_embeddings=4096)
 
 
+def test_rope_scaling_beside_rope_parameters_is_read_as_transformers_reads_it():
+    """A config.json with both spellings (transformers 5's default rope_parameters, and a rope_scaling a user added to
+    stretch the context): rope_scaling alone, its theta else the top-level one, as LlamaConfig makes them; an
+    unsupported type there is refused, not passed over for the parameters beside it."""
+    from transformers import LlamaConfig
+
+    default = {"rope_type": "default", "rope_theta": 500000.0}
+    for extra in ({}, {"rope_theta": 20000.0}):
+        cfg = {"rope_parameters": default, "rope_scaling": {"rope_type": "linear", "factor": 4.0}, **extra}
+        hf = LlamaConfig(**cfg).rope_parameters
+        want = reference.Rope(hf["rope_theta"], "linear", hf["factor"])
+        assert reference.Rope.from_hf(cfg, max_position_embeddings=4096) == want, (cfg, hf)
+    with pytest.raises(ValueError, match="'dynamic' is not supported"):
+        reference.Rope.from_hf({"rope_parameters": default, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
+
+
 def test_rope_spellings_are_one_key():
     """A float theta and the default Rope of it are one table; fields a kind does not use are dropped."""
     assert reference.Rope.of(10000.0) == reference.Rope(10000.0) == reference.Rope(10000, factor=3.0)
