@@ -184,6 +184,10 @@ class _TorchFile:
         self.tensors = None
 
 
+STORED_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}  # a header's dtype -> ModelConfig.dtype
+SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}  # (their header's names)
+
+
 class _TensorSlice:
     """safetensors' slice interface over a tensor: get_shape() and [a:b] / [:, a:b]."""
 
@@ -192,6 +196,9 @@ class _TensorSlice:
 
     def get_shape(self) -> list[int]:
         return list(self.t.shape)
+
+    def get_dtype(self) -> str:
+        return SAFETENSORS_DTYPES.get(self.t.dtype, str(self.t.dtype))
 
     def __getitem__(self, idx) -> torch.Tensor:
         return self.t[idx]
@@ -226,8 +233,9 @@ def check_checkpoint(path: str | os.PathLike, head: str = "lm") -> tuple[ModelCo
     headers alone (no weight is read, but for a legacy pre-zip .bin, which cannot be memory-mapped, and an LM head
     saved beside a tied config, compared with the embeddings): every tensor there, none unexpected, each of its
     shape. Cheap, so a run checks all its checkpoints before it loads (or clears) anything. Returns (config, tensor
-    name -> file, name prefix). Raises FileNotFoundError / ValueError
-    naming the directory, the tensor, both shapes and, for a checkpoint of the other kind, what this model is."""
+    name -> file, name prefix); the config's dtype is the first floating-point tensor's where config.json names none.
+    Raises FileNotFoundError / ValueError naming the directory, the tensor, both shapes and, for a checkpoint of the
+    other kind, what this model is."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise MissingInput(f"checkpoint directory {path} does not exist")
@@ -242,7 +250,8 @@ def check_checkpoint(path: str | os.PathLike, head: str = "lm") -> tuple[ModelCo
         names = [n for n in names if n != "lm_head.weight"]
     kind = ""
     # (a checkpoint of the other kind: its head's tensor, or, a causal LM with tied embeddings having none, its class)
-    archs = read_json(os.path.join(path, "config.json")).get("architectures") or []
+    raw = read_json(os.path.join(path, "config.json"))
+    archs = raw.get("architectures") or []
     tied_lm = (
         head == "score" and config.tie_word_embeddings and "score.weight" not in files and "LlamaForCausalLM" in archs
     )
@@ -263,6 +272,7 @@ def check_checkpoint(path: str | os.PathLike, head: str = "lm") -> tuple[ModelCo
     unexpected = [n for n in names if n not in shapes]
     if unexpected:
         raise InvalidInput(f"checkpoint {path} has unexpected tensor(s) {', '.join(unexpected[:5])}{kind}")
+    stored = None  # (the first floating-point tensor's dtype: the model's, where config.json names none)
     for fn, tensor_names in _by_file(shapes, files).items():
         with _open_weights(fn) as f:
             held = set(f.keys())
@@ -273,6 +283,7 @@ def check_checkpoint(path: str | os.PathLike, head: str = "lm") -> tuple[ModelCo
                         "hold it"
                     )
                 shape = tuple(f.get_slice(name).get_shape())
+                stored = stored or STORED_DTYPES.get(f.get_slice(name).get_dtype())
                 if shape != shapes[name]:
                     labels = ""
                     if name == "score.weight" and len(shape) == 2 and shape[1:] == shapes[name][1:]:
@@ -281,6 +292,8 @@ def check_checkpoint(path: str | os.PathLike, head: str = "lm") -> tuple[ModelCo
                         f"checkpoint {path}: tensor {name} in {os.path.basename(fn)} has shape {list(shape)}, "
                         f"expected {list(shapes[name])}{labels}"
                     )
+    if stored and not (raw.get("dtype") or raw.get("torch_dtype")):  # (as transformers' dtype "auto" reads it)
+        config = dataclasses.replace(config, dtype=stored)
     return config, files, prefix
 
 

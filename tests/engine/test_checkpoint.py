@@ -191,6 +191,27 @@ def _write_bin(src, dst, shards: int, legacy: bool = False) -> None:
     (dst / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_config_without_a_dtype_loads_the_stored_one(tmp_path, fmt, dtype):
+    """config.json naming no dtype (older converted checkpoints): the weights' own dtype, as transformers' dtype
+    "auto" loads them (not float32, which a save then wrote at twice the size); a config.json's dtype still wins."""
+    from transformers import AutoModelForCausalLM
+
+    save_hf_model(tmp_path / "st", dtype=dtype)
+    cfg = json.loads((tmp_path / "st" / "config.json").read_text())
+    cfg.pop("dtype", None), cfg.pop("torch_dtype", None)
+    (tmp_path / "st" / "config.json").write_text(json.dumps(cfg))
+    src = tmp_path / "st"
+    if fmt == "bin":
+        _write_bin(src, tmp_path / "bin", 1)
+        src = tmp_path / "bin"
+    assert AutoModelForCausalLM.from_pretrained(src).dtype == dtype
+    assert next(load_pretrained(src).parameters()).dtype == dtype
+    (src / "config.json").write_text(json.dumps({**cfg, "torch_dtype": "float32"}))
+    assert next(load_pretrained(src).parameters()).dtype == torch.float32
+
+
 def _same_parameters(a, b) -> None:
     for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert na == nb and pa.dtype == pb.dtype and torch.equal(pa, pb), na
