@@ -294,7 +294,7 @@ def _as_rows(logits: torch.Tensor) -> torch.Tensor:
         return logits.unsqueeze(0)
     if logits.dim() == 3:
         return logits
-    return logits.reshape(-1, logits.shape[-2], logits.shape[-1])
+    return logits.reshape(math.prod(logits.shape[:-2]), logits.shape[-2], logits.shape[-1])  # (-1: no empty batch)
 
 
 def _check_targets(targets: torch.Tensor, v_total: int) -> None:
@@ -329,8 +329,12 @@ def _group_info(group, v_local: int) -> tuple[int, int]:
     return dist.get_rank(group) * v_local, dist.get_world_size(group) * v_local
 
 
-def _combine_stats(stats: torch.Tensor, group, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-rank [N, 4] (m, s, w, x_t) -> global (norm [N, 2] = (m, log s), logp, entropy) with two collectives."""
+def _combine_stats(
+    stats: torch.Tensor, group, temperature: float, targets: torch.Tensor, v_total: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-rank [N, 4] (m, s, w, x_t) -> global (norm [N, 2] = (m, log s), logp, entropy) with two collectives. A
+    target outside [0, v_total) gets a NaN log-prob, as one rank's kernel gives it (no host sync): every rank holds
+    x_t 0 for a target outside its slice, and one outside them all would otherwise combine into a real-looking one."""
     import torch.distributed as dist
 
     m, s, w, x_t = stats.unbind(-1)
@@ -343,7 +347,8 @@ def _combine_stats(stats: torch.Tensor, group, temperature: float) -> tuple[torc
     s_all, w_all, x_t_all = local.unbind(-1)
     log_s = torch.log(s_all)
     # (as the kernel: never m + log s, which rounds at ulp(m), nor x / T - m / T)
-    return torch.stack([m_all, log_s], dim=-1), (x_t_all - m_all) / temperature - log_s, log_s - w_all / s_all
+    logp = torch.where((targets >= 0) & (targets < v_total), (x_t_all - m_all) / temperature - log_s, float("nan"))
+    return torch.stack([m_all, log_s], dim=-1), logp, log_s - w_all / s_all
 
 
 def _fwd_outputs(like: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -379,14 +384,14 @@ def logprob_forward(
     `out` = preallocated (norm, logp, entropy) fp32 tensors (tests poison them with NaN).
     """
     n, v = targets.numel(), x3.shape[-1]
-    v_start, _ = _group_info(group, v)
+    v_start, v_total = _group_info(group, v)
     if group is None:
         norm, logp, ent = out if out is not None else _fwd_outputs(x3, n)
         _fwd(x3, targets, temperature, has_ent, v_start, norm, logp, ent)
         return norm, logp, ent if has_ent else None
     stats = x3.new_empty(n, 4, dtype=torch.float32)
     _fwd(x3, targets, temperature, has_ent, v_start, stats=stats)
-    norm, logp, ent = _combine_stats(stats, group, temperature)
+    norm, logp, ent = _combine_stats(stats, group, temperature, targets, v_total)
     if out is not None:
         for dst, src in zip(out, (norm, logp, ent)):
             dst.copy_(src)
@@ -500,7 +505,7 @@ def _mask_padding(lg: torch.Tensor, real_vocab: int | None, fill: float = float(
 def _hidden_forward(hidden, weight, targets, temperature, has_ent, group, rows, real_vocab=None):
     """Chunked forward; with `group` the partial stats of all chunks are combined at once (2 collectives)."""
     n, v = hidden.shape[0], weight.shape[0]
-    v_start, _ = _group_info(group, v)
+    v_start, v_total = _group_info(group, v)
     norm, logp, ent = _fwd_outputs(hidden, n)
     stats = hidden.new_empty(n, 4, dtype=torch.float32) if group is not None else None
     for r0 in range(0, n, rows):
@@ -511,7 +516,7 @@ def _hidden_forward(hidden, weight, targets, temperature, has_ent, group, rows, 
         else:
             _fwd(lg, targets[sl], temperature, has_ent, v_start, stats=stats[sl])
     if group is not None:
-        norm, logp, ent = _combine_stats(stats, group, temperature)
+        norm, logp, ent = _combine_stats(stats, group, temperature, targets, v_total)
     return norm, logp, ent if has_ent else None
 
 

@@ -12,6 +12,8 @@ weight is this rank's slice.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from kernels import dispatch, logprob, reference
@@ -30,10 +32,12 @@ class _FusedHiddenLoss(torch.autograd.Function):
     sum of the weight's shape as the forward makes it (no [V, H] buffer), and the backward must bring grad 1."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, group, rows, token_loss, real_vocab, scale, into):
+    def forward(ctx, hidden, weight, targets, temperature, group, rows, token_loss, real_vocab, scale, into, grad):
         n, v = hidden.shape[0], weight.shape[0]
         v_start, _ = logprob._group_info(group, v)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # (grad: the caller's grad mode; needs_input_grad holds under no_grad and inference_mode too, where no grad may
+        # be taken nor added to `into`)
+        need_h, need_w = grad and ctx.needs_input_grad[0], grad and ctx.needs_input_grad[1]
         gh = torch.empty_like(hidden) if need_h else None
         if need_w and into is not None:
             gw = into  # (the caller's fp32 sum: every chunk adds to it)
@@ -47,16 +51,16 @@ class _FusedHiddenLoss(torch.autograd.Function):
             lg = logprob._mask_padding(hidden[r0:r1] @ weight.t(), real_vocab)
             norm_c, logp_c, ent_c = logprob.logprob_forward(lg.unsqueeze(0), targets[r0:r1], temperature, True, group)
             logp[r0:r1], ent[r0:r1] = logp_c, ent_c
-            with torch.enable_grad():
-                lp = logp_c.detach().requires_grad_(True)
-                en = ent_c.detach().requires_grad_(True)
+            with torch.enable_grad() if need_h or need_w else contextlib.nullcontext():
+                lp = logp_c.detach().requires_grad_(need_h or need_w)
+                en = ent_c.detach().requires_grad_(need_h or need_w)
                 loss_c = token_loss(lp, en, r0, r1)
                 if scale is not None:  # (in fp32, before the grad logits are rounded to the inputs' dtype)
                     loss_c = loss_c * scale
-                # An unused entropy (entropy_coef = 0) gives None: the backward kernel then skips its term.
-                glp, gent = torch.autograd.grad(loss_c, (lp, en), allow_unused=True)
             total += loss_c.detach()
             if need_h or need_w:
+                # An unused entropy (entropy_coef = 0) gives None: the backward kernel then skips its term.
+                glp, gent = torch.autograd.grad(loss_c, (lp, en), allow_unused=True)
                 logprob._hidden_grad_chunk(
                     lg, hidden[r0:r1], weight, targets[r0:r1], norm_c, ent_c, glp, gent, temperature, v_start,
                     gh[r0:r1] if need_h else None, gw, i == 0 and gw is not into, real_vocab,
@@ -86,7 +90,7 @@ class _FusedHiddenLoss(torch.autograd.Function):
         for g in (gh, gw):
             if g is not None:
                 logprob._scale_(g, grad_loss.float())
-        return gh, None if gw is None else gw.to(ctx.weight_dtype), None, None, None, None, None, None, None, None
+        return gh, None if gw is None else gw.to(ctx.weight_dtype), *(None,) * 9
 
 
 class _GradsTaken(torch.autograd.Function):
@@ -210,7 +214,10 @@ def ppo_token_loss(
         if into:
             grads = torch.autograd.grad(loss, (w, h) if h.requires_grad else (w,))
             weight_grad_into.add_(grads[0])
-            loss = _GradsTaken.apply(hidden, loss.detach(), grads[1] if h.requires_grad else None)
+            # (a frozen hidden: the loss hangs on the weight, so that the documented loss.backward() still runs)
+            loss = _GradsTaken.apply(
+                hidden if h.requires_grad else weight, loss.detach(), grads[1] if h.requires_grad else None
+            )
         return loss, stats
     m = mask.to(torch.float32)
     denom = m.sum().clamp_min(1.0)
@@ -237,7 +244,17 @@ def ppo_token_loss(
 
         t = targets.to(torch.int64).contiguous()
         loss, logp, ent = _FusedHiddenLoss.apply(
-            hidden, weight, t, float(temperature), group, rows, token_loss, real_vocab, loss_scale, weight_grad_into
+            hidden,
+            weight,
+            t,
+            float(temperature),
+            group,
+            rows,
+            token_loss,
+            real_vocab,
+            loss_scale,
+            weight_grad_into,
+            torch.is_grad_enabled(),
         )
     with torch.no_grad():
         _, ratio, pg1, pg2, kl = _ppo_per_token(logp.detach(), ent.detach(), old, adv, ref, *terms)

@@ -719,7 +719,8 @@ def ppo_token_loss(
     kl_ref = None
     if ref_logprobs is not None:
         kl_ref = kl_estimate(logp_on, torch.where(keep, ref_logprobs.to(ct), 0.0), kl_estimator)
-        per_tok = per_tok + kl_coef * kl_ref
+        if kl_coef:  # (as the kernel path: a k3 that overflows fp32 on a masked token is no 0 * inf = NaN)
+            per_tok = per_tok + kl_coef * kl_ref
     loss = torch.where(keep, per_tok * m, 0.0).sum() / denom
     with torch.no_grad():
         mean = lambda x: torch.where(keep, x * m, 0.0).sum() / denom

@@ -96,6 +96,21 @@ def main() -> None:
                 close(stats[k], r_stats[k], f"{mode} ppo stat {k}")
             close(pgh, r_pgh, f"{mode} ppo grad_hidden")
             close(pgw, r_pgw[sl], f"{mode} ppo grad_weight")
+
+    # A target outside the whole vocabulary where the host check is off (a GPU's CHECK_TARGETS_ON_GPU = False, whose
+    # async assert is all there is): NaN log-probs, as one rank's kernel gives, not a sum of every rank's 0 for it
+    check = L._check_targets
+    L._check_targets = lambda targets, v_total: None
+    try:
+        bad = targets.clone()
+        bad[3], bad[4] = v, -1
+        for lp in (
+            L.token_logprobs(logits[:, sl].contiguous(), bad, temp, group=group),
+            L.hidden_logprobs(hidden, weight[sl].contiguous(), bad, temp, group=group),
+        ):
+            assert torch.isnan(lp[3:5]).all() and torch.isfinite(lp[5:]).all(), (rank, lp)
+    finally:
+        L._check_targets = check
     dist.barrier()
     if rank == 0:
         print("logprob TP OK", flush=True)

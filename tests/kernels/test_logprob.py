@@ -496,6 +496,71 @@ def test_ppo_token_loss_off_the_mask_a_far_unlikely_target_adds_no_nan(small_blo
     torch.testing.assert_close(gw0, gw1)
 
 
+@pytest.mark.parametrize("path", ["logits", "hidden", "reference"])
+def test_ppo_token_loss_without_its_kl_term_adds_no_nan(small_block, path):
+    """kl_coef 0 with ref_logprobs given (the stats' kl_ref still computed): a k3 estimate that overflows fp32 on a
+    masked token (ref - logp ~ 100) leaves the loss the clipped surrogate's, on every path (the reference path added
+    0 * inf = NaN)."""
+    logits = torch.tensor([[0.0, 0.0, 0.0, -100.0], [1.0, 2.0, 0.5, 0.0]])
+    targets = torch.tensor([3, 1])
+    old = torch.log_softmax(logits.double(), -1).gather(-1, targets[:, None]).squeeze(-1).float()  # ratio 1
+    adv, mask, ref = torch.tensor([1.0, -0.5]), torch.ones(2), torch.tensor([-1.0, -1.0])
+    kw = dict(ref_logprobs=ref, kl_coef=0.0, kl_estimator="k3")
+    with dispatch.reference_ops() if path == "reference" else contextlib.nullcontext():
+        if path == "hidden":  # (hidden = I, weight = the logits' transpose: the same logits)
+            loss, _ = P.ppo_token_loss(
+                None, targets, old, adv, mask, hidden=torch.eye(2), weight=logits.T.clone(), **kw
+            )
+        else:
+            loss, _ = P.ppo_token_loss(logits, targets, old, adv, mask, **kw)
+    assert float(loss) == pytest.approx(-0.25, abs=1e-6), float(loss)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_fused_ppo_loss_outside_grad_mode_takes_no_grad(small_block, mode):
+    """The fused loss (hidden/weight) under no_grad or inference_mode: the loss and stats alone, as the reference path
+    gives them; no grad taken, and none added to a weight_grad_into sum no backward will follow (it was, under
+    no_grad, corrupting an optimizer's sum; inference_mode raised)."""
+    gen = torch.Generator(torch.get_default_device()).manual_seed(3)
+    n, h, v = 5, 8, 30
+    hidden = torch.randn(n, h, generator=gen, requires_grad=True)
+    weight = torch.randn(v, h, generator=gen, requires_grad=True)
+    targets = torch.randint(0, v, (n,), generator=gen)
+    old, adv, mask = torch.randn(n, generator=gen) - 3, torch.randn(n, generator=gen), torch.ones(n)
+    results = []
+    for path in ("kernel", "reference"):
+        into = torch.zeros(v, h)
+        with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+            with dispatch.reference_ops() if path == "reference" else contextlib.nullcontext():
+                loss, stats = P.ppo_token_loss(
+                    None, targets, old, adv, mask, hidden=hidden, weight=weight, weight_grad_into=into
+                )
+        assert not loss.requires_grad and torch.all(into == 0), path
+        results.append((loss, stats))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for k in results[0][1]:
+        torch.testing.assert_close(results[0][1][k], results[1][1][k], msg=k)
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_fused_ppo_loss_into_a_sum_with_a_frozen_hidden(small_block, path):
+    """weight_grad_into with a hidden that takes no grad (a frozen trunk): the LM head's grad goes into the sum and the
+    documented loss.backward() runs on both paths (the reference path's loss had no graph to run)."""
+    gen = torch.Generator(torch.get_default_device()).manual_seed(4)
+    n, h, v = 5, 8, 30
+    hidden, weight = torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen, requires_grad=True)
+    targets = torch.randint(0, v, (n,), generator=gen)
+    old, adv, mask = torch.randn(n, generator=gen) - 3, torch.randn(n, generator=gen), torch.ones(n)
+    w = weight.detach().requires_grad_()
+    want = torch.autograd.grad(reference.ppo_token_loss(hidden @ w.T, targets, old, adv, mask)[0], w)[0]
+    into = torch.zeros(v, h)
+    with dispatch.reference_ops() if path == "reference" else contextlib.nullcontext():
+        loss, _ = P.ppo_token_loss(None, targets, old, adv, mask, hidden=hidden, weight=weight, weight_grad_into=into)
+    loss.backward()
+    torch.testing.assert_close(into, want)
+    assert weight.grad is None
+
+
 def test_gemm_counts_per_chunk(small_block, monkeypatch):
     """hidden_logprobs: 1 GEMM per chunk forward, 3 backward; the fused PPO loss: 3 per chunk in all."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -607,7 +672,7 @@ def test_logits_without_unit_last_stride(small_block):
 def test_empty_inputs(small_block, monkeypatch):
     """0 tokens: empty outputs and grads; the LM head's grad is all zeros (its buffer, poisoned here, is written by
     no chunk)."""
-    for shape in ((0, 50), (2, 0, 50)):
+    for shape in ((0, 50), (2, 0, 50), (2, 3, 0, 50)):
         logits = torch.randn(shape, requires_grad=True)
         targets = torch.zeros(shape[:-1], dtype=torch.long)
         lp, ent = L.token_logprobs(logits, targets, return_entropy=True)
