@@ -18,7 +18,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.dispatch import INTERPRET, derived
-from kernels.rotary import reduce_angle
+from kernels.rotary import TAB_ROWS, reduce_angle
 
 _LOG2E = 1.4426950408889634
 # Sequence-block size shared by the forward (query blocks), dk/dv (key blocks) and dq (query blocks)
@@ -261,6 +261,7 @@ def _rotate(
     Consecutive positions: rotate by p0 * f (a [HALF] row of cos/sin), then by j * f from the table, which
     keeps fewer [R, HALF] fp32 temporaries alive than forming cos/sin of the sum first.
     """
+    tl.static_assert(R <= TAB_ROWS, "a tile longer than the rotary table (seq_block refuses it)")
     j = tl.arange(0, R)
     valid = start + j < n_valid
     pos = tl.load(POS + tok0 + start + j, mask=valid, other=0)
@@ -390,14 +391,13 @@ def tune_bucket(n_tokens: int) -> int:
 
 def seq_block(kernel: str, config: dict | None, name: str) -> int:
     """The sequence block of a launch of `kernel` ("fwd", "dkdv" or "dq"): an explicit config's entry `name`, else
-    SEQ_BLOCKS' (checked here: a power of two from 16 to 256), else _BLOCK."""
-    if config:
-        return config[name]
-    block = SEQ_BLOCKS[kernel]
+    SEQ_BLOCKS', else _BLOCK; checked here: a power of two from 16 to TAB_ROWS (the rows of the rotary table that
+    _rotate reads a tile's rotation from: a longer block read past it, garbage from the 129th row on)."""
+    block, what = (config[name], f"{name} of {config}") if config else (SEQ_BLOCKS[kernel], f"SEQ_BLOCKS[{kernel!r}]")
     if block is None:
         return _BLOCK
-    if not isinstance(block, int) or block < 16 or block > 256 or block & (block - 1):
-        raise ValueError(f"attention_tiles.SEQ_BLOCKS[{kernel!r}] must be a power of two from 16 to 256; got {block!r}")
+    if not isinstance(block, int) or block < 16 or block > TAB_ROWS or block & (block - 1):
+        raise ValueError(f"attention_tiles.{what} must be a power of two from 16 to {TAB_ROWS}; got {block!r}")
     return block
 
 

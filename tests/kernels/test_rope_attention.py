@@ -235,7 +235,7 @@ def test_sequence_blocks_by_setting(blocks, ws):
         out.backward(do)
         names = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
         assert launched == [(name, blocks[key], ws) for name, key in zip(names, ("fwd", "dkdv", "dq"))]
-        for bad in (48, 8, 512, 64.0):
+        for bad in (48, 8, 256, 512, 64.0):  # (256: past the rotary table's 128 rows, which gave garbage)
             mp.setitem(attention_tiles.SEQ_BLOCKS, "dq", bad)
             with pytest.raises(ValueError, match=r"SEQ_BLOCKS\['dq'\] must be a power of two"):
                 rope_attention(q, k, v, positions, cu).backward(do)
