@@ -5,15 +5,18 @@
     python bench/host_overheads.py --skip-host --settings default,at-once,admit-2,admit-8 --json h.json
 
 Part 1, host time of a decode step's bookkeeping (no model, no device): each call timed alone, the median of
---repeats calls in ms, at each batch of --batches sequences of random lengths, with block tables of `width` columns
-(max_model_len / block size, as the generator fixes them for its CUDA graphs):
+--repeats calls in ms, at each batch of --batches sequences of random lengths (from --prompt-min tokens up), with
+block tables of --width columns (the generator fixes them at max_model_len / block size, for its CUDA graphs):
   block_table     BlockManager.block_table: the step's int32 [B, width] tables, one gather from the numpy rows
   prepare_decode  BlockManager.prepare_decode: a slot appended to each of the B sequences, and the step's slot
                   mapping, positions, context lengths and tables as tensors (the whole step's bookkeeping of the
                   cache; every --chunk calls the sequences are rebuilt, untimed, so they never outgrow the tables)
-  python lists    the same tables from padded Python lists (each table through BlockManager.blocks, then
-                  torch.tensor): how they were built before the numpy rows, for scale
-The tensors stay on the host here; on a GPU each also costs a non-blocking copy from pinned memory.
+  python lists    the same tables from padded Python lists through torch.tensor, as block_table built them before
+                  the numpy rows (bfc2478; here each list through BlockManager.blocks, a copy more), for scale;
+                  at most 200 calls timed
+The tensors stay on the host here; on a GPU each also costs a non-blocking copy from pinned memory. Read them
+against a GPU's decode step (milliseconds at 13B): the host's share of a step that does not overlap it. On a
+machine whose cores other processes share, a figure can come out twice as high from one run to the next.
 
 Part 2, a PPO-like rollout on the tiny random model through the reference ops on the CPU (bench/RESULTS.md's
 "Scheduler, a PPO-like rollout"): --prompts prompts of --prompt-min to --prompt-max tokens through --slots sequence
@@ -65,6 +68,7 @@ SETTINGS = {
     "no-mix": {"mix_prefill": False},
 }
 DEFAULT_SETTINGS = "default,at-once,admit-8,prefill-per-admission"
+LIST_REPEATS = 200  # calls timed of the Python-list tables at most
 
 
 def setting_options(name: str) -> dict | None:
@@ -93,7 +97,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     host.add_argument("--batches", type=_positive_ints, default=[64, 256], help="sequences per step (default 64,256)")
     host.add_argument("--repeats", type=int, default=1000, help="calls timed per figure (the median is printed)")
     host.add_argument(
-        "--width", type=int, default=None, help="block-table columns (default: the rollout's max_model_len / block)"
+        "--width",
+        type=int,
+        default=128,
+        help="block-table columns (default 128: a max_model_len of 2,048 in blocks of 16, as the README's figures)",
     )
     host.add_argument("--chunk", type=int, default=64, help="prepare_decode calls between rebuilds of the sequences")
     host.add_argument("--skip-host", action="store_true", help="leave part 1 out")
@@ -186,7 +193,7 @@ def time_host(batch: int, width: int, block_size: int, repeats: int, chunk: int,
         t = clock()
         blocks.block_table(ids, width)
         tables.append(clock() - t)
-    for _ in range(repeats):
+    for _ in range(min(repeats, LIST_REPEATS)):  # (milliseconds a call: a few hundred medians are plenty)
         t = clock()
         rows = [b + [0] * (width - len(b)) for b in (blocks.blocks(s) for s in ids)]
         torch.tensor(rows, dtype=torch.int32)
@@ -207,6 +214,7 @@ def time_host(batch: int, width: int, block_size: int, repeats: int, chunk: int,
         "block_table_ms": _median_ms(tables),
         "prepare_decode_ms": _median_ms(steps),
         "python_lists_ms": _median_ms(lists),
+        "python_lists_repeats": len(lists),
     }
 
 
@@ -306,7 +314,7 @@ def _run(args) -> dict:
     cfg = ModelConfig.named("tiny")
     max_model_len = args.prompt_max + args.max_new
     cfg.max_position_embeddings = max(cfg.max_position_embeddings, max_model_len)
-    width = args.width or -(-max_model_len // args.block_size)
+    width = args.width
     result = {
         "meta": {
             "torch": torch.__version__,
@@ -320,8 +328,9 @@ def _run(args) -> dict:
 
     if not args.skip_host:
         print(
-            f"host time per decode step (no model; median of {args.repeats} calls each, ms; block tables of {width} "
-            f"columns of {args.block_size} tokens)"
+            f"host time per decode step (no model; ms, the median of {args.repeats} calls each, of "
+            f"{min(args.repeats, LIST_REPEATS)} for the Python lists; block tables of {width} columns of "
+            f"{args.block_size} tokens)"
         )
         print(f"{'batch':>7}{'block_table':>14}{'prepare_decode':>16}{'python lists':>14}{'repeats':>9}")
         for batch in args.batches:
@@ -344,11 +353,11 @@ def _run(args) -> dict:
             f"tiny random model (seed {args.seed}), reference ops on the CPU ({args.threads} thread(s))"
         )
         head = (
-            f"{'setting':<50}{'forwards':>9}{'prompt-only':>12}{'decode':>8}{'w/ prompts':>11}{'ahead':>7}"
+            f"{'setting':<54}{'forwards':>9}{'prompt-only':>12}{'decode':>8}{'w/ prompts':>11}{'ahead':>7}"
             f"{'decode rows':>12}{'dropped':>9}{'sampled':>9}{'same':>6}{'s':>7}"
         )
         first = None
-        for i, name in enumerate(args.settings):
+        for name in args.settings:
             row, comps = run_rollout(model, name, prompts, params, args, max_model_len)
             digest = _digest(comps)
             if first is None:
@@ -369,7 +378,7 @@ def _run(args) -> dict:
             row["same_samples"] = [c.tokens for c in comps] == [c.tokens for c in first]
             result["rollout"].append(row)
             print(
-                f"{row['label']:<50}{row['forwards']:>9}{row['prefill_steps']:>12}{row['decode_steps']:>8}"
+                f"{row['label']:<54}{row['forwards']:>9}{row['prefill_steps']:>12}{row['decode_steps']:>8}"
                 f"{row['mixed_steps']:>11}{row['overlapped_steps']:>7}{row['decode_rows']:>12}{row['dropped_rows']:>9}"
                 f"{row['completion_tokens']:>9}{'yes' if row['same_samples'] else 'NO':>6}{row['seconds']:>7.1f}"
             )
@@ -378,7 +387,7 @@ def _run(args) -> dict:
         if any(r["preemptions"] for r in rows):
             print("preemptions: " + ", ".join(f"{r['setting']} {r['preemptions']}" for r in rows))
         if not all(r["same_samples"] for r in rows):
-            print(f"(NO: these settings sampled other tokens than {rows[0]['setting']}: see the engine's reproducibility)")
+            print(f"(NO: a setting sampled other tokens than {rows[0]['setting']}: samples should not depend on it)")
     return result
 
 
