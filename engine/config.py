@@ -318,6 +318,12 @@ class GenerateConfig:
 LEGACY_PPO_VALUES = {"top_k": 0, "top_p": 1.0, "kl_target": 0.0, "kl_horizon": 10000, "entropy_coef": 0.0}
 
 
+# the PPOConfig fields an evaluation reads (--eval-only: the others would be ignored, and are refused): the decoding,
+# the response and prompt limits, and the terms of the reward
+EVALUATION_FIELDS = ("temperature", "top_k", "top_p", "max_new_tokens", "max_prompt_len", "kl_coef", "kl_estimator",
+                     "missing_eos_penalty")  # fmt: skip
+
+
 @dataclass
 class PPOConfig:
     """PPO hyperparameters; defaults are the Tulu V2.5 PPO 13B recipe (RECIPE.md)."""
@@ -389,8 +395,10 @@ class PPOConfig:
                      "max_new_tokens", "max_prompt_len", "kl_horizon"):  # fmt: skip
             if getattr(self, name) < 1:
                 bad.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("learning_rate", "weight_decay", "max_grad_norm", "kl_coef", "kl_target", "clip_ratio",
-                     "clip_value", "value_loss_coef", "entropy_coef"):  # fmt: skip
+        if not 0 < self.learning_rate < math.inf:  # (0: a run that trains nothing and exits 0)
+            bad.append(f"learning_rate must be > 0 and finite, got {self.learning_rate}")
+        for name in ("weight_decay", "max_grad_norm", "kl_coef", "kl_target", "clip_ratio", "clip_value",
+                     "value_loss_coef", "entropy_coef"):  # fmt: skip
             if not 0 <= getattr(self, name) < math.inf:
                 bad.append(f"{name} must be >= 0 and finite, got {getattr(self, name)}")
         for name in ("warmup_ratio", "gamma", "lam"):

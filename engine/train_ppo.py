@@ -38,7 +38,7 @@ if __name__ == "__main__" and os.path.basename(sys.path[0]) == "engine":
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from engine.config import ModelConfig, PPOConfig  # noqa: E402
+from engine.config import EVALUATION_FIELDS, ModelConfig, PPOConfig  # noqa: E402
 from engine.errors import global_rank, write_error_file  # noqa: E402
 from engine.state import RunConfig, setup  # noqa: E402
 from engine.trainer import train  # noqa: E402
@@ -169,6 +169,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PPOConfig, RunConfig, boo
     # (flags a run of this kind would accept and leave out in silence)
     training_only = ("eval_every", "save_every", "save_every_minutes", "keep_checkpoints", "max_iterations",
                      "log_samples", "profile_iteration")  # fmt: skip
+    training_only += tuple(sorted(ppo_names - set(EVALUATION_FIELDS)))  # (the optimizer's, PPO's, the rollout's)
     idle = [f"--{k.replace('_', '-')}" for k in training_only if k in given]
     if given.get("eval_only") and idle:
         parser.error(f"--eval-only evaluates --policy once and trains nothing: {', '.join(idle)} would do nothing")

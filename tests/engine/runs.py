@@ -18,13 +18,18 @@ TIMING = ("gen_tok_s", "score_tok_s", "train_tok_s", "time_generate", "time_scor
 TIMING += ("time_gen_setup", "gen_tflops_gpu", "score_tflops_gpu", "train_tflops_gpu", "time_dp_wait")
 
 
+def small(flags) -> list[str]:
+    """SMALL, less the batch sizes where `flags` evaluate alone (--eval-only refuses what it would not read)."""
+    return SMALL[-2:] if "--eval-only" in flags else SMALL
+
+
 def run_tiny(out, *flags, factory=None):
     with dispatch.reference_ops():
-        return main(["--output-dir", str(out), *SMALL, *flags], generator_factory=factory)
+        return main(["--output-dir", str(out), *small(flags), *flags], generator_factory=factory)
 
 
 def tiny_state(out, *flags, factory=None):
-    cfg, run, _ = parse_args(["--output-dir", str(out), *SMALL, *flags])
+    cfg, run, _ = parse_args(["--output-dir", str(out), *small(flags), *flags])
     return state_mod.setup(cfg, prepare_tiny(run), generator_factory=factory or state_mod.make_generator)
 
 
@@ -45,7 +50,7 @@ def torchrun_ranks(tmp_path, nproc: int, name: str, *flags, fails: bool = False,
     out = tmp_path / name
     out.mkdir(exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
-           os.path.join(ROOT, "tests/engine/ppo_dp_worker.py"), str(out), "--output-dir", str(out), *SMALL,
+           os.path.join(ROOT, "tests/engine/ppo_dp_worker.py"), str(out), "--output-dir", str(out), *small(flags),
            *flags]  # fmt: skip
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if fails:

@@ -137,7 +137,7 @@ def test_a_checkpoint_of_the_wrong_kind_is_refused_before_anything_is_read_or_cl
         # (torch.distributed's timedelta overflows: a traceback at 1e30, every collective timed out at once at 1e12)
         (["--dist-timeout-minutes", "1e12"], r"dist_timeout_minutes must be at most 1000000 .*got 1e\+12"),
         (["--kv-cache-fraction", "1.5"], r"kv_cache_fraction must be in \(0, 1\]"),
-        (["--learning-rate", "inf"], "learning_rate must be >= 0 and finite, got inf"),
+        (["--learning-rate", "inf"], "learning_rate must be > 0 and finite, got inf"),
         (["--missing-eos-penalty", "-inf"], "missing_eos_penalty must be finite, got -inf"),
         (["--dtype", "float16"], r"dtype float16 trains without loss scaling .*\(float16 serves --eval-only\)"),
         (["--dtype", "int8"], "dtype must be auto, bfloat16, float16 or float32, got 'int8'"),
@@ -173,6 +173,12 @@ def test_a_checkpoint_of_the_wrong_kind_is_refused_before_anything_is_read_or_cl
             "--eval-only evaluates --policy once and trains nothing: --max-iterations, --log-samples would do nothing",
         ),  # fmt: skip
         (["--eval-only", "--save-every", "1"], "trains nothing: --save-every would do nothing"),
+        (
+            ["--eval-only", "--learning-rate", "0.5", "--ppo-epochs", "3", "--temperature", "0.7"],
+            "--eval-only evaluates --policy once and trains nothing: --learning-rate, --ppo-epochs would do nothing",
+        ),
+        (["--eval-only", "--samples-per-prompt", "2"], "trains nothing: --samples-per-prompt would do nothing"),
+        (["--learning-rate", "0"], "learning_rate must be > 0 and finite, got 0.0"),
         (["--eval-only", "--eval-every", "1"], "trains nothing: --eval-every would do nothing"),
         (["--wandb-run-name", "x"], "--wandb-run-name names a run in a W&B project: give --wandb-project too"),
         # no abbreviations: --lr took --lr-schedule ("lr_schedule must be 'linear' or 'constant', got '1e-5'")

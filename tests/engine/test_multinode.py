@@ -15,7 +15,7 @@ from engine.config import PPOConfig
 from engine.output_dir import SHARED_PROBE
 from engine.tokenizer import TINY_PROMPTS
 from engine.train_ppo import build_tiny_models
-from tests.engine.runs import ROOT, SMALL, no_timing
+from tests.engine.runs import ROOT, no_timing, small
 
 
 def free_port() -> int:
@@ -36,10 +36,11 @@ def two_nodes(outs, *flags, nproc: int = 1, timeout: float = 120, node_flags=(()
     for node, out in enumerate(outs):
         env["PYTHONPATH"] = os.pathsep.join([*map(str, node_paths[node]), ROOT])
         os.makedirs(out, exist_ok=True)  # (the worker's result file goes there)
+        given = [*flags, *node_flags[node]]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
                "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(port),
-               os.path.join(ROOT, "tests/engine/ppo_dp_worker.py"), str(out), "--output-dir", str(out), *SMALL,
-               "--dist-timeout-minutes", "1", *flags, *node_flags[node]]  # fmt: skip
+               os.path.join(ROOT, "tests/engine/ppo_dp_worker.py"), str(out), "--output-dir", str(out),
+               *small(given), "--dist-timeout-minutes", "1", *given]  # fmt: skip
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     results = []
     try:
