@@ -325,13 +325,21 @@ def setup(
     if ckpt is None and run.output_dir:  # (a resume with nothing to resume drops the dead run's metrics)
         start_fresh(run.output_dir, run.overwrite_output_dir or run.resume, grid.rank, inputs=run_inputs(run))
     models = tuple(together(f"loading the {role} model", load, path, head) for role, (_, path, head) in sources.items())
+    stop_ids = response_stop_ids(tokenizer, run.policy)
+    if ckpt:  # (the run's own, kept with its policy: another --policy's generation_config.json would end responses
+        # elsewhere than the run did, the weights being the checkpoint's whatever --policy names)
+        saved = response_stop_ids(tokenizer, os.path.join(ckpt, "policy"))
+        if saved != stop_ids:
+            print0(f"warning: --policy {run.policy} ends responses at token ids {stop_ids}, the checkpoint's run at "
+                   f"{saved}: resuming with the run's")  # fmt: skip
+        stop_ids = saved
     state = make_state(
         cfg,
         run,
         grid,
         models,
         prompt_set.prompts,
-        response_stop_ids(tokenizer, run.policy),
+        stop_ids,
         tokenizer_dir,
         generator_factory=None,
         checked=True,  # (warned above, before the models loaded: once, not twice)

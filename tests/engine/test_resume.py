@@ -28,7 +28,7 @@ from kernels import dispatch
 from tests.engine.fake_tp import FakeGroup, fake_tp
 from tests.engine.ppo_dp_worker import naive_factory
 from tests.engine.ranks import init_gloo, outcome
-from tests.engine.runs import TIMING, no_timing, run_tiny, saved_weights, tiny_state, torchrun_ranks
+from tests.engine.runs import SMALL, TIMING, no_timing, run_tiny, saved_weights, tiny_state, torchrun_ranks
 
 
 def test_tiny_default_end_to_end_and_exact_resume(tmp_path):
@@ -446,6 +446,35 @@ def test_a_resume_at_another_dtype_says_its_numbers_are_no_longer_the_runs(tmp_p
         "warning: this resume runs with parameter dtype bfloat16 where the run's last launch had float32 (--dtype): "
         "its numbers are no longer those of a run that had not stopped"
     ) in capsys.readouterr().out
+
+
+def test_a_resume_ends_responses_where_its_run_did(tmp_path, capsys):
+    """--resume with another --policy (the same weights and tokenizer, a generation_config.json with more EOS ids):
+    the weights are the checkpoint's, and so are the ids that end a response (its policy keeps the run's
+    generation_config.json), not the new directory's; the difference is named."""
+    import shutil
+
+    from engine.tokenizer import TINY_DIR, TINY_PROMPTS
+
+    run_tiny(tmp_path / "b", "--max-iterations", "1")
+    init = tmp_path / "b" / "init"
+    other = tmp_path / "other"
+    shutil.copytree(init / "policy", other)
+    (other / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 5, 6]}))
+    flags = ["--output-dir", str(tmp_path / "b"), *SMALL, "--reference", str(init / "policy"), "--reward",
+             str(init / "reward"), "--prompts", TINY_PROMPTS, "--tokenizer", TINY_DIR, "--max-iterations", "2",
+             "--resume"]  # fmt: skip
+
+    def resumed(policy):
+        cfg, run, _ = parse_args([*flags, "--policy", str(policy)])
+        assert run.policy == str(policy)
+        return state_mod.setup(cfg, run, generator_factory=state_mod.make_generator)
+
+    saved = resumed(init / "policy").stop_ids
+    capsys.readouterr()
+    state = resumed(other)
+    assert state.stop_ids == saved and 5 not in saved
+    assert f"--policy {other} ends responses at token ids [" in capsys.readouterr().out
 
 
 def test_a_resume_keeps_the_checkpoints_hyperparameters_unless_given_again(tmp_path, capsys):
