@@ -112,6 +112,12 @@ def report(error: BaseException | str, prog: str) -> None:
     write_error_file(line)
 
 
+# The exit code of a run a signal stopped (SIGTERM / SIGUSR1: a scheduler's notice) after its checkpoint: not done,
+# and --resume continues it exactly (sysexits' EX_TEMPFAIL: a scheduler or `train && evaluate` does not take it for a
+# finished run)
+STOPPED_EXIT = 75
+
+
 def run_command(main: Callable[[], T], prog: str, disk_full: str = "free space and run it again") -> T:
     """main() as a command line named `prog`: an InputError reported in one line (report) with exit code 2, a full
     disk (or quota) in one line with what to do (`disk_full`) and exit code 1, another rank's error as raise_together

@@ -352,12 +352,16 @@ def main(argv: list[str] | None = None, *, generator_factory=None) -> list[dict]
 
 def cli(argv: list[str] | None = None, **kw) -> list[dict]:
     """The command line: main(argv, **kw), an error in the run's inputs reported in one line with exit code 2, any
-    other with its traceback (engine.errors.run_command)."""
-    from engine.errors import run_command
+    other with its traceback (engine.errors.run_command); a run a signal stopped after its checkpoint exits with
+    STOPPED_EXIT (75)."""
+    from engine.errors import STOPPED_EXIT, run_command
 
-    return run_command(
+    history = run_command(
         lambda: main(argv, **kw), "train_ppo.py", "free space, then --resume continues exactly from the last checkpoint"
     )
+    if getattr(history, "stopped", False):  # (a signal stopped it after a checkpoint: not done)
+        raise SystemExit(STOPPED_EXIT)
+    return history
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from torch.profiler import record_function
 from engine import balance, grad_sums, ppo, recompute
 from engine.data import Rollout, global_position
 from engine.dp_overlap import backward, settle
-from engine.errors import InputError, failed_on, raised_on_every_rank
+from engine.errors import STOPPED_EXIT, InputError, failed_on, raised_on_every_rank
 from engine.evaluate import check_resumed_eval, eval_due, evaluate, log_samples
 from engine.kv_cache import upload
 from engine.model import forward_flops
@@ -436,7 +436,14 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-def train(state: TrainState) -> list[dict]:
+class RunHistory(list):
+    """train()'s per-iteration metrics; `stopped`: the loop stopped on a signal before its last iteration, with a
+    checkpoint (the command line then exits with STOPPED_EXIT: not done, --resume continues)."""
+
+    stopped = False
+
+
+def train(state: TrainState) -> RunHistory:
     """Run iterations until state.iterations; checkpoint every save_every and at the end. SIGTERM or SIGUSR1 to
     any rank stops every rank after the current iteration, with a checkpoint (resume with --resume)."""
     g = state.grid
@@ -452,7 +459,7 @@ def train(state: TrainState) -> list[dict]:
     state.tracker = state.tracker or Tracker(state)
     with state.tracker:  # (a W&B run ends with the loop, marked failed if it raised)
         try:
-            _loop(state)
+            stopped = _loop(state)
         except BaseException as e:
             # (a checkpoint written in the background meanwhile: completed where every rank stops here alike (one
             # process, or an error every rank raised together), so its whole files are not lost with the run; else
@@ -462,7 +469,9 @@ def train(state: TrainState) -> list[dict]:
             else:
                 abandon_checkpoint(state)
             raise
-    return state.history
+    history = RunHistory(state.history)
+    history.stopped = stopped
+    return history
 
 
 def _complete_pending_save(state: TrainState) -> None:
@@ -489,8 +498,9 @@ def _where_to_resume(state: TrainState) -> str:
     )
 
 
-def _loop(state: TrainState) -> None:
-    saved_at, last_save = state.iteration, time.monotonic()
+def _loop(state: TrainState) -> bool:
+    """The iterations (and the evaluations and checkpoints between them); True where a signal stopped them."""
+    saved_at, last_save, stop = state.iteration, time.monotonic(), False
     if 0 < state.run.profile_iteration <= state.iteration:
         print0(f"warning: --profile-iteration {state.run.profile_iteration} was done before the checkpoint this run "
                f"resumes from (iteration {state.iteration}): nothing is profiled")  # fmt: skip
@@ -526,9 +536,11 @@ def _loop(state: TrainState) -> None:
                 save_checkpoint(state, background=state.run.async_save and not last)
                 saved_at, last_save = state.iteration, time.monotonic()
             if stop:
-                print0(f"stopping after iteration {state.iteration} on a signal: checkpoint, then exit")
+                print0(f"stopping after iteration {state.iteration} on a signal: checkpoint, then exit (exit code "
+                       f"{STOPPED_EXIT}: --resume continues)")  # fmt: skip
                 break
         # (the run's last save, under the signal handlers too: a scheduler's second notice is noted, not a kill)
         finish_checkpoint(state)
         if state.run.output_dir and saved_at != state.iteration:
             save_checkpoint(state)
+    return bool(stop)

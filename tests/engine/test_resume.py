@@ -127,6 +127,7 @@ def test_sigterm_stops_after_the_iteration_with_a_checkpoint_and_resume_is_exact
     finally:
         signal.signal(signal.SIGTERM, before)
     assert [m["iteration"] for m in first] == [1, 2]
+    assert first.stopped and not straight.stopped  # (the command line's exit code: test_a_stopped_run_exits_...)
     assert os.path.basename(latest_checkpoint(str(tmp_path / "b"))) == "checkpoint-000002"
     assert not killed  # (the second notice, during the last save, was noted by the loop)
     assert after is outside_the_loop  # the loop's handler is gone with the loop
@@ -354,6 +355,22 @@ def test_a_resume_from_an_earlier_checkpoint_removes_the_later_ones_at_its_first
     assert sorted(d.name for d in tmp_path.glob("checkpoint-*")) == ["checkpoint-000001", "checkpoint-000003"]
 
 
+def test_a_stopped_run_exits_with_its_own_code(monkeypatch):
+    """The command line of a run a signal stopped (its checkpoint written) exits with STOPPED_EXIT (75), not 0: a
+    scheduler, torchrun or `train && evaluate` does not take it for a finished run; a finished one returns."""
+    import engine.train_ppo as train_ppo
+    from engine.errors import STOPPED_EXIT
+    from engine.trainer import RunHistory
+
+    history = RunHistory([{"iteration": 1}])
+    monkeypatch.setattr(train_ppo, "main", lambda argv, **kw: history)
+    assert train_ppo.cli([]) == [{"iteration": 1}]
+    history.stopped = True
+    with pytest.raises(SystemExit) as e:
+        train_ppo.cli([])
+    assert e.value.code == STOPPED_EXIT == 75
+
+
 def test_a_stop_signal_at_an_evaluation_is_made_up_for_when_resumed(tmp_path, capsys):
     """SIGTERM during the last iteration, when the final evaluation is due: the run checkpoints without it (a
     scheduler's grace period is for the checkpoint) and the resumed run evaluates first, so eval.jsonl ends as a
@@ -378,6 +395,7 @@ def test_a_stop_signal_at_an_evaluation_is_made_up_for_when_resumed(tmp_path, ca
 
     first = run_tiny(tmp_path / "b", "--max-iterations", "2", factory=factory)
     assert [m["iteration"] for m in first] == [1, 2] and [e["iteration"] for e in evals("b")] == [0]
+    assert first.stopped  # (every iteration made, but not its evaluation: not done)
     assert run_tiny(tmp_path / "b", "--max-iterations", "2", "--resume") == []  # (no iteration left: the evaluation)
     ours, theirs = evals("b"), evals("a")
     assert [e["iteration"] for e in ours] == [0, 2]
