@@ -22,7 +22,6 @@ passes, and when a rollout's training ends, even by an error). ~33 ms a model an
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -30,15 +29,16 @@ import torch
 import torch.distributed as dist
 
 from engine.parallel import ProcessGrid, all_gather_single, reduce_scatter_single
+from kernels.dispatch import env_switch
 
 if TYPE_CHECKING:
     from engine.optim import Optimizer
 
 BUCKET_BYTES = 256 * 2**20  # fp32 grads per flat bucket (and per all-reduce / reduce-scatter)
 # with DP > 1, each unit's reduction launched during the step's last backward (module docstring)
-OVERLAP_REDUCE = os.environ.get("TULU_OVERLAP_GRAD_REDUCE", "1") != "0"
+OVERLAP_REDUCE = env_switch("TULU_OVERLAP_GRAD_REDUCE", True)
 # the distributed optimizer's parameter all-gather left running after the trainer's updates (module docstring)
-OVERLAP_GATHER = os.environ.get("TULU_OVERLAP_PARAM_GATHER", "1") != "0"
+OVERLAP_GATHER = env_switch("TULU_OVERLAP_PARAM_GATHER", True)
 
 
 @dataclass

@@ -112,6 +112,17 @@ def report(error: BaseException | str, prog: str) -> None:
     write_error_file(line)
 
 
+def _check_switches() -> None:
+    """The TULU_* switches in the environment, each a value of its kind (kernels.dispatch.check_switches): one that
+    is not ("off" for 0, a typo) is a usage error of the command, not a setting taken silently the other way."""
+    from kernels.dispatch import check_switches
+
+    try:
+        check_switches()
+    except ValueError as e:
+        raise InvalidInput(f"{e} (unset a switch for its default)") from None
+
+
 # The exit code of a run a signal stopped (SIGTERM / SIGUSR1: a scheduler's notice) after its checkpoint: not done,
 # and --resume continues it exactly (sysexits' EX_TEMPFAIL: a scheduler or `train && evaluate` does not take it for a
 # finished run)
@@ -131,6 +142,7 @@ def run_command(main: Callable[[], T], prog: str, disk_full: str = "free space a
     @record
     def run() -> T:
         try:
+            _check_switches()
             return main()
         except InputError as e:
             if traceback:

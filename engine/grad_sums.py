@@ -26,15 +26,14 @@ recomputed in the backward (activation checkpointing) makes the same one.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 import torch
 
 from kernels.decode_linear import linear as _plain_linear
-from kernels.dispatch import add_matmul_
+from kernels.dispatch import add_matmul_, env_switch
 
-ENABLED = os.environ.get("TULU_GRAD_SUMS", "1") != "0"
+ENABLED = env_switch("TULU_GRAD_SUMS", True)
 _ACTIVE = 0
 
 

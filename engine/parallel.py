@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from engine import symm_reduce
 from engine.errors import FailedOnAnotherRank, InputError, InvalidInput
 from engine.grad_sums import linear, target, weight_grad
+from kernels.dispatch import env_switch
 
 # ------------------------------------------------------------------------------ process grid --
 
@@ -332,7 +333,7 @@ class _ScatterTokens(torch.autograd.Function):
 # A column-parallel layer under sequence parallelism keeps its input as this rank's tokens only and gathers them again
 # in the backward (Megatron's): off (TULU_SP_OVERLAP=0), the gathered input is kept from the forward and the backward's
 # collectives run in series with its GEMMs, the other side of an A/B
-SP_OVERLAP = os.environ.get("TULU_SP_OVERLAP", "1") != "0"
+SP_OVERLAP = env_switch("TULU_SP_OVERLAP", True)
 
 
 # Async TP (torch's symmetric-memory ops, as torchtitan's async tensor parallelism: a column-parallel layer's all-gather
@@ -340,7 +341,7 @@ SP_OVERLAP = os.environ.get("TULU_SP_OVERLAP", "1") != "0"
 # it, over NVLink peers' memory without NCCL kernels on the SMs) for sequence parallelism's training and scoring
 # forwards and the row-parallel layer's backward: off until a multi-GPU machine has timed it (TULU_ASYNC_TP=1; CUDA
 # only; the same products in another summation order, so not the same bits)
-ASYNC_TP = os.environ.get("TULU_ASYNC_TP", "0") == "1"
+ASYNC_TP = env_switch("TULU_ASYNC_TP", False)
 _SYMM_GROUPS: set[str] = set()
 
 

@@ -29,17 +29,18 @@ It is never replaced (captured decode graphs read its address); a later, larger 
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-SYMM_ALL_REDUCE = os.environ.get("TULU_SYMM_ALL_REDUCE", "0") == "1"
+from kernels.dispatch import env_int, env_switch
+
+SYMM_ALL_REDUCE = env_switch("TULU_SYMM_ALL_REDUCE", False)
 # the largest sum the one-shot form takes (its NVLink reads grow as (tp - 1) x the bytes; above it the switch's
 # multicast or the two-shot form): a guess until bench/tp_allreduce.py has timed the three on a node
-ONE_SHOT_BYTES = int(os.environ.get("TULU_ONE_SHOT_BYTES", str(256 * 1024)))
+ONE_SHOT_BYTES = env_int("TULU_ONE_SHOT_BYTES", 256 * 1024)
 # what the kernels take: bf16 or fp32, 16-byte aligned sizes and addresses (torch's ops check 4, and a copy's and the
 # buffer's alignment must agree)
 _DTYPES = (torch.bfloat16, torch.float32)

@@ -96,6 +96,55 @@ def fill_sms(tile: int, programs, num_sms: int) -> int:
     return tile
 
 
+# ------------------------------------------------------------------ switches in the environment (TULU_*)
+
+# every TULU_* setting the engine reads at import or where it is used, by kind: a 0/1 flag, an integer (>= 0), or
+# one of a few words. A value of another kind ("off" for 0, a typo) is named by check_switches, every command's first
+# step, in one line (read at import it takes the default meanwhile: nothing can report it there)
+SWITCHES: dict[str, str | tuple[str, ...]] = {
+    "TULU_GRAD_SUMS": "flag", "TULU_OVERLAP_GRAD_REDUCE": "flag", "TULU_OVERLAP_PARAM_GATHER": "flag",
+    "TULU_SP_OVERLAP": "flag", "TULU_ASYNC_TP": "flag", "TULU_SYMM_ALL_REDUCE": "flag", "TULU_TRACEBACK": "flag",
+    "TULU_COMPILE_THREADS": "int", "TULU_ONE_SHOT_BYTES": "int", "TULU_PPO_ATTENTION": ("triton", "flash"),
+}  # fmt: skip
+
+
+def _why_not(name: str, value: str) -> str | None:
+    """Why `value` (set, stripped) is no value of switch `name`'s kind, or None."""
+    kind = SWITCHES[name]
+    if kind == "flag":
+        return None if value in ("0", "1") else f"{name}={value!r}: not 0 or 1"
+    if kind == "int":
+        return None if value.isascii() and value.isdigit() else f"{name}={value!r}: not an integer >= 0"
+    return None if value in kind else f"{name}={value!r}: not one of {', '.join(kind)}"
+
+
+def _env(name: str) -> str | None:
+    """Switch `name`'s value where it is one of its kind; None where unset, empty, or not (check_switches names it)."""
+    value = os.environ.get(name, "").strip()
+    return value if value and _why_not(name, value) is None else None
+
+
+def env_switch(name: str, default: bool) -> bool:
+    """A 0/1 flag of SWITCHES: `default` where unset (or not 0 or 1: "off" was taken as on, "yes" as off, silently,
+    before check_switches named it)."""
+    value = _env(name)
+    return default if value is None else value == "1"
+
+
+def env_int(name: str, default: int) -> int:
+    """An integer of SWITCHES: `default` where unset (or not an integer: a bare int() ended every command, --help
+    too, in a traceback at import)."""
+    value = _env(name)
+    return default if value is None else int(value)
+
+
+def check_switches() -> None:
+    """Raise ValueError naming every TULU_* switch in the environment whose value is not of its kind."""
+    bad = [why for name in SWITCHES if (value := os.environ.get(name, "").strip()) and (why := _why_not(name, value))]
+    if bad:
+        raise ValueError("; ".join(bad))
+
+
 def _default_compile_threads() -> int:
     """The cores this process may use, shared among the processes started beside it on the machine (torchrun's
     ranks, pytest-xdist's workers), at most 16."""
@@ -107,7 +156,7 @@ def _default_compile_threads() -> int:
 
 # Threads that compile an autotuned kernel's candidates at once (autotune below); 0 or 1: one after another, as
 # Triton's own tuner does. TULU_COMPILE_THREADS overrides the default.
-COMPILE_THREADS: int = int(os.environ.get("TULU_COMPILE_THREADS", _default_compile_threads()))
+COMPILE_THREADS: int = env_int("TULU_COMPILE_THREADS", _default_compile_threads())
 _compile_pool = None
 _ahead: int | None = None  # (the thread inside compile_ahead, whose launches compile and return)
 

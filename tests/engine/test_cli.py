@@ -1076,3 +1076,37 @@ def test_the_tiny_defaults_resume_with_another_seed_is_refused_on_every_rank_at_
         got = json.loads((tmp_path / f"rank{r}").read_text())
         assert got[0].startswith(refusal) and got[1], got
     assert (out / "init" / "policy" / "model.safetensors").read_bytes() == policy
+
+
+def test_switches_in_the_environment_are_values_of_their_kind(monkeypatch, capsys):
+    """A TULU_* switch holding no value of its kind ("off" for 0, "256K", a typo of a word) ends the command in one
+    line with exit code 2 naming each, before anything is loaded; read at import it takes the default meanwhile
+    (a bare int() of it was a traceback at import, "off" was taken as on and "yes" as off)."""
+    import engine.train_ppo as train_ppo
+    from kernels import dispatch
+
+    for name in dispatch.SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    dispatch.check_switches()
+    monkeypatch.setenv("TULU_GRAD_SUMS", "off")
+    monkeypatch.setenv("TULU_ASYNC_TP", "yes")
+    monkeypatch.setenv("TULU_ONE_SHOT_BYTES", "256K")
+    monkeypatch.setenv("TULU_PPO_ATTENTION", "sdpa")
+    assert dispatch.env_switch("TULU_GRAD_SUMS", True) and not dispatch.env_switch("TULU_ASYNC_TP", False)
+    assert dispatch.env_int("TULU_ONE_SHOT_BYTES", 7) == 7
+    with pytest.raises(SystemExit) as e:
+        train_ppo.cli(["--max-iterations", "1"])
+    assert e.value.code == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said == [
+        "train_ppo.py: error: TULU_GRAD_SUMS='off': not 0 or 1; TULU_ASYNC_TP='yes': not 0 or 1; "
+        "TULU_ONE_SHOT_BYTES='256K': not an integer >= 0; TULU_PPO_ATTENTION='sdpa': not one of triton, flash "
+        "(unset a switch for its default)"
+    ], said
+    for name, value, want in (("TULU_GRAD_SUMS", "0", False), ("TULU_ASYNC_TP", " 1 ", True)):
+        monkeypatch.setenv(name, value)
+        assert dispatch.env_switch(name, not want) is want
+    monkeypatch.setenv("TULU_ONE_SHOT_BYTES", "10240")
+    monkeypatch.setenv("TULU_PPO_ATTENTION", "flash")
+    assert dispatch.env_int("TULU_ONE_SHOT_BYTES", 7) == 10240
+    dispatch.check_switches()
