@@ -116,14 +116,17 @@ def test_check_checkpoint_reads_no_weight(tmp_path, monkeypatch):
             return self.f.keys()
 
         def get_slice(self, name):
-            return Shape(self.f.get_slice(name).get_shape())
+            return Shape(self.f.get_slice(name))
 
-    class Shape:
-        def __init__(self, shape):
-            self.shape = shape
+    class Shape:  # (the header's shape and dtype)
+        def __init__(self, sl):
+            self.shape, self.dtype = sl.get_shape(), sl.get_dtype()
 
         def get_shape(self):
             return self.shape
+
+        def get_dtype(self):
+            return self.dtype
 
     real = ckpt._open_weights
     monkeypatch.setattr(ckpt, "_open_weights", Headers)
