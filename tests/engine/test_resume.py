@@ -157,10 +157,12 @@ def test_save_every_minutes_checkpoints_by_the_clock(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer.time, "monotonic", lambda: clock["t"])
     saved = _record_saves(monkeypatch)
 
-    def tick(*a, **k):  # each log line is 4 minutes later
+    def tick(*a, **k):  # each iteration's line is 4 minutes later
         clock["t"] += 240.0
 
-    monkeypatch.setattr(trainer, "print0", tick)
+    import engine.tracking
+
+    monkeypatch.setattr(engine.tracking, "print0", tick)
     history = run_tiny(tmp_path, "--max-iterations", "4", "--save-every-minutes", "7", "--keep-checkpoints", "9")
     assert len(history) == 4 and saved == [2, 4]  # 8 minutes after the start, then after the save at 2
     assert all(m["mem_gib_generate"] == m["mem_gib_train"] == 0.0 for m in history)  # (GPU only)
