@@ -5,6 +5,7 @@ samples. Data-parallel evaluation: in test_trainer.py's DP x TP test."""
 import dataclasses
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -379,3 +380,18 @@ def test_a_resumed_runs_evaluation_is_made_up_on_every_rank_as_rank_0s_eval_json
     assert rank0[:4] == rank1[:4] == [False, True, True, True]
     assert rank0[4].startswith(f"InvalidInput: {bad}") and rank0[5], rank0
     assert rank1[4].startswith(f"FailedOnAnotherRank: reading eval.jsonl failed on rank 0: {bad}") and rank1[5], rank1
+
+
+def test_eval_every_0_evaluates_before_the_first_iteration_and_after_the_last(tmp_path):
+    """--eval-every 0 (the default: "only before the first and after the last"): the starting point is evaluated
+    too, eval.jsonl's iteration 0 (the tiny preset's eval_every 4 never takes this path)."""
+    run = SimpleNamespace(eval_every=0, output_dir="")
+
+    def due(iteration, **kw):
+        return evaluate.eval_due(SimpleNamespace(eval_prompts=[], run=run, iteration=iteration, iterations=3), **kw)
+
+    assert due(0, at_start=True)
+    assert [due(i) for i in (1, 2, 3)] == [False, False, True]
+    run_tiny(tmp_path, "--max-iterations", "1", "--eval-every", "0")
+    lines = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [e["iteration"] for e in lines] == [0, 1]

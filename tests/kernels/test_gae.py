@@ -321,3 +321,17 @@ def test_gae_rows_packed_into_one_program_stay_in_their_rows(monkeypatch):
     want_adv, want_ret = _skip_oracle(rewards[:b], values[:b], mask[:b], 0.99, 0.95)
     _assert_close(adv, want_adv, 1e-5, 1e-5)
     _assert_close(ret, want_ret, 1e-5, 1e-5)
+
+
+def test_gae_empty_batch_on_the_reference_path():
+    """Empty batches on the CPU reference path (reference_ops: the CPU demo's, and float64 anywhere), not only through
+    the kernel launcher's early return."""
+    for shape in [(0, 5), (4, 0)]:
+        for dtype in (torch.float32, torch.float64):
+            with dispatch.reference_ops():
+                adv, ret = gae(
+                    torch.randn(shape, dtype=dtype),
+                    torch.randn(shape, dtype=dtype),
+                    torch.ones(shape, dtype=torch.bool),
+                )
+            assert adv.shape == shape and ret.shape == shape
