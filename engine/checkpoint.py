@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -184,8 +185,8 @@ class _TorchFile:
         self.tensors = None
 
 
-STORED_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}  # a header's dtype -> ModelConfig.dtype
 SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}  # (their header's names)
+STORED_DTYPES = {name: str(t).removeprefix("torch.") for t, name in SAFETENSORS_DTYPES.items()}  # -> ModelConfig.dtype
 
 
 class _TensorSlice:
@@ -282,8 +283,9 @@ def check_checkpoint(path: str | os.PathLike, head: str = "lm") -> tuple[ModelCo
                         f"checkpoint {path}: the index puts tensor {name} in {os.path.basename(fn)}, which does not "
                         "hold it"
                     )
-                shape = tuple(f.get_slice(name).get_shape())
-                stored = stored or STORED_DTYPES.get(f.get_slice(name).get_dtype())
+                sl = f.get_slice(name)
+                shape = tuple(sl.get_shape())
+                stored = stored or STORED_DTYPES.get(sl.get_dtype())
                 if shape != shapes[name]:
                     labels = ""
                     if name == "score.weight" and len(shape) == 2 and shape[1:] == shapes[name][1:]:
@@ -509,7 +511,7 @@ def _finish_checkpoint_dir(
             os.makedirs(os.path.join(tmp, CHAT_TEMPLATE_DIR))
             for fn in (fn for fn in os.listdir(named) if os.path.isfile(os.path.join(named, fn))):
                 shutil.copyfile(os.path.join(named, fn), os.path.join(tmp, CHAT_TEMPLATE_DIR, fn))
-        _read_as_shipped(tmp)
+        _read_as_shipped(tmp, tokenizer_dir)
         if chat_template is not None:
             _set_chat_template(tmp, chat_template)
     if source_dir is not None and os.path.isfile(os.path.join(source_dir, GENERATION_CONFIG)):
@@ -522,25 +524,29 @@ def _finish_checkpoint_dir(
     _replace_dir(tmp, path)
 
 
-def _read_as_shipped(directory: str) -> None:
-    """Name PreTrainedTokenizerFast as the class of the tokenizer files in `directory` where transformers would
-    rebuild their tokenizer.json's pipeline from the class they name (tokenizer.rebuilt_by_transformers: a Llama-2
-    tokenizer under transformers 5): AutoTokenizer then splits text as the run did (the file as it is; what
-    transformers 4 did too), and the saved chat template gives the run's ids."""
-    from transformers import AutoTokenizer
-
-    from engine.tokenizer import rebuilt_by_transformers
+def _read_as_shipped(directory: str, source: str | os.PathLike) -> None:
+    """Name PreTrainedTokenizerFast as the class of the tokenizer files copied into `directory` from `source` where
+    transformers would rebuild their tokenizer.json's pipeline from the class they name (tokenizer.read_as_shipped,
+    what load_tokenizer found for these files: a Llama-2 tokenizer under transformers 5): AutoTokenizer then splits
+    text as the run did (the file as it is; what transformers 4 did too), and the saved chat template gives the
+    run's ids. Files transformers cannot read are left as copied, with a warning (the weights are saved all the
+    same)."""
+    from engine.tokenizer import read_as_shipped
 
     cfg_fn = os.path.join(directory, "tokenizer_config.json")
     if not (os.path.isfile(cfg_fn) and os.path.isfile(os.path.join(directory, "tokenizer.json"))):
         return
     try:
-        if not rebuilt_by_transformers(AutoTokenizer.from_pretrained(directory, local_files_only=True), directory):
+        if not read_as_shipped(source):
             return
-    except Exception:  # (files transformers cannot read: copied as they are)
+    except Exception as e:  # (transformers' and the tokenizers library's errors have no common class)
+        warnings.warn(
+            f"the tokenizer files of {source} were copied as they are: transformers cannot load them "
+            f"({type(e).__name__}: {first_line(e)})",
+            stacklevel=2,
+        )
         return
-    with open(cfg_fn) as f:
-        cfg = json.load(f)
+    cfg = read_json(cfg_fn)
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     _write_json(cfg_fn, cfg)
 

@@ -73,7 +73,8 @@ def load_tokenizer(path: str | os.PathLike = TINY_DIR):
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        if not rebuilt_by_transformers(tokenizer, path):
+        rebuilt = _REBUILT[_files_key(path)] = rebuilt_by_transformers(tokenizer, path)
+        if not rebuilt:
             return tokenizer
         from transformers import PreTrainedTokenizerFast
 
@@ -122,6 +123,34 @@ def rebuilt_by_transformers(tokenizer, path: str) -> bool:
         return False
     shipped, built = read_json(fn), json.loads(backend.to_str())
     return any(shipped.get(k) != built.get(k) for k in SPLITTING)
+
+
+# rebuilt_by_transformers of a tokenizer directory, as load_tokenizer (or read_as_shipped) found it, per version of
+# its files (_files_key): a checkpoint save asks at every save and need not load the tokenizer again
+_REBUILT: dict[tuple, bool] = {}
+
+
+def _files_key(path: str) -> tuple:
+    key: list = [os.path.realpath(path)]
+    for fn in ("tokenizer.json", *(f"{n}.json" for n in TOKENIZER_JSON_FILES)):
+        try:
+            st = os.stat(os.path.join(path, fn))
+            key.append((fn, st.st_size, st.st_mtime_ns))
+        except FileNotFoundError:
+            key.append((fn, None))
+    return tuple(key)
+
+
+def read_as_shipped(path: str | os.PathLike) -> bool:
+    """Whether directory `path`'s tokenizer must be read as PreTrainedTokenizerFast to split text as its tokenizer.json
+    does (rebuilt_by_transformers): what load_tokenizer found reading these very files, else read now."""
+    path = os.fspath(path)
+    key = _files_key(path)
+    if key not in _REBUILT:
+        from transformers import AutoTokenizer
+
+        _REBUILT[key] = rebuilt_by_transformers(AutoTokenizer.from_pretrained(path, local_files_only=True), path)
+    return _REBUILT[key]
 
 
 def response_stop_ids(tokenizer, policy_dir: str | os.PathLike | None = None) -> list[int]:

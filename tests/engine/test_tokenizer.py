@@ -634,6 +634,37 @@ def test_the_saved_tulu_template_encodes_as_the_run_did(tmp_path, kind):
         assert template_ids(again, probe) == encode_chat(tok, probe)
 
 
+def test_a_save_names_the_class_from_what_load_tokenizer_learned(tmp_path, monkeypatch):
+    """A checkpoint save does not load its tokenizer again to decide its class (the run's load_tokenizer found it, for
+    these very files); files changed since are read again; files transformers cannot read are copied as they are,
+    with a warning naming the directory, and the weights are saved all the same."""
+    import transformers
+
+    from engine.checkpoint import save_pretrained
+    from engine.model import Transformer
+
+    src = _llama2_style_tokenizer(tmp_path / "src", legacy=False)
+    load_tokenizer(src)
+    model = Transformer(ModelConfig.named("tiny")).init_weights(seed=1)
+    real = transformers.AutoTokenizer.from_pretrained
+    loads = []
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: loads.append(a) or real(*a, **k))
+
+    def saved_class(name):
+        save_pretrained(model, tmp_path / name, tokenizer_dir=src)
+        return json.loads((tmp_path / name / "tokenizer_config.json").read_text()).get("tokenizer_class")
+
+    assert saved_class("a") == "PreTrainedTokenizerFast" and loads == []
+    cfg_fn = Path(src) / "tokenizer_config.json"  # (now naming the class that reads the file as it is)
+    cfg_fn.write_text(json.dumps({**json.loads(cfg_fn.read_text()), "tokenizer_class": "PreTrainedTokenizerFast"}))
+    assert saved_class("b") == "PreTrainedTokenizerFast" and len(loads) == 1
+    cfg_fn.write_text(json.dumps({**json.loads(cfg_fn.read_text()), "tokenizer_class": "LlamaTokenizer", "pad": 1}))
+    (Path(src) / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "Broken"')  # (cut short)
+    with pytest.warns(UserWarning, match=f"tokenizer files of {src} were copied as they are"):
+        assert saved_class("c") == "LlamaTokenizer"
+    assert (tmp_path / "c" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("legacy", [None, True, False])
 def test_a_llama2_tokenizer_splits_text_as_its_tokenizer_json_does(tmp_path, legacy):
     """A sentencepiece-style Llama-2 tokenizer (tokenizer_class LlamaTokenizer; a "legacy" flag of either value, or
