@@ -118,9 +118,11 @@ def _check_switches() -> None:
     from kernels.dispatch import check_switches
 
     try:
-        check_switches()
+        unknown = check_switches()
     except ValueError as e:
         raise InvalidInput(f"{e} (unset a switch for its default)") from None
+    if unknown and global_rank() == 0:
+        print(f"warning: {'; '.join(unknown)}", file=sys.stderr, flush=True)
 
 
 # The exit code of a run a signal stopped (SIGTERM / SIGUSR1: a scheduler's notice) after its checkpoint: not done,
@@ -129,20 +131,25 @@ def _check_switches() -> None:
 STOPPED_EXIT = 75
 
 
-def run_command(main: Callable[[], T], prog: str, disk_full: str = "free space and run it again") -> T:
+def run_command(
+    main: Callable[[], T], prog: str, disk_full: str = "free space and run it again", argv: list[str] | None = None
+) -> T:
     """main() as a command line named `prog`: an InputError reported in one line (report) with exit code 2, a full
     disk (or quota) in one line with what to do (`disk_full`) and exit code 1, another rank's error as raise_together
     raises it on this one (failed_on) in one line with exit code 1 (the failing rank prints the traceback), or, where
-    TULU_TRACEBACK is set (not "0"), raised with its traceback as any other error is (exit code 1), which torch's
+    TULU_TRACEBACK is 1, raised with its traceback as any other error is (exit code 1), which torch's
     @record also writes into torchrun's failure summary."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    traceback = os.environ.get("TULU_TRACEBACK", "") not in ("", "0")
+    from kernels.dispatch import env_switch
+
+    traceback = env_switch("TULU_TRACEBACK", False)
 
     @record
     def run() -> T:
         try:
-            _check_switches()
+            if not {"-h", "--help"} & set(sys.argv[1:] if argv is None else argv):  # (help whatever the switches)
+                _check_switches()
             return main()
         except InputError as e:
             if traceback:

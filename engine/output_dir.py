@@ -46,19 +46,14 @@ _shared_checked: set[str] = set()  # the output directories check_shared found s
 def shared_wait_s() -> float:
     """check_shared's wait: TULU_SHARED_DIR_WAIT_S seconds if set (a test's few seconds; a slow NFS's more), else a
     minute, read when the check runs; a value that is not a number of seconds is named."""
-    value = os.environ.get("TULU_SHARED_DIR_WAIT_S", "").strip()
-    if not value:
-        return SHARED_WAIT_S
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = float("nan")
-    if not 0 <= seconds < float("inf"):  # (NaN too)
+    from kernels.dispatch import env_seconds, switch_problem
+
+    if why := switch_problem("TULU_SHARED_DIR_WAIT_S"):
         raise InvalidInput(
-            f"TULU_SHARED_DIR_WAIT_S={value!r}: not a number of seconds (how long each rank looks for the file global "
-            "rank 0 writes into the output directory; unset for a minute)"
+            f"{why}: how long each rank looks for the file global rank 0 writes into the output directory; unset for "
+            "a minute"
         )
-    return seconds
+    return env_seconds("TULU_SHARED_DIR_WAIT_S", SHARED_WAIT_S)
 
 
 def check_shared(output_dir: str, rank: int) -> None:

@@ -357,7 +357,10 @@ def cli(argv: list[str] | None = None, **kw) -> list[dict]:
     from engine.errors import STOPPED_EXIT, run_command
 
     history = run_command(
-        lambda: main(argv, **kw), "train_ppo.py", "free space, then --resume continues exactly from the last checkpoint"
+        lambda: main(argv, **kw),
+        "train_ppo.py",
+        "free space, then --resume continues exactly from the last checkpoint",
+        argv,
     )
     if getattr(history, "stopped", False):  # (a signal stopped it after a checkpoint: not done)
         raise SystemExit(STOPPED_EXIT)

@@ -98,14 +98,18 @@ def fill_sms(tile: int, programs, num_sms: int) -> int:
 
 # ------------------------------------------------------------------ switches in the environment (TULU_*)
 
-# every TULU_* setting the engine reads at import or where it is used, by kind: a 0/1 flag, an integer (>= 0), or
-# one of a few words. A value of another kind ("off" for 0, a typo) is named by check_switches, every command's first
-# step, in one line (read at import it takes the default meanwhile: nothing can report it there)
+# every TULU_* setting the engine reads at import or where it is used, by kind: a 0/1 flag, an integer (>= 0), a
+# number of seconds (>= 0, finite), or one of a few words. A value of another kind ("off" for 0, a typo) is named by
+# check_switches, every command's first step, in one line (read at import it takes the default meanwhile: nothing can
+# report it there)
 SWITCHES: dict[str, str | tuple[str, ...]] = {
     "TULU_GRAD_SUMS": "flag", "TULU_OVERLAP_GRAD_REDUCE": "flag", "TULU_OVERLAP_PARAM_GATHER": "flag",
     "TULU_SP_OVERLAP": "flag", "TULU_ASYNC_TP": "flag", "TULU_SYMM_ALL_REDUCE": "flag", "TULU_TRACEBACK": "flag",
     "TULU_COMPILE_THREADS": "int", "TULU_ONE_SHOT_BYTES": "int", "TULU_PPO_ATTENTION": ("triton", "flash"),
+    "TULU_SHARED_DIR_WAIT_S": "seconds",
 }  # fmt: skip
+# TULU_* names read elsewhere (setup.py's build of csrc/, the tests' device): no switch of a command, not checked
+OTHER_SWITCHES = ("TULU_PPO_BUILD_CSRC", "TULU_TEST_DEVICE")
 
 
 def _why_not(name: str, value: str) -> str | None:
@@ -115,7 +119,19 @@ def _why_not(name: str, value: str) -> str | None:
         return None if value in ("0", "1") else f"{name}={value!r}: not 0 or 1"
     if kind == "int":
         return None if value.isascii() and value.isdigit() else f"{name}={value!r}: not an integer >= 0"
+    if kind == "seconds":
+        try:
+            ok = 0 <= float(value) < float("inf")  # (NaN is not)
+        except ValueError:
+            ok = False
+        return None if ok else f"{name}={value!r}: not a number of seconds (>= 0)"
     return None if value in kind else f"{name}={value!r}: not one of {', '.join(kind)}"
+
+
+def switch_problem(name: str) -> str | None:
+    """Why switch `name`'s value in the environment is no value of its kind; None where it is, or unset."""
+    value = os.environ.get(name, "").strip()
+    return _why_not(name, value) if value else None
 
 
 def _env(name: str) -> str | None:
@@ -138,11 +154,27 @@ def env_int(name: str, default: int) -> int:
     return default if value is None else int(value)
 
 
-def check_switches() -> None:
-    """Raise ValueError naming every TULU_* switch in the environment whose value is not of its kind."""
-    bad = [why for name in SWITCHES if (value := os.environ.get(name, "").strip()) and (why := _why_not(name, value))]
+def env_seconds(name: str, default: float) -> float:
+    """A number of seconds of SWITCHES: `default` where unset (or not a finite number >= 0)."""
+    value = _env(name)
+    return default if value is None else float(value)
+
+
+def check_switches() -> list[str]:
+    """Raise ValueError naming every TULU_* switch in the environment whose value is not of its kind. Returns what
+    to warn of: each TULU_* name that is no switch (a typo of one is set to no effect), with the switch it is
+    closest to."""
+    import difflib
+
+    bad = [why for name in SWITCHES if (why := switch_problem(name))]
     if bad:
         raise ValueError("; ".join(bad))
+    unknown = sorted(n for n in os.environ if n.startswith("TULU_") and n not in SWITCHES and n not in OTHER_SWITCHES)
+    said = []
+    for name in unknown:
+        near = difflib.get_close_matches(name, list(SWITCHES), n=1)
+        said.append(f"{name} is no switch of this engine{f' (did you mean {near[0]}?)' if near else ''}: ignored")
+    return said
 
 
 def _default_compile_threads() -> int:

@@ -1078,6 +1078,36 @@ def test_the_tiny_defaults_resume_with_another_seed_is_refused_on_every_rank_at_
     assert (out / "init" / "policy" / "model.safetensors").read_bytes() == policy
 
 
+def test_a_misspelt_switch_is_named_and_help_is_printed_whatever_the_switches(monkeypatch, capsys):
+    """A TULU_* name that is no switch (a typo: set to no effect) is named on stderr with the switch it is closest to,
+    and the run goes on; a number of seconds that is none (TULU_SHARED_DIR_WAIT_S) is a usage error before anything
+    runs, as the other kinds are; --help prints the help even beside a switch of no value of its kind."""
+    import engine.train_ppo as train_ppo
+    from kernels import dispatch
+
+    for name in dispatch.SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TULU_GRAD_SUM", "0")
+    monkeypatch.setenv("TULU_TEST_DEVICE", "cpu")  # (the tests' own: no switch of a command, not named)
+    assert dispatch.check_switches() == ["TULU_GRAD_SUM is no switch of this engine (did you mean TULU_GRAD_SUMS?): "
+                                         "ignored"]  # fmt: skip
+    monkeypatch.setenv("TULU_SHARED_DIR_WAIT_S", "soon")
+    assert train_ppo.cli(["--help"]) is None  # (argparse's exit 0, as torch's @record returns it)
+    assert "usage: " in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        train_ppo.cli(["--max-iterations", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "train_ppo.py: error: TULU_SHARED_DIR_WAIT_S='soon': not a number of seconds (>= 0)" in err, err
+    monkeypatch.setenv("TULU_SHARED_DIR_WAIT_S", "2.5")
+    assert dispatch.env_seconds("TULU_SHARED_DIR_WAIT_S", 60) == 2.5
+    with pytest.raises(SystemExit) as e:
+        train_ppo.cli(["--max-iterations", "1", "--kl-coef", "-1"])  # (a usage error after the switches' check)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "warning: TULU_GRAD_SUM is no switch of this engine (did you mean TULU_GRAD_SUMS?): ignored" in err, err
+
+
 def test_switches_in_the_environment_are_values_of_their_kind(monkeypatch, capsys):
     """A TULU_* switch holding no value of its kind ("off" for 0, "256K", a typo of a word) ends the command in one
     line with exit code 2 naming each, before anything is loaded; read at import it takes the default meanwhile
