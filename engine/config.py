@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from engine.errors import InvalidInput, MissingInput
+from engine.errors import InvalidInput, MissingInput, first_line
 from engine.parallel import shard_rows
 from kernels.reference import Rope
 
@@ -29,13 +29,29 @@ def is_integer(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def parse_json(text: str | bytes, where: str, whole_file: bool = False):
+    """json.loads(text); text that does not parse, or that Python's json cannot hold (an integer of more than 4300
+    digits, arrays or objects nested a thousand deep), is an InvalidInput naming `where` and why: a file's path
+    (`whole_file`: the line and column) or a JSONL file's path:line (the column)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        said = json_error(e, line=whole_file)
+        raise InvalidInput(
+            f"{where} is not valid JSON ({said})" if whole_file else f"{where}: malformed JSON ({said})"
+        ) from e
+    except UnicodeDecodeError as e:
+        raise InvalidInput(f"{where}: not UTF-8 text (byte {e.start + 1})") from None
+    except RecursionError:
+        raise InvalidInput(f"{where}: JSON nested too deep for Python's json to read") from None
+    except ValueError as e:  # (int's digit limit: "Exceeds the limit (4300 digits) for integer string conversion")
+        raise InvalidInput(f"{where}: JSON holding a value Python's json cannot read ({first_line(e)})") from None
+
+
 def read_json(path: str):
     """A JSON file's value; one that does not parse (a truncated copy, say) is an InvalidInput naming the file."""
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise InvalidInput(f"{path} is not valid JSON ({json_error(e, line=True)})") from e
+    with open(path, "rb") as f:
+        return parse_json(f.read(), path, whole_file=True)
 
 
 def checked_rope(params: dict, max_position_embeddings: int) -> Rope:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.config import json_error, read_json
+from engine.config import parse_json, read_json
 from engine.errors import InputError, InvalidInput, MissingInput, first_line, named
 
 try:
@@ -417,10 +417,7 @@ def read_prompt_file(path: str | os.PathLike, lines: list[int] | None = None) ->
                     f"{where}: a JSON array where a JSON object should be: a prompt file is JSON Lines, one object per "
                     "line, not one array of them (datasets' to_json writes JSON Lines)"
                 )
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InvalidInput(f"{where}: malformed JSON ({json_error(e)})") from None
+            obj = parse_json(line, where)
             msgs = prompt_messages(obj, where)
             for m in msgs:
                 try:

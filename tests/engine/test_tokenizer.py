@@ -181,6 +181,14 @@ def test_shipped_prompts_load(tok):
             r"p\.jsonl:2: malformed JSON \(Expecting ',' delimiter at column",
         ),
         ('{"prompt": "a\tb"}\n', r"p\.jsonl:1: malformed JSON \(Invalid control character at column 14\)"),
+        (
+            '{"prompt": "ok"}\n{"prompt": "x", "id": ' + "9" * 5000 + "}\n",
+            r"p\.jsonl:2: JSON holding a value Python's json cannot read \(Exceeds the limit \(4300 digits\)",
+        ),
+        (
+            '{"prompt": "x", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}\n",
+            r"p\.jsonl:1: JSON nested too deep for Python's json to read",
+        ),
         ('{"text": "x"}\n', r"p\.jsonl:1: needs a 'prompt' string"),
         ('{"messages": [{"role": "assistant", "content": "x"}]}\n', "no user turn"),
         ('{"prompt": [{"role": "assistant", "content": "x"}], "chosen": []}\n', "no user turn"),
@@ -195,6 +203,29 @@ def test_prompt_file_errors(tmp_path, content, message):
     p.write_text(content)
     with pytest.raises(ValueError, match=message):
         read_prompt_file(p)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b'{"vocab_size": ' + b"9" * 5000 + b"}", "JSON holding a value Python's json cannot read"),
+        (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "JSON nested too deep for Python's json to read"),
+        (b'{"name": "caf\xe9"}', r"not UTF-8 text \(byte 14\)"),
+        (b'{"a": 1,}', r"is not valid JSON \(Expecting property name enclosed in double quotes at line 1, column 9\)"),
+    ],
+)
+def test_a_json_file_python_cannot_read_is_named(tmp_path, data, message):
+    """A JSON file (config.json, an index, tokenizer_config.json) holding what Python's json cannot read, an integer
+    past its digit limit, nesting past the recursion limit, Latin-1 bytes, is an InvalidInput naming the file and why
+    (a bare ValueError, RecursionError or UnicodeDecodeError named neither); a BOM before it is read through."""
+    from engine.config import read_json
+
+    fn = tmp_path / "config.json"
+    fn.write_bytes(data)
+    with pytest.raises(InvalidInput, match=rf"^{fn}:? .*{message}"):
+        read_json(str(fn))
+    fn.write_bytes(b'\xef\xbb\xbf{"a": 1}')
+    assert read_json(str(fn)) == {"a": 1}
 
 
 def test_a_held_out_prompt_leaves_training_with_every_copy():
