@@ -331,7 +331,8 @@ class GenerateConfig:
 
 # PPOConfig fields added after checkpoints were first written, at the value those runs had: an older run resumed
 # samples as it did (engine.state.resumed_config)
-LEGACY_PPO_VALUES = {"top_k": 0, "top_p": 1.0, "kl_target": 0.0, "kl_horizon": 10000, "entropy_coef": 0.0}
+LEGACY_PPO_VALUES = {"top_k": 0, "top_p": 1.0, "kl_target": 0.0, "kl_horizon": 10000, "entropy_coef": 0.0,
+                     "whiten_eps": 1e-8}  # fmt: skip
 
 
 # the PPOConfig fields an evaluation reads (--eval-only: the others would be ignored, and are refused): the decoding,
@@ -370,6 +371,9 @@ class PPOConfig:
     gamma: float = 1.0  # GAE discount
     lam: float = 0.95  # GAE lambda
     whiten_advantages: bool = True  # per optimizer minibatch
+    # added to the (unbiased) variance under the root when whitening advantages or rewards: EasyLM's whiten() (the
+    # recipe's code); TRL's is 1e-8
+    whiten_eps: float = 1e-6
     clip_ratio: float = 0.2  # policy ratio clip
     clip_value: float = 0.2  # value clip around the rollout values
     value_loss_coef: float = 0.1  # weight of the value loss
@@ -414,7 +418,7 @@ class PPOConfig:
         if not 0 < self.learning_rate < math.inf:  # (0: a run that trains nothing and exits 0)
             bad.append(f"learning_rate must be > 0 and finite, got {self.learning_rate}")
         for name in ("weight_decay", "max_grad_norm", "kl_coef", "kl_target", "clip_ratio", "clip_value",
-                     "value_loss_coef", "entropy_coef"):  # fmt: skip
+                     "value_loss_coef", "entropy_coef", "whiten_eps"):  # fmt: skip
             if not 0 <= getattr(self, name) < math.inf:
                 bad.append(f"{name} must be >= 0 and finite, got {getattr(self, name)}")
         for name in ("warmup_ratio", "gamma", "lam"):

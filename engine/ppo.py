@@ -83,7 +83,7 @@ def advantages_and_returns(
         kl_estimator=cfg.kl_estimator,
     )  # fmt: skip
     if cfg.whiten_rewards:  # off in the recipe; TRL's variant keeps the mean
-        rewards = masked_whiten(rewards, mask, shift_mean=False, group=group)
+        rewards = masked_whiten(rewards, mask, shift_mean=False, group=group, eps=cfg.whiten_eps)
     advantages, returns = gae(rewards, values.float(), mask, cfg.gamma, cfg.lam)
     return {"rewards": rewards, "kl": kl, "advantages": advantages, "returns": returns}
 
@@ -96,7 +96,7 @@ def minibatch_advantages(
     advantages are not whitened)."""
     if not cfg.whiten_advantages:
         return advantages, None
-    return masked_whiten(advantages, mask, shift_mean=True, group=group, return_count=True)
+    return masked_whiten(advantages, mask, shift_mean=True, group=group, eps=cfg.whiten_eps, return_count=True)
 
 
 def policy_loss(

@@ -102,6 +102,33 @@ def test_minibatch_whitening():
     assert same is x and n is None
 
 
+def test_whitening_adds_easylms_eps_to_the_variance():
+    """Advantages (and with --whiten-rewards the rewards) are whitened as EasyLM's whiten() (the recipe's code):
+    (x - mean) / sqrt(unbiased var + 1e-6). Visible where the spread is small: at std 1e-3, TRL's 1e-8 gives unit
+    variance where EasyLM's gives about 0.5; --whiten-eps sets it."""
+    x = torch.randn(300, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 1e-3 + 0.2
+    m = torch.ones(300, dtype=torch.bool)
+    mask2 = m.reshape(3, 100)  # (three responses of 100 tokens)
+    for cfg in (PPOConfig(), PPOConfig(whiten_eps=1e-8)):
+        mean, var = x.mean(), x.var(unbiased=True)
+        want = (x - mean) / torch.sqrt(var + cfg.whiten_eps)
+        got, _ = ppo.minibatch_advantages(x, m, cfg)
+        torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
+        cfg_r = PPOConfig(whiten_rewards=True, whiten_eps=cfg.whiten_eps, kl_coef=0.0)
+        zero = torch.zeros(3, 100, dtype=torch.float64)
+        scores = torch.tensor([1e-3, -2e-3, 5e-4], dtype=torch.float64)
+        with dispatch.reference_ops():  # (kl 0: each row's reward is its score at its last token)
+            out = ppo.advantages_and_returns(zero, zero, zero, mask2, scores, cfg_r)
+        raw = torch.zeros(3, 100, dtype=torch.float64)
+        raw[:, -1] = scores
+        mean, var = raw.mean(), raw.var(unbiased=True)
+        want = (raw - mean) / torch.sqrt(var + cfg.whiten_eps) + mean  # (TRL's variant keeps the mean)
+        torch.testing.assert_close(out["rewards"].double(), want, atol=1e-6, rtol=1e-5)
+    assert PPOConfig().whiten_eps == 1e-6
+    with pytest.raises(ValueError, match="whiten_eps must be >= 0 and finite"):
+        PPOConfig(whiten_eps=-1.0)
+
+
 def test_value_loss_and_grad():
     g = torch.Generator().manual_seed(0)
     n = 23

@@ -3,14 +3,14 @@
 The oracle below shares no code with the engine: transformers' LlamaForCausalLM / LlamaForSequenceClassification
 (float64, eager attention, one unpadded sequence at a time), the recipe's definitions written as loops (k1 KL
 penalty per token, the RM score or the missing-EOS penalty at the last response token, GAE backwards over each
-response, advantages whitened over each minibatch with TRL's unbiased variance, the clipped surrogate on raw-logit
-log-probs, the clipped value loss times its coefficient, token means over the minibatch), torch's Adam with
+response, advantages whitened over each minibatch as EasyLM's whiten() (unbiased variance), the clipped surrogate on
+raw-logit log-probs, the clipped value loss times its coefficient, token means over the minibatch), torch's Adam with
 transformers' warmup schedule (constant after the warmup: EasyLM's end_lr = the peak; linear decay in a variant) and
 torch's grad-norm clip, one optimizer per model.
 
 Where RECIPE.md leaves a choice open the oracle makes the engine's documented one: losses are token means over the
 whole minibatch (micro-batches and ranks contribute sum / minibatch tokens); one PPO epoch takes the rollout's
-sequences in order, train_batch_size at a time; whitening is TRL's (unbiased variance, eps 1e-8 under the root);
+sequences in order, train_batch_size at a time; whitening is EasyLM's (unbiased variance, eps 1e-6 under the root);
 warmup steps are ceil(ratio x steps) as in HF Trainer.
 
 The engine runs its own iteration on the tiny default (fp32) against a reference checkpoint near the policy (the policy
@@ -164,7 +164,7 @@ class RecipeOracle:
             s["rewards"] = torch.stack(rewards)
         if cfg.whiten_rewards:  # over the rollout's response tokens, unbiased variance, the mean kept (TRL)
             flat = torch.cat([s["rewards"] for s in out])
-            mean, std = flat.mean(), torch.sqrt(flat.var(unbiased=True) + 1e-8)
+            mean, std = flat.mean(), torch.sqrt(flat.var(unbiased=True) + cfg.whiten_eps)
             for s in out:
                 s["rewards"] = (s["rewards"] - mean) / std + mean
         for s in out:
@@ -186,7 +186,7 @@ class RecipeOracle:
             scored = self.rescore(prompts, responses, scored)
         adv = torch.cat([s["advantages"] for s in scored])
         if cfg.whiten_advantages:  # over the minibatch
-            adv = (adv - adv.mean()) / torch.sqrt(adv.var(unbiased=True) + 1e-8)
+            adv = (adv - adv.mean()) / torch.sqrt(adv.var(unbiased=True) + cfg.whiten_eps)
         n = adv.numel()
         stats = dict(clip_frac=0.0, entropy=0.0, ratio=0.0, approx_kl=0.0, value_clip_frac=0.0)
         policy_loss = value_loss = 0.0

@@ -517,10 +517,12 @@ def test_a_resume_keeps_the_checkpoints_hyperparameters_unless_given_again(tmp_p
     sd = torch.load(fn, weights_only=False)
     del sd["ppo_config"]["top_k"], sd["ppo_config"]["top_p"]
     del sd["ppo_config"]["kl_target"], sd["ppo_config"]["kl_horizon"], sd["kl_coef"]  # (before the adaptive beta too)
+    del sd["ppo_config"]["whiten_eps"]  # (before EasyLM's 1e-6: TRL's 1e-8)
     torch.save(sd, fn)
     state = tiny_state(tmp_path / "b", "--max-iterations", "2", "--resume")
     assert (state.cfg.top_k, state.cfg.top_p, state.cfg.lr_schedule) == (0, 1.0, "linear")
     assert (state.cfg.kl_target, state.cfg.kl_horizon, state.kl_coef) == (0.0, 10000, 0.05)
+    assert state.cfg.whiten_eps == 1e-8
     assert "other than the checkpoint's" not in capsys.readouterr().out
 
 
