@@ -185,6 +185,21 @@ def reward_positions(pk: dict[str, torch.Tensor], pad_token_id: int | None) -> t
     return torch.zeros_like(pk["last"]).scatter_reduce(0, seq, rows, "amax", include_self=False)
 
 
+def pad_is_a_stop_warning(pad_token_id: int | None, stop_ids: list[int]) -> str | None:
+    """The warning a run prints where the reward model's config.json names a pad_token_id that ends responses (its
+    EOS): reward_positions then scores each response that stopped at the token before its EOS, as transformers'
+    LlamaForSequenceClassification does (a reward model trained that way, TRL's with pad = EOS, expects it), where
+    EasyLM's (the recipe's) scored the EOS itself; None otherwise."""
+    if pad_token_id is None or pad_token_id not in stop_ids:
+        return None
+    return (
+        f"warning: the reward model's config.json names pad_token_id {pad_token_id}, which ends responses: as "
+        "transformers' LlamaForSequenceClassification reads it, a response is scored at the token before its final "
+        f"{pad_token_id}, not at it (EasyLM's reward models score the EOS: remove pad_token_id from the reward "
+        "model's config.json for that)"
+    )
+
+
 def add_to(sums: dict[str, torch.Tensor | float], **values) -> None:
     """sums[k] += v for each value (tensors detached, as fp32)."""
     for k, v in values.items():

@@ -51,7 +51,7 @@ from engine.resume import (
     saved_ppo_config,
     state_file,
 )
-from engine.rollout import idle_models
+from engine.rollout import idle_models, pad_is_a_stop_warning
 from engine.tokenizer import CHAT_TEMPLATES, PromptSet, response_stop_ids
 from engine.tracking import Tracker, check_available
 from kernels.decode_config import parse_decode_config, set_decode_config
@@ -333,6 +333,8 @@ def setup(
             print0(f"warning: --policy {run.policy} ends responses at token ids {stop_ids}, the checkpoint's run at "
                    f"{saved}: resuming with the run's")  # fmt: skip
         stop_ids = saved
+    if said := pad_is_a_stop_warning(models[3].config.pad_token_id, stop_ids):
+        print0(said)
     state = make_state(
         cfg,
         run,
@@ -523,6 +525,8 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     for m in (policy, ref, reward):
         m.requires_grad_(False)
     stops = response_stop_ids(tokenizer, run.policy)
+    if said := pad_is_a_stop_warning(reward.config.pad_token_id, stops):
+        print0(said)
     # (what eval.jsonl and eval/iter-N.jsonl name; on every rank at once: a checkpoint copied to each node's own disk,
     # one copy's state file damaged)
     iteration, step = together("reading the checkpoint's position", checkpoint_position, run.policy)

@@ -14,7 +14,7 @@ from engine.data import Rollout
 from engine.rollout import forward_rollout, generate_rollout, sampling_params
 from engine.train_ppo import build_tiny_models
 from kernels import dispatch
-from tests.engine.runs import tiny_state
+from tests.engine.runs import SMALL, tiny_state
 
 
 def test_every_stop_id_of_the_run_reaches_the_rollouts_sampling():
@@ -66,3 +66,40 @@ def test_forward_rollout_reads_the_score_where_transformers_does_with_a_pad_toke
         forward_rollout(state, ro)
         want = torch.cat([hf(input_ids=torch.tensor([p + r])).logits[:, 0] for p, r in zip(prompts, responses)])
     torch.testing.assert_close(ro.scores.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_reward_model_whose_pad_is_the_eos_is_named(tmp_path, capsys):
+    """A reward model whose config.json names the EOS as its pad_token_id is scored, as transformers does, at the
+    token before each response's EOS (EasyLM's scored the EOS): the run and --eval-only say so once, naming the id
+    and the remedy; a reward model with another pad (or none) is not named."""
+    import json
+    import shutil
+
+    from engine.parallel import init_process_grid
+    from engine.state import setup, setup_evaluation
+    from engine.tokenizer import TINY_DIR, TINY_EVAL_PROMPTS, TINY_PROMPTS
+    from engine.train_ppo import parse_args
+
+    policy_dir, reward_dir = build_tiny_models(str(tmp_path / "tiny"))
+    for pad, named in ((2, True), (0, False)):
+        rm = tmp_path / f"rm{pad}"
+        shutil.copytree(reward_dir, rm)
+        cfg = json.loads((rm / "config.json").read_text())
+        (rm / "config.json").write_text(json.dumps({**cfg, "pad_token_id": pad}))
+        flags = ["--policy", policy_dir, "--reward", str(rm), "--tokenizer", TINY_DIR]
+        with dispatch.reference_ops():
+            cfg_, run, _ = parse_args(
+                ["--output-dir", str(tmp_path / f"out{pad}"), *flags, "--prompts", TINY_PROMPTS, *SMALL]
+            )
+            setup(cfg_, run)
+            cfg_, run, _ = parse_args(["--output-dir", str(tmp_path / f"ev{pad}"), "--eval-only", *flags,
+                                       "--eval-prompts", TINY_EVAL_PROMPTS, "--max-new-tokens", "4"])  # fmt: skip
+            setup_evaluation(cfg_, run, init_process_grid())
+        said = [ln for ln in capsys.readouterr().out.splitlines() if "pad_token_id" in ln]
+        if named:
+            assert len(said) == 2 and said[0] == said[1], said
+            assert said[0].startswith("warning: the reward model's config.json names pad_token_id 2, which ends "
+                                      "responses"), said  # fmt: skip
+            assert "remove pad_token_id from the reward model's config.json" in said[0]
+        else:
+            assert said == [], said
