@@ -459,8 +459,9 @@ class Generator:
             decode = [inflight.seqs[i] for i in rows]
         stepping = {s.seq_id for s in inflight.seqs} if inflight is not None else set()
         others = [s for s in running if s.seq_id not in stepping]
+        leaving = stepping - {s.seq_id for s in decode}  # (at their length limit with `inflight`: their slots free)
         admitted = admit(
-            waiting, running, self.blocks, self.max_num_seqs, self.max_num_batched_tokens, self.admit_min_seqs
+            waiting, running, self.blocks, self.max_num_seqs, self.max_num_batched_tokens, self.admit_min_seqs, leaving
         )
         new = [s for g in admitted for s in g]
         running.extend(new)  # active from now on: the next admission (before this step is read) counts them

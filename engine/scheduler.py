@@ -90,19 +90,28 @@ def admission_waits(waiting, running, max_num_seqs: int, admit_min_seqs: int) ->
 
 
 def admit(
-    waiting, running, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, admit_min_seqs: int
+    waiting,
+    running,
+    blocks: BlockManager,
+    max_num_seqs: int,
+    max_num_batched_tokens: int,
+    admit_min_seqs: int,
+    leaving: set[int] | frozenset[int] = frozenset(),
 ) -> list[list[Seq]]:
     """Take waiting groups that fit (sequence slots, prefill token budget, free blocks with headroom), once
-    admit_min_seqs slots are free while others run (or every waiting sequence fits)."""
+    admit_min_seqs slots are free while others run (or every waiting sequence fits). `leaving`: the seq ids of
+    running sequences that end with the step in flight (at their length limit: the host knows before it reads the
+    step), whose slots this step's admission takes and whose blocks, freed once the step is read, it does not."""
     admitted, tokens = [], 0
-    if running and waiting and admission_waits(waiting, running, max_num_seqs, admit_min_seqs):
+    staying = [s for s in running if s.seq_id not in leaving]
+    if staying and waiting and admission_waits(waiting, staying, max_num_seqs, admit_min_seqs):
         return admitted
     free = blocks.num_free_blocks
     headroom = None
     while waiting:
         group = waiting[0]
         n_tokens = len(group[0].tokens)
-        active = len(running) + sum(len(g) for g in admitted)
+        active = len(staying) + sum(len(g) for g in admitted)
         if active and active + len(group) > max_num_seqs:
             break
         if admitted and tokens + n_tokens > max_num_batched_tokens:
@@ -110,12 +119,12 @@ def admit(
         # headroom: a free block for each active sequence that will still take one (it grows past its blocks, or
         # copies a shared partial block), so every one can grow by a block before any is preempted; none for one
         # that holds every block it will need (a cache of every slot at full length then admits every slot), and
-        # none if nothing runs, so a lone sequence is always admitted (the pool holds one at full length).
-        # A sequence holds at most max_len - 1 tokens' K/V (its last token is sampled, never fed back)
+        # none if no sequence holds blocks, so a lone sequence is always admitted (the pool holds one at full
+        # length). A sequence holds at most max_len - 1 tokens' K/V (its last token is sampled, never fed back)
         if headroom is None:
-            headroom = blocks.headroom((s.seq_id, s.max_len - 1) for s in running) if running else 0
+            headroom = blocks.headroom((s.seq_id, s.max_len - 1) for s in staying) if staying else 0
         own = blocks.prompt_headroom(n_tokens, len(group), group[0].max_len - 1)
-        if active and blocks.blocks_for(n_tokens) + headroom + own > free:
+        if (running or admitted) and blocks.blocks_for(n_tokens) + headroom + own > free:
             break
         waiting.popleft()
         parent = group[0]

@@ -1000,3 +1000,29 @@ def test_numpy_int32_counts_do_not_wrap_around():
     with reference_ops():
         comps = gen.generate_completions([[1, 2, 3]], params)
     assert len(comps[0].tokens) == 9 and comps[0].finish_reason == "length"
+
+
+def test_a_slot_freed_by_a_length_limit_is_filled_in_the_next_step(monkeypatch):
+    """With overlap (the default) the host knows, before it reads the step in flight, which sequences end with it at
+    their length limit: their slots go to waiting prompts in the next step, so a prompt joins the next decode as it
+    does without overlap. Counted forwards: a 9-token prompt with 1 new token (max_model_len 10) and two of 3 with
+    2, two slots: prefill(A, B); prefill(C) + decode(B); decode(C): three forwards, one of prompts alone (before,
+    with overlap: four, C's prefill alone a step late)."""
+    calls = []
+    for name in ("_prefill", "_prefill_and_decode", "_decode"):
+        real = getattr(Generator, name)
+        monkeypatch.setattr(
+            Generator, name, lambda self, *a, _r=real, _n=name, **k: calls.append(_n) or _r(self, *a, **k)
+        )
+    model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.3, seed=2)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (9, 3, 3)]
+    params = GenerateConfig(temperature=0.0, max_new_tokens=2, ignore_eos=True)
+    out = {}
+    with reference_ops():
+        for overlap in (False, True):
+            calls.clear()
+            gen = Generator(model, block_size=4, num_blocks=64, max_model_len=10, max_num_seqs=2, overlap=overlap)
+            out[overlap] = gen.generate(prompts, params), list(calls)
+    assert out[True][0] == out[False][0] and [len(t) for t in out[True][0]] == [1, 2, 2]
+    assert out[True][1] == out[False][1] == ["_prefill", "_prefill_and_decode", "_decode"], out

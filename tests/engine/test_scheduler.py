@@ -45,3 +45,26 @@ def test_admission_keeps_a_block_of_headroom_for_each_admitted_sequence():
     blocks = BlockManager(num_blocks=3, block_size=4)
     waiting = collections.deque([[Seq(j, 0, j, [1] * 9, 9, 12, 0) for j in range(2)]])
     assert [[s.seq_id for s in g] for g in admit(waiting, [], blocks, **limits)] == [[0, 1]] and not waiting
+
+
+def test_admission_takes_the_slots_of_sequences_leaving_with_the_step_in_flight():
+    """admit's `leaving` (running sequences at their length limit with the step in flight): their slots go to the
+    waiting groups at once (not a step later: a prompt that could have joined the next decode got a forward of its
+    own), their blocks do not (freed once the step is read); with every running sequence leaving, a group is still
+    admitted only if its blocks fit beside theirs (the lone-sequence rule is for an empty pool)."""
+    limits = dict(max_num_seqs=2, max_num_batched_tokens=8192, admit_min_seqs=1)
+    blocks = BlockManager(num_blocks=8, block_size=4)
+    running = [Seq(i, i, 0, [1] * 4, 4, 5 if i == 0 else 12, 0) for i in range(2)]  # 0 ends with the step in flight
+    for s in running:
+        blocks.allocate(s.seq_id, 4)
+    queue = lambda: collections.deque([[Seq(5, 5, 0, [1] * 3, 3, 8, 0)]])  # noqa: E731
+    waiting = queue()
+    assert admit(waiting, running, blocks, **limits) == [] and len(waiting) == 1  # (both slots taken)
+    assert [[s.seq_id for s in g] for g in admit(waiting, running, blocks, **limits, leaving={0})] == [[5]]
+    assert blocks.num_free_blocks == 5  # (sequence 0's block still held)
+    # every running sequence leaving, the pool too full for the prompt beside their blocks: nothing admitted now
+    blocks = BlockManager(num_blocks=2, block_size=4)
+    for s in running:
+        blocks.allocate(s.seq_id, 4)
+    waiting = queue()
+    assert admit(waiting, running, blocks, **limits, leaving={0, 1}) == [] and len(waiting) == 1
