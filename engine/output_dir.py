@@ -50,8 +50,8 @@ def shared_wait_s() -> float:
 
     if why := switch_problem("TULU_SHARED_DIR_WAIT_S"):
         raise InvalidInput(
-            f"{why}: how long each rank looks for the file global rank 0 writes into the output directory; unset for "
-            "a minute"
+            f"{why} (how long each rank looks for the file global rank 0 writes into the output directory; unset for "
+            "a minute)"
         )
     return env_seconds("TULU_SHARED_DIR_WAIT_S", SHARED_WAIT_S)
 

@@ -124,7 +124,7 @@ def _why_not(name: str, value: str) -> str | None:
             ok = 0 <= float(value) < float("inf")  # (NaN is not)
         except ValueError:
             ok = False
-        return None if ok else f"{name}={value!r}: not a number of seconds (>= 0)"
+        return None if ok else f"{name}={value!r}: not a number of seconds >= 0"
     return None if value in kind else f"{name}={value!r}: not one of {', '.join(kind)}"
 
 

@@ -1098,7 +1098,9 @@ def test_a_misspelt_switch_is_named_and_help_is_printed_whatever_the_switches(mo
         train_ppo.cli(["--max-iterations", "1"])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "train_ppo.py: error: TULU_SHARED_DIR_WAIT_S='soon': not a number of seconds (>= 0)" in err, err
+    assert "train_ppo.py: error: TULU_SHARED_DIR_WAIT_S='soon': not a number of seconds >= 0 (unset a switch" in err, (
+        err
+    )
     monkeypatch.setenv("TULU_SHARED_DIR_WAIT_S", "2.5")
     assert dispatch.env_seconds("TULU_SHARED_DIR_WAIT_S", 60) == 2.5
     with pytest.raises(SystemExit) as e:

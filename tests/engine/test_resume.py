@@ -1297,8 +1297,8 @@ def test_check_shared_waits_for_a_late_probe_and_raises_on_every_rank_at_once(tm
         "node mounts, the same path on each"
     )
     wait = (
-        "TULU_SHARED_DIR_WAIT_S='abc': not a number of seconds (how long each rank looks for the file global rank 0 "
-        "writes into the output directory; unset for a minute)"
+        "TULU_SHARED_DIR_WAIT_S='abc': not a number of seconds >= 0 (how long each rank looks for the file global rank "
+        "0 writes into the output directory; unset for a minute)"
     )
     on = "checking the output directory failed on rank"
     assert json.loads((tmp_path / "rank0").read_text()) == [
