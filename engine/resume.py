@@ -321,6 +321,23 @@ def resume_checkpoint(output_dir: str) -> str | None:
     return os.path.join(output_dir, whole[-1]) if whole else None
 
 
+def check_same_checkpoint(ckpt: str | None, output_dir: str) -> None:
+    """Every rank of a --resume continues the same checkpoint (a collective; `ckpt` this rank's resume_checkpoint):
+    a node whose view of a shared output directory lags (NFS caches a file's attributes, `latest` too, for up to a
+    minute by default) would load another iteration's weights, optimizer shard and data position beside the others,
+    train on, and leave every rank waiting in a collective an hour later. Refused on every rank, naming both."""
+    n = -1 if ckpt is None else checkpoint_number(os.path.basename(ckpt))
+    lo, neg_hi = agree([n, -n], "min")
+    if lo == -neg_hi:
+        return
+    name = lambda k: f"checkpoint-{k:06d}" if k >= 0 else "no checkpoint"  # noqa: E731
+    raise InvalidInput(
+        f"--resume: the ranks do not see the same checkpoint to continue in {output_dir}: some {name(-neg_hi)}, some "
+        f"{name(lo)} (a node's cached view of a shared directory lags up to a minute on NFS; or a node's own copy): "
+        "run again once every node sees the same `latest`"
+    )
+
+
 def check_resumable(output_dir: str) -> None:
     """--resume where `latest` names a checkpoint that is not there (pruned since `latest` was pointed back by hand, or
     not copied): refused, naming the checkpoints there are, rather than taken for none (the fresh start would delete

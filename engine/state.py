@@ -43,6 +43,7 @@ from engine.preflight import (
 from engine.resume import (
     check_prompt_order,
     check_resumable,
+    check_same_checkpoint,
     fingerprint_models,
     latest_checkpoint,
     load_state_file,
@@ -292,10 +293,13 @@ def setup(
     memory_plan.check_offload_setting(run.offload_optimizer)
     memory_plan.check_offload_setting(run.offload_idle_models, "--offload-idle-models")
     grid = grid or init_process_grid(run.tp, backend_for(run.device), timeout_minutes=run.dist_timeout_minutes)
+    ckpt = None
     if run.resume:  # (before anything is checked or planned from the hyperparameters: the checkpoint's, unless given)
         # (`latest` naming a checkpoint that is gone: refused, not a fresh start; on every rank at once, as below)
         together("reading the checkpoint to resume", check_resumable, run.output_dir)
-        cfg = together("reading the checkpoint to resume", resumed_config, cfg, run)
+        ckpt = together("reading the checkpoint to resume", resume_checkpoint, run.output_dir)
+        check_same_checkpoint(ckpt, run.output_dir)  # (outside `together`: a collective of its own)
+        cfg = together("reading the checkpoint to resume", checkpoint_config, cfg, run, ckpt)
     check_batch_sizes(cfg, grid)  # before loading four models
     check_generator_slots(cfg, run)
     # (every rank at once: a path one node lacks, copied to another's local disk only, stops every node, named)
@@ -310,7 +314,6 @@ def setup(
     tokenizer_dir = light.tokenizer or light.policy
     tokenizer, prompt_set, eval_set = together(READING_INPUTS, read_inputs, cfg, run, light, grid, device)
     run = resolve_run(run)  # Hub ids -> local directories with the weights (engine/hub.py; the same directories)
-    ckpt = resume_checkpoint(run.output_dir) if run.resume else None
     if run.resume:
         print0(f"resuming from {ckpt}" if ckpt else f"--resume: no checkpoint in {run.output_dir} yet, starting fresh")
         if ckpt and latest_checkpoint(run.output_dir) is None:

@@ -1664,3 +1664,38 @@ def test_a_checkpoint_whose_host_copy_would_not_fit_is_written_at_once(tmp_path,
     run_tiny(tmp_path, "--max-iterations", "3", "--save-every", "1", "--eval-prompts", "")
     assert seen == [None, 1, 2]
     assert capsys.readouterr().out.count("checkpoints are written before the run goes on: their host copy") == 1
+
+
+def _resume_other_checkpoint_rank(rank, world, out_dir, tmp):
+    import engine.state as state_mod
+    from engine.train_ppo import parse_args
+
+    init_gloo(rank, world, f"{tmp}/init")
+    if rank == 1:  # (this node's cached view of `latest`: the checkpoint before)
+        state_mod.resume_checkpoint = lambda output_dir: os.path.join(output_dir, "checkpoint-000001")
+    cfg, run, _ = parse_args(["--policy", "p", "--reward", "r", "--prompts", "x.jsonl", "--output-dir", out_dir,
+                              "--resume", "--rollout-batch-size", "8", "--train-batch-size", "4"])  # fmt: skip
+    got = outcome(state_mod.setup, cfg, run)
+    with open(os.path.join(tmp, f"rank{rank}"), "w") as f:
+        f.write(json.dumps(got))
+    torch.distributed.destroy_process_group()  # (gloo's threads left at exit abort the process now and then)
+
+
+def test_ranks_that_see_different_checkpoints_to_resume_are_refused_together(tmp_path):
+    """A --resume whose ranks find different checkpoints (a node's NFS view of `latest` a minute old) is refused on
+    every rank at once, naming both, before anything loads: each rank would otherwise continue its own iteration,
+    weights, optimizer shard and data position, sum metrics with the others, and hang in a collective later."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "out"
+    for n in (1, 2):
+        (out / f"checkpoint-{n:06d}").mkdir(parents=True)
+    (out / "latest").write_text(json.dumps({"checkpoint": "checkpoint-000002"}))
+    mp.spawn(_resume_other_checkpoint_rank, args=(2, str(out), str(tmp_path)), nprocs=2, join=True)
+    want = (
+        f"InvalidInput: --resume: the ranks do not see the same checkpoint to continue in {out}: some "
+        "checkpoint-000002, some checkpoint-000001 (a node's cached view of a shared directory lags up to a minute on "
+        "NFS; or a node's own copy): run again once every node sees the same `latest`"
+    )
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank{rank}").read_text()) == [want, True]

@@ -452,7 +452,7 @@ def _one_rank_refuses_rank(rank, world, init_file, policy, reward, prompts, out_
     def unread(*args):
         raise MissingInput("unread on this node")
 
-    for name in ("check_resumable", "resumed_config"):  # (the resume's reading of the checkpoint, failing on rank 1)
+    for name in ("check_resumable", "resume_checkpoint"):  # (the resume's reading of the checkpoint, failing on rank 1)
         real = getattr(state_mod, name)
         setattr(state_mod, name, unread if rank == 1 else real)
         attempt(state_mod.setup, PPOConfig(), run, grid=grid)
