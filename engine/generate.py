@@ -83,7 +83,8 @@ class Generator:
     overlap: launch each step before the host reads the previous step's tokens (they feed the next step on
     the device), so the host's bookkeeping runs while the GPU works. Scheduling then lags a step: a
     sequence that sampled a stop token is decoded once more (that token is dropped), and the slots it
-    frees are filled a step later. A sequence's samples do not depend on any of this (counter-based).
+    frees are filled a step later; a slot freed by a length limit, which the host knows before it reads
+    the step, is filled in the next step. A sequence's samples do not depend on any of this (counter-based).
     """
 
     def __init__(
