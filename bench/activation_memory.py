@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import run_main, write_json  # noqa: E402
+from bench.common import check_flags, run_main, write_json  # noqa: E402
 from engine import recompute  # noqa: E402
 from engine.config import MODEL_SHAPES, ModelConfig  # noqa: E402
 from engine.model import Transformer  # noqa: E402
@@ -37,6 +37,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--micro-batch-tokens", type=int, default=8192)
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
+    check_flags(p, a, positive=("tp", "tokens", "micro_batch_tokens"))
     grid = init_process_grid(a.tp)
     full = ModelConfig.named(a.model)
     cfg = dataclasses.replace(full, num_layers=2)  # one layer is measured; two keep the shapes honest

@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    from bench.common import check_flags
+
+    check_flags(p, args, positive=("threads",))
     if args.child:
         print(json.dumps(_child(args.child, args.threads[0])))
         return

@@ -8,8 +8,10 @@ against cuBLAS (F.linear, plus kernels/swiglu.py after gate_up: what the engine 
 Each projection of one layer (QKV, QKV with the rotary and the KV-cache write in its epilogue against cuBLAS and the
 rotary kernel, the output projection, gate_up with SwiGLU, the down projection, and the LM head),
 this rank's shard under --tp, at each row count: ours checked against cuBLAS first, then both timed as CUDA graph
-replays (the GPU's own time, as inside the engine's decode graphs) over weight copies totalling 4x the L2, so no call
-reads the last one's weight from cache. The floor: the weight's bytes (plus x and y) at the measured copy bandwidth.
+replays (the GPU's own time, as inside the engine's decode graphs) over weight copies totalling at least 4x the L2
+(bench.common.l2_copies: at most 64 copies, so a weight under 4 MiB, a toy shape's, totals less; in memory never more
+than 4x the L2 plus one weight), so no call reads the last one's weight from cache. The floor: the weight's bytes
+(plus x and y) at the measured copy bandwidth.
 Without a CUDA device: a tiny CPU run (the interpreter; figures are not performance figures).
 """
 
@@ -27,16 +29,18 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
-    L2_BYTES,
     add_elementwise_args,
     bench_device,
     check_close,
+    check_flags,
     device_name,
     graph_ms,
+    l2_copies,
     measure,
     save_json,
+    tp_error,
 )
-from engine.config import ModelConfig  # noqa: E402
+from engine.config import MODEL_SHAPES, ModelConfig  # noqa: E402
 from kernels.decode_linear import RowSquares, decode_linear, qkv_rope_linear  # noqa: E402
 from kernels.dispatch import compile_ahead  # noqa: E402
 from kernels.paged_attention import rope_write_kv  # noqa: E402
@@ -119,7 +123,8 @@ def _bench_one(name, m, n, k, kind, dtype, device, bw, copies, heads, config=Non
 
 
 def _copies(n, k, elem, device) -> int:
-    return max(1, min(8, -(-4 * L2_BYTES // (n * k * elem)))) if torch.device(device).type == "cuda" else 1
+    """Weight copies the graph timing rotates over (4x the L2 in all: bench.common.l2_copies); one on a CPU."""
+    return l2_copies(n * k * elem) if torch.device(device).type == "cuda" else 1
 
 
 def _print(rows) -> None:
@@ -175,7 +180,7 @@ def run(args, device) -> list[dict]:
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llama2-13b", help="a named shape (engine.config.ModelConfig.named)")
+    ap.add_argument("--model", default="llama2-13b", choices=list(MODEL_SHAPES), help="a named shape")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: time one rank's shards")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64], help="decode batch sizes (at most 64)")
     ap.add_argument("--proj", nargs="+", choices=["qkv", "qkv+rope", "o", "gate_up+swiglu", "gate_up+norm", "down",
@@ -185,8 +190,13 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new rows after this many seconds")
     add_elementwise_args(ap)
     args = ap.parse_args(argv)
+    check_flags(ap, args, positive=("tp",), positive_numbers=("bandwidth", "budget_s"))
     if any(not 1 <= m <= 64 for m in args.rows):
         ap.error(f"--rows must be 1 to 64 (a decode batch), got {args.rows}")
+    if why := tp_error(args.model, args.tp):
+        ap.error(why)
+    if not torch.cuda.is_available() and (why := tp_error("tiny", args.tp)):
+        ap.error(f"{why}: without a CUDA device the tiny shape is run")
     device = bench_device(args, model="tiny", rows=[1, 4], dtype="float32")
     print(f"device: {device_name(device)}, torch {torch.__version__}, {args.model} tp {args.tp}, {args.dtype}, "
           f"copy bandwidth {args.bandwidth} TB/s; graph replays on CUDA")  # fmt: skip

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import check_close, fill_peaks, measure, write_json  # noqa: E402
+from bench.common import check_close, check_flags, fill_peaks, measure, write_json  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.gae import gae  # noqa: E402
 
@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20, help="repetitions on CPU (CUDA uses do_bench)")
     ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     args = ap.parse_args()
+    check_flags(ap, args, positive=("batch", "seq", "reps"), positive_numbers=("bandwidth",))
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     batch, seq = args.batch, args.seq

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import check_close, device_name, fill_peaks, measure, write_json  # noqa: E402
+from bench.common import check_close, check_flags, device_name, fill_peaks, measure, tp_error, write_json  # noqa: E402
 from engine.config import MODEL_SHAPES, ModelConfig  # noqa: E402
 from kernels.dispatch import add_matmul_, fp32_out_gemm  # noqa: E402
 
@@ -63,6 +63,20 @@ def _errors(out: int, inn: int, tokens: int, device: str, dtype: torch.dtype) ->
     return errs[0], errs[1]
 
 
+def _model_tp(ap: argparse.ArgumentParser, spec: str, tp: int | None) -> tuple[str, int]:
+    """(name, TP degree) of a --model NAME[:TP], or ap.error where the name is no shape or the degree cannot shard it
+    (0 divided by zero; 3 of the 7B's 32 heads floor-divided the shards)."""
+    name, colon, degree = spec.partition(":")
+    if name not in MODEL_SHAPES:
+        ap.error(f"--model {spec}: unknown model {name!r} (known: {', '.join(MODEL_SHAPES)})")
+    if colon and not (degree.isdigit() and int(degree) >= 1):
+        ap.error(f"--model {spec}: the TP degree after ':' must be an integer >= 1, got {degree!r}")
+    tp = int(degree) if colon else tp or 1
+    if why := tp_error(name, tp):
+        ap.error(f"--model {spec}: {why}")
+    return name, tp
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", nargs="+", default=["llama2-13b:8", "llama2-7b:1"],
@@ -72,6 +86,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--tflops", type=float, default=None, help="matmul TFLOP/s for the floor (default: measured)")
     ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     args = ap.parse_args(argv)
+    check_flags(ap, args, positive=("tp", "tokens"), positive_numbers=("tflops",))
+    models = [_model_tp(ap, spec, args.tp) for spec in args.model]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16
     tokens = args.tokens
@@ -82,12 +98,8 @@ def main(argv=None) -> list[dict]:
     fused = fp32_out_gemm(torch.device(device))
     print(f"{device_name(device)}, torch {torch.__version__}: fp32-out GEMM into the sum: {'yes' if fused else 'no'}")
     rows = []
-    for spec in args.model:
-        name, _, tp = spec.partition(":")
-        tp = int(tp or args.tp or 1)
-        cfg = ModelConfig.named(name) if name in MODEL_SHAPES else None
-        if cfg is None:
-            raise SystemExit(f"unknown model {name!r}; known: {', '.join(MODEL_SHAPES)}")
+    for name, tp in models:
+        cfg = ModelConfig.named(name)
         shapes = projections(cfg, tp)
         if device == "cpu":
             shapes = {k: (max(1, o // 64), max(1, i // 64)) for k, (o, i) in shapes.items()}

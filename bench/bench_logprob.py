@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import check_close, exit_if_ours_failed, fill_peaks, measure, write_json  # noqa: E402
+from bench.common import check_close, check_flags, exit_if_ours_failed, fill_peaks, measure, write_json  # noqa: E402
 from kernels import logprob as logprob_kernels  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.dispatch import fp32_out_gemm  # noqa: E402
@@ -256,6 +256,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--skip-hidden", action="store_true", help="skip the hidden_logprobs rows")
     p.add_argument("--json", type=str, default=None, help="write the figures to this path")
     args = p.parse_args(argv)
+    check_flags(p, args, positive=("n", "v", "hn", "hh", "rep"), positive_numbers=("bandwidth", "tflops"))
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[args.dtype]

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import device_name, write_json  # noqa: E402
+from bench.common import check_flags, device_name, write_json  # noqa: E402
 from engine.config import ModelConfig, PPOConfig  # noqa: E402
 from engine.memory_plan import STATE, fixed_bytes  # noqa: E402
 from engine.model import Transformer  # noqa: E402
@@ -166,6 +166,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     a = ap.parse_args(argv)
+    check_flags(ap, a, positive=("layers", "reps"), positive_numbers=("gib",))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = "llama2-7b" if device.type == "cuda" else "tiny"
     config = dataclasses.replace(ModelConfig.named(shape), num_layers=a.layers)

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import L2_BYTES, check_close, fill_peaks, graph_ms, measure, ptxas_info, write_json  # noqa: E402
+from bench.common import check_close, check_flags, fill_peaks, graph_ms, l2_copies, measure, ptxas_info, write_json  # noqa: E402
 from engine.kv_cache import resolve_cache_dtype  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.dispatch import compile_ahead  # noqa: E402
@@ -94,10 +94,19 @@ def _ms(fn, device) -> float:
     return measure(fn, device, rep_ms=500 if torch.device(device).type != "cuda" else 100)[0]
 
 
-def _kernel_ms(fn, device) -> float:
-    """A launch variant's time: on a GPU as CUDA graph replays (the kernel's own time, as in the decode graphs: timed
-    per call, a variant faster than its host overhead would rank by that overhead), elsewhere per call."""
-    return graph_ms([fn]) if torch.device(device).type == "cuda" else _ms(fn, device)
+def _kernel_ms(fns, device) -> float:
+    """A launch variant's time, `fns` its calls on each input set (_input_sets): on a GPU as CUDA graph replays
+    rotating over them (the kernel's own time, as in the decode graphs, its KV read from memory, not the L2: timed per
+    call, a variant faster than its host overhead would rank by that overhead), elsewhere per call on the first set."""
+    return graph_ms(fns) if torch.device(device).type == "cuda" else _ms(fns[0], device)
+
+
+def _input_sets(first, shape, dtype, cache_dtype, kv_bytes) -> list[tuple]:
+    """`first` and further random inputs of the same shape, 4x the L2 in all (bench.common.l2_copies, at most 64 sets:
+    batch 1 at 384 tokens is 7.9 MB, 8 copies were one L2's worth): a graph timing that rotates over them reads no
+    call's KV from the cache the last call left."""
+    device = first[0].device
+    return [first] + [_make(*shape, dtype, device, cache_dtype) for _ in range(l2_copies(kv_bytes) - 1)]
 
 
 def _bench_shape(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, compile_, cache_dtype=None) -> dict:
@@ -166,14 +175,11 @@ def _new_token(bt: torch.Tensor, cl: torch.Tensor, bs: int) -> tuple[torch.Tenso
 def _graph_rows(row, first, shape, dtype, cache_dtype, read, kv_bytes) -> None:
     """ours and SDPA (and the rope write) timed as replays of a CUDA graph (bench.common.graph_ms): the GPU's time,
     as a decode step under CUDA graphs sees it, where do_bench's per-call timing also counts each call's host
-    overhead. Inputs rotate among copies totalling 4x the L2 (at most 64 of them: batch 1 at 384 tokens is 7.9 MB, 8
-    copies were one L2's worth) so no call reads the last one's KV from cache."""
+    overhead. Inputs rotate among copies totalling 4x the L2 (_input_sets) so no call reads the last one's KV from
+    cache."""
     batch, ctx, hq, hkv, d, bs = shape
     try:
-        sets = [first] + [
-            _make(batch, ctx, hq, hkv, d, bs, dtype, first[0].device, cache_dtype)
-            for _ in range(min(63, -(-4 * L2_BYTES // kv_bytes) - 1))  # (a small context's KV: many copies)
-        ]
+        sets = _input_sets(first, shape, dtype, cache_dtype, kv_bytes)
         ours = [lambda s=s: paged_decode_attention(*s, max_context_len=ctx) for s in sets]
         row["ours_graph_ms"] = graph_ms(ours)
         row["ours_graph_gbs"] = read.get("ours", kv_bytes) / (row["ours_graph_ms"] * 1e-3) / 1e9
@@ -194,15 +200,17 @@ def _graph_rows(row, first, shape, dtype, cache_dtype, read, kv_bytes) -> None:
 
 
 def _sweep(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, cache_dtype=None) -> list[dict]:
-    q, kc, vc, bt, cl = _make(batch, ctx, hq, hkv, d, bs, dtype, device, cache_dtype)
-    kv_bytes = batch * ctx * hkv * d * 2 * kc.element_size()
+    """Each launch variant timed as graph replays over input sets 4x the L2 in all (_input_sets, _kernel_ms)."""
+    first = _make(batch, ctx, hq, hkv, d, bs, dtype, device, cache_dtype)
+    kv_bytes = batch * ctx * hkv * d * 2 * first[1].element_size()
+    sets = _input_sets(first, (batch, ctx, hq, hkv, d, bs), dtype, cache_dtype, kv_bytes)
     results = []
     variants = [
         {"block_n": block_n, "num_warps": warps, "num_stages": stages, "dot_min_group": dot_min}
         for block_n, warps, stages, dot_min in itertools.product((32, 64, 128), (4, 8), (1, 2, 3), (1, 2))
     ]
-    launch = lambda cfg: lambda: paged_decode_attention(q, kc, vc, bt, cl, max_context_len=ctx, config=cfg)  # noqa: E731
-    compile_ahead([launch(cfg) for cfg in variants])  # (all at once: one after another, a cold sweep was compile-bound)
+    launch = lambda cfg: [lambda s=s: paged_decode_attention(*s, max_context_len=ctx, config=cfg) for s in sets]  # noqa: E731
+    compile_ahead([launch(cfg)[0] for cfg in variants])  # (all at once: one by one, a cold sweep was compile-bound)
     for cfg in variants:
         try:
             ms = _kernel_ms(launch(cfg), device)
@@ -215,26 +223,28 @@ def _sweep(name, batch, ctx, hq, hkv, d, bs, *, dtype, device, bw, cache_dtype=N
     print(f"fastest launch variants of {name}:")
     for r in results[:5]:
         print(f"  {name:<20} {r['ms']:.4f} ms {r['tbs']:.2f} TB/s ({r['tbs'] * 1e12 / bw * 100:.0f}%) {r}")
-    return results + _split_sweep(name, (q, kc, vc, bt, cl), ctx, kv_bytes, device)
+    return results + _split_sweep(name, sets, ctx, kv_bytes, device)
 
 
-def _split_sweep(name, inputs, ctx, kv_bytes, device) -> list[dict]:
-    """The default launch at each min_split_tokens (how many context splits, and so whether the merge kernel runs):
-    rows {"shape", "min_split_tokens", "splits", "ms", "tbs"}, fastest first."""
+def _split_sweep(name, sets, ctx, kv_bytes, device) -> list[dict]:
+    """The default launch at each min_split_tokens (how many context splits, and so whether the merge kernel runs),
+    timed over the input sets `sets` as _sweep's variants: rows {"shape", "min_split_tokens", "splits", "ms", "tbs"},
+    fastest first."""
     import triton
 
     import kernels.paged_attention as pa
     from kernels.dispatch import sm_count
 
-    q, kc = inputs[0], inputs[1]
+    q, kc = sets[0][0], sets[0][1]
     cfg = pa.decode_config(q.shape[1] // kc.shape[2], triton.next_power_of_2(q.shape[2]), kc.element_size())
     rows = []
     for tokens in (64, 128, 256, 512, 1024, 4096):
         splits = pa.choose_num_splits(q.shape[0], kc.shape[2], ctx, cfg["block_n"], sm_count(q.device), tokens)
         if rows and splits == rows[-1]["splits"]:
             continue  # (the same launch as the last one)
-        fn = lambda t=tokens: paged_decode_attention(*inputs, max_context_len=ctx, config={"min_split_tokens": t})
-        ms = _kernel_ms(fn, device)
+        config = {"min_split_tokens": tokens}
+        fns = [lambda s=s, c=config: paged_decode_attention(*s, max_context_len=ctx, config=c) for s in sets]
+        ms = _kernel_ms(fns, device)
         rows.append({"shape": name, "min_split_tokens": tokens, "splits": splits, "ms": ms,
                      "tbs": kv_bytes / (ms * 1e-3) / 1e12})  # fmt: skip
         print(f"{name} min_split_tokens {tokens} ({splits} split{'s' * (splits > 1)}): {ms:.4f} ms", flush=True)
@@ -367,6 +377,7 @@ def main(argv=None) -> None:
     p.add_argument("--sweep", action="store_true", help="also time the kernel's launch variants (GPU only)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to warm up)")
     args = p.parse_args(argv)
+    check_flags(p, args, positive_numbers=("bandwidth_tbs",))
     unknown = [s for s in args.shapes or () if s not in {**SHAPES, **CPU_SHAPES}]
     if unknown:  # (else skipped without a word: a typo left an empty table and exit code 0)
         p.error(f"--shapes {' '.join(unknown)}: no such shape (known: {', '.join([*SHAPES, *CPU_SHAPES])})")

@@ -26,6 +26,7 @@ from bench.common import (  # noqa: E402
     add_elementwise_args,
     bench_device,
     check_close,
+    check_flags,
     device_name,
     exit_if_ours_failed,
     measure,
@@ -133,6 +134,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--intermediate", type=int, default=13824)
     add_elementwise_args(ap)
     args = ap.parse_args(argv)
+    check_flags(ap, args, positive=("tokens", "hidden", "intermediate"), positive_numbers=("bandwidth",))
     device = bench_device(args, tokens=64, hidden=256, intermediate=512, dtype="float32")
     rows = []
     for op, (make, impls, fwd_bytes, fb_bytes) in _rows(args, device).items():

@@ -33,7 +33,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch.nn.functional as F
 
-from bench.common import check_close, exit_if_ours_failed, fill_peaks, measure, ptxas_info, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    check_close,
+    check_flags,
+    exit_if_ours_failed,
+    fill_peaks,
+    measure,
+    ptxas_info,
+    write_json,
+)
 from kernels import attention_gluon, attention_gluon_bwd, dispatch, reference  # noqa: E402
 from kernels.rope_attention import rope_attention  # noqa: E402
 from kernels.rotary import launch_rotary  # noqa: E402
@@ -737,8 +745,8 @@ def main() -> None:
     )  # fmt: skip
     p.add_argument("--sweep-gluon", action="store_true", help="--sweep: the Gluon kernels' variants alone")
     args = p.parse_args()
-    if args.heads < 1 or (args.kv_heads is not None and args.kv_heads < 1):
-        p.error(f"--heads and --kv-heads must be >= 1, got {args.heads} and {args.kv_heads}")
+    check_flags(p, args, positive=("batch", "heads", "kv_heads", "seqlen", "head_dim", "rep"),
+                positive_numbers=("peak_tflops", "fwd_bwd_factor", "rope_theta"))  # fmt: skip
     if args.heads % (args.kv_heads or args.heads):
         p.error(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads} (each serves a group of heads)")
     if args.ptxas:

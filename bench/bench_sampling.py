@@ -26,6 +26,7 @@ from bench.common import (  # noqa: E402
     add_elementwise_args,
     bench_device,
     check_close,
+    check_flags,
     device_name,
     exit_if_ours_failed,
     measure,
@@ -102,6 +103,9 @@ def _check_top_p(logits, seeds, counters, args, dtype, b: int) -> None:
     check_close(f"top-p {q} sampler batch {b} (rows drawn below the floor)", below, dtype, 0.0)
 
 
+CPU_VOCAB = 1000  # (the tiny run's on a machine without CUDA)
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64, 256])
@@ -112,7 +116,16 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile peer row")
     add_elementwise_args(ap)
     args = ap.parse_args(argv)
-    device = bench_device(args, batch=[4], vocab=1000, dtype="float32")
+    check_flags(ap, args, positive=("batch", "vocab"), positive_numbers=("bandwidth",))
+    cuda = torch.cuda.is_available()
+    vocab = args.vocab if cuda else CPU_VOCAB
+    if not 0 <= args.top_k <= vocab // 2:  # (a TP 2 rank's rows take the top k of half the vocabulary)
+        run = "" if cuda else " (the CPU run's)"
+        ap.error(f"--top-k must be 0 (off) to {vocab // 2}, half the {vocab}-token vocabulary{run} as the TP 2 shard "
+                 f"rows take it, got {args.top_k}")  # fmt: skip
+    if not 0 < args.top_p <= 1:  # (NaN too)
+        ap.error(f"--top-p must be in (0, 1] (1: off), got {args.top_p}")
+    device = bench_device(args, batch=[4], vocab=CPU_VOCAB, dtype="float32")
     dtype = getattr(torch, args.dtype)
     impls = {
         "ours (one pass)": gumbel_sample,

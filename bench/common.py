@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -103,6 +104,15 @@ def measure(fn, device, *, warmup_ms: float = 25, rep_ms: float = 100, min_reps:
 # Bytes a graph timing's inputs should exceed (4x in all) so that no call reads the last one's data from the L2: an
 # H200's L2 is 60 MiB (an H100's 50). bench_paged_attention.py and bench_decode_linear.py rotate their inputs by it.
 L2_BYTES = 64 * 2**20
+
+
+def l2_copies(nbytes: int, most: int = 64) -> int:
+    """How many input sets of `nbytes` bytes each (the first among them) a CUDA graph timing rotates over so that
+    together they hold at least 4x L2_BYTES and no call reads what the last one read from the L2: one where a set alone
+    is that big, never more than `most` (each set is a launch in the captured graph: a set under 4x L2_BYTES / most, 4
+    MiB at the default, a toy shape's, totals less). Memory stays bounded by the count itself: the sets total under
+    4x L2_BYTES plus one set (about 256 MiB beyond the first set), whatever the size of one."""
+    return max(1, min(most, -(-4 * L2_BYTES // max(1, nbytes))))
 
 
 def graph_ms(fns, *, reps: int = 20) -> float:
@@ -219,6 +229,60 @@ def add_elementwise_args(
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--bandwidth", type=float, default=None, help=bandwidth_help)
     ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+
+
+def check_flags(
+    p: argparse.ArgumentParser,
+    a: argparse.Namespace,
+    *,
+    positive: tuple[str, ...] = (),
+    positive_numbers: tuple[str, ...] = (),
+    json_attr: str | None = "json",
+) -> None:
+    """Refuse, right after parsing (before anything is built, measured or timed), each value a bench cannot run, by
+    p.error: one line naming the flag, the value and what is allowed, exit code 2. The benches' common cases, by
+    attribute name (the flag is --name with dashes):
+    positive: sizes and counts, an int or a list of them (nargs), each >= 1 (0 is no default in disguise: it divided
+    by zero or ended in an empty min(); the default None is let through);
+    positive_numbers: a device's figure (a bandwidth in TB/s, a peak TFLOP/s) or a size in GiB or seconds, a finite
+    number > 0 (0 divided the roofline by zero, a negative one printed negative floors; None: measured);
+    json_attr: the attribute of --json, a file in an existing directory (else the figures were lost after the run)."""
+    for flag in positive:
+        value = getattr(a, flag)
+        if any(v is not None and v < 1 for v in (value if isinstance(value, list) else [value])):
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    for flag in positive_numbers:
+        value = getattr(a, flag)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            p.error(f"--{flag.replace('_', '-')} must be a finite number > 0, got {value}")
+    path = getattr(a, json_attr) if json_attr else None
+    if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
+        p.error(f"--json {path}: not a file in an existing directory (the figures would be lost after the run)")
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type of a comma-separated list of integers >= 1 ("64,256": batch sizes, rows)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def tp_error(model: str, tp: int) -> str | None:
+    """Why a TP degree cannot shard the named shape (engine.memory_plan.check_tp: it must divide the heads, key/value
+    heads and MLP width), or None: for a bench's p.error, where the shards would be floor-divided or crash deep."""
+    from engine.config import ModelConfig
+    from engine.errors import InvalidInput
+    from engine.memory_plan import check_tp
+
+    try:
+        check_tp({model: (ModelConfig.named(model), "lm")}, tp)
+    except InvalidInput as e:
+        return str(e)
+    return None
 
 
 def bench_device(args, **tiny_cpu) -> str:

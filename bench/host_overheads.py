@@ -52,7 +52,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import run_main, write_json  # noqa: E402
+from bench.common import check_flags, positive_ints, run_main, write_json  # noqa: E402
 from engine.config import GenerateConfig, ModelConfig  # noqa: E402
 from engine.generate import Generator  # noqa: E402
 from engine.kv_cache import BlockManager  # noqa: E402
@@ -81,20 +81,10 @@ def setting_options(name: str) -> dict | None:
     return None
 
 
-def _positive_ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return values
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     host = p.add_argument_group("part 1: host time per decode step")
-    host.add_argument("--batches", type=_positive_ints, default=[64, 256], help="sequences per step (default 64,256)")
+    host.add_argument("--batches", type=positive_ints, default=[64, 256], help="sequences per step (default 64,256)")
     host.add_argument("--repeats", type=int, default=1000, help="calls timed per figure (the median is printed)")
     host.add_argument(
         "--width",
@@ -133,11 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--json", default=None, help="write the figures to this file")
     a = p.parse_args(argv)
-    for flag in ("repeats", "chunk", "prompts", "slots", "prompt_min", "prompt_max", "max_new", "block_size",
-                 "threads", "width", "num_blocks"):  # fmt: skip
-        value = getattr(a, flag)
-        if value is not None and value < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    sizes = ("repeats", "chunk", "prompts", "slots", "prompt_min", "prompt_max", "max_new", "block_size", "threads",
+             "width", "num_blocks")  # fmt: skip
+    check_flags(p, a, positive=sizes)
     if a.prompt_max < a.prompt_min:
         p.error(f"--prompt-max {a.prompt_max} is below --prompt-min {a.prompt_min}")
     if a.block_size & (a.block_size - 1):
@@ -153,8 +141,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--settings {','.join(unknown)}: unknown (known: {', '.join(SETTINGS)}, admit-K with K >= 1)")
     if len(set(a.settings)) != len(a.settings):
         p.error("--settings names a setting twice")
-    if a.json and (os.path.isdir(a.json) or not os.path.isdir(os.path.dirname(os.path.abspath(a.json)))):
-        p.error(f"--json {a.json}: not a file in an existing directory (the figures would be lost after the run)")
     return a
 
 

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import check_fits, run_main, write_json  # noqa: E402
+from bench.common import check_fits, check_flags, run_main, write_json  # noqa: E402
 from engine import grad_sums  # noqa: E402
 from engine.config import MODEL_SHAPES, ModelConfig, PPOConfig  # noqa: E402
 from engine.errors import InvalidInput  # noqa: E402
@@ -86,9 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     sizes = ("rollout_batch_size", "train_batch_size", "prompt_len", "max_new_tokens")
     # (None: the default; 0 is not it)
-    for flag in ("num_layers", *sizes, "gen_max_num_seqs", "iterations", "tp", "peer_micro_batch"):
-        if getattr(a, flag) is not None and getattr(a, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
+    check_flags(p, a, positive=("num_layers", *sizes, "gen_max_num_seqs", "iterations", "tp", "peer_micro_batch"))
     try:  # (RunConfig's checks of the two, as train_ppo.py's: float16 trains without loss scaling)
         RunConfig(output_dir="", device=a.device, dtype=a.dtype)
     except ValueError as e:

@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (  # noqa: E402
     check_fits,
+    check_flags,
     measured_copy_tbs,
     measured_matmul_tflops,
     measured_read_tbs,
@@ -117,11 +118,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--json", default=None, help="write the figures to this file")
     a = p.parse_args(argv)
-    for flag in ("batch", "prompt_len", "gen_len", "max_num_seqs", "block_size", "tp", "profile_tokens"):
-        if getattr(a, flag) is not None and getattr(a, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
-    if a.repeats < 1 or a.stop_tokens < 0:
-        p.error("--repeats must be >= 1 and --stop-tokens >= 0")
+    sizes = ("batch", "prompt_len", "gen_len", "max_num_seqs", "block_size", "tp", "profile_tokens", "repeats")
+    check_flags(p, a, positive=sizes, positive_numbers=("bandwidth", "tflops"))
+    if a.stop_tokens < 0:
+        p.error(f"--stop-tokens must be >= 0 (0: none), got {a.stop_tokens}")
     if a.device is not None and (why := device_error(a.device)) is not None:  # (as train_ppo.py's)
         p.error(f"--{why}")
     if a.decode_config is not None:
@@ -139,11 +139,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--block-size must be a power of two (the kernels tile by it), got {a.block_size}")
     if not (math.isfinite(a.temperature) and a.temperature >= 0):
         p.error(f"--temperature must be a finite number >= 0 (0: greedy), got {a.temperature}")
-    for flag in ("bandwidth", "tflops"):  # (given: a figure of the device, never 0 or less)
-        if getattr(a, flag) is not None and not (math.isfinite(getattr(a, flag)) and getattr(a, flag) > 0):
-            p.error(f"--{flag} must be a positive number (default: measured), got {getattr(a, flag)}")
-    if a.json and (os.path.isdir(a.json) or not os.path.isdir(os.path.dirname(os.path.abspath(a.json)))):
-        p.error(f"--json {a.json}: not a file in an existing directory (the figures would be lost after the run)")
     return a
 
 

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from bench.common import graph_ms, run_main, save_json  # noqa: E402
+from bench.common import check_flags, graph_ms, positive_ints, run_main, save_json  # noqa: E402
 from engine import symm_reduce  # noqa: E402
 from engine.parallel import agree, init_process_grid, print0  # noqa: E402
 
@@ -101,14 +101,17 @@ def recommend(rows: list[dict], forms: list[str]) -> str:
 
 def main() -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--rows", default="1,2,4,8,16,32,64,128,256", help="decode batch sizes (rows a sum)")
+    p.add_argument(
+        "--rows", type=positive_ints, default="1,2,4,8,16,32,64,128,256", help="decode batch sizes (rows a sum)"
+    )
     p.add_argument("--hidden", type=int, default=5120, help="numbers a row (13B: 5120)")
     p.add_argument("--sums", type=int, default=80, help="sums a step, captured in one graph (13B: 2 x 40 layers)")
     p.add_argument("--reps", type=int, default=20, help="graph replays timed")
     p.add_argument("--nproc", type=int, default=2, help="processes, where this starts torchrun itself (CPU smoke)")
     p.add_argument("--json", default=None, help="write the rows to this file")
     a = p.parse_args()
-    rows_list = [int(r) for r in a.rows.split(",")]
+    check_flags(p, a, positive=("hidden", "sums", "reps", "nproc"))
+    rows_list = a.rows
     if "RANK" not in os.environ:  # (not under torchrun: start it, a process a device)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.nproc),
                os.path.abspath(__file__), *sys.argv[1:]]  # fmt: skip

@@ -27,7 +27,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import write_json  # noqa: E402
+from bench.common import check_flags, write_json  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWITCHES = {  # short name: (what, its switch)
@@ -88,6 +88,7 @@ def main(argv=None) -> list[dict]:
         "--settings", default=",".join(settings()), help="which runs, the first the baseline (default: %(default)s)"
     )
     a = p.parse_args(own)
+    check_flags(p, a, positive_numbers=("timeout",))
     chosen = a.settings.split(",")
     if not chosen or any(c not in settings() for c in chosen):
         p.error(f"--settings {a.settings!r}: a comma-separated list of {', '.join(settings())}")

@@ -50,9 +50,10 @@ def test_rollout_bench_refuses_impossible_flags(tmp_path, capsys):
         (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
         (["--temperature", "nan"], "--temperature must be a finite number >= 0"),
         (["--temperature", "inf"], "--temperature must be a finite number >= 0"),
-        (["--bandwidth", "0"], "--bandwidth must be a positive number"),  # (0 fell back to the measured one)
-        (["--bandwidth", "-1"], "--bandwidth must be a positive number"),  # (negative rooflines)
-        (["--tflops", "inf"], "--tflops must be a positive number"),
+        (["--bandwidth", "0"], "--bandwidth must be a finite number > 0, got 0.0"),  # (0 fell back to the measured one)
+        (["--bandwidth", "-1"], "--bandwidth must be a finite number > 0, got -1.0"),  # (negative rooflines)
+        (["--tflops", "inf"], "--tflops must be a finite number > 0, got inf"),
+        (["--stop-tokens", "-1"], "--stop-tokens must be >= 0 (0: none), got -1"),
         (["--decode-config", '{"block_n": 48}'], "block_n must be a power of two"),
         (["--decode-config", '{"tile": 64}'], "unknown decode launch parameter"),
         (["--decode-config", "block_n=64"], "--decode-config 'block_n=64'"),  # (not JSON)

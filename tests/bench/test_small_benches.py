@@ -390,6 +390,7 @@ def test_paged_bench_graph_rows_rotate_inputs_and_print(monkeypatch, capsys):
     import torch
 
     import bench.bench_paged_attention as bp
+    import bench.common
 
     calls = []
 
@@ -408,7 +409,7 @@ def test_paged_bench_graph_rows_rotate_inputs_and_print(monkeypatch, capsys):
     assert len(ours) == len(sdpa) == len(writes) == len(fused) == 64
     assert not torch.equal(ours[0], ours[1])  # (another set's data, not the first's again)
     bp._graph_rows(dict(row), first, shape, torch.float32, None, {}, 20 * 2**20)
-    assert len(calls[4]) == -(-4 * bp.L2_BYTES // (20 * 2**20)) == 13
+    assert len(calls[4]) == -(-4 * bench.common.L2_BYTES // (20 * 2**20)) == 13
     torch.testing.assert_close(sdpa[3].reshape(ours[3].shape), ours[3], atol=1e-5, rtol=1e-5)  # (the same set)
     bp._print([row], 1.0)
     head = capsys.readouterr().out.splitlines()[0]
@@ -417,16 +418,18 @@ def test_paged_bench_graph_rows_rotate_inputs_and_print(monkeypatch, capsys):
 
 
 def test_paged_sweep_times_variants_as_graph_replays_on_a_gpu(monkeypatch):
-    """The sweep ranks launch variants by their CUDA graph replay time on a GPU (no host overhead in it), per call
-    elsewhere."""
+    """The sweep ranks launch variants by their CUDA graph replay time on a GPU (no host overhead in it), every input
+    set's call in the graph, per call (the first set's) elsewhere."""
     import torch
 
     import bench.bench_paged_attention as bp
 
-    monkeypatch.setattr(bp, "graph_ms", lambda fns, reps=20: 0.25 * len(fns))
-    monkeypatch.setattr(bp, "measure", lambda fn, device, **kw: (3.0, float("nan")))
-    assert bp._kernel_ms(lambda: None, torch.device("cuda")) == 0.25
-    assert bp._kernel_ms(lambda: None, torch.device("cpu")) == 3.0
+    graphed, timed = [], []
+    monkeypatch.setattr(bp, "graph_ms", lambda fns, reps=20: graphed.append(list(fns)) or 0.25)
+    monkeypatch.setattr(bp, "measure", lambda fn, device, **kw: timed.append(fn) or (3.0, float("nan")))
+    fns = [lambda: 1, lambda: 2, lambda: 3]
+    assert bp._kernel_ms(fns, torch.device("cuda")) == 0.25 and graphed == [fns]
+    assert bp._kernel_ms(fns, torch.device("cpu")) == 3.0 and timed == [fns[0]]
 
 
 def test_decode_linear_bench_smoke(tmp_path, monkeypatch):
