@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from engine.errors import InputError, InvalidInput, OutputInUse, UnwritableOutput
 from engine.parallel import print0, rank0_together, together
-from engine.resume import EVAL_DIR, LATEST, LAUNCHES, LOGS, WANDB_RUN_ID, checkpoint_number
+from engine.resume import EVAL_DIR, LATEST, LAUNCHES, LOGS, WANDB_RUN_ID, checkpoint_number, remove_leftovers
 
 
 def check_writable(output_dir: str, rank: int) -> None:
@@ -198,6 +198,11 @@ def _lock(output_dir: str) -> InputError | None:
         os.close(fd)
         return UnwritableOutput(f"cannot write to the output directory {output_dir}: {e.strerror or e}")
     _locks[os.path.realpath(output_dir)] = fd
+    # what a killed run's writes left (latest.tmp-PID, a metrics or eval file's, the tiny default's init/policy.tmp-*
+    # model): no run writes them now that this one holds the lock, and none would be taken up again (another PID)
+    for d in (output_dir, os.path.join(output_dir, EVAL_DIR), os.path.join(output_dir, "init")):
+        if os.path.isdir(d):
+            remove_leftovers(d)
     return None
 
 

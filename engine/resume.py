@@ -275,7 +275,8 @@ def _point_latest(out: str, name: str, keep: int) -> None:
 
 def remove_leftovers(ckpt: str) -> None:
     """What a save of this checkpoint killed midway left in it (a model's policy.tmp-*/.old-* directory, a state
-    file's .tmp-PID: a 13B model's is 26 GB), before it is saved again (rank 0, before any rank writes into it)."""
+    file's .tmp-PID: a 13B model's is 26 GB), before it is saved again (rank 0, before any rank writes into it); also
+    what a killed run's other writes left in the output directory, once a run holds its lock (output_dir)."""
     for name in os.listdir(ckpt):
         if re.search(r"\.(tmp|old)-[0-9a-f]+$", name):
             path = os.path.join(ckpt, name)

@@ -1699,3 +1699,23 @@ def test_ranks_that_see_different_checkpoints_to_resume_are_refused_together(tmp
     )
     for rank in range(2):
         assert json.loads((tmp_path / f"rank{rank}").read_text()) == [want, True]
+
+
+def test_a_run_removes_what_killed_writes_left_in_its_output_directory(tmp_path):
+    """What a run killed mid-write left outside a checkpoint (latest.tmp-PID, a metrics or eval file's .tmp-PID, the
+    tiny default's half-built init/policy.tmp-* model) is removed by the next run once it holds the directory's lock:
+    no run writes them then, and none would take them up again (another PID, another random suffix); a user's own
+    files there stay."""
+    run_tiny(tmp_path, "--max-iterations", "1", "--eval-every", "1")
+    left = [tmp_path / "latest.tmp-4242", tmp_path / "metrics.jsonl.tmp-77", tmp_path / "eval/iter-000001.jsonl.tmp-9"]
+    for fn in left:
+        fn.write_text("{}")
+    (tmp_path / "init/policy.tmp-0a1b2c3d").mkdir()
+    (tmp_path / "init/policy.tmp-0a1b2c3d/model.safetensors").write_bytes(b"half")
+    kept = [tmp_path / "notes.tmp", tmp_path / "eval/mine.tmp-draft"]
+    for fn in kept:
+        fn.write_text("mine")
+    run_tiny(tmp_path, "--max-iterations", "1", "--eval-every", "1", "--resume")
+    assert not any(fn.exists() for fn in left) and not (tmp_path / "init/policy.tmp-0a1b2c3d").exists()
+    assert all(fn.read_text() == "mine" for fn in kept)
+    assert json.loads((tmp_path / "latest").read_text()) == {"checkpoint": "checkpoint-000001"}
