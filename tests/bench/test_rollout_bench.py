@@ -21,8 +21,10 @@ def test_rollout_bench_smoke(tmp_path):
     assert result["ours"]["tok_s"] > 0
     # the decode steps' time apart from the prompts' forward (timed alone: a run of one new token)
     ours = saved["ours"]
-    assert 0 < ours["prefill_seconds"] < ours["seconds"] and ours["decode_steps"] == 3
-    assert ours["decode_step_ms"] == pytest.approx((ours["seconds"] - ours["prefill_seconds"]) / 3 * 1e3)
+    # (no timing compared: a loaded machine can time the prompts' run alone slower than the whole one, then 0)
+    assert ours["prefill_seconds"] > 0 and ours["seconds"] > 0 and ours["decode_steps"] == 3
+    decode_s = max(0.0, ours["seconds"] - ours["prefill_seconds"])
+    assert ours["decode_step_ms"] == pytest.approx(decode_s / 3 * 1e3)
     # the roofline: 13B bf16 weights alone at 3.0 TB/s, batch 1 -> about 115 tok/s (RECIPE.md)
     roof = decode_roofline(ModelConfig.named("llama2-13b"), 1, 0, 0, 2, 3.0e12)
     assert 110 < roof["tok_s"] < 120

@@ -321,6 +321,7 @@ def test_defaults_are_the_recipe():
         recompute_old_logprobs_per_minibatch=False,
         kl_target=0.0, kl_horizon=10000,  # the fixed coefficient (kl_horizon: TRL's and OpenRLHF's default)
         entropy_coef=0.0,
+        whiten_eps=1e-6,  # EasyLM's whiten(): sqrt(unbiased var + 1e-6)
     )  # fmt: skip
     cfg = PPOConfig()
     assert {k: getattr(cfg, k) for k in recipe} == recipe
