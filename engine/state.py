@@ -253,17 +253,12 @@ def _with_decode_config(factory, policy: Transformer, cfg: PPOConfig, run: RunCo
     return factory(policy, cfg, run)
 
 
-def resumed_config(cfg: PPOConfig, run: RunConfig) -> PPOConfig:
-    """--resume: the latest checkpoint's PPO hyperparameters for every one not given on this command line
-    (run.ppo_flags), so a default changed since (lr_schedule, top_k) does not change a run halfway; those given win
-    (load_trainer_state names them). No checkpoint yet, or run.ppo_flags None (the API's): cfg as it is. Either way
-    checked whole (PPOConfig's checks between fields, which the command line of a --resume leaves to this)."""
-    return checkpoint_config(cfg, run, resume_checkpoint(run.output_dir))
-
-
 def checkpoint_config(cfg: PPOConfig, run: RunConfig, ckpt: str | None) -> PPOConfig:
-    """cfg with checkpoint `ckpt`'s PPO hyperparameters for those not given (resumed_config; an --eval-only of a
-    checkpoint's policy), checked whole; cfg as it is (checked) without a checkpoint or with run.ppo_flags None."""
+    """cfg with checkpoint `ckpt`'s PPO hyperparameters for every one not given on this command line (run.ppo_flags),
+    so a default changed since (lr_schedule, top_k) does not change a run halfway (load_trainer_state names those
+    given, which win): a --resume's, or an --eval-only of a checkpoint's policy. Checked whole (PPOConfig's checks
+    between fields, which the command line of a --resume leaves to this); cfg as it is (checked) without a
+    checkpoint or with run.ppo_flags None (the API's)."""
     if ckpt is None or run.ppo_flags is None:
         return dataclasses.replace(cfg)
     saved = saved_ppo_config(ckpt)

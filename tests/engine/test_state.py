@@ -17,14 +17,13 @@ from engine.config import PPOConfig
 from engine.errors import InvalidInput
 from engine.kv_cache import bytes_per_block
 from engine.parallel import ProcessGrid
-from engine.state import RunConfig, resumed_config
+from engine.state import RunConfig, checkpoint_config
 from engine.train_ppo import parse_args, prepare_tiny
 from tests.engine.ranks import init_gloo, outcome
 from tests.engine.runs import tiny_state
 
 
 def _fake_checkpoint(monkeypatch, saved):
-    monkeypatch.setattr(state_mod, "resume_checkpoint", lambda out: "ckpt")
     monkeypatch.setattr(state_mod, "saved_ppo_config", lambda ckpt: dict(saved))
 
 
@@ -32,7 +31,7 @@ def test_api_resume_keeps_cfg_as_given(monkeypatch, tmp_path):
     """A resume through the library (no command line: ppo_flags None) keeps the PPOConfig it is given."""
     _fake_checkpoint(monkeypatch, {**dataclasses.asdict(PPOConfig()), "learning_rate": 1.0})
     cfg = PPOConfig(learning_rate=3e-3)
-    out = resumed_config(cfg, RunConfig(output_dir=str(tmp_path), ppo_flags=None))
+    out = checkpoint_config(cfg, RunConfig(output_dir=str(tmp_path), ppo_flags=None), "ckpt")
     assert out.learning_rate == 3e-3
 
 
@@ -40,10 +39,12 @@ def test_a_checkpoint_predating_top_k_resumes_at_the_legacy_values(monkeypatch, 
     saved = dataclasses.asdict(PPOConfig())
     del saved["top_k"], saved["top_p"]
     _fake_checkpoint(monkeypatch, saved)
-    out = resumed_config(PPOConfig(top_k=50, top_p=0.9), RunConfig(output_dir=str(tmp_path), ppo_flags=()))
+    out = checkpoint_config(PPOConfig(top_k=50, top_p=0.9), RunConfig(output_dir=str(tmp_path), ppo_flags=()), "ckpt")
     assert (out.top_k, out.top_p) == (0, 1.0)
     # one given on the command line still wins over the legacy value
-    out = resumed_config(PPOConfig(top_k=50, top_p=0.9), RunConfig(output_dir=str(tmp_path), ppo_flags=("top_k",)))
+    out = checkpoint_config(
+        PPOConfig(top_k=50, top_p=0.9), RunConfig(output_dir=str(tmp_path), ppo_flags=("top_k",)), "ckpt"
+    )
     assert (out.top_k, out.top_p) == (50, 1.0)
 
 
@@ -346,7 +347,7 @@ def test_a_resume_restores_the_checkpoints_pairs_as_tuples(monkeypatch, tmp_path
     """A checkpoint's JSON holds adam_betas as a list: the resumed PPOConfig has the tuple a fresh run has (equal to
     its defaults, hashable)."""
     _fake_checkpoint(monkeypatch, {**dataclasses.asdict(PPOConfig()), "adam_betas": [0.8, 0.95]})
-    out = resumed_config(PPOConfig(), RunConfig(output_dir=str(tmp_path), ppo_flags=()))
+    out = checkpoint_config(PPOConfig(), RunConfig(output_dir=str(tmp_path), ppo_flags=()), "ckpt")
     assert out.adam_betas == (0.8, 0.95) and isinstance(out.adam_betas, tuple)
 
 
