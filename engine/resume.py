@@ -18,9 +18,11 @@ import shutil
 import sys
 import threading
 import time
+import zlib
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 
 from engine.checkpoint import fsync_dir, fsync_file, save_pretrained
 from engine.config import LEGACY_PPO_VALUES
@@ -266,7 +268,7 @@ def _point_latest(out: str, name: str, keep: int) -> None:
             fsync_file(log)
     fsync_dir(out)  # (checkpoint-N's own entry)
     try:  # (the checkpoint `latest` names until now: the one resumed from, or this run's last)
-        previous = checkpoint_number(os.path.basename(latest_checkpoint(out) or ""))
+        previous = _iteration_of(latest_checkpoint(out))
     except InputError:  # (damaged by hand since the resume read it: pruning as without one)
         previous = None
     atomic_write(os.path.join(out, LATEST), lambda f: f.write(json.dumps({"checkpoint": name}).encode()))
@@ -306,6 +308,20 @@ def checkpoint_number(name: str) -> int | None:
     return int(digits) if name.startswith("checkpoint-") and digits.isdigit() else None
 
 
+def _iteration_of(path: str | None) -> int | None:
+    """The iteration checkpoint `path` holds: N of checkpoint-N; for a directory of another name (`latest` pointed by
+    hand at a copy, checkpoint-best), what its state file says; None when there is none."""
+    if path is None:
+        return None
+    n = checkpoint_number(os.path.basename(path))
+    if n is not None:
+        return n
+    try:
+        return int(load_state_file(os.path.join(path, "state-rank00000.pt"))["iteration"])
+    except (InputError, KeyError, TypeError, ValueError):
+        return None
+
+
 def _whole(output_dir: str) -> list[str]:
     """The complete checkpoints in output_dir, oldest first."""
     names = sorted(os.listdir(output_dir))
@@ -327,15 +343,18 @@ def check_same_checkpoint(ckpt: str | None, output_dir: str) -> None:
     a node whose view of a shared output directory lags (NFS caches a file's attributes, `latest` too, for up to a
     minute by default) would load another iteration's weights, optimizer shard and data position beside the others,
     train on, and leave every rank waiting in a collective an hour later. Refused on every rank, naming both."""
-    n = -1 if ckpt is None else checkpoint_number(os.path.basename(ckpt))
-    lo, neg_hi = agree([n, -n], "min")
+    name = "no checkpoint" if ckpt is None else os.path.basename(ckpt)  # (any name: `latest` pointed by hand too)
+    key = -1 if ckpt is None else zlib.crc32(name.encode())
+    lo, neg_hi = agree([key, -key], "min")
     if lo == -neg_hi:
         return
-    name = lambda k: f"checkpoint-{k:06d}" if k >= 0 else "no checkpoint"  # noqa: E731
+    names = [None] * dist.get_world_size()  # (only on this failing path: every rank's, for the message)
+    dist.all_gather_object(names, name)
+    seen = ", some ".join(dict.fromkeys(names))  # (rank 0's first)
     raise InvalidInput(
-        f"--resume: the ranks do not see the same checkpoint to continue in {output_dir}: some {name(-neg_hi)}, some "
-        f"{name(lo)} (a node's cached view of a shared directory lags up to a minute on NFS; or a node's own copy): "
-        "run again once every node sees the same `latest`"
+        f"--resume: the ranks do not see the same checkpoint to continue in {output_dir}: some {seen} (a node's "
+        "cached view of a shared directory lags up to a minute on NFS; or a node's own copy): run again once every "
+        "node sees the same `latest`"
     )
 
 
@@ -641,10 +660,9 @@ def _resume_kl_coef(state: TrainState, sd: dict) -> None:
                f"taken it to {saved:.6g})")  # fmt: skip
 
 
-def _warn_of_later_checkpoints(out: str, resumed: str) -> None:
-    """Complete checkpoints after the one resumed (`latest` pointed back by hand): this run replaces them, and its
-    next save removes them (prune_checkpoints); said now, while they can still be moved away."""
-    since = checkpoint_number(resumed) or 0
+def _warn_of_later_checkpoints(out: str, resumed: str, since: int) -> None:
+    """Complete checkpoints after the one resumed (iteration `since`; `latest` pointed back by hand): this run replaces
+    them, and its next save removes them (prune_checkpoints); said now, while they can still be moved away."""
     later = [d for d in sorted(os.listdir(out)) if (checkpoint_number(d) or 0) > since]
     later = [d for d in later if _complete(os.path.join(out, d))]
     if later:
@@ -658,7 +676,7 @@ def _trim_logs_of(out: str, iteration: int, ckpt: str) -> None:
     """load_trainer_state on rank 0: the logs' lines after the checkpoint's iteration dropped, and the checkpoints after
     it warned of."""
     trim_logs(out, iteration)
-    _warn_of_later_checkpoints(out, os.path.basename(ckpt))
+    _warn_of_later_checkpoints(out, os.path.basename(ckpt), iteration)
 
 
 def load_trainer_state(state: TrainState, ckpt: str) -> None:

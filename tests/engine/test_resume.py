@@ -357,6 +357,29 @@ def test_a_resume_from_an_earlier_checkpoint_removes_the_later_ones_at_its_first
     assert sorted(d.name for d in tmp_path.glob("checkpoint-*")) == ["checkpoint-000001", "checkpoint-000003"]
 
 
+def test_a_resume_from_a_checkpoint_of_another_name_continues_it(tmp_path, capsys):
+    """`latest` pointed by hand at a copy of another name (checkpoint-1 kept as checkpoint-best) past a checkpoint 2:
+    the run continues from the copy's iteration exactly as from checkpoint-1 itself, warns of checkpoint-2 only (its
+    iteration read from the copy's state file, not its name), and its first save removes 2 as it said, the copy and
+    checkpoint-1 kept."""
+    flags = ["--max-iterations", "3", "--save-every", "3", "--keep-checkpoints", "2"]
+    run_tiny(tmp_path / "a", "--max-iterations", "2", "--save-every", "1", "--keep-checkpoints", "3")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.copytree(tmp_path / "a/checkpoint-000001", tmp_path / "a/checkpoint-best")
+    (tmp_path / "a/latest").write_text(json.dumps({"checkpoint": "checkpoint-best"}))
+    (tmp_path / "b/latest").write_text(json.dumps({"checkpoint": "checkpoint-000001"}))
+    capsys.readouterr()
+    resumed = run_tiny(tmp_path / "a", *flags, "--resume")
+    said = capsys.readouterr().out
+    assert (f"warning: resuming from checkpoint-best, before checkpoint-000002: this run replaces them, and its next "
+            f"checkpoint removes them (move them out of {tmp_path / 'a'} to keep them)") in said  # fmt: skip
+    assert no_timing(resumed) == no_timing(run_tiny(tmp_path / "b", *flags, "--resume"))
+    names = sorted(d.name for d in (tmp_path / "a").glob("checkpoint-*"))
+    assert names == ["checkpoint-000001", "checkpoint-000003", "checkpoint-best"]
+    wa, wb = (saved_weights(tmp_path / f"{d}/checkpoint-000003/policy", "lm") for d in ("a", "b"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_a_stopped_run_exits_with_its_own_code(monkeypatch):
     """The command line of a run a signal stopped (its checkpoint written) exits with STOPPED_EXIT (75), not 0: a
     scheduler, torchrun or `train && evaluate` does not take it for a finished run; a finished one returns."""
@@ -1666,13 +1689,13 @@ def test_a_checkpoint_whose_host_copy_would_not_fit_is_written_at_once(tmp_path,
     assert capsys.readouterr().out.count("checkpoints are written before the run goes on: their host copy") == 1
 
 
-def _resume_other_checkpoint_rank(rank, world, out_dir, tmp):
+def _resume_other_checkpoint_rank(rank, world, out_dir, tmp, theirs):
     import engine.state as state_mod
     from engine.train_ppo import parse_args
 
     init_gloo(rank, world, f"{tmp}/init")
-    if rank == 1:  # (this node's cached view of `latest`: the checkpoint before)
-        state_mod.resume_checkpoint = lambda output_dir: os.path.join(output_dir, "checkpoint-000001")
+    if rank == 1:  # (this node's cached view of `latest`: the checkpoint before, or another)
+        state_mod.resume_checkpoint = lambda output_dir: os.path.join(output_dir, theirs)
     cfg, run, _ = parse_args(["--policy", "p", "--reward", "r", "--prompts", "x.jsonl", "--output-dir", out_dir,
                               "--resume", "--rollout-batch-size", "8", "--train-batch-size", "4"])  # fmt: skip
     got = outcome(state_mod.setup, cfg, run)
@@ -1681,24 +1704,32 @@ def _resume_other_checkpoint_rank(rank, world, out_dir, tmp):
     torch.distributed.destroy_process_group()  # (gloo's threads left at exit abort the process now and then)
 
 
-def test_ranks_that_see_different_checkpoints_to_resume_are_refused_together(tmp_path):
+@pytest.mark.parametrize(
+    "mine, theirs",
+    [("checkpoint-000002", "checkpoint-000001"), ("checkpoint-best", "checkpoint-000001"), ("best", "best")],
+)
+def test_ranks_that_see_different_checkpoints_to_resume_are_refused_together(tmp_path, mine, theirs):
     """A --resume whose ranks find different checkpoints (a node's NFS view of `latest` a minute old) is refused on
-    every rank at once, naming both, before anything loads: each rank would otherwise continue its own iteration,
-    weights, optimizer shard and data position, sum metrics with the others, and hang in a collective later."""
+    every rank at once, naming both (rank 0's first; a name `latest` was pointed at by hand too), before anything
+    loads: each rank would otherwise continue its own iteration, weights, optimizer shard and data position, sum
+    metrics with the others, and hang in a collective later. Ranks that agree on a checkpoint of any name go on."""
     import torch.multiprocessing as mp
 
     out = tmp_path / "out"
-    for n in (1, 2):
-        (out / f"checkpoint-{n:06d}").mkdir(parents=True)
-    (out / "latest").write_text(json.dumps({"checkpoint": "checkpoint-000002"}))
-    mp.spawn(_resume_other_checkpoint_rank, args=(2, str(out), str(tmp_path)), nprocs=2, join=True)
+    for name in {mine, theirs}:
+        (out / name).mkdir(parents=True)
+    (out / "latest").write_text(json.dumps({"checkpoint": mine}))
+    mp.spawn(_resume_other_checkpoint_rank, args=(2, str(out), str(tmp_path), theirs), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"rank{rank}").read_text()) for rank in range(2)]
+    if mine == theirs:  # (on to reading the checkpoint, which holds nothing here)
+        assert all(g[0].endswith("best/state-rank00000.pt is missing (every run writes it)") for g in got), got
+        return
     want = (
-        f"InvalidInput: --resume: the ranks do not see the same checkpoint to continue in {out}: some "
-        "checkpoint-000002, some checkpoint-000001 (a node's cached view of a shared directory lags up to a minute on "
-        "NFS; or a node's own copy): run again once every node sees the same `latest`"
+        f"InvalidInput: --resume: the ranks do not see the same checkpoint to continue in {out}: some {mine}, some "
+        f"{theirs} (a node's cached view of a shared directory lags up to a minute on NFS; or a node's own copy): run "
+        "again once every node sees the same `latest`"
     )
-    for rank in range(2):
-        assert json.loads((tmp_path / f"rank{rank}").read_text()) == [want, True]
+    assert got == [[want, True]] * 2
 
 
 def test_a_run_removes_what_killed_writes_left_in_its_output_directory(tmp_path):
