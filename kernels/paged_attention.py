@@ -520,7 +520,22 @@ def _check_decode(q, k_cache, v_cache, block_tables, context_lens, softmax_scale
             raise ValueError(f"context length {longest} needs more blocks than block_tables' {block_tables.shape[1]}")
         if max_context_len is not None and longest > max_context_len:
             raise ValueError(f"context length {longest} exceeds max_context_len {max_context_len}")
+        _check_block_ids(block_tables, context_lens, block_size, k_cache.shape[0])
     return out, scale, max_context_len
+
+
+def _check_block_ids(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int, num_blocks: int) -> None:
+    """The interpreter's check (a host sync) that every block a sequence's context reads is one of the cache's: the
+    kernel addresses K and V by the ids as they are (past the cache: another tensor's memory, or a fault on a GPU)."""
+    used = (
+        torch.arange(block_tables.shape[1], device=block_tables.device)
+        < (context_lens[:, None] + block_size - 1) // block_size
+    )
+    ids = block_tables[used]
+    bad = (ids < 0) | (ids >= num_blocks)
+    if bool(bad.any()):
+        row = int(used.nonzero()[bad.nonzero()[0, 0], 0])
+        raise ValueError(f"block_tables row {row} reads block {int(ids[bad][0])} of a cache of {num_blocks} blocks")
 
 
 def _check_rope_inputs(q, k, v, positions, k_cache, v_cache, slot_mapping) -> None:

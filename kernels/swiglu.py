@@ -118,14 +118,18 @@ def _backward(gu: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     return dgu
 
 
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for gate_up [..., 2I] = [gate | up] (fp32/bf16/fp16) -> [..., I]; differentiable."""
+def _check_gate_up(gate_up: torch.Tensor) -> None:
     if gate_up.dim() < 1 or not gate_up.dtype.is_floating_point:
         raise ValueError(
             f"gate_up must be a floating-point [..., 2I] tensor, got {gate_up.dtype} {tuple(gate_up.shape)}"
         )
     if gate_up.shape[-1] % 2:
         raise ValueError(f"gate_up's last dim must be even ([gate | up]), got {gate_up.shape[-1]}")
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up [..., 2I] = [gate | up] (fp32/bf16/fp16) -> [..., I]; differentiable."""
+    _check_gate_up(gate_up)
     if not use_triton(gate_up) or gate_up.dtype == torch.float64:  # (float64: the reference, in float64)
         return reference.swiglu(gate_up)
     return _SwiGLU.apply(gate_up)
@@ -134,6 +138,11 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 def swiglu_backward(gate_up: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """The grad of gate_up [..., 2I] for the grad dy [..., I] of swiglu(gate_up), without autograd (what swiglu's
     backward computes, the same bits): for a caller that kept gate_up and recomputes the activation itself."""
+    _check_gate_up(gate_up)
+    want = (*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+    if tuple(dy.shape) != want or not dy.dtype.is_floating_point:
+        raise ValueError(f"dy must be a floating-point tensor of swiglu's output shape {want}, got {dy.dtype} "
+                         f"{tuple(dy.shape)}")  # fmt: skip
     if not use_triton(gate_up) or gate_up.dtype == torch.float64:
         with torch.enable_grad():
             gu = gate_up.detach().requires_grad_()

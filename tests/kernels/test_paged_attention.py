@@ -256,6 +256,16 @@ def test_paged_decode_errors():
             paged_decode_attention(q, kc, vc, bt, cl, max_context_len=16)
         with pytest.raises(ValueError, match="context length 20 exceeds max_context_len 16"):  # (the oracle too)
             reference.paged_decode_attention(q, kc, vc, bt, cl, max_context_len=16)
+        for bad in (kc.shape[0], -1):  # (a block id past the cache: the kernel would read another tensor's memory)
+            wild = bt.clone()
+            wild[1, 0] = bad  # (row 1's context, 5 tokens, reads its first block only: its unread second may be any)
+            with pytest.raises(ValueError, match=f"block_tables row 1 reads block {bad} of a cache of {kc.shape[0]} "):
+                paged_decode_attention(q, kc, vc, wild, cl)
+        unread = bt.clone()
+        unread[1, 1] = kc.shape[0] + 5  # (past row 1's context: never read, so allowed)
+        torch.testing.assert_close(
+            paged_decode_attention(q, kc, vc, unread, cl), paged_decode_attention(q, kc, vc, bt, cl)
+        )
     with pytest.raises(ValueError, match="one device"):
         paged_decode_attention(q, kc, vc, bt.to("meta"), cl)
     with pytest.raises(ValueError, match="dtype"):

@@ -5,7 +5,7 @@ import torch
 
 from kernels import dispatch, reference
 from kernels.rmsnorm import add_rms_norm, rms_norm
-from kernels.swiglu import swiglu
+from kernels.swiglu import swiglu, swiglu_backward
 
 TOLS = {
     torch.float32: dict(atol=1e-5, rtol=1e-5),
@@ -194,6 +194,12 @@ def test_reference_paths_and_errors():
         rms_norm(x, torch.ones(32, dtype=torch.float64))
     with pytest.raises(ValueError, match="must be even"):
         swiglu(torch.randn(4, 33))
+    gu = torch.randn(4, 6)
+    for dy in (torch.randn(3, 4), torch.randn(4, 6), torch.randn(4, 3).long()):  # (as many elements, or not float)
+        with pytest.raises(ValueError, match=r"dy must be a floating-point tensor of swiglu's output shape \(4, 3\)"):
+            swiglu_backward(gu, dy)
+    with pytest.raises(ValueError, match="must be even"):
+        swiglu_backward(torch.randn(4, 5), torch.randn(4, 2))
 
 
 def test_shapes_and_dtypes_the_kernels_do_not_take():
