@@ -138,7 +138,10 @@ class Generator:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.cache_dtype = resolve_cache_dtype(kv_cache_dtype, self.dtype, self.device)
-        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        if max_model_len is not None and max_model_len > cfg.max_position_embeddings:  # (not cut short unsaid)
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
+                             f"{cfg.max_position_embeddings} (its config.json)")  # fmt: skip
+        self.max_model_len = max_model_len or cfg.max_position_embeddings
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.block_size = block_size

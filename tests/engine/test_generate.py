@@ -1,5 +1,6 @@
 """The rollout engine against transformers' generate, and its scheduler under memory pressure."""
 
+import dataclasses
 import math
 import weakref
 
@@ -269,6 +270,11 @@ def test_max_model_len_caps_generation():
             [[1] * 9], GenerateConfig(temperature=0.0, max_new_tokens=100, ignore_eos=True)
         )
     assert len(comps[0].tokens) == 3 and comps[0].finish_reason == "length"
+    # (past the model's positions: refused, not lowered to them and the responses cut short unsaid)
+    short = Transformer(dataclasses.replace(ModelConfig.named("tiny"), max_position_embeddings=8))
+    with pytest.raises(ValueError, match="max_model_len 64 exceeds the model's max_position_embeddings 8"):
+        Generator(short, block_size=4, num_blocks=16, max_model_len=64)
+    assert Generator(short, block_size=4, num_blocks=16).max_model_len == 8  # (unset: the model's)
 
 
 @pytest.mark.parametrize(
