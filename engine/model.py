@@ -572,14 +572,6 @@ def _pad_tokens(ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Te
     return ids, positions, cu_seqlens
 
 
-def last_token_scores(scores: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """The score at each row's last real token: scores [B, T] -> [B] (the reward model's output)."""
-    if attention_mask is None:
-        return scores[:, -1]
-    idx = torch.arange(scores.shape[1], device=scores.device) * attention_mask.bool()
-    return scores.gather(1, idx.argmax(-1, keepdim=True)).squeeze(1)
-
-
 def forward_flops(
     cfg: ModelConfig, tokens: float, sum_sq_len: float = 0.0, head: str = "lm", head_tokens: float | None = None
 ) -> float:

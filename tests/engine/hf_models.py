@@ -77,3 +77,13 @@ def padded_batch(vocab: int, lengths: list[int], side: str, pad_id: int = 0, see
         mask[b, sl] = 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids, mask, position_ids
+
+
+def last_token_scores(scores: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The score at each row's last attention-mask token: scores [B, T] -> [B]. What transformers'
+    LlamaForSequenceClassification reads where no row holds the config's pad_token_id among its own tokens (it reads
+    the last token that is not that id: engine.rollout.reward_positions, the run's rule)."""
+    if attention_mask is None:
+        return scores[:, -1]
+    idx = torch.arange(scores.shape[1], device=scores.device) * attention_mask.bool()
+    return scores.gather(1, idx.argmax(-1, keepdim=True)).squeeze(1)

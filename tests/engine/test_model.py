@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from engine.checkpoint import load_pretrained, save_pretrained
 from engine.config import ModelConfig
 from engine.errors import InvalidInput
-from engine.model import Transformer, last_token_scores, pack_padded
+from engine.model import Transformer, pack_padded
 from kernels.dispatch import reference_ops
-from tests.engine.hf_models import bf16_errors, fp32_rotary, padded_batch, rel_err, save_hf_model
+from tests.engine.hf_models import bf16_errors, fp32_rotary, last_token_scores, padded_batch, rel_err, save_hf_model
 
 VARIANTS = {
     "mha": dict(num_key_value_heads=4),
@@ -347,6 +347,15 @@ TINY_HF = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "interme
         ({"attention_bias": True}, r"attention_bias=True is not supported"),
         ({"mlp_bias": True}, r"mlp_bias=True is not supported"),
         ({"hidden_act": "gelu"}, r"hidden_act 'gelu' is not supported"),
+        (
+            {"quantization_config": {"quant_method": "gptq", "bits": 4}},
+            r"config.json: a quantized checkpoint "
+            r"\(quantization_config, quant_method 'gptq'\) is not supported: give the unquantized weights",
+        ),
+        ({"rms_norm_eps": float("nan")}, r"config.json: rms_norm_eps nan is not a positive number"),
+        ({"rms_norm_eps": -1e-5}, r"rms_norm_eps -1e-05 is not a positive number"),
+        ({"rms_norm_eps": "1e-5"}, r"rms_norm_eps '1e-5' is not a positive number"),
+        ({"rms_norm_eps": True}, r"rms_norm_eps True is not a positive number"),
         ({"num_key_value_heads": 0}, r"num_key_value_heads 0: not a positive integer"),
         ({"head_dim": 0}, r"head_dim 0: not a positive integer"),
         ({"max_position_embeddings": 0}, r"max_position_embeddings 0: not a positive integer"),  # (not 2048 quietly)
@@ -361,6 +370,15 @@ def test_a_config_the_model_cannot_compute_is_refused(extra, message):
     not shape (no heads, an odd head_dim, heads that do not group) are refused when read."""
     with pytest.raises(ValueError, match=message):
         ModelConfig.from_hf({**TINY_HF, **extra})
+
+
+def test_swish_is_silu_and_an_integer_eps_is_taken():
+    """hidden_act "swish" is transformers' other name of silu (ACT2FN maps both to one module): read as the same
+    model; rms_norm_eps 0 would divide by zero for a zero row, but 1 (an int) is a number like any."""
+    assert ModelConfig.from_hf({**TINY_HF, "hidden_act": "swish"}) == ModelConfig.from_hf(TINY_HF)
+    assert ModelConfig.from_hf({**TINY_HF, "rms_norm_eps": 1}).rms_norm_eps == 1.0
+    with pytest.raises(ValueError, match="rms_norm_eps 0 is not a positive number"):
+        ModelConfig.from_hf({**TINY_HF, "rms_norm_eps": 0})
 
 
 def test_config_json_dtype_eos_and_a_model_without_eos():
