@@ -169,8 +169,16 @@ class ModelConfig:
         for flag in ("attention_bias", "mlp_bias"):
             if cfg.get(flag):
                 raise InvalidInput(f"{flag}=True is not supported (Llama-2 layers have no biases)")
-        if cfg.get("hidden_act", "silu") != "silu":
+        if cfg.get("hidden_act", "silu") not in ("silu", "swish"):  # (transformers' two names of one function)
             raise InvalidInput(f"hidden_act {cfg['hidden_act']!r} is not supported (SwiGLU with silu only)")
+        quant = cfg.get("quantization_config")
+        if quant:  # (its weights are packed integers under other names: said so, not "missing tensor ...")
+            method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+            raise InvalidInput(f"{path}: a quantized checkpoint (quantization_config, quant_method {method!r}) is not "
+                               "supported: give the unquantized weights (PPO trains them in bf16 or fp32)")  # fmt: skip
+        eps = cfg.get("rms_norm_eps", 1e-6)
+        if type(eps) not in (int, float) or not 0 < eps < math.inf:  # (NaN or negative: NaN logits four models later)
+            raise InvalidInput(f"{path}: rms_norm_eps {eps!r} is not a positive number")
         missing = [k for k in HF_SHAPE_KEYS if k not in cfg]
         if missing:
             raise InvalidInput(f"{path} has no {', '.join(missing)}")
@@ -190,7 +198,7 @@ class ModelConfig:
             num_heads=cfg["num_attention_heads"],
             num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
             head_dim=cfg.get("head_dim"),
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rms_norm_eps=float(eps),
             rope_theta=rope.theta,
             rope_scaling=rope.to_hf(),
             max_position_embeddings=max_pos,
