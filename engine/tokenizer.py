@@ -172,9 +172,10 @@ def check_vocabularies(tokenizer, tokenizer_dir: str, models: dict[str, tuple[st
     reference and the reward model (the value model's start) must embed every id the policy can sample; and a
     reference or reward checkpoint (not the policy's directory) that ships a tokenizer.json must map every ordinary
     token they share to the same id and split a probe chat alike (the reward model would otherwise score other text
-    than the policy wrote, silently). Special and added tokens (renamed reserved tokens, an added pad) are not
-    compared; a different choice of special tokens around a text (BOS, an appended EOS) is returned as a warning:
-    the engine feeds every model the run's tokens."""
+    than the policy wrote, silently); one that ships other tokenizer files (vocab.json and merges.txt, a SentencePiece
+    tokenizer.model) must map tokens alike, and one whose files cannot be read is warned of. Special and added tokens
+    (renamed reserved tokens, an added pad) are not compared; a different choice of special tokens around a text
+    (BOS, an appended EOS) is returned as a warning: the engine feeds every model the run's tokens."""
     policy_dir, policy_vocab = models["policy"]
     for role, (path, vocab) in models.items():
         if role != "policy" and vocab < policy_vocab:
@@ -195,9 +196,15 @@ def check_vocabularies(tokenizer, tokenizer_dir: str, models: dict[str, tuple[st
         )
     warnings, skip = [], {os.path.realpath(tokenizer_dir), os.path.realpath(policy_dir)}
     for role, (path, _) in models.items():
-        if os.path.realpath(path) in skip or not os.path.exists(os.path.join(path, "tokenizer.json")):
-            continue  # (the run's or the policy's own files, or none that can be read exactly to compare with)
-        other = load_tokenizer(path)
+        files = set(os.listdir(path)) if os.path.isdir(path) else set()
+        if os.path.realpath(path) in skip or not {"tokenizer.json", "tokenizer.model", "vocab.json"} & files:
+            continue  # (the run's or the policy's own files, or none)
+        try:
+            other = load_tokenizer(path)
+        except InputError as e:  # (a SentencePiece model transformers cannot convert here, say)
+            warnings.append(f"the {role} model's tokenizer files ({path}) cannot be read, so its vocabulary is not "
+                            f"compared with the run's: {e}")  # fmt: skip
+            continue
         n = min(len(tokenizer), len(other))
         special = {i for t in (tokenizer, other) for i in (*t.all_special_ids, *t.added_tokens_decoder)}
         mine, theirs = tokenizer.convert_ids_to_tokens(range(n)), other.convert_ids_to_tokens(range(n))
@@ -210,7 +217,7 @@ def check_vocabularies(tokenizer, tokenizer_dir: str, models: dict[str, tuple[st
             )
         text = format_chat(PROBE, tokenizer.eos_token or "")
         a, b = (t(text, add_special_tokens=False)["input_ids"] for t in (tokenizer, other))
-        if a != b:
+        if a != b and "tokenizer.json" in files:  # (a tokenizer transformers built from other files may split apart)
             at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
             raise InvalidInput(
                 f"the {role} model's tokenizer ({path}) splits a chat prompt differently from the run's tokenizer "

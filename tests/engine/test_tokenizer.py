@@ -277,6 +277,20 @@ def _tokenizer_copy(path, edit=None):
     return str(path)
 
 
+def _bpe_files_copy(path, edit=None):
+    """The tiny tokenizer (edited) as BPE vocab.json + merges.txt and a tokenizer_config.json, no tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    data = json.loads(open(os.path.join(TINY_DIR, "tokenizer.json")).read())
+    if edit:
+        edit(data)
+    path.mkdir(parents=True)
+    Tokenizer.from_str(json.dumps(data)).model.save(str(path))
+    config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return str(path)
+
+
 def _swap_vocab(data):  # two ordinary tokens trade ids
     vocab = data["model"]["vocab"]
     vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
@@ -304,15 +318,17 @@ def test_models_that_cannot_share_the_tokenizer_are_refused(tmp_path, tok):
     same = _tokenizer_copy(tmp_path / "same")  # another directory, the same files: fine
     bare = str(tmp_path / "bare")  # no tokenizer files: nothing to compare
     os.makedirs(bare)
-    sentencepiece = str(tmp_path / "sp")  # tokenizer.model alone (transformers would convert it): not compared
+    sentencepiece = str(tmp_path / "sp")  # a tokenizer.model transformers cannot read: not compared, said
     os.makedirs(sentencepiece)
     open(os.path.join(sentencepiece, "tokenizer.model"), "wb").close()
     renamed = _tokenizer_copy(tmp_path / "renamed", _special_renamed)
     assert load_tokenizer(renamed).convert_ids_to_tokens(2) == "<|end|>" != tok.convert_ids_to_tokens(2)
     ok = {"policy": (TINY_DIR, v), "reference": (same, v), "reward": (bare, v + 8)}
     assert check_vocabularies(tok, TINY_DIR, ok, prompts) == []
-    for other in (sentencepiece, renamed):
-        assert check_vocabularies(tok, TINY_DIR, {"policy": (TINY_DIR, v), "reward": (other, v)}, prompts) == []
+    assert check_vocabularies(tok, TINY_DIR, {"policy": (TINY_DIR, v), "reward": (renamed, v)}, prompts) == []
+    (warning,) = check_vocabularies(tok, TINY_DIR, {"policy": (TINY_DIR, v), "reward": (sentencepiece, v)}, prompts)
+    assert warning.startswith(f"the reward model's tokenizer files ({sentencepiece}) cannot be read, so its vocabulary "
+                              "is not compared with the run's: ")  # fmt: skip
     no_bos = _tokenizer_copy(tmp_path / "no_bos", _no_bos)  # (the engine gives every model the run's tokens)
     (warning,) = check_vocabularies(tok, TINY_DIR, {"policy": (TINY_DIR, v), "reference": (no_bos, v)}, prompts)
     assert warning.startswith("the reference model's tokenizer (") and "other special tokens" in warning
@@ -321,6 +337,12 @@ def test_models_that_cannot_share_the_tokenizer_are_refused(tmp_path, tok):
     a, b = tok.convert_tokens_to_ids(["a", "b"])
     with pytest.raises(ValueError, match=rf"reward model's tokenizer \(.*swapped\) maps id {min(a, b)} to"):
         check_vocabularies(tok, TINY_DIR, {"policy": (TINY_DIR, v), "reward": (swapped, v)}, prompts)
+    bpe_files = _bpe_files_copy(tmp_path / "bpe_swapped", _swap_vocab)  # (vocab.json + merges.txt, as transformers
+    with pytest.raises(ValueError, match=rf"reward model's tokenizer \(.*bpe_swapped\) maps id {min(a, b)} to"):
+        check_vocabularies(tok, TINY_DIR, {"policy": (TINY_DIR, v), "reward": (bpe_files, v)}, prompts)  # 4 wrote)
+    same_bpe = _bpe_files_copy(tmp_path / "bpe_same")
+    (warning,) = check_vocabularies(tok, TINY_DIR, {"policy": (TINY_DIR, v), "reward": (same_bpe, v)}, prompts)
+    assert "adds other special tokens around a text" in warning  # (the same tokens; GPT2Tokenizer adds no BOS)
     merges = _tokenizer_copy(tmp_path / "merges", _merge_dropped)
     with pytest.raises(ValueError, match=r"reward model's tokenizer \(.*merges\) splits a chat prompt differently"):
         check_vocabularies(tok, TINY_DIR, {"policy": (TINY_DIR, v), "reward": (merges, v)}, prompts)
