@@ -189,10 +189,19 @@ def check_vocabularies(tokenizer, tokenizer_dir: str, models: dict[str, tuple[st
         ids.append(tokenizer.eos_token_id)
     if ids and max(ids) >= smallest:
         role = min(models, key=lambda r: models[r][1])
-        what = "the EOS token" if max(ids) == tokenizer.eos_token_id else "a prompt token"
+        outside = f"outside the {role} model's vocabulary ({models[role][0]}: vocab_size {smallest})"
+        if max(ids) == tokenizer.eos_token_id:
+            raise InvalidInput(f"the run's tokenizer ({tokenizer_dir}) gives the EOS token id {max(ids)}, {outside}: "
+                               "the tokenizer is not this model's")  # fmt: skip
+        p, at = next((p, p.index(t)) for ps in prompts for p in ps for t in p if t >= smallest)
+        token = tokenizer.convert_ids_to_tokens(p[at])
+        added = (
+            " (an added token: its text in a prompt is read as it)" if p[at] in tokenizer.added_tokens_decoder else ""
+        )
         raise InvalidInput(
-            f"the run's tokenizer ({tokenizer_dir}) gives {what} id {max(ids)}, outside the {role} model's "
-            f"vocabulary ({models[role][0]}: vocab_size {smallest}): the tokenizer is not this model's"
+            f"the run's tokenizer ({tokenizer_dir}) gives a prompt token id {p[at]} {token!r}{added}, {outside}, in "
+            f"the prompt {tokenizer.decode(p[max(0, at - 12) : at + 4])!r}...: the tokenizer is not this model's, or "
+            "has tokens the model has no embedding for (remove the prompts that hold their text)"
         )
     warnings, skip = [], {os.path.realpath(tokenizer_dir), os.path.realpath(policy_dir)}
     for role, (path, _) in models.items():

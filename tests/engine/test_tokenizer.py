@@ -353,8 +353,15 @@ def test_models_that_cannot_share_the_tokenizer_are_refused(tmp_path, tok):
     with pytest.raises(ValueError, match=rf"reward model's vocabulary \(.*vocab_size {v - 1}\) is smaller than the po"):
         check_vocabularies(tok, TINY_DIR, {"policy": (TINY_DIR, v), "reward": (bare, v - 1)}, prompts)
     top = max(max(p) for p in prompts[0])
-    with pytest.raises(ValueError, match=rf"gives a prompt token id {top}, outside the policy model's vocabulary"):
+    with pytest.raises(ValueError, match=rf"gives a prompt token id {top} '.*', outside the policy model's vocabulary"):
         check_vocabularies(tok, TINY_DIR, {"policy": (bare, top), "reward": (bare, top)}, prompts)
+    padded = load_tokenizer(TINY_DIR)  # (an added <pad> the model has no row for, as open-instruct adds one)
+    padded.add_special_tokens({"pad_token": "<pad>"})
+    quoting = [encode_chat(padded, [{"role": "user", "content": "Why does collate_fn insert <pad> here?"}])]
+    with pytest.raises(ValueError, match=rf"gives a prompt token id {v} '<pad>' \(an added token: its text in a prompt "
+                       rf"is read as it\), outside the policy model's vocabulary \({bare}: vocab_size {v}\), in the "
+                       r"prompt '.*insert <pad> here.*'\.\.\.: .*remove the prompts that hold their text"):  # fmt: skip
+        check_vocabularies(padded, TINY_DIR, {"policy": (bare, v), "reward": (bare, v)}, prompts + [quoting])
     with pytest.raises(ValueError, match=r"gives the EOS token id 2, outside the policy"):
         check_vocabularies(tok, TINY_DIR, {"policy": (bare, 2), "reward": (bare, 2)}, [])
 
