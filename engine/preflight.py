@@ -153,6 +153,9 @@ def check_paths(run: RunConfig) -> None:
         if path and not os.path.isfile(path):
             flag = "--" + name.replace("_", "-")
             why = "a directory, not a JSONL file" if os.path.isdir(path) else "no such file"
+            if os.path.exists(path) and not os.path.isdir(path):  # (every rank reads the file)
+                why = ("not a regular file (a pipe or a device: <(zcat f.jsonl.gz), say): every rank reads the prompt "
+                       "file, so write it out first (zcat f.jsonl.gz > f.jsonl)")  # fmt: skip
             raise MissingInput(f"{flag} {path}: {why}")
 
 

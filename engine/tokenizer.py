@@ -433,6 +433,12 @@ def read_prompt_file(path: str | os.PathLike, lines: list[int] | None = None) ->
                     f"{where}: a JSON array where a JSON object should be: a prompt file is JSON Lines, one object per "
                     "line, not one array of them (datasets' to_json writes JSON Lines)"
                 )
+            text = line.strip()
+            if not convs and text.startswith("{") and not text.endswith("}"):  # (json.dump(obj, f, indent=2))
+                raise InvalidInput(
+                    f"{where}: a JSON object that goes on past its line (a pretty-printed .json file?): a prompt file "
+                    "is JSON Lines, one object per line (datasets' to_json writes JSON Lines)"
+                )
             obj = parse_json(line, where)
             msgs = prompt_messages(obj, where)
             for m in msgs:

@@ -276,6 +276,8 @@ def test_mistakes_in_the_inputs_are_input_errors_named_before_anything_is_built(
 
     refused(rf"^--prompts {tmp_path}/none.jsonl: no such file", prompts=tmp_path / "none.jsonl")
     refused(rf"^--prompts {tmp_path}: a directory, not a JSONL file", prompts=tmp_path)
+    os.mkfifo(tmp_path / "pipe")  # (<(zcat f.jsonl.gz): there, but read once only; not "no such file")
+    refused(rf"^--prompts {tmp_path}/pipe: not a regular file \(a pipe or a device", prompts=tmp_path / "pipe")
     refused(rf"^--eval-prompts {tmp_path}/e.jsonl: no such file", "--eval-prompts", str(tmp_path / "e.jsonl"))
     refused(r"^--samples-per-prompt 4 exceeds --gen-max-num-seqs 2", "--samples-per-prompt", "4",
             "--gen-max-num-seqs", "2", "--rollout-batch-size", "8", "--train-batch-size", "8")  # fmt: skip

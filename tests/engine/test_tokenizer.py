@@ -782,6 +782,18 @@ def test_a_json_array_file_is_refused_by_name(tmp_path, indent):
         read_prompt_file(p)
 
 
+def test_a_pretty_printed_json_object_file_is_refused_by_name(tmp_path):
+    """A .json file of one object over several lines (json.dump with indent) is valid JSON but no JSONL: refused as
+    such, not called malformed at its line 1; a malformed object on one line is still called malformed."""
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps({"prompt": "a"}, indent=2))
+    with pytest.raises(ValueError, match=r"p\.json:1: a JSON object that goes on past its line \(a pretty-printed "):
+        read_prompt_file(p)
+    p.write_text('{"prompt": "a",}\n')
+    with pytest.raises(ValueError, match=r"p\.json:1: malformed JSON"):
+        read_prompt_file(p)
+
+
 @pytest.mark.parametrize("template", ["tulu", "tokenizer"])
 def test_an_unpaired_surrogate_escape_is_refused_by_line(tmp_path, tok, template):
     """JSON may escape half of a surrogate pair ("\\ud83d" alone: an emoji cut in two); json reads it into a string no
