@@ -70,6 +70,11 @@ LLAMA_BOS, LLAMA_EOS = 1, 2  # transformers' LlamaConfig defaults, for a config.
 HF_SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
+# the largest batch size, epoch count or token count a flag takes: far past any run (a million epochs), and far below
+# where the schedule's steps (epochs x prompts x samples) overflow the 64-bit index len() takes, late in setup
+MAX_COUNT = 2**31 - 1
+
+
 @dataclass
 class ModelConfig:
     """Shape of a Llama model. Field names follow ours; `from_hf` / `to_hf` translate HF's config.json."""
@@ -423,6 +428,8 @@ class PPOConfig:
                      "max_new_tokens", "max_prompt_len", "kl_horizon"):  # fmt: skip
             if getattr(self, name) < 1:
                 bad.append(f"{name} must be >= 1, got {getattr(self, name)}")
+            elif getattr(self, name) > MAX_COUNT:  # (the schedule's step count would overflow an index)
+                bad.append(f"{name} must be at most {MAX_COUNT:,}, got {getattr(self, name):,}")
         if not 0 < self.learning_rate < math.inf:  # (0: a run that trains nothing and exits 0)
             bad.append(f"learning_rate must be > 0 and finite, got {self.learning_rate}")
         for name in ("weight_decay", "max_grad_norm", "kl_coef", "kl_target", "clip_ratio", "clip_value",

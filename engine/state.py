@@ -151,6 +151,8 @@ class RunConfig:
             bad.append(f"seed must be in [0, 2**32), got {self.seed}")
         if not 0 < self.dist_timeout_minutes < math.inf:  # (0: every collective times out at once; inf: no timedelta)
             bad.append(f"dist_timeout_minutes must be > 0 and finite, got {self.dist_timeout_minutes}")
+        elif self.dist_timeout_minutes * 60 < 1:  # (under a millisecond it is 0: the rendezvous itself times out)
+            bad.append(f"dist_timeout_minutes must be at least a second (1/60), got {self.dist_timeout_minutes:g}")
         elif self.dist_timeout_minutes > MAX_DIST_TIMEOUT_MINUTES:  # (torch's timedelta overflows: see the constant)
             bad.append(f"dist_timeout_minutes must be at most {MAX_DIST_TIMEOUT_MINUTES} (about two years; longer ones "
                        f"overflow torch.distributed's clocks), got {self.dist_timeout_minutes:g}")  # fmt: skip

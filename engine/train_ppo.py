@@ -167,21 +167,31 @@ def parse_args(argv: list[str] | None = None) -> tuple[PPOConfig, RunConfig, boo
     if given.get("resume") and given.get("eval_only"):  # (--resume did nothing there)
         parser.error("--eval-only evaluates --policy (a checkpoint) without training; --resume trains on")
     # (flags a run of this kind would accept and leave out in silence)
-    training_only = ("eval_every", "save_every", "save_every_minutes", "keep_checkpoints", "max_iterations",
-                     "log_samples", "profile_iteration")  # fmt: skip
+    training_only = ("prompts", "eval_every", "save_every", "save_every_minutes", "keep_checkpoints", "max_iterations",
+                     "log_samples", "profile_iteration", "offload_optimizer", "activation_checkpointing", "async_save",
+                     "resume_other_models", "distributed_optimizer", "balance_dp_tokens")  # fmt: skip
     training_only += tuple(sorted(ppo_names - set(EVALUATION_FIELDS)))  # (the optimizer's, PPO's, the rollout's)
-    idle = [f"--{k.replace('_', '-')}" for k in training_only if k in given]
+    said = lambda k: f"--{'no-' if given[k] is False else ''}{k.replace('_', '-')}"  # noqa: E731  (as given)
+    idle = [said(k) for k in training_only if k in given]
     if given.get("eval_only") and idle:
         parser.error(f"--eval-only evaluates --policy once and trains nothing: {', '.join(idle)} would do nothing")
     if "wandb_run_name" in given and not given.get("wandb_project"):
         parser.error("--wandb-run-name names a run in a W&B project: give --wandb-project too")
     if run_kw.get("output_dir", "x") == "":  # (RunConfig's "" is a bench's: no files at all)
-        parser.error("output_dir must not be empty")
+        parser.error("--output-dir must not be empty")
     try:
         # (--resume: the checkpoint's values fill in those not given, and the checks between fields wait for them)
         return PPOConfig(**ppo_kw, check_relations=not given.get("resume")), RunConfig(**run_kw), tiny
     except ValueError as e:  # (nonsense values: a usage error, exit code 2, not a traceback)
-        parser.error(str(e))
+        parser.error(as_flags(str(e), ppo_names | {f.name for f in dataclasses.fields(RunConfig)}))
+
+
+def as_flags(message: str, fields: set[str]) -> str:
+    """A PPOConfig or RunConfig error in the command line's words: each fault's leading field name, and any field name
+    with an underscore, as its flag (learning_rate -> --learning-rate)."""
+    flag = lambda m: f"--{m[0].replace('_', '-')}" if m[0] in fields else m[0]  # noqa: E731
+    parts = [re.sub(r"^\w+\b", flag, part) for part in message.split("; ")]
+    return re.sub(r"(?<![-\w])[a-z]+(?:_[a-z0-9]+)+\b", flag, "; ".join(parts))
 
 
 def build_tiny_models(directory: str, seed: int = 0) -> tuple[str, str]:
