@@ -12,7 +12,6 @@ block tables and slot mappings never thread through every forward signature.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -23,7 +22,7 @@ import torch.utils.checkpoint
 
 from engine import grad_sums
 from engine.config import ModelConfig
-from engine.errors import InvalidInput, MissingPackage
+from engine.errors import MissingPackage
 from engine.parallel import (
     ColumnParallelLinear,
     ReplicatedLinear,
@@ -213,19 +212,25 @@ class Attention(nn.Module):
 
 
 def attention_backend() -> str:
-    """TULU_PPO_ATTENTION=flash uses flash-attn (when installed) for the training forward; default "triton"."""
-    backend = os.environ.get("TULU_PPO_ATTENTION", "triton")
-    if backend not in ("triton", "flash"):
-        raise InvalidInput(f"TULU_PPO_ATTENTION must be 'triton' or 'flash', got {backend!r}")
-    return backend
+    """TULU_PPO_ATTENTION=flash uses flash-attn (when installed) for the training forward on a GPU; default "triton"
+    (the switch read as every TULU_* switch is: kernels.dispatch, whose check_switches named any other value)."""
+    from kernels.dispatch import env_word
+
+    return env_word("TULU_PPO_ATTENTION", "triton")
 
 
-def _flash_attention(q, k, v, positions, cu_seqlens, rope) -> torch.Tensor:
-    """flash-attn's varlen kernel with the rotary applied separately (the optional path)."""
+def flash_attn_varlen():
+    """flash-attn's varlen function (TULU_PPO_ATTENTION=flash); MissingPackage where it is not installed."""
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError as e:
         raise MissingPackage("TULU_PPO_ATTENTION=flash needs flash-attn: pip install -e '.[flash]'") from e
+    return flash_attn_varlen_func
+
+
+def _flash_attention(q, k, v, positions, cu_seqlens, rope) -> torch.Tensor:
+    """flash-attn's varlen kernel with the rotary applied separately (the optional path)."""
+    flash_attn_varlen_func = flash_attn_varlen()
     from kernels.dispatch import derived
     from kernels.reference import apply_rotary
 

@@ -103,6 +103,19 @@ def check_profile_iteration(run: RunConfig, iterations: int) -> None:
 READING_INPUTS = "reading the tokenizer and prompts"  # (what together names for read_inputs)
 
 
+def check_attention_backend(device: torch.device) -> None:
+    """TULU_PPO_ATTENTION=flash: flash-attn installed where it runs (a GPU), checked before any weight is read, not at
+    the first training forward after a rollout; on a CPU it has nothing to run, which is said."""
+    from engine.model import attention_backend, flash_attn_varlen
+
+    if attention_backend() != "flash":
+        return
+    if device.type == "cuda":
+        flash_attn_varlen()
+    else:
+        print0(f"warning: TULU_PPO_ATTENTION=flash runs flash-attn on a GPU; on {device.type} it is ignored")
+
+
 def read_inputs(cfg: PPOConfig, run: RunConfig, light: RunConfig, grid: ProcessGrid, device: torch.device,
                 training: bool = True):  # fmt: skip
     """(tokenizer, training prompts or None, evaluation prompts or None): the tokenizer and the prompt files read and
@@ -110,6 +123,7 @@ def read_inputs(cfg: PPOConfig, run: RunConfig, light: RunConfig, grid: ProcessG
     flags, before any weight is read; `training`: with the training prompts (--eval-only has none). No collective:
     setup runs it under together, since every file here may lie on a node's own disk (the tiny default's tokenizer
     and prompts are in each node's copy of the engine) and one that differs there fails on that node alone."""
+    check_attention_backend(device)
     tokenizer_dir = light.tokenizer or light.policy
     tokenizer = load_tokenizer(tokenizer_dir)
     prompt_set = None

@@ -154,6 +154,11 @@ def env_int(name: str, default: int) -> int:
     return default if value is None else int(value)
 
 
+def env_word(name: str, default: str) -> str:
+    """One of the words of a switch of SWITCHES (TULU_PPO_ATTENTION): `default` where unset (or not one of them)."""
+    return _env(name) or default
+
+
 def env_seconds(name: str, default: float) -> float:
     """A number of seconds of SWITCHES: `default` where unset (or not a finite number >= 0)."""
     value = _env(name)

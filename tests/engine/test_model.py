@@ -207,14 +207,28 @@ def test_named_shapes_are_llama2():
         ModelConfig.named("llama2-70b-chat")
 
 
-def test_attention_backend_choice(monkeypatch):
-    from engine.model import attention_backend
+def test_attention_backend_choice(monkeypatch, capsys):
+    """TULU_PPO_ATTENTION read as check_switches reads it (spaces stripped; another word was named up front, and
+    '' or ' flash' passed it only to fail at the first training forward); flash-attn missing is refused before any
+    weight is read where it would run (a GPU), and a CPU run says it ignores the switch."""
+    import sys
 
+    from engine.errors import MissingPackage
+    from engine.model import attention_backend
+    from engine.preflight import check_attention_backend
+    from kernels import dispatch
+
+    for value, want in (("flash", "flash"), (" flash\n", "flash"), ("", "triton"), ("xformers", "triton")):
+        monkeypatch.setenv("TULU_PPO_ATTENTION", value)
+        assert attention_backend() == want
+    with pytest.raises(ValueError, match="TULU_PPO_ATTENTION='xformers': not one of triton, flash"):
+        dispatch.check_switches()
     monkeypatch.setenv("TULU_PPO_ATTENTION", "flash")
-    assert attention_backend() == "flash"
-    monkeypatch.setenv("TULU_PPO_ATTENTION", "xformers")
-    with pytest.raises(ValueError, match="must be 'triton' or 'flash', got 'xformers'"):
-        attention_backend()
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # (not installed, even where it is)
+    with pytest.raises(MissingPackage, match="TULU_PPO_ATTENTION=flash needs flash-attn"):
+        check_attention_backend(torch.device("cuda"))
+    check_attention_backend(torch.device("cpu"))
+    assert "warning: TULU_PPO_ATTENTION=flash runs flash-attn on a GPU; on cpu it is ignored" in capsys.readouterr().out
 
 
 def test_kernel_path_gradients_match_the_reference_path(tmp_path):
