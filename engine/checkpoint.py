@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine.config import ModelConfig, read_json
-from engine.errors import InvalidInput, MissingInput, first_line
+from engine.errors import InvalidInput, MissingInput, first_line, unreadable
 from engine.model import Transformer
 from engine.parallel import raise_together, rank0_together
 
@@ -211,7 +211,7 @@ def _open_weights(fn: str):
     except (ValueError, MemoryError):
         raise
     except OSError as e:  # (no permission, an I/O error: the file may be whole)
-        raise InvalidInput(f"cannot read the weights file {fn}: {e.strerror or e}") from e
+        raise InvalidInput(f"cannot read the weights file {fn}: {unreadable(fn, e)}") from e
     except Exception as e:  # (a truncated or damaged file: safetensors' own error names no file)
         raise InvalidInput(f"cannot read the weights file {fn} ({type(e).__name__}: {first_line(e)})") from e
 

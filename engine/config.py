@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from engine.errors import InvalidInput, MissingInput, first_line
+from engine.errors import InvalidInput, MissingInput, first_line, unreadable
 from engine.parallel import shard_rows
 from kernels.reference import Rope
 
@@ -50,8 +50,12 @@ def parse_json(text: str | bytes, where: str, whole_file: bool = False):
 
 def read_json(path: str):
     """A JSON file's value; one that does not parse (a truncated copy, say) is an InvalidInput naming the file."""
-    with open(path, "rb") as f:
-        return parse_json(f.read(), path, whole_file=True)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:  # (no permission, a directory of the name: one line naming the file, not a traceback)
+        raise InvalidInput(f"cannot read {path}: {unreadable(path, e)}") from e
+    return parse_json(data, path, whole_file=True)
 
 
 def checked_rope(params: dict, max_position_embeddings: int) -> Rope:
@@ -154,8 +158,11 @@ class ModelConfig:
             path = os.fspath(source)
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
+            folder = os.path.dirname(path)
+            if os.path.isdir(folder) and not os.access(folder, os.R_OK | os.X_OK):  # (not "no config.json")
+                raise InvalidInput(f"cannot read the directory {folder}: permission denied")
             if not os.path.exists(path):
-                hint = _where_the_models_are(os.path.dirname(path)) if path.endswith("config.json") else ""
+                hint = _where_the_models_are(folder) if path.endswith("config.json") else ""
                 raise MissingInput(f"no config.json at {path}{hint}")
             cfg = read_json(path)
         if not isinstance(cfg, dict):

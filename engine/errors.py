@@ -168,3 +168,11 @@ def run_command(
             raise SystemExit(1) from None
 
     return run()
+
+
+def unreadable(path: str, e: OSError) -> str:
+    """Why `path` could not be read, in words: "permission denied" where the file is there but this user may not read
+    it (safetensors reports that as "No such file or directory"), else the system's reason."""
+    if os.path.exists(path) and not os.access(path, os.R_OK):
+        return "permission denied"
+    return e.strerror or str(e)

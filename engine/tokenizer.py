@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.config import parse_json, read_json
-from engine.errors import InputError, InvalidInput, MissingInput, first_line, named
+from engine.errors import InputError, InvalidInput, MissingInput, first_line, named, unreadable
 
 try:
     from jinja2 import TemplateError  # (what transformers renders chat templates with, and a template raises)
@@ -66,7 +66,11 @@ def load_tokenizer(path: str | os.PathLike = TINY_DIR):
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise MissingInput(f"tokenizer directory {path} does not exist")
-    if not {"tokenizer.json", "tokenizer.model", "vocab.json"} & set(os.listdir(path)):
+    try:
+        listed = os.listdir(path)
+    except OSError as e:  # (no permission: one line naming the directory)
+        raise InvalidInput(f"cannot read the tokenizer directory {path}: {unreadable(path, e)}") from e
+    if not {"tokenizer.json", "tokenizer.model", "vocab.json"} & set(listed):
         raise MissingInput(
             f"{path} holds no tokenizer (no tokenizer.json): pass --tokenizer with the directory of the model's "
             "tokenizer files (a checkpoint of this engine has them beside its policy's weights)"
@@ -414,7 +418,11 @@ def read_prompt_file(path: str | os.PathLike, lines: list[int] | None = None) ->
     gets each one's line number."""
     path = os.fspath(path)
     convs = []
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:  # (no permission: one line naming the file, not a traceback)
+        raise InvalidInput(f"cannot read the prompt file {path}: {unreadable(path, e)}") from e
+    with f:
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # (a byte order mark before line 1)

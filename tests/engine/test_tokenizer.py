@@ -954,3 +954,37 @@ def test_a_tokenizer_template_rendering_that_ends_in_eos_keeps_it(tmp_path):
     assert text.endswith(other.eos_token)
     ids = encode_chat(other, msgs, "tokenizer")
     assert ids == other(text, add_special_tokens=False)["input_ids"] and ids[-1] == other.eos_token_id
+
+
+def test_unreadable_inputs_are_one_line_naming_the_path(tmp_path, monkeypatch):
+    """A prompt file, config.json or tokenizer directory this user may not read: an InvalidInput naming it and why
+    ("permission denied" where it is there: safetensors says "No such file" for that), not an OSError traceback,
+    and not "no config.json" for a model directory that cannot be listed. (Tests run as root, who may read anything:
+    the denial is simulated where a real one cannot be had.)"""
+    from engine.config import ModelConfig, read_json
+    from engine.errors import unreadable
+
+    with pytest.raises(ValueError, match=rf"^cannot read the prompt file {tmp_path}: Is a directory$"):
+        read_prompt_file(tmp_path)
+    with pytest.raises(ValueError, match=rf"^cannot read {tmp_path}: Is a directory$"):
+        read_json(str(tmp_path))
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(os, "listdir", denied)
+    with pytest.raises(ValueError, match=rf"^cannot read the tokenizer directory {tmp_path}: Permission denied$"):
+        load_tokenizer(tmp_path)
+    monkeypatch.undo()
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(ValueError, match=rf"^cannot read the directory {model}: permission denied$"):
+        ModelConfig.from_hf(str(model / "config.json"))
+    assert unreadable(str(model / "config.json"), FileNotFoundError(2, "No such file or directory")) == (
+        "permission denied"
+    )
+    assert unreadable(str(tmp_path / "gone"), FileNotFoundError(2, "No such file or directory")) == (
+        "No such file or directory"
+    )
