@@ -78,11 +78,18 @@ def check_batch_sizes(cfg: PPOConfig, grid: ProcessGrid, warn: bool = True) -> N
 
 
 def check_generator_slots(cfg: PPOConfig, run: RunConfig) -> None:
+    """--samples-per-prompt within the generator's slots; a --micro-batch-tokens below one sequence's length said (a
+    longer sequence is a micro-batch of its own: the memory plan counts it, but the bound given is not the bound)."""
     if cfg.samples_per_prompt > run.gen_max_num_seqs:  # (a prompt's samples decode together)
         raise InvalidInput(
             f"--samples-per-prompt {cfg.samples_per_prompt} exceeds --gen-max-num-seqs {run.gen_max_num_seqs}: the "
             "samples of a prompt are decoded together"
         )
+    longest = cfg.max_prompt_len + cfg.max_new_tokens
+    if run.micro_batch_tokens < longest:
+        print0(f"warning: --micro-batch-tokens {run.micro_batch_tokens} is below one sequence's length (up to "
+               f"--max-prompt-len + --max-new-tokens = {longest} tokens): a longer sequence is a micro-batch of "
+               "its own")  # fmt: skip
 
 
 def run_iterations(prompts: int, cfg: PPOConfig, run: RunConfig) -> int:

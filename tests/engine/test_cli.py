@@ -147,7 +147,10 @@ def test_a_checkpoint_of_the_wrong_kind_is_refused_before_anything_is_read_or_cl
         (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
         (["--kv-cache-dtype", "int4"], "--kv-cache-dtype must be auto or fp8, got 'int4'"),
         (["--decode-config", "{linear: 1}"], "--decode-config: Expecting property name enclosed in double quotes"),
-        (["--decode-config", "[1]"], r"--decode-config: expected a JSON object such as '\{\"linear\": 1\}', got '\[1\]'"),
+        (
+            ["--decode-config", "[1]"],
+            r"--decode-config: expected a JSON object such as '\{\"linear\": 1\}', got '\[1\]'",
+        ),
         (["--decode-config", '{"linar": 1}'], r"--decode-config: unknown decode launch parameter\(s\) \['linar'\]"),
         (["--decode-config", '{"pdl": 2}'], "--decode-config: decode launch parameter pdl must be 0 or 1, got 2"),
         # (refused by setup only after the tiny default's models were built, and by ppo_step.py after its four)
@@ -1168,3 +1171,20 @@ def test_switches_in_the_environment_are_values_of_their_kind(monkeypatch, capsy
     monkeypatch.setenv("TULU_PPO_ATTENTION", "flash")
     assert dispatch.env_int("TULU_ONE_SHOT_BYTES", 7) == 10240
     dispatch.check_switches()
+
+
+def test_a_micro_batch_bound_below_one_sequence_is_said(capsys):
+    """--micro-batch-tokens below --max-prompt-len + --max-new-tokens: a longer sequence runs as a micro-batch of its
+    own (the memory plan counts it), which the run says once instead of exceeding the given bound unsaid."""
+    from engine.preflight import check_generator_slots
+    from engine.train_ppo import parse_args
+
+    cfg, run, _ = parse_args(["--micro-batch-tokens", "100", "--max-prompt-len", "64", "--max-new-tokens", "48"])
+    check_generator_slots(cfg, run)
+    assert capsys.readouterr().out == (
+        "warning: --micro-batch-tokens 100 is below one sequence's length (up to --max-prompt-len + --max-new-tokens "
+        "= 112 tokens): a longer sequence is a micro-batch of its own\n"
+    )
+    cfg, run, _ = parse_args(["--micro-batch-tokens", "112", "--max-prompt-len", "64", "--max-new-tokens", "48"])
+    check_generator_slots(cfg, run)
+    assert capsys.readouterr().out == ""
