@@ -484,7 +484,8 @@ class PromptSet:
         distinct = list(copies.values())
         if not 0 < n < len(distinct):
             repeated = f" ({len(self.prompts)} lines, some repeated)" if len(distinct) < len(self.prompts) else ""
-            raise InvalidInput(f"cannot hold out {n} of {len(distinct)} prompts{repeated} for evaluation")
+            raise InvalidInput(f"--eval-holdout {n}: cannot hold out {n} of {len(distinct)} prompts{repeated} for "
+                               "evaluation (some must be left to train on)")  # fmt: skip
         gen = torch.Generator().manual_seed(seed * 1_000_003 + 7_919)
         drawn = [distinct[k] for k in torch.randperm(len(distinct), generator=gen)[:n].tolist()]
         held = sorted(lines[0] for lines in drawn)
@@ -526,5 +527,5 @@ def load_prompts(
                 "decides, as in transformers' apply_chat_template; --chat-template tulu adds it)"
             )
     if not kept:
-        raise InvalidInput(f"every prompt in {path} is longer than {max_prompt_len} tokens")
+        raise InvalidInput(f"every prompt in {path} is longer than {max_prompt_len} tokens (--max-prompt-len)")
     return PromptSet(kept, kept_msgs, dropped, [len(p) for p in kept])

@@ -988,3 +988,11 @@ def test_unreadable_inputs_are_one_line_naming_the_path(tmp_path, monkeypatch):
     assert unreadable(str(tmp_path / "gone"), FileNotFoundError(2, "No such file or directory")) == (
         "No such file or directory"
     )
+
+
+def test_a_prompt_file_with_no_prompt_within_the_limit_names_the_flag(tok):
+    """Every prompt over --max-prompt-len: refused naming the file, the limit and the flag that sets it."""
+    with pytest.raises(
+        ValueError, match=r"every prompt in .*prompts_tiny\.jsonl is longer than 3 tokens \(--max-prompt"
+    ):
+        load_prompts(TINY_PROMPTS, tok, max_prompt_len=3, verbose=False)
