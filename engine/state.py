@@ -147,6 +147,10 @@ class RunConfig:
             ("gen_max_num_seqs", 1), ("kv_cache_mb", 0), ("profile_iteration", 0), ("save_every_minutes", 0),
             ("eval_every", 0), ("eval_holdout", 0), ("log_samples", 0))
             if not getattr(self, n) >= lo]  # fmt: skip
+        if self.save_every_minutes == math.inf:  # (never: 0 says off)
+            bad.append("save_every_minutes must be finite (0: off), got inf")
+        if self.output_dir and not self.output_dir.strip():  # (a directory named " ": a stray quote in a script)
+            bad.append(f"output_dir {self.output_dir!r} is only whitespace")
         if not 0 <= self.seed < 2**32:  # (the samples' streams take 32 bits of it: engine.sampler.seed_for)
             bad.append(f"seed must be in [0, 2**32), got {self.seed}")
         if not 0 < self.dist_timeout_minutes < math.inf:  # (0: every collective times out at once; inf: no timedelta)

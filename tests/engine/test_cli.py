@@ -158,6 +158,8 @@ def test_a_checkpoint_of_the_wrong_kind_is_refused_before_anything_is_read_or_cl
         (["--offload-idle-models", "always"], "--offload-idle-models must be one of auto, off, rollouts, got 'always'"),
         (["--activation-checkpointing", "maybe"], "--activation-checkpointing must be auto, on, off or a number"),
         (["--output-dir", ""], "--output-dir must not be empty"),
+        (["--output-dir", " "], "--output-dir ' ' is only whitespace"),
+        (["--save-every-minutes", "inf"], r"--save-every-minutes must be finite \(0: off\), got inf"),
         (["--top-k", "-1"], r"--top-k must be >= 0 \(0: no top-k\), got -1"),
         (["--top-p", "0"], r"--top-p must be in \(0, 1\], got 0\.0"),
         (["--kl-target", "-1"], r"--kl-target must be >= 0 and finite, got -1\.0"),
