@@ -1,4 +1,5 @@
-"""The rope attention's forward and dk/dv in Gluon (Triton's lower-level language), FlashAttention-3's overlaps.
+"""The rope attention's forward in Gluon (Triton's lower-level language; its backward, dk/dv and dq, is
+kernels/attention_gluon_bwd.py), FlashAttention-3's overlaps.
 
 Plain Triton 3.6 issues a tile's score product and waits for it at once (wgmma.wait_group 0 right after it), so a
 warpgroup's exponentials never overlap its own tensor-core work; written in the other order in Triton's language (the

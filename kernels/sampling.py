@@ -8,8 +8,8 @@ token = argmax_v(logits_v / temperature + g_v) with g_v = -log(-log(u_v)), u_v a
 
 gumbel_sample_partial(logits [B, V_shard], ..., vocab_offset): the same over one tensor-parallel rank's vocabulary
 shard (the noise keyed by global ids), returning the global id of the shard's best token and (best score, its
-logit, the shard's logsumexp; float64) [B, 3]: the ranks exchange B x 3 numbers instead of all-gathering B x V logits
-(engine/sampler.py combines them into exactly the token the whole row gives).
+logit, the shard's logsumexp; float64) [B, 3]: the ranks exchange B x 4 numbers (those and the token's id) instead of
+all-gathering B x V logits (engine/sampler.py combines them into exactly the token the whole row gives).
 
 Eager PyTorch builds the [B, V] noise in int64 through a dozen elementwise passes, then the Gumbel
 transform, the argmax and a log-softmax: about 0.5 GB of traffic per decode step at batch 64 over a
