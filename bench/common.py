@@ -246,7 +246,8 @@ def check_flags(
     by zero or ended in an empty min(); the default None is let through);
     positive_numbers: a device's figure (a bandwidth in TB/s, a peak TFLOP/s) or a size in GiB or seconds, a finite
     number > 0 (0 divided the roofline by zero, a negative one printed negative floors; None: measured);
-    json_attr: the attribute of --json, a file in an existing directory (else the figures were lost after the run)."""
+    json_attr: the attribute of --json, a file in an existing, writable directory (check_out_path: else the figures
+    were lost after the run)."""
     for flag in positive:
         value = getattr(a, flag)
         if any(v is not None and v < 1 for v in (value if isinstance(value, list) else [value])):
@@ -255,9 +256,24 @@ def check_flags(
         value = getattr(a, flag)
         if value is not None and not (math.isfinite(value) and value > 0):
             p.error(f"--{flag.replace('_', '-')} must be a finite number > 0, got {value}")
-    path = getattr(a, json_attr) if json_attr else None
-    if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
-        p.error(f"--json {path}: not a file in an existing directory (the figures would be lost after the run)")
+    if json_attr:
+        check_out_path(p, "--json", getattr(a, json_attr))
+
+
+def check_out_path(
+    p: argparse.ArgumentParser, flag: str, path: str | None, lost: str = "the figures would be lost after the run"
+) -> None:
+    """Refuse by p.error an output file (`flag`'s value, None: not asked for) that the run could not write when it
+    ends: no file in an existing directory (a directory itself was replaced by a file, or the write failed), or one
+    that is not writable (a read-only directory or file: a PermissionError once everything had run)."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder):
+        p.error(f"{flag} {path}: not a file in an existing directory ({lost})")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        where = f"the directory {folder}" if not os.access(folder, os.W_OK) else "the file"
+        p.error(f"{flag} {path}: {where} is not writable ({lost})")
 
 
 def positive_ints(text: str) -> list[int]:

@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import (  # noqa: E402
     check_fits,
     check_flags,
+    check_out_path,
     measured_copy_tbs,
     measured_matmul_tflops,
     measured_read_tbs,
@@ -43,18 +44,31 @@ from engine.checkpoint import hf_tensor_specs, load_pretrained  # noqa: E402
 from engine.config import MODEL_SHAPES, GenerateConfig, ModelConfig, PPOConfig  # noqa: E402
 from engine.errors import InvalidInput  # noqa: E402
 from engine.generate import Generator  # noqa: E402
-from engine.kv_cache import resolve_cache_dtype  # noqa: E402
+from engine.kv_cache import blocks_for_tokens, model_block_bytes, resolve_cache_dtype  # noqa: E402
 from engine.model import Transformer, forward_flops  # noqa: E402
 from engine.parallel import backend_for, init_process_grid, print0  # noqa: E402
 from engine.preflight import device_error, resolve_device  # noqa: E402
 from kernels.decode_config import parse_decode_config, set_decode_config  # noqa: E402
 
+# The most a size flag takes (sequences, or tokens a sequence): far above any run a machine holds (what a run
+# holds is check_fits's to say), below where a size overflows torch's int64 shapes into a TypeError traceback.
+MAX_SIZE = 2**22
+MAX_BLOCK_SIZE = 1024  # tokens a KV block (the kernels tile by it; the engine's default is 16)
+# host bytes a prompt token costs before the run: the int64 tensor drawn, then the list of Python ints it becomes
+# (an 8-byte pointer and a 28-byte int object)
+PROMPT_TOKEN_BYTES = 8 + 8 + 28
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # allow_abbrev=False: "--temp 0" or "--hf" is no flag (argparse took it for --temperature or --hf-static unsaid)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--model", default="tiny", help=f"a named shape ({', '.join(MODEL_SHAPES)}) or an HF checkpoint dir")
     p.add_argument(
-        "--random-weights", action="store_true", help="random weights for a named shape (default for 'tiny')"
+        "--random-weights",
+        action="store_true",
+        help="random weights for a named shape (default for 'tiny'; a checkpoint directory's own are loaded)",
     )
     p.add_argument("--batch", type=int, default=None, help="prompts per run (default 64 on GPU, 8 on CPU)")
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 128 on GPU, 32 on CPU)")
@@ -87,7 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--batch, prompts are admitted while others run, as in a PPO rollout); skips HF generate",
     )
     p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
-    p.add_argument("--hf-static", action="store_true", help="also time HF generate with a static cache")
+    p.add_argument(
+        "--hf-static", action="store_true", help="also time HF generate with a static cache (not with --no-hf)"
+    )
     p.add_argument("--repeats", type=int, default=2, help="timed runs of ours and of HF each (the best is reported)")
     p.add_argument("--bandwidth", type=float, default=None, help="copy bandwidth in TB/s (default: measured)")
     p.add_argument("--tflops", type=float, default=None, help="bf16 matmul TFLOP/s (default: measured)")
@@ -102,7 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--profile-tokens",
         type=int,
-        default=32,
+        default=None,
         help="new tokens per prompt in the --profile run (default 32; the eager decode under the profiler is several "
         "times slower than the timed run: 256 steps of the 13B batch-64 run took over a minute on an H200). Its "
         "prefill's kernels show with fewer calls per step than a layer count",
@@ -120,6 +136,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     sizes = ("batch", "prompt_len", "gen_len", "max_num_seqs", "block_size", "tp", "profile_tokens", "repeats")
     check_flags(p, a, positive=sizes, positive_numbers=("bandwidth", "tflops"))
+    for flag in ("batch", "max_num_seqs", "prompt_len", "gen_len", "profile_tokens"):
+        if (value := getattr(a, flag)) is not None and value > MAX_SIZE:
+            what = "sequences" if flag in ("batch", "max_num_seqs") else "tokens a sequence"
+            p.error(f"--{flag.replace('_', '-')} must be at most {MAX_SIZE} ({what}), got {value}")
+    check_out_path(p, "--profile", a.profile, "the trace would be lost after the run")
+    if a.profile_tokens is not None and not a.profile:
+        p.error(f"--profile-tokens {a.profile_tokens} without --profile: no profiled run to take it")
+    if a.random_weights and a.model not in MODEL_SHAPES:
+        p.error(
+            f"--random-weights with --model {a.model}: random weights are for a named shape "
+            f"({', '.join(MODEL_SHAPES)}); a checkpoint directory's own weights are timed (drop --random-weights)"
+        )
+    if a.hf_static:
+        for clash, why in (
+            ("--no-hf", a.no_hf),
+            (f"--stop-tokens {a.stop_tokens}", a.stop_tokens > 0),  # (varied lengths: HF generate is skipped)
+            (f"--tp {a.tp}", a.tp > 1),  # (HF generate has no tensor parallelism: skipped)
+        ):
+            if why:
+                p.error(f"--hf-static with {clash}: HF generate does not run, so neither does its static cache")
     if a.stop_tokens < 0:
         p.error(f"--stop-tokens must be >= 0 (0: none), got {a.stop_tokens}")
     if a.device is not None and (why := device_error(a.device)) is not None:  # (as train_ppo.py's)
@@ -135,8 +171,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--top-p must be in (0, 1] (1: off), got {a.top_p}")
     if not 0 < a.kv_cache_fraction <= 1:
         p.error(f"--kv-cache-fraction must be in (0, 1], got {a.kv_cache_fraction}")
-    if a.block_size & (a.block_size - 1):
-        p.error(f"--block-size must be a power of two (the kernels tile by it), got {a.block_size}")
+    if a.block_size & (a.block_size - 1) or a.block_size > MAX_BLOCK_SIZE:
+        p.error(
+            f"--block-size must be a power of two up to {MAX_BLOCK_SIZE} (the kernels tile by it), got {a.block_size}"
+        )
     if not (math.isfinite(a.temperature) and a.temperature >= 0):
         p.error(f"--temperature must be a finite number >= 0 (0: greedy), got {a.temperature}")
     return a
@@ -269,7 +307,10 @@ def profile_ours(gen: Generator, prompts, params, trace: str, device, top: int =
             wall = time.perf_counter() - t
     finally:
         gen.use_cuda_graphs = graphs
+    before = _file_id(trace)
     prof.export_chrome_trace(trace)
+    if not os.path.isfile(trace) or _file_id(trace) == before:  # (torch.profiler says nothing when it cannot write)
+        raise OSError(f"--profile {trace}: torch.profiler wrote no trace there")
     steps = max(1, gen.stats.decode_steps + gen.stats.prefill_steps)
     want = DeviceType.CUDA if cuda else DeviceType.CPU
     events = [e for e in prof.key_averages() if e.device_type == want]
@@ -289,6 +330,15 @@ def profile_ours(gen: Generator, prompts, params, trace: str, device, top: int =
         print0(f"{r['us_per_step']:>10.1f}{r['share']:>8.1%}{r['calls_per_step']:>12.1f}  {r['name'][:100]}")
     return {"trace": trace, "steps": steps, "ms_per_step": wall * 1e3 / steps, "busy_ms_per_step": total / 1e3 / steps,
             "by": what, "top": rows}  # fmt: skip
+
+
+def _file_id(path: str):
+    """What tells a file written anew from the one there before (None: no file)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def time_hf(
@@ -342,7 +392,8 @@ def main(argv=None) -> dict:
         cfg.max_position_embeddings = max(cfg.max_position_embeddings, prompt_len + gen_len)
     if prompt_len + gen_len > cfg.max_position_embeddings:
         raise InvalidInput(
-            f"prompt-len + gen-len = {prompt_len + gen_len} exceeds the model's {cfg.max_position_embeddings}"
+            f"--prompt-len {prompt_len} + --gen-len {gen_len} = {prompt_len + gen_len} tokens a sequence exceeds "
+            f"--model {args.model}'s max_position_embeddings {cfg.max_position_embeddings} (its config.json)"
         )
     if args.stop_tokens >= cfg.vocab_size - 3:
         raise InvalidInput(
@@ -353,7 +404,24 @@ def main(argv=None) -> dict:
     copies = 1 if args.no_hf else 2  # (transformers' copy is built beside ours)
     what = f"--model {args.model}'s {str(dtype).replace('torch.', '')} weights"
     what += "" if args.no_hf else " (and transformers' copy)"
-    check_fits(what, copies * cfg.num_params("lm", grid.tp) * elem, device)
+    weight_bytes = copies * cfg.num_params("lm", grid.tp) * elem
+    check_fits(what, weight_bytes, device)
+    # and what the run cannot do without: the KV cache of one sequence at its full length (the generator refuses a
+    # cache that holds less), and the prompts, drawn on the host
+    cache_dtype = resolve_cache_dtype(args.kv_cache_dtype, dtype)
+    seq_blocks = blocks_for_tokens(prompt_len + gen_len, args.block_size)
+    kv_bytes = seq_blocks * model_block_bytes(cfg, grid.tp, cache_dtype, args.block_size)
+    prompt_bytes = batch * prompt_len * PROMPT_TOKEN_BYTES
+    kv_what = (
+        f"{what}, the KV cache of one sequence of --prompt-len {prompt_len} + --gen-len {gen_len} tokens "
+        f"({seq_blocks} blocks of --block-size {args.block_size})"
+    )
+    prompts_what = f"--batch {batch} prompts of --prompt-len {prompt_len} tokens"
+    if on_gpu:
+        check_fits(kv_what, weight_bytes + kv_bytes, device)
+        check_fits(prompts_what + " (on the host)", prompt_bytes, torch.device("cpu"))
+    else:
+        check_fits(f"{kv_what} and {prompts_what}", weight_bytes + kv_bytes + prompt_bytes, device)
     if shape:
         model = Transformer(cfg, dtype=dtype, device=device, group=grid.tp_group).init_weights(std=0.02)
     else:
@@ -371,7 +439,7 @@ def main(argv=None) -> dict:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_new_tokens=gen_len, ignore_eos=not stops,
         stop_token_ids=stops, seed=0,
     )  # fmt: skip
-    kv_elem = torch.empty((), dtype=resolve_cache_dtype(args.kv_cache_dtype, dtype)).element_size()
+    kv_elem = torch.empty((), dtype=cache_dtype).element_size()
     slots = min(batch, args.max_num_seqs or batch)  # the sequences a decode step carries at most
     roof = decode_roofline(cfg, slots, prompt_len, gen_len, elem, bw, kv_elem, grid.tp, flops)
 
@@ -387,11 +455,26 @@ def main(argv=None) -> dict:
         overlap=not args.no_overlap,
         kv_cache_dtype=args.kv_cache_dtype,
     )
-    ours = time_ours(gen, prompts, params, args.repeats, device)
+    try:
+        ours = time_ours(gen, prompts, params, args.repeats, device)
+    except InvalidInput as e:
+        if gen.pool is not None:  # (the cache was made: not its size)
+            raise
+        # the generator's own words count max_model_len and KV blocks: name the flags that set them
+        raise InvalidInput(
+            f"--prompt-len {prompt_len} + --gen-len {gen_len} = {prompt_len + gen_len} tokens a sequence "
+            f"({seq_blocks} KV blocks of --block-size {args.block_size}) do not fit the generator's KV cache: lower "
+            f"them, or on a GPU raise --kv-cache-fraction ({args.kv_cache_fraction}) (the generator: {e})"
+        ) from None
     ours["cuda_graphs"] = bool(gen.use_cuda_graphs)
+    profile_failed = None
     if args.profile:
-        short = GenerateConfig(**{**params.__dict__, "max_new_tokens": min(args.profile_tokens, params.max_new_tokens)})
-        ours["profile"] = profile_ours(gen, prompts, short, args.profile, device)
+        tokens = min(args.profile_tokens or 32, params.max_new_tokens)
+        short = GenerateConfig(**{**params.__dict__, "max_new_tokens": tokens})
+        try:
+            ours["profile"] = profile_ours(gen, prompts, short, args.profile, device)
+        except OSError as e:  # (the trace not written: the timings are still printed and saved, then the exit says so)
+            profile_failed = str(e)
     # its KV pool is allocated up front from the free memory (--kv-cache-fraction): the peak minus the pool is what
     # the run itself took
     ours["kv_pool_gib"] = gen.pool.tensor.numel() * gen.pool.tensor.element_size() / 2**30 if gen.pool else 0.0
@@ -472,6 +555,8 @@ def main(argv=None) -> dict:
             )
             _print_row(label, result[label], roof, gen_len)
             write_json(args.json, result)
+    if profile_failed:
+        raise SystemExit(profile_failed)
     return result
 
 
