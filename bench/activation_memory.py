@@ -29,7 +29,9 @@ from engine.parallel import init_process_grid, print0  # noqa: E402
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="tiny", choices=list(MODEL_SHAPES))
     p.add_argument("--tp", type=int, default=1, help="tensor parallel degree (under torchrun)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])

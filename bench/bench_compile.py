@@ -86,7 +86,9 @@ def run(case: str, threads: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     from kernels import dispatch
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     p.add_argument("--threads", nargs="+", type=int, default=sorted({1, max(2, dispatch.COMPILE_THREADS)}))
     p.add_argument("--json", default=None, help="write the rows here")

@@ -179,7 +179,9 @@ def run(args, device) -> list[dict]:
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default="llama2-13b", choices=list(MODEL_SHAPES), help="a named shape")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: time one rank's shards")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64], help="decode batch sizes (at most 64)")

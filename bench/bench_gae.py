@@ -39,7 +39,9 @@ def make_batch(batch: int, seq: int, device: str, seed: int = 0):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--batch", type=int, default=64, help="rows B (default 64)")
     ap.add_argument("--seq", type=int, default=1024, help="time steps T (default 1024)")
     ap.add_argument("--gamma", type=float, default=1.0)

@@ -78,7 +78,9 @@ def _model_tp(ap: argparse.ArgumentParser, spec: str, tp: int | None) -> tuple[s
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", nargs="+", default=["llama2-13b:8", "llama2-7b:1"],
                     help="shapes as NAME:TP (default: the recipe's 13B at TP 8 and a 7B on one GPU)")  # fmt: skip
     ap.add_argument("--tp", type=int, default=None, help="one TP degree for every --model given without one")

@@ -242,7 +242,9 @@ def bench_hidden(args, device, dtype, rows):
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--n", type=int, default=32768, help="token rows for token_logprobs")
     p.add_argument("--v", type=int, default=32000, help="vocabulary size")
     p.add_argument("--hn", type=int, default=8192, help="token rows for hidden_logprobs")

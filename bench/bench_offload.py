@@ -160,7 +160,9 @@ def recipe_costs(rates: dict[str, float]) -> list[dict]:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--gib", type=float, default=1.0, help="bytes moved each way per copy measurement (GiB)")
     ap.add_argument("--layers", type=int, default=4, help="layers of the llama2-7b shape whose optimizer step is timed")
     ap.add_argument("--reps", type=int, default=3)

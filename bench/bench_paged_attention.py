@@ -365,7 +365,9 @@ def _print(rows, tbs) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--json", type=Path, default=None, help="write the figures to this JSON file")
     p.add_argument("--bandwidth-tbs", type=float, default=None, help="copy bandwidth for the roofline (TB/s; default: "
                    "measured on the device)")  # fmt: skip

@@ -708,7 +708,9 @@ def as_default(row: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--heads", type=int, default=40)
     p.add_argument("--kv-heads", type=int, default=None, help="default: --heads (MHA)")

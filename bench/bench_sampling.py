@@ -107,7 +107,9 @@ CPU_VOCAB = 1000  # (the tiny run's on a machine without CUDA)
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64, 256])
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--temperature", type=float, default=0.7)

@@ -82,7 +82,9 @@ def setting_options(name: str) -> dict | None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     host = p.add_argument_group("part 1: host time per decode step")
     host.add_argument("--batches", type=positive_ints, default=[64, 256], help="sequences per step (default 64,256)")
     host.add_argument("--repeats", type=int, default=1000, help="calls timed per figure (the median is printed)")

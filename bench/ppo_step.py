@@ -41,7 +41,9 @@ from kernels.dispatch import fp32_out_gemm  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="tiny", choices=list(MODEL_SHAPES), help="a named shape")
     p.add_argument("--random-weights", action="store_true", help="random weights for a named shape (implied for tiny)")
     p.add_argument("--num-layers", type=int, default=None, help="override the shape's layer count")

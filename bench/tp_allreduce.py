@@ -100,7 +100,9 @@ def recommend(rows: list[dict], forms: list[str]) -> str:
 
 
 def main() -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument(
         "--rows", type=positive_ints, default="1,2,4,8,16,32,64,128,256", help="decode batch sizes (rows a sum)"
     )

@@ -79,7 +79,9 @@ def main(argv=None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else list(argv)
     flags = argv[argv.index("--") + 1 :] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("--nproc", type=int, default=4, help="processes (devices) on this machine")
     p.add_argument("--tp", type=int, default=2, help="tensor parallel degree (the rest is DP)")
     p.add_argument("--timeout", type=float, default=1200, help="seconds per run")

@@ -463,7 +463,9 @@ def run_configs(policy, reference, reward, evaluation: bool = False) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     shapes = f"a named shape ({', '.join(MODEL_SHAPES)}), a checkpoint directory or a Hub id"
     # (the defaults are the recipe's: a --policy given alone is planned beside the recipe's 13B reward model)
     p.add_argument("--policy", default="llama2-13b", help=f"{shapes} (default: llama2-13b)")

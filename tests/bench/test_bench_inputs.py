@@ -125,6 +125,26 @@ REFUSED = [
     ("tp_allreduce", ["--hidden", "0"], "--hidden must be >= 1, got 0"),
     ("train_overlaps", ["--timeout", "0"], "--timeout must be a finite number > 0, got 0.0"),
     ("ppo_step", ["--json", NOWHERE], "not a file in an existing directory"),
+    # no abbreviations: an unknown --x took whichever flag it began (--tok for --tokens, --rep for --repeats)
+    *(
+        (m, [flag, "1"], f"unrecognized arguments: {flag} 1")
+        for m, flag in (
+            ("bench_gae", "--bat"),
+            ("bench_rmsnorm_swiglu", "--tok"),
+            ("bench_grad_sums", "--tfl"),
+            ("activation_memory", "--tok"),
+            ("bench_offload", "--gi"),
+            ("bench_sampling", "--voc"),
+            ("bench_compile", "--thr"),
+            ("tp_allreduce", "--hid"),
+            ("train_overlaps", "--time"),
+            ("host_overheads", "--rep"),
+            ("ppo_step", "--js"),
+            ("bench_paged_attention", "--bandwidth"),
+            ("bench_rope_attention", "--seq"),
+            ("bench_decode_linear", "--row"),
+        )
+    ),  # fmt: skip
 ]
 
 

@@ -70,6 +70,9 @@ def test_a_tp_degree_that_does_not_divide_is_refused(capsys):
         memory_plan.main(["--dtype", "float16"])
     assert "--dtype float16 trains without loss scaling" in capsys.readouterr().err
     assert memory_plan.main(["--dtype", "float16", "--eval-only", "--tp", "1"]) == 0
+    with pytest.raises(SystemExit):  # (no abbreviations: --seq took --seq-len)
+        memory_plan.main(["--seq", "512"])
+    assert "unrecognized arguments: --seq 512" in capsys.readouterr().err
 
 
 def test_recipe_layouts_on_an_80gb_gpu():
