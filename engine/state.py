@@ -496,6 +496,22 @@ def checkpoint_position(policy_dir: str) -> tuple[int, int]:
     return int(sd["iteration"]), int(sd["step"])
 
 
+def checkpoint_reference(run: RunConfig, ckpt: str) -> RunConfig:
+    """--eval-only of PPO checkpoint `ckpt`'s policy without --reference: the reference its run measured the KL
+    against (saved with each checkpoint), where it still is; else a warning that the KL is the policy's against
+    itself (0, and the reward the penalized score), which that run's eval.jsonl did not measure."""
+    saved = (load_state_file(state_file(ckpt, 0)).get("models") or {}).get("reference") or {}
+    path = saved.get("path") if isinstance(saved, dict) else None
+    if path and os.path.isdir(path):
+        print0(f"reference: {path}, the one {ckpt}'s run measured the KL against (--reference for another)")
+        return dataclasses.replace(run, reference=path)
+    gone = f" ({path}, its run's, is not there)" if path else ""
+    print0(f"warning: no --reference for {ckpt}'s policy{gone}: the KL is measured against the policy itself (0, "
+           "the reward the penalized score); give --reference the run's reference to compare with its "
+           "eval.jsonl")  # fmt: skip
+    return run
+
+
 def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     """The state --eval-only needs: the policy, the reference (--reference, default the policy) and the reward
     model, frozen, the evaluation set and a generator; no value model, optimizers or training prompts."""
@@ -510,6 +526,8 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     # the reward) unless a flag says otherwise: the same numbers as that run's eval.jsonl at that iteration
     ckpt = os.path.dirname(os.path.abspath(run.policy)) if checkpoint_position_file(run.policy) else None
     cfg = together("reading the checkpoint's hyperparameters", checkpoint_config, cfg, run, ckpt)
+    if ckpt is not None and run.reference is None:  # (the policy itself would make every KL 0)
+        run = together("reading the checkpoint's reference", checkpoint_reference, run, ckpt)
     if ckpt is not None:
         print0(f"evaluating {ckpt}'s policy with its run's PPO hyperparameters (sampling, limits, the reward's KL and "
                "missing-EOS terms) where no flag is given")  # fmt: skip

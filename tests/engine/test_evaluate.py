@@ -264,7 +264,32 @@ def test_eval_only_reproduces_the_evaluation_after_training(tmp_path, capsys):
                 "always",
             ]
         )  # fmt: skip (refused before anything is read)
-    assert "offload_idle_models must be one of auto, off, rollouts, got 'always'" in capsys.readouterr().err
+    assert "--offload-idle-models must be one of auto, off, rollouts, got 'always'" in capsys.readouterr().err
+
+
+def test_eval_only_of_a_checkpoint_takes_its_runs_reference(tmp_path, capsys):
+    """--eval-only of a PPO checkpoint's policy without --reference measures the KL against the reference its run
+    used (saved with the checkpoint), not against the policy itself (a KL of 0 and an unpenalized reward on a line
+    that looked like the run's own); where that reference is gone, it says so."""
+    from engine.train_ppo import main
+
+    run_tiny(tmp_path / "run", "--max-iterations", "1")
+    ckpt, init = latest_checkpoint(str(tmp_path / "run")), tmp_path / "run/init"
+    flags = ["--eval-only", "--policy", f"{ckpt}/policy", "--reward", str(init / "reward"), "--eval-prompts",
+             TINY_EVAL_PROMPTS]  # fmt: skip
+    capsys.readouterr()
+    with dispatch.reference_ops():
+        (only,) = main([*flags, "--output-dir", str(tmp_path / "only")])
+    assert f"reference: {init / 'policy'}, the one {ckpt}'s run measured the KL against" in capsys.readouterr().out
+    during = _lines(tmp_path / "run/eval.jsonl")[-1]
+    assert only["kl"] == during["kl"] > 0 and only["reward"] == during["reward"]
+    os.rename(init / "policy", init / "moved")
+    with dispatch.reference_ops():
+        (alone,) = main([*flags, "--output-dir", str(tmp_path / "alone")])
+    assert f"warning: no --reference for {ckpt}'s policy ({init / 'policy'}, its run's, is not there): the KL is " in (
+        capsys.readouterr().out
+    )
+    assert alone["kl"] == 0
 
 
 def test_a_resumed_evaluation_is_compared_with_the_last_logged_set(tmp_path, monkeypatch, capsys):
