@@ -414,7 +414,7 @@ def _append_launch(state: TrainState) -> None:
     record = {
         "launched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "iteration": state.iteration,  # (0: a fresh start; else resumed from checkpoint-<iteration>)
-        "command": sys.argv,
+        "command": state.command or sys.argv,
         "world_size": state.grid.world_size, "tp": state.grid.tp, "dp": state.grid.dp,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         "dtype": str(next(state.policy.parameters()).dtype).removeprefix("torch."),

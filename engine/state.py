@@ -224,6 +224,7 @@ class TrainState:
     model_copies: dict[str, HostCopies] = field(default_factory=dict)  # their host buffers, by name
     model_fingerprints: dict | None = None  # the frozen models' weights (global rank 0; engine.resume.check_models)
     template_warned: bool = False  # a saved policy's chat template could not reproduce the prompts' ids (said once)
+    command: list[str] | None = None  # the launch's command line for launches.jsonl (None: this process's sys.argv)
     pending_save: object | None = None  # a checkpoint being written in the background (engine.resume.finish_checkpoint)
     async_save_warned: bool = False  # a background save did not fit in host memory (said once)
     kl_coef: float | None = None  # the KL penalty's coefficient now: cfg.kl_coef, or the adaptive one (cfg.kl_target)

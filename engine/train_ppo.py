@@ -353,6 +353,8 @@ def main(argv: list[str] | None = None, *, generator_factory=None) -> list[dict]
             return [evaluate_only(cfg, run, grid, generator_factory)]
         kw = {"generator_factory": generator_factory} if generator_factory else {}
         state = setup(cfg, run, grid=grid, **kw)
+        if argv is not None:  # (main called with its own flags, not this process's: what launches.jsonl records)
+            state.command = [sys.argv[0] if sys.argv else "train_ppo.py", *argv]
         return train(state)
     finally:
         unlock_output_dir(run.output_dir)  # (check_writable's lock: a later run in this process may take it)

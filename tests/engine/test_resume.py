@@ -74,6 +74,9 @@ def test_tiny_default_end_to_end_and_exact_resume(tmp_path):
     launches = [json.loads(x) for x in (tmp_path / "b/launches.jsonl").read_text().splitlines()]
     assert [x["iteration"] for x in launches] == [0, 1]  # a fresh start, then the resumed launch
     assert [x["run"]["resume"] for x in launches] == [False, True] and launches[1]["run"]["max_iterations"] == 2
+    # (main's own flags, not those of the process that called it: pytest's here)
+    assert [x["command"][1:3] for x in launches] == [["--output-dir", str(tmp_path / "b")]] * 2
+    assert "--resume" in launches[1]["command"] and "--resume" not in launches[0]["command"]
     assert set(launches[0]["ppo"]) == {f.name for f in dataclasses.fields(PPOConfig)}  # every hyperparameter
     assert launches[0]["ppo"]["kl_coef"] == PPOConfig().kl_coef and launches[0]["ppo"]["train_batch_size"] == 4
     assert launches[0]["versions"]["torch"] == torch.__version__ and launches[0]["versions"]["engine"]
