@@ -29,6 +29,23 @@ def is_integer(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def json_line(value) -> str:
+    """`value` as one JSON Lines line (newline included), a non-finite float (a NaN metric) written as null: Python's
+    json writes NaN and Infinity, which are no JSON (jq, pandas' strict readers and W&B's importers refuse the
+    line)."""
+
+    def finite(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(value), allow_nan=False) + "\n"
+
+
 def parse_json(text: str | bytes, where: str, whole_file: bool = False):
     """json.loads(text); text that does not parse, or that Python's json cannot hold (an integer of more than 4300
     digits, arrays or objects nested a thousand deep), is an InvalidInput naming `where` and why: a file's path

@@ -25,7 +25,6 @@ OUTPUT_DIR/samples.jsonl.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -33,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from engine import ppo
+from engine.config import json_line
 from engine.data import Rollout, global_position, prompts_digest
 from engine.parallel import agree, print0, rank0_together
 from engine.resume import EVAL_DIR, atomic_write, read_log
@@ -197,10 +197,10 @@ def _log_evaluation(state: TrainState, metrics: dict, records: list[dict]) -> No
     out = state.run.output_dir
     os.makedirs(os.path.join(out, EVAL_DIR), exist_ok=True)
     records = sorted(records, key=lambda r: r["prompt_index"])
-    data = "".join(json.dumps(r) + "\n" for r in records).encode()
+    data = "".join(json_line(r) for r in records).encode()
     atomic_write(os.path.join(out, EVAL_DIR, f"iter-{state.iteration:06d}.jsonl"), lambda f: f.write(data))
     with open(os.path.join(out, "eval.jsonl"), "a") as f:
-        f.write(json.dumps(metrics) + "\n")
+        f.write(json_line(metrics))
     if state.tracker is not None:
         state.tracker.log(metrics, prefix="eval/")
         state.tracker.log_table("eval/answers", readable(records[:EVAL_TABLE_ROWS]), step=state.iteration)
@@ -235,6 +235,6 @@ def log_samples(state: TrainState, ro: Rollout) -> None:
     os.makedirs(state.run.output_dir, exist_ok=True)
     records = [{"iteration": state.iteration + 1, **rec} for _, rec in sorted(gathered, key=lambda x: x[0])]
     with open(os.path.join(state.run.output_dir, "samples.jsonl"), "a") as f:
-        f.write("".join(json.dumps(rec) + "\n" for rec in records))
+        f.write("".join(json_line(rec) for rec in records))
     if state.tracker is not None:
         state.tracker.log_table("samples", readable(records), step=state.iteration + 1)

@@ -26,6 +26,7 @@ import secrets
 import sys
 from typing import TYPE_CHECKING
 
+from engine.config import json_line
 from engine.errors import InvalidInput, MissingPackage, UnwritableOutput, first_line
 from engine.output_dir import why_unwritable
 from engine.parallel import print0, rank0_together
@@ -272,7 +273,7 @@ def _write_metrics(state: TrainState, metrics: dict, per_iteration: float | None
     )
     os.makedirs(state.run.output_dir, exist_ok=True)
     with open(os.path.join(state.run.output_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(metrics) + "\n")
+        f.write(json_line(metrics))
 
 
 def _eta(state: TrainState, per_iteration: float | None = None) -> str:

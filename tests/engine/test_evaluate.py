@@ -420,3 +420,16 @@ def test_eval_every_0_evaluates_before_the_first_iteration_and_after_the_last(tm
     run_tiny(tmp_path, "--max-iterations", "1", "--eval-every", "0")
     lines = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
     assert [e["iteration"] for e in lines] == [0, 1]
+
+
+def test_log_lines_are_strict_json_with_nan_as_null():
+    """metrics.jsonl, eval.jsonl and the answers' files are written by json_line: a non-finite value (an evaluation's
+    KL overflowing, say) is null, not Python's NaN, which no strict JSON reader takes."""
+    from engine.config import json_line
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in a log line"))
+
+    line = json_line({"kl": float("nan"), "score": -1.5, "lengths": [3, float("inf")], "ids": (1, 2), "x": "NaN"})
+    assert line.endswith("\n") and line.count("\n") == 1
+    assert strict(line) == {"kl": None, "score": -1.5, "lengths": [3, None], "ids": [1, 2], "x": "NaN"}
