@@ -53,7 +53,7 @@ from engine.resume import (
     state_file,
 )
 from engine.rollout import idle_models, pad_is_a_stop_warning
-from engine.tokenizer import CHAT_TEMPLATES, PromptSet, response_stop_ids
+from engine.tokenizer import CHAT_TEMPLATES, PromptSet, end_of_turn_warning, response_stop_ids
 from engine.tracking import Tracker, check_available
 from kernels.decode_config import parse_decode_config, set_decode_config
 
@@ -338,8 +338,10 @@ def setup(
             print0(f"warning: --policy {run.policy} ends responses at token ids {stop_ids}, the checkpoint's run at "
                    f"{saved}: resuming with the run's")  # fmt: skip
         stop_ids = saved
-    if said := pad_is_a_stop_warning(models[3].config.pad_token_id, stop_ids):
-        print0(said)
+    for said in (pad_is_a_stop_warning(models[3].config.pad_token_id, stop_ids),
+                 end_of_turn_warning(tokenizer, stop_ids, run.chat_template)):  # fmt: skip
+        if said:
+            print0(said)
     state = make_state(
         cfg,
         run,
@@ -548,8 +550,10 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     for m in (policy, ref, reward):
         m.requires_grad_(False)
     stops = response_stop_ids(tokenizer, run.policy)
-    if said := pad_is_a_stop_warning(reward.config.pad_token_id, stops):
-        print0(said)
+    for said in (pad_is_a_stop_warning(reward.config.pad_token_id, stops),
+                 end_of_turn_warning(tokenizer, stops, run.chat_template)):  # fmt: skip
+        if said:
+            print0(said)
     # (what eval.jsonl and eval/iter-N.jsonl name; on every rank at once: a checkpoint copied to each node's own disk,
     # one copy's state file damaged)
     iteration, step = together("reading the checkpoint's position", checkpoint_position, run.policy)

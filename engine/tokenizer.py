@@ -169,6 +169,34 @@ def response_stop_ids(tokenizer, policy_dir: str | os.PathLike | None = None) ->
 PROBE = [{"role": "user", "content": "Résumé of 12 tests:\n\tWhy?  ü  — 東京 🙂 def f(x): return x**2"}]
 
 
+def end_of_turn_warning(tokenizer, stop_ids: list[int], template: str) -> str | None:
+    """The warning a run prints where --chat-template tokenizer's template ends an assistant turn with a special token
+    (ChatML's <|im_end|>, say) that is not among the response stop ids: a policy tuned on that template ends its
+    answers with it and would write on to --max-new-tokens, each response taking the missing-EOS penalty. None where
+    the template ends a turn with a stop id, or with no special token the engine can tell."""
+    if template != "tokenizer":
+        return None
+    marker = "Zq7 answer Xv9"
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}]
+    try:
+        text = tokenizer.apply_chat_template(chat, tokenize=False, date_string=TEMPLATE_DATE)
+    except Exception:  # (a template that takes no assistant turn: nothing to tell)
+        return None
+    if marker not in text:
+        return None
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    after = tokenizer(text[text.index(marker) + len(marker) :], add_special_tokens=False)["input_ids"]
+    end = next((i for i in after if i in special), None)
+    if end is None or end in stop_ids:
+        return None
+    name = tokenizer.convert_ids_to_tokens(end)
+    return (
+        f"warning: the chat template ends an assistant turn with {name} (id {end}), which is not among the ids that "
+        f"end a response ({stop_ids}): a policy tuned on it would write on to --max-new-tokens and take the "
+        f"missing-EOS penalty; add {end} to eos_token_id in the policy's generation_config.json"
+    )
+
+
 def check_vocabularies(tokenizer, tokenizer_dir: str, models: dict[str, tuple[str, int]], prompts) -> list[str]:
     """Refuse, before any weight is read, models that cannot share the run's `tokenizer` (from `tokenizer_dir`):
     `models` maps each role ("policy", "reference", "reward") to (its checkpoint directory, its config's vocab_size);

@@ -996,3 +996,30 @@ def test_a_prompt_file_with_no_prompt_within_the_limit_names_the_flag(tok):
         ValueError, match=r"every prompt in .*prompts_tiny\.jsonl is longer than 3 tokens \(--max-prompt"
     ):
         load_prompts(TINY_PROMPTS, tok, max_prompt_len=3, verbose=False)
+
+
+def test_a_template_whose_turns_end_with_no_stop_id_is_warned_of(tmp_path, tok):
+    """--chat-template tokenizer with a ChatML-style template whose assistant turns end with <|im_end|>, an added
+    special token the stop ids lack: warned (a policy tuned on it would never stop: every response at the length
+    limit, penalized); not where the ids hold it, where the turn ends with the EOS, or for the Tulu format."""
+    from engine.tokenizer import end_of_turn_warning, response_stop_ids
+
+    shutil.copytree(TINY_DIR, tmp_path / "tok")
+    (tmp_path / "tok" / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    chatml = load_tokenizer(tmp_path / "tok")
+    chatml.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    end = chatml.convert_tokens_to_ids("<|im_end|>")
+    stops = response_stop_ids(chatml)
+    said = end_of_turn_warning(chatml, stops, "tokenizer")
+    assert said == (
+        f"warning: the chat template ends an assistant turn with <|im_end|> (id {end}), which is not among the ids "
+        f"that end a response ({stops}): a policy tuned on it would write on to --max-new-tokens and take the "
+        f"missing-EOS penalty; add {end} to eos_token_id in the policy's generation_config.json"
+    )
+    assert end_of_turn_warning(chatml, [*stops, end], "tokenizer") is None
+    assert end_of_turn_warning(chatml, stops, "tulu") is None
+    (tmp_path / "tok" / "chat_template.jinja").write_text(LLAMA3_STYLE)  # (turns end with the EOS)
+    assert end_of_turn_warning(load_tokenizer(tmp_path / "tok"), response_stop_ids(tok), "tokenizer") is None
