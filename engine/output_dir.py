@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 from engine.errors import InputError, InvalidInput, OutputInUse, UnwritableOutput
 from engine.parallel import print0, rank0_together, together
-from engine.resume import EVAL_DIR, LATEST, LAUNCHES, LOGS, WANDB_RUN_ID, checkpoint_number, remove_leftovers
+from engine.resume import LATEST, WANDB_RUN_ID, checkpoint_number, remove_leftovers
+from engine.run_logs import EVAL_DIR, LAUNCHES, LOGS
 
 
 def check_writable(output_dir: str, rank: int) -> None:

@@ -30,7 +30,8 @@ from engine.config import json_line
 from engine.errors import InvalidInput, MissingPackage, UnwritableOutput, first_line
 from engine.output_dir import why_unwritable
 from engine.parallel import print0, rank0_together
-from engine.resume import WANDB_RUN_ID, atomic_write
+from engine.resume import WANDB_RUN_ID
+from engine.run_logs import atomic_write
 
 if TYPE_CHECKING:
     from engine.state import TrainState

@@ -203,7 +203,7 @@ def build_tiny_models(directory: str, seed: int = 0) -> tuple[str, str]:
     from engine.checkpoint import save_pretrained
     from engine.model import Transformer
     from engine.parallel import collective_device
-    from engine.resume import atomic_write
+    from engine.run_logs import atomic_write
     from engine.tokenizer import TINY_DIR
 
     cfg = ModelConfig.named("tiny")
@@ -252,7 +252,7 @@ def _demo_ran_in(output_dir: str, init_dir: str, moved: bool = False) -> bool:
     """Whether the tiny default ran in output_dir before: its init/ models are there and the last launch recorded there
     (if any) trained them, not a run of other models that only holds an init/ directory. `moved`: also when the
     directory has been moved or copied since (that launch trained the init/ models of the directory it ran in)."""
-    from engine.resume import LAUNCHES
+    from engine.run_logs import LAUNCHES
 
     if not os.path.isdir(init_dir):
         return False

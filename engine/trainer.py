@@ -37,7 +37,7 @@ from engine.model import forward_flops
 from engine.optim import accumulate_grads, apply_update, reduce_grads
 from engine.output_dir import TRACE_PREFIX
 from engine.parallel import agree, print0
-from engine.resume import abandon_checkpoint, finish_checkpoint, record_launch, resume_checkpoint, save_checkpoint
+from engine.resume import abandon_checkpoint, finish_checkpoint, resume_checkpoint, save_checkpoint
 from engine.rollout import (
     add_to,
     check_scores,
@@ -49,6 +49,7 @@ from engine.rollout import (
     score_tokens,
     shaped_targets,
 )
+from engine.run_logs import record_launch
 from engine.scheduler import GenerationStats
 from engine.state import TrainState  # (the state and its setup: engine/state.py)
 from engine.tracking import Tracker, log_metrics

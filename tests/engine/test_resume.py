@@ -22,7 +22,8 @@ from engine.errors import InvalidInput
 from engine.model import Transformer
 from engine.parallel import ProcessGrid
 from engine.reshard import SavedOptimizer, needed_ranks, relayout
-from engine.resume import latest_checkpoint, save_checkpoint, trim_logs
+from engine.resume import latest_checkpoint, save_checkpoint
+from engine.run_logs import trim_logs
 from engine.train_ppo import main, parse_args, prepare_tiny
 from kernels import dispatch
 from tests.engine.fake_tp import FakeGroup, fake_tp
@@ -294,6 +295,7 @@ def test_a_checkpoint_is_durable_before_latest_points_to_it(tmp_path, monkeypatc
     and the output directory after `latest` is replaced and before the previous checkpoint is removed."""
     import engine.checkpoint as ckpt_mod
     import engine.resume as resume_mod
+    import engine.run_logs as run_logs_mod
 
     state = tiny_state(tmp_path, "--max-iterations", "1")
     events, real_rmtree = [], shutil.rmtree
@@ -303,6 +305,7 @@ def test_a_checkpoint_is_durable_before_latest_points_to_it(tmp_path, monkeypatc
 
     monkeypatch.setattr(ckpt_mod, "fsync_dir", fsync_dir)
     monkeypatch.setattr(resume_mod, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(run_logs_mod, "fsync_dir", fsync_dir)  # (atomic_write's)
     monkeypatch.setattr(resume_mod, "fsync_file", lambda fn: events.append(("file", os.path.relpath(fn, tmp_path))))
     for log in ("metrics.jsonl", "samples.jsonl"):  # (the logs' lines of the iterations saved: durable first)
         (tmp_path / log).write_text('{"iteration": 1}\n')
@@ -927,14 +930,14 @@ def test_pruning_keeps_complete_checkpoints_past_an_incomplete_one(tmp_path, lac
 
 
 def test_atomic_write_syncs_the_file_before_the_rename(tmp_path, monkeypatch):
-    import engine.resume as resume
+    import engine.run_logs as run_logs
 
     events = []
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}"))),
                                                  real_fsync(fd)))  # fmt: skip
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", None)), real_replace(a, b)))
-    resume.atomic_write(str(tmp_path / "x"), lambda f: f.write(b"data"))
+    run_logs.atomic_write(str(tmp_path / "x"), lambda f: f.write(b"data"))
     assert events.index(("fsync", False)) < events.index(("replace", None)), events
 
 
@@ -943,7 +946,7 @@ def test_an_atomic_write_that_fails_leaves_the_file_and_no_partial_copy(tmp_path
     the partial copy is removed, not left on the full disk (nor a `latest.tmp-PID` in the output directory for good)."""
     import errno
 
-    import engine.resume as resume
+    import engine.run_logs as run_logs
 
     (tmp_path / "x").write_bytes(b"old")
 
@@ -952,7 +955,7 @@ def test_an_atomic_write_that_fails_leaves_the_file_and_no_partial_copy(tmp_path
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(OSError, match="No space left on device"):
-        resume.atomic_write(str(tmp_path / "x"), write)
+        run_logs.atomic_write(str(tmp_path / "x"), write)
     assert os.listdir(tmp_path) == ["x"] and (tmp_path / "x").read_bytes() == b"old"
 
 
@@ -1106,14 +1109,14 @@ def test_a_resume_at_another_kv_cache_dtype_is_named_and_an_older_record_is_not(
     """_warn_of_other_numerics: a resume at another --kv-cache-dtype than the last launch's is said too, and one under
     another value of a switch that changes the numbers; a last record without a setting (an older engine's) is no
     difference."""
-    from engine import resume
+    from engine import run_logs
 
     said = []
-    monkeypatch.setattr(resume, "print0", said.append)
+    monkeypatch.setattr(run_logs, "print0", said.append)
     now = {"dtype": "bfloat16", "run": {"kv_cache_dtype": "fp8"}}
-    resume._warn_of_other_numerics(json.dumps({"dtype": "bfloat16", "run": {"kv_cache_dtype": "auto"}}).encode(), now)
+    run_logs._warn_of_other_numerics(json.dumps({"dtype": "bfloat16", "run": {"kv_cache_dtype": "auto"}}).encode(), now)
     assert len(said) == 1 and "KV-cache dtype fp8 where the run's last launch had auto (--kv-cache-dtype)" in said[0]
-    resume._warn_of_other_numerics(json.dumps({"run": {}}).encode() + b"\n", now)
+    run_logs._warn_of_other_numerics(json.dumps({"run": {}}).encode() + b"\n", now)
     assert len(said) == 1
     # an engine switch that changes the numbers, set where it was not (or the reverse): named (the TP ones under TP
     # only); one that changes only the timing (an overlap) is not; a record without switches (an older engine's) is no
@@ -1122,15 +1125,15 @@ def test_a_resume_at_another_kv_cache_dtype_is_named_and_an_older_record_is_not(
     same = {"dtype": "bfloat16", "run": {"kv_cache_dtype": "auto"}}
     last = {**same, "switches": {"TULU_ASYNC_TP": "1", "TULU_SP_OVERLAP": "0", "TULU_GRAD_SUMS": "0"}}
     now = {**same, "tp": 2, "switches": {"TULU_SYMM_ALL_REDUCE": "1"}}
-    resume._warn_of_other_numerics(json.dumps(last).encode(), now)
+    run_logs._warn_of_other_numerics(json.dumps(last).encode(), now)
     assert len(said) == 3, said
     assert "TULU_GRAD_SUMS=unset where the run's last launch had TULU_GRAD_SUMS=0" in said[0]
     assert "TULU_ASYNC_TP=unset where the run's last launch had TULU_ASYNC_TP=1" in said[1]
     assert "TULU_SYMM_ALL_REDUCE=1 where the run's last launch had TULU_SYMM_ALL_REDUCE=unset" in said[2]
-    resume._warn_of_other_numerics(json.dumps(last).encode(), {**now, "tp": 1})  # (no TP: its switches do nothing)
+    run_logs._warn_of_other_numerics(json.dumps(last).encode(), {**now, "tp": 1})  # (no TP: its switches do nothing)
     assert len(said) == 4 and "TULU_GRAD_SUMS" in said[3]
-    resume._warn_of_other_numerics(json.dumps(same).encode(), now)
-    resume._warn_of_other_numerics(json.dumps({**same, "switches": {"TULU_SYMM_ALL_REDUCE": "1"}}).encode(), now)
+    run_logs._warn_of_other_numerics(json.dumps(same).encode(), now)
+    run_logs._warn_of_other_numerics(json.dumps({**same, "switches": {"TULU_SYMM_ALL_REDUCE": "1"}}).encode(), now)
     assert len(said) == 4
 
 
@@ -1207,7 +1210,8 @@ def test_a_run_that_ended_still_marks_its_directory_for_nested_run(tmp_path):
     mark its directory as a run's, inside whose checkpoints another output directory is refused, and which no other
     run's files may hold."""
     from engine.output_dir import RUN_LOCK, nested_run
-    from engine.resume import LATEST, LAUNCHES, LOGS
+    from engine.resume import LATEST
+    from engine.run_logs import LAUNCHES, LOGS
 
     for i, mark in enumerate((LATEST, LAUNCHES, *LOGS)):
         run = tmp_path / f"m{i}" / "run"
@@ -1432,7 +1436,7 @@ def _resume_sites_rank(rank, world, root, out_dir):
 
     import torch.distributed as dist
 
-    from engine import output_dir, resume
+    from engine import output_dir, resume, run_logs
 
     init_gloo(rank, world, f"{out_dir}/init")
     got = []
@@ -1455,11 +1459,11 @@ def _resume_sites_rank(rank, world, root, out_dir):
     call(output_dir.start_fresh, os.path.join(root, "earlier"), True, rank)
     output_dir.shutil.rmtree = rmtree
     # a value of the configuration that is no JSON on rank 0 (a bug of ours, no OSError)
-    append = resume._append_launch
-    resume._append_launch = on_rank_0(append, TypeError("Object of type PosixPath is not JSON serializable"))
+    append = run_logs._append_launch
+    run_logs._append_launch = on_rank_0(append, TypeError("Object of type PosixPath is not JSON serializable"))
     state = types.SimpleNamespace(run=types.SimpleNamespace(output_dir=root), grid=types.SimpleNamespace(rank=rank))
-    call(resume.record_launch, state)
-    resume._append_launch = append
+    call(run_logs.record_launch, state)
+    run_logs._append_launch = append
     # --resume where rank 1's own state file is damaged: rank 0 does not go on to load the optimizers' state
     grid = types.SimpleNamespace(rank=rank, tp=1, dp=world, tp_rank=0)
     state = types.SimpleNamespace(grid=grid, policy_opt=types.SimpleNamespace(buckets=None))
