@@ -13,14 +13,15 @@ changes during the downloads.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import glob
 import os
 import re
 
 import torch.distributed as dist
 
-from engine.errors import MissingInput
-from engine.parallel import raise_together
+from engine.errors import InvalidInput, MissingInput, first_line
+from engine.parallel import agree, raise_together
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 # configs, index files, tokenizer files (a BPE tokenizer's vocab.json needs its merges.txt: without it transformers
@@ -59,6 +60,11 @@ SHA = re.compile(r"^[0-9a-f]{40}$")
 RUN_FIELDS = ("policy", "reference", "reward", "tokenizer")  # the RunConfig fields that name a checkpoint
 
 
+# huggingface_hub's errors a pin meets that need no word of their own: HF_HUB_OFFLINE=1 (the cache is used as it
+# is), a repo or revision that is not there or is gated (resolve() names the id when it cannot fetch it)
+QUIET_PIN_ERRORS = ("OfflineModeIsEnabled", "RepositoryNotFoundError", "RevisionNotFoundError", "GatedRepoError")
+
+
 def pin_revisions(names: list[str | None], rank: int) -> list[str | None]:
     """Each Hub id as "org/name@<commit>" of the revision it names now (global rank 0 asks the Hub, every rank gets its
     answer); a local directory, an id already pinned, or one the Hub does not answer for (offline, a typo: resolve()
@@ -72,11 +78,29 @@ def pin_revisions(names: list[str | None], rank: int) -> list[str | None]:
                 repo, _, revision = n.partition("@")
                 try:
                     pinned[k] = f"{repo}@{model_info(repo, revision=revision or None).sha}"
-                except Exception:  # (offline: the cache is used as it is)
+                except Exception as e:  # (offline: the cache is used as it is; resolve() names a repo not to be had)
+                    if type(e).__name__ not in QUIET_PIN_ERRORS:
+                        print(f"warning: {n} is not pinned to a commit ({type(e).__name__}: {first_line(e)}): each "
+                              "node takes what its revision names when it fetches it")  # fmt: skip
                     continue
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(pinned, src=0)
     return pinned
+
+
+def check_same_sources(run) -> None:
+    """Every rank reads each checkpoint name alike (a collective): `--policy org/policy` that is a local directory
+    on one node only would load that node's model there and the Hub's repo of that id on the others, silently.
+    Refused on every rank, naming the flag."""
+    names = [getattr(run, f) for f in RUN_FIELDS]
+    local = [int(bool(n) and not is_repo_id(n)) for n in names]
+    lo, hi = agree(local, "min"), agree(local, "max")
+    for field, name, a, b in zip(RUN_FIELDS, names, lo, hi):
+        if a != b:
+            raise InvalidInput(
+                f"--{field} {name}: a local directory on some nodes and not on others, where it would be fetched from "
+                f"the Hugging Face Hub as a repo id: give a directory every node has (./{name} keeps it local)"
+            )
 
 
 def model_dirs(run) -> dict[str, str]:
@@ -130,10 +154,27 @@ def _download(name: str, local_only: bool, weights: bool = True) -> str:
         patterns = KEEP
     elif local_only:  # the weight format the cached snapshot holds (what local rank 0 fetched, or a full download)
         cached = snapshot_download(repo, revision=revision, allow_patterns=KEEP, local_files_only=True)
-        patterns = KEEP + weight_patterns(os.listdir(cached))
+        found = weight_patterns(os.listdir(cached))
+        if not found:  # (a download cut short, or the configs alone memory planning fetched)
+            raise ValueError(f"the cached snapshot {cached} holds no weights (a download cut short?)")
+        patterns = KEEP + found
     else:
         patterns = KEEP + weight_patterns(list_repo_files(repo, revision=revision))
     return snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=local_only)
+
+
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a download's errors the cache cannot stand in for
+
+
+def _cached_commits(name: str) -> str:
+    """For an unpinned id the cache has no ref for (a run that pinned it fetched by commit, which writes none): the
+    commits it holds, to name one."""
+    from huggingface_hub import constants
+
+    repo, _, revision = name.partition("@")
+    snapshots = os.path.join(constants.HF_HUB_CACHE, "models--" + repo.replace("/", "--"), "snapshots")
+    held = sorted(os.listdir(snapshots)) if not revision and os.path.isdir(snapshots) else []
+    return f" under that revision (it holds {', '.join(held)}: name one, {repo}@{held[-1]})" if held else ""
 
 
 def resolve(names: list[str | None], weights: bool = True) -> list[str | None]:
@@ -151,16 +192,26 @@ def resolve(names: list[str | None], weights: bool = True) -> list[str | None]:
         for n in remote:
             try:
                 paths[n] = _download(n, local_only=False, weights=weights)
-            except Exception as e:  # offline (a compute node): the cache may hold it (downloaded on a login node)
-                try:
-                    paths[n] = _download(n, local_only=True, weights=weights)
-                except Exception:  # (a gated repo, a typo, not cached): named, for every rank
-                    error = MissingInput(
-                        f"{n} is not a local directory, could not be fetched from the Hugging Face Hub "
-                        f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}) "
-                        "and is not in the Hugging Face cache"
-                    )
+            except OSError as e:
+                if e.errno in FULL:  # (a full disk or quota, a read-only cache: not a reason to try the cache)
+                    error = OSError(e.errno, f"fetching {n} into the Hugging Face cache: {e.strerror or e}")
                     break
+                fetched = e
+            except Exception as e:
+                fetched = e
+            else:
+                continue
+            try:  # offline (a compute node): the cache may hold it (downloaded on a login node)
+                paths[n] = _download(n, local_only=True, weights=weights)
+            except Exception as cached:  # (a gated repo, a typo, not cached, a cached copy cut short): named
+                if isinstance(cached, FileNotFoundError) and type(cached).__name__ != "IncompleteSnapshotError":
+                    there = f"is not in the Hugging Face cache{_cached_commits(n)}"
+                else:
+                    why = f"{type(cached).__name__}: {first_line(cached)}"
+                    there = f"its copy in the Hugging Face cache cannot be used ({why})"
+                error = MissingInput(f"{n} is not a local directory, could not be fetched from the Hugging Face Hub "
+                                     f"({type(fetched).__name__}: {first_line(fetched)}) and {there}")  # fmt: skip
+                break
     # (by hand, not `together`: the error shared is the input error built above, not the download's own; every
     # exception is caught, so no rank is left waiting)
     raise_together(error, "fetching checkpoints")

@@ -20,7 +20,7 @@ from engine.checkpoint import load_pretrained
 from engine.config import LEGACY_PPO_VALUES, PPOConfig
 from engine.data import PromptBatches
 from engine.errors import InvalidInput
-from engine.hub import model_dirs, pin_run, resolve_run
+from engine.hub import check_same_sources, model_dirs, pin_run, resolve_run
 from engine.kv_cache import blocks_for_tokens, cuda_cache_budget, model_block_bytes, resolve_cache_dtype
 from engine.model import Transformer
 from engine.offload import HostCopies, state_bytes, weight_bytes
@@ -306,6 +306,7 @@ def setup(
     check_generator_slots(cfg, run)
     # (every rank at once: a path one node lacks, copied to another's local disk only, stops every node, named)
     together("checking the checkpoints and prompt files", check_paths, run)
+    check_same_sources(run)  # (a local directory on one node, a Hub id on another: refused on every rank)
     check_writable(run.output_dir, grid.rank)  # (which creates it: after the flags that name no directory)
     run = pin_run(run)  # a Hub id to the commit it names now: every node fetches that one
     check_available(run, grid.rank)
@@ -525,6 +526,7 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     memory_plan.check_offload_setting(run.offload_idle_models, "--offload-idle-models")
     check_available(run, grid.rank)
     together("checking the checkpoints and prompt files", check_paths, run)  # (as in setup)
+    check_same_sources(run)
     # a PPO checkpoint's policy is evaluated as its run evaluated it (sampling, limits, the KL and missing-EOS terms of
     # the reward) unless a flag says otherwise: the same numbers as that run's eval.jsonl at that iteration
     ckpt = os.path.dirname(os.path.abspath(run.policy)) if checkpoint_position_file(run.policy) else None

@@ -297,6 +297,7 @@ def test_memory_is_planned_from_config_json_before_any_weight_is_fetched(tmp_pat
     with pytest.raises(FileNotFoundError, match="org/missing is not a local directory"):
         run(tmp_path, "--policy", "org/missing", "--reward", "org/rm")
     assert order == [[]]  # planned before anything was downloaded
+    capsys.readouterr()
     monkeypatch.setattr(state_mod, "check_memory", check_memory)
     fake_hub.calls.clear()
     cuda, run_cfg = torch.device("cuda", 0), RunConfig(policy="org/policy", reward="org/rm@v1")
@@ -341,3 +342,69 @@ def test_only_a_full_commit_hash_counts_as_pinned(fake_hub):
     commit it names now; only 40 hex digits are left as they are."""
     pinned = hub.pin_revisions(["org/rm@deadbeef", "org/rm@" + "a" * 40], rank=0)
     assert pinned == ["org/rm@" + fake_hub.model_info("org/rm", "deadbeef").sha, "org/rm@" + "a" * 40]
+
+
+def test_what_the_cache_cannot_stand_in_for_is_named(tmp_path, fake_hub, monkeypatch):
+    """A full disk while fetching is said as one (not hidden behind "not in the cache"); a cached snapshot without
+    its weights (a download cut short, or memory planning's configs alone) is named as such; an unpinned id whose
+    cache holds commits but no ref (a pinned run fetches by commit, which writes none) names the commits to give."""
+    import errno
+
+    import huggingface_hub.constants
+
+    real = fake_hub.snapshot_download
+
+    def full(repo, revision=None, allow_patterns=None, local_files_only=False):
+        if not local_files_only:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(repo, revision, allow_patterns, local_files_only)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", full)
+    with pytest.raises(OSError, match=r"^\[Errno 28\] fetching org/policy into the Hugging Face cache: No space left"):
+        hub.resolve(["org/policy"])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", real)
+    assert hub.resolve(["org/policy"], weights=False)  # (the configs and tokenizer alone in the cache)
+    fake_hub.offline = True
+    with pytest.raises(FileNotFoundError, match=r"org/policy is not a local directory, could not be fetched .* and its "
+                       r"copy in the Hugging Face cache cannot be used \(ValueError: the cached snapshot .* holds no "
+                       r"weights \(a download cut short\?\)\)$"):  # fmt: skip
+        hub.resolve(["org/policy"])
+    sha = "a" * 40
+    (tmp_path / "hf/models--org--rm/snapshots" / sha).mkdir(parents=True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    with pytest.raises(FileNotFoundError, match=rf"and is not in the Hugging Face cache under that revision \(it holds "
+                       rf"{sha}: name one, org/rm@{sha}\)$"):  # fmt: skip
+        hub.resolve(["org/rm"])
+
+
+def test_a_pin_the_hub_refuses_is_said_and_a_missing_repo_left_to_resolve(fake_hub, monkeypatch, capsys):
+    """A pin that fails for another reason than HF_HUB_OFFLINE or a repo that is not there (a 503, a rate limit)
+    leaves the id unpinned, which is said: each node then takes what the revision names when it fetches."""
+
+    class RepositoryNotFoundError(OSError):
+        pass
+
+    def busy(repo, revision=None):
+        raise (RepositoryNotFoundError("404") if repo == "org/gone" else OSError("503 Service Unavailable"))
+
+    monkeypatch.setattr(huggingface_hub, "model_info", busy)
+    assert hub.pin_revisions(["org/policy", "org/gone"], 0) == ["org/policy", "org/gone"]
+    assert capsys.readouterr().out == (
+        "warning: org/policy is not pinned to a commit (OSError: 503 Service Unavailable): each node takes what its "
+        "revision names when it fetches it\n"
+    )
+
+
+def test_a_name_local_on_some_nodes_only_is_refused(monkeypatch):
+    """check_same_sources: `--policy org/policy` a directory on one node and a Hub id on another (each rank's verdict
+    agreed, here another rank's stood in for) is refused naming the flag; alike everywhere, it goes on."""
+    from engine.state import RunConfig
+
+    run_cfg = RunConfig(policy="org/policy", reward="org/rm")
+    hub.check_same_sources(run_cfg)  # (one process: alike)
+    monkeypatch.setattr(
+        hub, "agree", lambda values, op: [1 if op == "max" and k == 0 else v for k, v in enumerate(values)]
+    )
+    with pytest.raises(ValueError, match=r"^--policy org/policy: a local directory on some nodes and not on others, "
+                       r"where it would be fetched .*\(\./org/policy keeps it local\)$"):  # fmt: skip
+        hub.check_same_sources(run_cfg)
