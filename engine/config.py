@@ -176,8 +176,8 @@ class ModelConfig:
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
             folder = os.path.dirname(path)
-            if os.path.isdir(folder) and not os.access(folder, os.R_OK | os.X_OK):  # (not "no config.json")
-                raise InvalidInput(f"cannot read the directory {folder}: permission denied")
+            if not os.path.exists(path) and os.path.isdir(folder) and not os.access(folder, os.X_OK):
+                raise InvalidInput(f"cannot read the directory {folder}: permission denied")  # (not "no config.json")
             if not os.path.exists(path):
                 hint = _where_the_models_are(folder) if path.endswith("config.json") else ""
                 raise MissingInput(f"no config.json at {path}{hint}")
@@ -206,8 +206,12 @@ class ModelConfig:
             raise InvalidInput(f"{path}: a quantized checkpoint (quantization_config, quant_method {method!r}) is not "
                                "supported: give the unquantized weights (PPO trains them in bf16 or fp32)")  # fmt: skip
         eps = cfg.get("rms_norm_eps", 1e-6)
-        if type(eps) not in (int, float) or not 0 < eps < math.inf:  # (NaN or negative: NaN logits four models later)
-            raise InvalidInput(f"{path}: rms_norm_eps {eps!r} is not a positive number")
+        try:
+            ok = type(eps) in (int, float) and 0 < float(eps) < math.inf  # (NaN or negative: NaN logits, much later)
+        except OverflowError:  # (an integer of 400 digits)
+            ok = False
+        if not ok:
+            raise InvalidInput(f"{path}: rms_norm_eps {eps!r:.40} is not a positive number")
         missing = [k for k in HF_SHAPE_KEYS if k not in cfg]
         if missing:
             raise InvalidInput(f"{path} has no {', '.join(missing)}")

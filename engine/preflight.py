@@ -114,7 +114,10 @@ def check_attention_backend(device: torch.device) -> None:
     """TULU_PPO_ATTENTION=flash: flash-attn installed where it runs (a GPU), checked before any weight is read, not at
     the first training forward after a rollout; on a CPU it has nothing to run, which is said."""
     from engine.model import attention_backend, flash_attn_varlen
+    from kernels.dispatch import switch_problem
 
+    if why := switch_problem("TULU_PPO_ATTENTION"):  # (the command lines said so first; main() called from code too)
+        raise InvalidInput(why)
     if attention_backend() != "flash":
         return
     if device.type == "cuda":

@@ -419,8 +419,9 @@ def model_fingerprints(run) -> dict[str, dict[str, str]]:
     each checkpoint; a resume compares)."""
     from engine.checkpoint import weights_fingerprint
 
-    dirs = model_dirs(run)
-    return {k: {"path": dirs[k], "fingerprint": weights_fingerprint(dirs[k])} for k in ("reference", "reward")}
+    dirs = model_dirs(run)  # (absolute: an --eval-only of the checkpoint reads the reference from another directory)
+    return {k: {"path": os.path.abspath(dirs[k]), "fingerprint": weights_fingerprint(dirs[k])}
+            for k in ("reference", "reward")}  # fmt: skip
 
 
 def fingerprint_models(run, ckpt: str | None, rank: int) -> dict | None:

@@ -501,15 +501,21 @@ def checkpoint_position(policy_dir: str) -> tuple[int, int]:
 
 
 def checkpoint_reference(run: RunConfig, ckpt: str) -> RunConfig:
-    """--eval-only of PPO checkpoint `ckpt`'s policy without --reference: the reference its run measured the KL
-    against (saved with each checkpoint), where it still is; else a warning that the KL is the policy's against
-    itself (0, and the reward the penalized score), which that run's eval.jsonl did not measure."""
-    saved = (load_state_file(state_file(ckpt, 0)).get("models") or {}).get("reference") or {}
-    path = saved.get("path") if isinstance(saved, dict) else None
-    if path and os.path.isdir(path):
+    """--eval-only of PPO checkpoint `ckpt`'s policy without --reference (a collective): the reference its run
+    measured the KL against (saved with each checkpoint), where every rank finds it; else a warning that the KL is
+    the policy's against itself (0, and the reward the penalized score), which that run's eval.jsonl did not measure.
+    A relative path (an older checkpoint's) names no directory of its own here: not taken."""
+
+    def saved_path() -> str | None:
+        saved = (load_state_file(state_file(ckpt, 0)).get("models") or {}).get("reference") or {}
+        return saved.get("path") if isinstance(saved, dict) else None
+
+    path = together("reading the checkpoint's reference", saved_path)
+    usable = bool(path) and os.path.isabs(path) and os.path.isdir(path)
+    if agree([int(usable)], "min")[0]:  # (every rank: one node's own disk lacking it would mix two references)
         print0(f"reference: {path}, the one {ckpt}'s run measured the KL against (--reference for another)")
         return dataclasses.replace(run, reference=path)
-    gone = f" ({path}, its run's, is not there)" if path else ""
+    gone = f" ({path}, its run's, is not there on every node)" if path else ""
     print0(f"warning: no --reference for {ckpt}'s policy{gone}: the KL is measured against the policy itself (0, "
            "the reward the penalized score); give --reference the run's reference to compare with its "
            "eval.jsonl")  # fmt: skip
@@ -532,7 +538,7 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     ckpt = os.path.dirname(os.path.abspath(run.policy)) if checkpoint_position_file(run.policy) else None
     cfg = together("reading the checkpoint's hyperparameters", checkpoint_config, cfg, run, ckpt)
     if ckpt is not None and run.reference is None:  # (the policy itself would make every KL 0)
-        run = together("reading the checkpoint's reference", checkpoint_reference, run, ckpt)
+        run = checkpoint_reference(run, ckpt)
     if ckpt is not None:
         print0(f"evaluating {ckpt}'s policy with its run's PPO hyperparameters (sampling, limits, the reward's KL and "
                "missing-EOS terms) where no flag is given")  # fmt: skip

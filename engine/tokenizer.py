@@ -237,7 +237,10 @@ def check_vocabularies(tokenizer, tokenizer_dir: str, models: dict[str, tuple[st
         )
     warnings, skip = [], {os.path.realpath(tokenizer_dir), os.path.realpath(policy_dir)}
     for role, (path, _) in models.items():
-        files = set(os.listdir(path)) if os.path.isdir(path) else set()
+        try:
+            files = set(os.listdir(path)) if os.path.isdir(path) else set()
+        except OSError:  # (a directory this user may not list: its weights' loading names it)
+            files = set()
         if os.path.realpath(path) in skip or not {"tokenizer.json", "tokenizer.model", "vocab.json"} & files:
             continue  # (the run's or the policy's own files, or none)
         try:
@@ -258,7 +261,14 @@ def check_vocabularies(tokenizer, tokenizer_dir: str, models: dict[str, tuple[st
             )
         text = format_chat(PROBE, tokenizer.eos_token or "")
         a, b = (t(text, add_special_tokens=False)["input_ids"] for t in (tokenizer, other))
-        if a != b and "tokenizer.json" in files:  # (a tokenizer transformers built from other files may split apart)
+        if a != b and "tokenizer.json" not in files:  # (built by transformers from other files: it may split apart)
+            at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            warnings.append(f"the {role} model's tokenizer ({path}), which transformers builds from files other than a "
+                            f"tokenizer.json, splits a chat prompt differently from the run's ({tokenizer_dir}): first "
+                            f"at token {at} ({b[at : at + 4]} against {a[at : at + 4]}); the engine feeds every model "
+                            "the run's tokens, so check that model was trained with them")  # fmt: skip
+            continue
+        if a != b:
             at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
             raise InvalidInput(
                 f"the {role} model's tokenizer ({path}) splits a chat prompt differently from the run's tokenizer "
@@ -472,8 +482,8 @@ def read_prompt_file(path: str | os.PathLike, lines: list[int] | None = None) ->
             text = line.strip()
             if not convs and text.startswith("{") and not text.endswith("}"):  # (json.dump(obj, f, indent=2))
                 raise InvalidInput(
-                    f"{where}: a JSON object that goes on past its line (a pretty-printed .json file?): a prompt file "
-                    "is JSON Lines, one object per line (datasets' to_json writes JSON Lines)"
+                    f"{where}: a JSON object that does not end on its line (a pretty-printed .json file, or a line "
+                    "cut short?): a prompt file is JSON Lines, one object per line (datasets' to_json writes them)"
                 )
             obj = parse_json(line, where)
             msgs = prompt_messages(obj, where)

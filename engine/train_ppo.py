@@ -191,7 +191,10 @@ def as_flags(message: str, fields: set[str]) -> str:
     with an underscore, as its flag (learning_rate -> --learning-rate)."""
     flag = lambda m: f"--{m[0].replace('_', '-')}" if m[0] in fields else m[0]  # noqa: E731
     parts = [re.sub(r"^\w+\b", flag, part) for part in message.split("; ")]
-    return re.sub(r"(?<![-\w])[a-z]+(?:_[a-z0-9]+)+\b", flag, "; ".join(parts))
+    # (not inside a quoted value, the user's own: a path, a --decode-config key; nor within a path or a word)
+    pieces = re.split(r"""('[^']*'|"[^"]*")""", "; ".join(parts))
+    return "".join(p if k % 2 else re.sub(r"(?<![-\w/.])[a-z]+(?:_[a-z0-9]+)+\b(?![/.]\w)", flag, p)
+                   for k, p in enumerate(pieces))  # fmt: skip
 
 
 def build_tiny_models(directory: str, seed: int = 0) -> tuple[str, str]:

@@ -152,6 +152,8 @@ def test_a_checkpoint_of_the_wrong_kind_is_refused_before_anything_is_read_or_cl
             r"--decode-config: expected a JSON object such as '\{\"linear\": 1\}', got '\[1\]'",
         ),
         (["--decode-config", '{"linar": 1}'], r"--decode-config: unknown decode launch parameter\(s\) \['linar'\]"),
+        # (a field's name within a quoted value of the user's stays as typed)
+        (["--decode-config", '{"max_iterations": 1}'], r"parameter\(s\) \['max_iterations'\]"),
         (["--decode-config", '{"pdl": 2}'], "--decode-config: decode launch parameter pdl must be 0 or 1, got 2"),
         # (refused by setup only after the tiny default's models were built, and by ppo_step.py after its four)
         (["--offload-optimizer", "x"], "--offload-optimizer must be one of auto, off, rollouts, always, got 'x'"),

@@ -223,6 +223,8 @@ def test_attention_backend_choice(monkeypatch, capsys):
         assert attention_backend() == want
     with pytest.raises(ValueError, match="TULU_PPO_ATTENTION='xformers': not one of triton, flash"):
         dispatch.check_switches()
+    with pytest.raises(ValueError, match="TULU_PPO_ATTENTION='xformers': not one of"):  # (main() called from code)
+        check_attention_backend(torch.device("cpu"))
     monkeypatch.setenv("TULU_PPO_ATTENTION", "flash")
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # (not installed, even where it is)
     with pytest.raises(MissingPackage, match="TULU_PPO_ATTENTION=flash needs flash-attn"):
@@ -370,6 +372,7 @@ TINY_HF = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "interme
         ({"rms_norm_eps": -1e-5}, r"rms_norm_eps -1e-05 is not a positive number"),
         ({"rms_norm_eps": "1e-5"}, r"rms_norm_eps '1e-5' is not a positive number"),
         ({"rms_norm_eps": True}, r"rms_norm_eps True is not a positive number"),
+        ({"rms_norm_eps": 10**400}, r"rms_norm_eps 1000000000.* is not a positive number"),  # (float() overflows)
         ({"num_key_value_heads": 0}, r"num_key_value_heads 0: not a positive integer"),
         ({"head_dim": 0}, r"head_dim 0: not a positive integer"),
         ({"max_position_embeddings": 0}, r"max_position_embeddings 0: not a positive integer"),  # (not 2048 quietly)

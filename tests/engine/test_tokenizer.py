@@ -343,6 +343,10 @@ def test_models_that_cannot_share_the_tokenizer_are_refused(tmp_path, tok):
     same_bpe = _bpe_files_copy(tmp_path / "bpe_same")
     (warning,) = check_vocabularies(tok, TINY_DIR, {"policy": (TINY_DIR, v), "reward": (same_bpe, v)}, prompts)
     assert "adds other special tokens around a text" in warning  # (the same tokens; GPT2Tokenizer adds no BOS)
+    bpe_merges = _bpe_files_copy(tmp_path / "bpe_merges", _merge_dropped)  # (another split: said as that, no more)
+    (warning,) = check_vocabularies(tok, TINY_DIR, {"policy": (TINY_DIR, v), "reward": (bpe_merges, v)}, prompts)
+    assert warning.startswith(f"the reward model's tokenizer ({bpe_merges}), which transformers builds from files "
+                              "other than a tokenizer.json, splits a chat prompt differently")  # fmt: skip
     merges = _tokenizer_copy(tmp_path / "merges", _merge_dropped)
     with pytest.raises(ValueError, match=r"reward model's tokenizer \(.*merges\) splits a chat prompt differently"):
         check_vocabularies(tok, TINY_DIR, {"policy": (TINY_DIR, v), "reward": (merges, v)}, prompts)
@@ -787,7 +791,7 @@ def test_a_pretty_printed_json_object_file_is_refused_by_name(tmp_path):
     such, not called malformed at its line 1; a malformed object on one line is still called malformed."""
     p = tmp_path / "p.json"
     p.write_text(json.dumps({"prompt": "a"}, indent=2))
-    with pytest.raises(ValueError, match=r"p\.json:1: a JSON object that goes on past its line \(a pretty-printed "):
+    with pytest.raises(ValueError, match=r"p\.json:1: a JSON object that does not end on its line \(a pretty-printed "):
         read_prompt_file(p)
     p.write_text('{"prompt": "a",}\n')
     with pytest.raises(ValueError, match=r"p\.json:1: malformed JSON"):
@@ -976,11 +980,13 @@ def test_unreadable_inputs_are_one_line_naming_the_path(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=rf"^cannot read the tokenizer directory {tmp_path}: Permission denied$"):
         load_tokenizer(tmp_path)
     monkeypatch.undo()
-    model = tmp_path / "model"
+    model = tmp_path / "model"  # (a directory that cannot be searched: its config.json not to be seen)
     model.mkdir()
-    (model / "config.json").write_text("{}")
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     with pytest.raises(ValueError, match=rf"^cannot read the directory {model}: permission denied$"):
+        ModelConfig.from_hf(str(model / "config.json"))
+    (model / "config.json").write_text("{")  # (readable by name, as in a directory of mode 711: read, not refused)
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
         ModelConfig.from_hf(str(model / "config.json"))
     assert unreadable(str(model / "config.json"), FileNotFoundError(2, "No such file or directory")) == (
         "permission denied"
