@@ -21,7 +21,7 @@ import re
 import torch.distributed as dist
 
 from engine.errors import InvalidInput, MissingInput, first_line
-from engine.parallel import agree, raise_together
+from engine.parallel import agree, print0, raise_together
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 # configs, index files, tokenizer files (a BPE tokenizer's vocab.json needs its merges.txt: without it transformers
@@ -101,6 +101,34 @@ def check_same_sources(run) -> None:
                 f"--{field} {name}: a local directory on some nodes and not on others, where it would be fetched from "
                 f"the Hugging Face Hub as a repo id: give a directory every node has (./{name} keeps it local)"
             )
+
+
+def saved_commit(name: str, path: str | None) -> str | None:
+    """The commit of Hub id `name` a run fetched, from the snapshot directory it read (.../models--org--name/
+    snapshots/<commit>, as a checkpoint saves its frozen models' paths); None where `path` is no snapshot of it."""
+    parts = os.path.normpath(path or "").split(os.sep)
+    folder = name.partition("@")[0].replace("/", "--")
+    if len(parts) > 2 and SHA.match(parts[-1]) and folder in (parts[-2], parts[-3].removeprefix("models--")):
+        return parts[-1]
+    return None
+
+
+def pin_as_saved(run, saved: dict | None):
+    """--resume: `run` (engine.state.RunConfig) with each Hub id of its frozen models (the reference, which is the
+    policy's id without --reference, and the reward model) pinned to the commit the checkpoint's run fetched
+    (`saved`: the checkpoint's models record), not to what its revision names now: a push to the repo since would
+    otherwise fetch the new commit's weights, then refuse them as other models. Said where it pins."""
+    changes = {}
+    for role, field in (("reference", "reference" if run.reference else "policy"), ("reward", "reward")):
+        name, record = getattr(run, field), (saved or {}).get(role)
+        if not name or not is_repo_id(name) or SHA.match(name.partition("@")[2]) or not isinstance(record, dict):
+            continue
+        commit = saved_commit(name, record.get("path"))
+        if commit:
+            changes[field] = f"{name.partition('@')[0]}@{commit}"
+            print0(f"--{field} {name}: resuming with commit {commit}, the one the run fetched (another: name it, "
+                   "with --resume-other-models)")  # fmt: skip
+    return dataclasses.replace(run, **changes) if changes else run
 
 
 def model_dirs(run) -> dict[str, str]:

@@ -20,7 +20,7 @@ from engine.checkpoint import load_pretrained
 from engine.config import LEGACY_PPO_VALUES, PPOConfig
 from engine.data import PromptBatches
 from engine.errors import InvalidInput
-from engine.hub import check_same_sources, model_dirs, pin_run, resolve_run
+from engine.hub import check_same_sources, model_dirs, pin_as_saved, pin_run, resolve_run
 from engine.kv_cache import blocks_for_tokens, cuda_cache_budget, model_block_bytes, resolve_cache_dtype
 from engine.model import Transformer
 from engine.offload import HostCopies, state_bytes, weight_bytes
@@ -308,6 +308,8 @@ def setup(
     together("checking the checkpoints and prompt files", check_paths, run)
     check_same_sources(run)  # (a local directory on one node, a Hub id on another: refused on every rank)
     check_writable(run.output_dir, grid.rank)  # (which creates it: after the flags that name no directory)
+    if ckpt and not run.resume_other_models:  # (a Hub id of a frozen model: the commit the run fetched)
+        run = together("reading the checkpoint's models", lambda: pin_as_saved(run, saved_models(ckpt)))
     run = pin_run(run)  # a Hub id to the commit it names now: every node fetches that one
     check_available(run, grid.rank)
     device, load = model_loader(run, grid)
@@ -500,6 +502,12 @@ def checkpoint_position(policy_dir: str) -> tuple[int, int]:
     return int(sd["iteration"]), int(sd["step"])
 
 
+def saved_models(ckpt: str) -> dict:
+    """The frozen models' record a checkpoint holds ({reference, reward: {path, fingerprint}}; {} for none)."""
+    models = load_state_file(state_file(ckpt, 0)).get("models")
+    return models if isinstance(models, dict) else {}
+
+
 def checkpoint_reference(run: RunConfig, ckpt: str) -> RunConfig:
     """--eval-only of PPO checkpoint `ckpt`'s policy without --reference (a collective): the reference its run
     measured the KL against (saved with each checkpoint), where every rank finds it; else a warning that the KL is
@@ -507,7 +515,7 @@ def checkpoint_reference(run: RunConfig, ckpt: str) -> RunConfig:
     A relative path (an older checkpoint's) names no directory of its own here: not taken."""
 
     def saved_path() -> str | None:
-        saved = (load_state_file(state_file(ckpt, 0)).get("models") or {}).get("reference") or {}
+        saved = saved_models(ckpt).get("reference") or {}
         return saved.get("path") if isinstance(saved, dict) else None
 
     path = together("reading the checkpoint's reference", saved_path)

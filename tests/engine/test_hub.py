@@ -408,3 +408,25 @@ def test_a_name_local_on_some_nodes_only_is_refused(monkeypatch):
     with pytest.raises(ValueError, match=r"^--policy org/policy: a local directory on some nodes and not on others, "
                        r"where it would be fetched .*\(\./org/policy keeps it local\)$"):  # fmt: skip
         hub.check_same_sources(run_cfg)
+
+
+def test_a_resume_fetches_the_commits_its_run_fetched(tmp_path, fake_hub, capsys):
+    """--resume with the same Hub ids after a push to them: the frozen models' ids (the reference, here the policy's
+    id, and the reward model) are pinned to the commits the checkpoint's run fetched (read from the snapshot paths it
+    saved), not to what main names now (the new commit's weights fetched, then refused as other models)."""
+    flags = ["--policy", "org/policy", "--reward", "org/rm", "--save-every", "1"]
+    run(tmp_path / "out", *flags)
+    before = {r: fake_hub.model_info(r).sha for r in ("org/policy", "org/rm")}
+    fake_hub.pushes = {"org/policy": 1, "org/rm": 1}  # (main names other commits now)
+    fake_hub.calls.clear()
+    capsys.readouterr()
+    with dispatch.reference_ops():
+        main(["--output-dir", str(tmp_path / "out"), "--prompts", TINY_PROMPTS, "--max-iterations", "2",
+              "--eval-prompts", "", *SMALL, *flags, "--resume"])  # fmt: skip
+    assert {(repo, revision) for repo, revision, *_ in fake_hub.calls} == set(before.items())
+    said = capsys.readouterr().out
+    for field, repo in (("policy", "org/policy"), ("reward", "org/rm")):
+        assert f"--{field} {repo}: resuming with commit {before[repo]}, the one the run fetched" in said
+    assert hub.saved_commit("org/rm", f"/c/hub/models--org--rm/snapshots/{before['org/rm']}") == before["org/rm"]
+    assert hub.saved_commit("org/rm", f"/c/hub/models--org--other/snapshots/{before['org/rm']}") is None
+    assert hub.saved_commit("org/rm", "/ckpt/local/rm") is None
