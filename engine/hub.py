@@ -62,7 +62,18 @@ RUN_FIELDS = ("policy", "reference", "reward", "tokenizer")  # the RunConfig fie
 
 # huggingface_hub's errors a pin meets that need no word of their own: HF_HUB_OFFLINE=1 (the cache is used as it
 # is), a repo or revision that is not there or is gated (resolve() names the id when it cannot fetch it)
-QUIET_PIN_ERRORS = ("OfflineModeIsEnabled", "RepositoryNotFoundError", "RevisionNotFoundError", "GatedRepoError")
+QUIET_PIN_ERRORS = (
+    "OfflineModeIsEnabled",
+    "RepositoryNotFoundError",
+    "RevisionNotFoundError",
+    "GatedRepoError",
+    "ConnectError",
+    "ConnectTimeout",
+    "ReadTimeout",
+    "TimeoutException",
+    "LocalEntryNotFoundError",
+)
+# (and any ConnectionError or TimeoutError: no network, a compute node, where the cache is used as it is)
 
 
 def pin_revisions(names: list[str | None], rank: int) -> list[str | None]:
@@ -79,7 +90,7 @@ def pin_revisions(names: list[str | None], rank: int) -> list[str | None]:
                 try:
                     pinned[k] = f"{repo}@{model_info(repo, revision=revision or None).sha}"
                 except Exception as e:  # (offline: the cache is used as it is; resolve() names a repo not to be had)
-                    if type(e).__name__ not in QUIET_PIN_ERRORS:
+                    if type(e).__name__ not in QUIET_PIN_ERRORS and not isinstance(e, (ConnectionError, TimeoutError)):
                         print(f"warning: {n} is not pinned to a commit ({type(e).__name__}: {first_line(e)}): each "
                               "node takes what its revision names when it fetches it")  # fmt: skip
                     continue
@@ -108,7 +119,7 @@ def saved_commit(name: str, path: str | None) -> str | None:
     snapshots/<commit>, as a checkpoint saves its frozen models' paths); None where `path` is no snapshot of it."""
     parts = os.path.normpath(path or "").split(os.sep)
     folder = name.partition("@")[0].replace("/", "--")
-    if len(parts) > 2 and SHA.match(parts[-1]) and folder in (parts[-2], parts[-3].removeprefix("models--")):
+    if len(parts) > 2 and SHA.match(parts[-1]) and parts[-2] == "snapshots" and parts[-3] == f"models--{folder}":
         return parts[-1]
     return None
 
@@ -201,7 +212,8 @@ def _cached_commits(name: str) -> str:
 
     repo, _, revision = name.partition("@")
     snapshots = os.path.join(constants.HF_HUB_CACHE, "models--" + repo.replace("/", "--"), "snapshots")
-    held = sorted(os.listdir(snapshots)) if not revision and os.path.isdir(snapshots) else []
+    held = os.listdir(snapshots) if not revision and os.path.isdir(snapshots) else []
+    held.sort(key=lambda c: os.path.getmtime(os.path.join(snapshots, c)))  # (the newest fetched last)
     return f" under that revision (it holds {', '.join(held)}: name one, {repo}@{held[-1]})" if held else ""
 
 

@@ -62,7 +62,7 @@ class FakeHub:
         import fnmatch
 
         self.calls.append((repo, revision, tuple(allow_patterns), local_files_only))
-        dst = self.cache / repo.replace("/", "--") / (revision or "main")
+        dst = self.cache / f"models--{repo.replace('/', '--')}" / "snapshots" / (revision or "main")  # (HF's layout)
         if local_files_only and not dst.exists():
             raise FileNotFoundError(f"{repo}: no snapshot in the local cache")
         if local_files_only and repo in self.repos:  # (huggingface_hub checks the cached snapshot is whole)
@@ -184,7 +184,7 @@ def test_a_run_from_hub_ids_is_the_run_from_the_directories(tmp_path, fake_hub):
     ]
     assert [c[:2] for c in fake_hub.calls[2:]] == [("org/policy", policy), ("org/rm", rm)]
     assert all("model.safetensors" in c[2] and "pytorch_model.bin" not in c[2] for c in fake_hub.calls[2:])
-    fetched = sorted(os.listdir(tmp_path / f"cache/org--policy/{policy}"))
+    fetched = sorted(os.listdir(tmp_path / f"cache/models--org--policy/snapshots/{policy}"))
     assert "training_args.bin" not in fetched and {"config.json", "model.safetensors", "tokenizer.json"} <= set(fetched)
 
 
@@ -231,7 +231,7 @@ def test_a_tokenizer_named_by_hub_id_is_pinned_and_fetched_as_the_checkpoints_ar
 
     run = hub.resolve_run(hub.pin_run(RunConfig(policy="org/policy", reward="org/rm", tokenizer="org/rm@v1")))
     sha = fake_hub.model_info("org/rm", "v1").sha
-    assert run.tokenizer == str(tmp_path / f"cache/org--rm/{sha}")
+    assert run.tokenizer == str(tmp_path / f"cache/models--org--rm/snapshots/{sha}")
     assert os.path.exists(os.path.join(run.tokenizer, "tokenizer_config.json"))
 
 
@@ -261,7 +261,7 @@ def test_a_bpe_tokenizers_merges_are_fetched_with_its_vocabulary(tmp_path, fake_
 def test_other_local_ranks_and_offline_nodes_read_the_cache(tmp_path, fake_hub, monkeypatch):
     """Local rank 0 of a node fetches; the others only look the snapshot up in the cache. Without a network, local
     rank 0 too uses what the cache holds, and a repo it does not hold is named."""
-    local, cached = str(tmp_path / "src/reward"), str(tmp_path / "cache/org--policy/main")
+    local, cached = str(tmp_path / "src/reward"), str(tmp_path / "cache/models--org--policy/snapshots/main")
     assert hub.resolve(["org/policy"]) == [cached]  # local rank 0: fetched
     fake_hub.calls.clear()
     monkeypatch.setenv("LOCAL_RANK", "1")
@@ -333,7 +333,7 @@ def test_a_reference_named_by_hub_id_is_pinned_and_fetched(tmp_path, fake_hub):
 
     run = hub.resolve_run(hub.pin_run(RunConfig(policy="org/policy", reference="org/rm@v1", reward="org/rm")))
     sha = fake_hub.model_info("org/rm", "v1").sha
-    assert run.reference == str(tmp_path / f"cache/org--rm/{sha}") and os.path.isdir(run.reference)
+    assert run.reference == str(tmp_path / f"cache/models--org--rm/snapshots/{sha}") and os.path.isdir(run.reference)
     assert hub.model_dirs(run)["reference"] == run.reference
 
 
@@ -385,10 +385,14 @@ def test_a_pin_the_hub_refuses_is_said_and_a_missing_repo_left_to_resolve(fake_h
         pass
 
     def busy(repo, revision=None):
-        raise (RepositoryNotFoundError("404") if repo == "org/gone" else OSError("503 Service Unavailable"))
+        if repo == "org/gone":
+            raise RepositoryNotFoundError("404")
+        if repo == "org/away":  # (no network, a compute node: the cache is used as it is, unsaid)
+            raise ConnectionError("[Errno -2] Name or service not known")
+        raise OSError("503 Service Unavailable")
 
     monkeypatch.setattr(huggingface_hub, "model_info", busy)
-    assert hub.pin_revisions(["org/policy", "org/gone"], 0) == ["org/policy", "org/gone"]
+    assert hub.pin_revisions(["org/policy", "org/gone", "org/away"], 0) == ["org/policy", "org/gone", "org/away"]
     assert capsys.readouterr().out == (
         "warning: org/policy is not pinned to a commit (OSError: 503 Service Unavailable): each node takes what its "
         "revision names when it fetches it\n"
@@ -430,3 +434,4 @@ def test_a_resume_fetches_the_commits_its_run_fetched(tmp_path, fake_hub, capsys
     assert hub.saved_commit("org/rm", f"/c/hub/models--org--rm/snapshots/{before['org/rm']}") == before["org/rm"]
     assert hub.saved_commit("org/rm", f"/c/hub/models--org--other/snapshots/{before['org/rm']}") is None
     assert hub.saved_commit("org/rm", "/ckpt/local/rm") is None
+    assert hub.saved_commit("org/rm", f"/ckpt/models--x--y/org--rm/{before['org/rm']}") is None  # (no cache's snapshot)
