@@ -434,10 +434,16 @@ def fingerprint_models(run, ckpt: str | None, rank: int) -> dict | None:
 def _fingerprint_models(run, ckpt: str | None) -> dict:
     """fingerprint_models on global rank 0."""
     found = model_fingerprints(run)
-    head = state_file(ckpt, 0) if ckpt else None
-    if head and os.path.exists(head):  # (a missing one is named by load_trainer_state)
-        check_models(load_state_file(head).get("models"), found, run.resume_other_models)
+    if ckpt and os.path.exists(state_file(ckpt, 0)):  # (a missing one is named by load_trainer_state)
+        check_models(saved_models(ckpt), found, run.resume_other_models)
     return found
+
+
+def saved_models(ckpt: str) -> dict:
+    """The frozen models' record checkpoint `ckpt` holds ({reference, reward: {path, fingerprint}}; {} for none: an
+    older run's): what a resume checks the models against and pins their Hub ids to, and --eval-only's reference."""
+    models = load_state_file(state_file(ckpt, 0)).get("models")
+    return models if isinstance(models, dict) else {}
 
 
 def check_models(saved: dict | None, now: dict | None, allow: bool) -> None:

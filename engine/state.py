@@ -49,6 +49,7 @@ from engine.resume import (
     load_state_file,
     load_trainer_state,
     resume_checkpoint,
+    saved_models,
     saved_ppo_config,
     state_file,
 )
@@ -500,12 +501,6 @@ def checkpoint_position(policy_dir: str) -> tuple[int, int]:
         return 0, 0
     sd = load_state_file(fn)
     return int(sd["iteration"]), int(sd["step"])
-
-
-def saved_models(ckpt: str) -> dict:
-    """The frozen models' record a checkpoint holds ({reference, reward: {path, fingerprint}}; {} for none)."""
-    models = load_state_file(state_file(ckpt, 0)).get("models")
-    return models if isinstance(models, dict) else {}
 
 
 def checkpoint_reference(run: RunConfig, ckpt: str) -> RunConfig:
