@@ -9,17 +9,15 @@ import sys
 import pytest
 
 from kernels.dispatch import reference_ops
+from tests.bench.refusals import refused_line
 
 TINY = ["--batch", "2", "--prompt-len", "4", "--gen-len", "4", "--repeats", "1", "--bandwidth", "1", "--tflops", "1"]
 
 
 def _refused(parse, flags, capsys) -> str:
-    """The one line parse(flags) exits with, code 2."""
-    with pytest.raises(SystemExit) as e:
-        parse(flags)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and err[-1].startswith("rollout_throughput.py: error: "), err[-1:]
-    return err[-1]
+    """The one line rollout_throughput.py's parse(flags) exits with, code 2."""
+    with pytest.MonkeyPatch.context() as mp:
+        return refused_line("rollout_throughput", flags, mp, capsys, parse)
 
 
 @pytest.fixture
@@ -82,12 +80,7 @@ def test_a_json_into_a_directory_or_file_that_is_not_writable_is_refused_when_pa
     parse = B.parse_args if hasattr(B, "parse_args") else B.main
 
     def refused(path, monkeypatch):
-        flags = ["--json", str(path)]
-        monkeypatch.setattr(sys, "argv", [f"{module}.py", *flags])  # (mains without an argv parameter read it)
-        with pytest.raises(SystemExit) as e:
-            parse(flags) if parse.__code__.co_argcount else parse()
-        assert e.value.code == 2
-        return capsys.readouterr().err.strip().splitlines()[-1]
+        return refused_line(module, ["--json", str(path)], monkeypatch, capsys, parse)
 
     path = tmp_path / "r.json"
     with pytest.MonkeyPatch.context() as mp:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import bench.common
+from tests.bench.refusals import refused_line
 
 
 def test_l2_copies_total_4x_the_l2_and_no_more_than_one_set_above_it():
@@ -154,14 +155,8 @@ def test_a_bench_refuses_a_value_it_cannot_run_when_parsed(module, flags, messag
     the rows hold and a --json no run could write: each refused in one line naming the flag, its value and what is
     allowed, exit code 2, before anything is measured (they were ZeroDivisionErrors, a floor-divided shard, tracebacks
     from deep in a kernel, or figures lost when the run had ended)."""
-    B = importlib.import_module(f"bench.{module}")
     _no_measuring(monkeypatch)
-    monkeypatch.setattr(sys, "argv", [f"{module}.py", *flags])  # (mains without an argv parameter read it)
-    main = B.parse_args if hasattr(B, "parse_args") else B.main
-    with pytest.raises(SystemExit) as e:
-        main(flags) if main.__code__.co_argcount else main()
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and err[-1].startswith(f"{module}.py: error: ") and message in err[-1], err[-1:]
+    assert message in refused_line(module, flags, monkeypatch, capsys)
 
 
 @pytest.mark.parametrize(
