@@ -135,7 +135,7 @@ def checkpoint_files(path: str) -> dict[str, str]:
         if name in (SINGLE_FILE, BIN_SINGLE_FILE):
             shards = [name]
             break
-        files = {n: os.path.join(path, fn) for n, fn in _weight_map(os.path.join(path, name)).items()}
+        files = {n: os.path.join(path, fn) for n, fn in weight_map(os.path.join(path, name)).items()}
         for fn in sorted(set(files.values())):
             if not os.path.exists(fn):
                 raise MissingInput(f"{name} names {os.path.basename(fn)}, which is not in {path}")
@@ -151,13 +151,13 @@ def checkpoint_files(path: str) -> dict[str, str]:
     return files
 
 
-def _weight_map(index: str) -> dict[str, str]:
+def weight_map(index: str) -> dict[str, str]:
     """An index file's weight_map (tensor name -> file name); a damaged index (cut short, no weight_map) is named."""
     data = read_json(index)
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(fn, str) for fn in weight_map.values()):
+    mapping = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(mapping, dict) or not all(isinstance(fn, str) for fn in mapping.values()):
         raise InvalidInput(f"{index} has no weight_map (an object of tensor name -> file name)")
-    return weight_map
+    return mapping
 
 
 class _TorchFile:
@@ -495,9 +495,9 @@ def _finish_checkpoint_dir(
     """Rank 0, once every file is written: the index, config.json, the tokenizer files (with `chat_template`), the
     source's generation_config.json, fsync, rename."""
     if len(plan) > 1:
-        weight_map = {name: names[k] for k, shard in enumerate(plan) for name in shard}
+        mapping = {name: names[k] for k, shard in enumerate(plan) for name in shard}
         total = elt * sum(torch.Size(spec.shape).numel() for spec in specs.values())
-        _write_json(os.path.join(tmp, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
+        _write_json(os.path.join(tmp, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": mapping})
     cfg = model.config.to_hf(model.head)
     cfg["torch_dtype"] = str(store_dtype).replace("torch.", "")
     _write_json(os.path.join(tmp, "config.json"), cfg)

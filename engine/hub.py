@@ -35,15 +35,18 @@ def is_repo_id(name: str) -> bool:
     return not os.path.lexists(name) and bool(REPO_ID.match(name))  # (a broken link is a local path too)
 
 
-def weight_patterns(files: list[str]) -> list[str]:
+def weight_patterns(files: list[str], shards_of=None) -> list[str]:
     """The weights to fetch from a repo's file list, as engine.checkpoint.checkpoint_files reads them (transformers'
-    order): model.safetensors alone, else the top-level safetensors beside model.safetensors.index.json, else
-    pytorch_model.bin alone, else the top-level pytorch_model*.bin beside pytorch_model.bin.index.json, else (no
-    index) the top-level safetensors, else the top-level pytorch_model*.bin; each by its own name (a pattern would
-    match a subfolder's copy too: a Trainer's last-checkpoint/, say, fetching the weights twice; a repo whose
-    safetensors are all in a subfolder gets its top-level .bin, which is what loads). Not fetched: a file beside the
-    weights read that is not read, such as an adapter_model.safetensors beside model.safetensors or beside .bin
-    shards and their index."""
+    order): model.safetensors alone, else the shards model.safetensors.index.json names, else pytorch_model.bin
+    alone, else the shards pytorch_model.bin.index.json names, else (no index) the top-level safetensors, else the
+    top-level pytorch_model*.bin; each by its own name (a pattern would match a subfolder's copy too: a Trainer's
+    last-checkpoint/, say, fetching the weights twice; a repo whose safetensors are all in a subfolder gets its
+    top-level .bin, which is what loads). Not fetched: a file beside the weights read that is not read, such as an
+    adapter_model.safetensors or a consolidated.safetensors (a second full copy) beside model.safetensors or beside
+    indexed shards.
+
+    shards_of(index file name) -> the file names its weight_map names (engine.checkpoint reads those alone); without
+    it, an index stands for every top-level file of its format."""
     from engine.checkpoint import BIN_INDEX_FILE, BIN_SINGLE_FILE, INDEX_FILE, SINGLE_FILE
 
     top = sorted(f for f in files if "/" not in f)
@@ -52,6 +55,8 @@ def weight_patterns(files: list[str]) -> list[str]:
     for name, names in ((SINGLE_FILE, [SINGLE_FILE]), (INDEX_FILE, tensors), (BIN_SINGLE_FILE, [BIN_SINGLE_FILE]),
                         (BIN_INDEX_FILE, pickles)):  # fmt: skip
         if name in top:
+            if shards_of is not None and name in (INDEX_FILE, BIN_INDEX_FILE):
+                names = shards_of(name)
             return [glob.escape(f) for f in names]
     return [glob.escape(f) for f in tensors or pickles]
 
@@ -185,21 +190,29 @@ def config_sources(names: list[str | None]) -> list[str | None] | None:
 
 
 def _download(name: str, local_only: bool, weights: bool = True) -> str:
-    from huggingface_hub import list_repo_files, snapshot_download
+    from huggingface_hub import hf_hub_download, list_repo_files, snapshot_download
+
+    from engine.checkpoint import weight_map
 
     repo, _, revision = name.partition("@")
     revision = revision or None
     if not weights:
-        patterns = KEEP
-    elif local_only:  # the weight format the cached snapshot holds (what local rank 0 fetched, or a full download)
+        return snapshot_download(repo, revision=revision, allow_patterns=KEEP, local_files_only=local_only)
+    if local_only:  # the weight format the cached snapshot holds (what local rank 0 fetched, or a full download)
         cached = snapshot_download(repo, revision=revision, allow_patterns=KEEP, local_files_only=True)
-        found = weight_patterns(os.listdir(cached))
-        if not found:  # (a download cut short, or the configs alone memory planning fetched)
-            raise ValueError(f"the cached snapshot {cached} holds no weights (a download cut short?)")
-        patterns = KEEP + found
+        held = os.listdir(cached)
+        found = weight_patterns(held, lambda index: sorted(set(weight_map(os.path.join(cached, index)).values())))
+        missing = [f for f in found if not glob.glob(os.path.join(glob.escape(cached), f))]
+        if not found or missing:  # (a download cut short, or the configs alone memory planning fetched)
+            what = f"lacks {len(missing)} of the {len(found)} weight files its index names" if found else ""
+            raise ValueError(f"the cached snapshot {cached} {what or 'holds no weights'} (a download cut short?)")
     else:
-        patterns = KEEP + weight_patterns(list_repo_files(repo, revision=revision))
-    return snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=local_only)
+
+        def named(index: str) -> list[str]:  # (an index is fetched alone first: the shards it names are what is read)
+            return sorted(set(weight_map(hf_hub_download(repo, index, revision=revision)).values()))
+
+        found = weight_patterns(list_repo_files(repo, revision=revision), named)
+    return snapshot_download(repo, revision=revision, allow_patterns=KEEP + found, local_files_only=local_only)
 
 
 FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a download's errors the cache cannot stand in for

@@ -163,6 +163,41 @@ def test_the_weights_fetched_are_the_top_level_ones_of_one_format():
         "adapter_model.safetensors",
         "model-00001-of-00001.safetensors",
     ]
+    # given the index's reader: only the shards it names (what engine.checkpoint reads), in either format
+    named = {"model.safetensors.index.json": ["model-00001-of-00001.safetensors"], "pytorch_model.bin.index.json": []}
+    listing = [*listing, "model.safetensors.index.json", "model-00001-of-00001.safetensors"]
+    assert hub.weight_patterns(listing, named.get) == ["model-00001-of-00001.safetensors"]
+    named["pytorch_model.bin.index.json"] = bin_shards[:1]
+    assert hub.weight_patterns([*bin_shards, "pytorch_model.bin.index.json"], named.get) == bin_shards[:1]
+    assert hub.weight_patterns(["model.safetensors", "adapter_model.safetensors"], named.get) == ["model.safetensors"]
+
+
+def test_a_sharded_repo_fetches_the_shards_its_index_names_and_nothing_beside_them(tmp_path, fake_hub, monkeypatch):
+    """An index's repo fetched every top-level safetensors: an adapter, a consolidated.safetensors (a second full copy
+    of the weights, as Mistral's repos hold) and a stale shard of an earlier sharding came too, none of them read.
+    Now the index is fetched first and the shards it names alone; another local rank, or an offline node, finds them
+    in the cache, and a cached snapshot short of a shard is named."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.checkpoint import checkpoint_files
+
+    src = tmp_path / "src/sharded"
+    AutoModelForCausalLM.from_pretrained(tmp_path / "src/policy").save_pretrained(src, max_shard_size="100KB")
+    shards = sorted(f for f in os.listdir(src) if f.startswith("model-"))
+    assert len(shards) > 1 and "model.safetensors.index.json" in os.listdir(src)
+    for extra in ("consolidated.safetensors", "adapter_model.safetensors", "model-00001-of-00099.safetensors"):
+        shutil.copy(src / shards[0], src / extra)
+    fake_hub.repos["org/sharded"] = str(src)
+    (path,) = hub.resolve(["org/sharded"])
+    assert sorted(f for f in os.listdir(path) if f.endswith(".safetensors")) == shards
+    assert checkpoint_files(path).keys() == checkpoint_files(src).keys()
+    fake_hub.calls.clear()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert hub.resolve(["org/sharded"]) == [path]
+    assert fake_hub.calls[-1][2] == tuple(hub.KEEP + shards)
+    os.remove(os.path.join(path, shards[-1]))  # (a download cut short)
+    with pytest.raises(FileNotFoundError, match=r"lacks 1 of the \d+ weight files its index names \(a download cut"):
+        hub.resolve(["org/sharded"])
 
 
 def run(out, *flags):
