@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import check_flags, run_main, write_json  # noqa: E402
 from engine import recompute  # noqa: E402
 from engine.config import MODEL_SHAPES, ModelConfig  # noqa: E402
+from engine.distributed import init_process_grid, print0  # noqa: E402
 from engine.model import Transformer  # noqa: E402
-from engine.parallel import init_process_grid, print0  # noqa: E402
 
 
 def main(argv=None) -> list[dict]:

@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import check_flags, device_name, write_json  # noqa: E402
 from engine.config import ModelConfig, PPOConfig  # noqa: E402
+from engine.distributed import ProcessGrid  # noqa: E402
 from engine.memory_plan import STATE, fixed_bytes  # noqa: E402
 from engine.model import Transformer  # noqa: E402
 from engine.offload import HostCopies  # noqa: E402
 from engine.optim import accumulate_grads, make_optimizer, optimizer_step  # noqa: E402
-from engine.parallel import ProcessGrid  # noqa: E402
 from engine.trainer import clock  # noqa: E402
 
 GB = 1e9

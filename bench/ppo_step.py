@@ -31,9 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import check_fits, check_flags, run_main, write_json  # noqa: E402
 from engine import grad_sums  # noqa: E402
 from engine.config import MODEL_SHAPES, ModelConfig, PPOConfig  # noqa: E402
+from engine.distributed import backend_for, init_process_grid, print0  # noqa: E402
 from engine.errors import InvalidInput  # noqa: E402
 from engine.model import Transformer  # noqa: E402
-from engine.parallel import backend_for, init_process_grid, print0  # noqa: E402
 from engine.preflight import check_generator_slots, resolve_device, resolve_dtype  # noqa: E402
 from engine.state import RunConfig, make_state  # noqa: E402
 from engine.trainer import ppo_iteration  # noqa: E402

@@ -42,11 +42,11 @@ from bench.common import (  # noqa: E402
 from engine import symm_reduce  # noqa: E402
 from engine.checkpoint import hf_tensor_specs, load_pretrained  # noqa: E402
 from engine.config import MODEL_SHAPES, GenerateConfig, ModelConfig, PPOConfig  # noqa: E402
+from engine.distributed import backend_for, init_process_grid, print0  # noqa: E402
 from engine.errors import InvalidInput  # noqa: E402
 from engine.generate import Generator  # noqa: E402
 from engine.kv_cache import blocks_for_tokens, model_block_bytes, resolve_cache_dtype  # noqa: E402
 from engine.model import Transformer, forward_flops  # noqa: E402
-from engine.parallel import backend_for, init_process_grid, print0  # noqa: E402
 from engine.preflight import device_error, resolve_device  # noqa: E402
 from kernels.decode_config import parse_decode_config, set_decode_config  # noqa: E402
 

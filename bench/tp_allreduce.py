@@ -28,7 +28,7 @@ import torch.distributed as dist  # noqa: E402
 
 from bench.common import check_flags, graph_ms, positive_ints, run_main, save_json  # noqa: E402
 from engine import symm_reduce  # noqa: E402
-from engine.parallel import agree, init_process_grid, print0  # noqa: E402
+from engine.distributed import agree, init_process_grid, print0  # noqa: E402
 
 FORMS = ("one_shot", "two_shot", "multimem")
 

@@ -27,9 +27,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine.config import ModelConfig, read_json
+from engine.distributed import raise_together, rank0_together
 from engine.errors import InvalidInput, MissingInput, first_line, unreadable
 from engine.model import Transformer
-from engine.parallel import raise_together, rank0_together
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -1,5 +1,5 @@
 """Configuration dataclasses: model shapes, sampling, PPO hyperparameters (RECIPE.md). The parallel layout is the
-run's (RunConfig.tp, engine/state.py) and the process grid's (engine/parallel.py)."""
+run's (RunConfig.tp, engine/state.py) and the process grid's (engine/distributed.py)."""
 
 from __future__ import annotations
 

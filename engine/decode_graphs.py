@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from engine.distributed import agree
 from engine.model import AttentionContext, Transformer, attention_context
-from engine.parallel import agree
 from kernels.dispatch import compile_ahead
 
 

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from engine.parallel import ProcessGrid, all_gather_single, reduce_scatter_single
+from engine.distributed import ProcessGrid
+from engine.parallel import all_gather_single, reduce_scatter_single
 from kernels.dispatch import env_switch
 
 if TYPE_CHECKING:

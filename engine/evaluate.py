@@ -34,7 +34,7 @@ import torch.distributed as dist
 from engine import ppo
 from engine.config import json_line
 from engine.data import Rollout, global_position, prompts_digest
-from engine.parallel import agree, print0, rank0_together
+from engine.distributed import agree, print0, rank0_together
 from engine.rollout import check_scores, forward_rollout, generate_rollout, reduce_sums, sampling_params
 from engine.run_logs import EVAL_DIR, atomic_write, read_log
 from engine.state import TrainState, setup_evaluation

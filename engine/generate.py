@@ -32,6 +32,7 @@ import torch
 from engine import symm_reduce
 from engine.config import GenerateConfig, is_integer
 from engine.decode_graphs import DecodeGraphs, graph_key
+from engine.distributed import agree
 from engine.errors import InvalidInput
 from engine.kv_cache import (
     BLOCK_SIZE,
@@ -44,7 +45,6 @@ from engine.kv_cache import (
     upload,
 )
 from engine.model import AttentionContext, Transformer, attention_context
-from engine.parallel import agree
 from engine.sampler import sample_tokens, seed_for
 from engine.scheduler import Completion, GenerationStats, Seq, Step, admit, apply_step, preempt
 

@@ -20,8 +20,8 @@ import re
 
 import torch.distributed as dist
 
+from engine.distributed import agree, print0, raise_together
 from engine.errors import InvalidInput, MissingInput, first_line
-from engine.parallel import agree, print0, raise_together
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 # configs, index files, tokenizer files (a BPE tokenizer's vocab.json needs its merges.txt: without it transformers

@@ -22,6 +22,7 @@ import torch.utils.checkpoint
 
 from engine import grad_sums
 from engine.config import ModelConfig
+from engine.distributed import group_size
 from engine.errors import MissingPackage
 from engine.parallel import (
     ColumnParallelLinear,
@@ -31,7 +32,6 @@ from engine.parallel import (
     copy_to_tp,
     gather_from_tp,
     gather_tokens,
-    group_size,
     shard_range,
     take_shard,
 )

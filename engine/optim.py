@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import PPOConfig
+from engine.distributed import ProcessGrid
 from engine.dp_overlap import (
     BUCKET_BYTES,
     Gathers,
@@ -48,12 +49,7 @@ from engine.dp_overlap import (
 )
 from engine.model import Transformer
 from engine.offload import HostCopies, ensure_state, groups, streamed
-from engine.parallel import (
-    ColumnParallelLinear,
-    ProcessGrid,
-    RowParallelLinear,
-    VocabParallelEmbedding,
-)
+from engine.parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from engine.reshard import SavedOptimizer, relayout
 
 

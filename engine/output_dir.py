@@ -12,8 +12,8 @@ import time
 
 import torch.distributed as dist
 
+from engine.distributed import print0, rank0_together, together
 from engine.errors import InputError, InvalidInput, OutputInUse, UnwritableOutput
-from engine.parallel import print0, rank0_together, together
 from engine.resume import LATEST, WANDB_RUN_ID, checkpoint_number, remove_leftovers
 from engine.run_logs import EVAL_DIR, LAUNCHES, LOGS
 

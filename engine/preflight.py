@@ -1,7 +1,7 @@
 """The checks a run passes before any weight is read, and the device and dtype its flags name: the batch sizes, the
 paths, the checkpoints (config.json, the weight files' headers) against their roles, the tokenizer and prompts read
 and checked against the models' shapes and the flags, a fixed KV cache, and on a GPU the memory plan. engine/state.py's
-setup() and setup_evaluation() run them (those that read files under parallel.together, every rank at once); the
+setup() and setup_evaluation() run them (those that read files under distributed.together, every rank at once); the
 benches take the device and dtype from here too.
 """
 
@@ -17,10 +17,10 @@ from engine import memory_plan
 from engine.checkpoint import check_checkpoint, generation_eos_ids
 from engine.config import ModelConfig, PPOConfig
 from engine.data import check_fills_a_rollout
+from engine.distributed import ProcessGrid, agree, print0, together
 from engine.errors import InputError, InvalidInput, MissingInput, named
 from engine.hub import RUN_FIELDS, config_sources, is_repo_id, model_dirs
 from engine.kv_cache import BLOCK_SIZE, blocks_for_tokens, model_block_bytes, resolve_cache_dtype
-from engine.parallel import ProcessGrid, agree, print0, together
 from engine.tokenizer import PromptSet, check_vocabularies, load_prompts, load_tokenizer
 from kernels.rope_attention import SUPPORTED_HEAD_DIMS
 

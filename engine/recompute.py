@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 
 from engine import grad_sums
+from engine.distributed import agree
 from engine.errors import InvalidInput
 from engine.model import Transformer
-from engine.parallel import agree
 from kernels.dispatch import fp32_out_gemm
 
 

@@ -17,10 +17,10 @@ import torch.distributed as dist
 from engine import ppo
 from engine.config import GenerateConfig
 from engine.data import Rollout, pack, split_by_tokens, to_padded
+from engine.distributed import raise_together
 from engine.kv_cache import upload
 from engine.model import Transformer
 from engine.offload import HostCopies, offload_state, offload_weights, onload_state, onload_weights
-from engine.parallel import raise_together
 from kernels.logprob import hidden_logprobs
 
 if TYPE_CHECKING:
@@ -166,7 +166,7 @@ def score_tokens(ro: Rollout, scores: torch.Tensor) -> torch.Tensor:
 
 
 def check_scores(ro: Rollout, where: str) -> None:
-    """Every rank raises together (engine.parallel.raise_together) if any rank's reward model returned a non-finite
+    """Every rank raises together (engine.distributed.raise_together) if any rank's reward model returned a non-finite
     score `where`: called after forward_rollout and before any collective a failing rank would skip."""
     bad = int((~torch.isfinite(ro.scores)).sum())
     error = FloatingPointError(f"the reward model returned {bad} non-finite scores {where}") if bad else None

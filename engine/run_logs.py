@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.checkpoint import fsync_dir
+from engine.distributed import print0, rank0_together
 from engine.errors import InvalidInput
-from engine.parallel import print0, rank0_together
 
 if TYPE_CHECKING:
     from engine.state import TrainState

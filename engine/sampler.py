@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from engine.config import GenerateConfig
-from engine.parallel import gather_dim, group_size
+from engine.distributed import group_size
+from engine.parallel import gather_dim
 from kernels import sampling
 from kernels.reference import M32, mix32
 from kernels.sampling import (

@@ -19,6 +19,7 @@ from engine import memory_plan, recompute
 from engine.checkpoint import load_pretrained
 from engine.config import LEGACY_PPO_VALUES, PPOConfig
 from engine.data import PromptBatches
+from engine.distributed import ProcessGrid, agree, backend_for, init_process_grid, print0, together
 from engine.errors import InvalidInput
 from engine.hub import check_same_sources, model_dirs, pin_as_saved, pin_run, resolve_run
 from engine.kv_cache import blocks_for_tokens, cuda_cache_budget, model_block_bytes, resolve_cache_dtype
@@ -26,7 +27,6 @@ from engine.model import Transformer
 from engine.offload import HostCopies, state_bytes, weight_bytes
 from engine.optim import Optimizer, make_optimizer
 from engine.output_dir import check_writable, start_fresh
-from engine.parallel import ProcessGrid, agree, backend_for, init_process_grid, print0, together
 from engine.preflight import (
     READING_INPUTS,
     check_batch_sizes,

@@ -120,7 +120,7 @@ def prepare(group, device: torch.device, nbytes: int) -> Buffer | None:
         return _BUFFERS.get(name)
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("symm_reduce.prepare inside a CUDA graph's capture: prepare the buffer before capturing")
-    from engine.parallel import agree
+    from engine.distributed import agree
 
     # (the same size on every rank: the largest any asked for)
     (nbytes,) = agree([-(-max(int(nbytes), _ALIGN) // _ALIGN) * _ALIGN], "max", group)

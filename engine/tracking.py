@@ -27,9 +27,9 @@ import sys
 from typing import TYPE_CHECKING
 
 from engine.config import json_line
+from engine.distributed import print0, rank0_together
 from engine.errors import InvalidInput, MissingPackage, UnwritableOutput, first_line
 from engine.output_dir import why_unwritable
-from engine.parallel import print0, rank0_together
 from engine.resume import WANDB_RUN_ID
 from engine.run_logs import atomic_write
 

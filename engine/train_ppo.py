@@ -204,8 +204,8 @@ def build_tiny_models(directory: str, seed: int = 0) -> tuple[str, str]:
     Under torchrun every rank calls this (save_pretrained is collective; global rank 0 writes).
     """
     from engine.checkpoint import save_pretrained
+    from engine.distributed import collective_device
     from engine.model import Transformer
-    from engine.parallel import collective_device
     from engine.run_logs import atomic_write
     from engine.tokenizer import TINY_DIR
 
@@ -301,8 +301,8 @@ def _check_built_seed(run: RunConfig, init_dir: str) -> None:
 
 def prepare_tiny(run: RunConfig) -> RunConfig:
     """Build the tiny default's models (if not there yet) and fill in its paths."""
+    from engine.distributed import together
     from engine.output_dir import check_writable, start_fresh
-    from engine.parallel import together
     from engine.resume import check_resumable
     from engine.tokenizer import TINY_DIR, TINY_EVAL_PROMPTS, TINY_PROMPTS
 
@@ -339,8 +339,8 @@ def prepare_tiny(run: RunConfig) -> RunConfig:
 
 def main(argv: list[str] | None = None, *, generator_factory=None) -> list[dict]:
     """Parse flags, set up, train; returns the per-iteration metrics (with --eval-only: the evaluation's)."""
+    from engine.distributed import backend_for, init_process_grid
     from engine.output_dir import lock_output_dir, unlock_output_dir
-    from engine.parallel import backend_for, init_process_grid
 
     cfg, run, tiny = parse_args(argv)
     grid = init_process_grid(run.tp, backend_for(run.device), timeout_minutes=run.dist_timeout_minutes)

@@ -29,6 +29,7 @@ from torch.profiler import record_function
 
 from engine import balance, grad_sums, ppo, recompute
 from engine.data import Rollout, global_position
+from engine.distributed import agree, print0
 from engine.dp_overlap import backward, settle
 from engine.errors import STOPPED_EXIT, InputError, failed_on, raised_on_every_rank
 from engine.evaluate import check_resumed_eval, eval_due, evaluate, log_samples
@@ -36,7 +37,6 @@ from engine.kv_cache import upload
 from engine.model import forward_flops
 from engine.optim import accumulate_grads, apply_update, reduce_grads
 from engine.output_dir import TRACE_PREFIX
-from engine.parallel import agree, print0
 from engine.resume import abandon_checkpoint, finish_checkpoint, resume_checkpoint, save_checkpoint
 from engine.rollout import (
     add_to,

@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from engine import offload, optim  # noqa: E402
 from engine.config import ModelConfig, PPOConfig  # noqa: E402
+from engine.distributed import init_process_grid  # noqa: E402
 from engine.model import Transformer  # noqa: E402
-from engine.parallel import init_process_grid  # noqa: E402
 from engine.reshard import SavedOptimizer  # noqa: E402
 
 

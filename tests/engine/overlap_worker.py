@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from engine import dp_overlap, grad_sums, optim, ppo  # noqa: E402
 from engine.config import ModelConfig, PPOConfig  # noqa: E402
+from engine.distributed import init_process_grid  # noqa: E402
 from engine.model import Transformer  # noqa: E402
-from engine.parallel import init_process_grid  # noqa: E402
 from kernels import dispatch  # noqa: E402
 
 # the DP group's collectives: (what, elements, during the last micro-batch's dp_overlap.backward call, inside autograd's

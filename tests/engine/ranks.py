@@ -1,5 +1,5 @@
 """Two (or more) gloo processes on one host (torch.multiprocessing.spawn), for the tests of what the ranks share
-(engine.parallel.together and its users): a process group whose timeout is short, and each call's outcome with
+(engine.distributed.together and its users): a process group whose timeout is short, and each call's outcome with
 whether it came at once, not after a rank waited out that timeout for a peer that had stopped."""
 
 import datetime

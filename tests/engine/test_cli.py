@@ -16,9 +16,9 @@ from engine import preflight
 from engine import state as state_mod
 from engine.checkpoint import load_pretrained
 from engine.config import PPOConfig
+from engine.distributed import ProcessGrid
 from engine.errors import InputError, InvalidInput, first_line, run_command
 from engine.output_dir import run_files
-from engine.parallel import ProcessGrid
 from engine.state import RunConfig
 from engine.train_ppo import build_parser, parse_args
 from tests.engine.ranks import init_gloo, outcome

@@ -30,7 +30,7 @@ import torch
 from engine import evaluate, trainer
 from engine.config import PPOConfig
 from engine.data import Rollout
-from engine.parallel import ProcessGrid
+from engine.distributed import ProcessGrid
 from engine.rollout import chunks, forward_rollout, minibatch_targets
 from kernels import dispatch
 from tests.engine.ranks import init_gloo

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from engine import evaluate, trainer
 from engine import state as state_mod
-from engine.parallel import ProcessGrid
+from engine.distributed import ProcessGrid
 from engine.resume import latest_checkpoint
 from engine.tokenizer import TINY_DIR, TINY_EVAL_PROMPTS, load_tokenizer, read_prompt_file
 from engine.train_ppo import parse_args, prepare_tiny

@@ -303,7 +303,7 @@ def test_offloaded_optimizer_state_frees_its_gpu_memory_and_comes_back():
     back on a side stream, and an update issued at once (it waits for the copies) equals a twin's that never moved."""
     from engine import offload, optim
     from engine.config import PPOConfig
-    from engine.parallel import ProcessGrid
+    from engine.distributed import ProcessGrid
 
     cfg, small = PPOConfig(max_grad_norm=0.5), ModelConfig.named("tiny")
     models = [Transformer(small, "score", dtype=torch.bfloat16, device=CUDA).init_weights(seed=2) for _ in range(2)]
@@ -339,7 +339,7 @@ def test_host_resident_optimizer_on_gpu(monkeypatch):
     same fused Adam on the same values), step after step."""
     from engine import offload, optim
     from engine.config import PPOConfig
-    from engine.parallel import ProcessGrid
+    from engine.distributed import ProcessGrid
 
     monkeypatch.setattr(offload, "CHUNK_ELEMENTS", 1_000_000)
     cfg = PPOConfig(max_grad_norm=0.5)
@@ -485,7 +485,8 @@ def test_the_parameter_gather_left_running_lands_before_the_parameters_are_read_
 ASYNC_TP_ON_TWO_GPUS = """
 import os, torch, torch.distributed as dist
 from engine import parallel
-from engine.parallel import ColumnParallelLinear, RowParallelLinear, init_process_grid
+from engine.distributed import init_process_grid
+from engine.parallel import ColumnParallelLinear, RowParallelLinear
 grid = init_process_grid(2, "nccl")
 dev = torch.device("cuda", grid.rank)
 torch.manual_seed(3)
@@ -538,7 +539,7 @@ def _two_gpu_script(path, text: str) -> None:
 SYMM_REDUCE_ON_TWO_GPUS = """
 import torch, torch.distributed as dist
 from engine import symm_reduce
-from engine.parallel import init_process_grid
+from engine.distributed import init_process_grid
 grid = init_process_grid(2, "nccl")
 dev, group = torch.device("cuda", grid.rank), grid.tp_group
 symm_reduce.SYMM_ALL_REDUCE = True

@@ -9,8 +9,9 @@ import torch
 
 from engine import grad_sums, optim
 from engine.config import ModelConfig, PPOConfig
+from engine.distributed import ProcessGrid
 from engine.model import Transformer
-from engine.parallel import ColumnParallelLinear, ProcessGrid, RowParallelLinear
+from engine.parallel import ColumnParallelLinear, RowParallelLinear
 from kernels import dispatch
 
 

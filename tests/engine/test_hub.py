@@ -323,7 +323,7 @@ def test_memory_is_planned_from_config_json_before_any_weight_is_fetched(tmp_pat
 
     from engine import state as state_mod
     from engine.config import PPOConfig
-    from engine.parallel import ProcessGrid
+    from engine.distributed import ProcessGrid
     from engine.preflight import check_memory
     from engine.state import RunConfig
 

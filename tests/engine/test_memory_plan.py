@@ -12,8 +12,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 
 from engine import memory_plan, offload
 from engine.config import ModelConfig, PPOConfig
+from engine.distributed import ProcessGrid
 from engine.model import Transformer
-from engine.parallel import ProcessGrid
 from engine.preflight import check_memory
 from engine.state import RunConfig
 from tests.engine.fake_tp import FakeGroup, fake_tp

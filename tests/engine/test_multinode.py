@@ -271,8 +271,8 @@ def _one_rank_fails_rank(rank, init_file, check, out_dir):
 
     import torch.distributed as dist
 
+    from engine.distributed import ProcessGrid
     from engine.evaluate import check_resumed_eval
-    from engine.parallel import ProcessGrid
     from engine.preflight import check_memory
     from engine.state import RunConfig, model_loader
     from engine.tracking import Tracker

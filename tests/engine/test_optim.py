@@ -13,8 +13,8 @@ import torch
 
 from engine import offload, optim, trainer
 from engine.config import ModelConfig, PPOConfig
+from engine.distributed import ProcessGrid
 from engine.model import Transformer
-from engine.parallel import ProcessGrid
 from engine.reshard import SavedOptimizer
 from engine.resume import latest_checkpoint
 from engine.rollout import idle_models
@@ -523,7 +523,7 @@ def test_bf16_micro_batch_grads_accumulate_once_each():
     import dataclasses
 
     from engine import optim
-    from engine.parallel import ProcessGrid
+    from engine.distributed import ProcessGrid
 
     small = dataclasses.replace(ModelConfig.named("tiny"), num_layers=1)
     model = Transformer(small, "score", dtype=torch.bfloat16).init_weights(seed=0)
@@ -541,8 +541,8 @@ def test_bf16_micro_batch_grads_accumulate_once_each():
 
 
 def test_distributed_buckets_cover_an_odd_number_of_elements():
+    from engine.distributed import ProcessGrid
     from engine.optim import _make_buckets
-    from engine.parallel import ProcessGrid
 
     params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))]
     covered = collections.Counter()

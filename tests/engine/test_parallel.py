@@ -115,7 +115,7 @@ def test_process_group_timeout_is_the_runs(monkeypatch):
 
     import torch.distributed as dist
 
-    from engine import parallel
+    from engine import distributed
 
     seen = {}
 
@@ -127,7 +127,7 @@ def test_process_group_timeout_is_the_runs(monkeypatch):
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", fake_init)
     with pytest.raises(InterruptedError):
-        parallel.init_process_grid(1, backend="gloo", timeout_minutes=77)
+        distributed.init_process_grid(1, backend="gloo", timeout_minutes=77)
     assert seen == {"backend": "gloo", "timeout": datetime.timedelta(minutes=77)}
     # and the tensor- and data-parallel subgroups get it too (a subgroup does not inherit it: NCCL's 10 minutes)
     groups = []
@@ -135,7 +135,7 @@ def test_process_group_timeout_is_the_runs(monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
     monkeypatch.setattr(dist, "new_group", lambda ranks, **kw: groups.append((ranks, kw)) or len(groups))
-    grid = parallel.init_process_grid(2, backend="gloo", timeout_minutes=77)
+    grid = distributed.init_process_grid(2, backend="gloo", timeout_minutes=77)
     assert (grid.tp, grid.dp) == (2, 2) and [r for r, _ in groups] == [[0, 1], [2, 3], [0, 2], [1, 3]]
     assert all(kw == {"timeout": datetime.timedelta(minutes=77)} for _, kw in groups)
 
@@ -145,7 +145,7 @@ def test_a_gpu_named_by_index_under_torchrun_must_be_the_ranks(monkeypatch):
     processes unless N is the rank's LOCAL_RANK; --device cuda takes the LOCAL_RANK's GPU."""
     import torch
 
-    from engine.parallel import ProcessGrid
+    from engine.distributed import ProcessGrid
     from engine.preflight import resolve_device
 
     current = []
@@ -166,7 +166,7 @@ def test_small_collective_tensors_go_to_the_ranks_gpu_under_nccl(monkeypatch):
     import torch
     import torch.distributed as dist
 
-    from engine.parallel import collective_device
+    from engine.distributed import collective_device
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
@@ -176,7 +176,7 @@ def test_small_collective_tensors_go_to_the_ranks_gpu_under_nccl(monkeypatch):
 
 
 def test_tensor_parallelism_in_one_process_says_how_to_launch(monkeypatch):
-    from engine.parallel import init_process_grid
+    from engine.distributed import init_process_grid
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ValueError, match=r"degree 3 needs a multiple of 3 processes, .*torchrun --nproc_per_node 3"):
@@ -212,8 +212,8 @@ def test_the_vocab_parallel_embedding_at_its_shards_edges(monkeypatch):
 def _raise_together_rank(rank, world, init_file, out_dir):
     import torch.distributed as dist
 
+    from engine.distributed import raise_together
     from engine.errors import InvalidInput
-    from engine.parallel import raise_together
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -239,8 +239,8 @@ def test_raise_together_names_the_first_failing_rank(tmp_path):
 def _together_rank(rank, world, init_file, out_dir):
     import torch.distributed as dist
 
+    from engine.distributed import rank0_together, together
     from engine.errors import InputError, InvalidInput, failed_on, raised_on_every_rank
-    from engine.parallel import rank0_together, together
 
     def check(fail_on, bug=False, disk=False):
         if rank == fail_on and disk:
@@ -284,7 +284,7 @@ def _together_rank(rank, world, init_file, out_dir):
 
 
 def test_together_returns_each_ranks_result_or_raises_on_every_rank(tmp_path):
-    """parallel.together: a check that passes on every rank returns its result on each; an input error on rank 1 alone
+    """together: a check that passes on every rank returns its result on each; an input error on rank 1 alone
     is raised on rank 1 as itself and on rank 0 naming rank 1 and its message (a file on one node's disk only); a bug
     on rank 1 is raised there as itself and on rank 0 as a RuntimeError naming it; a full disk on rank 1 as an OSError
     of its errno on rank 0 too. Rank 0's copies carry the failing rank (failed_on: one line, no traceback of rank
@@ -328,8 +328,8 @@ def test_together_raises_a_fault_of_ours_as_itself_with_its_traceback():
     """One process: a bug leaves together as itself, unwrapped, its traceback reaching the line that raised it."""
     import traceback
 
+    from engine.distributed import together
     from engine.errors import InvalidInput
-    from engine.parallel import together
 
     def bug():
         raise KeyError("a bug")
@@ -345,7 +345,7 @@ def test_together_raises_a_fault_of_ours_as_itself_with_its_traceback():
 def test_grid_ranks_are_tensor_parallel_fastest():
     """Global rank = dp_rank * tp + tp_rank, as init_process_grid lays out its groups (a TP group is consecutive
     ranks, a DP group every tp-th) and as the checkpoints number their state files."""
-    from engine.parallel import ProcessGrid
+    from engine.distributed import ProcessGrid
 
     got = [(g.tp_rank, g.dp_rank) for g in (ProcessGrid(rank=r, world_size=6, tp=2, dp=3) for r in range(6))]
     assert got == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
@@ -354,8 +354,8 @@ def test_grid_ranks_are_tensor_parallel_fastest():
 def test_a_rank_without_an_error_raises_the_kind_of_the_failing_ranks():
     """raise_together's kinds for another rank's error: an input error stays one (FailedOnAnotherRank), a divergence a
     FloatingPointError, anything else a RuntimeError."""
+    from engine.distributed import _error_kind
     from engine.errors import FailedOnAnotherRank, InputError, InvalidInput
-    from engine.parallel import _error_kind
 
     assert issubclass(FailedOnAnotherRank, InputError)
     assert _error_kind(InvalidInput("a bad flag")) is FailedOnAnotherRank
@@ -369,7 +369,7 @@ def test_a_rank_without_an_error_raises_the_kind_of_the_failing_ranks():
 def test_a_cpu_run_takes_gloo_whatever_the_machine():
     """--device cpu needs gloo (NCCL, the default where a GPU exists, takes no CPU tensor); a GPU run or no --device
     leaves the choice to init_process_grid."""
-    from engine.parallel import backend_for
+    from engine.distributed import backend_for
 
     assert backend_for("cpu") == backend_for("cpu:0") == "gloo"
     assert backend_for("cuda") is None and backend_for("cuda:1") is None and backend_for(None) is None
@@ -378,7 +378,7 @@ def test_a_cpu_run_takes_gloo_whatever_the_machine():
 def _one_rank_tp_group_rank(rank, world, init_file, out_dir):
     import torch.distributed as dist
 
-    from engine.parallel import init_process_grid
+    from engine.distributed import init_process_grid
     from kernels.logprob import hidden_logprobs, token_logprobs
     from kernels.ppo_loss import ppo_token_loss
 
@@ -426,7 +426,7 @@ def test_tensor_parallel_groups_across_nodes_are_warned_of(monkeypatch, capsys):
     groups within nodes, no warning."""
     import torch.distributed as dist
 
-    from engine import parallel
+    from engine import distributed
 
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
@@ -440,7 +440,7 @@ def test_tensor_parallel_groups_across_nodes_are_warned_of(monkeypatch, capsys):
             monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
         else:
             monkeypatch.setenv("LOCAL_WORLD_SIZE", str(per_node))
-        parallel.init_process_grid(tp, backend="gloo")
+        distributed.init_process_grid(tp, backend="gloo")
         expected = (
             f"warning: --tp {tp} with {per_node} processes per node: tensor-parallel groups span nodes, and each "
             "layer's all-reduces cross the network between them (slow); launch with --nproc-per-node a multiple of "

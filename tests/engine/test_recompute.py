@@ -112,7 +112,7 @@ def test_the_budget_leaves_room_for_every_grad_the_step_will_hold(monkeypatch, d
     assert recompute.training_budget(opts, torch.device("cuda"), margin=0.0) == free - held
     # the distributed optimizer (2 DP ranks): one model's flat fp32 grads at a time, both models' shards until the
     # updates, and a backward's grad in the parameters' dtype (an fp32 parameter's too: it joins the flat buffer)
-    from engine.parallel import ProcessGrid
+    from engine.distributed import ProcessGrid
 
     opts = [make_optimizer(m, PPOConfig(), ProcessGrid(world_size=2, dp=2), distributed=True) for m in models]
     assert all(o.buckets is not None and len(o.masters) < len(o.params) for o in opts)
@@ -205,8 +205,8 @@ def test_the_budget_counts_only_what_the_optimizer_has_yet_to_allocate(monkeypat
     (an fp32 parameter's own .grad, a master's fp32 grad, a distributed optimizer's shard and flat bucket grad) are
     in use already and not counted again."""
     from engine.config import PPOConfig
+    from engine.distributed import ProcessGrid
     from engine.optim import make_optimizer
-    from engine.parallel import ProcessGrid
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**30, 16 * 2**30))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)

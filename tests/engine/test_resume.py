@@ -18,9 +18,9 @@ from engine import optim, ppo, trainer
 from engine import state as state_mod
 from engine.checkpoint import load_pretrained
 from engine.config import ModelConfig, PPOConfig
+from engine.distributed import ProcessGrid
 from engine.errors import InvalidInput
 from engine.model import Transformer
-from engine.parallel import ProcessGrid
 from engine.reshard import SavedOptimizer, needed_ranks, relayout
 from engine.resume import latest_checkpoint, save_checkpoint
 from engine.run_logs import trim_logs
@@ -1348,7 +1348,7 @@ def _save_checkpoint_cases_rank(rank, world, out, out_dir, background):
     import torch.distributed as dist
 
     from engine import resume
-    from engine.parallel import raise_together
+    from engine.distributed import raise_together
 
     init_gloo(rank, world, f"{out_dir}/init")
 

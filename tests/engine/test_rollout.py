@@ -75,7 +75,7 @@ def test_a_reward_model_whose_pad_is_the_eos_is_named(tmp_path, capsys):
     import json
     import shutil
 
-    from engine.parallel import init_process_grid
+    from engine.distributed import init_process_grid
     from engine.state import setup, setup_evaluation
     from engine.tokenizer import TINY_DIR, TINY_EVAL_PROMPTS, TINY_PROMPTS
     from engine.train_ppo import parse_args

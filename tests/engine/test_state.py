@@ -14,9 +14,9 @@ import torch
 from engine import memory_plan, offload, preflight
 from engine import state as state_mod
 from engine.config import PPOConfig
+from engine.distributed import ProcessGrid
 from engine.errors import InvalidInput
 from engine.kv_cache import bytes_per_block
-from engine.parallel import ProcessGrid
 from engine.state import RunConfig, checkpoint_config
 from engine.train_ppo import parse_args, prepare_tiny
 from tests.engine.ranks import init_gloo, outcome

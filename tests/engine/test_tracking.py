@@ -14,7 +14,7 @@ import pytest
 from engine import evaluate
 from engine import state as state_mod
 from engine.config import PPOConfig
-from engine.parallel import ProcessGrid
+from engine.distributed import ProcessGrid
 from engine.state import RunConfig
 from kernels import dispatch
 from tests.engine.ranks import init_gloo, outcome

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from engine.checkpoint import load_pretrained, save_pretrained
-from engine.parallel import init_process_grid
+from engine.distributed import init_process_grid
 from tests.interpreter_fixes import interpreter_converts_like_the_gpu
 
 interpreter_converts_like_the_gpu()  # as in the pytest process this is compared with
@@ -90,8 +90,8 @@ def main(ckpt: str, out: str) -> None:
             expected = f"disk full on rank {bad_rank}" if grid.rank == bad_rank else f"failed on rank {bad_rank}"
             assert expected in str(e)
         setattr(ckpt, fn, real)
+    from engine.distributed import raise_together
     from engine.errors import FailedOnAnotherRank, InvalidInput
-    from engine.parallel import raise_together
 
     # the ranks without an error raise the kind of the failing rank's: an input error, a divergence, anything else
     for made, kind in ((InvalidInput("a bad flag"), FailedOnAnotherRank), (FloatingPointError("a NaN loss"),
