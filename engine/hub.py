@@ -277,8 +277,11 @@ def resolve(names: list[str | None], weights: bool = True) -> list[str | None]:
     return [paths.get(n, n) if n else n for n in names]
 
 
-def resolve_run(run, weights: bool = True):
+def resolve_run(run, weights: bool = True, configs_only: tuple[str, ...] = ()):
     """`run` (engine.state.RunConfig) with its checkpoint and tokenizer names made local directories (without
-    `weights`: holding a Hub id's configs and tokenizer files alone, to check before the weights are fetched)."""
-    values = resolve([getattr(run, f) for f in RUN_FIELDS], weights)
-    return dataclasses.replace(run, **dict(zip(RUN_FIELDS, values)))
+    `weights`: holding a Hub id's configs and tokenizer files alone, to check before the weights are fetched; the
+    fields in `configs_only` so either way: a resume's --policy, whose weights the checkpoint holds)."""
+    fields = [f for f in RUN_FIELDS if f not in configs_only]
+    values = resolve([getattr(run, f) for f in fields], weights)
+    light = resolve([getattr(run, f) for f in configs_only], weights=False) if configs_only else []
+    return dataclasses.replace(run, **dict(zip(fields, values)), **dict(zip(configs_only, light)))

@@ -319,7 +319,10 @@ def setup(
     light = resolve_run(run, weights=False)  # a Hub id's configs and tokenizer files, checked before its weights
     tokenizer_dir = light.tokenizer or light.policy
     tokenizer, prompt_set, eval_set = together(READING_INPUTS, read_inputs, cfg, run, light, grid, device)
-    run = resolve_run(run)  # Hub ids -> local directories with the weights (engine/hub.py; the same directories)
+    # Hub ids -> local directories with the weights (engine/hub.py; the same directories); a resume's policy is the
+    # checkpoint's: --policy's weights are fetched only where it is the reference too
+    unread = ("policy",) if ckpt and model_dirs(run)["reference"] != run.policy else ()
+    run = resolve_run(run, configs_only=unread)
     if run.resume:
         print0(f"resuming from {ckpt}" if ckpt else f"--resume: no checkpoint in {run.output_dir} yet, starting fresh")
         if ckpt and latest_checkpoint(run.output_dir) is None:

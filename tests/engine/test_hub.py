@@ -470,3 +470,21 @@ def test_a_resume_fetches_the_commits_its_run_fetched(tmp_path, fake_hub, capsys
     assert hub.saved_commit("org/rm", f"/c/hub/models--org--other/snapshots/{before['org/rm']}") is None
     assert hub.saved_commit("org/rm", "/ckpt/local/rm") is None
     assert hub.saved_commit("org/rm", f"/ckpt/models--x--y/org--rm/{before['org/rm']}") is None  # (no cache's snapshot)
+
+
+def test_a_resume_with_its_own_reference_fetches_no_policy_weights(tmp_path, fake_hub):
+    """A resumed run's policy is the checkpoint's: with another --reference, --policy's configs and tokenizer files
+    are fetched (they are read) but not its weights (a 13B's 26 GB, fetched for nothing), and the run resumes as
+    one that had them."""
+    fake_hub.repos["org/ref"] = fake_hub.repos["org/policy"]
+    flags = ["--policy", "org/policy", "--reference", "org/ref", "--reward", "org/rm", "--save-every", "1"]
+    run(tmp_path / "out", *flags)
+    fake_hub.calls.clear()
+    fake_hub.pushes = {"org/policy": 1}  # (main names another commit now: a snapshot of its own)
+    with dispatch.reference_ops():
+        main(["--output-dir", str(tmp_path / "out"), "--prompts", TINY_PROMPTS, "--max-iterations", "2",
+              "--eval-prompts", "", *SMALL, *flags, "--resume"])  # fmt: skip
+    fetched = {(repo, patterns == tuple(hub.KEEP)) for repo, _, patterns, _ in fake_hub.calls}
+    assert fetched == {("org/policy", True), ("org/ref", True), ("org/ref", False), ("org/rm", True), ("org/rm", False)}
+    policy = tmp_path / "cache/models--org--policy/snapshots" / fake_hub.model_info("org/policy").sha
+    assert "model.safetensors" not in os.listdir(policy) and "config.json" in os.listdir(policy)
