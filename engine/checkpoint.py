@@ -11,7 +11,6 @@ torchrun the ranks write the files in turn, in parallel.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import functools
 import hashlib
 import json
@@ -28,6 +27,7 @@ from safetensors.torch import save_file
 
 from engine.config import ModelConfig, read_json
 from engine.distributed import raise_together, rank0_together
+from engine.durable import fsync_dir, fsync_file, replace_dir
 from engine.errors import InvalidInput, MissingInput, first_line, unreadable
 from engine.model import Transformer
 
@@ -521,7 +521,7 @@ def _finish_checkpoint_dir(
             for fn in (fn for fn in os.listdir(d) if os.path.isfile(os.path.join(d, fn))):
                 fsync_file(os.path.join(d, fn))
             fsync_dir(d)  # (its entries: the files' names)
-    _replace_dir(tmp, path)
+    replace_dir(tmp, path)
 
 
 def _read_as_shipped(directory: str, source: str | os.PathLike) -> None:
@@ -578,41 +578,3 @@ def _set_chat_template(directory: str, template: str) -> None:
 def _write_json(fn: str, obj) -> None:
     with open(fn, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
-
-
-def fsync_file(fn: str) -> None:
-    with open(fn, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def fsync_dir(path: str) -> None:
-    """Make a directory's entries (files created, renamed or removed in it) durable, as a file's fsync does its
-    bytes: without it a crash of the node can lose a rename that was made after the file's own fsync. A file system
-    that cannot sync a directory (some network ones refuse it: EINVAL, ENOTSUP) is left as it is; a failure to write
-    back (EIO, ENOSPC) raises, as a file's fsync would."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        if e.errno in (errno.EACCES, errno.EISDIR, errno.EINVAL, errno.ENOTSUP):
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _replace_dir(tmp: str, path: str) -> None:
-    """Move the finished tmp dir to path (durably: the parent directory synced); an existing path is moved aside
-    first and removed last."""
-    old = None
-    if os.path.exists(path):
-        old = f"{path}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(path, old)
-    os.rename(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -35,8 +35,9 @@ from engine import ppo
 from engine.config import json_line
 from engine.data import Rollout, global_position, prompts_digest
 from engine.distributed import agree, print0, rank0_together
+from engine.durable import atomic_write
 from engine.rollout import check_scores, forward_rollout, generate_rollout, reduce_sums, sampling_params
-from engine.run_logs import EVAL_DIR, atomic_write, read_log
+from engine.run_logs import EVAL_DIR, read_log
 from engine.state import TrainState, setup_evaluation
 from kernels.logprob import kl_estimate
 

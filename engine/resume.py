@@ -22,17 +22,18 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from engine.checkpoint import fsync_dir, fsync_file, save_pretrained
+from engine.checkpoint import save_pretrained
 from engine.config import LEGACY_PPO_VALUES
 from engine.data import PromptBatches
 from engine.distributed import agree, print0, rank0_together, together
+from engine.durable import atomic_write, fsync_dir, fsync_file
 from engine.errors import InputError, InvalidInput, MissingInput, first_line
 from engine.hub import model_dirs
 from engine.memory_plan import host_available, local_ranks
 from engine.offload import state_bytes, weight_bytes
 from engine.optim import host_copy, load_optimizer_state, optimizer_state
 from engine.reshard import SavedOptimizer, needed_ranks
-from engine.run_logs import LOGS, atomic_write, trim_logs
+from engine.run_logs import LOGS, trim_logs
 from engine.tokenizer import TULU_CHAT_TEMPLATE, tulu_chat_template
 
 if TYPE_CHECKING:

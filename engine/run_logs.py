@@ -1,7 +1,7 @@
 """A run's logs beside its checkpoints: metrics.jsonl, eval.jsonl and samples.jsonl (a line per iteration,
 evaluation or sample; trimmed back to the checkpoint a resume continues) with eval/iter-N.jsonl, and launches.jsonl (a
-line per launch: its command, layout, versions and whole configuration); and atomic_write, how every file of the run's
-own is written. The checkpoints are engine/resume.py's.
+line per launch: its command, layout, versions and whole configuration). The checkpoints are engine/resume.py's; how
+every file of the run's own is written, engine/durable.py's.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.checkpoint import fsync_dir
 from engine.distributed import print0, rank0_together
+from engine.durable import atomic_write
 from engine.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -27,23 +27,6 @@ if TYPE_CHECKING:
 LOGS = ("metrics.jsonl", "eval.jsonl", "samples.jsonl")  # a line per iteration, evaluation or sample
 EVAL_DIR = "eval"  # iter-NNNNNN.jsonl: every answer of the evaluation after iteration N
 LAUNCHES = "launches.jsonl"  # a line per launch (fresh or resumed): configuration, layout, versions (record_launch)
-
-
-def atomic_write(path: str, write) -> None:
-    """write(f) into a temporary file beside `path`, synced, then renamed over it (the rename synced too): `path` is
-    whole or untouched, also after a crash of the node; a write that fails (a full disk) removes the temporary file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # (a full disk: its partial copy, a state file's tens of GB, is not left there)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def record_launch(state: TrainState) -> None:

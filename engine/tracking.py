@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING
 
 from engine.config import json_line
 from engine.distributed import print0, rank0_together
+from engine.durable import atomic_write
 from engine.errors import InvalidInput, MissingPackage, UnwritableOutput, first_line
 from engine.output_dir import why_unwritable
 from engine.resume import WANDB_RUN_ID
-from engine.run_logs import atomic_write
 
 if TYPE_CHECKING:
     from engine.state import TrainState

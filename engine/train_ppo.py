@@ -205,8 +205,8 @@ def build_tiny_models(directory: str, seed: int = 0) -> tuple[str, str]:
     """
     from engine.checkpoint import save_pretrained
     from engine.distributed import collective_device
+    from engine.durable import atomic_write
     from engine.model import Transformer
-    from engine.run_logs import atomic_write
     from engine.tokenizer import TINY_DIR
 
     cfg = ModelConfig.named("tiny")

@@ -448,7 +448,7 @@ def test_fsync_dir_ignores_only_a_file_system_that_cannot_sync_directories(tmp_p
     as a file's would: `latest` must not move to a checkpoint whose names may not be on disk."""
     import errno
 
-    from engine import checkpoint
+    from engine import durable
 
     def failing(code):
         def fsync(fd):
@@ -456,11 +456,11 @@ def test_fsync_dir_ignores_only_a_file_system_that_cannot_sync_directories(tmp_p
 
         return fsync
 
-    monkeypatch.setattr(checkpoint.os, "fsync", failing(errno.EINVAL))
-    checkpoint.fsync_dir(str(tmp_path))
-    monkeypatch.setattr(checkpoint.os, "fsync", failing(errno.EIO))
+    monkeypatch.setattr(durable.os, "fsync", failing(errno.EINVAL))
+    durable.fsync_dir(str(tmp_path))
+    monkeypatch.setattr(durable.os, "fsync", failing(errno.EIO))
     with pytest.raises(OSError, match="Input/output error"):
-        checkpoint.fsync_dir(str(tmp_path))
+        durable.fsync_dir(str(tmp_path))
 
 
 def test_weights_fingerprint_is_stable_across_versions(tmp_path):
@@ -543,12 +543,15 @@ def test_a_tied_config_beside_a_head_of_other_values_is_refused(tmp_path):
 
 def test_save_pretrained_syncs_every_file_and_the_rename(tmp_path, monkeypatch):
     import engine.checkpoint as ckpt
+    import engine.durable as durable
 
     synced, dirs = [], []
     target = tmp_path / "ckpt"
     real_fsync = ckpt.fsync_file
     monkeypatch.setattr(ckpt, "fsync_file", lambda fn: (synced.append(os.path.basename(fn)), real_fsync(fn)))
-    monkeypatch.setattr(ckpt, "fsync_dir", lambda p: dirs.append((os.path.abspath(p), target.exists())))
+    record = lambda p: dirs.append((os.path.abspath(p), target.exists()))  # noqa: E731
+    monkeypatch.setattr(ckpt, "fsync_dir", record)
+    monkeypatch.setattr(durable, "fsync_dir", record)  # (replace_dir's)
     ckpt.save_pretrained(Transformer(ModelConfig.named("tiny")).init_weights(seed=1), target)
     assert "config.json" in synced and "model.safetensors" in synced, synced
     assert (os.path.abspath(tmp_path), True) in dirs, dirs

@@ -294,8 +294,8 @@ def test_a_checkpoint_is_durable_before_latest_points_to_it(tmp_path, monkeypatc
     directory before it is renamed into place, the checkpoint's parent after, checkpoint-N before `latest` moves,
     and the output directory after `latest` is replaced and before the previous checkpoint is removed."""
     import engine.checkpoint as ckpt_mod
+    import engine.durable as durable_mod
     import engine.resume as resume_mod
-    import engine.run_logs as run_logs_mod
 
     state = tiny_state(tmp_path, "--max-iterations", "1")
     events, real_rmtree = [], shutil.rmtree
@@ -303,9 +303,8 @@ def test_a_checkpoint_is_durable_before_latest_points_to_it(tmp_path, monkeypatc
     def fsync_dir(path):
         events.append(("dir", os.path.relpath(path, tmp_path)))
 
-    monkeypatch.setattr(ckpt_mod, "fsync_dir", fsync_dir)
-    monkeypatch.setattr(resume_mod, "fsync_dir", fsync_dir)
-    monkeypatch.setattr(run_logs_mod, "fsync_dir", fsync_dir)  # (atomic_write's)
+    for module in (ckpt_mod, durable_mod, resume_mod):  # (durable's: replace_dir's and atomic_write's)
+        monkeypatch.setattr(module, "fsync_dir", fsync_dir)
     monkeypatch.setattr(resume_mod, "fsync_file", lambda fn: events.append(("file", os.path.relpath(fn, tmp_path))))
     for log in ("metrics.jsonl", "samples.jsonl"):  # (the logs' lines of the iterations saved: durable first)
         (tmp_path / log).write_text('{"iteration": 1}\n')
@@ -930,14 +929,14 @@ def test_pruning_keeps_complete_checkpoints_past_an_incomplete_one(tmp_path, lac
 
 
 def test_atomic_write_syncs_the_file_before_the_rename(tmp_path, monkeypatch):
-    import engine.run_logs as run_logs
+    import engine.durable as durable
 
     events = []
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}"))),
                                                  real_fsync(fd)))  # fmt: skip
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", None)), real_replace(a, b)))
-    run_logs.atomic_write(str(tmp_path / "x"), lambda f: f.write(b"data"))
+    durable.atomic_write(str(tmp_path / "x"), lambda f: f.write(b"data"))
     assert events.index(("fsync", False)) < events.index(("replace", None)), events
 
 
@@ -946,7 +945,7 @@ def test_an_atomic_write_that_fails_leaves_the_file_and_no_partial_copy(tmp_path
     the partial copy is removed, not left on the full disk (nor a `latest.tmp-PID` in the output directory for good)."""
     import errno
 
-    import engine.run_logs as run_logs
+    import engine.durable as durable
 
     (tmp_path / "x").write_bytes(b"old")
 
@@ -955,7 +954,7 @@ def test_an_atomic_write_that_fails_leaves_the_file_and_no_partial_copy(tmp_path
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(OSError, match="No space left on device"):
-        run_logs.atomic_write(str(tmp_path / "x"), write)
+        durable.atomic_write(str(tmp_path / "x"), write)
     assert os.listdir(tmp_path) == ["x"] and (tmp_path / "x").read_bytes() == b"old"
 
 
