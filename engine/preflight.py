@@ -12,11 +12,12 @@ import re
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 
 from engine import memory_plan
 from engine.checkpoint import check_checkpoint, generation_eos_ids
 from engine.config import ModelConfig, PPOConfig
-from engine.data import check_fills_a_rollout
+from engine.data import check_fills_a_rollout, prompts_digest
 from engine.distributed import ProcessGrid, agree, print0, together
 from engine.errors import InputError, InvalidInput, MissingInput, named
 from engine.hub import RUN_FIELDS, config_sources, is_repo_id, model_dirs
@@ -149,6 +150,30 @@ def read_inputs(cfg: PPOConfig, run: RunConfig, light: RunConfig, grid: ProcessG
         check_fills_a_rollout(len(prompt_set.prompts), cfg.rollout_batch_size)
         check_profile_iteration(run, run_iterations(len(prompt_set.prompts), cfg, run))
     return tokenizer, prompt_set, eval_set
+
+
+def check_same_prompts(run: RunConfig, prompt_set: PromptSet | None, eval_set: PromptSet | None) -> None:
+    """Every rank tokenised the same prompts (a collective, after read_inputs): a node whose copy of a prompt file (or
+    of the tokenizer) differs, stale or half copied, would deal its share of each rollout from another list and plan
+    another number of iterations: the ranks' updates mixed in silence until the one with fewer left the others
+    waiting in a collective. Refused on every rank, naming the flag, the ranks and their counts."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    mine = [(len(s.prompts), prompts_digest(s.prompts)) if s is not None else None for s in (prompt_set, eval_set)]
+    seen: list = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, mine)
+    held_out = f"--eval-holdout {run.eval_holdout} (of --prompts {run.prompts})"
+    names = (f"--prompts {run.prompts}", f"--eval-prompts {run.eval_prompts}" if run.eval_prompts else held_out)
+    count = lambda got: got[0] if got else 0  # noqa: E731
+    for k, flag in enumerate(names):
+        other = [r for r, got in enumerate(seen) if got[k] != seen[0][k]]
+        if other:
+            counts = ", ".join(f"rank {r}'s {count(seen[r][k])}" for r in other)
+            raise InvalidInput(
+                f"{flag}: rank{'s' if len(other) > 1 else ''} {', '.join(map(str, other))} tokenised other prompts "
+                f"than rank 0 ({counts} against rank 0's {count(seen[0][k])}): a copy of the file, or of the "
+                "tokenizer, that differs between nodes (stale, or still being copied)? every node must read the same"
+            )
 
 
 def check_paths(run: RunConfig) -> None:

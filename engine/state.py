@@ -34,6 +34,7 @@ from engine.preflight import (
     check_generator_slots,
     check_memory,
     check_paths,
+    check_same_prompts,
     device_error,
     read_inputs,
     resolve_device,
@@ -319,6 +320,7 @@ def setup(
     light = resolve_run(run, weights=False)  # a Hub id's configs and tokenizer files, checked before its weights
     tokenizer_dir = light.tokenizer or light.policy
     tokenizer, prompt_set, eval_set = together(READING_INPUTS, read_inputs, cfg, run, light, grid, device)
+    check_same_prompts(run, prompt_set, eval_set)  # (a node's stale copy: refused on every rank)
     # Hub ids -> local directories with the weights (engine/hub.py; the same directories); a resume's policy is the
     # checkpoint's: --policy's weights are fetched only where it is the reference too
     unread = ("policy",) if ckpt and model_dirs(run)["reference"] != run.policy else ()
@@ -555,6 +557,7 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     light = resolve_run(run, weights=False)
     tokenizer_dir = light.tokenizer or light.policy
     tokenizer, _, eval_set = together(READING_INPUTS, read_inputs, cfg, run, light, grid, device, training=False)
+    check_same_prompts(run, None, eval_set)
     run = resolve_run(run)
     sources = model_sources(run, None, evaluation=True)
     check_checkpoints(sources)  # (as in setup)

@@ -5,6 +5,7 @@ decisions as on a GPU."""
 import dataclasses
 import json
 import os
+import re
 import shutil
 import types
 
@@ -488,6 +489,52 @@ def test_a_check_that_fails_on_one_rank_alone_stops_every_rank_at_once_naming_it
         f"FailedOnAnotherRank: {what} failed on rank 1: {message}" for what, _, message in refusals
     ]
     assert json.loads((tmp_path / "rank1").read_text()) == [f"{kind}: {message}" for _, kind, message in refusals]
+
+
+def _stale_prompts_rank(rank, world, init_file, policy, reward, prompts, out_dir):
+    import torch.distributed as dist
+
+    init_gloo(rank, world, init_file)
+    grid = ProcessGrid(rank=rank, world_size=world, tp=1, dp=world)
+    mine = prompts if rank == 0 else os.path.join(out_dir, "stale.jsonl")  # (rank 1's node: a copy cut short)
+    run = RunConfig(policy=policy, reward=reward, prompts=mine, output_dir=os.path.join(out_dir, "run"))
+    cfg = PPOConfig(rollout_batch_size=4, train_batch_size=4, max_new_tokens=4)
+    got = [
+        outcome(state_mod.setup, cfg, run, grid=grid),
+        outcome(state_mod.setup_evaluation, cfg, dataclasses.replace(run, eval_only=True, eval_prompts=mine), grid),
+    ]
+    with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
+        f.write(json.dumps(got))
+    dist.destroy_process_group()
+
+
+def test_a_prompt_file_that_differs_between_nodes_is_refused_on_every_rank(tmp_path):
+    """A node whose copy of --prompts is stale or half copied (rank 1 reads 40 of its 48 lines): each rank dealt its
+    rollouts from its own list and planned its own number of iterations; the updates mixed in silence until rank 1
+    finished early and rank 0 waited out the process group's timeout (an hour by default) at the end. Now every rank
+    refuses at setup, before a model is loaded, naming the flag and rank 1's count; --eval-only's --eval-prompts
+    likewise."""
+    import torch.multiprocessing as mp
+
+    from engine.tokenizer import TINY_PROMPTS
+    from engine.train_ppo import build_tiny_models
+
+    policy, reward = build_tiny_models(str(tmp_path / "m"))
+    lines = open(TINY_PROMPTS).read().splitlines(keepends=True)
+    (tmp_path / "stale.jsonl").write_text("".join(lines[:40]))
+    mp.spawn(
+        _stale_prompts_rank, args=(2, str(tmp_path / "init"), policy, reward, TINY_PROMPTS, str(tmp_path)), nprocs=2
+    )
+    ranks = [json.loads((tmp_path / f"rank{r}").read_text()) for r in (0, 1)]
+    said = [
+        rf"--prompts \S+: rank 1 tokenised other prompts than rank 0 \(rank 1's 40 against rank 0's {len(lines)}\)",
+        r"--eval-prompts \S+: rank 1 tokenised other prompts than rank 0 \(rank 1's 40 against",
+    ]
+    for got in ranks:
+        assert all(at_once for _, at_once in got), got
+        for (message, _), pattern in zip(got, said):
+            assert re.match("InvalidInput: " + pattern, message), (message, pattern)
+        assert got[0][0].endswith("differs between nodes (stale, or still being copied)? every node must read the same")
 
 
 def test_a_fault_in_the_checkpoint_check_is_raised_as_itself(monkeypatch):
