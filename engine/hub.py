@@ -101,7 +101,9 @@ def pin_revisions(names: list[str | None], rank: int) -> list[str | None]:
                     continue
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(pinned, src=0)
-    return pinned
+    # (rank 0's answer for the Hub ids alone: a local directory is this node's own name of it, as check_paths and
+    # check_checkpoints read it here, not rank 0's, which another node may lack or hold another copy under)
+    return [p if n and is_repo_id(n) else n for n, p in zip(names, pinned)]
 
 
 def check_same_sources(run) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from engine import memory_plan
-from engine.checkpoint import check_checkpoint, generation_eos_ids
+from engine.checkpoint import check_checkpoint, generation_eos_ids, weights_fingerprint
 from engine.config import ModelConfig, PPOConfig
 from engine.data import check_fills_a_rollout, prompts_digest
 from engine.distributed import ProcessGrid, agree, print0, together
@@ -214,6 +214,45 @@ def check_checkpoints(sources: dict[str, tuple[str, str, str]]) -> None:
     before any weight is read, so a reward model saved as a causal LM or with two labels is refused in seconds, not
     after the policy's and the reference's weights (52 GB at 13B), and the old run is still there."""
     together("checking the checkpoints", _check_each, sources)  # (a rank whose copy differs: none waits)
+    check_same_weights(sources)
+
+
+def check_same_weights(sources: dict[str, tuple[str, str, str]]) -> None:
+    """Every node holds the same weights for each checkpoint of model_sources (a collective; runs over several nodes
+    only): each node's local rank 0 takes their fingerprints (engine.checkpoint.weights_fingerprint: the first rows
+    of each tensor, ~20 MB at 13B) and a node whose copy differs (stale, or copied halfway on its own disk) is refused
+    on every rank, naming the flag and the ranks, rather than trained with another model than the others (its TP
+    shards, or its data-parallel replica's, diverging in silence)."""
+    if not dist.is_initialized():
+        return
+    world = dist.get_world_size()
+    if int(os.environ.get("LOCAL_WORLD_SIZE", world)) >= world:  # (one node: every rank reads the same files)
+        return
+    # in one order on every rank (the reward model before the value model it starts, as above), each directory read
+    # once (the policy's, the reference's by default)
+    roles = sorted(sources.items(), key=lambda item: item[0] == "value")
+
+    def fingerprints() -> list[str]:
+        of: dict[str, str] = {}
+        for _, (_, path, _) in roles:
+            if path not in of:
+                of[path] = weights_fingerprint(path)
+        return [of[path] for _, (_, path, _) in roles]
+
+    reads = os.environ.get("LOCAL_RANK", "0") == "0"  # (a node's local rank 0 speaks for its disk)
+    mine = together("fingerprinting the checkpoints", fingerprints if reads else list)
+    seen: list = [None] * world
+    dist.all_gather_object(seen, mine)
+    nodes = [(rank, got) for rank, got in enumerate(seen) if got]
+    for k, (_, (what, path, _)) in enumerate(roles):
+        other = [rank for rank, got in nodes if got[k] != nodes[0][1][k]]
+        if other:
+            many = len(other) > 1
+            raise InvalidInput(
+                f"{what} {path}: the node{'s' * many} of rank{'s' * many} {', '.join(map(str, other))} "
+                f"hold{'' if many else 's'} other weights there than rank {nodes[0][0]}'s (a stale copy, or one still "
+                "being copied?): every node must load the same"
+            )
 
 
 def _check_each(sources: dict[str, tuple[str, str, str]]) -> None:

@@ -4,6 +4,7 @@ takes 10 to 25 s on 2 cores."""
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -114,6 +115,32 @@ def test_a_checkpoint_one_node_lacks_stops_both_nodes_at_once_naming_it(tmp_path
     assert all(code != 0 for code, _ in results)
     said = f"error: checking the checkpoints and prompt files failed on rank 1: --policy {missing}: no such directory"
     assert said in results[0][1], results[0][1][-3000:]
+
+
+def test_other_weights_on_one_node_stop_both_nodes_naming_them(tmp_path):
+    """--reward copied to each node's own disk, node 1's copy another model of the same shape (a stale copy): every
+    check of shapes passed and each node trained against its own reward model in silence; now the nodes compare their
+    copies' fingerprints before any weight is loaded, and both refuse, naming the flag and node 1's rank."""
+    from safetensors.torch import load_file, save_file
+
+    policy, reward = build_tiny_models(str(tmp_path / "models"))
+    stale = str(tmp_path / "node1-disk/reward")
+    shutil.copytree(reward, stale)
+    weights = load_file(os.path.join(stale, "model.safetensors"))
+    weights["score.weight"] = weights["score.weight"] + 1
+    save_file(weights, os.path.join(stale, "model.safetensors"), metadata={"format": "pt"})
+    out = str(tmp_path / "out")
+    results = two_nodes((out, out), "--policy", policy, "--prompts", TINY_PROMPTS,
+                        node_flags=(("--reward", reward), ("--reward", stale)))  # fmt: skip
+    assert all(code != 0 for code, _ in results)
+    for node, (_, output) in enumerate(results):
+        said = f"--reward {(reward, stale)[node]}: the node of rank 1 holds other weights there than rank 0's (a stale"
+        assert said in output, output[-3000:]
+    # the same weights on both nodes (under their own paths: each node reads its own name, not rank 0's) train
+    shutil.copy(os.path.join(reward, "model.safetensors"), os.path.join(stale, "model.safetensors"))
+    results = two_nodes((out, out), "--policy", policy, "--prompts", TINY_PROMPTS, "--max-iterations", "1",
+                        "--overwrite-output-dir", node_flags=(("--reward", reward), ("--reward", stale)))  # fmt: skip
+    assert all(code == 0 for code, _ in results), results[0][1][-3000:]
 
 
 def test_a_resume_one_node_cannot_read_stops_both_nodes_at_once_naming_it(tmp_path):
