@@ -20,6 +20,7 @@ import torch
 
 from engine.checkpoint import check_checkpoint
 from engine.config import MODEL_SHAPES, ModelConfig
+from engine.dp_overlap import BUCKET_BYTES
 from engine.errors import InvalidInput, MissingInput
 from engine.hub import config_dir, is_repo_id, weight_patterns
 from engine.kv_cache import BLOCK_SIZE, blocks_for_tokens, model_block_bytes
@@ -55,14 +56,19 @@ def fixed_bytes(
     # fp32 masters of their own (none for fp32 weights, unless the distributed optimizer shards them) + two moments
     per_elt = 8 if dtype == torch.float32 and not sharded else 12
     out = {f"weights ({name})": n * elt for name, n in numels.items()}
-    state = int(sum(numels[m] for m in trained) * per_elt / (dp if sharded else 1))
+
+    def shard(n: int) -> int:  # elements of a model's n a rank holds: with the distributed optimizer, 1/dp of each
+        # bucket (about BUCKET_BYTES of fp32 grads, at most 2 n / cap + 1 of them) padded to a multiple of dp
+        return -(-n // dp) + 2 * -(-n * 4 // BUCKET_BYTES) + 1 if sharded else n
+
+    state = sum(shard(numels[m]) for m in trained) * per_elt
     if resident_chunk:  # (never more than the whole state: a small model's chunks are its tensors)
         out[CHUNKS] = min(3 * per_elt * resident_chunk, state)
     elif trained:
         out[STATE] = state
     grads = [numels[m] * 4 for m in trained]
     if grads:  # (none to hold for an evaluation's frozen models)
-        out["fp32 gradients"] = max(grads) + sum(grads) // dp if sharded else sum(grads)
+        out["fp32 gradients"] = max(grads) + sum(shard(numels[m]) * 4 for m in trained) if sharded else sum(grads)
     return out
 
 
@@ -228,19 +234,30 @@ def local_ranks() -> int:
 
 
 def check_host_room(
-    state: int, ranks: int, host: int, how: str, what: str = "optimizer state", flag: str = "--offload-optimizer"
+    state: int,
+    ranks: int,
+    host: int,
+    how: str,
+    what: str = "optimizer state",
+    flag: str = "--offload-optimizer",
+    distributed: bool = True,
 ) -> None:
     """Refuse the optimizer state (or `what`: `state` bytes per rank, `ranks` ranks on the node) to be put in host
     memory (`flag` `how`: the setting that puts it there) where it would take more than HOST_LIMIT of what the host has
-    available."""
+    available; the way out named is one that shrinks it (`distributed`: the optimizer is sharded over the DP ranks, so
+    more of them would; without it, more would not)."""
     if ranks * state > HOST_LIMIT * host:
+        shards = ""
+        if what == "optimizer state":
+            shards = (
+                " or more data-parallel ranks (the distributed optimizer shards the state)"
+                if distributed
+                else " or --distributed-optimizer with data-parallel ranks (it shards the state over them)"
+            )
         raise InvalidInput(
             f"the {what} in host memory ({flag} {how}) needs {ranks * state / GiB:.1f} GiB of "
             f"host memory for {ranks} rank(s) on this node, {host / GiB:.1f} available: use fewer ranks per node, a "
-            "larger --tp"
-            + (" or more data-parallel ranks (the distributed optimizer shards the state)" if what == "optimizer state"
-               else "")
-            + (f", or {flag} off" if how == "rollouts" else "")
+            f"larger --tp{shards}" + (f", or {flag} off" if how in ("rollouts", "always") else "")
         )  # fmt: skip
 
 
@@ -257,6 +274,7 @@ def offload_decision(
     host: int,
     what: str = "optimizer state",
     flag: str = "--offload-optimizer",
+    distributed: bool = True,
 ) -> tuple[bool, str]:
     """Whether the trained models' optimizer state (`state` bytes per GPU) is in host memory during rollouts
     (--offload-optimizer auto|off|rollouts|always; always: it lives there, engine.optim's host_resident), and a
@@ -279,7 +297,7 @@ def offload_decision(
     if setting == "always":  # (built there already: the plan checked the host's room before anything was loaded)
         return True, f"{what}: {state / GiB:.1f} GiB per GPU in host memory, updated in chunks"
     if setting == "rollouts":
-        check_host_room(state, local_ranks, host, setting, what, flag)
+        check_host_room(state, local_ranks, host, setting, what, flag, distributed)
         return True, f"{what}: {state / GiB:.1f} GiB per GPU in host memory during rollouts ({gain}; {room})"
     if seqs[0] >= wanted:
         return False, f"{what}: on the GPU throughout (the rollouts' KV cache holds {seqs[0]} sequences)"
@@ -399,7 +417,7 @@ def plan_for(
     if host is not None and (resident or setting == "rollouts"):
         state = fixed_bytes(numels, TRAINED, dtype, dp, distributed)[STATE]
         how = "auto: always, the only way this layout fits the GPUs" if setting == "auto" else setting
-        check_host_room(state, local_ranks, host, how)
+        check_host_room(state, local_ranks, host, how, distributed=distributed)
         host -= state * local_ranks
     idle = sum(n for k, n in numels.items() if k != "policy") * torch.empty((), dtype=dtype).element_size()
     if host is not None and idle_models == "rollouts":

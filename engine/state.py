@@ -478,9 +478,8 @@ def decide_offload(state: TrainState) -> tuple[bool, bool]:
         seqs = (max(0, budget) // per_seq, max(0, budget + (0 if run.kv_cache_mb else nb)) // per_seq)
         seqs = tuple(min(n, run.gen_max_num_seqs) for n in seqs)  # (the generator's cap: its slots, full length)
         # (no room on one node's host alone, or any other error there: every rank stops, none waits in the agreement)
-        on, line = together(
-            f"deciding {flag}", memory_plan.offload_decision, setting, dev, nb, ranks, seqs, wanted, room, what, flag
-        )
+        on, line = together(f"deciding {flag}", memory_plan.offload_decision, setting, dev, nb, ranks, seqs, wanted,
+                            room, what, flag, run.distributed_optimizer)  # fmt: skip
         (every,) = agree([int(on)], "min")
         print0(line if every == on else f"{what}: on the GPU throughout (another rank has no room to offload)")
         out.append(bool(every))

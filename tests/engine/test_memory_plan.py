@@ -44,13 +44,42 @@ def test_fixed_bytes_of_each_part():
     assert parts["weights (policy)"] == 2000 and parts["weights (reward)"] == 1200
     assert parts["optimizer (masters, Adam moments)"] == 12 * 1600 and parts["fp32 gradients"] == 4 * 1600
     sharded = memory_plan.fixed_bytes(numels, ("policy", "value"), torch.bfloat16, 4, True)
-    assert sharded["optimizer (masters, Adam moments)"] == 12 * 1600 // 4
-    assert sharded["fp32 gradients"] == 4 * 1000 + 4 * 1600 // 4  # the policy's whole, then both models' shards
+    pad = 3  # (a rank's share of each bucket's padding to a multiple of dp: one element of at most 3 buckets a model)
+    assert sharded["optimizer (masters, Adam moments)"] == 12 * (1600 // 4 + 2 * pad)
+    # the policy's whole, then both models' shards
+    assert sharded["fp32 gradients"] == 4 * 1000 + 4 * (1600 // 4 + 2 * pad)
     fp32 = memory_plan.fixed_bytes(numels, ("policy", "value"), torch.float32, 1, False)  # the weights are masters
     assert fp32["weights (value)"] == 2400 and fp32["optimizer (masters, Adam moments)"] == 8 * 1600
     # the distributed optimizer keeps fp32 master shards of its own even for fp32 weights (engine.optim's buckets)
     fp32_sharded = memory_plan.fixed_bytes(numels, ("policy", "value"), torch.float32, 2, True)
-    assert fp32_sharded["optimizer (masters, Adam moments)"] == 12 * 1600 // 2
+    assert fp32_sharded["optimizer (masters, Adam moments)"] == 12 * (1600 // 2 + 2 * pad)
+
+
+@pytest.mark.parametrize("dp", [2, 3])
+def test_the_planned_optimizer_state_holds_what_each_rank_allocates(monkeypatch, dp):
+    """The distributed optimizer pads each bucket to a multiple of dp, so a rank's shard is ceil(bucket / dp): the plan
+    counted sum / dp, a few bytes short of the allocation at DP 3 (the plan's promise is an upper bound). Counted on
+    the real optimizers of the trained models, a padded vocabulary and buckets of 4096 bytes, on every DP rank."""
+    import dataclasses
+
+    from engine.config import ModelConfig, PPOConfig
+    from engine.distributed import ProcessGrid
+    from engine.model import Transformer
+    from engine.optim import make_optimizer
+
+    monkeypatch.setattr(memory_plan, "BUCKET_BYTES", 4096)
+    config = dataclasses.replace(ModelConfig.named("tiny"), vocab_size=513)
+    heads = {"policy": "lm", "value": "score"}
+    numels = {k: config.num_params(h, 1) for k, h in heads.items()}
+    planned = memory_plan.fixed_bytes(numels, tuple(heads), torch.bfloat16, dp, True)[memory_plan.STATE]
+    for rank in range(dp):
+        grid = ProcessGrid(rank=rank, world_size=dp, tp=1, dp=dp)
+        opts = [make_optimizer(Transformer(config, h, dtype=torch.bfloat16), PPOConfig(), grid, distributed=True,
+                               bucket_bytes=4096) for h in heads.values()]  # fmt: skip
+        state = [t for o in opts for t in o.masters] + [t for o in opts for v in o.adam.state.values()
+                                                        for t in v.values() if t.numel() > 1]  # fmt: skip
+        real = sum(t.numel() * t.element_size() for t in state)
+        assert real <= planned < real + 2 * 12 * (2 * sum(numels.values()) * 4 // 4096 + 2), (rank, real, planned)
 
 
 def test_a_tp_degree_that_does_not_divide_is_refused(capsys):
@@ -383,6 +412,18 @@ def test_offload_decision():
     with pytest.raises(ValueError, match=r"--offload-optimizer rollouts\) needs 288\.0 GiB of host memory for 8 "
                        r"rank\(s\) on this node, 300\.0 available"):  # fmt: skip
         decide("rollouts", cuda, state, 8, (117, 302), 256, 300 * GiB)
+    # the way out it names shrinks the state: more data-parallel ranks only where the optimizer is sharded over them
+    # (--no-distributed-optimizer was told to add ranks, which changes nothing per rank); always can be turned off
+    with pytest.raises(ValueError, match=r"a larger --tp or more data-parallel ranks \(the distributed optimizer "
+                       r"shards the state\), or --offload-optimizer off$"):  # fmt: skip
+        decide("rollouts", cuda, state, 8, (117, 302), 256, 300 * GiB)
+    with pytest.raises(ValueError, match=r"a larger --tp or --distributed-optimizer with data-parallel ranks \(it "
+                       r"shards the state over them\), or --offload-optimizer off$"):  # fmt: skip
+        decide("rollouts", cuda, state, 8, (117, 302), 256, 300 * GiB, distributed=False)
+    with pytest.raises(ValueError, match=r"\(--offload-optimizer always\) needs .* or --offload-optimizer off$"):
+        memory_plan.check_host_room(state, 8, 300 * GiB, "always")
+    with pytest.raises(ValueError, match=r"the idle models' weights in host memory .* a larger --tp$"):
+        memory_plan.check_host_room(state, 8, 300 * GiB, "auto", "idle models' weights", "--offload-idle-models")
     assert not decide("off", cuda, state, 8, (117, 302), 256, host)[0]
     on, line = decide("auto", cuda, state, 8, (117, 117), 256, host)  # a fixed cache (--kv-cache-mb): no gain
     assert not on and "would not enlarge the KV cache" in line
