@@ -5,10 +5,12 @@ With --wandb-project P, global rank 0 sends every line it writes to metrics.json
 charted against the run's iteration (a crash-resumed run's repeated iterations are kept, not dropped), with the PPO
 and run configuration as the W&B run's config, and tables of answers: each evaluation's first EVAL_TABLE_ROWS
 (eval/answers) and each iteration's logged samples (samples). The W&B run's id is kept in OUTPUT_DIR/wandb-run-id,
-so --resume continues the same W&B run (a fresh run, or --overwrite-output-dir, starts a new one). WANDB_MODE=offline
-and the other WANDB_* variables work as usual, but for what the run sets itself: WANDB_PROJECT, WANDB_NAME,
-WANDB_RUN_ID, WANDB_RESUME and WANDB_DIR give way to --wandb-project, --wandb-run-name, the kept id and the output
-directory.
+so --resume continues the same W&B run (a fresh run, or --overwrite-output-dir, starts a new one; offline, where W&B
+cannot continue a run, each launch is a run of its own in a group of that id). A tracker that fails mid-run (W&B's
+network, a full disk under --tensorboard-dir) is said and sent nothing more; the run goes on, its JSONL logs written
+before the trackers are sent a line. WANDB_MODE=offline and the other WANDB_* variables work as usual, but for what
+the run sets itself: WANDB_PROJECT, WANDB_NAME, WANDB_RUN_ID, WANDB_RESUME and WANDB_DIR give way to --wandb-project,
+--wandb-run-name, the kept id and the output directory.
 
 With --tensorboard-dir D (optional: `pip install tensorboard`), global rank 0 writes the same lines as TensorBoard
 scalars (eval/<key> for the evaluations; numbers only), against the iteration, and the tables as text, flushed after
@@ -18,6 +20,7 @@ a fresh run purges every earlier event in D.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -143,6 +146,7 @@ class Tracker:
     def __init__(self, state: TrainState):
         run = state.run
         self.wandb = self.tensorboard = None
+        self.tensorboard_dir, self.stopped = run.tensorboard_dir, set()  # (stopped: the trackers that failed)
         if run.tensorboard_dir or run.wandb_project:  # (every rank alike; none to start: no collective)
             # on rank 0; W&B refusing its key, no network: every rank stops at once, none waits for rank 0 in the
             # first evaluation or rollout
@@ -180,10 +184,17 @@ class Tracker:
         # (a resumed run keeps the name it has unless given one: --wandb-run-name is not a setting a resume restores)
         name = run.wandb_run_name or (None if resumed else os.path.basename(os.path.normpath(run.output_dir)))
         config = {"ppo": dataclasses.asdict(state.cfg), "run": dataclasses.asdict(run), "world": state.grid.world_size}
+        kw = {"id": run_id, "resume": "allow"}
+        if os.environ.get("WANDB_MODE", "").strip().lower() in ("offline", "dryrun"):
+            # offline, W&B cannot continue a run: a later launch of the same id, synced, replaces the earlier one's
+            # history (wandb/wandb#4624, #5865). Each launch is a run of its own, in a group of the kept id.
+            kw = {"id": run_id if not resumed else secrets.token_hex(6), "group": run_id}
+            name = name or os.path.basename(os.path.normpath(run.output_dir))
+            if resumed:
+                print0(f"W&B is offline, where it cannot continue run {run_id}: this launch logs as run {kw['id']} of "
+                       f"group {run_id} (`wandb sync` each; online, --resume continues {run_id} itself)")  # fmt: skip
         try:
-            wandb.init(
-                project=run.wandb_project, name=name, id=run_id, resume="allow", config=config, dir=run.output_dir
-            )
+            wandb.init(project=run.wandb_project, name=name, config=config, dir=run.output_dir, **kw)
         except getattr(getattr(wandb, "errors", None), "Error", ()) as e:  # (wandb's: a key refused, no network)
             raise InvalidInput(
                 f"--wandb-project {run.wandb_project}: W&B could not start the run: {first_line(e)}"
@@ -195,29 +206,53 @@ class Tracker:
         self.wandb = wandb
 
     def log(self, metrics: dict, *, prefix: str = "") -> None:
-        if self.tensorboard is not None:
-            step = metrics[ITERATION]
+        """A line of metrics.jsonl or eval.jsonl (written first: the trackers are copies of it)."""
+        step = metrics[ITERATION]
+
+        def scalars(writer):
             for k, v in metrics.items():  # (numbers: an evaluation's set digest and decoding flags are not charts)
                 if k != ITERATION and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tensorboard.add_scalar(prefix + k, v, global_step=step)
-            self.tensorboard.flush()
-        if self.wandb is not None:
-            self.wandb.log(
-                {**{prefix + k: v for k, v in metrics.items() if k != ITERATION}, ITERATION: metrics[ITERATION]}
-            )
+                    writer.add_scalar(prefix + k, v, global_step=step)
+            writer.flush()
+
+        self._send("tensorboard", step, scalars)
+        self._send("wandb", step, lambda w: w.log({**{prefix + k: v for k, v in metrics.items() if k != ITERATION},
+                                                   ITERATION: step}))  # fmt: skip
 
     def log_table(self, key: str, records: list[dict], step: int) -> None:
         """Records (dicts with the same keys: sampled answers) as a W&B table, and as TensorBoard text, at `step`."""
         if not records:
             return
-        if self.tensorboard is not None:  # (a JSON record a paragraph, as code: markdown would eat prompts' marks)
-            text = "\n\n".join("    " + json.dumps(r, ensure_ascii=False) for r in records)
-            self.tensorboard.add_text(key, text, global_step=step)
-            self.tensorboard.flush()
-        if self.wandb is not None:
+
+        def text(writer):  # (a JSON record a paragraph, as code: markdown would eat prompts' marks)
+            writer.add_text(key, "\n\n".join("    " + json.dumps(r, ensure_ascii=False) for r in records), step)
+            writer.flush()
+
+        def table(w):
             columns = list(records[0])
-            table = self.wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in records])
-            self.wandb.log({key: table, ITERATION: step})
+            w.log({key: w.Table(columns=columns, data=[[r.get(c) for c in columns] for r in records]), ITERATION: step})
+
+        self._send("tensorboard", step, text)
+        self._send("wandb", step, table)
+
+    def _send(self, which: str, step: int, send) -> None:
+        """send(the tracker) where it runs; a tracker that fails (W&B's network, a full disk under --tensorboard-dir)
+        is said and sent nothing more this run, and the run goes on: the JSONL logs, written before, hold every line
+        (a tracker's failure stopped the run, whatever it had trained since its last checkpoint lost)."""
+        tracker = getattr(self, which)
+        if tracker is None or which in self.stopped:
+            return
+        try:
+            send(tracker)
+        except Exception as e:
+            self.stopped.add(which)  # (the W&B run is still ended as the run ends: finish)
+            name = "W&B" if which == "wandb" else f"TensorBoard ({self.tensorboard_dir})"
+            print0(f"warning: {name} failed at iteration {step} ({named(e)}): nothing more "
+                   f"is sent to it this run; metrics.jsonl, eval.jsonl and samples.jsonl hold every line")  # fmt: skip
+            if which == "tensorboard":
+                self.tensorboard = None
+                with contextlib.suppress(Exception):
+                    tracker.close()
 
     def __enter__(self) -> Tracker:
         return self
@@ -226,20 +261,26 @@ class Tracker:
         self.finish(failed=exc_type is not None)
 
     def finish(self, failed: bool = False) -> None:
-        """End the W&B run (marked failed when the training loop raised) and close the TensorBoard writer. The writer's
-        own failure (a full disk) does not skip the W&B run's end, and neither hides the loop's error (`failed`)."""
+        """Close the TensorBoard writer and end the W&B run (marked failed when the training loop raised, or when the
+        writer could not close). Either failing (a full disk, W&B's last upload) is said, not raised: the run's own
+        outcome, its checkpoints and JSONL logs, stands (a finished run does not end in an error, nor is the loop's
+        own error hidden)."""
         writer, self.tensorboard, run, self.wandb = self.tensorboard, None, self.wandb, None
-        try:
-            if writer is not None:
+        if writer is not None:
+            try:
                 writer.close()
-        except Exception:
-            if run is not None:
-                run.finish(exit_code=1)
-            if not failed:
-                raise
-            return
+            except Exception as e:
+                failed = True  # (the W&B run is marked failed too: the events the writer held are lost)
+                print0(f"warning: TensorBoard ({self.tensorboard_dir}) failed to close: {named(e)}")
         if run is not None:
-            run.finish(exit_code=1 if failed else 0)
+            try:
+                run.finish(exit_code=1 if failed else 0)
+            except Exception as e:
+                print0(f"warning: W&B failed to end the run: {named(e)}")
+
+
+def named(e: BaseException) -> str:
+    return f"{type(e).__name__}: {first_line(e)}"
 
 
 def log_metrics(state: TrainState, metrics: dict, per_iteration: float | None = None) -> None:
@@ -257,9 +298,7 @@ def _all_ranks(state: TrainState) -> str:
 
 
 def _write_metrics(state: TrainState, metrics: dict, per_iteration: float | None) -> None:
-    """log_metrics on global rank 0: the trackers, the printed line, metrics.jsonl."""
-    if state.tracker is not None:
-        state.tracker.log(metrics)
+    """log_metrics on global rank 0: the printed line, metrics.jsonl, then the trackers (copies of it)."""
     keys = ("score", "kl", "reward", "policy_loss", "value_loss", "clip_frac", "entropy", "response_len")
     keys = keys[:2] + ("kl_coef",) + keys[2:] if state.cfg.kl_target else keys
     line = " ".join(f"{k} {metrics[k]:.4g}" for k in keys)
@@ -275,6 +314,8 @@ def _write_metrics(state: TrainState, metrics: dict, per_iteration: float | None
     os.makedirs(state.run.output_dir, exist_ok=True)
     with open(os.path.join(state.run.output_dir, "metrics.jsonl"), "a") as f:
         f.write(json_line(metrics))
+    if state.tracker is not None:
+        state.tracker.log(metrics)
 
 
 def _eta(state: TrainState, per_iteration: float | None = None) -> str:

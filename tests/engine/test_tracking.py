@@ -96,6 +96,48 @@ def test_a_failing_run_is_marked_failed(tmp_path, monkeypatch):
     assert fake.calls[-1] == ("finish", 1)
 
 
+def test_a_tracker_failing_mid_run_is_said_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """W&B's log raising at iteration 2 (its network) stopped every rank with no checkpoint since the start (the
+    default saves at the end) and metrics.jsonl a line short (the tracker was sent the line before it was written).
+    Now the line is written first, the failure is said once, nothing more goes to W&B, the run ends as it would have;
+    TensorBoard failing on its own goes on with W&B."""
+    fake = _fake_trackers(monkeypatch)
+    real = FakeWandb.log
+
+    def log(self, data, step=None):
+        if data.get("iteration") == 2 and "score" in data:
+            raise ConnectionError("wandb.ai unreachable")
+        real(self, data, step)
+
+    monkeypatch.setattr(FakeWandb, "log", log)
+    history = run_tiny(tmp_path / "run", "--max-iterations", "3", "--wandb-project", "p")
+    lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in lines] == [1, 2, 3] and len(history) == 3
+    assert (tmp_path / "run/checkpoint-000003").is_dir()
+    out = capsys.readouterr().out
+    assert (
+        out.count("warning: W&B failed") == 1
+        and (
+            "warning: W&B failed at iteration 2 (ConnectionError: wandb.ai "
+            "unreachable): nothing more is sent to it this run"
+        )
+        in out
+    )
+    # (the evaluation before training, iteration 1, iteration 2's samples table before its line failed; no more)
+    assert [c[1] for c in fake.calls if c[0] == "log"] == [0, 0, 1, 1, 2] and fake.calls[-1] == ("finish", 0)
+
+    def add_scalar(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FakeWandb, "log", real)
+    monkeypatch.setattr(FakeSummaryWriter, "add_scalar", add_scalar, raising=False)
+    fake.calls.clear()
+    run_tiny(tmp_path / "tb-run", "--max-iterations", "2", "--wandb-project", "p", "--tensorboard-dir",
+             str(tmp_path / "tb"))  # fmt: skip
+    assert "warning: TensorBoard (" in capsys.readouterr().out
+    assert [c[1] for c in fake.calls if c[0] == "log" and "score" in c[2]] == [1, 2]  # (W&B goes on)
+
+
 def test_missing_wandb_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
     match = r"--wandb-project p needs the wandb package \(pip install -e '\.\[wandb\]' in the checkout"
@@ -111,8 +153,31 @@ def test_real_wandb_offline(tmp_path, monkeypatch):
     run_tiny(tmp_path, "--max-iterations", "2", "--wandb-project", "p", "--resume")
     run_id = (tmp_path / "wandb-run-id").read_text().strip()
     runs = sorted(d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-"))
-    # one W&B run, continued (offline-run-<time>-<id>, with "-1" after it when both started within the same second)
-    assert len(runs) == 2 and all(d.split("-")[3] == run_id for d in runs), runs
+    # offline-run-<time>-<id>: the first launch as the kept id, the resumed one as a run of its own (offline, W&B
+    # cannot continue a run: a second launch of one id, synced, replaces the first one's history)
+    assert len(runs) == 2 and sorted(d.split("-")[3] == run_id for d in runs) == [False, True], runs
+
+
+def test_offline_each_launch_is_a_run_of_its_own_in_one_group(tmp_path, monkeypatch, capsys):
+    """Offline, a resumed launch used the kept id, which W&B cannot continue: it recorded the run as new, its steps
+    from 0 again, and `wandb sync` of it replaced the first launch's history. Now each offline launch logs as a run
+    of its own, named alike, in a group of the kept id; online, a resume still continues the kept id."""
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_tiny(tmp_path / "run", "--max-iterations", "1", "--wandb-project", "p")
+    run_id = (tmp_path / "run/wandb-run-id").read_text().strip()
+    run_tiny(tmp_path / "run", "--max-iterations", "2", "--wandb-project", "p", "--resume")
+    first, second = [c[1] for c in fake.calls if c[0] == "init"]
+    assert (first["id"], first["group"], first["name"]) == (run_id, run_id, "run")
+    assert second["id"] != run_id and (second["group"], second["name"]) == (run_id, "run") and "resume" not in second
+    said = f"W&B is offline, where it cannot continue run {run_id}: this launch logs as run {second['id']} of group"
+    assert said in capsys.readouterr().out
+    monkeypatch.setenv("WANDB_MODE", "online")
+    fake.calls.clear()
+    run_tiny(tmp_path / "run", "--max-iterations", "3", "--wandb-project", "p", "--resume")
+    (init,) = [c[1] for c in fake.calls if c[0] == "init"]
+    assert (init["id"], init["resume"]) == (run_id, "allow") and "group" not in init
 
 
 def _no_wandb_key(monkeypatch, tmp_path) -> None:
@@ -283,9 +348,12 @@ def _fake_trackers(monkeypatch) -> "FakeWandb":
     return fake
 
 
-def test_a_writer_that_fails_to_close_neither_skips_the_wandb_end_nor_hides_the_runs_error(tmp_path, monkeypatch):
+def test_a_writer_that_fails_to_close_neither_skips_the_wandb_end_nor_hides_the_runs_error(
+    tmp_path, monkeypatch, capsys
+):
     """The TensorBoard writer's close failing (a full disk): the W&B run still ends, marked failed, and the loop's own
-    error is the one raised; without one, the writer's is."""
+    error is the one raised; without one, the run's outcome stands (its checkpoints and JSONL logs are written): the
+    failure is said, not raised, and so is W&B's own failing to end the run."""
     from engine.tracking import Tracker
 
     fake = _fake_trackers(monkeypatch)
@@ -299,9 +367,18 @@ def test_a_writer_that_fails_to_close_neither_skips_the_wandb_end_nor_hides_the_
     with pytest.raises(ValueError, match="the loop's"), Tracker(state):
         raise ValueError("the loop's")
     assert fake.calls[-1] == ("finish", 1)
-    with pytest.raises(OSError, match="No space left"), Tracker(state):
+    with Tracker(state):
         pass
     assert fake.calls[-1] == ("finish", 1)
+    said = capsys.readouterr().out.splitlines()[-1]
+    assert (
+        said == f"warning: TensorBoard ({tmp_path / 'tb'}) failed to close: OSError: [Errno 28] No space left on device"
+    )
+    monkeypatch.setattr(FakeSummaryWriter, "close", lambda self: None, raising=False)
+    monkeypatch.setattr(FakeWandb, "finish", lambda self, exit_code=None: (_ for _ in ()).throw(ConnectionError("x")))
+    with Tracker(state):
+        pass
+    assert capsys.readouterr().out.splitlines()[-1] == "warning: W&B failed to end the run: ConnectionError: x"
 
 
 def test_eval_only_goes_to_wandb_and_tensorboard_too(tmp_path, monkeypatch):
