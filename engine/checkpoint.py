@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from engine.config import ModelConfig, read_json
 from engine.distributed import raise_together, rank0_together
-from engine.durable import fsync_dir, fsync_file, replace_dir
+from engine.durable import fsync_dir, fsync_file, naming, replace_dir
 from engine.errors import InvalidInput, MissingInput, first_line, unreadable
 from engine.model import Transformer
 
@@ -477,9 +477,10 @@ def save_pretrained(
 
 
 def _write_shard(tensors: dict[str, torch.Tensor], fn: str) -> None:
-    save_file(tensors, fn, metadata={"format": "pt"})
-    os.chmod(fn, 0o666 & ~_umask())  # (safetensors writes 0600: unreadable to a team's other users)
-    fsync_file(fn)
+    with naming(fn):  # (a full disk's error names the file)
+        save_file(tensors, fn, metadata={"format": "pt"})
+        os.chmod(fn, 0o666 & ~_umask())  # (safetensors writes 0600: unreadable to a team's other users)
+        fsync_file(fn)
 
 
 # what a tokenizer directory holds, whatever its kind (fast tokenizer.json, SentencePiece's tokenizer.model or

@@ -5,15 +5,35 @@ are written through these."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 import uuid
 
 
+@contextlib.contextmanager
+def naming(path: str):
+    """An OSError raised inside names `path` where it names no file: a full disk's ENOSPC from a write, a flush, an
+    fsync or a close carries none, and the run's one-line error (engine.errors.run_command) says the file it was."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = path
+        raise
+
+
+def append(path: str, text: str) -> None:
+    """Append `text` (a JSONL log's lines) to the file at `path`; an error names it (naming)."""
+    with naming(path), open(path, "a") as f:
+        f.write(text)
+
+
 def atomic_write(path: str, write) -> None:
     """write(f) into a temporary file beside `path`, synced, then renamed over it (the rename synced too): `path` is
-    whole or untouched, also after a crash of the node; a write that fails (a full disk) removes the temporary file."""
+    whole or untouched, also after a crash of the node; a write that fails (a full disk) removes the temporary file,
+    and its error names `path`."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -21,9 +41,11 @@ def atomic_write(path: str, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # (a full disk: its partial copy, a state file's tens of GB, is not left there)
+    except BaseException as e:  # (a full disk: its partial copy, a state file's tens of GB, is not left there)
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = path
         raise
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 

@@ -35,7 +35,7 @@ from engine import ppo
 from engine.config import json_line
 from engine.data import Rollout, global_position, prompts_digest
 from engine.distributed import agree, print0, rank0_together
-from engine.durable import atomic_write
+from engine.durable import append, atomic_write
 from engine.rollout import check_scores, forward_rollout, generate_rollout, reduce_sums, sampling_params
 from engine.run_logs import EVAL_DIR, read_log
 from engine.state import TrainState, setup_evaluation
@@ -200,8 +200,7 @@ def _log_evaluation(state: TrainState, metrics: dict, records: list[dict]) -> No
     records = sorted(records, key=lambda r: r["prompt_index"])
     data = "".join(json_line(r) for r in records).encode()
     atomic_write(os.path.join(out, EVAL_DIR, f"iter-{state.iteration:06d}.jsonl"), lambda f: f.write(data))
-    with open(os.path.join(out, "eval.jsonl"), "a") as f:
-        f.write(json_line(metrics))
+    append(os.path.join(out, "eval.jsonl"), json_line(metrics))
     if state.tracker is not None:
         state.tracker.log(metrics, prefix="eval/")
         state.tracker.log_table("eval/answers", readable(records[:EVAL_TABLE_ROWS]), step=state.iteration)
@@ -235,7 +234,6 @@ def log_samples(state: TrainState, ro: Rollout) -> None:
         return
     os.makedirs(state.run.output_dir, exist_ok=True)
     records = [{"iteration": state.iteration + 1, **rec} for _, rec in sorted(gathered, key=lambda x: x[0])]
-    with open(os.path.join(state.run.output_dir, "samples.jsonl"), "a") as f:
-        f.write("".join(json_line(rec) for rec in records))
+    append(os.path.join(state.run.output_dir, "samples.jsonl"), "".join(json_line(rec) for rec in records))
     if state.tracker is not None:
         state.tracker.log_table("samples", readable(records), step=state.iteration + 1)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from engine.config import json_line
 from engine.distributed import print0, rank0_together
-from engine.durable import atomic_write
+from engine.durable import append, atomic_write
 from engine.errors import InvalidInput, MissingPackage, UnwritableOutput, first_line
 from engine.output_dir import why_unwritable
 from engine.resume import WANDB_RUN_ID
@@ -312,8 +312,7 @@ def _write_metrics(state: TrainState, metrics: dict, per_iteration: float | None
         f"eta {_eta(state, per_iteration)}"
     )
     os.makedirs(state.run.output_dir, exist_ok=True)
-    with open(os.path.join(state.run.output_dir, "metrics.jsonl"), "a") as f:
-        f.write(json_line(metrics))
+    append(os.path.join(state.run.output_dir, "metrics.jsonl"), json_line(metrics))
     if state.tracker is not None:
         state.tracker.log(metrics)
 

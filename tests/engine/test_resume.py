@@ -953,9 +953,54 @@ def test_an_atomic_write_that_fails_leaves_the_file_and_no_partial_copy(tmp_path
         f.write(b"ha")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(OSError, match="No space left on device"):
+    with pytest.raises(OSError, match="No space left on device") as e:
         durable.atomic_write(str(tmp_path / "x"), write)
     assert os.listdir(tmp_path) == ["x"] and (tmp_path / "x").read_bytes() == b"old"
+    assert e.value.filename == str(tmp_path / "x")  # (the error names the file: the kernel's carries none)
+
+
+@pytest.mark.filterwarnings("ignore:Unable to enable fault handler")  # (@record's, under pytest's capture)
+def test_a_full_disk_names_the_file_it_was_writing(tmp_path, monkeypatch, capsys):
+    """The kernel's ENOSPC from a write, a flush or an fsync names no file, so the run's one line said "No space left
+    on device: free space, then --resume ..." without saying where: every write of the run's own (the JSONL logs'
+    appends, the atomic writes of `latest` and the state files, a checkpoint's shards) names its file now."""
+    import errno
+
+    from engine import checkpoint, durable, train_ppo
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    class Full:
+        def __init__(self, *a, **k):
+            pass
+
+        __enter__ = lambda self: self  # noqa: E731
+        __exit__ = lambda self, *a: None  # noqa: E731
+        write = full
+
+    with monkeypatch.context() as m:
+        m.setattr(durable, "open", Full, raising=False)
+        with pytest.raises(OSError) as e:
+            durable.append(str(tmp_path / "metrics.jsonl"), "{}\n")
+    assert e.value.filename == str(tmp_path / "metrics.jsonl") and e.value.errno == errno.ENOSPC
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "fsync_file", full)
+        with pytest.raises(OSError) as e:
+            checkpoint._write_shard({"w": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    assert e.value.filename == str(tmp_path / "model.safetensors")
+    # a run whose disk fills as it appends its first metrics line: its one line of error names the file
+    out = tmp_path / "run"
+    monkeypatch.setattr(durable, "open", lambda p, *a, **k: Full() if p.endswith("metrics.jsonl") else open(p, *a, **k),
+                        raising=False)  # fmt: skip
+    monkeypatch.delenv("TULU_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as e, dispatch.reference_ops():
+        train_ppo.cli(["--output-dir", str(out), "--max-iterations", "1", *SMALL])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 1 and err == (
+        f"train_ppo.py: error: No space left on device writing {out}/metrics.jsonl: "
+        "free space, then --resume continues exactly from the last checkpoint"
+    )
 
 
 def test_pruning_keeps_exactly_keep_checkpoints(tmp_path):
