@@ -6,7 +6,9 @@ writes there, its checkpoints and logs, is engine/resume.py's.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import time
 
@@ -37,6 +39,7 @@ def _check_writable(output_dir: str) -> None:
         raise error
 
 
+WRITE_PROBE = ".write-test-"  # why_unwritable's file (its PID after it), removed once written
 SHARED_PROBE = ".shared-test-"  # check_shared's file (a random token after it), removed once every rank has read it
 # how long a rank looks for it: NFS caches a directory's attributes, and a name it did not hold, for up to a minute
 # by default (acdirmax), so another node's new file may be seen late; only a directory that is not shared waits it out
@@ -124,10 +127,13 @@ def why_unwritable(directory: str) -> str | None:
     there."""
     try:
         os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, f".write-test-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        probe = os.path.join(directory, WRITE_PROBE + str(os.getpid()))
+        try:
+            with open(probe, "w") as f:
+                f.write("ok")
+        finally:  # (a full disk's error: the empty file is not left)
+            if os.path.exists(probe):
+                os.remove(probe)
     except OSError as e:
         if os.path.exists(directory) and not os.path.isdir(directory):  # (makedirs: "File exists")
             return "a file of that name is there" if os.path.isfile(directory) else "it is not a directory"
@@ -204,7 +210,23 @@ def _lock(output_dir: str) -> InputError | None:
     for d in (output_dir, os.path.join(output_dir, EVAL_DIR), os.path.join(output_dir, "init")):
         if os.path.isdir(d):
             remove_leftovers(d)
+    _remove_stale_probes(output_dir)
     return None
+
+
+STALE_PROBE_S = 600  # a directory probe this old is a killed run's (a live check writes and removes its own in seconds)
+
+
+def _remove_stale_probes(output_dir: str) -> None:
+    """The directory probes a run killed while checking left (why_unwritable's .write-test-PID, check_shared's
+    .shared-test-TOKEN): one more each kill, otherwise for good. Only old ones: a run launched into the directory
+    beside this one may be checking it now, before it meets this run's lock."""
+    now = time.time()
+    for name in os.listdir(output_dir):
+        if any(name.startswith(p) and re.fullmatch("[0-9a-f]+", name[len(p) :]) for p in (WRITE_PROBE, SHARED_PROBE)):
+            with contextlib.suppress(OSError):  # (gone already, or another run's to remove)
+                if now - os.stat(os.path.join(output_dir, name)).st_mtime > STALE_PROBE_S:
+                    os.remove(os.path.join(output_dir, name))
 
 
 def unlock_output_dir(output_dir: str | None) -> None:

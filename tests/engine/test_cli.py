@@ -682,6 +682,39 @@ def test_a_full_disk_met_taking_the_lock_is_an_unwritable_output_dir(tmp_path, m
     unlock_output_dir(str(out))
 
 
+def test_the_directory_probes_a_killed_run_left_are_removed_when_old(tmp_path, monkeypatch):
+    """A run killed as it checks its output directory leaves its probe (.write-test-PID, .shared-test-TOKEN): one more
+    each kill, and no run removed them. The next run to take the lock removes those older than STALE_PROBE_S, not a
+    newer one (another launch checking the directory now, which the lock will refuse); a full disk's failed probe
+    leaves no empty file."""
+    import errno
+    import time
+
+    from engine import output_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    old = time.time() - output_dir.STALE_PROBE_S - 60
+    for name in (".write-test-4242", ".shared-test-0a1b2c", ".write-test-77"):
+        (out / name).write_text("ok")
+    for name in (".write-test-4242", ".shared-test-0a1b2c"):
+        os.utime(out / name, (old, old))
+    (out / ".write-test-notes").write_text("a user's")  # (not a probe's name)
+    output_dir.lock_output_dir(str(out), 0)
+    output_dir.unlock_output_dir(str(out))
+    assert sorted(os.listdir(out)) == [".write-test-77", ".write-test-notes"]
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: (real(p, *a, **k).close(), full())[1]
+                        if ".write-test-" in str(p) else real(p, *a, **k))  # fmt: skip
+    assert output_dir.why_unwritable(str(out)) == "No space left on device"
+    monkeypatch.undo()
+    assert sorted(os.listdir(out)) == [".write-test-77", ".write-test-notes"]
+
+
 def test_a_run_lock_that_cannot_be_opened_is_named(tmp_path):
     """A .run.lock there that cannot be opened for writing (a directory of that name; another user's file) names
     the lock file, not the output directory, which can be written."""
