@@ -380,6 +380,12 @@ def state_file(ckpt: str, rank: int) -> str:
     return os.path.join(ckpt, f"state-rank{rank:05d}.pt")
 
 
+def _layout(tp: int, dp: int, distributed: bool) -> str:
+    """A run's layout as the flags and launch that give it."""
+    n = tp * dp
+    return f"--tp {tp} on {n} process{'es' * (n > 1)}" + ("" if distributed else " with --no-distributed-optimizer")
+
+
 def _load_states(ckpt: str, grid, distributed: bool) -> tuple[dict, list[dict | None] | None]:
     """This rank's saved state and, when the optimizers must be re-laid (another TP degree, number of DP ranks or
     --distributed-optimizer setting), every saved rank's state that re-laying reads (None for the others). After a
@@ -403,6 +409,11 @@ def _load_states(ckpt: str, grid, distributed: bool) -> tuple[dict, list[dict | 
             return load(own), None
     elif saved_tp == grid.tp and not sharded and not distributed:  # every DP rank saved the same: DP rank 0's
         return load(state_file(ckpt, grid.tp_rank)), None
+    if sharded and any(sd[k].get("buckets") is None for k in ("policy_opt", "value_opt")):
+        raise InvalidInput(
+            f"{ckpt}: its sharded optimizer state predates re-laying it for another layout (an older engine saved it): "
+            f"resume with its layout, {_layout(saved_tp, saved_dp, True)}, not {_layout(grid.tp, grid.dp, distributed)}"
+        )
     states: list[dict | None] = [None] * sd["world_size"]
     for r in needed_ranks(saved_tp, saved_dp, sharded):
         if not os.path.exists(fn := state_file(ckpt, r)):

@@ -731,6 +731,25 @@ def test_resume_with_another_layout(tmp_path):
                 torch.testing.assert_close(w[d][k], v, atol=1e-6, rtol=1e-5, msg=f"{d} {sub} {k}")
 
 
+def test_a_sharded_optimizer_saved_before_re_laying_is_refused_naming_both_layouts(tmp_path):
+    """A checkpoint whose sharded optimizer state predates re-laying (no bucket lists in its state files), resumed on
+    another layout, ended in a traceback (a ValueError from deep in engine/reshard.py) naming neither layout: now the
+    input error (one line, every rank) says the one to resume with."""
+    from engine.distributed import ProcessGrid
+    from engine.errors import InvalidInput
+    from engine.resume import _load_states, state_file
+
+    opt = {"distributed": True, "masters": [], "adam": {}}
+    for rank in range(2):
+        torch.save({"tp": 1, "world_size": 2, "policy_opt": opt, "value_opt": opt}, state_file(str(tmp_path), rank))
+    with pytest.raises(InvalidInput, match=r"its sharded optimizer state predates re-laying it for another layout "
+                       r"\(an older engine saved it\): resume with its layout, --tp 1 on 2 processes, not --tp 1 on 1 "
+                       r"process with --no-distributed-optimizer$"):  # fmt: skip
+        _load_states(str(tmp_path), ProcessGrid(), False)
+    torch.save({"tp": 1, "world_size": 2, "policy_opt": opt, "value_opt": opt}, state_file(str(tmp_path), 1))
+    assert _load_states(str(tmp_path), ProcessGrid(rank=1, world_size=2, tp=1, dp=2), True)[1] is None  # (its own)
+
+
 def test_resume_names_changed_hyperparameters(tmp_path, capsys):
     run_tiny(tmp_path, "--max-iterations", "1")
     capsys.readouterr()
