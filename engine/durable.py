@@ -19,9 +19,15 @@ def naming(path: str):
     try:
         yield
     except OSError as e:
-        if e.filename is None:
-            e.filename = path
+        _name(e, path)
         raise
+
+
+def _name(e: BaseException, path: str) -> None:
+    """`path` as the file of OSError `e` where it has an errno and no file (one built from a message alone keeps it:
+    its str would become "[Errno None] None: path")."""
+    if isinstance(e, OSError) and e.errno is not None and e.filename is None:
+        e.filename = path
 
 
 def append(path: str, text: str) -> None:
@@ -44,8 +50,7 @@ def atomic_write(path: str, write) -> None:
     except BaseException as e:  # (a full disk: its partial copy, a state file's tens of GB, is not left there)
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError) and e.filename is None:
-            e.filename = path
+        _name(e, path)
         raise
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
