@@ -1637,7 +1637,8 @@ def test_a_resume_names_the_state_file_it_lacks(tmp_path):
     torch.save({"tp": 1, "world_size": 2, "policy_opt": {"distributed": False}}, tmp_path / "state-rank00000.pt")
     with pytest.raises(MissingInput, match=r"state-rank00001\.pt is missing \(resume reads the state file each rank"):
         _load_states(str(tmp_path), grid, False)
-    torch.save({"tp": 1, "world_size": 2, "policy_opt": {"distributed": True}}, tmp_path / "state-rank00000.pt")
+    sharded = {"distributed": True, "buckets": [[0]]}  # (an engine's that re-lays it: its buckets saved)
+    torch.save({"tp": 1, "world_size": 2, "policy_opt": sharded, "value_opt": sharded}, tmp_path / "state-rank00000.pt")
     with pytest.raises(MissingInput, match=r"state-rank00001\.pt is missing \(re-laying the optimizer"):
         _load_states(str(tmp_path), ProcessGrid(), False)  # (one rank now: every saved rank's shard is read)
 
