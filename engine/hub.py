@@ -210,10 +210,10 @@ def _download(name: str, local_only: bool, weights: bool = True) -> str:
             raise ValueError(f"the cached snapshot {cached} {what or 'holds no weights'} (a download cut short?)")
     else:
 
-        def named(index: str) -> list[str]:  # (an index is fetched alone first: the shards it names are what is read)
+        def index_shards(index: str) -> list[str]:  # (the index fetched alone first: the shards it names are read)
             return sorted(set(weight_map(hf_hub_download(repo, index, revision=revision)).values()))
 
-        found = weight_patterns(list_repo_files(repo, revision=revision), named)
+        found = weight_patterns(list_repo_files(repo, revision=revision), index_shards)
     return snapshot_download(repo, revision=revision, allow_patterns=KEEP + found, local_files_only=local_only)
 
 

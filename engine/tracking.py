@@ -247,7 +247,7 @@ class Tracker:
         except Exception as e:
             self.stopped.add(which)  # (the W&B run is still ended as the run ends: finish)
             name = "W&B" if which == "wandb" else f"TensorBoard ({self.tensorboard_dir})"
-            print0(f"warning: {name} failed at iteration {step} ({named(e)}): nothing more "
+            print0(f"warning: {name} failed at iteration {step} ({type(e).__name__}: {first_line(e)}): nothing more "
                    f"is sent to it this run; metrics.jsonl, eval.jsonl and samples.jsonl hold every line")  # fmt: skip
             if which == "tensorboard":
                 self.tensorboard = None
@@ -271,16 +271,13 @@ class Tracker:
                 writer.close()
             except Exception as e:
                 failed = True  # (the W&B run is marked failed too: the events the writer held are lost)
-                print0(f"warning: TensorBoard ({self.tensorboard_dir}) failed to close: {named(e)}")
+                why = f"{type(e).__name__}: {first_line(e)}"
+                print0(f"warning: TensorBoard ({self.tensorboard_dir}) failed to close: {why}")
         if run is not None:
             try:
                 run.finish(exit_code=1 if failed else 0)
             except Exception as e:
-                print0(f"warning: W&B failed to end the run: {named(e)}")
-
-
-def named(e: BaseException) -> str:
-    return f"{type(e).__name__}: {first_line(e)}"
+                print0(f"warning: W&B failed to end the run: {type(e).__name__}: {first_line(e)}")
 
 
 def log_metrics(state: TrainState, metrics: dict, per_iteration: float | None = None) -> None:
