@@ -71,11 +71,12 @@ def _logged(output_dir: str, iteration: int) -> int:
 
 def eval_identity(state: TrainState) -> dict:
     """What makes two evaluations comparable, logged with each: the prompt set's digest, the decoding (greedy, or
-    the sampling: temperature, top-k, top-p; and the response limit) and the terms of the reward (the KL coefficient
-    and estimator, the missing-EOS penalty)."""
+    the sampling: temperature, top-k, top-p and the seed; the response limit, --ignore-eos) and the terms of the
+    reward (the KL coefficient and estimator, the missing-EOS penalty)."""
     params, cfg = sampling_params(state, EVAL_STREAM, greedy=state.run.eval_greedy, n=1), state.cfg
     return {
         "eval_set": prompts_digest(state.eval_prompts.prompts), "eval_greedy": state.run.eval_greedy,
+        "eval_seed": state.run.seed, "eval_ignore_eos": state.run.ignore_eos,
         "eval_temperature": params.temperature, "eval_top_k": params.top_k, "eval_top_p": params.top_p,
         "eval_max_new_tokens": params.max_new_tokens, "eval_kl_coef": cfg.kl_coef,
         "eval_kl_estimator": cfg.kl_estimator, "eval_missing_eos_penalty": cfg.missing_eos_penalty,

@@ -37,7 +37,7 @@ from engine.run_logs import LOGS, trim_logs
 from engine.tokenizer import TULU_CHAT_TEMPLATE, tulu_chat_template
 
 if TYPE_CHECKING:
-    from engine.state import TrainState
+    from engine.state import RunConfig, TrainState
 
 LATEST = "latest"
 WANDB_RUN_ID = "wandb-run-id"  # the W&B run a resumed run continues (engine/tracking.py)
@@ -85,6 +85,7 @@ def trainer_state_dict(state: TrainState, copy: bool = False) -> dict:
         "world_size": state.grid.world_size,
         "tp": state.grid.tp,
         "ppo_config": dataclasses.asdict(state.cfg),
+        "run": {k: getattr(state.run, k) for k in EVAL_RUN_FIELDS},  # (an --eval-only of it: saved_run_settings)
         "models": mine(state.model_fingerprints),  # (the frozen models' weights, as a resume checks them; rank 0)
     }
 
@@ -482,6 +483,35 @@ def check_prompt_order(ckpt: str, prompts: list[list[int]], cfg, seed: int) -> N
     if os.path.exists(fn):  # (a missing one is named by load_trainer_state)
         data = PromptBatches(prompts, cfg.rollout_batch_size, seed=seed, epochs=cfg.prompt_epochs)
         data.load_state_dict(load_state_file(fn)["data"])
+
+
+# the run's settings (RunConfig fields) that decide what its evaluations answered, saved with each checkpoint: an
+# --eval-only of its policy takes those no flag gives (state.checkpoint_run), so it answers as the run's eval.jsonl did
+EVAL_RUN_FIELDS = ("seed", "eval_greedy", "ignore_eos", "chat_template")
+
+
+def saved_run_settings(ckpt: str) -> dict:
+    """EVAL_RUN_FIELDS as checkpoint `ckpt`'s run had them (rank 0's state file, memory-mapped); an older checkpoint's
+    hold its seed alone (its prompt order's)."""
+    sd = load_state_file(state_file(ckpt, 0))
+    saved = dict(sd.get("run") or {})
+    if "seed" not in saved and isinstance(sd.get("data"), dict) and "seed" in sd["data"]:
+        saved["seed"] = int(sd["data"]["seed"])
+    return {k: saved[k] for k in EVAL_RUN_FIELDS if k in saved}
+
+
+def checkpoint_run(run: RunConfig, ckpt: str) -> RunConfig:
+    """run with checkpoint `ckpt`'s settings that decide what its run's evaluations answered (EVAL_RUN_FIELDS: the
+    samples' seed, greedy decoding, --ignore-eos, the chat template) for each one not given on this command line
+    (run.run_flags): an --eval-only of its policy answers as that run's eval.jsonl did. A checkpoint from before they
+    were saved: its seed alone, and a warning naming the others. run as it is with run.run_flags None (the API's)."""
+    if run.run_flags is None:
+        return run
+    saved, open_ = saved_run_settings(ckpt), [k for k in EVAL_RUN_FIELDS if k not in run.run_flags]
+    if unknown := [f"--{k.replace('_', '-')} ({getattr(run, k)})" for k in open_ if k not in saved]:
+        print0(f"warning: {ckpt} predates the record of its run's {', '.join(unknown)}: this command's are used; give "
+               "them as its run had them to compare with its eval.jsonl")  # fmt: skip
+    return dataclasses.replace(run, **{k: saved[k] for k in open_ if k in saved})
 
 
 def saved_ppo_config(ckpt: str) -> dict:

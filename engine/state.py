@@ -45,6 +45,7 @@ from engine.resume import (
     check_prompt_order,
     check_resumable,
     check_same_checkpoint,
+    checkpoint_run,
     fingerprint_models,
     latest_checkpoint,
     load_state_file,
@@ -89,6 +90,7 @@ class RunConfig:
     # the PPO hyperparameters given on the command line (set by train_ppo.parse_args; not a flag): a resumed run takes
     # every other one from its checkpoint, so it continues with its own. None (the API's): all of them are as meant
     ppo_flags: tuple[str, ...] | None = field(default=None, metadata={"cli": False})
+    run_flags: tuple[str, ...] | None = field(default=None, metadata={"cli": False})  # (the others given, likewise)
     overwrite_output_dir: bool = False  # start over in an output_dir that holds a run (its checkpoints are deleted)
     save_every: int = 0  # iterations between checkpoints (0: only at the end)
     keep_checkpoints: int = 1  # the newest checkpoints kept in output_dir; older ones are pruned
@@ -546,9 +548,10 @@ def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:
     cfg = together("reading the checkpoint's hyperparameters", checkpoint_config, cfg, run, ckpt)
     if ckpt is not None and run.reference is None:  # (the policy itself would make every KL 0)
         run = checkpoint_reference(run, ckpt)
-    if ckpt is not None:
-        print0(f"evaluating {ckpt}'s policy with its run's PPO hyperparameters (sampling, limits, the reward's KL and "
-               "missing-EOS terms) where no flag is given")  # fmt: skip
+    if ckpt is not None:  # (and its seed, greedy or sampled, --ignore-eos, template: the answers its run drew)
+        run = together("reading the checkpoint's run settings", checkpoint_run, run, ckpt)
+        print0(f"evaluating {ckpt}'s policy with its run's PPO hyperparameters (sampling and its seed, limits, the "
+               "reward's KL and missing-EOS terms) where no flag is given")  # fmt: skip
     check_writable(run.output_dir, grid.rank)
     run = pin_run(run)  # (as in setup)
     device, load = model_loader(run, grid)

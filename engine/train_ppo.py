@@ -160,6 +160,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PPOConfig, RunConfig, boo
         else:
             run_kw[k] = v
     run_kw["ppo_flags"] = tuple(sorted(k for k in given if k in ppo_names))  # (a resume takes the others' saved)
+    run_kw["run_flags"] = tuple(sorted(k for k in given if k not in ppo_names))  # (--eval-only of a checkpoint too)
     if tiny and given.get("eval_prompts") == "" and "eval_every" not in given:
         run_kw["eval_every"] = 0  # (the preset's, with evaluation turned off; one given beside it is refused by setup)
     if given.get("resume") and given.get("overwrite_output_dir"):  # (resume would win silently where there is one)

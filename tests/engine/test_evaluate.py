@@ -291,6 +291,43 @@ def test_eval_only_of_a_checkpoint_takes_its_runs_reference(tmp_path, capsys):
     assert alone["kl"] == 0
 
 
+def test_eval_only_of_a_checkpoint_takes_its_runs_seed_and_decoding(tmp_path, capsys):
+    """--eval-only of a PPO checkpoint's policy answers with its run's --seed, --eval-greedy, --ignore-eos and chat
+    template where no flag is given (those are run settings, not PPO hyperparameters: it sampled another stream
+    with seed 0, or sampled where the run had decoded greedily, and its line looked like the run's own); a flag
+    given wins; a checkpoint from before they were saved gives its seed (its prompt order's) and names the others."""
+    from engine.resume import state_file
+    from engine.train_ppo import main
+
+    run_tiny(tmp_path / "run", "--max-iterations", "1", "--seed", "3", "--eval-greedy")
+    ckpt, init = latest_checkpoint(str(tmp_path / "run")), tmp_path / "run/init"
+    flags = ["--eval-only", "--policy", f"{ckpt}/policy", "--reward", str(init / "reward"), "--eval-prompts",
+             TINY_EVAL_PROMPTS]  # fmt: skip
+    during = _lines(tmp_path / "run/eval.jsonl")[-1]
+    assert during["eval_seed"] == 3 and during["eval_greedy"] is True and during["eval_ignore_eos"] is False
+    with dispatch.reference_ops():
+        (only,) = main([*flags, "--output-dir", str(tmp_path / "only")])
+        (sampled,) = main([*flags, "--output-dir", str(tmp_path / "sampled"), "--no-eval-greedy", "--seed", "3"])
+    for k in (*evaluate.EVAL_KEYS, "iteration"):
+        assert only[k] == during[k], k
+    logged = lambda name: _lines(tmp_path / name / "eval.jsonl")[-1]  # noqa: E731
+    assert {k: v for k, v in logged("only").items() if k.startswith("eval_")} == {
+        k: v for k, v in during.items() if k.startswith("eval_")
+    }
+    assert logged("sampled")["eval_greedy"] is False and logged("sampled")["eval_seed"] == 3
+    assert sampled["response_len"] != only["response_len"] or sampled["kl"] != only["kl"]  # (sampled, not greedy)
+    fn = state_file(ckpt, 0)  # an older checkpoint's state file: no record of the run's settings
+    sd = torch.load(fn, weights_only=True)
+    del sd["run"]
+    torch.save(sd, fn)
+    capsys.readouterr()
+    with dispatch.reference_ops():
+        main([*flags, "--output-dir", str(tmp_path / "older")])
+    said = f"warning: {ckpt} predates the record of its run's --eval-greedy (False), --ignore-eos (False), --chat-te"
+    assert said in capsys.readouterr().out
+    assert logged("older")["eval_seed"] == 3 and logged("older")["eval_greedy"] is False
+
+
 def test_a_resumed_evaluation_is_compared_with_the_last_logged_set(tmp_path, monkeypatch, capsys):
     """A run that changed its evaluation set once and is resumed again with that set is not warned again; another
     set is."""
