@@ -451,6 +451,16 @@ def _conversation(msgs: list, where: str) -> list[dict]:
     return msgs[: last_user + 1]
 
 
+def _begins_whole(text: str) -> bool:
+    """Whether `text` begins with a whole JSON value (text after it is malformed JSON, which parse_json names with its
+    column, not an object cut over several lines)."""
+    try:
+        json.JSONDecoder().raw_decode(text)
+    except ValueError:
+        return False
+    return True
+
+
 def read_prompt_file(path: str | os.PathLike, lines: list[int] | None = None) -> list[list[dict]]:
     """Conversations (each a list of messages ending with a user turn) from a JSONL prompt file; `lines`, when given,
     gets each one's line number."""
@@ -480,7 +490,7 @@ def read_prompt_file(path: str | os.PathLike, lines: list[int] | None = None) ->
                     "line, not one array of them (datasets' to_json writes JSON Lines)"
                 )
             text = line.strip()
-            if not convs and text.startswith("{") and not text.endswith("}"):  # (json.dump(obj, f, indent=2))
+            if not convs and text.startswith("{") and not text.endswith("}") and not _begins_whole(text):  # (indent=2)
                 raise InvalidInput(
                     f"{where}: a JSON object that does not end on its line (a pretty-printed .json file, or a line "
                     "cut short?): a prompt file is JSON Lines, one object per line (datasets' to_json writes them)"

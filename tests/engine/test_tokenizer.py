@@ -796,6 +796,9 @@ def test_a_pretty_printed_json_object_file_is_refused_by_name(tmp_path):
     p.write_text('{"prompt": "a",}\n')
     with pytest.raises(ValueError, match=r"p\.json:1: malformed JSON"):
         read_prompt_file(p)
+    p.write_text('{"prompt": "a"} x\n')  # (a whole object, then junk: malformed there, no object over many lines)
+    with pytest.raises(ValueError, match=r"p\.json:1: malformed JSON \(Extra data.* column 17"):
+        read_prompt_file(p)
 
 
 @pytest.mark.parametrize("template", ["tulu", "tokenizer"])
