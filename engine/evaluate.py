@@ -85,13 +85,18 @@ def eval_identity(state: TrainState) -> dict:
 
 def check_resumed_eval(state: TrainState) -> None:
     """A resumed run evaluating on another prompt set (or decoding otherwise) than the evaluations eval.jsonl holds
-    would draw one curve through two sets: say so (each line names its set: `eval_set`)."""
-    if state.eval_prompts is None or state.iteration == 0 or not state.run.output_dir:
+    would draw one curve through two sets: say so (each line names its set: `eval_set`); one evaluating nothing
+    would end the curve in silence: said too."""
+    if state.iteration == 0 or not state.run.output_dir:
         return
     fn = os.path.join(state.run.output_dir, "eval.jsonl")
     # (rank 0 reads it; an error there stops every rank, none waits for it in eval_due or the first rollout)
     logged = rank0_together("reading eval.jsonl", state.grid.rank, _logged_sets, fn)
     if not logged:  # (None on the other ranks)
+        return
+    if state.eval_prompts is None:  # (--eval-prompts or --eval-holdout left out of the resume's command)
+        print0(f"warning: {fn} holds this run's evaluations, and this resumed run evaluates nothing (no --eval-prompts "
+               "or --eval-holdout): its curve ends here; give the run's to go on")  # fmt: skip
         return
     now = eval_identity(state)
     if any(k in logged[-1] and logged[-1][k] != v for k, v in now.items()):

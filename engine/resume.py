@@ -485,8 +485,8 @@ def check_prompt_order(ckpt: str, prompts: list[list[int]], cfg, seed: int) -> N
         data.load_state_dict(load_state_file(fn)["data"])
 
 
-# the run's settings (RunConfig fields) that decide what its evaluations answered, saved with each checkpoint: an
-# --eval-only of its policy takes those no flag gives (state.checkpoint_run), so it answers as the run's eval.jsonl did
+# the run's settings (RunConfig fields) that decide what it sampled and evaluated, saved with each checkpoint: a
+# --resume and an --eval-only of its policy take those no flag gives (checkpoint_run), so they answer as the run did
 EVAL_RUN_FIELDS = ("seed", "eval_greedy", "ignore_eos", "chat_template")
 
 
@@ -501,16 +501,18 @@ def saved_run_settings(ckpt: str) -> dict:
 
 
 def checkpoint_run(run: RunConfig, ckpt: str) -> RunConfig:
-    """run with checkpoint `ckpt`'s settings that decide what its run's evaluations answered (EVAL_RUN_FIELDS: the
+    """run with checkpoint `ckpt`'s settings that decide what its run sampled and evaluated (EVAL_RUN_FIELDS: the
     samples' seed, greedy decoding, --ignore-eos, the chat template) for each one not given on this command line
-    (run.run_flags): an --eval-only of its policy answers as that run's eval.jsonl did. A checkpoint from before they
-    were saved: its seed alone, and a warning naming the others. run as it is with run.run_flags None (the API's)."""
-    if run.run_flags is None:
+    (run.run_flags): a --resume continues with them, an --eval-only of its policy answers as that run's eval.jsonl
+    did. A checkpoint from before they
+    were saved: its seed alone, and a warning naming the others. run as it is without a checkpoint or with
+    run.run_flags None (the API's)."""
+    if ckpt is None or run.run_flags is None:
         return run
     saved, open_ = saved_run_settings(ckpt), [k for k in EVAL_RUN_FIELDS if k not in run.run_flags]
     if unknown := [f"--{k.replace('_', '-')} ({getattr(run, k)})" for k in open_ if k not in saved]:
         print0(f"warning: {ckpt} predates the record of its run's {', '.join(unknown)}: this command's are used; give "
-               "them as its run had them to compare with its eval.jsonl")  # fmt: skip
+               "them as its run had them to continue its numbers")  # fmt: skip
     return dataclasses.replace(run, **{k: saved[k] for k in open_ if k in saved})
 
 

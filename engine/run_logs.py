@@ -78,8 +78,9 @@ TP_NUMERIC_SWITCHES = ("TULU_ASYNC_TP", "TULU_ONE_SHOT_BYTES", "TULU_SYMM_ALL_RE
 
 
 def _warn_of_other_numerics(earlier: bytes, record: dict) -> None:
-    """A resume whose parameter dtype or KV-cache dtype differs from the last launch's is allowed (the optimizer
-    state loads across dtypes) but no longer continues the run's numbers: said, with the flag that sets each; so is
+    """A resume whose parameter dtype, KV-cache dtype, micro-batch size, --ignore-eos or (under DP) token balance
+    differs from the last launch's is allowed (the optimizer state loads across dtypes; a micro-batch sums in another
+    order) but no longer continues the run's numbers: said, with the flag that sets each; so is
     one under another value of an engine switch that changes the numbers (NUMERIC_SWITCHES, and under TP
     TP_NUMERIC_SWITCHES; unset is its default)."""
     try:
@@ -89,10 +90,12 @@ def _warn_of_other_numerics(earlier: bytes, record: dict) -> None:
     last_run = last.get("run") if isinstance(last, dict) else None
     if not isinstance(last_run, dict):
         return
-    for what, flag, before, now in (
-        ("parameter dtype", "--dtype", last.get("dtype"), record["dtype"]),
-        ("KV-cache dtype", "--kv-cache-dtype", last_run.get("kv_cache_dtype"), record["run"]["kv_cache_dtype"]),
-    ):
+    settings = [("parameter dtype", "--dtype", last.get("dtype"), record["dtype"])]
+    for what, name in (("KV-cache dtype", "kv_cache_dtype"), ("micro-batch size", "micro_batch_tokens"),
+                       ("ignore-EOS setting", "ignore_eos")) + (
+                      (("DP token balance", "balance_dp_tokens"),) if record.get("dp", 1) > 1 else ()):  # fmt: skip
+        settings.append((what, f"--{name.replace('_', '-')}", last_run.get(name), record["run"].get(name)))
+    for what, flag, before, now in settings:
         if before is not None and before != now:
             print0(
                 f"warning: this resume runs with {what} {now} where the run's last launch had {before} ({flag}): "

@@ -306,6 +306,7 @@ def setup(
         ckpt = together("reading the checkpoint to resume", resume_checkpoint, run.output_dir)
         check_same_checkpoint(ckpt, run.output_dir)  # (outside `together`: a collective of its own)
         cfg = together("reading the checkpoint to resume", checkpoint_config, cfg, run, ckpt)
+        run = together("reading the checkpoint to resume", checkpoint_run, run, ckpt)  # (its seed, EOS, template...)
     check_batch_sizes(cfg, grid)  # before loading four models
     check_generator_slots(cfg, run)
     # (every rank at once: a path one node lacks, copied to another's local disk only, stops every node, named)

@@ -321,6 +321,9 @@ def prepare_tiny(run: RunConfig) -> RunConfig:
         together("resuming the tiny default", _refuse_another_run, run.output_dir, init_dir)
     if run.resume:  # (`latest` naming a checkpoint that is gone: refused before init/ is rebuilt, as setup refuses it)
         together("reading the checkpoint to resume", check_resumable, run.output_dir)
+        built = together("resuming the tiny default", _built_seed, init_dir)
+        if built is not None and run.run_flags is not None and "seed" not in run.run_flags:
+            run = dataclasses.replace(run, seed=built)  # (left out: the run's, as setup takes a checkpoint's)
         # (refused here, before init/ is rebuilt from another seed: its policy is the run's reference model)
         together("resuming the tiny default", _check_built_seed, run, init_dir)
     build_tiny_models(init_dir, seed=run.seed)

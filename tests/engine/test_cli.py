@@ -546,22 +546,24 @@ def test_an_evaluation_of_the_tiny_default_never_deletes_its_training_run(tmp_pa
 
 def test_another_seed_never_rebuilds_the_tiny_defaults_models_under_its_run(tmp_path):
     """The demo's init/ policy is its run's reference model: --resume or --eval-only with another --seed is refused
-    before init/ is rebuilt from that seed (the same seed resumes)."""
+    before init/ is rebuilt from that seed (the same seed resumes, and a --resume without --seed takes the run's)."""
     run_tiny(tmp_path, "--max-iterations", "1", "--seed", "3")
     init = {p: (tmp_path / "init" / p).read_bytes() for p in ("seed.json", "policy/model.safetensors")}
     with pytest.raises(ValueError, match=r"--seed 0: the tiny default's run in .* was built and trained with --seed 3; "
                        r"resume it with --seed 3"):  # fmt: skip
-        run_tiny(tmp_path, "--max-iterations", "2", "--resume")
+        run_tiny(tmp_path, "--max-iterations", "2", "--resume", "--seed", "0")
     assert {p: (tmp_path / "init" / p).read_bytes() for p in init} == init
     with pytest.raises(FileExistsError, match="--eval-only writes an evaluation of its own"):
         run_tiny(tmp_path, "--eval-only", "--seed", "5")
     assert {p: (tmp_path / "init" / p).read_bytes() for p in init} == init
     (tmp_path / "latest").rename(tmp_path / "latest.lost")  # (and with `latest` lost: its checkpoint is resumed, so
     with pytest.raises(ValueError, match=r"was built and trained with --seed 3"):  # refused before init/ too)
-        run_tiny(tmp_path, "--max-iterations", "2", "--resume")
+        run_tiny(tmp_path, "--max-iterations", "2", "--resume", "--seed", "0")
     assert {p: (tmp_path / "init" / p).read_bytes() for p in init} == init
     (tmp_path / "latest.lost").rename(tmp_path / "latest")
     assert [m["iteration"] for m in run_tiny(tmp_path, "--max-iterations", "2", "--resume", "--seed", "3")] == [2]
+    assert [m["iteration"] for m in run_tiny(tmp_path, "--max-iterations", "3", "--resume")] == [3]  # (the run's)
+    assert {p: (tmp_path / "init" / p).read_bytes() for p in init} == init
 
 
 def test_the_tiny_default_takes_the_tokenizer_and_the_generator_it_is_given(tmp_path):

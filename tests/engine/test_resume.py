@@ -1168,6 +1168,23 @@ def test_start_fresh_names_what_would_delete_an_input(tmp_path):
     assert not os.path.exists(ckpt)
 
 
+def test_a_resume_continues_with_the_runs_sampling_settings_and_says_evaluation_stopped(tmp_path, capsys):
+    """A --resume that leaves out the run's --ignore-eos and --seed (run settings, not PPO hyperparameters) continues
+    with the checkpoint's, as a straight run does (it sampled to EOS from then on, in silence; the seed was refused);
+    one that leaves out the evaluation set says that eval.jsonl's curve ends there."""
+    flags = ("--eval-prompts", "", "--ignore-eos", "--seed", "3")  # (the tiny default's models built from it too)
+    straight = run_tiny(tmp_path / "straight", *flags, "--max-iterations", "4")
+    run_tiny(tmp_path / "r", *flags, "--max-iterations", "2")
+    resumed = run_tiny(tmp_path / "r", "--eval-prompts", "", "--resume", "--max-iterations", "4")
+    assert no_timing(resumed) == no_timing(straight)[2:]
+    assert all(m["response_len"] == 8 for m in resumed)  # (EOS ignored: every response at the limit)
+    run_tiny(tmp_path / "e", "--max-iterations", "1")  # (the tiny default evaluates on its held-out prompts)
+    capsys.readouterr()
+    run_tiny(tmp_path / "e", "--eval-prompts", "", "--resume", "--max-iterations", "2")
+    said = f"warning: {tmp_path / 'e' / 'eval.jsonl'} holds this run's evaluations, and this resumed run evaluates "
+    assert said in capsys.readouterr().out
+
+
 def test_a_resume_at_another_kv_cache_dtype_is_named_and_an_older_record_is_not(monkeypatch):
     """_warn_of_other_numerics: a resume at another --kv-cache-dtype than the last launch's is said too, and one under
     another value of a switch that changes the numbers; a last record without a setting (an older engine's) is no
@@ -1181,6 +1198,18 @@ def test_a_resume_at_another_kv_cache_dtype_is_named_and_an_older_record_is_not(
     assert len(said) == 1 and "KV-cache dtype fp8 where the run's last launch had auto (--kv-cache-dtype)" in said[0]
     run_logs._warn_of_other_numerics(json.dumps({"run": {}}).encode() + b"\n", now)
     assert len(said) == 1
+    # the micro-batch size (another summation order), --ignore-eos, and under DP the token balance: named likewise
+    del said[:]
+    last = {"dtype": "bfloat16", "run": {"micro_batch_tokens": 64, "ignore_eos": True, "balance_dp_tokens": True}}
+    now = {"dtype": "bfloat16", "dp": 2, "run": {"micro_batch_tokens": 8192, "ignore_eos": False,
+                                                 "balance_dp_tokens": False}}  # fmt: skip
+    run_logs._warn_of_other_numerics(json.dumps(last).encode(), now)
+    assert len(said) == 3, said
+    assert "micro-batch size 8192 where the run's last launch had 64 (--micro-batch-tokens)" in said[0]
+    assert "ignore-EOS setting False where the run's last launch had True (--ignore-eos)" in said[1]
+    assert "DP token balance False where the run's last launch had True (--balance-dp-tokens)" in said[2]
+    run_logs._warn_of_other_numerics(json.dumps(last).encode(), {**now, "dp": 1})  # (one DP rank: nothing to balance)
+    assert len(said) == 5
     # an engine switch that changes the numbers, set where it was not (or the reverse): named (the TP ones under TP
     # only); one that changes only the timing (an overlap) is not; a record without switches (an older engine's) is no
     # difference
