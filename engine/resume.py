@@ -85,7 +85,7 @@ def trainer_state_dict(state: TrainState, copy: bool = False) -> dict:
         "world_size": state.grid.world_size,
         "tp": state.grid.tp,
         "ppo_config": dataclasses.asdict(state.cfg),
-        "run": {k: getattr(state.run, k) for k in EVAL_RUN_FIELDS},  # (an --eval-only of it: saved_run_settings)
+        "run": {k: getattr(state.run, k) for k in EVAL_RUN_FIELDS},  # (a resume's, an --eval-only's: checkpoint_run)
         "models": mine(state.model_fingerprints),  # (the frozen models' weights, as a resume checks them; rank 0)
     }
 
@@ -504,9 +504,8 @@ def checkpoint_run(run: RunConfig, ckpt: str) -> RunConfig:
     """run with checkpoint `ckpt`'s settings that decide what its run sampled and evaluated (EVAL_RUN_FIELDS: the
     samples' seed, greedy decoding, --ignore-eos, the chat template) for each one not given on this command line
     (run.run_flags): a --resume continues with them, an --eval-only of its policy answers as that run's eval.jsonl
-    did. A checkpoint from before they
-    were saved: its seed alone, and a warning naming the others. run as it is without a checkpoint or with
-    run.run_flags None (the API's)."""
+    did. A checkpoint from before they were saved: its seed alone, and a warning naming the others. run as it is
+    without a checkpoint or with run.run_flags None (the API's)."""
     if ckpt is None or run.run_flags is None:
         return run
     saved, open_ = saved_run_settings(ckpt), [k for k in EVAL_RUN_FIELDS if k not in run.run_flags]
