@@ -14,7 +14,7 @@ from engine.checkpoint import load_pretrained, save_pretrained
 from engine.config import ModelConfig
 from engine.model import Transformer
 from tests.engine.hf_models import rel_err, save_hf_model
-from tests.engine.ranks import init_gloo, outcome
+from tests.engine.ranks import init_gloo, leave, outcome
 
 
 def _rewrite(path, fn):
@@ -646,8 +646,6 @@ def _save_or_error(model, path, got):
 def _save_pretrained_rank(rank, world, init_file, target, out_dir):
     import errno
 
-    import torch.distributed as dist
-
     init_gloo(rank, world, init_file)
     model = Transformer(ModelConfig.named("tiny")).init_weights(seed=1)
     got = []
@@ -678,7 +676,7 @@ def _save_pretrained_rank(rank, world, init_file, target, out_dir):
     ckpt.save_file = save_file
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
         f.write(json.dumps(got))
-    dist.destroy_process_group()
+    leave()
 
 
 def test_save_pretrained_on_two_ranks_raises_one_ranks_error_on_both(tmp_path):

@@ -33,7 +33,7 @@ from engine.data import Rollout
 from engine.distributed import ProcessGrid
 from engine.rollout import chunks, forward_rollout, minibatch_targets
 from kernels import dispatch
-from tests.engine.ranks import init_gloo
+from tests.engine.ranks import init_gloo, leave
 
 VOCAB = 40
 # five sequences: prompts of 1 to 4 tokens, responses of 1 to 6 (EOS is 2)
@@ -132,7 +132,7 @@ def _eval_rank(rank, world, init_file, out_dir):
     metrics = _evaluate(_state(out_dir, grid=grid, group=dist.group.WORLD))
     with open(os.path.join(out_dir, f"metrics{rank}.json"), "w") as f:
         json.dump(metrics, f)
-    dist.destroy_process_group()
+    leave()
 
 
 def test_evaluation_metrics_over_unequal_dp_shares_are_one_process_means(tmp_path):
@@ -243,7 +243,7 @@ def _whiten_rank(rank, world, init_file, out_dir):
     grid = ProcessGrid(rank=rank, world_size=world, dp=world, dp_group=dist.group.WORLD)
     state = _state(out_dir, cfg=WHITEN, grid=grid, group=dist.group.WORLD, tokens=6)
     torch.save(_whiten_targets(state, SHARES[rank], MINIBATCH[rank]), os.path.join(out_dir, f"whiten{rank}.pt"))
-    dist.destroy_process_group()
+    leave()
 
 
 def _whitened_by_hand(scored: list[dict], cfg: PPOConfig) -> list[dict]:

@@ -16,6 +16,7 @@ from engine.config import PPOConfig
 from engine.output_dir import SHARED_PROBE
 from engine.tokenizer import TINY_PROMPTS
 from engine.train_ppo import build_tiny_models
+from tests.engine.ranks import leave
 from tests.engine.runs import ROOT, no_timing, small
 
 
@@ -351,7 +352,7 @@ def _one_rank_fails_rank(rank, init_file, check, out_dir):
         said = f"{type(e).__name__}: {e}"
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
         f.write(said)
-    dist.destroy_process_group()
+    leave()
 
 
 @pytest.mark.parametrize("check", ["device", "memory", "tracker", "eval-log", "metrics"])
@@ -398,7 +399,7 @@ def _check_shared_rank(rank, world, init_file, dirs, out_dir):
         output_dir.check_shared(d, rank)
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
         f.write(repr(len(made)))
-    dist.destroy_process_group()
+    leave()
 
 
 def test_the_shared_directory_check_runs_once_per_directory(tmp_path):

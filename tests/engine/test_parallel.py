@@ -10,6 +10,7 @@ import torch
 
 from engine.checkpoint import load_pretrained
 from tests.engine.hf_models import save_hf_model
+from tests.engine.ranks import leave
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -223,7 +224,7 @@ def _raise_together_rank(rank, world, init_file, out_dir):
         got = str(e)
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
         f.write(got)
-    dist.destroy_process_group()
+    leave()
 
 
 def test_raise_together_names_the_first_failing_rank(tmp_path):
@@ -280,7 +281,7 @@ def _together_rank(rank, world, init_file, out_dir):
     got.append(raised_on_every_rank(KeyError("a rank's own error")))
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
         f.write(repr(got))
-    dist.destroy_process_group()
+    leave()
 
 
 def test_together_returns_each_ranks_result_or_raises_on_every_rank(tmp_path):
@@ -403,7 +404,7 @@ def _one_rank_tp_group_rank(rank, world, init_file, out_dir):
         token_logprobs(logits, t, 0.7, group=group).sum().backward()
         got[key] = {"out": [logp, ent, loss, hh.grad, ww.grad, logits.grad], "calls": list(calls)}
     torch.save(got, os.path.join(out_dir, f"alone{rank}.pt"))
-    dist.destroy_process_group()
+    leave()
 
 
 def test_a_tp_group_of_one_rank_costs_no_collective(tmp_path):

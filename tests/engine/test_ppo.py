@@ -11,6 +11,7 @@ from engine import ppo
 from engine.config import ModelConfig, PPOConfig
 from kernels import dispatch
 from kernels.dispatch import reference_ops
+from tests.engine.ranks import leave
 
 
 def _rows(B=4, T=9, seed=0):
@@ -388,7 +389,7 @@ def _whiten_rank(rank, init_file, out_dir):
             dist.group.WORLD,
         )  # fmt: skip
     torch.save(out["rewards"], os.path.join(out_dir, f"rewards{rank}.pt"))
-    dist.destroy_process_group()
+    leave()
 
 
 def test_whitened_rewards_are_whitened_over_every_dp_rank(tmp_path):
@@ -450,7 +451,7 @@ def _minibatch_rank(rank, init_file, out_dir):
     rows = [rank, rank + 2]
     got, n = ppo.minibatch_advantages(values[rows], mask[rows], PPOConfig(), dist.group.WORLD)
     torch.save((got, n), os.path.join(out_dir, f"adv{rank}.pt"))
-    dist.destroy_process_group()
+    leave()
 
 
 def test_minibatch_advantages_are_whitened_over_every_dp_rank(tmp_path):

@@ -17,7 +17,7 @@ from engine.config import PPOConfig
 from engine.distributed import ProcessGrid
 from engine.state import RunConfig
 from kernels import dispatch
-from tests.engine.ranks import init_gloo, outcome
+from tests.engine.ranks import init_gloo, leave, outcome
 from tests.engine.runs import run_tiny
 
 
@@ -568,8 +568,6 @@ def test_the_tracker_itself(tmp_path, monkeypatch):
 def _broken_import_rank(rank, world, init_file, out_dir, tb_dir):
     import importlib
 
-    import torch.distributed as dist
-
     from engine import tracking
 
     init_gloo(rank, world, init_file)
@@ -585,7 +583,7 @@ def _broken_import_rank(rank, world, init_file, out_dir, tb_dir):
     got, at_once = outcome(tracking.check_available, run, rank, done="nothing")
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
         f.write(got if at_once else "not at once")
-    dist.destroy_process_group()
+    leave()
 
 
 def test_any_error_checking_the_trackers_on_rank_0_stops_every_rank(tmp_path):
