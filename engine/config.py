@@ -371,7 +371,7 @@ class GenerateConfig:
 
 
 # PPOConfig fields added after checkpoints were first written, at the value those runs had: an older run resumed
-# samples as it did (engine.state.checkpoint_config)
+# samples as it did (engine.saved_run.checkpoint_config)
 LEGACY_PPO_VALUES = {"top_k": 0, "top_p": 1.0, "kl_target": 0.0, "kl_horizon": 10000, "entropy_coef": 0.0,
                      "whiten_eps": 1e-8}  # fmt: skip
 

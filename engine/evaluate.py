@@ -16,7 +16,7 @@ the run's random numbers, so training is the same with or without it.
 
 Evaluation alone (--eval-only): --policy (say a PPO checkpoint's policy/) against --reference (say the SFT model) and
 --reward on the evaluation set, without training, no value model or optimizer built (setup_evaluation); a PPO
-checkpoint's policy is logged at that checkpoint's iteration and step (engine.state.checkpoint_position).
+checkpoint's policy is logged at that checkpoint's iteration and step (engine.saved_run.checkpoint_position).
 
 Samples (--log-samples K): the first K sequences of each iteration's rollout (as one process holds it, on any
 data-parallel size), with their scores, KL and reward (at the KL coefficient of that rollout's rewards), appended to

@@ -2,7 +2,8 @@
 each rank's state-rankRRRRR.pt (iteration, step, data order, optimizer state, RNG), and the `latest` pointer,
 each written atomically; resuming restores all of it, so a resumed run continues exactly where it stopped. The
 run's logs (metrics.jsonl, ..., trimmed on a resume) and launches.jsonl are engine/run_logs.py's; the output
-directory before the run writes there (checks, the run's lock, a fresh start) is engine/output_dir.py's.
+directory before the run writes there (checks, the run's lock, a fresh start) is engine/output_dir.py's; what a
+checkpoint says about its run (hyperparameters, run settings, models, position) engine/saved_run.py's.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import dataclasses
 import functools
 import json
 import os
-import pickle
 import re
 import shutil
 import threading
@@ -27,17 +27,18 @@ from engine.config import LEGACY_PPO_VALUES
 from engine.data import PromptBatches
 from engine.distributed import agree, print0, rank0_together, together
 from engine.durable import atomic_write, fsync_dir, fsync_file
-from engine.errors import InputError, InvalidInput, MissingInput, first_line
+from engine.errors import InputError, InvalidInput, MissingInput
 from engine.hub import model_dirs
 from engine.memory_plan import host_available, local_ranks
 from engine.offload import state_bytes, weight_bytes
 from engine.optim import host_copy, load_optimizer_state, optimizer_state
 from engine.reshard import SavedOptimizer, needed_ranks
 from engine.run_logs import LOGS, trim_logs
+from engine.saved_run import RUN_SETTINGS, load_state_file, saved_models, state_file
 from engine.tokenizer import TULU_CHAT_TEMPLATE, tulu_chat_template
 
 if TYPE_CHECKING:
-    from engine.state import RunConfig, TrainState
+    from engine.state import TrainState
 
 LATEST = "latest"
 WANDB_RUN_ID = "wandb-run-id"  # the W&B run a resumed run continues (engine/tracking.py)
@@ -57,17 +58,6 @@ def latest_checkpoint(output_dir: str) -> str | None:
         ) from e
 
 
-def load_state_file(fn: str) -> dict:
-    """A checkpoint's state-rankRRRRR.pt, memory-mapped with weights_only (no code run); a damaged one is named."""
-    try:
-        return torch.load(fn, map_location="cpu", weights_only=True, mmap=True)
-    except OSError as e:  # (no permission, an I/O error: the file may be whole)
-        raise InvalidInput(f"cannot read the state file {fn}: {e.strerror or e}") from e
-    except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:  # (what torch.load raises on bad bytes)
-        raise InvalidInput(f"cannot read the state file {fn} ({type(e).__name__}: {first_line(e)}): the checkpoint "
-                           "is damaged; resume from an earlier one (write its name into `latest`)") from e  # fmt: skip
-
-
 def trainer_state_dict(state: TrainState, copy: bool = False) -> dict:
     """A rank's state file. `copy`: every tensor and container in it new (host memory), none the run's own: a
     checkpoint written while the run goes on."""
@@ -85,7 +75,7 @@ def trainer_state_dict(state: TrainState, copy: bool = False) -> dict:
         "world_size": state.grid.world_size,
         "tp": state.grid.tp,
         "ppo_config": dataclasses.asdict(state.cfg),
-        "run": {k: getattr(state.run, k) for k in EVAL_RUN_FIELDS},  # (a resume's, an --eval-only's: checkpoint_run)
+        "run": {k: getattr(state.run, k) for k in RUN_SETTINGS},  # (a resume's, an --eval-only's: checkpoint_run)
         "models": mine(state.model_fingerprints),  # (the frozen models' weights, as a resume checks them; rank 0)
     }
 
@@ -376,11 +366,6 @@ def prune_checkpoints(out: str, current: str, keep: int, previous: int | None = 
         shutil.rmtree(os.path.join(out, d), ignore_errors=True)
 
 
-def state_file(ckpt: str, rank: int) -> str:
-    """The state file of global rank `rank` in checkpoint directory `ckpt`."""
-    return os.path.join(ckpt, f"state-rank{rank:05d}.pt")
-
-
 def _layout(tp: int, dp: int, distributed: bool) -> str:
     """A run's layout as the flags and launch that give it."""
     n = tp * dp
@@ -452,13 +437,6 @@ def _fingerprint_models(run, ckpt: str | None) -> dict:
     return found
 
 
-def saved_models(ckpt: str) -> dict:
-    """The frozen models' record checkpoint `ckpt` holds ({reference, reward: {path, fingerprint}}; {} for none: an
-    older run's): what a resume checks the models against and pins their Hub ids to, and --eval-only's reference."""
-    models = load_state_file(state_file(ckpt, 0)).get("models")
-    return models if isinstance(models, dict) else {}
-
-
 def check_models(saved: dict | None, now: dict | None, allow: bool) -> None:
     """Refuse (or with `allow` only warn) a resume whose reference or reward model has other weights than the run
     saved had: its KL terms and rewards would silently measure against another model. A checkpoint of a run without
@@ -483,44 +461,6 @@ def check_prompt_order(ckpt: str, prompts: list[list[int]], cfg, seed: int) -> N
     if os.path.exists(fn):  # (a missing one is named by load_trainer_state)
         data = PromptBatches(prompts, cfg.rollout_batch_size, seed=seed, epochs=cfg.prompt_epochs)
         data.load_state_dict(load_state_file(fn)["data"])
-
-
-# the run's settings (RunConfig fields) that decide what it sampled and evaluated, saved with each checkpoint: a
-# --resume and an --eval-only of its policy take those no flag gives (checkpoint_run), so they answer as the run did
-EVAL_RUN_FIELDS = ("seed", "eval_greedy", "ignore_eos", "chat_template")
-
-
-def saved_run_settings(ckpt: str) -> dict:
-    """EVAL_RUN_FIELDS as checkpoint `ckpt`'s run had them (rank 0's state file, memory-mapped); an older checkpoint's
-    hold its seed alone (its prompt order's)."""
-    sd = load_state_file(state_file(ckpt, 0))
-    saved = dict(sd.get("run") or {})
-    if "seed" not in saved and isinstance(sd.get("data"), dict) and "seed" in sd["data"]:
-        saved["seed"] = int(sd["data"]["seed"])
-    return {k: saved[k] for k in EVAL_RUN_FIELDS if k in saved}
-
-
-def checkpoint_run(run: RunConfig, ckpt: str) -> RunConfig:
-    """run with checkpoint `ckpt`'s settings that decide what its run sampled and evaluated (EVAL_RUN_FIELDS: the
-    samples' seed, greedy decoding, --ignore-eos, the chat template) for each one not given on this command line
-    (run.run_flags): a --resume continues with them, an --eval-only of its policy answers as that run's eval.jsonl
-    did. A checkpoint from before they were saved: its seed alone, and a warning naming the others. run as it is
-    without a checkpoint or with run.run_flags None (the API's)."""
-    if ckpt is None or run.run_flags is None:
-        return run
-    saved, open_ = saved_run_settings(ckpt), [k for k in EVAL_RUN_FIELDS if k not in run.run_flags]
-    if unknown := [f"--{k.replace('_', '-')} ({getattr(run, k)})" for k in open_ if k not in saved]:
-        print0(f"warning: {ckpt} predates the record of its run's {', '.join(unknown)}: this command's are used; give "
-               "them as its run had them to continue its numbers")  # fmt: skip
-    return dataclasses.replace(run, **{k: saved[k] for k in open_ if k in saved})
-
-
-def saved_ppo_config(ckpt: str) -> dict:
-    """The PPOConfig a checkpoint's run had (from rank 0's state file, memory-mapped: its tensors are not read)."""
-    fn = state_file(ckpt, 0)
-    if not os.path.exists(fn):
-        raise MissingInput(f"{fn} is missing (every run writes it)")
-    return dict(load_state_file(fn)["ppo_config"])
 
 
 def _changed_hyperparameters(saved: dict, now: dict) -> str:

@@ -2,7 +2,8 @@
 flat functions of engine/trainer.py and engine/evaluate.py work on), and setup(): the process grid, tokenizer, prompts,
 the four models loaded from their checkpoints (the policy and value from the run's own when resuming), the
 optimizers and the generator; setup_evaluation() the part --eval-only needs. The checks both run before any weight
-is read are engine/preflight.py's.
+is read are engine/preflight.py's; what a checkpoint's run had (taken back by a --resume and an --eval-only)
+engine/saved_run.py's.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from engine import memory_plan, recompute
 from engine.checkpoint import load_pretrained
-from engine.config import LEGACY_PPO_VALUES, PPOConfig
+from engine.config import PPOConfig
 from engine.data import PromptBatches
 from engine.distributed import ProcessGrid, agree, backend_for, init_process_grid, print0, together
 from engine.errors import InvalidInput
@@ -45,17 +46,20 @@ from engine.resume import (
     check_prompt_order,
     check_resumable,
     check_same_checkpoint,
-    checkpoint_run,
     fingerprint_models,
     latest_checkpoint,
-    load_state_file,
     load_trainer_state,
     resume_checkpoint,
-    saved_models,
-    saved_ppo_config,
-    state_file,
 )
 from engine.rollout import idle_models, pad_is_a_stop_warning
+from engine.saved_run import (
+    checkpoint_config,
+    checkpoint_position,
+    checkpoint_position_file,
+    checkpoint_reference,
+    checkpoint_run,
+    saved_models,
+)
 from engine.tokenizer import CHAT_TEMPLATES, PromptSet, end_of_turn_warning, response_stop_ids
 from engine.tracking import Tracker, check_available
 from kernels.decode_config import parse_decode_config, set_decode_config
@@ -262,24 +266,6 @@ def _with_decode_config(factory, policy: Transformer, cfg: PPOConfig, run: RunCo
     if run.decode_config:
         set_decode_config(**run.decode_overrides())
     return factory(policy, cfg, run)
-
-
-def checkpoint_config(cfg: PPOConfig, run: RunConfig, ckpt: str | None) -> PPOConfig:
-    """cfg with checkpoint `ckpt`'s PPO hyperparameters for every one not given on this command line (run.ppo_flags),
-    so a default changed since (lr_schedule, top_k) does not change a run halfway (load_trainer_state names those
-    given, which win): a --resume's, or an --eval-only of a checkpoint's policy. Checked whole (PPOConfig's checks
-    between fields, which the command line of a --resume leaves to this); cfg as it is (checked) without a
-    checkpoint or with run.ppo_flags None (the API's)."""
-    if ckpt is None or run.ppo_flags is None:
-        return dataclasses.replace(cfg)
-    saved = saved_ppo_config(ckpt)
-    kw = {}
-    for f in dataclasses.fields(PPOConfig):
-        if f.name in run.ppo_flags or (f.name not in saved and f.name not in LEGACY_PPO_VALUES):
-            continue
-        value = saved.get(f.name, LEGACY_PPO_VALUES.get(f.name))
-        kw[f.name] = tuple(value) if isinstance(value, list) else value
-    return dataclasses.replace(cfg, **kw)
 
 
 def run_inputs(run: RunConfig) -> dict[str, str | None]:
@@ -489,47 +475,6 @@ def decide_offload(state: TrainState) -> tuple[bool, bool]:
         if every and setting != "always":  # what the next decision starts from: a larger cache, less host memory
             budget, host = budget + nb, host - nb * ranks  # (a host-resident state is counted in both already)
     return out[0], out[1]
-
-
-def checkpoint_position_file(policy_dir: str) -> str | None:
-    """Global rank 0's state file beside a PPO checkpoint's policy (checkpoint-N/policy), or None for any other
-    directory (or a Hub id)."""
-    fn = state_file(os.path.dirname(os.path.abspath(policy_dir)), 0)
-    if os.path.basename(os.path.normpath(policy_dir)) != "policy" or not os.path.isfile(fn):
-        return None
-    return fn
-
-
-def checkpoint_position(policy_dir: str) -> tuple[int, int]:
-    """(iteration, step) of a PPO checkpoint's policy (checkpoint-N/policy, its state files beside it), from global
-    rank 0's state file (memory-mapped: its tensors are not read); (0, 0) for any other checkpoint."""
-    fn = checkpoint_position_file(policy_dir)
-    if fn is None:
-        return 0, 0
-    sd = load_state_file(fn)
-    return int(sd["iteration"]), int(sd["step"])
-
-
-def checkpoint_reference(run: RunConfig, ckpt: str) -> RunConfig:
-    """--eval-only of PPO checkpoint `ckpt`'s policy without --reference (a collective): the reference its run
-    measured the KL against (saved with each checkpoint), where every rank finds it; else a warning that the KL is
-    the policy's against itself (0, and the reward the penalized score), which that run's eval.jsonl did not measure.
-    A relative path (an older checkpoint's) names no directory of its own here: not taken."""
-
-    def saved_path() -> str | None:
-        saved = saved_models(ckpt).get("reference") or {}
-        return saved.get("path") if isinstance(saved, dict) else None
-
-    path = together("reading the checkpoint's reference", saved_path)
-    usable = bool(path) and os.path.isabs(path) and os.path.isdir(path)
-    if agree([int(usable)], "min")[0]:  # (every rank: one node's own disk lacking it would mix two references)
-        print0(f"reference: {path}, the one {ckpt}'s run measured the KL against (--reference for another)")
-        return dataclasses.replace(run, reference=path)
-    gone = f" ({path}, its run's, is not there on every node)" if path else ""
-    print0(f"warning: no --reference for {ckpt}'s policy{gone}: the KL is measured against the policy itself (0, "
-           "the reward the penalized score); give --reference the run's reference to compare with its "
-           "eval.jsonl")  # fmt: skip
-    return run
 
 
 def setup_evaluation(cfg, run, grid, generator_factory=None) -> TrainState:

@@ -21,7 +21,7 @@ from engine.errors import InputError, InvalidInput, first_line, run_command
 from engine.output_dir import run_files
 from engine.state import RunConfig
 from engine.train_ppo import build_parser, parse_args
-from tests.engine.ranks import init_gloo, outcome
+from tests.engine.ranks import init_gloo, leave, outcome
 from tests.engine.runs import ROOT, run_tiny, tiny_state
 
 
@@ -727,7 +727,8 @@ def test_a_run_lock_that_cannot_be_opened_is_named(tmp_path):
 
 
 def test_damaged_files_are_named(tmp_path):
-    from engine.resume import LATEST, latest_checkpoint, load_state_file
+    from engine.resume import LATEST, latest_checkpoint
+    from engine.saved_run import load_state_file
     from engine.train_ppo import build_tiny_models
 
     policy, _ = build_tiny_models(str(tmp_path / "tiny"))
@@ -990,7 +991,7 @@ def _tiny_resume_rank(rank, world, init_file, out):
         got = f"{type(e).__name__}: {e}"
     with open(os.path.join(os.path.dirname(out), f"rank{rank}"), "w") as f:
         f.write(got)
-    dist.destroy_process_group()
+    leave()
 
 
 def test_the_tiny_defaults_resume_check_failing_on_one_rank_stops_every_rank_before_its_models_are_built(tmp_path):
@@ -1058,8 +1059,6 @@ def test_another_ranks_fault_is_one_line_on_this_rank(tmp_path, monkeypatch, cap
 def _prepare_tiny_rank(rank, world, out, out_dir):
     import errno
 
-    import torch.distributed as dist
-
     from engine import train_ppo
 
     init_gloo(rank, world, f"{out_dir}/init")
@@ -1075,7 +1074,7 @@ def _prepare_tiny_rank(rank, world, out, out_dir):
     got = outcome(train_ppo.prepare_tiny, run, done="prepared")
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
         f.write(json.dumps(got))
-    dist.destroy_process_group()
+    leave()
 
 
 def test_prepare_tiny_raises_one_ranks_error_on_every_rank_at_once(tmp_path):
@@ -1100,8 +1099,6 @@ def test_prepare_tiny_raises_one_ranks_error_on_every_rank_at_once(tmp_path):
 
 def _tiny_resume_of_another_run_rank(rank, world, out, out_dir, flags=()):
 
-    import torch.distributed as dist
-
     from engine import train_ppo
 
     init_gloo(rank, world, f"{out_dir}/init")
@@ -1109,7 +1106,7 @@ def _tiny_resume_of_another_run_rank(rank, world, out, out_dir, flags=()):
     got = outcome(train_ppo.prepare_tiny, run, done="prepared")
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
         f.write(json.dumps(got))
-    dist.destroy_process_group()
+    leave()
 
 
 def test_the_tiny_defaults_resume_of_another_run_is_refused_on_every_rank_at_once(tmp_path):

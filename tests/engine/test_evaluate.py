@@ -19,7 +19,7 @@ from engine.tokenizer import TINY_DIR, TINY_EVAL_PROMPTS, load_tokenizer, read_p
 from engine.train_ppo import parse_args, prepare_tiny
 from kernels import dispatch
 from tests.engine.ppo_dp_worker import naive_factory
-from tests.engine.ranks import init_gloo, outcome
+from tests.engine.ranks import init_gloo, leave, outcome
 from tests.engine.runs import no_timing, run_tiny, tiny_state, torchrun_ranks
 
 N_EVAL = len(read_prompt_file(TINY_EVAL_PROMPTS))
@@ -296,7 +296,7 @@ def test_eval_only_of_a_checkpoint_takes_its_runs_seed_and_decoding(tmp_path, ca
     template where no flag is given (those are run settings, not PPO hyperparameters: it sampled another stream
     with seed 0, or sampled where the run had decoded greedily, and its line looked like the run's own); a flag
     given wins; a checkpoint from before they were saved gives its seed (its prompt order's) and names the others."""
-    from engine.resume import state_file
+    from engine.saved_run import state_file
     from engine.train_ppo import main
 
     run_tiny(tmp_path / "run", "--max-iterations", "1", "--seed", "3", "--eval-greedy")
@@ -425,7 +425,7 @@ def _eval_due_rank(rank, world, init_file, out_dir):
         dist.barrier()
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
         f.write(json.dumps(got))
-    dist.destroy_process_group()
+    leave()
 
 
 def test_a_resumed_runs_evaluation_is_made_up_on_every_rank_as_rank_0s_eval_jsonl_says(tmp_path):

@@ -28,7 +28,7 @@ from engine.train_ppo import main, parse_args, prepare_tiny
 from kernels import dispatch
 from tests.engine.fake_tp import FakeGroup, fake_tp
 from tests.engine.ppo_dp_worker import naive_factory
-from tests.engine.ranks import init_gloo, outcome
+from tests.engine.ranks import init_gloo, leave, outcome
 from tests.engine.runs import SMALL, TIMING, no_timing, run_tiny, saved_weights, tiny_state, torchrun_ranks
 
 
@@ -737,7 +737,8 @@ def test_a_sharded_optimizer_saved_before_re_laying_is_refused_naming_both_layou
     input error (one line, every rank) says the one to resume with."""
     from engine.distributed import ProcessGrid
     from engine.errors import InvalidInput
-    from engine.resume import _load_states, state_file
+    from engine.resume import _load_states
+    from engine.saved_run import state_file
 
     opt = {"distributed": True, "masters": [], "adam": {}}
     for rank in range(2):
@@ -1391,7 +1392,7 @@ def _check_shared_cases_rank(rank, world, init_file, root, out_dir):
     check(os.path.join(root, "shared"), "abc" if rank == 1 else "10")
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
         f.write(json.dumps(got))
-    dist.destroy_process_group()
+    leave()
 
 
 def test_check_shared_waits_for_a_late_probe_and_raises_on_every_rank_at_once(tmp_path):
@@ -1436,8 +1437,6 @@ def test_check_shared_waits_for_a_late_probe_and_raises_on_every_rank_at_once(tm
 def _save_checkpoint_cases_rank(rank, world, out, out_dir, background):
     import errno
     import types
-
-    import torch.distributed as dist
 
     from engine import resume
     from engine.distributed import raise_together
@@ -1492,7 +1491,7 @@ def _save_checkpoint_cases_rank(rank, world, out, out_dir, background):
     save(5, "_save_state_file", full_disk if rank == 1 else real["_save_state_file"])
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
         f.write(json.dumps(got))
-    dist.destroy_process_group()
+    leave()
 
 
 @pytest.mark.parametrize("background", [False, True])
@@ -1525,8 +1524,6 @@ def test_save_checkpoint_raises_one_ranks_error_on_every_rank_at_once(tmp_path, 
 def _resume_sites_rank(rank, world, root, out_dir):
     import errno
     import types
-
-    import torch.distributed as dist
 
     from engine import output_dir, resume, run_logs
 
@@ -1562,7 +1559,7 @@ def _resume_sites_rank(rank, world, root, out_dir):
     call(resume.load_trainer_state, state, os.path.join(root, "checkpoint-000001"))
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
         f.write(json.dumps(got))
-    dist.destroy_process_group()
+    leave()
 
 
 def test_resume_checks_raise_one_ranks_error_on_every_rank_at_once(tmp_path):
@@ -1630,7 +1627,7 @@ def _lock_and_trim_rank(rank, world, root, out_dir):
     call(resume.load_trainer_state, state, os.path.join(root, "checkpoint-000001"))
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
         f.write(json.dumps(got))
-    dist.destroy_process_group()
+    leave()
 
 
 def test_the_lock_and_a_resumes_log_trimming_are_rank_0s_and_its_error_stops_both(tmp_path):
@@ -1675,8 +1672,6 @@ def test_a_resume_names_the_state_file_it_lacks(tmp_path):
 def _start_fresh_rank(rank, world, out, out_dir):
     import errno
 
-    import torch.distributed as dist
-
     from engine import output_dir
 
     init_gloo(rank, world, f"{out_dir}/init")
@@ -1693,7 +1688,7 @@ def _start_fresh_rank(rank, world, out, out_dir):
     got += outcome(output_dir.start_fresh, out, False, rank)  # (readable on both: nothing there, nothing refused)
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
         f.write(json.dumps(got))
-    dist.destroy_process_group()
+    leave()
 
 
 def test_a_fresh_start_one_rank_cannot_check_stops_every_rank_at_once(tmp_path):
@@ -1801,7 +1796,7 @@ def _resume_other_checkpoint_rank(rank, world, out_dir, tmp, theirs):
     got = outcome(state_mod.setup, cfg, run)
     with open(os.path.join(tmp, f"rank{rank}"), "w") as f:
         f.write(json.dumps(got))
-    torch.distributed.destroy_process_group()  # (gloo's threads left at exit abort the process now and then)
+    leave()
 
 
 @pytest.mark.parametrize(

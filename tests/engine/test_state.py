@@ -12,20 +12,21 @@ import types
 import pytest
 import torch
 
-from engine import memory_plan, offload, preflight
+from engine import memory_plan, offload, preflight, saved_run
 from engine import state as state_mod
 from engine.config import PPOConfig
 from engine.distributed import ProcessGrid
 from engine.errors import InvalidInput
 from engine.kv_cache import bytes_per_block
-from engine.state import RunConfig, checkpoint_config
+from engine.saved_run import checkpoint_config, checkpoint_position
+from engine.state import RunConfig
 from engine.train_ppo import parse_args, prepare_tiny
-from tests.engine.ranks import init_gloo, outcome
+from tests.engine.ranks import init_gloo, leave, outcome
 from tests.engine.runs import tiny_state
 
 
 def _fake_checkpoint(monkeypatch, saved):
-    monkeypatch.setattr(state_mod, "saved_ppo_config", lambda ckpt: dict(saved))
+    monkeypatch.setattr(saved_run, "saved_ppo_config", lambda ckpt: dict(saved))
 
 
 def test_api_resume_keeps_cfg_as_given(monkeypatch, tmp_path):
@@ -359,10 +360,10 @@ def test_an_evaluated_checkpoints_position(tmp_path):
     for d in ("policy", "value"):
         (ckpt / d).mkdir(parents=True)
     torch.save({"iteration": 5, "step": 20}, ckpt / "state-rank00000.pt")
-    assert state_mod.checkpoint_position(str(ckpt / "policy")) == (5, 20)
-    assert state_mod.checkpoint_position(str(ckpt / "policy") + "/") == (5, 20)
-    assert state_mod.checkpoint_position(str(ckpt / "value")) == (0, 0)
-    assert state_mod.checkpoint_position(str(tmp_path)) == (0, 0)
+    assert checkpoint_position(str(ckpt / "policy")) == (5, 20)
+    assert checkpoint_position(str(ckpt / "policy") + "/") == (5, 20)
+    assert checkpoint_position(str(ckpt / "value")) == (0, 0)
+    assert checkpoint_position(str(tmp_path)) == (0, 0)
 
 
 def test_the_models_a_run_loads_and_an_evaluation_without_holdout():
@@ -463,7 +464,7 @@ def _one_rank_refuses_rank(rank, world, init_file, policy, reward, prompts, out_
     attempt(state_mod.setup_evaluation, PPOConfig(), evaluation, grid)
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
         f.write(json.dumps(got))
-    dist.destroy_process_group()
+    leave()
 
 
 def test_a_check_that_fails_on_one_rank_alone_stops_every_rank_at_once_naming_it(tmp_path):
@@ -492,7 +493,6 @@ def test_a_check_that_fails_on_one_rank_alone_stops_every_rank_at_once_naming_it
 
 
 def _stale_prompts_rank(rank, world, init_file, policy, reward, prompts, out_dir):
-    import torch.distributed as dist
 
     init_gloo(rank, world, init_file)
     grid = ProcessGrid(rank=rank, world_size=world, tp=1, dp=world)
@@ -505,7 +505,7 @@ def _stale_prompts_rank(rank, world, init_file, policy, reward, prompts, out_dir
     ]
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
         f.write(json.dumps(got))
-    dist.destroy_process_group()
+    leave()
 
 
 def test_a_prompt_file_that_differs_between_nodes_is_refused_on_every_rank(tmp_path):
@@ -552,8 +552,6 @@ def test_a_fault_in_the_checkpoint_check_is_raised_as_itself(monkeypatch):
 
 def _decide_offload_rank(rank, world, out_dir):
 
-    import torch.distributed as dist
-
     init_gloo(rank, world, f"{out_dir}/init")
     state_mod.state_bytes = state_mod.weight_bytes = lambda x: 2**20  # (the optimizer state's and weights' bytes)
     state_mod.idle_models = lambda state: [("reference", None, True)]
@@ -572,7 +570,7 @@ def _decide_offload_rank(rank, world, out_dir):
     got = outcome(lambda: repr(state_mod.decide_offload(state)), done=None)
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
         f.write(json.dumps(got))
-    dist.destroy_process_group()
+    leave()
 
 
 def test_decide_offload_raises_one_ranks_error_on_every_rank_at_once(tmp_path):
@@ -591,8 +589,6 @@ def test_decide_offload_raises_one_ranks_error_on_every_rank_at_once(tmp_path):
 
 def _plan_rank(rank, world, init_file, out_dir):
 
-    import torch.distributed as dist
-
     from engine.errors import MissingInput
 
     init_gloo(rank, world, init_file)
@@ -609,7 +605,7 @@ def _plan_rank(rank, world, init_file, out_dir):
     )
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
         f.write(json.dumps(got))
-    dist.destroy_process_group()
+    leave()
 
 
 def test_check_memorys_plan_failing_on_one_rank_stops_every_rank_at_once(tmp_path):
