@@ -701,7 +701,8 @@ def test_the_directory_probes_a_killed_run_left_are_removed_when_old(tmp_path, m
         (out / name).write_text("ok")
     for name in (".write-test-4242", ".shared-test-0a1b2c"):
         os.utime(out / name, (old, old))
-    (out / ".write-test-notes").write_text("a user's")  # (not a probe's name)
+    (out / ".write-test-notes").write_text("a user's")  # (not a probe's name: kept, however old)
+    os.utime(out / ".write-test-notes", (old, old))
     output_dir.lock_output_dir(str(out), 0)
     output_dir.unlock_output_dir(str(out))
     assert sorted(os.listdir(out)) == [".write-test-77", ".write-test-notes"]

@@ -346,6 +346,44 @@ def test_a_resumed_evaluation_is_compared_with_the_last_logged_set(tmp_path, mon
     assert "another set" in capsys.readouterr().out
 
 
+def test_a_resumed_evaluation_is_not_warned_of_for_what_an_older_line_does_not_record(tmp_path, monkeypatch, capsys):
+    """eval.jsonl written by an older engine (its lines without eval_seed or eval_ignore_eos) resumed on the same set
+    and decoding: the keys it lacks are no difference (a warning that the curve changes set would be false)."""
+    import types
+
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"iteration": 2, "eval_set": "A", "eval_greedy": False}) + "\n")
+    state = types.SimpleNamespace(eval_prompts=object(), iteration=3, grid=types.SimpleNamespace(rank=0),
+                                  run=types.SimpleNamespace(output_dir=str(tmp_path)))  # fmt: skip
+    now = {"eval_set": "A", "eval_greedy": False, "eval_seed": 0, "eval_ignore_eos": False}
+    monkeypatch.setattr(evaluate, "eval_identity", lambda state: now)
+    evaluate.check_resumed_eval(state)
+    assert "another set" not in capsys.readouterr().out
+    monkeypatch.setattr(evaluate, "eval_identity", lambda state: {**now, "eval_greedy": True})
+    evaluate.check_resumed_eval(state)
+    assert "another set" in capsys.readouterr().out
+
+
+def test_eval_only_takes_no_relative_reference_path_from_a_checkpoint(tmp_path, monkeypatch, capsys):
+    """checkpoint_reference: a checkpoint whose saved reference path is relative (an older run's) names no directory
+    of its own here: a directory of that name under this command's working directory is not taken as the run's
+    reference (the KL measured against another model, on a line that looked like the run's own); it is warned of.
+    An absolute path that is there is taken."""
+    from engine import saved_run
+    from engine.state import RunConfig
+
+    (tmp_path / "ref").mkdir()
+    monkeypatch.chdir(tmp_path)
+    saved = {"reference": {"path": "ref"}}
+    monkeypatch.setattr(saved_run, "saved_models", lambda ckpt: saved)
+    run = RunConfig(output_dir=str(tmp_path / "out"))
+    assert saved_run.checkpoint_reference(run, "ckpt").reference is None
+    assert "warning: no --reference for ckpt's policy (ref, its run's, is not there on every node)" in (
+        capsys.readouterr().out
+    )
+    saved["reference"]["path"] = str(tmp_path / "ref")
+    assert saved_run.checkpoint_reference(run, "ckpt").reference == str(tmp_path / "ref")
+
+
 def test_sequence_stats_written_out_by_hand():
     """sequence_stats' arithmetic per sequence: the configured estimator summed over each response, the missing-EOS
     penalty in place of the score, the reward with the run's --kl-coef or the one passed (a rollout's adaptive one)."""

@@ -1186,6 +1186,21 @@ def test_a_resume_continues_with_the_runs_sampling_settings_and_says_evaluation_
     assert said in capsys.readouterr().out
 
 
+def test_a_resume_is_compared_with_the_last_launch_not_the_first(monkeypatch):
+    """_warn_of_other_numerics reads the last line of launches.jsonl: a run resumed once at bfloat16 (warned then) and
+    resumed again at bfloat16 continues that launch's numbers and is not warned again; one back at float32 is."""
+    from engine import run_logs
+
+    said = []
+    monkeypatch.setattr(run_logs, "print0", said.append)
+    launches = [{"dtype": "float32", "run": {}}, {"dtype": "bfloat16", "run": {}}]
+    earlier = "".join(json.dumps(x) + "\n" for x in launches).encode()
+    run_logs._warn_of_other_numerics(earlier, {"dtype": "bfloat16", "run": {}})
+    assert said == []
+    run_logs._warn_of_other_numerics(earlier, {"dtype": "float32", "run": {}})
+    assert len(said) == 1 and "parameter dtype float32 where the run's last launch had bfloat16" in said[0]
+
+
 def test_a_resume_at_another_kv_cache_dtype_is_named_and_an_older_record_is_not(monkeypatch):
     """_warn_of_other_numerics: a resume at another --kv-cache-dtype than the last launch's is said too, and one under
     another value of a switch that changes the numbers; a last record without a setting (an older engine's) is no

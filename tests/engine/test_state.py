@@ -50,6 +50,51 @@ def test_a_checkpoint_predating_top_k_resumes_at_the_legacy_values(monkeypatch, 
     assert (out.top_k, out.top_p) == (50, 1.0)
 
 
+def test_a_checkpoint_that_saved_a_later_field_resumes_at_its_own_value_not_the_legacy_one(monkeypatch, tmp_path):
+    """LEGACY_PPO_VALUES stand in only for fields a checkpoint predates: one that saved top_k=50 and an entropy bonus
+    resumes with them, not at the legacy top_k 0 (sampling from the whole vocabulary halfway through the run)."""
+    _fake_checkpoint(monkeypatch, {**dataclasses.asdict(PPOConfig()), "top_k": 50, "top_p": 0.9, "entropy_coef": 0.01})
+    out = checkpoint_config(PPOConfig(), RunConfig(output_dir=str(tmp_path), ppo_flags=()), "ckpt")
+    assert (out.top_k, out.top_p, out.entropy_coef) == (50, 0.9, 0.01)
+
+
+def _state_file_with(ckpt, record: dict) -> str:
+    """A checkpoint directory whose rank 0 state file holds `record` (what saved_run reads of it)."""
+    os.makedirs(ckpt, exist_ok=True)
+    torch.save(record, saved_run.state_file(str(ckpt), 0))
+    return str(ckpt)
+
+
+def test_a_resume_takes_each_run_setting_its_command_line_leaves_out(tmp_path, capsys):
+    """checkpoint_run: a --resume (or --eval-only of a checkpoint's policy) without --seed, --eval-greedy, --ignore-eos
+    or --chat-template takes each from the checkpoint (the chat template too: the run's prompts rendered otherwise
+    would score another text than it trained on), a flag given wins, nothing is warned of; through the library
+    (run_flags None) the RunConfig is kept as given."""
+    saved = {"seed": 7, "eval_greedy": True, "ignore_eos": True, "chat_template": "tokenizer"}
+    ckpt = _state_file_with(tmp_path / "checkpoint-2", {"run": saved, "data": {"seed": 99}})
+    out = saved_run.checkpoint_run(RunConfig(output_dir=str(tmp_path), run_flags=()), ckpt)
+    assert {k: getattr(out, k) for k in saved_run.RUN_SETTINGS} == saved
+    given = RunConfig(output_dir=str(tmp_path), run_flags=("seed", "chat_template"), seed=1, chat_template="tulu")
+    out = saved_run.checkpoint_run(given, ckpt)
+    assert (out.seed, out.chat_template, out.eval_greedy, out.ignore_eos) == (1, "tulu", True, True)
+    api = RunConfig(output_dir=str(tmp_path), run_flags=None, seed=1)
+    assert saved_run.checkpoint_run(api, ckpt) == api
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_an_older_checkpoint_resumes_with_its_prompt_orders_seed_and_names_the_other_settings(tmp_path, capsys):
+    """saved_run_settings / checkpoint_run: a checkpoint from before the run settings were saved (no "run" record)
+    still holds its data loader's seed: a resume without --seed takes it (its prompt order and samples go on, not seed
+    0's), and the settings it cannot know are named in a warning, the flags given left out of it."""
+    ckpt = _state_file_with(tmp_path / "checkpoint-2", {"data": {"seed": 5}})
+    assert saved_run.saved_run_settings(ckpt) == {"seed": 5}
+    out = saved_run.checkpoint_run(RunConfig(output_dir=str(tmp_path), run_flags=("ignore_eos",)), ckpt)
+    assert out.seed == 5
+    said = capsys.readouterr().out
+    assert f"warning: {ckpt} predates the record of its run's --eval-greedy (False), --chat-template (tulu):" in said
+    assert "--seed" not in said and "--ignore-eos" not in said
+
+
 def test_kv_cache_fraction_one_is_allowed():
     assert RunConfig(kv_cache_fraction=1.0).kv_cache_fraction == 1.0
     with pytest.raises(InvalidInput, match="kv_cache_fraction"):
