@@ -29,6 +29,7 @@ from engine.config import ModelConfig, PPOConfig  # noqa: E402
 from engine.distributed import init_process_grid  # noqa: E402
 from engine.model import Transformer  # noqa: E402
 from kernels import dispatch  # noqa: E402
+from tests.engine.ranks import leave  # noqa: E402
 
 # the DP group's collectives: (what, elements, during the last micro-batch's dp_overlap.backward call, inside autograd's
 # backward itself)
@@ -144,8 +145,7 @@ def main() -> None:
         model.norm.weight.grad = None
         optim.reduce_grads(opt, grid)  # (the launched reductions waited for: none left in flight at the exit)
     print(f"rank {grid.rank} ok")
-    dist.barrier()
-    dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from engine.checkpoint import load_pretrained, save_pretrained
 from engine.distributed import init_process_grid
+from tests.engine.ranks import leave
 from tests.interpreter_fixes import interpreter_converts_like_the_gpu
 
 interpreter_converts_like_the_gpu()  # as in the pytest process this is compared with
@@ -165,8 +166,7 @@ def main(ckpt: str, out: str) -> None:
     _symm_reduce_matches(model, grid, prompts, grads["generated"], grads["generated_logprobs"])
     if grid.rank == 0:
         torch.save({"ids": ids, "mask": mask, "logits": logits, **fused, **grads}, out + "/tp2.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    leave()
 
 
 def _gathered_linear_matches(grid) -> None:
