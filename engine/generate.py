@@ -22,6 +22,7 @@ bookkeeping it schedules with (admission, preemption, a step's tokens appended) 
 from __future__ import annotations
 
 import collections
+import collections.abc
 import numbers
 import time
 import warnings
@@ -121,7 +122,10 @@ class Generator:
                 bad.append(f"{name} must be an integer, got {value!r}")
             elif value is not None and value < 1:
                 bad.append(f"{name} must be >= 1, got {value}")
-        if not 0 < kv_cache_fraction <= 1:
+        # (a string or None failed here with a bare TypeError from the comparison; True passed as 1.0)
+        if isinstance(kv_cache_fraction, bool) or not isinstance(kv_cache_fraction, numbers.Real):
+            bad.append(f"kv_cache_fraction must be a number in (0, 1], got {kv_cache_fraction!r}")
+        elif not 0 < kv_cache_fraction <= 1:
             bad.append(f"kv_cache_fraction must be in (0, 1], got {kv_cache_fraction}")
         if is_integer(block_size) and block_size >= 1 and block_size & (block_size - 1):  # (here, not at the cache)
             bad.append(f"block_size {block_size} must be a power of two (the kernels tile by it)")
@@ -538,6 +542,11 @@ class Generator:
                 raise ValueError(f"prompt {i} is {p!r}, not a list of token ids: prompts is a list of token-id lists")
             if isinstance(p, (str, bytes, bytearray, memoryview)):  # (bytes iterate as ints: taken as ids)
                 raise ValueError(f"prompt {i} is text ({type(p).__name__}), not token ids: tokenize it first")
+            if isinstance(p, (collections.abc.Set, collections.abc.Mapping)):  # (a set's order is not the prompt's)
+                raise ValueError(
+                    f"prompt {i} is a {type(p).__name__}, not a sequence of token ids (a set has no order; a "
+                    "tokenizer's output: pass its input_ids)"
+                )
             if len(p) == 0:
                 raise ValueError(f"prompt {i} is empty")
             if len(p) >= self.max_model_len:

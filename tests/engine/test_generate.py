@@ -1032,3 +1032,23 @@ def test_a_slot_freed_by_a_length_limit_is_filled_in_the_next_step(monkeypatch):
             out[overlap] = gen.generate(prompts, params), list(calls)
     assert out[True][0] == out[False][0] and [len(t) for t in out[True][0]] == [1, 2, 2]
     assert out[True][1] == out[False][1] == ["_prefill", "_prefill_and_decode", "_decode"], out
+
+
+@pytest.mark.parametrize("fraction", ["0.5", None, True])
+def test_a_kv_cache_fraction_that_is_not_a_number_is_refused_by_name(fraction):
+    """A library user passing kv_cache_fraction as the string "0.5" (read from a config file) or None got a bare
+    TypeError "'<' not supported between instances of 'int' and 'str'" naming no setting; True was taken as 1."""
+    model = Transformer(ModelConfig.named("tiny")).init_weights(seed=0)
+    with pytest.raises(ValueError, match=f"kv_cache_fraction must be a number in \\(0, 1\\], got {fraction!r}"):
+        Generator(model, kv_cache_fraction=fraction)
+
+
+def test_a_prompt_given_as_a_set_or_a_tokenizer_output_is_refused():
+    """A set of token ids was generated from in its hash order (a silently different prompt: {5, 300, 7} read as
+    [300, 5, 7]); a tokenizer's output dict was refused only as "'input_ids' ... token ids are integers"."""
+    model = Transformer(ModelConfig.named("tiny")).init_weights(seed=0)
+    gen = Generator(model, block_size=4, num_blocks=16, max_model_len=16)
+    with pytest.raises(ValueError, match="prompt 0 is a set, not a sequence of token ids"):
+        gen.generate([{300, 5, 7}], max_new_tokens=1)
+    with pytest.raises(ValueError, match="prompt 1 is a dict, .*pass its input_ids"):
+        gen.generate([[5, 7], {"input_ids": [5, 7], "attention_mask": [1, 1]}], max_new_tokens=1)
