@@ -104,7 +104,7 @@ def save_checkpoint(state: TrainState, *, background: bool = False) -> str:
                     "warning: no variant of the Tulu chat template gives this tokenizer's apply_chat_template the "
                     "ids of the run's prompts; the saved policy gets the plain one (encode_chat formats exactly)"
                 )
-    state_fn = os.path.join(path, f"state-rank{state.grid.rank:05d}.pt")
+    state_fn = state_file(path, state.grid.rank)
     if background and not _host_copy_fits(state):
         background = False
     if not background:
@@ -288,7 +288,7 @@ def _iteration_of(path: str | None) -> int | None:
     if n is not None:
         return n
     try:
-        return int(load_state_file(os.path.join(path, "state-rank00000.pt"))["iteration"])
+        return int(load_state_file(state_file(path, 0))["iteration"])
     except (InputError, KeyError, TypeError, ValueError):
         return None
 
