@@ -472,6 +472,32 @@ def test_a_resume_fetches_the_commits_its_run_fetched(tmp_path, fake_hub, capsys
     assert hub.saved_commit("org/rm", f"/ckpt/models--x--y/org--rm/{before['org/rm']}") is None  # (no cache's snapshot)
 
 
+def test_a_resume_pins_only_the_ids_no_commit_names_yet(capsys):
+    """pin_as_saved on its own: an id without a commit is pinned to the snapshot the checkpoint's run read; one the
+    command pins to a commit itself (another model, with --resume-other-models) keeps it, and so do a local path and
+    a role the checkpoint saved no record of; the reference's record pins --policy where no --reference is named."""
+    from engine.state import RunConfig
+
+    old, new = "a" * 40, "b" * 40
+    saved = {
+        "reference": {"path": f"/c/hub/models--org--policy/snapshots/{old}"},
+        "reward": {"path": f"/c/hub/models--org--rm/snapshots/{old}"},
+    }
+    pinned = hub.pin_as_saved(RunConfig(policy="org/policy", reward="org/rm@main"), saved)
+    assert (pinned.policy, pinned.reference, pinned.reward) == (f"org/policy@{old}", None, f"org/rm@{old}")
+    said = capsys.readouterr().out
+    assert f"--policy org/policy: resuming with commit {old}" in said and "--reward org/rm@main: resuming" in said
+    kept = RunConfig(policy="org/policy", reward=f"org/rm@{new}")
+    assert hub.pin_as_saved(kept, saved).reward == f"org/rm@{new}"
+    assert "--reward" not in capsys.readouterr().out
+    assert (
+        hub.pin_as_saved(RunConfig(policy="org/policy", reward="org/rm"), {"reference": saved["reference"]}).reward
+        == "org/rm"
+    )
+    ref = hub.pin_as_saved(RunConfig(policy="org/policy", reference="org/ref", reward="./local/rm"), saved)
+    assert (ref.policy, ref.reference, ref.reward) == ("org/policy", "org/ref", "./local/rm")  # (no org--ref snapshot)
+
+
 def test_a_resume_with_its_own_reference_fetches_no_policy_weights(tmp_path, fake_hub):
     """A resumed run's policy is the checkpoint's: with another --reference, --policy's configs and tokenizer files
     are fetched (they are read) but not its weights (a 13B's 26 GB, fetched for nothing), and the run resumes as
