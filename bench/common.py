@@ -69,13 +69,14 @@ def _nbytes(obj) -> int:
     return 0
 
 
-def measure(fn, device, *, warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 3) -> tuple[float, float]:
+def measure(fn, device, *, warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 1) -> tuple[float, float]:
     """(milliseconds per call, extra peak bytes) of fn().
 
     CUDA: triton.testing.do_bench (L2 flushed between calls), after one call outside the measurement
     (compilation, autotuning); the extra memory is the peak allocated during one call above what was
-    allocated before it, not counting the outputs it returns. CPU: wall time over at least min_reps
-    calls and rep_ms milliseconds; memory is not measured (nan).
+    allocated before it, not counting the outputs it returns. CPU: after one untimed call, wall time over at
+    least min_reps calls and rep_ms milliseconds (one call of ours in Triton's interpreter outlasts rep_ms: the
+    CPU run checks that a bench works, its kernels' times are the interpreter's); memory is not measured (nan).
     """
     if torch.device(device).type == "cuda":
         import triton.testing

@@ -347,14 +347,14 @@ def test_manager_and_pool_with_the_kernels():
 
 
 def _native_block_ops(build_dir):
-    """engine._csrc when installed (TULU_PPO_BUILD_CSRC=1), else csrc/block_ops.cpp compiled here (about 20 s) where
-    a C++ compiler and ninja are found; None without them."""
+    """torch.ops.tulu from engine._csrc when installed (TULU_PPO_BUILD_CSRC=1), else from csrc/block_ops.cpp compiled
+    here (about 12 s) where a C++ compiler and ninja are found; None without them."""
     import shutil
 
     try:
-        import engine._csrc as native
+        import engine._csrc  # noqa: F401 (registers the op)
 
-        return native
+        return torch.ops.tulu
     except ImportError:
         pass
     from torch.utils.cpp_extension import is_ninja_available, load
@@ -362,12 +362,13 @@ def _native_block_ops(build_dir):
     if not (is_ninja_available() and (shutil.which("c++") or shutil.which("g++"))):
         return None
     source = os.path.join(os.path.dirname(__file__), "..", "..", "csrc", "block_ops.cpp")
-    return load(name="tulu_block_ops_test", sources=[source], build_directory=str(build_dir))
+    load(name="tulu_block_ops_test", sources=[source], build_directory=str(build_dir), is_python_module=False)
+    return torch.ops.tulu
 
 
 def test_optional_native_slot_mapping_matches(tmp_path):
     """csrc/block_ops.cpp (built into the package only with TULU_PPO_BUILD_CSRC=1; compiled by the test otherwise)
-    computes the same slots as Python, and refuses a position past a sequence's table."""
+    computes the same slots as Python, and refuses a position past a sequence's table and inputs that do not fit."""
     native = _native_block_ops(tmp_path)
     if native is None:
         pytest.skip("no engine._csrc, and no C++ compiler and ninja to build csrc/block_ops.cpp")
@@ -375,12 +376,19 @@ def test_optional_native_slot_mapping_matches(tmp_path):
     for sid, n in enumerate([5, 1, 12, 8]):
         bm.allocate(sid, n)
     ids = [0, 1, 2, 3]
-    starts = [2, 0, 7, 8]
-    counts = [bm.num_tokens(s) - st for s, st in zip(ids, starts)]
-    got = native.slot_mapping(bm.block_table(ids), torch.tensor(starts), torch.tensor(counts), 4)
-    assert torch.equal(got, bm.slot_mapping(ids, starts))
+    for starts in ([2, 0, 7, 8], [0, 0, 0, 0], [5, 1, 12, 3]):  # (the last: nothing of the first three)
+        counts = [bm.num_tokens(s) - st for s, st in zip(ids, starts)]
+        got = native.slot_mapping(bm.block_table(ids), torch.tensor(starts), torch.tensor(counts), 4)
+        assert got.dtype == torch.int64 and torch.equal(got, bm.slot_mapping(ids, starts)), starts
+    table = bm.block_table(ids)
     with pytest.raises(RuntimeError, match="position 12 of sequence 2 is past its block table"):
-        native.slot_mapping(bm.block_table(ids), torch.tensor(starts), torch.tensor([1, 1, 6, 1]), 4)
+        native.slot_mapping(table, torch.tensor([2, 0, 7, 8]), torch.tensor([1, 1, 6, 1]), 4)
+    with pytest.raises(RuntimeError, match=r"start and count need one entry per block-table row \(4\), got 3 and 4"):
+        native.slot_mapping(table, torch.tensor([0, 0, 0]), torch.tensor([1, 1, 1, 1]), 4)
+    with pytest.raises(RuntimeError, match="sequence 1: start 0 and count -1 must be >= 0"):
+        native.slot_mapping(table, torch.tensor([0, 0, 0, 0]), torch.tensor([1, -1, 1, 1]), 4)
+    with pytest.raises(RuntimeError, match="block_size must be positive, got 0"):
+        native.slot_mapping(table, torch.tensor([0, 0, 0, 0]), torch.tensor([1, 1, 1, 1]), 0)
 
 
 def test_block_table_as_wide_as_the_longest_table():
