@@ -19,10 +19,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.interpreter_fixes import interpreter_converts_like_the_gpu  # noqa: E402
+from tests.interpreter_fixes import fix_interpreter  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-interpreter_converts_like_the_gpu()
+fix_interpreter()
 if DEVICE != "cpu" and DEVICE.startswith("cuda") and not torch.cuda.is_available():
     raise RuntimeError(f"TULU_TEST_DEVICE={DEVICE} but torch sees no CUDA device")
 

@@ -1,8 +1,14 @@
-"""Make Triton's interpreter convert floats as the GPU does: tests/conftest.py applies it, and so does every
-torchrun worker the tests start (they do not load conftest), so that both sides of a comparison round alike."""
+"""Triton's interpreter made to convert floats as the GPU does, and to patch triton.language once a kernel launch:
+tests/conftest.py applies both (fix_interpreter), and so does every torchrun worker the tests start (they do not load
+conftest), so that both sides of a comparison round alike."""
 
 import numpy as np
 import torch
+
+
+def fix_interpreter() -> None:
+    interpreter_converts_like_the_gpu()
+    interpreter_patches_the_language_once_a_launch()
 
 
 def interpreter_converts_like_the_gpu() -> None:
@@ -49,3 +55,55 @@ def interpreter_converts_like_the_gpu() -> None:
     builder.cast_impl = cast_impl
     builder.create_fp_to_fp = create_fp_to_fp
     builder._gpu_conversions = True
+
+
+def interpreter_patches_the_language_once_a_launch() -> None:
+    """Triton 3.6's interpreter patches triton.language for interpretation (inspect.getmembers over its modules and
+    the tensor class, ~1.5 ms) at each kernel launch, restoring it at the launch's end, and again at every call of a
+    @triton.jit function inside the kernel (ours, and the language's own: tl.max, tl.sum), where those patches are
+    in place already: a kernel whose per-row reductions run once a program spent a third of its interpreted time
+    there. A helper's call patches the language modules it sees and never restores them (Triton drops that scope).
+    So a helper's patching is skipped where every language module it sees (triton.language, triton.language.core)
+    is patched already: by the launch in progress, or for good by an earlier helper's patching. The same patches
+    are in place as with Triton's own calls; anything else patches as Triton does."""
+    import inspect
+
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    launch, helper = getattr(interpreter, "GridExecutor", None), getattr(interpreter, "InterpretedFunction", None)
+    if launch is None or helper is None or getattr(helper, "_patched_once_a_launch", False):
+        return
+    if not (hasattr(helper, "rewrite") and hasattr(interpreter, "InterpreterError")):
+        return
+    launched, for_good, seen = [], set(), {}
+
+    def langs(fn) -> frozenset:
+        if fn not in seen:
+            seen[fn] = frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
+        return seen[fn]
+
+    launch_call, helper_call = launch.__call__, helper.__call__
+
+    def call_launch(self, *args, **kwargs):
+        launched.append(langs(self.fn))
+        try:
+            return launch_call(self, *args, **kwargs)
+        finally:
+            launched.pop()
+
+    def call_helper(self, *args, **kwargs):
+        if not launched or not langs(self.fn) <= launched[-1] | for_good:
+            if launched:
+                for_good.update(langs(self.fn))
+            return helper_call(self, *args, **kwargs)
+        fn = self.rewrite()  # (Triton's call, less its _patch_lang)
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            raise interpreter.InterpreterError(repr(e)) from e
+
+    launch.__call__, helper.__call__ = call_launch, call_helper
+    helper._patched_once_a_launch = True

@@ -13,9 +13,9 @@ import torch.distributed as dist
 from engine.checkpoint import load_pretrained, save_pretrained
 from engine.distributed import init_process_grid
 from tests.engine.ranks import leave
-from tests.interpreter_fixes import interpreter_converts_like_the_gpu
+from tests.interpreter_fixes import fix_interpreter
 
-interpreter_converts_like_the_gpu()  # as in the pytest process this is compared with
+fix_interpreter()  # as in the pytest process this is compared with
 
 
 def main(ckpt: str, out: str) -> None:

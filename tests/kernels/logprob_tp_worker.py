@@ -21,9 +21,9 @@ import kernels.logprob as L  # noqa: E402
 import kernels.ppo_loss as P  # noqa: E402
 from kernels import dispatch, reference  # noqa: E402
 from tests.engine.ranks import leave  # noqa: E402
-from tests.interpreter_fixes import interpreter_converts_like_the_gpu  # noqa: E402
+from tests.interpreter_fixes import fix_interpreter  # noqa: E402
 
-interpreter_converts_like_the_gpu()  # as in the pytest process
+fix_interpreter()  # as in the pytest process
 
 
 def close(actual, expected, what, tol=1e-5):

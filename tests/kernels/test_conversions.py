@@ -43,3 +43,35 @@ def test_kernel_conversions_match_torch(src, dst):
     want = reference.to_cache_dtype(x, dst)  # (float8: clamped to +-448, then torch's rounding)
     assert torch.equal(y.view(torch.uint8), want.view(torch.uint8))
     assert torch.equal(z, want.float())
+
+
+@triton.jit
+def _row_max(x):  # a helper of ours, calling the language's own jit functions (tl.max: triton.language.standard)
+    return tl.max(x, 0)
+
+
+@triton.jit
+def _rows_max(X, Y, N: tl.constexpr):
+    r = tl.program_id(0)
+    tl.store(Y + r, _row_max(tl.load(X + r * N + tl.arange(0, N))))
+
+
+@pytest.mark.cpu_only
+def test_the_interpreter_patches_the_language_once_a_launch(monkeypatch):
+    """tests/interpreter_fixes.py: a launch patches triton.language once (not again at each helper call in each
+    program: tl.max's own call included), its results are right, and the language is as it was after the launch."""
+    from triton.runtime import interpreter
+
+    patched = []
+    real = interpreter._patch_lang
+    monkeypatch.setattr(interpreter, "_patch_lang", lambda fn: patched.append(fn.__name__) or real(fn))
+    before = {name: getattr(tl, name) for name in ("program_id", "load", "store", "arange", "maximum")}
+    x = torch.randn(5, 16)
+    y = torch.empty(5)
+    _rows_max[(5,)](x, y, N=16)
+    _rows_max[(5,)](x, y, N=16)
+    assert torch.equal(y, x.max(1).values)
+    # once a launch, and tl.max once at most in this process (its triton.language.core patched for good then);
+    # Triton's own calls: 1 + 5 programs x 2 helper calls a launch
+    assert patched.count("_rows_max") == 2 and len(patched) <= 3, patched
+    assert {name: getattr(tl, name) for name in before} == before
