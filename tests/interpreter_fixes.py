@@ -64,8 +64,9 @@ def interpreter_patches_the_language_once_a_launch() -> None:
     in place already: a kernel whose per-row reductions run once a program spent a third of its interpreted time
     there. A helper's call patches the language modules it sees and never restores them (Triton drops that scope).
     So a helper's patching is skipped where every language module it sees (triton.language, triton.language.core)
-    is patched already: by the launch in progress, or for good by an earlier helper's patching. The same patches
-    are in place as with Triton's own calls; anything else patches as Triton does."""
+    is patched already: by the launch in progress, or for good by an earlier helper's patching (of a module its
+    launch did not see, which that launch's end did not restore). The same patches are in place as with Triton's
+    own calls; anything else patches as Triton does."""
     import inspect
 
     try:
@@ -96,8 +97,8 @@ def interpreter_patches_the_language_once_a_launch() -> None:
 
     def call_helper(self, *args, **kwargs):
         if not launched or not langs(self.fn) <= launched[-1] | for_good:
-            if launched:
-                for_good.update(langs(self.fn))
+            if launched:  # (what the launch does not see stays patched: its end restores only its own)
+                for_good.update(langs(self.fn) - launched[-1])
             return helper_call(self, *args, **kwargs)
         fn = self.rewrite()  # (Triton's call, less its _patch_lang)
         try:
