@@ -10,7 +10,9 @@
 
 // block_table [B, max_blocks] (any integer dtype), start [B], count [B] -> slots [sum(count)] int64: token p of
 // sequence i (start[i] <= p < start[i] + count[i]) goes to slot block_table[i, p / block_size] * block_size +
-// p % block_size
+// p % block_size. The counts are the caller's to keep within each sequence's blocks: a row shorter than the table
+// is padded with block 0 (BlockManager.block_table), which no check here can tell from a real block 0; only a
+// position past the table's width is refused.
 at::Tensor slot_mapping(const at::Tensor& block_table, const at::Tensor& start, const at::Tensor& count,
                         int64_t block_size) {
   TORCH_CHECK(block_table.dim() == 2, "block_table must be [B, max_blocks], got ", block_table.dim(), " dims");
