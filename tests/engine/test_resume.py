@@ -3,6 +3,7 @@ by the clock, crashes, durability, refused resumes, hyperparameters kept or name
 layout (torchrun, gloo), and the optimizer state re-laid for another TP degree / DP size."""
 
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -573,23 +574,41 @@ def test_a_resumes_checks_between_hyperparameters_wait_for_the_checkpoints_value
         setup(tmp_path / "fresh", *kl)  # (no checkpoint: the preset's rollout)
 
 
-def test_dp2_distributed_optimizer_resumes_exactly(tmp_path):
+@pytest.fixture(scope="session")
+def dp2_runs(tmp_path_factory):
+    """Two DP=2 runs of the tiny default (torchrun, the optimizer sharded) the DP 2 tests start from, run once a
+    session (pytest-xdist's workers share them: the first to come runs them, under a lock): `straight`, two
+    iterations, and `one`, the first of them. Read-only: a test resumes a copy."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # (this session's directory, above each worker's own)
+    root = base / "dp2_runs"
+    root.mkdir(exist_ok=True)
+    with open(root / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "done").exists():
+            torchrun_ranks(root, 2, "straight", "--max-iterations", "2")
+            torchrun_ranks(root, 2, "one", "--max-iterations", "1")
+            (root / "done").touch()
+    return root
+
+
+def ranks_of(out, nproc: int = 2) -> list[dict]:
+    return [torch.load(out / f"result-rank{k}.pt", weights_only=False) for k in range(nproc)]
+
+
+def test_dp2_distributed_optimizer_resumes_exactly(tmp_path, dp2_runs):
     """DP=2 with the optimizer sharded over the ranks: two iterations straight equal one + --resume + one (weights,
     metrics, each rank's shard of the Adam moments), also with the state in host memory throughout (and the idle
-    models' weights during the resumed run's rollout), and with each update's parameter all-gather finished before it
-    returns (TULU_OVERLAP_PARAM_GATHER=0; to the bit), and the unsharded
-    optimizer's run; resuming a sharded checkpoint without sharding is refused with a clear error."""
-    straight = torchrun_ranks(tmp_path, 2, "a", "--max-iterations", "2")
-    # each update's parameter all-gather finished before it returns, not left running into what follows: the same bits
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TULU_OVERLAP_PARAM_GATHER", "0")
-        serial = torchrun_ranks(tmp_path, 2, "e", "--max-iterations", "2")
-    assert no_timing(serial[0]["history"]) == no_timing(straight[0]["history"])
-    assert all(torch.equal(v, straight[0]["policy"][k]) for k, v in serial[0]["policy"].items())
-    first = torchrun_ranks(tmp_path, 2, "b", "--max-iterations", "1")
+    models' weights during the resumed run's rollout) and each update's parameter all-gather finished before it
+    returns (TULU_OVERLAP_PARAM_GATHER=0; to the bit), and the unsharded optimizer's run; resuming a sharded checkpoint
+    without sharding is refused with a clear error."""
+    straight = ranks_of(dp2_runs / "straight")
+    first = ranks_of(dp2_runs / "one")
+    shutil.copytree(dp2_runs / "one", tmp_path / "b")
     second = torchrun_ranks(tmp_path, 2, "b", "--max-iterations", "2", "--resume")
     assert no_timing(first[0]["history"] + second[0]["history"]) == no_timing(straight[0]["history"])
-    a, b = latest_checkpoint(str(tmp_path / "a")), latest_checkpoint(str(tmp_path / "b"))
+    a, b = latest_checkpoint(str(dp2_runs / "straight")), latest_checkpoint(str(tmp_path / "b"))
     for head, sub in (("lm", "policy"), ("score", "value")):
         wa, wb = saved_weights(f"{a}/{sub}", head), saved_weights(f"{b}/{sub}", head)
         assert all(torch.equal(wa[k], wb[k]) for k in wa), sub
@@ -613,21 +632,25 @@ def test_dp2_distributed_optimizer_resumes_exactly(tmp_path):
                 assert n[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
     for k, v in plain[0]["policy"].items():
         torch.testing.assert_close(straight[0]["policy"][k], v, atol=1e-6, rtol=1e-5)
-    # the state in host memory throughout (--offload-optimizer always), checkpointed and resumed: the same run
-    resident = torchrun_ranks(tmp_path, 2, "d", "--max-iterations", "1", "--offload-optimizer", "always")
-    resident += torchrun_ranks(
-        tmp_path,
-        2,
-        "d",
-        "--max-iterations",
-        "2",
-        "--resume",
-        "--offload-optimizer",
-        "always",
-        "--offload-idle-models",
-        "rollouts",
-    )  # (and the idle models' weights during the rollout)
+    # the state in host memory throughout (--offload-optimizer always), checkpointed and resumed, and each update's
+    # parameter all-gather finished before it returns, not left running into what follows: the same bits
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TULU_OVERLAP_PARAM_GATHER", "0")
+        resident = torchrun_ranks(tmp_path, 2, "d", "--max-iterations", "1", "--offload-optimizer", "always")
+        resident += torchrun_ranks(
+            tmp_path,
+            2,
+            "d",
+            "--max-iterations",
+            "2",
+            "--resume",
+            "--offload-optimizer",
+            "always",
+            "--offload-idle-models",
+            "rollouts",
+        )  # (and the idle models' weights during the rollout)
     assert no_timing(resident[0]["history"] + resident[2]["history"]) == no_timing(straight[0]["history"])
+    assert all(torch.equal(v, straight[0]["policy"][k]) for k, v in resident[2]["policy"].items())
     # the sharded optimizer re-gathered for a resume without sharding
     third = torchrun_ranks(tmp_path, 2, "b", "--max-iterations", "3", "--resume", "--no-distributed-optimizer")
     assert [m["iteration"] for m in third[0]["history"]] == [3]
@@ -704,14 +727,14 @@ def test_an_error_every_rank_raises_completes_the_checkpoint_written_meanwhile(t
     assert names == ["policy", "state-rank00000.pt", "state-rank00001.pt", "value"]
 
 
-def test_resume_with_another_layout(tmp_path):
+def test_resume_with_another_layout(tmp_path, dp2_runs):
     """Resumed on another layout, each run continues as a straight DP=2 run does (the same up to the order of the
     reductions: the prompt order and the samples depend on neither the DP size nor the TP degree, and the optimizer is
     re-laid): 2 DP ranks (optimizer sharded) -> 1 process, 1 process -> 2 DP ranks (sharded anew), 2 DP ranks -> TP 2,
     TP 2 -> 1 process."""
-    straight = torchrun_ranks(tmp_path, 2, "straight", "--max-iterations", "2")[0]["history"]
-    torchrun_ranks(tmp_path, 2, "two_to_one", "--max-iterations", "1")
-    shutil.copytree(tmp_path / "two_to_one", tmp_path / "dp2_to_tp2")
+    straight = ranks_of(dp2_runs / "straight")[0]["history"]
+    shutil.copytree(dp2_runs / "one", tmp_path / "two_to_one")
+    shutil.copytree(dp2_runs / "one", tmp_path / "dp2_to_tp2")
     one = run_tiny(tmp_path / "two_to_one", "--max-iterations", "2", "--resume", factory=naive_factory)
     run_tiny(tmp_path / "one_to_two", "--max-iterations", "1", factory=naive_factory)
     two = torchrun_ranks(tmp_path, 2, "one_to_two", "--max-iterations", "2", "--resume")[0]["history"]
@@ -725,7 +748,8 @@ def test_resume_with_another_layout(tmp_path):
                 assert resumed[0][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
     runs = ("two_to_one", "one_to_two", "dp2_to_tp2", "tp2_to_one")
     for sub, head in (("policy", "lm"), ("value", "score")):
-        w = {d: saved_weights(f"{latest_checkpoint(str(tmp_path / d))}/{sub}", head) for d in ("straight", *runs)}
+        w = {d: saved_weights(f"{latest_checkpoint(str(tmp_path / d))}/{sub}", head) for d in runs}
+        w["straight"] = saved_weights(f"{latest_checkpoint(str(dp2_runs / 'straight'))}/{sub}", head)
         for d in runs:
             for k, v in w["straight"].items():
                 torch.testing.assert_close(w[d][k], v, atol=1e-6, rtol=1e-5, msg=f"{d} {sub} {k}")

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from engine.checkpoint import load_pretrained, save_pretrained
 from engine.distributed import init_process_grid
+from kernels import dispatch
 from tests.engine.ranks import leave
 from tests.interpreter_fixes import fix_interpreter
 
@@ -139,31 +140,39 @@ def main(ckpt: str, out: str) -> None:
         set_decode_config()
     tokens = torch.tensor([c.tokens + [-1] * (8 - len(c.tokens)) for c in again])
     assert torch.equal(tokens, grads["generated"]), ("decode_linear's TP decode steps sampled other tokens", tokens)
-    # no seed given, and each rank's own RNG elsewhere: the ranks draw one seed (top-p gathers the logits and every
-    # rank samples them: with seeds of their own they would feed their shards different tokens)
-    torch.manual_seed(100 + grid.rank)
-    unseeded = gen.generate_completions(prompts, GenerateConfig(temperature=0.9, top_p=0.8, max_new_tokens=8))
-    tokens = torch.tensor([c.tokens + [-1] * (8 - len(c.tokens)) for c in unseeded])
-    everyone = [torch.empty_like(tokens) for _ in range(2)]
-    dist.all_gather(everyone, tokens, group=model.group)
-    assert torch.equal(everyone[0], everyone[1]), "TP ranks sampled different tokens without a seed"
-    # ranks that measure different memory still size the cache alike (the smallest), or they would schedule apart
-    from engine.kv_cache import bytes_per_block
-
-    per_block = bytes_per_block(model.config.num_layers, 4, model.config.num_kv_heads // 2, model.config.head_dim,
-                                torch.float32)  # fmt: skip
-    uneven = Generator(model, block_size=4, kv_cache_bytes=(9 + 4 * grid.rank) * per_block, max_model_len=12)
-    uneven.generate_completions(prompts, GenerateConfig(temperature=0.9, max_new_tokens=8, seed=3))
-    blocks = torch.tensor([uneven.pool.num_blocks])
-    everyone = [torch.empty_like(blocks) for _ in range(2)]
-    dist.all_gather(everyone, blocks, group=model.group)
-    assert [int(b) for b in everyone] == [9, 9], everyone
     # an fp8 KV cache holding each rank's heads
     fp8 = Generator(model, block_size=4, num_blocks=32, max_model_len=12, max_num_seqs=2, kv_cache_dtype="fp8")
     generated = fp8.generate_completions(prompts, GenerateConfig(temperature=0.9, max_new_tokens=8, seed=3))
     grads["generated_fp8"] = torch.tensor([c.tokens + [-1] * (8 - len(c.tokens)) for c in generated])
-    _graphs_agree_across_ranks(model, grid, prompts, grads["generated"])
-    _symm_reduce_matches(model, grid, prompts, grads["generated"], grads["generated_logprobs"])
+    # what the ranks agree on beyond the kernels' TP paths above (a seed drawn together, caches sized alike, decode
+    # graphs captured alike, the symmetric-memory sums) on the reference ops: a generation there takes milliseconds,
+    # one in Triton's interpreter seconds. Their tokens and log-probs to match are those of a reference run
+    with dispatch.reference_ops():
+        ref = gen.generate_completions(prompts, GenerateConfig(temperature=0.9, max_new_tokens=8, seed=3))
+        ref_tokens = torch.tensor([c.tokens + [-1] * (8 - len(c.tokens)) for c in ref])
+        ref_logprobs = torch.tensor([lp for c in ref for lp in c.logprobs])
+        # no seed given, and each rank's own RNG elsewhere: the ranks draw one seed (top-p gathers the logits and
+        # every rank samples them: with seeds of their own they would feed their shards different tokens)
+        torch.manual_seed(100 + grid.rank)
+        unseeded = gen.generate_completions(prompts, GenerateConfig(temperature=0.9, top_p=0.8, max_new_tokens=8))
+        tokens = torch.tensor([c.tokens + [-1] * (8 - len(c.tokens)) for c in unseeded])
+        everyone = [torch.empty_like(tokens) for _ in range(2)]
+        dist.all_gather(everyone, tokens, group=model.group)
+        assert torch.equal(everyone[0], everyone[1]), "TP ranks sampled different tokens without a seed"
+        # ranks that measure different memory still size the cache alike (the smallest), or they would schedule
+        # apart
+        from engine.kv_cache import bytes_per_block
+
+        per_block = bytes_per_block(model.config.num_layers, 4, model.config.num_kv_heads // 2, model.config.head_dim,
+                                    torch.float32)  # fmt: skip
+        uneven = Generator(model, block_size=4, kv_cache_bytes=(9 + 4 * grid.rank) * per_block, max_model_len=12)
+        uneven.generate_completions(prompts, GenerateConfig(temperature=0.9, max_new_tokens=8, seed=3))
+        blocks = torch.tensor([uneven.pool.num_blocks])
+        everyone = [torch.empty_like(blocks) for _ in range(2)]
+        dist.all_gather(everyone, blocks, group=model.group)
+        assert [int(b) for b in everyone] == [9, 9], everyone
+        _graphs_agree_across_ranks(model, grid, prompts, ref_tokens)
+        _symm_reduce_matches(model, grid, prompts, ref_tokens, ref_logprobs)
     if grid.rank == 0:
         torch.save({"ids": ids, "mask": mask, "logits": logits, **fused, **grads}, out + "/tp2.pt")
     leave()
