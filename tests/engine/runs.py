@@ -57,4 +57,9 @@ def torchrun_ranks(tmp_path, nproc: int, name: str, *flags, fails: bool = False,
         assert r.returncode != 0
         return r.stdout + r.stderr
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return ranks_of(out, nproc)
+
+
+def ranks_of(out, nproc: int = 2) -> list[dict]:
+    """Every rank's result of a torchrun_ranks run in directory `out`."""
     return [torch.load(out / f"result-rank{k}.pt", weights_only=False) for k in range(nproc)]

@@ -30,7 +30,7 @@ from kernels import dispatch
 from tests.engine.fake_tp import FakeGroup, fake_tp
 from tests.engine.ppo_dp_worker import naive_factory
 from tests.engine.ranks import init_gloo, leave, outcome
-from tests.engine.runs import SMALL, TIMING, no_timing, run_tiny, saved_weights, tiny_state, torchrun_ranks
+from tests.engine.runs import SMALL, TIMING, no_timing, ranks_of, run_tiny, saved_weights, tiny_state, torchrun_ranks
 
 
 def test_tiny_default_end_to_end_and_exact_resume(tmp_path):
@@ -593,10 +593,6 @@ def dp2_runs(tmp_path_factory):
             torchrun_ranks(root, 2, "one", "--max-iterations", "1")
             (root / "done").touch()
     return root
-
-
-def ranks_of(out, nproc: int = 2) -> list[dict]:
-    return [torch.load(out / f"result-rank{k}.pt", weights_only=False) for k in range(nproc)]
 
 
 def test_dp2_distributed_optimizer_resumes_exactly(tmp_path, dp2_runs):
