@@ -234,7 +234,7 @@ def test_the_decode_linear_kernel_samples_the_same(norm_rows):
 
 def test_preemption_loses_nothing_and_leaks_no_block():
     model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.05, seed=0)
-    prompts = _prompts(512, [(i * 7) % 23 + 1 for i in range(1000)], seed=1)
+    prompts = _prompts(512, [(i * 7) % 23 + 1 for i in range(300)], seed=1)  # (some 20 preemptions)
     params = GenerateConfig(temperature=0.0, max_new_tokens=8, ignore_eos=True, n=1)
     with reference_ops():
         # 40 blocks of 4 tokens: far fewer than the running sequences want, so the scheduler must
@@ -244,7 +244,7 @@ def test_preemption_loses_nothing_and_leaks_no_block():
         roomy = Generator(model, block_size=4, num_blocks=4000, max_model_len=40, max_num_seqs=256)
         expected = roomy.generate(prompts[:50], params)
     assert gen.stats.preemptions > 0
-    assert len(comps) == 1000 and all(len(c.tokens) == 8 and c.finish_reason == "length" for c in comps)
+    assert len(comps) == 300 and all(len(c.tokens) == 8 and c.finish_reason == "length" for c in comps)
     assert [c.tokens for c in comps[:50]] == expected  # preempted and recomputed: same greedy tokens
     gen.blocks.check_invariants()
     assert gen.blocks.num_free_blocks == 40 and gen.blocks.num_sequences == 0
