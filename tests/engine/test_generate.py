@@ -189,8 +189,7 @@ def test_the_fused_decode_step_samples_the_same():
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("norm_rows", [0, 4])
-def test_the_decode_linear_kernel_samples_the_same(norm_rows):
+def test_the_decode_linear_kernel_samples_the_same():
     """The decode config's `linear` 1 through the whole generator: a decode step's layer in five launches of
     kernels/decode_linear.py and the paged attention (QKV with the rotary and the cache write in its epilogue, the
     output and down projections adding themselves to the stream and leaving its row sums, from which the QKV and
@@ -198,13 +197,19 @@ def test_the_decode_linear_kernel_samples_the_same(norm_rows):
     kernel of its own for steps of more than norm_rows sequences (norm_rows 0: every step; 4: none here, each step has
     at most 4 sequences); prompts' forwards of at most 64 rows through the plain kernel. The same samples as cuBLAS
     and the separate kernels, log-probs within rounding."""
-    from kernels import decode_linear, paged_attention
-
     model = Transformer(ModelConfig.named("tiny")).init_weights(std=0.3, seed=4)
     prompts = _prompts(512, [5, 11, 3], seed=10)
     params = GenerateConfig(temperature=1.0, max_new_tokens=5, seed=11, n=2)
     make = lambda: Generator(model, block_size=4, num_blocks=64, max_model_len=40, max_num_seqs=4)
     cublas, _ = _run_clean(make(), prompts, params, "kernels")
+    for norm_rows in (0, 4):  # (against the one run of the plain kernels)
+        _decode_linear_samples(model, make, prompts, params, norm_rows, cublas)
+
+
+def _decode_linear_samples(model, make, prompts, params, norm_rows: int, cublas) -> None:
+    """One run with the decode config's `linear` 1 and norm_rows: its launches counted, its samples `cublas`'s."""
+    from kernels import decode_linear, paged_attention
+
     launches = []
     real = decode_linear._launch
 
