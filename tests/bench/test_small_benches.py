@@ -113,7 +113,7 @@ def test_logprob_bench_stops_on_a_wrong_backward_or_a_wrong_ppo_loss_of_ours(mon
         return (loss + 0.05 * adv.abs().mean(), *rest)
 
     monkeypatch.setattr(B, "ppo_token_loss", loss_off)
-    monkeypatch.setattr(B, "bench_token", lambda *a: None)  # (its checks passed above; this one is the hidden path's)
+    monkeypatch.setattr(B, "bench_token", lambda *a: None)  # (this check is the hidden path's: the token part left out)
     with pytest.raises(SystemExit, match=r"ppo_token_loss\(hidden\) .* differs from the reference"):
         B.main(flags)
 
