@@ -247,10 +247,10 @@ def test_preemption_loses_nothing_and_leaks_no_block():
         gen = Generator(model, block_size=4, num_blocks=40, max_model_len=40, max_num_seqs=64)
         comps = gen.generate_completions(prompts, params)
         roomy = Generator(model, block_size=4, num_blocks=4000, max_model_len=40, max_num_seqs=256)
-        expected = roomy.generate(prompts[:50], params)
+        expected = roomy.generate(prompts, params)  # (every prompt: which of them were preempted is the scheduler's)
     assert gen.stats.preemptions > 0
     assert len(comps) == 300 and all(len(c.tokens) == 8 and c.finish_reason == "length" for c in comps)
-    assert [c.tokens for c in comps[:50]] == expected  # preempted and recomputed: same greedy tokens
+    assert [c.tokens for c in comps] == expected  # preempted and recomputed: same greedy tokens
     gen.blocks.check_invariants()
     assert gen.blocks.num_free_blocks == 40 and gen.blocks.num_sequences == 0
 
