@@ -1,6 +1,6 @@
-"""Triton's interpreter made to convert floats as the GPU does, and to patch triton.language once a kernel launch:
-tests/conftest.py applies both (fix_interpreter), and so does every torchrun worker the tests start (they do not load
-conftest), so that both sides of a comparison round alike."""
+"""Triton's interpreter made to convert floats as the GPU does, to patch triton.language once a kernel launch, and to
+build each block shape's values once: tests/conftest.py applies all three (fix_interpreter), and so does every torchrun
+worker the tests start (they do not load conftest), so that both sides of a comparison round alike and run as fast."""
 
 import numpy as np
 import torch
@@ -9,6 +9,7 @@ import torch
 def fix_interpreter() -> None:
     interpreter_converts_like_the_gpu()
     interpreter_patches_the_language_once_a_launch()
+    interpreter_builds_each_shape_once()
 
 
 def interpreter_converts_like_the_gpu() -> None:
@@ -108,3 +109,83 @@ def interpreter_patches_the_language_once_a_launch() -> None:
 
     launch.__call__, helper.__call__ = call_launch, call_helper
     helper._patched_once_a_launch = True
+
+
+def interpreter_builds_each_shape_once() -> None:
+    """Triton 3.6's interpreter type-checks each operation of each program as the compiler does, and on the way builds
+    every shape anew: a block type unwraps its dims into a new triton.language tuple (whose tuple_type is named by
+    formatting each dim's type) and names itself by formatting that; a tensor wraps its type's dims as constexprs in
+    another such tuple; a load maps the Triton dtype to numpy's through a dict built at each call. That was half an
+    interpreted generation's time (tests/engine/test_generate.py's fused decode step test, a run of the tiny model
+    9.8 -> 5 s). Here a shape's tuples and element count are built once a process, keyed by its dims, and shared
+    (nothing assigns into them: the compiler's tuple _setitem is not on the interpreter's path); a block type's and a
+    tuple type's names are formatted when read; each dtype's numpy dtype is Triton's answer, asked once. The values
+    are Triton's, and so are the errors (a dim not a power of two, a 0-d block). Only for Triton 3.6, whose code
+    these replace (anything else: as it is). The originals stay at block_type._triton_init, tensor._triton_init,
+    tuple_type._triton_init and interpreter._triton_np_dtype."""
+    import math
+
+    try:
+        import triton
+        import triton.language as tl
+        from triton._utils import validate_block_shape
+        from triton.language import core
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    if not triton.__version__.startswith("3.6.") or hasattr(core.block_type, "_triton_init"):
+        return
+    shapes = {}  # dims -> (the dims' tuple, the tuple of their constexprs, the constexpr numel, the int numel)
+
+    def shape_of(dims) -> tuple:
+        key = tuple(dims)
+        got = shapes.get(key)
+        if got is None:
+            numel = validate_block_shape(list(key)) if key else 1  # (raises as Triton's: not an int, not a power of 2)
+            cs = core.tuple([core.constexpr(d) for d in key])
+            got = shapes[key] = (core.tuple(list(key)), cs, core.constexpr(math.prod(key)), numel)
+        return got
+
+    def block_init(self, element_ty, shape):
+        self.element_ty = element_ty
+        assert isinstance(shape, (list, core.tuple))  # (as Triton's: `tuple` is core.tuple there)
+        dims = [d.value if isinstance(d, core.constexpr) else d for d in shape]
+        if not dims:
+            raise TypeError("0d block_type is forbidden")
+        self.shape, _, _, self.numel = shape_of(dims)
+
+    def tensor_init(self, handle, type):
+        self.handle = handle
+        self.type = type  # (a block type's or a scalar's: dims ())
+        self.dtype = type.scalar
+        _, self.shape, self.numel, _ = shape_of(type.shape if type.is_block() else ())
+
+    def tuple_init(self, types, fields=None):
+        self.types = types
+        self.fields = fields or [""] * len(types)
+
+    def named(fmt):  # a `name` formatted when read (unless set: gluon's distributed_type names itself)
+        def get(self):
+            name = self.__dict__.get("_name")
+            return fmt(self) if name is None else name
+
+        return property(get, lambda self, name: self.__dict__.__setitem__("_name", name))
+
+    np_types, triton_np_dtype = {}, interpreter._get_np_dtype
+
+    def np_dtype(tt_dtype):  # (Triton's own answer, once a dtype)
+        if isinstance(tt_dtype, tl.block_type):
+            tt_dtype = tt_dtype.element_ty
+        if isinstance(tt_dtype, tl.pointer_type):
+            return np.dtype(np.uint64)
+        got = np_types.get(tt_dtype)
+        if got is None:
+            got = np_types[tt_dtype] = triton_np_dtype(tt_dtype)
+        return got
+
+    core.block_type._triton_init, core.tensor._triton_init = core.block_type.__init__, core.tensor.__init__
+    core.tuple_type._triton_init, interpreter._triton_np_dtype = core.tuple_type.__init__, triton_np_dtype
+    core.block_type.__init__, core.tensor.__init__, core.tuple_type.__init__ = block_init, tensor_init, tuple_init
+    core.block_type.name = named(lambda self: f"<{self.shape}, {self.element_ty}>")
+    core.tuple_type.name = named(lambda self: "[" + ",".join(f"{k}:{v}" for k, v in zip(self.fields, self.types)) + "]")
+    interpreter._get_np_dtype = np_dtype

@@ -75,3 +75,52 @@ def test_the_interpreter_patches_the_language_once_a_launch(monkeypatch):
     # Triton's own calls: 1 + 5 programs x 2 helper calls a launch
     assert patched.count("_rows_max") == 2 and len(patched) <= 3, patched
     assert {name: getattr(tl, name) for name in before} == before
+
+
+@pytest.mark.cpu_only
+def test_the_interpreter_builds_each_shape_once():
+    """tests/interpreter_fixes.py: block types, tensors and tuple types built once a shape and named when read hold
+    what Triton 3.6's own code builds (shape, element count, name, equality, the numpy dtype of a load), raise its
+    errors, and two block types of one shape share its tuple."""
+    from triton.language import core
+    from triton.runtime import interpreter
+
+    if not hasattr(core.block_type, "_triton_init"):
+        pytest.skip(f"the fix is for Triton 3.6 only, not {triton.__version__}")
+
+    def triton_block(element_ty, dims):
+        bt = object.__new__(core.block_type)
+        core.block_type._triton_init(bt, element_ty, dims)
+        return bt
+
+    def triton_tensor(type):
+        t = object.__new__(core.tensor)
+        core.tensor._triton_init(t, None, type)
+        return t
+
+    elements = [tl.float32, tl.bfloat16, tl.int1, tl.float8e4nv, tl.pointer_type(tl.float32)]
+    for dims in ([16], [4, 8], [1, 32, 2], [tl.constexpr(8), 2], core.tuple([tl.constexpr(2), tl.constexpr(64)])):
+        for elt in elements:
+            ours, theirs = core.block_type(elt, dims), triton_block(elt, dims)
+            assert type(ours.shape) is type(theirs.shape) is core.tuple and ours.shape.values == theirs.shape.values
+            assert (ours.numel, ours.name, str(ours), repr(ours)) == (theirs.numel, theirs.name, str(theirs),
+                                                                      repr(theirs))  # fmt: skip
+            assert ours == theirs and ours.with_element_ty(tl.int32) == theirs.with_element_ty(tl.int32)
+            assert ours.mangle() == theirs.mangle() and ours.shape is core.block_type(elt, list(dims)).shape
+            assert interpreter._get_np_dtype(ours) == interpreter._triton_np_dtype(theirs)
+            a, b = core.tensor(None, ours), triton_tensor(theirs)
+            assert [d.value for d in a.shape] == [d.value for d in b.shape] and a.numel.value == b.numel.value
+            assert (a.dtype, a.type, str(a)) == (b.dtype, b.type, str(b))
+    for scalar in (tl.int32, tl.float32, tl.pointer_type(tl.bfloat16)):
+        a, b = core.tensor(None, scalar), triton_tensor(scalar)
+        assert list(a.shape) == list(b.shape) == [] and a.numel.value == b.numel.value == 1 and a.dtype == b.dtype
+        assert interpreter._get_np_dtype(scalar) == interpreter._triton_np_dtype(scalar)
+    for dims, error, match in (([3], ValueError, "must be a power of 2"), ([], TypeError, "0d block_type"),
+                               ([2.0], TypeError, "must have type"), ((4,), AssertionError, None)):  # fmt: skip
+        for make in (core.block_type, triton_block):
+            with pytest.raises(error, match=match):
+                make(tl.float32, dims)
+    values = [tl.constexpr(3), core.tensor(None, core.block_type(tl.float16, [4]))]
+    ours, theirs = core._type_for_tuple_values(values, ["a", "b"]), object.__new__(core.tuple_type)
+    core.tuple_type._triton_init(theirs, [v.type for v in values], ["a", "b"])
+    assert ours.name == str(ours) == theirs.name == "[a:constexpr_type[3],b:<['4'], fp16>]" and ours == theirs
