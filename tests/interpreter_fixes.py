@@ -139,11 +139,14 @@ def interpreter_builds_each_shape_once() -> None:
 
     def shape_of(dims) -> tuple:
         key = tuple(dims)
-        got = shapes.get(key)
+        ints = all(type(d) is int for d in key)  # (2.0 is a key equal to 2's, and Triton refuses it)
+        got = shapes.get(key) if ints else None
         if got is None:
             numel = validate_block_shape(list(key)) if key else 1  # (raises as Triton's: not an int, not a power of 2)
             cs = core.tuple([core.constexpr(d) for d in key])
-            got = shapes[key] = (core.tuple(list(key)), cs, core.constexpr(math.prod(key)), numel)
+            got = (core.tuple(list(key)), cs, core.constexpr(math.prod(key)), numel)
+            if ints:
+                shapes[key] = got
         return got
 
     def block_init(self, element_ty, shape):
