@@ -137,31 +137,37 @@ def interpreter_builds_each_shape_once() -> None:
         return
     shapes = {}  # dims -> (the dims' tuple, the tuple of their constexprs, the constexpr numel, the int numel)
 
-    def shape_of(dims) -> tuple:
-        key = tuple(dims)
-        ints = all(type(d) is int for d in key)  # (2.0 is a key equal to 2's, and Triton refuses it)
-        got = shapes.get(key) if ints else None
-        if got is None:
-            numel = validate_block_shape(list(key)) if key else 1  # (raises as Triton's: not an int, not a power of 2)
-            cs = core.tuple([core.constexpr(d) for d in key])
-            got = (core.tuple(list(key)), cs, core.constexpr(math.prod(key)), numel)
+    def shape_of(dims: tuple) -> tuple:
+        got = shapes.get(dims)
+        ints = True
+        for d in dims:  # (2.0 is a key equal to 2's, and Triton refuses it)
+            if type(d) is not int:
+                ints = False
+        if got is None or not ints:
+            numel = validate_block_shape(list(dims)) if dims else 1  # (Triton's errors: not an int, not a power of 2)
+            cs = core.tuple([core.constexpr(d) for d in dims])
+            got = (core.tuple(list(dims)), cs, core.constexpr(math.prod(dims)), numel)
             if ints:
-                shapes[key] = got
+                shapes[dims] = got
         return got
 
     def block_init(self, element_ty, shape):
         self.element_ty = element_ty
         assert isinstance(shape, (list, core.tuple))  # (as Triton's: `tuple` is core.tuple there)
-        dims = [d.value if isinstance(d, core.constexpr) else d for d in shape]
+        dims = tuple([d.value if isinstance(d, core.constexpr) else d for d in getattr(shape, "values", shape)])
         if not dims:
             raise TypeError("0d block_type is forbidden")
-        self.shape, _, _, self.numel = shape_of(dims)
+        self._shape_entry = entry = shape_of(dims)  # (for its tensors)
+        self.shape, self.numel = entry[0], entry[3]
+
+    scalar = shape_of(())
 
     def tensor_init(self, handle, type):
         self.handle = handle
-        self.type = type  # (a block type's or a scalar's: dims ())
+        self.type = type
         self.dtype = type.scalar
-        _, self.shape, self.numel, _ = shape_of(type.shape if type.is_block() else ())
+        entry = type.__dict__.get("_shape_entry") or (shape_of(tuple(type.shape)) if type.is_block() else scalar)
+        self.shape, self.numel = entry[1], entry[2]
 
     def tuple_init(self, types, fields=None):
         self.types = types
