@@ -2,6 +2,8 @@
 build each block shape's values once: tests/conftest.py applies all three (fix_interpreter), and so does every torchrun
 worker the tests start (they do not load conftest), so that both sides of a comparison round alike and run as fast."""
 
+import os
+
 import numpy as np
 import torch
 
@@ -121,8 +123,10 @@ def interpreter_builds_each_shape_once() -> None:
     (nothing assigns into them: the compiler's tuple _setitem is not on the interpreter's path); a block type's and a
     tuple type's names are formatted when read; each dtype's numpy dtype is Triton's answer, asked once. The values
     are Triton's, and so are the errors (a dim not a power of two, a 0-d block). Only for Triton 3.6, whose code
-    these replace (anything else: as it is). The originals stay at block_type._triton_init, tensor._triton_init,
-    tuple_type._triton_init and interpreter._triton_np_dtype."""
+    these replace, and only in a process that interprets kernels (TRITON_INTERPRET=1: a GPU run of the tests,
+    TULU_TEST_DEVICE=cuda, compiles through Triton's own code; the CPU's sm_90 builds share the interpreting process,
+    and these). The originals stay at block_type._triton_init, tensor._triton_init, tuple_type._triton_init and
+    interpreter._triton_np_dtype."""
     import math
 
     try:
@@ -134,6 +138,8 @@ def interpreter_builds_each_shape_once() -> None:
     except ImportError:
         return
     if not triton.__version__.startswith("3.6.") or hasattr(core.block_type, "_triton_init"):
+        return
+    if os.environ.get("TRITON_INTERPRET") != "1":  # (compiled kernels, TULU_TEST_DEVICE=cuda: Triton's own code)
         return
     shapes = {}  # dims -> (the dims' tuple, the tuple of their constexprs, the constexpr numel, the int numel)
 
