@@ -149,6 +149,7 @@ def interpreter_builds_each_shape_once() -> None:
         for d in dims:  # (2.0 is a key equal to 2's, and Triton refuses it)
             if type(d) is not int:
                 ints = False
+                break
         if got is None or not ints:
             numel = validate_block_shape(list(dims)) if dims else 1  # (Triton's errors: not an int, not a power of 2)
             cs = core.tuple([core.constexpr(d) for d in dims])

@@ -627,12 +627,12 @@ def test_dp2_distributed_optimizer_resumes_exactly(tmp_path, dp2_runs):
     # the sharded optimizer re-gathered for a resume without sharding, and the unsharded update: the second iteration
     # as the sharded run's
     shutil.copytree(dp2_runs / "one", tmp_path / "c")
-    plain = torchrun_ranks(tmp_path, 2, "c", "--max-iterations", "2", "--resume", "--no-distributed-optimizer")
-    assert [m["iteration"] for m in plain[0]["history"]] == [2]
-    for k, v in plain[0]["history"][0].items():
+    unsharded = torchrun_ranks(tmp_path, 2, "c", "--max-iterations", "2", "--resume", "--no-distributed-optimizer")
+    assert [m["iteration"] for m in unsharded[0]["history"]] == [2]
+    for k, v in unsharded[0]["history"][0].items():
         if k not in TIMING:  # (the weights differ in last bits; the KL sums differences of fp32 log-probs of ~6)
             assert straight[0]["history"][1][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
-    for k, v in plain[0]["policy"].items():
+    for k, v in unsharded[0]["policy"].items():
         torch.testing.assert_close(straight[0]["policy"][k], v, atol=1e-6, rtol=1e-5)
     # the state in host memory throughout (--offload-optimizer always), checkpointed and resumed, and each update's
     # parameter all-gather finished before it returns, not left running into what follows: the same bits
