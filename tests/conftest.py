@@ -29,10 +29,18 @@ if DEVICE != "cpu" and DEVICE.startswith("cuda") and not torch.cuda.is_available
 _GPU_MODE_PATHS = ("tests/kernels/", "tests/engine/test_gpu.py")
 
 
+# On CPU these run first: each is one subprocess compiling for sm_90 for up to a minute and a half (rope_attention's),
+# and last in the files' order they were the run's tail: pytest-xdist's other worker sat idle for a minute, its
+# share done (a timeline of a whole run, bench/RESULTS.md). First, the many short kernel tests even out the end.
+_LONG_FIRST = ("tests/kernels/test_sm90_compile.py::",)
+
+
 def pytest_collection_modifyitems(config, items):
-    """On a GPU (TULU_TEST_DEVICE) skip what only makes sense on CPU: the engine's CPU tests (they build models
-    and HF references on the host), torchrun/gloo workers and tests marked cpu_only."""
+    """On CPU: the long compilations first (_LONG_FIRST), the rest in their order. On a GPU (TULU_TEST_DEVICE) skip
+    what only makes sense on CPU: the engine's CPU tests (they build models and HF references on the host),
+    torchrun/gloo workers and tests marked cpu_only."""
     if DEVICE == "cpu":
+        items.sort(key=lambda item: not item.nodeid.startswith(_LONG_FIRST))  # (stable: the rest keep their order)
         return
     skip = pytest.mark.skip(reason=f"CPU-only test (TULU_TEST_DEVICE={DEVICE} runs {' and '.join(_GPU_MODE_PATHS)})")
     for item in items:
