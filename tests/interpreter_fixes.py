@@ -124,8 +124,8 @@ def interpreter_builds_each_shape_once() -> None:
     tuple type's names are formatted when read; each dtype's numpy dtype is Triton's answer, asked once. The values
     are Triton's, and so are the errors (a dim not a power of two, a 0-d block). Only for Triton 3.6, whose code
     these replace, and only in a process that interprets kernels (TRITON_INTERPRET=1: a GPU run of the tests,
-    TULU_TEST_DEVICE=cuda, compiles through Triton's own code; the CPU's sm_90 builds share the interpreting process,
-    and these). The originals stay at block_type._triton_init, tensor._triton_init, tuple_type._triton_init and
+    TULU_TEST_DEVICE=cuda, compiles through Triton's own code, as do the CPU's sm_90 builds: subprocesses without
+    it). The originals stay at block_type._triton_init, tensor._triton_init, tuple_type._triton_init and
     interpreter._triton_np_dtype."""
     import math
 
