@@ -182,18 +182,18 @@ def check_switches() -> list[str]:
     return said
 
 
-def _default_compile_threads() -> int:
+def cores_of_this_process() -> int:
     """The cores this process may use, shared among the processes started beside it on the machine (torchrun's
-    ranks, pytest-xdist's workers), at most 16."""
+    ranks, pytest-xdist's workers), at least 1."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     for beside in ("LOCAL_WORLD_SIZE", "PYTEST_XDIST_WORKER_COUNT"):
         cores //= max(1, int(os.environ.get(beside, "1")))
-    return max(1, min(16, cores))
+    return max(1, cores)
 
 
-# Threads that compile an autotuned kernel's candidates at once (autotune below); 0 or 1: one after another, as
-# Triton's own tuner does. TULU_COMPILE_THREADS overrides the default.
-COMPILE_THREADS: int = env_int("TULU_COMPILE_THREADS", _default_compile_threads())
+# Threads that compile an autotuned kernel's candidates at once (autotune below), by default this process's cores,
+# at most 16; 0 or 1: one after another, as Triton's own tuner does. TULU_COMPILE_THREADS overrides the default.
+COMPILE_THREADS: int = env_int("TULU_COMPILE_THREADS", min(16, cores_of_this_process()))
 _compile_pool = None
 _ahead: int | None = None  # (the thread inside compile_ahead, whose launches compile and return)
 

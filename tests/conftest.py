@@ -19,13 +19,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from kernels.dispatch import cores_of_this_process  # noqa: E402
 from tests.interpreter_fixes import fix_interpreter  # noqa: E402
 
 # The cores divided among pytest-xdist's workers (one thread each on CI's two cores): two workers of two threads each
 # spin in torch's OpenMP barriers against each other and the torchrun ranks beside them, which made the in-process
 # PPO runs up to ten times slower under `-n 2` than alone (bench/RESULTS.md, "CI and the tiny default over time").
-_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-torch.set_num_threads(max(1, min(2, _CORES // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
+torch.set_num_threads(min(2, cores_of_this_process()))
 fix_interpreter()
 if DEVICE != "cpu" and DEVICE.startswith("cuda") and not torch.cuda.is_available():
     raise RuntimeError(f"TULU_TEST_DEVICE={DEVICE} but torch sees no CUDA device")

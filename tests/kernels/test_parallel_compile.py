@@ -164,14 +164,18 @@ def test_compile_bench_runs_each_case_cold_in_a_subprocess(tmp_path):
 
 
 def test_compile_threads_share_the_cores_with_the_processes_beside(monkeypatch):
+    """The cores a process may use (compile threads, and the tests' torch threads: tests/conftest.py) are the machine's
+    divided among the processes started beside it."""
     from kernels import dispatch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
-    assert dispatch._default_compile_threads() == max(1, min(16, cores))
+    assert dispatch.cores_of_this_process() == cores
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    assert dispatch.cores_of_this_process() == max(1, cores // 2)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))  # (more ranks than cores: one thread each)
-    assert dispatch._default_compile_threads() == 1
+    assert dispatch.cores_of_this_process() == 1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", str(cores))  # (as many test workers as cores)
-    assert dispatch._default_compile_threads() == 1
+    assert dispatch.cores_of_this_process() == 1
